@@ -1,0 +1,114 @@
+"""One small error hierarchy.
+
+Two families, in the h11 manner:
+
+* ``RequestRefused`` and its subclasses: something about one request or connection is
+  refused. Each carries the HTTP status the client gets and a *generic* body; the
+  ``reason`` (a short machine code) and ``detail`` go to logs and audit records only.
+* ``ConfigError``: a file a person edits (sidecar config, mesh policy) is wrong. It carries
+  every problem found, each with file, line and key path, so that one run reports them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_GENERIC_BODY: dict[int, str] = {
+    400: "bad request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not found",
+    408: "request timeout",
+    413: "payload too large",
+    429: "too many requests",
+    431: "request header fields too large",
+    500: "internal error",
+    502: "bad gateway",
+    503: "service unavailable",
+    504: "gateway timeout",
+}
+
+
+def generic_body(status: int) -> str:
+    """The only text a client ever sees for an error status."""
+    return _GENERIC_BODY.get(status, "error")
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class RequestRefused(SidecarError):
+    """A request or connection is refused; ``status`` is what the client gets."""
+
+    status = 400
+
+    def __init__(self, reason: str, detail: str = "", *, status: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(RequestRefused):
+    status = 400
+
+
+class Unauthorized(RequestRefused):
+    status = 401
+
+
+class Forbidden(RequestRefused):
+    status = 403
+
+
+class PayloadTooLarge(RequestRefused):
+    status = 413
+
+
+class TooManyRequests(RequestRefused):
+    status = 429
+
+
+class HeadersTooLarge(RequestRefused):
+    status = 431
+
+
+class BadGateway(RequestRefused):
+    """The upstream (app or peer sidecar) failed or is not who it must be."""
+
+    status = 502
+
+
+class Unavailable(RequestRefused):
+    """The sidecar sheds load or cannot record decisions right now."""
+
+    status = 503
+
+
+class GatewayTimeout(RequestRefused):
+    status = 504
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a user-edited file."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(SidecarError):
+    """A config or policy file is invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

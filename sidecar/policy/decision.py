@@ -1,0 +1,91 @@
+"""The values that go into and come out of a policy decision.
+
+``RequestFacts`` is everything the data path knows about a request before deciding;
+``AuthFacts`` is what it verified about the end user (JWT claims per provider, API key);
+``Decision`` is the single value that the data path, audit records, metrics, logs and
+``sidecar policy explain`` all read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Action = Literal["allow", "deny"]
+
+# Reason codes are public (audit records, metrics labels, logs). Keep them stable.
+REASON_ALLOWED = "allowed"
+REASON_DENIED_BY_RULE = "denied_by_rule"
+REASON_DEFAULT_DENY = "default_deny"
+REASON_NO_POLICY = "no_policy"
+REASON_NO_SECTION = "no_section_for_identity"
+REASON_TOKEN_MISSING = "token_missing"
+REASON_TOKEN_INVALID = "token_invalid"
+REASON_CLAIMS_MISMATCH = "claims_mismatch"
+REASON_APIKEY_MISSING = "apikey_missing"
+REASON_EGRESS_DENIED = "egress_denied"
+REASON_RATE_LIMITED = "rate_limited"
+REASON_BLOCKED = "source_blocked"
+REASON_DRY_RUN = "dry_run_would_deny"
+
+DEFAULT_DENY_RULE = "default deny"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the data path knows about one request, before any rule runs.
+
+    ``path`` is already normalised (see ``sidecar.policy.paths``); requests whose path is
+    ambiguous never get this far.
+    """
+
+    direction: Literal["inbound", "outbound"]
+    peer: str | None  # caller SPIFFE ID from the verified certificate (inbound)
+    source: str  # caller IP address
+    method: str
+    path: str
+    host: str
+    port: int  # local listening port
+    listener: str = ""  # listener name from the config ("inbound", or an outbound name)
+    target: str | None = None  # outbound: the SPIFFE ID of the upstream
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFacts:
+    """End-user credentials verified for this request.
+
+    ``claims`` maps provider name -> verified claims, for every provider whose token was
+    present and valid. ``token_errors`` maps provider name -> reason code for tokens that
+    were present but invalid. ``apikey`` is the name of a valid API key, if any.
+    """
+
+    claims: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    token_errors: Mapping[str, str] = field(default_factory=dict)
+    apikey: str | None = None
+
+
+NO_AUTH = AuthFacts()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one decision.
+
+    ``action`` is what the data path does: in dry-run (policy-wide or for the matched
+    rule) a deny becomes ``allow`` with ``dry_run=True`` and ``would`` = "deny".
+    ``status`` is the HTTP status a refused client gets (401 for missing/invalid
+    credentials, 403 otherwise, 429 for rate limits); 0 when allowed.
+    """
+
+    action: Action
+    rule: str
+    reason: str
+    version: str
+    status: int = 0
+    dry_run: bool = False
+    would: Action | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.action == "allow"
