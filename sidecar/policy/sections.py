@@ -1,0 +1,107 @@
+"""Typed values of the policy sections that other packages consume.
+
+The policy loader (``sidecar.policy.loader``) builds these from YAML; ``sidecar.authn``
+(JWT providers, revocations, API keys) and ``sidecar.ratelimit`` (rate limits, alerts)
+read them. Defining them here keeps the loader and its consumers on one contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLocation:
+    """Where a provider's token is found in a request.
+
+    kind "header": header ``name`` (lower-case), value starts with ``prefix`` (e.g. "Bearer ").
+    kind "query": query parameter ``name``. kind "cookie": cookie ``name``.
+    """
+
+    kind: Literal["header", "query", "cookie"]
+    name: str
+    prefix: str = ""
+
+
+DEFAULT_TOKEN_LOCATIONS = (TokenLocation("header", "authorization", "Bearer "),)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtProvider:
+    """One trusted token issuer, as declared under ``jwt_providers`` in the policy."""
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]  # allowlist; never "none", never HS* (public-key only)
+    jwks_file: str | None = None
+    jwks_uri: str | None = None  # https only
+    jwks_ca: str | None = None  # CA bundle file for jwks_uri; None = system store
+    jwks_refresh_seconds: float = 300.0
+    jwks_min_refetch_seconds: float = 30.0  # unknown kid: at most one refetch per interval
+    clock_skew_seconds: float = 30.0
+    required_claims: tuple[str, ...] = ("exp",)
+    max_lifetime_seconds: float | None = None  # exp - iat (or exp - nbf) must not exceed
+    locations: tuple[TokenLocation, ...] = DEFAULT_TOKEN_LOCATIONS
+    forward_claims: tuple[tuple[str, str], ...] = ()  # (claim, header name) pairs
+    forward_token: bool = True  # False: remove the token before forwarding to the app
+    max_token_bytes: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked token id (``jti``) or subject (``sub``), optionally only until a time."""
+
+    jti: str | None = None
+    sub: str | None = None
+    until: float | None = None  # unix time; None = forever
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key known by name; only its SHA-256 hash (hex) is stored."""
+
+    name: str
+    sha256: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Token bucket: ``rate`` requests per second with ``burst`` capacity.
+
+    ``per`` says what a bucket is keyed by: the caller's SPIFFE ID, the API key name, or the
+    token subject. ``services`` narrows it to some sections (SPIFFE IDs); empty = all.
+    """
+
+    name: str
+    rate: float
+    burst: int
+    per: Literal["peer", "apikey", "subject"] = "peer"
+    services: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRule:
+    """``threshold`` authn/authz failures from one source within ``window_seconds`` raise
+    an alert; with ``block_seconds`` > 0 that source is then refused for that long.
+    ``by`` is the source key: the peer SPIFFE ID or the client address."""
+
+    name: str
+    threshold: int
+    window_seconds: float
+    by: Literal["peer", "address"] = "peer"
+    block_seconds: float = 0.0
+    webhook: str | None = None  # optional URL to POST the alert to
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyExtras:
+    """The sections of a policy that are not rules."""
+
+    jwt_providers: dict[str, JwtProvider] = field(default_factory=dict)
+    revocations: tuple[Revocation, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
+    rate_limits: tuple[RateLimit, ...] = ()
+    alerts: tuple[AlertRule, ...] = ()
