@@ -1,0 +1,384 @@
+"""X.509-SVID rules, the peer identity of a connection, and loading our own SVID from files.
+
+Theory of operation
+-------------------
+Three jobs, all synchronous and free of clocks (``now`` is passed in):
+
+* ``validate_svid_leaf`` applies the X.509-SVID leaf rules (SPIFFE X509-SVID standard,
+  sections 4 and 5): exactly one URI SAN, which is a valid ``spiffe://`` ID with a path; not
+  a CA; keyUsage present with digitalSignature and without keyCertSign/cRLSign. Each broken
+  rule raises ``SvidError`` with a stable ``rule`` code (documented in docs/identity.md).
+
+* ``peer_identity_from_der`` runs right after every inbound/outbound handshake on the leaf
+  that OpenSSL already verified against the bundle. OpenSSL knows nothing of SVIDs, so this is
+  where a peer with two URI SANs or a CA flag is refused. Peers reconnect with the same
+  certificate all the time, so results are kept in a small LRU keyed by the DER bytes (the
+  bytes *are* the certificate: a hit can never return another certificate's identity).
+
+* ``load_svid`` reads cert, key and bundle from disk as one consistent snapshot and checks
+  everything that can be checked before the files reach OpenSSL: PEM syntax, leaf rules, key
+  matches certificate, chain to a bundle root, validity window. In a Kubernetes volume the
+  visible files are symlinks into ``..data``, itself a symlink to a timestamped directory that
+  kubelet / csi-driver-spiffe swap atomically. We resolve ``..data`` once and read all three
+  files from the resolved directory, so a swap halfway through cannot pair a new certificate
+  with an old key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification
+
+from sidecar.errors import SidecarError
+from sidecar.identity.spiffe import SpiffeId, parse_spiffe_id
+
+# Rule codes: stable strings, shown to operators and documented in docs/identity.md.
+RULE_URI_SAN_COUNT = "uri-san-count"
+RULE_URI_SAN_SCHEME = "uri-san-scheme"
+RULE_SPIFFE_ID = "spiffe-id-invalid"
+RULE_SPIFFE_ID_NO_PATH = "spiffe-id-no-path"
+RULE_LEAF_IS_CA = "leaf-is-ca"
+RULE_DIGITAL_SIGNATURE = "key-usage-digital-signature"
+RULE_CERT_SIGN = "key-usage-cert-sign"
+RULE_FILE_UNREADABLE = "file-unreadable"
+RULE_PEM_INVALID = "pem-invalid"
+RULE_KEY_MISMATCH = "key-mismatch"
+RULE_BUNDLE_EMPTY = "bundle-empty"
+RULE_CHAIN_UNTRUSTED = "chain-untrusted"
+RULE_NOT_YET_VALID = "not-yet-valid"
+RULE_EXPIRED = "expired"
+
+MAX_FILE_BYTES = 1024 * 1024
+PEER_CACHE_SIZE = 1024
+MAX_CHAIN_DEPTH = 8
+KUBERNETES_DATA_DIR = "..data"
+
+
+class SvidError(SidecarError):
+    """A certificate breaks an X.509-SVID rule, or an SVID file set is unusable.
+
+    ``rule`` is a stable code (``leaf-is-ca``, ``key-mismatch``...); ``file`` names the file
+    when the error comes from ``load_svid``. Never sent to a peer: logs only.
+    """
+
+    def __init__(self, rule: str, message: str, *, file: str | None = None) -> None:
+        self.rule = rule
+        self.message = message
+        self.file = file
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{message} [rule {rule}]")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end of a connection, from its verified leaf certificate.
+
+    ``serial`` is lower-case hex; ``not_after`` is a Unix time; ``fingerprint`` is the
+    SHA-256 of the leaf DER in lower-case hex.
+    """
+
+    spiffe_id: str
+    serial: str
+    not_after: float
+    fingerprint: str
+
+
+def _uri_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
+    """Return the leaf's SPIFFE ID, or raise ``SvidError`` naming the first rule it breaks."""
+    try:
+        uris = _uri_sans(cert)
+    except ValueError as exc:  # a malformed SAN extension
+        raise SvidError(RULE_URI_SAN_COUNT, f"unreadable subjectAltName: {exc}") from exc
+    if len(uris) != 1:
+        raise SvidError(
+            RULE_URI_SAN_COUNT, f"leaf must have exactly one URI SAN, it has {len(uris)}"
+        )
+    uri = uris[0]
+    if not uri.lower().startswith("spiffe:"):
+        raise SvidError(RULE_URI_SAN_SCHEME, f"URI SAN {uri[:200]!r} is not a spiffe:// ID")
+    try:
+        spiffe_id = parse_spiffe_id(uri)
+    except ValueError as exc:
+        raise SvidError(RULE_SPIFFE_ID, str(exc)) from exc
+    if not spiffe_id.path:
+        raise SvidError(
+            RULE_SPIFFE_ID_NO_PATH, f"leaf SPIFFE ID {uri!r} names a trust domain, not a workload"
+        )
+    try:
+        bc: x509.BasicConstraints | None = cert.extensions.get_extension_for_class(
+            x509.BasicConstraints
+        ).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is not None and bc.ca:
+        raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
+    try:
+        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    # Absent keyUsage counts as missing digitalSignature: the standard requires it set.
+    if ku is None or not ku.digital_signature:
+        raise SvidError(RULE_DIGITAL_SIGNATURE, "leaf keyUsage lacks digitalSignature")
+    if ku.key_cert_sign or ku.crl_sign:
+        raise SvidError(RULE_CERT_SIGN, "leaf keyUsage must not include keyCertSign or cRLSign")
+    return spiffe_id
+
+
+def _timestamp(when: dt.datetime) -> float:
+    return when.timestamp()
+
+
+def _peer_identity(der: bytes) -> PeerIdentity:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise SvidError(RULE_PEM_INVALID, f"peer certificate does not parse: {exc}") from exc
+    spiffe_id = validate_svid_leaf(cert)
+    return PeerIdentity(
+        spiffe_id=str(spiffe_id),
+        serial=format(cert.serial_number, "x"),
+        not_after=_timestamp(cert.not_valid_after_utc),
+        fingerprint=hashlib.sha256(der).hexdigest(),
+    )
+
+
+class _PeerCache:
+    """LRU of DER bytes -> PeerIdentity; only successes are kept (failures are rare and
+    must not be able to push good entries out)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[bytes, PeerIdentity] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, der: bytes) -> PeerIdentity:
+        found = self.entries.get(der)
+        if found is not None:
+            self.entries.move_to_end(der)
+            self.hits += 1
+            return found
+        self.misses += 1
+        identity = _peer_identity(der)
+        self.entries[der] = identity
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return identity
+
+
+_peer_cache = _PeerCache(PEER_CACHE_SIZE)
+
+
+def peer_identity_from_der(der: bytes | None) -> PeerIdentity:
+    """The identity of a peer from its leaf DER (``getpeercert(binary_form=True)``).
+
+    Call only after OpenSSL verified the chain (CERT_REQUIRED); this adds the SVID rules.
+    Raises ``SvidError`` when there is no certificate or it is not a valid SVID leaf.
+    """
+    if not der:
+        raise SvidError(RULE_URI_SAN_COUNT, "peer presented no certificate")
+    return _peer_cache.get(bytes(der))
+
+
+def peer_cache_statistics() -> dict[str, int]:
+    """A snapshot of the peer identity cache (size, hits, misses)."""
+    return {
+        "entries": len(_peer_cache.entries),
+        "hits": _peer_cache.hits,
+        "misses": _peer_cache.misses,
+    }
+
+
+@dataclass(frozen=True)
+class Svid:
+    """Our own certificate chain, key and trust bundle, checked and held in memory.
+
+    ``chain_pem`` is the leaf followed by its intermediates; ``not_before``/``not_after``
+    are the leaf's, as Unix times. The ``*_path`` fields record where each came from.
+    """
+
+    cert_path: str
+    key_path: str
+    bundle_path: str
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+    spiffe_id: SpiffeId
+    not_before: float
+    not_after: float
+
+    def __repr__(self) -> str:  # never print key material
+        return (
+            f"Svid(spiffe_id={str(self.spiffe_id)!r}, cert_path={self.cert_path!r}, "
+            f"not_after={self.not_after!r})"
+        )
+
+
+def snapshot_paths(*paths: str) -> tuple[str, ...]:
+    """Map each path to the file to actually read, pinning any Kubernetes ``..data`` link.
+
+    For a file ``D/name`` where ``D/..data`` is a symlink, ``..data`` is resolved once per
+    directory and the file is read from the resolved snapshot; other paths are unchanged.
+    """
+    pinned: dict[str, str] = {}
+    out: list[str] = []
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        data_link = os.path.join(directory, KUBERNETES_DATA_DIR)
+        if directory not in pinned:
+            pinned[directory] = os.path.realpath(data_link) if os.path.islink(data_link) else ""
+        snapshot = pinned[directory]
+        if not snapshot or not os.path.islink(path):
+            out.append(path)
+            continue
+        target = os.readlink(path)
+        prefix = KUBERNETES_DATA_DIR + os.sep
+        if target.startswith(prefix):
+            out.append(os.path.join(snapshot, target[len(prefix) :]))
+        else:
+            out.append(path)
+    return tuple(out)
+
+
+def _read(path: str, shown: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SvidError(RULE_FILE_UNREADABLE, exc.strerror or str(exc), file=shown) from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise SvidError(RULE_FILE_UNREADABLE, f"larger than {MAX_FILE_BYTES} bytes", file=shown)
+    return data
+
+
+def _load_certs(data: bytes, shown: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise SvidError(RULE_PEM_INVALID, f"no valid PEM certificate: {exc}", file=shown) from exc
+    return certs
+
+
+def _public_der(key: object) -> bytes:
+    public_bytes = key.public_bytes  # type: ignore[attr-defined]
+    out: bytes = public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return out
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    roots: list[x509.Certificate],
+    now: float,
+) -> None:
+    """Check that ``leaf`` chains to one of ``roots`` at time ``now``; raise SvidError.
+
+    Uses cryptography's RFC 5280 path builder. The leaf's extensions are not judged by its
+    Web PKI profile (the SVID rules above are ours); issuers must be proper CAs.
+    """
+    policy = (
+        verification.PolicyBuilder()
+        .store(verification.Store(roots))
+        .time(dt.datetime.fromtimestamp(now, tz=dt.UTC))
+        .max_chain_depth(MAX_CHAIN_DEPTH)
+        .extension_policies(
+            ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+            ee_policy=verification.ExtensionPolicy.permit_all(),
+        )
+    )
+    try:
+        policy.build_client_verifier().verify(leaf, intermediates)
+    except verification.VerificationError as exc:
+        raise SvidError(
+            RULE_CHAIN_UNTRUSTED, f"certificate does not chain to a bundle root: {exc}"
+        ) from exc
+
+
+def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Svid:
+    """Read and check our SVID; raise ``SvidError`` naming the file and the rule broken.
+
+    Checks, in order: files readable; PEM parses; the first certificate of ``cert_path``
+    obeys the SVID leaf rules; the key matches it; it is valid at ``now``; it chains (via
+    the rest of ``cert_path``) to one root of ``bundle_path``, which may hold several roots
+    during a CA rotation.
+    """
+    cert_file, key_file, bundle_file = snapshot_paths(cert_path, key_path, bundle_path)
+    chain_pem = _read(cert_file, cert_path)
+    key_pem = _read(key_file, key_path)
+    bundle_pem = _read(bundle_file, bundle_path)
+
+    chain = _load_certs(chain_pem, cert_path)
+    leaf, intermediates = chain[0], chain[1:]
+    try:
+        spiffe_id = validate_svid_leaf(leaf)
+    except SvidError as exc:
+        raise SvidError(exc.rule, exc.message, file=cert_path) from exc
+
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SvidError(
+            RULE_PEM_INVALID, f"no unencrypted PEM private key: {exc}", file=key_path
+        ) from exc
+    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+        raise SvidError(
+            RULE_KEY_MISMATCH,
+            f"private key does not match the certificate in {cert_path}",
+            file=key_path,
+        )
+
+    not_before = _timestamp(leaf.not_valid_before_utc)
+    not_after = _timestamp(leaf.not_valid_after_utc)
+    if now < not_before:
+        raise SvidError(
+            RULE_NOT_YET_VALID,
+            f"certificate is valid only from {leaf.not_valid_before_utc}",
+            file=cert_path,
+        )
+    if now > not_after:
+        raise SvidError(
+            RULE_EXPIRED, f"certificate expired at {leaf.not_valid_after_utc}", file=cert_path
+        )
+
+    roots = _load_certs(bundle_pem, bundle_path)
+    if not roots:
+        raise SvidError(RULE_BUNDLE_EMPTY, "trust bundle holds no certificate", file=bundle_path)
+    try:
+        verify_chain(leaf, intermediates, roots, now)
+    except SvidError as exc:
+        raise SvidError(exc.rule, f"{exc.message} (bundle {bundle_path})", file=cert_path) from exc
+
+    # Hand OpenSSL re-encoded PEM only: comments, stray blocks or a key pasted into the
+    # certificate file never get further than this function.
+    return Svid(
+        cert_path=cert_path,
+        key_path=key_path,
+        bundle_path=bundle_path,
+        chain_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        bundle_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in roots),
+        spiffe_id=spiffe_id,
+        not_before=not_before,
+        not_after=not_after,
+    )

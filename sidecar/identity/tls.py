@@ -1,0 +1,113 @@
+"""SSLContexts for mutual TLS between sidecars, built from an in-memory ``Svid``.
+
+Theory of operation
+-------------------
+Both directions use the same settings (docs/identity.md explains each):
+
+* TLS 1.2 and 1.3 only; for 1.2 only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305
+  (every 1.3 suite is already AEAD). No compression (CRIME), no renegotiation.
+* Certificates are required both ways and verified against the trust bundle only (never the
+  system store). Hostnames are not checked: a workload's identity is its SPIFFE ID, which the
+  data path reads with ``peer_identity_from_der`` right after the handshake and compares
+  with what it expects. That call also applies the SVID leaf rules OpenSSL does not know.
+* No session resumption on the server (``OP_NO_TICKET`` and ``num_tickets = 0``): a resumed
+  session skips chain verification and would keep a peer admitted by a bundle that has
+  since rotated; connections are long-lived and pooled, so resumption would save little.
+
+The ``ssl`` module loads a certificate chain only from a path. The chain and key are in
+memory (``load_svid`` read them from one snapshot; re-reading the files could mix
+generations), so we hand them over through an anonymous ``memfd`` (Linux): the key never
+touches a filesystem. Elsewhere we fall back to a 0600 file in a fresh 0700 temporary
+directory, removed as soon as OpenSSL has read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import ssl
+import tempfile
+from collections.abc import Iterator, Sequence
+
+from sidecar.identity.svid import Svid
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
+DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
+
+
+@contextlib.contextmanager
+def _memory_files(*blobs: bytes) -> Iterator[list[str]]:
+    """Paths OpenSSL can open that hold ``blobs``, valid inside the ``with`` block only."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fds: list[int] = []
+        try:
+            for blob in blobs:
+                fd = os.memfd_create("sidecar-svid", os.MFD_CLOEXEC)
+                fds.append(fd)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    directory = tempfile.mkdtemp(prefix="sidecar-svid-")  # mode 0700
+    try:
+        paths = []
+        for i, blob in enumerate(blobs):
+            path = os.path.join(directory, f"{i}.pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, blob)
+            finally:
+                os.close(fd)
+            paths.append(path)
+        yield paths
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_svid_into(ctx: ssl.SSLContext, svid: Svid) -> None:
+    """Install ``svid``'s chain, key and bundle in ``ctx`` (bundle as the only trust)."""
+    with _memory_files(svid.chain_pem, svid.key_pem) as (chain_path, key_path):
+        ctx.load_cert_chain(chain_path, key_path)
+    ctx.load_verify_locations(cadata=svid.bundle_pem.decode("ascii"))
+
+
+def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+
+
+def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+    """The inbound context: requires and verifies a client certificate from the bundle.
+
+    After the handshake the caller must run ``peer_identity_from_der`` on the peer's leaf
+    and refuse the connection when it raises. ``alpn=()`` for opaque TCP listeners.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, alpn)
+    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.num_tickets = 0
+    load_svid_into(ctx, svid)
+    return ctx
+
+
+def client_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+    """The outbound context: presents our SVID and verifies the server against the bundle.
+
+    ``check_hostname`` is off on purpose: the caller checks the server's SPIFFE ID with
+    ``peer_identity_from_der`` after the handshake and refuses any other identity.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    _harden(ctx, alpn)
+    load_svid_into(ctx, svid)
+    return ctx
