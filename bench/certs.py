@@ -83,7 +83,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _make_with_cryptography(workdir: str) -> MeshCerts:
+def _make_with_cryptography(workdir: str, server_dns: str | None = None) -> MeshCerts:
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -98,7 +98,8 @@ def _make_with_cryptography(workdir: str) -> MeshCerts:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
                        critical=False)
         .add_extension(x509.NameConstraints(
-            permitted_subtrees=[x509.UniformResourceIdentifier(TRUST_DOMAIN)],
+            permitted_subtrees=[x509.UniformResourceIdentifier(TRUST_DOMAIN)]
+            + ([x509.DNSName(server_dns)] if server_dns else []),
             excluded_subtrees=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -110,13 +111,15 @@ def _make_with_cryptography(workdir: str) -> MeshCerts:
     out = {}
     for name, sid in (("client", CLIENT_ID), ("server", SERVER_ID)):
         key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid)]
+        if server_dns and name == "server":
+            sans.append(x509.DNSName(server_dns))
         cert = (
             x509.CertificateBuilder().subject_name(x509.Name([]))
             .issuer_name(ca_name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid)]),
-                           critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False,
                                          False), critical=True)
@@ -137,15 +140,18 @@ def _make_with_cryptography(workdir: str) -> MeshCerts:
     return MeshCerts(ca_dir, out["client"], out["server"], "bench.certs")
 
 
-def make_mesh_certs(workdir: str, *, prefer_project_cli: bool = True) -> MeshCerts:
+def make_mesh_certs(workdir: str, *, prefer_project_cli: bool = True,
+                    server_dns: str | None = None) -> MeshCerts:
     """Create a CA and the client/server SVIDs under ``workdir``.
 
     The project CLI is used when present; if it fails (it may be mid-development) the
-    certificates are generated here instead, so the benchmark still runs.
+    certificates are generated here instead, so the benchmark still runs. ``server_dns`` adds
+    a DNS SAN to the server leaf (generated here): nginx can only check a peer by host name,
+    never by URI SAN, so its setup pins that name instead of the SPIFFE ID.
     """
-    if prefer_project_cli and _project_cli_available():
+    if server_dns is None and prefer_project_cli and _project_cli_available():
         try:
             return _make_with_project_cli(workdir)
         except (subprocess.SubprocessError, OSError):
             pass
-    return _make_with_cryptography(workdir)
+    return _make_with_cryptography(workdir, server_dns)

