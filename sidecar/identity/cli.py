@@ -1,0 +1,228 @@
+"""``sidecar ca init``, ``sidecar cert issue`` and ``sidecar cert inspect``.
+
+Argument parsing and printing only; the work is in ``ca.py`` and ``svid.py``. Every command
+function takes the parsed ``argparse.Namespace`` and returns an exit code: 0 success, 1 the
+operation failed (one ``error: ...`` line on stderr), 2 bad usage (argparse's own code).
+Runnable on its own as ``python -m sidecar.identity.cli``; the main CLI mounts the same
+parsers with ``add_ca_parsers`` / ``add_cert_parsers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from sidecar.identity.ca import DevCA, write_svid
+from sidecar.identity.spiffe import parse_spiffe_id
+from sidecar.identity.svid import SvidError, validate_svid_leaf
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TTL_SECONDS = 10 * 365 * 86400
+
+
+def parse_ttl(text: str) -> int:
+    """``90s``, ``15m``, ``24h``, ``30d`` or a combination like ``1h30m`` -> seconds."""
+    text = text.strip()
+    if not text or _DURATION.sub("", text):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 90s, 15m, 24h, 30d)")
+    seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(text))
+    if not 0 < seconds <= MAX_TTL_SECONDS:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be between 1s and 3650d")
+    return seconds
+
+
+def _fail(message: str, err: TextIO | None = None) -> int:
+    print(f"error: {message}", file=err or sys.stderr)
+    return 1
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    """Create a dev CA in ``args.out``; refuse to overwrite an existing one."""
+    out = Path(args.out)
+    if (out / "ca.key").exists() and not args.force:
+        return _fail(f"{out / 'ca.key'} already exists (use --force to replace the CA)")
+    try:
+        ca = DevCA.create(args.trust_domain)
+    except ValueError as exc:
+        return _fail(f"--trust-domain: {exc}")
+    try:
+        ca.save(out)
+    except OSError as exc:
+        return _fail(f"{out}: {exc.strerror or exc}")
+    print(f"dev CA for trust domain {ca.trust_domain} written to {out}/ca.crt and {out}/ca.key")
+    return 0
+
+
+def cmd_cert_issue(args: argparse.Namespace) -> int:
+    """Issue an SVID from the CA in ``args.ca`` into ``args.out``."""
+    try:
+        spiffe_id = parse_spiffe_id(args.spiffe_id)
+    except ValueError as exc:
+        return _fail(f"--spiffe-id: {exc}")
+    try:
+        ca = DevCA.load(args.ca)
+    except (OSError, ValueError) as exc:
+        return _fail(f"--ca {args.ca}: cannot load the CA: {exc}")
+    if spiffe_id.trust_domain != ca.trust_domain:
+        return _fail(
+            f"--spiffe-id {spiffe_id}: trust domain differs from the CA's ({ca.trust_domain})"
+        )
+    try:
+        issued = ca.issue(str(spiffe_id), args.ttl, key_type=args.key_type)
+        validate_svid_leaf(issued.cert)
+        out = write_svid(issued, ca, args.out)
+    except (OSError, SvidError, ValueError) as exc:
+        return _fail(f"{args.out}: {exc}")
+    print(f"{spiffe_id}: wrote {out}/tls.crt, {out}/tls.key and {out}/ca.crt")
+    return 0
+
+
+def _key_description(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return type(key).__name__
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, str]]:
+    """The fields ``cert inspect`` prints, as (label, value) rows."""
+    not_before = cert.not_valid_before_utc
+    not_after = cert.not_valid_after_utc
+    if now < not_before.timestamp():
+        state = "NOT YET VALID"
+    elif now > not_after.timestamp():
+        state = "EXPIRED"
+    else:
+        left = dt.timedelta(seconds=int(not_after.timestamp() - now))
+        state = f"valid ({left} left)"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        uris, dns = [], []
+    if _is_ca(cert):
+        svid = "not applicable (CA certificate)"
+    else:
+        try:
+            validate_svid_leaf(cert)
+            svid = "ok"
+        except SvidError as exc:
+            svid = f"FAIL {exc.rule}: {exc.message}"
+    der = cert.public_bytes(serialization.Encoding.DER)
+    rows = [
+        ("subject", cert.subject.rfc4514_string() or "(empty)"),
+        ("SPIFFE ID", ", ".join(uris) if uris else "(none)"),
+    ]
+    if dns:
+        rows.append(("DNS names", ", ".join(dns)))
+    rows += [
+        ("issuer", cert.issuer.rfc4514_string() or "(empty)"),
+        ("serial", format(cert.serial_number, "x")),
+        ("not before", not_before.isoformat()),
+        ("not after", not_after.isoformat()),
+        ("validity", state),
+        ("key type", _key_description(cert)),
+        ("CA", "yes" if _is_ca(cert) else "no"),
+        ("SHA-256", hashlib.sha256(der).hexdigest()),
+        ("SVID check", svid),
+    ]
+    return rows
+
+
+def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Print the first certificate of a PEM file in detail, then one line per other one.
+
+    Exit 1 when the file cannot be read or the leaf is a non-CA certificate that breaks an
+    SVID rule, so scripts can use ``sidecar cert inspect`` as a check.
+    """
+    stream = out or sys.stdout
+    try:
+        data = Path(args.file).read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
+    except OSError as exc:
+        return _fail(f"{args.file}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return _fail(f"{args.file}: no PEM certificate found ({exc})")
+    now = dt.datetime.now(dt.UTC).timestamp()
+    rows = describe_certificate(certs[0], now)
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label + ':':<{width + 1}} {value}", file=stream)
+    for i, cert in enumerate(certs[1:], start=1):
+        print(
+            f"certificate {i + 1}: {cert.subject.rfc4514_string()}"
+            f" (issuer {cert.issuer.rfc4514_string()}, not after"
+            f" {cert.not_valid_after_utc.isoformat()})",
+            file=stream,
+        )
+    failed = dict(rows)["SVID check"].startswith("FAIL")
+    return 1 if failed else 0
+
+
+def add_ca_parsers(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``ca init`` to an argparse subparsers object; sets ``func`` on each leaf parser."""
+    ca = subparsers.add_parser("ca", help="development certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    init = ca_sub.add_parser("init", help="create a dev CA (ca.crt, ca.key)")
+    init.add_argument("--trust-domain", required=True, help="e.g. cluster.local")
+    init.add_argument("--out", required=True, help="directory for ca.crt and ca.key")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(func=cmd_ca_init)
+    return ca  # type: ignore[no-any-return]
+
+
+def add_cert_parsers(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``cert issue`` and ``cert inspect``; sets ``func`` on each leaf parser."""
+    cert = subparsers.add_parser("cert", help="workload certificates (X.509-SVIDs)")
+    cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
+    issue = cert_sub.add_parser("issue", help="issue tls.crt, tls.key, ca.crt from a dev CA")
+    issue.add_argument("--ca", required=True, help="directory made by 'sidecar ca init'")
+    issue.add_argument("--spiffe-id", required=True, help="spiffe://TD/ns/NS/sa/SA")
+    issue.add_argument("--out", required=True, help="directory for tls.crt, tls.key, ca.crt")
+    issue.add_argument("--ttl", type=parse_ttl, default=86400, help="lifetime, e.g. 24h (default)")
+    issue.add_argument(
+        "--key-type", choices=("ec256", "rsa2048"), default="ec256", help="default ec256"
+    )
+    issue.set_defaults(func=cmd_cert_issue)
+    inspect = cert_sub.add_parser("inspect", help="show a certificate and check the SVID rules")
+    inspect.add_argument("file", metavar="FILE", help="PEM file (a chain: the first is detailed)")
+    inspect.set_defaults(func=cmd_cert_inspect)
+    return cert  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m sidecar.identity.cli``."""
+    parser = argparse.ArgumentParser(prog="sidecar", description="identity commands")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_ca_parsers(sub)
+    add_cert_parsers(sub)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
