@@ -1,0 +1,341 @@
+"""Builds every component from the config and owns the root nursery, signals and drain.
+
+Theory of operation: ``run(config)`` loads the workload certificate (a bad one stops the
+start with a clear error: there is nothing safe to serve without it) and the policy (a bad
+or missing policy does *not* stop the start: the sidecar runs and denies everything, fail
+closed, and says so loudly, so that a fix of the file takes effect by itself). It then starts,
+each with ``nursery.start`` so that a listener counts as up only once it listens: the audit
+writer, the inbound and outbound listeners, the admin and health servers, the file watchers
+and the JWKS fetchers. SIGTERM or SIGINT starts the drain: readiness turns false, accept loops
+stop, idle keep-alive connections close, in-flight requests finish within
+``limits.drain_timeout``, the audit queue is flushed, and the process exits 0.
+
+With ``workers: N`` the first process starts N-1 more (``sidecar run --worker-index I``); all
+bind the listening ports with SO_REUSEPORT, each with its own Trio loop. Only worker 0 serves
+the admin and health ports; each worker writes its own audit chain in ``<audit path>/worker-I``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import trio
+
+from sidecar import logs
+from sidecar.config.model import SidecarConfig
+from sidecar.errors import ConfigError
+from sidecar.gate import Gate, PolicyHolder
+from sidecar.inbound import InboundProxy
+from sidecar.metrics import SidecarMetrics
+from sidecar.net.listen import ConnectionTracker, accept_loop, listener_port, open_listener
+from sidecar.net.pool import UpstreamPool
+from sidecar.outbound import OutboundProxy
+from sidecar.reload import FileWatcher
+from sidecar.telemetry import Telemetry
+from sidecar.tlsstate import TlsState, build_snapshot
+
+
+class Sidecar:
+    """Every component of one running sidecar process, and its status for the admin port."""
+
+    def __init__(self, cfg: SidecarConfig, *, worker_index: int = 0) -> None:
+        self.cfg = cfg
+        self.worker_index = worker_index
+        self.metrics = SidecarMetrics()
+        ident = cfg.identity
+        self.tls = TlsState.load(ident.cert, ident.key, ident.bundle)
+        self.own_id = self.tls.spiffe_id
+        self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
+        self.policies = PolicyHolder(cfg.policy)
+        self.authenticator = None
+        self.limiter = None
+        self.detector = None
+        self.alert_poster = None
+        self.audit = None
+        if cfg.audit is not None:
+            from sidecar.audit.writer import AuditWriter
+
+            audit_cfg = cfg.audit
+            if cfg.workers > 1:
+                audit_cfg = dataclasses.replace(
+                    audit_cfg, path=os.path.join(audit_cfg.path, f"worker-{worker_index}"))
+            self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
+        self.telemetry = Telemetry(self.metrics, self.audit)
+        if cfg.policy is not None:
+            self._setup_policy_consumers()
+        self.gate = Gate(self.own_id, self.policies,
+                         allow_from=cfg.inbound.allow_from if cfg.inbound else None,
+                         authenticator=self.authenticator, limiter=self.limiter,
+                         detector=self.detector, on_alert=self._raise_alert)
+        self.trackers: list[ConnectionTracker] = []
+        self.stops: list[trio.CancelScope] = []
+        self.listening = False
+        self.draining = False
+        self.ports: dict[str, int] = {}
+        self._load_initial_policy()
+
+    # -- policy --------------------------------------------------------------------------
+    def _load_policy_file(self) -> Any:
+        from sidecar.policy.loader import load_policy_file
+
+        assert self.cfg.policy is not None
+        return load_policy_file(self.cfg.policy)
+
+    def _load_initial_policy(self) -> None:
+        if self.cfg.policy is None:
+            if self.cfg.inbound is not None and self.cfg.inbound.allow_from is None:
+                logs.log("no_policy", "warning", message="no policy and no inbound.allow_from: "
+                         "every inbound request is denied (fail closed)")
+            return
+        try:
+            policy = self._load_policy_file()
+        except (ConfigError, OSError) as exc:
+            self.policies.last_error = str(exc)
+            self.policies.reloads_failed += 1
+            self.metrics.policy_reloads_total.labels("failed").inc()
+            logs.log("policy_invalid", "error", source=self.cfg.policy, error=str(exc),
+                     message="POLICY NOT LOADED: every request is denied until it is fixed")
+            return
+        self._apply_policy(policy)
+
+    def _apply_policy(self, policy: Any) -> None:
+        now = time.time()
+        self.policies.swap(policy, now)
+        self.policies.reloads_ok += 1
+        self.metrics.policy_reloads_total.labels("ok").inc()
+        self.metrics.set_policy(policy.version, now)
+        if policy.section(self.own_id) is None:
+            logs.log("no_policy_section", "warning", identity=self.own_id,
+                     message="the policy has no section for this identity: inbound denied")
+        logs.log("policy_loaded", version=policy.version, source=self.cfg.policy)
+
+    def _policy_reload_failed(self, exc: BaseException) -> None:
+        self.policies.last_error = str(exc)
+        self.policies.reloads_failed += 1
+        self.metrics.policy_reloads_total.labels("failed").inc()
+        logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=str(exc),
+                 message="keeping the policy in force")
+
+    def _setup_policy_consumers(self) -> None:
+        """JWT authenticator, rate limiter and burst detector follow the policy."""
+        from sidecar.alerts import BurstDetector
+        from sidecar.authn.authenticator import Authenticator
+        from sidecar.policy.sections import PolicyExtras
+        from sidecar.ratelimit import RateLimiter
+
+        self.authenticator = Authenticator(PolicyExtras())
+        self.limiter = RateLimiter(())
+        self.detector = BurstDetector(())
+
+        def follow(policy: Any) -> None:
+            extras = policy.extras
+            self.authenticator.update(extras)
+            self.limiter.update(extras.rate_limits)
+            self.detector.update(extras.alerts)
+
+        self.policies.listeners.append(follow)
+
+    # -- alerts --------------------------------------------------------------------------
+    def _raise_alert(self, alert: Any) -> None:
+        self.metrics.alerts_total.labels(alert.rule).inc()
+        logs.log("alert", "warning", **alert.fields())
+        if self.audit is not None:
+            from sidecar.audit.record import alert_record
+
+            self.audit.submit(alert_record(alert))
+        if self.alert_poster is not None:
+            self.alert_poster.submit(alert)
+
+    def _audit_alert(self, message: str) -> None:
+        self.metrics.alerts_total.labels("audit_records_lost").inc()
+        logs.log("alert", "error", alert="audit_records_lost", message=message)
+
+    # -- status for the admin port -------------------------------------------------------
+    def ready(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if not self.listening:
+            reasons.append("listeners not up")
+        if self.draining:
+            reasons.append("draining")
+        if not self.tls.valid(time.time()):
+            reasons.append("certificate not valid now")
+        if self.cfg.policy is not None and self.policies.policy is None:
+            reasons.append("policy not loaded")
+        if self.audit is not None and not self.audit.accepting():
+            reasons.append("audit trail not writable")
+        return not reasons, reasons
+
+    def policy_status(self) -> dict[str, Any]:
+        return self.policies.status()
+
+    def effective_config(self) -> dict[str, Any]:
+        from sidecar.config.model import redacted
+
+        return redacted(self.cfg)
+
+    # -- running -------------------------------------------------------------------------
+    async def _serve(self, name: str, addr: tuple[str, int], make_handler: Any,
+                     nursery: trio.Nursery, *,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await open_listener(addr[0], addr[1], reuse_port=self.cfg.workers > 1)
+        port = listener_port(listener)
+        tracker = ConnectionTracker()
+        stop = trio.CancelScope()
+        self.trackers.append(tracker)
+        self.stops.append(stop)
+        handler = make_handler(port, tracker)
+        self.ports[name] = port
+        task_status.started(port)
+
+        def refused(reason: str) -> None:
+            self.metrics.requests_refused_total.labels(
+                "inbound" if name == "inbound" else "outbound", reason).inc()
+
+        await accept_loop(listener, handler.handle, tracker, self.cfg.limits.max_connections,
+                          refused, stop)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        async with trio.open_nursery() as root:
+            if self.audit is not None:
+                await root.start(self.audit.run)
+            async with trio.open_nursery() as serving:
+                await self._start_listeners(serving)
+                await self._start_background(serving)
+                self.listening = True
+                logs.log("listening", identity=self.own_id, worker=self.worker_index,
+                         ports=self.ports, policy_version=getattr(self.policies.policy,
+                                                                  "version", None))
+                task_status.started()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        logs.log("draining", signal=signal.Signals(signum).name,
+                                 grace_seconds=cfg.limits.drain_timeout)
+                        break
+                await self.drain()
+                serving.cancel_scope.cancel()
+            if self.audit is not None:
+                with trio.move_on_after(cfg.limits.drain_timeout) as scope:
+                    scope.shield = True
+                    await self.audit.aclose()
+            root.cancel_scope.cancel()
+        logs.log("stopped", worker=self.worker_index)
+
+    async def drain(self) -> None:
+        self.draining = True
+        for stop in self.stops:
+            stop.cancel()
+        for tracker in self.trackers:
+            tracker.start_drain()
+        with trio.move_on_after(self.cfg.limits.drain_timeout):
+            for tracker in self.trackers:
+                await tracker.wait_closed()
+
+    async def _start_listeners(self, nursery: trio.Nursery) -> None:
+        cfg = self.cfg
+        limits = cfg.limits
+        if cfg.inbound is not None:
+            inbound = cfg.inbound
+            app_pool = UpstreamPool(lambda: trio.open_tcp_stream(*inbound.app),
+                                    size=limits.pool_size, idle_timeout=limits.pool_idle_timeout,
+                                    max_head=limits.max_header_bytes * 2)
+
+            def make_inbound(port: int, tracker: ConnectionTracker) -> InboundProxy:
+                return InboundProxy(port=port, tls=self.tls, gate=self.gate,
+                                    telemetry=self.telemetry, app_pool=app_pool,
+                                    app_addr=inbound.app, limits=limits,
+                                    protocol=inbound.protocol, tracker=tracker)
+
+            await nursery.start(self._serve, "inbound", inbound.listen, make_inbound, nursery)
+        for ob in cfg.outbound:
+            def make_outbound(port: int, tracker: ConnectionTracker,
+                              ob: Any = ob) -> OutboundProxy:
+                return OutboundProxy(ob, port=port, tls=self.tls, gate=self.gate,
+                                     telemetry=self.telemetry, limits=limits, tracker=tracker)
+
+            await nursery.start(self._serve, ob.name, ob.listen, make_outbound, nursery)
+
+    async def _start_background(self, nursery: trio.Nursery) -> None:
+        cfg = self.cfg
+        ident = cfg.identity
+        cert_watch = FileWatcher(
+            "certificates", [ident.cert, ident.key, ident.bundle],
+            load=lambda: build_snapshot(ident.cert, ident.key, ident.bundle),
+            apply=self._apply_tls, on_error=self._tls_reload_failed,
+            interval=ident.watch_interval)
+        await nursery.start(cert_watch.run)
+        if cfg.policy is not None:
+            initial = None
+            if self.policies.policy is None:
+                initial = "failed-at-start"  # force a load as soon as the file changes or is fixed
+            watch = FileWatcher("policy", [cfg.policy], load=self._load_policy_file,
+                                apply=self._apply_policy, on_error=self._policy_reload_failed,
+                                interval=cfg.policy_watch_interval, initial=initial)
+            if self.policies.policy is None:
+                from sidecar.reload import fingerprint
+
+                watch.last_failed = fingerprint([cfg.policy])
+            await nursery.start(watch.run)
+        if self.worker_index == 0 and cfg.admin.listen is not None:
+            from sidecar.admin import serve_admin
+
+            port = await nursery.start(serve_admin, cfg.admin.listen, self, self.metrics)
+            self.ports["admin"] = port
+        if self.worker_index == 0 and cfg.admin.health_listen is not None:
+            from sidecar.admin import load_app_probes, serve_health
+
+            port = await nursery.start(serve_health, cfg.admin.health_listen, self,
+                                       load_app_probes(os.environ.get("SIDECAR_APP_PROBES")))
+            self.ports["health"] = port
+
+    def _apply_tls(self, snapshot: Any) -> None:
+        self.tls.swap(snapshot)
+        self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.not_after)
+        logs.log("certificates_reloaded", spiffe_id=str(snapshot.svid.spiffe_id),
+                 not_after=snapshot.svid.not_after)
+
+    def _tls_reload_failed(self, exc: BaseException) -> None:
+        self.tls.last_error = str(exc)
+        self.tls.reloads_failed += 1
+        logs.log("certificate_reload_failed", "error", error=str(exc),
+                 message="keeping the certificates in force")
+
+
+def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
+    """Run the sidecar until SIGTERM; with ``workers > 1`` also supervise the other workers."""
+    logs.configure(level=cfg.log_level)
+    children: list[subprocess.Popen[bytes]] = []
+    if worker_index is None:
+        worker_index = 0
+        for i in range(1, cfg.workers):
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
+                 "--worker-index", str(i)]))
+    try:
+        sidecar = Sidecar(cfg, worker_index=worker_index)
+    except (ConfigError, OSError, ValueError) as exc:
+        _stop_children(children)
+        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(sidecar.run)
+    finally:
+        _stop_children(children)
+    return 0
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()

@@ -1,0 +1,99 @@
+"""``sidecar <command>``: argument parsing only; every command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.app import run
+    from sidecar.config.model import load_config_file
+    from sidecar.errors import ConfigError
+
+    try:
+        cfg = load_config_file(args.config)
+    except ConfigError as exc:
+        print(f"sidecar: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    return run(cfg, worker_index=args.worker_index)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo(serve=args.serve)
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from sidecar import __version__
+
+    print(__version__)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Zero-trust service-mesh sidecar: mTLS with SPIFFE identities, JWT, "
+                    "YAML micro-segmentation policy, verifiable audit trail.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the sidecar with a config file")
+    p.add_argument("-c", "--config", required=True, help="sidecar config file (YAML)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
+    p.add_argument("--serve", action="store_true",
+                   help="keep the demo running and print curl commands to try")
+    p.set_defaults(func=_cmd_demo)
+
+    from sidecar.identity.cli import add_ca_parsers, add_cert_parsers
+
+    add_ca_parsers(sub)
+    add_cert_parsers(sub)
+
+    p = sub.add_parser("policy", help="check, lint, explain and replay mesh policies")
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    from sidecar.policy.cli import add_policy_parsers
+
+    add_policy_parsers(policy_sub)
+    from sidecar.replay import add_replay_parser
+
+    add_replay_parser(policy_sub)
+
+    p = sub.add_parser("audit", help="verify, export and follow the audit trail")
+    audit_sub = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    from sidecar.audit.cli import add_audit_parsers
+
+    add_audit_parsers(audit_sub)
+
+    p = sub.add_parser("apikey", help="API keys for service callers")
+    apikey_sub = p.add_subparsers(dest="apikey_command", metavar="SUBCOMMAND", required=True)
+    from sidecar.authn.apikeys import add_apikey_parsers
+
+    add_apikey_parsers(apikey_sub)
+
+    from sidecar.k8s.cli import add_inject_parser, add_webhook_parser
+
+    add_inject_parser(sub)
+    add_webhook_parser(sub)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=_cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130

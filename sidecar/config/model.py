@@ -1,0 +1,327 @@
+"""The sidecar config file -> frozen dataclasses.
+
+``load_config_file(path)`` validates the whole file and raises one ``ConfigError`` listing
+every problem with file, line and key path. Relative file paths in the config resolve
+against the config file's directory. See docs/config.md for the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sidecar.config.source import Path, Source, parse_yaml, read_yaml_file
+from sidecar.config.values import parse_address, parse_duration, parse_size
+
+Protocol = Literal["http", "tcp"]
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    cert: str
+    key: str
+    bundle: str
+    watch_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every wait and every size has a bound. Defaults are safe for production."""
+
+    handshake_timeout: float = 10.0
+    header_timeout: float = 15.0  # time to receive a whole request head
+    idle_timeout: float = 60.0  # keep-alive idle, client side
+    connect_timeout: float = 5.0  # upstream connect (+ handshake on outbound)
+    response_timeout: float = 60.0  # upstream response head after the request was sent
+    body_timeout: float = 60.0  # max stall between two body chunks, either direction
+    tcp_idle_timeout: float = 3600.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 0  # 0 = unlimited (streamed)
+    max_connections: int = 1024  # per listener
+    pool_size: int = 64  # idle upstream connections kept per upstream
+    pool_idle_timeout: float = 30.0
+    drain_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    listen: tuple[str, int]
+    app: tuple[str, int]
+    protocol: Protocol = "http"
+    allow_from: tuple[str, ...] | None = None  # used only when no policy file is configured
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    name: str
+    listen: tuple[str, int]
+    upstream: tuple[str, int]
+    identity: str
+    protocol: Protocol = "http"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 15000)
+    health_listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    source: str
+    identity: IdentityConfig
+    inbound: InboundConfig | None
+    outbound: tuple[OutboundConfig, ...]
+    policy: str | None
+    policy_watch_interval: float
+    audit: Any  # sidecar.audit.config.AuditConfig | None
+    admin: AdminConfig
+    limits: Limits
+    workers: int = 1
+    log_level: str = "info"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_TOP = {"identity", "inbound", "outbound", "policy", "audit", "admin", "limits", "workers", "log"}
+_LIMIT_DURATIONS = {
+    "handshake_timeout", "header_timeout", "idle_timeout", "connect_timeout",
+    "response_timeout", "body_timeout", "tcp_idle_timeout", "pool_idle_timeout", "drain_timeout",
+}
+_LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
+_LIMIT_COUNTS = {"max_headers", "max_connections", "pool_size"}
+
+
+class _Reader:
+    """Typed access to plain YAML values that records problems instead of raising."""
+
+    def __init__(self, src: Source, base_dir: str) -> None:
+        self.src = src
+        self.base_dir = base_dir
+
+    def mapping(self, value: Any, path: Path, known: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.src.problem(path, "expected a mapping")
+            return {}
+        for key in value:
+            if key not in known:
+                self.src.problem(path + (key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
+        return value
+
+    def required(self, m: dict[str, Any], key: str, path: Path) -> Any:
+        if key not in m or m[key] is None:
+            self.src.problem(path + (key,), "is required")
+            return None
+        return m[key]
+
+    def string(self, value: Any, path: Path) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.src.problem(path, "expected a non-empty string")
+            return None
+        return value
+
+    def file(self, value: Any, path: Path) -> str | None:
+        s = self.string(value, path)
+        if s is None:
+            return None
+        return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
+
+    def address(self, value: Any, path: Path) -> tuple[str, int] | None:
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            self.src.problem(path, str(exc))
+            return None
+
+    def choice(self, value: Any, path: Path, choices: tuple[str, ...], default: str) -> str:
+        if value is None:
+            return default
+        if value not in choices:
+            self.src.problem(path, f"must be one of: {', '.join(choices)}")
+            return default
+        return str(value)
+
+    def duration(self, value: Any, path: Path) -> float | None:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.src.problem(path, str(exc))
+            return None
+
+    def positive_int(self, value: Any, path: Path) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.src.problem(path, "expected a whole number >= 1")
+            return None
+        return value
+
+
+def _spiffe_problem(value: str) -> str | None:
+    from sidecar.identity.spiffe import parse_spiffe_id
+
+    try:
+        parse_spiffe_id(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def build_config(raw: Any, src: Source) -> SidecarConfig:
+    base = os.path.dirname(os.path.abspath(src.filename))
+    r = _Reader(src, base)
+    top = r.mapping(raw, (), _TOP)
+
+    ident_raw = r.mapping(r.required(top, "identity", ()) or {}, ("identity",),
+                          {"cert", "key", "bundle", "watch_interval"})
+    identity = IdentityConfig(
+        cert=r.file(r.required(ident_raw, "cert", ("identity",)), ("identity", "cert")) or "",
+        key=r.file(r.required(ident_raw, "key", ("identity",)), ("identity", "key")) or "",
+        bundle=r.file(r.required(ident_raw, "bundle", ("identity",)), ("identity", "bundle")) or "",
+        watch_interval=(r.duration(ident_raw["watch_interval"], ("identity", "watch_interval"))
+                        if "watch_interval" in ident_raw else None) or 2.0,
+    )
+
+    inbound = None
+    if top.get("inbound") is not None:
+        p: Path = ("inbound",)
+        m = r.mapping(top["inbound"], p, {"listen", "app", "protocol", "allow_from"})
+        allow_from = None
+        if "allow_from" in m:
+            af = m["allow_from"]
+            if not isinstance(af, list) or not all(isinstance(x, str) for x in af):
+                src.problem(p + ("allow_from",), "expected a list of SPIFFE IDs")
+            else:
+                for i, x in enumerate(af):
+                    if x.replace("/*", "/x") and (err := _spiffe_problem(x.replace("*", "x"))):
+                        src.problem(p + ("allow_from", i), err)
+                allow_from = tuple(af)
+        inbound = InboundConfig(
+            listen=r.address(r.required(m, "listen", p), p + ("listen",)) or ("", 0),
+            app=r.address(r.required(m, "app", p), p + ("app",)) or ("", 0),
+            protocol=r.choice(m.get("protocol"), p + ("protocol",), ("http", "tcp"), "http"),  # type: ignore[arg-type]
+            allow_from=allow_from,
+        )
+
+    outbound: list[OutboundConfig] = []
+    ob_raw = top.get("outbound")
+    if ob_raw is not None and not isinstance(ob_raw, list):
+        src.problem(("outbound",), "expected a list of outbound listeners")
+        ob_raw = []
+    names: set[str] = set()
+    for i, item in enumerate(ob_raw or []):
+        p = ("outbound", i)
+        m = r.mapping(item, p, {"name", "listen", "upstream", "identity", "protocol"})
+        if not m:
+            continue
+        ident = r.string(r.required(m, "identity", p), p + ("identity",)) or ""
+        if ident and (err := _spiffe_problem(ident)):
+            src.problem(p + ("identity",), err)
+        name = r.string(m.get("name"), p + ("name",)) or f"outbound-{i}"
+        if name in names:
+            src.problem(p + ("name",), "duplicate outbound name")
+        names.add(name)
+        outbound.append(OutboundConfig(
+            name=name,
+            listen=r.address(r.required(m, "listen", p), p + ("listen",)) or ("", 0),
+            upstream=r.address(r.required(m, "upstream", p), p + ("upstream",)) or ("", 0),
+            identity=ident,
+            protocol=r.choice(m.get("protocol"), p + ("protocol",), ("http", "tcp"), "http"),  # type: ignore[arg-type]
+        ))
+
+    if inbound is None and not outbound:
+        src.problem((), "configure at least one of: inbound, outbound")
+
+    policy = None
+    policy_watch = 2.0
+    if top.get("policy") is not None:
+        pv = top["policy"]
+        if isinstance(pv, dict):
+            pm = r.mapping(pv, ("policy",), {"path", "watch_interval"})
+            policy = r.file(r.required(pm, "path", ("policy",)), ("policy", "path"))
+            if "watch_interval" in pm:
+                policy_watch = r.duration(pm["watch_interval"], ("policy", "watch_interval")) or 2.0
+        else:
+            policy = r.file(pv, ("policy",))
+
+    audit = None
+    if top.get("audit") is not None:
+        from sidecar.audit.config import parse_audit_config
+
+        araw = top["audit"]
+        if isinstance(araw, dict) and isinstance(araw.get("path"), str):
+            araw = dict(araw)
+            araw["path"] = r.file(araw["path"], ("audit", "path"))
+        audit = parse_audit_config(araw, ("audit",), src)
+
+    admin = AdminConfig()
+    if "admin" in top:
+        m = r.mapping(top["admin"] or {}, ("admin",), {"listen", "health_listen"})
+        admin = AdminConfig(
+            listen=(r.address(m["listen"], ("admin", "listen")) if m.get("listen") else None)
+            if "listen" in m else AdminConfig.listen,
+            health_listen=r.address(m["health_listen"], ("admin", "health_listen"))
+            if m.get("health_listen") else None,
+        )
+
+    limits_kw: dict[str, Any] = {}
+    if "limits" in top:
+        known = _LIMIT_DURATIONS | _LIMIT_SIZES | _LIMIT_COUNTS
+        m = r.mapping(top["limits"] or {}, ("limits",), known)
+        for key, value in m.items():
+            p = ("limits", key)
+            if key in _LIMIT_DURATIONS:
+                v: Any = r.duration(value, p)
+            elif key in _LIMIT_SIZES:
+                try:
+                    v = parse_size(value)
+                except ValueError as exc:
+                    src.problem(p, str(exc))
+                    v = None
+            elif key in _LIMIT_COUNTS:
+                v = r.positive_int(value, p)
+            else:
+                continue
+            if v is not None:
+                limits_kw[key] = v
+
+    workers = 1
+    if "workers" in top:
+        workers = r.positive_int(top["workers"], ("workers",)) or 1
+        if workers > 64:
+            src.problem(("workers",), "at most 64")
+    log_level = "info"
+    if "log" in top:
+        m = r.mapping(top["log"] or {}, ("log",), {"level"})
+        log_level = r.choice(m.get("level"), ("log", "level"), ("debug", "info", "warning", "error"), "info")
+
+    src.raise_if_problems()
+    return SidecarConfig(
+        source=src.filename, identity=identity, inbound=inbound, outbound=tuple(outbound),
+        policy=policy, policy_watch_interval=policy_watch, audit=audit, admin=admin,
+        limits=Limits(**limits_kw), workers=workers, log_level=log_level, raw=top,
+    )
+
+
+def load_config(text: str | bytes, filename: str) -> SidecarConfig:
+    raw, src = parse_yaml(text, filename)
+    return build_config(raw, src)
+
+
+def load_config_file(path: str) -> SidecarConfig:
+    raw, src = read_yaml_file(path)
+    return build_config(raw, src)
+
+
+def redacted(cfg: SidecarConfig) -> dict[str, Any]:
+    """The effective config for ``/config``: plain values, nothing secret.
+
+    The config holds file *paths* only, never key material; the audit HMAC key file path is
+    shown, its content never is.
+    """
+    import dataclasses
+
+    out = dataclasses.asdict(cfg)
+    out.pop("raw", None)
+    return out

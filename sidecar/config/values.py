@@ -1,0 +1,69 @@
+"""Parsers for small scalar values that people write in YAML: durations, sizes, addresses."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
+    "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """``30`` / ``"30s"`` / ``"250ms"`` / ``"5m"`` / ``"1h"`` / ``"7d"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError("expected a duration like 30s, 5m or 1h")
+
+
+def parse_size(value: object) -> int:
+    """``1024`` / ``"64KiB"`` / ``"1MiB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 64KiB or 1MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError("expected a size like 64KiB or 1MiB")
+
+
+def parse_address(value: object) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` / ``"name:443"`` -> (host, port)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected HOST:PORT")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [IPV6]:PORT")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError("expected HOST:PORT")
+        if ":" in host:
+            raise ValueError("write IPv6 addresses as [ADDR]:PORT")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError("port must be a number from 0 to 65535")
+    return host, int(port_s)
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

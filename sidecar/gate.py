@@ -1,0 +1,183 @@
+"""The gate: every inbound request and every outbound call is decided here. Synchronous.
+
+One call per request combines, in this order (cheapest refusal first):
+1. a source blocked by a burst alert -> 403 ``source_blocked``;
+2. end-user credentials for the providers the caller's rules reference (JWT, API key);
+3. ``decide()`` on the current policy (or the config's interim ``allow_from`` list when no
+   policy file is configured) -> ``Decision``;
+4. rate limits, for allowed requests -> 429 with Retry-After.
+Refusals for authentication/authorisation feed the burst detector.
+
+The result is a ``Verdict``: the ``Decision`` (which audit, metrics and logs read) plus the
+headers to set, strip and answer with. The policy object is read once per request, so a
+reload never changes the rules in the middle of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.errors import RequestRefused
+from sidecar.policy.decision import (
+    DEFAULT_DENY_RULE,
+    NO_AUTH,
+    REASON_ALLOWED,
+    REASON_BLOCKED,
+    REASON_DEFAULT_DENY,
+    REASON_EGRESS_DENIED,
+    REASON_RATE_LIMITED,
+    AuthFacts,
+    Decision,
+    RequestFacts,
+)
+
+
+@dataclass(slots=True)
+class Verdict:
+    decision: Decision
+    auth: AuthFacts = NO_AUTH
+    set_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    drop_headers: frozenset[bytes] = frozenset()
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        return self.decision.status or (0 if self.decision.allowed else 403)
+
+    def refusal(self) -> RequestRefused:
+        return RequestRefused(self.decision.reason, status=self.status or 403)
+
+
+class PolicyHolder:
+    """The current policy (or None) and its reload status; swapped atomically."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.policy = None  # sidecar.policy Policy
+        self.loaded_at: float | None = None
+        self.last_error: str | None = None
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.listeners: list[Callable[[object], None]] = []
+
+    def swap(self, policy: object, now: float) -> None:
+        self.policy = policy
+        self.loaded_at = now
+        self.last_error = None
+        for fn in self.listeners:
+            fn(policy)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "version": getattr(self.policy, "version", None),
+            "loaded_at": self.loaded_at,
+            "last_reload_error": self.last_error,
+            "reloads_ok": self.reloads_ok,
+            "reloads_failed": self.reloads_failed,
+        }
+
+
+class Gate:
+    """Decides inbound requests for ``own_id`` and outbound calls made by it."""
+
+    def __init__(self, own_id: str, policies: PolicyHolder, *,
+                 allow_from: tuple[str, ...] | None = None,
+                 authenticator: object | None = None,
+                 limiter: object | None = None,
+                 detector: object | None = None,
+                 on_alert: Callable[[object], None] | None = None) -> None:
+        self.own_id = own_id
+        self.policies = policies
+        self.allow_from = allow_from
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.detector = detector
+        self.on_alert = on_alert
+        self._allow_patterns = None
+        if allow_from is not None:
+            from sidecar.identity.spiffe import compile_pattern
+
+            self._allow_patterns = [compile_pattern(p) for p in allow_from]
+
+    # -- inbound -------------------------------------------------------------------------
+    def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
+                now: float, *, tcp: bool = False) -> Verdict:
+        detector = self.detector
+        if detector is not None and detector.blocked(facts.peer, facts.source, now):
+            return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
+                                    status=403))
+        policy = self.policies.policy
+        if policy is None:
+            return self._interim(facts)
+        from sidecar.policy.engine import decide
+
+        auth = NO_AUTH
+        authn = self.authenticator
+        section = policy.section(self.own_id)
+        if authn is not None and section is not None and not tcp:
+            providers = section.providers
+            if providers or section.needs_apikey:
+                auth = authn.authenticate(providers, headers, query, now)
+        decision = decide(policy, self.own_id, facts, auth, now)
+        verdict = Verdict(decision, auth)
+        if decision.allowed:
+            if self.limiter is not None and not decision.dry_run:
+                subject = _subject(auth)
+                ok, limit_name, retry_after = self.limiter.check(
+                    self.own_id, facts.peer, auth.apikey, subject, now)
+                if not ok:
+                    verdict.decision = Decision("deny", limit_name or "rate limit",
+                                                REASON_RATE_LIMITED, decision.version, status=429)
+                    verdict.response_headers = [(b"retry-after", str(retry_after).encode())]
+                    return verdict
+            if authn is not None and auth.claims:
+                verdict.set_headers = authn.forward_headers(auth)
+            if authn is not None:
+                verdict.drop_headers = authn.owned_headers(section.providers if section else ())
+            return verdict
+        if decision.status == 401:
+            error = b'Bearer realm="sidecar"'
+            if decision.reason == "token_invalid":
+                error = b'Bearer realm="sidecar", error="invalid_token"'
+            verdict.response_headers = [(b"www-authenticate", error)]
+        if detector is not None:
+            for alert in detector.record_failure(facts.peer, facts.source, now):
+                if self.on_alert is not None:
+                    self.on_alert(alert)
+        return verdict
+
+    def _interim(self, facts: RequestFacts) -> Verdict:
+        """No policy file configured: the config's ``allow_from`` list, else deny all."""
+        patterns = self._allow_patterns
+        if patterns is not None and facts.peer is not None:
+            for pattern in patterns:
+                if pattern.matches(facts.peer):
+                    return Verdict(Decision("allow", "allow_from", REASON_ALLOWED, "config"))
+        return Verdict(Decision("deny", DEFAULT_DENY_RULE, REASON_DEFAULT_DENY,
+                                self._version(), status=403))
+
+    # -- outbound ------------------------------------------------------------------------
+    def egress(self, target: str, now: float) -> Decision:
+        policy = self.policies.policy
+        if policy is None:
+            if self.policies.source is None:
+                # No policy configured at all: egress is limited by the config's outbound
+                # list, which already names the only identities this workload may reach.
+                return Decision("allow", "config outbound", REASON_ALLOWED, "config")
+            return Decision("deny", DEFAULT_DENY_RULE, REASON_EGRESS_DENIED, "none", status=403)
+        from sidecar.policy.engine import decide_egress
+
+        return decide_egress(policy, self.own_id, target, now)
+
+    def _version(self) -> str:
+        return getattr(self.policies.policy, "version", None) or "none"
+
+
+def _subject(auth: AuthFacts) -> str | None:
+    for claims in auth.claims.values():
+        sub = claims.get("sub")
+        if isinstance(sub, str):
+            return sub
+    return None

@@ -1,0 +1,79 @@
+"""Request facts from an h11 request head. Pure.
+
+Everything that can make a request ambiguous is refused here, before any rule runs:
+duplicate Host or Authorization headers (header-concatenation bypasses), a Host that
+disagrees with itself, absolute-form targets on inbound, and -- in ``sidecar.policy.paths``
+-- every ambiguous path encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
+
+_SINGLETONS = (b"host", b"authorization", b"content-length", b"x-api-key", b"cookie")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """The parts of a request head the data path needs, validated."""
+
+    method: str
+    target: bytes
+    host: str
+    has_body: bool
+    expect_continue: bool
+    upgrade: bytes | None
+
+
+def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], *,
+               max_headers: int, max_body: int) -> RequestHead:
+    """Validate what h11 cannot know is dangerous for a proxy; raise a ``RequestRefused``."""
+    if len(headers) > max_headers:
+        raise HeadersTooLarge("too_many_headers")
+    seen: dict[bytes, int] = {}
+    host = None
+    content_length = None
+    chunked = False
+    expect = False
+    upgrade = None
+    conn_upgrade = False
+    for name, value in headers:
+        if name in _SINGLETONS:
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1 and name != b"cookie":
+                raise BadRequest("duplicate_header", name.decode())
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                content_length = int(value)  # h11 already checked it is digits
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise BadRequest("bad_expect")
+            expect = True
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"connection":
+            conn_upgrade = conn_upgrade or b"upgrade" in value.lower()
+    if host is None or not host or b"," in host or b"@" in host or b" " in host:
+        raise BadRequest("bad_host")
+    if not target.startswith(b"/"):
+        # absolute-form, authority-form and asterisk-form are not accepted: the policy
+        # matches origin-form paths, and a second authority would be a second truth.
+        raise BadRequest("bad_target_form")
+    if method == b"CONNECT" or method == b"TRACE":
+        raise BadRequest("method_not_allowed", method.decode("latin-1"))
+    if max_body and content_length is not None and content_length > max_body:
+        raise PayloadTooLarge("body_too_large")
+    has_body = chunked or bool(content_length)
+    return RequestHead(
+        method=method.decode("ascii"),
+        target=target,
+        host=host.decode("ascii", "replace").lower(),
+        has_body=has_body,
+        expect_continue=expect and has_body,
+        upgrade=upgrade if conn_upgrade else None,
+    )

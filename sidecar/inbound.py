@@ -1,0 +1,220 @@
+"""Inbound: terminate mTLS, identify the peer once per connection, authorise every request,
+forward the allowed ones to the app on localhost.
+
+Theory of operation, per connection (one Trio task): TLS handshake under
+``handshake_timeout`` -> ``PeerIdentity`` from the verified leaf certificate (a peer whose
+leaf is not a valid X.509-SVID is refused here, once) -> request loop: read a head under
+``idle_timeout`` / ``header_timeout`` -> validate the head and normalise the path (ambiguous
+requests get 400 before any rule runs) -> ``Gate.inbound`` (JWT, policy, rate limits) ->
+refused: generic reply with a request id, then the connection is closed (nothing pipelined
+behind a refused request is ever read) -> allowed: rewrite identity headers and forward
+over a pooled keep-alive connection, streaming bodies both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import h11
+import trio
+
+from sidecar.errors import RequestRefused, Unavailable
+from sidecar.gate import Gate
+from sidecar.http.headers import OWNED_REQUEST_HEADERS, XFCC, clean_headers, connection_tokens
+from sidecar.http.request import check_head
+from sidecar.identity.svid import SvidError, peer_identity_from_der
+from sidecar.net.forward import UpstreamFailed, forward, splice
+from sidecar.net.listen import ConnectionTracker
+from sidecar.net.pool import UpstreamPool
+from sidecar.net.respond import send_refusal
+from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.policy.decision import RequestFacts
+from sidecar.policy.paths import normalise_target
+from sidecar.telemetry import Telemetry
+from sidecar.tlsstate import TlsState
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+class InboundProxy:
+    """The mTLS listener's connection handler."""
+
+    def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
+                 app_pool: UpstreamPool, app_addr: tuple[str, int], limits, protocol: str,
+                 tracker: ConnectionTracker) -> None:
+        self.port = port
+        self.tls = tls
+        self.gate = gate
+        self.telemetry = telemetry
+        self.pool = app_pool
+        self.app_addr = app_addr
+        self.limits = limits
+        self.protocol = protocol
+        self.tracker = tracker
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        try:
+            source = tcp.socket.getpeername()[0]
+        except OSError:
+            return
+        started = time.time()
+        ctx = self.tls.server_context
+        tls_stream = trio.SSLStream(tcp, ctx, server_side=True, https_compatible=True)
+        with trio.move_on_after(self.limits.handshake_timeout) as scope:
+            try:
+                await tls_stream.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.telemetry.connection_refused("inbound", source, None,
+                                                  _handshake_reason(exc), started)
+                return
+        if scope.cancelled_caught:
+            self.telemetry.connection_refused("inbound", source, None, "handshake_timeout",
+                                              started)
+            return
+        self.telemetry.handshake("inbound")
+        try:
+            der = tls_stream.getpeercert(binary_form=True)
+            peer = peer_identity_from_der(der) if der else None
+        except SvidError as exc:
+            self.telemetry.connection_refused("inbound", source, None, f"bad_svid:{exc.rule}",
+                                              started)
+            await close_quietly(tls_stream)
+            return
+        if peer is None:
+            self.telemetry.connection_refused("inbound", source, None, "no_client_cert", started)
+            await close_quietly(tls_stream)
+            return
+        self.telemetry.connection_opened("inbound")
+        try:
+            if self.protocol == "tcp":
+                await self._tcp(tls_stream, peer, source, started)
+            else:
+                await self._http(tls_stream, peer, source)
+        finally:
+            self.telemetry.connection_closed("inbound")
+            await close_quietly(tls_stream)
+
+    async def _tcp(self, tls_stream: trio.SSLStream, peer, source: str, started: float) -> None:
+        facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
+                             method="", path="", host="", port=self.port, listener="inbound")
+        request_id = new_request_id()
+        verdict = self.gate.inbound(facts, [], "", time.time(), tcp=True)
+        if not verdict.decision.allowed:
+            self.telemetry.request(request_id, facts, verdict, verdict.status, 0, 0, started)
+            return
+        try:
+            with trio.fail_after(self.limits.connect_timeout):
+                app = await trio.open_tcp_stream(*self.app_addr)
+        except (OSError, trio.TooSlowError):
+            self.telemetry.request(request_id, facts, verdict, 502, 0, 0, started,
+                                   error="upstream_connect_failed")
+            return
+        try:
+            up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
+        finally:
+            await close_quietly(app)
+        self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
+
+    async def _http(self, tls_stream: trio.SSLStream, peer, source: str) -> None:
+        limits = self.limits
+        client = H11Endpoint(tls_stream, h11.SERVER, limits.max_header_bytes)
+        conn = client.conn
+        tracker = self.tracker
+        own_xfcc_prefix = f"By={self.gate.own_id};Hash={peer.fingerprint};URI={peer.spiffe_id}"
+        xfcc = own_xfcc_prefix.encode()
+        now = trio.current_time
+        while True:
+            # Wait for the next request: idle bound until the first byte, then the head bound.
+            scope = tracker.idle_scope(now() + limits.idle_timeout)
+            tracker.register_idle(scope)
+            try:
+                with scope:
+                    if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
+                        data = await client.receive(now() + limits.idle_timeout)
+                        conn.receive_data(data)
+            except (PeerClosed, Timeout):
+                return
+            finally:
+                tracker.unregister_idle(scope)
+            if scope.cancelled_caught:
+                return
+            started = time.time()
+            request_id = new_request_id()
+            facts = None
+            verdict = None
+            try:
+                event = await client.next_event(now() + limits.header_timeout)
+                if type(event) is not h11.Request:
+                    return  # ConnectionClosed or a client that went away
+                head = check_head(event.method, event.target, event.headers,
+                                  max_headers=limits.max_headers, max_body=limits.max_body_bytes)
+                path, query = normalise_target(head.target)
+                facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
+                                     method=head.method, path=path, host=head.host,
+                                     port=self.port, listener="inbound")
+                verdict = self.gate.inbound(facts, event.headers, query, time.time())
+                if not verdict.decision.allowed:
+                    raise verdict.refusal()
+                if not self.telemetry.accepting():
+                    raise Unavailable("audit_unavailable")
+                hop = connection_tokens(event.headers)
+                headers = clean_headers(event.headers, OWNED_REQUEST_HEADERS | verdict.drop_headers,
+                                        hop)
+                headers.append((XFCC, xfcc))
+                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"x-forwarded-proto", b"https"))
+                headers.extend(verdict.set_headers)
+                if head.upgrade is not None:
+                    headers.append((b"upgrade", head.upgrade))
+                    headers.append((b"connection", b"upgrade"))
+                ex = await forward(client, event, headers, self.pool, limits,
+                                   has_body=head.has_body, expect_continue=head.expect_continue,
+                                   upgrade=head.upgrade is not None, close=tracker.draining)
+                self.telemetry.request(request_id, facts, verdict, ex.status, ex.request_bytes,
+                                       ex.response_bytes, started)
+                if ex.upgraded:
+                    return
+            except RequestRefused as exc:
+                self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
+                                       error=exc.reason, source=source, peer=peer.spiffe_id)
+                await send_refusal(client, exc, request_id, verdict)
+                return
+            except UpstreamFailed as exc:
+                self.telemetry.request(request_id, facts, verdict, exc.refusal.status,
+                                       exc.exchange.request_bytes, 0, started,
+                                       error=exc.refusal.reason)
+                await send_refusal(client, exc.refusal, request_id, None)
+                return
+            except (PeerClosed, Timeout) as exc:
+                if facts is not None:
+                    self.telemetry.request(request_id, facts, verdict, 499, 0, 0, started,
+                                           error=f"client_{type(exc).__name__.lower()}")
+                elif isinstance(exc, Timeout):
+                    await send_refusal(client, RequestRefused("header_timeout", status=408),
+                                       request_id, None)
+                return
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
+                conn.start_next_cycle()
+            else:
+                return
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    text = str(cause).lower()
+    if "certificate" in text and ("expired" in text):
+        return "peer_cert_expired"
+    if "unknown ca" in text or "unable to get local issuer" in text or "certificate verify failed" in text:
+        return "peer_cert_untrusted"
+    if "peer did not return a certificate" in text or "certificate required" in text:
+        return "no_client_cert"
+    if "version" in text or "protocol" in text:
+        return "protocol_version"
+    if "cipher" in text or "no shared" in text:
+        return "no_shared_cipher"
+    if "wrong version number" in text or "http request" in text:
+        return "not_tls"
+    return "handshake_failed"

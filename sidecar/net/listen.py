@@ -1,0 +1,120 @@
+"""Accept loops with a connection limit, and the drain that SIGTERM starts.
+
+Theory of operation: each listener runs an accept loop owned by the app's nursery. A
+connection beyond ``max_connections`` is closed at once (refused, never queued). Every
+connection task registers with the ``ConnectionTracker``; while it waits for the next
+request on a keep-alive connection it holds an *idle* cancel scope. Draining stops the
+accept loops, cancels the idle waits (those connections close), lets in-flight requests
+finish, and tells handlers to answer with ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from sidecar.net.streams import close_quietly
+
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class ConnectionTracker:
+    """Counts open connections and knows which ones are idle, for limits and drain."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+
+    def enter(self) -> None:
+        self.open += 1
+        if self.open == 1:
+            self._all_closed = trio.Event()
+
+    def leave(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self._all_closed.set()
+
+    def idle_scope(self, deadline: float) -> trio.CancelScope:
+        scope = trio.CancelScope(deadline=deadline)
+        if self.draining:
+            scope.cancel()
+        return scope
+
+    def register_idle(self, scope: trio.CancelScope) -> None:
+        self._idle.add(scope)
+
+    def unregister_idle(self, scope: trio.CancelScope) -> None:
+        self._idle.discard(scope)
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for scope in list(self._idle):
+            scope.cancel()
+
+    async def wait_closed(self) -> None:
+        await self._all_closed.wait()
+
+
+async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
+    """A TCP listener; SO_REUSEPORT lets several worker processes share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def listener_port(listener: trio.SocketListener) -> int:
+    return int(listener.socket.getsockname()[1])
+
+
+async def accept_loop(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    tracker: ConnectionTracker,
+    max_connections: int,
+    on_refused: Callable[[str], None],
+    stop: trio.CancelScope,
+) -> None:
+    """Accept until ``stop`` is cancelled; spawn ``handler`` per connection in a nursery."""
+    async with trio.open_nursery() as nursery:
+        with stop:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in ACCEPT_RETRY_ERRNOS:
+                        on_refused("accept_resource_exhausted")
+                        await trio.sleep(0.05)
+                        continue
+                    raise
+                if tracker.open >= max_connections:
+                    on_refused("max_connections")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                tracker.enter()
+                nursery.start_soon(_run_handler, handler, stream, tracker)
+        await close_quietly(listener)
+
+
+async def _run_handler(handler: Callable[[trio.SocketStream], Awaitable[None]],
+                       stream: trio.SocketStream, tracker: ConnectionTracker) -> None:
+    try:
+        await handler(stream)
+    finally:
+        tracker.leave()
+        await trio.aclose_forcefully(stream)

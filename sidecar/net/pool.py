@@ -1,0 +1,84 @@
+"""Keep-alive pool of upstream HTTP/1.1 connections.
+
+Theory of operation: a request takes an idle connection (LIFO, so a few hot connections
+stay warm and the rest age out) or opens a new one; when the exchange ended cleanly on both
+sides, the connection goes back for reuse, otherwise it is closed. The pool bounds only the
+*idle* connections: the number in use is already bounded by the listener's connection limit,
+because each client connection holds at most one upstream connection at a time.
+
+A pooled connection can die while idle (the app closed it, the peer sidecar restarted). Such
+connections are detected before reuse (``looks_alive``) and, for requests without a body, a
+failure on a reused connection before any response byte is retried once on a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from sidecar.net.streams import H11Endpoint, looks_alive
+
+
+@dataclass
+class PoolStatistics:
+    idle: int
+    opened: int
+    reused: int
+    closed_stale: int
+
+
+class UpstreamPool:
+    """Idle connections to one upstream address (the app, or one peer sidecar)."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[trio.abc.Stream]],
+        *,
+        size: int,
+        idle_timeout: float,
+        max_head: int = 64 * 1024,
+    ) -> None:
+        self._connect = connect
+        self._size = size
+        self._idle_timeout = idle_timeout
+        self._max_head = max_head
+        self._idle: list[tuple[float, H11Endpoint]] = []
+        self.opened = 0
+        self.reused = 0
+        self.closed_stale = 0
+
+    async def acquire(self) -> tuple[H11Endpoint, bool]:
+        """An endpoint ready for a new request, and whether it was reused."""
+        now = trio.current_time()
+        while self._idle:
+            since, ep = self._idle.pop()
+            if now - since < self._idle_timeout and looks_alive(ep.stream):
+                self.reused += 1
+                return ep, True
+            self.closed_stale += 1
+            await trio.aclose_forcefully(ep.stream)
+        stream = await self._connect()
+        self.opened += 1
+        return H11Endpoint(stream, h11.CLIENT, self._max_head), False
+
+    async def release(self, ep: H11Endpoint) -> None:
+        """Return ``ep`` for reuse if its exchange completed cleanly, else close it."""
+        conn = ep.conn
+        if (conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                and len(self._idle) < self._size):
+            conn.start_next_cycle()
+            ep.bytes_in = ep.bytes_out = 0
+            self._idle.append((trio.current_time(), ep))
+            return
+        await trio.aclose_forcefully(ep.stream)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, ep in idle:
+            await trio.aclose_forcefully(ep.stream)
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(len(self._idle), self.opened, self.reused, self.closed_stale)

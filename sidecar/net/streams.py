@@ -1,0 +1,132 @@
+"""h11 <-> Trio stream adapter with deadlines, and the mapping of I/O errors.
+
+Theory of operation: every read goes through ``H11Endpoint.next_event`` with an absolute
+deadline, so each wait in the data path has a bound. Errors from trio, ssl and h11 are mapped
+at this edge into ``sidecar.errors`` (a table in ``map_error``), so the layers above see
+only our small hierarchy.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import h11
+import trio
+
+from sidecar.errors import BadRequest, HeadersTooLarge, RequestRefused
+
+READ_SIZE = 65536
+
+
+class PeerClosed(Exception):
+    """The other end went away (EOF, reset, TLS error) -- nothing to answer."""
+
+
+class Timeout(Exception):
+    """A bounded wait ran out."""
+
+
+class H11Endpoint:
+    """One HTTP/1.1 connection: a Trio stream plus an h11 state machine."""
+
+    __slots__ = ("stream", "conn", "bytes_in", "bytes_out")
+
+    def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER],
+                 max_head: int = 32 * 1024) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def next_event(self, deadline: float) -> h11.Event | type[h11.PAUSED]:
+        conn = self.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                hint = exc.error_status_hint
+                if hint == 431:
+                    raise HeadersTooLarge("header_too_large", str(exc)) from exc
+                raise BadRequest("malformed_http", str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.receive(deadline)
+            conn.receive_data(data)
+
+    async def receive(self, deadline: float) -> bytes:
+        try:
+            with trio.move_on_at(deadline) as scope:
+                data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                ssl.SSLError) as exc:
+            raise PeerClosed(type(exc).__name__) from exc
+        if scope.cancelled_caught:
+            raise Timeout("read")
+        self.bytes_in += len(data)
+        return data
+
+    async def send(self, event: h11.Event, deadline: float) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.send_raw(data, deadline)
+
+    async def send_raw(self, data: bytes, deadline: float) -> None:
+        try:
+            with trio.move_on_at(deadline) as scope:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                ssl.SSLError) as exc:
+            raise PeerClosed(type(exc).__name__) from exc
+        if scope.cancelled_caught:
+            raise Timeout("write")
+        self.bytes_out += len(data)
+
+    async def aclose(self) -> None:
+        await close_quietly(self.stream)
+
+
+async def close_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close without raising and without waiting long (a TLS close_notify may block)."""
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError,
+                trio.TooSlowError):
+            pass
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)
+
+
+def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a (possibly TLS-wrapped) Trio stream."""
+    inner = getattr(stream, "transport_stream", stream)
+    return getattr(inner, "socket", None)
+
+
+def looks_alive(stream: trio.abc.Stream) -> bool:
+    """A pooled idle connection is reusable if nothing is waiting on its socket.
+
+    Idle upstream connections must have nothing to read: pending bytes mean EOF, a TLS
+    close_notify or garbage, and in every case the connection must not be reused.
+    """
+    sock = raw_socket(stream)
+    # Trio's socket methods are async; a non-blocking peek needs the stdlib socket inside.
+    sock = getattr(sock, "_sock", None)
+    if sock is None:
+        return False
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # EOF (b"") or unexpected bytes: either way not reusable
+
+
+def error_for(exc: BaseException) -> RequestRefused:
+    """Map an unexpected I/O error to what a client may see."""
+    if isinstance(exc, RequestRefused):
+        return exc
+    return RequestRefused("internal", repr(exc), status=502)

@@ -1,0 +1,195 @@
+"""Outbound: the app talks plain HTTP (or TCP) to a local listener; the sidecar checks the
+egress rules for its own identity, originates mTLS with the workload certificate, and refuses
+the connection when the peer's SPIFFE ID is not the configured one.
+
+Theory of operation: one ``OutboundProxy`` per configured upstream. Upstream mTLS connections
+come from a keep-alive pool (a handshake costs milliseconds of CPU, many times a request), and
+the peer's identity is checked once per connection, right after its handshake, against the
+configured SPIFFE ID -- never against a hostname. Egress is decided per request against the
+current policy, before any connection is opened.
+"""
+
+from __future__ import annotations
+
+import time
+
+import h11
+import trio
+
+from sidecar.config.model import OutboundConfig
+from sidecar.errors import BadGateway, RequestRefused
+from sidecar.gate import Gate, Verdict
+from sidecar.http.headers import XFCC, clean_headers, connection_tokens
+from sidecar.http.request import check_head
+from sidecar.identity.svid import SvidError, peer_identity_from_der
+from sidecar.inbound import new_request_id
+from sidecar.net.forward import UpstreamFailed, forward, splice
+from sidecar.net.listen import ConnectionTracker
+from sidecar.net.pool import UpstreamPool
+from sidecar.net.respond import send_refusal
+from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.policy.decision import RequestFacts
+from sidecar.telemetry import Telemetry
+from sidecar.tlsstate import TlsState
+
+_STRIP_TO_PEER = frozenset({XFCC})
+
+
+class OutboundProxy:
+    """A local plain listener for one upstream identity."""
+
+    def __init__(self, cfg: OutboundConfig, *, port: int, tls: TlsState, gate: Gate,
+                 telemetry: Telemetry, limits, tracker: ConnectionTracker) -> None:
+        self.cfg = cfg
+        self.port = port
+        self.tls = tls
+        self.gate = gate
+        self.telemetry = telemetry
+        self.limits = limits
+        self.tracker = tracker
+        self.pool = UpstreamPool(self.connect, size=limits.pool_size,
+                                 idle_timeout=limits.pool_idle_timeout,
+                                 max_head=limits.max_header_bytes * 2)
+
+    async def connect(self) -> trio.SSLStream:
+        """Open an mTLS connection to the upstream and check it is who we expect."""
+        host, port = self.cfg.upstream
+        started = time.time()
+        try:
+            with trio.fail_after(self.limits.connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                stream = trio.SSLStream(tcp, self.tls.client_context, server_side=False,
+                                        server_hostname=None, https_compatible=True)
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tcp)
+                    raise
+        except trio.TooSlowError as exc:
+            self.telemetry.connection_refused("outbound", f"{host}:{port}", None,
+                                              "upstream_connect_timeout", started)
+            raise BadGateway("upstream_connect_timeout") from exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            reason = "upstream_handshake_failed" if isinstance(
+                exc, trio.BrokenResourceError) else "upstream_connect_failed"
+            self.telemetry.connection_refused("outbound", f"{host}:{port}", None, reason,
+                                              started)
+            raise BadGateway(reason, repr(exc)) from exc
+        self.telemetry.handshake("outbound")
+        try:
+            der = stream.getpeercert(binary_form=True)
+            peer = peer_identity_from_der(der) if der else None
+        except SvidError:
+            peer = None
+        if peer is None or peer.spiffe_id != self.cfg.identity:
+            got = peer.spiffe_id if peer is not None else None
+            self.telemetry.connection_refused("outbound", f"{host}:{port}", got,
+                                              "peer_identity_mismatch", started)
+            await trio.aclose_forcefully(stream)
+            raise BadGateway("peer_identity_mismatch", f"expected {self.cfg.identity}, got {got}")
+        return stream
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        try:
+            source = tcp.socket.getpeername()[0]
+        except OSError:
+            return
+        self.telemetry.connection_opened("outbound")
+        try:
+            if self.cfg.protocol == "tcp":
+                await self._tcp(tcp, source)
+            else:
+                await self._http(tcp, source)
+        finally:
+            self.telemetry.connection_closed("outbound")
+
+    def _facts(self, source: str, method: str = "", path: str = "", host: str = "") -> RequestFacts:
+        return RequestFacts(direction="outbound", peer=self.gate.own_id, source=source,
+                            method=method, path=path, host=host, port=self.port,
+                            listener=self.cfg.name, target=self.cfg.identity)
+
+    async def _tcp(self, tcp: trio.SocketStream, source: str) -> None:
+        started = time.time()
+        request_id = new_request_id()
+        facts = self._facts(source)
+        verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
+        if not verdict.decision.allowed:
+            self.telemetry.request(request_id, facts, verdict, 403, 0, 0, started)
+            return
+        try:
+            upstream = await self.connect()
+        except RequestRefused as exc:
+            self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
+                                   error=exc.reason)
+            return
+        try:
+            up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
+        finally:
+            await close_quietly(upstream)
+        self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
+
+    async def _http(self, tcp: trio.SocketStream, source: str) -> None:
+        limits = self.limits
+        client = H11Endpoint(tcp, h11.SERVER, limits.max_header_bytes)
+        conn = client.conn
+        tracker = self.tracker
+        now = trio.current_time
+        while True:
+            scope = tracker.idle_scope(now() + limits.idle_timeout)
+            tracker.register_idle(scope)
+            try:
+                with scope:
+                    if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
+                        conn.receive_data(await client.receive(now() + limits.idle_timeout))
+            except (PeerClosed, Timeout):
+                return
+            finally:
+                tracker.unregister_idle(scope)
+            if scope.cancelled_caught:
+                return
+            started = time.time()
+            request_id = new_request_id()
+            facts = None
+            verdict = None
+            try:
+                event = await client.next_event(now() + limits.header_timeout)
+                if type(event) is not h11.Request:
+                    return
+                head = check_head(event.method, event.target, event.headers,
+                                  max_headers=limits.max_headers, max_body=limits.max_body_bytes)
+                path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
+                facts = self._facts(source, head.method, path, head.host)
+                verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
+                if not verdict.decision.allowed:
+                    raise verdict.refusal()
+                if not self.telemetry.accepting():
+                    raise RequestRefused("audit_unavailable", status=503)
+                headers = clean_headers(event.headers, _STRIP_TO_PEER,
+                                        connection_tokens(event.headers))
+                if head.upgrade is not None:
+                    headers.append((b"upgrade", head.upgrade))
+                    headers.append((b"connection", b"upgrade"))
+                ex = await forward(client, event, headers, self.pool, limits,
+                                   has_body=head.has_body, expect_continue=head.expect_continue,
+                                   upgrade=head.upgrade is not None, close=tracker.draining)
+                self.telemetry.request(request_id, facts, verdict, ex.status, ex.request_bytes,
+                                       ex.response_bytes, started)
+                if ex.upgraded:
+                    return
+            except RequestRefused as exc:
+                self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
+                                       error=exc.reason, source=source)
+                await send_refusal(client, exc, request_id, verdict)
+                return
+            except UpstreamFailed as exc:
+                self.telemetry.request(request_id, facts, verdict, exc.refusal.status,
+                                       exc.exchange.request_bytes, 0, started,
+                                       error=exc.refusal.reason)
+                await send_refusal(client, exc.refusal, request_id, None)
+                return
+            except (PeerClosed, Timeout):
+                return
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
+                conn.start_next_cycle()
+            else:
+                return

@@ -1,0 +1,103 @@
+"""One place where every decision becomes a log line, metrics and an audit record.
+
+The data path calls ``Telemetry`` methods and never waits: metrics are in-memory counters,
+log lines are single writes, audit records go into the audit writer's bounded queue.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sidecar import logs
+from sidecar.metrics import SidecarMetrics
+from sidecar.policy.decision import RequestFacts
+
+
+class Telemetry:
+    """Fan-out of data-path events to metrics, logs and the audit trail."""
+
+    def __init__(self, metrics: SidecarMetrics, audit: Any | None = None) -> None:
+        self.metrics = metrics
+        self.audit = audit  # sidecar.audit.writer.AuditWriter or None
+        reg = metrics.registry
+        self.handshakes = reg.counter(
+            "sidecar_tls_handshakes_total", "TLS handshakes completed, by direction.",
+            ("direction",))
+        self._duration = {d: metrics.request_duration_seconds.labels(d)
+                          for d in ("inbound", "outbound")}
+        self._open = {d: metrics.connections_open.labels(d) for d in ("inbound", "outbound")}
+        self._conn_total = {d: metrics.connections_total.labels(d)
+                            for d in ("inbound", "outbound")}
+        self._hs = {d: self.handshakes.labels(d) for d in ("inbound", "outbound")}
+
+    # -- connections ---------------------------------------------------------------------
+    def handshake(self, direction: str) -> None:
+        self._hs[direction].inc()
+
+    def connection_opened(self, direction: str) -> None:
+        self._open[direction].inc()
+        self._conn_total[direction].inc()
+
+    def connection_closed(self, direction: str) -> None:
+        self._open[direction].dec()
+
+    def connection_refused(self, direction: str, source: str, peer: str | None, reason: str,
+                           started: float) -> None:
+        self.metrics.tls_handshake_failures_total.labels(direction, reason.split(":")[0]).inc()
+        logs.log("connection_refused", "warning", direction=direction, source=source,
+                 peer=peer, reason=reason)
+        if self.audit is not None:
+            from sidecar.audit.record import connection_refused_record
+
+            self.audit.submit(connection_refused_record(
+                time=started, direction=direction, source=source, peer=peer, reason=reason,
+                duration_ms=(time.time() - started) * 1000.0))
+
+    # -- requests ------------------------------------------------------------------------
+    def accepting(self) -> bool:
+        """False while the audit trail cannot record (fail_closed): refuse with 503."""
+        audit = self.audit
+        return audit is None or audit.accepting()
+
+    def request(self, request_id: str, facts: RequestFacts | None, verdict: Any, status: int,
+                bytes_in: int, bytes_out: int, started: float, *, error: str | None = None,
+                source: str | None = None, peer: str | None = None) -> None:
+        duration = time.time() - started
+        decision = verdict.decision if verdict is not None else None
+        direction = facts.direction if facts is not None else "inbound"
+        if decision is not None:
+            label = "dry_run" if decision.dry_run else decision.action
+            self.metrics.requests_total.labels(direction, label, decision.rule,
+                                               str(status)).inc()
+            if decision.reason == "rate_limited":
+                self.metrics.rate_limited_total.labels(decision.rule).inc()
+            elif decision.reason == "source_blocked":
+                self.metrics.source_blocked_total.inc()
+        elif error is not None:
+            self.metrics.requests_refused_total.labels(direction, error).inc()
+        if error is not None and status in (502, 503, 504):
+            self.metrics.upstream_errors_total.labels(direction, error).inc()
+        self._duration[direction].observe(duration)
+        refused = status >= 400 or (decision is not None and not decision.allowed)
+        if refused or logs.enabled("debug"):
+            logs.log(
+                "request_refused" if refused else "request", "warning" if refused else "debug",
+                request_id=request_id, direction=direction,
+                peer=facts.peer if facts is not None else peer,
+                source=facts.source if facts is not None else source,
+                method=facts.method if facts is not None else None,
+                path=facts.path if facts is not None else None,
+                status=status,
+                rule=decision.rule if decision is not None else None,
+                reason=(error or (decision.reason if decision is not None else None)),
+                policy_version=decision.version if decision is not None else None,
+            )
+        if self.audit is not None and (decision is not None or error is not None):
+            from sidecar.audit.record import request_record
+
+            self.audit.submit(request_record(
+                request_id=request_id, facts=facts, decision=decision,
+                auth=getattr(verdict, "auth", None), status=status, bytes_in=bytes_in,
+                bytes_out=bytes_out, started=started, duration_ms=duration * 1000.0,
+                error=error, source=source, peer=peer))
