@@ -1,0 +1,270 @@
+"""Burst detection (at, below, above threshold; quiet period; blocks) and webhook delivery."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+from sidecar import logs
+from sidecar.alerts import Alert, AlertPoster, BurstDetector
+from sidecar.metrics import SidecarMetrics
+from sidecar.policy.sections import AlertRule
+
+PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
+ADDR = "10.0.0.7"
+
+
+def _failures(d: BurstDetector, times: list[float], peer: str = PEER, addr: str = ADDR) -> list[Alert]:
+    out: list[Alert] = []
+    for t in times:
+        out += d.record_failure(peer, addr, t)
+    return out
+
+
+def test_below_threshold_no_alert() -> None:
+    d = BurstDetector((AlertRule("authn-burst", threshold=5, window_seconds=10),))
+    assert _failures(d, [0, 1, 2, 3]) == []
+
+
+def test_at_threshold_exactly_one_alert() -> None:
+    d = BurstDetector((AlertRule("authn-burst", threshold=5, window_seconds=10),))
+    assert _failures(d, [0, 1, 2, 3]) == []
+    alerts = d.record_failure(PEER, ADDR, 4)
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert (a.rule, a.by, a.source, a.failures) == ("authn-burst", "peer", PEER, 5)
+
+
+def test_above_threshold_not_reraised_within_window_then_reraised() -> None:
+    d = BurstDetector((AlertRule("authn-burst", threshold=3, window_seconds=10),))
+    assert len(_failures(d, [0, 1, 2])) == 1
+    # Every further failure inside the quiet period (until t=12) raises nothing.
+    assert _failures(d, [3, 4, 5, 6, 7, 8, 9, 10, 11, 11.9]) == []
+    # The attack goes on past the quiet period: one new alert, then quiet again.
+    assert len(d.record_failure(PEER, ADDR, 12)) == 1
+    assert _failures(d, [12.5, 13, 14]) == []
+
+
+def test_failures_outside_window_do_not_add_up() -> None:
+    d = BurstDetector((AlertRule("slow", threshold=3, window_seconds=10),))
+    # Failures exactly window_seconds apart are not in the same window.
+    assert _failures(d, [0, 5, 10, 15, 20]) == []
+    assert len(_failures(d, [20.5])) == 1  # 15, 20, 20.5 are within 10 s
+
+
+def test_sources_and_rules_are_independent() -> None:
+    d = BurstDetector(
+        (
+            AlertRule("by-peer", threshold=2, window_seconds=60),
+            AlertRule("by-address", threshold=3, window_seconds=60, by="address"),
+        )
+    )
+    # Two peers behind one address: the peer rule sees 1 + 1, the address rule sees 2.
+    assert d.record_failure("spiffe://a", ADDR, 0) == []
+    assert d.record_failure("spiffe://b", ADDR, 0) == []
+    alerts = d.record_failure("spiffe://c", ADDR, 1)
+    assert [(a.rule, a.source) for a in alerts] == [("by-address", ADDR)]
+    alerts = d.record_failure("spiffe://c", ADDR, 2)
+    assert [(a.rule, a.source) for a in alerts] == [("by-peer", "spiffe://c")]
+    # No peer identity: the peer rule ignores the failure.
+    assert d.record_failure(None, "10.9.9.9", 3) == []
+
+
+def test_block_runs_for_block_seconds_then_expires() -> None:
+    d = BurstDetector((AlertRule("block", threshold=2, window_seconds=5, block_seconds=30),))
+    assert not d.blocked(PEER, ADDR, 0)
+    _failures(d, [0])
+    assert not d.blocked(PEER, ADDR, 0.5)  # below threshold: not blocked
+    alerts = _failures(d, [1])
+    assert alerts and alerts[0].block_seconds == 30
+    assert d.blocked(PEER, ADDR, 1)
+    assert d.blocked(PEER, ADDR, 30.999)
+    assert not d.blocked("spiffe://someone-else", ADDR, 2)
+    assert not d.blocked(PEER, ADDR, 31)  # exactly at expiry: free again
+    assert d.statistics()["blocks"] == 0
+
+
+def test_alert_without_block_does_not_block() -> None:
+    d = BurstDetector((AlertRule("alert-only", threshold=1, window_seconds=5),))
+    assert len(d.record_failure(PEER, ADDR, 0)) == 1
+    assert not d.blocked(PEER, ADDR, 0)
+
+
+def test_memory_is_bounded() -> None:
+    d = BurstDetector(
+        (AlertRule("r", threshold=1000, window_seconds=60, by="address", block_seconds=10),),
+        max_sources=50,
+        max_blocks=5,
+    )
+    for i in range(5000):
+        d.record_failure(None, f"10.{i // 256}.{i % 256}.1", float(i) / 1000)
+    assert d.statistics()["sources"] == 50
+    # One source, many failures: the deque never holds more than threshold entries.
+    for _ in range(10_000):
+        d.record_failure(None, "10.200.0.1", 10.0)
+    state = d._sources[("r", "10.200.0.1")]
+    assert len(state.failures) <= 1000
+    # Blocks are capped too; the longest-running ones are kept.
+    d2 = BurstDetector(
+        (AlertRule("b", threshold=1, window_seconds=1, by="address", block_seconds=100),),
+        max_blocks=5,
+    )
+    for i in range(20):
+        d2.record_failure(None, f"192.0.2.{i}", float(i))
+    assert d2.statistics()["blocks"] == 5
+    assert d2.blocked(None, "192.0.2.19", 20)
+    assert not d2.blocked(None, "192.0.2.0", 20)
+
+
+def test_update_keeps_unchanged_rules_state() -> None:
+    keep = AlertRule("keep", threshold=3, window_seconds=60)
+    d = BurstDetector((keep, AlertRule("gone", threshold=1, window_seconds=60, block_seconds=60)))
+    d.record_failure(PEER, ADDR, 0)  # "gone" alerts and blocks
+    d.record_failure(PEER, ADDR, 1)
+    assert d.blocked(PEER, ADDR, 2)
+    d.update((keep,))
+    assert not d.blocked(PEER, ADDR, 2)
+    assert [a.rule for a in d.record_failure(PEER, ADDR, 2)] == ["keep"]
+
+
+# --- webhook delivery over real sockets -------------------------------------------------------
+
+
+async def _webhook_server(
+    received: list[tuple[str, dict[str, str], bytes]],
+    status: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    delay: float = 0.0,
+) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = b""
+        head: h11.Request | None = None
+        try:
+            with trio.fail_after(5):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(4096))
+                    elif isinstance(event, h11.Request):
+                        head = event
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                assert head is not None
+                headers = {k.decode(): v.decode() for k, v in head.headers}
+                received.append((head.target.decode(), headers, body))
+                await trio.sleep(delay)
+                await stream.send_all(
+                    conn.send(h11.Response(status_code=status, headers=[("content-length", "0")]))
+                    + (conn.send(h11.EndOfMessage()) or b"")
+                )
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+def _run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def main() -> None:
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_alert_is_logged_counted_and_posted_to_webhook() -> None:
+    received: list[tuple[str, dict[str, str], bytes]] = []
+    stream = io.StringIO()
+    logs.configure(stream=stream)
+    metrics = SidecarMetrics()
+
+    async def test(nursery: trio.Nursery) -> None:
+        port = await nursery.start(_webhook_server, received, 204)
+        rule = AlertRule(
+            "authn-burst", 2, 10.0, block_seconds=60, webhook=f"http://127.0.0.1:{port}/hook?x=1"
+        )
+        d = BurstDetector((rule,))
+        poster = AlertPoster(metrics, clock=lambda: 1_700_000_000.0)
+        await nursery.start(poster.run)
+        alerts = d.record_failure(PEER, ADDR, 0) + d.record_failure(PEER, ADDR, 1)
+        assert len(alerts) == 1
+        assert poster.submit(alerts[0])
+        poster.close()
+        with trio.fail_after(5):
+            while poster.sent == 0:
+                await trio.sleep(0.01)
+
+    try:
+        _run(test)
+    finally:
+        logs.reset()
+    assert len(received) == 1
+    target, headers, body = received[0]
+    assert target == "/hook?x=1"
+    assert headers["content-type"] == "application/json"
+    payload = json.loads(body)
+    assert payload["alert"] == "authn-burst"
+    assert payload["source"] == PEER and payload["by"] == "peer"
+    assert payload["failures"] == 2
+    assert payload["ts"] == 1_700_000_000.0
+    assert payload["blocked_until"] == 1_700_000_060.0
+    assert metrics.alerts_total.value("authn-burst") == 1
+    assert metrics.alert_webhooks_total.value("sent") == 1
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    alert_lines = [line for line in lines if line["event"] == "alert_raised"]
+    assert alert_lines and alert_lines[0]["source"] == PEER
+    assert alert_lines[0]["level"] == "warning"
+
+
+def test_webhook_failures_are_counted_not_fatal() -> None:
+    received: list[tuple[str, dict[str, str], bytes]] = []
+    metrics = SidecarMetrics()
+    logs.configure(stream=io.StringIO())
+
+    async def test(nursery: trio.Nursery) -> None:
+        port = await nursery.start(_webhook_server, received, 500)
+        slow_port = await nursery.start(
+            lambda task_status: _webhook_server([], 200, task_status=task_status, delay=3)
+        )
+        # A closed port: connection refused.
+        closed = trio.socket.socket()
+        await closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        poster = AlertPoster(metrics, timeout=0.5)
+        assert not await poster.post(f"http://127.0.0.1:{port}/", b"{}")  # non-2xx
+        assert not await poster.post(f"http://127.0.0.1:{closed_port}/", b"{}")
+        assert not await poster.post(f"http://127.0.0.1:{slow_port}/", b"{}")  # timeout
+        assert not await poster.post("ftp://127.0.0.1/", b"{}")
+
+    try:
+        _run(test)
+    finally:
+        logs.reset()
+    assert metrics.alert_webhooks_total.value("failed") == 4
+    assert len(received) == 1
+
+
+def test_full_queue_drops_and_counts_without_blocking() -> None:
+    metrics = SidecarMetrics()
+    logs.configure(stream=io.StringIO())
+    try:
+        poster = AlertPoster(metrics, queue_size=2)  # run() never started: nothing drains
+        alert = Alert("r", "peer", PEER, 3, 10.0, 0.0, 0.0, webhook="http://127.0.0.1:9/")
+        assert [poster.submit(alert) for _ in range(5)] == [True, True, False, False, False]
+        assert poster.statistics() == {"sent": 0, "failed": 0, "dropped": 3, "queued": 2}
+        assert metrics.alert_webhooks_total.value("dropped") == 3
+        assert metrics.alerts_total.value("r") == 5
+    finally:
+        logs.reset()

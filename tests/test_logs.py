@@ -1,0 +1,81 @@
+"""Structured log lines: JSON shape, level filter, redaction, truncation."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar import logs
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    logs.configure(stream=out, level="info")
+    yield out
+    logs.reset()
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_one_json_object_per_line(stream: io.StringIO) -> None:
+    logs.log("request_refused", "warning", request_id="r1", peer="spiffe://a", status=403)
+    logs.log("policy_reloaded", version="v2")
+    first, second = _lines(stream)
+    assert first["event"] == "request_refused" and first["level"] == "warning"
+    assert first["request_id"] == "r1" and first["status"] == 403
+    assert str(first["ts"]).endswith("Z") and "T" in str(first["ts"])
+    assert second["level"] == "info" and second["version"] == "v2"
+
+
+def test_level_filter(stream: io.StringIO) -> None:
+    logs.log("noise", "debug")
+    assert stream.getvalue() == ""
+    assert not logs.enabled("debug") and logs.enabled("error")
+    logs.configure(level="error")
+    logs.log("warn", "warning")
+    logs.log("err", "error")
+    assert [line["event"] for line in _lines(stream)] == ["err"]
+    with pytest.raises(ValueError):
+        logs.configure(level="loud")
+
+
+def test_secrets_never_logged(stream: io.StringIO) -> None:
+    logs.log(
+        "x",
+        token="eyJhbGciOi.secret.sig",
+        authorization="Bearer abc",
+        api_key="k-123",
+        cookie="session=1",
+        apikey="ci-bot",
+    )
+    text = stream.getvalue()
+    for secret in ("eyJhbGciOi", "Bearer abc", "k-123", "session=1"):
+        assert secret not in text
+    (line,) = _lines(stream)
+    assert line["token"] == logs.REDACTED
+    assert line["apikey"] == "ci-bot"  # the key's name is not secret
+
+
+def test_long_values_truncated_and_reserved_fields_kept(stream: io.StringIO) -> None:
+    logs.log("x", path="/" + "a" * 100_000, ts="forged", obj=object())
+    (line,) = _lines(stream)
+    assert len(str(line["path"])) < 1100 and str(line["path"]).endswith("[truncated]")
+    assert line["event"] == "x"
+    assert line["ts"] != "forged" and line["field_ts"] == "forged"
+    assert str(line["obj"]).startswith("<object")
+
+
+def test_broken_stream_does_not_raise() -> None:
+    closed = io.StringIO()
+    closed.close()
+    logs.configure(stream=closed)
+    try:
+        logs.log("x")  # must not raise
+    finally:
+        logs.reset()
