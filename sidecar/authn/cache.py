@@ -1,0 +1,117 @@
+"""Bounded cache of verified tokens, so a signature is checked once per token, not per request.
+
+Theory of operation
+-------------------
+Keyed by (provider name, whole token string): two tokens that differ in any byte are two
+entries, and the same token is verified separately for each provider (their issuers and
+audiences differ). An entry holds the verified claims, the ``jti``/``sub`` pulled out once,
+and an expiry time: the token's ``exp`` or ``now + max_ttl``, whichever comes first (a
+token without ``exp`` is not trusted forever on one check).
+
+A lookup re-checks the revocation list every time: revocations are hot-reloaded and must
+bite immediately, including for tokens verified before the revocation arrived.
+
+Bounded by ``max_entries`` with LRU eviction (``OrderedDict.move_to_end`` keeps a hit
+O(1)). Only tokens that verified are stored: failed tokens are cheap to reject again at
+the parse stage or cost one signature check, and storing them would let an attacker flush
+good entries with garbage. The owner clears the cache when a provider's configuration or
+keys change in a way that could invalidate earlier verdicts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.authn.jwt import REVOKED, Claims, TokenInvalid
+from sidecar.authn.revocation import RevocationList
+
+DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_TTL_SECONDS = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    """One verified token: claims, ids for the revocation check, and when it stops counting."""
+
+    claims: Claims
+    jti: str | None
+    sub: str | None
+    expires_at: float
+
+
+class VerificationCache:
+    """LRU cache of verified tokens; see the module docstring."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 max_ttl_seconds: float = DEFAULT_MAX_TTL_SECONDS) -> None:
+        if max_entries < 0:
+            raise ValueError("max_entries must be >= 0")
+        self.max_entries = max_entries
+        self.max_ttl_seconds = max_ttl_seconds
+        self._entries: OrderedDict[tuple[str, str], CachedToken] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, provider: str, token: str, now: float,
+               revocations: RevocationList) -> Claims | None:
+        """Cached claims for ``token``, or None on a miss (or an expired entry).
+
+        Raises ``TokenInvalid("revoked")`` when the cached token is revoked at ``now``.
+        """
+        key = (provider, token)
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if now >= entry.expires_at:
+            del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        if (entry.jti is not None or entry.sub is not None) and revocations.is_revoked_id(
+            entry.jti, entry.sub, now
+        ):
+            raise TokenInvalid(REVOKED)
+        return entry.claims
+
+    def store(self, provider: str, token: str, claims: Claims, now: float) -> None:
+        """Remember verified ``claims`` for ``token`` until its exp (or the max TTL)."""
+        if self.max_entries == 0:
+            return
+        expires_at = now + self.max_ttl_seconds
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            expires_at = min(expires_at, float(exp))
+        if expires_at <= now:
+            return
+        key = (provider, token)
+        self._entries[key] = CachedToken(claims, _str_or_none(claims.get("jti")),
+                                         _str_or_none(claims.get("sub")), expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def clear(self, provider: str | None = None) -> None:
+        """Forget every entry, or only those of ``provider``."""
+        if provider is None:
+            self._entries.clear()
+            return
+        for key in [k for k in self._entries if k[0] == provider]:
+            del self._entries[key]
+
+    def statistics(self) -> dict[str, int]:
+        """Counters snapshot: entries, hits, misses, evictions."""
+        return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions}
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,143 @@
+"""Finding a provider's token in a request, and removing it before forwarding. Pure.
+
+A provider lists where its token may be (``TokenLocation``: a header with a prefix such as
+``Bearer ``, a query parameter, or a cookie). Ambiguity is refused, never resolved by a
+rule of thumb - which copy a parser picks is exactly what request-smuggling attacks play
+on:
+
+* the same location present twice (two ``Authorization`` headers, ``?access_token=`` twice,
+  a cookie set twice) -> ``TokenInvalid("multiple_tokens")``, even if the copies are equal;
+* two locations carrying *different* tokens (header + query...) -> ``multiple_tokens``;
+  the same token in two locations is one token.
+
+A header that is present without the provider's prefix (``Authorization: Basic ...``) is not
+this provider's token; the header itself still counts towards "present twice".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid
+from sidecar.policy.sections import JwtProvider, TokenLocation
+
+Headers = Sequence[tuple[bytes, bytes]]
+COOKIE = b"cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class FoundToken:
+    """A token and every location it was found in (to strip them when not forwarded)."""
+
+    token: str
+    locations: tuple[TokenLocation, ...]
+
+
+def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
+    name = loc.name.lower().encode("latin-1")
+    values = [v for n, v in headers if n.lower() == name]
+    if len(values) > 1:
+        raise TokenInvalid(MULTIPLE_TOKENS, f"header {loc.name} repeated")
+    if not values:
+        return []
+    value = values[0].decode("latin-1").strip()
+    prefix = loc.prefix
+    if prefix:
+        # The auth scheme is case-insensitive (RFC 9110 11.1); the token is not.
+        if value[: len(prefix)].lower() != prefix.lower():
+            return []
+        value = value[len(prefix):].strip()
+    if not value:
+        raise TokenInvalid(MALFORMED, "empty token")
+    return [value]
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            pairs.append((unquote_plus(name), unquote_plus(value)))
+    return pairs
+
+
+def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
+    pairs = []
+    for n, v in headers:
+        if n.lower() == COOKIE:
+            for part in v.decode("latin-1").split(";"):
+                name, sep, value = part.strip().partition("=")
+                if sep:
+                    value = value.strip()
+                    if len(value) >= 2 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    pairs.append((name.strip(), value))
+    return pairs
+
+
+def _from_pairs(loc: TokenLocation, pairs: list[tuple[str, str]]) -> list[str]:
+    values = [v for n, v in pairs if n == loc.name]
+    if len(values) > 1:
+        raise TokenInvalid(MULTIPLE_TOKENS, f"{loc.kind} {loc.name} repeated")
+    if values and not values[0]:
+        raise TokenInvalid(MALFORMED, "empty token")
+    return values
+
+
+def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> FoundToken | None:
+    """The provider's token in this request, or None when there is none.
+
+    ``headers`` are (name, value) pairs as h11 gives them; ``query`` is the raw query
+    string (no ``?``). Raises ``TokenInvalid("multiple_tokens")`` on ambiguity.
+    """
+    found: list[tuple[TokenLocation, str]] = []
+    cookies: list[tuple[str, str]] | None = None
+    queries: list[tuple[str, str]] | None = None
+    for loc in provider.locations:
+        if loc.kind == "header":
+            values = _from_header(loc, headers)
+        elif loc.kind == "query":
+            if queries is None:
+                queries = _query_pairs(query) if query else []
+            values = _from_pairs(loc, queries)
+        else:
+            if cookies is None:
+                cookies = _cookie_pairs(headers)
+            values = _from_pairs(loc, cookies)
+        found.extend((loc, v) for v in values)
+    if not found:
+        return None
+    token = found[0][1]
+    if any(v != token for _, v in found):
+        raise TokenInvalid(MULTIPLE_TOKENS, "different tokens in different places")
+    return FoundToken(token, tuple(loc for loc, _ in found))
+
+
+def remove_token(headers: Headers, query: str,
+                 locations: Sequence[TokenLocation]) -> tuple[list[tuple[bytes, bytes]], str]:
+    """``headers`` and ``query`` without the token at ``locations`` (for forward_token off).
+
+    A header location drops the whole header; a query location drops the parameter; a
+    cookie location rewrites the Cookie header without that cookie.
+    """
+    drop_headers = {loc.name.lower().encode("latin-1") for loc in locations if loc.kind == "header"}
+    drop_params = {loc.name for loc in locations if loc.kind == "query"}
+    drop_cookies = {loc.name for loc in locations if loc.kind == "cookie"}
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop_headers:
+            continue
+        if lname == COOKIE and drop_cookies:
+            kept = [p.strip() for p in value.decode("latin-1").split(";")
+                    if p.strip() and p.strip().partition("=")[0].strip() not in drop_cookies]
+            if not kept:
+                continue
+            value = "; ".join(kept).encode("latin-1")
+        out.append((name, value))
+    if drop_params and query:
+        query = "&".join(p for p in query.split("&")
+                         if p and unquote_plus(p.partition("=")[0]) not in drop_params)
+    return out, query

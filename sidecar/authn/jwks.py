@@ -1,0 +1,311 @@
+"""JWKS key sets and their refresh schedule. Pure: no sockets, files or clock.
+
+Theory of operation
+-------------------
+``parse_jwks`` turns the bytes of a JSON Web Key Set into an immutable ``KeySet``: kid ->
+``PublicJwk`` (a ready-to-use ``cryptography`` public key plus the algorithm family it may
+verify). Everything that could make a key dangerous is decided here, once per key set,
+not per request:
+
+* a set that publishes *private* key material (``d``, ``p``, ``q``...) is refused whole:
+  whoever produced it is broken, and keeping the last good set is the safe reaction;
+* symmetric ``oct`` keys are never used (HMAC with a published key is no authentication);
+* keys marked for encryption (``use: enc``, ``key_ops`` without ``verify``), RSA keys below
+  2048 bits and key types we do not verify with are skipped, and listed in ``skipped`` so
+  the caller can log them;
+* a duplicate ``kid`` is an error: which key would win is otherwise an accident.
+
+The refresh schedule is a value (``RefreshState``) plus pure functions of ``now``; the async
+fetcher (``jwks_fetch``) owns one state per provider and only asks it when to fetch. An
+unknown ``kid`` in a token may trigger a refetch, but at most one per
+``min_refetch_seconds`` *whatever* the kids an attacker picks: the bound is on fetches, not
+on distinct kids. A signal that arrives inside the quiet interval is remembered
+(``pending_unknown_kid``) and served when the interval ends, so a genuine rotation is picked
+up at most ``min_refetch_seconds`` late.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import get_default_algorithms
+from jwt.exceptions import InvalidKeyError
+
+from sidecar.errors import ConfigError, Problem
+
+MAX_JWKS_BYTES = 1024 * 1024
+MAX_KEYS = 100
+MIN_RSA_BITS = 2048
+
+# The only algorithms a provider may allow: public-key signatures. "none" and HS* are absent
+# on purpose, so no configuration can ever reach them.
+ALGORITHM_FAMILY: Mapping[str, str] = MappingProxyType(
+    {
+        "RS256": "RSA",
+        "RS384": "RSA",
+        "RS512": "RSA",
+        "PS256": "RSA",
+        "PS384": "RSA",
+        "PS512": "RSA",
+        "ES256": "EC",
+        "ES384": "EC",
+        "ES512": "EC",
+        "EdDSA": "OKP",
+    }
+)
+# ECDSA binds the curve to the algorithm: an ES256 token must be checked with a P-256 key.
+EC_CURVE_FOR_ALG: Mapping[str, str] = MappingProxyType(
+    {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+)
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+_JWK_PARSERS = get_default_algorithms()
+
+
+@dataclass(frozen=True, slots=True)
+class PublicJwk:
+    """One usable verification key.
+
+    ``family`` is "RSA", "EC" or "OKP"; ``curve`` the JWK ``crv`` for EC/OKP keys;
+    ``alg`` the algorithm the JWK pins (its ``alg`` member), or None.
+    """
+
+    kid: str | None
+    family: str
+    key: Any  # a cryptography public key object
+    curve: str | None = None
+    alg: str | None = None
+
+    def can_verify(self, alg: str) -> bool:
+        """Whether this key may verify a signature made with ``alg``."""
+        if ALGORITHM_FAMILY.get(alg) != self.family:
+            return False
+        if self.alg is not None and self.alg != alg:
+            return False
+        if self.family == "EC":
+            return EC_CURVE_FOR_ALG.get(alg) == self.curve
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """An immutable set of verification keys from one JWKS document.
+
+    ``by_kid`` maps kid -> key; ``unnamed`` holds keys without a kid (usable only by tokens
+    without a kid, and only when exactly one of them fits the algorithm). ``skipped``
+    describes keys that were ignored, for logs.
+    """
+
+    source: str
+    by_kid: Mapping[str, PublicJwk] = field(default_factory=dict)
+    unnamed: tuple[PublicJwk, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.by_kid) + len(self.unnamed)
+
+    def find(self, kid: str | None, alg: str) -> PublicJwk | None:
+        """The key for a token's ``kid`` that can verify ``alg``, or None."""
+        if kid is not None:
+            key = self.by_kid.get(kid)
+            return key if key is not None and key.can_verify(alg) else None
+        candidates = [k for k in self.unnamed if k.can_verify(alg)]
+        if not candidates:
+            candidates = [k for k in self.by_kid.values() if k.can_verify(alg)]
+        # Several candidates and no kid: trying each would multiply the signature checks an
+        # attacker can make us do, so refuse instead.
+        return candidates[0] if len(candidates) == 1 else None
+
+    def fingerprint(self) -> frozenset[tuple[str | None, str]]:
+        """Identity of the keys (kid, public numbers) to tell a rotation from a refresh."""
+        return frozenset((k.kid, repr(_public_numbers(k.key))) for k in self._all())
+
+    def _all(self) -> tuple[PublicJwk, ...]:
+        return tuple(self.by_kid.values()) + self.unnamed
+
+
+EMPTY_KEY_SET = KeySet(source="")
+
+
+def _public_numbers(key: Any) -> Any:
+    if hasattr(key, "public_numbers"):
+        return key.public_numbers()
+    return key.public_bytes_raw()  # Ed25519 / Ed448
+
+
+def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> PublicJwk | str:
+    """A usable key, or a string saying why this entry is skipped (problems: fatal)."""
+    where = f"keys[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(Problem(source, None, where, "each key must be a JSON object"))
+        return "not an object"
+    kid = raw.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        problems.append(Problem(source, None, where + ".kid", "kid must be a string"))
+        return "bad kid"
+    label = f"{where} (kid {kid!r})"
+    present_private = [m for m in _PRIVATE_MEMBERS if m in raw]
+    kty = raw.get("kty")
+    if kty == "oct":
+        return f"{label}: symmetric 'oct' keys are never used"
+    if present_private:
+        problems.append(
+            Problem(source, None, where, "the key set publishes private key material; refused")
+        )
+        return "private"
+    if raw.get("use", "sig") != "sig":
+        return f"{label}: use is not 'sig'"
+    ops = raw.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return f"{label}: key_ops does not include 'verify'"
+    alg = raw.get("alg")
+    if alg is not None and alg not in ALGORITHM_FAMILY:
+        return f"{label}: algorithm {alg!r} is not supported"
+    parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}.get(str(kty))
+    if parser_name is None:
+        return f"{label}: key type {kty!r} is not supported"
+    try:
+        key = _JWK_PARSERS[parser_name].from_jwk(raw)
+    except (InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+        problems.append(Problem(source, None, where, f"invalid {kty} key: {exc}"))
+        return "invalid"
+    curve: str | None = None
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"{label}: RSA key of {key.key_size} bits is below {MIN_RSA_BITS}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        curve = str(raw.get("crv"))
+        if curve not in EC_CURVE_FOR_ALG.values():
+            return f"{label}: curve {curve!r} is not supported"
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        curve = str(raw.get("crv"))
+    else:  # a private key slipped through from_jwk: never use it
+        problems.append(Problem(source, None, where, "not a public key"))
+        return "not public"
+    return PublicJwk(kid=kid, family=str(kty), key=key, curve=curve, alg=alg)
+
+
+def parse_jwks(data: bytes, source: str) -> KeySet:
+    """Parse a JWKS document into a ``KeySet``; raise ``ConfigError`` listing every problem.
+
+    A document with no usable key at all is an error too: swapping it in would turn every
+    token of the provider into a 401, so the caller keeps the last good set instead.
+    """
+    if len(data) > MAX_JWKS_BYTES:
+        raise ConfigError([Problem(source, None, "", f"JWKS larger than {MAX_JWKS_BYTES} bytes")])
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(source, None, "", f"JWKS is not valid JSON: {exc}")]) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ConfigError([Problem(source, None, "keys", "JWKS must be an object with a 'keys' list")])
+    raw_keys: list[Any] = doc["keys"]
+    if len(raw_keys) > MAX_KEYS:
+        raise ConfigError([Problem(source, None, "keys", f"more than {MAX_KEYS} keys")])
+    problems: list[Problem] = []
+    by_kid: dict[str, PublicJwk] = {}
+    unnamed: list[PublicJwk] = []
+    skipped: list[str] = []
+    for index, raw in enumerate(raw_keys):
+        result = _one_key(raw, index, source, problems)
+        if isinstance(result, str):
+            skipped.append(result)
+        elif result.kid is None:
+            unnamed.append(result)
+        elif result.kid in by_kid:
+            problems.append(Problem(source, None, f"keys[{index}].kid", f"duplicate kid {result.kid!r}"))
+        else:
+            by_kid[result.kid] = result
+    if problems:
+        raise ConfigError(problems)
+    if not by_kid and not unnamed:
+        raise ConfigError(
+            [Problem(source, None, "keys", "no usable signature key: " + "; ".join(skipped))]
+        )
+    return KeySet(
+        source=source,
+        by_kid=MappingProxyType(by_kid),
+        unnamed=tuple(unnamed),
+        skipped=tuple(skipped),
+    )
+
+
+# ---------------------------------------------------------------------------- refresh schedule
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshState:
+    """When a provider's JWKS was last fetched, and how that went.
+
+    Times are on the caller's clock (the fetcher uses a monotonic clock).
+    """
+
+    refresh_seconds: float
+    min_refetch_seconds: float
+    last_attempt_at: float | None = None
+    last_success_at: float | None = None
+    consecutive_failures: int = 0
+    pending_unknown_kid: bool = False
+    unknown_kid_fetches: int = 0
+
+
+def initial_refresh_state(refresh_seconds: float, min_refetch_seconds: float) -> RefreshState:
+    """A state that asks for a fetch right away."""
+    return RefreshState(refresh_seconds=max(refresh_seconds, 0.001),
+                        min_refetch_seconds=max(min_refetch_seconds, 0.0))
+
+
+def next_fetch_at(state: RefreshState, now: float) -> float:
+    """When the next fetch is due (``now`` or earlier means: fetch now).
+
+    After a success: ``refresh_seconds`` later. After failures: exponential backoff from
+    one second, capped at ``refresh_seconds`` (a provider with no keys yet recovers fast,
+    a flapping server is not hammered).
+    """
+    if state.last_attempt_at is None:
+        return now
+    if state.consecutive_failures:
+        backoff = min(state.refresh_seconds, 2.0 ** min(state.consecutive_failures - 1, 30))
+        due = state.last_attempt_at + backoff
+    else:
+        due = state.last_attempt_at + state.refresh_seconds
+    if state.pending_unknown_kid:
+        due = min(due, state.last_attempt_at + state.min_refetch_seconds)
+    return due
+
+
+def on_unknown_kid(state: RefreshState, now: float) -> tuple[RefreshState, bool]:
+    """A token named a kid we do not have: may we fetch now?
+
+    Yes only if no fetch (of any kind) started within ``min_refetch_seconds``; otherwise
+    the signal is remembered and ``next_fetch_at`` serves it when the interval ends.
+    """
+    last = state.last_attempt_at
+    if last is None or now - last >= state.min_refetch_seconds:
+        return replace(state, pending_unknown_kid=False,
+                       unknown_kid_fetches=state.unknown_kid_fetches + 1), True
+    return replace(state, pending_unknown_kid=True), False
+
+
+def on_fetch_started(state: RefreshState, now: float) -> RefreshState:
+    """Record that a fetch starts at ``now`` (this is what the refetch bound counts)."""
+    return replace(state, last_attempt_at=now, pending_unknown_kid=False)
+
+
+def on_fetch_succeeded(state: RefreshState, now: float) -> RefreshState:
+    """Record a fetch that produced a usable key set."""
+    return replace(state, last_success_at=now, consecutive_failures=0)
+
+
+def on_fetch_failed(state: RefreshState, now: float) -> RefreshState:
+    """Record a failed fetch (network, HTTP status or unusable document)."""
+    return replace(state, consecutive_failures=state.consecutive_failures + 1)
+
+
+def key_set_age(fetched_at: float | None, now: float) -> float | None:
+    """Seconds since the key set in use was obtained; None when there is none."""
+    return None if fetched_at is None else max(0.0, now - fetched_at)

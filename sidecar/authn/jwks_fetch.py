@@ -1,0 +1,207 @@
+"""The I/O shell around key sets: fetch a provider's JWKS over HTTPS, or read it from a file.
+
+Theory of operation
+-------------------
+``run_jwks_fetcher`` is one long-lived Trio task per provider with a ``jwks_uri``. It owns a
+``RefreshState`` (pure schedule, see ``jwks``) and loops: sleep until the schedule says a
+fetch is due *or* the authenticator signals an unknown ``kid`` (a one-slot memory channel;
+signals that find the slot full are dropped - one pending signal is as good as a thousand);
+ask the schedule whether the signal may trigger a fetch; fetch; parse; swap the key set into
+the authenticator. Fetches never run on the request path.
+
+A failed fetch (connect/TLS error, timeout, non-200, oversized or unusable document) keeps
+the last good key set in use and is logged; its age keeps growing in ``statistics``. The
+task reports ``started`` after the *first* attempt, whatever its outcome, so the caller can
+tell whether the provider starts with keys (``authenticator.keys(name)``) without the
+sidecar hanging on a dead JWKS server.
+
+``fetch_jwks`` is a minimal HTTP/1.1 GET with h11 over ``trio`` TLS: certificate and host
+name checked against ``jwks_ca`` (or the system store), TLS >= 1.2, no redirects, no
+compression, body capped at 1 MiB, every step under a deadline.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from sidecar.authn.authenticator import Authenticator
+from sidecar.authn.jwks import (
+    MAX_JWKS_BYTES,
+    KeySet,
+    RefreshState,
+    initial_refresh_state,
+    next_fetch_at,
+    on_fetch_failed,
+    on_fetch_started,
+    on_fetch_succeeded,
+    on_unknown_kid,
+    parse_jwks,
+)
+from sidecar.errors import ConfigError, Problem
+from sidecar.logs import log
+from sidecar.policy.sections import JwtProvider
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 10.0
+_READ_CHUNK = 65536
+
+
+class JwksFetchError(Exception):
+    """A JWKS could not be fetched; the message says why (for logs)."""
+
+
+def jwks_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Client context for JWKS fetches: verify the chain and host name, TLS >= 1.2."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def fetch_jwks(uri: str, ssl_context: ssl.SSLContext, *,
+                     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                     read_timeout: float = DEFAULT_READ_TIMEOUT,
+                     max_bytes: int = MAX_JWKS_BYTES) -> bytes:
+    """GET ``uri`` (https only) and return the body of a 200 response.
+
+    Raises ``JwksFetchError`` for every failure, with the cause chained.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != "https" or not parts.hostname:
+        raise JwksFetchError(f"not an https URL: {uri!r}")
+    host = parts.hostname
+    port = parts.port or 443
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.netloc.rpartition("@")[2]
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl_context, https_compatible=True
+            )
+            await stream.do_handshake()
+    except trio.TooSlowError as exc:
+        raise JwksFetchError(f"connect to {host}:{port} timed out") from exc
+    except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
+        raise JwksFetchError(f"connect to {host}:{port} failed: {exc}") from exc
+    try:
+        with trio.fail_after(read_timeout):
+            return await _get(stream, host_header, target, max_bytes)
+    except trio.TooSlowError as exc:
+        raise JwksFetchError(f"{uri}: no complete response within {read_timeout}s") from exc
+    except (OSError, ssl.SSLError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+        raise JwksFetchError(f"{uri}: {exc!r}") from exc
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.aclose()
+
+
+async def _get(stream: trio.SSLStream[trio.SocketStream], host: str, target: str,
+               max_bytes: int) -> bytes:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16384)
+    request = h11.Request(method="GET", target=target, headers=[
+        ("host", host), ("accept", "application/json, application/jwk-set+json"),
+        ("user-agent", "trio-mesh-sidecar"), ("connection", "close"),
+    ])
+    await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(_READ_CHUNK)
+            conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
+            continue
+        if isinstance(event, h11.Response):
+            if event.status_code != 200:
+                raise JwksFetchError(f"HTTP status {event.status_code}")
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > max_bytes:
+                    raise JwksFetchError(f"response of {int(value)} bytes is too large")
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > max_bytes:
+                raise JwksFetchError(f"response larger than {max_bytes} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise JwksFetchError("connection closed before the response ended")
+
+
+def load_jwks_file(path: str) -> KeySet:
+    """Read and parse a JWKS file; ``ConfigError`` (with the path) on any problem.
+
+    For the file reloader: on error keep the current key set and report the problems.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JWKS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([Problem(path, None, "", f"cannot read JWKS: {exc.strerror}")]) from None
+    return parse_jwks(data, path)
+
+
+async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, *,
+                           connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                           read_timeout: float = DEFAULT_READ_TIMEOUT,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Keep ``provider``'s key set fresh from its ``jwks_uri`` until cancelled."""
+    if not provider.jwks_uri:
+        raise ValueError(f"provider {provider.name!r} has no jwks_uri")
+    ssl_context = jwks_ssl_context(provider.jwks_ca)
+    send, receive = trio.open_memory_channel[None](1)
+
+    def unknown_kid() -> None:
+        try:
+            send.send_nowait(None)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # a signal is already pending; one is enough
+
+    state = initial_refresh_state(provider.jwks_refresh_seconds,
+                                  provider.jwks_min_refetch_seconds)
+    authenticator.set_unknown_kid_listener(provider.name, unknown_kid)
+    started = False
+    try:
+        while True:
+            due = next_fetch_at(state, trio.current_time())
+            signalled = False
+            with trio.move_on_at(due):
+                await receive.receive()
+                signalled = True
+            if signalled:
+                state, fetch_now = on_unknown_kid(state, trio.current_time())
+                if not fetch_now:
+                    continue
+            state = await _fetch_once(provider, authenticator, state, ssl_context,
+                                      connect_timeout, read_timeout, signalled)
+            if not started:
+                started = True
+                task_status.started()
+    finally:
+        authenticator.set_unknown_kid_listener(provider.name, None)
+        send.close()
+
+
+async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
+                      state: RefreshState, ssl_context: ssl.SSLContext,
+                      connect_timeout: float, read_timeout: float,
+                      signalled: bool) -> RefreshState:
+    state = on_fetch_started(state, trio.current_time())
+    uri = provider.jwks_uri or ""
+    try:
+        data = await fetch_jwks(uri, ssl_context, connect_timeout=connect_timeout,
+                                read_timeout=read_timeout)
+        keys = parse_jwks(data, uri)
+    except (JwksFetchError, ConfigError) as exc:
+        log("jwks_fetch_failed", "warning", provider=provider.name, uri=uri,
+            error=str(exc), failures=state.consecutive_failures + 1,
+            have_keys=authenticator.keys(provider.name) is not None)
+        return on_fetch_failed(state, trio.current_time())
+    authenticator.set_keys(provider.name, keys, time.time())
+    log("jwks_fetched", "info" if signalled else "debug", provider=provider.name, uri=uri,
+        keys=len(keys), unknown_kid=signalled)
+    for note in keys.skipped:
+        log("jwks_key_skipped", "warning", provider=provider.name, uri=uri, detail=note)
+    return on_fetch_succeeded(state, trio.current_time())

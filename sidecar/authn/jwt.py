@@ -1,0 +1,190 @@
+"""JWT verification against one provider. Pure: the clock is the ``now`` argument.
+
+Theory of operation
+-------------------
+``verify_token`` does the JOSE parsing itself, strictly, and uses PyJWT only for the
+signature primitive of one algorithm chosen *here*. The order of checks is deliberate:
+
+1. size first, before any parsing (a hostile header cannot make us decode megabytes);
+2. shape: exactly three base64url segments, header and payload JSON objects without
+   duplicate members (two ``exp`` members would let two parsers disagree);
+3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject); ``alg``
+   must be in the provider's allowlist, which can only hold public-key algorithms, so
+   ``none`` and HS* never verify anything; ``jku``, ``x5u``, ``jwk`` and ``x5c`` are never
+   read: keys only ever come from the provider's own JWKS;
+4. issuer, before the key lookup: a token of another issuer must not count as an
+   "unknown kid" for this provider and trigger a JWKS refetch;
+5. key: by ``kid`` from the provider's ``KeySet``; the key must fit the algorithm (family,
+   EC curve, the JWK's own ``alg``), so an RSA public key can never serve as an HMAC secret;
+6. signature, then audience, required claims, time claims (``now`` +- clock skew) and the
+   maximum lifetime.
+
+Reason codes (``TokenInvalid.reason``) go to logs, metrics and the decision value; the
+client only ever sees a generic 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from jwt.algorithms import get_default_algorithms
+
+from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
+from sidecar.errors import Unauthorized
+from sidecar.policy.sections import JwtProvider
+
+Claims = Mapping[str, Any]
+
+# Stable reason codes (public: logs, metrics labels, audit records).
+MALFORMED = "malformed"
+TOO_LARGE = "too_large"
+BAD_HEADER = "bad_header"
+BAD_ALG = "bad_alg"
+UNKNOWN_KID = "unknown_kid"
+NO_KEYS = "no_keys"
+BAD_SIGNATURE = "bad_signature"
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+BAD_ISSUER = "bad_issuer"
+BAD_AUDIENCE = "bad_audience"
+MISSING_CLAIM = "missing_claim"
+LIFETIME_TOO_LONG = "lifetime_too_long"
+REVOKED = "revoked"
+MULTIPLE_TOKENS = "multiple_tokens"
+UNKNOWN_PROVIDER = "unknown_provider"
+
+_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SIGNERS = {name: alg for name, alg in get_default_algorithms().items() if name in ALGORITHM_FAMILY}
+
+
+class TokenInvalid(Unauthorized):
+    """A token was presented and is not acceptable; ``reason`` is a stable short code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+
+
+def _b64decode(segment: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise TokenInvalid(MALFORMED, "bad base64url") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member")
+    return out
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    raw = _b64decode(segment)
+    try:
+        value = json.loads(raw, object_pairs_hook=_no_duplicates,
+                           parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TokenInvalid(MALFORMED, f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise TokenInvalid(MALFORMED, f"{what} is not a JSON object")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TokenInvalid(MALFORMED, f"{name} is not a number")
+    return float(value)
+
+
+def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
+    """The JOSE header of ``token`` after the size and shape checks (no signature check)."""
+    if len(token) > max_bytes:
+        raise TokenInvalid(TOO_LARGE)
+    if not token.isascii() or _SHAPE.fullmatch(token) is None:
+        raise TokenInvalid(MALFORMED, "not three base64url segments")
+    return _json_object(token.partition(".")[0], "header")
+
+
+def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
+    """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
+
+    Raises ``TokenInvalid`` with a reason code. ``now`` is unix time in seconds.
+    """
+    header = parse_unverified_header(token, provider.max_token_bytes)
+    header_b64, payload_b64, signature_b64 = token.split(".")
+    if "crit" in header:
+        raise TokenInvalid(BAD_HEADER, "crit is not supported")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in provider.algorithms or alg not in _SIGNERS:
+        raise TokenInvalid(BAD_ALG, f"alg {alg!r} not allowed")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise TokenInvalid(MALFORMED, "kid is not a string")
+    claims = _json_object(payload_b64, "payload")
+
+    if claims.get("iss") != provider.issuer:
+        raise TokenInvalid(BAD_ISSUER)
+
+    key = keys.find(kid, alg)
+    if key is None:
+        if kid is not None and kid in keys.by_kid:
+            raise TokenInvalid(BAD_ALG, f"key {kid!r} cannot verify {alg}")
+        raise TokenInvalid(UNKNOWN_KID if len(keys) else NO_KEYS, f"kid {kid!r}")
+    signature = _b64decode(signature_b64)
+    signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
+    if not signature or not _SIGNERS[alg].verify(signing_input, key.key, signature):
+        raise TokenInvalid(BAD_SIGNATURE)
+
+    _check_audience(claims.get("aud"), provider.audiences)
+    for name in provider.required_claims:
+        if name not in claims:
+            raise TokenInvalid(MISSING_CLAIM, name)
+    _check_times(claims, provider, now)
+    return MappingProxyType(claims)
+
+
+def _check_audience(aud: Any, accepted: tuple[str, ...]) -> None:
+    # An empty audience list accepts nothing: a provider without audiences is a config
+    # mistake, and accepting any audience would let tokens minted for other APIs in.
+    if isinstance(aud, str):
+        ok = aud in accepted
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        ok = any(a in accepted for a in aud)
+    else:
+        ok = False
+    if not ok:
+        raise TokenInvalid(BAD_AUDIENCE)
+
+
+def _check_times(claims: Mapping[str, Any], provider: JwtProvider, now: float) -> None:
+    skew = provider.clock_skew_seconds
+    exp = _numeric_date(claims, "exp")
+    nbf = _numeric_date(claims, "nbf")
+    iat = _numeric_date(claims, "iat")
+    if exp is not None and now > exp + skew:
+        raise TokenInvalid(EXPIRED)
+    if nbf is not None and now + skew < nbf:
+        raise TokenInvalid(NOT_YET_VALID)
+    if iat is not None and now + skew < iat:
+        raise TokenInvalid(NOT_YET_VALID, "issued in the future")
+    limit = provider.max_lifetime_seconds
+    if limit is not None:
+        if exp is None:
+            raise TokenInvalid(MISSING_CLAIM, "exp (max lifetime is set)")
+        start = iat if iat is not None else nbf if nbf is not None else now
+        if exp - start > limit:
+            raise TokenInvalid(LIFETIME_TOO_LONG)
