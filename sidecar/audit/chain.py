@@ -1,0 +1,231 @@
+"""The hash chain: frame encoding (writer side) and frame checking (verifier side).
+
+Theory of operation
+-------------------
+Everything stored is a *frame*: a 4-byte big-endian length, then that many bytes of
+msgpack encoding one map ``{"seq": int, "prev": bin(32), KIND: map}`` where KIND is
+
+* ``"seg"``: segment header, the first frame of every segment file;
+* ``"rec"``: one audit record (``AuditRecord.to_wire()``);
+* ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown).
+
+All frames of all segments form ONE chain: ``seq`` goes up by exactly one from frame to
+frame, and ``prev`` is the link digest of the previous frame's msgpack bytes (the bytes
+after the length prefix, exactly as stored). The very first frame has seq 0 and prev =
+32 zero bytes. The link digest is SHA-256, or HMAC-SHA256 with a secret key when the
+segment header says ``"alg": "hmac-sha256"``; the header's own digest uses its own alg.
+
+So editing a byte changes a digest and breaks the next link; deleting, inserting or
+reordering frames breaks ``seq`` or ``prev``; cutting a file mid-frame leaves a short
+frame; removing whole segments breaks the link at the next header. What a chain cannot
+show by itself is the removal of frames at the very *end*: a seal frame closes each
+segment on purpose, and ``verify`` prints the head (seq and digest) so that it can be
+compared with an earlier anchor.
+
+This module is pure: bytes in, values out. ``segments.py`` reads files, ``writer.py``
+writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+
+GENESIS = bytes(32)
+LENGTH = struct.Struct(">I")
+MAX_FRAME_BYTES = 1 << 20  # a length above this is corruption, not a frame
+FORMAT_VERSION = 1
+ALG_SHA256 = "sha256"
+ALG_HMAC = "hmac-sha256"
+
+FrameKind = Literal["seg", "rec", "end"]
+_KINDS = ("seg", "rec", "end")
+
+
+def link_digest(payload: bytes, key: bytes | None) -> bytes:
+    """The 32-byte digest that the next frame's ``prev`` must equal."""
+    if key is None:
+        return hashlib.sha256(payload).digest()
+    return hmac.new(key, payload, hashlib.sha256).digest()
+
+
+class FrameError(ValueError):
+    """A frame is not well formed (bad msgpack, wrong shape, oversized)."""
+
+
+class ChainError(ValueError):
+    """A frame does not continue the chain; ``seq`` is the frame's seq when known."""
+
+    def __init__(self, message: str, seq: int | None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame and its link digest."""
+
+    seq: int
+    prev: bytes
+    kind: FrameKind
+    body: dict[str, Any]
+    digest: bytes
+
+
+def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]:
+    """Parse and shape-check the msgpack of one frame (no chain checks)."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise FrameError(f"not a valid msgpack frame ({type(exc).__name__})") from None
+    if not isinstance(obj, dict) or len(obj) != 3:
+        raise FrameError("frame is not a map of three keys")
+    seq, prev = obj.get("seq"), obj.get("prev")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise FrameError("frame has no valid seq")
+    if not isinstance(prev, bytes) or len(prev) != 32:
+        raise FrameError("frame has no valid prev digest")
+    for kind in _KINDS:
+        body = obj.get(kind)
+        if body is not None:
+            if not isinstance(body, dict):
+                raise FrameError(f"frame {kind!r} body is not a map")
+            return seq, prev, kind, body  # type: ignore[return-value]
+    raise FrameError("frame has no seg/rec/end body")
+
+
+class ChainHead:
+    """Writer side: the next seq and the digest of the last frame written.
+
+    ``frame()`` encodes and advances; callers snapshot with ``state`` and roll back with
+    ``restore`` when the bytes could not be written, so the chain in memory never runs
+    ahead of the chain on disk.
+    """
+
+    def __init__(self, next_seq: int = 0, prev: bytes = GENESIS, key: bytes | None = None) -> None:
+        self.next_seq = next_seq
+        self.prev = prev
+        self.key = key
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    @property
+    def alg(self) -> str:
+        return ALG_HMAC if self.key is not None else ALG_SHA256
+
+    @property
+    def state(self) -> tuple[int, bytes]:
+        return self.next_seq, self.prev
+
+    def restore(self, state: tuple[int, bytes]) -> None:
+        self.next_seq, self.prev = state
+
+    def frame(self, kind: FrameKind, body: dict[str, Any]) -> bytes:
+        """Length-prefixed frame bytes for ``body``; advances the head."""
+        payload = self._packer.pack({"seq": self.next_seq, "prev": self.prev, kind: body})
+        if len(payload) > MAX_FRAME_BYTES:
+            raise ValueError("audit frame too large")
+        self.prev = link_digest(payload, self.key)
+        self.next_seq += 1
+        return LENGTH.pack(len(payload)) + payload
+
+    def header(self, created: float, **info: Any) -> bytes:
+        """A segment header frame; ``info`` (None values dropped) explains its origin."""
+        body: dict[str, Any] = {"v": FORMAT_VERSION, "alg": self.alg, "created": created}
+        body.update({k: v for k, v in info.items() if v is not None})
+        return self.frame("seg", body)
+
+    def records(self, wires: Iterable[dict[str, Any]]) -> bytes:
+        """Frames for many records at once (one allocation for the whole batch)."""
+        pack = self._packer.pack
+        key = self.key
+        seq, prev = self.next_seq, self.prev
+        out = bytearray()
+        for wire in wires:
+            payload = pack({"seq": seq, "prev": prev, "rec": wire})
+            if len(payload) > MAX_FRAME_BYTES:
+                raise ValueError("audit frame too large")
+            out += LENGTH.pack(len(payload))
+            out += payload
+            prev = hashlib.sha256(payload).digest() if key is None else link_digest(payload, key)
+            seq += 1
+        self.next_seq, self.prev = seq, prev
+        return bytes(out)
+
+
+class ChainVerifier:
+    """Verifier side: feed frames in stored order, get ``Frame`` values or ``ChainError``.
+
+    ``key``: the HMAC key, if any. ``require_mac``: refuse segments whose header says plain
+    SHA-256 (a verifier holding a key must not accept a chain an attacker could redo).
+    After a ``ChainError`` the verifier still holds the last good frame (``last``), so the
+    caller may go on with the next segment and check that its header declares the break.
+    """
+
+    def __init__(self, key: bytes | None = None, *, require_mac: bool = False) -> None:
+        self.key = key
+        self.require_mac = require_mac
+        self.last: Frame | None = None
+        self.first: Frame | None = None
+        self._segment_key: bytes | None = None
+        self._expect_header = True
+        self._sealed = False
+
+    def start_segment(self) -> None:
+        """The next frame is the first frame of a new segment file."""
+        self._expect_header = True
+        self._sealed = False
+
+    @property
+    def sealed(self) -> bool:
+        """The current segment ended with a seal frame."""
+        return self._sealed
+
+    def accept(self, payload: bytes) -> Frame:
+        expected = self.last.seq + 1 if self.last is not None else None
+        try:
+            seq, prev, kind, body = decode_frame(payload)
+        except FrameError as exc:
+            raise ChainError(str(exc), expected) from None
+        if self._sealed:
+            raise ChainError("frame after the segment's seal", seq)
+        if self._expect_header:
+            if kind != "seg":
+                raise ChainError("segment does not start with a header frame", seq)
+            alg = body.get("alg")
+            if alg == ALG_HMAC:
+                if self.key is None:
+                    raise ChainError("segment is HMAC-authenticated: an HMAC key is needed", seq)
+                self._segment_key = self.key
+            elif alg == ALG_SHA256:
+                if self.require_mac:
+                    raise ChainError("segment is not HMAC-authenticated but a key was given", seq)
+                self._segment_key = None
+            else:
+                raise ChainError(f"unknown digest algorithm {alg!r}", seq)
+        elif kind == "seg":
+            raise ChainError("header frame in the middle of a segment", seq)
+        if self.last is None:
+            if seq == 0 and prev != GENESIS:
+                raise ChainError("first frame (seq 0) must have an all-zero prev", seq)
+        else:
+            if seq != self.last.seq + 1:
+                raise ChainError(
+                    f"sequence jumps from {self.last.seq} to {seq}: frames removed, inserted,"
+                    " reordered, or a segment file is missing", seq)
+            if prev != self.last.digest:
+                raise ChainError(
+                    f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
+                    " removed or inserted", seq)
+        frame = Frame(seq, prev, kind, body, link_digest(payload, self._segment_key))
+        if self.first is None:
+            self.first = frame
+        self.last = frame
+        self._expect_header = False
+        self._sealed = kind == "end"
+        return frame

@@ -1,0 +1,313 @@
+"""``sidecar audit verify|export|tail``: argument parsing and output only.
+
+The lead's ``sidecar.cli`` creates the ``audit`` command and calls
+``add_audit_parsers(audit_subparsers)``; each sub-command sets ``func`` to a
+``cmd_*(args) -> int`` function. ``python -m sidecar.audit.cli`` runs them standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_frame
+from sidecar.audit.config import load_hmac_key
+from sidecar.audit.record import FIELD_NAMES, AuditRecord
+from sidecar.audit.segments import (
+    READ_BUFFER,
+    RecordFilter,
+    SegmentFile,
+    iter_stored,
+    parse_time,
+    resolve_segments,
+    verify,
+)
+
+MIN_POLL = 0.05
+MAX_POLL = 10.0
+MAX_TAIL_LINES = 100_000
+
+
+def add_audit_parsers(subparsers: Any) -> None:
+    """Register ``verify``, ``export`` and ``tail`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser("verify", help="check the hash chain of an audit trail")
+    p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
+    p.add_argument("--hmac-key-file", help="key file, for trails written with audit.hmac_key_file")
+    p.add_argument("--accept-declared-breaks", action="store_true",
+                   help="exit 0 when the only problems are breaks the writer declared")
+    p.add_argument("--require-genesis", action="store_true",
+                   help="fail when the oldest segments are missing (retention)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("export", help="export audit records as JSON lines or CSV")
+    p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    _add_filters(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("tail", help="print the newest audit records, optionally follow")
+    p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
+    p.add_argument("-n", "--lines", type=int, default=10, metavar="N",
+                   help="how many of the newest records to print first (default 10)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    p.add_argument("--interval", type=float, default=0.5,
+                   help=f"follow poll interval, seconds ({MIN_POLL}..{MAX_POLL}, default 0.5)")
+    _add_filters(p)
+    p.set_defaults(func=cmd_tail)
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", metavar="T", help="RFC 3339 time or unix seconds (inclusive)")
+    p.add_argument("--until", metavar="T", help="RFC 3339 time or unix seconds (inclusive)")
+    p.add_argument("--peer", metavar="ID", help="only records whose peer is this SPIFFE ID")
+    p.add_argument("--decision", choices=("allow", "deny", "dry-run"))
+    p.add_argument("--rule", metavar="R", help="only records of this rule name")
+    p.add_argument("--event", metavar="E", help="only this event kind (request, alert, ...)")
+
+
+def _filters(args: argparse.Namespace) -> RecordFilter:
+    return RecordFilter(
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        peer=args.peer, decision=args.decision, rule=args.rule, event=args.event,
+    )
+
+
+def _json_value(rec: AuditRecord) -> dict[str, Any]:
+    return rec.as_dict()
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    return repr(value)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """0: the chain holds; 1: broken (first broken point printed); 2: cannot run."""
+    key = None
+    if getattr(args, "hmac_key_file", None):
+        try:
+            key = load_hmac_key(args.hmac_key_file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    result = verify(args.path, key=key,
+                    accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
+                    require_genesis=getattr(args, "require_genesis", False))
+    if getattr(args, "json", False):
+        print(_json_line({
+            "ok": result.ok, "records": result.records, "frames": result.frames,
+            "segments": result.segments, "starts_at": result.starts_at,
+            "head_seq": result.head_seq,
+            "head_digest": result.head_digest.hex() if result.head_digest else None,
+            "sealed": result.sealed,
+            "broken": str(result.broken) if result.broken else None,
+            "broken_segment": result.broken.segment if result.broken else None,
+            "broken_seq": result.broken.seq if result.broken else None,
+            "declared_breaks": [str(b) for b in result.declared_breaks],
+            "notes": result.notes,
+        }))
+    else:
+        status = "OK" if result.ok else "BROKEN"
+        print(f"{status}: {result.records} records, {result.frames} frames, "
+              f"{result.segments} segments")
+        if result.head_seq is not None and result.head_digest is not None:
+            print(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
+        if result.broken is not None:
+            print(f"first broken: {result.broken}")
+        for note in result.notes:
+            print(f"note: {note}")
+    return 0 if result.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write matching records; damaged segments are reported on stderr (exit 1)."""
+    try:
+        filters = _filters(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    damaged: list[str] = []
+    out: IO[str]
+    close = False
+    if args.output:
+        out = open(args.output, "w", encoding="utf-8", newline="")
+        close = True
+    else:
+        out = sys.stdout
+    try:
+        stored = iter_stored(args.path, filters, on_damage=damaged.append)
+        if args.format == "csv":
+            writer = csv.writer(out)
+            writer.writerow(("seq", *FIELD_NAMES))
+            for s in stored:
+                row = s.record.as_dict()
+                if row["extra"] is not None:
+                    row["extra"] = _json_line(row["extra"])
+                writer.writerow((s.seq, *("" if row[n] is None else row[n] for n in FIELD_NAMES)))
+        else:
+            for s in stored:
+                out.write(_json_line({"seq": s.seq, **_json_value(s.record)}) + "\n")
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if close:
+            out.close()
+    for d in damaged:
+        print(f"warning: stopped reading a damaged segment: {d}", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
+    out.write(_json_line({"seq": seq, **_json_value(rec)}) + "\n")
+    out.flush()
+
+
+class _Follower:
+    """Reads frames appended to the newest segment; moves on when a newer one appears."""
+
+    def __init__(self, path: str, filters: RecordFilter) -> None:
+        self.path = path
+        self.filters = filters
+        self.single = not os.path.isdir(path)
+        self.current: SegmentFile | None = None
+        self.offset = 0
+
+    def start_at_end(self) -> None:
+        segments = resolve_segments(self.path)
+        if segments:
+            self.current = segments[-1]
+            self.offset = os.path.getsize(self.current.path)
+
+    def poll(self) -> Iterator[tuple[int, AuditRecord]]:
+        while True:
+            if self.current is not None:
+                yield from self._read_new()
+            if self.single:
+                return
+            newer = [s for s in resolve_segments(self.path)
+                     if self.current is None or s > self.current]
+            if not newer:
+                return
+            # Finish the old segment first (done above), then move to the next one.
+            self.current, self.offset = newer[0], 0
+
+    def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
+        assert self.current is not None
+        try:
+            fh = open(self.current.path, "rb")
+        except OSError:
+            return
+        with fh:
+            fh.seek(self.offset)
+            while True:
+                head = fh.read(4)
+                if len(head) < 4:
+                    return  # not written yet (or partially): try again at the next poll
+                (length,) = LENGTH.unpack(head)
+                if length == 0 or length > MAX_FRAME_BYTES:
+                    return
+                payload = fh.read(length)
+                if len(payload) < length:
+                    return
+                self.offset += 4 + length
+                try:
+                    seq, _prev, kind, body = decode_frame(payload)
+                except (ValueError, ChainError):
+                    continue
+                if kind == "rec":
+                    rec = AuditRecord.from_wire(body)
+                    if self.filters.matches(rec):
+                        yield seq, rec
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the newest N records; with --follow keep polling until Ctrl-C (exit 0)."""
+    try:
+        filters = _filters(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    count = max(0, min(int(args.lines), MAX_TAIL_LINES))
+    interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
+    out = sys.stdout
+    try:
+        follower = _Follower(args.path, filters)
+        # Remember where the files end *before* reading, so no record is printed twice
+        # or skipped between the backlog and following.
+        follower.start_at_end()
+        end_segment, end_offset = follower.current, follower.offset
+        last: deque[tuple[int, AuditRecord]] = deque(maxlen=count or 1)
+        if count:
+            for seg in resolve_segments(args.path):
+                if end_segment is not None and seg > end_segment:
+                    break
+                limit = end_offset if seg == end_segment else None
+                for stored in _read_segment(seg, filters, limit):
+                    last.append(stored)
+            for seq, rec in last:
+                _print_record(seq, rec, out)
+        if not args.follow:
+            return 0
+        while True:
+            for seq, rec in follower.poll():
+                _print_record(seq, rec, out)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _read_segment(seg: SegmentFile, filters: RecordFilter,
+                  limit: int | None) -> Iterator[tuple[int, AuditRecord]]:
+    with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+        offset = 0
+        while limit is None or offset < limit:
+            head = fh.read(4)
+            if len(head) < 4:
+                return
+            (length,) = LENGTH.unpack(head)
+            if length == 0 or length > MAX_FRAME_BYTES:
+                return
+            payload = fh.read(length)
+            if len(payload) < length:
+                return
+            offset += 4 + length
+            try:
+                seq, _prev, kind, body = decode_frame(payload)
+            except ValueError:
+                continue
+            if kind == "rec":
+                rec = AuditRecord.from_wire(body)
+                if filters.matches(rec):
+                    yield seq, rec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m sidecar.audit.cli verify|export|tail ...``."""
+    parser = argparse.ArgumentParser(prog="sidecar audit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_audit_parsers(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

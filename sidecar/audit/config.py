@@ -1,0 +1,142 @@
+"""The ``audit:`` section of the sidecar config -> ``AuditConfig``.
+
+The lead's config loader calls ``parse_audit_config(raw, ("audit",), src)``; every problem
+is reported through ``Source.problem`` (file:line:key) and nothing is raised here, so one
+run of the loader reports every mistake in the file at once. See docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sidecar.config.source import Path, Source
+from sidecar.config.values import parse_size
+
+OnFailure = Literal["fail_closed", "fail_open"]
+
+DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+MIN_SEGMENT_BYTES = 4096
+MAX_QUEUE_SIZE = 1_000_000
+MAX_BATCH_SIZE = 65_536
+MIN_HMAC_KEY_BYTES = 16
+
+_KNOWN = frozenset({
+    "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
+    "fsync", "hmac_key_file",
+})
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Where and how audit records are written.
+
+    ``path`` is a directory of segment files. ``max_segments`` (None = keep all) deletes
+    the oldest segments on rotation; ``sidecar audit verify`` then reports where the
+    retained chain starts. ``fsync`` syncs once per batch (not per record).
+    """
+
+    path: str
+    max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES
+    queue_size: int = 10_000
+    batch_size: int = 512
+    on_failure: OnFailure = "fail_closed"
+    fsync: bool = True
+    hmac_key_file: str | None = None
+    max_segments: int | None = None
+
+
+def _count(value: Any, path: Path, src: Source, low: int, high: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        src.problem(path, f"expected a whole number from {low} to {high}")
+        return None
+    return value
+
+
+def _file(value: Any, path: Path, src: Source) -> str | None:
+    if not isinstance(value, str) or not value:
+        src.problem(path, "expected a non-empty string (a path)")
+        return None
+    if os.path.isabs(value):
+        return value
+    base = os.path.dirname(os.path.abspath(src.filename))
+    return os.path.normpath(os.path.join(base, value))
+
+
+def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
+    """Validate the ``audit`` mapping; problems go to ``src`` (unknown keys are errors).
+
+    Always returns a value (with defaults where a key was wrong) so that the caller can
+    keep validating the rest of the file; the caller raises with ``src.raise_if_problems``.
+    """
+    if not isinstance(raw, dict):
+        src.problem(path, "expected a mapping, e.g. {path: /var/log/sidecar/audit}")
+        return AuditConfig(path="")
+    for key in raw:
+        if key not in _KNOWN:
+            src.problem(path + (key,), f"unknown key (expected one of: {', '.join(sorted(_KNOWN))})")
+
+    directory = ""
+    if raw.get("path") is None:
+        src.problem(path + ("path",), "is required (a directory for audit segment files)")
+    else:
+        directory = _file(raw["path"], path + ("path",), src) or ""
+
+    kw: dict[str, Any] = {}
+    if raw.get("max_segment_bytes") is not None:
+        p = path + ("max_segment_bytes",)
+        try:
+            size = parse_size(raw["max_segment_bytes"])
+        except ValueError as exc:
+            src.problem(p, str(exc))
+        else:
+            if size < MIN_SEGMENT_BYTES:
+                src.problem(p, f"at least {MIN_SEGMENT_BYTES} bytes")
+            else:
+                kw["max_segment_bytes"] = size
+    if raw.get("max_segments") is not None:
+        # Two is the floor: the segment being written plus the one it chains from.
+        v = _count(raw["max_segments"], path + ("max_segments",), src, 2, 1_000_000)
+        if v is not None:
+            kw["max_segments"] = v
+    if raw.get("queue_size") is not None:
+        v = _count(raw["queue_size"], path + ("queue_size",), src, 1, MAX_QUEUE_SIZE)
+        if v is not None:
+            kw["queue_size"] = v
+    if raw.get("batch_size") is not None:
+        v = _count(raw["batch_size"], path + ("batch_size",), src, 1, MAX_BATCH_SIZE)
+        if v is not None:
+            kw["batch_size"] = v
+    if raw.get("on_failure") is not None:
+        v_of = raw["on_failure"]
+        if v_of not in ("fail_closed", "fail_open"):
+            src.problem(path + ("on_failure",), "must be one of: fail_closed, fail_open")
+        else:
+            kw["on_failure"] = v_of
+    if "fsync" in raw:
+        if not isinstance(raw["fsync"], bool):
+            src.problem(path + ("fsync",), "expected true or false")
+        else:
+            kw["fsync"] = raw["fsync"]
+    if raw.get("hmac_key_file") is not None:
+        key_file = _file(raw["hmac_key_file"], path + ("hmac_key_file",), src)
+        if key_file is not None:
+            kw["hmac_key_file"] = key_file
+    return AuditConfig(path=directory, **kw)
+
+
+def load_hmac_key(key_file: str) -> bytes:
+    """Read an HMAC key file: its bytes with surrounding whitespace stripped.
+
+    Raises ``ValueError`` (with a message fit for a person) when the file cannot be read
+    or holds fewer than ``MIN_HMAC_KEY_BYTES`` bytes.
+    """
+    try:
+        with open(key_file, "rb") as fh:
+            key = fh.read(64 * 1024).strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read HMAC key file {key_file}: {exc.strerror}") from None
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        raise ValueError(f"HMAC key file {key_file} must hold at least {MIN_HMAC_KEY_BYTES} bytes")
+    return key

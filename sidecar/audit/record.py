@@ -1,0 +1,216 @@
+"""Audit records: one value per decision, refused connection or alert.
+
+Pure: no clock, no I/O. The data path builds an ``AuditRecord`` (usually with
+``record_from(decision, facts, time=now, ...)``) and hands it to the writer; the writer
+stores ``record.to_wire()``, a msgpack-friendly dict with short, stable keys (the table
+``WIRE_KEYS`` below is public: docs/audit.md documents it for independent verifiers).
+
+A token is never recorded: only the issuer, the subject and the SHA-256 of its ``jti``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from sidecar.policy.decision import REASON_RATE_LIMITED, AuthFacts, Decision, RequestFacts
+
+Direction = Literal["inbound", "outbound", "connection"]
+DecisionValue = Literal["allow", "deny", "dry-run"]
+
+EVENT_REQUEST = "request"
+EVENT_CONNECTION_REFUSED = "connection_refused"
+EVENT_ALERT = "alert"
+EVENT_RATE_LIMITED = "rate_limited"
+
+MAX_EXTRA_KEYS = 32
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """Who accessed what, when, from where, and what the sidecar decided.
+
+    ``decision`` is "allow", "deny" or "dry-run" (a deny that dry-run mode let through);
+    ``status`` is the HTTP status the client got (0 for a refused connection);
+    ``extra`` is a small optional mapping (at most ``MAX_EXTRA_KEYS`` keys) of msgpack
+    scalars for event-specific details (an alert's threshold, a handshake error class).
+    """
+
+    time: float
+    event: str = EVENT_REQUEST
+    request_id: str = ""
+    direction: str = "inbound"
+    peer: str | None = None
+    source: str = ""
+    token_issuer: str | None = None
+    token_subject: str | None = None
+    token_id_hash: str | None = None
+    apikey: str | None = None
+    method: str = ""
+    host: str = ""
+    path: str = ""
+    decision: str = ""
+    rule: str = ""
+    reason: str = ""
+    policy_version: str = ""
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_ms: float = 0.0
+    extra: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The stored form: short keys, ``None`` values left out."""
+        out: dict[str, Any] = {}
+        for name, key in _WIRE_ITEMS:
+            value = getattr(self, name)
+            if value is not None:
+                out[key] = value
+        if self.extra is not None and len(self.extra) > MAX_EXTRA_KEYS:
+            out["x"] = dict(list(self.extra.items())[:MAX_EXTRA_KEYS])
+        return out
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> AuditRecord:
+        """Rebuild a record; unknown keys (from a newer writer) go into ``extra``."""
+        kw: dict[str, Any] = {}
+        unknown: dict[str, Any] = {}
+        for key, value in wire.items():
+            name = _FIELD_OF_KEY.get(key)
+            if name is None:
+                unknown[str(key)] = value
+            else:
+                kw[name] = value
+        if "time" not in kw:
+            kw["time"] = 0.0
+        if unknown:
+            extra = dict(kw.get("extra") or {})
+            extra.update(unknown)
+            kw["extra"] = extra
+        return cls(**kw)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Long field names, for export (JSON lines, CSV)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Public and stable: field name -> stored key. Never reuse a key for another meaning.
+WIRE_KEYS: dict[str, str] = {
+    "time": "t",
+    "event": "ev",
+    "request_id": "id",
+    "direction": "dir",
+    "peer": "peer",
+    "source": "src",
+    "token_issuer": "iss",
+    "token_subject": "sub",
+    "token_id_hash": "jti",
+    "apikey": "key",
+    "method": "m",
+    "host": "host",
+    "path": "path",
+    "decision": "d",
+    "rule": "rule",
+    "reason": "why",
+    "policy_version": "pv",
+    "status": "st",
+    "bytes_in": "bi",
+    "bytes_out": "bo",
+    "duration_ms": "ms",
+    "extra": "x",
+}
+_WIRE_ITEMS = tuple(WIRE_KEYS.items())
+_FIELD_OF_KEY = {key: name for name, key in WIRE_KEYS.items()}
+FIELD_NAMES: tuple[str, ...] = tuple(WIRE_KEYS)
+
+
+def hash_token_id(jti: str) -> str:
+    """SHA-256 (hex) of a token's ``jti``: lets auditors correlate uses of one token
+    without the record ever holding anything that could be replayed."""
+    return hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def decision_value(decision: Decision) -> DecisionValue:
+    """"dry-run" when dry-run mode let a deny through, otherwise the action."""
+    if decision.dry_run and decision.would == "deny":
+        return "dry-run"
+    return decision.action
+
+
+def _token_fields(auth: AuthFacts | None) -> dict[str, Any]:
+    if auth is None:
+        return {}
+    out: dict[str, Any] = {}
+    if auth.apikey is not None:
+        out["apikey"] = auth.apikey
+    # Several providers may have verified a token; the first (in provider order) is the
+    # one recorded, the others are named in extra by the caller if it cares.
+    for claims in auth.claims.values():
+        iss, sub, jti = claims.get("iss"), claims.get("sub"), claims.get("jti")
+        out["token_issuer"] = iss if isinstance(iss, str) else None
+        out["token_subject"] = sub if isinstance(sub, str) else None
+        out["token_id_hash"] = hash_token_id(jti) if isinstance(jti, str) else None
+        break
+    return out
+
+
+def record_from(
+    decision: Decision,
+    facts: RequestFacts | None,
+    *,
+    time: float,
+    auth: AuthFacts | None = None,
+    **kw: Any,
+) -> AuditRecord:
+    """Build the record of one decision.
+
+    ``facts`` may be None when the request was refused before its facts were known (e.g.
+    an ambiguous path). Any ``AuditRecord`` field may be given in ``kw`` and wins over
+    what was derived (typically ``request_id``, ``status``, ``bytes_in``, ``bytes_out``,
+    ``duration_ms``). Unknown keyword names raise ``TypeError``.
+    """
+    values: dict[str, Any] = {
+        "time": time,
+        "event": EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST,
+        "decision": decision_value(decision),
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "policy_version": decision.version,
+        "status": decision.status,
+    }
+    if facts is not None:
+        values.update(
+            direction=facts.direction, peer=facts.peer, source=facts.source,
+            method=facts.method, host=facts.host, path=facts.path,
+        )
+        if facts.direction == "outbound" and facts.target is not None:
+            # Outbound: the caller is our own app; the interesting identity is the target.
+            values["extra"] = {"target": facts.target}
+    values.update(_token_fields(auth))
+    values.update(kw)
+    return AuditRecord(**values)
+
+
+def connection_refused_record(
+    *, time: float, direction: str, source: str, reason: str, peer: str | None = None,
+    request_id: str = "", extra: dict[str, Any] | None = None,
+) -> AuditRecord:
+    """A connection refused before any request: handshake failure, wrong peer identity."""
+    return AuditRecord(
+        time=time, event=EVENT_CONNECTION_REFUSED, request_id=request_id,
+        direction=direction, peer=peer, source=source, decision="deny", reason=reason,
+        extra=extra,
+    )
+
+
+def alert_record(
+    *, time: float, rule: str, reason: str, peer: str | None = None, source: str = "",
+    extra: dict[str, Any] | None = None,
+) -> AuditRecord:
+    """An alert raised by burst detection (``rule`` is the alert rule's name)."""
+    return AuditRecord(
+        time=time, event=EVENT_ALERT, direction="connection", peer=peer, source=source,
+        rule=rule, reason=reason, extra=extra,
+    )

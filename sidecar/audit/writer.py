@@ -1,0 +1,476 @@
+"""The audit writer: a bounded queue in front of a background task that appends frames.
+
+Theory of operation
+-------------------
+``submit(record)`` is called on the request path. It never awaits: it puts the record in a
+bounded trio memory channel and returns at once; True means the record is queued.
+
+``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
+to ``batch_size`` and hands each batch to a worker thread (``_SegmentSink.append``), which
+packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
+``fsync`` is on), and checks that the segment file is still the one in the directory.
+The chain head in memory only advances when the bytes are on disk, so a failed write
+leaves nothing to roll back but the file, which is truncated back (best effort).
+
+On failure, with ``on_failure: fail_closed`` (default) the batch is kept and retried with
+backoff; while failing, ``healthy`` and ``accepting()`` are False and ``submit`` refuses,
+so the data path answers 503 instead of serving unrecorded requests. After any failure
+the writer starts a new segment; if the old file could not be truncated back to a frame
+boundary, the new header records the break (``break``) so that ``verify`` can name it.
+With ``fail_open`` a failed batch is dropped and counted in ``lost``, and ``on_alert``
+is called; requests keep being served.
+
+On start the writer finds the chain head in the newest segment (``find_resume_point``)
+and always opens a new segment; a damaged tail is declared in the new header. On
+``aclose`` the channel is closed, everything queued is written, and the segment is sealed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from sidecar.audit.chain import ChainHead
+from sidecar.audit.config import AuditConfig, load_hmac_key
+from sidecar.audit.record import AuditRecord
+from sidecar.audit.segments import find_resume_point, list_segments, segment_name
+from sidecar.errors import ConfigError, Problem
+
+AlertCallback = Callable[[str, str], None]
+
+ALERT_WRITE_FAILED = "audit_write_failed"
+ALERT_RECORDS_LOST = "audit_records_lost"
+ALERT_RECOVERED = "audit_recovered"
+
+
+class _PartialWrite(Exception):
+    """``done`` records of the batch were written before ``error``."""
+
+    def __init__(self, done: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.done = done
+        self.error = error
+
+
+class _SegmentSink:
+    """Synchronous disk side; every method runs in a worker thread, one call at a time."""
+
+    def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float]) -> None:
+        self.directory = config.path
+        self.max_bytes = config.max_segment_bytes
+        self.max_segments = config.max_segments
+        self.fsync = config.fsync
+        self.key = key
+        self.clock = clock
+        self.head: ChainHead | None = None
+        self.fd: int | None = None
+        self.path: str | None = None
+        self.size = 0
+        # What the next header says about the segment before it.
+        self.next_info: dict[str, Any] = {}
+        self.packer = msgpack.Packer(use_bin_type=True)
+
+    @property
+    def segment(self) -> str | None:
+        return os.path.basename(self.path) if self.path else None
+
+    def ensure_open(self) -> None:
+        if self.fd is not None:
+            return
+        if self.head is None:
+            rp = find_resume_point(self.directory, self.key)
+            head = ChainHead(rp.next_seq, rp.prev, self.key)
+            info: dict[str, Any] = {"prev_segment": rp.last_segment,
+                                    "prev_sealed": rp.sealed if rp.last_segment else None}
+            if rp.damage is not None:
+                info["break"] = {"after_seq": rp.next_seq - 1, "segment": rp.damaged_segment,
+                                 "reason": rp.damage}
+        else:
+            head, info = self.head, self.next_info
+        state = head.state
+        created = self.clock()
+        path = os.path.join(self.directory, segment_name(head.next_seq, created))
+        header = head.header(created, **info)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                     0o640)
+        try:
+            self._write_all(fd, header)
+            if self.fsync:
+                os.fsync(fd)
+                self._sync_directory()
+        except OSError:
+            head.restore(state)
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        self.head, self.fd, self.path, self.size = head, fd, path, len(header)
+        self.next_info = {}
+
+    def append(self, records: list[AuditRecord]) -> None:
+        """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
+        try:
+            self.ensure_open()
+        except OSError as exc:
+            raise _PartialWrite(0, exc) from None
+        assert self.head is not None and self.fd is not None
+        data = self._encode(records)
+        start = self.size
+        try:
+            self._write_all(self.fd, data)
+            if self.fsync:
+                os.fsync(self.fd)
+            self._check_still_linked()
+        except OSError as exc:
+            self._abandon(start, exc)
+            raise _PartialWrite(0, exc) from None
+        self.size += len(data)
+        if self.size >= self.max_bytes:
+            try:
+                self._rotate()
+            except OSError as exc:
+                raise _PartialWrite(len(records), exc) from None
+
+    def close(self) -> None:
+        """Seal and close the current segment (clean shutdown)."""
+        if self.fd is None or self.head is None:
+            return
+        self._seal("shutdown")
+
+    # -- internals
+
+    def _encode(self, records: list[AuditRecord]) -> bytes:
+        assert self.head is not None
+        state = self.head.state
+        try:
+            return self.head.records([r.to_wire() for r in records])
+        except (TypeError, ValueError, OverflowError):
+            self.head.restore(state)
+        # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
+        # exactly one record per event: store a stand-in that says so.
+        out = bytearray()
+        for r in records:
+            s = self.head.state
+            try:
+                out += self.head.records([r.to_wire()])
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.head.restore(s)
+                out += self.head.records([{
+                    "t": float(r.time) if isinstance(r.time, int | float) else 0.0,
+                    "ev": "unencodable", "id": str(r.request_id)[:200],
+                    "why": f"{type(exc).__name__}: {exc}"[:200],
+                }])
+        return bytes(out)
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def _check_still_linked(self) -> None:
+        # Writes to a file whose directory entry was removed succeed on POSIX and are
+        # lost; compare the open file with what the path names now.
+        assert self.fd is not None and self.path is not None
+        st, fst = os.stat(self.path), os.fstat(self.fd)
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            raise OSError(errno.ENOENT, "segment file was removed or replaced", self.path)
+
+    def _sync_directory(self) -> None:
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _abandon(self, good_size: int, exc: OSError) -> None:
+        """Give up the current segment after a failed write; the next header says why."""
+        assert self.fd is not None and self.head is not None
+        clean = False
+        try:
+            os.ftruncate(self.fd, good_size)
+            self._check_still_linked()
+            clean = True
+        except OSError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        info: dict[str, Any] = {"prev_segment": self.segment, "prev_sealed": False}
+        if not clean:
+            info["break"] = {"after_seq": self.head.next_seq - 1, "segment": self.segment,
+                             "reason": f"write failed: {exc.strerror or exc}"}
+        self.fd, self.path, self.size, self.next_info = None, None, 0, info
+
+    def _seal(self, why: str) -> None:
+        assert self.fd is not None and self.head is not None
+        state = self.head.state
+        seal = self.head.frame("end", {"why": why, "time": self.clock()})
+        try:
+            self._write_all(self.fd, seal)
+            if self.fsync:
+                os.fsync(self.fd)
+            self._check_still_linked()
+        except OSError as exc:
+            self.head.restore(state)
+            self._abandon(self.size, exc)
+            raise
+        os.close(self.fd)
+        self.next_info = {"prev_segment": self.segment, "prev_sealed": True}
+        self.fd, self.path, self.size = None, None, 0
+
+    def _rotate(self) -> None:
+        self._seal("rotate")
+        self.ensure_open()
+        if self.max_segments is not None:
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        assert self.max_segments is not None
+        segments = list_segments(self.directory)
+        for seg in segments[: max(0, len(segments) - self.max_segments)]:
+            if seg.path != self.path:
+                try:
+                    os.unlink(seg.path)
+                except OSError:
+                    pass  # retried at the next rotation
+
+
+@dataclass(frozen=True, slots=True)
+class AuditWriterStatistics:
+    """A snapshot for metrics and /readyz."""
+
+    queue_depth: int
+    queue_size: int
+    written: int
+    lost: int
+    rejected: int  # submit() refused in fail_closed mode (the request must be refused)
+    failures: int
+    healthy: bool
+    segment: str | None
+    next_seq: int | None
+    last_error: str | None
+
+
+class AuditWriter:
+    """Bounded, batching, hash-chaining audit writer. See the module docstring.
+
+    ``on_alert(kind, message)`` is called (from the writer's task or from ``submit``) on
+    the first write failure, on the first lost record of a streak, and on recovery.
+    ``retry_initial`` / ``retry_max`` bound the backoff between write attempts.
+    Raises ``ConfigError`` when the HMAC key file is unusable (fail at start, not later).
+    """
+
+    def __init__(
+        self, config: AuditConfig, *, clock: Callable[[], float] = time.time,
+        on_alert: AlertCallback | None = None, retry_initial: float = 0.1,
+        retry_max: float = 5.0,
+    ) -> None:
+        key = None
+        if config.hmac_key_file is not None:
+            try:
+                key = load_hmac_key(config.hmac_key_file)
+            except ValueError as exc:
+                raise ConfigError([Problem(config.hmac_key_file, None, "audit.hmac_key_file",
+                                           str(exc))]) from None
+        self.config = config
+        self.fail_open = config.on_failure == "fail_open"
+        self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
+        self._sink = _SegmentSink(config, key, clock)
+        self._on_alert = on_alert
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self.healthy = False  # nothing is accepted (fail_closed) until a segment is open
+        self._closing = False
+        self._running = False
+        self._done = trio.Event()
+        self._inflight = 0
+        self._losing = False
+        self._probe_scope: trio.CancelScope | None = None
+        self.written = 0
+        self.lost = 0
+        self.rejected = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    # -- request path (never awaits)
+
+    def submit(self, record: AuditRecord) -> bool:
+        """Queue ``record``; False means it will not be written (see ``accepting``)."""
+        if self._closing:
+            self._count_unrecorded()
+            return False
+        if not self.fail_open and not self.healthy:
+            self.rejected += 1
+            return False
+        try:
+            self._send.send_nowait(record)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._count_unrecorded()
+            return False
+        return True
+
+    def accepting(self) -> bool:
+        """May the data path serve a request now? (fail_closed: only if it can be recorded)."""
+        if self._closing:
+            return False
+        if self.fail_open:
+            return True
+        return self.healthy and self._send.statistics().current_buffer_used < self.config.queue_size
+
+    def _count_unrecorded(self) -> None:
+        if self.fail_open:
+            self.lost += 1
+            if not self._losing:
+                self._losing = True
+                self._alert(ALERT_RECORDS_LOST, "audit queue full: records are being lost")
+        else:
+            self.rejected += 1
+
+    def statistics(self) -> AuditWriterStatistics:
+        head = self._sink.head
+        return AuditWriterStatistics(
+            queue_depth=self._send.statistics().current_buffer_used + self._inflight,
+            queue_size=self.config.queue_size,
+            written=self.written, lost=self.lost, rejected=self.rejected,
+            failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
+            next_seq=head.next_seq if head is not None else None, last_error=self.last_error,
+        )
+
+    # -- the writer task
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Write until ``aclose``; call ``task_status.started()`` after the first attempt
+        to open a segment (healthy or not, so a broken disk cannot hang start-up)."""
+        self._running = True
+        batch: list[AuditRecord] = []
+        try:
+            try:
+                await trio.to_thread.run_sync(self._first_open)
+                self._set_healthy()
+            except OSError as exc:
+                self._note_failure(exc)
+            task_status.started()
+            while True:
+                if not self.healthy and not self.fail_open:
+                    await self._probe_until_open()
+                batch = await self._next_batch()
+                if not batch:
+                    break
+                await self._write(batch)
+                batch = []
+            try:
+                await trio.to_thread.run_sync(self._sink.close)
+            except OSError as exc:
+                self._note_failure(exc)
+        finally:
+            # Cancelled before the queue was drained: what is left is lost; say so.
+            left = len(batch) + self._recv.statistics().current_buffer_used
+            if left:
+                self.lost += left
+                self._inflight = 0
+            self._done.set()
+
+    def _first_open(self) -> None:
+        os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
+        self._sink.ensure_open()
+
+    async def _probe_until_open(self) -> None:
+        delay = self._retry_initial
+        with trio.CancelScope() as scope:
+            self._probe_scope = scope
+            while not self._closing:
+                try:
+                    await trio.to_thread.run_sync(self._sink.ensure_open)
+                except OSError as exc:
+                    self._note_failure(exc)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self._retry_max)
+                else:
+                    self._set_healthy()
+                    break
+        self._probe_scope = None
+
+    async def _next_batch(self) -> list[AuditRecord]:
+        try:
+            first = await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return []
+        batch = [first]
+        limit = self.config.batch_size
+        while len(batch) < limit:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self._inflight = len(batch)
+        return batch
+
+    async def _write(self, batch: list[AuditRecord]) -> None:
+        delay = self._retry_initial
+        while batch:
+            try:
+                await trio.to_thread.run_sync(self._sink.append, batch)
+            except _PartialWrite as exc:
+                self.written += exc.done
+                batch = batch[exc.done:]
+                self._note_failure(exc.error)
+                if self.fail_open:
+                    self.lost += len(batch)
+                    self._alert(ALERT_RECORDS_LOST, f"{len(batch)} audit records lost")
+                    batch = []
+                self._inflight = len(batch)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+            else:
+                self.written += len(batch)
+                batch = []
+                self._set_healthy()
+        self._inflight = 0
+
+    def _set_healthy(self) -> None:
+        if not self.healthy and self.failures:
+            self._alert(ALERT_RECOVERED, "audit writes recovered")
+        self.healthy = True
+        self._losing = False
+
+    def _note_failure(self, exc: OSError) -> None:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        if self.healthy or self.failures == 1:
+            self._alert(ALERT_WRITE_FAILED, f"audit writes failing: {self.last_error}")
+        self.healthy = False
+
+    def _alert(self, kind: str, message: str) -> None:
+        if self._on_alert is None:
+            return
+        try:
+            self._on_alert(kind, message)
+        except Exception as exc:  # a broken alert hook must not stop the audit trail
+            self.last_error = f"on_alert failed: {exc!r}"
+
+    async def aclose(self) -> None:
+        """Stop accepting, write everything queued, seal the segment, and return.
+
+        Bound it from outside (``trio.move_on_after(drain_timeout)``) when the disk may be
+        failing; records still queued when the writer task is cancelled count as lost.
+        """
+        if not self._closing:
+            self._closing = True
+            await self._send.aclose()
+            if self._probe_scope is not None:
+                self._probe_scope.cancel()
+        if not self._running:
+            return
+        await self._done.wait()
