@@ -24,6 +24,7 @@ REASON_TOKEN_MISSING = "token_missing"
 REASON_TOKEN_INVALID = "token_invalid"
 REASON_CLAIMS_MISMATCH = "claims_mismatch"
 REASON_APIKEY_MISSING = "apikey_missing"
+REASON_APIKEY_NOT_ALLOWED = "apikey_not_allowed"  # a valid key, but not one the rule names
 REASON_EGRESS_DENIED = "egress_denied"
 REASON_RATE_LIMITED = "rate_limited"
 REASON_BLOCKED = "source_blocked"

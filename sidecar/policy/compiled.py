@@ -1,0 +1,456 @@
+"""Rules compiled into lookup tables, and the per-rule condition checks.
+
+Theory of operation
+-------------------
+A decision must cost about the same with 10,000 rules as with 10, so rules are never
+scanned one by one. At load time each service section splits its rules into a deny index
+and an allow index. An index holds two segment tries:
+
+* a *caller* trie over the segments of SPIFFE ID patterns (``spiffe://td/ns/shop/sa/*``
+  -> ``td / ns / shop / sa / *``), plus the set of rules with no ``from`` (any caller);
+* a *path* trie over path pattern segments (``*`` = one segment, ``**`` = the rest,
+  including nothing), plus the set of rules with no ``paths`` (any path).
+
+Each trie node keeps frozensets of rule numbers. Looking a request up walks the request's
+segments (exact child, then the ``*`` child; ``**`` sets are collected on the way), giving
+a handful of frozensets per trie. The candidates are the rules in (caller sets) AND (path
+sets); intersecting starts from the smaller side, so a broad side (10,000 rules for one
+caller) costs nothing when the other side is narrow. Only the few candidates then have
+their remaining conditions (methods, ports, listeners, hosts, namespaces, JWT, API key)
+checked, in file order.
+
+``rule_trace`` is the plain, unindexed check of one rule, condition by condition. explain
+uses it for its trail and the tests use it as the oracle that the indexed path must agree
+with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.policy.decision import (
+    REASON_APIKEY_MISSING,
+    REASON_APIKEY_NOT_ALLOWED,
+    REASON_CLAIMS_MISMATCH,
+    REASON_TOKEN_INVALID,
+    REASON_TOKEN_MISSING,
+    AuthFacts,
+    RequestFacts,
+)
+from sidecar.policy.model import (
+    ClaimCondition,
+    Conditions,
+    EgressEntry,
+    Mode,
+    Rule,
+    namespace_of,
+    spiffe_segments,
+)
+from sidecar.policy.paths import path_segments
+
+_MISSING = object()
+
+
+class _Node:
+    __slots__ = ("children", "star", "rest", "here")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.star: _Node | None = None
+        self.rest: Any = set()  # rules whose pattern ends in '**' here; frozenset once built
+        self.here: Any = set()  # rules whose pattern ends exactly here
+
+
+class SegmentTrie:
+    """Patterns of segments (``*`` = one segment, trailing ``**`` = zero or more) -> ids."""
+
+    __slots__ = ("_root",)
+
+    def __init__(self, entries: Iterable[tuple[tuple[str, ...], int]]) -> None:
+        self._root = _Node()
+        for segments, ident in entries:
+            node = self._root
+            for i, seg in enumerate(segments):
+                if seg == "**" and i == len(segments) - 1:
+                    node.rest.add(ident)
+                    break
+                if seg == "*":
+                    if node.star is None:
+                        node.star = _Node()
+                    node = node.star
+                else:
+                    node = node.children.setdefault(seg, _Node())
+            else:
+                node.here.add(ident)
+        self._freeze(self._root)
+
+    def _freeze(self, root: _Node) -> None:
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            node.rest = frozenset(node.rest)
+            node.here = frozenset(node.here)
+            stack.extend(node.children.values())
+            if node.star is not None:
+                stack.append(node.star)
+
+    def match(self, segments: tuple[str, ...]) -> list[frozenset[int]]:
+        """Every non-empty id set whose pattern matches ``segments``."""
+        out: list[frozenset[int]] = []
+        n = len(segments)
+        stack: list[tuple[_Node, int]] = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if node.rest:
+                out.append(node.rest)
+            if i == n:
+                if node.here:
+                    out.append(node.here)
+                continue
+            child = node.children.get(segments[i])
+            if child is not None:
+                stack.append((child, i + 1))
+            if node.star is not None:
+                stack.append((node.star, i + 1))
+        return out
+
+
+def segments_match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    """Unindexed pattern match, same semantics as ``SegmentTrie``."""
+    for i, seg in enumerate(pattern):
+        if seg == "**" and i == len(pattern) - 1:
+            return True
+        if i >= len(segments):
+            return False
+        if seg != "*" and seg != segments[i]:
+            return False
+    return len(pattern) == len(segments)
+
+
+def peer_matches(pattern: str, peer: str | None) -> bool:
+    """Does caller SPIFFE ID ``peer`` match ``pattern`` (``*`` = exactly one segment)?"""
+    if peer is None:
+        return False
+    segs = spiffe_segments(peer)
+    pat = spiffe_segments(pattern)
+    return segs is not None and pat is not None and segments_match(pat, segs)
+
+
+def path_pattern_segments(pattern: str) -> tuple[str, ...]:
+    """Segments of a path pattern; like request paths, a trailing ``/`` is ignored."""
+    return path_segments(pattern)
+
+
+def normalise_host(host: str) -> str:
+    """Host header value for matching: lower-case, no port, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end != -1 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+# --- claims ---------------------------------------------------------------------------
+
+
+def claim_value(claims: Mapping[str, Any], name: str) -> Any:
+    """A claim by name; a dotted name walks nested objects if no flat claim has it."""
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Python says True == 1; a policy that says `admin: true` must not accept `admin: 1`.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and bool(a == b)
+
+
+def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any]) -> bool:
+    """Does one claim condition hold for verified ``claims``?"""
+    value = claim_value(claims, cond.claim)
+    if value is _MISSING:
+        return False
+    if cond.op == "equals":
+        return _same(value, cond.values[0])
+    if cond.op == "one_of":
+        return any(_same(value, v) for v in cond.values)
+    wanted = cond.values[0]
+    if isinstance(value, list):
+        return any(_same(item, wanted) for item in value)
+    if isinstance(value, str) and isinstance(wanted, str):
+        return wanted in value.split()
+    return False
+
+
+# --- one rule, condition by condition -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionResult:
+    """One condition of one rule, and whether it held for the request."""
+
+    name: str
+    held: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """Result of a rule's credential conditions: ok, or a reason and status."""
+
+    ok: bool
+    reason: str = ""
+    status: int = 0
+
+
+AUTH_OK = AuthOutcome(True)
+
+
+def request_trace(
+    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True
+) -> list[ConditionResult]:
+    """Every non-credential condition of a rule, checked against the request.
+
+    With ``check_indexed=False`` the caller and path conditions are skipped (the index
+    already proved them for candidates).
+    """
+    out: list[ConditionResult] = []
+    if check_indexed and when.peers is not None:
+        held = any(peer_matches(p, facts.peer) for p in when.peers)
+        out.append(ConditionResult("from", held, f"caller {facts.peer} in {list(when.peers)}"))
+    if when.namespaces is not None:
+        ns = namespace_of(facts.peer, trust_domain) if facts.peer else None
+        out.append(
+            ConditionResult(
+                "namespaces", ns in when.namespaces, f"namespace {ns} in {sorted(when.namespaces)}"
+            )
+        )
+    if when.methods is not None:
+        out.append(
+            ConditionResult(
+                "methods", facts.method in when.methods, f"{facts.method} in {sorted(when.methods)}"
+            )
+        )
+    if check_indexed and when.paths is not None:
+        segs = path_segments(facts.path)
+        held = any(segments_match(path_pattern_segments(p), segs) for p in when.paths)
+        out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
+    if when.ports is not None:
+        out.append(
+            ConditionResult("ports", facts.port in when.ports, f"{facts.port} in {sorted(when.ports)}")
+        )
+    if when.listeners is not None:
+        out.append(
+            ConditionResult(
+                "listeners",
+                facts.listener in when.listeners,
+                f"{facts.listener!r} in {sorted(when.listeners)}",
+            )
+        )
+    if when.hosts is not None:
+        host = normalise_host(facts.host)
+        out.append(ConditionResult("hosts", host in when.hosts, f"{host} in {sorted(when.hosts)}"))
+    return out
+
+
+def request_holds(
+    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True
+) -> bool:
+    """Fast form of ``request_trace``: do all non-credential conditions hold?"""
+    if when.methods is not None and facts.method not in when.methods:
+        return False
+    if when.ports is not None and facts.port not in when.ports:
+        return False
+    if when.listeners is not None and facts.listener not in when.listeners:
+        return False
+    if when.hosts is not None and normalise_host(facts.host) not in when.hosts:
+        return False
+    if when.namespaces is not None:
+        if not facts.peer or namespace_of(facts.peer, trust_domain) not in when.namespaces:
+            return False
+    if check_indexed:
+        if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
+            return False
+        if when.paths is not None:
+            segs = path_segments(facts.path)
+            if not any(segments_match(path_pattern_segments(p), segs) for p in when.paths):
+                return False
+    return True
+
+
+def auth_outcome(when: Conditions, auth: AuthFacts) -> AuthOutcome:
+    """Credential conditions (JWT and claims, API key) of a rule against verified facts.
+
+    Order matters for the status: a missing/invalid token is 401 (credentials could fix
+    it); a valid token with the wrong claims is 403.
+    """
+    if when.jwt is not None:
+        claims = auth.claims.get(when.jwt.provider)
+        if claims is None:
+            if when.jwt.provider in auth.token_errors:
+                return AuthOutcome(False, REASON_TOKEN_INVALID, 401)
+            return AuthOutcome(False, REASON_TOKEN_MISSING, 401)
+        for cond in when.jwt.claims:
+            if not claim_holds(cond, claims):
+                return AuthOutcome(False, REASON_CLAIMS_MISMATCH, 403)
+    if when.apikey is not None:
+        if auth.apikey is None:
+            return AuthOutcome(False, REASON_APIKEY_MISSING, 401)
+        if isinstance(when.apikey, frozenset) and auth.apikey not in when.apikey:
+            return AuthOutcome(False, REASON_APIKEY_NOT_ALLOWED, 403)
+    return AUTH_OK
+
+
+def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
+    """Credential conditions one by one, for explain."""
+    out: list[ConditionResult] = []
+    if when.jwt is not None:
+        p = when.jwt.provider
+        claims = auth.claims.get(p)
+        if claims is None:
+            why = f"token invalid ({auth.token_errors[p]})" if p in auth.token_errors else "no token"
+            out.append(ConditionResult("jwt", False, f"provider {p}: {why}"))
+        else:
+            out.append(ConditionResult("jwt", True, f"provider {p}: valid token"))
+            for cond in when.jwt.claims:
+                value = claim_value(claims, cond.claim)
+                shown = "missing" if value is _MISSING else repr(value)
+                out.append(
+                    ConditionResult(
+                        "claim", claim_holds(cond, claims), f"{cond.describe()} (token: {shown})"
+                    )
+                )
+    if when.apikey is not None:
+        names = when.apikey if isinstance(when.apikey, frozenset) else None
+        wanted = "any key" if names is None else sorted(names)
+        held = auth.apikey is not None and (names is None or auth.apikey in names)
+        out.append(ConditionResult("apikey", held, f"key {auth.apikey} for {wanted}"))
+    return out
+
+
+# --- the index ------------------------------------------------------------------------
+
+
+class RuleIndex:
+    """Rules of one effect in one section, looked up by caller and path."""
+
+    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        peer_entries: list[tuple[tuple[str, ...], int]] = []
+        path_entries: list[tuple[tuple[str, ...], int]] = []
+        any_peer: set[int] = set()
+        any_path: set[int] = set()
+        for number, rule in enumerate(rules):
+            if rule.when.peers is None:
+                any_peer.add(number)
+            else:
+                for pattern in rule.when.peers:
+                    segs = spiffe_segments(pattern)
+                    assert segs is not None  # the loader only lets SPIFFE IDs through
+                    peer_entries.append((segs, number))
+            if rule.when.paths is None:
+                any_path.add(number)
+            else:
+                for pattern in rule.when.paths:
+                    path_entries.append((path_pattern_segments(pattern), number))
+        self._peers = SegmentTrie(peer_entries)
+        self._any_peer = frozenset(any_peer)
+        self._paths = SegmentTrie(path_entries)
+        self._any_path = frozenset(any_path)
+
+    def candidates(self, peer: str | None, path: str) -> list[Rule]:
+        """Rules whose caller and path conditions hold, in file order."""
+        if not self.rules:
+            return []
+        peer_sets: list[frozenset[int]] = []
+        if self._any_peer:
+            peer_sets.append(self._any_peer)
+        segs = spiffe_segments(peer) if peer else None
+        if segs is not None:
+            peer_sets.extend(self._peers.match(segs))
+        if not peer_sets:
+            return []
+        path_sets = self._paths.match(path_segments(path))
+        if self._any_path:
+            path_sets.append(self._any_path)
+        if not path_sets:
+            return []
+        small, big = peer_sets, path_sets
+        if sum(map(len, small)) > sum(map(len, big)):
+            small, big = big, small
+        found: set[int] = set()
+        for ids in small:
+            for number in ids:
+                if number not in found and any(number in other for other in big):
+                    found.add(number)
+        return [self.rules[n] for n in sorted(found)]
+
+
+@dataclass(frozen=True, eq=False)
+class Section:
+    """The compiled part of the policy that one workload identity enforces.
+
+    ``providers``: JWT providers referenced by this section's rules (the data path verifies
+    only those tokens). ``needs_apikey``: some rule tests an API key.
+    """
+
+    identity: str
+    trust_domain: str
+    mode: Mode
+    rules: tuple[Rule, ...]
+    deny: RuleIndex
+    allow: RuleIndex
+    egress: tuple[EgressEntry, ...]
+    egress_trie: SegmentTrie
+    providers: frozenset[str]
+    needs_apikey: bool
+
+    def egress_match(self, target: str) -> EgressEntry | None:
+        """The first egress entry (file order) that allows calling ``target``."""
+        segs = spiffe_segments(target)
+        if segs is None:
+            return None
+        hits = self.egress_trie.match(segs)
+        if not hits:
+            return None
+        return self.egress[min(min(h) for h in hits)]
+
+
+def compile_section(
+    identity: str, trust_domain: str, mode: Mode, rules: tuple[Rule, ...],
+    egress: tuple[EgressEntry, ...],
+) -> Section:
+    """Build the lookup tables of one section (load time, never per request)."""
+    providers = frozenset(r.when.jwt.provider for r in rules if r.when.jwt is not None)
+    egress_entries: list[tuple[tuple[str, ...], int]] = []
+    for number, entry in enumerate(egress):
+        segs = spiffe_segments(entry.pattern)
+        assert segs is not None
+        egress_entries.append((segs, number))
+    return Section(
+        identity=identity,
+        trust_domain=trust_domain,
+        mode=mode,
+        rules=rules,
+        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny")),
+        allow=RuleIndex(tuple(r for r in rules if r.effect == "allow")),
+        egress=egress,
+        egress_trie=SegmentTrie(egress_entries),
+        providers=providers,
+        needs_apikey=any(r.when.apikey is not None for r in rules),
+    )

@@ -1,0 +1,138 @@
+"""Request-target normalisation: one unambiguous path for policy matching, or a refusal.
+
+Theory of operation
+-------------------
+Path-based authorisation is only as good as the agreement between the proxy and the app
+about what the path *is*. Every published bypass of mesh path rules (Istio/Envoy
+CVE-2021-31920: ``%2F`` and ``\\`` in paths; CVE-2021-39156: ``#`` fragments in the path)
+is a case where the proxy matched one string and the app acted on another. So this module
+does not try to be clever about "fixing" odd targets: anything that two reasonable HTTP
+stacks could read differently is refused with 400 before any rule runs.
+
+What is refused (reason codes go to logs and audit records only):
+
+* anything but origin-form (``/...``): absolute-form, authority-form, ``*``
+  (``target_form``); over-long targets (``target_too_long``);
+* raw bytes outside printable ASCII: controls, space, DEL, non-ASCII (``bad_byte``);
+* raw ``#`` (``fragment``), raw ``\\`` (``backslash``), raw ``;`` (``semicolon``: Tomcat
+  and Spring drop ``;params`` from segments, so ``/admin;x/`` would reach ``/admin/``);
+* malformed percent escapes (``bad_escape``); encoded ``/`` or ``\\`` (``encoded_slash``);
+  encoded controls or NUL (``encoded_control``); encoded ``#`` (``fragment``); encoded
+  ``%`` followed by two hex digits, i.e. double encoding (``double_encoding``); percent
+  escapes that do not decode to valid UTF-8 (``bad_utf8``);
+* dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
+* empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
+
+What is rewritten: ``%XX`` escapes of *unreserved* characters (letters, digits, ``-._~``)
+are decoded, and every other escape is upper-cased, so ``/%61dmin`` and ``/admin`` are the
+same path; the result is still a valid origin-form path that is safe to forward as-is.
+With ``merge_slashes=True``, runs of ``/`` become one.
+
+Matching additionally ignores one trailing ``/`` (see ``path_segments``), so a deny rule
+for ``/admin`` also covers ``/admin/``. Paths are case-sensitive.
+
+The query string is returned unchanged (it passed the same byte checks) and is never part
+of the matched path.
+"""
+
+from __future__ import annotations
+
+from sidecar.errors import BadRequest
+
+MAX_TARGET_BYTES = 8192
+
+_HEX = b"0123456789abcdefABCDEF"
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Printable ASCII without space; the specific characters below are then refused on top.
+_PRINTABLE = frozenset(range(0x21, 0x7F))
+
+
+def _refuse(reason: str, detail: str = "") -> BadRequest:
+    return BadRequest(reason, detail)
+
+
+def normalise_target(
+    target: bytes, *, merge_slashes: bool = False, max_length: int = MAX_TARGET_BYTES
+) -> tuple[str, str]:
+    """Split an HTTP request target into (normalised path, raw query).
+
+    Raises ``BadRequest(reason)`` for every ambiguous target (see the module docstring).
+    Pure and total: any ``bytes`` either yields a path or raises ``BadRequest``.
+    """
+    if len(target) > max_length:
+        raise _refuse("target_too_long", f"{len(target)} bytes")
+    if not target.startswith(b"/"):
+        raise _refuse("target_form", "only origin-form targets are accepted")
+    for byte in target:
+        if byte not in _PRINTABLE:
+            raise _refuse("bad_byte", f"byte 0x{byte:02x}")
+    raw_path, _, raw_query = target.partition(b"?")
+    if b"#" in target:
+        raise _refuse("fragment", "raw '#' in target")
+    if b"\\" in raw_path:
+        raise _refuse("backslash", "raw backslash in path")
+    if b";" in raw_path:
+        raise _refuse("semicolon", "';' path parameters are ambiguous")
+
+    out = bytearray()
+    # Bytes of the decoded path that came from escapes of non-unreserved characters; they
+    # must form valid UTF-8 once decoded, or the app may decode them differently.
+    decoded = bytearray()
+    i = 0
+    n = len(raw_path)
+    while i < n:
+        byte = raw_path[i]
+        if byte != 0x25:  # '%'
+            out.append(byte)
+            decoded.append(byte)
+            i += 1
+            continue
+        if i + 2 >= n:
+            raise _refuse("bad_escape", "truncated percent escape")
+        hi, lo = raw_path[i + 1], raw_path[i + 2]
+        if hi not in _HEX or lo not in _HEX:
+            raise _refuse("bad_escape", "percent not followed by two hex digits")
+        value = int(bytes((hi, lo)), 16)
+        if value in (0x2F, 0x5C):
+            raise _refuse("encoded_slash", "percent-encoded '/' or '\\'")
+        if value < 0x20 or value == 0x7F:
+            raise _refuse("encoded_control", f"encoded byte 0x{value:02x}")
+        if value == 0x23:
+            raise _refuse("fragment", "percent-encoded '#'")
+        if value == 0x25 and i + 4 < n and raw_path[i + 3] in _HEX and raw_path[i + 4] in _HEX:
+            raise _refuse("double_encoding", "percent-encoded '%' followed by hex digits")
+        if value in _UNRESERVED:
+            out.append(value)
+        else:
+            out += b"%" + bytes((hi, lo)).upper()
+        decoded.append(value)
+        i += 3
+    try:
+        decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _refuse("bad_utf8", "escapes do not decode to UTF-8") from None
+
+    segments = bytes(out).split(b"/")[1:]
+    kept: list[bytes] = []
+    for index, segment in enumerate(segments):
+        if segment in (b".", b".."):
+            raise _refuse("dot_segment", "'.' or '..' segment")
+        if segment == b"" and index != len(segments) - 1:
+            if not merge_slashes:
+                raise _refuse("empty_segment", "'//' in path")
+            continue
+        kept.append(segment)
+    path = "/" + "/".join(s.decode("ascii") for s in kept)
+    return path, raw_query.decode("ascii")
+
+
+def path_segments(path: str) -> tuple[str, ...]:
+    """The segments used for matching: one trailing ``/`` is not significant.
+
+    ``/`` -> ``()``, ``/a`` and ``/a/`` -> ``("a",)``, ``/a/b`` -> ``("a", "b")``.
+    """
+    if path.endswith("/"):
+        path = path[:-1]
+    if not path:
+        return ()
+    return tuple(path.split("/")[1:])
