@@ -46,6 +46,8 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     prefix = loc.prefix
     if prefix:
         # The auth scheme is case-insensitive (RFC 9110 11.1); the token is not.
+        if value.lower() == prefix.strip().lower():
+            raise TokenInvalid(MALFORMED, "empty token")  # "Bearer" alone (OWS stripped)
         if value[: len(prefix)].lower() != prefix.lower():
             return []
         value = value[len(prefix):].strip()

@@ -1,0 +1,75 @@
+"""Token extraction: locations, and ambiguity refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.authn.extract import extract_tokens, remove_token
+from sidecar.authn.jwt import TokenInvalid
+from sidecar.policy.sections import TokenLocation
+from tests.test_authn_support import COOKIE_LOCATION, QUERY_LOCATION, provider
+
+BEARER = TokenLocation("header", "authorization", "Bearer ")
+ALL = provider(locations=(BEARER, QUERY_LOCATION, COOKIE_LOCATION))
+
+
+def reason(headers: list, query: str = "", prov=ALL) -> str:
+    with pytest.raises(TokenInvalid) as info:
+        extract_tokens(prov, headers, query)
+    return info.value.reason
+
+
+def test_bearer_header() -> None:
+    found = extract_tokens(ALL, [(b"authorization", b"Bearer abc.def.ghi")], "")
+    assert found is not None and found.token == "abc.def.ghi" and found.locations == (BEARER,)
+    assert extract_tokens(ALL, [(b"authorization", b"bearer  abc ")], "").token == "abc"
+
+
+def test_other_scheme_is_not_a_token() -> None:
+    assert extract_tokens(ALL, [(b"authorization", b"Basic dXNlcjpwdw==")], "") is None
+    assert extract_tokens(ALL, [], "") is None
+
+
+def test_query_and_cookie() -> None:
+    assert extract_tokens(ALL, [], "a=1&access_token=q.q.q").token == "q.q.q"
+    found = extract_tokens(ALL, [(b"cookie", b"theme=dark; session=c.c.c")], "")
+    assert found.token == "c.c.c" and found.locations == (COOKIE_LOCATION,)
+
+
+def test_two_authorization_headers_refused() -> None:
+    same = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer a")]
+    assert reason(same) == "multiple_tokens"
+    mixed = [(b"authorization", b"Basic x"), (b"authorization", b"Bearer a")]
+    assert reason(mixed) == "multiple_tokens"
+
+
+def test_token_in_two_places_refused() -> None:
+    assert reason([(b"authorization", b"Bearer a.b.c")], "access_token=x.y.z") == \
+        "multiple_tokens"
+    assert reason([(b"cookie", b"session=x.y.z")], "access_token=a.b.c") == "multiple_tokens"
+    assert reason([], "access_token=a&access_token=a") == "multiple_tokens"
+    assert reason([(b"cookie", b"session=a"), (b"cookie", b"session=b")]) == "multiple_tokens"
+
+
+def test_same_token_in_two_places_is_one_token() -> None:
+    found = extract_tokens(ALL, [(b"authorization", b"Bearer a.b.c")], "access_token=a.b.c")
+    assert found.token == "a.b.c" and found.locations == (BEARER, QUERY_LOCATION)
+
+
+def test_only_configured_locations_count() -> None:
+    header_only = provider()
+    assert extract_tokens(header_only, [], "access_token=a.b.c") is None
+
+
+def test_empty_token_is_malformed() -> None:
+    assert reason([(b"authorization", b"Bearer ")]) == "malformed"
+
+
+def test_remove_token_everywhere() -> None:
+    headers = [(b"authorization", b"Bearer t"), (b"cookie", b"theme=dark; session=t"),
+               (b"accept", b"*/*")]
+    out, query = remove_token(headers, "a=1&access_token=t&b=2", ALL.locations)
+    assert out == [(b"cookie", b"theme=dark"), (b"accept", b"*/*")]
+    assert query == "a=1&b=2"
+    out, _ = remove_token([(b"cookie", b"session=t")], "", ALL.locations)
+    assert out == []
