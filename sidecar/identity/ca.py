@@ -138,7 +138,10 @@ class DevCA:
         cls, trust_domain: str, *, key_type: KeyType = "ec256", now: float | None = None
     ) -> DevCA:
         """A new self-signed root CA for ``trust_domain``."""
-        td = parse_spiffe_id(f"spiffe://{trust_domain}").trust_domain
+        parsed = parse_spiffe_id(f"spiffe://{trust_domain}")
+        if parsed.path:
+            raise ValueError(f"trust domain {trust_domain!r} must not contain '/'")
+        td = parsed.trust_domain
         key = generate_key(key_type)
         name = x509.Name(
             [

@@ -123,7 +123,9 @@ def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, 
         dns = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         uris, dns = [], []
-    if _is_ca(cert):
+    # A signing certificate names only the trust domain; a CA flag on anything that names
+    # a workload is a broken SVID, and the rule check below says so.
+    if _is_ca(cert) and all(u.rstrip("/").count("/") <= 2 for u in uris):
         svid = "not applicable (CA certificate)"
     else:
         try:
