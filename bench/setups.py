@@ -52,6 +52,7 @@ class Setup:
 
     name: str = ""
     proxies: dict[str, Started] = field(default_factory=dict)  # "A"/"B" -> process
+    ports: dict[str, int] = field(default_factory=dict)  # "A"/"B" -> listening port
 
     def unavailable(self) -> str | None:
         """Why this setup cannot run here, or None when it can."""
@@ -168,6 +169,7 @@ class SidecarSetup(Setup):
             started = ctx.group.start(f"sidecar-{role}", [*sidecar_command(), conf], env=env,
                                       cwd=REPO_ROOT)
             self.proxies[role] = started
+            self.ports[role] = listen
             try:
                 wait_for_port(listen, proc=started.proc)
             except RuntimeError as exc:
@@ -236,6 +238,7 @@ class NginxSetup(Setup):
                                          workers=ctx.workers))
             started = ctx.group.start(f"nginx-{role}", [nginx, "-c", conf, "-p", ctx.workdir])
             self.proxies[role] = started
+            self.ports[role] = listen
             wait_for_port(listen, proc=started.proc)
         return port_a
 
@@ -352,6 +355,7 @@ class EnvoySetup(Setup):
                 [envoy, "-c", conf, "--concurrency", str(ctx.workers), "--log-level", "warn",
                  "--use-dynamic-base-id", "--disable-hot-restart"])
             self.proxies[role] = started
+            self.ports[role] = listen
             try:
                 wait_for_port(listen, proc=started.proc)
             except RuntimeError as exc:
