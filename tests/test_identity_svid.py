@@ -19,6 +19,7 @@ from sidecar.identity.svid import (
     peer_cache_statistics,
     peer_identity_from_der,
     snapshot_paths,
+    svid_files_signature,
     validate_svid_leaf,
 )
 
@@ -286,3 +287,22 @@ def test_plain_files_and_symlinks_outside_data_are_read_as_is(ca: DevCA, tmp_pat
     link = tmp_path / "link.crt"
     os.symlink(d / "tls.crt", link)
     assert snapshot_paths(str(link), str(d / "tls.key")) == (str(link), str(d / "tls.key"))
+
+
+def test_files_signature_changes_on_data_swap_and_rewrite(ca: DevCA, tmp_path: Path) -> None:
+    volume = _kubernetes_volume(ca, tmp_path / "vol", "gen1")
+    paths = [str(volume / n) for n in ("tls.crt", "tls.key", "ca.crt")]
+    first = svid_files_signature(*paths)
+    assert all(first) and first == svid_files_signature(*paths)
+    _swap(ca, volume, "gen2")
+    second = svid_files_signature(*paths)
+    assert all(a != b for a, b in zip(first, second, strict=True))
+
+    plain = _write(ca, tmp_path / "plain")
+    plain_paths = [str(plain / n) for n in ("tls.crt", "tls.key", "ca.crt")]
+    before = svid_files_signature(*plain_paths)
+    _write(ca, tmp_path / "plain")  # write_svid replaces files: new inodes
+    after = svid_files_signature(*plain_paths)
+    assert before[0] != after[0] and before[1] != after[1]
+    (plain / "tls.key").unlink()
+    assert svid_files_signature(*plain_paths)[1] is None

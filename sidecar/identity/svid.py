@@ -255,6 +255,29 @@ def snapshot_paths(*paths: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+FileSignature = tuple[str, int, int, int, int]
+
+
+def svid_files_signature(*paths: str) -> tuple[FileSignature | None, ...]:
+    """A cheap change detector for a rotation watcher: per file (after ``..data``
+    resolution) its resolved path, device, inode, size and mtime in ns; None if missing.
+
+    When the tuple differs from the last one seen, call ``load_svid`` again. A Kubernetes
+    ``..data`` swap changes the resolved paths; an in-place rewrite changes inode, size or
+    mtime. Equal signatures can still hide a same-size rewrite within one mtime tick, so a
+    watcher should also reload on a slow timer.
+    """
+    out: list[FileSignature | None] = []
+    for path in snapshot_paths(*paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def _read(path: str, shown: str) -> bytes:
     try:
         with open(path, "rb") as f:
