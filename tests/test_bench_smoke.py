@@ -1,0 +1,113 @@
+"""Smoke tests of the benchmark harness pieces that do not need the sidecar.
+
+Real processes and sockets on 127.0.0.1; every load run is bounded to about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import loadgen, micro_tls  # noqa: E402
+from bench.app import UPLOAD_PATH, body_path, start_app  # noqa: E402
+from bench.certs import CLIENT_ID, SERVER_ID, make_mesh_certs  # noqa: E402
+from bench.procs import ProcessGroup, cpu_seconds, peak_rss_bytes  # noqa: E402
+from bench.report import ScenarioResult, ratios, render_table  # noqa: E402
+
+
+@pytest.fixture
+def trio_app(tmp_path):  # type: ignore[no-untyped-def]
+    """The fallback Trio/h11 app as a real subprocess, stopped by pid afterwards."""
+    group = ProcessGroup(str(tmp_path))
+    try:
+        yield start_app(group, str(tmp_path), [100], prefer_nginx=False), group
+    finally:
+        group.close()
+
+
+def test_builtin_generator_against_fallback_app(trio_app) -> None:  # type: ignore[no-untyped-def]
+    app, _ = trio_app
+    assert app.kind == "trio-h11"
+    res = loadgen.run_builtin("127.0.0.1", app.port, body_path(100), connections=2,
+                              duration=0.7)
+    assert res.requests > 10
+    assert res.errors == 0 and res.non_2xx == 0
+    assert 0 < res.p50_us <= res.p90_us <= res.p99_us <= res.max_us
+    assert res.rps == pytest.approx(res.requests / res.duration_s)
+
+    post = loadgen.run_builtin("127.0.0.1", app.port, UPLOAD_PATH, connections=1,
+                               duration=0.5, method="POST", body_size=65536)
+    assert post.requests > 0 and post.errors == 0 and post.non_2xx == 0
+
+
+def test_builtin_generator_counts_non_2xx(trio_app) -> None:  # type: ignore[no-untyped-def]
+    app, _ = trio_app
+    res = loadgen.run_builtin("127.0.0.1", app.port, "/missing", connections=1, duration=0.3)
+    assert res.requests > 0 and res.non_2xx == res.requests
+
+
+def test_process_group_stops_children_by_pid(trio_app) -> None:  # type: ignore[no-untyped-def]
+    app, group = trio_app
+    pid = app.started.pid
+    assert cpu_seconds(pid) >= 0 and peak_rss_bytes(pid) > 0
+    group.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.started.proc.poll() is not None
+
+
+def test_parse_wrk_result_line() -> None:
+    out = ("Running 1s test\n"
+           'BENCHJSON {"requests":2000,"duration_us":2000000,"connect":1,"read":2,"write":0,'
+           '"status":5,"timeout":3,"p50":100,"p90":200,"p99":900,"max":1500}\n')
+    res = loadgen.parse_wrk_output(out)
+    assert res.rps == 1000 and res.errors == 6 and res.non_2xx == 5
+    assert (res.p50_us, res.p90_us, res.p99_us, res.max_us) == (100, 200, 900, 1500)
+    with pytest.raises(RuntimeError):
+        loadgen.parse_wrk_output("no result here")
+
+
+def test_wrk_script_sets_post_body() -> None:
+    script = loadgen.wrk_script("POST", 65536)
+    assert 'wrk.method = "POST"' in script and 'string.rep("x", 65536)' in script
+    assert "wrk.body" not in loadgen.wrk_script("GET", 100)
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert loadgen.percentile(values, 50) == 50
+    assert loadgen.percentile(values, 99) == 99
+    assert loadgen.percentile([], 50) == 0
+
+
+def _result(setup: str, rps: float, p50: float, cpu: float | None) -> ScenarioResult:
+    load = {"rps": rps, "p50_us": p50, "p90_us": p50, "p99_us": p50, "errors": 0, "non_2xx": 0}
+    return ScenarioResult(setup, "GET", 100, 50, "ok", "", load,
+                          {} if cpu is None else {"A": cpu, "B": cpu})
+
+
+def test_ratios_against_envoy_and_direct() -> None:
+    results = [_result("direct", 10000, 100, None), _result("envoy", 2000, 600, 200),
+               _result("sidecar", 4000, 350, 100)]
+    q = ratios(results, results[2])
+    assert q["rps_vs_envoy"] == 2.0 and q["cpu_vs_envoy"] == 0.5
+    assert q["added_p50_us"] == 250 and q["added_p50_vs_envoy"] == 0.5
+    table = render_table(results + [ScenarioResult("nginx", "GET", 100, 50, "skipped", "absent")])
+    assert "skipped: absent" in table and "sidecar" in table
+
+
+def test_generated_certs_complete_an_mtls_handshake(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    certs = make_mesh_certs(str(tmp_path), prefer_project_cli=False)
+    assert (certs.client.spiffe_id, certs.server.spiffe_id) == (CLIENT_ID, SERVER_ID)
+    der = ssl.PEM_cert_to_DER_cert(open(certs.server.cert).read())
+    assert SERVER_ID.encode() in der
+    monkeypatch.setattr(micro_tls, "TIME_BUDGET_S", 0.2)
+    result = micro_tls.measure(str(tmp_path / "tls"))
+    assert result["handshakes"] > 0 and result["server_failures"] == 0
