@@ -233,3 +233,56 @@ def test_contexts_use_the_svid_in_memory_not_the_files(
     moved = replace(server_svid, cert_path=str(tmp_path / "gone"), key_path=str(tmp_path / "gone"))
     server, client = handshake(server_context(moved), client_context(client_svid))
     assert server.error is None and client.error is None
+
+
+def test_two_root_bundle_accepts_peers_from_both_cas(ca: DevCA, tmp_path: Path) -> None:
+    new_ca = DevCA.create(TD)
+    both = ca.bundle_pem + new_ca.bundle_pem
+    old_server = replace(_svid(ca, tmp_path / "s", SERVER_ID), bundle_pem=both)
+    new_client = replace(_svid(new_ca, tmp_path / "c", CLIENT_ID), bundle_pem=both)
+    server, client = handshake(server_context(old_server), client_context(new_client))
+    assert server.error is None and client.error is None
+    assert peer_identity_from_der(server.peer_der).spiffe_id == CLIENT_ID
+
+
+def test_new_context_serves_new_handshakes_while_old_connections_continue(
+    ca: DevCA, tmp_path: Path, client_svid: Svid
+) -> None:
+    old = _svid(ca, tmp_path / "old", SERVER_ID)
+    new = _svid(ca, tmp_path / "new", SERVER_ID)
+    current = [server_context(old)]  # what a reloader swaps
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            conns = []
+            for _ in range(2):
+                raw, _addr = listener.accept()
+                raw.settimeout(TIMEOUT)
+                conns.append(current[0].wrap_socket(raw, server_side=True))
+            for tls in conns:  # echo one byte on each, old connection included
+                tls.sendall(tls.recv(1))
+                tls.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ctx = client_context(client_svid)
+    first = ctx.wrap_socket(socket.create_connection(listener.getsockname(), timeout=TIMEOUT))
+    current[0] = server_context(new)
+    second = ctx.wrap_socket(socket.create_connection(listener.getsockname(), timeout=TIMEOUT))
+    try:
+        assert first.getpeercert(True) != second.getpeercert(True)
+        assert second.getpeercert(True) == ssl.PEM_cert_to_DER_cert(new.chain_pem.decode())
+        for tls in (first, second):
+            tls.sendall(b"x")
+            assert tls.recv(1) == b"x"
+    finally:
+        first.close()
+        second.close()
+        thread.join(TIMEOUT * 2)
+        listener.close()
+    assert not errors and not thread.is_alive()
