@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 Three jobs, all synchronous and free of clocks (``now`` is passed in):
 
-* ``validate_svid_leaf`` applies the X.509-SVID leaf rules (SPIFFE X509-SVID standard,
-  sections 4 and 5): exactly one URI SAN, which is a valid ``spiffe://`` ID with a path; not
+* ``validate_svid_leaf`` applies the X.509-SVID leaf rules of the SPIFFE X509-SVID
+  standard: exactly one URI SAN, which is a valid ``spiffe://`` ID with a path; not
   a CA; keyUsage present with digitalSignature and without keyCertSign/cRLSign. Each broken
   rule raises ``SvidError`` with a stable ``rule`` code (documented in docs/identity.md).
 
