@@ -1,0 +1,118 @@
+"""AdmissionReview (admission.k8s.io/v1) in, AdmissionReview out -- pure, no I/O.
+
+Theory of operation
+-------------------
+``review_pod(body, options)`` takes the raw request body the API server POSTed and returns
+an ``AdmissionAnswer`` (HTTP status + JSON document) for the webhook server to send:
+
+* a body that is not a well-formed AdmissionReview v1 (bad JSON, wrong apiVersion/kind, no
+  ``request.uid``, a CREATE without an ``object``) -> 400 with ``{"error": "..."}`` naming
+  what is wrong. The API server then applies the webhook's ``failurePolicy`` (Fail).
+* a Pod CREATE -> 200, ``allowed: true``, and, when ``inject_pod_spec`` changed the pod, a
+  base64 RFC 6902 patch (``patchType: JSONPatch``) computed from the before/after pods.
+* anything else (other kinds, other operations, opted-out or already-injected pods) ->
+  200, ``allowed: true``, no patch. The webhook configuration only sends pod CREATEs; the
+  rest is answered harmlessly rather than refused.
+* a pod the injector refuses (``InjectError``) -> 200 with ``allowed: false`` and a 400
+  status whose message says why: a pod that would start without its mesh identity is
+  denied (fail closed), and the message is about the user's own manifest.
+
+The ``uid`` is always echoed, as the API server requires.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.k8s.inject import InjectError, InjectOptions, inject_pod_spec
+from sidecar.k8s.patch import json_patch
+
+ADMISSION_API_VERSION = "admission.k8s.io/v1"
+MAX_REVIEW_BYTES = 3 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AdmissionAnswer:
+    """What the webhook server sends back: an HTTP status and a JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    injected: bool = False
+
+    def encode(self) -> bytes:
+        """The JSON body as bytes."""
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+
+def _bad_request(message: str) -> AdmissionAnswer:
+    return AdmissionAnswer(400, {"error": f"malformed AdmissionReview: {message}"})
+
+
+def _review(uid: str, response: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": ADMISSION_API_VERSION,
+        "kind": "AdmissionReview",
+        "response": {"uid": uid, **response},
+    }
+
+
+def _is_pod(request: dict[str, Any]) -> bool:
+    kind = request.get("kind")
+    if not isinstance(kind, dict):
+        return False
+    return kind.get("group", "") == "" and kind.get("kind") == "Pod"
+
+
+def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
+    """Answer one AdmissionReview request body (see the module docstring)."""
+    if len(body) > MAX_REVIEW_BYTES:
+        return AdmissionAnswer(413, {"error": f"AdmissionReview larger than "
+                                              f"{MAX_REVIEW_BYTES} bytes"})
+    try:
+        review = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _bad_request(f"body is not JSON ({exc})")
+    if not isinstance(review, dict):
+        return _bad_request("body is not a JSON object")
+    if review.get("apiVersion") != ADMISSION_API_VERSION:
+        return _bad_request(f"apiVersion must be {ADMISSION_API_VERSION!r}, "
+                            f"got {review.get('apiVersion')!r}")
+    if review.get("kind") != "AdmissionReview":
+        return _bad_request(f"kind must be 'AdmissionReview', got {review.get('kind')!r}")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        return _bad_request("'request' is missing or not an object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        return _bad_request("'request.uid' is missing or not a string")
+
+    if not _is_pod(request) or request.get("operation") != "CREATE":
+        return AdmissionAnswer(200, _review(uid, {"allowed": True}))
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        return _bad_request("'request.object' is missing or not an object")
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return _bad_request("'request.object.spec' is missing or not an object")
+    meta = pod.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        return _bad_request("'request.object.metadata' is not an object")
+
+    try:
+        result = inject_pod_spec(meta, spec, options)
+    except InjectError as exc:
+        return AdmissionAnswer(200, _review(uid, {
+            "allowed": False,
+            "status": {"code": 400, "reason": "BadRequest", "message": str(exc)},
+        }))
+    if result is None:
+        return AdmissionAnswer(200, _review(uid, {"allowed": True}))
+    after = dict(pod)
+    after["metadata"], after["spec"] = result
+    ops = json_patch(pod, after)
+    patch = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
+    return AdmissionAnswer(200, _review(uid, {
+        "allowed": True, "patchType": "JSONPatch", "patch": patch}), injected=True)

@@ -1,0 +1,364 @@
+"""Sidecar injection into Kubernetes pod templates: one pure function, used by both the
+``sidecar inject`` CLI and the admission webhook.
+
+Theory of operation
+-------------------
+``inject_pod_spec(meta, spec, options)`` looks at one pod template (its ``metadata`` and
+``spec`` as plain dicts, as YAML/JSON give them) and returns new dicts with the sidecar
+added, or ``None`` when the pod must be left alone:
+
+* opted out: annotation or label ``sidecar.mesh.dev/inject: "false"``;
+* ``hostNetwork: true`` (the sidecar's ports would collide on the node and it would
+  intercept the node's traffic, not the pod's);
+* already injected: the status annotation ``sidecar.mesh.dev/status: injected`` is set, or a
+  container named ``mesh-sidecar`` already exists. This is what makes a second pass (CLI run
+  twice, webhook re-invoked by ``reinvocationPolicy``) change nothing.
+
+The inputs are never modified (deep copies), so callers can diff before/after to build
+an RFC 6902 JSON patch (``sidecar.k8s.patch``).
+
+App probes: the kubelet probes the pod IP, but with the mesh in front the app only needs to
+listen on 127.0.0.1 -- so ``httpGet`` probes of app containers are rewritten to the sidecar's
+health port (``/app-health/<container>/<livez|readyz|startupz>``) and the originals are handed
+to the sidecar in ``SIDECAR_APP_PROBES`` (JSON); the sidecar forwards them to 127.0.0.1:port.
+``tcpSocket``, ``exec`` and ``grpc`` probes are left as they are, and so are ``httpGet``
+probes with an explicit ``host`` or a named port the container does not declare (we could
+not forward them faithfully).
+
+Where a pod cannot be injected safely (a volume name we need is taken by a different
+volume), ``InjectError`` is raised rather than producing a pod that would start without
+its identity: the webhook then denies the pod (fail closed) and the CLI exits non-zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Public names (documented in deploy/k8s/README.md): annotations, label, container, volumes.
+INJECT_ANNOTATION = "sidecar.mesh.dev/inject"  # "false" on a pod (annotation or label) opts out
+STATUS_ANNOTATION = "sidecar.mesh.dev/status"  # set to "injected" by the injector
+STATUS_INJECTED = "injected"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+OPT_OUT_VALUES = frozenset({"false", "disabled", "no", "off"})
+
+SIDECAR_CONTAINER = "mesh-sidecar"
+SVID_VOLUME = "mesh-sidecar-svid"
+POLICY_VOLUME = "mesh-sidecar-policy"
+CONFIG_VOLUME = "mesh-sidecar-config"
+AUDIT_VOLUME = "mesh-sidecar-audit"
+
+SVID_DIR = "/var/run/sidecar/svid"
+POLICY_DIR = "/etc/sidecar/policy"
+CONFIG_DIR = "/etc/sidecar/config"
+AUDIT_DIR = "/var/log/sidecar"
+CONFIG_FILE = "sidecar.yaml"
+
+APP_PROBES_ENV = "SIDECAR_APP_PROBES"
+APP_HEALTH_PREFIX = "/app-health"
+SPIFFE_CSI_DRIVER = "spiffe.csi.cert-manager.io"
+
+SIDECAR_UID = 65532
+
+# Probe field -> the kind segment used in /app-health/<container>/<kind>.
+_PROBE_KINDS: dict[str, str] = {
+    "livenessProbe": "livez",
+    "readinessProbe": "readyz",
+    "startupProbe": "startupz",
+}
+
+# Pod-template locations per workload kind (path of dict keys to the pod template).
+_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+class InjectError(ValueError):
+    """The pod cannot be injected safely; the message says why (it is about the user's pod)."""
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    """Everything the injector adds that a cluster operator may want to change.
+
+    ``cert_secret`` switches the workload certificate source from the csi-driver-spiffe
+    CSI volume (default) to a Secret holding ``tls.crt``, ``tls.key`` and ``ca.crt``.
+    """
+
+    image: str = "ghcr.io/mesh-dev/trio-mesh-sidecar:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    native: bool = True
+    cert_secret: str | None = None
+    csi_volume_attributes: dict[str, str] = field(
+        default_factory=lambda: {"spiffe.csi.cert-manager.io/fs-group": str(SIDECAR_UID)})
+    policy_configmap: str = "mesh-policy"
+    config_configmap: str = "mesh-sidecar-config"
+    inbound_port: int = 15443
+    health_port: int = 15021
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    cpu_limit: str = "500m"
+    memory_limit: str = "256Mi"
+    audit_size_limit: str = "256Mi"
+
+
+def _opted_out(meta: dict[str, Any]) -> bool:
+    for section in ("annotations", "labels"):
+        values = meta.get(section) or {}
+        value = values.get(INJECT_ANNOTATION)
+        if isinstance(value, str) and value.strip().lower() in OPT_OUT_VALUES:
+            return True
+    return False
+
+
+def _already_injected(meta: dict[str, Any], spec: dict[str, Any]) -> bool:
+    if (meta.get("annotations") or {}).get(STATUS_ANNOTATION) == STATUS_INJECTED:
+        return True
+    for key in ("containers", "initContainers"):
+        for container in spec.get(key) or []:
+            if isinstance(container, dict) and container.get("name") == SIDECAR_CONTAINER:
+                return True
+    return False
+
+
+def should_inject(meta: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """True when ``inject_pod_spec`` would change this pod template."""
+    return not (_opted_out(meta) or spec.get("hostNetwork") is True
+                or _already_injected(meta, spec))
+
+
+def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
+    if isinstance(port, int) and not isinstance(port, bool):
+        return port
+    if isinstance(port, str):
+        if port.isdigit():
+            return int(port)
+        for declared in container.get("ports") or []:
+            if declared.get("name") == port and isinstance(declared.get("containerPort"), int):
+                return int(declared["containerPort"])
+    return None
+
+
+def _rewrite_app_probes(containers: list[dict[str, Any]],
+                        options: InjectOptions) -> dict[str, dict[str, Any]]:
+    """Point app ``httpGet`` probes at the sidecar's health port; return the originals."""
+    originals: dict[str, dict[str, Any]] = {}
+    for container in containers:
+        name = container.get("name")
+        if not isinstance(name, str):
+            continue
+        for probe_key, kind in _PROBE_KINDS.items():
+            probe = container.get(probe_key)
+            if not isinstance(probe, dict) or not isinstance(probe.get("httpGet"), dict):
+                continue
+            http_get = probe["httpGet"]
+            port = _resolve_port(http_get.get("port"), container)
+            if port is None or http_get.get("host"):
+                continue
+            health_path = f"{APP_HEALTH_PREFIX}/{name}/{kind}"
+            originals[health_path] = {
+                "port": port,
+                "path": http_get.get("path") or "/",
+                "scheme": http_get.get("scheme") or "HTTP",
+            }
+            rewritten: dict[str, Any] = {"path": health_path, "port": options.health_port,
+                                         "scheme": "HTTP"}
+            if http_get.get("httpHeaders"):
+                rewritten["httpHeaders"] = http_get["httpHeaders"]
+            probe["httpGet"] = rewritten
+    return originals
+
+
+def _health_probe(path: str, options: InjectOptions, *, period: int,
+                  failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": options.health_port, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    }
+
+
+def sidecar_container(options: InjectOptions,
+                      app_probes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The sidecar container as a pod-spec dict (a native sidecar when ``options.native``)."""
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if app_probes:
+        env.append({"name": APP_PROBES_ENV,
+                    "value": json.dumps(app_probes, sort_keys=True, separators=(",", ":"))})
+    container: dict[str, Any] = {
+        "name": SIDECAR_CONTAINER,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "args": ["run", "-c", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": [
+            {"name": "mesh-inbound", "containerPort": options.inbound_port, "protocol": "TCP"},
+            {"name": "mesh-health", "containerPort": options.health_port, "protocol": "TCP"},
+        ],
+        "env": env,
+        "resources": {
+            "requests": {"cpu": options.cpu_request, "memory": options.memory_request},
+            "limits": {"cpu": options.cpu_limit, "memory": options.memory_limit},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SIDECAR_UID,
+            "runAsGroup": SIDECAR_UID,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # Up to 60 s to load certificates and policy; readiness then gates traffic.
+        "startupProbe": _health_probe("/readyz", options, period=1, failures=60),
+        "readinessProbe": _health_probe("/readyz", options, period=5, failures=3),
+        "livenessProbe": _health_probe("/healthz", options, period=10, failures=3),
+        "volumeMounts": [
+            {"name": SVID_VOLUME, "mountPath": SVID_DIR, "readOnly": True},
+            # Whole directories, never subPath: subPath mounts never see ConfigMap updates.
+            {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": AUDIT_VOLUME, "mountPath": AUDIT_DIR},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if options.native:
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
+    """The volumes the sidecar container mounts."""
+    if options.cert_secret:
+        svid: dict[str, Any] = {"name": SVID_VOLUME,
+                                "secret": {"secretName": options.cert_secret}}
+    else:
+        csi: dict[str, Any] = {"driver": SPIFFE_CSI_DRIVER, "readOnly": True}
+        if options.csi_volume_attributes:
+            csi["volumeAttributes"] = dict(options.csi_volume_attributes)
+        svid = {"name": SVID_VOLUME, "csi": csi}
+    return [
+        svid,
+        {"name": POLICY_VOLUME, "configMap": {"name": options.policy_configmap}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": options.config_configmap}},
+        {"name": AUDIT_VOLUME, "emptyDir": {"sizeLimit": options.audit_size_limit}},
+    ]
+
+
+def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
+                    options: InjectOptions) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Return ``(metadata, spec)`` of the pod template with the sidecar, or ``None``.
+
+    ``None`` means "leave it unchanged": opted out, ``hostNetwork``, or already injected.
+    The arguments are not modified. Raises ``InjectError`` when a volume name the sidecar
+    needs is already used by the pod for something else.
+    """
+    meta_in = pod_meta or {}
+    if not isinstance(pod_spec, dict) or not should_inject(meta_in, pod_spec):
+        return None
+    meta = copy.deepcopy(meta_in)
+    spec = copy.deepcopy(pod_spec)
+
+    containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
+    app_probes = _rewrite_app_probes(containers, options)
+    container = sidecar_container(options, app_probes)
+
+    volumes = list(spec.get("volumes") or [])
+    taken = {v.get("name") for v in volumes if isinstance(v, dict)}
+    for volume in sidecar_volumes(options):
+        if volume["name"] in taken:
+            raise InjectError(f"pod already has a volume named {volume['name']!r}, which the "
+                              "mesh sidecar needs; rename it or opt out with the annotation "
+                              f"{INJECT_ANNOTATION}: \"false\"")
+        volumes.append(volume)
+    spec["volumes"] = volumes
+
+    if options.native:
+        # First among init containers, so later init containers already have the mesh.
+        spec["initContainers"] = [container, *(spec.get("initContainers") or [])]
+    else:
+        spec["containers"] = [container, *(spec.get("containers") or [])]
+
+    annotations = dict(meta.get("annotations") or {})
+    annotations[STATUS_ANNOTATION] = STATUS_INJECTED
+    if containers and DEFAULT_CONTAINER_ANNOTATION not in annotations:
+        # `kubectl logs/exec` keep going to the app, not to the sidecar.
+        first = containers[0].get("name")
+        if isinstance(first, str):
+            annotations[DEFAULT_CONTAINER_ANNOTATION] = first
+    meta["annotations"] = annotations
+    return meta, spec
+
+
+def _inject_template(doc: dict[str, Any], path: tuple[str, ...],
+                     options: InjectOptions) -> tuple[dict[str, Any], bool]:
+    """Inject the pod template at ``path`` inside ``doc``; copy-on-write."""
+    holder: Any = doc
+    for key in path[:-1]:
+        holder = holder.get(key) if isinstance(holder, dict) else None
+    template = holder.get(path[-1]) if isinstance(holder, dict) else None
+    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
+        return doc, False
+    result = inject_pod_spec(template.get("metadata"), template["spec"], options)
+    if result is None:
+        return doc, False
+    out = copy.deepcopy(doc)
+    target: Any = out
+    for key in path:
+        target = target[key]
+    target["metadata"], target["spec"] = result
+    return out, True
+
+
+def inject_document(doc: Any, options: InjectOptions) -> tuple[Any, int]:
+    """One manifest document -> (document, number of pod templates injected).
+
+    Kinds without a pod template, and documents that are not mappings, pass through as is.
+    """
+    if not isinstance(doc, dict):
+        return doc, 0
+    kind = doc.get("kind")
+    if kind == "Pod":
+        if not isinstance(doc.get("spec"), dict):
+            return doc, 0
+        result = inject_pod_spec(doc.get("metadata"), doc["spec"], options)
+        if result is None:
+            return doc, 0
+        out = dict(doc)
+        out["metadata"], out["spec"] = result
+        return out, 1
+    if isinstance(kind, str) and kind in _TEMPLATE_PATHS:
+        out, changed = _inject_template(doc, _TEMPLATE_PATHS[kind], options)
+        return out, int(changed)
+    if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
+        count = 0
+        items = []
+        for item in doc["items"]:
+            new_item, n = inject_document(item, options)
+            items.append(new_item)
+            count += n
+        if count == 0:
+            return doc, 0
+        out = dict(doc)
+        out["items"] = items
+        return out, count
+    return doc, 0
+
+
+def inject_documents(docs: Iterable[Any], options: InjectOptions) -> list[Any]:
+    """Inject every pod template found in ``docs`` (order kept; other kinds unchanged)."""
+    return [inject_document(doc, options)[0] for doc in docs]

@@ -1,0 +1,389 @@
+"""The mutating admission webhook server: HTTPS (stdlib ssl) served with Trio and h11.
+
+Theory of operation
+-------------------
+The decision is made by ``sidecar.k8s.admission.review_pod`` (pure); this module only moves
+bytes and bounds every wait:
+
+* ``ServingCertificate`` holds the current ``ssl.SSLContext``. ``refresh()`` re-reads the
+  certificate and key files and, if their bytes changed, builds a new context and swaps it
+  in one assignment. Each new connection wraps its socket with whatever context is current
+  at accept time, so new handshakes use the new certificate and connections already open
+  keep theirs. A new pair that does not load (key/cert mismatch, half-written files during
+  a Secret ``..data`` swap, expired) is reported and the old context stays; the next poll
+  tries again. ``watch()`` polls every few seconds: cert-manager rotates weeks ahead of
+  expiry, so polling is cheap and avoids inotify's symlink-swap pitfalls.
+* ``serve_webhook`` accepts at most ``max_connections`` connections at once (a semaphore is
+  taken *before* accept, so excess clients wait in the kernel backlog instead of growing our
+  memory). Each connection: TLS handshake under a timeout, then up to
+  ``max_requests_per_connection`` keep-alive requests, each with a deadline for its head and
+  body, an idle timeout between requests and a body cap (3 MiB by default; bigger -> 413).
+* Routes: ``POST /mutate`` -> AdmissionReview answer; ``GET /healthz`` -> 200; a known path
+  with another method -> 405 with ``Allow``; anything else -> 404. Malformed reviews get a
+  400 JSON body and the connection (and server) carry on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+from cryptography import x509
+
+from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
+from sidecar.k8s.inject import InjectOptions
+from sidecar.logs import log
+
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class WebhookLimits:
+    """Bounds on everything a client can make the webhook wait for or hold."""
+
+    max_body: int = MAX_REVIEW_BYTES
+    max_head: int = 16 * 1024
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0  # head + body of one request, and sending the answer
+    idle_timeout: float = 60.0  # between keep-alive requests
+    max_connections: int = 128
+    max_requests_per_connection: int = 1000
+
+
+class CertificateLoadError(Exception):
+    """The webhook's certificate/key files could not be turned into a server context."""
+
+
+def _server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+class ServingCertificate:
+    """The webhook's serving certificate, swapped atomically when its files change."""
+
+    def __init__(self, cert_path: str, key_path: str, now: float) -> None:
+        """Load the pair now; raises ``CertificateLoadError`` (fail at start, not later)."""
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self._digest = b""
+        self._context: ssl.SSLContext | None = None
+        self.reloads = 0
+        self.failures = 0
+        self.last_error = ""
+        self.not_after = 0.0
+        if not self.refresh(now):
+            raise CertificateLoadError(self.last_error)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context new connections are wrapped with."""
+        assert self._context is not None  # set by __init__ or it raised
+        return self._context
+
+    def _read_digest(self) -> tuple[bytes, bytes]:
+        with open(self.cert_path, "rb") as f:
+            cert = f.read()
+        with open(self.key_path, "rb") as f:
+            key = f.read()
+        return hashlib.sha256(cert + b"\0" + key).digest(), cert
+
+    def refresh(self, now: float) -> bool:
+        """Reload if the files changed; True when a new context was swapped in."""
+        try:
+            digest, cert_pem = self._read_digest()
+            if digest == self._digest:
+                return False
+            leaf = x509.load_pem_x509_certificate(cert_pem)
+            not_after = leaf.not_valid_after_utc.timestamp()
+            if not_after <= now:
+                raise CertificateLoadError(
+                    f"certificate {self.cert_path} expired at "
+                    f"{leaf.not_valid_after_utc.isoformat()}")
+            if leaf.not_valid_before_utc.timestamp() > now + 300:
+                raise CertificateLoadError(f"certificate {self.cert_path} is not valid yet")
+            ctx = _server_context(self.cert_path, self.key_path)
+            # The files may have moved on while OpenSSL read them; only trust a pair that
+            # was stable across the whole load (else retry on the next poll).
+            if self._read_digest()[0] != digest:
+                raise CertificateLoadError("certificate files changed while loading")
+        except (OSError, ValueError, ssl.SSLError, CertificateLoadError) as exc:
+            self.failures += 1
+            self.last_error = str(exc) or type(exc).__name__
+            log("webhook_cert_reload_failed", "warning", cert=self.cert_path,
+                error=self.last_error)
+            return False
+        first = self._context is None
+        self._context, self._digest, self.not_after = ctx, digest, not_after
+        if not first:
+            self.reloads += 1
+            log("webhook_cert_reloaded", "info", cert=self.cert_path,
+                not_after=leaf.not_valid_after_utc.isoformat())
+        return True
+
+    def statistics(self) -> dict[str, Any]:
+        """Reload counters and the current certificate's expiry (epoch seconds)."""
+        return {"reloads": self.reloads, "failures": self.failures,
+                "not_after": self.not_after, "last_error": self.last_error}
+
+    async def watch(self, interval: float, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll the files every ``interval`` seconds until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            self.refresh(_wall_clock())
+
+
+def _wall_clock() -> float:
+    return dt.datetime.now(dt.UTC).timestamp()
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Closed(Exception):
+    pass
+
+
+class _Connection:
+    """One HTTPS connection: an SSLStream plus an h11 server state machine."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], limits: WebhookLimits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+
+    async def next_event(self, deadline: float) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _Closed() from exc
+                self.h11.receive_data(data)
+                continue
+            raise _Timeout()
+
+    async def send(self, status: int, body: bytes, *, content_type: str,
+                   keep_alive: bool, extra: list[tuple[str, str]] | None = None) -> None:
+        headers = [("content-type", content_type), ("content-length", str(len(body)))]
+        headers.extend(extra or [])
+        if not keep_alive:
+            headers.append(("connection", "close"))
+        data = self.h11.send(h11.Response(status_code=status, headers=headers))
+        data = (data or b"") + (self.h11.send(h11.Data(data=body)) or b"")
+        data += self.h11.send(h11.EndOfMessage()) or b""
+        with trio.move_on_after(self.limits.request_timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Closed() from exc
+        if scope.cancelled_caught:
+            raise _Timeout()
+
+    async def send_json(self, status: int, doc: dict[str, Any] | AdmissionAnswer, *,
+                        keep_alive: bool, extra: list[tuple[str, str]] | None = None) -> None:
+        body = doc.encode() if isinstance(doc, AdmissionAnswer) else AdmissionAnswer(
+            status, doc).encode()
+        await self.send(status, body, content_type="application/json",
+                        keep_alive=keep_alive, extra=extra)
+
+
+async def _read_body(conn: _Connection, request: h11.Request, deadline: float) -> bytes | None:
+    """The request body, or None when it is over the cap (the caller answers 413)."""
+    limit = conn.limits.max_body
+    for name, value in request.headers:
+        if name == b"content-length" and int(value) > limit:
+            return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await conn.next_event(deadline)
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                return None
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(chunks)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise _Closed()
+
+
+async def _serve_request(conn: _Connection, request: h11.Request, options: InjectOptions,
+                         deadline: float) -> bool:
+    """Answer one request; True when the connection may be reused."""
+    target = request.target.split(b"?", 1)[0]
+    method = request.method
+    if target == b"/healthz":
+        if method not in (b"GET", b"HEAD"):
+            await conn.send_json(405, {"error": "method not allowed"}, keep_alive=False,
+                                 extra=[("allow", "GET, HEAD")])
+            return False
+        await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=True)
+        return True
+    if target != b"/mutate":
+        await conn.send_json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
+                             keep_alive=False)
+        return False
+    if method != b"POST":
+        await conn.send_json(405, {"error": "method not allowed; use POST"},
+                             keep_alive=False, extra=[("allow", "POST")])
+        return False
+    body = await _read_body(conn, request, deadline)
+    if body is None:
+        log("webhook_bad_request", "warning", error="body too large")
+        await conn.send_json(413, {"error": f"body larger than {conn.limits.max_body} bytes"},
+                             keep_alive=False)
+        return False
+    answer = review_pod(body, options)
+    if answer.status != 200:
+        log("webhook_bad_request", "warning", status=answer.status,
+            error=str(answer.body.get("error", "")))
+    else:
+        response = answer.body.get("response", {})
+        log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
+            allowed=response.get("allowed"))
+    await conn.send_json(answer.status, answer, keep_alive=True)
+    return True
+
+
+async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertificate,
+                            options: InjectOptions, limits: WebhookLimits) -> None:
+    stream = trio.SSLStream(tcp, certificate.context, server_side=True)
+    try:
+        with trio.move_on_after(limits.handshake_timeout) as scope:
+            await stream.do_handshake()
+        if scope.cancelled_caught:
+            return
+        conn = _Connection(stream, limits)
+        for served in range(limits.max_requests_per_connection):
+            wait = limits.request_timeout if served == 0 else limits.idle_timeout
+            try:
+                event = await conn.next_event(trio.current_time() + wait)
+            except h11.RemoteProtocolError as exc:
+                await conn.send_json(exc.error_status_hint,
+                                     {"error": f"bad HTTP request: {exc}"}, keep_alive=False)
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed, or the peer sent nothing in time
+            deadline = trio.current_time() + limits.request_timeout
+            try:
+                reusable = await _serve_request(conn, event, options, deadline)
+            except h11.RemoteProtocolError as exc:
+                await conn.send_json(exc.error_status_hint,
+                                     {"error": f"bad HTTP request: {exc}"}, keep_alive=False)
+                return
+            if not reusable or conn.h11.our_state is not h11.DONE \
+                    or conn.h11.their_state is not h11.DONE:
+                return
+            conn.h11.start_next_cycle()
+    except (_Closed, _Timeout, trio.BrokenResourceError, trio.ClosedResourceError,
+            h11.LocalProtocolError, h11.RemoteProtocolError):
+        pass  # nothing more we can tell this client
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _accept_loop(listener: trio.SocketListener, certificate: ServingCertificate,
+                       options: InjectOptions, limits: WebhookLimits,
+                       slots: trio.Semaphore, nursery: trio.Nursery) -> None:
+    async def run(tcp: trio.SocketStream) -> None:
+        try:
+            await _serve_connection(tcp, certificate, options, limits)
+        finally:
+            slots.release()
+
+    while True:
+        await slots.acquire()
+        try:
+            tcp = await listener.accept()
+        except BaseException:
+            slots.release()
+            raise
+        nursery.start_soon(run, tcp)
+
+
+async def serve_webhook(host: str, port: int, certificate: ServingCertificate,
+                        options: InjectOptions, limits: WebhookLimits | None = None, *,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the webhook until cancelled; ``task_status.started(port)`` once listening."""
+    limits = limits or WebhookLimits()
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    slots = trio.Semaphore(limits.max_connections)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, certificate, options, limits, slots,
+                               nursery)
+        bound = listeners[0].socket.getsockname()[1]
+        log("webhook_listening", "info", host=host, port=bound)
+        task_status.started(bound)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` -> (host, port); ValueError otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen address must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+async def run_webhook(host: str, port: int, certificate: ServingCertificate,
+                      options: InjectOptions, reload_interval: float) -> None:
+    """Serve, watch the certificate files, and stop cleanly on SIGTERM / SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(certificate.watch, reload_interval)
+            await nursery.start(serve_webhook, host, port, certificate, options)
+            async for signum in signals:
+                log("webhook_stopping", "info", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    """``sidecar webhook``: serve the mutating admission webhook until SIGTERM."""
+    from sidecar.k8s.cli import inject_options_from_args
+
+    try:
+        host, port = parse_listen(args.listen)
+        certificate = ServingCertificate(args.cert, args.key, _wall_clock())
+    except (ValueError, CertificateLoadError) as exc:
+        log("webhook_start_failed", "error", error=str(exc))
+        print(f"sidecar webhook: {exc}", file=sys.stderr)
+        return 2
+    trio.run(run_webhook, host, port, certificate, inject_options_from_args(args),
+             float(args.reload_interval))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sidecar.k8s.webhook ...`` (same flags as ``sidecar webhook``)."""
+    from sidecar.k8s.cli import add_webhook_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m sidecar.k8s.webhook")
+    add_webhook_arguments(parser)
+    return cmd_webhook(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
