@@ -1,0 +1,134 @@
+"""explain(): a decision and the trail that led to it, for people writing policies.
+
+Pure: it normalises the raw target exactly as the data path does, runs the same
+``decide`` (so the verdict shown is the verdict enforced), and separately walks every rule
+of the section condition by condition (``rule_trace``-style, unindexed) to show what held
+and what failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import BadRequest
+from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
+from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
+from sidecar.policy.engine import decide
+from sidecar.policy.model import Policy
+from sidecar.policy.paths import normalise_target
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTrail:
+    """One rule as considered for the request."""
+
+    name: str
+    effect: str
+    line: int | None
+    status: str  # "matched", "not matched", "expired", "credentials failed"
+    dry_run: bool
+    conditions: tuple[ConditionResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """The decision for one request, with the normalisation and per-rule trail."""
+
+    identity: str
+    raw_target: str
+    path: str | None
+    query: str
+    normalisation: str
+    decision: Decision | None  # None when the target was refused before policy (400)
+    refused_reason: str | None
+    rules: tuple[RuleTrail, ...] = field(default_factory=tuple)
+    section_found: bool = True
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision is not None and self.decision.allowed
+
+    def render(self) -> str:
+        """Human-readable text for the terminal."""
+        lines = [f"to:     {self.identity}", f"target: {self.raw_target}"]
+        if self.refused_reason is not None:
+            lines.append(f"path:   refused before policy: {self.refused_reason}")
+            lines.append("decision: DENY 400 (ambiguous request target; no rule runs)")
+            return "\n".join(lines)
+        lines.append(f"path:   {self.path}  ({self.normalisation})")
+        if self.query:
+            lines.append(f"query:  {self.query}  (never matched)")
+        if not self.section_found:
+            lines.append("section: none for this identity -> every request is denied")
+        for rule in self.rules:
+            mark = {"matched": "+", "expired": "~"}.get(rule.status, "-")
+            dry = " [dry-run]" if rule.dry_run else ""
+            at = f" (line {rule.line})" if rule.line else ""
+            lines.append(f"  {mark} {rule.effect} {rule.name}{at}{dry}: {rule.status}")
+            for cond in rule.conditions:
+                lines.append(f"      {'ok  ' if cond.held else 'FAIL'} {cond.name}: {cond.detail}")
+        d = self.decision
+        assert d is not None
+        verdict = f"decision: {d.action.upper()}"
+        if d.status:
+            verdict += f" {d.status}"
+        verdict += f"  rule={d.rule!r} reason={d.reason} version={d.version[:12]}"
+        if d.dry_run:
+            verdict += f"  (dry-run: would {d.would})"
+        lines.append(verdict)
+        return "\n".join(lines)
+
+
+def explain(
+    policy: Policy,
+    identity: str,
+    *,
+    caller: str | None,
+    method: str,
+    target: str,
+    host: str = "",
+    port: int = 0,
+    listener: str = "",
+    claims: Mapping[str, Mapping[str, Any]] | None = None,
+    token_errors: Mapping[str, str] | None = None,
+    apikey: str | None = None,
+    now: float,
+    merge_slashes: bool = False,
+    source: str = "127.0.0.1",
+) -> Explanation:
+    """Explain the decision for one request to ``identity``.
+
+    ``target`` is the raw request target (path and optional query) as a client sends it;
+    ``claims`` maps provider name -> verified claims (as the authenticator would report).
+    """
+    try:
+        path, query = normalise_target(target.encode("utf-8"), merge_slashes=merge_slashes)
+    except BadRequest as exc:
+        return Explanation(identity, target, None, "", "", None, exc.reason)
+    raw_path = target.split("?", 1)[0]
+    note = "unchanged" if path == raw_path else f"normalised from {raw_path}"
+    facts = RequestFacts("inbound", caller, source, method.upper(), path, host, port, listener)
+    auth = AuthFacts(claims=dict(claims or {}), token_errors=dict(token_errors or {}),
+                     apikey=apikey)
+    decision = decide(policy, identity, facts, auth, now)
+    section = policy.section(identity)
+    if section is None:
+        return Explanation(identity, target, path, query, note, decision, None, (), False)
+    trail: list[RuleTrail] = []
+    for rule in section.rules:
+        req = request_trace(rule.when, facts, section.trust_domain)
+        creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
+        if rule.expired(now):
+            status = "expired"
+        elif not all(c.held for c in req):
+            status = "not matched"
+        elif not all(c.held for c in creds):
+            status = "credentials failed"
+        else:
+            status = "matched"
+        dry = rule.mode == "dry-run" or (rule.mode is None and section.mode == "dry-run")
+        trail.append(RuleTrail(rule.name, rule.effect, rule.line, status, dry,
+                               tuple(req) + tuple(creds)))
+    return Explanation(identity, target, path, query, note, decision, None, tuple(trail))

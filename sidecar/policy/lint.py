@@ -1,0 +1,252 @@
+"""Warnings about a *valid* policy that probably does not do what its author meant.
+
+Errors (things that cannot work) are the loader's job; lint reports things that work but
+are likely mistakes: rules that can never decide, rules that open too much, references to
+identities that do not exist, break-glass rules that have expired. Pure: takes the loaded
+``Policy`` and ``now``; codes are listed in docs/policy.md.
+
+Coverage ("rule A matches every request rule B matches") is decided per condition, on the
+patterns themselves: it is conservative, so a warning is only given when coverage is
+certain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.policy.compiled import path_pattern_segments
+from sidecar.policy.model import Conditions, Policy, Rule, ServicePolicy, spiffe_segments
+
+SENSITIVE_PREFIXES = (
+    "admin", "debug", "internal", "actuator", "metrics", "_", "console", "management",
+    "private", "env", "config",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LintWarning:
+    """One warning, pointing at the file line and key it is about."""
+
+    file: str
+    line: int | None
+    key: str
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: [{self.code}] {self.message}"
+
+
+Warning = LintWarning  # the name used in the brief and by the CLI
+
+
+def _pattern_covers(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    """Does segment pattern ``outer`` match every path that ``inner`` matches?"""
+    for i, seg in enumerate(outer):
+        if seg == "**" and i == len(outer) - 1:
+            return True
+        if i >= len(inner):
+            return False
+        if inner[i] == "**":
+            return False  # inner reaches arbitrary depth; outer (no ** here) does not
+        if seg != "*" and seg != inner[i]:
+            return False
+    return len(outer) == len(inner)
+
+
+def _list_covers(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None, peers: bool) -> bool:
+    if outer is None:
+        return True
+    if inner is None:
+        return False
+
+    def segs(p: str) -> tuple[str, ...]:
+        if peers:
+            return spiffe_segments(p) or ()
+        return path_pattern_segments(p)
+
+    return all(any(_pattern_covers(segs(o), segs(i)) for o in outer) for i in inner)
+
+
+def _set_covers(outer: frozenset[Any] | None, inner: frozenset[Any] | None) -> bool:
+    return outer is None or (inner is not None and inner <= outer)
+
+
+def covers(a: Conditions, b: Conditions) -> bool:
+    """True when every request matching ``b`` certainly matches ``a`` too."""
+    if not _list_covers(a.peers, b.peers, True) or not _list_covers(a.paths, b.paths, False):
+        return False
+    for name in ("namespaces", "methods", "ports", "listeners", "hosts"):
+        if not _set_covers(getattr(a, name), getattr(b, name)):
+            return False
+    if a.jwt is not None:
+        if b.jwt is None or b.jwt.provider != a.jwt.provider:
+            return False
+        if not set(a.jwt.claims) <= set(b.jwt.claims):
+            return False
+    if a.apikey is not None:
+        if b.apikey is None:
+            return False
+        if isinstance(a.apikey, frozenset) and not (
+            isinstance(b.apikey, frozenset) and b.apikey <= a.apikey
+        ):
+            return False
+    return True
+
+
+def _request_unconstrained(c: Conditions) -> bool:
+    return all(
+        getattr(c, n) is None
+        for n in ("peers", "namespaces", "methods", "paths", "ports", "listeners", "hosts")
+    )
+
+
+def _only_callers(c: Conditions) -> bool:
+    has_caller = c.peers is not None or c.namespaces is not None
+    rest = all(getattr(c, n) is None for n in ("methods", "paths", "ports", "listeners", "hosts"))
+    return has_caller and rest
+
+
+def _only_operation(c: Conditions) -> bool:
+    has_op = any(getattr(c, n) is not None for n in ("methods", "paths", "ports", "hosts"))
+    return has_op and c.peers is None and c.namespaces is None
+
+
+def _reaches_sensitive(c: Conditions) -> str | None:
+    if c.paths is None:
+        return "every path"
+    for pattern in c.paths:
+        segs = path_pattern_segments(pattern)
+        if not segs:
+            continue
+        first = segs[0]
+        if first in ("*", "**"):
+            return pattern
+        if any(first == p or (p == "_" and first.startswith("_")) for p in SENSITIVE_PREFIXES):
+            return pattern
+    return None
+
+
+def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
+    s = spiffe_segments(pattern) or ()
+    if len(s) < 3 or s[0] != trust_domain or s[1] != "ns":
+        return False
+    return s[2] == "*" or s[2] in namespaces
+
+
+def _active_enforced(rule: Rule, now: float) -> bool:
+    return rule.mode != "dry-run" and rule.expires_at is None and not rule.expired(now)
+
+
+def lint(policy: Policy, now: float) -> list[LintWarning]:
+    """Every warning for ``policy`` at time ``now``, in file order."""
+    out: list[LintWarning] = []
+    file = policy.filename
+
+    def warn(line: int | None, key: str, code: str, message: str) -> None:
+        out.append(LintWarning(file, line, key, code, message))
+
+    known = set(policy.services)
+    used_providers: set[str] = set()
+    key_expiry = {k.name: k.expires_at for k in policy.extras.api_keys}
+
+    def check_identity(pattern: str, line: int | None, key: str, what: str) -> None:
+        segs = spiffe_segments(pattern) or ()
+        if segs and segs[0] != policy.trust_domain:
+            warn(line, key, "foreign-trust-domain",
+                 f"{what} {pattern} is outside trust domain {policy.trust_domain}")
+        elif "*" not in segs and pattern not in known:
+            warn(line, key, "undefined-identity",
+                 f"{what} {pattern} has no section in this policy (typo?)")
+
+    for identity, svc in policy.services.items():
+        segs = spiffe_segments(identity) or ()
+        if segs and segs[0] != policy.trust_domain:
+            warn(svc.line, svc.key, "foreign-trust-domain",
+                 f"section {identity} is outside trust domain {policy.trust_domain}")
+        _lint_section(svc, policy, now, warn, check_identity, key_expiry)
+        for rule in svc.rules:
+            if rule.when.jwt is not None:
+                used_providers.add(rule.when.jwt.provider)
+        for entry in svc.egress or ():
+            check_identity(entry.pattern, entry.line, entry.key, "egress target")
+
+    for name in policy.extras.jwt_providers:
+        if name not in used_providers:
+            warn(None, f"jwt_providers.{name}", "unused-provider",
+                 f"provider {name} is not used by any rule")
+    out.sort(key=lambda w: (w.line or 0, w.key, w.code))
+    return out
+
+
+_Warn = Callable[[int | None, str, str, str], None]
+_CheckIdentity = Callable[[str, int | None, str, str], None]
+
+
+def _lint_section(
+    svc: ServicePolicy, policy: Policy, now: float, warn: _Warn,
+    check_identity: _CheckIdentity, key_expiry: dict[str, float | None],
+) -> None:
+    rules = svc.rules
+    for rule in rules:
+        c = rule.when
+        if rule.expired(now):
+            warn(rule.line, rule.key, "expired",
+                 f"rule {rule.name} expired (expires_at passed); it is inert, remove it")
+        if rule.effect == "allow" and _request_unconstrained(c):
+            extra = " (only credentials are checked)" if c.jwt or c.apikey else ""
+            warn(rule.line, rule.key, "allow-all",
+                 f"rule {rule.name} allows every caller, method and path{extra}")
+        for pattern in c.peers or ():
+            check_identity(pattern, rule.line, rule.key + ".allow" if rule.effect == "allow"
+                           else rule.key + ".deny", "caller")
+        if c.peers is not None and c.namespaces is not None:
+            if not any(_in_namespaces(p, c.namespaces, policy.trust_domain) for p in c.peers):
+                warn(rule.line, rule.key, "never-matches",
+                     f"rule {rule.name}: no 'from' identity lies in its 'namespaces'")
+        if isinstance(c.apikey, frozenset):
+            exp = [key_expiry.get(n) for n in c.apikey]
+            if all(e is not None and e <= now for e in exp):
+                warn(rule.line, rule.key, "never-matches",
+                     f"rule {rule.name}: every API key it accepts has expired")
+        if rule.effect == "allow":
+            caller_open = c.peers is None or any("*" in (spiffe_segments(p) or ()) for p in c.peers)
+            if caller_open and c.namespaces is None:
+                reached = _reaches_sensitive(c)
+                if reached is not None:
+                    warn(rule.line, rule.key, "wildcard-sensitive",
+                         f"rule {rule.name} lets any caller reach {reached}, which may "
+                         "include sensitive paths (/admin, /debug, /internal, ...)")
+
+    for later_i, later in enumerate(rules):
+        for earlier in rules[:later_i]:
+            if earlier.effect != later.effect or not _active_enforced(earlier, now):
+                continue
+            if covers(earlier.when, later.when):
+                warn(later.line, later.key, "shadowed",
+                     f"rule {later.name} is shadowed by earlier rule {earlier.name}, "
+                     "which matches every request it matches")
+                break
+        if later.effect == "allow":
+            for deny in rules:
+                if deny.effect == "deny" and _active_enforced(deny, now) and covers(
+                    deny.when, later.when
+                ):
+                    warn(later.line, later.key, "shadowed-by-deny",
+                         f"rule {later.name} never allows anything: deny rule {deny.name} "
+                         "matches every request it matches")
+                    break
+
+    allows = [r for r in rules if r.effect == "allow" and r.mode != "dry-run"]
+    callers_only = [r for r in allows if _only_callers(r.when)]
+    ops_only = [r for r in allows if _only_operation(r.when)]
+    if callers_only and ops_only:
+        for r in callers_only:
+            others = ", ".join(o.name for o in ops_only)
+            warn(r.line, r.key, "from-to-split",
+                 f"rule {r.name} has only caller conditions and {others} only request "
+                 "conditions: as separate rules they are OR, so this caller may do anything; "
+                 "put both in one rule if both must hold")
