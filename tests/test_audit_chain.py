@@ -1,0 +1,144 @@
+"""The hash chain on bytes alone: encoding, linking, and every kind of tampering."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+
+from sidecar.audit.chain import (
+    ALG_HMAC,
+    GENESIS,
+    LENGTH,
+    ChainError,
+    ChainHead,
+    ChainVerifier,
+    FrameError,
+    decode_frame,
+    link_digest,
+)
+
+KEY = b"k" * 32
+
+
+def _split(data: bytes) -> list[bytes]:
+    """Length-prefixed frames -> payloads."""
+    out, i = [], 0
+    while i < len(data):
+        (n,) = LENGTH.unpack(data[i:i + 4])
+        out.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def _segment(n: int = 5, key: bytes | None = None, seal: bool = True) -> list[bytes]:
+    head = ChainHead(key=key)
+    data = head.header(1.0) + head.records({"t": float(i), "id": f"r{i}"} for i in range(n))
+    if seal:
+        data += head.frame("end", {"why": "shutdown"})
+    return _split(data)
+
+
+def _check(payloads: list[bytes], key: bytes | None = None, **kw: bool) -> ChainVerifier:
+    v = ChainVerifier(key, **kw)
+    v.start_segment()
+    for p in payloads:
+        v.accept(p)
+    return v
+
+
+def test_genesis_and_links() -> None:
+    frames = _segment()
+    first = msgpack.unpackb(frames[0])
+    assert first["seq"] == 0 and first["prev"] == GENESIS and first["seg"]["alg"] == "sha256"
+    second = msgpack.unpackb(frames[1])
+    assert second["prev"] == hashlib.sha256(frames[0]).digest()
+    v = _check(frames)
+    assert v.last is not None and v.last.seq == 6 and v.sealed
+
+
+def test_records_batch_equals_one_by_one() -> None:
+    a, b = ChainHead(), ChainHead()
+    wires = [{"t": float(i)} for i in range(4)]
+    assert a.records(wires) == b"".join(b.records([w]) for w in wires)
+    assert a.state == b.state
+
+
+def test_restore_rolls_back_the_head() -> None:
+    head = ChainHead()
+    state = head.state
+    head.records([{"t": 1.0}])
+    head.restore(state)
+    assert head.state == (0, GENESIS)
+
+
+@pytest.mark.parametrize("index", [1, 3])
+def test_edited_frame_breaks_the_next_link(index: int) -> None:
+    frames = _segment()
+    body = msgpack.unpackb(frames[index])
+    body["rec"]["id"] = "forged"
+    frames[index] = msgpack.packb(body)
+    with pytest.raises(ChainError, match="does not chain") as exc:
+        _check(frames)
+    assert exc.value.seq == index + 1
+
+
+def test_deleted_swapped_inserted_frames() -> None:
+    frames = _segment()
+    with pytest.raises(ChainError, match="sequence jumps"):
+        _check(frames[:2] + frames[3:])
+    with pytest.raises(ChainError, match="sequence jumps"):
+        _check([frames[0], frames[2], frames[1], *frames[3:]])
+    # An insertion that keeps seq and prev right for itself still breaks the next frame.
+    forged = msgpack.packb({"seq": 2, "prev": hashlib.sha256(frames[1]).digest(),
+                            "rec": {"t": 0.0}})
+    with pytest.raises(ChainError, match="sequence jumps"):
+        _check(frames[:2] + [forged] + frames[2:])
+
+
+def test_structure_rules() -> None:
+    frames = _segment()
+    with pytest.raises(ChainError, match="does not start with a header"):
+        _check(frames[1:])
+    with pytest.raises(ChainError, match="after the segment's seal"):
+        _check(frames + [frames[-1]])
+    bad_genesis = msgpack.packb({"seq": 0, "prev": b"x" * 32, "seg": {"alg": "sha256"}})
+    with pytest.raises(ChainError, match="all-zero prev"):
+        _check([bad_genesis])
+    mid_header = msgpack.packb({"seq": 1, "prev": link_digest(frames[0], None),
+                                "seg": {"alg": "sha256"}})
+    with pytest.raises(ChainError, match="middle of a segment"):
+        _check([frames[0], mid_header])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"seq": -1, "prev": GENESIS, "rec": {}}),
+     msgpack.packb({"seq": 1, "prev": b"short", "rec": {}}),
+     msgpack.packb({"seq": 1, "prev": GENESIS, "nope": {}}),
+     msgpack.packb({"seq": 1, "prev": GENESIS, "rec": 5})],
+)
+def test_decode_frame_rejects_garbage(payload: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_frame(payload)
+
+
+def test_retained_chain_may_start_above_zero() -> None:
+    head = ChainHead(next_seq=100, prev=b"p" * 32)
+    frames = _split(head.header(1.0) + head.records([{"t": 1.0}]))
+    v = _check(frames)
+    assert v.first is not None and v.first.seq == 100
+
+
+def test_hmac_chain_needs_the_key_and_a_keyed_verifier_refuses_plain_sha256() -> None:
+    frames = _segment(key=KEY)
+    assert msgpack.unpackb(frames[0])["seg"]["alg"] == ALG_HMAC
+    assert _check(frames, KEY, require_mac=True).sealed
+    with pytest.raises(ChainError, match="HMAC key is needed"):
+        _check(frames)
+    with pytest.raises(ChainError, match="does not chain"):
+        _check(frames, b"w" * 32)
+    # An attacker without the key rebuilds the chain with plain SHA-256: refused.
+    with pytest.raises(ChainError, match="not HMAC-authenticated"):
+        _check(_segment(), KEY, require_mac=True)

@@ -1,0 +1,111 @@
+"""Audit records: wire form, token hashing, building records from decisions."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+
+from sidecar.audit.record import (
+    FIELD_NAMES,
+    MAX_EXTRA_KEYS,
+    WIRE_KEYS,
+    AuditRecord,
+    alert_record,
+    connection_refused_record,
+    decision_value,
+    hash_token_id,
+    record_from,
+)
+from sidecar.policy.decision import (
+    REASON_ALLOWED,
+    REASON_DEFAULT_DENY,
+    REASON_DRY_RUN,
+    REASON_RATE_LIMITED,
+    AuthFacts,
+    Decision,
+    RequestFacts,
+)
+
+FACTS = RequestFacts(direction="inbound", peer="spiffe://cluster.local/ns/a/sa/b",
+                     source="10.0.0.1:5555", method="GET", path="/orders/1",
+                     host="orders", port=15443)
+
+
+def test_wire_keys_are_short_unique_and_cover_every_field() -> None:
+    assert set(WIRE_KEYS) == {f for f in AuditRecord.__dataclass_fields__}
+    assert len(set(WIRE_KEYS.values())) == len(WIRE_KEYS)
+    assert FIELD_NAMES == tuple(WIRE_KEYS)
+
+
+def test_wire_round_trip_leaves_out_none() -> None:
+    rec = AuditRecord(time=1.5, request_id="r1", peer=None, path="/x", status=200,
+                      extra={"a": 1})
+    wire = rec.to_wire()
+    assert "peer" not in wire and wire["path"] == "/x" and wire["x"] == {"a": 1}
+    back = AuditRecord.from_wire(msgpack.unpackb(msgpack.packb(wire)))
+    assert back == rec
+
+
+def test_unknown_wire_keys_survive_in_extra() -> None:
+    back = AuditRecord.from_wire({"t": 2.0, "zz": 5})
+    assert back.time == 2.0 and back.extra == {"zz": 5}
+
+
+def test_extra_is_bounded() -> None:
+    rec = AuditRecord(time=0.0, extra={str(i): i for i in range(MAX_EXTRA_KEYS + 10)})
+    assert len(rec.to_wire()["x"]) == MAX_EXTRA_KEYS
+
+
+def test_token_id_is_hashed_never_stored() -> None:
+    auth = AuthFacts(claims={"corp": {"iss": "https://idp/", "sub": "alice", "jti": "tok-1"}},
+                     apikey="batch-job")
+    d = Decision("allow", "r", REASON_ALLOWED, "v1")
+    rec = record_from(d, FACTS, time=1.0, auth=auth)
+    assert rec.token_issuer == "https://idp/" and rec.token_subject == "alice"
+    assert rec.token_id_hash == hashlib.sha256(b"tok-1").hexdigest() == hash_token_id("tok-1")
+    assert "tok-1" not in repr(rec.to_wire())
+    assert rec.apikey == "batch-job"
+
+
+@pytest.mark.parametrize(
+    ("decision", "expected", "event"),
+    [
+        (Decision("allow", "r", REASON_ALLOWED, "v1"), "allow", "request"),
+        (Decision("deny", "default deny", REASON_DEFAULT_DENY, "v1", status=403), "deny",
+         "request"),
+        (Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny"), "dry-run",
+         "request"),
+        (Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429), "deny",
+         "rate_limited"),
+    ],
+)
+def test_record_from_decision(decision: Decision, expected: str, event: str) -> None:
+    rec = record_from(decision, FACTS, time=9.0, request_id="abc", bytes_out=12)
+    assert decision_value(decision) == expected
+    assert (rec.decision, rec.event, rec.rule, rec.reason, rec.policy_version) == (
+        expected, event, decision.rule, decision.reason, "v1")
+    assert (rec.peer, rec.source, rec.method, rec.path, rec.host) == (
+        FACTS.peer, FACTS.source, "GET", "/orders/1", "orders")
+    assert rec.status == decision.status and rec.bytes_out == 12 and rec.request_id == "abc"
+
+
+def test_record_from_without_facts_and_outbound_target() -> None:
+    d = Decision("deny", "", "bad_path", "v1", status=400)
+    assert record_from(d, None, time=1.0).path == ""
+    out = RequestFacts(direction="outbound", peer=None, source="127.0.0.1", method="GET",
+                       path="/", host="h", port=15001, target="spiffe://td/x")
+    rec = record_from(Decision("allow", "egress", REASON_ALLOWED, "v1"), out, time=1.0)
+    assert rec.direction == "outbound" and rec.extra == {"target": "spiffe://td/x"}
+    with pytest.raises(TypeError):
+        record_from(d, None, time=1.0, no_such_field=1)
+
+
+def test_connection_refused_and_alert_records() -> None:
+    c = connection_refused_record(time=1.0, direction="inbound", source="1.2.3.4:5",
+                                  reason="handshake_failed")
+    assert (c.event, c.decision, c.reason) == ("connection_refused", "deny", "handshake_failed")
+    a = alert_record(time=1.0, rule="brute", reason="auth_failures", peer="spiffe://td/x",
+                     extra={"count": 10})
+    assert (a.event, a.rule, a.extra) == ("alert", "brute", {"count": 10})
