@@ -21,15 +21,21 @@ AUDIENCE = "shop-api"
 NOW = 1_700_000_000.0
 
 
-@functools.cache
 def rsa_key(label: str = "rsa-1") -> rsa.RSAPrivateKey:
     """A 2048-bit RSA private key, one per label per test run."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return _private_key("rsa", label)  # type: ignore[return-value]
+
+
+def ec_key(label: str = "ec-1") -> ec.EllipticCurvePrivateKey:
+    """A P-256 private key, one per label per test run."""
+    return _private_key("ec", label)  # type: ignore[return-value]
 
 
 @functools.cache
-def ec_key(label: str = "ec-1") -> ec.EllipticCurvePrivateKey:
-    """A P-256 private key, one per label per test run."""
+def _private_key(kind: str, label: str) -> Any:
+    # Cached on (kind, label) only, so ec_key() and ec_key("ec-1") are the same key.
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return ec.generate_private_key(ec.SECP256R1())
 
 
