@@ -1,0 +1,329 @@
+"""The async writer: one record per event, rotation, restart, failure modes, drain."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from sidecar.audit.config import AuditConfig
+from sidecar.audit.record import (
+    AuditRecord,
+    alert_record,
+    connection_refused_record,
+    record_from,
+)
+from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
+from sidecar.audit.writer import AuditWriter
+from sidecar.errors import ConfigError
+from sidecar.policy.decision import (
+    REASON_ALLOWED,
+    REASON_DEFAULT_DENY,
+    REASON_DRY_RUN,
+    REASON_RATE_LIMITED,
+    Decision,
+    RequestFacts,
+)
+
+FAST = {"retry_initial": 0.01, "retry_max": 0.05}
+FACTS = RequestFacts(direction="inbound", peer="spiffe://td/a", source="10.0.0.1:1",
+                     method="GET", path="/x", host="h", port=15443)
+
+
+def rec(i: int) -> AuditRecord:
+    return AuditRecord(time=float(i), request_id=f"r{i}")
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.005)
+
+
+def run_writer(config: AuditConfig, body: Callable[[AuditWriter], Awaitable[None]],
+               **kw: object) -> AuditWriter:
+    """Start a writer, run ``body``, close the writer; everything bounded by 20 s."""
+    writer = AuditWriter(config, **kw)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                await body(writer)
+                await writer.aclose()
+
+    trio.run(main)
+    return writer
+
+
+def ids(directory: Path | str) -> list[str]:
+    return [r.request_id for r in iter_records(str(directory))]
+
+
+def test_every_decision_type_leaves_exactly_one_record(tmp_path: Path) -> None:
+    events = [
+        record_from(Decision("allow", "r1", REASON_ALLOWED, "v1"), FACTS, time=1.0,
+                    request_id="allow"),
+        record_from(Decision("deny", "default deny", REASON_DEFAULT_DENY, "v1", status=403),
+                    FACTS, time=2.0, request_id="deny"),
+        record_from(Decision("allow", "r2", REASON_DRY_RUN, "v1", dry_run=True, would="deny"),
+                    FACTS, time=3.0, request_id="dry-run"),
+        record_from(Decision("deny", "lim", REASON_RATE_LIMITED, "v1", status=429), FACTS,
+                    time=4.0, request_id="rate_limited"),
+        connection_refused_record(time=5.0, direction="inbound", source="1.2.3.4:5",
+                                  reason="handshake_failed", request_id="refused"),
+        alert_record(time=6.0, rule="burst", reason="auth_failures", source="1.2.3.4"),
+        AuditRecord(time=7.0, request_id="unencodable", extra={"o": object()}),
+    ]
+
+    async def body(w: AuditWriter) -> None:
+        for e in events:
+            assert w.submit(e)
+
+    w = run_writer(AuditConfig(path=str(tmp_path)), body)
+    got = list(iter_records(str(tmp_path)))
+    assert [r.request_id for r in got] == [e.request_id for e in events]
+    assert [r.decision for r in got[:4]] == ["allow", "deny", "dry-run", "deny"]
+    assert [r.event for r in got] == ["request", "request", "request", "rate_limited",
+                                      "connection_refused", "alert", "unencodable"]
+    assert got[0] == events[0]
+    assert w.statistics().written == len(events) and verify(str(tmp_path)).ok
+
+
+def test_rotation_keeps_one_chain(tmp_path: Path) -> None:
+    async def body(w: AuditWriter) -> None:
+        for i in range(300):
+            assert w.submit(rec(i))
+            if i % 10 == 9:
+                await wait_until(lambda: w.statistics().queue_depth == 0)
+
+    w = run_writer(AuditConfig(path=str(tmp_path), max_segment_bytes=4096, batch_size=10), body)
+    segments = list_segments(str(tmp_path))
+    assert len(segments) > 3
+    result = verify(str(tmp_path))
+    assert result.ok and result.records == 300 and result.sealed
+    assert ids(tmp_path) == [f"r{i}" for i in range(300)]
+    # Each header names the segment it continues, which was sealed on rotation.
+    with open(segments[1].path, "rb") as fh:
+        header = msgpack.unpackb(next(read_frames(fh))[1])["seg"]
+    assert header["prev_segment"] == segments[0].name and header["prev_sealed"] is True
+    assert w.statistics().segment is None  # sealed and closed on aclose
+
+
+def test_retention_keeps_max_segments_and_verify_says_where_it_starts(tmp_path: Path) -> None:
+    async def body(w: AuditWriter) -> None:
+        for i in range(300):
+            w.submit(rec(i))
+            if i % 10 == 9:
+                await wait_until(lambda: w.statistics().queue_depth == 0)
+
+    run_writer(AuditConfig(path=str(tmp_path), max_segment_bytes=4096, batch_size=10,
+                           max_segments=3), body)
+    assert len(list_segments(str(tmp_path))) <= 3
+    result = verify(str(tmp_path))
+    assert result.ok and result.starts_at and result.starts_at > 0
+    assert ids(tmp_path)[-1] == "r299"
+
+
+def test_restart_resumes_the_chain(tmp_path: Path) -> None:
+    async def first(w: AuditWriter) -> None:
+        for i in range(5):
+            w.submit(rec(i))
+
+    async def second(w: AuditWriter) -> None:
+        for i in range(5, 10):
+            w.submit(rec(i))
+
+    config = AuditConfig(path=str(tmp_path))
+    run_writer(config, first)
+    run_writer(config, second)
+    result = verify(str(tmp_path))
+    assert result.ok and result.records == 10 and len(list_segments(str(tmp_path))) == 2
+    assert ids(tmp_path) == [f"r{i}" for i in range(10)]
+
+
+def test_restart_after_damaged_tail_declares_the_break(tmp_path: Path) -> None:
+    config = AuditConfig(path=str(tmp_path))
+
+    async def first(w: AuditWriter) -> None:
+        for i in range(5):
+            w.submit(rec(i))
+
+    run_writer(config, first)
+    seg = list_segments(str(tmp_path))[0].path
+    os.truncate(seg, os.path.getsize(seg) - 5)  # a crash in the middle of a write
+
+    async def second(w: AuditWriter) -> None:
+        w.submit(rec(99))
+
+    run_writer(config, second)
+    result = verify(str(tmp_path))
+    assert not result.ok and result.declared_breaks and "declared break" in result.notes[0]
+    assert verify(str(tmp_path), accept_declared_breaks=True).ok
+    assert ids(tmp_path)[-1] == "r99"
+
+
+def test_hmac_chain(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(32))
+    d = tmp_path / "audit"
+
+    async def body(w: AuditWriter) -> None:
+        w.submit(rec(1))
+
+    run_writer(AuditConfig(path=str(d), hmac_key_file=str(key_file)), body)
+    assert not verify(str(d)).ok
+    assert verify(str(d), key=key_file.read_bytes()).ok
+    key_file.write_bytes(b"short")
+    with pytest.raises(ConfigError):
+        AuditWriter(AuditConfig(path=str(d), hmac_key_file=str(key_file)))
+
+
+def _break_directory(d: Path) -> None:
+    # Root ignores permissions, so make the path itself unusable: a file where the
+    # directory was. Opening, stat-ing or creating anything under it fails with ENOTDIR.
+    shutil.rmtree(d)
+    d.write_text("not a directory")
+
+
+def _repair_directory(d: Path) -> None:
+    d.unlink()
+    d.mkdir()
+
+
+def test_fail_closed_refuses_while_unwritable_and_recovers(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    alerts: list[str] = []
+
+    async def body(w: AuditWriter) -> None:
+        assert w.healthy and w.accepting()
+        for i in range(10):
+            assert w.submit(rec(i))
+        await wait_until(lambda: w.written == 10)
+        _break_directory(d)
+        for i in range(10, 15):
+            assert w.submit(rec(i))  # still healthy: the failure is not known yet
+        await wait_until(lambda: not w.healthy)
+        assert not w.accepting() and not w.submit(rec(999))
+        st = w.statistics()
+        assert st.failures >= 1 and st.last_error and st.queue_depth == 5
+        await trio.sleep(0.1)  # several retries while broken
+        assert not w.healthy and w.written == 10
+        _repair_directory(d)
+        await wait_until(lambda: w.healthy and w.written == 15)
+        assert w.accepting() and w.submit(rec(15))
+
+    w = run_writer(AuditConfig(path=str(d)), body, on_alert=lambda k, m: alerts.append(k),
+                   **FAST)
+    # The records kept through the outage are in the new directory, none lost.
+    assert ids(d) == [f"r{i}" for i in range(10, 16)]
+    assert w.lost == 0 and w.rejected == 1
+    assert alerts[0] == "audit_write_failed" and "audit_recovered" in alerts
+
+
+def test_fail_closed_start_on_unusable_directory_then_recovery(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    d.write_text("a file, not a directory")
+
+    async def body(w: AuditWriter) -> None:
+        assert not w.healthy and not w.accepting() and not w.submit(rec(0))
+        _repair_directory(d)
+        await wait_until(lambda: w.healthy)
+        assert w.submit(rec(1))
+
+    run_writer(AuditConfig(path=str(d)), body, **FAST)
+    assert ids(d) == ["r1"]
+
+
+def test_segment_file_removed_under_the_writer_is_noticed(tmp_path: Path) -> None:
+    async def body(w: AuditWriter) -> None:
+        w.submit(rec(0))
+        await wait_until(lambda: w.written == 1)
+        for seg in list_segments(str(tmp_path)):
+            os.unlink(seg.path)
+        w.submit(rec(1))
+        await wait_until(lambda: w.written == 2)
+
+    w = run_writer(AuditConfig(path=str(tmp_path)), body, **FAST)
+    assert w.failures == 1 and ids(tmp_path) == ["r1"]  # r1 went to a new segment, not lost
+
+
+def test_fail_open_counts_every_lost_record(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    alerts: list[str] = []
+
+    async def body(w: AuditWriter) -> None:
+        w.submit(rec(0))
+        await wait_until(lambda: w.written == 1)
+        _break_directory(d)
+        for i in range(1, 21):
+            assert w.submit(rec(i)) and w.accepting()  # keeps serving
+            await trio.sleep(0)
+        await wait_until(lambda: w.lost == 20)
+        assert not w.healthy
+        _repair_directory(d)
+        w.submit(rec(21))
+        await wait_until(lambda: w.written == 2)
+
+    w = run_writer(AuditConfig(path=str(d), on_failure="fail_open"), body,
+                   on_alert=lambda k, m: alerts.append(k), **FAST)
+    assert w.lost == 20 and ids(d) == ["r21"]
+    assert "audit_write_failed" in alerts and "audit_records_lost" in alerts
+
+
+def test_queue_full(tmp_path: Path) -> None:
+    # No checkpoint between submits: the writer task cannot drain. The one record handed
+    # straight to the waiting writer task is not in the buffer, hence queue_size + 1.
+    async def body(w: AuditWriter) -> None:
+        assert all(w.submit(rec(i)) for i in range(4))
+        assert not w.accepting() and not w.submit(rec(4))
+
+    w = run_writer(AuditConfig(path=str(tmp_path / "a"), queue_size=3), body)
+    assert w.rejected == 1 and w.lost == 0 and w.written == 4
+
+    async def body_open(w: AuditWriter) -> None:
+        assert all(w.submit(rec(i)) for i in range(4))
+        assert w.accepting() and not w.submit(rec(4))
+
+    w = run_writer(AuditConfig(path=str(tmp_path / "b"), queue_size=3, on_failure="fail_open"),
+                   body_open)
+    assert w.lost == 1 and w.written == 4
+
+
+def test_aclose_flushes_everything_queued(tmp_path: Path) -> None:
+    n = 5000
+
+    async def body(w: AuditWriter) -> None:
+        for i in range(n):
+            assert w.submit(rec(i))
+        assert w.statistics().queue_depth >= n - 1  # one may be in the writer's hands
+
+    w = run_writer(AuditConfig(path=str(tmp_path), batch_size=256), body)
+    assert w.written == n and w.lost == 0
+    result = verify(str(tmp_path))
+    assert result.ok and result.sealed and result.records == n
+    assert not w.submit(rec(n)) and not w.accepting()
+
+
+def test_cancelled_drain_counts_what_is_left_as_lost(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    writer = AuditWriter(AuditConfig(path=str(d)), **FAST)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            _break_directory(d)
+            for i in range(5):
+                writer.submit(rec(i))
+            await wait_until(lambda: not writer.healthy)
+            with trio.move_on_after(0.2):  # the drain timeout of a failing disk
+                await writer.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert writer.lost == 5 and writer.written == 0
