@@ -184,7 +184,10 @@ class Authenticator:
 
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                      now: float) -> AuthFacts:
-        """Verify the credentials of one request for the named providers and API keys."""
+        """Verify the credentials of one request for the named providers and API keys.
+
+        ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
+        """
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
         for name in providers:
@@ -232,7 +235,7 @@ class Authenticator:
             listener()
 
     def _check_apikey(self, headers: Headers, now: float) -> str | None:
-        values = [v for n, v in headers if n.lower() == API_KEY_HEADER]
+        values = [v for n, v in headers if n == API_KEY_HEADER]
         if not values:
             return None
         # Two keys in one request: refuse both rather than pick one.
@@ -266,7 +269,7 @@ class Authenticator:
                           query: str) -> tuple[list[tuple[bytes, bytes]], str]:
         """The request without credentials the app must not see: the ``x-api-key`` header,
         and every token location of providers with ``forward_token: false``."""
-        kept = [(n, v) for n, v in headers if n.lower() != API_KEY_HEADER]
+        kept = [(n, v) for n, v in headers if n != API_KEY_HEADER]
         if not self._strip_locations:
             return kept, query
         return remove_token(kept, query, self._strip_locations)

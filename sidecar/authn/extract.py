@@ -16,8 +16,9 @@ this provider's token; the header itself still counts towards "present twice".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid
@@ -27,17 +28,21 @@ Headers = Sequence[tuple[bytes, bytes]]
 COOKIE = b"cookie"
 
 
-@dataclass(frozen=True, slots=True)
-class FoundToken:
+class FoundToken(NamedTuple):
     """A token and every location it was found in (to strip them when not forwarded)."""
 
     token: str
     locations: tuple[TokenLocation, ...]
 
 
+@functools.lru_cache(maxsize=256)
+def _header_name(name: str) -> bytes:
+    return name.lower().encode("latin-1")
+
+
 def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
-    name = loc.name.lower().encode("latin-1")
-    values = [v for n, v in headers if n.lower() == name]
+    name = _header_name(loc.name)
+    values = [v for n, v in headers if n == name]
     if len(values) > 1:
         raise TokenInvalid(MULTIPLE_TOKENS, f"header {loc.name} repeated")
     if not values:
@@ -46,7 +51,7 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     prefix = loc.prefix
     if prefix:
         # The auth scheme is case-insensitive (RFC 9110 11.1); the token is not.
-        if value.lower() == prefix.strip().lower():
+        if len(value) < len(prefix) and value.lower() == prefix.strip().lower():
             raise TokenInvalid(MALFORMED, "empty token")  # "Bearer" alone (OWS stripped)
         if value[: len(prefix)].lower() != prefix.lower():
             return []
@@ -68,7 +73,7 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
 def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
     pairs = []
     for n, v in headers:
-        if n.lower() == COOKIE:
+        if n == COOKIE:
             for part in v.decode("latin-1").split(";"):
                 name, sep, value = part.strip().partition("=")
                 if sep:
@@ -91,7 +96,7 @@ def _from_pairs(loc: TokenLocation, pairs: list[tuple[str, str]]) -> list[str]:
 def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> FoundToken | None:
     """The provider's token in this request, or None when there is none.
 
-    ``headers`` are (name, value) pairs as h11 gives them; ``query`` is the raw query
+    ``headers`` are (name, value) pairs as h11 gives them (names lower-case); ``query`` is the raw query
     string (no ``?``). Raises ``TokenInvalid("multiple_tokens")`` on ambiguity.
     """
     found: list[tuple[TokenLocation, str]] = []
@@ -108,10 +113,13 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
             if cookies is None:
                 cookies = _cookie_pairs(headers)
             values = _from_pairs(loc, cookies)
-        found.extend((loc, v) for v in values)
+        for value in values:
+            found.append((loc, value))
     if not found:
         return None
     token = found[0][1]
+    if len(found) == 1:
+        return FoundToken(token, (found[0][0],))
     if any(v != token for _, v in found):
         raise TokenInvalid(MULTIPLE_TOKENS, "different tokens in different places")
     return FoundToken(token, tuple(loc for loc, _ in found))
