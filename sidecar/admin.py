@@ -210,7 +210,7 @@ async def _next_request(
                     data = await stream.receive_some(4096)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
                 return event
@@ -421,7 +421,7 @@ async def _probe_exchange(probe: AppProbe) -> int:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(4096))
+                conn.receive_data(bytes(await stream.receive_some(4096)))
                 continue
             if isinstance(event, h11.Response):
                 return event.status_code

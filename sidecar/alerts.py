@@ -335,7 +335,7 @@ class AlertPoster:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     data = await stream.receive_some(4096)
-                    conn.receive_data(data)  # b"" = EOF; h11 raises if the head is cut short
+                    conn.receive_data(bytes(data))  # b"" = EOF; h11 raises if the head is cut short
                     continue
                 if isinstance(event, h11.Response):
                     return event.status_code

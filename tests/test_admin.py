@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from sidecar.admin import (
     AppProbe,
@@ -262,33 +269,97 @@ def test_connection_cap() -> None:
 # --- health server ----------------------------------------------------------------------------
 
 
-async def tiny_app(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def tiny_app(
+    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED, tls: ssl.SSLContext | None = None
+) -> None:
     """An app with /ok (200), /sick (500) and /slow (answers after 10 s)."""
 
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            conn = h11.Connection(h11.SERVER)
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(4096))
-                elif isinstance(event, h11.Request):
-                    target = event.target
-                    break
-                else:
-                    return
-            if target == b"/slow":
-                await trio.sleep(10)
-            code = {b"/ok": 200, b"/sick": 500, b"/slow": 200}.get(target, 404)
-            await stream.send_all(
-                conn.send(h11.Response(status_code=code, headers=[("content-length", "4")]))
-                + conn.send(h11.Data(data=b"body"))
-                + (conn.send(h11.EndOfMessage()) or b"")
-            )
+    async def handle(stream: trio.abc.Stream) -> None:
+        try:
+            await answer(stream)
+        except trio.BrokenResourceError:
+            pass  # a client speaking the wrong protocol (plain HTTP to TLS)
+        finally:
+            await stream.aclose()
+
+    async def answer(stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(4096))
+            elif isinstance(event, h11.Request):
+                target = event.target
+                break
+            else:
+                return
+        if target == b"/slow":
+            await trio.sleep(10)
+        code = {b"/ok": 200, b"/sick": 500, b"/slow": 200}.get(target, 404)
+        await stream.send_all(
+            conn.send(h11.Response(status_code=code, headers=[("content-length", "4")]))
+            + conn.send(h11.Data(data=b"body"))
+            + (conn.send(h11.EndOfMessage()) or b"")
+        )
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
+    port = listeners[0].socket.getsockname()[1]
+    if tls is not None:
+        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
+    task_status.started(port)
     await trio.serve_listeners(handle, listeners)
+
+
+def self_signed_server_context(tmp: Path) -> ssl.SSLContext:
+    """A server context with a throwaway self-signed certificate (the app's own)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "app.local")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "app.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "app.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp / "app.crt", tmp / "app.key")
+    return ctx
+
+
+def test_https_app_probe(tmp_path: Path) -> None:
+    server_ctx = self_signed_server_context(tmp_path)
+
+    async def test(nursery: trio.Nursery) -> None:
+        app_port = await nursery.start(
+            lambda task_status: tiny_app(task_status=task_status, tls=server_ctx)
+        )
+        probes = {
+            "/app-health/web/livez": AppProbe(app_port, "/ok", "HTTPS"),
+            "/app-health/web/plain": AppProbe(app_port, "/ok", "HTTP"),  # wrong scheme
+        }
+        port = await nursery.start(
+            lambda task_status: serve_health(
+                ("127.0.0.1", 0), SidecarStatus(), probes, probe_timeout=1, task_status=task_status
+            )
+        )
+        code, _, _ = await fetch(port, "/app-health/web/livez")
+        assert code == 200
+        code, _, _ = await fetch(port, "/app-health/web/plain")
+        assert code == 503
+
+    run(test)
 
 
 def test_health_server_routes_and_app_probes() -> None:

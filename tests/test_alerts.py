@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import datetime
 import io
+import ipaddress
 import json
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import h11
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from sidecar import logs
 from sidecar.alerts import Alert, AlertPoster, BurstDetector
@@ -134,14 +142,44 @@ def test_update_keeps_unchanged_rules_state() -> None:
 # --- webhook delivery over real sockets -------------------------------------------------------
 
 
+def _self_signed(tmp: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (cert file, key file)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
 async def _webhook_server(
     received: list[tuple[str, dict[str, str], bytes]],
     status: int,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     delay: float = 0.0,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER)
         body = b""
         head: h11.Request | None = None
@@ -165,11 +203,16 @@ async def _webhook_server(
                     conn.send(h11.Response(status_code=status, headers=[("content-length", "0")]))
                     + (conn.send(h11.EndOfMessage()) or b"")
                 )
+        except trio.BrokenResourceError:
+            return  # e.g. a client that refused our certificate
         finally:
             await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
+    port = listeners[0].socket.getsockname()[1]
+    if tls is not None:
+        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
+    task_status.started(port)
     await trio.serve_listeners(handle, listeners)
 
 
@@ -268,3 +311,30 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
         assert metrics.alerts_total.value("r") == 5
     finally:
         logs.reset()
+
+
+def test_https_webhook_verifies_the_server(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=cert)
+    received: list[tuple[str, dict[str, str], bytes]] = []
+    logs.configure(stream=io.StringIO())
+    metrics = SidecarMetrics()
+
+    async def test(nursery: trio.Nursery) -> None:
+        port = await nursery.start(
+            lambda task_status: _webhook_server(received, 200, tls=server_ctx, task_status=task_status)
+        )
+        url = f"https://127.0.0.1:{port}/alerts"
+        assert await AlertPoster(metrics, ssl_context=trusting).post(url, b'{"a":1}')
+        # The system trust store does not know this certificate: refused, counted.
+        assert not await AlertPoster(metrics, timeout=2).post(url, b'{"a":2}')
+
+    try:
+        _run(test)
+    finally:
+        logs.reset()
+    assert [(t, b) for t, _, b in received] == [("/alerts", b'{"a":1}')]
+    assert metrics.alert_webhooks_total.value("sent") == 1
+    assert metrics.alert_webhooks_total.value("failed") == 1
