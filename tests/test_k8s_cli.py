@@ -1,0 +1,111 @@
+"""sidecar.k8s.cli: `sidecar inject` end to end on real files and stdin/stdout."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject
+from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
+
+MANIFEST = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: orders, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  template:
+    metadata: {labels: {app: orders}}
+    spec:
+      containers:
+      - {name: orders, image: "orders:1"}
+---
+---
+apiVersion: v1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec: {ports: [{port: 80}]}
+"""
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sidecar")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_inject_parser(sub)
+    add_webhook_parser(sub)
+    return parser.parse_args(argv)
+
+
+def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    args = parse(argv)
+    code = cmd_inject(args, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_inject_file_to_file_keeps_order_and_drops_empty_documents(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in.yaml", tmp_path / "out.yaml"
+    src.write_text(MANIFEST)
+    code, out, err = run(["inject", "-f", str(src), "-o", str(dst)])
+    assert code == 0 and out == ""
+    assert "1 pod template(s) injected in 3 document(s)" in err
+    docs = list(yaml.safe_load_all(dst.read_text()))
+    assert [d["kind"] for d in docs] == ["Namespace", "Deployment", "Service"]
+    template = docs[1]["spec"]["template"]
+    assert template["metadata"]["annotations"][STATUS_ANNOTATION] == "injected"
+    assert template["spec"]["initContainers"][0]["name"] == SIDECAR_CONTAINER
+
+
+def test_inject_stdin_to_stdout_with_flags_and_second_pass_is_identical() -> None:
+    code, out, _ = run(["inject", "-f", "-", "--no-native", "--image", "reg/side:2",
+                        "--cert-secret", "orders-svid", "--policy-configmap", "pol",
+                        "--config-configmap", "cfg"], stdin=MANIFEST)
+    assert code == 0
+    spec = list(yaml.safe_load_all(out))[1]["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == [SIDECAR_CONTAINER, "orders"]
+    assert spec["containers"][0]["image"] == "reg/side:2"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["mesh-sidecar-svid"]["secret"]["secretName"] == "orders-svid"
+    assert volumes[POLICY_VOLUME]["configMap"]["name"] == "pol"
+    code, again, err = run(["inject", "-f", "-", "--no-native"], stdin=out)
+    assert code == 0 and again == out
+    assert "0 pod template(s) injected" in err
+
+
+def test_bad_yaml_and_missing_file_exit_2(tmp_path: Path) -> None:
+    code, _, err = run(["inject", "-f", "-"], stdin="a: [unclosed")
+    assert code == 2 and "not valid YAML" in err
+    code, _, err = run(["inject", "-f", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "cannot read" in err
+
+
+def test_uninjectable_pod_exits_1_naming_the_document() -> None:
+    manifest = ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: "
+                f"[{{name: a, image: x}}]\n  volumes: [{{name: {POLICY_VOLUME}, emptyDir: {{}}}}]\n")
+    code, out, err = run(["inject", "-f", "-"], stdin=manifest)
+    assert code == 1 and out == ""
+    assert "document 1 (p)" in err and POLICY_VOLUME in err
+
+
+def test_webhook_parser_defaults() -> None:
+    args = parse(["webhook", "--cert", "c.pem", "--key", "k.pem"])
+    assert args.listen == "0.0.0.0:8443" and args.reload_interval == 5.0
+    assert args.native is True and args.policy_configmap == "mesh-policy"
+
+
+def test_webhook_module_refuses_missing_certificate(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar.k8s.webhook", "--listen", "127.0.0.1:0",
+         "--cert", str(tmp_path / "no.crt"), "--key", str(tmp_path / "no.key")],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert "no.crt" in proc.stderr
