@@ -168,6 +168,14 @@ class Metric(Generic[ChildT]):
 
     def labels(self, *values: str, **named: str) -> ChildT:
         """The child for these label values (positional in label-name order, or by name)."""
+        if not named:
+            # Hot path: an existing child is one dict lookup (only valid keys are stored).
+            found = self._children.get(values)
+            if found is not None:
+                return found
+        return self._resolve(values, named)
+
+    def _resolve(self, values: tuple[str, ...], named: dict[str, str]) -> ChildT:
         if named:
             if values or len(named) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}")
