@@ -127,7 +127,7 @@ class ChainHead:
 
     def frame(self, kind: FrameKind, body: dict[str, Any]) -> bytes:
         """Length-prefixed frame bytes for ``body``; advances the head."""
-        payload = self._packer.pack({"seq": self.next_seq, "prev": self.prev, kind: body})
+        payload: bytes = self._packer.pack({"seq": self.next_seq, "prev": self.prev, kind: body})
         if len(payload) > MAX_FRAME_BYTES:
             raise ValueError("audit frame too large")
         self.prev = link_digest(payload, self.key)

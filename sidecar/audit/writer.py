@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import trio
 
 from sidecar.audit.chain import ChainHead
@@ -75,7 +74,6 @@ class _SegmentSink:
         self.size = 0
         # What the next header says about the segment before it.
         self.next_info: dict[str, Any] = {}
-        self.packer = msgpack.Packer(use_bin_type=True)
 
     @property
     def segment(self) -> str | None:
