@@ -64,11 +64,12 @@ def test_revoked_jti_refused_even_when_cached() -> None:
 
 def test_revoked_sub_until_a_time() -> None:
     cache = VerificationCache()
-    cache.store("corp", "tok", c(), 0)
+    cache.store("corp", "old", c(iat=40), 0)
+    cache.store("corp", "new", c(iat=60, jti="j2"), 0)
     revs = RevocationList([Revocation(sub="alice", until=50)])
     with pytest.raises(TokenInvalid):
-        cache.lookup("corp", "tok", 10, revs)
-    assert cache.lookup("corp", "tok", 50, revs) is not None
+        cache.lookup("corp", "old", 70, revs)
+    assert cache.lookup("corp", "new", 70, revs) is not None
 
 
 def test_clear_one_provider() -> None:

@@ -222,7 +222,7 @@ class Authenticator:
             if exc.reason == UNKNOWN_KID:
                 self._signal_unknown_kid(name)
             raise
-        if self._revocations.is_revoked(claims, now):
+        if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)
         self.verified += 1
         self._cache.store(name, token, claims, now)

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from sidecar.authn.jwt import REVOKED, Claims, TokenInvalid
-from sidecar.authn.revocation import RevocationList
+from sidecar.authn.revocation import RevocationList, revocation_ids
 
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_TTL_SECONDS = 3600.0
@@ -38,6 +37,7 @@ class CachedToken:
     claims: Claims
     jti: str | None
     sub: str | None
+    iat: float | None
     expires_at: float
 
 
@@ -62,7 +62,7 @@ class VerificationCache:
                revocations: RevocationList) -> Claims | None:
         """Cached claims for ``token``, or None on a miss (or an expired entry).
 
-        Raises ``TokenInvalid("revoked")`` when the cached token is revoked at ``now``.
+        Raises ``TokenInvalid("revoked")`` when the cached token is revoked.
         """
         key = (provider, token)
         entry = self._entries.get(key)
@@ -76,7 +76,7 @@ class VerificationCache:
         self._entries.move_to_end(key)
         self.hits += 1
         if (entry.jti is not None or entry.sub is not None) and revocations.is_revoked_id(
-            entry.jti, entry.sub, now
+            entry.jti, entry.sub, entry.iat
         ):
             raise TokenInvalid(REVOKED)
         return entry.claims
@@ -92,8 +92,7 @@ class VerificationCache:
         if expires_at <= now:
             return
         key = (provider, token)
-        self._entries[key] = CachedToken(claims, _str_or_none(claims.get("jti")),
-                                         _str_or_none(claims.get("sub")), expires_at)
+        self._entries[key] = CachedToken(claims, *revocation_ids(claims), expires_at)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -111,7 +110,3 @@ class VerificationCache:
         """Counters snapshot: entries, hits, misses, evictions."""
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions}
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None

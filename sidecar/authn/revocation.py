@@ -2,9 +2,14 @@
 
 Built once per policy load from the policy's ``revocations`` entries; a lookup is two dict
 probes, cheap enough to repeat on every cached token (a revoked token must be refused even
-when its verification is cached). An entry with ``until`` revokes only while
-``now < until``; without it the revocation is permanent. Several entries for the same id
-merge to the latest ``until`` (a permanent one wins).
+when its verification is cached).
+
+``until`` (as documented in docs/policy.md) bounds a revocation by *issue time*: the entry
+revokes tokens issued before ``until`` (``iat < until``), so "sub: mallory, until: <the
+moment her laptop was stolen>" kills every token she had then and lets new logins work.
+A token without ``iat`` cannot show when it was issued and is revoked (fail closed).
+Without ``until`` the revocation covers every token. Several entries for the same id merge
+to the latest ``until`` (an entry without ``until`` wins).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from sidecar.policy.sections import Revocation
 
 
 class RevocationList:
-    """Revoked ``jti`` and ``sub`` values, each with the time the revocation ends."""
+    """Revoked ``jti`` and ``sub`` values, each with the issue time the revocation ends at."""
 
     __slots__ = ("_by_jti", "_by_sub")
 
@@ -34,25 +39,38 @@ class RevocationList:
     def __len__(self) -> int:
         return len(self._by_jti) + len(self._by_sub)
 
-    def is_revoked_id(self, jti: str | None, sub: str | None, now: float) -> bool:
-        """Whether a token with this ``jti`` / ``sub`` is revoked at ``now``."""
+    def is_revoked_id(self, jti: str | None, sub: str | None, iat: float | None) -> bool:
+        """Whether a token with this ``jti`` / ``sub``, issued at ``iat``, is revoked."""
         if jti is not None:
             until = self._by_jti.get(jti)
-            if until is not None and now < until:
+            if until is not None and (iat is None or iat < until):
                 return True
         if sub is not None:
             until = self._by_sub.get(sub)
-            if until is not None and now < until:
+            if until is not None and (iat is None or iat < until):
                 return True
         return False
 
-    def is_revoked(self, claims: Mapping[str, Any], now: float) -> bool:
-        """Whether verified ``claims`` are revoked at ``now`` (non-string ids never match)."""
-        jti = claims.get("jti")
-        sub = claims.get("sub")
-        return self.is_revoked_id(
-            jti if isinstance(jti, str) else None, sub if isinstance(sub, str) else None, now
-        )
+    def is_revoked(self, claims: Mapping[str, Any]) -> bool:
+        """Whether verified ``claims`` are revoked (non-string ids never match)."""
+        return self.is_revoked_id(_str_or_none(claims.get("jti")),
+                                  _str_or_none(claims.get("sub")), _iat(claims))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _iat(claims: Mapping[str, Any]) -> float | None:
+    iat = claims.get("iat")
+    if isinstance(iat, int | float) and not isinstance(iat, bool):
+        return float(iat)
+    return None
+
+
+def revocation_ids(claims: Mapping[str, Any]) -> tuple[str | None, str | None, float | None]:
+    """(jti, sub, iat) as the revocation check reads them; cached once per token."""
+    return _str_or_none(claims.get("jti")), _str_or_none(claims.get("sub")), _iat(claims)
 
 
 EMPTY_REVOCATIONS = RevocationList()
