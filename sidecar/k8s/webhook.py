@@ -227,6 +227,21 @@ async def _read_body(conn: _Connection, request: h11.Request, deadline: float) -
             raise _Closed()
 
 
+async def _finish_small_body(conn: _Connection, deadline: float) -> bool:
+    """Read a request body we do not need (e.g. ``Content-Length: 0`` on GET) so the
+    connection can be reused; False when it is not small (then we close instead)."""
+    budget = 4096
+    while conn.h11.their_state is h11.SEND_BODY:
+        event = await conn.next_event(deadline)
+        if isinstance(event, h11.Data):
+            budget -= len(event.data)
+            if budget < 0:
+                return False
+        elif isinstance(event, h11.ConnectionClosed):
+            return False
+    return True
+
+
 async def _serve_request(conn: _Connection, request: h11.Request, options: InjectOptions,
                          deadline: float) -> bool:
     """Answer one request; True when the connection may be reused."""
@@ -237,8 +252,9 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
             await conn.send_json(405, {"error": "method not allowed"}, keep_alive=False,
                                  extra=[("allow", "GET, HEAD")])
             return False
-        await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=True)
-        return True
+        reusable = await _finish_small_body(conn, deadline)
+        await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=reusable)
+        return reusable
     if target != b"/mutate":
         await conn.send_json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
                              keep_alive=False)
@@ -299,6 +315,12 @@ async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertific
             h11.LocalProtocolError, h11.RemoteProtocolError):
         pass  # nothing more we can tell this client
     finally:
+        # A TLS close_notify so clients see a clean end; bounded, then forceful.
+        with trio.move_on_after(1.0):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         await trio.aclose_forcefully(stream)
 
 
