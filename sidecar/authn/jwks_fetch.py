@@ -194,9 +194,13 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
         data = await fetch_jwks(uri, ssl_context, connect_timeout=connect_timeout,
                                 read_timeout=read_timeout)
         keys = parse_jwks(data, uri)
-    except (JwksFetchError, ConfigError) as exc:
-        log("jwks_fetch_failed", "warning", provider=provider.name, uri=uri,
-            error=str(exc), failures=state.consecutive_failures + 1,
+    except Exception as exc:  # any failure keeps the last good keys
+        # JwksFetchError and ConfigError are the expected ones; anything else is a bug
+        # somewhere below, and must not kill the task that keeps the other keys fresh.
+        expected = isinstance(exc, JwksFetchError | ConfigError)
+        log("jwks_fetch_failed", "warning" if expected else "error", provider=provider.name,
+            uri=uri, error=str(exc) if expected else repr(exc),
+            failures=state.consecutive_failures + 1,
             have_keys=authenticator.keys(provider.name) is not None)
         return on_fetch_failed(state, trio.current_time())
     authenticator.set_keys(provider.name, keys, time.time())
