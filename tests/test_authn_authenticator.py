@@ -132,6 +132,25 @@ def test_unknown_kid_signals_the_listener() -> None:
     assert calls == [1]
 
 
+def test_a_replaced_fetcher_does_not_remove_its_successors_listener() -> None:
+    auth = make()
+    calls: list[str] = []
+
+    def old() -> None:
+        calls.append("old")
+
+    def new() -> None:
+        calls.append("new")
+
+    auth.set_unknown_kid_listener("corp", old)
+    auth.set_unknown_kid_listener("corp", new)
+    auth.remove_unknown_kid_listener("corp", old)  # the old fetcher finishing late
+    auth.authenticate(["corp"], bearer(mint(claims(), ec_key(), kid="x")), "", NOW)
+    auth.remove_unknown_kid_listener("corp", new)
+    auth.authenticate(["corp"], bearer(mint(claims(), ec_key(), kid="y")), "", NOW)
+    assert calls == ["new"]
+
+
 def test_policy_change_drops_cached_verdicts_and_moved_keys() -> None:
     auth = make()
     headers = bearer(mint(claims(), ec_key()))

@@ -174,6 +174,15 @@ class Authenticator:
         else:
             self._listeners[provider] = listener
 
+    def remove_unknown_kid_listener(self, provider: str, listener: Callable[[], None]) -> None:
+        """Remove ``listener`` if it is still the one registered for ``provider``.
+
+        A fetcher being replaced (policy reload) may finish after its successor registered;
+        it must not remove the successor's listener.
+        """
+        if self._listeners.get(provider) is listener:
+            del self._listeners[provider]
+
     @property
     def owned_headers(self) -> frozenset[bytes]:
         """Header names (lower-case) the sidecar sets from verified claims: remove whatever

@@ -180,7 +180,7 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                 started = True
                 task_status.started()
     finally:
-        authenticator.set_unknown_kid_listener(provider.name, None)
+        authenticator.remove_unknown_kid_listener(provider.name, unknown_kid)
         send.close()
 
 
