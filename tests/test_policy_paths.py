@@ -1,0 +1,177 @@
+"""Request-target normalisation: every ambiguous form is refused, the rest normalise."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.errors import BadRequest
+from sidecar.policy.decision import NO_AUTH, RequestFacts
+from sidecar.policy.engine import decide
+from sidecar.policy.loader import load_policy
+from sidecar.policy.paths import normalise_target, path_segments
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        (b"/", "/", ""),
+        (b"/orders", "/orders", ""),
+        (b"/orders/", "/orders/", ""),
+        (b"/%61dmin", "/admin", ""),
+        (b"/%41%7e%2D", "/A~-", ""),
+        (b"/caf%c3%a9", "/caf%C3%A9", ""),
+        (b"/a%20b", "/a%20b", ""),
+        (b"/orders?id=1&x=%2F", "/orders", "id=1&x=%2F"),
+        (b"/a%3Fb", "/a%3Fb", ""),
+    ],
+)
+def test_accepted_targets_normalise(target: bytes, path: str, query: str) -> None:
+    assert normalise_target(target) == (path, query)
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        (b"", "target_form"),
+        (b"*", "target_form"),
+        (b"http://orders/admin", "target_form"),
+        (b"orders:443", "target_form"),
+        (b"/a b", "bad_byte"),
+        (b"/a\x00b", "bad_byte"),
+        (b"/a\tb", "bad_byte"),
+        (b"/caf\xc3\xa9", "bad_byte"),
+        (b"/admin#x", "fragment"),
+        (b"/admin%23x", "fragment"),
+        (b"/a\\admin", "backslash"),
+        (b"/admin;x=1/secret", "semicolon"),
+        (b"/a%2fadmin", "encoded_slash"),
+        (b"/a%2Fadmin", "encoded_slash"),
+        (b"/a%5cadmin", "encoded_slash"),
+        (b"/a%5Cadmin", "encoded_slash"),
+        (b"/a%00", "encoded_control"),
+        (b"/a%0a", "encoded_control"),
+        (b"/a%7f", "encoded_control"),
+        (b"/a%", "bad_escape"),
+        (b"/a%4", "bad_escape"),
+        (b"/a%zz", "bad_escape"),
+        (b"/a%252F", "double_encoding"),
+        (b"/a%c3", "bad_utf8"),
+        (b"/a%ff", "bad_utf8"),
+        (b"/./admin", "dot_segment"),
+        (b"/x/../admin", "dot_segment"),
+        (b"/x/%2e%2e/admin", "dot_segment"),
+        (b"/x/%2E/admin", "dot_segment"),
+        (b"/x/.%2e/admin", "dot_segment"),
+        (b"/x/..", "dot_segment"),
+        (b"//admin", "empty_segment"),
+        (b"/a//b", "empty_segment"),
+        (b"/" + b"a" * 9000, "target_too_long"),
+    ],
+)
+def test_ambiguous_targets_are_refused(target: bytes, reason: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        normalise_target(target)
+    assert info.value.reason == reason
+    assert info.value.status == 400
+
+
+def test_merge_slashes_is_an_explicit_option() -> None:
+    assert normalise_target(b"//admin//x", merge_slashes=True) == ("/admin/x", "")
+    with pytest.raises(BadRequest):
+        normalise_target(b"//admin//x")
+
+
+def test_path_segments_ignore_one_trailing_slash() -> None:
+    assert path_segments("/") == ()
+    assert path_segments("/a") == path_segments("/a/") == ("a",)
+    assert path_segments("/a/b") == ("a", "b")
+
+
+# --- property: no accepted encoding reaches a denied path -------------------------------
+
+_POLICY = load_policy(
+    b"""
+version: 1
+trust_domain: t.local
+services:
+  spiffe://t.local/ns/a/sa/api:
+    rules:
+      - name: everything
+        allow: {}
+      - name: no-admin
+        deny: {paths: [/admin/**]}
+      - name: no-debug-exact
+        deny: {paths: [/debug]}
+""",
+    "prop.yaml",
+)
+_ID = "spiffe://t.local/ns/a/sa/api"
+_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+
+
+def _encode_variants(text: str, choices: list[int]) -> bytes:
+    """Encode ``text`` with each char raw, %xx or %XX chosen by ``choices``."""
+    out = bytearray()
+    for ch, how in zip(text, choices, strict=False):
+        b = ch.encode()
+        if how == 0 or ch == "/":
+            out += b
+        else:
+            hexed = f"%{b[0]:02x}"
+            out += (hexed.upper() if how == 2 else hexed).encode()
+    return bytes(out)
+
+
+_pieces = st.sampled_from(
+    ["admin", "debug", "x", "..", ".", "", "%2f", "%5c", "\\", "#", ";", "%00", "%2e", "a%2Fb",
+     "%25", "?", "%252f", "%23", "admin%2f", "%61dmin", "ADMIN", "d%65bug"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_pieces, min_size=1, max_size=5), st.lists(st.integers(0, 2), max_size=40))
+def test_no_encoding_reaches_denied_path(parts: list[str], choices: list[int]) -> None:
+    raw = "/" + "/".join(parts)
+    target = _encode_variants(raw, choices + [0] * len(raw)) if choices else raw.encode()
+    try:
+        path, _ = normalise_target(target)
+    except BadRequest:
+        return  # refused before policy: safe
+    facts = RequestFacts("inbound", "spiffe://t.local/ns/a/sa/c", "10.0.0.1", "GET", path, "", 1)
+    decision = decide(_POLICY, _ID, facts, NO_AUTH, 0.0)
+    # What a lenient app would see: fully percent-decode, then resolve dot segments.
+    import posixpath
+    from urllib.parse import unquote
+
+    app_view = posixpath.normpath(unquote(path)) if path != "/" else "/"
+    first = [s for s in app_view.split("/") if s][:1]
+    if first == ["admin"] or app_view.rstrip("/") == "/debug":
+        assert not decision.allowed, (target, path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_either_normalise_or_400(data: bytes) -> None:
+    target = b"/" + data
+    try:
+        path, query = normalise_target(target)
+    except BadRequest as exc:
+        assert exc.status == 400
+        return
+    # The result is itself accepted and stable (idempotent), and ASCII origin-form.
+    assert path.startswith("/")
+    assert normalise_target(path.encode() + (b"?" + query.encode() if query else b"")) == (
+        path,
+        query,
+    )
+    assert "%2F" not in path.upper() and ".." not in path.split("/")
+
+
+@given(st.text(alphabet=_UNRESERVED, min_size=1, max_size=10))
+def test_unreserved_escapes_equal_raw(seg: str) -> None:
+    encoded = "".join(f"%{ord(c):02X}" for c in seg).encode()
+    if seg in (".", ".."):
+        return
+    assert normalise_target(b"/" + encoded) == normalise_target(b"/" + seg.encode())
