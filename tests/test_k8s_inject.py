@@ -12,6 +12,7 @@ import pytest
 from sidecar.k8s.inject import (
     APP_PROBES_ENV,
     AUDIT_VOLUME,
+    CONFIG_ANNOTATION,
     CONFIG_VOLUME,
     DEFAULT_CONTAINER_ANNOTATION,
     INJECT_ANNOTATION,
@@ -304,3 +305,11 @@ def test_every_workload_kind_list_and_passthrough(options: InjectOptions) -> Non
             assert_valid(doc)
     assert injected == 9
     assert inject_documents(out, options) == out
+
+
+def test_config_annotation_selects_the_workload_config_map() -> None:
+    doc = pod()
+    doc["metadata"]["annotations"] = {CONFIG_ANNOTATION: "orders-sidecar"}
+    _, spec = inject_pod_spec(doc["metadata"], doc["spec"], NATIVE)  # type: ignore[misc]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[CONFIG_VOLUME]["configMap"]["name"] == "orders-sidecar"

@@ -35,13 +35,15 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Public names (documented in deploy/k8s/README.md): annotations, label, container, volumes.
 INJECT_ANNOTATION = "sidecar.mesh.dev/inject"  # "false" on a pod (annotation or label) opts out
 STATUS_ANNOTATION = "sidecar.mesh.dev/status"  # set to "injected" by the injector
 STATUS_INJECTED = "injected"
+# Pod annotation naming the ConfigMap with this workload's sidecar.yaml (overrides the option).
+CONFIG_ANNOTATION = "sidecar.mesh.dev/config-configmap"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 OPT_OUT_VALUES = frozenset({"false", "disabled", "no", "off"})
 
@@ -277,6 +279,9 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     app_probes = _rewrite_app_probes(containers, options)
     container = sidecar_container(options, app_probes)
 
+    config_name = (meta.get("annotations") or {}).get(CONFIG_ANNOTATION)
+    if isinstance(config_name, str) and config_name:
+        options = replace(options, config_configmap=config_name)
     volumes = list(spec.get("volumes") or [])
     taken = {v.get("name") for v in volumes if isinstance(v, dict)}
     for volume in sidecar_volumes(options):
