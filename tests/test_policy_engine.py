@@ -260,7 +260,10 @@ def test_egress() -> None:
 
 
 def test_demo_policy_scenarios() -> None:
-    demo = load_policy_file(str(POLICIES / "demo.yaml"))
+    # The demo policy may live in policies/ or be packaged as sidecar/demo/policy.yaml.
+    packaged = POLICIES.parent / "sidecar" / "demo" / "policy.yaml"
+    demo = load_policy_file(str(POLICIES / "demo.yaml" if (POLICIES / "demo.yaml").exists()
+                                else packaged))
     orders, fe = "spiffe://demo.local/ns/demo/sa/orders", "spiffe://demo.local/ns/demo/sa/frontend"
     intruder = "spiffe://demo.local/ns/demo/sa/intruder"
 

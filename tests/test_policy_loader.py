@@ -22,7 +22,11 @@ def problems(text: str, filename: str = "p.yaml") -> list[tuple[int | None, str,
     return [(p.line, p.key, p.message) for p in info.value.problems]
 
 
-@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted(POLICIES.glob("*.yaml")) + sorted(
+    (POLICIES.parent / "sidecar" / "demo").glob("policy*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
 def test_every_shipped_policy_loads(path: Path) -> None:
     policy = load_policy_file(str(path))
     assert policy.version == hashlib.sha256(path.read_bytes()).hexdigest()
