@@ -1,0 +1,187 @@
+"""deploy/k8s: every manifest and every kustomize build validated offline (1.29 and 1.33)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from sidecar.config.model import load_config
+from sidecar.k8s.inject import (
+    CONFIG_VOLUME,
+    SIDECAR_CONTAINER,
+    STATUS_ANNOTATION,
+    InjectOptions,
+    inject_documents,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy" / "k8s"
+KUBECTL = shutil.which("kubectl")
+K8S_VERSIONS = ("1.29.0", "1.33.0")
+KUSTOMIZATIONS = ["", "base", "example"]
+# cert-manager CRDs are not in the Kubernetes schemas; we check their required fields.
+CERT_MANAGER_REQUIRED = {"Issuer": ["spec"], "Certificate": ["spec.secretName", "spec.issuerRef"]}
+
+
+def manifest_files() -> list[Path]:
+    """Every Kubernetes manifest under deploy/k8s (not kustomizations or policy data)."""
+    return sorted(p for p in DEPLOY.rglob("*.yaml")
+                  if p.name != "kustomization.yaml" and "policy" not in p.parts)
+
+
+def load_docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def assert_valid(doc: dict[str, Any]) -> None:
+    kind = doc.get("kind", "")
+    if doc.get("apiVersion", "").startswith("cert-manager.io/"):
+        for dotted in CERT_MANAGER_REQUIRED[kind]:
+            node: Any = doc
+            for key in dotted.split("."):
+                assert isinstance(node, dict) and key in node, f"{kind} lacks {dotted}"
+                node = node[key]
+        return
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{kind}/{doc['metadata'].get('name')} invalid for {version} at "
+                        f"{list(exc.path)}: {exc.message}")
+
+
+def kustomize(subdir: str) -> list[dict[str, Any]]:
+    assert KUBECTL is not None
+    proc = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / subdir)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return load_docs(proc.stdout)
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_manifest_is_valid(path: Path) -> None:
+    docs = load_docs(path.read_text())
+    assert docs
+    for doc in docs:
+        assert_valid(doc)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
+@pytest.mark.parametrize("subdir", KUSTOMIZATIONS, ids=lambda s: s or "deploy/k8s")
+def test_kustomize_build_is_valid(subdir: str) -> None:
+    docs = kustomize(subdir)
+    assert docs
+    for doc in docs:
+        assert_valid(doc)
+
+
+def _by_kind(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
+def test_webhook_configuration_and_injector_settings() -> None:
+    docs = _by_kind(kustomize(""))
+    mwc = docs[("MutatingWebhookConfiguration", "sidecar-injector")]
+    assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+        "mesh-system/sidecar-injector-tls"
+    (hook,) = mwc["webhooks"]
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["namespaceSelector"] == {"matchLabels": {"sidecar.mesh.dev/inject": "enabled"}}
+    (expr,) = hook["objectSelector"]["matchExpressions"]
+    assert expr["key"] == "sidecar.mesh.dev/inject" and expr["operator"] == "NotIn"
+    assert "false" in expr["values"]
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
+                              "apiVersions": ["v1"], "resources": ["pods"],
+                              "scope": "Namespaced"}]
+    svc = hook["clientConfig"]["service"]
+    assert (svc["name"], svc["namespace"], svc["path"]) == ("sidecar-injector", "mesh-system",
+                                                           "/mutate")
+    assert ("Service", "sidecar-injector") in docs
+    cert = docs[("Certificate", "sidecar-injector-tls")]
+    assert "sidecar-injector.mesh-system.svc" in cert["spec"]["dnsNames"]
+
+    injector = docs[("Deployment", "sidecar-injector")]["spec"]["template"]["spec"]
+    (container,) = injector["containers"]
+    assert container["args"][0] == "webhook"
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert injector["automountServiceAccountToken"] is False
+    # Least privilege: no RBAC objects at all.
+    assert not [k for k in docs if k[0] in ("Role", "ClusterRole", "RoleBinding",
+                                            "ClusterRoleBinding")]
+    for spec in _pod_specs(list(docs.values())):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            assert all("subPath" not in m for m in c.get("volumeMounts", []))
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
+def test_example_pods_as_the_webhook_would_inject_them() -> None:
+    docs = kustomize("example")
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    assert namespaces[0]["metadata"]["labels"]["sidecar.mesh.dev/inject"] == "enabled"
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    assert "mesh.yaml" in configmaps["mesh-policy"]["data"]  # stable name, no hash suffix
+    injected = inject_documents(docs, InjectOptions())
+    apps = [d for d in injected if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in apps} == {"frontend", "orders"}
+    for doc in apps:
+        template = doc["spec"]["template"]
+        assert template["metadata"]["annotations"][STATUS_ANNOTATION] == "injected"
+        assert template["spec"]["initContainers"][0]["name"] == SIDECAR_CONTAINER
+        config = {v["name"]: v for v in template["spec"]["volumes"]}[CONFIG_VOLUME]
+        name = config["configMap"]["name"]
+        assert name == f"{doc['metadata']['name']}-sidecar" and name in configmaps
+        assert_valid(doc)
+    # each workload's sidecar.yaml is a config the sidecar accepts
+    for name in ("frontend-sidecar", "orders-sidecar"):
+        cfg = load_config(configmaps[name]["data"]["sidecar.yaml"], f"{name}.yaml")
+        assert cfg.inbound is not None and cfg.inbound.listen[1] == 15443
+        assert cfg.policy == "/etc/sidecar/policy/mesh.yaml"
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
+def test_network_policies_only_let_sidecar_ports_in() -> None:
+    docs = [d for d in kustomize("example") if d["kind"] == "NetworkPolicy"]
+    default = [d for d in docs if d["spec"]["podSelector"] == {}]
+    assert default and set(default[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in default[0]["spec"]
+    ingress_ports = {p["port"] for d in docs for rule in d["spec"].get("ingress", [])
+                     for p in rule.get("ports", [])}
+    assert ingress_ports == {15443, 15021}
+    for d in docs:
+        for rule in d["spec"].get("ingress", []):
+            assert rule.get("ports"), f"{d['metadata']['name']} opens every port"
+
+
+def test_policy_copy_matches_policies_demo() -> None:
+    source = ROOT / "policies" / "demo.yaml"
+    if not source.exists():
+        pytest.skip("policies/demo.yaml not present")
+    copy = DEPLOY / "example" / "policy" / "mesh.yaml"
+    assert copy.read_bytes() == source.read_bytes(), (
+        "deploy/k8s/example/policy/mesh.yaml drifted: cp policies/demo.yaml "
+        "deploy/k8s/example/policy/mesh.yaml")
+
+
+def test_dockerfile_is_non_root_and_read_only_friendly() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text
+    assert "USER 65532:65532" in text
+    assert "PYTHONDONTWRITEBYTECODE=1" in text
+    assert 'ENTRYPOINT ["sidecar"]' in text
+    last_user = text.rindex("USER ")
+    assert "RUN " not in text[last_user:], "nothing may run as root after switching user"
