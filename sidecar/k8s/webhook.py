@@ -177,7 +177,7 @@ class _Connection:
                     data = await self.stream.receive_some(READ_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise _Closed() from exc
-                self.h11.receive_data(data)
+                self.h11.receive_data(bytes(data))
                 continue
             raise _Timeout()
 
