@@ -32,6 +32,7 @@ from sidecar.config.model import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.gate import Gate, PolicyHolder
 from sidecar.inbound import InboundProxy
+from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.listen import ConnectionTracker, accept_loop, listener_port, open_listener
 from sidecar.net.pool import UpstreamPool
@@ -66,7 +67,7 @@ class Sidecar:
                 audit_cfg = dataclasses.replace(
                     audit_cfg, path=os.path.join(audit_cfg.path, f"worker-{worker_index}"))
             self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
-        self.telemetry = Telemetry(self.metrics, self.audit)
+        self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         if cfg.policy is not None:
             self._setup_policy_consumers()
         self.gate = Gate(self.own_id, self.policies,
@@ -124,7 +125,7 @@ class Sidecar:
 
     def _setup_policy_consumers(self) -> None:
         """JWT authenticator, rate limiter and burst detector follow the policy."""
-        from sidecar.alerts import BurstDetector
+        from sidecar.alerts import AlertPoster, BurstDetector
         from sidecar.authn.authenticator import Authenticator
         from sidecar.policy.sections import PolicyExtras
         from sidecar.ratelimit import RateLimiter
@@ -132,25 +133,39 @@ class Sidecar:
         self.authenticator = Authenticator(PolicyExtras())
         self.limiter = RateLimiter(())
         self.detector = BurstDetector(())
+        self.alert_poster = AlertPoster(self.metrics)
+        self.key_sources = KeySources(self.authenticator, self.metrics)
 
         def follow(policy: Any) -> None:
             extras = policy.extras
             self.authenticator.update(extras)
+            self.key_sources.sync(extras.jwt_providers)
             self.limiter.update(extras.rate_limits)
             self.detector.update(extras.alerts)
+            for name in extras.jwt_providers:
+                self.metrics.jwks_age_seconds.labels(name).set_function(
+                    lambda name=name: self._jwks_age(name))
+
 
         self.policies.listeners.append(follow)
 
+    def _jwks_age(self, name: str) -> float:
+        age = self.key_sources.ages(time.time()).get(name)
+        return float("nan") if age is None else age
+
     # -- alerts --------------------------------------------------------------------------
     def _raise_alert(self, alert: Any) -> None:
-        self.metrics.alerts_total.labels(alert.rule).inc()
-        logs.log("alert", "warning", **alert.fields())
+        """A burst of failures: log line + metric + webhook (the poster), audit record."""
         if self.audit is not None:
             from sidecar.audit.record import alert_record
 
-            self.audit.submit(alert_record(alert))
-        if self.alert_poster is not None:
-            self.alert_poster.submit(alert)
+            self.audit.submit(alert_record(
+                time=time.time(), rule=alert.rule, reason="failure_burst",
+                peer=alert.source if alert.by == "peer" else None,
+                source=alert.source if alert.by == "address" else "",
+                extra={"failures": alert.failures, "window_seconds": alert.window_seconds,
+                       "block_seconds": alert.block_seconds}))
+        self.alert_poster.submit(alert)
 
     def _audit_alert(self, message: str) -> None:
         self.metrics.alerts_total.labels("audit_records_lost").inc()
@@ -264,6 +279,9 @@ class Sidecar:
     async def _start_background(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
         ident = cfg.identity
+        if self.cfg.policy is not None:
+            await nursery.start(self.alert_poster.run)
+            self.key_sources.attach(nursery)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
             load=lambda: build_snapshot(ident.cert, ident.key, ident.bundle),
@@ -288,10 +306,10 @@ class Sidecar:
             port = await nursery.start(serve_admin, cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
-            from sidecar.admin import load_app_probes, serve_health
+            from sidecar.admin import app_probes_from_env, serve_health
 
             port = await nursery.start(serve_health, cfg.admin.health_listen, self,
-                                       load_app_probes(os.environ.get("SIDECAR_APP_PROBES")))
+                                       app_probes_from_env())
             self.ports["health"] = port
 
     def _apply_tls(self, snapshot: Any) -> None:

@@ -40,6 +40,7 @@ class Verdict:
     set_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     drop_headers: frozenset[bytes] = frozenset()
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    strip_credentials: bool = False  # remove API keys / non-forwarded tokens before the app
 
     @property
     def status(self) -> int:
@@ -124,25 +125,27 @@ class Gate:
         verdict = Verdict(decision, auth)
         if decision.allowed:
             if self.limiter is not None and not decision.dry_run:
-                subject = _subject(auth)
-                ok, limit_name, retry_after = self.limiter.check(
-                    self.own_id, facts.peer, auth.apikey, subject, now)
-                if not ok:
-                    verdict.decision = Decision("deny", limit_name or "rate limit",
+                check = self.limiter.check(self.own_id, facts.peer, auth.apikey,
+                                           _subject(auth), now)
+                if not check.allowed:
+                    verdict.decision = Decision("deny", check.limit or "rate limit",
                                                 REASON_RATE_LIMITED, decision.version, status=429)
-                    verdict.response_headers = [(b"retry-after", str(retry_after).encode())]
+                    verdict.response_headers = [
+                        (b"retry-after", str(max(1, check.retry_after)).encode())]
                     return verdict
-            if authn is not None and auth.claims:
-                verdict.set_headers = authn.forward_headers(auth)
             if authn is not None:
-                verdict.drop_headers = authn.owned_headers(section.providers if section else ())
+                if auth.claims:
+                    verdict.set_headers = authn.forward_headers(auth)
+                verdict.drop_headers = authn.owned_headers
+                verdict.strip_credentials = True
             return verdict
-        if decision.status == 401:
-            error = b'Bearer realm="sidecar"'
-            if decision.reason == "token_invalid":
-                error = b'Bearer realm="sidecar", error="invalid_token"'
-            verdict.response_headers = [(b"www-authenticate", error)]
-        if detector is not None:
+        if authn is not None and decision.status == 401:
+            from sidecar.authn.authenticator import www_authenticate
+
+            challenge = www_authenticate(decision.reason)
+            if challenge is not None:
+                verdict.response_headers = [(b"www-authenticate", challenge)]
+        if detector is not None and decision.status in (401, 403):
             for alert in detector.record_failure(facts.peer, facts.source, now):
                 if self.on_alert is not None:
                     self.on_alert(alert)

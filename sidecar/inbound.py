@@ -163,6 +163,13 @@ class InboundProxy:
                 hop = connection_tokens(event.headers)
                 headers = clean_headers(event.headers, OWNED_REQUEST_HEADERS | verdict.drop_headers,
                                         hop)
+                if verdict.strip_credentials:
+                    headers, new_query = self.gate.authenticator.strip_credentials(headers, query)
+                    if new_query != query:
+                        base = event.target.split(b"?", 1)[0]
+                        target = base + (b"?" + new_query.encode() if new_query else b"")
+                        event = h11.Request(method=event.method, target=target,
+                                            headers=event.headers, http_version="1.1")
                 headers.append((XFCC, xfcc))
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.append((b"x-forwarded-proto", b"https"))

@@ -10,15 +10,18 @@ import time
 from typing import Any
 
 from sidecar import logs
+from sidecar.audit.record import connection_refused_record, record_from
 from sidecar.metrics import SidecarMetrics
-from sidecar.policy.decision import RequestFacts
+from sidecar.policy.decision import Decision, RequestFacts
 
 
 class Telemetry:
     """Fan-out of data-path events to metrics, logs and the audit trail."""
 
-    def __init__(self, metrics: SidecarMetrics, audit: Any | None = None) -> None:
+    def __init__(self, metrics: SidecarMetrics, audit: Any | None = None,
+                 service: str = "") -> None:
         self.metrics = metrics
+        self.service = service  # our own SPIFFE ID, recorded so replay knows the section
         self.audit = audit  # sidecar.audit.writer.AuditWriter or None
         reg = metrics.registry
         self.handshakes = reg.counter(
@@ -48,11 +51,8 @@ class Telemetry:
         logs.log("connection_refused", "warning", direction=direction, source=source,
                  peer=peer, reason=reason)
         if self.audit is not None:
-            from sidecar.audit.record import connection_refused_record
-
             self.audit.submit(connection_refused_record(
-                time=started, direction=direction, source=source, peer=peer, reason=reason,
-                duration_ms=(time.time() - started) * 1000.0))
+                time=started, direction=direction, source=source, peer=peer, reason=reason))
 
     # -- requests ------------------------------------------------------------------------
     def accepting(self) -> bool:
@@ -78,6 +78,10 @@ class Telemetry:
             self.metrics.requests_refused_total.labels(direction, error).inc()
         if error is not None and status in (502, 503, 504):
             self.metrics.upstream_errors_total.labels(direction, error).inc()
+        auth = getattr(verdict, "auth", None)
+        if auth is not None and auth.token_errors:
+            for provider, reason in auth.token_errors.items():
+                self.metrics.jwt_failures_total.labels(provider, reason).inc()
         self._duration[direction].observe(duration)
         refused = status >= 400 or (decision is not None and not decision.allowed)
         if refused or logs.enabled("debug"):
@@ -93,11 +97,28 @@ class Telemetry:
                 reason=(error or (decision.reason if decision is not None else None)),
                 policy_version=decision.version if decision is not None else None,
             )
-        if self.audit is not None and (decision is not None or error is not None):
-            from sidecar.audit.record import request_record
-
-            self.audit.submit(request_record(
-                request_id=request_id, facts=facts, decision=decision,
-                auth=getattr(verdict, "auth", None), status=status, bytes_in=bytes_in,
-                bytes_out=bytes_out, started=started, duration_ms=duration * 1000.0,
-                error=error, source=source, peer=peer))
+        if self.audit is not None:
+            if decision is None:
+                # Refused before any rule ran (malformed or ambiguous request, timeout):
+                # still exactly one record, with the refusal as its reason.
+                decision = Decision("deny", "", error or "refused", "", status)
+            kw: dict[str, Any] = {}
+            if facts is None:
+                kw["source"] = source or ""
+                kw["peer"] = peer
+                kw["direction"] = direction
+            extra: dict[str, Any] = {}
+            if facts is not None:
+                if facts.direction == "inbound":
+                    extra["service"] = self.service
+                    extra["port"] = facts.port
+                elif facts.target is not None:
+                    extra["target"] = facts.target
+            if error is not None and decision.allowed:
+                extra["error"] = error
+            if extra:
+                kw["extra"] = extra
+            self.audit.submit(record_from(
+                decision, facts, time=started, auth=getattr(verdict, "auth", None),
+                request_id=request_id, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+                duration_ms=duration * 1000.0, **kw))

@@ -179,6 +179,11 @@ async def _send_request(client: H11Endpoint, ep: H11Endpoint, request: h11.Reque
                         headers: list[tuple[bytes, bytes]], limits: Limits, ex: Exchange,
                         expect_continue: bool) -> None:
     now = trio.current_time
+    if client.conn.their_state is h11.SEND_BODY and not any(
+            n == b"content-length" for n, _ in headers):
+        # The caller's framing was chunked (hop-by-hop, stripped); h11 needs to be told to
+        # re-frame the body as chunked, or it would treat the request as body-less.
+        headers = headers + [(b"transfer-encoding", b"chunked")]
     await ep.send(h11.Request(method=request.method, target=request.target, headers=headers,
                               http_version="1.1"), now() + limits.body_timeout)
     if client.conn.their_state is not h11.SEND_BODY:

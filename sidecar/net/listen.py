@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import errno
 import socket
+import traceback
 from collections.abc import Awaitable, Callable
 
 import trio
+
+from sidecar import logs
 
 from sidecar.net.streams import close_quietly
 
@@ -115,6 +118,11 @@ async def _run_handler(handler: Callable[[trio.SocketStream], Awaitable[None]],
                        stream: trio.SocketStream, tracker: ConnectionTracker) -> None:
     try:
         await handler(stream)
+    except Exception as exc:  # noqa: BLE001
+        # One connection's bug must never take the process (and every other connection)
+        # down. The client sees a closed connection; the log gets the details.
+        logs.log("internal_error", "error", error=repr(exc),
+                 traceback="".join(traceback.format_exception(exc))[-4000:])
     finally:
         tracker.leave()
         await trio.aclose_forcefully(stream)

@@ -1,0 +1,298 @@
+"""Shared helpers for black-box tests: real processes, real sockets, real TLS, real files.
+
+One behaviour per test, driven through these helpers (ghostunnel's habit): ``Pki`` makes
+certificates, ``start_app`` runs the test app, ``start_sidecar`` runs ``python -m sidecar run``
+with a config written to disk, and ``http``/``mtls_context`` talk to them from the outside.
+"""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.identity.ca import DevCA, write_svid
+
+ROOT = Path(__file__).resolve().parent.parent
+TD = "demo.local"
+
+
+def spiffe(name: str, ns: str = "demo", td: str = TD) -> str:
+    return f"spiffe://{td}/ns/{ns}/sa/{name}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+class Pki:
+    """A dev CA in ``root`` and workload identities issued by it."""
+
+    def __init__(self, root: Path, trust_domain: str = TD) -> None:
+        self.root = root
+        self.td = trust_domain
+        self.ca = DevCA.create(trust_domain)
+        self.ca.save(root / "ca")
+        self.bundle = str(root / "ca" / "ca.crt")
+
+    def identity(self, name: str, *, dirname: str | None = None, **issue_kw: Any) -> Path:
+        out = self.root / (dirname or name)
+        issued = self.ca.issue(spiffe(name, td=self.td), **issue_kw)
+        write_svid(issued, self.ca, out)
+        return out
+
+    def custom(self, dirname: str, spiffe_id: str, **issue_kw: Any) -> Path:
+        out = self.root / dirname
+        write_svid(self.ca.issue(spiffe_id, **issue_kw), self.ca, out)
+        return out
+
+
+def mtls_context(identity_dir: Path | None, bundle: str | Path) -> ssl.SSLContext:
+    """A client context presenting ``identity_dir``'s certificate (or none)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(str(bundle))
+    if identity_dir is not None:
+        ctx.load_cert_chain(str(identity_dir / "tls.crt"), str(identity_dir / "tls.key"))
+    return ctx
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def header_list(self) -> list[list[str]]:
+        return self.json()["headers"]
+
+
+def http(port: int, method: str = "GET", path: str = "/", *, body: bytes | None = None,
+         headers: dict[str, str] | None = None, ctx: ssl.SSLContext | None = None,
+         timeout: float = 10.0, conn: httpclient.HTTPConnection | None = None) -> Response:
+    """One request; pass ``conn`` to reuse a keep-alive connection."""
+    own = conn is None
+    if conn is None:
+        if ctx is not None:
+            conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+        else:
+            conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        if own:
+            conn.close()
+
+
+def raw(port: int, data: bytes, *, ctx: ssl.SSLContext | None = None, timeout: float = 5.0,
+        read_until_close: bool = True) -> bytes:
+    """Send raw bytes, return everything read until the server closes (or timeout)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if ctx is not None:
+        sock = ctx.wrap_socket(sock)
+    try:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, socket.timeout):
+                break
+            except (ConnectionResetError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not read_until_close:
+                break
+        return out
+    finally:
+        sock.close()
+
+
+class Proc:
+    """A subprocess we own: stopped by pid at teardown, its output kept in a file."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = open(log, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=str(ROOT), env=full_env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._log.close()
+        return rc
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if event is None or rec.get("event") == event:
+                    out.append(rec)
+        return out
+
+
+def start_app(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
+    port = port or free_port()
+    proc = Proc([sys.executable, str(ROOT / "tests" / "apps" / "upstream.py"), str(port)],
+                tmp / f"app-{port}.log")
+    wait_port(port, proc=proc.proc)
+    return proc, port
+
+
+class SidecarProc(Proc):
+    def __init__(self, cfg_path: Path, log: Path, cfg: dict[str, Any]) -> None:
+        super().__init__([sys.executable, "-m", "sidecar", "run", "-c", str(cfg_path)], log)
+        self.cfg = cfg
+        self.cfg_path = cfg_path
+
+    def port(self, name: str) -> int:
+        if name == "inbound":
+            return int(self.cfg["inbound"]["listen"].rsplit(":", 1)[1])
+        if name == "admin":
+            return int(self.cfg["admin"]["listen"].rsplit(":", 1)[1])
+        for ob in self.cfg.get("outbound", []):
+            if ob["name"] == name:
+                return int(ob["listen"].rsplit(":", 1)[1])
+        raise KeyError(name)
+
+    def metrics(self) -> str:
+        return http(self.port("admin"), "GET", "/metrics").body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.metrics(), name, **labels)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+def sidecar_config(pki_dir: Path, *, inbound: dict | None = None,
+                   outbound: list[dict] | None = None, policy: str | None = None,
+                   audit: dict | None = None, limits: dict | None = None,
+                   admin_port: int | None = None, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "identity": {"cert": str(pki_dir / "tls.crt"), "key": str(pki_dir / "tls.key"),
+                     "bundle": str(pki_dir / "ca.crt"), "watch_interval": "200ms"},
+        "admin": {"listen": f"127.0.0.1:{admin_port or free_port()}"},
+    }
+    if inbound is not None:
+        cfg["inbound"] = inbound
+    if outbound is not None:
+        cfg["outbound"] = outbound
+    if policy is not None:
+        cfg["policy"] = {"path": policy, "watch_interval": "200ms"}
+    if audit is not None:
+        cfg["audit"] = audit
+    if limits is not None:
+        cfg["limits"] = limits
+    cfg.update(extra)
+    return cfg
+
+
+def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = True) -> SidecarProc:
+    cfg_path = tmp / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    proc = SidecarProc(cfg_path, tmp / f"{name}.log", cfg)
+    if wait:
+        try:
+            wait_ready(proc)
+        except Exception as exc:
+            proc.stop()
+            raise RuntimeError(f"sidecar {name} did not start ({exc}):\n{proc.output()}") from None
+    return proc
+
+
+def wait_ready(proc: SidecarProc, timeout: float = 20.0) -> None:
+    port = proc.port("admin")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.proc.returncode}")
+        try:
+            if http(port, "GET", "/readyz", timeout=1).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("not ready")
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
