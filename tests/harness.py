@@ -129,7 +129,7 @@ def raw(port: int, data: bytes, *, ctx: ssl.SSLContext | None = None, timeout: f
         while time.monotonic() < deadline:
             try:
                 chunk = sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
             except (ConnectionResetError, ssl.SSLError):
                 break

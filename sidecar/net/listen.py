@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sidecar import logs
-
 from sidecar.net.streams import close_quietly
 
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
