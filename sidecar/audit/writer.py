@@ -96,8 +96,12 @@ class _SegmentSink:
         created = self.clock()
         path = os.path.join(self.directory, segment_name(head.next_seq, created))
         header = head.header(created, **info)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                     0o640)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                         0o640)
+        except OSError:
+            head.restore(state)  # a failed attempt must not consume a seq (a gap = BROKEN)
+            raise
         try:
             self._write_all(fd, header)
             if self.fsync:
@@ -121,6 +125,7 @@ class _SegmentSink:
         except OSError as exc:
             raise _PartialWrite(0, exc) from None
         assert self.head is not None and self.fd is not None
+        state = self.head.state
         data = self._encode(records)
         start = self.size
         try:
@@ -129,6 +134,9 @@ class _SegmentSink:
                 os.fsync(self.fd)
             self._check_still_linked()
         except OSError as exc:
+            # The head advances only when the bytes are on disk: the batch is retried (or
+            # counted lost) and the next segment chains from the last frame that was kept.
+            self.head.restore(state)
             self._abandon(start, exc)
             raise _PartialWrite(0, exc) from None
         self.size += len(data)
