@@ -21,7 +21,14 @@ import h11
 import trio
 
 from sidecar.config.model import Limits
-from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
+from sidecar.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestRefused,
+)
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
@@ -96,6 +103,17 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
     return counter[0], counter[1]
 
 
+FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
+
+
+def _parsed_request(request: h11.Request, headers: list[tuple[bytes, bytes]]) -> h11.Request:
+    # Everything here was validated by h11 when it was parsed, or set by the sidecar from
+    # verified values; ``_parsed=True`` skips h11's second validation pass (framing checks
+    # still run). The target may be rebuilt by the caller, so it is passed through as is.
+    return h11.Request(method=request.method, target=request.target, headers=headers,
+                       http_version=b"1.1", _parsed=True)
+
+
 async def forward(
     client: H11Endpoint,
     request: h11.Request,
@@ -111,16 +129,21 @@ async def forward(
     """Send ``request`` (with ``headers`` already rewritten) upstream and relay the response.
 
     Raises ``UpstreamFailed`` when the upstream fails before the response head was sent to
-    the client, ``PeerClosed``/``Timeout`` when the client misbehaves, ``PayloadTooLarge``
-    when the body exceeds ``limits.max_body_bytes``.
+    the client, ``PeerClosed``/``Timeout`` (``side`` "client") when the client misbehaves,
+    ``PayloadTooLarge`` when the body exceeds ``limits.max_body_bytes``.
     """
     ex = Exchange()
     if not has_body:
         # The end of a body-less request is already parsed; consume it (no I/O happens) so
         # the request can be replayed on a fresh connection if a pooled one turns out stale.
-        event = await _client_event(client, trio.current_time() + limits.body_timeout)
+        event = await client.next_event(trio.current_time() + limits.body_timeout)
         if type(event) is not h11.EndOfMessage:
-            raise _client_side(PeerClosed("unexpected_body"))
+            raise PeerClosed("unexpected_body", "client")
+    elif not any(n == b"content-length" for n, _ in headers):
+        # The caller's framing was chunked (hop-by-hop, stripped); tell h11 to re-frame the
+        # body as chunked, or it would treat the request as body-less.
+        headers = headers + [(b"transfer-encoding", b"chunked")]
+    head = _parsed_request(request, headers)
     attempts = 1 if has_body else 2
     for attempt in range(attempts):
         try:
@@ -130,81 +153,63 @@ async def forward(
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamFailed(BadGateway("upstream_connect_failed", repr(exc)), ex) from exc
         try:
-            await _send_request(client, ep, request, headers, limits, ex, expect_continue)
+            await _send_request(client, ep, head, limits, ex, expect_continue, has_body)
             return await _relay_response(client, ep, pool, limits, ex, upgrade, close)
         except (PeerClosed, Timeout) as exc:
-            # Which side failed? A client error surfaces from client reads/writes; those
-            # are re-raised as-is by the helpers below (tagged), upstream ones are mapped.
-            await close_quietly(ep.stream)
-            if getattr(exc, "side", "upstream") == "client":
+            await trio.aclose_forcefully(ep.stream)
+            if exc.side == "client" or ex.response_started:
                 raise
-            if ex.reused and attempt + 1 < attempts and not ex.response_started:
+            if ex.reused and attempt + 1 < attempts:
                 continue  # a stale keep-alive connection: retry once on a fresh one
-            if ex.response_started:
-                raise
             if isinstance(exc, Timeout):
                 raise UpstreamFailed(GatewayTimeout("upstream_timeout", str(exc)), ex) from exc
             raise UpstreamFailed(BadGateway("upstream_closed", str(exc)), ex) from exc
         except h11.RemoteProtocolError as exc:
-            await close_quietly(ep.stream)
+            await trio.aclose_forcefully(ep.stream)
+            if ex.response_started:
+                raise PeerClosed("upstream_protocol_error") from exc
+            raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) from exc
+        except (BadRequest, HeadersTooLarge) as exc:
+            # The upstream's answer did not parse: that is a bad gateway, not a bad request.
+            await trio.aclose_forcefully(ep.stream)
             if ex.response_started:
                 raise PeerClosed("upstream_protocol_error") from exc
             raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) from exc
         except BaseException:
-            await close_quietly(ep.stream)
+            await trio.aclose_forcefully(ep.stream)
             raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _client_side(exc: PeerClosed | Timeout) -> PeerClosed | Timeout:
-    exc.side = "client"  # type: ignore[union-attr]
-    return exc
-
-
-async def _client_event(client: H11Endpoint, deadline: float) -> object:
-    try:
-        return await client.next_event(deadline)
-    except (PeerClosed, Timeout) as exc:
-        raise _client_side(exc) from None
-
-
-async def _client_send(client: H11Endpoint, event: h11.Event, deadline: float) -> None:
-    try:
-        await client.send(event, deadline)
-    except (PeerClosed, Timeout) as exc:
-        raise _client_side(exc) from None
-
-
-async def _send_request(client: H11Endpoint, ep: H11Endpoint, request: h11.Request,
-                        headers: list[tuple[bytes, bytes]], limits: Limits, ex: Exchange,
-                        expect_continue: bool) -> None:
+async def _send_request(client: H11Endpoint, ep: H11Endpoint, head: h11.Request,
+                        limits: Limits, ex: Exchange, expect_continue: bool,
+                        has_body: bool) -> None:
     now = trio.current_time
-    if client.conn.their_state is h11.SEND_BODY and not any(
-            n == b"content-length" for n, _ in headers):
-        # The caller's framing was chunked (hop-by-hop, stripped); h11 needs to be told to
-        # re-frame the body as chunked, or it would treat the request as body-less.
-        headers = headers + [(b"transfer-encoding", b"chunked")]
-    await ep.send(h11.Request(method=request.method, target=request.target, headers=headers,
-                              http_version="1.1"), now() + limits.body_timeout)
-    if client.conn.their_state is not h11.SEND_BODY:
-        await ep.send(h11.EndOfMessage(), now() + limits.body_timeout)
+    ep.queue(head)
+    if not has_body:
+        ep.queue(h11.EndOfMessage())
+        await ep.flush(now() + limits.body_timeout)
         return
     if expect_continue:
-        await _client_send(client, h11.InformationalResponse(status_code=100, headers=[]),
-                           now() + limits.body_timeout)
+        client.queue(h11.InformationalResponse(status_code=100, headers=[]))
+        await client.flush(now() + limits.body_timeout)
     limit = limits.max_body_bytes
     while True:
-        event = await _client_event(client, now() + limits.body_timeout)
-        if type(event) is h11.Data:
+        event = await client.next_event(now() + limits.body_timeout, flush_first=ep)
+        etype = type(event)
+        if etype is h11.Data:
             ex.request_bytes += len(event.data)
             if limit and ex.request_bytes > limit:
                 raise PayloadTooLarge("body_too_large")
-            await ep.send(event, now() + limits.body_timeout)
-        elif type(event) is h11.EndOfMessage:
-            await ep.send(h11.EndOfMessage(), now() + limits.body_timeout)
+            ep.queue(event)
+            if ep.out_len >= FLUSH_AT:
+                await ep.flush(now() + limits.body_timeout)
+        elif etype is h11.EndOfMessage:
+            ep.queue(h11.EndOfMessage())
+            await ep.flush(now() + limits.body_timeout)
             return
         else:
-            raise _client_side(PeerClosed("client_closed_mid_body"))
+            raise PeerClosed("client_closed_mid_body", "client")
 
 
 async def _relay_response(client: H11Endpoint, ep: H11Endpoint, pool: UpstreamPool,
@@ -212,15 +217,15 @@ async def _relay_response(client: H11Endpoint, ep: H11Endpoint, pool: UpstreamPo
     now = trio.current_time
     deadline = now() + limits.response_timeout
     while True:
-        event = await ep.next_event(deadline)
+        event = await ep.next_event(deadline, flush_first=client)
         etype = type(event)
         if etype is h11.InformationalResponse:
             if event.status_code == 101 and upgrade:
-                await _client_send(client, h11.InformationalResponse(
+                client.queue(h11.InformationalResponse(
                     status_code=101, headers=[(n, v) for n, v in event.headers
-                                              if n not in (b"connection",) and n not in
-                                              (b"keep-alive", b"transfer-encoding")]
-                    + [(b"connection", b"upgrade")]), now() + limits.body_timeout)
+                                              if n not in _UPGRADE_DROP]
+                    + [(b"connection", b"upgrade")]))
+                await client.flush(now() + limits.body_timeout)
                 ex.status, ex.upgraded, ex.response_started = 101, True, True
                 a_head = client.conn.trailing_data[0]
                 b_head = ep.conn.trailing_data[0]
@@ -232,31 +237,36 @@ async def _relay_response(client: H11Endpoint, ep: H11Endpoint, pool: UpstreamPo
                 return ex
             if event.status_code in (100, 101):
                 continue  # 100 was answered by us already; an unasked-for 101 is dropped
-            await _client_send(client, h11.InformationalResponse(
-                status_code=event.status_code, headers=_response_headers(event.headers)),
-                now() + limits.body_timeout)
+            client.queue(h11.InformationalResponse(
+                status_code=event.status_code, headers=_response_headers(event.headers),
+                _parsed=True))
             continue
         if etype is h11.Response:
             ex.status = event.status_code
             out_headers = _response_headers(event.headers)
             if close:
                 out_headers.append((b"connection", b"close"))  # draining: last response
-            await _client_send(client, h11.Response(
-                status_code=event.status_code, headers=out_headers,
-                reason=event.reason), now() + limits.body_timeout)
+            client.queue(h11.Response(status_code=event.status_code, headers=out_headers,
+                                      reason=event.reason, _parsed=True))
             ex.response_started = True
             break
         raise PeerClosed("upstream_closed_before_response")
     while True:
-        event = await ep.next_event(now() + limits.body_timeout)
+        event = await ep.next_event(now() + limits.body_timeout, flush_first=client)
         etype = type(event)
         if etype is h11.Data:
             ex.response_bytes += len(event.data)
-            await _client_send(client, event, now() + limits.body_timeout)
+            client.queue(event)
+            if client.out_len >= FLUSH_AT:
+                await client.flush(now() + limits.body_timeout)
         elif etype is h11.EndOfMessage:
-            await _client_send(client, h11.EndOfMessage(), now() + limits.body_timeout)
+            client.queue(h11.EndOfMessage())
+            await client.flush(now() + limits.body_timeout)
             break
         else:
             raise PeerClosed("upstream_closed_mid_body")
     await pool.release(ep)
     return ex
+
+
+_UPGRADE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
