@@ -67,6 +67,7 @@ class Sidecar:
                 audit_cfg = dataclasses.replace(
                     audit_cfg, path=os.path.join(audit_cfg.path, f"worker-{worker_index}"))
             self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
+            self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         if cfg.policy is not None:
             self._setup_policy_consumers()
@@ -153,6 +154,20 @@ class Sidecar:
         age = self.key_sources.ages(time.time()).get(name)
         return float("nan") if age is None else age
 
+    def _export_audit_statistics(self, writer: Any) -> None:
+        """sidecar_audit_* series read the writer's statistics() at every scrape."""
+        m = self.metrics
+        m.audit_queue_depth.set_function(lambda: writer.statistics().queue_depth)
+        written = m.audit_records_written_total.labels()
+        lost = m.audit_records_lost_total.labels()
+
+        def sync() -> None:
+            stats = writer.statistics()
+            written.value = float(stats.written)
+            lost.value = float(stats.lost)
+
+        m.scrape_hooks.append(sync)
+
     # -- alerts --------------------------------------------------------------------------
     def _raise_alert(self, alert: Any) -> None:
         """A burst of failures: log line + metric + webhook (the poster), audit record."""
@@ -167,23 +182,30 @@ class Sidecar:
                        "block_seconds": alert.block_seconds}))
         self.alert_poster.submit(alert)
 
-    def _audit_alert(self, message: str) -> None:
-        self.metrics.alerts_total.labels("audit_records_lost").inc()
-        logs.log("alert", "error", alert="audit_records_lost", message=message)
+    def _audit_alert(self, kind: str, message: str) -> None:
+        """The audit writer's ``on_alert(kind, message)``: write failed, records lost,
+        recovered (docs/audit.md). Recovery is logged but is not an alert."""
+        if kind == "audit_recovered":
+            logs.log("audit_recovered", "warning", message=message)
+            return
+        self.metrics.alerts_total.labels(kind).inc()
+        logs.log("audit_alert", "error", alert=kind, message=message)
 
     # -- status for the admin port -------------------------------------------------------
     def ready(self) -> tuple[bool, list[str]]:
         reasons = []
+        now = time.time()
         if not self.listening:
-            reasons.append("listeners not up")
+            reasons.append("listeners_not_up")
         if self.draining:
             reasons.append("draining")
-        if not self.tls.valid(time.time()):
-            reasons.append("certificate not valid now")
+        if not self.tls.valid(now):
+            expired = now >= self.tls.snapshot.svid.not_after
+            reasons.append("certificate_expired" if expired else "certificate_not_yet_valid")
         if self.cfg.policy is not None and self.policies.policy is None:
-            reasons.append("policy not loaded")
+            reasons.append("policy_not_loaded")
         if self.audit is not None and not self.audit.accepting():
-            reasons.append("audit trail not writable")
+            reasons.append("audit_not_writable")
         return not reasons, reasons
 
     def policy_status(self) -> dict[str, Any]:
@@ -315,12 +337,14 @@ class Sidecar:
     def _apply_tls(self, snapshot: Any) -> None:
         self.tls.swap(snapshot)
         self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.not_after)
+        self.metrics.certificate_reloads_total.labels("ok").inc()
         logs.log("certificates_reloaded", spiffe_id=str(snapshot.svid.spiffe_id),
                  not_after=snapshot.svid.not_after)
 
     def _tls_reload_failed(self, exc: BaseException) -> None:
         self.tls.last_error = str(exc)
         self.tls.reloads_failed += 1
+        self.metrics.certificate_reloads_total.labels("failed").inc()
         logs.log("certificate_reload_failed", "error", error=str(exc),
                  message="keeping the certificates in force")
 

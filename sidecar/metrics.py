@@ -470,6 +470,11 @@ class SidecarMetrics:
             "sidecar_certificate_expiry_timestamp_seconds",
             "Unix time the sidecar's own leaf certificate expires.",
         )
+        self.certificate_reloads_total = r.counter(
+            "sidecar_certificate_reloads_total",
+            "Certificate reload attempts, by result (ok, failed).",
+            ("result",),
+        )
         self.audit_queue_depth = r.gauge(
             "sidecar_audit_queue_depth", "Audit records queued, not yet written."
         )
@@ -507,6 +512,9 @@ class SidecarMetrics:
             "by reason.",
             ("direction", "reason"),
         )
+        # Called before every render: copy counters kept elsewhere (the audit writer's
+        # statistics) into their series, so the scrape shows them without a per-event hook.
+        self.scrape_hooks: list[Callable[[], None]] = []
 
     def set_policy(self, version: str, loaded_at: float) -> None:
         """Record the policy now in force (one ``policy_version_info`` series only)."""
@@ -516,4 +524,9 @@ class SidecarMetrics:
 
     def render(self) -> bytes:
         """The whole set in Prometheus text format 0.0.4."""
+        for hook in self.scrape_hooks:
+            try:
+                hook()
+            except Exception:  # a broken hook must not break the scrape
+                pass
         return self.registry.render()

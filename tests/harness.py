@@ -296,3 +296,34 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m sidecar ARGS`` to completion; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=str(ROOT))
+
+
+def audit_export(path: str | Path, *filters: str) -> list[dict[str, Any]]:
+    """Every record ``sidecar audit export --format jsonl`` prints for ``path``."""
+    r = sidecar_cli("audit", "export", str(path), "--format", "jsonl", *filters)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def write_policy(path: Path, policy: dict[str, Any]) -> str:
+    """Write a mesh policy as YAML (atomically, as a ConfigMap update would); return its path."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(policy, sort_keys=False))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def request_id(resp: Response) -> str:
+    """The sidecar's request id: the refusal's ``x-request-id`` header, or the one the
+    inbound sidecar sent to the test app (which echoes its request headers)."""
+    if "x-request-id" in resp.headers:
+        return resp.headers["x-request-id"]
+    ids = [v for k, v in resp.header_list() if k == "x-request-id"]
+    assert len(ids) == 1, ids
+    return ids[0]
