@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -18,8 +19,9 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 5m or 1h")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        # NaN and infinity would silently disable a bound (and NaN makes trio raise).
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("a duration must be a finite number >= 0")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)

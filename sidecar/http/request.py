@@ -47,7 +47,10 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
             if name == b"host":
                 host = value
             elif name == b"content-length":
-                content_length = int(value)  # h11 already checked it is digits
+                # h11 already checked it is digits; re-checked so this function is total.
+                if not value.isdigit():
+                    raise BadRequest("bad_content_length")
+                content_length = int(value)
         elif name == b"transfer-encoding":
             chunked = True
         elif name == b"expect":
@@ -64,6 +67,8 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         # absolute-form, authority-form and asterisk-form are not accepted: the policy
         # matches origin-form paths, and a second authority would be a second truth.
         raise BadRequest("bad_target_form")
+    if not method or not method.isascii():
+        raise BadRequest("bad_method")  # h11 allows only token characters; re-checked here
     if method == b"CONNECT" or method == b"TRACE":
         raise BadRequest("method_not_allowed", method.decode("latin-1"))
     if max_body and content_length is not None and content_length > max_body:

@@ -741,7 +741,8 @@ def load_policy(text: bytes | str, filename: str) -> Policy:
     key_names = {k.name for k in api_keys}
     # A raw api_keys entry that failed validation still defines its name, so that a typo in
     # one key does not cascade into "undefined key" errors in every rule using it.
-    for item in top.get("api_keys") or []:
+    raw_keys = top.get("api_keys")
+    for item in raw_keys if isinstance(raw_keys, list) else []:
         if isinstance(item, dict) and isinstance(item.get("name"), str):
             key_names.add(item["name"])
 
