@@ -61,7 +61,7 @@ class InboundProxy:
         except OSError:
             return
         started = time.time()
-        ctx = self.tls.server_context
+        ctx = self.tls.server_context_for(self.protocol)
         tls_stream = trio.SSLStream(tcp, ctx, server_side=True, https_compatible=True)
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
             try:

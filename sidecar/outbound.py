@@ -58,7 +58,8 @@ class OutboundProxy:
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
-                stream = trio.SSLStream(tcp, self.tls.client_context, server_side=False,
+                stream = trio.SSLStream(tcp, self.tls.client_context_for(self.cfg.protocol),
+                                        server_side=False,
                                         server_hostname=None, https_compatible=True)
                 try:
                     await stream.do_handshake()

@@ -3,6 +3,10 @@
 Swapped atomically by the certificate reloader: a handshake reads ``server_context`` /
 ``client_context`` once when it starts, so existing connections keep the context they began
 with while new handshakes use the new certificate.
+
+Each snapshot holds two variants of each context: HTTP listeners advertise ALPN ``http/1.1``,
+opaque TCP listeners (``protocol: tcp``) advertise no ALPN at all, since they do not speak
+HTTP and a peer must not be told they do.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ class TlsSnapshot:
     server: ssl.SSLContext
     client: ssl.SSLContext
     loaded_at: float
+    server_tcp: ssl.SSLContext
+    client_tcp: ssl.SSLContext
 
 
 class TlsState:
@@ -48,6 +54,16 @@ class TlsState:
     def client_context(self) -> ssl.SSLContext:
         return self._snap.client
 
+    def server_context_for(self, protocol: str) -> ssl.SSLContext:
+        """The inbound context for a listener of ``protocol`` (``http`` or ``tcp``)."""
+        snap = self._snap
+        return snap.server_tcp if protocol == "tcp" else snap.server
+
+    def client_context_for(self, protocol: str) -> ssl.SSLContext:
+        """The outbound context for an upstream of ``protocol`` (``http`` or ``tcp``)."""
+        snap = self._snap
+        return snap.client_tcp if protocol == "tcp" else snap.client
+
     @property
     def spiffe_id(self) -> str:
         return str(self._snap.svid.spiffe_id)
@@ -63,6 +79,7 @@ class TlsState:
 
 
 def build_snapshot(cert: str, key: str, bundle: str) -> TlsSnapshot:
-    """Load and check the three files from one consistent snapshot; build both contexts."""
+    """Load and check the three files from one consistent snapshot; build every context."""
     svid = load_svid(cert, key, bundle, time.time())
-    return TlsSnapshot(svid, server_context(svid), client_context(svid), time.time())
+    return TlsSnapshot(svid, server_context(svid), client_context(svid), time.time(),
+                       server_context(svid, alpn=()), client_context(svid, alpn=()))
