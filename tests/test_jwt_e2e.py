@@ -1,0 +1,730 @@
+"""End to end: JWT, JWKS (file and HTTPS), revocation and API keys through a real inbound sidecar.
+
+Each test drives ``python -m sidecar run`` with a policy and key files written to tmp, real mTLS
+from a "frontend" client certificate, and the real test app (tests/apps/upstream.py), which
+echoes the headers it received. Tokens are minted here with pyjwt and cryptography keys.
+
+Most tests share one sidecar (``shared``: module scope, read-only policy); tests that rewrite the
+policy or the key files start their own. Every loop is bounded by count and time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import hmac
+import http.client as httpclient
+import ipaddress
+import json
+import math
+import os
+import re
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.harness import (
+    ROOT,
+    Pki,
+    Response,
+    SidecarProc,
+    free_port,
+    http,
+    mtls_context,
+    raw,
+    sidecar_config,
+    spiffe,
+    start_app,
+    start_sidecar,
+    wait_for,
+)
+from tests.test_authn_support import AUDIENCE, ISSUER, b64, ec_key, jwk, jwks_bytes, rsa_key
+
+BEARER_MISSING = 'Bearer realm="sidecar"'
+BEARER_INVALID = 'Bearer realm="sidecar", error="invalid_token"'
+REASON_WORDS = ("expired", "signature", "kid", "issuer", "audience", "alg", "malformed",
+                "revoked", "multiple", "too_large", "claim", "keys", "valid", "jwt", "token")
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Valid claims at the real current time (the sidecar checks exp/nbf against its clock)."""
+    now = int(time.time())
+    out: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice",
+                           "scope": "orders:read profile", "jti": uuid.uuid4().hex,
+                           "iat": now - 5, "exp": now + 600}
+    for name, value in overrides.items():
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = value
+    return out
+
+
+def sign(payload: dict[str, Any], key: Any = None, *, kid: str | None = "ec-1",
+         alg: str = "ES256", **header: Any) -> str:
+    import jwt as pyjwt
+
+    headers = dict(header)
+    if kid is not None:
+        headers["kid"] = kid
+    return pyjwt.encode(payload, key if key is not None else ec_key("e2e-ec-1"), algorithm=alg,
+                        headers=headers)
+
+
+def segments(header: dict[str, Any], payload: dict[str, Any]) -> str:
+    return b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` in one step (like a ConfigMap update), so no reader sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def provider_doc(**extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"issuer": ISSUER, "audiences": [AUDIENCE],
+                           "algorithms": ["ES256", "RS256"]}
+    doc.update(extra)
+    return doc
+
+
+def policy_doc(providers: dict[str, Any], rules: list[dict[str, Any]], *,
+               api_keys: list[dict[str, Any]] | None = None,
+               revocations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
+        "services": {spiffe("orders"): {"rules": rules}},
+    }
+    if api_keys:
+        doc["api_keys"] = api_keys
+    if revocations:
+        doc["revocations"] = revocations
+    return doc
+
+
+def jwt_rule(name: str, paths: list[str], provider: str,
+             claim_tests: dict[str, Any] | None = None) -> dict[str, Any]:
+    cond: dict[str, Any] = {"provider": provider}
+    if claim_tests:
+        cond["claims"] = claim_tests
+    return {"name": name, "allow": {"from": [spiffe("frontend")], "paths": paths, "jwt": cond}}
+
+
+@dataclass
+class Node:
+    """One inbound sidecar under test and what a test needs to talk to it."""
+
+    sidecar: SidecarProc
+    ctx: ssl.SSLContext
+    policy_path: Path
+    tmp: Path
+
+    @property
+    def port(self) -> int:
+        return self.sidecar.port("inbound")
+
+    def get(self, path: str, token: str | None = None, **headers: str) -> Response:
+        hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+        if token is not None:
+            hdrs["authorization"] = f"Bearer {token}"
+        return http(self.port, "GET", path, headers=hdrs, ctx=self.ctx)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.sidecar.metric(name, **labels)
+
+    def policy_version(self) -> str | None:
+        return http(self.sidecar.port("admin"), "GET", "/policy").json().get("version")
+
+
+def start_node(tmp: Path, pki: Pki, app_port: int, policy: dict[str, Any],
+               name: str = "orders") -> Node:
+    policy_path = tmp / "policy" / "mesh.yaml"
+    policy_path.parent.mkdir(parents=True, exist_ok=True)
+    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    cfg = sidecar_config(pki.identity("orders", dirname=f"orders-{name}"), inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
+        policy=str(policy_path))
+    proc = start_sidecar(tmp, name, cfg)
+    ctx = mtls_context(pki.identity("frontend", dirname=f"frontend-{name}"), pki.bundle)
+    return Node(proc, ctx, policy_path, tmp)
+
+
+def app_headers(r: Response, name: str) -> list[str]:
+    return [v for k, v in r.header_list() if k == name]
+
+
+def generic(body: bytes) -> bytes:
+    """A refusal body with its request id blanked, to compare bodies across requests."""
+    return re.sub(rb"[0-9a-fA-F-]{8,}", b"<id>", body)
+
+
+def apikey_new(name: str) -> tuple[str, dict[str, Any]]:
+    """Run ``sidecar apikey new NAME``; return the key and the policy entry it printed."""
+    out = subprocess.run([sys.executable, "-m", "sidecar", "apikey", "new", name],
+                         capture_output=True, text=True, timeout=30, cwd=str(ROOT), check=True)
+    key = re.search(r"(sk_[A-Za-z0-9_-]+)", out.stdout)
+    assert key is not None, out.stdout
+    entry_text = out.stdout[out.stdout.index("- name:"):]
+    entry = yaml.safe_load(entry_text)[0]
+    assert entry["name"] == name and hashlib.sha256(key.group(1).encode()).hexdigest() == \
+        entry["sha256"]
+    return key.group(1), entry
+
+
+# ----------------------------------------------------------------------------- shared sidecar
+
+
+@dataclass
+class Shared:
+    node: Node
+    api_key: str
+    expired_key: str
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    tmp = tmp_path_factory.mktemp("jwt-e2e")
+    pki = Pki(tmp / "pki")
+    app_proc, app_port = start_app(tmp)
+    jwks = tmp / "policy" / "jwks" / "corp.json"
+    jwks.parent.mkdir(parents=True)
+    jwks.write_bytes(jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1"), jwk(rsa_key("e2e-rsa-1"), "rsa-1")))
+    api_key, entry = apikey_new("batch-job")
+    expired_key, old_entry = apikey_new("old-job")
+    old_entry["expires_at"] = "2020-01-01T00:00:00Z"
+    providers = {
+        "corp": provider_doc(
+            jwks_file="jwks/corp.json", max_token_bytes=1024,
+            from_headers=[{"name": "authorization", "prefix": "Bearer "}],
+            from_params=["access_token"],
+            forward_claims={"sub": "x-user", "scope": "x-scope", "email": "x-email"}),
+        "hidden": provider_doc(
+            jwks_file="jwks/corp.json", from_headers=["x-token"], forward_token=False,
+            forward_claims={"sub": "x-hidden-user"}),
+    }
+    rules = [
+        jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
+                 {"scope": {"contains": "orders:read"}}),
+        jwt_rule("hidden-token", ["/hidden/**"], "hidden"),
+        {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
+                                    "apikey": True}},
+    ]
+    node = start_node(tmp, pki, app_port, policy_doc(providers, rules,
+                                                     api_keys=[entry, old_entry]))
+    yield Shared(node, api_key, expired_key)
+    node.sidecar.stop(timeout=10)
+    app_proc.stop(timeout=10)
+
+
+# ----------------------------------------------------------------------------- valid / missing
+
+
+def test_valid_token_forwards_verified_claims_and_strips_spoofed_ones(shared: Shared) -> None:
+    node = shared.node
+    token = sign(claims())
+    r = node.get("/corp/orders/1", token, x_user="mallory", x_scope="admin:all",
+                 x_email="mallory@evil.example")
+    assert r.status == 200, r.body
+    assert app_headers(r, "x-user") == ["alice"]
+    assert app_headers(r, "x-scope") == ["orders:read profile"]
+    # The token has no email claim: the caller's x-email is removed, nothing is set.
+    assert app_headers(r, "x-email") == []
+    # forward_token defaults to true: the app sees the caller's token.
+    assert app_headers(r, "authorization") == [f"Bearer {token}"]
+
+
+def test_forward_token_false_removes_the_token_before_the_app(shared: Shared) -> None:
+    node = shared.node
+    token = sign(claims(sub="bob"))
+    r = node.get("/hidden/thing", x_token=token, x_hidden_user="mallory")
+    assert r.status == 200, r.body
+    assert app_headers(r, "x-token") == []
+    assert app_headers(r, "x-hidden-user") == ["bob"]
+    assert token not in json.dumps(r.header_list())
+
+
+def test_claims_cannot_inject_header_lines(shared: Shared) -> None:
+    token = sign(claims(sub="alice\r\nx-admin: 1", scope="orders:read Zo\u00eb"))
+    r = shared.node.get("/corp/x", token)
+    assert r.status == 200, r.body
+    assert app_headers(r, "x-user") == ['"alice\\r\\nx-admin: 1"']
+    assert app_headers(r, "x-scope") == ['"orders:read Zo\\u00eb"']
+    assert app_headers(r, "x-admin") == []
+
+
+def test_same_token_in_header_and_query_is_one_token(shared: Shared) -> None:
+    token = sign(claims())
+    r = http(shared.node.port, "GET", f"/corp/x?access_token={token}",
+             headers={"authorization": f"Bearer {token}"}, ctx=shared.node.ctx)
+    assert r.status == 200, r.body
+
+
+def test_missing_token_gets_401_with_bare_bearer_challenge(shared: Shared) -> None:
+    r = shared.node.get("/corp/orders/1")
+    assert r.status == 401
+    assert r.headers.get("www-authenticate") == BEARER_MISSING
+
+
+def test_valid_token_lacking_claims_gets_403(shared: Shared) -> None:
+    r = shared.node.get("/corp/orders/1", sign(claims(scope="profile")))
+    assert r.status == 403
+    assert b"alice" not in r.body and b"scope" not in r.body
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+def _attack(kind: str) -> tuple[dict[str, str], str, str]:
+    """(headers, path suffix, expected reason) for one classic attack on provider corp."""
+    good = claims()
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    bearer = "authorization"
+    if kind == "alg_none":
+        token = segments({"alg": "none", "typ": "JWT", "kid": "ec-1"}, good) + "."
+        return {bearer: f"Bearer {token}"}, "", "bad_alg"
+    if kind == "hs256_with_public_key":
+        pem = rsa_key("e2e-rsa-1").public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        signing_input = segments({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, good)
+        mac = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+        return {bearer: f"Bearer {signing_input}.{b64(mac)}"}, "", "bad_alg"
+    if kind == "unknown_kid":
+        return {bearer: f"Bearer {sign(good, attacker, kid='attacker-1')}"}, "", "unknown_kid"
+    if kind == "expired":
+        now = int(time.time())
+        token = sign(claims(iat=now - 7200, exp=now - 3600))
+        return {bearer: f"Bearer {token}"}, "", "expired"
+    if kind == "nbf_future":
+        token = sign(claims(nbf=int(time.time()) + 3600))
+        return {bearer: f"Bearer {token}"}, "", "not_yet_valid"
+    if kind == "wrong_iss":
+        return {bearer: f"Bearer {sign(claims(iss='https://evil.example/'))}"}, "", "bad_issuer"
+    if kind == "wrong_aud":
+        return {bearer: f"Bearer {sign(claims(aud='other-api'))}"}, "", "bad_audience"
+    if kind == "tampered_payload":
+        h, _, s = sign(good).split(".")
+        forged = b64(json.dumps(dict(good, sub="admin")).encode())
+        return {bearer: f"Bearer {h}.{forged}.{s}"}, "", "bad_signature"
+    if kind == "tampered_signature":
+        h, p, s = sign(good).split(".")
+        sig = bytearray(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
+        sig[10] ^= 0x01
+        return {bearer: f"Bearer {h}.{p}.{b64(bytes(sig))}"}, "", "bad_signature"
+    if kind == "header_and_query":
+        other = sign(claims())
+        return {bearer: f"Bearer {sign(good)}"}, f"?access_token={other}", "multiple_tokens"
+    if kind == "oversized":
+        token = sign(claims(pad="x" * 1500))  # max_token_bytes is 1024 for corp
+        return {bearer: f"Bearer {token}"}, "", "too_large"
+    if kind == "malformed_base64":
+        return {bearer: "Bearer e30!!.e30.AAAA"}, "", "malformed"
+    if kind == "malformed_json":
+        token = b64(b'{"alg": "ES256", "kid": ') + "." + b64(json.dumps(good).encode()) + ".AAAA"
+        return {bearer: f"Bearer {token}"}, "", "malformed"
+    if kind in ("jku", "x5u"):
+        token = sign(good, attacker, kid="attacker-1", **{kind: "https://127.0.0.1:1/jwks.json"})
+        return {bearer: f"Bearer {token}"}, "", "unknown_kid"
+    if kind == "embedded_jwk":
+        token = sign(good, attacker, kid="attacker-1", jwk=jwk(attacker, "attacker-1"))
+        return {bearer: f"Bearer {token}"}, "", "unknown_kid"
+    if kind == "embedded_jwk_known_kid":
+        # The attacker reuses the real kid: the provider's key for ec-1 is used, not the
+        # embedded one, so the signature does not verify.
+        token = sign(good, attacker, kid="ec-1", jwk=jwk(attacker, "ec-1"))
+        return {bearer: f"Bearer {token}"}, "", "bad_signature"
+    raise AssertionError(kind)
+
+
+ATTACKS = ["alg_none", "hs256_with_public_key", "unknown_kid", "expired", "nbf_future",
+           "wrong_iss", "wrong_aud", "tampered_payload", "tampered_signature",
+           "header_and_query", "oversized", "malformed_base64", "malformed_json", "jku", "x5u",
+           "embedded_jwk", "embedded_jwk_known_kid"]
+
+
+@pytest.fixture(scope="module")
+def generic_401(shared: Shared) -> bytes:
+    """The body of a plain 401 (no token): every invalid-token body must be the same."""
+    return generic(shared.node.get("/corp/x").body)
+
+
+@pytest.mark.parametrize("kind", ATTACKS)
+def test_classic_attack_is_refused_with_generic_401(shared: Shared, generic_401: bytes,
+                                                    kind: str) -> None:
+    node = shared.node
+    headers, suffix, reason = _attack(kind)
+    before = node.metric("sidecar_jwt_failures_total", provider="corp", reason=reason)
+    r = http(node.port, "GET", "/corp/orders/1" + suffix, headers=headers, ctx=node.ctx)
+    assert r.status == 401, (kind, r.status, r.body)
+    assert r.headers.get("www-authenticate") == BEARER_INVALID
+    assert generic(r.body) == generic_401
+    lowered = r.body.lower()
+    assert not any(word.encode() in lowered for word in REASON_WORDS), r.body
+    # Refused for the right reason (metrics are the operator's view of the same decision).
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason=reason) == before + 1
+
+
+def test_two_authorization_headers_refused_before_policy(shared: Shared) -> None:
+    node = shared.node
+    t1, t2 = sign(claims()), sign(claims())
+    req = (f"GET /corp/orders/1 HTTP/1.1\r\nHost: orders\r\nAuthorization: Bearer {t1}\r\n"
+           f"Authorization: Bearer {t2}\r\nConnection: close\r\n\r\n").encode()
+    out = raw(node.port, req, ctx=node.ctx)
+    assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    # The same with the same token twice: still refused, never "pick one".
+    req = req.replace(t2.encode(), t1.encode())
+    assert raw(node.port, req, ctx=node.ctx).startswith(b"HTTP/1.1 400 ")
+
+
+def test_jwt_failure_metric_counts_by_provider_and_reason(shared: Shared) -> None:
+    node = shared.node
+    before = node.metric("sidecar_jwt_failures_total", provider="corp", reason="expired")
+    now = int(time.time())
+    for _ in range(3):
+        assert node.get("/corp/x", sign(claims(iat=now - 7200, exp=now - 3600))).status == 401
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="expired") == \
+        before + 3
+    # A valid token counts no failure.
+    total = node.metric("sidecar_jwt_failures_total")
+    assert node.get("/corp/x", sign(claims())).status == 200
+    assert node.metric("sidecar_jwt_failures_total") == total
+    # The key set age is exported per provider and is a real (small) number for a file.
+    age = node.metric("sidecar_jwks_age_seconds", provider="corp")
+    assert not math.isnan(age) and 0 <= age < 600
+
+
+# ----------------------------------------------------------------------------- API keys
+
+
+def test_api_key_from_cli_is_accepted_and_not_forwarded(shared: Shared) -> None:
+    node = shared.node
+    r = node.get("/batch/run", x_api_key=shared.api_key)
+    assert r.status == 200, r.body
+    assert app_headers(r, "x-api-key") == []
+    assert shared.api_key not in json.dumps(r.header_list())
+
+
+@pytest.mark.parametrize("which", ["missing", "wrong", "expired"])
+def test_bad_api_key_gets_401(shared: Shared, which: str) -> None:
+    node = shared.node
+    headers = {"missing": {}, "wrong": {"x_api_key": shared.api_key[:-2] + "xx"},
+               "expired": {"x_api_key": shared.expired_key}}[which]
+    r = node.get("/batch/run", **headers)
+    assert r.status == 401
+    assert r.headers.get("www-authenticate") == BEARER_MISSING
+    assert shared.api_key.encode() not in r.body
+
+
+# ----------------------------------------------------------------------------- revocation
+
+
+@pytest.fixture
+def own_app(tmp_path: Path) -> Iterator[int]:
+    proc, port = start_app(tmp_path)
+    yield port
+    proc.stop(timeout=10)
+
+
+def _file_node(tmp: Path, pki: Pki, app_port: int, procs: list, keys: list[dict[str, Any]],
+               revocations: list[dict[str, Any]] | None = None,
+               **provider_extra: Any) -> tuple[Node, Any]:
+    jwks = tmp / "policy" / "jwks.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(jwks, jwks_bytes(*keys))
+
+    def make(revs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        return policy_doc({"corp": provider_doc(jwks_file="jwks.json", **provider_extra)},
+                          [jwt_rule("corp", ["/**"], "corp")], revocations=revs)
+
+    node = start_node(tmp, pki, app_port, make(revocations))
+    procs.append(node.sidecar)
+    return node, make
+
+
+def test_revoked_jti_is_refused_even_when_cached(tmp_path: Path, pki: Pki, own_app: int,
+                                                 procs: list) -> None:
+    node, make = _file_node(tmp_path, pki, own_app, procs, [jwk(ec_key("e2e-ec-1"), "ec-1")])
+    revoked, kept = sign(claims(jti="rev-1")), sign(claims(jti="keep-1"))
+    for _ in range(3):  # verified once, then served from the verification cache
+        assert node.get("/x", revoked).status == 200
+        assert node.get("/x", kept).status == 200
+    before = node.policy_version()
+    node.policy_path.write_text(yaml.safe_dump(make([{"jti": "rev-1", "note": "stolen"}])))
+    wait_for(lambda: node.policy_version() not in (None, before), timeout=10)
+    r = node.get("/x", revoked)
+    assert r.status == 401
+    assert r.headers.get("www-authenticate") == BEARER_INVALID
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="revoked") == 1
+    assert node.get("/x", kept).status == 200
+
+
+def test_cached_token_stops_working_at_its_exp(tmp_path: Path, pki: Pki, own_app: int,
+                                               procs: list) -> None:
+    node, _ = _file_node(tmp_path, pki, own_app, procs, [jwk(ec_key("e2e-ec-1"), "ec-1")],
+                         clock_skew="0s")
+    token = sign(claims(exp=int(time.time()) + 2))
+    assert node.get("/x", token).status == 200
+    assert node.get("/x", token).status == 200  # served from the verification cache
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline and node.get("/x", token).status == 200:
+        time.sleep(0.2)
+    r = node.get("/x", token)
+    assert r.status == 401 and r.headers.get("www-authenticate") == BEARER_INVALID
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="expired") >= 1
+
+
+# ----------------------------------------------------------------------------- JWKS file rotation
+
+
+@pytest.mark.slow
+def test_jwks_file_rotation_without_a_failed_request(tmp_path: Path, pki: Pki, own_app: int,
+                                                     procs: list) -> None:
+    old_key, new_key = ec_key("e2e-rot-old"), ec_key("e2e-rot-new")
+    old_jwk, new_jwk = jwk(old_key, "old"), jwk(new_key, "new")
+    node, _ = _file_node(tmp_path, pki, own_app, procs, [old_jwk])
+    jwks = tmp_path / "policy" / "jwks.json"
+    cached_old = sign(claims(), old_key, kid="old")
+    assert node.get("/x", cached_old).status == 200
+    assert node.get("/x", sign(claims(), new_key, kid="new")).status == 401
+
+    # Publish old+new while old-key traffic keeps flowing: none of it may fail.
+    statuses: list[int] = []
+    write_json_atomic(jwks, jwks_bytes(old_jwk, new_jwk))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        statuses.append(node.get("/x", sign(claims(), old_key, kid="old")).status)
+        if node.get("/x", sign(claims(), new_key, kid="new")).status == 200:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the new key was not picked up from the JWKS file within 10 s")
+    assert set(statuses) == {200}, statuses
+
+    # The overlap: fresh tokens (no cache) alternating old/new, zero failures.
+    failures = []
+    for i in range(60):
+        key, kid = (old_key, "old") if i % 2 else (new_key, "new")
+        status = node.get("/x", sign(claims(), key, kid=kid)).status
+        if status != 200:
+            failures.append((i, kid, status))
+    assert failures == []
+
+    # Retire the old key: new keeps working, old is refused, even a token cached before.
+    write_json_atomic(jwks, jwks_bytes(new_jwk))
+    wait_for(lambda: node.get("/x", sign(claims(), old_key, kid="old")).status == 401,
+             timeout=10, interval=0.1)
+    assert node.get("/x", cached_old).status == 401
+    for _ in range(10):
+        assert node.get("/x", sign(claims(), new_key, kid="new")).status == 200
+
+
+# ----------------------------------------------------------------------------- jwks_uri over HTTPS
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _https_material(root: Path) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (its PEM file) and a server context for 127.0.0.1 issued by it."""
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("e2e JWKS CA"))
+          .issuer_name(_name("e2e JWKS CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file = root / "jwks-ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file, key_file = root / "server.crt", root / "server.key"
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ca_file, ctx
+
+
+class JwksServer:
+    """A JWKS endpoint on 127.0.0.1 over HTTPS, in threads, that can fail or be slow.
+
+    ``mode``: "ok" serves ``document``; "fail" answers 500; "slow" waits ``delay`` seconds
+    (bounded, released at stop) before serving. ``fetches`` counts GET requests.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, document: bytes) -> None:
+        self.document = document
+        self.mode = "ok"
+        self.delay = 0.0
+        self.fetches = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                with server_self._lock:
+                    server_self.fetches += 1
+                    mode, delay, body = server_self.mode, server_self.delay, server_self.document
+                if mode == "slow":
+                    server_self._stopping.wait(delay)
+                status = 500 if mode == "fail" else 200
+                data = body if status == 200 else b"oops"
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self) -> tuple[Any, Any]:
+                sock, addr = self.socket.accept()
+                sock.settimeout(5)
+                return ctx.wrap_socket(sock, server_side=True), addr
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # handshake resets from the sidecar's timeouts are expected
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def set(self, mode: str, delay: float = 0.0) -> None:
+        with self._lock:
+            self.mode, self.delay = mode, delay
+
+    def count(self) -> int:
+        with self._lock:
+            return self.fetches
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def jwks_server(tmp_path: Path) -> Iterator[tuple[JwksServer, Path]]:
+    ca_file, ctx = _https_material(tmp_path / "jwks-tls")
+    server = JwksServer(ctx, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
+    yield server, ca_file
+    server.stop()
+
+
+@pytest.mark.slow
+def test_jwks_uri_fail_recover_slow_and_unknown_kid_storm(tmp_path: Path, pki: Pki,
+                                                          own_app: int, procs: list,
+                                                          jwks_server: tuple) -> None:
+    server, ca_file = jwks_server
+    server.set("fail")
+    prov = provider_doc(jwks_uri=f"https://127.0.0.1:{server.port}/jwks.json",
+                        jwks_ca=str(ca_file), jwks_refresh="1s", jwks_min_refetch="1s")
+    node = start_node(tmp_path, pki, own_app,
+                      policy_doc({"corp": prov}, [jwt_rule("corp", ["/**"], "corp")]))
+    procs.append(node.sidecar)
+
+    # 1. The first fetch failed: a valid token is refused (never a silent allow).
+    wait_for(lambda: server.count() >= 1, timeout=10)
+    r = node.get("/x", sign(claims()))
+    assert r.status == 401 and r.headers.get("www-authenticate") == BEARER_INVALID
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="no_keys") >= 1
+    assert math.isnan(node.metric("sidecar_jwks_age_seconds", provider="corp"))
+
+    # 2. The server recovers: keys are fetched in the background, requests pass.
+    server.set("ok")
+    wait_for(lambda: node.get("/x", sign(claims())).status == 200, timeout=10, interval=0.2)
+    age = node.metric("sidecar_jwks_age_seconds", provider="corp")
+    assert 0 <= age < 10
+
+    # 3. A slow server: refreshes hang, yet requests (fresh tokens: real verifications with
+    # the cached keys) are served at once.
+    server.set("slow", delay=4.0)
+    fetches = server.count()
+    wait_for(lambda: server.count() > fetches, timeout=5)  # a refresh is now hanging
+    worst = 0.0
+    for _ in range(40):
+        started = time.monotonic()
+        assert node.get("/x", sign(claims())).status == 200
+        worst = max(worst, time.monotonic() - started)
+    assert worst < 1.0, f"a request waited {worst:.2f}s on a slow JWKS server"
+    server.set("ok")
+    wait_for(lambda: node.get("/x", sign(claims())).status == 200, timeout=5)
+
+    # 4. Unknown-kid storm: many invented kids, a bounded number of fetches.
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    time.sleep(1.2)  # let any pending refresh settle
+    before, started = server.count(), time.monotonic()
+    conn = httpclient.HTTPSConnection("127.0.0.1", node.port, context=node.ctx, timeout=10)
+    try:
+        for i in range(300):
+            r = http(node.port, "GET", "/x", conn=conn, headers={
+                "authorization": f"Bearer {sign(claims(), attacker, kid=f'storm-{i}')}"})
+            assert r.status == 401
+            if time.monotonic() - started > 6:
+                break
+    finally:
+        conn.close()
+    elapsed = time.monotonic() - started
+    storm_fetches = server.count() - before
+    print(f"unknown-kid storm: {i + 1} requests in {elapsed:.2f}s -> {storm_fetches} JWKS fetches")
+    # At most one fetch per second (refresh and min_refetch are both 1 s), plus slack.
+    assert storm_fetches <= elapsed + 3, (storm_fetches, elapsed, i)
+    assert i >= 100, "too few storm requests to mean anything"
+    assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="unknown_kid") > 100
+    # Legitimate tokens still pass after the storm.
+    assert node.get("/x", sign(claims())).status == 200
