@@ -17,6 +17,7 @@ import trio
 from sidecar.errors import BadRequest, HeadersTooLarge, RequestRefused
 
 READ_SIZE = 65536
+FAST_OPS_PER_CHECKPOINT = 8
 
 
 class PeerClosed(Exception):
@@ -50,7 +51,7 @@ class H11Endpoint:
     the *other* endpoint before it blocks on a read, so streaming never stalls on a buffer.
     """
 
-    __slots__ = ("stream", "conn", "bytes_in", "bytes_out", "side", "out", "out_len")
+    __slots__ = ("stream", "conn", "bytes_in", "bytes_out", "side", "out", "out_len", "fast")
 
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER],
                  max_head: int = 32 * 1024, side: str = "upstream") -> None:
@@ -61,6 +62,7 @@ class H11Endpoint:
         self.side = side
         self.out: list[bytes] = []
         self.out_len = 0
+        self.fast = 0
 
     async def next_event(self, deadline: float,
                          flush_first: H11Endpoint | None = None) -> h11.Event | type[h11.PAUSED]:
@@ -80,6 +82,22 @@ class H11Endpoint:
             conn.receive_data(await self.receive(deadline))
 
     async def receive(self, deadline: float) -> bytes:
+        stream = self.stream
+        try_receive = getattr(stream, "try_receive", None)
+        if try_receive is not None:
+            try:
+                data = try_receive()
+            except _IO_ERRORS as exc:
+                raise PeerClosed(type(exc).__name__, self.side) from exc
+            if data is not None:
+                self.bytes_in += len(data)
+                self.fast += 1
+                if self.fast >= FAST_OPS_PER_CHECKPOINT:
+                    # Fast paths do not yield; a stream that always has data must still let
+                    # every other connection (and cancellation) run now and then.
+                    self.fast = 0
+                    await trio.lowlevel.checkpoint()
+                return data
         try:
             with trio.move_on_at(deadline) as scope:
                 data = await self.stream.receive_some(READ_SIZE)
@@ -110,9 +128,24 @@ class H11Endpoint:
         await self.flush(deadline)
 
     async def send_raw(self, data: bytes, deadline: float) -> None:
+        stream = self.stream
+        try_send = getattr(stream, "try_send", None)
+        if try_send is not None:
+            try:
+                rest = try_send(data)
+            except _IO_ERRORS as exc:
+                raise PeerClosed(type(exc).__name__, self.side) from exc
+            if not rest:
+                self.bytes_out += len(data)
+                return
+            send = stream.send_wire
+            pending = rest
+        else:
+            send = stream.send_all
+            pending = data
         try:
             with trio.move_on_at(deadline) as scope:
-                await self.stream.send_all(data)
+                await send(pending)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         if scope.cancelled_caught:
@@ -138,6 +171,9 @@ async def close_quietly(stream: trio.abc.AsyncResource) -> None:
 
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket under a (possibly TLS-wrapped) Trio stream."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        return sock
     inner = getattr(stream, "transport_stream", stream)
     return getattr(inner, "socket", None)
 
