@@ -36,6 +36,7 @@ from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.listen import ConnectionTracker, accept_loop, listener_port, open_listener
 from sidecar.net.pool import UpstreamPool
+from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
@@ -279,7 +280,10 @@ class Sidecar:
         limits = cfg.limits
         if cfg.inbound is not None:
             inbound = cfg.inbound
-            app_pool = UpstreamPool(lambda: trio.open_tcp_stream(*inbound.app),
+            async def connect_app() -> SocketTransport:
+                return SocketTransport((await trio.open_tcp_stream(*inbound.app)).socket)
+
+            app_pool = UpstreamPool(connect_app,
                                     size=limits.pool_size, idle_timeout=limits.pool_idle_timeout,
                                     max_head=limits.max_header_bytes * 2)
 

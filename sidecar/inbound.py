@@ -29,6 +29,7 @@ from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.respond import send_refusal
 from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.policy.paths import normalise_target
 from sidecar.telemetry import Telemetry
@@ -62,7 +63,7 @@ class InboundProxy:
             return
         started = time.time()
         ctx = self.tls.server_context_for(self.protocol)
-        tls_stream = trio.SSLStream(tcp, ctx, server_side=True, https_compatible=True)
+        tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
             try:
                 await tls_stream.do_handshake()
@@ -97,7 +98,7 @@ class InboundProxy:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
 
-    async def _tcp(self, tls_stream: trio.SSLStream, peer, source: str, started: float) -> None:
+    async def _tcp(self, tls_stream: TlsTransport, peer, source: str, started: float) -> None:
         facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
                              method="", path="", host="", port=self.port, listener="inbound")
         request_id = new_request_id()
@@ -107,7 +108,7 @@ class InboundProxy:
             return
         try:
             with trio.fail_after(self.limits.connect_timeout):
-                app = await trio.open_tcp_stream(*self.app_addr)
+                app = SocketTransport((await trio.open_tcp_stream(*self.app_addr)).socket)
         except (OSError, trio.TooSlowError):
             self.telemetry.request(request_id, facts, verdict, 502, 0, 0, started,
                                    error="upstream_connect_failed")
@@ -118,9 +119,9 @@ class InboundProxy:
             await close_quietly(app)
         self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
 
-    async def _http(self, tls_stream: trio.SSLStream, peer, source: str) -> None:
+    async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
         limits = self.limits
-        client = H11Endpoint(tls_stream, h11.SERVER, limits.max_header_bytes)
+        client = H11Endpoint(tls_stream, h11.SERVER, limits.max_header_bytes, side="client")
         conn = client.conn
         tracker = self.tracker
         own_xfcc_prefix = f"By={self.gate.own_id};Hash={peer.fingerprint};URI={peer.spiffe_id}"

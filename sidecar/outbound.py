@@ -28,6 +28,7 @@ from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.respond import send_refusal
 from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsState
@@ -51,16 +52,15 @@ class OutboundProxy:
                                  idle_timeout=limits.pool_idle_timeout,
                                  max_head=limits.max_header_bytes * 2)
 
-    async def connect(self) -> trio.SSLStream:
+    async def connect(self) -> TlsTransport:
         """Open an mTLS connection to the upstream and check it is who we expect."""
         host, port = self.cfg.upstream
         started = time.time()
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
-                stream = trio.SSLStream(tcp, self.tls.client_context_for(self.cfg.protocol),
-                                        server_side=False,
-                                        server_hostname=None, https_compatible=True)
+                stream = TlsTransport(tcp.socket, self.tls.client_context_for(self.cfg.protocol),
+                                      server_side=False)
                 try:
                     await stream.do_handshake()
                 except BaseException:
@@ -131,7 +131,8 @@ class OutboundProxy:
 
     async def _http(self, tcp: trio.SocketStream, source: str) -> None:
         limits = self.limits
-        client = H11Endpoint(tcp, h11.SERVER, limits.max_header_bytes)
+        client = H11Endpoint(SocketTransport(tcp.socket), h11.SERVER, limits.max_header_bytes,
+                             side="client")
         conn = client.conn
         tracker = self.tracker
         now = trio.current_time
