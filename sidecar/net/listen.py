@@ -4,8 +4,11 @@ Theory of operation: each listener runs an accept loop owned by the app's nurser
 connection beyond ``max_connections`` is closed at once (refused, never queued). Every
 connection task registers with the ``ConnectionTracker``; while it waits for the next
 request on a keep-alive connection it holds an *idle* cancel scope. Draining stops the
-accept loops, cancels the idle waits (those connections close), lets in-flight requests
-finish, and tells handlers to answer with ``Connection: close``.
+accept loops, cuts the idle waits to ``IDLE_DRAIN_GRACE`` seconds (those connections then
+close), lets in-flight requests finish, and tells handlers to answer with
+``Connection: close``. The grace is not zero because "idle" only means no byte has been
+read yet: a client that connected (or reused a keep-alive connection) just before the drain
+may have its request on the wire, and closing at once would leave it without any response.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sidecar import logs
 from sidecar.net.streams import close_quietly
 
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+IDLE_DRAIN_GRACE = 1.0  # seconds an idle connection may still deliver a request once draining
 
 
 class ConnectionTracker:
@@ -44,10 +48,9 @@ class ConnectionTracker:
             self._all_closed.set()
 
     def idle_scope(self, deadline: float) -> trio.CancelScope:
-        scope = trio.CancelScope(deadline=deadline)
         if self.draining:
-            scope.cancel()
-        return scope
+            deadline = min(deadline, trio.current_time() + IDLE_DRAIN_GRACE)
+        return trio.CancelScope(deadline=deadline)
 
     def register_idle(self, scope: trio.CancelScope) -> None:
         self._idle.add(scope)
@@ -57,8 +60,9 @@ class ConnectionTracker:
 
     def start_drain(self) -> None:
         self.draining = True
+        cut = trio.current_time() + IDLE_DRAIN_GRACE
         for scope in list(self._idle):
-            scope.cancel()
+            scope.deadline = min(scope.deadline, cut)
 
     async def wait_closed(self) -> None:
         await self._all_closed.wait()
