@@ -242,8 +242,17 @@ def test_data_swap_under_load_zero_failures_new_handshakes_new_cert(tmp_path, pk
         wait_for(lambda: reloads(b, "ok") >= 1 and reloads(a, "ok") >= 1, timeout=10)
         rotated = {n: load.count(n) for n in names}
         load.wait_each({n: rotated[n] + 30 for n in names})
+        # Then a burst of rotations faster than the poll interval: the last one wins.
+        for _ in range(4):
+            time.sleep(0.15)
+            b_new = ca.issue(spiffe("orders"))
+            b_dir.publish(svid_files(b_new, ca))
+        wait_for(lambda: peer_der(b_port, direct) == leaf_der(b_new.cert_pem), timeout=10)
+        burst = {n: load.count(n) for n in names}
+        load.wait_each({n: burst[n] + 10 for n in names})
     finally:
         load.finish()
+    print(f"rotation under load: {load.counts}, {sum(load.counts.values())} requests")
 
     total = sum(load.counts.values())
     assert load.failures == [], load.failures[:5]
