@@ -347,6 +347,7 @@ def test_plain_files_replaced_in_place_are_picked_up(tmp_path, pki, app, procs):
 # CA rotation
 
 
+@pytest.mark.slow
 def test_ca_rotation_two_roots_then_old_root_dropped(tmp_path, pki, app, procs):
     ca1, ca2 = pki.ca, DevCA.create(TD)
     b_dir, a_dir = DataDir(tmp_path / "orders-svid"), DataDir(tmp_path / "frontend-svid")
