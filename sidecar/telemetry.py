@@ -118,7 +118,9 @@ class Telemetry:
                 extra["error"] = error
             if extra:
                 kw["extra"] = extra
+            # An allowed request passed ``accepting()`` before it was served: its record must
+            # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
             self.audit.submit(record_from(
                 decision, facts, time=started, auth=getattr(verdict, "auth", None),
                 request_id=request_id, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                duration_ms=duration * 1000.0, **kw))
+                duration_ms=duration * 1000.0, **kw), admitted=decision.allowed)

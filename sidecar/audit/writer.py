@@ -312,12 +312,18 @@ class AuditWriter:
 
     # -- request path (never awaits)
 
-    def submit(self, record: AuditRecord) -> bool:
-        """Queue ``record``; False means it will not be written (see ``accepting``)."""
+    def submit(self, record: AuditRecord, *, admitted: bool = False) -> bool:
+        """Queue ``record``; False means it will not be written (see ``accepting``).
+
+        ``admitted``: the record is for a request that was already served (it passed
+        ``accepting()`` before the writer learned of a failure). It is queued even while
+        the writer is failing, as long as the bounded queue has room, and written when the
+        disk recovers; refusing it would lose the record of a served request.
+        """
         if self._closing:
             self._count_unrecorded()
             return False
-        if not self.fail_open and not self.healthy:
+        if not self.fail_open and not self.healthy and not admitted:
             self.rejected += 1
             return False
         try:
