@@ -29,7 +29,8 @@ import trio
 
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
-from sidecar.errors import ConfigError
+from sidecar.config.values import format_address
+from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
@@ -41,6 +42,10 @@ from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsState, build_snapshot
+
+
+class StartupError(SidecarError):
+    """Something the sidecar needs at start is not available (a port, a file)."""
 
 
 class Sidecar:
@@ -221,7 +226,11 @@ class Sidecar:
     async def _serve(self, name: str, addr: tuple[str, int], make_handler: Any,
                      nursery: trio.Nursery, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await open_listener(addr[0], addr[1], reuse_port=self.cfg.workers > 1)
+        try:
+            listener = await open_listener(addr[0], addr[1], reuse_port=self.cfg.workers > 1)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
+                               f"{exc.strerror or exc}") from None
         port = listener_port(listener)
         tracker = ConnectionTracker()
         stop = trio.CancelScope()
@@ -329,14 +338,25 @@ class Sidecar:
         if self.worker_index == 0 and cfg.admin.listen is not None:
             from sidecar.admin import serve_admin
 
-            port = await nursery.start(serve_admin, cfg.admin.listen, self, self.metrics)
+            port = await self._start_server(nursery, "admin", cfg.admin.listen, serve_admin,
+                                            cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
             from sidecar.admin import app_probes_from_env, serve_health
 
-            port = await nursery.start(serve_health, cfg.admin.health_listen, self,
-                                       app_probes_from_env())
+            port = await self._start_server(nursery, "health", cfg.admin.health_listen,
+                                            serve_health, cfg.admin.health_listen, self,
+                                            app_probes_from_env())
             self.ports["health"] = port
+
+    @staticmethod
+    async def _start_server(nursery: trio.Nursery, name: str, addr: tuple[str, int],
+                            fn: Any, *args: Any) -> int:
+        try:
+            return int(await nursery.start(fn, *args))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
+                               f"{exc.strerror or exc}") from None
 
     def _apply_tls(self, snapshot: Any) -> None:
         self.tls.swap(snapshot)
@@ -369,11 +389,23 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
         _stop_children(children)
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return 2
+    failed: list[BaseException] = []
     try:
         trio.run(sidecar.run)
+    except* StartupError as group:
+        failed.extend(_leaves(group))
     finally:
         _stop_children(children)
+    if failed:
+        print(f"sidecar: cannot start: {failed[0]}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]]) -> None:
