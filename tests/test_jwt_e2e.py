@@ -648,6 +648,10 @@ class JwksServer:
         with self._lock:
             self.mode, self.delay = mode, delay
 
+    def publish(self, document: bytes) -> None:
+        with self._lock:
+            self.document = document
+
     def count(self) -> int:
         with self._lock:
             return self.fetches
@@ -728,3 +732,25 @@ def test_jwks_uri_fail_recover_slow_and_unknown_kid_storm(tmp_path: Path, pki: P
     assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="unknown_kid") > 100
     # Legitimate tokens still pass after the storm.
     assert node.get("/x", sign(claims())).status == 200
+
+
+def test_jwks_uri_unknown_kid_triggers_one_background_refetch(tmp_path: Path, pki: Pki,
+                                                              own_app: int, procs: list,
+                                                              jwks_server: tuple) -> None:
+    server, ca_file = jwks_server
+    old_key, new_key = ec_key("e2e-ec-1"), ec_key("e2e-uri-new")
+    # jwks_refresh is an hour: only an unknown kid can make the sidecar fetch again.
+    prov = provider_doc(jwks_uri=f"https://127.0.0.1:{server.port}/jwks.json",
+                        jwks_ca=str(ca_file), jwks_refresh="1h", jwks_min_refetch="1s")
+    node = start_node(tmp_path, pki, own_app,
+                      policy_doc({"corp": prov}, [jwt_rule("corp", ["/**"], "corp")]))
+    procs.append(node.sidecar)
+    wait_for(lambda: node.get("/x", sign(claims())).status == 200, timeout=10, interval=0.1)
+    before = server.count()
+    server.publish(jwks_bytes(jwk(old_key, "ec-1"), jwk(new_key, "new-1")))
+    # The first request with the new kid is refused: the request path never waits on a fetch.
+    assert node.get("/x", sign(claims(), new_key, kid="new-1")).status == 401
+    wait_for(lambda: node.get("/x", sign(claims(), new_key, kid="new-1")).status == 200,
+             timeout=5, interval=0.1)
+    assert node.get("/x", sign(claims())).status == 200  # the old key is still published
+    assert server.count() - before == 1
