@@ -210,6 +210,8 @@ class Sidecar:
             reasons.append("certificate_expired" if expired else "certificate_not_yet_valid")
         if self.cfg.policy is not None and self.policies.policy is None:
             reasons.append("policy_not_loaded")
+        if self.cfg.policy is not None and self.key_sources.first_fetch_pending():
+            reasons.append("jwks_first_fetch_pending")
         if self.audit is not None and not self.audit.accepting():
             reasons.append("audit_not_writable")
         return not reasons, reasons

@@ -6,10 +6,18 @@ source is unchanged keeps its task; a new or changed one gets a new task (a JWKS
 loaded at once, so its first requests never see "no keys"); a removed one is cancelled. Each
 source runs in its own cancel scope inside the nursery given to ``attach``. Fetches never
 happen on the request path.
+
+Readiness: the ``jwks_uri`` providers known when ``attach`` runs (the sidecar's start) are
+"pending" until their fetcher's first attempt ends, success or failure (bounded by the
+fetch timeouts). ``first_fetch_pending()`` names them, so ``/readyz`` does not send traffic
+to a sidecar that would refuse every valid token only because its keys are still on the way.
+Providers added by a later policy reload are not gated: a slow JWKS server must not take
+every sidecar of the mesh out of service at once.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -26,10 +34,20 @@ class KeySources:
         self._nursery: trio.Nursery | None = None
         self._running: dict[str, tuple[tuple[Any, ...], trio.CancelScope]] = {}
         self._providers: dict[str, Any] = {}
+        self._pending: dict[str, trio.CancelScope] = {}
+        self._gate_start = False
 
     def attach(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self.sync(self._providers)
+        self._gate_start = True
+        try:
+            self.sync(self._providers)
+        finally:
+            self._gate_start = False
+
+    def first_fetch_pending(self) -> list[str]:
+        """Providers (known at start) whose first ``jwks_uri`` fetch has not ended yet."""
+        return sorted(self._pending)
 
     def sync(self, providers: dict[str, Any]) -> None:
         self._providers = dict(providers)
@@ -42,16 +60,20 @@ class KeySources:
             if current is not None:
                 current[1].cancel()
                 del self._running[name]
+                self._pending.pop(name, None)
             if prov.jwks_file:
                 self._load_file(prov)
             if self._nursery is None:
                 continue
             scope = trio.CancelScope()
             self._running[name] = (source, scope)
+            if prov.jwks_uri and self._gate_start:
+                self._pending[name] = scope
             self._nursery.start_soon(self._run_source, prov, scope)
         for name in list(self._running):
             if name not in providers:
                 self._running.pop(name)[1].cancel()
+                self._pending.pop(name, None)
 
     def _load_file(self, prov: Any) -> None:
         from sidecar.authn.jwks_fetch import load_jwks_file
@@ -80,7 +102,12 @@ class KeySources:
             elif prov.jwks_uri:
                 from sidecar.authn.jwks_fetch import run_jwks_fetcher
 
-                await run_jwks_fetcher(prov, self.authenticator)
+                async with trio.open_nursery() as inner:
+                    # start() returns once the first fetch attempt has ended.
+                    await inner.start(functools.partial(run_jwks_fetcher, prov,
+                                                        self.authenticator))
+                    if self._pending.get(prov.name) is scope:
+                        del self._pending[prov.name]
 
     def ages(self, now: float) -> dict[str, float | None]:
         stats = self.authenticator.statistics(now)["providers"]

@@ -754,3 +754,18 @@ def test_jwks_uri_unknown_kid_triggers_one_background_refetch(tmp_path: Path, pk
              timeout=5, interval=0.1)
     assert node.get("/x", sign(claims())).status == 200  # the old key is still published
     assert server.count() - before == 1
+
+
+def test_ready_only_after_the_first_jwks_fetch_attempt(tmp_path: Path, pki: Pki, own_app: int,
+                                                       procs: list,
+                                                       jwks_server: tuple) -> None:
+    server, ca_file = jwks_server
+    server.set("slow", delay=1.5)
+    prov = provider_doc(jwks_uri=f"https://127.0.0.1:{server.port}/jwks.json",
+                        jwks_ca=str(ca_file))
+    node = start_node(tmp_path, pki, own_app,
+                      policy_doc({"corp": prov}, [jwt_rule("corp", ["/**"], "corp")]))
+    procs.append(node.sidecar)
+    # start_node returned on /readyz 200: the keys are there for the very first request.
+    assert node.get("/x", sign(claims())).status == 200
+    assert server.count() == 1
