@@ -336,6 +336,7 @@ class Sidecar:
                 from sidecar.reload import fingerprint
 
                 watch.last_failed = fingerprint([cfg.policy])
+                watch.failed_at = time.monotonic()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
             from sidecar.admin import serve_admin

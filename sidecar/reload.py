@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +44,8 @@ class FileWatcher:
 
     def __init__(self, name: str, paths: Sequence[str], load: Callable[[], Any],
                  apply: Callable[[Any], None], on_error: Callable[[BaseException], None],
-                 interval: float, initial: str | None = None) -> None:
+                 interval: float, initial: str | None = None,
+                 retry_failed_after: float = 30.0) -> None:
         self.name = name
         self.paths = list(paths)
         self.load = load
@@ -52,27 +54,39 @@ class FileWatcher:
         self.interval = interval
         self.last = initial if initial is not None else fingerprint(self.paths)
         self.last_failed: str | None = None
+        self.failed_at = 0.0
+        self.retry_failed_after = retry_failed_after
 
-    def _check(self) -> tuple[str | None, Any, BaseException | None]:
-        """Fingerprint and, if changed, load. Touches no shared state (runs in a thread)."""
+    def _check(self) -> tuple[str | None, bool, Any, BaseException | None]:
+        """Fingerprint and, if changed, load. Touches no shared state (runs in a thread).
+
+        Returns (fingerprint, attempted, result, error). Content that failed to load is
+        tried again every ``retry_failed_after`` seconds even when unchanged: a certificate
+        that was "not yet valid" (clock skew) becomes valid without anyone touching it.
+        """
         current = fingerprint(self.paths)
-        if current is None or current == self.last or current == self.last_failed:
-            return current, None, None
+        if current is None or current == self.last:
+            return current, False, None, None
+        if current == self.last_failed and (
+                time.monotonic() - self.failed_at < self.retry_failed_after):
+            return current, False, None, None
         try:
-            return current, self.load(), None
+            return current, True, self.load(), None
         except Exception as exc:  # noqa: BLE001 -- any load failure keeps the old state
-            return current, None, exc
+            return current, True, None, exc
 
-    def _settle(self, current: str | None, result: Any, error: BaseException | None) -> bool:
+    def _settle(self, current: str | None, attempted: bool, result: Any,
+                error: BaseException | None) -> bool:
         if current is None:
             if self.last_failed != "missing":
                 self.last_failed = "missing"
                 self.on_error(FileNotFoundError(f"cannot read {', '.join(self.paths)}"))
             return False
-        if current == self.last or current == self.last_failed:
+        if not attempted:
             return False
         if error is not None:
             self.last_failed = current
+            self.failed_at = time.monotonic()
             self.on_error(error)
             return False
         self.last = current
