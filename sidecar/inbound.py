@@ -198,8 +198,9 @@ class InboundProxy:
                 return
             except (PeerClosed, Timeout) as exc:
                 if facts is not None:
-                    self.telemetry.request(request_id, facts, verdict, 499, 0, 0, started,
-                                           error=f"client_{type(exc).__name__.lower()}")
+                    status, error = broken_exchange(exc)
+                    self.telemetry.request(request_id, facts, verdict, status, 0, 0, started,
+                                           error=error)
                 elif isinstance(exc, Timeout):
                     await send_refusal(client, RequestRefused("header_timeout", status=408),
                                        request_id, None)
@@ -208,6 +209,19 @@ class InboundProxy:
                 conn.start_next_cycle()
             else:
                 return
+
+
+def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
+    """Status and reason to record for an exchange that broke off without a reply to send.
+
+    The client went away (499), or the upstream failed after the response head had already
+    been relayed (502 ``upstream_closed_mid_response`` / ``upstream_timeout_mid_response``:
+    the caller saw a response cut short, and the fault is the upstream's, not the caller's).
+    """
+    kind = "timeout" if isinstance(exc, Timeout) else "closed"
+    if exc.side == "client":
+        return 499, f"client_{type(exc).__name__.lower()}"
+    return 502, f"upstream_{kind}_mid_response"
 
 
 def _handshake_reason(exc: BaseException) -> str:

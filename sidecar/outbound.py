@@ -22,7 +22,7 @@ from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import XFCC, clean_headers, connection_tokens
 from sidecar.http.request import check_head
 from sidecar.identity.svid import SvidError, peer_identity_from_der
-from sidecar.inbound import new_request_id
+from sidecar.inbound import broken_exchange, new_request_id
 from sidecar.net.forward import UpstreamFailed, forward, splice
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
@@ -189,7 +189,11 @@ class OutboundProxy:
                                        error=exc.refusal.reason)
                 await send_refusal(client, exc.refusal, request_id, None)
                 return
-            except (PeerClosed, Timeout):
+            except (PeerClosed, Timeout) as exc:
+                if facts is not None:  # forwarded, then broken off: still one record
+                    status, error = broken_exchange(exc)
+                    self.telemetry.request(request_id, facts, verdict, status, 0, 0, started,
+                                           error=error)
                 return
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
                 conn.start_next_cycle()
