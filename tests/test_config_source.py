@@ -1,0 +1,106 @@
+"""The line-numbered YAML source: the libyaml fast path must refuse and report exactly what the
+pure-Python path does (aliases, merge keys, duplicate keys, line numbers), and must not crash
+on a deeply nested document (libyaml's composer recurses in C without a depth check)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.config import source
+from sidecar.config.source import MAX_NESTING_DEPTH, parse_yaml
+from sidecar.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_libyaml = pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML without libyaml")
+
+
+def _messages(text: str) -> list[tuple[int | None, str, str]]:
+    _, src = parse_yaml(text, "f.yaml")
+    return [(p.line, p.key, p.message) for p in src.problems]
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def composer(request, monkeypatch):
+    if request.param == "libyaml" and not yaml.__with_libyaml__:
+        pytest.skip("PyYAML without libyaml")
+    monkeypatch.setattr(source, "_WITH_LIBYAML", request.param == "libyaml")
+    return request.param
+
+
+def test_aliases_are_refused(composer) -> None:
+    found = _messages("a: &x [1, 2]\nb: *x\n")
+    assert [(key, msg) for _, key, msg in found] == [
+        ("b", "YAML anchors and aliases are not supported")]
+
+
+def test_merge_keys_are_refused(composer) -> None:
+    found = _messages("base: {k: 1}\nother:\n  <<: {k: 2}\n  j: 3\n")
+    assert any(line == 3 and "merge keys" in msg for line, _, msg in found), found
+
+
+def test_duplicate_keys_are_refused_with_their_line(composer) -> None:
+    found = _messages("a: 1\nb:\n  c: 1\n  c: 2\n")
+    assert (4, "b.c", "duplicate key") in found
+
+
+def test_values_keep_their_types(composer) -> None:
+    value, src = parse_yaml("n: 3\nf: 1.5\nb: true\ns: '3'\nnull_: ~\nts: 2030-01-01\n"
+                            "k: {1: x}\n", "f.yaml")
+    assert value["n"] == 3 and value["f"] == 1.5 and value["b"] is True and value["s"] == "3"
+    assert value["null_"] is None and str(value["ts"]) == "2030-01-01"
+    assert value["k"] == {"1": "x"}  # keys are always the plain text
+    assert src.lines[("ts",)] == 6
+
+
+@pytest.mark.parametrize("value", ["!!timestamp not-a-time", "!!int abc", "!!float x",
+                                   "!!bool maybe", "!!python/object:os.system x"])
+def test_bad_scalar_is_a_problem_not_a_crash(composer, value) -> None:
+    found = _messages(f"a: 1\nt: {value}\n")
+    assert len(found) == 1 and found[0][:2] == (2, "t") and "invalid value" in found[0][2]
+
+
+def test_syntax_error_has_a_line(composer) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_yaml("a: 1\nb: [1, 2\nc: 3\n", "f.yaml")
+    assert info.value.problems[0].line is not None
+
+
+@needs_libyaml
+@pytest.mark.parametrize("name", ["demo.yaml", "example-shop.yaml"])
+def test_both_composers_give_the_same_values_and_lines(monkeypatch, name) -> None:
+    text = (ROOT / "policies" / name).read_text()
+    monkeypatch.setattr(source, "_WITH_LIBYAML", False)
+    slow_value, slow_src = parse_yaml(text, name)
+    monkeypatch.setattr(source, "_WITH_LIBYAML", True)
+    fast_value, fast_src = parse_yaml(text, name)
+    assert fast_value == slow_value
+    assert fast_src.lines == slow_src.lines
+
+
+@needs_libyaml
+@pytest.mark.parametrize("depth", [MAX_NESTING_DEPTH + 1, 200_000])
+def test_deep_nesting_is_refused_not_a_crash(depth) -> None:
+    # In a subprocess: without the depth check, libyaml's composer kills the process (SIGSEGV).
+    code = ("import sys; from sidecar.config.source import parse_yaml\n"
+            "from sidecar.errors import ConfigError\n"
+            f"t = '[' * {depth} + ']' * {depth}\n"
+            "try:\n    parse_yaml(t, 'deep.yaml')\nexcept ConfigError as e:\n"
+            "    print(e); sys.exit(0)\nsys.exit(5)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT))
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    assert "nested too deeply" in proc.stdout
+
+
+def test_nesting_at_the_limit_loads(composer) -> None:
+    depth = 20
+    value, _ = parse_yaml("[" * depth + "]" * depth, "f.yaml")
+    for _ in range(depth - 1):
+        value = value[0]
+    assert value == []
