@@ -4,9 +4,10 @@ Theory of operation: watching is polling, on purpose. Kubernetes updates a mount
 or Secret by writing a new ``..<timestamp>`` directory and atomically re-pointing the
 ``..data`` symlink; the visible file is a symlink through ``..data``. An inotify watch on the
 old inode goes silent after the swap, while a poll that re-resolves the path every interval
-sees it at once. A poll is also immune to half-written files: a change is acted on only when
-the content hash differs, and the new content must parse and validate completely before the
-swap; otherwise the old state stays, the error is logged with file:line:key and counted.
+sees it at once. A change is acted on only when the content hash differs and has stayed the
+same for one whole interval (a file rewritten in place, in pieces, is never read half-way),
+and the new content must parse and validate completely before the swap; otherwise the old
+state stays, the error is logged with file:line:key and counted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class FileWatcher:
         self.last = initial if initial is not None else fingerprint(self.paths)
         self.last_failed: str | None = None
         self.failed_at = 0.0
+        self.settling: str | None = None
         self.retry_failed_after = retry_failed_after
 
     def _check(self) -> tuple[str | None, bool, Any, BaseException | None]:
@@ -66,6 +68,13 @@ class FileWatcher:
         """
         current = fingerprint(self.paths)
         if current is None or current == self.last:
+            return current, False, None, None
+        if current != self.settling and current != self.last_failed:
+            # New content is applied only once it has stayed the same for a whole interval:
+            # a file written in place, in pieces, can be valid YAML half-way through (cut at
+            # a rule boundary, it could even be more permissive). Atomic swaps (Kubernetes
+            # ..data, rename) settle at once and cost one interval of delay.
+            self.settling = current
             return current, False, None, None
         if current == self.last_failed and (
                 time.monotonic() - self.failed_at < self.retry_failed_after):

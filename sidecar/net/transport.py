@@ -266,6 +266,16 @@ class TlsTransport(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.socket.wait_writable()
 
+    async def send_eof(self) -> None:
+        """Send close_notify: the peer's next read ends; reading from it still works."""
+        try:
+            self._obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        except (ssl.SSLError, ValueError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        await self._flush_out()
+
     async def aclose(self) -> None:
         """Send close_notify if that can be done without waiting, then close the socket."""
         if self._closed:
