@@ -8,11 +8,15 @@ disagrees with itself, absolute-form targets on inbound, and -- in ``sidecar.pol
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
 
 _SINGLETONS = (b"host", b"authorization", b"content-length", b"x-api-key", b"cookie")
+# h11 lets control characters other than NUL, CR and LF through in field values (RFC 9110
+# says they are invalid but MAY be kept); an app may read them differently, so refuse.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,8 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     upgrade = None
     conn_upgrade = False
     for name, value in headers:
+        if _CONTROL.search(value) is not None:
+            raise BadRequest("bad_header_value", name.decode("latin-1"))
         if name in _SINGLETONS:
             seen[name] = seen.get(name, 0) + 1
             if seen[name] > 1 and name != b"cookie":

@@ -172,6 +172,8 @@ async def forward(
         except (BadRequest, HeadersTooLarge) as exc:
             # The upstream's answer did not parse: that is a bad gateway, not a bad request.
             await trio.aclose_forcefully(ep.stream)
+            if client.conn.their_state is h11.ERROR:
+                raise  # no: the client's own body framing was broken -- its 400
             if ex.response_started:
                 raise PeerClosed("upstream_protocol_error") from exc
             raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) from exc

@@ -51,12 +51,14 @@ class H11Endpoint:
     the *other* endpoint before it blocks on a read, so streaming never stalls on a buffer.
     """
 
-    __slots__ = ("stream", "conn", "bytes_in", "bytes_out", "side", "out", "out_len", "fast")
+    __slots__ = ("stream", "conn", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
+                 "max_head")
 
     def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER],
                  max_head: int = 32 * 1024, side: str = "upstream") -> None:
         self.stream = stream
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
+        self.max_head = max_head
         self.bytes_in = 0
         self.bytes_out = 0
         self.side = side
@@ -76,6 +78,10 @@ class H11Endpoint:
                     raise HeadersTooLarge("header_too_large", str(exc)) from exc
                 raise BadRequest("malformed_http", str(exc)) from exc
             if event is not h11.NEED_DATA:
+                if type(event) is h11.Request and _head_size(event) > self.max_head:
+                    # h11 bounds only a head still incomplete: one that arrived whole in a
+                    # single read could be larger than the limit. Enforce it exactly.
+                    raise HeadersTooLarge("header_too_large", "request head over the limit")
                 return event
             if flush_first is not None and flush_first.out:
                 await flush_first.flush(deadline)
@@ -154,6 +160,11 @@ class H11Endpoint:
 
     async def aclose(self) -> None:
         await close_quietly(self.stream)
+
+
+def _head_size(request: h11.Request) -> int:
+    return len(request.method) + len(request.target) + sum(
+        len(n) + len(v) + 4 for n, v in request.headers.raw_items())
 
 
 async def close_quietly(stream: trio.abc.AsyncResource) -> None:
