@@ -19,6 +19,7 @@ event parser therefore measures the nesting first and anything deeper than
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,7 +137,24 @@ def _compose_all(text: str, filename: str) -> list[yaml.Node | None]:
 
 
 def parse_yaml(text: str | bytes, filename: str) -> tuple[Any, Source]:
-    """Parse one YAML document; raise ``ConfigError`` on syntax errors."""
+    """Parse one YAML document; raise ``ConfigError`` on syntax errors.
+
+    The cyclic garbage collector is paused meanwhile: a big policy creates a few hundred
+    thousand acyclic nodes and values, and the repeated full collections they trigger cost
+    more than the parsing itself (a 10,000-rule file: ~2 s with, ~0.8 s without). The pause
+    is process-wide but short, and it ends in ``finally``.
+    """
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        return _parse_yaml(text, filename)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _parse_yaml(text: str | bytes, filename: str) -> tuple[Any, Source]:
     src = Source(filename)
     if isinstance(text, bytes):
         if len(text) > MAX_DOCUMENT_BYTES:
