@@ -204,8 +204,12 @@ class Demo:
                     step.why = f"TLS handshake refused ({r.reason})"
                 elif r.decision == "allow":
                     step.why = f"allowed by rule '{r.rule}'"
+                elif r.reason == "egress_denied":
+                    step.why = "egress denied: payments is not in frontend's egress list"
+                elif r.reason == "default_deny":
+                    step.why = "default deny: no rule lets this caller do this"
                 elif r.rule:
-                    step.why = f"{r.reason.replace('_', ' ')} ('{r.rule}')"
+                    step.why = f"{r.reason.replace('_', ' ')}: '{r.rule}'"
                 else:
                     step.why = f"refused before policy: {r.reason.replace('_', ' ')}"
         return {name: verify(str(self.root / f"audit-{name}")) for name in records}
