@@ -13,31 +13,33 @@ over a pooled keep-alive connection, streaming bodies both ways.
 
 from __future__ import annotations
 
-import os
 import time
 
 import h11
 import trio
 
-from sidecar.errors import RequestRefused, Unavailable
+from sidecar.errors import Unavailable
 from sidecar.gate import Gate
-from sidecar.http.headers import OWNED_REQUEST_HEADERS, XFCC, clean_headers, connection_tokens
-from sidecar.http.request import check_head
+from sidecar.http.headers import (
+    OWNED_REQUEST_HEADERS,
+    REQUEST_ID,
+    XFCC,
+    clean_headers,
+    connection_tokens,
+    xfcc_value,
+)
+from sidecar.http.request import RequestHead
 from sidecar.identity.svid import SvidError, peer_identity_from_der
-from sidecar.net.forward import UpstreamFailed, forward, splice
+from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.respond import send_refusal
-from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.net.session import RequestContext, new_request_id, request_loop
+from sidecar.net.streams import H11Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.policy.paths import normalise_target
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsState
-
-
-def new_request_id() -> str:
-    return os.urandom(8).hex()
 
 
 class InboundProxy:
@@ -122,106 +124,40 @@ class InboundProxy:
     async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
         limits = self.limits
         client = H11Endpoint(tls_stream, h11.SERVER, limits.max_header_bytes, side="client")
-        conn = client.conn
-        tracker = self.tracker
-        own_xfcc_prefix = f"By={self.gate.own_id};Hash={peer.fingerprint};URI={peer.spiffe_id}"
-        xfcc = own_xfcc_prefix.encode()
-        now = trio.current_time
-        while True:
-            # Wait for the next request: idle bound until the first byte, then the head bound.
-            scope = tracker.idle_scope(now() + limits.idle_timeout)
-            tracker.register_idle(scope)
-            try:
-                with scope:
-                    if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                        data = await client.receive(now() + limits.idle_timeout)
-                        conn.receive_data(data)
-            except (PeerClosed, Timeout):
-                return
-            finally:
-                tracker.unregister_idle(scope)
-            if scope.cancelled_caught:
-                return
-            started = time.time()
-            request_id = new_request_id()
-            facts = None
-            verdict = None
-            try:
-                event = await client.next_event(now() + limits.header_timeout)
-                if type(event) is not h11.Request:
-                    return  # ConnectionClosed or a client that went away
-                head = check_head(event.method, event.target, event.headers,
-                                  max_headers=limits.max_headers, max_body=limits.max_body_bytes)
-                path, query = normalise_target(head.target)
-                facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
-                                     method=head.method, path=path, host=head.host,
-                                     port=self.port, listener="inbound")
-                verdict = self.gate.inbound(facts, event.headers, query, time.time())
-                if not verdict.decision.allowed:
-                    raise verdict.refusal()
-                if not self.telemetry.accepting():
-                    raise Unavailable("audit_unavailable")
-                hop = connection_tokens(event.headers)
-                headers = clean_headers(event.headers, OWNED_REQUEST_HEADERS | verdict.drop_headers,
-                                        hop)
-                if verdict.strip_credentials:
-                    headers, new_query = self.gate.authenticator.strip_credentials(headers, query)
-                    if new_query != query:
-                        base = event.target.split(b"?", 1)[0]
-                        target = base + (b"?" + new_query.encode() if new_query else b"")
-                        event = h11.Request(method=event.method, target=target,
-                                            headers=event.headers, http_version="1.1")
-                headers.append((XFCC, xfcc))
-                headers.append((b"x-request-id", request_id.encode()))
-                headers.append((b"x-forwarded-proto", b"https"))
-                headers.extend(verdict.set_headers)
-                if head.upgrade is not None:
-                    headers.append((b"upgrade", head.upgrade))
-                    headers.append((b"connection", b"upgrade"))
-                ex = await forward(client, event, headers, self.pool, limits,
-                                   has_body=head.has_body, expect_continue=head.expect_continue,
-                                   upgrade=head.upgrade is not None, close=tracker.draining)
-                self.telemetry.request(request_id, facts, verdict, ex.status, ex.request_bytes,
-                                       ex.response_bytes, started)
-                if ex.upgraded:
-                    return
-            except RequestRefused as exc:
-                self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
-                                       error=exc.reason, source=source, peer=peer.spiffe_id)
-                await send_refusal(client, exc, request_id, verdict)
-                return
-            except UpstreamFailed as exc:
-                self.telemetry.request(request_id, facts, verdict, exc.refusal.status,
-                                       exc.exchange.request_bytes, 0, started,
-                                       error=exc.refusal.reason)
-                await send_refusal(client, exc.refusal, request_id, None)
-                return
-            except (PeerClosed, Timeout) as exc:
-                if facts is not None:
-                    status, error = broken_exchange(exc)
-                    self.telemetry.request(request_id, facts, verdict, status, 0, 0, started,
-                                           error=error)
-                elif isinstance(exc, Timeout):
-                    await send_refusal(client, RequestRefused("header_timeout", status=408),
-                                       request_id, None)
-                return
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
-                conn.start_next_cycle()
-            else:
-                return
+        xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
 
+        async def handle(ctx: RequestContext, event: h11.Request, head: RequestHead) -> Exchange:
+            path, query = normalise_target(head.target)
+            ctx.facts = facts = RequestFacts(
+                direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,
+                path=path, host=head.host, port=self.port, listener="inbound")
+            ctx.verdict = verdict = self.gate.inbound(facts, event.headers, query, time.time())
+            if not verdict.decision.allowed:
+                raise verdict.refusal()
+            if not self.telemetry.accepting():
+                raise Unavailable("audit_unavailable")
+            headers = clean_headers(event.headers, OWNED_REQUEST_HEADERS | verdict.drop_headers,
+                                    connection_tokens(event.headers))
+            if verdict.strip_credentials:
+                headers, new_query = self.gate.authenticator.strip_credentials(headers, query)
+                if new_query != query:
+                    base = event.target.split(b"?", 1)[0]
+                    target = base + (b"?" + new_query.encode() if new_query else b"")
+                    event = h11.Request(method=event.method, target=target,
+                                        headers=event.headers, http_version="1.1")
+            headers.append((XFCC, xfcc))
+            headers.append((REQUEST_ID, ctx.request_id.encode()))
+            headers.append((b"x-forwarded-proto", b"https"))
+            headers.extend(verdict.set_headers)
+            if head.upgrade is not None:
+                headers.append((b"upgrade", head.upgrade))
+                headers.append((b"connection", b"upgrade"))
+            return await forward(client, event, headers, self.pool, limits,
+                                 has_body=head.has_body, expect_continue=head.expect_continue,
+                                 upgrade=head.upgrade is not None, close=self.tracker.draining)
 
-def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
-    """Status and reason to record for an exchange that broke off without a reply to send.
-
-    The client went away (499), or the upstream failed after the response head had already
-    been relayed (502 ``upstream_closed_mid_response`` / ``upstream_timeout_mid_response``:
-    the caller saw a response cut short, and the fault is the upstream's, not the caller's).
-    """
-    kind = "timeout" if isinstance(exc, Timeout) else "closed"
-    if exc.side == "client":
-        return 499, f"client_{type(exc).__name__.lower()}"
-    return 502, f"upstream_{kind}_mid_response"
+        await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
+                           handle=handle, source=source, peer=peer.spiffe_id)
 
 
 def _handshake_reason(exc: BaseException) -> str:

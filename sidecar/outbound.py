@@ -17,17 +17,16 @@ import h11
 import trio
 
 from sidecar.config.model import OutboundConfig
-from sidecar.errors import BadGateway, RequestRefused
+from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import XFCC, clean_headers, connection_tokens
-from sidecar.http.request import check_head
+from sidecar.http.request import RequestHead
 from sidecar.identity.svid import SvidError, peer_identity_from_der
-from sidecar.inbound import broken_exchange, new_request_id
-from sidecar.net.forward import UpstreamFailed, forward, splice
+from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.respond import send_refusal
-from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.net.session import RequestContext, new_request_id, request_loop
+from sidecar.net.streams import H11Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.telemetry import Telemetry
@@ -133,69 +132,23 @@ class OutboundProxy:
         limits = self.limits
         client = H11Endpoint(SocketTransport(tcp.socket), h11.SERVER, limits.max_header_bytes,
                              side="client")
-        conn = client.conn
-        tracker = self.tracker
-        now = trio.current_time
-        while True:
-            scope = tracker.idle_scope(now() + limits.idle_timeout)
-            tracker.register_idle(scope)
-            try:
-                with scope:
-                    if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                        conn.receive_data(await client.receive(now() + limits.idle_timeout))
-            except (PeerClosed, Timeout):
-                return
-            finally:
-                tracker.unregister_idle(scope)
-            if scope.cancelled_caught:
-                return
-            started = time.time()
-            request_id = new_request_id()
-            facts = None
-            verdict = None
-            try:
-                event = await client.next_event(now() + limits.header_timeout)
-                if type(event) is not h11.Request:
-                    return
-                head = check_head(event.method, event.target, event.headers,
-                                  max_headers=limits.max_headers, max_body=limits.max_body_bytes)
-                path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
-                facts = self._facts(source, head.method, path, head.host)
-                verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
-                if not verdict.decision.allowed:
-                    raise verdict.refusal()
-                if not self.telemetry.accepting():
-                    raise RequestRefused("audit_unavailable", status=503)
-                headers = clean_headers(event.headers, _STRIP_TO_PEER,
-                                        connection_tokens(event.headers))
-                if head.upgrade is not None:
-                    headers.append((b"upgrade", head.upgrade))
-                    headers.append((b"connection", b"upgrade"))
-                ex = await forward(client, event, headers, self.pool, limits,
-                                   has_body=head.has_body, expect_continue=head.expect_continue,
-                                   upgrade=head.upgrade is not None, close=tracker.draining)
-                self.telemetry.request(request_id, facts, verdict, ex.status, ex.request_bytes,
-                                       ex.response_bytes, started)
-                if ex.upgraded:
-                    return
-            except RequestRefused as exc:
-                self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
-                                       error=exc.reason, source=source)
-                await send_refusal(client, exc, request_id, verdict)
-                return
-            except UpstreamFailed as exc:
-                self.telemetry.request(request_id, facts, verdict, exc.refusal.status,
-                                       exc.exchange.request_bytes, 0, started,
-                                       error=exc.refusal.reason)
-                await send_refusal(client, exc.refusal, request_id, None)
-                return
-            except (PeerClosed, Timeout) as exc:
-                if facts is not None:  # forwarded, then broken off: still one record
-                    status, error = broken_exchange(exc)
-                    self.telemetry.request(request_id, facts, verdict, status, 0, 0, started,
-                                           error=error)
-                return
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
-                conn.start_next_cycle()
-            else:
-                return
+
+        async def handle(ctx: RequestContext, event: h11.Request, head: RequestHead) -> Exchange:
+            path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
+            ctx.facts = self._facts(source, head.method, path, head.host)
+            ctx.verdict = verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
+            if not verdict.decision.allowed:
+                raise verdict.refusal()
+            if not self.telemetry.accepting():
+                raise Unavailable("audit_unavailable")
+            headers = clean_headers(event.headers, _STRIP_TO_PEER,
+                                    connection_tokens(event.headers))
+            if head.upgrade is not None:
+                headers.append((b"upgrade", head.upgrade))
+                headers.append((b"connection", b"upgrade"))
+            return await forward(client, event, headers, self.pool, limits,
+                                 has_body=head.has_body, expect_continue=head.expect_continue,
+                                 upgrade=head.upgrade is not None, close=self.tracker.draining)
+
+        await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
+                           handle=handle, source=source, peer=None)

@@ -1,0 +1,118 @@
+"""The HTTP/1.1 request loop shared by the inbound and outbound listeners.
+
+Theory of operation: one loop per client connection. It waits for the next request (the
+idle bound until the first byte, then the head bound; a drain cancels the idle wait), reads
+and checks the head, and hands it to the listener's ``handle`` coroutine, which decides and
+forwards. Whatever happens, each request leaves exactly one telemetry record (log line,
+metrics, audit record): the handler fills ``RequestContext`` as it learns facts and the
+verdict, so a refusal or a failure at any point is recorded with what was known. Any
+refusal ends the connection after a generic reply, so nothing pipelined behind a refused
+request is ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+
+from sidecar.config.model import Limits
+from sidecar.errors import RequestRefused
+from sidecar.http.request import RequestHead, check_head
+from sidecar.net.forward import Exchange, UpstreamFailed
+from sidecar.net.listen import ConnectionTracker
+from sidecar.net.respond import send_refusal
+from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout
+from sidecar.policy.decision import RequestFacts
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What is known about the request in flight, for its one telemetry record."""
+
+    request_id: str
+    started: float
+    facts: RequestFacts | None = None
+    verdict: Any = None  # sidecar.gate.Verdict
+
+
+Handler = Callable[[RequestContext, h11.Request, RequestHead], Awaitable[Exchange]]
+
+
+def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
+    """Status and reason to record for an exchange that broke off without a reply to send.
+
+    The client went away (499), or the upstream failed after the response head had already
+    been relayed (502 ``upstream_closed_mid_response`` / ``upstream_timeout_mid_response``:
+    the caller saw a response cut short, and the fault is the upstream's, not the caller's).
+    """
+    kind = "timeout" if isinstance(exc, Timeout) else "closed"
+    if exc.side == "client":
+        return 499, f"client_{type(exc).__name__.lower()}"
+    return 502, f"upstream_{kind}_mid_response"
+
+
+async def request_loop(client: H11Endpoint, *, tracker: ConnectionTracker, limits: Limits,
+                       telemetry: Any, handle: Handler, source: str,
+                       peer: str | None) -> None:
+    """Serve requests on ``client`` until it closes, misbehaves, is refused or drains."""
+    conn = client.conn
+    now = trio.current_time
+    while True:
+        scope = tracker.idle_scope(now() + limits.idle_timeout)
+        tracker.register_idle(scope)
+        try:
+            with scope:
+                if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
+                    conn.receive_data(await client.receive(now() + limits.idle_timeout))
+        except (PeerClosed, Timeout):
+            return
+        finally:
+            tracker.unregister_idle(scope)
+        if scope.cancelled_caught:
+            return
+        ctx = RequestContext(new_request_id(), time.time())
+        try:
+            event = await client.next_event(now() + limits.header_timeout)
+            if type(event) is not h11.Request:
+                return  # ConnectionClosed, or a client that went away
+            head = check_head(event.method, event.target, event.headers,
+                              max_headers=limits.max_headers, max_body=limits.max_body_bytes)
+            ex = await handle(ctx, event, head)
+            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, ex.status,
+                              ex.request_bytes, ex.response_bytes, ctx.started)
+            if ex.upgraded:
+                return
+        except RequestRefused as exc:
+            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, exc.status, 0, 0,
+                              ctx.started, error=exc.reason, source=source, peer=peer)
+            await send_refusal(client, exc, ctx.request_id, ctx.verdict)
+            return
+        except UpstreamFailed as exc:
+            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, exc.refusal.status,
+                              exc.exchange.request_bytes, 0, ctx.started,
+                              error=exc.refusal.reason)
+            await send_refusal(client, exc.refusal, ctx.request_id, None)
+            return
+        except (PeerClosed, Timeout) as exc:
+            if ctx.facts is not None:  # forwarded, then broken off: still one record
+                status, error = broken_exchange(exc)
+                telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, status, 0, 0,
+                                  ctx.started, error=error)
+            elif isinstance(exc, Timeout) and exc.side == "client":
+                await send_refusal(client, RequestRefused("header_timeout", status=408),
+                                   ctx.request_id, None)
+            return
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
+            conn.start_next_cycle()
+        else:
+            return
