@@ -165,10 +165,7 @@ class TlsTransport(trio.abc.Stream):
             async with self._send_lock:
                 data = self._out.read()
                 if data:
-                    try:
-                        await _send_all(self.socket, data)
-                    except OSError as exc:
-                        raise trio.BrokenResourceError(str(exc)) from exc
+                    await self._send_locked(data)
 
     async def _flush_out_quietly(self) -> None:
         try:
@@ -222,16 +219,19 @@ class TlsTransport(trio.abc.Stream):
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """Encrypt ``data`` and send what the socket takes now; return the wire bytes
-        (ciphertext) still to send with ``send_wire``."""
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError
         try:
             self._obj.write(data)
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        wire = self._out.read()
+        return self._out.read()
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """Encrypt ``data`` and send what the socket takes now; return the wire bytes
+        (ciphertext) still to send with ``send_wire``."""
+        wire = self._encrypt(data)
         if self._send_lock.locked():
             return wire
         try:
@@ -244,24 +244,16 @@ class TlsTransport(trio.abc.Stream):
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
-            try:
-                await _send_all(self.socket, data)
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+            await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await _send_all(self.socket, data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError
-        try:
-            self._obj.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        async with self._send_lock:
-            out = self._out.read()
-            try:
-                await _send_all(self.socket, out)
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+        await self.send_wire(self._encrypt(data))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.socket.wait_writable()
