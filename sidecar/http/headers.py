@@ -48,17 +48,6 @@ def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
     return out
 
 
-def is_upgrade_request(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The Upgrade header's value when Connection lists ``upgrade``, else None."""
-    upgrade = None
-    for name, value in headers:
-        if name == b"upgrade":
-            upgrade = value
-    if upgrade is not None and b"upgrade" in connection_tokens(headers):
-        return upgrade
-    return None
-
-
 def clean_headers(
     headers: Iterable[tuple[bytes, bytes]],
     drop: frozenset[bytes] | set[bytes],
@@ -78,7 +67,3 @@ def clean_headers(
 def xfcc_value(own_id: str, peer_id: str, fingerprint: str) -> bytes:
     """Envoy's x-forwarded-client-cert format, from what the handshake verified."""
     return f'By={own_id};Hash={fingerprint};URI={peer_id}'.encode()
-
-
-def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    return [v for n, v in headers if n == name]

@@ -17,6 +17,10 @@ _SINGLETONS = (b"host", b"authorization", b"content-length", b"x-api-key", b"coo
 # h11 lets control characters other than NUL, CR and LF through in field values (RFC 9110
 # says they are invalid but MAY be kept); an app may read them differently, so refuse.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Methods are case-sensitive (RFC 9110 9.1), but some apps upper-case them: "delete" would
+# slip past a rule for DELETE and be served as one. Only upper-case method names pass.
+_METHOD = re.compile(rb"[A-Z][A-Z-]{0,31}")
+_VERSIONS = (b"1.1", b"1.0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +36,10 @@ class RequestHead:
 
 
 def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], *,
-               max_headers: int, max_body: int) -> RequestHead:
+               max_headers: int, max_body: int, http_version: bytes = b"1.1") -> RequestHead:
     """Validate what h11 cannot know is dangerous for a proxy; raise a ``RequestRefused``."""
+    if http_version not in _VERSIONS:
+        raise BadRequest("bad_http_version")  # h11 parses "HTTP/2.0" as if it were 1.x
     if len(headers) > max_headers:
         raise HeadersTooLarge("too_many_headers")
     seen: dict[bytes, int] = {}
@@ -73,12 +79,17 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         # absolute-form, authority-form and asterisk-form are not accepted: the policy
         # matches origin-form paths, and a second authority would be a second truth.
         raise BadRequest("bad_target_form")
-    if not method or not method.isascii():
-        raise BadRequest("bad_method")  # h11 allows only token characters; re-checked here
+    if _METHOD.fullmatch(method) is None:
+        raise BadRequest("bad_method")
     if method == b"CONNECT" or method == b"TRACE":
         raise BadRequest("method_not_allowed", method.decode("latin-1"))
     if max_body and content_length is not None and content_length > max_body:
         raise PayloadTooLarge("body_too_large")
+    if upgrade is not None and conn_upgrade and any(
+            token.strip().lower().startswith(b"h2c") for token in upgrade.split(b",")):
+        # An h2c upgrade would turn the connection into HTTP/2 that the sidecar cannot see:
+        # every request after the first would bypass the policy (h2c smuggling).
+        raise BadRequest("h2c_upgrade")
     has_body = chunked or bool(content_length)
     return RequestHead(
         method=method.decode("ascii"),

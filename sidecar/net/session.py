@@ -86,7 +86,8 @@ async def request_loop(client: H11Endpoint, *, tracker: ConnectionTracker, limit
             if type(event) is not h11.Request:
                 return  # ConnectionClosed, or a client that went away
             head = check_head(event.method, event.target, event.headers,
-                              max_headers=limits.max_headers, max_body=limits.max_body_bytes)
+                              max_headers=limits.max_headers, max_body=limits.max_body_bytes,
+                              http_version=event.http_version)
             ex = await handle(ctx, event, head)
             telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, ex.status,
                               ex.request_bytes, ex.response_bytes, ctx.started)
