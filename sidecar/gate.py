@@ -26,11 +26,13 @@ from sidecar.policy.decision import (
     REASON_BLOCKED,
     REASON_DEFAULT_DENY,
     REASON_EGRESS_DENIED,
+    REASON_NO_POLICY,
     REASON_RATE_LIMITED,
     AuthFacts,
     Decision,
     RequestFacts,
 )
+from sidecar.policy.engine import decide, decide_egress, decide_section
 
 
 @dataclass(slots=True)
@@ -111,17 +113,22 @@ class Gate:
                                     status=403))
         policy = self.policies.policy
         if policy is None:
+            if self.policies.source is not None:
+                # A policy is configured but not loaded (invalid at start): fail closed. The
+                # config's allow_from is for setups without a policy, never a fallback.
+                return Verdict(Decision("deny", DEFAULT_DENY_RULE, REASON_NO_POLICY, "none",
+                                        status=403))
             return self._interim(facts)
-        from sidecar.policy.engine import decide
-
         auth = NO_AUTH
         authn = self.authenticator
         section = policy.section(self.own_id)
-        if authn is not None and section is not None and not tcp:
+        if section is None:
+            return Verdict(decide(policy, self.own_id, facts, auth, now))
+        if authn is not None and not tcp:
             providers = section.providers
             if providers or section.needs_apikey:
                 auth = authn.authenticate(providers, headers, query, now)
-        decision = decide(policy, self.own_id, facts, auth, now)
+        decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:
             if self.limiter is not None and not decision.dry_run:
@@ -170,8 +177,6 @@ class Gate:
                 # list, which already names the only identities this workload may reach.
                 return Decision("allow", "config outbound", REASON_ALLOWED, "config")
             return Decision("deny", DEFAULT_DENY_RULE, REASON_EGRESS_DENIED, "none", status=403)
-        from sidecar.policy.engine import decide_egress
-
         return decide_egress(policy, self.own_id, target, now)
 
     def _version(self) -> str:
