@@ -1,0 +1,111 @@
+"""TlsTransport / SocketTransport over real sockets with real TLS contexts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from sidecar.identity.ca import DevCA, write_svid
+from sidecar.identity.svid import load_svid
+from sidecar.identity.tls import client_context, server_context
+from sidecar.net.transport import SocketTransport, TlsTransport
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    ca = DevCA.create("td")
+    svids = {}
+    for name in ("server", "client"):
+        write_svid(ca.issue(f"spiffe://td/ns/t/sa/{name}"), ca, root / name)
+        d = root / name
+        svids[name] = load_svid(str(d / "tls.crt"), str(d / "tls.key"), str(d / "ca.crt"),
+                                time.time())
+    return server_context(svids["server"]), client_context(svids["client"])
+
+
+async def _pair(contexts):
+    a, b = trio.socket.socketpair()
+    server = TlsTransport(a, contexts[0], server_side=True)
+    client = TlsTransport(b, contexts[1], server_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server.do_handshake)
+        n.start_soon(client.do_handshake)
+    return server, client
+
+
+async def _read_exactly(stream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = stream.try_receive()
+        if data is None:
+            data = await stream.receive_some()
+        assert data, "unexpected EOF"
+        out += data
+    return bytes(out)
+
+
+def test_handshake_peer_cert_and_data_both_ways(contexts):
+    async def main():
+        server, client = await _pair(contexts)
+        assert server.getpeercert(binary_form=True)  # client certificate required
+        assert client.selected_alpn_protocol() == "http/1.1"
+        big = bytes(range(256)) * 8192  # 2 MiB: more than one socket buffer
+        async with trio.open_nursery() as n:
+            n.start_soon(client.send_all, big)
+            got = await _read_exactly(server, len(big))
+        assert got == big
+        rest = server.try_send(b"pong")
+        if rest:
+            await server.send_wire(rest)
+        assert await _read_exactly(client, 4) == b"pong"
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)
+
+
+def test_close_notify_reads_as_eof_and_raw_eof_too(contexts):
+    async def main():
+        server, client = await _pair(contexts)
+        await client.send_eof()  # close_notify
+        assert await server.receive_some() == b""
+        server2, client2 = await _pair(contexts)
+        client2.socket.close()  # TCP EOF without close_notify: https-compatible EOF
+        assert await server2.receive_some() == b""
+        for s in (server, client, server2):
+            await s.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await server.send_all(b"x")
+
+    trio.run(main)
+
+
+def test_tls_garbage_is_a_broken_resource(contexts):
+    async def main():
+        a, b = trio.socket.socketpair()
+        server = TlsTransport(a, contexts[0], server_side=True)
+        await b.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(trio.BrokenResourceError):
+            await server.do_handshake()
+        await server.aclose()
+        b.close()
+
+    trio.run(main)
+
+
+def test_plain_transport_fast_paths():
+    async def main():
+        a, b = trio.socket.socketpair()
+        left, right = SocketTransport(a), SocketTransport(b)
+        assert left.try_receive() is None  # nothing yet: would block
+        assert right.try_send(b"hello") == b""
+        assert left.try_receive() == b"hello"
+        await right.send_eof()
+        assert await left.receive_some() == b""
+        await left.aclose()
+        await right.aclose()
+
+    trio.run(main)
