@@ -95,7 +95,10 @@ def test_deep_nesting_is_refused_not_a_crash(depth) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=str(ROOT))
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
-    assert "nested too deeply" in proc.stdout
+    # Our own depth check says "nested too deeply"; newer libyaml builds (PyYAML >= 6.0.4)
+    # stop earlier with their own limit. Either way: a clean ConfigError naming the file.
+    assert "deep.yaml" in proc.stdout
+    assert "nested too deeply" in proc.stdout or "maximum nesting depth" in proc.stdout
 
 
 def test_nesting_at_the_limit_loads(composer) -> None:
