@@ -175,3 +175,11 @@ def test_unreserved_escapes_equal_raw(seg: str) -> None:
     if seg in (".", ".."):
         return
     assert normalise_target(b"/" + encoded) == normalise_target(b"/" + seg.encode())
+
+
+def test_escape_hidden_behind_a_decoded_unreserved_char_is_double_encoding():
+    # Found by the fixed-point property: %25 then %41 decodes to "%A" + "a", which a second
+    # decode would read as byte 0xAA. The decoded path must hold no escape at all.
+    with pytest.raises(BadRequest) as err:
+        normalise_target(b"/%25%41a")
+    assert err.value.reason == "double_encoding"

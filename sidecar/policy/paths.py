@@ -37,6 +37,8 @@ of the matched path.
 
 from __future__ import annotations
 
+import re
+
 from sidecar.errors import BadRequest
 
 MAX_TARGET_BYTES = 8192
@@ -45,6 +47,9 @@ _HEX = b"0123456789abcdefABCDEF"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Printable ASCII without space; the specific characters below are then refused on top.
 _PRINTABLE = frozenset(range(0x21, 0x7F))
+
+
+_ESCAPE_IN_DECODED = re.compile(rb"%[0-9A-Fa-f]{2}")
 
 
 def _refuse(reason: str, detail: str = "") -> BadRequest:
@@ -107,6 +112,10 @@ def normalise_target(
             out += b"%" + bytes((hi, lo)).upper()
         decoded.append(value)
         i += 3
+    if _ESCAPE_IN_DECODED.search(decoded) is not None:
+        # Decoded once, the path still holds an escape ("%25%41a" -> "%Aa"): an app that
+        # decodes again would read a different path than the one the policy matched.
+        raise _refuse("double_encoding", "the decoded path still holds a percent escape")
     try:
         decoded.decode("utf-8")
     except UnicodeDecodeError:
