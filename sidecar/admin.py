@@ -132,6 +132,8 @@ async def serve_http(
         open_connections += 1
         try:
             await _serve_connection(stream, route, limits, name)
+        except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
+            log("admin_request_failed", "error", server=name, error=repr(exc))
         finally:
             open_connections -= 1
             await stream.aclose()

@@ -330,6 +330,9 @@ async def _accept_loop(listener: trio.SocketListener, certificate: ServingCertif
     async def run(tcp: trio.SocketStream) -> None:
         try:
             await _serve_connection(tcp, certificate, options, limits)
+        except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the webhook
+            log("webhook_internal_error", "error", error=repr(exc))
+            await trio.aclose_forcefully(tcp)
         finally:
             slots.release()
 
