@@ -87,27 +87,38 @@ class KeySources:
         self.authenticator.set_keys(prov.name, keys, time.time())
 
     async def _run_source(self, prov: Any, scope: trio.CancelScope) -> None:
+        if not (prov.jwks_file or prov.jwks_uri):
+            return
         with scope:
-            if prov.jwks_file:
-                from sidecar.authn.jwks_fetch import load_jwks_file
+            while True:
+                try:
+                    await self._source_loop(prov, scope)
+                except Exception as exc:  # noqa: BLE001 -- keep the last keys, try again
+                    logs.log("jwks_source_failed", "error", provider=prov.name,
+                             error=repr(exc))
+                await trio.sleep(5.0)
 
-                watcher = FileWatcher(
-                    f"jwks:{prov.name}", [prov.jwks_file],
-                    load=lambda: load_jwks_file(prov.jwks_file),
-                    apply=lambda keys: self.authenticator.set_keys(prov.name, keys, time.time()),
-                    on_error=lambda exc: logs.log("jwks_file_reload_failed", "error",
-                                                  provider=prov.name, error=str(exc)),
-                    interval=2.0)
-                await watcher.run()
-            elif prov.jwks_uri:
-                from sidecar.authn.jwks_fetch import run_jwks_fetcher
+    async def _source_loop(self, prov: Any, scope: trio.CancelScope) -> None:
+        if prov.jwks_file:
+            from sidecar.authn.jwks_fetch import load_jwks_file
 
-                async with trio.open_nursery() as inner:
-                    # start() returns once the first fetch attempt has ended.
-                    await inner.start(functools.partial(run_jwks_fetcher, prov,
-                                                        self.authenticator))
-                    if self._pending.get(prov.name) is scope:
-                        del self._pending[prov.name]
+            watcher = FileWatcher(
+                f"jwks:{prov.name}", [prov.jwks_file],
+                load=lambda: load_jwks_file(prov.jwks_file),
+                apply=lambda keys: self.authenticator.set_keys(prov.name, keys, time.time()),
+                on_error=lambda exc: logs.log("jwks_file_reload_failed", "error",
+                                              provider=prov.name, error=str(exc)),
+                interval=2.0)
+            await watcher.run()
+        else:
+            from sidecar.authn.jwks_fetch import run_jwks_fetcher
+
+            async with trio.open_nursery() as inner:
+                # start() returns once the first fetch attempt has ended.
+                await inner.start(functools.partial(run_jwks_fetcher, prov,
+                                                    self.authenticator))
+                if self._pending.get(prov.name) is scope:
+                    del self._pending[prov.name]
 
     def ages(self, now: float) -> dict[str, float | None]:
         stats = self.authenticator.statistics(now)["providers"]

@@ -115,7 +115,10 @@ class FileWatcher:
             # Parsing a large policy takes a while: do it in a thread so the data path never
             # stalls; the swap itself happens back on the Trio thread, atomically.
             checked = await trio.to_thread.run_sync(self._check, abandon_on_cancel=True)
-            self._settle(*checked)
+            try:
+                self._settle(*checked)
+            except Exception as exc:  # noqa: BLE001 -- a failed apply must not stop watching
+                self.on_error(exc)
 
 
 def realpath_snapshot(path: str) -> str:
