@@ -286,3 +286,28 @@ def test_tcp_mode_carries_bytes_over_mtls(tmp_path, pki, procs):
             got += s.recv(4096)
         assert got == b"\x00\x01binary-not-http\r\n"
     lsock.close()
+
+
+def test_ipv6_loopback_listeners(tmp_path, pki, app, procs):
+    import socket as _socket
+
+    with _socket.socket(_socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        port = s.getsockname()[1]
+    ident = pki.identity("orders")
+    b = start_sidecar(tmp_path, "orders", sidecar_config(ident, inbound={
+        "listen": f"[::1]:{port}", "app": f"127.0.0.1:{app}",
+        "allow_from": [spiffe("frontend")]}))
+    procs.append(b)
+    a_ident = pki.identity("frontend")
+    out_port = free_port()
+    a = start_sidecar(tmp_path, "frontend", sidecar_config(a_ident, outbound=[{
+        "name": "orders", "listen": f"127.0.0.1:{out_port}", "upstream": f"[::1]:{port}",
+        "identity": spiffe("orders")}]))
+    procs.append(a)
+    r = http(out_port, "GET", "/v6")
+    assert r.status == 200
+    assert f"URI={spiffe('frontend')}" in dict(r.header_list())["x-forwarded-client-cert"]
