@@ -30,6 +30,7 @@ from tests.harness import (
     Response,
     free_port,
     http,
+    https_server_material,
     mtls_context,
     sidecar_cli,
     sidecar_config,
@@ -541,60 +542,12 @@ class JwksServer:
         self._thread.join(2)
 
 
-def _https_server_context(tmp: Path) -> tuple[ssl.SSLContext, str]:
-    """A throwaway CA and a 127.0.0.1 server certificate; returns (server ctx, CA file)."""
-    import datetime
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("jwks ca")).issuer_name(name("jwks ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_file = tmp / "jwks-ca.crt"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file, key_file = tmp / "jwks.crt", tmp / "jwks.key"
-    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    return ctx, str(ca_file)
-
-
 @pytest.mark.slow
 def test_jwks_server_hangs_known_keys_keep_working(tmp_path, pki, app, procs):
     from tests.test_authn_support import AUDIENCE, ISSUER, ec_key, jwk, jwks_bytes, mint
 
-    server_ctx, ca_file = _https_server_context(tmp_path)
+    ca_path, server_ctx = https_server_material(tmp_path / "jwks-tls")
+    ca_file = str(ca_path)
     key = ec_key("faults-jwks")
     jwks = JwksServer(server_ctx, jwks_bytes(jwk(key, "k1")))
     try:

@@ -11,11 +11,9 @@ policy or the key files start their own. Every loop is bounded by count and time
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import hmac
 import http.client as httpclient
-import ipaddress
 import json
 import math
 import os
@@ -34,10 +32,8 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.harness import (
     ROOT,
@@ -46,6 +42,7 @@ from tests.harness import (
     SidecarProc,
     free_port,
     http,
+    https_server_material,
     mtls_context,
     raw,
     sidecar_config,
@@ -543,53 +540,6 @@ def test_jwks_file_rotation_without_a_failed_request(tmp_path: Path, pki: Pki, o
 # ----------------------------------------------------------------------------- jwks_uri over HTTPS
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _https_material(root: Path) -> tuple[Path, ssl.SSLContext]:
-    """A throwaway CA (its PEM file) and a server context for 127.0.0.1 issued by it."""
-    root.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("e2e JWKS CA"))
-          .issuer_name(_name("e2e JWKS CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_file = root / "jwks-ca.pem"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file, key_file = root / "server.crt", root / "server.key"
-    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
-                                                serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    return ca_file, ctx
-
-
 class JwksServer:
     """A JWKS endpoint on 127.0.0.1 over HTTPS, in threads, that can fail or be slow.
 
@@ -664,7 +614,7 @@ class JwksServer:
 
 @pytest.fixture
 def jwks_server(tmp_path: Path) -> Iterator[tuple[JwksServer, Path]]:
-    ca_file, ctx = _https_material(tmp_path / "jwks-tls")
+    ca_file, ctx = https_server_material(tmp_path / "jwks-tls")
     server = JwksServer(ctx, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
     yield server, ca_file
     server.stop()
