@@ -42,7 +42,10 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
+    """The ``sidecar`` parser; with ``run_only`` just ``sidecar run``, so that a running
+    sidecar never imports the modules of the other commands (the CA, policy, audit, replay
+    and Kubernetes tools)."""
     parser = argparse.ArgumentParser(
         prog="sidecar",
         description="Zero-trust service-mesh sidecar: mTLS with SPIFFE identities, JWT, "
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_run)
+    if run_only:
+        return parser
 
     p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
     p.add_argument("--serve", action="store_true",
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(run_only=argv[:1] == ["run"])
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

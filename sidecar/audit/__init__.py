@@ -3,14 +3,32 @@
 ``record`` and ``chain`` are pure; ``segments`` reads files (verify, export, resume);
 ``writer`` is the async shell; ``cli`` is ``sidecar audit verify|export|tail``.
 See docs/audit.md.
+
+The names below are loaded on first use (PEP 562): the data path imports
+``sidecar.audit.record`` for every sidecar, and a sidecar without ``audit:`` in its config
+must not pay for the writer, the segment reader and msgpack.
 """
 
-from sidecar.audit.config import AuditConfig, parse_audit_config
-from sidecar.audit.record import AuditRecord, record_from
-from sidecar.audit.segments import RecordFilter, VerifyResult, iter_records, verify
-from sidecar.audit.writer import AuditWriter
+from __future__ import annotations
 
-__all__ = [
-    "AuditConfig", "AuditRecord", "AuditWriter", "RecordFilter", "VerifyResult",
-    "iter_records", "parse_audit_config", "record_from", "verify",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "AuditConfig": "config", "parse_audit_config": "config",
+    "AuditRecord": "record", "record_from": "record",
+    "RecordFilter": "segments", "VerifyResult": "segments", "iter_records": "segments",
+    "verify": "segments",
+    "AuditWriter": "writer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

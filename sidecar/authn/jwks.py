@@ -29,12 +29,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cache
 from types import MappingProxyType
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from jwt.algorithms import get_default_algorithms
-from jwt.exceptions import InvalidKeyError
 
 from sidecar.errors import ConfigError, Problem
 
@@ -63,7 +62,15 @@ EC_CURVE_FOR_ALG: Mapping[str, str] = MappingProxyType(
     {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 )
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
-_JWK_PARSERS = get_default_algorithms()
+
+
+@cache
+def _jwk_parsers() -> Mapping[str, Any]:
+    # PyJWT (and the urllib/http.client it pulls in) is imported when the first key set is
+    # parsed, not at start: a sidecar whose policy has no JWT provider never needs it.
+    from jwt.algorithms import get_default_algorithms
+
+    return MappingProxyType(get_default_algorithms())
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +175,10 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}.get(str(kty))
     if parser_name is None:
         return f"{label}: key type {kty!r} is not supported"
+    from jwt.exceptions import InvalidKeyError
+
     try:
-        key = _JWK_PARSERS[parser_name].from_jwk(raw)
+        key = _jwk_parsers()[parser_name].from_jwk(raw)
     except (InvalidKeyError, ValueError, TypeError, KeyError) as exc:
         problems.append(Problem(source, None, where, f"invalid {kty} key: {exc}"))
         return "invalid"

@@ -31,10 +31,9 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from functools import cache
 from types import MappingProxyType
 from typing import Any
-
-from jwt.algorithms import get_default_algorithms
 
 from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
 from sidecar.errors import Unauthorized
@@ -61,7 +60,16 @@ MULTIPLE_TOKENS = "multiple_tokens"
 UNKNOWN_PROVIDER = "unknown_provider"
 
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_SIGNERS = {name: alg for name, alg in get_default_algorithms().items() if name in ALGORITHM_FAMILY}
+
+
+@cache
+def _signers() -> Mapping[str, Any]:
+    # PyJWT (and the urllib/http.client it pulls in) is imported on the first token, not at
+    # start: a sidecar whose policy has no JWT provider never needs it (about 1.3 MB).
+    from jwt.algorithms import get_default_algorithms
+
+    return MappingProxyType({name: alg for name, alg in get_default_algorithms().items()
+                             if name in ALGORITHM_FAMILY})
 
 
 class TokenInvalid(Unauthorized):
@@ -129,7 +137,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     if "crit" in header:
         raise TokenInvalid(BAD_HEADER, "crit is not supported")
     alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in provider.algorithms or alg not in _SIGNERS:
+    if not isinstance(alg, str) or alg not in provider.algorithms or alg not in _signers():
         raise TokenInvalid(BAD_ALG, f"alg {alg!r} not allowed")
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
@@ -146,7 +154,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
         raise TokenInvalid(UNKNOWN_KID if len(keys) else NO_KEYS, f"kid {kid!r}")
     signature = _b64decode(signature_b64)
     signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
-    if not signature or not _SIGNERS[alg].verify(signing_input, key.key, signature):
+    if not signature or not _signers()[alg].verify(signing_input, key.key, signature):
         raise TokenInvalid(BAD_SIGNATURE)
 
     _check_audience(claims.get("aud"), provider.audiences)
