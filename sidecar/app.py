@@ -296,7 +296,7 @@ class Sidecar:
 
             app_pool = UpstreamPool(connect_app,
                                     size=limits.pool_size, idle_timeout=limits.pool_idle_timeout,
-                                    max_head=limits.max_header_bytes * 2)
+                                    max_head=limits.max_header_bytes * 2, network=False)
 
             def make_inbound(port: int, tracker: ConnectionTracker) -> InboundProxy:
                 return InboundProxy(port=port, tls=self.tls, gate=self.gate,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 
-import h11
 import trio
 
 from sidecar.errors import Unavailable
@@ -29,12 +28,14 @@ from sidecar.http.headers import (
     xfcc_value,
 )
 from sidecar.http.request import RequestHead
+from sidecar.http.wire import Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice
+from sidecar.net.h11read import H11RequestReader
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import RequestContext, new_request_id, request_loop
-from sidecar.net.streams import H11Endpoint, close_quietly
+from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.policy.paths import normalise_target
@@ -123,10 +124,11 @@ class InboundProxy:
 
     async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
         limits = self.limits
-        client = H11Endpoint(tls_stream, h11.SERVER, limits.max_header_bytes, side="client")
+        reader = H11RequestReader(limits.max_header_bytes)
+        client = Endpoint(tls_stream, reader, side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
 
-        async def handle(ctx: RequestContext, event: h11.Request, head: RequestHead) -> Exchange:
+        async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path, query = normalise_target(head.target)
             ctx.facts = facts = RequestFacts(
                 direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,
@@ -143,8 +145,7 @@ class InboundProxy:
                 if new_query != query:
                     base = event.target.split(b"?", 1)[0]
                     target = base + (b"?" + new_query.encode() if new_query else b"")
-                    event = h11.Request(method=event.method, target=target,
-                                        headers=event.headers, http_version="1.1")
+                    event = Request(event.method, target, event.headers, event.version)
             headers.append((XFCC, xfcc))
             headers.append((REQUEST_ID, ctx.request_id.encode()))
             headers.append((b"x-forwarded-proto", b"https"))
@@ -154,7 +155,8 @@ class InboundProxy:
                 headers.append((b"connection", b"upgrade"))
             return await forward(client, event, headers, self.pool, limits,
                                  has_body=head.has_body, expect_continue=head.expect_continue,
-                                 upgrade=head.upgrade is not None, close=self.tracker.draining)
+                                 upgrade=head.upgrade is not None, keep_alive=reader.keep_alive,
+                                 close=self.tracker.draining)
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
                            handle=handle, source=source, peer=peer.spiffe_id)

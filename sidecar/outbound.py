@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import h11
 import trio
 
 from sidecar.config.model import OutboundConfig
@@ -21,12 +20,13 @@ from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import XFCC, clean_headers, connection_tokens
 from sidecar.http.request import RequestHead
+from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import RequestContext, new_request_id, request_loop
-from sidecar.net.streams import H11Endpoint, close_quietly
+from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.telemetry import Telemetry
@@ -130,10 +130,12 @@ class OutboundProxy:
 
     async def _http(self, tcp: trio.SocketStream, source: str) -> None:
         limits = self.limits
-        client = H11Endpoint(SocketTransport(tcp.socket), h11.SERVER, limits.max_header_bytes,
-                             side="client")
+        # The local app's requests are parsed by the lean reader; the peer parses them again
+        # with h11 when they arrive (sidecar.http.wire explains the split).
+        reader = MessageReader(requests=True, max_head=limits.max_header_bytes)
+        client = Endpoint(SocketTransport(tcp.socket), reader, side="client")
 
-        async def handle(ctx: RequestContext, event: h11.Request, head: RequestHead) -> Exchange:
+        async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
             ctx.facts = self._facts(source, head.method, path, head.host)
             ctx.verdict = verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
@@ -148,7 +150,8 @@ class OutboundProxy:
                 headers.append((b"connection", b"upgrade"))
             return await forward(client, event, headers, self.pool, limits,
                                  has_body=head.has_body, expect_continue=head.expect_continue,
-                                 upgrade=head.upgrade is not None, close=self.tracker.draining)
+                                 upgrade=head.upgrade is not None, keep_alive=reader.keep_alive,
+                                 close=self.tracker.draining)
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
                            handle=handle, source=source, peer=None)

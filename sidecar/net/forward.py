@@ -1,12 +1,14 @@
 """Forward one authorised HTTP/1.1 request to an upstream and stream the answer back.
 
-Theory of operation: the client side is an h11 SERVER endpoint whose request head has been
-read and authorised; the upstream side is an h11 CLIENT endpoint from a pool. Bodies are
-streamed chunk by chunk in both directions (memory stays flat whatever the size); h11
-re-frames each message, so what reaches either side is always well-formed HTTP/1.1 whatever
-framing the sender used. The exchange is sequential -- request body, then response -- which
-is what HTTP/1.1 clients do; an ``Expect: 100-continue`` is answered by the sidecar itself
-once the request was authorised (as Envoy does), and the header is not forwarded.
+Theory of operation: the client side is an ``Endpoint`` whose request head has been read
+and authorised; the upstream side is an ``Endpoint`` from a pool. Bodies are streamed chunk
+by chunk in both directions (memory stays flat whatever the size). Every message is
+re-framed by the sidecar (``sidecar.http.wire``): a known length is kept, anything else is
+sent chunked (or close-delimited to an HTTP/1.0 client), so what reaches either side is
+always well-formed HTTP/1.1 whatever framing the sender used. The exchange is sequential --
+request body, then response -- which is what HTTP/1.1 clients do; an ``Expect:
+100-continue`` is answered by the sidecar itself once the request was authorised (as Envoy
+does), and the header is not forwarded.
 
 An authorised ``Upgrade`` request whose upstream answers ``101`` becomes a byte pipe in both
 directions. Any failure before the response head reached the client becomes a generic 502/
@@ -17,21 +19,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import h11
 import trio
 
 from sidecar.config.model import Limits
-from sidecar.errors import (
-    BadGateway,
-    BadRequest,
-    GatewayTimeout,
-    HeadersTooLarge,
-    PayloadTooLarge,
-    RequestRefused,
-)
+from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
+from sidecar.http.wire import (
+    END,
+    OUT_CHUNKED,
+    OUT_CLOSE,
+    OUT_LENGTH,
+    OUT_NONE,
+    BodyWriter,
+    Headers,
+    ParseError,
+    Request,
+    Response,
+    serialise_request_head,
+    serialise_response_head,
+)
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout, close_quietly
+from sidecar.net.streams import Endpoint, PeerClosed, ProtocolViolation, Timeout, close_quietly
 
 
 @dataclass(slots=True)
@@ -44,6 +52,7 @@ class Exchange:
     upgraded: bool = False
     response_started: bool = False  # the response head went to the client
     reused: bool = False
+    keep_alive: bool = False  # the client's connection may carry another request
 
 
 class UpstreamFailed(Exception):
@@ -106,30 +115,32 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
 FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
 
 
-def _parsed_request(request: h11.Request, headers: list[tuple[bytes, bytes]]) -> h11.Request:
-    # Everything here was validated by h11 when it was parsed, or set by the sidecar from
-    # verified values; ``_parsed=True`` skips h11's second validation pass (framing checks
-    # still run). The target may be rebuilt by the caller, so it is passed through as is.
-    return h11.Request(method=request.method, target=request.target, headers=headers,
-                       http_version=b"1.1", _parsed=True)
+def _content_length(headers: Headers) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return -1
 
 
 async def forward(
-    client: H11Endpoint,
-    request: h11.Request,
-    headers: list[tuple[bytes, bytes]],
+    client: Endpoint,
+    request: Request,
+    headers: Headers,
     pool: UpstreamPool,
     limits: Limits,
     *,
     has_body: bool,
     expect_continue: bool,
     upgrade: bool,
+    keep_alive: bool = True,
     close: bool = False,
 ) -> Exchange:
     """Send ``request`` (with ``headers`` already rewritten) upstream and relay the response.
 
-    Raises ``UpstreamFailed`` when the upstream fails before the response head was sent to
-    the client, ``PeerClosed``/``Timeout`` (``side`` "client") when the client misbehaves,
+    ``keep_alive``: the client allows another request on its connection; ``close``: the
+    sidecar is draining, this is the connection's last response. Raises ``UpstreamFailed``
+    when the upstream fails before the response head was sent to the client,
+    ``PeerClosed``/``Timeout`` (``side`` "client") when the client misbehaves,
     ``PayloadTooLarge`` when the body exceeds ``limits.max_body_bytes``.
     """
     ex = Exchange()
@@ -137,13 +148,21 @@ async def forward(
         # The end of a body-less request is already parsed; consume it (no I/O happens) so
         # the request can be replayed on a fresh connection if a pooled one turns out stale.
         event = await client.next_event(trio.current_time() + limits.body_timeout)
-        if type(event) is not h11.EndOfMessage:
+        if event is not END:
             raise PeerClosed("unexpected_body", "client")
-    elif not any(n == b"content-length" for n, _ in headers):
-        # The caller's framing was chunked (hop-by-hop, stripped); tell h11 to re-frame the
-        # body as chunked, or it would treat the request as body-less.
-        headers = headers + [(b"transfer-encoding", b"chunked")]
-    head = _parsed_request(request, headers)
+        body = BodyWriter(OUT_NONE)
+    else:
+        if expect_continue:
+            headers = [(n, v) for n, v in headers if n != b"expect"]  # answered by us
+        length = _content_length(headers)
+        if length >= 0:
+            body = BodyWriter(OUT_LENGTH, length)
+        else:
+            # The caller's framing was chunked (hop-by-hop, stripped): re-frame as chunked.
+            headers = headers + [(b"transfer-encoding", b"chunked")]
+            body = BodyWriter(OUT_CHUNKED)
+    head = serialise_request_head(request.method, request.target, headers)
+    http11 = request.version == b"1.1"
     attempts = 1 if has_body else 2
     for attempt in range(attempts):
         try:
@@ -153,120 +172,128 @@ async def forward(
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamFailed(BadGateway("upstream_connect_failed", repr(exc)), ex) from exc
         try:
-            await _send_request(client, ep, head, limits, ex, expect_continue, has_body)
-            return await _relay_response(client, ep, pool, limits, ex, upgrade, close)
+            ep.reader.expect_response(request.method, upgrade)
+            ep.queue(head)
+            if has_body:
+                await _send_body(client, ep, body, limits, ex, expect_continue)
+            else:
+                await ep.flush(trio.current_time() + limits.body_timeout)
+            return await _relay_response(client, ep, pool, limits, ex, request.method, upgrade,
+                                         http11, keep_alive and http11 and not close)
         except (PeerClosed, Timeout) as exc:
             await trio.aclose_forcefully(ep.stream)
             if exc.side == "client" or ex.response_started:
                 raise
+            if isinstance(exc, ProtocolViolation):
+                raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) \
+                    from exc
             if ex.reused and attempt + 1 < attempts:
+                ex.request_bytes = 0
                 continue  # a stale keep-alive connection: retry once on a fresh one
             if isinstance(exc, Timeout):
                 raise UpstreamFailed(GatewayTimeout("upstream_timeout", str(exc)), ex) from exc
             raise UpstreamFailed(BadGateway("upstream_closed", str(exc)), ex) from exc
-        except h11.RemoteProtocolError as exc:
-            await trio.aclose_forcefully(ep.stream)
-            if ex.response_started:
-                raise PeerClosed("upstream_protocol_error") from exc
-            raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) from exc
-        except (BadRequest, HeadersTooLarge) as exc:
-            # The upstream's answer did not parse: that is a bad gateway, not a bad request.
-            await trio.aclose_forcefully(ep.stream)
-            if client.conn.their_state is h11.ERROR:
-                raise  # no: the client's own body framing was broken -- its 400
-            if ex.response_started:
-                raise PeerClosed("upstream_protocol_error") from exc
-            raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) from exc
         except BaseException:
             await trio.aclose_forcefully(ep.stream)
             raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _send_request(client: H11Endpoint, ep: H11Endpoint, head: h11.Request,
-                        limits: Limits, ex: Exchange, expect_continue: bool,
-                        has_body: bool) -> None:
+async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: Limits,
+                     ex: Exchange, expect_continue: bool) -> None:
     now = trio.current_time
-    ep.queue(head)
-    if not has_body:
-        ep.queue(h11.EndOfMessage())
-        await ep.flush(now() + limits.body_timeout)
-        return
     if expect_continue:
-        client.queue(h11.InformationalResponse(status_code=100, headers=[]))
+        client.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
         await client.flush(now() + limits.body_timeout)
     limit = limits.max_body_bytes
     while True:
         event = await client.next_event(now() + limits.body_timeout, flush_first=ep)
-        etype = type(event)
-        if etype is h11.Data:
-            ex.request_bytes += len(event.data)
+        if type(event) is bytes:
+            ex.request_bytes += len(event)
             if limit and ex.request_bytes > limit:
                 raise PayloadTooLarge("body_too_large")
-            ep.queue(event)
+            try:
+                for part in body.frame(event):
+                    ep.queue(part)
+            except ParseError as exc:  # more bytes than the length h11 checked: impossible
+                raise PeerClosed("client_body_overrun", "client") from exc
             if ep.out_len >= FLUSH_AT:
                 await ep.flush(now() + limits.body_timeout)
-        elif etype is h11.EndOfMessage:
-            ep.queue(h11.EndOfMessage())
+        elif event is END:
+            ep.queue(body.end())
             await ep.flush(now() + limits.body_timeout)
             return
         else:
             raise PeerClosed("client_closed_mid_body", "client")
 
 
-async def _relay_response(client: H11Endpoint, ep: H11Endpoint, pool: UpstreamPool,
-                          limits: Limits, ex: Exchange, upgrade: bool, close: bool) -> Exchange:
+async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, limits: Limits,
+                          ex: Exchange, method: bytes, upgrade: bool, http11: bool,
+                          keep_alive: bool) -> Exchange:
     now = trio.current_time
     deadline = now() + limits.response_timeout
     while True:
         event = await ep.next_event(deadline, flush_first=client)
-        etype = type(event)
-        if etype is h11.InformationalResponse:
-            if event.status_code == 101 and upgrade:
-                client.queue(h11.InformationalResponse(
-                    status_code=101, headers=[(n, v) for n, v in event.headers
-                                              if n not in _UPGRADE_DROP]
-                    + [(b"connection", b"upgrade")]))
-                await client.flush(now() + limits.body_timeout)
-                ex.status, ex.upgraded, ex.response_started = 101, True, True
-                a_head = client.conn.trailing_data[0]
-                b_head = ep.conn.trailing_data[0]
-                up, down = await splice(client.stream, a_head, ep.stream, b_head,
-                                        limits.tcp_idle_timeout)
-                ex.request_bytes += up
-                ex.response_bytes += down
-                await close_quietly(ep.stream)
-                return ex
-            if event.status_code in (100, 101):
-                continue  # 100 was answered by us already; an unasked-for 101 is dropped
-            client.queue(h11.InformationalResponse(
-                status_code=event.status_code, headers=_response_headers(event.headers),
-                _parsed=True))
-            continue
-        if etype is h11.Response:
-            ex.status = event.status_code
-            out_headers = _response_headers(event.headers)
-            if close:
-                out_headers.append((b"connection", b"close"))  # draining: last response
-            client.queue(h11.Response(status_code=event.status_code, headers=out_headers,
-                                      reason=event.reason, _parsed=True))
-            ex.response_started = True
+        if type(event) is not Response:
+            raise PeerClosed("upstream_closed_before_response")
+        status = event.status
+        if status >= 200:
             break
-        raise PeerClosed("upstream_closed_before_response")
-    while True:
-        event = await ep.next_event(now() + limits.body_timeout, flush_first=client)
-        etype = type(event)
-        if etype is h11.Data:
-            ex.response_bytes += len(event.data)
-            client.queue(event)
-            if client.out_len >= FLUSH_AT:
-                await client.flush(now() + limits.body_timeout)
-        elif etype is h11.EndOfMessage:
-            client.queue(h11.EndOfMessage())
+        if status == 101:
+            if not upgrade:
+                raise ProtocolViolation("unrequested_101")
+            client.queue(serialise_response_head(
+                101, event.reason,
+                [(n, v) for n, v in event.headers if n not in _UPGRADE_DROP]
+                + [(b"connection", b"upgrade")]))
             await client.flush(now() + limits.body_timeout)
-            break
+            ex.status, ex.upgraded, ex.response_started = 101, True, True
+            client.sent_head = True
+            up, down = await splice(client.stream, client.reader.trailing(), ep.stream,
+                                    ep.reader.trailing(), limits.tcp_idle_timeout)
+            ex.request_bytes += up
+            ex.response_bytes += down
+            await close_quietly(ep.stream)
+            return ex
+        if status != 100 and http11:  # 100 was answered by us already
+            client.queue(serialise_response_head(status, event.reason,
+                                                 _response_headers(event.headers)))
+    ex.status = status
+    headers = _response_headers(event.headers)
+    if method == b"HEAD" or status == 204 or status == 304:
+        body = BodyWriter(OUT_NONE)
+    else:
+        length = _content_length(headers)
+        if length >= 0:
+            body = BodyWriter(OUT_LENGTH, length)
+        elif http11:
+            headers.append((b"transfer-encoding", b"chunked"))
+            body = BodyWriter(OUT_CHUNKED)
         else:
-            raise PeerClosed("upstream_closed_mid_body")
+            body = BodyWriter(OUT_CLOSE)  # an HTTP/1.0 client: the close ends the body
+            keep_alive = False
+    if not keep_alive:
+        headers.append((b"connection", b"close"))
+    ex.keep_alive = keep_alive
+    client.queue(serialise_response_head(status, event.reason, headers))
+    ex.response_started = client.sent_head = True
+    try:
+        while True:
+            event = await ep.next_event(now() + limits.body_timeout, flush_first=client)
+            if type(event) is bytes:
+                ex.response_bytes += len(event)
+                for part in body.frame(event):
+                    client.queue(part)
+                if client.out_len >= FLUSH_AT:
+                    await client.flush(now() + limits.body_timeout)
+            elif event is END:
+                client.queue(body.end())
+                await client.flush(now() + limits.body_timeout)
+                break
+            else:
+                raise PeerClosed("upstream_closed_mid_body")
+    except ParseError as exc:
+        raise ProtocolViolation(exc.reason) from exc
     await pool.release(ep)
     return ex
 

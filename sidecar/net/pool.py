@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import h11
 import trio
 
-from sidecar.net.streams import H11Endpoint, looks_alive
+from sidecar.http.wire import MessageReader
+from sidecar.net.h11read import H11ResponseReader
+from sidecar.net.streams import Endpoint, looks_alive
 
 
 @dataclass
@@ -40,17 +41,21 @@ class UpstreamPool:
         size: int,
         idle_timeout: float,
         max_head: int = 64 * 1024,
+        network: bool = True,
     ) -> None:
         self._connect = connect
         self._size = size
         self._idle_timeout = idle_timeout
         self._max_head = max_head
-        self._idle: list[tuple[float, H11Endpoint]] = []
+        # Responses from the network (a peer sidecar) are parsed by h11; from the local app,
+        # by the lean reader (sidecar.http.wire).
+        self._network = network
+        self._idle: list[tuple[float, Endpoint]] = []
         self.opened = 0
         self.reused = 0
         self.closed_stale = 0
 
-    async def acquire(self) -> tuple[H11Endpoint, bool]:
+    async def acquire(self) -> tuple[Endpoint, bool]:
         """An endpoint ready for a new request, and whether it was reused."""
         now = trio.current_time()
         while self._idle:
@@ -62,14 +67,15 @@ class UpstreamPool:
             await trio.aclose_forcefully(ep.stream)
         stream = await self._connect()
         self.opened += 1
-        return H11Endpoint(stream, h11.CLIENT, self._max_head), False
+        if self._network:
+            reader: object = H11ResponseReader(self._max_head)
+        else:
+            reader = MessageReader(requests=False, max_head=self._max_head)
+        return Endpoint(stream, reader), False
 
-    async def release(self, ep: H11Endpoint) -> None:
+    async def release(self, ep: Endpoint) -> None:
         """Return ``ep`` for reuse if its exchange completed cleanly, else close it."""
-        conn = ep.conn
-        if (conn.our_state is h11.DONE and conn.their_state is h11.DONE
-                and len(self._idle) < self._size):
-            conn.start_next_cycle()
+        if ep.reader.reusable() and len(self._idle) < self._size:
             ep.bytes_in = ep.bytes_out = 0
             self._idle.append((trio.current_time(), ep))
             return

@@ -18,21 +18,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import h11
 import trio
 
 from sidecar.config.model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.request import RequestHead, check_head
+from sidecar.http.wire import Request
 from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.respond import send_refusal
-from sidecar.net.streams import H11Endpoint, PeerClosed, Timeout
+from sidecar.net.streams import Endpoint, PeerClosed, Timeout
 from sidecar.policy.decision import RequestFacts
+
+_ID_BATCH = 512
+_id_pool: list[str] = []
 
 
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    """16 hex digits from the OS CSPRNG (unpredictable), read 512 ids per system call."""
+    if not _id_pool:
+        raw = os.urandom(8 * _ID_BATCH).hex()
+        _id_pool.extend(raw[i:i + 16] for i in range(0, len(raw), 16))
+    return _id_pool.pop()
 
 
 @dataclass(slots=True)
@@ -45,7 +52,7 @@ class RequestContext:
     verdict: Any = None  # sidecar.gate.Verdict
 
 
-Handler = Callable[[RequestContext, h11.Request, RequestHead], Awaitable[Exchange]]
+Handler = Callable[[RequestContext, Request, RequestHead], Awaitable[Exchange]]
 
 
 def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
@@ -61,33 +68,34 @@ def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
     return 502, f"upstream_{kind}_mid_response"
 
 
-async def request_loop(client: H11Endpoint, *, tracker: ConnectionTracker, limits: Limits,
+async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: Limits,
                        telemetry: Any, handle: Handler, source: str,
                        peer: str | None) -> None:
     """Serve requests on ``client`` until it closes, misbehaves, is refused or drains."""
-    conn = client.conn
+    reader = client.reader
     now = trio.current_time
     while True:
-        scope = tracker.idle_scope(now() + limits.idle_timeout)
-        tracker.register_idle(scope)
-        try:
-            with scope:
-                if not conn.trailing_data[0] and conn.their_state is h11.IDLE:
-                    conn.receive_data(await client.receive(now() + limits.idle_timeout))
-        except (PeerClosed, Timeout):
-            return
-        finally:
-            tracker.unregister_idle(scope)
-        if scope.cancelled_caught:
-            return
+        if not reader.buffered():
+            scope = tracker.idle_scope(now() + limits.idle_timeout)
+            tracker.register_idle(scope)
+            try:
+                with scope:
+                    reader.feed(await client.receive(now() + limits.idle_timeout))
+            except (PeerClosed, Timeout):
+                return
+            finally:
+                tracker.unregister_idle(scope)
+            if scope.cancelled_caught:
+                return
         ctx = RequestContext(new_request_id(), time.time())
         try:
+            client.sent_head = False
             event = await client.next_event(now() + limits.header_timeout)
-            if type(event) is not h11.Request:
-                return  # ConnectionClosed, or a client that went away
+            if type(event) is not Request:
+                return  # the client closed the connection, or went away
             head = check_head(event.method, event.target, event.headers,
                               max_headers=limits.max_headers, max_body=limits.max_body_bytes,
-                              http_version=event.http_version)
+                              http_version=event.version)
             ex = await handle(ctx, event, head)
             telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, ex.status,
                               ex.request_bytes, ex.response_bytes, ctx.started)
@@ -113,7 +121,6 @@ async def request_loop(client: H11Endpoint, *, tracker: ConnectionTracker, limit
                 await send_refusal(client, RequestRefused("header_timeout", status=408),
                                    ctx.request_id, None)
             return
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not tracker.draining:
-            conn.start_next_cycle()
-        else:
+        if not ex.keep_alive or tracker.draining:
             return
+        reader.start_next()

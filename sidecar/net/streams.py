@@ -1,20 +1,23 @@
-"""h11 <-> Trio stream adapter with deadlines, and the mapping of I/O errors.
+"""HTTP/1.1 endpoints over Trio streams with deadlines, and the mapping of I/O errors.
 
-Theory of operation: every read goes through ``H11Endpoint.next_event`` with an absolute
-deadline, so each wait in the data path has a bound. Errors from trio, ssl and h11 are mapped
-at this edge into ``sidecar.errors`` (a table in ``map_error``), so the layers above see
-only our small hierarchy.
+Theory of operation: every read goes through ``Endpoint.next_event`` with an absolute
+deadline, so each wait in the data path has a bound. Errors from trio, ssl and the parsers
+are mapped at this edge: a client's malformed bytes become ``BadRequest`` /
+``HeadersTooLarge`` (a generic 400/431), an upstream's become ``ProtocolViolation``, and I/O
+failures ``PeerClosed`` / ``Timeout`` tagged with the side, so the layers above see only our
+small hierarchy.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+from typing import Any
 
-import h11
 import trio
 
 from sidecar.errors import BadRequest, HeadersTooLarge, RequestRefused
+from sidecar.http.wire import NEED_DATA, ParseError
 
 READ_SIZE = 65536
 FAST_OPS_PER_CHECKPOINT = 8
@@ -39,57 +42,61 @@ class Timeout(Exception):
         self.side = side
 
 
+class ProtocolViolation(PeerClosed):
+    """The other side sent bytes that are not acceptable HTTP/1.1 (an upstream's answer that
+    does not parse is a bad gateway, never the client's fault)."""
+
+
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 
 
-class H11Endpoint:
-    """One HTTP/1.1 connection: a Trio stream plus an h11 state machine.
+class Endpoint:
+    """One HTTP/1.1 connection: a byte stream, a reader of the other side's messages, and a
+    buffer of what we send.
 
-    Writes are coalesced: ``queue`` serialises an event into a buffer and ``flush`` sends
-    the buffer in one call. A response head, its body and its end usually leave in one TLS
-    record and one syscall instead of three. ``next_event(..., flush_first=other)`` flushes
-    the *other* endpoint before it blocks on a read, so streaming never stalls on a buffer.
+    ``reader`` is an h11 reader (``sidecar.net.h11read``) for bytes from the network or a
+    ``sidecar.http.wire.MessageReader`` for bytes from the local app; both return the
+    ``wire`` events. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
+    sends them in one call, so a response head, its body and its end usually leave in one
+    TLS record and one syscall. ``next_event(..., flush_first=other)`` flushes the *other*
+    endpoint before it blocks on a read, so streaming never stalls on a buffer.
     """
 
-    __slots__ = ("stream", "conn", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "max_head")
+    __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
+                 "_try_receive", "_try_send", "sent_head")
 
-    def __init__(self, stream: trio.abc.Stream, role: type[h11.CLIENT] | type[h11.SERVER],
-                 max_head: int = 32 * 1024, side: str = "upstream") -> None:
+    def __init__(self, stream: trio.abc.Stream, reader: Any, side: str = "upstream") -> None:
         self.stream = stream
-        self.conn = h11.Connection(role, max_incomplete_event_size=max_head)
-        self.max_head = max_head
+        self.reader = reader
         self.bytes_in = 0
         self.bytes_out = 0
         self.side = side
         self.out: list[bytes] = []
         self.out_len = 0
         self.fast = 0
+        self._try_receive = getattr(stream, "try_receive", None)
+        self._try_send = getattr(stream, "try_send", None)
+        self.sent_head = False  # a response head went out for the current request
 
-    async def next_event(self, deadline: float,
-                         flush_first: H11Endpoint | None = None) -> h11.Event | type[h11.PAUSED]:
-        conn = self.conn
+    async def next_event(self, deadline: float, flush_first: Endpoint | None = None) -> object:
+        reader = self.reader
         while True:
             try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                hint = exc.error_status_hint
-                if hint == 431:
-                    raise HeadersTooLarge("header_too_large", str(exc)) from exc
-                raise BadRequest("malformed_http", str(exc)) from exc
-            if event is not h11.NEED_DATA:
-                if type(event) is h11.Request and _head_size(event) > self.max_head:
-                    # h11 bounds only a head still incomplete: one that arrived whole in a
-                    # single read could be larger than the limit. Enforce it exactly.
-                    raise HeadersTooLarge("header_too_large", "request head over the limit")
+                event = reader.next_event()
+            except ParseError as exc:
+                if self.side == "client":
+                    if exc.status == 431:
+                        raise HeadersTooLarge(exc.reason) from exc
+                    raise BadRequest(exc.reason) from exc
+                raise ProtocolViolation(exc.reason, self.side) from exc
+            if event is not NEED_DATA:
                 return event
             if flush_first is not None and flush_first.out:
                 await flush_first.flush(deadline)
-            conn.receive_data(await self.receive(deadline))
+            reader.feed(await self.receive(deadline))
 
     async def receive(self, deadline: float) -> bytes:
-        stream = self.stream
-        try_receive = getattr(stream, "try_receive", None)
+        try_receive = self._try_receive
         if try_receive is not None:
             try:
                 data = try_receive()
@@ -114,11 +121,9 @@ class H11Endpoint:
         self.bytes_in += len(data)
         return data
 
-    def queue(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            self.out.append(data)
-            self.out_len += len(data)
+    def queue(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_len += len(data)
 
     async def flush(self, deadline: float) -> None:
         out = self.out
@@ -129,13 +134,8 @@ class H11Endpoint:
         self.out_len = 0
         await self.send_raw(data, deadline)
 
-    async def send(self, event: h11.Event, deadline: float) -> None:
-        self.queue(event)
-        await self.flush(deadline)
-
     async def send_raw(self, data: bytes, deadline: float) -> None:
-        stream = self.stream
-        try_send = getattr(stream, "try_send", None)
+        try_send = self._try_send
         if try_send is not None:
             try:
                 rest = try_send(data)
@@ -144,10 +144,10 @@ class H11Endpoint:
             if not rest:
                 self.bytes_out += len(data)
                 return
-            send = stream.send_wire
+            send = self.stream.send_wire  # type: ignore[attr-defined]
             pending = rest
         else:
-            send = stream.send_all
+            send = self.stream.send_all
             pending = data
         try:
             with trio.move_on_at(deadline) as scope:
@@ -160,11 +160,6 @@ class H11Endpoint:
 
     async def aclose(self) -> None:
         await close_quietly(self.stream)
-
-
-def _head_size(request: h11.Request) -> int:
-    return len(request.method) + len(request.target) + sum(
-        len(n) + len(v) + 4 for n, v in request.headers.raw_items())
 
 
 async def close_quietly(stream: trio.abc.AsyncResource) -> None:

@@ -1,0 +1,415 @@
+"""HTTP/1.1 on the wire for the data path: message events, a lean parser for the two legs
+that face the local app, and the serialiser for everything the sidecar sends. Pure.
+
+Theory of operation. Every message the sidecar forwards is parsed into the same few events
+and written out again by ``serialise_*`` and ``BodyWriter``, so what leaves is always
+well-formed HTTP/1.1 with framing the sidecar chose, whatever framing came in.
+
+Who parses what:
+
+* bytes from the network (requests arriving at the inbound listener, responses from a peer
+  sidecar) are parsed by h11 (``sidecar.net.h11read``): the hostile side gets the
+  well-reviewed parser;
+* bytes from the local app (its requests on the outbound listener, its responses on the
+  inbound side) are parsed here by ``MessageReader``: the same rules h11 applies, checked
+  with one linear regular expression per head instead of an event state machine. It is
+  strict -- CRLF line endings only, no obs-fold, one Content-Length, ``chunked`` as the only
+  transfer coding, no Content-Length next to it -- and everything it cannot read is a
+  ``ParseError`` (the data path answers 400 to a client, 502 for an upstream).
+
+Events: ``Request`` / ``Response`` heads (a ``Response`` with a 1xx status is informational,
+another head follows), body data as plain ``bytes``, ``END`` when a message is complete,
+``CLOSED`` when the other side ended the connection, ``NEED_DATA`` when more input is needed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+END: Final = _Sentinel("END")
+CLOSED: Final = _Sentinel("CLOSED")
+PAUSED: Final = _Sentinel("PAUSED")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Request:
+    """A request head; header names are lower-case, values have no surrounding whitespace."""
+
+    __slots__ = ("method", "target", "headers", "version")
+
+    def __init__(self, method: bytes, target: bytes, headers: Headers,
+                 version: bytes = b"1.1") -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.version = version
+
+
+class Response:
+    """A response head (``status`` 100-199: informational, the final head follows)."""
+
+    __slots__ = ("status", "reason", "headers", "version")
+
+    def __init__(self, status: int, reason: bytes, headers: Headers,
+                 version: bytes = b"1.1") -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.version = version
+
+
+class ParseError(Exception):
+    """Bytes that are not HTTP/1.1 the sidecar accepts; ``status`` is the client answer."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# -- grammar (RFC 9110 / 9112) ---------------------------------------------------------------
+_TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# A header block: lines of ``name:value`` each ending in CRLF. The value class excludes CR,
+# LF, NUL and the other controls except HTAB, so each line has exactly one way to match: the
+# match is linear in the length of the block whatever it holds (no backtracking blow-up).
+_FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_MAX_CHUNK_LINE = 4096
+_MAX_LENGTH_DIGITS = 18
+
+# Framing of a message body being read.
+_NONE, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE = range(7)
+_HEAD = -1
+_DONE = -2
+_ERROR = -3
+
+
+def _split_fields(block: bytes) -> Headers:
+    headers: Headers = []
+    append = headers.append
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            append((name.lower(), value.strip(b" \t")))
+    return headers
+
+
+def parse_fields(block: bytes) -> Headers:
+    """Header lines (each ending in CRLF) into (lower-case name, value); ``ParseError``."""
+    if _FIELD_LINES.fullmatch(block) is None:
+        raise ParseError("malformed_header")
+    return _split_fields(block)
+
+
+def body_framing(headers: Headers, *, request: bool) -> tuple[int, int]:
+    """(framing, length) from Content-Length / Transfer-Encoding; ``ParseError`` when the
+    two disagree, repeat, or carry anything but a plain length and ``chunked``."""
+    length = -1
+    chunked = False
+    for name, value in headers:
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+                raise ParseError("bad_content_length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            if chunked or value.lower() != b"chunked":
+                raise ParseError("bad_transfer_encoding", 501 if request else 400)
+            chunked = True
+    if chunked:
+        if length >= 0:
+            raise ParseError("length_and_chunked")
+        return _CHUNK_LINE, 0
+    if length > 0:
+        return _LENGTH, length
+    if length == 0 or request:
+        return _NONE, 0
+    return _UNTIL_CLOSE, 0
+
+
+class MessageReader:
+    """Incremental parser of requests (``requests=True``) or responses from the local app.
+
+    ``feed(data)`` adds bytes (``b""`` is end of input); ``next_event()`` returns the next
+    event or ``NEED_DATA``. A response reader must be told the request method first
+    (``expect_response``): the answer to HEAD has no body whatever its headers say.
+    """
+
+    __slots__ = ("_buf", "_state", "_remaining", "_eof", "requests", "max_head",
+                 "_method", "framing", "keep_alive")
+
+    def __init__(self, *, requests: bool, max_head: int = 64 * 1024) -> None:
+        self._buf = bytearray()
+        self._state = _HEAD
+        self._remaining = 0
+        self._eof = False
+        self.requests = requests
+        self.max_head = max_head
+        self._method = b"GET"
+        self.framing = _NONE
+        self.keep_alive = True  # the message just read allows a next one on this connection
+
+    # -- input --------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def buffered(self) -> bool:
+        return bool(self._buf)
+
+    def trailing(self) -> bytes:
+        """Bytes received after the current message (for an upgraded connection)."""
+        return bytes(self._buf)
+
+    def at_rest(self) -> bool:
+        """Nothing of the current message is left unread and nothing more has arrived (a
+        reply can be followed by an immediate close without risking a reset)."""
+        if self._state == _NONE:
+            self._state = _DONE  # a body-less message: its end is already here
+        return self._state in (_DONE, _HEAD) and not self._buf
+
+    def expect_response(self, method: bytes, upgrade: bool = False) -> None:
+        """Ready to read the response to a ``method`` request on this connection."""
+        self._method = method
+        self._state = _HEAD
+
+    def start_next(self) -> None:
+        """Ready for the next message on the same connection."""
+        self._state = _HEAD
+
+    def reusable(self) -> bool:
+        """The message ended cleanly and the connection may carry another."""
+        return self._state == _DONE and self.keep_alive and not self._eof and not self._buf
+
+    def message_complete(self) -> bool:
+        return self._state == _DONE
+
+    # -- events -------------------------------------------------------------------------------
+    def next_event(self) -> object:
+        try:
+            return self._next_event()
+        except ParseError:
+            self._state = _ERROR
+            raise
+
+    def _next_event(self) -> object:
+        state = self._state
+        if state == _HEAD:
+            return self._head()
+        if state == _LENGTH:
+            buf = self._buf
+            if not buf:
+                return CLOSED if self._eof else NEED_DATA
+            n = self._remaining
+            if len(buf) <= n:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:n])
+                del buf[:n]
+            self._remaining = n - len(data)
+            if not self._remaining:
+                self._state = _NONE
+            return data
+        if state == _NONE:
+            self._state = _DONE
+            return END
+        if state == _DONE or state == _ERROR:
+            return PAUSED
+        if state == _UNTIL_CLOSE:
+            if self._buf:
+                data = bytes(self._buf)
+                self._buf.clear()
+                return data
+            if self._eof:
+                self._state = _DONE
+                self.keep_alive = False
+                return END
+            return NEED_DATA
+        return self._chunked()
+
+    def _head(self) -> object:
+        buf = self._buf
+        if self.requests:
+            # RFC 9112 2.2: a server SHOULD ignore at least one empty line before a request.
+            while buf[:2] == b"\r\n":
+                del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.max_head:
+                raise ParseError("header_too_large", 431)
+            if self._eof:
+                if buf:
+                    raise ParseError("incomplete_head")
+                return CLOSED
+            return NEED_DATA
+        if end + 4 > self.max_head:
+            raise ParseError("header_too_large", 431)
+        head = bytes(buf[:end + 2])
+        del buf[:end + 4]
+        start, _, block = head.partition(b"\r\n")
+        headers = parse_fields(block)
+        if self.requests:
+            m = _REQUEST_LINE.fullmatch(start)
+            if m is None:
+                raise ParseError("malformed_request_line")
+            method, target, version = m.groups()
+            hosts = sum(1 for n, _ in headers if n == b"host")
+            if hosts > 1 or (hosts == 0 and version == b"1.1"):
+                raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
+            self.framing, self._remaining = body_framing(headers, request=True)
+            self.keep_alive = keep_alive_of(headers, version)
+            self._state = self.framing
+            return Request(method, target, headers, version)
+        m = _STATUS_LINE.fullmatch(start)
+        if m is None:
+            raise ParseError("malformed_status_line")
+        version, code, reason = m.groups()
+        status = int(code)
+        framing, length = body_framing(headers, request=False)  # checked on 1xx heads too
+        if status < 200:
+            if status == 101:
+                self._state = _DONE  # what follows is not HTTP any more
+                self.keep_alive = False
+            return Response(status, reason or b"", headers, version)
+        self.framing, self._remaining = framing, length
+        if self._method == b"HEAD" or status in (204, 304):
+            self.framing = _NONE
+        self.keep_alive = keep_alive_of(headers, version) and self.framing != _UNTIL_CLOSE
+        self._state = self.framing
+        return Response(status, reason or b"", headers, version)
+
+    def _chunked(self) -> object:
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _CHUNK_DATA:
+                if not buf:
+                    return CLOSED if self._eof else NEED_DATA
+                n = self._remaining
+                if len(buf) <= n:
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                self._remaining = n - len(data)
+                if not self._remaining:
+                    self._state = _CHUNK_CRLF
+                return data
+            if state == _CHUNK_CRLF:
+                if len(buf) < 2:
+                    return CLOSED if self._eof else NEED_DATA
+                if buf[:2] != b"\r\n":
+                    raise ParseError("bad_chunk")
+                del buf[:2]
+                self._state = _CHUNK_LINE
+                continue
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > _MAX_CHUNK_LINE:
+                    raise ParseError("bad_chunk")
+                return CLOSED if self._eof else NEED_DATA
+            if state == _CHUNK_LINE:
+                m = _CHUNK_SIZE.fullmatch(buf, 0, end)
+                if m is None:
+                    raise ParseError("bad_chunk")
+                size = int(m.group(1), 16)
+                del buf[:end + 2]
+                if size:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+                else:
+                    self._remaining = 0
+                    self._state = _TRAILERS
+                continue
+            # Trailer fields: checked like header lines, bounded like a head, then dropped
+            # (the sidecar does not forward trailers).
+            if end == 0:
+                del buf[:2]
+                self._state = _DONE
+                return END
+            self._remaining += end + 2
+            if self._remaining > self.max_head:
+                raise ParseError("header_too_large", 431)
+            if _FIELD_LINES.fullmatch(buf, 0, end + 2) is None:
+                raise ParseError("malformed_trailer")
+            del buf[:end + 2]
+
+
+def keep_alive_of(headers: Headers, version: bytes) -> bool:
+    """Whether a message allows another on its connection (HTTP/1.1 without ``close``)."""
+    if version != b"1.1":
+        return False
+    for name, value in headers:
+        if name == b"connection" and b"close" in value.lower():
+            for token in value.split(b","):
+                if token.strip().lower() == b"close":
+                    return False
+    return True
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _field_lines(headers: Headers) -> bytes:
+    return b"".join([b"%s: %s\r\n" % nv for nv in headers])
+
+
+def serialise_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """A request head; the caller's headers carry the framing (see ``framing_for``)."""
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _field_lines(headers))
+
+
+def serialise_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _field_lines(headers))
+
+
+# Framing of a body being written.
+OUT_NONE, OUT_LENGTH, OUT_CHUNKED, OUT_CLOSE = range(4)
+
+
+class BodyWriter:
+    """Frames body bytes for one outgoing message and refuses to write past its length."""
+
+    __slots__ = ("mode", "remaining")
+
+    def __init__(self, mode: int, length: int = 0) -> None:
+        self.mode = mode
+        self.remaining = length
+
+    def frame(self, data: bytes) -> tuple[bytes, ...]:
+        mode = self.mode
+        if mode == OUT_CHUNKED:
+            return (b"%x\r\n" % len(data), data, b"\r\n")
+        if mode == OUT_LENGTH:
+            if len(data) > self.remaining:
+                raise ParseError("body_longer_than_length", 502)
+            self.remaining -= len(data)
+            return (data,)
+        if mode == OUT_CLOSE:
+            return (data,)
+        raise ParseError("unexpected_body", 502)
+
+    def end(self) -> bytes:
+        if self.mode == OUT_CHUNKED:
+            return b"0\r\n\r\n"
+        if self.mode == OUT_LENGTH and self.remaining:
+            raise ParseError("body_shorter_than_length", 502)
+        return b""
