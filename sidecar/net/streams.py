@@ -63,7 +63,7 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "_try_receive", "_try_send", "sent_head")
+                 "_try_receive", "_try_send", "_receive_wait", "sent_head")
 
     def __init__(self, stream: trio.abc.Stream, reader: Any, side: str = "upstream") -> None:
         self.stream = stream
@@ -76,6 +76,7 @@ class Endpoint:
         self.fast = 0
         self._try_receive = getattr(stream, "try_receive", None)
         self._try_send = getattr(stream, "try_send", None)
+        self._receive_wait = getattr(stream, "receive_wait", None) if self._try_receive else None
         self.sent_head = False  # a response head went out for the current request
 
     async def next_event(self, deadline: float, flush_first: Endpoint | None = None) -> object:
@@ -95,7 +96,9 @@ class Endpoint:
                 await flush_first.flush(deadline)
             reader.feed(await self.receive(deadline))
 
-    async def receive(self, deadline: float) -> bytes:
+    async def receive(self, deadline: float, bounded: bool = True) -> bytes:
+        """The next bytes from the stream (b"" at EOF) by ``deadline`` (``Timeout``), or with
+        ``bounded=False`` under a cancel scope of the caller's."""
         try_receive = self._try_receive
         if try_receive is not None:
             try:
@@ -111,13 +114,18 @@ class Endpoint:
                     self.fast = 0
                     await trio.lowlevel.checkpoint()
                 return data
+        wait = self._receive_wait
         try:
-            with trio.move_on_at(deadline) as scope:
-                data = await self.stream.receive_some(READ_SIZE)
+            if not bounded and wait is not None:
+                data = await wait()  # the caller's cancel scope bounds this wait
+            else:
+                with trio.move_on_at(deadline) as scope:
+                    data = await (wait() if wait is not None
+                                  else self.stream.receive_some(READ_SIZE))
+                if scope.cancelled_caught:
+                    raise Timeout("read", self.side)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
-        if scope.cancelled_caught:
-            raise Timeout("read", self.side)
         self.bytes_in += len(data)
         return data
 

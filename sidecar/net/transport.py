@@ -72,6 +72,20 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
         return memoryview(data)[sent:] if sent < len(data) else b""
 
+    async def receive_wait(self) -> bytes:
+        """Wait for bytes after ``try_receive`` found none (no second failed recv)."""
+        raw = self._raw
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                return raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_all(data)
 
@@ -197,7 +211,8 @@ class TlsTransport(trio.abc.Stream):
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     def try_receive(self) -> bytes | None:
-        """Decrypted bytes available without waiting, or None (then use receive_some)."""
+        """Decrypted bytes available without waiting, b"" at EOF, or None (then wait with
+        ``receive_wait``)."""
         obj = self._obj
         while True:
             try:
@@ -212,12 +227,29 @@ class TlsTransport(trio.abc.Stream):
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
                 if not data:
-                    return None  # EOF: receive_some gives it its https-compatible meaning
+                    # A TCP EOF, with or without close_notify, reads as b"" (https-compatible:
+                    # HTTP framing, not TLS, says whether a message ended).
+                    self._in.write_eof()
+                    return b""
                 self._in.write(data)
-            except ssl.SSLZeroReturnError:
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def receive_wait(self) -> bytes:
+        """Wait for decrypted bytes after ``try_receive`` found none."""
+        raw = self._raw
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError
+            if self._out.pending:
+                await self._flush_out()  # TLS output produced by a read (e.g. KeyUpdate)
+            else:
+                await trio.lowlevel.wait_readable(raw)
+            data = self.try_receive()
+            if data is not None:
+                return data
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
         if self._closed:
