@@ -80,7 +80,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             tracker.register_idle(scope)
             try:
                 with scope:
-                    reader.feed(await client.receive(0.0, bounded=False))
+                    reader.feed(await client.receive(now() + limits.idle_timeout))
             except (PeerClosed, Timeout):
                 return
             finally:

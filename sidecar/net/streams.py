@@ -96,9 +96,8 @@ class Endpoint:
                 await flush_first.flush(deadline)
             reader.feed(await self.receive(deadline))
 
-    async def receive(self, deadline: float, bounded: bool = True) -> bytes:
-        """The next bytes from the stream (b"" at EOF) by ``deadline`` (``Timeout``), or with
-        ``bounded=False`` under a cancel scope of the caller's."""
+    async def receive(self, deadline: float) -> bytes:
+        """The next bytes from the stream (b"" at EOF) by ``deadline``, else ``Timeout``."""
         try_receive = self._try_receive
         if try_receive is not None:
             try:
@@ -116,14 +115,10 @@ class Endpoint:
                 return data
         wait = self._receive_wait
         try:
-            if not bounded and wait is not None:
-                data = await wait()  # the caller's cancel scope bounds this wait
-            else:
-                with trio.move_on_at(deadline) as scope:
-                    data = await (wait() if wait is not None
-                                  else self.stream.receive_some(READ_SIZE))
-                if scope.cancelled_caught:
-                    raise Timeout("read", self.side)
+            with trio.move_on_at(deadline) as scope:
+                data = await (wait() if wait is not None else self.stream.receive_some(READ_SIZE))
+            if scope.cancelled_caught:
+                raise Timeout("read", self.side)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         self.bytes_in += len(data)
