@@ -66,9 +66,9 @@ class InboundProxy:
             return
         started = time.time()
         ctx = self.tls.server_context_for(self.protocol)
-        tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
             try:
+                tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
                 await tls_stream.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,

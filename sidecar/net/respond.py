@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import trio
 
 from sidecar.errors import RequestRefused, generic_body
@@ -54,11 +56,19 @@ async def _linger(ep: Endpoint) -> None:
     sock = raw_socket(ep.stream)
     if sock is None:
         return
+    fd = sock.fileno()
+    if fd < 0:
+        return
     budget = 256 * 1024
     with trio.move_on_after(LINGER_SECONDS):
         while budget > 0:
+            # The file descriptor is read directly (under TLS too): raw bytes, never
+            # decrypted by the TLS layer.
+            await trio.lowlevel.wait_readable(fd)
             try:
-                data = await sock.recv(65536)
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
             except OSError:
                 return
             if not data:

@@ -10,6 +10,7 @@ small hierarchy.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 from typing import Any
@@ -194,10 +195,16 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
     close_notify or garbage, and in every case the connection must not be reused.
     """
     sock = raw_socket(stream)
-    # Trio's socket methods are async; a non-blocking peek needs the stdlib socket inside.
+    # Trio's socket methods are async; a non-blocking check needs the stdlib socket inside.
     sock = getattr(sock, "_sock", None)
-    if sock is None:
+    if sock is None or sock.fileno() < 0:
         return False
+    if isinstance(sock, ssl.SSLSocket):
+        if sock.pending():
+            return False
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
     try:
         sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:

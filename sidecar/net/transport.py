@@ -6,12 +6,14 @@ careful, and on a proxy that does four reads and four writes per request their b
 share of the CPU. These two classes do only what the sidecar needs:
 
 * ``SocketTransport``: ``receive_some``/``send_all`` straight on the Trio socket.
-* ``TlsTransport``: an ``ssl.SSLObject`` over two memory BIOs on a Trio socket. Reads try
-  the already-decrypted buffer first and touch the socket only on ``SSLWantReadError``;
-  writes encrypt and send in one call. A lock orders writes to the socket, because TLS 1.3
-  can produce records on the read path (KeyUpdate answers) while a splice task writes.
-  Renegotiation is disabled in every context the sidecar builds (TLS 1.3 has none), so a
-  write never needs to wait for a read.
+* ``TlsTransport``: a non-blocking ``ssl.SSLSocket`` on the Trio socket's file descriptor:
+  one call decrypts (or encrypts and sends) with no Python-level copies between memory
+  BIOs, and OpenSSL's record buffers are released while a connection is idle (memory BIOs
+  keep their largest-ever size: ~300 KB per idle connection after one large body). Reads and
+  writes are tried first; only ``SSLWantRead/WriteError`` waits for the socket through
+  Trio. A lock orders writes, because TLS 1.3 can produce records on the read path
+  (KeyUpdate answers) while a splice task writes. Renegotiation is disabled in every context
+  the sidecar builds (TLS 1.3 has none).
 
 Errors: anything the socket or OpenSSL raises becomes ``trio.BrokenResourceError`` (with
 the cause chained); a TCP EOF, with or without a TLS close_notify, reads as ``b""``, like
@@ -121,203 +123,160 @@ class SocketTransport(trio.abc.HalfCloseableStream):
 
 
 class TlsTransport(trio.abc.Stream):
-    """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``."""
+    """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``.
 
-    __slots__ = ("socket", "_raw", "_in", "_out", "_obj", "_send_lock", "_closed")
+    The stdlib socket inside the Trio socket is wrapped in a non-blocking ``ssl.SSLSocket``
+    (OpenSSL reads and writes the file descriptor itself) and the Trio socket is pointed at
+    it, so closing either closes the connection.
+    """
+
+    __slots__ = ("socket", "_ssl", "_send_lock", "_closed", "_want_write")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
+        try:
+            ssl_sock = context.wrap_socket(_stdlib_socket(sock), server_side=server_side,
+                                           do_handshake_on_connect=False,
+                                           suppress_ragged_eofs=True, server_hostname=None)
+        except OSError as exc:
+            sock.close()
+            raise trio.BrokenResourceError(str(exc)) from exc
+        sock._sock = ssl_sock  # type: ignore[attr-defined]
         self.socket = sock
-        self._raw = _stdlib_socket(sock)
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
-                                     server_hostname=None)
+        self._ssl = ssl_sock
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
+        self._want_write = False
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
-        obj = self._obj
+        s = self._ssl
         while True:
             try:
-                obj.do_handshake()
+                s.do_handshake()
+                return
             except ssl.SSLWantReadError:
-                await self._flush_out()
-                await self._fill()
-                continue
-            except (ssl.SSLError, OSError) as exc:
-                await self._flush_out_quietly()
+                await trio.lowlevel.wait_readable(s)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(s)
+            except (ssl.SSLError, OSError, ValueError) as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            await self._flush_out()
-            return
 
     def getpeercert(self, binary_form: bool = False) -> object:
-        return self._obj.getpeercert(binary_form)
+        return self._ssl.getpeercert(binary_form)
 
     def selected_alpn_protocol(self) -> str | None:
-        return self._obj.selected_alpn_protocol()
+        return self._ssl.selected_alpn_protocol()
 
     def version(self) -> str | None:
-        return self._obj.version()
+        return self._ssl.version()
+
+    def pending(self) -> int:
+        """Decrypted bytes OpenSSL holds that were not read yet."""
+        return self._ssl.pending()
 
     # -- I/O ------------------------------------------------------------------------------
-    async def _fill(self) -> bool:
-        """Read from the socket into the TLS input; False on EOF."""
-        try:
-            data = await self.socket.recv(RECV_SIZE)
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        if not data:
-            self._in.write_eof()
-            return False
-        self._in.write(data)
-        return True
-
-    async def _flush_out(self) -> None:
-        if self._out.pending:
-            async with self._send_lock:
-                data = self._out.read()
-                if data:
-                    await self._send_locked(data)
-
-    async def _flush_out_quietly(self) -> None:
-        try:
-            await self._flush_out()
-        except trio.BrokenResourceError:
-            pass
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._closed:
-            raise trio.ClosedResourceError
-        obj = self._obj
-        size = max_bytes or RECV_SIZE
-        while True:
-            try:
-                return obj.read(size)
-            except ssl.SSLWantReadError:
-                if self._out.pending:
-                    await self._flush_out()
-                if not await self._fill():
-                    try:
-                        return obj.read(size)
-                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
-                        return b""
-                    except ssl.SSLError as exc:
-                        raise trio.BrokenResourceError(str(exc)) from exc
-            except ssl.SSLZeroReturnError:
-                return b""  # close_notify
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-
     def try_receive(self) -> bytes | None:
-        """Decrypted bytes available without waiting, b"" at EOF, or None (then wait with
-        ``receive_wait``)."""
-        obj = self._obj
-        while True:
-            try:
-                return obj.read(RECV_SIZE)
-            except ssl.SSLWantReadError:
-                if self._out.pending or self._closed:
-                    return None
-                try:
-                    data = self._raw.recv(RECV_SIZE)
-                except BlockingIOError:
-                    return None
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-                if not data:
-                    # A TCP EOF, with or without close_notify, reads as b"" (https-compatible:
-                    # HTTP framing, not TLS, says whether a message ended).
-                    self._in.write_eof()
-                    return b""
-                self._in.write(data)
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
+        """Decrypted bytes available without waiting, b"" at EOF (a TCP EOF with or without
+        close_notify: HTTP framing, not TLS, says whether a message ended), or None (then
+        wait with ``receive_wait``)."""
+        if self._closed:
+            return None
+        try:
+            return self._ssl.recv(RECV_SIZE)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLWantWriteError:
+            self._want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
+            return None
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def receive_wait(self) -> bytes:
         """Wait for decrypted bytes after ``try_receive`` found none."""
-        raw = self._raw
+        s = self._ssl
         while True:
             if self._closed:
                 raise trio.ClosedResourceError
-            if self._out.pending:
-                await self._flush_out()  # TLS output produced by a read (e.g. KeyUpdate)
+            if self._want_write:
+                self._want_write = False
+                await trio.lowlevel.wait_writable(s)
             else:
-                await trio.lowlevel.wait_readable(raw)
+                await trio.lowlevel.wait_readable(s)
             data = self.try_receive()
             if data is not None:
                 return data
 
-    def _encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError
-        try:
-            self._obj.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        return self._out.read()
+        data = self.try_receive()
+        if data is None:
+            data = await self.receive_wait()
+        return data
 
     def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """Encrypt ``data`` and send what the socket takes now; return the wire bytes
-        (ciphertext) still to send with ``send_wire``."""
-        wire = self._encrypt(data)
+        """Send ``data`` if the socket takes all of it now; else return what is left to send
+        with ``send_wire`` (OpenSSL wants a write it could not finish retried with the same
+        bytes, so that is ``data`` itself)."""
+        if self._closed:
+            raise trio.ClosedResourceError
         if self._send_lock.locked():
-            return wire
+            return data
         try:
-            sent = self._raw.send(wire)
-        except BlockingIOError:
-            return wire
-        except OSError as exc:
+            sent = self._ssl.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return data
+        except (ssl.SSLError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        return memoryview(wire)[sent:] if sent < len(wire) else b""
+        return memoryview(data)[sent:] if sent < len(data) else b""
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
         async with self._send_lock:
             await self._send_locked(data)
 
     async def _send_locked(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await _send_all(self.socket, data)
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
+        s = self._ssl
+        view = memoryview(data)
+        while view:
+            if self._closed:
+                raise trio.ClosedResourceError
+            try:
+                sent = s.send(view)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(s)
+                continue
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(s)
+                continue
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            view = view[sent:]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.send_wire(self._encrypt(data))
+        await self.send_wire(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.socket.wait_writable()
+        await trio.lowlevel.wait_writable(self._ssl)
 
     async def send_eof(self) -> None:
         """Send close_notify: the peer's next read ends; reading from it still works."""
+        self._shutdown()
+        await trio.lowlevel.checkpoint()
+
+    def _shutdown(self) -> None:
+        # Non-blocking SSL_shutdown sends close_notify, then reports that the peer's has not
+        # arrived (SSLWantRead): that is all we want. A full socket buffer means no notify.
         try:
-            self._obj.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            self._ssl.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
             pass
-        except (ssl.SSLError, ValueError) as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        await self._flush_out()
 
     async def aclose(self) -> None:
         """Send close_notify if that can be done without waiting, then close the socket."""
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        try:
-            try:
-                self._obj.unwrap()
-            except (ssl.SSLError, ValueError):
-                pass
-            data = self._out.read()
-            if data and not self._send_lock.locked():
-                try:
-                    with trio.move_on_after(0.2):
-                        await _send_all(self.socket, data)
-                except OSError:
-                    pass
-        finally:
+        if not self._closed:
+            self._closed = True
+            if not self._send_lock.locked():
+                self._shutdown()
             self.socket.close()
         await trio.lowlevel.checkpoint()
