@@ -15,6 +15,7 @@ from sidecar.http.wire import (
     OUT_CHUNKED,
     OUT_LENGTH,
     OUT_NONE,
+    PAUSED,
     BodyWriter,
     MessageReader,
     ParseError,
@@ -30,24 +31,17 @@ def events(reader, data: bytes, *, step: int = 0, eof: bool = False) -> list:
     """Feed ``data`` (in pieces of ``step`` bytes, or whole) and collect events."""
     out: list = []
     pieces = [data[i:i + step] for i in range(0, len(data), step)] if step else [data or b""]
-    for piece in pieces:
-        if piece:
-            reader.feed(piece)  # b"" would mean end of input
-        while True:
-            ev = reader.next_event()
-            if ev is NEED_DATA:
-                break
-            out.append(ev)
-            if ev is END or ev is CLOSED:
-                break
     if eof:
-        reader.feed(b"")
+        pieces.append(b"")
+    for i, piece in enumerate(pieces):
+        if piece or (eof and i == len(pieces) - 1):
+            reader.feed(piece)  # b"" means end of input
         while True:
             ev = reader.next_event()
             if ev is NEED_DATA:
                 break
             out.append(ev)
-            if ev is END or ev is CLOSED:
+            if ev is END or ev is CLOSED or ev is PAUSED:
                 break
     return out
 

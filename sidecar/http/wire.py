@@ -214,20 +214,7 @@ class MessageReader:
         if state == _HEAD:
             return self._head()
         if state == _LENGTH:
-            buf = self._buf
-            if not buf:
-                return CLOSED if self._eof else NEED_DATA
-            n = self._remaining
-            if len(buf) <= n:
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:n])
-                del buf[:n]
-            self._remaining = n - len(data)
-            if not self._remaining:
-                self._state = _NONE
-            return data
+            return self._take(_NONE)
         if state == _NONE:
             self._state = _DONE
             return END
@@ -244,6 +231,23 @@ class MessageReader:
                 return END
             return NEED_DATA
         return self._chunked()
+
+    def _take(self, after: int) -> object:
+        """Up to ``_remaining`` body bytes from the buffer; state ``after`` once all came."""
+        buf = self._buf
+        if not buf:
+            return CLOSED if self._eof else NEED_DATA
+        n = self._remaining
+        if len(buf) <= n:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._remaining = n - len(data)
+        if not self._remaining:
+            self._state = after
+        return data
 
     def _head(self) -> object:
         buf = self._buf
@@ -301,19 +305,7 @@ class MessageReader:
         while True:
             state = self._state
             if state == _CHUNK_DATA:
-                if not buf:
-                    return CLOSED if self._eof else NEED_DATA
-                n = self._remaining
-                if len(buf) <= n:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:n])
-                    del buf[:n]
-                self._remaining = n - len(data)
-                if not self._remaining:
-                    self._state = _CHUNK_CRLF
-                return data
+                return self._take(_CHUNK_CRLF)
             if state == _CHUNK_CRLF:
                 if len(buf) < 2:
                     return CLOSED if self._eof else NEED_DATA

@@ -51,6 +51,27 @@ def _parse_error(exc: h11.RemoteProtocolError) -> ParseError:
     return ParseError("malformed_http", hint if 400 <= hint < 500 else 400)
 
 
+def _next(conn: h11.Connection) -> object:
+    """The next h11 event as a wire event; heads are returned as h11 events for the caller."""
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise _parse_error(exc) from exc
+    t = type(event)
+    if t is h11.Data:
+        data = event.data
+        return data if type(data) is bytes else bytes(data)  # h11 may hand a bytearray
+    if t is h11.EndOfMessage:
+        return END
+    if event is h11.NEED_DATA:
+        return NEED_DATA
+    if event is h11.PAUSED:
+        return PAUSED
+    if t is h11.ConnectionClosed:
+        return CLOSED
+    return event
+
+
 class H11RequestReader:
     """Requests from the network, one h11 server connection per request."""
 
@@ -65,17 +86,8 @@ class H11RequestReader:
         self.conn.receive_data(data)
 
     def next_event(self) -> object:
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _parse_error(exc) from exc
-        t = type(event)
-        if t is h11.Data:
-            data = event.data
-            return data if type(data) is bytes else bytes(data)  # h11 may hand a bytearray
-        if t is h11.EndOfMessage:
-            return END
-        if t is h11.Request:
+        event = _next(self.conn)
+        if type(event) is h11.Request:
             headers = _headers(event.headers)
             size = len(event.method) + len(event.target) + sum(
                 len(n) + len(v) + 4 for n, v in headers)
@@ -85,11 +97,7 @@ class H11RequestReader:
                 raise ParseError("header_too_large", 431)
             self.keep_alive = keep_alive_of(headers, event.http_version)
             return Request(event.method, event.target, headers, event.http_version)
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        if event is h11.PAUSED:
-            return PAUSED
-        return CLOSED  # ConnectionClosed
+        return event
 
     def buffered(self) -> bool:
         return bool(self.conn.trailing_data[0])
@@ -165,25 +173,13 @@ class H11ResponseReader:
 
     def next_event(self) -> object:
         assert self.conn is not None
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _parse_error(exc) from exc
+        event = _next(self.conn)
         t = type(event)
-        if t is h11.Data:
-            data = event.data
-            return data if type(data) is bytes else bytes(data)  # h11 may hand a bytearray
-        if t is h11.EndOfMessage:
-            return END
         if t is h11.Response or t is h11.InformationalResponse:
             headers = _headers(event.headers)
             self.keep_alive = keep_alive_of(headers, event.http_version)
             return Response(event.status_code, event.reason, headers, event.http_version)
-        if event is h11.NEED_DATA:
-            return NEED_DATA
-        if event is h11.PAUSED:
-            return PAUSED
-        return CLOSED
+        return event
 
     def buffered(self) -> bool:
         return self.conn is not None and bool(self.conn.trailing_data[0])
