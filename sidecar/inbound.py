@@ -124,8 +124,7 @@ class InboundProxy:
 
     async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
         limits = self.limits
-        reader = H11RequestReader(limits.max_header_bytes)
-        client = Endpoint(tls_stream, reader, side="client")
+        client = Endpoint(tls_stream, H11RequestReader(limits.max_header_bytes), side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
@@ -150,12 +149,7 @@ class InboundProxy:
             headers.append((REQUEST_ID, ctx.request_id.encode()))
             headers.append((b"x-forwarded-proto", b"https"))
             headers.extend(verdict.set_headers)
-            if head.upgrade is not None:
-                headers.append((b"upgrade", head.upgrade))
-                headers.append((b"connection", b"upgrade"))
-            return await forward(client, event, headers, self.pool, limits,
-                                 has_body=head.has_body, expect_continue=head.expect_continue,
-                                 upgrade=head.upgrade is not None, keep_alive=reader.keep_alive,
+            return await forward(client, event, headers, self.pool, limits, head,
                                  close=self.tracker.draining)
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,

@@ -132,8 +132,9 @@ class OutboundProxy:
         limits = self.limits
         # The local app's requests are parsed by the lean reader; the peer parses them again
         # with h11 when they arrive (sidecar.http.wire explains the split).
-        reader = MessageReader(requests=True, max_head=limits.max_header_bytes)
-        client = Endpoint(SocketTransport(tcp.socket), reader, side="client")
+        client = Endpoint(SocketTransport(tcp.socket),
+                          MessageReader(requests=True, max_head=limits.max_header_bytes),
+                          side="client")
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -145,12 +146,7 @@ class OutboundProxy:
                 raise Unavailable("audit_unavailable")
             headers = clean_headers(event.headers, _STRIP_TO_PEER,
                                     connection_tokens(event.headers))
-            if head.upgrade is not None:
-                headers.append((b"upgrade", head.upgrade))
-                headers.append((b"connection", b"upgrade"))
-            return await forward(client, event, headers, self.pool, limits,
-                                 has_body=head.has_body, expect_continue=head.expect_continue,
-                                 upgrade=head.upgrade is not None, keep_alive=reader.keep_alive,
+            return await forward(client, event, headers, self.pool, limits, head,
                                  close=self.tracker.draining)
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,

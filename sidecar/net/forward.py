@@ -24,6 +24,7 @@ import trio
 from sidecar.config.model import Limits
 from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
+from sidecar.http.request import RequestHead
 from sidecar.http.wire import (
     END,
     OUT_CHUNKED,
@@ -128,22 +129,26 @@ async def forward(
     headers: Headers,
     pool: UpstreamPool,
     limits: Limits,
+    head: RequestHead,
     *,
-    has_body: bool,
-    expect_continue: bool,
-    upgrade: bool,
-    keep_alive: bool = True,
     close: bool = False,
 ) -> Exchange:
     """Send ``request`` (with ``headers`` already rewritten) upstream and relay the response.
 
-    ``keep_alive``: the client allows another request on its connection; ``close``: the
-    sidecar is draining, this is the connection's last response. Raises ``UpstreamFailed``
+    ``head`` holds the checked facts (body, 100-continue, authorised upgrade: its headers are
+    added here); ``close``: the sidecar is draining, this is the connection's last response.
+    Whether the client allows another request comes from its reader. Raises ``UpstreamFailed``
     when the upstream fails before the response head was sent to the client,
     ``PeerClosed``/``Timeout`` (``side`` "client") when the client misbehaves,
     ``PayloadTooLarge`` when the body exceeds ``limits.max_body_bytes``.
     """
     ex = Exchange()
+    has_body, expect_continue = head.has_body, head.expect_continue
+    upgrade = head.upgrade is not None
+    keep_alive = client.reader.keep_alive
+    if upgrade:
+        headers.append((b"upgrade", head.upgrade))
+        headers.append((b"connection", b"upgrade"))
     if not has_body:
         # The end of a body-less request is already parsed; consume it (no I/O happens) so
         # the request can be replayed on a fresh connection if a pooled one turns out stale.
