@@ -27,6 +27,8 @@ from typing import Any
 
 import trio
 
+from sidecar.http.untrusted import HeaderFilter
+
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
@@ -289,6 +291,8 @@ class Sidecar:
     async def _start_listeners(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
         limits = cfg.limits
+        header_filter = HeaderFilter(allow_underscores=cfg.headers.allow_underscores,
+                                     pass_through=cfg.headers.pass_through)
         if cfg.inbound is not None:
             inbound = cfg.inbound
             async def connect_app() -> SocketTransport:
@@ -302,14 +306,16 @@ class Sidecar:
                 return InboundProxy(port=port, tls=self.tls, gate=self.gate,
                                     telemetry=self.telemetry, app_pool=app_pool,
                                     app_addr=inbound.app, limits=limits,
-                                    protocol=inbound.protocol, tracker=tracker)
+                                    protocol=inbound.protocol, tracker=tracker,
+                                    header_filter=header_filter)
 
             await nursery.start(self._serve, "inbound", inbound.listen, make_inbound, nursery)
         for ob in cfg.outbound:
             def make_outbound(port: int, tracker: ConnectionTracker,
                               ob: Any = ob) -> OutboundProxy:
                 return OutboundProxy(ob, port=port, tls=self.tls, gate=self.gate,
-                                     telemetry=self.telemetry, limits=limits, tracker=tracker)
+                                     telemetry=self.telemetry, limits=limits, tracker=tracker,
+                                     header_filter=header_filter)
 
             await nursery.start(self._serve, ob.name, ob.listen, make_outbound, nursery)
 

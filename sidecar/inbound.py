@@ -20,13 +20,12 @@ import trio
 from sidecar.errors import Unavailable
 from sidecar.gate import Gate
 from sidecar.http.headers import (
-    OWNED_REQUEST_HEADERS,
     REQUEST_ID,
     XFCC,
-    clean_headers,
     connection_tokens,
     xfcc_value,
 )
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
 from sidecar.http.wire import Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
@@ -48,8 +47,9 @@ class InboundProxy:
 
     def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
                  app_pool: UpstreamPool, app_addr: tuple[str, int], limits, protocol: str,
-                 tracker: ConnectionTracker) -> None:
+                 tracker: ConnectionTracker, header_filter: HeaderFilter | None = None) -> None:
         self.port = port
+        self.header_filter = header_filter or HeaderFilter()
         self.tls = tls
         self.gate = gate
         self.telemetry = telemetry
@@ -137,8 +137,8 @@ class InboundProxy:
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
-            headers = clean_headers(event.headers, OWNED_REQUEST_HEADERS | verdict.drop_headers,
-                                    connection_tokens(event.headers))
+            headers = self.header_filter.clean(event.headers, verdict.drop_headers,
+                                               connection_tokens(event.headers))
             if verdict.strip_credentials:
                 headers, new_query = self.gate.authenticator.strip_credentials(headers, query)
                 if new_query != query:

@@ -18,7 +18,8 @@ import trio
 from sidecar.config.model import OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
-from sidecar.http.headers import XFCC, clean_headers, connection_tokens
+from sidecar.http.headers import connection_tokens
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
 from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
@@ -32,15 +33,15 @@ from sidecar.policy.decision import RequestFacts
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsState
 
-_STRIP_TO_PEER = frozenset({XFCC})
-
 
 class OutboundProxy:
     """A local plain listener for one upstream identity."""
 
     def __init__(self, cfg: OutboundConfig, *, port: int, tls: TlsState, gate: Gate,
-                 telemetry: Telemetry, limits, tracker: ConnectionTracker) -> None:
+                 telemetry: Telemetry, limits, tracker: ConnectionTracker,
+                 header_filter: HeaderFilter | None = None) -> None:
         self.cfg = cfg
+        self.header_filter = header_filter or HeaderFilter()
         self.port = port
         self.tls = tls
         self.gate = gate
@@ -144,8 +145,8 @@ class OutboundProxy:
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
-            headers = clean_headers(event.headers, _STRIP_TO_PEER,
-                                    connection_tokens(event.headers))
+            headers = self.header_filter.clean(event.headers, frozenset(),
+                                               connection_tokens(event.headers))
             return await forward(client, event, headers, self.pool, limits, head,
                                  close=self.tracker.draining)
 

@@ -104,6 +104,8 @@ class RecordingApp:
                 elif isinstance(event, h11.Data) and head is not None:
                     head["body"] += len(event.data)
                 elif isinstance(event, h11.EndOfMessage) and head is not None:
+                    head["trailers"] = [[n.decode(), v.decode("latin-1")]
+                                        for n, v in event.headers]
                     with self.lock:
                         self.complete += 1
                     self._respond(sock, conn, head)
@@ -150,7 +152,7 @@ LIMITS = {
 
 
 class Mesh:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.pki = Pki(tmp / "pki")
         self.app = RecordingApp()
@@ -164,13 +166,13 @@ class Mesh:
         self.inbound = self._start("orders", sidecar_config(
             ident, inbound={"listen": f"127.0.0.1:{free_port()}",
                             "app": f"127.0.0.1:{self.app.port}"},
-            policy=str(tmp / "mesh.yaml"), limits=LIMITS))
+            policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
         self.outbound = self._start("frontend", sidecar_config(
             self.pki.identity("frontend"), outbound=[{
                 "name": "orders", "listen": f"127.0.0.1:{free_port()}",
                 "upstream": f"127.0.0.1:{self.inbound.port('inbound')}",
                 "identity": spiffe("orders")}],
-            policy=str(tmp / "mesh.yaml"), limits=LIMITS))
+            policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
         self.ctx = mtls_context(self.pki.identity("frontend", dirname="client"), self.pki.bundle)
 
     def _start(self, name: str, cfg: dict[str, Any]) -> SidecarProc:

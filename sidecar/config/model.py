@@ -69,6 +69,14 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class HeaderConfig:
+    """What happens to caller headers that the catalogue (sidecar.http.untrusted) covers."""
+
+    allow_underscores: bool = False  # keep header names containing "_" (nginx drops them)
+    pass_through: tuple[str, ...] = ()  # catalogue names forwarded anyway
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     source: str
     identity: IdentityConfig
@@ -81,10 +89,12 @@ class SidecarConfig:
     limits: Limits
     workers: int = 1
     log_level: str = "info"
+    headers: HeaderConfig = field(default_factory=HeaderConfig)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-_TOP = {"identity", "inbound", "outbound", "policy", "audit", "admin", "limits", "workers", "log"}
+_TOP = {"identity", "inbound", "outbound", "policy", "audit", "admin", "limits", "workers", "log",
+        "headers"}
 _LIMIT_DURATIONS = {
     "handshake_timeout", "header_timeout", "idle_timeout", "connect_timeout",
     "response_timeout", "body_timeout", "tcp_idle_timeout", "pool_idle_timeout", "drain_timeout",
@@ -306,11 +316,34 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         m = r.mapping(top["log"] or {}, ("log",), {"level"})
         log_level = r.choice(m.get("level"), ("log", "level"), ("debug", "info", "warning", "error"), "info")
 
+    headers = HeaderConfig()
+    if "headers" in top:
+        from sidecar.http.untrusted import pass_through_problem
+
+        p = ("headers",)
+        m = r.mapping(top["headers"] or {}, p, {"allow_underscores", "pass_through"})
+        allow_us = m.get("allow_underscores", False)
+        if not isinstance(allow_us, bool):
+            src.problem(p + ("allow_underscores",), "expected true or false")
+            allow_us = False
+        passed: list[str] = []
+        pt = m.get("pass_through", [])
+        if not isinstance(pt, list) or not all(isinstance(x, str) for x in pt):
+            src.problem(p + ("pass_through",), "expected a list of header names")
+        else:
+            for i, name in enumerate(pt):
+                if err := pass_through_problem(name):
+                    src.problem(p + ("pass_through", i), err)
+                else:
+                    passed.append(name.lower())
+        headers = HeaderConfig(allow_underscores=allow_us, pass_through=tuple(passed))
+
     src.raise_if_problems()
     return SidecarConfig(
         source=src.filename, identity=identity, inbound=inbound, outbound=tuple(outbound),
         policy=policy, policy_watch_interval=policy_watch, audit=audit, admin=admin,
-        limits=Limits(**limits_kw), workers=workers, log_level=log_level, raw=top,
+        limits=Limits(**limits_kw), workers=workers, log_level=log_level, headers=headers,
+        raw=top,
     )
 
 

@@ -1,0 +1,226 @@
+"""The catalogue of request headers an app would believe, removed before any app sees them.
+
+Theory of operation: apps behind a proxy trust headers that "the proxy" sets -- the client's
+address, the original URL or method, the caller's identity or certificate. A caller who sends
+them itself would be believed. So every request, inbound and outbound, loses every header in
+``CATALOGUE`` before it is forwarded; the sidecar then adds the few it sets from what it
+verified (``x-forwarded-client-cert``, ``x-request-id``, ``x-forwarded-proto`` and the
+policy's claim headers).
+
+Names are compared after folding case and treating ``_`` as ``-``: CGI, WSGI, PHP and many
+frameworks turn both ``X-Forwarded-For`` and ``X_Forwarded_For`` into ``HTTP_X_FORWARDED_FOR``.
+Header names that contain ``_`` at all are dropped by default, as nginx does
+(``headers.allow_underscores`` keeps them, still filtered by the catalogue).
+
+An entry is an exact name or a prefix (``prefix=True``: every name that starts with it). An
+operator may pass one name through (``headers.pass_through``); the headers the sidecar sets
+itself (``SIDECAR_SET``) can never be passed through. docs/SECURITY.md reproduces this table
+(``tests/test_http_untrusted.py`` checks that it does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One catalogue entry: a header name (or name prefix), its family and why it is here."""
+
+    name: str
+    family: str
+    reason: str
+    prefix: bool = False
+
+
+def _family(family: str, reason: str, names: str, *, prefix: bool = False) -> list[Entry]:
+    return [Entry(n, family, reason, prefix) for n in names.split()]
+
+
+FORWARDING = "forwarding"
+OVERRIDE = "request-override"
+IDENTITY = "identity"
+CLIENT_CERT = "client-certificate"
+CGI = "cgi"
+
+CATALOGUE: tuple[Entry, ...] = tuple(
+    _family(FORWARDING, "RFC 7239 forwarding record: client address, host and scheme the app "
+            "believes came from a trusted proxy", "forwarded")
+    + _family(FORWARDING, "the whole X-Forwarded-* family (For, Host, Proto, Port, Server, "
+              "Scheme, Ssl, Prefix, Path, Uri, User, Email, Groups, Access-Token, "
+              "Tls-Client-Cert, ...): set by proxies, believed by frameworks",
+              "x-forwarded", prefix=True)
+    + _family(FORWARDING, "client-address headers of load balancers and CDNs (nginx, "
+              "Akamai, Cloudflare, Fastly, GCP, Azure, AWS, F5, Rackspace); apps use them "
+              "for allowlists, rate limits and logs",
+              "x-real-ip x-client-ip client-ip true-client-ip cf-connecting-ip "
+              "cf-connecting-ipv6 fastly-client-ip x-cluster-client-ip x-originating-ip "
+              "x-remote-ip x-remote-addr remote-addr x-proxyuser-ip x-azure-clientip "
+              "x-azure-socketip x-appengine-user-ip x-original-forwarded-for x-client-port "
+              "x-real-port x-host x-original-host x-http-host-override x-forwarded-host-override "
+              "cf-pseudo-ipv4 x-nf-client-connection-ip x-vercel-forwarded-for")
+    + _family(OVERRIDE, "rewrite the path after routing (IIS, Symfony, Laravel, Zend, "
+              "Drupal, Spring): an allowed GET /public would reach /admin",
+              "x-original-url x-rewrite-url x-original-uri x-original-path x-request-uri "
+              "x-envoy-original-path x-envoy-original-url x-script-name script-name "
+              "x-override-url x-proxy-url x-http-destinationurl x-ms-original-url "
+              "x-original-request-uri x-rewrite-path x-path-info")
+    + _family(OVERRIDE, "rewrite the method after routing (Rails, Express method-override, "
+              "Spring HiddenHttpMethodFilter, Google APIs, Laravel): a GET allowed by the "
+              "policy would run as DELETE",
+              "x-http-method-override x-http-method x-method-override x-original-method "
+              "x-envoy-original-method")
+    + _family(IDENTITY, "Envoy's internal headers (peer metadata, original destination, "
+              "retry and routing controls); Envoy itself strips them from external requests",
+              "x-envoy-", prefix=True)
+    + _family(IDENTITY, "Linkerd's headers (l5d-client-id carries the caller's identity; "
+              "l5d-dst-override reroutes)", "l5d-", prefix=True)
+    + _family(IDENTITY, "Istio and Pomerium identity and attribute headers",
+              "x-istio- x-pomerium-", prefix=True)
+    + _family(IDENTITY, "SPIFFE and peer identity under their common names",
+              "x-spiffe-id x-spiffe x-client-spiffe-id x-peer-id x-peer-identity "
+              "x-peer-spiffe-id x-sidecar-peer x-forwarded-client-identity x-client-identity "
+              "x-source-identity x-workload-identity x-service-identity x-caller-identity")
+    + _family(IDENTITY, "authenticated-subject headers that gateways and auth proxies set "
+              "(Apache/CGI REMOTE_USER, Kong, Tyk, oauth2-proxy, Traefik forward-auth)",
+              "remote-user x-remote-user x-user x-user-id x-userid x-username x-user-name "
+              "x-user-email x-email x-auth-user x-auth-subject x-auth-email x-auth-groups "
+              "x-authenticated-user x-authenticated-userid x-authenticated-scope "
+              "x-authenticated-groups x-subject x-principal x-identity x-groups x-roles "
+              "x-scopes x-client-id x-credential-identifier x-credential-username "
+              "x-anonymous-consumer x-api-user x-token-subject x-access-token x-id-token "
+              "x-userinfo x-user-info x-authorization x-auth-token-subject")
+    + _family(IDENTITY, "per-gateway identity families: oauth2-proxy x-auth-request-*, Kong "
+              "x-consumer-*, WSO2/APISIX/Ambassador JWT claim headers",
+              "x-auth-request- x-consumer- x-jwt- x-claim- x-token-claim-", prefix=True)
+    + _family(IDENTITY, "cloud identity-aware proxies (Google IAP and Cloud Endpoints, "
+              "AWS ALB OIDC, Azure App Service EasyAuth, Cloudflare Access)",
+              "x-goog-authenticated-user-email x-goog-authenticated-user-id "
+              "x-goog-iap-jwt-assertion x-apigateway-api-userinfo x-endpoint-api-userinfo "
+              "x-amzn-oidc-data x-amzn-oidc-identity x-amzn-oidc-accesstoken "
+              "x-ms-client-principal x-ms-client-principal-id x-ms-client-principal-name "
+              "x-ms-client-principal-idp cf-access-jwt-assertion "
+              "cf-access-authenticated-user-email")
+    + _family(IDENTITY, "Azure EasyAuth token headers", "x-ms-token-", prefix=True)
+    + _family(CLIENT_CERT, "RFC 9440 client certificate and chain, as proxies forward them",
+              "client-cert client-cert-chain")
+    + _family(CLIENT_CERT, "client-certificate and client-DN families of nginx, Apache "
+              "mod_ssl, HAProxy, F5, AWS ALB mTLS, Azure ARR, Traefik and Cloudflare: the app "
+              "would take them as a verified certificate",
+              "ssl-client- x-ssl- x-client-cert x-client-certificate x-client-verify "
+              "x-client-dn x-client-s-dn x-client-i-dn x-client-subject x-client-issuer "
+              "x-client-serial x-client-fingerprint x-tls-client- x-amzn-mtls-clientcert "
+              "x-arr-clientcert cf-client-cert- x-mtls- ssl-cipher ssl-protocol ssl-session-id",
+              prefix=True)
+    + _family(CLIENT_CERT, "HAProxy's X-SSL flag (the connection used TLS)", "x-ssl")
+    + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
+              "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
+              "copy would be a second, unverified value", "x-request-id")
+    + _family(CGI, "httpoxy: CGI turns Proxy into HTTP_PROXY, which HTTP clients in the app "
+              "use as their proxy", "proxy")
+)
+
+# Set by the sidecar itself from what it verified; never passed through from a caller.
+SIDECAR_SET: frozenset[str] = frozenset({
+    "x-forwarded-client-cert", "x-request-id", "x-forwarded-proto",
+})
+
+
+def fold(name: bytes | str) -> bytes:
+    """The name as compared: lower case, ``_`` read as ``-``."""
+    if isinstance(name, str):
+        name = name.encode("latin-1")
+    return name.lower().replace(b"_", b"-")
+
+
+_EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.prefix)
+_PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
+
+
+def entry_for(name: bytes | str) -> Entry | None:
+    """The catalogue entry that covers ``name`` (after folding), or None."""
+    n = fold(name)
+    for e in CATALOGUE:
+        f = fold(e.name)
+        if (e.prefix and n.startswith(f)) or (not e.prefix and n == f):
+            return e
+    return None
+
+
+def pass_through_problem(name: str) -> str | None:
+    """Why ``name`` may not be listed in ``headers.pass_through`` (None: it may)."""
+    if not name or any(c in name for c in " \t:\r\n"):
+        return "expected a header name"
+    if fold(name).decode("latin-1") in SIDECAR_SET:
+        return f"{name!r} is set by the sidecar from what it verified; it cannot be passed through"
+    if entry_for(name) is None:
+        return f"{name!r} is not in the header catalogue (docs/SECURITY.md); it is forwarded already"
+    return None
+
+
+class HeaderFilter:
+    """Decides, per header name, whether a caller's header reaches the app.
+
+    ``drop`` holds the names that the caller's request never keeps (hop-by-hop and the
+    sidecar's own headers, compared folded). Decisions are cached per raw name (names repeat
+    on every request); the cache is bounded.
+    """
+
+    __slots__ = ("_allow_underscores", "_pass", "_drop", "_cache")
+
+    _CACHE_MAX = 4096
+
+    def __init__(self, *, allow_underscores: bool = False,
+                 pass_through: Iterable[str] = (), drop: Iterable[bytes] = ()) -> None:
+        self._allow_underscores = allow_underscores
+        self._pass = frozenset(fold(n) for n in pass_through)
+        from sidecar.http.headers import HOP_BY_HOP
+
+        self._drop = frozenset(fold(n) for n in (*HOP_BY_HOP, *SIDECAR_SET, *drop))
+        self._cache: dict[bytes, bool] = {}
+
+    def removes(self, name: bytes) -> bool:
+        """True if a caller's header called ``name`` (lower-case) must not reach the app."""
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit
+        out = self._decide(name)
+        if len(self._cache) >= self._CACHE_MAX:
+            self._cache.clear()
+        self._cache[name] = out
+        return out
+
+    def _decide(self, name: bytes) -> bool:
+        if b"_" in name and not self._allow_underscores:
+            return True
+        n = fold(name)
+        if n in self._drop:
+            return True
+        if n in self._pass:
+            return False
+        return n in _EXACT or n.startswith(_PREFIXES)
+
+    def clean(self, headers: Iterable[tuple[bytes, bytes]], extra: frozenset[bytes] | set[bytes],
+              hop: set[bytes]) -> list[tuple[bytes, bytes]]:
+        """``headers`` without catalogue entries, ``extra`` names and Connection-listed names.
+
+        ``extra`` (for example the policy's claim headers) and ``hop`` are compared folded too.
+        """
+        removes = self.removes
+        if extra or hop:
+            more = {fold(n) for n in extra} | {fold(n) for n in hop}
+            return [(n, v) for n, v in headers if not removes(n) and fold(n) not in more]
+        return [(n, v) for n, v in headers if not removes(n)]
+
+
+def catalogue_markdown() -> str:
+    """The catalogue as the Markdown table docs/SECURITY.md reproduces."""
+    rows = ["| header | match | family | why it is removed |", "|---|---|---|---|"]
+    for e in CATALOGUE:
+        rows.append(f"| `{e.name}` | {'prefix' if e.prefix else 'name'} | {e.family} | {e.reason} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m sidecar.http.untrusted: the table for docs/SECURITY.md
+    print(catalogue_markdown())

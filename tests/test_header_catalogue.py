@@ -1,0 +1,236 @@
+"""The untrusted-header catalogue (sidecar.http.untrusted), as data and through real sidecars.
+
+Every catalogue entry is sent in every variant (lower, upper, mixed case, ``_`` for ``-``,
+duplicated, as a trailer) on the inbound and the outbound path; the recording app must see
+none of them. A second mesh keeps underscore names (``headers.allow_underscores``) so that
+folding ``_`` to ``-`` is what removes them, and passes one entry through.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config.model import load_config
+from sidecar.errors import ConfigError
+from sidecar.http.untrusted import (
+    CATALOGUE,
+    SIDECAR_SET,
+    HeaderFilter,
+    catalogue_markdown,
+    entry_for,
+)
+from tests.test_hostile_http import H, SIDES, Mesh, exchange, statuses
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "zz-spoofed-9f3"
+
+
+def concrete(name: str, prefix: bool) -> str:
+    """A header name the entry covers (a prefix entry gets a suffix)."""
+    return f"{name}-test" if prefix and not name.endswith("-") else (name + "test" if prefix else name)
+
+
+NAMES = [concrete(e.name, e.prefix) for e in CATALOGUE]
+
+
+def variants(name: str) -> list[str]:
+    parts = name.split("-")
+    return [
+        name,
+        name.upper(),
+        "-".join(p[:1].upper() + p[1:] for p in parts),
+        name.replace("-", "_"),
+        name.upper().replace("-", "_"),
+    ]
+
+
+# --- as data ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_entry_is_removed_in_every_variant(name: str) -> None:
+    keep_us = HeaderFilter(allow_underscores=True)
+    default = HeaderFilter()
+    for v in variants(name):
+        raw = v.lower().encode("latin-1")  # readers lower-case names
+        assert keep_us.removes(raw), v
+        assert default.removes(raw), v
+
+
+def test_ordinary_headers_are_kept() -> None:
+    f = HeaderFilter()
+    for name in (b"accept", b"content-type", b"user-agent", b"x-b3-traceid", b"traceparent",
+                 b"authorization", b"cookie", b"x-api-key", b"via", b"x-custom"):
+        assert not f.removes(name), name
+
+
+def test_underscore_names_dropped_unless_allowed() -> None:
+    assert HeaderFilter().removes(b"x_custom")
+    assert not HeaderFilter(allow_underscores=True).removes(b"x_custom")
+
+
+def test_pass_through_keeps_only_the_named_entry() -> None:
+    f = HeaderFilter(allow_underscores=True, pass_through=["x-forwarded-host"])
+    assert not f.removes(b"x-forwarded-host")
+    assert not f.removes(b"x_forwarded_host")
+    assert f.removes(b"x-forwarded-for")
+    # The sidecar's own headers stay removed whatever pass_through says.
+    assert HeaderFilter(pass_through=["x-forwarded-client-cert"]).removes(b"x-forwarded-client-cert")
+
+
+def test_clean_folds_extra_and_connection_names() -> None:
+    f = HeaderFilter(allow_underscores=True)
+    headers = [(b"x_user", b"evil"), (b"accept", b"*/*"), (b"x-keep", b"1")]
+    assert f.clean(headers, frozenset({b"x-user"}), set()) == [(b"accept", b"*/*"), (b"x-keep", b"1")]
+    assert f.clean(headers, frozenset(), {b"x_keep"}) == [(b"accept", b"*/*")]
+    # Hop-by-hop under an underscore spelling is hop-by-hop.
+    assert f.clean([(b"transfer_encoding", b"chunked")], frozenset(), set()) == []
+
+
+def test_every_entry_has_a_reason_and_a_family() -> None:
+    for e in CATALOGUE:
+        assert e.reason and e.family, e
+        assert e.name == e.name.lower() and "_" not in e.name, e
+    for name in SIDECAR_SET:
+        assert entry_for(name) is not None, name
+
+
+def test_security_doc_reproduces_the_catalogue() -> None:
+    doc = (ROOT / "docs" / "SECURITY.md").read_text()
+    assert catalogue_markdown() in doc, "regenerate: python -m sidecar.http.untrusted"
+
+
+def _cfg(tmp_path: Path, headers: Any) -> str:
+    pki = tmp_path
+    for f in ("tls.crt", "tls.key", "ca.crt"):
+        (pki / f).write_text("x")
+    return json.dumps({
+        "identity": {"cert": str(pki / "tls.crt"), "key": str(pki / "tls.key"),
+                     "bundle": str(pki / "ca.crt")},
+        "inbound": {"listen": "127.0.0.1:1", "app": "127.0.0.1:2"},
+        "headers": headers,
+    })
+
+
+def test_config_keys(tmp_path: Path) -> None:
+    cfg = load_config(_cfg(tmp_path, {"allow_underscores": True,
+                                      "pass_through": ["X-Forwarded-Host"]}), "c.yaml")
+    assert cfg.headers.allow_underscores is True
+    assert cfg.headers.pass_through == ("x-forwarded-host",)
+
+
+@pytest.mark.parametrize("headers, needle", [
+    ({"pass_through": ["x-request-id"]}, "set by the sidecar"),
+    ({"pass_through": ["x-forwarded-proto"]}, "set by the sidecar"),
+    ({"pass_through": ["accept"]}, "not in the header catalogue"),
+    ({"pass_through": "x-real-ip"}, "expected a list"),
+    ({"allow_underscores": "yes"}, "expected true or false"),
+    ({"strip": []}, "unknown key"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, headers: Any, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_cfg(tmp_path, headers), "c.yaml")
+    assert needle in str(err.value)
+    assert "headers" in str(err.value)
+
+
+# --- through real sidecars ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("catalogue"))
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture(scope="module")
+def mesh_us(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("catalogue-us"),
+             extra={"headers": {"allow_underscores": True, "pass_through": ["x-forwarded-host"]}})
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def _send(mesh: Mesh, side: str, names: list[str]) -> list[dict[str, Any]]:
+    """One keep-alive connection, one request per batch of names; the app's records."""
+    batches = [names[i:i + 20] for i in range(0, len(names), 20)]
+    data = b""
+    for i, batch in enumerate(batches):
+        lines = b"".join(f"{n}: {MARK}\r\n".encode() for n in batch)
+        last = b"Connection: close\r\n" if i == len(batches) - 1 else b""
+        data += b"GET /cat HTTP/1.1\r\n" + H + lines + last + b"\r\n"
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, data, timeout=8.0)
+    assert statuses(out) == [200] * len(batches), out[:400]
+    with mesh.app.lock:
+        return list(mesh.app.heads[mark[0]:])
+
+
+def _leaks(heads: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(n, v) for h in heads for n, v in h["headers"] + h.get("trailers", []) if MARK in v]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_catalogue_never_reaches_the_app(mesh: Mesh, side: str) -> None:
+    names = [v for n in NAMES for v in variants(n)]
+    names += NAMES  # each entry twice: duplicates are all removed
+    heads = _send(mesh, side, names)
+    assert _leaks(heads) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_underscore_names_are_folded_when_kept(mesh_us: Mesh, side: str) -> None:
+    names = [v for n in NAMES if n != "x-forwarded-host" for v in variants(n)]
+    heads = _send(mesh_us, side, names + ["x_custom_ok"])
+    assert _leaks(heads) == [("x_custom_ok", MARK)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_underscore_names_dropped_by_default(mesh: Mesh, side: str) -> None:
+    heads = _send(mesh, side, ["x_custom_ok", "x-custom-ok"])
+    assert _leaks(heads) == [("x-custom-ok", MARK)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_pass_through_entry_reaches_the_app(mesh_us: Mesh, side: str) -> None:
+    heads = _send(mesh_us, side, ["X-Forwarded-Host", "X-Forwarded-For"])
+    assert _leaks(heads) == [("x-forwarded-host", MARK)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_catalogue_as_trailers_never_reaches_the_app(mesh: Mesh, side: str) -> None:
+    trailer = b"".join(f"{n}: {MARK}\r\n".encode() for n in NAMES[:20])
+    data = (b"POST /cat HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n" + trailer + b"\r\n")
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, data, timeout=8.0)
+    assert statuses(out) == [200], out[:400]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert heads and heads[0]["body"] == 3
+    assert _leaks(heads) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_override_header_cannot_reroute_an_allowed_request(mesh: Mesh, side: str) -> None:
+    """GET /public with X-Original-URL: /admin reaches the app as /public, with no override."""
+    data = (b"GET /public HTTP/1.1\r\n" + H + b"X-Original-URL: /admin/x\r\n"
+            b"X-HTTP-Method-Override: DELETE\r\nX-Forwarded-Prefix: /admin\r\n"
+            b"Connection: close\r\n\r\n")
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, data)
+    assert statuses(out) == [200], out[:300]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["target"] for h in heads] == ["/public"]
+    assert "admin" not in json.dumps(heads) and "DELETE" not in json.dumps(heads)
