@@ -152,7 +152,8 @@ LIMITS = {
 
 
 class Mesh:
-    def __init__(self, tmp: Path, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, tmp: Path, extra: dict[str, Any] | None = None,
+                 policy: str | None = None) -> None:
         self.tmp = tmp
         self.pki = Pki(tmp / "pki")
         self.app = RecordingApp()
@@ -160,7 +161,7 @@ class Mesh:
         jwk = pyjwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key(), as_dict=True)
         jwk["kid"] = "k1"
         (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-        (tmp / "mesh.yaml").write_text(POLICY)
+        (tmp / "mesh.yaml").write_text(policy or POLICY)
         self.procs: list[SidecarProc] = []
         ident = self.pki.identity("orders")
         self.inbound = self._start("orders", sidecar_config(

@@ -196,6 +196,10 @@ def _lint_section(
         if rule.expired(now):
             warn(rule.line, rule.key, "expired",
                  f"rule {rule.name} expired (expires_at passed); it is inert, remove it")
+        if rule.effect == "allow" and c.methods and "HEAD" in c.methods and "GET" not in c.methods:
+            warn(rule.line, rule.key, "head-runs-get",
+                 f"rule {rule.name} allows HEAD but not GET: most frameworks run the GET "
+                 "handler for HEAD, so this reaches GET's code (headers only)")
         if rule.effect == "allow" and _request_unconstrained(c):
             extra = " (only credentials are checked)" if c.jwt or c.apikey else ""
             warn(rule.line, rule.key, "allow-all",

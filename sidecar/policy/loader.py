@@ -14,6 +14,8 @@ opened). The result is safe to build in a reload task and swap in atomically.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import math
 import os
@@ -632,6 +634,9 @@ def _rule(
         return None
     effect: Literal["allow", "deny"] = "allow" if effects[0] == "allow" else "deny"
     when = _conditions(r, m[effect], path + (effect,), providers, keys)
+    if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
+        # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
+        when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
     mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
     expires = r.timestamp(m["expires_at"], path + ("expires_at",)) if "expires_at" in m else None
     if "description" in m and not isinstance(m["description"], str):
