@@ -105,6 +105,14 @@ class Gate:
             self._allow_patterns = [compile_pattern(p) for p in allow_from]
 
     # -- inbound -------------------------------------------------------------------------
+    def allows_non_ascii_paths(self) -> bool:
+        """The own section says ``non_ascii_paths: allow`` (read per request: reloads apply)."""
+        policy = self.policies.policy
+        if policy is None:
+            return False
+        svc = policy.services.get(self.own_id)
+        return svc is not None and svc.non_ascii_paths
+
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
                 now: float, *, tcp: bool = False) -> Verdict:
         detector = self.detector

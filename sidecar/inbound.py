@@ -128,7 +128,8 @@ class InboundProxy:
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            path, query = normalise_target(head.target)
+            path, query = normalise_target(head.target,
+                                           allow_non_ascii=self.gate.allows_non_ascii_paths())
             ctx.facts = facts = RequestFacts(
                 direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,
                 path=path, host=head.host, port=self.port, listener="inbound")
@@ -140,11 +141,12 @@ class InboundProxy:
             headers = self.header_filter.clean(event.headers, verdict.drop_headers,
                                                connection_tokens(event.headers))
             if verdict.strip_credentials:
-                headers, new_query = self.gate.authenticator.strip_credentials(headers, query)
-                if new_query != query:
-                    base = event.target.split(b"?", 1)[0]
-                    target = base + (b"?" + new_query.encode() if new_query else b"")
-                    event = Request(event.method, target, event.headers, event.version)
+                headers, query = self.gate.authenticator.strip_credentials(headers, query)
+            # The app gets exactly the target the policy matched: the normalised path (escapes
+            # of unreserved characters decoded, the rest upper-cased) and the checked query.
+            target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+            if target != event.target:
+                event = Request(event.method, target, event.headers, event.version)
             headers.append((XFCC, xfcc))
             headers.append((REQUEST_ID, ctx.request_id.encode()))
             headers.append((b"x-forwarded-proto", b"https"))

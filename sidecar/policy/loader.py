@@ -57,7 +57,7 @@ TOP_KEYS = frozenset(
     {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -696,7 +696,11 @@ def _service(
             entries.append(EgressEntry(sid, r.src.line(ep + (i,)), format_path(ep + (i,))))
         egress = tuple(entries)
     mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
-    return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path))
+    non_ascii = m.get("non_ascii_paths", "refuse")
+    if non_ascii not in ("refuse", "allow"):
+        r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
+                         non_ascii_paths=non_ascii == "allow")
 
 
 # --- entry points ---------------------------------------------------------------------

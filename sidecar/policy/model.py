@@ -126,6 +126,7 @@ class ServicePolicy:
     mode: Mode | None = None
     line: int | None = None
     key: str = ""
+    non_ascii_paths: bool = False  # `non_ascii_paths: allow`: decoded non-ASCII paths accepted
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ What is refused (reason codes go to logs and audit records only):
   encoded controls or NUL (``encoded_control``); encoded ``#`` (``fragment``); encoded
   ``%`` followed by two hex digits, i.e. double encoding (``double_encoding``); percent
   escapes that do not decode to valid UTF-8 (``bad_utf8``);
+* a decoded path with non-ASCII characters (``non_ascii``), unless the service sets
+  ``non_ascii_paths: allow``: fullwidth ``．`` and ``／`` and other compatibility forms turn
+  into ``.`` and ``/`` in an app that folds to NFKC;
 * dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
 * empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
 
@@ -57,7 +60,8 @@ def _refuse(reason: str, detail: str = "") -> BadRequest:
 
 
 def normalise_target(
-    target: bytes, *, merge_slashes: bool = False, max_length: int = MAX_TARGET_BYTES
+    target: bytes, *, merge_slashes: bool = False, max_length: int = MAX_TARGET_BYTES,
+    allow_non_ascii: bool = False,
 ) -> tuple[str, str]:
     """Split an HTTP request target into (normalised path, raw query).
 
@@ -117,9 +121,13 @@ def normalise_target(
         # decodes again would read a different path than the one the policy matched.
         raise _refuse("double_encoding", "the decoded path still holds a percent escape")
     try:
-        decoded.decode("utf-8")
+        text = decoded.decode("utf-8")
     except UnicodeDecodeError:
         raise _refuse("bad_utf8", "escapes do not decode to UTF-8") from None
+    if not allow_non_ascii and not text.isascii():
+        # Fullwidth dots and slashes and other compatibility forms become "." and "/" in an
+        # app that folds to NFKC: the policy would match one path and the app act on another.
+        raise _refuse("non_ascii", "decoded path holds non-ASCII characters")
 
     segments = bytes(out).split(b"/")[1:]
     kept: list[bytes] = []

@@ -1,0 +1,88 @@
+"""The app receives exactly the target the policy matched; non-ASCII decoded paths are refused.
+
+Through real sidecars: the inbound side forwards the normalised path (escapes of unreserved
+characters decoded, others upper-cased) and the checked query; the outbound side hands the
+request to the peer, whose inbound side does the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar.errors import BadRequest
+from sidecar.policy.loader import load_policy
+from sidecar.policy.paths import normalise_target
+from tests.harness import spiffe
+from tests.test_hostile_http import POLICY, SIDES, H, Mesh, exchange, statuses
+
+# raw target -> what the app must receive
+FORWARDED = {
+    b"/%7Eadmin/%41": "/~admin/A",
+    b"/%61%62c?x=%2f": "/abc?x=%2f",
+    b"/a%2d%5f%2e%7e": "/a-_.~",
+    b"/q%3fx": "/q%3Fx",
+    b"/sp%20ace": "/sp%20ace",
+    b"/at%40": "/at%40",
+}
+
+# escapes that decode to non-ASCII: fullwidth solidus, fullwidth full stop, fullwidth A,
+# a combining dot, and a plain accented letter
+NON_ASCII = [b"/a%EF%BC%8Fadmin", b"/%EF%BC%8E%EF%BC%8E/etc", b"/%EF%BC%A1dmin",
+             b"/x%CC%87", b"/caf%C3%A9"]
+
+
+@pytest.mark.parametrize("target", NON_ASCII)
+def test_non_ascii_refused_unless_allowed(target: bytes) -> None:
+    with pytest.raises(BadRequest) as err:
+        normalise_target(target)
+    assert err.value.reason == "non_ascii"
+    path, _ = normalise_target(target, allow_non_ascii=True)
+    assert path.startswith("/")
+
+
+def test_non_ascii_paths_key() -> None:
+    text = POLICY.replace("    rules:\n      - name: no-admin",
+                          "    non_ascii_paths: allow\n    rules:\n      - name: no-admin", 1)
+    policy = load_policy(text, "p.yaml")
+    assert policy.services[spiffe("orders")].non_ascii_paths is True
+    assert policy.services[spiffe("frontend")].non_ascii_paths is False
+    with pytest.raises(Exception) as err:
+        load_policy(text.replace("non_ascii_paths: allow", "non_ascii_paths: yes"), "p.yaml")
+    assert "non_ascii_paths" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("targets"))
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("raw", sorted(FORWARDED))
+def test_app_receives_the_normalised_target(mesh: Mesh, side: str, raw: bytes) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, b"GET " + raw + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
+    assert statuses(out) == [200], out[:300]
+    assert mesh.app.targets_since(mark) == [FORWARDED[raw]]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("raw", NON_ASCII)
+def test_non_ascii_never_reaches_the_app(mesh: Mesh, side: str, raw: bytes) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, b"GET " + raw + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
+    assert statuses(out) == [400], out[:300]
+    assert mesh.app.targets_since(mark) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_encoded_deny_path_is_denied_and_never_forwarded_raw(mesh: Mesh, side: str) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, b"GET /%61dmin/x HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
+    assert statuses(out) == [403], out[:300]
+    assert mesh.app.targets_since(mark) == []
