@@ -164,7 +164,7 @@ def normalise_path_pattern(pattern: str) -> str:
 
     raw = quote(pattern, safe=_PATH_SAFE).encode("ascii")
     try:
-        path, _ = normalise_target(raw)
+        path, _ = normalise_target(raw, allow_non_ascii=True)
     except BadRequest as exc:
         raise ValueError(f"not a valid normalised path ({exc.reason})") from None
     return path
