@@ -83,6 +83,12 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         raise BadRequest("bad_method")
     if method == b"CONNECT" or method == b"TRACE":
         raise BadRequest("method_not_allowed", method.decode("latin-1"))
+    if chunked and content_length is not None:
+        # RFC 9112 6.1/6.3: both is smuggling material (h11 lets Transfer-Encoding win, an
+        # app may believe Content-Length): refused, and the connection closes.
+        raise BadRequest("length_and_chunked")
+    if chunked and http_version != b"1.1":
+        raise BadRequest("transfer_encoding_http10")  # RFC 9112 6.1: 1.0 has no TE
     if max_body and content_length is not None and content_length > max_body:
         raise PayloadTooLarge("body_too_large")
     if upgrade is not None and conn_upgrade and any(

@@ -89,8 +89,21 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
-_MAX_CHUNK_LINE = 4096
+# RFC 9112 7.1 / 7.1.1: chunk-size [ chunk-ext ] CRLF, where
+#   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+#   chunk-ext-name = token; chunk-ext-val = token / quoted-string.
+# Anything else -- a bare CR, LF, NUL or other control character, an unterminated quoted
+# string, an empty name -- does not match. At most 15 hex digits (the size fits in 60 bits).
+# Whitespace before the CRLF is tolerated (h11 does too); it carries no meaning.
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})(?:[\t ]*;[\t ]*" + _TCHAR + rb"+(?:[\t ]*=[\t ]*(?:"
+    + _TCHAR + rb"+|" + _QUOTED + rb"))?)*[\t ]*")
+_MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included, without its CRLF
+# Framing bytes (chunk-size lines, CRLFs, trailers) of a chunked body may not exceed the
+# body bytes by more than this: many tiny chunks cost CPU per chunk, not per byte.
+FRAMING_ALLOWANCE = 16 * 1024
+COALESCE = 64 * 1024  # chunk data handed out at once, at most (small chunks are joined)
 _MAX_LENGTH_DIGITS = 18
 
 # Framing of a message body being read.
@@ -151,7 +164,7 @@ class MessageReader:
     """
 
     __slots__ = ("_buf", "_state", "_remaining", "_eof", "requests", "max_head",
-                 "_method", "framing", "keep_alive")
+                 "_method", "framing", "keep_alive", "_framing_bytes", "_body_bytes")
 
     def __init__(self, *, requests: bool, max_head: int = 64 * 1024) -> None:
         self._buf = bytearray()
@@ -163,6 +176,8 @@ class MessageReader:
         self._method = b"GET"
         self.framing = _NONE
         self.keep_alive = True  # the message just read allows a next one on this connection
+        self._framing_bytes = 0  # chunked framing read for the current message
+        self._body_bytes = 0
 
     # -- input --------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -281,6 +296,7 @@ class MessageReader:
             self.framing, self._remaining = body_framing(headers, request=True)
             self.keep_alive = keep_alive_of(headers, version)
             self._state = self.framing
+            self._framing_bytes = self._body_bytes = 0
             return Request(method, target, headers, version)
         m = _STATUS_LINE.fullmatch(start)
         if m is None:
@@ -298,26 +314,61 @@ class MessageReader:
             self.framing = _NONE
         self.keep_alive = keep_alive_of(headers, version) and self.framing != _UNTIL_CLOSE
         self._state = self.framing
+        self._framing_bytes = self._body_bytes = 0
         return Response(status, reason or b"", headers, version)
 
+    def start_chunked(self, data: bytes) -> None:
+        """Read a chunked body from ``data`` on (its head was parsed elsewhere: h11)."""
+        self._buf = bytearray(data)
+        self._state = self.framing = _CHUNK_LINE
+        self._remaining = self._framing_bytes = self._body_bytes = 0
+
+    def _frame_bytes(self, n: int) -> None:
+        self._framing_bytes += n
+        if self._framing_bytes > self._body_bytes + FRAMING_ALLOWANCE:
+            raise ParseError("excessive_chunk_framing")
+
     def _chunked(self) -> object:
+        """Chunk data, small chunks coalesced (up to ``COALESCE`` bytes, or whatever is
+        buffered): a body sent as 1-byte chunks is not handed on one byte at a time."""
         buf = self._buf
+        out: bytearray | None = None
         while True:
             state = self._state
             if state == _CHUNK_DATA:
-                return self._take(_CHUNK_CRLF)
+                data = self._take(_CHUNK_CRLF)
+                if type(data) is not bytes:
+                    return bytes(out) if out else data
+                self._body_bytes += len(data)
+                if out is None:
+                    if self._state == _CHUNK_DATA or len(data) >= COALESCE:
+                        return data
+                    out = bytearray(data)
+                else:
+                    out += data
+                if len(out) >= COALESCE or self._state == _CHUNK_DATA:
+                    return bytes(out)
+                continue
             if state == _CHUNK_CRLF:
                 if len(buf) < 2:
+                    if out:
+                        return bytes(out)
                     return CLOSED if self._eof else NEED_DATA
                 if buf[:2] != b"\r\n":
                     raise ParseError("bad_chunk")
                 del buf[:2]
+                self._frame_bytes(2)
                 self._state = _CHUNK_LINE
                 continue
             end = buf.find(b"\r\n")
+            if state == _CHUNK_LINE and (end > _MAX_CHUNK_LINE
+                                         or (end < 0 and len(buf) > _MAX_CHUNK_LINE)):
+                raise ParseError("bad_chunk")
             if end < 0:
-                if len(buf) > _MAX_CHUNK_LINE:
-                    raise ParseError("bad_chunk")
+                if state != _CHUNK_LINE and len(buf) > self.max_head:
+                    raise ParseError("header_too_large", 431)
+                if out:
+                    return bytes(out)
                 return CLOSED if self._eof else NEED_DATA
             if state == _CHUNK_LINE:
                 m = _CHUNK_SIZE.fullmatch(buf, 0, end)
@@ -325,6 +376,7 @@ class MessageReader:
                     raise ParseError("bad_chunk")
                 size = int(m.group(1), 16)
                 del buf[:end + 2]
+                self._frame_bytes(end + 2)
                 if size:
                     self._remaining = size
                     self._state = _CHUNK_DATA
@@ -335,7 +387,10 @@ class MessageReader:
             # Trailer fields: checked like header lines, bounded like a head, then dropped
             # (the sidecar does not forward trailers).
             if end == 0:
+                if out:
+                    return bytes(out)  # the data first; END on the next call
                 del buf[:2]
+                self._frame_bytes(2)
                 self._state = _DONE
                 return END
             self._remaining += end + 2
@@ -344,6 +399,7 @@ class MessageReader:
             if _FIELD_LINES.fullmatch(buf, 0, end + 2) is None:
                 raise ParseError("malformed_trailer")
             del buf[:end + 2]
+            self._frame_bytes(end + 2)
 
 
 def keep_alive_of(headers: Headers, version: bytes) -> bool:

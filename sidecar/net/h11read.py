@@ -28,6 +28,7 @@ from sidecar.http.wire import (
     NEED_DATA,
     PAUSED,
     Headers,
+    MessageReader,
     ParseError,
     Request,
     Response,
@@ -73,19 +74,34 @@ def _next(conn: h11.Connection) -> object:
 
 
 class H11RequestReader:
-    """Requests from the network, one h11 server connection per request."""
+    """Requests from the network, one h11 server connection per request.
 
-    __slots__ = ("conn", "max_head", "keep_alive")
+    h11 parses the heads. A chunked body is *not* left to h11: it accepts any bytes after the
+    ';' of a chunk-size line (a bare CR, NUL, controls) and up to 20 hex digits, and hands
+    out every chunk as its own event. Once a chunked head has been read, the bytes h11 holds
+    go to ``sidecar.http.wire.MessageReader``'s chunk parser (RFC 9112 7.1.1 extensions only,
+    bounded chunk-size lines, framing overhead bounded, small chunks coalesced); the next
+    request is parsed by a fresh h11 connection from what it leaves over.
+    """
+
+    __slots__ = ("conn", "max_head", "keep_alive", "body")
 
     def __init__(self, max_head: int) -> None:
         self.max_head = max_head
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
         self.keep_alive = True
+        self.body: MessageReader | None = None  # the chunked body being read, if any
 
     def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        if self.body is not None:
+            self.body.feed(data)
+        else:
+            self.conn.receive_data(data)
 
     def next_event(self) -> object:
+        body = self.body
+        if body is not None:
+            return body.next_event()
         event = _next(self.conn)
         if type(event) is h11.Request:
             headers = _headers(event.headers)
@@ -96,17 +112,33 @@ class H11RequestReader:
                 # read could be larger than the limit. Enforce it exactly.
                 raise ParseError("header_too_large", 431)
             self.keep_alive = keep_alive_of(headers, event.http_version)
+            if any(n == b"transfer-encoding" for n, _ in headers):
+                # h11 accepted only "chunked" (anything else is a 501 already).
+                body = self.body = MessageReader(requests=True, max_head=self.max_head)
+                data, closed = self.conn.trailing_data
+                body.start_chunked(data)
+                if closed:
+                    body.feed(b"")
             return Request(event.method, event.target, headers, event.http_version)
         return event
 
     def buffered(self) -> bool:
+        if self.body is not None:
+            return self.body.buffered()
         return bool(self.conn.trailing_data[0])
 
     def trailing(self) -> bytes:
+        if self.body is not None:
+            return self.body.trailing()
         return self.conn.trailing_data[0]
 
     def start_next(self) -> None:
-        data, closed = self.conn.trailing_data
+        body = self.body
+        if body is not None:
+            data, closed = body.trailing(), body._eof
+            self.body = None
+        else:
+            data, closed = self.conn.trailing_data
         conn = self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head)
         if data:
             conn.receive_data(data)
@@ -115,6 +147,8 @@ class H11RequestReader:
 
     def at_rest(self) -> bool:
         """The current request was read to its end and nothing more has arrived."""
+        if self.body is not None:
+            return self.body.at_rest()
         conn = self.conn
         if conn.their_state is h11.SEND_BODY:
             try:
