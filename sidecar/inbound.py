@@ -27,10 +27,9 @@ from sidecar.http.headers import (
 )
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
-from sidecar.http.wire import Request
+from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice
-from sidecar.net.h11read import H11RequestReader
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import RequestContext, new_request_id, request_loop
@@ -124,7 +123,8 @@ class InboundProxy:
 
     async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
         limits = self.limits
-        client = Endpoint(tls_stream, H11RequestReader(limits.max_header_bytes), side="client")
+        client = Endpoint(tls_stream, MessageReader(requests=True, max_head=limits.max_header_bytes),
+                          side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:

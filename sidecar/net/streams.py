@@ -55,9 +55,8 @@ class Endpoint:
     """One HTTP/1.1 connection: a byte stream, a reader of the other side's messages, and a
     buffer of what we send.
 
-    ``reader`` is an h11 reader (``sidecar.net.h11read``) for bytes from the network or a
-    ``sidecar.http.wire.MessageReader`` for bytes from the local app; both return the
-    ``wire`` events. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
+    ``reader`` is the strict ``sidecar.http.wire.MessageReader`` (requests or responses),
+    whichever side the bytes come from. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
     sends them in one call, so a response head, its body and its end usually leave in one
     TLS record and one syscall. ``next_event(..., flush_first=other)`` flushes the *other*
     endpoint before it blocks on a read, so streaming never stalls on a buffer.
