@@ -359,3 +359,19 @@ async def test_request_loop_ends_quietly_when_the_client_goes_away_mid_request()
     await request_loop(client, tracker=ConnectionTracker(), limits=LIMITS,
                        telemetry=Telemetry(metrics), handle=handle, source="127.0.0.1",
                        peer=None)
+
+
+@trio_test(autojump=True)
+async def test_request_loop_closes_an_idle_connection_at_the_idle_timeout() -> None:
+    # The idle wait has one bound, the session's idle scope (the read under it has none of
+    # its own): an idle client is let go at idle_timeout, and never served.
+    ours, client = client_pair()
+
+    async def handle(ctx, event, head):  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing was sent")
+
+    start = trio.current_time()
+    await request_loop(client, tracker=ConnectionTracker(), limits=Limits(idle_timeout=7.0),
+                       telemetry=Telemetry(SidecarMetrics()), handle=handle,
+                       source="127.0.0.1", peer=None)
+    assert trio.current_time() - start == pytest.approx(7.0)

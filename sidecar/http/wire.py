@@ -149,29 +149,50 @@ def parse_fields(block: bytes) -> Headers:
     return _split_fields(block)
 
 
-def body_framing(headers: Headers, *, request: bool) -> tuple[int, int]:
-    """(framing, length) from Content-Length / Transfer-Encoding; ``ParseError`` when the
-    two disagree, repeat, or carry anything but a plain length and ``chunked``."""
+def _head_facts(headers: Headers, *, request: bool) -> tuple[int, int, int, bool]:
+    """One pass over a head's fields: (Host fields, framing, length, ``close`` token seen).
+
+    Raises ``ParseError`` when Content-Length and Transfer-Encoding disagree, repeat, or
+    carry anything but a plain length and ``chunked``. A request with a Host problem is
+    refused for that first (``bad_host``), whatever else is wrong with it."""
     length = -1
     chunked = False
+    hosts = 0
+    close = False
+    bad: ParseError | None = None
     for name, value in headers:
-        if name == b"content-length":
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
             if length >= 0 or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
-                raise ParseError("bad_content_length")
-            length = int(value)
+                bad = bad or ParseError("bad_content_length")
+            else:
+                length = int(value)
         elif name == b"transfer-encoding":
             if chunked or value.lower() != b"chunked":
-                raise ParseError("bad_transfer_encoding", 501 if request else 400)
+                bad = bad or ParseError("bad_transfer_encoding", 501 if request else 400)
             chunked = True
+        elif name == b"connection" and not close:
+            close = _has_close(value)
+    if request and hosts > 1:
+        raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
+    if bad is not None:
+        raise bad
     if chunked:
         if length >= 0:
             raise ParseError("length_and_chunked")
-        return _CHUNK_LINE, 0
+        return hosts, _CHUNK_LINE, 0, close
     if length > 0:
-        return _LENGTH, length
+        return hosts, _LENGTH, length, close
     if length == 0 or request:
-        return _NONE, 0
-    return _UNTIL_CLOSE, 0
+        return hosts, _NONE, 0, close
+    return hosts, _UNTIL_CLOSE, 0, close
+
+
+def _has_close(value: bytes) -> bool:
+    if b"close" not in value.lower():
+        return False
+    return any(token.strip().lower() == b"close" for token in value.split(b","))
 
 
 class MessageReader:
@@ -320,11 +341,10 @@ class MessageReader:
             if m is None:
                 raise ParseError("malformed_request_line")
             method, target, version = m.groups()
-            hosts = sum(1 for n, _ in headers if n == b"host")
-            if hosts > 1 or (hosts == 0 and version == b"1.1"):
+            hosts, self.framing, self._remaining, close = _head_facts(headers, request=True)
+            if hosts == 0 and version == b"1.1":
                 raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
-            self.framing, self._remaining = body_framing(headers, request=True)
-            self.keep_alive = keep_alive_of(headers, version)
+            self.keep_alive = version == b"1.1" and not close
             self._state = self.framing
             self._framing_bytes = self._body_bytes = 0
             return Request(method, target, headers, version)
@@ -333,7 +353,7 @@ class MessageReader:
             raise ParseError("malformed_status_line")
         version, code, reason = m.groups()
         status = int(code)
-        framing, length = body_framing(headers, request=False)  # checked on 1xx heads too
+        _, framing, length, close = _head_facts(headers, request=False)  # 1xx heads too
         if status < 200:
             if status == 101:
                 self._state = _DONE  # what follows is not HTTP any more
@@ -342,7 +362,7 @@ class MessageReader:
         self.framing, self._remaining = framing, length
         if self._method == b"HEAD" or status in (204, 304):
             self.framing = _NONE
-        self.keep_alive = keep_alive_of(headers, version) and self.framing != _UNTIL_CLOSE
+        self.keep_alive = version == b"1.1" and not close and self.framing != _UNTIL_CLOSE
         self._state = self.framing
         self._framing_bytes = self._body_bytes = 0
         return Response(status, reason or b"", headers, version)
@@ -424,18 +444,6 @@ class MessageReader:
                 raise ParseError("malformed_trailer")
             del buf[:end + 2]
             self._frame_bytes(end + 2)
-
-
-def keep_alive_of(headers: Headers, version: bytes) -> bool:
-    """Whether a message allows another on its connection (HTTP/1.1 without ``close``)."""
-    if version != b"1.1":
-        return False
-    for name, value in headers:
-        if name == b"connection" and b"close" in value.lower():
-            for token in value.split(b","):
-                if token.strip().lower() == b"close":
-                    return False
-    return True
 
 
 # -- writing ---------------------------------------------------------------------------------

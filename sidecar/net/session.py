@@ -12,6 +12,7 @@ request is ever read.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -79,8 +80,8 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             scope = tracker.idle_scope(now() + limits.idle_timeout)
             tracker.register_idle(scope)
             try:
-                with scope:
-                    reader.feed(await client.receive(now() + limits.idle_timeout))
+                with scope:  # the one bound of this wait (and a drain cancels it)
+                    reader.feed(await client.receive(math.inf))
             except (PeerClosed, Timeout):
                 return
             finally:
