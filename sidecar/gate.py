@@ -157,7 +157,10 @@ class Gate:
         if authn is not None and not tcp:
             providers = section.providers
             if providers or section.needs_apikey:
-                auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t)
+                svc = policy.services.get(self.own_id)
+                auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
+                                          audience=(svc.audience if svc is not None else None)
+                                          or self.own_id)
         decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:

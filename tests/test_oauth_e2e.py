@@ -39,6 +39,7 @@ from tests.harness import (
 from tests.idp import IdpProc
 
 AUD = "orders"
+SERVICE_AUD = "https://orders.example"
 
 
 def rule(name: str, paths: list[str], provider: str, claims: dict[str, Any] | None = None,
@@ -99,6 +100,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "untyped": jwt_provider(idp),
         "bound": jwt_provider(idp, typ="at+jwt", cert_binding="required"),
         "query": jwt_provider(idp, from_params=["access_token"]),
+        "service-aud": {k: v for k, v in jwt_provider(idp).items() if k != "audiences"},
         "opaque": {"issuer": idp.issuer, "audiences": [AUD], "introspection": intro,
                    "forward_claims": {"sub": "x-sub"}},
         "opaque-mtls": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
@@ -113,12 +115,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         rule("client", ["/client/**"], "idp", {"client_id": {"one_of": ["frontend"]}}),
         rule("bound", ["/bound/**"], "bound"),
         rule("query", ["/q/**"], "query"),
+        rule("service-aud", ["/svc/**"], "service-aud"),
         rule("opaque", ["/opaque/**"], "opaque", {"scope": {"contains": "orders:read"}}),
         rule("opaque-mtls", ["/opaque-mtls/**"], "opaque-mtls"),
         rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
     ]
     policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
-              "services": {spiffe("orders"): {"rules": rules}}}
+              "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
     policy_path = policy_dir / "mesh.yaml"
     policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
     audit_dir = tmp / "audit"
@@ -174,6 +177,12 @@ def test_client_id_condition(env: Env) -> None:
     assert env.get("/client/x", env.token()).status == 200
     other = env.idp.token(client="other", secret="other-secret")
     assert env.get("/client/x", other).status == 403
+
+
+def test_provider_without_audiences_takes_the_service_audience(env: Env) -> None:
+    assert env.get("/svc/x", env.token(audience=SERVICE_AUD)).status == 200
+    assert env.get("/svc/x", env.token()).status == 401  # aud "orders": another API's token
+    assert env.get("/svc/x", env.token(audience=spiffe("orders"))).status == 401
 
 
 # ----------------------------------------------------------------------------- RFC 8705

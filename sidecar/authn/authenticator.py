@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable
@@ -114,6 +115,7 @@ class Authenticator:
         self._cache = VerificationCache(cache_size, cache_max_ttl_seconds)
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
+        self._scoped: dict[tuple[str, str], JwtProvider] = {}
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
         self.failures: Counter[str] = Counter()
@@ -147,6 +149,7 @@ class Authenticator:
                 self._keys.pop(name, None)
                 self._fetched_at.pop(name, None)
         self._providers = new
+        self._scoped = {}
         self._revocations = RevocationList(extras.revocations)
         self._apikeys = ApiKeyTable(extras.api_keys)
         self._owned = frozenset(
@@ -213,12 +216,14 @@ class Authenticator:
         return self._providers.get(name)
 
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
-                     now: float, *, peer_x5t: str | None = None) -> AuthFacts:
+                     now: float, *, peer_x5t: str | None = None,
+                     audience: str | None = None) -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
         ``peer_x5t`` is the RFC 8705 thumbprint of the caller's certificate (computed once
-        per connection), for certificate-bound tokens.
+        per connection), for certificate-bound tokens. ``audience`` is the receiving
+        service's default audience, for providers that list no ``audiences``.
         """
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
@@ -229,6 +234,8 @@ class Authenticator:
             try:
                 if provider is None:
                     raise TokenInvalid(UNKNOWN_PROVIDER)
+                if not provider.audiences:
+                    provider = self._with_audience(provider, audience)
                 found = extract_tokens(provider, headers, query)
                 if found is not None:
                     verified = self._verify(provider, found.token, now)
@@ -242,21 +249,33 @@ class Authenticator:
             return NO_AUTH
         return AuthFacts(claims=claims, token_errors=errors, apikey=apikey)
 
+    def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
+        """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
+        per policy; its cache entries are kept apart per audience."""
+        key = (provider.name, audience or "")
+        scoped = self._scoped.get(key)
+        if scoped is None:
+            scoped = replace(provider, audiences=(audience,) if audience else ())
+            self._scoped[key] = scoped
+        return scoped
+
     def _verify(self, provider: JwtProvider, token: str, now: float) -> Claims:
         name = provider.name
+        if provider is not self._providers.get(name):
+            name = f"{name}\0{provider.audiences[0] if provider.audiences else ''}"
         if provider.introspection is not None:
             return self._introspected_claims(provider, token, now)
         cached = self._cache.lookup(name, token, now, self._revocations)
         if cached is not None:
             return cached
-        keys = self._keys.get(name)
+        keys = self._keys.get(provider.name)
         if keys is None:
             raise TokenInvalid(NO_KEYS)
         try:
             claims = verify_token(token, provider, keys, now)
         except TokenInvalid as exc:
             if exc.reason == UNKNOWN_KID:
-                self._signal_unknown_kid(name)
+                self._signal_unknown_kid(provider.name)
             raise
         if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)

@@ -57,7 +57,7 @@ TOP_KEYS = frozenset(
     {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -254,8 +254,11 @@ def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtP
     ok = True
     issuer = r.string(m.get("issuer"), path + ("issuer",))
     aud_raw = m.get("audiences")
-    audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
-                              path + ("audiences",))
+    # Omitted: the receiving service's audience (its `audience`, else its SPIFFE ID).
+    audiences: list[tuple[str, P]] | None = []
+    if aud_raw is not None:
+        audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
+                                  path + ("audiences",))
     algs: list[tuple[str, P]] | None = []
     if "algorithms" in m or "introspection" not in m:  # opaque tokens carry no algorithm
         algs = r.string_list(m.get("algorithms"), path + ("algorithms",))
@@ -794,8 +797,9 @@ def _service(
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    audience = r.string(m["audience"], path + ("audience",)) if "audience" in m else None
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
-                         non_ascii_paths=non_ascii == "allow")
+                         non_ascii_paths=non_ascii == "allow", audience=audience)
 
 
 # --- entry points ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ class JwtProvider:
 
     name: str
     issuer: str
-    audiences: tuple[str, ...]
+    audiences: tuple[str, ...]  # empty: the receiving service's audience (see authn.md)
     algorithms: tuple[str, ...]  # allowlist; never "none", never HS* (public-key only)
     jwks_file: str | None = None
     jwks_uri: str | None = None  # https only
