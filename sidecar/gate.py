@@ -124,13 +124,15 @@ class Gate:
         if introspector is None or policy is None:
             return
         section = policy.section(self.own_id)
-        if section is None or not section.providers:
+        if section is None or section.providers.isdisjoint(
+                self.authenticator.introspection_providers):
             return
         from sidecar.policy.compiled import request_holds
 
         names = [r.when.jwt.provider for index in (section.deny, section.allow)
                  for r in index.candidates(facts.peer, facts.path)
                  if r.when.jwt is not None
+                 and r.when.jwt.provider in self.authenticator.introspection_providers
                  and request_holds(r.when, facts, section.trust_domain, check_indexed=False)]
         if names:
             await introspector.prepare(dict.fromkeys(names), headers, query)

@@ -173,7 +173,7 @@ def test_introspection_cache_lifetimes_and_bound() -> None:
     cache.store("p", b"d", {"active": True}, NOW, ttl=60, negative_ttl=5)
     assert len(cache) == 2
     cache.store("p", b"e", {"active": True, "exp": NOW - 1}, NOW, ttl=60, negative_ttl=5)
-    assert not cache.fresh("p", b"e", NOW)
+    assert cache.lookup("p", b"e", NOW).claims is None  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- loader
@@ -284,3 +284,43 @@ def test_provider_without_audiences_takes_the_service_audience() -> None:
     other = auth.authenticate(["corp"], header, "", NOW, audience="spiffe://t/ns/a/sa/pay")
     assert other.token_errors == {"corp": "bad_audience"}
     assert auth.authenticate(["corp"], header, "", NOW).token_errors == {"corp": "bad_audience"}
+
+
+# --------------------------------------------------------------------------- introspected claims
+
+
+def test_introspected_answers_get_the_same_checks_as_jwts() -> None:
+    from sidecar.authn.oauth import token_digest
+    from sidecar.policy.sections import Introspection, Revocation
+
+    spec = Introspection(endpoint="https://idp/introspect", client_id="c", mtls=True)
+    prov = provider(introspection=spec, algorithms=(), jwks_file=None)
+    extras = PolicyExtras(jwt_providers={"corp": prov})
+    auth = Authenticator(extras)
+    header = [(b"authorization", b"Bearer opq_1")]
+
+    def answer(**claims_: Any) -> dict[str, str]:
+        auth.introspected.clear()
+        if claims_.get("active", True):
+            auth.introspected.store("corp", token_digest("opq_1"), claims(**claims_), NOW,
+                                    ttl=60, negative_ttl=5)
+        else:
+            auth.introspected.store("corp", token_digest("opq_1"), None, NOW, ttl=60,
+                                    negative_ttl=5)
+        facts = auth.authenticate(["corp"], header, "", NOW, peer_x5t=PEER)
+        return facts.token_errors
+
+    assert answer() == {}
+    assert answer(active=False) == {"corp": "inactive"}
+    assert answer(iss="https://other/") == {"corp": "bad_issuer"}
+    assert answer(iss=None) == {}  # iss is optional in RFC 7662 answers
+    assert answer(aud="other-api") == {"corp": "bad_audience"}
+    assert answer(exp=int(NOW) - 1) == {"corp": "inactive"}  # past exp: cached as inactive
+    assert answer(cnf={"x5t#S256": x5t_s256(b"other")}) == {"corp": "cert_mismatch"}
+    assert answer(cnf={"x5t#S256": PEER}) == {}
+    auth.introspected.clear()
+    assert auth.authenticate(["corp"], header, "", NOW).token_errors == {
+        "corp": "introspection_unavailable"}
+    auth.update(PolicyExtras(jwt_providers={"corp": prov},
+                             revocations=(Revocation(sub="alice"),)))
+    assert answer() == {"corp": "revoked"}

@@ -116,6 +116,7 @@ class Authenticator:
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
         self._scoped: dict[tuple[str, str], JwtProvider] = {}
+        self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
         self.failures: Counter[str] = Counter()
@@ -150,6 +151,8 @@ class Authenticator:
                 self._fetched_at.pop(name, None)
         self._providers = new
         self._scoped = {}
+        self.introspection_providers = frozenset(
+            name for name, p in new.items() if p.introspection is not None)
         self._revocations = RevocationList(extras.revocations)
         self._apikeys = ApiKeyTable(extras.api_keys)
         self._owned = frozenset(

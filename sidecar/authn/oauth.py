@@ -152,13 +152,15 @@ class IntrospectionCache:
 
     def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
               ttl: float, negative_ttl: float) -> None:
-        if claims is None:
-            expires_at = now + negative_ttl
-        else:
-            expires_at = now + ttl
+        expires_at = now + ttl
+        if claims is not None:
             exp = claims.get("exp")
             if isinstance(exp, int | float) and not isinstance(exp, bool):
                 expires_at = min(expires_at, float(exp))
+        if claims is None or expires_at <= now:
+            # Inactive, or "active" past its exp: remembered as inactive for a while, so a
+            # server that keeps saying so is not asked again on every request.
+            claims, expires_at = None, now + negative_ttl
         if expires_at <= now:
             return
         key = (provider, digest)
