@@ -25,6 +25,7 @@ from sidecar.authn.oauth import (
 )
 from sidecar.errors import ConfigError
 from sidecar.policy.compiled import claim_holds
+from sidecar.policy.decision import NO_AUTH
 from sidecar.policy.lint import lint
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import ClaimCondition
@@ -318,9 +319,12 @@ def test_introspected_answers_get_the_same_checks_as_jwts() -> None:
     assert answer(exp=int(NOW) - 1) == {"corp": "inactive"}  # past exp: cached as inactive
     assert answer(cnf={"x5t#S256": x5t_s256(b"other")}) == {"corp": "cert_mismatch"}
     assert answer(cnf={"x5t#S256": PEER}) == {}
-    auth.introspected.clear()
+    auth.introspected.clear()  # not asked about for this request: the token counts as absent
+    assert auth.authenticate(["corp"], header, "", NOW) == NO_AUTH
+    auth.introspected.store_unavailable("corp", token_digest("opq_1"), NOW, 1.0)
     assert auth.authenticate(["corp"], header, "", NOW).token_errors == {
         "corp": "introspection_unavailable"}
+    assert auth.authenticate(["corp"], header, "", NOW + 1) == NO_AUTH  # backoff over
     auth.update(PolicyExtras(jwt_providers={"corp": prov},
                              revocations=(Revocation(sub="alice"),)))
     assert answer() == {"corp": "revoked"}

@@ -258,9 +258,16 @@ def test_introspection_with_mtls_client_authentication(env: Env) -> None:
 def test_introspection_with_wrong_client_secret_fails_closed(env: Env) -> None:
     token = env.idp.token(identity=env.frontend, format="opaque")
     assert env.get("/opaque-wrong/x", token).status == 401
-    assert reason_logged(env, "introspection_unavailable")
+    assert env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-wrong",
+                              reason="introspection_unavailable") >= 1
     logged = env.sidecar.log_events("introspection_failed")
-    assert any("401" in e.get("error", "") for e in logged), logged
+    assert any("401" in e.get("error", "") and e.get("provider") == "opaque-wrong"
+               for e in logged), logged
+    # Requests on other paths never reach this provider's endpoint or count against it.
+    before = env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-wrong")
+    assert env.get("/opaque/x", env.idp.token(identity=env.frontend, format="opaque",
+                                              scope="orders:read")).status == 200
+    assert env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-wrong") == before
 
 
 @pytest.mark.parametrize("mode", ["slow", "fail"])

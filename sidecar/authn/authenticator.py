@@ -240,7 +240,13 @@ class Authenticator:
                 if not provider.audiences:
                     provider = self._with_audience(provider, audience)
                 found = extract_tokens(provider, headers, query)
-                if found is not None:
+                if found is not None and provider.introspection is not None:
+                    answer = self._introspected_claims(provider, found.token, now)
+                    if answer is None:
+                        continue  # not asked about for this request: no rule here needs it
+                    check_binding(answer, peer_x5t, provider.cert_binding == "required")
+                    claims[name] = answer
+                elif found is not None:
                     verified = self._verify(provider, found.token, now)
                     check_binding(verified, peer_x5t, provider.cert_binding == "required")
                     claims[name] = verified
@@ -266,8 +272,6 @@ class Authenticator:
         name = provider.name
         if provider is not self._providers.get(name):
             name = f"{name}\0{provider.audiences[0] if provider.audiences else ''}"
-        if provider.introspection is not None:
-            return self._introspected_claims(provider, token, now)
         cached = self._cache.lookup(name, token, now, self._revocations)
         if cached is not None:
             return cached
@@ -286,13 +290,17 @@ class Authenticator:
         self._cache.store(name, token, claims, now)
         return claims
 
-    def _introspected_claims(self, provider: JwtProvider, token: str, now: float) -> Claims:
-        # The introspector (I/O, before the decision) put the answer in the cache; no answer
-        # means the endpoint was down, slow or refused us: fail closed.
+    def _introspected_claims(self, provider: JwtProvider, token: str,
+                             now: float) -> Claims | None:
+        # The introspector (I/O, before the decision, see introspect.py) put the answer in
+        # the cache, or an "unavailable" entry when asking failed: fail closed. No entry:
+        # it did not ask, because no rule that could match this request names the provider.
         if len(token) > provider.max_token_bytes:
             raise TokenInvalid(TOO_LARGE)
         entry = self.introspected.lookup(provider.name, token_digest(token), now)
         if entry is None:
+            return None
+        if entry.unavailable:
             raise TokenInvalid(INTROSPECTION_UNAVAILABLE)
         claims = entry.claims
         if claims is None:

@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 The decision path is synchronous and pure (``Authenticator.authenticate``); it only *reads*
-the introspection cache, and a token with no cached answer is refused
-(``introspection_unavailable``: fail closed). ``Introspector.prepare`` runs just before it,
+the introspection cache: active -> claims, inactive -> ``inactive``, a failed call ->
+``introspection_unavailable`` (fail closed), no entry at all -> the provider was not asked
+about for this request (no rule that could match names it), so its token counts as absent
+for it, which no rule naming it accepts either. ``Introspector.prepare`` runs just before it,
 in the request's task, for the providers of the section that have ``introspection``: it
 finds the token the same way ``authenticate`` will, and when the cache has no fresh answer
 asks the endpoint and stores the answer (active until min(``exp``, ``cache_ttl``), inactive
@@ -89,7 +91,9 @@ class Introspector:
         if pending is not None:
             await pending.wait()
             return
-        if trio.current_time() < self._down_until.get(provider.name, float("-inf")):
+        left = self._down_until.get(provider.name, float("-inf")) - trio.current_time()
+        if left > 0:
+            self._unavailable(provider.name, digest, left)
             return
         done = trio.Event()
         self._in_flight[key] = done
@@ -108,6 +112,7 @@ class Introspector:
         if waited.cancelled_caught:
             log("introspection_busy", "warning", provider=provider.name,
                 max_concurrent=spec.max_concurrent)
+            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
             return
         try:
             self.calls += 1
@@ -130,6 +135,7 @@ class Introspector:
             # holds the request (token, secret) or the response body.
             log("introspection_failed", "warning", provider=provider.name,
                 endpoint=spec.endpoint, error=str(exc))
+            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
             return
         finally:
             limiter.release()
@@ -137,6 +143,10 @@ class Introspector:
         self.authenticator.introspected.store(  # type: ignore[attr-defined]
             provider.name, digest, claims, time.time(), spec.cache_ttl_seconds,
             spec.negative_ttl_seconds)
+
+    def _unavailable(self, name: str, digest: bytes, seconds: float) -> None:
+        self.authenticator.introspected.store_unavailable(  # type: ignore[attr-defined]
+            name, digest, time.time(), seconds)
 
     def _limiter(self, name: str, size: int) -> trio.CapacityLimiter:
         limiter = self._limiters.get((name, size))

@@ -15,7 +15,8 @@ Theory of operation
 * **Introspection results** (RFC 7662): ``introspection_claims`` turns a response body into
   claims (active) or None (inactive), and ``IntrospectionCache`` keeps both for a bounded
   time: active until min(``exp``, now + ``cache_ttl``), inactive for ``negative_ttl``.
-  Cache keys are SHA-256 digests of the token, so the cache holds no token.
+  A failed call leaves an "unavailable" entry for a short backoff (refused, not asked
+  again). Cache keys are SHA-256 digests of the token, so the cache holds no token.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def token_digest(token: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class CachedIntrospection:
-    claims: Claims | None  # None: inactive
+    claims: Claims | None  # None: inactive (or unavailable)
     expires_at: float
+    unavailable: bool = False  # asking failed; no new call until expires_at
 
 
 class IntrospectionCache:
@@ -165,6 +167,15 @@ class IntrospectionCache:
             return
         key = (provider, digest)
         self._entries[key] = CachedIntrospection(claims, expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def store_unavailable(self, provider: str, digest: bytes, now: float, seconds: float) -> None:
+        """Asking about this token failed (down, slow, refused, busy): refuse it, and do not
+        ask again, for ``seconds``."""
+        key = (provider, digest)
+        self._entries[key] = CachedIntrospection(None, now + seconds, unavailable=True)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
