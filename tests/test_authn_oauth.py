@@ -242,6 +242,8 @@ def test_new_provider_keys_load() -> None:
      "jwt_providers.p.introspection.secret", "unknown key"),
     ({**BASE, "introspection": {**INTRO, "client_id": ""}},
      "jwt_providers.p.introspection.client_id", "non-empty"),
+    ({**BASE, "introspection": INTRO, "jwks_ca": "ca.pem"}, "jwt_providers.p.jwks_ca",
+     "introspection.ca"),
 ])
 def test_provider_mistakes_name_file_line_and_key(prov: dict[str, Any], key: str,
                                                   words: str) -> None:
@@ -328,3 +330,19 @@ def test_introspected_answers_get_the_same_checks_as_jwts() -> None:
     auth.update(PolicyExtras(jwt_providers={"corp": prov},
                              revocations=(Revocation(sub="alice"),)))
     assert answer() == {"corp": "revoked"}
+
+
+def test_check_reports_every_missing_provider_file(tmp_path: Any) -> None:
+    from tests.harness import sidecar_cli
+
+    (tmp_path / "here.pem").write_text("x")
+    text = policy_text({"issuer": "i", "audiences": ["a"], "introspection": {
+        **INTRO, "client_secret_file": "gone-secret", "ca": "here.pem"}})
+    doc = yaml.safe_load(text)
+    doc["jwt_providers"]["q"] = {**BASE, "jwks_uri": "https://x/j", "jwks_ca": "gone-ca.pem"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc))
+    out = sidecar_cli("policy", "check", str(tmp_path / "p.yaml"))
+    assert out.returncode != 0
+    assert "jwt_providers.p.introspection.client_secret_file: [missing-file]" in out.stderr
+    assert "jwt_providers.q.jwks_ca: [missing-file]" in out.stderr
+    assert "here.pem" not in out.stderr

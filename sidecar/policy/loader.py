@@ -309,6 +309,10 @@ def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtP
         else:
             r.problem(path + ("discovery",), "expected true or an https:// metadata URL")
             ok = False
+    if jwks_ca is not None and intro_raw is not None:
+        r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery; "
+                  "use introspection.ca")
+        ok = False
     if jwks_ca is not None:
         ca = r.string(jwks_ca, path + ("jwks_ca",))
         jwks_ca = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
