@@ -27,13 +27,12 @@ from typing import Any
 
 import trio
 
-from sidecar.http.untrusted import HeaderFilter
-
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
@@ -83,6 +82,12 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        if self.authenticator is not None:
+            from sidecar.authn.introspect import Introspector
+
+            # mtls introspection presents this workload's own (rotating) SVID files.
+            self.gate.introspector = Introspector(self.authenticator,
+                                                  identity=lambda: (ident.cert, ident.key))
         self.trackers: list[ConnectionTracker] = []
         self.stops: list[trio.CancelScope] = []
         self.listening = False
