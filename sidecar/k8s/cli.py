@@ -111,6 +111,20 @@ def add_inject_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``webhook`` flags (also used by ``python -m sidecar.k8s.webhook``)."""
     parser.add_argument("--listen", default="0.0.0.0:8443", metavar="ADDR",
@@ -122,6 +136,11 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                         help="how often to check the certificate files for rotation "
                              "(default 5)")
+    parser.add_argument("--max-connections-per-source", type=_positive_int, default=64,
+                        metavar="N", help="connections one source address may hold open; "
+                                          "more are closed at once (default 64)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="close a keep-alive connection idle this long (default 5)")
     add_injection_arguments(parser)
 
 
