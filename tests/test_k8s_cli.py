@@ -76,9 +76,14 @@ def test_inject_stdin_to_stdout_with_flags_and_second_pass_is_identical() -> Non
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["mesh-sidecar-svid"]["secret"]["secretName"] == "orders-svid"
     assert volumes[POLICY_VOLUME]["configMap"]["name"] == "pol"
-    code, again, err = run(["inject", "-f", "-", "--no-native"], stdin=out)
+    same_flags = ["--no-native", "--image", "reg/side:2", "--cert-secret", "orders-svid",
+                  "--policy-configmap", "pol", "--config-configmap", "cfg"]
+    code, again, err = run(["inject", "-f", "-", *same_flags], stdin=out)
     assert code == 0 and again == out
     assert "0 pod template(s) injected" in err
+    # A sidecar this injector would not make (other image, other volumes) is not trusted.
+    code, _, err = run(["inject", "-f", "-", "--no-native"], stdin=out)
+    assert code == 1 and "admission rule impostor_sidecar" in err
 
 
 def test_bad_yaml_and_missing_file_exit_2(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ bytes and bounds every wait:
   requests (5 s: the API server opens a new connection, or retries on a closed one, for
   the next review) and a body cap (3 MiB by default; bigger -> 413). Refused connections
   are counted (``WebhookStats``) and shown at ``GET /metrics``.
-* Routes: ``POST /mutate`` -> AdmissionReview answer; ``GET /healthz`` -> 200;
+* Routes: ``POST /mutate`` (namespaces labelled ``enabled``) and ``POST /mutate-required``
+  (``required``) -> AdmissionReview answer; ``GET /healthz`` -> 200;
   ``GET /metrics`` -> the webhook's counters (Prometheus text); a known path
   with another method -> 405 with ``Allow``; anything else -> 404. Malformed reviews get a
   400 JSON body and the connection (and server) carry on.
@@ -38,7 +39,7 @@ import hashlib
 import signal
 import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
@@ -47,6 +48,7 @@ from cryptography import x509
 
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.inject import InjectOptions
+from sidecar.k8s.rules import mode_for_path
 from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Registry
@@ -290,7 +292,8 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
         else:
             await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=reusable)
         return reusable
-    if target != b"/mutate":
+    mode = mode_for_path(target.decode("latin-1"))
+    if mode is None:
         await conn.send_json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
                              keep_alive=False)
         return False
@@ -304,7 +307,9 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
         await conn.send_json(413, {"error": f"body larger than {conn.limits.max_body} bytes"},
                              keep_alive=False)
         return False
-    answer = review_pod(body, options)
+    # The path is the namespace's mode: the webhook configuration picks it from the
+    # namespace label, which the pod's author does not control.
+    answer = review_pod(body, replace(options, namespace_mode=mode))
     stats.reviews.labels(_review_result(answer)).inc()
     if answer.status != 200:
         log("webhook_bad_request", "warning", status=answer.status,
@@ -312,7 +317,7 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
     else:
         response = answer.body.get("response", {})
         log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
-            allowed=response.get("allowed"))
+            allowed=response.get("allowed"), mode=mode, rule=answer.rule or None)
     await conn.send_json(answer.status, answer, keep_alive=True)
     return True
 
