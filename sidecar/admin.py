@@ -86,7 +86,7 @@ class ServerLimits:
     write_timeout: float = 10.0
     max_requests_per_connection: int = 100
     max_connections: int = 64
-    max_connections_per_source: int = 8
+    max_connections_per_source: int = 32
     keep_alive: bool = True  # False: every answer says Connection: close
 
 

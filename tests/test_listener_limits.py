@@ -129,7 +129,7 @@ def test_one_neighbour_cannot_lock_out_the_probe_port(admin_sidecar: object, whi
         assert refused == 8  # the newest ones are beyond the neighbour's share
     wait_for(lambda: proc.metric(  # type: ignore[attr-defined]
         "sidecar_connections_refused_total", listener=which,
-        reason="max_connections_per_source") >= before + 64, timeout=10)
+        reason="max_connections_per_source") >= before + 72 - 32, timeout=10)
 
 
 def test_health_port_has_no_keep_alive_and_cuts_silent_connections(admin_sidecar: object) -> None:

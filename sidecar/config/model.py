@@ -67,7 +67,7 @@ class OutboundConfig:
 class AdminConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 15000)
     health_listen: tuple[str, int] | None = None
-    max_connections_per_source: int = 8  # admin and health servers, each
+    max_connections_per_source: int = 32  # admin and health servers, each
 
 
 @dataclass(frozen=True)
