@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject
@@ -105,6 +106,21 @@ def test_webhook_parser_defaults() -> None:
     args = parse(["webhook", "--cert", "c.pem", "--key", "k.pem"])
     assert args.listen == "0.0.0.0:8443" and args.reload_interval == 5.0
     assert args.native is True and args.policy_configmap == "mesh-policy"
+    assert args.max_connections_per_source == 64 and args.idle_timeout == 5.0
+    assert args.allowed_config_configmaps == []
+    args = parse(["webhook", "--cert", "c", "--key", "k", "--max-connections-per-source", "3",
+                  "--idle-timeout", "0.5", "--allow-config-configmap", "a",
+                  "--allow-config-configmap", "b"])
+    assert (args.max_connections_per_source, args.idle_timeout) == (3, 0.5)
+    assert args.allowed_config_configmaps == ["a", "b"]
+
+
+@pytest.mark.parametrize("flag, value", [("--max-connections-per-source", "0"),
+                                         ("--idle-timeout", "-1"),
+                                         ("--max-connections-per-source", "x")])
+def test_webhook_limit_flags_refuse_nonsense(flag: str, value: str) -> None:
+    with pytest.raises(SystemExit):
+        parse(["webhook", "--cert", "c", "--key", "k", flag, value])
 
 
 def test_webhook_module_refuses_missing_certificate(tmp_path: Path) -> None:

@@ -255,7 +255,8 @@ def test_pure(case: Case) -> None:
 
 
 @pytest.fixture(scope="module")
-def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, ssl.SSLContext]]:
+def webhook(tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[int, ssl.SSLContext, Proc]]:
     tmp = tmp_path_factory.mktemp("rules-webhook")
     ca_file, _ = https_server_material(tmp / "tls")
     port = free_port()
@@ -264,14 +265,15 @@ def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, ssl
                  *FLAGS], tmp / "webhook.log")
     try:
         wait_port(port, proc=proc.proc)
-        yield port, ssl.create_default_context(cafile=str(ca_file))
+        yield port, ssl.create_default_context(cafile=str(ca_file)), proc
     finally:
         proc.stop(timeout=10)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext], case: Case) -> None:
-    port, ctx = webhook
+def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext, Proc],
+                                   case: Case) -> None:
+    port, ctx, proc = webhook
     doc = case.build()
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
               "request": {"uid": "uid-" + case.name.replace(" ", "-"), "operation": "CREATE",
@@ -291,6 +293,9 @@ def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext], case: Ca
         assert response["allowed"] is False
         assert f"rule {case.expect.split(':', 1)[1]}:" in response["status"]["message"]
         assert "patch" not in response
+        (event,) = [e for e in proc.log_events("webhook_review")
+                    if e["uid"] == review["request"]["uid"]]
+        assert event["rule"] == case.expect.split(":", 1)[1] and event["mode"] == case.mode
     elif case.expect == "unchanged":
         assert response == {"uid": review["request"]["uid"], "allowed": True}
     else:

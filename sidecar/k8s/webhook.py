@@ -316,8 +316,9 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
             error=str(answer.body.get("error", "")))
     else:
         response = answer.body.get("response", {})
+        denied_by = {"rule": answer.rule} if answer.rule else {}
         log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
-            allowed=response.get("allowed"), mode=mode, rule=answer.rule or None)
+            allowed=response.get("allowed"), mode=mode, **denied_by)
     await conn.send_json(answer.status, answer, keep_alive=True)
     return True
 
