@@ -24,7 +24,10 @@ from sidecar.http.untrusted import (
     catalogue_markdown,
     entry_for,
 )
-from tests.test_hostile_http import H, SIDES, Mesh, exchange, statuses
+from tests.test_hostile_http import SIDES, H, Mesh, exchange, statuses
+
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "zz-spoofed-9f3"

@@ -51,7 +51,11 @@ from tests.harness import (
     start_sidecar,
     wait_for,
 )
+from tests.jwt_claim_family import MEMBER_IDS, MEMBERS, payload_text, sign_raw
 from tests.test_authn_support import AUDIENCE, ISSUER, b64, ec_key, jwk, jwks_bytes, rsa_key
+
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 BEARER_MISSING = 'Bearer realm="sidecar"'
 BEARER_INVALID = 'Bearer realm="sidecar", error="invalid_token"'
@@ -221,11 +225,16 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         "hidden": provider_doc(
             jwks_file="jwks/corp.json", from_headers=["x-token"], forward_token=False,
             forward_claims={"sub": "x-hidden-user"}),
+        # Room for the claim family's longest members (a 5000-digit exp), which must be
+        # refused for their claim, not for their size.
+        "wide": provider_doc(jwks_file="jwks/corp.json", max_token_bytes=16384,
+                             required_claims=["exp", "iat", "sub"]),
     }
     rules = [
         jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
                  {"scope": {"contains": "orders:read"}}),
         jwt_rule("hidden-token", ["/hidden/**"], "hidden"),
+        jwt_rule("wide-token", ["/wide/**"], "wide"),
         {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
                                     "apikey": True}},
     ]
@@ -381,6 +390,30 @@ def test_classic_attack_is_refused_with_generic_401(shared: Shared, generic_401:
     assert not any(word.encode() in lowered for word in REASON_WORDS), r.body
     # Refused for the right reason (metrics are the operator's view of the same decision).
     assert node.metric("sidecar_jwt_failures_total", provider="corp", reason=reason) == before + 1
+
+
+@pytest.mark.parametrize(("claim", "label", "text"), MEMBERS, ids=MEMBER_IDS)
+def test_malformed_claim_family_gets_401_through_a_real_sidecar(
+        shared: Shared, generic_401: bytes, claim: str, label: str, text: str) -> None:
+    # Every member of tests/jwt_claim_family.py, correctly signed by the provider's own key:
+    # the type or range of one registered claim is all that is wrong. Before the fix
+    # `exp: null` reached the app and `exp: 10**400` dropped the connection (internal_error,
+    # which the module's no_internal_errors check also catches).
+    node = shared.node
+    token = sign_raw(payload_text(claims(), claim, text), ec_key("e2e-ec-1"))
+    r = http(node.port, "GET", "/wide/x", headers={"authorization": f"Bearer {token}"},
+             ctx=node.ctx)
+    assert r.status == 401, (claim, label, r.status, r.body)
+    assert r.headers.get("www-authenticate") == BEARER_INVALID
+    assert generic(r.body) == generic_401
+
+
+def test_claim_family_control_token_is_accepted(shared: Shared) -> None:
+    # The family's tokens are built like this one; with valid values it gets through.
+    token = sign_raw(payload_text(claims(), "exp", str(int(time.time()) + 60)),
+                     ec_key("e2e-ec-1"))
+    r = shared.node.get("/wide/x", token)
+    assert r.status == 200, r.body
 
 
 def test_two_authorization_headers_refused_before_policy(shared: Shared) -> None:
