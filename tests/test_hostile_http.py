@@ -65,6 +65,8 @@ class RecordingApp:
         self.heads: list[dict[str, Any]] = []
         self.complete = 0
         self.errors: list[str] = []
+        # GET /trailers answers chunked with these response trailers (and a Trailer header).
+        self.response_trailers: list[tuple[str, str]] = []
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -126,6 +128,15 @@ class RecordingApp:
 
     def _respond(self, sock: socket.socket, conn: h11.Connection, head: dict[str, Any]) -> None:
         target = head["target"]
+        if target == "/trailers":
+            with self.lock:
+                trailers = list(self.response_trailers)
+            sock.sendall(conn.send(h11.Response(status_code=200, headers=[
+                ("transfer-encoding", "chunked"),
+                ("trailer", ", ".join(n for n, _ in trailers[:10]))])))
+            sock.sendall(conn.send(h11.Data(data=b"trailer-body")))
+            sock.sendall(conn.send(h11.EndOfMessage(headers=trailers)))
+            return
         if target.startswith("/big?n="):
             n = int(target.split("=", 1)[1])
             sock.sendall(conn.send(h11.Response(status_code=200, headers=[
