@@ -57,7 +57,7 @@ TOP_KEYS = frozenset(
     {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "path_case"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -699,8 +699,17 @@ def _service(
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    path_case = m.get("path_case")
+    if path_case not in (None, "sensitive", "insensitive"):
+        r.problem(path + ("path_case",), "expected sensitive or insensitive")
+        path_case = None
+    elif path_case == "insensitive" and non_ascii == "allow":
+        # Unicode case mapping differs between frameworks (the Kelvin sign folds to "k" in
+        # .NET, "ß" to "ss" in casefold); only ASCII letters fold the same everywhere.
+        r.problem(path + ("path_case",),
+                  "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
-                         non_ascii_paths=non_ascii == "allow")
+                         non_ascii_paths=non_ascii == "allow", path_case=path_case)
 
 
 # --- entry points ---------------------------------------------------------------------
@@ -767,7 +776,8 @@ def load_policy(text: bytes | str, filename: str) -> Policy:
 
     src.raise_if_problems()
     sections: dict[str, Section] = {
-        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or ())
+        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or (),
+                             fold_case=svc.paths_fold_case)
         for sid, svc in services.items()
     }
     extras = PolicyExtras(
