@@ -27,13 +27,12 @@ from typing import Any
 
 import trio
 
-from sidecar.http.untrusted import HeaderFilter
-
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
@@ -187,7 +186,10 @@ class Sidecar:
                 peer=alert.source if alert.by == "peer" else None,
                 source=alert.source if alert.by == "address" else "",
                 extra={"failures": alert.failures, "window_seconds": alert.window_seconds,
-                       "block_seconds": alert.block_seconds}))
+                       "block_seconds": alert.block_seconds, "by": alert.by,
+                       # by subject/issuer: the token subject or issuer the burst is about
+                       **({"alert_source": alert.source}
+                          if alert.by in ("subject", "issuer") else {})}))
         self.alert_poster.submit(alert)
 
     def _audit_alert(self, kind: str, message: str) -> None:

@@ -752,3 +752,76 @@ def test_ready_only_after_the_first_jwks_fetch_attempt(tmp_path: Path, pki: Pki,
     # start_node returned on /readyz 200: the keys are there for the very first request.
     assert node.get("/x", sign(claims())).status == 200
     assert server.count() == 1
+
+
+# ----------------------------------------------------------------------------- whose failure
+
+
+def test_users_bad_tokens_never_block_the_frontend_relaying_them(tmp_path: Path, pki: Pki,
+                                                                 own_app: int,
+                                                                 procs: list) -> None:
+    """Fifty users' bad tokens through one frontend: alerts per subject and issuer, but the
+    frontend's address and identity are never blocked. The frontend's own failures (paths no
+    rule allows it) still block it."""
+    jwks = tmp_path / "policy" / "jwks.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(jwks, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
+    doc = policy_doc({"corp": provider_doc(jwks_file="jwks.json")}, [
+        jwt_rule("readers", ["/orders/**"], "corp", {"scope": {"contains": "orders:read"}}),
+        {"name": "guests-never-write", "deny": {"methods": ["POST"], "paths": ["/orders/**"],
+                                                "jwt": {"provider": "corp",
+                                                        "claims": {"role": "guest"}}}},
+    ])
+    doc["alerts"] = [
+        {"name": "address-scanning", "threshold": 5, "window": "5m", "by": "address",
+         "block": "10m"},
+        {"name": "peer-scanning", "threshold": 5, "window": "5m", "by": "peer", "block": "10m"},
+        {"name": "user-burst", "threshold": 5, "window": "5m", "by": "subject"},
+        {"name": "issuer-burst", "threshold": 40, "window": "5m", "by": "issuer"},
+    ]
+    node = start_node(tmp_path, pki, own_app, doc)
+    procs.append(node.sidecar)
+    now = int(time.time())
+    # Fifty users, each with one kind of bad credential (401 and 403 both).
+    for i in range(50):
+        kind = i % 5
+        if kind == 0:
+            token = sign(claims(sub=f"user-{i}", iat=now - 7200, exp=now - 3600))  # expired
+        elif kind == 1:
+            token = sign(claims(sub=f"user-{i}"), ec.generate_private_key(ec.SECP256R1()))
+        elif kind == 2:
+            token = sign(claims(sub=f"user-{i}", scope="profile"))  # 403 claims_mismatch
+        elif kind == 3:
+            token = sign_raw(payload_text(claims(sub=f"user-{i}"), "exp", "null"),
+                             ec_key("e2e-ec-1"))
+        else:
+            token = "not-a-jwt"
+        r = node.get(f"/orders/{i}", token)
+        assert r.status in (401, 403), (i, r.status)
+    r = http(node.port, "POST", "/orders/1",
+             headers={"authorization": f"Bearer {sign(claims(role='guest'))}"}, ctx=node.ctx)
+    assert r.status == 403  # denied by a rule about the user's token: the user's failure
+    # The frontend is not blocked: the next user with a good token gets through.
+    assert node.get("/orders/ok", sign(claims(sub="carol"))).status == 200
+    assert node.metric("sidecar_source_blocked_total") == 0
+    events = node.sidecar.log_events("alert_raised")
+    assert [(e["alert"], e["source"]) for e in events] == [("issuer-burst", ISSUER)]
+
+    # One user hammering with bad tokens: an alert naming that subject, still no block.
+    for _ in range(5):
+        assert node.get("/orders/1", sign(claims(sub="mallory", scope="none"))).status == 403
+    assert node.get("/orders/ok", sign(claims(sub="carol"))).status == 200
+    events = node.sidecar.log_events("alert_raised")
+    assert ("user-burst", "mallory", "subject") in [(e["alert"], e["source"], e["by"])
+                                                    for e in events]
+    assert not [e for e in events if e["by"] in ("peer", "address")]
+
+    # The frontend's own failures (paths no rule allows its identity) do count against it.
+    for i in range(5):
+        assert node.get(f"/admin/{i}", sign(claims())).status == 403
+    r = node.get("/orders/ok", sign(claims(sub="carol")))
+    assert r.status == 403  # source_blocked
+    events = node.sidecar.log_events("alert_raised")
+    assert {e["alert"] for e in events if e["by"] in ("peer", "address")} == {
+        "address-scanning", "peer-scanning"}
+    assert node.metric("sidecar_source_blocked_total") >= 1

@@ -42,6 +42,7 @@ from sidecar.authn.jwt import (
     UNKNOWN_PROVIDER,
     Claims,
     TokenInvalid,
+    unverified_subject,
     verify_token,
 )
 from sidecar.authn.revocation import RevocationList
@@ -199,23 +200,31 @@ class Authenticator:
         """
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
+        subjects: dict[str, str] = {}
         for name in providers:
             if name in claims or name in errors:
                 continue
             provider = self._providers.get(name)
+            token = None
             try:
                 if provider is None:
                     raise TokenInvalid(UNKNOWN_PROVIDER)
                 found = extract_tokens(provider, headers, query)
                 if found is not None:
-                    claims[name] = self._verify(provider, found.token, now)
+                    token = found.token
+                    claims[name] = self._verify(provider, token, now)
             except TokenInvalid as exc:
                 errors[name] = exc.reason
                 self.failures[exc.reason] += 1
+                if token is not None and provider is not None:
+                    sub = unverified_subject(token, provider.max_token_bytes)
+                    if sub is not None:
+                        subjects[name] = sub
         apikey = self._check_apikey(headers, now)
         if not claims and not errors and apikey is None:
             return NO_AUTH
-        return AuthFacts(claims=claims, token_errors=errors, apikey=apikey)
+        return AuthFacts(claims=claims, token_errors=errors, apikey=apikey,
+                         unverified_subjects=subjects)
 
     def _verify(self, provider: JwtProvider, token: str, now: float) -> Claims:
         name = provider.name

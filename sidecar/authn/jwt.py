@@ -176,6 +176,25 @@ def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
     return _json_object(token.partition(".")[0], "header")
 
 
+MAX_UNVERIFIED_SUBJECT = 256
+
+
+def unverified_subject(token: str, max_bytes: int) -> str | None:
+    """The ``sub`` a token claims, read WITHOUT verifying anything; None when unreadable.
+
+    Only for counting failures per claimed subject (burst alerts). Never decide on it.
+    """
+    try:
+        parse_unverified_header(token, max_bytes)
+        claims = _json_object(token.split(".")[1], "payload")
+    except TokenInvalid:
+        return None
+    sub = claims.get("sub")
+    if isinstance(sub, str) and 0 < len(sub) <= MAX_UNVERIFIED_SUBJECT:
+        return sub
+    return None
+
+
 def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
     """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
 

@@ -27,7 +27,7 @@ with.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.policy.decision import (
@@ -428,6 +428,7 @@ class Section:
     providers: frozenset[str]
     needs_apikey: bool
     fold_case: bool = False
+    by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
@@ -463,4 +464,5 @@ def compile_section(
         providers=providers,
         needs_apikey=any(r.when.apikey is not None for r in rules),
         fold_case=fold_case,
+        by_name={r.name: r for r in rules},
     )

@@ -15,7 +15,6 @@ opened). The result is safe to build in a reload task and swap in atomically.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import math
 import os
@@ -484,9 +483,13 @@ def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
             window = None
         block = r.duration(m["block"], ip + ("block",)) if "block" in m else 0.0
         by = m.get("by", "peer")
-        if by not in ("peer", "address"):
-            r.problem(ip + ("by",), "expected peer or address")
+        if by not in ("peer", "address", "subject", "issuer"):
+            r.problem(ip + ("by",), "expected peer, address, subject or issuer")
             by = None
+        elif by in ("subject", "issuer") and block:
+            # A claimed subject is attacker-chosen: blocking by it would lock users out.
+            r.problem(ip + ("block",), f"alerts by {by} cannot block (alert only)")
+            block = None
         webhook = m.get("webhook")
         if webhook is not None and (
             not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
