@@ -204,6 +204,27 @@ def test_underscore_names_dropped_by_default(mesh: Mesh, side: str) -> None:
     assert _leaks(heads) == [("x-custom-ok", MARK)]
 
 
+# Token characters (RFC 9110 5.6.2) besides letters, digits, "-" and "_": a gateway that maps
+# them to "_" (lighttpd's CGI/FastCGI) turns X.Forwarded.For into HTTP_X_FORWARDED_FOR.
+ODD_CHARS = "!#$%&'*+.^`|~"
+
+
+def test_names_with_other_token_characters_are_dropped() -> None:
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True)):
+        for ch in ODD_CHARS:
+            assert f.removes(f"x{ch}forwarded{ch}for".encode()), ch
+            assert f.removes(f"x-custom{ch}".encode()), ch
+        assert not f.removes(b"x-custom-9")
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_names_with_other_token_characters_never_reach_the_app(mesh_us: Mesh,
+                                                               side: str) -> None:
+    names = [f"x{ch}forwarded{ch}for" for ch in ODD_CHARS] + ["X.Real.IP", "x-custom-ok"]
+    heads = _send(mesh_us, side, names)
+    assert _leaks(heads) == [("x-custom-ok", MARK)]
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_pass_through_entry_reaches_the_app(mesh_us: Mesh, side: str) -> None:
     heads = _send(mesh_us, side, ["X-Forwarded-Host", "X-Forwarded-For"])
