@@ -550,6 +550,21 @@ def test_connection_header_cannot_strip_sidecar_identity(mesh: Mesh) -> None:
     assert names.count("x-request-id") == 1, seen
 
 
+@pytest.mark.parametrize("side", SIDES)
+def test_connection_header_cannot_strip_host_or_framing(mesh: Mesh, side: str) -> None:
+    """``Connection: host, content-length`` used to strip Host: the app refused the request
+    and the caller got a 502 (inbound) or a 400 from the peer sidecar (outbound)."""
+    mark = mesh.app.snapshot()
+    data = (b"POST /conn HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n"
+            b"Connection: host, content-length, close\r\n\r\nabc")
+    out = exchange(mesh, side, data)
+    assert statuses(out) == [200], out[:300]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["body"] for h in heads] == [3]
+    assert [v for n, v in heads[0]["headers"] if n == "host"] == ["orders"]
+
+
 # --- resource exhaustion ----------------------------------------------------------------------
 
 
