@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -824,4 +825,35 @@ def test_users_bad_tokens_never_block_the_frontend_relaying_them(tmp_path: Path,
     events = node.sidecar.log_events("alert_raised")
     assert {e["alert"] for e in events if e["by"] in ("peer", "address")} == {
         "address-scanning", "peer-scanning"}
+    assert node.metric("sidecar_source_blocked_total") >= 1
+
+
+def test_peer_certificate_failures_count_for_address_rules(tmp_path: Path, pki: Pki,
+                                                           own_app: int, procs: list) -> None:
+    """The peer's own credential is its certificate: handshakes with an untrusted or without
+    a client certificate count for by: address rules (and block), while timeouts and plain
+    TCP probes (health checks) do not."""
+    doc = policy_doc({}, [{"name": "frontend", "allow": {"from": [spiffe("frontend")]}}])
+    doc["alerts"] = [{"name": "address-scanning", "threshold": 3, "window": "5m",
+                      "by": "address", "block": "10m"}]
+    node = start_node(tmp_path, pki, own_app, doc)
+    procs.append(node.sidecar)
+    good = node.get("/x")
+    assert good.status == 200
+    for _ in range(3):  # plain TCP connect and close: no credential was presented
+        s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+        s.close()
+    assert node.get("/x").status == 200
+    assert node.sidecar.log_events("alert_raised") == []
+    stranger = Pki(tmp_path / "other-pki")  # a CA the sidecar does not trust
+    bad_ctx = mtls_context(stranger.identity("frontend"), pki.bundle)
+    no_cert_ctx = mtls_context(None, pki.bundle)
+    for ctx in (bad_ctx, no_cert_ctx, bad_ctx):
+        with pytest.raises((ssl.SSLError, OSError)):
+            http(node.port, "GET", "/x", ctx=ctx, timeout=5)
+    wait_for(lambda: node.sidecar.log_events("alert_raised"), timeout=10)
+    [alert] = node.sidecar.log_events("alert_raised")
+    assert alert["alert"] == "address-scanning" and alert["source"] == "127.0.0.1"
+    r = node.get("/x")
+    assert r.status == 403  # the address is blocked now, valid certificate or not
     assert node.metric("sidecar_source_blocked_total") >= 1
