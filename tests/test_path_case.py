@@ -40,7 +40,10 @@ services:
 
 # Spellings of denied paths that an Express/IIS/ASP.NET router serves by the denied handler.
 DENIED_VARIANTS = ["/admin", "/ADMIN", "/Admin/users", "/aDmIn/x/y", "/%41dmin/x", "/admin/",
-                   "/reports/secret", "/REPORTS/SECRET", "/Reports/Secret"]
+                   "/reports/secret", "/REPORTS/SECRET", "/Reports/Secret",
+                   # Windows names (IIS, ASP.NET): trailing dots and spaces, NTFS streams
+                   "/admin./x", "/ADMIN%20/x", "/Admin.%20./users", "/admin::$DATA",
+                   "/reports/SECRET::$data", "/Reports./Secret."]
 ALLOWED_VARIANTS = ["/public", "/PUBLIC/x", "/Public/a/B"]
 
 
@@ -77,6 +80,15 @@ def test_sensitive_section_matches_exact_case(case: str | None) -> None:
     # in front of Express/IIS/ASP.NET (what the lint warning says).
     assert _decide(src, "/ADMIN/x") is True
     assert _decide(src, "/reports/secret") is True
+
+
+def test_windows_names_fold_only_in_insensitive_sections() -> None:
+    from sidecar.policy.paths import path_segments
+
+    assert path_segments("/Admin.%20./x::$DATA", fold=True) == ("admin", "x")
+    assert path_segments("/admin./x", fold=False) == ("admin.", "x")
+    assert path_segments("/a/.../v1.2", fold=True) == ("a", "...", "v1.2")
+    assert _decide(policy_text(None), "/admin./x") is True  # case-sensitive app: its own path
 
 
 def test_only_ascii_folds() -> None:

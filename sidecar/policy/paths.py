@@ -37,7 +37,8 @@ says ``path_case: insensitive`` (Express, IIS and ASP.NET route that way): then 
 paths are matched with ASCII letters folded to lower case (``fold=True``). Only ASCII folds:
 that section cannot also allow non-ASCII paths (the loader refuses the combination), and
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
-the same on both sides.
+the same on both sides. Such a section also folds what Windows names treat as one file:
+trailing dots and spaces of a segment and an NTFS ``::$DATA`` stream suffix.
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -155,7 +156,8 @@ def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
     """The segments used for matching: one trailing ``/`` is not significant.
 
     ``/`` -> ``()``, ``/a`` and ``/a/`` -> ``("a",)``, ``/a/b`` -> ``("a", "b")``.
-    ``fold``: ASCII letters lower-cased (a ``path_case: insensitive`` section).
+    ``fold``: ASCII letters lower-cased, and a segment's trailing dots and spaces (``%20``)
+    and NTFS ``::$DATA`` suffix dropped (a ``path_case: insensitive`` section).
     """
     if fold:
         path = path.translate(_ASCII_LOWER)
@@ -163,4 +165,16 @@ def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
         path = path[:-1]
     if not path:
         return ()
-    return tuple(path.split("/")[1:])
+    segments = tuple(path.split("/")[1:])
+    return tuple(_windows_name(s) for s in segments) if fold else segments
+
+
+_WINDOWS_TAIL = re.compile(r"(?:::\$data)?(?:\.|%20)+$|::\$data$")
+
+
+def _windows_name(segment: str) -> str:
+    # IIS and ASP.NET map paths onto Windows names, where "admin.", "admin " and the NTFS
+    # stream "admin::$DATA" are the file "admin": fold them like case (a case-insensitive
+    # section is the IIS/ASP.NET one). A segment of only dots or spaces stays as it is.
+    stripped = _WINDOWS_TAIL.sub("", segment)
+    return stripped or segment
