@@ -311,14 +311,14 @@ class MessageReader:
         # Resume the search where the last one stopped (3 bytes back: the CRLFCRLF may
         # straddle two reads). h11 refuses an empty line before a request (RFC 9112 2.2
         # allows either), and so does this reader: it never accepts what h11 refuses.
-        start = self._scanned
-        end = buf.find(b"\r\n\r\n", start - 3 if start > 3 else 0)
+        scanned = self._scanned
+        end = buf.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
         if end < 0:
             if len(buf) > self.max_head:
                 raise ParseError("header_too_large", 431)
             # A bare LF would make h11 end a line here; this reader only takes CRLF, so the
             # head can never complete: refuse now rather than at the head timeout.
-            lf = buf.find(b"\n", start)
+            lf = buf.find(b"\n", scanned)
             while lf >= 0:
                 if lf == 0 or buf[lf - 1] != 13:
                     raise ParseError("bare_lf")
