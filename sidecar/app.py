@@ -80,10 +80,7 @@ class Sidecar:
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         limits = cfg.limits
-        self.lifetimes = Lifetimes(max_age=limits.max_connection_age,
-                                   jitter=limits.connection_age_jitter,
-                                   grace=limits.connection_close_grace,
-                                   on_close=self._connection_retired)
+        self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
         self.outbound_proxies: list[OutboundProxy] = []
         self._nursery: trio.Nursery | None = None
         if cfg.policy is not None:

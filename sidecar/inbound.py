@@ -60,10 +60,8 @@ class InboundProxy:
                  tracker: ConnectionTracker, header_filter: HeaderFilter | None = None,
                  lifetimes: Lifetimes | None = None) -> None:
         self.port = port
-        self.lifetimes = lifetimes or Lifetimes(max_age=limits.max_connection_age,
-                                                jitter=limits.connection_age_jitter,
-                                                grace=limits.connection_close_grace,
-                                                on_close=lambda conn, reason: None)
+        # (not ``or``: an empty registry has len 0)
+        self.lifetimes = lifetimes if lifetimes is not None else Lifetimes.for_limits(limits)
         self.header_filter = header_filter or HeaderFilter()
         self.tls = tls
         self.gate = gate

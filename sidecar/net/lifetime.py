@@ -43,6 +43,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 
@@ -192,6 +193,14 @@ class Lifetimes:
             if (conn.peer if by == "peer" else conn.source) == source:
                 n += self.retire(conn, REASON_SOURCE_BLOCKED)
         return n
+
+    @classmethod
+    def for_limits(cls, limits: Any,
+                   on_close: Callable[[LiveConnection, str], None] | None = None) -> Lifetimes:
+        """A registry with the age and grace of ``limits`` (a ``config.model.Limits``)."""
+        return cls(max_age=limits.max_connection_age, jitter=limits.connection_age_jitter,
+                   grace=limits.connection_close_grace,
+                   on_close=on_close or (lambda conn, reason: None))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
