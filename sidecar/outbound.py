@@ -19,6 +19,8 @@ are registered with ``Lifetimes`` like inbound ones.
 
 from __future__ import annotations
 
+import contextvars
+import math
 import time
 from dataclasses import dataclass
 
@@ -65,6 +67,12 @@ class UpstreamMeta:
     trust_generation: int
 
 
+# The app-side connection whose upgrade request is being forwarded, in this task (see
+# OutboundProxy._acquired); a ContextVar because the pool is called from inside forward().
+_upgrading: contextvars.ContextVar[LiveConnection | None] = contextvars.ContextVar(
+    "sidecar_outbound_upgrading", default=None)
+
+
 class _Upstream(TlsTransport):
     """An upstream mTLS connection with its admission facts."""
 
@@ -92,7 +100,7 @@ class OutboundProxy:
         self.pool = UpstreamPool(self.connect, size=limits.pool_size,
                                  idle_timeout=limits.pool_idle_timeout,
                                  max_head=limits.max_header_bytes * 2,
-                                 retire=self._retire_pooled)
+                                 retire=self._retire_pooled, on_acquire=self._acquired)
 
     async def connect(self) -> TlsTransport:
         """Open an mTLS connection to the upstream and check it is who we expect."""
@@ -146,6 +154,15 @@ class OutboundProxy:
                          limits.connection_age_jitter),
             snap.svid_generation, snap.trust.generation)
         return stream
+
+    def _acquired(self, ep: Endpoint) -> None:
+        """The pool handed out ``ep``: an upgrade request in this task binds its stream to it
+        (a bundle change or the upstream's expiry then ends the upgraded stream)."""
+        conn = _upgrading.get()
+        meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
+        if conn is not None and meta is not None:
+            conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
+                meta.peer_not_after
 
     def _retire_pooled(self, ep: Endpoint) -> bool:
         """True (and the closure recorded) when a pooled connection must not be used again."""
@@ -238,13 +255,18 @@ class OutboundProxy:
                 raise Unavailable("audit_unavailable")
             headers = self.header_filter.clean(event.headers, frozenset(),
                                                connection_tokens(event.headers))
-            if head.upgrade is not None:  # a stream from here on: policy reloads judge it
+            token = None
+            if head.upgrade is not None:  # a stream from here on: policy reloads judge it,
                 conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
+                token = _upgrading.set(conn)  # and the upstream's chain and expiry (acquired)
             try:
                 return await forward(client, event, headers, self.pool, limits, head,
                                      close=self.tracker.draining or conn.retiring is not None)
             finally:
                 conn.recheck = None
+                if token is not None:
+                    _upgrading.reset(token)
+                    conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
                            handle=handle, source=source, peer=None, conn=conn)

@@ -142,6 +142,39 @@ def test_keepalive_from_a_root_removed_from_the_bundle_is_closed(env) -> None:
         http(srv.port("inbound"), "GET", "/", ctx=ctx)
 
 
+def test_outbound_upgraded_stream_ends_when_the_upstream_root_leaves_the_bundle(env) -> None:
+    """The stream through an outbound listener runs on a connection to the peer sidecar; when
+    the peer's root leaves our bundle, the stream (not only the pool) is ended."""
+    tmp, pki, app_port, procs = env
+    other = DevCA.create(TD)
+    both = pki.ca.bundle_pem + other.bundle_pem
+    srv_ident = write_svid(other.issue(spiffe("orders")), other, tmp / "orders-other")
+    (srv_ident / "ca.crt").write_bytes(both)
+    srv = server(tmp, "orders", srv_ident, app_port, procs)
+    own = pki.identity("frontend")
+    (own / "ca.crt").write_bytes(both)
+    cfg = sidecar_config(own, outbound=[{
+        "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+        "upstream": f"127.0.0.1:{srv.port('inbound')}", "identity": spiffe("orders")}],
+        limits={"connection_close_grace": GRACE})
+    out = start_sidecar(tmp, "frontend", cfg)
+    procs.append(out)
+    with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
+                  b"Connection: upgrade\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        s.sendall(b"ping")
+        assert s.recv(4096) == b"ping"
+        tmp_bundle = own / "ca.crt.tmp"
+        tmp_bundle.write_bytes(pki.ca.bundle_pem)
+        os.replace(tmp_bundle, own / "ca.crt")
+        wait_closed(out, "peer_untrusted", "outbound")
+        assert read_until_eof(s)
+
+
 # -- age --------------------------------------------------------------------------------------
 
 def test_max_connection_age_ends_with_connection_close(env) -> None:

@@ -10,7 +10,8 @@ A pooled connection can die while idle (the app closed it, the peer sidecar rest
 connections are detected before reuse (``looks_alive``) and, for requests without a body, a
 failure on a reused connection before any response byte is retried once on a new one.
 
-``retire(ep)`` (optional) says a connection must not be used again although it is alive:
+``on_acquire(ep)`` (optional) is told of every connection handed out. ``retire(ep)``
+(optional) says a connection must not be used again although it is alive:
 past its maximum age, made with an older own certificate, or admitted under a bundle that
 has changed since (``sidecar.outbound.retire_reason``). It is asked before every reuse and
 every return to the pool, and ``retire_idle`` asks it for every idle connection at once
@@ -49,8 +50,10 @@ class UpstreamPool:
         max_head: int = 64 * 1024,
         network: bool = True,
         retire: Callable[[Endpoint], bool] | None = None,
+        on_acquire: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._retire = retire
+        self._on_acquire = on_acquire
         self._connect = connect
         self._size = size
         self._idle_timeout = idle_timeout
@@ -72,6 +75,8 @@ class UpstreamPool:
             if now - since < self._idle_timeout and looks_alive(ep.stream):
                 if self._retire is None or not self._retire(ep):
                     self.reused += 1
+                    if self._on_acquire is not None:
+                        self._on_acquire(ep)
                     return ep, True
                 self.retired += 1
             else:
@@ -83,7 +88,10 @@ class UpstreamPool:
             reader: object = H11ResponseReader(self._max_head)
         else:
             reader = MessageReader(requests=False, max_head=self._max_head)
-        return Endpoint(stream, reader), False
+        ep = Endpoint(stream, reader)
+        if self._on_acquire is not None:
+            self._on_acquire(ep)
+        return ep, False
 
     async def release(self, ep: Endpoint) -> None:
         """Return ``ep`` for reuse if its exchange completed cleanly, else close it."""
