@@ -89,6 +89,12 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        if self.authenticator is not None:
+            from sidecar.authn.introspect import Introspector
+
+            # mtls introspection presents this workload's own (rotating) SVID files.
+            self.gate.introspector = Introspector(self.authenticator,
+                                                  identity=lambda: (ident.cert, ident.key))
         self.trackers: list[ConnectionTracker] = []
         self.stops: list[trio.CancelScope] = []
         self.listening = False
