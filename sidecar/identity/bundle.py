@@ -76,8 +76,9 @@ def _parse_spiffe_json(data: bytes) -> list[x509.Certificate]:
 
 
 def spiffe_bundle_json(certs: list[x509.Certificate], sequence: int = 1) -> bytes:
-    """A SPIFFE trust bundle document for ``certs`` (what SPIRE's bundle endpoint serves;
-    used by ``sidecar identity`` tooling and tests)."""
+    """A SPIFFE trust bundle document for ``certs``, shaped like SPIRE's bundle endpoint
+    output (the tests write federated bundles with it; kept next to the parser so the two
+    agree on the format)."""
     from cryptography.hazmat.primitives import serialization
 
     keys = []
