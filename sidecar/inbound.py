@@ -144,7 +144,7 @@ class InboundProxy:
             up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
             self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
-                                   error=f"connection_closed:{conn.retiring}")
+                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None

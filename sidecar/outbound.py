@@ -224,7 +224,7 @@ class OutboundProxy:
             up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
             self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
-                                   error=f"connection_closed:{conn.retiring}")
+                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None
