@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -39,7 +40,13 @@ from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.lifetime import Lifetimes, LiveConnection
-from sidecar.net.listen import ConnectionTracker, accept_loop, listener_port, open_listener
+from sidecar.net.listen import (
+    ConnectionTracker,
+    SourceLimiter,
+    accept_loop,
+    listener_port,
+    open_listener,
+)
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
@@ -89,6 +96,8 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        if self.detector is not None:
+            self.telemetry.on_credential_failure = self._tls_credential_failure
         if self.authenticator is not None:
             from sidecar.authn.introspect import Introspector
 
@@ -201,7 +210,10 @@ class Sidecar:
                 peer=alert.source if alert.by == "peer" else None,
                 source=alert.source if alert.by == "address" else "",
                 extra={"failures": alert.failures, "window_seconds": alert.window_seconds,
-                       "block_seconds": alert.block_seconds}))
+                       "block_seconds": alert.block_seconds, "by": alert.by,
+                       # by subject/issuer: the token subject or issuer the burst is about
+                       **({"alert_source": alert.source}
+                          if alert.by in ("subject", "issuer") else {})}))
         self.alert_poster.submit(alert)
         if alert.block_seconds > 0:
             self.lifetimes.block(alert.by, alert.source)
@@ -209,6 +221,12 @@ class Sidecar:
     def _connection_retired(self, conn: LiveConnection, reason: str) -> None:
         self.telemetry.connection_retired(conn.direction, conn.listener, conn.source,
                                           conn.peer, reason, conn.opened)
+
+    def _tls_credential_failure(self, source: str) -> None:
+        """An inbound peer's certificate failed: the peer's own failure (by: address rules;
+        there is no verified peer identity to count by: peer)."""
+        for alert in self.detector.record_failure(None, source, time.time()):
+            self._raise_alert(alert)
 
     def _audit_alert(self, kind: str, message: str) -> None:
         """The audit writer's ``on_alert(kind, message)``: write failed, records lost,
@@ -267,9 +285,11 @@ class Sidecar:
         def refused(reason: str) -> None:
             self.metrics.requests_refused_total.labels(
                 "inbound" if name == "inbound" else "outbound", reason).inc()
+            self.metrics.connections_refused_total.labels(name, reason).inc()
 
         await accept_loop(listener, handler.handle, tracker, self.cfg.limits.max_connections,
-                          refused, stop)
+                          refused, stop,
+                          SourceLimiter(self.cfg.limits.max_connections_per_source))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
@@ -378,18 +398,32 @@ class Sidecar:
                 watch.failed_at = time.monotonic()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import serve_admin
+            from sidecar.admin import ServerLimits, serve_admin
 
-            port = await self._start_server(nursery, "admin", cfg.admin.listen, serve_admin,
-                                            cfg.admin.listen, self, self.metrics)
+            admin_limits = ServerLimits(
+                max_connections_per_source=cfg.admin.max_connections_per_source)
+            port = await self._start_server(
+                nursery, "admin", cfg.admin.listen,
+                functools.partial(serve_admin, limits=admin_limits,
+                                  on_refused=self._count_refused("admin")),
+                cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
-            from sidecar.admin import app_probes_from_env, serve_health
+            from sidecar.admin import HEALTH_LIMITS, app_probes_from_env, serve_health
 
-            port = await self._start_server(nursery, "health", cfg.admin.health_listen,
-                                            serve_health, cfg.admin.health_listen, self,
-                                            app_probes_from_env())
+            health_limits = dataclasses.replace(
+                HEALTH_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)
+            port = await self._start_server(
+                nursery, "health", cfg.admin.health_listen,
+                functools.partial(serve_health, limits=health_limits,
+                                  on_refused=self._count_refused("health")),
+                cfg.admin.health_listen, self, app_probes_from_env())
             self.ports["health"] = port
+
+    def _count_refused(self, listener: str) -> Callable[[str], None]:
+        def refused(reason: str) -> None:
+            self.metrics.connections_refused_total.labels(listener, reason).inc()
+        return refused
 
     @staticmethod
     async def _start_server(nursery: trio.Nursery, name: str, addr: tuple[str, int],

@@ -9,7 +9,9 @@ Theory of operation
 fetch is due *or* the authenticator signals an unknown ``kid`` (a one-slot memory channel;
 signals that find the slot full are dropped - one pending signal is as good as a thousand);
 ask the schedule whether the signal may trigger a fetch; fetch; parse; swap the key set into
-the authenticator. Fetches never run on the request path.
+the authenticator. Fetches never run on the request path. Each attempt takes a jitter draw
+from the task's own ``random.Random`` (seeded from the OS, or given by a test), so sidecars
+that started together drift apart instead of refetching in lockstep.
 
 A failed fetch (connect/TLS error, timeout, non-200, oversized or unusable document) keeps
 the last good key set in use and is logged; its age keeps growing in ``statistics``. The
@@ -24,6 +26,7 @@ compression, body capped at 1 MiB, every step under a deadline.
 
 from __future__ import annotations
 
+import random
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -175,11 +178,16 @@ def load_jwks_file(path: str) -> KeySet:
 async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, *,
                            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                            read_timeout: float = DEFAULT_READ_TIMEOUT,
+                           rng: random.Random | None = None,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Keep ``provider``'s key set fresh from its ``jwks_uri`` until cancelled."""
+    """Keep ``provider``'s key set fresh from its ``jwks_uri`` (or discovery) until cancelled.
+
+    ``rng`` is the source of the schedule's jitter (a fresh OS-seeded one by default).
+    """
     if not (provider.jwks_uri or provider.discovery_url):
         raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
     ssl_context = jwks_ssl_context(provider.jwks_ca)
+    jitter = rng if rng is not None else random.Random()  # spreads load; no secret here
     send, receive = trio.open_memory_channel[None](1)
 
     def unknown_kid() -> None:
@@ -203,6 +211,7 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                 state, fetch_now = on_unknown_kid(state, trio.current_time())
                 if not fetch_now:
                     continue
+            state = on_fetch_started(state, trio.current_time(), jitter.random())
             state = await _fetch_once(provider, authenticator, state, ssl_context,
                                       connect_timeout, read_timeout, signalled)
             if not started:
@@ -217,7 +226,6 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
                       state: RefreshState, ssl_context: ssl.SSLContext,
                       connect_timeout: float, read_timeout: float,
                       signalled: bool) -> RefreshState:
-    state = on_fetch_started(state, trio.current_time())
     uri = provider.jwks_uri or provider.discovery_url or ""
     try:
         if provider.discovery_url:

@@ -185,7 +185,10 @@ class Lifetimes:
 
     def block(self, by: str, source: str) -> int:
         """An alert blocks a peer (``by`` "peer") or an address: retire its inbound
-        connections (alerts judge inbound callers only)."""
+        connections (alerts judge inbound callers only; a block by token subject or issuer
+        is enforced per request)."""
+        if by not in ("peer", "address"):
+            return 0  # token subjects and issuers are per request, not per connection
         n = 0
         for conn in list(self._live):
             if conn.retiring is not None or conn.direction != "inbound":
