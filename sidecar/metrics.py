@@ -485,6 +485,14 @@ class SidecarMetrics:
             "sidecar_audit_records_lost_total",
             "Audit records that could not be written (fail_open mode, or queue full).",
         )
+        self.audit_checkpoint_seq = r.gauge(
+            "sidecar_audit_checkpoint_seq",
+            "Seq of the newest signed audit checkpoint (0 until the first one).",
+        )
+        self.audit_checkpoint_timestamp_seconds = r.gauge(
+            "sidecar_audit_checkpoint_timestamp_seconds",
+            "Unix time of the newest signed audit checkpoint (0 until the first one).",
+        )
         self.rate_limited_total = r.counter(
             "sidecar_rate_limited_total", "Requests refused by a rate limit, by limit name.",
             ("limit",),

@@ -7,7 +7,10 @@ msgpack encoding one map ``{"seq": int, "prev": bin(32), KIND: map}`` where KIND
 
 * ``"seg"``: segment header, the first frame of every segment file;
 * ``"rec"``: one audit record (``AuditRecord.to_wire()``);
-* ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown).
+* ``"chk"``: signed checkpoint (``signing.py``): an Ed25519 signature over the frame's own
+  seq and prev, so over every frame before it;
+* ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown);
+  signed like a checkpoint when the writer has a signing key.
 
 All frames of all segments form ONE chain: ``seq`` goes up by exactly one from frame to
 frame, and ``prev`` is the link digest of the previous frame's msgpack bytes (the bytes
@@ -44,8 +47,8 @@ FORMAT_VERSION = 1
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
 
-FrameKind = Literal["seg", "rec", "end"]
-_KINDS = ("seg", "rec", "end")
+FrameKind = Literal["seg", "rec", "chk", "end"]
+_KINDS = ("seg", "rec", "chk", "end")
 
 
 def link_digest(payload: bytes, key: bytes | None) -> bytes:
@@ -97,7 +100,7 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
             if not isinstance(body, dict):
                 raise FrameError(f"frame {kind!r} body is not a map")
             return seq, prev, kind, body  # type: ignore[return-value]
-    raise FrameError("frame has no seg/rec/end body")
+    raise FrameError("frame has no seg/rec/chk/end body")
 
 
 class ChainHead:
@@ -139,6 +142,14 @@ class ChainHead:
         body: dict[str, Any] = {"v": FORMAT_VERSION, "alg": self.alg, "created": created}
         body.update({k: v for k, v in info.items() if v is not None})
         return self.frame("seg", body)
+
+    def signed(self, kind: FrameKind, signer: Any,
+               body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """A ``chk`` or ``end`` frame with ``body`` signed by ``signer``
+        (``signing.Signer``; None writes it unsigned); returns the bytes and the body."""
+        if signer is not None:
+            body = signer.sign(self.next_seq, self.prev, kind, body)
+        return self.frame(kind, body), body
 
     def records(self, wires: Iterable[dict[str, Any]]) -> bytes:
         """Frames for many records at once (one allocation for the whole batch)."""
@@ -214,10 +225,14 @@ class ChainVerifier:
             if seq == 0 and prev != GENESIS:
                 raise ChainError("first frame (seq 0) must have an all-zero prev", seq)
         else:
+            if seq <= self.last.seq:
+                raise ChainError(
+                    f"seq {seq} reused after seq {self.last.seq}: frames reordered or replayed,"
+                    " an old segment copied in, or a writer resumed from a cut tail", seq)
             if seq != self.last.seq + 1:
                 raise ChainError(
-                    f"sequence jumps from {self.last.seq} to {seq}: frames removed, inserted,"
-                    " reordered, or a segment file is missing", seq)
+                    f"seq skipped from {self.last.seq} to {seq}: frames removed, or a segment"
+                    " file is missing", seq)
             if prev != self.last.digest:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"

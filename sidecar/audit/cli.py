@@ -24,11 +24,13 @@ from sidecar.audit.segments import (
     READ_BUFFER,
     RecordFilter,
     SegmentFile,
+    VerifyResult,
     iter_stored,
     parse_time,
     resolve_segments,
     verify,
 )
+from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
 
 MIN_POLL = 0.05
 MAX_POLL = 10.0
@@ -37,8 +39,19 @@ MAX_TAIL_LINES = 100_000
 
 def add_audit_parsers(subparsers: Any) -> None:
     """Register ``verify``, ``export`` and ``tail`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signed checkpoints")
+    p.add_argument("prefix", metavar="PREFIX",
+                   help="writes PREFIX.key (private, 0600; never overwritten) and PREFIX.pub")
+    p.set_defaults(func=cmd_keygen)
+
     p = subparsers.add_parser("verify", help="check the hash chain of an audit trail")
     p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
+    p.add_argument("--pubkey", action="append", default=[], metavar="FILE",
+                   help="PEM public key(s) of the signing keys (repeat, or several in one "
+                        "file); checks every signed checkpoint")
+    p.add_argument("--anchor", action="append", default=[], metavar="CHECKPOINT",
+                   help="a checkpoint saved elsewhere (JSON from /audit/head) that must still "
+                        "be in the chain (repeatable)")
     p.add_argument("--hmac-key-file", help="key file, for trails written with audit.hmac_key_file")
     p.add_argument("--accept-declared-breaks", action="store_true",
                    help="exit 0 when the only problems are breaks the writer declared")
@@ -96,41 +109,78 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """0: key pair written; 2: cannot (exists, unwritable)."""
+    try:
+        priv, pub, kid = write_keypair(args.prefix)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (audit.signing_key_file; keep it off the audit volume)")
+    print(f"public key:  {pub} (sidecar audit verify --pubkey)")
+    print(f"key id:      {kid}")
+    return 0
+
+
+def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
+    """The verify result as plain data (the ``--json`` output)."""
+    return {
+        "ok": result.ok, "assurance": result.assurance, "records": result.records,
+        "frames": result.frames, "segments": result.segments, "starts_at": result.starts_at,
+        "head_seq": result.head_seq,
+        "head_digest": result.head_digest.hex() if result.head_digest else None,
+        "sealed": result.sealed, "checkpoints": result.checkpoints,
+        "signed_through": result.signed_through,
+        "unsigned_tail_records": result.unsigned_tail_records,
+        "restarts": result.restarts, "anchors_matched": result.anchors_matched,
+        "broken": str(result.broken) if result.broken else None,
+        "broken_segment": result.broken.segment if result.broken else None,
+        "broken_seq": result.broken.seq if result.broken else None,
+        "declared_breaks": [str(b) for b in result.declared_breaks],
+        "findings": [{"severity": f.severity, "code": f.code, "segment": f.segment,
+                      "seq": f.seq, "message": f.message} for f in result.findings],
+        "notes": result.notes,
+    }
+
+
+def verify_result_text(result: VerifyResult) -> str:
+    """The verify result for a person."""
+    lines = [f"{'OK' if result.ok else 'BROKEN'}: {result.records} records, {result.frames} "
+             f"frames, {result.segments} segments"]
+    if result.head_seq is not None and result.head_digest is not None:
+        lines.append(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
+    if result.assurance == "signature":
+        through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
+        lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
+                     f"unsigned tail: {result.unsigned_tail_records} records")
+    if result.anchors_matched:
+        lines.append(f"anchors: {result.anchors_matched} matched")
+    if result.broken is not None:
+        lines.append(f"first broken: {result.broken}")
+    lines.extend(str(f) for f in result.findings)
+    lines.extend(f"note: {note}" for note in result.notes)
+    return "\n".join(lines)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """0: the chain holds; 1: broken (first broken point printed); 2: cannot run."""
     key = None
-    if getattr(args, "hmac_key_file", None):
-        try:
+    try:
+        if getattr(args, "hmac_key_file", None):
             key = load_hmac_key(args.hmac_key_file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    result = verify(args.path, key=key,
+        pubkeys = getattr(args, "pubkey", None) or []
+        keyring = load_keyring(pubkeys) if pubkeys else None
+        anchors = [load_anchor(a) for a in getattr(args, "anchor", None) or []]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
                     accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
                     require_genesis=getattr(args, "require_genesis", False))
     if getattr(args, "json", False):
-        print(_json_line({
-            "ok": result.ok, "records": result.records, "frames": result.frames,
-            "segments": result.segments, "starts_at": result.starts_at,
-            "head_seq": result.head_seq,
-            "head_digest": result.head_digest.hex() if result.head_digest else None,
-            "sealed": result.sealed,
-            "broken": str(result.broken) if result.broken else None,
-            "broken_segment": result.broken.segment if result.broken else None,
-            "broken_seq": result.broken.seq if result.broken else None,
-            "declared_breaks": [str(b) for b in result.declared_breaks],
-            "notes": result.notes,
-        }))
+        print(_json_line(verify_result_dict(result)))
     else:
-        status = "OK" if result.ok else "BROKEN"
-        print(f"{status}: {result.records} records, {result.frames} frames, "
-              f"{result.segments} segments")
-        if result.head_seq is not None and result.head_digest is not None:
-            print(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
-        if result.broken is not None:
-            print(f"first broken: {result.broken}")
-        for note in result.notes:
-            print(f"note: {note}")
+        print(verify_result_text(result))
     return 0 if result.ok else 1
 
 

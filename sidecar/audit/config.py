@@ -24,8 +24,11 @@ MIN_HMAC_KEY_BYTES = 16
 
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
-    "fsync", "hmac_key_file",
+    "fsync", "hmac_key_file", "signing_key_file", "checkpoint_every_records",
+    "checkpoint_every_seconds",
 })
+DEFAULT_CHECKPOINT_RECORDS = 1000
+DEFAULT_CHECKPOINT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class AuditConfig:
     fsync: bool = True
     hmac_key_file: str | None = None
     max_segments: int | None = None
+    signing_key_file: str | None = None
+    checkpoint_every_records: int = DEFAULT_CHECKPOINT_RECORDS
+    checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS
 
 
 def _count(value: Any, path: Path, src: Source, low: int, high: int) -> int | None:
@@ -123,7 +129,33 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         key_file = _file(raw["hmac_key_file"], path + ("hmac_key_file",), src)
         if key_file is not None:
             kw["hmac_key_file"] = key_file
+    if raw.get("signing_key_file") is not None:
+        key_file = _file(raw["signing_key_file"], path + ("signing_key_file",), src)
+        if key_file is not None:
+            kw["signing_key_file"] = key_file
+    if raw.get("checkpoint_every_records") is not None:
+        v = _count(raw["checkpoint_every_records"], path + ("checkpoint_every_records",), src,
+                   1, 1_000_000)
+        if v is not None:
+            kw["checkpoint_every_records"] = v
+    if raw.get("checkpoint_every_seconds") is not None:
+        p = path + ("checkpoint_every_seconds",)
+        sec = raw["checkpoint_every_seconds"]
+        if isinstance(sec, bool) or not isinstance(sec, int | float) or not 0.05 <= sec <= 3600:
+            src.problem(p, "expected seconds from 0.05 to 3600")
+        else:
+            kw["checkpoint_every_seconds"] = float(sec)
+    if directory and kw.get("signing_key_file"):
+        _check_outside(kw["signing_key_file"], directory, path + ("signing_key_file",), src)
     return AuditConfig(path=directory, **kw)
+
+
+def _check_outside(key_file: str, directory: str, path: Path, src: Source) -> None:
+    # A key on the audit volume signs for whoever can write that volume: refuse it.
+    key_abs, dir_abs = os.path.realpath(key_file), os.path.realpath(directory)
+    if key_abs == dir_abs or key_abs.startswith(dir_abs.rstrip(os.sep) + os.sep):
+        src.problem(path, "must not be inside audit.path (the key would be writable by "
+                          "whoever can write the trail)")
 
 
 def load_hmac_key(key_file: str) -> bytes:

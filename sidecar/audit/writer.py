@@ -28,6 +28,7 @@ and always opens a new segment; a damaged tail is declared in the new header. On
 from __future__ import annotations
 
 import errno
+import math
 import os
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from sidecar.audit.chain import ChainHead
 from sidecar.audit.config import AuditConfig, load_hmac_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
+from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.errors import ConfigError, Problem
 
 AlertCallback = Callable[[str, str], None]
@@ -61,8 +63,18 @@ class _PartialWrite(Exception):
 class _SegmentSink:
     """Synchronous disk side; every method runs in a worker thread, one call at a time."""
 
-    def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float]) -> None:
+    def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
+                 signer: Signer | None = None) -> None:
         self.directory = config.path
+        self.signer = signer
+        self.checkpoint_every = config.checkpoint_every_records
+        self.checkpoint_seconds = config.checkpoint_every_seconds
+        # Frames written since the last signed frame, records among them, and when (monotonic)
+        # the first of them was written: the unsigned tail the timer bounds.
+        self.unsigned_frames = 0
+        self.unsigned_records = 0
+        self.unsigned_since = 0.0
+        self.last_checkpoint: Checkpoint | None = None
         self.max_bytes = config.max_segment_bytes
         self.max_segments = config.max_segments
         self.fsync = config.fsync
@@ -90,12 +102,27 @@ class _SegmentSink:
             if rp.damage is not None:
                 info["break"] = {"after_seq": rp.next_seq - 1, "segment": rp.damaged_segment,
                                  "reason": rp.damage}
+            if rp.last_segment is not None:
+                # The restart event: this process continues the chain found on disk, after
+                # its last frame; never from an earlier point, so no seq is written twice.
+                info["restart"] = {"time": self.clock(), "after_seq": rp.next_seq - 1,
+                                   "prev_sealed": rp.sealed,
+                                   "last_signed_seq": rp.last_signed_seq}
         else:
             head, info = self.head, self.next_info
         state = head.state
         created = self.clock()
         path = os.path.join(self.directory, segment_name(head.next_seq, created))
         header = head.header(created, **info)
+        checkpoint: Checkpoint | None = None
+        if self.signer is not None and "restart" in info:
+            # Sign the restart at once: the restarted writer vouches for the chain as it
+            # found it (the header names what was unsigned before), and the unsigned tail
+            # of the previous run does not add to this run's.
+            chk_state = head.state
+            data, body = head.signed("chk", self.signer, self._checkpoint_body())
+            header += data
+            checkpoint = Checkpoint.from_frame(chk_state[0], chk_state[1], "chk", body)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                          0o640)
@@ -117,6 +144,11 @@ class _SegmentSink:
             raise
         self.head, self.fd, self.path, self.size = head, fd, path, len(header)
         self.next_info = {}
+        if checkpoint is not None:
+            self.unsigned_frames = self.unsigned_records = 0
+            self.last_checkpoint = checkpoint
+        else:
+            self._note_unsigned(1, 0)
 
     def append(self, records: list[AuditRecord]) -> None:
         """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
@@ -126,19 +158,17 @@ class _SegmentSink:
             raise _PartialWrite(0, exc) from None
         assert self.head is not None and self.fd is not None
         state = self.head.state
-        data = self._encode(records)
-        start = self.size
+        unsigned = (self.unsigned_frames, self.unsigned_records, self.unsigned_since)
+        data, checkpoint = self._encode_signed(records)
         try:
-            self._write_all(self.fd, data)
-            if self.fsync:
-                os.fsync(self.fd)
-            self._check_still_linked()
+            self._write_frame(state, data)
         except OSError as exc:
             # The head advances only when the bytes are on disk: the batch is retried (or
             # counted lost) and the next segment chains from the last frame that was kept.
-            self.head.restore(state)
-            self._abandon(start, exc)
+            self.unsigned_frames, self.unsigned_records, self.unsigned_since = unsigned
             raise _PartialWrite(0, exc) from None
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint
         self.size += len(data)
         if self.size >= self.max_bytes:
             try:
@@ -152,7 +182,77 @@ class _SegmentSink:
             return
         self._seal("shutdown")
 
+    def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
+        """Seconds until the timer checkpoint is due (0 = now), None when nothing waits."""
+        if self.signer is None or self.unsigned_frames == 0 or self.fd is None:
+            return None
+        return max(0.0, self.unsigned_since + every_seconds - now)
+
+    def checkpoint(self) -> None:
+        """Sign the head now (the timer's checkpoint); OSError when it cannot be written."""
+        if self.signer is None or self.fd is None or self.head is None or not self.unsigned_frames:
+            return
+        state = self.head.state
+        data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+        self._write_frame(state, data)
+        self.size += len(data)
+        self.last_checkpoint = self._signed(state, "chk", body)
+
+    def _write_frame(self, state: tuple[int, bytes], data: bytes) -> None:
+        """Write frames made from head ``state`` (fsync, still linked); on failure roll
+        the head back and abandon the segment at its last good size."""
+        assert self.fd is not None and self.head is not None
+        try:
+            self._write_all(self.fd, data)
+            if self.fsync:
+                os.fsync(self.fd)
+            self._check_still_linked()
+        except OSError as exc:
+            self.head.restore(state)
+            self._abandon(self.size, exc)
+            raise
+
     # -- internals
+
+    def _checkpoint_body(self) -> dict[str, Any]:
+        # ``every`` tells the verifier how long an honest unsigned tail can be.
+        body: dict[str, Any] = {"time": self.clock()}
+        if self.signer is not None:
+            body["every"] = [self.checkpoint_every, self.checkpoint_seconds]
+        return body
+
+    def _note_unsigned(self, frames: int, records: int) -> None:
+        if frames and not self.unsigned_frames:
+            self.unsigned_since = time.monotonic()
+        self.unsigned_frames += frames
+        self.unsigned_records += records
+
+    def _signed(self, state: tuple[int, bytes], kind: str, body: dict[str, Any]) -> Checkpoint:
+        """The frame at ``state`` is a signed checkpoint: the unsigned tail restarts at 0."""
+        self.unsigned_frames = self.unsigned_records = 0
+        return Checkpoint.from_frame(state[0], state[1], kind, body)
+
+    def _encode_signed(self, records: list[AuditRecord]) -> tuple[bytes, Checkpoint | None]:
+        """The batch's frames, with a signed checkpoint after every ``checkpoint_every``
+        records (so no running writer leaves more records unsigned than that)."""
+        assert self.head is not None
+        if self.signer is None:
+            return self._encode(records), None
+        out = bytearray()
+        checkpoint: Checkpoint | None = None
+        i = 0
+        while i < len(records):
+            room = self.checkpoint_every - self.unsigned_records
+            chunk = records[i:i + room]
+            i += len(chunk)
+            out += self._encode(chunk)
+            self._note_unsigned(len(chunk), len(chunk))
+            if self.unsigned_records >= self.checkpoint_every:
+                state = self.head.state
+                data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+                out += data
+                checkpoint = self._signed(state, "chk", body)
+        return bytes(out), checkpoint
 
     def _encode(self, records: list[AuditRecord]) -> bytes:
         assert self.head is not None
@@ -222,17 +322,12 @@ class _SegmentSink:
     def _seal(self, why: str) -> None:
         assert self.fd is not None and self.head is not None
         state = self.head.state
-        seal = self.head.frame("end", {"why": why, "time": self.clock()})
-        try:
-            self._write_all(self.fd, seal)
-            if self.fsync:
-                os.fsync(self.fd)
-            self._check_still_linked()
-        except OSError as exc:
-            self.head.restore(state)
-            self._abandon(self.size, exc)
-            raise
+        seal, body = self.head.signed("end", self.signer, {"why": why, **self._checkpoint_body()})
+        self._write_frame(state, seal)
+        assert self.fd is not None
         os.close(self.fd)
+        if self.signer is not None:
+            self.last_checkpoint = self._signed(state, "end", body)
         self.next_info = {"prev_segment": self.segment, "prev_sealed": True}
         self.fd, self.path, self.size = None, None, 0
 
@@ -267,6 +362,7 @@ class AuditWriterStatistics:
     segment: str | None
     next_seq: int | None
     last_error: str | None
+    last_checkpoint: Checkpoint | None = None  # the newest signed frame on disk
 
 
 class AuditWriter:
@@ -281,8 +377,15 @@ class AuditWriter:
     def __init__(
         self, config: AuditConfig, *, clock: Callable[[], float] = time.time,
         on_alert: AlertCallback | None = None, retry_initial: float = 0.1,
-        retry_max: float = 5.0,
+        retry_max: float = 5.0, identity: str = "",
     ) -> None:
+        signer = None
+        if config.signing_key_file is not None:
+            try:
+                signer = load_signer(config.signing_key_file, identity)
+            except ValueError as exc:
+                raise ConfigError([Problem(config.signing_key_file, None,
+                                           "audit.signing_key_file", str(exc))]) from None
         key = None
         if config.hmac_key_file is not None:
             try:
@@ -293,7 +396,7 @@ class AuditWriter:
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
         self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
-        self._sink = _SegmentSink(config, key, clock)
+        self._sink = _SegmentSink(config, key, clock, signer)
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -358,7 +461,13 @@ class AuditWriter:
             written=self.written, lost=self.lost, rejected=self.rejected,
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
             next_seq=head.next_seq if head is not None else None, last_error=self.last_error,
+            last_checkpoint=self._sink.last_checkpoint,
         )
+
+    @property
+    def last_checkpoint(self) -> Checkpoint | None:
+        """The newest signed checkpoint written (the anchor served on ``/audit/head``)."""
+        return self._sink.last_checkpoint
 
     # -- the writer task
 
@@ -377,7 +486,11 @@ class AuditWriter:
             while True:
                 if not self.healthy and not self.fail_open:
                     await self._probe_until_open()
-                batch = await self._next_batch()
+                got = await self._next_batch()
+                if got is None:
+                    await self._checkpoint()
+                    continue
+                batch = got
                 if not batch:
                     break
                 await self._write(batch)
@@ -414,11 +527,16 @@ class AuditWriter:
                     break
         self._probe_scope = None
 
-    async def _next_batch(self) -> list[AuditRecord]:
-        try:
-            first = await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return []
+    async def _next_batch(self) -> list[AuditRecord] | None:
+        """The next batch; [] at the end; None when the timer checkpoint is due first."""
+        due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
+        with trio.move_on_after(due if due is not None else math.inf) as timer:
+            try:
+                first = await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return []
+        if timer.cancelled_caught:
+            return None
         batch = [first]
         limit = self.config.batch_size
         while len(batch) < limit:
@@ -428,6 +546,12 @@ class AuditWriter:
                 break
         self._inflight = len(batch)
         return batch
+
+    async def _checkpoint(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._sink.checkpoint)
+        except OSError as exc:
+            self._note_failure(exc)
 
     async def _write(self, batch: list[AuditRecord]) -> None:
         delay = self._retry_initial
