@@ -103,7 +103,7 @@ def rechain(d: Path, edit: Callable[[list[tuple[str, Frames]]], None]) -> None:
         out = bytearray()
         start = seq
         for f in frames:
-            kind = next(k for k in ("seg", "rec", "chk", "end") if k in f)
+            kind = next(k for k in ("seg", "rec", "erc", "chk", "end") if k in f)
             if kind == "seg":
                 f[kind]["alg"] = "sha256"
             payload = msgpack.packb({"seq": seq, "prev": prev, kind: f[kind]})

@@ -7,6 +7,7 @@ msgpack encoding one map ``{"seq": int, "prev": bin(32), KIND: map}`` where KIND
 
 * ``"seg"``: segment header, the first frame of every segment file;
 * ``"rec"``: one audit record (``AuditRecord.to_wire()``);
+* ``"erc"``: one encrypted audit record (``crypto.py``); the chain covers the ciphertext;
 * ``"chk"``: signed checkpoint (``signing.py``): an Ed25519 signature over the frame's own
   seq and prev, so over every frame before it;
 * ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown);
@@ -47,8 +48,9 @@ FORMAT_VERSION = 1
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
 
-FrameKind = Literal["seg", "rec", "chk", "end"]
-_KINDS = ("seg", "rec", "chk", "end")
+FrameKind = Literal["seg", "rec", "erc", "chk", "end"]
+_KINDS = ("seg", "rec", "erc", "chk", "end")
+RECORD_KINDS = ("rec", "erc")
 
 
 def link_digest(payload: bytes, key: bytes | None) -> bytes:
@@ -100,7 +102,7 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
             if not isinstance(body, dict):
                 raise FrameError(f"frame {kind!r} body is not a map")
             return seq, prev, kind, body  # type: ignore[return-value]
-    raise FrameError("frame has no seg/rec/chk/end body")
+    raise FrameError("frame has no seg/rec/erc/chk/end body")
 
 
 class ChainHead:
@@ -151,14 +153,18 @@ class ChainHead:
             body = signer.sign(self.next_seq, self.prev, kind, body)
         return self.frame(kind, body), body
 
-    def records(self, wires: Iterable[dict[str, Any]]) -> bytes:
-        """Frames for many records at once (one allocation for the whole batch)."""
+    def records(self, wires: Iterable[dict[str, Any]], encryptor: Any = None) -> bytes:
+        """Frames for many records at once (one allocation for the whole batch);
+        ``encryptor`` (``crypto.Encryptor``) stores them as ``erc`` frames."""
         pack = self._packer.pack
         key = self.key
         seq, prev = self.next_seq, self.prev
+        kind = "rec"
+        if encryptor is not None:
+            wires, kind = encryptor.bodies(seq, wires), "erc"
         out = bytearray()
         for wire in wires:
-            payload = pack({"seq": seq, "prev": prev, "rec": wire})
+            payload = pack({"seq": seq, "prev": prev, kind: wire})
             if len(payload) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             out += LENGTH.pack(len(payload))

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_frame
 from sidecar.audit.config import load_hmac_key
+from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
     READ_BUFFER,
@@ -27,7 +28,9 @@ from sidecar.audit.segments import (
     VerifyResult,
     iter_stored,
     parse_time,
+    record_of,
     resolve_segments,
+    segment_header,
     verify,
 )
 from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
@@ -42,6 +45,8 @@ def add_audit_parsers(subparsers: Any) -> None:
     p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signed checkpoints")
     p.add_argument("prefix", metavar="PREFIX",
                    help="writes PREFIX.key (private, 0600; never overwritten) and PREFIX.pub")
+    p.add_argument("--data-key", action="store_true",
+                   help="instead write PREFIX.data: an AES-256 key for audit.encryption_key_file")
     p.set_defaults(func=cmd_keygen)
 
     p = subparsers.add_parser("verify", help="check the hash chain of an audit trail")
@@ -53,6 +58,7 @@ def add_audit_parsers(subparsers: Any) -> None:
                    help="a checkpoint saved elsewhere (JSON from /audit/head) that must still "
                         "be in the chain (repeatable)")
     p.add_argument("--hmac-key-file", help="key file, for trails written with audit.hmac_key_file")
+    _add_data_key(p, "also check that every encrypted record decrypts")
     p.add_argument("--accept-declared-breaks", action="store_true",
                    help="exit 0 when the only problems are breaks the writer declared")
     p.add_argument("--require-genesis", action="store_true",
@@ -65,6 +71,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     _add_filters(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    _add_data_key(p, "to read encrypted records")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("tail", help="print the newest audit records, optionally follow")
@@ -75,6 +82,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("--interval", type=float, default=0.5,
                    help=f"follow poll interval, seconds ({MIN_POLL}..{MAX_POLL}, default 0.5)")
     _add_filters(p)
+    _add_data_key(p, "to read encrypted records")
     p.set_defaults(func=cmd_tail)
 
 
@@ -85,6 +93,16 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision", choices=("allow", "deny", "dry-run"))
     p.add_argument("--rule", metavar="R", help="only records of this rule name")
     p.add_argument("--event", metavar="E", help="only this event kind (request, alert, ...)")
+
+
+def _add_data_key(p: argparse.ArgumentParser, why: str) -> None:
+    p.add_argument("--data-key", action="append", default=[], metavar="FILE",
+                   help=f"data key file of audit.encryption_key_file (repeatable), {why}")
+
+
+def _decryptor(args: argparse.Namespace) -> Decryptor | None:
+    paths = getattr(args, "data_key", None) or []
+    return load_decryptor(paths) if paths else None
 
 
 def _filters(args: argparse.Namespace) -> RecordFilter:
@@ -112,6 +130,12 @@ def _json_default(value: Any) -> Any:
 def cmd_keygen(args: argparse.Namespace) -> int:
     """0: key pair written; 2: cannot (exists, unwritable)."""
     try:
+        if getattr(args, "data_key", False):
+            data = args.prefix + ".data"
+            kid = write_data_key(data)
+            print(f"data key: {data} (audit.encryption_key_file; --data-key to read)")
+            print(f"key id:   {kid}")
+            return 0
         priv, pub, kid = write_keypair(args.prefix)
     except OSError as exc:
         print(f"error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
@@ -171,10 +195,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         pubkeys = getattr(args, "pubkey", None) or []
         keyring = load_keyring(pubkeys) if pubkeys else None
         anchors = [load_anchor(a) for a in getattr(args, "anchor", None) or []]
+        decryptor = _decryptor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
+    result = verify(args.path, key=key, keyring=keyring, anchors=anchors, decryptor=decryptor,
                     accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
                     require_genesis=getattr(args, "require_genesis", False))
     if getattr(args, "json", False):
@@ -188,6 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write matching records; damaged segments are reported on stderr (exit 1)."""
     try:
         filters = _filters(args)
+        decryptor = _decryptor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         out = sys.stdout
     try:
-        stored = iter_stored(args.path, filters, on_damage=damaged.append)
+        stored = iter_stored(args.path, filters, on_damage=damaged.append, decryptor=decryptor)
         if args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(("seq", *FIELD_NAMES))
@@ -219,7 +245,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if close:
             out.close()
     for d in damaged:
-        print(f"warning: stopped reading a damaged segment: {d}", file=sys.stderr)
+        print(f"warning: stopped reading a damaged or undecryptable segment: {d}",
+              file=sys.stderr)
     return 1 if damaged else 0
 
 
@@ -228,21 +255,45 @@ def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
     out.flush()
 
 
+def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]]:
+    """(end offset, payload) of whole frames from the file position, up to ``limit``; stops
+    quietly at a frame not (yet) complete: the writer may be appending to it."""
+    offset = fh.tell()
+    while limit is None or offset < limit:
+        head = fh.read(4)
+        if len(head) < 4:
+            return
+        (length,) = LENGTH.unpack(head)
+        if length == 0 or length > MAX_FRAME_BYTES:
+            return
+        payload = fh.read(length)
+        if len(payload) < length:
+            return
+        offset += 4 + length
+        yield offset, payload
+
+
 class _Follower:
     """Reads frames appended to the newest segment; moves on when a newer one appears."""
 
-    def __init__(self, path: str, filters: RecordFilter) -> None:
+    def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None) -> None:
         self.path = path
         self.filters = filters
+        self.decryptor = decryptor
         self.single = not os.path.isdir(path)
         self.current: SegmentFile | None = None
+        self.header: dict[str, Any] | None = None
         self.offset = 0
 
     def start_at_end(self) -> None:
         segments = resolve_segments(self.path)
         if segments:
-            self.current = segments[-1]
-            self.offset = os.path.getsize(self.current.path)
+            self._switch(segments[-1])
+            self.offset = os.path.getsize(segments[-1].path)
+
+    def _switch(self, seg: SegmentFile) -> None:
+        self.current, self.offset = seg, 0
+        self.header = segment_header(seg.path)
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
@@ -255,7 +306,7 @@ class _Follower:
             if not newer:
                 return
             # Finish the old segment first (done above), then move to the next one.
-            self.current, self.offset = newer[0], 0
+            self._switch(newer[0])
 
     def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
         assert self.current is not None
@@ -265,31 +316,29 @@ class _Follower:
             return
         with fh:
             fh.seek(self.offset)
-            while True:
-                head = fh.read(4)
-                if len(head) < 4:
-                    return  # not written yet (or partially): try again at the next poll
-                (length,) = LENGTH.unpack(head)
-                if length == 0 or length > MAX_FRAME_BYTES:
-                    return
-                payload = fh.read(length)
-                if len(payload) < length:
-                    return
-                self.offset += 4 + length
-                try:
-                    seq, _prev, kind, body = decode_frame(payload)
-                except (ValueError, ChainError):
-                    continue
-                if kind == "rec":
-                    rec = AuditRecord.from_wire(body)
-                    if self.filters.matches(rec):
-                        yield seq, rec
+            for end, payload in _frames_from(fh, None):
+                self.offset = end
+                if self.header is None:
+                    self.header = segment_header(self.current.path)
+                yield from _matching(payload, self.header, self.filters, self.decryptor)
+
+
+def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
+              decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+    try:
+        seq, _prev, kind, body = decode_frame(payload)
+    except (ValueError, ChainError):
+        return
+    rec = record_of(seq, kind, body, header, decryptor)
+    if rec is not None and filters.matches(rec):
+        yield seq, rec
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print the newest N records; with --follow keep polling until Ctrl-C (exit 0)."""
     try:
         filters = _filters(args)
+        decryptor = _decryptor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -297,7 +346,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
     try:
-        follower = _Follower(args.path, filters)
+        follower = _Follower(args.path, filters, decryptor)
         # Remember where the files end *before* reading, so no record is printed twice
         # or skipped between the backlog and following.
         follower.start_at_end()
@@ -308,7 +357,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if end_segment is not None and seg > end_segment:
                     break
                 limit = end_offset if seg == end_segment else None
-                for stored in _read_segment(seg, filters, limit):
+                for stored in _read_segment(seg, filters, limit, decryptor):
                     last.append(stored)
             for seq, rec in last:
                 _print_record(seq, rec, out)
@@ -320,34 +369,20 @@ def cmd_tail(args: argparse.Namespace) -> int:
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+    except DecryptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _read_segment(seg: SegmentFile, filters: RecordFilter,
-                  limit: int | None) -> Iterator[tuple[int, AuditRecord]]:
+def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
+                  decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+    header = segment_header(seg.path)
     with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
-        offset = 0
-        while limit is None or offset < limit:
-            head = fh.read(4)
-            if len(head) < 4:
-                return
-            (length,) = LENGTH.unpack(head)
-            if length == 0 or length > MAX_FRAME_BYTES:
-                return
-            payload = fh.read(length)
-            if len(payload) < length:
-                return
-            offset += 4 + length
-            try:
-                seq, _prev, kind, body = decode_frame(payload)
-            except ValueError:
-                continue
-            if kind == "rec":
-                rec = AuditRecord.from_wire(body)
-                if filters.matches(rec):
-                    yield seq, rec
+        for _end, payload in _frames_from(fh, limit):
+            yield from _matching(payload, header, filters, decryptor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ MIN_HMAC_KEY_BYTES = 16
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
     "fsync", "hmac_key_file", "signing_key_file", "checkpoint_every_records",
-    "checkpoint_every_seconds",
+    "checkpoint_every_seconds", "encryption_key_file",
 })
 DEFAULT_CHECKPOINT_RECORDS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 1.0
@@ -51,6 +51,7 @@ class AuditConfig:
     signing_key_file: str | None = None
     checkpoint_every_records: int = DEFAULT_CHECKPOINT_RECORDS
     checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS
+    encryption_key_file: str | None = None
 
 
 def _count(value: Any, path: Path, src: Source, low: int, high: int) -> int | None:
@@ -145,8 +146,13 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
             src.problem(p, "expected seconds from 0.05 to 3600")
         else:
             kw["checkpoint_every_seconds"] = float(sec)
-    if directory and kw.get("signing_key_file"):
-        _check_outside(kw["signing_key_file"], directory, path + ("signing_key_file",), src)
+    if raw.get("encryption_key_file") is not None:
+        key_file = _file(raw["encryption_key_file"], path + ("encryption_key_file",), src)
+        if key_file is not None:
+            kw["encryption_key_file"] = key_file
+    for name in ("signing_key_file", "encryption_key_file"):
+        if directory and kw.get(name):
+            _check_outside(kw[name], directory, path + (name,), src)
     return AuditConfig(path=directory, **kw)
 
 

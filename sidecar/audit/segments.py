@@ -32,12 +32,14 @@ from sidecar.audit.chain import (
     GENESIS,
     LENGTH,
     MAX_FRAME_BYTES,
+    RECORD_KINDS,
     ChainError,
     ChainVerifier,
     Frame,
     FrameError,
     decode_frame,
 )
+from sidecar.audit.crypto import DecryptError, Decryptor
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.signing import Checkpoint, Keyring
 
@@ -242,7 +244,7 @@ class _Walk:
                   "seal without a signature after signed checkpoints: the writer signs every "
                   "seal, so this one was forged")
         r.unsigned_tail_frames += 1
-        if frame.kind == "rec":
+        if frame.kind in RECORD_KINDS:
             r.unsigned_tail_records += 1
             t = frame.body.get("t")
             if isinstance(t, int | float) and not isinstance(t, bool):
@@ -328,12 +330,13 @@ TAIL_SLACK_SECONDS = 10.0
 def verify(
     path: str, *, key: bytes | None = None, accept_declared_breaks: bool = False,
     require_genesis: bool = False, keyring: Keyring | None = None,
-    anchors: list[Checkpoint] | None = None,
+    anchors: list[Checkpoint] | None = None, decryptor: Decryptor | None = None,
 ) -> VerifyResult:
     """Check the whole chain under ``path`` (directory or one segment file).
 
     ``key``: HMAC key; ``keyring``: public keys for the signed checkpoints; ``anchors``:
-    checkpoints saved elsewhere that must still be part of the chain."""
+    checkpoints saved elsewhere that must still be part of the chain; ``decryptor``: data
+    keys, to check that every encrypted record also decrypts (integrity needs no data key)."""
     result = VerifyResult()
     result.assurance = "signature" if keyring else "hmac" if key is not None else "none"
     try:
@@ -357,6 +360,8 @@ def verify(
         checker.start_segment()
         first = True
         problem: BrokenPoint | None = None
+        header: dict[str, Any] | None = None
+        fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
         try:
             with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
                 for offset, payload in read_frames(fh):
@@ -382,13 +387,23 @@ def verify(
                     failed = walk.frame(frame)
                     if failed is not None:
                         problem = BrokenPoint(seg.name, frame.seq, offset, failed)
+                        fatal = True
                         break
                     if frame.kind == "end":
                         walk.seal(frame)
                     first = False
                     result.frames += 1
-                    if frame.kind == "rec":
+                    if frame.kind in RECORD_KINDS:
                         result.records += 1
+                        if decryptor is not None and frame.kind == "erc":
+                            try:
+                                decryptor.record(frame.seq, frame.body, header)
+                            except DecryptError as exc:
+                                problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
+                                fatal = True
+                                break
+                    elif frame.kind == "seg":
+                        header = frame.body
         except SegmentDamage as exc:
             expected = checker.last.seq + 1 if checker.last is not None else None
             problem = BrokenPoint(seg.name, expected, exc.offset, str(exc))
@@ -399,8 +414,7 @@ def verify(
             result.broken = pending
             break
         if problem is not None:
-            if (first and checker.last is None) or "signature" in problem.message \
-                    or "anchor" in problem.message or "checkpoint" in problem.message:
+            if (first and checker.last is None) or fatal:
                 result.broken = problem  # nothing good before it, or forged: stop here
                 break
             pending = problem
@@ -493,31 +507,56 @@ class StoredRecord:
     record: AuditRecord
 
 
+def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] | None,
+              decryptor: Decryptor | None) -> AuditRecord | None:
+    """The record a frame holds (None for other frames); ``DecryptError`` when it is
+    encrypted and ``decryptor`` cannot open it."""
+    if kind == "rec":
+        return AuditRecord.from_wire(body)
+    if kind == "erc":
+        return AuditRecord.from_wire((decryptor or Decryptor()).record(seq, body, header))
+    return None
+
+
+def segment_header(path: str) -> dict[str, Any] | None:
+    """The body of a segment file's header frame (None if it has none)."""
+    try:
+        with open(path, "rb") as fh:
+            for _offset, payload in read_frames(fh):
+                _seq, _prev, kind, body = decode_frame(payload)
+                return body if kind == "seg" else None
+    except (OSError, SegmentDamage, FrameError):
+        return None
+    return None
+
+
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
-    on_damage: Callable[[str], None] | None = None,
+    on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
 ) -> Iterator[StoredRecord]:
     """Every readable record under ``path`` in chain order. Reading does not verify links
-    (use ``verify``); a damaged segment is read up to the damage, reported to
-    ``on_damage`` and skipped from there."""
+    (use ``verify``); a damaged segment, or one whose records cannot be decrypted, is read
+    up to there, reported to ``on_damage`` and skipped from there."""
     for seg in resolve_segments(path):
+        header: dict[str, Any] | None = None
         try:
             with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, _prev, kind, body = decode_frame(payload)
-                    if kind != "rec":
-                        continue
-                    rec = AuditRecord.from_wire(body)
-                    if filters is None or filters.matches(rec):
+                    if kind == "seg":
+                        header = body
+                    rec = record_of(seq, kind, body, header, decryptor)
+                    if rec is not None and (filters is None or filters.matches(rec)):
                         yield StoredRecord(seq, seg.name, rec)
-        except (SegmentDamage, FrameError, TypeError) as exc:
+        except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
             if on_damage is not None:
                 on_damage(f"{seg.name}: {exc}")
 
 
-def iter_records(path: str, filters: RecordFilter | None = None) -> Iterator[AuditRecord]:
+def iter_records(path: str, filters: RecordFilter | None = None,
+                 decryptor: Decryptor | None = None) -> Iterator[AuditRecord]:
     """The records under ``path`` (directory or segment file) that match ``filters``."""
-    for stored in iter_stored(path, filters):
+    for stored in iter_stored(path, filters, decryptor=decryptor):
         yield stored.record
 
 

@@ -39,6 +39,7 @@ import trio
 
 from sidecar.audit.chain import ChainHead
 from sidecar.audit.config import AuditConfig, load_hmac_key
+from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
@@ -64,9 +65,10 @@ class _SegmentSink:
     """Synchronous disk side; every method runs in a worker thread, one call at a time."""
 
     def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
         self.directory = config.path
         self.signer = signer
+        self.encryptor = encryptor
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
         # Frames written since the last signed frame, records among them, and when (monotonic)
@@ -113,6 +115,8 @@ class _SegmentSink:
         state = head.state
         created = self.clock()
         path = os.path.join(self.directory, segment_name(head.next_seq, created))
+        if self.encryptor is not None:
+            info = {**info, "enc": self.encryptor.header_info()}
         header = head.header(created, **info)
         checkpoint: Checkpoint | None = None
         if self.signer is not None and "restart" in info:
@@ -258,7 +262,7 @@ class _SegmentSink:
         assert self.head is not None
         state = self.head.state
         try:
-            return self.head.records([r.to_wire() for r in records])
+            return self.head.records([r.to_wire() for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
@@ -267,14 +271,14 @@ class _SegmentSink:
         for r in records:
             s = self.head.state
             try:
-                out += self.head.records([r.to_wire()])
+                out += self.head.records([r.to_wire()], self.encryptor)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.head.restore(s)
                 out += self.head.records([{
                     "t": float(r.time) if isinstance(r.time, int | float) else 0.0,
                     "ev": "unencodable", "id": str(r.request_id)[:200],
                     "why": f"{type(exc).__name__}: {exc}"[:200],
-                }])
+                }], self.encryptor)
         return bytes(out)
 
     @staticmethod
@@ -386,6 +390,13 @@ class AuditWriter:
             except ValueError as exc:
                 raise ConfigError([Problem(config.signing_key_file, None,
                                            "audit.signing_key_file", str(exc))]) from None
+        encryptor = None
+        if config.encryption_key_file is not None:
+            try:
+                encryptor = Encryptor(load_data_key(config.encryption_key_file))
+            except ValueError as exc:
+                raise ConfigError([Problem(config.encryption_key_file, None,
+                                           "audit.encryption_key_file", str(exc))]) from None
         key = None
         if config.hmac_key_file is not None:
             try:
@@ -396,7 +407,7 @@ class AuditWriter:
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
         self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
-        self._sink = _SegmentSink(config, key, clock, signer)
+        self._sink = _SegmentSink(config, key, clock, signer, encryptor)
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
