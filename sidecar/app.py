@@ -169,11 +169,18 @@ class Sidecar:
         m.audit_queue_depth.set_function(lambda: writer.statistics().queue_depth)
         written = m.audit_records_written_total.labels()
         lost = m.audit_records_lost_total.labels()
+        ship_sent = m.audit_ship_sent_total.labels()
+        ship_dropped = m.audit_ship_dropped_total.labels()
 
         def sync() -> None:
             stats = writer.statistics()
             written.value = float(stats.written)
             lost.value = float(stats.lost)
+            if writer.shipper is not None:
+                ship_sent.value = float(stats.shipped)
+                ship_dropped.value = float(stats.ship_dropped)
+                m.audit_ship_queue_depth.set(stats.ship_queue_depth)
+                m.audit_ship_connected.set(1 if stats.ship_connected else 0)
             if stats.last_checkpoint is not None:
                 m.audit_checkpoint_seq.set(stats.last_checkpoint.seq)
                 m.audit_checkpoint_timestamp_seconds.set(stats.last_checkpoint.time)

@@ -118,6 +118,9 @@ class ChainHead:
         self.prev = prev
         self.key = key
         self._packer = msgpack.Packer(use_bin_type=True)
+        # When a list: every frame made is noted as (seq, kind, payload, digest, detail)
+        # (detail: the record's wire dict, or the body), for shipping once on disk.
+        self.journal: list[tuple[int, str, bytes, bytes, Any]] | None = None
 
     @property
     def alg(self) -> str:
@@ -129,6 +132,8 @@ class ChainHead:
 
     def restore(self, state: tuple[int, bytes]) -> None:
         self.next_seq, self.prev = state
+        if self.journal:
+            self.journal[:] = [j for j in self.journal if j[0] < self.next_seq]
 
     def frame(self, kind: FrameKind, body: dict[str, Any]) -> bytes:
         """Length-prefixed frame bytes for ``body``; advances the head."""
@@ -136,6 +141,8 @@ class ChainHead:
         if len(payload) > MAX_FRAME_BYTES:
             raise ValueError("audit frame too large")
         self.prev = link_digest(payload, self.key)
+        if self.journal is not None:
+            self.journal.append((self.next_seq, kind, payload, self.prev, body))
         self.next_seq += 1
         return LENGTH.pack(len(payload)) + payload
 
@@ -160,16 +167,20 @@ class ChainHead:
         key = self.key
         seq, prev = self.next_seq, self.prev
         kind = "rec"
+        plain = wires = list(wires)
         if encryptor is not None:
             wires, kind = encryptor.bodies(seq, wires), "erc"
+        journal = self.journal
         out = bytearray()
-        for wire in wires:
+        for i, wire in enumerate(wires):
             payload = pack({"seq": seq, "prev": prev, kind: wire})
             if len(payload) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             out += LENGTH.pack(len(payload))
             out += payload
             prev = hashlib.sha256(payload).digest() if key is None else link_digest(payload, key)
+            if journal is not None:
+                journal.append((seq, kind, payload, prev, plain[i]))
             seq += 1
         self.next_seq, self.prev = seq, prev
         return bytes(out)

@@ -33,6 +33,7 @@ from sidecar.audit.segments import (
     segment_header,
     verify,
 )
+from sidecar.audit.ship import CollectError, collect_frames, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
 
 MIN_POLL = 0.05
@@ -65,6 +66,13 @@ def add_audit_parsers(subparsers: Any) -> None:
                    help="fail when the oldest segments are missing (retention)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser(
+        "collect", help="rebuild segment files from what a syslog collector received")
+    p.add_argument("files", nargs="+", metavar="FILE", help="collector output (syslog lines)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="new directory for the rebuilt segments (then: sidecar audit verify DIR)")
+    p.set_defaults(func=cmd_collect)
 
     p = subparsers.add_parser("export", help="export audit records as JSON lines or CSV")
     p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
@@ -207,6 +215,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         print(verify_result_text(result))
     return 0 if result.ok else 1
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """0: rebuilt; 1: two different frames with one seq; 2: cannot read or write."""
+    frames: dict[int, bytes] = {}
+    messages = 0
+    try:
+        if os.path.exists(args.output) and os.listdir(args.output):
+            print(f"error: {args.output} is not empty", file=sys.stderr)
+            return 2
+        for path in args.files:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                messages += collect_frames(fh, frames)
+        files = write_segments(frames, args.output)
+    except CollectError as exc:
+        print(f"BROKEN: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{messages} messages, {len(frames)} frames, {files} segment files in {args.output}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

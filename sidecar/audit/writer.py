@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,11 +38,12 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.chain import ChainHead
+from sidecar.audit.chain import RECORD_KINDS, ChainHead, decode_frame
 from sidecar.audit.config import AuditConfig, load_hmac_key
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
+from sidecar.audit.ship import Shipper, frame_message, hostname
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.errors import ConfigError, Problem
 
@@ -77,6 +79,8 @@ class _SegmentSink:
         self.unsigned_records = 0
         self.unsigned_since = 0.0
         self.last_checkpoint: Checkpoint | None = None
+        self.ship_host: str | None = None  # set when shipping: frames become messages
+        self.ship_app = "sidecar"
         self.max_bytes = config.max_segment_bytes
         self.max_segments = config.max_segments
         self.fsync = config.fsync
@@ -99,6 +103,8 @@ class _SegmentSink:
         if self.head is None:
             rp = find_resume_point(self.directory, self.key)
             head = ChainHead(rp.next_seq, rp.prev, self.key)
+            if self.ship_host is not None:
+                head.journal = []
             info: dict[str, Any] = {"prev_segment": rp.last_segment,
                                     "prev_sealed": rp.sealed if rp.last_segment else None}
             if rp.damage is not None:
@@ -185,6 +191,24 @@ class _SegmentSink:
         if self.fd is None or self.head is None:
             return
         self._seal("shutdown")
+
+    def take_messages(self) -> list[bytes]:
+        """Syslog messages for the frames written to disk since the last call."""
+        head = self.head
+        if head is None or not head.journal or self.ship_host is None:
+            return []
+        now = self.clock()
+        out = []
+        for seq, kind, payload, digest, detail in head.journal:
+            if kind in RECORD_KINDS:
+                detail = AuditRecord.from_wire(detail)
+            elif kind in ("chk", "end") and "sig" in detail:
+                _s, prev, _k, _b = decode_frame(payload)
+                detail = Checkpoint.from_frame(seq, prev, kind, detail).to_json()
+            out.append(frame_message(seq, kind, digest, payload, detail, now=now,
+                                     host=self.ship_host, app=self.ship_app))
+        head.journal.clear()
+        return out
 
     def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
         """Seconds until the timer checkpoint is due (0 = now), None when nothing waits."""
@@ -367,6 +391,10 @@ class AuditWriterStatistics:
     next_seq: int | None
     last_error: str | None
     last_checkpoint: Checkpoint | None = None  # the newest signed frame on disk
+    shipped: int = 0  # syslog messages sent (one per frame; resent ones counted again)
+    ship_dropped: int = 0  # frames never shipped (queue full, or still queued at exit)
+    ship_queue_depth: int = 0
+    ship_connected: bool = False
 
 
 class AuditWriter:
@@ -408,6 +436,16 @@ class AuditWriter:
         self.fail_open = config.on_failure == "fail_open"
         self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
+        self.shipper: Shipper | None = None
+        if config.ship is not None:
+            try:
+                self.shipper = Shipper(config.ship, retry_initial=retry_initial,
+                                       retry_max=retry_max)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError([Problem(config.ship.ca_file, None, "audit.ship",
+                                           f"cannot load TLS files: {exc}")]) from None
+            self._sink.ship_host = hostname()
+            self._sink.ship_app = config.ship.app_name
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -437,7 +475,8 @@ class AuditWriter:
         if self._closing:
             self._count_unrecorded()
             return False
-        if not self.fail_open and not self.healthy and not admitted:
+        if not admitted and ((not self.fail_open and not self.healthy)
+                             or (self.shipper is not None and not self.shipper.accepting())):
             self.rejected += 1
             return False
         try:
@@ -451,6 +490,8 @@ class AuditWriter:
         """May the data path serve a request now? (fail_closed: only if it can be recorded)."""
         if self._closing:
             return False
+        if self.shipper is not None and not self.shipper.accepting():
+            return False  # ship.mode: required, and records cannot be shipped now
         if self.fail_open:
             return True
         return self.healthy and self._send.statistics().current_buffer_used < self.config.queue_size
@@ -473,6 +514,10 @@ class AuditWriter:
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
             next_seq=head.next_seq if head is not None else None, last_error=self.last_error,
             last_checkpoint=self._sink.last_checkpoint,
+            **({} if self.shipper is None else {  # type: ignore[arg-type]
+                "shipped": self.shipper.sent, "ship_dropped": self.shipper.dropped,
+                "ship_queue_depth": self.shipper.queue_depth,
+                "ship_connected": self.shipper.connected}),
         )
 
     @property
@@ -484,12 +529,42 @@ class AuditWriter:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Write until ``aclose``; call ``task_status.started()`` after the first attempt
-        to open a segment (healthy or not, so a broken disk cannot hang start-up)."""
+        to open a segment (healthy or not, so a broken disk cannot hang start-up). With
+        shipping, also ship until everything written (the final seal included) is sent."""
         self._running = True
+        try:
+            if self.shipper is None:
+                await self._write_loop(task_status)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.shipper.run)
+                await self._write_loop(task_status)
+                await self.shipper.aclose()
+        finally:
+            self._done.set()
+
+    async def _run_sink(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a disk operation in a worker thread; the frames it put on disk are turned
+        into syslog messages there too (not on the event loop) and offered to the shipper."""
+        messages: list[bytes] = []
+
+        def call() -> None:
+            try:
+                fn(*args)
+            finally:
+                messages.extend(self._sink.take_messages())
+
+        try:
+            await trio.to_thread.run_sync(call)
+        finally:
+            if self.shipper is not None and messages:
+                self.shipper.offer(messages)
+
+    async def _write_loop(self, task_status: Any) -> None:
         batch: list[AuditRecord] = []
         try:
             try:
-                await trio.to_thread.run_sync(self._first_open)
+                await self._run_sink(self._first_open)
                 self._set_healthy()
             except OSError as exc:
                 self._note_failure(exc)
@@ -507,7 +582,7 @@ class AuditWriter:
                 await self._write(batch)
                 batch = []
             try:
-                await trio.to_thread.run_sync(self._sink.close)
+                await self._run_sink(self._sink.close)
             except OSError as exc:
                 self._note_failure(exc)
         finally:
@@ -516,7 +591,6 @@ class AuditWriter:
             if left:
                 self.lost += left
                 self._inflight = 0
-            self._done.set()
 
     def _first_open(self) -> None:
         os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
@@ -528,7 +602,7 @@ class AuditWriter:
             self._probe_scope = scope
             while not self._closing:
                 try:
-                    await trio.to_thread.run_sync(self._sink.ensure_open)
+                    await self._run_sink(self._sink.ensure_open)
                 except OSError as exc:
                     self._note_failure(exc)
                     await trio.sleep(delay)
@@ -560,7 +634,7 @@ class AuditWriter:
 
     async def _checkpoint(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._sink.checkpoint)
+            await self._run_sink(self._sink.checkpoint)
         except OSError as exc:
             self._note_failure(exc)
 
@@ -568,7 +642,7 @@ class AuditWriter:
         delay = self._retry_initial
         while batch:
             try:
-                await trio.to_thread.run_sync(self._sink.append, batch)
+                await self._run_sink(self._sink.append, batch)
             except _PartialWrite as exc:
                 self.written += exc.done
                 batch = batch[exc.done:]
