@@ -40,7 +40,7 @@ DEFAULT_CHECKPOINT_SECONDS = 1.0
 class ShipConfig:
     """``audit.ship``: where and how to ship (docs/audit.md)."""
 
-    address: tuple[str, int]
+    address: tuple[str, int] | None  # None: from SIDECAR_AUDIT_COLLECTOR (the injector)
     ca_file: str
     server_name: str | None = None  # default: the address's host
     cert_file: str | None = None
@@ -191,11 +191,12 @@ def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
                         f"unknown key (expected one of: {', '.join(sorted(_SHIP_KNOWN))})")
     ok = True
     address: tuple[str, int] | None = None
-    try:
-        address = parse_address(raw.get("address"))
-    except ValueError as exc:
-        src.problem(path + ("address",), f"{exc} (the collector, e.g. siem.example:6514)")
-        ok = False
+    if raw.get("address") is not None:  # omitted: SIDECAR_AUDIT_COLLECTOR at start
+        try:
+            address = parse_address(raw.get("address"))
+        except ValueError as exc:
+            src.problem(path + ("address",), f"{exc} (the collector, e.g. siem.example:6514)")
+            ok = False
     files: dict[str, Any] = {}
     for name in ("ca_file", "cert_file", "key_file"):
         if raw.get(name) is not None:
@@ -229,7 +230,7 @@ def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
                                             "(at most 48 characters)")
             else:
                 kw[name] = value
-    if not ok or address is None:
+    if not ok:
         return None
     return ShipConfig(address=address, **files, **kw)
 

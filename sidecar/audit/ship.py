@@ -188,6 +188,7 @@ class Shipper:
                         pass  # it is being thrown away anyway
 
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+        assert self.cfg.address is not None  # filled in from the environment at start
         host, port = self.cfg.address
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)

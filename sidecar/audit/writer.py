@@ -27,6 +27,7 @@ and always opens a new segment; a damaged tail is declared in the new header. On
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -45,10 +46,12 @@ from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.ship import Shipper, frame_message, hostname
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
+from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 
 AlertCallback = Callable[[str, str], None]
 
+COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
@@ -438,14 +441,24 @@ class AuditWriter:
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
         self.shipper: Shipper | None = None
         if config.ship is not None:
+            ship = config.ship
+            if ship.address is None:
+                # The injector passes the collector as an environment variable.
+                try:
+                    ship = dataclasses.replace(
+                        ship, address=parse_address(os.environ.get(COLLECTOR_ENV)))
+                except ValueError as exc:
+                    raise ConfigError([Problem(COLLECTOR_ENV, None, "audit.ship.address",
+                                               f"no address in the config and {COLLECTOR_ENV}"
+                                               f" is not HOST:PORT ({exc})")]) from None
             try:
-                self.shipper = Shipper(config.ship, retry_initial=retry_initial,
+                self.shipper = Shipper(ship, retry_initial=retry_initial,
                                        retry_max=retry_max)
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError([Problem(config.ship.ca_file, None, "audit.ship",
+                raise ConfigError([Problem(ship.ca_file, None, "audit.ship",
                                            f"cannot load TLS files: {exc}")]) from None
             self._sink.ship_host = hostname()
-            self._sink.ship_app = config.ship.app_name
+            self._sink.ship_app = ship.app_name
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
