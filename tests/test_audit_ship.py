@@ -154,8 +154,9 @@ def test_sidecar_under_load_ships_every_decision_and_the_final_checkpoint(
     wait_for(lambda: b.metric("sidecar_audit_ship_sent_total") > 0, timeout=15)
     assert b.stop() == 0
     # SIGTERM: the final signed seal was shipped before the process exited.
-    assert any(line.startswith("checkpoint") and '"kind":"end"' in line and '"shutdown"' in line
-               for line in rsyslog.lines())
+    assert wait_for(lambda: any(line.startswith("checkpoint") and '"kind":"end"' in line
+                                and '"shutdown"' in line for line in rsyslog.lines()),
+                    timeout=15)
     rsyslog.stop()
     result = rebuilt_verify(tmp_path, rsyslog.out, pub, "from-rsyslog")
     assert result["ok"], result
@@ -193,8 +194,12 @@ def test_collector_away_and_back(tmp_path, rsyslog, queue_size):
             assert w.submit(AuditRecord(time=float(i), request_id=f"after-{i}"))
 
     writer = run_writer(config, body, identity=ORDERS, retry_initial=0.05, retry_max=0.2)
-    rsyslog.stop()
     stats = writer.statistics()
+    # The writer sent everything before aclose returned; wait until rsyslog wrote the
+    # final seal out before stopping it (its own shutdown may drop what it still queues).
+    seal = f'seq="{stats.next_seq - 1}"'
+    assert wait_for(lambda: any(seal in line for line in rsyslog.lines()), timeout=15)
+    rsyslog.stop()
     frames: dict[int, bytes] = {}
     with open(rsyslog.out) as fh:
         collect_frames(fh, frames)

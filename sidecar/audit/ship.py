@@ -10,7 +10,8 @@ syslog message, built in the writer's worker thread right after the frame is on 
 
 facility 13 (log audit), severity 6; ``KIND`` (MSGID) is ``audit`` for records,
 ``checkpoint`` for checkpoints and seals, ``segment`` for headers. The JSON holds the seq,
-kind, digest, the record (long field names) or the signed checkpoint, and ``frame``: the
+kind, digest, the record (its stored map: the short keys of docs/audit.md) or the signed
+checkpoint, and ``frame``: the
 frame's stored bytes in base64, so that ``sidecar audit collect`` can rebuild segment
 files from what the collector wrote and ``verify`` can check the chain and signatures
 there, independent of the pod.
@@ -35,19 +36,19 @@ notices the collector closing at once (syslog collectors never send).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
 from sidecar.audit.config import ShipConfig
-from sidecar.audit.record import AuditRecord
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
 PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)
@@ -59,34 +60,54 @@ CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
 
 
-def _header(host: str, app: str, msgid: str, now: float) -> bytes:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-    return f"1 {stamp} {host} {app} {os.getpid()} {msgid} ".encode()
-
-
-def frame_message(seq: int, kind: str, digest: bytes, frame: bytes, detail: Any,
-                  *, now: float, host: str, app: str) -> bytes:
-    """One octet-counted RFC 5424 message for one stored frame (pure but for the pid).
-
-    ``detail``: the record (``AuditRecord``), the checkpoint JSON or the header body."""
-    payload: dict[str, Any] = {"seq": seq, "kind": kind, "digest": digest.hex()}
-    if isinstance(detail, AuditRecord):
-        payload["record"] = detail.as_dict()
-    elif kind in ("chk", "end"):
-        payload["checkpoint"] = detail
-    else:
-        payload["header"] = detail
-    payload["frame"] = base64.b64encode(frame).decode("ascii")
-    sd = f'[{SD_ID} seq="{seq}" digest="{digest.hex()}" kind="{kind}"] '.encode()
-    body = json.dumps(payload, separators=(",", ":"), default=_json_default).encode()
-    msg = PRI + _header(host, app, MSGIDS.get(kind, "audit"), now) + sd + body
-    return str(len(msg)).encode() + b" " + msg
+_MSGIDS = {kind: msgid.encode() for kind, msgid in MSGIDS.items()}
+_FIELD = {"seg": b"header", "rec": b"record", "erc": b"record", "chk": b"checkpoint",
+          "end": b"checkpoint"}
+_SD_OPEN = b" [" + SD_ID.encode() + b' seq="'
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     return repr(value)
+
+
+def _make_encode() -> Callable[[Any], str]:
+    # json.dumps builds a new C encoder object on every call (a few us of Python); build
+    # it once. No circular check: the values are plain records. Same output as dumps.
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        return json.JSONEncoder(separators=(",", ":"), check_circular=False,
+                                default=_json_default).encode
+    encoder = c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii, None,
+                             ":", ",", False, False, True)
+    return lambda obj: "".join(encoder(obj, 0))
+
+
+_encode = _make_encode()
+
+
+def message_prefix(now: float, host: str, app: str) -> bytes:
+    """``<PRI>1 TIMESTAMP HOST APP PROCID `` (one per batch: the frames of a batch share it)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return PRI + f"1 {stamp} {host} {app} {os.getpid()} ".encode()
+
+
+def frame_message(prefix: bytes, seq: int, kind: str, digest: bytes, frame: bytes,
+                  detail: Any) -> bytes:
+    """One octet-counted RFC 5424 message for one stored frame (pure).
+
+    ``detail``: the record's stored map (short keys, docs/audit.md), the checkpoint JSON
+    (as ``/audit/head``) or the header body. Assembled from pieces: this runs per record."""
+    hexd = digest.hex().encode()
+    seqb = str(seq).encode()
+    kindb = kind.encode()
+    msg = b"".join((
+        prefix, _MSGIDS.get(kind, b"audit"), _SD_OPEN, seqb, b'" digest="', hexd,
+        b'" kind="', kindb, b'"] {"seq":', seqb, b',"kind":"', kindb, b'","digest":"', hexd,
+        b'","', _FIELD.get(kind, b"detail"), b'":', _encode(detail).encode(), b',"frame":"',
+        base64.b64encode(frame), b'"}'))
+    return str(len(msg)).encode() + b" " + msg
 
 
 def hostname() -> str:
@@ -208,7 +229,7 @@ class Shipper:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                batch = [self._queue[i] for i in range(min(SEND_BATCH, len(self._queue)))]
+                batch = list(itertools.islice(self._queue, SEND_BATCH))
                 with trio.fail_after(SEND_TIMEOUT):
                     await stream.send_all(b"".join(batch))
                 for msg in batch:

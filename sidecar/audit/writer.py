@@ -39,12 +39,12 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.chain import RECORD_KINDS, ChainHead, decode_frame
+from sidecar.audit.chain import ChainHead, decode_frame
 from sidecar.audit.config import AuditConfig, load_hmac_key
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
-from sidecar.audit.ship import Shipper, frame_message, hostname
+from sidecar.audit.ship import Shipper, frame_message, hostname, message_prefix
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
@@ -200,16 +200,13 @@ class _SegmentSink:
         head = self.head
         if head is None or not head.journal or self.ship_host is None:
             return []
-        now = self.clock()
+        prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
         out = []
         for seq, kind, payload, digest, detail in head.journal:
-            if kind in RECORD_KINDS:
-                detail = AuditRecord.from_wire(detail)
-            elif kind in ("chk", "end") and "sig" in detail:
+            if kind in ("chk", "end") and "sig" in detail:
                 _s, prev, _k, _b = decode_frame(payload)
                 detail = Checkpoint.from_frame(seq, prev, kind, detail).to_json()
-            out.append(frame_message(seq, kind, digest, payload, detail, now=now,
-                                     host=self.ship_host, app=self.ship_app))
+            out.append(frame_message(prefix, seq, kind, digest, payload, detail))
         head.journal.clear()
         return out
 
