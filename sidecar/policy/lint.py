@@ -130,6 +130,14 @@ def _reaches_sensitive(c: Conditions) -> str | None:
     return None
 
 
+def _case_variant(c: Conditions) -> tuple[str, str] | None:
+    """(pattern, the same pattern in another case) for the first path pattern with a letter."""
+    for pattern in c.paths or ():
+        if any("a" <= ch <= "z" or "A" <= ch <= "Z" for ch in pattern):
+            return pattern, pattern.swapcase()
+    return None
+
+
 def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
     s = spiffe_segments(pattern) or ()
     if len(s) < 3 or s[0] != trust_domain or s[1] != "ns":
@@ -174,7 +182,14 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
         for entry in svc.egress or ():
             check_identity(entry.pattern, entry.line, entry.key, "egress target")
 
-    for name in policy.extras.jwt_providers:
+    for name, provider in policy.extras.jwt_providers.items():
+        params = [loc.name for loc in provider.locations if loc.kind == "query"]
+        if params:
+            kept = " and forwards it to the app" if provider.forward_query_token else ""
+            warn(None, f"jwt_providers.{name}.from_params", "token-in-query",
+                 f"provider {name} reads tokens from the query string ({', '.join(params)})"
+                 f"{kept}: URLs end up in access logs, browser history and Referer headers; "
+                 "prefer the Authorization header")
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")
@@ -204,6 +219,14 @@ def _lint_section(
             extra = " (only credentials are checked)" if c.jwt or c.apikey else ""
             warn(rule.line, rule.key, "allow-all",
                  f"rule {rule.name} allows every caller, method and path{extra}")
+        variant = _case_variant(c) if rule.effect == "deny" and svc.path_case is None else None
+        if variant is not None:
+            warn(rule.line, rule.key, "case-sensitive-deny",
+                 f"deny rule {rule.name} matches {variant[0]} case-sensitively, so "
+                 f"{variant[1]} is not denied; an app that routes case-insensitively "
+                 "(Express by default, IIS, ASP.NET) serves it by the same handler. Set "
+                 "path_case: insensitive on the section, or path_case: sensitive to confirm "
+                 "the app tells case apart")
         for pattern in c.peers or ():
             check_identity(pattern, rule.line, rule.key + ".allow" if rule.effect == "allow"
                            else rule.key + ".deny", "caller")
