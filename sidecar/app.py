@@ -83,7 +83,8 @@ class Sidecar:
             if cfg.workers > 1:
                 audit_cfg = dataclasses.replace(
                     audit_cfg, path=os.path.join(audit_cfg.path, f"worker-{worker_index}"))
-            self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
+            self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert,
+                                     identity=self.own_id)
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         limits = cfg.limits
@@ -191,11 +192,21 @@ class Sidecar:
         m.audit_queue_depth.set_function(lambda: writer.statistics().queue_depth)
         written = m.audit_records_written_total.labels()
         lost = m.audit_records_lost_total.labels()
+        ship_sent = m.audit_ship_sent_total.labels()
+        ship_dropped = m.audit_ship_dropped_total.labels()
 
         def sync() -> None:
             stats = writer.statistics()
             written.value = float(stats.written)
             lost.value = float(stats.lost)
+            if writer.shipper is not None:
+                ship_sent.value = float(stats.shipped)
+                ship_dropped.value = float(stats.ship_dropped)
+                m.audit_ship_queue_depth.set(stats.ship_queue_depth)
+                m.audit_ship_connected.set(1 if stats.ship_connected else 0)
+            if stats.last_checkpoint is not None:
+                m.audit_checkpoint_seq.set(stats.last_checkpoint.seq)
+                m.audit_checkpoint_timestamp_seconds.set(stats.last_checkpoint.time)
 
         m.scrape_hooks.append(sync)
 
@@ -255,6 +266,13 @@ class Sidecar:
         if self.audit is not None and not self.audit.accepting():
             reasons.append("audit_not_writable")
         return not reasons, reasons
+
+    def audit_head(self) -> dict[str, Any] | None:
+        """The newest signed audit checkpoint (``/audit/head``), None when there is none."""
+        checkpoint = self.audit.last_checkpoint if self.audit is not None else None
+        if checkpoint is None:
+            return None
+        return {"checkpoint": checkpoint.to_json(), "worker": self.worker_index}
 
     def policy_status(self) -> dict[str, Any]:
         return self.policies.status()
