@@ -16,9 +16,12 @@ Decisions fixed per policy version are made once and kept (bounded, ``DECISION_C
 per kind), keyed by the policy *object*, so a reload starts afresh: egress decisions (they
 depend on the policy and the target identity only) and inbound decisions of a section whose
 rules test no credential and never expire (then the decision depends only on peer, method,
-path, host, port and listener). Blocked sources and rate limits are checked on every request,
-before and after; sections with JWT / API-key rules or an ``expires_at`` are decided every
-time.
+path, host, port and listener; the path is keyed as the section matches it, folded for
+``path_case: insensitive``). Only the rule evaluation is kept: blocked sources (by peer and
+address) are checked on every request before it, rate limits after it, and every refusal
+still counts for burst alerts (whose failure it is). Sections with JWT (incl. introspected
+and certificate-bound tokens) or API-key rules, or with an ``expires_at``, are decided every
+time; ``still_allows`` (streams re-checked after a reload) never reads the cache.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from sidecar.policy.decision import (
     RequestFacts,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
+from sidecar.policy.paths import path_segments
 
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
 
@@ -182,7 +186,11 @@ class Gate:
         if self._cached_policy is not policy:
             self._reset_caches(policy)
         if self._inbound_cacheable and not tcp:
-            key = (facts.peer, facts.method, facts.path, facts.host, facts.port, facts.listener)
+            # The path as the policy matches it: a path_case: insensitive section folds
+            # case and Windows names, so /Admin and /admin. share one entry (and one answer).
+            path: object = (path_segments(facts.path, True) if section.fold_case
+                            else facts.path)
+            key = (facts.peer, facts.method, path, facts.host, facts.port, facts.listener)
             cache = self._inbound_cache
             decision = cache.get(key)
             if decision is None:

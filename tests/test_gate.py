@@ -142,3 +142,60 @@ def test_kept_decisions_are_bounded_and_rate_limits_still_apply() -> None:
     limited = gate_with_policy()  # a section with a rate limit of burst 2
     results = [limited.inbound(facts(), [], "", 10.0).decision.reason for _ in range(3)]
     assert results[:2] == ["allowed", "allowed"] and results[2] == "rate_limited"
+
+
+def _decisions(gate: Gate, paths: list[str]) -> list[object]:
+    return [gate.inbound(RequestFacts(direction="inbound", peer=FRONTEND, source="10.0.0.1",
+                                      method="GET", path=p, host="orders", port=1), [], "",
+                         1.0).decision for p in paths]
+
+
+CASED = f"""
+version: 1
+trust_domain: td
+services:
+  {ORDERS}:
+    path_case: insensitive
+    rules:
+      - name: no-admin
+        deny: {{paths: [/admin/**]}}
+      - name: frontend-all
+        allow: {{from: [{FRONTEND}]}}
+"""
+# Spellings of /admin that a case-insensitive (IIS/ASP.NET) app maps to the same resource.
+ADMIN_SPELLINGS = ["/admin", "/Admin", "/ADMIN/", "/admin.", "/aDmIn::$DATA", "/Admin%20"]
+
+
+def test_kept_decisions_of_a_case_insensitive_section_are_keyed_by_the_folded_path() -> None:
+    # Whichever spelling comes first, every other one finds the same (deny) entry: the
+    # cache key is the path as the section matches it, never the spelling that was sent.
+    for first in range(len(ADMIN_SPELLINGS)):
+        gate, _ = _gate(CASED)
+        order = ADMIN_SPELLINGS[first:] + ADMIN_SPELLINGS[:first]
+        decisions = _decisions(gate, order)
+        assert all(d.rule == "no-admin" and not d.allowed for d in decisions), order
+        assert all(d is decisions[0] for d in decisions) and len(gate._inbound_cache) == 1
+    assert _decisions(gate, ["/orders"])[0].allowed
+
+
+def test_kept_decisions_of_a_case_sensitive_section_keep_spellings_apart() -> None:
+    gate, _ = _gate(CASED.replace("path_case: insensitive", "path_case: sensitive"))
+    denied, other = _decisions(gate, ["/admin", "/Admin"])
+    assert not denied.allowed and other.allowed and len(gate._inbound_cache) == 2
+
+
+def test_sections_with_credential_rules_are_never_kept() -> None:
+    text = f"""
+version: 1
+trust_domain: td
+jwt_providers:
+  corp: {{issuer: i, audiences: [a], algorithms: [ES256], jwks_file: k.json}}
+services:
+  {ORDERS}:
+    rules:
+      - name: users
+        allow: {{from: [{FRONTEND}], jwt: {{provider: corp}}}}
+"""
+    gate, _ = _gate(text)
+    assert [d.status for d in _decisions(gate, ["/orders", "/orders"])] == [401, 401]
+    assert not gate._inbound_cacheable and not gate._inbound_cache
