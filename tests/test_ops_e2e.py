@@ -287,8 +287,14 @@ def test_alert_threshold_webhook_block_and_expiry(tmp_path, pki, app, procs):
         assert len(alerts) == 1
         assert alerts[0]["peer"] == FRONTEND and alerts[0]["rule"] == "authz-burst"
         assert alerts[0]["extra"]["failures"] == 3
-        blocked = [x for x in audit_export(audit_dir) if x.get("reason") == "source_blocked"]
+        records = [x for x in audit_export(audit_dir) if x.get("reason") == "source_blocked"]
+        blocked = [x for x in records if x["event"] == "request"]
         assert len(blocked) >= 2 and all(x["status"] == 403 for x in blocked)
+        # The block also ended the caller's connection open when the alert fired
+        # (sidecar.net.lifetime): one connection_closed record, for that peer only.
+        closed = [x for x in records if x["event"] == "connection_closed"]
+        assert len(closed) == 1 and closed[0]["peer"] == FRONTEND
+        assert len(records) == len(blocked) + len(closed)
         assert len(Hook.received) == 1
     finally:
         server.shutdown()
