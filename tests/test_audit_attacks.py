@@ -47,8 +47,9 @@ def write(directory: Path, key: Path, n: int, start: int = 0, **cfg: object) -> 
                     assert writer.submit(AuditRecord(
                         time=1000.0 + i, request_id=f"r{i}", decision="deny" if i % 4 else "allow",
                         rule="r", status=403 if i % 4 else 200))
-                    if i % 5 == 4:
-                        await trio.sleep(0.001)
+                    if i % 5 == 4:  # batches of five, whatever the writer's linger
+                        while writer.written < i + 1 - start:
+                            await trio.sleep(0.001)
                 await writer.aclose()
 
     trio.run(main)

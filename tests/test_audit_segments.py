@@ -41,7 +41,12 @@ def write_trail(directory: Path, n: int, start: int = 0, **cfg: object) -> None:
                                                  decision="allow" if i % 2 else "deny",
                                                  rule=f"rule{i % 2}"))
                 if i % 4 == 3:
-                    await trio.sleep(0.001)  # let the writer take a batch
+                    # Let the writer take these four as one batch, however long it
+                    # lingers for more (BATCH_LINGER): the segment layout the tests cut
+                    # into must not depend on timing.
+                    with trio.fail_after(10):
+                        while writer.written < i + 1 - start:
+                            await trio.sleep(0.001)
             await writer.aclose()
 
     trio.run(main)
