@@ -27,13 +27,12 @@ from typing import Any
 
 import trio
 
-from sidecar.http.untrusted import HeaderFilter
-
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
@@ -91,11 +90,15 @@ class Sidecar:
         self._load_initial_policy()
 
     # -- policy --------------------------------------------------------------------------
-    def _load_policy_file(self) -> Any:
-        from sidecar.policy.loader import load_policy_file
-
+    def _policy_paths(self) -> list[str]:
         assert self.cfg.policy is not None
-        return load_policy_file(self.cfg.policy)
+        return list(self.cfg.policy_paths) or [self.cfg.policy]
+
+    def _load_policy_file(self) -> Any:
+        """The policy as this sidecar enforces it: its own section only (docs/policy.md)."""
+        from sidecar.policy.loader import load_policy_set
+
+        return load_policy_set(self._policy_paths(), only=self.own_id)
 
     def _load_initial_policy(self) -> None:
         if self.cfg.policy is None:
@@ -123,7 +126,8 @@ class Sidecar:
         if policy.section(self.own_id) is None:
             logs.log("no_policy_section", "warning", identity=self.own_id,
                      message="the policy has no section for this identity: inbound denied")
-        logs.log("policy_loaded", version=policy.version, source=self.cfg.policy)
+        logs.log("policy_loaded", version=policy.version, source=self.cfg.policy,
+                 files=len(policy.files), sections_skipped=policy.skipped)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
         self.policies.last_error = str(exc)
@@ -335,13 +339,13 @@ class Sidecar:
             initial = None
             if self.policies.policy is None:
                 initial = "failed-at-start"  # force a load as soon as the file changes or is fixed
-            watch = FileWatcher("policy", [cfg.policy], load=self._load_policy_file,
+            watch = FileWatcher("policy", self._policy_paths(), load=self._load_policy_file,
                                 apply=self._apply_policy, on_error=self._policy_reload_failed,
                                 interval=cfg.policy_watch_interval, initial=initial)
             if self.policies.policy is None:
                 from sidecar.reload import fingerprint
 
-                watch.last_failed = fingerprint([cfg.policy])
+                watch.last_failed = fingerprint(self._policy_paths())
                 watch.failed_at = time.monotonic()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:

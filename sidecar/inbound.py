@@ -25,8 +25,8 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice
