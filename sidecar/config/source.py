@@ -146,7 +146,7 @@ class _Builder:
                 self.skip(get(), depth + 1)
                 continue
             if wanted is not None and key not in wanted:
-                skipped[key] = line
+                skipped[key] = src.lines[child] = line
                 self.skip(get(), depth + 1)
                 continue
             src.lines[child] = line
