@@ -61,6 +61,7 @@ class Sidecar:
         self.own_id = self.tls.spiffe_id
         self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
         self.policies = PolicyHolder(cfg.policy)
+        self._parsed_policy_files: Any = None
         self.authenticator = None
         self.limiter = None
         self.detector = None
@@ -95,10 +96,20 @@ class Sidecar:
         return list(self.cfg.policy_paths) or [self.cfg.policy]
 
     def _load_policy_file(self) -> Any:
-        """The policy as this sidecar enforces it: its own section only (docs/policy.md)."""
-        from sidecar.policy.loader import load_policy_set
+        """The policy as this sidecar enforces it: its own section only (docs/policy.md).
 
-        return load_policy_set(self._policy_paths(), only=self.own_id)
+        Runs in a reload thread; afterwards the C heap is trimmed (``release_memory``), so
+        the transient memory of reading a big policy does not stay in the RSS."""
+        from sidecar.policy.loader import ParsedFiles, load_policy_set
+        from sidecar.reload import release_memory
+
+        if self._parsed_policy_files is None:
+            self._parsed_policy_files = ParsedFiles()
+        try:
+            return load_policy_set(self._policy_paths(), only=self.own_id,
+                                   cache=self._parsed_policy_files)
+        finally:
+            release_memory()
 
     def _load_initial_policy(self) -> None:
         if self.cfg.policy is None:

@@ -302,3 +302,19 @@ def test_too_many_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_policy_set([str(d), str(d)])
     assert "more than" in str(info.value)
+
+
+def test_reloads_reuse_unchanged_files_and_forget_old_problems() -> None:
+    from sidecar.policy.loader import ParsedFiles
+
+    cache = ParsedFiles()
+    first = load_policy_files(_files(mesh=MESH, a=NS_A, b=NS_B), only=A, cache=cache)
+    parsed = dict(cache.docs)
+    # One namespace's file changes to a conflict: the others are reused, the load refused.
+    dup = _files(mesh=MESH, a=NS_A, b=NS_B + NS_A.split("services:\n")[1])
+    assert _problems(dup, only=A, cache=cache)
+    reused = [k for k in cache.docs if k in parsed]
+    assert len(reused) == 2 and all(cache.docs[k] is parsed[k] for k in reused)
+    # Back to the first files: the reused files carry no problem of the refused load.
+    again = load_policy_files(_files(mesh=MESH, a=NS_A, b=NS_B), only=A, cache=cache)
+    assert again.version == first.version and list(again.services) == [A]

@@ -37,6 +37,7 @@ MAX_NESTING_DEPTH = 64
 _WITH_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _STR_TAG = "tag:yaml.org,2002:str"
+_SLOW = object()  # "not a plain string: build it the long way"
 
 
 def format_path(path: Path) -> str:
@@ -87,9 +88,30 @@ class _Builder:
 
     def __init__(self, parser: Any, src: Source, select: Mapping[Path, Collection[str]]) -> None:
         self.get = parser.get_event
-        self.resolve = parser.resolve
+        self.resolver = parser.resolve
         self.src = src
         self.select = select
+        # Plain scalars repeat (methods, paths, names): their implicit tag depends only on
+        # the text, so it is resolved once per distinct text (bounded).
+        self.tags: dict[str, str] = {}
+
+    def resolve(self, text: str) -> str:
+        tag = self.tags.get(text)
+        if tag is None:
+            tag = self.resolver(yaml.ScalarNode, text, (True, False))
+            if len(self.tags) >= 4096:
+                self.tags.clear()
+            self.tags[text] = tag
+        return tag
+
+    def quick(self, event: Any) -> Any:
+        """A scalar that is a plain string, without a call to the constructors; else _SLOW."""
+        if event.tag is None:
+            if not event.implicit[0]:
+                return event.value  # quoted or block scalar: a string
+            if self.resolve(event.value) == _STR_TAG:
+                return event.value
+        return _SLOW
 
     def too_deep(self, line: int | None) -> ConfigError:
         return ConfigError([Problem(self.src.filename, line, "", "document is nested too deeply "
@@ -107,13 +129,18 @@ class _Builder:
         if cls is yaml.SequenceStartEvent:
             items: list[Any] = []
             get = self.get
+            lines = self.src.lines
             while True:
                 ev = get()
-                if type(ev) is yaml.SequenceEndEvent:
+                cls = type(ev)
+                if cls is yaml.SequenceEndEvent:
                     return items
                 child = path + (len(items),)
-                self.src.lines[child] = ev.start_mark.line + 1
-                items.append(self.value(ev, child, depth + 1))
+                lines[child] = ev.start_mark.line + 1
+                if cls is yaml.ScalarEvent and (v := self.quick(ev)) is not _SLOW:
+                    items.append(v)
+                else:
+                    items.append(self.value(ev, child, depth + 1))
         return self.mapping(path, depth)
 
     def mapping(self, path: Path, depth: int) -> dict[str, Any]:
@@ -146,11 +173,15 @@ class _Builder:
                 self.skip(get(), depth + 1)
                 continue
             if wanted is not None and key not in wanted:
-                skipped[key] = src.lines[child] = line
+                skipped[key] = line  # not in src.lines: 10,000 paths would be kept for nothing
                 self.skip(get(), depth + 1)
                 continue
             src.lines[child] = line
-            out[key] = self.value(get(), child, depth + 1)
+            vev = get()
+            if type(vev) is yaml.ScalarEvent and (v := self.quick(vev)) is not _SLOW:
+                out[key] = v
+            else:
+                out[key] = self.value(vev, child, depth + 1)
 
     def skip(self, event: Any, depth: int) -> None:
         """Consume the events of one value without building it (nesting still bounded)."""
@@ -173,7 +204,7 @@ class _Builder:
         if tag is None or tag == "!":
             if not event.implicit[0]:
                 return event.value  # quoted or block scalar: a string
-            tag = self.resolve(yaml.ScalarNode, event.value, event.implicit)
+            tag = self.resolve(event.value)
         if tag == _STR_TAG:
             return event.value
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
@@ -249,12 +280,12 @@ def _parse_yaml(text: str | bytes, filename: str,
     if isinstance(text, bytes):
         if len(text) > MAX_DOCUMENT_BYTES:
             raise ConfigError([Problem(filename, None, "", "file is too large")])
-        try:
-            text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
+        if text.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16: the parsers would take it
+            raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")])
     try:
-        value = _build(text, src, select)
+        value = _build(text, src, select)  # the parser checks UTF-8 (no decoded copy made)
+    except yaml.reader.ReaderError:
+        raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None

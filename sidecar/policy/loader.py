@@ -739,15 +739,21 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 class _Doc:
     """One parsed file of a policy set."""
 
-    def __init__(self, filename: str, raw: bytes, only: str | None) -> None:
+    def __init__(self, filename: str, digest: str, raw: bytes, only: str | None) -> None:
         self.filename = filename
-        self.digest = hashlib.sha256(raw).hexdigest()
+        self.digest = digest
         select: dict[P, tuple[str, ...]] | None = (
             {("services",): (only,)} if only is not None else None)
         doc, src = parse_yaml(raw, filename, select)
         self.r = _Reader(src)
         self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
         self.skipped = src.skipped.get(("services",), {})
+        self.parse_problems = len(src.problems)
+
+    def reuse(self) -> _Doc:
+        """This parsed file for another load: only the problems found while parsing stay."""
+        del self.r.src.problems[self.parse_problems:]
+        return self
 
     def where(self, path: P) -> str:
         line = self.r.src.line(path)
@@ -807,6 +813,9 @@ def _merge(docs: list[_Doc]) -> tuple[dict[str, Any], dict[str, tuple[_Doc, P]],
                     path = (key, name)
                     if name in owners:
                         first, fpath = owners[name]
+                        for d in (doc, first):  # skipped keys' lines are kept aside
+                            if name in d.skipped:
+                                d.r.src.lines.setdefault(path, d.skipped[name])
                         doc.r.problem(path, f"service {name} is also defined in "
                                       f"{first.where(fpath)}: a section lives in one file")
                         continue
@@ -860,21 +869,40 @@ def load_policy(text: bytes | str, filename: str, *, only: str | None = None) ->
     return load_policy_files([(filename, raw)], only=only)
 
 
+class ParsedFiles:
+    """The parsed files of a policy set's last load, for the next one (a running sidecar's
+    reloads): a file whose name and bytes are unchanged is not parsed again, so a reload
+    that touches one namespace's file parses that file only. Single files are not kept
+    (a reload means the file changed)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str, str | None], _Doc] = {}
+
+
 def load_policy_files(files: list[tuple[str, bytes]], *, only: str | None = None,
-                      label: str | None = None) -> Policy:
+                      label: str | None = None, cache: ParsedFiles | None = None) -> Policy:
     """Parse, merge, validate and compile a policy from (filename, bytes) pairs."""
     with gc_paused():
-        return _load(files, only, label)
+        return _load(files, only, label, cache if len(files) > 1 else None)
 
 
-def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None) -> Policy:
+def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
+          cache: ParsedFiles | None) -> Policy:
     docs: list[_Doc] = []
     failed: list[Problem] = []
+    kept: dict[tuple[str, str, str | None], _Doc] = {}
     for filename, raw in files:
+        key = (filename, hashlib.sha256(raw).hexdigest(), only)
         try:
-            docs.append(_Doc(filename, raw, only))
+            doc = cache.docs[key].reuse() if cache and key in cache.docs else _Doc(
+                filename, key[1], raw, only)
         except ConfigError as exc:
             failed.extend(exc.problems)
+            continue
+        docs.append(doc)
+        kept[key] = doc
+    if cache is not None:
+        cache.docs = kept
     if failed:
         raise ConfigError(failed)
     first = docs[0]
@@ -1041,13 +1069,16 @@ def policy_label(paths: Sequence[str]) -> str:
     return ", ".join(paths)
 
 
-def load_policy_set(paths: Sequence[str], *, only: str | None = None) -> Policy:
+def load_policy_set(paths: Sequence[str], *, only: str | None = None,
+                    cache: ParsedFiles | None = None) -> Policy:
     """Read and load a policy from files and/or directories (see ``read_policy_set``).
 
     ``only=IDENTITY`` keeps just that identity's section and the mesh-wide parts it
     references; other sections are syntax-checked, never built (see the theory above).
+    ``cache`` (a sidecar's reloads) skips parsing files unchanged since the last load.
     """
-    return load_policy_files(read_policy_set(paths), only=only, label=policy_label(paths))
+    return load_policy_files(read_policy_set(paths), only=only, label=policy_label(paths),
+                             cache=cache)
 
 
 def load_policy_file(path: str, *, only: str | None = None) -> Policy:
