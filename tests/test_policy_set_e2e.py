@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def _swap(d: Path, stamp: str, **docs: str) -> None:
             os.symlink(f"..data/{name}.yaml", d / f"{name}.yaml")
 
 
-def _start(tmp: Path, pki: Pki, identity: str, policy: list[str], name: str) -> SidecarProc:
+def _start(tmp: Path, pki: Pki, identity: str, policy: list[str], name: str,
+           audit: Path | None = None) -> SidecarProc:
     app, app_port = start_app(tmp)
     ident = pki.custom(name, identity)
     cfg = sidecar_config(ident, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                         "app": f"127.0.0.1:{app_port}"})
+                                         "app": f"127.0.0.1:{app_port}"},
+                         audit={"path": str(audit), "fsync": False} if audit else None)
     cfg["policy"] = {"path": policy, "watch_interval": "100ms"}
     proc = start_sidecar(tmp, name, cfg)
     proc.app = app  # type: ignore[attr-defined]
@@ -247,7 +250,8 @@ def test_real_sidecars_behave_the_same_on_the_file_and_the_split_form(tmp_path):
     pki = Pki(tmp_path / "pki", trust_domain=TD)
     i = 3  # a section with a plain rule (i % 10, i % 7 != 0): decided by mTLS identity alone
     me = scale_gen.service_id(i, SERVICES)
-    a = _start(tmp_path, pki, me, [single], "file")
+    audit = tmp_path / "audit"
+    a = _start(tmp_path, pki, me, [single], "file", audit)
     b = _start(tmp_path, pki, me, [split], "split")
     try:
         assert _status(a)["sections_skipped"] == _status(b)["sections_skipped"] == SERVICES - 1
@@ -264,3 +268,19 @@ def test_real_sidecars_behave_the_same_on_the_file_and_the_split_form(tmp_path):
         assert json.dumps(_status(a)["files"]) == "1"
     finally:
         _stop(a, b)
+    # policy replay over the split form says what it says over the file: nothing changes
+    # under the same policy, and the same requests change under the same edit.
+    for policy in (single, split):
+        r = sidecar_cli("policy", "replay", policy, "--audit", str(audit))
+        assert r.returncode == 0 and "0 would change" in r.stdout, r.stdout + r.stderr
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    Path(single).write_text(Path(single).read_text().replace(f"/api/{i}/**", "/nothing"))
+    shutil.copytree(split, edited / "split")
+    ns_file = edited / "split" / f"ns-ns-{i % scale_gen.namespaces(SERVICES)}.yaml"
+    ns_file.write_text(ns_file.read_text().replace(f"/api/{i}/**", "/nothing"))
+    outs = [sidecar_cli("policy", "replay", p, "--audit", str(audit))
+            for p in (single, str(edited / "split"))]
+    assert [o.returncode for o in outs] == [1, 1], [o.stdout + o.stderr for o in outs]
+    changed = [sorted(line.split(":")[0] for line in o.stdout.splitlines()[1:]) for o in outs]
+    assert changed[0] == changed[1] and changed[0]
