@@ -20,6 +20,10 @@ def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
     assert "allowed by rule 'frontend-reads-and-places-orders'" in text
     assert "denied by rule: 'nobody-reaches-admin'" in text
     assert "TLS handshake refused" in text and "egress denied" in text
+    # OAuth: a token bound to the frontend's certificate, refused from the intruder.
+    assert re.search(r"frontend +GET /reports \(its own bound token\) +200 +200 +allowed", text)
+    assert re.search(r"intruder +GET /reports \(the frontend's token\) +401 +401 +token invalid",
+                     text)
     assert re.search(r"audit trail of orders: \d+ records, verified, chain intact", text)
     assert re.search(r"audit trail of frontend: \d+ records, verified, chain intact", text)
 

@@ -6,6 +6,12 @@ ports with the embedded demo policy (``sidecar/demo/policy.yaml``, also at
 ``policies/demo.yaml``), sends a scripted set of requests, and prints what happened and why --
 the why read back from the sidecars' own audit trails. ``--serve`` keeps everything running
 and prints curl commands to try.
+
+It also runs the local OAuth 2.0 / OIDC authorisation server (``sidecar/demo/idp.py``) and adds
+to the policy copy a provider found by discovery, with a rule that wants an RFC 9068 access
+token bound to the caller's certificate (RFC 8705): the frontend's token works for the
+frontend and the same token is refused from the intruder. (The shipped policy file has no
+provider: the authorisation server's port is only known at run time.)
 """
 
 from __future__ import annotations
@@ -54,6 +60,24 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) 
     raise RuntimeError(f"nothing listening on port {port}")
 
 
+def _wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a demo process exited early (code {proc.returncode})")
+        conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+        try:
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"sidecar with admin port {admin_port} not ready")
+
+
 @dataclass
 class Step:
     caller: str
@@ -84,6 +108,49 @@ class Demo:
         policy = resources.files("sidecar.demo").joinpath("policy.yaml").read_text()
         (self.root / "policy.yaml").write_text(policy)
 
+    def start_idp(self) -> None:
+        """The local authorisation server, and the demo policy's provider and rule for it."""
+        p = self.ports
+        p["idp"] = _free_port()
+        idp_dir = self.root / "idp"
+        proc = self.spawn("idp", [sys.executable, "-m", "sidecar.demo.idp", "--dir",
+                                  str(idp_dir), "--port", str(p["idp"]), "--audience", "orders",
+                                  "--mtls-client", "frontend", "--mtls-client", "intruder",
+                                  "--client-ca", str(self.root / "ca" / "ca.crt")])
+        _wait_port(p["idp"], proc)
+        deadline = time.monotonic() + 20
+        while not (idp_dir / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.issuer = (idp_dir / "ready").read_text().strip()
+        policy = yaml.safe_load((self.root / "policy.yaml").read_text())
+        policy["jwt_providers"] = {"local-idp": {
+            "issuer": self.issuer, "discovery": True, "jwks_ca": str(idp_dir / "ca.pem"),
+            "audiences": ["orders"], "algorithms": ["ES256"], "typ": "at+jwt",
+            "cert_binding": "required"}}
+        policy["services"][_id("orders")]["rules"].insert(0, {
+            "name": "reports-need-a-bound-token",
+            "description": "Any workload of the namespace, with an access token issued to it.",
+            "allow": {"namespaces": ["demo"], "methods": ["GET"], "paths": ["/reports"],
+                      "jwt": {"provider": "local-idp",
+                              "claims": {"scope": {"contains": "reports:read"}}}}})
+        (self.root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+
+    def token(self, who: str) -> str:
+        """An access token from the local authorisation server for ``who`` (mTLS client
+        authentication: the token is bound to ``who``'s certificate)."""
+        ctx = ssl.create_default_context(cafile=str(self.root / "idp" / "ca.pem"))
+        ctx.load_cert_chain(str(self.root / who / "tls.crt"), str(self.root / who / "tls.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.ports["idp"], context=ctx,
+                                           timeout=10)
+        try:
+            conn.request("POST", "/token", body=f"grant_type=client_credentials&client_id={who}"
+                         "&scope=reports:read", headers={
+                             "content-type": "application/x-www-form-urlencoded"})
+            resp = conn.getresponse()
+            return str(json.loads(resp.read())["access_token"])
+        finally:
+            conn.close()
+
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -94,6 +161,7 @@ class Demo:
 
     def start(self) -> None:
         p = self.ports
+        self.start_idp()
         for key in ("orders_app", "frontend_app", "orders_in", "frontend_in", "frontend_out",
                     "payments_out", "orders_admin", "frontend_admin"):
             p[key] = _free_port()
@@ -131,12 +199,15 @@ class Demo:
                                               str(path)])
         _wait_port(p[name + "_admin"], proc)
         _wait_port(p[name + "_in"], proc)
+        _wait_ready(p[name + "_admin"], proc)  # e.g. the provider's keys are in
 
     # -- requests ------------------------------------------------------------------------
-    def _plain(self, port: int, method: str, path: str) -> tuple[int, str | None]:
+    def _plain(self, port: int, method: str, path: str,
+               headers: dict[str, str] | None = None) -> tuple[int, str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
-            conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None)
+            conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None,
+                         headers=headers or {})
             resp = conn.getresponse()
             body = resp.read()
             rid = resp.getheader("x-request-id")
@@ -146,7 +217,8 @@ class Demo:
         finally:
             conn.close()
 
-    def _mtls(self, who: str, method: str, path: str) -> tuple[int | str, str | None]:
+    def _mtls(self, who: str, method: str, path: str,
+              headers: dict[str, str] | None = None) -> tuple[int | str, str | None]:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(str(self.root / "ca" / "ca.crt"))
@@ -154,10 +226,13 @@ class Demo:
         conn = http.client.HTTPSConnection("127.0.0.1", self.ports["orders_in"], context=ctx,
                                            timeout=10)
         try:
-            conn.request(method, path)
+            conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()
-            resp.read()
-            return resp.status, resp.getheader("x-request-id")
+            body = resp.read()
+            rid = resp.getheader("x-request-id")
+            if rid is None and resp.status == 200:
+                rid = json.loads(body).get("request_id")
+            return resp.status, rid
         except (ssl.SSLError, ConnectionError, OSError):
             return "refused", None
         finally:
@@ -174,14 +249,24 @@ class Demo:
             Step("intruder", "GET /orders", 403),
             Step("rogue CA", "GET /orders", "refused"),  # type: ignore[arg-type]
             Step("frontend", "GET /charge (to payments)", 403, where="frontend"),
+            Step("frontend", "GET /reports (its own bound token)", 200),
+            Step("intruder", "GET /reports (the frontend's token)", 401),
+            Step("intruder", "GET /reports (its own bound token)", 200),
+            Step("frontend", "GET /reports (no token)", 401),
         ]
+        tokens = {"own": self.token("frontend"), "intruder": self.token("intruder")}
         for step in steps:
             method, path = step.request.split(" ")[:2]
+            headers = {}
+            if "bound token" in step.request or "frontend's token" in step.request:
+                token = tokens["intruder" if "its own" in step.request
+                               and step.caller == "intruder" else "own"]
+                headers["authorization"] = f"Bearer {token}"
             if step.caller == "frontend":
                 port = p["payments_out"] if "payments" in step.request else p["frontend_out"]
-                step.status, step.request_id = self._plain(port, method, path)
+                step.status, step.request_id = self._plain(port, method, path, headers)
             elif step.caller == "intruder":
-                step.status, step.request_id = self._mtls("intruder", method, path)
+                step.status, step.request_id = self._mtls("intruder", method, path, headers)
             else:
                 step.status, step.request_id = self._mtls("rogue", method, path)
         return steps
@@ -290,6 +375,16 @@ def _print_curl(root: Path, p: dict[str, int]) -> None:
     print(f"  curl -i http://127.0.0.1:{p['payments_out']}/charge          # egress refused")
     print(f"  curl -ik --cert {certs}/tls.crt --key {certs}/tls.key "
           f"https://127.0.0.1:{p['orders_in']}/orders   # intruder: default deny")
+    front = root / "frontend"
+    print(f"  TOKEN=$(curl -s --cacert {root}/idp/ca.pem --cert {front}/tls.crt "
+          f"--key {front}/tls.key -d grant_type=client_credentials -d client_id=frontend "
+          f"-d scope=reports:read https://127.0.0.1:{p['idp']}/token | "
+          "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')")
+    print(f"  curl -i -H \"authorization: Bearer $TOKEN\" "
+          f"http://127.0.0.1:{p['frontend_out']}/reports   # bound token: allowed")
+    print(f"  curl -ik -H \"authorization: Bearer $TOKEN\" --cert {certs}/tls.crt "
+          f"--key {certs}/tls.key https://127.0.0.1:{p['orders_in']}/reports   "
+          "# same token, intruder: 401")
     print(f"\n  curl -s http://127.0.0.1:{p['orders_admin']}/metrics | grep sidecar_requests")
     print(f"  sidecar audit tail {root}/audit-orders --follow")
     print(f"  sidecar policy explain {root}/policy.yaml --to {_id('orders')} "

@@ -50,12 +50,18 @@ def _now(args: argparse.Namespace, err: TextIO) -> float | None:
 
 
 def _missing_jwks(policy: Policy) -> list[str]:
-    return [
-        f"{_provider_file(policy, p.name)}: jwt_providers.{p.name}.jwks_file: [missing-jwks-file] "
-        f"{p.jwks_file} does not exist"
-        for p in policy.extras.jwt_providers.values()
-        if p.jwks_file is not None and not os.path.isfile(p.jwks_file)
-    ]
+    out = []
+    for p in policy.extras.jwt_providers.values():
+        intro = p.introspection
+        # Every file a provider names: (key, path, code).
+        files = [("jwks_file", p.jwks_file, "missing-jwks-file"),
+                 ("jwks_ca", p.jwks_ca, "missing-file")]
+        if intro is not None:
+            files += [("introspection.client_secret_file", intro.client_secret_file,
+                       "missing-file"), ("introspection.ca", intro.ca, "missing-file")]
+        out += [f"{_provider_file(policy, p.name)}: jwt_providers.{p.name}.{key}: [{code}] {path} does not exist"
+                for key, path, code in files if path is not None and not os.path.isfile(path)]
+    return out
 
 
 def _provider_file(policy: Policy, name: str) -> str:

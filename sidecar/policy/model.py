@@ -128,6 +128,7 @@ class ServicePolicy:
     key: str = ""
     non_ascii_paths: bool = False  # `non_ascii_paths: allow`: decoded non-ASCII paths accepted
     file: str = ""  # the file of the policy set that defines this section
+    audience: str | None = None  # default token audience for providers without `audiences`
 
 
 @dataclass(frozen=True)
