@@ -318,3 +318,57 @@ def test_reloads_reuse_unchanged_files_and_forget_old_problems() -> None:
     # Back to the first files: the reused files carry no problem of the refused load.
     again = load_policy_files(_files(mesh=MESH, a=NS_A, b=NS_B), only=A, cache=cache)
     assert again.version == first.version and list(again.services) == [A]
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import argparse
+    import io
+
+    from sidecar.policy.cli import add_policy_parsers
+
+    parser = argparse.ArgumentParser(prog="sidecar policy")
+    add_policy_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.stdout, args.stderr = io.StringIO(), io.StringIO()
+    return args.func(args), args.stdout.getvalue(), args.stderr.getvalue()
+
+
+def test_cli_check_lint_explain_take_directories_and_name_the_file(tmp_path: Path) -> None:
+    mesh = _write(tmp_path / "mesh", mesh=MESH.replace("/dev/null", "gone.json"))
+    typo = NS_A.replace(f"from: [{B}]", "from: [spiffe://mesh.local/ns/x/sa/typo]")
+    ns = _write(tmp_path / "ns", a=typo, b=NS_B)
+    code, _, err = _cli("check", str(mesh), str(ns))
+    assert code == 1 and f"{mesh}/mesh.yaml: jwt_providers.corp.jwks_file: [missing-jwks-file]" \
+        in err
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    _write(mesh, mesh=MESH.replace("/dev/null", str(tmp_path / "jwks.json")))
+    code, out, _ = _cli("check", str(mesh), str(ns))
+    assert code == 0 and "(3 files)" in out and "3 section(s)" in out
+    code, out, _ = _cli("lint", str(mesh), str(ns))
+    assert code == 1
+    assert f"{ns}/a.yaml:5: services.{A}.rules[0].allow: [undefined-identity]" in out
+    assert f"{ns}/b.yaml:5: services.{B}.rules[0]: [allow-all]" in out
+    assert f"{mesh}/mesh.yaml: jwt_providers.partners: [unused-provider]" in out
+    code, out, _ = _cli("explain", str(mesh), str(ns), "--to", C, "--from", A,
+                        "--path", "/public/x")
+    assert code == 0 and "open" in out
+    code, _, err = _cli("check", str(mesh), str(tmp_path / "missing"))
+    assert code == 1 and "cannot read" in err and "1 error(s) in" in err
+
+
+def test_cli_split_refuses_a_non_empty_directory_and_round_trips(tmp_path: Path) -> None:
+    single = tmp_path / "one.yaml"
+    single.write_text(MESH + "services:\n" + "".join(
+        part.split("services:\n", 1)[1] for part in (NS_A, NS_B)))
+    out = tmp_path / "out"
+    code, text, err = _cli("split", str(single), "--by", "namespace", "--out", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["mesh.yaml", "ns-a.yaml", "ns-b.yaml"]
+    split = load_policy_set([str(out)])
+    whole = load_policy_set([str(single)])
+    assert split.extras == whole.extras and set(split.services) == set(whole.services)
+    revisions = {(out / n).read_text().split("revision: ")[1].split("\n")[0]
+                 for n in ("mesh.yaml", "ns-a.yaml", "ns-b.yaml")}
+    assert len(revisions) == 1
+    code, _, err = _cli("split", str(single), "--by", "namespace", "--out", str(out))
+    assert code == 2 and "already holds policy files" in err
