@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any, Literal, cast
@@ -1060,10 +1060,11 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     problems = [p for doc in docs for p in doc.r.src.problems]
     if problems:
         raise ConfigError(problems)
-    sections: dict[str, Section] = {
-        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or ())
-        for sid, svc in services.items()
-    }
+    sections: Mapping[str, Section] = _LazySections(services, trust_domain, mode)
+    if only is not None:
+        # A running sidecar: its section's tables are built here, in the reload thread,
+        # never on the data path.
+        sections = MappingProxyType({sid: sections[sid] for sid in services})
     extras = PolicyExtras(
         jwt_providers=providers, revocations=tuple(revocations), api_keys=api_keys,
         rate_limits=rate_limits, alerts=alerts,
@@ -1073,11 +1074,42 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     return Policy(
         version=_set_version(docs), filename=label or first.filename, trust_domain=trust_domain,
         mode=mode, extras=extras, services=MappingProxyType(services),
-        sections=MappingProxyType(sections), files=tuple(d.filename for d in docs),
+        sections=sections, files=tuple(d.filename for d in docs),
         defined_in={k: doc.filename for k, (doc, _) in origin.items()
                     if "." in k and not k.startswith("services.")},
         only=only, skipped=len(skipped),
     )
+
+
+class _LazySections(Mapping[str, Section]):
+    """The compiled sections of a whole-mesh load, each built on first use and kept.
+
+    Compiling builds lookup tables and cannot fail (the loader validated everything), so
+    ``policy check`` and ``lint`` need none of them and ``explain`` or ``replay`` build only
+    the sections they decide for. Two threads asking at once at worst build a section twice.
+    """
+
+    def __init__(self, services: Mapping[str, ServicePolicy], trust_domain: str,
+                 mode: Mode) -> None:
+        self._services = services
+        self._trust_domain = trust_domain
+        self._mode = mode
+        self._built: dict[str, Section] = {}
+
+    def __getitem__(self, identity: str) -> Section:
+        section = self._built.get(identity)
+        if section is None:
+            svc = self._services[identity]
+            section = compile_section(identity, self._trust_domain, svc.mode or self._mode,
+                                      svc.rules, svc.egress or ())
+            self._built[identity] = section
+        return section
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._services)
+
+    def __len__(self) -> int:
+        return len(self._services)
 
 
 def _revision_agrees(docs: list[_Doc], first: tuple[_Doc, P]) -> None:

@@ -163,7 +163,8 @@ class Policy:
     def section(self, identity: str) -> Section | None:
         """The compiled section for a workload identity, or None (then: deny everything).
 
-        Sections are compiled once at load time, so this is a dict lookup.
+        A sidecar's own section is compiled at load time, so this is a dict lookup; a
+        whole-mesh load (the CLI) compiles each section the first time it is asked for.
         """
         return self.sections.get(identity)
 
