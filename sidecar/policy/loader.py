@@ -7,8 +7,9 @@ lists are errors (omit the key to mean "anything"), and references to JWT provid
 API keys that the file does not define are errors, because each of those is a rule that
 silently does something other than what its author meant.
 
-Loading is pure apart from ``load_policy_file`` reading the file: no clock, no network,
-no other files (``jwks_file`` paths are resolved against the policy's directory but not
+Loading is pure apart from ``read_policy_set`` reading the policy's files (one file, or
+the files of directories: a policy set, see "entry points" below): no clock, no network, no
+other files (``jwks_file`` paths are resolved against the defining file's directory but not
 opened). The result is safe to build in a reload task and swap in atomically.
 """
 
