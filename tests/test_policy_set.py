@@ -170,6 +170,12 @@ def test_conflict_table_covers_every_merge_rule_kind() -> None:
     assert {key for key, kind in MERGE_RULES if kind != "union"} == covered
 
 
+def test_revision_is_a_label() -> None:
+    found = _problems(_files(mesh="revision: [1]\n" + MESH, a="revision: [1]\n" + NS_A))
+    assert found == ["/etc/policy/mesh.yaml:1: revision: expected a string, e.g. a commit"]
+    assert load_policy_files(_files(mesh="revision: 7\n" + MESH, a="revision: 7\n" + NS_A))
+
+
 def test_identical_repeats_and_revocations_merge() -> None:
     again = "version: 1\n" + MESH.split("version: 1\n", 1)[1]
     policy = load_policy_files(_files(mesh=MESH, again=again, a=NS_A))

@@ -1031,6 +1031,9 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     if "mode" in merged:
         mode = reader("mode").mode(merged["mode"], at("mode")) or "enforce"
     if "revision" in merged:
+        rev = merged["revision"]
+        if isinstance(rev, bool) or not isinstance(rev, str | int) or rev == "":
+            reader("revision").problem(at("revision"), "expected a string, e.g. a commit")
         _revision_agrees(docs, origin["revision"])
 
     providers: dict[str, JwtProvider] = {}
