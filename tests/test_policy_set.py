@@ -324,6 +324,14 @@ def test_reloads_reuse_unchanged_files_and_forget_old_problems() -> None:
     # Back to the first files: the reused files carry no problem of the refused load.
     again = load_policy_files(_files(mesh=MESH, a=NS_A, b=NS_B), only=A, cache=cache)
     assert again.version == first.version and list(again.services) == [A]
+    assert again.skipped == 2
+    # Kept files hold skipped identities as hashes only; a duplicate of one (B, skipped by
+    # this sidecar) in a new file is still refused with both files and lines.
+    assert all(d.skipped is None for d in cache.docs.values())
+    found = _problems(_files(mesh=MESH, a=NS_A, b=NS_B, c=NS_B), only=A, cache=cache)
+    assert f"/etc/policy/c.yaml:3: services.{B}: service {B} is also defined in " \
+        "/etc/policy/b.yaml:3: a section lives in one file" in found
+    assert load_policy_files(_files(mesh=MESH, a=NS_A, b=NS_B), only=A, cache=cache).skipped == 2
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:

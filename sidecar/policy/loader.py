@@ -852,8 +852,18 @@ class _Doc:
         doc, src = parse_yaml(raw, filename, select)
         self.r = _Reader(src)
         self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
-        self.skipped = src.skipped.get(("services",), {})
+        # Skipped service identities -> line; None once compacted to ``skipped_hashes``.
+        self.skipped: dict[str, int] | None = src.skipped.get(("services",), {})
+        self.skipped_hashes: frozenset[int] = frozenset()
         self.parse_problems = len(src.problems)
+
+    def compact(self) -> None:
+        """Kept for the next load (``ParsedFiles``): the skipped identities as hashes only,
+        which is all that finding a duplicate needs; the rare load that finds one parses
+        the files again for names and lines (``_NeedNames``)."""
+        if self.skipped is not None:
+            self.skipped_hashes = frozenset(map(hash, self.skipped))
+            self.skipped = None
 
     def reuse(self) -> _Doc:
         """This parsed file for another load: only the problems found while parsing stay."""
@@ -877,16 +887,19 @@ def _named_entries(doc: _Doc, key: str) -> list[tuple[str, Any, P]]:
     return out
 
 
-def _merge(docs: list[_Doc]) -> tuple[dict[str, Any], dict[str, tuple[_Doc, P]], set[str]]:
+def _merge(docs: list[_Doc]) -> tuple[dict[str, Any], dict[str, tuple[_Doc, P]], int]:
     """Merge the files' top-level values by MERGE_RULES.
 
-    Returns (merged top-level values, where each merged entry came from, skipped service
-    identities). A conflict is reported as a problem of the later file naming the earlier.
+    Returns (merged top-level values, where each merged entry came from, how many service
+    sections were skipped). A conflict is reported as a problem of the later file naming the
+    earlier.
     """
     merged: dict[str, Any] = {}  # scalars by key, named entries by "key.name", services
     origin: dict[str, tuple[_Doc, P]] = {}
-    skipped: set[str] = set()
+    skipped = 0
     owners: dict[str, tuple[_Doc, P]] = {}
+    hashes: set[int] = set()  # hash() of every owner's identity, and those of compacted
+    hashed: set[int] = set()  # files (see _Doc.compact); a match there needs the names
     for key, kind in MERGE_RULES:
         for doc in docs:
             if key not in doc.top:
@@ -913,25 +926,37 @@ def _merge(docs: list[_Doc]) -> tuple[dict[str, Any], dict[str, tuple[_Doc, P]],
                 if not isinstance(value, dict):
                     doc.r.problem((key,), "expected a mapping of SPIFFE ID -> section")
                     continue
-                names = list(value) + list(doc.skipped)
-                for name in names:
+                for name in list(value) + list(doc.skipped or ()):
                     path = (key, name)
                     if name in owners:
-                        first, fpath = owners[name]
+                        first, _ = owners[name]
                         for d in (doc, first):  # skipped keys' lines are kept aside
-                            if name in d.skipped:
+                            if d.skipped is not None and name in d.skipped:
                                 d.r.src.lines.setdefault(path, d.skipped[name])
                         doc.r.problem(path, f"service {name} is also defined in "
-                                      f"{first.where(fpath)}: a section lives in one file")
+                                      f"{first.where(path)}: a section lives in one file")
                         continue
+                    h = hash(name)
+                    if h in hashed:
+                        raise _NeedNames
                     owners[name] = (doc, path)
+                    hashes.add(h)
+                for h in doc.skipped_hashes:  # a compacted file: identities as hashes only
+                    if h in hashes or h in hashed:
+                        raise _NeedNames
+                    hashed.add(h)
                 bucket = merged.setdefault(key, {})
                 for name, spec in value.items():
                     if owners[name][0] is doc:
                         bucket[name] = spec
                         origin[f"{key}.{name}"] = (doc, (key, name))
-                skipped.update(n for n in doc.skipped if owners[n][0] is doc)
+                skipped += len(doc.skipped_hashes) + sum(
+                    1 for n in doc.skipped or () if owners[n][0] is doc)
     return merged, origin, skipped
+
+
+class _NeedNames(Exception):
+    """A duplicate identity involves a compacted file: parse the files again for names."""
 
 
 def _set_version(docs: list[_Doc]) -> str:
@@ -987,8 +1012,13 @@ class ParsedFiles:
 def load_policy_files(files: list[tuple[str, bytes]], *, only: str | None = None,
                       label: str | None = None, cache: ParsedFiles | None = None) -> Policy:
     """Parse, merge, validate and compile a policy from (filename, bytes) pairs."""
-    with gc_paused():
-        return _load(files, only, label, cache if len(files) > 1 else None)
+    cache = cache if len(files) > 1 else None
+    try:
+        with gc_paused():
+            return _load(files, only, label, cache)
+    finally:
+        for doc in cache.docs.values() if cache is not None else ():
+            doc.compact()
 
 
 def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
@@ -1011,7 +1041,14 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     if failed:
         raise ConfigError(failed)
     first = docs[0]
-    merged, origin, skipped = _merge(docs)
+    try:
+        merged, origin, skipped = _merge(docs)
+    except _NeedNames:
+        docs = [_Doc(d.filename, d.digest, raw, only) for d, (_, raw) in zip(docs, files, strict=True)]
+        first = docs[0]
+        if cache is not None:
+            cache.docs = {(d.filename, d.digest, only): d for d in docs}
+        merged, origin, skipped = _merge(docs)
 
     def reader(key: str) -> _Reader:
         return origin[key][0].r if key in origin else first.r
@@ -1081,7 +1118,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         sections=sections, files=tuple(d.filename for d in docs),
         defined_in={k: doc.filename for k, (doc, _) in origin.items()
                     if "." in k and not k.startswith("services.")},
-        only=only, skipped=len(skipped),
+        only=only, skipped=skipped,
     )
 
 
