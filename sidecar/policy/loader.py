@@ -15,6 +15,7 @@ opened). The result is safe to build in a reload task and swap in atomically.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import hashlib
@@ -854,7 +855,7 @@ class _Doc:
         self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
         # Skipped service identities -> line; None once compacted to ``skipped_hashes``.
         self.skipped: dict[str, int] | None = src.skipped.get(("services",), {})
-        self.skipped_hashes: frozenset[int] = frozenset()
+        self.skipped_hashes: array.array[int] = array.array("q")
         self.parse_problems = len(src.problems)
 
     def compact(self) -> None:
@@ -862,8 +863,10 @@ class _Doc:
         which is all that finding a duplicate needs; the rare load that finds one parses
         the files again for names and lines (``_NeedNames``)."""
         if self.skipped is not None:
-            self.skipped_hashes = frozenset(map(hash, self.skipped))
+            # 8 bytes each (a set of Python ints would be 100): only iterated, in _merge.
+            self.skipped_hashes = array.array("q", map(hash, self.skipped))
             self.skipped = None
+            self.r.src.skipped.clear()
 
     def reuse(self) -> _Doc:
         """This parsed file for another load: only the problems found while parsing stay."""
