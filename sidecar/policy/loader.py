@@ -60,7 +60,7 @@ TOP_KEYS = frozenset(
     {"version", "revision", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -591,9 +591,13 @@ def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
             window = None
         block = r.duration(m["block"], ip + ("block",)) if "block" in m else 0.0
         by = m.get("by", "peer")
-        if by not in ("peer", "address"):
-            r.problem(ip + ("by",), "expected peer or address")
+        if by not in ("peer", "address", "subject", "issuer"):
+            r.problem(ip + ("by",), "expected peer, address, subject or issuer")
             by = None
+        elif by in ("subject", "issuer") and block:
+            # A claimed subject is attacker-chosen: blocking by it would lock users out.
+            r.problem(ip + ("block",), f"alerts by {by} cannot block (alert only)")
+            block = None
         webhook = m.get("webhook")
         if webhook is not None and (
             not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
@@ -807,8 +811,18 @@ def _service(
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
     audience = r.string(m["audience"], path + ("audience",)) if "audience" in m else None
+    path_case = m.get("path_case")
+    if path_case not in (None, "sensitive", "insensitive"):
+        r.problem(path + ("path_case",), "expected sensitive or insensitive")
+        path_case = None
+    elif path_case == "insensitive" and non_ascii == "allow":
+        # Unicode case mapping differs between frameworks (the Kelvin sign folds to "k" in
+        # .NET, "ß" to "ss" in casefold); only ASCII letters fold the same everywhere.
+        r.problem(path + ("path_case",),
+                  "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
-                         non_ascii_paths=non_ascii == "allow", audience=audience, file=file)
+                         non_ascii_paths=non_ascii == "allow", audience=audience,
+                         path_case=path_case, file=file)
 
 
 # --- entry points ---------------------------------------------------------------------
@@ -1145,7 +1159,8 @@ class _LazySections(Mapping[str, Section]):
         if section is None:
             svc = self._services[identity]
             section = compile_section(identity, self._trust_domain, svc.mode or self._mode,
-                                      svc.rules, svc.egress or ())
+                                      svc.rules, svc.egress or (),
+                                      fold_case=svc.paths_fold_case)
             self._built[identity] = section
         return section
 
