@@ -115,10 +115,10 @@ def test_select_skips_values_but_not_their_syntax(composer) -> None:
     assert value == {"top": 1, "services": {"b": {"deep": {"y": 2}}}}
     assert src.skipped[("services",)] == {"a": 3, "c": 6}
     for broken, line in (("services:\n  a: {x: [1, 2}\n  b: 1\n", 2),
-                         ("services:\n  a: [\n  b: 1\n", 3)):
+                         ("services:\n  a: [\n  b: 1\n", 4)):
         with pytest.raises(ConfigError) as info:
             parse_yaml(broken, "f.yaml", {("services",): ("b",)})
-        assert "YAML syntax error" in str(info.value)
+        assert f"f.yaml:{line}: YAML syntax error" in str(info.value)
     _, src = parse_yaml("services:\n  a: 1\n  a: 2\n", "f.yaml", {("services",): ("b",)})
     assert [(p.line, p.key, p.message) for p in src.problems] == [
         (3, "services.a", "duplicate key")]
