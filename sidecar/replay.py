@@ -17,8 +17,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
-from sidecar.audit.segments import RecordFilter, iter_records
+from sidecar.audit.segments import RecordFilter, iter_stored
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
@@ -88,11 +89,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
     filters = RecordFilter(peer=args.peer)
+    damaged: list[str] = []
     try:
-        count, changes = replay(policy, iter_records(args.audit, filters), args.identity)
+        decryptor = load_decryptor(args.data_key) if args.data_key else None
+        records = (s.record for s in iter_stored(args.audit, filters, on_damage=damaged.append,
+                                                 decryptor=decryptor))
+        count, changes = replay(policy, records, args.identity)
+    except ValueError as exc:  # a data key file that cannot be used
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"sidecar: cannot read audit trail {args.audit}: {exc.strerror}", file=sys.stderr)
         return 2
+    for d in damaged:
+        # An encrypted trail read without (the right) --data-key lands here too: say so
+        # rather than report "nothing would change" over records that were never read.
+        print(f"sidecar: stopped reading a damaged or undecryptable segment: {d}",
+              file=sys.stderr)
     if args.format == "json":
         print(json.dumps({"replayed": count, "changed": [c.as_dict() for c in changes]},
                          indent=2))
@@ -105,6 +118,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
                   f"{c.before} [{r.rule}] -> {outcome(c.after)} "
                   f"[{c.after.rule}: {c.after.reason}]{flag}")
+    if damaged:
+        return 2  # part of the trail was not read: "no change" would not be true
     return 1 if changes else 0
 
 
@@ -119,4 +134,6 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
                         "(default: the one recorded in each record)")
     p.add_argument("--peer", default=None, help="only records from this caller")
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--data-key", action="append", default=[], metavar="FILE",
+                   help="data key file, to read an encrypted trail (audit.encryption_key_file)")
     p.set_defaults(func=cmd_replay)
