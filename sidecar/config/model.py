@@ -13,6 +13,7 @@ from typing import Any, Literal, cast
 
 from sidecar.config.source import Path, Source, parse_yaml, read_yaml_file
 from sidecar.config.values import parse_address, parse_duration, parse_size
+from sidecar.identity.spiffe import spiffe_problem
 
 Protocol = Literal["http", "tcp"]
 
@@ -187,26 +188,6 @@ class _Reader:
         return value
 
 
-def _spiffe_problem(value: str) -> str | None:
-    from sidecar.identity.spiffe import parse_spiffe_id
-
-    try:
-        parse_spiffe_id(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _pattern_problem(value: str) -> str | None:
-    from sidecar.identity.spiffe import compile_pattern
-
-    try:
-        compile_pattern(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 MAX_TRUST_DOMAINS = 64
 
 
@@ -267,7 +248,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                 src.problem(p + ("allow_from",), "expected a list of SPIFFE IDs")
             else:
                 for i, x in enumerate(af):
-                    if err := _pattern_problem(x):
+                    if err := spiffe_problem(x, wildcards=True):
                         src.problem(p + ("allow_from", i), err)
                 allow_from = tuple(af)
         inbound = InboundConfig(
@@ -289,7 +270,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         if not m:
             continue
         ident = r.string(r.required(m, "identity", p), p + ("identity",)) or ""
-        if ident and (err := _spiffe_problem(ident)):
+        if ident and (err := spiffe_problem(ident, wildcards=False)):
             src.problem(p + ("identity",), err)
         name = r.string(m.get("name"), p + ("name",)) or f"outbound-{i}"
         if name in names:

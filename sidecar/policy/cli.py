@@ -166,7 +166,7 @@ def split_policy(doc: dict[str, Any], raw: bytes) -> dict[str, dict[str, Any]]:
     source's, else the start of its SHA-256), so a set mixing two versions is refused."""
     import hashlib
 
-    from sidecar.policy.model import namespace_of
+    from sidecar.identity.spiffe import namespace_of
 
     revision = doc.get("revision") or hashlib.sha256(raw).hexdigest()[:16]
     head = {"version": doc.get("version", 1), "revision": revision}

@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 
 from sidecar.config.source import MAX_DOCUMENT_BYTES, Source, format_path, gc_paused, parse_yaml
 from sidecar.errors import BadRequest, ConfigError, Problem
+from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
 from sidecar.policy.compiled import Section, compile_section
 from sidecar.policy.model import (
     ClaimCondition,
@@ -81,8 +82,6 @@ FORBIDDEN_FORWARD_HEADERS = frozenset(
      "keep-alive", "trailer"}
 )
 
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-_ID_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -91,31 +90,6 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-MAX_ID_LENGTH = 2048
-
-
-@functools.lru_cache(maxsize=8192)  # identities repeat across a mesh's rules and egress lists
-def spiffe_problem(value: str, *, wildcards: bool) -> str | None:
-    """Why ``value`` is not a valid SPIFFE ID (or pattern, with ``wildcards``), or None."""
-    if len(value) > MAX_ID_LENGTH:
-        return "SPIFFE ID is too long"
-    if not value.startswith("spiffe://"):
-        return "expected a SPIFFE ID like spiffe://trust.domain/ns/NAMESPACE/sa/ACCOUNT"
-    segments = value[len("spiffe://"):].split("/")
-    if not _TRUST_DOMAIN.match(segments[0]):
-        if "*" in segments[0]:
-            return "the trust domain cannot be a wildcard"
-        return "invalid trust domain (lower-case letters, digits, '.', '-', '_')"
-    for seg in segments[1:]:
-        if seg == "*" and wildcards:
-            continue
-        if "*" in seg:
-            if wildcards:
-                return "'*' must be a whole segment (one segment; no regular expressions)"
-            return "wildcards are not allowed here"
-        if seg in ("", ".", "..") or not _ID_SEGMENT.match(seg):
-            return f"invalid SPIFFE ID path segment {seg!r}"
-    return None
 
 
 def parse_duration(value: object) -> float:
@@ -667,8 +641,8 @@ def _conditions(
     if "namespaces" in m:
         names = r.string_list(m["namespaces"], path + ("namespaces",)) or []
         for ns, sp in names:
-            if not _ID_SEGMENT.match(ns):
-                r.problem(sp, "invalid namespace name")
+            if why := segment_problem(ns):
+                r.problem(sp, f"invalid namespace name: {why}")
         kw["namespaces"] = frozenset(ns for ns, _ in names)
     if "methods" in m:
         methods = r.string_list(m["methods"], path + ("methods",)) or []
@@ -1078,9 +1052,8 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
             doc.r.problem(("version",), "expected version: 1")
     trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
                                                  at("trust_domain")) or ""
-    if trust_domain and not _TRUST_DOMAIN.match(trust_domain):
-        reader("trust_domain").problem(
-            at("trust_domain"), "invalid trust domain (lower-case letters, digits, . - _)")
+    if trust_domain and (why := trust_domain_problem(trust_domain)):
+        reader("trust_domain").problem(at("trust_domain"), why)
     mode: Mode = "enforce"
     if "mode" in merged:
         mode = reader("mode").mode(merged["mode"], at("mode")) or "enforce"

@@ -22,25 +22,6 @@ Effect = Literal["allow", "deny"]
 ClaimOp = Literal["equals", "one_of", "contains"]
 
 
-def spiffe_segments(spiffe_id: str) -> tuple[str, ...] | None:
-    """``spiffe://td/ns/a/sa/b`` -> ``("td", "ns", "a", "sa", "b")``; None if not SPIFFE."""
-    if not spiffe_id.startswith("spiffe://"):
-        return None
-    return tuple(spiffe_id[len("spiffe://"):].split("/"))
-
-
-def namespace_of(spiffe_id: str, trust_domain: str) -> str | None:
-    """The Kubernetes namespace in ``spiffe://<trust_domain>/ns/<ns>/...``, else None.
-
-    Only identities of the policy's own trust domain have a namespace: a federated peer
-    that happens to use the same path layout must not pass a ``namespaces`` condition.
-    """
-    segs = spiffe_segments(spiffe_id)
-    if segs is None or len(segs) < 3 or segs[0] != trust_domain or segs[1] != "ns":
-        return None
-    return segs[2]
-
-
 @dataclass(frozen=True, slots=True)
 class ClaimCondition:
     """One claim test: ``equals`` a value, ``one_of`` values, or ``contains`` a value.
