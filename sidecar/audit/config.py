@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sidecar.config.source import Path, Source
+from sidecar.config.source import Path, Reader, Source, read_capped
 from sidecar.config.values import parse_address, parse_size
+from sidecar.errors import ConfigError
 
 OnFailure = Literal["fail_closed", "fail_open"]
 ShipMode = Literal["fail_open", "required"]
@@ -22,6 +23,7 @@ MIN_SEGMENT_BYTES = 4096
 MAX_QUEUE_SIZE = 1_000_000
 MAX_BATCH_SIZE = 65_536
 MIN_HMAC_KEY_BYTES = 16
+MAX_HMAC_KEY_FILE_BYTES = 64 * 1024
 
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
@@ -74,41 +76,22 @@ class AuditConfig:
     ship: ShipConfig | None = None
 
 
-def _count(value: Any, path: Path, src: Source, low: int, high: int) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        src.problem(path, f"expected a whole number from {low} to {high}")
-        return None
-    return value
-
-
-def _file(value: Any, path: Path, src: Source) -> str | None:
-    if not isinstance(value, str) or not value:
-        src.problem(path, "expected a non-empty string (a path)")
-        return None
-    if os.path.isabs(value):
-        return value
-    base = os.path.dirname(os.path.abspath(src.filename))
-    return os.path.normpath(os.path.join(base, value))
-
-
 def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
     """Validate the ``audit`` mapping; problems go to ``src`` (unknown keys are errors).
 
     Always returns a value (with defaults where a key was wrong) so that the caller can
     keep validating the rest of the file; the caller raises with ``src.raise_if_problems``.
     """
-    if not isinstance(raw, dict):
-        src.problem(path, "expected a mapping, e.g. {path: /var/log/sidecar/audit}")
+    r = Reader(src)
+    raw = r.mapping(raw, path, _KNOWN, "expected a mapping, e.g. {path: /var/log/sidecar/audit}")
+    if raw is None:
         return AuditConfig(path="")
-    for key in raw:
-        if key not in _KNOWN:
-            src.problem(path + (key,), f"unknown key (expected one of: {', '.join(sorted(_KNOWN))})")
 
     directory = ""
     if raw.get("path") is None:
         src.problem(path + ("path",), "is required (a directory for audit segment files)")
     else:
-        directory = _file(raw["path"], path + ("path",), src) or ""
+        directory = r.file(raw["path"], path + ("path",)) or ""
 
     kw: dict[str, Any] = {}
     if raw.get("max_segment_bytes") is not None:
@@ -124,15 +107,15 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
                 kw["max_segment_bytes"] = size
     if raw.get("max_segments") is not None:
         # Two is the floor: the segment being written plus the one it chains from.
-        v = _count(raw["max_segments"], path + ("max_segments",), src, 2, 1_000_000)
+        v = r.integer(raw["max_segments"], path + ("max_segments",), 2, 1_000_000)
         if v is not None:
             kw["max_segments"] = v
     if raw.get("queue_size") is not None:
-        v = _count(raw["queue_size"], path + ("queue_size",), src, 1, MAX_QUEUE_SIZE)
+        v = r.integer(raw["queue_size"], path + ("queue_size",), 1, MAX_QUEUE_SIZE)
         if v is not None:
             kw["queue_size"] = v
     if raw.get("batch_size") is not None:
-        v = _count(raw["batch_size"], path + ("batch_size",), src, 1, MAX_BATCH_SIZE)
+        v = r.integer(raw["batch_size"], path + ("batch_size",), 1, MAX_BATCH_SIZE)
         if v is not None:
             kw["batch_size"] = v
     if raw.get("on_failure") is not None:
@@ -141,21 +124,18 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
             src.problem(path + ("on_failure",), "must be one of: fail_closed, fail_open")
         else:
             kw["on_failure"] = v_of
-    if "fsync" in raw:
-        if not isinstance(raw["fsync"], bool):
-            src.problem(path + ("fsync",), "expected true or false")
-        else:
-            kw["fsync"] = raw["fsync"]
+    if "fsync" in raw and (fsync := r.boolean(raw["fsync"], path + ("fsync",))) is not None:
+        kw["fsync"] = fsync
     if raw.get("hmac_key_file") is not None:
-        key_file = _file(raw["hmac_key_file"], path + ("hmac_key_file",), src)
+        key_file = r.file(raw["hmac_key_file"], path + ("hmac_key_file",), optional=False)
         if key_file is not None:
             kw["hmac_key_file"] = key_file
     if raw.get("signing_key_file") is not None:
-        key_file = _file(raw["signing_key_file"], path + ("signing_key_file",), src)
+        key_file = r.file(raw["signing_key_file"], path + ("signing_key_file",), optional=False)
         if key_file is not None:
             kw["signing_key_file"] = key_file
     if raw.get("checkpoint_every_records") is not None:
-        v = _count(raw["checkpoint_every_records"], path + ("checkpoint_every_records",), src,
+        v = r.integer(raw["checkpoint_every_records"], path + ("checkpoint_every_records",),
                    1, 1_000_000)
         if v is not None:
             kw["checkpoint_every_records"] = v
@@ -167,11 +147,11 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         else:
             kw["checkpoint_every_seconds"] = float(sec)
     if raw.get("encryption_key_file") is not None:
-        key_file = _file(raw["encryption_key_file"], path + ("encryption_key_file",), src)
+        key_file = r.file(raw["encryption_key_file"], path + ("encryption_key_file",), optional=False)
         if key_file is not None:
             kw["encryption_key_file"] = key_file
     if raw.get("ship") is not None:
-        ship = _parse_ship(raw["ship"], path + ("ship",), src)
+        ship = _parse_ship(r, raw["ship"], path + ("ship",))
         if ship is not None:
             kw["ship"] = ship
     for name in ("signing_key_file", "encryption_key_file"):
@@ -180,15 +160,13 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
     return AuditConfig(path=directory, **kw)
 
 
-def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
+def _parse_ship(r: Reader, raw: Any, path: Path) -> ShipConfig | None:
     """``audit.ship``: the syslog-over-TLS collector (docs/audit.md, "Shipping")."""
-    if not isinstance(raw, dict):
-        src.problem(path, "expected a mapping, e.g. {address: collector:6514, ca_file: ca.pem}")
+    src = r.src
+    raw = r.mapping(raw, path, _SHIP_KNOWN,
+                    "expected a mapping, e.g. {address: collector:6514, ca_file: ca.pem}")
+    if raw is None:
         return None
-    for key in raw:
-        if key not in _SHIP_KNOWN:
-            src.problem(path + (key,),
-                        f"unknown key (expected one of: {', '.join(sorted(_SHIP_KNOWN))})")
     ok = True
     address: tuple[str, int] | None = None
     if raw.get("address") is not None:  # omitted: SIDECAR_AUDIT_COLLECTOR at start
@@ -200,7 +178,7 @@ def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
     files: dict[str, Any] = {}
     for name in ("ca_file", "cert_file", "key_file"):
         if raw.get(name) is not None:
-            f = _file(raw[name], path + (name,), src)
+            f = r.file(raw[name], path + (name,), optional=False)
             if f is None:
                 ok = False
             else:
@@ -213,7 +191,7 @@ def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
         ok = False
     kw: dict[str, Any] = {}
     if raw.get("queue_size") is not None:
-        v = _count(raw["queue_size"], path + ("queue_size",), src, 1, MAX_QUEUE_SIZE)
+        v = r.integer(raw["queue_size"], path + ("queue_size",), 1, MAX_QUEUE_SIZE)
         if v is not None:
             kw["queue_size"] = v
     if raw.get("mode") is not None:
@@ -250,10 +228,12 @@ def load_hmac_key(key_file: str) -> bytes:
     or holds fewer than ``MIN_HMAC_KEY_BYTES`` bytes.
     """
     try:
-        with open(key_file, "rb") as fh:
-            key = fh.read(64 * 1024).strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read HMAC key file {key_file}: {exc.strerror}") from None
+        key = read_capped(key_file, MAX_HMAC_KEY_FILE_BYTES)
+    except ConfigError as exc:
+        raise ValueError(f"cannot read HMAC key file {key_file}: "
+                         f"{exc.problems[0].message.removeprefix('cannot read file: ')}") from None
+    # As before the shared read: the first 64 KiB are the key (no real key is near that).
+    key = key[:MAX_HMAC_KEY_FILE_BYTES].strip()
     if len(key) < MIN_HMAC_KEY_BYTES:
         raise ValueError(f"HMAC key file {key_file} must hold at least {MIN_HMAC_KEY_BYTES} bytes")
     return key

@@ -17,10 +17,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import lint
-from sidecar.policy.loader import load_policy_set, parse_timestamp, policy_label
+from sidecar.policy.loader import load_policy_set, policy_label
 from sidecar.policy.model import Policy
 
 EXIT_OK = 0

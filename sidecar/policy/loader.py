@@ -23,11 +23,10 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from sidecar.config.source import MAX_DOCUMENT_BYTES, Source, format_path, gc_paused, parse_yaml
+from sidecar.config.source import Reader, format_path, gc_paused, parse_yaml, read_capped
 from sidecar.errors import BadRequest, ConfigError, Problem
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
 from sidecar.policy.compiled import Section, compile_section
@@ -85,46 +84,9 @@ FORBIDDEN_FORWARD_HEADERS = frozenset(
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-
-
-def parse_duration(value: object) -> float:
-    """``30`` / ``"30s"`` / ``"250ms"`` / ``"5m"`` / ``"1h"`` / ``"1d"`` -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 5m or 1h")
-    if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError("a duration must be a finite number >= 0")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError("expected a duration like 30s, 5m or 1h")
-
-
-def parse_timestamp(value: object) -> float:
-    """An RFC 3339 timestamp with a time zone (YAML may already have parsed it) -> unix time."""
-    if isinstance(value, datetime):
-        stamp = value
-    elif isinstance(value, date):
-        raise ValueError("expected a timestamp with time and zone, e.g. 2030-01-31T18:00:00Z")
-    elif isinstance(value, str):
-        try:
-            stamp = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ValueError(
-                "expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z"
-            ) from None
-    else:
-        raise ValueError("expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z")
-    if stamp.tzinfo is None:
-        raise ValueError("the timestamp needs a time zone (Z or +HH:MM)")
-    return stamp.timestamp()
 
 
 @functools.lru_cache(maxsize=8192)  # patterns like /admin/** repeat in every section
@@ -150,83 +112,25 @@ def normalise_path_pattern(pattern: str) -> str:
     return path
 
 
-class _Reader:
-    """Typed accessors that report problems instead of raising."""
+def _mode(r: Reader, value: Any, path: P) -> Mode | None:
+    if value not in ("enforce", "dry-run"):
+        r.problem(path, "expected enforce or dry-run")
+        return None
+    return cast(Mode, value)
 
-    def __init__(self, src: Source) -> None:
-        self.src = src
 
-    def problem(self, path: P, message: str) -> None:
-        self.src.problem(path, message)
-
-    def mapping(self, value: Any, path: P, known: frozenset[str] | None) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.problem(path, "expected a mapping")
-            return None
-        if known is not None:
-            for key in value:
-                if key not in known:
-                    self.problem(path + (key,), f"unknown key (known: {', '.join(sorted(known))})")
-        return value
-
-    def string(self, value: Any, path: P) -> str | None:
-        if not isinstance(value, str) or not value:
-            self.problem(path, "expected a non-empty string")
-            return None
-        return value
-
-    def string_list(self, value: Any, path: P) -> list[tuple[str, P]] | None:
-        if not isinstance(value, list):
-            self.problem(path, "expected a list")
-            return None
-        if not value:
-            self.problem(path, "empty list never matches; omit the key to match anything")
-            return None
-        out: list[tuple[str, P]] = []
-        for i, item in enumerate(value):
-            s = self.string(item, path + (i,))
-            if s is not None:
-                out.append((s, path + (i,)))
-        return out
-
-    def duration(self, value: Any, path: P) -> float | None:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.problem(path, str(exc))
-            return None
-
-    def timestamp(self, value: Any, path: P) -> float | None:
-        try:
-            return parse_timestamp(value)
-        except ValueError as exc:
-            self.problem(path, str(exc))
-            return None
-
-    def integer(self, value: Any, path: P, lo: int, hi: int) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.problem(path, f"expected a whole number from {lo} to {hi}")
-            return None
-        return value
-
-    def mode(self, value: Any, path: P) -> Mode | None:
-        if value not in ("enforce", "dry-run"):
-            self.problem(path, "expected enforce or dry-run")
-            return None
-        return cast(Mode, value)
-
-    def name(self, value: Any, path: P) -> str | None:
-        s = self.string(value, path)
-        if s is not None and not _NAME.match(s):
-            self.problem(path, "names use letters, digits, '.', '_', ':', '-' (at most 128)")
-            return None
-        return s
+def _name(r: Reader, value: Any, path: P) -> str | None:
+    s = r.string(value, path)
+    if s is not None and not _NAME.match(s):
+        r.problem(path, "names use letters, digits, '.', '_', ':', '-' (at most 128)")
+        return None
+    return s
 
 
 # --- non-rule sections ----------------------------------------------------------------
 
 
-def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtProvider | None:
+def _provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> JwtProvider | None:
     m = r.mapping(value, path, PROVIDER_KEYS)
     if m is None:
         return None
@@ -420,7 +324,7 @@ INTROSPECTION_KEYS = frozenset(
 )
 
 
-def _introspection(r: _Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
+def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
     m = r.mapping(value, path, INTROSPECTION_KEYS)
     if m is None:
         return None
@@ -462,7 +366,7 @@ def _introspection(r: _Reader, value: Any, path: P, base_dir: str) -> Introspect
     return Introspection(endpoint=endpoint, client_id=client_id, mtls=mtls is True, **kw)
 
 
-def _revocations(r: _Reader, value: Any, path: P) -> tuple[Revocation, ...]:
+def _revocations(r: Reader, value: Any, path: P) -> tuple[Revocation, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -482,7 +386,7 @@ def _revocations(r: _Reader, value: Any, path: P) -> tuple[Revocation, ...]:
     return tuple(out)
 
 
-def _api_keys(r: _Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
+def _api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -493,7 +397,7 @@ def _api_keys(r: _Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
         m = r.mapping(item, ip, frozenset({"name", "sha256", "expires_at"}))
         if m is None:
             continue
-        name = r.name(m.get("name"), ip + ("name",))
+        name = _name(r, m.get("name"), ip + ("name",))
         digest = m.get("sha256")
         if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
             r.problem(ip + ("sha256",), "expected the key's SHA-256 as 64 hex digits")
@@ -508,7 +412,7 @@ def _api_keys(r: _Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
     return tuple(out)
 
 
-def _rate_limits(r: _Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
+def _rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -518,7 +422,7 @@ def _rate_limits(r: _Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
         m = r.mapping(item, ip, frozenset({"name", "rate", "burst", "per", "services"}))
         if m is None:
             continue
-        name = r.name(m.get("name"), ip + ("name",))
+        name = _name(r, m.get("name"), ip + ("name",))
         raw = m.get("rate")
         rate: float | None = None
         if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
@@ -546,7 +450,7 @@ def _rate_limits(r: _Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
     return tuple(out)
 
 
-def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
+def _alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -557,7 +461,7 @@ def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
                                            "webhook"}))
         if m is None:
             continue
-        name = r.name(m.get("name"), ip + ("name",))
+        name = _name(r, m.get("name"), ip + ("name",))
         threshold = r.integer(m.get("threshold"), ip + ("threshold",), 1, 1_000_000)
         window = r.duration(m.get("window"), ip + ("window",))
         if window is not None and window <= 0:
@@ -586,7 +490,7 @@ def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
 # --- rules ----------------------------------------------------------------------------
 
 
-def _claims(r: _Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None:
+def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None:
     m = r.mapping(value, path, None)
     if m is None:
         return None
@@ -621,7 +525,7 @@ def _claims(r: _Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | Non
 
 
 def _conditions(
-    r: _Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str]
+    r: Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str]
 ) -> Conditions | None:
     if value is None:
         return Conditions()  # `allow:` with nothing under it: no conditions (lint warns)
@@ -706,13 +610,13 @@ def _conditions(
 
 
 def _rule(
-    r: _Reader, value: Any, path: P, index: int, providers: Mapping[str, JwtProvider],
+    r: Reader, value: Any, path: P, index: int, providers: Mapping[str, JwtProvider],
     keys: set[str],
 ) -> Rule | None:
     m = r.mapping(value, path, RULE_KEYS)
     if m is None:
         return None
-    name = r.name(m.get("name"), path + ("name",))
+    name = _name(r, m.get("name"), path + ("name",))
     effects = [e for e in ("allow", "deny") if e in m]
     if len(effects) != 1:
         r.problem(path, "a rule has exactly one of allow or deny")
@@ -722,7 +626,7 @@ def _rule(
     if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
         # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
         when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
-    mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
+    mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     expires = r.timestamp(m["expires_at"], path + ("expires_at",)) if "expires_at" in m else None
     if "description" in m and not isinstance(m["description"], str):
         r.problem(path + ("description",), "expected a string")
@@ -737,7 +641,7 @@ def _rule(
 
 
 def _service(
-    r: _Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
+    r: Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
     keys: set[str], file: str = "",
 ) -> ServicePolicy | None:
     why = spiffe_problem(identity, wildcards=False)
@@ -780,7 +684,7 @@ def _service(
                 continue
             entries.append(EgressEntry(sid, r.src.line(ep + (i,)), format_path(ep + (i,))))
         egress = tuple(entries)
-    mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
+    mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
@@ -839,7 +743,7 @@ class _Doc:
         select: dict[P, tuple[str, ...]] | None = (
             {("services",): (only,)} if only is not None else None)
         doc, src = parse_yaml(raw, filename, select)
-        self.r = _Reader(src)
+        self.r = Reader(src)
         self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
         # Skipped service identities -> line; None once compacted to ``skipped_hashes``.
         self.skipped: dict[str, int] | None = src.skipped.get(("services",), {})
@@ -1041,7 +945,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
             cache.docs = {(d.filename, d.digest, only): d for d in docs}
         merged, origin, skipped = _merge(docs)
 
-    def reader(key: str) -> _Reader:
+    def reader(key: str) -> Reader:
         return origin[key][0].r if key in origin else first.r
 
     def at(key: str) -> P:
@@ -1056,7 +960,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         reader("trust_domain").problem(at("trust_domain"), why)
     mode: Mode = "enforce"
     if "mode" in merged:
-        mode = reader("mode").mode(merged["mode"], at("mode")) or "enforce"
+        mode = _mode(reader("mode"), merged["mode"], at("mode")) or "enforce"
     if "revision" in merged:
         rev = merged["revision"]
         if isinstance(rev, bool) or not isinstance(rev, str | int) or rev == "":
@@ -1195,19 +1099,11 @@ def read_policy_set(paths: Sequence[str]) -> list[tuple[str, bytes]]:
         if os.path.isdir(path):
             out.extend(_read_directory(path))
         else:
-            out.append((path, _read_file(path)))
+            out.append((path, read_capped(path)))
         if len(out) > MAX_POLICY_FILES:
             raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
                                        "files")])
     return out
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(MAX_DOCUMENT_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
 
 
 def _read_directory(path: str) -> list[tuple[str, bytes]]:
@@ -1224,7 +1120,7 @@ def _read_directory(path: str) -> list[tuple[str, bytes]]:
     if not names:
         raise ConfigError([Problem(path, None, "", "no policy files (*.yaml, *.yml) in the "
                                    "directory")])
-    files = [(os.path.join(path, n), _read_file(os.path.join(base, n))) for n in names]
+    files = [(os.path.join(path, n), read_capped(os.path.join(base, n))) for n in names]
     after = os.path.realpath(link) if os.path.islink(link) else None
     if after != before:
         raise ConfigError([Problem(path, None, "", "the directory was swapped (..data) while "
