@@ -21,8 +21,8 @@ from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import lint
+from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy_set, policy_label
-from sidecar.policy.model import Policy
 
 EXIT_OK = 0
 EXIT_FOUND = 1

@@ -18,7 +18,8 @@ from typing import Any
 
 from sidecar.identity.spiffe import id_segments
 from sidecar.policy.compiled import path_pattern_segments
-from sidecar.policy.model import Conditions, Policy, Rule, ServicePolicy
+from sidecar.policy.loaded import Policy
+from sidecar.policy.model import Conditions, Rule, ServicePolicy
 
 SENSITIVE_PREFIXES = (
     "admin", "debug", "internal", "actuator", "metrics", "_", "console", "management",
