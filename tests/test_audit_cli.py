@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from sidecar.audit.cli import main
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

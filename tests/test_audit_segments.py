@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from sidecar.audit.chain import LENGTH
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import (
     NOTE_NO_KEY,
@@ -25,6 +24,7 @@ from sidecar.audit.segments import (
     verify,
 )
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig
 
 
 def write_trail(directory: Path, n: int, start: int = 0, **cfg: object) -> None:

@@ -102,7 +102,7 @@ class SidecarConfig:
     outbound: tuple[OutboundConfig, ...]
     policy: str | None  # how the policy is named in logs and status (its paths, joined)
     policy_watch_interval: float
-    audit: Any  # sidecar.audit.config.AuditConfig | None
+    audit: Any  # sidecar.config.audit.AuditConfig | None
     admin: AdminConfig
     limits: Limits
     workers: int = 1
@@ -243,7 +243,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     audit = None
     if top.get("audit") is not None:
-        from sidecar.audit.config import parse_audit_config
+        from sidecar.config.audit import parse_audit_config
 
         araw = top["audit"]
         if isinstance(araw, dict) and isinstance(araw.get("path"), str):
