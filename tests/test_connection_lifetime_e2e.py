@@ -27,6 +27,7 @@ from tests.harness import (
     free_port,
     http,
     mtls_context,
+    read_head,
     sidecar_config,
     spiffe,
     start_app,
@@ -162,9 +163,7 @@ def test_outbound_upgraded_stream_ends_when_the_upstream_root_leaves_the_bundle(
     with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
                   b"Connection: upgrade\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
+        head = read_head(s)
         assert head.startswith(b"HTTP/1.1 101"), head
         s.sendall(b"ping")
         assert s.recv(4096) == b"ping"
@@ -251,9 +250,7 @@ def test_upgraded_stream_closed_after_a_policy_reload_refuses_it(env) -> None:
         with ctx.wrap_socket(raw) as tls:
             tls.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
                         b"Connection: upgrade\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
+            head = read_head(tls)
             assert head.startswith(b"HTTP/1.1 101"), head
             tls.sendall(b"ping")
             assert tls.recv(4096) == b"ping"

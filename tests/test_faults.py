@@ -8,7 +8,6 @@ others, and it recovers by itself once the fault is gone. Every wait is bounded.
 from __future__ import annotations
 
 import http.client as httpclient
-import json
 import os
 import shutil
 import signal
@@ -28,11 +27,11 @@ from tests.harness import (
     TD,
     Pki,
     Response,
+    audit_export,
     free_port,
     http,
     https_server_material,
     mtls_context,
-    sidecar_cli,
     sidecar_config,
     spiffe,
     start_app,
@@ -425,14 +424,8 @@ def test_audit_directory_replaced_by_file_fails_closed_then_recovers(tmp_path, p
     # Nothing lost: every request the app saw has its audit record.
     b.stop()
     ids = _served_ids(served)
-    recorded = {rec.get("request_id") or rec.get("id") for rec in _audit_records(audit_dir)}
+    recorded = {rec.get("request_id") or rec.get("id") for rec in audit_export(audit_dir)}
     assert ids and ids <= recorded, ids - recorded
-
-
-def _audit_records(path: Path) -> list[dict[str, Any]]:
-    r = sidecar_cli("audit", "export", str(path), "--format", "jsonl")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -480,7 +473,7 @@ def test_audit_disk_full_fails_closed_then_recovers(tmp_path, pki, app, procs, t
         assert served[-1].status == 200
     b.stop()
     ids = _served_ids(served)
-    recorded = {rec.get("request_id") or rec.get("id") for rec in _audit_records(audit_dir)}
+    recorded = {rec.get("request_id") or rec.get("id") for rec in audit_export(audit_dir)}
     assert ids and ids <= recorded, ids - recorded
 
 
