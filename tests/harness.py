@@ -24,7 +24,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,6 +523,32 @@ def audit_export(path: str | Path, *filters: str) -> list[dict[str, Any]]:
     r = sidecar_cli("audit", "export", str(path), "--format", "jsonl", *filters)
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = "",
+                      batch: int = 1, pause: float = 0.0) -> Any:
+    """Write ``records`` through a real ``AuditWriter`` for ``config`` (started in a nursery,
+    closed cleanly, all bounded by 20 s) and return the writer. After every ``batch`` records
+    the writer gets a turn (``trio.sleep(pause)``), so they land in batches of about that
+    size. Every record must be accepted."""
+    import trio
+
+    from sidecar.audit.writer import AuditWriter
+
+    writer = AuditWriter(config, identity=identity)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                for n, rec in enumerate(records, 1):
+                    assert writer.submit(rec)
+                    if n % batch == 0:
+                        await trio.sleep(pause)
+                await writer.aclose()
+
+    trio.run(main)
+    return writer
 
 
 def write_policy(path: Path, policy: dict[str, Any]) -> str:
