@@ -551,11 +551,17 @@ def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = ""
     return writer
 
 
+def replace_file(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` in one step (a temporary file renamed over it), so no reader sees
+    half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def write_policy(path: Path, policy: dict[str, Any]) -> str:
     """Write a mesh policy as YAML (atomically, as a ConfigMap update would); return its path."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(policy, sort_keys=False))
-    os.replace(tmp, path)
+    replace_file(path, yaml.safe_dump(policy, sort_keys=False))
     return str(path)
 
 

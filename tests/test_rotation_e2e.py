@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client as httpclient
-import os
 import socket
 import ssl
 import threading
@@ -30,6 +29,7 @@ from tests.harness import (
     free_port,
     http,
     mtls_context,
+    replace_file,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -313,8 +313,7 @@ def test_plain_files_replaced_in_place_are_picked_up(tmp_path, pki, app, procs):
     ctx = client_ctx(pki.ca.issue(spiffe("frontend")), pki.ca, tmp=tmp_path)
     new = pki.ca.issue(spiffe("orders"))
     for name, data in (("tls.key", new.key_pem), ("tls.crt", new.chain_pem)):
-        (ident / f"{name}.tmp").write_bytes(data)
-        os.replace(ident / f"{name}.tmp", ident / name)
+        replace_file(ident / name, data)
     wait_for(lambda: reloads(b, "ok") >= 1, timeout=10)
     assert peer_der(b.port("inbound"), ctx) == leaf_der(new.cert_pem)
     # Between the two renames the key did not match: at most that one failed attempt.
