@@ -23,7 +23,7 @@ from sidecar.audit.segments import RecordFilter, iter_stored
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
-from sidecar.policy.loader import load_policy_file
+from sidecar.policy.loader import load_policy_set, policy_label
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
 
 def cmd_replay(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_policy_set(args.policy)
     except ConfigError as exc:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
@@ -110,7 +110,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps({"replayed": count, "changed": [c.as_dict() for c in changes]},
                          indent=2))
     else:
-        print(f"replayed {count} request records under {args.policy} "
+        print(f"replayed {count} request records under {policy_label(args.policy)} "
               f"(version {policy.version[:12]}): {len(changes)} would change")
         for c in changes:
             r = c.record
@@ -126,7 +126,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "replay", help="re-decide recorded requests under a new policy; list what changes")
-    p.add_argument("policy", help="the new policy file")
+    p.add_argument("policy", nargs="+",
+                   help="the new policy: file(s) and/or directories of one policy set")
     p.add_argument("--audit", required=True, help="audit directory or segment file")
     p.add_argument("--identity", default=None,
                    help="SPIFFE ID of the workload whose audit trail this is "

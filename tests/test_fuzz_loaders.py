@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from sidecar.config.model import Limits, SidecarConfig, load_config
 from sidecar.errors import ConfigError, RequestRefused
 from sidecar.http.request import RequestHead, check_head
+from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Policy
 from sidecar.policy.paths import normalise_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +149,8 @@ def _check_config(text: str | bytes) -> None:
     # A model is only valid if every bound is a real bound: NaN or infinity would disable it.
     for name in Limits.__dataclass_fields__:
         value = getattr(lim, name)
+        if value is None and name == "max_connection_age_jitter":
+            value = lim.connection_age_jitter  # unset: derived from max_connection_age
         assert isinstance(value, int | float) and math.isfinite(value) and value >= 0, (name, value)
     assert lim.max_headers >= 1 and lim.max_connections >= 1
     assert cfg.inbound is not None or cfg.outbound

@@ -7,26 +7,45 @@ lists are errors (omit the key to mean "anything"), and references to JWT provid
 API keys that the file does not define are errors, because each of those is a rule that
 silently does something other than what its author meant.
 
-Loading is pure apart from ``load_policy_file`` reading the file: no clock, no network,
-no other files (``jwks_file`` paths are resolved against the policy's directory but not
-opened). The result is safe to build in a reload task and swap in atomically.
+Loading is pure apart from ``read_policy_set`` reading the policy's files (one file, or
+the files of directories: a policy set, see ``sidecar.policy.policyset``): no clock, no
+network, no other files (``jwks_file`` paths are resolved against the defining file's
+directory but not opened). The result is safe to build in a reload task and swap in
+atomically.
+
+Where the parts live: this module validates the services (rules, conditions, egress) and
+puts the policy together; ``policyset`` reads and merges the files; ``load_sections``
+validates the mesh-wide sections (providers, revocations, API keys, rate limits, alerts);
+``config.source.Reader`` is the typed access to YAML values they all use; the result is a
+``sidecar.policy.loaded.Policy``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import re
-from collections.abc import Mapping
-from datetime import date, datetime
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from sidecar.config.source import MAX_DOCUMENT_BYTES, Source, format_path, parse_yaml
-from sidecar.errors import BadRequest, ConfigError, Problem
-from sidecar.policy.compiled import Section, compile_section
+from sidecar.config.source import Path as P
+from sidecar.config.source import Reader, format_path, gc_paused
+from sidecar.errors import ConfigError, Problem
+from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
+from sidecar.policy.compiled import Section
+from sidecar.policy.load_sections import (
+    NAME,
+    TOKEN,
+    parse_alerts,
+    parse_api_keys,
+    parse_provider,
+    parse_rate_limits,
+    parse_revocations,
+    read_name,
+)
+from sidecar.policy.loaded import LazySections, Policy, narrow_extras
 from sidecar.policy.model import (
     ClaimCondition,
     ClaimOp,
@@ -34,580 +53,50 @@ from sidecar.policy.model import (
     EgressEntry,
     JwtCondition,
     Mode,
-    Policy,
     Rule,
     ServicePolicy,
 )
-from sidecar.policy.paths import normalise_target
-from sidecar.policy.sections import (
-    DEFAULT_TOKEN_LOCATIONS,
-    AlertRule,
-    ApiKey,
-    Introspection,
-    JwtProvider,
-    PolicyExtras,
-    RateLimit,
-    Revocation,
-    TokenLocation,
+from sidecar.policy.paths import normalise_path_pattern
+from sidecar.policy.policyset import (
+    MAX_POLICY_FILES,
+    MERGE_RULES,
+    NeedNames,
+    ParsedFiles,
+    PolicyFile,
+    merge_files,
+    named_entries,
+    policy_label,
+    read_policy_set,
+    set_version,
 )
+from sidecar.policy.sections import JwtProvider, PolicyExtras
 
-P = tuple[str | int, ...]
+# Re-exported: callers load policies through this module.
+__all__ = [
+    "MAX_POLICY_FILES", "MERGE_RULES", "ParsedFiles", "Policy", "load_policy", "load_policy_file",
+    "load_policy_files", "load_policy_set", "normalise_path_pattern", "policy_label",
+    "read_policy_set",
+]
 
-TOP_KEYS = frozenset(
-    {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
-     "rate_limits", "alerts", "services"}
-)
+
 SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
 )
-PROVIDER_KEYS = frozenset(
-    {"issuer", "audiences", "algorithms", "jwks_file", "jwks_uri", "jwks_ca", "jwks_refresh",
-     "jwks_min_refetch", "clock_skew", "required_claims", "max_lifetime", "from_headers",
-     "from_params", "from_cookies", "forward_claims", "forward_token", "max_token_bytes",
-     "discovery", "typ", "cert_binding", "forward_query_token", "introspection"}
-)
-ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
-# Headers a forwarded claim may never overwrite: framing, routing and the sidecar's own.
-FORBIDDEN_FORWARD_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
-     "authorization", "cookie", "x-forwarded-client-cert", "x-api-key", "proxy-authorization",
-     "keep-alive", "trailer"}
-)
-
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-_ID_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
-_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
-MAX_ID_LENGTH = 2048
 
 
-def spiffe_problem(value: str, *, wildcards: bool) -> str | None:
-    """Why ``value`` is not a valid SPIFFE ID (or pattern, with ``wildcards``), or None."""
-    if len(value) > MAX_ID_LENGTH:
-        return "SPIFFE ID is too long"
-    if not value.startswith("spiffe://"):
-        return "expected a SPIFFE ID like spiffe://trust.domain/ns/NAMESPACE/sa/ACCOUNT"
-    segments = value[len("spiffe://"):].split("/")
-    if not _TRUST_DOMAIN.match(segments[0]):
-        if "*" in segments[0]:
-            return "the trust domain cannot be a wildcard"
-        return "invalid trust domain (lower-case letters, digits, '.', '-', '_')"
-    for seg in segments[1:]:
-        if seg == "*" and wildcards:
-            continue
-        if "*" in seg:
-            if wildcards:
-                return "'*' must be a whole segment (one segment; no regular expressions)"
-            return "wildcards are not allowed here"
-        if seg in ("", ".", "..") or not _ID_SEGMENT.match(seg):
-            return f"invalid SPIFFE ID path segment {seg!r}"
-    return None
-
-
-def parse_duration(value: object) -> float:
-    """``30`` / ``"30s"`` / ``"250ms"`` / ``"5m"`` / ``"1h"`` / ``"1d"`` -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 5m or 1h")
-    if isinstance(value, int | float):
-        if value < 0 or not math.isfinite(value):
-            raise ValueError("a duration must be a finite number >= 0")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError("expected a duration like 30s, 5m or 1h")
-
-
-def parse_timestamp(value: object) -> float:
-    """An RFC 3339 timestamp with a time zone (YAML may already have parsed it) -> unix time."""
-    if isinstance(value, datetime):
-        stamp = value
-    elif isinstance(value, date):
-        raise ValueError("expected a timestamp with time and zone, e.g. 2030-01-31T18:00:00Z")
-    elif isinstance(value, str):
-        try:
-            stamp = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ValueError(
-                "expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z"
-            ) from None
-    else:
-        raise ValueError("expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z")
-    if stamp.tzinfo is None:
-        raise ValueError("the timestamp needs a time zone (Z or +HH:MM)")
-    return stamp.timestamp()
-
-
-def normalise_path_pattern(pattern: str) -> str:
-    """A policy path pattern in the same normal form as request paths, or ValueError."""
-    if not pattern.startswith("/"):
-        raise ValueError("a path pattern starts with '/'")
-    if "?" in pattern or "#" in pattern:
-        raise ValueError("a path pattern cannot contain '?' or '#' (queries are never matched)")
-    segments = pattern.split("/")[1:]
-    for i, seg in enumerate(segments):
-        if "*" in seg and seg not in ("*", "**"):
-            raise ValueError("'*' and '**' must be whole segments (no regular expressions)")
-        if seg == "**" and i != len(segments) - 1:
-            raise ValueError("'**' is only allowed as the last segment")
-    from urllib.parse import quote
-
-    raw = quote(pattern, safe=_PATH_SAFE).encode("ascii")
-    try:
-        path, _ = normalise_target(raw, allow_non_ascii=True)
-    except BadRequest as exc:
-        raise ValueError(f"not a valid normalised path ({exc.reason})") from None
-    return path
-
-
-class _Reader:
-    """Typed accessors that report problems instead of raising."""
-
-    def __init__(self, src: Source) -> None:
-        self.src = src
-
-    def problem(self, path: P, message: str) -> None:
-        self.src.problem(path, message)
-
-    def mapping(self, value: Any, path: P, known: frozenset[str] | None) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.problem(path, "expected a mapping")
-            return None
-        if known is not None:
-            for key in value:
-                if key not in known:
-                    self.problem(path + (key,), f"unknown key (known: {', '.join(sorted(known))})")
-        return value
-
-    def string(self, value: Any, path: P) -> str | None:
-        if not isinstance(value, str) or not value:
-            self.problem(path, "expected a non-empty string")
-            return None
-        return value
-
-    def string_list(self, value: Any, path: P) -> list[tuple[str, P]] | None:
-        if not isinstance(value, list):
-            self.problem(path, "expected a list")
-            return None
-        if not value:
-            self.problem(path, "empty list never matches; omit the key to match anything")
-            return None
-        out: list[tuple[str, P]] = []
-        for i, item in enumerate(value):
-            s = self.string(item, path + (i,))
-            if s is not None:
-                out.append((s, path + (i,)))
-        return out
-
-    def duration(self, value: Any, path: P) -> float | None:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.problem(path, str(exc))
-            return None
-
-    def timestamp(self, value: Any, path: P) -> float | None:
-        try:
-            return parse_timestamp(value)
-        except ValueError as exc:
-            self.problem(path, str(exc))
-            return None
-
-    def integer(self, value: Any, path: P, lo: int, hi: int) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.problem(path, f"expected a whole number from {lo} to {hi}")
-            return None
-        return value
-
-    def mode(self, value: Any, path: P) -> Mode | None:
-        if value not in ("enforce", "dry-run"):
-            self.problem(path, "expected enforce or dry-run")
-            return None
-        return cast(Mode, value)
-
-    def name(self, value: Any, path: P) -> str | None:
-        s = self.string(value, path)
-        if s is not None and not _NAME.match(s):
-            self.problem(path, "names use letters, digits, '.', '_', ':', '-' (at most 128)")
-            return None
-        return s
-
-
-# --- non-rule sections ----------------------------------------------------------------
-
-
-def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtProvider | None:
-    m = r.mapping(value, path, PROVIDER_KEYS)
-    if m is None:
+def _mode(r: Reader, value: Any, path: P) -> Mode | None:
+    if value not in ("enforce", "dry-run"):
+        r.problem(path, "expected enforce or dry-run")
         return None
-    ok = True
-    issuer = r.string(m.get("issuer"), path + ("issuer",))
-    aud_raw = m.get("audiences")
-    # Omitted: the receiving service's audience (its `audience`, else its SPIFFE ID).
-    audiences: list[tuple[str, P]] | None = []
-    if aud_raw is not None:
-        audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
-                                  path + ("audiences",))
-    algs: list[tuple[str, P]] | None = []
-    if "algorithms" in m or "introspection" not in m:  # opaque tokens carry no algorithm
-        algs = r.string_list(m.get("algorithms"), path + ("algorithms",))
-    if algs is not None:
-        for alg, apath in algs:
-            if alg.lower() == "none":
-                r.problem(apath, "'none' is never accepted: tokens must be signed")
-                ok = False
-            elif alg.upper().startswith("HS"):
-                r.problem(apath, "HMAC algorithms are not accepted; use a public-key algorithm")
-                ok = False
-            elif alg not in ALGORITHMS:
-                r.problem(apath, f"unknown algorithm (known: {', '.join(sorted(ALGORITHMS))})")
-                ok = False
-    jwks_file = m.get("jwks_file")
-    jwks_uri = m.get("jwks_uri")
-    jwks_ca = m.get("jwks_ca")
-    discovery = m.get("discovery")
-    intro_raw = m.get("introspection")
-    sources = [k for k in ("jwks_file", "jwks_uri", "discovery", "introspection")
-               if m.get(k) not in (None, False)]
-    if len(sources) != 1:
-        r.problem(path, "set exactly one of jwks_file, jwks_uri, discovery or introspection")
-        ok = False
-    if jwks_file is not None:
-        f = r.string(jwks_file, path + ("jwks_file",))
-        jwks_file = os.path.normpath(os.path.join(base_dir, f)) if f else None
-        if jwks_ca is not None:
-            r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery")
-            ok = False
-    if jwks_uri is not None:
-        u = r.string(jwks_uri, path + ("jwks_uri",))
-        if u is not None and not u.startswith("https://"):
-            r.problem(path + ("jwks_uri",), "jwks_uri must be an https:// URL")
-            ok = False
-    discovery_url = None
-    if discovery is not None and discovery is not False:
-        # true: the OpenID Connect location under the issuer; a string: that URL (e.g. the
-        # RFC 8414 form https://host/.well-known/oauth-authorization-server/path).
-        if discovery is True:
-            if isinstance(issuer, str) and issuer.startswith("https://"):
-                discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-            else:
-                r.problem(path + ("discovery",), "discovery: true needs an https:// issuer")
-                ok = False
-        elif isinstance(discovery, str) and discovery.startswith("https://"):
-            discovery_url = discovery
-        else:
-            r.problem(path + ("discovery",), "expected true or an https:// metadata URL")
-            ok = False
-    if jwks_ca is not None and intro_raw is not None:
-        r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery; "
-                  "use introspection.ca")
-        ok = False
-    if jwks_ca is not None:
-        ca = r.string(jwks_ca, path + ("jwks_ca",))
-        jwks_ca = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
-    introspection = None
-    if intro_raw is not None:
-        introspection = _introspection(r, intro_raw, path + ("introspection",), base_dir)
-        ok = ok and introspection is not None
-    typ = None
-    if "typ" in m:
-        typ = r.string(m["typ"], path + ("typ",))
-        if typ is None:
-            ok = False
-        elif intro_raw is not None:
-            r.problem(path + ("typ",), "typ applies to JWTs, not to introspected tokens")
-            ok = False
-    if "cert_binding" in m:
-        if m["cert_binding"] not in ("if_present", "required"):
-            r.problem(path + ("cert_binding",), "expected if_present or required")
-            ok = False
-    for key in ("forward_query_token",):
-        if key in m and not isinstance(m[key], bool):
-            r.problem(path + (key,), "expected true or false")
-            ok = False
-
-    kwargs: dict[str, Any] = {}
-    for key, field_name in (("jwks_refresh", "jwks_refresh_seconds"),
-                            ("jwks_min_refetch", "jwks_min_refetch_seconds"),
-                            ("clock_skew", "clock_skew_seconds"),
-                            ("max_lifetime", "max_lifetime_seconds")):
-        if key in m:
-            d = r.duration(m[key], path + (key,))
-            if d is None:
-                ok = False
-            kwargs[field_name] = d
-    if "required_claims" in m:
-        rc = m["required_claims"]
-        if isinstance(rc, list) and all(isinstance(c, str) and c for c in rc):
-            kwargs["required_claims"] = tuple(rc)
-        else:
-            r.problem(path + ("required_claims",), "expected a list of claim names")
-            ok = False
-    if "max_token_bytes" in m:
-        kwargs["max_token_bytes"] = r.integer(m["max_token_bytes"], path + ("max_token_bytes",),
-                                              256, 65536)
-        ok = ok and kwargs["max_token_bytes"] is not None
-    if "forward_token" in m:
-        if not isinstance(m["forward_token"], bool):
-            r.problem(path + ("forward_token",), "expected true or false")
-            ok = False
-        kwargs["forward_token"] = m["forward_token"]
-
-    locations: list[TokenLocation] = []
-    if "from_headers" in m:
-        hp = path + ("from_headers",)
-        items = m["from_headers"]
-        if not isinstance(items, list) or not items:
-            r.problem(hp, "expected a non-empty list of header names or {name, prefix}")
-            ok = False
-            items = []
-        for i, item in enumerate(items):
-            ip = hp + (i,)
-            if isinstance(item, str):
-                hname, prefix = item, ""
-            elif isinstance(item, dict) and r.mapping(item, ip, frozenset({"name", "prefix"})):
-                hname, prefix = str(item.get("name", "")), item.get("prefix", "")
-                if not isinstance(prefix, str):
-                    r.problem(ip + ("prefix",), "expected a string")
-                    ok = False
-                    continue
-            else:
-                r.problem(ip, "expected a header name or {name, prefix}")
-                ok = False
-                continue
-            if not isinstance(hname, str) or not _TOKEN.match(hname):
-                r.problem(ip, "invalid header name")
-                ok = False
-                continue
-            locations.append(TokenLocation("header", hname.lower(), prefix))
-    for key, kind in (("from_params", "query"), ("from_cookies", "cookie")):
-        if key in m:
-            names = r.string_list(m[key], path + (key,))
-            if names is None:
-                ok = False
-                continue
-            for n, _ in names:
-                locations.append(TokenLocation(cast(Literal["query", "cookie"], kind), n))
-    if "forward_claims" in m:
-        fp = path + ("forward_claims",)
-        fc = r.mapping(m["forward_claims"], fp, None)
-        pairs: list[tuple[str, str]] = []
-        for claim, header in (fc or {}).items():
-            if not isinstance(header, str) or not _TOKEN.match(header):
-                r.problem(fp + (claim,), "expected a header name")
-                ok = False
-            elif header.lower() in FORBIDDEN_FORWARD_HEADERS:
-                r.problem(fp + (claim,), f"a claim cannot be forwarded as {header.lower()}")
-                ok = False
-            else:
-                pairs.append((claim, header.lower()))
-        kwargs["forward_claims"] = tuple(pairs)
-        if fc is None:
-            ok = False
-    if not ok or issuer is None or audiences is None or algs is None:
-        return None
-    return JwtProvider(
-        name=name,
-        issuer=issuer,
-        audiences=tuple(a for a, _ in audiences),
-        algorithms=tuple(a for a, _ in algs),
-        jwks_file=jwks_file,
-        jwks_uri=jwks_uri,
-        jwks_ca=jwks_ca,
-        locations=tuple(locations) or DEFAULT_TOKEN_LOCATIONS,
-        discovery_url=discovery_url,
-        typ=typ,
-        cert_binding=m.get("cert_binding", "if_present"),
-        forward_query_token=m.get("forward_query_token", False),
-        introspection=introspection,
-        **kwargs,
-    )
-
-
-INTROSPECTION_KEYS = frozenset(
-    {"endpoint", "ca", "client_id", "client_secret_file", "mtls", "cache_ttl", "negative_ttl",
-     "timeout", "max_concurrent"}
-)
-
-
-def _introspection(r: _Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
-    m = r.mapping(value, path, INTROSPECTION_KEYS)
-    if m is None:
-        return None
-    ok = True
-    endpoint = r.string(m.get("endpoint"), path + ("endpoint",))
-    if endpoint is not None and not endpoint.startswith("https://"):
-        r.problem(path + ("endpoint",), "endpoint must be an https:// URL")
-        ok = False
-    client_id = r.string(m.get("client_id"), path + ("client_id",))
-    secret = m.get("client_secret_file")
-    mtls = m.get("mtls", False)
-    if not isinstance(mtls, bool):
-        r.problem(path + ("mtls",), "expected true or false")
-        ok = False
-    if (secret is None) == (mtls is not True):
-        r.problem(path, "set exactly one of client_secret_file or mtls: true")
-        ok = False
-    kw: dict[str, Any] = {}
-    if secret is not None:
-        f = r.string(secret, path + ("client_secret_file",))
-        kw["client_secret_file"] = os.path.normpath(os.path.join(base_dir, f)) if f else None
-        ok = ok and f is not None
-    if "ca" in m:
-        ca = r.string(m["ca"], path + ("ca",))
-        kw["ca"] = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
-        ok = ok and ca is not None
-    for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
-                            ("negative_ttl", "negative_ttl_seconds"),
-                            ("timeout", "timeout_seconds")):
-        if key in m:
-            d = r.duration(m[key], path + (key,))
-            ok = ok and d is not None
-            kw[field_name] = d
-    if "max_concurrent" in m:
-        kw["max_concurrent"] = r.integer(m["max_concurrent"], path + ("max_concurrent",), 1, 256)
-        ok = ok and kw["max_concurrent"] is not None
-    if not ok or endpoint is None or client_id is None:
-        return None
-    return Introspection(endpoint=endpoint, client_id=client_id, mtls=mtls is True, **kw)
-
-
-def _revocations(r: _Reader, value: Any, path: P) -> tuple[Revocation, ...]:
-    if not isinstance(value, list):
-        r.problem(path, "expected a list")
-        return ()
-    out: list[Revocation] = []
-    for i, item in enumerate(value):
-        ip = path + (i,)
-        m = r.mapping(item, ip, frozenset({"jti", "sub", "until", "note"}))
-        if m is None:
-            continue
-        if "jti" not in m and "sub" not in m:
-            r.problem(ip, "a revocation needs jti or sub")
-            continue
-        jti = r.string(m["jti"], ip + ("jti",)) if "jti" in m else None
-        sub = r.string(m["sub"], ip + ("sub",)) if "sub" in m else None
-        until = r.timestamp(m["until"], ip + ("until",)) if "until" in m else None
-        out.append(Revocation(jti=jti, sub=sub, until=until))
-    return tuple(out)
-
-
-def _api_keys(r: _Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
-    if not isinstance(value, list):
-        r.problem(path, "expected a list")
-        return ()
-    out: list[ApiKey] = []
-    seen: set[str] = set()
-    for i, item in enumerate(value):
-        ip = path + (i,)
-        m = r.mapping(item, ip, frozenset({"name", "sha256", "expires_at"}))
-        if m is None:
-            continue
-        name = r.name(m.get("name"), ip + ("name",))
-        digest = m.get("sha256")
-        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
-            r.problem(ip + ("sha256",), "expected the key's SHA-256 as 64 hex digits")
-            digest = None
-        expires = r.timestamp(m["expires_at"], ip + ("expires_at",)) if "expires_at" in m else None
-        if name is not None and name in seen:
-            r.problem(ip + ("name",), f"API key {name!r} is defined twice")
-            continue
-        if name is not None and digest is not None:
-            seen.add(name)
-            out.append(ApiKey(name=name, sha256=digest.lower(), expires_at=expires))
-    return tuple(out)
-
-
-def _rate_limits(r: _Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
-    if not isinstance(value, list):
-        r.problem(path, "expected a list")
-        return ()
-    out: list[RateLimit] = []
-    for i, item in enumerate(value):
-        ip = path + (i,)
-        m = r.mapping(item, ip, frozenset({"name", "rate", "burst", "per", "services"}))
-        if m is None:
-            continue
-        name = r.name(m.get("name"), ip + ("name",))
-        raw = m.get("rate")
-        rate: float | None = None
-        if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-            rate = float(raw)
-        elif isinstance(raw, str) and (rm := _RATE.match(raw)) and float(rm.group(1)) > 0:
-            rate = float(rm.group(1)) / _RATE_UNITS[rm.group(2)]
-        else:
-            r.problem(ip + ("rate",), "expected requests per second > 0, or like 100/s, 30/m")
-        burst = (r.integer(m["burst"], ip + ("burst",), 1, 1_000_000) if "burst" in m
-                 else max(1, math.ceil(rate or 1)))
-        per = m.get("per", "peer")
-        if per not in ("peer", "apikey", "subject"):
-            r.problem(ip + ("per",), "expected peer, apikey or subject")
-            per = None
-        services: list[str] = []
-        if "services" in m:
-            for sid, sp in r.string_list(m["services"], ip + ("services",)) or []:
-                why = spiffe_problem(sid, wildcards=False)
-                if why:
-                    r.problem(sp, why)
-                else:
-                    services.append(sid)
-        if name and rate is not None and burst is not None and per is not None:
-            out.append(RateLimit(name, rate, burst, per, tuple(services)))
-    return tuple(out)
-
-
-def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
-    if not isinstance(value, list):
-        r.problem(path, "expected a list")
-        return ()
-    out: list[AlertRule] = []
-    for i, item in enumerate(value):
-        ip = path + (i,)
-        m = r.mapping(item, ip, frozenset({"name", "threshold", "window", "by", "block",
-                                           "webhook"}))
-        if m is None:
-            continue
-        name = r.name(m.get("name"), ip + ("name",))
-        threshold = r.integer(m.get("threshold"), ip + ("threshold",), 1, 1_000_000)
-        window = r.duration(m.get("window"), ip + ("window",))
-        if window is not None and window <= 0:
-            r.problem(ip + ("window",), "the window must be longer than 0")
-            window = None
-        block = r.duration(m["block"], ip + ("block",)) if "block" in m else 0.0
-        by = m.get("by", "peer")
-        if by not in ("peer", "address", "subject", "issuer"):
-            r.problem(ip + ("by",), "expected peer, address, subject or issuer")
-            by = None
-        elif by in ("subject", "issuer") and block:
-            # A claimed subject is attacker-chosen: blocking by it would lock users out.
-            r.problem(ip + ("block",), f"alerts by {by} cannot block (alert only)")
-            block = None
-        webhook = m.get("webhook")
-        if webhook is not None and (
-            not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
-        ):
-            r.problem(ip + ("webhook",), "expected an http(s):// URL")
-            webhook = None
-        if name and threshold and window is not None and block is not None and by:
-            out.append(AlertRule(name, threshold, window, by, block, webhook))
-    return tuple(out)
+    return cast(Mode, value)
 
 
 # --- rules ----------------------------------------------------------------------------
 
 
-def _claims(r: _Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None:
+def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None:
     m = r.mapping(value, path, None)
     if m is None:
         return None
@@ -642,7 +131,7 @@ def _claims(r: _Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | Non
 
 
 def _conditions(
-    r: _Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str]
+    r: Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str]
 ) -> Conditions | None:
     if value is None:
         return Conditions()  # `allow:` with nothing under it: no conditions (lint warns)
@@ -662,13 +151,13 @@ def _conditions(
     if "namespaces" in m:
         names = r.string_list(m["namespaces"], path + ("namespaces",)) or []
         for ns, sp in names:
-            if not _ID_SEGMENT.match(ns):
-                r.problem(sp, "invalid namespace name")
+            if why := segment_problem(ns):
+                r.problem(sp, f"invalid namespace name: {why}")
         kw["namespaces"] = frozenset(ns for ns, _ in names)
     if "methods" in m:
         methods = r.string_list(m["methods"], path + ("methods",)) or []
         for meth, sp in methods:
-            if not _TOKEN.match(meth):
+            if not TOKEN.match(meth):
                 r.problem(sp, "invalid HTTP method")
         kw["methods"] = frozenset(meth.upper() for meth, _ in methods)
     if "paths" in m:
@@ -727,13 +216,13 @@ def _conditions(
 
 
 def _rule(
-    r: _Reader, value: Any, path: P, index: int, providers: Mapping[str, JwtProvider],
+    r: Reader, value: Any, path: P, index: int, providers: Mapping[str, JwtProvider],
     keys: set[str],
 ) -> Rule | None:
     m = r.mapping(value, path, RULE_KEYS)
     if m is None:
         return None
-    name = r.name(m.get("name"), path + ("name",))
+    name = read_name(r, m.get("name"), path + ("name",))
     effects = [e for e in ("allow", "deny") if e in m]
     if len(effects) != 1:
         r.problem(path, "a rule has exactly one of allow or deny")
@@ -743,7 +232,7 @@ def _rule(
     if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
         # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
         when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
-    mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
+    mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     expires = r.timestamp(m["expires_at"], path + ("expires_at",)) if "expires_at" in m else None
     if "description" in m and not isinstance(m["description"], str):
         r.problem(path + ("description",), "expected a string")
@@ -758,8 +247,8 @@ def _rule(
 
 
 def _service(
-    r: _Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
-    keys: set[str],
+    r: Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
+    keys: set[str], file: str = "",
 ) -> ServicePolicy | None:
     why = spiffe_problem(identity, wildcards=False)
     if why:
@@ -801,7 +290,7 @@ def _service(
                 continue
             entries.append(EgressEntry(sid, r.src.line(ep + (i,)), format_path(ep + (i,))))
         egress = tuple(entries)
-    mode = r.mode(m["mode"], path + ("mode",)) if "mode" in m else None
+    mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
@@ -817,93 +306,180 @@ def _service(
                   "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
                          non_ascii_paths=non_ascii == "allow", audience=audience,
-                         path_case=path_case)
+                         path_case=path_case, file=file)
 
 
-# --- entry points ---------------------------------------------------------------------
-
-
-def load_policy(text: bytes | str, filename: str) -> Policy:
-    """Parse, validate and compile a policy; raise ``ConfigError`` listing every problem.
-
-    ``filename`` names the file in problems, and relative ``jwks_file``/``jwks_ca`` paths
-    are resolved against its directory.
+def load_policy(text: bytes | str, filename: str, *, only: str | None = None) -> Policy:
+    """Parse, validate and compile a one-file policy; raise ``ConfigError`` listing every
+    problem. ``filename`` names the file in problems, and relative ``jwks_file``/``jwks_ca``
+    paths are resolved against its directory. ``only``: see ``load_policy_set``.
     """
     raw = text.encode("utf-8") if isinstance(text, str) else text
-    version = hashlib.sha256(raw).hexdigest()
-    doc, src = parse_yaml(raw, filename)
-    r = _Reader(src)
-    top = r.mapping(doc, (), TOP_KEYS)
-    if top is None:
-        src.raise_if_problems()
-        raise AssertionError("unreachable")
-    if top.get("version") != 1:
-        r.problem(("version",), "expected version: 1")
-    trust_domain = r.string(top.get("trust_domain"), ("trust_domain",)) or ""
-    if trust_domain and not _TRUST_DOMAIN.match(trust_domain):
-        r.problem(("trust_domain",), "invalid trust domain (lower-case letters, digits, . - _)")
-    mode: Mode = "enforce"
-    if "mode" in top:
-        mode = r.mode(top["mode"], ("mode",)) or "enforce"
+    return load_policy_files([(filename, raw)], only=only)
 
-    base_dir = os.path.dirname(os.path.abspath(filename))
+
+def load_policy_files(files: list[tuple[str, bytes]], *, only: str | None = None,
+                      label: str | None = None, cache: ParsedFiles | None = None) -> Policy:
+    """Parse, merge, validate and compile a policy from (filename, bytes) pairs."""
+    cache = cache if len(files) > 1 else None
+    try:
+        with gc_paused():
+            return _load(files, only, label, cache)
+    finally:
+        for doc in cache.docs.values() if cache is not None else ():
+            doc.compact()
+
+
+def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
+          cache: ParsedFiles | None) -> Policy:
+    docs: list[PolicyFile] = []
+    failed: list[Problem] = []
+    kept: dict[tuple[str, str, str | None], PolicyFile] = {}
+    for filename, raw in files:
+        key = (filename, hashlib.sha256(raw).hexdigest(), only)
+        try:
+            doc = cache.docs[key].reuse() if cache and key in cache.docs else PolicyFile(
+                filename, key[1], raw, only)
+        except ConfigError as exc:
+            failed.extend(exc.problems)
+            continue
+        docs.append(doc)
+        kept[key] = doc
+    if cache is not None:
+        cache.docs = kept
+    if failed:
+        raise ConfigError(failed)
+    first = docs[0]
+    try:
+        merged, origin, skipped = merge_files(docs)
+    except NeedNames:
+        docs = [PolicyFile(d.filename, d.digest, raw, only) for d, (_, raw) in zip(docs, files, strict=True)]
+        first = docs[0]
+        if cache is not None:
+            cache.docs = {(d.filename, d.digest, only): d for d in docs}
+        merged, origin, skipped = merge_files(docs)
+
+    def reader(key: str) -> Reader:
+        return origin[key][0].r if key in origin else first.r
+
+    def at(key: str) -> P:
+        return origin[key][1] if key in origin else (key,)
+
+    for doc in docs:
+        if doc.top.get("version", None) != 1:
+            doc.r.problem(("version",), "expected version: 1")
+    trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
+                                                 at("trust_domain")) or ""
+    if trust_domain and (why := trust_domain_problem(trust_domain)):
+        reader("trust_domain").problem(at("trust_domain"), why)
+    mode: Mode = "enforce"
+    if "mode" in merged:
+        mode = _mode(reader("mode"), merged["mode"], at("mode")) or "enforce"
+    if "revision" in merged:
+        rev = merged["revision"]
+        if isinstance(rev, bool) or not isinstance(rev, str | int) or rev == "":
+            reader("revision").problem(at("revision"), "expected a string, e.g. a commit")
+        _revision_agrees(docs, origin["revision"])
+
     providers: dict[str, JwtProvider] = {}
-    if "jwt_providers" in top:
-        pm = r.mapping(top["jwt_providers"], ("jwt_providers",), None) or {}
-        for name, spec in pm.items():
-            pp: P = ("jwt_providers", name)
-            if not _NAME.match(name):
-                r.problem(pp, "invalid provider name")
-                continue
-            provider = _provider(r, name, spec, pp, base_dir)
-            if provider is not None:
-                providers[name] = provider
-            else:
-                providers[name] = JwtProvider(name, "", (), ())  # placeholder; error reported
-    revocations = _revocations(r, top["revocations"], ("revocations",)) if "revocations" in top else ()
-    api_keys = _api_keys(r, top["api_keys"], ("api_keys",)) if "api_keys" in top else ()
-    rate_limits = _rate_limits(r, top["rate_limits"], ("rate_limits",)) if "rate_limits" in top else ()
-    alerts = _alerts(r, top["alerts"], ("alerts",)) if "alerts" in top else ()
+    for doc in docs:
+        if "jwt_providers" in doc.top:
+            for name, provider in _providers(doc, doc.top["jwt_providers"]).items():
+                providers.setdefault(name, provider)
+    revocations = _list_parts(docs, "revocations", parse_revocations)
+    api_keys = _list_parts(docs, "api_keys", parse_api_keys)
+    rate_limits = _list_parts(docs, "rate_limits", parse_rate_limits)
+    alerts = _list_parts(docs, "alerts", parse_alerts)
     key_names = {k.name for k in api_keys}
     # A raw api_keys entry that failed validation still defines its name, so that a typo in
     # one key does not cascade into "undefined key" errors in every rule using it.
-    raw_keys = top.get("api_keys")
-    for item in raw_keys if isinstance(raw_keys, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            key_names.add(item["name"])
+    for doc in docs:
+        key_names.update(n for n, _, _ in named_entries(doc, "api_keys") if n[:1] != "#")
 
     services: dict[str, ServicePolicy] = {}
-    if "services" not in top:
-        r.problem(("services",), "missing key: services (a mapping of SPIFFE ID -> section)")
-    else:
-        sm = r.mapping(top["services"], ("services",), None) or {}
-        for identity, spec in sm.items():
-            svc = _service(r, identity, spec, ("services", identity), providers, key_names)
-            if svc is not None:
-                services[identity] = svc
+    if "services" not in merged:
+        first.r.problem(("services",), "missing key: services (a mapping of SPIFFE ID -> "
+                        "section)")
+    for identity, spec in merged.get("services", {}).items():
+        doc, path = origin[f"services.{identity}"]
+        svc = _service(doc.r, identity, spec, path, providers, key_names, doc.filename)
+        if svc is not None:
+            services[identity] = svc
 
-    src.raise_if_problems()
-    sections: dict[str, Section] = {
-        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or (),
-                             fold_case=svc.paths_fold_case)
-        for sid, svc in services.items()
-    }
+    problems = [p for doc in docs for p in doc.r.src.problems]
+    if problems:
+        raise ConfigError(problems)
+    sections: Mapping[str, Section] = LazySections(services, trust_domain, mode)
+    if only is not None:
+        # A running sidecar: its section's tables are built here, in the reload thread,
+        # never on the data path.
+        sections = MappingProxyType({sid: sections[sid] for sid in services})
     extras = PolicyExtras(
-        jwt_providers=providers, revocations=revocations, api_keys=api_keys,
+        jwt_providers=providers, revocations=tuple(revocations), api_keys=api_keys,
         rate_limits=rate_limits, alerts=alerts,
     )
+    if only is not None:
+        extras = narrow_extras(extras, services.get(only))
     return Policy(
-        version=version, filename=filename, trust_domain=trust_domain, mode=mode,
-        extras=extras, services=MappingProxyType(services),
-        sections=MappingProxyType(sections),
+        version=set_version(docs), filename=label or first.filename, trust_domain=trust_domain,
+        mode=mode, extras=extras, services=MappingProxyType(services),
+        sections=sections, files=tuple(d.filename for d in docs),
+        defined_in={k: doc.filename for k, (doc, _) in origin.items()
+                    if "." in k and not k.startswith("services.")},
+        only=only, skipped=skipped,
     )
 
 
-def load_policy_file(path: str) -> Policy:
-    """Read and load one policy file; an unreadable file is a ``ConfigError`` naming it."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_DOCUMENT_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
-    return load_policy(data, path)
+def _revision_agrees(docs: list[PolicyFile], first: tuple[PolicyFile, P]) -> None:
+    """With ``revision`` stated anywhere, every file states it: a file without it is a file
+    of another (older) policy version, e.g. one ConfigMap not yet updated."""
+    for doc in docs:
+        if "revision" not in doc.top:
+            doc.r.problem((), f"no revision here but revision {first[0].top['revision']!r} in "
+                          f"{first[0].where(first[1])}: the files are not of one policy")
+
+
+def _providers(doc: PolicyFile, value: Any) -> dict[str, JwtProvider]:
+    """One file's ``jwt_providers``, each checked by ``parse_provider``; relative files are
+    resolved against that file's directory."""
+    r = doc.r
+    base_dir = os.path.dirname(os.path.abspath(doc.filename))
+    providers: dict[str, JwtProvider] = {}
+    for name, spec in (r.mapping(value, ("jwt_providers",), None) or {}).items():
+        pp: P = ("jwt_providers", name)
+        if not NAME.match(name):
+            r.problem(pp, "invalid provider name")
+            continue
+        provider = parse_provider(r, name, spec, pp, base_dir)
+        # A provider that failed validation still defines its name (placeholder; the error
+        # is reported), so rules using it do not add "undefined provider" errors.
+        providers[name] = provider if provider is not None else JwtProvider(name, "", (), ())
+    return providers
+
+
+def _list_parts(docs: list[PolicyFile], key: str, parse: Any) -> tuple[Any, ...]:
+    """Each file's ``key`` list parsed by its section parser, merged in file order; an entry
+    repeated identically in another file counts once (a differing one is a merge conflict)."""
+    out: dict[Any, Any] = {}
+    for doc in docs:
+        if key in doc.top:
+            for item in parse(doc.r, doc.top[key], (key,)):
+                out.setdefault(getattr(item, "name", item), item)
+    return tuple(out.values())
+
+
+def load_policy_set(paths: Sequence[str], *, only: str | None = None,
+                    cache: ParsedFiles | None = None) -> Policy:
+    """Read and load a policy from files and/or directories (see ``read_policy_set``).
+
+    ``only=IDENTITY`` keeps just that identity's section and the mesh-wide parts it
+    references; other sections are syntax-checked, never built (see the theory above).
+    ``cache`` (a sidecar's reloads) skips parsing files unchanged since the last load.
+    """
+    return load_policy_files(read_policy_set(paths), only=only, label=policy_label(paths),
+                             cache=cache)
+
+
+def load_policy_file(path: str, *, only: str | None = None) -> Policy:
+    """Read and load one policy file or directory; unreadable is a ``ConfigError`` naming it."""
+    return load_policy_set([path], only=only)
