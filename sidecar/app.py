@@ -394,7 +394,7 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
                  "--worker-index", str(i)]))
     try:
         sidecar = Sidecar(cfg, worker_index=worker_index)
-    except (ConfigError, OSError, ValueError) as exc:
+    except (SidecarError, OSError, ValueError) as exc:  # SvidError: missing or bad certificate files
         _stop_children(children)
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return 2

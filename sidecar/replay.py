@@ -12,7 +12,6 @@ cannot be re-checked exactly. Such changes are flagged ``uncertain`` instead of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import RecordFilter, iter_records
 from sidecar.errors import ConfigError
+from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_file
@@ -81,6 +81,12 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
     return count, changes
 
 
+def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[AuditRecord]:
+    for n, rec in enumerate(records, 1):
+        progress.update(n, "records")
+        yield rec
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_file(args.policy)
@@ -88,23 +94,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
     filters = RecordFilter(peer=args.peer)
+    progress = Progress("replaying")
     try:
-        count, changes = replay(policy, iter_records(args.audit, filters), args.identity)
+        count, changes = replay(policy, _counted(iter_records(args.audit, filters), progress),
+                                args.identity)
     except OSError as exc:
         print(f"sidecar: cannot read audit trail {args.audit}: {exc.strerror}", file=sys.stderr)
         return 2
-    if args.format == "json":
-        print(json.dumps({"replayed": count, "changed": [c.as_dict() for c in changes]},
-                         indent=2))
-    else:
-        print(f"replayed {count} request records under {args.policy} "
-              f"(version {policy.version[:12]}): {len(changes)} would change")
+    finally:
+        progress.close()
+    doc = {"kind": "PolicyReplay", "policy": args.policy, "version": policy.version,
+           "replayed": count, "changed": [c.as_dict() for c in changes]}
+
+    def table() -> str:
+        lines = [f"replayed {count} request records under {args.policy} "
+                 f"(version {policy.version[:12]}): {len(changes)} would change"]
         for c in changes:
             r = c.record
             flag = "  (uncertain: claims not recorded)" if c.uncertain else ""
-            print(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
-                  f"{c.before} [{r.rule}] -> {outcome(c.after)} "
-                  f"[{c.after.rule}: {c.after.reason}]{flag}")
+            lines.append(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
+                         f"{c.before} [{r.rule}] -> {outcome(c.after)} "
+                         f"[{c.after.rule}: {c.after.reason}]{flag}")
+        return "\n".join(lines)
+
+    if args.format == "json" and args.output_format == "table":
+        args.output_format = "json"  # the older spelling of -o json
+    emit(args, doc, table)
     return 1 if changes else 0
 
 
@@ -117,5 +132,7 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
                    help="SPIFFE ID of the workload whose audit trail this is "
                         "(default: the one recorded in each record)")
     p.add_argument("--peer", default=None, help="only records from this caller")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="older spelling of -o (json = -o json)")
+    add_output_flag(p)
     p.set_defaults(func=cmd_replay)

@@ -239,7 +239,16 @@ def _table(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(serve: bool = False) -> int:
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(serve: bool = False, keep: bool = False) -> int:
+    """Run the scripted demo (or ``serve`` it until Ctrl-C / SIGTERM). The temporary
+    directory, CA key included, is removed at the end however the demo ends, unless
+    ``keep``."""
+    # SIGTERM (e.g. `timeout`, a closing terminal) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     demo = Demo(root)
     ok = False
@@ -278,7 +287,9 @@ def run_demo(serve: bool = False) -> int:
         return 1
     finally:
         demo.stop()
-        if ok or not serve:
+        if keep:
+            print(f"sidecar demo: kept {root} (--keep); it holds the demo CA's private key")
+        else:
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, Problem
+from sidecar.identity.spiffe import parse_spiffe_id
+from sidecar.output import add_output_flag, emit
 from sidecar.policy.explain import explain
-from sidecar.policy.lint import lint
+from sidecar.policy.lint import LintWarning, lint
 from sidecar.policy.loader import load_policy_file, parse_timestamp
 from sidecar.policy.model import Policy
 
@@ -25,14 +28,24 @@ EXIT_FOUND = 1
 EXIT_USAGE = 2
 
 
-def _load(path: str, err: TextIO) -> Policy | None:
-    try:
-        return load_policy_file(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
+def _load(path: str, err: TextIO, quiet: bool = False) -> Policy | None:
+    policy, problems = _load_problems(path)
+    if policy is None and not quiet:
+        for problem in problems:
             print(f"error: {problem}", file=err)
-        print(f"{len(exc.problems)} error(s) in {path}", file=err)
-        return None
+        print(f"{len(problems)} error(s) in {path}", file=err)
+    return policy
+
+
+def _load_problems(path: str) -> tuple[Policy | None, list[Problem]]:
+    try:
+        return load_policy_file(path), []
+    except ConfigError as exc:
+        return None, list(exc.problems)
+
+
+def _problem_doc(p: Problem) -> dict[str, Any]:
+    return {"file": p.file, "line": p.line, "key": p.key, "message": p.message}
 
 
 def _now(args: argparse.Namespace, err: TextIO) -> float | None:
@@ -46,61 +59,174 @@ def _now(args: argparse.Namespace, err: TextIO) -> float | None:
         return None
 
 
-def _missing_jwks(policy: Policy) -> list[str]:
+def _missing_jwks_findings(policy: Policy) -> list[LintWarning]:
     return [
-        f"{policy.filename}: jwt_providers.{p.name}.jwks_file: [missing-jwks-file] "
-        f"{p.jwks_file} does not exist"
+        LintWarning(policy.filename, None, f"jwt_providers.{p.name}.jwks_file",
+                    "missing-jwks-file", f"{p.jwks_file} does not exist")
         for p in policy.extras.jwt_providers.values()
         if p.jwks_file is not None and not os.path.isfile(p.jwks_file)
     ]
 
 
+def _missing_jwks(policy: Policy) -> list[str]:
+    return [str(w) for w in _missing_jwks_findings(policy)]
+
+
+def _streams(args: argparse.Namespace) -> tuple[TextIO, TextIO]:
+    return (getattr(args, "stdout", None) or sys.stdout,
+            getattr(args, "stderr", None) or sys.stderr)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a policy file; print every problem with file:line:key."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
-    policy = _load(args.file, err)
-    if policy is None:
-        return EXIT_FOUND
-    missing = _missing_jwks(policy)
-    for line in missing:
-        print(f"error: {line}", file=err)
-    if missing:
-        return EXIT_FOUND
-    print(
-        f"ok: {args.file} version {policy.short_version}: {len(policy.services)} section(s), "
-        f"{policy.rule_count()} rule(s), {len(policy.extras.jwt_providers)} JWT provider(s)",
-        file=out,
-    )
-    return EXIT_OK
+    out, err = _streams(args)
+    table = getattr(args, "output_format", "table") == "table"
+    policy, problems = _load_problems(args.file)
+    doc: dict[str, Any] = {"kind": "PolicyCheck", "file": args.file, "ok": False,
+                           "version": None, "sections": 0, "rules": 0, "jwt_providers": 0,
+                           "errors": [_problem_doc(p) for p in problems]}
+    if policy is not None:
+        missing = _missing_jwks_findings(policy)
+        doc["errors"] = [{"file": w.file, "line": w.line, "key": w.key,
+                          "message": f"[{w.code}] {w.message}"} for w in missing]
+        doc.update(ok=not missing, version=policy.version, sections=len(policy.services),
+                   rules=policy.rule_count(), jwt_providers=len(policy.extras.jwt_providers))
+    if table:
+        if policy is None:
+            _load(args.file, err)
+            return EXIT_FOUND
+        for line in _missing_jwks(policy):
+            print(f"error: {line}", file=err)
+        if not doc["ok"]:
+            return EXIT_FOUND
+    emit(args, doc, lambda: (
+        f"ok: {args.file} version {str(doc['version'])[:12]}: {doc['sections']} section(s), "
+        f"{doc['rules']} rule(s), {doc['jwt_providers']} JWT provider(s)"), out)
+    return EXIT_OK if doc["ok"] else EXIT_FOUND
+
+
+def _parse_ignore(items: list[str] | None) -> list[tuple[str, str]]:
+    """``--ignore CODE`` or ``--ignore CODE@TEXT`` (only findings whose key or message
+    contains TEXT, e.g. a rule name); comma-separated lists allowed."""
+    out = []
+    for item in items or ():
+        for part in item.split(","):
+            code, _, text = part.strip().partition("@")
+            if code:
+                out.append((code, text))
+    return out
+
+
+_RULE_KEY = re.compile(r"^services\.(.+?)\.rules\[(\d+)\]")
+
+
+def _rule_name(policy: Policy, w: LintWarning) -> str | None:
+    """The name of the rule a finding is about (its key says ``rules[N]``), if any."""
+    m = _RULE_KEY.match(w.key)
+    section = policy.services.get(m.group(1)) if m else None
+    if m is None or section is None or int(m.group(2)) >= len(section.rules):
+        return None
+    return str(section.rules[int(m.group(2))].name)
+
+
+def _ignored(w: LintWarning, rule: str | None, ignores: list[tuple[str, str]]) -> bool:
+    return any(w.code == code and (not text or text == rule or text in w.key
+                                   or text in w.message)
+               for code, text in ignores)
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    """Validate, then print warnings; exit 1 when there are any."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
+    """Validate, then print findings; exit 1 when one is at or above ``--fail-on``.
+
+    Several files may be given (``lint policies/*.yaml``); each is loaded and linted on
+    its own. Load errors are errors, lint findings are warnings.
+    """
+    out, err = _streams(args)
     now = _now(args, err)
     if now is None:
         return EXIT_USAGE
-    policy = _load(args.file, err)
-    if policy is None:
-        return EXIT_FOUND
-    warnings = [str(w) for w in lint(policy, now)] + _missing_jwks(policy)
-    for line in warnings:
-        print(f"warning: {line}", file=out)
-    if warnings:
-        print(f"{len(warnings)} warning(s) in {args.file}", file=out)
-        return EXIT_FOUND
-    print(f"ok: {args.file}: no warnings", file=out)
-    return EXIT_OK
+    ignores = _parse_ignore(args.ignore)
+    table = getattr(args, "output_format", "table") == "table"
+    files_doc: list[dict[str, Any]] = []
+    lines: list[str] = []
+    total_errors = total_warnings = total_ignored = 0
+    for path in args.files:
+        policy, problems = _load_problems(path)
+        entry: dict[str, Any] = {"file": path, "version": None,
+                                 "errors": [_problem_doc(p) for p in problems],
+                                 "findings": [], "ignored": 0}
+        if policy is None:
+            total_errors += len(problems)
+            if table:
+                for problem in problems:
+                    print(f"error: {problem}", file=err)
+                print(f"{len(problems)} error(s) in {path}", file=err)
+        else:
+            entry["version"] = policy.version
+            findings = list(lint(policy, now)) + _missing_jwks_findings(policy)
+            named = [(w, _rule_name(policy, w)) for w in findings]
+            kept = [(w, rule) for w, rule in named if not _ignored(w, rule, ignores)]
+            entry["ignored"] = len(findings) - len(kept)
+            entry["findings"] = [{"file": w.file, "line": w.line, "key": w.key, "rule": rule,
+                                  "code": w.code, "severity": "warning", "message": w.message}
+                                 for w, rule in kept]
+            total_warnings += len(kept)
+            total_ignored += entry["ignored"]
+            lines.extend(f"warning: {w}" for w, _ in kept)
+            suffix = f" ({entry['ignored']} ignored)" if entry["ignored"] else ""
+            lines.append(f"{len(kept)} warning(s) in {path}{suffix}" if kept
+                         else f"ok: {path}: no warnings{suffix}")
+        files_doc.append(entry)
+    failed = total_errors > 0 or (args.fail_on == "warning" and total_warnings > 0)
+    doc = {"kind": "PolicyLint", "ok": not failed, "fail_on": args.fail_on,
+           "errors": total_errors, "warnings": total_warnings, "ignored": total_ignored,
+           "files": files_doc}
+    emit(args, doc, lambda: "\n".join(lines), out)
+    return EXIT_FOUND if failed else EXIT_OK
+
+
+def _explain_doc(result: Any) -> dict[str, Any]:
+    d = result.decision
+    return {
+        "kind": "PolicyExplain",
+        "to": result.identity,
+        "target": result.raw_target,
+        "path": result.path,
+        "query": result.query,
+        "normalisation": result.normalisation,
+        "refused_before_policy": result.refused_reason,
+        "section_found": result.section_found,
+        "allowed": result.allowed,
+        "decision": None if d is None else {
+            "action": d.action, "status": d.status or None, "rule": d.rule, "reason": d.reason,
+            "version": d.version, "dry_run": d.dry_run, "would": d.would},
+        "rules": [{"name": r.name, "effect": r.effect, "line": r.line, "status": r.status,
+                   "dry_run": r.dry_run,
+                   "conditions": [{"name": c.name, "held": c.held, "detail": c.detail}
+                                  for c in r.conditions]}
+                  for r in result.rules],
+    }
+
+
+def _spiffe_arg(flag: str, value: str | None, err: TextIO) -> bool:
+    if value is None:
+        return True
+    try:
+        parse_spiffe_id(value)
+        return True
+    except ValueError as exc:
+        print(f"usage error: {flag} {value!r} is not a SPIFFE ID ({exc}); "
+              "expected e.g. spiffe://cluster.local/ns/shop/sa/orders", file=err)
+        return False
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the decision and its trail; exit 0 when allowed, 1 when denied."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
+    out, err = _streams(args)
     now = _now(args, err)
     if now is None:
+        return EXIT_USAGE
+    if not (_spiffe_arg("--to", args.to, err) and _spiffe_arg("--from", args.caller, err)):
         return EXIT_USAGE
     claims_doc: Any = None
     if args.claims is not None:
@@ -124,7 +250,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
         merge_slashes=args.merge_slashes,
     )
-    print(result.render(), file=out)
+    emit(args, _explain_doc(result), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
 
 
@@ -132,11 +258,18 @@ def add_policy_parsers(subparsers: Any) -> None:
     """Register ``check``, ``lint`` and ``explain`` under an argparse subparsers object."""
     p = subparsers.add_parser("check", help="validate a policy file")
     p.add_argument("file", help="policy YAML file")
+    add_output_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser("lint", help="validate and warn about likely mistakes")
-    p.add_argument("file", help="policy YAML file")
+    p.add_argument("files", nargs="+", metavar="FILE", help="policy YAML file(s)")
     p.add_argument("--now", help="evaluate expiry at this RFC 3339 time (default: now)")
+    p.add_argument("--ignore", action="append", metavar="CODE[@TEXT]",
+                   help="suppress findings with this code (only those whose key or message "
+                        "contains TEXT, e.g. a rule name); repeatable, comma-separated")
+    p.add_argument("--fail-on", choices=("warning", "error"), default="warning",
+                   help="exit 1 on any warning (default) or only on errors")
+    add_output_flag(p)
     p.set_defaults(func=cmd_lint)
 
     p = subparsers.add_parser("explain", help="show the decision for one request and why")
@@ -156,4 +289,5 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.add_argument("--now", help="decide at this RFC 3339 time (default: now)")
     p.add_argument("--merge-slashes", action="store_true",
                    help="merge '//' instead of refusing it (as the data path option)")
+    add_output_flag(p)
     p.set_defaults(func=cmd_explain)
