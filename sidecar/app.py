@@ -77,6 +77,7 @@ class Sidecar:
             self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
+        self.tap = self.telemetry.tap  # served on the admin port as /tap
         if cfg.policy is not None:
             self._setup_policy_consumers()
         self.gate = Gate(self.own_id, self.policies,

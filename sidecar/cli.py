@@ -101,6 +101,9 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
     from sidecar.check import add_check_parser
 
     add_check_parser(sub)
+    from sidecar.live import add_live_parsers
+
+    add_live_parsers(sub)
 
     from sidecar.identity.cli import add_ca_parsers, add_cert_parsers
 
