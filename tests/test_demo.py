@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.harness import ROOT
 
@@ -22,6 +24,23 @@ def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
     assert "TLS handshake refused" in text and "egress denied" in text
     assert re.search(r"audit trail of orders: \d+ records, verified, chain intact", text)
     assert re.search(r"audit trail of frontend: \d+ records, verified, chain intact", text)
+    # The whole story: a valid token, none (401 + challenge), the wrong scope, a burst.
+    rows = {line.split("  ")[0].strip(): line for line in text.splitlines()
+            if re.match(r"\d+ ", line)}
+    token_ok = next(r for r in rows.values() if "scope reports:read" in r)
+    assert re.search(r"\b200\s+200\s+allowed by rule 'frontend-reads-reports-with-token'",
+                     token_ok)
+    no_token = next(r for r in rows.values() if "(no token)" in r)
+    assert re.search(r"\b401\s+401\s+token missing", no_token)
+    assert 'WWW-Authenticate: Bearer realm="sidecar"' in no_token
+    wrong = next(r for r in rows.values() if "scope orders:read" in r)
+    assert re.search(r"\b403\s+403\s+claims mismatch", wrong)
+    burst = next(r for r in rows.values() if "burst of" in r)
+    assert re.search(r"\d+ x 200, \d+ x 429\s+rate limit 'frontend-burst'", burst)
+    assert "signed checkpoint" in text
+    # The temporary directory (CA key included) is gone.
+    root = re.search(r"configs in (\S+)", text).group(1)
+    assert not Path(root).exists()
 
 
 def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
@@ -41,8 +60,37 @@ def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
                                f"print(u.urlopen('http://127.0.0.1:{port}/orders').status)"],
                               capture_output=True, text=True, timeout=30)
         assert curl.stdout.strip() == "200", curl.stderr
+        root = re.search(r"configs in (\S+)", seen).group(1)
+        assert (Path(root) / "ca" / "ca.key").exists()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+        assert not Path(root).exists()  # Ctrl-C removed it, CA key included
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_demo_serve_keep_keeps_the_directory_on_sigterm():
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--serve", "--keep"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = None
+    try:
+        seen = ""
+        deadline = time.monotonic() + 60
+        while "sidecar top" not in seen and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+        root = re.search(r"configs in (\S+)", seen).group(1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert f"kept {root} (--keep)" in out
+        assert (Path(root) / "ca" / "ca.key").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if root:
+            shutil.rmtree(root, ignore_errors=True)
