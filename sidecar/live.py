@@ -15,7 +15,6 @@ Ctrl-C (exit 0). Colour only on a terminal and never with ``NO_COLOR``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import fnmatch
 import http.client
 import json
@@ -26,7 +25,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from sidecar.output import paint, use_colour
+from sidecar.output import paint, rfc3339, use_colour
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 POLL_WAIT = 1.0
@@ -36,12 +35,6 @@ MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 class TapError(Exception):
     """The admin server cannot be reached or does not serve /tap."""
-
-
-def rfc3339(ts: float) -> str:
-    """Unix seconds -> ``2026-01-31T12:00:00.123Z``."""
-    moment = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class TapClient:

@@ -17,6 +17,7 @@ self-overwriting line to stderr only when stderr is a TTY, so pipes and CI logs 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -59,6 +60,13 @@ def emit(args: argparse.Namespace, doc: Any, table: Callable[[], str],
     text = table() + "\n" if fmt == "table" else render(doc, fmt)
     stream.write(text)
     stream.flush()
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds -> ``2026-01-31T12:00:00.123Z`` (UTC, milliseconds), the form every
+    command prints for people and ``--since`` accepts."""
+    moment = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def use_colour(stream: TextIO) -> bool:
