@@ -130,3 +130,33 @@ def test_export_and_replay_write_nothing_to_a_non_terminal_stderr(trail: Path):
     shop = str(ROOT / "policies" / "example-shop.yaml")
     r = sidecar_cli("policy", "replay", shop, "--audit", str(trail))
     assert r.stderr == ""
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["audit", "export"],
+                                     ["policy", "replay", "policies/example-shop.yaml",
+                                      "--audit"]])
+def test_progress_line_on_a_terminal_stderr(trail: Path, command: list[str]):
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", *command, str(trail)],
+                            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=slave)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(slave)
+    err = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        err += chunk
+    os.close(master)
+    label = {"verify": b"verifying: ", "export": b"exporting: "}.get(command[1], b"replaying: ")
+    assert err.startswith(b"\r\x1b[K" + label), err
+    assert err.endswith(b"\r\x1b[K")  # erased before the command ends
+    assert b"\x1b" not in out  # stdout (a pipe here) stays clean

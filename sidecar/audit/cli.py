@@ -139,9 +139,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    result = verify(args.path, key=key,
-                    accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
-                    require_genesis=getattr(args, "require_genesis", False))
+    # On a terminal, say what is being read while the chain is checked (erased after).
+    progress = Progress("verifying")
+    try:
+        progress.update(len(resolve_segments(args.path)), "segment(s)")
+    except OSError:
+        pass
+    try:
+        result = verify(args.path, key=key,
+                        accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
+                        require_genesis=getattr(args, "require_genesis", False))
+    finally:
+        progress.close()
     if getattr(args, "json", False) and getattr(args, "output_format", "table") == "table":
         args.output_format = "json-line"  # --json: the older, one-line spelling
     fmt = getattr(args, "output_format", "table")
