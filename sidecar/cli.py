@@ -18,6 +18,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sidecar: invalid config:\n{exc}", file=sys.stderr)
         return 2
+    if args.check and args.config_only:
+        print(f"{args.config}: ok (config file only)")
+        return 0
     if args.check:
         # The offline file checks of ``sidecar check``: certificate, key and bundle readable
         # and consistent, policy loads, audit keys present. No ports, no network.
@@ -86,7 +89,12 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the sidecar with a config file")
     p.add_argument("-c", "--config", required=True, help="sidecar config file (YAML)")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and the files it names (certificate, key, "
+                        "bundle, policy, audit keys), then exit")
+    p.add_argument("--config-only", action="store_true",
+                   help="with --check: the config file alone, not the files it names "
+                        "(e.g. checking a ConfigMap away from the pod)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_run)
     if run_only:
