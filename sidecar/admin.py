@@ -3,12 +3,19 @@
 Theory of operation
 -------------------
 Both servers share one small HTTP/1.1 loop (``serve_http``): one task per connection, at
-most ``max_connections`` at once (extra connections are closed straight away), the stream
-closed in ``finally``. Every wait is bounded: the request head must arrive within
+most ``max_connections`` at once and at most ``max_connections_per_source`` from one source
+address (extra connections are closed straight away, and counted through ``on_refused``),
+the stream closed in ``finally``. Every wait is bounded: the request head must arrive within
 ``head_timeout`` (which is also the keep-alive idle timeout) and be at most
 ``max_head_bytes``; an answer must be written within ``write_timeout``; a connection serves
 at most ``max_requests_per_connection`` requests. Request bodies are never read: a request
 that has one is answered and the connection closed, so no body can hold a task.
+
+The health server faces the pod network, so it is stricter (``HEALTH_LIMITS``): one request
+per connection (``Connection: close``, no keep-alive), 2 s for the head. A kubelet opens a
+fresh connection per probe anyway; a neighbour that opens connections and sends nothing
+holds each for 2 s at most, and only up to its per-source share, so the kubelet (another
+source: the node's address) is still answered.
 
 Only GET and HEAD exist here; anything else is 405. Errors carry the generic bodies of
 ``sidecar.errors``; details go to the log.
@@ -43,6 +50,7 @@ from sidecar.errors import ConfigError, Problem, generic_body, reason_phrase
 from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import SidecarMetrics
+from sidecar.net.listen import SourceLimiter, source_address
 
 APP_PROBES_ENV = "SIDECAR_APP_PROBES"
 APP_HEALTH_PREFIX = "/app-health/"
@@ -78,6 +86,13 @@ class ServerLimits:
     write_timeout: float = 10.0
     max_requests_per_connection: int = 100
     max_connections: int = 64
+    max_connections_per_source: int = 32
+    keep_alive: bool = True  # False: every answer says Connection: close
+
+
+# The health port: reachable from the pod network, so no keep-alive and a short head timeout.
+HEALTH_LIMITS = ServerLimits(head_timeout=2.0, max_requests_per_connection=1,
+                             max_connections=256, keep_alive=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +126,14 @@ async def serve_http(
     *,
     name: str,
     limits: ServerLimits = ServerLimits(),
+    on_refused: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve GET/HEAD requests with ``route`` until cancelled; reports the bound port."""
+    """Serve GET/HEAD requests with ``route`` until cancelled; reports the bound port.
+
+    ``on_refused(reason)`` is called for each connection closed unserved by a limit
+    (``max_connections`` or ``max_connections_per_source``).
+    """
     host, port = listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     if port == 0 and len(listeners) > 1:
@@ -123,11 +143,22 @@ async def serve_http(
         listeners = listeners[:1]
     actual_port: int = listeners[0].socket.getsockname()[1]
     open_connections = 0
+    sources = SourceLimiter(limits.max_connections_per_source)
+
+    def refuse(reason: str) -> None:
+        if on_refused is not None:
+            on_refused(reason)
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal open_connections
         if open_connections >= limits.max_connections:
-            await stream.aclose()
+            refuse("max_connections")
+            await trio.aclose_forcefully(stream)
+            return
+        source = source_address(stream.socket)
+        if source is None or not sources.try_enter(source):
+            refuse("max_connections_per_source")
+            await trio.aclose_forcefully(stream)
             return
         open_connections += 1
         try:
@@ -136,6 +167,7 @@ async def serve_http(
             log("admin_request_failed", "error", server=name, error=repr(exc))
         finally:
             open_connections -= 1
+            sources.leave(source)
             await stream.aclose()
 
     task_status.started(actual_port)
@@ -167,7 +199,7 @@ async def _serve_connection(
             except Exception as exc:  # a broken status provider must not kill the server
                 log("admin_request_failed", "error", server=name, path=path, error=repr(exc))
                 reply = Reply.error(500)
-        close = has_body or _client_wants_close(request)
+        close = has_body or not limits.keep_alive or _client_wants_close(request)
         sent = await _send_reply(stream, conn, reply, method == "HEAD", close, limits)
         if sent and has_body:
             await _linger(stream)
@@ -342,11 +374,13 @@ async def serve_admin(
     metrics: SidecarMetrics,
     *,
     limits: ServerLimits = ServerLimits(),
+    on_refused: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the admin server until cancelled; ``task_status.started(port)`` once listening."""
     await serve_http(
-        listen, admin_route(status, metrics), name="admin", limits=limits, task_status=task_status
+        listen, admin_route(status, metrics), name="admin", limits=limits,
+        on_refused=on_refused, task_status=task_status
     )
 
 
@@ -494,7 +528,8 @@ async def serve_health(
     app_probes: Mapping[str, AppProbe],
     *,
     probe_timeout: float = PROBE_TIMEOUT_SECONDS,
-    limits: ServerLimits = ServerLimits(),
+    limits: ServerLimits = HEALTH_LIMITS,
+    on_refused: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the health server until cancelled; ``task_status.started(port)`` once listening."""
@@ -503,5 +538,6 @@ async def serve_health(
         health_route(status, app_probes, probe_timeout),
         name="health",
         limits=limits,
+        on_refused=on_refused,
         task_status=task_status,
     )

@@ -18,26 +18,33 @@ the admin and health ports; each worker writes its own audit chain in ``<audit p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
-
-from sidecar.http.untrusted import HeaderFilter
 
 from sidecar import logs
 from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
-from sidecar.net.listen import ConnectionTracker, accept_loop, listener_port, open_listener
+from sidecar.net.listen import (
+    ConnectionTracker,
+    SourceLimiter,
+    accept_loop,
+    listener_port,
+    open_listener,
+)
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
@@ -84,6 +91,12 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        if self.authenticator is not None:
+            from sidecar.authn.introspect import Introspector
+
+            # mtls introspection presents this workload's own (rotating) SVID files.
+            self.gate.introspector = Introspector(self.authenticator,
+                                                  identity=lambda: (ident.cert, ident.key))
         self.trackers: list[ConnectionTracker] = []
         self.stops: list[trio.CancelScope] = []
         self.listening = False
@@ -248,9 +261,11 @@ class Sidecar:
         def refused(reason: str) -> None:
             self.metrics.requests_refused_total.labels(
                 "inbound" if name == "inbound" else "outbound", reason).inc()
+            self.metrics.connections_refused_total.labels(name, reason).inc()
 
         await accept_loop(listener, handler.handle, tracker, self.cfg.limits.max_connections,
-                          refused, stop)
+                          refused, stop,
+                          SourceLimiter(self.cfg.limits.max_connections_per_source))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
@@ -346,18 +361,32 @@ class Sidecar:
                 watch.failed_at = time.monotonic()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import serve_admin
+            from sidecar.admin import ServerLimits, serve_admin
 
-            port = await self._start_server(nursery, "admin", cfg.admin.listen, serve_admin,
-                                            cfg.admin.listen, self, self.metrics)
+            admin_limits = ServerLimits(
+                max_connections_per_source=cfg.admin.max_connections_per_source)
+            port = await self._start_server(
+                nursery, "admin", cfg.admin.listen,
+                functools.partial(serve_admin, limits=admin_limits,
+                                  on_refused=self._count_refused("admin")),
+                cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
-            from sidecar.admin import app_probes_from_env, serve_health
+            from sidecar.admin import HEALTH_LIMITS, app_probes_from_env, serve_health
 
-            port = await self._start_server(nursery, "health", cfg.admin.health_listen,
-                                            serve_health, cfg.admin.health_listen, self,
-                                            app_probes_from_env())
+            health_limits = dataclasses.replace(
+                HEALTH_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)
+            port = await self._start_server(
+                nursery, "health", cfg.admin.health_listen,
+                functools.partial(serve_health, limits=health_limits,
+                                  on_refused=self._count_refused("health")),
+                cfg.admin.health_listen, self, app_probes_from_env())
             self.ports["health"] = port
+
+    def _count_refused(self, listener: str) -> Callable[[str], None]:
+        def refused(reason: str) -> None:
+            self.metrics.connections_refused_total.labels(listener, reason).inc()
+        return refused
 
     @staticmethod
     async def _start_server(nursery: trio.Nursery, name: str, addr: tuple[str, int],

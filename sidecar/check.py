@@ -271,6 +271,8 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
                 run.add(g, title, "fail", _problems(exc), "the URL must serve a JWKS document")
                 continue
             run.add(g, title, "ok", f"{url}: {len(keys)} key(s)")
+        elif key == "discovery_url":
+            _check_discovery(run, provider, title, url, body)
         else:
             try:
                 json.loads(body)
@@ -278,6 +280,38 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
                 run.add(g, title, "fail", f"{url}: not JSON", "the URL must serve a JSON document")
                 continue
             run.add(g, title, "ok", url)
+
+
+def _check_discovery(run: _Run, provider: Any, title: str, url: str, body: bytes) -> None:
+    """Issuer metadata: JSON naming the provider's issuer, whose ``jwks_uri`` serves keys."""
+    from sidecar.authn.jwks import parse_jwks
+    from sidecar.errors import ConfigError
+
+    hint = ("the metadata must name the provider's issuer exactly and a jwks_uri "
+            "(OpenID Connect Discovery 1.0 / RFC 8414)")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        run.add("jwks", title, "fail", f"{url}: not JSON", hint)
+        return
+    if not isinstance(doc, dict) or doc.get("issuer") != provider.issuer:
+        got = doc.get("issuer") if isinstance(doc, dict) else None
+        run.add("jwks", title, "fail", f"{url}: issuer {got!r}, expected {provider.issuer!r}",
+                hint)
+        return
+    jwks_uri = doc.get("jwks_uri")
+    if not isinstance(jwks_uri, str):
+        run.add("jwks", title, "fail", f"{url}: no jwks_uri", hint)
+        return
+    try:
+        keys = parse_jwks(_fetch_https(jwks_uri, getattr(provider, "jwks_ca", None)), jwks_uri)
+    except ConfigError as exc:
+        run.add("jwks", title, "fail", _problems(exc), "the jwks_uri must serve a JWKS document")
+        return
+    except Exception as exc:  # noqa: BLE001 -- every failure is one line for the operator
+        run.add("jwks", title, "fail", f"{jwks_uri}: {exc}", hint)
+        return
+    run.add("jwks", title, "ok", f"{url} -> {jwks_uri}: {len(keys)} key(s)")
 
 
 def _fetch_https(url: str, ca_file: str | None) -> bytes:

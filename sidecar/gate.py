@@ -98,6 +98,7 @@ class Gate:
         self.limiter = limiter
         self.detector = detector
         self.on_alert = on_alert
+        self.introspector: object | None = None  # authn.introspect.Introspector, if any
         self._allow_patterns = None
         if allow_from is not None:
             from sidecar.identity.spiffe import compile_pattern
@@ -113,8 +114,31 @@ class Gate:
         svc = policy.services.get(self.own_id)
         return svc is not None and svc.non_ascii_paths
 
+    async def prepare(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]],
+                      query: str) -> None:
+        """I/O the decision needs before it runs: token introspection (RFC 7662), only for
+        providers of rules whose caller and request conditions hold for this request (a
+        token is never sent to an authorisation server a matching rule does not name)."""
+        introspector = self.introspector
+        policy = self.policies.policy
+        if introspector is None or policy is None:
+            return
+        section = policy.section(self.own_id)
+        if section is None or section.providers.isdisjoint(
+                self.authenticator.introspection_providers):
+            return
+        from sidecar.policy.compiled import request_holds
+
+        names = [r.when.jwt.provider for index in (section.deny, section.allow)
+                 for r in index.candidates(facts.peer, facts.path)
+                 if r.when.jwt is not None
+                 and r.when.jwt.provider in self.authenticator.introspection_providers
+                 and request_holds(r.when, facts, section.trust_domain, check_indexed=False)]
+        if names:
+            await introspector.prepare(dict.fromkeys(names), headers, query)
+
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
-                now: float, *, tcp: bool = False) -> Verdict:
+                now: float, *, tcp: bool = False, peer_x5t: str | None = None) -> Verdict:
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
@@ -135,7 +159,10 @@ class Gate:
         if authn is not None and not tcp:
             providers = section.providers
             if providers or section.needs_apikey:
-                auth = authn.authenticate(providers, headers, query, now)
+                svc = policy.services.get(self.own_id)
+                auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
+                                          audience=(svc.audience if svc is not None else None)
+                                          or self.own_id)
         decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:

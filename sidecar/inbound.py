@@ -17,6 +17,7 @@ import time
 
 import trio
 
+from sidecar.authn.oauth import x5t_from_hex
 from sidecar.errors import Unavailable
 from sidecar.gate import Gate
 from sidecar.http.headers import (
@@ -25,8 +26,8 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice
@@ -126,6 +127,8 @@ class InboundProxy:
         limits = self.limits
         client = Endpoint(tls_stream, H11RequestReader(limits.max_header_bytes), side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
+        # RFC 8705 thumbprint of the caller's certificate, once per connection (bound tokens).
+        peer_x5t = x5t_from_hex(peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path, query = normalise_target(head.target,
@@ -133,7 +136,9 @@ class InboundProxy:
             ctx.facts = facts = RequestFacts(
                 direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,
                 path=path, host=head.host, port=self.port, listener="inbound")
-            ctx.verdict = verdict = self.gate.inbound(facts, event.headers, query, time.time())
+            await self.gate.prepare(facts, event.headers, query)
+            ctx.verdict = verdict = self.gate.inbound(facts, event.headers, query, time.time(),
+                                                      peer_x5t=peer_x5t)
             if not verdict.decision.allowed:
                 raise verdict.refusal()
             if not self.telemetry.accepting():

@@ -52,8 +52,8 @@ class KeySources:
     def sync(self, providers: dict[str, Any]) -> None:
         self._providers = dict(providers)
         for name, prov in providers.items():
-            source = (prov.jwks_file, prov.jwks_uri, prov.jwks_ca, prov.jwks_refresh_seconds,
-                      prov.jwks_min_refetch_seconds)
+            source = (prov.jwks_file, prov.jwks_uri, prov.discovery_url, prov.jwks_ca,
+                      prov.jwks_refresh_seconds, prov.jwks_min_refetch_seconds)
             current = self._running.get(name)
             if current is not None and current[0] == source:
                 continue
@@ -67,7 +67,7 @@ class KeySources:
                 continue
             scope = trio.CancelScope()
             self._running[name] = (source, scope)
-            if prov.jwks_uri and self._gate_start:
+            if (prov.jwks_uri or prov.discovery_url) and self._gate_start:
                 self._pending[name] = scope
             self._nursery.start_soon(self._run_source, prov, scope)
         for name in list(self._running):
@@ -87,7 +87,7 @@ class KeySources:
         self.authenticator.set_keys(prov.name, keys, time.time())
 
     async def _run_source(self, prov: Any, scope: trio.CancelScope) -> None:
-        if not (prov.jwks_file or prov.jwks_uri):
+        if not (prov.jwks_file or prov.jwks_uri or prov.discovery_url):
             return
         with scope:
             while True:

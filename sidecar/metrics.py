@@ -512,6 +512,12 @@ class SidecarMetrics:
             "by reason.",
             ("direction", "reason"),
         )
+        self.connections_refused_total = r.counter(
+            "sidecar_connections_refused_total",
+            "Connections closed unserved by a listener's connection limits, by listener "
+            "(inbound, an outbound name, admin, health) and reason.",
+            ("listener", "reason"),
+        )
         # Called before every render: copy counters kept elsewhere (the audit writer's
         # statistics) into their series, so the scrape shows them without a per-event hook.
         self.scrape_hooks: list[Callable[[], None]] = []

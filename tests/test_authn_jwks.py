@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sidecar.authn.jwks import (
+    BACKOFF_JITTER,
     EMPTY_KEY_SET,
+    REFRESH_JITTER,
     initial_refresh_state,
     key_set_age,
     next_fetch_at,
@@ -122,6 +125,59 @@ def test_unknown_kid_inside_quiet_interval_is_served_when_it_ends() -> None:
     assert next_fetch_at(s, 5) == 30
     s = on_fetch_started(s, 30)
     assert not s.pending_unknown_kid and next_fetch_at(s, 30) == 330
+
+
+def _fleet_dues(rng: random.Random, sidecars: int, *, fail: bool) -> list[float]:
+    """When each of ``sidecars`` sidecars that all fetched at t=0 fetches next."""
+    dues = []
+    for _ in range(sidecars):
+        s = on_fetch_started(initial_refresh_state(300, 30), 0, rng.random())
+        s = on_fetch_failed(s, 0) if fail else on_fetch_succeeded(s, 0)
+        dues.append(next_fetch_at(s, 0))
+    return dues
+
+
+def test_refresh_jitter_spreads_a_fleet_that_fetched_together() -> None:
+    # A rollout: 200 sidecars fetched at the same instant. Without jitter all would come back
+    # at t=300 together; with it they spread over [240, 300], never later than the interval.
+    dues = _fleet_dues(random.Random(14), 200, fail=False)
+    assert all(300 * (1 - REFRESH_JITTER) <= d <= 300 for d in dues)
+    assert len({round(d, 3) for d in dues}) > 150
+    assert max(dues) - min(dues) > 0.8 * 300 * REFRESH_JITTER
+    # no second of the window gets more than a small share of the fleet
+    per_second: dict[int, int] = {}
+    for d in dues:
+        per_second[int(d)] = per_second.get(int(d), 0) + 1
+    assert max(per_second.values()) <= 15
+    # the same seed gives the same schedule: the randomness is the caller's, not hidden state
+    assert dues == _fleet_dues(random.Random(14), 200, fail=False)
+
+
+def test_backoff_jitter_spreads_retries_after_an_outage_and_keeps_the_cap() -> None:
+    # The identity provider was down for everyone: the retries must not land together either.
+    dues = _fleet_dues(random.Random(7), 200, fail=True)
+    assert all(1 - BACKOFF_JITTER <= d <= 1 for d in dues)
+    assert len({round(d, 4) for d in dues}) > 150
+    s = initial_refresh_state(10, 30)
+    for _ in range(8):
+        s = on_fetch_failed(on_fetch_started(s, 0, 0.999), 0)
+    # deep in backoff, capped at refresh: jitter only ever shortens the cap
+    assert next_fetch_at(s, 0) == pytest.approx(10 * (1 - BACKOFF_JITTER * 0.999))
+
+
+@pytest.mark.parametrize("draw, due", [(0.0, 300.0), (0.5, 270.0), (-3.0, 300.0),
+                                       (7.0, 240.0)])
+def test_refresh_jitter_draw_bounds(draw: float, due: float) -> None:
+    s = on_fetch_succeeded(on_fetch_started(initial_refresh_state(300, 30), 0, draw), 0)
+    assert next_fetch_at(s, 0) == pytest.approx(due, abs=1e-3)
+
+
+def test_unknown_kid_bound_is_not_jittered() -> None:
+    s = on_fetch_succeeded(on_fetch_started(initial_refresh_state(300, 30), 0, 0.9), 0)
+    s, fetch = on_unknown_kid(s, 5)
+    assert not fetch and next_fetch_at(s, 5) == 30  # min_refetch exactly, not earlier
+    s, fetch = on_unknown_kid(s, 29.99)
+    assert not fetch
 
 
 def test_key_set_age() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -318,3 +319,31 @@ def test_live_check_of_nothing_running_fails_with_hint():
     r = sidecar_cli("check", "--admin", admin)
     assert r.returncode == 1
     assert "[FAIL] admin endpoint answers" in r.stdout and "hint:" in r.stdout
+
+
+def test_discovery_url_is_followed_to_its_keys(setup, procs):
+    """A provider found by OIDC discovery: the metadata answers, names the issuer, and its
+    jwks_uri serves keys (the local authorisation server of sidecar.demo.idp)."""
+    from tests.harness import Proc, wait_for
+
+    idp_dir = setup["tmp"] / "idp"
+    port = free_port()
+    idp = Proc([sys.executable, "-m", "sidecar.demo.idp", "--dir", str(idp_dir), "--port",
+                str(port)], setup["tmp"] / "idp.log")
+    procs.append(idp)
+    wait_for(lambda: (idp_dir / "ready").exists(), timeout=20)
+    issuer = (idp_dir / "ready").read_text().strip()
+    providers = setup["policy"]["jwt_providers"]
+    providers["remote"] = {"issuer": issuer, "discovery": True, "audiences": [AUDIENCE],
+                           "algorithms": ["ES256"], "jwks_ca": str(idp_dir / "ca.pem")}
+    code, doc, table = check(setup)
+    got = statuses(doc)
+    assert got["discovery_url of provider remote answers"] == "ok", table
+    entry = next(c for c in doc["checks"] if c["title"].startswith("discovery_url"))
+    assert entry["detail"].endswith("/jwks: 1 key(s)") and code == 0
+    # Metadata naming another issuer is refused, as the sidecar would refuse it.
+    providers["remote"]["issuer"] = issuer + "/other"
+    providers["remote"]["discovery"] = issuer + "/.well-known/openid-configuration"
+    code, doc, table = check(setup)
+    assert statuses(doc)["discovery_url of provider remote answers"] == "fail" and code == 1
+    assert "expected" in table and "hint:" in table

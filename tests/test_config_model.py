@@ -115,3 +115,22 @@ def test_allow_from_patterns_are_checked():
                     + "  allow_from: [spiffe://td/ns/a*/sa/x, 'http://x']\n", "s.yaml")
     assert {p.key for p in err.value.problems} == {"inbound.allow_from[0]",
                                                    "inbound.allow_from[1]"}
+
+
+def test_connection_limits_per_source():
+    base = ("identity: {cert: /a, key: /b, bundle: /c}\noutbound: []\n"
+            "inbound: {listen: '127.0.0.1:1', app: '127.0.0.1:2'}\n")
+    cfg = load_config(base, "s.yaml")
+    assert cfg.limits.max_connections_per_source == 256
+    assert cfg.admin.max_connections_per_source == 32
+    cfg = load_config(base + "limits: {max_connections_per_source: 4}\n"
+                             "admin: {max_connections_per_source: 2}\n", "s.yaml")
+    assert cfg.limits.max_connections_per_source == 4
+    assert cfg.admin.max_connections_per_source == 2
+    assert cfg.admin.listen == ("127.0.0.1", 15000)  # other admin defaults kept
+    with pytest.raises(ConfigError) as err:
+        load_config(base + "limits: {max_connections_per_source: 0}\n"
+                           "admin: {max_connections_per_source: many}\n", "s.yaml")
+    text = str(err.value)
+    assert "s.yaml:4: limits.max_connections_per_source" in text
+    assert "s.yaml:5: admin.max_connections_per_source" in text

@@ -22,17 +22,22 @@ def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
     assert "allowed by rule 'frontend-reads-and-places-orders'" in text
     assert "denied by rule: 'nobody-reaches-admin'" in text
     assert "TLS handshake refused" in text and "egress denied" in text
+    # OAuth: a token bound to the frontend's certificate, refused from the intruder.
+    assert re.search(r"frontend +GET /reports \(its own bound token\) +200 +200 +allowed", text)
+    assert re.search(r"intruder +GET /reports \(the frontend's token\) +401 +401 +token invalid",
+                     text)
     assert re.search(r"audit trail of orders: \d+ records, verified, chain intact", text)
     assert re.search(r"audit trail of frontend: \d+ records, verified, chain intact", text)
     # The whole story: a valid token, none (401 + challenge), the wrong scope, a burst.
     rows = {line.split("  ")[0].strip(): line for line in text.splitlines()
             if re.match(r"\d+ ", line)}
-    token_ok = next(r for r in rows.values() if "scope reports:read" in r)
-    assert re.search(r"\b200\s+200\s+allowed by rule 'frontend-reads-reports-with-token'",
-                     token_ok)
+    token_ok = next(r for r in rows.values() if "frontend" in r and "its own bound token" in r)
+    assert re.search(r"\b200\s+200\s+allowed by rule 'reports-need-a-bound-token'", token_ok)
     no_token = next(r for r in rows.values() if "(no token)" in r)
     assert re.search(r"\b401\s+401\s+token missing", no_token)
     assert 'WWW-Authenticate: Bearer realm="sidecar"' in no_token
+    stolen = next(r for r in rows.values() if "the frontend's token" in r)
+    assert 'error="invalid_token"' in stolen
     wrong = next(r for r in rows.values() if "scope orders:read" in r)
     assert re.search(r"\b403\s+403\s+claims mismatch", wrong)
     burst = next(r for r in rows.values() if "burst of" in r)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,17 @@ import pytest
 import yaml
 
 from sidecar.config.model import load_config
+from sidecar.k8s.cli import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import (
     CONFIG_VOLUME,
+    INJECT_ANNOTATION,
+    OPT_OUT_VALUES,
     SIDECAR_CONTAINER,
     STATUS_ANNOTATION,
     InjectOptions,
     inject_documents,
 )
+from sidecar.k8s.rules import MODE_PATHS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "k8s"
@@ -91,19 +97,25 @@ def test_webhook_configuration_and_injector_settings() -> None:
     mwc = docs[("MutatingWebhookConfiguration", "sidecar-injector")]
     assert mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
         "mesh-system/sidecar-injector-tls"
-    (hook,) = mwc["webhooks"]
-    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
-    assert hook["admissionReviewVersions"] == ["v1"]
-    assert hook["namespaceSelector"] == {"matchLabels": {"sidecar.mesh.dev/inject": "enabled"}}
-    (expr,) = hook["objectSelector"]["matchExpressions"]
-    assert expr["key"] == "sidecar.mesh.dev/inject" and expr["operator"] == "NotIn"
-    assert "false" in expr["values"]
-    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
-                              "apiVersions": ["v1"], "resources": ["pods"],
-                              "scope": "Namespaced"}]
-    svc = hook["clientConfig"]["service"]
-    assert (svc["name"], svc["namespace"], svc["path"]) == ("sidecar-injector", "mesh-system",
-                                                           "/mutate")
+    # One webhook per namespace mode; the namespace label picks it, its path tells the mode.
+    hooks = {h["clientConfig"]["service"]["path"]: h for h in mwc["webhooks"]}
+    assert set(hooks) == set(MODE_PATHS)
+    for path, hook in hooks.items():
+        mode = MODE_PATHS[path]
+        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["namespaceSelector"] == {"matchLabels": {"sidecar.mesh.dev/inject": mode}}
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
+                                  "apiVersions": ["v1"], "resources": ["pods"],
+                                  "scope": "Namespaced"}]
+        svc = hook["clientConfig"]["service"]
+        assert (svc["name"], svc["namespace"]) == ("sidecar-injector", "mesh-system")
+        if mode == "enabled":  # the opt-out label keeps the pod from reaching the webhook
+            (expr,) = hook["objectSelector"]["matchExpressions"]
+            assert expr["key"] == INJECT_ANNOTATION and expr["operator"] == "NotIn"
+            assert set(expr["values"]) == set(OPT_OUT_VALUES)
+        else:  # required: no pod can select itself out
+            assert "objectSelector" not in hook
     assert ("Service", "sidecar-injector") in docs
     cert = docs[("Certificate", "sidecar-injector-tls")]
     assert "sidecar-injector.mesh-system.svc" in cert["spec"]["dnsNames"]
@@ -124,6 +136,14 @@ def test_webhook_configuration_and_injector_settings() -> None:
             assert all("subPath" not in m for m in c.get("volumeMounts", []))
 
 
+def _webhook_options() -> InjectOptions:
+    (container,) = [d for d in kustomize("base") if d["kind"] == "Deployment"][0][
+        "spec"]["template"]["spec"]["containers"]
+    parser = argparse.ArgumentParser()
+    add_webhook_arguments(parser)
+    return inject_options_from_args(parser.parse_args(container["args"][1:]))
+
+
 def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
 
@@ -132,10 +152,14 @@ def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_example_pods_as_the_webhook_would_inject_them() -> None:
     docs = kustomize("example")
     namespaces = [d for d in docs if d["kind"] == "Namespace"]
-    assert namespaces[0]["metadata"]["labels"]["sidecar.mesh.dev/inject"] == "enabled"
+    mode = namespaces[0]["metadata"]["labels"][INJECT_ANNOTATION]
+    assert mode == "required"
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     assert "mesh.yaml" in configmaps["mesh-policy"]["data"]  # stable name, no hash suffix
-    injected = inject_documents(docs, InjectOptions())
+    # The options the deployed webhook runs with (its args), in the namespace's mode.
+    options = replace(_webhook_options(), namespace_mode=mode)
+    assert set(options.allowed_config_configmaps) == {"frontend-sidecar", "orders-sidecar"}
+    injected = inject_documents(docs, options)
     apps = [d for d in injected if d["kind"] == "Deployment"]
     assert {d["metadata"]["name"] for d in apps} == {"frontend", "orders"}
     for doc in apps:
@@ -153,18 +177,50 @@ def test_example_pods_as_the_webhook_would_inject_them() -> None:
         assert cfg.policy == "/etc/sidecar/policy/mesh.yaml"
 
 
+# Every port a NetworkPolicy admits, per namespace, and who may reach it. A port not here
+# (health 15021, admin 15000, outbound listeners, the apps' ports) is admitted from nowhere in
+# the pod network: the kubelet reaches 15021 and the webhook's probes from the pod's own node,
+# which Kubernetes always admits.
+MESHED_NAMESPACES = {"matchExpressions": [{"key": INJECT_ANNOTATION, "operator": "In",
+                                           "values": ["enabled", "required"]}]}
+MESHED_PODS = {"namespaceSelector": MESHED_NAMESPACES,
+               "podSelector": {"matchLabels": {"sidecar.mesh.dev/mesh": "true"}}}
+PORT_PURPOSES: dict[tuple[str, int], tuple[str, list[dict[str, Any]]]] = {
+    ("demo", 15443): ("mTLS inbound: sidecars of meshed pods", [MESHED_PODS]),
+    ("mesh-system", 8443): ("AdmissionReviews: the API server, never pods",
+                            [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}]),
+}
+EGRESS_PURPOSES: dict[tuple[str, int], str] = {
+    ("demo", 53): "DNS", ("demo", 15443): "other sidecars' mTLS port",
+}
+
+
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
-def test_network_policies_only_let_sidecar_ports_in() -> None:
-    docs = [d for d in kustomize("example") if d["kind"] == "NetworkPolicy"]
-    default = [d for d in docs if d["spec"]["podSelector"] == {}]
-    assert default and set(default[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    assert "ingress" not in default[0]["spec"]
-    ingress_ports = {p["port"] for d in docs for rule in d["spec"].get("ingress", [])
-                     for p in rule.get("ports", [])}
-    assert ingress_ports == {15443, 15021}
+def test_network_policies_admit_only_what_each_port_is_for() -> None:
+    docs = [d for d in kustomize("") if d["kind"] == "NetworkPolicy"]
+    namespaces = {d["metadata"]["namespace"] for d in docs}
+    assert namespaces == {"demo", "mesh-system"}
+    for ns in namespaces:  # default deny, both directions, in every namespace
+        default = [d for d in docs if d["metadata"]["namespace"] == ns
+                   and d["spec"]["podSelector"] == {}]
+        assert default and set(default[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        assert "ingress" not in default[0]["spec"] and "egress" not in default[0]["spec"]
+    admitted: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    egress: set[tuple[str, int]] = set()
     for d in docs:
+        ns = d["metadata"]["namespace"]
         for rule in d["spec"].get("ingress", []):
             assert rule.get("ports"), f"{d['metadata']['name']} opens every port"
+            assert rule.get("from"), f"{d['metadata']['name']} admits every source"
+            for port in rule["ports"]:
+                admitted.setdefault((ns, port["port"]), []).extend(rule["from"])
+        for rule in d["spec"].get("egress", []):
+            assert rule.get("ports") and rule.get("to"), d["metadata"]["name"]
+            egress |= {(ns, p["port"]) for p in rule["ports"]}
+    assert set(admitted) == set(PORT_PURPOSES)
+    for key, (_, sources) in PORT_PURPOSES.items():
+        assert admitted[key] == sources, key
+    assert egress == set(EGRESS_PURPOSES)  # and nothing at all out of mesh-system
 
 
 def test_policy_copy_matches_policies_demo() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import random
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -191,6 +192,32 @@ def test_fetch_then_rotation_with_overlap(tls: Tls) -> None:
         await wait_until(lambda: "ec-1" not in auth.keys("corp").by_kid)
         assert check(auth, "ec-1") == {"corp": "unknown_kid"}
         assert check(auth, "ec-2", "ec-2") == {}
+    run(body, tls)
+
+
+class CountingRandom(random.Random):
+    """A seeded random source that counts the draws the fetcher takes from it."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return super().random()
+
+
+def test_fetcher_takes_one_jitter_draw_per_fetch_from_the_given_source(tls: Tls) -> None:
+    rng = CountingRandom(14)
+
+    async def body(nursery: trio.Nursery, server: JwksServer) -> None:
+        auth = setup(server, tls)
+        prov = auth._providers["corp"]
+        await nursery.start(lambda task_status: run_jwks_fetcher(prov, auth, rng=rng,
+                                                                 task_status=task_status))
+        await wait_until(lambda: server.requests >= 3)
+        nursery.cancel_scope.cancel()
+        assert rng.draws in (server.requests, server.requests + 1)  # + one not yet sent
     run(body, tls)
 
 

@@ -13,7 +13,6 @@ from sidecar.k8s.admission import MAX_REVIEW_BYTES, review_pod
 from sidecar.k8s.inject import (
     POLICY_VOLUME,
     SIDECAR_CONTAINER,
-    STATUS_ANNOTATION,
     InjectOptions,
     inject_pod_spec,
 )
@@ -76,7 +75,9 @@ def test_pod_create_gets_a_json_patch_that_yields_the_injected_pod() -> None:
 
 
 def test_already_injected_opted_out_and_other_requests_get_no_patch() -> None:
-    injected = pod({"name": "x", "annotations": {STATUS_ANNOTATION: "injected"}})
+    plain = pod({"name": "x"})
+    meta, spec = inject_pod_spec(plain["metadata"], plain["spec"], OPTIONS)  # type: ignore[misc]
+    injected = {**plain, "metadata": meta, "spec": spec}
     opted_out = pod({"name": "y", "labels": {"sidecar.mesh.dev/inject": "false"}})
     cases = [review(injected), review(opted_out), review(pod(), operation="UPDATE"),
              review({"metadata": {"name": "d"}}, kind="Deployment", group="apps")]
@@ -93,6 +94,7 @@ def test_pod_that_cannot_be_injected_is_denied_with_the_reason() -> None:
     assert status == 200
     assert body["response"]["allowed"] is False
     assert POLICY_VOLUME in body["response"]["status"]["message"]
+    assert "rule reserved_volume" in body["response"]["status"]["message"]
     assert "patch" not in body["response"]
 
 

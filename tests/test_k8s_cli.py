@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject
@@ -76,9 +77,14 @@ def test_inject_stdin_to_stdout_with_flags_and_second_pass_is_identical() -> Non
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["mesh-sidecar-svid"]["secret"]["secretName"] == "orders-svid"
     assert volumes[POLICY_VOLUME]["configMap"]["name"] == "pol"
-    code, again, err = run(["inject", "-f", "-", "--no-native"], stdin=out)
+    same_flags = ["--no-native", "--image", "reg/side:2", "--cert-secret", "orders-svid",
+                  "--policy-configmap", "pol", "--config-configmap", "cfg"]
+    code, again, err = run(["inject", "-f", "-", *same_flags], stdin=out)
     assert code == 0 and again == out
     assert "0 pod template(s) injected" in err
+    # A sidecar this injector would not make (other image, other volumes) is not trusted.
+    code, _, err = run(["inject", "-f", "-", "--no-native"], stdin=out)
+    assert code == 1 and "admission rule impostor_sidecar" in err
 
 
 def test_bad_yaml_and_missing_file_exit_2(tmp_path: Path) -> None:
@@ -100,6 +106,21 @@ def test_webhook_parser_defaults() -> None:
     args = parse(["webhook", "--cert", "c.pem", "--key", "k.pem"])
     assert args.listen == "0.0.0.0:8443" and args.reload_interval == 5.0
     assert args.native is True and args.policy_configmap == "mesh-policy"
+    assert args.max_connections_per_source == 64 and args.idle_timeout == 5.0
+    assert args.allowed_config_configmaps == []
+    args = parse(["webhook", "--cert", "c", "--key", "k", "--max-connections-per-source", "3",
+                  "--idle-timeout", "0.5", "--allow-config-configmap", "a",
+                  "--allow-config-configmap", "b"])
+    assert (args.max_connections_per_source, args.idle_timeout) == (3, 0.5)
+    assert args.allowed_config_configmaps == ["a", "b"]
+
+
+@pytest.mark.parametrize("flag, value", [("--max-connections-per-source", "0"),
+                                         ("--idle-timeout", "-1"),
+                                         ("--max-connections-per-source", "x")])
+def test_webhook_limit_flags_refuse_nonsense(flag: str, value: str) -> None:
+    with pytest.raises(SystemExit):
+        parse(["webhook", "--cert", "c", "--key", "k", flag, value])
 
 
 def test_webhook_module_refuses_missing_certificate(tmp_path: Path) -> None:

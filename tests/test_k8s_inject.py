@@ -178,19 +178,28 @@ def test_second_pass_changes_nothing() -> None:
     assert inject_pod_spec(once[0]["metadata"], once[0]["spec"], NATIVE) is None
 
 
-def test_container_named_like_the_sidecar_counts_as_injected() -> None:
+def test_container_named_like_the_sidecar_is_refused_not_trusted() -> None:
     doc = pod()
     doc["spec"]["containers"].append({"name": SIDECAR_CONTAINER, "image": "x"})
-    assert inject_pod_spec(doc["metadata"], doc["spec"], NATIVE) is None
+    with pytest.raises(InjectError) as err:
+        inject_pod_spec(doc["metadata"], doc["spec"], NATIVE)
+    assert err.value.rule == "impostor_sidecar"
 
 
-@pytest.mark.parametrize("where", ["annotations", "labels"])
 @pytest.mark.parametrize("value", ["false", "False", "disabled"])
-def test_opt_out(where: str, value: str) -> None:
+def test_opt_out_label(value: str) -> None:
     doc = pod()
-    doc["metadata"][where] = {INJECT_ANNOTATION: value}
+    doc["metadata"]["labels"] = {INJECT_ANNOTATION: value}
     assert inject_pod_spec(doc["metadata"], doc["spec"], NATIVE) is None
     assert inject_document(doc, NATIVE) == (doc, 0)
+
+
+@pytest.mark.parametrize("value", ["false", "off"])
+def test_opt_out_annotation_is_ignored(value: str) -> None:
+    # The webhook's objectSelector sees labels only; an annotation must not decide either.
+    doc = pod()
+    doc["metadata"]["annotations"] = {INJECT_ANNOTATION: value}
+    assert inject_pod_spec(doc["metadata"], doc["spec"], NATIVE) is not None
 
 
 def test_opt_in_value_is_not_an_opt_out() -> None:
@@ -310,6 +319,10 @@ def test_every_workload_kind_list_and_passthrough(options: InjectOptions) -> Non
 def test_config_annotation_selects_the_workload_config_map() -> None:
     doc = pod()
     doc["metadata"]["annotations"] = {CONFIG_ANNOTATION: "orders-sidecar"}
-    _, spec = inject_pod_spec(doc["metadata"], doc["spec"], NATIVE)  # type: ignore[misc]
+    with pytest.raises(InjectError) as err:  # not on the injector's allowlist
+        inject_pod_spec(doc["metadata"], doc["spec"], NATIVE)
+    assert err.value.rule == "config_not_allowed"
+    options = InjectOptions(allowed_config_configmaps=("orders-sidecar",))
+    _, spec = inject_pod_spec(doc["metadata"], doc["spec"], options)  # type: ignore[misc]
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[CONFIG_VOLUME]["configMap"]["name"] == "orders-sidecar"

@@ -281,6 +281,22 @@ def test_idle_client_is_disconnected(tmp_path: Path) -> None:
     run_webhook(tmp_path, scenario, limits=WebhookLimits(request_timeout=0.3))
 
 
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+        client = await Client.connect(port, ca)
+        assert (await client.request("GET", "/healthz")).status == 200  # kept alive...
+        with trio.fail_after(5):  # ...until it has been idle for idle_timeout
+            assert await client.stream.receive_some(100) == b""
+        await client.aclose()
+
+    run_webhook(tmp_path, scenario, limits=WebhookLimits(idle_timeout=0.3))
+
+
+def test_default_limits_are_short_idle_and_per_source() -> None:
+    limits = WebhookLimits()
+    assert limits.idle_timeout <= 5 and limits.max_connections_per_source < limits.max_connections
+
+
 def test_certificate_rotation_via_data_swap(tmp_path: Path) -> None:
     async def scenario(port: int, ca: ThrowawayCA, data: DataDir,
                        serving: ServingCertificate) -> None:

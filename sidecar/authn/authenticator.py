@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable
@@ -36,13 +37,24 @@ from sidecar.authn.cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_TTL_SECONDS, Ve
 from sidecar.authn.extract import extract_tokens, remove_token
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
+    BAD_ISSUER,
+    EXPIRED,
     NO_KEYS,
     REVOKED,
+    TOO_LARGE,
     UNKNOWN_KID,
     UNKNOWN_PROVIDER,
     Claims,
     TokenInvalid,
+    check_audience,
     verify_token,
+)
+from sidecar.authn.oauth import (
+    INACTIVE,
+    INTROSPECTION_UNAVAILABLE,
+    IntrospectionCache,
+    check_binding,
+    token_digest,
 )
 from sidecar.authn.revocation import RevocationList
 from sidecar.policy.decision import (
@@ -101,7 +113,10 @@ class Authenticator:
         self._revocations = RevocationList()
         self._apikeys = ApiKeyTable()
         self._cache = VerificationCache(cache_size, cache_max_ttl_seconds)
+        self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
+        self._scoped: dict[tuple[str, str], JwtProvider] = {}
+        self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
         self.failures: Counter[str] = Counter()
@@ -127,12 +142,17 @@ class Authenticator:
             if current == old:
                 continue
             self._cache.clear(name)
-            if current is None or (current.jwks_file, current.jwks_uri) != (
-                old.jwks_file, old.jwks_uri
+            self.introspected.clear(name)
+            if current is None or (current.jwks_file, current.jwks_uri,
+                                   current.discovery_url) != (
+                old.jwks_file, old.jwks_uri, old.discovery_url
             ):
                 self._keys.pop(name, None)
                 self._fetched_at.pop(name, None)
         self._providers = new
+        self._scoped = {}
+        self.introspection_providers = frozenset(
+            name for name, p in new.items() if p.introspection is not None)
         self._revocations = RevocationList(extras.revocations)
         self._apikeys = ApiKeyTable(extras.api_keys)
         self._owned = frozenset(
@@ -140,9 +160,12 @@ class Authenticator:
             for provider in new.values()
             for _, header in provider.forward_claims
         )
+        # A token in the query string ends up in the app's access logs, browser history and
+        # Referer headers: it is removed unless the provider says forward_query_token.
         self._strip_locations = tuple(
-            loc for provider in new.values() if not provider.forward_token
-            for loc in provider.locations
+            loc for provider in new.values() for loc in provider.locations
+            if not provider.forward_token
+            or (loc.kind == "query" and not provider.forward_query_token)
         )
 
     def set_keys(self, provider: str, keys: KeySet, fetched_at: float) -> None:
@@ -191,11 +214,19 @@ class Authenticator:
 
     # ------------------------------------------------------------------ per request
 
+    def provider(self, name: str) -> JwtProvider | None:
+        """The provider of that name in the current policy, if any."""
+        return self._providers.get(name)
+
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
-                     now: float) -> AuthFacts:
+                     now: float, *, peer_x5t: str | None = None,
+                     audience: str | None = None) -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
+        ``peer_x5t`` is the RFC 8705 thumbprint of the caller's certificate (computed once
+        per connection), for certificate-bound tokens. ``audience`` is the receiving
+        service's default audience, for providers that list no ``audiences``.
         """
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
@@ -206,9 +237,19 @@ class Authenticator:
             try:
                 if provider is None:
                     raise TokenInvalid(UNKNOWN_PROVIDER)
+                if not provider.audiences:
+                    provider = self._with_audience(provider, audience)
                 found = extract_tokens(provider, headers, query)
-                if found is not None:
-                    claims[name] = self._verify(provider, found.token, now)
+                if found is not None and provider.introspection is not None:
+                    answer = self._introspected_claims(provider, found.token, now)
+                    if answer is None:
+                        continue  # not asked about for this request: no rule here needs it
+                    check_binding(answer, peer_x5t, provider.cert_binding == "required")
+                    claims[name] = answer
+                elif found is not None:
+                    verified = self._verify(provider, found.token, now)
+                    check_binding(verified, peer_x5t, provider.cert_binding == "required")
+                    claims[name] = verified
             except TokenInvalid as exc:
                 errors[name] = exc.reason
                 self.failures[exc.reason] += 1
@@ -217,24 +258,63 @@ class Authenticator:
             return NO_AUTH
         return AuthFacts(claims=claims, token_errors=errors, apikey=apikey)
 
+    def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
+        """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
+        per policy; its cache entries are kept apart per audience."""
+        key = (provider.name, audience or "")
+        scoped = self._scoped.get(key)
+        if scoped is None:
+            scoped = replace(provider, audiences=(audience,) if audience else ())
+            self._scoped[key] = scoped
+        return scoped
+
     def _verify(self, provider: JwtProvider, token: str, now: float) -> Claims:
         name = provider.name
+        if provider is not self._providers.get(name):
+            name = f"{name}\0{provider.audiences[0] if provider.audiences else ''}"
         cached = self._cache.lookup(name, token, now, self._revocations)
         if cached is not None:
             return cached
-        keys = self._keys.get(name)
+        keys = self._keys.get(provider.name)
         if keys is None:
             raise TokenInvalid(NO_KEYS)
         try:
             claims = verify_token(token, provider, keys, now)
         except TokenInvalid as exc:
             if exc.reason == UNKNOWN_KID:
-                self._signal_unknown_kid(name)
+                self._signal_unknown_kid(provider.name)
             raise
         if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)
         self.verified += 1
         self._cache.store(name, token, claims, now)
+        return claims
+
+    def _introspected_claims(self, provider: JwtProvider, token: str,
+                             now: float) -> Claims | None:
+        # The introspector (I/O, before the decision, see introspect.py) put the answer in
+        # the cache, or an "unavailable" entry when asking failed: fail closed. No entry:
+        # it did not ask, because no rule that could match this request names the provider.
+        if len(token) > provider.max_token_bytes:
+            raise TokenInvalid(TOO_LARGE)
+        entry = self.introspected.lookup(provider.name, token_digest(token), now)
+        if entry is None:
+            return None
+        if entry.unavailable:
+            raise TokenInvalid(INTROSPECTION_UNAVAILABLE)
+        claims = entry.claims
+        if claims is None:
+            raise TokenInvalid(INACTIVE)
+        # RFC 7662 2.2: iss, aud and exp are optional in a response; when present they must
+        # fit this provider. aud is required like for JWTs (tokens for other APIs stay out).
+        if "iss" in claims and claims["iss"] != provider.issuer:
+            raise TokenInvalid(BAD_ISSUER)
+        check_audience(claims.get("aud"), provider.audiences)
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool) and now > exp:
+            raise TokenInvalid(EXPIRED)
+        if self._revocations.is_revoked(claims):
+            raise TokenInvalid(REVOKED)
         return claims
 
     def _signal_unknown_kid(self, provider: str) -> None:
@@ -291,6 +371,7 @@ class Authenticator:
         the provider has no keys)."""
         return {
             "cache": self._cache.statistics(),
+            "introspection_cache": self.introspected.statistics(),
             "verified": self.verified,
             "failures": dict(self.failures),
             "apikeys": {"accepted": self.apikeys_accepted, "refused": self.apikeys_refused},

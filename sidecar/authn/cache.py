@@ -103,7 +103,9 @@ class VerificationCache:
         if provider is None:
             self._entries.clear()
             return
-        for key in [k for k in self._entries if k[0] == provider]:
+        # Providers without their own audiences are cached per audience: "name\0audience".
+        scoped = provider + "\0"
+        for key in [k for k in self._entries if k[0] == provider or k[0].startswith(scoped)]:
             del self._entries[key]
 
     def statistics(self) -> dict[str, int]:

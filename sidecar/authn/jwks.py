@@ -22,6 +22,15 @@ unknown ``kid`` in a token may trigger a refetch, but at most one per
 on distinct kids. A signal that arrives inside the quiet interval is remembered
 (``pending_unknown_kid``) and served when the interval ends, so a genuine rotation is picked
 up at most ``min_refetch_seconds`` late.
+
+Jitter: every sidecar of a rollout starts within seconds of the others, and every sidecar
+sees an identity provider's outage end at the same moment; with fixed intervals they would
+all refetch in lockstep from then on. So each fetch draws a number in [0, 1) (``draw``,
+passed to ``on_fetch_started`` by the shell, which owns the random source) and the wait
+after it is shortened by up to ``REFRESH_JITTER`` (a success) or ``BACKOFF_JITTER`` (a
+failure) of its length. Jitter only ever shortens a wait: "every sidecar has fetched within
+``refresh_seconds``" (the key-rotation guidance in docs/authn.md) stays true, and the backoff
+cap stays a cap. The unknown-kid bound (``min_refetch_seconds``) is never jittered.
 """
 
 from __future__ import annotations
@@ -260,6 +269,15 @@ class RefreshState:
     consecutive_failures: int = 0
     pending_unknown_kid: bool = False
     unknown_kid_fetches: int = 0
+    draw: float = 0.0  # in [0, 1): this attempt's share of the jitter (see the module doc)
+
+
+REFRESH_JITTER = 0.2  # a refresh comes 0-20 % early: a 5 min interval spreads over 1 min
+BACKOFF_JITTER = 0.5  # a retry after a failure comes 0-50 % early ("equal jitter")
+
+
+def _clamp_draw(draw: float) -> float:
+    return min(max(draw, 0.0), 0.999999)
 
 
 def initial_refresh_state(refresh_seconds: float, min_refetch_seconds: float) -> RefreshState:
@@ -273,15 +291,17 @@ def next_fetch_at(state: RefreshState, now: float) -> float:
 
     After a success: ``refresh_seconds`` later. After failures: exponential backoff from
     one second, capped at ``refresh_seconds`` (a provider with no keys yet recovers fast,
-    a flapping server is not hammered).
+    a flapping server is not hammered). Either wait is shortened by the attempt's jitter
+    ``draw``: by up to ``REFRESH_JITTER`` resp. ``BACKOFF_JITTER`` of its length.
     """
     if state.last_attempt_at is None:
         return now
     if state.consecutive_failures:
         backoff = min(state.refresh_seconds, 2.0 ** min(state.consecutive_failures - 1, 30))
-        due = state.last_attempt_at + backoff
+        due = state.last_attempt_at + backoff * (1.0 - BACKOFF_JITTER * state.draw)
     else:
-        due = state.last_attempt_at + state.refresh_seconds
+        due = state.last_attempt_at + state.refresh_seconds * (
+            1.0 - REFRESH_JITTER * state.draw)
     if state.pending_unknown_kid:
         due = min(due, state.last_attempt_at + state.min_refetch_seconds)
     return due
@@ -300,9 +320,14 @@ def on_unknown_kid(state: RefreshState, now: float) -> tuple[RefreshState, bool]
     return replace(state, pending_unknown_kid=True), False
 
 
-def on_fetch_started(state: RefreshState, now: float) -> RefreshState:
-    """Record that a fetch starts at ``now`` (this is what the refetch bound counts)."""
-    return replace(state, last_attempt_at=now, pending_unknown_kid=False)
+def on_fetch_started(state: RefreshState, now: float, draw: float = 0.0) -> RefreshState:
+    """Record that a fetch starts at ``now`` (this is what the refetch bound counts).
+
+    ``draw`` is a fresh random number in [0, 1) from the caller's random source; it decides
+    how early the wait after this attempt ends (0: not early at all).
+    """
+    return replace(state, last_attempt_at=now, pending_unknown_kid=False,
+                   draw=_clamp_draw(draw))
 
 
 def on_fetch_succeeded(state: RefreshState, now: float) -> RefreshState:

@@ -2,12 +2,16 @@
 
 Theory of operation
 -------------------
-``run_jwks_fetcher`` is one long-lived Trio task per provider with a ``jwks_uri``. It owns a
+``run_jwks_fetcher`` is one long-lived Trio task per provider with a ``jwks_uri`` or
+``discovery`` (then each attempt first fetches the issuer metadata and takes its checked
+``jwks_uri``, see ``oauth.check_metadata``; a bad document is a failed attempt). It owns a
 ``RefreshState`` (pure schedule, see ``jwks``) and loops: sleep until the schedule says a
 fetch is due *or* the authenticator signals an unknown ``kid`` (a one-slot memory channel;
 signals that find the slot full are dropped - one pending signal is as good as a thousand);
 ask the schedule whether the signal may trigger a fetch; fetch; parse; swap the key set into
-the authenticator. Fetches never run on the request path.
+the authenticator. Fetches never run on the request path. Each attempt takes a jitter draw
+from the task's own ``random.Random`` (seeded from the OS, or given by a test), so sidecars
+that started together drift apart instead of refetching in lockstep.
 
 A failed fetch (connect/TLS error, timeout, non-200, oversized or unusable document) keeps
 the last good key set in use and is logged; its age keeps growing in ``statistics``. The
@@ -22,6 +26,7 @@ compression, body capped at 1 MiB, every step under a deadline.
 
 from __future__ import annotations
 
+import random
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -42,6 +47,7 @@ from sidecar.authn.jwks import (
     on_unknown_kid,
     parse_jwks,
 )
+from sidecar.authn.oauth import MAX_METADATA_BYTES, check_metadata
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
 from sidecar.policy.sections import JwtProvider
@@ -65,10 +71,32 @@ def jwks_ssl_context(ca_file: str | None) -> ssl.SSLContext:
 async def fetch_jwks(uri: str, ssl_context: ssl.SSLContext, *,
                      connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                      read_timeout: float = DEFAULT_READ_TIMEOUT,
-                     max_bytes: int = MAX_JWKS_BYTES) -> bytes:
+                     max_bytes: int = MAX_JWKS_BYTES,
+                     accept: str = "application/json, application/jwk-set+json") -> bytes:
     """GET ``uri`` (https only) and return the body of a 200 response.
 
     Raises ``JwksFetchError`` for every failure, with the cause chained.
+    """
+    status, body = await https_request(uri, ssl_context, connect_timeout=connect_timeout,
+                                       read_timeout=read_timeout, max_bytes=max_bytes,
+                                       headers=[("accept", accept)])
+    if status != 200:
+        raise JwksFetchError(f"HTTP status {status}")
+    return body
+
+
+async def https_request(uri: str, ssl_context: ssl.SSLContext, *, method: str = "GET",
+                        headers: list[tuple[str, str]] | None = None, body: bytes = b"",
+                        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                        read_timeout: float = DEFAULT_READ_TIMEOUT,
+                        max_bytes: int = MAX_JWKS_BYTES) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to ``uri`` (https only) on a fresh connection: (status, body).
+
+    The control-plane client for JWKS, discovery metadata and token introspection. The
+    server is checked against ``ssl_context`` (which may also carry a client certificate);
+    no redirects are followed, the body is capped at ``max_bytes``, connecting and the
+    whole exchange each run under a deadline. ``JwksFetchError`` for every failure; the
+    message never holds request headers or body (they may carry secrets).
     """
     parts = urlsplit(uri)
     if parts.scheme != "https" or not parts.hostname:
@@ -89,7 +117,8 @@ async def fetch_jwks(uri: str, ssl_context: ssl.SSLContext, *,
         raise JwksFetchError(f"connect to {host}:{port} failed: {exc}") from exc
     try:
         with trio.fail_after(read_timeout):
-            return await _get(stream, host_header, target, max_bytes)
+            return await _exchange(stream, method, host_header, target, headers or [], body,
+                                   max_bytes)
     except trio.TooSlowError as exc:
         raise JwksFetchError(f"{uri}: no complete response within {read_timeout}s") from exc
     except (OSError, ssl.SSLError, trio.BrokenResourceError, h11.ProtocolError) as exc:
@@ -99,15 +128,19 @@ async def fetch_jwks(uri: str, ssl_context: ssl.SSLContext, *,
             await stream.aclose()
 
 
-async def _get(stream: trio.SSLStream[trio.SocketStream], host: str, target: str,
-               max_bytes: int) -> bytes:
+async def _exchange(stream: trio.SSLStream[trio.SocketStream], method: str, host: str,
+                    target: str, headers: list[tuple[str, str]], body: bytes,
+                    max_bytes: int) -> tuple[int, bytes]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16384)
-    request = h11.Request(method="GET", target=target, headers=[
-        ("host", host), ("accept", "application/json, application/jwk-set+json"),
-        ("user-agent", "trio-mesh-sidecar"), ("connection", "close"),
-    ])
-    await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-    body = bytearray()
+    all_headers = [("host", host), *headers, ("user-agent", "trio-mesh-sidecar"),
+                   ("connection", "close")]
+    if method != "GET":
+        all_headers.append(("content-length", str(len(body))))
+    request = h11.Request(method=method, target=target, headers=all_headers)
+    out = conn.send(request) + (conn.send(h11.Data(data=body)) if body else b"")
+    await stream.send_all(out + conn.send(h11.EndOfMessage()))
+    received = bytearray()
+    status = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -115,17 +148,16 @@ async def _get(stream: trio.SSLStream[trio.SocketStream], host: str, target: str
             conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
             continue
         if isinstance(event, h11.Response):
-            if event.status_code != 200:
-                raise JwksFetchError(f"HTTP status {event.status_code}")
+            status = event.status_code
             for name, value in event.headers:
                 if name == b"content-length" and int(value) > max_bytes:
                     raise JwksFetchError(f"response of {int(value)} bytes is too large")
         elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > max_bytes:
+            received += event.data
+            if len(received) > max_bytes:
                 raise JwksFetchError(f"response larger than {max_bytes} bytes")
         elif isinstance(event, h11.EndOfMessage):
-            return bytes(body)
+            return status, bytes(received)
         elif isinstance(event, h11.ConnectionClosed):
             raise JwksFetchError("connection closed before the response ended")
 
@@ -146,11 +178,16 @@ def load_jwks_file(path: str) -> KeySet:
 async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, *,
                            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                            read_timeout: float = DEFAULT_READ_TIMEOUT,
+                           rng: random.Random | None = None,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Keep ``provider``'s key set fresh from its ``jwks_uri`` until cancelled."""
-    if not provider.jwks_uri:
-        raise ValueError(f"provider {provider.name!r} has no jwks_uri")
+    """Keep ``provider``'s key set fresh from its ``jwks_uri`` (or discovery) until cancelled.
+
+    ``rng`` is the source of the schedule's jitter (a fresh OS-seeded one by default).
+    """
+    if not (provider.jwks_uri or provider.discovery_url):
+        raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
     ssl_context = jwks_ssl_context(provider.jwks_ca)
+    jitter = rng if rng is not None else random.Random()  # spreads load; no secret here
     send, receive = trio.open_memory_channel[None](1)
 
     def unknown_kid() -> None:
@@ -174,6 +211,7 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                 state, fetch_now = on_unknown_kid(state, trio.current_time())
                 if not fetch_now:
                     continue
+            state = on_fetch_started(state, trio.current_time(), jitter.random())
             state = await _fetch_once(provider, authenticator, state, ssl_context,
                                       connect_timeout, read_timeout, signalled)
             if not started:
@@ -188,9 +226,15 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
                       state: RefreshState, ssl_context: ssl.SSLContext,
                       connect_timeout: float, read_timeout: float,
                       signalled: bool) -> RefreshState:
-    state = on_fetch_started(state, trio.current_time())
-    uri = provider.jwks_uri or ""
+    uri = provider.jwks_uri or provider.discovery_url or ""
     try:
+        if provider.discovery_url:
+            # Metadata first, on every refresh: an issuer may move its jwks_uri, and a
+            # document that stops naming our issuer must stop feeding us keys.
+            meta = await fetch_jwks(provider.discovery_url, ssl_context,
+                                    connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                    max_bytes=MAX_METADATA_BYTES, accept="application/json")
+            uri = check_metadata(meta, provider.issuer, provider.discovery_url)
         data = await fetch_jwks(uri, ssl_context, connect_timeout=connect_timeout,
                                 read_timeout=read_timeout)
         keys = parse_jwks(data, uri)

@@ -58,6 +58,7 @@ LIFETIME_TOO_LONG = "lifetime_too_long"
 REVOKED = "revoked"
 MULTIPLE_TOKENS = "multiple_tokens"
 UNKNOWN_PROVIDER = "unknown_provider"
+BAD_TYP = "bad_typ"  # the provider requires a JOSE typ (RFC 9068 at+jwt) the token lacks
 
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
@@ -127,6 +128,20 @@ def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
     return _json_object(token.partition(".")[0], "header")
 
 
+def _media_type(value: str) -> str:
+    # RFC 7515 4.1.9: compare case-insensitively; "application/" may be left out.
+    value = value.strip().lower()
+    return value[len("application/"):] if value.startswith("application/") else value
+
+
+def typ_matches(typ: Any, required: str) -> bool:
+    """Does a JOSE header ``typ`` equal ``required`` (e.g. ``at+jwt``, RFC 9068 2.1)?
+
+    An OpenID ID token (``typ: JWT`` or none) presented as an access token fails here.
+    """
+    return isinstance(typ, str) and _media_type(typ) == _media_type(required)
+
+
 def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
     """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
 
@@ -139,6 +154,8 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in provider.algorithms or alg not in _signers():
         raise TokenInvalid(BAD_ALG, f"alg {alg!r} not allowed")
+    if provider.typ is not None and not typ_matches(header.get("typ"), provider.typ):
+        raise TokenInvalid(BAD_TYP)
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise TokenInvalid(MALFORMED, "kid is not a string")
@@ -157,7 +174,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     if not signature or not _signers()[alg].verify(signing_input, key.key, signature):
         raise TokenInvalid(BAD_SIGNATURE)
 
-    _check_audience(claims.get("aud"), provider.audiences)
+    check_audience(claims.get("aud"), provider.audiences)
     for name in provider.required_claims:
         if name not in claims:
             raise TokenInvalid(MISSING_CLAIM, name)
@@ -165,7 +182,8 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     return MappingProxyType(claims)
 
 
-def _check_audience(aud: Any, accepted: tuple[str, ...]) -> None:
+def check_audience(aud: Any, accepted: tuple[str, ...]) -> None:
+    """Refuse unless ``aud`` (a string or a list of strings) names one of ``accepted``."""
     # An empty audience list accepts nothing: a provider without audiences is a config
     # mistake, and accepting any audience would let tokens minted for other APIs in.
     if isinstance(aud, str):

@@ -40,6 +40,7 @@ class Limits:
     max_headers: int = 100
     max_body_bytes: int = 0  # 0 = unlimited (streamed)
     max_connections: int = 1024  # per listener
+    max_connections_per_source: int = 256  # per listener and source address
     pool_size: int = 64  # idle upstream connections kept per upstream
     pool_idle_timeout: float = 30.0
     drain_timeout: float = 20.0
@@ -66,6 +67,7 @@ class OutboundConfig:
 class AdminConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 15000)
     health_listen: tuple[str, int] | None = None
+    max_connections_per_source: int = 32  # admin and health servers, each
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ _LIMIT_DURATIONS = {
     "response_timeout", "body_timeout", "tcp_idle_timeout", "pool_idle_timeout", "drain_timeout",
 }
 _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
-_LIMIT_COUNTS = {"max_headers", "max_connections", "pool_size"}
+_LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size"}
 
 
 class _Reader:
@@ -277,12 +279,17 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     admin = AdminConfig()
     if "admin" in top:
-        m = r.mapping(top["admin"] or {}, ("admin",), {"listen", "health_listen"})
+        m = r.mapping(top["admin"] or {}, ("admin",),
+                      {"listen", "health_listen", "max_connections_per_source"})
         admin = AdminConfig(
             listen=(r.address(m["listen"], ("admin", "listen")) if m.get("listen") else None)
             if "listen" in m else AdminConfig.listen,
             health_listen=r.address(m["health_listen"], ("admin", "health_listen"))
             if m.get("health_listen") else None,
+            max_connections_per_source=r.positive_int(
+                m["max_connections_per_source"], ("admin", "max_connections_per_source"))
+            or AdminConfig.max_connections_per_source
+            if "max_connections_per_source" in m else AdminConfig.max_connections_per_source,
         )
 
     limits_kw: dict[str, Any] = {}

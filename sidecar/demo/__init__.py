@@ -7,12 +7,14 @@ ports with the embedded demo policy (``sidecar/demo/policy.yaml``, also at
 the why read back from the sidecars' own audit trails. ``--serve`` keeps everything running
 and prints curl commands to try.
 
-The demo adds ``STORY`` to that policy in its temporary copy: a token issuer of its own
-(an EC key made on the spot, its JWKS written next to the policy, tokens minted with it), a
-rule that needs a token with a scope, and a rate limit, so that the script also shows a
-valid token (200), no token (401 with its ``WWW-Authenticate`` challenge), the wrong scope
-(403) and a burst meeting the limit (429). The shared ``policies/demo.yaml`` stays the
-minimal mesh that the Kubernetes example deploys.
+It also runs the local OAuth 2.0 / OIDC authorisation server (``sidecar/demo/idp.py``) and adds
+to the policy copy a provider found by discovery, with a rule that wants an RFC 9068 access
+token bound to the caller's certificate (RFC 8705): the frontend's token works for the
+frontend and the same token is refused from the intruder. (The shipped policy file has no
+provider: the authorisation server's port is only known at run time.) The script also shows a
+request without a token (401 with its ``WWW-Authenticate`` challenge), a token with the wrong
+scope (403), and a burst that meets the rate limit ``STORY_RATE_LIMIT`` added to the policy
+copy (429).
 
 The temporary directory holds the demo CA's private key: it is removed however the demo
 ends (Ctrl-C and SIGTERM included) unless ``--keep``.
@@ -39,23 +41,9 @@ from typing import Any
 import yaml
 
 TD = "demo.local"
-ISSUER = "https://idp.demo.local"
-AUDIENCE = "orders"
-BURST = 30  # requests sent at once in the rate-limit step (the limit lets 15 through)
-
-# What the demo adds to the shared demo policy (see the module docstring).
-STORY: dict[str, Any] = {
-    "jwt_providers": {"demo-idp": {"issuer": ISSUER, "audiences": [AUDIENCE],
-                                   "algorithms": ["ES256"], "jwks_file": "jwks.json"}},
-    "rate_limits": [{"name": "frontend-burst", "rate": "1/s", "burst": 15, "per": "peer",
-                     "services": ["spiffe://demo.local/ns/demo/sa/orders"]}],
-    "rules": [{"name": "frontend-reads-reports-with-token",
-               "description": "Reports need a user token with the reports:read scope.",
-               "allow": {"from": ["spiffe://demo.local/ns/demo/sa/frontend"],
-                         "methods": ["GET"], "paths": ["/reports"],
-                         "jwt": {"provider": "demo-idp",
-                                 "claims": {"scope": {"contains": "reports:read"}}}}}],
-}
+BURST = 30  # requests sent back to back in the rate-limit step (the limit lets 15 through)
+STORY_RATE_LIMIT = {"name": "frontend-burst", "rate": "1/s", "burst": 15, "per": "peer",
+                    "services": ["spiffe://demo.local/ns/demo/sa/orders"]}
 
 
 def _id(name: str) -> str:
@@ -81,6 +69,24 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) 
     raise RuntimeError(f"nothing listening on port {port}")
 
 
+def _wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a demo process exited early (code {proc.returncode})")
+        conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+        try:
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"sidecar with admin port {admin_port} not ready")
+
+
 @dataclass
 class Step:
     caller: str
@@ -90,8 +96,7 @@ class Step:
     request_id: str | None = None
     why: str = ""
     where: str = "orders"
-    scope: str | None = None  # send a token with this scope (None: no token)
-    burst: int = 0  # send the request this many times at once
+    burst: int = 0  # send the request this many times, back to back
     challenge: str | None = None  # the WWW-Authenticate header of a 401
 
 
@@ -99,6 +104,7 @@ class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.last_challenge: str | None = None
         self.ports: dict[str, int] = {}
 
     # -- setup ---------------------------------------------------------------------------
@@ -111,30 +117,52 @@ class Demo:
             write_svid(ca.issue(_id(name)), ca, self.root / name)
         rogue = DevCA.create(TD)
         write_svid(rogue.issue(_id("frontend")), rogue, self.root / "rogue")
-        self.make_issuer()
-        policy = yaml.safe_load(resources.files("sidecar.demo").joinpath("policy.yaml")
-                                .read_text())
-        policy["jwt_providers"] = STORY["jwt_providers"]
-        policy["rate_limits"] = STORY["rate_limits"]
-        policy["services"][_id("orders")]["rules"][:0] = STORY["rules"]
+        policy = resources.files("sidecar.demo").joinpath("policy.yaml").read_text()
+        (self.root / "policy.yaml").write_text(policy)
+
+    def start_idp(self) -> None:
+        """The local authorisation server, and the demo policy's provider and rule for it."""
+        p = self.ports
+        p["idp"] = _free_port()
+        idp_dir = self.root / "idp"
+        proc = self.spawn("idp", [sys.executable, "-m", "sidecar.demo.idp", "--dir",
+                                  str(idp_dir), "--port", str(p["idp"]), "--audience", "orders",
+                                  "--mtls-client", "frontend", "--mtls-client", "intruder",
+                                  "--client-ca", str(self.root / "ca" / "ca.crt")])
+        _wait_port(p["idp"], proc)
+        deadline = time.monotonic() + 20
+        while not (idp_dir / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.issuer = (idp_dir / "ready").read_text().strip()
+        policy = yaml.safe_load((self.root / "policy.yaml").read_text())
+        policy["jwt_providers"] = {"local-idp": {
+            "issuer": self.issuer, "discovery": True, "jwks_ca": str(idp_dir / "ca.pem"),
+            "audiences": ["orders"], "algorithms": ["ES256"], "typ": "at+jwt",
+            "cert_binding": "required"}}
+        policy["services"][_id("orders")]["rules"].insert(0, {
+            "name": "reports-need-a-bound-token",
+            "description": "Any workload of the namespace, with an access token issued to it.",
+            "allow": {"namespaces": ["demo"], "methods": ["GET"], "paths": ["/reports"],
+                      "jwt": {"provider": "local-idp",
+                              "claims": {"scope": {"contains": "reports:read"}}}}})
+        policy["rate_limits"] = [STORY_RATE_LIMIT]
         (self.root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
 
-    def make_issuer(self) -> None:
-        """A token issuer for the demo: an EC key, its JWKS next to the policy."""
-        import jwt
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        self.idp_key = ec.generate_private_key(ec.SECP256R1())
-        public = jwt.algorithms.ECAlgorithm.to_jwk(self.idp_key.public_key(), as_dict=True)
-        (self.root / "jwks.json").write_text(json.dumps({"keys": [{**public, "kid": "demo-1"}]}))
-
-    def token(self, scope: str) -> str:
-        import jwt
-
-        now = int(time.time())
-        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": scope,
-                           "iat": now, "exp": now + 600}, self.idp_key, algorithm="ES256",
-                          headers={"kid": "demo-1"})
+    def token(self, who: str, scope: str = "reports:read") -> str:
+        """An access token from the local authorisation server for ``who`` (mTLS client
+        authentication: the token is bound to ``who``'s certificate)."""
+        ctx = ssl.create_default_context(cafile=str(self.root / "idp" / "ca.pem"))
+        ctx.load_cert_chain(str(self.root / who / "tls.crt"), str(self.root / who / "tls.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.ports["idp"], context=ctx,
+                                           timeout=10)
+        try:
+            conn.request("POST", "/token", body=f"grant_type=client_credentials&client_id={who}"
+                         f"&scope={scope}", headers={
+                             "content-type": "application/x-www-form-urlencoded"})
+            resp = conn.getresponse()
+            return str(json.loads(resp.read())["access_token"])
+        finally:
+            conn.close()
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "wb")
@@ -146,6 +174,7 @@ class Demo:
 
     def start(self) -> None:
         p = self.ports
+        self.start_idp()
         for key in ("orders_app", "frontend_app", "orders_in", "frontend_in", "frontend_out",
                     "payments_out", "orders_admin", "frontend_admin"):
             p[key] = _free_port()
@@ -183,24 +212,21 @@ class Demo:
                                               str(path)])
         _wait_port(p[name + "_admin"], proc)
         _wait_port(p[name + "_in"], proc)
+        _wait_ready(p[name + "_admin"], proc)  # e.g. the provider's keys are in
 
     # -- requests ------------------------------------------------------------------------
-    def _plain(self, port: int, method: str, path: str, step: Step | None = None
-               ) -> tuple[int, str | None]:
-        headers = {}
-        if step is not None and step.scope is not None:
-            headers["authorization"] = f"Bearer {self.token(step.scope)}"
+    def _plain(self, port: int, method: str, path: str,
+               headers: dict[str, str] | None = None) -> tuple[int, str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None,
-                         headers=headers)
+                         headers=headers or {})
             resp = conn.getresponse()
             body = resp.read()
             rid = resp.getheader("x-request-id")
             if rid is None and resp.status == 200:
                 rid = json.loads(body).get("request_id")
-            if step is not None and resp.status == 401:
-                step.challenge = resp.getheader("www-authenticate")
+            self.last_challenge = resp.getheader("www-authenticate")
             return resp.status, rid
         finally:
             conn.close()
@@ -215,10 +241,10 @@ class Demo:
             counts[status] = counts.get(status, 0) + 1
             if status == 429:
                 last_refused = rid
-        got = ", ".join(f"{n} x {s}" for s, n in sorted(counts.items()))
-        return got, last_refused
+        return ", ".join(f"{n} x {s}" for s, n in sorted(counts.items())), last_refused
 
-    def _mtls(self, who: str, method: str, path: str) -> tuple[int | str, str | None]:
+    def _mtls(self, who: str, method: str, path: str,
+              headers: dict[str, str] | None = None) -> tuple[int | str, str | None]:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(str(self.root / "ca" / "ca.crt"))
@@ -226,10 +252,14 @@ class Demo:
         conn = http.client.HTTPSConnection("127.0.0.1", self.ports["orders_in"], context=ctx,
                                            timeout=10)
         try:
-            conn.request(method, path)
+            conn.request(method, path, headers=headers or {})
             resp = conn.getresponse()
-            resp.read()
-            return resp.status, resp.getheader("x-request-id")
+            body = resp.read()
+            rid = resp.getheader("x-request-id")
+            if rid is None and resp.status == 200:
+                rid = json.loads(body).get("request_id")
+            self.last_challenge = resp.getheader("www-authenticate")
+            return resp.status, rid
         except (ssl.SSLError, ConnectionError, OSError):
             return "refused", None
         finally:
@@ -246,25 +276,36 @@ class Demo:
             Step("intruder", "GET /orders", 403),
             Step("rogue CA", "GET /orders", "refused"),  # type: ignore[arg-type]
             Step("frontend", "GET /charge (to payments)", 403, where="frontend"),
-            Step("frontend", "GET /reports (token, scope reports:read)", 200,
-                 scope="reports:read"),
+            Step("frontend", "GET /reports (its own bound token)", 200),
+            Step("intruder", "GET /reports (the frontend's token)", 401),
+            Step("intruder", "GET /reports (its own bound token)", 200),
             Step("frontend", "GET /reports (no token)", 401),
-            Step("frontend", "GET /reports (token, scope orders:read)", 403,
-                 scope="orders:read"),
+            Step("frontend", "GET /reports (its own token, scope orders:read)", 403),
             Step("frontend", f"GET /orders (burst of {BURST})", 429, burst=BURST),
         ]
+        tokens = {"own": self.token("frontend"), "intruder": self.token("intruder"),
+                  "wrong": self.token("frontend", "orders:read")}
         for step in steps:
             method, path = step.request.split(" ")[:2]
-            if step.caller == "frontend":
+            headers = {}
+            if "bound token" in step.request or "frontend's token" in step.request:
+                token = tokens["intruder" if "its own" in step.request
+                               and step.caller == "intruder" else "own"]
+                headers["authorization"] = f"Bearer {token}"
+            if "scope orders:read" in step.request:
+                headers["authorization"] = f"Bearer {tokens['wrong']}"
+            self.last_challenge = None
+            if step.caller == "frontend" and step.burst:
+                step.status, step.request_id = self._burst(p["frontend_out"], method, path, step)
+            elif step.caller == "frontend":
                 port = p["payments_out"] if "payments" in step.request else p["frontend_out"]
-                if step.burst:
-                    step.status, step.request_id = self._burst(port, method, path, step)
-                else:
-                    step.status, step.request_id = self._plain(port, method, path, step)
+                step.status, step.request_id = self._plain(port, method, path, headers)
             elif step.caller == "intruder":
-                step.status, step.request_id = self._mtls("intruder", method, path)
+                step.status, step.request_id = self._mtls("intruder", method, path, headers)
             else:
                 step.status, step.request_id = self._mtls("rogue", method, path)
+            if step.status == 401:
+                step.challenge = self.last_challenge
         return steps
 
     # -- explain -------------------------------------------------------------------------
@@ -290,9 +331,10 @@ class Demo:
                 elif r.reason == "default_deny":
                     step.why = "default deny: no rule lets this caller do this"
                 elif r.reason == "rate_limited":
-                    step.why = f"rate limit '{r.rule}' (burst 15, then 1/s): 429 + Retry-After"
+                    step.why = (f"rate limit '{r.rule}' (burst {STORY_RATE_LIMIT['burst']}, "
+                                f"then {STORY_RATE_LIMIT['rate']}): 429 + Retry-After")
                 elif step.challenge is not None:
-                    step.why = (f"{r.reason.replace('_', ' ')}: '{r.rule}'; challenge: "
+                    step.why = (f"{r.reason.replace('_', ' ')}: '{r.rule or '-'}'; challenge: "
                                 f"WWW-Authenticate: {step.challenge}")
                 elif r.rule:
                     step.why = f"{r.reason.replace('_', ' ')}: '{r.rule}'"
@@ -312,22 +354,6 @@ class Demo:
                 proc.wait()
 
 
-def _as_expected(step: Step) -> bool:
-    if step.burst:
-        # The burst must meet the limit: some requests pass, the rest get 429.
-        return f"x {step.expect}" in str(step.status) and "x 200" in str(step.status)
-    return step.status == step.expect
-
-
-def _checkpoint_note(result: Any) -> str:
-    """What the verifier says about signed checkpoints, when this build signs them."""
-    for name in ("checkpoint", "checkpoints", "signed_checkpoint", "signature"):
-        value = getattr(result, name, None)
-        if value:
-            return f"signed checkpoint verified ({name}: {value})"[:200]
-    return "no signed checkpoint (this build hash-chains the trail but does not sign it yet)"
-
-
 def _table(steps: list[Step]) -> str:
     rows = [("#", "caller", "request", "expected", "got", "why (from the audit trail)")]
     for i, s in enumerate(steps, 1):
@@ -343,6 +369,22 @@ def _table(steps: list[Step]) -> str:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _as_expected(step: Step) -> bool:
+    if step.burst:
+        # The burst must meet the limit: some requests pass, the rest get 429.
+        return f"x {step.expect}" in str(step.status) and "x 200" in str(step.status)
+    return step.status == step.expect
+
+
+def _checkpoint_note(result: Any) -> str:
+    """What the verifier says about signed checkpoints, when this build signs them."""
+    for name in ("checkpoint", "checkpoints", "signed_checkpoint", "signature"):
+        value = getattr(result, name, None)
+        if value:
+            return f"signed checkpoint verified ({name}: {value})"[:200]
+    return "no signed checkpoint (this build hash-chains the trail but does not sign it yet)"
 
 
 def run_demo(serve: bool = False, keep: bool = False) -> int:
@@ -363,7 +405,7 @@ def run_demo(serve: bool = False, keep: bool = False) -> int:
               f"== mTLS ==> 127.0.0.1:{p['orders_in']} (orders sidecar, inbound) -> "
               f"orders app 127.0.0.1:{p['orders_app']}\n")
         if serve:
-            _print_curl(root, p, demo.token("reports:read"))
+            _print_curl(root, p)
             try:
                 while all(proc.poll() is None for proc in demo.procs):
                     time.sleep(0.5)
@@ -396,17 +438,24 @@ def run_demo(serve: bool = False, keep: bool = False) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _print_curl(root: Path, p: dict[str, int], token: str) -> None:
+def _print_curl(root: Path, p: dict[str, int]) -> None:
     certs = root / "intruder"
     print("The demo is running. Try (Ctrl-C stops everything):\n")
     print(f"  curl -i http://127.0.0.1:{p['frontend_out']}/orders          # allowed")
     print(f"  curl -i http://127.0.0.1:{p['frontend_out']}/admin/users     # denied by rule")
     print(f"  curl -i http://127.0.0.1:{p['payments_out']}/charge          # egress refused")
-    print(f"  curl -i http://127.0.0.1:{p['frontend_out']}/reports         # 401: no token")
-    print(f"  curl -i -H 'authorization: Bearer {token}' "
-          f"http://127.0.0.1:{p['frontend_out']}/reports   # token with reports:read (10 min)")
     print(f"  curl -ik --cert {certs}/tls.crt --key {certs}/tls.key "
           f"https://127.0.0.1:{p['orders_in']}/orders   # intruder: default deny")
+    front = root / "frontend"
+    print(f"  TOKEN=$(curl -s --cacert {root}/idp/ca.pem --cert {front}/tls.crt "
+          f"--key {front}/tls.key -d grant_type=client_credentials -d client_id=frontend "
+          f"-d scope=reports:read https://127.0.0.1:{p['idp']}/token | "
+          "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')")
+    print(f"  curl -i -H \"authorization: Bearer $TOKEN\" "
+          f"http://127.0.0.1:{p['frontend_out']}/reports   # bound token: allowed")
+    print(f"  curl -ik -H \"authorization: Bearer $TOKEN\" --cert {certs}/tls.crt "
+          f"--key {certs}/tls.key https://127.0.0.1:{p['orders_in']}/reports   "
+          "# same token, intruder: 401")
     print(f"\n  curl -s http://127.0.0.1:{p['orders_admin']}/metrics | grep sidecar_requests")
     print(f"  sidecar audit tail {root}/audit-orders --follow")
     print(f"  sidecar tap --admin http://127.0.0.1:{p['orders_admin']}")

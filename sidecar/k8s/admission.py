@@ -13,9 +13,10 @@ an ``AdmissionAnswer`` (HTTP status + JSON document) for the webhook server to s
 * anything else (other kinds, other operations, opted-out or already-injected pods) ->
   200, ``allowed: true``, no patch. The webhook configuration only sends pod CREATEs; the
   rest is answered harmlessly rather than refused.
-* a pod the injector refuses (``InjectError``) -> 200 with ``allowed: false`` and a 400
-  status whose message says why: a pod that would start without its mesh identity is
-  denied (fail closed), and the message is about the user's own manifest.
+* a pod the injector refuses (``InjectError``: an admission rule of ``sidecar.k8s.rules``)
+  -> 200 with ``allowed: false`` and a 400 status whose message names the rule and says
+  why: a pod that would start without its mesh identity, or that reaches for the sidecar's
+  key, is denied (fail closed), and the message is about the user's own manifest.
 
 The ``uid`` is always echoed, as the API server requires.
 """
@@ -41,6 +42,7 @@ class AdmissionAnswer:
     status: int
     body: dict[str, Any]
     injected: bool = False
+    rule: str = ""  # the admission rule that denied the pod (sidecar.k8s.rules.POD_RULES)
 
     def encode(self) -> bytes:
         """The JSON body as bytes."""
@@ -106,8 +108,9 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
     except InjectError as exc:
         return AdmissionAnswer(200, _review(uid, {
             "allowed": False,
-            "status": {"code": 400, "reason": "BadRequest", "message": str(exc)},
-        }))
+            "status": {"code": 400, "reason": "BadRequest",
+                       "message": f"mesh admission rule {exc.rule}: {exc}"},
+        }), rule=exc.rule)
     if result is None:
         return AdmissionAnswer(200, _review(uid, {"allowed": True}))
     after = dict(pod)

@@ -2,7 +2,8 @@
 
 ``sidecar inject -f FILE|- [-o FILE|-]`` reads one or more YAML documents, injects every pod
 template it finds (see ``sidecar.k8s.inject``) and writes the documents back in the same
-order. Exit codes: 0 ok, 1 a pod could not be injected safely, 2 unreadable input/usage.
+order. Exit codes: 0 ok, 1 a pod breaks an admission rule (the message names it), 2 unreadable
+input/usage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 import yaml
 
 from sidecar.k8s.inject import InjectError, InjectOptions, inject_document
+from sidecar.k8s.rules import NAMESPACE_MODES
 
 _DEFAULTS = InjectOptions()
 
@@ -35,6 +37,11 @@ def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap,
                         metavar="NAME", help="ConfigMap holding sidecar.yaml "
                                              f"(default {_DEFAULTS.config_configmap})")
+    parser.add_argument("--allow-config-configmap", action="append", default=[],
+                        metavar="NAME", dest="allowed_config_configmaps",
+                        help="a ConfigMap a pod may name with the annotation "
+                             "sidecar.mesh.dev/config-configmap (repeatable; the default "
+                             "--config-configmap is always allowed)")
 
 
 def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
@@ -45,6 +52,8 @@ def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
         cert_secret=args.cert_secret,
         policy_configmap=args.policy_configmap,
         config_configmap=args.config_configmap,
+        allowed_config_configmaps=tuple(args.allowed_config_configmaps),
+        namespace_mode=getattr(args, "namespace_mode", "enabled"),
     )
 
 
@@ -78,8 +87,8 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
             new_doc, count = inject_document(doc, options)
         except InjectError as exc:
             name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc, dict) else "?"
-            print(f"sidecar inject: {args.file}: document {index + 1} ({name}): {exc}",
-                  file=stderr)
+            print(f"sidecar inject: {args.file}: document {index + 1} ({name}): "
+                  f"admission rule {exc.rule}: {exc}", file=stderr)
             return 1
         out.append(new_doc)
         injected += count
@@ -106,9 +115,27 @@ def add_inject_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="manifest file (YAML, multi-document allowed); - for stdin")
     p.add_argument("-o", "--output", default="-", metavar="FILE",
                    help="where to write the result (default -: stdout)")
+    p.add_argument("--namespace-mode", choices=sorted(NAMESPACE_MODES), default="enabled",
+                   help="the target namespace's mode (its sidecar.mesh.dev/inject label): "
+                        "enabled (a pod may opt out with the label) or required (no opt-out; "
+                        "hostNetwork pods refused); default enabled")
     add_injection_arguments(p)
     p.set_defaults(func=cmd_inject)
     return p
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
 
 
 def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +149,11 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
                         help="how often to check the certificate files for rotation "
                              "(default 5)")
+    parser.add_argument("--max-connections-per-source", type=_positive_int, default=64,
+                        metavar="N", help="connections one source address may hold open; "
+                                          "more are closed at once (default 64)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="close a keep-alive connection idle this long (default 5)")
     add_injection_arguments(parser)
 
 

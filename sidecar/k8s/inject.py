@@ -5,14 +5,17 @@ Theory of operation
 -------------------
 ``inject_pod_spec(meta, spec, options)`` looks at one pod template (its ``metadata`` and
 ``spec`` as plain dicts, as YAML/JSON give them) and returns new dicts with the sidecar
-added, or ``None`` when the pod must be left alone:
+added, or ``None`` when the pod must be left alone. What decides, and what a pod may not do
+to its sidecar, are the admission rules of ``sidecar.k8s.rules`` (read its docstring):
 
-* opted out: annotation or label ``sidecar.mesh.dev/inject: "false"``;
+* opted out: the *label* ``sidecar.mesh.dev/inject: "false"``, and only in a namespace whose
+  mode (``options.namespace_mode``) is ``enabled``; annotations never decide;
 * ``hostNetwork: true`` (the sidecar's ports would collide on the node and it would
-  intercept the node's traffic, not the pod's);
-* already injected: the status annotation ``sidecar.mesh.dev/status: injected`` is set, or a
-  container named ``mesh-sidecar`` already exists. This is what makes a second pass (CLI run
-  twice, webhook re-invoked by ``reinvocationPolicy``) change nothing.
+  intercept the node's traffic, not the pod's): left alone in ``enabled`` namespaces,
+  denied in ``required`` ones;
+* already injected: verified, never read from the status annotation or a container's name
+  (``rules.verify_injected``). This is what makes a second pass (CLI run twice, webhook
+  re-invoked by ``reinvocationPolicy``) change nothing.
 
 The inputs are never modified (deep copies), so callers can diff before/after to build
 an RFC 6902 JSON patch (``sidecar.k8s.patch``).
@@ -42,7 +45,8 @@ from typing import Any
 INJECT_ANNOTATION = "sidecar.mesh.dev/inject"  # "false" on a pod (annotation or label) opts out
 STATUS_ANNOTATION = "sidecar.mesh.dev/status"  # set to "injected" by the injector
 STATUS_INJECTED = "injected"
-# Pod annotation naming the ConfigMap with this workload's sidecar.yaml (overrides the option).
+# Pod annotation naming the ConfigMap with this workload's sidecar.yaml: the option's default
+# or one of ``allowed_config_configmaps``, nothing else (rules.config_configmap).
 CONFIG_ANNOTATION = "sidecar.mesh.dev/config-configmap"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 OPT_OUT_VALUES = frozenset({"false", "disabled", "no", "off"})
@@ -85,7 +89,14 @@ _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 
 
 class InjectError(ValueError):
-    """The pod cannot be injected safely; the message says why (it is about the user's pod)."""
+    """The pod cannot be injected safely; the message says why (it is about the user's pod).
+
+    ``rule`` names the admission rule that refused it (``sidecar.k8s.rules.POD_RULES``).
+    """
+
+    def __init__(self, message: str, *, rule: str = "reserved_volume") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,9 @@ class InjectOptions:
 
     ``cert_secret`` switches the workload certificate source from the csi-driver-spiffe
     CSI volume (default) to a Secret holding ``tls.crt``, ``tls.key`` and ``ca.crt``.
+    ``allowed_config_configmaps`` are the ConfigMaps a pod may name with the config
+    annotation besides ``config_configmap``; ``namespace_mode`` is ``enabled`` or
+    ``required`` (``sidecar.k8s.rules.NAMESPACE_MODES``).
     """
 
     image: str = "ghcr.io/mesh-dev/trio-mesh-sidecar:0.1.0"
@@ -111,31 +125,8 @@ class InjectOptions:
     cpu_limit: str = "500m"
     memory_limit: str = "256Mi"
     audit_size_limit: str = "256Mi"
-
-
-def _opted_out(meta: dict[str, Any]) -> bool:
-    for section in ("annotations", "labels"):
-        values = meta.get(section) or {}
-        value = values.get(INJECT_ANNOTATION)
-        if isinstance(value, str) and value.strip().lower() in OPT_OUT_VALUES:
-            return True
-    return False
-
-
-def _already_injected(meta: dict[str, Any], spec: dict[str, Any]) -> bool:
-    if (meta.get("annotations") or {}).get(STATUS_ANNOTATION) == STATUS_INJECTED:
-        return True
-    for key in ("containers", "initContainers"):
-        for container in spec.get(key) or []:
-            if isinstance(container, dict) and container.get("name") == SIDECAR_CONTAINER:
-                return True
-    return False
-
-
-def should_inject(meta: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """True when ``inject_pod_spec`` would change this pod template."""
-    return not (_opted_out(meta) or spec.get("hostNetwork") is True
-                or _already_injected(meta, spec))
+    allowed_config_configmaps: tuple[str, ...] = ()
+    namespace_mode: str = "enabled"
 
 
 def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
@@ -265,13 +256,30 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
                     options: InjectOptions) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Return ``(metadata, spec)`` of the pod template with the sidecar, or ``None``.
 
-    ``None`` means "leave it unchanged": opted out, ``hostNetwork``, or already injected.
-    The arguments are not modified. Raises ``InjectError`` when a volume name the sidecar
-    needs is already used by the pod for something else.
+    ``None`` means "leave it unchanged": opted out (label, ``enabled`` namespaces only),
+    ``hostNetwork`` (``enabled`` only), or verifiably injected already. The arguments are not
+    modified. Raises ``InjectError`` (with the rule's name) when the pod breaks an admission
+    rule of ``sidecar.k8s.rules``.
     """
+    from sidecar.k8s import rules  # rules builds on this module's sidecar definition
+
     meta_in = pod_meta or {}
-    if not isinstance(pod_spec, dict) or not should_inject(meta_in, pod_spec):
+    if not isinstance(pod_spec, dict) or rules.opted_out(meta_in, options):
         return None
+    if pod_spec.get("hostNetwork") is True:
+        if options.namespace_mode != "required":
+            return None
+        raise InjectError("hostNetwork pods cannot carry the mesh sidecar, and this namespace "
+                          "requires it", rule="host_network")
+    options = replace(options, config_configmap=rules.config_configmap(meta_in, options))
+    rules.check_pod(pod_spec, options)
+    if rules.verify_injected(pod_spec, options):
+        if (meta_in.get("annotations") or {}).get(STATUS_ANNOTATION) == STATUS_INJECTED:
+            return None
+        meta = copy.deepcopy(meta_in)
+        meta["annotations"] = {**(meta.get("annotations") or {}),
+                               STATUS_ANNOTATION: STATUS_INJECTED}
+        return meta, copy.deepcopy(pod_spec)
     meta = copy.deepcopy(meta_in)
     spec = copy.deepcopy(pod_spec)
 
@@ -279,18 +287,8 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     app_probes = _rewrite_app_probes(containers, options)
     container = sidecar_container(options, app_probes)
 
-    config_name = (meta.get("annotations") or {}).get(CONFIG_ANNOTATION)
-    if isinstance(config_name, str) and config_name:
-        options = replace(options, config_configmap=config_name)
-    volumes = list(spec.get("volumes") or [])
-    taken = {v.get("name") for v in volumes if isinstance(v, dict)}
-    for volume in sidecar_volumes(options):
-        if volume["name"] in taken:
-            raise InjectError(f"pod already has a volume named {volume['name']!r}, which the "
-                              "mesh sidecar needs; rename it or opt out with the annotation "
-                              f"{INJECT_ANNOTATION}: \"false\"")
-        volumes.append(volume)
-    spec["volumes"] = volumes
+    # verify_injected found none of the sidecar's volume names taken
+    spec["volumes"] = [*(spec.get("volumes") or []), *sidecar_volumes(options)]
 
     if options.native:
         # First among init containers, so later init containers already have the mesh.

@@ -15,10 +15,18 @@ bytes and bounds every wait:
   expiry, so polling is cheap and avoids inotify's symlink-swap pitfalls.
 * ``serve_webhook`` accepts at most ``max_connections`` connections at once (a semaphore is
   taken *before* accept, so excess clients wait in the kernel backlog instead of growing our
-  memory). Each connection: TLS handshake under a timeout, then up to
-  ``max_requests_per_connection`` keep-alive requests, each with a deadline for its head and
-  body, an idle timeout between requests and a body cap (3 MiB by default; bigger -> 413).
-* Routes: ``POST /mutate`` -> AdmissionReview answer; ``GET /healthz`` -> 200; a known path
+  memory), and at most ``max_connections_per_source`` from one source address: a
+  connection beyond that is closed at once, so one client holding keep-alive connections
+  can take its share and never the slots the API server needs (``failurePolicy: Fail``
+  would otherwise stop pod creation in every meshed namespace). Each connection: TLS
+  handshake under a timeout, then up to ``max_requests_per_connection`` keep-alive
+  requests, each with a deadline for its head and body, a short idle timeout between
+  requests (5 s: the API server opens a new connection, or retries on a closed one, for
+  the next review) and a body cap (3 MiB by default; bigger -> 413). Refused connections
+  are counted (``WebhookStats``) and shown at ``GET /metrics``.
+* Routes: ``POST /mutate`` (namespaces labelled ``enabled``) and ``POST /mutate-required``
+  (``required``) -> AdmissionReview answer; ``GET /healthz`` -> 200;
+  ``GET /metrics`` -> the webhook's counters (Prometheus text); a known path
   with another method -> 405 with ``Allow``; anything else -> 404. Malformed reviews get a
   400 JSON body and the connection (and server) carry on.
 """
@@ -31,7 +39,7 @@ import hashlib
 import signal
 import ssl
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
@@ -40,7 +48,11 @@ from cryptography import x509
 
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.inject import InjectOptions
+from sidecar.k8s.rules import mode_for_path
 from sidecar.logs import log
+from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from sidecar.metrics import Registry
+from sidecar.net.listen import SourceLimiter, source_address
 
 READ_SIZE = 65536
 
@@ -51,11 +63,32 @@ class WebhookLimits:
 
     max_body: int = MAX_REVIEW_BYTES
     max_head: int = 16 * 1024
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
     request_timeout: float = 10.0  # head + body of one request, and sending the answer
-    idle_timeout: float = 60.0  # between keep-alive requests
-    max_connections: int = 128
+    idle_timeout: float = 5.0  # between keep-alive requests
+    max_connections: int = 512
+    max_connections_per_source: int = 64
     max_requests_per_connection: int = 1000
+
+
+class WebhookStats:
+    """The webhook's counters, rendered at ``GET /metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.connections_refused = self.registry.counter(
+            "sidecar_webhook_connections_refused_total",
+            "Webhook connections closed unserved by a connection limit, by reason.",
+            ("reason",))
+        self.connections_open = self.registry.gauge(
+            "sidecar_webhook_connections_open", "Webhook connections open now.")
+        self.reviews = self.registry.counter(
+            "sidecar_webhook_reviews_total",
+            "AdmissionReviews answered, by result (injected, allowed, denied, malformed).",
+            ("result",))
+
+    def render(self) -> bytes:
+        return self.registry.render()
 
 
 class CertificateLoadError(Exception):
@@ -243,19 +276,24 @@ async def _finish_small_body(conn: _Connection, deadline: float) -> bool:
 
 
 async def _serve_request(conn: _Connection, request: h11.Request, options: InjectOptions,
-                         deadline: float) -> bool:
+                         deadline: float, stats: WebhookStats) -> bool:
     """Answer one request; True when the connection may be reused."""
     target = request.target.split(b"?", 1)[0]
     method = request.method
-    if target == b"/healthz":
+    if target in (b"/healthz", b"/metrics"):
         if method not in (b"GET", b"HEAD"):
             await conn.send_json(405, {"error": "method not allowed"}, keep_alive=False,
                                  extra=[("allow", "GET, HEAD")])
             return False
         reusable = await _finish_small_body(conn, deadline)
-        await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=reusable)
+        if target == b"/metrics":
+            await conn.send(200, stats.render(), content_type=METRICS_CONTENT_TYPE,
+                            keep_alive=reusable)
+        else:
+            await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=reusable)
         return reusable
-    if target != b"/mutate":
+    mode = mode_for_path(target.decode("latin-1"))
+    if mode is None:
         await conn.send_json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
                              keep_alive=False)
         return False
@@ -269,20 +307,33 @@ async def _serve_request(conn: _Connection, request: h11.Request, options: Injec
         await conn.send_json(413, {"error": f"body larger than {conn.limits.max_body} bytes"},
                              keep_alive=False)
         return False
-    answer = review_pod(body, options)
+    # The path is the namespace's mode: the webhook configuration picks it from the
+    # namespace label, which the pod's author does not control.
+    answer = review_pod(body, replace(options, namespace_mode=mode))
+    stats.reviews.labels(_review_result(answer)).inc()
     if answer.status != 200:
         log("webhook_bad_request", "warning", status=answer.status,
             error=str(answer.body.get("error", "")))
     else:
         response = answer.body.get("response", {})
+        denied_by = {"rule": answer.rule} if answer.rule else {}
         log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
-            allowed=response.get("allowed"))
+            allowed=response.get("allowed"), mode=mode, **denied_by)
     await conn.send_json(answer.status, answer, keep_alive=True)
     return True
 
 
+def _review_result(answer: AdmissionAnswer) -> str:
+    if answer.status != 200:
+        return "malformed"
+    if answer.injected:
+        return "injected"
+    return "allowed" if answer.body.get("response", {}).get("allowed") else "denied"
+
+
 async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertificate,
-                            options: InjectOptions, limits: WebhookLimits) -> None:
+                            options: InjectOptions, limits: WebhookLimits,
+                            stats: WebhookStats) -> None:
     stream = trio.SSLStream(tcp, certificate.context, server_side=True)
     try:
         with trio.move_on_after(limits.handshake_timeout) as scope:
@@ -302,7 +353,7 @@ async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertific
                 return  # ConnectionClosed, or the peer sent nothing in time
             deadline = trio.current_time() + limits.request_timeout
             try:
-                reusable = await _serve_request(conn, event, options, deadline)
+                reusable = await _serve_request(conn, event, options, deadline, stats)
             except h11.RemoteProtocolError as exc:
                 await conn.send_json(exc.error_status_hint,
                                      {"error": f"bad HTTP request: {exc}"}, keep_alive=False)
@@ -326,14 +377,18 @@ async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertific
 
 async def _accept_loop(listener: trio.SocketListener, certificate: ServingCertificate,
                        options: InjectOptions, limits: WebhookLimits,
-                       slots: trio.Semaphore, nursery: trio.Nursery) -> None:
-    async def run(tcp: trio.SocketStream) -> None:
+                       slots: trio.Semaphore, sources: SourceLimiter, stats: WebhookStats,
+                       nursery: trio.Nursery) -> None:
+    async def run(tcp: trio.SocketStream, source: str) -> None:
+        stats.connections_open.inc()
         try:
-            await _serve_connection(tcp, certificate, options, limits)
+            await _serve_connection(tcp, certificate, options, limits, stats)
         except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the webhook
             log("webhook_internal_error", "error", error=repr(exc))
             await trio.aclose_forcefully(tcp)
         finally:
+            stats.connections_open.dec()
+            sources.leave(source)
             slots.release()
 
     while True:
@@ -343,20 +398,31 @@ async def _accept_loop(listener: trio.SocketListener, certificate: ServingCertif
         except BaseException:
             slots.release()
             raise
-        nursery.start_soon(run, tcp)
+        source = source_address(tcp.socket)
+        if source is None or not sources.try_enter(source):
+            # Closed before the handshake: costs the neighbour nothing to retry, and us
+            # nothing to keep; the API server (another source) keeps its share.
+            stats.connections_refused.labels("max_connections_per_source").inc()
+            slots.release()
+            await trio.aclose_forcefully(tcp)
+            continue
+        nursery.start_soon(run, tcp, source)
 
 
 async def serve_webhook(host: str, port: int, certificate: ServingCertificate,
                         options: InjectOptions, limits: WebhookLimits | None = None, *,
+                        stats: WebhookStats | None = None,
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the webhook until cancelled; ``task_status.started(port)`` once listening."""
     limits = limits or WebhookLimits()
+    stats = stats or WebhookStats()
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     slots = trio.Semaphore(limits.max_connections)
+    sources = SourceLimiter(limits.max_connections_per_source)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_loop, listener, certificate, options, limits, slots,
-                               nursery)
+                               sources, stats, nursery)
         bound = listeners[0].socket.getsockname()[1]
         log("webhook_listening", "info", host=host, port=bound)
         task_status.started(bound)
@@ -373,12 +439,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 async def run_webhook(host: str, port: int, certificate: ServingCertificate,
-                      options: InjectOptions, reload_interval: float) -> None:
+                      options: InjectOptions, reload_interval: float,
+                      limits: WebhookLimits | None = None) -> None:
     """Serve, watch the certificate files, and stop cleanly on SIGTERM / SIGINT."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(certificate.watch, reload_interval)
-            await nursery.start(serve_webhook, host, port, certificate, options)
+            await nursery.start(serve_webhook, host, port, certificate, options, limits)
             async for signum in signals:
                 log("webhook_stopping", "info", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -396,8 +463,10 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         log("webhook_start_failed", "error", error=str(exc))
         print(f"sidecar webhook: {exc}", file=sys.stderr)
         return 2
+    limits = WebhookLimits(max_connections_per_source=args.max_connections_per_source,
+                           idle_timeout=args.idle_timeout)
     trio.run(run_webhook, host, port, certificate, inject_options_from_args(args),
-             float(args.reload_interval))
+             float(args.reload_interval), limits)
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Accept loops with a connection limit, and the drain that SIGTERM starts.
+"""Accept loops with connection limits, and the drain that SIGTERM starts.
 
 Theory of operation: each listener runs an accept loop owned by the app's nursery. A
-connection beyond ``max_connections`` is closed at once (refused, never queued). Every
+connection beyond ``max_connections`` is closed at once (refused, never queued), and so is
+one whose source address already holds ``max_connections_per_source`` of them
+(``SourceLimiter``): one neighbour can take its share of a listener, never all of it. Every
 connection task registers with the ``ConnectionTracker``; while it waits for the next
 request on a keep-alive connection it holds an *idle* cancel scope. Draining stops the
 accept loops, cuts the idle waits to ``IDLE_DRAIN_GRACE`` seconds (those connections then
@@ -14,9 +16,11 @@ may have its request on the wire, and closing at once would leave it without any
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import traceback
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -68,6 +72,58 @@ class ConnectionTracker:
         await self._all_closed.wait()
 
 
+class SourceLimiter:
+    """Open connections per source address; pure bookkeeping (no sockets, no clock).
+
+    A source is the peer's IP address (an IPv4-mapped IPv6 address counts as its IPv4
+    address). Entries exist only while a source has a connection open, so the table is
+    bounded by the listener's own connection limit. ``per_source <= 0`` disables the limit.
+    Counting is per process: with ``workers: N`` each worker counts its own connections.
+    """
+
+    def __init__(self, per_source: int) -> None:
+        self.per_source = per_source
+        self._open: dict[str, int] = {}
+        self.refused = 0
+
+    def try_enter(self, source: str) -> bool:
+        """Count one more connection from ``source``; False (nothing counted) if over."""
+        held = self._open.get(source, 0)
+        if self.per_source > 0 and held >= self.per_source:
+            self.refused += 1
+            return False
+        self._open[source] = held + 1
+        return True
+
+    def leave(self, source: str) -> None:
+        held = self._open.get(source, 0) - 1
+        if held > 0:
+            self._open[source] = held
+        else:
+            self._open.pop(source, None)
+
+    def statistics(self) -> dict[str, Any]:
+        """Sources with open connections, the busiest one's count, refusals so far."""
+        return {"sources": len(self._open), "busiest": max(self._open.values(), default=0),
+                "per_source": self.per_source, "refused": self.refused}
+
+
+def source_address(sock: Any) -> str | None:
+    """The peer's IP address as the per-source limits count it; None if it is gone."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    host = peer[0] if isinstance(peer, tuple) else str(peer)
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
     """A TCP listener; SO_REUSEPORT lets several worker processes share the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -95,8 +151,13 @@ async def accept_loop(
     max_connections: int,
     on_refused: Callable[[str], None],
     stop: trio.CancelScope,
+    sources: SourceLimiter | None = None,
 ) -> None:
-    """Accept until ``stop`` is cancelled; spawn ``handler`` per connection in a nursery."""
+    """Accept until ``stop`` is cancelled; spawn ``handler`` per connection in a nursery.
+
+    ``on_refused`` gets ``max_connections`` or ``max_connections_per_source`` (or
+    ``accept_resource_exhausted``) for every connection closed without being served.
+    """
     async with trio.open_nursery() as nursery:
         with stop:
             while True:
@@ -112,13 +173,19 @@ async def accept_loop(
                     on_refused("max_connections")
                     await trio.aclose_forcefully(stream)
                     continue
+                source = source_address(stream.socket) if sources is not None else None
+                if sources is not None and (source is None or not sources.try_enter(source)):
+                    on_refused("max_connections_per_source")
+                    await trio.aclose_forcefully(stream)
+                    continue
                 tracker.enter()
-                nursery.start_soon(_run_handler, handler, stream, tracker)
+                nursery.start_soon(_run_handler, handler, stream, tracker, sources, source)
         await close_quietly(listener)
 
 
 async def _run_handler(handler: Callable[[trio.SocketStream], Awaitable[None]],
-                       stream: trio.SocketStream, tracker: ConnectionTracker) -> None:
+                       stream: trio.SocketStream, tracker: ConnectionTracker,
+                       sources: SourceLimiter | None = None, source: str | None = None) -> None:
     try:
         await handler(stream)
     except Exception as exc:  # noqa: BLE001
@@ -128,4 +195,6 @@ async def _run_handler(handler: Callable[[trio.SocketStream], Awaitable[None]],
                  traceback="".join(traceback.format_exception(exc))[-4000:])
     finally:
         tracker.leave()
+        if sources is not None and source is not None:
+            sources.leave(source)
         await trio.aclose_forcefully(stream)

@@ -60,12 +60,19 @@ def _now(args: argparse.Namespace, err: TextIO) -> float | None:
 
 
 def _missing_jwks_findings(policy: Policy) -> list[LintWarning]:
-    return [
-        LintWarning(policy.filename, None, f"jwt_providers.{p.name}.jwks_file",
-                    "missing-jwks-file", f"{p.jwks_file} does not exist")
-        for p in policy.extras.jwt_providers.values()
-        if p.jwks_file is not None and not os.path.isfile(p.jwks_file)
-    ]
+    out = []
+    for p in policy.extras.jwt_providers.values():
+        intro = p.introspection
+        # Every file a provider names: (key, path, code).
+        files = [("jwks_file", p.jwks_file, "missing-jwks-file"),
+                 ("jwks_ca", p.jwks_ca, "missing-file")]
+        if intro is not None:
+            files += [("introspection.client_secret_file", intro.client_secret_file,
+                       "missing-file"), ("introspection.ca", intro.ca, "missing-file")]
+        out += [LintWarning(policy.filename, None, f"jwt_providers.{p.name}.{key}", code,
+                            f"{path} does not exist")
+                for key, path, code in files if path is not None and not os.path.isfile(path)]
+    return out
 
 
 def _missing_jwks(policy: Policy) -> list[str]:

@@ -191,7 +191,9 @@ def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any]) -> bool:
     if isinstance(value, list):
         return any(_same(item, wanted) for item in value)
     if isinstance(value, str) and isinstance(wanted, str):
-        return wanted in value.split()
+        # RFC 6749 3.3: scope-tokens are delimited by SP (%x20) only. Splitting on any
+        # whitespace (str.split()) would read "orders:read\tadmin" as two scopes.
+        return wanted in value.split(" ")
     return False
 
 

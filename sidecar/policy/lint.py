@@ -174,7 +174,14 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
         for entry in svc.egress or ():
             check_identity(entry.pattern, entry.line, entry.key, "egress target")
 
-    for name in policy.extras.jwt_providers:
+    for name, provider in policy.extras.jwt_providers.items():
+        params = [loc.name for loc in provider.locations if loc.kind == "query"]
+        if params:
+            kept = " and forwards it to the app" if provider.forward_query_token else ""
+            warn(None, f"jwt_providers.{name}.from_params", "token-in-query",
+                 f"provider {name} reads tokens from the query string ({', '.join(params)})"
+                 f"{kept}: URLs end up in access logs, browser history and Referer headers; "
+                 "prefer the Authorization header")
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")

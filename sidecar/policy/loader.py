@@ -15,7 +15,6 @@ opened). The result is safe to build in a reload task and swap in atomically.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import math
 import os
@@ -44,6 +43,7 @@ from sidecar.policy.sections import (
     DEFAULT_TOKEN_LOCATIONS,
     AlertRule,
     ApiKey,
+    Introspection,
     JwtProvider,
     PolicyExtras,
     RateLimit,
@@ -57,7 +57,7 @@ TOP_KEYS = frozenset(
     {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -65,7 +65,8 @@ CONDITION_KEYS = frozenset(
 PROVIDER_KEYS = frozenset(
     {"issuer", "audiences", "algorithms", "jwks_file", "jwks_uri", "jwks_ca", "jwks_refresh",
      "jwks_min_refetch", "clock_skew", "required_claims", "max_lifetime", "from_headers",
-     "from_params", "from_cookies", "forward_claims", "forward_token", "max_token_bytes"}
+     "from_params", "from_cookies", "forward_claims", "forward_token", "max_token_bytes",
+     "discovery", "typ", "cert_binding", "forward_query_token", "introspection"}
 )
 ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -253,9 +254,14 @@ def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtP
     ok = True
     issuer = r.string(m.get("issuer"), path + ("issuer",))
     aud_raw = m.get("audiences")
-    audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
-                              path + ("audiences",))
-    algs = r.string_list(m.get("algorithms"), path + ("algorithms",))
+    # Omitted: the receiving service's audience (its `audience`, else its SPIFFE ID).
+    audiences: list[tuple[str, P]] | None = []
+    if aud_raw is not None:
+        audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
+                                  path + ("audiences",))
+    algs: list[tuple[str, P]] | None = []
+    if "algorithms" in m or "introspection" not in m:  # opaque tokens carry no algorithm
+        algs = r.string_list(m.get("algorithms"), path + ("algorithms",))
     if algs is not None:
         for alg, apath in algs:
             if alg.lower() == "none":
@@ -270,23 +276,66 @@ def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtP
     jwks_file = m.get("jwks_file")
     jwks_uri = m.get("jwks_uri")
     jwks_ca = m.get("jwks_ca")
-    if (jwks_file is None) == (jwks_uri is None):
-        r.problem(path, "set exactly one of jwks_file or jwks_uri")
+    discovery = m.get("discovery")
+    intro_raw = m.get("introspection")
+    sources = [k for k in ("jwks_file", "jwks_uri", "discovery", "introspection")
+               if m.get(k) not in (None, False)]
+    if len(sources) != 1:
+        r.problem(path, "set exactly one of jwks_file, jwks_uri, discovery or introspection")
         ok = False
     if jwks_file is not None:
         f = r.string(jwks_file, path + ("jwks_file",))
         jwks_file = os.path.normpath(os.path.join(base_dir, f)) if f else None
         if jwks_ca is not None:
-            r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri")
+            r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery")
             ok = False
     if jwks_uri is not None:
         u = r.string(jwks_uri, path + ("jwks_uri",))
         if u is not None and not u.startswith("https://"):
             r.problem(path + ("jwks_uri",), "jwks_uri must be an https:// URL")
             ok = False
+    discovery_url = None
+    if discovery is not None and discovery is not False:
+        # true: the OpenID Connect location under the issuer; a string: that URL (e.g. the
+        # RFC 8414 form https://host/.well-known/oauth-authorization-server/path).
+        if discovery is True:
+            if isinstance(issuer, str) and issuer.startswith("https://"):
+                discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+            else:
+                r.problem(path + ("discovery",), "discovery: true needs an https:// issuer")
+                ok = False
+        elif isinstance(discovery, str) and discovery.startswith("https://"):
+            discovery_url = discovery
+        else:
+            r.problem(path + ("discovery",), "expected true or an https:// metadata URL")
+            ok = False
+    if jwks_ca is not None and intro_raw is not None:
+        r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery; "
+                  "use introspection.ca")
+        ok = False
     if jwks_ca is not None:
         ca = r.string(jwks_ca, path + ("jwks_ca",))
         jwks_ca = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
+    introspection = None
+    if intro_raw is not None:
+        introspection = _introspection(r, intro_raw, path + ("introspection",), base_dir)
+        ok = ok and introspection is not None
+    typ = None
+    if "typ" in m:
+        typ = r.string(m["typ"], path + ("typ",))
+        if typ is None:
+            ok = False
+        elif intro_raw is not None:
+            r.problem(path + ("typ",), "typ applies to JWTs, not to introspected tokens")
+            ok = False
+    if "cert_binding" in m:
+        if m["cert_binding"] not in ("if_present", "required"):
+            r.problem(path + ("cert_binding",), "expected if_present or required")
+            ok = False
+    for key in ("forward_query_token",):
+        if key in m and not isinstance(m[key], bool):
+            r.problem(path + (key,), "expected true or false")
+            ok = False
 
     kwargs: dict[str, Any] = {}
     for key, field_name in (("jwks_refresh", "jwks_refresh_seconds"),
@@ -377,8 +426,61 @@ def _provider(r: _Reader, name: str, value: Any, path: P, base_dir: str) -> JwtP
         jwks_uri=jwks_uri,
         jwks_ca=jwks_ca,
         locations=tuple(locations) or DEFAULT_TOKEN_LOCATIONS,
+        discovery_url=discovery_url,
+        typ=typ,
+        cert_binding=m.get("cert_binding", "if_present"),
+        forward_query_token=m.get("forward_query_token", False),
+        introspection=introspection,
         **kwargs,
     )
+
+
+INTROSPECTION_KEYS = frozenset(
+    {"endpoint", "ca", "client_id", "client_secret_file", "mtls", "cache_ttl", "negative_ttl",
+     "timeout", "max_concurrent"}
+)
+
+
+def _introspection(r: _Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
+    m = r.mapping(value, path, INTROSPECTION_KEYS)
+    if m is None:
+        return None
+    ok = True
+    endpoint = r.string(m.get("endpoint"), path + ("endpoint",))
+    if endpoint is not None and not endpoint.startswith("https://"):
+        r.problem(path + ("endpoint",), "endpoint must be an https:// URL")
+        ok = False
+    client_id = r.string(m.get("client_id"), path + ("client_id",))
+    secret = m.get("client_secret_file")
+    mtls = m.get("mtls", False)
+    if not isinstance(mtls, bool):
+        r.problem(path + ("mtls",), "expected true or false")
+        ok = False
+    if (secret is None) == (mtls is not True):
+        r.problem(path, "set exactly one of client_secret_file or mtls: true")
+        ok = False
+    kw: dict[str, Any] = {}
+    if secret is not None:
+        f = r.string(secret, path + ("client_secret_file",))
+        kw["client_secret_file"] = os.path.normpath(os.path.join(base_dir, f)) if f else None
+        ok = ok and f is not None
+    if "ca" in m:
+        ca = r.string(m["ca"], path + ("ca",))
+        kw["ca"] = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
+        ok = ok and ca is not None
+    for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
+                            ("negative_ttl", "negative_ttl_seconds"),
+                            ("timeout", "timeout_seconds")):
+        if key in m:
+            d = r.duration(m[key], path + (key,))
+            ok = ok and d is not None
+            kw[field_name] = d
+    if "max_concurrent" in m:
+        kw["max_concurrent"] = r.integer(m["max_concurrent"], path + ("max_concurrent",), 1, 256)
+        ok = ok and kw["max_concurrent"] is not None
+    if not ok or endpoint is None or client_id is None:
+        return None
+    return Introspection(endpoint=endpoint, client_id=client_id, mtls=mtls is True, **kw)
 
 
 def _revocations(r: _Reader, value: Any, path: P) -> tuple[Revocation, ...]:
@@ -699,8 +801,9 @@ def _service(
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    audience = r.string(m["audience"], path + ("audience",)) if "audience" in m else None
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
-                         non_ascii_paths=non_ascii == "allow")
+                         non_ascii_paths=non_ascii == "allow", audience=audience)
 
 
 # --- entry points ---------------------------------------------------------------------

@@ -127,6 +127,7 @@ class ServicePolicy:
     line: int | None = None
     key: str = ""
     non_ascii_paths: bool = False  # `non_ascii_paths: allow`: decoded non-ASCII paths accepted
+    audience: str | None = None  # default token audience for providers without `audiences`
 
 
 @dataclass(frozen=True)

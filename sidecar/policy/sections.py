@@ -28,12 +28,31 @@ DEFAULT_TOKEN_LOCATIONS = (TokenLocation("header", "authorization", "Bearer "),)
 
 
 @dataclass(frozen=True, slots=True)
+class Introspection:
+    """RFC 7662 token introspection for opaque tokens (``jwt_providers.<name>.introspection``).
+
+    The client authenticates with ``client_secret_file`` (HTTP Basic) or, with ``mtls``,
+    with the sidecar's own workload certificate (RFC 8705 ``tls_client_auth``).
+    """
+
+    endpoint: str  # https only
+    client_id: str
+    client_secret_file: str | None = None
+    mtls: bool = False
+    ca: str | None = None  # CA bundle for the endpoint; None = system store
+    cache_ttl_seconds: float = 60.0  # an active result counts until min(exp, now + this)
+    negative_ttl_seconds: float = 5.0  # an inactive result counts this long
+    timeout_seconds: float = 2.0  # connect + whole exchange, each
+    max_concurrent: int = 16  # introspection calls in flight per provider
+
+
+@dataclass(frozen=True, slots=True)
 class JwtProvider:
     """One trusted token issuer, as declared under ``jwt_providers`` in the policy."""
 
     name: str
     issuer: str
-    audiences: tuple[str, ...]
+    audiences: tuple[str, ...]  # empty: the receiving service's audience (see authn.md)
     algorithms: tuple[str, ...]  # allowlist; never "none", never HS* (public-key only)
     jwks_file: str | None = None
     jwks_uri: str | None = None  # https only
@@ -47,6 +66,11 @@ class JwtProvider:
     forward_claims: tuple[tuple[str, str], ...] = ()  # (claim, header name) pairs
     forward_token: bool = True  # False: remove the token before forwarding to the app
     max_token_bytes: int = 8192
+    discovery_url: str | None = None  # issuer metadata (OIDC Discovery / RFC 8414); https
+    typ: str | None = None  # required JOSE "typ" (RFC 9068: "at+jwt"); None = not checked
+    cert_binding: Literal["if_present", "required"] = "if_present"  # RFC 8705 cnf x5t#S256
+    forward_query_token: bool = False  # True: a token read from the query reaches the app
+    introspection: Introspection | None = None  # opaque tokens (RFC 7662) instead of JWKS
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,182 @@
+"""The I/O shell of RFC 7662 token introspection: ask the authorisation server, fill the cache.
+
+Theory of operation
+-------------------
+The decision path is synchronous and pure (``Authenticator.authenticate``); it only *reads*
+the introspection cache: active -> claims, inactive -> ``inactive``, a failed call ->
+``introspection_unavailable`` (fail closed), no entry at all -> the provider was not asked
+about for this request (no rule that could match names it), so its token counts as absent
+for it, which no rule naming it accepts either. ``Introspector.prepare`` runs just before it,
+in the request's task, for the providers of the section that have ``introspection``: it
+finds the token the same way ``authenticate`` will, and when the cache has no fresh answer
+asks the endpoint and stores the answer (active until min(``exp``, ``cache_ttl``), inactive
+for ``negative_ttl``).
+
+Bounds, per provider:
+
+* concurrency: at most ``max_concurrent`` calls in flight (a ``CapacityLimiter``); a request
+  waits for a slot at most ``timeout``, then is refused;
+* one call per token at a time: concurrent requests with the same token wait for the call
+  in flight instead of making their own;
+* connecting and the whole exchange each under ``timeout``;
+* after a failed call (down, slow, error status, bad body) no call is made for
+  ``FAILURE_BACKOFF_SECONDS``: requests are refused at once rather than queueing on a dead
+  server.
+
+The client authenticates with HTTP Basic (RFC 6749 2.3.1, id and secret form-encoded) with
+the secret read from ``client_secret_file`` at each call (so it can be rotated), or with the
+sidecar's own workload certificate (``mtls: true``, RFC 8705 ``tls_client_auth``). The token
+only ever travels in the request body; log lines name the provider and the failure, never
+the token, the secret or the response.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from urllib.parse import quote_plus, urlencode
+
+import trio
+
+from sidecar.authn.extract import Headers, extract_tokens
+from sidecar.authn.jwks_fetch import JwksFetchError, https_request
+from sidecar.authn.jwt import TokenInvalid
+from sidecar.authn.oauth import MAX_INTROSPECTION_BYTES, introspection_claims, token_digest
+from sidecar.logs import log
+from sidecar.policy.sections import Introspection, JwtProvider
+
+FAILURE_BACKOFF_SECONDS = 1.0
+CONTEXT_MAX_AGE_SECONDS = 60.0  # rebuild TLS client contexts (the SVID rotates)
+
+
+class Introspector:
+    """Fills ``authenticator.introspected``; see the module docstring."""
+
+    def __init__(self, authenticator: object,
+                 identity: Callable[[], tuple[str, str]] | None = None) -> None:
+        self.authenticator = authenticator
+        self.identity = identity  # () -> (cert file, key file) of this workload
+        self._limiters: dict[tuple[str, int], trio.CapacityLimiter] = {}
+        self._in_flight: dict[tuple[str, bytes], trio.Event] = {}
+        self._down_until: dict[str, float] = {}
+        self._contexts: dict[tuple[str | None, bool], tuple[float, ssl.SSLContext]] = {}
+        self.calls = 0
+        self.failures = 0
+
+    async def prepare(self, provider_names: Iterable[str], headers: Headers, query: str) -> None:
+        """Make sure each introspection provider's token in this request has a cached answer
+        (or that asking failed, which ``authenticate`` then refuses)."""
+        authn = self.authenticator
+        for name in provider_names:
+            provider = authn.provider(name)  # type: ignore[attr-defined]
+            if provider is None or provider.introspection is None:
+                continue
+            try:
+                found = extract_tokens(provider, headers, query)
+            except TokenInvalid:
+                continue  # authenticate reports it
+            if found is None or len(found.token) > provider.max_token_bytes:
+                continue
+            digest = token_digest(found.token)
+            cache = authn.introspected  # type: ignore[attr-defined]
+            if cache.fresh(name, digest, time.time()):
+                continue
+            await self._introspect_once(provider, found.token, digest)
+
+    async def _introspect_once(self, provider: JwtProvider, token: str, digest: bytes) -> None:
+        key = (provider.name, digest)
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            await pending.wait()
+            return
+        left = self._down_until.get(provider.name, float("-inf")) - trio.current_time()
+        if left > 0:
+            self._unavailable(provider.name, digest, left)
+            return
+        done = trio.Event()
+        self._in_flight[key] = done
+        try:
+            await self._call(provider, token, digest)
+        finally:
+            del self._in_flight[key]
+            done.set()
+
+    async def _call(self, provider: JwtProvider, token: str, digest: bytes) -> None:
+        spec = provider.introspection
+        assert spec is not None
+        limiter = self._limiter(provider.name, spec.max_concurrent)
+        with trio.move_on_after(spec.timeout_seconds) as waited:
+            await limiter.acquire()
+        if waited.cancelled_caught:
+            log("introspection_busy", "warning", provider=provider.name,
+                max_concurrent=spec.max_concurrent)
+            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
+            return
+        try:
+            self.calls += 1
+            form = {"token": token, "token_type_hint": "access_token"}
+            headers = [("content-type", "application/x-www-form-urlencoded"),
+                       ("accept", "application/json")]
+            if spec.mtls:
+                form["client_id"] = spec.client_id
+            else:
+                headers.append(("authorization", _basic(spec)))
+            status, body = await https_request(
+                spec.endpoint, self._context(spec), method="POST", headers=headers,
+                body=urlencode(form).encode("ascii"), connect_timeout=spec.timeout_seconds,
+                read_timeout=spec.timeout_seconds, max_bytes=MAX_INTROSPECTION_BYTES)
+            claims = introspection_claims(status, body, spec.endpoint)
+        except (JwksFetchError, ValueError, OSError, ssl.SSLError) as exc:
+            self.failures += 1
+            self._down_until[provider.name] = trio.current_time() + FAILURE_BACKOFF_SECONDS
+            # str(exc) names the endpoint and the failure (status, timeout...); it never
+            # holds the request (token, secret) or the response body.
+            log("introspection_failed", "warning", provider=provider.name,
+                endpoint=spec.endpoint, error=str(exc))
+            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
+            return
+        finally:
+            limiter.release()
+        self._down_until.pop(provider.name, None)
+        self.authenticator.introspected.store(  # type: ignore[attr-defined]
+            provider.name, digest, claims, time.time(), spec.cache_ttl_seconds,
+            spec.negative_ttl_seconds)
+
+    def _unavailable(self, name: str, digest: bytes, seconds: float) -> None:
+        self.authenticator.introspected.store_unavailable(  # type: ignore[attr-defined]
+            name, digest, time.time(), seconds)
+
+    def _limiter(self, name: str, size: int) -> trio.CapacityLimiter:
+        limiter = self._limiters.get((name, size))
+        if limiter is None:
+            limiter = self._limiters[(name, size)] = trio.CapacityLimiter(size)
+        return limiter
+
+    def _context(self, spec: Introspection) -> ssl.SSLContext:
+        key = (spec.ca, spec.mtls)
+        now = time.monotonic()
+        cached = self._contexts.get(key)
+        if cached is not None and now - cached[0] < CONTEXT_MAX_AGE_SECONDS:
+            return cached[1]
+        ctx = ssl.create_default_context(cafile=spec.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if spec.mtls:
+            if self.identity is None:
+                raise JwksFetchError("mtls introspection needs the workload identity")
+            cert, key_file = self.identity()
+            ctx.load_cert_chain(cert, key_file)
+        self._contexts[key] = (now, ctx)
+        return ctx
+
+
+def _basic(spec: Introspection) -> str:
+    """HTTP Basic credentials per RFC 6749 2.3.1 (id and secret form-encoded first)."""
+    try:
+        with open(spec.client_secret_file or "", encoding="utf-8") as f:
+            secret = f.read(4096).strip()
+    except OSError as exc:
+        raise JwksFetchError(f"cannot read client_secret_file: {exc.strerror}") from None
+    pair = f"{quote_plus(spec.client_id)}:{quote_plus(secret)}"
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")

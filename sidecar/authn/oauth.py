@@ -1,0 +1,193 @@
+"""OAuth 2.0 pieces around a verified token. Pure: no I/O, ``now`` passed in.
+
+Theory of operation
+-------------------
+* **Issuer metadata** (OpenID Connect Discovery 1.0, RFC 8414): ``check_metadata`` reads the
+  document the fetcher downloaded and returns the ``jwks_uri`` to use. The ``issuer`` member
+  must equal the configured issuer *exactly* (no trailing-slash or case folding: RFC 8414 3.3,
+  OIDC Discovery 4.3), otherwise a document served for one issuer could hand us the keys of
+  another; ``jwks_uri`` must be https.
+* **Certificate-bound tokens** (RFC 8705 3): a token whose ``cnf`` holds ``x5t#S256`` counts
+  only on a connection whose client certificate has that SHA-256 thumbprint. The thumbprint
+  of the peer is computed once per connection (``x5t_s256``) and passed in per request; the
+  comparison is constant-time. A ``cnf`` that binds the token to something we cannot check
+  (a DPoP ``jkt``...) is refused: accepting it would drop the binding silently.
+* **Introspection results** (RFC 7662): ``introspection_claims`` turns a response body into
+  claims (active) or None (inactive), and ``IntrospectionCache`` keeps both for a bounded
+  time: active until min(``exp``, now + ``cache_ttl``), inactive for ``negative_ttl``.
+  A failed call leaves an "unavailable" entry for a short backoff (refused, not asked
+  again). Cache keys are SHA-256 digests of the token, so the cache holds no token.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from sidecar.authn.jwt import MALFORMED, Claims, TokenInvalid
+from sidecar.errors import ConfigError, Problem
+
+CERT_MISMATCH = "cert_mismatch"  # cnf x5t#S256 is not the peer's certificate
+UNBOUND_TOKEN = "unbound_token"  # the provider requires a bound token; this one has no cnf
+INACTIVE = "inactive"  # introspection says the token is not active
+INTROSPECTION_UNAVAILABLE = "introspection_unavailable"  # no answer (down, slow, refused)
+
+MAX_METADATA_BYTES = 256 * 1024
+MAX_INTROSPECTION_BYTES = 64 * 1024
+X5T_S256 = "x5t#S256"
+
+
+def x5t_s256(der: bytes) -> str:
+    """RFC 8705 3.1 thumbprint of a DER certificate: base64url(SHA-256), no padding."""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+def x5t_from_hex(sha256_hex: str) -> str:
+    """The same thumbprint from a hex SHA-256 fingerprint (the SVID's ``fingerprint``)."""
+    return base64.urlsafe_b64encode(bytes.fromhex(sha256_hex)).rstrip(b"=").decode("ascii")
+
+
+def check_binding(claims: Claims, peer_x5t: str | None, required: bool) -> None:
+    """Refuse a token whose ``cnf`` does not match the peer certificate (RFC 8705 3)."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        if required:
+            raise TokenInvalid(UNBOUND_TOKEN)
+        return
+    if not isinstance(cnf, Mapping):
+        raise TokenInvalid(MALFORMED, "cnf is not an object")
+    bound = cnf.get(X5T_S256)
+    if not isinstance(bound, str):
+        # Bound to something else (jkt, jwk...): we cannot check it, so it does not count.
+        raise TokenInvalid(UNBOUND_TOKEN if required else CERT_MISMATCH,
+                           "cnf without x5t#S256")
+    if peer_x5t is None or not hmac.compare_digest(bound.encode("ascii", "replace"),
+                                                   peer_x5t.encode("ascii")):
+        raise TokenInvalid(CERT_MISMATCH)
+
+
+def check_metadata(data: bytes, issuer: str, source: str) -> str:
+    """The ``jwks_uri`` of an issuer metadata document; ``ConfigError`` when unusable."""
+
+    def bad(key: str, message: str) -> ConfigError:
+        return ConfigError([Problem(source, None, key, message)])
+
+    if len(data) > MAX_METADATA_BYTES:
+        raise bad("", f"metadata larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("", "metadata is not JSON") from None
+    if not isinstance(doc, dict):
+        raise bad("", "metadata is not a JSON object")
+    got = doc.get("issuer")
+    if got != issuer:
+        raise bad("issuer", f"metadata issuer {got!r} is not the configured {issuer!r}")
+    jwks_uri = doc.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+        raise bad("jwks_uri", f"jwks_uri {jwks_uri!r} is not an https:// URL")
+    return jwks_uri
+
+
+def introspection_claims(status: int, data: bytes, source: str) -> Claims | None:
+    """Claims of an active token, None for an inactive one; ``ValueError`` for a response
+    that is neither (an error status, not JSON, ``active`` not a boolean)."""
+    if status != 200:
+        raise ValueError(f"{source}: HTTP status {status}")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{source}: response is not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
+        raise ValueError(f"{source}: response has no boolean 'active'")
+    if not doc["active"]:
+        return None
+    return MappingProxyType(doc)
+
+
+def token_digest(token: str) -> bytes:
+    """What caches and logs may hold instead of a token."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedIntrospection:
+    claims: Claims | None  # None: inactive (or unavailable)
+    expires_at: float
+    unavailable: bool = False  # asking failed; no new call until expires_at
+
+
+class IntrospectionCache:
+    """Bounded LRU of introspection results, keyed by (provider, SHA-256 of the token)."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, bytes], CachedIntrospection] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, provider: str, digest: bytes, now: float) -> CachedIntrospection | None:
+        key = (provider, digest)
+        entry = self._entries.get(key)
+        if entry is None or now >= entry.expires_at:
+            if entry is not None:
+                del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def fresh(self, provider: str, digest: bytes, now: float) -> bool:
+        """Is there an unexpired answer (no counters touched)?"""
+        entry = self._entries.get((provider, digest))
+        return entry is not None and now < entry.expires_at
+
+    def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
+              ttl: float, negative_ttl: float) -> None:
+        expires_at = now + ttl
+        if claims is not None:
+            exp = claims.get("exp")
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                expires_at = min(expires_at, float(exp))
+        if claims is None or expires_at <= now:
+            # Inactive, or "active" past its exp: remembered as inactive for a while, so a
+            # server that keeps saying so is not asked again on every request.
+            claims, expires_at = None, now + negative_ttl
+        if expires_at <= now:
+            return
+        key = (provider, digest)
+        self._entries[key] = CachedIntrospection(claims, expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def store_unavailable(self, provider: str, digest: bytes, now: float, seconds: float) -> None:
+        """Asking about this token failed (down, slow, refused, busy): refuse it, and do not
+        ask again, for ``seconds``."""
+        key = (provider, digest)
+        self._entries[key] = CachedIntrospection(None, now + seconds, unavailable=True)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self, provider: str | None = None) -> None:
+        if provider is None:
+            self._entries.clear()
+            return
+        for key in [k for k in self._entries if k[0] == provider]:
+            del self._entries[key]
+
+    def statistics(self) -> dict[str, int]:
+        return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}
+
+

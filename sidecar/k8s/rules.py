@@ -1,0 +1,245 @@
+"""Admission rules: what decides injection, and what a pod may not do to its sidecar. Pure.
+
+Theory of operation
+-------------------
+A pod is written by a tenant; everything in it may be hostile. So nothing in the pod is taken
+at its word:
+
+* **Whether to inject** is decided by the namespace, not the pod. The webhook is selected by
+  the namespace label ``sidecar.mesh.dev/inject`` (which the namespace owner, not the pod
+  author, controls) and the label's value picks the *mode* (``NAMESPACE_MODES``): in
+  ``enabled`` namespaces a pod may opt out with the *label* ``sidecar.mesh.dev/inject:
+  "false"`` (the same label the webhook's ``objectSelector`` sees); in ``required``
+  namespaces it cannot, and a pod that cannot carry the sidecar (``hostNetwork``) is denied.
+  Annotations never decide: an annotation ``inject: off`` is ignored.
+* **"Already injected" is verified, never read.** The status annotation and a container's
+  name prove nothing. A pod counts as injected only if it holds exactly the sidecar container
+  and volumes this injector would add (``verify_injected``), up to the fields the API server
+  fills in by default (``SERVER_DEFAULTS``). That keeps a second pass (``sidecar inject`` run
+  twice, ``reinvocationPolicy: IfNeeded``) a no-op, while a container that merely *calls*
+  itself ``mesh-sidecar``, or a volume that takes one of the sidecar's names, is denied. A
+  status annotation on a pod without the sidecar is overwritten when the sidecar is injected.
+* **The sidecar's files stay the sidecar's** (``POD_RULES``): no other container may mount
+  its volumes; no pod volume may carry the sidecar's credentials under another name (the
+  SPIFFE CSI driver, the ``--cert-secret`` Secret); no shared process namespace (through
+  ``/proc/<pid>/root`` another container could read the sidecar's key).
+* **The sidecar config ConfigMap** comes from the injector's options: the default
+  (``--config-configmap``) or a name on ``--allow-config-configmap``. The pod annotation
+  ``sidecar.mesh.dev/config-configmap`` can only pick among those.
+
+Every refusal is an ``InjectError`` carrying the rule's name; the webhook denies the pod with
+the message and the CLI exits 1. ``POD_RULES`` is the list the docs reproduce and the tests
+walk member by member.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from sidecar.k8s.inject import (
+    APP_PROBES_ENV,
+    CONFIG_ANNOTATION,
+    INJECT_ANNOTATION,
+    OPT_OUT_VALUES,
+    SIDECAR_CONTAINER,
+    SPIFFE_CSI_DRIVER,
+    InjectError,
+    InjectOptions,
+    sidecar_container,
+    sidecar_volumes,
+)
+
+# Namespace label value -> mode. The webhook configuration has one entry per mode, each
+# selecting namespaces by this label's value and posting to its own path.
+NAMESPACE_MODES: dict[str, str] = {
+    "enabled": "inject unless the pod carries the opt-out label",
+    "required": "always inject; no opt-out; pods that cannot carry the sidecar are denied",
+}
+MODE_PATHS: dict[str, str] = {"/mutate": "enabled", "/mutate-required": "required"}
+
+# The rules a pod must pass, by name (the InjectError's ``rule``), with the reason.
+POD_RULES: dict[str, str] = {
+    "impostor_sidecar": "a container named mesh-sidecar that is not exactly the injector's "
+                        "sidecar could run anything with the sidecar's identity",
+    "reserved_volume": "a pod volume named like one of the sidecar's volumes would replace "
+                       "its certificates, policy, config or audit trail",
+    "mounts_sidecar_volume": "another container mounting the sidecar's volumes could call "
+                             "peers with its key (no egress policy, no audit) or rewrite the "
+                             "audit trail",
+    "credential_volume": "a pod volume from the SPIFFE CSI driver or the certificate Secret, "
+                         "under any name, hands the workload's key to the app",
+    "shared_process_namespace": "with a shared process namespace other containers can read "
+                                "the sidecar's files through /proc/<pid>/root",
+    "config_not_allowed": "the sidecar config decides the sidecar's listeners and trust; a pod "
+                          "may only pick a ConfigMap the injector's options allow",
+    "host_network": "in a required namespace a pod that cannot carry the sidecar "
+                    "(hostNetwork) is denied rather than admitted without it",
+}
+
+# Fields the API server fills in by default on containers and volumes (after our patch, on a
+# reinvocation): an injected sidecar still verifies when they are present with these values.
+SERVER_DEFAULTS: dict[str, object] = {
+    "terminationMessagePath": "/dev/termination-log",
+    "successThreshold": 1,
+    "defaultMode": 420,
+    "apiVersion": "v1",  # env valueFrom.fieldRef
+}
+
+_CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+
+
+def mode_for_path(path: str) -> str | None:
+    """The namespace mode a webhook path serves (``None``: not an admission path)."""
+    return MODE_PATHS.get(path)
+
+
+def _refuse(rule: str, message: str) -> InjectError:
+    return InjectError(message, rule=rule)
+
+
+def opted_out(meta: dict[str, Any], options: InjectOptions) -> bool:
+    """True when the pod's *label* opts out and the namespace mode allows opting out."""
+    if options.namespace_mode == "required":
+        return False
+    value = (meta.get("labels") or {}).get(INJECT_ANNOTATION)
+    return isinstance(value, str) and value.strip().lower() in OPT_OUT_VALUES
+
+
+def config_configmap(meta: dict[str, Any], options: InjectOptions) -> str:
+    """The sidecar config ConfigMap for this pod; refuses names the options do not allow."""
+    wanted = (meta.get("annotations") or {}).get(CONFIG_ANNOTATION)
+    if wanted is None or wanted == "":
+        return options.config_configmap
+    allowed = {options.config_configmap, *options.allowed_config_configmaps}
+    if not isinstance(wanted, str) or wanted not in allowed:
+        raise _refuse("config_not_allowed",
+                      f"annotation {CONFIG_ANNOTATION}: {wanted!r} names a ConfigMap the "
+                      f"injector does not allow (allowed: {', '.join(sorted(allowed))})")
+    return wanted
+
+
+def _containers(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for key in _CONTAINER_LISTS:
+        for container in spec.get(key) or []:
+            if isinstance(container, dict):
+                yield key, container
+
+
+def _volumes(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in spec.get("volumes") or [] if isinstance(v, dict)]
+
+
+def reserved_volume_names(options: InjectOptions) -> frozenset[str]:
+    """The names of the volumes the sidecar mounts (whatever ``sidecar_volumes`` adds)."""
+    return frozenset(v["name"] for v in sidecar_volumes(options))
+
+
+def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool:
+    csi = volume.get("csi")
+    if isinstance(csi, dict) and csi.get("driver") == SPIFFE_CSI_DRIVER:
+        return True
+    if not options.cert_secret:
+        return False
+    secret = volume.get("secret")
+    if isinstance(secret, dict) and secret.get("secretName") == options.cert_secret:
+        return True
+    projected = volume.get("projected")
+    for source in (projected or {}).get("sources") or [] if isinstance(projected, dict) else []:
+        inner = source.get("secret") if isinstance(source, dict) else None
+        if isinstance(inner, dict) and inner.get("name") == options.cert_secret:
+            return True
+    return False
+
+
+def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
+    """The rules that hold for every pod we inject or verify (``POD_RULES``)."""
+    reserved = reserved_volume_names(options)
+    if spec.get("shareProcessNamespace") is True:
+        raise _refuse("shared_process_namespace",
+                      "shareProcessNamespace: true would let other containers read the mesh "
+                      "sidecar's key; remove it")
+    for key, container in _containers(spec):
+        if container.get("name") == SIDECAR_CONTAINER:
+            continue
+        for field in ("volumeMounts", "volumeDevices"):
+            for mount in container.get(field) or []:
+                name = mount.get("name") if isinstance(mount, dict) else None
+                if name in reserved:
+                    raise _refuse("mounts_sidecar_volume",
+                                  f"{key} {container.get('name')!r} mounts {name!r}, a volume "
+                                  "of the mesh sidecar; only the sidecar may mount it")
+        if key == "ephemeralContainers" and container.get("targetContainerName") == \
+                SIDECAR_CONTAINER:
+            raise _refuse("shared_process_namespace",
+                          f"ephemeral container {container.get('name')!r} targets the mesh "
+                          "sidecar's process namespace")
+    for volume in _volumes(spec):
+        if volume.get("name") not in reserved and _carries_credentials(volume, options):
+            raise _refuse("credential_volume",
+                          f"volume {volume.get('name')!r} carries the workload's mesh "
+                          "certificate and key; only the mesh sidecar may hold them")
+
+
+def _matches(expected: Any, actual: Any) -> bool:
+    """``actual`` is ``expected`` plus, at most, API-server defaults (``SERVER_DEFAULTS``)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return False
+        for key, value in actual.items():
+            if key in expected:
+                if not _matches(expected[key], value):
+                    return False
+            elif SERVER_DEFAULTS.get(key, _MISSING) != value:
+                return False
+        return all(key in actual for key in expected)
+    if isinstance(expected, list):
+        return isinstance(actual, list) and len(expected) == len(actual) and all(
+            _matches(e, a) for e, a in zip(expected, actual, strict=True))
+    return bool(expected == actual) and type(expected) is type(actual)
+
+
+_MISSING = object()
+
+
+def _probes_of(container: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    for item in container.get("env") or []:
+        if isinstance(item, dict) and item.get("name") == APP_PROBES_ENV:
+            try:
+                value = json.loads(item.get("value") or "")
+            except (TypeError, ValueError):
+                return {}  # unparsable: cannot be ours, the comparison will fail
+            return value if isinstance(value, dict) else {}
+    return None
+
+
+def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
+    """True when the pod holds exactly this injector's sidecar; False when it holds no part
+    of it. Raises ``InjectError`` when it holds something that only looks like it."""
+    reserved = reserved_volume_names(options)
+    named = [(key, c) for key, c in _containers(spec) if c.get("name") == SIDECAR_CONTAINER]
+    volumes = {v.get("name"): v for v in _volumes(spec) if v.get("name") in reserved}
+    if not named and not volumes:
+        return False
+    if not named:
+        name = sorted(str(n) for n in volumes)[0]
+        raise _refuse("reserved_volume",
+                      f"pod already has a volume named {name!r}, which the mesh sidecar needs; "
+                      "rename it")
+    key, container = named[0]
+    # Either placement is this injector's (an injector run with or without --no-native).
+    as_placed = replace(options, native=key == "initContainers")
+    expected = sidecar_container(as_placed, _probes_of(container))
+    if len(named) > 1 or key == "ephemeralContainers" or not _matches(expected, container):
+        raise _refuse("impostor_sidecar",
+                      f"container {SIDECAR_CONTAINER!r} is not the mesh sidecar this injector "
+                      "adds; rename the container (the sidecar is added automatically)")
+    want = {v["name"]: v for v in sidecar_volumes(options)}
+    for name, volume in want.items():
+        if name not in volumes or not _matches(volume, volumes[name]):
+            raise _refuse("reserved_volume",
+                          f"volume {name!r} is not the mesh sidecar's; rename it")
+    return True
+

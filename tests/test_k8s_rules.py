@@ -1,0 +1,333 @@
+"""Admission a tenant cannot sidestep: every case of sidecar.k8s.rules, three ways.
+
+Each case is one pod and the namespace mode it is created in, with the outcome the rules
+demand. Each is checked (1) with the pure function, (2) as a real AdmissionReview over TLS
+posted to a real ``sidecar webhook`` process (``/mutate`` or ``/mutate-required`` as the
+webhook configuration would pick from the namespace label), and (3) through a real
+``sidecar inject`` process. The family is data (``CASES``); ``POD_RULES`` members are each
+covered at least once (``test_every_rule_has_a_case``).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import http.client as httpclient
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.k8s.inject import (
+    AUDIT_VOLUME,
+    CONFIG_ANNOTATION,
+    CONFIG_VOLUME,
+    INJECT_ANNOTATION,
+    POLICY_VOLUME,
+    SIDECAR_CONTAINER,
+    SPIFFE_CSI_DRIVER,
+    STATUS_ANNOTATION,
+    SVID_VOLUME,
+    InjectError,
+    InjectOptions,
+    inject_pod_spec,
+)
+from sidecar.k8s.patch import apply_patch
+from sidecar.k8s.rules import POD_RULES, SERVER_DEFAULTS, verify_injected
+from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
+
+CERT_SECRET = "mesh-svid"
+ALLOWED_CONFIG = "orders-sidecar"
+FLAGS = ["--cert-secret", CERT_SECRET, "--allow-config-configmap", ALLOWED_CONFIG]
+OPTIONS = InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,))
+RESERVED = (SVID_VOLUME, POLICY_VOLUME, CONFIG_VOLUME, AUDIT_VOLUME)
+
+
+def plain_pod() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "orders", "namespace": "shop", "labels": {"app": "orders"}},
+            "spec": {"containers": [{
+                "name": "orders", "image": "orders:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}}
+
+
+def injected_pod() -> dict[str, Any]:
+    doc = plain_pod()
+    doc["metadata"], doc["spec"] = inject_pod_spec(doc["metadata"], doc["spec"], OPTIONS)  # type: ignore[misc]
+    return doc
+
+
+def _with(change: Callable[[dict[str, Any]], None], base: Callable[[], dict[str, Any]] = plain_pod
+          ) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        doc = base()
+        change(doc)
+        return doc
+    return build
+
+
+def _app(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["containers"][-1]
+
+
+def _sidecar(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["initContainers"][0]
+
+
+def _server_defaults(doc: dict[str, Any]) -> None:
+    """What the API server adds to our injected pod before a reinvocation."""
+    side = _sidecar(doc)
+    side["terminationMessagePath"] = SERVER_DEFAULTS["terminationMessagePath"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        side[probe]["successThreshold"] = 1
+    for env in side["env"]:
+        if "valueFrom" in env:
+            env["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+    for volume in doc["spec"]["volumes"]:
+        for source in ("configMap", "secret"):
+            if source in volume:
+                volume[source]["defaultMode"] = 420
+
+
+def _mount(volume: str, where: str = "containers", field: str = "volumeMounts"
+           ) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        container = {"name": "thief", "image": "busybox"}
+        if where == "containers":
+            container = _app(doc)
+        else:
+            doc["spec"].setdefault(where, []).append(container)
+        entry = ({"name": volume, "mountPath": "/steal"} if field == "volumeMounts"
+                 else {"name": volume, "devicePath": "/dev/steal"})
+        container.setdefault(field, []).append(entry)
+    return change
+
+
+def _volume(volume: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        doc["spec"].setdefault("volumes", []).append(volume)
+    return change
+
+
+def _meta(section: str, key: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        doc["metadata"].setdefault(section, {})[key] = value
+    return change
+
+
+def _impostor(doc: dict[str, Any]) -> None:
+    doc["spec"]["containers"].append({"name": SIDECAR_CONTAINER, "image": "evil:1",
+                                      "volumeMounts": [{"name": "data", "mountPath": "/d"}]})
+    doc["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+
+
+def _sidecar_field(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        _sidecar(doc)[key] = value
+    return change
+
+
+def _drop_status(doc: dict[str, Any]) -> None:
+    del doc["metadata"]["annotations"][STATUS_ANNOTATION]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], dict[str, Any]]
+    expect: str  # "inject", "unchanged", or "deny:<rule>"
+    mode: str = "enabled"
+
+
+CASES: list[Case] = [
+    Case("plain pod", plain_pod, "inject"),
+    Case("plain pod, required namespace", plain_pod, "inject", "required"),
+    # Whether to inject: decided by the namespace, never by an annotation.
+    Case("status annotation without a sidecar",
+         _with(_meta("annotations", STATUS_ANNOTATION, "injected")), "inject"),
+    Case("opt-out annotation", _with(_meta("annotations", INJECT_ANNOTATION, "off")), "inject"),
+    Case("opt-out label, enabled namespace",
+         _with(_meta("labels", INJECT_ANNOTATION, "false")), "unchanged"),
+    Case("opt-out label, required namespace",
+         _with(_meta("labels", INJECT_ANNOTATION, "false")), "inject", "required"),
+    Case("hostNetwork, enabled namespace",
+         _with(lambda d: d["spec"].update(hostNetwork=True)), "unchanged"),
+    Case("hostNetwork, required namespace",
+         _with(lambda d: d["spec"].update(hostNetwork=True)), "deny:host_network", "required"),
+    # Already injected: verified, idempotently.
+    Case("our own output again", injected_pod, "unchanged"),
+    Case("our own output again, required", injected_pod, "unchanged", "required"),
+    Case("our own output with API-server defaults", _with(_server_defaults, injected_pod),
+         "unchanged"),
+    Case("our own output without the status annotation", _with(_drop_status, injected_pod),
+         "inject"),
+    Case("container merely named mesh-sidecar", _with(_impostor), "deny:impostor_sidecar"),
+    Case("our sidecar with its command replaced",
+         _with(_sidecar_field("command", ["sh", "-c", "cat /var/run/sidecar/svid/tls.key"]),
+               injected_pod), "deny:impostor_sidecar"),
+    Case("our sidecar with another image", _with(_sidecar_field("image", "evil:1"),
+                                                 injected_pod), "deny:impostor_sidecar"),
+    Case("our sidecar with a non-default server field",
+         _with(_sidecar_field("terminationMessagePath", "/var/log/sidecar/x"), injected_pod),
+         "deny:impostor_sidecar"),
+    # The sidecar's volumes are the sidecar's.
+    *[Case(f"pod volume named {name}", _with(_volume({"name": name, "emptyDir": {}})),
+           "deny:reserved_volume") for name in RESERVED],
+    *[Case(f"app mounts {name}", _with(_mount(name)), "deny:mounts_sidecar_volume")
+      for name in RESERVED],
+    *[Case(f"injected pod, app mounts {name}", _with(_mount(name), injected_pod),
+           "deny:mounts_sidecar_volume") for name in RESERVED],
+    Case("init container mounts the SVID", _with(_mount(SVID_VOLUME, "initContainers")),
+         "deny:mounts_sidecar_volume"),
+    Case("app maps the audit volume as a device",
+         _with(_mount(AUDIT_VOLUME, field="volumeDevices")), "deny:mounts_sidecar_volume"),
+    Case("SPIFFE CSI volume under another name", _with(_volume(
+        {"name": "creds", "csi": {"driver": SPIFFE_CSI_DRIVER, "readOnly": True}})),
+        "deny:credential_volume"),
+    Case("certificate Secret under another name", _with(_volume(
+        {"name": "creds", "secret": {"secretName": CERT_SECRET}})), "deny:credential_volume"),
+    Case("certificate Secret in a projected volume", _with(_volume(
+        {"name": "creds", "projected": {"sources": [{"secret": {"name": CERT_SECRET}}]}})),
+        "deny:credential_volume"),
+    Case("shared process namespace",
+         _with(lambda d: d["spec"].update(shareProcessNamespace=True)),
+         "deny:shared_process_namespace"),
+    # The config ConfigMap only from the injector's allowlist.
+    Case("config annotation on the allowlist",
+         _with(_meta("annotations", CONFIG_ANNOTATION, ALLOWED_CONFIG)), "inject"),
+    Case("config annotation off the allowlist",
+         _with(_meta("annotations", CONFIG_ANNOTATION, "payments-sidecar")),
+         "deny:config_not_allowed"),
+]
+
+
+def _check_injected(doc: dict[str, Any], case: Case) -> None:
+    assert doc["metadata"]["annotations"][STATUS_ANNOTATION] == "injected"
+    assert verify_injected(doc["spec"], _options_for(doc)), case.name
+    containers = [c["name"] for c in doc["spec"].get("initContainers", [])
+                  + doc["spec"]["containers"]]
+    assert containers.count(SIDECAR_CONTAINER) == 1
+
+
+def _options_for(doc: dict[str, Any]) -> InjectOptions:
+    name = (doc["metadata"].get("annotations") or {}).get(CONFIG_ANNOTATION)
+    return InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+                         config_configmap=name or InjectOptions.config_configmap)
+
+
+def test_every_rule_has_a_case() -> None:
+    covered = {c.expect.split(":", 1)[1] for c in CASES if c.expect.startswith("deny:")}
+    assert covered == set(POD_RULES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_pure(case: Case) -> None:
+    doc = case.build()
+    before = copy.deepcopy(doc)
+    options = InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+                            namespace_mode=case.mode)
+    if case.expect.startswith("deny:"):
+        with pytest.raises(InjectError) as err:
+            inject_pod_spec(doc["metadata"], doc["spec"], options)
+        assert err.value.rule == case.expect.split(":", 1)[1]
+    else:
+        result = inject_pod_spec(doc["metadata"], doc["spec"], options)
+        if case.expect == "unchanged":
+            assert result is None
+        else:
+            assert result is not None
+            after = {**doc, "metadata": result[0], "spec": result[1]}
+            _check_injected(after, case)
+            # idempotent: a second pass over the result changes nothing
+            assert inject_pod_spec(result[0], result[1], options) is None
+    assert doc == before  # inputs untouched
+
+
+# --- through a real webhook process ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def webhook(tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[int, ssl.SSLContext, Proc]]:
+    tmp = tmp_path_factory.mktemp("rules-webhook")
+    ca_file, _ = https_server_material(tmp / "tls")
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "sidecar", "webhook", "--listen", f"127.0.0.1:{port}",
+                 "--cert", str(tmp / "tls" / "server.crt"), "--key", str(tmp / "tls" / "server.key"),
+                 *FLAGS], tmp / "webhook.log")
+    try:
+        wait_port(port, proc=proc.proc)
+        yield port, ssl.create_default_context(cafile=str(ca_file)), proc
+    finally:
+        proc.stop(timeout=10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext, Proc],
+                                   case: Case) -> None:
+    port, ctx, proc = webhook
+    doc = case.build()
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "uid-" + case.name.replace(" ", "-"), "operation": "CREATE",
+                          "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                          "namespace": "shop", "object": doc}}
+    path = "/mutate-required" if case.mode == "required" else "/mutate"
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        reply = http(port, "POST", path, body=json.dumps(review).encode(),
+                     headers={"content-type": "application/json"}, conn=conn)
+    finally:
+        conn.close()
+    assert reply.status == 200
+    response = reply.json()["response"]
+    assert response["uid"] == review["request"]["uid"]
+    if case.expect.startswith("deny:"):
+        assert response["allowed"] is False
+        assert f"rule {case.expect.split(':', 1)[1]}:" in response["status"]["message"]
+        assert "patch" not in response
+        (event,) = [e for e in proc.log_events("webhook_review")
+                    if e["uid"] == review["request"]["uid"]]
+        assert event["rule"] == case.expect.split(":", 1)[1] and event["mode"] == case.mode
+    elif case.expect == "unchanged":
+        assert response == {"uid": review["request"]["uid"], "allowed": True}
+    else:
+        assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+        patched = apply_patch(doc, json.loads(base64.b64decode(response["patch"])))
+        _check_injected(patched, case)
+
+
+# --- through a real `sidecar inject` process ---------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_sidecar_inject_cli(case: Case) -> None:
+    doc = case.build()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--namespace-mode", case.mode,
+         *FLAGS], input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT), check=False)
+    if case.expect.startswith("deny:"):
+        assert proc.returncode == 1, proc.stderr
+        assert f"admission rule {case.expect.split(':', 1)[1]}:" in proc.stderr
+        assert proc.stdout == ""
+        return
+    assert proc.returncode == 0, proc.stderr
+    (out,) = list(yaml.safe_load_all(proc.stdout))
+    if case.expect == "unchanged":
+        assert out == doc
+    else:
+        _check_injected(out, case)
+
+
+def test_cases_are_documented() -> None:
+    text = (Path(ROOT) / "docs" / "k8s.md").read_text()
+    for rule in POD_RULES:
+        assert f"`{rule}`" in text, rule
