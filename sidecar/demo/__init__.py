@@ -215,19 +215,23 @@ class Demo:
         _wait_ready(p[name + "_admin"], proc)  # e.g. the provider's keys are in
 
     # -- requests ------------------------------------------------------------------------
+    def _answer(self, resp: http.client.HTTPResponse) -> tuple[int, str | None]:
+        """Status and request id (the refusal's header, or the one the app echoes); keeps
+        a 401's challenge for the table."""
+        body = resp.read()
+        rid = resp.getheader("x-request-id")
+        if rid is None and resp.status == 200:
+            rid = json.loads(body).get("request_id")
+        self.last_challenge = resp.getheader("www-authenticate")
+        return resp.status, rid
+
     def _plain(self, port: int, method: str, path: str,
                headers: dict[str, str] | None = None) -> tuple[int, str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None,
                          headers=headers or {})
-            resp = conn.getresponse()
-            body = resp.read()
-            rid = resp.getheader("x-request-id")
-            if rid is None and resp.status == 200:
-                rid = json.loads(body).get("request_id")
-            self.last_challenge = resp.getheader("www-authenticate")
-            return resp.status, rid
+            return self._answer(conn.getresponse())
         finally:
             conn.close()
 
@@ -253,13 +257,7 @@ class Demo:
                                            timeout=10)
         try:
             conn.request(method, path, headers=headers or {})
-            resp = conn.getresponse()
-            body = resp.read()
-            rid = resp.getheader("x-request-id")
-            if rid is None and resp.status == 200:
-                rid = json.loads(body).get("request_id")
-            self.last_challenge = resp.getheader("www-authenticate")
-            return resp.status, rid
+            return self._answer(conn.getresponse())
         except (ssl.SSLError, ConnectionError, OSError):
             return "refused", None
         finally:
@@ -405,8 +403,9 @@ def run_demo(serve: bool = False, keep: bool = False) -> int:
               f"== mTLS ==> 127.0.0.1:{p['orders_in']} (orders sidecar, inbound) -> "
               f"orders app 127.0.0.1:{p['orders_app']}\n")
         if serve:
-            _print_curl(root, p)
             try:
+                # Inside the try: Ctrl-C may come the moment the last line is out.
+                _print_curl(root, p)
                 while all(proc.poll() is None for proc in demo.procs):
                     time.sleep(0.5)
             except KeyboardInterrupt:
