@@ -3,9 +3,22 @@
 Theory of operation
 -------------------
 ``BurstDetector`` is pure: the data path tells it about each authn/authz failure
-(``record_failure(peer, address, now)``) and asks whether a source is blocked
+(``record_failure(peer, address, now, failure=...)``) and asks whether a source is blocked
 (``blocked(peer, address, now)``). For every ``AlertRule`` (sidecar/policy/sections.py) a
-source is keyed by the peer SPIFFE ID or the client address (``by``).
+source is keyed by the peer SPIFFE ID, the client address, the token subject or the token
+issuer (``by``).
+
+Whose failure it is (``classify_failure``): a peer relays its users' credentials, so a
+refusal that end-user credentials decided (a missing, invalid or insufficient token or API
+key, or a deny rule with a ``jwt``/``apikey`` condition) is the *user's* failure. It counts
+for ``by: subject`` (the token's ``sub``: verified when the token verified, as claimed when
+it did not) and ``by: issuer`` (the issuer of the provider the rule asked for; ``api_keys``
+for API keys), never for ``by: peer`` or ``by: address``: fifty users' bad tokens must not
+block the frontend that relays them. Every other refusal (no rule allows this caller, a deny
+rule on caller/path/method only, no section) is the *peer's* own failure: its mTLS identity
+asked for what it may not have, and only those count for ``by: peer`` and ``by: address``.
+Subject and issuer rules only alert, never block (the loader refuses ``block`` there): a
+claimed subject is attacker-chosen, and blocking by it would let anyone lock a user out.
 
 Per (rule, source) the detector keeps the times of the last ``threshold`` failures in a
 deque bounded by ``threshold``. When the failures inside the sliding window
@@ -39,7 +52,7 @@ import math
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +63,16 @@ import trio
 from sidecar import __version__
 from sidecar.logs import log
 from sidecar.metrics import SidecarMetrics
+from sidecar.policy.decision import (
+    REASON_APIKEY_MISSING,
+    REASON_APIKEY_NOT_ALLOWED,
+    REASON_CLAIMS_MISMATCH,
+    REASON_DENIED_BY_RULE,
+    REASON_TOKEN_INVALID,
+    REASON_TOKEN_MISSING,
+    AuthFacts,
+)
+from sidecar.policy.model import Rule
 from sidecar.policy.sections import AlertRule
 
 DEFAULT_MAX_SOURCES = 10_000
@@ -64,8 +87,8 @@ class Alert:
     """One burst of failures from one source, under one rule."""
 
     rule: str
-    by: str  # "peer" or "address"
-    source: str  # the peer SPIFFE ID or the client address
+    by: str  # "peer", "address", "subject" or "issuer"
+    source: str  # the peer SPIFFE ID, client address, token subject or issuer
     failures: int  # failures inside the window when the alert was raised
     window_seconds: float
     block_seconds: float
@@ -81,6 +104,42 @@ class Alert:
         body["blocked_until"] = ts + self.block_seconds if self.block_seconds > 0 else None
         body["sidecar_version"] = __version__
         return body
+
+
+API_KEYS_ISSUER = "api_keys"
+# Refusals decided by end-user credentials, whatever rule decided them.
+END_USER_REASONS = frozenset({REASON_TOKEN_MISSING, REASON_TOKEN_INVALID, REASON_CLAIMS_MISMATCH,
+                              REASON_APIKEY_MISSING, REASON_APIKEY_NOT_ALLOWED})
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Whose failure a refusal is (see the module docstring): ``peer_fault`` counts for
+    ``by: peer``/``address`` rules; ``subject``/``issuer`` for the rules keyed by them."""
+
+    peer_fault: bool = True
+    subject: str | None = None
+    issuer: str | None = None
+
+
+PEER_FAILURE = Failure()
+
+
+def classify_failure(reason: str, rule: Rule | None, auth: AuthFacts,
+                     issuers: Mapping[str, str]) -> Failure:
+    """Classify one 401/403 refusal. ``rule``: the deciding rule (None for default deny);
+    ``issuers``: JWT provider name -> issuer."""
+    when = rule.when if rule is not None else None
+    credential_rule = when is not None and (when.jwt is not None or when.apikey is not None)
+    if reason not in END_USER_REASONS and not (reason == REASON_DENIED_BY_RULE
+                                               and credential_rule):
+        return PEER_FAILURE
+    if when is not None and when.jwt is not None:
+        provider = when.jwt.provider
+        claims = auth.claims.get(provider)
+        sub = claims.get("sub") if claims is not None else auth.unverified_subjects.get(provider)
+        return Failure(False, sub if isinstance(sub, str) else None, issuers.get(provider))
+    return Failure(False, f"apikey:{auth.apikey}" if auth.apikey else None, API_KEYS_ISSUER)
 
 
 @dataclass(slots=True)
@@ -126,14 +185,24 @@ class BurstDetector:
             del self._blocks[key]
 
     @staticmethod
-    def _source(rule: AlertRule, peer: str | None, address: str | None) -> str | None:
-        return peer if rule.by == "peer" else address
+    def _source(rule: AlertRule, peer: str | None, address: str | None,
+                failure: Failure = PEER_FAILURE) -> str | None:
+        by = rule.by
+        if by == "subject":
+            return failure.subject
+        if by == "issuer":
+            return failure.issuer
+        if not failure.peer_fault:
+            return None  # a user's failure never counts against the peer relaying it
+        return peer if by == "peer" else address
 
-    def record_failure(self, peer: str | None, address: str | None, now: float) -> list[Alert]:
-        """Count one authn/authz failure; returns the alerts it raises (usually none)."""
+    def record_failure(self, peer: str | None, address: str | None, now: float,
+                       failure: Failure = PEER_FAILURE) -> list[Alert]:
+        """Count one authn/authz failure (``failure``: whose, see ``classify_failure``);
+        returns the alerts it raises (usually none)."""
         alerts: list[Alert] = []
         for rule in self._rules:
-            source = self._source(rule, peer, address)
+            source = self._source(rule, peer, address, failure)
             if not source:
                 continue
             threshold = max(1, rule.threshold)

@@ -91,6 +91,8 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        if self.detector is not None:
+            self.telemetry.on_credential_failure = self._tls_credential_failure
         if self.authenticator is not None:
             from sidecar.authn.introspect import Introspector
 
@@ -201,8 +203,17 @@ class Sidecar:
                 peer=alert.source if alert.by == "peer" else None,
                 source=alert.source if alert.by == "address" else "",
                 extra={"failures": alert.failures, "window_seconds": alert.window_seconds,
-                       "block_seconds": alert.block_seconds}))
+                       "block_seconds": alert.block_seconds, "by": alert.by,
+                       # by subject/issuer: the token subject or issuer the burst is about
+                       **({"alert_source": alert.source}
+                          if alert.by in ("subject", "issuer") else {})}))
         self.alert_poster.submit(alert)
+
+    def _tls_credential_failure(self, source: str) -> None:
+        """An inbound peer's certificate failed: the peer's own failure (by: address rules;
+        there is no verified peer identity to count by: peer)."""
+        for alert in self.detector.record_failure(None, source, time.time()):
+            self._raise_alert(alert)
 
     def _audit_alert(self, kind: str, message: str) -> None:
         """The audit writer's ``on_alert(kind, message)``: write failed, records lost,

@@ -188,7 +188,14 @@ class Gate:
             if challenge is not None:
                 verdict.response_headers = [(b"www-authenticate", challenge)]
         if detector is not None and decision.status in (401, 403):
-            for alert in detector.record_failure(facts.peer, facts.source, now):
+            # A user's bad credentials count per subject/issuer, never against the peer
+            # that relays them (sidecar/alerts.py, classify_failure).
+            from sidecar.alerts import classify_failure
+
+            failure = classify_failure(
+                decision.reason, section.by_name.get(decision.rule), auth,
+                {n: p.issuer for n, p in policy.extras.jwt_providers.items()})
+            for alert in detector.record_failure(facts.peer, facts.source, now, failure):
                 if self.on_alert is not None:
                     self.on_alert(alert)
         return verdict

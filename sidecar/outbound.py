@@ -19,8 +19,8 @@ from sidecar.config.model import OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import connection_tokens
-from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.request import RequestHead
+from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.net.forward import Exchange, forward, splice

@@ -7,6 +7,7 @@ log lines are single writes, audit records go into the audit writer's bounded qu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sidecar import logs
@@ -14,6 +15,11 @@ from sidecar.audit.record import connection_refused_record, record_from
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.tap import Tap
+
+# Connection refusals that are a failure of the peer's own credentials (its certificate):
+# not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
+TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
+                                     "no_client_cert", "bad_svid"})
 
 
 class Telemetry:
@@ -25,6 +31,9 @@ class Telemetry:
         self.service = service  # our own SPIFFE ID, recorded so replay knows the section
         self.audit = audit  # sidecar.audit.writer.AuditWriter or None
         self.tap = Tap()  # recent decisions for `sidecar tap` / `top`; off unless watched
+        # Called with the source address when an inbound peer's own credentials failed at
+        # the TLS layer (the burst detector's by: address / peer rules; see sidecar/alerts.py).
+        self.on_credential_failure: Callable[[str], None] | None = None
         reg = metrics.registry
         self.handshakes = reg.counter(
             "sidecar_tls_handshakes_total", "TLS handshakes completed, by direction.",
@@ -55,6 +64,10 @@ class Telemetry:
         if self.audit is not None:
             self.audit.submit(connection_refused_record(
                 time=started, direction=direction, source=source, peer=peer, reason=reason))
+        hook = self.on_credential_failure
+        if hook is not None and direction == "inbound" and reason.split(":")[0] in \
+                TLS_CREDENTIAL_FAILURES:
+            hook(source)
 
     # -- requests ------------------------------------------------------------------------
     def accepting(self) -> bool:

@@ -199,11 +199,16 @@ def start_app(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
     return proc, port
 
 
+# Every sidecar started by a test, for the internal-error check (``sidecar_log_faults``).
+STARTED_SIDECARS: list[SidecarProc] = []
+
+
 class SidecarProc(Proc):
     def __init__(self, cfg_path: Path, log: Path, cfg: dict[str, Any]) -> None:
         super().__init__([sys.executable, "-m", "sidecar", "run", "-c", str(cfg_path)], log)
         self.cfg = cfg
         self.cfg_path = cfg_path
+        STARTED_SIDECARS.append(self)
 
     def port(self, name: str) -> int:
         if name == "inbound":
@@ -220,6 +225,27 @@ class SidecarProc(Proc):
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(self.metrics(), name, **labels)
+
+
+def sidecar_log_faults(proc: Proc, offset: int = 0) -> list[str]:
+    """Lines of ``proc``'s log after byte ``offset`` that show a request the sidecar did not
+    handle: an ``internal_error`` event (a connection handler raised) or a bare traceback."""
+    if not proc._log.closed:
+        proc._log.flush()
+    with open(proc.log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                if json.loads(line).get("event") == "internal_error":
+                    out.append(line)
+            except ValueError:
+                pass
+        elif line.startswith("Traceback"):
+            out.append(line)
+    return out
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import h11
+import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -18,8 +19,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar import logs
-from sidecar.alerts import Alert, AlertPoster, BurstDetector
+from sidecar.alerts import (
+    API_KEYS_ISSUER,
+    Alert,
+    AlertPoster,
+    BurstDetector,
+    Failure,
+    classify_failure,
+)
+from sidecar.errors import ConfigError
 from sidecar.metrics import SidecarMetrics
+from sidecar.policy.decision import AuthFacts
+from sidecar.policy.loader import load_policy
+from sidecar.policy.model import Conditions, JwtCondition, Rule
 from sidecar.policy.sections import AlertRule
 
 PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -338,3 +350,70 @@ def test_https_webhook_verifies_the_server(tmp_path: Path) -> None:
     assert [(t, b) for t, _, b in received] == [("/alerts", b'{"a":1}')]
     assert metrics.alert_webhooks_total.value("sent") == 1
     assert metrics.alert_webhooks_total.value("failed") == 1
+
+
+# --- whose failure (classify_failure) ----------------------------------------------------------
+
+ISSUERS = {"corp": "https://login.example.com/"}
+PLAIN = Rule("paths-only", "deny", Conditions(paths=("/admin/**",)))
+JWT_DENY = Rule("guests", "deny", Conditions(jwt=JwtCondition("corp", ())))
+JWT_ALLOW = Rule("readers", "allow", Conditions(jwt=JwtCondition("corp", ())))
+KEY_ALLOW = Rule("batch", "allow", Conditions(apikey=True))
+VERIFIED = AuthFacts(claims={"corp": {"sub": "alice"}})
+UNVERIFIED = AuthFacts(token_errors={"corp": "expired"}, unverified_subjects={"corp": "bob"})
+KEY = AuthFacts(apikey="old-job")
+
+# (reason, deciding rule, auth facts) -> expected Failure. Every refusal the gate counts.
+CLASSES = [
+    ("default_deny", None, VERIFIED, Failure()),
+    ("no_section_for_identity", None, VERIFIED, Failure()),
+    ("denied_by_rule", PLAIN, VERIFIED, Failure()),
+    ("denied_by_rule", JWT_DENY, VERIFIED, Failure(False, "alice", ISSUERS["corp"])),
+    ("token_missing", JWT_ALLOW, AuthFacts(), Failure(False, None, ISSUERS["corp"])),
+    ("token_invalid", JWT_ALLOW, UNVERIFIED, Failure(False, "bob", ISSUERS["corp"])),
+    ("token_invalid", JWT_ALLOW, AuthFacts(token_errors={"corp": "malformed"}),
+     Failure(False, None, ISSUERS["corp"])),
+    ("claims_mismatch", JWT_ALLOW, VERIFIED, Failure(False, "alice", ISSUERS["corp"])),
+    ("apikey_missing", KEY_ALLOW, AuthFacts(), Failure(False, None, API_KEYS_ISSUER)),
+    ("apikey_not_allowed", KEY_ALLOW, KEY, Failure(False, "apikey:old-job", API_KEYS_ISSUER)),
+]
+
+
+@pytest.mark.parametrize(("reason", "rule", "auth", "want"), CLASSES,
+                         ids=[f"{c[0]}-{c[1].name if c[1] else 'none'}" for c in CLASSES])
+def test_classify_failure(reason: str, rule: Rule | None, auth: AuthFacts,
+                          want: Failure) -> None:
+    assert classify_failure(reason, rule, auth, ISSUERS) == want
+
+
+def test_user_failures_count_per_subject_and_issuer_never_per_peer_or_address() -> None:
+    d = BurstDetector((
+        AlertRule("addr", threshold=3, window_seconds=60, by="address", block_seconds=60),
+        AlertRule("peer", threshold=3, window_seconds=60, by="peer", block_seconds=60),
+        AlertRule("user", threshold=3, window_seconds=60, by="subject"),
+        AlertRule("iss", threshold=5, window_seconds=60, by="issuer"),
+    ))
+    raised = []
+    for i in range(50):
+        raised += d.record_failure(PEER, ADDR, i * 0.1, Failure(False, f"u{i}", "iss-1"))
+    assert [(a.rule, a.source) for a in raised] == [("iss", "iss-1")]
+    assert not d.blocked(PEER, ADDR, 6)
+    for i in range(3):
+        raised = d.record_failure(PEER, ADDR, 7 + i, Failure(False, "mallory", "iss-1"))
+    assert [(a.rule, a.source) for a in raised] == [("user", "mallory")]
+    assert not d.blocked(PEER, ADDR, 10)
+    for i in range(3):
+        raised = d.record_failure(PEER, ADDR, 11 + i)  # the peer's own failures
+    assert {a.rule for a in raised} == {"addr", "peer"}
+    assert d.blocked(PEER, ADDR, 14)
+
+
+@pytest.mark.parametrize("by", ["subject", "issuer"])
+def test_subject_and_issuer_alerts_cannot_block(by: str) -> None:
+    doc = ("version: 1\ntrust_domain: t.local\nservices: {}\nalerts:\n"
+           f"  - {{name: a, threshold: 3, window: 1m, by: {by}, block: 5m}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(doc, "p.yaml")
+    assert "alerts[0].block" in str(err.value) and "p.yaml:" in str(err.value)
+    ok = load_policy(doc.replace(", block: 5m", ""), "p.yaml")
+    assert ok.extras.alerts[0].by == by

@@ -10,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.authn.jwks import parse_jwks
-from sidecar.authn.jwt import TokenInvalid, verify_token
+from sidecar.authn.jwt import MAX_NUMERIC_DATE, TokenInvalid, verify_token
+from tests.jwt_claim_family import MEMBER_IDS, MEMBERS, payload_text, sign_raw
 from tests.test_authn_support import (
     AUDIENCE,
     NOW,
@@ -181,9 +182,41 @@ def test_missing_required_claim() -> None:
     assert reason(mint(claims(sub=None), ec_key()), prov=strict) == "missing_claim"
 
 
-def test_non_numeric_exp_is_malformed() -> None:
-    assert reason(mint(claims(exp="tomorrow"), ec_key())) == "malformed"
-    assert reason(mint(claims(exp=True), ec_key())) == "malformed"
+@pytest.mark.parametrize(("claim", "label", "text"), MEMBERS, ids=MEMBER_IDS)
+def test_every_malformed_registered_claim_is_an_invalid_token(claim: str, label: str,
+                                                              text: str) -> None:
+    # The family (tests/jwt_claim_family.py): a registered claim of the wrong JSON type or
+    # out of range is refused with 401, whatever the provider requires; never read as absent
+    # and never an exception other than TokenInvalid.
+    token = sign_raw(payload_text(claims(), claim, text), ec_key())
+    for prov in (CORP, provider(required_claims=("exp", "nbf", "iat", "sub", "jti"))):
+        assert reason(token, prov=prov) in ("bad_claim", "malformed")
+
+
+def test_the_family_members_are_refused_for_their_value_alone() -> None:
+    # The same token with a valid value for the claim verifies: the family tests the value.
+    for claim, valid in (("exp", int(NOW) + 60), ("nbf", int(NOW) - 60), ("iat", int(NOW)),
+                         ("iss", CORP.issuer), ("sub", "bob"), ("jti", "j-1"),
+                         ("aud", [AUDIENCE])):
+        token = sign_raw(payload_text(claims(), claim, json.dumps(valid)), ec_key())
+        assert verify_token(token, CORP, KEYS, NOW)[claim] == valid
+
+
+def test_null_required_claim_is_missing_not_absent_from_checks() -> None:
+    # `exp: null` used to pass "required" (the key is there) and then never expire.
+    token = sign_raw(payload_text(claims(), "exp", "null"), ec_key())
+    assert reason(token) == "bad_claim"
+    custom = provider(required_claims=("exp", "tenant"))
+    token = sign_raw(payload_text(claims(), "tenant", "null"), ec_key())
+    assert reason(token, prov=custom) == "missing_claim"
+
+
+def test_numeric_date_bounds() -> None:
+    assert verify_token(mint(claims(exp=MAX_NUMERIC_DATE), ec_key()), CORP, KEYS, NOW)
+    assert reason(mint(claims(exp=MAX_NUMERIC_DATE + 1), ec_key())) == "bad_claim"
+    assert reason(mint(claims(iat=-1), ec_key())) == "bad_claim"
+    assert reason(mint(claims(exp=float(NOW) + 0.5, nbf=float(NOW) - 0.5), ec_key()),
+                  now=NOW + 31) == "expired"
 
 
 def test_max_lifetime() -> None:

@@ -319,6 +319,13 @@ def test_introspected_answers_get_the_same_checks_as_jwts() -> None:
     assert answer(iss=None) == {}  # iss is optional in RFC 7662 answers
     assert answer(aud="other-api") == {"corp": "bad_audience"}
     assert answer(exp=int(NOW) - 1) == {"corp": "inactive"}  # past exp: cached as inactive
+    # Registered claims of the wrong type or range, as in JWTs (tests/jwt_claim_family.py):
+    # never read as "no expiry", never an exception.
+    for bad in ("never", [int(NOW) + 60], True, 10**400, -10**400, float("nan"), float("inf"),
+                -1, 253402300800):
+        assert answer(exp=bad) in ({"corp": "bad_claim"}, {"corp": "inactive"}), bad
+    assert answer(sub={"id": 1}) == {"corp": "bad_claim"}
+    assert answer(iat="yesterday") == {"corp": "bad_claim"}
     assert answer(cnf={"x5t#S256": x5t_s256(b"other")}) == {"corp": "cert_mismatch"}
     assert answer(cnf={"x5t#S256": PEER}) == {}
     auth.introspected.clear()  # not asked about for this request: the token counts as absent

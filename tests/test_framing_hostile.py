@@ -25,6 +25,9 @@ from tests.test_hostile_http import (
     statuses,
 )
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 H = b"Host: orders\r\n"
 TE = b"Transfer-Encoding: chunked\r\n"
 

@@ -24,7 +24,10 @@ from sidecar.http.untrusted import (
     catalogue_markdown,
     entry_for,
 )
-from tests.test_hostile_http import H, SIDES, Mesh, exchange, statuses
+from tests.test_hostile_http import SIDES, H, Mesh, exchange, statuses
+
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "zz-spoofed-9f3"
@@ -201,24 +204,89 @@ def test_underscore_names_dropped_by_default(mesh: Mesh, side: str) -> None:
     assert _leaks(heads) == [("x-custom-ok", MARK)]
 
 
+# Token characters (RFC 9110 5.6.2) besides letters, digits, "-" and "_": a gateway that maps
+# them to "_" (lighttpd's CGI/FastCGI) turns X.Forwarded.For into HTTP_X_FORWARDED_FOR.
+ODD_CHARS = "!#$%&'*+.^`|~"
+
+
+def test_names_with_other_token_characters_are_dropped() -> None:
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True)):
+        for ch in ODD_CHARS:
+            assert f.removes(f"x{ch}forwarded{ch}for".encode()), ch
+            assert f.removes(f"x-custom{ch}".encode()), ch
+        assert not f.removes(b"x-custom-9")
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_names_with_other_token_characters_never_reach_the_app(mesh_us: Mesh,
+                                                               side: str) -> None:
+    names = [f"x{ch}forwarded{ch}for" for ch in ODD_CHARS] + ["X.Real.IP", "x-custom-ok"]
+    heads = _send(mesh_us, side, names)
+    assert _leaks(heads) == [("x-custom-ok", MARK)]
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_pass_through_entry_reaches_the_app(mesh_us: Mesh, side: str) -> None:
     heads = _send(mesh_us, side, ["X-Forwarded-Host", "X-Forwarded-For"])
     assert _leaks(heads) == [("x-forwarded-host", MARK)]
 
 
-@pytest.mark.parametrize("side", SIDES)
-def test_catalogue_as_trailers_never_reaches_the_app(mesh: Mesh, side: str) -> None:
-    trailer = b"".join(f"{n}: {MARK}\r\n".encode() for n in NAMES[:20])
-    data = (b"POST /cat HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-            b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n" + trailer + b"\r\n")
+def _send_trailers(mesh: Mesh, side: str, names: list[str]) -> list[dict[str, Any]]:
+    """One keep-alive connection, one chunked POST per batch of names sent as trailers (and
+    announced in a ``Trailer`` header); the app's records."""
+    batches = [names[i:i + 100] for i in range(0, len(names), 100)]
+    data = b""
+    for i, batch in enumerate(batches):
+        trailer = b"".join(f"{n}: {MARK}\r\n".encode() for n in batch)
+        announce = ", ".join(batch[:10]).encode()
+        last = b"Connection: close\r\n" if i == len(batches) - 1 else b""
+        data += (b"POST /cat HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+                 b"TE: trailers\r\nTrailer: " + announce + b"\r\n" + last +
+                 b"\r\n3\r\nabc\r\n0\r\n" + trailer + b"\r\n")
     mark = mesh.app.snapshot()
     out = exchange(mesh, side, data, timeout=8.0)
-    assert statuses(out) == [200], out[:400]
+    assert statuses(out) == [200] * len(batches), out[:400]
     with mesh.app.lock:
         heads = list(mesh.app.heads[mark[0]:])
-    assert heads and heads[0]["body"] == 3
+    assert [h["body"] for h in heads] == [3] * len(batches)
+    return heads
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("which", ["default", "underscores_and_pass_through"])
+def test_catalogue_as_trailers_never_reaches_the_app(mesh: Mesh, mesh_us: Mesh, side: str,
+                                                     which: str) -> None:
+    """Trailers are never forwarded: every entry in every variant (and twice), sent as a
+    request trailer, reaches the app neither as a trailer nor as a header -- also with
+    ``allow_underscores`` and for the ``pass_through`` entry, which apply to headers only."""
+    m = mesh if which == "default" else mesh_us
+    names = [v for n in NAMES for v in variants(n)] + NAMES + ["x-custom-trailer"]
+    heads = _send_trailers(m, side, names)
     assert _leaks(heads) == []
+    assert all(h.get("trailers") == [] for h in heads), heads[0].get("trailers")
+    sent = {n for h in heads for n, _ in h["headers"]}
+    assert not sent & {"trailer", "te"}, sent
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_response_trailers_never_reach_the_client(mesh: Mesh, side: str) -> None:
+    """The same in the other direction: the app's response trailers (every entry, announced
+    in a ``Trailer`` header) are dropped by the inbound sidecar's reader, and the outbound
+    one re-frames what it got; the client sees the body and no trailer."""
+    names = [v for n in NAMES for v in variants(n)][:150]
+    with mesh.app.lock:
+        mesh.app.response_trailers = [(n, MARK) for n in names]
+    try:
+        out = exchange(mesh, side, b"GET /trailers HTTP/1.1\r\n" + H +
+                       b"TE: trailers\r\nConnection: close\r\n\r\n", timeout=8.0)
+    finally:
+        with mesh.app.lock:
+            mesh.app.response_trailers = []
+    assert statuses(out) == [200], out[:400]
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"trailer-body" in body
+    assert MARK.encode() not in out
+    assert b"\ntrailer:" not in head.lower()
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -42,6 +42,9 @@ from tests.harness import (
     wait_for,
 )
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 # --- a recording app ------------------------------------------------------------------------
 
 
@@ -62,6 +65,8 @@ class RecordingApp:
         self.heads: list[dict[str, Any]] = []
         self.complete = 0
         self.errors: list[str] = []
+        # GET /trailers answers chunked with these response trailers (and a Trailer header).
+        self.response_trailers: list[tuple[str, str]] = []
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -123,6 +128,15 @@ class RecordingApp:
 
     def _respond(self, sock: socket.socket, conn: h11.Connection, head: dict[str, Any]) -> None:
         target = head["target"]
+        if target == "/trailers":
+            with self.lock:
+                trailers = list(self.response_trailers)
+            sock.sendall(conn.send(h11.Response(status_code=200, headers=[
+                ("transfer-encoding", "chunked"),
+                ("trailer", ", ".join(n for n, _ in trailers[:10]))])))
+            sock.sendall(conn.send(h11.Data(data=b"trailer-body")))
+            sock.sendall(conn.send(h11.EndOfMessage(headers=trailers)))
+            return
         if target.startswith("/big?n="):
             n = int(target.split("=", 1)[1])
             sock.sendall(conn.send(h11.Response(status_code=200, headers=[
@@ -534,6 +548,21 @@ def test_connection_header_cannot_strip_sidecar_identity(mesh: Mesh) -> None:
     names = [n for n, _ in seen]
     assert names.count("x-forwarded-client-cert") == 1, seen
     assert names.count("x-request-id") == 1, seen
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_connection_header_cannot_strip_host_or_framing(mesh: Mesh, side: str) -> None:
+    """``Connection: host, content-length`` used to strip Host: the app refused the request
+    and the caller got a 502 (inbound) or a 400 from the peer sidecar (outbound)."""
+    mark = mesh.app.snapshot()
+    data = (b"POST /conn HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n"
+            b"Connection: host, content-length, close\r\n\r\nabc")
+    out = exchange(mesh, side, data)
+    assert statuses(out) == [200], out[:300]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["body"] for h in heads] == [3]
+    assert [v for n, v in heads[0]["headers"] if n == "host"] == ["orders"]
 
 
 # --- resource exhaustion ----------------------------------------------------------------------

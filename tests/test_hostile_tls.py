@@ -27,6 +27,9 @@ from tests.harness import (
     wait_for,
 )
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 HANDSHAKE_TIMEOUT = 1.0
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -51,7 +52,11 @@ from tests.harness import (
     start_sidecar,
     wait_for,
 )
+from tests.jwt_claim_family import MEMBER_IDS, MEMBERS, payload_text, sign_raw
 from tests.test_authn_support import AUDIENCE, ISSUER, b64, ec_key, jwk, jwks_bytes, rsa_key
+
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 BEARER_MISSING = 'Bearer realm="sidecar"'
 BEARER_INVALID = 'Bearer realm="sidecar", error="invalid_token"'
@@ -221,11 +226,16 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         "hidden": provider_doc(
             jwks_file="jwks/corp.json", from_headers=["x-token"], forward_token=False,
             forward_claims={"sub": "x-hidden-user"}),
+        # Room for the claim family's longest members (a 5000-digit exp), which must be
+        # refused for their claim, not for their size.
+        "wide": provider_doc(jwks_file="jwks/corp.json", max_token_bytes=16384,
+                             required_claims=["exp", "iat", "sub"]),
     }
     rules = [
         jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
                  {"scope": {"contains": "orders:read"}}),
         jwt_rule("hidden-token", ["/hidden/**"], "hidden"),
+        jwt_rule("wide-token", ["/wide/**"], "wide"),
         {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
                                     "apikey": True}},
     ]
@@ -381,6 +391,30 @@ def test_classic_attack_is_refused_with_generic_401(shared: Shared, generic_401:
     assert not any(word.encode() in lowered for word in REASON_WORDS), r.body
     # Refused for the right reason (metrics are the operator's view of the same decision).
     assert node.metric("sidecar_jwt_failures_total", provider="corp", reason=reason) == before + 1
+
+
+@pytest.mark.parametrize(("claim", "label", "text"), MEMBERS, ids=MEMBER_IDS)
+def test_malformed_claim_family_gets_401_through_a_real_sidecar(
+        shared: Shared, generic_401: bytes, claim: str, label: str, text: str) -> None:
+    # Every member of tests/jwt_claim_family.py, correctly signed by the provider's own key:
+    # the type or range of one registered claim is all that is wrong. Before the fix
+    # `exp: null` reached the app and `exp: 10**400` dropped the connection (internal_error,
+    # which the module's no_internal_errors check also catches).
+    node = shared.node
+    token = sign_raw(payload_text(claims(), claim, text), ec_key("e2e-ec-1"))
+    r = http(node.port, "GET", "/wide/x", headers={"authorization": f"Bearer {token}"},
+             ctx=node.ctx)
+    assert r.status == 401, (claim, label, r.status, r.body)
+    assert r.headers.get("www-authenticate") == BEARER_INVALID
+    assert generic(r.body) == generic_401
+
+
+def test_claim_family_control_token_is_accepted(shared: Shared) -> None:
+    # The family's tokens are built like this one; with valid values it gets through.
+    token = sign_raw(payload_text(claims(), "exp", str(int(time.time()) + 60)),
+                     ec_key("e2e-ec-1"))
+    r = shared.node.get("/wide/x", token)
+    assert r.status == 200, r.body
 
 
 def test_two_authorization_headers_refused_before_policy(shared: Shared) -> None:
@@ -719,3 +753,107 @@ def test_ready_only_after_the_first_jwks_fetch_attempt(tmp_path: Path, pki: Pki,
     # start_node returned on /readyz 200: the keys are there for the very first request.
     assert node.get("/x", sign(claims())).status == 200
     assert server.count() == 1
+
+
+# ----------------------------------------------------------------------------- whose failure
+
+
+def test_users_bad_tokens_never_block_the_frontend_relaying_them(tmp_path: Path, pki: Pki,
+                                                                 own_app: int,
+                                                                 procs: list) -> None:
+    """Fifty users' bad tokens through one frontend: alerts per subject and issuer, but the
+    frontend's address and identity are never blocked. The frontend's own failures (paths no
+    rule allows it) still block it."""
+    jwks = tmp_path / "policy" / "jwks.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(jwks, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
+    doc = policy_doc({"corp": provider_doc(jwks_file="jwks.json")}, [
+        jwt_rule("readers", ["/orders/**"], "corp", {"scope": {"contains": "orders:read"}}),
+        {"name": "guests-never-write", "deny": {"methods": ["POST"], "paths": ["/orders/**"],
+                                                "jwt": {"provider": "corp",
+                                                        "claims": {"role": "guest"}}}},
+    ])
+    doc["alerts"] = [
+        {"name": "address-scanning", "threshold": 5, "window": "5m", "by": "address",
+         "block": "10m"},
+        {"name": "peer-scanning", "threshold": 5, "window": "5m", "by": "peer", "block": "10m"},
+        {"name": "user-burst", "threshold": 5, "window": "5m", "by": "subject"},
+        {"name": "issuer-burst", "threshold": 40, "window": "5m", "by": "issuer"},
+    ]
+    node = start_node(tmp_path, pki, own_app, doc)
+    procs.append(node.sidecar)
+    now = int(time.time())
+    # Fifty users, each with one kind of bad credential (401 and 403 both).
+    for i in range(50):
+        kind = i % 5
+        if kind == 0:
+            token = sign(claims(sub=f"user-{i}", iat=now - 7200, exp=now - 3600))  # expired
+        elif kind == 1:
+            token = sign(claims(sub=f"user-{i}"), ec.generate_private_key(ec.SECP256R1()))
+        elif kind == 2:
+            token = sign(claims(sub=f"user-{i}", scope="profile"))  # 403 claims_mismatch
+        elif kind == 3:
+            token = sign_raw(payload_text(claims(sub=f"user-{i}"), "exp", "null"),
+                             ec_key("e2e-ec-1"))
+        else:
+            token = "not-a-jwt"
+        r = node.get(f"/orders/{i}", token)
+        assert r.status in (401, 403), (i, r.status)
+    r = http(node.port, "POST", "/orders/1",
+             headers={"authorization": f"Bearer {sign(claims(role='guest'))}"}, ctx=node.ctx)
+    assert r.status == 403  # denied by a rule about the user's token: the user's failure
+    # The frontend is not blocked: the next user with a good token gets through.
+    assert node.get("/orders/ok", sign(claims(sub="carol"))).status == 200
+    assert node.metric("sidecar_source_blocked_total") == 0
+    events = node.sidecar.log_events("alert_raised")
+    assert [(e["alert"], e["source"]) for e in events] == [("issuer-burst", ISSUER)]
+
+    # One user hammering with bad tokens: an alert naming that subject, still no block.
+    for _ in range(5):
+        assert node.get("/orders/1", sign(claims(sub="mallory", scope="none"))).status == 403
+    assert node.get("/orders/ok", sign(claims(sub="carol"))).status == 200
+    events = node.sidecar.log_events("alert_raised")
+    assert ("user-burst", "mallory", "subject") in [(e["alert"], e["source"], e["by"])
+                                                    for e in events]
+    assert not [e for e in events if e["by"] in ("peer", "address")]
+
+    # The frontend's own failures (paths no rule allows its identity) do count against it.
+    for i in range(5):
+        assert node.get(f"/admin/{i}", sign(claims())).status == 403
+    r = node.get("/orders/ok", sign(claims(sub="carol")))
+    assert r.status == 403  # source_blocked
+    events = node.sidecar.log_events("alert_raised")
+    assert {e["alert"] for e in events if e["by"] in ("peer", "address")} == {
+        "address-scanning", "peer-scanning"}
+    assert node.metric("sidecar_source_blocked_total") >= 1
+
+
+def test_peer_certificate_failures_count_for_address_rules(tmp_path: Path, pki: Pki,
+                                                           own_app: int, procs: list) -> None:
+    """The peer's own credential is its certificate: handshakes with an untrusted or without
+    a client certificate count for by: address rules (and block), while timeouts and plain
+    TCP probes (health checks) do not."""
+    doc = policy_doc({}, [{"name": "frontend", "allow": {"from": [spiffe("frontend")]}}])
+    doc["alerts"] = [{"name": "address-scanning", "threshold": 3, "window": "5m",
+                      "by": "address", "block": "10m"}]
+    node = start_node(tmp_path, pki, own_app, doc)
+    procs.append(node.sidecar)
+    good = node.get("/x")
+    assert good.status == 200
+    for _ in range(3):  # plain TCP connect and close: no credential was presented
+        s = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+        s.close()
+    assert node.get("/x").status == 200
+    assert node.sidecar.log_events("alert_raised") == []
+    stranger = Pki(tmp_path / "other-pki")  # a CA the sidecar does not trust
+    bad_ctx = mtls_context(stranger.identity("frontend"), pki.bundle)
+    no_cert_ctx = mtls_context(None, pki.bundle)
+    for ctx in (bad_ctx, no_cert_ctx, bad_ctx):
+        with pytest.raises((ssl.SSLError, OSError)):
+            http(node.port, "GET", "/x", ctx=ctx, timeout=5)
+    wait_for(lambda: node.sidecar.log_events("alert_raised"), timeout=10)
+    [alert] = node.sidecar.log_events("alert_raised")
+    assert alert["alert"] == "address-scanning" and alert["source"] == "127.0.0.1"
+    r = node.get("/x")
+    assert r.status == 403  # the address is blocked now, valid certificate or not
+    assert node.metric("sidecar_source_blocked_total") >= 1

@@ -14,6 +14,9 @@ from sidecar.policy.loader import load_policy
 from tests.harness import spiffe
 from tests.test_hostile_http import ISSUER, SIDES, H, Mesh, exchange, statuses
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 POLICY = f"""\
 version: 1
 trust_domain: demo.local

@@ -38,6 +38,9 @@ from tests.harness import (
 )
 from tests.idp import IdpProc
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 AUD = "orders"
 SERVICE_AUD = "https://orders.example"
 

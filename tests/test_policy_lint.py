@@ -25,8 +25,10 @@ services:
 FRONT = "spiffe://t.local/ns/a/sa/api"
 
 
-def codes(rules: str, extra: str = "") -> set[str]:
-    policy = load_policy(HEAD + rules + extra, "lint.yaml")
+def codes(rules: str, extra: str = "", path_case: str | None = None) -> set[str]:
+    head = HEAD if path_case is None else HEAD.replace(
+        "    rules:\n", f"    path_case: {path_case}\n    rules:\n")
+    policy = load_policy(head + rules + extra, "lint.yaml")
     return {w.code for w in lint(policy, NOW) if w.code != "unused-provider"}
 
 
@@ -82,7 +84,9 @@ def test_precise_rules_are_clean() -> None:
              "      - {name: c, deny: {paths: [/admin/**]}}\n"
              f"      - {{name: d, allow: {{from: [{FRONT}], paths: [/z],"
              " jwt: {provider: corp}}}\n")
-    assert codes(rules) == set()
+    # Rule c is only clean where the section says how its app treats case.
+    assert codes(rules) == {"case-sensitive-deny"}
+    assert codes(rules, path_case="sensitive") == set()
 
 
 @pytest.mark.parametrize("path", sorted(POLICIES.glob("*.yaml")), ids=lambda p: p.name)

@@ -17,6 +17,9 @@ from sidecar.policy.paths import normalise_target
 from tests.harness import spiffe
 from tests.test_hostile_http import POLICY, SIDES, H, Mesh, exchange, statuses
 
+# Every request here must end in a generic answer, never in an unhandled exception.
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
 # raw target -> what the app must receive
 FORWARDED = {
     b"/%7Eadmin/%41": "/~admin/A",

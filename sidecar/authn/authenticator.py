@@ -47,6 +47,8 @@ from sidecar.authn.jwt import (
     Claims,
     TokenInvalid,
     check_audience,
+    check_claim_types,
+    unverified_subject,
     verify_token,
 )
 from sidecar.authn.oauth import (
@@ -230,16 +232,20 @@ class Authenticator:
         """
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
+        subjects: dict[str, str] = {}
         for name in providers:
             if name in claims or name in errors:
                 continue
             provider = self._providers.get(name)
+            token = None
             try:
                 if provider is None:
                     raise TokenInvalid(UNKNOWN_PROVIDER)
                 if not provider.audiences:
                     provider = self._with_audience(provider, audience)
                 found = extract_tokens(provider, headers, query)
+                if found is not None:
+                    token = found.token
                 if found is not None and provider.introspection is not None:
                     answer = self._introspected_claims(provider, found.token, now)
                     if answer is None:
@@ -253,10 +259,15 @@ class Authenticator:
             except TokenInvalid as exc:
                 errors[name] = exc.reason
                 self.failures[exc.reason] += 1
+                if token is not None and provider is not None:
+                    sub = unverified_subject(token, provider.max_token_bytes)
+                    if sub is not None:
+                        subjects[name] = sub
         apikey = self._check_apikey(headers, now)
         if not claims and not errors and apikey is None:
             return NO_AUTH
-        return AuthFacts(claims=claims, token_errors=errors, apikey=apikey)
+        return AuthFacts(claims=claims, token_errors=errors, apikey=apikey,
+                         unverified_subjects=subjects)
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
@@ -307,6 +318,9 @@ class Authenticator:
             raise TokenInvalid(INACTIVE)
         # RFC 7662 2.2: iss, aud and exp are optional in a response; when present they must
         # fit this provider. aud is required like for JWTs (tokens for other APIs stay out).
+        # Registered claims have their JWT types here too (exp: null or "never" or NaN is no
+        # expiry time: bad_claim, never read as absent).
+        check_claim_types(claims)
         if "iss" in claims and claims["iss"] != provider.issuer:
             raise TokenInvalid(BAD_ISSUER)
         check_audience(claims.get("aud"), provider.audiences)

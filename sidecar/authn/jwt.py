@@ -19,6 +19,15 @@ signature primitive of one algorithm chosen *here*. The order of checks is delib
 6. signature, then audience, required claims, time claims (``now`` +- clock skew) and the
    maximum lifetime.
 
+Claim types (``REGISTERED_CLAIM_TYPES``) are checked right after the payload parses, before
+anything reads a claim: a registered claim of the wrong JSON type or out of range makes the
+token invalid (``bad_claim``), it is never read as "absent". ``exp: null`` is not a token
+without expiry, and ``exp: 1e400`` / ``10**400`` never reaches float arithmetic (Python
+ints are unbounded: ``math.isfinite(10**400)`` raises). String claims must be non-empty
+strings. A NumericDate is a JSON number, not a boolean, between 0 and ``MAX_NUMERIC_DATE``
+(the last second of year 9999, what every date library can still represent). A required claim must be present and not null;
+a required time claim must also be a valid NumericDate, which the type check guarantees.
+
 Reason codes (``TokenInvalid.reason``) go to logs, metrics and the decision value; the
 client only ever sees a generic 401.
 """
@@ -58,6 +67,42 @@ LIFETIME_TOO_LONG = "lifetime_too_long"
 REVOKED = "revoked"
 MULTIPLE_TOKENS = "multiple_tokens"
 UNKNOWN_PROVIDER = "unknown_provider"
+BAD_CLAIM = "bad_claim"
+
+MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+def _is_numeric_date(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return 0 <= value <= MAX_NUMERIC_DATE  # int/float comparison is exact, never overflows
+
+
+def _is_string(value: Any) -> bool:
+    # Non-empty: an empty subject or issuer names nobody, and would put every such token
+    # in one bucket wherever tokens are counted or revoked by these ids.
+    return isinstance(value, str) and value != ""
+
+
+def _is_audience(value: Any) -> bool:
+    return _is_string(value) or (
+        isinstance(value, list) and all(_is_string(item) for item in value))
+
+
+# RFC 7519 4.1: the registered claims and the JSON type each must have when present.
+# Null is not a value of any of these types. Other claims are the policy's business
+# (claim conditions compare types strictly) and are not checked here.
+REGISTERED_CLAIM_TYPES: Mapping[str, Any] = MappingProxyType({
+    "iss": _is_string,   # StringOrURI
+    "sub": _is_string,   # StringOrURI
+    "aud": _is_audience,  # StringOrURI or an array of them
+    "jti": _is_string,
+    "exp": _is_numeric_date,
+    "nbf": _is_numeric_date,
+    "iat": _is_numeric_date,
+})
 BAD_TYP = "bad_typ"  # the provider requires a JOSE typ (RFC 9068 at+jwt) the token lacks
 
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -110,13 +155,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def check_claim_types(claims: Mapping[str, Any]) -> None:
+    """Refuse (``bad_claim``) a payload whose registered claims have the wrong type/range."""
+    for name, valid in REGISTERED_CLAIM_TYPES.items():
+        if name in claims and not valid(claims[name]):
+            raise TokenInvalid(BAD_CLAIM, name)
+
+
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    # check_claim_types has run: the value is absent or a NumericDate in range.
     value = claims.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TokenInvalid(MALFORMED, f"{name} is not a number")
-    return float(value)
+    return None if value is None else float(value)
 
 
 def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
@@ -126,6 +175,25 @@ def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
     if not token.isascii() or _SHAPE.fullmatch(token) is None:
         raise TokenInvalid(MALFORMED, "not three base64url segments")
     return _json_object(token.partition(".")[0], "header")
+
+
+MAX_UNVERIFIED_SUBJECT = 256
+
+
+def unverified_subject(token: str, max_bytes: int) -> str | None:
+    """The ``sub`` a token claims, read WITHOUT verifying anything; None when unreadable.
+
+    Only for counting failures per claimed subject (burst alerts). Never decide on it.
+    """
+    try:
+        parse_unverified_header(token, max_bytes)
+        claims = _json_object(token.split(".")[1], "payload")
+    except TokenInvalid:
+        return None
+    sub = claims.get("sub")
+    if isinstance(sub, str) and 0 < len(sub) <= MAX_UNVERIFIED_SUBJECT:
+        return sub
+    return None
 
 
 def _media_type(value: str) -> str:
@@ -160,6 +228,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     if kid is not None and not isinstance(kid, str):
         raise TokenInvalid(MALFORMED, "kid is not a string")
     claims = _json_object(payload_b64, "payload")
+    check_claim_types(claims)
 
     if claims.get("iss") != provider.issuer:
         raise TokenInvalid(BAD_ISSUER)
@@ -176,7 +245,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
 
     check_audience(claims.get("aud"), provider.audiences)
     for name in provider.required_claims:
-        if name not in claims:
+        if claims.get(name) is None:  # absent or null: null is no value of any claim
             raise TokenInvalid(MISSING_CLAIM, name)
     _check_times(claims, provider, now)
     return MappingProxyType(claims)

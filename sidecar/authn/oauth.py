@@ -157,8 +157,10 @@ class IntrospectionCache:
         expires_at = now + ttl
         if claims is not None:
             exp = claims.get("exp")
-            if isinstance(exp, int | float) and not isinstance(exp, bool):
-                expires_at = min(expires_at, float(exp))
+            # Compared before any float(): an int exp may be 10**400 (float() raises) and a
+            # NaN compares false; a wrong-typed exp is refused later (bad_claim).
+            if isinstance(exp, int | float) and not isinstance(exp, bool) and exp < expires_at:
+                expires_at = float(max(exp, now - 1))
         if claims is None or expires_at <= now:
             # Inactive, or "active" past its exp: remembered as inactive for a while, so a
             # server that keeps saying so is not asked again on every request.

@@ -27,14 +27,21 @@ HOP_BY_HOP: frozenset[bytes] = frozenset({
 XFCC = b"x-forwarded-client-cert"
 REQUEST_ID = b"x-request-id"
 
+# Never removed because Connection names them: without Host the app (and the peer sidecar)
+# refuses the request, and Content-Length is the framing the body was read with -- a caller
+# listing them would turn its request into a 502 or a differently framed message.
+END_TO_END = frozenset({b"host", b"content-length"})
+
+
 def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names listed in Connection (lower-cased); they are hop-by-hop too."""
+    """Header names listed in Connection (lower-cased); they are hop-by-hop too, except
+    ``END_TO_END``."""
     out: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token:
+                if token and token not in END_TO_END:
                     out.add(token)
     return out
 

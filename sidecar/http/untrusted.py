@@ -10,12 +10,16 @@ policy's claim headers).
 Names are compared after folding case and treating ``_`` as ``-``: CGI, WSGI, PHP and many
 frameworks turn both ``X-Forwarded-For`` and ``X_Forwarded_For`` into ``HTTP_X_FORWARDED_FOR``.
 Header names that contain ``_`` at all are dropped by default, as nginx does
-(``headers.allow_underscores`` keeps them, still filtered by the catalogue).
+(``headers.allow_underscores`` keeps them, still filtered by the catalogue). Names with any
+other character outside letters, digits and ``-`` (``.``, ``~``, ``!``... which RFC 9110
+allows in a token) are always dropped, as nginx's ``ignore_invalid_headers`` does: lighttpd
+and other CGI/FastCGI gateways map every such character to ``_``, so ``X.Forwarded.For``
+would reach the app as ``HTTP_X_FORWARDED_FOR``.
 
 An entry is an exact name or a prefix (``prefix=True``: every name that starts with it). An
 operator may pass one name through (``headers.pass_through``); the headers the sidecar sets
 itself (``SIDECAR_SET``) can never be passed through. docs/SECURITY.md reproduces this table
-(``tests/test_http_untrusted.py`` checks that it does).
+(``tests/test_header_catalogue.py`` checks that it does).
 """
 
 from __future__ import annotations
@@ -59,7 +63,13 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-remote-ip x-remote-addr remote-addr x-proxyuser-ip x-azure-clientip "
               "x-azure-socketip x-appengine-user-ip x-original-forwarded-for x-client-port "
               "x-real-port x-host x-original-host x-http-host-override x-forwarded-host-override "
-              "cf-pseudo-ipv4 x-nf-client-connection-ip x-vercel-forwarded-for")
+              "cf-pseudo-ipv4 x-nf-client-connection-ip x-vercel-forwarded-for "
+              "incap-client-ip x-sucuri-clientip fly-client-ip do-connecting-ip")
+    + _family(FORWARDING, "scheme headers: the app believes the client used HTTPS (secure "
+              "cookies, redirects, HSTS and 'https only' checks); IIS/ARR, CloudFront, "
+              "Rack, ingress-nginx and App Engine names",
+              "front-end-https x-arr-ssl cloudfront-forwarded-proto x-url-scheme x-scheme "
+              "x-appengine-https")
     + _family(OVERRIDE, "rewrite the path after routing (IIS, Symfony, Laravel, Zend, "
               "Drupal, Spring): an allowed GET /public would reach /admin",
               "x-original-url x-rewrite-url x-original-uri x-original-path x-request-uri "
@@ -90,10 +100,20 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-authenticated-groups x-subject x-principal x-identity x-groups x-roles "
               "x-scopes x-client-id x-credential-identifier x-credential-username "
               "x-anonymous-consumer x-api-user x-token-subject x-access-token x-id-token "
-              "x-userinfo x-user-info x-authorization x-auth-token-subject")
+              "x-userinfo x-user-info x-authorization x-auth-token-subject "
+              "x-remote-group gap-auth")
     + _family(IDENTITY, "per-gateway identity families: oauth2-proxy x-auth-request-*, Kong "
               "x-consumer-*, WSO2/APISIX/Ambassador JWT claim headers",
               "x-auth-request- x-consumer- x-jwt- x-claim- x-token-claim-", prefix=True)
+    + _family(IDENTITY, "auth-proxy families: Authelia/Traefik Remote-User/-Groups/-Email/"
+              "-Name, authentik x-authentik-*, Vouch x-vouch-*, Grafana auth proxy "
+              "x-webauth-*, Kubernetes front-proxy x-remote-extra-*, Shibboleth shib-*, "
+              "Apache mod_auth_openidc OIDC_CLAIM_* / OIDC_access_token (folded: oidc-*)",
+              "remote- x-authentik- x-vouch- x-webauth- x-remote-extra- shib- oidc-",
+              prefix=True)
+    + _family(IDENTITY, "serverless adapters (aws-serverless-express, serverless-http) read "
+              "the API Gateway event and its authorizer claims from these",
+              "x-apigateway-event x-apigateway-context")
     + _family(IDENTITY, "cloud identity-aware proxies (Google IAP and Cloud Endpoints, "
               "AWS ALB OIDC, Azure App Service EasyAuth, Cloudflare Access)",
               "x-goog-authenticated-user-email x-goog-authenticated-user-id "
@@ -133,6 +153,9 @@ def fold(name: bytes | str) -> bytes:
         name = name.encode("latin-1")
     return name.lower().replace(b"_", b"-")
 
+
+# Bytes a kept header name may hold, compared lower-cased ("_" is decided before it).
+_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
 
 _EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.prefix)
 _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
@@ -194,6 +217,8 @@ class HeaderFilter:
     def _decide(self, name: bytes) -> bool:
         if b"_" in name and not self._allow_underscores:
             return True
+        if name.lower().translate(None, _NAME_BYTES):
+            return True  # a character some gateway folds to "_" (see the module docstring)
         n = fold(name)
         if n in self._drop:
             return True

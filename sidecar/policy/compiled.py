@@ -27,7 +27,7 @@ with.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.policy.decision import (
@@ -138,9 +138,10 @@ def peer_matches(pattern: str, peer: str | None) -> bool:
     return segs is not None and pat is not None and segments_match(pat, segs)
 
 
-def path_pattern_segments(pattern: str) -> tuple[str, ...]:
-    """Segments of a path pattern; like request paths, a trailing ``/`` is ignored."""
-    return path_segments(pattern)
+def path_pattern_segments(pattern: str, fold: bool = False) -> tuple[str, ...]:
+    """Segments of a path pattern; like request paths, a trailing ``/`` is ignored (and
+    ASCII case with ``fold``, for a ``path_case: insensitive`` section)."""
+    return path_segments(pattern, fold)
 
 
 def normalise_host(host: str) -> str:
@@ -222,12 +223,14 @@ AUTH_OK = AuthOutcome(True)
 
 
 def request_trace(
-    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True
+    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
+    fold_case: bool = False,
 ) -> list[ConditionResult]:
     """Every non-credential condition of a rule, checked against the request.
 
     With ``check_indexed=False`` the caller and path conditions are skipped (the index
-    already proved them for candidates).
+    already proved them for candidates). ``fold_case``: the section matches paths with
+    ASCII case folded.
     """
     out: list[ConditionResult] = []
     if check_indexed and when.peers is not None:
@@ -247,8 +250,8 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        segs = path_segments(facts.path)
-        held = any(segments_match(path_pattern_segments(p), segs) for p in when.paths)
+        segs = path_segments(facts.path, fold_case)
+        held = any(segments_match(path_pattern_segments(p, fold_case), segs) for p in when.paths)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -269,7 +272,8 @@ def request_trace(
 
 
 def request_holds(
-    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True
+    when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
+    fold_case: bool = False,
 ) -> bool:
     """Fast form of ``request_trace``: do all non-credential conditions hold?"""
     if when.methods is not None and facts.method not in when.methods:
@@ -287,8 +291,9 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            segs = path_segments(facts.path)
-            if not any(segments_match(path_pattern_segments(p), segs) for p in when.paths):
+            segs = path_segments(facts.path, fold_case)
+            if not any(segments_match(path_pattern_segments(p, fold_case), segs)
+                       for p in when.paths):
                 return False
     return True
 
@@ -347,12 +352,14 @@ def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
 
 
 class RuleIndex:
-    """Rules of one effect in one section, looked up by caller and path."""
+    """Rules of one effect in one section, looked up by caller and path (ASCII case folded
+    on both sides with ``fold_case``)."""
 
-    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path")
+    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold")
 
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
+    def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False) -> None:
         self.rules = rules
+        self._fold = fold_case
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -369,7 +376,7 @@ class RuleIndex:
                 any_path.add(number)
             else:
                 for pattern in rule.when.paths:
-                    path_entries.append((path_pattern_segments(pattern), number))
+                    path_entries.append((path_pattern_segments(pattern, fold_case), number))
         self._peers = SegmentTrie(peer_entries)
         self._any_peer = frozenset(any_peer)
         self._paths = SegmentTrie(path_entries)
@@ -387,7 +394,7 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
-        path_sets = self._paths.match(path_segments(path))
+        path_sets = self._paths.match(path_segments(path, self._fold))
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:
@@ -408,7 +415,8 @@ class Section:
     """The compiled part of the policy that one workload identity enforces.
 
     ``providers``: JWT providers referenced by this section's rules (the data path verifies
-    only those tokens). ``needs_apikey``: some rule tests an API key.
+    only those tokens). ``needs_apikey``: some rule tests an API key. ``fold_case``: paths
+    match with ASCII case folded (``path_case: insensitive``).
     """
 
     identity: str
@@ -421,6 +429,8 @@ class Section:
     egress_trie: SegmentTrie
     providers: frozenset[str]
     needs_apikey: bool
+    fold_case: bool = False
+    by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
@@ -435,7 +445,7 @@ class Section:
 
 def compile_section(
     identity: str, trust_domain: str, mode: Mode, rules: tuple[Rule, ...],
-    egress: tuple[EgressEntry, ...],
+    egress: tuple[EgressEntry, ...], fold_case: bool = False,
 ) -> Section:
     """Build the lookup tables of one section (load time, never per request)."""
     providers = frozenset(r.when.jwt.provider for r in rules if r.when.jwt is not None)
@@ -449,10 +459,12 @@ def compile_section(
         trust_domain=trust_domain,
         mode=mode,
         rules=rules,
-        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny")),
-        allow=RuleIndex(tuple(r for r in rules if r.effect == "allow")),
+        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case),
+        allow=RuleIndex(tuple(r for r in rules if r.effect == "allow"), fold_case),
         egress=egress,
         egress_trie=SegmentTrie(egress_entries),
         providers=providers,
         needs_apikey=any(r.when.apikey is not None for r in rules),
+        fold_case=fold_case,
+        by_name={r.name: r for r in rules},
     )

@@ -59,11 +59,14 @@ class AuthFacts:
     ``claims`` maps provider name -> verified claims, for every provider whose token was
     present and valid. ``token_errors`` maps provider name -> reason code for tokens that
     were present but invalid. ``apikey`` is the name of a valid API key, if any.
+    ``unverified_subjects`` maps provider name -> the ``sub`` an invalid token claims (read
+    without trusting it; only burst alerts ``by: subject`` use it, never a decision).
     """
 
     claims: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     token_errors: Mapping[str, str] = field(default_factory=dict)
     apikey: str | None = None
+    unverified_subjects: Mapping[str, str] = field(default_factory=dict)
 
 
 NO_AUTH = AuthFacts()

@@ -118,7 +118,7 @@ def explain(
         return Explanation(identity, target, path, query, note, decision, None, (), False)
     trail: list[RuleTrail] = []
     for rule in section.rules:
-        req = request_trace(rule.when, facts, section.trust_domain)
+        req = request_trace(rule.when, facts, section.trust_domain, fold_case=section.fold_case)
         creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
         if rule.expired(now):
             status = "expired"

@@ -130,6 +130,14 @@ def _reaches_sensitive(c: Conditions) -> str | None:
     return None
 
 
+def _case_variant(c: Conditions) -> tuple[str, str] | None:
+    """(pattern, the same pattern in another case) for the first path pattern with a letter."""
+    for pattern in c.paths or ():
+        if any("a" <= ch <= "z" or "A" <= ch <= "Z" for ch in pattern):
+            return pattern, pattern.swapcase()
+    return None
+
+
 def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
     s = spiffe_segments(pattern) or ()
     if len(s) < 3 or s[0] != trust_domain or s[1] != "ns":
@@ -211,6 +219,14 @@ def _lint_section(
             extra = " (only credentials are checked)" if c.jwt or c.apikey else ""
             warn(rule.line, rule.key, "allow-all",
                  f"rule {rule.name} allows every caller, method and path{extra}")
+        variant = _case_variant(c) if rule.effect == "deny" and svc.path_case is None else None
+        if variant is not None:
+            warn(rule.line, rule.key, "case-sensitive-deny",
+                 f"deny rule {rule.name} matches {variant[0]} case-sensitively, so "
+                 f"{variant[1]} is not denied; an app that routes case-insensitively "
+                 "(Express by default, IIS, ASP.NET) serves it by the same handler. Set "
+                 "path_case: insensitive on the section, or path_case: sensitive to confirm "
+                 "the app tells case apart")
         for pattern in c.peers or ():
             check_identity(pattern, rule.line, rule.key + ".allow" if rule.effect == "allow"
                            else rule.key + ".deny", "caller")

@@ -57,7 +57,7 @@ TOP_KEYS = frozenset(
     {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -586,9 +586,13 @@ def _alerts(r: _Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
             window = None
         block = r.duration(m["block"], ip + ("block",)) if "block" in m else 0.0
         by = m.get("by", "peer")
-        if by not in ("peer", "address"):
-            r.problem(ip + ("by",), "expected peer or address")
+        if by not in ("peer", "address", "subject", "issuer"):
+            r.problem(ip + ("by",), "expected peer, address, subject or issuer")
             by = None
+        elif by in ("subject", "issuer") and block:
+            # A claimed subject is attacker-chosen: blocking by it would lock users out.
+            r.problem(ip + ("block",), f"alerts by {by} cannot block (alert only)")
+            block = None
         webhook = m.get("webhook")
         if webhook is not None and (
             not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
@@ -802,8 +806,18 @@ def _service(
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
     audience = r.string(m["audience"], path + ("audience",)) if "audience" in m else None
+    path_case = m.get("path_case")
+    if path_case not in (None, "sensitive", "insensitive"):
+        r.problem(path + ("path_case",), "expected sensitive or insensitive")
+        path_case = None
+    elif path_case == "insensitive" and non_ascii == "allow":
+        # Unicode case mapping differs between frameworks (the Kelvin sign folds to "k" in
+        # .NET, "ß" to "ss" in casefold); only ASCII letters fold the same everywhere.
+        r.problem(path + ("path_case",),
+                  "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
-                         non_ascii_paths=non_ascii == "allow", audience=audience)
+                         non_ascii_paths=non_ascii == "allow", audience=audience,
+                         path_case=path_case)
 
 
 # --- entry points ---------------------------------------------------------------------
@@ -870,7 +884,8 @@ def load_policy(text: bytes | str, filename: str) -> Policy:
 
     src.raise_if_problems()
     sections: dict[str, Section] = {
-        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or ())
+        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or (),
+                             fold_case=svc.paths_fold_case)
         for sid, svc in services.items()
     }
     extras = PolicyExtras(

@@ -128,6 +128,13 @@ class ServicePolicy:
     key: str = ""
     non_ascii_paths: bool = False  # `non_ascii_paths: allow`: decoded non-ASCII paths accepted
     audience: str | None = None  # default token audience for providers without `audiences`
+    # `path_case`: "sensitive" or "insensitive" as written; None when the section does not
+    # say (then paths match case-sensitively, and lint points at deny rules with letters).
+    path_case: str | None = None
+
+    @property
+    def paths_fold_case(self) -> bool:
+        return self.path_case == "insensitive"
 
 
 @dataclass(frozen=True)

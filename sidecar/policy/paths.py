@@ -32,7 +32,13 @@ same path; the result is still a valid origin-form path that is safe to forward 
 With ``merge_slashes=True``, runs of ``/`` become one.
 
 Matching additionally ignores one trailing ``/`` (see ``path_segments``), so a deny rule
-for ``/admin`` also covers ``/admin/``. Paths are case-sensitive.
+for ``/admin`` also covers ``/admin/``. Paths are case-sensitive, unless the service section
+says ``path_case: insensitive`` (Express, IIS and ASP.NET route that way): then patterns and
+paths are matched with ASCII letters folded to lower case (``fold=True``). Only ASCII folds:
+that section cannot also allow non-ASCII paths (the loader refuses the combination), and
+percent escapes left in a normalised path are of reserved characters, whose hex digits fold
+the same on both sides. Such a section also folds what Windows names treat as one file:
+trailing dots and spaces of a segment and an NTFS ``::$DATA`` stream suffix.
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -53,6 +59,9 @@ _PRINTABLE = frozenset(range(0x21, 0x7F))
 
 
 _ESCAPE_IN_DECODED = re.compile(rb"%[0-9A-Fa-f]{2}")
+# str.lower() also folds non-ASCII ("K" KELVIN SIGN -> "k"); case-insensitive matching folds
+# ASCII only, the one folding every framework agrees on.
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 
 
 def _refuse(reason: str, detail: str = "") -> BadRequest:
@@ -143,13 +152,29 @@ def normalise_target(
     return path, raw_query.decode("ascii")
 
 
-def path_segments(path: str) -> tuple[str, ...]:
+def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
     """The segments used for matching: one trailing ``/`` is not significant.
 
     ``/`` -> ``()``, ``/a`` and ``/a/`` -> ``("a",)``, ``/a/b`` -> ``("a", "b")``.
+    ``fold``: ASCII letters lower-cased, and a segment's trailing dots and spaces (``%20``)
+    and NTFS ``::$DATA`` suffix dropped (a ``path_case: insensitive`` section).
     """
+    if fold:
+        path = path.translate(_ASCII_LOWER)
     if path.endswith("/"):
         path = path[:-1]
     if not path:
         return ()
-    return tuple(path.split("/")[1:])
+    segments = tuple(path.split("/")[1:])
+    return tuple(_windows_name(s) for s in segments) if fold else segments
+
+
+_WINDOWS_TAIL = re.compile(r"(?:::\$data)?(?:\.|%20)+$|::\$data$")
+
+
+def _windows_name(segment: str) -> str:
+    # IIS and ASP.NET map paths onto Windows names, where "admin.", "admin " and the NTFS
+    # stream "admin::$DATA" are the file "admin": fold them like case (a case-insensitive
+    # section is the IIS/ASP.NET one). A segment of only dots or spaces stays as it is.
+    stripped = _WINDOWS_TAIL.sub("", segment)
+    return stripped or segment

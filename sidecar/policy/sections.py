@@ -110,12 +110,14 @@ class RateLimit:
 class AlertRule:
     """``threshold`` authn/authz failures from one source within ``window_seconds`` raise
     an alert; with ``block_seconds`` > 0 that source is then refused for that long.
-    ``by`` is the source key: the peer SPIFFE ID or the client address."""
+    ``by`` is the source key: the peer SPIFFE ID or the client address (failures of the
+    peer's own identity only), or the token subject or issuer (end-user credential
+    failures; alert only). See sidecar/alerts.py."""
 
     name: str
     threshold: int
     window_seconds: float
-    by: Literal["peer", "address"] = "peer"
+    by: Literal["peer", "address", "subject", "issuer"] = "peer"
     block_seconds: float = 0.0
     webhook: str | None = None  # optional URL to POST the alert to
 
