@@ -87,8 +87,158 @@ def main() -> int:
         print(f"audit: writer, fsync {'on ' if fsync else 'off'} ({count} records)  "
               f"{rate:10.0f} records/s")
     print(f"audit: record_from + frame (pure)     {pure_us:8.2f} us")
+    results.update(trail_cpu(make))
     print("BENCHJSON " + json.dumps({k: round(v, 3) for k, v in results.items()}))
     return 0
+
+
+# ------------------------------------------------------------- CPU of the whole trail
+
+CPU_RECORDS = 20_000 if QUICK else 60_000
+_SINK = r"""
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+def serve(conn):
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as s:
+            while s.recv(262144):
+                pass
+    except OSError:
+        pass
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def _tls_material(d: str) -> tuple[str, str]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench collector")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
+    with open(cert_file, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def trail_cpu(make: object) -> dict[str, float]:
+    """CPU (user + system, every thread of this process) per record for the whole trail:
+    record_from, submit, writer (pack, encrypt, sign, write, fsync), shipping (message
+    build, TLS). The collector is another process (its CPU is not ours). One run, so the
+    lines compare with each other on a noisy machine."""
+    import resource
+    import subprocess
+
+    import trio
+
+    from sidecar.audit.config import AuditConfig, ShipConfig
+    from sidecar.audit.crypto import write_data_key
+    from sidecar.audit.signing import write_keypair
+    from sidecar.audit.writer import AuditWriter
+
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        priv, _pub, _kid = write_keypair(os.path.join(d, "sig"))
+        write_data_key(os.path.join(d, "data"))
+        cert, key = _tls_material(d)
+        sink = subprocess.Popen([sys.executable, "-c", _SINK, cert, key],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert sink.stdout is not None
+            port = int(sink.stdout.readline())
+            ship = ShipConfig(address=("127.0.0.1", port), ca_file=cert, queue_size=100_000)
+            variants = [
+                ("none", None),
+                ("chain", {}),
+                ("chain+sign", {"signing_key_file": priv}),
+                ("chain+sign+encrypt", {"signing_key_file": priv,
+                                        "encryption_key_file": os.path.join(d, "data")}),
+                ("chain+sign+encrypt+ship", {"signing_key_file": priv,
+                                             "encryption_key_file": os.path.join(d, "data"),
+                                             "ship": ship}),
+            ]
+            for n, (label, extra) in enumerate(variants):
+                us = _cpu_per_record(make, None if extra is None else AuditConfig(
+                    path=os.path.join(d, f"a{n}"), **extra), cpu, trio, AuditWriter)
+                out[f"trail_cpu_us_{label.replace('+', '_')}"] = us
+            base = out["trail_cpu_us_none"]
+            for label, _extra in variants:
+                us = out[f"trail_cpu_us_{label.replace('+', '_')}"]
+                print(f"audit: CPU per record, {label:24s} {us:7.2f} us"
+                      f"  (+{us - base:5.2f} us over no audit)")
+        finally:
+            sink.kill()
+            sink.wait()
+    return out
+
+
+def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
+                    writer_cls: object) -> float:
+    """Submit CPU_RECORDS records (as a server would: a yield every 64) and return CPU us
+    per record from the first submit until everything is written and shipped. With no
+    config, nothing is built (a sidecar without audit makes no record)."""
+    import trio as _trio
+
+    made = make  # type: ignore[assignment]
+    done = 0
+
+    async def body() -> None:
+        nonlocal done
+        writer = writer_cls(config, identity="spiffe://bench/ns/b/sa/b")  # type: ignore[operator]
+        async with _trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            deadline = time.perf_counter() + TIME_BUDGET_S
+            for i in range(CPU_RECORDS):
+                r = made(i)  # type: ignore[operator]
+                while not writer.submit(r):
+                    await _trio.sleep(0.001)
+                done += 1
+                if done % 64 == 0:
+                    await _trio.sleep(0)
+                    if time.perf_counter() > deadline:
+                        break
+            await writer.aclose()
+        if writer.shipper is not None:
+            assert writer.shipper.dropped == 0 and writer.shipper.sent > done
+
+    async def baseline() -> None:
+        # A sidecar without audit builds no record at all: only the loop and its yields.
+        nonlocal done
+        for _i in range(CPU_RECORDS):
+            done += 1
+            if done % 64 == 0:
+                await _trio.sleep(0)
+
+    c0 = cpu()  # type: ignore[operator]
+    _trio.run(body if config is not None else baseline)
+    return (cpu() - c0) / done * 1e6  # type: ignore[operator]
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ Only GET and HEAD exist here; anything else is 405. Errors carry the generic bod
 
 The servers differ only in their routes:
 
-* admin (``serve_admin``): /healthz /readyz /metrics /policy /config /tap. It shows the effective
-  config and the policy status, so it belongs on loopback.
+* admin (``serve_admin``): /healthz /readyz /metrics /policy /config /tap /audit/head. It
+  shows the effective config and the policy status, so it belongs on loopback.
 * health (``serve_health``): /healthz, /readyz (no reasons) and /app-health/... which
   proxies kubelet application probes, rewritten by the injector, to the app on 127.0.0.1
   (``SIDECAR_APP_PROBES``). Nothing else, because the kubelet (and so the pod network)
@@ -335,6 +335,12 @@ def admin_route(status: AdminStatus, metrics: SidecarMetrics) -> Route:
             return Reply.json(200, status.policy_status())
         if path == "/config":
             return Reply.json(200, status.effective_config())
+        if path == "/audit/head":
+            # The newest signed checkpoint: copy it off the pod to anchor the trail
+            # (``sidecar audit verify --anchor``). 404 without signing or before the first.
+            head = getattr(status, "audit_head", None)
+            value = head() if head is not None else None
+            return Reply.json(200, value) if value is not None else Reply.error(404)
         return Reply.error(404)
 
     route.takes_query = True  # type: ignore[attr-defined]

@@ -35,9 +35,11 @@ from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
 from sidecar.http.untrusted import HeaderFilter
+from sidecar.identity.trust import load_bundle
 from sidecar.inbound import InboundProxy
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
+from sidecar.net.lifetime import Lifetimes, LiveConnection
 from sidecar.net.listen import (
     ConnectionTracker,
     SourceLimiter,
@@ -50,7 +52,7 @@ from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
-from sidecar.tlsstate import TlsState, build_snapshot
+from sidecar.tlsstate import TlsState, load_own_svid
 
 
 class StartupError(SidecarError):
@@ -65,7 +67,7 @@ class Sidecar:
         self.worker_index = worker_index
         self.metrics = SidecarMetrics()
         ident = cfg.identity
-        self.tls = TlsState.load(ident.cert, ident.key, ident.bundle)
+        self.tls = TlsState.load(ident.cert, ident.key, ident.bundle, ident.trust_domains)
         self.own_id = self.tls.spiffe_id
         self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
         self.policies = PolicyHolder(cfg.policy)
@@ -81,10 +83,15 @@ class Sidecar:
             if cfg.workers > 1:
                 audit_cfg = dataclasses.replace(
                     audit_cfg, path=os.path.join(audit_cfg.path, f"worker-{worker_index}"))
-            self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert)
+            self.audit = AuditWriter(audit_cfg, on_alert=self._audit_alert,
+                                     identity=self.own_id)
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         self.tap = self.telemetry.tap  # served on the admin port as /tap
+        limits = cfg.limits
+        self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
+        self.outbound_proxies: list[OutboundProxy] = []
+        self._nursery: trio.Nursery | None = None
         if cfg.policy is not None:
             self._setup_policy_consumers()
         self.gate = Gate(self.own_id, self.policies,
@@ -140,6 +147,8 @@ class Sidecar:
             logs.log("no_policy_section", "warning", identity=self.own_id,
                      message="the policy has no section for this identity: inbound denied")
         logs.log("policy_loaded", version=policy.version, source=self.cfg.policy)
+        # TCP and upgraded streams were decided once, under the old policy.
+        self.lifetimes.recheck_policy(now)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
         self.policies.last_error = str(exc)
@@ -184,11 +193,21 @@ class Sidecar:
         m.audit_queue_depth.set_function(lambda: writer.statistics().queue_depth)
         written = m.audit_records_written_total.labels()
         lost = m.audit_records_lost_total.labels()
+        ship_sent = m.audit_ship_sent_total.labels()
+        ship_dropped = m.audit_ship_dropped_total.labels()
 
         def sync() -> None:
             stats = writer.statistics()
             written.value = float(stats.written)
             lost.value = float(stats.lost)
+            if writer.shipper is not None:
+                ship_sent.value = float(stats.shipped)
+                ship_dropped.value = float(stats.ship_dropped)
+                m.audit_ship_queue_depth.set(stats.ship_queue_depth)
+                m.audit_ship_connected.set(1 if stats.ship_connected else 0)
+            if stats.last_checkpoint is not None:
+                m.audit_checkpoint_seq.set(stats.last_checkpoint.seq)
+                m.audit_checkpoint_timestamp_seconds.set(stats.last_checkpoint.time)
 
         m.scrape_hooks.append(sync)
 
@@ -208,6 +227,12 @@ class Sidecar:
                        **({"alert_source": alert.source}
                           if alert.by in ("subject", "issuer") else {})}))
         self.alert_poster.submit(alert)
+        if alert.block_seconds > 0:
+            self.lifetimes.block(alert.by, alert.source)
+
+    def _connection_retired(self, conn: LiveConnection, reason: str) -> None:
+        self.telemetry.connection_retired(conn.direction, conn.listener, conn.source,
+                                          conn.peer, reason, conn.opened)
 
     def _tls_credential_failure(self, source: str) -> None:
         """An inbound peer's certificate failed: the peer's own failure (by: address rules;
@@ -242,6 +267,13 @@ class Sidecar:
         if self.audit is not None and not self.audit.accepting():
             reasons.append("audit_not_writable")
         return not reasons, reasons
+
+    def audit_head(self) -> dict[str, Any] | None:
+        """The newest signed audit checkpoint (``/audit/head``), None when there is none."""
+        checkpoint = self.audit.last_checkpoint if self.audit is not None else None
+        if checkpoint is None:
+            return None
+        return {"checkpoint": checkpoint.to_json(), "worker": self.worker_index}
 
     def policy_status(self) -> dict[str, Any]:
         return self.policies.status()
@@ -334,15 +366,17 @@ class Sidecar:
                                     telemetry=self.telemetry, app_pool=app_pool,
                                     app_addr=inbound.app, limits=limits,
                                     protocol=inbound.protocol, tracker=tracker,
-                                    header_filter=header_filter)
+                                    header_filter=header_filter, lifetimes=self.lifetimes)
 
             await nursery.start(self._serve, "inbound", inbound.listen, make_inbound, nursery)
         for ob in cfg.outbound:
             def make_outbound(port: int, tracker: ConnectionTracker,
                               ob: Any = ob) -> OutboundProxy:
-                return OutboundProxy(ob, port=port, tls=self.tls, gate=self.gate,
-                                     telemetry=self.telemetry, limits=limits, tracker=tracker,
-                                     header_filter=header_filter)
+                proxy = OutboundProxy(ob, port=port, tls=self.tls, gate=self.gate,
+                                      telemetry=self.telemetry, limits=limits, tracker=tracker,
+                                      header_filter=header_filter, lifetimes=self.lifetimes)
+                self.outbound_proxies.append(proxy)
+                return proxy
 
             await nursery.start(self._serve, ob.name, ob.listen, make_outbound, nursery)
 
@@ -352,12 +386,23 @@ class Sidecar:
         if self.cfg.policy is not None:
             await nursery.start(self.alert_poster.run)
             self.key_sources.attach(nursery)
+        self._nursery = nursery
+        await nursery.start(self.lifetimes.run)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
-            load=lambda: build_snapshot(ident.cert, ident.key, ident.bundle),
-            apply=self._apply_tls, on_error=self._tls_reload_failed,
+            load=functools.partial(load_own_svid, ident.cert, ident.key, ident.bundle),
+            apply=self._apply_svid, on_error=self._tls_reload_failed,
             interval=ident.watch_interval)
         await nursery.start(cert_watch.run)
+        for td, path in ident.trust_domains:
+            # Each federated bundle is watched on its own: a broken partner bundle keeps the
+            # partner's last good roots and touches no other trust domain.
+            bundle_watch = FileWatcher(
+                f"trust_domain {td}", [path],
+                load=functools.partial(load_bundle, td, path),
+                apply=self._apply_bundle, on_error=self._tls_reload_failed,
+                interval=ident.watch_interval)
+            await nursery.start(bundle_watch.run)
         if cfg.policy is not None:
             initial = None
             if self.policies.policy is None:
@@ -408,12 +453,40 @@ class Sidecar:
             raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
                                f"{exc.strerror or exc}") from None
 
+    def _apply_svid(self, svid: Any) -> None:
+        self._apply_tls(self.tls.with_svid(svid))
+
+    def _apply_bundle(self, bundle: Any) -> None:
+        self.tls.swap(self.tls.with_bundle(bundle))
+        self.metrics.certificate_reloads_total.labels("ok").inc()
+        logs.log("trust_bundle_reloaded", trust_domain=bundle.trust_domain,
+                 roots=len(bundle.roots))
+        self._trust_changed()
+
     def _apply_tls(self, snapshot: Any) -> None:
         self.tls.swap(snapshot)
         self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.not_after)
         self.metrics.certificate_reloads_total.labels("ok").inc()
         logs.log("certificates_reloaded", spiffe_id=str(snapshot.svid.spiffe_id),
                  not_after=snapshot.svid.not_after)
+        self._trust_changed()
+
+    def _trust_changed(self) -> None:
+        """Bundles (or our own SVID) changed: judge open connections and pooled ones again."""
+        trust = self.tls.trust
+        now = time.time()
+
+        def trusted(peer: str, chain: Any) -> bool:
+            try:
+                trust.check_peer(peer, chain, now)
+            except SidecarError:
+                return False
+            return True
+
+        self.lifetimes.recheck_trust(trusted)
+        if self._nursery is not None:
+            for proxy in self.outbound_proxies:
+                self._nursery.start_soon(proxy.pool.retire_idle)
 
     def _tls_reload_failed(self, exc: BaseException) -> None:
         self.tls.last_error = str(exc)

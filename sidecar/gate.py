@@ -200,6 +200,27 @@ class Gate:
                     self.on_alert(alert)
         return verdict
 
+    def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float) -> bool:
+        """Would the current policy (and alert blocks) still let this stream in?
+
+        For a TCP or upgraded stream decided earlier, checked again after a policy reload
+        (``sidecar.net.lifetime``). Pure: no rate-limit tokens, no failure counted, no
+        alert; the caller's credentials are those it presented when the stream began.
+        """
+        detector = self.detector
+        if detector is not None and detector.blocked(  # type: ignore[attr-defined]
+                facts.peer, facts.source, now):
+            return False
+        policy = self.policies.policy
+        if policy is None:
+            if self.policies.source is not None:
+                return False
+            return self._interim(facts).decision.allowed
+        section = policy.section(self.own_id)
+        if section is None:
+            return decide(policy, self.own_id, facts, auth or NO_AUTH, now).allowed
+        return decide_section(section, policy.version, facts, auth or NO_AUTH, now).allowed
+
     def _interim(self, facts: RequestFacts) -> Verdict:
         """No policy file configured: the config's ``allow_from`` list, else deny all."""
         patterns = self._allow_patterns

@@ -3,7 +3,10 @@ forward the allowed ones to the app on localhost.
 
 Theory of operation, per connection (one Trio task): TLS handshake under
 ``handshake_timeout`` -> ``PeerIdentity`` from the verified leaf certificate (a peer whose
-leaf is not a valid X.509-SVID is refused here, once) -> request loop: read a head under
+leaf is not a valid X.509-SVID, or whose chain does not end at a root of the trust domain in
+its SPIFFE ID, is refused here, once) -> registered with ``Lifetimes`` (max age, peer
+certificate expiry, bundle changes, alert blocks and, for streams, policy reloads can end
+it) -> request loop: read a head under
 ``idle_timeout`` / ``header_timeout`` -> validate the head and normalise the path (ambiguous
 requests get 400 before any rule runs) -> ``Gate.inbound`` (JWT, policy, rate limits) ->
 refused: generic reply with a request id, then the connection is closed (nothing pipelined
@@ -29,9 +32,16 @@ from sidecar.http.headers import (
 from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Request
-from sidecar.identity.svid import SvidError, peer_identity_from_der
+from sidecar.identity.svid import (
+    RULE_TRUST_DOMAIN_MISMATCH,
+    RULE_TRUST_DOMAIN_NOT_FEDERATED,
+    SvidError,
+    peer_identity_from_der,
+)
+from sidecar.identity.trust import PeerChain
 from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.h11read import H11RequestReader
+from sidecar.net.lifetime import Lifetimes, LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import RequestContext, new_request_id, request_loop
@@ -48,8 +58,11 @@ class InboundProxy:
 
     def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
                  app_pool: UpstreamPool, app_addr: tuple[str, int], limits, protocol: str,
-                 tracker: ConnectionTracker, header_filter: HeaderFilter | None = None) -> None:
+                 tracker: ConnectionTracker, header_filter: HeaderFilter | None = None,
+                 lifetimes: Lifetimes | None = None) -> None:
         self.port = port
+        # (not ``or``: an empty registry has len 0)
+        self.lifetimes = lifetimes if lifetimes is not None else Lifetimes.for_limits(limits)
         self.header_filter = header_filter or HeaderFilter()
         self.tls = tls
         self.gate = gate
@@ -80,12 +93,17 @@ class InboundProxy:
                                               started)
             return
         self.telemetry.handshake("inbound")
+        peer = None
         try:
             der = tls_stream.getpeercert(binary_form=True)
             peer = peer_identity_from_der(der) if der else None
+            if peer is not None:
+                chain = PeerChain(*tls_stream.peer_chain_der())
+                self.tls.check_peer(peer.spiffe_id, chain, time.time())
         except SvidError as exc:
-            self.telemetry.connection_refused("inbound", source, None, f"bad_svid:{exc.rule}",
-                                              started)
+            self.telemetry.connection_refused(
+                "inbound", source, peer.spiffe_id if peer is not None else None,
+                refusal_reason(exc), started)
             await close_quietly(tls_stream)
             return
         if peer is None:
@@ -94,15 +112,19 @@ class InboundProxy:
             return
         self.telemetry.connection_opened("inbound")
         try:
-            if self.protocol == "tcp":
-                await self._tcp(tls_stream, peer, source, started)
-            else:
-                await self._http(tls_stream, peer, source)
+            with self.lifetimes.track("inbound", "inbound", source, peer=peer.spiffe_id,
+                                      chain=chain, peer_not_after=peer.not_after) as conn:
+                with conn.scope:
+                    if self.protocol == "tcp":
+                        await self._tcp(tls_stream, peer, source, started, conn)
+                    else:
+                        await self._http(tls_stream, peer, source, conn)
         finally:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
 
-    async def _tcp(self, tls_stream: TlsTransport, peer, source: str, started: float) -> None:
+    async def _tcp(self, tls_stream: TlsTransport, peer, source: str, started: float,
+                   conn: LiveConnection) -> None:
         facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
                              method="", path="", host="", port=self.port, listener="inbound")
         request_id = new_request_id()
@@ -117,13 +139,20 @@ class InboundProxy:
             self.telemetry.request(request_id, facts, verdict, 502, 0, 0, started,
                                    error="upstream_connect_failed")
             return
+        conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
             up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
+        except trio.Cancelled:
+            self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
+                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
+            raise
         finally:
+            conn.recheck = None
             await close_quietly(app)
         self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
 
-    async def _http(self, tls_stream: TlsTransport, peer, source: str) -> None:
+    async def _http(self, tls_stream: TlsTransport, peer, source: str,
+                    conn: LiveConnection) -> None:
         limits = self.limits
         client = Endpoint(tls_stream, H11RequestReader(limits.max_header_bytes), side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
@@ -156,11 +185,25 @@ class InboundProxy:
             headers.append((REQUEST_ID, ctx.request_id.encode()))
             headers.append((b"x-forwarded-proto", b"https"))
             headers.extend(verdict.set_headers)
-            return await forward(client, event, headers, self.pool, limits, head,
-                                 close=self.tracker.draining)
+            if head.upgrade is not None:  # a stream from here on: policy reloads judge it
+                auth = verdict.auth
+                conn.recheck = lambda now: self.gate.still_allows(facts, auth, now)
+            try:
+                return await forward(client, event, headers, self.pool, limits, head,
+                                     close=self.tracker.draining or conn.retiring is not None)
+            finally:
+                conn.recheck = None
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
-                           handle=handle, source=source, peer=peer.spiffe_id)
+                           handle=handle, source=source, peer=peer.spiffe_id, conn=conn)
+
+
+def refusal_reason(exc: SvidError) -> str:
+    """The refusal reason for a peer certificate that failed our checks (metric label is
+    the part before the colon)."""
+    if exc.rule in (RULE_TRUST_DOMAIN_MISMATCH, RULE_TRUST_DOMAIN_NOT_FEDERATED):
+        return f"peer_untrusted:{exc.rule}"
+    return f"bad_svid:{exc.rule}"
 
 
 def _handshake_reason(exc: BaseException) -> str:

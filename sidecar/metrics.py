@@ -485,6 +485,28 @@ class SidecarMetrics:
             "sidecar_audit_records_lost_total",
             "Audit records that could not be written (fail_open mode, or queue full).",
         )
+        self.audit_checkpoint_seq = r.gauge(
+            "sidecar_audit_checkpoint_seq",
+            "Seq of the newest signed audit checkpoint (0 until the first one).",
+        )
+        self.audit_checkpoint_timestamp_seconds = r.gauge(
+            "sidecar_audit_checkpoint_timestamp_seconds",
+            "Unix time of the newest signed audit checkpoint (0 until the first one).",
+        )
+        self.audit_ship_sent_total = r.counter(
+            "sidecar_audit_ship_sent_total",
+            "Audit frames sent to the syslog collector (resent ones counted again).",
+        )
+        self.audit_ship_dropped_total = r.counter(
+            "sidecar_audit_ship_dropped_total",
+            "Audit frames never shipped: the ship queue was full, or still queued at exit.",
+        )
+        self.audit_ship_queue_depth = r.gauge(
+            "sidecar_audit_ship_queue_depth", "Audit frames waiting to be shipped."
+        )
+        self.audit_ship_connected = r.gauge(
+            "sidecar_audit_ship_connected", "1 while connected to the syslog collector."
+        )
         self.rate_limited_total = r.counter(
             "sidecar_rate_limited_total", "Requests refused by a rate limit, by limit name.",
             ("limit",),

@@ -5,13 +5,24 @@ the connection when the peer's SPIFFE ID is not the configured one.
 Theory of operation: one ``OutboundProxy`` per configured upstream. Upstream mTLS connections
 come from a keep-alive pool (a handshake costs milliseconds of CPU, many times a request), and
 the peer's identity is checked once per connection, right after its handshake, against the
-configured SPIFFE ID -- never against a hostname. Egress is decided per request against the
-current policy, before any connection is opened.
+configured SPIFFE ID -- never against a hostname -- and against the trust-domain rule (its
+chain must end at a root of that ID's trust domain). Egress is decided per request against
+the current policy, before any connection is opened.
+
+Lifetime: each pooled upstream connection carries ``UpstreamMeta``; the pool asks
+``retire_reason`` before reusing or returning it, so a connection past its age, made with an
+older own SVID, whose peer certificate expired or whose chain no longer verifies after a
+bundle change is closed instead of used (a few comparisons per request; the chain is checked
+again only once per bundle change). The app's connections to the listener, and TCP streams,
+are registered with ``Lifetimes`` like inbound ones.
 """
 
 from __future__ import annotations
 
+import contextvars
+import math
 import time
+from dataclasses import dataclass
 
 import trio
 
@@ -23,7 +34,17 @@ from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
+from sidecar.identity.trust import PeerChain
 from sidecar.net.forward import Exchange, forward, splice
+from sidecar.net.lifetime import (
+    REASON_MAX_AGE,
+    REASON_OWN_CERT_ROTATED,
+    REASON_PEER_CERT_EXPIRED,
+    REASON_PEER_UNTRUSTED,
+    Lifetimes,
+    LiveConnection,
+    age_deadline,
+)
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import RequestContext, new_request_id, request_loop
@@ -34,13 +55,41 @@ from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsState
 
 
+@dataclass
+class UpstreamMeta:
+    """What a pooled upstream connection was admitted with (see ``retire_reason``)."""
+
+    peer: str
+    chain: PeerChain
+    peer_not_after: float
+    deadline: float  # trio clock: max age
+    svid_generation: int
+    trust_generation: int
+
+
+# The app-side connection whose upgrade request is being forwarded, in this task (see
+# OutboundProxy._acquired); a ContextVar because the pool is called from inside forward().
+_upgrading: contextvars.ContextVar[LiveConnection | None] = contextvars.ContextVar(
+    "sidecar_outbound_upgrading", default=None)
+
+
+class _Upstream(TlsTransport):
+    """An upstream mTLS connection with its admission facts."""
+
+    __slots__ = ("meta",)
+    meta: UpstreamMeta
+
+
 class OutboundProxy:
     """A local plain listener for one upstream identity."""
 
     def __init__(self, cfg: OutboundConfig, *, port: int, tls: TlsState, gate: Gate,
                  telemetry: Telemetry, limits, tracker: ConnectionTracker,
-                 header_filter: HeaderFilter | None = None) -> None:
+                 header_filter: HeaderFilter | None = None,
+                 lifetimes: Lifetimes | None = None) -> None:
         self.cfg = cfg
+        # (not ``or``: an empty registry has len 0)
+        self.lifetimes = lifetimes if lifetimes is not None else Lifetimes.for_limits(limits)
         self.header_filter = header_filter or HeaderFilter()
         self.port = port
         self.tls = tls
@@ -50,7 +99,8 @@ class OutboundProxy:
         self.tracker = tracker
         self.pool = UpstreamPool(self.connect, size=limits.pool_size,
                                  idle_timeout=limits.pool_idle_timeout,
-                                 max_head=limits.max_header_bytes * 2)
+                                 max_head=limits.max_header_bytes * 2,
+                                 retire=self._retire_pooled, on_acquire=self._acquired)
 
     async def connect(self) -> TlsTransport:
         """Open an mTLS connection to the upstream and check it is who we expect."""
@@ -59,8 +109,9 @@ class OutboundProxy:
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
-                stream = TlsTransport(tcp.socket, self.tls.client_context_for(self.cfg.protocol),
-                                      server_side=False)
+                snap = self.tls.snapshot
+                ctx = snap.client_tcp if self.cfg.protocol == "tcp" else snap.client
+                stream = _Upstream(tcp.socket, ctx, server_side=False)
                 try:
                     await stream.do_handshake()
                 except BaseException:
@@ -88,7 +139,42 @@ class OutboundProxy:
                                               "peer_identity_mismatch", started)
             await trio.aclose_forcefully(stream)
             raise BadGateway("peer_identity_mismatch", f"expected {self.cfg.identity}, got {got}")
+        chain = PeerChain(*stream.peer_chain_der())
+        try:
+            self.tls.check_peer(peer.spiffe_id, chain, time.time())
+        except SvidError as exc:
+            self.telemetry.connection_refused("outbound", f"{host}:{port}", peer.spiffe_id,
+                                              f"peer_untrusted:{exc.rule}", started)
+            await trio.aclose_forcefully(stream)
+            raise BadGateway("peer_untrusted", str(exc)) from exc
+        limits = self.limits
+        stream.meta = UpstreamMeta(
+            peer.spiffe_id, chain, peer.not_after,
+            age_deadline(trio.current_time(), limits.max_connection_age,
+                         limits.connection_age_jitter),
+            snap.svid_generation, snap.trust.generation)
         return stream
+
+    def _acquired(self, ep: Endpoint) -> None:
+        """The pool handed out ``ep``: an upgrade request in this task binds its stream to it
+        (a bundle change or the upstream's expiry then ends the upgraded stream)."""
+        conn = _upgrading.get()
+        meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
+        if conn is not None and meta is not None:
+            conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
+                meta.peer_not_after
+
+    def _retire_pooled(self, ep: Endpoint) -> bool:
+        """True (and the closure recorded) when a pooled connection must not be used again."""
+        meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
+        if meta is None:
+            return False
+        reason = retire_reason(meta, self.tls, trio.current_time(), time.time())
+        if reason is None:
+            return False
+        self.telemetry.connection_retired("outbound", self.cfg.name,
+                                          "{}:{}".format(*self.cfg.upstream), meta.peer, reason)
+        return True
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         try:
@@ -110,6 +196,13 @@ class OutboundProxy:
                             listener=self.cfg.name, target=self.cfg.identity)
 
     async def _tcp(self, tcp: trio.SocketStream, source: str) -> None:
+        with self.lifetimes.track("outbound", self.cfg.name, source,
+                                  peer=self.cfg.identity) as conn:
+            with conn.scope:
+                await self._tcp_stream(tcp, source, conn)
+
+    async def _tcp_stream(self, tcp: trio.SocketStream, source: str,
+                          conn: LiveConnection) -> None:
         started = time.time()
         request_id = new_request_id()
         facts = self._facts(source)
@@ -123,13 +216,28 @@ class OutboundProxy:
             self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
                                    error=exc.reason)
             return
+        meta: UpstreamMeta = upstream.meta  # type: ignore[attr-defined]
+        # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
+        conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after
+        conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
         try:
             up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
+        except trio.Cancelled:
+            self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
+                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
+            raise
         finally:
+            conn.recheck = None
             await close_quietly(upstream)
         self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
 
     async def _http(self, tcp: trio.SocketStream, source: str) -> None:
+        with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
+            with conn.scope:
+                await self._http_loop(tcp, source, conn)
+
+    async def _http_loop(self, tcp: trio.SocketStream, source: str,
+                         conn: LiveConnection) -> None:
         limits = self.limits
         # The local app's requests are parsed by the lean reader; the peer parses them again
         # with h11 when they arrive (sidecar.http.wire explains the split).
@@ -147,8 +255,40 @@ class OutboundProxy:
                 raise Unavailable("audit_unavailable")
             headers = self.header_filter.clean(event.headers, frozenset(),
                                                connection_tokens(event.headers))
-            return await forward(client, event, headers, self.pool, limits, head,
-                                 close=self.tracker.draining)
+            token = None
+            if head.upgrade is not None:  # a stream from here on: policy reloads judge it,
+                conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
+                token = _upgrading.set(conn)  # and the upstream's chain and expiry (acquired)
+            try:
+                return await forward(client, event, headers, self.pool, limits, head,
+                                     close=self.tracker.draining or conn.retiring is not None)
+            finally:
+                conn.recheck = None
+                if token is not None:
+                    _upgrading.reset(token)
+                    conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
-                           handle=handle, source=source, peer=None)
+                           handle=handle, source=source, peer=None, conn=conn)
+
+
+def retire_reason(meta: UpstreamMeta, tls: TlsState, now: float, wall: float) -> str | None:
+    """Why a pooled upstream connection must not be used again, or None.
+
+    After a bundle change the chain is checked once against the new bundles; while it still
+    verifies, ``meta.trust_generation`` moves on so it is not checked again.
+    """
+    if wall >= meta.peer_not_after:
+        return REASON_PEER_CERT_EXPIRED
+    snap = tls.snapshot
+    if meta.trust_generation != snap.trust.generation:
+        try:
+            snap.trust.check_peer(meta.peer, meta.chain, wall)
+        except SvidError:
+            return REASON_PEER_UNTRUSTED
+        meta.trust_generation = snap.trust.generation
+    if meta.svid_generation != snap.svid_generation:
+        return REASON_OWN_CERT_ROTATED
+    if now >= meta.deadline:
+        return REASON_MAX_AGE
+    return None

@@ -16,8 +16,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
-from sidecar.audit.segments import RecordFilter, iter_records
+from sidecar.audit.segments import RecordFilter, iter_stored
 from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
@@ -94,15 +95,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
     filters = RecordFilter(peer=args.peer)
+    damaged: list[str] = []
     progress = Progress("replaying")
     try:
-        count, changes = replay(policy, _counted(iter_records(args.audit, filters), progress),
-                                args.identity)
+        decryptor = load_decryptor(args.data_key) if args.data_key else None
+        records = (s.record for s in iter_stored(args.audit, filters, on_damage=damaged.append,
+                                                 decryptor=decryptor))
+        count, changes = replay(policy, _counted(records, progress), args.identity)
+    except ValueError as exc:  # a data key file that cannot be used
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"sidecar: cannot read audit trail {args.audit}: {exc.strerror}", file=sys.stderr)
         return 2
     finally:
         progress.close()
+    for d in damaged:
+        # An encrypted trail read without (the right) --data-key lands here too: say so
+        # rather than report "nothing would change" over records that were never read.
+        print(f"sidecar: stopped reading a damaged or undecryptable segment: {d}",
+              file=sys.stderr)
     doc = {"kind": "PolicyReplay", "policy": args.policy, "version": policy.version,
            "replayed": count, "changed": [c.as_dict() for c in changes]}
 
@@ -120,6 +132,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.format == "json" and args.output_format == "table":
         args.output_format = "json"  # the older spelling of -o json
     emit(args, doc, table)
+    if damaged:
+        return 2  # part of the trail was not read: "no change" would not be true
     return 1 if changes else 0
 
 
@@ -135,4 +149,6 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
     p.add_argument("--format", choices=("text", "json"), default="text",
                    help="older spelling of -o (json = -o json)")
     add_output_flag(p)
+    p.add_argument("--data-key", action="append", default=[], metavar="FILE",
+                   help="data key file, to read an encrypted trail (audit.encryption_key_file)")
     p.set_defaults(func=cmd_replay)

@@ -11,7 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sidecar import logs
-from sidecar.audit.record import connection_refused_record, record_from
+from sidecar.audit.record import (
+    connection_closed_record,
+    connection_refused_record,
+    record_from,
+)
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.tap import Tap
@@ -19,7 +23,8 @@ from sidecar.tap import Tap
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
-                                     "no_client_cert", "bad_svid"})
+                                     "no_client_cert", "bad_svid",
+                                     "peer_untrusted"})  # a chain from another trust domain's root
 
 
 class Telemetry:
@@ -44,6 +49,12 @@ class Telemetry:
         self._conn_total = {d: metrics.connections_total.labels(d)
                             for d in ("inbound", "outbound")}
         self._hs = {d: self.handshakes.labels(d) for d in ("inbound", "outbound")}
+        self.connections_closed = reg.counter(
+            "sidecar_connections_closed_total",
+            "Open connections the sidecar ended because they outlived their trust, by "
+            "direction and reason (max_age, own_cert_rotated, peer_cert_expired, "
+            "peer_untrusted, policy_refused, source_blocked).",
+            ("direction", "reason"))
 
     # -- connections ---------------------------------------------------------------------
     def handshake(self, direction: str) -> None:
@@ -68,6 +79,21 @@ class Telemetry:
         if hook is not None and direction == "inbound" and reason.split(":")[0] in \
                 TLS_CREDENTIAL_FAILURES:
             hook(source)
+
+    def connection_retired(self, direction: str, listener: str, source: str,
+                           peer: str | None, reason: str, opened: float | None = None) -> None:
+        """An open connection is being ended (``sidecar.net.lifetime``): metric, log, audit."""
+        self.connections_closed.labels(direction, reason).inc()
+        logs.log("connection_closed", "warning" if reason not in ("max_age", "own_cert_rotated")
+                 else "info", direction=direction, listener=listener, source=source, peer=peer,
+                 reason=reason)
+        if self.audit is not None:
+            extra: dict[str, Any] = {"listener": listener}
+            if opened is not None:
+                extra["age_seconds"] = round(time.time() - opened, 3)
+            self.audit.submit(connection_closed_record(
+                time=time.time(), direction=direction, source=source, peer=peer,
+                reason=reason, extra=extra))
 
     # -- requests ------------------------------------------------------------------------
     def accepting(self) -> bool:

@@ -1,22 +1,37 @@
-"""The workload's current certificate and the TLS contexts built from it.
+"""The workload's current certificate, its trust bundles and the TLS contexts built from them.
 
-Swapped atomically by the certificate reloader: a handshake reads ``server_context`` /
+Swapped atomically by the reloaders: a handshake reads ``server_context`` /
 ``client_context`` once when it starts, so existing connections keep the context they began
-with while new handshakes use the new certificate.
+with while new handshakes use the new certificate and roots. (Existing connections are then
+judged again by ``sidecar.net.lifetime``: a peer whose chain no longer verifies is closed.)
 
 Each snapshot holds two variants of each context: HTTP listeners advertise ALPN ``http/1.1``,
 opaque TCP listeners (``protocol: tcp``) advertise no ALPN at all, since they do not speak
 HTTP and a peer must not be told they do.
+
+Two kinds of change produce a new snapshot, each on its own: the own SVID files (cert, key
+and ``identity.bundle``, read as one set: ``svid_generation`` and ``trust.generation`` both
+move on) and one federated trust domain's bundle (only ``trust.generation`` moves on). A
+change that fails to load leaves the previous snapshot, and so the last good bundle of every
+trust domain, in force.
 """
 
 from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sidecar.identity.svid import Svid, load_svid
 from sidecar.identity.tls import client_context, server_context
+from sidecar.identity.trust import (
+    PeerChain,
+    TrustBundle,
+    TrustStore,
+    bundle_from_certs,
+    load_bundle,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +42,8 @@ class TlsSnapshot:
     loaded_at: float
     server_tcp: ssl.SSLContext
     client_tcp: ssl.SSLContext
+    trust: TrustStore
+    svid_generation: int = 0
 
 
 class TlsState:
@@ -39,8 +56,12 @@ class TlsState:
         self.reloads_failed = 0
 
     @classmethod
-    def load(cls, cert: str, key: str, bundle: str) -> TlsState:
-        return cls(build_snapshot(cert, key, bundle))
+    def load(cls, cert: str, key: str, bundle: str,
+             federated: Sequence[tuple[str, str]] = ()) -> TlsState:
+        """Load the own SVID and the bundle of every federated trust domain (td, path)."""
+        svid = load_own_svid(cert, key, bundle)
+        bundles = [load_bundle(td, path) for td, path in federated]
+        return cls(assemble(svid, bundles, svid_generation=0, trust_generation=0))
 
     @property
     def snapshot(self) -> TlsSnapshot:
@@ -68,18 +89,68 @@ class TlsState:
     def spiffe_id(self) -> str:
         return str(self._snap.svid.spiffe_id)
 
+    @property
+    def trust(self) -> TrustStore:
+        return self._snap.trust
+
+    def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> None:
+        """The trust-domain rule against the bundles in force; raises ``SvidError``."""
+        self._snap.trust.check_peer(spiffe_id, chain, now)
+
     def swap(self, snapshot: TlsSnapshot) -> None:
         self._snap = snapshot
         self.last_error = None
         self.reloads_ok += 1
+
+    def with_svid(self, svid: Svid) -> TlsSnapshot:
+        """A snapshot with a new own SVID (and own bundle), the federated bundles kept."""
+        snap = self._snap
+        federated = [b for td, b in snap.trust.bundles.items() if td != snap.trust.own]
+        return assemble(svid, federated, svid_generation=snap.svid_generation + 1,
+                        trust_generation=snap.trust.generation + 1)
+
+    def with_bundle(self, bundle: TrustBundle) -> TlsSnapshot:
+        """A snapshot in which one federated trust domain's bundle is replaced."""
+        snap = self._snap
+        trust = snap.trust.with_bundle(bundle, snap.trust.generation + 1)
+        return _contexts(snap.svid, trust, snap.svid_generation)
 
     def valid(self, now: float) -> bool:
         svid = self._snap.svid
         return svid.not_before <= now < svid.not_after
 
 
-def build_snapshot(cert: str, key: str, bundle: str) -> TlsSnapshot:
-    """Load and check the three files from one consistent snapshot; build every context."""
+def own_bundle(svid: Svid) -> TrustBundle:
+    """The bundle of the SVID's own trust domain (``identity.bundle``), checked."""
+    from cryptography import x509
+
+    return bundle_from_certs(svid.spiffe_id.trust_domain, svid.bundle_path,
+                             x509.load_pem_x509_certificates(svid.bundle_pem))
+
+
+def load_own_svid(cert: str, key: str, bundle: str) -> Svid:
+    """``load_svid`` plus the trust-domain check of its bundle (``own_bundle``)."""
     svid = load_svid(cert, key, bundle, time.time())
-    return TlsSnapshot(svid, server_context(svid), client_context(svid), time.time(),
-                       server_context(svid, alpn=()), client_context(svid, alpn=()))
+    own_bundle(svid)
+    return svid
+
+
+def assemble(svid: Svid, federated: Sequence[TrustBundle], *, svid_generation: int,
+             trust_generation: int) -> TlsSnapshot:
+    """A snapshot for ``svid``: its own bundle is its trust domain's, plus ``federated``."""
+    trust = TrustStore.build(own_bundle(svid), federated, trust_generation)
+    return _contexts(svid, trust, svid_generation)
+
+
+def _contexts(svid: Svid, trust: TrustStore, svid_generation: int) -> TlsSnapshot:
+    roots = trust.all_roots_pem
+    return TlsSnapshot(svid, server_context(svid, roots_pem=roots),
+                       client_context(svid, roots_pem=roots), time.time(),
+                       server_context(svid, alpn=(), roots_pem=roots),
+                       client_context(svid, alpn=(), roots_pem=roots), trust, svid_generation)
+
+
+def build_snapshot(cert: str, key: str, bundle: str) -> TlsSnapshot:
+    """Load and check the three files from one consistent snapshot; build every context
+    (own trust domain only; ``TlsState.with_svid`` keeps the federated bundles)."""
+    return assemble(load_own_svid(cert, key, bundle), (), svid_generation=0, trust_generation=0)

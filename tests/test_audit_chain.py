@@ -86,14 +86,14 @@ def test_edited_frame_breaks_the_next_link(index: int) -> None:
 
 def test_deleted_swapped_inserted_frames() -> None:
     frames = _segment()
-    with pytest.raises(ChainError, match="sequence jumps"):
+    with pytest.raises(ChainError, match="seq skipped from 1 to 3"):
         _check(frames[:2] + frames[3:])
-    with pytest.raises(ChainError, match="sequence jumps"):
+    with pytest.raises(ChainError, match="seq skipped"):
         _check([frames[0], frames[2], frames[1], *frames[3:]])
     # An insertion that keeps seq and prev right for itself still breaks the next frame.
     forged = msgpack.packb({"seq": 2, "prev": hashlib.sha256(frames[1]).digest(),
                             "rec": {"t": 0.0}})
-    with pytest.raises(ChainError, match="sequence jumps"):
+    with pytest.raises(ChainError, match="seq 2 reused after seq 2"):
         _check(frames[:2] + [forged] + frames[2:])
 
 

@@ -68,3 +68,20 @@ def test_hmac_key_file(tmp_path: os.PathLike[str]) -> None:
         load_hmac_key(key_file)
     with pytest.raises(ValueError, match="cannot read"):
         load_hmac_key(os.path.join(tmp_path, "missing"))
+
+
+def test_signing_keys() -> None:
+    cfg, problems = _parse(
+        "audit:\n  path: /var/audit\n  signing_key_file: /etc/keys/sig.pem\n"
+        "  checkpoint_every_records: 50\n  checkpoint_every_seconds: 0.5\n")
+    assert problems == []
+    assert (cfg.signing_key_file, cfg.checkpoint_every_records, cfg.checkpoint_every_seconds) == (
+        "/etc/keys/sig.pem", 50, 0.5)
+    assert AuditConfig(path="x").checkpoint_every_seconds == 1.0
+    _cfg, problems = _parse(
+        "audit:\n  path: /var/audit\n  signing_key_file: /var/audit/keys/sig.pem\n"
+        "  checkpoint_every_records: 0\n  checkpoint_every_seconds: 0\n")
+    text = "\n".join(problems)
+    assert "sidecar.yaml:3: audit.signing_key_file: must not be inside audit.path" in text
+    assert "sidecar.yaml:4: audit.checkpoint_every_records:" in text
+    assert "sidecar.yaml:5: audit.checkpoint_every_seconds:" in text

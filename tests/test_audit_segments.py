@@ -13,6 +13,7 @@ from sidecar.audit.chain import LENGTH
 from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import (
+    NOTE_NO_KEY,
     RecordFilter,
     find_resume_point,
     iter_records,
@@ -67,7 +68,7 @@ def test_intact_trail_verifies(trail: Path) -> None:
     result = verify(str(trail))
     assert result.ok and result.broken is None
     assert result.records == 60 and result.starts_at == 0 and result.sealed
-    assert result.notes == []
+    assert result.notes == [NOTE_NO_KEY] and result.findings == []
     assert [r.request_id for r in iter_records(str(trail))] == [f"r{i}" for i in range(60)]
 
 

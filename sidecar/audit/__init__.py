@@ -1,8 +1,9 @@
 """The verifiable audit trail: records, hash chain, segment files, writer, CLI.
 
-``record`` and ``chain`` are pure; ``segments`` reads files (verify, export, resume);
-``writer`` is the async shell; ``cli`` is ``sidecar audit verify|export|tail``.
-See docs/audit.md.
+``record`` and ``chain`` are pure; ``signing`` (Ed25519 checkpoints, anchors) and
+``crypto`` (AES-GCM at rest) hold the keys' logic; ``segments`` reads files (verify, export,
+resume); ``writer`` is the async shell; ``ship`` streams frames to a syslog collector;
+``cli`` is ``sidecar audit keygen|verify|collect|export|tail``. See docs/audit.md.
 
 The names below are loaded on first use (PEP 562): the data path imports
 ``sidecar.audit.record`` for every sidecar, and a sidecar without ``audit:`` in its config

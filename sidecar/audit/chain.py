@@ -7,7 +7,11 @@ msgpack encoding one map ``{"seq": int, "prev": bin(32), KIND: map}`` where KIND
 
 * ``"seg"``: segment header, the first frame of every segment file;
 * ``"rec"``: one audit record (``AuditRecord.to_wire()``);
-* ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown).
+* ``"erc"``: one encrypted audit record (``crypto.py``); the chain covers the ciphertext;
+* ``"chk"``: signed checkpoint (``signing.py``): an Ed25519 signature over the frame's own
+  seq and prev, so over every frame before it;
+* ``"end"``: seal, the last frame of a segment closed on purpose (rotation, shutdown);
+  signed like a checkpoint when the writer has a signing key.
 
 All frames of all segments form ONE chain: ``seq`` goes up by exactly one from frame to
 frame, and ``prev`` is the link digest of the previous frame's msgpack bytes (the bytes
@@ -44,8 +48,9 @@ FORMAT_VERSION = 1
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
 
-FrameKind = Literal["seg", "rec", "end"]
-_KINDS = ("seg", "rec", "end")
+FrameKind = Literal["seg", "rec", "erc", "chk", "end"]
+_KINDS = ("seg", "rec", "erc", "chk", "end")
+RECORD_KINDS = ("rec", "erc")
 
 
 def link_digest(payload: bytes, key: bytes | None) -> bytes:
@@ -97,7 +102,7 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
             if not isinstance(body, dict):
                 raise FrameError(f"frame {kind!r} body is not a map")
             return seq, prev, kind, body  # type: ignore[return-value]
-    raise FrameError("frame has no seg/rec/end body")
+    raise FrameError("frame has no seg/rec/erc/chk/end body")
 
 
 class ChainHead:
@@ -113,6 +118,9 @@ class ChainHead:
         self.prev = prev
         self.key = key
         self._packer = msgpack.Packer(use_bin_type=True)
+        # When a list: every frame made is noted as (seq, kind, payload, digest, detail)
+        # (detail: the record's wire dict, or the body), for shipping once on disk.
+        self.journal: list[tuple[int, str, bytes, bytes, Any]] | None = None
 
     @property
     def alg(self) -> str:
@@ -124,6 +132,8 @@ class ChainHead:
 
     def restore(self, state: tuple[int, bytes]) -> None:
         self.next_seq, self.prev = state
+        if self.journal:
+            self.journal[:] = [j for j in self.journal if j[0] < self.next_seq]
 
     def frame(self, kind: FrameKind, body: dict[str, Any]) -> bytes:
         """Length-prefixed frame bytes for ``body``; advances the head."""
@@ -131,6 +141,8 @@ class ChainHead:
         if len(payload) > MAX_FRAME_BYTES:
             raise ValueError("audit frame too large")
         self.prev = link_digest(payload, self.key)
+        if self.journal is not None:
+            self.journal.append((self.next_seq, kind, payload, self.prev, body))
         self.next_seq += 1
         return LENGTH.pack(len(payload)) + payload
 
@@ -140,19 +152,35 @@ class ChainHead:
         body.update({k: v for k, v in info.items() if v is not None})
         return self.frame("seg", body)
 
-    def records(self, wires: Iterable[dict[str, Any]]) -> bytes:
-        """Frames for many records at once (one allocation for the whole batch)."""
+    def signed(self, kind: FrameKind, signer: Any,
+               body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """A ``chk`` or ``end`` frame with ``body`` signed by ``signer``
+        (``signing.Signer``; None writes it unsigned); returns the bytes and the body."""
+        if signer is not None:
+            body = signer.sign(self.next_seq, self.prev, kind, body)
+        return self.frame(kind, body), body
+
+    def records(self, wires: Iterable[dict[str, Any]], encryptor: Any = None) -> bytes:
+        """Frames for many records at once (one allocation for the whole batch);
+        ``encryptor`` (``crypto.Encryptor``) stores them as ``erc`` frames."""
         pack = self._packer.pack
         key = self.key
         seq, prev = self.next_seq, self.prev
+        kind = "rec"
+        plain = wires = list(wires)
+        if encryptor is not None:
+            wires, kind = encryptor.bodies(seq, wires), "erc"
+        journal = self.journal
         out = bytearray()
-        for wire in wires:
-            payload = pack({"seq": seq, "prev": prev, "rec": wire})
+        for i, wire in enumerate(wires):
+            payload = pack({"seq": seq, "prev": prev, kind: wire})
             if len(payload) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             out += LENGTH.pack(len(payload))
             out += payload
             prev = hashlib.sha256(payload).digest() if key is None else link_digest(payload, key)
+            if journal is not None:
+                journal.append((seq, kind, payload, prev, plain[i]))
             seq += 1
         self.next_seq, self.prev = seq, prev
         return bytes(out)
@@ -214,10 +242,14 @@ class ChainVerifier:
             if seq == 0 and prev != GENESIS:
                 raise ChainError("first frame (seq 0) must have an all-zero prev", seq)
         else:
+            if seq <= self.last.seq:
+                raise ChainError(
+                    f"seq {seq} reused after seq {self.last.seq}: frames reordered or replayed,"
+                    " an old segment copied in, or a writer resumed from a cut tail", seq)
             if seq != self.last.seq + 1:
                 raise ChainError(
-                    f"sequence jumps from {self.last.seq} to {seq}: frames removed, inserted,"
-                    " reordered, or a segment file is missing", seq)
+                    f"seq skipped from {self.last.seq} to {seq}: frames removed, or a segment"
+                    " file is missing", seq)
             if prev != self.last.digest:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"

@@ -20,16 +20,22 @@ from typing import IO, Any
 
 from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_frame
 from sidecar.audit.config import load_hmac_key
+from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
     READ_BUFFER,
     RecordFilter,
     SegmentFile,
+    VerifyResult,
     iter_stored,
     parse_time,
+    record_of,
     resolve_segments,
+    segment_header,
     verify,
 )
+from sidecar.audit.ship import CollectError, collect_frames, write_segments
+from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
 from sidecar.output import Progress, add_output_flag, render, rfc3339
 
 MIN_POLL = 0.05
@@ -39,9 +45,23 @@ MAX_TAIL_LINES = 100_000
 
 def add_audit_parsers(subparsers: Any) -> None:
     """Register ``verify``, ``export`` and ``tail`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signed checkpoints")
+    p.add_argument("prefix", metavar="PREFIX",
+                   help="writes PREFIX.key (private, 0600; never overwritten) and PREFIX.pub")
+    p.add_argument("--data-key", action="store_true",
+                   help="instead write PREFIX.data: an AES-256 key for audit.encryption_key_file")
+    p.set_defaults(func=cmd_keygen)
+
     p = subparsers.add_parser("verify", help="check the hash chain of an audit trail")
     p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
+    p.add_argument("--pubkey", action="append", default=[], metavar="FILE",
+                   help="PEM public key(s) of the signing keys (repeat, or several in one "
+                        "file); checks every signed checkpoint")
+    p.add_argument("--anchor", action="append", default=[], metavar="CHECKPOINT",
+                   help="a checkpoint saved elsewhere (JSON from /audit/head) that must still "
+                        "be in the chain (repeatable)")
     p.add_argument("--hmac-key-file", help="key file, for trails written with audit.hmac_key_file")
+    _add_data_key(p, "also check that every encrypted record decrypts")
     p.add_argument("--accept-declared-breaks", action="store_true",
                    help="exit 0 when the only problems are breaks the writer declared")
     p.add_argument("--require-genesis", action="store_true",
@@ -50,11 +70,19 @@ def add_audit_parsers(subparsers: Any) -> None:
     add_output_flag(p)
     p.set_defaults(func=cmd_verify)
 
+    p = subparsers.add_parser(
+        "collect", help="rebuild segment files from what a syslog collector received")
+    p.add_argument("files", nargs="+", metavar="FILE", help="collector output (syslog lines)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="new directory for the rebuilt segments (then: sidecar audit verify DIR)")
+    p.set_defaults(func=cmd_collect)
+
     p = subparsers.add_parser("export", help="export audit records as JSON lines or CSV")
     p.add_argument("path", metavar="PATH", help="audit directory or one segment file")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     _add_filters(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    _add_data_key(p, "to read encrypted records")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("tail", help="print the newest audit records, optionally follow")
@@ -65,6 +93,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("--interval", type=float, default=0.5,
                    help=f"follow poll interval, seconds ({MIN_POLL}..{MAX_POLL}, default 0.5)")
     _add_filters(p)
+    _add_data_key(p, "to read encrypted records")
     p.set_defaults(func=cmd_tail)
 
 
@@ -106,6 +135,16 @@ def _missing(path: str) -> bool:
     return True
 
 
+def _add_data_key(p: argparse.ArgumentParser, why: str) -> None:
+    p.add_argument("--data-key", action="append", default=[], metavar="FILE",
+                   help=f"data key file of audit.encryption_key_file (repeatable), {why}")
+
+
+def _decryptor(args: argparse.Namespace) -> Decryptor | None:
+    paths = getattr(args, "data_key", None) or []
+    return load_decryptor(paths) if paths else None
+
+
 def _filters(args: argparse.Namespace) -> RecordFilter:
     return RecordFilter(
         since=_since(args.since) if args.since else None,
@@ -128,17 +167,80 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """0: key pair written; 2: cannot (exists, unwritable)."""
+    try:
+        if getattr(args, "data_key", False):
+            data = args.prefix + ".data"
+            kid = write_data_key(data)
+            print(f"data key: {data} (audit.encryption_key_file; --data-key to read)")
+            print(f"key id:   {kid}")
+            return 0
+        priv, pub, kid = write_keypair(args.prefix)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {priv} (audit.signing_key_file; keep it off the audit volume)")
+    print(f"public key:  {pub} (sidecar audit verify --pubkey)")
+    print(f"key id:      {kid}")
+    return 0
+
+
+def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
+    """The verify result as plain data (the ``--json`` output)."""
+    return {
+        "ok": result.ok, "assurance": result.assurance, "records": result.records,
+        "frames": result.frames, "segments": result.segments, "starts_at": result.starts_at,
+        "head_seq": result.head_seq,
+        "head_digest": result.head_digest.hex() if result.head_digest else None,
+        "sealed": result.sealed, "checkpoints": result.checkpoints,
+        "signed_through": result.signed_through,
+        "unsigned_tail_records": result.unsigned_tail_records,
+        "restarts": result.restarts, "anchors_matched": result.anchors_matched,
+        "broken": str(result.broken) if result.broken else None,
+        "broken_segment": result.broken.segment if result.broken else None,
+        "broken_seq": result.broken.seq if result.broken else None,
+        "declared_breaks": [str(b) for b in result.declared_breaks],
+        "findings": [{"severity": f.severity, "code": f.code, "segment": f.segment,
+                      "seq": f.seq, "message": f.message} for f in result.findings],
+        "notes": result.notes,
+    }
+
+
+def verify_result_text(result: VerifyResult) -> str:
+    """The verify result for a person."""
+    lines = [f"{'OK' if result.ok else 'BROKEN'}: {result.records} records, {result.frames} "
+             f"frames, {result.segments} segments"]
+    if result.head_seq is not None and result.head_digest is not None:
+        lines.append(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
+    if result.assurance == "signature":
+        through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
+        lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
+                     f"unsigned tail: {result.unsigned_tail_records} records")
+    if result.anchors_matched:
+        lines.append(f"anchors: {result.anchors_matched} matched")
+    if result.broken is not None:
+        lines.append(f"first broken: {result.broken}")
+    lines.extend(str(f) for f in result.findings)
+    lines.extend(f"note: {note}" for note in result.notes)
+    return "\n".join(lines)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """0: the chain holds; 1: broken (first broken point printed); 2: cannot run."""
     if _missing(args.path):
         return 2
     key = None
-    if getattr(args, "hmac_key_file", None):
-        try:
+    try:
+        if getattr(args, "hmac_key_file", None):
             key = load_hmac_key(args.hmac_key_file)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        pubkeys = getattr(args, "pubkey", None) or []
+        keyring = load_keyring(pubkeys) if pubkeys else None
+        anchors = [load_anchor(a) for a in getattr(args, "anchor", None) or []]
+        decryptor = _decryptor(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # On a terminal, say what is being read while the chain is checked (erased after).
     progress = Progress("verifying")
     try:
@@ -146,48 +248,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except OSError:
         pass
     try:
-        result = verify(args.path, key=key,
+        result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
+                        decryptor=decryptor,
                         accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
                         require_genesis=getattr(args, "require_genesis", False))
     finally:
         progress.close()
-    if getattr(args, "json", False) and getattr(args, "output_format", "table") == "table":
-        args.output_format = "json-line"  # --json: the older, one-line spelling
     fmt = getattr(args, "output_format", "table")
-    if fmt != "table":
-        doc = {
-            "ok": result.ok, "records": result.records, "frames": result.frames,
-            "segments": result.segments, "starts_at": result.starts_at,
-            "head_seq": result.head_seq,
-            "head_digest": result.head_digest.hex() if result.head_digest else None,
-            "sealed": result.sealed,
-            "broken": str(result.broken) if result.broken else None,
-            "broken_segment": result.broken.segment if result.broken else None,
-            "broken_seq": result.broken.seq if result.broken else None,
-            "declared_breaks": [str(b) for b in result.declared_breaks],
-            "notes": result.notes,
-        }
-        if fmt == "json-line":
-            print(_json_line(doc))
-        else:
-            sys.stdout.write(render({"kind": "AuditVerify", **doc}, fmt))
+    if getattr(args, "json", False) and fmt == "table":
+        print(_json_line(verify_result_dict(result)))  # --json: the older, one-line spelling
+    elif fmt != "table":
+        sys.stdout.write(render({"kind": "AuditVerify", **verify_result_dict(result)}, fmt))
     else:
-        status = "OK" if result.ok else "BROKEN"
-        print(f"{status}: {result.records} records, {result.frames} frames, "
-              f"{result.segments} segments")
-        if result.head_seq is not None and result.head_digest is not None:
-            print(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
-        if result.broken is not None:
-            print(f"first broken: {result.broken}")
-        for note in result.notes:
-            print(f"note: {note}")
+        print(verify_result_text(result))
     return 0 if result.ok else 1
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """0: rebuilt; 1: two different frames with one seq; 2: cannot read or write."""
+    frames: dict[int, bytes] = {}
+    messages = 0
+    try:
+        if os.path.exists(args.output) and os.listdir(args.output):
+            print(f"error: {args.output} is not empty", file=sys.stderr)
+            return 2
+        for path in args.files:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                messages += collect_frames(fh, frames)
+        files = write_segments(frames, args.output)
+    except CollectError as exc:
+        print(f"BROKEN: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{messages} messages, {len(frames)} frames, {files} segment files in {args.output}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write matching records; damaged segments are reported on stderr (exit 1)."""
     try:
         filters = _filters(args)
+        decryptor = _decryptor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -207,7 +310,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         out = sys.stdout
     try:
-        stored = iter_stored(args.path, filters, on_damage=damaged.append)
+        stored = iter_stored(args.path, filters, on_damage=damaged.append, decryptor=decryptor)
         if args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(("seq", *FIELD_NAMES))
@@ -231,7 +334,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if close:
             out.close()
     for d in damaged:
-        print(f"warning: stopped reading a damaged segment: {d}", file=sys.stderr)
+        print(f"warning: stopped reading a damaged or undecryptable segment: {d}",
+              file=sys.stderr)
     return 1 if damaged else 0
 
 
@@ -245,21 +349,45 @@ def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
     out.flush()
 
 
+def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]]:
+    """(end offset, payload) of whole frames from the file position, up to ``limit``; stops
+    quietly at a frame not (yet) complete: the writer may be appending to it."""
+    offset = fh.tell()
+    while limit is None or offset < limit:
+        head = fh.read(4)
+        if len(head) < 4:
+            return
+        (length,) = LENGTH.unpack(head)
+        if length == 0 or length > MAX_FRAME_BYTES:
+            return
+        payload = fh.read(length)
+        if len(payload) < length:
+            return
+        offset += 4 + length
+        yield offset, payload
+
+
 class _Follower:
     """Reads frames appended to the newest segment; moves on when a newer one appears."""
 
-    def __init__(self, path: str, filters: RecordFilter) -> None:
+    def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None) -> None:
         self.path = path
         self.filters = filters
+        self.decryptor = decryptor
         self.single = not os.path.isdir(path)
         self.current: SegmentFile | None = None
+        self.header: dict[str, Any] | None = None
         self.offset = 0
 
     def start_at_end(self) -> None:
         segments = resolve_segments(self.path)
         if segments:
-            self.current = segments[-1]
-            self.offset = os.path.getsize(self.current.path)
+            self._switch(segments[-1])
+            self.offset = os.path.getsize(segments[-1].path)
+
+    def _switch(self, seg: SegmentFile) -> None:
+        self.current, self.offset = seg, 0
+        self.header = segment_header(seg.path)
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
@@ -272,7 +400,7 @@ class _Follower:
             if not newer:
                 return
             # Finish the old segment first (done above), then move to the next one.
-            self.current, self.offset = newer[0], 0
+            self._switch(newer[0])
 
     def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
         assert self.current is not None
@@ -282,31 +410,29 @@ class _Follower:
             return
         with fh:
             fh.seek(self.offset)
-            while True:
-                head = fh.read(4)
-                if len(head) < 4:
-                    return  # not written yet (or partially): try again at the next poll
-                (length,) = LENGTH.unpack(head)
-                if length == 0 or length > MAX_FRAME_BYTES:
-                    return
-                payload = fh.read(length)
-                if len(payload) < length:
-                    return
-                self.offset += 4 + length
-                try:
-                    seq, _prev, kind, body = decode_frame(payload)
-                except (ValueError, ChainError):
-                    continue
-                if kind == "rec":
-                    rec = AuditRecord.from_wire(body)
-                    if self.filters.matches(rec):
-                        yield seq, rec
+            for end, payload in _frames_from(fh, None):
+                self.offset = end
+                if self.header is None:
+                    self.header = segment_header(self.current.path)
+                yield from _matching(payload, self.header, self.filters, self.decryptor)
+
+
+def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
+              decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+    try:
+        seq, _prev, kind, body = decode_frame(payload)
+    except (ValueError, ChainError):
+        return
+    rec = record_of(seq, kind, body, header, decryptor)
+    if rec is not None and filters.matches(rec):
+        yield seq, rec
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print the newest N records; with --follow keep polling until Ctrl-C (exit 0)."""
     try:
         filters = _filters(args)
+        decryptor = _decryptor(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -316,7 +442,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
     try:
-        follower = _Follower(args.path, filters)
+        follower = _Follower(args.path, filters, decryptor)
         # Remember where the files end *before* reading, so no record is printed twice
         # or skipped between the backlog and following.
         follower.start_at_end()
@@ -327,7 +453,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if end_segment is not None and seg > end_segment:
                     break
                 limit = end_offset if seg == end_segment else None
-                for stored in _read_segment(seg, filters, limit):
+                for stored in _read_segment(seg, filters, limit, decryptor):
                     last.append(stored)
             for seq, rec in last:
                 _print_record(seq, rec, out)
@@ -339,34 +465,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+    except DecryptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): sidecar.cli ends quietly
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _read_segment(seg: SegmentFile, filters: RecordFilter,
-                  limit: int | None) -> Iterator[tuple[int, AuditRecord]]:
+def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
+                  decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+    header = segment_header(seg.path)
     with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
-        offset = 0
-        while limit is None or offset < limit:
-            head = fh.read(4)
-            if len(head) < 4:
-                return
-            (length,) = LENGTH.unpack(head)
-            if length == 0 or length > MAX_FRAME_BYTES:
-                return
-            payload = fh.read(length)
-            if len(payload) < length:
-                return
-            offset += 4 + length
-            try:
-                seq, _prev, kind, body = decode_frame(payload)
-            except ValueError:
-                continue
-            if kind == "rec":
-                rec = AuditRecord.from_wire(body)
-                if filters.matches(rec):
-                    yield seq, rec
+        for _end, payload in _frames_from(fh, limit):
+            yield from _matching(payload, header, filters, decryptor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sidecar.config.source import Path, Source
-from sidecar.config.values import parse_size
+from sidecar.config.values import parse_address, parse_size
 
 OnFailure = Literal["fail_closed", "fail_open"]
+ShipMode = Literal["fail_open", "required"]
 
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 MIN_SEGMENT_BYTES = 4096
@@ -24,8 +25,29 @@ MIN_HMAC_KEY_BYTES = 16
 
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
-    "fsync", "hmac_key_file",
+    "fsync", "hmac_key_file", "signing_key_file", "checkpoint_every_records",
+    "checkpoint_every_seconds", "encryption_key_file", "ship",
 })
+_SHIP_KNOWN = frozenset({
+    "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "mode",
+    "app_name",
+})
+DEFAULT_CHECKPOINT_RECORDS = 1000
+DEFAULT_CHECKPOINT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ShipConfig:
+    """``audit.ship``: where and how to ship (docs/audit.md)."""
+
+    address: tuple[str, int] | None  # None: from SIDECAR_AUDIT_COLLECTOR (the injector)
+    ca_file: str
+    server_name: str | None = None  # default: the address's host
+    cert_file: str | None = None
+    key_file: str | None = None
+    queue_size: int = 10_000
+    mode: ShipMode = "fail_open"
+    app_name: str = "sidecar"
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,11 @@ class AuditConfig:
     fsync: bool = True
     hmac_key_file: str | None = None
     max_segments: int | None = None
+    signing_key_file: str | None = None
+    checkpoint_every_records: int = DEFAULT_CHECKPOINT_RECORDS
+    checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS
+    encryption_key_file: str | None = None
+    ship: ShipConfig | None = None
 
 
 def _count(value: Any, path: Path, src: Source, low: int, high: int) -> int | None:
@@ -123,7 +150,97 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         key_file = _file(raw["hmac_key_file"], path + ("hmac_key_file",), src)
         if key_file is not None:
             kw["hmac_key_file"] = key_file
+    if raw.get("signing_key_file") is not None:
+        key_file = _file(raw["signing_key_file"], path + ("signing_key_file",), src)
+        if key_file is not None:
+            kw["signing_key_file"] = key_file
+    if raw.get("checkpoint_every_records") is not None:
+        v = _count(raw["checkpoint_every_records"], path + ("checkpoint_every_records",), src,
+                   1, 1_000_000)
+        if v is not None:
+            kw["checkpoint_every_records"] = v
+    if raw.get("checkpoint_every_seconds") is not None:
+        p = path + ("checkpoint_every_seconds",)
+        sec = raw["checkpoint_every_seconds"]
+        if isinstance(sec, bool) or not isinstance(sec, int | float) or not 0.05 <= sec <= 3600:
+            src.problem(p, "expected seconds from 0.05 to 3600")
+        else:
+            kw["checkpoint_every_seconds"] = float(sec)
+    if raw.get("encryption_key_file") is not None:
+        key_file = _file(raw["encryption_key_file"], path + ("encryption_key_file",), src)
+        if key_file is not None:
+            kw["encryption_key_file"] = key_file
+    if raw.get("ship") is not None:
+        ship = _parse_ship(raw["ship"], path + ("ship",), src)
+        if ship is not None:
+            kw["ship"] = ship
+    for name in ("signing_key_file", "encryption_key_file"):
+        if directory and kw.get(name):
+            _check_outside(kw[name], directory, path + (name,), src)
     return AuditConfig(path=directory, **kw)
+
+
+def _parse_ship(raw: Any, path: Path, src: Source) -> ShipConfig | None:
+    """``audit.ship``: the syslog-over-TLS collector (docs/audit.md, "Shipping")."""
+    if not isinstance(raw, dict):
+        src.problem(path, "expected a mapping, e.g. {address: collector:6514, ca_file: ca.pem}")
+        return None
+    for key in raw:
+        if key not in _SHIP_KNOWN:
+            src.problem(path + (key,),
+                        f"unknown key (expected one of: {', '.join(sorted(_SHIP_KNOWN))})")
+    ok = True
+    address: tuple[str, int] | None = None
+    if raw.get("address") is not None:  # omitted: SIDECAR_AUDIT_COLLECTOR at start
+        try:
+            address = parse_address(raw.get("address"))
+        except ValueError as exc:
+            src.problem(path + ("address",), f"{exc} (the collector, e.g. siem.example:6514)")
+            ok = False
+    files: dict[str, Any] = {}
+    for name in ("ca_file", "cert_file", "key_file"):
+        if raw.get(name) is not None:
+            f = _file(raw[name], path + (name,), src)
+            if f is None:
+                ok = False
+            else:
+                files[name] = f
+    if "ca_file" not in files and raw.get("ca_file") is None:
+        src.problem(path + ("ca_file",), "is required (CA bundle that signed the collector)")
+        ok = False
+    if ("cert_file" in files) != ("key_file" in files):
+        src.problem(path, "cert_file and key_file go together (client certificate)")
+        ok = False
+    kw: dict[str, Any] = {}
+    if raw.get("queue_size") is not None:
+        v = _count(raw["queue_size"], path + ("queue_size",), src, 1, MAX_QUEUE_SIZE)
+        if v is not None:
+            kw["queue_size"] = v
+    if raw.get("mode") is not None:
+        if raw["mode"] not in ("fail_open", "required"):
+            src.problem(path + ("mode",), "must be one of: fail_open, required")
+        else:
+            kw["mode"] = raw["mode"]
+    for name in ("server_name", "app_name"):
+        value = raw.get(name)
+        if value is not None:
+            if not isinstance(value, str) or not value or len(value) > 48 or not all(
+                    33 <= ord(c) <= 126 for c in value):
+                src.problem(path + (name,), "expected printable ASCII without spaces "
+                                            "(at most 48 characters)")
+            else:
+                kw[name] = value
+    if not ok:
+        return None
+    return ShipConfig(address=address, **files, **kw)
+
+
+def _check_outside(key_file: str, directory: str, path: Path, src: Source) -> None:
+    # A key on the audit volume signs for whoever can write that volume: refuse it.
+    key_abs, dir_abs = os.path.realpath(key_file), os.path.realpath(directory)
+    if key_abs == dir_abs or key_abs.startswith(dir_abs.rstrip(os.sep) + os.sep):
+        src.problem(path, "must not be inside audit.path (the key would be writable by "
+                          "whoever can write the trail)")
 
 
 def load_hmac_key(key_file: str) -> bytes:

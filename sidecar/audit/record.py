@@ -24,6 +24,7 @@ EVENT_REQUEST = "request"
 EVENT_CONNECTION_REFUSED = "connection_refused"
 EVENT_ALERT = "alert"
 EVENT_RATE_LIMITED = "rate_limited"
+EVENT_CONNECTION_CLOSED = "connection_closed"
 
 MAX_EXTRA_KEYS = 32
 
@@ -202,6 +203,18 @@ def connection_refused_record(
         time=time, event=EVENT_CONNECTION_REFUSED, request_id=request_id,
         direction=direction, peer=peer, source=source, decision="deny", reason=reason,
         extra=extra,
+    )
+
+
+def connection_closed_record(
+    *, time: float, direction: str, source: str, reason: str, peer: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> AuditRecord:
+    """An open connection the sidecar ended because it outlived its trust
+    (``sidecar.net.lifetime``: max age, peer certificate expiry, bundle change...)."""
+    return AuditRecord(
+        time=time, event=EVENT_CONNECTION_CLOSED, direction=direction, peer=peer,
+        source=source, decision="deny", reason=reason, extra=extra,
     )
 
 

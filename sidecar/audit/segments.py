@@ -26,19 +26,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from sidecar.audit.chain import (
     GENESIS,
     LENGTH,
     MAX_FRAME_BYTES,
+    RECORD_KINDS,
     ChainError,
     ChainVerifier,
     Frame,
     FrameError,
     decode_frame,
 )
+from sidecar.audit.crypto import DecryptError, Decryptor
 from sidecar.audit.record import AuditRecord
+from sidecar.audit.signing import Checkpoint, Keyring
 
 SEGMENT_NAME = re.compile(r"^audit-(\d{20})-(\d{8}T\d{12}Z)\.log$")
 READ_BUFFER = 256 * 1024
@@ -132,10 +135,31 @@ class BrokenPoint:
         return f"{self.segment}:{seq} (offset {self.offset}): {self.message}"
 
 
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Something ``verify`` found beyond a broken link. ``error`` makes the result BROKEN;
+    ``warning`` is what an honest crash can also produce (compare with an anchor).
+
+    ``code`` is stable (see docs/audit.md, "What verify reports")."""
+
+    severity: Severity
+    code: str
+    segment: str
+    seq: int | None
+    message: str
+
+    def __str__(self) -> str:
+        seq = f" seq {self.seq}" if self.seq is not None else ""
+        return f"{self.severity}: {self.code}: {self.segment}:{seq}: {self.message}"
+
+
 @dataclass(slots=True)
 class VerifyResult:
-    """Outcome of ``verify``. ``ok`` means every frame links; see ``notes`` for what a
-    chain cannot prove by itself (retention start, unsealed head)."""
+    """Outcome of ``verify``. ``ok`` means every frame links, every signature verifies and
+    no error finding; see ``notes`` for what the check cannot prove with the keys given."""
 
     ok: bool = True
     records: int = 0
@@ -148,14 +172,173 @@ class VerifyResult:
     broken: BrokenPoint | None = None
     declared_breaks: list[BrokenPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # What the keys given could check: "none", "hmac", "signature" (with or without hmac).
+    assurance: str = "none"
+    checkpoints: int = 0  # signed frames whose signature verified
+    signed_through: int | None = None  # seq of the newest verified signed frame
+    unsigned_tail_records: int = 0  # records after it (not yet covered by a signature)
+    unsigned_tail_frames: int = 0
+    restarts: int = 0
+    anchors_matched: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, severity: Severity, code: str, segment: str, seq: int | None,
+            message: str) -> None:
+        self.findings.append(Finding(severity, code, segment, seq, message))
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+
+NOTE_NO_KEY = (
+    "no key given: this check proves nothing against someone who can write the audit "
+    "directory (they can rewrite every record and recompute every digest); verify with "
+    "--pubkey to check the signed checkpoints")
+NOTE_HMAC_ONLY = (
+    "HMAC key only: proves the trail was written by a holder of the HMAC key; the sidecar "
+    "holds it too, so anyone who took over the pod can re-chain; use --pubkey for proof "
+    "that holds against the pod")
+
+
+class _Walk:
+    """Per-frame checks beyond the links: signatures, seals, restarts, anchors, tail."""
+
+    def __init__(self, result: VerifyResult, keyring: Keyring | None,
+                 anchors: list[Checkpoint]) -> None:
+        self.result = result
+        self.keyring = keyring
+        self.anchors = {a.seq: a for a in anchors}
+        self.segment = ""
+        self.first_signed = False
+        self.last_every: Any = None
+        self.tail_times: list[float] = []  # times of the first and last unsigned record
+        self.prev_seal: tuple[str, str] | None = None  # (segment, why) of the last seal
+        self.whole_trail = True  # False when one segment file is checked on its own
+
+    def frame(self, frame: Frame) -> str | None:
+        """Check one frame (already linked); a string is a broken point (stop)."""
+        r = self.result
+        anchor = self.anchors.pop(frame.seq, None)
+        if anchor is not None:
+            if anchor.prev != frame.prev or anchor.kind != frame.kind:
+                return (f"anchor for seq {frame.seq} does not match the frame stored there: "
+                        "the chain was rewritten or a writer reused the seq after a cut")
+            r.anchors_matched += 1
+        if frame.kind in ("chk", "end") and "sig" in frame.body:
+            if self.keyring:
+                problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
+                if problem is not None:
+                    return problem
+                r.checkpoints += 1
+                r.signed_through = frame.seq
+                r.unsigned_tail_frames = r.unsigned_tail_records = 0
+                self.tail_times = []
+                self.first_signed = True
+                self.last_every = frame.body.get("every")
+                return None
+        elif frame.kind == "chk":
+            return "checkpoint frame without a signature"
+        elif frame.kind == "end" and self.keyring and self.first_signed:
+            r.add("error", "unsigned_seal", self.segment, frame.seq,
+                  "seal without a signature after signed checkpoints: the writer signs every "
+                  "seal, so this one was forged")
+        r.unsigned_tail_frames += 1
+        if frame.kind in RECORD_KINDS:
+            r.unsigned_tail_records += 1
+            t = frame.body.get("t")
+            if isinstance(t, int | float) and not isinstance(t, bool):
+                if not self.tail_times:
+                    self.tail_times = [float(t), float(t)]
+                else:
+                    self.tail_times[1] = float(t)
+        return None
+
+    def header(self, frame: Frame, first_in_walk: bool) -> None:
+        """The first frame of a segment: restarts and rotation seals without successor."""
+        r = self.result
+        restart = frame.body.get("restart")
+        seal = self.prev_seal
+        if seal is not None and seal[1] == "rotate" and restart is not None:
+            r.add("error", "rotation_without_successor", seal[0], frame.seq - 1,
+                  "segment sealed for rotation, but the next segment was started by a "
+                  "restarted writer: the segment written after the rotation is missing")
+        if isinstance(restart, dict):
+            r.restarts += 1
+            if not restart.get("prev_sealed") and not first_in_walk:
+                after = restart.get("after_seq")
+                signed = restart.get("last_signed_seq")
+                extra = ""
+                if self.keyring and isinstance(after, int) and isinstance(signed, int) \
+                        and after > signed:
+                    extra = (f"; frames {signed + 1}..{after} were not yet signed when the "
+                             "writer stopped and were signed only by the restarted writer")
+                r.add("warning", "unsealed_restart", self.segment, frame.seq,
+                      "writer restarted without a sealed head (crash, kill, or frames cut "
+                      f"from the end before the restart; compare with an anchor){extra}")
+        self.prev_seal = None
+
+    def seal(self, frame: Frame) -> None:
+        why = frame.body.get("why")
+        self.prev_seal = (self.segment, why if isinstance(why, str) else "")
+
+    def finish(self) -> None:
+        r = self.result
+        if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
+                and self.whole_trail:
+            r.add("error", "rotation_without_successor", self.prev_seal[0], r.head_seq,
+                  "the newest segment was sealed for rotation but its successor is missing: "
+                  "the newest segment(s) were deleted")
+        for anchor in self.anchors.values():
+            if r.head_seq is not None and anchor.seq > r.head_seq:
+                r.add("error", "anchor_beyond_head", "", anchor.seq,
+                      f"anchor at seq {anchor.seq} is past the head (seq {r.head_seq}): "
+                      "frames were cut from the end")
+            elif r.starts_at is not None and anchor.seq < r.starts_at:
+                r.notes.append(f"anchor at seq {anchor.seq} is older than the retained chain "
+                               f"(starts at {r.starts_at}); not checked")
+            elif r.broken is None:
+                r.add("error", "anchor_missing", "", anchor.seq,
+                      f"anchor at seq {anchor.seq} was not found in the chain")
+        if not self.keyring or r.broken is not None:
+            return
+        if not r.checkpoints:
+            if r.frames:
+                r.add("error", "nothing_signed", "", None,
+                      "no checkpoint signed by a key of the keyring: nothing in this trail "
+                      "is proven (a trail re-written without the key has no valid signature)")
+            return
+        every = self.last_every
+        if isinstance(every, list) and len(every) == 2:
+            max_records, max_seconds = every
+            if isinstance(max_records, int) and r.unsigned_tail_records > max_records:
+                r.add("error", "unsigned_tail_too_long", "", r.signed_through,
+                      f"{r.unsigned_tail_records} records after the last checkpoint, but the "
+                      f"writer signs every {max_records}: records appended without the key")
+            if isinstance(max_seconds, int | float) and len(self.tail_times) == 2 and \
+                    self.tail_times[1] - self.tail_times[0] > max_seconds + TAIL_SLACK_SECONDS:
+                r.add("error", "unsigned_tail_too_long", "", r.signed_through,
+                      f"the unsigned tail spans {self.tail_times[1] - self.tail_times[0]:.1f} s,"
+                      f" but the writer signs every {max_seconds} s: records appended without "
+                      "the key")
+
+
+# An honest unsigned tail may span the checkpoint interval plus queueing and disk delays.
+TAIL_SLACK_SECONDS = 10.0
 
 
 def verify(
     path: str, *, key: bytes | None = None, accept_declared_breaks: bool = False,
-    require_genesis: bool = False,
+    require_genesis: bool = False, keyring: Keyring | None = None,
+    anchors: list[Checkpoint] | None = None, decryptor: Decryptor | None = None,
 ) -> VerifyResult:
-    """Check the whole chain under ``path`` (directory or one segment file)."""
+    """Check the whole chain under ``path`` (directory or one segment file).
+
+    ``key``: HMAC key; ``keyring``: public keys for the signed checkpoints; ``anchors``:
+    checkpoints saved elsewhere that must still be part of the chain; ``decryptor``: data
+    keys, to check that every encrypted record also decrypts (integrity needs no data key)."""
     result = VerifyResult()
+    result.assurance = "signature" if keyring else "hmac" if key is not None else "none"
     try:
         segments = resolve_segments(path)
     except OSError as exc:
@@ -166,20 +349,29 @@ def verify(
         result.ok = False
         result.broken = BrokenPoint(path, None, 0, "no audit segment files")
         return result
+    names = {seg.name for seg in segments}
+    walk = _Walk(result, keyring, list(anchors or []))
+    walk.whole_trail = os.path.isdir(path)
     checker = ChainVerifier(key, require_mac=key is not None)
     pending: BrokenPoint | None = None  # a problem waiting for the next header to declare it
     for seg in segments:
         result.segments += 1
+        walk.segment = seg.name
         checker.start_segment()
         first = True
         problem: BrokenPoint | None = None
+        header: dict[str, Any] | None = None
+        fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
         try:
             with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
                 for offset, payload in read_frames(fh):
                     try:
                         frame = checker.accept(payload)
                     except ChainError as exc:
-                        problem = BrokenPoint(seg.name, exc.seq, offset, str(exc))
+                        message = str(exc)
+                        if first:
+                            message += _missing_predecessor(payload, names)
+                        problem = BrokenPoint(seg.name, exc.seq, offset, message)
                         break
                     if first and pending is not None:
                         if "break" not in frame.body:
@@ -190,10 +382,28 @@ def verify(
                         pending = None
                     elif first and result.frames == 0:
                         result.starts_at = frame.seq
+                    if first:
+                        walk.header(frame, result.frames == 0)
+                    failed = walk.frame(frame)
+                    if failed is not None:
+                        problem = BrokenPoint(seg.name, frame.seq, offset, failed)
+                        fatal = True
+                        break
+                    if frame.kind == "end":
+                        walk.seal(frame)
                     first = False
                     result.frames += 1
-                    if frame.kind == "rec":
+                    if frame.kind in RECORD_KINDS:
                         result.records += 1
+                        if decryptor is not None and frame.kind == "erc":
+                            try:
+                                decryptor.record(frame.seq, frame.body, header)
+                            except DecryptError as exc:
+                                problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
+                                fatal = True
+                                break
+                    elif frame.kind == "seg":
+                        header = frame.body
         except SegmentDamage as exc:
             expected = checker.last.seq + 1 if checker.last is not None else None
             problem = BrokenPoint(seg.name, expected, exc.offset, str(exc))
@@ -204,8 +414,8 @@ def verify(
             result.broken = pending
             break
         if problem is not None:
-            if first and checker.last is None:
-                result.broken = problem  # nothing good at all before it
+            if (first and checker.last is None) or fatal:
+                result.broken = problem  # nothing good before it, or forged: stop here
                 break
             pending = problem
         elif first:
@@ -217,10 +427,13 @@ def verify(
         result.head_seq = checker.last.seq
         result.head_digest = checker.last.digest
         result.sealed = checker.sealed and result.broken is None
+    walk.finish()
     if result.broken is not None or (result.declared_breaks and not accept_declared_breaks):
         result.ok = False
         if result.broken is None:
             result.broken = result.declared_breaks[0]
+    if result.errors:
+        result.ok = False
     if result.starts_at not in (None, 0):
         result.notes.append(
             f"the retained chain starts at seq {result.starts_at}: earlier segments are not "
@@ -230,9 +443,25 @@ def verify(
     if result.broken is None and not result.sealed:
         result.notes.append(
             "the last segment is not sealed (writer running or stopped without a clean "
-            "shutdown): frames removed from its end cannot be detected; compare the head "
-            "with an earlier anchor")
+            "shutdown): frames removed from its end cannot be detected without an anchor "
+            "(--anchor)")
+    if result.assurance == "none":
+        result.notes.insert(0, NOTE_NO_KEY)
+    elif result.assurance == "hmac":
+        result.notes.insert(0, NOTE_HMAC_ONLY)
     return result
+
+
+def _missing_predecessor(payload: bytes, names: set[str]) -> str:
+    """A header that does not link: say so when the file it names as predecessor is gone."""
+    try:
+        _seq, _prev, kind, body = decode_frame(payload)
+    except FrameError:
+        return ""
+    prev_segment = body.get("prev_segment") if kind == "seg" else None
+    if isinstance(prev_segment, str) and prev_segment not in names:
+        return f" (its predecessor {prev_segment} is missing)"
+    return ""
 
 
 def _describe_break(info: Any) -> str:
@@ -278,31 +507,56 @@ class StoredRecord:
     record: AuditRecord
 
 
+def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] | None,
+              decryptor: Decryptor | None) -> AuditRecord | None:
+    """The record a frame holds (None for other frames); ``DecryptError`` when it is
+    encrypted and ``decryptor`` cannot open it."""
+    if kind == "rec":
+        return AuditRecord.from_wire(body)
+    if kind == "erc":
+        return AuditRecord.from_wire((decryptor or Decryptor()).record(seq, body, header))
+    return None
+
+
+def segment_header(path: str) -> dict[str, Any] | None:
+    """The body of a segment file's header frame (None if it has none)."""
+    try:
+        with open(path, "rb") as fh:
+            for _offset, payload in read_frames(fh):
+                _seq, _prev, kind, body = decode_frame(payload)
+                return body if kind == "seg" else None
+    except (OSError, SegmentDamage, FrameError):
+        return None
+    return None
+
+
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
-    on_damage: Callable[[str], None] | None = None,
+    on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
 ) -> Iterator[StoredRecord]:
     """Every readable record under ``path`` in chain order. Reading does not verify links
-    (use ``verify``); a damaged segment is read up to the damage, reported to
-    ``on_damage`` and skipped from there."""
+    (use ``verify``); a damaged segment, or one whose records cannot be decrypted, is read
+    up to there, reported to ``on_damage`` and skipped from there."""
     for seg in resolve_segments(path):
+        header: dict[str, Any] | None = None
         try:
             with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, _prev, kind, body = decode_frame(payload)
-                    if kind != "rec":
-                        continue
-                    rec = AuditRecord.from_wire(body)
-                    if filters is None or filters.matches(rec):
+                    if kind == "seg":
+                        header = body
+                    rec = record_of(seq, kind, body, header, decryptor)
+                    if rec is not None and (filters is None or filters.matches(rec)):
                         yield StoredRecord(seq, seg.name, rec)
-        except (SegmentDamage, FrameError, TypeError) as exc:
+        except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
             if on_damage is not None:
                 on_damage(f"{seg.name}: {exc}")
 
 
-def iter_records(path: str, filters: RecordFilter | None = None) -> Iterator[AuditRecord]:
+def iter_records(path: str, filters: RecordFilter | None = None,
+                 decryptor: Decryptor | None = None) -> Iterator[AuditRecord]:
     """The records under ``path`` (directory or segment file) that match ``filters``."""
-    for stored in iter_stored(path, filters):
+    for stored in iter_stored(path, filters, decryptor=decryptor):
         yield stored.record
 
 
@@ -319,6 +573,7 @@ class ResumePoint:
     sealed: bool  # that segment ended with a seal
     damage: str | None  # why frames after the last good one are not part of the chain
     damaged_segment: str | None
+    last_signed_seq: int | None = None  # newest signed frame in that segment
 
 
 def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
@@ -334,11 +589,14 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
         checker = ChainVerifier(key)
         checker.start_segment()
         problem: str | None = None
+        signed: int | None = None
         try:
             with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
                 for offset, payload in read_frames(fh):
                     try:
-                        checker.accept(payload)
+                        frame = checker.accept(payload)
+                        if "sig" in frame.body:
+                            signed = frame.seq
                     except ChainError as exc:
                         problem = f"{exc} at offset {offset}"
                         break
@@ -351,7 +609,7 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
             damage, damaged = problem, seg.name
         if last is not None:
             return ResumePoint(last.seq + 1, last.digest, seg.name, checker.sealed,
-                               damage, damaged)
+                               damage, damaged, signed)
         if damage is None:
             damage, damaged = "segment has no readable frame", seg.name
     if segments:

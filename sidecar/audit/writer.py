@@ -27,8 +27,11 @@ and always opens a new segment; a damaged tail is declared in the new header. On
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import math
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,14 +39,19 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.chain import ChainHead
+from sidecar.audit.chain import ChainHead, decode_frame
 from sidecar.audit.config import AuditConfig, load_hmac_key
+from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
+from sidecar.audit.ship import Shipper, frame_message, hostname, message_prefix
+from sidecar.audit.signing import Checkpoint, Signer, load_signer
+from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 
 AlertCallback = Callable[[str, str], None]
 
+COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
@@ -61,8 +69,21 @@ class _PartialWrite(Exception):
 class _SegmentSink:
     """Synchronous disk side; every method runs in a worker thread, one call at a time."""
 
-    def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float]) -> None:
+    def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
+                 signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
         self.directory = config.path
+        self.signer = signer
+        self.encryptor = encryptor
+        self.checkpoint_every = config.checkpoint_every_records
+        self.checkpoint_seconds = config.checkpoint_every_seconds
+        # Frames written since the last signed frame, records among them, and when (monotonic)
+        # the first of them was written: the unsigned tail the timer bounds.
+        self.unsigned_frames = 0
+        self.unsigned_records = 0
+        self.unsigned_since = 0.0
+        self.last_checkpoint: Checkpoint | None = None
+        self.ship_host: str | None = None  # set when shipping: frames become messages
+        self.ship_app = "sidecar"
         self.max_bytes = config.max_segment_bytes
         self.max_segments = config.max_segments
         self.fsync = config.fsync
@@ -85,17 +106,36 @@ class _SegmentSink:
         if self.head is None:
             rp = find_resume_point(self.directory, self.key)
             head = ChainHead(rp.next_seq, rp.prev, self.key)
+            if self.ship_host is not None:
+                head.journal = []
             info: dict[str, Any] = {"prev_segment": rp.last_segment,
                                     "prev_sealed": rp.sealed if rp.last_segment else None}
             if rp.damage is not None:
                 info["break"] = {"after_seq": rp.next_seq - 1, "segment": rp.damaged_segment,
                                  "reason": rp.damage}
+            if rp.last_segment is not None:
+                # The restart event: this process continues the chain found on disk, after
+                # its last frame; never from an earlier point, so no seq is written twice.
+                info["restart"] = {"time": self.clock(), "after_seq": rp.next_seq - 1,
+                                   "prev_sealed": rp.sealed,
+                                   "last_signed_seq": rp.last_signed_seq}
         else:
             head, info = self.head, self.next_info
         state = head.state
         created = self.clock()
         path = os.path.join(self.directory, segment_name(head.next_seq, created))
+        if self.encryptor is not None:
+            info = {**info, "enc": self.encryptor.header_info()}
         header = head.header(created, **info)
+        checkpoint: Checkpoint | None = None
+        if self.signer is not None and "restart" in info:
+            # Sign the restart at once: the restarted writer vouches for the chain as it
+            # found it (the header names what was unsigned before), and the unsigned tail
+            # of the previous run does not add to this run's.
+            chk_state = head.state
+            data, body = head.signed("chk", self.signer, self._checkpoint_body())
+            header += data
+            checkpoint = Checkpoint.from_frame(chk_state[0], chk_state[1], "chk", body)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                          0o640)
@@ -117,6 +157,11 @@ class _SegmentSink:
             raise
         self.head, self.fd, self.path, self.size = head, fd, path, len(header)
         self.next_info = {}
+        if checkpoint is not None:
+            self.unsigned_frames = self.unsigned_records = 0
+            self.last_checkpoint = checkpoint
+        else:
+            self._note_unsigned(1, 0)
 
     def append(self, records: list[AuditRecord]) -> None:
         """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
@@ -126,19 +171,17 @@ class _SegmentSink:
             raise _PartialWrite(0, exc) from None
         assert self.head is not None and self.fd is not None
         state = self.head.state
-        data = self._encode(records)
-        start = self.size
+        unsigned = (self.unsigned_frames, self.unsigned_records, self.unsigned_since)
+        data, checkpoint = self._encode_signed(records)
         try:
-            self._write_all(self.fd, data)
-            if self.fsync:
-                os.fsync(self.fd)
-            self._check_still_linked()
+            self._write_frame(state, data)
         except OSError as exc:
             # The head advances only when the bytes are on disk: the batch is retried (or
             # counted lost) and the next segment chains from the last frame that was kept.
-            self.head.restore(state)
-            self._abandon(start, exc)
+            self.unsigned_frames, self.unsigned_records, self.unsigned_since = unsigned
             raise _PartialWrite(0, exc) from None
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint
         self.size += len(data)
         if self.size >= self.max_bytes:
             try:
@@ -152,13 +195,98 @@ class _SegmentSink:
             return
         self._seal("shutdown")
 
+    def take_messages(self) -> list[bytes]:
+        """Syslog messages for the frames written to disk since the last call."""
+        head = self.head
+        if head is None or not head.journal or self.ship_host is None:
+            return []
+        prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
+        out = []
+        for seq, kind, payload, digest, detail in head.journal:
+            if kind in ("chk", "end") and "sig" in detail:
+                _s, prev, _k, _b = decode_frame(payload)
+                detail = Checkpoint.from_frame(seq, prev, kind, detail).to_json()
+            out.append(frame_message(prefix, seq, kind, digest, payload, detail))
+        head.journal.clear()
+        return out
+
+    def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
+        """Seconds until the timer checkpoint is due (0 = now), None when nothing waits."""
+        if self.signer is None or self.unsigned_frames == 0 or self.fd is None:
+            return None
+        return max(0.0, self.unsigned_since + every_seconds - now)
+
+    def checkpoint(self) -> None:
+        """Sign the head now (the timer's checkpoint); OSError when it cannot be written."""
+        if self.signer is None or self.fd is None or self.head is None or not self.unsigned_frames:
+            return
+        state = self.head.state
+        data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+        self._write_frame(state, data)
+        self.size += len(data)
+        self.last_checkpoint = self._signed(state, "chk", body)
+
+    def _write_frame(self, state: tuple[int, bytes], data: bytes) -> None:
+        """Write frames made from head ``state`` (fsync, still linked); on failure roll
+        the head back and abandon the segment at its last good size."""
+        assert self.fd is not None and self.head is not None
+        try:
+            self._write_all(self.fd, data)
+            if self.fsync:
+                os.fsync(self.fd)
+            self._check_still_linked()
+        except OSError as exc:
+            self.head.restore(state)
+            self._abandon(self.size, exc)
+            raise
+
     # -- internals
+
+    def _checkpoint_body(self) -> dict[str, Any]:
+        # ``every`` tells the verifier how long an honest unsigned tail can be.
+        body: dict[str, Any] = {"time": self.clock()}
+        if self.signer is not None:
+            body["every"] = [self.checkpoint_every, self.checkpoint_seconds]
+        return body
+
+    def _note_unsigned(self, frames: int, records: int) -> None:
+        if frames and not self.unsigned_frames:
+            self.unsigned_since = time.monotonic()
+        self.unsigned_frames += frames
+        self.unsigned_records += records
+
+    def _signed(self, state: tuple[int, bytes], kind: str, body: dict[str, Any]) -> Checkpoint:
+        """The frame at ``state`` is a signed checkpoint: the unsigned tail restarts at 0."""
+        self.unsigned_frames = self.unsigned_records = 0
+        return Checkpoint.from_frame(state[0], state[1], kind, body)
+
+    def _encode_signed(self, records: list[AuditRecord]) -> tuple[bytes, Checkpoint | None]:
+        """The batch's frames, with a signed checkpoint after every ``checkpoint_every``
+        records (so no running writer leaves more records unsigned than that)."""
+        assert self.head is not None
+        if self.signer is None:
+            return self._encode(records), None
+        out = bytearray()
+        checkpoint: Checkpoint | None = None
+        i = 0
+        while i < len(records):
+            room = self.checkpoint_every - self.unsigned_records
+            chunk = records[i:i + room]
+            i += len(chunk)
+            out += self._encode(chunk)
+            self._note_unsigned(len(chunk), len(chunk))
+            if self.unsigned_records >= self.checkpoint_every:
+                state = self.head.state
+                data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+                out += data
+                checkpoint = self._signed(state, "chk", body)
+        return bytes(out), checkpoint
 
     def _encode(self, records: list[AuditRecord]) -> bytes:
         assert self.head is not None
         state = self.head.state
         try:
-            return self.head.records([r.to_wire() for r in records])
+            return self.head.records([r.to_wire() for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
@@ -167,14 +295,14 @@ class _SegmentSink:
         for r in records:
             s = self.head.state
             try:
-                out += self.head.records([r.to_wire()])
+                out += self.head.records([r.to_wire()], self.encryptor)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.head.restore(s)
                 out += self.head.records([{
                     "t": float(r.time) if isinstance(r.time, int | float) else 0.0,
                     "ev": "unencodable", "id": str(r.request_id)[:200],
                     "why": f"{type(exc).__name__}: {exc}"[:200],
-                }])
+                }], self.encryptor)
         return bytes(out)
 
     @staticmethod
@@ -222,17 +350,12 @@ class _SegmentSink:
     def _seal(self, why: str) -> None:
         assert self.fd is not None and self.head is not None
         state = self.head.state
-        seal = self.head.frame("end", {"why": why, "time": self.clock()})
-        try:
-            self._write_all(self.fd, seal)
-            if self.fsync:
-                os.fsync(self.fd)
-            self._check_still_linked()
-        except OSError as exc:
-            self.head.restore(state)
-            self._abandon(self.size, exc)
-            raise
+        seal, body = self.head.signed("end", self.signer, {"why": why, **self._checkpoint_body()})
+        self._write_frame(state, seal)
+        assert self.fd is not None
         os.close(self.fd)
+        if self.signer is not None:
+            self.last_checkpoint = self._signed(state, "end", body)
         self.next_info = {"prev_segment": self.segment, "prev_sealed": True}
         self.fd, self.path, self.size = None, None, 0
 
@@ -267,6 +390,11 @@ class AuditWriterStatistics:
     segment: str | None
     next_seq: int | None
     last_error: str | None
+    last_checkpoint: Checkpoint | None = None  # the newest signed frame on disk
+    shipped: int = 0  # syslog messages sent (one per frame; resent ones counted again)
+    ship_dropped: int = 0  # frames never shipped (queue full, or still queued at exit)
+    ship_queue_depth: int = 0
+    ship_connected: bool = False
 
 
 class AuditWriter:
@@ -281,8 +409,22 @@ class AuditWriter:
     def __init__(
         self, config: AuditConfig, *, clock: Callable[[], float] = time.time,
         on_alert: AlertCallback | None = None, retry_initial: float = 0.1,
-        retry_max: float = 5.0,
+        retry_max: float = 5.0, identity: str = "",
     ) -> None:
+        signer = None
+        if config.signing_key_file is not None:
+            try:
+                signer = load_signer(config.signing_key_file, identity)
+            except ValueError as exc:
+                raise ConfigError([Problem(config.signing_key_file, None,
+                                           "audit.signing_key_file", str(exc))]) from None
+        encryptor = None
+        if config.encryption_key_file is not None:
+            try:
+                encryptor = Encryptor(load_data_key(config.encryption_key_file))
+            except ValueError as exc:
+                raise ConfigError([Problem(config.encryption_key_file, None,
+                                           "audit.encryption_key_file", str(exc))]) from None
         key = None
         if config.hmac_key_file is not None:
             try:
@@ -293,7 +435,27 @@ class AuditWriter:
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
         self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
-        self._sink = _SegmentSink(config, key, clock)
+        self._sink = _SegmentSink(config, key, clock, signer, encryptor)
+        self.shipper: Shipper | None = None
+        if config.ship is not None:
+            ship = config.ship
+            if ship.address is None:
+                # The injector passes the collector as an environment variable.
+                try:
+                    ship = dataclasses.replace(
+                        ship, address=parse_address(os.environ.get(COLLECTOR_ENV)))
+                except ValueError as exc:
+                    raise ConfigError([Problem(COLLECTOR_ENV, None, "audit.ship.address",
+                                               f"no address in the config and {COLLECTOR_ENV}"
+                                               f" is not HOST:PORT ({exc})")]) from None
+            try:
+                self.shipper = Shipper(ship, retry_initial=retry_initial,
+                                       retry_max=retry_max)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError([Problem(ship.ca_file, None, "audit.ship",
+                                           f"cannot load TLS files: {exc}")]) from None
+            self._sink.ship_host = hostname()
+            self._sink.ship_app = ship.app_name
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -323,7 +485,8 @@ class AuditWriter:
         if self._closing:
             self._count_unrecorded()
             return False
-        if not self.fail_open and not self.healthy and not admitted:
+        if not admitted and ((not self.fail_open and not self.healthy)
+                             or (self.shipper is not None and not self.shipper.accepting())):
             self.rejected += 1
             return False
         try:
@@ -337,6 +500,8 @@ class AuditWriter:
         """May the data path serve a request now? (fail_closed: only if it can be recorded)."""
         if self._closing:
             return False
+        if self.shipper is not None and not self.shipper.accepting():
+            return False  # ship.mode: required, and records cannot be shipped now
         if self.fail_open:
             return True
         return self.healthy and self._send.statistics().current_buffer_used < self.config.queue_size
@@ -358,18 +523,58 @@ class AuditWriter:
             written=self.written, lost=self.lost, rejected=self.rejected,
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
             next_seq=head.next_seq if head is not None else None, last_error=self.last_error,
+            last_checkpoint=self._sink.last_checkpoint,
+            **({} if self.shipper is None else {  # type: ignore[arg-type]
+                "shipped": self.shipper.sent, "ship_dropped": self.shipper.dropped,
+                "ship_queue_depth": self.shipper.queue_depth,
+                "ship_connected": self.shipper.connected}),
         )
+
+    @property
+    def last_checkpoint(self) -> Checkpoint | None:
+        """The newest signed checkpoint written (the anchor served on ``/audit/head``)."""
+        return self._sink.last_checkpoint
 
     # -- the writer task
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Write until ``aclose``; call ``task_status.started()`` after the first attempt
-        to open a segment (healthy or not, so a broken disk cannot hang start-up)."""
+        to open a segment (healthy or not, so a broken disk cannot hang start-up). With
+        shipping, also ship until everything written (the final seal included) is sent."""
         self._running = True
+        try:
+            if self.shipper is None:
+                await self._write_loop(task_status)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.shipper.run)
+                await self._write_loop(task_status)
+                await self.shipper.aclose()
+        finally:
+            self._done.set()
+
+    async def _run_sink(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a disk operation in a worker thread; the frames it put on disk are turned
+        into syslog messages there too (not on the event loop) and offered to the shipper."""
+        messages: list[bytes] = []
+
+        def call() -> None:
+            try:
+                fn(*args)
+            finally:
+                messages.extend(self._sink.take_messages())
+
+        try:
+            await trio.to_thread.run_sync(call)
+        finally:
+            if self.shipper is not None and messages:
+                self.shipper.offer(messages)
+
+    async def _write_loop(self, task_status: Any) -> None:
         batch: list[AuditRecord] = []
         try:
             try:
-                await trio.to_thread.run_sync(self._first_open)
+                await self._run_sink(self._first_open)
                 self._set_healthy()
             except OSError as exc:
                 self._note_failure(exc)
@@ -377,13 +582,17 @@ class AuditWriter:
             while True:
                 if not self.healthy and not self.fail_open:
                     await self._probe_until_open()
-                batch = await self._next_batch()
+                got = await self._next_batch()
+                if got is None:
+                    await self._checkpoint()
+                    continue
+                batch = got
                 if not batch:
                     break
                 await self._write(batch)
                 batch = []
             try:
-                await trio.to_thread.run_sync(self._sink.close)
+                await self._run_sink(self._sink.close)
             except OSError as exc:
                 self._note_failure(exc)
         finally:
@@ -392,7 +601,6 @@ class AuditWriter:
             if left:
                 self.lost += left
                 self._inflight = 0
-            self._done.set()
 
     def _first_open(self) -> None:
         os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
@@ -404,7 +612,7 @@ class AuditWriter:
             self._probe_scope = scope
             while not self._closing:
                 try:
-                    await trio.to_thread.run_sync(self._sink.ensure_open)
+                    await self._run_sink(self._sink.ensure_open)
                 except OSError as exc:
                     self._note_failure(exc)
                     await trio.sleep(delay)
@@ -414,11 +622,16 @@ class AuditWriter:
                     break
         self._probe_scope = None
 
-    async def _next_batch(self) -> list[AuditRecord]:
-        try:
-            first = await self._recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return []
+    async def _next_batch(self) -> list[AuditRecord] | None:
+        """The next batch; [] at the end; None when the timer checkpoint is due first."""
+        due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
+        with trio.move_on_after(due if due is not None else math.inf) as timer:
+            try:
+                first = await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return []
+        if timer.cancelled_caught:
+            return None
         batch = [first]
         limit = self.config.batch_size
         while len(batch) < limit:
@@ -429,11 +642,17 @@ class AuditWriter:
         self._inflight = len(batch)
         return batch
 
+    async def _checkpoint(self) -> None:
+        try:
+            await self._run_sink(self._sink.checkpoint)
+        except OSError as exc:
+            self._note_failure(exc)
+
     async def _write(self, batch: list[AuditRecord]) -> None:
         delay = self._retry_initial
         while batch:
             try:
-                await trio.to_thread.run_sync(self._sink.append, batch)
+                await self._run_sink(self._sink.append, batch)
             except _PartialWrite as exc:
                 self.written += exc.done
                 batch = batch[exc.done:]

@@ -21,8 +21,10 @@ Protocol = Literal["http", "tcp"]
 class IdentityConfig:
     cert: str
     key: str
-    bundle: str
+    bundle: str  # the bundle of the sidecar's own trust domain (the one in its SVID)
     watch_interval: float = 2.0
+    # Federated trust domains: (trust domain, bundle file), each reloaded on its own.
+    trust_domains: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,19 @@ class Limits:
     pool_size: int = 64  # idle upstream connections kept per upstream
     pool_idle_timeout: float = 30.0
     drain_timeout: float = 20.0
+    # Connection lifetime (sidecar.net.lifetime): a connection is retired once it is older
+    # than max_connection_age minus a random share of max_connection_age_jitter (0 = no
+    # limit); a retired HTTP connection ends after its next response (Connection: close),
+    # a TCP or upgraded stream, and a request still in flight, after connection_close_grace.
+    max_connection_age: float = 3600.0
+    max_connection_age_jitter: float | None = None  # None: a tenth of max_connection_age
+    connection_close_grace: float = 10.0
+
+    @property
+    def connection_age_jitter(self) -> float:
+        if self.max_connection_age_jitter is None:
+            return self.max_connection_age / 10
+        return min(self.max_connection_age_jitter, self.max_connection_age)
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,7 @@ _TOP = {"identity", "inbound", "outbound", "policy", "audit", "admin", "limits",
 _LIMIT_DURATIONS = {
     "handshake_timeout", "header_timeout", "idle_timeout", "connect_timeout",
     "response_timeout", "body_timeout", "tcp_idle_timeout", "pool_idle_timeout", "drain_timeout",
+    "max_connection_age", "max_connection_age_jitter", "connection_close_grace",
 }
 _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
 _LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size"}
@@ -190,19 +206,53 @@ def _pattern_problem(value: str) -> str | None:
     return None
 
 
+MAX_TRUST_DOMAINS = 64
+
+
+def _trust_domains(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
+    """``identity.trust_domains``: federated trust domain -> ``{bundle: file}``."""
+    from sidecar.identity.spiffe import parse_spiffe_id
+
+    if value is None:
+        return ()
+    p: Path = ("identity", "trust_domains")
+    if not isinstance(value, dict):
+        r.src.problem(p, "expected a mapping of trust domain -> {bundle: file}")
+        return ()
+    if len(value) > MAX_TRUST_DOMAINS:
+        r.src.problem(p, f"at most {MAX_TRUST_DOMAINS} trust domains")
+    out: list[tuple[str, str]] = []
+    for td, entry in value.items():
+        tp = p + (td,)
+        try:
+            parsed = parse_spiffe_id(f"spiffe://{td}") if isinstance(td, str) else None
+        except ValueError as exc:
+            r.src.problem(tp, f"not a trust domain name: {exc}")
+            continue
+        if parsed is None or parsed.path:
+            r.src.problem(tp, "not a trust domain name (lower-case letters, digits, . - _)")
+            continue
+        m = r.mapping(entry, tp, {"bundle"})
+        bundle = r.file(r.required(m, "bundle", tp), tp + ("bundle",))
+        if bundle:
+            out.append((td, bundle))
+    return tuple(out)
+
+
 def build_config(raw: Any, src: Source) -> SidecarConfig:
     base = os.path.dirname(os.path.abspath(src.filename))
     r = _Reader(src, base)
     top = r.mapping(raw, (), _TOP)
 
     ident_raw = r.mapping(r.required(top, "identity", ()) or {}, ("identity",),
-                          {"cert", "key", "bundle", "watch_interval"})
+                          {"cert", "key", "bundle", "watch_interval", "trust_domains"})
     identity = IdentityConfig(
         cert=r.file(r.required(ident_raw, "cert", ("identity",)), ("identity", "cert")) or "",
         key=r.file(r.required(ident_raw, "key", ("identity",)), ("identity", "key")) or "",
         bundle=r.file(r.required(ident_raw, "bundle", ("identity",)), ("identity", "bundle")) or "",
         watch_interval=(r.duration(ident_raw["watch_interval"], ("identity", "watch_interval"))
                         if "watch_interval" in ident_raw else None) or 2.0,
+        trust_domains=_trust_domains(r, ident_raw.get("trust_domains")),
     )
 
     inbound = None
@@ -312,6 +362,10 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                 continue
             if v is not None:
                 limits_kw[key] = v
+        age = limits_kw.get("max_connection_age", Limits.max_connection_age)
+        if age and (limits_kw.get("max_connection_age_jitter") or 0.0) > age:
+            src.problem(("limits", "max_connection_age_jitter"),
+                        "must not be larger than max_connection_age")
 
     workers = 1
     if "workers" in top:

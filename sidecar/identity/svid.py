@@ -54,6 +54,9 @@ RULE_BUNDLE_EMPTY = "bundle-empty"
 RULE_CHAIN_UNTRUSTED = "chain-untrusted"
 RULE_NOT_YET_VALID = "not-yet-valid"
 RULE_EXPIRED = "expired"
+RULE_BUNDLE_INVALID = "bundle-invalid"
+RULE_TRUST_DOMAIN_NOT_FEDERATED = "trust-domain-not-federated"
+RULE_TRUST_DOMAIN_MISMATCH = "trust-domain-mismatch"
 
 MAX_FILE_BYTES = 1024 * 1024
 PEER_CACHE_SIZE = 1024
@@ -297,6 +300,21 @@ def _load_certs(data: bytes, shown: str) -> list[x509.Certificate]:
     return certs
 
 
+def load_roots(data: bytes, shown: str) -> list[x509.Certificate]:
+    """The roots of a bundle file: PEM or a SPIFFE trust bundle (``sidecar.identity.bundle``)."""
+    if data.lstrip().startswith(b"{"):
+        from sidecar.identity.bundle import parse_bundle
+
+        try:
+            return parse_bundle(data)
+        except ValueError as exc:
+            raise SvidError(RULE_BUNDLE_INVALID, str(exc), file=shown) from exc
+    roots = _load_certs(data, shown)
+    if not roots:
+        raise SvidError(RULE_BUNDLE_EMPTY, "trust bundle holds no certificate", file=shown)
+    return roots
+
+
 def _public_der(key: object) -> bytes:
     public_bytes = key.public_bytes  # type: ignore[attr-defined]
     out: bytes = public_bytes(
@@ -380,9 +398,7 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
             RULE_EXPIRED, f"certificate expired at {leaf.not_valid_after_utc}", file=cert_path
         )
 
-    roots = _load_certs(bundle_pem, bundle_path)
-    if not roots:
-        raise SvidError(RULE_BUNDLE_EMPTY, "trust bundle holds no certificate", file=bundle_path)
+    roots = load_roots(bundle_pem, bundle_path)
     try:
         verify_chain(leaf, intermediates, roots, now)
     except SvidError as exc:

@@ -6,8 +6,10 @@ Both directions use the same settings (docs/identity.md explains each):
 
 * TLS 1.2 and 1.3 only; for 1.2 only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305
   (every 1.3 suite is already AEAD). No compression (CRIME), no renegotiation.
-* Certificates are required both ways and verified against the trust bundle only (never the
-  system store). Hostnames are not checked: a workload's identity is its SPIFFE ID, which the
+* Certificates are required both ways and verified against the trust bundles only (never
+  the system store): the context holds the roots of every trust domain the sidecar trusts,
+  and the caller applies the trust-domain rule (``sidecar.identity.trust``) after the
+  handshake, once per connection. Hostnames are not checked: a workload's identity is its SPIFFE ID, which the
   data path reads with ``peer_identity_from_der`` right after the handshake and compares
   with what it expects. That call also applies the SVID leaf rules OpenSSL does not know.
 * No session resumption on the server (``OP_NO_TICKET`` and ``num_tickets = 0``): a resumed
@@ -69,11 +71,12 @@ def _memory_files(*blobs: bytes) -> Iterator[list[str]]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def load_svid_into(ctx: ssl.SSLContext, svid: Svid) -> None:
-    """Install ``svid``'s chain, key and bundle in ``ctx`` (bundle as the only trust)."""
+def load_svid_into(ctx: ssl.SSLContext, svid: Svid, roots_pem: bytes | None = None) -> None:
+    """Install ``svid``'s chain and key in ``ctx``, and ``roots_pem`` (default: the SVID's
+    own bundle) as the only trust."""
     with _memory_files(svid.chain_pem, svid.key_pem) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
-    ctx.load_verify_locations(cadata=svid.bundle_pem.decode("ascii"))
+    ctx.load_verify_locations(cadata=(roots_pem or svid.bundle_pem).decode("ascii"))
 
 
 def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
@@ -86,7 +89,8 @@ def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
         ctx.set_alpn_protocols(list(alpn))
 
 
-def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN,
+                   roots_pem: bytes | None = None) -> ssl.SSLContext:
     """The inbound context: requires and verifies a client certificate from the bundle.
 
     After the handshake the caller must run ``peer_identity_from_der`` on the peer's leaf
@@ -96,11 +100,12 @@ def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSL
     _harden(ctx, alpn)
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.num_tickets = 0
-    load_svid_into(ctx, svid)
+    load_svid_into(ctx, svid, roots_pem)
     return ctx
 
 
-def client_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSLContext:
+def client_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN,
+                   roots_pem: bytes | None = None) -> ssl.SSLContext:
     """The outbound context: presents our SVID and verifies the server against the bundle.
 
     ``check_hostname`` is off on purpose: the caller checks the server's SPIFFE ID with
@@ -109,5 +114,5 @@ def client_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN) -> ssl.SSL
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     _harden(ctx, alpn)
-    load_svid_into(ctx, svid)
+    load_svid_into(ctx, svid, roots_pem)
     return ctx

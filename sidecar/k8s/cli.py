@@ -20,6 +20,16 @@ from sidecar.k8s.rules import NAMESPACE_MODES
 _DEFAULTS = InjectOptions()
 
 
+def _address(value: str) -> str:
+    from sidecar.config.values import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that shape the injected sidecar (shared by ``inject`` and ``webhook``)."""
     parser.add_argument("--image", default=_DEFAULTS.image,
@@ -37,6 +47,13 @@ def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap,
                         metavar="NAME", help="ConfigMap holding sidecar.yaml "
                                              f"(default {_DEFAULTS.config_configmap})")
+    parser.add_argument("--audit-signing-secret", default=None, metavar="NAME",
+                        help="Secret with key.pem (sidecar audit keygen): mounted read-only "
+                             "into the sidecar container only, at "
+                             "/etc/sidecar/audit-signing (audit.signing_key_file)")
+    parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT", type=_address,
+                        help="syslog collector for audit.ship (SIDECAR_AUDIT_COLLECTOR, used "
+                             "when the sidecar config's audit.ship has no address)")
     parser.add_argument("--allow-config-configmap", action="append", default=[],
                         metavar="NAME", dest="allowed_config_configmaps",
                         help="a ConfigMap a pod may name with the annotation "
@@ -52,6 +69,8 @@ def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
         cert_secret=args.cert_secret,
         policy_configmap=args.policy_configmap,
         config_configmap=args.config_configmap,
+        audit_signing_secret=getattr(args, "audit_signing_secret", None),
+        audit_collector=getattr(args, "audit_collector", None),
         allowed_config_configmaps=tuple(args.allowed_config_configmaps),
         namespace_mode=getattr(args, "namespace_mode", "enabled"),
     )

@@ -56,11 +56,16 @@ SVID_VOLUME = "mesh-sidecar-svid"
 POLICY_VOLUME = "mesh-sidecar-policy"
 CONFIG_VOLUME = "mesh-sidecar-config"
 AUDIT_VOLUME = "mesh-sidecar-audit"
+AUDIT_SIGNING_VOLUME = "mesh-sidecar-audit-signing"
 
 SVID_DIR = "/var/run/sidecar/svid"
 POLICY_DIR = "/etc/sidecar/policy"
 CONFIG_DIR = "/etc/sidecar/config"
 AUDIT_DIR = "/var/log/sidecar"
+# The audit signing key: off the audit volume, in the sidecar container only (the config's
+# audit.signing_key_file is AUDIT_SIGNING_DIR/key.pem). See docs/audit.md.
+AUDIT_SIGNING_DIR = "/etc/sidecar/audit-signing"
+AUDIT_COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 CONFIG_FILE = "sidecar.yaml"
 
 APP_PROBES_ENV = "SIDECAR_APP_PROBES"
@@ -125,6 +130,8 @@ class InjectOptions:
     cpu_limit: str = "500m"
     memory_limit: str = "256Mi"
     audit_size_limit: str = "256Mi"
+    audit_signing_secret: str | None = None  # Secret with key.pem (sidecar audit keygen)
+    audit_collector: str | None = None  # HOST:PORT of the syslog collector (audit.ship)
     allowed_config_configmaps: tuple[str, ...] = ()
     namespace_mode: str = "enabled"
 
@@ -189,6 +196,8 @@ def sidecar_container(options: InjectOptions,
         {"name": "POD_NAMESPACE",
          "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
+    if options.audit_collector:
+        env.append({"name": AUDIT_COLLECTOR_ENV, "value": options.audit_collector})
     if app_probes:
         env.append({"name": APP_PROBES_ENV,
                     "value": json.dumps(app_probes, sort_keys=True, separators=(",", ":"))})
@@ -229,6 +238,9 @@ def sidecar_container(options: InjectOptions,
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if options.audit_signing_secret:
+        container["volumeMounts"].append(
+            {"name": AUDIT_SIGNING_VOLUME, "mountPath": AUDIT_SIGNING_DIR, "readOnly": True})
     if options.native:
         container["restartPolicy"] = "Always"
     return container
@@ -244,12 +256,19 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
         if options.csi_volume_attributes:
             csi["volumeAttributes"] = dict(options.csi_volume_attributes)
         svid = {"name": SVID_VOLUME, "csi": csi}
-    return [
+    volumes = [
         svid,
         {"name": POLICY_VOLUME, "configMap": {"name": options.policy_configmap}},
         {"name": CONFIG_VOLUME, "configMap": {"name": options.config_configmap}},
         {"name": AUDIT_VOLUME, "emptyDir": {"sizeLimit": options.audit_size_limit}},
     ]
+    if options.audit_signing_secret:
+        # Only the sidecar container mounts it: the app (a compromised workload) never
+        # sees the key that makes the audit trail trustworthy.
+        volumes.append({"name": AUDIT_SIGNING_VOLUME,
+                        "secret": {"secretName": options.audit_signing_secret,
+                                   "items": [{"key": "key.pem", "path": "key.pem"}]}})
+    return volumes
 
 
 def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],

@@ -9,6 +9,13 @@ because each client connection holds at most one upstream connection at a time.
 A pooled connection can die while idle (the app closed it, the peer sidecar restarted). Such
 connections are detected before reuse (``looks_alive``) and, for requests without a body, a
 failure on a reused connection before any response byte is retried once on a new one.
+
+``on_acquire(ep)`` (optional) is told of every connection handed out. ``retire(ep)``
+(optional) says a connection must not be used again although it is alive:
+past its maximum age, made with an older own certificate, or admitted under a bundle that
+has changed since (``sidecar.outbound.retire_reason``). It is asked before every reuse and
+every return to the pool, and ``retire_idle`` asks it for every idle connection at once
+(after a rotation).
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ class UpstreamPool:
         idle_timeout: float,
         max_head: int = 64 * 1024,
         network: bool = True,
+        retire: Callable[[Endpoint], bool] | None = None,
+        on_acquire: Callable[[Endpoint], None] | None = None,
     ) -> None:
+        self._retire = retire
+        self._on_acquire = on_acquire
         self._connect = connect
         self._size = size
         self._idle_timeout = idle_timeout
@@ -54,6 +65,7 @@ class UpstreamPool:
         self.opened = 0
         self.reused = 0
         self.closed_stale = 0
+        self.retired = 0
 
     async def acquire(self) -> tuple[Endpoint, bool]:
         """An endpoint ready for a new request, and whether it was reused."""
@@ -61,9 +73,14 @@ class UpstreamPool:
         while self._idle:
             since, ep = self._idle.pop()
             if now - since < self._idle_timeout and looks_alive(ep.stream):
-                self.reused += 1
-                return ep, True
-            self.closed_stale += 1
+                if self._retire is None or not self._retire(ep):
+                    self.reused += 1
+                    if self._on_acquire is not None:
+                        self._on_acquire(ep)
+                    return ep, True
+                self.retired += 1
+            else:
+                self.closed_stale += 1
             await trio.aclose_forcefully(ep.stream)
         stream = await self._connect()
         self.opened += 1
@@ -71,15 +88,33 @@ class UpstreamPool:
             reader: object = H11ResponseReader(self._max_head)
         else:
             reader = MessageReader(requests=False, max_head=self._max_head)
-        return Endpoint(stream, reader), False
+        ep = Endpoint(stream, reader)
+        if self._on_acquire is not None:
+            self._on_acquire(ep)
+        return ep, False
 
     async def release(self, ep: Endpoint) -> None:
         """Return ``ep`` for reuse if its exchange completed cleanly, else close it."""
-        if ep.reader.reusable() and len(self._idle) < self._size:
+        if ep.reader.reusable() and len(self._idle) < self._size and (
+                self._retire is None or not self._retire(ep)):
             ep.bytes_in = ep.bytes_out = 0
             self._idle.append((trio.current_time(), ep))
             return
         await trio.aclose_forcefully(ep.stream)
+
+    async def retire_idle(self) -> int:
+        """Close the idle connections ``retire`` refuses now; return how many."""
+        if self._retire is None:
+            return 0
+        keep: list[tuple[float, Endpoint]] = []
+        gone: list[tuple[float, Endpoint]] = []
+        for since, ep in self._idle:
+            (gone if self._retire(ep) else keep).append((since, ep))
+        self._idle = keep
+        for _, ep in gone:
+            self.retired += 1
+            await trio.aclose_forcefully(ep.stream)
+        return len(gone)
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

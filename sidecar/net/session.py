@@ -7,7 +7,10 @@ forwards. Whatever happens, each request leaves exactly one telemetry record (lo
 metrics, audit record): the handler fills ``RequestContext`` as it learns facts and the
 verdict, so a refusal or a failure at any point is recorded with what was known. Any
 refusal ends the connection after a generic reply, so nothing pipelined behind a refused
-request is ever read.
+request is ever read. With a ``LiveConnection`` (``sidecar.net.lifetime``) the loop also
+publishes its idle wait, so a retired connection can be ended while idle, and it stops after
+the response that follows a retirement (or before reading another request, when the
+retirement was for a loss of trust).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sidecar.errors import RequestRefused
 from sidecar.http.request import RequestHead, check_head
 from sidecar.http.wire import Request
 from sidecar.net.forward import Exchange, UpstreamFailed
+from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.respond import send_refusal
 from sidecar.net.streams import Endpoint, PeerClosed, Timeout
@@ -70,14 +74,22 @@ def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
 
 async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: Limits,
                        telemetry: Any, handle: Handler, source: str,
-                       peer: str | None) -> None:
-    """Serve requests on ``client`` until it closes, misbehaves, is refused or drains."""
+                       peer: str | None, conn: LiveConnection | None = None) -> None:
+    """Serve requests on ``client`` until it closes, misbehaves, is refused, drains or is
+    retired (``conn``)."""
     reader = client.reader
     now = trio.current_time
     while True:
+        if conn is not None and not conn.serve_more:
+            return
         if not reader.buffered():
-            scope = tracker.idle_scope(now() + limits.idle_timeout)
+            deadline = now() + limits.idle_timeout
+            if conn is not None:
+                deadline = min(deadline, conn.cut_at)
+            scope = tracker.idle_scope(deadline)
             tracker.register_idle(scope)
+            if conn is not None:
+                conn.idle = scope
             try:
                 with scope:
                     reader.feed(await client.receive(now() + limits.idle_timeout))
@@ -85,7 +97,9 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 return
             finally:
                 tracker.unregister_idle(scope)
-            if scope.cancelled_caught:
+                if conn is not None:
+                    conn.idle = None
+            if scope.cancelled_caught or (conn is not None and not conn.serve_more):
                 return
         ctx = RequestContext(new_request_id(), time.time())
         try:
@@ -96,7 +110,15 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             head = check_head(event.method, event.target, event.headers,
                               max_headers=limits.max_headers, max_body=limits.max_body_bytes,
                               http_version=event.version)
-            ex = await handle(ctx, event, head)
+            try:
+                ex = await handle(ctx, event, head)
+            except trio.Cancelled:
+                # The connection was cut (retired past its grace, or the process stops):
+                # the request still leaves its one record.
+                if ctx.facts is not None:
+                    telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, 0, 0, 0,
+                                      ctx.started, error="connection_closed")
+                raise
             telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, ex.status,
                               ex.request_bytes, ex.response_bytes, ctx.started)
             if ex.upgraded:
@@ -121,6 +143,6 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 await send_refusal(client, RequestRefused("header_timeout", status=408),
                                    ctx.request_id, None)
             return
-        if not ex.keep_alive or tracker.draining:
+        if not ex.keep_alive or tracker.draining or (conn is not None and conn.retiring):
             return
         reader.start_next()

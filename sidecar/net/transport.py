@@ -28,6 +28,7 @@ import ssl
 import trio
 
 RECV_SIZE = 65536
+_ENCODING_DER = 2  # _ssl.ENCODING_DER: the C Certificate objects' public_bytes format
 
 
 def _stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
@@ -164,6 +165,21 @@ class TlsTransport(trio.abc.Stream):
 
     def getpeercert(self, binary_form: bool = False) -> object:
         return self._ssl.getpeercert(binary_form)
+
+    def peer_chain_der(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """(chain OpenSSL verified, chain the peer sent), each leaf first, as DER.
+
+        Python 3.13 makes these public (``get_verified_chain``); 3.10-3.12 have them on the
+        C object only. Where neither exists both are empty, and the trust-domain check
+        (``sidecar.identity.trust``) then refuses the peer: it fails closed.
+        """
+        obj = getattr(self._ssl, "_sslobj", None)
+        out: list[tuple[bytes, ...]] = []
+        for name in ("get_verified_chain", "get_unverified_chain"):
+            method = getattr(obj, name, None)
+            certs = method() if method is not None else None
+            out.append(tuple(c.public_bytes(_ENCODING_DER) for c in certs or ()))
+        return out[0], out[1]
 
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()

@@ -1,0 +1,138 @@
+"""Encryption at rest: AES-256-GCM per record frame, the chain over the ciphertext.
+
+Theory of operation
+-------------------
+With ``audit.encryption_key_file`` each record is stored as an ``erc`` frame instead of
+``rec``: ``{"n": nonce(12), "c": AES-256-GCM(key, nonce, msgpack(record), aad)}`` with
+``aad = "sidecar-audit-rec/1" || seq (8 bytes, big-endian)``, so a ciphertext moved to
+another position does not decrypt. The segment header names the data key:
+``enc: {alg: "aes-256-gcm", kid}``.
+
+Headers, checkpoints and seals stay in the clear, and the chain links and the signatures
+are computed over the stored (encrypted) frame bytes. So an auditor holding only the
+public signing key checks completeness and order (every frame there, in order, unaltered,
+signed), and only the holder of the data key reads what the records say.
+
+Nonces are 12 random bytes per frame (never derived from seq: after a cut tail a restarted
+writer would reuse seqs, and a repeated (key, nonce) pair breaks GCM). Random nonces are
+safe for about 2**32 records per key; rotate the data key well before that (the key id in
+each header lets readers hold several).
+
+A data key file holds the 32-byte key in base64 (one line; ``sidecar audit keygen
+--data-key``). The key id is 16 hex digits of SHA-256 over a fixed label and the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+ALG = "aes-256-gcm"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_AAD = b"sidecar-audit-rec/1"
+_SEQ = struct.Struct(">Q")
+
+
+def data_key_id(key: bytes) -> str:
+    return hashlib.sha256(b"sidecar-audit-data-key/1" + key).hexdigest()[:16]
+
+
+def load_data_key(path: str) -> bytes:
+    """The 32-byte key of a base64 key file; ``ValueError`` with a message for a person."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(4096).strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read data key file {path}: {exc.strerror or exc}") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"data key file {path} must hold {KEY_BYTES} bytes in base64 "
+                         "(sidecar audit keygen --data-key)")
+    return key
+
+
+def write_data_key(path: str) -> str:
+    """A fresh data key file (mode 0600, never overwritten); returns its key id."""
+    key = AESGCM.generate_key(bit_length=256)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(base64.b64encode(key) + b"\n")
+    return data_key_id(key)
+
+
+class Encryptor:
+    """Writer side: record wire dicts -> ``erc`` bodies."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self.kid = data_key_id(key)
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def header_info(self) -> dict[str, Any]:
+        return {"alg": ALG, "kid": self.kid}
+
+    def bodies(self, first_seq: int, wires: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One ``erc`` body per wire, for frames numbered from ``first_seq``."""
+        wires = list(wires)
+        nonces = os.urandom(NONCE_BYTES * len(wires))  # one system call per batch
+        encrypt, pack = self._aead.encrypt, self._packer.pack
+        out = []
+        for i, wire in enumerate(wires):
+            nonce = nonces[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]
+            out.append({"n": nonce,
+                        "c": encrypt(nonce, pack(wire), _AAD + _SEQ.pack(first_seq + i))})
+        return out
+
+
+class DecryptError(ValueError):
+    """A record cannot be decrypted (no key for its id, wrong key, altered ciphertext)."""
+
+
+class Decryptor:
+    """Reader side: the data keys held, by key id (several, for rotated keys)."""
+
+    def __init__(self, keys: Iterable[bytes] = ()) -> None:
+        self._aeads = {data_key_id(k): AESGCM(k) for k in keys}
+
+    def __bool__(self) -> bool:
+        return bool(self._aeads)
+
+    def record(self, seq: int, body: dict[str, Any], header: dict[str, Any] | None) -> dict[str, Any]:
+        """The record wire dict of the ``erc`` frame ``seq``; ``DecryptError`` otherwise."""
+        enc = header.get("enc") if header is not None else None
+        kid = enc.get("kid") if isinstance(enc, dict) else None
+        aead = self._aeads.get(kid) if isinstance(kid, str) else None
+        if aead is None:
+            raise DecryptError(f"record {seq} is encrypted with data key {kid}, which is "
+                               "not among the keys given (--data-key)")
+        nonce, ciphertext = body.get("n"), body.get("c")
+        if not isinstance(nonce, bytes) or not isinstance(ciphertext, bytes):
+            raise DecryptError(f"record {seq} is not a valid encrypted frame")
+        try:
+            plain = aead.decrypt(nonce, ciphertext, _AAD + _SEQ.pack(seq))
+            wire = msgpack.unpackb(plain, raw=False, strict_map_key=True)
+        except InvalidTag:
+            raise DecryptError(f"record {seq} does not decrypt: wrong data key or altered "
+                               "ciphertext") from None
+        except Exception:  # msgpack raises several types on garbage
+            raise DecryptError(f"record {seq} decrypts to garbage") from None
+        if not isinstance(wire, dict):
+            raise DecryptError(f"record {seq} decrypts to garbage")
+        return wire
+
+
+def load_decryptor(paths: list[str]) -> Decryptor:
+    return Decryptor([load_data_key(p) for p in paths])

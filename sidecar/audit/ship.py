@@ -1,0 +1,336 @@
+"""Shipping the audit trail to a collector: RFC 5424 syslog over TLS (RFC 5425).
+
+Theory of operation
+-------------------
+Every frame the writer puts on disk (segment header, record, checkpoint, seal) becomes one
+syslog message, built in the writer's worker thread right after the frame is on disk
+(``frame_message``, pure)::
+
+    <110>1 TIMESTAMP HOST APP PROCID KIND [sidecar@32473 seq="N" digest="HEX"] JSON
+
+facility 13 (log audit), severity 6; ``KIND`` (MSGID) is ``audit`` for records,
+``checkpoint`` for checkpoints and seals, ``segment`` for headers. The JSON holds the seq,
+kind, digest, the record (its stored map: the short keys of docs/audit.md) or the signed
+checkpoint, and ``frame``: the
+frame's stored bytes in base64, so that ``sidecar audit collect`` can rebuild segment
+files from what the collector wrote and ``verify`` can check the chain and signatures
+there, independent of the pod.
+
+``Shipper`` is the trio side: ``offer(messages)`` (never awaits) appends to a bounded queue;
+what does not fit is dropped and counted (``dropped``). ``run`` connects with TLS (the
+collector's certificate checked against ``ca_file`` and ``server_name``; optional client
+certificate), sends octet-counted frames (``LEN SP MSG``, RFC 5425 section 4.3), and on
+any failure reconnects with backoff (0.1 s doubling to 5 s). A message leaves the queue
+once ``send_all`` returned; TCP can still lose what was in flight when the collector
+died, or a collector that stopped reading, so after a reconnect the last ``RESEND_FRAMES``
+messages sent on the broken connection are sent again (at least once: a collector may see
+a seq twice; ``collect`` keeps one copy and refuses two different frames with one seq).
+RFC 5425 has no acknowledgements; RELP would be needed for end-to-end ones. A read task
+notices the collector closing at once (syslog collectors never send).
+
+``mode: fail_open`` keeps serving when shipping fails (drops counted); ``required`` makes
+``accepting()`` false while not connected or the queue is full, and the data path answers
+503, as for an unwritable disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import trio
+
+from sidecar.audit.config import ShipConfig
+
+SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
+PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)
+MSGIDS = {"seg": "segment", "rec": "audit", "erc": "audit", "chk": "checkpoint",
+          "end": "checkpoint"}
+RESEND_FRAMES = 4096  # about the most a dead peer's socket buffers swallow unnoticed
+SEND_BATCH = 256
+CONNECT_TIMEOUT = 10.0
+SEND_TIMEOUT = 10.0
+
+
+_MSGIDS = {kind: msgid.encode() for kind, msgid in MSGIDS.items()}
+_FIELD = {"seg": b"header", "rec": b"record", "erc": b"record", "chk": b"checkpoint",
+          "end": b"checkpoint"}
+_SD_OPEN = b" [" + SD_ID.encode() + b' seq="'
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return repr(value)
+
+
+def _make_encode() -> Callable[[Any], str]:
+    # json.dumps builds a new C encoder object on every call (a few us of Python); build
+    # it once. No circular check: the values are plain records. Same output as dumps.
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        return json.JSONEncoder(separators=(",", ":"), check_circular=False,
+                                default=_json_default).encode
+    encoder = c_make_encoder(None, _json_default, json.encoder.encode_basestring_ascii, None,
+                             ":", ",", False, False, True)
+    return lambda obj: "".join(encoder(obj, 0))
+
+
+_encode = _make_encode()
+
+
+def message_prefix(now: float, host: str, app: str) -> bytes:
+    """``<PRI>1 TIMESTAMP HOST APP PROCID `` (one per batch: the frames of a batch share it)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return PRI + f"1 {stamp} {host} {app} {os.getpid()} ".encode()
+
+
+def frame_message(prefix: bytes, seq: int, kind: str, digest: bytes, frame: bytes,
+                  detail: Any) -> bytes:
+    """One octet-counted RFC 5424 message for one stored frame (pure).
+
+    ``detail``: the record's stored map (short keys, docs/audit.md), the checkpoint JSON
+    (as ``/audit/head``) or the header body. Assembled from pieces: this runs per record."""
+    hexd = digest.hex().encode()
+    seqb = str(seq).encode()
+    kindb = kind.encode()
+    msg = b"".join((
+        prefix, _MSGIDS.get(kind, b"audit"), _SD_OPEN, seqb, b'" digest="', hexd,
+        b'" kind="', kindb, b'"] {"seq":', seqb, b',"kind":"', kindb, b'","digest":"', hexd,
+        b'","', _FIELD.get(kind, b"detail"), b'":', _encode(detail).encode(), b',"frame":"',
+        base64.b64encode(frame), b'"}'))
+    return str(len(msg)).encode() + b" " + msg
+
+
+def hostname() -> str:
+    """RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255 characters."""
+    name = socket.gethostname() or "-"
+    return "".join(c for c in name if 33 <= ord(c) <= 126)[:255] or "-"
+
+
+def client_context(cfg: ShipConfig) -> ssl.SSLContext:
+    """TLS 1.2+ client context that checks the collector's certificate."""
+    ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert_file is not None:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return ctx
+
+
+class Shipper:
+    """Bounded queue + one TLS connection to the collector. See the module docstring."""
+
+    def __init__(self, cfg: ShipConfig, *, retry_initial: float = 0.1,
+                 retry_max: float = 5.0) -> None:
+        self.cfg = cfg
+        self.context = client_context(cfg)
+        self._queue: deque[bytes] = deque()
+        self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection
+        self._wake = trio.Event()
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self.connected = False
+        self.closing = False
+        self.sent = 0
+        self.dropped = 0
+        self.resent = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.cfg.mode == "required"
+
+    def offer(self, messages: Iterable[bytes]) -> None:
+        """Queue messages (never awaits); what does not fit the queue is dropped, counted."""
+        room = self.cfg.queue_size - len(self._queue)
+        for msg in messages:
+            if room <= 0:
+                self.dropped += 1
+                continue
+            self._queue.append(msg)
+            room -= 1
+        self._wake.set()
+
+    def accepting(self) -> bool:
+        """``required``: only while connected and the queue has room."""
+        if not self.required:
+            return True
+        return self.connected and len(self._queue) < self.cfg.queue_size
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, send, reconnect, until cancelled or closed and drained."""
+        task_status.started()
+        try:
+            await self._run()
+        finally:
+            # Cancelled (the drain timeout ran out): what is still queued is not shipped.
+            self.dropped += len(self._queue)
+            self._queue.clear()
+
+    async def _run(self) -> None:
+        delay = self._retry_initial
+        while not (self.closing and not self._queue):
+            try:
+                stream = await self._connect()
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+                self._failed(exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            delay = self._retry_initial
+            self.connected = True
+            failed = False
+            try:
+                await self._serve(stream)
+            except* _NET_ERRORS as group:  # from the send loop or the close watcher
+                self._failed(group.exceptions[0])
+                failed = True
+            finally:
+                if failed:
+                    self._requeue_recent()
+                self.connected = False
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await stream.aclose()
+                    except _NET_ERRORS:
+                        pass  # it is being thrown away anyway
+
+    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+        assert self.cfg.address is not None  # filled in from the environment at start
+        host, port = self.cfg.address
+        with trio.fail_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, self.context,
+                                    server_hostname=self.cfg.server_name or host)
+            await stream.do_handshake()
+        return stream
+
+    async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_close, stream)
+            while True:
+                if not self._queue:
+                    if self.closing:
+                        nursery.cancel_scope.cancel()
+                        return
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                batch = list(itertools.islice(self._queue, SEND_BATCH))
+                with trio.fail_after(SEND_TIMEOUT):
+                    await stream.send_all(b"".join(batch))
+                for msg in batch:
+                    self._queue.popleft()
+                    self._recent.append(msg)
+                self.sent += len(batch)
+
+    async def _watch_close(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        # A syslog collector never sends: any end of the read side means it is gone.
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                raise _CollectorClosed("collector closed the connection")
+
+    def _requeue_recent(self) -> None:
+        """Send again what the broken connection may have lost (at least once)."""
+        again = list(self._recent)
+        self._recent.clear()
+        room = max(0, self.cfg.queue_size - len(self._queue))
+        if len(again) > room:
+            # The oldest of them do not fit again: count them, they may never arrive.
+            self.dropped += len(again) - room
+            again = again[len(again) - room:]
+        self._queue.extendleft(reversed(again))
+        self.resent += len(again)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    async def aclose(self) -> None:
+        """Stop after everything queued was sent (bound it from outside)."""
+        self.closing = True
+        self._wake.set()
+
+
+class _CollectorClosed(Exception):
+    pass
+
+
+_NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+               ssl.SSLError, _CollectorClosed)
+
+
+# ----------------------------------------------------------- collector side: rebuild
+
+
+class CollectError(ValueError):
+    """Two different frames were shipped with one seq (a forgery or a writer reusing seqs)."""
+
+
+def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:
+    """Add the frames found in collector output lines (any syslog line format that keeps
+    the message text: the JSON object starting at ``{"seq":``) to ``frames``; duplicates
+    (at-least-once delivery) are kept once. Returns the number of messages read."""
+    count = 0
+    for line in lines:
+        start = line.find('{"seq":')
+        if start < 0:
+            continue
+        try:
+            obj = json.loads(line[start:])
+            seq, frame = obj["seq"], base64.b64decode(obj["frame"], validate=True)
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of ours, or cut by the collector: verify shows the gap
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            continue
+        count += 1
+        old = frames.setdefault(seq, frame)
+        if old != frame:
+            raise CollectError(f"two different frames were shipped with seq {seq}: a writer "
+                               "reused the seq (cut tail) or a frame was forged")
+    return count
+
+
+def write_segments(frames: dict[int, bytes], directory: str) -> int:
+    """Segment files rebuilt from shipped frames (a new file at every header frame), for
+    ``verify``; returns how many files were written. Missing seqs stay missing."""
+    from sidecar.audit.chain import LENGTH, decode_frame
+    from sidecar.audit.segments import segment_name
+
+    os.makedirs(directory, exist_ok=True)
+    files = 0
+    out: bytearray | None = None
+    name = ""
+
+    def flush() -> None:
+        nonlocal files
+        if out is not None:
+            with open(os.path.join(directory, name), "xb") as fh:
+                fh.write(out)
+            files += 1
+
+    for seq in sorted(frames):
+        frame = frames[seq]
+        _s, _p, kind, body = decode_frame(frame)
+        if kind == "seg" or out is None:
+            flush()
+            created = body.get("created", 0.0) if kind == "seg" else 0.0
+            name = segment_name(seq, float(created) if isinstance(created, int | float) else 0.0)
+            out = bytearray()
+        out += LENGTH.pack(len(frame)) + frame
+    flush()
+    return files

@@ -1,0 +1,92 @@
+"""Trust bundle files: PEM, or the SPIFFE trust bundle format (a JWKS document).
+
+Theory of operation
+-------------------
+A bundle is the set of root certificates of one trust domain. Two file formats are read,
+told apart by their first non-blank byte (the two cannot be confused: PEM starts with
+``-----``, JSON with ``{``):
+
+* PEM: one or more ``CERTIFICATE`` blocks.
+* SPIFFE trust bundle (SPIFFE Trust Domain and Bundle standard, section 4), as SPIRE's bundle
+  endpoint serves it: a JWK Set whose keys with ``"use": "x509-svid"`` each carry exactly one
+  certificate, base64 DER, in ``x5c``. Keys with ``"use": "jwt-svid"`` (JWT signing keys) or
+  any other use are skipped, as the standard asks; ``spiffe_sequence`` and
+  ``spiffe_refresh_hint`` are accepted and ignored (the sidecar polls the file).
+
+Pure: bytes in, certificates out, ``ValueError`` naming what is wrong. Callers add the file
+name and the rule code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from cryptography import x509
+
+MAX_BUNDLE_KEYS = 256
+X509_SVID_USE = "x509-svid"
+
+
+def parse_bundle(data: bytes) -> list[x509.Certificate]:
+    """The root certificates in ``data`` (PEM or SPIFFE JSON); ValueError if none or broken."""
+    text = data.lstrip()
+    if text.startswith(b"{"):
+        certs = _parse_spiffe_json(text)
+    else:
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError as exc:
+            raise ValueError(f"no PEM certificate: {exc}") from exc
+    if not certs:
+        raise ValueError("the bundle holds no certificate")
+    return certs
+
+
+def _parse_spiffe_json(data: bytes) -> list[x509.Certificate]:
+    try:
+        doc: Any = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"SPIFFE bundle is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("SPIFFE bundle must be a JSON object with a 'keys' list")
+    keys = doc["keys"]
+    if len(keys) > MAX_BUNDLE_KEYS:
+        raise ValueError(f"SPIFFE bundle has more than {MAX_BUNDLE_KEYS} keys")
+    certs: list[x509.Certificate] = []
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict):
+            raise ValueError(f"keys[{i}] is not an object")
+        if key.get("use") != X509_SVID_USE:
+            continue  # jwt-svid and unknown uses are not X.509 roots
+        x5c = key.get("x5c")
+        if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
+            raise ValueError(f"keys[{i}]: an x509-svid key must carry exactly one x5c entry")
+        try:
+            der = base64.b64decode(x5c[0], validate=True)
+            certs.append(x509.load_der_x509_certificate(der))
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"keys[{i}].x5c[0] is not a base64 DER certificate: {exc}") \
+                from exc
+    if not certs:
+        raise ValueError("SPIFFE bundle has no key with \"use\": \"x509-svid\"")
+    return certs
+
+
+def spiffe_bundle_json(certs: list[x509.Certificate], sequence: int = 1) -> bytes:
+    """A SPIFFE trust bundle document for ``certs``, shaped like SPIRE's bundle endpoint
+    output (the tests write federated bundles with it; kept next to the parser so the two
+    agree on the format)."""
+    from cryptography.hazmat.primitives import serialization
+
+    keys = []
+    for cert in certs:
+        keys.append({
+            "use": X509_SVID_USE,
+            "kty": "EC" if "EllipticCurve" in type(cert.public_key()).__name__ else "RSA",
+            "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()],
+        })
+    return json.dumps({"keys": keys, "spiffe_sequence": sequence,
+                       "spiffe_refresh_hint": 300}, indent=2).encode()

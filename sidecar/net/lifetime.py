@@ -1,0 +1,212 @@
+"""Connections do not outlive the trust that admitted them.
+
+Theory of operation
+-------------------
+A connection is authenticated once (the handshake, the SVID rules, the trust-domain rule)
+and a TCP or upgraded stream is authorised once; keep-alive HTTP requests are authorised
+one by one, but their peer was identified only at the start. ``Lifetimes`` is the registry
+of open connections that lets later events end them:
+
+=====================  ===========================================================  ==========
+reason                 event                                                        how
+=====================  ===========================================================  ==========
+``max_age``            older than ``limits.max_connection_age`` (minus jitter)       graceful
+``own_cert_rotated``   a pooled upstream connection made with an older own SVID    graceful
+``peer_cert_expired``  the peer's leaf certificate expired                         immediate
+``peer_untrusted``     a bundle changed and the peer's chain no longer verifies    immediate
+``policy_refused``     a policy reload refuses a TCP or upgraded stream            immediate
+``source_blocked``     an alert rule blocks the peer or its address                immediate
+=====================  ===========================================================  ==========
+
+*Graceful*: an HTTP connection serves the request in flight, or the next one, and its
+response carries ``Connection: close``; an idle one is closed after
+``limits.connection_close_grace``. *Immediate*: no further request is read; an idle HTTP
+connection closes now, a request in flight gets ``Connection: close`` on its response if it
+has not started yet. In both cases whatever is still running ``connection_close_grace``
+seconds later (a TCP or upgraded stream, a long response) is cancelled.
+
+Each connection task registers a ``LiveConnection`` (``track``) and runs inside its
+``scope``; the session loop publishes its idle wait in ``idle``. Nothing here runs per
+request: time limits are found by one sweep a second over the registry (a few comparisons
+per connection), trust and policy are checked again only when a bundle or the policy
+changes, blocks when an alert fires. Every closure is reported once through ``on_close``
+(metric ``sidecar_connections_closed_total``, an audit record and a log line).
+
+Pooled upstream connections (outbound, sidecar to sidecar) are not tasks: the pool asks
+``UpstreamMeta.retire_reason`` before reusing or returning one (``sidecar.outbound``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import trio
+
+from sidecar.identity.trust import PeerChain
+
+REASON_MAX_AGE = "max_age"
+REASON_OWN_CERT_ROTATED = "own_cert_rotated"
+REASON_PEER_CERT_EXPIRED = "peer_cert_expired"
+REASON_PEER_UNTRUSTED = "peer_untrusted"
+REASON_POLICY_REFUSED = "policy_refused"
+REASON_SOURCE_BLOCKED = "source_blocked"
+GRACEFUL_REASONS = frozenset({REASON_MAX_AGE, REASON_OWN_CERT_ROTATED})
+CLOSE_REASONS = (REASON_MAX_AGE, REASON_OWN_CERT_ROTATED, REASON_PEER_CERT_EXPIRED,
+                 REASON_PEER_UNTRUSTED, REASON_POLICY_REFUSED, REASON_SOURCE_BLOCKED)
+
+SWEEP_INTERVAL = 1.0
+
+
+class LiveConnection:
+    """One open client connection of a listener, as the lifetime rules see it.
+
+    ``peer`` is the verified SPIFFE ID of the other sidecar (None for the local app on an
+    outbound listener); ``chain`` is kept for checking it again after a bundle change;
+    ``recheck(now)`` is set while a TCP or upgraded stream is in force and says whether the
+    current policy still allows it.
+    """
+
+    __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
+                 "deadline", "opened", "scope", "idle", "recheck", "retiring", "cut_at")
+
+    def __init__(self, direction: str, listener: str, source: str, peer: str | None,
+                 chain: PeerChain | None, peer_not_after: float, deadline: float) -> None:
+        self.direction = direction
+        self.listener = listener
+        self.source = source
+        self.peer = peer
+        self.chain = chain
+        self.peer_not_after = peer_not_after
+        self.deadline = deadline  # trio clock
+        self.opened = time.time()
+        self.scope = trio.CancelScope()
+        self.idle: trio.CancelScope | None = None
+        self.recheck: Callable[[float], bool] | None = None
+        self.retiring: str | None = None
+        self.cut_at = math.inf  # trio clock: when whatever still runs is cancelled
+
+    @property
+    def serve_more(self) -> bool:
+        """May another request be read? (not after an immediate retirement)"""
+        return self.retiring is None or self.retiring in GRACEFUL_REASONS
+
+
+def age_deadline(now: float, max_age: float, jitter: float) -> float:
+    """When a connection opened at ``now`` is retired: never later than ``max_age``, spread
+    over ``jitter`` so that connections opened together (after a rollout) do not all end
+    together. ``max_age`` 0 means no limit."""
+    if max_age <= 0:
+        return math.inf
+    return now + max_age - random.random() * jitter
+
+
+class Lifetimes:
+    """The registry of open connections and the events that end them."""
+
+    def __init__(self, *, max_age: float, jitter: float, grace: float,
+                 on_close: Callable[[LiveConnection, str], None]) -> None:
+        self.max_age = max_age
+        self.jitter = jitter
+        self.grace = grace
+        self.on_close = on_close
+        self._live: set[LiveConnection] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def deadline(self) -> float:
+        return age_deadline(trio.current_time(), self.max_age, self.jitter)
+
+    @contextlib.contextmanager
+    def track(self, direction: str, listener: str, source: str, *, peer: str | None = None,
+              chain: PeerChain | None = None,
+              peer_not_after: float = math.inf) -> Iterator[LiveConnection]:
+        """Register a connection for the ``with`` block; run its work inside ``conn.scope``."""
+        conn = LiveConnection(direction, listener, source, peer, chain, peer_not_after,
+                              self.deadline())
+        self._live.add(conn)
+        try:
+            yield conn
+        finally:
+            self._live.discard(conn)
+
+    def retire(self, conn: LiveConnection, reason: str) -> bool:
+        """End ``conn`` for ``reason`` (see the table above); False if it already ends."""
+        if conn.retiring is not None:
+            return False
+        conn.retiring = reason
+        now = trio.current_time()
+        conn.cut_at = now + self.grace
+        conn.scope.deadline = min(conn.scope.deadline, conn.cut_at)
+        idle = conn.idle
+        if idle is not None:
+            if reason in GRACEFUL_REASONS:
+                idle.deadline = min(idle.deadline, conn.cut_at)
+            else:
+                idle.cancel()
+        self.on_close(conn, reason)
+        return True
+
+    # -- events ----------------------------------------------------------------------------
+    def sweep(self, now: float, wall: float) -> int:
+        """Retire connections past their age or their peer's certificate; return how many."""
+        n = 0
+        for conn in list(self._live):
+            if conn.retiring is not None:
+                continue
+            if wall >= conn.peer_not_after:
+                n += self.retire(conn, REASON_PEER_CERT_EXPIRED)
+            elif now >= conn.deadline:
+                n += self.retire(conn, REASON_MAX_AGE)
+        return n
+
+    def recheck_trust(self, trusted: Callable[[str, PeerChain], bool]) -> int:
+        """After a bundle change: retire connections whose peer no longer verifies."""
+        n = 0
+        for conn in list(self._live):
+            if conn.retiring is None and conn.peer is not None and conn.chain is not None \
+                    and not trusted(conn.peer, conn.chain):
+                n += self.retire(conn, REASON_PEER_UNTRUSTED)
+        return n
+
+    def recheck_policy(self, now: float) -> int:
+        """After a policy reload: retire TCP and upgraded streams the new policy refuses."""
+        n = 0
+        for conn in list(self._live):
+            recheck = conn.recheck
+            if conn.retiring is None and recheck is not None and not recheck(now):
+                n += self.retire(conn, REASON_POLICY_REFUSED)
+        return n
+
+    def block(self, by: str, source: str) -> int:
+        """An alert blocks a peer (``by`` "peer") or an address: retire its inbound
+        connections (alerts judge inbound callers only; a block by token subject or issuer
+        is enforced per request)."""
+        if by not in ("peer", "address"):
+            return 0  # token subjects and issuers are per request, not per connection
+        n = 0
+        for conn in list(self._live):
+            if conn.retiring is not None or conn.direction != "inbound":
+                continue
+            if (conn.peer if by == "peer" else conn.source) == source:
+                n += self.retire(conn, REASON_SOURCE_BLOCKED)
+        return n
+
+    @classmethod
+    def for_limits(cls, limits: Any,
+                   on_close: Callable[[LiveConnection, str], None] | None = None) -> Lifetimes:
+        """A registry with the age and grace of ``limits`` (a ``config.model.Limits``)."""
+        return cls(max_age=limits.max_connection_age, jitter=limits.connection_age_jitter,
+                   grace=limits.connection_close_grace,
+                   on_close=on_close or (lambda conn, reason: None))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.sweep(trio.current_time(), time.time())

@@ -1,0 +1,327 @@
+"""Attacks on the audit trail by someone who can write the audit directory (a hostile pod).
+
+The family is data (``ATTACKS``): each entry changes a real trail written by a real writer
+with a signing key, and says whether ``verify`` catches it with the public key alone or
+needs an anchor (a checkpoint copied off the pod, as ``/audit/head`` serves it). Every
+member is run three ways: without any key (what the review did: re-chained trails say OK),
+with ``--pubkey``, and with ``--pubkey --anchor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from sidecar.audit.chain import GENESIS, LENGTH
+from sidecar.audit.config import AuditConfig
+from sidecar.audit.record import AuditRecord
+from sidecar.audit.segments import list_segments, read_frames, segment_name, verify
+from sidecar.audit.signing import Checkpoint, load_keyring, write_keypair
+from sidecar.audit.writer import AuditWriter
+from tests.harness import sidecar_cli
+
+IDENT = "spiffe://td/ns/demo/sa/orders"
+N_RECORDS = 60
+
+
+def write(directory: Path, key: Path, n: int, start: int = 0, **cfg: object) -> AuditWriter:
+    """``n`` records through a real signing writer, closed cleanly (signed seal)."""
+    config = AuditConfig(path=str(directory), fsync=False, signing_key_file=str(key),
+                         max_segment_bytes=1200, checkpoint_every_records=7,
+                         **cfg)  # type: ignore[arg-type]
+    writer = AuditWriter(config, identity=IDENT)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                for i in range(start, start + n):
+                    assert writer.submit(AuditRecord(
+                        time=1000.0 + i, request_id=f"r{i}", decision="deny" if i % 4 else "allow",
+                        rule="r", status=403 if i % 4 else 200))
+                    if i % 5 == 4:
+                        await trio.sleep(0.001)
+                await writer.aclose()
+
+    trio.run(main)
+    return writer
+
+
+@dataclass
+class Trail:
+    dir: Path
+    pub: Path
+    anchor: Path  # the newest checkpoint, saved off the pod
+    priv: Path
+
+
+@pytest.fixture
+def trail(tmp_path: Path) -> Trail:
+    priv, pub, _kid = write_keypair(str(tmp_path / "signing"))
+    d = tmp_path / "audit"
+    writer = write(d, Path(priv), N_RECORDS)
+    assert len(list_segments(str(d))) >= 3
+    checkpoint = writer.last_checkpoint
+    assert checkpoint is not None and checkpoint.kind == "end"
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps({"checkpoint": checkpoint.to_json()}))
+    return Trail(d, Path(pub), anchor, Path(priv))
+
+
+# ------------------------------------------------------------------ the attacker's tools
+
+Frames = list[dict]  # decoded frames of one segment
+
+
+def read_trail(d: Path) -> list[tuple[str, Frames]]:
+    out = []
+    for seg in list_segments(str(d)):
+        with open(seg.path, "rb") as fh:
+            out.append((seg.path, [msgpack.unpackb(p) for _o, p in read_frames(fh)]))
+    return out
+
+
+def rechain(d: Path, edit: Callable[[list[tuple[str, Frames]]], None]) -> None:
+    """The review's attack: change frames, then renumber and recompute every digest with
+    plain SHA-256 (no key needed) and rewrite every file under matching names."""
+    import hashlib
+
+    segments = read_trail(d)
+    for path, _frames in segments:
+        os.unlink(path)
+    edit(segments)
+    seq, prev = 0, GENESIS
+    for _path, frames in segments:
+        out = bytearray()
+        start = seq
+        for f in frames:
+            kind = next(k for k in ("seg", "rec", "erc", "chk", "end") if k in f)
+            if kind == "seg":
+                f[kind]["alg"] = "sha256"
+            payload = msgpack.packb({"seq": seq, "prev": prev, kind: f[kind]})
+            out += LENGTH.pack(len(payload)) + payload
+            prev = hashlib.sha256(payload).digest()
+            seq += 1
+        (d / segment_name(start, 1_700_000_000.0 + start)).write_bytes(bytes(out))
+
+
+def records_of(segments: list[tuple[str, Frames]]) -> list[tuple[Frames, int]]:
+    return [(frames, i) for _p, frames in segments for i, f in enumerate(frames) if "rec" in f]
+
+
+def flip_denies(segments: list[tuple[str, Frames]]) -> None:
+    for frames, i in records_of(segments)[:10]:
+        if frames[i]["rec"]["d"] == "deny":
+            frames[i]["rec"]["d"], frames[i]["rec"]["st"] = "allow", 200
+
+
+def drop_one(segments: list[tuple[str, Frames]]) -> None:
+    frames, i = records_of(segments)[5]
+    del frames[i]
+
+
+def insert_one(segments: list[tuple[str, Frames]]) -> None:
+    frames, i = records_of(segments)[5]
+    frames.insert(i, {"rec": {"t": 1005.5, "id": "forged", "d": "allow"}})
+
+
+def reorder(segments: list[tuple[str, Frames]]) -> None:
+    (fa, ia), (fb, ib) = records_of(segments)[3], records_of(segments)[4]
+    fa[ia], fb[ib] = fb[ib], fa[ia]
+
+
+def strip_signatures(segments: list[tuple[str, Frames]]) -> None:
+    flip_denies(segments)
+    for _p, frames in segments:
+        frames[:] = [f for f in frames if "chk" not in f]
+        for f in frames:
+            for k in ("sig", "kid", "id", "every"):
+                f.get("end", {}).pop(k, None)
+
+
+def keep_signed_prefix_forge_tail(segments: list[tuple[str, Frames]]) -> None:
+    """Keep everything up to the first checkpoint, replace the rest by forged records."""
+    path, frames = segments[0]
+    first_chk = next(i for i, f in enumerate(frames) if "chk" in f)
+    forged = [{"rec": {"t": 1000.0 + i, "id": f"forged{i}", "d": "allow"}} for i in range(50)]
+    segments[:] = [(path, frames[:first_chk + 1] + forged)]
+
+
+def edit_in_place(d: Path) -> None:
+    """Change one byte of one record without re-chaining."""
+    seg = list_segments(str(d))[1].path
+    data = bytearray(Path(seg).read_bytes())
+    data[data.index(b"deny")] = ord("D")
+    Path(seg).write_bytes(bytes(data))
+
+
+def delete_newest(d: Path) -> None:
+    os.unlink(list_segments(str(d))[-1].path)
+
+
+def delete_middle(d: Path) -> None:
+    os.unlink(list_segments(str(d))[1].path)
+
+
+def cut_at_frame_boundary(d: Path) -> None:
+    """Cut the newest segment after its first two frames (header + one record)."""
+    seg = list_segments(str(d))[-1].path
+    with open(seg, "rb") as fh:
+        offsets = [o for o, _p in read_frames(fh)]
+    os.truncate(seg, offsets[min(2, len(offsets) - 1)])  # always drops the seal
+
+
+def replay_old_segment(d: Path) -> None:
+    """Copy an old segment in again under a later name (its frames replayed)."""
+    old = list_segments(str(d))[0]
+    newest = list_segments(str(d))[-1]
+    shutil.copy(old.path, d / segment_name(newest.start_seq + 1000, 1_900_000_000.0))
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    apply: Callable[[Path], None]
+    needs_key: bool  # undetectable without a key (passes plain verify)
+    needs_anchor: bool  # undetectable with the public key alone
+    restart: bool = False  # a writer restarts on the damaged trail afterwards
+
+
+ATTACKS = [
+    Attack("rechain_flip_denies", lambda d: rechain(d, flip_denies), True, False),
+    Attack("rechain_drop", lambda d: rechain(d, drop_one), True, False),
+    Attack("rechain_insert", lambda d: rechain(d, insert_one), True, False),
+    Attack("rechain_reorder", lambda d: rechain(d, reorder), True, False),
+    Attack("rechain_strip_signatures", lambda d: rechain(d, strip_signatures), True, False),
+    Attack("rechain_forged_tail", lambda d: rechain(d, keep_signed_prefix_forge_tail),
+           True, False),
+    Attack("edit_in_place", edit_in_place, False, False),
+    Attack("delete_newest_segment", delete_newest, False, False),
+    Attack("delete_middle_segment", delete_middle, False, False),
+    Attack("replay_old_segment", replay_old_segment, False, False),
+    # Frames cut from the end at a frame boundary leave a chain that links; what is left
+    # after the last surviving checkpoint is a short unsigned tail, as after a crash.
+    Attack("cut_at_frame_boundary", cut_at_frame_boundary, True, True),
+    # ... and a writer restarting on it continues after the cut: the restart is reported
+    # (unsealed) without an anchor, the reused seq is proven with one.
+    Attack("cut_and_restart", cut_at_frame_boundary, True, True, restart=True),
+]
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.name)
+def test_attack_detected(trail: Trail, attack: Attack) -> None:
+    keyring = load_keyring([str(trail.pub)])
+    anchor = Checkpoint.from_json(json.loads(trail.anchor.read_text())["checkpoint"])
+    assert verify(str(trail.dir), keyring=keyring, anchors=[anchor]).ok  # intact first
+    attack.apply(trail.dir)
+    if attack.restart:
+        write(trail.dir, trail.priv, 40, start=1000)  # past the anchored seq
+    plain = verify(str(trail.dir))
+    signed = verify(str(trail.dir), keyring=keyring)
+    anchored = verify(str(trail.dir), keyring=keyring, anchors=[anchor])
+    assert plain.ok is attack.needs_key, plain
+    assert signed.ok is attack.needs_anchor, signed
+    assert not anchored.ok, anchored
+    if attack.restart:
+        assert [f.code for f in signed.findings] == ["unsealed_restart"]
+        assert [f.code for f in anchored.findings if f.severity == "error"] == [] \
+            and "anchor for seq" in str(anchored.broken)
+    elif attack.needs_anchor:
+        assert [f.code for f in anchored.findings] == ["anchor_beyond_head"]
+
+
+def test_review_attack_through_the_cli(trail: Trail) -> None:
+    rechain(trail.dir, flip_denies)
+    plain = sidecar_cli("audit", "verify", str(trail.dir))
+    assert plain.returncode == 0 and "proves nothing against someone who can write" in plain.stdout
+    signed = sidecar_cli("audit", "verify", str(trail.dir), "--pubkey", str(trail.pub))
+    assert signed.returncode == 1 and "BROKEN" in signed.stdout
+    assert "signature does not verify" in signed.stdout
+
+
+def test_intact_signed_trail_through_the_cli(trail: Trail) -> None:
+    out = sidecar_cli("audit", "verify", str(trail.dir), "--pubkey", str(trail.pub),
+                      "--anchor", str(trail.anchor), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] and result["assurance"] == "signature"
+    assert result["records"] == N_RECORDS and result["unsigned_tail_records"] == 0
+    assert result["signed_through"] == result["head_seq"] and result["anchors_matched"] == 1
+    # A signed seal per segment, and a checkpoint at least every 7 records.
+    assert result["checkpoints"] >= max(N_RECORDS // 7, result["segments"])
+    assert result["findings"] == [] and not any("proves nothing" in n for n in result["notes"])
+
+
+def test_keyring_holds_rotated_keys(tmp_path: Path) -> None:
+    a_priv, a_pub, a_kid = write_keypair(str(tmp_path / "a"))
+    b_priv, b_pub, b_kid = write_keypair(str(tmp_path / "b"))
+    d = tmp_path / "audit"
+    write(d, Path(a_priv), 10)
+    write(d, Path(b_priv), 10, start=10)  # the key was rotated between two runs
+    both = tmp_path / "ring.pem"
+    both.write_bytes(Path(a_pub).read_bytes() + Path(b_pub).read_bytes())
+    result = verify(str(d), keyring=load_keyring([str(both)]))
+    assert result.ok and result.records == 20 and result.restarts == 1, result
+    only_b = verify(str(d), keyring=load_keyring([b_pub]))
+    assert not only_b.ok and a_kid in str(only_b.broken) and "not in the keyring" in str(only_b.broken)
+
+
+def test_unsigned_tail_reported_and_timer_checkpoint(tmp_path: Path) -> None:
+    priv, pub, _ = write_keypair(str(tmp_path / "k"))
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=False, signing_key_file=priv,
+                         checkpoint_every_records=1000, checkpoint_every_seconds=0.05)
+    writer = AuditWriter(config, identity=IDENT)
+    keyring = load_keyring([pub])
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for i in range(5):
+                writer.submit(AuditRecord(time=float(i), request_id=f"r{i}"))
+            with trio.fail_after(10):
+                while writer.statistics().written < 5:
+                    await trio.sleep(0.005)
+            # The writer is running: the records may not be signed yet (nothing proven).
+            mid = verify(str(d), keyring=keyring)
+            assert mid.ok or [f.code for f in mid.findings] == ["nothing_signed"]
+            # The timer signs them without any further record.
+            with trio.fail_after(10):
+                while (cp := writer.last_checkpoint) is None or cp.seq < 6:
+                    await trio.sleep(0.01)
+            after = verify(str(d), keyring=keyring)
+            assert after.ok and after.unsigned_tail_records == 0 and after.checkpoints >= 1
+            nursery.cancel_scope.cancel()  # a crash: no seal
+
+    trio.run(main)
+    result = verify(str(d), keyring=keyring)
+    assert result.ok and not result.sealed and result.records == 5
+    assert result.signed_through == result.head_seq and result.unsigned_tail_records == 0
+
+
+def test_keygen_cli_never_overwrites(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "sig")
+    out = sidecar_cli("audit", "keygen", prefix)
+    assert out.returncode == 0 and "key id:" in out.stdout
+    assert oct(os.stat(prefix + ".key").st_mode & 0o777) == "0o600"
+    again = sidecar_cli("audit", "keygen", prefix)
+    assert again.returncode == 2 and "error:" in again.stderr
+
+
+def test_signing_key_problems_fail_at_start(tmp_path: Path) -> None:
+    from sidecar.errors import ConfigError
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError, match="signing_key_file"):
+        AuditWriter(AuditConfig(path=str(tmp_path / "a"), signing_key_file=str(bad)))
+    with pytest.raises(ConfigError, match="signing_key_file"):
+        AuditWriter(AuditConfig(path=str(tmp_path / "a"), signing_key_file=str(tmp_path / "no")))
