@@ -19,8 +19,12 @@ ports are bound and released at once, the audit directory gets a probe file that
 
 ``static_checks`` needs a config file; ``live_checks`` asks a running sidecar's admin port
 (``--admin URL``) for readiness, certificate expiry, policy version and last reload error,
-and the audit head. ``sidecar run --check`` runs the offline file checks (no ports, no
-network), so a config whose certificate files are missing is refused there too.
+and the audit head: the newest signed checkpoint, whose signature ``--pubkey`` verifies;
+``/config`` tells whether one is expected (audit signing on) so that its absence is a
+warning, not a skip. Audit key files are read as the sidecar reads them (Ed25519 signing key,
+AES data key), so a key the sidecar would refuse at start fails here. ``sidecar run
+--check`` runs the offline file checks (no ports, no network), so a config whose certificate
+files are missing is refused there too.
 
 The checks and their JSON are documented in docs/operations.md ("sidecar check").
 """
@@ -370,9 +374,7 @@ def _check_ports(run: _Run, cfg: Any) -> None:
         run.add(g, title, "ok")
 
 
-def _check_audit(run: _Run, cfg: Any) -> None:
-    from sidecar.audit.config import load_hmac_key
-
+def _check_audit(run: _Run, cfg: Any, keyring: Any = None) -> None:
     g = "audit"
     audit = cfg.audit
     if audit is None:
@@ -399,32 +401,68 @@ def _check_audit(run: _Run, cfg: Any) -> None:
         except OSError as exc:
             run.add(g, title, "fail", f"{probe_dir}: {exc.strerror or exc}",
                     "the sidecar's user must be able to create files in audit.path")
-    # Every key file the audit section names (hmac_key_file, and signing keys when the
-    # schema has them) must be present and readable.
-    for f in fields(audit):
-        value = getattr(audit, f.name)
-        if not (f.name.endswith("_file") and isinstance(value, str) and value):
-            continue
-        title = f"audit.{f.name} present"
-        try:
-            if f.name == "hmac_key_file":
-                load_hmac_key(value)
-            else:
-                with open(value, "rb") as fh:
-                    fh.read(1)
-        except (OSError, ValueError) as exc:
-            run.add(g, title, "fail", str(exc),
-                    f"create {value} (docs/audit.md) or remove audit.{f.name}")
-            continue
-        run.add(g, title, "ok", value)
+    # Every file the audit section names must be present and usable: the keys are parsed
+    # as the sidecar will (it refuses to start otherwise), the ship TLS files read.
+    files = [(f"audit.{f.name}", getattr(audit, f.name)) for f in fields(audit)]
+    ship = getattr(audit, "ship", None)
+    if ship is not None:
+        files += [(f"audit.ship.{f.name}", getattr(ship, f.name)) for f in fields(ship)]
+    for key, value in files:
+        if key.endswith("_file") and isinstance(value, str) and value:
+            _check_audit_file(run, key, value, keyring)
+
+
+# How each audit key file is read (as the sidecar reads it), and how to make one.
+_AUDIT_KEY_HINTS = {
+    "audit.hmac_key_file": "create {value} (docs/audit.md) or remove audit.hmac_key_file",
+    "audit.signing_key_file": "make one with `sidecar audit keygen PREFIX` (PREFIX.key; "
+                              "PREFIX.pub verifies) or remove audit.signing_key_file",
+    "audit.encryption_key_file": "make one with `sidecar audit keygen --data-key PREFIX` "
+                                 "(PREFIX.data) or remove audit.encryption_key_file",
+}
+
+
+def _audit_key_detail(key: str, value: str, keyring: Any) -> str:
+    """What the file holds (``ValueError``/``OSError`` when it is not usable)."""
+    from sidecar.audit.config import load_hmac_key
+    from sidecar.audit.crypto import data_key_id, load_data_key
+    from sidecar.audit.signing import load_signer
+
+    if key == "audit.hmac_key_file":
+        load_hmac_key(value)
+        return value
+    if key == "audit.signing_key_file":
+        kid = load_signer(value, "check").kid
+        if keyring is not None and kid not in keyring.keys:
+            raise ValueError(f"{value}: key id {kid} is not among the --pubkey keys: "
+                             "verify --pubkey would not accept its checkpoints")
+        return f"{value} (Ed25519, key id {kid})"
+    if key == "audit.encryption_key_file":
+        return f"{value} (AES-256, key id {data_key_id(load_data_key(value))})"
+    with open(value, "rb") as fh:
+        fh.read(1)
+    return value
+
+
+def _check_audit_file(run: _Run, key: str, value: str, keyring: Any) -> None:
+    title = f"{key} present"
+    try:
+        detail = _audit_key_detail(key, value, keyring)
+    except (OSError, ValueError) as exc:
+        hint = _AUDIT_KEY_HINTS.get(key, f"create {value} or remove {key} (docs/audit.md)")
+        run.add("audit", title, "fail", str(exc), hint.format(value=value))
+        return
+    run.add("audit", title, "ok", detail)
 
 
 # --- entry points -----------------------------------------------------------------------------
 
 
 def static_checks(config_path: str, now: float, *, offline: bool = False, ports: bool = True,
-                  min_validity: float = DEFAULT_MIN_VALIDITY) -> list[CheckResult]:
-    """Every check of a config file and the files it names (see the module docstring)."""
+                  min_validity: float = DEFAULT_MIN_VALIDITY,
+                  keyring: Any = None) -> list[CheckResult]:
+    """Every check of a config file and the files it names (see the module docstring).
+    ``keyring`` (``--pubkey``): the audit signing key must be one of its keys."""
     from sidecar.config.model import load_config_file
     from sidecar.errors import ConfigError
 
@@ -444,7 +482,7 @@ def static_checks(config_path: str, now: float, *, offline: bool = False, ports:
     _check_policy(run, cfg, spiffe_id, now, offline)
     if ports:
         _check_ports(run, cfg)
-    _check_audit(run, cfg)
+    _check_audit(run, cfg, keyring)
     return run.results
 
 
@@ -472,9 +510,10 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
-def live_checks(admin: str, now: float, *,
-                min_validity: float = DEFAULT_MIN_VALIDITY) -> list[CheckResult]:
-    """Ask a running sidecar's admin server (``http://127.0.0.1:15000``) how it is."""
+def live_checks(admin: str, now: float, *, min_validity: float = DEFAULT_MIN_VALIDITY,
+                keyring: Any = None) -> list[CheckResult]:
+    """Ask a running sidecar's admin server (``http://127.0.0.1:15000``) how it is;
+    ``keyring`` (``--pubkey``) verifies the signature of its audit head."""
     run = _Run()
     g = "live"
     titles = ("sidecar is ready", "certificate not near expiry",
@@ -529,16 +568,57 @@ def live_checks(admin: str, now: float, *,
                 "the sidecar denies every request until the policy loads")
     else:
         run.add(g, titles[2], "ok", f"version {str(doc['version'])[:12]}")
+    _check_audit_head(run, g, titles[3], answer, now, keyring)
+    return run.results
+
+
+def _check_audit_head(run: _Run, g: str, title: str, answer: Callable[[str], tuple[int, Any]],
+                      now: float, keyring: Any) -> None:
+    """The newest signed checkpoint (``/audit/head``): present, well formed, its seq and
+    time; with ``--pubkey`` its signature verified. The effective config (``/config``)
+    says whether one is expected at all."""
+    from sidecar.audit.signing import Checkpoint
+    from sidecar.output import rfc3339
+
+    code, cfg = answer("/config")
+    audit = cfg.get("audit") if code == 200 and isinstance(cfg, dict) else None
+    known = code == 200 and isinstance(cfg, dict)
     code, doc = answer("/audit/head")
     if code == 404:
-        run.skip(g, titles[3], "not available (this sidecar does not serve /audit/head)")
-    elif code == 200 and isinstance(doc, dict):
-        detail = ", ".join(f"{k} {v}" for k, v in doc.items() if not isinstance(v, dict | list))
-        run.add(g, titles[3], "ok", detail[:200])
-    else:
-        run.add(g, titles[3], "fail", f"/audit/head answered {code}",
+        if not known:
+            run.skip(g, title, "not available (this sidecar does not serve /audit/head)")
+        elif not isinstance(audit, dict):
+            run.skip(g, title, "no audit trail configured")
+        elif not audit.get("signing_key_file"):
+            run.skip(g, title, "audit signing is off (audit.signing_key_file not set)")
+        else:
+            every = (audit.get("checkpoint_every_records"),
+                     audit.get("checkpoint_every_seconds"))
+            run.add(g, title, "warn", "audit signing is on but no signed checkpoint yet",
+                    f"the first is written after {every[0]} records, or {every[1]} s after "
+                    "the first unsigned record; if traffic has flowed, the audit trail may "
+                    "not be writable: see the sidecar log")
+        return
+    if code != 200:
+        run.add(g, title, "fail", f"/audit/head answered {code}",
                 "the audit trail may not be writable; see the sidecar log")
-    return run.results
+        return
+    try:
+        cp = Checkpoint.from_json(doc.get("checkpoint") if isinstance(doc, dict) else None)
+    except ValueError as exc:
+        run.add(g, title, "fail", f"/audit/head: {exc}", "upgrade or restart the sidecar")
+        return
+    detail = (f"signed checkpoint at seq {cp.seq}, {rfc3339(cp.time)} "
+              f"({_duration(max(0.0, now - cp.time))} ago), key {cp.kid}")
+    if keyring is not None:
+        problem = keyring.check(cp.seq, cp.prev, cp.kind, cp.body())
+        if problem is not None:
+            run.add(g, title, "fail", f"{detail}: {problem}",
+                    "--pubkey must be the public half of audit.signing_key_file "
+                    "(sidecar audit keygen wrote it as PREFIX.pub)")
+            return
+        detail += ", signature verified"
+    run.add(g, title, "ok", detail)
 
 
 def render_table(results: list[CheckResult], colour: bool) -> str:
@@ -589,13 +669,23 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"sidecar check: --min-validity: {exc}", file=sys.stderr)
         return 2
+    keyring = None
+    if args.pubkey:
+        from sidecar.audit.signing import load_keyring
+
+        try:
+            keyring = load_keyring(args.pubkey)
+        except ValueError as exc:
+            print(f"sidecar check: --pubkey: {exc}", file=sys.stderr)
+            return 2
     now = time.time()
     results: list[CheckResult] = []
     if args.config:
         results += static_checks(args.config, now, offline=args.offline,
-                                 ports=not args.no_ports, min_validity=min_validity)
+                                 ports=not args.no_ports, min_validity=min_validity,
+                                 keyring=keyring)
     if args.admin:
-        results += live_checks(args.admin, now, min_validity=min_validity)
+        results += live_checks(args.admin, now, min_validity=min_validity, keyring=keyring)
     emit(args, document(results), lambda: render_table(results, use_colour(stream)), stream)
     return 1 if any(r.status == "fail" for r in results) else 0
 
@@ -615,6 +705,9 @@ def add_check_parser(subparsers: Any) -> None:
     p.add_argument("--min-validity", default="1h", metavar="DURATION",
                    help="warn when the certificate has less left than this (default 1h; "
                         "also warned below a third of its lifetime)")
+    p.add_argument("--pubkey", action="append", default=[], metavar="FILE",
+                   help="audit public key(s) (sidecar audit keygen's PREFIX.pub): the "
+                        "signing key must match, and the live audit head's signature verify")
     add_output_flag(p)
     p.set_defaults(func=cmd_check)
 

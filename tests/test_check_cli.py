@@ -189,6 +189,25 @@ def _hmac_missing(state: dict[str, Any]) -> None:
     state["cfg"]["audit"]["hmac_key_file"] = str(state["tmp"] / "no-such-key")
 
 
+def _signing_key_missing(state: dict[str, Any]) -> None:
+    state["cfg"]["audit"]["signing_key_file"] = str(state["tmp"] / "no-such.key")
+
+
+def _signing_key_not_ed25519(state: dict[str, Any]) -> None:
+    # The workload's TLS key (EC) where the Ed25519 audit signing key belongs.
+    state["cfg"]["audit"]["signing_key_file"] = state["cfg"]["identity"]["key"]
+
+
+def _data_key_too_short(state: dict[str, Any]) -> None:
+    (state["tmp"] / "short.data").write_text("c2hvcnQ=\n")  # base64 of b"short"
+    state["cfg"]["audit"]["encryption_key_file"] = str(state["tmp"] / "short.data")
+
+
+def _ship_ca_missing(state: dict[str, Any]) -> None:
+    state["cfg"]["audit"]["ship"] = {"address": "127.0.0.1:6514",
+                                     "ca_file": str(state["tmp"] / "no-such-ca.pem")}
+
+
 def _jwks_uri_dead(state: dict[str, Any]) -> None:
     state["policy"]["jwt_providers"]["remote"]["jwks_uri"] = f"https://127.0.0.1:{free_port()}/k"
 
@@ -236,6 +255,10 @@ FAMILY: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_port_taken, "admin.listen", "fail"),
     (_audit_is_a_file, "audit directory writable", "fail"),
     (_hmac_missing, "audit.hmac_key_file present", "fail"),
+    (_signing_key_missing, "audit.signing_key_file present", "fail"),
+    (_signing_key_not_ed25519, "audit.signing_key_file present", "fail"),
+    (_data_key_too_short, "audit.encryption_key_file present", "fail"),
+    (_ship_ca_missing, "audit.ship.ca_file present", "fail"),
 ]
 
 
@@ -257,6 +280,45 @@ def test_each_check_fails_on_its_own(setup, mutate, title, status):
     assert entry["hint"], entry
     assert f"hint: {entry['hint']}" in table
     assert ("check(s) failed" in table) == (status == "fail")
+
+
+def audit_keys(state: dict[str, Any]) -> tuple[Path, str, str]:
+    """Configure audit signing and encryption with fresh keys; (public key, kid, data kid)."""
+    from sidecar.audit.crypto import write_data_key
+    from sidecar.audit.signing import write_keypair
+
+    tmp: Path = state["tmp"]
+    priv, pub, kid = write_keypair(str(tmp / "audit-signing"))
+    data_kid = write_data_key(str(tmp / "audit.data"))
+    state["cfg"]["audit"].update(signing_key_file=priv, encryption_key_file=str(tmp / "audit.data"))
+    return Path(pub), kid, data_kid
+
+
+def test_audit_signing_and_encryption_keys_are_checked(setup):
+    """Usable keys pass and are named by key id; --pubkey must match the signing key."""
+    pub, kid, data_kid = audit_keys(setup)
+    code, doc, table = check(setup, "--pubkey", str(pub))
+    assert code == 0, table
+    entries = {c["title"]: c for c in doc["checks"]}
+    assert entries["audit.signing_key_file present"]["status"] == "ok"
+    assert f"Ed25519, key id {kid}" in entries["audit.signing_key_file present"]["detail"]
+    assert f"key id {data_kid}" in entries["audit.encryption_key_file present"]["detail"]
+    # Another key pair's public key: the signing key does not match it.
+    from sidecar.audit.signing import write_keypair
+
+    _, other_pub, _ = write_keypair(str(setup["tmp"] / "other"))
+    code, doc, table = check(setup, "--pubkey", other_pub)
+    assert code == 1 and statuses(doc)["audit.signing_key_file present"] == "fail"
+    assert "not among the --pubkey keys" in table
+    r = sidecar_cli("check", "-c", str(setup["tmp"] / "sidecar.yaml"), "--pubkey",
+                    str(setup["tmp"] / "jwks.json"))
+    assert r.returncode == 2 and "--pubkey:" in r.stderr and "no PEM key" in r.stderr
+    # `sidecar run --check` refuses a config whose signing key is not usable.
+    _signing_key_not_ed25519(setup)
+    path = setup["tmp"] / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(setup["cfg"]))
+    r = sidecar_cli("run", "-c", str(path), "--check")
+    assert r.returncode == 2 and "audit.signing_key_file present" in r.stderr
 
 
 def test_offline_skips_urls_and_bad_usage(setup):
@@ -295,10 +357,9 @@ def test_live_checks_against_a_running_sidecar(setup, procs):
     assert got["sidecar is ready"] == "ok"
     assert got["certificate not near expiry"] == "ok"
     assert got["policy loaded without reload error"] == "ok"
-    assert got["audit head"] in ("ok", "skip")
+    assert got["audit head"] == "skip"  # audit signing is off in this config
     table = sidecar_cli("check", "--admin", admin).stdout
-    if got["audit head"] == "skip":
-        assert "not available" in table
+    assert "audit signing is off" in table
     # Both at once: the static checks skip nothing but the ports this sidecar holds.
     r = sidecar_cli("check", "-c", str(proc.cfg_path), "--admin", admin, "--no-ports")
     assert r.returncode == 0, r.stdout
@@ -312,6 +373,47 @@ def test_live_checks_against_a_running_sidecar(setup, procs):
     from tests.harness import wait_for
 
     wait_for(reload_error, timeout=20, interval=0.5)
+
+
+def test_live_audit_head_of_a_signing_sidecar(setup, procs):
+    """`--admin` reads the signed checkpoint of /audit/head (seq, time, key) and, with
+    --pubkey, verifies its signature; none yet is a warning, a foreign key a failure."""
+    from tests.harness import http, mtls_context, wait_for
+
+    pub, kid, _ = audit_keys(setup)
+    # A checkpoint after each batch of records, and none by the timer (so none at start).
+    setup["cfg"]["audit"].update(checkpoint_every_records=1, checkpoint_every_seconds=3600)
+    write_policy(setup["tmp"] / "mesh.yaml", setup["policy"])
+    proc = start_sidecar(setup["tmp"], "signing", setup["cfg"])
+    procs.append(proc)
+    admin = f"http://127.0.0.1:{proc.port('admin')}"
+
+    def head() -> dict[str, Any]:
+        r = sidecar_cli("check", "--admin", admin, "--pubkey", str(pub), "-o", "json")
+        return next(c for c in json.loads(r.stdout)["checks"] if c["title"] == "audit head")
+
+    before = head()  # nothing recorded yet: no checkpoint to show, a warning (exit 0)
+    assert before["status"] == "warn" and "no signed checkpoint yet" in before["detail"]
+    assert "after 1 records" in before["hint"]
+    ctx = mtls_context(setup["pki"].identity("frontend"), setup["pki"].bundle)
+    for _ in range(3):
+        http(proc.port("inbound"), "GET", "/orders", ctx=ctx)
+    entry = wait_for(lambda: (e := head())["status"] == "ok" and e, timeout=20, interval=0.3)
+    assert entry["detail"].startswith("signed checkpoint at seq ")
+    assert f"key {kid}" in entry["detail"] and "signature verified" in entry["detail"]
+    seq = int(entry["detail"].split("seq ", 1)[1].split(",", 1)[0])
+    served = json.loads(http(proc.port("admin"), "GET", "/audit/head").body)
+    assert served["checkpoint"]["seq"] >= seq > 0
+    r = sidecar_cli("check", "--admin", admin, "--pubkey", str(pub))
+    assert r.returncode == 0 and "[ok]" in r.stdout and "signature verified" in r.stdout
+    # The public key of another pair: the checkpoint is not signed by it.
+    from sidecar.audit.signing import write_keypair
+
+    _, other, _ = write_keypair(str(setup["tmp"] / "other"))
+    r = sidecar_cli("check", "--admin", admin, "--pubkey", other, "-o", "json")
+    bad = next(c for c in json.loads(r.stdout)["checks"] if c["title"] == "audit head")
+    assert r.returncode == 1 and bad["status"] == "fail" and "not in the keyring" in bad["detail"]
+    assert "--pubkey" in bad["hint"]
 
 
 def test_live_check_of_nothing_running_fails_with_hint():
