@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_for
 
 
 def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
@@ -42,7 +43,15 @@ def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
     assert re.search(r"\b403\s+403\s+claims mismatch", wrong)
     burst = next(r for r in rows.values() if "burst of" in r)
     assert re.search(r"\d+ x 200, \d+ x 429\s+rate limit 'frontend-burst'", burst)
-    assert "signed checkpoint" in text
+    # Each sidecar signs its trail; verified with its public key, the signatures cover it all
+    # (the sidecars stopped first: their last frame is a signed end checkpoint).
+    for name in ("orders", "frontend"):
+        line = re.search(rf"audit trail of {name}: .*", text).group(0)
+        m = re.search(rf"verified with its signed checkpoint and audit-{name}-signing.pub: "
+                      r"(\d+) checkpoint\(s\), signed through seq (\d+), unsigned tail 0 records",
+                      line)
+        assert m and int(m.group(1)) >= 1 and int(m.group(2)) > 0, line
+    assert "NOT SIGNED" not in text and "BROKEN" not in text
     # The temporary directory (CA key included) is gone.
     root = re.search(r"configs in (\S+)", text).group(1)
     assert not Path(root).exists()
@@ -54,7 +63,7 @@ def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
     try:
         seen = ""
         deadline = time.monotonic() + 60
-        while "sidecar audit tail" not in seen and time.monotonic() < deadline:
+        while "sidecar policy explain" not in seen and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
@@ -67,6 +76,21 @@ def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
         assert curl.stdout.strip() == "200", curl.stderr
         root = re.search(r"configs in (\S+)", seen).group(1)
         assert (Path(root) / "ca" / "ca.key").exists()
+        # The trail of the running orders sidecar verifies with its public key, as printed,
+        # once the writer's timer (checkpoint_every_seconds, 1 s) has signed the request.
+        verify = re.search(r"sidecar audit verify (\S+) --pubkey (\S+)", seen)
+        assert verify, seen
+
+        def verified() -> dict | None:
+            r = subprocess.run([sys.executable, "-m", "sidecar", "audit", "verify",
+                                verify.group(1), "--pubkey", verify.group(2), "-o", "json"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+            doc = json.loads(r.stdout)
+            assert doc["kind"] == "AuditVerify" and r.returncode == (0 if doc["ok"] else 1)
+            return doc if doc["ok"] else None
+
+        doc = wait_for(verified, timeout=15, interval=0.5)
+        assert doc and doc["assurance"] == "signature" and doc["checkpoints"] >= 1, doc
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert not Path(root).exists()  # Ctrl-C removed it, CA key included

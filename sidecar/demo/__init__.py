@@ -16,6 +16,11 @@ request without a token (401 with its ``WWW-Authenticate`` challenge), a token w
 scope (403), and a burst that meets the rate limit ``STORY_RATE_LIMIT`` added to the policy
 copy (429).
 
+Each sidecar signs its audit trail (``audit.signing_key_file``, a key pair per workload made
+as ``sidecar audit keygen`` makes it); at the end each trail is verified with the public key,
+as ``sidecar audit verify --pubkey`` does, and the demo says how far the signed checkpoints
+reach. A trail that does not verify, or is not signed, fails the demo.
+
 The temporary directory holds the demo CA's private key: it is removed however the demo
 ends (Ctrl-C and SIGTERM included) unless ``--keep``.
 """
@@ -109,12 +114,16 @@ class Demo:
 
     # -- setup ---------------------------------------------------------------------------
     def make_identities(self) -> None:
+        from sidecar.audit.signing import write_keypair
         from sidecar.identity.ca import DevCA, write_svid
 
         ca = DevCA.create(TD)
         ca.save(self.root / "ca")
         for name in ("frontend", "orders", "intruder"):
             write_svid(ca.issue(_id(name)), ca, self.root / name)
+        for name in ("frontend", "orders"):
+            # The audit signing key pair of each sidecar: PREFIX.key signs, PREFIX.pub verifies.
+            write_keypair(str(self.root / f"audit-{name}-signing"))
         rogue = DevCA.create(TD)
         write_svid(rogue.issue(_id("frontend")), rogue, self.root / "rogue")
         policy = resources.files("sidecar.demo").joinpath("policy.yaml").read_text()
@@ -200,7 +209,8 @@ class Demo:
                         "app": f"127.0.0.1:{p[name + '_app']}"},
             "outbound": outbound,
             "policy": str(self.root / "policy.yaml"),
-            "audit": {"path": str(self.root / f"audit-{name}")},
+            "audit": {"path": str(self.root / f"audit-{name}"),
+                      "signing_key_file": str(self.root / f"audit-{name}-signing.key")},
             "admin": {"listen": f"127.0.0.1:{p[name + '_admin']}"},
             "limits": {"drain_timeout": "3s"},
         }
@@ -309,6 +319,7 @@ class Demo:
     # -- explain -------------------------------------------------------------------------
     def explain(self, steps: list[Step]) -> dict[str, Any]:
         from sidecar.audit.segments import iter_records, verify
+        from sidecar.audit.signing import load_keyring
 
         records = {name: list(iter_records(str(self.root / f"audit-{name}")))
                    for name in ("orders", "frontend")}
@@ -338,7 +349,10 @@ class Demo:
                     step.why = f"{r.reason.replace('_', ' ')}: '{r.rule}'"
                 else:
                     step.why = f"refused before policy: {r.reason.replace('_', ' ')}"
-        return {name: verify(str(self.root / f"audit-{name}")) for name in records}
+        # As `sidecar audit verify DIR --pubkey PREFIX.pub`: the chain and every signature.
+        return {name: verify(str(self.root / f"audit-{name}"), keyring=load_keyring(
+                    [str(self.root / f"audit-{name}-signing.pub")]))
+                for name in records}
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -376,13 +390,21 @@ def _as_expected(step: Step) -> bool:
     return step.status == step.expect
 
 
-def _checkpoint_note(result: Any) -> str:
-    """What the verifier says about signed checkpoints, when this build signs them."""
-    for name in ("checkpoint", "checkpoints", "signed_checkpoint", "signature"):
-        value = getattr(result, name, None)
-        if value:
-            return f"signed checkpoint verified ({name}: {value})"[:200]
-    return "no signed checkpoint (this build hash-chains the trail but does not sign it yet)"
+def _trail_line(name: str, res: Any) -> str:
+    """One line per audit trail: chain and signatures, as ``sidecar audit verify --pubkey``
+    reports them."""
+    if not res.ok:
+        return f"audit trail of {name}: {res.records} records, BROKEN: {res.broken}"
+    line = f"audit trail of {name}: {res.records} records, verified, chain intact"
+    if res.assurance != "signature" or not res.checkpoints:
+        return line + "; NOT SIGNED (no checkpoint verified with its public key)"
+    return (f"{line}; verified with its signed checkpoint and audit-{name}-signing.pub: "
+            f"{res.checkpoints} checkpoint(s), signed through seq {res.signed_through}, "
+            f"unsigned tail {res.unsigned_tail_records} records")
+
+
+def _trail_ok(res: Any) -> bool:
+    return bool(res.ok and res.assurance == "signature" and res.checkpoints)
 
 
 def run_demo(serve: bool = False, keep: bool = False) -> int:
@@ -418,9 +440,8 @@ def run_demo(serve: bool = False, keep: bool = False) -> int:
         ok = all(_as_expected(s) for s in steps)
         print()
         for name, res in results.items():
-            state = "verified, chain intact" if res.ok else f"BROKEN: {res}"
-            print(f"audit trail of {name}: {res.records} records, {state}; "
-                  f"{_checkpoint_note(res)}")
+            print(_trail_line(name, res))
+        ok = ok and all(_trail_ok(res) for res in results.values())
         print("\nall outcomes as expected" if ok else "\nSOME OUTCOMES DIFFER FROM EXPECTED")
         return 0 if ok else 1
     except Exception as exc:  # noqa: BLE001 -- the demo reports and cleans up
@@ -457,6 +478,9 @@ def _print_curl(root: Path, p: dict[str, int]) -> None:
           "# same token, intruder: 401")
     print(f"\n  curl -s http://127.0.0.1:{p['orders_admin']}/metrics | grep sidecar_requests")
     print(f"  sidecar audit tail {root}/audit-orders --follow")
+    print(f"  sidecar audit verify {root}/audit-orders --pubkey {root}/audit-orders-signing.pub")
+    print(f"  sidecar check --admin http://127.0.0.1:{p['orders_admin']} "
+          f"--pubkey {root}/audit-orders-signing.pub")
     print(f"  sidecar tap --admin http://127.0.0.1:{p['orders_admin']}")
     print(f"  sidecar top --admin http://127.0.0.1:{p['orders_admin']}")
     print(f"  sidecar policy explain {root}/policy.yaml --to {_id('orders')} "
