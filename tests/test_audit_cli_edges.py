@@ -1,7 +1,7 @@
 """Rough edges of `sidecar audit verify|export|tail`, run as a user runs them: a missing path
 is "not found" (never BROKEN), an empty directory is an error, `export | head` is quiet,
 `tail` prints RFC 3339 times and `--since` takes durations; `verify -o json|yaml`; progress
-lines only on a terminal."""
+lines only on a terminal; the same on signed and encrypted trails (issue 13)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from sidecar.output import Progress
 from tests.harness import ROOT, sidecar_cli
 
 
-def write(directory: Path, times: list[float]) -> None:
-    config = AuditConfig(path=str(directory), fsync=False)
+def write(directory: Path, times: list[float], **keys: str) -> None:
+    """Records at ``times``; ``keys``: signing_key_file / encryption_key_file."""
+    config = AuditConfig(path=str(directory), fsync=False, **keys)
 
     async def run() -> None:
-        w = AuditWriter(config)
+        w = AuditWriter(config, identity="spiffe://td/me")
         async with trio.open_nursery() as nursery:
             await nursery.start(w.run)
             for i, t in enumerate(times):
@@ -77,6 +78,75 @@ def test_verify_json_and_yaml_match_the_table(trail: Path):
     assert f"head: seq {doc['head_seq']} digest {doc['head_digest']}" in table.stdout
     old = json.loads(sidecar_cli("audit", "verify", str(trail), "--json").stdout)
     assert {k: v for k, v in doc.items() if k != "kind"} == old
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> dict[str, Path]:
+    """A signed and encrypted trail (issue 13) with its public key and data key."""
+    from sidecar.audit.crypto import write_data_key
+    from sidecar.audit.signing import write_keypair
+
+    priv, pub, _ = write_keypair(str(tmp_path / "signing"))
+    write_data_key(str(tmp_path / "audit.data"))
+    d = tmp_path / "sealed"
+    now = time.time()
+    write(d, [now - 7200] * 3 + [now - 60] * 2, signing_key_file=priv,
+          encryption_key_file=str(tmp_path / "audit.data"))
+    return {"dir": d, "pub": Path(pub), "data": tmp_path / "audit.data", "tmp": tmp_path}
+
+
+def test_verify_output_of_a_signed_trail_json_yaml_and_table_agree(sealed):
+    """-o json|yaml carries issue 13's assurance, checkpoints and findings; the table says
+    the same; a key that did not sign the trail is BROKEN (exit 1) in every format."""
+    from sidecar.audit.signing import write_keypair
+
+    args = [str(sealed["dir"]), "--pubkey", str(sealed["pub"]),
+            "--data-key", str(sealed["data"])]
+    table = sidecar_cli("audit", "verify", *args)
+    as_json = sidecar_cli("audit", "verify", *args, "-o", "json")
+    as_yaml = sidecar_cli("audit", "verify", *args, "-o", "yaml")
+    assert table.returncode == as_json.returncode == as_yaml.returncode == 0, table.stdout
+    doc = json.loads(as_json.stdout)
+    assert yaml.safe_load(as_yaml.stdout) == doc
+    assert doc["kind"] == "AuditVerify" and doc["assurance"] == "signature" and doc["ok"]
+    assert doc["records"] == 5 and doc["checkpoints"] >= 1 and doc["sealed"] is True
+    assert doc["findings"] == [] and doc["unsigned_tail_records"] == 0
+    assert (f"signed: {doc['checkpoints']} checkpoints verified, covering seq "
+            f"{doc['signed_through']}; unsigned tail: 0 records") in table.stdout
+    _, other, _ = write_keypair(str(sealed["tmp"] / "other"))
+    bad = [str(sealed["dir"]), "--pubkey", other]
+    table = sidecar_cli("audit", "verify", *bad)
+    doc = json.loads(sidecar_cli("audit", "verify", *bad, "-o", "json").stdout)
+    assert table.returncode == 1 and table.stdout.startswith("BROKEN") and not doc["ok"]
+    assert doc["broken"] and f"first broken: {doc['broken']}" in table.stdout
+    assert all(f"{f['severity']}: {f['code']}" in table.stdout for f in doc["findings"])
+    old = json.loads(sidecar_cli("audit", "verify", *bad, "--json").stdout)
+    assert {k: v for k, v in doc.items() if k != "kind"} == old
+
+
+def test_encrypted_trail_tail_and_export_with_data_key(sealed):
+    """--data-key with RFC 3339 tail times and --since durations; without the key, an
+    error (tail exit 1, export names the segment, exit 1), never plaintext."""
+    d, key = str(sealed["dir"]), str(sealed["data"])
+    rows = [json.loads(x) for x in
+            sidecar_cli("audit", "tail", d, "--data-key", key).stdout.splitlines()]
+    assert [r["request_id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4"]
+    assert all(r["time"].endswith("Z") for r in rows)
+    recent = sidecar_cli("audit", "export", d, "--data-key", key, "--since", "1h")
+    assert [json.loads(x)["request_id"] for x in recent.stdout.splitlines()] == ["r3", "r4"]
+    r = sidecar_cli("audit", "tail", d)
+    assert r.returncode == 1 and "error:" in r.stderr and "r0" not in r.stdout
+    r = sidecar_cli("audit", "export", d)
+    assert r.returncode == 1 and "undecryptable" in r.stderr and r.stdout == ""
+
+
+def test_tail_into_head_is_quiet(tmp_path: Path):
+    d = tmp_path / "big"
+    write(d, [time.time()] * 3000)
+    r = subprocess.run(f"{sys.executable} -m sidecar audit tail {d} -n 3000 | head -n 2",
+                       shell=True, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert len(r.stdout.splitlines()) == 2
+    assert r.stderr == "", r.stderr
 
 
 def test_export_into_head_is_quiet(tmp_path: Path):
