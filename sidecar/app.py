@@ -71,6 +71,7 @@ class Sidecar:
         self.own_id = self.tls.spiffe_id
         self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
         self.policies = PolicyHolder(cfg.policy)
+        self._parsed_policy_files: Any = None
         self.authenticator = None
         self.limiter = None
         self.detector = None
@@ -114,11 +115,25 @@ class Sidecar:
         self._load_initial_policy()
 
     # -- policy --------------------------------------------------------------------------
-    def _load_policy_file(self) -> Any:
-        from sidecar.policy.loader import load_policy_file
-
+    def _policy_paths(self) -> list[str]:
         assert self.cfg.policy is not None
-        return load_policy_file(self.cfg.policy)
+        return list(self.cfg.policy_paths) or [self.cfg.policy]
+
+    def _load_policy_file(self) -> Any:
+        """The policy as this sidecar enforces it: its own section only (docs/policy.md).
+
+        Runs in a reload thread; afterwards the C heap is trimmed (``release_memory``), so
+        the transient memory of reading a big policy does not stay in the RSS."""
+        from sidecar.policy.loader import ParsedFiles, load_policy_set
+        from sidecar.reload import release_memory
+
+        if self._parsed_policy_files is None:
+            self._parsed_policy_files = ParsedFiles()
+        try:
+            return load_policy_set(self._policy_paths(), only=self.own_id,
+                                   cache=self._parsed_policy_files)
+        finally:
+            release_memory()
 
     def _load_initial_policy(self) -> None:
         if self.cfg.policy is None:
@@ -146,7 +161,8 @@ class Sidecar:
         if policy.section(self.own_id) is None:
             logs.log("no_policy_section", "warning", identity=self.own_id,
                      message="the policy has no section for this identity: inbound denied")
-        logs.log("policy_loaded", version=policy.version, source=self.cfg.policy)
+        logs.log("policy_loaded", version=policy.version, source=self.cfg.policy,
+                 files=len(policy.files), sections_skipped=policy.skipped)
         # TCP and upgraded streams were decided once, under the old policy.
         self.lifetimes.recheck_policy(now)
 
@@ -407,13 +423,13 @@ class Sidecar:
             initial = None
             if self.policies.policy is None:
                 initial = "failed-at-start"  # force a load as soon as the file changes or is fixed
-            watch = FileWatcher("policy", [cfg.policy], load=self._load_policy_file,
+            watch = FileWatcher("policy", self._policy_paths(), load=self._load_policy_file,
                                 apply=self._apply_policy, on_error=self._policy_reload_failed,
                                 interval=cfg.policy_watch_interval, initial=initial)
             if self.policies.policy is None:
                 from sidecar.reload import fingerprint
 
-                watch.last_failed = fingerprint([cfg.policy])
+                watch.last_failed = fingerprint(self._policy_paths())
                 watch.failed_at = time.monotonic()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:

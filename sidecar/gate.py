@@ -79,6 +79,8 @@ class PolicyHolder:
             "last_reload_error": self.last_error,
             "reloads_ok": self.reloads_ok,
             "reloads_failed": self.reloads_failed,
+            "files": len(getattr(self.policy, "files", ())),
+            "sections_skipped": getattr(self.policy, "skipped", 0),
         }
 
 

@@ -23,7 +23,7 @@ from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
-from sidecar.policy.loader import load_policy_file
+from sidecar.policy.loader import load_policy_set, policy_label
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[Aud
 
 def cmd_replay(args: argparse.Namespace) -> int:
     try:
-        policy = load_policy_file(args.policy)
+        policy = load_policy_set(args.policy)
     except ConfigError as exc:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
@@ -115,11 +115,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         # rather than report "nothing would change" over records that were never read.
         print(f"sidecar: stopped reading a damaged or undecryptable segment: {d}",
               file=sys.stderr)
-    doc = {"kind": "PolicyReplay", "policy": args.policy, "version": policy.version,
-           "replayed": count, "changed": [c.as_dict() for c in changes]}
+    label = policy_label(args.policy)
+    doc = {"kind": "PolicyReplay", "policy": label, "files": list(policy.files),
+           "version": policy.version, "replayed": count,
+           "changed": [c.as_dict() for c in changes]}
 
     def table() -> str:
-        lines = [f"replayed {count} request records under {args.policy} "
+        lines = [f"replayed {count} request records under {label} "
                  f"(version {policy.version[:12]}): {len(changes)} would change"]
         for c in changes:
             r = c.record
@@ -140,7 +142,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser(
         "replay", help="re-decide recorded requests under a new policy; list what changes")
-    p.add_argument("policy", help="the new policy file")
+    p.add_argument("policy", nargs="+",
+                   help="the new policy: file(s) and/or directories of one policy set")
     p.add_argument("--audit", required=True, help="audit directory or segment file")
     p.add_argument("--identity", default=None,
                    help="SPIFFE ID of the workload whose audit trail this is "

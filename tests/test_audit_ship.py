@@ -9,6 +9,7 @@ checks them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -70,10 +71,13 @@ action(type="omfile" file="{self.out}" template="sd" flushOnTXEnd="on" asyncWrit
         self.starts = 0
 
     def start(self) -> None:
-        # Not skipped when missing: .ci/run installs the Debian packages rsyslog and
-        # rsyslog-gnutls (the gtls netstream driver used here), and a skip would hide a
-        # broken shipper.
-        assert Path(RSYSLOGD).exists(), "rsyslogd missing: apt-get install rsyslog rsyslog-gnutls"
+        # .ci/run installs the Debian packages rsyslog and rsyslog-gnutls (the gtls
+        # netstream driver used here), and there (CI set) a missing collector fails: a skip
+        # would hide a broken shipper. On a developer's machine without them, skip and say so.
+        if not Path(RSYSLOGD).exists():
+            if os.environ.get("CI"):
+                pytest.fail("rsyslogd missing: apt-get install rsyslog rsyslog-gnutls")
+            pytest.skip("rsyslogd missing: apt-get install rsyslog rsyslog-gnutls")
         self.starts += 1
         self.proc = Proc([RSYSLOGD, "-n", "-f", str(self.conf),
                           "-i", str(self.root / "rsyslogd.pid")],

@@ -107,3 +107,22 @@ def test_nesting_at_the_limit_loads(composer) -> None:
     for _ in range(depth - 1):
         value = value[0]
     assert value == []
+
+
+def test_select_skips_values_but_not_their_syntax(composer) -> None:
+    text = "top: 1\nservices:\n  a: {x: [1, 2]}\n  b:\n    deep: {y: 2}\n  c: 3\n"
+    value, src = parse_yaml(text, "f.yaml", {("services",): ("b",)})
+    assert value == {"top": 1, "services": {"b": {"deep": {"y": 2}}}}
+    assert src.skipped[("services",)] == {"a": 3, "c": 6}
+    for broken, line in (("services:\n  a: {x: [1, 2}\n  b: 1\n", 2),
+                         ("services:\n  a: [\n  b: 1\n", 4)):
+        with pytest.raises(ConfigError) as info:
+            parse_yaml(broken, "f.yaml", {("services",): ("b",)})
+        assert f"f.yaml:{line}: YAML syntax error" in str(info.value)
+    _, src = parse_yaml("services:\n  a: 1\n  a: 2\n", "f.yaml", {("services",): ("b",)})
+    assert [(p.line, p.key, p.message) for p in src.problems] == [
+        (3, "services.a", "duplicate key")]
+    deep = "services:\n  a: " + "[" * (MAX_NESTING_DEPTH + 5) + "]" * (MAX_NESTING_DEPTH + 5)
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(deep + "\n", "f.yaml", {("services",): ("b",)})
+    assert "nested too deeply" in str(info.value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sidecar.config.source import Path, Source, parse_yaml, read_yaml_file
 from sidecar.config.values import parse_address, parse_duration, parse_size
@@ -99,7 +99,7 @@ class SidecarConfig:
     identity: IdentityConfig
     inbound: InboundConfig | None
     outbound: tuple[OutboundConfig, ...]
-    policy: str | None
+    policy: str | None  # how the policy is named in logs and status (its paths, joined)
     policy_watch_interval: float
     audit: Any  # sidecar.audit.config.AuditConfig | None
     admin: AdminConfig
@@ -107,6 +107,7 @@ class SidecarConfig:
     workers: int = 1
     log_level: str = "info"
     headers: HeaderConfig = field(default_factory=HeaderConfig)
+    policy_paths: tuple[str, ...] = ()  # files and/or directories of one policy (set)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -306,16 +307,23 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         src.problem((), "configure at least one of: inbound, outbound")
 
     policy = None
+    policy_paths: list[str] = []
     policy_watch = 2.0
     if top.get("policy") is not None:
-        pv = top["policy"]
+        pv, pp = top["policy"], cast(Path, ("policy",))
         if isinstance(pv, dict):
             pm = r.mapping(pv, ("policy",), {"path", "watch_interval"})
-            policy = r.file(r.required(pm, "path", ("policy",)), ("policy", "path"))
+            pv, pp = r.required(pm, "path", ("policy",)), ("policy", "path")
             if "watch_interval" in pm:
                 policy_watch = r.duration(pm["watch_interval"], ("policy", "watch_interval")) or 2.0
-        else:
-            policy = r.file(pv, ("policy",))
+        # One file or directory, or a list of them (several ConfigMaps): one policy set.
+        if isinstance(pv, list) and pv:
+            policy_paths = [f for i, v in enumerate(pv) if (f := r.file(v, pp + (i,)))]
+        elif isinstance(pv, list):
+            src.problem(pp, "expected a path or a non-empty list of paths")
+        elif (f := r.file(pv, pp)) is not None:
+            policy_paths = [f]
+        policy = ", ".join(policy_paths) or None
 
     audit = None
     if top.get("audit") is not None:
@@ -402,7 +410,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     src.raise_if_problems()
     return SidecarConfig(
         source=src.filename, identity=identity, inbound=inbound, outbound=tuple(outbound),
-        policy=policy, policy_watch_interval=policy_watch, audit=audit, admin=admin,
+        policy=policy, policy_paths=tuple(policy_paths), policy_watch_interval=policy_watch, audit=audit, admin=admin,
         limits=Limits(**limits_kw), workers=workers, log_level=log_level, headers=headers,
         raw=top,
     )

@@ -6,21 +6,23 @@ values and report problems through ``Source.problem(path, message)``, which turn
 into ``file:line: key.path: message``. All problems are collected and raised together as
 one ``ConfigError``.
 
-Only the safe YAML subset is accepted (safe loader composer); duplicate keys are
-errors, because a duplicated key in a security policy silently drops a rule.
+Only the safe YAML subset is accepted (safe resolver and constructors); duplicate keys,
+aliases and merge keys are errors, because a duplicated key in a security policy silently
+drops a rule and an alias can blow a small file up into a huge one.
 
-Speed: PyYAML's pure-Python scanner, parser and composer take seconds on a 10,000-rule
-policy, so when PyYAML is built with libyaml the nodes are composed by ``yaml.CSafeLoader``
-(same nodes, same marks, so the same line numbers). libyaml's composer recurses in C with
-no depth check and crashes the process on a deeply nested document; the (iterative) libyaml
-event parser therefore measures the nesting first and anything deeper than
-``MAX_NESTING_DEPTH`` is refused before any node is composed.
+Theory of operation: the values are built in one pass straight from the parser's events
+(libyaml's parser when PyYAML is built with it; no node tree, no second pass). Building
+recurses once per nesting level, and nesting deeper than ``MAX_NESTING_DEPTH`` is refused
+as it is reached, so no document can exhaust the stack. ``select`` lets a caller skip the
+values of some keys: their events are still parsed (a syntax error anywhere in the file is
+found) but nothing is built for them -- a sidecar reads its own section of a 10,000-service
+policy without ever holding the other sections (docs/policy.md, "Scale").
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import yaml
@@ -29,13 +31,13 @@ from sidecar.errors import ConfigError, Problem
 
 Path = tuple[str | int, ...]
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
-# Real policies and configs nest < 10 levels; the bound keeps composing and construction
-# (both recursive) far from any stack limit, in the main thread and in reload threads.
+# Real policies and configs nest < 10 levels; the bound keeps building (recursive) far from
+# any stack limit, in the main thread and in reload threads.
 MAX_NESTING_DEPTH = 64
 _WITH_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
-_COLLECTION_END = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 _STR_TAG = "tag:yaml.org,2002:str"
+_SLOW = object()  # "not a plain string: build it the long way"
 
 
 def format_path(path: Path) -> str:
@@ -55,6 +57,8 @@ class Source:
         self.filename = filename
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
+        # Keys of mappings whose values were skipped (``parse_yaml(select=...)``) -> line.
+        self.skipped: dict[Path, dict[str, int]] = {}
 
     def line(self, path: Path) -> int | None:
         # Walk up to the nearest ancestor that has a line (e.g. a missing key's parent).
@@ -74,97 +78,214 @@ class Source:
             raise ConfigError(self.problems)
 
 
-def _construct(node: yaml.Node, path: Path, src: Source, seen: set[int]) -> Any:
-    src.lines[path] = node.start_mark.line + 1
-    # An alias makes the composer hand out the same node twice. Refusing aliases keeps a
-    # small file from expanding into a huge one ("billion laughs").
-    if id(node) in seen:
-        src.problem(path, "YAML anchors and aliases are not supported")
-        return None
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
+class _Builder:
+    """Builds plain values straight from parser events (see the module docstring).
+
+    ``select`` maps a mapping's key path to the keys whose values are built; the values of
+    its other keys are consumed event by event without building anything, and only the key
+    and its line are kept, in ``Source.skipped``.
+    """
+
+    def __init__(self, parser: Any, src: Source, select: Mapping[Path, Collection[str]]) -> None:
+        self.get = parser.get_event
+        self.resolver = parser.resolve
+        self.src = src
+        self.select = select
+        # Plain scalars repeat (methods, paths, names): their implicit tag depends only on
+        # the text, so it is resolved once per distinct text (bounded).
+        self.tags: dict[str, str] = {}
+
+    def resolve(self, text: str) -> str:
+        tag = self.tags.get(text)
+        if tag is None:
+            tag = self.resolver(yaml.ScalarNode, text, (True, False))
+            if len(self.tags) >= 4096:
+                self.tags.clear()
+            self.tags[text] = tag
+        return tag
+
+    def quick(self, event: Any) -> Any:
+        """A scalar that is a plain string, without a call to the constructors; else _SLOW."""
+        if event.tag is None:
+            if not event.implicit[0]:
+                return event.value  # quoted or block scalar: a string
+            if self.resolve(event.value) == _STR_TAG:
+                return event.value
+        return _SLOW
+
+    def too_deep(self, line: int | None) -> ConfigError:
+        return ConfigError([Problem(self.src.filename, line, "", "document is nested too deeply "
+                                    f"(more than {MAX_NESTING_DEPTH} levels)")])
+
+    def value(self, event: Any, path: Path, depth: int) -> Any:
+        cls = type(event)
+        if cls is yaml.ScalarEvent:
+            return self.scalar(event, path)
+        if cls is yaml.AliasEvent:
+            self.src.problem(path, "YAML anchors and aliases are not supported")
+            return None
+        if depth >= MAX_NESTING_DEPTH:
+            raise self.too_deep(event.start_mark.line + 1)
+        if cls is yaml.SequenceStartEvent:
+            items: list[Any] = []
+            get = self.get
+            lines = self.src.lines
+            while True:
+                ev = get()
+                cls = type(ev)
+                if cls is yaml.SequenceEndEvent:
+                    return items
+                child = path + (len(items),)
+                lines[child] = ev.start_mark.line + 1
+                if cls is yaml.ScalarEvent and (v := self.quick(ev)) is not _SLOW:
+                    items.append(v)
+                else:
+                    items.append(self.value(ev, child, depth + 1))
+        return self.mapping(path, depth)
+
+    def mapping(self, path: Path, depth: int) -> dict[str, Any]:
+        src = self.src
+        get = self.get
+        wanted = self.select.get(path)
+        skipped = src.skipped.setdefault(path, {}) if wanted is not None else {}
         out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                src.lines[path + ("?",)] = key_node.start_mark.line + 1
+        while True:
+            kev = get()
+            if type(kev) is yaml.MappingEndEvent:
+                return out
+            line = kev.start_mark.line + 1
+            if type(kev) is not yaml.ScalarEvent:
+                src.lines[path + ("?",)] = line
                 src.problem(path + ("?",), "keys must be plain strings")
+                self.skip(kev, depth + 1)
+                self.skip(get(), depth + 1)
                 continue
-            key = key_node.value  # a scalar node's raw text: always a str
-            if key_node.tag == "tag:yaml.org,2002:merge" or key == "<<":
-                src.lines[path + ("<<",)] = key_node.start_mark.line + 1
-                src.problem(path + ("<<",), "YAML merge keys are not supported")
-                continue
+            key = kev.value  # a scalar's raw text: always a str
             child = path + (key,)
-            if key in out:
-                src.lines[child] = key_node.start_mark.line + 1
-                src.problem(child, "duplicate key")
+            if (key == "<<" and kev.implicit[0]) or kev.tag == "tag:yaml.org,2002:merge":
+                src.lines[path + ("<<",)] = line
+                src.problem(path + ("<<",), "YAML merge keys are not supported")
+                self.skip(get(), depth + 1)
                 continue
-            out[key] = _construct(value_node, child, src, seen)
-            src.lines[child] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, path + (i,), src, seen) for i, v in enumerate(node.value)]
-    if node.tag == _STR_TAG:
-        return node.value  # the resolver already decided it is a plain string
+            if key in out or key in skipped:
+                src.lines[child] = line
+                src.problem(child, "duplicate key")
+                self.skip(get(), depth + 1)
+                continue
+            if wanted is not None and key not in wanted:
+                skipped[key] = line  # not in src.lines: 10,000 paths would be kept for nothing
+                self.skip(get(), depth + 1)
+                continue
+            src.lines[child] = line
+            vev = get()
+            if type(vev) is yaml.ScalarEvent and (v := self.quick(vev)) is not _SLOW:
+                out[key] = v
+            else:
+                out[key] = self.value(vev, child, depth + 1)
+
+    def skip(self, event: Any, depth: int) -> None:
+        """Consume the events of one value without building it (nesting still bounded)."""
+        if type(event) not in _COLLECTION_START:
+            return
+        get = self.get
+        level = 1
+        while level:
+            ev = get()
+            cls = type(ev)
+            if cls is yaml.MappingStartEvent or cls is yaml.SequenceStartEvent:
+                level += 1
+                if depth + level > MAX_NESTING_DEPTH:
+                    raise self.too_deep(ev.start_mark.line + 1)
+            elif cls is yaml.MappingEndEvent or cls is yaml.SequenceEndEvent:
+                level -= 1
+
+    def scalar(self, event: Any, path: Path) -> Any:
+        tag = event.tag
+        if tag is None or tag == "!":
+            if not event.implicit[0]:
+                return event.value  # quoted or block scalar: a string
+            tag = self.resolve(event.value)
+        if tag == _STR_TAG:
+            return event.value
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        try:
+            # A bare constructor (no reader/scanner/parser, unlike a whole SafeLoader) is cheap.
+            return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            self.src.problem(path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
+            return None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # PyYAML's constructors crash on some explicit tags (`!!int abc`, `!!bool maybe`,
+            # `!!timestamp x`); that is a bad value in the file, not a reason to crash.
+            self.src.problem(path, f"invalid value for {tag.rsplit(':', 1)[-1]}")
+            return None
+
+
+def _one_document(filename: str) -> ConfigError:
+    return ConfigError([Problem(filename, None, "", "expected exactly one YAML document")])
+
+
+def _build(text: str | bytes, src: Source, select: Mapping[Path, Collection[str]]) -> Any:
+    """Parse one document into plain values (libyaml's parser when available: 10x faster)."""
+    parser = (yaml.CSafeLoader if _WITH_LIBYAML else yaml.SafeLoader)(text)
     try:
-        # A bare constructor (no reader/scanner/parser, unlike a whole SafeLoader) is cheap.
-        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
-        src.problem(path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
-        return None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        # PyYAML's constructors crash on some explicit tags (`!!int abc`, `!!bool maybe`,
-        # `!!timestamp x`); that is a bad value in the file, not a reason to crash.
-        src.problem(path, f"invalid value for {node.tag.rsplit(':', 1)[-1]}")
-        return None
+        get = parser.get_event
+        get()  # StreamStart
+        if type(get()) is not yaml.DocumentStartEvent:
+            raise _one_document(src.filename)
+        first: Any = get()
+        src.lines[()] = first.start_mark.line + 1
+        value = _Builder(parser, src, select).value(first, (), 0)
+        get()  # DocumentEnd
+        if type(get()) is not yaml.StreamEndEvent:
+            raise _one_document(src.filename)
+        if value is None:
+            raise _one_document(src.filename)
+        return value
+    finally:
+        parser.dispose()
 
 
-def _compose_all(text: str, filename: str) -> list[yaml.Node | None]:
-    """Compose every document, with libyaml when available (10x faster)."""
-    if not _WITH_LIBYAML:
-        return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.CSafeLoader):
-        if isinstance(event, _COLLECTION_START):
-            depth += 1
-            if depth > MAX_NESTING_DEPTH:
-                line = event.start_mark.line + 1 if event.start_mark else None
-                raise ConfigError([Problem(filename, line, "", "document is nested too deeply "
-                                           f"(more than {MAX_NESTING_DEPTH} levels)")])
-        elif isinstance(event, _COLLECTION_END):
-            depth -= 1
-    return list(yaml.compose_all(text, Loader=yaml.CSafeLoader))
-
-
-def parse_yaml(text: str | bytes, filename: str) -> tuple[Any, Source]:
+def parse_yaml(text: str | bytes, filename: str,
+               select: Mapping[Path, Collection[str]] | None = None) -> tuple[Any, Source]:
     """Parse one YAML document; raise ``ConfigError`` on syntax errors.
 
+    ``select`` (optional): key path of a mapping -> the only keys whose values are built;
+    the others are syntax-checked and listed in ``Source.skipped`` with their lines.
+
     The cyclic garbage collector is paused meanwhile: a big policy creates a few hundred
-    thousand acyclic nodes and values, and the repeated full collections they trigger cost
-    more than the parsing itself (a 10,000-rule file: ~2 s with, ~0.8 s without). The pause
-    is process-wide but short, and it ends in ``finally``.
+    thousand acyclic values, and the repeated full collections they trigger cost more than
+    the parsing itself. The pause is process-wide but short, and it ends in ``finally``.
     """
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        return _parse_yaml(text, filename)
-    finally:
-        if paused:
+    with gc_paused():
+        return _parse_yaml(text, filename, select or {})
+
+
+class gc_paused:  # noqa: N801 -- used like a function: ``with gc_paused():``
+    """Pause the cyclic garbage collector for a burst of acyclic allocations (re-entrant)."""
+
+    def __enter__(self) -> None:
+        self.paused = gc.isenabled()
+        if self.paused:
+            gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.paused:
             gc.enable()
 
 
-def _parse_yaml(text: str | bytes, filename: str) -> tuple[Any, Source]:
+def _parse_yaml(text: str | bytes, filename: str,
+                select: Mapping[Path, Collection[str]]) -> tuple[Any, Source]:
     src = Source(filename)
     if isinstance(text, bytes):
         if len(text) > MAX_DOCUMENT_BYTES:
             raise ConfigError([Problem(filename, None, "", "file is too large")])
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
+        if text.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16: the parsers would take it
+            raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")])
     try:
-        nodes = _compose_all(text, filename)
+        value = _build(text, src, select)  # the parser checks UTF-8 (no decoded copy made)
+    except yaml.reader.ReaderError:
+        raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -173,12 +294,6 @@ def _parse_yaml(text: str | bytes, filename: str) -> tuple[Any, Source]:
         ) from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError([Problem(filename, None, "", f"YAML error: {exc}")]) from None
-    if len(nodes) != 1 or nodes[0] is None:
-        raise ConfigError([Problem(filename, None, "", "expected exactly one YAML document")])
-    try:
-        value = _construct(nodes[0], (), src, set())
-    except RecursionError:
-        raise ConfigError([Problem(filename, None, "", "document is nested too deeply")]) from None
     return value, src
 
 

@@ -94,6 +94,8 @@ def _wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float =
 
 @dataclass
 class Step:
+    """One demo request: who sends it, what it is, the status expected and the one seen."""
+
     caller: str
     request: str
     expect: int
@@ -106,6 +108,8 @@ class Step:
 
 
 class Demo:
+    """The demo's processes and files under ``root``: a CA, two apps, their sidecars, an IdP."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -114,6 +118,8 @@ class Demo:
 
     # -- setup ---------------------------------------------------------------------------
     def make_identities(self) -> None:
+        """Create the dev CA and the frontend, orders and intruder identities, and each
+        workload's audit signing key pair."""
         from sidecar.audit.signing import write_keypair
         from sidecar.identity.ca import DevCA, write_svid
 
@@ -174,6 +180,7 @@ class Demo:
             conn.close()
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start a process owned by the demo, its output in ``NAME.log``."""
         log = open(self.root / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -182,6 +189,7 @@ class Demo:
         return proc
 
     def start(self) -> None:
+        """Start the IdP, both apps and both sidecars; wait until they are ready."""
         p = self.ports
         self.start_idp()
         for key in ("orders_app", "frontend_app", "orders_in", "frontend_in", "frontend_out",
@@ -274,6 +282,7 @@ class Demo:
             conn.close()
 
     def script(self) -> list[Step]:
+        """Send the demo's requests; each step with its expected and actual status."""
         p = self.ports
         steps = [
             Step("frontend", "GET /orders", 200),
@@ -318,6 +327,8 @@ class Demo:
 
     # -- explain -------------------------------------------------------------------------
     def explain(self, steps: list[Step]) -> dict[str, Any]:
+        """Fill in each step's ``why`` from its audit record; return the verification of both
+        trails."""
         from sidecar.audit.segments import iter_records, verify
         from sidecar.audit.signing import load_keyring
 
@@ -355,6 +366,7 @@ class Demo:
                 for name in records}
 
     def stop(self) -> None:
+        """Stop every process the demo started (SIGTERM, then SIGKILL)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -44,6 +44,10 @@ def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-configmap", default=_DEFAULTS.policy_configmap,
                         metavar="NAME", help="ConfigMap holding mesh.yaml "
                                              f"(default {_DEFAULTS.policy_configmap})")
+    parser.add_argument("--policy-extra-configmap", action="append", default=[],
+                        metavar="NAME", help="another ConfigMap of the policy set (e.g. the "
+                        "namespace's own sections), mounted with --policy-configmap in one "
+                        "directory; optional in the pod's namespace; repeatable")
     parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap,
                         metavar="NAME", help="ConfigMap holding sidecar.yaml "
                                              f"(default {_DEFAULTS.config_configmap})")
@@ -68,6 +72,7 @@ def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
         native=args.native,
         cert_secret=args.cert_secret,
         policy_configmap=args.policy_configmap,
+        policy_extra_configmaps=tuple(args.policy_extra_configmap),
         config_configmap=args.config_configmap,
         audit_signing_secret=getattr(args, "audit_signing_secret", None),
         audit_collector=getattr(args, "audit_collector", None),

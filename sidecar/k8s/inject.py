@@ -122,6 +122,9 @@ class InjectOptions:
     csi_volume_attributes: dict[str, str] = field(
         default_factory=lambda: {"spiffe.csi.cert-manager.io/fs-group": str(SIDECAR_UID)})
     policy_configmap: str = "mesh-policy"
+    # More ConfigMaps of one policy set (docs/policy.md "Policy sets"), e.g. the pod
+    # namespace's own sections: projected with policy_configmap into one directory, optional.
+    policy_extra_configmaps: tuple[str, ...] = ()
     config_configmap: str = "mesh-sidecar-config"
     inbound_port: int = 15443
     health_port: int = 15021
@@ -246,6 +249,18 @@ def sidecar_container(options: InjectOptions,
     return container
 
 
+def policy_volume(options: InjectOptions) -> dict[str, Any]:
+    """The policy directory: one ConfigMap, or several projected into one volume (one
+    directory, one kubelet ``..data`` swap for all of them; the extra ones optional, so a
+    namespace without its own sections still starts)."""
+    if not options.policy_extra_configmaps:
+        return {"name": POLICY_VOLUME, "configMap": {"name": options.policy_configmap}}
+    sources: list[dict[str, Any]] = [{"configMap": {"name": options.policy_configmap}}]
+    sources += [{"configMap": {"name": name, "optional": True}}
+                for name in options.policy_extra_configmaps]
+    return {"name": POLICY_VOLUME, "projected": {"sources": sources}}
+
+
 def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
     """The volumes the sidecar container mounts."""
     if options.cert_secret:
@@ -258,7 +273,7 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
         svid = {"name": SVID_VOLUME, "csi": csi}
     volumes = [
         svid,
-        {"name": POLICY_VOLUME, "configMap": {"name": options.policy_configmap}},
+        policy_volume(options),
         {"name": CONFIG_VOLUME, "configMap": {"name": options.config_configmap}},
         {"name": AUDIT_VOLUME, "emptyDir": {"sizeLimit": options.audit_size_limit}},
     ]

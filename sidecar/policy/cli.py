@@ -1,8 +1,11 @@
-"""``sidecar policy check|lint|explain``: the functions the CLI calls.
+"""``sidecar policy check|lint|explain|split``: the functions the CLI calls.
 
-``add_policy_parsers(subparsers)`` registers the three commands (each sets
-``func=cmd_...`` as its default); the ``cmd_*`` functions take the parsed Namespace and
-return the exit code: 0 ok / allowed, 1 errors / warnings / denied, 2 usage.
+``add_policy_parsers(subparsers)`` registers the commands (each sets ``func=cmd_...`` as
+its default); the ``cmd_*`` functions take the parsed Namespace and return the exit code:
+0 ok / allowed, 1 errors / warnings / denied, 2 usage. Each command takes the policy as one
+or more files and/or directories (one policy set, docs/policy.md "Policy sets"). What a
+command found is built as data first (``check_summary``...) and only then printed, so that
+other output formats can share the data.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.output import add_output_flag, emit
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import LintWarning, lint
-from sidecar.policy.loader import load_policy_file, parse_timestamp
+from sidecar.policy.loader import load_policy_set, parse_timestamp, policy_label
 from sidecar.policy.model import Policy
 
 EXIT_OK = 0
@@ -28,20 +31,25 @@ EXIT_FOUND = 1
 EXIT_USAGE = 2
 
 
-def _load(path: str, err: TextIO, quiet: bool = False) -> Policy | None:
-    policy, problems = _load_problems(path)
-    if policy is None and not quiet:
-        for problem in problems:
-            print(f"error: {problem}", file=err)
-        print(f"{len(problems)} error(s) in {path}", file=err)
+def _load(paths: list[str], err: TextIO) -> Policy | None:
+    policy, problems = _load_problems(paths)
+    if policy is None:
+        _print_problems(problems, policy_label(paths), err)
     return policy
 
 
-def _load_problems(path: str) -> tuple[Policy | None, list[Problem]]:
+def _load_problems(paths: list[str]) -> tuple[Policy | None, list[Problem]]:
+    """Load ``paths`` as one policy set; (policy, []) or (None, every problem)."""
     try:
-        return load_policy_file(path), []
+        return load_policy_set(paths), []
     except ConfigError as exc:
         return None, list(exc.problems)
+
+
+def _print_problems(problems: list[Problem], label: str, err: TextIO, tail: str = "") -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=err)
+    print(f"{len(problems)} error(s) in {label}{tail}", file=err)
 
 
 def _problem_doc(p: Problem) -> dict[str, Any]:
@@ -69,14 +77,24 @@ def _missing_jwks_findings(policy: Policy) -> list[LintWarning]:
         if intro is not None:
             files += [("introspection.client_secret_file", intro.client_secret_file,
                        "missing-file"), ("introspection.ca", intro.ca, "missing-file")]
-        out += [LintWarning(policy.filename, None, f"jwt_providers.{p.name}.{key}", code,
-                            f"{path} does not exist")
+        out += [LintWarning(_provider_file(policy, p.name), None,
+                            f"jwt_providers.{p.name}.{key}", code, f"{path} does not exist")
                 for key, path, code in files if path is not None and not os.path.isfile(path)]
     return out
 
 
-def _missing_jwks(policy: Policy) -> list[str]:
-    return [str(w) for w in _missing_jwks_findings(policy)]
+def _provider_file(policy: Policy, name: str) -> str:
+    """The file of a set that defines provider ``name``."""
+    return policy.defined_in.get(f"jwt_providers.{name}", policy.filename)
+
+
+def check_summary(policy: Policy) -> dict[str, Any]:
+    """What ``policy check`` reports about a valid policy, as data."""
+    return {
+        "policy": policy.filename, "version": policy.version, "files": list(policy.files),
+        "sections": len(policy.services), "rules": policy.rule_count(),
+        "jwt_providers": len(policy.extras.jwt_providers),
+    }
 
 
 def _streams(args: argparse.Namespace) -> tuple[TextIO, TextIO]:
@@ -85,30 +103,38 @@ def _streams(args: argparse.Namespace) -> tuple[TextIO, TextIO]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a policy file; print every problem with file:line:key."""
+    """Validate a policy (one file or set); print every problem with file:line:key."""
     out, err = _streams(args)
     table = getattr(args, "output_format", "table") == "table"
+    label = policy_label(args.file)
     policy, problems = _load_problems(args.file)
-    doc: dict[str, Any] = {"kind": "PolicyCheck", "file": args.file, "ok": False,
-                           "version": None, "sections": 0, "rules": 0, "jwt_providers": 0,
-                           "errors": [_problem_doc(p) for p in problems]}
+    doc: dict[str, Any] = {"kind": "PolicyCheck", "file": label, "ok": False,
+                           "version": None, "files": [], "sections": 0, "rules": 0,
+                           "jwt_providers": 0, "errors": [_problem_doc(p) for p in problems]}
+    missing: list[LintWarning] = []
     if policy is not None:
         missing = _missing_jwks_findings(policy)
+        summary = check_summary(policy)
+        doc.update({k: summary[k] for k in ("version", "files", "sections", "rules",
+                                            "jwt_providers")})
         doc["errors"] = [{"file": w.file, "line": w.line, "key": w.key,
                           "message": f"[{w.code}] {w.message}"} for w in missing]
-        doc.update(ok=not missing, version=policy.version, sections=len(policy.services),
-                   rules=policy.rule_count(), jwt_providers=len(policy.extras.jwt_providers))
+        doc["ok"] = not missing
     if table:
         if policy is None:
-            _load(args.file, err)
+            _print_problems(problems, label, err)
             return EXIT_FOUND
-        for line in _missing_jwks(policy):
-            print(f"error: {line}", file=err)
+        for w in missing:
+            print(f"error: {w}", file=err)
         if not doc["ok"]:
             return EXIT_FOUND
-    emit(args, doc, lambda: (
-        f"ok: {args.file} version {str(doc['version'])[:12]}: {doc['sections']} section(s), "
-        f"{doc['rules']} rule(s), {doc['jwt_providers']} JWT provider(s)"), out)
+
+    def text() -> str:
+        files = f" ({len(doc['files'])} files)" if len(doc["files"]) > 1 else ""
+        return (f"ok: {label}{files} version {str(doc['version'])[:12]}: {doc['sections']} "
+                f"section(s), {doc['rules']} rule(s), {doc['jwt_providers']} JWT provider(s)")
+
+    emit(args, doc, text, out)
     return EXIT_OK if doc["ok"] else EXIT_FOUND
 
 
@@ -142,11 +168,29 @@ def _ignored(w: LintWarning, rule: str | None, ignores: list[tuple[str, str]]) -
                for code, text in ignores)
 
 
+EACH_HINT = "to lint separate policies one by one, add --each"
+
+
+def _separate_policies(paths: list[str], problems: list[Problem]) -> bool:
+    """Were several plain files, read as one set, refused because they do not merge?
+
+    A merge conflict is reported on one file naming the other (the loader's guarantee:
+    "service X is also defined in b.yaml:3", "trust_domain is ... in b.yaml:1"), so a problem
+    of one given file that names another given file is a conflict between them, not a
+    mistake inside one file. That is what ``lint a.yaml b.yaml`` on two complete policies
+    meets, and ``--each`` is what its user meant."""
+    if len(paths) < 2 or not all(os.path.isfile(p) for p in paths):
+        return False
+    return any(p.file in paths and any(q != p.file and q in p.message for q in paths)
+               for p in problems)
+
+
 def cmd_lint(args: argparse.Namespace) -> int:
     """Validate, then print findings; exit 1 when one is at or above ``--fail-on``.
 
-    Several files may be given (``lint policies/*.yaml``); each is loaded and linted on
-    its own. Load errors are errors, lint findings are warnings.
+    The paths are one policy set, as for ``check``; with ``--each`` every path is loaded and
+    linted on its own (``lint --each policies/*.yaml``). Load errors are errors, lint
+    findings are warnings.
     """
     out, err = _streams(args)
     now = _now(args, err)
@@ -154,22 +198,27 @@ def cmd_lint(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     ignores = _parse_ignore(args.ignore)
     table = getattr(args, "output_format", "table") == "table"
+    # One policy set of every path, or (--each) every path a policy of its own.
+    groups = [[p] for p in args.file] if args.each else [list(args.file)]
     files_doc: list[dict[str, Any]] = []
     lines: list[str] = []
+    hint = None
     total_errors = total_warnings = total_ignored = 0
-    for path in args.files:
-        policy, problems = _load_problems(path)
-        entry: dict[str, Any] = {"file": path, "version": None,
+    for paths in groups:
+        label = policy_label(paths)
+        policy, problems = _load_problems(paths)
+        entry: dict[str, Any] = {"file": label, "files": [], "version": None,
                                  "errors": [_problem_doc(p) for p in problems],
                                  "findings": [], "ignored": 0}
         if policy is None:
             total_errors += len(problems)
+            if not args.each and _separate_policies(paths, problems):
+                hint = EACH_HINT
             if table:
-                for problem in problems:
-                    print(f"error: {problem}", file=err)
-                print(f"{len(problems)} error(s) in {path}", file=err)
+                _print_problems(problems, label, err,
+                                f"; read as one policy set: {hint}" if hint else "")
         else:
-            entry["version"] = policy.version
+            entry.update(files=list(policy.files), version=policy.version)
             findings = list(lint(policy, now)) + _missing_jwks_findings(policy)
             named = [(w, _rule_name(policy, w)) for w in findings]
             kept = [(w, rule) for w, rule in named if not _ignored(w, rule, ignores)]
@@ -181,21 +230,25 @@ def cmd_lint(args: argparse.Namespace) -> int:
             total_ignored += entry["ignored"]
             lines.extend(f"warning: {w}" for w, _ in kept)
             suffix = f" ({entry['ignored']} ignored)" if entry["ignored"] else ""
-            lines.append(f"{len(kept)} warning(s) in {path}{suffix}" if kept
-                         else f"ok: {path}: no warnings{suffix}")
+            lines.append(f"{len(kept)} warning(s) in {label}{suffix}" if kept
+                         else f"ok: {label}: no warnings{suffix}")
         files_doc.append(entry)
     failed = total_errors > 0 or (args.fail_on == "warning" and total_warnings > 0)
     doc = {"kind": "PolicyLint", "ok": not failed, "fail_on": args.fail_on,
            "errors": total_errors, "warnings": total_warnings, "ignored": total_ignored,
-           "files": files_doc}
+           "hint": hint, "files": files_doc}
     emit(args, doc, lambda: "\n".join(lines), out)
     return EXIT_FOUND if failed else EXIT_OK
 
 
-def _explain_doc(result: Any) -> dict[str, Any]:
+def _explain_doc(result: Any, policy: Policy) -> dict[str, Any]:
     d = result.decision
+    section = policy.services.get(result.identity)
     return {
         "kind": "PolicyExplain",
+        "policy": policy.filename,
+        "files": list(policy.files),
+        "section_file": (section.file or policy.filename) if section is not None else None,
         "to": result.identity,
         "target": result.raw_target,
         "path": result.path,
@@ -257,19 +310,110 @@ def cmd_explain(args: argparse.Namespace) -> int:
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
         merge_slashes=args.merge_slashes,
     )
-    emit(args, _explain_doc(result), result.render, out)
+    emit(args, _explain_doc(result, policy), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
 
 
+CONFIGMAP_LIMIT = 1024 * 1024  # Kubernetes refuses a ConfigMap over 1 MiB
+MESH_FILE = "mesh.yaml"
+OTHER_FILE = "other.yaml"
+
+
+def split_policy(doc: dict[str, Any], raw: bytes) -> dict[str, dict[str, Any]]:
+    """One policy document -> {file name: document}: ``mesh.yaml`` with everything but the
+    services, ``ns-NAMESPACE.yaml`` per namespace of the policy's trust domain, and
+    ``other.yaml`` for identities without one. Every file carries the same ``revision`` (the
+    source's, else the start of its SHA-256), so a set mixing two versions is refused."""
+    import hashlib
+
+    from sidecar.policy.model import namespace_of
+
+    revision = doc.get("revision") or hashlib.sha256(raw).hexdigest()[:16]
+    head = {"version": doc.get("version", 1), "revision": revision}
+    if "trust_domain" in doc:
+        head["trust_domain"] = doc["trust_domain"]
+    mesh = dict(head)
+    mesh.update((k, v) for k, v in doc.items() if k not in ("services", *head))
+    mesh["services"] = {}
+    out: dict[str, dict[str, Any]] = {MESH_FILE: mesh}
+    td = str(doc.get("trust_domain", ""))
+    for identity, section in (doc.get("services") or {}).items():
+        ns = namespace_of(identity, td)
+        name = f"ns-{ns}.yaml" if ns else OTHER_FILE
+        out.setdefault(name, dict(head, services={}))["services"][identity] = section
+    return out
+
+
+def _rebase_provider_files(mesh: dict[str, Any], old: str, new: str) -> None:
+    """Relative ``jwks_file``/``jwks_ca`` paths are relative to the policy file: keep them
+    pointing at the same files from the new directory."""
+    for spec in (mesh.get("jwt_providers") or {}).values():
+        for key in ("jwks_file", "jwks_ca"):
+            if isinstance(spec, dict) and isinstance(spec.get(key), str) and not (
+                    os.path.isabs(spec[key])):
+                spec[key] = os.path.relpath(os.path.join(old, spec[key]), new)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Split one policy file into a directory of files, one per namespace + one mesh-wide."""
+    import yaml
+
+    from sidecar.config.source import parse_yaml
+
+    out: TextIO = getattr(args, "stdout", None) or sys.stdout
+    err: TextIO = getattr(args, "stderr", None) or sys.stderr
+    policy = _load([args.file], err)
+    if policy is None:
+        return EXIT_FOUND
+    if os.path.isdir(args.out) and any(n.endswith((".yaml", ".yml")) for n in os.listdir(args.out)):
+        print(f"usage error: {args.out} already holds policy files; use an empty directory",
+              file=err)
+        return EXIT_USAGE
+    with open(args.file, "rb") as fh:
+        raw = fh.read()
+    doc, _ = parse_yaml(raw, args.file)
+    files = split_policy(doc, raw)
+    _rebase_provider_files(files[MESH_FILE], os.path.dirname(os.path.abspath(args.file)),
+                           os.path.abspath(args.out))
+    os.makedirs(args.out, exist_ok=True)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    sizes: dict[str, int] = {}
+    for name, part in files.items():
+        text = ("# written by `sidecar policy split`; one file of a policy set "
+                "(docs/policy.md)\n" + yaml.dump(part, Dumper=dumper, sort_keys=False,
+                                                 allow_unicode=True, default_flow_style=False,
+                                                 width=100))
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        sizes[name] = len(text.encode())
+    again = _load([args.out], err)
+    if again is None or len(again.services) != len(policy.services) or (
+            again.rule_count() != policy.rule_count()):
+        print(f"error: the files written to {args.out} do not load back as the same policy",
+              file=err)
+        return EXIT_FOUND
+    big = sorted(n for n, size in sizes.items() if size > CONFIGMAP_LIMIT)
+    print(f"ok: {args.file} -> {args.out}: {len(files)} file(s), {len(policy.services)} "
+          f"section(s), version {again.short_version}", file=out)
+    for name in big:
+        print(f"warning: {name} is {sizes[name]} bytes, over the 1 MiB ConfigMap limit",
+              file=out)
+    return EXIT_FOUND if big else EXIT_OK
+
+
 def add_policy_parsers(subparsers: Any) -> None:
-    """Register ``check``, ``lint`` and ``explain`` under an argparse subparsers object."""
-    p = subparsers.add_parser("check", help="validate a policy file")
-    p.add_argument("file", help="policy YAML file")
+    """Register ``check``, ``lint``, ``explain`` and ``split`` under an argparse subparsers
+    object."""
+    files_help = "policy YAML file(s) and/or directories of them (one policy set)"
+    p = subparsers.add_parser("check", help="validate a policy (file or set)")
+    p.add_argument("file", nargs="+", help=files_help)
     add_output_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser("lint", help="validate and warn about likely mistakes")
-    p.add_argument("files", nargs="+", metavar="FILE", help="policy YAML file(s)")
+    p.add_argument("file", nargs="+", help=files_help)
+    p.add_argument("--each", action="store_true",
+                   help="lint every path as a policy of its own (lint policies/*.yaml)")
     p.add_argument("--now", help="evaluate expiry at this RFC 3339 time (default: now)")
     p.add_argument("--ignore", action="append", metavar="CODE[@TEXT]",
                    help="suppress findings with this code (only those whose key or message "
@@ -280,7 +424,7 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_lint)
 
     p = subparsers.add_parser("explain", help="show the decision for one request and why")
-    p.add_argument("file", help="policy YAML file")
+    p.add_argument("file", nargs="+", help=files_help)
     p.add_argument("--to", required=True, help="SPIFFE ID of the called workload (section)")
     p.add_argument("--from", dest="caller", help="SPIFFE ID of the caller")
     p.add_argument("--method", default="GET", help="HTTP method (default GET)")
@@ -298,3 +442,10 @@ def add_policy_parsers(subparsers: Any) -> None:
                    help="merge '//' instead of refusing it (as the data path option)")
     add_output_flag(p)
     p.set_defaults(func=cmd_explain)
+
+    p = subparsers.add_parser("split", help="split one policy file into a directory of files")
+    p.add_argument("file", help="the policy YAML file")
+    p.add_argument("--by", choices=["namespace"], default="namespace",
+                   help="one file per namespace (the only way for now)")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.set_defaults(func=cmd_split)

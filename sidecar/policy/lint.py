@@ -152,10 +152,10 @@ def _active_enforced(rule: Rule, now: float) -> bool:
 def lint(policy: Policy, now: float) -> list[LintWarning]:
     """Every warning for ``policy`` at time ``now``, in file order."""
     out: list[LintWarning] = []
-    file = policy.filename
+    where = [policy.filename]  # a policy set: the file of the section being linted
 
     def warn(line: int | None, key: str, code: str, message: str) -> None:
-        out.append(LintWarning(file, line, key, code, message))
+        out.append(LintWarning(where[0], line, key, code, message))
 
     known = set(policy.services)
     used_providers: set[str] = set()
@@ -171,6 +171,7 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
                  f"{what} {pattern} has no section in this policy (typo?)")
 
     for identity, svc in policy.services.items():
+        where[0] = svc.file or policy.filename
         segs = spiffe_segments(identity) or ()
         if segs and segs[0] != policy.trust_domain:
             warn(svc.line, svc.key, "foreign-trust-domain",
@@ -183,6 +184,7 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
             check_identity(entry.pattern, entry.line, entry.key, "egress target")
 
     for name, provider in policy.extras.jwt_providers.items():
+        where[0] = policy.defined_in.get(f"jwt_providers.{name}", policy.filename)
         params = [loc.name for loc in provider.locations if loc.kind == "query"]
         if params:
             kept = " and forwards it to the app" if provider.forward_query_token else ""
@@ -193,7 +195,7 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")
-    out.sort(key=lambda w: (w.line or 0, w.key, w.code))
+    out.sort(key=lambda w: (w.file, w.line or 0, w.key, w.code))
     return out
 
 

@@ -7,24 +7,27 @@ lists are errors (omit the key to mean "anything"), and references to JWT provid
 API keys that the file does not define are errors, because each of those is a rule that
 silently does something other than what its author meant.
 
-Loading is pure apart from ``load_policy_file`` reading the file: no clock, no network,
-no other files (``jwks_file`` paths are resolved against the policy's directory but not
+Loading is pure apart from ``read_policy_set`` reading the policy's files (one file, or
+the files of directories: a policy set, see "entry points" below): no clock, no network, no
+other files (``jwks_file`` paths are resolved against the defining file's directory but not
 opened). The result is safe to build in a reload task and swap in atomically.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import functools
 import hashlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from sidecar.config.source import MAX_DOCUMENT_BYTES, Source, format_path, parse_yaml
+from sidecar.config.source import MAX_DOCUMENT_BYTES, Source, format_path, gc_paused, parse_yaml
 from sidecar.errors import BadRequest, ConfigError, Problem
 from sidecar.policy.compiled import Section, compile_section
 from sidecar.policy.model import (
@@ -54,7 +57,7 @@ from sidecar.policy.sections import (
 P = tuple[str | int, ...]
 
 TOP_KEYS = frozenset(
-    {"version", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
+    {"version", "revision", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
      "rate_limits", "alerts", "services"}
 )
 SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case"})
@@ -91,6 +94,7 @@ _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 MAX_ID_LENGTH = 2048
 
 
+@functools.lru_cache(maxsize=8192)  # identities repeat across a mesh's rules and egress lists
 def spiffe_problem(value: str, *, wildcards: bool) -> str | None:
     """Why ``value`` is not a valid SPIFFE ID (or pattern, with ``wildcards``), or None."""
     if len(value) > MAX_ID_LENGTH:
@@ -149,6 +153,7 @@ def parse_timestamp(value: object) -> float:
     return stamp.timestamp()
 
 
+@functools.lru_cache(maxsize=8192)  # patterns like /admin/** repeat in every section
 def normalise_path_pattern(pattern: str) -> str:
     """A policy path pattern in the same normal form as request paths, or ValueError."""
     if not pattern.startswith("/"):
@@ -759,7 +764,7 @@ def _rule(
 
 def _service(
     r: _Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
-    keys: set[str],
+    keys: set[str], file: str = "",
 ) -> ServicePolicy | None:
     why = spiffe_problem(identity, wildcards=False)
     if why:
@@ -817,93 +822,460 @@ def _service(
                   "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
                          non_ascii_paths=non_ascii == "allow", audience=audience,
-                         path_case=path_case)
+                         path_case=path_case, file=file)
 
 
 # --- entry points ---------------------------------------------------------------------
+#
+# Theory of operation (policy sets). A policy is one file or a *set* of files: the YAML
+# files directly inside one or more directories (Kubernetes: ConfigMaps, e.g. one per
+# namespace plus one mesh-wide). Every file is parsed on its own (its own line numbers), then
+# merged by the rules in MERGE_RULES: a service section lives in exactly one file; a named
+# mesh-wide entry (provider, API key, rate limit, alert) may be repeated only identically;
+# the set-wide scalars (version, revision, trust_domain, mode) must agree wherever stated.
+# A conflict names both files and lines. Then each part is validated once, against the merged
+# providers and keys, so cross-file references are checked.
+#
+# ``only=IDENTITY`` (what a running sidecar asks for) skips every other service section
+# while parsing: those sections are syntax-checked and their identities recorded (so a
+# section defined in two files is still an error) but never built, validated or compiled,
+# and the mesh-wide parts are narrowed to what the kept section references.
+
+# The merge rules, as data: (key, kind). "scalar": must be equal wherever stated; "named":
+# entries identified by name (a mapping key, or a list item's `name`), repeated only
+# identically; "union": list entries merged, duplicates dropped; "owned": mapping entries
+# that exactly one file may define. Each file's sections are validated by the same parsers
+# as a single file's (with that file's line numbers), and the results merged in file order.
+MERGE_RULES: tuple[tuple[str, str], ...] = (
+    ("version", "scalar"), ("revision", "scalar"), ("trust_domain", "scalar"),
+    ("mode", "scalar"), ("jwt_providers", "named"), ("api_keys", "named"),
+    ("rate_limits", "named"), ("alerts", "named"), ("revocations", "union"),
+    ("services", "owned"),
+)
+MAX_POLICY_FILES = 1000
+POLICY_SUFFIXES = (".yaml", ".yml")
 
 
-def load_policy(text: bytes | str, filename: str) -> Policy:
-    """Parse, validate and compile a policy; raise ``ConfigError`` listing every problem.
+class _Doc:
+    """One parsed file of a policy set."""
 
-    ``filename`` names the file in problems, and relative ``jwks_file``/``jwks_ca`` paths
-    are resolved against its directory.
+    def __init__(self, filename: str, digest: str, raw: bytes, only: str | None) -> None:
+        self.filename = filename
+        self.digest = digest
+        select: dict[P, tuple[str, ...]] | None = (
+            {("services",): (only,)} if only is not None else None)
+        doc, src = parse_yaml(raw, filename, select)
+        self.r = _Reader(src)
+        self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
+        # Skipped service identities -> line; None once compacted to ``skipped_hashes``.
+        self.skipped: dict[str, int] | None = src.skipped.get(("services",), {})
+        self.skipped_hashes: array.array[int] = array.array("q")
+        self.parse_problems = len(src.problems)
+
+    def compact(self) -> None:
+        """Kept for the next load (``ParsedFiles``): the skipped identities as hashes only,
+        which is all that finding a duplicate needs; the rare load that finds one parses
+        the files again for names and lines (``_NeedNames``)."""
+        if self.skipped is not None:
+            # 8 bytes each (a set of Python ints would be 100): only iterated, in _merge.
+            self.skipped_hashes = array.array("q", map(hash, self.skipped))
+            self.skipped = None
+            self.r.src.skipped.clear()
+
+    def reuse(self) -> _Doc:
+        """This parsed file for another load: only the problems found while parsing stay."""
+        del self.r.src.problems[self.parse_problems:]
+        return self
+
+    def where(self, path: P) -> str:
+        line = self.r.src.line(path)
+        return f"{self.filename}:{line}" if line else self.filename
+
+
+def _named_entries(doc: _Doc, key: str) -> list[tuple[str, Any, P]]:
+    """(name, raw value, path) of a "named" section; unnamed/odd items keep their index."""
+    value = doc.top.get(key)
+    if isinstance(value, dict):
+        return [(str(k), v, (key, k)) for k, v in value.items()]
+    out: list[tuple[str, Any, P]] = []
+    for i, item in enumerate(value if isinstance(value, list) else ()):
+        name = item.get("name") if isinstance(item, dict) else None
+        out.append((name if isinstance(name, str) else f"#{i}", item, (key, i)))
+    return out
+
+
+def _merge(docs: list[_Doc]) -> tuple[dict[str, Any], dict[str, tuple[_Doc, P]], int]:
+    """Merge the files' top-level values by MERGE_RULES.
+
+    Returns (merged top-level values, where each merged entry came from, how many service
+    sections were skipped). A conflict is reported as a problem of the later file naming the
+    earlier.
+    """
+    merged: dict[str, Any] = {}  # scalars by key, named entries by "key.name", services
+    origin: dict[str, tuple[_Doc, P]] = {}
+    skipped = 0
+    owners: dict[str, tuple[_Doc, P]] = {}
+    hashes: set[int] = set()  # hash() of every owner's identity, and those of compacted
+    hashed: set[int] = set()  # files (see _Doc.compact); a match there needs the names
+    for key, kind in MERGE_RULES:
+        for doc in docs:
+            if key not in doc.top:
+                continue
+            value = doc.top[key]
+            if kind == "scalar":
+                if key in merged and merged[key] != value:
+                    first, fpath = origin[key]
+                    doc.r.problem((key,), f"{key} is {value!r} here but {merged[key]!r} in "
+                                  f"{first.where(fpath)}: the files are not of one policy")
+                elif key not in merged:
+                    merged[key], origin[key] = value, (doc, (key,))
+            elif kind == "named":
+                for name, item, path in _named_entries(doc, key):
+                    tag = f"{key}.{name}"
+                    if tag in origin:
+                        first, fpath = origin[tag]
+                        if first is not doc and merged[tag] != item:
+                            doc.r.problem(path, f"{key} entry {name!r} is defined differently "
+                                          f"in {first.where(fpath)}")
+                        continue  # a name twice in one file: the section's parser says so
+                    merged[tag], origin[tag] = item, (doc, path)
+            elif kind == "owned":
+                if not isinstance(value, dict):
+                    doc.r.problem((key,), "expected a mapping of SPIFFE ID -> section")
+                    continue
+                for name in list(value) + list(doc.skipped or ()):
+                    path = (key, name)
+                    if name in owners:
+                        first, _ = owners[name]
+                        for d in (doc, first):  # skipped keys' lines are kept aside
+                            if d.skipped is not None and name in d.skipped:
+                                d.r.src.lines.setdefault(path, d.skipped[name])
+                        doc.r.problem(path, f"service {name} is also defined in "
+                                      f"{first.where(path)}: a section lives in one file")
+                        continue
+                    h = hash(name)
+                    if h in hashed:
+                        raise _NeedNames
+                    owners[name] = (doc, path)
+                    hashes.add(h)
+                for h in doc.skipped_hashes:  # a compacted file: identities as hashes only
+                    if h in hashes or h in hashed:
+                        raise _NeedNames
+                    hashed.add(h)
+                bucket = merged.setdefault(key, {})
+                for name, spec in value.items():
+                    if owners[name][0] is doc:
+                        bucket[name] = spec
+                        origin[f"{key}.{name}"] = (doc, (key, name))
+                skipped += len(doc.skipped_hashes) + sum(
+                    1 for n in doc.skipped or () if owners[n][0] is doc)
+    return merged, origin, skipped
+
+
+class _NeedNames(Exception):
+    """A duplicate identity involves a compacted file: parse the files again for names."""
+
+
+def _set_version(docs: list[_Doc]) -> str:
+    """One file: SHA-256 of its bytes. A set: SHA-256 over every file's name and digest, in
+    set order -- the same files give the same version on every sidecar, whatever the mount
+    point."""
+    if len(docs) == 1:
+        return docs[0].digest
+    h = hashlib.sha256(b"sidecar-policy-set/1\n")
+    for doc in docs:
+        h.update(f"{os.path.basename(doc.filename)}\0{doc.digest}\n".encode())
+    return h.hexdigest()
+
+
+def _narrow(extras: PolicyExtras, svc: ServicePolicy | None) -> PolicyExtras:
+    """The mesh-wide parts one section references: its providers and API keys, the rate
+    limits that apply to it; revocations and alerts apply to every section and stay."""
+    if svc is None:
+        return PolicyExtras(revocations=extras.revocations, alerts=extras.alerts)
+    providers = {r.when.jwt.provider for r in svc.rules if r.when.jwt is not None}
+    wanted = [r.when.apikey for r in svc.rules if r.when.apikey is not None]
+    any_key = any(w is True for w in wanted)
+    key_names = {n for w in wanted if w is not True for n in w}
+    return PolicyExtras(
+        jwt_providers={n: p for n, p in extras.jwt_providers.items() if n in providers},
+        revocations=extras.revocations,
+        api_keys=tuple(k for k in extras.api_keys if any_key or k.name in key_names),
+        rate_limits=tuple(rl for rl in extras.rate_limits
+                          if not rl.services or svc.identity in rl.services),
+        alerts=extras.alerts,
+    )
+
+
+def load_policy(text: bytes | str, filename: str, *, only: str | None = None) -> Policy:
+    """Parse, validate and compile a one-file policy; raise ``ConfigError`` listing every
+    problem. ``filename`` names the file in problems, and relative ``jwks_file``/``jwks_ca``
+    paths are resolved against its directory. ``only``: see ``load_policy_set``.
     """
     raw = text.encode("utf-8") if isinstance(text, str) else text
-    version = hashlib.sha256(raw).hexdigest()
-    doc, src = parse_yaml(raw, filename)
-    r = _Reader(src)
-    top = r.mapping(doc, (), TOP_KEYS)
-    if top is None:
-        src.raise_if_problems()
-        raise AssertionError("unreachable")
-    if top.get("version") != 1:
-        r.problem(("version",), "expected version: 1")
-    trust_domain = r.string(top.get("trust_domain"), ("trust_domain",)) or ""
-    if trust_domain and not _TRUST_DOMAIN.match(trust_domain):
-        r.problem(("trust_domain",), "invalid trust domain (lower-case letters, digits, . - _)")
-    mode: Mode = "enforce"
-    if "mode" in top:
-        mode = r.mode(top["mode"], ("mode",)) or "enforce"
+    return load_policy_files([(filename, raw)], only=only)
 
-    base_dir = os.path.dirname(os.path.abspath(filename))
+
+class ParsedFiles:
+    """The parsed files of a policy set's last load, for the next one (a running sidecar's
+    reloads): a file whose name and bytes are unchanged is not parsed again, so a reload
+    that touches one namespace's file parses that file only. Single files are not kept
+    (a reload means the file changed)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str, str | None], _Doc] = {}
+
+
+def load_policy_files(files: list[tuple[str, bytes]], *, only: str | None = None,
+                      label: str | None = None, cache: ParsedFiles | None = None) -> Policy:
+    """Parse, merge, validate and compile a policy from (filename, bytes) pairs."""
+    cache = cache if len(files) > 1 else None
+    try:
+        with gc_paused():
+            return _load(files, only, label, cache)
+    finally:
+        for doc in cache.docs.values() if cache is not None else ():
+            doc.compact()
+
+
+def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
+          cache: ParsedFiles | None) -> Policy:
+    docs: list[_Doc] = []
+    failed: list[Problem] = []
+    kept: dict[tuple[str, str, str | None], _Doc] = {}
+    for filename, raw in files:
+        key = (filename, hashlib.sha256(raw).hexdigest(), only)
+        try:
+            doc = cache.docs[key].reuse() if cache and key in cache.docs else _Doc(
+                filename, key[1], raw, only)
+        except ConfigError as exc:
+            failed.extend(exc.problems)
+            continue
+        docs.append(doc)
+        kept[key] = doc
+    if cache is not None:
+        cache.docs = kept
+    if failed:
+        raise ConfigError(failed)
+    first = docs[0]
+    try:
+        merged, origin, skipped = _merge(docs)
+    except _NeedNames:
+        docs = [_Doc(d.filename, d.digest, raw, only) for d, (_, raw) in zip(docs, files, strict=True)]
+        first = docs[0]
+        if cache is not None:
+            cache.docs = {(d.filename, d.digest, only): d for d in docs}
+        merged, origin, skipped = _merge(docs)
+
+    def reader(key: str) -> _Reader:
+        return origin[key][0].r if key in origin else first.r
+
+    def at(key: str) -> P:
+        return origin[key][1] if key in origin else (key,)
+
+    for doc in docs:
+        if doc.top.get("version", None) != 1:
+            doc.r.problem(("version",), "expected version: 1")
+    trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
+                                                 at("trust_domain")) or ""
+    if trust_domain and not _TRUST_DOMAIN.match(trust_domain):
+        reader("trust_domain").problem(
+            at("trust_domain"), "invalid trust domain (lower-case letters, digits, . - _)")
+    mode: Mode = "enforce"
+    if "mode" in merged:
+        mode = reader("mode").mode(merged["mode"], at("mode")) or "enforce"
+    if "revision" in merged:
+        rev = merged["revision"]
+        if isinstance(rev, bool) or not isinstance(rev, str | int) or rev == "":
+            reader("revision").problem(at("revision"), "expected a string, e.g. a commit")
+        _revision_agrees(docs, origin["revision"])
+
     providers: dict[str, JwtProvider] = {}
-    if "jwt_providers" in top:
-        pm = r.mapping(top["jwt_providers"], ("jwt_providers",), None) or {}
-        for name, spec in pm.items():
-            pp: P = ("jwt_providers", name)
-            if not _NAME.match(name):
-                r.problem(pp, "invalid provider name")
-                continue
-            provider = _provider(r, name, spec, pp, base_dir)
-            if provider is not None:
-                providers[name] = provider
-            else:
-                providers[name] = JwtProvider(name, "", (), ())  # placeholder; error reported
-    revocations = _revocations(r, top["revocations"], ("revocations",)) if "revocations" in top else ()
-    api_keys = _api_keys(r, top["api_keys"], ("api_keys",)) if "api_keys" in top else ()
-    rate_limits = _rate_limits(r, top["rate_limits"], ("rate_limits",)) if "rate_limits" in top else ()
-    alerts = _alerts(r, top["alerts"], ("alerts",)) if "alerts" in top else ()
+    for doc in docs:
+        if "jwt_providers" in doc.top:
+            for name, provider in _providers(doc, doc.top["jwt_providers"]).items():
+                providers.setdefault(name, provider)
+    revocations = _list_parts(docs, "revocations", _revocations)
+    api_keys = _list_parts(docs, "api_keys", _api_keys)
+    rate_limits = _list_parts(docs, "rate_limits", _rate_limits)
+    alerts = _list_parts(docs, "alerts", _alerts)
     key_names = {k.name for k in api_keys}
     # A raw api_keys entry that failed validation still defines its name, so that a typo in
     # one key does not cascade into "undefined key" errors in every rule using it.
-    raw_keys = top.get("api_keys")
-    for item in raw_keys if isinstance(raw_keys, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            key_names.add(item["name"])
+    for doc in docs:
+        key_names.update(n for n, _, _ in _named_entries(doc, "api_keys") if n[:1] != "#")
 
     services: dict[str, ServicePolicy] = {}
-    if "services" not in top:
-        r.problem(("services",), "missing key: services (a mapping of SPIFFE ID -> section)")
-    else:
-        sm = r.mapping(top["services"], ("services",), None) or {}
-        for identity, spec in sm.items():
-            svc = _service(r, identity, spec, ("services", identity), providers, key_names)
-            if svc is not None:
-                services[identity] = svc
+    if "services" not in merged:
+        first.r.problem(("services",), "missing key: services (a mapping of SPIFFE ID -> "
+                        "section)")
+    for identity, spec in merged.get("services", {}).items():
+        doc, path = origin[f"services.{identity}"]
+        svc = _service(doc.r, identity, spec, path, providers, key_names, doc.filename)
+        if svc is not None:
+            services[identity] = svc
 
-    src.raise_if_problems()
-    sections: dict[str, Section] = {
-        sid: compile_section(sid, trust_domain, svc.mode or mode, svc.rules, svc.egress or (),
-                             fold_case=svc.paths_fold_case)
-        for sid, svc in services.items()
-    }
+    problems = [p for doc in docs for p in doc.r.src.problems]
+    if problems:
+        raise ConfigError(problems)
+    sections: Mapping[str, Section] = _LazySections(services, trust_domain, mode)
+    if only is not None:
+        # A running sidecar: its section's tables are built here, in the reload thread,
+        # never on the data path.
+        sections = MappingProxyType({sid: sections[sid] for sid in services})
     extras = PolicyExtras(
-        jwt_providers=providers, revocations=revocations, api_keys=api_keys,
+        jwt_providers=providers, revocations=tuple(revocations), api_keys=api_keys,
         rate_limits=rate_limits, alerts=alerts,
     )
+    if only is not None:
+        extras = _narrow(extras, services.get(only))
     return Policy(
-        version=version, filename=filename, trust_domain=trust_domain, mode=mode,
-        extras=extras, services=MappingProxyType(services),
-        sections=MappingProxyType(sections),
+        version=_set_version(docs), filename=label or first.filename, trust_domain=trust_domain,
+        mode=mode, extras=extras, services=MappingProxyType(services),
+        sections=sections, files=tuple(d.filename for d in docs),
+        defined_in={k: doc.filename for k, (doc, _) in origin.items()
+                    if "." in k and not k.startswith("services.")},
+        only=only, skipped=skipped,
     )
 
 
-def load_policy_file(path: str) -> Policy:
-    """Read and load one policy file; an unreadable file is a ``ConfigError`` naming it."""
+class _LazySections(Mapping[str, Section]):
+    """The compiled sections of a whole-mesh load, each built on first use and kept.
+
+    Compiling builds lookup tables and cannot fail (the loader validated everything), so
+    ``policy check`` and ``lint`` need none of them and ``explain`` or ``replay`` build only
+    the sections they decide for. Two threads asking at once at worst build a section twice.
+    """
+
+    def __init__(self, services: Mapping[str, ServicePolicy], trust_domain: str,
+                 mode: Mode) -> None:
+        self._services = services
+        self._trust_domain = trust_domain
+        self._mode = mode
+        self._built: dict[str, Section] = {}
+
+    def __getitem__(self, identity: str) -> Section:
+        section = self._built.get(identity)
+        if section is None:
+            svc = self._services[identity]
+            section = compile_section(identity, self._trust_domain, svc.mode or self._mode,
+                                      svc.rules, svc.egress or (),
+                                      fold_case=svc.paths_fold_case)
+            self._built[identity] = section
+        return section
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._services)
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+
+def _revision_agrees(docs: list[_Doc], first: tuple[_Doc, P]) -> None:
+    """With ``revision`` stated anywhere, every file states it: a file without it is a file
+    of another (older) policy version, e.g. one ConfigMap not yet updated."""
+    for doc in docs:
+        if "revision" not in doc.top:
+            doc.r.problem((), f"no revision here but revision {first[0].top['revision']!r} in "
+                          f"{first[0].where(first[1])}: the files are not of one policy")
+
+
+def _providers(doc: _Doc, value: Any) -> dict[str, JwtProvider]:
+    """One file's ``jwt_providers``, each checked by ``_provider``; relative files are
+    resolved against that file's directory."""
+    r = doc.r
+    base_dir = os.path.dirname(os.path.abspath(doc.filename))
+    providers: dict[str, JwtProvider] = {}
+    for name, spec in (r.mapping(value, ("jwt_providers",), None) or {}).items():
+        pp: P = ("jwt_providers", name)
+        if not _NAME.match(name):
+            r.problem(pp, "invalid provider name")
+            continue
+        provider = _provider(r, name, spec, pp, base_dir)
+        # A provider that failed validation still defines its name (placeholder; the error
+        # is reported), so rules using it do not add "undefined provider" errors.
+        providers[name] = provider if provider is not None else JwtProvider(name, "", (), ())
+    return providers
+
+
+def _list_parts(docs: list[_Doc], key: str, parse: Any) -> tuple[Any, ...]:
+    """Each file's ``key`` list parsed by its section parser, merged in file order; an entry
+    repeated identically in another file counts once (a differing one is a merge conflict)."""
+    out: dict[Any, Any] = {}
+    for doc in docs:
+        if key in doc.top:
+            for item in parse(doc.r, doc.top[key], (key,)):
+                out.setdefault(getattr(item, "name", item), item)
+    return tuple(out.values())
+
+
+def read_policy_set(paths: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Read a policy: each path is a file, or a directory whose *.yaml/*.yml files (not
+    hidden, not in subdirectories) belong to the set, in name order.
+
+    A Kubernetes-mounted directory is read through its ``..data`` link, resolved once, and
+    the link is checked again afterwards: a directory swapped while being read raises
+    ``ConfigError`` (tried again at the next poll) instead of mixing two versions.
+    """
+    out: list[tuple[str, bytes]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            out.extend(_read_directory(path))
+        else:
+            out.append((path, _read_file(path)))
+        if len(out) > MAX_POLICY_FILES:
+            raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
+                                       "files")])
+    return out
+
+
+def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_DOCUMENT_BYTES + 1)
+            return fh.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
-    return load_policy(data, path)
+
+
+def _read_directory(path: str) -> list[tuple[str, bytes]]:
+    link = os.path.join(path, "..data")
+    before = os.path.realpath(link) if os.path.islink(link) else None
+    base = before or path
+    try:
+        names = sorted(n for n in os.listdir(base)
+                       if not n.startswith(".") and n.endswith(POLICY_SUFFIXES)
+                       and os.path.isfile(os.path.join(base, n)))
+    except OSError as exc:
+        raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
+                          ) from None
+    if not names:
+        raise ConfigError([Problem(path, None, "", "no policy files (*.yaml, *.yml) in the "
+                                   "directory")])
+    files = [(os.path.join(path, n), _read_file(os.path.join(base, n))) for n in names]
+    after = os.path.realpath(link) if os.path.islink(link) else None
+    if after != before:
+        raise ConfigError([Problem(path, None, "", "the directory was swapped (..data) while "
+                                   "being read; not applied, read again at the next check")])
+    return files
+
+
+def policy_label(paths: Sequence[str]) -> str:
+    """How a policy made of ``paths`` is named in messages and status."""
+    return ", ".join(paths)
+
+
+def load_policy_set(paths: Sequence[str], *, only: str | None = None,
+                    cache: ParsedFiles | None = None) -> Policy:
+    """Read and load a policy from files and/or directories (see ``read_policy_set``).
+
+    ``only=IDENTITY`` keeps just that identity's section and the mesh-wide parts it
+    references; other sections are syntax-checked, never built (see the theory above).
+    ``cache`` (a sidecar's reloads) skips parsing files unchanged since the last load.
+    """
+    return load_policy_files(read_policy_set(paths), only=only, label=policy_label(paths),
+                             cache=cache)
+
+
+def load_policy_file(path: str, *, only: str | None = None) -> Policy:
+    """Read and load one policy file or directory; unreadable is a ``ConfigError`` naming it."""
+    return load_policy_set([path], only=only)

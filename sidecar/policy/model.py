@@ -127,6 +127,7 @@ class ServicePolicy:
     line: int | None = None
     key: str = ""
     non_ascii_paths: bool = False  # `non_ascii_paths: allow`: decoded non-ASCII paths accepted
+    file: str = ""  # the file of the policy set that defines this section
     audience: str | None = None  # default token audience for providers without `audiences`
     # `path_case`: "sensitive" or "insensitive" as written; None when the section does not
     # say (then paths match case-sensitively, and lint points at deny rules with letters).
@@ -141,8 +142,13 @@ class ServicePolicy:
 class Policy:
     """A loaded, validated and compiled mesh policy. Immutable; swap it whole on reload.
 
-    ``version`` is the SHA-256 (hex) of the file's raw bytes: the same bytes always give the
-    same version, on every sidecar. ``short_version`` is its first 12 characters.
+    ``version`` is the SHA-256 (hex) of the file's raw bytes, or for a policy set of several
+    files a SHA-256 over every file's name and digest: the same bytes always give the same
+    version, on every sidecar. ``short_version`` is its first 12 characters.
+
+    ``files`` are the files it was merged from. ``only`` is set when the policy was loaded
+    for one identity (a running sidecar): ``services`` then holds that section alone and
+    ``extras`` what it references, and ``skipped`` counts the sections left out.
     """
 
     version: str
@@ -152,6 +158,10 @@ class Policy:
     extras: PolicyExtras
     services: Mapping[str, ServicePolicy]
     sections: Mapping[str, Section] = field(default_factory=lambda: MappingProxyType({}))
+    files: tuple[str, ...] = ()
+    defined_in: Mapping[str, str] = field(default_factory=dict)  # "jwt_providers.NAME" -> file
+    only: str | None = None
+    skipped: int = 0
 
     @property
     def short_version(self) -> str:
@@ -160,7 +170,8 @@ class Policy:
     def section(self, identity: str) -> Section | None:
         """The compiled section for a workload identity, or None (then: deny everything).
 
-        Sections are compiled once at load time, so this is a dict lookup.
+        A sidecar's own section is compiled at load time, so this is a dict lookup; a
+        whole-mesh load (the CLI) compiles each section the first time it is asked for.
         """
         return self.sections.get(identity)
 
