@@ -36,6 +36,7 @@ import datetime as dt
 import http.client
 import json
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -199,17 +200,20 @@ def _check_policy(run: _Run, cfg: Any, spiffe_id: str | None, now: float,
                   offline: bool) -> None:
     from sidecar.errors import ConfigError
     from sidecar.policy.lint import lint
-    from sidecar.policy.loader import load_policy_file
+    from sidecar.policy.loader import load_policy_set
 
     g = "policy"
     if cfg.policy is None:
         run.skip(g, "policy loads", "no policy configured (inbound uses allow_from)")
         return
+    # The policy as the sidecar loads it: its files and/or directories are one policy set.
+    paths = list(cfg.policy_paths) or [cfg.policy]
+    command_args = shlex.join(paths)
     try:
-        policy = load_policy_file(cfg.policy)
+        policy = load_policy_set(paths)
     except ConfigError as exc:
         run.add(g, "policy loads", "fail", _problems(exc),
-                f"fix the policy file; `sidecar policy check {cfg.policy}` lists every problem")
+                f"fix the policy; `sidecar policy check {command_args}` lists every problem")
         run.skip(g, "policy lints clean", "policy does not load")
         return
     run.add(g, "policy loads", "ok",
@@ -218,7 +222,7 @@ def _check_policy(run: _Run, cfg: Any, spiffe_id: str | None, now: float,
     if findings:
         run.add(g, "policy lints clean", "warn",
                 f"{len(findings)} finding(s), first: {findings[0]}",
-                f"`sidecar policy lint {cfg.policy}` lists them")
+                f"`sidecar policy lint {command_args}` lists them")
     else:
         run.add(g, "policy lints clean", "ok")
     if spiffe_id is not None and cfg.inbound is not None:

@@ -282,6 +282,40 @@ def test_each_check_fails_on_its_own(setup, mutate, title, status):
     assert ("check(s) failed" in table) == (status == "fail")
 
 
+def test_policy_set_is_checked_as_the_sidecar_loads_it(setup):
+    """`policy:` a list (a mesh-wide file and a directory of namespace files): loaded as one
+    set, a finding named in its own file, the hints' commands name every path, and a
+    conflict between two files fails "policy loads" naming both."""
+    tmp: Path = setup["tmp"]
+    mesh = {k: v for k, v in setup["policy"].items() if k != "services"}
+    write_policy(tmp / "set-mesh.yaml", {**mesh, "services": {}})
+    ns = tmp / "ns"
+    ns.mkdir()
+    shop = {"version": 1, "services": setup["policy"]["services"]}
+    write_policy(ns / "shop.yaml", shop)
+    paths = [str(tmp / "set-mesh.yaml"), str(ns)]
+    setup["cfg"]["policy"] = paths
+    code, doc, table = check(setup)
+    assert code == 0, table
+    got = statuses(doc)
+    assert set(got.values()) == {"ok"}, got
+
+    _policy_lint({"policy": shop})
+    write_policy(ns / "shop.yaml", shop)
+    code, doc, table = check(setup)
+    lints = next(c for c in doc["checks"] if c["title"] == "policy lints clean")
+    assert code == 0 and lints["status"] == "warn"
+    assert str(ns / "shop.yaml") in lints["detail"] and "[undefined-identity]" in lints["detail"]
+    assert lints["hint"] == f"`sidecar policy lint {' '.join(paths)}` lists them"
+
+    write_policy(ns / "copy.yaml", shop)  # the same section in two files
+    code, doc, table = check(setup)
+    loads = next(c for c in doc["checks"] if c["title"] == "policy loads")
+    assert code == 1 and loads["status"] == "fail"
+    assert str(ns / "copy.yaml") in loads["detail"] and str(ns / "shop.yaml") in loads["detail"]
+    assert f"`sidecar policy check {' '.join(paths)}`" in loads["hint"]
+
+
 def audit_keys(state: dict[str, Any]) -> tuple[Path, str, str]:
     """Configure audit signing and encryption with fresh keys; (public key, kid, data kid)."""
     from sidecar.audit.crypto import write_data_key
