@@ -57,7 +57,11 @@ def emit(args: argparse.Namespace, doc: Any, table: Callable[[], str],
     needed) for the default table."""
     stream = out or sys.stdout
     fmt = getattr(args, "output_format", "table") or "table"
-    text = table() + "\n" if fmt == "table" else render(doc, fmt)
+    if fmt == "table":
+        text = table()
+        text = text + "\n" if text else ""  # nothing to say (errors went to stderr): no line
+    else:
+        text = render(doc, fmt)
     stream.write(text)
     stream.flush()
 

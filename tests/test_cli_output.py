@@ -1,6 +1,6 @@
-"""`-o json|yaml` on every command that prints data, `policy lint` over several files with
-`--ignore` / `--fail-on`, `--version`, and shell completion -- all run as subprocesses, the
-output parsed and compared with the table."""
+"""`-o json|yaml` on every command that prints data (policy sets included), `policy lint`
+over several files (`--each`) with `--ignore` / `--fail-on`, `--version`, and shell
+completion -- all run as subprocesses, the output parsed and compared with the table."""
 
 from __future__ import annotations
 
@@ -85,35 +85,108 @@ def _lint_files(tmp_path: Path) -> tuple[str, str, str]:
     return str(clean), str(ghost), str(broken)
 
 
-def test_lint_several_files_ignore_and_fail_on(tmp_path: Path):
+def test_lint_each_several_files_ignore_and_fail_on(tmp_path: Path):
     clean, ghost, broken = _lint_files(tmp_path)
-    r = sidecar_cli("policy", "lint", clean, ghost)
+    r = sidecar_cli("policy", "lint", "--each", clean, ghost)
     assert r.returncode == 1
     assert f"ok: {clean}: no warnings" in r.stdout and "[undefined-identity]" in r.stdout
     # --ignore CODE, --ignore CODE@TEXT (rule name), and one that does not match.
-    assert sidecar_cli("policy", "lint", clean, ghost, "--ignore", "undefined-identity"
-                       ).returncode == 0
-    r = sidecar_cli("policy", "lint", clean, ghost, "--ignore", "undefined-identity@ghost-calls")
+    assert sidecar_cli("policy", "lint", "--each", clean, ghost, "--ignore",
+                       "undefined-identity").returncode == 0
+    r = sidecar_cli("policy", "lint", "--each", clean, ghost, "--ignore",
+                    "undefined-identity@ghost-calls")
     assert r.returncode == 0 and "(1 ignored)" in r.stdout
     assert sidecar_cli("policy", "lint", ghost, "--ignore", "undefined-identity@other-rule"
                        ).returncode == 1
     # --fail-on error: warnings pass, a file that does not load still fails.
-    r = sidecar_cli("policy", "lint", clean, ghost, "--fail-on", "error", "-o", "json")
+    r = sidecar_cli("policy", "lint", "--each", clean, ghost, "--fail-on", "error", "-o", "json")
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["ok"] is True and doc["warnings"] == 1
-    r = sidecar_cli("policy", "lint", clean, ghost, broken, "--fail-on", "error", "-o", "json")
+    r = sidecar_cli("policy", "lint", "--each", clean, ghost, broken, "--fail-on", "error",
+                    "-o", "json")
     doc = json.loads(r.stdout)
-    assert r.returncode == 1 and doc["errors"] >= 1
+    assert r.returncode == 1 and doc["errors"] >= 1 and doc["hint"] is None
     assert [f["file"] for f in doc["files"]] == [clean, ghost, broken]
+    assert [f["files"] for f in doc["files"]] == [[clean], [ghost], []]
     assert doc["files"][2]["errors"][0]["file"] == broken
     assert doc["files"][1]["findings"][0]["code"] == "undefined-identity"
 
 
-def test_lint_glob_of_the_shipped_policies():
-    files = sorted(str(p) for p in POLICIES.glob("*.yaml"))
-    r = sidecar_cli("policy", "lint", *files, "--now", "2025-01-01T00:00:00Z", "-o", "json")
+def test_lint_of_separate_policies_without_each_hints_at_it(tmp_path: Path):
+    """Two complete policies (both define section a) read as one set: refused, naming both
+    files, and the error ends with the hint; one broken file alone gets no hint."""
+    clean, ghost, broken = _lint_files(tmp_path)
+    r = sidecar_cli("policy", "lint", clean, ghost)
+    assert r.returncode == 1 and r.stdout == ""
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.endswith("to lint separate policies one by one, add --each"), r.stderr
+    assert f"also defined in {clean}" in r.stderr and f"error: {ghost}:" in r.stderr
+    r = sidecar_cli("policy", "lint", clean, ghost, "-o", "json")
     doc = json.loads(r.stdout)
-    assert [f["file"] for f in doc["files"]] == files, r.stderr
+    assert r.returncode == 1 and doc["hint"] == "to lint separate policies one by one, add --each"
+    assert doc["files"][0]["file"] == f"{clean}, {ghost}" and doc["files"][0]["files"] == []
+    r = sidecar_cli("policy", "lint", broken, "-o", "json")
+    assert r.returncode == 1 and json.loads(r.stdout)["hint"] is None
+    assert "--each" not in sidecar_cli("policy", "lint", broken).stderr
+
+
+def test_lint_each_of_the_shipped_policies_passes():
+    files = sorted(str(p) for p in POLICIES.glob("*.yaml"))
+    assert len(files) >= 3  # separate, complete policies: as one set they conflict
+    r = sidecar_cli("policy", "lint", "--each", *files, "--now", "2025-01-01T00:00:00Z",
+                    "-o", "json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["ok"] is True, r.stdout + r.stderr
+    assert [f["file"] for f in doc["files"]] == files
+    assert [f["files"] for f in doc["files"]] == [[f] for f in files]
+    r = sidecar_cli("policy", "lint", *files, "--now", "2025-01-01T00:00:00Z")
+    assert r.returncode == 1 and r.stderr.strip().endswith("add --each")
+
+
+def test_json_of_check_lint_explain_over_a_split_set(tmp_path: Path):
+    """`policy split` makes a directory; check, lint and explain read it as one set and their
+    documents name its files: the set's, and each error, finding and section its own."""
+    out = tmp_path / "policy"
+    r = sidecar_cli("policy", "split", str(POLICIES / "example-split.yaml"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    # One more namespace file, with a finding in it (a caller that has no section).
+    extra = out / "ns-extra.yaml"
+    extra.write_text(yaml.safe_dump({"version": 1, "revision": "example-1", "services": {
+        "spiffe://demo.local/ns/extra/sa/x": {"rules": [{"name": "ghost-calls", "allow": {
+            "from": ["spiffe://demo.local/ns/extra/sa/ghost"], "paths": ["/x"]}}]}}}))
+    files = [str(out / n) for n in ("mesh.yaml", "ns-extra.yaml", "ns-shop.yaml", "ns-web.yaml")]
+
+    table, doc, _ = both("policy", "check", str(out))
+    assert table.returncode == 0 and doc["ok"] is True and doc["file"] == str(out)
+    assert doc["files"] == files and doc["sections"] == 4
+    assert "(4 files)" in table.stdout
+
+    table, doc, _ = both("policy", "lint", str(out))
+    assert table.returncode == 1 and doc["hint"] is None
+    [entry] = doc["files"]
+    assert entry["file"] == str(out) and entry["files"] == files
+    [finding] = entry["findings"]
+    assert finding["code"] == "undefined-identity" and finding["file"] == str(extra)
+    assert finding["rule"] == "ghost-calls" and f"warning: {extra}:" in table.stdout
+
+    table, doc, _ = both("policy", "explain", str(out), "--to",
+                         "spiffe://demo.local/ns/shop/sa/orders", "--from",
+                         "spiffe://demo.local/ns/web/sa/frontend", "--path", "/orders/1")
+    assert table.returncode == 0 and doc["allowed"] is True
+    assert doc["policy"] == str(out) and doc["files"] == files
+    assert doc["section_file"] == str(out / "ns-shop.yaml")
+    assert doc["decision"]["rule"] == "frontend-orders"
+
+    # A conflict between two files of the set names both (and lint hints nothing: a
+    # directory is meant as one set).
+    (out / "ns-web-copy.yaml").write_text((out / "ns-web.yaml").read_text())
+    table, doc, _ = both("policy", "check", str(out))
+    assert table.returncode == 1 and doc["ok"] is False and doc["files"] == []
+    [error] = doc["errors"]
+    assert error["file"] == str(out / "ns-web.yaml")
+    assert str(out / "ns-web-copy.yaml") in error["message"]
+    r = sidecar_cli("policy", "lint", str(out))
+    assert r.returncode == 1 and "--each" not in r.stderr
 
 
 def test_explain_json_matches_table_and_refuses_non_spiffe_ids():
