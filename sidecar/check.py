@@ -61,6 +61,8 @@ MAX_DETAIL_LINES = 5
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
+    """One check's outcome: a line of the table, an entry of ``checks`` in ``-o json``."""
+
     group: str
     title: str
     status: Status
@@ -626,6 +628,8 @@ def _check_audit_head(run: _Run, g: str, title: str, answer: Callable[[str], tup
 
 
 def render_table(results: list[CheckResult], colour: bool) -> str:
+    """The results as the table: by group, one line each with its hint under it, then the
+    verdict."""
     lines: list[str] = []
     group = None
     meaning = {"ok": "ok", "warn": "warn", "fail": "fail", "skip": "dim"}
@@ -695,6 +699,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def add_check_parser(subparsers: Any) -> None:
+    """Register ``sidecar check`` under an argparse subparsers object."""
     p = subparsers.add_parser(
         "check", help="pre-flight checks of a config (and live checks of a running sidecar)",
         description="One line per check; exit 1 when any check fails (warnings do not).")

@@ -38,6 +38,9 @@ class TapError(Exception):
 
 
 class TapClient:
+    """Reads a running sidecar's ``/tap`` on its admin port, from where it was when started;
+    counts the events the ring dropped before they were read."""
+
     def __init__(self, admin: str) -> None:
         parts = urlsplit(admin)
         if parts.scheme != "http" or not parts.hostname:
@@ -67,9 +70,11 @@ class TapClient:
         return doc
 
     def start(self) -> None:
+        """Begin at the current end of the ring (no backlog: events from now on)."""
         self.seq = int(self._get("")["seq"])
 
     def poll(self, wait: float = POLL_WAIT) -> list[dict[str, Any]]:
+        """The events since the last poll (waiting up to ``wait`` seconds for one)."""
         if self.seq is None:
             self.start()
         doc = self._get(f"?after={self.seq}&wait={wait}")
@@ -136,6 +141,7 @@ def _tap_line(event: dict[str, Any], colour: bool) -> str:
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
+    """``sidecar tap``: print each decision as it happens; exit 1 when unreachable."""
     out, err = sys.stdout, sys.stderr
     colour = use_colour(out)
     seen = 0
@@ -195,6 +201,7 @@ def _top_table(rows: list[dict[str, Any]], seconds: float, colour: bool) -> str:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    """``sidecar top``: request counts and rates per caller, rule and status, redrawn."""
     out, err = sys.stdout, sys.stderr
     colour = use_colour(out)
     in_place = bool(out.isatty()) and args.output_format == "table"
@@ -240,6 +247,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def add_live_parsers(subparsers: Any) -> None:
+    """Register ``tap`` and ``top`` under an argparse subparsers object."""
     p = subparsers.add_parser("tap", help="print a running sidecar's decisions as they happen")
     _add_common(p)
     p.add_argument("-n", "--count", type=int, metavar="N", help="stop after N events")

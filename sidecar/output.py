@@ -107,6 +107,7 @@ class Progress:
         self._drawn = False
 
     def update(self, done: int, what: str = "") -> None:
+        """Report ``done`` items so far (redrawn at most ten times a second)."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -119,6 +120,7 @@ class Progress:
         self._drawn = True
 
     def close(self) -> None:
+        """Erase the progress line, if one was drawn."""
         if self.enabled and self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()

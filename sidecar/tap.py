@@ -29,6 +29,8 @@ MAX_EVENTS_PER_READ = 1000
 
 
 class Tap:
+    """The ring of recent decisions and whether anyone watches it (theory above)."""
+
     ACTIVE_SECONDS = 10.0
     MAX_WAIT = 5.0
     POLL_INTERVAL = 0.05
@@ -43,9 +45,11 @@ class Tap:
         return time.monotonic() < self._watched_until
 
     def watch(self) -> None:
+        """A watcher asked: keep the tap on for ``ACTIVE_SECONDS`` more."""
         self._watched_until = time.monotonic() + self.ACTIVE_SECONDS
 
     def publish(self, event: dict[str, Any]) -> None:
+        """Append one decision (the oldest falls out of a full ring; never blocks)."""
         self.seq += 1
         self.events.append((self.seq, event))
 
