@@ -101,7 +101,7 @@ class Sidecar:
         if self.detector is not None:
             self.telemetry.on_credential_failure = self._tls_credential_failure
         if self.authenticator is not None:
-            from sidecar.authn.introspect import Introspector
+            from sidecar.introspect import Introspector
 
             # mtls introspection presents this workload's own (rotating) SVID files.
             self.gate.introspector = Introspector(self.authenticator,
