@@ -174,7 +174,8 @@ class Sidecar:
 
     def _setup_policy_consumers(self) -> None:
         """JWT authenticator, rate limiter and burst detector follow the policy."""
-        from sidecar.alerts import AlertPoster, BurstDetector
+        from sidecar.alert_poster import AlertPoster
+        from sidecar.alerts import BurstDetector
         from sidecar.authn.authenticator import Authenticator
         from sidecar.policy.sections import PolicyExtras
         from sidecar.ratelimit import RateLimiter

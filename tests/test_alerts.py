@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sidecar import logs
+from sidecar.alert_poster import AlertPoster
 from sidecar.alerts import (
     API_KEYS_ISSUER,
     Alert,
-    AlertPoster,
     BurstDetector,
     Failure,
     classify_failure,
