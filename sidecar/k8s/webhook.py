@@ -47,6 +47,7 @@ import trio
 from cryptography import x509
 
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
+from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
 from sidecar.k8s.rules import mode_for_path
 from sidecar.logs import log
@@ -454,8 +455,6 @@ async def run_webhook(host: str, port: int, certificate: ServingCertificate,
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     """``sidecar webhook``: serve the mutating admission webhook until SIGTERM."""
-    from sidecar.k8s.cli import inject_options_from_args
-
     try:
         host, port = parse_listen(args.listen)
         certificate = ServingCertificate(args.cert, args.key, _wall_clock())
@@ -472,8 +471,6 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sidecar.k8s.webhook ...`` (same flags as ``sidecar webhook``)."""
-    from sidecar.k8s.cli import add_webhook_arguments
-
     parser = argparse.ArgumentParser(prog="python -m sidecar.k8s.webhook")
     add_webhook_arguments(parser)
     return cmd_webhook(parser.parse_args(argv))
