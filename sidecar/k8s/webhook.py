@@ -5,14 +5,16 @@ Theory of operation
 The decision is made by ``sidecar.k8s.admission.review_pod`` (pure); this module only moves
 bytes and bounds every wait:
 
-* ``ServingCertificate`` holds the current ``ssl.SSLContext``. ``refresh()`` re-reads the
-  certificate and key files and, if their bytes changed, builds a new context and swaps it
-  in one assignment. Each new connection wraps its socket with whatever context is current
-  at accept time, so new handshakes use the new certificate and connections already open
-  keep theirs. A new pair that does not load (key/cert mismatch, half-written files during
-  a Secret ``..data`` swap, expired) is reported and the old context stays; the next poll
-  tries again. ``watch()`` polls every few seconds: cert-manager rotates weeks ahead of
-  expiry, so polling is cheap and avoids inotify's symlink-swap pitfalls.
+* ``ServingCertificate`` holds the current ``ssl.SSLContext``. ``watch()`` runs the
+  sidecar's own file watcher (``sidecar.reload.FileWatcher``) on the certificate and key
+  files: when their content changed and has settled for one poll, ``load()`` builds a new
+  context and it is swapped in one assignment. Each new connection wraps its socket with
+  whatever context is current at accept time, so new handshakes use the new certificate and
+  connections already open keep theirs. A new pair that does not load (key/cert mismatch,
+  half-written files during a Secret ``..data`` swap, expired) is reported and the old
+  context stays; it is tried again when the files change, or after 30 s as they are (a
+  certificate not valid yet becomes valid). Polling every few seconds is cheap
+  (cert-manager rotates weeks ahead of expiry) and avoids inotify's symlink-swap pitfalls.
 * ``serve_webhook`` accepts at most ``max_connections`` connections at once (a semaphore is
   taken *before* accept, so excess clients wait in the kernel backlog instead of growing our
   memory), and at most ``max_connections_per_source`` from one source address: a
@@ -54,6 +56,7 @@ from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Registry
 from sidecar.net.listen import SourceLimiter, source_address
+from sidecar.reload import FileWatcher, fingerprint
 
 READ_SIZE = 65536
 
@@ -105,6 +108,13 @@ def _server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class _LoadedPair:
+    context: ssl.SSLContext
+    not_after: float
+    not_after_iso: str
+
+
 class ServingCertificate:
     """The webhook's serving certificate, swapped atomically when its files change."""
 
@@ -112,14 +122,19 @@ class ServingCertificate:
         """Load the pair now; raises ``CertificateLoadError`` (fail at start, not later)."""
         self.cert_path = cert_path
         self.key_path = key_path
-        self._digest = b""
         self._context: ssl.SSLContext | None = None
         self.reloads = 0
         self.failures = 0
         self.last_error = ""
         self.not_after = 0.0
-        if not self.refresh(now):
-            raise CertificateLoadError(self.last_error)
+        # What the watcher compares against: the content this first load saw (a change
+        # between here and the watcher's start is then still noticed).
+        self._fingerprint = fingerprint([cert_path, key_path])
+        try:
+            self._apply(self.load(now))
+        except CertificateLoadError as exc:
+            self._failed(exc)
+            raise CertificateLoadError(self.last_error) from None
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -134,12 +149,12 @@ class ServingCertificate:
             key = f.read()
         return hashlib.sha256(cert + b"\0" + key).digest(), cert
 
-    def refresh(self, now: float) -> bool:
-        """Reload if the files changed; True when a new context was swapped in."""
+    def load(self, now: float) -> _LoadedPair:
+        """Read and check the pair and build its context; ``CertificateLoadError`` if it is
+        unreadable, mismatched, expired or not valid yet. Changes nothing (the watcher
+        calls it in a thread and swaps the result in with ``_apply``)."""
         try:
             digest, cert_pem = self._read_digest()
-            if digest == self._digest:
-                return False
             leaf = x509.load_pem_x509_certificate(cert_pem)
             not_after = leaf.not_valid_after_utc.timestamp()
             if not_after <= now:
@@ -153,19 +168,24 @@ class ServingCertificate:
             # was stable across the whole load (else retry on the next poll).
             if self._read_digest()[0] != digest:
                 raise CertificateLoadError("certificate files changed while loading")
-        except (OSError, ValueError, ssl.SSLError, CertificateLoadError) as exc:
-            self.failures += 1
-            self.last_error = str(exc) or type(exc).__name__
-            log("webhook_cert_reload_failed", "warning", cert=self.cert_path,
-                error=self.last_error)
-            return False
+        except CertificateLoadError:
+            raise
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise CertificateLoadError(str(exc) or type(exc).__name__) from exc
+        return _LoadedPair(ctx, not_after, leaf.not_valid_after_utc.isoformat())
+
+    def _apply(self, pair: _LoadedPair) -> None:
         first = self._context is None
-        self._context, self._digest, self.not_after = ctx, digest, not_after
+        self._context, self.not_after = pair.context, pair.not_after
         if not first:
             self.reloads += 1
             log("webhook_cert_reloaded", "info", cert=self.cert_path,
-                not_after=leaf.not_valid_after_utc.isoformat())
-        return True
+                not_after=pair.not_after_iso)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = str(exc) or type(exc).__name__
+        log("webhook_cert_reload_failed", "warning", cert=self.cert_path, error=self.last_error)
 
     def statistics(self) -> dict[str, Any]:
         """Reload counters and the current certificate's expiry (epoch seconds)."""
@@ -174,11 +194,12 @@ class ServingCertificate:
 
     async def watch(self, interval: float, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Poll the files every ``interval`` seconds until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(interval)
-            self.refresh(_wall_clock())
+        """Watch the files with the sidecar's ``FileWatcher`` until cancelled."""
+        watcher = FileWatcher("webhook certificate", [self.cert_path, self.key_path],
+                              load=lambda: self.load(_wall_clock()), apply=self._apply,
+                              on_error=self._failed, interval=interval,
+                              initial=self._fingerprint)
+        await watcher.run(task_status=task_status)
 
 
 def _wall_clock() -> float:
