@@ -7,9 +7,11 @@ Every wait is bounded by trio.fail_after around the test body.
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,6 +24,9 @@ from sidecar.ctlhttp.client import (
     parse_url,
     request,
 )
+from sidecar.ctlhttp.client import request as request_
+from sidecar.ctlhttp.server import Reply, Request, ServerLimits
+from sidecar.ctlhttp.server import serve as serve_http
 from tests.harness import Pki
 
 TEST_TIMEOUT = 10.0
@@ -287,3 +292,227 @@ def test_https_checks_the_server_against_the_given_context(tmp_path: Path) -> No
             await request(f"http://127.0.0.1:{port}/", read_timeout=2)
 
     with_server(answer(OK), check, server)
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+async def echo_handler(request: Request) -> Reply:
+    if request.path == "/boom":
+        raise RuntimeError("handler bug")
+    if request.path == "/body":
+        return Reply(200, await request.read_body(16))
+    if request.path == "/close":
+        return Reply(200, b"bye\n", close=True)
+    return Reply(200, f"{request.method} {request.target}\n".encode(),
+                 headers=(("x-route", "echo"),))
+
+
+DEFAULT_LIMITS = ServerLimits()
+
+
+async def start(nursery: trio.Nursery, limits: ServerLimits = DEFAULT_LIMITS,
+                **kw: Any) -> tuple[int, list[str]]:
+    refused: list[str] = []
+    port = await nursery.start(functools.partial(
+        serve_http, ("127.0.0.1", 0), kw.pop("handler", echo_handler), name="test", limits=limits,
+        base_headers=[("server", "t")], on_refused=refused.append, **kw))
+    return port, refused
+
+
+async def exchange(port: int, data: bytes, *, context: ssl.SSLContext | None = None) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if context is not None:
+        stream = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+    received = b""
+    try:
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    except trio.BrokenResourceError:
+        pass  # reset after the answer: what we read is what we got
+    finally:
+        await trio.aclose_forcefully(stream)
+    return received
+
+
+def with_serve(check: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            await check(nursery)
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+GET = b"GET /a?b=1 HTTP/1.1\r\nhost: x\r\n\r\n"
+CLOSE_GET = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+
+
+def test_server_keeps_alive_answers_head_without_body_and_adds_base_headers() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, ServerLimits(head_timeout=0.5))
+        got = await exchange(port, GET + b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n")
+        first, second = got.split(b"HTTP/1.1 200 ", 2)[1:]
+        assert b"server: t\r\n" in first and b"x-route: echo\r\n" in first
+        assert first.endswith(b"\r\n\r\nGET /a?b=1\n")
+        assert b"content-length: 8\r\n" in second and second.endswith(b"\r\n\r\n")
+
+    with_serve(check)
+
+
+def test_server_closes_when_asked_or_without_keep_alive() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery)
+        got = await exchange(port, b"GET /close HTTP/1.1\r\nhost: x\r\n\r\n" + GET)
+        assert got.count(b"HTTP/1.1") == 1 and b"connection: close" in got
+        got = await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                             + GET)
+        assert got.count(b"HTTP/1.1") == 1
+        single, _ = await start(nursery, ServerLimits(keep_alive=False))
+        got = await exchange(single, GET + GET)
+        assert got.count(b"HTTP/1.1") == 1 and b"connection: close" in got
+
+    with_serve(check)
+
+
+def test_server_bounds_requests_per_connection_and_idle_time() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, ServerLimits(max_requests_per_connection=2,
+                                                    head_timeout=5, idle_timeout=0.2))
+        assert (await exchange(port, GET * 3)).count(b"HTTP/1.1 200") == 2
+        # One answer, then the idle timeout closes the connection (exchange returns).
+        assert (await exchange(port, GET)).count(b"HTTP/1.1 200") == 1
+        silent, _ = await start(nursery, ServerLimits(head_timeout=0.2))
+        assert await exchange(silent, b"") == b""  # nothing sent: closed after head_timeout
+
+    with_serve(check)
+
+
+def test_malformed_and_oversized_heads_get_the_bad_request_answer() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, ServerLimits(max_head_bytes=1024),
+                              bad_request=lambda status: Reply(status, b"custom\n"))
+        got = await exchange(port, b"\x00\x01 not http\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 400 ") and got.endswith(b"custom\n")
+        assert b"connection: close" in got
+        big = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n"
+        assert (await exchange(port, big)).startswith(b"HTTP/1.1 431 ")
+        assert (await exchange(port, CLOSE_GET)).startswith(b"HTTP/1.1 200 ")  # still serving
+
+    with_serve(check)
+
+
+def test_bodies_are_read_on_demand_capped_or_skipped_when_small() -> None:
+    def post(path: bytes, body: bytes) -> bytes:
+        return (b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ncontent-length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    async def check(nursery: trio.Nursery) -> None:
+        strict, _ = await start(nursery, ServerLimits(head_timeout=0.5))
+        got = await exchange(strict, post(b"/body", b"hello") + GET)
+        assert got.count(b"HTTP/1.1 200") == 2 and b"\r\n\r\nhello" in got
+        got = await exchange(strict, post(b"/body", b"x" * 17))
+        assert got.startswith(b"HTTP/1.1 413 ") and b"connection: close" in got
+        # An unread body: closed after the answer when no skipping is allowed...
+        got = await exchange(strict, post(b"/", b"abc") + GET)
+        assert got.count(b"HTTP/1.1 200") == 1 and b"connection: close" in got
+        # ...skipped (and the connection kept) up to discard_body_bytes.
+        lenient, _ = await start(nursery, ServerLimits(discard_body_bytes=8, head_timeout=0.5))
+        assert (await exchange(lenient, post(b"/", b"abc") + GET)).count(b"HTTP/1.1 200") == 2
+        got = await exchange(lenient, post(b"/", b"x" * 20) + GET)
+        assert got.count(b"HTTP/1.1 200") == 1
+
+    with_serve(check)
+
+
+def test_a_failing_handler_gets_a_generic_500_and_the_server_goes_on(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, error_event="test_failed")
+        got = await exchange(port, b"GET /boom HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 500 ") and b"handler bug" not in got
+        assert (await exchange(port, b"GET / HTTP/1.1\r\nconnection: close\r\n"
+                                     b"host: x\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+
+    with_serve(check)
+    logged = capsys.readouterr().err
+    assert '"test_failed"' in logged and "handler bug" in logged
+
+
+def test_connection_limits_per_source_and_in_total() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        opened: list[int] = []
+        port, refused = await start(
+            nursery, ServerLimits(max_connections=3, max_connections_per_source=1,
+                                  head_timeout=5), on_connection=opened.append)
+        held = await trio.open_tcp_stream("127.0.0.1", port)
+        await wait_for(lambda: sum(opened) == 1)
+        assert await exchange(port, GET) == b""  # same source: closed unserved
+        assert refused == ["max_connections_per_source"]
+        await held.aclose()
+        await wait_for(lambda: sum(opened) == 0)
+        assert (await exchange(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                ).startswith(b"HTTP/1.1 200 ")
+        await wait_for(lambda: len(opened) == 4)  # +1 -1 +1 -1: the refused one never served
+
+        total, refused_total = await start(nursery, ServerLimits(max_connections=1,
+                                                                 head_timeout=5))
+        held = await trio.open_tcp_stream("127.0.0.1", total)
+        await trio.sleep(0.05)  # let the server accept it
+        assert await exchange(total, GET) == b""
+        assert refused_total == ["max_connections"]
+        await held.aclose()
+
+    with_serve(check)
+
+
+def test_wait_for_slot_queues_connections_instead_of_refusing() -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, refused = await start(nursery, ServerLimits(max_connections=1, head_timeout=5,
+                                                          wait_for_slot=True))
+        held = await trio.open_tcp_stream("127.0.0.1", port)
+        answers: list[bytes] = []
+
+        async def queued() -> None:
+            answers.append(await exchange(
+                port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"))
+
+        nursery.start_soon(queued)
+        await trio.sleep(0.2)
+        assert answers == []  # waiting in the backlog, not refused
+        await held.aclose()
+        await wait_for(lambda: bool(answers))
+        assert answers[0].startswith(b"HTTP/1.1 200 ") and refused == []
+
+    with_serve(check)
+
+
+def test_tls_context_is_read_at_accept_time(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    contexts = [_server_context(pki.identity("one"))]
+    client = ssl.create_default_context(cafile=pki.bundle)
+    client.check_hostname = False
+
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, tls=lambda: contexts[-1])
+        request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        assert (await exchange(port, request, context=client)).startswith(b"HTTP/1.1 200 ")
+        contexts.append(_server_context(Pki(tmp_path / "other").identity("two")))
+        assert await exchange(port, request, context=client) == b""  # new CA: refused
+        # Through the client of the kit, with the new roots.
+        other = ssl.create_default_context(cafile=str(tmp_path / "other" / "ca" / "ca.crt"))
+        other.check_hostname = False
+        got = await request_(f"https://127.0.0.1:{port}/x", ssl_context=other)
+        assert got.body == b"GET /x\n"
+
+    with_serve(check)
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("condition not met")
