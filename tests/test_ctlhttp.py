@@ -25,7 +25,8 @@ from sidecar.ctlhttp.client import (
     request,
 )
 from sidecar.ctlhttp.client import request as request_
-from sidecar.ctlhttp.server import Reply, Request, ServerLimits
+from sidecar.ctlhttp.reply import Reply
+from sidecar.ctlhttp.server import Request, ServerLimits
 from sidecar.ctlhttp.server import serve as serve_http
 from tests.harness import Pki
 

@@ -35,7 +35,6 @@ a name that resolves to several addresses with port 0 is served on the first onl
 from __future__ import annotations
 
 import errno
-import json
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -44,12 +43,10 @@ from typing import Any
 import h11
 import trio
 
-from sidecar.errors import generic_body
+from sidecar.ctlhttp.reply import Reply
 from sidecar.logs import log
 from sidecar.net.listen import SourceLimiter, source_address
 
-TEXT = "text/plain; charset=utf-8"
-JSON = "application/json"
 LINGER_SECONDS = 1.0
 LINGER_MAX_BYTES = 256 * 1024
 _READ_SIZE = 65536
@@ -73,29 +70,6 @@ class ServerLimits:
     handshake_timeout: float = 5.0  # TLS only
     discard_body_bytes: int = 0  # unread body skipped to keep the connection
     wait_for_slot: bool = False  # at max_connections: True waits, False closes
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One answer: status, body, content type, extra headers; ``close`` ends the connection."""
-
-    status: int
-    body: bytes = b""
-    content_type: str = TEXT
-    headers: tuple[tuple[str, str], ...] = ()
-    close: bool = False
-
-    @classmethod
-    def error(cls, status: int, headers: tuple[tuple[str, str], ...] = (), *,
-              close: bool = False) -> Reply:
-        """A generic error answer (no detail ever reaches the client)."""
-        return cls(status, (generic_body(status) + "\n").encode(), headers=headers, close=close)
-
-    @classmethod
-    def json(cls, status: int, value: Any) -> Reply:
-        """``value`` as compact, key-sorted JSON."""
-        body = json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n"
-        return cls(status, body.encode(), JSON)
 
 
 class BodyTooLarge(Exception):

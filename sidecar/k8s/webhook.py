@@ -50,7 +50,8 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from sidecar.ctlhttp.server import JSON, BodyTooLarge, Handler, Reply, Request, ServerLimits, serve
+from sidecar.ctlhttp.reply import JSON, Reply
+from sidecar.ctlhttp.server import BodyTooLarge, Handler, Request, ServerLimits, serve
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
