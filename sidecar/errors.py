@@ -52,26 +52,38 @@ class RequestRefused(SidecarError):
 
 
 class BadRequest(RequestRefused):
+    """Malformed request (400)."""
+
     status = 400
 
 
 class Unauthorized(RequestRefused):
+    """Credentials missing or invalid (401)."""
+
     status = 401
 
 
 class Forbidden(RequestRefused):
+    """Authenticated but not allowed (403)."""
+
     status = 403
 
 
 class PayloadTooLarge(RequestRefused):
+    """The request body is over the size limit (413)."""
+
     status = 413
 
 
 class TooManyRequests(RequestRefused):
+    """Over a rate limit (429)."""
+
     status = 429
 
 
 class HeadersTooLarge(RequestRefused):
+    """The request head is over the size limits (431)."""
+
     status = 431
 
 
@@ -88,6 +100,8 @@ class Unavailable(RequestRefused):
 
 
 class GatewayTimeout(RequestRefused):
+    """The upstream did not answer in time (504)."""
+
     status = 504
 
 

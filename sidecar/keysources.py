@@ -28,6 +28,8 @@ from sidecar.reload import FileWatcher
 
 
 class KeySources:
+    """The running key source of every JWT provider (see the module docstring)."""
+
     def __init__(self, authenticator: Any, metrics: Any) -> None:
         self.authenticator = authenticator
         self.metrics = metrics
@@ -38,6 +40,7 @@ class KeySources:
         self._gate_start = False
 
     def attach(self, nursery: trio.Nursery) -> None:
+        """Start the sources in ``nursery``; the ``jwks_uri`` ones known now gate readiness."""
         self._nursery = nursery
         self._gate_start = True
         try:
@@ -50,6 +53,8 @@ class KeySources:
         return sorted(self._pending)
 
     def sync(self, providers: dict[str, Any]) -> None:
+        """Match the running sources to ``providers``: keep unchanged ones, restart changed ones,
+        start new ones, cancel removed ones."""
         self._providers = dict(providers)
         for name, prov in providers.items():
             source = (prov.jwks_file, prov.jwks_uri, prov.discovery_url, prov.jwks_ca,
@@ -121,5 +126,6 @@ class KeySources:
                     del self._pending[prov.name]
 
     def ages(self, now: float) -> dict[str, float | None]:
+        """Seconds since each provider's key set was loaded (None: never)."""
         stats = self.authenticator.statistics(now)["providers"]
         return {name: s["key_set_age_seconds"] for name, s in stats.items()}

@@ -90,12 +90,15 @@ class GaugeChild:
         self.function: Callable[[], float] | None = None
 
     def set(self, value: float) -> None:
+        """Set to ``value``."""
         self.value = float(value)
 
     def inc(self, amount: float = 1.0) -> None:
+        """Increase by ``amount``."""
         self.value += amount
 
     def dec(self, amount: float = 1.0) -> None:
+        """Decrease by ``amount``."""
         self.value -= amount
 
     def set_function(self, function: Callable[[], float] | None) -> None:
@@ -124,6 +127,7 @@ class HistogramChild:
         self.count = 0
 
     def observe(self, value: float) -> None:
+        """Record one value: its bucket, the sum and the count."""
         # bisect_left: a value equal to a bound belongs to that bucket (le = "less or equal").
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
@@ -225,6 +229,7 @@ class Metric(Generic[ChildT]):
         return list(self._children.items())
 
     def render_into(self, out: list[str]) -> None:
+        """Append this metric in the Prometheus text format (HELP, TYPE, one line per series)."""
         out.append(f"# HELP {self.name} {escape_help(self.help)}")
         out.append(f"# TYPE {self.name} {self.kind}")
         for key, child in sorted(self._children.items()):
@@ -270,18 +275,23 @@ class Gauge(Metric[GaugeChild]):
         return GaugeChild()
 
     def set(self, value: float) -> None:
+        """Set the unlabelled gauge."""
         self._only_child().set(value)
 
     def inc(self, amount: float = 1.0) -> None:
+        """Increase the unlabelled gauge."""
         self._only_child().inc(amount)
 
     def dec(self, amount: float = 1.0) -> None:
+        """Decrease the unlabelled gauge."""
         self._only_child().dec(amount)
 
     def set_function(self, function: Callable[[], float] | None) -> None:
+        """Read the unlabelled gauge from ``function`` at scrape time (None: stop)."""
         self._only_child().set_function(function)
 
     def value(self, *values: str) -> float | None:
+        """The value for these label values, or None if never set."""
         child = self._children.get(tuple(values))
         return child.read() if child is not None else None
 
@@ -316,6 +326,7 @@ class Histogram(Metric[HistogramChild]):
         return HistogramChild(self.bounds)
 
     def observe(self, value: float) -> None:
+        """Record one value in the unlabelled histogram."""
         self._only_child().observe(value)
 
     def _render_child(self, out: list[str], key: tuple[str, ...], child: HistogramChild) -> None:
@@ -399,9 +410,11 @@ class Registry:
         return metric
 
     def get(self, name: str) -> Metric[Any]:
+        """The metric registered as ``name`` (KeyError if none)."""
         return self._metrics[name]
 
     def names(self) -> list[str]:
+        """Every registered metric name, in registration order."""
         return list(self._metrics)
 
     def render(self) -> bytes:

@@ -92,6 +92,7 @@ class TokenBucket:
         return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(missing / self.rate)))
 
     def is_full(self, now: float) -> bool:
+        """Whether the bucket has refilled to its burst (an idle bucket that can be dropped)."""
         self.refill(now)
         return self.tokens >= self.burst
 
@@ -123,6 +124,7 @@ class RateLimiter:
 
     @property
     def limits(self) -> tuple[RateLimit, ...]:
+        """The limits in force."""
         return self._limits
 
     def update(self, limits: tuple[RateLimit, ...]) -> None:

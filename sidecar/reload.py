@@ -135,6 +135,7 @@ class FileWatcher:
         return self._settle(*self._check())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll every ``interval`` until cancelled; parse in a thread, apply on the Trio thread."""
         task_status.started()
         while True:
             await trio.sleep(self.interval)

@@ -36,6 +36,9 @@ from sidecar.identity.trust import (
 
 @dataclass(frozen=True)
 class TlsSnapshot:
+    """One consistent set: the SVID, the contexts built from it (HTTP and TCP variants), the trust
+    store."""
+
     svid: Svid
     server: ssl.SSLContext
     client: ssl.SSLContext
@@ -65,14 +68,17 @@ class TlsState:
 
     @property
     def snapshot(self) -> TlsSnapshot:
+        """The current snapshot (read once per handshake)."""
         return self._snap
 
     @property
     def server_context(self) -> ssl.SSLContext:
+        """The current server context for HTTP listeners (ALPN ``http/1.1``)."""
         return self._snap.server
 
     @property
     def client_context(self) -> ssl.SSLContext:
+        """The current client context for HTTP (ALPN ``http/1.1``)."""
         return self._snap.client
 
     def server_context_for(self, protocol: str) -> ssl.SSLContext:
@@ -87,10 +93,12 @@ class TlsState:
 
     @property
     def spiffe_id(self) -> str:
+        """The own SPIFFE ID, as a string."""
         return str(self._snap.svid.spiffe_id)
 
     @property
     def trust(self) -> TrustStore:
+        """The current trust store (own and federated bundles)."""
         return self._snap.trust
 
     def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> None:
@@ -98,6 +106,7 @@ class TlsState:
         self._snap.trust.check_peer(spiffe_id, chain, now)
 
     def swap(self, snapshot: TlsSnapshot) -> None:
+        """Make ``snapshot`` current (a successful reload)."""
         self._snap = snapshot
         self.last_error = None
         self.reloads_ok += 1
@@ -116,6 +125,7 @@ class TlsState:
         return _contexts(snap.svid, trust, snap.svid_generation)
 
     def valid(self, now: float) -> bool:
+        """Whether the own certificate is within its validity at ``now``."""
         svid = self._snap.svid
         return svid.not_before <= now < svid.not_after
 

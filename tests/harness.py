@@ -1,26 +1,39 @@
 """Shared helpers for black-box tests: real processes, real sockets, real TLS, real files.
 
 One behaviour per test, driven through these helpers (ghostunnel's habit): ``Pki`` makes
-certificates, ``start_app`` runs the test app, ``start_sidecar`` runs ``python -m sidecar run``
-with a config written to disk, and ``http``/``mtls_context`` talk to them from the outside.
+mesh identities (SPIFFE SVIDs from a dev CA), ``ThrowawayCA`` makes plain X.509 server
+certificates for local HTTPS servers that are not mesh members (JWKS endpoints, alert and
+admission webhooks, an app's own HTTPS), ``KubeletVolume`` lays files out the way kubelet
+updates a ConfigMap or Secret volume, ``start_app`` runs the test app, ``start_sidecar`` runs
+``python -m sidecar run`` with a config written to disk, and ``http``/``raw``/``mtls_context``
+talk to them from the outside.
 """
 
 from __future__ import annotations
 
+import datetime
 import http.client as httpclient
+import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.identity.ca import DevCA, write_svid
 
@@ -71,6 +84,169 @@ class Pki:
         out = self.root / dirname
         write_svid(self.ca.issue(spiffe_id, **issue_kw), self.ca, out)
         return out
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    """A server certificate issued by a ``ThrowawayCA``: PEM bytes and its serial number."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    serial: int
+
+    def tls_secret(self) -> dict[str, bytes]:
+        """The files of a ``kubernetes.io/tls`` Secret (``tls.crt``, ``tls.key``)."""
+        return {"tls.crt": self.cert_pem, "tls.key": self.key_pem}
+
+    def write(self, directory: Path, stem: str = "server") -> tuple[str, str]:
+        """Write ``STEM.crt`` and ``STEM.key`` into ``directory``; return their paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
+        return str(cert), str(key)
+
+
+class ThrowawayCA:
+    """A plain X.509 CA (no SPIFFE IDs: not a mesh CA) for local HTTPS test servers (trustme's
+    shape: a CA, ``issue``, a server and a client context).
+
+    Certificates pass strict X.509 verification: the CA has basic constraints, key usage and
+    a subject key id; a leaf is for ``127.0.0.1`` (plus any DNS names), is not a CA, has the
+    serverAuth usage and an authority key id. A leaf is valid from a day ago for ``days``
+    days (negative: already expired).
+    """
+
+    def __init__(self, common_name: str = "throwaway test CA") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(_name(common_name))
+            .issuer_name(_name(common_name)).public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
+                           critical=False)
+            .sign(self.key, hashes.SHA256()))
+
+    @property
+    def cert_pem(self) -> bytes:
+        """The CA certificate (the trust anchor a client loads), PEM."""
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, path: Path) -> str:
+        """Write the CA certificate to ``path`` (a client's CA file); return the path."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.cert_pem)
+        return str(path)
+
+    def issue(self, *, common_name: str = "127.0.0.1", dns: tuple[str, ...] = (),
+              days: float = 1.0) -> ServerCert:
+        """A server certificate for 127.0.0.1 and ``dns``, valid for ``days`` more days."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        serial = x509.random_serial_number()
+        names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        cert = (
+            x509.CertificateBuilder().subject_name(_name(common_name))
+            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256()))
+        return ServerCert(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), serial)
+
+    def server_context(self, directory: Path) -> ssl.SSLContext:
+        """A server context presenting a fresh 127.0.0.1 certificate (files in ``directory``)."""
+        cert, key = self.issue().write(directory)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context trusting this CA only (hostname checked)."""
+        return ssl.create_default_context(cadata=self.cert_pem.decode())
+
+
+class KubeletVolume:
+    """A directory laid out and updated the way kubelet's atomic writer keeps a ConfigMap or
+    Secret volume.
+
+    Each version's files live in a ``..<stamp>`` directory; ``..data`` is a symlink to the
+    current one; each visible name is a symlink ``NAME -> ..data/NAME``. An update runs
+    kubelet's steps in order: ``stage`` the new directory, ``swap`` ``..data`` (a new symlink
+    renamed over it, so the old inode never changes and a reader that resolves ``..data``
+    once sees one whole version), ``link`` names that are new, and (``prune``) remove the old
+    directory. ``publish`` does all of them; a test that looks between steps calls them one
+    by one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.generation = 0
+
+    def path(self, name: str) -> str:
+        """The visible path of ``name`` (what a config or a flag points at)."""
+        return str(self.root / name)
+
+    def stage(self, files: Mapping[str, bytes | str], stamp: str | None = None) -> str:
+        """Write a new ``..<stamp>`` directory (stamp ``gen_N`` unless given); return it."""
+        self.generation += 1
+        stamp = stamp or f"gen_{self.generation}"
+        snap = self.root / f"..{stamp}"
+        snap.mkdir()
+        for name, data in files.items():
+            (snap / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        return stamp
+
+    def swap(self, stamp: str) -> str | None:
+        """Re-point ``..data`` at ``..<stamp>`` atomically; return the directory it left."""
+        data = self.root / "..data"
+        old = os.readlink(data) if data.is_symlink() else None
+        tmp = self.root / "..data_tmp"
+        os.symlink(f"..{stamp}", tmp)
+        os.replace(tmp, data)
+        return old
+
+    def link(self, *names: str) -> None:
+        """Create the visible ``NAME -> ..data/NAME`` links for names not there yet."""
+        for name in names:
+            if not os.path.lexists(self.root / name):
+                os.symlink(f"..data/{name}", self.root / name)
+
+    def publish(self, files: Mapping[str, bytes | str], *, stamp: str | None = None,
+                prune: bool = False) -> Path:
+        """One whole update (stage, swap, link, and with ``prune`` remove the old version);
+        returns the new version's directory."""
+        stamp = self.stage(files, stamp)
+        old = self.swap(stamp)
+        self.link(*files)
+        if prune and old is not None:
+            shutil.rmtree(self.root / old)
+        return self.root / f"..{stamp}"
 
 
 def mtls_context(identity_dir: Path | None, bundle: str | Path) -> ssl.SSLContext:
@@ -141,6 +317,18 @@ def raw(port: int, data: bytes, *, ctx: ssl.SSLContext | None = None, timeout: f
         return out
     finally:
         sock.close()
+
+
+def read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 65536) -> bytes:
+    """Read from ``sock`` through the end of an HTTP head (``CRLF CRLF``); bounded: stops at
+    EOF or past ``limit`` bytes, so a test asserting on the head fails instead of hanging."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) <= limit:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class Proc:
@@ -337,11 +525,43 @@ def audit_export(path: str | Path, *filters: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
 
+def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = "",
+                      batch: int = 1, pause: float = 0.0) -> Any:
+    """Write ``records`` through a real ``AuditWriter`` for ``config`` (started in a nursery,
+    closed cleanly, all bounded by 20 s) and return the writer. After every ``batch`` records
+    the writer gets a turn (``trio.sleep(pause)``), so they land in batches of about that
+    size. Every record must be accepted."""
+    import trio
+
+    from sidecar.audit.writer import AuditWriter
+
+    writer = AuditWriter(config, identity=identity)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                for n, rec in enumerate(records, 1):
+                    assert writer.submit(rec)
+                    if n % batch == 0:
+                        await trio.sleep(pause)
+                await writer.aclose()
+
+    trio.run(main)
+    return writer
+
+
+def replace_file(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` in one step (a temporary file renamed over it), so no reader sees
+    half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 def write_policy(path: Path, policy: dict[str, Any]) -> str:
     """Write a mesh policy as YAML (atomically, as a ConfigMap update would); return its path."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(policy, sort_keys=False))
-    os.replace(tmp, path)
+    replace_file(path, yaml.safe_dump(policy, sort_keys=False))
     return str(path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -12,10 +11,6 @@ from typing import Any
 import h11
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sidecar.admin import (
     AppProbe,
@@ -27,6 +22,7 @@ from sidecar.admin import (
 )
 from sidecar.errors import ConfigError
 from sidecar.metrics import SidecarMetrics
+from tests.harness import ThrowawayCA
 
 
 class SidecarStatus:
@@ -310,36 +306,8 @@ async def tiny_app(
     await trio.serve_listeners(handle, listeners)
 
 
-def self_signed_server_context(tmp: Path) -> ssl.SSLContext:
-    """A server context with a throwaway self-signed certificate (the app's own)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "app.local")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp / "app.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "app.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp / "app.crt", tmp / "app.key")
-    return ctx
-
-
 def test_https_app_probe(tmp_path: Path) -> None:
-    server_ctx = self_signed_server_context(tmp_path)
+    server_ctx = ThrowawayCA().server_context(tmp_path)  # the app's own, trusted by no one
 
     async def test(nursery: trio.Nursery) -> None:
         app_port = await nursery.start(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
 import io
-import ipaddress
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -13,10 +11,6 @@ from pathlib import Path
 import h11
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sidecar import logs
 from sidecar.alert_poster import AlertPoster
@@ -33,6 +27,7 @@ from sidecar.policy.decision import AuthFacts
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Conditions, JwtCondition, Rule
 from sidecar.policy.sections import AlertRule
+from tests.harness import ThrowawayCA
 
 PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
 ADDR = "10.0.0.7"
@@ -152,35 +147,6 @@ def test_update_keeps_unchanged_rules_state() -> None:
 
 
 # --- webhook delivery over real sockets -------------------------------------------------------
-
-
-def _self_signed(tmp: Path) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1 (cert file, key file)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_file), str(key_file)
 
 
 async def _webhook_server(
@@ -326,10 +292,9 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
 
 
 def test_https_webhook_verifies_the_server(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    trusting = ssl.create_default_context(cafile=cert)
+    ca = ThrowawayCA()
+    server_ctx = ca.server_context(tmp_path)
+    trusting = ca.client_context()
     received: list[tuple[str, dict[str, str], bytes]] = []
     logs.configure(stream=io.StringIO())
     metrics = SidecarMetrics()

@@ -26,7 +26,7 @@ from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments, read_frames, segment_name, verify
 from sidecar.audit.signing import Checkpoint, load_keyring, write_keypair
 from sidecar.audit.writer import AuditWriter
-from tests.harness import sidecar_cli
+from tests.harness import sidecar_cli, write_audit_trail
 
 IDENT = "spiffe://td/ns/demo/sa/orders"
 N_RECORDS = 60
@@ -37,21 +37,11 @@ def write(directory: Path, key: Path, n: int, start: int = 0, **cfg: object) -> 
     config = AuditConfig(path=str(directory), fsync=False, signing_key_file=str(key),
                          max_segment_bytes=1200, checkpoint_every_records=7,
                          **cfg)  # type: ignore[arg-type]
-    writer = AuditWriter(config, identity=IDENT)
-
-    async def main() -> None:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(writer.run)
-                for i in range(start, start + n):
-                    assert writer.submit(AuditRecord(
-                        time=1000.0 + i, request_id=f"r{i}", decision="deny" if i % 4 else "allow",
-                        rule="r", status=403 if i % 4 else 200))
-                    if i % 5 == 4:
-                        await trio.sleep(0.001)
-                await writer.aclose()
-
-    trio.run(main)
+    records = (AuditRecord(time=1000.0 + i, request_id=f"r{i}",
+                           decision="deny" if i % 4 else "allow", rule="r",
+                           status=403 if i % 4 else 200) for i in range(start, start + n))
+    writer: AuditWriter = write_audit_trail(config, records, identity=IDENT, batch=5,
+                                            pause=0.001)
     return writer
 
 

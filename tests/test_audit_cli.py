@@ -14,33 +14,23 @@ import time
 from pathlib import Path
 
 import pytest
-import trio
 
 from sidecar.audit.cli import main
 from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments
-from sidecar.audit.writer import AuditWriter
+from tests.harness import write_audit_trail
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def write(directory: Path, start: int, n: int, **cfg: object) -> None:
     config = AuditConfig(path=str(directory), fsync=False, **cfg)  # type: ignore[arg-type]
-
-    async def run() -> None:
-        w = AuditWriter(config)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(w.run)
-            for i in range(start, start + n):
-                w.submit(AuditRecord(time=1700000000.0 + i, request_id=f"r{i}",
-                                     peer=f"spiffe://td/p{i % 2}",
-                                     decision="allow" if i % 2 else "deny", rule="r",
-                                     extra={"i": i}))
-                await trio.sleep(0)
-            await w.aclose()
-
-    trio.run(run)
+    write_audit_trail(config, (AuditRecord(time=1700000000.0 + i, request_id=f"r{i}",
+                                           peer=f"spiffe://td/p{i % 2}",
+                                           decision="allow" if i % 2 else "deny", rule="r",
+                                           extra={"i": i})
+                               for i in range(start, start + n)))
 
 
 @pytest.fixture

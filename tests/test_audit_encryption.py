@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import trio
 
 from sidecar.audit.config import AuditConfig
 from sidecar.audit.crypto import Decryptor, load_data_key, write_data_key
@@ -15,7 +14,7 @@ from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import iter_records, list_segments, verify
 from sidecar.audit.signing import load_keyring, write_keypair
 from sidecar.audit.writer import AuditWriter
-from tests.harness import sidecar_cli, spiffe, write_policy
+from tests.harness import sidecar_cli, spiffe, write_audit_trail, write_policy
 from tests.test_audit_attacks import flip_denies, read_trail, rechain
 
 ORDERS = spiffe("orders")
@@ -33,18 +32,7 @@ def write(d: Path, data_key: Path, signing_key: Path | None = None) -> None:
     config = AuditConfig(path=str(d), fsync=False, encryption_key_file=str(data_key),
                          signing_key_file=str(signing_key) if signing_key else None,
                          max_segment_bytes=1500)
-    writer = AuditWriter(config, identity=ORDERS)
-
-    async def main() -> None:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(writer.run)
-                for i in range(N):
-                    assert writer.submit(record(i))
-                    await trio.sleep(0)
-                await writer.aclose()
-
-    trio.run(main)
+    write_audit_trail(config, (record(i) for i in range(N)), identity=ORDERS)
 
 
 @pytest.fixture

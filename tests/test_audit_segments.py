@@ -7,7 +7,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import trio
 
 from sidecar.audit.chain import LENGTH
 from sidecar.audit.config import AuditConfig
@@ -24,27 +23,17 @@ from sidecar.audit.segments import (
     segment_name,
     verify,
 )
-from sidecar.audit.writer import AuditWriter
+from tests.harness import write_audit_trail
 
 
 def write_trail(directory: Path, n: int, start: int = 0, **cfg: object) -> None:
     """Write ``n`` records through a real writer, in batches of 4, then close it."""
     config = AuditConfig(path=str(directory), fsync=False, **cfg)  # type: ignore[arg-type]
-
-    async def main() -> None:
-        writer = AuditWriter(config)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(writer.run)
-            for i in range(start, start + n):
-                assert writer.submit(AuditRecord(time=1000.0 + i, request_id=f"r{i}",
-                                                 peer=f"spiffe://td/p{i % 3}",
-                                                 decision="allow" if i % 2 else "deny",
-                                                 rule=f"rule{i % 2}"))
-                if i % 4 == 3:
-                    await trio.sleep(0.001)  # let the writer take a batch
-            await writer.aclose()
-
-    trio.run(main)
+    write_audit_trail(config, (AuditRecord(time=1000.0 + i, request_id=f"r{i}",
+                                           peer=f"spiffe://td/p{i % 3}",
+                                           decision="allow" if i % 2 else "deny",
+                                           rule=f"rule{i % 2}")
+                               for i in range(start, start + n)), batch=4, pause=0.001)
 
 
 def frames_of(path: str) -> list[tuple[int, bytes]]:

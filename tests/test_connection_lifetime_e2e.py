@@ -9,7 +9,6 @@ ended as docs/identity.md "Connection lifetime" says, counted in
 from __future__ import annotations
 
 import http.client as httpclient
-import os
 import socket
 import ssl
 import time
@@ -27,6 +26,8 @@ from tests.harness import (
     free_port,
     http,
     mtls_context,
+    read_head,
+    replace_file,
     sidecar_config,
     spiffe,
     start_app,
@@ -131,9 +132,7 @@ def test_keepalive_from_a_root_removed_from_the_bundle_is_closed(env) -> None:
     caller = write_svid(old_root.issue(spiffe("frontend")), old_root, tmp / "old-caller")
     ctx = mtls_context(caller, pki.bundle)
     conn = keepalive(srv.port("inbound"), ctx)
-    tmp_bundle = ident / "ca.crt.tmp"
-    tmp_bundle.write_bytes(pki.ca.bundle_pem)
-    os.replace(tmp_bundle, ident / "ca.crt")  # the old root is retired
+    replace_file(ident / "ca.crt", pki.ca.bundle_pem)  # the old root is retired
     wait_closed(srv, "peer_untrusted")
     assert_closed_by_server(conn, srv.port("inbound"))
     [rec] = audited(tmp, "orders", "peer_untrusted")
@@ -162,15 +161,11 @@ def test_outbound_upgraded_stream_ends_when_the_upstream_root_leaves_the_bundle(
     with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
                   b"Connection: upgrade\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
+        head = read_head(s)
         assert head.startswith(b"HTTP/1.1 101"), head
         s.sendall(b"ping")
         assert s.recv(4096) == b"ping"
-        tmp_bundle = own / "ca.crt.tmp"
-        tmp_bundle.write_bytes(pki.ca.bundle_pem)
-        os.replace(tmp_bundle, own / "ca.crt")
+        replace_file(own / "ca.crt", pki.ca.bundle_pem)
         wait_closed(out, "peer_untrusted", "outbound")
         assert read_until_eof(s)
 
@@ -251,9 +246,7 @@ def test_upgraded_stream_closed_after_a_policy_reload_refuses_it(env) -> None:
         with ctx.wrap_socket(raw) as tls:
             tls.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
                         b"Connection: upgrade\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
+            head = read_head(tls)
             assert head.startswith(b"HTTP/1.1 101"), head
             tls.sendall(b"ping")
             assert tls.recv(4096) == b"ping"

@@ -19,6 +19,7 @@ from tests.harness import (
     http,
     mtls_context,
     raw,
+    read_head,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -212,9 +213,7 @@ def test_upgrade_passes_bytes_after_authorisation(mesh):
     a, _ = mesh
     with socket.create_connection(("127.0.0.1", a.port("orders")), timeout=5) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
+        head = read_head(s)
         assert head.startswith(b"HTTP/1.1 101"), head
         s.sendall(b"ping-1")
         got = b""

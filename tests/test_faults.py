@@ -8,7 +8,6 @@ others, and it recovers by itself once the fault is gone. Every wait is bounded.
 from __future__ import annotations
 
 import http.client as httpclient
-import json
 import os
 import shutil
 import signal
@@ -28,11 +27,11 @@ from tests.harness import (
     TD,
     Pki,
     Response,
+    audit_export,
     free_port,
     http,
     https_server_material,
     mtls_context,
-    sidecar_cli,
     sidecar_config,
     spiffe,
     start_app,
@@ -391,15 +390,40 @@ def _served_ids(responses: list[Response]) -> set[str]:
     return out
 
 
-def test_audit_directory_replaced_by_file_fails_closed_then_recovers(tmp_path, pki, app,
-                                                                       procs):
-    audit_dir = tmp_path / "audit"
+def _audited(tmp_path, pki, app, procs, audit_dir):
+    """An inbound sidecar auditing to ``audit_dir``, its port, a caller's context, and the
+    first request, served before any fault."""
     b = _inbound(tmp_path, pki, app, audit={"path": str(audit_dir)})
     procs.append(b)
     ctx = _caller(pki)
     port = b.port("inbound")
     served = [http(port, "GET", "/orders/before", ctx=ctx)]
     assert served[0].status == 200
+    return b, port, ctx, served
+
+
+def _recovers(port, ctx, served) -> None:
+    """The fault is gone: traffic is served again (five more requests; all in ``served``)."""
+    seen = _until_status(port, ctx, 200)
+    served += seen
+    assert seen[-1].status == 200
+    for i in range(5):
+        served.append(http(port, "GET", f"/orders/after-{i}", ctx=ctx))
+        assert served[-1].status == 200
+
+
+def _lost_nothing(b, served, audit_dir) -> None:
+    """Stop ``b``; every request the app saw has its audit record."""
+    b.stop()
+    ids = _served_ids(served)
+    recorded = {rec.get("request_id") or rec.get("id") for rec in audit_export(audit_dir)}
+    assert ids and ids <= recorded, ids - recorded
+
+
+def test_audit_directory_replaced_by_file_fails_closed_then_recovers(tmp_path, pki, app,
+                                                                       procs):
+    audit_dir = tmp_path / "audit"
+    b, port, ctx, served = _audited(tmp_path, pki, app, procs, audit_dir)
 
     moved = tmp_path / "audit-moved"
     os.rename(audit_dir, moved)
@@ -414,25 +438,9 @@ def test_audit_directory_replaced_by_file_fails_closed_then_recovers(tmp_path, p
 
     audit_dir.unlink()
     os.rename(moved, audit_dir)
-    seen = _until_status(port, ctx, 200)
-    served += seen
-    assert seen[-1].status == 200
-    for i in range(5):
-        served.append(http(port, "GET", f"/orders/after-{i}", ctx=ctx))
-        assert served[-1].status == 200
+    _recovers(port, ctx, served)
     assert http(b.port("admin"), "GET", "/readyz").status == 200
-
-    # Nothing lost: every request the app saw has its audit record.
-    b.stop()
-    ids = _served_ids(served)
-    recorded = {rec.get("request_id") or rec.get("id") for rec in _audit_records(audit_dir)}
-    assert ids and ids <= recorded, ids - recorded
-
-
-def _audit_records(path: Path) -> list[dict[str, Any]]:
-    r = sidecar_cli("audit", "export", str(path), "--format", "jsonl")
-    assert r.returncode == 0, r.stdout + r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    _lost_nothing(b, served, audit_dir)
 
 
 @pytest.fixture
@@ -451,12 +459,7 @@ def tiny_fs(tmp_path):
 
 def test_audit_disk_full_fails_closed_then_recovers(tmp_path, pki, app, procs, tiny_fs):
     audit_dir = tiny_fs / "audit"
-    b = _inbound(tmp_path, pki, app, audit={"path": str(audit_dir)})
-    procs.append(b)
-    ctx = _caller(pki)
-    port = b.port("inbound")
-    served = [http(port, "GET", "/orders/before", ctx=ctx)]
-    assert served[0].status == 200
+    b, port, ctx, served = _audited(tmp_path, pki, app, procs, audit_dir)
 
     filler = tiny_fs / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
@@ -472,16 +475,8 @@ def test_audit_disk_full_fails_closed_then_recovers(tmp_path, pki, app, procs, t
     _assert_generic(seen[-1], 503)
 
     filler.unlink()
-    seen = _until_status(port, ctx, 200)
-    served += seen
-    assert seen[-1].status == 200
-    for i in range(5):
-        served.append(http(port, "GET", f"/orders/after-{i}", ctx=ctx))
-        assert served[-1].status == 200
-    b.stop()
-    ids = _served_ids(served)
-    recorded = {rec.get("request_id") or rec.get("id") for rec in _audit_records(audit_dir)}
-    assert ids and ids <= recorded, ids - recorded
+    _recovers(port, ctx, served)
+    _lost_nothing(b, served, audit_dir)
 
 
 # -- the JWKS server -------------------------------------------------------------------------

@@ -149,6 +149,8 @@ def _check_config(text: str | bytes) -> None:
     # A model is only valid if every bound is a real bound: NaN or infinity would disable it.
     for name in Limits.__dataclass_fields__:
         value = getattr(lim, name)
+        if value is None and name == "max_connection_age_jitter":
+            value = lim.connection_age_jitter  # unset: derived from max_connection_age
         assert isinstance(value, int | float) and math.isfinite(value) and value >= 0, (name, value)
     assert lim.max_headers >= 1 and lim.max_connections >= 1
     assert cfg.inbound is not None or cfg.outbound

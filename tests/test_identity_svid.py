@@ -22,6 +22,7 @@ from sidecar.identity.svid import (
     svid_files_signature,
     validate_svid_leaf,
 )
+from tests.harness import KubeletVolume
 
 TD = "example.org"
 ID = "spiffe://example.org/ns/shop/sa/orders"
@@ -240,25 +241,18 @@ def test_oversized_file_is_refused(ca: DevCA, tmp_path: Path) -> None:
     assert _rule(d) == ("file-unreadable", str(d / "ca.crt"))
 
 
-def _kubernetes_volume(ca: DevCA, root: Path, generation: str) -> Path:
-    """A volume in kubelet's atomic-writer layout: name -> ..data/name -> ..<generation>/name."""
-    write_svid(ca.issue(ID), ca, root / f"..{generation}")
-    os.symlink(f"..{generation}", root / "..data")
-    for name in ("tls.crt", "tls.key", "ca.crt"):
-        os.symlink(f"..data/{name}", root / name)
+def _publish(ca: DevCA, root: Path, generation: str) -> Path:
+    """A fresh SVID in kubelet's atomic-writer layout: name -> ..data/name -> ..<gen>/name."""
+    issued = ca.issue(ID)
+    KubeletVolume(root).publish({"tls.crt": issued.chain_pem, "tls.key": issued.key_pem,
+                                 "ca.crt": ca.bundle_pem}, stamp=generation)
     return root
-
-
-def _swap(ca: DevCA, root: Path, generation: str) -> None:
-    write_svid(ca.issue(ID), ca, root / f"..{generation}")
-    os.symlink(f"..{generation}", root / "..data_tmp")
-    os.replace(root / "..data_tmp", root / "..data")
 
 
 def test_kubernetes_data_layout_reads_one_snapshot(
     ca: DevCA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    volume = _kubernetes_volume(ca, tmp_path, "gen1")
+    volume = _publish(ca, tmp_path, "gen1")
     assert snapshot_paths(str(volume / "tls.crt"))[0] == str(tmp_path / "..gen1" / "tls.crt")
     # Swap to a new generation right after the first file is read: reading the visible
     # paths would pair gen1's certificate with gen2's key (key-mismatch).
@@ -269,7 +263,7 @@ def test_kubernetes_data_layout_reads_one_snapshot(
         data = real_read(path, shown)
         if not swapped:
             swapped.append(True)
-            _swap(ca, volume, "gen2")
+            _publish(ca, volume, "gen2")
         return data
 
     monkeypatch.setattr(svid_module, "_read", read_then_swap)
@@ -290,11 +284,11 @@ def test_plain_files_and_symlinks_outside_data_are_read_as_is(ca: DevCA, tmp_pat
 
 
 def test_files_signature_changes_on_data_swap_and_rewrite(ca: DevCA, tmp_path: Path) -> None:
-    volume = _kubernetes_volume(ca, tmp_path / "vol", "gen1")
+    volume = _publish(ca, tmp_path / "vol", "gen1")
     paths = [str(volume / n) for n in ("tls.crt", "tls.key", "ca.crt")]
     first = svid_files_signature(*paths)
     assert all(first) and first == svid_files_signature(*paths)
-    _swap(ca, volume, "gen2")
+    _publish(ca, volume, "gen2")
     second = svid_files_signature(*paths)
     assert all(a != b for a, b in zip(first, second, strict=True))
 

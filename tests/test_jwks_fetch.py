@@ -5,8 +5,6 @@ Every wait is bounded: trio.fail_after around each test body, polling loops capp
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import random
 import ssl
 from collections.abc import Awaitable, Callable
@@ -16,15 +14,12 @@ from pathlib import Path
 import h11
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.authn.authenticator import Authenticator
 from sidecar.errors import ConfigError
 from sidecar.jwks_fetch import JwksFetchError, fetch_jwks, load_jwks_file, run_jwks_fetcher
 from sidecar.policy.sections import PolicyExtras
+from tests.harness import ThrowawayCA
 from tests.test_authn_support import claims, ec_key, jwk, jwks_bytes, mint, provider
 
 TEST_TIMEOUT = 15.0
@@ -37,60 +32,12 @@ class Tls:
     server_context: ssl.SSLContext
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     root: Path = tmp_path_factory.mktemp("jwks-tls")
-    ca_key, ca_cert = _ca("test JWKS CA")
-    _, other_cert = _ca("some other CA")
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    leaf = (
-        x509.CertificateBuilder().subject_name(_name("127.0.0.1"))
-        .issuer_name(ca_cert.subject).public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (root / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    (root / "other.pem").write_bytes(other_cert.public_bytes(pem))
-    (root / "leaf.pem").write_bytes(leaf.public_bytes(pem))
-    (root / "leaf.key").write_bytes(leaf_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(root / "leaf.pem"), str(root / "leaf.key"))
-    return Tls(str(root / "ca.pem"), str(root / "other.pem"), ctx)
+    ca = ThrowawayCA("test JWKS CA")
+    return Tls(ca.write(root / "ca.pem"), ThrowawayCA("some other CA").write(root / "other.pem"),
+               ca.server_context(root))
 
 
 class JwksServer:

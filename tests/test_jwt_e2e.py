@@ -16,7 +16,6 @@ import hmac
 import http.client as httpclient
 import json
 import math
-import os
 import re
 import socket
 import ssl
@@ -46,6 +45,7 @@ from tests.harness import (
     https_server_material,
     mtls_context,
     raw,
+    replace_file,
     sidecar_config,
     spiffe,
     start_app,
@@ -97,13 +97,6 @@ def segments(header: dict[str, Any], payload: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_json_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` in one step (like a ConfigMap update), so no reader sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def provider_doc(**extra: Any) -> dict[str, Any]:
@@ -483,7 +476,7 @@ def _file_node(tmp: Path, pki: Pki, app_port: int, procs: list, keys: list[dict[
                **provider_extra: Any) -> tuple[Node, Any]:
     jwks = tmp / "policy" / "jwks.json"
     jwks.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(jwks, jwks_bytes(*keys))
+    replace_file(jwks, jwks_bytes(*keys))
 
     def make(revs: list[dict[str, Any]] | None) -> dict[str, Any]:
         return policy_doc({"corp": provider_doc(jwks_file="jwks.json", **provider_extra)},
@@ -542,7 +535,7 @@ def test_jwks_file_rotation_without_a_failed_request(tmp_path: Path, pki: Pki, o
 
     # Publish old+new while old-key traffic keeps flowing: none of it may fail.
     statuses: list[int] = []
-    write_json_atomic(jwks, jwks_bytes(old_jwk, new_jwk))
+    replace_file(jwks, jwks_bytes(old_jwk, new_jwk))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         statuses.append(node.get("/x", sign(claims(), old_key, kid="old")).status)
@@ -563,7 +556,7 @@ def test_jwks_file_rotation_without_a_failed_request(tmp_path: Path, pki: Pki, o
     assert failures == []
 
     # Retire the old key: new keeps working, old is refused, even a token cached before.
-    write_json_atomic(jwks, jwks_bytes(new_jwk))
+    replace_file(jwks, jwks_bytes(new_jwk))
     wait_for(lambda: node.get("/x", sign(claims(), old_key, kid="old")).status == 401,
              timeout=10, interval=0.1)
     assert node.get("/x", cached_old).status == 401
@@ -766,7 +759,7 @@ def test_users_bad_tokens_never_block_the_frontend_relaying_them(tmp_path: Path,
     rule allows it) still block it."""
     jwks = tmp_path / "policy" / "jwks.json"
     jwks.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(jwks, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
+    replace_file(jwks, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
     doc = policy_doc({"corp": provider_doc(jwks_file="jwks.json")}, [
         jwt_rule("readers", ["/orders/**"], "corp", {"scope": {"contains": "orders:read"}}),
         {"name": "guests-never-write", "deny": {"methods": ["POST"], "paths": ["/orders/**"],

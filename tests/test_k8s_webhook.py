@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
-import os
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -21,9 +17,6 @@ import h11
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sidecar.k8s.inject import SIDECAR_CONTAINER, STATUS_ANNOTATION, InjectOptions
 from sidecar.k8s.patch import apply_patch
@@ -34,75 +27,15 @@ from sidecar.k8s.webhook import (
     parse_listen,
     serve_webhook,
 )
+from tests.harness import KubeletVolume, ServerCert, ThrowawayCA
 
 TEST_TIMEOUT = 20.0
 
 
-class ThrowawayCA:
-    """A throwaway CA issuing webhook serving certificates for 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook test CA")])
-        now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256()))
-
-    def issue(self, *, days: float = 1.0) -> tuple[bytes, bytes, int]:
-        """(cert PEM, key PEM, serial) for a server certificate valid for 127.0.0.1."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        serial = x509.random_serial_number()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                        "sidecar-injector.mesh.svc")]))
-            .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("sidecar-injector.mesh.svc"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(self.key, hashes.SHA256()))
-        key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem, serial
-
-    def client_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cadata=self.cert.public_bytes(
-            serialization.Encoding.PEM).decode())
-        return ctx
-
-
-class DataDir:
-    """A Kubernetes-style Secret volume: files are symlinks through an atomically swapped
-    ``..data`` link, as kubelet writes them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.generation = 0
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.generation += 1
-        snap = self.root / f"..gen_{self.generation}"
-        snap.mkdir()
-        for name, data in files.items():
-            (snap / name).write_bytes(data)
-            link = self.root / name
-            if not link.is_symlink():
-                link.symlink_to(f"..data/{name}")
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(snap.name)
-        os.replace(tmp, self.root / "..data")
-
-    def path(self, name: str) -> str:
-        return str(self.root / name)
+def serving_cert(ca: ThrowawayCA, *, days: float = 1.0) -> ServerCert:
+    """A webhook serving certificate (its Service's DNS name and 127.0.0.1)."""
+    return ca.issue(common_name="sidecar-injector.mesh.svc",
+                    dns=("sidecar-injector.mesh.svc",), days=days)
 
 
 @dataclass
@@ -180,16 +113,15 @@ def pod(meta: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
             "spec": {"containers": [{"name": "frontend", "image": "frontend:1"}], **spec}}
 
 
-Scenario = Callable[[int, ThrowawayCA, DataDir, ServingCertificate], Awaitable[None]]
+Scenario = Callable[[int, ThrowawayCA, KubeletVolume, ServingCertificate], Awaitable[None]]
 
 
 def run_webhook(tmp_path: Path, scenario: Scenario, *, limits: WebhookLimits | None = None,
                 reload_interval: float = 0.05) -> None:
     """Start the webhook on 127.0.0.1 (port 0) with a fresh CA, run ``scenario``, stop."""
     ca = ThrowawayCA()
-    data = DataDir(tmp_path)
-    cert, key, _ = ca.issue()
-    data.publish({"tls.crt": cert, "tls.key": key})
+    data = KubeletVolume(tmp_path)
+    data.publish(serving_cert(ca).tls_secret())
     serving = ServingCertificate(data.path("tls.crt"), data.path("tls.key"), time.time())
 
     async def main() -> None:
@@ -205,7 +137,7 @@ def run_webhook(tmp_path: Path, scenario: Scenario, *, limits: WebhookLimits | N
 
 
 def test_healthz_and_pod_injection_over_https(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: ServingCertificate) -> None:
         client = await Client.connect(port, ca)
         assert client.stream.selected_alpn_protocol() in (None, "http/1.1")
         health = await client.request("GET", "/healthz")
@@ -229,7 +161,7 @@ def test_healthz_and_pod_injection_over_https(tmp_path: Path) -> None:
 
 
 def test_malformed_review_is_400_and_server_keeps_answering(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: ServingCertificate) -> None:
         client = await Client.connect(port, ca)
         bad = await client.request("POST", "/mutate", b"{\"apiVersion\": 1")
         assert bad.status == 400
@@ -254,7 +186,7 @@ def test_malformed_review_is_400_and_server_keeps_answering(tmp_path: Path) -> N
 
 
 def test_wrong_method_unknown_path_and_oversized_body(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: ServingCertificate) -> None:
         for method, target, status, allow in (("GET", "/mutate", 405, b"POST"),
                                               ("POST", "/healthz", 405, b"GET, HEAD"),
                                               ("GET", "/other", 404, None)):
@@ -272,7 +204,7 @@ def test_wrong_method_unknown_path_and_oversized_body(tmp_path: Path) -> None:
 
 
 def test_idle_client_is_disconnected(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: ServingCertificate) -> None:
         client = await Client.connect(port, ca)
         with trio.fail_after(5):
             assert await client.stream.receive_some(100) == b""  # server closed on us
@@ -282,7 +214,7 @@ def test_idle_client_is_disconnected(tmp_path: Path) -> None:
 
 
 def test_idle_keep_alive_connection_is_closed_after_idle_timeout(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir, _: ServingCertificate) -> None:
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: ServingCertificate) -> None:
         client = await Client.connect(port, ca)
         assert (await client.request("GET", "/healthz")).status == 200  # kept alive...
         with trio.fail_after(5):  # ...until it has been idle for idle_timeout
@@ -298,15 +230,14 @@ def test_default_limits_are_short_idle_and_per_source() -> None:
 
 
 def test_certificate_rotation_via_data_swap(tmp_path: Path) -> None:
-    async def scenario(port: int, ca: ThrowawayCA, data: DataDir,
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume,
                        serving: ServingCertificate) -> None:
         old = await Client.connect(port, ca)
         old_serial = old.serial()
 
         # a half-written / mismatched pair is refused and the old certificate stays
-        wrong_cert, _, _ = ca.issue()
-        _, wrong_key, _ = ca.issue()
-        data.publish({"tls.crt": wrong_cert, "tls.key": wrong_key})
+        wrong_cert, wrong_key = serving_cert(ca), serving_cert(ca)
+        data.publish({"tls.crt": wrong_cert.cert_pem, "tls.key": wrong_key.key_pem})
         for _ in range(100):
             if serving.statistics()["failures"]:
                 break
@@ -317,8 +248,9 @@ def test_certificate_rotation_via_data_swap(tmp_path: Path) -> None:
         await probe.aclose()
 
         # a good new pair: new handshakes present it; the open connection keeps working
-        cert, key, new_serial = ca.issue()
-        data.publish({"tls.crt": cert, "tls.key": key})
+        new = serving_cert(ca)
+        new_serial = new.serial
+        data.publish(new.tls_secret())
         seen = old_serial
         for _ in range(100):
             client = await Client.connect(port, ca)
@@ -340,12 +272,12 @@ def test_certificate_rotation_via_data_swap(tmp_path: Path) -> None:
 
 def test_expired_or_garbage_certificate_is_refused(tmp_path: Path) -> None:
     ca = ThrowawayCA()
-    data = DataDir(tmp_path)
-    cert, key, _ = ca.issue(days=-0.5)
-    data.publish({"tls.crt": cert, "tls.key": key})
+    data = KubeletVolume(tmp_path)
+    expired = serving_cert(ca, days=-0.5)
+    data.publish(expired.tls_secret())
     with pytest.raises(CertificateLoadError, match="expired"):
         ServingCertificate(data.path("tls.crt"), data.path("tls.key"), time.time())
-    data.publish({"tls.crt": b"garbage", "tls.key": key})
+    data.publish({"tls.crt": b"garbage", "tls.key": expired.key_pem})
     with pytest.raises(CertificateLoadError):
         ServingCertificate(data.path("tls.crt"), data.path("tls.key"), time.time())
 
@@ -361,9 +293,10 @@ def test_parse_listen() -> None:
 
 def test_module_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path) -> None:
     ca = ThrowawayCA()
-    cert, key, serial = ca.issue()
-    (tmp_path / "tls.crt").write_bytes(cert)
-    (tmp_path / "tls.key").write_bytes(key)
+    issued = serving_cert(ca)
+    serial = issued.serial
+    (tmp_path / "tls.crt").write_bytes(issued.cert_pem)
+    (tmp_path / "tls.key").write_bytes(issued.key_pem)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar.k8s.webhook", "--listen", "127.0.0.1:0",
          "--cert", str(tmp_path / "tls.crt"), "--key", str(tmp_path / "tls.key")],

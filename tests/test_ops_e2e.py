@@ -287,8 +287,12 @@ def test_alert_threshold_webhook_block_and_expiry(tmp_path, pki, app, procs):
         assert len(alerts) == 1
         assert alerts[0]["peer"] == FRONTEND and alerts[0]["rule"] == "authz-burst"
         assert alerts[0]["extra"]["failures"] == 3
-        blocked = [x for x in audit_export(audit_dir) if x.get("reason") == "source_blocked"]
+        blocked = [x for x in audit_export(audit_dir, "--event", "request")
+                   if x.get("reason") == "source_blocked"]
         assert len(blocked) >= 2 and all(x["status"] == 403 for x in blocked)
+        # The block also ended the frontend's open connections (issue 14), each recorded.
+        closed = audit_export(audit_dir, "--event", "connection_closed")
+        assert closed and all(x["reason"] == "source_blocked" for x in closed)
         assert len(Hook.received) == 1
     finally:
         server.shutdown()

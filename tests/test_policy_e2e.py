@@ -11,8 +11,6 @@ rule runs, and the ``sidecar policy`` CLI on the shipped policies.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ import pytest
 from sidecar.audit.segments import iter_records
 from tests.harness import (
     ROOT,
+    KubeletVolume,
     Pki,
     SidecarProc,
     free_port,
@@ -282,19 +281,8 @@ def test_plain_rewrite_is_picked_up(mesh, policy_file):
 
 
 def _configmap(root: Path, stamp: str, text: str) -> None:
-    """Write the kubelet's layout (or swap it, exactly as the kubelet does)."""
-    ts = root / f"..{stamp}"
-    ts.mkdir()
-    (ts / "mesh.yaml").write_text(text)
-    data = root / "..data"
-    if not data.exists():
-        os.symlink(ts.name, data)
-        os.symlink("..data/mesh.yaml", root / "mesh.yaml")
-        return
-    old = os.readlink(data)
-    os.symlink(ts.name, root / "..data_tmp")
-    os.rename(root / "..data_tmp", data)
-    shutil.rmtree(root / old)
+    """Write the kubelet's layout (or update it, exactly as the kubelet does)."""
+    KubeletVolume(root).publish({"mesh.yaml": text}, stamp=stamp, prune=True)
 
 
 def test_configmap_data_symlink_swap_is_picked_up(tmp_path, pki, app, procs):

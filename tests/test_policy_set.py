@@ -17,6 +17,7 @@ from sidecar.policy.loader import (
     load_policy_files,
     load_policy_set,
 )
+from tests.harness import KubeletVolume
 
 TD = "mesh.local"
 A = f"spiffe://{TD}/ns/a/sa/one"
@@ -266,35 +267,27 @@ def test_a_missing_file_or_directory_or_an_empty_one_is_an_error(tmp_path: Path)
         assert str(path) in str(info.value) and message in str(info.value)
 
 
-def _configmap(d: Path, stamp: str, **docs: str) -> None:
-    """kubelet's layout: ..<stamp>/FILE, ..data -> ..<stamp>, FILE -> ..data/FILE."""
-    _write(d / f"..{stamp}", **docs)
-    tmp = d / "..data_tmp"
-    os.symlink(f"..{stamp}", tmp)
-    os.replace(tmp, d / "..data")
-    for name in docs:
-        if not (d / f"{name}.yaml").is_symlink():
-            os.symlink(f"..data/{name}.yaml", d / f"{name}.yaml")
+def _yaml(**docs: str) -> dict[str, str]:
+    return {f"{name}.yaml": text for name, text in docs.items()}
 
 
 def test_a_half_updated_configmap_directory_reads_one_whole_version(tmp_path: Path) -> None:
     d = tmp_path / "cm"
-    d.mkdir()
-    _configmap(d, "v1", mesh=MESH, a=NS_A, b=NS_B)
+    volume = KubeletVolume(d)
+    volume.publish(_yaml(mesh=MESH, a=NS_A, b=NS_B), stamp="v1")
     v1 = load_policy_set([str(d)])
     # kubelet's steps of an update that moves C from b.yaml to a new c.yaml:
     # 1. the new timestamped directory is written, ..data not yet swapped: still v1.
     moved_b = NS_B.split(f"  {C}:")[0]
     new_c = f"version: 1\nservices:\n  {C}:" + NS_B.split(f"  {C}:")[1]
-    _write(d / "..v2", mesh=MESH, a=NS_A, b=moved_b, c=new_c)
+    volume.stage(_yaml(mesh=MESH, a=NS_A, b=moved_b, c=new_c), stamp="v2")
     assert load_policy_set([str(d)]).version == v1.version
     # 2. ..data swapped, the visible c.yaml link not created yet: the whole new version.
-    os.symlink("..v2", d / "..data_tmp")
-    os.replace(d / "..data_tmp", d / "..data")
+    volume.swap("v2")
     v2 = load_policy_set([str(d)])
     assert v2.services[C].file == str(d / "c.yaml") and set(v2.services) == {A, B, C}
     # 3. a visible link left dangling (a file removed by the update) changes nothing.
-    os.symlink("..data/gone.yaml", d / "gone.yaml")
+    volume.link("gone.yaml")
     assert load_policy_set([str(d)]).version == v2.version != v1.version
 
 

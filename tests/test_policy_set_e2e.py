@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from sidecar.policy.engine import decide, decide_egress
 from sidecar.policy.loader import load_policy_set
 from tests.harness import (
     ROOT,
+    KubeletVolume,
     Pki,
     SidecarProc,
     free_port,
@@ -67,15 +67,8 @@ services:
 
 
 def _swap(d: Path, stamp: str, **docs: str) -> None:
-    """A kubelet ConfigMap update: new ..<stamp> dir, ..data re-pointed, visible links."""
-    (d / f"..{stamp}").mkdir(parents=True)
-    for name, text in docs.items():
-        (d / f"..{stamp}" / f"{name}.yaml").write_text(text)
-    os.symlink(f"..{stamp}", d / "..data_tmp")
-    os.replace(d / "..data_tmp", d / "..data")
-    for name in docs:
-        if not (d / f"{name}.yaml").exists():
-            os.symlink(f"..data/{name}.yaml", d / f"{name}.yaml")
+    """A kubelet ConfigMap update of ``d`` to version ``stamp``: ``NAME.yaml`` per keyword."""
+    KubeletVolume(d).publish({f"{name}.yaml": text for name, text in docs.items()}, stamp=stamp)
 
 
 def _start(tmp: Path, pki: Pki, identity: str, policy: list[str], name: str,

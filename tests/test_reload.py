@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sidecar.reload import FileWatcher
+from tests.harness import KubeletVolume
 
 
 class Target:
@@ -84,16 +84,10 @@ def test_kubernetes_configmap_data_swap_is_seen(tmp_path):
     # kubelet layout: mesh.yaml -> ..data/mesh.yaml, ..data -> ..2026_01; a swap writes a new
     # timestamped dir and renames a new symlink over ..data (the old inode never changes).
     d = tmp_path / "cm"
-    d.mkdir()
-    (d / "..2026_01").mkdir()
-    (d / "..2026_01" / "mesh.yaml").write_text("v1")
-    os.symlink("..2026_01", d / "..data")
-    os.symlink("..data/mesh.yaml", d / "mesh.yaml")
+    volume = KubeletVolume(d)
+    volume.publish({"mesh.yaml": "v1"}, stamp="2026_01")
     t = Target()
     w = _watcher(d / "mesh.yaml", t)
-    (d / "..2026_02").mkdir()
-    (d / "..2026_02" / "mesh.yaml").write_text("v2")
-    os.symlink("..2026_02", d / "..data_tmp")
-    os.rename(d / "..data_tmp", d / "..data")
+    volume.publish({"mesh.yaml": "v2"}, stamp="2026_02")
     w.poll_once()
     assert w.poll_once() and t.applied == ["v2"]

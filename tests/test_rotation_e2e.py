@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client as httpclient
-import os
 import socket
 import ssl
 import threading
@@ -25,10 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from sidecar.identity.ca import DevCA, IssuedCert
 from tests.harness import (
     TD,
+    KubeletVolume,
     SidecarProc,
     free_port,
     http,
     mtls_context,
+    replace_file,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -37,29 +38,6 @@ from tests.harness import (
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-class DataDir:
-    """An identity volume as kubelet / csi-driver-spiffe write it: visible files are symlinks
-    into ``..data``, a symlink swapped atomically to a new generation directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.generation = 0
-
-    def publish(self, files: dict[str, bytes]) -> None:
-        self.generation += 1
-        snap = self.root / f"..gen_{self.generation}"
-        snap.mkdir()
-        for name, data in files.items():
-            (snap / name).write_bytes(data)
-            link = self.root / name
-            if not link.is_symlink():
-                link.symlink_to(f"..data/{name}")
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(snap.name)
-        os.replace(tmp, self.root / "..data")
 
 
 def svid_files(issued: IssuedCert, *bundles: DevCA) -> dict[str, bytes]:
@@ -212,7 +190,7 @@ class LoadLoop:
 @pytest.mark.slow
 def test_data_swap_under_load_zero_failures_new_handshakes_new_cert(tmp_path, pki, app, procs):
     ca = pki.ca
-    b_dir, a_dir = DataDir(tmp_path / "orders-svid"), DataDir(tmp_path / "frontend-svid")
+    b_dir, a_dir = KubeletVolume(tmp_path / "orders-svid"), KubeletVolume(tmp_path / "frontend-svid")
     b_old, a_old = ca.issue(spiffe("orders")), ca.issue(spiffe("frontend"))
     b_dir.publish(svid_files(b_old, ca))
     a_dir.publish(svid_files(a_old, ca))
@@ -287,7 +265,7 @@ def test_data_swap_under_load_zero_failures_new_handshakes_new_cert(tmp_path, pk
 def test_bad_sets_keep_the_old_certificate_then_a_good_one_is_picked_up(tmp_path, pki, app,
                                                                          procs):
     ca = pki.ca
-    d = DataDir(tmp_path / "orders-svid")
+    d = KubeletVolume(tmp_path / "orders-svid")
     old = ca.issue(spiffe("orders"))
     d.publish(svid_files(old, ca))
     b = start_inbound(tmp_path, "orders", d.root, app, allow=("frontend",))
@@ -335,8 +313,7 @@ def test_plain_files_replaced_in_place_are_picked_up(tmp_path, pki, app, procs):
     ctx = client_ctx(pki.ca.issue(spiffe("frontend")), pki.ca, tmp=tmp_path)
     new = pki.ca.issue(spiffe("orders"))
     for name, data in (("tls.key", new.key_pem), ("tls.crt", new.chain_pem)):
-        (ident / f"{name}.tmp").write_bytes(data)
-        os.replace(ident / f"{name}.tmp", ident / name)
+        replace_file(ident / name, data)
     wait_for(lambda: reloads(b, "ok") >= 1, timeout=10)
     assert peer_der(b.port("inbound"), ctx) == leaf_der(new.cert_pem)
     # Between the two renames the key did not match: at most that one failed attempt.
@@ -350,7 +327,7 @@ def test_plain_files_replaced_in_place_are_picked_up(tmp_path, pki, app, procs):
 @pytest.mark.slow
 def test_ca_rotation_two_roots_then_old_root_dropped(tmp_path, pki, app, procs):
     ca1, ca2 = pki.ca, DevCA.create(TD)
-    b_dir, a_dir = DataDir(tmp_path / "orders-svid"), DataDir(tmp_path / "frontend-svid")
+    b_dir, a_dir = KubeletVolume(tmp_path / "orders-svid"), KubeletVolume(tmp_path / "frontend-svid")
     b_dir.publish(svid_files(ca1.issue(spiffe("orders")), ca1))
     a_dir.publish(svid_files(ca1.issue(spiffe("frontend")), ca1))
     b = start_inbound(tmp_path, "orders", b_dir.root, app, allow=("frontend",))
@@ -410,7 +387,7 @@ def test_ca_rotation_two_roots_then_old_root_dropped(tmp_path, pki, app, procs):
 def test_expiry_metric_follows_rotation_and_expired_certificate_fails_readiness(
         tmp_path, pki, app, procs):
     ca = pki.ca
-    d = DataDir(tmp_path / "orders-svid")
+    d = KubeletVolume(tmp_path / "orders-svid")
     first = ca.issue(spiffe("orders"), 86400)
     d.publish(svid_files(first, ca))
     b = start_inbound(tmp_path, "orders", d.root, app, allow=("frontend",))

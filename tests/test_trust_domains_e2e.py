@@ -10,7 +10,6 @@ and outbound (an upstream presenting it to a sidecar's outbound listener).
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import threading
@@ -26,6 +25,7 @@ from tests.harness import (
     free_port,
     http,
     mtls_context,
+    replace_file,
     sidecar_config,
     start_app,
     start_sidecar,
@@ -41,12 +41,6 @@ def sid(td: str, name: str, ns: str = "shop") -> str:
 
 FRONTEND, BACKEND = sid(CLUSTER, "frontend"), sid(CLUSTER, "backend")
 PARTNER_API = sid(PARTNER, "api", "pay")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class World:
@@ -229,7 +223,7 @@ def test_federated_bundle_reloads_on_its_own_and_keeps_the_last_good(world: Worl
         old_partner = world.client(world.partner, PARTNER_API)
         assert http(port, "GET", "/", ctx=old_partner).status == 200
         new_ca = DevCA.create(PARTNER)
-        atomic_write(bundle, spiffe_bundle_json([new_ca.root]))
+        replace_file(bundle, spiffe_bundle_json([new_ca.root]))
         wait_for(lambda: srv.log_events("trust_bundle_reloaded"))
         with pytest.raises((OSError, ConnectionError)):
             http(port, "GET", "/", ctx=old_partner, timeout=5)
@@ -239,7 +233,7 @@ def test_federated_bundle_reloads_on_its_own_and_keeps_the_last_good(world: Worl
         cluster = world.client(world.cluster, FRONTEND)
         assert http(port, "GET", "/", ctx=cluster).status == 200
         failed = srv.metric("sidecar_certificate_reloads_total", result="failed")
-        atomic_write(bundle, b'{"keys": [{"use": "x509-svid", "x5c": ["bad"]}]}')
+        replace_file(bundle, b'{"keys": [{"use": "x509-svid", "x5c": ["bad"]}]}')
         wait_for(lambda: srv.metric("sidecar_certificate_reloads_total",
                                     result="failed") > failed)
         assert http(port, "GET", "/", ctx=new_partner).status == 200  # last good kept

@@ -124,13 +124,16 @@ class ChainHead:
 
     @property
     def alg(self) -> str:
+        """The chain's digest algorithm: HMAC when a key is set, plain SHA-256 otherwise."""
         return ALG_HMAC if self.key is not None else ALG_SHA256
 
     @property
     def state(self) -> tuple[int, bytes]:
+        """A snapshot (next seq, digest of the last frame) for ``restore``."""
         return self.next_seq, self.prev
 
     def restore(self, state: tuple[int, bytes]) -> None:
+        """Roll back to a ``state`` snapshot (frames encoded since then were not written)."""
         self.next_seq, self.prev = state
         if self.journal:
             self.journal[:] = [j for j in self.journal if j[0] < self.next_seq]
@@ -215,6 +218,8 @@ class ChainVerifier:
         return self._sealed
 
     def accept(self, payload: bytes) -> Frame:
+        """Check the next stored frame against the chain so far: its ``Frame``, or
+        ``ChainError``."""
         expected = self.last.seq + 1 if self.last is not None else None
         try:
             seq, prev, kind, body = decode_frame(payload)

@@ -1,8 +1,10 @@
-"""``sidecar audit verify|export|tail``: argument parsing and output only.
+"""``sidecar audit keygen|verify|collect|export|tail``: argument parsing and output only.
 
-The lead's ``sidecar.cli`` creates the ``audit`` command and calls
-``add_audit_parsers(audit_subparsers)``; each sub-command sets ``func`` to a
-``cmd_*(args) -> int`` function. ``python -m sidecar.audit.cli`` runs them standalone.
+``sidecar.cli`` creates the ``audit`` command and calls ``add_audit_parsers(audit_subparsers)``;
+each sub-command sets ``func`` to a ``cmd_*(args) -> int`` function. The work (reading,
+verifying, decrypting, rebuilding segments) lives in ``sidecar.audit.segments``, ``chain``,
+``crypto``, ``signing`` and ``ship``. ``python -m sidecar.audit.cli`` runs the same commands
+standalone. See docs/audit.md.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ MAX_TAIL_LINES = 100_000
 
 
 def add_audit_parsers(subparsers: Any) -> None:
-    """Register ``verify``, ``export`` and ``tail`` on an argparse sub-parsers object."""
+    """Register ``keygen``, ``verify``, ``collect``, ``export`` and ``tail`` on an argparse
+    sub-parsers object."""
     p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signed checkpoints")
     p.add_argument("prefix", metavar="PREFIX",
                    help="writes PREFIX.key (private, 0600; never overwritten) and PREFIX.pub")
@@ -416,7 +419,7 @@ def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: ``python -m sidecar.audit.cli verify|export|tail ...``."""
+    """Standalone entry point: ``python -m sidecar.audit.cli keygen|verify|collect|export|tail``."""
     parser = argparse.ArgumentParser(prog="sidecar audit")
     sub = parser.add_subparsers(dest="command", required=True)
     add_audit_parsers(sub)

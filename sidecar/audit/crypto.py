@@ -44,6 +44,7 @@ _SEQ = struct.Struct(">Q")
 
 
 def data_key_id(key: bytes) -> str:
+    """The short, non-secret id of a data key (written in segment headers to pick the key)."""
     return hashlib.sha256(b"sidecar-audit-data-key/1" + key).hexdigest()[:16]
 
 
@@ -82,6 +83,7 @@ class Encryptor:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def header_info(self) -> dict[str, Any]:
+        """What a segment header records about encryption: the algorithm and the key id."""
         return {"alg": ALG, "kid": self.kid}
 
     def bodies(self, first_seq: int, wires: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,4 +137,5 @@ class Decryptor:
 
 
 def load_decryptor(paths: list[str]) -> Decryptor:
+    """A ``Decryptor`` holding every data key read from ``paths``."""
     return Decryptor([load_data_key(p) for p in paths])

@@ -57,6 +57,7 @@ class SegmentFile:
 
     @property
     def name(self) -> str:
+        """The segment's file name, without its directory."""
         return os.path.basename(self.path)
 
 
@@ -184,10 +185,12 @@ class VerifyResult:
 
     def add(self, severity: Severity, code: str, segment: str, seq: int | None,
             message: str) -> None:
+        """Record one finding."""
         self.findings.append(Finding(severity, code, segment, seq, message))
 
     @property
     def errors(self) -> list[Finding]:
+        """The findings of severity ``error`` (warnings left out)."""
         return [f for f in self.findings if f.severity == "error"]
 
 
@@ -485,6 +488,7 @@ class RecordFilter:
     event: str | None = None
 
     def matches(self, rec: AuditRecord) -> bool:
+        """Whether ``rec`` passes every filter that is set."""
         if self.since is not None and rec.time < self.since:
             return False
         if self.until is not None and rec.time > self.until:

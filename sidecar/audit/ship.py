@@ -147,6 +147,7 @@ class Shipper:
 
     @property
     def required(self) -> bool:
+        """Whether shipping is ``required`` (its failure stops traffic) rather than best effort."""
         return self.cfg.mode == "required"
 
     def offer(self, messages: Iterable[bytes]) -> None:
@@ -168,6 +169,7 @@ class Shipper:
 
     @property
     def queue_depth(self) -> int:
+        """How many frames wait to be shipped."""
         return len(self._queue)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

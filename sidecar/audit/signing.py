@@ -187,21 +187,26 @@ class Checkpoint:
 
     @property
     def time(self) -> float:
+        """When it was signed (Unix seconds)."""
         return float(self.fields.get("time", 0.0))
 
     @property
     def kid(self) -> str:
+        """The id of the key that signed it."""
         return str(self.fields.get("kid", ""))
 
     @classmethod
     def from_frame(cls, seq: int, prev: bytes, kind: str, body: dict[str, Any]) -> Checkpoint:
+        """The checkpoint a decoded chain frame carries."""
         return cls(seq, prev, kind, {k: v for k, v in body.items() if k != "sig"},
                    bytes(body["sig"]))
 
     def body(self) -> dict[str, Any]:
+        """The checkpoint's fields with its signature, as stored in the frame."""
         return {**self.fields, "sig": self.sig}
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON form ``/audit/head`` serves and ``audit verify --anchor`` reads."""
         return {"seq": self.seq, "prev": self.prev.hex(), "kind": self.kind,
                 "fields": self.fields, "sig": base64.b64encode(self.sig).decode("ascii")}
 

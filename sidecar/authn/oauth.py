@@ -118,6 +118,8 @@ def token_digest(token: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class CachedIntrospection:
+    """One cached introspection answer, kept until ``expires_at``."""
+
     claims: Claims | None  # None: inactive (or unavailable)
     expires_at: float
     unavailable: bool = False  # asking failed; no new call until expires_at
@@ -136,6 +138,8 @@ class IntrospectionCache:
         return len(self._entries)
 
     def lookup(self, provider: str, digest: bytes, now: float) -> CachedIntrospection | None:
+        """The unexpired answer for this token digest, or None (a miss; an expired entry is
+        dropped)."""
         key = (provider, digest)
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires_at:
@@ -154,6 +158,8 @@ class IntrospectionCache:
 
     def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
               ttl: float, negative_ttl: float) -> None:
+        """Cache an answer: active claims for ``ttl`` but never past the token's ``exp``, an
+        inactive or unavailable answer for ``negative_ttl``."""
         expires_at = now + ttl
         if claims is not None:
             exp = claims.get("exp")
@@ -183,6 +189,7 @@ class IntrospectionCache:
             self._entries.popitem(last=False)
 
     def clear(self, provider: str | None = None) -> None:
+        """Forget every answer, or only ``provider``'s."""
         if provider is None:
             self._entries.clear()
             return
@@ -190,6 +197,7 @@ class IntrospectionCache:
             del self._entries[key]
 
     def statistics(self) -> dict[str, int]:
+        """Entries, hits and misses (for metrics and status)."""
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}
 
 

@@ -80,6 +80,8 @@ def _wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float =
 
 @dataclass
 class Step:
+    """One demo request: who sends it, what it is, the status expected and the one seen."""
+
     caller: str
     request: str
     expect: int
@@ -90,6 +92,8 @@ class Step:
 
 
 class Demo:
+    """The demo's processes and files under ``root``: a CA, two apps, their sidecars, an IdP."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -97,6 +101,7 @@ class Demo:
 
     # -- setup ---------------------------------------------------------------------------
     def make_identities(self) -> None:
+        """Create the dev CA and the frontend, orders and intruder identities."""
         from sidecar.identity.ca import DevCA, write_svid
 
         ca = DevCA.create(TD)
@@ -152,6 +157,7 @@ class Demo:
             conn.close()
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start a process owned by the demo, its output in ``NAME.log``."""
         log = open(self.root / f"{name}.log", "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -160,6 +166,7 @@ class Demo:
         return proc
 
     def start(self) -> None:
+        """Start the IdP, both apps and both sidecars; wait until they are ready."""
         p = self.ports
         self.start_idp()
         for key in ("orders_app", "frontend_app", "orders_in", "frontend_in", "frontend_out",
@@ -239,6 +246,7 @@ class Demo:
             conn.close()
 
     def script(self) -> list[Step]:
+        """Send the demo's requests; each step with its expected and actual status."""
         p = self.ports
         steps = [
             Step("frontend", "GET /orders", 200),
@@ -273,6 +281,8 @@ class Demo:
 
     # -- explain -------------------------------------------------------------------------
     def explain(self, steps: list[Step]) -> dict[str, Any]:
+        """Fill in each step's ``why`` from its audit record; return the verification of both
+        trails."""
         from sidecar.audit.segments import iter_records, verify
 
         records = {name: list(iter_records(str(self.root / f"audit-{name}")))
@@ -300,6 +310,7 @@ class Demo:
         return {name: verify(str(self.root / f"audit-{name}")) for name in records}
 
     def stop(self) -> None:
+        """Stop every process the demo started (SIGTERM, then SIGKILL)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -325,6 +336,8 @@ def _table(steps: list[Step]) -> str:
 
 
 def run_demo(serve: bool = False) -> int:
+    """Run the whole demo in a temporary directory; with ``serve`` keep it up until interrupted.
+    Returns the exit status."""
     root = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     demo = Demo(root)
     ok = False

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def make_handler(name: str) -> type[BaseHTTPRequestHandler]:
+    """The demo app's request handler class, answering as service ``name``."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -39,6 +40,7 @@ def make_handler(name: str) -> type[BaseHTTPRequestHandler]:
 
 
 def main() -> None:
+    """``python -m sidecar.demo.app PORT NAME``: serve on 127.0.0.1 until killed."""
     port, name = int(sys.argv[1]), sys.argv[2]
     server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(name))
     server.daemon_threads = True

@@ -136,12 +136,14 @@ class AuthorizationServer:
         self.rotate(drop_old=False)
 
     def rotate(self, drop_old: bool) -> None:
+        """Add a new signing key (it signs from now on); with ``drop_old`` the old ones go."""
         with self.lock:
             kid = f"k{len(self.keys) + 1}" if not self.keys else f"k{int(self.keys[-1][0][1:]) + 1}"
             new = (kid, ec.generate_private_key(ec.SECP256R1()))
             self.keys = [new] if drop_old else [*self.keys, new]
 
     def metadata(self) -> dict[str, Any]:
+        """The RFC 8414 authorisation server metadata document."""
         base = self.issuer.rstrip("/")
         doc = {
             "issuer": self.issuer,
@@ -163,6 +165,7 @@ class AuthorizationServer:
         return doc
 
     def jwks(self) -> dict[str, Any]:
+        """The public signing keys as a JWKS document."""
         from jwt.algorithms import ECAlgorithm
 
         with self.lock:
@@ -199,6 +202,8 @@ class AuthorizationServer:
         return expected is not None and hmac.compare_digest(expected.encode(), secret.encode())
 
     def issue(self, client_id: str, form: dict[str, str], peer_der: bytes | None) -> dict[str, Any]:
+        """Issue a token for ``client_id`` from a token request's form (JWT or opaque; bound to
+        ``peer_der`` when given)."""
         now = int(time.time())
         ttl = max(1, min(int(form.get("ttl", "600")), 86400))
         fmt = form.get("format", "jwt")
@@ -229,6 +234,7 @@ class AuthorizationServer:
                 **({"scope": claims["scope"]} if "scope" in claims else {})}
 
     def introspect(self, token: str) -> dict[str, Any]:
+        """The RFC 7662 answer for ``token``: active with its claims, or inactive."""
         with self.lock:
             claims = self.issued.get(token)
             revoked = token in self.revoked
@@ -237,6 +243,7 @@ class AuthorizationServer:
         return {"active": True, "token_type": "Bearer", **claims}
 
     def control(self, doc: dict[str, Any]) -> None:
+        """Apply a test control document: rotate keys and set endpoint modes (ok, fail, slow)."""
         if doc.get("rotate"):
             self.rotate(bool(doc.get("drop_old")))
         with self.lock:
@@ -261,6 +268,7 @@ class AuthorizationServer:
 
 
 def make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
+    """The HTTP request handler class serving ``server``'s endpoints."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -379,6 +387,7 @@ def serve(directory: Path, port: int, *, clients: dict[str, str], mtls_clients: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the local authorisation server until SIGTERM; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m sidecar.demo.idp", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--dir", required=True, help="where to write ca.pem and ready")

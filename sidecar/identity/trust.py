@@ -59,6 +59,7 @@ class TrustBundle:
 
     @property
     def pem(self) -> bytes:
+        """The bundle's roots, concatenated PEM."""
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.roots)
 
 
@@ -125,6 +126,8 @@ class TrustStore:
     @classmethod
     def build(cls, own: TrustBundle, federated: Sequence[TrustBundle] = (),
               generation: int = 0) -> TrustStore:
+        """A store of the own bundle and the federated ones; a second bundle for one trust domain
+        is an ``SvidError``."""
         bundles = {own.trust_domain: own}
         for bundle in federated:
             if bundle.trust_domain in bundles:
