@@ -87,6 +87,7 @@ class AlertPoster:
         self._send.close()
 
     def queue_depth(self) -> int:
+        """Alerts waiting to be posted."""
         return self._receive.statistics().current_buffer_used
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
