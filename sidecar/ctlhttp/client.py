@@ -168,7 +168,10 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(_READ_CHUNK)
+            # Until the head is in, read at most max_head_bytes at a time (h11 only checks
+            # the size of an incomplete head).
+            data = await stream.receive_some(
+                _READ_CHUNK if head is not None else min(_READ_CHUNK, max_head_bytes))
             conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
             continue
         if isinstance(event, h11.Response):
