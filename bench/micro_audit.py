@@ -28,9 +28,9 @@ def main() -> int:
         import trio
 
         from sidecar.audit.chain import ChainHead
-        from sidecar.audit.config import AuditConfig
         from sidecar.audit.record import record_from
         from sidecar.audit.writer import AuditWriter
+        from sidecar.config.audit import AuditConfig
         from sidecar.policy.decision import REASON_ALLOWED, Decision, RequestFacts
     except ImportError as exc:
         print(f"audit writer: unavailable ({exc})")
@@ -154,10 +154,10 @@ def trail_cpu(make: object) -> dict[str, float]:
 
     import trio
 
-    from sidecar.audit.config import AuditConfig, ShipConfig
     from sidecar.audit.crypto import write_data_key
     from sidecar.audit.signing import write_keypair
     from sidecar.audit.writer import AuditWriter
+    from sidecar.config.audit import AuditConfig, ShipConfig
 
     def cpu() -> float:
         ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -21,11 +21,11 @@ import pytest
 import trio
 
 from sidecar.audit.chain import GENESIS, LENGTH
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments, read_frames, segment_name, verify
 from sidecar.audit.signing import Checkpoint, load_keyring, write_keypair
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig
 from tests.harness import sidecar_cli, write_audit_trail
 
 IDENT = "spiffe://td/ns/demo/sa/orders"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from sidecar.audit.cli import main
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments
+from sidecar.config.audit import AuditConfig
 from tests.harness import write_audit_trail
 
 REPO = Path(__file__).resolve().parent.parent

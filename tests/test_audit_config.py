@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sidecar.audit.config import AuditConfig, load_hmac_key, parse_audit_config
+from sidecar.config.audit import AuditConfig, load_hmac_key, parse_audit_config
 from sidecar.config.source import parse_yaml
 
 
@@ -85,3 +85,12 @@ def test_signing_keys() -> None:
     assert "sidecar.yaml:3: audit.signing_key_file: must not be inside audit.path" in text
     assert "sidecar.yaml:4: audit.checkpoint_every_records:" in text
     assert "sidecar.yaml:5: audit.checkpoint_every_seconds:" in text
+
+
+def test_the_old_import_path_still_works():
+    """audit/config.py moved to config/audit.py; existing imports keep working."""
+    import sidecar.audit
+    import sidecar.audit.config as old
+
+    assert old.AuditConfig is AuditConfig and old.parse_audit_config is parse_audit_config
+    assert old.load_hmac_key is load_hmac_key and sidecar.audit.AuditConfig is AuditConfig

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.crypto import Decryptor, load_data_key, write_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import iter_records, list_segments, verify
 from sidecar.audit.signing import load_keyring, write_keypair
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig
 from tests.harness import sidecar_cli, spiffe, write_audit_trail, write_policy
 from tests.test_audit_attacks import flip_denies, read_trail, rechain
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.audit.config import AuditConfig, ShipConfig
 from sidecar.audit.writer import COLLECTOR_ENV, AuditWriter
+from sidecar.config.audit import AuditConfig, ShipConfig
 from sidecar.errors import ConfigError
 from sidecar.k8s.inject import (
     AUDIT_COLLECTOR_ENV,

@@ -9,7 +9,6 @@ import msgpack
 import pytest
 
 from sidecar.audit.chain import LENGTH
-from sidecar.audit.config import AuditConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import (
     NOTE_NO_KEY,
@@ -23,6 +22,7 @@ from sidecar.audit.segments import (
     segment_name,
     verify,
 )
+from sidecar.config.audit import AuditConfig
 from tests.harness import write_audit_trail
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from sidecar.audit.config import AuditConfig, ShipConfig
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.ship import collect_frames
 from sidecar.audit.signing import write_keypair
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig, ShipConfig
 from tests.harness import (
     Proc,
     free_port,
@@ -262,7 +262,7 @@ def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, pr
 
 
 def test_ship_config_problems() -> None:
-    from sidecar.audit.config import parse_audit_config
+    from sidecar.config.audit import parse_audit_config
     from sidecar.config.source import parse_yaml
 
     raw, src = parse_yaml("audit:\n  path: /a\n  ship:\n    address: nowhere\n    mode: maybe\n"

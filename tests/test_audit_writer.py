@@ -11,7 +11,6 @@ import msgpack
 import pytest
 import trio
 
-from sidecar.audit.config import AuditConfig, load_hmac_key
 from sidecar.audit.record import (
     AuditRecord,
     alert_record,
@@ -20,6 +19,7 @@ from sidecar.audit.record import (
 )
 from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
 from sidecar.audit.writer import AuditWriter
+from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import (
     REASON_ALLOWED,

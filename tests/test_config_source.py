@@ -126,3 +126,60 @@ def test_select_skips_values_but_not_their_syntax(composer) -> None:
     with pytest.raises(ConfigError) as info:
         parse_yaml(deep + "\n", "f.yaml", {("services",): ("b",)})
     assert "nested too deeply" in str(info.value)
+
+
+def test_read_capped_reads_one_byte_past_the_limit_and_names_an_unreadable_file(tmp_path):
+    from sidecar.config.source import read_capped
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    assert read_capped(str(f), 10) == b"x" * 11  # the caller can tell "too large"
+    assert read_capped(str(f), 100) == b"x" * 100
+    with pytest.raises(ConfigError) as err:
+        read_capped(str(tmp_path / "missing"))
+    (problem,) = err.value.problems
+    assert problem.file == str(tmp_path / "missing") and "cannot read file" in problem.message
+
+
+# (accessor call, value, problem or None): the one Reader config, audit config and policy use.
+READER_TABLE = [
+    (lambda r, v: r.mapping(v, ("k",), {"a"}), {"a": 1}, None),
+    (lambda r, v: r.mapping(v, ("k",), {"a"}), {"b": 1}, "unknown key (expected one of: a)"),
+    (lambda r, v: r.mapping(v, ("k",), None), [], "expected a mapping"),
+    (lambda r, v: r.string(v, ("k",)), None, "expected a non-empty string"),
+    (lambda r, v: r.string(v, ("k",), optional=True), None, None),
+    (lambda r, v: r.string(v, ("k",), optional=True), "", "expected a non-empty string"),
+    (lambda r, v: r.string_list(v, ("k",)), [], "empty list never matches"),
+    (lambda r, v: r.duration(v, ("k",)), "5q", "expected a duration"),
+    (lambda r, v: r.duration(v, ("k",)), float("nan"), "finite"),
+    (lambda r, v: r.timestamp(v, ("k",)), "2030-01-01T00:00:00", "time zone"),
+    (lambda r, v: r.integer(v, ("k",), 1, 9), True, "from 1 to 9"),
+    (lambda r, v: r.integer(v, ("k",), 1, 9), 10, "from 1 to 9"),
+    (lambda r, v: r.positive_int(v, ("k",)), 0, ">= 1"),
+    (lambda r, v: r.boolean(v, ("k",)), "yes", "true or false"),
+    (lambda r, v: r.address(v, ("k",)), "host", "HOST:PORT"),
+    (lambda r, v: r.choice(v, ("k",), ("a", "b"), "a"), "c", "must be one of: a, b"),
+]
+
+
+@pytest.mark.parametrize(("call", "value", "problem"), READER_TABLE)
+def test_reader_accessors_report_instead_of_raising(call, value, problem):
+    from sidecar.config.source import Reader, Source
+
+    src = Source("/etc/f.yaml")
+    src.lines[("k",)] = 3
+    call(Reader(src), value)
+    if problem is None:
+        assert src.problems == []
+    else:
+        (p,) = src.problems
+        assert (p.file, p.line) == ("/etc/f.yaml", 3) and problem in p.message, p
+
+
+def test_reader_resolves_files_against_the_file_directory():
+    from sidecar.config.source import Reader, Source
+
+    r = Reader(Source("/etc/sidecar/f.yaml"))
+    assert r.file("certs/a.pem", ("k",)) == "/etc/sidecar/certs/a.pem"
+    assert r.file("/abs/a.pem", ("k",)) == "/abs/a.pem"
+    assert Reader(Source("x.yaml"), "/base").file("../a", ("k",)) == "/a"

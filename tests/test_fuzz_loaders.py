@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from sidecar.config.model import Limits, SidecarConfig, load_config
 from sidecar.errors import ConfigError, RequestRefused
 from sidecar.http.request import RequestHead, check_head
+from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Policy
 from sidecar.policy.paths import normalise_target
 
 ROOT = Path(__file__).resolve().parent.parent

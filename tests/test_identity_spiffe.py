@@ -39,7 +39,7 @@ INVALID = [
     ("spiffe://example.org/./a", "'.' segment"),
     ("spiffe://example.org/a/..", "'..' segment"),
     ("spiffe://example.org/a b", "path characters"),
-    ("spiffe://example.org/a*", "path characters"),
+    ("spiffe://example.org/a*", "wildcards are not allowed"),
     ("spiffe://example.org/é", "path characters"),
     ("spiffe://example.org/" + "a" * 2048, "2048 bytes"),
     ("spiffe://" + "a" * 256 + "/x", "255 bytes"),
@@ -82,15 +82,12 @@ PATTERN_TABLE = [
     ("spiffe://td/*", "spiffe://td/a", True),
     ("spiffe://td/*", "spiffe://td/a/b", False),
     ("spiffe://td/*", "spiffe://td", False),
-    ("spiffe://td/**", "spiffe://td/a/b/c", True),
-    ("spiffe://td/**", "spiffe://td", False),
-    ("spiffe://td/ns/shop/**", "spiffe://td/ns/shop/sa/x", True),
-    ("spiffe://td/ns/shop/**", "spiffe://td/ns/shop", False),
-    ("spiffe://td/ns/shop/**", "spiffe://td/ns/shopping/sa/x", False),
     # Malformed IDs never match, even a catch-all pattern.
-    ("spiffe://td/**", "spiffe://td/a//b", False),
-    ("spiffe://td/**", "spiffe://td/a/../b", False),
     ("spiffe://td/*", "spiffe://td/..", False),
+    ("spiffe://td/*/*", "spiffe://td/a/..", False),
+    ("spiffe://td/*/b", "spiffe://td//b", False),
+    ("spiffe://td", "spiffe://td", True),
+    ("spiffe://td", "spiffe://td/a", False),
     ("spiffe://td/*", "spiffe://td/a%2f", False),
     ("spiffe://td/*", "SPIFFE://td/a", False),
     ("spiffe://td/*", "spiffe://TD/a", False),
@@ -114,11 +111,12 @@ def test_pattern_accepts_spiffe_id_values_and_reports_exactness() -> None:
 @pytest.mark.parametrize(
     ("pattern", "message"),
     [
-        ("spiffe://td/**/a", "only as the last segment"),
-        ("spiffe://td/ab*", "whole path segment"),
-        ("spiffe://td/*b", "whole path segment"),
-        ("spiffe://*/a", "trust domain characters"),
-        ("spiffe://td/a/.*", "whole path segment"),
+        ("spiffe://td/**/a", "'\\*\\*' is not an identity wildcard"),
+        ("spiffe://td/**", "'\\*\\*' is not an identity wildcard"),
+        ("spiffe://td/ab*", "whole segment"),
+        ("spiffe://td/*b", "whole segment"),
+        ("spiffe://*/a", "cannot be a wildcard"),
+        ("spiffe://td/a/.*", "whole segment"),
         ("spiffe://td/a/", "end with '/'"),
         ("spiffe://td/(a|b)", "path characters"),
         ("https://td/a", "spiffe://"),
@@ -148,4 +146,4 @@ def test_one_star_matches_exactly_the_ids_that_differ_in_that_segment(
     assert pattern.matches(text)
     assert not pattern.matches(text + "/extra")
     assert compile_pattern(text).matches(text)
-    assert compile_pattern("spiffe://td/**").matches(text)
+    assert compile_pattern("spiffe://td/" + "/".join(["*"] * len(segments))).matches(text)

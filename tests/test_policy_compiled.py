@@ -16,8 +16,9 @@ from sidecar.policy.compiled import (
 )
 from sidecar.policy.decision import NO_AUTH, AuthFacts, RequestFacts
 from sidecar.policy.engine import decide
+from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Conditions, Policy, Rule, ServicePolicy
+from sidecar.policy.model import Conditions, Rule, ServicePolicy
 from sidecar.policy.sections import PolicyExtras
 
 API = "spiffe://t.local/ns/a/sa/api"

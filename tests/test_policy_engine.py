@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from sidecar.config.values import parse_timestamp
 from sidecar.policy.decision import NO_AUTH, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide, decide_egress
-from sidecar.policy.loader import load_policy, load_policy_file, parse_timestamp
+from sidecar.policy.loader import load_policy, load_policy_file
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 TD = "spiffe://t.local"

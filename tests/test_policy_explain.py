@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sidecar.config.values import parse_timestamp
 from sidecar.policy.explain import explain
-from sidecar.policy.loader import load_policy_file, parse_timestamp
+from sidecar.policy.loader import load_policy_file
 
 SHOP = load_policy_file(str(Path(__file__).resolve().parent.parent / "policies" / "example-shop.yaml"))
 NOW = parse_timestamp("2025-01-01T00:00:00Z")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config.values import parse_timestamp
 from sidecar.policy.lint import lint
-from sidecar.policy.loader import load_policy, load_policy_file, parse_timestamp
+from sidecar.policy.loader import load_policy, load_policy_file
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 NOW = parse_timestamp("2025-01-01T00:00:00Z")

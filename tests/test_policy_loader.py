@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config.values import parse_duration, parse_timestamp
 from sidecar.errors import ConfigError
-from sidecar.policy.loader import load_policy, load_policy_file, parse_duration, parse_timestamp
+from sidecar.policy.loader import load_policy, load_policy_file
 from sidecar.policy.sections import TokenLocation
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "AuditConfig": "config", "parse_audit_config": "config",
+    "AuditConfig": "config", "parse_audit_config": "config",  # sidecar.config.audit
     "AuditRecord": "record", "record_from": "record",
     "RecordFilter": "segments", "VerifyResult": "segments", "iter_records": "segments",
     "verify": "segments",

@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_frame
-from sidecar.audit.config import load_hmac_key
 from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
@@ -37,6 +36,7 @@ from sidecar.audit.segments import (
 )
 from sidecar.audit.ship import CollectError, collect_frames, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
+from sidecar.config.audit import load_hmac_key
 
 MIN_POLL = 0.05
 MAX_POLL = 10.0

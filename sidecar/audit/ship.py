@@ -48,7 +48,7 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.config import ShipConfig
+from sidecar.config.audit import ShipConfig
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
 PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)

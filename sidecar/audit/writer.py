@@ -40,12 +40,12 @@ from typing import Any
 import trio
 
 from sidecar.audit.chain import ChainHead, decode_frame
-from sidecar.audit.config import AuditConfig, load_hmac_key
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.ship import Shipper, frame_message, hostname, message_prefix
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
+from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from sidecar.config.source import Path, Source, parse_yaml, read_yaml_file
-from sidecar.config.values import parse_address, parse_duration, parse_size
+from sidecar.config.source import Path, Reader, Source, parse_yaml, read_yaml_file
+from sidecar.config.values import parse_size
+from sidecar.identity.spiffe import spiffe_problem
 
 Protocol = Literal["http", "tcp"]
 
@@ -101,7 +102,7 @@ class SidecarConfig:
     outbound: tuple[OutboundConfig, ...]
     policy: str | None  # how the policy is named in logs and status (its paths, joined)
     policy_watch_interval: float
-    audit: Any  # sidecar.audit.config.AuditConfig | None
+    audit: Any  # sidecar.config.audit.AuditConfig | None
     admin: AdminConfig
     limits: Limits
     workers: int = 1
@@ -122,95 +123,10 @@ _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
 _LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size"}
 
 
-class _Reader:
-    """Typed access to plain YAML values that records problems instead of raising."""
-
-    def __init__(self, src: Source, base_dir: str) -> None:
-        self.src = src
-        self.base_dir = base_dir
-
-    def mapping(self, value: Any, path: Path, known: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.src.problem(path, "expected a mapping")
-            return {}
-        for key in value:
-            if key not in known:
-                self.src.problem(path + (key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
-        return value
-
-    def required(self, m: dict[str, Any], key: str, path: Path) -> Any:
-        if key not in m or m[key] is None:
-            self.src.problem(path + (key,), "is required")
-            return None
-        return m[key]
-
-    def string(self, value: Any, path: Path) -> str | None:
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            self.src.problem(path, "expected a non-empty string")
-            return None
-        return value
-
-    def file(self, value: Any, path: Path) -> str | None:
-        s = self.string(value, path)
-        if s is None:
-            return None
-        return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
-
-    def address(self, value: Any, path: Path) -> tuple[str, int] | None:
-        try:
-            return parse_address(value)
-        except ValueError as exc:
-            self.src.problem(path, str(exc))
-            return None
-
-    def choice(self, value: Any, path: Path, choices: tuple[str, ...], default: str) -> str:
-        if value is None:
-            return default
-        if value not in choices:
-            self.src.problem(path, f"must be one of: {', '.join(choices)}")
-            return default
-        return str(value)
-
-    def duration(self, value: Any, path: Path) -> float | None:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.src.problem(path, str(exc))
-            return None
-
-    def positive_int(self, value: Any, path: Path) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self.src.problem(path, "expected a whole number >= 1")
-            return None
-        return value
-
-
-def _spiffe_problem(value: str) -> str | None:
-    from sidecar.identity.spiffe import parse_spiffe_id
-
-    try:
-        parse_spiffe_id(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _pattern_problem(value: str) -> str | None:
-    from sidecar.identity.spiffe import compile_pattern
-
-    try:
-        compile_pattern(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 MAX_TRUST_DOMAINS = 64
 
 
-def _trust_domains(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
+def _trust_domains(r: Reader, value: Any) -> tuple[tuple[str, str], ...]:
     """``identity.trust_domains``: federated trust domain -> ``{bundle: file}``."""
     from sidecar.identity.spiffe import parse_spiffe_id
 
@@ -233,7 +149,7 @@ def _trust_domains(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
         if parsed is None or parsed.path:
             r.src.problem(tp, "not a trust domain name (lower-case letters, digits, . - _)")
             continue
-        m = r.mapping(entry, tp, {"bundle"})
+        m = r.fields(entry, tp, {"bundle"})
         bundle = r.file(r.required(m, "bundle", tp), tp + ("bundle",))
         if bundle:
             out.append((td, bundle))
@@ -242,10 +158,10 @@ def _trust_domains(r: _Reader, value: Any) -> tuple[tuple[str, str], ...]:
 
 def build_config(raw: Any, src: Source) -> SidecarConfig:
     base = os.path.dirname(os.path.abspath(src.filename))
-    r = _Reader(src, base)
-    top = r.mapping(raw, (), _TOP)
+    r = Reader(src, base)
+    top = r.fields(raw, (), _TOP)
 
-    ident_raw = r.mapping(r.required(top, "identity", ()) or {}, ("identity",),
+    ident_raw = r.fields(r.required(top, "identity", ()) or {}, ("identity",),
                           {"cert", "key", "bundle", "watch_interval", "trust_domains"})
     identity = IdentityConfig(
         cert=r.file(r.required(ident_raw, "cert", ("identity",)), ("identity", "cert")) or "",
@@ -259,7 +175,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     inbound = None
     if top.get("inbound") is not None:
         p: Path = ("inbound",)
-        m = r.mapping(top["inbound"], p, {"listen", "app", "protocol", "allow_from"})
+        m = r.fields(top["inbound"], p, {"listen", "app", "protocol", "allow_from"})
         allow_from = None
         if "allow_from" in m:
             af = m["allow_from"]
@@ -267,7 +183,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                 src.problem(p + ("allow_from",), "expected a list of SPIFFE IDs")
             else:
                 for i, x in enumerate(af):
-                    if err := _pattern_problem(x):
+                    if err := spiffe_problem(x, wildcards=True):
                         src.problem(p + ("allow_from", i), err)
                 allow_from = tuple(af)
         inbound = InboundConfig(
@@ -285,13 +201,13 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     names: set[str] = set()
     for i, item in enumerate(ob_raw or []):
         p = ("outbound", i)
-        m = r.mapping(item, p, {"name", "listen", "upstream", "identity", "protocol"})
+        m = r.fields(item, p, {"name", "listen", "upstream", "identity", "protocol"})
         if not m:
             continue
-        ident = r.string(r.required(m, "identity", p), p + ("identity",)) or ""
-        if ident and (err := _spiffe_problem(ident)):
+        ident = r.string(r.required(m, "identity", p), p + ("identity",), optional=True) or ""
+        if ident and (err := spiffe_problem(ident, wildcards=False)):
             src.problem(p + ("identity",), err)
-        name = r.string(m.get("name"), p + ("name",)) or f"outbound-{i}"
+        name = r.string(m.get("name"), p + ("name",), optional=True) or f"outbound-{i}"
         if name in names:
             src.problem(p + ("name",), "duplicate outbound name")
         names.add(name)
@@ -312,7 +228,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     if top.get("policy") is not None:
         pv, pp = top["policy"], cast(Path, ("policy",))
         if isinstance(pv, dict):
-            pm = r.mapping(pv, ("policy",), {"path", "watch_interval"})
+            pm = r.fields(pv, ("policy",), {"path", "watch_interval"})
             pv, pp = r.required(pm, "path", ("policy",)), ("policy", "path")
             if "watch_interval" in pm:
                 policy_watch = r.duration(pm["watch_interval"], ("policy", "watch_interval")) or 2.0
@@ -327,7 +243,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     audit = None
     if top.get("audit") is not None:
-        from sidecar.audit.config import parse_audit_config
+        from sidecar.config.audit import parse_audit_config
 
         araw = top["audit"]
         if isinstance(araw, dict) and isinstance(araw.get("path"), str):
@@ -337,7 +253,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     admin = AdminConfig()
     if "admin" in top:
-        m = r.mapping(top["admin"] or {}, ("admin",),
+        m = r.fields(top["admin"] or {}, ("admin",),
                       {"listen", "health_listen", "max_connections_per_source"})
         admin = AdminConfig(
             listen=(r.address(m["listen"], ("admin", "listen")) if m.get("listen") else None)
@@ -353,7 +269,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     limits_kw: dict[str, Any] = {}
     if "limits" in top:
         known = _LIMIT_DURATIONS | _LIMIT_SIZES | _LIMIT_COUNTS
-        m = r.mapping(top["limits"] or {}, ("limits",), known)
+        m = r.fields(top["limits"] or {}, ("limits",), known)
         for key, value in m.items():
             p = ("limits", key)
             if key in _LIMIT_DURATIONS:
@@ -382,7 +298,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
             src.problem(("workers",), "at most 64")
     log_level = "info"
     if "log" in top:
-        m = r.mapping(top["log"] or {}, ("log",), {"level"})
+        m = r.fields(top["log"] or {}, ("log",), {"level"})
         log_level = r.choice(m.get("level"), ("log", "level"), ("debug", "info", "warning", "error"), "info")
 
     headers = HeaderConfig()
@@ -390,7 +306,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         from sidecar.http.untrusted import pass_through_problem
 
         p = ("headers",)
-        m = r.mapping(top["headers"] or {}, p, {"allow_underscores", "pass_through"})
+        m = r.fields(top["headers"] or {}, p, {"allow_underscores", "pass_through"})
         allow_us = m.get("allow_underscores", False)
         if not isinstance(allow_us, bool):
             src.problem(p + ("allow_underscores",), "expected true or false")

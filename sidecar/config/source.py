@@ -17,16 +17,21 @@ as it is reached, so no document can exhaust the stack. ``select`` lets a caller
 values of some keys: their events are still parsed (a syntax error anywhere in the file is
 found) but nothing is built for them -- a sidecar reads its own section of a 10,000-service
 policy without ever holding the other sections (docs/policy.md, "Scale").
+
+``Reader`` is the one set of typed accessors the config, the audit config and the policy
+validate those values with, and ``read_capped`` the one bounded file read behind them.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import yaml
 
+from sidecar.config.values import parse_address, parse_duration, parse_timestamp
 from sidecar.errors import ConfigError, Problem
 
 Path = tuple[str | int, ...]
@@ -297,14 +302,138 @@ def _parse_yaml(text: str | bytes, filename: str,
     return value, src
 
 
-def read_yaml_file(path: str) -> tuple[Any, Source]:
-    """Read and parse a file; an unreadable file is a ``ConfigError`` naming it."""
+def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """Up to ``limit + 1`` bytes of a file (one more than allowed, so that the caller can
+    tell "too large" from "exactly the limit"); unreadable is a ``ConfigError`` naming it."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_DOCUMENT_BYTES + 1)
+            return fh.read(limit + 1)
     except OSError as exc:
         raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
-    return parse_yaml(data, path)
+
+
+def read_yaml_file(path: str) -> tuple[Any, Source]:
+    """Read and parse a file; an unreadable file is a ``ConfigError`` naming it."""
+    return parse_yaml(read_capped(path), path)
+
+
+class Reader:
+    """Typed access to plain YAML values that records problems instead of raising.
+
+    Every accessor returns the checked value, or None after reporting the problem through
+    ``Source.problem`` (file, line, key), so that one run reports every mistake in a file.
+    Relative file paths resolve against ``base_dir`` (default: the file's directory).
+    """
+
+    def __init__(self, src: Source, base_dir: str | None = None) -> None:
+        self.src = src
+        self.base_dir = (base_dir if base_dir is not None
+                         else os.path.dirname(os.path.abspath(src.filename)))
+
+    def problem(self, path: Path, message: str) -> None:
+        self.src.problem(path, message)
+
+    def mapping(self, value: Any, path: Path, known: Collection[str] | None,
+                what: str = "expected a mapping") -> dict[str, Any] | None:
+        """A mapping; with ``known``, every other key is reported (unknown keys are errors)."""
+        if not isinstance(value, dict):
+            self.problem(path, what)
+            return None
+        if known is not None:
+            for key in value:
+                if key not in known:
+                    self.problem(path + (key,),
+                                 f"unknown key (expected one of: {', '.join(sorted(known))})")
+        return value
+
+    def fields(self, value: Any, path: Path, known: Collection[str]) -> dict[str, Any]:
+        """``mapping``, with ``{}`` for a value that is not one (reported)."""
+        return self.mapping(value, path, known) or {}
+
+    def required(self, m: Mapping[str, Any], key: str, path: Path) -> Any:
+        if key not in m or m[key] is None:
+            self.problem(path + (key,), "is required")
+            return None
+        return m[key]
+
+    def string(self, value: Any, path: Path, *, optional: bool = False) -> str | None:
+        """A non-empty string; with ``optional``, None passes silently (already reported
+        by ``required``, or the key may be absent)."""
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problem(path, "expected a non-empty string")
+            return None
+        return value
+
+    def string_list(self, value: Any, path: Path) -> list[tuple[str, Path]] | None:
+        """A non-empty list of non-empty strings, each with its own key path."""
+        if not isinstance(value, list):
+            self.problem(path, "expected a list")
+            return None
+        if not value:
+            self.problem(path, "empty list never matches; omit the key to match anything")
+            return None
+        out: list[tuple[str, Path]] = []
+        for i, item in enumerate(value):
+            s = self.string(item, path + (i,))
+            if s is not None:
+                out.append((s, path + (i,)))
+        return out
+
+    def file(self, value: Any, path: Path, *, optional: bool = True) -> str | None:
+        """A file path, made absolute against ``base_dir``."""
+        s = self.string(value, path, optional=optional)
+        if s is None:
+            return None
+        return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
+
+    def address(self, value: Any, path: Path) -> tuple[str, int] | None:
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return None
+
+    def choice(self, value: Any, path: Path, choices: tuple[str, ...], default: str) -> str:
+        if value is None:
+            return default
+        if value not in choices:
+            self.problem(path, f"must be one of: {', '.join(choices)}")
+            return default
+        return str(value)
+
+    def boolean(self, value: Any, path: Path) -> bool | None:
+        if not isinstance(value, bool):
+            self.problem(path, "expected true or false")
+            return None
+        return value
+
+    def duration(self, value: Any, path: Path) -> float | None:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return None
+
+    def timestamp(self, value: Any, path: Path) -> float | None:
+        try:
+            return parse_timestamp(value)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            return None
+
+    def integer(self, value: Any, path: Path, lo: int, hi: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.problem(path, f"expected a whole number from {lo} to {hi}")
+            return None
+        return value
+
+    def positive_int(self, value: Any, path: Path) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.problem(path, "expected a whole number >= 1")
+            return None
+        return value
 
 
 def iter_unknown(mapping: dict[str, Any], known: set[str] | frozenset[str]) -> Iterator[str]:

@@ -1,9 +1,11 @@
-"""Parsers for small scalar values that people write in YAML: durations, sizes, addresses."""
+"""Parsers for small scalar values that people write in YAML: durations, sizes, addresses,
+timestamps. The one definition of each for the config, the audit config and the policy."""
 
 from __future__ import annotations
 
 import math
 import re
+from datetime import date, datetime
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -28,6 +30,26 @@ def parse_duration(value: object) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ValueError("expected a duration like 30s, 5m or 1h")
+
+
+def parse_timestamp(value: object) -> float:
+    """An RFC 3339 timestamp with a time zone (YAML may already have parsed it) -> unix time."""
+    if isinstance(value, datetime):
+        stamp = value
+    elif isinstance(value, date):
+        raise ValueError("expected a timestamp with time and zone, e.g. 2030-01-31T18:00:00Z")
+    elif isinstance(value, str):
+        try:
+            stamp = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                "expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z"
+            ) from None
+    else:
+        raise ValueError("expected an RFC 3339 timestamp, e.g. 2030-01-31T18:00:00Z")
+    if stamp.tzinfo is None:
+        raise ValueError("the timestamp needs a time zone (Z or +HH:MM)")
+    return stamp.timestamp()
 
 
 def parse_size(value: object) -> int:

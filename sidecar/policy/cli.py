@@ -17,11 +17,12 @@ import sys
 import time
 from typing import Any, TextIO
 
+from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import lint
-from sidecar.policy.loader import load_policy_set, parse_timestamp, policy_label
-from sidecar.policy.model import Policy
+from sidecar.policy.loaded import Policy
+from sidecar.policy.loader import load_policy_set, policy_label
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -166,7 +167,7 @@ def split_policy(doc: dict[str, Any], raw: bytes) -> dict[str, dict[str, Any]]:
     source's, else the start of its SHA-256), so a set mixing two versions is refused."""
     import hashlib
 
-    from sidecar.policy.model import namespace_of
+    from sidecar.identity.spiffe import namespace_of
 
     revision = doc.get("revision") or hashlib.sha256(raw).hexdigest()[:16]
     head = {"version": doc.get("version", 1), "revision": revision}

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.identity.spiffe import id_segments, namespace_of
 from sidecar.policy.decision import (
     REASON_APIKEY_MISSING,
     REASON_APIKEY_NOT_ALLOWED,
@@ -45,8 +46,6 @@ from sidecar.policy.model import (
     EgressEntry,
     Mode,
     Rule,
-    namespace_of,
-    spiffe_segments,
 )
 from sidecar.policy.paths import path_segments
 
@@ -133,8 +132,8 @@ def peer_matches(pattern: str, peer: str | None) -> bool:
     """Does caller SPIFFE ID ``peer`` match ``pattern`` (``*`` = exactly one segment)?"""
     if peer is None:
         return False
-    segs = spiffe_segments(peer)
-    pat = spiffe_segments(pattern)
+    segs = id_segments(peer)
+    pat = id_segments(pattern)
     return segs is not None and pat is not None and segments_match(pat, segs)
 
 
@@ -369,7 +368,7 @@ class RuleIndex:
                 any_peer.add(number)
             else:
                 for pattern in rule.when.peers:
-                    segs = spiffe_segments(pattern)
+                    segs = id_segments(pattern)
                     assert segs is not None  # the loader only lets SPIFFE IDs through
                     peer_entries.append((segs, number))
             if rule.when.paths is None:
@@ -389,7 +388,7 @@ class RuleIndex:
         peer_sets: list[frozenset[int]] = []
         if self._any_peer:
             peer_sets.append(self._any_peer)
-        segs = spiffe_segments(peer) if peer else None
+        segs = id_segments(peer) if peer else None
         if segs is not None:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
@@ -434,7 +433,7 @@ class Section:
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
-        segs = spiffe_segments(target)
+        segs = id_segments(target)
         if segs is None:
             return None
         hits = self.egress_trie.match(segs)
@@ -451,7 +450,7 @@ def compile_section(
     providers = frozenset(r.when.jwt.provider for r in rules if r.when.jwt is not None)
     egress_entries: list[tuple[tuple[str, ...], int]] = []
     for number, entry in enumerate(egress):
-        segs = spiffe_segments(entry.pattern)
+        segs = id_segments(entry.pattern)
         assert segs is not None
         egress_entries.append((segs, number))
     return Section(

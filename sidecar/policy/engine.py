@@ -46,7 +46,8 @@ from sidecar.policy.decision import (
     Decision,
     RequestFacts,
 )
-from sidecar.policy.model import Mode, Policy, Rule
+from sidecar.policy.loaded import Policy
+from sidecar.policy.model import Mode, Rule
 
 NO_POLICY_VERSION = "none"
 

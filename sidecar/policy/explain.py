@@ -16,7 +16,7 @@ from sidecar.errors import BadRequest
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
-from sidecar.policy.model import Policy
+from sidecar.policy.loaded import Policy
 from sidecar.policy.paths import normalise_target
 
 

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.identity.spiffe import id_segments
 from sidecar.policy.compiled import path_pattern_segments
-from sidecar.policy.model import Conditions, Policy, Rule, ServicePolicy, spiffe_segments
+from sidecar.policy.loaded import Policy
+from sidecar.policy.model import Conditions, Rule, ServicePolicy
 
 SENSITIVE_PREFIXES = (
     "admin", "debug", "internal", "actuator", "metrics", "_", "console", "management",
@@ -65,7 +67,7 @@ def _list_covers(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None, p
 
     def segs(p: str) -> tuple[str, ...]:
         if peers:
-            return spiffe_segments(p) or ()
+            return id_segments(p) or ()
         return path_pattern_segments(p)
 
     return all(any(_pattern_covers(segs(o), segs(i)) for o in outer) for i in inner)
@@ -139,8 +141,10 @@ def _case_variant(c: Conditions) -> tuple[str, str] | None:
 
 
 def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
-    s = spiffe_segments(pattern) or ()
-    if len(s) < 3 or s[0] != trust_domain or s[1] != "ns":
+    """Can an identity ``pattern`` matches have one of ``namespaces``?  Only the shape
+    ``spiffe://<trust_domain>/ns/X/sa/Y`` has a namespace (``identity.spiffe.namespace_of``)."""
+    s = id_segments(pattern) or ()
+    if len(s) != 5 or s[0] != trust_domain or s[1] != "ns" or s[3] not in ("sa", "*"):
         return False
     return s[2] == "*" or s[2] in namespaces
 
@@ -162,7 +166,7 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
     key_expiry = {k.name: k.expires_at for k in policy.extras.api_keys}
 
     def check_identity(pattern: str, line: int | None, key: str, what: str) -> None:
-        segs = spiffe_segments(pattern) or ()
+        segs = id_segments(pattern) or ()
         if segs and segs[0] != policy.trust_domain:
             warn(line, key, "foreign-trust-domain",
                  f"{what} {pattern} is outside trust domain {policy.trust_domain}")
@@ -172,7 +176,7 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
 
     for identity, svc in policy.services.items():
         where[0] = svc.file or policy.filename
-        segs = spiffe_segments(identity) or ()
+        segs = id_segments(identity) or ()
         if segs and segs[0] != policy.trust_domain:
             warn(svc.line, svc.key, "foreign-trust-domain",
                  f"section {identity} is outside trust domain {policy.trust_domain}")
@@ -242,7 +246,7 @@ def _lint_section(
                 warn(rule.line, rule.key, "never-matches",
                      f"rule {rule.name}: every API key it accepts has expired")
         if rule.effect == "allow":
-            caller_open = c.peers is None or any("*" in (spiffe_segments(p) or ()) for p in c.peers)
+            caller_open = c.peers is None or any("*" in (id_segments(p) or ()) for p in c.peers)
             if caller_open and c.namespaces is None:
                 reached = _reaches_sensitive(c)
                 if reached is not None:

@@ -1,44 +1,19 @@
-"""The mesh policy as immutable values.
+"""The mesh policy's rules and sections as immutable values.
 
-A ``Policy`` is built once by ``sidecar.policy.loader`` and then only read; it is safe to
-swap atomically on reload and to share between tasks. Every rule carries the file line it
-came from so that lint, explain and audit can point at it.
+What the loader (``sidecar.policy.loader``) validated, before anything is compiled: the
+compiled tables (``sidecar.policy.compiled``) are built from these values, and the whole
+policy that holds both is ``sidecar.policy.loaded.Policy``. Every rule carries the file line
+it came from so that lint, explain and audit can point at it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
-
-from sidecar.policy.sections import PolicyExtras
-
-if TYPE_CHECKING:
-    from sidecar.policy.compiled import Section
+from dataclasses import dataclass
+from typing import Any, Literal
 
 Mode = Literal["enforce", "dry-run"]
 Effect = Literal["allow", "deny"]
 ClaimOp = Literal["equals", "one_of", "contains"]
-
-
-def spiffe_segments(spiffe_id: str) -> tuple[str, ...] | None:
-    """``spiffe://td/ns/a/sa/b`` -> ``("td", "ns", "a", "sa", "b")``; None if not SPIFFE."""
-    if not spiffe_id.startswith("spiffe://"):
-        return None
-    return tuple(spiffe_id[len("spiffe://"):].split("/"))
-
-
-def namespace_of(spiffe_id: str, trust_domain: str) -> str | None:
-    """The Kubernetes namespace in ``spiffe://<trust_domain>/ns/<ns>/...``, else None.
-
-    Only identities of the policy's own trust domain have a namespace: a federated peer
-    that happens to use the same path layout must not pass a ``namespaces`` condition.
-    """
-    segs = spiffe_segments(spiffe_id)
-    if segs is None or len(segs) < 3 or segs[0] != trust_domain or segs[1] != "ns":
-        return None
-    return segs[2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,44 +111,3 @@ class ServicePolicy:
     @property
     def paths_fold_case(self) -> bool:
         return self.path_case == "insensitive"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A loaded, validated and compiled mesh policy. Immutable; swap it whole on reload.
-
-    ``version`` is the SHA-256 (hex) of the file's raw bytes, or for a policy set of several
-    files a SHA-256 over every file's name and digest: the same bytes always give the same
-    version, on every sidecar. ``short_version`` is its first 12 characters.
-
-    ``files`` are the files it was merged from. ``only`` is set when the policy was loaded
-    for one identity (a running sidecar): ``services`` then holds that section alone and
-    ``extras`` what it references, and ``skipped`` counts the sections left out.
-    """
-
-    version: str
-    filename: str
-    trust_domain: str
-    mode: Mode
-    extras: PolicyExtras
-    services: Mapping[str, ServicePolicy]
-    sections: Mapping[str, Section] = field(default_factory=lambda: MappingProxyType({}))
-    files: tuple[str, ...] = ()
-    defined_in: Mapping[str, str] = field(default_factory=dict)  # "jwt_providers.NAME" -> file
-    only: str | None = None
-    skipped: int = 0
-
-    @property
-    def short_version(self) -> str:
-        return self.version[:12]
-
-    def section(self, identity: str) -> Section | None:
-        """The compiled section for a workload identity, or None (then: deny everything).
-
-        A sidecar's own section is compiled at load time, so this is a dict lookup; a
-        whole-mesh load (the CLI) compiles each section the first time it is asked for.
-        """
-        return self.sections.get(identity)
-
-    def rule_count(self) -> int:
-        return sum(len(s.rules) for s in self.services.values())

@@ -46,6 +46,7 @@ of the matched path.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from sidecar.errors import BadRequest
@@ -178,3 +179,29 @@ def _windows_name(segment: str) -> str:
     # section is the IIS/ASP.NET one). A segment of only dots or spaces stays as it is.
     stripped = _WINDOWS_TAIL.sub("", segment)
     return stripped or segment
+
+
+_PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+@functools.lru_cache(maxsize=8192)  # patterns like /admin/** repeat in every section
+def normalise_path_pattern(pattern: str) -> str:
+    """A policy path pattern in the same normal form as request paths, or ValueError."""
+    if not pattern.startswith("/"):
+        raise ValueError("a path pattern starts with '/'")
+    if "?" in pattern or "#" in pattern:
+        raise ValueError("a path pattern cannot contain '?' or '#' (queries are never matched)")
+    segments = pattern.split("/")[1:]
+    for i, seg in enumerate(segments):
+        if "*" in seg and seg not in ("*", "**"):
+            raise ValueError("'*' and '**' must be whole segments (no regular expressions)")
+        if seg == "**" and i != len(segments) - 1:
+            raise ValueError("'**' is only allowed as the last segment")
+    from urllib.parse import quote
+
+    raw = quote(pattern, safe=_PATH_SAFE).encode("ascii")
+    try:
+        path, _ = normalise_target(raw, allow_non_ascii=True)
+    except BadRequest as exc:
+        raise ValueError(f"not a valid normalised path ({exc.reason})") from None
+    return path

@@ -1,0 +1,417 @@
+"""The mesh-wide sections of a policy file -> the values of ``sidecar.policy.sections``.
+
+``jwt_providers`` (with token introspection), ``revocations``, ``api_keys``, ``rate_limits``
+and ``alerts``: each parser takes one file's raw value, reports every problem through the
+file's ``Reader`` (file, line, key) and returns what was valid. The loader
+(``sidecar.policy.loader``) merges the files' results and checks the rules' references
+against them. Pure: no I/O (``jwks_file`` paths are resolved, never opened).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Literal, cast
+
+from sidecar.config.source import Path as P
+from sidecar.config.source import Reader
+from sidecar.identity.spiffe import spiffe_problem
+from sidecar.policy.sections import (
+    DEFAULT_TOKEN_LOCATIONS,
+    AlertRule,
+    ApiKey,
+    Introspection,
+    JwtProvider,
+    RateLimit,
+    Revocation,
+    TokenLocation,
+)
+
+PROVIDER_KEYS = frozenset(
+    {"issuer", "audiences", "algorithms", "jwks_file", "jwks_uri", "jwks_ca", "jwks_refresh",
+     "jwks_min_refetch", "clock_skew", "required_claims", "max_lifetime", "from_headers",
+     "from_params", "from_cookies", "forward_claims", "forward_token", "max_token_bytes",
+     "discovery", "typ", "cert_binding", "forward_query_token", "introspection"}
+)
+ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+# Headers a forwarded claim may never overwrite: framing, routing and the sidecar's own.
+FORBIDDEN_FORWARD_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
+     "authorization", "cookie", "x-forwarded-client-cert", "x-api-key", "proxy-authorization",
+     "keep-alive", "trailer"}
+)
+
+# Names of providers, rules, API keys, rate limits and alerts.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def read_name(r: Reader, value: Any, path: P) -> str | None:
+    s = r.string(value, path)
+    if s is not None and not NAME.match(s):
+        r.problem(path, "names use letters, digits, '.', '_', ':', '-' (at most 128)")
+        return None
+    return s
+
+
+def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> JwtProvider | None:
+    m = r.mapping(value, path, PROVIDER_KEYS)
+    if m is None:
+        return None
+    ok = True
+    issuer = r.string(m.get("issuer"), path + ("issuer",))
+    aud_raw = m.get("audiences")
+    # Omitted: the receiving service's audience (its `audience`, else its SPIFFE ID).
+    audiences: list[tuple[str, P]] | None = []
+    if aud_raw is not None:
+        audiences = r.string_list([aud_raw] if isinstance(aud_raw, str) else aud_raw,
+                                  path + ("audiences",))
+    algs: list[tuple[str, P]] | None = []
+    if "algorithms" in m or "introspection" not in m:  # opaque tokens carry no algorithm
+        algs = r.string_list(m.get("algorithms"), path + ("algorithms",))
+    if algs is not None:
+        for alg, apath in algs:
+            if alg.lower() == "none":
+                r.problem(apath, "'none' is never accepted: tokens must be signed")
+                ok = False
+            elif alg.upper().startswith("HS"):
+                r.problem(apath, "HMAC algorithms are not accepted; use a public-key algorithm")
+                ok = False
+            elif alg not in ALGORITHMS:
+                r.problem(apath, f"unknown algorithm (known: {', '.join(sorted(ALGORITHMS))})")
+                ok = False
+    jwks_file = m.get("jwks_file")
+    jwks_uri = m.get("jwks_uri")
+    jwks_ca = m.get("jwks_ca")
+    discovery = m.get("discovery")
+    intro_raw = m.get("introspection")
+    sources = [k for k in ("jwks_file", "jwks_uri", "discovery", "introspection")
+               if m.get(k) not in (None, False)]
+    if len(sources) != 1:
+        r.problem(path, "set exactly one of jwks_file, jwks_uri, discovery or introspection")
+        ok = False
+    if jwks_file is not None:
+        f = r.string(jwks_file, path + ("jwks_file",))
+        jwks_file = os.path.normpath(os.path.join(base_dir, f)) if f else None
+        if jwks_ca is not None:
+            r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery")
+            ok = False
+    if jwks_uri is not None:
+        u = r.string(jwks_uri, path + ("jwks_uri",))
+        if u is not None and not u.startswith("https://"):
+            r.problem(path + ("jwks_uri",), "jwks_uri must be an https:// URL")
+            ok = False
+    discovery_url = None
+    if discovery is not None and discovery is not False:
+        # true: the OpenID Connect location under the issuer; a string: that URL (e.g. the
+        # RFC 8414 form https://host/.well-known/oauth-authorization-server/path).
+        if discovery is True:
+            if isinstance(issuer, str) and issuer.startswith("https://"):
+                discovery_url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+            else:
+                r.problem(path + ("discovery",), "discovery: true needs an https:// issuer")
+                ok = False
+        elif isinstance(discovery, str) and discovery.startswith("https://"):
+            discovery_url = discovery
+        else:
+            r.problem(path + ("discovery",), "expected true or an https:// metadata URL")
+            ok = False
+    if jwks_ca is not None and intro_raw is not None:
+        r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery; "
+                  "use introspection.ca")
+        ok = False
+    if jwks_ca is not None:
+        ca = r.string(jwks_ca, path + ("jwks_ca",))
+        jwks_ca = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
+    introspection = None
+    if intro_raw is not None:
+        introspection = _introspection(r, intro_raw, path + ("introspection",), base_dir)
+        ok = ok and introspection is not None
+    typ = None
+    if "typ" in m:
+        typ = r.string(m["typ"], path + ("typ",))
+        if typ is None:
+            ok = False
+        elif intro_raw is not None:
+            r.problem(path + ("typ",), "typ applies to JWTs, not to introspected tokens")
+            ok = False
+    if "cert_binding" in m:
+        if m["cert_binding"] not in ("if_present", "required"):
+            r.problem(path + ("cert_binding",), "expected if_present or required")
+            ok = False
+    for key in ("forward_query_token",):
+        if key in m and not isinstance(m[key], bool):
+            r.problem(path + (key,), "expected true or false")
+            ok = False
+
+    kwargs: dict[str, Any] = {}
+    for key, field_name in (("jwks_refresh", "jwks_refresh_seconds"),
+                            ("jwks_min_refetch", "jwks_min_refetch_seconds"),
+                            ("clock_skew", "clock_skew_seconds"),
+                            ("max_lifetime", "max_lifetime_seconds")):
+        if key in m:
+            d = r.duration(m[key], path + (key,))
+            if d is None:
+                ok = False
+            kwargs[field_name] = d
+    if "required_claims" in m:
+        rc = m["required_claims"]
+        if isinstance(rc, list) and all(isinstance(c, str) and c for c in rc):
+            kwargs["required_claims"] = tuple(rc)
+        else:
+            r.problem(path + ("required_claims",), "expected a list of claim names")
+            ok = False
+    if "max_token_bytes" in m:
+        kwargs["max_token_bytes"] = r.integer(m["max_token_bytes"], path + ("max_token_bytes",),
+                                              256, 65536)
+        ok = ok and kwargs["max_token_bytes"] is not None
+    if "forward_token" in m:
+        if not isinstance(m["forward_token"], bool):
+            r.problem(path + ("forward_token",), "expected true or false")
+            ok = False
+        kwargs["forward_token"] = m["forward_token"]
+
+    locations: list[TokenLocation] = []
+    if "from_headers" in m:
+        hp = path + ("from_headers",)
+        items = m["from_headers"]
+        if not isinstance(items, list) or not items:
+            r.problem(hp, "expected a non-empty list of header names or {name, prefix}")
+            ok = False
+            items = []
+        for i, item in enumerate(items):
+            ip = hp + (i,)
+            if isinstance(item, str):
+                hname, prefix = item, ""
+            elif isinstance(item, dict) and r.mapping(item, ip, frozenset({"name", "prefix"})):
+                hname, prefix = str(item.get("name", "")), item.get("prefix", "")
+                if not isinstance(prefix, str):
+                    r.problem(ip + ("prefix",), "expected a string")
+                    ok = False
+                    continue
+            else:
+                r.problem(ip, "expected a header name or {name, prefix}")
+                ok = False
+                continue
+            if not isinstance(hname, str) or not TOKEN.match(hname):
+                r.problem(ip, "invalid header name")
+                ok = False
+                continue
+            locations.append(TokenLocation("header", hname.lower(), prefix))
+    for key, kind in (("from_params", "query"), ("from_cookies", "cookie")):
+        if key in m:
+            names = r.string_list(m[key], path + (key,))
+            if names is None:
+                ok = False
+                continue
+            for n, _ in names:
+                locations.append(TokenLocation(cast(Literal["query", "cookie"], kind), n))
+    if "forward_claims" in m:
+        fp = path + ("forward_claims",)
+        fc = r.mapping(m["forward_claims"], fp, None)
+        pairs: list[tuple[str, str]] = []
+        for claim, header in (fc or {}).items():
+            if not isinstance(header, str) or not TOKEN.match(header):
+                r.problem(fp + (claim,), "expected a header name")
+                ok = False
+            elif header.lower() in FORBIDDEN_FORWARD_HEADERS:
+                r.problem(fp + (claim,), f"a claim cannot be forwarded as {header.lower()}")
+                ok = False
+            else:
+                pairs.append((claim, header.lower()))
+        kwargs["forward_claims"] = tuple(pairs)
+        if fc is None:
+            ok = False
+    if not ok or issuer is None or audiences is None or algs is None:
+        return None
+    return JwtProvider(
+        name=name,
+        issuer=issuer,
+        audiences=tuple(a for a, _ in audiences),
+        algorithms=tuple(a for a, _ in algs),
+        jwks_file=jwks_file,
+        jwks_uri=jwks_uri,
+        jwks_ca=jwks_ca,
+        locations=tuple(locations) or DEFAULT_TOKEN_LOCATIONS,
+        discovery_url=discovery_url,
+        typ=typ,
+        cert_binding=m.get("cert_binding", "if_present"),
+        forward_query_token=m.get("forward_query_token", False),
+        introspection=introspection,
+        **kwargs,
+    )
+
+
+INTROSPECTION_KEYS = frozenset(
+    {"endpoint", "ca", "client_id", "client_secret_file", "mtls", "cache_ttl", "negative_ttl",
+     "timeout", "max_concurrent"}
+)
+
+
+def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
+    m = r.mapping(value, path, INTROSPECTION_KEYS)
+    if m is None:
+        return None
+    ok = True
+    endpoint = r.string(m.get("endpoint"), path + ("endpoint",))
+    if endpoint is not None and not endpoint.startswith("https://"):
+        r.problem(path + ("endpoint",), "endpoint must be an https:// URL")
+        ok = False
+    client_id = r.string(m.get("client_id"), path + ("client_id",))
+    secret = m.get("client_secret_file")
+    mtls = m.get("mtls", False)
+    if not isinstance(mtls, bool):
+        r.problem(path + ("mtls",), "expected true or false")
+        ok = False
+    if (secret is None) == (mtls is not True):
+        r.problem(path, "set exactly one of client_secret_file or mtls: true")
+        ok = False
+    kw: dict[str, Any] = {}
+    if secret is not None:
+        f = r.string(secret, path + ("client_secret_file",))
+        kw["client_secret_file"] = os.path.normpath(os.path.join(base_dir, f)) if f else None
+        ok = ok and f is not None
+    if "ca" in m:
+        ca = r.string(m["ca"], path + ("ca",))
+        kw["ca"] = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
+        ok = ok and ca is not None
+    for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
+                            ("negative_ttl", "negative_ttl_seconds"),
+                            ("timeout", "timeout_seconds")):
+        if key in m:
+            d = r.duration(m[key], path + (key,))
+            ok = ok and d is not None
+            kw[field_name] = d
+    if "max_concurrent" in m:
+        kw["max_concurrent"] = r.integer(m["max_concurrent"], path + ("max_concurrent",), 1, 256)
+        ok = ok and kw["max_concurrent"] is not None
+    if not ok or endpoint is None or client_id is None:
+        return None
+    return Introspection(endpoint=endpoint, client_id=client_id, mtls=mtls is True, **kw)
+
+
+def parse_revocations(r: Reader, value: Any, path: P) -> tuple[Revocation, ...]:
+    if not isinstance(value, list):
+        r.problem(path, "expected a list")
+        return ()
+    out: list[Revocation] = []
+    for i, item in enumerate(value):
+        ip = path + (i,)
+        m = r.mapping(item, ip, frozenset({"jti", "sub", "until", "note"}))
+        if m is None:
+            continue
+        if "jti" not in m and "sub" not in m:
+            r.problem(ip, "a revocation needs jti or sub")
+            continue
+        jti = r.string(m["jti"], ip + ("jti",)) if "jti" in m else None
+        sub = r.string(m["sub"], ip + ("sub",)) if "sub" in m else None
+        until = r.timestamp(m["until"], ip + ("until",)) if "until" in m else None
+        out.append(Revocation(jti=jti, sub=sub, until=until))
+    return tuple(out)
+
+
+def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
+    if not isinstance(value, list):
+        r.problem(path, "expected a list")
+        return ()
+    out: list[ApiKey] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        ip = path + (i,)
+        m = r.mapping(item, ip, frozenset({"name", "sha256", "expires_at"}))
+        if m is None:
+            continue
+        name = read_name(r, m.get("name"), ip + ("name",))
+        digest = m.get("sha256")
+        if not isinstance(digest, str) or not _SHA256.match(digest.lower()):
+            r.problem(ip + ("sha256",), "expected the key's SHA-256 as 64 hex digits")
+            digest = None
+        expires = r.timestamp(m["expires_at"], ip + ("expires_at",)) if "expires_at" in m else None
+        if name is not None and name in seen:
+            r.problem(ip + ("name",), f"API key {name!r} is defined twice")
+            continue
+        if name is not None and digest is not None:
+            seen.add(name)
+            out.append(ApiKey(name=name, sha256=digest.lower(), expires_at=expires))
+    return tuple(out)
+
+
+def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
+    if not isinstance(value, list):
+        r.problem(path, "expected a list")
+        return ()
+    out: list[RateLimit] = []
+    for i, item in enumerate(value):
+        ip = path + (i,)
+        m = r.mapping(item, ip, frozenset({"name", "rate", "burst", "per", "services"}))
+        if m is None:
+            continue
+        name = read_name(r, m.get("name"), ip + ("name",))
+        raw = m.get("rate")
+        rate: float | None = None
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
+            rate = float(raw)
+        elif isinstance(raw, str) and (rm := _RATE.match(raw)) and float(rm.group(1)) > 0:
+            rate = float(rm.group(1)) / _RATE_UNITS[rm.group(2)]
+        else:
+            r.problem(ip + ("rate",), "expected requests per second > 0, or like 100/s, 30/m")
+        burst = (r.integer(m["burst"], ip + ("burst",), 1, 1_000_000) if "burst" in m
+                 else max(1, math.ceil(rate or 1)))
+        per = m.get("per", "peer")
+        if per not in ("peer", "apikey", "subject"):
+            r.problem(ip + ("per",), "expected peer, apikey or subject")
+            per = None
+        services: list[str] = []
+        if "services" in m:
+            for sid, sp in r.string_list(m["services"], ip + ("services",)) or []:
+                why = spiffe_problem(sid, wildcards=False)
+                if why:
+                    r.problem(sp, why)
+                else:
+                    services.append(sid)
+        if name and rate is not None and burst is not None and per is not None:
+            out.append(RateLimit(name, rate, burst, per, tuple(services)))
+    return tuple(out)
+
+
+def parse_alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
+    if not isinstance(value, list):
+        r.problem(path, "expected a list")
+        return ()
+    out: list[AlertRule] = []
+    for i, item in enumerate(value):
+        ip = path + (i,)
+        m = r.mapping(item, ip, frozenset({"name", "threshold", "window", "by", "block",
+                                           "webhook"}))
+        if m is None:
+            continue
+        name = read_name(r, m.get("name"), ip + ("name",))
+        threshold = r.integer(m.get("threshold"), ip + ("threshold",), 1, 1_000_000)
+        window = r.duration(m.get("window"), ip + ("window",))
+        if window is not None and window <= 0:
+            r.problem(ip + ("window",), "the window must be longer than 0")
+            window = None
+        block = r.duration(m["block"], ip + ("block",)) if "block" in m else 0.0
+        by = m.get("by", "peer")
+        if by not in ("peer", "address", "subject", "issuer"):
+            r.problem(ip + ("by",), "expected peer, address, subject or issuer")
+            by = None
+        elif by in ("subject", "issuer") and block:
+            # A claimed subject is attacker-chosen: blocking by it would lock users out.
+            r.problem(ip + ("block",), f"alerts by {by} cannot block (alert only)")
+            block = None
+        webhook = m.get("webhook")
+        if webhook is not None and (
+            not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
+        ):
+            r.problem(ip + ("webhook",), "expected an http(s):// URL")
+            webhook = None
+        if name and threshold and window is not None and block is not None and by:
+            out.append(AlertRule(name, threshold, window, by, block, webhook))
+    return tuple(out)

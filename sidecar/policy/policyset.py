@@ -1,0 +1,239 @@
+"""Policy sets: the files of one policy, read from files and directories and merged.
+
+Theory of operation
+-------------------
+A policy is one file or a *set* of files: the YAML files directly inside one or more
+directories (Kubernetes: ConfigMaps, e.g. one per namespace plus one mesh-wide). Every file
+is parsed on its own (its own line numbers), then merged by the rules in MERGE_RULES: a
+service section lives in exactly one file; a named mesh-wide entry (provider, API key, rate
+limit, alert) may be repeated only identically; the set-wide scalars (version, revision,
+trust_domain, mode) must agree wherever stated. A conflict names both files and lines. Then
+the loader (``sidecar.policy.loader``) validates each part once, against the merged
+providers and keys, so cross-file references are checked.
+
+``only=IDENTITY`` (what a running sidecar asks for) skips every other service section
+while parsing: those sections are syntax-checked and their identities recorded (so a
+section defined in two files is still an error) but never built, validated or compiled.
+
+``read_policy_set`` is the only I/O of the policy package.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar.config.source import Path as P
+from sidecar.config.source import Reader, parse_yaml, read_capped
+from sidecar.errors import ConfigError, Problem
+
+TOP_KEYS = frozenset(
+    {"version", "revision", "trust_domain", "mode", "jwt_providers", "revocations", "api_keys",
+     "rate_limits", "alerts", "services"}
+)
+
+# The merge rules, as data: (key, kind). "scalar": must be equal wherever stated; "named":
+# entries identified by name (a mapping key, or a list item's `name`), repeated only
+# identically; "union": list entries merged, duplicates dropped; "owned": mapping entries
+# that exactly one file may define. Each file's sections are validated by the same parsers
+# as a single file's (with that file's line numbers), and the results merged in file order.
+MERGE_RULES: tuple[tuple[str, str], ...] = (
+    ("version", "scalar"), ("revision", "scalar"), ("trust_domain", "scalar"),
+    ("mode", "scalar"), ("jwt_providers", "named"), ("api_keys", "named"),
+    ("rate_limits", "named"), ("alerts", "named"), ("revocations", "union"),
+    ("services", "owned"),
+)
+MAX_POLICY_FILES = 1000
+POLICY_SUFFIXES = (".yaml", ".yml")
+
+
+class PolicyFile:
+    """One parsed file of a policy set."""
+
+    def __init__(self, filename: str, digest: str, raw: bytes, only: str | None) -> None:
+        self.filename = filename
+        self.digest = digest
+        select: dict[P, tuple[str, ...]] | None = (
+            {("services",): (only,)} if only is not None else None)
+        doc, src = parse_yaml(raw, filename, select)
+        self.r = Reader(src)
+        self.top: dict[str, Any] = self.r.mapping(doc, (), TOP_KEYS) or {}
+        # Skipped service identities -> line; None once compacted to ``skipped_hashes``.
+        self.skipped: dict[str, int] | None = src.skipped.get(("services",), {})
+        self.skipped_hashes: array.array[int] = array.array("q")
+        self.parse_problems = len(src.problems)
+
+    def compact(self) -> None:
+        """Kept for the next load (``ParsedFiles``): the skipped identities as hashes only,
+        which is all that finding a duplicate needs; the rare load that finds one parses
+        the files again for names and lines (``NeedNames``)."""
+        if self.skipped is not None:
+            # 8 bytes each (a set of Python ints would be 100): only iterated, in merge_files.
+            self.skipped_hashes = array.array("q", map(hash, self.skipped))
+            self.skipped = None
+            self.r.src.skipped.clear()
+
+    def reuse(self) -> PolicyFile:
+        """This parsed file for another load: only the problems found while parsing stay."""
+        del self.r.src.problems[self.parse_problems:]
+        return self
+
+    def where(self, path: P) -> str:
+        line = self.r.src.line(path)
+        return f"{self.filename}:{line}" if line else self.filename
+
+
+def named_entries(doc: PolicyFile, key: str) -> list[tuple[str, Any, P]]:
+    """(name, raw value, path) of a "named" section; unnamed/odd items keep their index."""
+    value = doc.top.get(key)
+    if isinstance(value, dict):
+        return [(str(k), v, (key, k)) for k, v in value.items()]
+    out: list[tuple[str, Any, P]] = []
+    for i, item in enumerate(value if isinstance(value, list) else ()):
+        name = item.get("name") if isinstance(item, dict) else None
+        out.append((name if isinstance(name, str) else f"#{i}", item, (key, i)))
+    return out
+
+
+def merge_files(docs: list[PolicyFile]) -> tuple[dict[str, Any], dict[str, tuple[PolicyFile, P]], int]:
+    """Merge the files' top-level values by MERGE_RULES.
+
+    Returns (merged top-level values, where each merged entry came from, how many service
+    sections were skipped). A conflict is reported as a problem of the later file naming the
+    earlier.
+    """
+    merged: dict[str, Any] = {}  # scalars by key, named entries by "key.name", services
+    origin: dict[str, tuple[PolicyFile, P]] = {}
+    skipped = 0
+    owners: dict[str, tuple[PolicyFile, P]] = {}
+    hashes: set[int] = set()  # hash() of every owner's identity, and those of compacted
+    hashed: set[int] = set()  # files (see PolicyFile.compact); a match there needs the names
+    for key, kind in MERGE_RULES:
+        for doc in docs:
+            if key not in doc.top:
+                continue
+            value = doc.top[key]
+            if kind == "scalar":
+                if key in merged and merged[key] != value:
+                    first, fpath = origin[key]
+                    doc.r.problem((key,), f"{key} is {value!r} here but {merged[key]!r} in "
+                                  f"{first.where(fpath)}: the files are not of one policy")
+                elif key not in merged:
+                    merged[key], origin[key] = value, (doc, (key,))
+            elif kind == "named":
+                for name, item, path in named_entries(doc, key):
+                    tag = f"{key}.{name}"
+                    if tag in origin:
+                        first, fpath = origin[tag]
+                        if first is not doc and merged[tag] != item:
+                            doc.r.problem(path, f"{key} entry {name!r} is defined differently "
+                                          f"in {first.where(fpath)}")
+                        continue  # a name twice in one file: the section's parser says so
+                    merged[tag], origin[tag] = item, (doc, path)
+            elif kind == "owned":
+                if not isinstance(value, dict):
+                    doc.r.problem((key,), "expected a mapping of SPIFFE ID -> section")
+                    continue
+                for name in list(value) + list(doc.skipped or ()):
+                    path = (key, name)
+                    if name in owners:
+                        first, _ = owners[name]
+                        for d in (doc, first):  # skipped keys' lines are kept aside
+                            if d.skipped is not None and name in d.skipped:
+                                d.r.src.lines.setdefault(path, d.skipped[name])
+                        doc.r.problem(path, f"service {name} is also defined in "
+                                      f"{first.where(path)}: a section lives in one file")
+                        continue
+                    h = hash(name)
+                    if h in hashed:
+                        raise NeedNames
+                    owners[name] = (doc, path)
+                    hashes.add(h)
+                for h in doc.skipped_hashes:  # a compacted file: identities as hashes only
+                    if h in hashes or h in hashed:
+                        raise NeedNames
+                    hashed.add(h)
+                bucket = merged.setdefault(key, {})
+                for name, spec in value.items():
+                    if owners[name][0] is doc:
+                        bucket[name] = spec
+                        origin[f"{key}.{name}"] = (doc, (key, name))
+                skipped += len(doc.skipped_hashes) + sum(
+                    1 for n in doc.skipped or () if owners[n][0] is doc)
+    return merged, origin, skipped
+
+
+class NeedNames(Exception):
+    """A duplicate identity involves a compacted file: parse the files again for names."""
+
+
+def set_version(docs: list[PolicyFile]) -> str:
+    """One file: SHA-256 of its bytes. A set: SHA-256 over every file's name and digest, in
+    set order -- the same files give the same version on every sidecar, whatever the mount
+    point."""
+    if len(docs) == 1:
+        return docs[0].digest
+    h = hashlib.sha256(b"sidecar-policy-set/1\n")
+    for doc in docs:
+        h.update(f"{os.path.basename(doc.filename)}\0{doc.digest}\n".encode())
+    return h.hexdigest()
+
+
+class ParsedFiles:
+    """The parsed files of a policy set's last load, for the next one (a running sidecar's
+    reloads): a file whose name and bytes are unchanged is not parsed again, so a reload
+    that touches one namespace's file parses that file only. Single files are not kept
+    (a reload means the file changed)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str, str | None], PolicyFile] = {}
+
+
+def read_policy_set(paths: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Read a policy: each path is a file, or a directory whose *.yaml/*.yml files (not
+    hidden, not in subdirectories) belong to the set, in name order.
+
+    A Kubernetes-mounted directory is read through its ``..data`` link, resolved once, and
+    the link is checked again afterwards: a directory swapped while being read raises
+    ``ConfigError`` (tried again at the next poll) instead of mixing two versions.
+    """
+    out: list[tuple[str, bytes]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            out.extend(_read_directory(path))
+        else:
+            out.append((path, read_capped(path)))
+        if len(out) > MAX_POLICY_FILES:
+            raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
+                                       "files")])
+    return out
+
+
+def _read_directory(path: str) -> list[tuple[str, bytes]]:
+    link = os.path.join(path, "..data")
+    before = os.path.realpath(link) if os.path.islink(link) else None
+    base = before or path
+    try:
+        names = sorted(n for n in os.listdir(base)
+                       if not n.startswith(".") and n.endswith(POLICY_SUFFIXES)
+                       and os.path.isfile(os.path.join(base, n)))
+    except OSError as exc:
+        raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
+                          ) from None
+    if not names:
+        raise ConfigError([Problem(path, None, "", "no policy files (*.yaml, *.yml) in the "
+                                   "directory")])
+    files = [(os.path.join(path, n), read_capped(os.path.join(base, n))) for n in names]
+    after = os.path.realpath(link) if os.path.islink(link) else None
+    if after != before:
+        raise ConfigError([Problem(path, None, "", "the directory was swapped (..data) while "
+                                   "being read; not applied, read again at the next check")])
+    return files
+
+
+def policy_label(paths: Sequence[str]) -> str:
+    """How a policy made of ``paths`` is named in messages and status."""
+    return ", ".join(paths)
