@@ -71,6 +71,12 @@ class PolicyHolder:
         for fn in self.listeners:
             fn(policy)
 
+    def record_failure(self, error: str) -> None:
+        """A load or reload failed: the policy in force (or none) stays; ``error`` is shown
+        at /policy until the next successful load."""
+        self.last_error = error
+        self.reloads_failed += 1
+
     def status(self) -> dict[str, object]:
         return {
             "source": self.source,
