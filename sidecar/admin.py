@@ -22,8 +22,8 @@ Only GET and HEAD exist here; anything else is 405. Errors carry the generic bod
 
 The servers differ only in their routes:
 
-* admin (``serve_admin``): /healthz /readyz /metrics /policy /config /audit/head. It shows the effective
-  config and the policy status, so it belongs on loopback.
+* admin (``serve_admin``): /healthz /readyz /metrics /policy /config /tap /audit/head. It
+  shows the effective config and the policy status, so it belongs on loopback.
 * health (``serve_health``): /healthz, /readyz (no reasons) and /app-health/... which
   proxies kubelet application probes, rewritten by the injector, to the app on 127.0.0.1
   (``SIDECAR_APP_PROBES``). Nothing else, because the kubelet (and so the pod network)
@@ -46,7 +46,7 @@ import h11
 import trio
 
 from sidecar import __version__
-from sidecar.errors import ConfigError, Problem, generic_body
+from sidecar.errors import ConfigError, Problem, generic_body, reason_phrase
 from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import SidecarMetrics
@@ -114,7 +114,7 @@ class Reply:
         return cls(status, body.encode(), JSON)
 
 
-Route = Callable[[str], Awaitable[Reply]]  # path (no query) -> reply
+Route = Callable[..., Awaitable[Reply]]  # (path without query[, query]) -> reply
 
 
 # --- the HTTP loop ----------------------------------------------------------------------------
@@ -189,12 +189,13 @@ async def _serve_connection(
             return
         has_body = _has_body(conn)
         method = request.method.decode("ascii", "replace")
-        path = request.target.decode("latin-1").split("?", 1)[0]
+        path, _, query = request.target.decode("latin-1").partition("?")
         if method not in ("GET", "HEAD"):
             reply = Reply(405, (generic_body(405) + "\n").encode())
         else:
             try:
-                reply = await route(path)
+                reply = await (route(path, query) if getattr(route, "takes_query", False)
+                               else route(path))
             except Exception as exc:  # a broken status provider must not kill the server
                 log("admin_request_failed", "error", server=name, path=path, error=repr(exc))
                 reply = Reply.error(500)
@@ -288,7 +289,8 @@ async def _send_reply(
     if close:
         headers.append(("connection", "close"))
     try:
-        data = conn.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+        data = conn.send(h11.Response(status_code=reply.status, headers=headers,
+                                     reason=reason_phrase(reply.status))) or b""
         if reply.body and not head_only:
             data += conn.send(h11.Data(data=reply.body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
@@ -317,8 +319,11 @@ def _readiness(status: AdminStatus) -> tuple[bool, list[str]]:
 
 def admin_route(status: AdminStatus, metrics: SidecarMetrics) -> Route:
     """The admin server's routes (usable without a socket)."""
+    tap = getattr(status, "tap", None)  # sidecar.tap.Tap of the running sidecar, if any
 
-    async def route(path: str) -> Reply:
+    async def route(path: str, query: str = "") -> Reply:
+        if path == "/tap" and tap is not None:
+            return await tap_reply(tap, query)
         if path == "/healthz":
             return Reply(200, b"ok\n")
         if path == "/readyz":
@@ -338,7 +343,35 @@ def admin_route(status: AdminStatus, metrics: SidecarMetrics) -> Route:
             return Reply.json(200, value) if value is not None else Reply.error(404)
         return Reply.error(404)
 
+    route.takes_query = True  # type: ignore[attr-defined]
     return route
+
+
+async def tap_reply(tap: Any, query: str) -> Reply:
+    """``GET /tap?after=SEQ&wait=SECONDS``: the decisions after SEQ (long poll).
+
+    Without ``after`` it answers at once with the current sequence number and no event:
+    a new watcher sees what happens from then on. Otherwise it waits up to ``wait``
+    seconds (default 1, at most ``tap.MAX_WAIT``) for at least one event. The data path
+    only appends to the tap's bounded ring; a watcher that falls behind is told how many
+    events it missed (``dropped``) instead of slowing anything down.
+    """
+    from urllib.parse import parse_qs
+
+    try:
+        params = parse_qs(query, max_num_fields=4)
+        after = int(params["after"][0]) if "after" in params else None
+        wait = float(params.get("wait", ["1"])[0])
+    except (ValueError, IndexError):
+        return Reply.error(400)
+    wait = min(max(wait, 0.0), tap.MAX_WAIT)
+    tap.watch()
+    if after is not None:
+        deadline = trio.current_time() + wait
+        while tap.seq <= after and trio.current_time() < deadline:
+            await trio.sleep(tap.POLL_INTERVAL)
+            tap.watch()
+    return Reply.json(200, tap.read(after))
 
 
 async def serve_admin(

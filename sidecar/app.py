@@ -88,6 +88,7 @@ class Sidecar:
                                      identity=self.own_id)
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
+        self.tap = self.telemetry.tap  # served on the admin port as /tap
         limits = cfg.limits
         self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
         self.outbound_proxies: list[OutboundProxy] = []
@@ -524,7 +525,7 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
                  "--worker-index", str(i)]))
     try:
         sidecar = Sidecar(cfg, worker_index=worker_index)
-    except (SidecarError, OSError, ValueError) as exc:
+    except (SidecarError, OSError, ValueError) as exc:  # SvidError: missing or bad certificate files
         _stop_children(children)
         print(f"sidecar: cannot start: {exc}", file=sys.stderr)
         return 2

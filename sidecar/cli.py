@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,7 +18,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sidecar: invalid config:\n{exc}", file=sys.stderr)
         return 2
+    if args.check and args.config_only:
+        print(f"{args.config}: ok (config file only)")
+        return 0
     if args.check:
+        # The offline file checks of ``sidecar check``: certificate, key and bundle readable
+        # and consistent, policy loads, audit keys present. No ports, no network.
+        from sidecar.check import run_check_errors
+
+        failures = run_check_errors(args.config)
+        for f in failures:
+            detail = f.detail.replace("\n", "\n  ")
+            print(f"sidecar: {f.title}: {detail}\n  hint: {f.hint}", file=sys.stderr)
+        if failures:
+            return 2
         print(f"{args.config}: ok")
         return 0
     return run(cfg, worker_index=args.worker_index)
@@ -26,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    return run_demo(serve=args.serve)
+    return run_demo(serve=args.serve, keep=args.keep)
 
 
 def _cmd_apikey_new(args: argparse.Namespace) -> int:
@@ -35,10 +49,28 @@ def _cmd_apikey_new(args: argparse.Namespace) -> int:
     return cmd_apikey_new(args)
 
 
-def _cmd_version(args: argparse.Namespace) -> int:
+def version_document() -> dict[str, str]:
+    """What ``sidecar version -o json`` prints (stable; docs/operations.md)."""
+    import platform
+
     from sidecar import __version__
 
-    print(__version__)
+    return {"kind": "Version", "version": __version__,
+            "python": platform.python_version(), "platform": sys.platform}
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from sidecar.output import emit
+
+    doc = version_document()
+    emit(args, doc, lambda: doc["version"])
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from sidecar.completion import generate
+
+    sys.stdout.write(generate(build_parser(), args.shell))
     return 0
 
 
@@ -46,15 +78,23 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
     """The ``sidecar`` parser; with ``run_only`` just ``sidecar run``, so that a running
     sidecar never imports the modules of the other commands (the CA, policy, audit, replay
     and Kubernetes tools)."""
+    from sidecar import __version__
+
     parser = argparse.ArgumentParser(
         prog="sidecar",
         description="Zero-trust service-mesh sidecar: mTLS with SPIFFE identities, JWT, "
                     "YAML micro-segmentation policy, verifiable audit trail.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the sidecar with a config file")
     p.add_argument("-c", "--config", required=True, help="sidecar config file (YAML)")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and the files it names (certificate, key, "
+                        "bundle, policy, audit keys), then exit")
+    p.add_argument("--config-only", action="store_true",
+                   help="with --check: the config file alone, not the files it names "
+                        "(e.g. checking a ConfigMap away from the pod)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_run)
     if run_only:
@@ -63,7 +103,16 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
     p.add_argument("--serve", action="store_true",
                    help="keep the demo running and print curl commands to try")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (CA key included) when the demo ends")
     p.set_defaults(func=_cmd_demo)
+
+    from sidecar.check import add_check_parser
+
+    add_check_parser(sub)
+    from sidecar.live import add_live_parsers
+
+    add_live_parsers(sub)
 
     from sidecar.identity.cli import add_ca_parsers, add_cert_parsers
 
@@ -99,8 +148,18 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
         add_inject_parser(sub)
         add_webhook_parser(sub)
 
+    from sidecar.output import add_output_flag
+
     p = sub.add_parser("version", help="print the version")
+    add_output_flag(p)
     p.set_defaults(func=_cmd_version)
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)",
+                       description="bash: source <(sidecar completion bash); zsh: "
+                                   "source <(sidecar completion zsh); fish: sidecar completion "
+                                   "fish | source")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
+    p.set_defaults(func=_cmd_completion)
     return parser
 
 
@@ -112,3 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`sidecar audit export ... | head`): what it wanted was
+        # written. Point stdout at /dev/null so the interpreter's final flush is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -12,6 +12,7 @@ Two families, in the h11 manner:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http import HTTPStatus
 
 _GENERIC_BODY: dict[int, str] = {
     400: "bad request",
@@ -32,6 +33,16 @@ _GENERIC_BODY: dict[int, str] = {
 def generic_body(status: int) -> str:
     """The only text a client ever sees for an error status."""
     return _GENERIC_BODY.get(status, "error")
+
+
+def reason_phrase(status: int) -> str:
+    """The canonical reason phrase of the status line (``403 Forbidden``, ``429 Too Many
+    Requests``), as RFC 9110 and every HTTP library spell it; empty for an unknown code
+    (RFC 9112 allows an empty phrase)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 class SidecarError(Exception):

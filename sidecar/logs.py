@@ -12,7 +12,10 @@ Two guards keep the log safe to ship anywhere:
   ``authorization``, ``cookie``, ``password``, ``secret``, ``api_key``...) is replaced by
   ``"[redacted]"`` whatever its value. ``apikey`` is the API key *name* and is kept.
 * a hostile peer cannot make lines huge: every string value is cut at
-  ``MAX_FIELD_CHARS`` characters and nested values are rendered with ``str`` first.
+  ``MAX_FIELD_CHARS`` characters; nested values (dicts, lists, tuples, sets) stay JSON
+  objects and arrays, at most ``MAX_NESTED_ITEMS`` items per level and ``MAX_DEPTH`` levels
+  deep (deeper values become strings), with the same redaction by key at every level.
+  Anything else (exceptions, paths...) is written as its ``str``.
 
 Field names are documented in docs/operations.md; keep that list in step with callers.
 """
@@ -26,6 +29,9 @@ from typing import Any, TextIO
 
 LEVELS: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_FIELD_CHARS = 1024
+MAX_NESTED_ITEMS = 32
+MAX_DEPTH = 4
+TRUNCATED = "...[truncated]"
 REDACTED = "[redacted]"
 
 # Names (lower-case) of fields that may carry credentials; their values are never written.
@@ -122,15 +128,25 @@ def _timestamp() -> str:
     return f"{seconds}.{int(now % 1 * 1000):03d}Z"
 
 
-def _safe_value(name: str, value: Any) -> Any:
+def _safe_value(name: str, value: Any, depth: int = 0) -> Any:
     if name.lower() in SECRET_FIELDS:
         return REDACTED
     if value is None or isinstance(value, bool | int | float):
         return value
+    if depth < MAX_DEPTH:
+        if isinstance(value, dict):
+            items = list(value.items())
+            out = {str(k): _safe_value(str(k), v, depth + 1)
+                   for k, v in items[:MAX_NESTED_ITEMS]}
+            if len(items) > MAX_NESTED_ITEMS:
+                out[TRUNCATED] = len(items) - MAX_NESTED_ITEMS
+            return out
+        if isinstance(value, list | tuple | set | frozenset):
+            seq = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
+            kept = [_safe_value("", item, depth + 1) for item in seq[:MAX_NESTED_ITEMS]]
+            return kept + [TRUNCATED] if len(seq) > MAX_NESTED_ITEMS else kept
     if not isinstance(value, str):
-        if isinstance(value, list | tuple) and len(value) <= 32:
-            return [_safe_value("", item) for item in value]
         value = str(value)
     if len(value) > MAX_FIELD_CHARS:
-        return value[:MAX_FIELD_CHARS] + "...[truncated]"
+        return value[:MAX_FIELD_CHARS] + TRUNCATED
     return value

@@ -12,7 +12,6 @@ cannot be re-checked exactly. Such changes are flagged ``uncertain`` instead of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import RecordFilter, iter_stored
 from sidecar.errors import ConfigError
+from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_set, policy_label
@@ -82,6 +82,12 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
     return count, changes
 
 
+def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[AuditRecord]:
+    for n, rec in enumerate(records, 1):
+        progress.update(n, "records")
+        yield rec
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_set(args.policy)
@@ -90,34 +96,44 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     filters = RecordFilter(peer=args.peer)
     damaged: list[str] = []
+    progress = Progress("replaying")
     try:
         decryptor = load_decryptor(args.data_key) if args.data_key else None
         records = (s.record for s in iter_stored(args.audit, filters, on_damage=damaged.append,
                                                  decryptor=decryptor))
-        count, changes = replay(policy, records, args.identity)
+        count, changes = replay(policy, _counted(records, progress), args.identity)
     except ValueError as exc:  # a data key file that cannot be used
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"sidecar: cannot read audit trail {args.audit}: {exc.strerror}", file=sys.stderr)
         return 2
+    finally:
+        progress.close()
     for d in damaged:
         # An encrypted trail read without (the right) --data-key lands here too: say so
         # rather than report "nothing would change" over records that were never read.
         print(f"sidecar: stopped reading a damaged or undecryptable segment: {d}",
               file=sys.stderr)
-    if args.format == "json":
-        print(json.dumps({"replayed": count, "changed": [c.as_dict() for c in changes]},
-                         indent=2))
-    else:
-        print(f"replayed {count} request records under {policy_label(args.policy)} "
-              f"(version {policy.version[:12]}): {len(changes)} would change")
+    label = policy_label(args.policy)
+    doc = {"kind": "PolicyReplay", "policy": label, "files": list(policy.files),
+           "version": policy.version, "replayed": count,
+           "changed": [c.as_dict() for c in changes]}
+
+    def table() -> str:
+        lines = [f"replayed {count} request records under {label} "
+                 f"(version {policy.version[:12]}): {len(changes)} would change"]
         for c in changes:
             r = c.record
             flag = "  (uncertain: claims not recorded)" if c.uncertain else ""
-            print(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
-                  f"{c.before} [{r.rule}] -> {outcome(c.after)} "
-                  f"[{c.after.rule}: {c.after.reason}]{flag}")
+            lines.append(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
+                         f"{c.before} [{r.rule}] -> {outcome(c.after)} "
+                         f"[{c.after.rule}: {c.after.reason}]{flag}")
+        return "\n".join(lines)
+
+    if args.format == "json" and args.output_format == "table":
+        args.output_format = "json"  # the older spelling of -o json
+    emit(args, doc, table)
     if damaged:
         return 2  # part of the trail was not read: "no change" would not be true
     return 1 if changes else 0
@@ -133,7 +149,9 @@ def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
                    help="SPIFFE ID of the workload whose audit trail this is "
                         "(default: the one recorded in each record)")
     p.add_argument("--peer", default=None, help="only records from this caller")
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="older spelling of -o (json = -o json)")
+    add_output_flag(p)
     p.add_argument("--data-key", action="append", default=[], metavar="FILE",
                    help="data key file, to read an encrypted trail (audit.encryption_key_file)")
     p.set_defaults(func=cmd_replay)

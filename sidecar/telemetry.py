@@ -18,6 +18,7 @@ from sidecar.audit.record import (
 )
 from sidecar.metrics import SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
+from sidecar.tap import Tap
 
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
@@ -34,6 +35,7 @@ class Telemetry:
         self.metrics = metrics
         self.service = service  # our own SPIFFE ID, recorded so replay knows the section
         self.audit = audit  # sidecar.audit.writer.AuditWriter or None
+        self.tap = Tap()  # recent decisions for `sidecar tap` / `top`; off unless watched
         # Called with the source address when an inbound peer's own credentials failed at
         # the TLS layer (the burst detector's by: address / peer rules; see sidecar/alerts.py).
         self.on_credential_failure: Callable[[str], None] | None = None
@@ -122,6 +124,20 @@ class Telemetry:
             for provider, reason in auth.token_errors.items():
                 self.metrics.jwt_failures_total.labels(provider, reason).inc()
         self._duration[direction].observe(duration)
+        if self.tap.active():
+            peer_id = facts.peer if facts is not None else peer
+            self.tap.publish({
+                "time": started, "request_id": request_id, "direction": direction,
+                "caller": peer_id or (facts.source if facts is not None else source) or "",
+                "method": facts.method if facts is not None else None,
+                "path": facts.path if facts is not None else None,
+                "status": status,
+                "decision": ("dry_run" if decision.dry_run else decision.action)
+                if decision is not None else "deny",
+                "rule": decision.rule if decision is not None else "",
+                "reason": error or (decision.reason if decision is not None else ""),
+                "duration_ms": round(duration * 1000.0, 3),
+            })
         refused = status >= 400 or (decision is not None and not decision.allowed)
         if refused or logs.enabled("debug"):
             logs.log(

@@ -79,3 +79,23 @@ def test_broken_stream_does_not_raise() -> None:
         logs.log("x")  # must not raise
     finally:
         logs.reset()
+
+
+def test_nested_values_are_json_not_repr(stream: io.StringIO) -> None:
+    logs.log("x", ports={"inbound": 15443, "admin": None}, what=("policy", "certs"),
+             nested={"a": {"b": {"c": {"d": {"e": 1}}}}}, many=list(range(100)),
+             kinds={"b", "a"}, headers={"Authorization": "Bearer abc", "x": ["ok"]})
+    (line,) = _lines(stream)
+    assert line["ports"] == {"inbound": 15443, "admin": None}
+    assert line["what"] == ["policy", "certs"]
+    assert line["kinds"] == ["a", "b"]
+    # Bounded: depth (deeper levels become strings) and items per level.
+    assert isinstance(line["nested"]["a"]["b"]["c"], dict)
+    assert isinstance(line["nested"]["a"]["b"]["c"]["d"], str)
+    assert len(line["many"]) == logs.MAX_NESTED_ITEMS + 1 and line["many"][-1] == logs.TRUNCATED
+    big = {f"k{i}": i for i in range(100)}
+    logs.log("y", big=big)
+    assert len(_lines(stream)[1]["big"]) == logs.MAX_NESTED_ITEMS + 1
+    # Redaction applies at every level, by key name.
+    assert line["headers"] == {"Authorization": logs.REDACTED, "x": ["ok"]}
+    assert "Bearer abc" not in stream.getvalue()

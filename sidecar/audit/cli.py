@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from sidecar.audit.segments import (
 from sidecar.audit.ship import CollectError, collect_frames, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
 from sidecar.config.audit import load_hmac_key
+from sidecar.output import Progress, add_output_flag, render, rfc3339
 
 MIN_POLL = 0.05
 MAX_POLL = 10.0
@@ -67,7 +69,8 @@ def add_audit_parsers(subparsers: Any) -> None:
                    help="exit 0 when the only problems are breaks the writer declared")
     p.add_argument("--require-genesis", action="store_true",
                    help="fail when the oldest segments are missing (retention)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="older spelling of -o json")
+    add_output_flag(p)
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
@@ -98,12 +101,41 @@ def add_audit_parsers(subparsers: Any) -> None:
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--since", metavar="T", help="RFC 3339 time or unix seconds (inclusive)")
+    p.add_argument("--since", metavar="T", help="RFC 3339 time, unix seconds, or a duration "
+                                                "back from now such as 90s, 15m, 1h, 2d "
+                                                "(inclusive)")
     p.add_argument("--until", metavar="T", help="RFC 3339 time or unix seconds (inclusive)")
     p.add_argument("--peer", metavar="ID", help="only records whose peer is this SPIFFE ID")
     p.add_argument("--decision", choices=("allow", "deny", "dry-run"))
     p.add_argument("--rule", metavar="R", help="only records of this rule name")
     p.add_argument("--event", metavar="E", help="only this event kind (request, alert, ...)")
+
+
+_AGO = re.compile(r"^(\d+[smhd])+$")
+
+
+def _since(text: str) -> float:
+    """``--since``: an RFC 3339 time, unix seconds, or a duration ago (``1h``, ``1h30m``)."""
+    if _AGO.match(text.strip()):
+        from sidecar.identity.cli import parse_ttl
+
+        try:
+            return time.time() - parse_ttl(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise ValueError(f"--since: not an RFC 3339 time, unix seconds or a duration "
+                         f"(e.g. 1h): {text!r}") from None
+
+
+def _missing(path: str) -> bool:
+    """Say "not found" (exit 2) for a path that does not exist: that is not tampering."""
+    if os.path.exists(path):
+        return False
+    print(f"error: {path}: not found (no such file or directory)", file=sys.stderr)
+    return True
 
 
 def _add_data_key(p: argparse.ArgumentParser, why: str) -> None:
@@ -118,7 +150,7 @@ def _decryptor(args: argparse.Namespace) -> Decryptor | None:
 
 def _filters(args: argparse.Namespace) -> RecordFilter:
     return RecordFilter(
-        since=parse_time(args.since) if args.since else None,
+        since=_since(args.since) if args.since else None,
         until=parse_time(args.until) if args.until else None,
         peer=args.peer, decision=args.decision, rule=args.rule, event=args.event,
     )
@@ -199,6 +231,8 @@ def verify_result_text(result: VerifyResult) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """0: the chain holds; 1: broken (first broken point printed); 2: cannot run."""
+    if _missing(args.path):
+        return 2
     key = None
     try:
         if getattr(args, "hmac_key_file", None):
@@ -210,11 +244,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = verify(args.path, key=key, keyring=keyring, anchors=anchors, decryptor=decryptor,
-                    accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
-                    require_genesis=getattr(args, "require_genesis", False))
-    if getattr(args, "json", False):
-        print(_json_line(verify_result_dict(result)))
+    # On a terminal, say what is being read while the chain is checked (erased after).
+    progress = Progress("verifying")
+    try:
+        progress.update(len(resolve_segments(args.path)), "segment(s)")
+    except OSError:
+        pass
+    try:
+        result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
+                        decryptor=decryptor,
+                        accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
+                        require_genesis=getattr(args, "require_genesis", False))
+    finally:
+        progress.close()
+    fmt = getattr(args, "output_format", "table")
+    if getattr(args, "json", False) and fmt == "table":
+        print(_json_line(verify_result_dict(result)))  # --json: the older, one-line spelling
+    elif fmt != "table":
+        sys.stdout.write(render({"kind": "AuditVerify", **verify_result_dict(result)}, fmt))
     else:
         print(verify_result_text(result))
     return 0 if result.ok else 1
@@ -250,6 +297,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if _missing(args.path):
+        return 2
+    if not resolve_segments(args.path):
+        print(f"error: {args.path}: no audit segments here (is this audit.path?)",
+              file=sys.stderr)
+        return 2
+    progress = Progress("exporting")
     damaged: list[str] = []
     out: IO[str]
     close = False
@@ -263,18 +317,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(("seq", *FIELD_NAMES))
-            for s in stored:
+            for n, s in enumerate(stored, 1):
+                progress.update(n, "records")
                 row = s.record.as_dict()
                 if row["extra"] is not None:
                     row["extra"] = _json_line(row["extra"])
                 writer.writerow((s.seq, *("" if row[n] is None else row[n] for n in FIELD_NAMES)))
         else:
-            for s in stored:
+            for n, s in enumerate(stored, 1):
+                progress.update(n, "records")
                 out.write(_json_line({"seq": s.seq, **_json_value(s.record)}) + "\n")
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): sidecar.cli ends quietly
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        progress.close()
         if close:
             out.close()
     for d in damaged:
@@ -284,7 +343,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
-    out.write(_json_line({"seq": seq, **_json_value(rec)}) + "\n")
+    # For people: the time as RFC 3339 (UTC, milliseconds), the form --since accepts.
+    # `audit export` keeps unix seconds for programs.
+    doc = {"seq": seq, **_json_value(rec)}
+    if isinstance(doc.get("time"), int | float):
+        doc["time"] = rfc3339(float(doc["time"]))
+    out.write(_json_line(doc) + "\n")
     out.flush()
 
 
@@ -375,6 +439,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if _missing(args.path):
+        return 2
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
@@ -405,6 +471,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except DecryptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): sidecar.cli ends quietly
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,18 @@ It also runs the local OAuth 2.0 / OIDC authorisation server (``sidecar/demo/idp
 to the policy copy a provider found by discovery, with a rule that wants an RFC 9068 access
 token bound to the caller's certificate (RFC 8705): the frontend's token works for the
 frontend and the same token is refused from the intruder. (The shipped policy file has no
-provider: the authorisation server's port is only known at run time.)
+provider: the authorisation server's port is only known at run time.) The script also shows a
+request without a token (401 with its ``WWW-Authenticate`` challenge), a token with the wrong
+scope (403), and a burst that meets the rate limit ``STORY_RATE_LIMIT`` added to the policy
+copy (429).
+
+Each sidecar signs its audit trail (``audit.signing_key_file``, a key pair per workload made
+as ``sidecar audit keygen`` makes it); at the end each trail is verified with the public key,
+as ``sidecar audit verify --pubkey`` does, and the demo says how far the signed checkpoints
+reach. A trail that does not verify, or is not signed, fails the demo.
+
+The temporary directory holds the demo CA's private key: it is removed however the demo
+ends (Ctrl-C and SIGTERM included) unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ from typing import Any
 import yaml
 
 TD = "demo.local"
+BURST = 30  # requests sent back to back in the rate-limit step (the limit lets 15 through)
+STORY_RATE_LIMIT = {"name": "frontend-burst", "rate": "1/s", "burst": 15, "per": "peer",
+                    "services": ["spiffe://demo.local/ns/demo/sa/orders"]}
 
 
 def _id(name: str) -> str:
@@ -89,6 +103,8 @@ class Step:
     request_id: str | None = None
     why: str = ""
     where: str = "orders"
+    burst: int = 0  # send the request this many times, back to back
+    challenge: str | None = None  # the WWW-Authenticate header of a 401
 
 
 class Demo:
@@ -97,17 +113,23 @@ class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.last_challenge: str | None = None
         self.ports: dict[str, int] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def make_identities(self) -> None:
-        """Create the dev CA and the frontend, orders and intruder identities."""
+        """Create the dev CA and the frontend, orders and intruder identities, and each
+        workload's audit signing key pair."""
+        from sidecar.audit.signing import write_keypair
         from sidecar.identity.ca import DevCA, write_svid
 
         ca = DevCA.create(TD)
         ca.save(self.root / "ca")
         for name in ("frontend", "orders", "intruder"):
             write_svid(ca.issue(_id(name)), ca, self.root / name)
+        for name in ("frontend", "orders"):
+            # The audit signing key pair of each sidecar: PREFIX.key signs, PREFIX.pub verifies.
+            write_keypair(str(self.root / f"audit-{name}-signing"))
         rogue = DevCA.create(TD)
         write_svid(rogue.issue(_id("frontend")), rogue, self.root / "rogue")
         policy = resources.files("sidecar.demo").joinpath("policy.yaml").read_text()
@@ -138,9 +160,10 @@ class Demo:
             "allow": {"namespaces": ["demo"], "methods": ["GET"], "paths": ["/reports"],
                       "jwt": {"provider": "local-idp",
                               "claims": {"scope": {"contains": "reports:read"}}}}})
+        policy["rate_limits"] = [STORY_RATE_LIMIT]
         (self.root / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
 
-    def token(self, who: str) -> str:
+    def token(self, who: str, scope: str = "reports:read") -> str:
         """An access token from the local authorisation server for ``who`` (mTLS client
         authentication: the token is bound to ``who``'s certificate)."""
         ctx = ssl.create_default_context(cafile=str(self.root / "idp" / "ca.pem"))
@@ -149,7 +172,7 @@ class Demo:
                                            timeout=10)
         try:
             conn.request("POST", "/token", body=f"grant_type=client_credentials&client_id={who}"
-                         "&scope=reports:read", headers={
+                         f"&scope={scope}", headers={
                              "content-type": "application/x-www-form-urlencoded"})
             resp = conn.getresponse()
             return str(json.loads(resp.read())["access_token"])
@@ -194,7 +217,8 @@ class Demo:
                         "app": f"127.0.0.1:{p[name + '_app']}"},
             "outbound": outbound,
             "policy": str(self.root / "policy.yaml"),
-            "audit": {"path": str(self.root / f"audit-{name}")},
+            "audit": {"path": str(self.root / f"audit-{name}"),
+                      "signing_key_file": str(self.root / f"audit-{name}-signing.key")},
             "admin": {"listen": f"127.0.0.1:{p[name + '_admin']}"},
             "limits": {"drain_timeout": "3s"},
         }
@@ -209,20 +233,37 @@ class Demo:
         _wait_ready(p[name + "_admin"], proc)  # e.g. the provider's keys are in
 
     # -- requests ------------------------------------------------------------------------
+    def _answer(self, resp: http.client.HTTPResponse) -> tuple[int, str | None]:
+        """Status and request id (the refusal's header, or the one the app echoes); keeps
+        a 401's challenge for the table."""
+        body = resp.read()
+        rid = resp.getheader("x-request-id")
+        if rid is None and resp.status == 200:
+            rid = json.loads(body).get("request_id")
+        self.last_challenge = resp.getheader("www-authenticate")
+        return resp.status, rid
+
     def _plain(self, port: int, method: str, path: str,
                headers: dict[str, str] | None = None) -> tuple[int, str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
             conn.request(method, path, body=b"{}" if method in ("POST", "PUT") else None,
                          headers=headers or {})
-            resp = conn.getresponse()
-            body = resp.read()
-            rid = resp.getheader("x-request-id")
-            if rid is None and resp.status == 200:
-                rid = json.loads(body).get("request_id")
-            return resp.status, rid
+            return self._answer(conn.getresponse())
         finally:
             conn.close()
+
+    def _burst(self, port: int, method: str, path: str, step: Step) -> tuple[str, str | None]:
+        """Send ``step.burst`` requests back to back; "N x 200, M x 429" and the id of the
+        last refused one (its audit record explains the refusal)."""
+        counts: dict[int, int] = {}
+        last_refused = None
+        for _ in range(step.burst):
+            status, rid = self._plain(port, method, path)
+            counts[status] = counts.get(status, 0) + 1
+            if status == 429:
+                last_refused = rid
+        return ", ".join(f"{n} x {s}" for s, n in sorted(counts.items())), last_refused
 
     def _mtls(self, who: str, method: str, path: str,
               headers: dict[str, str] | None = None) -> tuple[int | str, str | None]:
@@ -234,12 +275,7 @@ class Demo:
                                            timeout=10)
         try:
             conn.request(method, path, headers=headers or {})
-            resp = conn.getresponse()
-            body = resp.read()
-            rid = resp.getheader("x-request-id")
-            if rid is None and resp.status == 200:
-                rid = json.loads(body).get("request_id")
-            return resp.status, rid
+            return self._answer(conn.getresponse())
         except (ssl.SSLError, ConnectionError, OSError):
             return "refused", None
         finally:
@@ -261,8 +297,11 @@ class Demo:
             Step("intruder", "GET /reports (the frontend's token)", 401),
             Step("intruder", "GET /reports (its own bound token)", 200),
             Step("frontend", "GET /reports (no token)", 401),
+            Step("frontend", "GET /reports (its own token, scope orders:read)", 403),
+            Step("frontend", f"GET /orders (burst of {BURST})", 429, burst=BURST),
         ]
-        tokens = {"own": self.token("frontend"), "intruder": self.token("intruder")}
+        tokens = {"own": self.token("frontend"), "intruder": self.token("intruder"),
+                  "wrong": self.token("frontend", "orders:read")}
         for step in steps:
             method, path = step.request.split(" ")[:2]
             headers = {}
@@ -270,13 +309,20 @@ class Demo:
                 token = tokens["intruder" if "its own" in step.request
                                and step.caller == "intruder" else "own"]
                 headers["authorization"] = f"Bearer {token}"
-            if step.caller == "frontend":
+            if "scope orders:read" in step.request:
+                headers["authorization"] = f"Bearer {tokens['wrong']}"
+            self.last_challenge = None
+            if step.caller == "frontend" and step.burst:
+                step.status, step.request_id = self._burst(p["frontend_out"], method, path, step)
+            elif step.caller == "frontend":
                 port = p["payments_out"] if "payments" in step.request else p["frontend_out"]
                 step.status, step.request_id = self._plain(port, method, path, headers)
             elif step.caller == "intruder":
                 step.status, step.request_id = self._mtls("intruder", method, path, headers)
             else:
                 step.status, step.request_id = self._mtls("rogue", method, path)
+            if step.status == 401:
+                step.challenge = self.last_challenge
         return steps
 
     # -- explain -------------------------------------------------------------------------
@@ -284,13 +330,14 @@ class Demo:
         """Fill in each step's ``why`` from its audit record; return the verification of both
         trails."""
         from sidecar.audit.segments import iter_records, verify
+        from sidecar.audit.signing import load_keyring
 
         records = {name: list(iter_records(str(self.root / f"audit-{name}")))
                    for name in ("orders", "frontend")}
         for step in steps:
             recs = records[step.where]
             match = [r for r in recs if step.request_id and r.request_id == step.request_id
-                     and r.event == "request"]
+                     and r.event in ("request", "rate_limited")]
             if step.status == "refused":
                 match = [r for r in recs if r.event == "connection_refused"]
             if match:
@@ -303,11 +350,20 @@ class Demo:
                     step.why = "egress denied: payments is not in frontend's egress list"
                 elif r.reason == "default_deny":
                     step.why = "default deny: no rule lets this caller do this"
+                elif r.reason == "rate_limited":
+                    step.why = (f"rate limit '{r.rule}' (burst {STORY_RATE_LIMIT['burst']}, "
+                                f"then {STORY_RATE_LIMIT['rate']}): 429 + Retry-After")
+                elif step.challenge is not None:
+                    step.why = (f"{r.reason.replace('_', ' ')}: '{r.rule or '-'}'; challenge: "
+                                f"WWW-Authenticate: {step.challenge}")
                 elif r.rule:
                     step.why = f"{r.reason.replace('_', ' ')}: '{r.rule}'"
                 else:
                     step.why = f"refused before policy: {r.reason.replace('_', ' ')}"
-        return {name: verify(str(self.root / f"audit-{name}")) for name in records}
+        # As `sidecar audit verify DIR --pubkey PREFIX.pub`: the chain and every signature.
+        return {name: verify(str(self.root / f"audit-{name}"), keyring=load_keyring(
+                    [str(self.root / f"audit-{name}-signing.pub")]))
+                for name in records}
 
     def stop(self) -> None:
         """Stop every process the demo started (SIGTERM, then SIGKILL)."""
@@ -335,9 +391,40 @@ def _table(steps: list[Step]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(serve: bool = False) -> int:
-    """Run the whole demo in a temporary directory; with ``serve`` keep it up until interrupted.
-    Returns the exit status."""
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _as_expected(step: Step) -> bool:
+    if step.burst:
+        # The burst must meet the limit: some requests pass, the rest get 429.
+        return f"x {step.expect}" in str(step.status) and "x 200" in str(step.status)
+    return step.status == step.expect
+
+
+def _trail_line(name: str, res: Any) -> str:
+    """One line per audit trail: chain and signatures, as ``sidecar audit verify --pubkey``
+    reports them."""
+    if not res.ok:
+        return f"audit trail of {name}: {res.records} records, BROKEN: {res.broken}"
+    line = f"audit trail of {name}: {res.records} records, verified, chain intact"
+    if res.assurance != "signature" or not res.checkpoints:
+        return line + "; NOT SIGNED (no checkpoint verified with its public key)"
+    return (f"{line}; verified with its signed checkpoint and audit-{name}-signing.pub: "
+            f"{res.checkpoints} checkpoint(s), signed through seq {res.signed_through}, "
+            f"unsigned tail {res.unsigned_tail_records} records")
+
+
+def _trail_ok(res: Any) -> bool:
+    return bool(res.ok and res.assurance == "signature" and res.checkpoints)
+
+
+def run_demo(serve: bool = False, keep: bool = False) -> int:
+    """Run the scripted demo (or ``serve`` it until Ctrl-C / SIGTERM). The temporary
+    directory, CA key included, is removed at the end however the demo ends, unless
+    ``keep``."""
+    # SIGTERM (e.g. `timeout`, a closing terminal) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     demo = Demo(root)
     ok = False
@@ -350,8 +437,9 @@ def run_demo(serve: bool = False) -> int:
               f"== mTLS ==> 127.0.0.1:{p['orders_in']} (orders sidecar, inbound) -> "
               f"orders app 127.0.0.1:{p['orders_app']}\n")
         if serve:
-            _print_curl(root, p)
             try:
+                # Inside the try: Ctrl-C may come the moment the last line is out.
+                _print_curl(root, p)
                 while all(proc.poll() is None for proc in demo.procs):
                     time.sleep(0.5)
             except KeyboardInterrupt:
@@ -361,11 +449,11 @@ def run_demo(serve: bool = False) -> int:
         demo.stop()
         results = demo.explain(steps)
         print(_table(steps))
-        ok = all(s.status == s.expect for s in steps)
+        ok = all(_as_expected(s) for s in steps)
         print()
         for name, res in results.items():
-            state = "verified, chain intact" if res.ok else f"BROKEN: {res}"
-            print(f"audit trail of {name}: {res.records} records, {state}")
+            print(_trail_line(name, res))
+        ok = ok and all(_trail_ok(res) for res in results.values())
         print("\nall outcomes as expected" if ok else "\nSOME OUTCOMES DIFFER FROM EXPECTED")
         return 0 if ok else 1
     except Exception as exc:  # noqa: BLE001 -- the demo reports and cleans up
@@ -376,7 +464,9 @@ def run_demo(serve: bool = False) -> int:
         return 1
     finally:
         demo.stop()
-        if ok or not serve:
+        if keep:
+            print(f"sidecar demo: kept {root} (--keep); it holds the demo CA's private key")
+        else:
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -400,5 +490,10 @@ def _print_curl(root: Path, p: dict[str, int]) -> None:
           "# same token, intruder: 401")
     print(f"\n  curl -s http://127.0.0.1:{p['orders_admin']}/metrics | grep sidecar_requests")
     print(f"  sidecar audit tail {root}/audit-orders --follow")
+    print(f"  sidecar audit verify {root}/audit-orders --pubkey {root}/audit-orders-signing.pub")
+    print(f"  sidecar check --admin http://127.0.0.1:{p['orders_admin']} "
+          f"--pubkey {root}/audit-orders-signing.pub")
+    print(f"  sidecar tap --admin http://127.0.0.1:{p['orders_admin']}")
+    print(f"  sidecar top --admin http://127.0.0.1:{p['orders_admin']}")
     print(f"  sidecar policy explain {root}/policy.yaml --to {_id('orders')} "
           f"--from {_id('frontend')} --method GET --path /admin/users\n", flush=True)

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.identity.svid import SvidError, validate_svid_leaf
+from sidecar.output import add_output_flag, emit
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -154,6 +155,35 @@ def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, 
     return rows
 
 
+def certificate_document(path: str, cert: x509.Certificate, rows: list[tuple[str, str]],
+                         others: list[dict[str, str]]) -> dict[str, Any]:
+    """What ``cert inspect -o json`` prints (stable; docs/operations.md)."""
+    fields = dict(rows)
+    uris = fields["SPIFFE ID"]
+    svid = fields["SVID check"]
+    validity = fields["validity"]
+    return {
+        "kind": "Certificate",
+        "file": path,
+        "subject": fields["subject"],
+        "spiffe_ids": [] if uris == "(none)" else uris.split(", "),
+        "dns_names": fields["DNS names"].split(", ") if "DNS names" in fields else [],
+        "issuer": fields["issuer"],
+        "serial": fields["serial"],
+        "not_before": fields["not before"],
+        "not_after": fields["not after"],
+        "validity": ("not_yet_valid" if validity.startswith("NOT YET")
+                     else "expired" if validity == "EXPIRED" else "valid"),
+        "key_type": fields["key type"],
+        "ca": fields["CA"] == "yes",
+        "sha256": fields["SHA-256"],
+        "svid_check": "fail" if svid.startswith("FAIL") else (
+            "ok" if svid == "ok" else "not_applicable"),
+        "svid_error": svid[5:] if svid.startswith("FAIL") else None,
+        "chain": others,
+    }
+
+
 def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print the first certificate of a PEM file in detail, then one line per other one.
 
@@ -170,16 +200,17 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
         return _fail(f"{args.file}: no PEM certificate found ({exc})")
     now = dt.datetime.now(dt.UTC).timestamp()
     rows = describe_certificate(certs[0], now)
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"{label + ':':<{width + 1}} {value}", file=stream)
-    for i, cert in enumerate(certs[1:], start=1):
-        print(
-            f"certificate {i + 1}: {cert.subject.rfc4514_string()}"
-            f" (issuer {cert.issuer.rfc4514_string()}, not after"
-            f" {cert.not_valid_after_utc.isoformat()})",
-            file=stream,
-        )
+    others = [{"subject": c.subject.rfc4514_string(), "issuer": c.issuer.rfc4514_string(),
+               "not_after": c.not_valid_after_utc.isoformat()} for c in certs[1:]]
+
+    def table() -> str:
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{label + ':':<{width + 1}} {value}" for label, value in rows]
+        lines += [f"certificate {i}: {c['subject']} (issuer {c['issuer']}, not after"
+                  f" {c['not_after']})" for i, c in enumerate(others, start=2)]
+        return "\n".join(lines)
+
+    emit(args, certificate_document(args.file, certs[0], rows, others), table, stream)
     failed = dict(rows)["SVID check"].startswith("FAIL")
     return 1 if failed else 0
 
@@ -211,6 +242,7 @@ def add_cert_parsers(subparsers: Any) -> argparse.ArgumentParser:
     issue.set_defaults(func=cmd_cert_issue)
     inspect = cert_sub.add_parser("inspect", help="show a certificate and check the SVID rules")
     inspect.add_argument("file", metavar="FILE", help="PEM file (a chain: the first is detailed)")
+    add_output_flag(inspect)
     inspect.set_defaults(func=cmd_cert_inspect)
     return cert  # type: ignore[no-any-return]
 

@@ -6,7 +6,7 @@ import os
 
 import trio
 
-from sidecar.errors import RequestRefused, generic_body
+from sidecar.errors import RequestRefused, generic_body, reason_phrase
 from sidecar.http.wire import serialise_response_head
 from sidecar.net.streams import Endpoint, PeerClosed, Timeout, raw_socket
 
@@ -32,7 +32,7 @@ async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
     if extra:
         headers.extend(extra)
     ep.sent_head = True
-    ep.queue(serialise_response_head(status, generic_body(status).encode(), headers) + body)
+    ep.queue(serialise_response_head(status, reason_phrase(status).encode(), headers) + body)
     try:
         await ep.flush(trio.current_time() + REPLY_TIMEOUT)
         if not ep.reader.at_rest():

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
 
 from sidecar.config.values import parse_timestamp
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, Problem
+from sidecar.identity.spiffe import parse_spiffe_id
+from sidecar.output import add_output_flag, emit
 from sidecar.policy.explain import explain
-from sidecar.policy.lint import lint
+from sidecar.policy.lint import LintWarning, lint
 from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy_set, policy_label
 
@@ -30,13 +33,28 @@ EXIT_USAGE = 2
 
 
 def _load(paths: list[str], err: TextIO) -> Policy | None:
+    policy, problems = _load_problems(paths)
+    if policy is None:
+        _print_problems(problems, policy_label(paths), err)
+    return policy
+
+
+def _load_problems(paths: list[str]) -> tuple[Policy | None, list[Problem]]:
+    """Load ``paths`` as one policy set; (policy, []) or (None, every problem)."""
     try:
-        return load_policy_set(paths)
+        return load_policy_set(paths), []
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=err)
-        print(f"{len(exc.problems)} error(s) in {policy_label(paths)}", file=err)
-        return None
+        return None, list(exc.problems)
+
+
+def _print_problems(problems: list[Problem], label: str, err: TextIO, tail: str = "") -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=err)
+    print(f"{len(problems)} error(s) in {label}{tail}", file=err)
+
+
+def _problem_doc(p: Problem) -> dict[str, Any]:
+    return {"file": p.file, "line": p.line, "key": p.key, "message": p.message}
 
 
 def _now(args: argparse.Namespace, err: TextIO) -> float | None:
@@ -50,7 +68,7 @@ def _now(args: argparse.Namespace, err: TextIO) -> float | None:
         return None
 
 
-def _missing_jwks(policy: Policy) -> list[str]:
+def _missing_jwks_findings(policy: Policy) -> list[LintWarning]:
     out = []
     for p in policy.extras.jwt_providers.values():
         intro = p.introspection
@@ -60,7 +78,8 @@ def _missing_jwks(policy: Policy) -> list[str]:
         if intro is not None:
             files += [("introspection.client_secret_file", intro.client_secret_file,
                        "missing-file"), ("introspection.ca", intro.ca, "missing-file")]
-        out += [f"{_provider_file(policy, p.name)}: jwt_providers.{p.name}.{key}: [{code}] {path} does not exist"
+        out += [LintWarning(_provider_file(policy, p.name), None,
+                            f"jwt_providers.{p.name}.{key}", code, f"{path} does not exist")
                 for key, path, code in files if path is not None and not os.path.isfile(path)]
     return out
 
@@ -79,55 +98,196 @@ def check_summary(policy: Policy) -> dict[str, Any]:
     }
 
 
+def _streams(args: argparse.Namespace) -> tuple[TextIO, TextIO]:
+    return (getattr(args, "stdout", None) or sys.stdout,
+            getattr(args, "stderr", None) or sys.stderr)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a policy file; print every problem with file:line:key."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
-    policy = _load(args.file, err)
-    if policy is None:
-        return EXIT_FOUND
-    missing = _missing_jwks(policy)
-    for line in missing:
-        print(f"error: {line}", file=err)
-    if missing:
-        return EXIT_FOUND
-    data = check_summary(policy)
-    files = f" ({len(data['files'])} files)" if len(data["files"]) > 1 else ""
-    print(
-        f"ok: {data['policy']}{files} version {data['version'][:12]}: {data['sections']} "
-        f"section(s), {data['rules']} rule(s), {data['jwt_providers']} JWT provider(s)",
-        file=out,
-    )
-    return EXIT_OK
+    """Validate a policy (one file or set); print every problem with file:line:key."""
+    out, err = _streams(args)
+    table = getattr(args, "output_format", "table") == "table"
+    label = policy_label(args.file)
+    policy, problems = _load_problems(args.file)
+    doc: dict[str, Any] = {"kind": "PolicyCheck", "file": label, "ok": False,
+                           "version": None, "files": [], "sections": 0, "rules": 0,
+                           "jwt_providers": 0, "errors": [_problem_doc(p) for p in problems]}
+    missing: list[LintWarning] = []
+    if policy is not None:
+        missing = _missing_jwks_findings(policy)
+        summary = check_summary(policy)
+        doc.update({k: summary[k] for k in ("version", "files", "sections", "rules",
+                                            "jwt_providers")})
+        doc["errors"] = [{"file": w.file, "line": w.line, "key": w.key,
+                          "message": f"[{w.code}] {w.message}"} for w in missing]
+        doc["ok"] = not missing
+    if table:
+        if policy is None:
+            _print_problems(problems, label, err)
+            return EXIT_FOUND
+        for w in missing:
+            print(f"error: {w}", file=err)
+        if not doc["ok"]:
+            return EXIT_FOUND
+
+    def text() -> str:
+        files = f" ({len(doc['files'])} files)" if len(doc["files"]) > 1 else ""
+        return (f"ok: {label}{files} version {str(doc['version'])[:12]}: {doc['sections']} "
+                f"section(s), {doc['rules']} rule(s), {doc['jwt_providers']} JWT provider(s)")
+
+    emit(args, doc, text, out)
+    return EXIT_OK if doc["ok"] else EXIT_FOUND
+
+
+def _parse_ignore(items: list[str] | None) -> list[tuple[str, str]]:
+    """``--ignore CODE`` or ``--ignore CODE@TEXT`` (only findings whose key or message
+    contains TEXT, e.g. a rule name); comma-separated lists allowed."""
+    out = []
+    for item in items or ():
+        for part in item.split(","):
+            code, _, text = part.strip().partition("@")
+            if code:
+                out.append((code, text))
+    return out
+
+
+_RULE_KEY = re.compile(r"^services\.(.+?)\.rules\[(\d+)\]")
+
+
+def _rule_name(policy: Policy, w: LintWarning) -> str | None:
+    """The name of the rule a finding is about (its key says ``rules[N]``), if any."""
+    m = _RULE_KEY.match(w.key)
+    section = policy.services.get(m.group(1)) if m else None
+    if m is None or section is None or int(m.group(2)) >= len(section.rules):
+        return None
+    return str(section.rules[int(m.group(2))].name)
+
+
+def _ignored(w: LintWarning, rule: str | None, ignores: list[tuple[str, str]]) -> bool:
+    return any(w.code == code and (not text or text == rule or text in w.key
+                                   or text in w.message)
+               for code, text in ignores)
+
+
+EACH_HINT = "to lint separate policies one by one, add --each"
+
+
+def _separate_policies(paths: list[str], problems: list[Problem]) -> bool:
+    """Were several plain files, read as one set, refused because they do not merge?
+
+    A merge conflict is reported on one file naming the other (the loader's guarantee:
+    "service X is also defined in b.yaml:3", "trust_domain is ... in b.yaml:1"), so a problem
+    of one given file that names another given file is a conflict between them, not a
+    mistake inside one file. That is what ``lint a.yaml b.yaml`` on two complete policies
+    meets, and ``--each`` is what its user meant."""
+    if len(paths) < 2 or not all(os.path.isfile(p) for p in paths):
+        return False
+    return any(p.file in paths and any(q != p.file and q in p.message for q in paths)
+               for p in problems)
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    """Validate, then print warnings; exit 1 when there are any."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
+    """Validate, then print findings; exit 1 when one is at or above ``--fail-on``.
+
+    The paths are one policy set, as for ``check``; with ``--each`` every path is loaded and
+    linted on its own (``lint --each policies/*.yaml``). Load errors are errors, lint
+    findings are warnings.
+    """
+    out, err = _streams(args)
     now = _now(args, err)
     if now is None:
         return EXIT_USAGE
-    policy = _load(args.file, err)
-    if policy is None:
-        return EXIT_FOUND
-    warnings = [str(w) for w in lint(policy, now)] + _missing_jwks(policy)
-    for line in warnings:
-        print(f"warning: {line}", file=out)
-    label = policy_label(args.file)
-    if warnings:
-        print(f"{len(warnings)} warning(s) in {label}", file=out)
-        return EXIT_FOUND
-    print(f"ok: {label}: no warnings", file=out)
-    return EXIT_OK
+    ignores = _parse_ignore(args.ignore)
+    table = getattr(args, "output_format", "table") == "table"
+    # One policy set of every path, or (--each) every path a policy of its own.
+    groups = [[p] for p in args.file] if args.each else [list(args.file)]
+    files_doc: list[dict[str, Any]] = []
+    lines: list[str] = []
+    hint = None
+    total_errors = total_warnings = total_ignored = 0
+    for paths in groups:
+        label = policy_label(paths)
+        policy, problems = _load_problems(paths)
+        entry: dict[str, Any] = {"file": label, "files": [], "version": None,
+                                 "errors": [_problem_doc(p) for p in problems],
+                                 "findings": [], "ignored": 0}
+        if policy is None:
+            total_errors += len(problems)
+            if not args.each and _separate_policies(paths, problems):
+                hint = EACH_HINT
+            if table:
+                _print_problems(problems, label, err,
+                                f"; read as one policy set: {hint}" if hint else "")
+        else:
+            entry.update(files=list(policy.files), version=policy.version)
+            findings = list(lint(policy, now)) + _missing_jwks_findings(policy)
+            named = [(w, _rule_name(policy, w)) for w in findings]
+            kept = [(w, rule) for w, rule in named if not _ignored(w, rule, ignores)]
+            entry["ignored"] = len(findings) - len(kept)
+            entry["findings"] = [{"file": w.file, "line": w.line, "key": w.key, "rule": rule,
+                                  "code": w.code, "severity": "warning", "message": w.message}
+                                 for w, rule in kept]
+            total_warnings += len(kept)
+            total_ignored += entry["ignored"]
+            lines.extend(f"warning: {w}" for w, _ in kept)
+            suffix = f" ({entry['ignored']} ignored)" if entry["ignored"] else ""
+            lines.append(f"{len(kept)} warning(s) in {label}{suffix}" if kept
+                         else f"ok: {label}: no warnings{suffix}")
+        files_doc.append(entry)
+    failed = total_errors > 0 or (args.fail_on == "warning" and total_warnings > 0)
+    doc = {"kind": "PolicyLint", "ok": not failed, "fail_on": args.fail_on,
+           "errors": total_errors, "warnings": total_warnings, "ignored": total_ignored,
+           "hint": hint, "files": files_doc}
+    emit(args, doc, lambda: "\n".join(lines), out)
+    return EXIT_FOUND if failed else EXIT_OK
+
+
+def _explain_doc(result: Any, policy: Policy) -> dict[str, Any]:
+    d = result.decision
+    section = policy.services.get(result.identity)
+    return {
+        "kind": "PolicyExplain",
+        "policy": policy.filename,
+        "files": list(policy.files),
+        "section_file": (section.file or policy.filename) if section is not None else None,
+        "to": result.identity,
+        "target": result.raw_target,
+        "path": result.path,
+        "query": result.query,
+        "normalisation": result.normalisation,
+        "refused_before_policy": result.refused_reason,
+        "section_found": result.section_found,
+        "allowed": result.allowed,
+        "decision": None if d is None else {
+            "action": d.action, "status": d.status or None, "rule": d.rule, "reason": d.reason,
+            "version": d.version, "dry_run": d.dry_run, "would": d.would},
+        "rules": [{"name": r.name, "effect": r.effect, "line": r.line, "status": r.status,
+                   "dry_run": r.dry_run,
+                   "conditions": [{"name": c.name, "held": c.held, "detail": c.detail}
+                                  for c in r.conditions]}
+                  for r in result.rules],
+    }
+
+
+def _spiffe_arg(flag: str, value: str | None, err: TextIO) -> bool:
+    if value is None:
+        return True
+    try:
+        parse_spiffe_id(value)
+        return True
+    except ValueError as exc:
+        print(f"usage error: {flag} {value!r} is not a SPIFFE ID ({exc}); "
+              "expected e.g. spiffe://cluster.local/ns/shop/sa/orders", file=err)
+        return False
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the decision and its trail; exit 0 when allowed, 1 when denied."""
-    out: TextIO = getattr(args, "stdout", None) or sys.stdout
-    err: TextIO = getattr(args, "stderr", None) or sys.stderr
+    out, err = _streams(args)
     now = _now(args, err)
     if now is None:
+        return EXIT_USAGE
+    if not (_spiffe_arg("--to", args.to, err) and _spiffe_arg("--from", args.caller, err)):
         return EXIT_USAGE
     claims_doc: Any = None
     if args.claims is not None:
@@ -151,7 +311,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
         merge_slashes=args.merge_slashes,
     )
-    print(result.render(), file=out)
+    emit(args, _explain_doc(result, policy), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
 
 
@@ -243,15 +403,25 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def add_policy_parsers(subparsers: Any) -> None:
-    """Register ``check``, ``lint`` and ``explain`` under an argparse subparsers object."""
+    """Register ``check``, ``lint``, ``explain`` and ``split`` under an argparse subparsers
+    object."""
     files_help = "policy YAML file(s) and/or directories of them (one policy set)"
     p = subparsers.add_parser("check", help="validate a policy (file or set)")
     p.add_argument("file", nargs="+", help=files_help)
+    add_output_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser("lint", help="validate and warn about likely mistakes")
     p.add_argument("file", nargs="+", help=files_help)
+    p.add_argument("--each", action="store_true",
+                   help="lint every path as a policy of its own (lint policies/*.yaml)")
     p.add_argument("--now", help="evaluate expiry at this RFC 3339 time (default: now)")
+    p.add_argument("--ignore", action="append", metavar="CODE[@TEXT]",
+                   help="suppress findings with this code (only those whose key or message "
+                        "contains TEXT, e.g. a rule name); repeatable, comma-separated")
+    p.add_argument("--fail-on", choices=("warning", "error"), default="warning",
+                   help="exit 1 on any warning (default) or only on errors")
+    add_output_flag(p)
     p.set_defaults(func=cmd_lint)
 
     p = subparsers.add_parser("explain", help="show the decision for one request and why")
@@ -271,6 +441,7 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.add_argument("--now", help="decide at this RFC 3339 time (default: now)")
     p.add_argument("--merge-slashes", action="store_true",
                    help="merge '//' instead of refusing it (as the data path option)")
+    add_output_flag(p)
     p.set_defaults(func=cmd_explain)
 
     p = subparsers.add_parser("split", help="split one policy file into a directory of files")

@@ -1,0 +1,127 @@
+"""How commands print data: a table for people (the default), JSON or YAML for programs.
+
+Theory of operation
+-------------------
+A command that prints data builds one plain document (dicts, lists, strings, numbers,
+booleans, None) and a function that renders the same facts as text. ``emit`` picks one by
+the ``-o/--output`` flag that ``add_output_flag`` registered. The document is the stable
+contract (docs/operations.md, "Machine-readable output"): every document has a ``kind``
+naming its shape, keys are only ever added, never renamed or removed. The table may change
+for readability at any time, so scripts must use ``-o json``.
+
+Colour and progress are for terminals only: ``use_colour`` is true only when the stream is
+a TTY and ``NO_COLOR`` is unset or empty (https://no-color.org); ``Progress`` writes a
+self-overwriting line to stderr only when stderr is a TTY, so pipes and CI logs stay clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import yaml
+
+FORMATS = ("table", "json", "yaml")
+
+# ANSI SGR codes by meaning, so callers never hard-code escape sequences.
+COLOURS = {"ok": "32", "warn": "33", "fail": "31", "dim": "2", "bold": "1"}
+
+
+def add_output_flag(parser: argparse.ArgumentParser) -> None:
+    """``-o/--output table|json|yaml`` (default table), stored as ``args.output_format``."""
+    parser.add_argument("-o", "--output", dest="output_format", choices=FORMATS,
+                        default="table", metavar="FORMAT",
+                        help="table (default), json or yaml; json and yaml are stable "
+                             "(docs/operations.md)")
+
+
+def render(doc: Any, fmt: str) -> str:
+    """``doc`` as JSON (indented, key order kept) or YAML, ending with a newline."""
+    if fmt == "json":
+        return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
+    if fmt == "yaml":
+        return str(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True,
+                                  default_flow_style=False))
+    raise ValueError(f"unknown output format {fmt!r}")
+
+
+def emit(args: argparse.Namespace, doc: Any, table: Callable[[], str],
+         out: TextIO | None = None) -> None:
+    """Print ``doc`` in the chosen machine format, or ``table()`` (no trailing newline
+    needed) for the default table."""
+    stream = out or sys.stdout
+    fmt = getattr(args, "output_format", "table") or "table"
+    if fmt == "table":
+        text = table()
+        text = text + "\n" if text else ""  # nothing to say (errors went to stderr): no line
+    else:
+        text = render(doc, fmt)
+    stream.write(text)
+    stream.flush()
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds -> ``2026-01-31T12:00:00.123Z`` (UTC, milliseconds), the form every
+    command prints for people and ``--since`` accepts."""
+    moment = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def use_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set to anything."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def paint(text: str, meaning: str, colour: bool) -> str:
+    """``text`` wrapped in the ANSI colour for ``meaning`` when ``colour`` is true."""
+    code = COLOURS.get(meaning)
+    return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
+
+
+class Progress:
+    """A one-line progress report on stderr, only when stderr is a terminal.
+
+    ``update(done, what)`` redraws at most ten times a second (so a tight loop pays one
+    clock read per call); ``close()`` erases the line so the command's own output starts
+    on a clean line. Off a terminal every method does nothing.
+    """
+
+    INTERVAL = 0.1
+
+    def __init__(self, label: str, total: int | None = None,
+                 stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = label
+        self.total = total
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self, done: int, what: str = "") -> None:
+        """Report ``done`` items so far (redrawn at most ten times a second)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < self.INTERVAL:
+            return
+        self._last = now
+        of = f"/{self.total}" if self.total else ""
+        self.stream.write(f"\r\x1b[K{self.label}: {done}{of} {what}"[:200])
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Erase the progress line, if one was drawn."""
+        if self.enabled and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False

@@ -1,0 +1,223 @@
+"""`sidecar tap` and `sidecar top` against a running sidecar under a bounded load, and the
+tap ring's bounds (it drops for a slow watcher, it never grows, it is off unless watched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sidecar.tap import Tap
+from tests.harness import (
+    ROOT,
+    free_port,
+    http,
+    mtls_context,
+    raw,
+    sidecar_config,
+    spiffe,
+    start_sidecar,
+    write_policy,
+)
+
+POLICY = {
+    "version": 1, "trust_domain": "demo.local",
+    "services": {
+        spiffe("orders"): {"rules": [{"name": "frontend-reads", "allow": {
+            "from": [spiffe("frontend")], "methods": ["GET"], "paths": ["/orders", "/orders/*"]}}]},
+        spiffe("frontend"): {"rules": []},
+    },
+}
+N = 12  # requests per caller: a bounded load
+
+
+@pytest.fixture
+def orders(tmp_path, pki, app, procs):
+    policy = write_policy(tmp_path / "mesh.yaml", POLICY)
+    cfg = sidecar_config(pki.identity("orders"), policy=policy,
+                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"})
+    proc = start_sidecar(tmp_path, "orders", cfg)
+    procs.append(proc)
+    friend = mtls_context(pki.identity("frontend"), pki.bundle)
+    stranger = mtls_context(pki.identity("intruder"), pki.bundle)
+    return proc, friend, stranger
+
+
+def _load(proc, friend, stranger) -> None:
+    port = proc.port("inbound")
+    for i in range(N):
+        assert http(port, "GET", f"/orders/{i}", ctx=friend).status == 200
+        assert http(port, "GET", f"/admin/{i}", ctx=stranger).status == 403
+
+
+def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "sidecar", *args], cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _wait_watching(proc: subprocess.Popen[str]) -> None:
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("watching "), line
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def test_tap_prints_every_decision_with_filters(orders):
+    proc, friend, stranger = orders
+    admin = f"http://127.0.0.1:{proc.port('admin')}"
+    everything = _spawn("tap", "--admin", admin, "-o", "json", "--count", str(2 * N),
+                        "--duration", "30")
+    denied = _spawn("tap", "--admin", admin, "--decision", "deny", "--count", str(N),
+                    "--duration", "30")
+    path = _spawn("tap", "--admin", admin, "--path", "/orders/1*", "-o", "json",
+                  "--caller", spiffe("frontend"), "--duration", "6")
+    for p in (everything, denied, path):
+        _wait_watching(p)
+    _load(proc, friend, stranger)
+    events = [json.loads(x) for x in _finish(everything).splitlines()]
+    assert len(events) == 2 * N
+    allowed = [e for e in events if e["decision"] == "allow"]
+    refused = [e for e in events if e["decision"] == "deny"]
+    assert {e["caller"] for e in allowed} == {spiffe("frontend")}
+    assert {(e["rule"], e["status"]) for e in allowed} == {("frontend-reads", 200)}
+    assert {e["caller"] for e in refused} == {spiffe("intruder")}
+    assert {(e["status"], e["reason"]) for e in refused} == {(403, "default_deny")}
+    assert sorted(e["path"] for e in allowed) == sorted(f"/orders/{i}" for i in range(N))
+    assert all(e["time"].endswith("Z") and e["request_id"] for e in events)
+    lines = _finish(denied).splitlines()
+    assert len(lines) == N and all(" deny " in x and "/admin/" in x for x in lines)
+    assert all(spiffe("intruder") in x and "\x1b[" not in x for x in lines)
+    got = sorted(json.loads(x)["path"] for x in _finish(path).splitlines())
+    assert got == sorted(["/orders/1", "/orders/10", "/orders/11"])
+
+
+def test_top_counts_by_caller_rule_and_status(orders):
+    proc, friend, stranger = orders
+    admin = f"http://127.0.0.1:{proc.port('admin')}"
+    top = _spawn("top", "--admin", admin, "-o", "json", "--interval", "0.5", "--window", "60",
+                 "--duration", "8")
+    table = _spawn("top", "--admin", admin, "--interval", "0.5", "--window", "60",
+                   "--duration", "8")
+    _wait_watching(top)
+    _wait_watching(table)
+    _load(proc, friend, stranger)
+    snapshots = [json.loads(x) for x in _finish(top).splitlines()]
+    assert snapshots and all(s["kind"] == "Top" for s in snapshots)
+    rows = {(r["caller"], r["rule"], r["status"]): r for r in snapshots[-1]["rows"]}
+    assert rows[(spiffe("frontend"), "frontend-reads", 200)]["count"] == N
+    (denied,) = [r for k, r in rows.items() if k[0] == spiffe("intruder")]
+    assert denied["count"] == N and denied["status"] == 403 and denied["decision"] == "deny"
+    assert rows[(spiffe("frontend"), "frontend-reads", 200)]["rate"] == round(N / 60, 2)
+    text = _finish(table)
+    last = text.strip().split("\n\n")[-1]
+    assert "CALLER" in last and "RATE/s" in last and "\x1b[" not in text
+    assert any(spiffe("intruder") in x and " 403 " in x and x.rstrip().endswith(str(N))
+               for x in last.splitlines())
+
+
+def _read_pty(args: list[str], env: dict[str, str], load: tuple, seconds: float) -> str:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", *args], cwd=str(ROOT),
+                            stdout=slave, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+    os.close(slave)
+    try:
+        _wait_watching(proc)  # type: ignore[arg-type]
+        loader = threading.Thread(target=_load, args=load, daemon=True)
+        loader.start()
+        out = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        loader.join(30)
+        return out.decode(errors="replace")
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(orders):
+    proc, friend, stranger = orders
+    admin = f"http://127.0.0.1:{proc.port('admin')}"
+    args = ["tap", "--admin", admin, "--count", "4", "--duration", "20"]
+    coloured = _read_pty(args, {"NO_COLOR": ""}, (proc, friend, stranger), 8)
+    assert "\x1b[32mallow" in coloured and "\x1b[31mdeny" in coloured
+    plain = _read_pty(args, {"NO_COLOR": "1"}, (proc, friend, stranger), 8)
+    assert "allow" in plain and "\x1b[" not in plain
+
+
+def test_tap_ring_is_bounded_drops_for_slow_watchers_and_is_off_unless_watched():
+    tap = Tap(capacity=10)
+    assert not tap.active()
+    tap.watch()
+    assert tap.active()
+    start = tap.read(None)
+    assert start == {"seq": 0, "dropped": 0, "events": []}
+    for i in range(25):
+        tap.publish({"i": i})
+    assert len(tap.events) == 10  # never grows past its capacity
+    doc = tap.read(start["seq"])
+    assert doc["dropped"] == 15 and [e["i"] for e in doc["events"]] == list(range(15, 25))
+    assert doc["seq"] == 25 and tap.read(25)["events"] == []
+
+
+def test_tap_of_a_dead_admin_fails_clearly():
+    r = subprocess.run([sys.executable, "-m", "sidecar", "tap", "--admin",
+                        f"http://127.0.0.1:{free_port()}", "--duration", "1"],
+                       cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot reach the admin server" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_admin_tap_endpoint_rejects_bad_queries(orders):
+    proc, _, _ = orders
+    port = proc.port("admin")
+    assert http(port, "GET", "/tap?after=x").status == 400
+    assert http(port, "GET", "/tap").json()["events"] == []
+    assert http(port, "POST", "/tap").status == 405
+
+
+def test_refusals_carry_canonical_reason_phrases(orders):
+    from http import HTTPStatus
+
+    from sidecar.errors import _GENERIC_BODY, reason_phrase
+
+    for status in _GENERIC_BODY:  # the family: every status the sidecar refuses with
+        assert reason_phrase(status) == HTTPStatus(status).phrase
+        assert reason_phrase(status)[0].isupper()
+    assert reason_phrase(599) == ""
+    proc, friend, stranger = orders
+    port = proc.port("inbound")
+    denied = raw(port, b"GET /orders/1 HTTP/1.1\r\nHost: o\r\n\r\n", ctx=stranger)
+    assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n"), denied[:60]
+    bad = raw(port, b"GET /orders/%2e%2e/admin HTTP/1.1\r\nHost: o\r\n\r\n", ctx=friend)
+    assert bad.startswith(b"HTTP/1.1 400 Bad Request\r\n"), bad[:60]
+    missing = raw(proc.port("admin"), b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n",
+                  read_until_close=False)
+    assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n"), missing[:60]
