@@ -445,7 +445,8 @@ class Sidecar:
                 cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
-            from sidecar.admin import HEALTH_LIMITS, app_probes_from_env, serve_health
+            from sidecar.admin import HEALTH_LIMITS, serve_health
+            from sidecar.admin_pages import app_probes_from_env
 
             health_limits = dataclasses.replace(
                 HEALTH_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)

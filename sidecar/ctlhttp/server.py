@@ -24,7 +24,8 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   answer closes the connection. The answer must be written within ``write_timeout``. A
   malformed request gets ``bad_request(status)`` and the connection closes. Before closing
   with input possibly unread, the server *lingers* (half-close, discard briefly and
-  boundedly) so the kernel does not reset the connection and destroy the answer.
+  boundedly) so the kernel does not reset the connection and destroy the answer. Status
+  lines carry the canonical reason phrase (``sidecar.errors.reason_phrase``).
 * A handler that raises gets a generic 500 and the log line ``error_event``; a connection
   that fails in any way never stops the server. The stream is closed in ``finally``
   (TLS close_notify bounded to 1 s, then forcefully).
@@ -45,6 +46,7 @@ import h11
 import trio
 
 from sidecar.ctlhttp.reply import Reply
+from sidecar.errors import reason_phrase
 from sidecar.logs import log
 from sidecar.net.listen import SourceLimiter, source_address
 
@@ -177,7 +179,9 @@ class _Connection:
         if close:
             headers.append(("connection", "close"))
         try:
-            data = self.h11.send(h11.Response(status_code=reply.status, headers=headers)) or b""
+            head = h11.Response(status_code=reply.status, headers=headers,
+                                reason=reason_phrase(reply.status))
+            data = self.h11.send(head) or b""
             if reply.body and not head_only:
                 data += self.h11.send(h11.Data(data=reply.body)) or b""
             data += self.h11.send(h11.EndOfMessage()) or b""
