@@ -65,9 +65,11 @@ class PolicyHolder:
         self.listeners: list[Callable[[object], None]] = []
 
     def swap(self, policy: object, now: float) -> None:
+        """Put ``policy`` in force (a successful load or reload)."""
         self.policy = policy
         self.loaded_at = now
         self.last_error = None
+        self.reloads_ok += 1
         for fn in self.listeners:
             fn(policy)
 

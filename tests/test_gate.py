@@ -86,4 +86,4 @@ def test_policy_holder_records_failures_and_clears_them_on_success():
     assert status["reloads_failed"] == 2 and status["version"] is None
     holder.swap(load_policy(POLICY, "mesh.yaml"), 1.0)
     assert holder.status()["last_reload_error"] is None
-    assert holder.status()["reloads_failed"] == 2
+    assert holder.status()["reloads_failed"] == 2 and holder.status()["reloads_ok"] == 1
