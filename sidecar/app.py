@@ -428,7 +428,8 @@ class Sidecar:
                 watch.mark_failed()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import ServerLimits, serve_admin
+            from sidecar.admin import serve_admin
+            from sidecar.ctlhttp.server import ServerLimits
 
             admin_limits = ServerLimits(
                 max_connections_per_source=cfg.admin.max_connections_per_source)
