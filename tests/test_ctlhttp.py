@@ -517,3 +517,17 @@ async def wait_for(condition: Callable[[], bool]) -> None:
             return
         await trio.sleep(0.01)
     raise AssertionError("condition not met")
+
+
+def test_a_body_that_stalls_closes_the_connection_without_an_answer(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, ServerLimits(request_timeout=0.2),
+                              error_event="test_failed")
+        # Five bytes promised, two sent: the handler's read times out; no 500, no log.
+        got = await exchange(port, b"POST /body HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+                                   b"\r\nab")
+        assert got == b""
+
+    with_serve(check)
+    assert '"test_failed"' not in capsys.readouterr().err

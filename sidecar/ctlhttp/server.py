@@ -253,6 +253,8 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             reply = replace(site.bad_request(exc.error_status_hint), close=True)
         except BodyTooLarge:
             reply = Reply.error(413, close=True)
+        except _Closed:
+            raise  # the client went away or was too slow sending its body: just close
         except Exception as exc:  # noqa: BLE001 -- a broken handler must not kill the server
             log(site.error_event, "error", server=site.name, path=request.path, error=repr(exc))
             reply = Reply.error(500)
