@@ -249,8 +249,8 @@ def _url_fields(provider: Any) -> list[tuple[str, str]]:
 
 def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
     from sidecar.authn.jwks import parse_jwks
-    from sidecar.jwks_fetch import load_jwks_file
     from sidecar.errors import ConfigError
+    from sidecar.jwks_fetch import load_jwks_file
 
     g = "jwks"
     name = provider.name
