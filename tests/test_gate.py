@@ -75,3 +75,15 @@ def test_failures_raise_one_alert_then_block_the_peer():
     v = gate.inbound(facts(), [], "", 12.0)  # even an allowed request is refused now
     assert v.status == 403 and v.decision.reason == "source_blocked"
     assert gate.inbound(facts(), [], "", 41.5).decision.allowed  # block expired
+
+
+def test_policy_holder_records_failures_and_clears_them_on_success():
+    holder = PolicyHolder("mesh.yaml")
+    holder.record_failure("mesh.yaml:3: bad key")
+    holder.record_failure("mesh.yaml:4: bad key")
+    status = holder.status()
+    assert status["last_reload_error"] == "mesh.yaml:4: bad key"
+    assert status["reloads_failed"] == 2 and status["version"] is None
+    holder.swap(load_policy(POLICY, "mesh.yaml"), 1.0)
+    assert holder.status()["last_reload_error"] is None
+    assert holder.status()["reloads_failed"] == 2 and holder.status()["reloads_ok"] == 1
