@@ -1,4 +1,4 @@
-"""Burst detection of authentication/authorisation failures, and alert delivery.
+"""Burst detection of authentication/authorisation failures (pure; delivery is in alert_poster).
 
 Theory of operation
 -------------------
@@ -39,30 +39,18 @@ flood of distinct sources the detector keeps the longest-running blocks).
 ``now`` is any consistent clock in seconds (monotonic is best); the webhook payload carries
 its own wall-clock ``ts``.
 
-``AlertPoster`` is the async part: ``submit(alert)`` (sync, never blocks) writes the alert
-to the log as a JSON line, counts it in ``sidecar_alerts_total`` and, when the rule has a
-webhook, puts it on a bounded queue; ``run()`` posts queued alerts one at a time with trio +
-h11 (http or https) under a timeout. A full queue drops the alert and counts it.
+Delivery (log line, metric, webhook post) is the I/O half, ``sidecar.alert_poster``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import ssl
-import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
-
-import h11
-import trio
 
 from sidecar import __version__
-from sidecar.logs import log
-from sidecar.metrics import SidecarMetrics
 from sidecar.policy.decision import (
     REASON_APIKEY_MISSING,
     REASON_APIKEY_NOT_ALLOWED,
@@ -77,9 +65,6 @@ from sidecar.policy.sections import AlertRule
 
 DEFAULT_MAX_SOURCES = 10_000
 DEFAULT_MAX_BLOCKS = 10_000
-DEFAULT_QUEUE_SIZE = 100
-DEFAULT_TIMEOUT_SECONDS = 5.0
-MAX_RESPONSE_HEAD_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,157 +260,4 @@ class BurstDetector:
             "blocks": len(self._blocks),
             "forgotten_sources": self.forgotten_sources,
             "dropped_blocks": self.dropped_blocks,
-        }
-
-
-class AlertPoster:
-    """Logs and counts every alert; posts those with a webhook from a bounded queue.
-
-    Start ``run`` in the nursery that owns the poster (``await nursery.start(poster.run)``);
-    ``close()`` lets it finish the queued posts and return.
-    """
-
-    def __init__(
-        self,
-        metrics: SidecarMetrics | None = None,
-        *,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.metrics = metrics
-        self.timeout = timeout
-        self.ssl_context = ssl_context
-        self.clock = clock
-        self._send, self._receive = trio.open_memory_channel[tuple[str, bytes]](max(1, queue_size))
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
-
-    def submit(self, alert: Alert) -> bool:
-        """Log, count and queue one alert; never blocks. ``False`` if the post was dropped."""
-        ts = self.clock()
-        payload = alert.payload(ts)
-        log(
-            "alert_raised",
-            "warning",
-            alert=alert.rule,
-            by=alert.by,
-            source=alert.source,
-            failures=alert.failures,
-            window_seconds=alert.window_seconds,
-            blocked_until=payload["blocked_until"],
-        )
-        if self.metrics is not None:
-            self.metrics.alerts_total.labels(alert.rule).inc()
-        if not alert.webhook:
-            return True
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        try:
-            self._send.send_nowait((alert.webhook, body))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self._count("dropped")
-            log("alert_webhook_dropped", "warning", alert=alert.rule, reason="queue_full")
-            return False
-        return True
-
-    def close(self) -> None:
-        """No more alerts; ``run`` returns once the queue is drained."""
-        self._send.close()
-
-    def queue_depth(self) -> int:
-        return self._receive.statistics().current_buffer_used
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Post queued alerts one at a time until ``close()``."""
-        task_status.started()
-        async with self._receive:
-            async for url, body in self._receive:
-                await self.post(url, body)
-
-    async def post(self, url: str, body: bytes) -> bool:
-        """POST ``body`` as JSON to ``url``; ``True`` on a 2xx answer within the timeout."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        status: int | None = None
-        reason = ""
-        try:
-            if parts.scheme not in ("http", "https") or not host:
-                raise ValueError("webhook must be an http or https URL")
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            with trio.fail_after(self.timeout):
-                status = await self._exchange(parts.scheme, host, port, target, body)
-        except trio.TooSlowError:
-            reason = "timeout"
-        # A webhook failure of any kind must not kill the poster task: log, count, go on.
-        except Exception as exc:
-            reason = type(exc).__name__
-        ok = status is not None and 200 <= status < 300
-        if ok:
-            self._count("sent")
-        else:
-            self._count("failed")
-            # The URL is not logged: its query string may carry a token.
-            log(
-                "alert_webhook_failed",
-                "warning",
-                webhook_host=host,
-                status=status,
-                reason=reason or "status",
-            )
-        return ok
-
-    async def _exchange(self, scheme: str, host: str, port: int, target: str, body: bytes) -> int:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        try:
-            if scheme == "https":
-                context = self.ssl_context or ssl.create_default_context()
-                tls = trio.SSLStream(stream, context, server_hostname=host)
-                stream = tls
-                await tls.do_handshake()
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
-            host_header = host if port in (80, 443) else f"{host}:{port}"
-            request = h11.Request(
-                method="POST",
-                target=target,
-                headers=[
-                    ("host", host_header),
-                    ("content-type", "application/json"),
-                    ("content-length", str(len(body))),
-                    ("user-agent", f"trio-mesh-sidecar/{__version__}"),
-                    ("connection", "close"),
-                ],
-            )
-            await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(4096)
-                    conn.receive_data(bytes(data))  # b"" = EOF; h11 raises if the head is cut short
-                    continue
-                if isinstance(event, h11.Response):
-                    return event.status_code
-                if isinstance(event, h11.ConnectionClosed):
-                    raise ConnectionError("closed before a response")
-                # InformationalResponse (1xx): keep reading.
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(1):
-                    await stream.aclose()
-
-    def _count(self, result: str) -> None:
-        setattr(self, result, getattr(self, result) + 1)
-        if self.metrics is not None:
-            self.metrics.alert_webhooks_total.labels(result).inc()
-
-    def statistics(self) -> dict[str, int]:
-        """Deliveries so far and the queue depth."""
-        return {
-            "sent": self.sent,
-            "failed": self.failed,
-            "dropped": self.dropped,
-            "queued": self.queue_depth(),
         }

@@ -103,7 +103,7 @@ class Sidecar:
         if self.detector is not None:
             self.telemetry.on_credential_failure = self._tls_credential_failure
         if self.authenticator is not None:
-            from sidecar.authn.introspect import Introspector
+            from sidecar.introspect import Introspector
 
             # mtls introspection presents this workload's own (rotating) SVID files.
             self.gate.introspector = Introspector(self.authenticator,
@@ -145,8 +145,7 @@ class Sidecar:
         try:
             policy = self._load_policy_file()
         except (ConfigError, OSError) as exc:
-            self.policies.last_error = str(exc)
-            self.policies.reloads_failed += 1
+            self.policies.record_failure(str(exc))
             self.metrics.policy_reloads_total.labels("failed").inc()
             logs.log("policy_invalid", "error", source=self.cfg.policy, error=str(exc),
                      message="POLICY NOT LOADED: every request is denied until it is fixed")
@@ -156,7 +155,6 @@ class Sidecar:
     def _apply_policy(self, policy: Any) -> None:
         now = time.time()
         self.policies.swap(policy, now)
-        self.policies.reloads_ok += 1
         self.metrics.policy_reloads_total.labels("ok").inc()
         self.metrics.set_policy(policy.version, now)
         if policy.section(self.own_id) is None:
@@ -168,15 +166,15 @@ class Sidecar:
         self.lifetimes.recheck_policy(now)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
-        self.policies.last_error = str(exc)
-        self.policies.reloads_failed += 1
+        self.policies.record_failure(str(exc))
         self.metrics.policy_reloads_total.labels("failed").inc()
         logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=str(exc),
                  message="keeping the policy in force")
 
     def _setup_policy_consumers(self) -> None:
         """JWT authenticator, rate limiter and burst detector follow the policy."""
-        from sidecar.alerts import AlertPoster, BurstDetector
+        from sidecar.alert_poster import AlertPoster
+        from sidecar.alerts import BurstDetector
         from sidecar.authn.authenticator import Authenticator
         from sidecar.policy.sections import PolicyExtras
         from sidecar.ratelimit import RateLimiter
@@ -433,13 +431,11 @@ class Sidecar:
                                 apply=self._apply_policy, on_error=self._policy_reload_failed,
                                 interval=cfg.policy_watch_interval, initial=initial)
             if self.policies.policy is None:
-                from sidecar.reload import fingerprint
-
-                watch.last_failed = fingerprint(self._policy_paths())
-                watch.failed_at = time.monotonic()
+                watch.mark_failed()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import ServerLimits, serve_admin
+            from sidecar.admin import serve_admin
+            from sidecar.ctlhttp.server import ServerLimits
 
             admin_limits = ServerLimits(
                 max_connections_per_source=cfg.admin.max_connections_per_source)
@@ -450,7 +446,8 @@ class Sidecar:
                 cfg.admin.listen, self, self.metrics)
             self.ports["admin"] = port
         if self.worker_index == 0 and cfg.admin.health_listen is not None:
-            from sidecar.admin import HEALTH_LIMITS, app_probes_from_env, serve_health
+            from sidecar.admin import HEALTH_LIMITS, serve_health
+            from sidecar.admin_pages import app_probes_from_env
 
             health_limits = dataclasses.replace(
                 HEALTH_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)
@@ -511,8 +508,7 @@ class Sidecar:
                 self._nursery.start_soon(proxy.pool.retire_idle)
 
     def _tls_reload_failed(self, exc: BaseException) -> None:
-        self.tls.last_error = str(exc)
-        self.tls.reloads_failed += 1
+        self.tls.record_failure(str(exc))
         self.metrics.certificate_reloads_total.labels("failed").inc()
         logs.log("certificate_reload_failed", "error", error=str(exc),
                  message="keeping the certificates in force")

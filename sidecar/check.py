@@ -249,8 +249,8 @@ def _url_fields(provider: Any) -> list[tuple[str, str]]:
 
 def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
     from sidecar.authn.jwks import parse_jwks
-    from sidecar.authn.jwks_fetch import load_jwks_file
     from sidecar.errors import ConfigError
+    from sidecar.jwks_fetch import load_jwks_file
 
     g = "jwks"
     name = provider.name
@@ -327,7 +327,7 @@ def _check_discovery(run: _Run, provider: Any, title: str, url: str, body: bytes
 def _fetch_https(url: str, ca_file: str | None) -> bytes:
     import trio
 
-    from sidecar.authn.jwks_fetch import fetch_jwks, jwks_ssl_context
+    from sidecar.jwks_fetch import fetch_jwks, jwks_ssl_context
 
     async def go() -> bytes:
         return await fetch_jwks(url, jwks_ssl_context(ca_file), connect_timeout=HTTP_TIMEOUT,

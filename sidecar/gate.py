@@ -79,11 +79,19 @@ class PolicyHolder:
         self.listeners: list[Callable[[object], None]] = []
 
     def swap(self, policy: object, now: float) -> None:
+        """Put ``policy`` in force (a successful load or reload)."""
         self.policy = policy
         self.loaded_at = now
         self.last_error = None
+        self.reloads_ok += 1
         for fn in self.listeners:
             fn(policy)
+
+    def record_failure(self, error: str) -> None:
+        """A load or reload failed: the policy in force (or none) stays; ``error`` is shown
+        at /policy until the next successful load."""
+        self.last_error = error
+        self.reloads_failed += 1
 
     def status(self) -> dict[str, object]:
         return {
@@ -114,7 +122,7 @@ class Gate:
         self.limiter = limiter
         self.detector = detector
         self.on_alert = on_alert
-        self.introspector: object | None = None  # authn.introspect.Introspector, if any
+        self.introspector: object | None = None  # sidecar.introspect.Introspector, if any
         self._allow_patterns = None
         # Per policy object: egress decisions by target; inbound decisions by request facts
         # when the own section allows it (see the module docstring).

@@ -81,7 +81,7 @@ class KeySources:
                 self._pending.pop(name, None)
 
     def _load_file(self, prov: Any) -> None:
-        from sidecar.authn.jwks_fetch import load_jwks_file
+        from sidecar.jwks_fetch import load_jwks_file
 
         try:
             keys = load_jwks_file(prov.jwks_file)
@@ -105,7 +105,7 @@ class KeySources:
 
     async def _source_loop(self, prov: Any, scope: trio.CancelScope) -> None:
         if prov.jwks_file:
-            from sidecar.authn.jwks_fetch import load_jwks_file
+            from sidecar.jwks_fetch import load_jwks_file
 
             watcher = FileWatcher(
                 f"jwks:{prov.name}", [prov.jwks_file],
@@ -116,7 +116,7 @@ class KeySources:
                 interval=2.0)
             await watcher.run()
         else:
-            from sidecar.authn.jwks_fetch import run_jwks_fetcher
+            from sidecar.jwks_fetch import run_jwks_fetcher
 
             async with trio.open_nursery() as inner:
                 # start() returns once the first fetch attempt has ended.

@@ -85,6 +85,12 @@ class FileWatcher:
         self.settling: str | None = None
         self.retry_failed_after = retry_failed_after
 
+    def mark_failed(self) -> None:
+        """The content on disk now has failed to load (e.g. at start, outside the watcher):
+        it is tried again when it changes, or after ``retry_failed_after`` as it is."""
+        self.last_failed = fingerprint(self.paths)
+        self.failed_at = time.monotonic()
+
     def _check(self) -> tuple[str | None, bool, Any, BaseException | None]:
         """Fingerprint and, if changed, load. Touches no shared state (runs in a thread).
 

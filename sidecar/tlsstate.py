@@ -111,6 +111,12 @@ class TlsState:
         self.last_error = None
         self.reloads_ok += 1
 
+    def record_failure(self, error: str) -> None:
+        """A reload failed: the snapshot in force stays; ``error`` is kept until the next
+        successful one."""
+        self.last_error = error
+        self.reloads_failed += 1
+
     def with_svid(self, svid: Svid) -> TlsSnapshot:
         """A snapshot with a new own SVID (and own bundle), the federated bundles kept."""
         snap = self._snap

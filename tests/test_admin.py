@@ -12,14 +12,9 @@ import h11
 import pytest
 import trio
 
-from sidecar.admin import (
-    AppProbe,
-    ServerLimits,
-    app_probes_from_env,
-    parse_app_probes,
-    serve_admin,
-    serve_health,
-)
+from sidecar.admin import serve_admin, serve_health
+from sidecar.admin_pages import AppProbe, app_probes_from_env, parse_app_probes
+from sidecar.ctlhttp.server import ServerLimits
 from sidecar.errors import ConfigError
 from sidecar.metrics import SidecarMetrics
 from tests.harness import ThrowawayCA

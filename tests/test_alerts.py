@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from sidecar import logs
+from sidecar.alert_poster import AlertPoster
 from sidecar.alerts import (
     API_KEYS_ISSUER,
     Alert,
-    AlertPoster,
     BurstDetector,
     Failure,
     classify_failure,

@@ -199,3 +199,15 @@ services:
     gate, _ = _gate(text)
     assert [d.status for d in _decisions(gate, ["/orders", "/orders"])] == [401, 401]
     assert not gate._inbound_cacheable and not gate._inbound_cache
+
+
+def test_policy_holder_records_failures_and_clears_them_on_success():
+    holder = PolicyHolder("mesh.yaml")
+    holder.record_failure("mesh.yaml:3: bad key")
+    holder.record_failure("mesh.yaml:4: bad key")
+    status = holder.status()
+    assert status["last_reload_error"] == "mesh.yaml:4: bad key"
+    assert status["reloads_failed"] == 2 and status["version"] is None
+    holder.swap(load_policy(POLICY, "mesh.yaml"), 1.0)
+    assert holder.status()["last_reload_error"] is None
+    assert holder.status()["reloads_failed"] == 2 and holder.status()["reloads_ok"] == 1

@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from sidecar.authn.authenticator import Authenticator
-from sidecar.authn.jwks_fetch import JwksFetchError, fetch_jwks, load_jwks_file, run_jwks_fetcher
 from sidecar.errors import ConfigError
+from sidecar.jwks_fetch import JwksFetchError, fetch_jwks, load_jwks_file, run_jwks_fetcher
 from sidecar.policy.sections import PolicyExtras
 from tests.harness import ThrowawayCA
 from tests.test_authn_support import claims, ec_key, jwk, jwks_bytes, mint, provider

@@ -91,3 +91,26 @@ def test_kubernetes_configmap_data_swap_is_seen(tmp_path):
     volume.publish({"mesh.yaml": "v2"}, stamp="2026_02")
     w.poll_once()
     assert w.poll_once() and t.applied == ["v2"]
+
+
+def test_mark_failed_content_waits_for_a_change(tmp_path):
+    # The policy failed to load at start (outside the watcher): the same bytes are not
+    # loaded again at the next poll, new bytes are.
+    f = tmp_path / "p.yaml"
+    f.write_text("v1")
+    t = Target()
+    w = _watcher(f, t, initial="failed-at-start")
+    w.mark_failed()
+    assert not w.poll_once() and not w.poll_once() and t.applied == []
+    f.write_text("v2")
+    w.poll_once()
+    assert w.poll_once() and t.applied == ["v2"]
+
+
+def test_mark_failed_content_is_retried_after_the_retry_interval(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("v1")
+    t = Target()
+    w = _watcher(f, t, initial="failed-at-start", retry_failed_after=0.0)
+    w.mark_failed()
+    assert w.poll_once() and t.applied == ["v1"]

@@ -303,7 +303,7 @@ class Authenticator:
 
     def _introspected_claims(self, provider: JwtProvider, token: str,
                              now: float) -> Claims | None:
-        # The introspector (I/O, before the decision, see introspect.py) put the answer in
+        # The introspector (I/O, before the decision, see sidecar/introspect.py) put the answer in
         # the cache, or an "unavailable" entry when asking failed: fail closed. No entry:
         # it did not ask, because no rule that could match this request names the provider.
         if len(token) > provider.max_token_bytes:

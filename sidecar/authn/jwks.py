@@ -16,7 +16,7 @@ not per request:
 * a duplicate ``kid`` is an error: which key would win is otherwise an accident.
 
 The refresh schedule is a value (``RefreshState``) plus pure functions of ``now``; the async
-fetcher (``jwks_fetch``) owns one state per provider and only asks it when to fetch. An
+fetcher (``sidecar.jwks_fetch``) owns one state per provider and only asks it when to fetch. An
 unknown ``kid`` in a token may trigger a refetch, but at most one per
 ``min_refetch_seconds`` *whatever* the kids an attacker picks: the bound is on fetches, not
 on distinct kids. A signal that arrives inside the quiet interval is remembered

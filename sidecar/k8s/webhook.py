@@ -1,21 +1,24 @@
-"""The mutating admission webhook server: HTTPS (stdlib ssl) served with Trio and h11.
+"""The mutating admission webhook: routes and certificate on the control-plane HTTP server.
 
 Theory of operation
 -------------------
 The decision is made by ``sidecar.k8s.admission.review_pod`` (pure); this module only moves
 bytes and bounds every wait:
 
-* ``ServingCertificate`` holds the current ``ssl.SSLContext``. ``refresh()`` re-reads the
-  certificate and key files and, if their bytes changed, builds a new context and swaps it
-  in one assignment. Each new connection wraps its socket with whatever context is current
-  at accept time, so new handshakes use the new certificate and connections already open
-  keep theirs. A new pair that does not load (key/cert mismatch, half-written files during
-  a Secret ``..data`` swap, expired) is reported and the old context stays; the next poll
-  tries again. ``watch()`` polls every few seconds: cert-manager rotates weeks ahead of
-  expiry, so polling is cheap and avoids inotify's symlink-swap pitfalls.
-* ``serve_webhook`` accepts at most ``max_connections`` connections at once (a semaphore is
-  taken *before* accept, so excess clients wait in the kernel backlog instead of growing our
-  memory), and at most ``max_connections_per_source`` from one source address: a
+* ``ServingCertificate`` holds the current ``ssl.SSLContext``. ``watch()`` runs the
+  sidecar's own file watcher (``sidecar.reload.FileWatcher``) on the certificate and key
+  files: when their content changed and has settled for one poll, ``load()`` builds a new
+  context and it is swapped in one assignment. Each new connection wraps its socket with
+  whatever context is current at accept time, so new handshakes use the new certificate and
+  connections already open keep theirs. A new pair that does not load (key/cert mismatch,
+  half-written files during a Secret ``..data`` swap, expired) is reported and the old
+  context stays; it is tried again when the files change, or after 30 s as they are (a
+  certificate not valid yet becomes valid). Polling every few seconds is cheap
+  (cert-manager rotates weeks ahead of expiry) and avoids inotify's symlink-swap pitfalls.
+* ``serve_webhook`` runs ``sidecar.ctlhttp.server.serve`` over TLS with the webhook's bounds
+  (``WebhookLimits.server_limits``). It accepts at most ``max_connections`` connections at
+  once (accepting pauses at the limit, so excess clients wait in the kernel backlog instead
+  of growing our memory), and at most ``max_connections_per_source`` from one source address: a
   connection beyond that is closed at once, so one client holding keep-alive connections
   can take its share and never the slots the API server needs (``failurePolicy: Fail``
   would otherwise stop pod creation in every meshed namespace). Each connection: TLS
@@ -28,13 +31,15 @@ bytes and bounds every wait:
   (``required``) -> AdmissionReview answer; ``GET /healthz`` -> 200;
   ``GET /metrics`` -> the webhook's counters (Prometheus text); a known path
   with another method -> 405 with ``Allow``; anything else -> 404. Malformed reviews get a
-  400 JSON body and the connection (and server) carry on.
+  400 JSON body and the connection (and server) carry on; malformed HTTP gets a 400 JSON
+  body and the connection closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import hashlib
 import signal
 import ssl
@@ -42,19 +47,19 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-import h11
 import trio
 from cryptography import x509
 
+from sidecar.ctlhttp.reply import JSON, Reply
+from sidecar.ctlhttp.server import BodyTooLarge, Handler, Request, ServerLimits, serve
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
+from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
 from sidecar.k8s.rules import mode_for_path
 from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Registry
-from sidecar.net.listen import SourceLimiter, source_address
-
-READ_SIZE = 65536
+from sidecar.reload import FileWatcher, fingerprint
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,17 @@ class WebhookLimits:
     max_connections: int = 512
     max_connections_per_source: int = 64
     max_requests_per_connection: int = 1000
+
+    def server_limits(self) -> ServerLimits:
+        """The same bounds for the control-plane server (``sidecar.ctlhttp.server``)."""
+        return ServerLimits(
+            max_head_bytes=self.max_head, head_timeout=self.request_timeout,
+            idle_timeout=self.idle_timeout, request_timeout=self.request_timeout,
+            write_timeout=self.request_timeout, handshake_timeout=self.handshake_timeout,
+            max_connections=self.max_connections,
+            max_connections_per_source=self.max_connections_per_source,
+            max_requests_per_connection=self.max_requests_per_connection,
+            discard_body_bytes=4096, wait_for_slot=True)
 
 
 class WebhookStats:
@@ -104,6 +120,13 @@ def _server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class _LoadedPair:
+    context: ssl.SSLContext
+    not_after: float
+    not_after_iso: str
+
+
 class ServingCertificate:
     """The webhook's serving certificate, swapped atomically when its files change."""
 
@@ -111,14 +134,19 @@ class ServingCertificate:
         """Load the pair now; raises ``CertificateLoadError`` (fail at start, not later)."""
         self.cert_path = cert_path
         self.key_path = key_path
-        self._digest = b""
         self._context: ssl.SSLContext | None = None
         self.reloads = 0
         self.failures = 0
         self.last_error = ""
         self.not_after = 0.0
-        if not self.refresh(now):
-            raise CertificateLoadError(self.last_error)
+        # What the watcher compares against: the content this first load saw (a change
+        # between here and the watcher's start is then still noticed).
+        self._fingerprint = fingerprint([cert_path, key_path])
+        try:
+            self._apply(self.load(now))
+        except CertificateLoadError as exc:
+            self._failed(exc)
+            raise CertificateLoadError(self.last_error) from None
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -133,12 +161,12 @@ class ServingCertificate:
             key = f.read()
         return hashlib.sha256(cert + b"\0" + key).digest(), cert
 
-    def refresh(self, now: float) -> bool:
-        """Reload if the files changed; True when a new context was swapped in."""
+    def load(self, now: float) -> _LoadedPair:
+        """Read and check the pair and build its context; ``CertificateLoadError`` if it is
+        unreadable, mismatched, expired or not valid yet. Changes nothing (the watcher
+        calls it in a thread and swaps the result in with ``_apply``)."""
         try:
             digest, cert_pem = self._read_digest()
-            if digest == self._digest:
-                return False
             leaf = x509.load_pem_x509_certificate(cert_pem)
             not_after = leaf.not_valid_after_utc.timestamp()
             if not_after <= now:
@@ -152,19 +180,24 @@ class ServingCertificate:
             # was stable across the whole load (else retry on the next poll).
             if self._read_digest()[0] != digest:
                 raise CertificateLoadError("certificate files changed while loading")
-        except (OSError, ValueError, ssl.SSLError, CertificateLoadError) as exc:
-            self.failures += 1
-            self.last_error = str(exc) or type(exc).__name__
-            log("webhook_cert_reload_failed", "warning", cert=self.cert_path,
-                error=self.last_error)
-            return False
+        except CertificateLoadError:
+            raise
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise CertificateLoadError(str(exc) or type(exc).__name__) from exc
+        return _LoadedPair(ctx, not_after, leaf.not_valid_after_utc.isoformat())
+
+    def _apply(self, pair: _LoadedPair) -> None:
         first = self._context is None
-        self._context, self._digest, self.not_after = ctx, digest, not_after
+        self._context, self.not_after = pair.context, pair.not_after
         if not first:
             self.reloads += 1
             log("webhook_cert_reloaded", "info", cert=self.cert_path,
-                not_after=leaf.not_valid_after_utc.isoformat())
-        return True
+                not_after=pair.not_after_iso)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = str(exc) or type(exc).__name__
+        log("webhook_cert_reload_failed", "warning", cert=self.cert_path, error=self.last_error)
 
     def statistics(self) -> dict[str, Any]:
         """Reload counters and the current certificate's expiry (epoch seconds)."""
@@ -173,154 +206,67 @@ class ServingCertificate:
 
     async def watch(self, interval: float, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Poll the files every ``interval`` seconds until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(interval)
-            self.refresh(_wall_clock())
+        """Watch the files with the sidecar's ``FileWatcher`` until cancelled."""
+        watcher = FileWatcher("webhook certificate", [self.cert_path, self.key_path],
+                              load=lambda: self.load(_wall_clock()), apply=self._apply,
+                              on_error=self._failed, interval=interval,
+                              initial=self._fingerprint)
+        await watcher.run(task_status=task_status)
 
 
 def _wall_clock() -> float:
     return dt.datetime.now(dt.UTC).timestamp()
 
 
-class _Timeout(Exception):
-    pass
+def _json(status: int, doc: dict[str, Any], *, close: bool = False,
+          headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, AdmissionAnswer(status, doc).encode(), JSON, headers, close)
 
 
-class _Closed(Exception):
-    pass
+def _bad_request(status: int) -> Reply:
+    return _json(status, {"error": "bad HTTP request"}, close=True)
 
 
-class _Connection:
-    """One HTTPS connection: an SSLStream plus an h11 server state machine."""
+def webhook_handler(options: InjectOptions, limits: WebhookLimits,
+                    stats: WebhookStats) -> Handler:
+    """The webhook's routes (see the module docstring)."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], limits: WebhookLimits) -> None:
-        self.stream = stream
-        self.limits = limits
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
-
-    async def next_event(self, deadline: float) -> Any:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            with trio.move_on_at(deadline):
-                try:
-                    data = await self.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _Closed() from exc
-                self.h11.receive_data(bytes(data))
-                continue
-            raise _Timeout()
-
-    async def send(self, status: int, body: bytes, *, content_type: str,
-                   keep_alive: bool, extra: list[tuple[str, str]] | None = None) -> None:
-        headers = [("content-type", content_type), ("content-length", str(len(body)))]
-        headers.extend(extra or [])
-        if not keep_alive:
-            headers.append(("connection", "close"))
-        data = self.h11.send(h11.Response(status_code=status, headers=headers))
-        data = (data or b"") + (self.h11.send(h11.Data(data=body)) or b"")
-        data += self.h11.send(h11.EndOfMessage()) or b""
-        with trio.move_on_after(self.limits.request_timeout) as scope:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _Closed() from exc
-        if scope.cancelled_caught:
-            raise _Timeout()
-
-    async def send_json(self, status: int, doc: dict[str, Any] | AdmissionAnswer, *,
-                        keep_alive: bool, extra: list[tuple[str, str]] | None = None) -> None:
-        body = doc.encode() if isinstance(doc, AdmissionAnswer) else AdmissionAnswer(
-            status, doc).encode()
-        await self.send(status, body, content_type="application/json",
-                        keep_alive=keep_alive, extra=extra)
-
-
-async def _read_body(conn: _Connection, request: h11.Request, deadline: float) -> bytes | None:
-    """The request body, or None when it is over the cap (the caller answers 413)."""
-    limit = conn.limits.max_body
-    for name, value in request.headers:
-        if name == b"content-length" and int(value) > limit:
-            return None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        event = await conn.next_event(deadline)
-        if isinstance(event, h11.Data):
-            size += len(event.data)
-            if size > limit:
-                return None
-            chunks.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            return b"".join(chunks)
-        elif isinstance(event, h11.ConnectionClosed):
-            raise _Closed()
-
-
-async def _finish_small_body(conn: _Connection, deadline: float) -> bool:
-    """Read a request body we do not need (e.g. ``Content-Length: 0`` on GET) so the
-    connection can be reused; False when it is not small (then we close instead)."""
-    budget = 4096
-    while conn.h11.their_state is h11.SEND_BODY:
-        event = await conn.next_event(deadline)
-        if isinstance(event, h11.Data):
-            budget -= len(event.data)
-            if budget < 0:
-                return False
-        elif isinstance(event, h11.ConnectionClosed):
-            return False
-    return True
-
-
-async def _serve_request(conn: _Connection, request: h11.Request, options: InjectOptions,
-                         deadline: float, stats: WebhookStats) -> bool:
-    """Answer one request; True when the connection may be reused."""
-    target = request.target.split(b"?", 1)[0]
-    method = request.method
-    if target in (b"/healthz", b"/metrics"):
-        if method not in (b"GET", b"HEAD"):
-            await conn.send_json(405, {"error": "method not allowed"}, keep_alive=False,
-                                 extra=[("allow", "GET, HEAD")])
-            return False
-        reusable = await _finish_small_body(conn, deadline)
-        if target == b"/metrics":
-            await conn.send(200, stats.render(), content_type=METRICS_CONTENT_TYPE,
-                            keep_alive=reusable)
+    async def handle(request: Request) -> Reply:
+        target, method = request.path, request.method
+        if target in ("/healthz", "/metrics"):
+            if method not in ("GET", "HEAD"):
+                return _json(405, {"error": "method not allowed"}, close=True,
+                             headers=(("allow", "GET, HEAD"),))
+            if target == "/metrics":
+                return Reply(200, stats.render(), METRICS_CONTENT_TYPE)
+            return Reply(200, b"ok\n", "text/plain")
+        mode = mode_for_path(target)
+        if mode is None:
+            return _json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
+                         close=True)
+        if method != "POST":
+            return _json(405, {"error": "method not allowed; use POST"}, close=True,
+                         headers=(("allow", "POST"),))
+        try:
+            body = await request.read_body(limits.max_body)
+        except BodyTooLarge:
+            log("webhook_bad_request", "warning", error="body too large")
+            return _json(413, {"error": f"body larger than {limits.max_body} bytes"}, close=True)
+        # The path is the namespace's mode: the webhook configuration picks it from the
+        # namespace label, which the pod's author does not control.
+        answer = review_pod(body, replace(options, namespace_mode=mode))
+        stats.reviews.labels(_review_result(answer)).inc()
+        if answer.status != 200:
+            log("webhook_bad_request", "warning", status=answer.status,
+                error=str(answer.body.get("error", "")))
         else:
-            await conn.send(200, b"ok\n", content_type="text/plain", keep_alive=reusable)
-        return reusable
-    mode = mode_for_path(target.decode("latin-1"))
-    if mode is None:
-        await conn.send_json(404, {"error": "not found; POST AdmissionReviews to /mutate"},
-                             keep_alive=False)
-        return False
-    if method != b"POST":
-        await conn.send_json(405, {"error": "method not allowed; use POST"},
-                             keep_alive=False, extra=[("allow", "POST")])
-        return False
-    body = await _read_body(conn, request, deadline)
-    if body is None:
-        log("webhook_bad_request", "warning", error="body too large")
-        await conn.send_json(413, {"error": f"body larger than {conn.limits.max_body} bytes"},
-                             keep_alive=False)
-        return False
-    # The path is the namespace's mode: the webhook configuration picks it from the
-    # namespace label, which the pod's author does not control.
-    answer = review_pod(body, replace(options, namespace_mode=mode))
-    stats.reviews.labels(_review_result(answer)).inc()
-    if answer.status != 200:
-        log("webhook_bad_request", "warning", status=answer.status,
-            error=str(answer.body.get("error", "")))
-    else:
-        response = answer.body.get("response", {})
-        denied_by = {"rule": answer.rule} if answer.rule else {}
-        log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
-            allowed=response.get("allowed"), mode=mode, **denied_by)
-    await conn.send_json(answer.status, answer, keep_alive=True)
-    return True
+            response = answer.body.get("response", {})
+            denied_by = {"rule": answer.rule} if answer.rule else {}
+            log("webhook_review", "info", uid=response.get("uid"), injected=answer.injected,
+                allowed=response.get("allowed"), mode=mode, **denied_by)
+        return Reply(answer.status, answer.encode(), JSON)
+
+    return handle
 
 
 def _review_result(answer: AdmissionAnswer) -> str:
@@ -331,99 +277,21 @@ def _review_result(answer: AdmissionAnswer) -> str:
     return "allowed" if answer.body.get("response", {}).get("allowed") else "denied"
 
 
-async def _serve_connection(tcp: trio.SocketStream, certificate: ServingCertificate,
-                            options: InjectOptions, limits: WebhookLimits,
-                            stats: WebhookStats) -> None:
-    stream = trio.SSLStream(tcp, certificate.context, server_side=True)
-    try:
-        with trio.move_on_after(limits.handshake_timeout) as scope:
-            await stream.do_handshake()
-        if scope.cancelled_caught:
-            return
-        conn = _Connection(stream, limits)
-        for served in range(limits.max_requests_per_connection):
-            wait = limits.request_timeout if served == 0 else limits.idle_timeout
-            try:
-                event = await conn.next_event(trio.current_time() + wait)
-            except h11.RemoteProtocolError as exc:
-                await conn.send_json(exc.error_status_hint,
-                                     {"error": f"bad HTTP request: {exc}"}, keep_alive=False)
-                return
-            if not isinstance(event, h11.Request):
-                return  # ConnectionClosed, or the peer sent nothing in time
-            deadline = trio.current_time() + limits.request_timeout
-            try:
-                reusable = await _serve_request(conn, event, options, deadline, stats)
-            except h11.RemoteProtocolError as exc:
-                await conn.send_json(exc.error_status_hint,
-                                     {"error": f"bad HTTP request: {exc}"}, keep_alive=False)
-                return
-            if not reusable or conn.h11.our_state is not h11.DONE \
-                    or conn.h11.their_state is not h11.DONE:
-                return
-            conn.h11.start_next_cycle()
-    except (_Closed, _Timeout, trio.BrokenResourceError, trio.ClosedResourceError,
-            h11.LocalProtocolError, h11.RemoteProtocolError):
-        pass  # nothing more we can tell this client
-    finally:
-        # A TLS close_notify so clients see a clean end; bounded, then forceful.
-        with trio.move_on_after(1.0):
-            try:
-                await stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await trio.aclose_forcefully(stream)
-
-
-async def _accept_loop(listener: trio.SocketListener, certificate: ServingCertificate,
-                       options: InjectOptions, limits: WebhookLimits,
-                       slots: trio.Semaphore, sources: SourceLimiter, stats: WebhookStats,
-                       nursery: trio.Nursery) -> None:
-    async def run(tcp: trio.SocketStream, source: str) -> None:
-        stats.connections_open.inc()
-        try:
-            await _serve_connection(tcp, certificate, options, limits, stats)
-        except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the webhook
-            log("webhook_internal_error", "error", error=repr(exc))
-            await trio.aclose_forcefully(tcp)
-        finally:
-            stats.connections_open.dec()
-            sources.leave(source)
-            slots.release()
-
-    while True:
-        await slots.acquire()
-        try:
-            tcp = await listener.accept()
-        except BaseException:
-            slots.release()
-            raise
-        source = source_address(tcp.socket)
-        if source is None or not sources.try_enter(source):
-            # Closed before the handshake: costs the neighbour nothing to retry, and us
-            # nothing to keep; the API server (another source) keeps its share.
-            stats.connections_refused.labels("max_connections_per_source").inc()
-            slots.release()
-            await trio.aclose_forcefully(tcp)
-            continue
-        nursery.start_soon(run, tcp, source)
-
-
 async def serve_webhook(host: str, port: int, certificate: ServingCertificate,
                         options: InjectOptions, limits: WebhookLimits | None = None, *,
                         stats: WebhookStats | None = None,
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the webhook until cancelled; ``task_status.started(port)`` once listening."""
     limits = limits or WebhookLimits()
-    stats = stats or WebhookStats()
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    slots = trio.Semaphore(limits.max_connections)
-    sources = SourceLimiter(limits.max_connections_per_source)
+    counters = stats or WebhookStats()
+    serving = functools.partial(
+        serve, (host, port), webhook_handler(options, limits, counters), name="webhook",
+        limits=limits.server_limits(), tls=lambda: certificate.context,
+        bad_request=_bad_request, error_event="webhook_internal_error",
+        on_refused=lambda reason: counters.connections_refused.labels(reason).inc(),
+        on_connection=counters.connections_open.inc)
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
-            nursery.start_soon(_accept_loop, listener, certificate, options, limits, slots,
-                               sources, stats, nursery)
-        bound = listeners[0].socket.getsockname()[1]
+        bound = await nursery.start(serving)
         log("webhook_listening", "info", host=host, port=bound)
         task_status.started(bound)
 
@@ -454,8 +322,6 @@ async def run_webhook(host: str, port: int, certificate: ServingCertificate,
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     """``sidecar webhook``: serve the mutating admission webhook until SIGTERM."""
-    from sidecar.k8s.cli import inject_options_from_args
-
     try:
         host, port = parse_listen(args.listen)
         certificate = ServingCertificate(args.cert, args.key, _wall_clock())
@@ -472,8 +338,6 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sidecar.k8s.webhook ...`` (same flags as ``sidecar webhook``)."""
-    from sidecar.k8s.cli import add_webhook_arguments
-
     parser = argparse.ArgumentParser(prog="python -m sidecar.k8s.webhook")
     add_webhook_arguments(parser)
     return cmd_webhook(parser.parse_args(argv))

@@ -41,9 +41,9 @@ from urllib.parse import quote_plus, urlencode
 import trio
 
 from sidecar.authn.extract import Headers, extract_tokens
-from sidecar.authn.jwks_fetch import JwksFetchError, https_request
 from sidecar.authn.jwt import TokenInvalid
 from sidecar.authn.oauth import MAX_INTROSPECTION_BYTES, introspection_claims, token_digest
+from sidecar.jwks_fetch import JwksFetchError, https_request
 from sidecar.logs import log
 from sidecar.policy.sections import Introspection, JwtProvider
 

@@ -19,9 +19,9 @@ task reports ``started`` after the *first* attempt, whatever its outcome, so the
 tell whether the provider starts with keys (``authenticator.keys(name)``) without the
 sidecar hanging on a dead JWKS server.
 
-``fetch_jwks`` is a minimal HTTP/1.1 GET with h11 over ``trio`` TLS: certificate and host
-name checked against ``jwks_ca`` (or the system store), TLS >= 1.2, no redirects, no
-compression, body capped at 1 MiB, every step under a deadline.
+``fetch_jwks`` is one GET through the control-plane client (``sidecar.ctlhttp.client``):
+https only, certificate and host name checked against ``jwks_ca`` (or the system store),
+TLS >= 1.2, no redirects, no compression, body capped at 1 MiB, every step under a deadline.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
-from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from sidecar.authn.authenticator import Authenticator
@@ -48,17 +46,19 @@ from sidecar.authn.jwks import (
     parse_jwks,
 )
 from sidecar.authn.oauth import MAX_METADATA_BYTES, check_metadata
+from sidecar.ctlhttp.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    ClientError,
+    parse_url,
+    request,
+)
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
 from sidecar.policy.sections import JwtProvider
 
-DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_READ_TIMEOUT = 10.0
-_READ_CHUNK = 65536
-
-
-class JwksFetchError(Exception):
-    """A JWKS could not be fetched; the message says why (for logs)."""
+# Every failure of a fetch is the control-plane client's error (kept under its old name).
+JwksFetchError = ClientError
 
 
 def jwks_ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -92,74 +92,17 @@ async def https_request(uri: str, ssl_context: ssl.SSLContext, *, method: str = 
                         max_bytes: int = MAX_JWKS_BYTES) -> tuple[int, bytes]:
     """One HTTP/1.1 request to ``uri`` (https only) on a fresh connection: (status, body).
 
-    The control-plane client for JWKS, discovery metadata and token introspection. The
-    server is checked against ``ssl_context`` (which may also carry a client certificate);
-    no redirects are followed, the body is capped at ``max_bytes``, connecting and the
-    whole exchange each run under a deadline. ``JwksFetchError`` for every failure; the
-    message never holds request headers or body (they may carry secrets).
+    For JWKS, discovery metadata and token introspection: ``sidecar.ctlhttp.client`` with
+    https required. The server is checked against ``ssl_context`` (which may also carry a
+    client certificate); no redirects are followed, the body is capped at ``max_bytes``,
+    connecting and the whole exchange each run under a deadline. ``JwksFetchError`` for
+    every failure; the message never holds request headers or body (they may carry secrets).
     """
-    parts = urlsplit(uri)
-    if parts.scheme != "https" or not parts.hostname:
-        raise JwksFetchError(f"not an https URL: {uri!r}")
-    host = parts.hostname
-    port = parts.port or 443
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host_header = parts.netloc.rpartition("@")[2]
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=ssl_context, https_compatible=True
-            )
-            await stream.do_handshake()
-    except trio.TooSlowError as exc:
-        raise JwksFetchError(f"connect to {host}:{port} timed out") from exc
-    except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
-        raise JwksFetchError(f"connect to {host}:{port} failed: {exc}") from exc
-    try:
-        with trio.fail_after(read_timeout):
-            return await _exchange(stream, method, host_header, target, headers or [], body,
-                                   max_bytes)
-    except trio.TooSlowError as exc:
-        raise JwksFetchError(f"{uri}: no complete response within {read_timeout}s") from exc
-    except (OSError, ssl.SSLError, trio.BrokenResourceError, h11.ProtocolError) as exc:
-        raise JwksFetchError(f"{uri}: {exc!r}") from exc
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await stream.aclose()
-
-
-async def _exchange(stream: trio.SSLStream[trio.SocketStream], method: str, host: str,
-                    target: str, headers: list[tuple[str, str]], body: bytes,
-                    max_bytes: int) -> tuple[int, bytes]:
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16384)
-    all_headers = [("host", host), *headers, ("user-agent", "trio-mesh-sidecar"),
-                   ("connection", "close")]
-    if method != "GET":
-        all_headers.append(("content-length", str(len(body))))
-    request = h11.Request(method=method, target=target, headers=all_headers)
-    out = conn.send(request) + (conn.send(h11.Data(data=body)) if body else b"")
-    await stream.send_all(out + conn.send(h11.EndOfMessage()))
-    received = bytearray()
-    status = 0
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(_READ_CHUNK)
-            conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-            for name, value in event.headers:
-                if name == b"content-length" and int(value) > max_bytes:
-                    raise JwksFetchError(f"response of {int(value)} bytes is too large")
-        elif isinstance(event, h11.Data):
-            received += event.data
-            if len(received) > max_bytes:
-                raise JwksFetchError(f"response larger than {max_bytes} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            return status, bytes(received)
-        elif isinstance(event, h11.ConnectionClosed):
-            raise JwksFetchError("connection closed before the response ended")
+    answer = await request(parse_url(uri, schemes=("https",)), method=method,
+                           headers=headers or (), body=body, ssl_context=ssl_context,
+                           connect_timeout=connect_timeout, read_timeout=read_timeout,
+                           max_body_bytes=max_bytes)
+    return answer.status, answer.body
 
 
 def load_jwks_file(path: str) -> KeySet:

@@ -1,0 +1,193 @@
+"""One HTTP/1.1 request on a fresh connection, with h11 over Trio (TLS by stdlib ``ssl``).
+
+Theory of operation
+-------------------
+Every control-plane call the sidecar makes (a JWKS or discovery document, a token
+introspection, an alert webhook post, a kubelet probe forwarded to the app) is one request on
+its own connection: ``Connection: close``, no pooling, no redirects, no compression. What
+differs between callers is data, not code: the URL, the TLS context (``None`` for plain
+``http``), the request headers and body, and the bounds.
+
+Bounds: connecting (TCP and the TLS handshake) runs under ``connect_timeout``; writing the
+request and reading the answer under ``read_timeout``; the response head is at most
+``max_head_bytes`` (h11's incomplete-event limit) and the body at most ``max_body_bytes``
+(checked against ``Content-Length`` first, then while reading). With ``read_body=False`` the
+call returns as soon as the status line and headers are in (a probe or a webhook post only
+wants the status). 1xx informational answers are skipped.
+
+Every failure is one ``ClientError`` (``ClientTimeout`` for a deadline) with the cause
+chained; its message names the server and the failure, never the request headers or body,
+which may carry secrets. Callers map it to their own outcome (keep the last keys, refuse the
+token, count a failed post, answer 503).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_HEAD_BYTES = 16 * 1024
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_USER_AGENT = "trio-mesh-sidecar"
+_READ_CHUNK = 65536
+
+
+class ClientError(Exception):
+    """A control-plane request failed; the message says why (for logs, never for clients)."""
+
+
+class ClientTimeout(ClientError):
+    """Connecting or the exchange did not finish within its deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: scheme, the address to connect to, the request-target, Host."""
+
+    scheme: str  # "http" or "https"
+    host: str
+    port: int
+    target: str  # path and query, as sent on the request line
+    authority: str  # the Host header
+
+    @property
+    def label(self) -> str:
+        """``scheme://authority/target`` for messages (no user info)."""
+        return f"{self.scheme}://{self.authority}{self.target}"
+
+
+def parse_url(url: str, *, schemes: Sequence[str] = ("http", "https")) -> Target:
+    """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(schemes)
+        raise ClientError(f"not an {wanted} URL: {url!r}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ClientError(f"bad port in URL: {url!r}") from exc
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.scheme, parts.hostname, port, target, parts.netloc.rpartition("@")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The status, headers and (unless not read) body of one answer."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+
+
+async def request(
+    target: Target | str,
+    *,
+    method: str = "GET",
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    read_body: bool = True,
+    user_agent: str = DEFAULT_USER_AGENT,
+) -> Response:
+    """Send one request and return the answer; ``ClientError`` for every failure.
+
+    ``https`` needs ``ssl_context`` (it decides what is checked: chain, host name, client
+    certificate); ``server_hostname`` overrides the name sent and checked (default: the
+    URL's host).
+    """
+    where = parse_url(target) if isinstance(target, str) else target
+    if where.scheme == "https" and ssl_context is None:
+        raise ClientError(f"{where.label}: https needs a TLS context")
+    stream = await _connect(where, ssl_context if where.scheme == "https" else None,
+                            server_hostname, connect_timeout)
+    try:
+        with trio.fail_after(read_timeout):
+            return await _exchange(stream, where, method, headers, body, max_head_bytes,
+                                   max_body_bytes, read_body, user_agent)
+    except trio.TooSlowError as exc:
+        raise ClientTimeout(f"{where.label}: no complete response within {read_timeout}s") \
+            from exc
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+            h11.ProtocolError) as exc:  # ssl.SSLError is an OSError
+        raise ClientError(f"{where.label}: {exc!r}") from exc
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await stream.aclose()
+
+
+async def _connect(where: Target, ssl_context: ssl.SSLContext | None,
+                   server_hostname: str | None, timeout: float) -> trio.abc.Stream:
+    address = f"{where.host}:{where.port}"
+    stream: trio.abc.Stream | None = None
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(where.host, where.port)
+            if ssl_context is not None:
+                tls = trio.SSLStream(stream, ssl_context,
+                                     server_hostname=server_hostname or where.host,
+                                     https_compatible=True)
+                stream = tls
+                await tls.do_handshake()
+            return stream
+    except trio.TooSlowError as exc:
+        error: ClientError = ClientTimeout(f"connect to {address} timed out")
+        cause: BaseException = exc
+    except (OSError, trio.BrokenResourceError) as exc:
+        error, cause = ClientError(f"connect to {address} failed: {exc}"), exc
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+    raise error from cause
+
+
+async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
+                    headers: Sequence[tuple[str, str]], body: bytes, max_head_bytes: int,
+                    max_body_bytes: int, read_body: bool, user_agent: str) -> Response:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+    all_headers = [("host", where.authority), *headers, ("user-agent", user_agent),
+                   ("connection", "close")]
+    if body or method not in ("GET", "HEAD"):
+        all_headers.append(("content-length", str(len(body))))
+    out = conn.send(h11.Request(method=method, target=where.target, headers=all_headers))
+    if body:
+        out += conn.send(h11.Data(data=body))
+    await stream.send_all(out + conn.send(h11.EndOfMessage()))
+    received = bytearray()
+    head: h11.Response | None = None
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            # Until the head is in, read at most max_head_bytes at a time (h11 only checks
+            # the size of an incomplete head).
+            data = await stream.receive_some(
+                _READ_CHUNK if head is not None else min(_READ_CHUNK, max_head_bytes))
+            conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
+            continue
+        if isinstance(event, h11.Response):
+            head = event
+            if not read_body:
+                return Response(event.status_code, tuple(event.headers))
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > max_body_bytes:
+                    raise ClientError(f"response of {int(value)} bytes is too large")
+        elif isinstance(event, h11.Data):
+            received += event.data
+            if len(received) > max_body_bytes:
+                raise ClientError(f"response larger than {max_body_bytes} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None  # h11 yields a Response before any body
+            return Response(head.status_code, tuple(head.headers), bytes(received))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise ClientError("connection closed before the response ended")
+        # InformationalResponse (1xx): keep reading.

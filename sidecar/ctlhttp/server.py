@@ -1,0 +1,382 @@
+"""A small bounded HTTP/1.1 server (h11 over Trio, TLS optional) for the control plane.
+
+Theory of operation
+-------------------
+The admin and health servers and the admission webhook are the same server with different
+routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection:
+
+* Connection limits, checked at accept: at most ``max_connections`` at once and at most
+  ``max_connections_per_source`` from one source address. A connection beyond the
+  per-source share is closed unserved at once (it costs the neighbour nothing to retry, and
+  the other sources, the kubelet or the API server, keep theirs). At ``max_connections``
+  either the connection is closed unserved too, or (``wait_for_slot``: the webhook, which
+  must not drop the API server) accepting pauses, so extra clients wait in the kernel backlog
+  instead of growing our memory. Each refusal is reported through ``on_refused(reason)``.
+* TLS (``tls`` given): the context is read at accept time, so a certificate swapped by a
+  reload serves new handshakes while open connections keep theirs; the handshake runs under
+  ``handshake_timeout``.
+* Requests: up to ``max_requests_per_connection`` on one connection. The head must arrive
+  within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive idle
+  time) and be at most ``max_head_bytes`` (read in pieces of that size at most, so that an
+  oversized head is always seen incomplete, and refused, by h11); a body is read only when the handler asks
+  (``Request.read_body(limit)``, under ``request_timeout`` from the head), and a body the
+  handler did not read is skipped if it is at most ``discard_body_bytes``, otherwise the
+  answer closes the connection. The answer must be written within ``write_timeout``. A
+  malformed request gets ``bad_request(status)`` and the connection closes. Before closing
+  with input possibly unread, the server *lingers* (half-close, discard briefly and
+  boundedly) so the kernel does not reset the connection and destroy the answer. Status
+  lines carry the canonical reason phrase (``sidecar.errors.reason_phrase``).
+* A handler that raises gets a generic 500 and the log line ``error_event``; a connection
+  that fails in any way never stops the server. The stream is closed in ``finally``
+  (TLS close_notify bounded to 1 s, then forcefully).
+
+``task_status.started(port)`` reports the bound port once listening (port 0 works in tests;
+a name that resolves to several addresses with port 0 is served on the first only).
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import h11
+import trio
+
+from sidecar.ctlhttp.reply import Reply
+from sidecar.errors import reason_phrase
+from sidecar.logs import log
+from sidecar.net.listen import SourceLimiter, source_address
+
+LINGER_SECONDS = 1.0
+LINGER_MAX_BYTES = 256 * 1024
+_READ_SIZE = 65536
+# accept() errors that mean "out of resources for now": pause and go on (as trio does).
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Bounds of one server (see the module docstring; docs/operations.md lists the values)."""
+
+    max_head_bytes: int = 8 * 1024
+    head_timeout: float = 10.0
+    write_timeout: float = 10.0
+    max_requests_per_connection: int = 100
+    max_connections: int = 64
+    max_connections_per_source: int = 32
+    keep_alive: bool = True  # False: every answer says Connection: close
+    idle_timeout: float | None = None  # head of a later request; None: head_timeout
+    request_timeout: float = 10.0  # reading a body the handler asked for
+    handshake_timeout: float = 5.0  # TLS only
+    discard_body_bytes: int = 0  # unread body skipped to keep the connection
+    wait_for_slot: bool = False  # at max_connections: True waits, False closes
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the limit the handler gave (answer 413)."""
+
+
+class _Closed(Exception):
+    """The peer went away or did not keep up."""
+
+
+class Request:
+    """One request as the handler sees it: method, path (no query), headers, and its body on
+    demand."""
+
+    def __init__(self, conn: _Connection, head: h11.Request, deadline: float) -> None:
+        self._conn = conn
+        self.method = head.method.decode("ascii", "replace")
+        self.target = head.target.decode("latin-1")
+        self.path = self.target.split("?", 1)[0]
+        self.headers: Sequence[tuple[bytes, bytes]] = head.headers
+        self.deadline = deadline
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body (at most ``limit`` bytes, by ``request_timeout``); ``BodyTooLarge``
+        when it is over."""
+        for name, value in self.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise BodyTooLarge()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._conn.next_event(self.deadline)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise BodyTooLarge()
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise _Closed()
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class _Connection:
+    """A stream plus an h11 server state machine, every wait bounded."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: ServerLimits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+
+    async def next_event(self, deadline: float) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            # While a head is awaited, read at most max_head_bytes at a time: h11 only
+            # checks the size of an *incomplete* head, so a larger read could complete an
+            # oversized one.
+            size = (min(_READ_SIZE, self.limits.max_head_bytes)
+                    if self.h11.their_state is h11.IDLE else _READ_SIZE)
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.stream.receive_some(size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _Closed() from exc
+                self.h11.receive_data(bytes(data))
+                continue
+            raise _Closed()  # too slow
+
+    async def finish_body(self, deadline: float, wait: bool) -> bool:
+        """Whether the request is complete, once a body the handler did not read is skipped
+        (at most ``discard_body_bytes``, and only when ``wait``); False: close after the
+        answer."""
+        if self.h11.their_state is not h11.SEND_BODY:
+            return self.h11.their_state is h11.DONE
+        try:
+            # No waiting yet: a body-less request has its end already parsed.
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError:
+            return False
+        if isinstance(event, h11.EndOfMessage):
+            return True
+        budget = self.limits.discard_body_bytes
+        if not wait or budget <= 0:
+            return False
+        if isinstance(event, h11.Data):
+            budget -= len(event.data)
+        while budget >= 0 and self.h11.their_state is h11.SEND_BODY:
+            event = await self.next_event(deadline)
+            if isinstance(event, h11.Data):
+                budget -= len(event.data)
+            elif isinstance(event, h11.ConnectionClosed):
+                return False
+        return budget >= 0
+
+    async def send(self, reply: Reply, head_only: bool, close: bool,
+                   base_headers: Sequence[tuple[str, str]]) -> bool:
+        headers = [("content-type", reply.content_type),
+                   ("content-length", str(len(reply.body))), *base_headers, *reply.headers]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            head = h11.Response(status_code=reply.status, headers=headers,
+                                reason=reason_phrase(reply.status))
+            data = self.h11.send(head) or b""
+            if reply.body and not head_only:
+                data += self.h11.send(h11.Data(data=reply.body)) or b""
+            data += self.h11.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return False
+        with trio.move_on_after(self.limits.write_timeout):
+            try:
+                await self.stream.send_all(data)
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return False
+
+    async def linger(self) -> None:
+        """Half-close, then discard what the client still sends, briefly and boundedly.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy
+        the answer just written before the client reads it (an oversized head, an unread
+        body)."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+                discarded = 0
+                while discarded < LINGER_MAX_BYTES:
+                    chunk = await self.stream.receive_some(_READ_SIZE)
+                    if not chunk:
+                        return
+                    discarded += len(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+def _wants_close(head: h11.Request) -> bool:
+    return any(key == b"connection" and b"close" in value.lower() for key, value in head.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """What one ``serve`` call does with each connection."""
+
+    handler: Handler
+    name: str
+    limits: ServerLimits
+    base_headers: tuple[tuple[str, str], ...]
+    bad_request: Callable[[int], Reply]
+    error_event: str
+
+
+async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
+    limits = site.limits
+    conn = _Connection(stream, limits)
+    idle = limits.idle_timeout if limits.idle_timeout is not None else limits.head_timeout
+    for served in range(limits.max_requests_per_connection):
+        wait = limits.head_timeout if served == 0 else idle
+        try:
+            head = await conn.next_event(trio.current_time() + wait)
+        except h11.RemoteProtocolError as exc:
+            if await conn.send(site.bad_request(exc.error_status_hint), False, True,
+                               site.base_headers):
+                await conn.linger()
+            return
+        if not isinstance(head, h11.Request):
+            return  # ConnectionClosed, or PAUSED after a previous cycle
+        request = Request(conn, head, trio.current_time() + limits.request_timeout)
+        try:
+            reply = await site.handler(request)
+        except h11.RemoteProtocolError as exc:  # a malformed body
+            reply = replace(site.bad_request(exc.error_status_hint), close=True)
+        except BodyTooLarge:
+            reply = Reply.error(413, close=True)
+        except _Closed:
+            raise  # the client went away or was too slow sending its body: just close
+        except Exception as exc:  # noqa: BLE001 -- a broken handler must not kill the server
+            log(site.error_event, "error", server=site.name, path=request.path, error=repr(exc))
+            reply = Reply.error(500)
+        complete = await conn.finish_body(request.deadline, wait=not reply.close)
+        close = reply.close or not complete or not limits.keep_alive or _wants_close(head)
+        sent = await conn.send(reply, request.method == "HEAD", close, site.base_headers)
+        if sent and not complete:
+            await conn.linger()
+        if not sent or close or conn.h11.our_state is not h11.DONE \
+                or conn.h11.their_state is not h11.DONE:
+            return
+        conn.h11.start_next_cycle()
+
+
+async def _serve_connection(tcp: trio.SocketStream, site: _Site,
+                            tls: Callable[[], ssl.SSLContext] | None) -> None:
+    stream: trio.abc.Stream = tcp
+    try:
+        if tls is not None:
+            tls_stream = trio.SSLStream(tcp, tls(), server_side=True)
+            stream = tls_stream
+            with trio.move_on_after(site.limits.handshake_timeout) as scope:
+                await tls_stream.do_handshake()
+            if scope.cancelled_caught:
+                return
+        await _serve_requests(stream, site)
+    except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        pass  # nothing more we can tell this client
+    finally:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+
+async def serve(
+    listen: tuple[str, int],
+    handler: Handler,
+    *,
+    name: str,
+    limits: ServerLimits = ServerLimits(),
+    tls: Callable[[], ssl.SSLContext] | None = None,
+    base_headers: Sequence[tuple[str, str]] = (),
+    bad_request: Callable[[int], Reply] = Reply.error,
+    error_event: str = "ctlhttp_request_failed",
+    on_refused: Callable[[str], None] | None = None,
+    on_connection: Callable[[int], None] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on ``listen`` (host, port) until cancelled; reports the bound port.
+
+    ``tls``: returns the server context for a new connection (None: plain TCP).
+    ``base_headers``: sent on every answer. ``bad_request(status)``: the answer to a
+    malformed request. ``on_refused(reason)``: a connection closed unserved by a limit
+    (``max_connections``, ``max_connections_per_source``). ``on_connection(+1 / -1)``: a
+    connection starts being served / ends.
+    """
+    host, port = listen
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if port == 0 and len(listeners) > 1:
+        # A name that resolves to several addresses would get one random port each.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    site = _Site(handler, name, limits, tuple(base_headers), bad_request, error_event)
+    slots = trio.Semaphore(max(1, limits.max_connections))
+    sources = SourceLimiter(limits.max_connections_per_source)
+
+    def refuse(reason: str) -> None:
+        if on_refused is not None:
+            on_refused(reason)
+
+    async def run(tcp: trio.SocketStream, source: str) -> None:
+        if on_connection is not None:
+            on_connection(1)
+        try:
+            await _serve_connection(tcp, site, tls)
+        except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
+            log(error_event, "error", server=name, error=repr(exc))
+            await trio.aclose_forcefully(tcp)
+        finally:
+            if on_connection is not None:
+                on_connection(-1)
+            sources.leave(source)
+            slots.release()
+
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            if limits.wait_for_slot:
+                await slots.acquire()
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if limits.wait_for_slot:
+                    slots.release()
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log(error_event, "error", server=name, error=repr(exc))
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                if limits.wait_for_slot:
+                    slots.release()
+                raise
+            if not limits.wait_for_slot:
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    refuse("max_connections")
+                    await trio.aclose_forcefully(tcp)
+                    continue
+            source = source_address(tcp.socket)
+            if source is None or not sources.try_enter(source):
+                refuse("max_connections_per_source")
+                slots.release()
+                await trio.aclose_forcefully(tcp)
+                continue
+            nursery.start_soon(run, tcp, source)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, nursery)
+        task_status.started(listeners[0].socket.getsockname()[1])

@@ -1,0 +1,107 @@
+"""The flags of ``sidecar inject`` and ``sidecar webhook``, and the options they make.
+
+Shared by ``sidecar.k8s.cli`` (the ``sidecar`` subcommands) and ``sidecar.k8s.webhook``
+(``python -m sidecar.k8s.webhook``), so that neither imports the other's command code.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sidecar.k8s.inject import InjectOptions
+
+_DEFAULTS = InjectOptions()
+
+
+def _address(value: str) -> str:
+    from sidecar.config.values import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the injected sidecar (shared by ``inject`` and ``webhook``)."""
+    parser.add_argument("--image", default=_DEFAULTS.image,
+                        help=f"sidecar image (default {_DEFAULTS.image})")
+    parser.add_argument("--no-native", dest="native", action="store_false",
+                        help="add the sidecar as the first regular container instead of a "
+                             "native sidecar (init container with restartPolicy: Always, "
+                             "Kubernetes 1.29+)")
+    parser.add_argument("--cert-secret", default=None, metavar="NAME",
+                        help="mount workload certificates from this Secret (tls.crt, tls.key, "
+                             "ca.crt) instead of the csi-driver-spiffe CSI volume")
+    parser.add_argument("--policy-configmap", default=_DEFAULTS.policy_configmap,
+                        metavar="NAME", help="ConfigMap holding mesh.yaml "
+                                             f"(default {_DEFAULTS.policy_configmap})")
+    parser.add_argument("--policy-extra-configmap", action="append", default=[],
+                        metavar="NAME", help="another ConfigMap of the policy set (e.g. the "
+                        "namespace's own sections), mounted with --policy-configmap in one "
+                        "directory; optional in the pod's namespace; repeatable")
+    parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap,
+                        metavar="NAME", help="ConfigMap holding sidecar.yaml "
+                                             f"(default {_DEFAULTS.config_configmap})")
+    parser.add_argument("--audit-signing-secret", default=None, metavar="NAME",
+                        help="Secret with key.pem (sidecar audit keygen): mounted read-only "
+                             "into the sidecar container only, at "
+                             "/etc/sidecar/audit-signing (audit.signing_key_file)")
+    parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT", type=_address,
+                        help="syslog collector for audit.ship (SIDECAR_AUDIT_COLLECTOR, used "
+                             "when the sidecar config's audit.ship has no address)")
+    parser.add_argument("--allow-config-configmap", action="append", default=[],
+                        metavar="NAME", dest="allowed_config_configmaps",
+                        help="a ConfigMap a pod may name with the annotation "
+                             "sidecar.mesh.dev/config-configmap (repeatable; the default "
+                             "--config-configmap is always allowed)")
+
+
+def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
+    """``InjectOptions`` from the flags of ``add_injection_arguments``."""
+    return InjectOptions(
+        image=args.image,
+        native=args.native,
+        cert_secret=args.cert_secret,
+        policy_configmap=args.policy_configmap,
+        policy_extra_configmaps=tuple(args.policy_extra_configmap),
+        config_configmap=args.config_configmap,
+        audit_signing_secret=getattr(args, "audit_signing_secret", None),
+        audit_collector=getattr(args, "audit_collector", None),
+        allowed_config_configmaps=tuple(args.allowed_config_configmaps),
+        namespace_mode=getattr(args, "namespace_mode", "enabled"),
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``webhook`` flags (also used by ``python -m sidecar.k8s.webhook``)."""
+    parser.add_argument("--listen", default="0.0.0.0:8443", metavar="ADDR",
+                        help="HOST:PORT to serve HTTPS on (default 0.0.0.0:8443)")
+    parser.add_argument("--cert", required=True, metavar="FILE",
+                        help="serving certificate chain (PEM), e.g. /tls/tls.crt")
+    parser.add_argument("--key", required=True, metavar="FILE",
+                        help="serving private key (PEM), e.g. /tls/tls.key")
+    parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="how often to check the certificate files for rotation "
+                             "(default 5)")
+    parser.add_argument("--max-connections-per-source", type=_positive_int, default=64,
+                        metavar="N", help="connections one source address may hold open; "
+                                          "more are closed at once (default 64)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="close a keep-alive connection idle this long (default 5)")
+    add_injection_arguments(parser)
