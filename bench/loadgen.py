@@ -20,7 +20,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+Headers = Sequence[tuple[str, str]]
 
 BUILTIN_LIMITS = ("built-in Trio generator: one process, one core, h11 parsing; tops out at a "
                   "few thousand req/s and adds its own tens of microseconds to each latency; "
@@ -68,13 +71,18 @@ end
 """
 
 
-def wrk_script(method: str, body_size: int) -> str:
-    """The Lua script for one run (request body of ``body_size`` bytes for POST)."""
-    body = ""
+def wrk_script(method: str, body_size: int, headers: Headers = ()) -> str:
+    """The Lua script for one run (request body of ``body_size`` bytes for POST; ``headers``
+    sent on every request, e.g. the bearer token of the ``-full`` setups)."""
+    lines = []
     if method == "POST":
-        body = (f'wrk.body = string.rep("x", {body_size})\n'
-                'wrk.headers["Content-Type"] = "application/octet-stream"')
-    return _WRK_LUA % {"method": method, "body": body}
+        lines += [f'wrk.body = string.rep("x", {body_size})',
+                  'wrk.headers["Content-Type"] = "application/octet-stream"']
+    for name, value in headers:
+        if '"' in name + value or "\\" in name + value:
+            raise ValueError(f"header {name!r} cannot be written into the wrk script")
+        lines.append(f'wrk.headers["{name}"] = "{value}"')
+    return _WRK_LUA % {"method": method, "body": "\n".join(lines)}
 
 
 def parse_wrk_output(text: str) -> LoadResult:
@@ -92,14 +100,14 @@ def parse_wrk_output(text: str) -> LoadResult:
 
 
 def run_wrk(url: str, *, connections: int, duration: float, method: str = "GET",
-            body_size: int = 0, threads: int | None = None) -> LoadResult:
+            body_size: int = 0, threads: int | None = None, headers: Headers = ()) -> LoadResult:
     """Run wrk against ``url`` and return what it measured."""
     wrk = wrk_binary()
     if wrk is None:
         raise RuntimeError("wrk is not installed")
     threads = threads or max(1, min(connections, os.cpu_count() or 1))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(wrk_script(method, body_size))
+        f.write(wrk_script(method, body_size, headers))
         script = f.name
     try:
         proc = subprocess.run(
@@ -120,22 +128,23 @@ def percentile(sorted_values: list[float], pct: float) -> float:
 
 
 def run_builtin(host: str, port: int, path: str, *, connections: int, duration: float,
-                method: str = "GET", body_size: int = 0) -> LoadResult:
+                method: str = "GET", body_size: int = 0, headers: Headers = ()) -> LoadResult:
     """Run the built-in Trio generator (see ``BUILTIN_LIMITS``)."""
     import trio
 
-    return trio.run(_builtin, host, port, path, connections, duration, method, body_size)
+    return trio.run(_builtin, host, port, path, connections, duration, method, body_size,
+                    headers)
 
 
 async def _builtin(host: str, port: int, path: str, connections: int, duration: float,
-                   method: str, body_size: int) -> LoadResult:
+                   method: str, body_size: int, extra: Headers) -> LoadResult:
     import h11
     import trio
 
     latencies: list[float] = []
     counts = {"requests": 0, "errors": 0, "non_2xx": 0}
     body = b"x" * body_size if method == "POST" else b""
-    headers = [("host", f"{host}:{port}")]
+    headers = [("host", f"{host}:{port}"), *extra]
     if method == "POST":
         headers += [("content-length", str(len(body))),
                     ("content-type", "application/octet-stream")]
@@ -203,10 +212,11 @@ async def _builtin(host: str, port: int, path: str, connections: int, duration: 
 
 
 def run_load(host: str, port: int, path: str, *, connections: int, duration: float,
-             method: str = "GET", body_size: int = 0, force_builtin: bool = False) -> LoadResult:
+             method: str = "GET", body_size: int = 0, force_builtin: bool = False,
+             headers: Headers = ()) -> LoadResult:
     """Run wrk when installed (unless ``force_builtin``), else the built-in generator."""
     if wrk_binary() and not force_builtin:
         return run_wrk(f"http://{host}:{port}{path}", connections=connections,
-                       duration=duration, method=method, body_size=body_size)
+                       duration=duration, method=method, body_size=body_size, headers=headers)
     return run_builtin(host, port, path, connections=connections, duration=duration,
-                       method=method, body_size=body_size)
+                       method=method, body_size=body_size, headers=headers)

@@ -48,14 +48,26 @@ def _find(results: list[ScenarioResult], setup: str, key: tuple[str, int, int]
     return None
 
 
-def ratios(results: list[ScenarioResult], r: ScenarioResult) -> dict[str, float | None]:
-    """Ratios of ``r`` against Envoy and direct in the same scenario (None when unknown)."""
-    out: dict[str, float | None] = {"rps_vs_envoy": None, "cpu_vs_envoy": None,
-                                    "added_p50_us": None, "added_p50_vs_envoy": None,
-                                    "rps_vs_direct": None}
+# The Envoy setup each setup is compared with: the like-for-like pair with each other, the rest
+# with plain Envoy.
+REFERENCE = {"sidecar-full": "envoy-full", "envoy-full": "envoy-full"}
+
+
+def reference_of(setup: str) -> str:
+    """The Envoy setup ``setup``'s ``*_vs_envoy`` ratios are taken against."""
+    return REFERENCE.get(setup, "envoy")
+
+
+def ratios(results: list[ScenarioResult], r: ScenarioResult) -> dict[str, Any]:
+    """Ratios of ``r`` against its Envoy setup (``reference_of``) and direct in the same
+    scenario of the same run (None when unknown)."""
+    out: dict[str, Any] = {"reference": reference_of(r.setup), "rps_vs_envoy": None,
+                           "cpu_vs_envoy": None, "added_p50_us": None,
+                           "added_p50_vs_envoy": None, "rps_vs_direct": None}
     if r.status != "ok":
         return out
-    envoy, direct = _find(results, "envoy", r.key), _find(results, "direct", r.key)
+    envoy = _find(results, reference_of(r.setup), r.key)
+    direct = _find(results, "direct", r.key)
     if envoy and envoy.load.get("rps"):
         out["rps_vs_envoy"] = r.load["rps"] / envoy.load["rps"]
         mine, theirs = r.mean_cpu_us(), envoy.mean_cpu_us()
@@ -83,12 +95,12 @@ def size_label(size: int) -> str:
 
 def render_table(results: list[ScenarioResult]) -> str:
     """The terminal table: one line per scenario result, ratios at the end."""
-    head = (f"{'setup':<8} {'req':<4} {'body':>6} {'conns':>5} {'req/s':>9} {'p50 us':>8} "
+    head = (f"{'setup':<12} {'req':<4} {'body':>6} {'conns':>5} {'req/s':>9} {'p50 us':>8} "
             f"{'p90 us':>8} {'p99 us':>8} {'cpu A':>7} {'cpu B':>7} {'rss A':>6} {'rss B':>6} "
             f"{'x envoy':>7} {'cpu/env':>7} {'+p50':>7} {'+p50/env':>8}")
     lines = [head, "-" * len(head)]
     for r in sorted(results, key=lambda r: (r.key, r.setup)):
-        label = f"{r.setup:<8} {r.method:<4} {size_label(r.size):>6} {r.connections:>5}"
+        label = f"{r.setup:<12} {r.method:<4} {size_label(r.size):>6} {r.connections:>5}"
         if r.status != "ok":
             lines.append(f"{label} {r.status}: {r.message}")
             continue
@@ -106,8 +118,9 @@ def render_table(results: list[ScenarioResult]) -> str:
     lines.append("")
     lines.append("cpu A/B: CPU microseconds per request in proxy A (outbound) / B (inbound), all "
                  "processes and threads; rss: peak RSS MiB (VmHWM, largest process);")
-    lines.append("x envoy: req/s relative to Envoy; cpu/env: mean CPU per request per proxy "
-                 "relative to Envoy; +p50: p50 added over direct (us); +p50/env: that vs Envoy's.")
+    lines.append("x envoy: req/s relative to Envoy (sidecar-full: to envoy-full); cpu/env: mean "
+                 "CPU per request per proxy relative to it; +p50: p50 added over direct (us); "
+                 "+p50/env: that vs Envoy's.")
     return "\n".join(lines)
 
 
@@ -123,12 +136,58 @@ def render_micro(micro: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The issue-15 targets: (name, setup, method, connections "max"/"min", ratio key, bound,
+# "<=" or ">="). Checked per body size present in the run.
+TARGETS = (
+    ("like-for-like throughput", "sidecar-full", "max", "rps_vs_envoy", ">=", 0.8),
+    ("like-for-like CPU per request per proxy", "sidecar-full", "max", "cpu_vs_envoy", "<=",
+     1.3),
+    ("like-for-like added p50", "sidecar-full", "min", "added_p50_vs_envoy", "<=", 1.3),
+    ("plain CPU per request per proxy", "sidecar", "max", "cpu_vs_envoy", "<=", 2.0),
+)
+
+
+def targets(results: list[ScenarioResult]) -> list[dict[str, Any]]:
+    """Each target against the measured ratio (GET, each body size, at the largest or the
+    smallest connection count of the run); ``met`` None when not measured."""
+    ok = [r for r in results if r.status == "ok" and r.method == "GET"]
+    out: list[dict[str, Any]] = []
+    if not ok:
+        return out
+    conns = {"max": max(r.connections for r in ok), "min": min(r.connections for r in ok)}
+    for size in sorted({r.size for r in ok}):
+        for name, setup, which, key, op, bound in TARGETS:
+            r = _find(results, setup, ("GET", size, conns[which]))
+            value = ratios(results, r)[key] if r is not None else None
+            met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+            out.append({"target": name, "setup": setup, "against": reference_of(setup),
+                        "size": size, "connections": conns[which], "ratio": key,
+                        "value": value, "bound": f"{op} {bound}", "met": met})
+    return out
+
+
+def render_targets(checks: list[dict[str, Any]]) -> str:
+    """One line per target: the measured ratio, the bound, met or not."""
+    lines = []
+    for c in checks:
+        value = "not measured" if c["value"] is None else f"{c['value']:.2f}"
+        verdict = {True: "met", False: "NOT met", None: "-"}[c["met"]]
+        lines.append(f"{c['target']} ({c['setup']} vs {c['against']}, GET "
+                     f"{size_label(c['size'])}, {c['connections']} conns): {value} "
+                     f"(target {c['bound']}): {verdict}")
+    return "\n".join(lines)
+
+
 def write_json(path: str, *, meta: dict[str, Any], results: list[ScenarioResult],
                micro: list[dict[str, Any]]) -> None:
-    """Everything measured, for machines."""
+    """Everything measured, for machines: every scenario with its ratios, the targets."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
     doc = {
         "meta": meta,
         "scenarios": [dict(asdict(r), ratios=ratios(results, r)) for r in results],
+        "targets": targets(results),
         "micro": micro,
     }
     with open(path, "w") as f:

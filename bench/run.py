@@ -38,11 +38,14 @@ from bench.report import (  # noqa: E402
     ScenarioResult,
     render_micro,
     render_table,
+    render_targets,
     size_label,
+    targets,
     write_json,
     write_plots,
 )
 from bench.setups import SETUP_NAMES, Setup, SetupContext, make_setup  # noqa: E402
+from bench.tokens import make_jwt  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 MICRO_SCRIPTS = (("policy", "micro_policy.py"), ("jwt", "micro_jwt.py"),
@@ -60,10 +63,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark the sidecar against direct, nginx, Envoy.")
     p.add_argument("--quick", action="store_true",
                    help="about a minute: 2 s runs, GET only, short micro-benchmarks")
-    p.add_argument("--json", metavar="FILE", help="write every result as JSON to FILE")
+    p.add_argument("--json", metavar="FILE",
+                   help="where the JSON goes (default bench/results/bench-<UTC time>.json)")
     p.add_argument("--plots", metavar="DIR", help="write throughput.png and latency.png to DIR")
     p.add_argument("--setups", default=",".join(SETUP_NAMES),
-                   help="comma-separated subset of direct,sidecar,nginx,envoy")
+                   help="comma-separated subset of " + ",".join(SETUP_NAMES))
     p.add_argument("--duration", type=float, help="seconds per run (default 10, quick 2)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per setup (default 2, quick 1)")
     p.add_argument("--connections", default="1,50", help="comma-separated connection counts")
@@ -76,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--sidecar-audit", action="store_true",
                    help="give each sidecar an audit log (off by default: the others log nothing)")
+    p.add_argument("--audit-fsync", action="store_true",
+                   help="sidecar-full: fsync the audit trail per batch (default off, as Envoy's "
+                   "file access log)")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = p.parse_args(argv)
@@ -90,6 +97,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.duration = 2.0 if args.quick else 10.0
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
+    if args.json is None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        args.json = os.path.join(BENCH_DIR, "results", f"bench-{stamp}.json")
     return args
 
 
@@ -156,11 +166,12 @@ def run_setup(setup: Setup, ctx: SetupContext, args: argparse.Namespace) -> list
         return [ScenarioResult(setup.name, m, s, c, "failed", msg) for m, s, c in scenarios]
     results = []
     force_builtin = args.generator == "builtin"
+    headers = setup.request_headers(ctx)
     try:
         progress(f"{setup.name}: warm-up {args.warmup:.0f} s")
         loadgen.run_load("127.0.0.1", port, body_path(args.body_sizes[0]),
                          connections=max(args.connection_counts), duration=args.warmup,
-                         force_builtin=force_builtin)
+                         force_builtin=force_builtin, headers=headers)
         for method, size, conns in scenarios:
             path = body_path(size) if method == "GET" else UPLOAD_PATH
             progress(f"{setup.name}: {method} {size_label(size)} x {conns} connections, "
@@ -169,7 +180,7 @@ def run_setup(setup: Setup, ctx: SetupContext, args: argparse.Namespace) -> list
             try:
                 load = loadgen.run_load("127.0.0.1", port, path, connections=conns,
                                         duration=args.duration, method=method, body_size=size,
-                                        force_builtin=force_builtin)
+                                        force_builtin=force_builtin, headers=headers)
             except Exception as exc:  # noqa: BLE001 - record and go on with the next scenario
                 results.append(ScenarioResult(setup.name, method, size, conns, "failed",
                                               str(exc).strip()[:200]))
@@ -233,9 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["app"] = app.kind
         progress(f"upstream app: {app.kind} on 127.0.0.1:{app.port}"
                  + ("" if app.kind == "nginx" else " (install nginx for a faster, fairer app)"))
-        ctx = SetupContext(group, workdir, app.port, certs, args.workers)
+        jwt = make_jwt(os.path.join(workdir, "jwt"))
+        ctx = SetupContext(group, workdir, app.port, certs, args.workers, jwt)
         for name in args.setup_names:
-            results.extend(run_setup(make_setup(name, sidecar_audit=args.sidecar_audit), ctx,
+            results.extend(run_setup(make_setup(name, sidecar_audit=args.sidecar_audit,
+                                                audit_fsync=args.audit_fsync), ctx,
                                      args))
         if not args.no_micro:
             for name, script in MICRO_SCRIPTS:
@@ -257,12 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if meta["generator"] != "wrk":
         print(f"note: {loadgen.BUILTIN_LIMITS}")
     print(render_table(results))
+    checks = targets(results)
+    if checks:
+        print()
+        print(render_targets(checks))
     if micro:
         print()
         print(render_micro(micro))
-    if args.json:
-        write_json(args.json, meta=meta, results=results, micro=micro)
-        print(f"\nJSON written to {args.json}")
+    write_json(args.json, meta=meta, results=results, micro=micro)
+    print(f"\nJSON written to {args.json}")
     if args.plots:
         plots = write_plots(args.plots, results)
         print("plots: " + (", ".join(plots) if isinstance(plots, list) else plots))

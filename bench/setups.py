@@ -11,6 +11,13 @@ What "checks the identity" means differs by product and is stated per setup:
 - sidecar: the policy file allows client -> server and the client's egress to server; the
   outbound entry pins the server's SPIFFE ID.
 - Envoy: ``match_typed_subject_alt_names`` on the SPIFFE URI, both directions.
+- sidecar-full / envoy-full (the like-for-like pair): on top of that, B verifies the same ES256
+  JWT (``bench/tokens.py``; the load generator sends it on every request) and authorises
+  SPIFFE principal + method + path + ``scope`` claim with one rule, and both proxies keep a
+  record of every request: the sidecar's audit trail on A and B, Envoy's JSON file access log
+  on A and B. Envoy's ``jwt_cache_config`` is on, as the sidecar's verification cache is;
+  the sidecar's audit trail is written without fsync (``fsync: false``), as Envoy's access log
+  is (``--audit-fsync`` turns it on).
 - nginx: it cannot match URI SANs, so A pins a DNS name that the server leaf also carries
   (``proxy_ssl_verify`` + ``proxy_ssl_name``) and B checks the chain only
   (``ssl_verify_client on``). nginx therefore does slightly less identity work per handshake;
@@ -27,9 +34,10 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from bench.app import nginx_binary, nginx_main_block
+from bench.app import UPLOAD_PATH, nginx_binary, nginx_main_block
 from bench.certs import CLIENT_ID, SERVER_ID, TRUST_DOMAIN, MeshCerts, make_mesh_certs
 from bench.procs import ProcessGroup, Started, free_port, wait_for_port
+from bench.tokens import AUDIENCE, ISSUER, SCOPE, BenchJwt
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NGINX_SERVER_DNS = "server.bench.local"
@@ -44,6 +52,7 @@ class SetupContext:
     app_port: int
     certs: MeshCerts
     workers: int = 1
+    jwt: BenchJwt | None = None  # the provider and token of the -full setups
 
 
 @dataclass
@@ -53,6 +62,13 @@ class Setup:
     name: str = ""
     proxies: dict[str, Started] = field(default_factory=dict)  # "A"/"B" -> process
     ports: dict[str, int] = field(default_factory=dict)  # "A"/"B" -> listening port
+    full: bool = False  # JWT + rule on method/path/claim + a record of every request
+
+    def request_headers(self, ctx: SetupContext) -> tuple[tuple[str, str], ...]:
+        """Headers the load generator sends on every request (the token of -full setups)."""
+        if self.full and ctx.jwt is not None:
+            return (ctx.jwt.header,)
+        return ()
 
     def unavailable(self) -> str | None:
         """Why this setup cannot run here, or None when it can."""
@@ -80,26 +96,44 @@ class DirectSetup(Setup):
 
 # ---- the sidecar ------------------------------------------------------------------------------
 
-def sidecar_policy_yaml() -> str:
-    """The mesh policy: the client may call the server (anything), and has it as egress."""
-    return (
+def sidecar_policy_yaml(jwks_path: str | None = None) -> str:
+    """The mesh policy: the client may call the server, and has it as egress. With
+    ``jwks_path`` (sidecar-full) the rule also needs GET/POST on the bench paths and a valid
+    token of the bench provider whose ``scope`` holds ``bench.read``."""
+    out = (
         "version: 1\n"
         f"trust_domain: {TRUST_DOMAIN}\n"
         "mode: enforce\n"
+    )
+    if jwks_path:
+        out += (
+            "jwt_providers:\n"
+            "  bench:\n"
+            f"    issuer: {ISSUER}\n"
+            f"    audiences: [{AUDIENCE}]\n"
+            "    algorithms: [ES256]\n"
+            f"    jwks_file: {jwks_path}\n"
+        )
+    out += (
         "services:\n"
         f"  {SERVER_ID}:\n"
         "    rules:\n"
         "      - name: bench-client-calls-server\n"
         "        allow:\n"
         f"          from: [{CLIENT_ID}]\n"
-        f"  {CLIENT_ID}:\n"
-        f"    egress: [{SERVER_ID}]\n"
     )
+    if jwks_path:
+        out += (
+            "          methods: [GET, POST]\n"
+            f"          paths: [/bytes/*, {UPLOAD_PATH}]\n"
+            f"          jwt: {{provider: bench, claims: {{scope: {{contains: {SCOPE}}}}}}}\n"
+        )
+    return out + f"  {CLIENT_ID}:\n    egress: [{SERVER_ID}]\n"
 
 
 def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_port: int,
                         admin_port: int, policy_path: str, workers: int,
-                        audit_path: str | None = None) -> str:
+                        audit_path: str | None = None, audit_fsync: bool = True) -> str:
     """The config of sidecar A (role "A": outbound) or B (role "B": inbound)."""
     svid = certs.client if role == "A" else certs.server
     out = (
@@ -111,7 +145,7 @@ def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_p
         "log: {level: warning}\n"
     )
     if audit_path:
-        out += f"audit: {{path: {audit_path}}}\n"
+        out += f"audit: {{path: {audit_path}" + ("" if audit_fsync else ", fsync: false") + "}\n"
     if role == "A":
         out += (
             "outbound:\n"
@@ -139,9 +173,14 @@ def sidecar_command() -> list[str]:
 class SidecarSetup(Setup):
     """Two sidecars: A outbound (plain in, mTLS out), B inbound (mTLS in, plain to the app)."""
 
-    def __init__(self, audit: bool = False) -> None:
-        super().__init__("sidecar")
-        self.audit = audit
+    def __init__(self, audit: bool = False, full: bool = False,
+                 audit_fsync: bool = False) -> None:
+        super().__init__("sidecar-full" if full else "sidecar")
+        self.full = full
+        self.audit = audit or full
+        # sidecar-full: the audit trail as durable as Envoy's file access log (buffered, no
+        # fsync) unless asked; --sidecar-audit keeps the sidecar's default (fsync per batch).
+        self.audit_fsync = audit_fsync or not full
 
     def unavailable(self) -> str | None:
         cli = os.path.join(REPO_ROOT, "sidecar", "cli.py")
@@ -155,19 +194,19 @@ class SidecarSetup(Setup):
     def start(self, ctx: SetupContext) -> int:
         policy = os.path.join(ctx.workdir, "sidecar-policy.yaml")
         with open(policy, "w") as f:
-            f.write(sidecar_policy_yaml())
+            f.write(sidecar_policy_yaml(ctx.jwt.jwks_path if self.full and ctx.jwt else None))
         port_a, port_b = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
-            conf = os.path.join(ctx.workdir, f"sidecar-{role}.yaml")
-            audit = os.path.join(ctx.workdir, f"audit-{role}") if self.audit else None
+            conf = os.path.join(ctx.workdir, f"{self.name}-{role}.yaml")
+            audit = os.path.join(ctx.workdir, f"{self.name}-audit-{role}") if self.audit else None
             with open(conf, "w") as f:
                 f.write(sidecar_config_yaml(certs=ctx.certs, role=role, listen_port=listen,
                                             next_port=nxt, admin_port=free_port(),
                                             policy_path=policy, workers=ctx.workers,
-                                            audit_path=audit))
-            started = ctx.group.start(f"sidecar-{role}", [*sidecar_command(), conf], env=env,
-                                      cwd=REPO_ROOT)
+                                            audit_path=audit, audit_fsync=self.audit_fsync))
+            started = ctx.group.start(f"{self.name}-{role}", [*sidecar_command(), conf],
+                                      env=env, cwd=REPO_ROOT)
             self.proxies[role] = started
             self.ports[role] = listen
             try:
@@ -273,8 +312,85 @@ def _tls_files(cert: str, key: str, bundle: str, peer_id: str) -> str:
     )
 
 
-def envoy_proxy_yaml(*, role: str, certs: MeshCerts, listen_port: int, next_port: int) -> str:
-    """Envoy as sidecar A (plain in, mTLS out) or B (mTLS in requiring a client cert)."""
+def _envoy_access_log(path: str) -> str:
+    """A JSON file access log with the fields of the sidecar's audit record that Envoy has."""
+    fields = {"time": "%START_TIME%", "request_id": "%REQ(X-REQUEST-ID)%",
+              "peer": "%DOWNSTREAM_PEER_URI_SAN%", "source": "%DOWNSTREAM_REMOTE_ADDRESS%",
+              "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%", "host": "%REQ(:AUTHORITY)%",
+              "status": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+              "details": "%RESPONSE_CODE_DETAILS%", "bytes_in": "%BYTES_RECEIVED%",
+              "bytes_out": "%BYTES_SENT%", "duration_ms": "%DURATION%",
+              "upstream": "%UPSTREAM_HOST%"}
+    body = ", ".join(f'{k}: "{v}"' for k, v in fields.items())
+    return (
+        "          access_log:\n"
+        "          - name: envoy.access_loggers.file\n"
+        "            typed_config:\n"
+        "              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+        "FileAccessLog\n"
+        f"              path: {path}\n"
+        f"              log_format: {{json_format: {{{body}}}}}\n"
+    )
+
+
+def _envoy_authz_filters(jwks_json: str) -> str:
+    """jwt_authn (the bench provider, key inline) and RBAC: SPIFFE principal of the client,
+    GET/POST on the bench paths, ``scope`` holding ``bench.read`` -- the sidecar-full rule."""
+    jwks = jwks_json.replace("'", "''")
+    # Envoy's safe_regex must match the whole value: one word of a space-separated list.
+    scope_re = "(.* )?" + SCOPE.replace(".", "\\\\.") + "( .*)?"
+    return (
+        "          - name: envoy.filters.http.jwt_authn\n"
+        "            typed_config:\n"
+        "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3."
+        "JwtAuthentication\n"
+        "              providers:\n"
+        "                bench:\n"
+        f"                  issuer: {ISSUER}\n"
+        f"                  audiences: [{AUDIENCE}]\n"
+        f"                  local_jwks: {{inline_string: '{jwks}'}}\n"
+        "                  payload_in_metadata: jwt_payload\n"
+        "                  forward: true\n"
+        "                  jwt_cache_config: {jwt_cache_size: 100}\n"
+        "              rules:\n"
+        "              - match: {prefix: /}\n"
+        "                requires: {provider_name: bench}\n"
+        "          - name: envoy.filters.http.rbac\n"
+        "            typed_config:\n"
+        "              \"@type\": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC\n"
+        "              rules:\n"
+        "                action: ALLOW\n"
+        "                policies:\n"
+        "                  bench-client-calls-server:\n"
+        "                    permissions:\n"
+        "                    - and_rules:\n"
+        "                        rules:\n"
+        "                        - or_rules:\n"
+        "                            rules:\n"
+        "                            - header: {name: \":method\", string_match: {exact: GET}}\n"
+        "                            - header: {name: \":method\", string_match: {exact: POST}}\n"
+        "                        - or_rules:\n"
+        "                            rules:\n"
+        "                            - url_path: {path: {prefix: /bytes/}}\n"
+        f"                            - url_path: {{path: {{exact: {UPLOAD_PATH}}}}}\n"
+        "                    principals:\n"
+        "                    - and_ids:\n"
+        "                        ids:\n"
+        f"                        - authenticated: {{principal_name: {{exact: \"{CLIENT_ID}\"}}}}\n"
+        "                        - sourced_metadata:\n"
+        "                            metadata_matcher:\n"
+        "                              filter: envoy.filters.http.jwt_authn\n"
+        "                              path: [{key: jwt_payload}, {key: scope}]\n"
+        "                              value: {string_match: {safe_regex: "
+        f"{{regex: \"{scope_re}\"}}}}}}\n"
+    )
+
+
+def envoy_proxy_yaml(*, role: str, certs: MeshCerts, listen_port: int, next_port: int,
+                     access_log: str | None = None, jwks_json: str | None = None) -> str:
+    """Envoy as sidecar A (plain in, mTLS out) or B (mTLS in requiring a client cert); with
+    ``access_log`` a JSON access log, with ``jwks_json`` (B of envoy-full) JWT + RBAC."""
+    authz = _envoy_authz_filters(jwks_json) if jwks_json and role == "B" else ""
     hcm = (
         "    - filters:\n"
         "      - name: envoy.filters.network.http_connection_manager\n"
@@ -287,7 +403,9 @@ def envoy_proxy_yaml(*, role: str, certs: MeshCerts, listen_port: int, next_port
         "            virtual_hosts:\n"
         "            - {name: all, domains: [\"*\"], routes: [{match: {prefix: \"/\"}, "
         "route: {cluster: next_hop, timeout: 60s}}]}\n"
+        + (_envoy_access_log(access_log) if access_log else "") +
         "          http_filters:\n"
+        + authz +
         "          - name: envoy.filters.http.router\n"
         "            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http."
         "router.v3.Router}\n"
@@ -333,8 +451,9 @@ def _indent(text: str, n: int) -> str:
 class EnvoySetup(Setup):
     """Two Envoys as equivalent mTLS sidecars, SPIFFE URI SANs matched both ways."""
 
-    def __init__(self) -> None:
-        super().__init__("envoy")
+    def __init__(self, full: bool = False) -> None:
+        super().__init__("envoy-full" if full else "envoy")
+        self.full = full
 
     def unavailable(self) -> str | None:
         if envoy_binary() is None:
@@ -346,12 +465,16 @@ class EnvoySetup(Setup):
         assert envoy is not None
         port_a, port_b = free_port(), free_port()
         for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
-            conf = os.path.join(ctx.workdir, f"envoy-{role}.yaml")
+            conf = os.path.join(ctx.workdir, f"{self.name}-{role}.yaml")
+            full = self.full and ctx.jwt is not None
             with open(conf, "w") as f:
-                f.write(envoy_proxy_yaml(role=role, certs=ctx.certs, listen_port=listen,
-                                         next_port=nxt))
+                f.write(envoy_proxy_yaml(
+                    role=role, certs=ctx.certs, listen_port=listen, next_port=nxt,
+                    access_log=os.path.join(ctx.workdir, f"{self.name}-{role}-access.log")
+                    if full else None,
+                    jwks_json=ctx.jwt.jwks_json if full and ctx.jwt else None))
             started = ctx.group.start(
-                f"envoy-{role}",
+                f"{self.name}-{role}",
                 [envoy, "-c", conf, "--concurrency", str(ctx.workers), "--log-level", "warn",
                  "--use-dynamic-base-id", "--disable-hot-restart"])
             self.proxies[role] = started
@@ -364,17 +487,18 @@ class EnvoySetup(Setup):
         return port_a
 
 
-def make_setup(name: str, *, sidecar_audit: bool = False) -> Setup:
-    """The setup called ``name`` (direct, sidecar, nginx, envoy)."""
+def make_setup(name: str, *, sidecar_audit: bool = False, audit_fsync: bool = False) -> Setup:
+    """The setup called ``name`` (one of ``SETUP_NAMES``)."""
     if name == "direct":
         return DirectSetup()
-    if name == "sidecar":
-        return SidecarSetup(audit=sidecar_audit)
+    if name in ("sidecar", "sidecar-full"):
+        return SidecarSetup(audit=sidecar_audit, full=name == "sidecar-full",
+                            audit_fsync=audit_fsync)
     if name == "nginx":
         return NginxSetup()
-    if name == "envoy":
-        return EnvoySetup()
-    raise ValueError(f"unknown setup {name!r} (expected direct, sidecar, nginx, envoy)")
+    if name in ("envoy", "envoy-full"):
+        return EnvoySetup(full=name == "envoy-full")
+    raise ValueError(f"unknown setup {name!r} (expected one of {', '.join(SETUP_NAMES)})")
 
 
-SETUP_NAMES = ("direct", "sidecar", "nginx", "envoy")
+SETUP_NAMES = ("direct", "sidecar", "envoy", "sidecar-full", "envoy-full", "nginx")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import os
 import signal
 import subprocess
@@ -333,6 +334,11 @@ class Sidecar:
                 await self._start_listeners(serving)
                 await self._start_background(serving)
                 self.listening = True
+                # Everything loaded so far (modules, config, policy, certificates) lives as
+                # long as the process: move it out of the collector's view, so that the
+                # collections the data path triggers do not walk it again and again.
+                gc.collect()
+                gc.freeze()
                 logs.log("listening", identity=self.own_id, worker=self.worker_index,
                          ports=self.ports, policy_version=getattr(self.policies.policy,
                                                                   "version", None))

@@ -11,6 +11,17 @@ Refusals for authentication/authorisation feed the burst detector.
 The result is a ``Verdict``: the ``Decision`` (which audit, metrics and logs read) plus the
 headers to set, strip and answer with. The policy object is read once per request, so a
 reload never changes the rules in the middle of one.
+
+Decisions fixed per policy version are made once and kept (bounded, ``DECISION_CACHE_SIZE``
+per kind), keyed by the policy *object*, so a reload starts afresh: egress decisions (they
+depend on the policy and the target identity only) and inbound decisions of a section whose
+rules test no credential and never expire (then the decision depends only on peer, method,
+path, host, port and listener; the path is keyed as the section matches it, folded for
+``path_case: insensitive``). Only the rule evaluation is kept: blocked sources (by peer and
+address) are checked on every request before it, rate limits after it, and every refusal
+still counts for burst alerts (whose failure it is). Sections with JWT (incl. introspected
+and certificate-bound tokens) or API-key rules, or with an ``expires_at``, are decided every
+time; ``still_allows`` (streams re-checked after a reload) never reads the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +44,9 @@ from sidecar.policy.decision import (
     RequestFacts,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
+from sidecar.policy.paths import path_segments
+
+DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
 
 
 @dataclass(slots=True)
@@ -108,8 +122,14 @@ class Gate:
         self.limiter = limiter
         self.detector = detector
         self.on_alert = on_alert
-        self.introspector: object | None = None  # authn.introspect.Introspector, if any
+        self.introspector: object | None = None  # sidecar.introspect.Introspector, if any
         self._allow_patterns = None
+        # Per policy object: egress decisions by target; inbound decisions by request facts
+        # when the own section allows it (see the module docstring).
+        self._cached_policy: object | None = None
+        self._egress_cache: dict[str, Decision] = {}
+        self._inbound_cache: dict[tuple[object, ...], Decision] = {}
+        self._inbound_cacheable = False
         if allow_from is not None:
             from sidecar.identity.spiffe import compile_pattern
 
@@ -173,7 +193,23 @@ class Gate:
                 auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
                                           audience=(svc.audience if svc is not None else None)
                                           or self.own_id)
-        decision = decide_section(section, policy.version, facts, auth, now)
+        if self._cached_policy is not policy:
+            self._reset_caches(policy)
+        if self._inbound_cacheable and not tcp:
+            # The path as the policy matches it: a path_case: insensitive section folds
+            # case and Windows names, so /Admin and /admin. share one entry (and one answer).
+            path: object = (path_segments(facts.path, True) if section.fold_case
+                            else facts.path)
+            key = (facts.peer, facts.method, path, facts.host, facts.port, facts.listener)
+            cache = self._inbound_cache
+            decision = cache.get(key)
+            if decision is None:
+                decision = decide_section(section, policy.version, facts, auth, now)
+                if len(cache) >= DECISION_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = decision
+        else:
+            decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:
             if self.limiter is not None and not decision.dry_run:
@@ -231,6 +267,16 @@ class Gate:
             return decide(policy, self.own_id, facts, auth or NO_AUTH, now).allowed
         return decide_section(section, policy.version, facts, auth or NO_AUTH, now).allowed
 
+    def _reset_caches(self, policy: object) -> None:
+        """A new policy object: forget every decision of the previous one."""
+        self._cached_policy = policy
+        self._egress_cache = {}
+        self._inbound_cache = {}
+        section = policy.section(self.own_id)  # type: ignore[attr-defined]
+        self._inbound_cacheable = (
+            section is not None and not section.providers and not section.needs_apikey
+            and all(rule.expires_at is None for rule in section.rules))
+
     def _interim(self, facts: RequestFacts) -> Verdict:
         """No policy file configured: the config's ``allow_from`` list, else deny all."""
         patterns = self._allow_patterns
@@ -250,7 +296,18 @@ class Gate:
                 # list, which already names the only identities this workload may reach.
                 return Decision("allow", "config outbound", REASON_ALLOWED, "config")
             return Decision("deny", DEFAULT_DENY_RULE, REASON_EGRESS_DENIED, "none", status=403)
-        return decide_egress(policy, self.own_id, target, now)
+        if self._cached_policy is not policy:
+            self._reset_caches(policy)
+        cache = self._egress_cache
+        decision = cache.get(target)
+        if decision is None:
+            # decide_egress ignores ``now`` today; if egress entries ever expire, this cache
+            # must go the way of the inbound one (bypassed for expiring entries).
+            decision = decide_egress(policy, self.own_id, target, now)
+            if len(cache) >= DECISION_CACHE_SIZE:
+                cache.clear()
+            cache[target] = decision
+        return decision
 
     def _version(self) -> str:
         return getattr(self.policies.policy, "version", None) or "none"

@@ -31,7 +31,7 @@ from sidecar.http.headers import (
 )
 from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
-from sidecar.http.wire import Request
+from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import (
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
@@ -40,7 +40,6 @@ from sidecar.identity.svid import (
 )
 from sidecar.identity.trust import PeerChain
 from sidecar.net.forward import Exchange, forward, splice
-from sidecar.net.h11read import H11RequestReader
 from sidecar.net.lifetime import Lifetimes, LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
@@ -154,7 +153,8 @@ class InboundProxy:
     async def _http(self, tls_stream: TlsTransport, peer, source: str,
                     conn: LiveConnection) -> None:
         limits = self.limits
-        client = Endpoint(tls_stream, H11RequestReader(limits.max_header_bytes), side="client")
+        client = Endpoint(tls_stream, MessageReader(requests=True, max_head=limits.max_header_bytes),
+                          side="client")
         xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
         # RFC 8705 thumbprint of the caller's certificate, once per connection (bound tokens).
         peer_x5t = x5t_from_hex(peer.fingerprint)

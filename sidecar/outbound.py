@@ -239,8 +239,8 @@ class OutboundProxy:
     async def _http_loop(self, tcp: trio.SocketStream, source: str,
                          conn: LiveConnection) -> None:
         limits = self.limits
-        # The local app's requests are parsed by the lean reader; the peer parses them again
-        # with h11 when they arrive (sidecar.http.wire explains the split).
+        # The local app's requests are parsed by the strict reader (sidecar.http.wire), as
+        # everything else on the data path.
         client = Endpoint(SocketTransport(tcp.socket),
                           MessageReader(requests=True, max_head=limits.max_header_bytes),
                           side="client")

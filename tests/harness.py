@@ -529,8 +529,10 @@ def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = ""
                       batch: int = 1, pause: float = 0.0) -> Any:
     """Write ``records`` through a real ``AuditWriter`` for ``config`` (started in a nursery,
     closed cleanly, all bounded by 20 s) and return the writer. After every ``batch`` records
-    the writer gets a turn (``trio.sleep(pause)``), so they land in batches of about that
-    size. Every record must be accepted."""
+    the writer gets a turn: with ``pause`` > 0 until it has written them (polled every
+    ``pause``), so they land in batches of exactly that size whatever the writer lingers for
+    more (``BATCH_LINGER``) and the segment layout does not depend on timing; with ``pause``
+    0, one yield. Every record must be accepted."""
     import trio
 
     from sidecar.audit.writer import AuditWriter
@@ -545,6 +547,8 @@ def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = ""
                     assert writer.submit(rec)
                     if n % batch == 0:
                         await trio.sleep(pause)
+                        while pause and writer.written < n:
+                            await trio.sleep(pause)
                 await writer.aclose()
 
     trio.run(main)

@@ -335,3 +335,45 @@ def test_cancelled_drain_counts_what_is_left_as_lost(tmp_path: Path) -> None:
 
     trio.run(main)
     assert writer.lost == 5 and writer.written == 0
+
+
+def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15's inline writes keep issue 13's trail: every batch written from the event
+    loop (no thread round trip per batch) still gets its checkpoints and encryption."""
+    from sidecar.audit.crypto import Decryptor, load_data_key, write_data_key
+    from sidecar.audit.signing import load_keyring, write_keypair
+
+    priv, pub, _ = write_keypair(str(tmp_path / "sig"))
+    write_data_key(str(tmp_path / "data"))
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=False, signing_key_file=priv,
+                         encryption_key_file=str(tmp_path / "data"),
+                         checkpoint_every_records=50)
+    in_thread: list[object] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        in_thread.append(fn)
+        return await real_run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    bursts, size = 5, 100
+
+    async def body(w: AuditWriter) -> None:
+        for b in range(bursts):
+            for i in range(size):
+                assert w.submit(rec(b * size + i))
+            await wait_until(lambda n=(b + 1) * size: w.written >= n)
+
+    run_writer(config, body, identity="spiffe://td/a", **FAST)
+    # Opening the segment and sealing it at the end (and at most one timer checkpoint):
+    # never one thread round trip per batch.
+    assert len(in_thread) <= 3 < bursts
+    raw = b"".join(Path(s.path).read_bytes() for s in list_segments(str(d)))
+    assert b"r123" not in raw
+    result = verify(str(d), keyring=load_keyring([pub]))
+    assert result.ok and result.sealed and result.records == bursts * size, result
+    assert result.checkpoints >= bursts * size // 50 and result.unsigned_tail_records == 0
+    got = iter_records(str(d), decryptor=Decryptor([load_data_key(str(tmp_path / "data"))]))
+    assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]

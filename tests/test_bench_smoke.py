@@ -18,7 +18,9 @@ from bench import loadgen, micro_tls  # noqa: E402
 from bench.app import UPLOAD_PATH, body_path, start_app  # noqa: E402
 from bench.certs import CLIENT_ID, SERVER_ID, make_mesh_certs  # noqa: E402
 from bench.procs import ProcessGroup, cpu_seconds, peak_rss_bytes  # noqa: E402
-from bench.report import ScenarioResult, ratios, render_table  # noqa: E402
+from bench.report import ScenarioResult, ratios, render_table, targets  # noqa: E402
+from bench.setups import envoy_proxy_yaml, sidecar_policy_yaml  # noqa: E402
+from bench.tokens import make_jwt  # noqa: E402
 
 
 @pytest.fixture
@@ -111,3 +113,54 @@ def test_generated_certs_complete_an_mtls_handshake(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(micro_tls, "TIME_BUDGET_S", 0.2)
     result = micro_tls.measure(str(tmp_path / "tls"))
     assert result["handshakes"] > 0 and result["server_failures"] == 0
+
+
+def test_wrk_script_sends_the_extra_headers_and_refuses_quotes() -> None:
+    script = loadgen.wrk_script("GET", 100, [("Authorization", "Bearer a.b.c")])
+    assert 'wrk.headers["Authorization"] = "Bearer a.b.c"' in script
+    with pytest.raises(ValueError):
+        loadgen.wrk_script("GET", 100, [("X", 'a"b')])
+
+
+def test_full_pair_compares_with_envoy_full_and_targets_are_checked() -> None:
+    results = [_result("direct", 10000, 100, None), _result("envoy", 4000, 300, 50),
+               _result("envoy-full", 2000, 600, 100), _result("sidecar-full", 1800, 650, 120),
+               _result("sidecar", 3000, 400, 90)]
+    full = ratios(results, results[3])
+    assert full["reference"] == "envoy-full" and full["rps_vs_envoy"] == 0.9
+    assert full["cpu_vs_envoy"] == pytest.approx(1.2)
+    assert ratios(results, results[4])["cpu_vs_envoy"] == pytest.approx(1.8)
+    checks = {c["target"]: c for c in targets(results)}
+    assert checks["like-for-like throughput"]["met"] is True
+    assert checks["like-for-like added p50"]["value"] == pytest.approx(550 / 500)
+    assert checks["plain CPU per request per proxy"]["met"] is True
+    results[3] = _result("sidecar-full", 1000, 650, 200)
+    checks = {c["target"]: c for c in targets(results)}
+    assert checks["like-for-like throughput"]["met"] is False
+    assert checks["like-for-like CPU per request per proxy"]["met"] is False
+
+
+def test_full_setups_configs_hold_the_same_provider_and_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import jwt as pyjwt
+    import yaml
+
+    from sidecar.policy.loader import load_policy_file
+
+    certs = make_mesh_certs(str(tmp_path / "certs"), prefer_project_cli=False)
+    bench_jwt = make_jwt(str(tmp_path / "jwt"))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(sidecar_policy_yaml(bench_jwt.jwks_path))
+    loaded = load_policy_file(str(policy))
+    assert "bench" in loaded.extras.jwt_providers
+    envoy = yaml.safe_load(envoy_proxy_yaml(role="B", certs=certs, listen_port=1, next_port=2,
+                                            access_log=str(tmp_path / "a.log"),
+                                            jwks_json=bench_jwt.jwks_json))
+    filters = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["http_filters"]
+    assert [f["name"].rsplit(".", 1)[-1] for f in filters] == ["jwt_authn", "rbac", "router"]
+    provider = filters[0]["typed_config"]["providers"]["bench"]
+    assert provider["local_jwks"]["inline_string"] == bench_jwt.jwks_json
+    key = pyjwt.PyJWKSet.from_json(bench_jwt.jwks_json).keys[0]
+    claims = pyjwt.decode(bench_jwt.token, key.key, algorithms=["ES256"],
+                          audience=provider["audiences"][0], issuer=provider["issuer"])
+    assert "bench.read" in claims["scope"].split()

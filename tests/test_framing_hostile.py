@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from sidecar.http.wire import COALESCE, END, MessageReader, ParseError
-from sidecar.net.h11read import H11RequestReader
 from tests.test_hostile_http import (
     SIDES,
     SMUGGLED,
@@ -174,11 +173,10 @@ def test_small_chunks_within_allowance_arrive_whole(mesh: Mesh, side: str) -> No
 
 # -- the readers directly -----------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["wire", "h11"])
-def test_tiny_chunks_are_coalesced(kind: str) -> None:
+def test_tiny_chunks_are_coalesced() -> None:
     body = b"".join(b"1\r\n%c\r\n" % (65 + i % 26) for i in range(2000)) + b"0\r\n\r\n"
     data = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
-    reader = MessageReader(requests=True) if kind == "wire" else H11RequestReader(65536)
+    reader = MessageReader(requests=True)
     reader.feed(data)
     head = reader.next_event()
     assert getattr(head, "target", None) == b"/a"
@@ -190,9 +188,8 @@ def test_tiny_chunks_are_coalesced(kind: str) -> None:
     assert not reader.buffered()
 
 
-@pytest.mark.parametrize("kind", ["wire", "h11"])
-def test_framing_overhead_bounded_in_reader(kind: str) -> None:
-    reader = MessageReader(requests=True) if kind == "wire" else H11RequestReader(65536)
+def test_framing_overhead_bounded_in_reader() -> None:
+    reader = MessageReader(requests=True)
     reader.feed(b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     reader.next_event()
     reader.feed(b"1\r\nz\r\n" * 10000)

@@ -77,6 +77,130 @@ def test_failures_raise_one_alert_then_block_the_peer():
     assert gate.inbound(facts(), [], "", 41.5).decision.allowed  # block expired
 
 
+# -- decisions kept per policy version --------------------------------------------------------
+
+def _gate(text: str) -> tuple[Gate, PolicyHolder]:
+    holder = PolicyHolder("mesh.yaml")
+    holder.swap(load_policy(text, "mesh.yaml"), 0.0)
+    return Gate(ORDERS, holder), holder
+
+
+PLAIN = f"""
+version: 1
+trust_domain: td
+services:
+  {ORDERS}:
+    rules:
+      - name: frontend-reads
+        allow: {{from: [{FRONTEND}], methods: [GET]}}
+  {FRONTEND}:
+    egress: [{ORDERS}]
+"""
+
+
+def test_a_decision_fixed_per_policy_is_made_once_and_forgotten_on_reload() -> None:
+    gate, holder = _gate(PLAIN)
+    first = gate.inbound(facts(), [], "", 1.0).decision
+    assert first.allowed and gate.inbound(facts(), [], "", 2.0).decision is first
+    assert not gate.inbound(facts(method="POST"), [], "", 2.0).decision.allowed
+    # A reload that removes the rule: the kept decision must not outlive its policy.
+    holder.swap(load_policy(PLAIN.replace("methods: [GET]", "methods: [PUT]"), "mesh.yaml"),
+                3.0)
+    assert not gate.inbound(facts(), [], "", 4.0).decision.allowed
+
+
+def test_rules_that_expire_are_decided_every_time() -> None:
+    text = PLAIN.replace("      - name: frontend-reads\n",
+                         "      - name: frontend-reads\n"
+                         "        expires_at: 2030-01-01T00:00:00Z\n")
+    gate, _ = _gate(text)
+    assert gate.inbound(facts(), [], "", 1_800_000_000.0).decision.allowed
+    assert not gate.inbound(facts(), [], "", 1_900_000_000.0).decision.allowed
+
+
+def test_egress_decisions_are_kept_per_policy() -> None:
+    holder = PolicyHolder("mesh.yaml")
+    holder.swap(load_policy(PLAIN, "mesh.yaml"), 0.0)
+    gate = Gate(FRONTEND, holder)
+    first = gate.egress(ORDERS, 1.0)
+    assert first.allowed and gate.egress(ORDERS, 2.0) is first
+    assert not gate.egress("spiffe://td/ns/shop/sa/other", 2.0).allowed
+    holder.swap(load_policy(PLAIN.replace(f"egress: [{ORDERS}]", "egress: []"), "mesh.yaml"),
+                3.0)
+    assert not gate.egress(ORDERS, 4.0).allowed
+
+
+def test_kept_decisions_are_bounded_and_rate_limits_still_apply() -> None:
+    from sidecar import gate as gate_module
+
+    gate, _ = _gate(PLAIN)
+    for i in range(gate_module.DECISION_CACHE_SIZE + 10):
+        gate.inbound(RequestFacts(direction="inbound", peer=FRONTEND, source="10.0.0.1",
+                                  method="GET", path=f"/p{i}", host="orders", port=1), [], "",
+                     1.0)
+    assert len(gate._inbound_cache) <= gate_module.DECISION_CACHE_SIZE
+    limited = gate_with_policy()  # a section with a rate limit of burst 2
+    results = [limited.inbound(facts(), [], "", 10.0).decision.reason for _ in range(3)]
+    assert results[:2] == ["allowed", "allowed"] and results[2] == "rate_limited"
+
+
+def _decisions(gate: Gate, paths: list[str]) -> list[object]:
+    return [gate.inbound(RequestFacts(direction="inbound", peer=FRONTEND, source="10.0.0.1",
+                                      method="GET", path=p, host="orders", port=1), [], "",
+                         1.0).decision for p in paths]
+
+
+CASED = f"""
+version: 1
+trust_domain: td
+services:
+  {ORDERS}:
+    path_case: insensitive
+    rules:
+      - name: no-admin
+        deny: {{paths: [/admin/**]}}
+      - name: frontend-all
+        allow: {{from: [{FRONTEND}]}}
+"""
+# Spellings of /admin that a case-insensitive (IIS/ASP.NET) app maps to the same resource.
+ADMIN_SPELLINGS = ["/admin", "/Admin", "/ADMIN/", "/admin.", "/aDmIn::$DATA", "/Admin%20"]
+
+
+def test_kept_decisions_of_a_case_insensitive_section_are_keyed_by_the_folded_path() -> None:
+    # Whichever spelling comes first, every other one finds the same (deny) entry: the
+    # cache key is the path as the section matches it, never the spelling that was sent.
+    for first in range(len(ADMIN_SPELLINGS)):
+        gate, _ = _gate(CASED)
+        order = ADMIN_SPELLINGS[first:] + ADMIN_SPELLINGS[:first]
+        decisions = _decisions(gate, order)
+        assert all(d.rule == "no-admin" and not d.allowed for d in decisions), order
+        assert all(d is decisions[0] for d in decisions) and len(gate._inbound_cache) == 1
+    assert _decisions(gate, ["/orders"])[0].allowed
+
+
+def test_kept_decisions_of_a_case_sensitive_section_keep_spellings_apart() -> None:
+    gate, _ = _gate(CASED.replace("path_case: insensitive", "path_case: sensitive"))
+    denied, other = _decisions(gate, ["/admin", "/Admin"])
+    assert not denied.allowed and other.allowed and len(gate._inbound_cache) == 2
+
+
+def test_sections_with_credential_rules_are_never_kept() -> None:
+    text = f"""
+version: 1
+trust_domain: td
+jwt_providers:
+  corp: {{issuer: i, audiences: [a], algorithms: [ES256], jwks_file: k.json}}
+services:
+  {ORDERS}:
+    rules:
+      - name: users
+        allow: {{from: [{FRONTEND}], jwt: {{provider: corp}}}}
+"""
+    gate, _ = _gate(text)
+    assert [d.status for d in _decisions(gate, ["/orders", "/orders"])] == [401, 401]
+    assert not gate._inbound_cacheable and not gate._inbound_cache
+
+
 def test_policy_holder_records_failures_and_clears_them_on_success():
     holder = PolicyHolder("mesh.yaml")
     holder.record_failure("mesh.yaml:3: bad key")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import trio
 
 from sidecar.http.wire import MessageReader
-from sidecar.net.h11read import H11ResponseReader
 from sidecar.net.streams import Endpoint, looks_alive
 
 
@@ -58,9 +57,7 @@ class UpstreamPool:
         self._size = size
         self._idle_timeout = idle_timeout
         self._max_head = max_head
-        # Responses from the network (a peer sidecar) are parsed by h11; from the local app,
-        # by the lean reader (sidecar.http.wire).
-        self._network = network
+        self._network = network  # a peer sidecar (True) or the local app: same strict reader
         self._idle: list[tuple[float, Endpoint]] = []
         self.opened = 0
         self.reused = 0
@@ -84,11 +81,7 @@ class UpstreamPool:
             await trio.aclose_forcefully(ep.stream)
         stream = await self._connect()
         self.opened += 1
-        if self._network:
-            reader: object = H11ResponseReader(self._max_head)
-        else:
-            reader = MessageReader(requests=False, max_head=self._max_head)
-        ep = Endpoint(stream, reader)
+        ep = Endpoint(stream, MessageReader(requests=False, max_head=self._max_head))
         if self._on_acquire is not None:
             self._on_acquire(ep)
         return ep, False

@@ -15,6 +15,7 @@ retirement was for a loss of trust).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -91,8 +92,8 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             if conn is not None:
                 conn.idle = scope
             try:
-                with scope:
-                    reader.feed(await client.receive(now() + limits.idle_timeout))
+                with scope:  # the one bound of this wait (and a drain cancels it)
+                    reader.feed(await client.receive(math.inf))
             except (PeerClosed, Timeout):
                 return
             finally:

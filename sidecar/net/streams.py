@@ -10,6 +10,7 @@ small hierarchy.
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import ssl
@@ -55,9 +56,8 @@ class Endpoint:
     """One HTTP/1.1 connection: a byte stream, a reader of the other side's messages, and a
     buffer of what we send.
 
-    ``reader`` is an h11 reader (``sidecar.net.h11read``) for bytes from the network or a
-    ``sidecar.http.wire.MessageReader`` for bytes from the local app; both return the
-    ``wire`` events. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
+    ``reader`` is the strict ``sidecar.http.wire.MessageReader`` (requests or responses),
+    whichever side the bytes come from. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
     sends them in one call, so a response head, its body and its end usually leave in one
     TLS record and one syscall. ``next_event(..., flush_first=other)`` flushes the *other*
     endpoint before it blocks on a read, so streaming never stalls on a buffer.
@@ -98,7 +98,8 @@ class Endpoint:
             reader.feed(await self.receive(deadline))
 
     async def receive(self, deadline: float) -> bytes:
-        """The next bytes from the stream (b"" at EOF) by ``deadline``, else ``Timeout``."""
+        """The next bytes from the stream (b"" at EOF) by ``deadline``, else ``Timeout``;
+        ``math.inf``: no bound of its own, the caller's cancel scope is the bound."""
         try_receive = self._try_receive
         if try_receive is not None:
             try:
@@ -116,10 +117,16 @@ class Endpoint:
                 return data
         wait = self._receive_wait
         try:
-            with trio.move_on_at(deadline) as scope:
+            if deadline == math.inf:
+                # The caller's own scope bounds this wait (the session's idle scope): a
+                # second cancel scope would cost as much as the read itself.
                 data = await (wait() if wait is not None else self.stream.receive_some(READ_SIZE))
-            if scope.cancelled_caught:
-                raise Timeout("read", self.side)
+            else:
+                with trio.move_on_at(deadline) as scope:
+                    data = await (wait() if wait is not None
+                                  else self.stream.receive_some(READ_SIZE))
+                if scope.cancelled_caught:
+                    raise Timeout("read", self.side)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         self.bytes_in += len(data)

@@ -1,0 +1,377 @@
+"""Each layer of the data path in-process, over ``trio.testing`` memory streams (and socket
+pairs where a layer needs a real socket), with readers fed one byte at a time.
+
+Layers, bottom up: ``Endpoint`` (sidecar.net.streams) -> ``UpstreamPool`` (sidecar.net.pool)
+-> ``forward`` (sidecar.net.forward) -> ``request_loop`` (sidecar.net.session). The upstream
+app in these tests is an h11 server: what the sidecar sends must be HTTP/1.1 that h11 reads.
+End-to-end tests with real sidecars come on top (tests/test_dataplane.py and friends).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from sidecar.config.model import Limits
+from sidecar.errors import BadRequest, HeadersTooLarge
+from sidecar.http.request import check_head
+from sidecar.http.wire import CLOSED, END, MessageReader, Request, Response
+from sidecar.metrics import SidecarMetrics
+from sidecar.net.forward import forward
+from sidecar.net.listen import ConnectionTracker
+from sidecar.net.pool import UpstreamPool
+from sidecar.net.session import request_loop
+from sidecar.net.streams import Endpoint, ProtocolViolation, Timeout
+from sidecar.telemetry import Telemetry
+
+LIMITS = Limits()
+
+
+def trio_test(fn=None, *, autojump: bool = False):  # type: ignore[no-untyped-def]
+    """Run an async test under ``trio.run`` (with an autojump clock: waits take no time)."""
+    def wrap(f):  # type: ignore[no-untyped-def]
+        @functools.wraps(f)
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            clock = trio.testing.MockClock(autojump_threshold=0) if autojump else None
+            return trio.run(functools.partial(f, *args, **kwargs), clock=clock)
+        return run
+    return wrap(fn) if fn is not None else wrap
+
+
+class OneByteAtATime(trio.abc.Stream):
+    """A stream whose reads return at most one byte: every reader sees the worst split."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sends = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(1)
+
+    async def send_all(self, data: bytes) -> None:
+        self.sends += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def client_pair() -> tuple[trio.abc.Stream, Endpoint]:
+    """(the test's end, the sidecar's client ``Endpoint`` reading one byte at a time)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    return ours, Endpoint(OneByteAtATime(theirs), MessageReader(requests=True), side="client")
+
+
+async def h11_app(stream: trio.abc.Stream, seen: list, body: bytes = b"hello") -> None:
+    """An upstream app: h11 server, records (request, body), answers ``body``."""
+    conn = h11.Connection(h11.SERVER)
+    req, got = None, bytearray()
+    try:
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(ev, h11.Request):
+                req, got = ev, bytearray()
+            elif isinstance(ev, h11.Data):
+                got += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                seen.append((req, bytes(got)))
+                out = conn.send(h11.Response(status_code=200, headers=[
+                    (b"content-length", str(len(body)).encode())]))
+                if req.method != b"HEAD":
+                    out += conn.send(h11.Data(data=body))
+                out += conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                conn.start_next_cycle()
+            else:
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        return
+
+
+def socket_pool(nursery: trio.Nursery, seen: list, body: bytes = b"hello") -> UpstreamPool:
+    """A pool whose connections are socket pairs with an h11 app at the far end (the pool's
+    liveness check needs a real socket)."""
+
+    async def connect() -> trio.abc.Stream:
+        a, b = trio.socket.socketpair()
+        nursery.start_soon(h11_app, trio.SocketStream(b), seen, body)
+        return trio.SocketStream(a)
+
+    return UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
+
+
+async def read_response(stream: trio.abc.Stream, method: bytes = b"GET") -> tuple:
+    reader = MessageReader(requests=False)
+    reader.expect_response(method)
+    head, body = None, bytearray()
+    while True:
+        ev = reader.next_event()
+        if ev is END:
+            return head, bytes(body), reader
+        if type(ev) is bytes:
+            body += ev
+        elif isinstance(ev, Response):
+            head = ev
+        elif ev is CLOSED:
+            return head, bytes(body), reader
+        else:
+            reader.feed(await stream.receive_some(65536))
+
+
+# -- Endpoint -------------------------------------------------------------------------------
+
+@trio_test
+async def test_endpoint_reads_a_request_fed_one_byte_at_a_time() -> None:
+    ours, client = client_pair()
+    raw = (b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n2;e=1\r\nde\r\n0\r\n\r\n")
+    await ours.send_all(raw)
+    deadline = trio.current_time() + 5
+    head = await client.next_event(deadline)
+    assert isinstance(head, Request) and head.target == b"/a"
+    body = bytearray()
+    while (ev := await client.next_event(deadline)) is not END:
+        body += ev
+    assert body == b"abcde" and client.bytes_in == len(raw)
+
+
+@pytest.mark.parametrize("raw,error", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", BadRequest),
+    (b"GET / HTTP/1.1\nHost: x\n\n", BadRequest),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 40000 + b"\r\n\r\n", HeadersTooLarge),
+])
+@trio_test
+async def test_endpoint_maps_a_clients_bad_bytes_to_generic_refusals(raw, error) -> None:
+    ours, client = client_pair()
+    client.reader.max_head = 32 * 1024
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ours.send_all, raw)
+        with pytest.raises(error):
+            await client.next_event(trio.current_time() + 5)
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_endpoint_maps_an_upstreams_bad_bytes_to_protocol_violation() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    ep = Endpoint(OneByteAtATime(theirs), MessageReader(requests=False))
+    ep.reader.expect_response(b"GET")
+    await ours.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked"
+                        b"\r\n\r\n")
+    with pytest.raises(ProtocolViolation) as info:
+        await ep.next_event(trio.current_time() + 5)
+    assert info.value.side == "upstream"
+
+
+@trio_test(autojump=True)
+async def test_endpoint_waits_are_bounded_and_eof_is_reported() -> None:
+    ours, client = client_pair()
+    await ours.send_all(b"GET / HTTP/1.1\r\nHo")
+    with pytest.raises(Timeout) as info:
+        await client.next_event(trio.current_time() + 15)
+    assert info.value.side == "client"
+    await ours.send_eof()
+    with pytest.raises(BadRequest):  # the head never ended
+        await client.next_event(trio.current_time() + 15)
+    ours2, client2 = client_pair()
+    await ours2.aclose()
+    assert await client2.next_event(trio.current_time() + 15) is CLOSED
+
+
+@trio_test
+async def test_endpoint_coalesces_writes_into_one_send() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = OneByteAtATime(theirs)
+    ep = Endpoint(stream, MessageReader(requests=False))
+    for part in (b"HTTP/1.1 200 OK\r\n", b"content-length: 2\r\n\r\n", b"ok"):
+        ep.queue(part)
+    await ep.flush(trio.current_time() + 5)
+    assert stream.sends == 1 and ep.bytes_out == 40 and ep.out_len == 0
+    assert await ours.receive_some() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+# -- UpstreamPool -----------------------------------------------------------------------------
+
+@trio_test
+async def test_pool_reuses_a_cleanly_finished_connection_and_closes_the_rest() -> None:
+    seen: list = []
+    async with trio.open_nursery() as nursery:
+        pool = socket_pool(nursery, seen)
+        ep, reused = await pool.acquire()
+        assert not reused
+        ep.reader.expect_response(b"GET")
+        ep.queue(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+        await ep.flush(trio.current_time() + 5)
+        while (await ep.next_event(trio.current_time() + 5)) is not END:
+            pass
+        await pool.release(ep)
+        assert pool.statistics().idle == 1
+        again, reused = await pool.acquire()
+        assert again is ep and reused
+        # A response left half-read: the connection must not go back.
+        again.reader.expect_response(b"GET")
+        again.queue(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+        await again.flush(trio.current_time() + 5)
+        assert isinstance(await again.next_event(trio.current_time() + 5), Response)
+        await pool.release(again)
+        stats = pool.statistics()
+        assert (stats.idle, stats.opened, stats.reused) == (0, 1, 1)
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 2
+
+
+@trio_test
+async def test_pool_drops_an_idle_connection_the_other_side_closed() -> None:
+    seen: list = []
+    ends: list = []
+
+    async def connect() -> trio.abc.Stream:
+        a, b = trio.socket.socketpair()
+        ends.append(b)
+        return trio.SocketStream(a)
+
+    pool = UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
+    ep, _ = await pool.acquire()
+    ep.reader.expect_response(b"GET")
+    ep.reader.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    while ep.reader.next_event() is not END:
+        pass
+    await pool.release(ep)
+    ends[0].close()  # the app went away while the connection was idle
+    fresh, reused = await pool.acquire()
+    assert not reused and fresh is not ep and pool.statistics().closed_stale == 1
+    await pool.aclose()
+    await fresh.aclose()
+    ends[1].close()
+    assert not seen
+
+
+# -- forward ----------------------------------------------------------------------------------
+
+async def _forward_one(raw: bytes, app_body: bytes = b"hello") -> tuple:
+    seen: list = []
+    ours, client = client_pair()
+    async with trio.open_nursery() as nursery:
+        pool = socket_pool(nursery, seen, app_body)
+        await ours.send_all(raw)
+        event = await client.next_event(trio.current_time() + 5)
+        head = check_head(event.method, event.target, event.headers, max_headers=100,
+                          max_body=0, http_version=event.version)
+        headers = [(n, v) for n, v in event.headers if n != b"transfer-encoding"]
+        ex = await forward(client, event, headers, pool, LIMITS, head)
+        response = await read_response(ours, event.method)
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+    return seen, ex, response
+
+
+@trio_test
+async def test_forward_reframes_a_chunked_upload_and_relays_the_answer() -> None:
+    raw = (b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"1\r\na\r\n2;x=\"y\"\r\nbc\r\n0\r\nT: 1\r\n\r\n")
+    seen, ex, (head, body, _) = await _forward_one(raw)
+    req, got = seen[0]
+    assert got == b"abc" and req.target == b"/up"
+    assert (b"transfer-encoding", b"chunked") in list(req.headers)
+    assert head.status == 200 and body == b"hello"
+    assert (ex.status, ex.request_bytes, ex.response_bytes, ex.keep_alive) == (200, 3, 5, True)
+
+
+@trio_test
+async def test_forward_to_an_http10_client_closes_after_the_answer() -> None:
+    seen, ex, (head, body, reader) = await _forward_one(
+        b"GET /a HTTP/1.0\r\nHost: x\r\n\r\n", app_body=b"x" * 70000)
+    assert body == b"x" * 70000 and not ex.keep_alive
+    assert (b"connection", b"close") in head.headers
+
+
+@trio_test
+async def test_forward_answers_head_without_a_body() -> None:
+    seen, ex, (head, body, _) = await _forward_one(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.status == 200 and body == b"" and seen[0][0].method == b"HEAD"
+
+
+# -- request_loop -----------------------------------------------------------------------------
+
+@trio_test
+async def test_request_loop_serves_pipelined_requests_then_refuses_a_malformed_one() -> None:
+    seen: list = []
+    metrics = SidecarMetrics()
+    telemetry = Telemetry(metrics)
+    ours, client = client_pair()
+    async with trio.open_nursery() as nursery:
+        pool = socket_pool(nursery, seen)
+
+        async def handle(ctx, event, head):  # type: ignore[no-untyped-def]
+            return await forward(client, event, list(event.headers), pool, LIMITS, head)
+
+        async def loop() -> None:
+            await request_loop(client, tracker=ConnectionTracker(), limits=LIMITS,
+                               telemetry=telemetry, handle=handle, source="127.0.0.1",
+                               peer=None)
+            await client.aclose()
+
+        nursery.start_soon(loop)
+        await ours.send_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                            b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                            b"GET /3 HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n"
+                            b"GET /4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = bytearray()
+        while data := await ours.receive_some(65536):
+            received += data
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+    assert [r.target for r, _ in seen] == [b"/1", b"/2"]  # nothing after the refusal
+    assert received.count(b"HTTP/1.1 200 ") == 2
+    assert b"HTTP/1.1 400 " in received and received.rstrip().endswith(b")")
+    assert b"folded" not in received and b"malformed" not in received  # no reasons
+    text = metrics.registry.render().decode()
+    assert 'sidecar_requests_refused_total{direction="inbound",reason="malformed_header"} 1' \
+        in text
+
+
+@trio_test
+async def test_request_loop_ends_quietly_when_the_client_goes_away_mid_request() -> None:
+    ours, client = client_pair()
+
+    async def handle(ctx, event, head):  # type: ignore[no-untyped-def]
+        raise AssertionError("no complete head was sent")
+
+    await ours.send_all(b"GET / HTTP/1.1\r\nHo")
+    await ours.aclose()
+    metrics = SidecarMetrics()
+    # Returns (no exception escapes): a head cut short by the client is its own business.
+    await request_loop(client, tracker=ConnectionTracker(), limits=LIMITS,
+                       telemetry=Telemetry(metrics), handle=handle, source="127.0.0.1",
+                       peer=None)
+
+
+@trio_test(autojump=True)
+async def test_request_loop_closes_an_idle_connection_at_the_idle_timeout() -> None:
+    # The idle wait has one bound, the session's idle scope (the read under it has none of
+    # its own): an idle client is let go at idle_timeout, and never served.
+    ours, client = client_pair()
+
+    async def handle(ctx, event, head):  # type: ignore[no-untyped-def]
+        raise AssertionError("nothing was sent")
+
+    start = trio.current_time()
+    await request_loop(client, tracker=ConnectionTracker(), limits=Limits(idle_timeout=7.0),
+                       telemetry=Telemetry(SidecarMetrics()), handle=handle,
+                       source="127.0.0.1", peer=None)
+    assert trio.current_time() - start == pytest.approx(7.0)
