@@ -21,6 +21,7 @@ import time
 import trio
 
 from sidecar.authn.oauth import x5t_from_hex
+from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
 from sidecar.gate import Gate
 from sidecar.http.headers import (
@@ -35,6 +36,7 @@ from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import (
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
+    PeerIdentity,
     SvidError,
     peer_identity_from_der,
 )
@@ -56,7 +58,7 @@ class InboundProxy:
     """The mTLS listener's connection handler."""
 
     def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
-                 app_pool: UpstreamPool, app_addr: tuple[str, int], limits, protocol: str,
+                 app_pool: UpstreamPool, app_addr: tuple[str, int], limits: Limits, protocol: str,
                  tracker: ConnectionTracker, header_filter: HeaderFilter | None = None,
                  lifetimes: Lifetimes | None = None) -> None:
         self.port = port
@@ -122,7 +124,7 @@ class InboundProxy:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
 
-    async def _tcp(self, tls_stream: TlsTransport, peer, source: str, started: float,
+    async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
         facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
                              method="", path="", host="", port=self.port, listener="inbound")
@@ -150,7 +152,7 @@ class InboundProxy:
             await close_quietly(app)
         self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
 
-    async def _http(self, tls_stream: TlsTransport, peer, source: str,
+    async def _http(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str,
                     conn: LiveConnection) -> None:
         limits = self.limits
         client = Endpoint(tls_stream, MessageReader(requests=True, max_head=limits.max_header_bytes),
@@ -174,8 +176,9 @@ class InboundProxy:
                 raise Unavailable("audit_unavailable")
             headers = self.header_filter.clean(event.headers, verdict.drop_headers,
                                                connection_tokens(event.headers))
-            if verdict.strip_credentials:
-                headers, query = self.gate.authenticator.strip_credentials(headers, query)
+            authn = self.gate.authenticator
+            if verdict.strip_credentials and authn is not None:  # set only with one
+                headers, query = authn.strip_credentials(headers, query)
             # The app gets exactly the target the policy matched: the normalised path (escapes
             # of unreserved characters decoded, the rest upper-cased) and the checked query.
             target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sidecar.config.model import OutboundConfig
+from sidecar.config.model import Limits, OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import connection_tokens
@@ -84,7 +84,7 @@ class OutboundProxy:
     """A local plain listener for one upstream identity."""
 
     def __init__(self, cfg: OutboundConfig, *, port: int, tls: TlsState, gate: Gate,
-                 telemetry: Telemetry, limits, tracker: ConnectionTracker,
+                 telemetry: Telemetry, limits: Limits, tracker: ConnectionTracker,
                  header_filter: HeaderFilter | None = None,
                  lifetimes: Lifetimes | None = None) -> None:
         self.cfg = cfg

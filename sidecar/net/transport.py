@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Literal, overload
 
 import trio
 
@@ -65,7 +66,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Send what the socket takes now; return the wire bytes still to send."""
         try:
             sent = self._raw.send(data)
@@ -163,7 +164,13 @@ class TlsTransport(trio.abc.Stream):
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
+    @overload
+    def getpeercert(self, binary_form: Literal[True]) -> bytes | None: ...
+    @overload
+    def getpeercert(self, binary_form: Literal[False] = False) -> object: ...
+
     def getpeercert(self, binary_form: bool = False) -> object:
+        """The peer's leaf certificate (DER with ``binary_form=True``), as ``ssl`` gives it."""
         return self._ssl.getpeercert(binary_form)
 
     def peer_chain_der(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -231,7 +238,7 @@ class TlsTransport(trio.abc.Stream):
             data = await self.receive_wait()
         return data
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Send ``data`` if the socket takes all of it now; else return what is left to send
         with ``send_wire`` (OpenSSL wants a write it could not finish retried with the same
         bytes, so that is ``data`` itself)."""
