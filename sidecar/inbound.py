@@ -45,12 +45,12 @@ from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.lifetime import Lifetimes, LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.session import RequestContext, new_request_id, request_loop
+from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.policy.paths import normalise_target
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
 
@@ -128,29 +128,28 @@ class InboundProxy:
                    conn: LiveConnection) -> None:
         facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
                              method="", path="", host="", port=self.port, listener="inbound")
-        request_id = new_request_id()
         verdict = self.gate.inbound(facts, [], "", time.time(), tcp=True)
+        record = RequestContext(new_request_id(), started, facts, verdict)
         if not verdict.decision.allowed:
-            self.telemetry.request(request_id, facts, verdict, verdict.status, 0, 0, started)
+            self.telemetry.request(record, verdict.status)
             return
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 app = SocketTransport((await trio.open_tcp_stream(*self.app_addr)).socket)
         except (OSError, trio.TooSlowError):
-            self.telemetry.request(request_id, facts, verdict, 502, 0, 0, started,
-                                   error="upstream_connect_failed")
+            self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
             up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
-            self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
+            self.telemetry.request(record, 200,
                                    error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None
             await close_quietly(app)
-        self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
+        self.telemetry.request(record, 200, up, down)
 
     async def _http(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str,
                     conn: LiveConnection) -> None:

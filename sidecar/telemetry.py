@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
@@ -29,6 +30,21 @@ if TYPE_CHECKING:
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
                                      "no_client_cert", "bad_svid",
                                      "peer_untrusted"})  # a chain from another trust domain's root
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What is known about one request (or TCP stream) in flight, for its one telemetry
+    record: filled in as the request goes (``facts`` once the head is checked, ``verdict``
+    once the gate decided). ``source`` and ``peer`` are the connection's, recorded for a
+    request refused before its facts were known."""
+
+    request_id: str
+    started: float
+    facts: RequestFacts | None = None
+    verdict: Verdict | None = None
+    source: str | None = None
+    peer: str | None = None
 
 
 class Telemetry:
@@ -105,10 +121,14 @@ class Telemetry:
         audit = self.audit
         return audit is None or audit.accepting()
 
-    def request(self, request_id: str, facts: RequestFacts | None, verdict: Verdict | None,
-                status: int,
-                bytes_in: int, bytes_out: int, started: float, *, error: str | None = None,
-                source: str | None = None, peer: str | None = None) -> None:
+    def request(self, ctx: RequestContext, status: int, bytes_in: int = 0, bytes_out: int = 0,
+                *, error: str | None = None) -> None:
+        """The one record of a request or TCP stream: metrics, tap, log line, audit record.
+
+        ``error`` names why it failed or was refused when no rule did (or why an allowed one
+        broke off)."""
+        request_id, facts, verdict, started = ctx.request_id, ctx.facts, ctx.verdict, ctx.started
+        source, peer = ctx.source, ctx.peer
         duration = time.time() - started
         decision = verdict.decision if verdict is not None else None
         direction = facts.direction if facts is not None else "inbound"
