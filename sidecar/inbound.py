@@ -16,6 +16,7 @@ over a pooled keep-alive connection, streaming bodies both ways.
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import trio
@@ -87,7 +88,7 @@ class InboundProxy:
                 await tls_stream.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
-                                                  _handshake_reason(exc), started)
+                                                  handshake_reason(exc), started)
                 return
         if scope.cancelled_caught:
             self.telemetry.connection_refused("inbound", source, None, "handshake_timeout",
@@ -208,19 +209,53 @@ def refusal_reason(exc: SvidError) -> str:
     return f"bad_svid:{exc.rule}"
 
 
-def _handshake_reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    text = str(cause).lower()
-    if "certificate" in text and ("expired" in text):
-        return "peer_cert_expired"
-    if "unknown ca" in text or "unable to get local issuer" in text or "certificate verify failed" in text:
-        return "peer_cert_untrusted"
-    if "peer did not return a certificate" in text or "certificate required" in text:
-        return "no_client_cert"
-    if "version" in text or "protocol" in text:
-        return "protocol_version"
-    if "cipher" in text or "no shared" in text:
-        return "no_shared_cipher"
-    if "wrong version number" in text or "http request" in text:
-        return "not_tls"
-    return "handshake_failed"
+# Why an inbound TLS handshake failed, from OpenSSL's own code for it (``ssl.SSLError``
+# ``library`` and ``reason``), never from its message text. One entry per reason:
+# (library, reason) -> label of ``sidecar_tls_handshake_failures_total{reason}`` and of the
+# ``connection_refused`` log line and audit record (docs/metrics.md lists every label). A
+# reason not listed is ``handshake_failed``; a failure without an SSL error (a reset before
+# any TLS byte) too. The certificate labels feed the burst detector (telemetry.py,
+# TLS_CREDENTIAL_FAILURES).
+HANDSHAKE_FAILURES: dict[tuple[str, str], str] = {
+    # Not TLS at all: plaintext HTTP, an h2c preface, any other protocol.
+    ("SSL", "HTTP_REQUEST"): "not_tls",
+    ("SSL", "HTTPS_PROXY_REQUEST"): "not_tls",
+    ("SSL", "WRONG_VERSION_NUMBER"): "not_tls",
+    # The peer closed the connection before the handshake ended (TCP probes, give-ups).
+    ("SSL", "UNEXPECTED_EOF_WHILE_READING"): "peer_closed",
+    # TLS, but a version we refuse (below 1.2), or the peer refused ours.
+    ("SSL", "UNSUPPORTED_PROTOCOL"): "protocol_version",
+    ("SSL", "VERSION_TOO_LOW"): "protocol_version",
+    ("SSL", "NO_PROTOCOLS_AVAILABLE"): "protocol_version",
+    ("SSL", "TLSV1_ALERT_PROTOCOL_VERSION"): "protocol_version",
+    # No cipher suite or key-exchange group in common (non-AEAD, non-ECDHE TLS 1.2).
+    ("SSL", "NO_SHARED_CIPHER"): "no_shared_cipher",
+    ("SSL", "NO_SHARED_GROUP"): "no_shared_cipher",
+    # The client sent no certificate (mTLS requires one).
+    ("SSL", "PEER_DID_NOT_RETURN_A_CERTIFICATE"): "no_client_cert",
+    ("SSL", "TLSV13_ALERT_CERTIFICATE_REQUIRED"): "no_client_cert",
+    # The client's certificate does not verify against the bundle (an expired one:
+    # HANDSHAKE_VERIFY_CODES); or the peer's alert about certificates.
+    ("SSL", "CERTIFICATE_VERIFY_FAILED"): "peer_cert_untrusted",
+    ("SSL", "TLSV1_ALERT_UNKNOWN_CA"): "peer_cert_untrusted",
+    ("SSL", "SSLV3_ALERT_CERTIFICATE_EXPIRED"): "peer_cert_expired",
+}
+HANDSHAKE_FAILED = "handshake_failed"
+# CERTIFICATE_VERIFY_FAILED carries X509's verify code: these refine its label.
+HANDSHAKE_VERIFY_CODES: dict[int, str] = {
+    10: "peer_cert_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+}
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """The label of a failed inbound handshake (``HANDSHAKE_FAILURES``); ``exc`` is the
+    ``ssl.SSLError`` or the transport's error raised from it."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if not isinstance(cause, ssl.SSLError):
+        return HANDSHAKE_FAILED
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        label = HANDSHAKE_VERIFY_CODES.get(cause.verify_code)
+        if label is not None:
+            return label
+    library, reason = getattr(cause, "library", None), getattr(cause, "reason", None)
+    return HANDSHAKE_FAILURES.get((str(library), str(reason)), HANDSHAKE_FAILED)
