@@ -281,6 +281,7 @@ class Sidecar:
 
     # -- status for the admin port -------------------------------------------------------
     def ready(self) -> tuple[bool, list[str]]:
+        """``/readyz``: (ready, the reasons it is not), e.g. ``listeners_not_up``, ``draining``."""
         reasons = []
         now = time.time()
         if not self.listening:
@@ -306,9 +307,11 @@ class Sidecar:
         return {"checkpoint": checkpoint.to_json(), "worker": self.worker_index}
 
     def policy_status(self) -> dict[str, object]:
+        """``/policy``: the policy holder's status (version, reloads, last error)."""
         return self.policies.status()
 
     def effective_config(self) -> dict[str, Any]:
+        """``/config``: the configuration in force, secrets redacted."""
         from sidecar.config.model import redacted
 
         return redacted(self.cfg)
@@ -342,6 +345,7 @@ class Sidecar:
                           SourceLimiter(self.cfg.limits.max_connections_per_source))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the audit writer, listeners and background tasks; serve until cancelled."""
         cfg = self.cfg
         async with trio.open_nursery() as root:
             if self.audit is not None:
@@ -374,6 +378,8 @@ class Sidecar:
         logs.log("stopped", worker=self.worker_index)
 
     async def drain(self) -> None:
+        """Stop accepting, let open connections finish (idle ones are cut after a short grace),
+        wait at most ``limits.drain_timeout``."""
         self.draining = True
         for stop in self.stops:
             stop.cancel()

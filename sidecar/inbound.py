@@ -76,6 +76,8 @@ class InboundProxy:
         self.tracker = tracker
 
     async def handle(self, tcp: trio.SocketStream) -> None:
+        """One accepted connection: TLS handshake (bounded), peer identity check, then TCP
+        or HTTP."""
         try:
             source = tcp.socket.getpeername()[0]
         except OSError:

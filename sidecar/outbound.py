@@ -177,6 +177,7 @@ class OutboundProxy:
         return True
 
     async def handle(self, tcp: trio.SocketStream) -> None:
+        """One connection from the local app: TCP or HTTP to the upstream identity."""
         try:
             source = tcp.socket.getpeername()[0]
         except OSError:

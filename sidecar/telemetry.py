@@ -78,17 +78,22 @@ class Telemetry:
 
     # -- connections ---------------------------------------------------------------------
     def handshake(self, direction: str) -> None:
+        """A TLS handshake of ``direction`` completed."""
         self._hs[direction].inc()
 
     def connection_opened(self, direction: str) -> None:
+        """A connection of ``direction`` was accepted (open gauge and total)."""
         self._open[direction].inc()
         self._conn_total[direction].inc()
 
     def connection_closed(self, direction: str) -> None:
+        """A connection of ``direction`` closed (the open gauge)."""
         self._open[direction].dec()
 
     def connection_refused(self, direction: str, source: str, peer: str | None, reason: str,
                            started: float) -> None:
+        """A handshake failed or its peer was refused: metric (label before the colon), log line,
+        audit record; the peer's own credential failures feed ``on_credential_failure``."""
         self.metrics.tls_handshake_failures_total.labels(direction, reason.split(":")[0]).inc()
         logs.log("connection_refused", "warning", direction=direction, source=source,
                  peer=peer, reason=reason)

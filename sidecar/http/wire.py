@@ -291,6 +291,7 @@ class MessageReader:
 
     # -- events -------------------------------------------------------------------------------
     def next_event(self) -> object:
+        """The next event or ``NEED_DATA``; after a ``ParseError`` the reader stays failed."""
         try:
             return self._next_event()
         except ParseError:
@@ -490,6 +491,7 @@ def serialise_request_head(method: bytes, target: bytes, headers: Headers) -> by
 
 
 def serialise_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A response head; the headers carry the framing."""
     return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _field_lines(headers))
 
 
@@ -507,6 +509,8 @@ class BodyWriter:
         self.remaining = length
 
     def frame(self, data: bytes) -> tuple[bytes, ...]:
+        """``data`` framed for the wire; raises ``ParseError`` past a declared length or for a
+        body-less message."""
         mode = self.mode
         if mode == OUT_CHUNKED:
             return (b"%x\r\n" % len(data), data, b"\r\n")
@@ -520,6 +524,8 @@ class BodyWriter:
         raise ParseError("unexpected_body", 502)
 
     def end(self) -> bytes:
+        """The bytes that end the body (the last chunk); raises ``ParseError`` if a declared length
+        was not reached."""
         if self.mode == OUT_CHUNKED:
             return b"0\r\n\r\n"
         if self.mode == OUT_LENGTH and self.remaining:

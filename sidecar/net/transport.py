@@ -91,9 +91,11 @@ class SocketTransport(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
+        """Send what ``try_send`` left (a plain socket has nothing to retry: ``send_all``)."""
         await self.send_all(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next bytes (b"" at EOF); socket errors become ``trio.BrokenResourceError``."""
         if self._closed:
             raise trio.ClosedResourceError
         try:
@@ -102,6 +104,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; socket errors become ``trio.BrokenResourceError``."""
         if self._closed:
             raise trio.ClosedResourceError
         try:
@@ -110,15 +113,18 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket is writable."""
         await self.socket.wait_writable()
 
     async def send_eof(self) -> None:
+        """Half-close: shut down the sending side."""
         try:
             self.socket.shutdown(trio.socket.SHUT_WR)
         except OSError:
             pass
 
     async def aclose(self) -> None:
+        """Close the socket (no wait)."""
         self._closed = True
         self.socket.close()
         await trio.lowlevel.checkpoint()
@@ -152,6 +158,8 @@ class TlsTransport(trio.abc.Stream):
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
+        """The TLS handshake, waiting on the socket as OpenSSL asks; failures raise
+        ``trio.BrokenResourceError`` from the ``ssl.SSLError``."""
         s = self._ssl
         while True:
             try:
@@ -189,9 +197,11 @@ class TlsTransport(trio.abc.Stream):
         return out[0], out[1]
 
     def selected_alpn_protocol(self) -> str | None:
+        """The ALPN protocol agreed in the handshake, if any."""
         return self._ssl.selected_alpn_protocol()
 
     def version(self) -> str | None:
+        """The TLS version agreed in the handshake (e.g. ``TLSv1.3``)."""
         return self._ssl.version()
 
     def pending(self) -> int:
@@ -231,6 +241,7 @@ class TlsTransport(trio.abc.Stream):
                 return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next decrypted bytes (b"" at EOF)."""
         if self._closed:
             raise trio.ClosedResourceError
         data = self.try_receive()
@@ -255,6 +266,7 @@ class TlsTransport(trio.abc.Stream):
         return memoryview(data)[sent:] if sent < len(data) else b""
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``, or what ``try_send`` left of it, one writer at a time."""
         async with self._send_lock:
             await self._send_locked(data)
 
@@ -277,9 +289,11 @@ class TlsTransport(trio.abc.Stream):
             view = view[sent:]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data`` (as ``send_wire``)."""
         await self.send_wire(data)
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket is writable."""
         await trio.lowlevel.wait_writable(self._ssl)
 
     async def send_eof(self) -> None:
