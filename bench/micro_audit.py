@@ -1,4 +1,5 @@
-"""Micro-benchmark: audit records per second through the writer, fsync on and off.
+"""Micro-benchmark: audit records per second through the writer, fsync on and off, and
+the CPU per record of the whole trail (the last line also with fsync off, as sidecar-full).
 
 For each setting, submits a bounded number of realistic records to a real ``AuditWriter``
 (writing to a temporary directory), yielding to the writer whenever the queue is full, and
@@ -183,20 +184,29 @@ def trail_cpu(make: object) -> dict[str, float]:
                 ("chain+sign+encrypt+ship", {"signing_key_file": priv,
                                              "encryption_key_file": os.path.join(d, "data"),
                                              "ship": ship}),
+                # What bench/run.py's sidecar-full runs: fsync off (batches written inline).
+                ("chain+sign+encrypt+ship fsync off", {
+                    "signing_key_file": priv, "encryption_key_file": os.path.join(d, "data"),
+                    "ship": ship, "fsync": False}),
             ]
             for n, (label, extra) in enumerate(variants):
                 us = _cpu_per_record(make, None if extra is None else AuditConfig(
                     path=os.path.join(d, f"a{n}"), **extra), cpu, trio, AuditWriter)
-                out[f"trail_cpu_us_{label.replace('+', '_')}"] = us
+                out[_trail_key(label)] = us
             base = out["trail_cpu_us_none"]
             for label, _extra in variants:
-                us = out[f"trail_cpu_us_{label.replace('+', '_')}"]
-                print(f"audit: CPU per record, {label:24s} {us:7.2f} us"
+                us = out[_trail_key(label)]
+                print(f"audit: CPU per record, {label:34s} {us:7.2f} us"
                       f"  (+{us - base:5.2f} us over no audit)")
         finally:
             sink.kill()
             sink.wait()
     return out
+
+
+def _trail_key(label: str) -> str:
+    """The BENCHJSON key of a trail variant: ``trail_cpu_us_chain_sign_..._fsync_off``."""
+    return "trail_cpu_us_" + label.replace("+", "_").replace(" ", "_")
 
 
 def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
@@ -206,7 +216,7 @@ def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
     config, nothing is built (a sidecar without audit makes no record)."""
     import trio as _trio
 
-    made = make  # type: ignore[assignment]
+    made = make
     done = 0
 
     async def body() -> None:
@@ -236,9 +246,10 @@ def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
             if done % 64 == 0:
                 await _trio.sleep(0)
 
-    c0 = cpu()  # type: ignore[operator]
+    c0: float = cpu()  # type: ignore[operator]
     _trio.run(body if config is not None else baseline)
-    return (cpu() - c0) / done * 1e6  # type: ignore[operator]
+    c1: float = cpu()  # type: ignore[operator]
+    return (c1 - c0) / done * 1e6
 
 
 if __name__ == "__main__":

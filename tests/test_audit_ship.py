@@ -274,3 +274,50 @@ def test_ship_config_problems() -> None:
     assert "audit.ship.colour: unknown key" in text
     assert "audit.ship.ca_file: is required" in text
     assert "cert_file and key_file go together" in text
+
+
+# ------------------------------------------------ message encoding (pure)
+
+# Values a record's JSON must carry unchanged (the message is assembled from pieces with a
+# reused C encoder, for speed): the escapes JSON needs, '%' and format-like text, non-ASCII,
+# numbers at the edges, nested and binary extras (bytes go as base64), None, bools. (A lone
+# surrogate never reaches a frame: msgpack refuses it, the writer stores a stand-in record.)
+ODD_VALUES: list[object] = [
+    "", 'a"b', "back\\slash", "new\nline\ttab\r", "\x00\x01\x1f\x7f", "%s %d %% %(x)s",
+    "caf\u00e9 \u4e2d\u6587 \U0001f600", "</script>", "{\"seq\":1}",
+    0, -1, 2**63, -(2**63), 1.7e9 + 0.123, 1e-7, -0.0, 1.25, True, False, None,
+    {"k%": ["v", 1, 2.5, None]}, ["x", {"y": "z"}], b"\x00bin%",
+]
+
+
+@pytest.mark.parametrize("host", ["pod-1", "h%st%d%%"])
+def test_frame_message_carries_every_odd_value_exactly(host: str) -> None:
+    import base64
+
+    from sidecar.audit.chain import ChainHead
+    from sidecar.audit.ship import frame_message, message_prefix
+
+    wires: list[dict[str, object]] = [
+        AuditRecord(time=1.7e9, request_id=f"r{i}", path="/p", extra={"v": v}).to_wire()
+        for i, v in enumerate(ODD_VALUES)]
+    wires += [{"t": 1.0, "path": v} for v in ODD_VALUES if isinstance(v, str)]
+    head = ChainHead()
+    head.journal = []
+    head.header(1.0, note="h%s")
+    head.records(wires)
+    head.frame("chk", {"time": 2.0, "sig": b"\x01" * 64})
+    journal = list(head.journal)
+    prefix = message_prefix(1.7e9, host, "side%car")
+    messages = [frame_message(prefix, seq, kind, digest, frame, detail)
+                for seq, kind, frame, digest, detail in journal]
+    seen: dict[int, bytes] = {}
+    for msg, (seq, kind, frame, digest, detail) in zip(messages, journal, strict=True):
+        count, _sp, body = msg.partition(b" ")
+        assert int(count) == len(body) and body.startswith(prefix)
+        obj = json.loads(body[body.index(b'{"seq":'):])
+        field = {"seg": "header", "rec": "record", "chk": "checkpoint"}[kind]
+        expected = json.loads(json.dumps(detail, default=lambda b: base64.b64encode(b).decode()))
+        assert obj == {"seq": seq, "kind": kind, "digest": digest.hex(), field: expected,
+                       "frame": base64.b64encode(frame).decode()}
+    assert collect_frames([m.decode() for m in messages], seen) == len(journal)
+    assert seen == {seq: frame for seq, _k, frame, _d, _x in journal}
