@@ -64,7 +64,7 @@ def _readiness(status: AdminStatus) -> tuple[bool, list[str]]:
     try:
         ready, reasons = status.ready()
         return bool(ready), [str(r) for r in reasons]
-    except Exception as exc:  # fail closed: a status that cannot answer is not ready
+    except Exception as exc:  # noqa: BLE001 -- fail closed: a status that cannot answer is not ready
         log("admin_request_failed", "error", path="/readyz", error=repr(exc))
         return False, ["status_unavailable"]
 

@@ -122,8 +122,7 @@ class AlertPoster:
             status = answer.status
         except (trio.TooSlowError, ClientTimeout):
             reason = "timeout"
-        # A webhook failure of any kind must not kill the poster task: log, count, go on.
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any webhook failure: log, count, go on
             cause = exc.__cause__ if isinstance(exc, ClientError) else None
             reason = type(cause or exc).__name__
         ok = status is not None and 200 <= status < 300

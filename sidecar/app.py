@@ -25,8 +25,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -53,7 +53,19 @@ from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
-from sidecar.tlsstate import TlsState, load_own_svid
+from sidecar.tlsstate import TlsSnapshot, TlsState, load_own_svid
+
+if TYPE_CHECKING:  # imported where used (optional parts), named here for their types
+    from sidecar.alert_poster import AlertPoster
+    from sidecar.alerts import Alert, BurstDetector
+    from sidecar.audit.writer import AuditWriter
+    from sidecar.authn.authenticator import Authenticator
+    from sidecar.config.model import OutboundConfig
+    from sidecar.identity.svid import Svid
+    from sidecar.identity.trust import PeerChain, TrustBundle
+    from sidecar.policy.loaded import Policy
+    from sidecar.policy.loader import ParsedFiles
+    from sidecar.ratelimit import RateLimiter
 
 
 class StartupError(SidecarError):
@@ -72,12 +84,12 @@ class Sidecar:
         self.own_id = self.tls.spiffe_id
         self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
         self.policies = PolicyHolder(cfg.policy)
-        self._parsed_policy_files: Any = None
-        self.authenticator = None
-        self.limiter = None
-        self.detector = None
-        self.alert_poster = None
-        self.audit = None
+        self._parsed_policy_files: ParsedFiles | None = None
+        self.authenticator: Authenticator | None = None
+        self.limiter: RateLimiter | None = None
+        self.detector: BurstDetector | None = None
+        self.alert_poster: AlertPoster | None = None
+        self.audit: AuditWriter | None = None
         if cfg.audit is not None:
             from sidecar.audit.writer import AuditWriter
 
@@ -120,7 +132,7 @@ class Sidecar:
         assert self.cfg.policy is not None
         return list(self.cfg.policy_paths) or [self.cfg.policy]
 
-    def _load_policy_file(self) -> Any:
+    def _load_policy_file(self) -> Policy:
         """The policy as this sidecar enforces it: its own section only (docs/policy.md).
 
         Runs in a reload thread; afterwards the C heap is trimmed (``release_memory``), so
@@ -152,7 +164,7 @@ class Sidecar:
             return
         self._apply_policy(policy)
 
-    def _apply_policy(self, policy: Any) -> None:
+    def _apply_policy(self, policy: Policy) -> None:
         now = time.time()
         self.policies.swap(policy, now)
         self.metrics.policy_reloads_total.labels("ok").inc()
@@ -179,21 +191,21 @@ class Sidecar:
         from sidecar.policy.sections import PolicyExtras
         from sidecar.ratelimit import RateLimiter
 
-        self.authenticator = Authenticator(PolicyExtras())
-        self.limiter = RateLimiter(())
-        self.detector = BurstDetector(())
+        self.authenticator = authenticator = Authenticator(PolicyExtras())
+        self.limiter = limiter = RateLimiter(())
+        self.detector = detector = BurstDetector(())
         self.alert_poster = AlertPoster(self.metrics)
-        self.key_sources = KeySources(self.authenticator, self.metrics)
+        self.key_sources = key_sources = KeySources(authenticator, self.metrics)
 
-        def follow(policy: Any) -> None:
+        def follow(policy: Policy) -> None:
             extras = policy.extras
-            self.authenticator.update(extras)
-            self.key_sources.sync(extras.jwt_providers)
-            self.limiter.update(extras.rate_limits)
-            self.detector.update(extras.alerts)
+            authenticator.update(extras)
+            key_sources.sync(extras.jwt_providers)
+            limiter.update(extras.rate_limits)
+            detector.update(extras.alerts)
             for name in extras.jwt_providers:
                 self.metrics.jwks_age_seconds.labels(name).set_function(
-                    lambda name=name: self._jwks_age(name))
+                    functools.partial(self._jwks_age, name))
 
 
         self.policies.listeners.append(follow)
@@ -202,7 +214,7 @@ class Sidecar:
         age = self.key_sources.ages(time.time()).get(name)
         return float("nan") if age is None else age
 
-    def _export_audit_statistics(self, writer: Any) -> None:
+    def _export_audit_statistics(self, writer: AuditWriter) -> None:
         """sidecar_audit_* series read the writer's statistics() at every scrape."""
         m = self.metrics
         m.audit_queue_depth.set_function(lambda: writer.statistics().queue_depth)
@@ -227,7 +239,7 @@ class Sidecar:
         m.scrape_hooks.append(sync)
 
     # -- alerts --------------------------------------------------------------------------
-    def _raise_alert(self, alert: Any) -> None:
+    def _raise_alert(self, alert: Alert) -> None:
         """A burst of failures: log line + metric + webhook (the poster), audit record."""
         if self.audit is not None:
             from sidecar.audit.record import alert_record
@@ -241,7 +253,8 @@ class Sidecar:
                        # by subject/issuer: the token subject or issuer the burst is about
                        **({"alert_source": alert.source}
                           if alert.by in ("subject", "issuer") else {})}))
-        self.alert_poster.submit(alert)
+        if self.alert_poster is not None:  # set with the detector, the only source of alerts
+            self.alert_poster.submit(alert)
         if alert.block_seconds > 0:
             self.lifetimes.block(alert.by, alert.source)
 
@@ -252,6 +265,8 @@ class Sidecar:
     def _tls_credential_failure(self, source: str) -> None:
         """An inbound peer's certificate failed: the peer's own failure (by: address rules;
         there is no verified peer identity to count by: peer)."""
+        if self.detector is None:  # registered only with a detector
+            return
         for alert in self.detector.record_failure(None, source, time.time()):
             self._raise_alert(alert)
 
@@ -266,6 +281,7 @@ class Sidecar:
 
     # -- status for the admin port -------------------------------------------------------
     def ready(self) -> tuple[bool, list[str]]:
+        """``/readyz``: (ready, the reasons it is not), e.g. ``listeners_not_up``, ``draining``."""
         reasons = []
         now = time.time()
         if not self.listening:
@@ -290,16 +306,19 @@ class Sidecar:
             return None
         return {"checkpoint": checkpoint.to_json(), "worker": self.worker_index}
 
-    def policy_status(self) -> dict[str, Any]:
+    def policy_status(self) -> dict[str, object]:
+        """``/policy``: the policy holder's status (version, reloads, last error)."""
         return self.policies.status()
 
     def effective_config(self) -> dict[str, Any]:
+        """``/config``: the configuration in force, secrets redacted."""
         from sidecar.config.model import redacted
 
         return redacted(self.cfg)
 
     # -- running -------------------------------------------------------------------------
-    async def _serve(self, name: str, addr: tuple[str, int], make_handler: Any,
+    async def _serve(self, name: str, addr: tuple[str, int],
+                     make_handler: Callable[[int, ConnectionTracker], InboundProxy | OutboundProxy],
                      nursery: trio.Nursery, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -326,6 +345,7 @@ class Sidecar:
                           SourceLimiter(self.cfg.limits.max_connections_per_source))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the audit writer, listeners and background tasks; serve until cancelled."""
         cfg = self.cfg
         async with trio.open_nursery() as root:
             if self.audit is not None:
@@ -358,6 +378,8 @@ class Sidecar:
         logs.log("stopped", worker=self.worker_index)
 
     async def drain(self) -> None:
+        """Stop accepting, let open connections finish (idle ones are cut after a short grace),
+        wait at most ``limits.drain_timeout``."""
         self.draining = True
         for stop in self.stops:
             stop.cancel()
@@ -391,7 +413,7 @@ class Sidecar:
             await nursery.start(self._serve, "inbound", inbound.listen, make_inbound, nursery)
         for ob in cfg.outbound:
             def make_outbound(port: int, tracker: ConnectionTracker,
-                              ob: Any = ob) -> OutboundProxy:
+                              ob: OutboundConfig = ob) -> OutboundProxy:
                 proxy = OutboundProxy(ob, port=port, tls=self.tls, gate=self.gate,
                                       telemetry=self.telemetry, limits=limits, tracker=tracker,
                                       header_filter=header_filter, lifetimes=self.lifetimes)
@@ -403,7 +425,7 @@ class Sidecar:
     async def _start_background(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
         ident = cfg.identity
-        if self.cfg.policy is not None:
+        if self.alert_poster is not None:  # with a policy (_setup_policy_consumers)
             await nursery.start(self.alert_poster.run)
             self.key_sources.attach(nursery)
         self._nursery = nursery
@@ -465,24 +487,24 @@ class Sidecar:
 
     @staticmethod
     async def _start_server(nursery: trio.Nursery, name: str, addr: tuple[str, int],
-                            fn: Any, *args: Any) -> int:
+                            fn: Callable[..., Awaitable[object]], *args: object) -> int:
         try:
             return int(await nursery.start(fn, *args))
         except OSError as exc:
             raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
                                f"{exc.strerror or exc}") from None
 
-    def _apply_svid(self, svid: Any) -> None:
+    def _apply_svid(self, svid: Svid) -> None:
         self._apply_tls(self.tls.with_svid(svid))
 
-    def _apply_bundle(self, bundle: Any) -> None:
+    def _apply_bundle(self, bundle: TrustBundle) -> None:
         self.tls.swap(self.tls.with_bundle(bundle))
         self.metrics.certificate_reloads_total.labels("ok").inc()
         logs.log("trust_bundle_reloaded", trust_domain=bundle.trust_domain,
                  roots=len(bundle.roots))
         self._trust_changed()
 
-    def _apply_tls(self, snapshot: Any) -> None:
+    def _apply_tls(self, snapshot: TlsSnapshot) -> None:
         self.tls.swap(snapshot)
         self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.not_after)
         self.metrics.certificate_reloads_total.labels("ok").inc()
@@ -495,7 +517,7 @@ class Sidecar:
         trust = self.tls.trust
         now = time.time()
 
-        def trusted(peer: str, chain: Any) -> bool:
+        def trusted(peer: str, chain: PeerChain) -> bool:
             try:
                 trust.check_peer(peer, chain, now)
             except SidecarError:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.errors import RequestRefused
 from sidecar.policy.decision import (
@@ -46,11 +47,27 @@ from sidecar.policy.decision import (
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
 
+if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import at run time)
+    from sidecar.alerts import Alert, BurstDetector
+    from sidecar.authn.authenticator import Authenticator
+    from sidecar.identity.spiffe import SpiffePattern
+    from sidecar.introspect import Introspector
+    from sidecar.policy.loaded import Policy
+    from sidecar.ratelimit import RateLimiter
+
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
 
 
 @dataclass(slots=True)
 class Verdict:
+    """The gate's answer for one request: the ``Decision`` plus what to do with headers.
+
+    ``set_headers`` go to the app (verified claims), ``drop_headers`` are removed from the
+    request first (headers the sidecar owns), ``response_headers`` go on a refusal
+    (Retry-After, WWW-Authenticate); ``strip_credentials`` removes API keys and tokens that
+    are not forwarded.
+    """
+
     decision: Decision
     auth: AuthFacts = NO_AUTH
     set_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -60,9 +77,11 @@ class Verdict:
 
     @property
     def status(self) -> int:
+        """The refusal status (0 for an allowed request)."""
         return self.decision.status or (0 if self.decision.allowed else 403)
 
     def refusal(self) -> RequestRefused:
+        """The refusal as the exception the request loop answers with."""
         return RequestRefused(self.decision.reason, status=self.status or 403)
 
 
@@ -71,14 +90,14 @@ class PolicyHolder:
 
     def __init__(self, source: str | None) -> None:
         self.source = source
-        self.policy = None  # sidecar.policy Policy
+        self.policy: Policy | None = None
         self.loaded_at: float | None = None
         self.last_error: str | None = None
         self.reloads_ok = 0
         self.reloads_failed = 0
-        self.listeners: list[Callable[[object], None]] = []
+        self.listeners: list[Callable[[Policy], None]] = []
 
-    def swap(self, policy: object, now: float) -> None:
+    def swap(self, policy: Policy, now: float) -> None:
         """Put ``policy`` in force (a successful load or reload)."""
         self.policy = policy
         self.loaded_at = now
@@ -94,6 +113,7 @@ class PolicyHolder:
         self.reloads_failed += 1
 
     def status(self) -> dict[str, object]:
+        """What /policy shows: source, version, reload counts and the last error."""
         return {
             "source": self.source,
             "version": getattr(self.policy, "version", None),
@@ -111,10 +131,10 @@ class Gate:
 
     def __init__(self, own_id: str, policies: PolicyHolder, *,
                  allow_from: tuple[str, ...] | None = None,
-                 authenticator: object | None = None,
-                 limiter: object | None = None,
-                 detector: object | None = None,
-                 on_alert: Callable[[object], None] | None = None) -> None:
+                 authenticator: Authenticator | None = None,
+                 limiter: RateLimiter | None = None,
+                 detector: BurstDetector | None = None,
+                 on_alert: Callable[[Alert], None] | None = None) -> None:
         self.own_id = own_id
         self.policies = policies
         self.allow_from = allow_from
@@ -122,11 +142,11 @@ class Gate:
         self.limiter = limiter
         self.detector = detector
         self.on_alert = on_alert
-        self.introspector: object | None = None  # sidecar.introspect.Introspector, if any
-        self._allow_patterns = None
+        self.introspector: Introspector | None = None
+        self._allow_patterns: list[SpiffePattern] | None = None
         # Per policy object: egress decisions by target; inbound decisions by request facts
         # when the own section allows it (see the module docstring).
-        self._cached_policy: object | None = None
+        self._cached_policy: Policy | None = None
         self._egress_cache: dict[str, Decision] = {}
         self._inbound_cache: dict[tuple[object, ...], Decision] = {}
         self._inbound_cacheable = False
@@ -150,25 +170,27 @@ class Gate:
         providers of rules whose caller and request conditions hold for this request (a
         token is never sent to an authorisation server a matching rule does not name)."""
         introspector = self.introspector
+        authn = self.authenticator  # always set when an introspector is
         policy = self.policies.policy
-        if introspector is None or policy is None:
+        if introspector is None or authn is None or policy is None:
             return
         section = policy.section(self.own_id)
-        if section is None or section.providers.isdisjoint(
-                self.authenticator.introspection_providers):
+        if section is None or section.providers.isdisjoint(authn.introspection_providers):
             return
         from sidecar.policy.compiled import request_holds
 
         names = [r.when.jwt.provider for index in (section.deny, section.allow)
                  for r in index.candidates(facts.peer, facts.path)
                  if r.when.jwt is not None
-                 and r.when.jwt.provider in self.authenticator.introspection_providers
+                 and r.when.jwt.provider in authn.introspection_providers
                  and request_holds(r.when, facts, section.trust_domain, check_indexed=False)]
         if names:
             await introspector.prepare(dict.fromkeys(names), headers, query)
 
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
                 now: float, *, tcp: bool = False, peer_x5t: str | None = None) -> Verdict:
+        """Decide one inbound request (or TCP stream, ``tcp=True``: no credentials) in the
+        order of the module docstring; counts failures and raises burst alerts."""
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
@@ -254,8 +276,7 @@ class Gate:
         alert; the caller's credentials are those it presented when the stream began.
         """
         detector = self.detector
-        if detector is not None and detector.blocked(  # type: ignore[attr-defined]
-                facts.peer, facts.source, now):
+        if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return False
         policy = self.policies.policy
         if policy is None:
@@ -267,12 +288,12 @@ class Gate:
             return decide(policy, self.own_id, facts, auth or NO_AUTH, now).allowed
         return decide_section(section, policy.version, facts, auth or NO_AUTH, now).allowed
 
-    def _reset_caches(self, policy: object) -> None:
+    def _reset_caches(self, policy: Policy) -> None:
         """A new policy object: forget every decision of the previous one."""
         self._cached_policy = policy
         self._egress_cache = {}
         self._inbound_cache = {}
-        section = policy.section(self.own_id)  # type: ignore[attr-defined]
+        section = policy.section(self.own_id)
         self._inbound_cacheable = (
             section is not None and not section.providers and not section.needs_apikey
             and all(rule.expires_at is None for rule in section.rules))
@@ -289,6 +310,7 @@ class Gate:
 
     # -- outbound ------------------------------------------------------------------------
     def egress(self, target: str, now: float) -> Decision:
+        """May this workload call ``target`` (a SPIFFE ID)? Cached per policy version."""
         policy = self.policies.policy
         if policy is None:
             if self.policies.source is None:

@@ -16,11 +16,13 @@ over a pooled keep-alive connection, streaming bodies both ways.
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import trio
 
 from sidecar.authn.oauth import x5t_from_hex
+from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
 from sidecar.gate import Gate
 from sidecar.http.headers import (
@@ -35,6 +37,7 @@ from sidecar.http.wire import MessageReader, Request
 from sidecar.identity.svid import (
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
+    PeerIdentity,
     SvidError,
     peer_identity_from_der,
 )
@@ -43,12 +46,12 @@ from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.lifetime import Lifetimes, LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.session import RequestContext, new_request_id, request_loop
+from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
 from sidecar.policy.paths import normalise_target
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
 
@@ -56,7 +59,7 @@ class InboundProxy:
     """The mTLS listener's connection handler."""
 
     def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
-                 app_pool: UpstreamPool, app_addr: tuple[str, int], limits, protocol: str,
+                 app_pool: UpstreamPool, app_addr: tuple[str, int], limits: Limits, protocol: str,
                  tracker: ConnectionTracker, header_filter: HeaderFilter | None = None,
                  lifetimes: Lifetimes | None = None) -> None:
         self.port = port
@@ -73,6 +76,8 @@ class InboundProxy:
         self.tracker = tracker
 
     async def handle(self, tcp: trio.SocketStream) -> None:
+        """One accepted connection: TLS handshake (bounded), peer identity check, then TCP
+        or HTTP."""
         try:
             source = tcp.socket.getpeername()[0]
         except OSError:
@@ -85,7 +90,7 @@ class InboundProxy:
                 await tls_stream.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
-                                                  _handshake_reason(exc), started)
+                                                  handshake_reason(exc), started)
                 return
         if scope.cancelled_caught:
             self.telemetry.connection_refused("inbound", source, None, "handshake_timeout",
@@ -122,35 +127,34 @@ class InboundProxy:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
 
-    async def _tcp(self, tls_stream: TlsTransport, peer, source: str, started: float,
+    async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
         facts = RequestFacts(direction="inbound", peer=peer.spiffe_id, source=source,
                              method="", path="", host="", port=self.port, listener="inbound")
-        request_id = new_request_id()
         verdict = self.gate.inbound(facts, [], "", time.time(), tcp=True)
+        record = RequestContext(new_request_id(), started, facts, verdict)
         if not verdict.decision.allowed:
-            self.telemetry.request(request_id, facts, verdict, verdict.status, 0, 0, started)
+            self.telemetry.request(record, verdict.status)
             return
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 app = SocketTransport((await trio.open_tcp_stream(*self.app_addr)).socket)
         except (OSError, trio.TooSlowError):
-            self.telemetry.request(request_id, facts, verdict, 502, 0, 0, started,
-                                   error="upstream_connect_failed")
+            self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
             up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
-            self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
+            self.telemetry.request(record, 200,
                                    error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None
             await close_quietly(app)
-        self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
+        self.telemetry.request(record, 200, up, down)
 
-    async def _http(self, tls_stream: TlsTransport, peer, source: str,
+    async def _http(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str,
                     conn: LiveConnection) -> None:
         limits = self.limits
         client = Endpoint(tls_stream, MessageReader(requests=True, max_head=limits.max_header_bytes),
@@ -174,8 +178,9 @@ class InboundProxy:
                 raise Unavailable("audit_unavailable")
             headers = self.header_filter.clean(event.headers, verdict.drop_headers,
                                                connection_tokens(event.headers))
-            if verdict.strip_credentials:
-                headers, query = self.gate.authenticator.strip_credentials(headers, query)
+            authn = self.gate.authenticator
+            if verdict.strip_credentials and authn is not None:  # set only with one
+                headers, query = authn.strip_credentials(headers, query)
             # The app gets exactly the target the policy matched: the normalised path (escapes
             # of unreserved characters decoded, the rest upper-cased) and the checked query.
             target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
@@ -206,19 +211,53 @@ def refusal_reason(exc: SvidError) -> str:
     return f"bad_svid:{exc.rule}"
 
 
-def _handshake_reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    text = str(cause).lower()
-    if "certificate" in text and ("expired" in text):
-        return "peer_cert_expired"
-    if "unknown ca" in text or "unable to get local issuer" in text or "certificate verify failed" in text:
-        return "peer_cert_untrusted"
-    if "peer did not return a certificate" in text or "certificate required" in text:
-        return "no_client_cert"
-    if "version" in text or "protocol" in text:
-        return "protocol_version"
-    if "cipher" in text or "no shared" in text:
-        return "no_shared_cipher"
-    if "wrong version number" in text or "http request" in text:
-        return "not_tls"
-    return "handshake_failed"
+# Why an inbound TLS handshake failed, from OpenSSL's own code for it (``ssl.SSLError``
+# ``library`` and ``reason``), never from its message text. One entry per reason:
+# (library, reason) -> label of ``sidecar_tls_handshake_failures_total{reason}`` and of the
+# ``connection_refused`` log line and audit record (docs/metrics.md lists every label). A
+# reason not listed is ``handshake_failed``; a failure without an SSL error (a reset before
+# any TLS byte) too. The certificate labels feed the burst detector (telemetry.py,
+# TLS_CREDENTIAL_FAILURES).
+HANDSHAKE_FAILURES: dict[tuple[str, str], str] = {
+    # Not TLS at all: plaintext HTTP, an h2c preface, any other protocol.
+    ("SSL", "HTTP_REQUEST"): "not_tls",
+    ("SSL", "HTTPS_PROXY_REQUEST"): "not_tls",
+    ("SSL", "WRONG_VERSION_NUMBER"): "not_tls",
+    # The peer closed the connection before the handshake ended (TCP probes, give-ups).
+    ("SSL", "UNEXPECTED_EOF_WHILE_READING"): "peer_closed",
+    # TLS, but a version we refuse (below 1.2), or the peer refused ours.
+    ("SSL", "UNSUPPORTED_PROTOCOL"): "protocol_version",
+    ("SSL", "VERSION_TOO_LOW"): "protocol_version",
+    ("SSL", "NO_PROTOCOLS_AVAILABLE"): "protocol_version",
+    ("SSL", "TLSV1_ALERT_PROTOCOL_VERSION"): "protocol_version",
+    # No cipher suite or key-exchange group in common (non-AEAD, non-ECDHE TLS 1.2).
+    ("SSL", "NO_SHARED_CIPHER"): "no_shared_cipher",
+    ("SSL", "NO_SHARED_GROUP"): "no_shared_cipher",
+    # The client sent no certificate (mTLS requires one).
+    ("SSL", "PEER_DID_NOT_RETURN_A_CERTIFICATE"): "no_client_cert",
+    ("SSL", "TLSV13_ALERT_CERTIFICATE_REQUIRED"): "no_client_cert",
+    # The client's certificate does not verify against the bundle (an expired one:
+    # HANDSHAKE_VERIFY_CODES); or the peer's alert about certificates.
+    ("SSL", "CERTIFICATE_VERIFY_FAILED"): "peer_cert_untrusted",
+    ("SSL", "TLSV1_ALERT_UNKNOWN_CA"): "peer_cert_untrusted",
+    ("SSL", "SSLV3_ALERT_CERTIFICATE_EXPIRED"): "peer_cert_expired",
+}
+HANDSHAKE_FAILED = "handshake_failed"
+# CERTIFICATE_VERIFY_FAILED carries X509's verify code: these refine its label.
+HANDSHAKE_VERIFY_CODES: dict[int, str] = {
+    10: "peer_cert_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+}
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """The label of a failed inbound handshake (``HANDSHAKE_FAILURES``); ``exc`` is the
+    ``ssl.SSLError`` or the transport's error raised from it."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    if not isinstance(cause, ssl.SSLError):
+        return HANDSHAKE_FAILED
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        label = HANDSHAKE_VERIFY_CODES.get(cause.verify_code)
+        if label is not None:
+            return label
+    library, reason = getattr(cause, "library", None), getattr(cause, "reason", None)
+    return HANDSHAKE_FAILURES.get((str(library), str(reason)), HANDSHAKE_FAILED)

@@ -181,7 +181,7 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
         data = await fetch_jwks(uri, ssl_context, connect_timeout=connect_timeout,
                                 read_timeout=read_timeout)
         keys = parse_jwks(data, uri)
-    except Exception as exc:  # any failure keeps the last good keys
+    except Exception as exc:  # noqa: BLE001 -- any failure keeps the last good keys
         # JwksFetchError and ConfigError are the expected ones; anything else is a bug
         # somewhere below, and must not kill the task that keeps the other keys fresh.
         expected = isinstance(exc, JwksFetchError | ConfigError)

@@ -19,23 +19,29 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import trio
 
 from sidecar import logs
+from sidecar.policy.sections import JwtProvider
 from sidecar.reload import FileWatcher
+
+if TYPE_CHECKING:
+    from sidecar.authn.authenticator import Authenticator
+    from sidecar.metrics import SidecarMetrics
 
 
 class KeySources:
     """The running key source of every JWT provider (see the module docstring)."""
 
-    def __init__(self, authenticator: Any, metrics: Any) -> None:
+    def __init__(self, authenticator: Authenticator, metrics: SidecarMetrics) -> None:
         self.authenticator = authenticator
         self.metrics = metrics
         self._nursery: trio.Nursery | None = None
-        self._running: dict[str, tuple[tuple[Any, ...], trio.CancelScope]] = {}
-        self._providers: dict[str, Any] = {}
+        self._running: dict[str, tuple[tuple[object, ...], trio.CancelScope]] = {}
+        self._providers: dict[str, JwtProvider] = {}
         self._pending: dict[str, trio.CancelScope] = {}
         self._gate_start = False
 
@@ -52,7 +58,7 @@ class KeySources:
         """Providers (known at start) whose first ``jwks_uri`` fetch has not ended yet."""
         return sorted(self._pending)
 
-    def sync(self, providers: dict[str, Any]) -> None:
+    def sync(self, providers: Mapping[str, JwtProvider]) -> None:
         """Match the running sources to ``providers``: keep unchanged ones, restart changed ones,
         start new ones, cancel removed ones."""
         self._providers = dict(providers)
@@ -80,18 +86,21 @@ class KeySources:
                 self._running.pop(name)[1].cancel()
                 self._pending.pop(name, None)
 
-    def _load_file(self, prov: Any) -> None:
+    def _load_file(self, prov: JwtProvider) -> None:
         from sidecar.jwks_fetch import load_jwks_file
 
+        path = prov.jwks_file
+        if not path:
+            return
         try:
-            keys = load_jwks_file(prov.jwks_file)
+            keys = load_jwks_file(path)
         except Exception as exc:  # noqa: BLE001 -- a bad key file keeps the old keys
             logs.log("jwks_file_invalid", "error", provider=prov.name, path=prov.jwks_file,
                      error=str(exc))
             return
         self.authenticator.set_keys(prov.name, keys, time.time())
 
-    async def _run_source(self, prov: Any, scope: trio.CancelScope) -> None:
+    async def _run_source(self, prov: JwtProvider, scope: trio.CancelScope) -> None:
         if not (prov.jwks_file or prov.jwks_uri or prov.discovery_url):
             return
         with scope:
@@ -103,13 +112,14 @@ class KeySources:
                              error=repr(exc))
                 await trio.sleep(5.0)
 
-    async def _source_loop(self, prov: Any, scope: trio.CancelScope) -> None:
-        if prov.jwks_file:
+    async def _source_loop(self, prov: JwtProvider, scope: trio.CancelScope) -> None:
+        path = prov.jwks_file
+        if path:
             from sidecar.jwks_fetch import load_jwks_file
 
             watcher = FileWatcher(
-                f"jwks:{prov.name}", [prov.jwks_file],
-                load=lambda: load_jwks_file(prov.jwks_file),
+                f"jwks:{prov.name}", [path],
+                load=lambda: load_jwks_file(path),
                 apply=lambda keys: self.authenticator.set_keys(prov.name, keys, time.time()),
                 on_error=lambda exc: logs.log("jwks_file_reload_failed", "error",
                                               provider=prov.name, error=str(exc)),

@@ -111,7 +111,7 @@ class GaugeChild:
             return self.value
         try:
             return float(self.function())
-        except Exception:  # a broken callback must not break the scrape
+        except Exception:  # noqa: BLE001 -- a broken callback must not break the scrape
             return None
 
 
@@ -568,6 +568,6 @@ class SidecarMetrics:
         for hook in self.scrape_hooks:
             try:
                 hook()
-            except Exception:  # a broken hook must not break the scrape
+            except Exception:  # noqa: BLE001 -- a broken hook must not break the scrape
                 pass
         return self.registry.render()

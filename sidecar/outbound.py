@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from sidecar.config.model import OutboundConfig
+from sidecar.config.model import Limits, OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import connection_tokens
@@ -47,11 +47,11 @@ from sidecar.net.lifetime import (
 )
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.session import RequestContext, new_request_id, request_loop
+from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
 
@@ -84,7 +84,7 @@ class OutboundProxy:
     """A local plain listener for one upstream identity."""
 
     def __init__(self, cfg: OutboundConfig, *, port: int, tls: TlsState, gate: Gate,
-                 telemetry: Telemetry, limits, tracker: ConnectionTracker,
+                 telemetry: Telemetry, limits: Limits, tracker: ConnectionTracker,
                  header_filter: HeaderFilter | None = None,
                  lifetimes: Lifetimes | None = None) -> None:
         self.cfg = cfg
@@ -177,6 +177,7 @@ class OutboundProxy:
         return True
 
     async def handle(self, tcp: trio.SocketStream) -> None:
+        """One connection from the local app: TCP or HTTP to the upstream identity."""
         try:
             source = tcp.socket.getpeername()[0]
         except OSError:
@@ -204,17 +205,16 @@ class OutboundProxy:
     async def _tcp_stream(self, tcp: trio.SocketStream, source: str,
                           conn: LiveConnection) -> None:
         started = time.time()
-        request_id = new_request_id()
         facts = self._facts(source)
         verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
+        record = RequestContext(new_request_id(), started, facts, verdict)
         if not verdict.decision.allowed:
-            self.telemetry.request(request_id, facts, verdict, 403, 0, 0, started)
+            self.telemetry.request(record, 403)
             return
         try:
             upstream = await self.connect()
         except RequestRefused as exc:
-            self.telemetry.request(request_id, facts, verdict, exc.status, 0, 0, started,
-                                   error=exc.reason)
+            self.telemetry.request(record, exc.status, error=exc.reason)
             return
         meta: UpstreamMeta = upstream.meta  # type: ignore[attr-defined]
         # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
@@ -223,13 +223,13 @@ class OutboundProxy:
         try:
             up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
-            self.telemetry.request(request_id, facts, verdict, 200, 0, 0, started,
+            self.telemetry.request(record, 200,
                                    error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None
             await close_quietly(upstream)
-        self.telemetry.request(request_id, facts, verdict, 200, up, down, started)
+        self.telemetry.request(record, 200, up, down)
 
     async def _http(self, tcp: trio.SocketStream, source: str) -> None:
         with self.lifetimes.track("outbound", self.cfg.name, source) as conn:

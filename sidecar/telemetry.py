@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
 from sidecar.audit.record import (
@@ -20,6 +21,10 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.tap import Tap
 
+if TYPE_CHECKING:
+    from sidecar.audit.writer import AuditWriter
+    from sidecar.gate import Verdict
+
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
@@ -27,14 +32,29 @@ TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
                                      "peer_untrusted"})  # a chain from another trust domain's root
 
 
+@dataclass(slots=True)
+class RequestContext:
+    """What is known about one request (or TCP stream) in flight, for its one telemetry
+    record: filled in as the request goes (``facts`` once the head is checked, ``verdict``
+    once the gate decided). ``source`` and ``peer`` are the connection's, recorded for a
+    request refused before its facts were known."""
+
+    request_id: str
+    started: float
+    facts: RequestFacts | None = None
+    verdict: Verdict | None = None
+    source: str | None = None
+    peer: str | None = None
+
+
 class Telemetry:
     """Fan-out of data-path events to metrics, logs and the audit trail."""
 
-    def __init__(self, metrics: SidecarMetrics, audit: Any | None = None,
+    def __init__(self, metrics: SidecarMetrics, audit: AuditWriter | None = None,
                  service: str = "") -> None:
         self.metrics = metrics
         self.service = service  # our own SPIFFE ID, recorded so replay knows the section
-        self.audit = audit  # sidecar.audit.writer.AuditWriter or None
+        self.audit = audit
         self.tap = Tap()  # recent decisions for `sidecar tap` / `top`; off unless watched
         # Called with the source address when an inbound peer's own credentials failed at
         # the TLS layer (the burst detector's by: address / peer rules; see sidecar/alerts.py).
@@ -58,17 +78,22 @@ class Telemetry:
 
     # -- connections ---------------------------------------------------------------------
     def handshake(self, direction: str) -> None:
+        """A TLS handshake of ``direction`` completed."""
         self._hs[direction].inc()
 
     def connection_opened(self, direction: str) -> None:
+        """A connection of ``direction`` was accepted (open gauge and total)."""
         self._open[direction].inc()
         self._conn_total[direction].inc()
 
     def connection_closed(self, direction: str) -> None:
+        """A connection of ``direction`` closed (the open gauge)."""
         self._open[direction].dec()
 
     def connection_refused(self, direction: str, source: str, peer: str | None, reason: str,
                            started: float) -> None:
+        """A handshake failed or its peer was refused: metric (label before the colon), log line,
+        audit record; the peer's own credential failures feed ``on_credential_failure``."""
         self.metrics.tls_handshake_failures_total.labels(direction, reason.split(":")[0]).inc()
         logs.log("connection_refused", "warning", direction=direction, source=source,
                  peer=peer, reason=reason)
@@ -88,7 +113,7 @@ class Telemetry:
                  else "info", direction=direction, listener=listener, source=source, peer=peer,
                  reason=reason)
         if self.audit is not None:
-            extra: dict[str, Any] = {"listener": listener}
+            extra: dict[str, object] = {"listener": listener}
             if opened is not None:
                 extra["age_seconds"] = round(time.time() - opened, 3)
             self.audit.submit(connection_closed_record(
@@ -101,9 +126,14 @@ class Telemetry:
         audit = self.audit
         return audit is None or audit.accepting()
 
-    def request(self, request_id: str, facts: RequestFacts | None, verdict: Any, status: int,
-                bytes_in: int, bytes_out: int, started: float, *, error: str | None = None,
-                source: str | None = None, peer: str | None = None) -> None:
+    def request(self, ctx: RequestContext, status: int, bytes_in: int = 0, bytes_out: int = 0,
+                *, error: str | None = None) -> None:
+        """The one record of a request or TCP stream: metrics, tap, log line, audit record.
+
+        ``error`` names why it failed or was refused when no rule did (or why an allowed one
+        broke off)."""
+        request_id, facts, verdict, started = ctx.request_id, ctx.facts, ctx.verdict, ctx.started
+        source, peer = ctx.source, ctx.peer
         duration = time.time() - started
         decision = verdict.decision if verdict is not None else None
         direction = facts.direction if facts is not None else "inbound"
@@ -119,7 +149,7 @@ class Telemetry:
             self.metrics.requests_refused_total.labels(direction, error).inc()
         if error is not None and status in (502, 503, 504):
             self.metrics.upstream_errors_total.labels(direction, error).inc()
-        auth = getattr(verdict, "auth", None)
+        auth = verdict.auth if verdict is not None else None
         if auth is not None and auth.token_errors:
             for provider, reason in auth.token_errors.items():
                 self.metrics.jwt_failures_total.labels(provider, reason).inc()
@@ -162,7 +192,7 @@ class Telemetry:
                 kw["source"] = source or ""
                 kw["peer"] = peer
                 kw["direction"] = direction
-            extra: dict[str, Any] = {}
+            extra: dict[str, object] = {}
             if facts is not None:
                 if facts.direction == "inbound":
                     extra["service"] = self.service
@@ -176,6 +206,6 @@ class Telemetry:
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
             self.audit.submit(record_from(
-                decision, facts, time=started, auth=getattr(verdict, "auth", None),
+                decision, facts, time=started, auth=auth,
                 request_id=request_id, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
                 duration_ms=duration * 1000.0, **kw), admitted=decision.allowed)

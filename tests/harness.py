@@ -481,7 +481,7 @@ def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = Tru
     if wait:
         try:
             wait_ready(proc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any start failure stops the process and is reported with its log
             proc.stop()
             raise RuntimeError(f"sidecar {name} did not start ({exc}):\n{proc.output()}") from None
     return proc

@@ -6,14 +6,24 @@ Each test also checks that a well-behaved mTLS client is still served afterwards
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from sidecar.identity.svid import load_svid
+from sidecar.identity.tls import server_context
+from sidecar.inbound import (
+    HANDSHAKE_FAILED,
+    HANDSHAKE_FAILURES,
+    HANDSHAKE_VERIFY_CODES,
+    handshake_reason,
+)
 from tests.harness import (
     Pki,
     SidecarProc,
@@ -75,6 +85,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         t.close()
 
 
+def _failures(target: Target, reason: str) -> float:
+    return target.proc.metric("sidecar_tls_handshake_failures_total", direction="inbound",
+                              reason=reason)
+
+
 def _handshake(target: Target, ctx: ssl.SSLContext) -> None:
     with socket.create_connection(("127.0.0.1", target.port), timeout=5) as raw:
         with ctx.wrap_socket(raw) as tls:
@@ -99,12 +114,11 @@ def _legacy_context(target: Target, version: ssl.TLSVersion) -> ssl.SSLContext:
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1],
                          ids=["tls1.0", "tls1.1"])
 def test_old_tls_versions_refused(target: Target, version: ssl.TLSVersion) -> None:
-    before = target.proc.metric("sidecar_tls_handshake_failures_total", direction="inbound")
+    before = _failures(target, "protocol_version")
     ctx = _legacy_context(target, version)
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         _handshake(target, ctx)
-    wait_for(lambda: target.proc.metric("sidecar_tls_handshake_failures_total",
-                                        direction="inbound") > before, timeout=5)
+    wait_for(lambda: _failures(target, "protocol_version") > before, timeout=5)
     target.assert_serving()
 
 
@@ -132,13 +146,14 @@ def test_tls12_aead_suite_accepted(target: Target) -> None:
             assert "GCM" in tls.cipher()[0]
 
 
-@pytest.mark.parametrize("payload", [
-    b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n",
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    b"\x16\x03\x01\x00\x05hello",  # a TLS record header with a bogus handshake
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n", "not_tls"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "not_tls"),
+    (b"\x16\x03\x01\x00\x05hello", "handshake_failed"),  # a TLS record, bogus handshake
 ], ids=["http1", "h2c-preface", "bogus-record"])
-def test_plaintext_to_mtls_port_gets_no_http_and_a_close(target: Target,
-                                                          payload: bytes) -> None:
+def test_plaintext_to_mtls_port_gets_no_http_and_a_close(target: Target, payload: bytes,
+                                                          reason: str) -> None:
+    before = _failures(target, reason)
     with socket.create_connection(("127.0.0.1", target.port), timeout=5) as s:
         s.sendall(payload)
         t0 = time.monotonic()
@@ -155,6 +170,7 @@ def test_plaintext_to_mtls_port_gets_no_http_and_a_close(target: Target,
     # At most a TLS alert record (content type 21), nothing else.
     assert got == b"" or got[0] == 0x15, got[:20]
     assert closed_after < HANDSHAKE_TIMEOUT + 1.5
+    wait_for(lambda: _failures(target, reason) > before, timeout=5)
     target.assert_serving()
 
 
@@ -187,3 +203,158 @@ def test_stalled_handshake_is_cut_at_handshake_timeout(target: Target, send: byt
     assert max(closed) < 2.0 + 0.5, closed
     assert min(closed) > 0.5, closed  # and not before: it is the timeout, not a refusal
     target.assert_serving()
+
+
+# -- the classification of handshake failures (sidecar/inbound.py HANDSHAKE_FAILURES) -------
+# Real handshakes, in process, against the sidecar's own server context: each family of
+# client mistakes must get its label from OpenSSL's error code.
+
+class Handshakes:
+    def __init__(self, tmp: Path) -> None:
+        self.pki = Pki(tmp / "pki")
+        self.other = Pki(tmp / "other")  # a CA the server does not trust
+        own = self.pki.identity("orders")
+        self.server = server_context(load_svid(str(own / "tls.crt"), str(own / "tls.key"),
+                                               self.pki.bundle, time.time()))
+        self.client_dir = self.pki.identity("frontend")
+
+    def client(self, identity: Path | None = None, *, version: ssl.TLSVersion | None = None,
+               ciphers: str | None = None) -> ssl.SSLContext:
+        ctx = mtls_context(identity, self.pki.bundle)
+        if version is not None:
+            ctx.minimum_version = ctx.maximum_version = version
+        if ciphers is not None:
+            ctx.set_ciphers(ciphers)
+        return ctx
+
+    def server_error(self, client: Callable[[int], None]) -> BaseException | None:
+        """Run ``client(port)`` against one server-side handshake; the server's error."""
+        errors: list[BaseException] = []
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(5)
+            port = listener.getsockname()[1]
+
+            def serve() -> None:
+                try:
+                    conn, _ = listener.accept()
+                except OSError as exc:
+                    errors.append(exc)
+                    return
+                with conn:
+                    conn.settimeout(5)
+                    try:
+                        self.server.wrap_socket(conn, server_side=True).close()
+                    except OSError as exc:  # ssl.SSLError is one
+                        errors.append(exc)
+
+            thread = threading.Thread(target=serve)
+            thread.start()
+            try:
+                client(port)
+            except OSError:
+                pass  # the client's side of the failure; the server's is under test
+            thread.join(10)
+        assert not thread.is_alive()
+        return errors[0] if errors else None
+
+
+@pytest.fixture(scope="module")
+def handshakes(tmp_path_factory: pytest.TempPathFactory) -> Handshakes:
+    return Handshakes(tmp_path_factory.mktemp("handshakes"))
+
+
+def _send(payload: bytes) -> Callable[[int], None]:
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            if not payload:
+                return  # connect and close at once, as a TCP health probe does
+            s.sendall(payload)
+            try:
+                s.recv(100)
+            except OSError:
+                pass
+    return client
+
+
+def _tls(ctx: ssl.SSLContext) -> Callable[[int], None]:
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            with ctx.wrap_socket(s) as tls:
+                tls.sendall(b"x")
+                tls.recv(1)
+    return client
+
+
+@pytest.mark.parametrize(("case", "label"), [
+    ("plaintext-http", "not_tls"),
+    ("h2c-preface", "not_tls"),
+    ("other-protocol", "not_tls"),
+    ("closed-at-once", "peer_closed"),
+    ("tls1.0", "protocol_version"),
+    ("tls1.1", "protocol_version"),
+    ("no-client-cert", "no_client_cert"),
+    ("no-client-cert-tls1.2", "no_client_cert"),
+    ("untrusted-ca", "peer_cert_untrusted"),
+    ("expired-cert", "peer_cert_expired"),
+    ("non-aead-suite", "no_shared_cipher"),
+    ("bogus-handshake-record", HANDSHAKE_FAILED),
+])
+def test_handshake_failures_are_labelled_by_openssl_reason(handshakes: Handshakes, case: str,
+                                                           label: str) -> None:
+    h = handshakes
+    if case == "plaintext-http":
+        client = _send(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+    elif case == "h2c-preface":
+        client = _send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    elif case == "other-protocol":
+        client = _send(b"SSH-2.0-OpenSSH_9.6\r\n")
+    elif case == "closed-at-once":
+        client = _send(b"")
+    elif case in ("tls1.0", "tls1.1"):
+        version = ssl.TLSVersion.TLSv1 if case == "tls1.0" else ssl.TLSVersion.TLSv1_1
+        # OpenSSL 3 refuses TLS < 1.2 at its default security level: lower it so that the
+        # client really offers the old version and it is the server that says no.
+        client = _tls(h.client(h.client_dir, version=version, ciphers="DEFAULT:@SECLEVEL=0"))
+    elif case == "no-client-cert":
+        client = _tls(h.client(None))
+    elif case == "no-client-cert-tls1.2":
+        client = _tls(h.client(None, version=ssl.TLSVersion.TLSv1_2))
+    elif case == "untrusted-ca":
+        client = _tls(h.client(h.other.identity("frontend")))
+    elif case == "expired-cert":
+        client = _tls(h.client(h.pki.identity("expired", ttl_seconds=60,
+                                               not_before=time.time() - 3600)))
+    elif case == "non-aead-suite":
+        try:
+            ctx = h.client(h.client_dir, version=ssl.TLSVersion.TLSv1_2,
+                           ciphers="ECDHE-ECDSA-AES128-SHA256:@SECLEVEL=0")
+        except ssl.SSLError:
+            pytest.skip("local OpenSSL cannot offer a non-AEAD suite")
+        client = _tls(ctx)
+    else:
+        client = _send(b"\x16\x03\x01\x00\x05hello")
+    error = h.server_error(client)
+    assert error is not None, "the handshake succeeded"
+    assert handshake_reason(error) == label, repr(error)
+    # As the transport raises it (sidecar.net.transport): the SSL error is the cause.
+    wrapped = ConnectionError("handshake")
+    wrapped.__cause__ = error
+    assert handshake_reason(wrapped) == label
+
+
+def test_handshake_failure_without_ssl_error_is_handshake_failed() -> None:
+    assert handshake_reason(ConnectionResetError("reset")) == HANDSHAKE_FAILED
+    assert handshake_reason(ssl.SSLError(1, "[SSL: SOMETHING_NEW] unheard of")) \
+        == HANDSHAKE_FAILED
+
+
+def test_every_handshake_label_is_documented() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    section = doc[doc.index("### TLS handshake failure reasons"):]
+    section = section[:section.index("\n## ")]
+    documented = set(re.findall(r"^\| `([a-z_]+)(?::<rule>)?` \|", section, re.M))
+    labels = {*HANDSHAKE_FAILURES.values(), *HANDSHAKE_VERIFY_CODES.values(), HANDSHAKE_FAILED}
+    assert labels <= documented, labels - documented
+    for (_library, reason), label in HANDSHAKE_FAILURES.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{label}`"))
+        assert f"`{reason}`" in row, (reason, label)

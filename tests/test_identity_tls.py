@@ -64,7 +64,7 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[S
                 server.alpn = tls.selected_alpn_protocol()
                 assert tls.recv(1) == b"?"
                 tls.sendall(b"!")
-        except BaseException as exc:  # reported to the test, never lost in the thread
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test, never lost in the thread
             server.error = exc
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -80,7 +80,7 @@ def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[S
             tls.sendall(b"?")
             assert tls.recv(1) == b"!"
             client.has_ticket = tls.session.has_ticket if tls.session else None
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 -- reported to the test, never lost in the thread
         client.error = exc
     thread.join(TIMEOUT * 2)
     listener.close()
@@ -265,7 +265,7 @@ def test_new_context_serves_new_handshakes_while_old_connections_continue(
             for tls in conns:  # echo one byte on each, old connection included
                 tls.sendall(tls.recv(1))
                 tls.close()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test, never lost in the thread
             errors.append(exc)
 
     thread = threading.Thread(target=serve, daemon=True)

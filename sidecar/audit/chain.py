@@ -87,7 +87,7 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
     """Parse and shape-check the msgpack of one frame (no chain checks)."""
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except Exception as exc:  # noqa: BLE001 -- msgpack raises several unrelated types on garbage
         raise FrameError(f"not a valid msgpack frame ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or len(obj) != 3:
         raise FrameError("frame is not a map of three keys")

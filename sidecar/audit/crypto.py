@@ -129,7 +129,7 @@ class Decryptor:
         except InvalidTag:
             raise DecryptError(f"record {seq} does not decrypt: wrong data key or altered "
                                "ciphertext") from None
-        except Exception:  # msgpack raises several types on garbage
+        except Exception:  # noqa: BLE001 -- msgpack raises several types on garbage
             raise DecryptError(f"record {seq} decrypts to garbage") from None
         if not isinstance(wire, dict):
             raise DecryptError(f"record {seq} decrypts to garbage")

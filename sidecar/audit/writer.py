@@ -721,7 +721,7 @@ class AuditWriter:
             return
         try:
             self._on_alert(kind, message)
-        except Exception as exc:  # a broken alert hook must not stop the audit trail
+        except Exception as exc:  # noqa: BLE001 -- a broken alert hook must not stop the audit trail
             self.last_error = f"on_alert failed: {exc!r}"
 
     async def aclose(self) -> None:

@@ -200,7 +200,8 @@ class HeaderFilter:
         self._pass = frozenset(fold(n) for n in pass_through)
         from sidecar.http.headers import HOP_BY_HOP
 
-        self._drop = frozenset(fold(n) for n in (*HOP_BY_HOP, *SIDECAR_SET, *drop))
+        dropped: tuple[bytes | str, ...] = (*HOP_BY_HOP, *SIDECAR_SET, *drop)
+        self._drop = frozenset(fold(n) for n in dropped)
         self._cache: dict[bytes, bool] = {}
 
     def removes(self, name: bytes) -> bool:

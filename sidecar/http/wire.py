@@ -44,7 +44,7 @@ another head follows), body data as plain ``bytes``, ``END`` when a message is c
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, Protocol
 
 
 class _Sentinel:
@@ -195,6 +195,38 @@ def _has_close(value: bytes) -> bool:
     return any(token.strip().lower() == b"close" for token in value.split(b","))
 
 
+class EventReader(Protocol):
+    """What an ``Endpoint`` needs of the parser of the other side's messages (the one
+    implementation is ``MessageReader``; a test double or another parser fits the same seam).
+    """
+
+    keep_alive: bool
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Add received bytes; ``b""`` marks the end of input."""
+
+    def buffered(self) -> bool:
+        """Received bytes are waiting to be parsed."""
+
+    def trailing(self) -> bytes:
+        """Bytes received after the current message (for an upgraded connection)."""
+
+    def at_rest(self) -> bool:
+        """Nothing of the current message is left unread and nothing more has arrived."""
+
+    def expect_response(self, method: bytes, upgrade: bool = False) -> None:
+        """Ready to read the response to a ``method`` request."""
+
+    def start_next(self) -> None:
+        """Ready for the next message on the same connection."""
+
+    def reusable(self) -> bool:
+        """The message ended cleanly and the connection may carry another."""
+
+    def next_event(self) -> object:
+        """The next event, or ``NEED_DATA``; raises ``ParseError`` on malformed bytes."""
+
+
 class MessageReader:
     """Incremental parser of requests (``requests=True``) or responses from the local app.
 
@@ -222,13 +254,15 @@ class MessageReader:
         self._scanned = 0  # bytes of an incomplete head already searched for its end
 
     # -- input --------------------------------------------------------------------------------
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
+        """Add received bytes; ``b""`` marks the end of input."""
         if data:
             self._buf += data
         else:
             self._eof = True
 
     def buffered(self) -> bool:
+        """Received bytes are waiting to be parsed."""
         return bool(self._buf)
 
     def trailing(self) -> bytes:
@@ -255,11 +289,9 @@ class MessageReader:
         """The message ended cleanly and the connection may carry another."""
         return self._state == _DONE and self.keep_alive and not self._eof and not self._buf
 
-    def message_complete(self) -> bool:
-        return self._state == _DONE
-
     # -- events -------------------------------------------------------------------------------
     def next_event(self) -> object:
+        """The next event or ``NEED_DATA``; after a ``ParseError`` the reader stays failed."""
         try:
             return self._next_event()
         except ParseError:
@@ -453,11 +485,13 @@ def _field_lines(headers: Headers) -> bytes:
 
 
 def serialise_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
-    """A request head; the caller's headers carry the framing (see ``framing_for``)."""
+    """A request head; the caller's headers carry the framing (content-length or
+    transfer-encoding, set by ``sidecar.net.forward.forward``)."""
     return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _field_lines(headers))
 
 
 def serialise_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A response head; the headers carry the framing."""
     return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, _field_lines(headers))
 
 
@@ -475,6 +509,8 @@ class BodyWriter:
         self.remaining = length
 
     def frame(self, data: bytes) -> tuple[bytes, ...]:
+        """``data`` framed for the wire; raises ``ParseError`` past a declared length or for a
+        body-less message."""
         mode = self.mode
         if mode == OUT_CHUNKED:
             return (b"%x\r\n" % len(data), data, b"\r\n")
@@ -488,6 +524,8 @@ class BodyWriter:
         raise ParseError("unexpected_body", 502)
 
     def end(self) -> bytes:
+        """The bytes that end the body (the last chunk); raises ``ParseError`` if a declared length
+        was not reached."""
         if self.mode == OUT_CHUNKED:
             return b"0\r\n\r\n"
         if self.mode == OUT_LENGTH and self.remaining:

@@ -51,7 +51,6 @@ class Exchange:
     request_bytes: int = 0
     response_bytes: int = 0
     upgraded: bool = False
-    response_started: bool = False  # the response head went to the client
     reused: bool = False
     keep_alive: bool = False  # the client's connection may carry another request
 
@@ -146,7 +145,7 @@ async def forward(
     has_body, expect_continue = head.has_body, head.expect_continue
     upgrade = head.upgrade is not None
     keep_alive = client.reader.keep_alive
-    if upgrade:
+    if head.upgrade is not None:
         headers.append((b"upgrade", head.upgrade))
         headers.append((b"connection", b"upgrade"))
     if not has_body:
@@ -166,7 +165,7 @@ async def forward(
             # The caller's framing was chunked (hop-by-hop, stripped): re-frame as chunked.
             headers = headers + [(b"transfer-encoding", b"chunked")]
             body = BodyWriter(OUT_CHUNKED)
-    head = serialise_request_head(request.method, request.target, headers)
+    wire_head = serialise_request_head(request.method, request.target, headers)
     http11 = request.version == b"1.1"
     attempts = 1 if has_body else 2
     for attempt in range(attempts):
@@ -178,7 +177,7 @@ async def forward(
             raise UpstreamFailed(BadGateway("upstream_connect_failed", repr(exc)), ex) from exc
         try:
             ep.reader.expect_response(request.method, upgrade)
-            ep.queue(head)
+            ep.queue(wire_head)
             if has_body:
                 await _send_body(client, ep, body, limits, ex, expect_continue)
             else:
@@ -187,7 +186,7 @@ async def forward(
                                          http11, keep_alive and http11 and not close)
         except (PeerClosed, Timeout) as exc:
             await trio.aclose_forcefully(ep.stream)
-            if exc.side == "client" or ex.response_started:
+            if exc.side == "client" or client.sent_head:
                 raise
             if isinstance(exc, ProtocolViolation):
                 raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) \
@@ -252,7 +251,7 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                 [(n, v) for n, v in event.headers if n not in _UPGRADE_DROP]
                 + [(b"connection", b"upgrade")]))
             await client.flush(now() + limits.body_timeout)
-            ex.status, ex.upgraded, ex.response_started = 101, True, True
+            ex.status, ex.upgraded = 101, True
             client.sent_head = True
             up, down = await splice(client.stream, client.reader.trailing(), ep.stream,
                                     ep.reader.trailing(), limits.tcp_idle_timeout)
@@ -281,7 +280,7 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
         headers.append((b"connection", b"close"))
     ex.keep_alive = keep_alive
     client.queue(serialise_response_head(status, event.reason, headers))
-    ex.response_started = client.sent_head = True
+    client.sent_head = True
     try:
         while True:
             event = await ep.next_event(now() + limits.body_timeout, flush_first=client)

@@ -120,6 +120,7 @@ class Lifetimes:
         return len(self._live)
 
     def deadline(self) -> float:
+        """When a connection opened now reaches ``max_age`` (jittered), on Trio's clock."""
         return age_deadline(trio.current_time(), self.max_age, self.jitter)
 
     @contextlib.contextmanager
@@ -206,6 +207,7 @@ class Lifetimes:
                    on_close=on_close or (lambda conn, reason: None))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep the tracked connections every ``SWEEP_INTERVAL`` seconds."""
         task_status.started()
         while True:
             await trio.sleep(SWEEP_INTERVAL)

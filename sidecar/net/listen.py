@@ -42,33 +42,41 @@ class ConnectionTracker:
         self._all_closed.set()
 
     def enter(self) -> None:
+        """A connection opened on this listener."""
         self.open += 1
         if self.open == 1:
             self._all_closed = trio.Event()
 
     def leave(self) -> None:
+        """A connection closed; the last one wakes ``wait_closed``."""
         self.open -= 1
         if self.open == 0:
             self._all_closed.set()
 
     def idle_scope(self, deadline: float) -> trio.CancelScope:
+        """The cancel scope of one idle wait, cut short while draining."""
         if self.draining:
             deadline = min(deadline, trio.current_time() + IDLE_DRAIN_GRACE)
         return trio.CancelScope(deadline=deadline)
 
     def register_idle(self, scope: trio.CancelScope) -> None:
+        """An idle wait began (a drain may cut it)."""
         self._idle.add(scope)
 
     def unregister_idle(self, scope: trio.CancelScope) -> None:
+        """An idle wait ended."""
         self._idle.discard(scope)
 
     def start_drain(self) -> None:
+        """Draining: idle connections end within ``IDLE_DRAIN_GRACE``, busy ones after their
+        request."""
         self.draining = True
         cut = trio.current_time() + IDLE_DRAIN_GRACE
         for scope in list(self._idle):
             scope.deadline = min(scope.deadline, cut)
 
     async def wait_closed(self) -> None:
+        """Wait until no connection of this listener is open."""
         await self._all_closed.wait()
 
 
@@ -96,6 +104,7 @@ class SourceLimiter:
         return True
 
     def leave(self, source: str) -> None:
+        """A connection from ``source`` closed."""
         held = self._open.get(source, 0) - 1
         if held > 0:
             self._open[source] = held
@@ -141,6 +150,7 @@ async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> tr
 
 
 def listener_port(listener: trio.SocketListener) -> int:
+    """The port ``listener`` is bound to (the real one when 0 was asked for)."""
     return int(listener.socket.getsockname()[1])
 
 

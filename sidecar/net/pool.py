@@ -31,6 +31,8 @@ from sidecar.net.streams import Endpoint, looks_alive
 
 @dataclass
 class PoolStatistics:
+    """Counts of one upstream pool: idle connections now, opened, reused, closed as stale."""
+
     idle: int
     opened: int
     reused: int
@@ -110,9 +112,11 @@ class UpstreamPool:
         return len(gone)
 
     async def aclose(self) -> None:
+        """Close every idle connection."""
         idle, self._idle = self._idle, []
         for _, ep in idle:
             await trio.aclose_forcefully(ep.stream)
 
     def statistics(self) -> PoolStatistics:
+        """The pool's counts now."""
         return PoolStatistics(len(self._idle), self.opened, self.reused, self.closed_stale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -10,12 +11,15 @@ from sidecar.errors import RequestRefused, generic_body, reason_phrase
 from sidecar.http.wire import serialise_response_head
 from sidecar.net.streams import Endpoint, PeerClosed, Timeout, raw_socket
 
+if TYPE_CHECKING:
+    from sidecar.gate import Verdict
+
 REPLY_TIMEOUT = 5.0
 LINGER_SECONDS = 0.5
 
 
 async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
-                       verdict: object | None) -> None:
+                       verdict: Verdict | None) -> None:
     """Answer with a generic error and ``Connection: close`` if a response can still be sent."""
     if ep.sent_head:
         return  # the response already started: closing the connection is all that is left
@@ -28,9 +32,8 @@ async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
         (b"connection", b"close"),
         (b"cache-control", b"no-store"),
     ]
-    extra = getattr(verdict, "response_headers", None)
-    if extra:
-        headers.extend(extra)
+    if verdict is not None:
+        headers.extend(verdict.response_headers)
     ep.sent_head = True
     ep.queue(serialise_response_head(status, reason_phrase(status).encode(), headers) + body)
     try:

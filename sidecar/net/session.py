@@ -19,8 +19,6 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -33,7 +31,7 @@ from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.respond import send_refusal
 from sidecar.net.streams import Endpoint, PeerClosed, Timeout
-from sidecar.policy.decision import RequestFacts
+from sidecar.telemetry import RequestContext, Telemetry
 
 _ID_BATCH = 512
 _id_pool: list[str] = []
@@ -45,16 +43,6 @@ def new_request_id() -> str:
         raw = os.urandom(8 * _ID_BATCH).hex()
         _id_pool.extend(raw[i:i + 16] for i in range(0, len(raw), 16))
     return _id_pool.pop()
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What is known about the request in flight, for its one telemetry record."""
-
-    request_id: str
-    started: float
-    facts: RequestFacts | None = None
-    verdict: Any = None  # sidecar.gate.Verdict
 
 
 Handler = Callable[[RequestContext, Request, RequestHead], Awaitable[Exchange]]
@@ -74,7 +62,7 @@ def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
 
 
 async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: Limits,
-                       telemetry: Any, handle: Handler, source: str,
+                       telemetry: Telemetry, handle: Handler, source: str,
                        peer: str | None, conn: LiveConnection | None = None) -> None:
     """Serve requests on ``client`` until it closes, misbehaves, is refused, drains or is
     retired (``conn``)."""
@@ -102,7 +90,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     conn.idle = None
             if scope.cancelled_caught or (conn is not None and not conn.serve_more):
                 return
-        ctx = RequestContext(new_request_id(), time.time())
+        ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer)
         try:
             client.sent_head = False
             event = await client.next_event(now() + limits.header_timeout)
@@ -117,29 +105,24 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 # The connection was cut (retired past its grace, or the process stops):
                 # the request still leaves its one record.
                 if ctx.facts is not None:
-                    telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, 0, 0, 0,
-                                      ctx.started, error="connection_closed")
+                    telemetry.request(ctx, 0, error="connection_closed")
                 raise
-            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, ex.status,
-                              ex.request_bytes, ex.response_bytes, ctx.started)
+            telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes)
             if ex.upgraded:
                 return
         except RequestRefused as exc:
-            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, exc.status, 0, 0,
-                              ctx.started, error=exc.reason, source=source, peer=peer)
+            telemetry.request(ctx, exc.status, error=exc.reason)
             await send_refusal(client, exc, ctx.request_id, ctx.verdict)
             return
         except UpstreamFailed as exc:
-            telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, exc.refusal.status,
-                              exc.exchange.request_bytes, 0, ctx.started,
+            telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
                               error=exc.refusal.reason)
             await send_refusal(client, exc.refusal, ctx.request_id, None)
             return
         except (PeerClosed, Timeout) as exc:
             if ctx.facts is not None:  # forwarded, then broken off: still one record
                 status, error = broken_exchange(exc)
-                telemetry.request(ctx.request_id, ctx.facts, ctx.verdict, status, 0, 0,
-                                  ctx.started, error=error)
+                telemetry.request(ctx, status, error=error)
             elif isinstance(exc, Timeout) and exc.side == "client":
                 await send_refusal(client, RequestRefused("header_timeout", status=408),
                                    ctx.request_id, None)

@@ -14,12 +14,12 @@ import math
 import select
 import socket
 import ssl
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from sidecar.errors import BadRequest, HeadersTooLarge, RequestRefused
-from sidecar.http.wire import NEED_DATA, ParseError
+from sidecar.http.wire import NEED_DATA, EventReader, ParseError
 
 READ_SIZE = 65536
 FAST_OPS_PER_CHECKPOINT = 8
@@ -56,8 +56,10 @@ class Endpoint:
     """One HTTP/1.1 connection: a byte stream, a reader of the other side's messages, and a
     buffer of what we send.
 
-    ``reader`` is the strict ``sidecar.http.wire.MessageReader`` (requests or responses),
-    whichever side the bytes come from. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
+    ``reader`` (an ``EventReader``) is the strict ``sidecar.http.wire.MessageReader``
+    (requests or responses), whichever side the bytes come from. ``sent_head`` is the one
+    record of "a response head went to this client for the current request": a refusal
+    can then only close the connection, and an upstream failure is no longer a 502. Writes are coalesced: ``queue`` appends serialised bytes and ``flush``
     sends them in one call, so a response head, its body and its end usually leave in one
     TLS record and one syscall. ``next_event(..., flush_first=other)`` flushes the *other*
     endpoint before it blocks on a read, so streaming never stalls on a buffer.
@@ -66,7 +68,8 @@ class Endpoint:
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
                  "_try_receive", "_try_send", "_receive_wait", "sent_head")
 
-    def __init__(self, stream: trio.abc.Stream, reader: Any, side: str = "upstream") -> None:
+    def __init__(self, stream: trio.abc.Stream, reader: EventReader,
+                 side: str = "upstream") -> None:
         self.stream = stream
         self.reader = reader
         self.bytes_in = 0
@@ -75,12 +78,19 @@ class Endpoint:
         self.out: list[bytes] = []
         self.out_len = 0
         self.fast = 0
-        self._try_receive = getattr(stream, "try_receive", None)
-        self._try_send = getattr(stream, "try_send", None)
-        self._receive_wait = getattr(stream, "receive_wait", None) if self._try_receive else None
+        # The fast paths of sidecar.net.transport's streams (absent on other streams).
+        self._try_receive: Callable[[], bytes | None] | None = getattr(
+            stream, "try_receive", None)
+        self._try_send: Callable[[bytes], bytes | bytearray | memoryview] | None = getattr(
+            stream, "try_send", None)
+        self._receive_wait: Callable[[], Awaitable[bytes | bytearray]] | None = (
+            getattr(stream, "receive_wait", None) if self._try_receive else None)
         self.sent_head = False  # a response head went out for the current request
 
     async def next_event(self, deadline: float, flush_first: Endpoint | None = None) -> object:
+        """The reader's next event (a head, body bytes, ``END``, ``CLOSED``), reading by
+        ``deadline``; parse errors become ``BadRequest``/``HeadersTooLarge`` (client side)
+        or ``ProtocolViolation`` (upstream)."""
         reader = self.reader
         while True:
             try:
@@ -97,7 +107,7 @@ class Endpoint:
                 await flush_first.flush(deadline)
             reader.feed(await self.receive(deadline))
 
-    async def receive(self, deadline: float) -> bytes:
+    async def receive(self, deadline: float) -> bytes | bytearray:
         """The next bytes from the stream (b"" at EOF) by ``deadline``, else ``Timeout``;
         ``math.inf``: no bound of its own, the caller's cancel scope is the bound."""
         try_receive = self._try_receive
@@ -120,23 +130,26 @@ class Endpoint:
             if deadline == math.inf:
                 # The caller's own scope bounds this wait (the session's idle scope): a
                 # second cancel scope would cost as much as the read itself.
-                data = await (wait() if wait is not None else self.stream.receive_some(READ_SIZE))
+                got = await (wait() if wait is not None else self.stream.receive_some(READ_SIZE))
             else:
+                got = b""
                 with trio.move_on_at(deadline) as scope:
-                    data = await (wait() if wait is not None
-                                  else self.stream.receive_some(READ_SIZE))
+                    got = await (wait() if wait is not None
+                                 else self.stream.receive_some(READ_SIZE))
                 if scope.cancelled_caught:
                     raise Timeout("read", self.side)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
-        self.bytes_in += len(data)
-        return data
+        self.bytes_in += len(got)
+        return got
 
     def queue(self, data: bytes) -> None:
+        """Buffer serialised bytes for the next ``flush``."""
         self.out.append(data)
         self.out_len += len(data)
 
     async def flush(self, deadline: float) -> None:
+        """Send everything queued, in one write when possible, by ``deadline``."""
         out = self.out
         if not out:
             return
@@ -146,6 +159,7 @@ class Endpoint:
         await self.send_raw(data, deadline)
 
     async def send_raw(self, data: bytes, deadline: float) -> None:
+        """Send ``data`` now (the fast path when the socket takes it), by ``deadline``."""
         try_send = self._try_send
         if try_send is not None:
             try:
@@ -170,6 +184,7 @@ class Endpoint:
         self.bytes_out += len(data)
 
     async def aclose(self) -> None:
+        """Close the stream without raising."""
         await close_quietly(self.stream)
 
 
@@ -188,11 +203,12 @@ async def close_quietly(stream: trio.abc.AsyncResource) -> None:
 
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket under a (possibly TLS-wrapped) Trio stream."""
-    sock = getattr(stream, "socket", None)
+    sock: trio.socket.SocketType | None = getattr(stream, "socket", None)
     if sock is not None:
         return sock
     inner = getattr(stream, "transport_stream", stream)
-    return getattr(inner, "socket", None)
+    sock = getattr(inner, "socket", None)
+    return sock
 
 
 def looks_alive(stream: trio.abc.Stream) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Literal, overload
 
 import trio
 
@@ -65,7 +66,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Send what the socket takes now; return the wire bytes still to send."""
         try:
             sent = self._raw.send(data)
@@ -90,9 +91,11 @@ class SocketTransport(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
+        """Send what ``try_send`` left (a plain socket has nothing to retry: ``send_all``)."""
         await self.send_all(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next bytes (b"" at EOF); socket errors become ``trio.BrokenResourceError``."""
         if self._closed:
             raise trio.ClosedResourceError
         try:
@@ -101,6 +104,7 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``; socket errors become ``trio.BrokenResourceError``."""
         if self._closed:
             raise trio.ClosedResourceError
         try:
@@ -109,15 +113,18 @@ class SocketTransport(trio.abc.HalfCloseableStream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket is writable."""
         await self.socket.wait_writable()
 
     async def send_eof(self) -> None:
+        """Half-close: shut down the sending side."""
         try:
             self.socket.shutdown(trio.socket.SHUT_WR)
         except OSError:
             pass
 
     async def aclose(self) -> None:
+        """Close the socket (no wait)."""
         self._closed = True
         self.socket.close()
         await trio.lowlevel.checkpoint()
@@ -151,6 +158,8 @@ class TlsTransport(trio.abc.Stream):
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
+        """The TLS handshake, waiting on the socket as OpenSSL asks; failures raise
+        ``trio.BrokenResourceError`` from the ``ssl.SSLError``."""
         s = self._ssl
         while True:
             try:
@@ -163,7 +172,13 @@ class TlsTransport(trio.abc.Stream):
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
+    @overload
+    def getpeercert(self, binary_form: Literal[True]) -> bytes | None: ...
+    @overload
+    def getpeercert(self, binary_form: Literal[False] = False) -> object: ...
+
     def getpeercert(self, binary_form: bool = False) -> object:
+        """The peer's leaf certificate (DER with ``binary_form=True``), as ``ssl`` gives it."""
         return self._ssl.getpeercert(binary_form)
 
     def peer_chain_der(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -182,9 +197,11 @@ class TlsTransport(trio.abc.Stream):
         return out[0], out[1]
 
     def selected_alpn_protocol(self) -> str | None:
+        """The ALPN protocol agreed in the handshake, if any."""
         return self._ssl.selected_alpn_protocol()
 
     def version(self) -> str | None:
+        """The TLS version agreed in the handshake (e.g. ``TLSv1.3``)."""
         return self._ssl.version()
 
     def pending(self) -> int:
@@ -224,6 +241,7 @@ class TlsTransport(trio.abc.Stream):
                 return data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next decrypted bytes (b"" at EOF)."""
         if self._closed:
             raise trio.ClosedResourceError
         data = self.try_receive()
@@ -231,7 +249,7 @@ class TlsTransport(trio.abc.Stream):
             data = await self.receive_wait()
         return data
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    def try_send(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Send ``data`` if the socket takes all of it now; else return what is left to send
         with ``send_wire`` (OpenSSL wants a write it could not finish retried with the same
         bytes, so that is ``data`` itself)."""
@@ -248,6 +266,7 @@ class TlsTransport(trio.abc.Stream):
         return memoryview(data)[sent:] if sent < len(data) else b""
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``, or what ``try_send`` left of it, one writer at a time."""
         async with self._send_lock:
             await self._send_locked(data)
 
@@ -270,9 +289,11 @@ class TlsTransport(trio.abc.Stream):
             view = view[sent:]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data`` (as ``send_wire``)."""
         await self.send_wire(data)
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket is writable."""
         await trio.lowlevel.wait_writable(self._ssl)
 
     async def send_eof(self) -> None:
