@@ -155,6 +155,7 @@ class BurstDetector:
 
     @property
     def rules(self) -> tuple[AlertRule, ...]:
+        """The alert rules in force (the policy's ``alerts``), as last installed by ``update``."""
         return self._rules
 
     def update(self, rules: tuple[AlertRule, ...]) -> None:

@@ -174,6 +174,9 @@ def build_parser(*, run_only: bool = False, policy_only: bool = False) -> argpar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``sidecar`` command: parse ``argv`` (default: the process arguments), run the
+    subcommand and return its exit status. Ctrl-C gives 130; a reader that went away
+    (``... | head``) gives 0, quietly, since what it read was written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(run_only=argv[:1] == ["run"], policy_only=argv[:1] == ["policy"])
     args = parser.parse_args(argv)

@@ -28,12 +28,17 @@ from sidecar.policy.loader import load_policy_set, policy_label
 
 @dataclass(frozen=True)
 class ReplayChange:
+    """One recorded request whose outcome changes under the new policy: the record, its
+    recorded outcome (``before``), the new decision, and ``uncertain`` when the change hangs on
+    token claims the audit trail does not record (so it may not really happen)."""
+
     record: AuditRecord
     before: str
     after: Decision
     uncertain: bool
 
     def as_dict(self) -> dict[str, object]:
+        """The change as a JSON-ready mapping, one entry of the report's ``changed`` list."""
         r = self.record
         return {
             "time": r.time, "request_id": r.request_id, "peer": r.peer, "method": r.method,
@@ -44,6 +49,8 @@ class ReplayChange:
 
 
 def outcome(decision: Decision) -> str:
+    """A decision as the audit trail records it: ``allow``, ``deny``, or ``dry-run`` for a deny
+    that dry-run let through, so that recorded and replayed outcomes compare as equals."""
     if decision.dry_run and decision.would == "deny":
         return "dry-run"
     return decision.action
@@ -89,6 +96,10 @@ def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[Aud
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """``sidecar policy replay``: load the new policy, re-decide the trail's inbound requests and
+    report what changes. Exit 0 when nothing changes, 1 when something does, 2 for an invalid
+    policy, an unreadable trail or data key, or a damaged segment (then "no change" could not be
+    claimed)."""
     try:
         policy = load_policy_set(args.policy)
     except ConfigError as exc:
@@ -140,6 +151,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_replay_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the ``replay`` subcommand (arguments and handler) under ``sidecar policy``."""
     p = subparsers.add_parser(
         "replay", help="re-decide recorded requests under a new policy; list what changes")
     p.add_argument("policy", nargs="+",

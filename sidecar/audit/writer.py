@@ -532,6 +532,10 @@ class AuditWriter:
             self.rejected += 1
 
     def statistics(self) -> AuditWriterStatistics:
+        """A snapshot of the writer's state for metrics and ``/status``: queue depth (queued plus
+        in flight) and size, records written, lost and rejected, failures, health, the current
+        segment and sequence number, the last error and checkpoint, and the shipper's counters when
+        shipping is configured."""
         head = self._sink.head
         return AuditWriterStatistics(
             queue_depth=self._send.statistics().current_buffer_used + self._inflight,

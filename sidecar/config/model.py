@@ -20,6 +20,10 @@ Protocol = Literal["http", "tcp"]
 
 @dataclass(frozen=True)
 class IdentityConfig:
+    """``identity``: the sidecar's own SVID (cert and key files), its trust domain's bundle,
+    how often the files are checked for rotation, and the federated trust domains' bundles.
+    File paths are absolute (resolved against the config file's directory)."""
+
     cert: str
     key: str
     bundle: str  # the bundle of the sidecar's own trust domain (the one in its SVID)
@@ -57,6 +61,9 @@ class Limits:
 
     @property
     def connection_age_jitter(self) -> float:
+        """The effective jitter in seconds: a tenth of ``max_connection_age`` when not configured,
+        otherwise the configured value capped at ``max_connection_age`` (a retirement age never goes
+        below zero)."""
         if self.max_connection_age_jitter is None:
             return self.max_connection_age / 10
         return min(self.max_connection_age_jitter, self.max_connection_age)
@@ -64,6 +71,10 @@ class Limits:
 
 @dataclass(frozen=True)
 class InboundConfig:
+    """``inbound``: the mTLS listener callers reach and the local app it forwards to.
+    ``allow_from`` (SPIFFE IDs) is the fallback access list, consulted only when no policy file
+    is configured; with a policy it is ignored."""
+
     listen: tuple[str, int]
     app: tuple[str, int]
     protocol: Protocol = "http"
@@ -72,6 +83,10 @@ class InboundConfig:
 
 @dataclass(frozen=True)
 class OutboundConfig:
+    """One ``outbound`` entry: a plaintext listener for the local app, forwarded over mTLS to
+    ``upstream``, which must present the SPIFFE ID ``identity``. ``name`` is unique (default
+    ``outbound-N``) and names the listener in logs, metrics and the audit trail."""
+
     name: str
     listen: tuple[str, int]
     upstream: tuple[str, int]
@@ -81,6 +96,10 @@ class OutboundConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
+    """``admin``: the admin server (default ``127.0.0.1:15000``; an empty ``listen`` turns it
+    off) and the optional separate health server for probes (off unless ``health_listen`` is
+    set), with a per-source connection cap applied to each."""
+
     listen: tuple[str, int] | None = ("127.0.0.1", 15000)
     health_listen: tuple[str, int] | None = None
     max_connections_per_source: int = 32  # admin and health servers, each
@@ -96,6 +115,10 @@ class HeaderConfig:
 
 @dataclass(frozen=True)
 class SidecarConfig:
+    """The whole validated config file: what ``load_config_file`` returns and reload swaps in.
+    ``source`` is the file it came from; ``raw`` keeps the top-level plain values (not compared,
+    not shown by ``repr``); ``redacted`` is what may be shown."""
+
     source: str
     identity: IdentityConfig
     inbound: InboundConfig | None
@@ -157,6 +180,8 @@ def _trust_domains(r: Reader, value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def build_config(raw: Any, src: Source) -> SidecarConfig:
+    """Validate parsed values into a ``SidecarConfig``; every problem is collected and raised
+    as one ``ConfigError`` naming file, line and key (nothing half-built is returned)."""
     base = os.path.dirname(os.path.abspath(src.filename))
     r = Reader(src, base)
     top = r.fields(raw, (), _TOP)
@@ -333,11 +358,15 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
 
 def load_config(text: str | bytes, filename: str) -> SidecarConfig:
+    """Parse and validate config text; ``filename`` names it in errors and anchors relative
+    paths."""
     raw, src = parse_yaml(text, filename)
     return build_config(raw, src)
 
 
 def load_config_file(path: str) -> SidecarConfig:
+    """Read (size-capped), parse and validate a config file; an unreadable or invalid file is a
+    ``ConfigError`` naming it."""
     raw, src = read_yaml_file(path)
     return build_config(raw, src)
 

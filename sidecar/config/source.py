@@ -46,6 +46,8 @@ _SLOW = object()  # "not a plain string: build it the long way"
 
 
 def format_path(path: Path) -> str:
+    """A key path as people write it: ``("outbound", 0, "listen")`` -> ``outbound[0].listen``
+    (``""`` for the document root)."""
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -66,6 +68,8 @@ class Source:
         self.skipped: dict[Path, dict[str, int]] = {}
 
     def line(self, path: Path) -> int | None:
+        """The line of ``path``, or of its nearest ancestor that has one (a missing key is reported
+        at its parent's line); None when not even the root has a line."""
         # Walk up to the nearest ancestor that has a line (e.g. a missing key's parent).
         p = tuple(path)
         while True:
@@ -76,9 +80,12 @@ class Source:
             p = p[:-1]
 
     def problem(self, path: Path, message: str) -> None:
+        """Record a problem at ``path`` (file, line, dotted key); nothing is raised until
+        ``raise_if_problems``, so one run reports every mistake in the file."""
         self.problems.append(Problem(self.filename, self.line(path), format_path(path), message))
 
     def raise_if_problems(self) -> None:
+        """Raise one ``ConfigError`` listing every recorded problem; do nothing if there is none."""
         if self.problems:
             raise ConfigError(self.problems)
 
@@ -331,6 +338,7 @@ class Reader:
                          else os.path.dirname(os.path.abspath(src.filename)))
 
     def problem(self, path: Path, message: str) -> None:
+        """Record a problem at ``path`` in the underlying ``Source`` (file, line, key)."""
         self.src.problem(path, message)
 
     def mapping(self, value: Any, path: Path, known: Collection[str] | None,
@@ -351,6 +359,8 @@ class Reader:
         return self.mapping(value, path, known) or {}
 
     def required(self, m: Mapping[str, Any], key: str, path: Path) -> Any:
+        """``m[key]``, or None after reporting "is required" at ``path.key`` when the key is absent
+        or null (an explicit null counts as missing)."""
         if key not in m or m[key] is None:
             self.problem(path + (key,), "is required")
             return None
@@ -389,6 +399,8 @@ class Reader:
         return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
 
     def address(self, value: Any, path: Path) -> tuple[str, int] | None:
+        """A ``HOST:PORT`` / ``[IPV6]:PORT`` string -> ``(host, port)``; None if malformed
+        (reported)."""
         try:
             return parse_address(value)
         except ValueError as exc:
@@ -396,6 +408,9 @@ class Reader:
             return None
 
     def choice(self, value: Any, path: Path, choices: tuple[str, ...], default: str) -> str:
+        """One of ``choices``; an absent value (None) silently gives ``default``, an invalid one is
+        reported and also gives ``default`` (the caller never sees None; the problem still fails the
+        load)."""
         if value is None:
             return default
         if value not in choices:
@@ -404,12 +419,16 @@ class Reader:
         return str(value)
 
     def boolean(self, value: Any, path: Path) -> bool | None:
+        """A YAML boolean; a string or a number (``"true"`` quoted, ``0``, ``1``) is reported and
+        gives None."""
         if not isinstance(value, bool):
             self.problem(path, "expected true or false")
             return None
         return value
 
     def duration(self, value: Any, path: Path) -> float | None:
+        """A duration (``30``, ``"250ms"``, ``"5m"``...) -> finite seconds >= 0; None if invalid
+        (reported)."""
         try:
             return parse_duration(value)
         except ValueError as exc:
@@ -417,6 +436,7 @@ class Reader:
             return None
 
     def timestamp(self, value: Any, path: Path) -> float | None:
+        """An RFC 3339 timestamp with a time zone -> unix time; None if invalid (reported)."""
         try:
             return parse_timestamp(value)
         except ValueError as exc:
@@ -424,12 +444,16 @@ class Reader:
             return None
 
     def integer(self, value: Any, path: Path, lo: int, hi: int) -> int | None:
+        """A whole number from ``lo`` to ``hi`` inclusive; booleans are not numbers here (YAML's
+        ``true`` would otherwise pass as 1). None if invalid (reported)."""
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             self.problem(path, f"expected a whole number from {lo} to {hi}")
             return None
         return value
 
     def positive_int(self, value: Any, path: Path) -> int | None:
+        """A whole number >= 1 with no upper bound (booleans refused); None if invalid
+        (reported)."""
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             self.problem(path, "expected a whole number >= 1")
             return None

@@ -89,5 +89,7 @@ def parse_address(value: object) -> tuple[str, int]:
 
 
 def format_address(addr: tuple[str, int]) -> str:
+    """``(host, port)`` -> ``host:port``, with an IPv6 host in brackets (``[::1]:8080``): the
+    inverse of ``parse_address``."""
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -104,6 +104,7 @@ class WebhookStats:
             ("result",))
 
     def render(self) -> bytes:
+        """The webhook's counters in Prometheus text format, the body of ``GET /metrics``."""
         return self.registry.render()
 
 

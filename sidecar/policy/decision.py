@@ -92,4 +92,6 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
+        """True when the data path lets the request through, including a dry-run deny (``action``
+        is ``allow`` then; ``would`` says ``deny``)."""
         return self.action == "allow"

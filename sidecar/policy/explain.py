@@ -48,6 +48,8 @@ class Explanation:
 
     @property
     def allowed(self) -> bool:
+        """True when a decision was reached and it lets the request through; False for a target
+        refused before policy (no decision)."""
         return self.decision is not None and self.decision.allowed
 
     def render(self) -> str:

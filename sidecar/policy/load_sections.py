@@ -53,6 +53,8 @@ _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def read_name(r: Reader, value: Any, path: P) -> str | None:
+    """A name of a provider, rule, API key, rate limit or alert: letters, digits, ``._:-``,
+    starting with a letter or digit, at most 128 characters; None if invalid (reported)."""
     s = r.string(value, path)
     if s is not None and not NAME.match(s):
         r.problem(path, "names use letters, digits, '.', '_', ':', '-' (at most 128)")
@@ -61,6 +63,10 @@ def read_name(r: Reader, value: Any, path: P) -> str | None:
 
 
 def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> JwtProvider | None:
+    """One ``jwt_providers.NAME`` entry -> ``JwtProvider``, or None if it has any problem
+    (each reported; a half-valid provider is never returned). Exactly one key source
+    (``jwks_file``, ``jwks_uri``, ``discovery``, ``introspection``); ``none`` and HMAC
+    algorithms are refused; ``jwks_file`` is resolved against ``base_dir``, never opened."""
     m = r.mapping(value, path, PROVIDER_KEYS)
     if m is None:
         return None
@@ -297,6 +303,8 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
 
 
 def parse_revocations(r: Reader, value: Any, path: P) -> tuple[Revocation, ...]:
+    """``revocations`` -> the valid entries, each revoking a token ``jti`` and/or every token
+    of a ``sub``, optionally ``until`` a time; invalid entries are reported and left out."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -317,6 +325,9 @@ def parse_revocations(r: Reader, value: Any, path: P) -> tuple[Revocation, ...]:
 
 
 def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
+    """``api_keys`` -> the valid keys. Only the key's SHA-256 is held (64 hex digits,
+    lower-cased), never the key itself; a name defined twice in the file is an error and the
+    second entry is dropped."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -343,6 +354,9 @@ def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
 
 
 def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
+    """``rate_limits`` -> the valid token-bucket limits: ``rate`` as requests per second or
+    ``N/s``, ``N/m``, ``N/h``; ``burst`` defaults to the rate per second rounded up (at least 1);
+    counted ``per`` peer, apikey or subject, optionally only for some ``services``."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
@@ -381,6 +395,10 @@ def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
 
 
 def parse_alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
+    """``alerts`` -> the valid burst-alert rules (``threshold`` denials within ``window``,
+    grouped ``by`` peer, address, subject or issuer). Deliberately asymmetric: only ``peer`` and
+    ``address`` alerts may ``block``, because a token subject or issuer is chosen by the caller
+    and blocking by it would let anyone lock real users out."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()

@@ -44,6 +44,7 @@ class Policy:
 
     @property
     def short_version(self) -> str:
+        """The first 12 hex characters of ``version``, as shown in logs, status and CLI output."""
         return self.version[:12]
 
     def section(self, identity: str) -> Section | None:
@@ -55,6 +56,8 @@ class Policy:
         return self.sections.get(identity)
 
     def rule_count(self) -> int:
+        """The number of rules in the sections held: every section for a whole-mesh load, only
+        the sidecar's own section when loaded for one identity (``only``)."""
         return sum(len(s.rules) for s in self.services.values())
 
 

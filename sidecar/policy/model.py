@@ -29,6 +29,7 @@ class ClaimCondition:
     values: tuple[Any, ...]
 
     def describe(self) -> str:
+        """The test as written in the policy (``scope contains 'read'``), for explain trails."""
         if self.op == "one_of":
             return f"{self.claim} one_of {list(self.values)!r}"
         return f"{self.claim} {self.op} {self.values[0]!r}"
@@ -79,6 +80,8 @@ class Rule:
     index: int = 0  # position in the section, for "first rule in file order" reporting
 
     def expired(self, now: float) -> bool:
+        """True from ``expires_at`` on (inclusive): an expired rule is inert, it neither allows nor
+        denies. A rule without ``expires_at`` never expires."""
         return self.expires_at is not None and now >= self.expires_at
 
 
@@ -110,4 +113,6 @@ class ServicePolicy:
 
     @property
     def paths_fold_case(self) -> bool:
+        """True when the section says ``path_case: insensitive``; when it says nothing, paths
+        match case-sensitively."""
         return self.path_case == "insensitive"

@@ -82,6 +82,9 @@ class PolicyFile:
         return self
 
     def where(self, path: P) -> str:
+        """``file:line`` of a key path in this file (the nearest ancestor's line if the key has
+        none), or just the file name when no line is known; says where a clashing name is
+        defined."""
         line = self.r.src.line(path)
         return f"{self.filename}:{line}" if line else self.filename
 
