@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -74,10 +75,23 @@ def _cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
+def _add_policy_parsers(sub: Any) -> None:
+    p = sub.add_parser("policy", help="check, lint, explain and replay mesh policies")
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    from sidecar.policy.cli import add_policy_parsers
+
+    add_policy_parsers(policy_sub)
+    from sidecar.replay import add_replay_parser
+
+    add_replay_parser(policy_sub)
+
+
+def build_parser(*, run_only: bool = False, policy_only: bool = False) -> argparse.ArgumentParser:
     """The ``sidecar`` parser; with ``run_only`` just ``sidecar run``, so that a running
     sidecar never imports the modules of the other commands (the CA, policy, audit, replay
-    and Kubernetes tools)."""
+    and Kubernetes tools); with ``policy_only`` just ``sidecar policy ...``, so that checking
+    a mesh policy does not import Trio, the audit tools and the CA (about a third of
+    ``policy check``'s time at 10,000 services, issue 17)."""
     from sidecar import __version__
 
     parser = argparse.ArgumentParser(
@@ -99,6 +113,9 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     if run_only:
         return parser
+    if policy_only:
+        _add_policy_parsers(sub)
+        return parser
 
     p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
     p.add_argument("--serve", action="store_true",
@@ -119,14 +136,7 @@ def build_parser(*, run_only: bool = False) -> argparse.ArgumentParser:
     add_ca_parsers(sub)
     add_cert_parsers(sub)
 
-    p = sub.add_parser("policy", help="check, lint, explain and replay mesh policies")
-    policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
-    from sidecar.policy.cli import add_policy_parsers
-
-    add_policy_parsers(policy_sub)
-    from sidecar.replay import add_replay_parser
-
-    add_replay_parser(policy_sub)
+    _add_policy_parsers(sub)
 
     p = sub.add_parser("audit", help="verify, export and follow the audit trail")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
@@ -168,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subcommand and return its exit status. Ctrl-C gives 130; a reader that went away
     (``... | head``) gives 0, quietly, since what it read was written."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(run_only=argv[:1] == ["run"])
+    parser = build_parser(run_only=argv[:1] == ["run"], policy_only=argv[:1] == ["policy"])
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -182,9 +182,7 @@ def test_rate_and_alert_values() -> None:
     assert policy.extras.alerts[0].window_seconds == 90.0
 
 
-@pytest.mark.parametrize(
-    ("cond", "message"),
-    [
+CONDITION_ERRORS = [
         ("{from: [spiffe://*/ns/a]}", "trust domain"),
         ("{from: [https://t.local/a]}", "SPIFFE"),
         ("{from: [spiffe://t.local/ns/a/sa/**]}", "whole segment"),
@@ -203,14 +201,36 @@ def test_rate_and_alert_values() -> None:
         ("{jwt: {provider: corp, claims: {a: {one_of: []}}}}", "non-empty list"),
         ("{jwt: {provider: corp, claims: {a: {equals: 1, one_of: [1]}}}}", "exactly one"),
         ("{namespaces: ['a/b']}", "namespace"),
-    ],
-)
+]
+
+
+@pytest.mark.parametrize(("cond", "message"), CONDITION_ERRORS)
 def test_condition_errors(cond: str, message: str) -> None:
     text = (HEAD + "jwt_providers:\n  corp: {issuer: i, audiences: [a], algorithms: [ES256], "
             "jwks_file: k.json}\nservices:\n  spiffe://t.local/a:\n    rules:\n"
             f"      - name: r\n        allow: {cond}\n")
     found = problems(text)
     assert any(message in m for _, _, m in found), found
+
+
+@pytest.mark.parametrize(("cond", "message"), CONDITION_ERRORS)
+def test_repeated_condition_blocks_each_report(cond: str, message: str) -> None:
+    # The loader memoises condition blocks that validated cleanly (issue 17: the same block
+    # repeats in thousands of sections). A bad block repeated in several sections, after
+    # good blocks that were memoised, is still reported once per section, at its own line
+    # and key.
+    text = (HEAD + "jwt_providers:\n  corp: {issuer: i, audiences: [a], algorithms: [ES256], "
+            "jwks_file: k.json}\nservices:\n")
+    sections = [f"spiffe://t.local/s{i}" for i in range(3)]
+    for sid in sections:
+        text += (f"  {sid}:\n    rules:\n"
+                 "      - name: ok\n        deny: {paths: [/admin/**], methods: [POST]}\n"
+                 f"      - name: r\n        allow: {cond}\n")
+    found = problems(text)
+    hits = {(line, key) for line, key, m in found if message in m}
+    for n, sid in enumerate(sections):
+        assert any(line == 11 + 6 * n and key.startswith(f"services.{sid}.rules[1].allow")
+                   for line, key in hits), (sid, found)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from sidecar.errors import BadRequest
 from sidecar.policy.decision import NO_AUTH, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy
-from sidecar.policy.paths import normalise_target, path_segments
+from sidecar.policy.paths import normalise_path_pattern, normalise_target, path_segments
 
 
 @pytest.mark.parametrize(
@@ -179,6 +179,38 @@ def test_unreserved_escapes_equal_raw(seg: str) -> None:
     if seg in (".", ".."):
         return
     assert normalise_target(b"/" + encoded) == normalise_target(b"/" + seg.encode())
+
+
+_PATTERN_SEGMENTS = ["a", "Z9", "a.b", "a.", ".a", ".", "..", "*", "**", "x*", "", "-_~",
+                     "%2e", "%41", "%2F", "a b", "\u00e9", ";", "(", "A%"]
+
+
+@settings(max_examples=400)
+@given(st.lists(st.sampled_from(_PATTERN_SEGMENTS), max_size=5), st.booleans())
+def test_path_pattern_fast_path_agrees_with_the_full_normalisation(
+    segments: list[str], trailing: bool
+) -> None:
+    # normalise_path_pattern returns plain patterns (unreserved characters and wildcard
+    # segments only) without running normalise_target (issue 17); the full route must give
+    # the same pattern, or the same refusal.
+    from urllib.parse import quote
+
+    pattern = "/" + "/".join(segments) + ("/" if trailing and segments else "")
+    try:
+        fast: str | None = normalise_path_pattern(pattern)
+    except ValueError:
+        fast = None
+    parts = pattern.split("/")[1:]
+    wildcards_ok = all(
+        ("*" not in s or s in ("*", "**")) and (s != "**" or i == len(parts) - 1)
+        for i, s in enumerate(parts)
+    )
+    try:
+        raw = quote(pattern, safe="".join(chr(c) for c in range(0x21, 0x7F))).encode("ascii")
+        full: str | None = normalise_target(raw, allow_non_ascii=True)[0] if wildcards_ok else None
+    except BadRequest:
+        full = None
+    assert fast == full, pattern
 
 
 def test_escape_hidden_behind_a_decoded_unreserved_char_is_double_encoding():

@@ -130,14 +130,39 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
     return tuple(out)
 
 
+# Conditions memo (one per load): the same condition block -- `deny: {paths: [/admin/**]}` --
+# appears in thousands of sections of a mesh policy. Only blocks of plain strings and lists
+# of plain strings are keyed (exact types: `true` and `1` must never share a key), and only
+# blocks that validated without a problem are stored, so a hit stands for a block that would
+# have reported nothing: every problem is still reported at its own file, line and key.
+ConditionsMemo = dict[tuple[tuple[str, str | tuple[str, ...]], ...], Conditions]
+MAX_CONDITIONS_MEMO = 4096
+
+
+def _memo_key(m: dict[str, Any]) -> tuple[tuple[str, str | tuple[str, ...]], ...] | None:
+    key: list[tuple[str, str | tuple[str, ...]]] = []
+    for k, v in m.items():
+        if type(v) is str:
+            key.append((k, v))
+        elif type(v) is list and all(type(x) is str for x in v):
+            key.append((k, tuple(v)))
+        else:
+            return None
+    return tuple(key)
+
+
 def _conditions(
-    r: Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str]
+    r: Reader, value: Any, path: P, providers: Mapping[str, JwtProvider], keys: set[str],
+    memo: ConditionsMemo | None = None,
 ) -> Conditions | None:
     if value is None:
         return Conditions()  # `allow:` with nothing under it: no conditions (lint warns)
     m = r.mapping(value, path, CONDITION_KEYS)
     if m is None:
         return None
+    mkey = _memo_key(m) if memo is not None else None
+    if mkey is not None and memo is not None and (hit := memo.get(mkey)) is not None:
+        return hit
     before = len(r.src.problems)
     kw: dict[str, Any] = {}
     if "from" in m:
@@ -212,12 +237,17 @@ def _conditions(
             r.problem(ap, "expected true (any valid key) or a list of key names")
     if len(r.src.problems) != before:
         return None
-    return Conditions(**kw)
+    conditions = Conditions(**kw)
+    if mkey is not None and memo is not None:
+        if len(memo) >= MAX_CONDITIONS_MEMO:
+            memo.clear()
+        memo[mkey] = conditions
+    return conditions
 
 
 def _rule(
     r: Reader, value: Any, path: P, index: int, providers: Mapping[str, JwtProvider],
-    keys: set[str],
+    keys: set[str], memo: ConditionsMemo | None = None,
 ) -> Rule | None:
     m = r.mapping(value, path, RULE_KEYS)
     if m is None:
@@ -228,7 +258,7 @@ def _rule(
         r.problem(path, "a rule has exactly one of allow or deny")
         return None
     effect: Literal["allow", "deny"] = "allow" if effects[0] == "allow" else "deny"
-    when = _conditions(r, m[effect], path + (effect,), providers, keys)
+    when = _conditions(r, m[effect], path + (effect,), providers, keys, memo)
     if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
         # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
         when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
@@ -248,7 +278,7 @@ def _rule(
 
 def _service(
     r: Reader, identity: str, value: Any, path: P, providers: Mapping[str, JwtProvider],
-    keys: set[str], file: str = "",
+    keys: set[str], file: str = "", memo: ConditionsMemo | None = None,
 ) -> ServicePolicy | None:
     why = spiffe_problem(identity, wildcards=False)
     if why:
@@ -263,7 +293,7 @@ def _service(
         r.problem(path + ("rules",), "expected a list of rules")
         raw_rules = []
     for i, raw in enumerate(raw_rules):
-        rule = _rule(r, raw, path + ("rules", i), len(rules), providers, keys)
+        rule = _rule(r, raw, path + ("rules", i), len(rules), providers, keys, memo)
         if rule is None:
             continue
         if rule.name in names:
@@ -400,9 +430,10 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     if "services" not in merged:
         first.r.problem(("services",), "missing key: services (a mapping of SPIFFE ID -> "
                         "section)")
+    memo: ConditionsMemo = {}
     for identity, spec in merged.get("services", {}).items():
         doc, path = origin[f"services.{identity}"]
-        svc = _service(doc.r, identity, spec, path, providers, key_names, doc.filename)
+        svc = _service(doc.r, identity, spec, path, providers, key_names, doc.filename, memo)
         if svc is not None:
             services[identity] = svc
 

@@ -182,6 +182,7 @@ def _windows_name(segment: str) -> str:
 
 
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+_PLAIN_PATTERN = re.compile(r"(?:/(?:[A-Za-z0-9_~-][A-Za-z0-9._~-]*|\*\*?))*/?")
 
 
 @functools.lru_cache(maxsize=8192)  # patterns like /admin/** repeat in every section
@@ -197,6 +198,10 @@ def normalise_path_pattern(pattern: str) -> str:
             raise ValueError("'*' and '**' must be whole segments (no regular expressions)")
         if seg == "**" and i != len(segments) - 1:
             raise ValueError("'**' is only allowed as the last segment")
+    if len(pattern) <= MAX_TARGET_BYTES and _PLAIN_PATTERN.fullmatch(pattern):
+        # Unreserved characters and wildcard segments only, no empty or dot segment (each
+        # segment starts with a non-dot): normalise_target would return it unchanged.
+        return pattern
     from urllib.parse import quote
 
     raw = quote(pattern, safe=_PATH_SAFE).encode("ascii")
