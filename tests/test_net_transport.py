@@ -109,3 +109,28 @@ def test_plain_transport_fast_paths():
         await right.aclose()
 
     trio.run(main)
+
+
+def test_peer_chain_shares_equal_certificates(contexts):
+    """The chain a connection keeps for trust rechecks holds each certificate once: the leaf
+    is the caller's ``getpeercert(True)`` object in both chains, and the root is one object
+    across connections (memory of idle connections, issue 15)."""
+    async def main():
+        chains = []
+        streams = []
+        for _ in range(2):
+            server, client = await _pair(contexts)
+            streams += [server, client]
+            leaf = server.getpeercert(binary_form=True)
+            verified, sent = server.peer_chain_der(leaf)
+            assert len(verified) == 2 and sent
+            assert verified[0] == leaf and verified[0] is leaf and sent[0] is leaf
+            # equal to what the same call gives without sharing: only identity changed
+            assert (verified, sent) == server.peer_chain_der()
+            chains.append(verified)
+        assert chains[0][-1] is chains[1][-1]  # the root, shared
+        assert chains[0][0] is not chains[1][0]  # two leaves stay two
+        for s in streams:
+            await s.aclose()
+
+    trio.run(main)
