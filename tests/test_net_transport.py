@@ -134,3 +134,24 @@ def test_peer_chain_shares_equal_certificates(contexts):
             await s.aclose()
 
     trio.run(main)
+
+
+def test_write_lock_made_on_demand_still_orders_writers(contexts):
+    """An idle connection carries no write lock (memory, issue 15); two writers that both
+    have to wait still get their records out one after the other, never interleaved."""
+    async def main():
+        server, client = await _pair(contexts)
+        assert server._send_lock is None and client._send_lock is None
+        assert not client.try_send(b"x")  # a write that completes at once needs no lock
+        assert client._send_lock is None
+        assert await _read_exactly(server, 1) == b"x"
+        one, two = b"1" * (1 << 21), b"2" * (1 << 21)  # more than the socket buffers hold
+        async with trio.open_nursery() as n:
+            n.start_soon(client.send_all, one)
+            n.start_soon(client.send_all, two)
+            got = await _read_exactly(server, len(one) + len(two))
+        assert got in (one + two, two + one)
+        for s in (server, client):
+            await s.aclose()
+
+    trio.run(main)
