@@ -60,11 +60,22 @@ def _raise_fd_limit(needed: int) -> None:
 
 
 def _closed_by_peer(held: list[socket.socket]) -> int:
-    """How many of ``held`` the proxy has closed (readable with nothing sent: EOF or reset)."""
+    """How many of ``held`` the proxy has closed: readable, and a peek finds EOF or an error
+    (a socket readable with bytes waiting -- a TLS session ticket -- is still open)."""
     poller = select.poll()
     for s in held:
         poller.register(s.fileno(), select.POLLIN)
-    return len(poller.poll(0))
+    closed = 0
+    for fd, _ in poller.poll(0):
+        # A duplicate of the descriptor, so that the peek bypasses the TLS layer.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            try:
+                closed += dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+    return closed
 
 
 def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
