@@ -116,7 +116,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 return  # the client closed the connection, or went away
             head = check_head(event.method, event.target, event.headers,
                               max_headers=limits.max_headers, max_body=limits.max_body_bytes,
-                              http_version=event.version)
+                              http_version=event.version, values_checked=True)
             try:
                 ex = await handle(ctx, event, head)
             except trio.Cancelled:
