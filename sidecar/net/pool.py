@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from sidecar.http.wire import MessageReader
-from sidecar.net.streams import Endpoint, looks_alive
+from sidecar.net.streams import Endpoint, looks_alive, run_clock
 
 FRESH_SECONDS = 0.003  # released this recently: reused without the liveness system call
 
@@ -73,10 +73,18 @@ class UpstreamPool:
         self.reused = 0
         self.closed_stale = 0
         self.retired = 0
+        self._clock: Callable[[], float] | None = None
+
+    def _now(self) -> float:
+        # The run's clock, bound on first use (the pool may be built before the run).
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = run_clock()
+        return clock()
 
     async def acquire(self) -> tuple[Endpoint, bool]:
         """An endpoint ready for a new request, and whether it was reused."""
-        now = trio.current_time()
+        now = self._now()
         while self._idle:
             since, ep = self._idle.pop()
             idle = now - since
@@ -102,7 +110,7 @@ class UpstreamPool:
         if ep.reader.reusable() and len(self._idle) < self._size and (
                 self._retire is None or not self._retire(ep)):
             ep.bytes_in = ep.bytes_out = 0
-            self._idle.append((trio.current_time(), ep))
+            self._idle.append((self._now(), ep))
             return
         await trio.aclose_forcefully(ep.stream)
 

@@ -98,7 +98,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
     """Serve requests on ``client`` until it closes, misbehaves, is refused, drains or is
     retired (``conn``)."""
     reader = client.reader
-    now = trio.current_time
+    now = client.clock
     while True:
         if conn is not None and not conn.serve_more:
             return
@@ -111,7 +111,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
         ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer)
         try:
             client.sent_head = False
-            event = await client.next_event(now() + limits.header_timeout)
+            event = await client.next_event(None, timeout=limits.header_timeout)
             if type(event) is not Request:
                 return  # the client closed the connection, or went away
             head = check_head(event.method, event.target, event.headers,

@@ -123,6 +123,15 @@ _WATCH: trio.lowlevel.RunVar[WaitWatch | None] = trio.lowlevel.RunVar("sidecar_w
                                                                       None)
 
 
+def run_clock() -> Callable[[], float]:
+    """The current run's clock reader: what ``trio.current_time`` returns, without its
+    per-call look-up of the run (``trio.current_time`` outside a run)."""
+    try:
+        return trio.lowlevel.current_clock().current_time
+    except RuntimeError:
+        return trio.current_time
+
+
 def current_watch() -> WaitWatch:
     """This run's ``WaitWatch``, started on first use (a system task: it ends with the run)."""
     watch = _WATCH.get()
@@ -147,7 +156,8 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "_try_receive", "_try_send", "_receive_wait", "sent_head", "wait", "_watch")
+                 "_try_receive", "_try_send", "_receive_wait", "sent_head", "wait", "_watch",
+                 "clock")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -167,15 +177,19 @@ class Endpoint:
         self._receive_wait: Callable[[], Awaitable[bytes | bytearray]] | None = (
             getattr(stream, "receive_wait", None) if self._try_receive else None)
         self.sent_head = False  # a response head went out for the current request
+        self.clock = run_clock()  # read only when a deadline is needed (see next_event)
         # Blocked reads bounded by the run's WaitWatch (the lean transports only).
         sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
         self.wait: Wait | None = Wait(sock) if sock is not None else None
         self._watch: WaitWatch | None = current_watch() if sock is not None else None
 
-    async def next_event(self, deadline: float, flush_first: Endpoint | None = None) -> object:
+    async def next_event(self, deadline: float | None, flush_first: Endpoint | None = None, *,
+                         timeout: float = 0.0) -> object:
         """The reader's next event (a head, body bytes, ``END``, ``CLOSED``), reading by
-        ``deadline``; parse errors become ``BadRequest``/``HeadersTooLarge`` (client side)
-        or ``ProtocolViolation`` (upstream)."""
+        ``deadline`` (None: ``timeout`` seconds from when a read is first needed -- most
+        events are parsed from bytes already here, and then the clock is not read at all);
+        parse errors become ``BadRequest``/``HeadersTooLarge`` (client side) or
+        ``ProtocolViolation`` (upstream)."""
         reader = self.reader
         while True:
             try:
@@ -188,6 +202,8 @@ class Endpoint:
                 raise ProtocolViolation(exc.reason, self.side) from exc
             if event is not NEED_DATA:
                 return event
+            if deadline is None:
+                deadline = self.clock() + timeout
             if flush_first is not None and flush_first.out:
                 await flush_first.flush(deadline)
             reader.feed(await self.receive(deadline))
@@ -250,18 +266,21 @@ class Endpoint:
         self.out.append(data)
         self.out_len += len(data)
 
-    async def flush(self, deadline: float) -> None:
-        """Send everything queued, in one write when possible, by ``deadline``."""
+    async def flush(self, deadline: float | None = None, *, timeout: float = 0.0) -> None:
+        """Send everything queued, in one write when possible, by ``deadline`` (None:
+        ``timeout`` seconds from when the socket would block)."""
         out = self.out
         if not out:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         self.out = []
         self.out_len = 0
-        await self.send_raw(data, deadline)
+        await self.send_raw(data, deadline, timeout=timeout)
 
-    async def send_raw(self, data: bytes, deadline: float) -> None:
-        """Send ``data`` now (the fast path when the socket takes it), by ``deadline``."""
+    async def send_raw(self, data: bytes, deadline: float | None, *,
+                       timeout: float = 0.0) -> None:
+        """Send ``data`` now (the fast path when the socket takes it), by ``deadline`` (as
+        for ``flush``)."""
         try_send = self._try_send
         if try_send is not None:
             try:
@@ -276,6 +295,8 @@ class Endpoint:
         else:
             send = self.stream.send_all
             pending = data
+        if deadline is None:
+            deadline = self.clock() + timeout
         try:
             with trio.move_on_at(deadline) as scope:
                 await send(pending)
