@@ -9,7 +9,7 @@ disagrees with itself, absolute-form targets on inbound, and -- in ``sidecar.pol
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
 
@@ -23,9 +23,10 @@ _METHOD = re.compile(rb"[A-Z][A-Z-]{0,31}")
 _VERSIONS = (b"1.1", b"1.0")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """The parts of a request head the data path needs, validated."""
+class RequestHead(NamedTuple):
+    """The parts of a request head the data path needs, validated. (Immutable; a named
+    tuple rather than a frozen dataclass, which takes four times as long to build, once
+    per request on each proxy.)"""
 
     method: str
     target: bytes
