@@ -334,6 +334,10 @@ def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return sock
 
 
+# socket.MSG_* are IntFlag members: or-ing them runs enum code on every call.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def looks_alive(stream: trio.abc.Stream) -> bool:
     """A pooled idle connection is reusable if nothing is waiting on its socket.
 
@@ -352,7 +356,7 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         return not poller.poll(0)
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return True
     except OSError:
