@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import select
 import shutil
 import socket
 import ssl
@@ -38,12 +39,43 @@ from bench.setups import Setup, SetupContext, make_setup  # noqa: E402
 TARGET_MIB = 60.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_COUNT = 20_000
+# The sidecar closes at once a connection beyond limits.max_connections_per_source (256 by
+# default) from one source address, so the idle connections come from several loopback
+# addresses (127.0.0.2, 127.0.0.3, ...; all of 127/8 is local on Linux), at most this many
+# from each: the sidecar keeps its defaults and every connection is really held.
+PER_SOURCE = 200
+
+
+def _connect(port: int, i: int) -> socket.socket:
+    """The ``i``-th idle connection to ``port`` on 127.0.0.1, from source 127.0.0.(2 + i // PER_SOURCE)."""
+    source = f"127.0.0.{2 + i // PER_SOURCE}"
+    return socket.create_connection(("127.0.0.1", port), CONNECT_TIMEOUT_S,
+                                    source_address=(source, 0))
 
 
 def _raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(needed, soft)), hard))
+
+
+def _closed_by_peer(held: list[socket.socket]) -> int:
+    """How many of ``held`` the proxy has closed: readable, and a peek finds EOF or an error
+    (a socket readable with bytes waiting -- a TLS session ticket -- is still open)."""
+    poller = select.poll()
+    for s in held:
+        poller.register(s.fileno(), select.POLLIN)
+    closed = 0
+    for fd, _ in poller.poll(0):
+        # A duplicate of the descriptor, so that the peek bypasses the TLS layer.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            try:
+                closed += dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+    return closed
 
 
 def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
@@ -54,17 +86,19 @@ def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
     port_a = setup.start(ctx)
     try:
         t0 = time.monotonic()
-        for _ in range(count):
-            held.append(socket.create_connection(("127.0.0.1", port_a), CONNECT_TIMEOUT_S))
+        for i in range(count):
+            held.append(_connect(port_a, i))
         print(f"{setup.name}: {count} idle plain connections to A "
               f"({time.monotonic() - t0:.1f} s)")
         t0 = time.monotonic()
-        for _ in range(count):
-            raw = socket.create_connection(("127.0.0.1", setup.ports["B"]), CONNECT_TIMEOUT_S)
-            held.append(tls.wrap_socket(raw))
+        for i in range(count):
+            held.append(tls.wrap_socket(_connect(setup.ports["B"], i)))
         print(f"{setup.name}: {count} idle mTLS connections to B "
               f"({time.monotonic() - t0:.1f} s)")
         time.sleep(max(0.0, min(hold, 600.0)))
+        closed = _closed_by_peer(held)
+        print(f"{setup.name}: {len(held) - closed} of {len(held)} connections still open"
+              + (f" -- {closed} CLOSED by the proxy" if closed else ""))
         out: dict[str, dict[str, float]] = {}
         for role, started in setup.proxies.items():
             pids = [started.pid, *children_of(started.pid)]

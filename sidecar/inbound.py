@@ -102,7 +102,7 @@ class InboundProxy:
             der = tls_stream.getpeercert(binary_form=True)
             peer = peer_identity_from_der(der) if der else None
             if peer is not None:
-                chain = PeerChain(*tls_stream.peer_chain_der())
+                chain = PeerChain(*tls_stream.peer_chain_der(der))
                 self.tls.check_peer(peer.spiffe_id, chain, time.time())
         except SvidError as exc:
             self.telemetry.connection_refused(

@@ -139,7 +139,7 @@ class OutboundProxy:
                                               "peer_identity_mismatch", started)
             await trio.aclose_forcefully(stream)
             raise BadGateway("peer_identity_mismatch", f"expected {self.cfg.identity}, got {got}")
-        chain = PeerChain(*stream.peer_chain_der())
+        chain = PeerChain(*stream.peer_chain_der(der))
         try:
             self.tls.check_peer(peer.spiffe_id, chain, time.time())
         except SvidError as exc:

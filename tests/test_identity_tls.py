@@ -286,3 +286,67 @@ def test_new_context_serves_new_handshakes_while_old_connections_continue(
         thread.join(TIMEOUT * 2)
         listener.close()
     assert not errors and not thread.is_alive()
+
+
+def _tls12_twice(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+                 ) -> list[tuple[bool, tuple[bytes, ...], tuple[bytes, ...]]]:
+    """Two TLS 1.2 connections, each closed with close_notify both ways (a cleanly closed
+    session is the only kind OpenSSL keeps for resumption); the second offers the first's
+    session. Per connection, as the server saw it: (resumed, verified chain, sent chain)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    seen: list[tuple[bool, tuple[bytes, ...], tuple[bytes, ...]]] = []
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                conn.settimeout(TIMEOUT)
+                tls = server_ctx.wrap_socket(conn, server_side=True)
+                obj = tls._sslobj  # type: ignore[attr-defined]  # what TlsTransport reads
+                chains = [tuple(c.public_bytes(2) for c in (get() or ()))
+                          for get in (obj.get_verified_chain, obj.get_unverified_chain)]
+                seen.append((tls.session_reused, chains[0], chains[1]))
+                assert tls.recv(1) == b"?"
+                tls.unwrap().close()
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    session = None
+    for _ in range(2):
+        raw = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
+        tls = client_ctx.wrap_socket(raw, session=session)
+        tls.sendall(b"?")
+        session = tls.session
+        tls.unwrap().close()
+    thread.join(TIMEOUT * 2)
+    listener.close()
+    assert not errors, errors
+    return seen
+
+
+def test_a_resumed_tls12_session_is_verified_again_by_the_trust_check(
+    ca: DevCA, server_svid: Svid, client_svid: Svid
+) -> None:
+    # CPython gives no switch for OpenSSL's server session-ID cache, so a TLS 1.2 client can
+    # resume a session of the same context (TLS 1.3 cannot: no tickets). A resumed
+    # handshake verifies nothing and OpenSSL reports no verified chain; the trust-domain
+    # check then verifies the chain the peer sent against today's bundle and clock itself.
+    from sidecar.identity.trust import PeerChain, TrustStore, bundle_from_certs
+
+    client_ctx = client_context(client_svid)
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    (first_resumed, first_verified, _), (resumed, verified, sent) = _tls12_twice(
+        server_context(server_svid), client_ctx)
+    assert not first_resumed and len(first_verified) == 2
+    assert resumed and verified == () and len(sent) >= 1
+    ours = TrustStore.build(bundle_from_certs(TD, "ca.crt", [ca.root]))
+    ours.check_peer(CLIENT_ID, PeerChain(verified, sent), time.time())
+    rotated = TrustStore.build(bundle_from_certs(TD, "ca.crt", [DevCA.create(TD).root]))
+    with pytest.raises(SvidError):
+        rotated.check_peer(CLIENT_ID, PeerChain(verified, sent), time.time())
+    with pytest.raises(SvidError):  # past the leaf's lifetime: the clock is checked too
+        ours.check_peer(CLIENT_ID, PeerChain(verified, sent), time.time() + 10 * 86400)

@@ -109,3 +109,49 @@ def test_plain_transport_fast_paths():
         await right.aclose()
 
     trio.run(main)
+
+
+def test_peer_chain_shares_equal_certificates(contexts):
+    """The chain a connection keeps for trust rechecks holds each certificate once: the leaf
+    is the caller's ``getpeercert(True)`` object in both chains, and the root is one object
+    across connections (memory of idle connections, issue 15)."""
+    async def main():
+        chains = []
+        streams = []
+        for _ in range(2):
+            server, client = await _pair(contexts)
+            streams += [server, client]
+            leaf = server.getpeercert(binary_form=True)
+            verified, sent = server.peer_chain_der(leaf)
+            assert len(verified) == 2 and sent
+            assert verified[0] == leaf and verified[0] is leaf and sent[0] is leaf
+            # equal to what the same call gives without sharing: only identity changed
+            assert (verified, sent) == server.peer_chain_der()
+            chains.append(verified)
+        assert chains[0][-1] is chains[1][-1]  # the root, shared
+        assert chains[0][0] is not chains[1][0]  # two leaves stay two
+        for s in streams:
+            await s.aclose()
+
+    trio.run(main)
+
+
+def test_write_lock_made_on_demand_still_orders_writers(contexts):
+    """An idle connection carries no write lock (memory, issue 15); two writers that both
+    have to wait still get their records out one after the other, never interleaved."""
+    async def main():
+        server, client = await _pair(contexts)
+        assert server._send_lock is None and client._send_lock is None
+        assert not client.try_send(b"x")  # a write that completes at once needs no lock
+        assert client._send_lock is None
+        assert await _read_exactly(server, 1) == b"x"
+        one, two = b"1" * (1 << 21), b"2" * (1 << 21)  # more than the socket buffers hold
+        async with trio.open_nursery() as n:
+            n.start_soon(client.send_all, one)
+            n.start_soon(client.send_all, two)
+            got = await _read_exactly(server, len(one) + len(two))
+        assert got in (one + two, two + one)
+        for s in (server, client):
+            await s.aclose()
+
+    trio.run(main)

@@ -12,9 +12,12 @@ Both directions use the same settings (docs/identity.md explains each):
   handshake, once per connection. Hostnames are not checked: a workload's identity is its SPIFFE ID, which the
   data path reads with ``peer_identity_from_der`` right after the handshake and compares
   with what it expects. That call also applies the SVID leaf rules OpenSSL does not know.
-* No session resumption on the server (``OP_NO_TICKET`` and ``num_tickets = 0``): a resumed
-  session skips chain verification and would keep a peer admitted by a bundle that has
-  since rotated; connections are long-lived and pooled, so resumption would save little.
+* No session tickets on the server (``OP_NO_TICKET`` and ``num_tickets = 0``), so TLS 1.3
+  never resumes: a resumed session skips chain verification. TLS 1.2 clients can still
+  resume by session ID within one context (CPython has no switch for OpenSSL's server
+  session cache); such a handshake reports no verified chain, and the trust-domain check
+  (``TrustStore.check_peer``) then verifies the chain the peer sent against the current
+  bundle and clock. A bundle or SVID rotation builds new contexts, whose caches are empty.
 
 The ``ssl`` module loads a certificate chain only from a path. The chain and key are in
 memory (``load_svid`` read them from one snapshot; re-reading the files could mix

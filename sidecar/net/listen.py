@@ -28,6 +28,7 @@ from sidecar import logs
 from sidecar.net.streams import IdleBound, close_quietly
 
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+HANDLER_TASK_NAME = "sidecar.net.listen.connection"
 IDLE_DRAIN_GRACE = 1.0  # seconds an idle connection may still deliver a request once draining
 
 
@@ -189,7 +190,9 @@ async def accept_loop(
                     await trio.aclose_forcefully(stream)
                     continue
                 tracker.enter()
-                nursery.start_soon(_run_handler, handler, stream, tracker, sources, source)
+                # A constant name: Trio would otherwise build one string per connection.
+                nursery.start_soon(_run_handler, handler, stream, tracker, sources, source,
+                                   name=HANDLER_TASK_NAME)
         await close_quietly(listener)
 
 

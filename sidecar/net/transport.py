@@ -32,6 +32,22 @@ RECV_SIZE = 65536
 _ENCODING_DER = 2  # _ssl.ENCODING_DER: the C Certificate objects' public_bytes format
 
 
+# Intermediates and roots of verified peer chains, one bytes object each (see
+# ``TlsTransport.peer_chain_der``). Bounded: emptied when full (sharing is an optimisation;
+# nothing depends on an entry being there). Only the event loop's thread touches it.
+_SHARED_DER_MAX = 64
+_shared_ders: dict[bytes, bytes] = {}
+
+
+def _shared_der(der: bytes) -> bytes:
+    got = _shared_ders.get(der)
+    if got is None:
+        if len(_shared_ders) >= _SHARED_DER_MAX:
+            _shared_ders.clear()
+        _shared_ders[der] = got = der
+    return got
+
+
 def _stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
     # Trio's socket wraps a non-blocking stdlib socket; calling it directly is the fast path
     # for I/O that can complete at once (most of it on a proxy), with no cancel scope and no
@@ -152,7 +168,9 @@ class TlsTransport(trio.abc.Stream):
         sock._sock = ssl_sock  # type: ignore[attr-defined]
         self.socket = sock
         self._ssl = ssl_sock
-        self._send_lock = trio.StrictFIFOLock()
+        # Created by the first ``send_wire`` (a write ``try_send`` could not finish at once;
+        # many connections never have one): a lock is ~0.35 KB of every idle connection.
+        self._send_lock: trio.StrictFIFOLock | None = None
         self._closed = False
         self._want_write = False
 
@@ -181,19 +199,39 @@ class TlsTransport(trio.abc.Stream):
         """The peer's leaf certificate (DER with ``binary_form=True``), as ``ssl`` gives it."""
         return self._ssl.getpeercert(binary_form)
 
-    def peer_chain_der(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    def peer_chain_der(self, leaf: bytes | None = None
+                       ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
         """(chain OpenSSL verified, chain the peer sent), each leaf first, as DER.
 
         Python 3.13 makes these public (``get_verified_chain``); 3.10-3.12 have them on the
         C object only. Where neither exists both are empty, and the trust-domain check
         (``sidecar.identity.trust``) then refuses the peer: it fails closed.
+
+        The chain is kept for the connection's lifetime (``LiveConnection.chain``), so equal
+        certificates are one object: ``leaf`` (the caller's ``getpeercert(True)``) stands for
+        every copy of the leaf, and the other members of the verified chain (the trust
+        domain's intermediates and root, the same for every peer) come from a small shared
+        table. Four copies of two certificates per connection were ~2 KB of every idle one.
         """
         obj = getattr(self._ssl, "_sslobj", None)
         out: list[tuple[bytes, ...]] = []
+        seen: dict[bytes, bytes] = {leaf: leaf} if leaf else {}
         for name in ("get_verified_chain", "get_unverified_chain"):
             method = getattr(obj, name, None)
             certs = method() if method is not None else None
-            out.append(tuple(c.public_bytes(_ENCODING_DER) for c in certs or ()))
+            ders = []
+            for i, cert in enumerate(certs or ()):
+                der = cert.public_bytes(_ENCODING_DER)
+                if der in seen:
+                    der = seen[der]
+                else:
+                    # Only certificates OpenSSL chained to a root of ours are shared: what
+                    # else a peer sends never enters the table.
+                    if i > 0 and name == "get_verified_chain":
+                        der = _shared_der(der)
+                    seen[der] = der
+                ders.append(der)
+            out.append(tuple(ders))
         return out[0], out[1]
 
     def selected_alpn_protocol(self) -> str | None:
@@ -255,7 +293,8 @@ class TlsTransport(trio.abc.Stream):
         bytes, so that is ``data`` itself)."""
         if self._closed:
             raise trio.ClosedResourceError
-        if self._send_lock.locked():
+        lock = self._send_lock
+        if lock is not None and lock.locked():
             return data
         try:
             sent = self._ssl.send(data)
@@ -267,7 +306,10 @@ class TlsTransport(trio.abc.Stream):
 
     async def send_wire(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data``, or what ``try_send`` left of it, one writer at a time."""
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = trio.StrictFIFOLock()
+        async with lock:
             await self._send_locked(data)
 
     async def _send_locked(self, data: bytes | bytearray | memoryview) -> None:
@@ -313,7 +355,8 @@ class TlsTransport(trio.abc.Stream):
         """Send close_notify if that can be done without waiting, then close the socket."""
         if not self._closed:
             self._closed = True
-            if not self._send_lock.locked():
+            lock = self._send_lock
+            if lock is None or not lock.locked():
                 self._shutdown()
             self.socket.close()
         await trio.lowlevel.checkpoint()
