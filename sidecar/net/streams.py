@@ -123,13 +123,22 @@ _WATCH: trio.lowlevel.RunVar[WaitWatch | None] = trio.lowlevel.RunVar("sidecar_w
                                                                       None)
 
 
+_CLOCK: trio.lowlevel.RunVar[Callable[[], float] | None] = trio.lowlevel.RunVar(
+    "sidecar_clock", None)
+
+
 def run_clock() -> Callable[[], float]:
     """The current run's clock reader: what ``trio.current_time`` returns, without its
-    per-call look-up of the run (``trio.current_time`` outside a run)."""
+    per-call look-up of the run (``trio.current_time`` outside a run). One bound method per
+    run, shared by every endpoint (an idle connection keeps a reference, not a copy)."""
     try:
-        return trio.lowlevel.current_clock().current_time
+        clock = _CLOCK.get()
     except RuntimeError:
         return trio.current_time
+    if clock is None:
+        clock = trio.lowlevel.current_clock().current_time
+        _CLOCK.set(clock)
+    return clock
 
 
 def current_watch() -> WaitWatch:
