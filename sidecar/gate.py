@@ -15,13 +15,19 @@ reload never changes the rules in the middle of one.
 Decisions fixed per policy version are made once and kept (bounded, ``DECISION_CACHE_SIZE``
 per kind), keyed by the policy *object*, so a reload starts afresh: egress decisions (they
 depend on the policy and the target identity only) and inbound decisions of a section whose
-rules test no credential and never expire (then the decision depends only on peer, method,
-path, host, port and listener; the path is keyed as the section matches it, folded for
-``path_case: insensitive``). Only the rule evaluation is kept: blocked sources (by peer and
-address) are checked on every request before it, rate limits after it, and every refusal
-still counts for burst alerts (whose failure it is). Sections with JWT (incl. introspected
-and certificate-bound tokens) or API-key rules, or with an ``expires_at``, are decided every
-time; ``still_allows`` (streams re-checked after a reload) never reads the cache.
+rules never expire. An inbound decision depends only on peer, method, path, host, port and
+listener (the path is keyed as the section matches it, folded for ``path_case:
+insensitive``) and on the credentials as ``AuthFacts.key`` sums them up: per provider the
+verified token itself (its claims are a function of it) or the reason it was refused, and
+the API key name. Credentials are still checked on every request *before* the cache is
+read -- signature (cached), exp/nbf, revocation, certificate binding -- so a token past its
+exp or revoked gets a key with its failure, never the allow kept for it while it was valid.
+Entries keyed by a token live in their own smaller cache (``CREDENTIAL_CACHE_SIZE``).
+Introspected tokens (the authorisation server's answer can change) and sections with an
+``expires_at`` are decided every time. Only the rule evaluation is kept: blocked sources
+(by peer and address) are checked on every request before it, rate limits after it, and
+every refusal still counts for burst alerts (whose failure it is); ``still_allows``
+(streams re-checked after a reload) never reads the cache.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import a
     from sidecar.ratelimit import RateLimiter
 
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
+CREDENTIAL_CACHE_SIZE = 1024  # entries keyed by a verified token (at most 4 KiB each)
 
 
 @dataclass(slots=True)
@@ -149,6 +156,7 @@ class Gate:
         self._cached_policy: Policy | None = None
         self._egress_cache: dict[str, Decision] = {}
         self._inbound_cache: dict[tuple[object, ...], Decision] = {}
+        self._credential_cache: dict[tuple[object, ...], Decision] = {}
         self._inbound_cacheable = False
         if allow_from is not None:
             from sidecar.identity.spiffe import compile_pattern
@@ -217,17 +225,21 @@ class Gate:
                                           or self.own_id)
         if self._cached_policy is not policy:
             self._reset_caches(policy)
-        if self._inbound_cacheable and not tcp:
+        auth_key = auth.key
+        if self._inbound_cacheable and not tcp and auth_key is not None:
             # The path as the policy matches it: a path_case: insensitive section folds
             # case and Windows names, so /Admin and /admin. share one entry (and one answer).
             path: object = (path_segments(facts.path, True) if section.fold_case
                             else facts.path)
-            key = (facts.peer, facts.method, path, facts.host, facts.port, facts.listener)
-            cache = self._inbound_cache
+            key = (facts.peer, facts.method, path, facts.host, facts.port, facts.listener,
+                   auth_key)
+            # Entries keyed by a token go to their own, smaller cache (a token is up to
+            # DECISION_KEY_MAX_TOKEN bytes; the credential-free ones are small).
+            cache = self._credential_cache if auth_key else self._inbound_cache
             decision = cache.get(key)
             if decision is None:
                 decision = decide_section(section, policy.version, facts, auth, now)
-                if len(cache) >= DECISION_CACHE_SIZE:
+                if len(cache) >= (CREDENTIAL_CACHE_SIZE if auth_key else DECISION_CACHE_SIZE):
                     cache.clear()
                 cache[key] = decision
         else:
@@ -293,10 +305,10 @@ class Gate:
         self._cached_policy = policy
         self._egress_cache = {}
         self._inbound_cache = {}
+        self._credential_cache = {}
         section = policy.section(self.own_id)
         self._inbound_cacheable = (
-            section is not None and not section.providers and not section.needs_apikey
-            and all(rule.expires_at is None for rule in section.rules))
+            section is not None and all(rule.expires_at is None for rule in section.rules))
 
     def _interim(self, facts: RequestFacts) -> Verdict:
         """No policy file configured: the config's ``allow_from`` list, else deny all."""

@@ -50,7 +50,7 @@ from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import RequestFacts
-from sidecar.policy.paths import normalise_target
+from sidecar.policy.paths import normalise_request_target
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
@@ -164,7 +164,7 @@ class InboundProxy:
         peer_x5t = x5t_from_hex(peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            path, query = normalise_target(head.target,
+            path, query = normalise_request_target(head.target,
                                            allow_non_ascii=self.gate.allows_non_ascii_paths())
             ctx.facts = facts = RequestFacts(
                 direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sidecar.alerts import BurstDetector
 from sidecar.authn.authenticator import Authenticator
+from sidecar.authn.oauth import token_digest
 from sidecar.gate import Gate, PolicyHolder
-from sidecar.policy.decision import RequestFacts
+from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.policy.loader import load_policy
+from sidecar.policy.sections import Revocation
 from sidecar.ratelimit import RateLimiter
+from tests.test_authn_support import AUDIENCE, ISSUER, NOW, claims, ec_key, key_set, mint
 
 ORDERS = "spiffe://td/ns/shop/sa/orders"
 FRONTEND = "spiffe://td/ns/shop/sa/frontend"
@@ -184,21 +189,85 @@ def test_kept_decisions_of_a_case_sensitive_section_keep_spellings_apart() -> No
     assert not denied.allowed and other.allowed and len(gate._inbound_cache) == 2
 
 
-def test_sections_with_credential_rules_are_never_kept() -> None:
-    text = f"""
+JWT_POLICY = f"""
 version: 1
 trust_domain: td
 jwt_providers:
-  corp: {{issuer: i, audiences: [a], algorithms: [ES256], jwks_file: k.json}}
+  corp: {{issuer: "{ISSUER}", audiences: [{AUDIENCE}], algorithms: [ES256], jwks_file: k.json}}
 services:
   {ORDERS}:
     rules:
-      - name: users
-        allow: {{from: [{FRONTEND}], jwt: {{provider: corp}}}}
+      - name: readers
+        allow: {{from: [{FRONTEND}], jwt: {{provider: corp, claims: {{scope: {{contains: read}}}}}}}}
 """
-    gate, _ = _gate(text)
-    assert [d.status for d in _decisions(gate, ["/orders", "/orders"])] == [401, 401]
-    assert not gate._inbound_cacheable and not gate._inbound_cache
+
+
+def _jwt_gate(text: str = JWT_POLICY) -> tuple[Gate, PolicyHolder, Authenticator]:
+    holder = PolicyHolder("mesh.yaml")
+    policy = load_policy(text, "mesh.yaml")
+    holder.swap(policy, 0.0)
+    authn = Authenticator(policy.extras)
+    authn.set_keys("corp", key_set((ec_key(), "ec-1")), NOW)
+    return Gate(ORDERS, holder, authenticator=authn), holder, authn
+
+
+def _bearer(**overrides: object) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", b"Bearer " + mint(claims(**overrides), ec_key()).encode())]
+
+
+def _jwt_decision(gate: Gate, headers: list[tuple[bytes, bytes]], now: float = NOW) -> Decision:
+    return gate.inbound(facts(), headers, "", now).decision
+
+
+def test_jwt_decisions_are_kept_per_verified_token() -> None:
+    gate, _, _ = _jwt_gate()
+    reader, writer = _bearer(scope="read"), _bearer(scope="write", jti="t-2")
+    first = _jwt_decision(gate, reader)
+    assert first.allowed and _jwt_decision(gate, reader, NOW + 1) is first
+    wrong = _jwt_decision(gate, writer)
+    assert (wrong.status, wrong.reason) == (403, "claims_mismatch")
+    assert _jwt_decision(gate, writer) is wrong and _jwt_decision(gate, reader) is first
+    assert _jwt_decision(gate, []).status == 401  # no token: kept apart from both
+    assert len(gate._credential_cache) == 2
+
+
+def test_a_kept_jwt_decision_never_outlives_the_token_or_its_policy() -> None:
+    gate, holder, authn = _jwt_gate()
+    reader = _bearer(scope="read", exp=int(NOW) + 60)
+    assert _jwt_decision(gate, reader).allowed  # kept from here on
+    # Past exp: the token is checked before the cache is read, and its failure is the key.
+    late = _jwt_decision(gate, reader, NOW + 60 + 31)  # (30 s of clock skew allowed)
+    assert not late.allowed and late.status == 401
+    # Not yet valid (nbf): refused, and that refusal does not outlive nbf either.
+    early = _bearer(scope="read", jti="t-3", nbf=int(NOW) + 100)
+    assert _jwt_decision(gate, early).status == 401
+    assert _jwt_decision(gate, early, NOW + 71).allowed
+    # Revoked after it was kept (a revocation list change without a new policy object).
+    assert _jwt_decision(gate, reader).allowed
+    authn.update(replace(holder.policy.extras, revocations=(Revocation(jti="t-1"),)))
+    assert _jwt_decision(gate, reader).status == 401
+    # A reload that asks for another scope: the same token is decided afresh.
+    holder.swap(load_policy(JWT_POLICY.replace("contains: read", "contains: admin"),
+                            "mesh.yaml"), 1.0)
+    assert _jwt_decision(gate, _bearer(scope="read", jti="t-4")).status == 403
+
+
+def test_introspected_tokens_are_decided_every_time() -> None:
+    text = JWT_POLICY.replace(
+        "algorithms: [ES256], jwks_file: k.json",
+        "introspection: {endpoint: 'https://idp/introspect', client_id: c, "
+        "client_secret_file: s}")
+    gate, _, authn = _jwt_gate(text)
+    token = "opaque-token"
+    authn.introspected.store("corp", token_digest(token), {"active": True, "scope": "read",
+                             "aud": AUDIENCE}, NOW, 60, 5)
+    headers = [(b"authorization", b"Bearer " + token.encode())]
+    assert _jwt_decision(gate, headers).allowed and _jwt_decision(gate, headers).allowed
+    assert not gate._credential_cache and not gate._inbound_cache
+    # The server's answer changes for the same token: the next decision follows it.
+    authn.introspected.store("corp", token_digest(token), {"active": True, "scope": "none",
+                             "aud": AUDIENCE}, NOW, 60, 5)
+    assert _jwt_decision(gate, headers).status == 403
 
 
 def test_policy_holder_records_failures_and_clears_them_on_success():

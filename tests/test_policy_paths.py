@@ -10,7 +10,12 @@ from sidecar.errors import BadRequest
 from sidecar.policy.decision import NO_AUTH, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy
-from sidecar.policy.paths import normalise_path_pattern, normalise_target, path_segments
+from sidecar.policy.paths import (
+    normalise_path_pattern,
+    normalise_request_target,
+    normalise_target,
+    path_segments,
+)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +84,29 @@ def test_ambiguous_targets_are_refused(target: bytes, reason: str) -> None:
         normalise_target(target)
     assert info.value.reason == reason
     assert info.value.status == 400
+    # The data path's kept normalisation refuses the same way, every time (never kept).
+    for _ in range(2):
+        with pytest.raises(BadRequest) as info:
+            normalise_request_target(target)
+        assert info.value.reason == reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+def test_kept_normalisation_agrees_with_the_full_one(data: bytes, non_ascii: bool) -> None:
+    # Short targets are kept (KEPT_TARGET_BYTES), longer ones are not: both agree with
+    # normalise_target, the first time and from the LRU.
+    target = b"/" + data
+    try:
+        want: object = normalise_target(target, allow_non_ascii=non_ascii)
+    except BadRequest as exc:
+        want = exc.reason
+    for _ in range(2):
+        try:
+            got: object = normalise_request_target(target, allow_non_ascii=non_ascii)
+        except BadRequest as exc:
+            got = exc.reason
+        assert got == want
 
 
 def test_merge_slashes_is_an_explicit_option() -> None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.http.request import _CONTROL
 from sidecar.http.wire import (
     CLOSED,
     END,
@@ -497,3 +498,19 @@ def test_response_reader_knows_head_and_informational_heads():
     evs = events(r, b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
     # A 101 ends HTTP on the connection; whether one was asked for is forward()'s check.
     assert evs[0].status == 101 and not r.reusable()
+
+
+# Every byte check_head's control-character scan refuses in a field value
+# (sidecar.http.request._CONTROL): the strict reader must refuse it first, because the data
+# path calls check_head with values_checked=True and skips that scan.
+_CHECK_HEAD_CONTROLS = [b for b in range(256) if _CONTROL.match(bytes([b]))]
+
+
+@pytest.mark.parametrize("byte", _CHECK_HEAD_CONTROLS)
+def test_reader_refuses_every_control_byte_check_head_skips(byte: int) -> None:
+    for raw in (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a" + bytes([byte]) + b"b\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a" + bytes([byte]) + b"\r\n\r\n"):
+        reader = MessageReader(requests=True)
+        reader.feed(raw)
+        with pytest.raises(ParseError):
+            reader.next_event()

@@ -71,6 +71,9 @@ from sidecar.policy.sections import JwtProvider, PolicyExtras, TokenLocation
 
 Headers = Sequence[tuple[bytes, bytes]]
 MAX_CLAIM_HEADER_BYTES = 4096
+# A verified token longer than this does not go into AuthFacts.key (the gate's decision
+# cache would hold it): bounds that cache's memory; such requests are decided every time.
+DECISION_KEY_MAX_TOKEN = 4096
 
 _CHALLENGE_MISSING = b'Bearer realm="sidecar"'
 _CHALLENGES: Mapping[str, bytes] = {
@@ -233,6 +236,9 @@ class Authenticator:
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
         subjects: dict[str, str] = {}
+        # What the decision reads, for the gate's decision cache (AuthFacts.key): each
+        # verified token (its claims are a function of it) or the reason it failed.
+        key: list[object] | None = []
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -252,13 +258,21 @@ class Authenticator:
                         continue  # not asked about for this request: no rule here needs it
                     check_binding(answer, peer_x5t, provider.cert_binding == "required")
                     claims[name] = answer
+                    key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
                     verified = self._verify(provider, found.token, now)
                     check_binding(verified, peer_x5t, provider.cert_binding == "required")
                     claims[name] = verified
+                    if key is not None:
+                        if len(found.token) > DECISION_KEY_MAX_TOKEN:
+                            key = None
+                        else:
+                            key.append((name, found.token))
             except TokenInvalid as exc:
                 errors[name] = exc.reason
                 self.failures[exc.reason] += 1
+                if key is not None:
+                    key.append((name, None, exc.reason))
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:
@@ -267,7 +281,8 @@ class Authenticator:
         if not claims and not errors and apikey is None:
             return NO_AUTH
         return AuthFacts(claims=claims, token_errors=errors, apikey=apikey,
-                         unverified_subjects=subjects)
+                         unverified_subjects=subjects,
+                         key=None if key is None else (*key, apikey))
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once

@@ -151,7 +151,7 @@ async def forward(
     if not has_body:
         # The end of a body-less request is already parsed; consume it (no I/O happens) so
         # the request can be replayed on a fresh connection if a pooled one turns out stale.
-        event = await client.next_event(trio.current_time() + limits.body_timeout)
+        event = await client.next_event(None, timeout=limits.body_timeout)
         if event is not END:
             raise PeerClosed("unexpected_body", "client")
         body = BodyWriter(OUT_NONE)
@@ -181,7 +181,7 @@ async def forward(
             if has_body:
                 await _send_body(client, ep, body, limits, ex, expect_continue)
             else:
-                await ep.flush(trio.current_time() + limits.body_timeout)
+                await ep.flush(timeout=limits.body_timeout)
             return await _relay_response(client, ep, pool, limits, ex, request.method, upgrade,
                                          http11, keep_alive and http11 and not close)
         except (PeerClosed, Timeout) as exc:
@@ -205,13 +205,12 @@ async def forward(
 
 async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: Limits,
                      ex: Exchange, expect_continue: bool) -> None:
-    now = trio.current_time
     if expect_continue:
         client.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
-        await client.flush(now() + limits.body_timeout)
+        await client.flush(timeout=limits.body_timeout)
     limit = limits.max_body_bytes
     while True:
-        event = await client.next_event(now() + limits.body_timeout, flush_first=ep)
+        event = await client.next_event(None, flush_first=ep, timeout=limits.body_timeout)
         if type(event) is bytes:
             ex.request_bytes += len(event)
             if limit and ex.request_bytes > limit:
@@ -222,10 +221,10 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
             except ParseError as exc:  # more bytes than the length h11 checked: impossible
                 raise PeerClosed("client_body_overrun", "client") from exc
             if ep.out_len >= FLUSH_AT:
-                await ep.flush(now() + limits.body_timeout)
+                await ep.flush(timeout=limits.body_timeout)
         elif event is END:
             ep.queue(body.end())
-            await ep.flush(now() + limits.body_timeout)
+            await ep.flush(timeout=limits.body_timeout)
             return
         else:
             raise PeerClosed("client_closed_mid_body", "client")
@@ -234,8 +233,7 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
 async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, limits: Limits,
                           ex: Exchange, method: bytes, upgrade: bool, http11: bool,
                           keep_alive: bool) -> Exchange:
-    now = trio.current_time
-    deadline = now() + limits.response_timeout
+    deadline = client.clock() + limits.response_timeout
     while True:
         event = await ep.next_event(deadline, flush_first=client)
         if type(event) is not Response:
@@ -250,7 +248,7 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                 101, event.reason,
                 [(n, v) for n, v in event.headers if n not in _UPGRADE_DROP]
                 + [(b"connection", b"upgrade")]))
-            await client.flush(now() + limits.body_timeout)
+            await client.flush(timeout=limits.body_timeout)
             ex.status, ex.upgraded = 101, True
             client.sent_head = True
             up, down = await splice(client.stream, client.reader.trailing(), ep.stream,
@@ -283,16 +281,17 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
     client.sent_head = True
     try:
         while True:
-            event = await ep.next_event(now() + limits.body_timeout, flush_first=client)
+            event = await ep.next_event(None, flush_first=client,
+                                        timeout=limits.body_timeout)
             if type(event) is bytes:
                 ex.response_bytes += len(event)
                 for part in body.frame(event):
                     client.queue(part)
                 if client.out_len >= FLUSH_AT:
-                    await client.flush(now() + limits.body_timeout)
+                    await client.flush(timeout=limits.body_timeout)
             elif event is END:
                 client.queue(body.end())
-                await client.flush(now() + limits.body_timeout)
+                await client.flush(timeout=limits.body_timeout)
                 break
             else:
                 raise PeerClosed("upstream_closed_mid_body")

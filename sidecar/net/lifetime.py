@@ -47,6 +47,7 @@ from typing import Any
 import trio
 
 from sidecar.identity.trust import PeerChain
+from sidecar.net.streams import IdleBound
 
 REASON_MAX_AGE = "max_age"
 REASON_OWN_CERT_ROTATED = "own_cert_rotated"
@@ -86,7 +87,7 @@ class LiveConnection:
         self.deadline = deadline  # trio clock
         self.opened = time.time()
         self.scope = trio.CancelScope()
-        self.idle: trio.CancelScope | None = None
+        self.idle: IdleBound | None = None
         self.recheck: Callable[[float], bool] | None = None
         self.retiring: str | None = None
         self.cut_at = math.inf  # trio clock: when whatever still runs is cancelled

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from sidecar import logs
-from sidecar.net.streams import close_quietly
+from sidecar.net.streams import IdleBound, close_quietly
 
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 HANDLER_TASK_NAME = "sidecar.net.listen.connection"
@@ -38,7 +38,7 @@ class ConnectionTracker:
     def __init__(self) -> None:
         self.open = 0
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()
+        self._idle: set[IdleBound] = set()
         self._all_closed = trio.Event()
         self._all_closed.set()
 
@@ -60,11 +60,11 @@ class ConnectionTracker:
             deadline = min(deadline, trio.current_time() + IDLE_DRAIN_GRACE)
         return trio.CancelScope(deadline=deadline)
 
-    def register_idle(self, scope: trio.CancelScope) -> None:
+    def register_idle(self, scope: IdleBound) -> None:
         """An idle wait began (a drain may cut it)."""
         self._idle.add(scope)
 
-    def unregister_idle(self, scope: trio.CancelScope) -> None:
+    def unregister_idle(self, scope: IdleBound) -> None:
         """An idle wait ended."""
         self._idle.discard(scope)
 

@@ -28,9 +28,9 @@ from sidecar.http.request import RequestHead, check_head
 from sidecar.http.wire import Request
 from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.lifetime import LiveConnection
-from sidecar.net.listen import ConnectionTracker
+from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.respond import send_refusal
-from sidecar.net.streams import Endpoint, PeerClosed, Timeout
+from sidecar.net.streams import Endpoint, IdleBound, PeerClosed, Timeout
 from sidecar.telemetry import RequestContext, Telemetry
 
 _ID_BATCH = 512
@@ -61,13 +61,44 @@ def broken_exchange(exc: PeerClosed | Timeout) -> tuple[int, str]:
     return 502, f"upstream_{kind}_mid_response"
 
 
+async def _idle_wait(client: Endpoint, tracker: ConnectionTracker, conn: LiveConnection | None,
+                     deadline: float) -> bool:
+    """Wait for the first bytes of the next request by ``deadline`` (a drain or a retirement
+    cuts the wait short); False when the connection is to end instead.
+
+    On the lean transports the endpoint's ``Wait`` is the bound and what drain and
+    retirement cut (``sidecar.net.streams``: no cancel scope); elsewhere a cancel scope."""
+    wait = client.wait
+    scope = tracker.idle_scope(deadline) if wait is None else None
+    bound: IdleBound = wait if wait is not None else scope  # type: ignore[assignment]
+    if wait is not None and tracker.draining:
+        deadline = min(deadline, trio.current_time() + IDLE_DRAIN_GRACE)
+    tracker.register_idle(bound)
+    if conn is not None:
+        conn.idle = bound
+    try:
+        if scope is not None:
+            with scope:  # the one bound of this wait (and a drain cancels it)
+                client.reader.feed(await client.receive(math.inf))
+        else:
+            client.reader.feed(await client.receive(deadline))
+    except (PeerClosed, Timeout):
+        return False
+    finally:
+        tracker.unregister_idle(bound)
+        if conn is not None:
+            conn.idle = None
+    return not (scope is not None and scope.cancelled_caught) and (
+        conn is None or conn.serve_more)
+
+
 async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: Limits,
                        telemetry: Telemetry, handle: Handler, source: str,
                        peer: str | None, conn: LiveConnection | None = None) -> None:
     """Serve requests on ``client`` until it closes, misbehaves, is refused, drains or is
     retired (``conn``)."""
     reader = client.reader
-    now = trio.current_time
+    now = client.clock
     while True:
         if conn is not None and not conn.serve_more:
             return
@@ -75,30 +106,17 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             deadline = now() + limits.idle_timeout
             if conn is not None:
                 deadline = min(deadline, conn.cut_at)
-            scope = tracker.idle_scope(deadline)
-            tracker.register_idle(scope)
-            if conn is not None:
-                conn.idle = scope
-            try:
-                with scope:  # the one bound of this wait (and a drain cancels it)
-                    reader.feed(await client.receive(math.inf))
-            except (PeerClosed, Timeout):
-                return
-            finally:
-                tracker.unregister_idle(scope)
-                if conn is not None:
-                    conn.idle = None
-            if scope.cancelled_caught or (conn is not None and not conn.serve_more):
+            if not await _idle_wait(client, tracker, conn, deadline):
                 return
         ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer)
         try:
             client.sent_head = False
-            event = await client.next_event(now() + limits.header_timeout)
+            event = await client.next_event(None, timeout=limits.header_timeout)
             if type(event) is not Request:
                 return  # the client closed the connection, or went away
             head = check_head(event.method, event.target, event.headers,
                               max_headers=limits.max_headers, max_body=limits.max_body_bytes,
-                              http_version=event.version)
+                              http_version=event.version, values_checked=True)
             try:
                 ex = await handle(ctx, event, head)
             except trio.Cancelled:

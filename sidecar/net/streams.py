@@ -6,6 +6,21 @@ are mapped at this edge: a client's malformed bytes become ``BadRequest`` /
 ``HeadersTooLarge`` (a generic 400/431), an upstream's become ``ProtocolViolation``, and I/O
 failures ``PeerClosed`` / ``Timeout`` tagged with the side, so the layers above see only our
 small hierarchy.
+
+How a read is bounded. A read is first tried without waiting (the transports of
+``sidecar.net.transport``); only when it would block is there anything to bound. A Trio
+cancel scope per blocked read (and one per idle wait) cost about a tenth of a proxy's CPU
+per request, so on those transports the bound is kept by the process's ``WaitWatch``
+instead: the read records its deadline in its endpoint's ``Wait`` and registers it (a dict
+entry), and one system task wakes every ``WATCH_TICK`` seconds and ends the waits past their
+deadline with ``trio.lowlevel.notify_closing`` on the socket (the wait raises
+``ClosedResourceError``, which the endpoint turns into ``Timeout`` because its ``Wait`` says
+it expired; the socket itself stays open, so a 408 can still be written). A bound is thus
+kept to within ``WATCH_TICK`` (50 ms) rather than exactly, which no timeout of the sidecar
+needs. ``Wait`` has the two members of a cancel scope the listener's drain and the
+connection lifetimes use on an idle wait (``deadline``, ``cancel()``), so those cut it as
+they cut a scope. Other streams (memory streams in tests, the control plane) keep a cancel
+scope per wait.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -23,6 +39,7 @@ from sidecar.http.wire import NEED_DATA, EventReader, ParseError
 
 READ_SIZE = 65536
 FAST_OPS_PER_CHECKPOINT = 8
+WATCH_TICK = 0.05  # seconds between two looks of the WaitWatch at the blocked reads
 
 
 class PeerClosed(Exception):
@@ -52,6 +69,88 @@ class ProtocolViolation(PeerClosed):
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 
 
+class IdleBound(Protocol):
+    """What a drain or a retirement needs of an idle wait's bound: a ``trio.CancelScope``
+    or an endpoint's ``Wait``."""
+
+    deadline: float
+
+    def cancel(self) -> None:
+        """End the wait now."""
+
+
+class Wait:
+    """The bound of an endpoint's blocked read, kept by the ``WaitWatch`` (see the module
+    docstring); reused for every read of the endpoint. ``deadline`` may be lowered while
+    the read waits, and ``cancel()`` ends it now, as for a ``trio.CancelScope``."""
+
+    __slots__ = ("deadline", "expired", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.deadline = math.inf
+        self.expired = False
+        self._sock = sock
+
+    def cancel(self) -> None:
+        """End the wait now (a drain, a retirement): the read raises ``Timeout``."""
+        if not self.expired:
+            self.expired = True
+            # A socket closed meanwhile has fileno -1: its wait is already over, and its
+            # number may belong to another connection by now.
+            if self._sock.fileno() >= 0:
+                trio.lowlevel.notify_closing(self._sock)
+
+
+class WaitWatch:
+    """The blocked reads of one Trio run and their deadlines; one system task ends the
+    ones past their deadline every ``WATCH_TICK`` seconds."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[Wait, None] = {}
+
+    async def run(self) -> None:
+        """Look at the waits every ``WATCH_TICK`` seconds until the run ends."""
+        waiting = self.waiting
+        while True:
+            await trio.sleep(WATCH_TICK)
+            if waiting:
+                now = trio.current_time()
+                for wait in [w for w in waiting if w.deadline <= now]:
+                    wait.cancel()
+
+
+_WATCH: trio.lowlevel.RunVar[WaitWatch | None] = trio.lowlevel.RunVar("sidecar_wait_watch",
+                                                                      None)
+
+
+_CLOCK: trio.lowlevel.RunVar[Callable[[], float] | None] = trio.lowlevel.RunVar(
+    "sidecar_clock", None)
+
+
+def run_clock() -> Callable[[], float]:
+    """The current run's clock reader: what ``trio.current_time`` returns, without its
+    per-call look-up of the run (``trio.current_time`` outside a run). One bound method per
+    run, shared by every endpoint (an idle connection keeps a reference, not a copy)."""
+    try:
+        clock = _CLOCK.get()
+    except RuntimeError:
+        return trio.current_time
+    if clock is None:
+        clock = trio.lowlevel.current_clock().current_time
+        _CLOCK.set(clock)
+    return clock
+
+
+def current_watch() -> WaitWatch:
+    """This run's ``WaitWatch``, started on first use (a system task: it ends with the run)."""
+    watch = _WATCH.get()
+    if watch is None:
+        watch = WaitWatch()
+        _WATCH.set(watch)
+        trio.lowlevel.spawn_system_task(watch.run, name="sidecar-wait-watch")
+    return watch
+
+
 class Endpoint:
     """One HTTP/1.1 connection: a byte stream, a reader of the other side's messages, and a
     buffer of what we send.
@@ -66,7 +165,8 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "_try_receive", "_try_send", "_receive_wait", "sent_head")
+                 "_try_receive", "_try_send", "_receive_wait", "sent_head", "wait", "_watch",
+                 "clock")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -86,11 +186,19 @@ class Endpoint:
         self._receive_wait: Callable[[], Awaitable[bytes | bytearray]] | None = (
             getattr(stream, "receive_wait", None) if self._try_receive else None)
         self.sent_head = False  # a response head went out for the current request
+        self.clock = run_clock()  # read only when a deadline is needed (see next_event)
+        # Blocked reads bounded by the run's WaitWatch (the lean transports only).
+        sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
+        self.wait: Wait | None = Wait(sock) if sock is not None else None
+        self._watch: WaitWatch | None = current_watch() if sock is not None else None
 
-    async def next_event(self, deadline: float, flush_first: Endpoint | None = None) -> object:
+    async def next_event(self, deadline: float | None, flush_first: Endpoint | None = None, *,
+                         timeout: float = 0.0) -> object:
         """The reader's next event (a head, body bytes, ``END``, ``CLOSED``), reading by
-        ``deadline``; parse errors become ``BadRequest``/``HeadersTooLarge`` (client side)
-        or ``ProtocolViolation`` (upstream)."""
+        ``deadline`` (None: ``timeout`` seconds from when a read is first needed -- most
+        events are parsed from bytes already here, and then the clock is not read at all);
+        parse errors become ``BadRequest``/``HeadersTooLarge`` (client side) or
+        ``ProtocolViolation`` (upstream)."""
         reader = self.reader
         while True:
             try:
@@ -103,6 +211,8 @@ class Endpoint:
                 raise ProtocolViolation(exc.reason, self.side) from exc
             if event is not NEED_DATA:
                 return event
+            if deadline is None:
+                deadline = self.clock() + timeout
             if flush_first is not None and flush_first.out:
                 await flush_first.flush(deadline)
             reader.feed(await self.receive(deadline))
@@ -126,6 +236,23 @@ class Endpoint:
                     await trio.lowlevel.checkpoint()
                 return data
         wait = self._receive_wait
+        bound = self.wait
+        if bound is not None and wait is not None:
+            # The run's WaitWatch keeps the bound (module docstring): no cancel scope.
+            bound.deadline = deadline
+            bound.expired = False
+            waiting = self._watch.waiting  # type: ignore[union-attr]
+            waiting[bound] = None
+            try:
+                got = await wait()
+            except _IO_ERRORS as exc:
+                if bound.expired:
+                    raise Timeout("read", self.side) from None
+                raise PeerClosed(type(exc).__name__, self.side) from exc
+            finally:
+                del waiting[bound]
+            self.bytes_in += len(got)
+            return got
         try:
             if deadline == math.inf:
                 # The caller's own scope bounds this wait (the session's idle scope): a
@@ -148,18 +275,21 @@ class Endpoint:
         self.out.append(data)
         self.out_len += len(data)
 
-    async def flush(self, deadline: float) -> None:
-        """Send everything queued, in one write when possible, by ``deadline``."""
+    async def flush(self, deadline: float | None = None, *, timeout: float = 0.0) -> None:
+        """Send everything queued, in one write when possible, by ``deadline`` (None:
+        ``timeout`` seconds from when the socket would block)."""
         out = self.out
         if not out:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         self.out = []
         self.out_len = 0
-        await self.send_raw(data, deadline)
+        await self.send_raw(data, deadline, timeout=timeout)
 
-    async def send_raw(self, data: bytes, deadline: float) -> None:
-        """Send ``data`` now (the fast path when the socket takes it), by ``deadline``."""
+    async def send_raw(self, data: bytes, deadline: float | None, *,
+                       timeout: float = 0.0) -> None:
+        """Send ``data`` now (the fast path when the socket takes it), by ``deadline`` (as
+        for ``flush``)."""
         try_send = self._try_send
         if try_send is not None:
             try:
@@ -174,6 +304,8 @@ class Endpoint:
         else:
             send = self.stream.send_all
             pending = data
+        if deadline is None:
+            deadline = self.clock() + timeout
         try:
             with trio.move_on_at(deadline) as scope:
                 await send(pending)
@@ -211,6 +343,10 @@ def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return sock
 
 
+# socket.MSG_* are IntFlag members: or-ing them runs enum code on every call.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def looks_alive(stream: trio.abc.Stream) -> bool:
     """A pooled idle connection is reusable if nothing is waiting on its socket.
 
@@ -229,7 +365,7 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         return not poller.poll(0)
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
         return True
     except OSError:

@@ -153,6 +153,26 @@ def normalise_target(
     return path, raw_query.decode("ascii")
 
 
+# The data path's targets repeat (one service, a few routes): the normalisation of a short
+# target is kept, per process, in a small LRU. Refusals are never kept (lru_cache does not
+# cache exceptions): a refused target is refused afresh every time, with its reason.
+KEPT_TARGET_BYTES = 256  # longer targets are normalised every time (bounds the memory)
+KEPT_TARGETS = 1024
+
+
+@functools.lru_cache(maxsize=KEPT_TARGETS)
+def _kept_normalisation(target: bytes, allow_non_ascii: bool) -> tuple[str, str]:
+    return normalise_target(target, allow_non_ascii=allow_non_ascii)
+
+
+def normalise_request_target(target: bytes, *, allow_non_ascii: bool = False) -> tuple[str, str]:
+    """``normalise_target`` with the default options, kept for short targets (same answer,
+    same refusals)."""
+    if len(target) <= KEPT_TARGET_BYTES:
+        return _kept_normalisation(target, allow_non_ascii)
+    return normalise_target(target, allow_non_ascii=allow_non_ascii)
+
+
 def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
     """The segments used for matching: one trailing ``/`` is not significant.
 
