@@ -80,6 +80,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--sidecar-audit", action="store_true",
                    help="give each sidecar an audit log (off by default: the others log nothing)")
+    p.add_argument("--audit-full", action="store_true",
+                   help="the sidecar setups' audit trail with everything on: signed checkpoints, "
+                        "AES-256-GCM encryption at rest and shipping over TLS to a collector "
+                        "process (implies --sidecar-audit)")
     p.add_argument("--audit-fsync", action="store_true",
                    help="sidecar-full: fsync the audit trail per batch (default off, as Envoy's "
                    "file access log)")
@@ -248,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = SetupContext(group, workdir, app.port, certs, args.workers, jwt)
         for name in args.setup_names:
             results.extend(run_setup(make_setup(name, sidecar_audit=args.sidecar_audit,
-                                                audit_fsync=args.audit_fsync), ctx,
+                                                audit_fsync=args.audit_fsync,
+                                                audit_full=args.audit_full), ctx,
                                      args))
         if not args.no_micro:
             for name, script in MICRO_SCRIPTS:
