@@ -55,7 +55,7 @@ from sidecar.audit.chain import ChainHead, decode_frame
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
-from sidecar.audit.ship import Shipper, frame_message, hostname, message_prefix
+from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
@@ -84,6 +84,15 @@ class _PartialWrite(Exception):
         super().__init__(str(error))
         self.done = done
         self.error = error
+
+
+def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
+    """What a non-record frame's message carries: a signed checkpoint as ``/audit/head``
+    serves it, anything else (header, unsigned seal) as stored."""
+    if kind in ("chk", "end") and "sig" in detail:
+        _s, prev, _k, _b = decode_frame(payload)
+        return Checkpoint.from_frame(seq, prev, kind, detail).to_json()
+    return detail
 
 
 class _SegmentSink:
@@ -222,12 +231,7 @@ class _SegmentSink:
         if head is None or not head.journal or self.ship_host is None:
             return []
         prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
-        out = []
-        for seq, kind, payload, digest, detail in head.journal:
-            if kind in ("chk", "end") and "sig" in detail:
-                _s, prev, _k, _b = decode_frame(payload)
-                detail = Checkpoint.from_frame(seq, prev, kind, detail).to_json()
-            out.append(frame_message(prefix, seq, kind, digest, payload, detail))
+        out = frame_messages(prefix, head.journal, _message_detail)
         head.journal.clear()
         return out
 
