@@ -78,6 +78,8 @@ def test_token_id_is_hashed_never_stored() -> None:
          "request"),
         (Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny"), "dry-run",
          "request"),
+        (Decision("allow", "r", REASON_ALLOWED, "v1", dry_run=True, would="allow"), "allow",
+         "request"),
         (Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429), "deny",
          "rate_limited"),
     ],

@@ -210,16 +210,19 @@ def record_from(
     Runs once per request: the record is built with one positional call (a dict of
     values and ``**`` cost twice as much), then ``auth`` and ``kw`` are applied in order.
     """
-    event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
+    reason = decision.reason
+    event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
     if status is _FROM_DECISION:
         status = decision.status
     if facts is not None:
+        direction = facts.direction
         record = AuditRecord(
-            time, event, request_id, facts.direction, facts.peer, facts.source,
+            time, event, request_id, direction, facts.peer, facts.source,
             None, None, None, None, facts.method, facts.host, facts.path,
-            decision_value(decision), decision.rule, decision.reason, decision.version,
-            status, bytes_in, bytes_out, duration_ms)
-        if facts.direction == "outbound" and facts.target is not None:
+            # decision_value(decision), without a call per record
+            "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
+            decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms)
+        if direction == "outbound" and facts.target is not None:
             # Outbound: the caller is our own app; the interesting identity is the target.
             record.extra = {"target": facts.target}
     else:
@@ -230,10 +233,11 @@ def record_from(
     if auth is not None:
         for name, value in _token_fields(auth).items():
             setattr(record, name, value)
-    for name, value in kw.items():
-        if name not in _FIELD_SET:
-            raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
-        setattr(record, name, value)
+    if kw:
+        for name, value in kw.items():
+            if name not in _FIELD_SET:
+                raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
+            setattr(record, name, value)
     return record
 
 
