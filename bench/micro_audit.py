@@ -96,11 +96,13 @@ def main() -> int:
 # ------------------------------------------------------------- CPU of the whole trail
 
 CPU_RECORDS = 20_000 if QUICK else 60_000
-_SINK = r"""
+# The collector: a TLS server in another process that reads and drops everything
+# (argv: cert, key, optional port). bench/setups.py starts it for --audit-full too.
+SINK = _SINK = r"""
 import socket, ssl, sys, threading
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-srv = socket.create_server(("127.0.0.1", 0))
+srv = socket.create_server(("127.0.0.1", int(sys.argv[3]) if len(sys.argv) > 3 else 0))
 print(srv.getsockname()[1], flush=True)
 def serve(conn):
     try:

@@ -80,6 +80,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto")
     p.add_argument("--sidecar-audit", action="store_true",
                    help="give each sidecar an audit log (off by default: the others log nothing)")
+    p.add_argument("--audit-full", action="store_true",
+                   help="the sidecar setups' audit trail with everything on: signed checkpoints, "
+                        "AES-256-GCM encryption at rest and shipping over TLS to a collector "
+                        "process (implies --sidecar-audit)")
     p.add_argument("--audit-fsync", action="store_true",
                    help="sidecar-full: fsync the audit trail per batch (default off, as Envoy's "
                    "file access log)")
@@ -213,8 +217,11 @@ def machine_description() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    # The sidecars run on this interpreter (``sys.executable``): run the bench with another
+    # one (e.g. a venv of Debian's PGO/LTO python3) to measure the sidecar on that build.
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "python_build": sys.version,
+            "python_executable": sys.executable}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = SetupContext(group, workdir, app.port, certs, args.workers, jwt)
         for name in args.setup_names:
             results.extend(run_setup(make_setup(name, sidecar_audit=args.sidecar_audit,
-                                                audit_fsync=args.audit_fsync), ctx,
+                                                audit_fsync=args.audit_fsync,
+                                                audit_full=args.audit_full), ctx,
                                      args))
         if not args.no_micro:
             for name, script in MICRO_SCRIPTS:
@@ -267,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
           f"kernel {meta['machine']['kernel']}; generator {meta['generator']}; app {meta['app']}")
+    print(f"sidecar interpreter: {sys.executable} (Python {meta['machine']['python_build']})")
     if meta["generator"] != "wrk":
         print(f"note: {loadgen.BUILTIN_LIMITS}")
     print(render_table(results))

@@ -133,7 +133,8 @@ def sidecar_policy_yaml(jwks_path: str | None = None) -> str:
 
 def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_port: int,
                         admin_port: int, policy_path: str, workers: int,
-                        audit_path: str | None = None, audit_fsync: bool = True) -> str:
+                        audit_path: str | None = None, audit_fsync: bool = True,
+                        audit_extra: str = "") -> str:
     """The config of sidecar A (role "A": outbound) or B (role "B": inbound)."""
     svid = certs.client if role == "A" else certs.server
     out = (
@@ -145,7 +146,8 @@ def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_p
         "log: {level: warning}\n"
     )
     if audit_path:
-        out += f"audit: {{path: {audit_path}" + ("" if audit_fsync else ", fsync: false") + "}\n"
+        out += (f"audit: {{path: {audit_path}" + ("" if audit_fsync else ", fsync: false")
+                + audit_extra + "}\n")
     if role == "A":
         out += (
             "outbound:\n"
@@ -174,10 +176,12 @@ class SidecarSetup(Setup):
     """Two sidecars: A outbound (plain in, mTLS out), B inbound (mTLS in, plain to the app)."""
 
     def __init__(self, audit: bool = False, full: bool = False,
-                 audit_fsync: bool = False) -> None:
+                 audit_fsync: bool = False, audit_full: bool = False) -> None:
         super().__init__("sidecar-full" if full else "sidecar")
         self.full = full
-        self.audit = audit or full
+        self.audit = audit or full or audit_full
+        # --audit-full: the whole trail (signed checkpoints, encryption, shipping over TLS).
+        self.audit_full = audit_full
         # sidecar-full: the audit trail as durable as Envoy's file access log (buffered, no
         # fsync) unless asked; --sidecar-audit keeps the sidecar's default (fsync per batch).
         self.audit_fsync = audit_fsync or not full
@@ -197,6 +201,7 @@ class SidecarSetup(Setup):
             f.write(sidecar_policy_yaml(ctx.jwt.jwks_path if self.full and ctx.jwt else None))
         port_a, port_b = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        audit_extra = self._audit_full(ctx, env) if self.audit_full else ""
         for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
             conf = os.path.join(ctx.workdir, f"{self.name}-{role}.yaml")
             audit = os.path.join(ctx.workdir, f"{self.name}-audit-{role}") if self.audit else None
@@ -204,7 +209,8 @@ class SidecarSetup(Setup):
                 f.write(sidecar_config_yaml(certs=ctx.certs, role=role, listen_port=listen,
                                             next_port=nxt, admin_port=free_port(),
                                             policy_path=policy, workers=ctx.workers,
-                                            audit_path=audit, audit_fsync=self.audit_fsync))
+                                            audit_path=audit, audit_fsync=self.audit_fsync,
+                                            audit_extra=audit_extra))
             started = ctx.group.start(f"{self.name}-{role}", [*sidecar_command(), conf],
                                       env=env, cwd=REPO_ROOT)
             self.proxies[role] = started
@@ -215,6 +221,27 @@ class SidecarSetup(Setup):
                 raise RuntimeError(f"{exc}\n--- sidecar {role} log ---\n{started.log_tail()}") \
                     from exc
         return port_a
+
+    def _audit_full(self, ctx: SetupContext, env: dict[str, str]) -> str:
+        """Keys and a collector for the whole audit trail; the config keys that turn it on:
+        an Ed25519 signing key, an AES-256-GCM data key, and shipping over TLS to a sink in
+        another process (``bench/micro_audit.py``'s, which reads and drops everything)."""
+        from bench.micro_audit import SINK, _tls_material
+        from sidecar.audit.crypto import write_data_key
+        from sidecar.audit.signing import write_keypair
+
+        keys = os.path.join(ctx.workdir, f"{self.name}-audit-keys")
+        os.makedirs(keys, exist_ok=True)
+        priv, _pub, _kid = write_keypair(os.path.join(keys, "signing"))
+        data_key = os.path.join(keys, "data.key")
+        write_data_key(data_key)
+        cert, key = _tls_material(keys)
+        port = free_port()
+        sink = ctx.group.start(f"{self.name}-audit-collector",
+                               [sys.executable, "-c", SINK, cert, key, str(port)], env=env)
+        wait_for_port(port, proc=sink.proc)
+        return (f", signing_key_file: {priv}, encryption_key_file: {data_key}"
+                f", ship: {{address: 127.0.0.1:{port}, ca_file: {cert}}}")
 
 
 # ---- nginx --------------------------------------------------------------------------------------
@@ -487,13 +514,14 @@ class EnvoySetup(Setup):
         return port_a
 
 
-def make_setup(name: str, *, sidecar_audit: bool = False, audit_fsync: bool = False) -> Setup:
+def make_setup(name: str, *, sidecar_audit: bool = False, audit_fsync: bool = False,
+               audit_full: bool = False) -> Setup:
     """The setup called ``name`` (one of ``SETUP_NAMES``)."""
     if name == "direct":
         return DirectSetup()
     if name in ("sidecar", "sidecar-full"):
         return SidecarSetup(audit=sidecar_audit, full=name == "sidecar-full",
-                            audit_fsync=audit_fsync)
+                            audit_fsync=audit_fsync, audit_full=audit_full)
     if name == "nginx":
         return NginxSetup()
     if name in ("envoy", "envoy-full"):

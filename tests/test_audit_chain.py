@@ -65,6 +65,35 @@ def test_records_batch_equals_one_by_one() -> None:
     assert a.state == b.state
 
 
+@pytest.mark.parametrize("first_seq", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32])
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_spliced_frames_are_exactly_the_packed_frame_maps(first_seq: int, encrypted: bool) -> None:
+    # Frames are spliced from fixed bytes around the record's one msgpack encoding (and
+    # ``erc`` bodies around the ciphertext): byte for byte what packing the map gives, for
+    # every msgpack int width of seq and every bin header width of the ciphertext.
+    from sidecar.audit.crypto import Decryptor, Encryptor
+
+    key = b"d" * 32
+    encryptor = Encryptor(key) if encrypted else None
+    head = ChainHead(first_seq)
+    head.journal = []
+    wires = [{"t": 1.0, "path": "p" * n} for n in (0, 200, 300, 70_000)]
+    data = head.records(wires, encryptor)
+    payloads = _split(data)
+    assert len(payloads) == len(wires) == len(head.journal)
+    for payload, (seq, kind, journalled, _digest, wire) in zip(payloads, head.journal,
+                                                             strict=True):
+        assert payload == journalled
+        obj = msgpack.unpackb(payload)
+        assert obj["seq"] == seq and kind == ("erc" if encrypted else "rec")
+        assert payload == msgpack.packb(obj, use_bin_type=True)
+        if encrypted:
+            header = {"enc": {"kid": encryptor.kid}}  # type: ignore[union-attr]
+            assert Decryptor([key]).record(seq, obj["erc"], header) == wire
+        else:
+            assert obj["rec"] == wire
+
+
 def test_restore_rolls_back_the_head() -> None:
     head = ChainHead()
     state = head.state

@@ -102,6 +102,40 @@ def test_record_from_without_facts_and_outbound_target() -> None:
         record_from(d, None, time=1.0, no_such_field=1)
 
 
+def test_record_from_lets_every_keyword_win_over_what_was_derived() -> None:
+    # record_from builds the record positionally, then applies the keywords: each one,
+    # None included, must win over what the decision, facts and token said.
+    auth = AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}, apikey="k")
+    d = Decision("allow", "r", REASON_RATE_LIMITED, "v1", status=429)
+    samples: dict[str, object] = {"event": "other", "request_id": None, "direction": None,
+                                  "peer": None, "source": None, "token_issuer": None,
+                                  "token_subject": "x", "token_id_hash": None,
+                                  "apikey": None, "method": None, "host": None, "path": None,
+                                  "rule": None, "reason": None,
+                                  "policy_version": None, "status": None, "bytes_in": None,
+                                  "bytes_out": 9, "duration_ms": None, "extra": {"a": 1}}
+    # (``time`` and ``decision`` are record_from's own parameters.)
+    assert set(samples) == set(FIELD_NAMES) - {"time", "decision"}
+    for facts in (FACTS, None):
+        for name, value in samples.items():
+            rec = record_from(d, facts, time=1.0, auth=auth, **{name: value})
+            assert getattr(rec, name) == value, name
+        rec = record_from(d, facts, time=1.0, auth=auth)
+        assert (rec.event, rec.status, rec.token_issuer, rec.apikey) == (
+            "rate_limited", 429, "i", "k")
+
+
+@pytest.mark.parametrize("name", FIELD_NAMES)
+def test_to_wire_leaves_out_exactly_the_none_fields_in_table_order(name: str) -> None:
+    full = {f: f"v-{f}" for f in FIELD_NAMES}
+    full["extra"] = {"e": 1}  # type: ignore[assignment]
+    for value in (None, "", 0) if name != "extra" else (None, {}):
+        rec = AuditRecord(**{**full, name: value})  # type: ignore[arg-type]
+        expected = [(key, getattr(rec, f)) for f, key in WIRE_KEYS.items()
+                    if getattr(rec, f) is not None]
+        assert list(rec.to_wire().items()) == expected
+
+
 def test_connection_refused_and_alert_records() -> None:
     c = connection_refused_record(time=1.0, direction="inbound", source="1.2.3.4:5",
                                   reason="handshake_failed")

@@ -321,3 +321,72 @@ def test_frame_message_carries_every_odd_value_exactly(host: str) -> None:
                        "frame": base64.b64encode(frame).decode()}
     assert collect_frames([m.decode() for m in messages], seen) == len(journal)
     assert seen == {seq: frame for seq, _k, frame, _d, _x in journal}
+
+
+@pytest.mark.parametrize("how", ["wrong name", "untrusted CA"])
+def test_shipper_refuses_a_collector_it_cannot_authenticate(tmp_path, rsyslog, how):
+    # The shipper runs on the data path's TlsTransport, wrapped with the collector's name:
+    # a certificate for another name, or from a CA not in ca_file, gets nothing.
+    import dataclasses
+
+    ship = rsyslog.ship(server_name="not-the-collector.test")
+    if how == "untrusted CA":
+        other_ca, _ctx = https_server_material(tmp_path / "other-ca")
+        ship = dataclasses.replace(rsyslog.ship(), ca_file=str(other_ca))
+    writer = AuditWriter(AuditConfig(path=str(tmp_path / "audit"), fsync=False, ship=ship),
+                         identity=ORDERS, retry_initial=0.05, retry_max=0.1)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                assert writer.submit(AuditRecord(time=1.0, request_id="never-shipped"))
+                shipper = writer.shipper
+                assert shipper is not None
+                await _until(lambda: shipper.failures >= 3)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    shipper = writer.shipper
+    assert shipper is not None and shipper.sent == 0 and not shipper.connected
+    assert "CERTIFICATE_VERIFY_FAILED" in (shipper.last_error or "")
+    assert not any("never-shipped" in line for line in rsyslog.lines())
+
+
+# Every slot of a record shape, with values of the slot's type and of every other type:
+# the shape-generated JSON must equal the C encoder's, whatever the first record was.
+SHAPE_VALUES: list[object] = ["peer-1", 'q"', 7, 1.5, True, None, {"a": [1, b"x"]}, -0.0,
+                              float("nan"), float("inf"), 2**64, "caf\u00e9"]
+
+
+def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
+    from sidecar.audit import ship
+
+    encode = ship._make_encode()
+    keys = ["t", "ev", "peer", "id", "st", "x", "k_1"]  # repeating, unique, odd key names
+    for first in SHAPE_VALUES:
+        for later in SHAPE_VALUES:
+            for slot in keys:
+                base: dict[str, object] = {"t": 1.7e9, "ev": "request", "peer": "p",
+                                           "id": "r1", "st": 200, "x": {"s": 1}, "k_1": "v"}
+                wire = {**base, slot: first}
+                assert ship.record_json(wire) == encode(wire)
+                wire[slot] = later
+                assert ship.record_json(wire) == encode(wire)
+    # Keys that are not plain names never reach generated code, and stay exact.
+    for odd in ({'a"b': 1}, {"%s": "x"}, {"{k}": 1.0}, {"x y": "z"}, {1: "int key"}):
+        assert ship.record_json(odd) == encode(odd)  # type: ignore[arg-type]
+
+
+def test_record_json_bounds_its_shapes_and_remembered_strings() -> None:
+    from sidecar.audit import ship
+
+    encode = ship._make_encode()
+    for i in range(ship.MAX_SHAPES + 10):
+        wire = {f"k{i}": "v", "peer": f"spiffe://p/{i}" * 3}
+        assert ship.record_json(wire) == encode(wire)
+    assert len(ship._shapes) <= ship.MAX_SHAPES
+    for i in range(ship.MAX_KNOWN + 10):
+        wire = {"t": 1.0, "peer": f"peer-{i}"}
+        assert ship.record_json(wire) == encode(wire)
+    assert len(ship._known) <= ship.MAX_KNOWN

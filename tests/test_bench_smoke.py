@@ -164,3 +164,43 @@ def test_full_setups_configs_hold_the_same_provider_and_rule(tmp_path) -> None: 
     claims = pyjwt.decode(bench_jwt.token, key.key, algorithms=["ES256"],
                           audience=provider["audiences"][0], issuer=provider["issuer"])
     assert "bench.read" in claims["scope"].split()
+
+
+def test_audit_full_turns_on_signing_encryption_and_shipping(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # --audit-full: the sidecar config the bench writes has a signing key, a data key and
+    # a collector; a writer built from it signs, encrypts and ships to the bench's sink.
+    import trio
+
+    from bench.setups import SetupContext, SidecarSetup, sidecar_config_yaml
+    from sidecar.audit.record import AuditRecord
+    from sidecar.audit.writer import AuditWriter
+    from sidecar.config.audit import parse_audit_config
+    from sidecar.config.source import parse_yaml
+
+    certs = make_mesh_certs(str(tmp_path / "certs"), prefer_project_cli=False)
+    group = ProcessGroup(str(tmp_path))
+    try:
+        ctx = SetupContext(group, str(tmp_path), app_port=1, certs=certs)
+        extra = SidecarSetup(audit_full=True)._audit_full(ctx, dict(os.environ))
+        text = sidecar_config_yaml(certs=certs, role="B", listen_port=1, next_port=2,
+                                   admin_port=3, policy_path="p.yaml", workers=1,
+                                   audit_path=str(tmp_path / "audit"), audit_extra=extra)
+        raw, src = parse_yaml(text, "B.yaml")
+        config = parse_audit_config(raw["audit"], ("audit",), src)
+        assert not src.problems and config is not None
+        assert config.signing_key_file and config.encryption_key_file and config.ship
+        writer = AuditWriter(config, identity=SERVER_ID)
+
+        async def main() -> None:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(writer.run)
+                    for i in range(20):
+                        assert writer.submit(AuditRecord(time=float(i), request_id=f"r{i}"))
+                    await writer.aclose()
+
+        trio.run(main)
+        assert writer.shipper is not None and writer.shipper.sent > 20
+        assert writer.shipper.dropped == 0 and writer.last_checkpoint is not None
+    finally:
+        group.close()

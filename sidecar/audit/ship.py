@@ -36,19 +36,23 @@ notices the collector closing at once (syslog collectors never send).
 from __future__ import annotations
 
 import base64
+import binascii
 import itertools
 import json
+import math
 import os
+import re
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from sidecar.config.audit import ShipConfig
+from sidecar.net.transport import TlsTransport
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
 PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)
@@ -61,9 +65,14 @@ SEND_TIMEOUT = 10.0
 
 
 _MSGIDS = {kind: msgid.encode() for kind, msgid in MSGIDS.items()}
+_KINDB = {kind: kind.encode() for kind in MSGIDS}
 _FIELD = {"seg": b"header", "rec": b"record", "erc": b"record", "chk": b"checkpoint",
           "end": b"checkpoint"}
-_SD_OPEN = b" [" + SD_ID.encode() + b' seq="'
+# One bytes-format per message (a C call); the values are arguments, never part of the
+# format, so a '%' in a host name or a record cannot change it.
+_MESSAGE = (b'%b%b [' + SD_ID.encode() + b' seq="%d" digest="%b" kind="%b"] '
+            b'{"seq":%d,"kind":"%b","digest":"%b","%b":%b,"frame":"%b"}')
+_RECORD_KINDS = ("rec", "erc")
 
 
 def _json_default(value: Any) -> Any:
@@ -86,6 +95,95 @@ def _make_encode() -> Callable[[Any], str]:
 
 _encode = _make_encode()
 
+# -- record JSON by shape
+#
+# The C encoder above costs about as much per record as the rest of the message: it makes
+# one small string per key, value and separator and joins them. Records of one kind have
+# the same keys in the same order, so for each key order seen (a *shape*) a function is
+# generated once that checks each value's type and fills ONE f-string:
+# ``f'{{"t":{repr(t)},"ev":{escape(ev)},...}}'``. Slots are typed from the first
+# record of the shape: a float slot takes only finite floats (their repr is what JSON
+# writes), an int slot only ints (not bools), a str slot only strings (the C escape
+# function refuses anything else; values that repeat are looked up, see ``_known``), any
+# other value (extras, bools) goes through the C
+# encoder for that value alone. A record that does not fit its shape's types falls back
+# to the whole C encoder, so the text is always exactly ``_encode(record)``
+# (tests/test_audit_ship.py compares them over odd values). Shapes are bounded.
+MAX_SHAPES = 64
+_shapes: dict[tuple[Any, ...], Any] = {}
+_UNSEEN = object()
+_escape = json.encoder.encode_basestring_ascii
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_]+")
+
+
+# Escaping a string costs more than looking it up: the values of these keys repeat from
+# record to record (who, where, what was decided), so their JSON forms are remembered, at
+# most MAX_KNOWN of them (then forgotten all at once and learnt again).
+_REPEATING = frozenset(("ev", "dir", "peer", "src", "m", "host", "d", "rule", "why", "pv",
+                        "iss", "sub", "key"))
+MAX_KNOWN = 4096
+_known: dict[str, str] = {}
+
+
+def _learn(value: str) -> str:
+    text = _escape(value)  # TypeError for anything but a string: the caller falls back
+    if len(_known) >= MAX_KNOWN:
+        _known.clear()
+    _known[value] = text
+    return text
+
+
+def record_json(wire: dict[str, Any]) -> str:
+    """``_encode(wire)``, faster for records of a shape seen before (see above)."""
+    keys = tuple(wire)
+    fill: Callable[..., str | None] | None = _shapes.get(keys, _UNSEEN)
+    if fill is _UNSEEN:
+        fill = None  # past MAX_SHAPES, a new shape takes the C encoder
+        if len(_shapes) < MAX_SHAPES:
+            fill = _shapes[keys] = _shape_function(wire)
+    if fill is not None:
+        try:
+            text = fill(*wire.values())
+        except TypeError:  # a str slot got something else
+            text = None
+        if text is not None:
+            return text
+    return _encode(wire)
+
+
+def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
+    """The generated filler for ``wire``'s shape, or None (a key other than letters, digits
+    and '_': only such keys are written into the generated f-string)."""
+    if not all(type(k) is str and _PLAIN_KEY.fullmatch(k) for k in wire):
+        return None
+    parts, checks = [], []
+    for i, (key, value) in enumerate(wire.items()):
+        name = f"v{i}"
+        kind = type(value)
+        if kind is float:
+            checks.append(f"{name}.__class__ is not float or not -_inf < {name} < _inf")
+            text = f"_repr({name})"
+        elif kind is int:
+            checks.append(f"{name}.__class__ is not int")
+            text = f"_int({name})"
+        elif kind is str and key in _REPEATING:
+            text = f"_known.get({name}) or _learn({name})"
+        elif kind is str:
+            text = f"_escape({name})"
+        else:
+            text = f"_encode({name})"
+        parts.append(f'"{key}":{{{text}}}')
+    names = ", ".join(f"v{i}" for i in range(len(wire)))
+    source = f"def fill({names}):\n"
+    if checks:
+        source += f"    if {' or '.join(checks)}:\n        return None\n"
+    source += "    return f'{{" + ",".join(parts) + "}}'\n"
+    namespace: dict[str, Any] = {
+        "_repr": float.__repr__, "_int": int.__repr__, "_inf": math.inf, "_escape": _escape,
+        "_encode": _encode, "_known": _known, "_learn": _learn}
+    exec(source, namespace)  # noqa: S102 -- our own code from plain keys, see above
+    return namespace["fill"]  # type: ignore[no-any-return]
+
 
 def message_prefix(now: float, host: str, app: str) -> bytes:
     """``<PRI>1 TIMESTAMP HOST APP PROCID `` (one per batch: the frames of a batch share it)."""
@@ -98,16 +196,14 @@ def frame_message(prefix: bytes, seq: int, kind: str, digest: bytes, frame: byte
     """One octet-counted RFC 5424 message for one stored frame (pure).
 
     ``detail``: the record's stored map (short keys, docs/audit.md), the checkpoint JSON
-    (as ``/audit/head``) or the header body. Assembled from pieces: this runs per record."""
-    hexd = digest.hex().encode()
-    seqb = str(seq).encode()
-    kindb = kind.encode()
-    msg = b"".join((
-        prefix, _MSGIDS.get(kind, b"audit"), _SD_OPEN, seqb, b'" digest="', hexd,
-        b'" kind="', kindb, b'"] {"seq":', seqb, b',"kind":"', kindb, b'","digest":"', hexd,
-        b'","', _FIELD.get(kind, b"detail"), b'":', _encode(detail).encode(), b',"frame":"',
-        base64.b64encode(frame), b'"}'))
-    return str(len(msg)).encode() + b" " + msg
+    (as ``/audit/head``) or the header body. One format call: this runs per record."""
+    hexd = binascii.hexlify(digest)
+    kindb = _KINDB.get(kind) or kind.encode()
+    text = record_json(detail) if kind in _RECORD_KINDS else _encode(detail)
+    msg = _MESSAGE % (prefix, _MSGIDS.get(kind, b"audit"), seq, hexd, kindb, seq, kindb, hexd,
+                      _FIELD.get(kind, b"detail"), text.encode(),
+                      binascii.b2a_base64(frame, newline=False))
+    return b"%d %b" % (len(msg), msg)
 
 
 def hostname() -> str:
@@ -210,17 +306,21 @@ class Shipper:
                     except _NET_ERRORS:
                         pass  # it is being thrown away anyway
 
-    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+    async def _connect(self) -> TlsTransport:
         assert self.cfg.address is not None  # filled in from the environment at start
         host, port = self.cfg.address
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
-            stream = trio.SSLStream(tcp, self.context,
-                                    server_hostname=self.cfg.server_name or host)
-            await stream.do_handshake()
+            named = _NamedContext(self.context, self.cfg.server_name or host)
+            stream = TlsTransport(tcp.socket, cast(ssl.SSLContext, named), server_side=False)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await stream.aclose()
+                raise
         return stream
 
-    async def _serve(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _serve(self, stream: TlsTransport) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_close, stream)
             while True:
@@ -239,7 +339,7 @@ class Shipper:
                     self._recent.append(msg)
                 self.sent += len(batch)
 
-    async def _watch_close(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _watch_close(self, stream: TlsTransport) -> None:
         # A syslog collector never sends: any end of the read side means it is gone.
         while True:
             data = await stream.receive_some(4096)
@@ -270,6 +370,26 @@ class Shipper:
 
 class _CollectorClosed(Exception):
     pass
+
+
+class _NamedContext:
+    """A client ``SSLContext`` that always wraps with ``server_hostname``.
+
+    The shipper sends over the data path's lean ``TlsTransport`` (OpenSSL writes the socket
+    itself: no memory BIO copies and none of ``trio.SSLStream``'s bookkeeping per send),
+    which wraps as a server would, without a host name; the collector's certificate must
+    be checked against its name, so the name is added here."""
+
+    def __init__(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        self._context = context
+        self._server_hostname = server_hostname
+
+    def wrap_socket(self, sock: socket.socket, **kw: Any) -> ssl.SSLSocket:
+        kw["server_hostname"] = self._server_hostname
+        try:
+            return self._context.wrap_socket(sock, **kw)
+        except ValueError as exc:  # a name OpenSSL refuses: a failed connection, not a crash
+            raise OSError(str(exc)) from exc
 
 
 _NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
