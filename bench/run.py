@@ -217,8 +217,11 @@ def machine_description() -> dict[str, Any]:
                     break
     except OSError:
         pass
+    # The sidecars run on this interpreter (``sys.executable``): run the bench with another
+    # one (e.g. a venv of Debian's PGO/LTO python3) to measure the sidecar on that build.
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "python_build": sys.version,
+            "python_executable": sys.executable}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
           f"kernel {meta['machine']['kernel']}; generator {meta['generator']}; app {meta['app']}")
+    print(f"sidecar interpreter: {sys.executable} (Python {meta['machine']['python_build']})")
     if meta["generator"] != "wrk":
         print(f"note: {loadgen.BUILTIN_LIMITS}")
     print(render_table(results))

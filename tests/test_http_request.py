@@ -95,3 +95,14 @@ def test_body_expect_and_upgrade_flags():
     ws = head(headers=[(b"upgrade", b"websocket"), (b"connection", b"keep-alive, Upgrade")])
     assert ws.upgrade == b"websocket"
     assert head(headers=[(b"upgrade", b"websocket")]).upgrade is None  # not in Connection
+
+
+def test_cookie_may_repeat_and_the_first_refusal_in_field_order_wins():
+    # Cookie is counted with the once-only fields but may repeat (RFC 6265 5.4 folds them).
+    assert head(headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2")]).host == "orders"
+    dup = [(b"authorization", b"a"), (b"authorization", b"b")]
+    bad_expect = [(b"expect", b"200-ok")]
+    for fields, reason in ((bad_expect + dup, "bad_expect"), (dup + bad_expect, "duplicate_header")):
+        with pytest.raises(BadRequest) as info:
+            head(headers=fields)
+        assert info.value.reason == reason

@@ -279,3 +279,20 @@ def test_demo_policy_scenarios() -> None:
     assert decide_egress(demo, orders, fe, NOW).allowed
     assert not decide_egress(demo, orders, intruder, NOW).allowed
     assert not decide_egress(demo, intruder, orders, NOW).allowed
+
+
+def test_auth_facts_are_immutable_and_compare_without_their_key() -> None:
+    # AuthFacts is a named tuple for speed (built per request); it must keep what the
+    # frozen dataclass it replaced promised: no attribute can be changed, equality ignores
+    # the gate's cache key, the empty defaults are read-only and not a shared dict.
+    a = AuthFacts(claims={"corp": {"sub": "u"}}, key=(("corp", "t1"), None))
+    b = AuthFacts(claims={"corp": {"sub": "u"}}, key=(("corp", "t2"), None))
+    assert a == b and not a != b
+    assert a != AuthFacts(claims={"corp": {"sub": "v"}}, key=a.key)
+    assert AuthFacts() == NO_AUTH and NO_AUTH.key == ()
+    with pytest.raises(AttributeError):
+        a.apikey = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        AuthFacts().claims["corp"] = {}  # type: ignore[index]
+    with pytest.raises(TypeError):
+        hash(a)

@@ -13,7 +13,13 @@ from typing import NamedTuple
 
 from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
 
-_SINGLETONS = (b"host", b"authorization", b"content-length", b"x-api-key", b"cookie")
+# The fields check_head looks at, by kind (one dictionary lookup per field). The first
+# five may appear once only (Cookie may repeat: it is the one singleton that is counted but
+# not refused).
+_HOST, _LENGTH, _ONCE, _COOKIE, _TE, _EXPECT, _UPGRADE, _CONNECTION = range(8)
+_FIELD_KINDS = {b"host": _HOST, b"content-length": _LENGTH, b"authorization": _ONCE,
+                b"x-api-key": _ONCE, b"cookie": _COOKIE, b"transfer-encoding": _TE,
+                b"expect": _EXPECT, b"upgrade": _UPGRADE, b"connection": _CONNECTION}
 # h11 lets control characters other than NUL, CR and LF through in field values (RFC 9110
 # says they are invalid but MAY be kept); an app may read them differently, so refuse.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -48,36 +54,42 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         raise BadRequest("bad_http_version")  # h11 parses "HTTP/2.0" as if it were 1.x
     if len(headers) > max_headers:
         raise HeadersTooLarge("too_many_headers")
-    seen: dict[bytes, int] = {}
+    seen: list[bytes] = []
     host = None
     content_length = None
     chunked = False
     expect = False
     upgrade = None
     conn_upgrade = False
+    kind_of = _FIELD_KINDS.get
     for name, value in headers:
         if not values_checked and _CONTROL.search(value) is not None:
             raise BadRequest("bad_header_value", name.decode("latin-1"))
-        if name in _SINGLETONS:
-            seen[name] = seen.get(name, 0) + 1
-            if seen[name] > 1 and name != b"cookie":
-                raise BadRequest("duplicate_header", name.decode())
-            if name == b"host":
+        kind = kind_of(name)
+        if kind is None:
+            continue  # most fields: one dictionary lookup, no chain of comparisons
+        if kind <= _COOKIE:
+            if name in seen:
+                if kind != _COOKIE:
+                    raise BadRequest("duplicate_header", name.decode())
+            else:
+                seen.append(name)
+            if kind == _HOST:
                 host = value
-            elif name == b"content-length":
+            elif kind == _LENGTH:
                 # h11 already checked it is digits; re-checked so this function is total.
                 if not value.isdigit():
                     raise BadRequest("bad_content_length")
                 content_length = int(value)
-        elif name == b"transfer-encoding":
+        elif kind == _TE:
             chunked = True
-        elif name == b"expect":
+        elif kind == _EXPECT:
             if value.lower() != b"100-continue":
                 raise BadRequest("bad_expect")
             expect = True
-        elif name == b"upgrade":
+        elif kind == _UPGRADE:
             upgrade = value
-        elif name == b"connection":
+        else:
             conn_upgrade = conn_upgrade or b"upgrade" in value.lower()
     if host is None or not host or b"," in host or b"@" in host or b" " in host:
         raise BadRequest("bad_host")
@@ -103,11 +115,5 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         # every request after the first would bypass the policy (h2c smuggling).
         raise BadRequest("h2c_upgrade")
     has_body = chunked or bool(content_length)
-    return RequestHead(
-        method=method.decode("ascii"),
-        target=target,
-        host=host.decode("ascii", "replace").lower(),
-        has_body=has_body,
-        expect_continue=expect and has_body,
-        upgrade=upgrade if conn_upgrade else None,
-    )
+    return RequestHead(method.decode("ascii"), target, host.decode("ascii", "replace").lower(),
+                       has_body, expect and has_body, upgrade if conn_upgrade else None)
