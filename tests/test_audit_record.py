@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from sidecar.audit.record import (
+    _USUALLY_NONE,
     FIELD_NAMES,
     MAX_EXTRA_KEYS,
     WIRE_KEYS,
@@ -77,6 +78,8 @@ def test_token_id_is_hashed_never_stored() -> None:
          "request"),
         (Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny"), "dry-run",
          "request"),
+        (Decision("allow", "r", REASON_ALLOWED, "v1", dry_run=True, would="allow"), "allow",
+         "request"),
         (Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429), "deny",
          "rate_limited"),
     ],
@@ -126,10 +129,16 @@ def test_record_from_lets_every_keyword_win_over_what_was_derived() -> None:
 
 
 @pytest.mark.parametrize("name", FIELD_NAMES)
-def test_to_wire_leaves_out_exactly_the_none_fields_in_table_order(name: str) -> None:
-    full = {f: f"v-{f}" for f in FIELD_NAMES}
-    full["extra"] = {"e": 1}  # type: ignore[assignment]
-    for value in (None, "", 0) if name != "extra" else (None, {}):
+@pytest.mark.parametrize("tokens", ["set", "none"])
+def test_to_wire_leaves_out_exactly_the_none_fields_in_table_order(name: str,
+                                                                   tokens: str) -> None:
+    # Both ways ``to_wire`` builds the map: with token/API-key fields set (the whole map)
+    # and without (the map of the usual fields): each field None, empty or set, in turn.
+    full: dict[str, object] = {f: f"v-{f}" for f in FIELD_NAMES}
+    full["extra"] = {"e": 1}
+    if tokens == "none":
+        full.update(dict.fromkeys(_USUALLY_NONE))
+    for value in (None, "", 0, f"v-{name}") if name != "extra" else (None, {}, {"e": 1}):
         rec = AuditRecord(**{**full, name: value})  # type: ignore[arg-type]
         expected = [(key, getattr(rec, f)) for f, key in WIRE_KEYS.items()
                     if getattr(rec, f) is not None]

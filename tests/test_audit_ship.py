@@ -295,12 +295,15 @@ def test_frame_message_carries_every_odd_value_exactly(host: str) -> None:
     import base64
 
     from sidecar.audit.chain import ChainHead
-    from sidecar.audit.ship import frame_message, message_prefix
+    from sidecar.audit.ship import frame_message, frame_messages, message_prefix
 
     wires: list[dict[str, object]] = [
         AuditRecord(time=1.7e9, request_id=f"r{i}", path="/p", extra={"v": v}).to_wire()
         for i, v in enumerate(ODD_VALUES)]
     wires += [{"t": 1.0, "path": v} for v in ODD_VALUES if isinstance(v, str)]
+    # One shape, every type in its slots: the batch builder's fallbacks (a str slot given
+    # something else, a float slot given an int) must give the same bytes.
+    wires += [{"t": v if isinstance(v, float) else 1.0, "path": v, "st": v} for v in ODD_VALUES]
     head = ChainHead()
     head.journal = []
     head.header(1.0, note="h%s")
@@ -310,6 +313,8 @@ def test_frame_message_carries_every_odd_value_exactly(host: str) -> None:
     prefix = message_prefix(1.7e9, host, "side%car")
     messages = [frame_message(prefix, seq, kind, digest, frame, detail)
                 for seq, kind, frame, digest, detail in journal]
+    # What the writer sends: the whole batch at once, records built inline.
+    assert frame_messages(prefix, journal, lambda _s, _k, _f, detail: detail) == messages
     seen: dict[int, bytes] = {}
     for msg, (seq, kind, frame, digest, detail) in zip(messages, journal, strict=True):
         count, _sp, body = msg.partition(b" ")

@@ -124,13 +124,28 @@ FIELD_NAMES: tuple[str, ...] = tuple(WIRE_KEYS)
 _FIELD_SET = frozenset(FIELD_NAMES)
 
 
+# Fields that are None in most records (no token, no API key, no extra): a record with
+# none of the four token fields gets a map built without them. Same keys, same order.
+_USUALLY_NONE = ("token_issuer", "token_subject", "token_id_hash", "apikey")
+
+
 def _make_wire_of() -> Callable[[AuditRecord], dict[str, Any]]:
     # ``to_wire`` runs once per record on the writer's path; a loop of getattr over the
     # table cost a quarter more than straight-line code, so the straight-line code is
     # generated from the table (one place to change): build the whole map in one step,
-    # then drop the None values, in table order.
-    lines = ["def wire_of(r):", "    out = {" + ", ".join(
-        f"{key!r}: r.{name}" for name, key in _WIRE_ITEMS) + "}"]
+    # then drop the None values, in table order. Each entry of the map costs about as
+    # much as the rest of a check, so when the ``_USUALLY_NONE`` fields are all None (most
+    # requests) the map is built without them, and ``extra`` (last in the table, so its
+    # key stays last) is added only when set: 9,000 instead of 14,700 instructions.
+    assert _WIRE_ITEMS[-1][0] == "extra"
+    common = [(n, k) for n, k in _WIRE_ITEMS[:-1] if n not in _USUALLY_NONE]
+    lines = ["def wire_of(r):",
+             "    if " + " and ".join(f"r.{name} is None" for name in _USUALLY_NONE) + ":",
+             "        out = {" + ", ".join(f"{key!r}: r.{name}" for name, key in common) + "}"]
+    lines += [f"        if r.{name} is None:\n            del out[{key!r}]" for name, key in common]
+    lines += ["        if r.extra is not None:", "            out['x'] = r.extra",
+              "        return out"]
+    lines += ["    out = {" + ", ".join(f"{key!r}: r.{name}" for name, key in _WIRE_ITEMS) + "}"]
     lines += [f"    if r.{name} is None:\n        del out[{key!r}]" for name, key in _WIRE_ITEMS]
     lines.append("    return out")
     namespace: dict[str, Any] = {}
@@ -195,16 +210,19 @@ def record_from(
     Runs once per request: the record is built with one positional call (a dict of
     values and ``**`` cost twice as much), then ``auth`` and ``kw`` are applied in order.
     """
-    event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
+    reason = decision.reason
+    event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
     if status is _FROM_DECISION:
         status = decision.status
     if facts is not None:
+        direction = facts.direction
         record = AuditRecord(
-            time, event, request_id, facts.direction, facts.peer, facts.source,
+            time, event, request_id, direction, facts.peer, facts.source,
             None, None, None, None, facts.method, facts.host, facts.path,
-            decision_value(decision), decision.rule, decision.reason, decision.version,
-            status, bytes_in, bytes_out, duration_ms)
-        if facts.direction == "outbound" and facts.target is not None:
+            # decision_value(decision), without a call per record
+            "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
+            decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms)
+        if direction == "outbound" and facts.target is not None:
             # Outbound: the caller is our own app; the interesting identity is the target.
             record.extra = {"target": facts.target}
     else:
@@ -215,10 +233,11 @@ def record_from(
     if auth is not None:
         for name, value in _token_fields(auth).items():
             setattr(record, name, value)
-    for name, value in kw.items():
-        if name not in _FIELD_SET:
-            raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
-        setattr(record, name, value)
+    if kw:
+        for name, value in kw.items():
+            if name not in _FIELD_SET:
+                raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
+            setattr(record, name, value)
     return record
 
 

@@ -206,6 +206,38 @@ def frame_message(prefix: bytes, seq: int, kind: str, digest: bytes, frame: byte
     return b"%d %b" % (len(msg), msg)
 
 
+def frame_messages(prefix: bytes, frames: Iterable[tuple[int, str, bytes, bytes, Any]],
+                   detail_of: Callable[[int, str, bytes, Any], Any]) -> list[bytes]:
+    """``frame_message`` for each ``(seq, kind, frame, digest, detail)`` of a batch, in order
+    (pure). Records -- all but a few frames of a batch -- are built here without a call per
+    message (the JSON by its shape's filler, then one format); other frames go through
+    ``frame_message`` with ``detail_of(seq, kind, frame, detail)``. Same bytes either way
+    (tests/test_audit_ship.py compares them)."""
+    out: list[bytes] = []
+    append = out.append
+    shapes, hexlify, b64 = _shapes, binascii.hexlify, binascii.b2a_base64
+    msgid, field, kinds, message = _MSGIDS["rec"], _FIELD["rec"], _KINDB, _MESSAGE
+    for seq, kind, frame, digest, detail in frames:
+        if kind not in _RECORD_KINDS:
+            append(frame_message(prefix, seq, kind, digest, frame,
+                                 detail_of(seq, kind, frame, detail)))
+            continue
+        fill = shapes.get(tuple(detail))
+        text = None
+        if fill is not None:
+            try:
+                text = fill(*detail.values())
+            except TypeError:  # a str slot got something else: record_json falls back
+                pass
+        if text is None:
+            text = record_json(detail)
+        hexd, kindb = hexlify(digest), kinds[kind]
+        msg = message % (prefix, msgid, seq, hexd, kindb, seq, kindb, hexd, field,
+                         text.encode(), b64(frame, newline=False))
+        append(b"%d %b" % (len(msg), msg))
+    return out
+
+
 def hostname() -> str:
     """RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255 characters."""
     name = socket.gethostname() or "-"

@@ -2,8 +2,12 @@
 
 Theory of operation
 -------------------
-``submit(record)`` is called on the request path. It never awaits: it puts the record in a
-bounded trio memory channel and returns at once; True means the record is queued.
+``submit(record)`` is called on the request path. It never awaits: it appends the record to
+a bounded deque (``queue_size``) and returns at once; True means the record is queued. The
+writer task parks on a ``trio.Event`` only while the deque is empty, and ``submit`` sets it
+only then, so a queued record costs one append and one attribute check (a trio memory
+channel did the same with several Python calls per record, and ``accepting()``, asked on
+every request, built a statistics object to read the depth).
 
 ``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
 to ``batch_size`` and hands each batch to a worker thread (``_SegmentSink.append``), which
@@ -29,7 +33,7 @@ is called; requests keep being served.
 
 On start the writer finds the chain head in the newest segment (``find_resume_point``)
 and always opens a new segment; a damaged tail is declared in the new header. On
-``aclose`` the channel is closed, everything queued is written, and the segment is sealed.
+``aclose`` the queue is closed, everything queued is written, and the segment is sealed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import math
 import os
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +55,7 @@ from sidecar.audit.chain import ChainHead, decode_frame
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
-from sidecar.audit.ship import Shipper, frame_message, hostname, message_prefix
+from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
@@ -79,6 +84,15 @@ class _PartialWrite(Exception):
         super().__init__(str(error))
         self.done = done
         self.error = error
+
+
+def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
+    """What a non-record frame's message carries: a signed checkpoint as ``/audit/head``
+    serves it, anything else (header, unsigned seal) as stored."""
+    if kind in ("chk", "end") and "sig" in detail:
+        _s, prev, _k, _b = decode_frame(payload)
+        return Checkpoint.from_frame(seq, prev, kind, detail).to_json()
+    return detail
 
 
 class _SegmentSink:
@@ -217,12 +231,7 @@ class _SegmentSink:
         if head is None or not head.journal or self.ship_host is None:
             return []
         prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
-        out = []
-        for seq, kind, payload, digest, detail in head.journal:
-            if kind in ("chk", "end") and "sig" in detail:
-                _s, prev, _k, _b = decode_frame(payload)
-                detail = Checkpoint.from_frame(seq, prev, kind, detail).to_json()
-            out.append(frame_message(prefix, seq, kind, digest, payload, detail))
+        out = frame_messages(prefix, head.journal, _message_detail)
         head.journal.clear()
         return out
 
@@ -450,7 +459,14 @@ class AuditWriter:
                                            str(exc))]) from None
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
-        self._send, self._recv = trio.open_memory_channel[AuditRecord](config.queue_size)
+        self._queue: deque[AuditRecord] = deque()
+        # The bound ``submit`` checks: ``queue_size``, plus one while the record that woke the
+        # waiting writer task is still queued (it is the writer's already, as a memory channel
+        # hands a record straight to a waiting receiver).
+        self._limit = config.queue_size
+        # Set by ``submit``/``aclose`` to wake the writer task; not None only while it waits
+        # on an empty queue.
+        self._wake: trio.Event | None = None
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
         self.shipper: Shipper | None = None
         if config.ship is not None:
@@ -472,6 +488,9 @@ class AuditWriter:
                                            f"cannot load TLS files: {exc}")]) from None
             self._sink.ship_host = hostname()
             self._sink.ship_app = ship.app_name
+        # Only a ``required`` shipper can refuse (ship.mode is fixed for the writer's life):
+        # the per-request checks skip the call otherwise.
+        self._gate = self.shipper if self.shipper is not None and self.shipper.required else None
         self._on_alert = on_alert
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -502,25 +521,28 @@ class AuditWriter:
             self._count_unrecorded()
             return False
         if not admitted and ((not self.fail_open and not self.healthy)
-                             or (self.shipper is not None and not self.shipper.accepting())):
+                             or (self._gate is not None and not self._gate.accepting())):
             self.rejected += 1
             return False
-        try:
-            self._send.send_nowait(record)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        queue = self._queue
+        if len(queue) >= self._limit:
             self._count_unrecorded()
             return False
+        queue.append(record)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            self._limit += 1
+            wake.set()
         return True
 
     def accepting(self) -> bool:
         """May the data path serve a request now? (fail_closed: only if it can be recorded)."""
         if self._closing:
             return False
-        if self.shipper is not None and not self.shipper.accepting():
+        if self._gate is not None and not self._gate.accepting():
             return False  # ship.mode: required, and records cannot be shipped now
-        if self.fail_open:
-            return True
-        return self.healthy and self._send.statistics().current_buffer_used < self.config.queue_size
+        return self.fail_open or (self.healthy and len(self._queue) < self._limit)
 
     def _count_unrecorded(self) -> None:
         if self.fail_open:
@@ -538,7 +560,7 @@ class AuditWriter:
         shipping is configured."""
         head = self._sink.head
         return AuditWriterStatistics(
-            queue_depth=self._send.statistics().current_buffer_used + self._inflight,
+            queue_depth=len(self._queue) - self._limit + self.config.queue_size + self._inflight,
             queue_size=self.config.queue_size,
             written=self.written, lost=self.lost, rejected=self.rejected,
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
@@ -616,7 +638,7 @@ class AuditWriter:
                 await self._write(batch)
                 batch = []
                 if (not self._closing
-                        and self._recv.statistics().current_buffer_used < self.config.batch_size):
+                        and len(self._queue) < self.config.batch_size):
                     await trio.sleep(BATCH_LINGER)
             try:
                 await self._run_sink(self._sink.close)
@@ -624,9 +646,10 @@ class AuditWriter:
                 self._note_failure(exc)
         finally:
             # Cancelled before the queue was drained: what is left is lost; say so.
-            left = len(batch) + self._recv.statistics().current_buffer_used
+            left = len(batch) + len(self._queue)
             if left:
                 self.lost += left
+                self._queue.clear()
                 self._inflight = 0
 
     def _first_open(self) -> None:
@@ -652,20 +675,26 @@ class AuditWriter:
     async def _next_batch(self) -> list[AuditRecord] | None:
         """The next batch; [] at the end; None when the timer checkpoint is due first."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
+        queue = self._queue
         with trio.move_on_after(due if due is not None else math.inf) as timer:
-            try:
-                first = await self._recv.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return []
+            if queue:
+                await trio.lowlevel.checkpoint()  # a full queue must not starve the loop
+            while not queue:
+                if self._closing:
+                    return []  # closed and drained
+                self._wake = wake = trio.Event()
+                await wake.wait()
+        self._wake = None
+        self._limit = self.config.queue_size
         if timer.cancelled_caught:
             return None
-        batch = [first]
         limit = self.config.batch_size
-        while len(batch) < limit:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        if len(queue) <= limit:
+            batch = list(queue)
+            queue.clear()
+        else:
+            popleft = queue.popleft
+            batch = [popleft() for _ in range(limit)]
         self._inflight = len(batch)
         return batch
 
@@ -736,7 +765,11 @@ class AuditWriter:
         """
         if not self._closing:
             self._closing = True
-            await self._send.aclose()
+            wake = self._wake
+            if wake is not None:
+                self._wake = None
+                wake.set()
+            await trio.lowlevel.checkpoint()
             if self._probe_scope is not None:
                 self._probe_scope.cancel()
         if not self._running:
