@@ -378,6 +378,17 @@ def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
                 assert ship.record_json(wire) == encode(wire)
                 wire[slot] = later
                 assert ship.record_json(wire) == encode(wire)
+    # A run of repeating keys (one remembered fragment per value tuple): every slot of it,
+    # and the per-connection key that splits it, with every type.
+    run = {"t": 1.5, "dir": "inbound", "peer": "p", "src": "1.2.3.4:5", "m": "GET",
+           "host": "h", "path": "/", "d": "allow", "rule": "r", "why": "ok", "pv": "v1"}
+    for first in SHAPE_VALUES:
+        for later in SHAPE_VALUES:
+            for slot in ("dir", "peer", "src", "m", "host", "d", "rule", "pv"):
+                wire = {**run, slot: first}
+                assert ship.record_json(wire) == encode(wire)
+                wire[slot] = later
+                assert ship.record_json(wire) == encode(wire)
     # Keys that are not plain names never reach generated code, and stay exact.
     for odd in ({'a"b': 1}, {"%s": "x"}, {"{k}": 1.0}, {"x y": "z"}, {1: "int key"}):
         assert ship.record_json(odd) == encode(odd)  # type: ignore[arg-type]
@@ -395,3 +406,7 @@ def test_record_json_bounds_its_shapes_and_remembered_strings() -> None:
         wire = {"t": 1.0, "peer": f"peer-{i}"}
         assert ship.record_json(wire) == encode(wire)
     assert len(ship._known) <= ship.MAX_KNOWN
+    for i in range(ship.MAX_KNOWN + 10):
+        wire = {"t": 1.0, "dir": "inbound", "peer": f"peer-{i}", "rule": "r"}
+        assert ship.record_json(wire) == encode(wire)
+    assert len(ship._runs) <= ship.MAX_KNOWN and ship._runs
