@@ -8,8 +8,10 @@ disagrees with itself, absolute-form targets on inbound, and -- in ``sidecar.pol
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
 
@@ -48,6 +50,12 @@ class RequestHead(NamedTuple):
     expect_continue: bool
     upgrade: bytes | None
     connection: bool = False  # a Connection field is present (it may list hop-by-hop names)
+
+
+# A RequestHead from all its fields in order, without the named tuple's Python-level
+# ``__new__`` (once per request on each proxy).
+_new_head: Callable[[tuple[Any, ...]], RequestHead] = functools.partial(
+    tuple.__new__, RequestHead)
 
 
 def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], *,
@@ -124,9 +132,9 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         # every request after the first would bypass the policy (h2c smuggling).
         raise BadRequest("h2c_upgrade")
     has_body = chunked or bool(content_length)
-    return RequestHead(method_name, target, host.decode("ascii", "replace").lower(),
-                       has_body, expect and has_body, upgrade if conn_upgrade else None,
-                       connection)
+    return _new_head((method_name, target, host.decode("ascii", "replace").lower(),
+                      has_body, expect and has_body, upgrade if conn_upgrade else None,
+                      connection))
 
 
 def _check_method(method: bytes) -> str:
