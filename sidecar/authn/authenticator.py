@@ -266,7 +266,9 @@ class Authenticator:
                     key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
                     verified = self._verify(provider, found.token, now)
-                    check_binding(verified, peer_x5t, provider.cert_binding == "required")
+                    required = provider.cert_binding == "required"
+                    if required or verified.get("cnf") is not None:  # (else nothing to check)
+                        check_binding(verified, peer_x5t, required)
                     claims[name] = verified
                     if key is not None:
                         if len(found.token) > DECISION_KEY_MAX_TOKEN:

@@ -115,6 +115,10 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
     ``headers`` are (name, value) pairs as h11 gives them (names lower-case); ``query`` is the raw query
     string (no ``?``). Raises ``TokenInvalid("multiple_tokens")`` on ambiguity.
     """
+    locations = provider.locations
+    if len(locations) == 1 and locations[0].kind == "header":  # the usual provider
+        values = _from_header(locations[0], headers)
+        return _found((values[0], locations)) if values else None
     found: list[tuple[TokenLocation, str]] = []
     cookies: list[tuple[str, str]] | None = None
     queries: list[tuple[str, str]] | None = None
