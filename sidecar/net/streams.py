@@ -353,17 +353,22 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
     Idle upstream connections must have nothing to read: pending bytes mean EOF, a TLS
     close_notify or garbage, and in every case the connection must not be reused.
     """
+    pending = getattr(stream, "pending", None)  # decrypted bytes OpenSSL holds (TLS)
+    if pending is not None and pending():
+        return False
     sock = raw_socket(stream)
     # Trio's socket methods are async; a non-blocking check needs the stdlib socket inside.
     sock = getattr(sock, "_sock", None)
     if sock is None or sock.fileno() < 0:
         return False
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, ssl.SSLSocket):  # a stream wrapped by the stdlib (not the pool's)
         if sock.pending():
             return False
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         return not poller.poll(0)
+    # Any byte on the socket -- an EOF, a TLS record (close_notify, an alert) or garbage --
+    # means the connection is not reusable.
     try:
         sock.recv(1, _PEEK_NOW)
     except BlockingIOError:
