@@ -367,16 +367,18 @@ class MessageReader:
         self._scanned = 0
         if end + 4 > self.max_head:
             raise ParseError("header_too_large", 431)
-        if self.requests:
-            m = _REQUEST_HEAD.fullmatch(buf, 0, end + 2)
-            if m is None:
-                self._refuse_head(buf, end)
-            method, target, version, block = m.groups()  # type: ignore[union-attr]
-            if len(buf) == end + 4:
-                buf.clear()
-            else:
-                del buf[:end + 4]
-            headers = _split_fields(block)
+        requests = self.requests
+        m = (_REQUEST_HEAD if requests else _RESPONSE_HEAD).fullmatch(buf, 0, end + 2)
+        if m is None:
+            self._refuse_head(buf, end)
+        groups = m.groups()  # type: ignore[union-attr]
+        if len(buf) == end + 4:
+            buf.clear()
+        else:
+            del buf[:end + 4]
+        headers = _split_fields(groups[3])
+        if requests:
+            method, target, version, _ = groups
             hosts, self.framing, self._remaining, close = _head_facts(headers, request=True)
             if hosts == 0 and version == b"1.1":
                 raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
@@ -384,15 +386,7 @@ class MessageReader:
             self._state = self.framing
             self._framing_bytes = self._body_bytes = 0
             return Request(method, target, headers, version)
-        m = _RESPONSE_HEAD.fullmatch(buf, 0, end + 2)
-        if m is None:
-            self._refuse_head(buf, end)
-        version, code, reason, block = m.groups()  # type: ignore[union-attr]
-        if len(buf) == end + 4:
-            buf.clear()
-        else:
-            del buf[:end + 4]
-        headers = _split_fields(block)
+        version, code, reason, _ = groups
         status = int(code)
         _, framing, length, close = _head_facts(headers, request=False)  # 1xx heads too
         if status < 200:
