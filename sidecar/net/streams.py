@@ -8,7 +8,8 @@ failures ``PeerClosed`` / ``Timeout`` tagged with the side, so the layers above 
 small hierarchy.
 
 How a read is bounded. A read is first tried without waiting (the transports of
-``sidecar.net.transport``); only when it would block is there anything to bound. A Trio
+``sidecar.net.transport``; an endpoint whose tries keep finding nothing waits first instead,
+see ``Endpoint.receive``); only when it would block is there anything to bound. A Trio
 cancel scope per blocked read (and one per idle wait) cost about a tenth of a proxy's CPU
 per request, so on those transports the bound is kept by the process's ``WaitWatch``
 instead: the read records its deadline in its endpoint's ``Wait`` and registers it (a dict

@@ -94,7 +94,8 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         return memoryview(data)[sent:] if sent < len(data) else b""
 
     async def receive_wait(self) -> bytes:
-        """Wait for bytes after ``try_receive`` found none (no second failed recv)."""
+        """Wait for the socket, then read: after ``try_receive`` found nothing, or instead of
+        it where a try would find nothing (``Endpoint.receive``)."""
         raw = self._raw
         while True:
             if self._closed:
@@ -282,7 +283,9 @@ class TlsTransport(trio.abc.Stream):
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def receive_wait(self) -> bytes:
-        """Wait for decrypted bytes after ``try_receive`` found none."""
+        """Wait for the socket, then read decrypted bytes: after ``try_receive`` found
+        nothing, or instead of it where a try would find nothing (``Endpoint.receive``, which
+        never skips the try while OpenSSL holds decrypted bytes: ``pending()``)."""
         fd = self._fd
         while True:
             if self._closed:
