@@ -20,9 +20,7 @@ there, independent of the pod.
 what does not fit is dropped and counted (``dropped``). ``run`` connects with TLS (the
 collector's certificate checked against ``ca_file`` and ``server_name``; optional client
 certificate), sends octet-counted frames (``LEN SP MSG``, RFC 5425 section 4.3), and on
-any failure reconnects with backoff (0.1 s doubling to 5 s). Woken by ``offer`` with fewer than
-``SEND_BATCH`` messages queued, it waits ``SEND_LINGER`` (20 ms) for more, so that under
-load one TLS write carries several of the writer's batches. A message leaves the queue
+any failure reconnects with backoff (0.1 s doubling to 5 s). A message leaves the queue
 once ``send_all`` returned; TCP can still lose what was in flight when the collector
 died, or a collector that stopped reading, so after a reconnect the last ``RESEND_FRAMES``
 messages sent on the broken connection are sent again (at least once: a collector may see
@@ -62,10 +60,6 @@ MSGIDS = {"seg": "segment", "rec": "audit", "erc": "audit", "chk": "checkpoint",
           "end": "checkpoint"}
 RESEND_FRAMES = 4096  # about the most a dead peer's socket buffers swallow unnoticed
 SEND_BATCH = 256
-# After being woken with fewer than SEND_BATCH messages queued, the sender waits this long
-# for more before writing: under load the writer offers a batch every few milliseconds,
-# and one TLS write (and task wake-up) per writer batch cost several us per record.
-SEND_LINGER = 0.02
 CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
 
@@ -422,8 +416,6 @@ class Shipper:
                         return
                     self._wake = trio.Event()
                     await self._wake.wait()
-                    if len(self._queue) < SEND_BATCH and not self.closing:
-                        await trio.sleep(SEND_LINGER)
                     continue
                 batch = list(itertools.islice(self._queue, SEND_BATCH))
                 with trio.fail_after(SEND_TIMEOUT):

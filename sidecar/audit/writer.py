@@ -775,7 +775,7 @@ class AuditWriter:
         if syncer is None:
             return
         syncer.stop()
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
+        with trio.CancelScope(shield=True), trio.move_on_after(1):  # stuck in fsync: a daemon
             await trio.to_thread.run_sync(syncer.thread.join, abandon_on_cancel=True)
 
     async def _run_sink(self, fn: Callable[..., None], *args: Any, inline: bool = False) -> None:
