@@ -87,9 +87,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--audit-fsync", action="store_true",
                    help="sidecar-full: fsync the audit trail per batch (default off, as Envoy's "
                    "file access log)")
-    p.add_argument("--audit-linger", metavar="DURATION",
-                   help="the sidecars' audit.batch_linger (e.g. 20ms; default: the sidecar's, "
-                   "5ms)")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = p.parse_args(argv)
@@ -259,8 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.setup_names:
             results.extend(run_setup(make_setup(name, sidecar_audit=args.sidecar_audit,
                                                 audit_fsync=args.audit_fsync,
-                                                audit_full=args.audit_full,
-                                                audit_linger=args.audit_linger), ctx,
+                                                audit_full=args.audit_full), ctx,
                                      args))
         if not args.no_micro:
             for name, script in MICRO_SCRIPTS:

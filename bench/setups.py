@@ -176,10 +176,8 @@ class SidecarSetup(Setup):
     """Two sidecars: A outbound (plain in, mTLS out), B inbound (mTLS in, plain to the app)."""
 
     def __init__(self, audit: bool = False, full: bool = False,
-                 audit_fsync: bool = False, audit_full: bool = False,
-                 audit_linger: str | None = None) -> None:
+                 audit_fsync: bool = False, audit_full: bool = False) -> None:
         super().__init__("sidecar-full" if full else "sidecar")
-        self.audit_linger = audit_linger  # --audit-linger: audit.batch_linger
         self.full = full
         self.audit = audit or full or audit_full
         # --audit-full: the whole trail (signed checkpoints, encryption, shipping over TLS).
@@ -204,8 +202,6 @@ class SidecarSetup(Setup):
         port_a, port_b = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         audit_extra = self._audit_full(ctx, env) if self.audit_full else ""
-        if self.audit_linger is not None:
-            audit_extra += f", batch_linger: {self.audit_linger}"
         for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
             conf = os.path.join(ctx.workdir, f"{self.name}-{role}.yaml")
             audit = os.path.join(ctx.workdir, f"{self.name}-audit-{role}") if self.audit else None
@@ -519,14 +515,13 @@ class EnvoySetup(Setup):
 
 
 def make_setup(name: str, *, sidecar_audit: bool = False, audit_fsync: bool = False,
-               audit_full: bool = False, audit_linger: str | None = None) -> Setup:
+               audit_full: bool = False) -> Setup:
     """The setup called ``name`` (one of ``SETUP_NAMES``)."""
     if name == "direct":
         return DirectSetup()
     if name in ("sidecar", "sidecar-full"):
         return SidecarSetup(audit=sidecar_audit, full=name == "sidecar-full",
-                            audit_fsync=audit_fsync, audit_full=audit_full,
-                            audit_linger=audit_linger)
+                            audit_fsync=audit_fsync, audit_full=audit_full)
     if name == "nginx":
         return NginxSetup()
     if name in ("envoy", "envoy-full"):

@@ -20,27 +20,26 @@ def test_defaults() -> None:
     cfg, problems = _parse("audit: {path: /var/log/audit}\n")
     assert problems == []
     assert cfg == AuditConfig(path="/var/log/audit")
-    assert (cfg.max_segment_bytes, cfg.queue_size, cfg.on_failure, cfg.fsync,
-            cfg.batch_linger) == (64 * 1024 * 1024, 10_000, "fail_closed", True, 0.005)
+    assert (cfg.max_segment_bytes, cfg.queue_size, cfg.on_failure, cfg.fsync) == (
+        64 * 1024 * 1024, 10_000, "fail_closed", True)
 
 
 def test_every_key() -> None:
     cfg, problems = _parse(
         "audit:\n  path: audit\n  max_segment_bytes: 1MiB\n  max_segments: 5\n"
         "  queue_size: 50\n  batch_size: 8\n  on_failure: fail_open\n  fsync: false\n"
-        "  hmac_key_file: keys/audit.key\n  batch_linger: 20ms\n")
+        "  hmac_key_file: keys/audit.key\n")
     assert problems == []
     assert cfg == AuditConfig(path="/etc/sidecar/audit", max_segment_bytes=1024 * 1024,
                               max_segments=5, queue_size=50, batch_size=8,
                               on_failure="fail_open", fsync=False,
-                              hmac_key_file="/etc/sidecar/keys/audit.key", batch_linger=0.02)
+                              hmac_key_file="/etc/sidecar/keys/audit.key")
 
 
 def test_problems_name_line_and_key() -> None:
     _cfg, problems = _parse(
         "audit:\n  path: /a\n  colour: red\n  queue_size: 0\n  on_failure: maybe\n"
-        "  fsync: yes please\n  max_segment_bytes: 10\n  max_segments: 1\n"
-        "  batch_linger: 2s\n")
+        "  fsync: yes please\n  max_segment_bytes: 10\n  max_segments: 1\n")
     text = "\n".join(problems)
     assert "sidecar.yaml:3: audit.colour: unknown key" in text
     assert "sidecar.yaml:4: audit.queue_size:" in text
@@ -48,8 +47,7 @@ def test_problems_name_line_and_key() -> None:
     assert "audit.fsync: expected true or false" in text
     assert "audit.max_segment_bytes: at least 4096" in text
     assert "audit.max_segments:" in text
-    assert "sidecar.yaml:9: audit.batch_linger: expected a duration from 0 to 1s" in text
-    assert len(problems) == 7
+    assert len(problems) == 6
 
 
 def test_path_required_and_mapping_required() -> None:

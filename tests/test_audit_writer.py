@@ -61,19 +61,6 @@ def run_writer(config: AuditConfig, body: Callable[[AuditWriter], Awaitable[None
     return writer
 
 
-def count_thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The functions run through ``trio.to_thread.run_sync`` from now on (still run)."""
-    in_thread: list[object] = []
-    real_run_sync = trio.to_thread.run_sync
-
-    async def counted(fn, *args, **kw):  # type: ignore[no-untyped-def]
-        in_thread.append(fn)
-        return await real_run_sync(fn, *args, **kw)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
-    return in_thread
-
-
 def ids(directory: Path | str) -> list[str]:
     return [r.request_id for r in iter_records(str(directory))]
 
@@ -363,7 +350,14 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     config = AuditConfig(path=str(d), fsync=False, signing_key_file=priv,
                          encryption_key_file=str(tmp_path / "data"),
                          checkpoint_every_records=50)
-    in_thread = count_thread_calls(monkeypatch)
+    in_thread: list[object] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):  # type: ignore[no-untyped-def]
+        in_thread.append(fn)
+        return await real_run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
     bursts, size = 5, 100
 
     async def body(w: AuditWriter) -> None:
@@ -383,89 +377,3 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     assert result.checkpoints >= bursts * size // 50 and result.unsigned_tail_records == 0
     got = iter_records(str(d), decryptor=Decryptor([load_data_key(str(tmp_path / "data"))]))
     assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]
-
-
-def test_fsync_on_group_commit_one_thread_no_round_trip_per_batch(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync on: batches are written from the event loop and fsynced by one long-lived
-    thread (no trio.to_thread round trip per batch); a batch counts as written, and is
-    anchored, only after its fsync; the thread is gone when the writer returns."""
-    import threading
-
-    from sidecar.audit.signing import load_keyring, write_keypair
-
-    priv, pub, _ = write_keypair(str(tmp_path / "sig"))
-    d = tmp_path / "audit"
-    config = AuditConfig(path=str(d), signing_key_file=priv, checkpoint_every_records=50)
-    in_thread = count_thread_calls(monkeypatch)
-    bursts, size = 5, 100
-    anchors: list[int] = []
-
-    async def body(w: AuditWriter) -> None:
-        assert [t for t in threading.enumerate() if t.name == "audit-fsync"]
-        for b in range(bursts):
-            for i in range(size):
-                assert w.submit(rec(b * size + i))
-            await wait_until(lambda n=(b + 1) * size: w.written >= n)
-            chk = w.last_checkpoint
-            assert chk is not None and chk.seq <= w.statistics().next_seq  # type: ignore[operator]
-            anchors.append(chk.seq)
-
-    w = run_writer(config, body, identity="spiffe://td/a", **FAST)
-    # Opening, sealing, at most one timer checkpoint, and joining the fsync thread.
-    assert len(in_thread) <= 4 < bursts
-    assert not [t for t in threading.enumerate() if t.name == "audit-fsync"]
-    assert w.written == bursts * size and w.lost == 0 and w.failures == 0
-    assert anchors == sorted(anchors) and len(set(anchors)) == bursts
-    result = verify(str(d), keyring=load_keyring([pub]))
-    assert result.ok and result.sealed and result.records == bursts * size, result
-    assert ids(d) == [f"r{i}" for i in range(bursts * size)]
-
-
-def test_fsync_on_failed_group_commit_rewrites_every_batch_not_yet_counted(
-        tmp_path: Path) -> None:
-    """The segment is removed while grouped batches wait for their fsync: the fsync
-    thread's check fails, every batch not yet counted is rolled back and written again
-    into a new segment (none lost, none twice), and the chain verifies."""
-    d = tmp_path / "audit"
-    alerts: list[str] = []
-
-    async def body(w: AuditWriter) -> None:
-        for i in range(10):
-            assert w.submit(rec(i))
-        await wait_until(lambda: w.written == 10)
-        for seg in list_segments(str(d)):
-            os.unlink(seg.path)
-        for i in range(10, 40):  # several batches into the removed file
-            # admitted: requests served before the failure was known (fail_closed then
-            # refuses new ones); their records must still be written.
-            assert w.submit(rec(i), admitted=True)
-            if i % 10 == 9:
-                await trio.sleep(0.006)
-        await wait_until(lambda: w.written == 40 and w.healthy)
-
-    w = run_writer(AuditConfig(path=str(d)), body, on_alert=lambda k, m: alerts.append(k),
-                   **FAST)
-    assert w.lost == 0 and w.failures >= 1
-    assert "audit_write_failed" in alerts and "audit_recovered" in alerts
-    assert ids(d) == [f"r{i}" for i in range(10, 40)]
-    result = verify(str(d))
-    assert result.ok and result.sealed, result
-
-
-def test_fsync_on_failed_group_commit_fail_open_counts_the_batches_lost(
-        tmp_path: Path) -> None:
-    d = tmp_path / "audit"
-
-    async def body(w: AuditWriter) -> None:
-        w.submit(rec(0))
-        await wait_until(lambda: w.written == 1)
-        for seg in list_segments(str(d)):
-            os.unlink(seg.path)
-        for i in range(1, 21):
-            assert w.submit(rec(i))
-        await wait_until(lambda: w.lost + w.written == 21)
-
-    w = run_writer(AuditConfig(path=str(d), on_failure="fail_open"), body, **FAST)
-    assert w.failures >= 1 and w.lost + w.written == 21 and w.lost >= 1
-    assert len(ids(d)) == w.written - 1  # r0 went with the removed segment

@@ -9,40 +9,19 @@ only then, so a queued record costs one append and one attribute check (a trio m
 channel did the same with several Python calls per record, and ``accepting()``, asked on
 every request, built a statistics object to read the depth).
 
-``run()`` (started with ``nursery.start``) takes records off the queue in batches of up to
-``batch_size``. While the open segment has room (``INLINE_ROOM``) and the writer is healthy,
-a batch is packed on the event loop (checkpoints signed, records encrypted, syslog messages
-built), and then:
-
-* ``fsync`` off: written with one ``write`` from the event loop (to the page cache; nothing
-  waits for the disk); the batch counts as written.
-* ``fsync`` on (group commit): handed to one long-lived daemon thread (``_Syncer``) that
-  appends it, fsyncs and checks the segment is still linked. (A write from the event loop
-  while that thread fsyncs the same file can wait for the disk: measured up to 9 ms.) The
-  event loop hands the bytes over under a lock and sets a ``threading.Event`` only when it
-  is not set (no ``trio.to_thread`` round trip per batch: that cost about as much CPU per
-  batch as the fsync itself) and goes on; the thread writes every batch handed over since
-  its last round with one ``write`` and one fsync. A batch counts as written --
-  ``written``, the ``/audit/head`` anchor, its syslog messages offered to the shipper --
-  only once the fsync after its write has returned; the writer looks when it passes by after a batch's linger, and the
-  thread wakes it (``run_sync_soon``) only while it waits. So a record is on disk within
-  about ``batch_linger`` plus one fsync, as with one fsync per batch in a worker thread.
-  If the fsync fails or the file was unlinked, every batch not yet counted is rolled back
-  (the head and the unsigned tail to before the oldest, the file truncated back there or
-  the break declared in the next header, as for a failed write) and written again into a
-  new segment (fail_closed; counted lost with fail_open), and the writer is unhealthy
-  until that succeeds. The thread is stopped and joined when ``run`` ends.
-
-Opening, rotating and sealing segments (which fsync the directory), the timer's
-checkpoint, and every write while failing still run in a worker thread
-(``_SegmentSink.append`` / ``_run_sink``), after every grouped batch has been counted or
-rolled back (``_quiesce``), so that the fsync thread never holds an fd the worker closes.
-After each batch the writer waits ``batch_linger`` (5 ms) for more records unless a full batch is
+``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
+to ``batch_size`` and hands each batch to a worker thread (``_SegmentSink.append``), which
+packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
+``fsync`` is on), and checks that the segment file is still the one in the directory.
+With ``fsync`` off the batch is written from the event loop instead while the segment has
+room (``INLINE_ROOM``): a thread round trip per batch cost more than the write itself. Either
+way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
+messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
+After each batch the writer waits ``BATCH_LINGER`` for more records unless a full batch is
 already queued, so under load batches are large (one record per batch cost the data path
 more CPU per request than the rest of the sidecar's work on it).
-The chain head in memory only advances when the bytes are written (fsync on: when they are
-handed to the thread, and it is rolled back with them if their write or fsync fails), so a
-failed write leaves nothing to roll back but the file, which is truncated back (best effort).
+The chain head in memory only advances when the bytes are on disk, so a failed write
+leaves nothing to roll back but the file, which is truncated back (best effort).
 
 On failure, with ``on_failure: fail_closed`` (default) the batch is kept and retried with
 backoff; while failing, ``healthy`` and ``accepting()`` are False and ``submit`` refuses,
@@ -54,9 +33,7 @@ is called; requests keep being served.
 
 On start the writer finds the chain head in the newest segment (``find_resume_point``)
 and always opens a new segment; a damaged tail is declared in the new header. On
-``aclose`` the queue is closed, everything queued is written (with fsync on: and fsynced
-and counted), and the segment is sealed. Records still queued, or not yet known fsynced,
-when the writer task is cancelled count as lost.
+``aclose`` the queue is closed, everything queued is written, and the segment is sealed.
 """
 
 from __future__ import annotations
@@ -66,7 +43,6 @@ import errno
 import math
 import os
 import ssl
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,7 +57,7 @@ from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
-from sidecar.config.audit import DEFAULT_BATCH_LINGER, AuditConfig, load_hmac_key
+from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 
@@ -92,10 +68,9 @@ ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
 # After a batch, while fewer than ``batch_size`` records wait, the writer lets more arrive
-# for ``audit.batch_linger`` (default 5 ms) before the next batch: under load one batch (and
-# one write) carries many records instead of one per request. Records reach the file this
-# much later, never more.
-BATCH_LINGER = DEFAULT_BATCH_LINGER
+# for this long before the next batch: under load one batch (and one write) carries many
+# records instead of one per request. Records reach the file this much later, never more.
+BATCH_LINGER = 0.005
 # With fsync off, a batch is written from the event loop (a write to the page cache; the
 # disk is not waited for) when the open segment has at least this much room left, so that
 # opening, rotating and sealing segments -- which fsync the directory -- stay in the thread.
@@ -111,117 +86,6 @@ class _PartialWrite(Exception):
         self.error = error
 
 
-def check_still_linked(fd: int, path: str) -> None:
-    """OSError unless ``path`` still names the open file ``fd``: writes to a file whose
-    directory entry was removed succeed on POSIX and are lost."""
-    st, fst = os.stat(path), os.fstat(fd)
-    if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
-        raise OSError(errno.ENOENT, "segment file was removed or replaced", path)
-
-
-# What ``_SegmentSink.roll_back`` returns to: (head state, segment size, unsigned frames,
-# unsigned records, unsigned since).
-_Mark = tuple[tuple[int, bytes], int, int, int, float]
-
-
-@dataclass(slots=True)
-class _Unsynced:
-    """A batch written from the event loop whose fsync has not returned yet."""
-
-    ticket: int
-    records: list[AuditRecord]
-    mark: _Mark  # the sink before this batch: where a failed fsync rolls back to
-    checkpoint: Checkpoint | None
-    messages: list[bytes]
-
-
-class _Syncer:
-    """The group-commit thread: one long-lived daemon thread that appends the batches the
-    event loop encoded (``request``) to the open segment, fsyncs it, and checks it is still
-    linked.
-
-    The event loop never waits for it on the request path: ``request`` appends the bytes and
-    stores the newest (ticket, fd, path) under a lock, and sets a ``threading.Event`` only
-    when it is not set already. The thread takes everything handed over, so one write and
-    one fsync cover every batch since its last round (several, when the disk is slower than
-    the batches). ``done`` is the newest ticket whose fsync returned (tickets only grow);
-    ``error`` is set before ``done`` and stays set -- the thread then writes nothing more --
-    until the event loop has rolled back (``clear_error``, only while idle), so a later
-    successful fsync cannot hide a failed one. The event loop reads ``done`` when it passes
-    by (after each batch's linger); only while it waits for the thread (``listening``) does
-    the thread wake it, with one ``run_sync_soon``. The thread touches a segment's fd only
-    between ``request`` and its ``done``; the event loop closes or replaces the fd only
-    when ``idle`` (every request done)."""
-
-    def __init__(self, token: trio.lowlevel.TrioToken, notify: Callable[[], None]) -> None:
-        self._token = token
-        self._notify = notify
-        self._lock = threading.Lock()
-        self._want = threading.Event()
-        self._target: tuple[int, int, str] | None = None
-        self._data: list[bytes] = []  # to write before the next fsync, oldest first
-        self._stop = False
-        self.requested = 0
-        self.done = 0
-        self.error: OSError | None = None
-        self.listening = False
-        self.thread = threading.Thread(target=self._main, name="audit-fsync", daemon=True)
-        self.thread.start()
-
-    @property
-    def idle(self) -> bool:
-        """Every request has been done (the thread holds no fd)."""
-        return self.done >= self.requested
-
-    def request(self, fd: int, path: str, data: bytes) -> int:
-        """Ask for ``data`` to be appended to ``fd`` and fsynced; its ticket."""
-        self.requested += 1
-        with self._lock:
-            self._data.append(data)
-            self._target = (self.requested, fd, path)
-        if not self._want.is_set():
-            self._want.set()
-        return self.requested
-
-    def clear_error(self) -> None:
-        assert self.idle
-        self._data.clear()
-        self.error = None
-
-    def stop(self) -> None:
-        self._stop = True
-        self._want.set()
-
-    def _main(self) -> None:
-        while True:
-            self._want.wait()
-            self._want.clear()  # before taking the target: a later request sets it again
-            if self._stop:
-                return
-            with self._lock:
-                target, self._target = self._target, None
-                data, self._data = self._data, []
-            if target is None:
-                continue
-            ticket, fd, path = target
-            try:
-                if self.error is not None:
-                    raise self.error  # nothing after a failure: it is all rolled back
-                _SegmentSink._write_all(fd, b"".join(data) if len(data) > 1 else data[0])
-                os.fsync(fd)
-                check_still_linked(fd, path)
-            except OSError as exc:
-                self.error = exc
-            except Exception as exc:  # noqa: BLE001 -- never die silently: fail the batch
-                self.error = OSError(errno.EIO, f"fsync thread: {exc!r}")
-            self.done = ticket
-            if self.listening:
-                try:
-                    self._token.run_sync_soon(self._notify)
-                except trio.RunFinishedError:
-                    return
-
-
 def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
     """What a non-record frame's message carries: a signed checkpoint as ``/audit/head``
     serves it, anything else (header, unsigned seal) as stored."""
@@ -232,8 +96,8 @@ def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
 
 
 class _SegmentSink:
-    """Synchronous disk side; every method runs in a worker thread (``append`` with fsync off
-    and ``encode_grouped``/``roll_back``: on the event loop), one call at a time."""
+    """Synchronous disk side; every method runs in a worker thread (``append`` with fsync off:
+    on the event loop, ``AuditWriter._inline``), one call at a time."""
 
     def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
                  signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
@@ -355,35 +219,6 @@ class _SegmentSink:
             except OSError as exc:
                 raise _PartialWrite(len(records), exc) from None
 
-    def encode_grouped(self, records: list[AuditRecord]
-                       ) -> tuple[_Mark, bytes, Checkpoint | None]:
-        """Encode ``records`` for the fsync thread to write (group commit, on the event
-        loop; the caller checks there is room, so no rotation). The head, the size and the
-        unsigned tail advance as if written; returns the mark to roll back to if the write
-        or its fsync fails, the bytes, and the batch's newest checkpoint (not yet the
-        anchor: it is not known to be on disk)."""
-        assert self.fd is not None and self.head is not None
-        mark = self.mark()
-        data, checkpoint = self._encode_signed(records)
-        self.size += len(data)
-        return mark, data, checkpoint
-
-    def mark(self) -> _Mark:
-        """Where ``roll_back`` returns to: the head, the segment's size, the unsigned tail."""
-        assert self.head is not None
-        return (self.head.state, self.size, self.unsigned_frames, self.unsigned_records,
-                self.unsigned_since)
-
-    def roll_back(self, mark: _Mark, exc: OSError) -> None:
-        """Frames written after ``mark`` are not known to be on disk (their fsync or a later
-        write failed): forget them and abandon the segment at the mark's size (truncated
-        back, or a ``break`` in the next header when that fails)."""
-        assert self.head is not None
-        self.head.restore(mark[0])
-        self.unsigned_frames, self.unsigned_records, self.unsigned_since = mark[2:]
-        if self.fd is not None:
-            self._abandon(mark[1], exc)
-
     def close(self) -> None:
         """Seal and close the current segment (clean shutdown)."""
         if self.fd is None or self.head is None:
@@ -503,8 +338,12 @@ class _SegmentSink:
             view = view[n:]
 
     def _check_still_linked(self) -> None:
+        # Writes to a file whose directory entry was removed succeed on POSIX and are
+        # lost; compare the open file with what the path names now.
         assert self.fd is not None and self.path is not None
-        check_still_linked(self.fd, self.path)
+        st, fst = os.stat(self.path), os.fstat(self.fd)
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            raise OSError(errno.ENOENT, "segment file was removed or replaced", self.path)
 
     def _sync_directory(self) -> None:
         dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -659,13 +498,7 @@ class AuditWriter:
         self._closing = False
         self._running = False
         self._done = trio.Event()
-        self._inflight = 0  # taken off the queue, being written (not yet written or lost)
-        # Group commit (fsync on): batches written from the event loop, oldest first, whose
-        # fsync (by ``_syncer``) has not returned; ``_unsynced_n`` records in all.
-        self._syncer: _Syncer | None = None
-        self._unsynced: deque[_Unsynced] = deque()
-        self._unsynced_n = 0
-        self._sync_wait: trio.Event | None = None
+        self._inflight = 0
         self._losing = False
         self._probe_scope: trio.CancelScope | None = None
         self.written = 0
@@ -727,8 +560,7 @@ class AuditWriter:
         shipping is configured."""
         head = self._sink.head
         return AuditWriterStatistics(
-            queue_depth=(len(self._queue) - self._limit + self.config.queue_size
-                         + self._inflight + self._unsynced_n),
+            queue_depth=len(self._queue) - self._limit + self.config.queue_size + self._inflight,
             queue_size=self.config.queue_size,
             written=self.written, lost=self.lost, rejected=self.rejected,
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
@@ -752,8 +584,6 @@ class AuditWriter:
         to open a segment (healthy or not, so a broken disk cannot hang start-up). With
         shipping, also ship until everything written (the final seal included) is sent."""
         self._running = True
-        if self.config.fsync:
-            self._syncer = _Syncer(trio.lowlevel.current_trio_token(), self._synced)
         try:
             if self.shipper is None:
                 await self._write_loop(task_status)
@@ -763,20 +593,7 @@ class AuditWriter:
                 await self._write_loop(task_status)
                 await self.shipper.aclose()
         finally:
-            try:
-                await self._stop_syncer()
-            finally:
-                self._done.set()
-
-    async def _stop_syncer(self) -> None:
-        """Stop the group-commit thread and join it (in a worker thread: a hung disk must not
-        block the event loop; bounded, since this also runs when the drain was cancelled)."""
-        syncer, self._syncer = self._syncer, None
-        if syncer is None:
-            return
-        syncer.stop()
-        with trio.CancelScope(shield=True), trio.move_on_after(1):  # stuck in fsync: a daemon
-            await trio.to_thread.run_sync(syncer.thread.join, abandon_on_cancel=True)
+            self._done.set()
 
     async def _run_sink(self, fn: Callable[..., None], *args: Any, inline: bool = False) -> None:
         """Run a disk operation in a worker thread (``inline``: on the event loop, see
@@ -800,6 +617,7 @@ class AuditWriter:
                 self.shipper.offer(messages)
 
     async def _write_loop(self, task_status: Any) -> None:
+        batch: list[AuditRecord] = []
         try:
             try:
                 await self._run_sink(self._first_open)
@@ -811,43 +629,34 @@ class AuditWriter:
                 if not self.healthy and not self.fail_open:
                     await self._probe_until_open()
                 got = await self._next_batch()
-                retry = await self._settle()
                 if got is None:
-                    # The timer checkpoint is due, or the fsync thread finished while idle.
-                    if retry:
-                        await self._write(retry)
-                    due = self._sink.checkpoint_due(time.monotonic(),
-                                                    self.config.checkpoint_every_seconds)
-                    if due is not None and due <= 0:
-                        await self._checkpoint()
+                    await self._checkpoint()
                     continue
-                if not got and not retry:
+                batch = got
+                if not batch:
                     break
-                await self._write(retry + got)
-                if (not self._closing and self.config.batch_linger
+                await self._write(batch)
+                batch = []
+                if (not self._closing
                         and len(self._queue) < self.config.batch_size):
-                    await trio.sleep(self.config.batch_linger)
-            await self._quiesce()
+                    await trio.sleep(BATCH_LINGER)
             try:
                 await self._run_sink(self._sink.close)
             except OSError as exc:
                 self._note_failure(exc)
         finally:
-            # Cancelled before the queue was drained: what is left is lost; say so. Batches
-            # whose fsync had not returned count too: they are not known to be on disk.
-            left = self._inflight + self._unsynced_n + len(self._queue)
+            # Cancelled before the queue was drained: what is left is lost; say so.
+            left = len(batch) + len(self._queue)
             if left:
                 self.lost += left
                 self._queue.clear()
-                self._unsynced.clear()
-                self._inflight = self._unsynced_n = 0
+                self._inflight = 0
 
     def _first_open(self) -> None:
         os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
         self._sink.ensure_open()
 
     async def _probe_until_open(self) -> None:
-        await self._quiesce()
         delay = self._retry_initial
         with trio.CancelScope() as scope:
             self._probe_scope = scope
@@ -864,8 +673,7 @@ class AuditWriter:
         self._probe_scope = None
 
     async def _next_batch(self) -> list[AuditRecord] | None:
-        """The next batch; [] at the end; None when the timer checkpoint is due first, or
-        when the queue is empty and the fsync thread has finished a batch."""
+        """The next batch; [] at the end; None when the timer checkpoint is due first."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
         queue = self._queue
         with trio.move_on_after(due if due is not None else math.inf) as timer:
@@ -875,17 +683,7 @@ class AuditWriter:
                 if self._closing:
                     return []  # closed and drained
                 self._wake = wake = trio.Event()
-                if self._unsynced:
-                    syncer = self._syncer
-                    assert syncer is not None
-                    syncer.listening = True  # before reading ``done``: see _Syncer
-                    if syncer.done >= self._unsynced[0].ticket:
-                        syncer.listening = False
-                        self._wake = None
-                        return None  # count and ship what is now on disk
                 await wake.wait()
-                if self._syncer is not None:
-                    self._syncer.listening = False
         self._wake = None
         self._limit = self.config.queue_size
         if timer.cancelled_caught:
@@ -911,7 +709,6 @@ class AuditWriter:
                 and sink.size + INLINE_ROOM < sink.max_bytes)
 
     async def _checkpoint(self) -> None:
-        await self._quiesce()
         try:
             await self._run_sink(self._sink.checkpoint)
         except OSError as exc:
@@ -919,144 +716,25 @@ class AuditWriter:
 
     async def _write(self, batch: list[AuditRecord]) -> None:
         delay = self._retry_initial
-        self._inflight = len(batch)
         while batch:
-            if self._grouped():
-                self._write_grouped(batch)  # failures come back through ``_settle``
-                batch = []
-                break
+            try:
+                await self._run_sink(self._sink.append, batch, inline=self._inline())
+            except _PartialWrite as exc:
+                self.written += exc.done
+                batch = batch[exc.done:]
+                self._note_failure(exc.error)
+                if self.fail_open:
+                    self.lost += len(batch)
+                    self._alert(ALERT_RECORDS_LOST, f"{len(batch)} audit records lost")
+                    batch = []
+                self._inflight = len(batch)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
             else:
-                retry = await self._settle(wait=True)  # the thread may touch the fd now
-                if retry:
-                    batch = retry + batch
-                else:
-                    try:
-                        await self._run_sink(self._sink.append, batch, inline=self._inline())
-                    except _PartialWrite as exc:
-                        self.written += exc.done
-                        batch = batch[exc.done:]
-                        self._note_failure(exc.error)
-                    else:
-                        self.written += len(batch)
-                        batch = []
-                        self._set_healthy()
-                        break
-            if self.fail_open:
-                self._lose(len(batch))
+                self.written += len(batch)
                 batch = []
-            self._inflight = len(batch)
-            await trio.sleep(delay)
-            delay = min(delay * 2, self._retry_max)
+                self._set_healthy()
         self._inflight = 0
-
-    def _lose(self, n: int) -> None:
-        if n:
-            self.lost += n
-            self._alert(ALERT_RECORDS_LOST, f"{n} audit records lost")
-
-    # -- group commit (fsync on): write on the event loop, fsync in the ``_Syncer`` thread
-
-    def _grouped(self) -> bool:
-        """May the next batch be written from the event loop and fsynced by the syncer
-        thread? With fsync on, while healthy, and while the open segment has
-        ``INLINE_ROOM`` left (rotation, opening and sealing stay in a worker thread)."""
-        sink = self._sink
-        return (self._syncer is not None and self.healthy and sink.fd is not None
-                and sink.size + INLINE_ROOM < sink.max_bytes)
-
-    def _write_grouped(self, batch: list[AuditRecord]) -> None:
-        sink, syncer = self._sink, self._syncer
-        assert syncer is not None and sink.fd is not None and sink.path is not None
-        mark, data, checkpoint = sink.encode_grouped(batch)
-        messages = sink.take_messages()
-        ticket = syncer.request(sink.fd, sink.path, data)
-        self._unsynced.append(_Unsynced(ticket, batch, mark, checkpoint, messages))
-        self._unsynced_n += len(batch)
-        self._inflight = 0
-
-    async def _settle(self, *, wait: bool = False) -> list[AuditRecord]:
-        """Count, anchor and ship the grouped batches whose fsync returned (``wait``: wait
-        for all of them). On a failed fsync, roll back every batch not yet counted and
-        return their records to write again ([] with ``fail_open``: counted lost)."""
-        unsynced, syncer = self._unsynced, self._syncer
-        if not unsynced or syncer is None:
-            return []
-        if wait:
-            await self._wait_synced()
-        done = syncer.done  # read before ``error``: the thread sets them the other way round
-        error = syncer.error
-        if error is not None:
-            records = await self._roll_back(error)
-            self._note_failure(error)
-            if self.fail_open:
-                self._inflight -= len(records)
-                self._lose(len(records))
-                return []
-            return records
-        messages: list[bytes] = []
-        while unsynced and unsynced[0].ticket <= done:
-            u = unsynced.popleft()
-            self._unsynced_n -= len(u.records)
-            self.written += len(u.records)
-            if u.checkpoint is not None:
-                self._sink.last_checkpoint = u.checkpoint
-            messages += u.messages
-        if self.shipper is not None and messages:
-            self.shipper.offer(messages)
-        return []
-
-    async def _roll_back(self, exc: OSError) -> list[AuditRecord]:
-        """Wait until the syncer holds no fd, roll the sink back to before the oldest
-        unsynced batch, and return the records of every unsynced batch (moved from the
-        unsynced count to ``_inflight``)."""
-        await self._wait_synced()
-        records: list[AuditRecord] = []
-        if self._unsynced:
-            self._sink.roll_back(self._unsynced[0].mark, exc)
-            for u in self._unsynced:
-                records += u.records
-        elif self._sink.fd is not None:
-            # A grouped write failed with nothing unsynced before it: cut back its part.
-            self._sink.roll_back(self._sink.mark(), exc)
-        self._unsynced.clear()
-        self._unsynced_n = 0
-        if self._syncer is not None:
-            self._syncer.clear_error()
-        self._inflight += len(records)
-        return records
-
-    async def _wait_synced(self) -> None:
-        """Until every fsync asked of the syncer has returned (it holds no fd then)."""
-        syncer = self._syncer
-        if syncer is None:
-            return
-        try:
-            while not syncer.idle:
-                self._sync_wait = event = trio.Event()
-                syncer.listening = True  # before reading ``done``: see _Syncer
-                if syncer.idle:
-                    break
-                await event.wait()
-        finally:
-            syncer.listening = False
-            self._sync_wait = None
-
-    def _synced(self) -> None:
-        """On the event loop, from the syncer thread (only while ``listening``)."""
-        if self._sync_wait is not None:
-            self._sync_wait.set()
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
-
-    async def _quiesce(self) -> None:
-        """Before the worker thread touches the segment: every grouped batch counted
-        (or rolled back and written again)."""
-        while self._unsynced:
-            retry = await self._settle(wait=True)
-            if retry:
-                await self._write(retry)
 
     def _set_healthy(self) -> None:
         if not self.healthy and self.failures:

@@ -10,12 +10,11 @@ The old import path ``sidecar.audit.config`` still works.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sidecar.config.source import Path, Reader, Source, read_capped
-from sidecar.config.values import parse_address, parse_duration, parse_size
+from sidecar.config.values import parse_address, parse_size
 from sidecar.errors import ConfigError
 
 OnFailure = Literal["fail_closed", "fail_open"]
@@ -31,7 +30,7 @@ MAX_HMAC_KEY_FILE_BYTES = 64 * 1024
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
     "fsync", "hmac_key_file", "signing_key_file", "checkpoint_every_records",
-    "checkpoint_every_seconds", "encryption_key_file", "ship", "batch_linger",
+    "checkpoint_every_seconds", "encryption_key_file", "ship",
 })
 _SHIP_KNOWN = frozenset({
     "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "mode",
@@ -39,8 +38,6 @@ _SHIP_KNOWN = frozenset({
 })
 DEFAULT_CHECKPOINT_RECORDS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 1.0
-DEFAULT_BATCH_LINGER = 0.005
-MAX_BATCH_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,9 +76,6 @@ class AuditConfig:
     checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     encryption_key_file: str | None = None
     ship: ShipConfig | None = None
-    # After a batch, how long the writer lets more records arrive before the next one
-    # (unless a full batch waits): fewer, larger batches, records on disk that much later.
-    batch_linger: float = DEFAULT_BATCH_LINGER
 
 
 def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
@@ -102,8 +96,17 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         directory = r.file(raw["path"], path + ("path",)) or ""
 
     kw: dict[str, Any] = {}
-    _parsed(raw, path, "max_segment_bytes", parse_size, lambda v: v >= MIN_SEGMENT_BYTES,
-            f"at least {MIN_SEGMENT_BYTES} bytes", src, kw)
+    if raw.get("max_segment_bytes") is not None:
+        p = path + ("max_segment_bytes",)
+        try:
+            size = parse_size(raw["max_segment_bytes"])
+        except ValueError as exc:
+            src.problem(p, str(exc))
+        else:
+            if size < MIN_SEGMENT_BYTES:
+                src.problem(p, f"at least {MIN_SEGMENT_BYTES} bytes")
+            else:
+                kw["max_segment_bytes"] = size
     if raw.get("max_segments") is not None:
         # Two is the floor: the segment being written plus the one it chains from.
         v = r.integer(raw["max_segments"], path + ("max_segments",), 2, 1_000_000)
@@ -145,8 +148,6 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
             src.problem(p, "expected seconds from 0.05 to 3600")
         else:
             kw["checkpoint_every_seconds"] = float(sec)
-    _parsed(raw, path, "batch_linger", parse_duration, lambda v: v <= MAX_BATCH_LINGER,
-            f"expected a duration from 0 to {MAX_BATCH_LINGER:g}s, e.g. 20ms", src, kw)
     if raw.get("encryption_key_file") is not None:
         key_file = r.file(raw["encryption_key_file"], path + ("encryption_key_file",), optional=False)
         if key_file is not None:
@@ -159,23 +160,6 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         if directory and kw.get(name):
             _check_outside(kw[name], directory, path + (name,), src)
     return AuditConfig(path=directory, **kw)
-
-
-def _parsed(raw: dict[str, Any], path: Path, key: str, parse: Callable[[Any], Any],
-            ok: Callable[[Any], bool], bounds: str, src: Source, kw: dict[str, Any]) -> None:
-    """``kw[key] = parse(raw[key])`` when the key is there, parses and is ``ok``; else a
-    problem at the key (``parse``'s message, or ``bounds``)."""
-    if raw.get(key) is None:
-        return
-    try:
-        value = parse(raw[key])
-    except ValueError as exc:
-        src.problem(path + (key,), str(exc))
-        return
-    if ok(value):
-        kw[key] = value
-    else:
-        src.problem(path + (key,), bounds)
 
 
 def _parse_ship(r: Reader, raw: Any, path: Path) -> ShipConfig | None:
