@@ -25,7 +25,15 @@ from sidecar.net.forward import forward
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.pool import FRESH_SECONDS, UpstreamPool
 from sidecar.net.session import request_loop
-from sidecar.net.streams import WATCH_TICK, Endpoint, ProtocolViolation, Timeout
+from sidecar.net.streams import (
+    MISSES_BEFORE_WAITING,
+    PROBE_EVERY,
+    STREAMING_READ,
+    WATCH_TICK,
+    Endpoint,
+    ProtocolViolation,
+    Timeout,
+)
 from sidecar.net.transport import SocketTransport
 from sidecar.telemetry import Telemetry
 
@@ -208,6 +216,76 @@ async def test_endpoint_waits_are_bounded_and_eof_is_reported(kind: str) -> None
     ours2, client2 = client_pair(kind)
     await ours2.aclose()
     assert await client2.next_event(trio.current_time() + 15) is CLOSED
+
+
+class CountingTransport(SocketTransport):
+    """The data path's plain transport, counting the reads tried without waiting and how
+    many of them found nothing (each of those is a system call and an exception)."""
+
+    __slots__ = ("tries", "empty")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        super().__init__(sock)
+        self.tries = self.empty = 0
+
+    def try_receive(self) -> bytes | None:
+        self.tries += 1
+        data = super().try_receive()
+        self.empty += data is None
+        return data
+
+
+async def _read_when_sent_later(ep: Endpoint, ours: trio.SocketStream, data: bytes) -> bytes:
+    """``ep.receive`` started before ``data`` is sent: the read has nothing to find at once."""
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(data):
+            got.extend(await ep.receive(trio.current_time() + 5))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await ours.send_all(data)
+    return bytes(got)
+
+
+@trio_test
+async def test_endpoint_waits_first_when_its_reads_keep_finding_nothing() -> None:
+    # An upstream's answer read just after the request went out, or the next request of a
+    # connection from another proxy: a read tried first finds nothing. After a few such
+    # misses the endpoint waits first, trying one read in PROBE_EVERY; every byte still
+    # arrives, in order.
+    a, b = trio.socket.socketpair()
+    transport = CountingTransport(b)
+    ep, ours = Endpoint(transport, MessageReader(requests=True)), trio.SocketStream(a)
+    rounds = 40
+    for i in range(rounds):
+        assert await _read_when_sent_later(ep, ours, b"ping %d" % i) == b"ping %d" % i
+    assert transport.empty == transport.tries
+    assert transport.tries <= MISSES_BEFORE_WAITING + rounds // PROBE_EVERY + 1 < rounds
+    # Bytes already there: within PROBE_EVERY reads a probe finds them, and reads are
+    # tried first again.
+    for _ in range(PROBE_EVERY):
+        await ours.send_all(b"x")
+        assert await ep.receive(trio.current_time() + 5) == b"x"
+    assert transport.empty < transport.tries
+    assert ep.misses == 0
+    # A large read (a streaming body) ends the waiting-first at once.
+    for _ in range(MISSES_BEFORE_WAITING + 1):
+        await _read_when_sent_later(ep, ours, b"z")
+    big = bytes(STREAMING_READ * 2)
+    await ours.send_all(big)  # (fits in the socket pair's buffer)
+    got = await ep.receive(trio.current_time() + 5)
+    while len(got) < len(big):
+        got += await ep.receive(trio.current_time() + 5)
+    assert got == big
+    tries, empty = transport.tries, transport.empty
+    await ours.send_all(b"w")
+    assert await ep.receive(trio.current_time() + 5) == b"w"
+    assert (transport.tries, transport.empty) == (tries + 1, empty)
+    await ours.aclose()
+    await ep.aclose()
 
 
 @trio_test

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.svid import load_svid
@@ -153,5 +154,56 @@ def test_write_lock_made_on_demand_still_orders_writers(contexts):
         assert got in (one + two, two + one)
         for s in (server, client):
             await s.aclose()
+
+    trio.run(main)
+
+
+def test_an_endpoint_waiting_first_still_takes_what_openssl_holds(contexts):
+    # An endpoint whose reads wait first (sidecar.net.streams.Endpoint.receive) must not wait
+    # on the socket while OpenSSL holds decrypted bytes: none may come from the socket again.
+    from sidecar.http.wire import MessageReader
+    from sidecar.net.streams import MISSES_BEFORE_WAITING, Endpoint
+
+    async def main():
+        server, client = await _pair(contexts)
+        assert not client.try_send(b"hello world")
+        await trio.testing.wait_all_tasks_blocked()
+        first = None
+        while first is None:
+            first = server._ssl.read(1)  # one byte: the rest of the record stays in OpenSSL
+        assert first == b"h" and server.pending() == 10
+        ep = Endpoint(server, MessageReader(requests=True), side="client")
+        ep.misses = MISSES_BEFORE_WAITING  # this endpoint's reads wait first now
+        with trio.fail_after(5):  # (only if it waited on the socket: a failure)
+            assert await ep.receive(trio.current_time() + 5) == b"ello world"
+        assert server.pending() == 0
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)
+
+
+def test_liveness_check_of_an_idle_tls_connection(contexts):
+    # The pool's check (sidecar.net.streams.looks_alive) on the data path's TLS transport: an
+    # idle connection is reusable only while neither OpenSSL nor the socket holds a byte.
+    from sidecar.net.streams import looks_alive
+
+    async def main():
+        server, client = await _pair(contexts)
+        assert looks_alive(client) and looks_alive(server)
+        assert not server.try_send(b"late")  # bytes nobody asked for
+        await trio.testing.wait_all_tasks_blocked()
+        assert not looks_alive(client)  # on the socket, not decrypted yet
+        first = None
+        while first is None:
+            first = client._ssl.read(1)
+        assert client.pending() and not looks_alive(client)  # decrypted, held by OpenSSL
+        assert client.try_receive() == b"ate" and looks_alive(client)
+        await server.send_eof()  # close_notify
+        await trio.testing.wait_all_tasks_blocked()
+        assert not looks_alive(client)
+        await client.aclose()
+        assert not looks_alive(client)
+        await server.aclose()
 
     trio.run(main)

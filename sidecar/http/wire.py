@@ -108,6 +108,12 @@ _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+# A whole head (start line, CRLF, field lines) in one match: the common case, a well-formed
+# head, costs one call; anything it refuses goes through the expressions above one by one,
+# which name what is wrong. Neither can contain CR or LF before its CRLF, so the start line
+# ends at the head's first CRLF exactly as ``bytes.partition`` finds it.
+_REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
+_RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
 # RFC 9112 7.1 / 7.1.1: chunk-size [ chunk-ext ] CRLF, where
 #   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
 #   chunk-ext-name = token; chunk-ext-val = token / quoted-string.
@@ -292,34 +298,31 @@ class MessageReader:
     # -- events -------------------------------------------------------------------------------
     def next_event(self) -> object:
         """The next event or ``NEED_DATA``; after a ``ParseError`` the reader stays failed."""
-        try:
-            return self._next_event()
+        state = self._state
+        try:  # (one function: a call per event less; a try block costs nothing in 3.11)
+            if state == _HEAD:
+                return self._head()
+            if state == _LENGTH:
+                return self._take(_NONE)
+            if state == _NONE:
+                self._state = _DONE
+                return END
+            if state == _DONE or state == _ERROR:
+                return PAUSED
+            if state == _UNTIL_CLOSE:
+                if self._buf:
+                    data = bytes(self._buf)
+                    self._buf.clear()
+                    return data
+                if self._eof:
+                    self._state = _DONE
+                    self.keep_alive = False
+                    return END
+                return NEED_DATA
+            return self._chunked()
         except ParseError:
             self._state = _ERROR
             raise
-
-    def _next_event(self) -> object:
-        state = self._state
-        if state == _HEAD:
-            return self._head()
-        if state == _LENGTH:
-            return self._take(_NONE)
-        if state == _NONE:
-            self._state = _DONE
-            return END
-        if state == _DONE or state == _ERROR:
-            return PAUSED
-        if state == _UNTIL_CLOSE:
-            if self._buf:
-                data = bytes(self._buf)
-                self._buf.clear()
-                return data
-            if self._eof:
-                self._state = _DONE
-                self.keep_alive = False
-                return END
-            return NEED_DATA
-        return self._chunked()
 
     def _take(self, after: int) -> object:
         """Up to ``_remaining`` body bytes from the buffer; state ``after`` once all came."""
@@ -364,15 +367,18 @@ class MessageReader:
         self._scanned = 0
         if end + 4 > self.max_head:
             raise ParseError("header_too_large", 431)
-        head = bytes(buf[:end + 2])
-        del buf[:end + 4]
-        start, _, block = head.partition(b"\r\n")
-        headers = parse_fields(block)
-        if self.requests:
-            m = _REQUEST_LINE.fullmatch(start)
-            if m is None:
-                raise ParseError("malformed_request_line")
-            method, target, version = m.groups()
+        requests = self.requests
+        m = (_REQUEST_HEAD if requests else _RESPONSE_HEAD).fullmatch(buf, 0, end + 2)
+        if m is None:
+            self._refuse_head(buf, end)
+        groups = m.groups()  # type: ignore[union-attr]
+        if len(buf) == end + 4:
+            buf.clear()
+        else:
+            del buf[:end + 4]
+        headers = _split_fields(groups[3])
+        if requests:
+            method, target, version, _ = groups
             hosts, self.framing, self._remaining, close = _head_facts(headers, request=True)
             if hosts == 0 and version == b"1.1":
                 raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
@@ -380,10 +386,7 @@ class MessageReader:
             self._state = self.framing
             self._framing_bytes = self._body_bytes = 0
             return Request(method, target, headers, version)
-        m = _STATUS_LINE.fullmatch(start)
-        if m is None:
-            raise ParseError("malformed_status_line")
-        version, code, reason = m.groups()
+        version, code, reason, _ = groups
         status = int(code)
         _, framing, length, close = _head_facts(headers, request=False)  # 1xx heads too
         if status < 200:
@@ -398,6 +401,14 @@ class MessageReader:
         self._state = self.framing
         self._framing_bytes = self._body_bytes = 0
         return Response(status, reason or b"", headers, version)
+
+    def _refuse_head(self, buf: bytearray, end: int) -> None:
+        """Raise the ``ParseError`` for a head the whole-head expression refused, naming the
+        part that is wrong (the fields first, then the start line)."""
+        start, _, block = bytes(buf[:end + 2]).partition(b"\r\n")
+        parse_fields(block)
+        raise ParseError("malformed_request_line" if self.requests
+                         else "malformed_status_line")
 
     def _frame_bytes(self, n: int) -> None:
         self._framing_bytes += n
