@@ -5,16 +5,22 @@ For each setting, submits a bounded number of realistic records to a real ``Audi
 (writing to a temporary directory), yielding to the writer whenever the queue is full, and
 measures from the first submit until ``aclose`` returns (everything written, fsynced and
 sealed). Also the pure cost of ``record_from`` + packing one frame. Prints human lines and
-one ``BENCHJSON {...}`` line; exits 3 when ``sidecar.audit`` is not there.
+one ``BENCHJSON {...}`` line; exits 3 when ``sidecar.audit`` is not there. ``--busy`` adds
+the whole trail on a busy event loop (``busy_cpu``; BENCHJSON key
+``trail_cpu_us_busy_fsync_on``, the median of three rounds).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,6 +31,11 @@ TIME_BUDGET_S = 10.0  # a run stops submitting after this long, whatever the cou
 
 def main() -> int:
     """Run the micro-benchmark and print its results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--busy", action="store_true",
+                        help="also measure the whole trail on an event loop that never idles "
+                             "(batches of 15-20 records, as on the data path)")
+    args = parser.parse_args()
     try:
         import trio
 
@@ -89,6 +100,8 @@ def main() -> int:
               f"{rate:10.0f} records/s")
     print(f"audit: record_from + frame (pure)     {pure_us:8.2f} us")
     results.update(trail_cpu(make))
+    if args.busy:
+        results.update(busy_cpu(make))
     print("BENCHJSON " + json.dumps({k: round(v, 3) for k, v in results.items()}))
     return 0
 
@@ -153,20 +166,54 @@ def trail_cpu(make: object) -> dict[str, float]:
     build, TLS). The collector is another process (its CPU is not ours). One run, so the
     lines compare with each other on a noisy machine."""
     import resource
-    import subprocess
 
     import trio
 
-    from sidecar.audit.crypto import write_data_key
-    from sidecar.audit.signing import write_keypair
     from sidecar.audit.writer import AuditWriter
-    from sidecar.config.audit import AuditConfig, ShipConfig
+    from sidecar.config.audit import AuditConfig
 
     def cpu() -> float:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return ru.ru_utime + ru.ru_stime
 
     out: dict[str, float] = {}
+    with _trail_material() as (d, priv, ship):
+        variants = [
+            ("none", None),
+            ("chain", {}),
+            ("chain+sign", {"signing_key_file": priv}),
+            ("chain+sign+encrypt", {"signing_key_file": priv,
+                                    "encryption_key_file": os.path.join(d, "data")}),
+            ("chain+sign+encrypt+ship", {"signing_key_file": priv,
+                                         "encryption_key_file": os.path.join(d, "data"),
+                                         "ship": ship}),
+            # What bench/run.py's sidecar-full runs: fsync off (batches written inline).
+            ("chain+sign+encrypt+ship fsync off", {
+                "signing_key_file": priv, "encryption_key_file": os.path.join(d, "data"),
+                "ship": ship, "fsync": False}),
+        ]
+        for n, (label, extra) in enumerate(variants):
+            us = _cpu_per_record(make, None if extra is None else AuditConfig(
+                path=os.path.join(d, f"a{n}"), **extra), cpu, trio, AuditWriter)
+            out[_trail_key(label)] = us
+        base = out["trail_cpu_us_none"]
+        for label, _extra in variants:
+            us = out[_trail_key(label)]
+            print(f"audit: CPU per record, {label:34s} {us:7.2f} us"
+                  f"  (+{us - base:5.2f} us over no audit)")
+    return out
+
+
+@contextlib.contextmanager
+def _trail_material() -> Iterator[tuple[str, str, Any]]:
+    """A temporary directory with a signing key (``sig``), a data key (``data``) and a
+    collector process to ship to: yields (directory, signing key file, ShipConfig)."""
+    import subprocess
+
+    from sidecar.audit.crypto import write_data_key
+    from sidecar.audit.signing import write_keypair
+    from sidecar.config.audit import ShipConfig
+
     with tempfile.TemporaryDirectory() as d:
         priv, _pub, _kid = write_keypair(os.path.join(d, "sig"))
         write_data_key(os.path.join(d, "data"))
@@ -176,34 +223,11 @@ def trail_cpu(make: object) -> dict[str, float]:
         try:
             assert sink.stdout is not None
             port = int(sink.stdout.readline())
-            ship = ShipConfig(address=("127.0.0.1", port), ca_file=cert, queue_size=100_000)
-            variants = [
-                ("none", None),
-                ("chain", {}),
-                ("chain+sign", {"signing_key_file": priv}),
-                ("chain+sign+encrypt", {"signing_key_file": priv,
-                                        "encryption_key_file": os.path.join(d, "data")}),
-                ("chain+sign+encrypt+ship", {"signing_key_file": priv,
-                                             "encryption_key_file": os.path.join(d, "data"),
-                                             "ship": ship}),
-                # What bench/run.py's sidecar-full runs: fsync off (batches written inline).
-                ("chain+sign+encrypt+ship fsync off", {
-                    "signing_key_file": priv, "encryption_key_file": os.path.join(d, "data"),
-                    "ship": ship, "fsync": False}),
-            ]
-            for n, (label, extra) in enumerate(variants):
-                us = _cpu_per_record(make, None if extra is None else AuditConfig(
-                    path=os.path.join(d, f"a{n}"), **extra), cpu, trio, AuditWriter)
-                out[_trail_key(label)] = us
-            base = out["trail_cpu_us_none"]
-            for label, _extra in variants:
-                us = out[_trail_key(label)]
-                print(f"audit: CPU per record, {label:34s} {us:7.2f} us"
-                      f"  (+{us - base:5.2f} us over no audit)")
+            yield d, priv, ShipConfig(address=("127.0.0.1", port), ca_file=cert,
+                                      queue_size=100_000)
         finally:
             sink.kill()
             sink.wait()
-    return out
 
 
 def _trail_key(label: str) -> str:
@@ -252,6 +276,71 @@ def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
     _trio.run(body if config is not None else baseline)
     c1: float = cpu()  # type: ignore[operator]
     return (c1 - c0) / done * 1e6
+
+
+# ------------------------------------------- the whole trail under a steady, busy load
+
+BUSY_RECORDS = 8000
+BUSY_WORK_US = 250.0  # CPU of a "request" around each record (about 4,000 records/s)
+
+
+def busy_cpu(make: object) -> dict[str, float]:
+    """``--busy``: CPU per record of the whole trail (fsync on, defaults) on an event loop that
+    is never idle, as a loaded sidecar's: each record follows BUSY_WORK_US of other work and a
+    yield, so the writer's 5 ms linger gathers data-path-sized batches (about 15-20 records)
+    and what is paid per batch weighs as on the data path. Interleaved with the same loop
+    without audit, three rounds; prints each round's difference. (A loop that sleeps between
+    records instead is not a measure here: on this VM every wake-up from idle costs the
+    process tens to hundreds of us of CPU, whatever it then does.)"""
+    import resource
+
+    import trio
+
+    from sidecar.audit.writer import AuditWriter
+    from sidecar.config.audit import AuditConfig
+
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def work() -> None:
+        end = time.perf_counter() + BUSY_WORK_US / 1e6
+        while time.perf_counter() < end:
+            pass
+
+    def one(config: AuditConfig | None) -> float:
+        spent = [0.0]
+
+        async def body() -> None:
+            writer = AuditWriter(config, identity="spiffe://bench/ns/b/sa/b") if config else None
+            async with trio.open_nursery() as nursery:
+                if writer is not None:
+                    await nursery.start(writer.run)
+                    await trio.sleep(0.3)  # connected to the collector
+                c0 = cpu()
+                for i in range(BUSY_RECORDS):
+                    work()
+                    if writer is not None:
+                        assert writer.submit(make(i))  # type: ignore[operator]
+                    await trio.sleep(0)
+                if writer is not None:
+                    await writer.aclose()
+                    assert writer.written == BUSY_RECORDS
+                spent[0] = cpu() - c0
+
+        trio.run(body)
+        return spent[0] / BUSY_RECORDS * 1e6
+
+    diffs: list[float] = []
+    with _trail_material() as (d, priv, ship):
+        for n in range(3):
+            base = one(None)
+            full = one(AuditConfig(path=os.path.join(d, f"b{n}"), signing_key_file=priv,
+                                   encryption_key_file=os.path.join(d, "data"), ship=ship))
+            diffs.append(full - base)
+            print(f"audit: busy loop, whole trail fsync on, round {n + 1}: "
+                  f"{full - base:7.2f} us per record over no audit")
+    return {"trail_cpu_us_busy_fsync_on": sorted(diffs)[1]}
 
 
 if __name__ == "__main__":
