@@ -32,8 +32,8 @@ every refusal still counts for burst alerts (whose failure it is); ``still_allow
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sidecar.errors import RequestRefused
@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import a
     from sidecar.authn.authenticator import Authenticator
     from sidecar.identity.spiffe import SpiffePattern
     from sidecar.introspect import Introspector
+    from sidecar.policy.compiled import Section
     from sidecar.policy.loaded import Policy
     from sidecar.ratelimit import RateLimiter
 
@@ -77,9 +78,11 @@ class Verdict:
 
     decision: Decision
     auth: AuthFacts = NO_AUTH
-    set_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Empty tuples by default (one Verdict per request: no two lists built for nothing);
+    # replaced, never changed in place.
+    set_headers: Sequence[tuple[bytes, bytes]] = ()
     drop_headers: frozenset[bytes] = frozenset()
-    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    response_headers: Sequence[tuple[bytes, bytes]] = ()
     strip_credentials: bool = False  # remove API keys / non-forwarded tokens before the app
 
     @property
@@ -158,6 +161,9 @@ class Gate:
         self._inbound_cache: dict[tuple[object, ...], Decision] = {}
         self._credential_cache: dict[tuple[object, ...], Decision] = {}
         self._inbound_cacheable = False
+        self._section: Section | None = None
+        self._audience = own_id
+        self._non_ascii = False
         if allow_from is not None:
             from sidecar.identity.spiffe import compile_pattern
 
@@ -165,12 +171,21 @@ class Gate:
 
     # -- inbound -------------------------------------------------------------------------
     def allows_non_ascii_paths(self) -> bool:
-        """The own section says ``non_ascii_paths: allow`` (read per request: reloads apply)."""
+        """The own section says ``non_ascii_paths: allow`` (read per request: reloads apply;
+        the answer is kept per policy object)."""
         policy = self.policies.policy
         if policy is None:
             return False
-        svc = policy.services.get(self.own_id)
-        return svc is not None and svc.non_ascii_paths
+        if self._cached_policy is not policy:
+            self._reset_caches(policy)
+        return self._non_ascii
+
+    def needs_prepare(self) -> bool:
+        """Whether ``prepare`` can have anything to do: some provider of the current policy
+        is introspected (RFC 7662). When False the data path skips the awaitable call."""
+        authn = self.authenticator
+        return (self.introspector is not None and authn is not None
+                and bool(authn.introspection_providers))
 
     async def prepare(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]],
                       query: str) -> None:
@@ -213,18 +228,16 @@ class Gate:
             return self._interim(facts)
         auth = NO_AUTH
         authn = self.authenticator
-        section = policy.section(self.own_id)
+        if self._cached_policy is not policy:
+            self._reset_caches(policy)
+        section = self._section
         if section is None:
             return Verdict(decide(policy, self.own_id, facts, auth, now))
         if authn is not None and not tcp:
             providers = section.providers
             if providers or section.needs_apikey:
-                svc = policy.services.get(self.own_id)
                 auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
-                                          audience=(svc.audience if svc is not None else None)
-                                          or self.own_id)
-        if self._cached_policy is not policy:
-            self._reset_caches(policy)
+                                          audience=self._audience)
         auth_key = auth.key
         if self._inbound_cacheable and not tcp and auth_key is not None:
             # The path as the policy matches it: a path_case: insensitive section folds
@@ -246,8 +259,9 @@ class Gate:
             decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:
-            if self.limiter is not None and not decision.dry_run:
-                check = self.limiter.check(self.own_id, facts.peer, auth.apikey,
+            limiter = self.limiter
+            if limiter is not None and not decision.dry_run and limiter.limits:
+                check = limiter.check(self.own_id, facts.peer, auth.apikey,
                                            _subject(auth), now)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
@@ -256,7 +270,7 @@ class Gate:
                         (b"retry-after", str(max(1, check.retry_after)).encode())]
                     return verdict
             if authn is not None:
-                if auth.claims:
+                if auth.claims and authn.owned_headers:  # some provider forwards claims
                     verdict.set_headers = authn.forward_headers(auth)
                 verdict.drop_headers = authn.owned_headers
                 verdict.strip_credentials = True
@@ -306,7 +320,11 @@ class Gate:
         self._egress_cache = {}
         self._inbound_cache = {}
         self._credential_cache = {}
-        section = policy.section(self.own_id)
+        # What the own section fixes for this policy object, read by every request.
+        self._section = section = policy.section(self.own_id)
+        svc = policy.services.get(self.own_id)
+        self._audience = (svc.audience if svc is not None else None) or self.own_id
+        self._non_ascii = svc is not None and svc.non_ascii_paths
         self._inbound_cacheable = (
             section is not None and all(rule.expires_at is None for rule in section.rules))
 

@@ -21,11 +21,13 @@ import time
 
 import trio
 
+from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import x5t_from_hex
 from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
 from sidecar.gate import Gate
 from sidecar.http.headers import (
+    NO_NAMES,
     REQUEST_ID,
     XFCC,
     connection_tokens,
@@ -49,7 +51,7 @@ from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
-from sidecar.policy.decision import RequestFacts
+from sidecar.policy.decision import RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_target
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
@@ -159,48 +161,64 @@ class InboundProxy:
         limits = self.limits
         client = Endpoint(tls_stream, MessageReader(requests=True, max_head=limits.max_header_bytes),
                           side="client")
-        xfcc = xfcc_value(self.gate.own_id, peer.spiffe_id, peer.fingerprint)
-        # RFC 8705 thumbprint of the caller's certificate, once per connection (bound tokens).
+        gate, pool, tracker, header_filter = self.gate, self.pool, self.tracker, self.header_filter
+        peer_id, port = peer.spiffe_id, self.port
+        # Fixed per connection: what every request adds for the app besides its request id
+        # (the verified caller in Envoy's XFCC format, the scheme), and the RFC 8705
+        # thumbprint of the caller's certificate (bound tokens).
+        xfcc = (XFCC, xfcc_value(gate.own_id, peer_id, peer.fingerprint))
+        proto = (b"x-forwarded-proto", b"https")
         peer_x5t = x5t_from_hex(peer.fingerprint)
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path, query = normalise_request_target(head.target,
-                                           allow_non_ascii=self.gate.allows_non_ascii_paths())
-            ctx.facts = facts = RequestFacts(
-                direction="inbound", peer=peer.spiffe_id, source=source, method=head.method,
-                path=path, host=head.host, port=self.port, listener="inbound")
-            await self.gate.prepare(facts, event.headers, query)
-            ctx.verdict = verdict = self.gate.inbound(facts, event.headers, query, time.time(),
-                                                      peer_x5t=peer_x5t)
-            if not verdict.decision.allowed:
+                                                   allow_non_ascii=gate.allows_non_ascii_paths())
+            ctx.facts = facts = new_facts(("inbound", peer_id, source, head.method, path,
+                                           head.host, port, "inbound", None))
+            if gate.needs_prepare():  # token introspection (I/O) for this request's rules
+                await gate.prepare(facts, event.headers, query)
+            ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
+                                                 peer_x5t=peer_x5t)
+            if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
-            headers = self.header_filter.clean(event.headers, verdict.drop_headers,
-                                               connection_tokens(event.headers))
-            authn = self.gate.authenticator
-            if verdict.strip_credentials and authn is not None:  # set only with one
-                headers, query = authn.strip_credentials(headers, query)
+            # (strip_credentials is set only with an authenticator)
+            strip = gate.authenticator if verdict.strip_credentials else None
+            # One pass: the catalogue, the claim headers the sidecar sets, Connection-listed
+            # names and (when credentials are stripped) the caller's API key header.
+            headers = header_filter.clean(
+                event.headers, verdict.drop_headers,
+                connection_tokens(event.headers) if head.connection else NO_NAMES,
+                API_KEY_ONLY if strip is not None else NO_NAMES)
+            if strip is not None and strip.strips_tokens:  # tokens that are not forwarded
+                headers, query = strip.strip_credentials(headers, query)
             # The app gets exactly the target the policy matched: the normalised path (escapes
             # of unreserved characters decoded, the rest upper-cased) and the checked query.
             target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
             if target != event.target:
                 event = Request(event.method, target, event.headers, event.version)
-            headers.append((XFCC, xfcc))
+            headers.append(xfcc)
             headers.append((REQUEST_ID, ctx.request_id.encode()))
-            headers.append((b"x-forwarded-proto", b"https"))
-            headers.extend(verdict.set_headers)
+            headers.append(proto)
+            if verdict.set_headers:
+                headers.extend(verdict.set_headers)
             if head.upgrade is not None:  # a stream from here on: policy reloads judge it
                 auth = verdict.auth
-                conn.recheck = lambda now: self.gate.still_allows(facts, auth, now)
-            try:
-                return await forward(client, event, headers, self.pool, limits, head,
-                                     close=self.tracker.draining or conn.retiring is not None)
-            finally:
-                conn.recheck = None
+                conn.recheck = lambda now: gate.still_allows(facts, auth, now)
+                try:
+                    return await forward(client, event, headers, pool, limits, head,
+                                         close=tracker.draining or conn.retiring is not None)
+                finally:
+                    conn.recheck = None
+            return await forward(client, event, headers, pool, limits, head,
+                                 close=tracker.draining or conn.retiring is not None)
 
-        await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
-                           handle=handle, source=source, peer=peer.spiffe_id, conn=conn)
+        await request_loop(client, tracker=tracker, limits=limits, telemetry=self.telemetry,
+                           handle=handle, source=source, peer=peer_id, conn=conn)
+
+
+API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed by its exact name with the credentials
 
 
 def refusal_reason(exc: SvidError) -> str:

@@ -29,7 +29,7 @@ import trio
 from sidecar.config.model import Limits, OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
-from sidecar.http.headers import connection_tokens
+from sidecar.http.headers import NO_NAMES, connection_tokens
 from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import MessageReader, Request
@@ -50,7 +50,7 @@ from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
-from sidecar.policy.decision import RequestFacts
+from sidecar.policy.decision import Decision, RequestFacts, new_facts
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
@@ -245,28 +245,44 @@ class OutboundProxy:
                           MessageReader(requests=True, max_head=limits.max_header_bytes),
                           side="client")
 
+        gate, pool, tracker, header_filter = self.gate, self.pool, self.tracker, self.header_filter
+        identity, port, listener = self.cfg.identity, self.port, self.cfg.name
+        own_id = gate.own_id
+        # The verdict of the last egress decision: a decision object is kept per policy
+        # version (Gate.egress), and a Verdict without credentials is nothing more than it
+        # (read only from here on), so consecutive requests share one.
+        last: list[Verdict] = [Verdict(Decision("deny", "", "", ""))]
+
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
-            ctx.facts = self._facts(source, head.method, path, head.host)
-            ctx.verdict = verdict = Verdict(self.gate.egress(self.cfg.identity, time.time()))
-            if not verdict.decision.allowed:
+            ctx.facts = new_facts(("outbound", own_id, source, head.method, path, head.host,
+                                   port, listener, identity))
+            decision = gate.egress(identity, time.time())
+            verdict = last[0]
+            if verdict.decision is not decision:
+                last[0] = verdict = Verdict(decision)
+            ctx.verdict = verdict
+            if decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
-            headers = self.header_filter.clean(event.headers, frozenset(),
-                                               connection_tokens(event.headers))
-            token = None
-            if head.upgrade is not None:  # a stream from here on: policy reloads judge it,
-                conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
-                token = _upgrading.set(conn)  # and the upstream's chain and expiry (acquired)
+            headers = header_filter.clean(
+                event.headers, NO_NAMES,
+                connection_tokens(event.headers) if head.connection else NO_NAMES)
+            if head.upgrade is None:
+                return await forward(client, event, headers, pool, limits, head,
+                                     close=tracker.draining or conn.retiring is not None)
+            # A stream from here on: policy reloads judge it, and the upstream's chain and
+            # expiry (bound when the pool hands out the connection, ``_acquired``).
+            conn.recheck = lambda now: gate.egress(identity, now).allowed
+            token = _upgrading.set(conn)
             try:
-                return await forward(client, event, headers, self.pool, limits, head,
-                                     close=self.tracker.draining or conn.retiring is not None)
+                return await forward(client, event, headers, pool, limits, head,
+                                     close=tracker.draining or conn.retiring is not None)
             finally:
                 conn.recheck = None
-                if token is not None:
-                    _upgrading.reset(token)
-                    conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
+                _upgrading.reset(token)
+                conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
 
         await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
                            handle=handle, source=source, peer=None, conn=conn)

@@ -17,13 +17,15 @@ from sidecar.audit.record import (
     connection_refused_record,
     record_from,
 )
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.tap import Tap
 
 if TYPE_CHECKING:
     from sidecar.audit.writer import AuditWriter
     from sidecar.gate import Verdict
+
+_SERIES_KEPT = 1024  # requests_total series kept by (direction, decision, rule, status)
 
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
@@ -69,6 +71,7 @@ class Telemetry:
         self._conn_total = {d: metrics.connections_total.labels(d)
                             for d in ("inbound", "outbound")}
         self._hs = {d: self.handshakes.labels(d) for d in ("inbound", "outbound")}
+        self._requests: dict[tuple[str, str, str, int], CounterChild] = {}
         self.connections_closed = reg.counter(
             "sidecar_connections_closed_total",
             "Open connections the sidecar ended because they outlived their trust, by "
@@ -137,10 +140,21 @@ class Telemetry:
         duration = time.time() - started
         decision = verdict.decision if verdict is not None else None
         direction = facts.direction if facts is not None else "inbound"
+        allowed = False
         if decision is not None:
+            allowed = decision.allowed
             label = "dry_run" if decision.dry_run else decision.action
-            self.metrics.requests_total.labels(direction, label, decision.rule,
-                                               str(status)).inc()
+            # The requests_total series of these labels, kept by the int status (no
+            # str(status) and no labels() call per request; bounded like the metric).
+            key = (direction, label, decision.rule, status)
+            series = self._requests.get(key)
+            if series is None:
+                series = self.metrics.requests_total.labels(direction, label, decision.rule,
+                                                            str(status))
+                if len(self._requests) >= _SERIES_KEPT:
+                    self._requests.clear()
+                self._requests[key] = series
+            series.inc()
             if decision.reason == "rate_limited":
                 self.metrics.rate_limited_total.labels(decision.rule).inc()
             elif decision.reason == "source_blocked":
@@ -168,7 +182,7 @@ class Telemetry:
                 "reason": error or (decision.reason if decision is not None else ""),
                 "duration_ms": round(duration * 1000.0, 3),
             })
-        refused = status >= 400 or (decision is not None and not decision.allowed)
+        refused = status >= 400 or (decision is not None and not allowed)
         if refused or logs.enabled("debug"):
             logs.log(
                 "request_refused" if refused else "request", "warning" if refused else "debug",
@@ -187,11 +201,6 @@ class Telemetry:
                 # Refused before any rule ran (malformed or ambiguous request, timeout):
                 # still exactly one record, with the refusal as its reason.
                 decision = Decision("deny", "", error or "refused", "", status)
-            kw: dict[str, Any] = {}
-            if facts is None:
-                kw["source"] = source or ""
-                kw["peer"] = peer
-                kw["direction"] = direction
             extra: dict[str, object] = {}
             if facts is not None:
                 if facts.direction == "inbound":
@@ -199,13 +208,27 @@ class Telemetry:
                     extra["port"] = facts.port
                 elif facts.target is not None:
                     extra["target"] = facts.target
-            if error is not None and decision.allowed:
+            if error is not None and allowed:  # (a decision made up here is a deny)
                 extra["error"] = error
-            if extra:
-                kw["extra"] = extra
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
-            self.audit.submit(record_from(
-                decision, facts, time=started, auth=auth,
-                request_id=request_id, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                duration_ms=duration * 1000.0, **kw), admitted=decision.allowed)
+            if facts is not None and extra:
+                # The usual record, with its keywords named in the call (no dictionary of
+                # keywords built and unpacked per request).
+                record = record_from(
+                    decision, facts, time=started, auth=auth, request_id=request_id,
+                    status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+                    duration_ms=duration * 1000.0, extra=extra)
+            else:
+                kw: dict[str, Any] = {}
+                if facts is None:
+                    kw["source"] = source or ""
+                    kw["peer"] = peer
+                    kw["direction"] = direction
+                if extra:
+                    kw["extra"] = extra
+                record = record_from(
+                    decision, facts, time=started, auth=auth, request_id=request_id,
+                    status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+                    duration_ms=duration * 1000.0, **kw)
+            self.audit.submit(record, admitted=allowed)

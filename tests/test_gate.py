@@ -280,3 +280,26 @@ def test_policy_holder_records_failures_and_clears_them_on_success():
     holder.swap(load_policy(POLICY, "mesh.yaml"), 1.0)
     assert holder.status()["last_reload_error"] is None
     assert holder.status()["reloads_failed"] == 2 and holder.status()["reloads_ok"] == 1
+
+
+def test_own_section_facts_follow_each_reload() -> None:
+    # The own section, its audience and non_ascii_paths are kept per policy object: a
+    # reload that changes them is seen by the next request, and one that removes the
+    # section denies.
+    gate, holder = _gate(PLAIN)
+    assert not gate.allows_non_ascii_paths()
+    assert gate.inbound(facts(), [], "", 1.0).decision.allowed
+    holder.swap(load_policy(PLAIN.replace("    rules:\n", "    non_ascii_paths: allow\n    rules:\n",
+                                          1), "mesh.yaml"), 2.0)
+    assert gate.allows_non_ascii_paths()
+    holder.swap(load_policy(PLAIN.replace(f"  {ORDERS}:\n    rules:\n", f"  {ORDERS}x:\n    rules:\n"),
+                            "mesh.yaml"), 3.0)
+    assert not gate.allows_non_ascii_paths()
+    assert not gate.inbound(facts(), [], "", 4.0).decision.allowed
+
+
+def test_prepare_is_needed_only_with_an_introspected_provider() -> None:
+    gate = gate_with_policy()
+    assert not gate.needs_prepare()  # no introspector
+    gate.introspector = object()  # type: ignore[assignment]
+    assert not gate.needs_prepare()  # and no provider of the policy is introspected

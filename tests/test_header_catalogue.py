@@ -95,6 +95,32 @@ def test_clean_folds_extra_and_connection_names() -> None:
     assert f.clean([(b"transfer_encoding", b"chunked")], frozenset(), set()) == []
 
 
+def test_clean_removes_exact_names_as_spelled_only() -> None:
+    # The caller's API key goes with the credentials by its exact name; an underscore
+    # spelling the operator lets through is another header (and stays, as before).
+    f = HeaderFilter(allow_underscores=True)
+    headers = [(b"x-api-key", b"k"), (b"x_api_key", b"k2"), (b"accept", b"*/*")]
+    exact = frozenset({b"x-api-key"})
+    assert f.clean(headers, frozenset(), set(), exact) == [(b"x_api_key", b"k2"),
+                                                           (b"accept", b"*/*")]
+    # The same with Connection-listed names (the per-request path) and with extra names.
+    assert f.clean(headers, frozenset(), {b"accept"}, exact) == [(b"x_api_key", b"k2")]
+    assert f.clean(headers, frozenset({b"x-api-key"}), set()) == [(b"accept", b"*/*")]
+
+
+def test_clean_keeps_its_answers_per_name_and_per_extra_set() -> None:
+    # Decisions are kept per raw name and per (extra, exact) set: asking again, or after
+    # another set was used, gives the same answer as deciding afresh.
+    f = HeaderFilter()
+    headers = [(b"x-forwarded-for", b"1.2.3.4"), (b"x-team", b"t"), (b"accept", b"*/*")]
+    for _ in range(2):
+        assert f.clean(headers, frozenset(), set()) == [(b"x-team", b"t"), (b"accept", b"*/*")]
+        assert f.clean(headers, frozenset({b"X-Team"}), set()) == [(b"accept", b"*/*")]
+        assert f.clean(headers, frozenset(), set(), frozenset({b"accept"})) == [
+            (b"x-team", b"t")]
+    assert [f.removes(n) for n, _ in headers] == [True, False, False]
+
+
 def test_every_entry_has_a_reason_and_a_family() -> None:
     for e in CATALOGUE:
         assert e.reason and e.family, e

@@ -97,6 +97,23 @@ def test_body_expect_and_upgrade_flags():
     assert head(headers=[(b"upgrade", b"websocket")]).upgrade is None  # not in Connection
 
 
+def test_connection_flag_says_whether_a_connection_field_is_present():
+    # The data path looks for Connection-listed (hop-by-hop) names only when it is set.
+    assert not head().connection
+    assert head(headers=[(b"connection", b"x-secret")]).connection
+    assert head(headers=[(b"connection", b"")]).connection
+
+
+def test_an_accepted_method_is_checked_again_each_time():
+    # Accepted method names are kept; refused ones never are, so they stay refused.
+    for _ in range(2):
+        assert head(b"PATCH").method == "PATCH"
+        with pytest.raises(BadRequest):
+            head(b"patch")
+        with pytest.raises(BadRequest):
+            head(b"TRACE")
+
+
 def test_cookie_may_repeat_and_the_first_refusal_in_field_order_wins():
     # Cookie is counted with the once-only fields but may repeat (RFC 6265 5.4 folds them).
     assert head(headers=[(b"cookie", b"a=1"), (b"cookie", b"b=2")]).host == "orders"

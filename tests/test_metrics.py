@@ -199,3 +199,23 @@ def test_sidecar_metric_set_is_documented_and_renders() -> None:
     assert ("sidecar_policy_version_info", frozenset({("version", "v1")})) not in s
     assert s[("sidecar_policy_loaded_timestamp_seconds", frozenset())] == 2000
     assert s[("sidecar_audit_queue_depth", frozenset())] == 5
+
+
+def test_requests_total_counts_each_status_and_decision_apart() -> None:
+    # Telemetry keeps the requests_total series per (direction, decision, rule, status):
+    # each combination still counts in its own series, with the status as its label.
+    from sidecar.gate import Verdict
+    from sidecar.policy.decision import Decision, RequestFacts
+    from sidecar.telemetry import RequestContext, Telemetry
+
+    m = SidecarMetrics()
+    t = Telemetry(m)
+    facts = RequestFacts("inbound", "spiffe://td/a", "10.0.0.1", "GET", "/", "h", 1)
+    allow = Verdict(Decision("allow", "r1", "allowed", "v1"))
+    deny = Verdict(Decision("deny", "r2", "no_rule", "v1", status=403))
+    for verdict, status in ((allow, 200), (allow, 200), (allow, 503), (deny, 403)):
+        t.request(RequestContext("id", 0.0, facts, verdict), status)
+    total = m.requests_total
+    assert total.value("inbound", "allow", "r1", "200") == 2
+    assert total.value("inbound", "allow", "r1", "503") == 1
+    assert total.value("inbound", "deny", "r2", "403") == 1

@@ -66,6 +66,7 @@ from sidecar.policy.decision import (
     REASON_TOKEN_INVALID,
     REASON_TOKEN_MISSING,
     AuthFacts,
+    new_auth_facts,
 )
 from sidecar.policy.sections import JwtProvider, PolicyExtras, TokenLocation
 
@@ -124,6 +125,9 @@ class Authenticator:
         self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
+        # True when ``strip_credentials`` removes more than the API key header (a token
+        # location that is not forwarded): the data path can then skip the call.
+        self.strips_tokens = False
         self.failures: Counter[str] = Counter()
         self.verified = 0
         self.apikeys_accepted = 0
@@ -172,6 +176,7 @@ class Authenticator:
             if not provider.forward_token
             or (loc.kind == "query" and not provider.forward_query_token)
         )
+        self.strips_tokens = bool(self._strip_locations)
 
     def set_keys(self, provider: str, keys: KeySet, fetched_at: float) -> None:
         """Swap in ``provider``'s key set (``fetched_at``: unix time it was obtained).
@@ -261,7 +266,9 @@ class Authenticator:
                     key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
                     verified = self._verify(provider, found.token, now)
-                    check_binding(verified, peer_x5t, provider.cert_binding == "required")
+                    required = provider.cert_binding == "required"
+                    if required or verified.get("cnf") is not None:  # (else nothing to check)
+                        check_binding(verified, peer_x5t, required)
                     claims[name] = verified
                     if key is not None:
                         if len(found.token) > DECISION_KEY_MAX_TOKEN:
@@ -280,9 +287,8 @@ class Authenticator:
         apikey = self._check_apikey(headers, now)
         if not claims and not errors and apikey is None:
             return NO_AUTH
-        return AuthFacts(claims=claims, token_errors=errors, apikey=apikey,
-                         unverified_subjects=subjects,
-                         key=None if key is None else (*key, apikey))
+        return new_auth_facts((claims, errors, apikey, subjects,
+                               None if key is None else (*key, apikey)))
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
@@ -353,13 +359,19 @@ class Authenticator:
             listener()
 
     def _check_apikey(self, headers: Headers, now: float) -> str | None:
-        values = [v for n, v in headers if n == API_KEY_HEADER]
-        if not values:
+        raw = None
+        repeated = False
+        for n, v in headers:  # (a plain loop: most requests carry no key)
+            if n == API_KEY_HEADER:
+                if raw is not None:
+                    repeated = True
+                raw = v
+        if raw is None:
             return None
         # Two keys in one request: refuse both rather than pick one.
         name = None
-        if len(values) == 1:
-            name = self._apikeys.check(values[0].decode("latin-1").strip(), now)
+        if not repeated:
+            name = self._apikeys.check(raw.decode("latin-1").strip(), now)
         if name is None:
             self.apikeys_refused += 1
         else:

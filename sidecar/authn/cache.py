@@ -75,9 +75,8 @@ class VerificationCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        if (entry.jti is not None or entry.sub is not None) and revocations.is_revoked_id(
-            entry.jti, entry.sub, entry.iat
-        ):
+        if not revocations.empty and (entry.jti is not None or entry.sub is not None) \
+                and revocations.is_revoked_id(entry.jti, entry.sub, entry.iat):
             raise TokenInvalid(REVOKED)
         return entry.claims
 

@@ -17,7 +17,7 @@ this provider's token; the header itself still counts towards "present twice".
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
@@ -35,27 +35,43 @@ class FoundToken(NamedTuple):
     locations: tuple[TokenLocation, ...]
 
 
+# FoundToken from its two fields, without the named tuple's Python-level ``__new__``.
+_found: Callable[[tuple[str, tuple[TokenLocation, ...]]], FoundToken] = functools.partial(
+    tuple.__new__, FoundToken)
+
+
 @functools.lru_cache(maxsize=256)
 def _header_name(name: str) -> bytes:
     return name.lower().encode("latin-1")
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix_forms(prefix: str) -> tuple[int, str, str]:
+    """A location's prefix as compared: its length, lower-cased, and lower-cased without
+    surrounding whitespace (per prefix, not per request)."""
+    return len(prefix), prefix.lower(), prefix.strip().lower()
+
+
 def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     name = _header_name(loc.name)
-    values = [v for n, v in headers if n == name]
-    if len(values) > 1:
-        raise TokenInvalid(MULTIPLE_TOKENS, f"header {loc.name} repeated")
-    if not values:
+    raw = None
+    for n, v in headers:  # (a plain loop: no list built for the usual one match)
+        if n == name:
+            if raw is not None:
+                raise TokenInvalid(MULTIPLE_TOKENS, f"header {loc.name} repeated")
+            raw = v
+    if raw is None:
         return []
-    value = values[0].decode("latin-1").strip()
+    value = raw.decode("latin-1").strip()
     prefix = loc.prefix
     if prefix:
         # The auth scheme is case-insensitive (RFC 9110 11.1); the token is not.
-        if len(value) < len(prefix) and value.lower() == prefix.strip().lower():
+        size, lower, bare = _prefix_forms(prefix)
+        if len(value) < size and value.lower() == bare:
             raise TokenInvalid(MALFORMED, "empty token")  # "Bearer" alone (OWS stripped)
-        if value[: len(prefix)].lower() != prefix.lower():
+        if value[:size].lower() != lower:
             return []
-        value = value[len(prefix):].strip()
+        value = value[size:].strip()
     if not value:
         raise TokenInvalid(MALFORMED, "empty token")
     return [value]
@@ -99,6 +115,10 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
     ``headers`` are (name, value) pairs as h11 gives them (names lower-case); ``query`` is the raw query
     string (no ``?``). Raises ``TokenInvalid("multiple_tokens")`` on ambiguity.
     """
+    locations = provider.locations
+    if len(locations) == 1 and locations[0].kind == "header":  # the usual provider
+        values = _from_header(locations[0], headers)
+        return _found((values[0], locations)) if values else None
     found: list[tuple[TokenLocation, str]] = []
     cookies: list[tuple[str, str]] | None = None
     queries: list[tuple[str, str]] | None = None
@@ -119,7 +139,7 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
         return None
     token = found[0][1]
     if len(found) == 1:
-        return FoundToken(token, (found[0][0],))
+        return _found((token, (found[0][0],)))
     if any(v != token for _, v in found):
         raise TokenInvalid(MULTIPLE_TOKENS, "different tokens in different places")
     return FoundToken(token, tuple(loc for loc, _ in found))

@@ -24,7 +24,7 @@ from sidecar.policy.sections import Revocation
 class RevocationList:
     """Revoked ``jti`` and ``sub`` values, each with the issue time the revocation ends at."""
 
-    __slots__ = ("_by_jti", "_by_sub")
+    __slots__ = ("_by_jti", "_by_sub", "empty")
 
     def __init__(self, entries: Iterable[Revocation] = ()) -> None:
         self._by_jti: dict[str, float] = {}
@@ -35,6 +35,9 @@ class RevocationList:
                 self._by_jti[entry.jti] = max(until, self._by_jti.get(entry.jti, -math.inf))
             if entry.sub is not None:
                 self._by_sub[entry.sub] = max(until, self._by_sub.get(entry.sub, -math.inf))
+        # Nothing revoked (the list is never changed after it is built): a cached token's
+        # lookup can skip the probe call.
+        self.empty = not self._by_jti and not self._by_sub
 
     def __len__(self) -> int:
         return len(self._by_jti) + len(self._by_sub)

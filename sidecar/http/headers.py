@@ -25,6 +25,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset({
 })
 
 XFCC = b"x-forwarded-client-cert"
+NO_NAMES: frozenset[bytes] = frozenset()  # no header names (shared: nothing to build per request)
 REQUEST_ID = b"x-request-id"
 
 # Never removed because Connection names them: without Host the app (and the peer sidecar)

@@ -24,7 +24,7 @@ itself (``SIDECAR_SET``) can never be passed through. docs/SECURITY.md reproduce
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
 
@@ -186,13 +186,16 @@ class HeaderFilter:
     """Decides, per header name, whether a caller's header reaches the app.
 
     ``drop`` holds the names that the caller's request never keeps (hop-by-hop and the
-    sidecar's own headers, compared folded). Decisions are cached per raw name (names repeat
-    on every request); the cache is bounded.
+    sidecar's own headers, compared folded). Decisions are kept per raw name (names repeat
+    on every request) in a bounded dictionary that computes a missing entry itself, so a
+    request whose names were seen before is filtered without a Python call per field; the
+    same holds for each set of extra names ``clean`` is given (one per policy version).
     """
 
-    __slots__ = ("_allow_underscores", "_pass", "_drop", "_cache")
+    __slots__ = ("_allow_underscores", "_pass", "_drop", "_cache", "_extra")
 
     _CACHE_MAX = 4096
+    _EXTRA_MAX = 16  # distinct (extra, exact) sets kept; they change with the policy only
 
     def __init__(self, *, allow_underscores: bool = False,
                  pass_through: Iterable[str] = (), drop: Iterable[bytes] = ()) -> None:
@@ -202,18 +205,12 @@ class HeaderFilter:
 
         dropped: tuple[bytes | str, ...] = (*HOP_BY_HOP, *SIDECAR_SET, *drop)
         self._drop = frozenset(fold(n) for n in dropped)
-        self._cache: dict[bytes, bool] = {}
+        self._cache = _Decisions(self._decide, self._CACHE_MAX)
+        self._extra: dict[tuple[frozenset[bytes], frozenset[bytes]], _Decisions] = {}
 
     def removes(self, name: bytes) -> bool:
         """True if a caller's header called ``name`` (lower-case) must not reach the app."""
-        hit = self._cache.get(name)
-        if hit is not None:
-            return hit
-        out = self._decide(name)
-        if len(self._cache) >= self._CACHE_MAX:
-            self._cache.clear()
-        self._cache[name] = out
-        return out
+        return self._cache[name]
 
     def _decide(self, name: bytes) -> bool:
         if b"_" in name and not self._allow_underscores:
@@ -227,17 +224,54 @@ class HeaderFilter:
             return False
         return n in _EXACT or n.startswith(_PREFIXES)
 
+    def _decisions(self, extra: frozenset[bytes], exact: frozenset[bytes]) -> _Decisions:
+        """The decisions with ``extra`` (compared folded) and ``exact`` names removed too."""
+        decisions = self._extra.get((extra, exact))
+        if decisions is None:
+            removes = self.removes
+            folded = frozenset(fold(n) for n in extra)
+            decisions = _Decisions(
+                lambda name: removes(name) or name in exact or fold(name) in folded,
+                self._CACHE_MAX)
+            if len(self._extra) >= self._EXTRA_MAX:
+                self._extra.clear()
+            self._extra[(extra, exact)] = decisions
+        return decisions
+
     def clean(self, headers: Iterable[tuple[bytes, bytes]], extra: frozenset[bytes] | set[bytes],
-              hop: set[bytes]) -> list[tuple[bytes, bytes]]:
-        """``headers`` without catalogue entries, ``extra`` names and Connection-listed names.
+              hop: Set[bytes], exact: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+        """``headers`` without catalogue entries, ``extra`` names and Connection-listed names
+        (``hop``), and without the names in ``exact`` as they are spelled (the caller's API key
+        header, which only its exact name carries).
 
         ``extra`` (for example the policy's claim headers) and ``hop`` are compared folded too.
         """
-        removes = self.removes
-        if extra or hop:
+        if hop:  # names the caller listed in Connection: this request's own, not kept
+            removes = self.removes
             more = {fold(n) for n in extra} | {fold(n) for n in hop}
-            return [(n, v) for n, v in headers if not removes(n) and fold(n) not in more]
-        return [(n, v) for n, v in headers if not removes(n)]
+            return [(n, v) for n, v in headers
+                    if not removes(n) and n not in exact and fold(n) not in more]
+        decided = self._decisions(frozenset(extra), exact) if extra or exact else self._cache
+        return [(n, v) for n, v in headers if not decided[n]]
+
+
+class _Decisions(dict[bytes, bool]):
+    """Name -> removed?, bounded (cleared when full); a missing name is decided by ``decide``
+    and kept. Reading a known name is a plain dictionary lookup."""
+
+    __slots__ = ("_decide", "_max")
+
+    def __init__(self, decide: Callable[[bytes], bool], max_entries: int) -> None:
+        super().__init__()
+        self._decide = decide
+        self._max = max_entries
+
+    def __missing__(self, name: bytes) -> bool:
+        out = self._decide(name)
+        if len(self) >= self._max:
+            self.clear()
+        self[name] = out
+        return out
 
 
 def catalogue_markdown() -> str:
