@@ -408,6 +408,79 @@ async def test_forward_answers_head_without_a_body() -> None:
     assert head.status == 200 and body == b"" and seen[0][0].method == b"HEAD"
 
 
+# What an app's response head may say about its own connection: every member is relayed
+# without the hop-by-hop fields and without what Connection lists (but Content-Length, the
+# framing), with the body framed as the app framed it. (The relay asks the reader whether
+# Connection lists anything before it looks at the tokens: a lone keep-alive lists nothing.)
+RESPONSE_CONNECTION_FAMILY = {
+    "lone_keep_alive": b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+    "upper_case_keep_alive": b"Connection: Keep-Alive\r\nKeep-Alive: timeout=5\r\n",
+    "close_and_a_name": b"Connection: close, X-Secret\r\nX-Secret: 1\r\n",
+    "a_name_only": b"Connection: X-Secret\r\nX-Secret: 1\r\n",
+    "keep_alive_then_a_second_field": (b"Connection: keep-alive\r\nConnection: x-secret\r\n"
+                                       b"X-Secret: 1\r\n"),
+    "keep_alive_and_a_name": b"Connection: keep-alive, x-secret\r\nX-Secret: 1\r\n",
+    "lists_content_length": b"Connection: content-length, X-Secret\r\nX-Secret: 1\r\n",
+    "no_connection_field": b"Proxy-Connection: x\r\nTE: trailers\r\n",
+}
+RESPONSE_FRAMINGS = {  # the app's framing -> (what the client's head says, body)
+    "length": (b"Content-Length: 5\r\n\r\nhello", (b"content-length", b"5"), b"hello"),
+    "zero_length": (b"Content-Length: 0\r\n\r\n", (b"content-length", b"0"), b""),
+    "chunked": (b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                (b"transfer-encoding", b"chunked"), b"hello"),
+}
+
+
+async def _raw_app(stream: trio.abc.Stream, answer: bytes) -> None:
+    """An upstream that answers every request head with ``answer`` (bytes as given)."""
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            buf = buf[buf.index(b"\r\n\r\n") + 4:]
+            await stream.send_all(answer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+@pytest.mark.parametrize("framing", sorted(RESPONSE_FRAMINGS))
+@pytest.mark.parametrize("member", sorted(RESPONSE_CONNECTION_FAMILY))
+@trio_test
+async def test_forward_strips_what_an_apps_connection_field_lists(member: str,
+                                                                  framing: str) -> None:
+    fields = RESPONSE_CONNECTION_FAMILY[member]
+    rest, framed, body = RESPONSE_FRAMINGS[framing]
+    answer = b"HTTP/1.1 200 OK\r\nX-Keep: 1\r\n" + fields + rest
+    ours, client = client_pair()
+    async with trio.open_nursery() as nursery:
+        async def connect() -> trio.abc.Stream:
+            a, b = trio.socket.socketpair()
+            nursery.start_soon(_raw_app, trio.SocketStream(b), answer)
+            return trio.SocketStream(a)
+
+        pool = UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
+        for _ in range(2):  # the second on the pooled connection (the reader's facts reset)
+            await ours.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            event = await client.next_event(trio.current_time() + 5)
+            head = check_head(event.method, event.target, event.headers, max_headers=100,
+                              max_body=0, http_version=event.version)
+            ex = await forward(client, event, list(event.headers), pool, LIMITS, head)
+            got, got_body, _ = await read_response(ours)
+            client.reader.start_next()
+            names = [n for n, _ in got.headers]
+            assert got.status == 200 and got_body == body and ex.keep_alive
+            assert (b"x-keep", b"1") in got.headers and framed in got.headers
+            assert not {b"x-secret", b"connection", b"keep-alive", b"proxy-connection",
+                        b"te"} & set(names), names
+            assert names.count(framed[0]) == 1
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+
+
 # -- request_loop -----------------------------------------------------------------------------
 
 @trio_test
