@@ -19,7 +19,7 @@ import trio.testing
 from sidecar.config.model import Limits
 from sidecar.errors import BadRequest, HeadersTooLarge
 from sidecar.http.request import check_head
-from sidecar.http.wire import CLOSED, END, MessageReader, Request, Response
+from sidecar.http.wire import CLOSED, END, NEED_DATA, MessageReader, Request, Response
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.forward import forward
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
@@ -182,6 +182,33 @@ async def test_endpoint_maps_a_clients_bad_bytes_to_generic_refusals(raw, error)
         with pytest.raises(error):
             await client.next_event(trio.current_time() + 5)
         nursery.cancel_scope.cancel()
+
+
+def test_endpoint_event_now_parses_what_is_here_and_maps_errors_without_reading() -> None:
+    """``event_now``: the events of bytes already received, ``NEED_DATA`` for the rest (no
+    I/O), and a parse error mapped as ``next_event`` maps it, for either side."""
+    _, client = client_pair()
+    assert client.event_now() is NEED_DATA
+    client.reader.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+    assert type(client.event_now()) is Request and client.event_now() is END
+    client.reader.start_next()
+    assert client.event_now() is NEED_DATA  # the second head is not complete yet
+    client.reader.feed(b"Host\x00: x\r\n\r\n")
+    with pytest.raises(BadRequest):
+        client.event_now()
+    a, _ = trio.testing.memory_stream_pair()
+    upstream = Endpoint(a, MessageReader(requests=False))
+    upstream.reader.expect_response(b"GET")
+    upstream.reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+    assert type(upstream.event_now()) is Response and upstream.event_now() == b"hel"
+    assert upstream.event_now() is NEED_DATA
+    upstream.reader.feed(b"lo")
+    assert upstream.event_now() == b"lo" and upstream.event_now() is END
+    bad = Endpoint(trio.testing.memory_stream_pair()[0], MessageReader(requests=False))
+    bad.reader.expect_response(b"GET")
+    bad.reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n")
+    with pytest.raises(ProtocolViolation):
+        bad.event_now()
 
 
 @trio_test

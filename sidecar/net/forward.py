@@ -27,6 +27,7 @@ from sidecar.http.headers import HOP_BY_HOP, connection_tokens
 from sidecar.http.request import RequestHead
 from sidecar.http.wire import (
     END,
+    NEED_DATA,
     OUT_CHUNKED,
     OUT_CLOSE,
     OUT_LENGTH,
@@ -296,8 +297,10 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
     client.sent_head = True
     try:
         while True:
-            event = await ep.next_event(None, flush_first=client,
-                                        timeout=limits.body_timeout)
+            event = ep.event_now()  # (a small body and its end came with the head)
+            if event is NEED_DATA:
+                event = await ep.next_event(None, flush_first=client,
+                                            timeout=limits.body_timeout)
             if type(event) is bytes:
                 ex.response_bytes += len(event)
                 for part in body.frame(event):
