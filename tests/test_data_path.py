@@ -184,6 +184,29 @@ async def test_endpoint_maps_a_clients_bad_bytes_to_generic_refusals(raw, error)
         nursery.cancel_scope.cancel()
 
 
+@trio_test(autojump=True)
+async def test_endpoint_flush_waits_for_what_the_socket_did_not_take_and_is_bounded() -> None:
+    """A flush larger than the socket takes at once sends the rest after a wait (whole and
+    in order), and a peer that never reads ends the flush at its deadline (``Timeout``)."""
+    a, b = trio.socket.socketpair()
+    ep = Endpoint(SocketTransport(b), MessageReader(requests=False))
+    data = bytes(range(256)) * 16384  # 4 MiB: more than a socket pair buffers
+    got = bytearray()
+
+    async def drain() -> None:
+        while len(got) < len(data):
+            got.extend(await a.recv(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        ep.queue(data)
+        nursery.start_soon(drain)
+        await ep.flush(trio.current_time() + 30)
+    assert got == data and ep.bytes_out == len(data) and not ep.out
+    ep.queue(data)  # nobody reads now
+    with pytest.raises(Timeout):
+        await ep.flush(timeout=5.0)
+
+
 def test_endpoint_event_now_parses_what_is_here_and_maps_errors_without_reading() -> None:
     """``event_now``: the events of bytes already received, ``NEED_DATA`` for the rest (no
     I/O), and a parse error mapped as ``next_event`` maps it, for either side."""
