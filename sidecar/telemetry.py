@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
 from sidecar.audit.record import (
+    SharedExtra,
     connection_closed_record,
     connection_refused_record,
     record_from,
@@ -74,8 +75,8 @@ class Telemetry:
         self._requests: dict[tuple[str, str, str, int], CounterChild] = {}
         # The audit records' ``extra`` per listener port (inbound) and per target
         # (outbound): read-only, shared by the records (``request``); bounded.
-        self._inbound_extra: dict[int, dict[str, object]] = {}
-        self._outbound_extra: dict[str, dict[str, object]] = {}
+        self._inbound_extra: dict[int, SharedExtra] = {}
+        self._outbound_extra: dict[str, SharedExtra] = {}
         self.connections_closed = reg.counter(
             "sidecar_connections_closed_total",
             "Open connections the sidecar ended because they outlived their trust, by "
@@ -128,8 +129,8 @@ class Telemetry:
                 reason=reason, extra=extra))
 
     @staticmethod
-    def _shared_extra(table: dict[Any, dict[str, object]], key: Any,
-                      extra: dict[str, object]) -> dict[str, object]:
+    def _shared_extra(table: dict[Any, SharedExtra], key: Any,
+                      extra: SharedExtra) -> SharedExtra:
         if len(table) >= _SERIES_KEPT:
             table.clear()
         table[key] = extra
@@ -217,18 +218,19 @@ class Telemetry:
             # listener's port inbound, the target outbound): one read-only mapping per
             # value, shared by the records (``record_from`` never changes it), instead of
             # a dictionary built per request.
-            extra: dict[str, object] | None = None
+            extra: dict[str, Any] | None = None
             if facts is not None:
                 if facts.direction == "inbound":
                     extra = self._inbound_extra.get(facts.port)
                     if extra is None:
                         extra = self._shared_extra(self._inbound_extra, facts.port,
-                                                   {"service": self.service, "port": facts.port})
+                                                   SharedExtra(service=self.service,
+                                                               port=facts.port))
                 elif facts.target is not None:
                     extra = self._outbound_extra.get(facts.target)
                     if extra is None:
                         extra = self._shared_extra(self._outbound_extra, facts.target,
-                                                   {"target": facts.target})
+                                                   SharedExtra(target=facts.target))
             if error is not None and allowed:  # (a decision made up here is a deny)
                 extra = {**extra, "error": error} if extra else {"error": error}
             # An allowed request passed ``accepting()`` before it was served: its record must

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import trio
 
+from sidecar.audit.record import SharedExtra
 from sidecar.audit.segments import iter_records
 from sidecar.audit.writer import AuditWriter
 from sidecar.config.audit import AuditConfig
@@ -96,8 +97,8 @@ def test_records_of_one_connection_share_its_fixed_extra_and_nothing_leaks(
 
 def test_shared_extra_tables_are_bounded() -> None:
     telemetry = Telemetry(SidecarMetrics(), None, service="spiffe://td/me")
-    table: dict[object, dict[str, object]] = {}
+    table: dict[object, SharedExtra] = {}
     for i in range(3000):
-        telemetry._shared_extra(table, i, {"port": i})
+        telemetry._shared_extra(table, i, SharedExtra(port=i))
         assert len(table) <= 1024
     assert table[2999] == {"port": 2999}

@@ -93,6 +93,26 @@ class AuditRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class SharedExtra(dict[str, Any]):
+    """A read-only ``extra`` that many records share (the fixed fields of a connection:
+    ``Telemetry`` keeps one per listener port and per target). Changing it raises
+    ``TypeError``, so what was encoded from it once stays true: the syslog shipper
+    encodes its JSON once (``json``, filled in by ``sidecar.audit.ship``) instead of once
+    per record. Equal to, and stored exactly as, the plain ``dict`` of the same items."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.json: str | None = None
+
+    def _read_only(self, *_args: Any, **_kw: Any) -> Any:
+        raise TypeError("a shared audit extra is read-only: copy it to change it")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+
 # Public and stable: field name -> stored key. Never reuse a key for another meaning.
 WIRE_KEYS: dict[str, str] = {
     "time": "t",

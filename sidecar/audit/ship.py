@@ -51,6 +51,7 @@ from typing import Any, cast
 
 import trio
 
+from sidecar.audit.record import SharedExtra
 from sidecar.config.audit import ShipConfig
 from sidecar.net.transport import TlsTransport
 
@@ -166,6 +167,12 @@ def _repeating_run(items: list[tuple[Any, Any]], start: int) -> list[str]:
     return run
 
 
+def _shared_json(extra: SharedExtra) -> str:
+    """The JSON of a read-only shared extra, encoded at its first record and kept on it."""
+    text = extra.json = _encode(extra)
+    return text
+
+
 def record_json(wire: dict[str, Any]) -> str:
     """``_encode(wire)``, faster for records of a shape seen before (see above)."""
     keys = tuple(wire)
@@ -218,7 +225,9 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
         elif kind is str:
             text = f"_escape({name})"
         else:
-            text = f"_encode({name})"
+            # A shared extra (one per connection) carries its JSON, encoded once.
+            text = (f"({name}.json or _shared_json({name})) if {name}.__class__ is _Shared"
+                    f" else _encode({name})")
         parts.append(f'"{key}":{{{text}}}')
         learning.append(parts[-1].replace(f"_known[{name}]", f"_known.get({name}) or _learn({name})"))
         i += 1
@@ -234,7 +243,7 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
     namespace: dict[str, Any] = {
         "_repr": float.__repr__, "_int": int.__repr__, "_inf": math.inf, "_escape": _escape,
         "_encode": _encode, "_known": _known, "_learn": _learn, "_runs": _runs,
-        "_learn_run": _learn_run}
+        "_learn_run": _learn_run, "_Shared": SharedExtra, "_shared_json": _shared_json}
     exec(source, namespace)  # noqa: S102 -- our own code from plain keys, see above
     return namespace["fill"]  # type: ignore[no-any-return]
 
