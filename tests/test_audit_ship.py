@@ -383,11 +383,13 @@ def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
                 assert ship.record_json(wire) == encode(wire)
     # A run of repeating keys (one remembered fragment per value tuple): every slot of it,
     # and the per-connection key that splits it, with every type.
-    run = {"t": 1.5, "dir": "inbound", "peer": "p", "src": "1.2.3.4:5", "m": "GET",
+    run = {"t": 1.5, "dir": "inbound", "peer": "p", "src": "1.2.3.4:5", "iss": "https://i",
+           "sub": "alice", "jti": "0f" * 32, "m": "GET",
            "host": "h", "path": "/", "d": "allow", "rule": "r", "why": "ok", "pv": "v1"}
     for first in SHAPE_VALUES:
         for later in SHAPE_VALUES:
-            for slot in ("dir", "peer", "src", "m", "host", "d", "rule", "pv"):
+            for slot in ("dir", "peer", "src", "iss", "sub", "jti", "m", "host", "d", "rule",
+                         "pv"):
                 wire = {**run, slot: first}
                 assert ship.record_json(wire) == encode(wire)
                 wire[slot] = later
