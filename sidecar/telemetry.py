@@ -17,6 +17,7 @@ from sidecar.audit.record import (
     connection_closed_record,
     connection_refused_record,
     record_from,
+    request_record,
 )
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
@@ -236,12 +237,9 @@ class Telemetry:
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
             if facts is not None:
-                # The usual record, with its keywords named in the call (no dictionary of
-                # keywords built and unpacked per request).
-                record = record_from(
-                    decision, facts, time=started, auth=auth, request_id=request_id,
-                    status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                    duration_ms=duration * 1000.0, extra=extra)
+                # The usual record, every value given positionally (no keyword matching).
+                record = request_record(decision, facts, started, auth, request_id, status,
+                                        bytes_in, bytes_out, duration * 1000.0, extra)
             else:
                 record = record_from(
                     decision, None, time=started, auth=auth, request_id=request_id,

@@ -265,31 +265,21 @@ def record_from(
     record keeps the mapping given (it is never changed: callers may share one, read-only,
     between records, as ``Telemetry`` does for a connection's fixed fields).
 
-    Runs once per request: the record is built with one positional call (a dict of
-    values and ``**`` cost twice as much), the token fields included; ``kw`` applied after.
+    With facts, the record is ``request_record``'s (one positional call: a dict of values
+    and ``**`` cost twice as much), the token fields included; ``kw`` applied after.
     """
-    reason = decision.reason
-    event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
     if status is _FROM_DECISION:
         status = decision.status
-    if auth is not None:
-        iss, sub, jti, apikey = _token_fields(auth)
-    else:
-        iss = sub = jti = apikey = None
     if facts is not None:
-        direction = facts.direction
         if extra is _FROM_DECISION:
             # Outbound: the caller is our own app; the interesting identity is the target.
             extra = ({"target": facts.target}
-                     if direction == "outbound" and facts.target is not None else None)
-        record = AuditRecord(
-            time, event, request_id, direction, facts.peer, facts.source,
-            iss, sub, jti, apikey, facts.method, facts.host, facts.path,
-            # decision_value(decision), without a call per record
-            "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
-            decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms,
-            extra)
+                     if facts.direction == "outbound" and facts.target is not None else None)
+        record = request_record(decision, facts, time, auth, request_id, status, bytes_in,
+                                bytes_out, duration_ms, extra)
     else:
+        iss, sub, jti, apikey = _token_fields(auth)
+        event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
         record = AuditRecord(
             time, event, request_id, token_issuer=iss, token_subject=sub, token_id_hash=jti,
             apikey=apikey, decision=decision_value(decision), rule=decision.rule,
@@ -302,6 +292,28 @@ def record_from(
                 raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
             setattr(record, name, value)
     return record
+
+
+def request_record(
+    decision: Decision, facts: RequestFacts, time: float, auth: AuthFacts | None,
+    request_id: str, status: int, bytes_in: int, bytes_out: int, duration_ms: float,
+    extra: dict[str, Any] | None,
+) -> AuditRecord:
+    """``record_from`` of a request whose facts are known, every value given, positionally:
+    the data path's call (``Telemetry.request``), without keyword matching per request."""
+    reason = decision.reason
+    if auth is not None:
+        iss, sub, jti, apikey = _token_fields(auth)
+    else:
+        iss = sub = jti = apikey = None
+    return AuditRecord(
+        time, EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST,
+        request_id, facts.direction, facts.peer, facts.source,
+        iss, sub, jti, apikey, facts.method, facts.host, facts.path,
+        # decision_value(decision), without a call per record
+        "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
+        decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms,
+        extra)
 
 
 def connection_refused_record(
