@@ -20,6 +20,7 @@ from sidecar.audit.record import (
     decision_value,
     hash_token_id,
     record_from,
+    request_record,
 )
 from sidecar.policy.decision import (
     REASON_ALLOWED,
@@ -152,6 +153,18 @@ def test_token_fields_follow_each_claims_mapping_and_stay_bounded() -> None:
         assert (rec.token_issuer, rec.token_subject) == (None, None)
         assert rec.token_id_hash == hashlib.sha256(jti.encode()).hexdigest()
         assert len(_jti_hashes) <= MAX_JTI_HASHES
+
+
+def test_request_record_is_record_from_with_every_value_given() -> None:
+    # The data path's positional call builds the record record_from builds.
+    auth = AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}, apikey="k")
+    for d in (Decision("allow", "r", REASON_ALLOWED, "v1"),
+              Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429),
+              Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny")):
+        for a in (auth, None):
+            assert request_record(d, FACTS, 2.5, a, "id", 201, 3, 4, 1.5, {"e": 1}) == \
+                record_from(d, FACTS, time=2.5, auth=a, request_id="id", status=201,
+                            bytes_in=3, bytes_out=4, duration_ms=1.5, extra={"e": 1})
 
 
 def test_record_from_keeps_the_extra_it_is_given() -> None:
