@@ -35,6 +35,10 @@ def main() -> int:
     parser.add_argument("--busy", action="store_true",
                         help="also measure the whole trail on an event loop that never idles "
                              "(batches of 15-20 records, as on the data path)")
+    parser.add_argument("--data-path-record", action="store_true",
+                        help="build each record as sidecar-full's inbound proxy does: through "
+                             "Telemetry.request, with a verified token and the connection's "
+                             "extra (the lines without audit run Telemetry.request too)")
     args = parser.parse_args()
     try:
         import trio
@@ -56,6 +60,9 @@ def main() -> int:
     def make(i: int) -> object:
         return record_from(decision, facts, time=1.7e9 + i, request_id=f"req-{i:012d}",
                            status=200, bytes_in=0, bytes_out=512, duration_ms=1.25)
+
+    if args.data_path_record:
+        make = _data_path_maker(facts, decision)
 
     # Pure cost: record_from + to_wire + one chained frame.
     head = ChainHead()
@@ -104,6 +111,45 @@ def main() -> int:
         results.update(busy_cpu(make))
     print("BENCHJSON " + json.dumps({k: round(v, 3) for k, v in results.items()}))
     return 0
+
+
+def _data_path_maker(facts: Any, decision: Any) -> Any:
+    """``make(i)`` that builds record ``i`` as ``Telemetry.request`` does on sidecar-full's
+    B (a verified token, the inbound extra) and returns it; ``make.without_audit(i)`` does
+    the same request's telemetry with no audit trail (the lines' baseline)."""
+    from sidecar.gate import Verdict
+    from sidecar.metrics import SidecarMetrics
+    from sidecar.policy.decision import AuthFacts
+    from sidecar.telemetry import RequestContext, Telemetry
+
+    class Catch:
+        """Stands in for the writer: keeps the record ``Telemetry.request`` submits."""
+
+        record: object = None
+
+        def submit(self, record: object, *, admitted: bool = False) -> bool:
+            self.record = record
+            return True
+
+    catch = Catch()
+    service = "spiffe://cluster.local/ns/shop/sa/orders"
+    with_audit = Telemetry(SidecarMetrics(), catch, service=service)  # type: ignore[arg-type]
+    without = Telemetry(SidecarMetrics(), None, service=service)
+    verdict = Verdict(decision, AuthFacts(claims={"corp": {
+        "iss": "https://idp.shop.example", "sub": "user-1234", "jti": "b3f1c2d4-0001",
+        "scope": "orders:read"}}))
+
+    def make(i: int) -> object:
+        with_audit.request(RequestContext(f"req-{i:012d}", time.time(), facts, verdict),
+                           200, 0, 512)
+        return catch.record
+
+    def without_audit(i: int) -> None:
+        without.request(RequestContext(f"req-{i:012d}", time.time(), facts, verdict), 200, 0,
+                        512)
+
+    make.without_audit = without_audit  # type: ignore[attr-defined]
+    return make
 
 
 # ------------------------------------------------------------- CPU of the whole trail
@@ -265,9 +311,13 @@ def _cpu_per_record(make: object, config: object, cpu: object, trio: object,
             assert writer.shipper.dropped == 0 and writer.shipper.sent > done
 
     async def baseline() -> None:
-        # A sidecar without audit builds no record at all: only the loop and its yields.
+        # A sidecar without audit builds no record at all: only the loop and its yields
+        # (and, with --data-path-record, the request's telemetry without audit).
         nonlocal done
-        for _i in range(CPU_RECORDS):
+        plain = getattr(made, "without_audit", None)
+        for i in range(CPU_RECORDS):
+            if plain is not None:
+                plain(i)
             done += 1
             if done % 64 == 0:
                 await _trio.sleep(0)
@@ -318,10 +368,13 @@ def busy_cpu(make: object) -> dict[str, float]:
                     await nursery.start(writer.run)
                     await trio.sleep(0.3)  # connected to the collector
                 c0 = cpu()
+                plain = getattr(make, "without_audit", None)
                 for i in range(BUSY_RECORDS):
                     work()
                     if writer is not None:
                         assert writer.submit(make(i))  # type: ignore[operator]
+                    elif plain is not None:
+                        plain(i)
                     await trio.sleep(0)
                 if writer is not None:
                     await writer.aclose()

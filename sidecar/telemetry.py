@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
 from sidecar.audit.record import (
+    SharedExtra,
     connection_closed_record,
     connection_refused_record,
     record_from,
+    request_record,
 )
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
@@ -72,6 +74,10 @@ class Telemetry:
                             for d in ("inbound", "outbound")}
         self._hs = {d: self.handshakes.labels(d) for d in ("inbound", "outbound")}
         self._requests: dict[tuple[str, str, str, int], CounterChild] = {}
+        # The audit records' ``extra`` per listener port (inbound) and per target
+        # (outbound): read-only, shared by the records (``request``); bounded.
+        self._inbound_extra: dict[int, SharedExtra] = {}
+        self._outbound_extra: dict[str, SharedExtra] = {}
         self.connections_closed = reg.counter(
             "sidecar_connections_closed_total",
             "Open connections the sidecar ended because they outlived their trust, by "
@@ -122,6 +128,14 @@ class Telemetry:
             self.audit.submit(connection_closed_record(
                 time=time.time(), direction=direction, source=source, peer=peer,
                 reason=reason, extra=extra))
+
+    @staticmethod
+    def _shared_extra(table: dict[Any, SharedExtra], key: Any,
+                      extra: SharedExtra) -> SharedExtra:
+        if len(table) >= _SERIES_KEPT:
+            table.clear()
+        table[key] = extra
+        return extra
 
     # -- requests ------------------------------------------------------------------------
     def accepting(self) -> bool:
@@ -201,34 +215,35 @@ class Telemetry:
                 # Refused before any rule ran (malformed or ambiguous request, timeout):
                 # still exactly one record, with the refusal as its reason.
                 decision = Decision("deny", "", error or "refused", "", status)
-            extra: dict[str, object] = {}
+            # A request's ``extra`` depends only on its connection (our service and the
+            # listener's port inbound, the target outbound): one read-only mapping per
+            # value, shared by the records (``record_from`` never changes it), instead of
+            # a dictionary built per request.
+            extra: dict[str, Any] | None = None
             if facts is not None:
                 if facts.direction == "inbound":
-                    extra["service"] = self.service
-                    extra["port"] = facts.port
+                    extra = self._inbound_extra.get(facts.port)
+                    if extra is None:
+                        extra = self._shared_extra(self._inbound_extra, facts.port,
+                                                   SharedExtra(service=self.service,
+                                                               port=facts.port))
                 elif facts.target is not None:
-                    extra["target"] = facts.target
+                    extra = self._outbound_extra.get(facts.target)
+                    if extra is None:
+                        extra = self._shared_extra(self._outbound_extra, facts.target,
+                                                   SharedExtra(target=facts.target))
             if error is not None and allowed:  # (a decision made up here is a deny)
-                extra["error"] = error
+                extra = {**extra, "error": error} if extra else {"error": error}
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
-            if facts is not None and extra:
-                # The usual record, with its keywords named in the call (no dictionary of
-                # keywords built and unpacked per request).
-                record = record_from(
-                    decision, facts, time=started, auth=auth, request_id=request_id,
-                    status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                    duration_ms=duration * 1000.0, extra=extra)
+            if facts is not None:
+                # The usual record, every value given positionally (no keyword matching).
+                record = request_record(decision, facts, started, auth, request_id, status,
+                                        bytes_in, bytes_out, duration * 1000.0, extra)
             else:
-                kw: dict[str, Any] = {}
-                if facts is None:
-                    kw["source"] = source or ""
-                    kw["peer"] = peer
-                    kw["direction"] = direction
-                if extra:
-                    kw["extra"] = extra
                 record = record_from(
-                    decision, facts, time=started, auth=auth, request_id=request_id,
+                    decision, None, time=started, auth=auth, request_id=request_id,
                     status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-                    duration_ms=duration * 1000.0, **kw)
+                    duration_ms=duration * 1000.0, extra=extra, source=source or "",
+                    peer=peer, direction=direction)
             self.audit.submit(record, admitted=allowed)

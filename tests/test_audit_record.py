@@ -11,13 +11,16 @@ from sidecar.audit.record import (
     _USUALLY_NONE,
     FIELD_NAMES,
     MAX_EXTRA_KEYS,
+    MAX_JTI_HASHES,
     WIRE_KEYS,
     AuditRecord,
+    _jti_hashes,
     alert_record,
     connection_refused_record,
     decision_value,
     hash_token_id,
     record_from,
+    request_record,
 )
 from sidecar.policy.decision import (
     REASON_ALLOWED,
@@ -128,16 +131,70 @@ def test_record_from_lets_every_keyword_win_over_what_was_derived() -> None:
             "rate_limited", 429, "i", "k")
 
 
+def test_token_fields_follow_each_claims_mapping_and_stay_bounded() -> None:
+    # The token fields are remembered for the last claims mapping and the jti hashes in a
+    # bounded table: alternating mappings, equal mappings that are different objects, and
+    # more jti values than the table holds all give each record its own token's fields.
+    d = Decision("allow", "r", REASON_ALLOWED, "v1")
+    a = AuthFacts(claims={"p": {"iss": "ia", "sub": "alice", "jti": "ja"}})
+    b = AuthFacts(claims={"p": {"iss": "ib", "sub": "bob", "jti": 7}})  # jti not a string
+    c = AuthFacts(claims={"p": {"iss": "ia", "sub": "alice", "jti": "ja"}})
+    for auth, want in [(a, ("ia", "alice", hash_token_id("ja"))), (b, ("ib", "bob", None)),
+                       (a, ("ia", "alice", hash_token_id("ja"))),
+                       (c, ("ia", "alice", hash_token_id("ja"))), (b, ("ib", "bob", None)),
+                       (AuthFacts(apikey="k"), (None, None, None))]:
+        rec = record_from(d, FACTS, time=1.0, auth=auth)
+        assert (rec.token_issuer, rec.token_subject, rec.token_id_hash) == want
+        assert rec.apikey == auth.apikey
+    for i in range(MAX_JTI_HASHES * 2 + 3):
+        jti = f"jti-{i}"
+        rec = record_from(d, FACTS, time=1.0,
+                          auth=AuthFacts(claims={"p": {"iss": 5, "sub": None, "jti": jti}}))
+        assert (rec.token_issuer, rec.token_subject) == (None, None)
+        assert rec.token_id_hash == hashlib.sha256(jti.encode()).hexdigest()
+        assert len(_jti_hashes) <= MAX_JTI_HASHES
+
+
+def test_request_record_is_record_from_with_every_value_given() -> None:
+    # The data path's positional call builds the record record_from builds.
+    auth = AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}, apikey="k")
+    for d in (Decision("allow", "r", REASON_ALLOWED, "v1"),
+              Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429),
+              Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny")):
+        for a in (auth, None):
+            assert request_record(d, FACTS, 2.5, a, "id", 201, 3, 4, 1.5, {"e": 1}) == \
+                record_from(d, FACTS, time=2.5, auth=a, request_id="id", status=201,
+                            bytes_in=3, bytes_out=4, duration_ms=1.5, extra={"e": 1})
+
+
+def test_record_from_keeps_the_extra_it_is_given() -> None:
+    # A caller may share one read-only ``extra`` between records (Telemetry does, per
+    # connection): the record holds that mapping and nothing changes it.
+    shared = {"service": "spiffe://td/me", "port": 15443}
+    d = Decision("allow", "r", REASON_ALLOWED, "v1")
+    out = RequestFacts(direction="outbound", peer=None, source="127.0.0.1", method="GET",
+                       path="/", host="h", port=15001, target="spiffe://td/x")
+    for facts in (FACTS, out, None):
+        rec = record_from(d, facts, time=1.0, extra=shared)
+        assert rec.extra is shared
+        rec.to_wire()
+        assert record_from(d, facts, time=1.0, extra=None).extra is None
+    assert shared == {"service": "spiffe://td/me", "port": 15443}
+
+
 @pytest.mark.parametrize("name", FIELD_NAMES)
-@pytest.mark.parametrize("tokens", ["set", "none"])
+@pytest.mark.parametrize("tokens", ["set", "none", "token_only"])
 def test_to_wire_leaves_out_exactly_the_none_fields_in_table_order(name: str,
                                                                    tokens: str) -> None:
-    # Both ways ``to_wire`` builds the map: with token/API-key fields set (the whole map)
-    # and without (the map of the usual fields): each field None, empty or set, in turn.
+    # Every way ``to_wire`` builds the map: with token/API-key fields set (the whole map),
+    # without (the map of the usual fields), and with a token but no API key: each field
+    # None, empty or set, in turn.
     full: dict[str, object] = {f: f"v-{f}" for f in FIELD_NAMES}
     full["extra"] = {"e": 1}
     if tokens == "none":
         full.update(dict.fromkeys(_USUALLY_NONE))
+    elif tokens == "token_only":  # a verified token, no API key: a map of its own
+        full["apikey"] = None
     for value in (None, "", 0, f"v-{name}") if name != "extra" else (None, {}, {"e": 1}):
         rec = AuditRecord(**{**full, name: value})  # type: ignore[arg-type]
         expected = [(key, getattr(rec, f)) for f, key in WIRE_KEYS.items()

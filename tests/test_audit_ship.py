@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sidecar.audit.record import AuditRecord
+from sidecar.audit.record import AuditRecord, SharedExtra
 from sidecar.audit.ship import collect_frames
 from sidecar.audit.signing import write_keypair
 from sidecar.audit.writer import AuditWriter
@@ -361,7 +361,10 @@ def test_shipper_refuses_a_collector_it_cannot_authenticate(tmp_path, rsyslog, h
 # Every slot of a record shape, with values of the slot's type and of every other type:
 # the shape-generated JSON must equal the C encoder's, whatever the first record was.
 SHAPE_VALUES: list[object] = ["peer-1", 'q"', 7, 1.5, True, None, {"a": [1, b"x"]}, -0.0,
-                              float("nan"), float("inf"), 2**64, "caf\u00e9"]
+                              float("nan"), float("inf"), 2**64, "caf\u00e9",
+                              # shared extras (their JSON is kept on them): as plain dicts
+                              SharedExtra(service="spiffe://td/me", port=15443),
+                              SharedExtra({"a": [1, b"x"], "q": 'q"'})]
 
 
 def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
@@ -380,11 +383,13 @@ def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
                 assert ship.record_json(wire) == encode(wire)
     # A run of repeating keys (one remembered fragment per value tuple): every slot of it,
     # and the per-connection key that splits it, with every type.
-    run = {"t": 1.5, "dir": "inbound", "peer": "p", "src": "1.2.3.4:5", "m": "GET",
+    run = {"t": 1.5, "dir": "inbound", "peer": "p", "src": "1.2.3.4:5", "iss": "https://i",
+           "sub": "alice", "jti": "0f" * 32, "m": "GET",
            "host": "h", "path": "/", "d": "allow", "rule": "r", "why": "ok", "pv": "v1"}
     for first in SHAPE_VALUES:
         for later in SHAPE_VALUES:
-            for slot in ("dir", "peer", "src", "m", "host", "d", "rule", "pv"):
+            for slot in ("dir", "peer", "src", "iss", "sub", "jti", "m", "host", "d", "rule",
+                         "pv"):
                 wire = {**run, slot: first}
                 assert ship.record_json(wire) == encode(wire)
                 wire[slot] = later
@@ -392,6 +397,32 @@ def test_record_json_equals_the_c_encoder_for_every_shape_and_type() -> None:
     # Keys that are not plain names never reach generated code, and stay exact.
     for odd in ({'a"b': 1}, {"%s": "x"}, {"{k}": 1.0}, {"x y": "z"}, {1: "int key"}):
         assert ship.record_json(odd) == encode(odd)  # type: ignore[arg-type]
+
+
+def test_shared_extra_is_stored_and_shipped_as_its_dict_and_cannot_change() -> None:
+    # A shared extra's JSON is encoded once and kept: it must be exactly the plain dict's,
+    # on disk (msgpack) and in the message, and every way to change it must be refused.
+    import msgpack
+
+    from sidecar.audit import ship
+
+    encode = ship._make_encode()
+    plain = {"service": "spiffe://td/me", "port": 15443}
+    shared = SharedExtra(plain)
+    assert shared == plain and shared.json is None
+    rec = AuditRecord(time=1.5, request_id="r", extra=shared)
+    wire, plain_wire = rec.to_wire(), AuditRecord(time=1.5, request_id="r", extra=plain).to_wire()
+    assert msgpack.packb(wire, use_bin_type=True) == msgpack.packb(plain_wire, use_bin_type=True)
+    for _ in range(3):  # first time encoded and kept, then the kept text
+        assert ship.record_json(wire) == encode(plain_wire)
+    assert shared.json == encode(plain)
+    for change in (lambda: shared.__setitem__("port", 1), lambda: shared.__delitem__("port"),
+                   lambda: shared.update(port=1), lambda: shared.pop("port"),
+                   shared.popitem, shared.clear, lambda: shared.setdefault("new", 1),
+                   lambda: shared.__ior__({"port": 1})):
+        with pytest.raises(TypeError):
+            change()
+    assert shared == plain and {**shared, "error": "e"} == {**plain, "error": "e"}
 
 
 def test_record_json_bounds_its_shapes_and_remembered_strings() -> None:

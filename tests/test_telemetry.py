@@ -6,6 +6,7 @@ from pathlib import Path
 
 import trio
 
+from sidecar.audit.record import SharedExtra
 from sidecar.audit.segments import iter_records
 from sidecar.audit.writer import AuditWriter
 from sidecar.config.audit import AuditConfig
@@ -64,3 +65,40 @@ def test_each_kind_of_request_record_keeps_its_fields(tmp_path: Path) -> None:
         "10.0.0.9", "spiffe://td/b", "inbound", "bad_host", 400)
     assert by_id["broken"].extra == {"service": "spiffe://td/me", "port": 15443,
                                      "error": "upstream_closed"}
+
+
+def test_records_of_one_connection_share_its_fixed_extra_and_nothing_leaks(
+        tmp_path: Path) -> None:
+    # The fixed part of ``extra`` (service and port inbound, target outbound) is one shared
+    # mapping per value: an error added to one record must not reach the next record on the
+    # same port, and each port / target keeps its own values.
+    other_port = RequestFacts("inbound", "spiffe://td/a", "10.0.0.1", "GET", "/x", "h", 15444,
+                              "inbound")
+    other_target = RequestFacts("outbound", "spiffe://td/me", "127.0.0.1", "GET", "/y", "h",
+                                15001, "pay", "spiffe://td/pay")
+    out = records(tmp_path, [
+        (RequestContext("a1", 1.0, INBOUND, ALLOW), 200, None),
+        (RequestContext("a2", 1.1, INBOUND, ALLOW), 502, "upstream_closed"),
+        (RequestContext("a3", 1.2, INBOUND, ALLOW), 200, None),
+        (RequestContext("p1", 1.3, other_port, ALLOW), 200, None),
+        (RequestContext("o1", 1.4, OUTBOUND, ALLOW), 502, "connect_failed"),
+        (RequestContext("o2", 1.5, OUTBOUND, ALLOW), 200, None),
+        (RequestContext("t1", 1.6, other_target, ALLOW), 200, None),
+    ])
+    x = {r.request_id: r.extra for r in out}
+    base = {"service": "spiffe://td/me", "port": 15443}
+    assert x["a1"] == x["a3"] == base
+    assert x["a2"] == {**base, "error": "upstream_closed"}
+    assert x["p1"] == {"service": "spiffe://td/me", "port": 15444}
+    assert x["o1"] == {"target": "spiffe://td/orders", "error": "connect_failed"}
+    assert x["o2"] == {"target": "spiffe://td/orders"}
+    assert x["t1"] == {"target": "spiffe://td/pay"}
+
+
+def test_shared_extra_tables_are_bounded() -> None:
+    telemetry = Telemetry(SidecarMetrics(), None, service="spiffe://td/me")
+    table: dict[object, SharedExtra] = {}
+    for i in range(3000):
+        telemetry._shared_extra(table, i, SharedExtra(port=i))
+        assert len(table) <= 1024
+    assert table[2999] == {"port": 2999}

@@ -93,6 +93,26 @@ class AuditRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class SharedExtra(dict[str, Any]):
+    """A read-only ``extra`` that many records share (the fixed fields of a connection:
+    ``Telemetry`` keeps one per listener port and per target). Changing it raises
+    ``TypeError``, so what was encoded from it once stays true: the syslog shipper
+    encodes its JSON once (``json``, filled in by ``sidecar.audit.ship``) instead of once
+    per record. Equal to, and stored exactly as, the plain ``dict`` of the same items."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.json: str | None = None
+
+    def _read_only(self, *_args: Any, **_kw: Any) -> Any:
+        raise TypeError("a shared audit extra is read-only: copy it to change it")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+
 # Public and stable: field name -> stored key. Never reuse a key for another meaning.
 WIRE_KEYS: dict[str, str] = {
     "time": "t",
@@ -145,6 +165,14 @@ def _make_wire_of() -> Callable[[AuditRecord], dict[str, Any]]:
     lines += [f"        if r.{name} is None:\n            del out[{key!r}]" for name, key in common]
     lines += ["        if r.extra is not None:", "            out['x'] = r.extra",
               "        return out"]
+    # A request with a verified token and no API key (the other usual case): the same,
+    # with the three token fields (a None among them is dropped as usual).
+    token = [(n, k) for n, k in _WIRE_ITEMS[:-1] if n != "apikey"]
+    lines += ["    if r.apikey is None:",
+              "        out = {" + ", ".join(f"{key!r}: r.{name}" for name, key in token) + "}"]
+    lines += [f"        if r.{name} is None:\n            del out[{key!r}]" for name, key in token]
+    lines += ["        if r.extra is not None:", "            out['x'] = r.extra",
+              "        return out"]
     lines += ["    out = {" + ", ".join(f"{key!r}: r.{name}" for name, key in _WIRE_ITEMS) + "}"]
     lines += [f"    if r.{name} is None:\n        del out[{key!r}]" for name, key in _WIRE_ITEMS]
     lines.append("    return out")
@@ -170,21 +198,47 @@ def decision_value(decision: Decision) -> DecisionValue:
     return decision.action
 
 
-def _token_fields(auth: AuthFacts | None) -> dict[str, Any]:
+# The token fields of the last credentials recorded, by the identity of their claims
+# mapping: a cached token's verified claims are one mapping, never changed once built
+# (``AuthFacts``), shared by every request that presents the token, so a run of requests
+# with one token looks the fields up once instead of three ``get`` calls and a SHA-256 of
+# the ``jti`` each. The memo holds the mapping, so its identity cannot be reused while
+# remembered.
+_last_claims: list[Any] = [None, (None, None, None)]
+# ``hash_token_id`` of recently seen ``jti`` values (a token's requests repeat it); bounded,
+# forgotten all at once when full.
+MAX_JTI_HASHES = 1024
+_jti_hashes: dict[str, str] = {}
+
+
+def _claims_fields(claims: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """(issuer, subject, SHA-256 of jti) of one verified token's claims."""
+    memo = _last_claims
+    if claims is memo[0]:
+        return memo[1]  # type: ignore[no-any-return]
+    iss, sub, jti = claims.get("iss"), claims.get("sub"), claims.get("jti")
+    jti_hash = None
+    if isinstance(jti, str):
+        jti_hash = _jti_hashes.get(jti)
+        if jti_hash is None:
+            if len(_jti_hashes) >= MAX_JTI_HASHES:
+                _jti_hashes.clear()
+            jti_hash = _jti_hashes[jti] = hash_token_id(jti)
+    out = (iss if isinstance(iss, str) else None, sub if isinstance(sub, str) else None,
+           jti_hash)
+    memo[0], memo[1] = claims, out
+    return out
+
+
+def _token_fields(auth: AuthFacts | None) -> tuple[Any, Any, Any, Any]:
+    """(token_issuer, token_subject, token_id_hash, apikey) of ``auth``."""
     if auth is None:
-        return {}
-    out: dict[str, Any] = {}
-    if auth.apikey is not None:
-        out["apikey"] = auth.apikey
+        return None, None, None, None
     # Several providers may have verified a token; the first (in provider order) is the
     # one recorded, the others are named in extra by the caller if it cares.
     for claims in auth.claims.values():
-        iss, sub, jti = claims.get("iss"), claims.get("sub"), claims.get("jti")
-        out["token_issuer"] = iss if isinstance(iss, str) else None
-        out["token_subject"] = sub if isinstance(sub, str) else None
-        out["token_id_hash"] = hash_token_id(jti) if isinstance(jti, str) else None
-        break
-    return out
+        return (*_claims_fields(claims), auth.apikey)
+    return None, None, None, auth.apikey
 
 
 def record_from(
@@ -198,6 +252,7 @@ def record_from(
     bytes_in: int = 0,
     bytes_out: int = 0,
     duration_ms: float = 0.0,
+    extra: Any = _FROM_DECISION,
     **kw: Any,
 ) -> AuditRecord:
     """Build the record of one decision.
@@ -205,40 +260,60 @@ def record_from(
     ``facts`` may be None when the request was refused before its facts were known (e.g.
     an ambiguous path). Any ``AuditRecord`` field may be given in ``kw`` and wins over
     what was derived (typically ``request_id``, ``status``, ``bytes_in``, ``bytes_out``,
-    ``duration_ms``). Unknown keyword names raise ``TypeError``.
+    ``duration_ms``, ``extra``). Unknown keyword names raise ``TypeError``. ``extra``
+    defaults to ``{"target": ...}`` for an outbound request with a target, else None; the
+    record keeps the mapping given (it is never changed: callers may share one, read-only,
+    between records, as ``Telemetry`` does for a connection's fixed fields).
 
-    Runs once per request: the record is built with one positional call (a dict of
-    values and ``**`` cost twice as much), then ``auth`` and ``kw`` are applied in order.
+    With facts, the record is ``request_record``'s (one positional call: a dict of values
+    and ``**`` cost twice as much), the token fields included; ``kw`` applied after.
     """
-    reason = decision.reason
-    event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
     if status is _FROM_DECISION:
         status = decision.status
     if facts is not None:
-        direction = facts.direction
-        record = AuditRecord(
-            time, event, request_id, direction, facts.peer, facts.source,
-            None, None, None, None, facts.method, facts.host, facts.path,
-            # decision_value(decision), without a call per record
-            "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
-            decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms)
-        if direction == "outbound" and facts.target is not None:
+        if extra is _FROM_DECISION:
             # Outbound: the caller is our own app; the interesting identity is the target.
-            record.extra = {"target": facts.target}
+            extra = ({"target": facts.target}
+                     if facts.direction == "outbound" and facts.target is not None else None)
+        record = request_record(decision, facts, time, auth, request_id, status, bytes_in,
+                                bytes_out, duration_ms, extra)
     else:
+        iss, sub, jti, apikey = _token_fields(auth)
+        event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
         record = AuditRecord(
-            time, event, request_id, decision=decision_value(decision), rule=decision.rule,
+            time, event, request_id, token_issuer=iss, token_subject=sub, token_id_hash=jti,
+            apikey=apikey, decision=decision_value(decision), rule=decision.rule,
             reason=decision.reason, policy_version=decision.version, status=status,
-            bytes_in=bytes_in, bytes_out=bytes_out, duration_ms=duration_ms)
-    if auth is not None:
-        for name, value in _token_fields(auth).items():
-            setattr(record, name, value)
+            bytes_in=bytes_in, bytes_out=bytes_out, duration_ms=duration_ms,
+            extra=None if extra is _FROM_DECISION else extra)
     if kw:
         for name, value in kw.items():
             if name not in _FIELD_SET:
                 raise TypeError(f"record_from() got an unexpected keyword argument {name!r}")
             setattr(record, name, value)
     return record
+
+
+def request_record(
+    decision: Decision, facts: RequestFacts, time: float, auth: AuthFacts | None,
+    request_id: str, status: int, bytes_in: int, bytes_out: int, duration_ms: float,
+    extra: dict[str, Any] | None,
+) -> AuditRecord:
+    """``record_from`` of a request whose facts are known, every value given, positionally:
+    the data path's call (``Telemetry.request``), without keyword matching per request."""
+    reason = decision.reason
+    if auth is not None:
+        iss, sub, jti, apikey = _token_fields(auth)
+    else:
+        iss = sub = jti = apikey = None
+    return AuditRecord(
+        time, EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST,
+        request_id, facts.direction, facts.peer, facts.source,
+        iss, sub, jti, apikey, facts.method, facts.host, facts.path,
+        # decision_value(decision), without a call per record
+        "dry-run" if decision.dry_run and decision.would == "deny" else decision.action,
+        decision.rule, reason, decision.version, status, bytes_in, bytes_out, duration_ms,
+        extra)
 
 
 def connection_refused_record(
