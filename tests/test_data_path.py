@@ -19,7 +19,7 @@ import trio.testing
 from sidecar.config.model import Limits
 from sidecar.errors import BadRequest, HeadersTooLarge
 from sidecar.http.request import check_head
-from sidecar.http.wire import CLOSED, END, MessageReader, Request, Response
+from sidecar.http.wire import CLOSED, END, NEED_DATA, MessageReader, Request, Response
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.forward import forward
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
@@ -182,6 +182,56 @@ async def test_endpoint_maps_a_clients_bad_bytes_to_generic_refusals(raw, error)
         with pytest.raises(error):
             await client.next_event(trio.current_time() + 5)
         nursery.cancel_scope.cancel()
+
+
+@trio_test(autojump=True)
+async def test_endpoint_flush_waits_for_what_the_socket_did_not_take_and_is_bounded() -> None:
+    """A flush larger than the socket takes at once sends the rest after a wait (whole and
+    in order), and a peer that never reads ends the flush at its deadline (``Timeout``)."""
+    a, b = trio.socket.socketpair()
+    ep = Endpoint(SocketTransport(b), MessageReader(requests=False))
+    data = bytes(range(256)) * 16384  # 4 MiB: more than a socket pair buffers
+    got = bytearray()
+
+    async def drain() -> None:
+        while len(got) < len(data):
+            got.extend(await a.recv(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        ep.queue(data)
+        nursery.start_soon(drain)
+        await ep.flush(trio.current_time() + 30)
+    assert got == data and ep.bytes_out == len(data) and not ep.out
+    ep.queue(data)  # nobody reads now
+    with pytest.raises(Timeout):
+        await ep.flush(timeout=5.0)
+
+
+def test_endpoint_event_now_parses_what_is_here_and_maps_errors_without_reading() -> None:
+    """``event_now``: the events of bytes already received, ``NEED_DATA`` for the rest (no
+    I/O), and a parse error mapped as ``next_event`` maps it, for either side."""
+    _, client = client_pair()
+    assert client.event_now() is NEED_DATA
+    client.reader.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+    assert type(client.event_now()) is Request and client.event_now() is END
+    client.reader.start_next()
+    assert client.event_now() is NEED_DATA  # the second head is not complete yet
+    client.reader.feed(b"Host\x00: x\r\n\r\n")
+    with pytest.raises(BadRequest):
+        client.event_now()
+    a, _ = trio.testing.memory_stream_pair()
+    upstream = Endpoint(a, MessageReader(requests=False))
+    upstream.reader.expect_response(b"GET")
+    upstream.reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
+    assert type(upstream.event_now()) is Response and upstream.event_now() == b"hel"
+    assert upstream.event_now() is NEED_DATA
+    upstream.reader.feed(b"lo")
+    assert upstream.event_now() == b"lo" and upstream.event_now() is END
+    bad = Endpoint(trio.testing.memory_stream_pair()[0], MessageReader(requests=False))
+    bad.reader.expect_response(b"GET")
+    bad.reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n")
+    with pytest.raises(ProtocolViolation):
+        bad.event_now()
 
 
 @trio_test
@@ -406,6 +456,79 @@ async def test_forward_to_an_http10_client_closes_after_the_answer() -> None:
 async def test_forward_answers_head_without_a_body() -> None:
     seen, ex, (head, body, _) = await _forward_one(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
     assert head.status == 200 and body == b"" and seen[0][0].method == b"HEAD"
+
+
+# What an app's response head may say about its own connection: every member is relayed
+# without the hop-by-hop fields and without what Connection lists (but Content-Length, the
+# framing), with the body framed as the app framed it. (The relay asks the reader whether
+# Connection lists anything before it looks at the tokens: a lone keep-alive lists nothing.)
+RESPONSE_CONNECTION_FAMILY = {
+    "lone_keep_alive": b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+    "upper_case_keep_alive": b"Connection: Keep-Alive\r\nKeep-Alive: timeout=5\r\n",
+    "close_and_a_name": b"Connection: close, X-Secret\r\nX-Secret: 1\r\n",
+    "a_name_only": b"Connection: X-Secret\r\nX-Secret: 1\r\n",
+    "keep_alive_then_a_second_field": (b"Connection: keep-alive\r\nConnection: x-secret\r\n"
+                                       b"X-Secret: 1\r\n"),
+    "keep_alive_and_a_name": b"Connection: keep-alive, x-secret\r\nX-Secret: 1\r\n",
+    "lists_content_length": b"Connection: content-length, X-Secret\r\nX-Secret: 1\r\n",
+    "no_connection_field": b"Proxy-Connection: x\r\nTE: trailers\r\n",
+}
+RESPONSE_FRAMINGS = {  # the app's framing -> (what the client's head says, body)
+    "length": (b"Content-Length: 5\r\n\r\nhello", (b"content-length", b"5"), b"hello"),
+    "zero_length": (b"Content-Length: 0\r\n\r\n", (b"content-length", b"0"), b""),
+    "chunked": (b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                (b"transfer-encoding", b"chunked"), b"hello"),
+}
+
+
+async def _raw_app(stream: trio.abc.Stream, answer: bytes) -> None:
+    """An upstream that answers every request head with ``answer`` (bytes as given)."""
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+            buf = buf[buf.index(b"\r\n\r\n") + 4:]
+            await stream.send_all(answer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+@pytest.mark.parametrize("framing", sorted(RESPONSE_FRAMINGS))
+@pytest.mark.parametrize("member", sorted(RESPONSE_CONNECTION_FAMILY))
+@trio_test
+async def test_forward_strips_what_an_apps_connection_field_lists(member: str,
+                                                                  framing: str) -> None:
+    fields = RESPONSE_CONNECTION_FAMILY[member]
+    rest, framed, body = RESPONSE_FRAMINGS[framing]
+    answer = b"HTTP/1.1 200 OK\r\nX-Keep: 1\r\n" + fields + rest
+    ours, client = client_pair()
+    async with trio.open_nursery() as nursery:
+        async def connect() -> trio.abc.Stream:
+            a, b = trio.socket.socketpair()
+            nursery.start_soon(_raw_app, trio.SocketStream(b), answer)
+            return trio.SocketStream(a)
+
+        pool = UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
+        for _ in range(2):  # the second on the pooled connection (the reader's facts reset)
+            await ours.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            event = await client.next_event(trio.current_time() + 5)
+            head = check_head(event.method, event.target, event.headers, max_headers=100,
+                              max_body=0, http_version=event.version)
+            ex = await forward(client, event, list(event.headers), pool, LIMITS, head)
+            got, got_body, _ = await read_response(ours)
+            client.reader.start_next()
+            names = [n for n, _ in got.headers]
+            assert got.status == 200 and got_body == body and ex.keep_alive
+            assert (b"x-keep", b"1") in got.headers and framed in got.headers
+            assert not {b"x-secret", b"connection", b"keep-alive", b"proxy-connection",
+                        b"te"} & set(names), names
+            assert names.count(framed[0]) == 1
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
 
 
 # -- request_loop -----------------------------------------------------------------------------

@@ -514,3 +514,12 @@ def test_reader_refuses_every_control_byte_check_head_skips(byte: int) -> None:
         reader.feed(raw)
         with pytest.raises(ParseError):
             reader.next_event()
+
+
+def test_serialisers_write_exact_heads_with_and_without_fields() -> None:
+    assert serialise_request_head(b"GET", b"/a", []) == b"GET /a HTTP/1.1\r\n\r\n"
+    assert serialise_request_head(b"GET", b"/a", [(b"host", b"x"), (b"a", b"")]) == (
+        b"GET /a HTTP/1.1\r\nhost: x\r\na: \r\n\r\n")
+    assert serialise_response_head(204, b"No Content", []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert serialise_response_head(200, b"", [(b"content-length", b"0")]) == (
+        b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n")
