@@ -25,7 +25,7 @@ from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import x5t_from_hex
 from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
-from sidecar.gate import Gate
+from sidecar.gate import ConnectionMemo, Gate
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -169,6 +169,8 @@ class InboundProxy:
         xfcc = (XFCC, xfcc_value(gate.own_id, peer_id, peer.fingerprint))
         proto = (b"x-forwarded-proto", b"https")
         peer_x5t = x5t_from_hex(peer.fingerprint)
+        # The connection's last verified credentials and decision (sidecar/gate.py).
+        memo = ConnectionMemo()
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
             path, query = normalise_request_target(head.target,
@@ -178,7 +180,7 @@ class InboundProxy:
             if gate.needs_prepare():  # token introspection (I/O) for this request's rules
                 await gate.prepare(facts, event.headers, query)
             ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
-                                                 peer_x5t=peer_x5t)
+                                                 peer_x5t=peer_x5t, memo=memo)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
             if not self.telemetry.accepting():
