@@ -171,12 +171,28 @@ class InboundProxy:
         peer_x5t = x5t_from_hex(peer.fingerprint)
         # The connection's last verified credentials and decision (sidecar/gate.py).
         memo = ConnectionMemo()
+        # The connection's last request as handled: its raw target, whether non-ASCII paths
+        # were allowed, its facts, its query and the target the app got. A keep-alive
+        # client mostly repeats the same request: normalised and built once.
+        last: tuple[bytes, bool, RequestFacts, str, bytes] | None = None
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            path, query = normalise_request_target(head.target,
-                                                   allow_non_ascii=gate.allows_non_ascii_paths())
-            ctx.facts = facts = new_facts(("inbound", peer_id, source, head.method, path,
-                                           head.host, port, "inbound", None))
+            nonlocal last
+            non_ascii = gate.allows_non_ascii_paths()
+            if last is not None and last[0] == head.target and last[1] is non_ascii \
+                    and last[2].method == head.method and last[2].host == head.host:
+                facts, query, target = last[2], last[3], last[4]
+                path = facts.path
+            else:
+                path, query = normalise_request_target(head.target, allow_non_ascii=non_ascii)
+                facts = new_facts(("inbound", peer_id, source, head.method, path, head.host,
+                                   port, "inbound", None))
+                # The app gets exactly the target the policy matched: the normalised path
+                # (escapes of unreserved characters decoded, the rest upper-cased) and the
+                # checked query.
+                target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+                last = (head.target, non_ascii, facts, query, target)
+            ctx.facts = facts
             if gate.needs_prepare():  # token introspection (I/O) for this request's rules
                 await gate.prepare(facts, event.headers, query)
             ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
@@ -194,10 +210,10 @@ class InboundProxy:
                 connection_tokens(event.headers) if head.connection else NO_NAMES,
                 API_KEY_ONLY if strip is not None else NO_NAMES)
             if strip is not None and strip.strips_tokens:  # tokens that are not forwarded
-                headers, query = strip.strip_credentials(headers, query)
-            # The app gets exactly the target the policy matched: the normalised path (escapes
-            # of unreserved characters decoded, the rest upper-cased) and the checked query.
-            target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+                headers, kept = strip.strip_credentials(headers, query)
+                if kept != query:  # (a token in the query string, removed)
+                    target = path.encode("ascii") + (b"?" + kept.encode("ascii") if kept
+                                                     else b"")
             if target != event.target:
                 event = Request(event.method, target, event.headers, event.version)
             headers.append(xfcc)

@@ -521,10 +521,12 @@ def test_cached_token_stops_working_at_its_exp(tmp_path: Path, pki: Pki, own_app
 
 # ----------------------------------------------------------------------------- one connection
 
-# What must end a token that a keep-alive connection already used (the inbound proxy keeps
-# the connection's last verified credentials and decision: sidecar/authn/memo.py and
-# sidecar/gate.py). Each member: the change, and the status and jwt failure reason (None:
-# refused by the rule, not the token) that the next request on that connection gets.
+# What must end a token, a decision or a target that a keep-alive connection already used
+# (the inbound proxy keeps the connection's last verified credentials and decision,
+# sidecar/authn/memo.py and sidecar/gate.py, and its last request as normalised,
+# sidecar/inbound.py). Each member: the change, and the status and jwt failure reason (None:
+# refused by the rule or the path, not the token) that the next request on that connection
+# gets.
 CONNECTION_ENDINGS: dict[str, tuple[int, str | None]] = {
     "revoked": (401, "revoked"),  # a policy reload revokes its jti
     "key_rotated_out": (401, "unknown_kid"),  # the JWKS file no longer has its key
@@ -534,6 +536,9 @@ CONNECTION_ENDINGS: dict[str, tuple[int, str | None]] = {
     # No token at all, a rule without jwt: the decision kept for the connection follows a
     # reload that allows only POST.
     "rule_changed_no_token": (403, None),
+    # A non-ASCII path the policy allowed: the target normalised for the connection follows
+    # a reload that no longer allows non-ASCII paths.
+    "non_ascii_no_token": (400, None),
 }
 
 
@@ -552,11 +557,14 @@ def _connection_policy(ending: str | None) -> dict[str, Any]:
         rule = {"name": "plain", "allow": {"from": [spiffe("frontend")], "paths": ["/**"]}}
         if ending == "rule_changed_no_token":
             rule["allow"]["methods"] = ["POST"]
-    return policy_doc({"corp": provider}, [rule], revocations=revocations)
+    doc = policy_doc({"corp": provider}, [rule], revocations=revocations)
+    if ending == "plain_no_token":
+        doc["services"][spiffe("orders")]["non_ascii_paths"] = "allow"
+    return doc
 
 
 @pytest.mark.parametrize("ending", list(CONNECTION_ENDINGS))
-def test_a_token_is_refused_on_the_connection_that_used_it_once_it_must_be(
+def test_what_a_connection_was_allowed_is_refused_there_once_it_must_be(
         tmp_path: Path, pki: Pki, own_app: int, procs: list, ending: str) -> None:
     jwks = tmp_path / "policy" / "jwks.json"
     jwks.parent.mkdir(parents=True, exist_ok=True)
@@ -568,10 +576,11 @@ def test_a_token_is_refused_on_the_connection_that_used_it_once_it_must_be(
     life = 3 if ending == "expired" else 600
     token = sign(claims(jti="conn-1", exp=int(time.time()) + life))
     headers = {} if no_token else {"authorization": f"Bearer {token}"}
+    path = "/caf%C3%A9" if ending == "non_ascii_no_token" else "/x"
     conn = httpclient.HTTPSConnection("127.0.0.1", node.port, context=node.ctx, timeout=10)
     try:
         for _ in range(3):  # verified once, then answered from the connection's memo
-            assert http(node.port, "GET", "/x", headers=headers, conn=conn).status == 200
+            assert http(node.port, "GET", path, headers=headers, conn=conn).status == 200
         sock = conn.sock
         before = node.policy_version()
         if ending == "key_rotated_out":
@@ -584,7 +593,7 @@ def test_a_token_is_refused_on_the_connection_that_used_it_once_it_must_be(
         deadline = time.monotonic() + 8
         while True:
             assert conn.sock is sock, "the connection that used the token was closed"
-            r = http(node.port, "GET", "/x", headers=headers, conn=conn)
+            r = http(node.port, "GET", path, headers=headers, conn=conn)
             if r.status != 200 or time.monotonic() > deadline:
                 break
             assert ending == "expired", r.status  # only the clock takes its time
