@@ -54,6 +54,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 MISSING_TOOL_EXIT = 2
 DIRECT = "direct"
 # The figures each round's progress line shows (all of them go to the summary and the JSON).
+MEASURE_ORDER = ("rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B", "idle_cpu_ms")
 HEADLINE = ("cpu_ratio", "cpu_diff_us", "rps_ratio", "added_p50_ratio")
 
 
@@ -209,11 +210,16 @@ def summarise(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             d.setdefault("mean_cpu_us", []).append(mean_cpu(b))
             for role, v in b["cpu_us_per_request"].items():
                 d.setdefault(f"cpu_us_{role}", []).append(v)
+            for other, ms in b.get("idle_cpu_ms", {}).items():
+                per_setup.setdefault(other, {}).setdefault("idle_cpu_ms", []).append(ms)
         for name, b in (r.get("latency") or {}).items():
             per_setup.setdefault(name, {}).setdefault(
                 f"p50_us_at_{b['connections']}", []).append(b["p50_us"])
+    def order(key: str) -> tuple[int, str]:
+        return (MEASURE_ORDER.index(key) if key in MEASURE_ORDER else len(MEASURE_ORDER), key)
+
     return ({k: spread(v) for k, v in figures.items()},
-            {n: {k: spread(v) for k, v in d.items()} for n, d in per_setup.items()})
+            {n: {k: spread(d[k]) for k in sorted(d, key=order)} for n, d in per_setup.items()})
 
 
 def render_summary(doc: dict[str, Any]) -> str:
@@ -248,25 +254,39 @@ class Running:
     headers: tuple[tuple[str, str], ...]
 
 
-def burst(run: Running | None, port: int, path: str, connections: int, duration: float,
-          settle: float) -> dict[str, Any]:
-    """One wrk burst; the CPU per request of each proxy of ``run`` (none for direct)."""
-    proxies = run.setup.proxies if run else {}
-    before = {role: tree_cpu_seconds(p.pid) for role, p in proxies.items()}
+def _cpu_now(running: dict[str, Running]) -> dict[tuple[str, str], float]:
+    """CPU seconds so far of every proxy of every running setup: (setup, role) -> s."""
+    return {(n, role): tree_cpu_seconds(p.pid)
+            for n, r in running.items() for role, p in r.setup.proxies.items()}
+
+
+def burst(running: dict[str, Running], name: str, port: int, path: str, connections: int,
+          duration: float, settle: float) -> dict[str, Any]:
+    """One wrk burst to setup ``name`` (or to the app, ``direct``): the CPU per request of
+    each of its proxies, and the CPU milliseconds the other setups spent meanwhile
+    (``idle_cpu_ms``: next to nothing, unless one still works off an earlier burst)."""
+    run = running.get(name)
+    before = _cpu_now(running)
     load = loadgen.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections,
                            duration=duration, headers=run.headers if run else ())
     if settle:
         time.sleep(settle)
-    after = {role: tree_cpu_seconds(p.pid) for role, p in proxies.items()}
-    for role, p in proxies.items():
-        if p.proc.poll() is not None:
-            raise RuntimeError(f"{run.setup.name if run else ''} {role} exited with "
-                               f"{p.proc.returncode}:\n{p.log_tail()}")
-    cpu = {role: (after[role] - before[role]) / load.requests * 1e6
-           for role in sorted(before)} if load.requests else {}
+    after = _cpu_now(running)
+    for n, r in running.items():
+        for role, p in r.setup.proxies.items():
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"{n} {role} exited with {p.proc.returncode}:\n"
+                                   f"{p.log_tail()}")
+    spent = {key: after[key] - before[key] for key in before}
+    cpu = {role: spent[n, role] / load.requests * 1e6
+           for n, role in sorted(spent) if n == name} if load.requests else {}
+    idle: dict[str, float] = {}
+    for (n, _role), v in spent.items():
+        if n != name:
+            idle[n] = idle.get(n, 0.0) + v * 1e3
     return {"connections": connections, "requests": load.requests, "rps": load.rps,
             "p50_us": load.p50_us, "p99_us": load.p99_us, "errors": load.errors,
-            "non_2xx": load.non_2xx, "cpu_us_per_request": cpu}
+            "non_2xx": load.non_2xx, "cpu_us_per_request": cpu, "idle_cpu_ms": idle}
 
 
 def rotated(items: Sequence[str], k: int) -> list[str]:
@@ -287,11 +307,11 @@ def run_rounds(args: argparse.Namespace, comparison: Comparison, running: dict[s
             progress(f"--max-seconds reached: stopping after {i} rounds")
             break
         order = rotated(names, i)
-        bursts = {n: burst(running[n], running[n].port, path, args.connections, args.duration,
+        bursts = {n: burst(running, n, running[n].port, path, args.connections, args.duration,
                            args.settle) for n in order}
         latency = None
         if args.latency:
-            latency = {n: burst(running.get(n), running[n].port if n in running else app_port,
+            latency = {n: burst(running, n, running[n].port if n in running else app_port,
                                 path, args.latency_connections, args.duration, args.settle)
                        for n in rotated(lat_names, i)}
         clean = all(not b["errors"] and not b["non_2xx"]

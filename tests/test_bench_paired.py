@@ -50,6 +50,9 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
             assert b["requests"] > 0 and b["errors"] == 0 and b["non_2xx"] == 0
             assert set(b["cpu_us_per_request"]) == {"A", "B"}
             assert all(_is_number(v) and v > 0 for v in b["cpu_us_per_request"].values())
+        # Each burst also reads what the other setup spent meanwhile (its idle cost).
+        assert set(r["bursts"]["sidecar"]["idle_cpu_ms"]) == {"sidecar-audit"}
+        assert set(r["bursts"]["sidecar-audit"]["idle_cpu_ms"]) == {"sidecar"}
         sub, ref = r["bursts"]["sidecar-audit"], r["bursts"]["sidecar"]
         assert r["figures"]["cpu_diff_us"] == pytest.approx(
             paired.mean_cpu(sub) - paired.mean_cpu(ref))  # type: ignore[operator]
@@ -63,6 +66,8 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
     per_round = [r["figures"]["cpu_diff_us"] for r in doc["rounds"]]
     assert doc["summary"]["cpu_diff_us"]["median"] == pytest.approx(sum(per_round) / 2)
     for name in ("sidecar-audit", "sidecar"):
+        assert list(doc["per_setup"][name]) == ["rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B",
+                                                "idle_cpu_ms"]
         assert _is_number(doc["per_setup"][name]["mean_cpu_us"]["median"])
     assert "cpu_diff_us" in proc.stdout and "IQR" in proc.stdout
 
