@@ -222,6 +222,26 @@ def summarise(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             {n: {k: spread(d[k]) for k in sorted(d, key=order)} for n, d in per_setup.items()})
 
 
+def pairing(kind: str, rounds: list[dict[str, Any]], subject: str, reference: str
+            ) -> dict[str, Any]:
+    """How much pairing bought in this run: the correlation over rounds of the two setups'
+    mean CPU per request (near 1: the machine drifted slowly and pairing cancelled it; near
+    0: the noise is burst to burst and only more rounds help), and the spread the CPU figure
+    would have had without pairing (subject of round i against reference of round j, i and j
+    at least two rounds apart)."""
+    pairs = [(r["round"], mean_cpu(r["bursts"][subject]), mean_cpu(r["bursts"][reference]))
+             for r in rounds if r["figures"]]
+    xs = [(n, a, b) for n, a, b in pairs if a is not None and b is not None]
+    corr = None
+    if len(xs) >= 3:
+        try:
+            corr = statistics.correlation([a for _, a, _ in xs], [b for _, _, b in xs])
+        except statistics.StatisticsError:  # a constant series
+            corr = None
+    unpaired = [_op(kind, a, b) for i, a, _ in xs for j, _, b in xs if abs(i - j) >= 2]
+    return {"cpu_correlation": corr, "unpaired_cpu_figure": spread(unpaired)}
+
+
 def render_summary(doc: dict[str, Any]) -> str:
     """The terminal report: each figure's median and spread, then each setup's."""
     def f(v: float | None) -> str:
@@ -234,6 +254,12 @@ def render_summary(doc: dict[str, Any]) -> str:
     for key, s in doc["summary"].items():
         lines.append(f"{key:<24} {f(s['median']):>9} {f(s['min']) + '..' + f(s['max']):>19} "
                      f"{f(s['q1']) + '..' + f(s['q3']):>19}")
+    pair, u = doc["pairing"], doc["pairing"]["unpaired_cpu_figure"]
+    lines.append(f"{'(the same, unpaired)':<24} {f(u['median']):>9} "
+                 f"{f(u['min']) + '..' + f(u['max']):>19} {f(u['q1']) + '..' + f(u['q3']):>19}")
+    lines.append(f"correlation of the two setups' CPU per request over rounds: "
+                 f"{f(pair['cpu_correlation'])} (near 1: drift, cancelled by pairing; near 0: "
+                 f"burst-to-burst noise, only more rounds help)")
     lines.append("")
     lines.append(f"{'setup':<22} {'measure':<14} {'median':>9} {'min..max':>19}")
     for name, measures in doc["per_setup"].items():
@@ -394,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "rounds", "duration", "connections", "size", "warmup", "latency",
                "latency_connections", "settle", "workers", "max_seconds")},
            **meta, "rounds_done": len(rounds), "rounds_with_figures": with_figures,
-           "summary": summary, "per_setup": per_setup, "rounds": rounds}
+           "summary": summary,
+           "pairing": pairing(comparison.kind, rounds, setups[0].name, setups[1].name),
+           "per_setup": per_setup, "rounds": rounds}
     print(render_summary(doc))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

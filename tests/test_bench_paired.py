@@ -38,8 +38,9 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
     assert f"JSON written to {out}" in proc.stdout
     doc = json.loads(out.read_text())
     assert {"comparison", "kind", "subject", "reference", "params", "machine", "generator",
-            "app", "rounds_done", "rounds_with_figures", "summary", "per_setup",
+            "app", "rounds_done", "rounds_with_figures", "summary", "pairing", "per_setup",
             "rounds"} <= set(doc)
+    assert doc["pairing"]["unpaired_cpu_figure"]["n"] == 0  # 2 rounds: none 2 apart
     assert (doc["comparison"], doc["kind"]) == ("audit", "difference")
     assert (doc["subject"], doc["reference"]) == ("sidecar-audit", "sidecar")
     assert doc["rounds_done"] == doc["rounds_with_figures"] == 2
@@ -111,6 +112,23 @@ def test_spread_median_range_and_quartiles() -> None:
     assert s == {"n": 5, "median": 3.0, "min": 1.0, "max": 5.0, "q1": 2.0, "q3": 4.0}
     assert paired.spread([7.0])["q1"] == paired.spread([7.0])["q3"] == 7.0
     assert paired.spread([None])["median"] is None
+
+
+def test_pairing_correlation_and_the_unpaired_spread() -> None:
+    # The machine slows down round after round; the subject always costs 1.5x: paired, the
+    # ratio is exactly 1.5 every round, unpaired it spreads; the two series move together.
+    speed = [1.0, 1.2, 1.4, 1.6, 1.8]
+    rounds = [{"round": n, "figures": {"cpu_ratio": 1.5},
+               "bursts": {"s": _burst(1, 150 * k, 150 * k), "r": _burst(1, 100 * k, 100 * k)}}
+              for n, k in enumerate(speed, 1)]
+    p = paired.pairing("ratio", rounds, "s", "r")
+    assert p["cpu_correlation"] == pytest.approx(1.0)
+    u = p["unpaired_cpu_figure"]
+    assert u["n"] == 12 and u["min"] == pytest.approx(1.5 * 1.0 / 1.8)
+    assert u["max"] == pytest.approx(1.5 * 1.8 / 1.0)
+    rounds[0]["figures"] = None  # a round left out counts in neither: rounds 2-5 remain
+    assert paired.pairing("ratio", rounds, "s", "r")["unpaired_cpu_figure"]["n"] == 6
+    assert paired.pairing("difference", rounds[:2], "s", "r")["cpu_correlation"] is None
 
 
 def test_rounds_rotate_the_order() -> None:
