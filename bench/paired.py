@@ -1,4 +1,4 @@
-"""Paired, alternating runs: ``python bench/paired.py --compare full|plain|audit|audit-nofsync``.
+"""Paired, alternating runs: ``python bench/paired.py --compare full|plain|audit|...``.
 
 Theory of operation: on this kind of machine the speed of everything moves by tens of per cent
 from one minute to the next, so a ratio of two setups measured one after the other (as
@@ -88,6 +88,11 @@ COMPARISONS = {c.name: c for c in (
                lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
                lambda: SidecarSetup(),
                False, "as audit, with the trail's fsync off (fsync: false)"),
+    Comparison("audit-fsync", "difference",
+               lambda: SidecarSetup(audit_full=True, name="sidecar-audit"),
+               lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
+               False, "the whole trail with fsync per batch minus the same without fsync "
+               "(what fsync itself costs)"),
 )}
 
 

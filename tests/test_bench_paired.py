@@ -145,3 +145,6 @@ def test_every_comparison_builds_two_distinctly_named_setups() -> None:
     assert audit.audit_full and audit.audit_fsync  # type: ignore[attr-defined]
     assert nofsync.audit_full and not nofsync.audit_fsync  # type: ignore[attr-defined]
     assert not paired.COMPARISONS["audit"].reference().audit  # type: ignore[attr-defined]
+    fsync = paired.COMPARISONS["audit-fsync"]
+    assert fsync.subject().audit_fsync and not fsync.reference().audit_fsync  # type: ignore[attr-defined]
+    assert fsync.reference().audit_full  # type: ignore[attr-defined]
