@@ -113,7 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                    help="also a burst at --latency-connections per setup and one to the app "
                         "per round, for the added p50 (default: on for full, off otherwise)")
-    p.add_argument("--latency-connections", type=int, default=1)
+    p.add_argument("--latency-connections", type=int, default=1,
+                   help="connections of the latency bursts (default 1)")
     p.add_argument("--settle", type=float, default=0.25,
                    help="seconds after each burst before the CPU is read again, so work the "
                         "burst left behind (an audit batch) is counted (default 0.25)")
