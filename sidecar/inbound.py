@@ -169,15 +169,16 @@ class InboundProxy:
         xfcc = (XFCC, xfcc_value(gate.own_id, peer_id, peer.fingerprint))
         proto = (b"x-forwarded-proto", b"https")
         peer_x5t = x5t_from_hex(peer.fingerprint)
-        # The connection's last verified credentials and decision (sidecar/gate.py).
-        memo = ConnectionMemo()
+        # The connection's last verified credentials and decision (sidecar/gate.py), made
+        # by its first request (an idle connection holds none).
+        memo: ConnectionMemo | None = None
         # The connection's last request as handled: its raw target, whether non-ASCII paths
         # were allowed, its facts, its query and the target the app got. A keep-alive
         # client mostly repeats the same request: normalised and built once.
         last: tuple[bytes, bool, RequestFacts, str, bytes] | None = None
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            nonlocal last
+            nonlocal last, memo
             non_ascii = gate.allows_non_ascii_paths()
             if last is not None and last[0] == head.target and last[1] is non_ascii \
                     and last[2].method == head.method and last[2].host == head.host:
@@ -195,6 +196,8 @@ class InboundProxy:
             ctx.facts = facts
             if gate.needs_prepare():  # token introspection (I/O) for this request's rules
                 await gate.prepare(facts, event.headers, query)
+            if memo is None:
+                memo = ConnectionMemo()
             ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
                                                  peer_x5t=peer_x5t, memo=memo)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)

@@ -31,7 +31,6 @@ same credential headers on the same connection are then answered with the last v
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -61,7 +60,7 @@ from sidecar.authn.jwt import (
     unverified_subject,
     verify_token,
 )
-from sidecar.authn.memo import CredentialMemo
+from sidecar.authn.memo import NOT_KEPT, CredentialMemo
 from sidecar.authn.oauth import (
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
@@ -279,7 +278,7 @@ class Authenticator:
                 memo.audience = audience
                 memo.x5t = peer_x5t
                 memo.names = self._memo_names(providers)
-            memo.expires_at = -math.inf  # nothing kept until this request verified
+            memo.expires_at = NOT_KEPT  # nothing kept until this request verified
             if memo.names is not None:
                 return self._authenticate_into(memo, providers, headers, query, now,
                                                peer_x5t, audience)
@@ -414,7 +413,7 @@ class Authenticator:
             raise TokenInvalid(REVOKED)
         self.verified += 1
         entry = self._cache.store(name, token, claims, now)
-        return entry if entry is not None else CachedToken(claims, None, None, None, -math.inf)
+        return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
     def _introspected_claims(self, provider: JwtProvider, token: str,
                              now: float) -> Claims | None:

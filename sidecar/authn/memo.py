@@ -36,6 +36,8 @@ from sidecar.policy.decision import NO_AUTH, AuthFacts
 if TYPE_CHECKING:
     from sidecar.authn.cache import CachedToken
 
+NOT_KEPT = -math.inf  # the expiry of a memo that holds nothing (no ``now`` is before it)
+
 
 class CredentialMemo:
     """One connection's last fully verified credentials (see the module docstring): made
@@ -50,7 +52,7 @@ class CredentialMemo:
         self.audience: str | None = None
         self.x5t: str | None = None
         self.names: frozenset[bytes] | None = None
-        self.seen: list[tuple[bytes, bytes]] = []
+        self.seen: list[tuple[bytes, bytes]] | tuple[()] = ()
         self.auth: AuthFacts = NO_AUTH
         self.tokens: tuple[CachedToken, ...] = ()
-        self.expires_at = -math.inf
+        self.expires_at = NOT_KEPT
