@@ -16,6 +16,7 @@ from sidecar.audit.record import (
     alert_record,
     connection_refused_record,
     record_from,
+    request_wire,
 )
 from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
 from sidecar.audit.writer import AuditWriter
@@ -93,6 +94,28 @@ def test_every_decision_type_leaves_exactly_one_record(tmp_path: Path) -> None:
                                       "connection_refused", "alert", "unencodable"]
     assert got[0] == events[0]
     assert w.statistics().written == len(events) and verify(str(tmp_path)).ok
+
+
+def test_a_stored_map_is_written_as_given_and_an_unencodable_one_has_a_stand_in(
+        tmp_path: Path) -> None:
+    # The data path submits the map to store (request_wire) instead of an AuditRecord: it
+    # is stored exactly as given, batched with records; one that cannot be packed still
+    # leaves exactly one record, the stand-in, as an unencodable AuditRecord does.
+    wire = request_wire(Decision("allow", "r1", REASON_ALLOWED, "v1"), FACTS, 1.0, None, "w1",
+                        200, 1, 2, 0.5, None)
+    events: list[AuditRecord | dict[str, object]] = [
+        wire, {"t": 2.0, "id": "w2", "x": {"o": object()}}, rec(3)]
+
+    async def body(w: AuditWriter) -> None:
+        for e in events:
+            assert w.submit(e)
+
+    w = run_writer(AuditConfig(path=str(tmp_path)), body)
+    got = list(iter_records(str(tmp_path)))
+    assert got[0].to_wire() == wire and got[2] == rec(3)
+    assert [(r.event, r.request_id, r.time) for r in got] == [
+        ("request", "w1", 1.0), ("unencodable", "w2", 2.0), ("request", "r3", 3.0)]
+    assert w.statistics().written == 3 and verify(str(tmp_path)).ok
 
 
 def test_rotation_keeps_one_chain(tmp_path: Path) -> None:

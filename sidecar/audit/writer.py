@@ -62,6 +62,9 @@ from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 
 AlertCallback = Callable[[str, str], None]
+# What ``submit`` takes: a record, or its stored map already built (``record.request_wire``,
+# the data path's; a plain ``dict``, stored as it is).
+Entry = AuditRecord | dict[str, Any]
 
 COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 ALERT_WRITE_FAILED = "audit_write_failed"
@@ -193,7 +196,7 @@ class _SegmentSink:
         else:
             self._note_unsigned(1, 0)
 
-    def append(self, records: list[AuditRecord]) -> None:
+    def append(self, records: list[Entry]) -> None:
         """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
         try:
             self.ensure_open()
@@ -285,7 +288,7 @@ class _SegmentSink:
         self.unsigned_frames = self.unsigned_records = 0
         return Checkpoint.from_frame(state[0], state[1], kind, body)
 
-    def _encode_signed(self, records: list[AuditRecord]) -> tuple[bytes, Checkpoint | None]:
+    def _encode_signed(self, records: list[Entry]) -> tuple[bytes, Checkpoint | None]:
         """The batch's frames, with a signed checkpoint after every ``checkpoint_every``
         records (so no running writer leaves more records unsigned than that)."""
         assert self.head is not None
@@ -307,11 +310,12 @@ class _SegmentSink:
                 checkpoint = self._signed(state, "chk", body)
         return bytes(out), checkpoint
 
-    def _encode(self, records: list[AuditRecord]) -> bytes:
+    def _encode(self, records: list[Entry]) -> bytes:
         assert self.head is not None
         state = self.head.state
         try:
-            return self.head.records([r.to_wire() for r in records], self.encryptor)
+            return self.head.records([r if r.__class__ is dict else r.to_wire()  # type: ignore[union-attr]
+                                      for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
@@ -320,12 +324,15 @@ class _SegmentSink:
         for r in records:
             s = self.head.state
             try:
-                out += self.head.records([r.to_wire()], self.encryptor)
+                out += self.head.records([r if isinstance(r, dict) else r.to_wire()],
+                                         self.encryptor)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.head.restore(s)
+                when, rid = (r.get("t"), r.get("id", "")) if isinstance(r, dict) else (
+                    r.time, r.request_id)
                 out += self.head.records([{
-                    "t": float(r.time) if isinstance(r.time, int | float) else 0.0,
-                    "ev": "unencodable", "id": str(r.request_id)[:200],
+                    "t": float(when) if isinstance(when, int | float) else 0.0,
+                    "ev": "unencodable", "id": str(rid)[:200],
                     "why": f"{type(exc).__name__}: {exc}"[:200],
                 }], self.encryptor)
         return bytes(out)
@@ -459,7 +466,7 @@ class AuditWriter:
                                            str(exc))]) from None
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
-        self._queue: deque[AuditRecord] = deque()
+        self._queue: deque[Entry] = deque()
         # The bound ``submit`` checks: ``queue_size``, plus one while the record that woke the
         # waiting writer task is still queued (it is the writer's already, as a memory channel
         # hands a record straight to a waiting receiver).
@@ -509,8 +516,10 @@ class AuditWriter:
 
     # -- request path (never awaits)
 
-    def submit(self, record: AuditRecord, *, admitted: bool = False) -> bool:
+    def submit(self, record: Entry, *, admitted: bool = False) -> bool:
         """Queue ``record``; False means it will not be written (see ``accepting``).
+        ``record`` is an ``AuditRecord`` or the map it stores (``to_wire()``'s, as
+        ``record.request_wire`` builds it for the data path: a plain ``dict``).
 
         ``admitted``: the record is for a request that was already served (it passed
         ``accepting()`` before the writer learned of a failure). It is queued even while
@@ -617,7 +626,7 @@ class AuditWriter:
                 self.shipper.offer(messages)
 
     async def _write_loop(self, task_status: Any) -> None:
-        batch: list[AuditRecord] = []
+        batch: list[Entry] = []
         try:
             try:
                 await self._run_sink(self._first_open)
@@ -672,7 +681,7 @@ class AuditWriter:
                     break
         self._probe_scope = None
 
-    async def _next_batch(self) -> list[AuditRecord] | None:
+    async def _next_batch(self) -> list[Entry] | None:
         """The next batch; [] at the end; None when the timer checkpoint is due first."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
         queue = self._queue
@@ -714,7 +723,7 @@ class AuditWriter:
         except OSError as exc:
             self._note_failure(exc)
 
-    async def _write(self, batch: list[AuditRecord]) -> None:
+    async def _write(self, batch: list[Entry]) -> None:
         delay = self._retry_initial
         while batch:
             try:
