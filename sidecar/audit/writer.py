@@ -685,17 +685,22 @@ class AuditWriter:
         """The next batch; [] at the end; None when the timer checkpoint is due first."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
         queue = self._queue
-        with trio.move_on_after(due if due is not None else math.inf) as timer:
-            if queue:
-                await trio.lowlevel.checkpoint()  # a full queue must not starve the loop
-            while not queue:
-                if self._closing:
-                    return []  # closed and drained
-                self._wake = wake = trio.Event()
-                await wake.wait()
+        if queue:
+            # Records already wait (a loaded sidecar, after the linger): nothing to wait
+            # for, so no cancel scope with the timer's deadline, just one yield.
+            await trio.lowlevel.checkpoint()  # a full queue must not starve the loop
+            timed_out = due == 0.0
+        else:
+            with trio.move_on_after(due if due is not None else math.inf) as timer:
+                while not queue:
+                    if self._closing:
+                        return []  # closed and drained
+                    self._wake = wake = trio.Event()
+                    await wake.wait()
+            timed_out = timer.cancelled_caught
         self._wake = None
         self._limit = self.config.queue_size
-        if timer.cancelled_caught:
+        if timed_out:
             return None
         limit = self.config.batch_size
         if len(queue) <= limit:
