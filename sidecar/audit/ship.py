@@ -438,8 +438,12 @@ class Shipper:
                 queue = self._queue
                 batch = (list(queue) if len(queue) <= SEND_BATCH
                          else list(itertools.islice(queue, SEND_BATCH)))
-                with trio.fail_after(SEND_TIMEOUT):
-                    await stream.send_all(b"".join(batch))
+                # Usually the socket takes the whole write at once: no timeout scope, no
+                # send lock; only a rest that must wait for the socket gets them.
+                rest = stream.try_send(b"".join(batch))
+                if rest:
+                    with trio.fail_after(SEND_TIMEOUT):
+                        await stream.send_wire(rest)
                 # Sent: off the queue (nothing else takes from it; ``offer`` only appends,
                 # so the queue is still what was sent plus what came since), into the
                 # resend window; usually in C, not one Python step per frame.
@@ -450,6 +454,8 @@ class Shipper:
                         queue.popleft()
                 self._recent.extend(batch)
                 self.sent += len(batch)
+                if queue and not rest:
+                    await trio.lowlevel.checkpoint()  # a long queue must not starve the loop
 
     async def _watch_close(self, stream: TlsTransport) -> None:
         # A syslog collector never sends: any end of the read side means it is gone.

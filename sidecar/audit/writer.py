@@ -634,10 +634,12 @@ class AuditWriter:
             except OSError as exc:
                 self._note_failure(exc)
             task_status.started()
+            lingered = False
             while True:
                 if not self.healthy and not self.fail_open:
                     await self._probe_until_open()
-                got = await self._next_batch()
+                got = await self._next_batch(lingered)
+                lingered = False
                 if got is None:
                     await self._checkpoint()
                     continue
@@ -649,6 +651,7 @@ class AuditWriter:
                 if (not self._closing
                         and len(self._queue) < self.config.batch_size):
                     await trio.sleep(BATCH_LINGER)
+                    lingered = True
             try:
                 await self._run_sink(self._sink.close)
             except OSError as exc:
@@ -681,14 +684,17 @@ class AuditWriter:
                     break
         self._probe_scope = None
 
-    async def _next_batch(self) -> list[Entry] | None:
-        """The next batch; [] at the end; None when the timer checkpoint is due first."""
+    async def _next_batch(self, yielded: bool = False) -> list[Entry] | None:
+        """The next batch; [] at the end; None when the timer checkpoint is due first.
+        ``yielded``: the writer has just let the loop run (the linger)."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
         queue = self._queue
         if queue:
             # Records already wait (a loaded sidecar, after the linger): nothing to wait
-            # for, so no cancel scope with the timer's deadline, just one yield.
-            await trio.lowlevel.checkpoint()  # a full queue must not starve the loop
+            # for, so no cancel scope with the timer's deadline, and a yield only if the
+            # linger did not just give one (a full queue must not starve the loop).
+            if not yielded:
+                await trio.lowlevel.checkpoint()
             timed_out = due == 0.0
         else:
             with trio.move_on_after(due if due is not None else math.inf) as timer:
