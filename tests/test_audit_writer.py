@@ -19,7 +19,7 @@ from sidecar.audit.record import (
     request_wire,
 )
 from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
-from sidecar.audit.writer import AuditWriter
+from sidecar.audit.writer import AuditWriter, _DiskThread
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import (
@@ -374,13 +374,13 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
                          encryption_key_file=str(tmp_path / "data"),
                          checkpoint_every_records=50)
     in_thread: list[object] = []
-    real_run_sync = trio.to_thread.run_sync
+    real_call = _DiskThread.call
 
-    async def counted(fn, *args, **kw):  # type: ignore[no-untyped-def]
+    async def counted(self, fn):  # type: ignore[no-untyped-def]
         in_thread.append(fn)
-        return await real_run_sync(fn, *args, **kw)
+        return await real_call(self, fn)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(_DiskThread, "call", counted)
     bursts, size = 5, 100
 
     async def body(w: AuditWriter) -> None:
@@ -400,3 +400,36 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     assert result.checkpoints >= bursts * size // 50 and result.unsigned_tail_records == 0
     got = iter_records(str(d), decryptor=Decryptor([load_data_key(str(tmp_path / "data"))]))
     assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]
+
+
+def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> None:
+    # The writer's worker thread (fsync on): a call's exception reaches the waiting task;
+    # a cancellation waits until the call in the thread has finished (the chain head is
+    # never left mid-write), then takes effect; close lets the thread end.
+    import threading
+    import time
+
+    disk = _DiskThread()
+    finished: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.append(threading.current_thread().name)
+
+    def broken() -> None:
+        raise OSError(5, "I/O error")
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="I/O error"):
+            await disk.call(broken)
+        with trio.move_on_after(0.01) as scope:
+            await disk.call(slow)
+            await trio.sleep(1)  # the cancellation lands here, after the call
+        assert scope.cancelled_caught and finished == ["sidecar-audit-disk"]
+        thread = disk._thread
+        assert thread is not None
+        disk.close()
+        await trio.to_thread.run_sync(thread.join, 5)
+        assert not thread.is_alive()
+
+    trio.run(main)
