@@ -10,7 +10,9 @@ channel did the same with several Python calls per record, and ``accepting()``, 
 every request, built a statistics object to read the depth).
 
 ``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
-to ``batch_size`` and hands each batch to a worker thread (``_SegmentSink.append``), which
+to ``batch_size`` and hands each batch to the writer's one long-lived worker thread
+(``_DiskThread``; ``trio.to_thread`` cost more per batch than hashing three records) to
+run ``_SegmentSink.append``, which
 packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
 ``fsync`` is on), and checks that the segment file is still the one in the directory.
 With ``fsync`` off the batch is written from the event loop instead while the segment has
