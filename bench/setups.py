@@ -176,15 +176,19 @@ class SidecarSetup(Setup):
     """Two sidecars: A outbound (plain in, mTLS out), B inbound (mTLS in, plain to the app)."""
 
     def __init__(self, audit: bool = False, full: bool = False,
-                 audit_fsync: bool = False, audit_full: bool = False) -> None:
-        super().__init__("sidecar-full" if full else "sidecar")
+                 audit_fsync: bool = False, audit_full: bool = False,
+                 name: str | None = None, fsync: bool | None = None) -> None:
+        # ``name`` (bench/paired.py) tells two sidecar pairs running side by side apart: it
+        # names their config, policy, audit and log files.
+        super().__init__(name or ("sidecar-full" if full else "sidecar"))
         self.full = full
         self.audit = audit or full or audit_full
         # --audit-full: the whole trail (signed checkpoints, encryption, shipping over TLS).
         self.audit_full = audit_full
         # sidecar-full: the audit trail as durable as Envoy's file access log (buffered, no
         # fsync) unless asked; --sidecar-audit keeps the sidecar's default (fsync per batch).
-        self.audit_fsync = audit_fsync or not full
+        # ``fsync`` (bench/paired.py's audit-nofsync) overrides that choice either way.
+        self.audit_fsync = (audit_fsync or not full) if fsync is None else fsync
 
     def unavailable(self) -> str | None:
         cli = os.path.join(REPO_ROOT, "sidecar", "cli.py")
@@ -196,7 +200,7 @@ class SidecarSetup(Setup):
         return None
 
     def start(self, ctx: SetupContext) -> int:
-        policy = os.path.join(ctx.workdir, "sidecar-policy.yaml")
+        policy = os.path.join(ctx.workdir, f"{self.name}-policy.yaml")
         with open(policy, "w") as f:
             f.write(sidecar_policy_yaml(ctx.jwt.jwks_path if self.full and ctx.jwt else None))
         port_a, port_b = free_port(), free_port()

@@ -1,0 +1,150 @@
+"""bench/paired.py: paired, alternating rounds of two setups side by side.
+
+One real run (the ``audit`` comparison, 2 rounds of 1 s: two sidecar pairs, one with the whole
+audit trail and its collector, nginx or the Trio app upstream, wrk on 127.0.0.1), skipped when
+wrk is missing; and the pure figures and statistics on given numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import loadgen, paired  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRED = os.path.join(ROOT, "bench", "paired.py")
+RUN_TIMEOUT_S = 180
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@pytest.mark.skipif(loadgen.wrk_binary() is None, reason="wrk is not installed")
+def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "paired.json"
+    proc = subprocess.run(
+        [sys.executable, PAIRED, "--compare", "audit", "--rounds", "2", "--duration", "1",
+         "--warmup", "0.5", "--json", str(out)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"JSON written to {out}" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert {"comparison", "kind", "subject", "reference", "params", "machine", "generator",
+            "app", "rounds_done", "rounds_with_figures", "summary", "pairing", "per_setup",
+            "rounds"} <= set(doc)
+    assert doc["pairing"]["unpaired_cpu_figure"]["n"] == 0  # 2 rounds: none 2 apart
+    assert (doc["comparison"], doc["kind"]) == ("audit", "difference")
+    assert (doc["subject"], doc["reference"]) == ("sidecar-audit", "sidecar")
+    assert doc["rounds_done"] == doc["rounds_with_figures"] == 2
+    # The order alternates: each setup is first once.
+    assert [r["order"][0] for r in doc["rounds"]] == ["sidecar-audit", "sidecar"]
+    for r in doc["rounds"]:
+        for b in r["bursts"].values():
+            assert b["requests"] > 0 and b["errors"] == 0 and b["non_2xx"] == 0
+            assert set(b["cpu_us_per_request"]) == {"A", "B"}
+            assert all(_is_number(v) and v > 0 for v in b["cpu_us_per_request"].values())
+        # Each burst also reads what the other setup spent meanwhile (its idle cost).
+        assert set(r["bursts"]["sidecar"]["idle_cpu_ms"]) == {"sidecar-audit"}
+        assert set(r["bursts"]["sidecar-audit"]["idle_cpu_ms"]) == {"sidecar"}
+        sub, ref = r["bursts"]["sidecar-audit"], r["bursts"]["sidecar"]
+        assert r["figures"]["cpu_diff_us"] == pytest.approx(
+            paired.mean_cpu(sub) - paired.mean_cpu(ref))  # type: ignore[operator]
+        assert r["figures"]["rps_ratio"] == pytest.approx(sub["rps"] / ref["rps"])
+    assert set(doc["summary"]) == {"cpu_diff_us", "cpu_diff_us_A", "cpu_diff_us_B",
+                                   "rps_ratio"}
+    for s in doc["summary"].values():
+        assert s["n"] == 2
+        assert all(_is_number(s[k]) for k in ("median", "min", "max", "q1", "q3"))
+        assert s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    per_round = [r["figures"]["cpu_diff_us"] for r in doc["rounds"]]
+    assert doc["summary"]["cpu_diff_us"]["median"] == pytest.approx(sum(per_round) / 2)
+    for name in ("sidecar-audit", "sidecar"):
+        assert list(doc["per_setup"][name]) == ["rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B",
+                                                "idle_cpu_ms"]
+        assert _is_number(doc["per_setup"][name]["mean_cpu_us"]["median"])
+    assert "cpu_diff_us" in proc.stdout and "IQR" in proc.stdout
+
+
+def test_without_wrk_it_says_so_and_exits_non_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = dict(os.environ, PATH=str(tmp_path))  # an empty directory: no wrk on the PATH
+    proc = subprocess.run([sys.executable, PAIRED, "--compare", "audit", "--json",
+                           str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert proc.returncode == paired.MISSING_TOOL_EXIT
+    assert "wrk is not installed" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def _burst(rps: float, a: float, b: float, p50: float = 0.0) -> dict[str, object]:
+    return {"rps": rps, "p50_us": p50, "cpu_us_per_request": {"A": a, "B": b}}
+
+
+def test_round_figures_ratio_with_added_p50() -> None:
+    sub, ref = _burst(900, 130, 150), _burst(1000, 100, 100)
+    latency = {"direct": {"p50_us": 50.0}, "s": {"p50_us": 350.0}, "r": {"p50_us": 250.0}}
+    f = paired.round_figures("ratio", sub, ref, latency, ("s", "r"))
+    assert f["cpu_ratio"] == pytest.approx(1.4)
+    assert f["cpu_ratio_A"] == pytest.approx(1.3) and f["cpu_ratio_B"] == pytest.approx(1.5)
+    assert f["rps_ratio"] == pytest.approx(0.9)
+    assert (f["added_p50_us_subject"], f["added_p50_us_reference"]) == (300, 200)
+    assert f["added_p50_ratio"] == pytest.approx(1.5)
+    # Envoy adding nothing measurable: no ratio rather than a division by zero.
+    latency["r"]["p50_us"] = 50.0
+    assert paired.round_figures("ratio", sub, ref, latency, ("s", "r"))["added_p50_ratio"] is None
+
+
+def test_round_figures_difference() -> None:
+    f = paired.round_figures("difference", _burst(800, 190, 210), _burst(1000, 150, 160))
+    assert f == {"cpu_diff_us": pytest.approx(45), "cpu_diff_us_A": pytest.approx(40),
+                 "cpu_diff_us_B": pytest.approx(50), "rps_ratio": pytest.approx(0.8)}
+
+
+def test_spread_median_range_and_quartiles() -> None:
+    s = paired.spread([5.0, 1.0, None, 3.0, 2.0, 4.0])
+    assert s == {"n": 5, "median": 3.0, "min": 1.0, "max": 5.0, "q1": 2.0, "q3": 4.0}
+    assert paired.spread([7.0])["q1"] == paired.spread([7.0])["q3"] == 7.0
+    assert paired.spread([None])["median"] is None
+
+
+def test_pairing_correlation_and_the_unpaired_spread() -> None:
+    # The machine slows down round after round; the subject always costs 1.5x: paired, the
+    # ratio is exactly 1.5 every round, unpaired it spreads; the two series move together.
+    speed = [1.0, 1.2, 1.4, 1.6, 1.8]
+    rounds = [{"round": n, "figures": {"cpu_ratio": 1.5},
+               "bursts": {"s": _burst(1, 150 * k, 150 * k), "r": _burst(1, 100 * k, 100 * k)}}
+              for n, k in enumerate(speed, 1)]
+    p = paired.pairing("ratio", rounds, "s", "r")
+    assert p["cpu_correlation"] == pytest.approx(1.0)
+    u = p["unpaired_cpu_figure"]
+    assert u["n"] == 12 and u["min"] == pytest.approx(1.5 * 1.0 / 1.8)
+    assert u["max"] == pytest.approx(1.5 * 1.8 / 1.0)
+    rounds[0]["figures"] = None  # a round left out counts in neither: rounds 2-5 remain
+    assert paired.pairing("ratio", rounds, "s", "r")["unpaired_cpu_figure"]["n"] == 6
+    assert paired.pairing("difference", rounds[:2], "s", "r")["cpu_correlation"] is None
+
+
+def test_rounds_rotate_the_order() -> None:
+    assert [paired.rotated(["a", "b", "c"], k) for k in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_every_comparison_builds_two_distinctly_named_setups() -> None:
+    for c in paired.COMPARISONS.values():
+        sub, ref = c.subject(), c.reference()
+        assert sub.name != ref.name and c.kind in ("ratio", "difference")
+    audit = paired.COMPARISONS["audit"].subject()
+    nofsync = paired.COMPARISONS["audit-nofsync"].subject()
+    assert audit.audit_full and audit.audit_fsync  # type: ignore[attr-defined]
+    assert nofsync.audit_full and not nofsync.audit_fsync  # type: ignore[attr-defined]
+    assert not paired.COMPARISONS["audit"].reference().audit  # type: ignore[attr-defined]
+    fsync = paired.COMPARISONS["audit-fsync"]
+    assert fsync.subject().audit_fsync and not fsync.reference().audit_fsync  # type: ignore[attr-defined]
+    assert fsync.reference().audit_full  # type: ignore[attr-defined]
