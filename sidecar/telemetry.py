@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
 from sidecar.audit.record import (
+    AuditRecord,
     SharedExtra,
     connection_closed_record,
     connection_refused_record,
     record_from,
-    request_record,
+    request_wire,
 )
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
@@ -236,10 +237,12 @@ class Telemetry:
                 extra = {**extra, "error": error} if extra else {"error": error}
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
+            record: AuditRecord | dict[str, Any]
             if facts is not None:
-                # The usual record, every value given positionally (no keyword matching).
-                record = request_record(decision, facts, started, auth, request_id, status,
-                                        bytes_in, bytes_out, duration * 1000.0, extra)
+                # The usual record, every value given positionally (no keyword matching),
+                # built as the map the writer stores (no AuditRecord, no ``to_wire``).
+                record = request_wire(decision, facts, started, auth, request_id, status,
+                                      bytes_in, bytes_out, duration * 1000.0, extra)
             else:
                 record = record_from(
                     decision, None, time=started, auth=auth, request_id=request_id,

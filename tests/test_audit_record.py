@@ -21,6 +21,7 @@ from sidecar.audit.record import (
     hash_token_id,
     record_from,
     request_record,
+    request_wire,
 )
 from sidecar.policy.decision import (
     REASON_ALLOWED,
@@ -165,6 +166,38 @@ def test_request_record_is_record_from_with_every_value_given() -> None:
             assert request_record(d, FACTS, 2.5, a, "id", 201, 3, 4, 1.5, {"e": 1}) == \
                 record_from(d, FACTS, time=2.5, auth=a, request_id="id", status=201,
                             bytes_in=3, bytes_out=4, duration_ms=1.5, extra={"e": 1})
+
+
+def test_request_wire_is_the_stored_map_of_request_record() -> None:
+    # The data path submits the stored map built directly (no AuditRecord, no to_wire):
+    # for every shape -- peer or none; no credentials, a token with all, some or none of
+    # its fields, an API key; no, a small, a shared and an oversized extra; every kind of
+    # decision -- the same keys in the same order with the same values, so the frames
+    # stored are byte for byte those of request_record(...).to_wire().
+    from sidecar.audit.record import SharedExtra
+
+    auths = [None, AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}),
+             AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}, apikey="k"),
+             AuthFacts(claims={"p": {"iss": "i"}}), AuthFacts(claims={"p": {"sub": 5}}),
+             AuthFacts(claims={}, apikey="k"), AuthFacts(claims={})]
+    extras = [None, {"e": 1}, SharedExtra(service="s", port=1),
+              {f"k{i}": i for i in range(MAX_EXTRA_KEYS + 5)}]
+    decisions = [Decision("allow", "r", REASON_ALLOWED, "v1"),
+                 Decision("deny", "limit", REASON_RATE_LIMITED, "v1", status=429),
+                 Decision("allow", "r", REASON_DRY_RUN, "v1", dry_run=True, would="deny")]
+    packer = msgpack.Packer(use_bin_type=True)
+    seen = 0
+    for facts in (FACTS, FACTS._replace(peer=None)):
+        for d in decisions:
+            for a in auths:
+                for x in extras:
+                    args = (d, facts, 2.5, a, "id", 201, 3, 4, 1.5, x)
+                    wire, want = request_wire(*args), request_record(*args).to_wire()
+                    assert type(wire) is dict
+                    assert list(wire.items()) == list(want.items()), (wire, want)
+                    assert packer.pack(wire) == packer.pack(want)
+                    seen += 1
+    assert seen == 2 * 3 * 7 * 4
 
 
 def test_record_from_keeps_the_extra_it_is_given() -> None:

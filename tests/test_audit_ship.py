@@ -441,3 +441,35 @@ def test_record_json_bounds_its_shapes_and_remembered_strings() -> None:
         wire = {"t": 1.0, "dir": "inbound", "peer": f"peer-{i}", "rule": "r"}
         assert ship.record_json(wire) == encode(wire)
     assert len(ship._runs) <= ship.MAX_KNOWN and ship._runs
+
+
+def test_message_prefix_stamps_each_batch_to_the_millisecond() -> None:
+    # The date and time to the second are remembered between batches: a new second, an
+    # earlier second (the clock stepped back) and a batch later in the same second each
+    # get their own exact RFC 3339 stamp.
+    import datetime
+
+    from sidecar.audit.ship import message_prefix
+
+    for now in (1.7e9 + 0.25, 1.7e9 + 0.999, 1.7e9 + 1.5, 1.7e9 - 3600.0, 1.7e9 + 1.75,
+                1796304832.305):
+        moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        stamp = moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(now % 1 * 1000):03d}Z"
+        assert message_prefix(now, "h", "app") == (
+            f"<110>1 {stamp} h app {os.getpid()} ".encode())
+
+
+def test_offer_queues_what_fits_in_order_and_counts_the_rest(tmp_path: Path) -> None:
+    # The ship queue is bounded: a batch offered to a nearly full queue keeps its first
+    # frames, in order, and counts each frame that does not fit as dropped.
+    from sidecar.audit.ship import Shipper
+
+    ca_file, _ctx = https_server_material(tmp_path / "tls")
+    shipper = Shipper(ShipConfig(address=("127.0.0.1", 1), ca_file=str(ca_file),
+                                 queue_size=5))
+    shipper.offer([b"a", b"b", b"c"])
+    shipper.offer(iter([b"d", b"e", b"f", b"g"]))
+    assert list(shipper._queue) == [b"a", b"b", b"c", b"d", b"e"]
+    assert shipper.dropped == 2 and shipper.queue_depth == 5
+    shipper.offer([b"h"])
+    assert shipper.dropped == 3 and shipper.queue_depth == 5

@@ -16,9 +16,10 @@ from sidecar.audit.record import (
     alert_record,
     connection_refused_record,
     record_from,
+    request_wire,
 )
 from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
-from sidecar.audit.writer import AuditWriter
+from sidecar.audit.writer import AuditWriter, _DiskThread
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import (
@@ -93,6 +94,28 @@ def test_every_decision_type_leaves_exactly_one_record(tmp_path: Path) -> None:
                                       "connection_refused", "alert", "unencodable"]
     assert got[0] == events[0]
     assert w.statistics().written == len(events) and verify(str(tmp_path)).ok
+
+
+def test_a_stored_map_is_written_as_given_and_an_unencodable_one_has_a_stand_in(
+        tmp_path: Path) -> None:
+    # The data path submits the map to store (request_wire) instead of an AuditRecord: it
+    # is stored exactly as given, batched with records; one that cannot be packed still
+    # leaves exactly one record, the stand-in, as an unencodable AuditRecord does.
+    wire = request_wire(Decision("allow", "r1", REASON_ALLOWED, "v1"), FACTS, 1.0, None, "w1",
+                        200, 1, 2, 0.5, None)
+    events: list[AuditRecord | dict[str, object]] = [
+        wire, {"t": 2.0, "id": "w2", "x": {"o": object()}}, rec(3)]
+
+    async def body(w: AuditWriter) -> None:
+        for e in events:
+            assert w.submit(e)
+
+    w = run_writer(AuditConfig(path=str(tmp_path)), body)
+    got = list(iter_records(str(tmp_path)))
+    assert got[0].to_wire() == wire and got[2] == rec(3)
+    assert [(r.event, r.request_id, r.time) for r in got] == [
+        ("request", "w1", 1.0), ("unencodable", "w2", 2.0), ("request", "r3", 3.0)]
+    assert w.statistics().written == 3 and verify(str(tmp_path)).ok
 
 
 def test_rotation_keeps_one_chain(tmp_path: Path) -> None:
@@ -351,13 +374,13 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
                          encryption_key_file=str(tmp_path / "data"),
                          checkpoint_every_records=50)
     in_thread: list[object] = []
-    real_run_sync = trio.to_thread.run_sync
+    real_call = _DiskThread.call
 
-    async def counted(fn, *args, **kw):  # type: ignore[no-untyped-def]
+    async def counted(self, fn):  # type: ignore[no-untyped-def]
         in_thread.append(fn)
-        return await real_run_sync(fn, *args, **kw)
+        return await real_call(self, fn)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(_DiskThread, "call", counted)
     bursts, size = 5, 100
 
     async def body(w: AuditWriter) -> None:
@@ -377,3 +400,36 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     assert result.checkpoints >= bursts * size // 50 and result.unsigned_tail_records == 0
     got = iter_records(str(d), decryptor=Decryptor([load_data_key(str(tmp_path / "data"))]))
     assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]
+
+
+def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> None:
+    # The writer's worker thread (fsync on): a call's exception reaches the waiting task;
+    # a cancellation waits until the call in the thread has finished (the chain head is
+    # never left mid-write), then takes effect; close lets the thread end.
+    import threading
+    import time
+
+    disk = _DiskThread()
+    finished: list[str] = []
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.append(threading.current_thread().name)
+
+    def broken() -> None:
+        raise OSError(5, "I/O error")
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="I/O error"):
+            await disk.call(broken)
+        with trio.move_on_after(0.01) as scope:
+            await disk.call(slow)
+            await trio.sleep(1)  # the cancellation lands here, after the call
+        assert scope.cancelled_caught and finished == ["sidecar-audit-disk"]
+        thread = disk._thread
+        assert thread is not None
+        disk.close()
+        await trio.to_thread.run_sync(thread.join, 5)
+        assert not thread.is_alive()
+
+    trio.run(main)

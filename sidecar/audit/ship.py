@@ -252,8 +252,15 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
 
 def message_prefix(now: float, host: str, app: str) -> bytes:
     """``<PRI>1 TIMESTAMP HOST APP PROCID `` (one per batch: the frames of a batch share it)."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-    return PRI + f"1 {stamp} {host} {app} {os.getpid()} ".encode()
+    second = int(now)
+    if second != _stamp[0]:
+        # The date and time to the second change once a second, not once a batch: they
+        # are remembered (gmtime and strftime cost more than the rest of the prefix).
+        _stamp[0], _stamp[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return PRI + f"1 {_stamp[1]}.{int(now % 1 * 1000):03d}Z {host} {app} {os.getpid()} ".encode()
+
+
+_stamp: list[Any] = [None, ""]  # (Unix second, its RFC 3339 date and time) of the last prefix
 
 
 def frame_message(prefix: bytes, seq: int, kind: str, digest: bytes, frame: bytes,
@@ -346,12 +353,12 @@ class Shipper:
     def offer(self, messages: Iterable[bytes]) -> None:
         """Queue messages (never awaits); what does not fit the queue is dropped, counted."""
         room = self.cfg.queue_size - len(self._queue)
-        for msg in messages:
-            if room <= 0:
-                self.dropped += 1
-                continue
-            self._queue.append(msg)
-            room -= 1
+        if not isinstance(messages, list):
+            messages = list(messages)
+        if len(messages) > room:
+            self.dropped += len(messages) - max(room, 0)
+            messages = messages[:max(room, 0)]
+        self._queue.extend(messages)  # one C call per batch, not one append per frame
         self._wake.set()
 
     def accepting(self) -> bool:
@@ -428,13 +435,27 @@ class Shipper:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                batch = list(itertools.islice(self._queue, SEND_BATCH))
-                with trio.fail_after(SEND_TIMEOUT):
-                    await stream.send_all(b"".join(batch))
-                for msg in batch:
-                    self._queue.popleft()
-                    self._recent.append(msg)
+                queue = self._queue
+                batch = (list(queue) if len(queue) <= SEND_BATCH
+                         else list(itertools.islice(queue, SEND_BATCH)))
+                # Usually the socket takes the whole write at once: no timeout scope, no
+                # send lock; only a rest that must wait for the socket gets them.
+                rest = stream.try_send(b"".join(batch))
+                if rest:
+                    with trio.fail_after(SEND_TIMEOUT):
+                        await stream.send_wire(rest)
+                # Sent: off the queue (nothing else takes from it; ``offer`` only appends,
+                # so the queue is still what was sent plus what came since), into the
+                # resend window; usually in C, not one Python step per frame.
+                if len(batch) == len(queue):
+                    queue.clear()
+                else:
+                    for _ in batch:
+                        queue.popleft()
+                self._recent.extend(batch)
                 self.sent += len(batch)
+                if queue and not rest:
+                    await trio.lowlevel.checkpoint()  # a long queue must not starve the loop
 
     async def _watch_close(self, stream: TlsTransport) -> None:
         # A syslog collector never sends: any end of the read side means it is gone.

@@ -10,7 +10,9 @@ channel did the same with several Python calls per record, and ``accepting()``, 
 every request, built a statistics object to read the depth).
 
 ``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
-to ``batch_size`` and hands each batch to a worker thread (``_SegmentSink.append``), which
+to ``batch_size`` and hands each batch to the writer's one long-lived worker thread
+(``_DiskThread``; ``trio.to_thread`` cost more per batch than hashing three records) to
+run ``_SegmentSink.append``, which
 packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
 ``fsync`` is on), and checks that the segment file is still the one in the directory.
 With ``fsync`` off the batch is written from the event loop instead while the segment has
@@ -42,7 +44,9 @@ import dataclasses
 import errno
 import math
 import os
+import queue
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,6 +66,9 @@ from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 
 AlertCallback = Callable[[str, str], None]
+# What ``submit`` takes: a record, or its stored map already built (``record.request_wire``,
+# the data path's; a plain ``dict``, stored as it is).
+Entry = AuditRecord | dict[str, Any]
 
 COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 ALERT_WRITE_FAILED = "audit_write_failed"
@@ -193,7 +200,7 @@ class _SegmentSink:
         else:
             self._note_unsigned(1, 0)
 
-    def append(self, records: list[AuditRecord]) -> None:
+    def append(self, records: list[Entry]) -> None:
         """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
         try:
             self.ensure_open()
@@ -285,7 +292,7 @@ class _SegmentSink:
         self.unsigned_frames = self.unsigned_records = 0
         return Checkpoint.from_frame(state[0], state[1], kind, body)
 
-    def _encode_signed(self, records: list[AuditRecord]) -> tuple[bytes, Checkpoint | None]:
+    def _encode_signed(self, records: list[Entry]) -> tuple[bytes, Checkpoint | None]:
         """The batch's frames, with a signed checkpoint after every ``checkpoint_every``
         records (so no running writer leaves more records unsigned than that)."""
         assert self.head is not None
@@ -307,11 +314,12 @@ class _SegmentSink:
                 checkpoint = self._signed(state, "chk", body)
         return bytes(out), checkpoint
 
-    def _encode(self, records: list[AuditRecord]) -> bytes:
+    def _encode(self, records: list[Entry]) -> bytes:
         assert self.head is not None
         state = self.head.state
         try:
-            return self.head.records([r.to_wire() for r in records], self.encryptor)
+            return self.head.records([r if r.__class__ is dict else r.to_wire()  # type: ignore[union-attr]
+                                      for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
@@ -320,12 +328,15 @@ class _SegmentSink:
         for r in records:
             s = self.head.state
             try:
-                out += self.head.records([r.to_wire()], self.encryptor)
+                out += self.head.records([r if isinstance(r, dict) else r.to_wire()],
+                                         self.encryptor)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.head.restore(s)
+                when, rid = (r.get("t"), r.get("id", "")) if isinstance(r, dict) else (
+                    r.time, r.request_id)
                 out += self.head.records([{
-                    "t": float(r.time) if isinstance(r.time, int | float) else 0.0,
-                    "ev": "unencodable", "id": str(r.request_id)[:200],
+                    "t": float(when) if isinstance(when, int | float) else 0.0,
+                    "ev": "unencodable", "id": str(rid)[:200],
                     "why": f"{type(exc).__name__}: {exc}"[:200],
                 }], self.encryptor)
         return bytes(out)
@@ -401,6 +412,54 @@ class _SegmentSink:
                     pass  # retried at the next rotation
 
 
+class _DiskThread:
+    """The writer's one worker thread for disk calls (``call``), started at the first and
+    ended by ``close``: what ``trio.to_thread.run_sync`` does for the writer, without its
+    per-call layers (capacity limiter, thread cache hand-off, outcome objects, context
+    copy), which cost the writer about as many instructions per batch as packing and
+    hashing 3 records. The same promise: the calling task waits until the call has
+    returned or raised, and a cancellation waits for it too (the disk call is never
+    abandoned half-way, so the chain head is never left mid-write)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` in the thread; return when it returned, raise what it raised."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="sidecar-audit-disk",
+                                            daemon=True)
+            self._thread.start()
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        failed: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 -- handed to the waiting task
+                failed.append(exc)
+            token.run_sync_soon(trio.lowlevel.reschedule, task)
+
+        self._jobs.put(job)
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        if failed:
+            raise failed[0]
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            job()
+
+    def close(self) -> None:
+        """Let the thread end (after a call in progress, if any)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 @dataclass(frozen=True, slots=True)
 class AuditWriterStatistics:
     """A snapshot for metrics and /readyz."""
@@ -459,7 +518,7 @@ class AuditWriter:
                                            str(exc))]) from None
         self.config = config
         self.fail_open = config.on_failure == "fail_open"
-        self._queue: deque[AuditRecord] = deque()
+        self._queue: deque[Entry] = deque()
         # The bound ``submit`` checks: ``queue_size``, plus one while the record that woke the
         # waiting writer task is still queued (it is the writer's already, as a memory channel
         # hands a record straight to a waiting receiver).
@@ -468,6 +527,7 @@ class AuditWriter:
         # on an empty queue.
         self._wake: trio.Event | None = None
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
+        self._disk = _DiskThread()
         self.shipper: Shipper | None = None
         if config.ship is not None:
             ship = config.ship
@@ -509,8 +569,10 @@ class AuditWriter:
 
     # -- request path (never awaits)
 
-    def submit(self, record: AuditRecord, *, admitted: bool = False) -> bool:
+    def submit(self, record: Entry, *, admitted: bool = False) -> bool:
         """Queue ``record``; False means it will not be written (see ``accepting``).
+        ``record`` is an ``AuditRecord`` or the map it stores (``to_wire()``'s, as
+        ``record.request_wire`` builds it for the data path: a plain ``dict``).
 
         ``admitted``: the record is for a request that was already served (it passed
         ``accepting()`` before the writer learned of a failure). It is queued even while
@@ -593,6 +655,7 @@ class AuditWriter:
                 await self._write_loop(task_status)
                 await self.shipper.aclose()
         finally:
+            self._disk.close()
             self._done.set()
 
     async def _run_sink(self, fn: Callable[..., None], *args: Any, inline: bool = False) -> None:
@@ -611,13 +674,13 @@ class AuditWriter:
             if inline:
                 call()
             else:
-                await trio.to_thread.run_sync(call)
+                await self._disk.call(call)
         finally:
             if self.shipper is not None and messages:
                 self.shipper.offer(messages)
 
     async def _write_loop(self, task_status: Any) -> None:
-        batch: list[AuditRecord] = []
+        batch: list[Entry] = []
         try:
             try:
                 await self._run_sink(self._first_open)
@@ -625,10 +688,12 @@ class AuditWriter:
             except OSError as exc:
                 self._note_failure(exc)
             task_status.started()
+            lingered = False
             while True:
                 if not self.healthy and not self.fail_open:
                     await self._probe_until_open()
-                got = await self._next_batch()
+                got = await self._next_batch(lingered)
+                lingered = False
                 if got is None:
                     await self._checkpoint()
                     continue
@@ -640,6 +705,7 @@ class AuditWriter:
                 if (not self._closing
                         and len(self._queue) < self.config.batch_size):
                     await trio.sleep(BATCH_LINGER)
+                    lingered = True
             try:
                 await self._run_sink(self._sink.close)
             except OSError as exc:
@@ -672,21 +738,29 @@ class AuditWriter:
                     break
         self._probe_scope = None
 
-    async def _next_batch(self) -> list[AuditRecord] | None:
-        """The next batch; [] at the end; None when the timer checkpoint is due first."""
+    async def _next_batch(self, yielded: bool = False) -> list[Entry] | None:
+        """The next batch; [] at the end; None when the timer checkpoint is due first.
+        ``yielded``: the writer has just let the loop run (the linger)."""
         due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
         queue = self._queue
-        with trio.move_on_after(due if due is not None else math.inf) as timer:
-            if queue:
-                await trio.lowlevel.checkpoint()  # a full queue must not starve the loop
-            while not queue:
-                if self._closing:
-                    return []  # closed and drained
-                self._wake = wake = trio.Event()
-                await wake.wait()
+        if queue:
+            # Records already wait (a loaded sidecar, after the linger): nothing to wait
+            # for, so no cancel scope with the timer's deadline, and a yield only if the
+            # linger did not just give one (a full queue must not starve the loop).
+            if not yielded:
+                await trio.lowlevel.checkpoint()
+            timed_out = due == 0.0
+        else:
+            with trio.move_on_after(due if due is not None else math.inf) as timer:
+                while not queue:
+                    if self._closing:
+                        return []  # closed and drained
+                    self._wake = wake = trio.Event()
+                    await wake.wait()
+            timed_out = timer.cancelled_caught
         self._wake = None
         self._limit = self.config.queue_size
-        if timer.cancelled_caught:
+        if timed_out:
             return None
         limit = self.config.batch_size
         if len(queue) <= limit:
@@ -714,7 +788,7 @@ class AuditWriter:
         except OSError as exc:
             self._note_failure(exc)
 
-    async def _write(self, batch: list[AuditRecord]) -> None:
+    async def _write(self, batch: list[Entry]) -> None:
         delay = self._retry_initial
         while batch:
             try:
