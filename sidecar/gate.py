@@ -31,11 +31,13 @@ every refusal still counts for burst alerts (whose failure it is); ``still_allow
 
 Per connection (``ConnectionMemo``, one per keep-alive connection, passed by the data
 path): the authenticator's memo of the connection's last verified credentials
-(``sidecar.authn.authenticator``: the same token on the same connection is not extracted and
-looked up again while nothing it depends on changed), and the connection's last cached
-decision. A request whose facts equal the last one's (the whole ``RequestFacts``), under
-the same policy object and with the very ``AuthFacts`` the memo answered with (so the same
-credential key), gets that decision without building and hashing the cache key. It is read
+(``sidecar.authn.memo``: the same token on the same connection is not extracted and looked
+up again while nothing it depends on changed), and the connection's last cached decision
+with the allowed ``Verdict`` made from it. A request whose facts equal the last one's (the
+whole ``RequestFacts``), under the same policy object and with the very ``AuthFacts`` that
+decision was made with (so the same credential key), gets that decision -- and, when the
+rate limiter has no limits, that verdict -- without building and hashing the cache key
+(nothing changes a verdict once the gate returned it). It is read
 only where the decision cache would be (the same conditions), so it follows reloads,
 expiring sections and credential failures exactly as the cache does; blocked sources, rate
 limits and burst counting run on every request as before.

@@ -519,4 +519,3 @@ class Authenticator:
                 for name in self._providers
             },
         }
-
