@@ -28,6 +28,19 @@ Introspected tokens (the authorisation server's answer can change) and sections 
 (by peer and address) are checked on every request before it, rate limits after it, and
 every refusal still counts for burst alerts (whose failure it is); ``still_allows``
 (streams re-checked after a reload) never reads the cache.
+
+Per connection (``ConnectionMemo``, one per keep-alive connection, passed by the data
+path): the authenticator's memo of the connection's last verified credentials
+(``sidecar.authn.memo``: the same token on the same connection is not extracted and looked
+up again while nothing it depends on changed), and the connection's last cached decision
+with the allowed ``Verdict`` made from it. A request whose facts equal the last one's (the
+whole ``RequestFacts``), under the same policy object and with the very ``AuthFacts`` that
+decision was made with (so the same credential key), gets that decision -- and, when the
+rate limiter has no limits, that verdict -- without building and hashing the cache key
+(nothing changes a verdict once the gate returned it). It is read
+only where the decision cache would be (the same conditions), so it follows reloads,
+expiring sections and credential failures exactly as the cache does; blocked sources, rate
+limits and burst counting run on every request as before.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sidecar.authn.memo import CredentialMemo
 from sidecar.errors import RequestRefused
 from sidecar.policy.decision import (
     DEFAULT_DENY_RULE,
@@ -93,6 +107,23 @@ class Verdict:
     def refusal(self) -> RequestRefused:
         """The refusal as the exception the request loop answers with."""
         return RequestRefused(self.decision.reason, status=self.status or 403)
+
+
+class ConnectionMemo(CredentialMemo):
+    """What one connection's requests share (see the module docstring): its credential memo
+    and its last cached inbound decision. One per connection; never shared."""
+
+    __slots__ = ("facts", "policy", "decided_auth", "decision", "verdict")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.facts: RequestFacts | None = None
+        self.policy: Policy | None = None
+        # The credentials the decision was made with (``auth`` is the credential memo's
+        # own, which a request with other credentials replaces).
+        self.decided_auth: AuthFacts | None = None
+        self.decision: Decision | None = None
+        self.verdict: Verdict | None = None  # the allowed verdict made from them
 
 
 class PolicyHolder:
@@ -211,9 +242,11 @@ class Gate:
             await introspector.prepare(dict.fromkeys(names), headers, query)
 
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
-                now: float, *, tcp: bool = False, peer_x5t: str | None = None) -> Verdict:
+                now: float, *, tcp: bool = False, peer_x5t: str | None = None,
+                memo: ConnectionMemo | None = None) -> Verdict:
         """Decide one inbound request (or TCP stream, ``tcp=True``: no credentials) in the
-        order of the module docstring; counts failures and raises burst alerts."""
+        order of the module docstring; counts failures and raises burst alerts. ``memo``:
+        the connection's ``ConnectionMemo``, if it keeps one."""
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
@@ -237,9 +270,19 @@ class Gate:
             providers = section.providers
             if providers or section.needs_apikey:
                 auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
-                                          audience=self._audience)
+                                          audience=self._audience, memo=memo)
         auth_key = auth.key
-        if self._inbound_cacheable and not tcp and auth_key is not None:
+        limiter = self.limiter
+        kept = False  # the decision is the memo's (the connection's last request again)
+        if memo is not None and memo.decided_auth is auth and memo.policy is policy \
+                and memo.facts == facts and memo.decision is not None:
+            # (memo.policy is set only where the decision cache is read, below: the same
+            # conditions hold, and the AuthFacts is the very one that request had.)
+            decision = memo.decision
+            if memo.verdict is not None and (limiter is None or not limiter.limits):
+                return memo.verdict
+            kept = True
+        elif self._inbound_cacheable and not tcp and auth_key is not None:
             # The path as the policy matches it: a path_case: insensitive section folds
             # case and Windows names, so /Admin and /admin. share one entry (and one answer).
             path: object = (path_segments(facts.path, True) if section.fold_case
@@ -249,17 +292,22 @@ class Gate:
             # Entries keyed by a token go to their own, smaller cache (a token is up to
             # DECISION_KEY_MAX_TOKEN bytes; the credential-free ones are small).
             cache = self._credential_cache if auth_key else self._inbound_cache
-            decision = cache.get(key)
-            if decision is None:
+            found = cache.get(key)
+            if found is not None:
+                decision = found
+            else:
                 decision = decide_section(section, policy.version, facts, auth, now)
                 if len(cache) >= (CREDENTIAL_CACHE_SIZE if auth_key else DECISION_CACHE_SIZE):
                     cache.clear()
                 cache[key] = decision
+            if memo is not None:
+                memo.facts, memo.policy, memo.decided_auth = facts, policy, auth
+                memo.decision, memo.verdict = decision, None
+                kept = True
         else:
             decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:
-            limiter = self.limiter
             if limiter is not None and not decision.dry_run and limiter.limits:
                 check = limiter.check(self.own_id, facts.peer, auth.apikey,
                                            _subject(auth), now)
@@ -274,6 +322,11 @@ class Gate:
                     verdict.set_headers = authn.forward_headers(auth)
                 verdict.drop_headers = authn.owned_headers
                 verdict.strip_credentials = True
+            if kept:
+                # The connection's next request with these facts and credentials gets this
+                # very verdict (nothing changes a verdict once returned): the rate limiter,
+                # when it has limits, is still asked first.
+                memo.verdict = verdict  # type: ignore[union-attr]
             return verdict
         if authn is not None and decision.status == 401:
             from sidecar.authn.authenticator import www_authenticate

@@ -25,7 +25,7 @@ from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import x5t_from_hex
 from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
-from sidecar.gate import Gate
+from sidecar.gate import ConnectionMemo, Gate
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -169,16 +169,37 @@ class InboundProxy:
         xfcc = (XFCC, xfcc_value(gate.own_id, peer_id, peer.fingerprint))
         proto = (b"x-forwarded-proto", b"https")
         peer_x5t = x5t_from_hex(peer.fingerprint)
+        # The connection's last verified credentials and decision (sidecar/gate.py), made
+        # by its first request (an idle connection holds none).
+        memo: ConnectionMemo | None = None
+        # The connection's last request as handled: its raw target, whether non-ASCII paths
+        # were allowed, its facts, its query and the target the app got. A keep-alive
+        # client mostly repeats the same request: normalised and built once.
+        last: tuple[bytes, bool, RequestFacts, str, bytes] | None = None
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            path, query = normalise_request_target(head.target,
-                                                   allow_non_ascii=gate.allows_non_ascii_paths())
-            ctx.facts = facts = new_facts(("inbound", peer_id, source, head.method, path,
-                                           head.host, port, "inbound", None))
+            nonlocal last, memo
+            non_ascii = gate.allows_non_ascii_paths()
+            if last is not None and last[0] == head.target and last[1] is non_ascii \
+                    and last[2].method == head.method and last[2].host == head.host:
+                facts, query, target = last[2], last[3], last[4]
+                path = facts.path
+            else:
+                path, query = normalise_request_target(head.target, allow_non_ascii=non_ascii)
+                facts = new_facts(("inbound", peer_id, source, head.method, path, head.host,
+                                   port, "inbound", None))
+                # The app gets exactly the target the policy matched: the normalised path
+                # (escapes of unreserved characters decoded, the rest upper-cased) and the
+                # checked query.
+                target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+                last = (head.target, non_ascii, facts, query, target)
+            ctx.facts = facts
             if gate.needs_prepare():  # token introspection (I/O) for this request's rules
                 await gate.prepare(facts, event.headers, query)
+            if memo is None:
+                memo = ConnectionMemo()
             ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
-                                                 peer_x5t=peer_x5t)
+                                                 peer_x5t=peer_x5t, memo=memo)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
             if not self.telemetry.accepting():
@@ -192,10 +213,10 @@ class InboundProxy:
                 connection_tokens(event.headers) if head.connection else NO_NAMES,
                 API_KEY_ONLY if strip is not None else NO_NAMES)
             if strip is not None and strip.strips_tokens:  # tokens that are not forwarded
-                headers, query = strip.strip_credentials(headers, query)
-            # The app gets exactly the target the policy matched: the normalised path (escapes
-            # of unreserved characters decoded, the rest upper-cased) and the checked query.
-            target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+                headers, kept = strip.strip_credentials(headers, query)
+                if kept != query:  # (a token in the query string, removed)
+                    target = path.encode("ascii") + (b"?" + kept.encode("ascii") if kept
+                                                     else b"")
             if target != event.target:
                 event = Request(event.method, target, event.headers, event.version)
             headers.append(xfcc)

@@ -252,11 +252,20 @@ class OutboundProxy:
         # version (Gate.egress), and a Verdict without credentials is nothing more than it
         # (read only from here on), so consecutive requests share one.
         last: list[Verdict] = [Verdict(Decision("deny", "", "", ""))]
+        # The connection's last request line (raw target) and the facts made from it: a
+        # keep-alive client mostly repeats the same request (facts are read-only values).
+        seen: tuple[bytes, RequestFacts] | None = None
 
         async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
-            path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
-            ctx.facts = new_facts(("outbound", own_id, source, head.method, path, head.host,
-                                   port, listener, identity))
+            nonlocal seen
+            if seen is not None and seen[0] == head.target and seen[1].method == head.method \
+                    and seen[1].host == head.host:
+                ctx.facts = seen[1]
+            else:
+                path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
+                ctx.facts = facts = new_facts(("outbound", own_id, source, head.method, path,
+                                               head.host, port, listener, identity))
+                seen = (head.target, facts)
             decision = gate.egress(identity, time.time())
             verdict = last[0]
             if verdict.decision is not decision:

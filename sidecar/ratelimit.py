@@ -113,7 +113,9 @@ class RateLimiter:
 
     def __init__(self, limits: tuple[RateLimit, ...], *, max_buckets: int = DEFAULT_MAX_BUCKETS):
         self.max_buckets = max(1, max_buckets)
-        self._limits: tuple[RateLimit, ...] = ()
+        # The limits in force (read-only outside ``update``; a plain attribute, not a
+        # property: the gate reads it on every request).
+        self.limits: tuple[RateLimit, ...] = ()
         self._by_name: dict[str, RateLimit] = {}
         self._for_service: dict[str, tuple[RateLimit, ...]] = {}
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
@@ -121,11 +123,6 @@ class RateLimiter:
         self.evicted = 0
         self.refused = 0
         self.update(limits)
-
-    @property
-    def limits(self) -> tuple[RateLimit, ...]:
-        """The limits in force."""
-        return self._limits
 
     def update(self, limits: tuple[RateLimit, ...]) -> None:
         """Install a reloaded policy's limits.
@@ -136,8 +133,8 @@ class RateLimiter:
         changed, are dropped.
         """
         old = self._by_name
-        self._limits = tuple(limits)
-        self._by_name = {limit.name: limit for limit in self._limits}
+        self.limits = tuple(limits)
+        self._by_name = {limit.name: limit for limit in self.limits}
         self._for_service = {}
         for key in list(self._buckets):
             name = key[0]
@@ -154,7 +151,7 @@ class RateLimiter:
         cached = self._for_service.get(service_id)
         if cached is None:
             cached = tuple(
-                limit for limit in self._limits if not limit.services or service_id in limit.services
+                limit for limit in self.limits if not limit.services or service_id in limit.services
             )
             # Service IDs come from the local config/policy, so this cache is small; still cap it.
             if len(self._for_service) < 10_000:

@@ -410,3 +410,36 @@ def test_outbound_wrong_peer_identity_leaves_one_refused_connection_record(tmp_p
     # Nothing reached the orders sidecar's policy: it only saw a completed handshake.
     assert b.stop() == 0
     assert audit_export(tmp_path / "audit-orders") == []
+
+
+def test_outbound_records_carry_each_requests_own_line_on_one_connection(tmp_path, pki, app,
+                                                                         procs):
+    # The outbound listener keeps its connection's last request line and the facts made from
+    # it (sidecar/outbound.py): repeated, changed and re-repeated targets, another method and
+    # another Host on one keep-alive connection each leave a record with their own.
+    b, _ = _dry_orders(tmp_path, pki, app, procs, tmp_path / "audit-orders")
+    audit_dir = tmp_path / "audit-frontend"
+    cfg = sidecar_config(pki.identity("frontend"), audit={"path": str(audit_dir)}, outbound=[{
+        "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+        "upstream": f"127.0.0.1:{b.port('inbound')}", "identity": ORDERS}])
+    a = start_sidecar(tmp_path, "frontend", cfg)
+    procs.append(a)
+    sent = [("GET", "/orders/1", "orders"), ("GET", "/orders/1", "orders"),
+            ("GET", "/orders/2?x=1", "orders"), ("GET", "/orders/1", "orders"),
+            ("POST", "/orders/1", "orders"), ("POST", "/orders/1", "orders.internal"),
+            ("GET", "/orders/1", "orders")]
+    conn = httpclient.HTTPConnection("127.0.0.1", a.port("orders"), timeout=10)
+    try:
+        for method, path, host in sent:
+            before = conn.sock
+            r = http(0, method, path, headers={"host": host}, conn=conn,
+                     body=b"" if method == "POST" else None)
+            assert r.status == 200, (method, path, r.body)
+            assert before is None or conn.sock is before  # one connection throughout
+    finally:
+        conn.close()
+    assert a.stop() == 0
+    records = [x for x in audit_export(audit_dir)
+               if x["event"] == "request" and x["direction"] == "outbound"]
+    assert [(x["method"], x["path"], x["host"]) for x in records] == [
+        (m, p.split("?")[0], h) for m, p, h in sent]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
+
+import pytest
 
 from sidecar.alerts import BurstDetector
 from sidecar.authn.authenticator import Authenticator
 from sidecar.authn.oauth import token_digest
-from sidecar.gate import Gate, PolicyHolder
+from sidecar.gate import ConnectionMemo, Gate, PolicyHolder
 from sidecar.policy.decision import Decision, RequestFacts
 from sidecar.policy.loader import load_policy
 from sidecar.policy.sections import Revocation
@@ -29,6 +33,25 @@ services:
       - name: frontend-reads
         allow: {{from: [{FRONTEND}], methods: [GET]}}
 """
+
+
+@pytest.fixture(autouse=True, params=["request_alone", "one_connection"])
+def connection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test of this module twice: each request on its own, and every request of a
+    gate as if it came over one keep-alive connection (one ``ConnectionMemo`` per gate, so
+    its credential and decision memos are read wherever they could be). The answers must
+    not differ."""
+    if request.param == "one_connection":
+        inbound = Gate.inbound
+        memos: dict[Gate, ConnectionMemo] = {}
+
+        def over_one_connection(self: Gate, *args: Any, **kw: Any) -> Any:
+            if not kw.get("tcp"):
+                kw["memo"] = memos.setdefault(self, ConnectionMemo())
+            return inbound(self, *args, **kw)
+
+        monkeypatch.setattr(Gate, "inbound", over_one_connection)
+    yield request.param
 
 
 def facts(peer: str = FRONTEND, method: str = "GET") -> RequestFacts:
@@ -303,3 +326,43 @@ def test_prepare_is_needed_only_with_an_introspected_provider() -> None:
     assert not gate.needs_prepare()  # no introspector
     gate.introspector = object()  # type: ignore[assignment]
     assert not gate.needs_prepare()  # and no provider of the policy is introspected
+
+
+# -- one connection's memo (ConnectionMemo) ---------------------------------------------------
+
+def test_a_connection_gets_its_last_verdict_again_until_anything_it_came_from_changes() -> None:
+    gate, holder, authn = _jwt_gate()
+    memo, reader = ConnectionMemo(), _bearer(scope="read")
+    first = gate.inbound(facts(), reader, "", NOW, memo=memo)
+    assert first.decision.allowed
+    # The same request again on the connection: the very verdict, credentials from the memo.
+    assert gate.inbound(facts(), reader, "", NOW + 1, memo=memo) is first
+    assert authn.statistics(NOW)["memo_hits"] == 1
+    # Other facts: decided again, and kept in their place.
+    post = gate.inbound(facts(method="POST"), reader, "", NOW + 1, memo=memo)
+    assert post is not first and post.decision.allowed
+    assert gate.inbound(facts(method="POST"), reader, "", NOW + 1, memo=memo) is post
+    # A reload with the same providers that asks for another scope: the same request on
+    # the same connection is decided afresh.
+    holder.swap(load_policy(JWT_POLICY.replace("contains: read", "contains: admin"),
+                            "mesh.yaml"), 2.0)
+    again = gate.inbound(facts(method="POST"), reader, "", NOW + 2, memo=memo)
+    assert again.status == 403 and again.decision.reason == "claims_mismatch"
+
+
+def test_a_connections_kept_decision_without_credentials_follows_a_reload() -> None:
+    gate, holder = _gate(PLAIN)
+    memo = ConnectionMemo()
+    first = gate.inbound(facts(), [], "", 1.0, memo=memo)
+    assert first.decision.allowed and gate.inbound(facts(), [], "", 2.0, memo=memo) is first
+    holder.swap(load_policy(PLAIN.replace("methods: [GET]", "methods: [PUT]"), "mesh.yaml"),
+                3.0)
+    assert gate.inbound(facts(), [], "", 4.0, memo=memo).status == 403
+
+
+def test_a_connections_kept_verdict_still_asks_the_rate_limiter() -> None:
+    gate = gate_with_policy()  # burst 2 per peer
+    memo = ConnectionMemo()
+    verdicts = [gate.inbound(facts(), [], "", 100.0, memo=memo) for _ in range(3)]
+    assert [v.decision.reason for v in verdicts] == ["allowed", "allowed", "rate_limited"]
+    assert verdicts[1].decision is verdicts[0].decision

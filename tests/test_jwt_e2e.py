@@ -519,6 +519,94 @@ def test_cached_token_stops_working_at_its_exp(tmp_path: Path, pki: Pki, own_app
     assert node.metric("sidecar_jwt_failures_total", provider="corp", reason="expired") >= 1
 
 
+# ----------------------------------------------------------------------------- one connection
+
+# What must end a token, a decision or a target that a keep-alive connection already used
+# (the inbound proxy keeps the connection's last verified credentials and decision,
+# sidecar/authn/memo.py and sidecar/gate.py, and its last request as normalised,
+# sidecar/inbound.py). Each member: the change, and the status and jwt failure reason (None:
+# refused by the rule or the path, not the token) that the next request on that connection
+# gets.
+CONNECTION_ENDINGS: dict[str, tuple[int, str | None]] = {
+    "revoked": (401, "revoked"),  # a policy reload revokes its jti
+    "key_rotated_out": (401, "unknown_kid"),  # the JWKS file no longer has its key
+    "expired": (401, "expired"),  # its exp passes (no clock skew allowed)
+    "provider_changed": (401, "bad_audience"),  # a reload changes the provider's audiences
+    "rule_changed": (403, None),  # a reload asks for a scope the token does not have
+    # No token at all, a rule without jwt: the decision kept for the connection follows a
+    # reload that allows only POST.
+    "rule_changed_no_token": (403, None),
+    # A non-ASCII path the policy allowed: the target normalised for the connection follows
+    # a reload that no longer allows non-ASCII paths.
+    "non_ascii_no_token": (400, None),
+}
+
+
+def _connection_policy(ending: str | None) -> dict[str, Any]:
+    provider = provider_doc(jwks_file="jwks.json", clock_skew="0s")
+    scope = "orders:read"
+    revocations = None
+    if ending == "revoked":
+        revocations = [{"jti": "conn-1", "note": "stolen"}]
+    elif ending == "provider_changed":
+        provider["audiences"] = ["another-api"]
+    elif ending == "rule_changed":
+        scope = "orders:write"
+    rule = jwt_rule("corp", ["/**"], "corp", {"scope": {"contains": scope}})
+    if ending is not None and ending.endswith("no_token"):
+        rule = {"name": "plain", "allow": {"from": [spiffe("frontend")], "paths": ["/**"]}}
+        if ending == "rule_changed_no_token":
+            rule["allow"]["methods"] = ["POST"]
+    doc = policy_doc({"corp": provider}, [rule], revocations=revocations)
+    if ending == "plain_no_token":
+        doc["services"][spiffe("orders")]["non_ascii_paths"] = "allow"
+    return doc
+
+
+@pytest.mark.parametrize("ending", list(CONNECTION_ENDINGS))
+def test_what_a_connection_was_allowed_is_refused_there_once_it_must_be(
+        tmp_path: Path, pki: Pki, own_app: int, procs: list, ending: str) -> None:
+    jwks = tmp_path / "policy" / "jwks.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(jwks, jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1")))
+    no_token = ending.endswith("no_token")
+    node = start_node(tmp_path, pki, own_app,
+                      _connection_policy("plain_no_token" if no_token else None))
+    procs.append(node.sidecar)
+    life = 3 if ending == "expired" else 600
+    token = sign(claims(jti="conn-1", exp=int(time.time()) + life))
+    headers = {} if no_token else {"authorization": f"Bearer {token}"}
+    path = "/caf%C3%A9" if ending == "non_ascii_no_token" else "/x"
+    conn = httpclient.HTTPSConnection("127.0.0.1", node.port, context=node.ctx, timeout=10)
+    try:
+        for _ in range(3):  # verified once, then answered from the connection's memo
+            assert http(node.port, "GET", path, headers=headers, conn=conn).status == 200
+        sock = conn.sock
+        before = node.policy_version()
+        if ending == "key_rotated_out":
+            replace_file(jwks, jwks_bytes(jwk(ec_key("e2e-ec-2"), "ec-2")))
+            # (another connection with another token of the old key sees the new set first)
+            wait_for(lambda: node.get("/x", sign(claims())).status == 401, timeout=10)
+        elif ending != "expired":
+            node.policy_path.write_text(yaml.safe_dump(_connection_policy(ending)))
+            wait_for(lambda: node.policy_version() not in (None, before), timeout=10)
+        deadline = time.monotonic() + 8
+        while True:
+            assert conn.sock is sock, "the connection that used the token was closed"
+            r = http(node.port, "GET", path, headers=headers, conn=conn)
+            if r.status != 200 or time.monotonic() > deadline:
+                break
+            assert ending == "expired", r.status  # only the clock takes its time
+            time.sleep(0.2)
+    finally:
+        conn.close()
+    status, reason = CONNECTION_ENDINGS[ending]
+    assert r.status == status, (ending, r.status, r.body)
+    if reason is not None:
+        assert r.headers.get("www-authenticate") == BEARER_INVALID
+        assert node.metric("sidecar_jwt_failures_total", provider="corp", reason=reason) >= 1
+
+
 # ----------------------------------------------------------------------------- JWKS file rotation
 
 

@@ -17,6 +17,16 @@ from sidecar.policy.paths import normalise_target
 from tests.harness import spiffe
 from tests.test_hostile_http import POLICY, SIDES, H, Mesh, exchange, statuses
 
+# This module's policy: POLICY, plus rules that tell a request's method and host apart on
+# one path (for the test of one connection's requests).
+TARGET_POLICY = POLICY.replace("      - name: no-admin\n", """\
+      - name: no-delete
+        deny: {paths: [/kept/**], methods: [DELETE]}
+      - name: no-other-host
+        deny: {paths: [/kept/**], hosts: [other.example]}
+      - name: no-admin
+""", 1)
+
 # Every request here must end in a generic answer, never in an unhandled exception.
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -58,7 +68,7 @@ def test_non_ascii_paths_key() -> None:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("targets"))
+    m = Mesh(tmp_path_factory.mktemp("targets"), policy=TARGET_POLICY)
     try:
         yield m
     finally:
@@ -89,3 +99,25 @@ def test_encoded_deny_path_is_denied_and_never_forwarded_raw(mesh: Mesh, side: s
     out = exchange(mesh, side, b"GET /%61dmin/x HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
     assert statuses(out) == [403], out[:300]
     assert mesh.app.targets_since(mark) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_one_connection_forwards_each_request_with_its_own_target(mesh: Mesh, side: str) -> None:
+    # The inbound proxy keeps its connection's last request as normalised (target, facts):
+    # repeated, alternated and re-spelled targets on one keep-alive connection each reach
+    # the app as their own normalised target, and each is decided with its own method and
+    # host: the same target with a method or a host that a rule denies is denied.
+    raws = sorted(FORWARDED)
+    order = [raws[0], raws[0], raws[1], raws[0], raws[2], raws[2], raws[1]]
+    order += [b"/%61bc?x=%2f", b"/abc?x=%2f", b"/%61%62c?x=%2f"]  # one target, three spellings
+    order += [b"/kept/x", b"/kept/x"]
+    expected = [FORWARDED.get(raw, raw.decode().replace("%61", "a").replace("%62", "b"))
+                for raw in order]
+    for last in (b"DELETE /kept/x HTTP/1.1\r\n" + H,
+                 b"GET /kept/x HTTP/1.1\r\nHost: other.example\r\n",
+                 b"GET /%6Bept/x HTTP/1.1\r\nHost: other.example\r\n"):
+        mark = mesh.app.snapshot()
+        data = b"".join(b"GET " + raw + b" HTTP/1.1\r\n" + H + b"\r\n" for raw in order)
+        out = exchange(mesh, side, data + last + b"Connection: close\r\n\r\n")
+        assert statuses(out) == [200] * len(order) + [403], (last, out[-300:])
+        assert mesh.app.targets_since(mark) == expected, last

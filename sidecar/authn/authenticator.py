@@ -22,6 +22,10 @@ with the pure schedule in ``jwks``, whether that is worth a fetch.
 Order of use on the data path: ``authenticate`` on the headers as received -> decide ->
 remove ``owned_headers`` from the request -> ``strip_credentials`` -> add
 ``forward_headers(auth)``.
+
+Per connection the data path may pass a ``CredentialMemo`` (``sidecar.authn.memo``): the
+same credential headers on the same connection are then answered with the last verified
+``AuthFacts`` while nothing they depend on changed (``generation``, expiry, revocation).
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ from dataclasses import replace
 from typing import Any
 
 from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable
-from sidecar.authn.cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_TTL_SECONDS, VerificationCache
-from sidecar.authn.extract import extract_tokens, remove_token
+from sidecar.authn.cache import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_TTL_SECONDS,
+    CachedToken,
+    VerificationCache,
+)
+from sidecar.authn.extract import extract_tokens, header_name, remove_token
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
     BAD_ISSUER,
@@ -51,6 +60,7 @@ from sidecar.authn.jwt import (
     unverified_subject,
     verify_token,
 )
+from sidecar.authn.memo import NOT_KEPT, CredentialMemo
 from sidecar.authn.oauth import (
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
@@ -133,6 +143,10 @@ class Authenticator:
         self.apikeys_accepted = 0
         self.apikeys_refused = 0
         self.unknown_kid_signals = 0
+        # Starts anew with every change of providers, revocations, API keys or keys: a
+        # connection's CredentialMemo of an older generation is not read (module docstring).
+        self.generation = 0
+        self.memo_hits = 0
         if extras is not None:
             self.update(extras)
 
@@ -146,6 +160,7 @@ class Authenticator:
         delivers (fail closed: keys from the old source are not the new provider's).
         """
         new = dict(extras.jwt_providers)
+        self.generation += 1
         for name, old in self._providers.items():
             current = new.get(name)
             if current == old:
@@ -186,6 +201,7 @@ class Authenticator:
         """
         if provider not in self._providers:
             return
+        self.generation += 1
         old = self._keys.get(provider)
         if old is not None and not old.fingerprint() <= keys.fingerprint():
             self._cache.clear(provider)
@@ -230,14 +246,86 @@ class Authenticator:
 
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                      now: float, *, peer_x5t: str | None = None,
-                     audience: str | None = None) -> AuthFacts:
+                     audience: str | None = None,
+                     memo: CredentialMemo | None = None) -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
         ``peer_x5t`` is the RFC 8705 thumbprint of the caller's certificate (computed once
         per connection), for certificate-bound tokens. ``audience`` is the receiving
-        service's default audience, for providers that list no ``audiences``.
+        service's default audience, for providers that list no ``audiences``. ``memo`` is
+        the connection's ``CredentialMemo`` (see the module docstring).
         """
+        if memo is not None:
+            if (memo.generation == self.generation and memo.providers is providers
+                    and memo.audience == audience and memo.x5t == peer_x5t):
+                names = memo.names
+                if names is not None:
+                    seen = []
+                    for h in headers:
+                        if h[0] in names:
+                            seen.append(h)
+                    if seen == memo.seen and now < memo.expires_at:
+                        revocations = self._revocations
+                        if revocations.empty or not any(
+                                revocations.is_revoked_id(e.jti, e.sub, e.iat)
+                                for e in memo.tokens):
+                            self.memo_hits += 1
+                            return memo.auth
+            else:
+                memo.generation = self.generation
+                memo.providers = providers
+                memo.audience = audience
+                memo.x5t = peer_x5t
+                memo.names = self._memo_names(providers)
+            memo.expires_at = NOT_KEPT  # nothing kept until this request verified
+            if memo.names is not None:
+                return self._authenticate_into(memo, providers, headers, query, now,
+                                               peer_x5t, audience)
+        return self._authenticate(providers, headers, query, now, peer_x5t, audience, None)
+
+    def _authenticate_into(self, memo: CredentialMemo, providers: Iterable[str],
+                           headers: Headers, query: str, now: float, peer_x5t: str | None,
+                           audience: str | None) -> AuthFacts:
+        """``authenticate`` without the memo, remembering a fully verified outcome in it."""
+        tokens: list[CachedToken] = []
+        auth = self._authenticate(providers, headers, query, now, peer_x5t, audience, tokens)
+        if auth.token_errors or auth.apikey is not None or not tokens:
+            return auth
+        names = memo.names
+        assert names is not None
+        seen = [h for h in headers if h[0] in names]
+        if any(h[0] == API_KEY_HEADER for h in seen):
+            return auth  # a key that was refused: counted on every request, never kept
+        memo.seen = seen
+        memo.auth = auth
+        memo.tokens = tuple(tokens)
+        memo.expires_at = min(e.expires_at for e in tokens)
+        return auth
+
+    def _memo_names(self, providers: Iterable[str]) -> frozenset[bytes] | None:
+        """The header names whose values decide ``authenticate`` for ``providers`` (their
+        token headers and the API key header); None when a request's outcome can depend
+        on more (a query or cookie location, introspection, an unknown provider) or when
+        nothing is cached (a verification cache of size 0)."""
+        if self._cache.max_entries == 0:
+            return None
+        names = {API_KEY_HEADER}
+        for name in providers:
+            provider = self._providers.get(name)
+            if provider is None or provider.introspection is not None:
+                return None
+            for loc in provider.locations:
+                if loc.kind != "header":
+                    return None
+                names.add(header_name(loc.name))
+        return frozenset(names)
+
+    def _authenticate(self, providers: Iterable[str], headers: Headers, query: str,
+                      now: float, peer_x5t: str | None, audience: str | None,
+                      tokens: list[CachedToken] | None) -> AuthFacts:
+        """``authenticate``'s whole path; the cache entries of verified tokens go to
+        ``tokens`` when given."""
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
         subjects: dict[str, str] = {}
@@ -265,7 +353,10 @@ class Authenticator:
                     claims[name] = answer
                     key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
-                    verified = self._verify(provider, found.token, now)
+                    entry = self._verify(provider, found.token, now)
+                    if tokens is not None:
+                        tokens.append(entry)
+                    verified = entry.claims
                     required = provider.cert_binding == "required"
                     if required or verified.get("cnf") is not None:  # (else nothing to check)
                         check_binding(verified, peer_x5t, required)
@@ -300,11 +391,13 @@ class Authenticator:
             self._scoped[key] = scoped
         return scoped
 
-    def _verify(self, provider: JwtProvider, token: str, now: float) -> Claims:
+    def _verify(self, provider: JwtProvider, token: str, now: float) -> CachedToken:
+        """The token's verified claims as the verification cache holds them (checked and
+        stored on a miss); an entry that could not be stored expires at once."""
         name = provider.name
         if provider is not self._providers.get(name):
             name = f"{name}\0{provider.audiences[0] if provider.audiences else ''}"
-        cached = self._cache.lookup(name, token, now, self._revocations)
+        cached = self._cache.entry(name, token, now, self._revocations)
         if cached is not None:
             return cached
         keys = self._keys.get(provider.name)
@@ -319,8 +412,8 @@ class Authenticator:
         if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)
         self.verified += 1
-        self._cache.store(name, token, claims, now)
-        return claims
+        entry = self._cache.store(name, token, claims, now)
+        return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
     def _introspected_claims(self, provider: JwtProvider, token: str,
                              now: float) -> Claims | None:
@@ -412,6 +505,7 @@ class Authenticator:
         the provider has no keys)."""
         return {
             "cache": self._cache.statistics(),
+            "memo_hits": self.memo_hits,
             "introspection_cache": self.introspected.statistics(),
             "verified": self.verified,
             "failures": dict(self.failures),

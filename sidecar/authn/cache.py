@@ -64,6 +64,12 @@ class VerificationCache:
 
         Raises ``TokenInvalid("revoked")`` when the cached token is revoked.
         """
+        entry = self.entry(provider, token, now, revocations)
+        return None if entry is None else entry.claims
+
+    def entry(self, provider: str, token: str, now: float,
+              revocations: RevocationList) -> CachedToken | None:
+        """``lookup``, answering with the whole entry (claims, revocation ids, expiry)."""
         key = (provider, token)
         entry = self._entries.get(key)
         if entry is None:
@@ -78,24 +84,27 @@ class VerificationCache:
         if not revocations.empty and (entry.jti is not None or entry.sub is not None) \
                 and revocations.is_revoked_id(entry.jti, entry.sub, entry.iat):
             raise TokenInvalid(REVOKED)
-        return entry.claims
+        return entry
 
-    def store(self, provider: str, token: str, claims: Claims, now: float) -> None:
-        """Remember verified ``claims`` for ``token`` until its exp (or the max TTL)."""
+    def store(self, provider: str, token: str, claims: Claims,
+              now: float) -> CachedToken | None:
+        """Remember verified ``claims`` for ``token`` until its exp (or the max TTL); the
+        entry stored, None when nothing was (a cache of size 0, a token already expired)."""
         if self.max_entries == 0:
-            return
+            return None
         expires_at = now + self.max_ttl_seconds
         exp = claims.get("exp")
         if isinstance(exp, int | float) and not isinstance(exp, bool):
             expires_at = min(expires_at, float(exp))
         if expires_at <= now:
-            return
+            return None
         key = (provider, token)
-        self._entries[key] = CachedToken(claims, *revocation_ids(claims), expires_at)
+        self._entries[key] = entry = CachedToken(claims, *revocation_ids(claims), expires_at)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
             self.evictions += 1
+        return entry
 
     def clear(self, provider: str | None = None) -> None:
         """Forget every entry, or only those of ``provider``."""

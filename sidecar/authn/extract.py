@@ -41,7 +41,8 @@ _found: Callable[[tuple[str, tuple[TokenLocation, ...]]], FoundToken] = functool
 
 
 @functools.lru_cache(maxsize=256)
-def _header_name(name: str) -> bytes:
+def header_name(name: str) -> bytes:
+    """A header location's name as the reader gives header names (lower-case bytes)."""
     return name.lower().encode("latin-1")
 
 
@@ -53,7 +54,7 @@ def _prefix_forms(prefix: str) -> tuple[int, str, str]:
 
 
 def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
-    name = _header_name(loc.name)
+    name = header_name(loc.name)
     raw = None
     for n, v in headers:  # (a plain loop: no list built for the usual one match)
         if n == name:
