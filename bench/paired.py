@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -45,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import loadgen  # noqa: E402
 from bench.app import body_path, start_app  # noqa: E402
 from bench.certs import make_mesh_certs  # noqa: E402
-from bench.procs import ProcessGroup, tree_cpu_seconds  # noqa: E402
+from bench.procs import ProcessGroup, close_workdir, tree_cpu_seconds  # noqa: E402
 from bench.run import machine_description  # noqa: E402
 from bench.setups import EnvoySetup, Setup, SetupContext, SidecarSetup  # noqa: E402
 from bench.tokens import make_jwt  # noqa: E402
@@ -411,11 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("interrupted: stopping every process started")
         return 130
     finally:
-        group.close()
-        if args.keep:
-            progress(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        close_workdir(group, workdir, args.keep, progress)
 
     summary, per_setup = summarise(rounds)
     with_figures = sum(1 for r in rounds if r["figures"])

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -199,3 +200,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def close_workdir(group: ProcessGroup, workdir: str, keep: bool,
+                  say: Callable[[str], None]) -> None:
+    """End of a bench run (``run.py``, ``paired.py``): stop every process of ``group`` by its
+    pid, then remove ``workdir`` unless ``keep`` (``--keep``), saying where it is kept."""
+    group.close()
+    if keep:
+        say(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import loadgen  # noqa: E402
 from bench.app import UPLOAD_PATH, body_path, start_app  # noqa: E402
 from bench.certs import make_mesh_certs  # noqa: E402
-from bench.procs import ProcessGroup, tree_cpu_seconds, tree_peak_rss_bytes  # noqa: E402
+from bench.procs import (  # noqa: E402
+    ProcessGroup,
+    close_workdir,
+    tree_cpu_seconds,
+    tree_peak_rss_bytes,
+)
 from bench.report import (  # noqa: E402
     MIB,
     ScenarioResult,
@@ -266,11 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("interrupted: stopping every process started")
         return 130
     finally:
-        group.close()
-        if args.keep:
-            progress(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        close_workdir(group, workdir, args.keep, progress)
 
     print()
     print(f"machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "

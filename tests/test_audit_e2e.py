@@ -385,15 +385,22 @@ def test_sigterm_under_load_answers_everything_and_loses_no_record(tmp_path, pki
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def _audited_frontend(tmp_path, pki, procs, audit_dir, name, b, identity):
+    """A frontend sidecar with an audit trail in ``audit_dir`` and one outbound listener
+    ``name`` to ``b``'s inbound port, expecting the peer ``identity``."""
+    cfg = sidecar_config(pki.identity("frontend"), audit={"path": str(audit_dir)}, outbound=[{
+        "name": name, "listen": f"127.0.0.1:{free_port()}",
+        "upstream": f"127.0.0.1:{b.port('inbound')}", "identity": identity}])
+    a = start_sidecar(tmp_path, "frontend", cfg)
+    procs.append(a)
+    return a
+
+
 def test_outbound_wrong_peer_identity_leaves_one_refused_connection_record(tmp_path, pki, app,
                                                                             procs):
     b, _ = _dry_orders(tmp_path, pki, app, procs, tmp_path / "audit-orders")
     audit_dir = tmp_path / "audit-frontend"
-    cfg = sidecar_config(pki.identity("frontend"), audit={"path": str(audit_dir)}, outbound=[{
-        "name": "payments", "listen": f"127.0.0.1:{free_port()}",
-        "upstream": f"127.0.0.1:{b.port('inbound')}", "identity": spiffe("payments")}])
-    a = start_sidecar(tmp_path, "frontend", cfg)
-    procs.append(a)
+    a = _audited_frontend(tmp_path, pki, procs, audit_dir, "payments", b, spiffe("payments"))
     r = http(a.port("payments"), "GET", "/orders/1")
     assert r.status == 502 and b"orders" not in r.body
     rid = request_id(r)
@@ -419,11 +426,7 @@ def test_outbound_records_carry_each_requests_own_line_on_one_connection(tmp_pat
     # another Host on one keep-alive connection each leave a record with their own.
     b, _ = _dry_orders(tmp_path, pki, app, procs, tmp_path / "audit-orders")
     audit_dir = tmp_path / "audit-frontend"
-    cfg = sidecar_config(pki.identity("frontend"), audit={"path": str(audit_dir)}, outbound=[{
-        "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-        "upstream": f"127.0.0.1:{b.port('inbound')}", "identity": ORDERS}])
-    a = start_sidecar(tmp_path, "frontend", cfg)
-    procs.append(a)
+    a = _audited_frontend(tmp_path, pki, procs, audit_dir, "orders", b, ORDERS)
     sent = [("GET", "/orders/1", "orders"), ("GET", "/orders/1", "orders"),
             ("GET", "/orders/2?x=1", "orders"), ("GET", "/orders/1", "orders"),
             ("POST", "/orders/1", "orders"), ("POST", "/orders/1", "orders.internal"),
