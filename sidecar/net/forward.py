@@ -184,7 +184,13 @@ async def forward(
     attempts = 1 if has_body else 2
     for attempt in range(attempts):
         try:
-            ep, ex.reused = await pool.acquire()
+            # The connection released last, without a coroutine when it may be reused as it
+            # is (nearly always on a busy keep-alive path); else the complete acquire.
+            ep = pool.take(upgrade)
+            if ep is not None:
+                ex.reused = True
+            else:
+                ep, ex.reused = await pool.acquire(upgrade)
         except RequestRefused as exc:
             raise UpstreamFailed(exc, ex) from exc
         except (OSError, trio.TooSlowError) as exc:
@@ -315,7 +321,8 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                 raise PeerClosed("upstream_closed_mid_body")
     except ParseError as exc:
         raise ProtocolViolation(exc.reason) from exc
-    await pool.release(ep)
+    if not pool.keep(ep):  # (``pool.release`` without a coroutine when it is kept)
+        await trio.aclose_forcefully(ep.stream)
     return ex
 
 
