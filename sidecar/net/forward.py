@@ -201,7 +201,9 @@ async def forward(
             if has_body:
                 await _send_body(client, ep, body, limits, ex, expect_continue)
             else:
-                await ep.flush(timeout=limits.body_timeout)
+                rest = ep.flush_now(timeout=limits.body_timeout)
+                if rest is not None:
+                    await rest
             return await _relay_response(client, ep, pool, limits, ex, request.method, upgrade,
                                          http11, keep_alive and http11 and not close)
         except (PeerClosed, Timeout) as exc:
@@ -315,7 +317,9 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                     await client.flush(timeout=limits.body_timeout)
             elif event is END:
                 client.queue(body.end())
-                await client.flush(timeout=limits.body_timeout)
+                rest = client.flush_now(timeout=limits.body_timeout)
+                if rest is not None:
+                    await rest
                 break
             else:
                 raise PeerClosed("upstream_closed_mid_body")

@@ -30,7 +30,7 @@ import math
 import select
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import trio
@@ -324,27 +324,34 @@ class Endpoint:
     async def flush(self, deadline: float | None = None, *, timeout: float = 0.0) -> None:
         """Send everything queued, in one write when possible, by ``deadline`` (None:
         ``timeout`` seconds from when the socket would block)."""
+        rest = self.flush_now(deadline, timeout=timeout)
+        if rest is not None:
+            await rest
+
+    def flush_now(self, deadline: float | None = None, *,
+                  timeout: float = 0.0) -> Coroutine[Any, Any, None] | None:
+        """``flush`` without a coroutine when the socket takes everything at once (nearly
+        always): None then; else the coroutine that sends the rest, which the caller awaits
+        at once. On the data path's per-request flushes (the request to the upstream, the
+        response to the client) this saves a coroutine each, about 1,000 instructions."""
         out = self.out
         if not out:
-            return
+            return None
         data = out[0] if len(out) == 1 else b"".join(out)
         self.out = []
         self.out_len = 0
-        # The fast path inline, the rest in ``_send_slow``: one coroutine less per flush
-        # when the socket takes it all (nearly always), 1,200 instructions.
         try_send = self._try_send
         if try_send is None:
-            await self._send_slow(data, self.stream.send_all, data, deadline, timeout)
-            return
+            return self._send_slow(data, self.stream.send_all, data, deadline, timeout)
         try:
             rest = try_send(data)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         if rest:
-            await self._send_slow(data, self.stream.send_wire,  # type: ignore[attr-defined]
-                                  rest, deadline, timeout)
-            return
+            return self._send_slow(data, self.stream.send_wire,  # type: ignore[attr-defined]
+                                   rest, deadline, timeout)
         self.bytes_out += len(data)
+        return None
 
     async def _send_slow(self, data: bytes, send: Callable[[Any], Awaitable[object]],
                          pending: bytes | bytearray | memoryview, deadline: float | None,
