@@ -273,6 +273,9 @@ class CountingTransport(SocketTransport):
     many of them found nothing (each of those is a system call and an exception)."""
 
     __slots__ = ("tries", "empty")
+    # No ``wait_fd``: a read that waited then reads through ``receive_wait``, so that
+    # ``try_receive`` counts only the reads tried before any wait.
+    wait_fd = None  # type: ignore[assignment]
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         super().__init__(sock)
