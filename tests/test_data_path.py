@@ -632,7 +632,7 @@ async def test_a_drain_or_a_retirement_cuts_an_idle_wait(kind: str, how: str) ->
         if how == "drain":
             tracker.start_drain()
         else:
-            [bound] = tracker._idle
+            [bound] = tracker.idle
             bound.cancel()
     grace = IDLE_DRAIN_GRACE if how == "drain" else 0.0
     assert cut + grace <= ended[0] <= cut + grace + WATCH_TICK
