@@ -124,6 +124,9 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
 
 
 FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
+# The writer of every body-less request: never written to (``frame`` refuses any bytes
+# before it changes anything, ``end`` is b""), so one is shared.
+_NO_BODY = BodyWriter(OUT_NONE)
 
 
 def _content_length(headers: Headers) -> int:
@@ -168,7 +171,7 @@ async def forward(
         event = client.reader.next_event()
         if event is not END:
             raise PeerClosed("unexpected_body", "client")
-        body = BodyWriter(OUT_NONE)
+        body = _NO_BODY
     else:
         if expect_continue:
             headers = [(n, v) for n, v in headers if n != b"expect"]  # answered by us
