@@ -259,7 +259,11 @@ class Endpoint:
         anything. On a proxy those are the read of another proxy's answer and the idle
         wait of a connection from another proxy; a local app or client answers or sends its
         next request within microseconds often enough. A large read ends the
-        waiting-first: a body is streaming."""
+        waiting-first: a body is streaming.
+
+        A blocked read waits for the transport's ``wait_fd`` and reads with one try; only
+        a wake-up that finds nothing (or a closed stream, or a TLS read that has to write
+        first: ``want_write``) goes on in the transport's ``receive_wait``, which loops."""
         try_receive = self._try_receive
         if try_receive is not None:
             misses = self.misses
