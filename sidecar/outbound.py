@@ -173,13 +173,7 @@ class OutboundProxy:
         meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
         if meta is None:
             return False
-        wall = time.time()
-        snap = self.tls.snapshot
-        if now < meta.deadline and wall < meta.peer_not_after \
-                and meta.trust_generation == snap.trust.generation \
-                and meta.svid_generation == snap.svid_generation:
-            return False  # (what retire_reason finds when nothing changed, without the call)
-        reason = retire_reason(meta, self.tls, now, wall)
+        reason = retire_reason(meta, self.tls, now, time.time())
         if reason is None:
             return False
         self.telemetry.connection_retired("outbound", self.cfg.name,
