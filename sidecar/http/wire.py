@@ -113,9 +113,11 @@ _FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:" + _VALUE_BYTE + rb"*\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: (" + _VALUE_BYTE + rb"*))?")
 _TOKEN = re.compile(_TCHAR + rb"+")
-# A whole head, for ``_refuse_head`` and the tests: the start line, CRLF, the field lines.
-# Neither part can contain CR or LF before its CRLF, so the start line ends at the head's
-# first CRLF exactly as ``bytes.partition`` finds it.
+# The grammar of a whole head in one expression -- the start line, CRLF, the field lines --
+# which the reader ran until it checked heads as below, kept as the reference that
+# ``tests/test_wire_heads.py`` holds the reader to. Neither part can contain CR or LF before
+# its CRLF, so the start line ends at the head's first CRLF exactly as ``bytes.partition``
+# finds it.
 _REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
 _RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
 # The same grammar checked in C calls instead of the regular-expression engine, which tests
@@ -130,8 +132,10 @@ _RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.patt
 # * Each field line: a colon, and before the first one a name found in ``_NAMES`` (names
 #   already seen to match ``_TOKEN`` -> lower-case), or else matched against ``_TOKEN``.
 #
-# That is ``_REQUEST_HEAD`` / ``_RESPONSE_HEAD`` line by line; ``tests/test_wire.py`` holds
-# the two to the same decisions byte by byte. A head refused goes to ``_refuse_head``.
+# That is ``_REQUEST_HEAD`` / ``_RESPONSE_HEAD`` line by line; ``tests/test_wire_heads.py``
+# holds the two to the same decisions, reasons and results (every byte at every position,
+# every confusable line end, the field-line edge cases), fed whole and one byte at a time,
+# and h11 to the same reading. A head refused goes to ``_refuse_head``, which names the part.
 _LINE_BYTES = bytes(b if re.fullmatch(_VALUE_BYTE, bytes([b])) else (b + 1) % 256
                     for b in range(256))
 # Field names seen, as received -> lower-case; only names that match ``_TOKEN``, at most
