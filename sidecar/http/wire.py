@@ -210,8 +210,9 @@ def parse_fields(block: bytes) -> Headers:
 
 
 def _head_facts(headers: Headers, *, request: bool) -> tuple[int, int, int, bool, bool]:
-    """One pass over a head's fields: (Host fields, framing, length, ``close`` token seen,
-    Connection may list other fields: a Connection field other than a lone keep-alive).
+    """One pass over a head's fields (the reader passes only those named in ``_FACT_NAMES``,
+    in order): (Host fields, framing, length, ``close`` token seen, Connection may list other
+    fields: a Connection field other than a lone keep-alive).
 
     Raises ``ParseError`` when Content-Length and Transfer-Encoding disagree, repeat, or
     carry anything but a plain length and ``chunked``. A request with a Host problem is
