@@ -433,3 +433,54 @@ def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> Non
         assert not thread.is_alive()
 
     trio.run(main)
+
+
+def test_the_linger_after_a_batch_ends_by_a_full_batch_the_timer_or_a_late_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a batch the writer waits for more records (``_linger``), not with a trio sleep:
+    a full batch queued ends the wait, so does the first record submitted once
+    ``BATCH_LINGER`` has passed, and when no record comes the timer task ends it. The trio
+    clock is a ``MockClock`` that only moves when the test jumps it, so each way is shown
+    apart (a broken one hangs, bounded by the real-time check in ``settle``)."""
+    import time
+
+    import trio.testing
+
+    from sidecar.audit import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "BATCH_LINGER", 3600.0)
+    config = AuditConfig(path=str(tmp_path / "a"), fsync=False, batch_size=4)
+    writer = AuditWriter(config)
+    clock = trio.testing.MockClock()
+
+    async def settle(cond: Callable[[], bool]) -> None:
+        end = time.monotonic() + 10.0  # real time: the mock clock stands still
+        while not cond():
+            assert time.monotonic() < end, "the writer did not get on"
+            await trio.sleep(0)
+
+    def lingering(written: int) -> Callable[[], bool]:
+        return lambda: writer.written == written and writer._linger_wake is not None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            writer.submit(rec(0))  # wakes the idle writer: a batch of one, then the linger
+            await settle(lingering(1))
+            for i in range(1, 5):  # a full batch (batch_size 4) ends the linger at once
+                writer.submit(rec(i))
+            await settle(lingering(5))
+            writer.submit(rec(5))  # one record, an hour of linger left: it waits
+            for _ in range(100):
+                await trio.sleep(0)
+            assert writer.written == 5
+            # From now on a linger ends with the first record after it began...
+            monkeypatch.setattr(writer_module, "BATCH_LINGER", 0.0)
+            clock.jump(7200.0)  # ...and the timer (2 x BATCH_LINGER) ends this one
+            await settle(lingering(6))
+            writer.submit(rec(6))
+            await settle(lingering(7))
+            await writer.aclose()
+
+    trio.run(main, clock=clock)
+    assert [r.request_id for r in iter_records(config.path)] == [f"r{i}" for i in range(7)]
