@@ -474,14 +474,12 @@ def test_the_linger_after_a_batch_ends_by_a_full_batch_the_timer_or_a_late_recor
             for _ in range(100):
                 await trio.sleep(0)
             assert writer.written == 5
-            # From now on a linger lasts 1 ms of real time (its timer 2 ms of the mock
-            # clock's, which stands still from here on, so only a record can end it)...
-            monkeypatch.setattr(writer_module, "BATCH_LINGER", 0.001)
-            clock.jump(7200.0)  # ...and the timer (2 x BATCH_LINGER: 7200 s) ends this one
+            # From now on a linger ends with the first record after it began...
+            monkeypatch.setattr(writer_module, "BATCH_LINGER", 0.0)
+            clock.jump(7200.0)  # ...and the timer (2 x BATCH_LINGER) ends this one
             await settle(lingering(6))
-            time.sleep(0.002)  # the new linger's 1 ms has passed: the next record ends it
             writer.submit(rec(6))
-            await settle(lambda: writer.written == 7)
+            await settle(lingering(7))
             await writer.aclose()
 
     trio.run(main, clock=clock)
