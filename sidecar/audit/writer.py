@@ -21,10 +21,7 @@ way the same call signs the batch's checkpoints, encrypts its records and builds
 messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
 After each batch the writer waits ``BATCH_LINGER`` for more records unless a full batch is
 already queued, so under load batches are large (one record per batch cost the data path
-more CPU per request than the rest of the sidecar's work on it). That wait is ended by
-``submit`` (the first record after ``BATCH_LINGER``, or a full batch) rather than by a
-timer, which in trio raises and catches ``Cancelled`` each time it runs out; a timer task
-ends it only when no record comes, after at most twice ``BATCH_LINGER`` (``_linger``).
+more CPU per request than the rest of the sidecar's work on it).
 The chain head in memory only advances when the bytes are on disk, so a failed write
 leaves nothing to roll back but the file, which is truncated back (best effort).
 
@@ -526,18 +523,9 @@ class AuditWriter:
         # waiting writer task is still queued (it is the writer's already, as a memory channel
         # hands a record straight to a waiting receiver).
         self._limit = config.queue_size
-        self._batch_size = config.batch_size
         # Set by ``submit``/``aclose`` to wake the writer task; not None only while it waits
         # on an empty queue.
         self._wake: trio.Event | None = None
-        # The linger after a batch (``_linger``): set while the writer waits for more
-        # records, ended by ``submit`` (a full batch queued, or ``_linger_until`` passed)
-        # or, when no record comes, by the timer task (``_linger_timer``, whose scope is
-        # ``_timer``).
-        self._linger_wake: trio.Event | None = None
-        self._linger_until = 0.0
-        self._timer: trio.CancelScope | None = None
-        self._timer_stop = trio.CancelScope()
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
         self._disk = _DiskThread()
         self.shipper: Shipper | None = None
@@ -608,9 +596,6 @@ class AuditWriter:
             self._wake = None
             self._limit += 1
             wake.set()
-        elif self._linger_wake is not None and (len(queue) >= self._batch_size
-                                                or time.monotonic() >= self._linger_until):
-            self._end_linger()
         return True
 
     def accepting(self) -> bool:
@@ -662,17 +647,13 @@ class AuditWriter:
         shipping, also ship until everything written (the final seal included) is sent."""
         self._running = True
         try:
+            if self.shipper is None:
+                await self._write_loop(task_status)
+                return
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._linger_timer)
-                try:
-                    if self.shipper is None:
-                        await self._write_loop(task_status)
-                    else:
-                        nursery.start_soon(self.shipper.run)
-                        await self._write_loop(task_status)
-                        await self.shipper.aclose()
-                finally:
-                    self._timer_stop.cancel()
+                nursery.start_soon(self.shipper.run)
+                await self._write_loop(task_status)
+                await self.shipper.aclose()
         finally:
             self._disk.close()
             self._done.set()
@@ -723,7 +704,7 @@ class AuditWriter:
                 batch = []
                 if (not self._closing
                         and len(self._queue) < self.config.batch_size):
-                    await self._linger()
+                    await trio.sleep(BATCH_LINGER)
                     lingered = True
             try:
                 await self._run_sink(self._sink.close)
@@ -736,41 +717,6 @@ class AuditWriter:
                 self.lost += left
                 self._queue.clear()
                 self._inflight = 0
-
-    async def _linger(self) -> None:
-        """Let more records arrive after a batch: until ``BATCH_LINGER`` has passed and a
-        record came, a full batch is queued, or ``aclose``; with no record at all, until
-        the timer ends it, at most twice ``BATCH_LINGER``.
-
-        Not a ``trio.sleep``: a sleep that runs out raises and catches ``Cancelled`` in a
-        cancel scope of its own, about 110,000 instructions per batch (measured; a wake by
-        another task costs about 30,000). Under load a record arrives within the linger
-        and ``submit`` ends it (one clock read per record while lingering); the timer task
-        only fires when records stop coming. Its deadline is moved once per linger."""
-        timer = self._timer
-        if timer is None:  # the timer task has not started yet (the first batch)
-            await trio.sleep(BATCH_LINGER)
-            return
-        self._linger_until = time.monotonic() + BATCH_LINGER
-        timer.deadline = trio.current_time() + 2 * BATCH_LINGER
-        self._linger_wake = wake = trio.Event()
-        await wake.wait()
-
-    def _end_linger(self) -> None:
-        wake = self._linger_wake
-        if wake is not None:
-            self._linger_wake = None
-            wake.set()
-
-    async def _linger_timer(self) -> None:
-        """Ends a linger that no record ended (see ``_linger``); runs as long as ``run``."""
-        with self._timer_stop:
-            while True:
-                with trio.CancelScope() as scope:
-                    self._timer = scope
-                    await trio.sleep_forever()
-                self._timer = None
-                self._end_linger()
 
     def _first_open(self) -> None:
         os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
@@ -897,7 +843,6 @@ class AuditWriter:
             if wake is not None:
                 self._wake = None
                 wake.set()
-            self._end_linger()
             await trio.lowlevel.checkpoint()
             if self._probe_scope is not None:
                 self._probe_scope.cancel()
