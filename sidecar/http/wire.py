@@ -10,7 +10,8 @@ mTLS), requests from the local app on the outbound listener, responses from a pe
 and responses from the local app. h11 is not on the data path (it stays the codec of the
 control-plane HTTP and the oracle of ``tests/test_wire.py``): it costs a third of Envoy's
 whole budget per request, and it is more lenient than this reader in places. The reader
-checks one head with one linear regular expression per part instead of an event state
+checks a whole head against one grammar (written once as regular expressions, and checked on
+the common path by a few C string operations: see ``_LINE_BYTES``) instead of an event state
 machine, and is *stricter than h11* everywhere -- the differential property tests in
 ``tests/test_wire.py`` show that it never accepts a message h11 refuses and, where both
 accept, agrees with h11 on method, target, headers, framing and body, fed whole and one
@@ -33,8 +34,9 @@ for an oversized head, 501 for an unknown transfer coding -- and 502 for an upst
 
 Work per byte is bounded: the search for the end of a head resumes where the last one
 stopped (a head trickled in one byte at a time costs linear time, not quadratic), a bare LF
-in an incomplete head fails at once instead of waiting for the head timeout, and the
-expressions are written so that each line has one way to match (no backtracking blow-up).
+in an incomplete head fails at once instead of waiting for the head timeout, the checks of a
+complete head are single passes (split, join, translate, a dictionary lookup per field), and
+the expressions are written so that each line has one way to match (no backtracking blow-up).
 
 Events: ``Request`` / ``Response`` heads (a ``Response`` with a 1xx status is informational,
 another head follows), body data as plain ``bytes``, ``END`` when a message is complete,
@@ -44,7 +46,7 @@ another head follows), body data as plain ``bytes``, ``END`` when a message is c
 from __future__ import annotations
 
 import re
-from typing import Final, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 
 class _Sentinel:
@@ -102,18 +104,58 @@ class ParseError(Exception):
 
 # -- grammar (RFC 9110 / 9112) ---------------------------------------------------------------
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+# The bytes of a field value and of a reason phrase: HTAB, SP, VCHAR, obs-text.
+_VALUE_BYTE = rb"[\t\x20-\x7e\x80-\xff]"
 # A header block: lines of ``name:value`` each ending in CRLF. The value class excludes CR,
 # LF, NUL and the other controls except HTAB, so each line has exactly one way to match: the
 # match is linear in the length of the block whatever it holds (no backtracking blow-up).
-_FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:" + _VALUE_BYTE + rb"*\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
-_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
-# A whole head (start line, CRLF, field lines) in one match: the common case, a well-formed
-# head, costs one call; anything it refuses goes through the expressions above one by one,
-# which name what is wrong. Neither can contain CR or LF before its CRLF, so the start line
-# ends at the head's first CRLF exactly as ``bytes.partition`` finds it.
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: (" + _VALUE_BYTE + rb"*))?")
+_TOKEN = re.compile(_TCHAR + rb"+")
+# The grammar of a whole head in one expression -- the start line, CRLF, the field lines --
+# which the reader ran until it checked heads as below, kept as the reference that
+# ``tests/test_wire_heads.py`` holds the reader to. Neither part can contain CR or LF before
+# its CRLF, so the start line ends at the head's first CRLF exactly as ``bytes.partition``
+# finds it.
 _REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
 _RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
+# The same grammar checked in C calls instead of the regular-expression engine, which tests
+# a character class byte by byte (~20 instructions a byte) and a repetition per line:
+#
+# * The head is split at CRLF and its lines joined; ``translate`` with ``_LINE_BYTES`` maps
+#   every byte of the value class to itself and every other byte (CR, LF, NUL, the other
+#   controls, DEL) to a different one, so the joined lines come back as the very same object
+#   exactly when no line holds a byte outside the value class: no bare CR or LF anywhere,
+#   no control. The start line's classes and the field names' are part of the value class.
+# * The start line: its own expression (a few dozen bytes).
+# * Each field line: a colon, and before the first one a name found in ``_NAMES`` (names
+#   already seen to match ``_TOKEN`` -> lower-case), or else matched against ``_TOKEN``.
+#
+# That is ``_REQUEST_HEAD`` / ``_RESPONSE_HEAD`` line by line; ``tests/test_wire_heads.py``
+# holds the two to the same decisions, reasons and results (every byte at every position,
+# every confusable line end, the field-line edge cases), fed whole and one byte at a time,
+# and h11 to the same reading. A head refused goes to ``_refuse_head``, which names the part.
+_LINE_BYTES = bytes(b if re.fullmatch(_VALUE_BYTE, bytes([b])) else (b + 1) % 256
+                    for b in range(256))
+# Field names seen, as received -> lower-case; only names that match ``_TOKEN``, at most
+# _NAMES_MAX of them and each at most _NAME_MAX bytes (when full it starts again): a
+# dictionary lookup instead of a match and a ``lower()`` per field, and the lower-case names
+# shared by every head instead of made for each.
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 512
+_NAME_MAX = 64
+# Start lines seen -> their parts (method, target, version / version, status, reason), by
+# kind; at most _STARTS_MAX of each, each at most _START_MAX bytes (when full it starts
+# again): most connections repeat a few request lines, and nearly every response starts
+# ``HTTP/1.1 200 OK``.
+_StartParts = tuple[Any, Any, Any]  # (bytes, bytes, bytes) / (bytes, int, bytes)
+_REQUEST_STARTS: dict[bytes, _StartParts] = {}
+_STATUS_STARTS: dict[bytes, _StartParts] = {}
+_STARTS_MAX = 256
+_START_MAX = 256
+# The fields ``_head_facts`` reads (the reader gives it only those).
+_FACT_NAMES = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection"))
 # RFC 9112 7.1 / 7.1.1: chunk-size [ chunk-ext ] CRLF, where
 #   chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
 #   chunk-ext-name = token; chunk-ext-val = token / quoted-string.
@@ -148,6 +190,18 @@ def _split_fields(block: bytes) -> Headers:
     return headers
 
 
+def _field_name(name: bytes) -> bytes | None:
+    """``name`` in lower case if it is a token (and remembered in ``_NAMES``), else None."""
+    if _TOKEN.fullmatch(name) is None:
+        return None
+    lower = name.lower()
+    if len(name) <= _NAME_MAX:
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[name] = lower
+    return lower
+
+
 def parse_fields(block: bytes) -> Headers:
     """Header lines (each ending in CRLF) into (lower-case name, value); ``ParseError``."""
     if _FIELD_LINES.fullmatch(block) is None:
@@ -156,8 +210,9 @@ def parse_fields(block: bytes) -> Headers:
 
 
 def _head_facts(headers: Headers, *, request: bool) -> tuple[int, int, int, bool, bool]:
-    """One pass over a head's fields: (Host fields, framing, length, ``close`` token seen,
-    Connection may list other fields: a Connection field other than a lone keep-alive).
+    """One pass over a head's fields (the reader passes only those named in ``_FACT_NAMES``,
+    in order): (Host fields, framing, length, ``close`` token seen, Connection may list other
+    fields: a Connection field other than a lone keep-alive).
 
     Raises ``ParseError`` when Content-Length and Transfer-Encoding disagree, repeat, or
     carry anything but a plain length and ``chunked``. A request with a Host problem is
@@ -382,46 +437,89 @@ class MessageReader:
         if end + 4 > self.max_head:
             raise ParseError("header_too_large", 431)
         requests = self.requests
-        m = (_REQUEST_HEAD if requests else _RESPONSE_HEAD).fullmatch(buf, 0, end + 2)
-        if m is None:
-            self._refuse_head(buf, end)
-        groups = m.groups()  # type: ignore[union-attr]
+        head = bytes(buf[:end])
+        lines = head.split(b"\r\n")
+        joined = b"".join(lines)
+        if joined.translate(_LINE_BYTES) is not joined:
+            self._refuse_head(head)
+        parts: _StartParts
+        try:
+            parts = (_REQUEST_STARTS if requests else _STATUS_STARTS)[lines[0]]
+        except KeyError:
+            parts = self._start_line(lines[0], head)
+        headers: Headers = []
+        append = headers.append
+        facts: Headers = []  # the fields ``_head_facts`` reads, in order
+        names = _NAMES
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            try:
+                name = names[name]
+            except KeyError:
+                lower = _field_name(name)
+                if lower is None:
+                    self._refuse_head(head)
+                name = lower
+            if not colon:
+                self._refuse_head(head)
+            # ``strip()`` strips SP and HTAB only here, as ``strip(b" \t")`` would, for less:
+            # its other whitespace bytes (CR, LF, VT, FF) were refused above.
+            field = (name, value.strip())
+            append(field)
+            if name in _FACT_NAMES:
+                facts.append(field)
         if len(buf) == end + 4:
             buf.clear()
         else:
             del buf[:end + 4]
-        headers = _split_fields(groups[3])
         if requests:
-            method, target, version, _ = groups
-            hosts, self.framing, self._remaining, close, _ = _head_facts(headers, request=True)
+            method, target, version = parts
+            hosts, self.framing, self._remaining, close, _ = _head_facts(facts, request=True)
             if hosts == 0 and version == b"1.1":
                 raise ParseError("bad_host")  # RFC 9112 3.2: exactly one Host
             self.keep_alive = version == b"1.1" and not close
             self._state = self.framing
             self._framing_bytes = self._body_bytes = 0
             return Request(method, target, headers, version)
-        version, code, reason, _ = groups
-        status = int(code)
-        _, framing, length, close, self.connection_lists = _head_facts(headers, request=False)
+        version, status, reason = parts
+        _, framing, length, close, self.connection_lists = _head_facts(facts, request=False)
         # A response is _NONE only with Content-Length: 0 (no length means until close).
         self.content_length = length if framing == _LENGTH else 0 if framing == _NONE else -1
         if status < 200:
             if status == 101:
                 self._state = _DONE  # what follows is not HTTP any more
                 self.keep_alive = False
-            return Response(status, reason or b"", headers, version)
+            return Response(status, reason, headers, version)
         self.framing, self._remaining = framing, length
         if self._method == b"HEAD" or status in (204, 304):
             self.framing = _NONE
         self.keep_alive = version == b"1.1" and not close and self.framing != _UNTIL_CLOSE
         self._state = self.framing
         self._framing_bytes = self._body_bytes = 0
-        return Response(status, reason or b"", headers, version)
+        return Response(status, reason, headers, version)
 
-    def _refuse_head(self, buf: bytearray, end: int) -> None:
-        """Raise the ``ParseError`` for a head the whole-head expression refused, naming the
-        part that is wrong (the fields first, then the start line)."""
-        start, _, block = bytes(buf[:end + 2]).partition(b"\r\n")
+    def _start_line(self, start: bytes, head: bytes) -> _StartParts:
+        """The parts of a start line not seen before (remembered), or the head's refusal."""
+        m = (_REQUEST_LINE if self.requests else _STATUS_LINE).fullmatch(start)
+        if m is None:
+            self._refuse_head(head)
+        first, second, third = m.groups()
+        if self.requests:
+            parts = (first, second, third)  # method, target, version
+            starts = _REQUEST_STARTS
+        else:
+            parts = (first, int(second), third or b"")  # version, status, reason
+            starts = _STATUS_STARTS
+        if len(start) <= _START_MAX:
+            if len(starts) >= _STARTS_MAX:
+                starts.clear()
+            starts[start] = parts
+        return parts
+
+    def _refuse_head(self, head: bytes) -> NoReturn:
+        """Raise the ``ParseError`` for a head (without its last CRLF CRLF) the grammar
+        refuses, naming the part that is wrong (the fields first, then the start line)."""
+        start, _, block = (head + b"\r\n").partition(b"\r\n")
         parse_fields(block)
         raise ParseError("malformed_request_line" if self.requests
                          else "malformed_status_line")
