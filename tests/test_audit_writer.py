@@ -284,6 +284,23 @@ def test_segment_file_removed_under_the_writer_is_noticed(tmp_path: Path) -> Non
     assert w.failures == 1 and ids(tmp_path) == ["r1"]  # r1 went to a new segment, not lost
 
 
+def test_segment_file_replaced_under_the_writer_is_noticed(tmp_path: Path) -> None:
+    # Another file renamed over the segment: the path names a different inode than the
+    # writer's open file (compared with the identity taken when the segment was opened).
+    async def body(w: AuditWriter) -> None:
+        w.submit(rec(0))
+        await wait_until(lambda: w.written == 1)
+        for seg in list_segments(str(tmp_path)):
+            shutil.copyfile(seg.path, seg.path + ".copy")
+            os.replace(seg.path + ".copy", seg.path)
+        w.submit(rec(1))
+        await wait_until(lambda: w.written == 2)
+
+    w = run_writer(AuditConfig(path=str(tmp_path)), body, **FAST)
+    assert w.failures == 1 and "removed or replaced" in (w.last_error or "")
+    assert ids(tmp_path) == ["r0", "r1"]  # r0 in the copy, r1 in a new segment
+
+
 def test_fail_open_counts_every_lost_record(tmp_path: Path) -> None:
     d = tmp_path / "audit"
     alerts: list[str] = []

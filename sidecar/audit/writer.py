@@ -128,6 +128,7 @@ class _SegmentSink:
         self.clock = clock
         self.head: ChainHead | None = None
         self.fd: int | None = None
+        self.fd_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of ``fd``
         self.path: str | None = None
         self.size = 0
         # What the next header says about the segment before it.
@@ -184,6 +185,10 @@ class _SegmentSink:
             if self.fsync:
                 os.fsync(fd)
                 self._sync_directory()
+            # The open file's identity, fixed for the descriptor's life: the still-linked
+            # check after each batch compares it with what the path names now (one
+            # ``stat`` per batch instead of a ``stat`` and an ``fstat``).
+            fst = os.fstat(fd)
         except OSError:
             head.restore(state)
             os.close(fd)
@@ -193,6 +198,7 @@ class _SegmentSink:
                 pass
             raise
         self.head, self.fd, self.path, self.size = head, fd, path, len(header)
+        self.fd_id = (fst.st_dev, fst.st_ino)
         self.next_info = {}
         if checkpoint is not None:
             self.unsigned_frames = self.unsigned_records = 0
@@ -352,8 +358,8 @@ class _SegmentSink:
         # Writes to a file whose directory entry was removed succeed on POSIX and are
         # lost; compare the open file with what the path names now.
         assert self.fd is not None and self.path is not None
-        st, fst = os.stat(self.path), os.fstat(self.fd)
-        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+        st = os.stat(self.path)
+        if (st.st_dev, st.st_ino) != self.fd_id:
             raise OSError(errno.ENOENT, "segment file was removed or replaced", self.path)
 
     def _sync_directory(self) -> None:
