@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -32,7 +34,7 @@ from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import NO_NAMES, connection_tokens
 from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
-from sidecar.http.wire import MessageReader, Request
+from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
 from sidecar.identity.trust import PeerChain
 from sidecar.net.forward import Exchange, forward, splice
@@ -156,20 +158,22 @@ class OutboundProxy:
         return stream
 
     def _acquired(self, ep: Endpoint) -> None:
-        """The pool handed out ``ep``: an upgrade request in this task binds its stream to it
-        (a bundle change or the upstream's expiry then ends the upgraded stream)."""
+        """The pool handed out ``ep`` for an upgrade request: the request in this task binds
+        its stream to it (a bundle change or the upstream's expiry then ends the upgraded
+        stream)."""
         conn = _upgrading.get()
         meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
         if conn is not None and meta is not None:
             conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
                 meta.peer_not_after
 
-    def _retire_pooled(self, ep: Endpoint) -> bool:
-        """True (and the closure recorded) when a pooled connection must not be used again."""
+    def _retire_pooled(self, ep: Endpoint, now: float) -> bool:
+        """True (and the closure recorded) when a pooled connection must not be used again;
+        ``now`` is the run's clock as the pool read it."""
         meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
         if meta is None:
             return False
-        reason = retire_reason(meta, self.tls, trio.current_time(), time.time())
+        reason = retire_reason(meta, self.tls, now, time.time())
         if reason is None:
             return False
         self.telemetry.connection_retired("outbound", self.cfg.name,
@@ -256,7 +260,12 @@ class OutboundProxy:
         # keep-alive client mostly repeats the same request (facts are read-only values).
         seen: tuple[bytes, RequestFacts] | None = None
 
-        async def handle(ctx: RequestContext, event: Request, head: RequestHead) -> Exchange:
+        # Not a coroutine itself: it returns ``forward``'s (or ``upgrade``'s), which the
+        # request loop awaits -- one coroutine less to create per request, and one frame less
+        # to resume every time the exchange waits. A refusal raises from the call, inside the
+        # loop's same ``try``.
+        def handle(ctx: RequestContext, event: Request,
+                   head: RequestHead) -> Coroutine[Any, Any, Exchange]:
             nonlocal seen
             if seen is not None and seen[0] == head.target and seen[1].method == head.method \
                     and seen[1].host == head.host:
@@ -279,8 +288,11 @@ class OutboundProxy:
                 event.headers, NO_NAMES,
                 connection_tokens(event.headers) if head.connection else NO_NAMES)
             if head.upgrade is None:
-                return await forward(client, event, headers, pool, limits, head,
-                                     close=tracker.draining or conn.retiring is not None)
+                return forward(client, event, headers, pool, limits, head,
+                               close=tracker.draining or conn.retiring is not None)
+            return upgrade(event, headers, head)
+
+        async def upgrade(event: Request, headers: Headers, head: RequestHead) -> Exchange:
             # A stream from here on: policy reloads judge it, and the upstream's chain and
             # expiry (bound when the pool hands out the connection, ``_acquired``).
             conn.recheck = lambda now: gate.egress(identity, now).allowed

@@ -124,6 +124,9 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
 
 
 FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
+# The writer of every body-less request: never written to (``frame`` refuses any bytes
+# before it changes anything, ``end`` is b""), so one is shared.
+_NO_BODY = BodyWriter(OUT_NONE)
 
 
 def _content_length(headers: Headers) -> int:
@@ -168,7 +171,7 @@ async def forward(
         event = client.reader.next_event()
         if event is not END:
             raise PeerClosed("unexpected_body", "client")
-        body = BodyWriter(OUT_NONE)
+        body = _NO_BODY
     else:
         if expect_continue:
             headers = [(n, v) for n, v in headers if n != b"expect"]  # answered by us
@@ -184,7 +187,13 @@ async def forward(
     attempts = 1 if has_body else 2
     for attempt in range(attempts):
         try:
-            ep, ex.reused = await pool.acquire()
+            # The connection released last, without a coroutine when it may be reused as it
+            # is (nearly always on a busy keep-alive path); else the complete acquire.
+            ep = pool.take(upgrade)
+            if ep is not None:
+                ex.reused = True
+            else:
+                ep, ex.reused = await pool.acquire(upgrade)
         except RequestRefused as exc:
             raise UpstreamFailed(exc, ex) from exc
         except (OSError, trio.TooSlowError) as exc:
@@ -195,7 +204,9 @@ async def forward(
             if has_body:
                 await _send_body(client, ep, body, limits, ex, expect_continue)
             else:
-                await ep.flush(timeout=limits.body_timeout)
+                rest = ep.flush_now(timeout=limits.body_timeout)
+                if rest is not None:
+                    await rest
             return await _relay_response(client, ep, pool, limits, ex, request.method, upgrade,
                                          http11, keep_alive and http11 and not close)
         except (PeerClosed, Timeout) as exc:
@@ -309,13 +320,16 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                     await client.flush(timeout=limits.body_timeout)
             elif event is END:
                 client.queue(body.end())
-                await client.flush(timeout=limits.body_timeout)
+                rest = client.flush_now(timeout=limits.body_timeout)
+                if rest is not None:
+                    await rest
                 break
             else:
                 raise PeerClosed("upstream_closed_mid_body")
     except ParseError as exc:
         raise ProtocolViolation(exc.reason) from exc
-    await pool.release(ep)
+    if not pool.keep(ep):  # (``pool.release`` without a coroutine when it is kept)
+        await trio.aclose_forcefully(ep.stream)
     return ex
 
 

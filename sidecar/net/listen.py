@@ -38,7 +38,7 @@ class ConnectionTracker:
     def __init__(self) -> None:
         self.open = 0
         self.draining = False
-        self._idle: set[IdleBound] = set()
+        self.idle: set[IdleBound] = set()  # the idle waits now (register_idle)
         self._all_closed = trio.Event()
         self._all_closed.set()
 
@@ -62,18 +62,18 @@ class ConnectionTracker:
 
     def register_idle(self, scope: IdleBound) -> None:
         """An idle wait began (a drain may cut it)."""
-        self._idle.add(scope)
+        self.idle.add(scope)
 
     def unregister_idle(self, scope: IdleBound) -> None:
         """An idle wait ended."""
-        self._idle.discard(scope)
+        self.idle.discard(scope)
 
     def start_drain(self) -> None:
         """Draining: idle connections end within ``IDLE_DRAIN_GRACE``, busy ones after their
         request."""
         self.draining = True
         cut = trio.current_time() + IDLE_DRAIN_GRACE
-        for scope in list(self._idle):
+        for scope in list(self.idle):
             scope.deadline = min(scope.deadline, cut)
 
     async def wait_closed(self) -> None:

@@ -16,12 +16,20 @@ connection released last, a fraction of a millisecond ago, and a peer that close
 connection it has just answered on without saying ``Connection: close`` races the check
 anyway (the retry above covers it).
 
-``on_acquire(ep)`` (optional) is told of every connection handed out. ``retire(ep)``
-(optional) says a connection must not be used again although it is alive:
-past its maximum age, made with an older own certificate, or admitted under a bundle that
-has changed since (``sidecar.outbound.retire_reason``). It is asked before every reuse and
-every return to the pool, and ``retire_idle`` asks it for every idle connection at once
-(after a rotation).
+``on_acquire(ep)`` (optional) is told of every connection handed out for an upgrade
+request (``acquire(upgrade=True)``: the upgraded stream is then bound to that connection's
+peer). ``retire(ep, now)`` (optional; ``now`` is the run's clock, read once by the pool)
+says a connection must not be used again although it is alive: past its maximum age, made
+with an older own certificate, or admitted under a bundle that has changed since
+(``sidecar.outbound.retire_reason``). It is asked before every reuse and every return to the
+pool, and ``retire_idle`` asks it for every idle connection at once (after a rotation).
+
+The usual exchange takes the connection released last and gives it back, neither of which
+waits for anything: ``take`` and ``keep`` do that without a coroutine (two per request
+less on each proxy); ``acquire`` and ``release`` are the complete, awaitable forms, and
+``acquire`` closes what ``take`` found unusable. ``take`` stops at the first unusable
+connection (it is set aside, not closed: closing awaits), so its caller must call
+``acquire`` at once when it returns None.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ class UpstreamPool:
         idle_timeout: float,
         max_head: int = 64 * 1024,
         network: bool = True,
-        retire: Callable[[Endpoint], bool] | None = None,
+        retire: Callable[[Endpoint, float], bool] | None = None,
         on_acquire: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._retire = retire
@@ -69,6 +77,7 @@ class UpstreamPool:
         self._max_head = max_head
         self._network = network  # a peer sidecar (True) or the local app: same strict reader
         self._idle: list[tuple[float, Endpoint]] = []
+        self._unusable: list[Endpoint] = []  # set aside by ``take``, closed by ``acquire``
         self.opened = 0
         self.reused = 0
         self.closed_stale = 0
@@ -82,37 +91,60 @@ class UpstreamPool:
             clock = self._clock = run_clock()
         return clock()
 
-    async def acquire(self) -> tuple[Endpoint, bool]:
-        """An endpoint ready for a new request, and whether it was reused."""
+    def take(self, upgrade: bool = False) -> Endpoint | None:
+        """The connection released last, if it may be reused as it is; None when there is
+        none or it may not (then call ``acquire`` at once: it closes what was set aside)."""
+        idle = self._idle
+        if not idle:
+            return None
         now = self._now()
-        while self._idle:
-            since, ep = self._idle.pop()
-            idle = now - since
-            if idle < FRESH_SECONDS or (idle < self._idle_timeout and looks_alive(ep.stream)):
-                if self._retire is None or not self._retire(ep):
-                    self.reused += 1
-                    if self._on_acquire is not None:
-                        self._on_acquire(ep)
-                    return ep, True
-                self.retired += 1
-            else:
-                self.closed_stale += 1
-            await trio.aclose_forcefully(ep.stream)
+        since, ep = idle.pop()
+        age = now - since
+        if age < FRESH_SECONDS or (age < self._idle_timeout and looks_alive(ep.stream)):
+            if self._retire is None or not self._retire(ep, now):
+                self.reused += 1
+                if upgrade and self._on_acquire is not None:
+                    self._on_acquire(ep)
+                return ep
+            self.retired += 1
+        else:
+            self.closed_stale += 1
+        self._unusable.append(ep)
+        return None
+
+    async def acquire(self, upgrade: bool = False) -> tuple[Endpoint, bool]:
+        """An endpoint ready for a new request, and whether it was reused."""
+        while True:
+            unusable = self._unusable
+            while unusable:
+                await trio.aclose_forcefully(unusable.pop().stream)
+            if not self._idle:
+                break
+            ep = self.take(upgrade)
+            if ep is not None:
+                return ep, True
         stream = await self._connect()
         self.opened += 1
         ep = Endpoint(stream, MessageReader(requests=False, max_head=self._max_head))
-        if self._on_acquire is not None:
+        if upgrade and self._on_acquire is not None:
             self._on_acquire(ep)
         return ep, False
 
+    def keep(self, ep: Endpoint) -> bool:
+        """Keep ``ep`` for reuse if its exchange completed cleanly (True); False: the caller
+        closes it."""
+        if ep.reader.reusable() and len(self._idle) < self._size:
+            now = self._now()
+            if self._retire is None or not self._retire(ep, now):
+                ep.bytes_in = ep.bytes_out = 0
+                self._idle.append((now, ep))
+                return True
+        return False
+
     async def release(self, ep: Endpoint) -> None:
         """Return ``ep`` for reuse if its exchange completed cleanly, else close it."""
-        if ep.reader.reusable() and len(self._idle) < self._size and (
-                self._retire is None or not self._retire(ep)):
-            ep.bytes_in = ep.bytes_out = 0
-            self._idle.append((self._now(), ep))
-            return
-        await trio.aclose_forcefully(ep.stream)
+        if not self.keep(ep):
+            await trio.aclose_forcefully(ep.stream)
 
     async def retire_idle(self) -> int:
         """Close the idle connections ``retire`` refuses now; return how many."""
@@ -120,8 +152,9 @@ class UpstreamPool:
             return 0
         keep: list[tuple[float, Endpoint]] = []
         gone: list[tuple[float, Endpoint]] = []
+        now = self._now()
         for since, ep in self._idle:
-            (gone if self._retire(ep) else keep).append((since, ep))
+            (gone if self._retire(ep, now) else keep).append((since, ep))
         self._idle = keep
         for _, ep in gone:
             self.retired += 1
@@ -131,7 +164,8 @@ class UpstreamPool:
     async def aclose(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, []
-        for _, ep in idle:
+        unusable, self._unusable = self._unusable, []
+        for ep in unusable + [ep for _, ep in idle]:
             await trio.aclose_forcefully(ep.stream)
 
     def statistics(self) -> PoolStatistics:

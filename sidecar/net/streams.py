@@ -30,7 +30,7 @@ import math
 import select
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import trio
@@ -74,6 +74,7 @@ class ProtocolViolation(PeerClosed):
 
 
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
+wait_readable = trio.lowlevel.wait_readable
 
 
 class IdleBound(Protocol):
@@ -172,7 +173,7 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "misses", "_try_receive", "_try_send", "_receive_wait", "_pending",
+                 "misses", "_try_receive", "_try_send", "_receive_wait", "_wait_fd", "_pending",
                  "sent_head", "wait", "_watch", "clock")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
@@ -193,6 +194,10 @@ class Endpoint:
             stream, "try_send", None)
         self._receive_wait: Callable[[], Awaitable[bytes | bytearray]] | None = (
             getattr(stream, "receive_wait", None) if self._try_receive else None)
+        # What Trio waits on for those transports (``wait_fd``): a blocked read waits for it
+        # and tries once itself, and only a wake-up that finds nothing goes to the
+        # transport's ``receive_wait`` (one coroutine less per blocked read).
+        self._wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
         # Decrypted bytes OpenSSL holds (TLS): a read must take them before it may wait.
         self._pending: Callable[[], int] | None = getattr(stream, "pending", None)
         self.sent_head = False  # a response head went out for the current request
@@ -254,7 +259,11 @@ class Endpoint:
         anything. On a proxy those are the read of another proxy's answer and the idle
         wait of a connection from another proxy; a local app or client answers or sends its
         next request within microseconds often enough. A large read ends the
-        waiting-first: a body is streaming."""
+        waiting-first: a body is streaming.
+
+        A blocked read waits for the transport's ``wait_fd`` and reads with one try; only
+        a wake-up that finds nothing (or a closed stream, or a TLS read that has to write
+        first: ``want_write``) goes on in the transport's ``receive_wait``, which loops."""
         try_receive = self._try_receive
         if try_receive is not None:
             misses = self.misses
@@ -288,7 +297,14 @@ class Endpoint:
             waiting = self._watch.waiting  # type: ignore[union-attr]
             waiting[bound] = None
             try:
-                got = await wait()
+                fd = self._wait_fd
+                if fd is not None and not self.stream.want_write:  # type: ignore[attr-defined]
+                    await wait_readable(fd)
+                    got = try_receive()  # type: ignore[misc]
+                    if got is None:  # (nothing after all, closed, or TLS must write first)
+                        got = await wait()
+                else:
+                    got = await wait()
             except _IO_ERRORS as exc:
                 if bound.expired:
                     raise Timeout("read", self.side) from None
@@ -324,27 +340,34 @@ class Endpoint:
     async def flush(self, deadline: float | None = None, *, timeout: float = 0.0) -> None:
         """Send everything queued, in one write when possible, by ``deadline`` (None:
         ``timeout`` seconds from when the socket would block)."""
+        rest = self.flush_now(deadline, timeout=timeout)
+        if rest is not None:
+            await rest
+
+    def flush_now(self, deadline: float | None = None, *,
+                  timeout: float = 0.0) -> Coroutine[Any, Any, None] | None:
+        """``flush`` without a coroutine when the socket takes everything at once (nearly
+        always): None then; else the coroutine that sends the rest, which the caller awaits
+        at once. On the data path's per-request flushes (the request to the upstream, the
+        response to the client) this saves a coroutine each, about 1,000 instructions."""
         out = self.out
         if not out:
-            return
+            return None
         data = out[0] if len(out) == 1 else b"".join(out)
         self.out = []
         self.out_len = 0
-        # The fast path inline, the rest in ``_send_slow``: one coroutine less per flush
-        # when the socket takes it all (nearly always), 1,200 instructions.
         try_send = self._try_send
         if try_send is None:
-            await self._send_slow(data, self.stream.send_all, data, deadline, timeout)
-            return
+            return self._send_slow(data, self.stream.send_all, data, deadline, timeout)
         try:
             rest = try_send(data)
         except _IO_ERRORS as exc:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         if rest:
-            await self._send_slow(data, self.stream.send_wire,  # type: ignore[attr-defined]
-                                  rest, deadline, timeout)
-            return
+            return self._send_slow(data, self.stream.send_wire,  # type: ignore[attr-defined]
+                                   rest, deadline, timeout)
         self.bytes_out += len(data)
+        return None
 
     async def _send_slow(self, data: bytes, send: Callable[[Any], Awaitable[object]],
                          pending: bytes | bytearray | memoryview, deadline: float | None,

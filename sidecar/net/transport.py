@@ -68,11 +68,17 @@ class SocketTransport(trio.abc.HalfCloseableStream):
     """Plain TCP on a Trio socket."""
 
     __slots__ = ("socket", "_raw", "_closed")
+    want_write = False  # (a plain socket never has to write to read: see TlsTransport)
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.socket = sock
         self._raw = _stdlib_socket(sock)
         self._closed = False
+
+    @property
+    def wait_fd(self) -> socket.socket:
+        """What a read waits on before ``try_receive`` (``receive_wait`` does the same)."""
+        return self._raw
 
     def try_receive(self) -> bytes | None:
         """Bytes already waiting on the socket, b"" at EOF, or None if it would block."""
@@ -156,7 +162,7 @@ class TlsTransport(trio.abc.Stream):
     itself) is called directly, without the ``ssl.SSLSocket`` wrapper around it.
     """
 
-    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "_want_write")
+    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -189,7 +195,9 @@ class TlsTransport(trio.abc.Stream):
         # many connections never have one): a lock is ~0.35 KB of every idle connection.
         self._send_lock: trio.StrictFIFOLock | None = None
         self._closed = False
-        self._want_write = False
+        # A read had to write first (a TLS 1.3 KeyUpdate answer): the next wait is for the
+        # socket to take it, in ``receive_wait``.
+        self.want_write = False
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
@@ -259,6 +267,12 @@ class TlsTransport(trio.abc.Stream):
         """The TLS version agreed in the handshake (e.g. ``TLSv1.3``)."""
         return self._ssl.version()
 
+    @property
+    def wait_fd(self) -> socket.socket:
+        """What a read waits on before ``try_receive`` (``receive_wait`` does the same, and
+        also what a read that must write first waits on)."""
+        return self._fd
+
     def pending(self) -> int:
         """Decrypted bytes OpenSSL holds that were not read yet."""
         return self._ssl.pending()
@@ -275,7 +289,7 @@ class TlsTransport(trio.abc.Stream):
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLWantWriteError:
-            self._want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
+            self.want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
             return None
         except ssl.SSLEOFError:
             return b""  # a TCP EOF without close_notify (what suppress_ragged_eofs did)
@@ -290,8 +304,8 @@ class TlsTransport(trio.abc.Stream):
         while True:
             if self._closed:
                 raise trio.ClosedResourceError
-            if self._want_write:
-                self._want_write = False
+            if self.want_write:
+                self.want_write = False
                 await trio.lowlevel.wait_writable(fd)
             else:
                 await trio.lowlevel.wait_readable(fd)
