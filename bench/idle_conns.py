@@ -4,9 +4,10 @@ For each proxy (``--setups``, default the sidecar and Envoy, one after the other
 share the machine): starts the two proxies of the benchmark mesh (A outbound, B inbound, as in
 run.py), opens ``--count`` idle plain connections to A and ``--count`` idle mTLS connections
 (full handshake, client certificate) to B, holds them for ``--hold`` seconds, then reports each
-proxy's current and peak RSS (largest process of its tree). Targets (issue 15): with 1,000 idle
-mTLS connections each sidecar process at most Envoy's RSS and at most 60 MiB. Every process is
-stopped by pid at the end. Exit status: 0 within target, 1 over it, 2 when the sidecar could
+proxy's current and peak RSS (largest process of its tree) and the CPU it spent while
+holding them (``idle CPU``, ms per second of the hold: timers and watchers). Targets (issue
+15): with 1,000 idle mTLS connections each sidecar process at most Envoy's RSS and at most
+60 MiB. Every process is stopped by pid at the end. Exit status: 0 within target, 1 over it, 2 when the sidecar could
 not start.
 """
 
@@ -33,6 +34,7 @@ from bench.procs import (  # noqa: E402
     children_of,
     peak_rss_bytes,
     rss_bytes,
+    tree_cpu_seconds,
 )
 from bench.setups import Setup, SetupContext, make_setup  # noqa: E402
 
@@ -81,7 +83,9 @@ def _closed_by_peer(held: list[socket.socket]) -> int:
 def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
             hold: float) -> dict[str, dict[str, float]]:
     """Start ``setup``, hold ``count`` idle connections to each proxy, return
-    {"A"/"B": {"rss_mib", "peak_mib"}}; the connections are closed and the setup stopped."""
+    {"A"/"B": {"rss_mib", "peak_mib", "idle_cpu_ms_per_s"}} (the CPU each proxy's process
+    tree used while the connections were held, per second of the hold); the connections are
+    closed and the setup stopped."""
     held: list[socket.socket] = []
     port_a = setup.start(ctx)
     try:
@@ -95,7 +99,14 @@ def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
             held.append(tls.wrap_socket(_connect(setup.ports["B"], i)))
         print(f"{setup.name}: {count} idle mTLS connections to B "
               f"({time.monotonic() - t0:.1f} s)")
+        # CPU over the hold: what a proxy spends with nothing to do but keep the connections
+        # (timers, watchers), in ms per second.
+        cpu0 = {role: tree_cpu_seconds(p.pid) for role, p in setup.proxies.items()}
+        t0 = time.monotonic()
         time.sleep(max(0.0, min(hold, 600.0)))
+        held_for = max(time.monotonic() - t0, 1e-3)
+        idle_cpu = {role: (tree_cpu_seconds(p.pid) - cpu0[role]) * 1000.0 / held_for
+                    for role, p in setup.proxies.items()}
         closed = _closed_by_peer(held)
         print(f"{setup.name}: {len(held) - closed} of {len(held)} connections still open"
               + (f" -- {closed} CLOSED by the proxy" if closed else ""))
@@ -104,9 +115,11 @@ def measure(setup: Setup, ctx: SetupContext, tls: ssl.SSLContext, count: int,
             pids = [started.pid, *children_of(started.pid)]
             alive = started.proc.poll() is None
             out[role] = {"rss_mib": max(rss_bytes(pid) for pid in pids) / 2**20,
-                         "peak_mib": max(peak_rss_bytes(pid) for pid in pids) / 2**20}
+                         "peak_mib": max(peak_rss_bytes(pid) for pid in pids) / 2**20,
+                         "idle_cpu_ms_per_s": idle_cpu[role]}
             print(f"{setup.name} {role}: RSS {out[role]['rss_mib']:.1f} MiB, peak "
-                  f"{out[role]['peak_mib']:.1f} MiB (largest of {len(pids)} process(es))"
+                  f"{out[role]['peak_mib']:.1f} MiB (largest of {len(pids)} process(es)), "
+                  f"idle CPU {idle_cpu[role]:.1f} ms/s over {held_for:.0f} s"
                   f"{'' if alive else ' -- EXITED'}")
         return out
     finally:

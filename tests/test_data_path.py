@@ -33,6 +33,7 @@ from sidecar.net.streams import (
     Endpoint,
     ProtocolViolation,
     Timeout,
+    current_watch,
 )
 from sidecar.net.transport import SocketTransport
 from sidecar.telemetry import Telemetry
@@ -587,6 +588,47 @@ async def test_request_loop_ends_quietly_when_the_client_goes_away_mid_request()
     await request_loop(client, tracker=ConnectionTracker(), limits=LIMITS,
                        telemetry=Telemetry(metrics), handle=handle, source="127.0.0.1",
                        peer=None)
+
+
+@trio_test(autojump=True)
+async def test_the_wait_watch_looks_only_when_a_wait_is_due() -> None:
+    # The watch that bounds blocked reads on the lean transports does not wake while no
+    # wait is due (it used to look every WATCH_TICK: ~6 ms of CPU a second on an idle
+    # sidecar), and a wait that begins while it sleeps, or whose deadline is lowered,
+    # still ends at its deadline (within WATCH_TICK).
+    ours, client = client_pair("lean")
+    watch = current_watch()
+    await trio.sleep(30)  # no wait at all: no look
+    assert watch.looks == 0
+    start = trio.current_time()
+    with trio.fail_after(25), pytest.raises(Timeout):  # (a watch that never looks: fails)
+        await client.next_event(start + 20)
+    assert 20 <= trio.current_time() - start <= 20 + WATCH_TICK
+    assert watch.looks <= 2  # (one look at the deadline; 400 at one per WATCH_TICK)
+    # Two waits far apart: the watch looks at the first one's deadline, not before.
+    other_ours, other = client_pair("lean")
+    looks = watch.looks
+    start = trio.current_time()
+    ended: dict[str, float] = {}
+
+    async def read(name: str, ep: Endpoint, after: float) -> None:
+        with pytest.raises(Timeout):
+            await ep.next_event(start + after)
+        ended[name] = trio.current_time() - start
+
+    with trio.fail_after(110):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "late", client, 100.0)
+            nursery.start_soon(read, "early", other, 40.0)
+            await trio.sleep(10)
+            # A bound lowered while the read waits (as a drain or a retirement does).
+            assert other.wait is not None
+            other.wait.deadline = min(other.wait.deadline, trio.current_time() + 5)
+    assert 15 <= ended["early"] <= 15 + WATCH_TICK
+    assert 100 <= ended["late"] <= 100 + WATCH_TICK
+    assert watch.looks - looks <= 3
+    await ours.aclose()
+    await other_ours.aclose()
 
 
 @pytest.mark.parametrize("kind", PAIRS)

@@ -13,13 +13,18 @@ see ``Endpoint.receive``); only when it would block is there anything to bound. 
 cancel scope per blocked read (and one per idle wait) cost about a tenth of a proxy's CPU
 per request, so on those transports the bound is kept by the process's ``WaitWatch``
 instead: the read records its deadline in its endpoint's ``Wait`` and registers it (a dict
-entry), and one system task wakes every ``WATCH_TICK`` seconds and ends the waits past their
+entry), and one system task ends the waits past their
 deadline with ``trio.lowlevel.notify_closing`` on the socket (the wait raises
 ``ClosedResourceError``, which the endpoint turns into ``Timeout`` because its ``Wait`` says
-it expired; the socket itself stays open, so a 408 can still be written). A bound is thus
-kept to within ``WATCH_TICK`` (50 ms) rather than exactly, which no timeout of the sidecar
-needs. ``Wait`` has the two members of a cancel scope the listener's drain and the
-connection lifetimes use on an idle wait (``deadline``, ``cancel()``), so those cut it as
+it expired; the socket itself stays open, so a 408 can still be written). The task looks at
+the waits when the earliest deadline among them is due, and never sooner than ``WATCH_TICK``
+(50 ms) after its last look: a bound is kept to within ``WATCH_TICK`` rather than exactly,
+which no timeout of the sidecar needs, and a sidecar whose waits are all far off (idle
+keep-alive connections) or that has none does not wake at all (a look every 50 ms cost an
+idle sidecar about 6 ms of CPU a second). A wait whose deadline is earlier than the task's
+next look -- a new one, or one a drain or retirement lowers -- moves that look forward.
+``Wait`` has the two members of a cancel scope the listener's drain and the connection
+lifetimes use on an idle wait (``deadline``, ``cancel()``), so those cut it as
 they cut a scope. Other streams (memory streams in tests, the control plane) keep a cancel
 scope per wait.
 """
@@ -92,12 +97,27 @@ class Wait:
     docstring); reused for every read of the endpoint. ``deadline`` may be lowered while
     the read waits, and ``cancel()`` ends it now, as for a ``trio.CancelScope``."""
 
-    __slots__ = ("deadline", "expired", "_sock")
+    __slots__ = ("_deadline", "expired", "_sock", "_watch")
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.deadline = math.inf
+    def __init__(self, sock: socket.socket, watch: WaitWatch | None = None) -> None:
+        self._deadline = math.inf
         self.expired = False
         self._sock = sock
+        self._watch = watch
+
+    @property
+    def deadline(self) -> float:
+        """When the read ends with ``Timeout`` (trio clock)."""
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        # A drain or a retirement lowering the bound of an idle wait: the watch must look
+        # by then. (``Endpoint.receive`` sets ``_deadline`` itself, without this call.)
+        self._deadline = value
+        watch = self._watch
+        if watch is not None and value < watch.wake_at:
+            watch.look_by(value)
 
     def cancel(self) -> None:
         """End the wait now (a drain, a retirement): the read raises ``Timeout``."""
@@ -111,20 +131,52 @@ class Wait:
 
 class WaitWatch:
     """The blocked reads of one Trio run and their deadlines; one system task ends the
-    ones past their deadline every ``WATCH_TICK`` seconds."""
+    ones past their deadline, looking when the earliest is due (see the module docstring).
+
+    ``wake_at``: when the task looks next (inf: not until a wait asks, ``look_by``);
+    ``looks``: how many times it has looked."""
 
     def __init__(self) -> None:
         self.waiting: dict[Wait, None] = {}
+        self.wake_at = math.inf
+        self.looks = 0
+        self._last = -math.inf  # trio clock of the last look
+        self._scope: trio.CancelScope | None = None  # the task's sleep until wake_at
+
+    def look_by(self, deadline: float) -> None:
+        """A wait is due at ``deadline``, before the next look: look then (at the earliest
+        ``WATCH_TICK`` after the last look)."""
+        at = max(deadline, self._last + WATCH_TICK)
+        if at < self.wake_at:
+            self.wake_at = at
+            if self._scope is not None:
+                self._scope.deadline = at
 
     async def run(self) -> None:
-        """Look at the waits every ``WATCH_TICK`` seconds until the run ends."""
+        """Look at the waits whenever one is due, until the run ends."""
         waiting = self.waiting
         while True:
-            await trio.sleep(WATCH_TICK)
-            if waiting:
-                now = trio.current_time()
-                for wait in [w for w in waiting if w.deadline <= now]:
-                    wait.cancel()
+            # Nothing between the end of one sleep and the start of the next awaits, so a
+            # ``look_by`` either moves this scope's deadline or finds ``_scope`` None and
+            # sets ``wake_at``, which the next scope starts from.
+            with trio.CancelScope(deadline=self.wake_at) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            self._last = now
+            self.looks += 1
+            due = math.inf
+            expired = []
+            for wait in waiting:
+                deadline = wait._deadline
+                if deadline <= now:
+                    expired.append(wait)
+                elif deadline < due:
+                    due = deadline
+            for wait in expired:
+                wait.cancel()
+            self.wake_at = max(due, now + WATCH_TICK)
 
 
 _WATCH: trio.lowlevel.RunVar[WaitWatch | None] = trio.lowlevel.RunVar("sidecar_wait_watch",
@@ -204,8 +256,8 @@ class Endpoint:
         self.clock = run_clock()  # read only when a deadline is needed (see next_event)
         # Blocked reads bounded by the run's WaitWatch (the lean transports only).
         sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
-        self.wait: Wait | None = Wait(sock) if sock is not None else None
         self._watch: WaitWatch | None = current_watch() if sock is not None else None
+        self.wait: Wait | None = Wait(sock, self._watch) if sock is not None else None
 
     async def next_event(self, deadline: float | None, flush_first: Endpoint | None = None, *,
                          timeout: float = 0.0) -> object:
@@ -292,9 +344,12 @@ class Endpoint:
         bound = self.wait
         if bound is not None and wait is not None:
             # The run's WaitWatch keeps the bound (module docstring): no cancel scope.
-            bound.deadline = deadline
+            bound._deadline = deadline
             bound.expired = False
-            waiting = self._watch.waiting  # type: ignore[union-attr]
+            watch: WaitWatch = self._watch  # type: ignore[assignment]
+            if deadline < watch.wake_at:
+                watch.look_by(deadline)  # (rare: the usual wait is due after the next look)
+            waiting = watch.waiting
             waiting[bound] = None
             try:
                 fd = self._wait_fd
