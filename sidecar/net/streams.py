@@ -112,8 +112,8 @@ class Wait:
 
     @deadline.setter
     def deadline(self, value: float) -> None:
-        # A drain or a retirement lowering the bound of an idle wait: the watch must look
-        # by then. (``Endpoint.receive`` sets ``_deadline`` itself, without this call.)
+        """Move the bound (a drain or a retirement lowering it while the read waits): the
+        watch is told to look by then. (``Endpoint.receive`` sets ``_deadline`` itself.)"""
         self._deadline = value
         watch = self._watch
         if watch is not None and value < watch.wake_at:
