@@ -1,6 +1,7 @@
 """The strict reader's check of a complete head (``MessageReader._head``), held byte by byte
 to two references: the whole-head regular expression it used to run (``_REQUEST_HEAD`` /
-``_RESPONSE_HEAD``, which stay in ``sidecar.http.wire`` as the grammar's reference, with
+``_RESPONSE_HEAD`` below, built from ``sidecar.http.wire``'s start-line and field-line
+expressions, with
 ``_split_fields`` and ``_head_facts`` over all fields) and h11 (``assert_never_more_lenient``
 of ``tests/test_wire.py``: whatever the reader accepts, h11 accepts and reads the same).
 
@@ -17,11 +18,21 @@ read must be the reference's.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sidecar.http import wire
 from sidecar.http.wire import MessageReader, ParseError, Request, Response
 from tests.test_wire import assert_never_more_lenient
+
+# The whole head in one expression, as the reader matched it before it checked heads with C
+# string operations: the reference grammar. Neither part can contain CR or LF before its CRLF,
+# so the start line ends at the head's first CRLF exactly as ``bytes.partition`` finds it.
+_REQUEST_HEAD = re.compile(wire._REQUEST_LINE.pattern + rb"\r\n(" + wire._FIELD_LINES.pattern
+                           + rb")")
+_RESPONSE_HEAD = re.compile(wire._STATUS_LINE.pattern + rb"\r\n(" + wire._FIELD_LINES.pattern
+                            + rb")")
 
 MARK = b"<*>"  # where a case puts its byte or bytes
 
@@ -153,7 +164,7 @@ def reference(raw: bytes, *, requests: bool) -> tuple[object, ...]:
     end = raw.find(b"\r\n\r\n")
     assert end >= 0
     block = raw[:end + 2]
-    m = (wire._REQUEST_HEAD if requests else wire._RESPONSE_HEAD).fullmatch(block)
+    m = (_REQUEST_HEAD if requests else _RESPONSE_HEAD).fullmatch(block)
     if m is None:
         _, _, fields = block.partition(b"\r\n")
         if wire._FIELD_LINES.fullmatch(fields) is None:

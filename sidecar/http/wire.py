@@ -113,15 +113,11 @@ _FIELD_LINES = re.compile(rb"(?:" + _TCHAR + rb"+:" + _VALUE_BYTE + rb"*\r\n)*")
 _REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([\x21-\x7e]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: (" + _VALUE_BYTE + rb"*))?")
 _TOKEN = re.compile(_TCHAR + rb"+")
-# The grammar of a whole head in one expression -- the start line, CRLF, the field lines --
-# which the reader ran until it checked heads as below, kept as the reference that
-# ``tests/test_wire_heads.py`` holds the reader to. Neither part can contain CR or LF before
-# its CRLF, so the start line ends at the head's first CRLF exactly as ``bytes.partition``
-# finds it.
-_REQUEST_HEAD = re.compile(_REQUEST_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
-_RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.pattern + rb")")
-# The same grammar checked in C calls instead of the regular-expression engine, which tests
-# a character class byte by byte (~20 instructions a byte) and a repetition per line:
+# A whole head -- the start line (``_REQUEST_LINE`` / ``_STATUS_LINE``), CRLF, the field lines
+# (``_FIELD_LINES``) -- was one regular expression; ``tests/test_wire_heads.py`` keeps that
+# expression as the reference the reader is held to. The same grammar is checked here in C
+# calls instead of the regular-expression engine, which tests a character class byte by byte
+# (~20 instructions a byte) and a repetition per line:
 #
 # * The head is split at CRLF and its lines joined; ``translate`` with ``_LINE_BYTES`` maps
 #   every byte of the value class to itself and every other byte (CR, LF, NUL, the other
@@ -132,7 +128,7 @@ _RESPONSE_HEAD = re.compile(_STATUS_LINE.pattern + rb"\r\n(" + _FIELD_LINES.patt
 # * Each field line: a colon, and before the first one a name found in ``_NAMES`` (names
 #   already seen to match ``_TOKEN`` -> lower-case), or else matched against ``_TOKEN``.
 #
-# That is ``_REQUEST_HEAD`` / ``_RESPONSE_HEAD`` line by line; ``tests/test_wire_heads.py``
+# That is the whole-head expression line by line; ``tests/test_wire_heads.py``
 # holds the two to the same decisions, reasons and results (every byte at every position,
 # every confusable line end, the field-line edge cases), fed whole and one byte at a time,
 # and h11 to the same reading. A head refused goes to ``_refuse_head``, which names the part.
