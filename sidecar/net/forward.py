@@ -18,6 +18,7 @@ directions. Any failure before the response head reached the client becomes a ge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -41,7 +42,14 @@ from sidecar.http.wire import (
     serialise_response_head,
 )
 from sidecar.net.pool import UpstreamPool
-from sidecar.net.streams import Endpoint, PeerClosed, ProtocolViolation, Timeout, close_quietly
+from sidecar.net.streams import (
+    Endpoint,
+    PeerClosed,
+    ProtocolViolation,
+    Timeout,
+    close_quietly,
+    wait_readable,
+)
 
 
 @dataclass(slots=True)
@@ -260,7 +268,24 @@ async def _relay_response(client: Endpoint, ep: Endpoint, pool: UpstreamPool, li
                           keep_alive: bool) -> Exchange:
     deadline = client.clock() + limits.response_timeout
     while True:
-        event = await ep.next_event(deadline, flush_first=client)
+        # ``ep.next_event(deadline, flush_first=client)`` written out, its read split at the
+        # wait (``Endpoint.receive_now``): this frame waits for the upstream's answer
+        # itself, with no ``next_event`` / ``receive`` frames below it to suspend and resume.
+        event = ep.event_now()
+        while event is NEED_DATA:
+            if client.out:  # (a 1xx head relayed: it goes out before the wait)
+                await client.flush(deadline)
+            got: Any = ep.receive_now(deadline)  # (bytes, None or a coroutine)
+            if got is None:
+                try:
+                    await wait_readable(ep.wait_fd)
+                except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
+                    raise ep.wait_failed(exc)  # noqa: B904 -- (its own cause)
+                got = ep.woke(deadline)
+            if not isinstance(got, bytes):  # (the complete read)
+                got = await got
+            ep.reader.feed(got)
+            event = ep.event_now()
         if type(event) is not Response:
             raise PeerClosed("upstream_closed_before_response")
         status = event.status

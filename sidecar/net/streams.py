@@ -27,6 +27,17 @@ next look -- a new one, or one a drain or retirement lowers -- moves that look f
 lifetimes use on an idle wait (``deadline``, ``cancel()``), so those cut it as
 they cut a scope. Other streams (memory streams in tests, the control plane) keep a cancel
 scope per wait.
+
+Who waits. A suspended task suspends, and later resumes, every coroutine between its root
+and Trio's wait, and an idle keep-alive connection keeps that whole chain in memory. So the
+two waits of every request -- the idle wait for the next one (``request_loop``) and the
+wait for the upstream's answer (``forward``) -- do not go through ``next_event`` and
+``receive``: ``receive_now`` tries the read, and when it would block it arms the
+endpoint's ``Wait`` and returns None; the frame that owns the loop awaits
+``wait_readable`` itself and then reads with ``woke`` (or maps the wait's failure with
+``wait_failed``). Everything else a read may need (other streams, a fairness checkpoint, a
+TLS read that must write first) is the complete ``receive``, which ``receive_now`` returns
+as a coroutine for the caller to await.
 """
 
 from __future__ import annotations
@@ -225,7 +236,7 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "misses", "_try_receive", "_try_send", "_receive_wait", "_wait_fd", "_pending",
+                 "misses", "_try_receive", "_try_send", "_receive_wait", "wait_fd", "_pending",
                  "sent_head", "wait", "_watch", "clock")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
@@ -248,8 +259,9 @@ class Endpoint:
             getattr(stream, "receive_wait", None) if self._try_receive else None)
         # What Trio waits on for those transports (``wait_fd``): a blocked read waits for it
         # and tries once itself, and only a wake-up that finds nothing goes to the
-        # transport's ``receive_wait`` (one coroutine less per blocked read).
-        self._wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
+        # transport's ``receive_wait`` (one coroutine less per blocked read). The callers
+        # of ``receive_now`` wait for it themselves.
+        self.wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
         # Decrypted bytes OpenSSL holds (TLS): a read must take them before it may wait.
         self._pending: Callable[[], int] | None = getattr(stream, "pending", None)
         self.sent_head = False  # a response head went out for the current request
@@ -352,7 +364,7 @@ class Endpoint:
             waiting = watch.waiting
             waiting[bound] = None
             try:
-                fd = self._wait_fd
+                fd = self.wait_fd
                 if fd is not None and not self.stream.want_write:  # type: ignore[attr-defined]
                     await wait_readable(fd)
                     got = try_receive()  # type: ignore[misc]
@@ -386,6 +398,89 @@ class Endpoint:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         self.bytes_in += len(got)
         return got
+
+    def receive_now(self, deadline: float) -> bytes | Coroutine[Any, Any, bytes | bytearray] | None:
+        """``receive`` split at its wait, so that the frame that owns a read loop waits on
+        Trio itself: the frames in between (``next_event``, ``receive``) are then neither
+        suspended nor resumed at the wait, about 1,000 instructions each per wait (every
+        level of a suspended coroutine chain passes the suspension up and the resumption
+        down, each with its frame). Used at the two waits of every request: the idle wait
+        for the next one (``request_loop``) and the wait for the upstream's answer
+        (``forward``).
+
+        Returns the bytes when a try finds them without waiting (b"" at EOF); None when the
+        read must wait for its socket: this endpoint's ``Wait`` is then armed with
+        ``deadline`` and registered with the ``WaitWatch``, and the caller awaits
+        ``trio.lowlevel.wait_readable(self.wait_fd)``, then calls ``woke`` -- or, on any
+        exception from that await, raises ``wait_failed(exc)``. Anything else -- a stream
+        other than the lean transports, a checkpoint due after reads that never waited, a
+        TLS read that must write first -- returns the coroutine of the complete
+        ``receive``, which the caller awaits. Same decisions and errors as ``receive``."""
+        bound = self.wait
+        if (bound is None or self.wait_fd is None or self.fast >= FAST_OPS_PER_CHECKPOINT - 1
+                or self.stream.want_write):  # type: ignore[attr-defined]
+            return self.receive(deadline)
+        # ``receive``'s try, written out rather than shared through a helper: the helper's
+        # call cost about 1,000 instructions per request on each proxy (measured).
+        misses = self.misses
+        if (misses < MISSES_BEFORE_WAITING
+                or misses >= MISSES_BEFORE_WAITING + PROBE_EVERY - 1
+                or (self._pending is not None and self._pending())):
+            try:
+                data = self._try_receive()  # type: ignore[misc]
+            except _IO_ERRORS as exc:
+                raise PeerClosed(type(exc).__name__, self.side) from exc
+            if data is not None:
+                self.misses = 0
+                self.bytes_in += len(data)
+                self.fast += 1
+                return data
+            if self.stream.want_write:  # type: ignore[attr-defined]
+                return self.receive(deadline)  # (a TLS read that must write first)
+            self.misses = misses + 1 if misses < MISSES_BEFORE_WAITING else (
+                MISSES_BEFORE_WAITING)  # (a probe that found nothing: wait first again)
+        else:
+            self.misses = misses + 1  # wait first; the PROBE_EVERY-th read is tried
+        bound._deadline = deadline
+        bound.expired = False
+        watch: WaitWatch = self._watch  # type: ignore[assignment]
+        if deadline < watch.wake_at:
+            watch.look_by(deadline)
+        watch.waiting[bound] = None
+        return None
+
+    def woke(self, deadline: float) -> bytes | Coroutine[Any, Any, bytes | bytearray]:
+        """After ``receive_now``'s wait: the read, with one try; a wake-up that finds
+        nothing (or a closed stream, or a TLS read that must write first) returns the
+        coroutine of the complete ``receive`` (the caller awaits it)."""
+        del self._watch.waiting[self.wait]  # type: ignore[union-attr,arg-type]
+        self.fast = 0  # (the wait let every other task run)
+        try:
+            got = self._try_receive()  # type: ignore[misc]
+        except _IO_ERRORS as exc:
+            raise PeerClosed(type(exc).__name__, self.side) from exc
+        if got is None:
+            return self.receive(deadline)
+        if len(got) >= STREAMING_READ:
+            self.misses = 0
+        self.bytes_in += len(got)
+        return got
+
+    def wait_failed(self, exc: BaseException) -> BaseException:
+        """What to raise when ``receive_now``'s wait raised ``exc``: ``Timeout`` if the
+        ``WaitWatch`` (or a drain, a retirement) ended it, ``PeerClosed`` for another I/O
+        error, else ``exc`` itself (a cancellation)."""
+        bound: Wait = self.wait  # type: ignore[assignment]
+        del self._watch.waiting[bound]  # type: ignore[union-attr]
+        if not isinstance(exc, _IO_ERRORS):
+            return exc
+        if bound.expired:
+            out: Exception = Timeout("read", self.side)
+            out.__suppress_context__ = True
+        else:
+            out = PeerClosed(type(exc).__name__, self.side)
+            out.__cause__ = exc
+        return out
 
     def queue(self, data: bytes) -> None:
         """Buffer serialised bytes for the next ``flush``."""
