@@ -2,8 +2,9 @@
 
 Theory of operation: one loop per client connection. It waits for the next request (the
 idle bound until the first byte, then the head bound; a drain cancels the idle wait), reads
-and checks the head, and hands it to the listener's ``handle`` coroutine, which decides and
-forwards. Whatever happens, each request leaves exactly one telemetry record (log line,
+and checks the head, and hands it to the listener's ``handle``, which decides and returns
+the coroutine that forwards (``forward``'s, built by a plain call: a refusal raises from the
+call), which the loop awaits. Whatever happens, each request leaves exactly one telemetry record (log line,
 metrics, audit record): the handler fills ``RequestContext`` as it learns facts and the
 verdict, so a refusal or a failure at any point is recorded with what was known. Any
 refusal ends the connection after a generic reply, so nothing pipelined behind a refused
