@@ -459,6 +459,12 @@ async def test_the_runs_wait_for_a_readable_socket_behaves_as_trios() -> None:
     await ours.aclose()
 
 
+def test_the_wait_for_a_readable_socket_falls_back_to_trios_public_one() -> None:
+    # Where the run's I/O manager cannot be reached as expected (here: outside a run, no
+    # run context), the public function is used, never a half-bound one.
+    assert run_wait_readable() is trio.lowlevel.wait_readable
+
+
 def lean_pool(nursery: trio.Nursery, answer: bytes | None, delay: float = 1.0) -> UpstreamPool:
     """A pool whose connections are socket pairs read through the data path's own
     transport (blocked reads bounded by the run's ``WaitWatch``); the far end answers
