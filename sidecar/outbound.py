@@ -191,7 +191,12 @@ class OutboundProxy:
             if self.cfg.protocol == "tcp":
                 await self._tcp(tcp, source)
             else:
-                await self._http(tcp, source)
+                # Written out here, and the session a coroutine built by a plain call: the
+                # connection's task then holds three frames above its request loop's wait
+                # (``_run_handler``, this, ``request_loop``), each resumed at every wait.
+                with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
+                    with conn.scope:
+                        await self._http_session(tcp, source, conn)
         finally:
             self.telemetry.connection_closed("outbound")
 
@@ -235,13 +240,10 @@ class OutboundProxy:
             await close_quietly(upstream)
         self.telemetry.request(record, 200, up, down)
 
-    async def _http(self, tcp: trio.SocketStream, source: str) -> None:
-        with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
-            with conn.scope:
-                await self._http_loop(tcp, source, conn)
-
-    async def _http_loop(self, tcp: trio.SocketStream, source: str,
-                         conn: LiveConnection) -> None:
+    def _http_session(self, tcp: trio.SocketStream, source: str,
+                      conn: LiveConnection) -> Coroutine[Any, Any, None]:
+        """The request loop of one HTTP connection from the app, with its handler (built
+        here; the caller awaits the loop)."""
         limits = self.limits
         # The local app's requests are parsed by the strict reader (sidecar.http.wire), as
         # everything else on the data path.
@@ -305,8 +307,9 @@ class OutboundProxy:
                 _upgrading.reset(token)
                 conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
 
-        await request_loop(client, tracker=self.tracker, limits=limits, telemetry=self.telemetry,
-                           handle=handle, source=source, peer=None, conn=conn)
+        return request_loop(client, tracker=self.tracker, limits=limits,
+                            telemetry=self.telemetry, handle=handle, source=source, peer=None,
+                            conn=conn)
 
 
 def retire_reason(meta: UpstreamMeta, tls: TlsState, now: float, wall: float) -> str | None:

@@ -10,6 +10,7 @@ End-to-end tests with real sidecars come on top (tests/test_dataplane.py and fri
 from __future__ import annotations
 
 import functools
+import sys
 
 import h11
 import pytest
@@ -21,7 +22,7 @@ from sidecar.errors import BadRequest, HeadersTooLarge
 from sidecar.http.request import check_head
 from sidecar.http.wire import CLOSED, END, NEED_DATA, MessageReader, Request, Response
 from sidecar.metrics import SidecarMetrics
-from sidecar.net.forward import forward
+from sidecar.net.forward import UpstreamFailed, forward
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.pool import FRESH_SECONDS, UpstreamPool
 from sidecar.net.session import request_loop
@@ -34,6 +35,7 @@ from sidecar.net.streams import (
     ProtocolViolation,
     Timeout,
     current_watch,
+    run_wait_readable,
 )
 from sidecar.net.transport import SocketTransport
 from sidecar.telemetry import Telemetry
@@ -340,6 +342,192 @@ async def test_endpoint_waits_first_when_its_reads_keep_finding_nothing() -> Non
     assert (transport.tries, transport.empty) == (tries + 1, empty)
     await ours.aclose()
     await ep.aclose()
+
+
+@trio_test(autojump=True)
+async def test_endpoint_receive_now_splits_a_read_at_its_wait() -> None:
+    # ``receive_now`` / ``woke`` / ``wait_failed``: the read the request loop and forward
+    # split at its wait, so that they await the socket themselves. Every outcome of a read
+    # (bytes already there, bytes after a wait, the bound, a cancellation, a closed peer)
+    # comes out as from ``receive``, and no ``Wait`` stays registered with the watch.
+    ours, client = client_pair("lean")
+    watch = current_watch()
+    assert client.wait is not None and client.wait_fd is not None
+
+    async def split_read(deadline: float) -> bytes:
+        got = client.receive_now(deadline)
+        if got is None:
+            assert watch.waiting == {client.wait: None}  # armed and registered
+            try:
+                await client.wait_readable(client.wait_fd)
+            except BaseException as exc:  # noqa: BLE001
+                raise client.wait_failed(exc)  # noqa: B904
+            got = client.woke(deadline)
+        if not isinstance(got, bytes):
+            got = await got
+        return got
+
+    await ours.send_all(b"here")
+    assert client.receive_now(trio.current_time() + 5) == b"here"  # no wait at all
+    assert not watch.waiting
+
+    async def send_later() -> None:
+        await trio.sleep(1)
+        await ours.send_all(b"later")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_later)
+        assert await split_read(trio.current_time() + 5) == b"later"
+    assert not watch.waiting and client.bytes_in == len(b"herelater")
+    # The bound: the WaitWatch ends the wait at its deadline; the socket stays usable.
+    start = trio.current_time()
+    with pytest.raises(Timeout) as info:
+        await split_read(start + 3)
+    assert info.value.side == "client" and 3 <= trio.current_time() - start <= 3 + WATCH_TICK
+    assert not watch.waiting
+    # A cancellation passes through, unregistered.
+    with trio.move_on_after(1) as scope:
+        await split_read(trio.current_time() + 60)
+    assert scope.cancelled_caught and not watch.waiting
+    # A retirement or a drain ends it as it ends ``receive``'s wait.
+    async with trio.open_nursery() as nursery:
+        async def cut() -> None:
+            await trio.sleep(1)
+            client.wait.cancel()  # type: ignore[union-attr]
+
+        nursery.start_soon(cut)
+        with pytest.raises(Timeout):
+            await split_read(trio.current_time() + 60)
+    assert not watch.waiting
+    # A checkpoint due after reads that never waited: the complete ``receive`` does it.
+    for _ in range(10):
+        await ours.send_all(b"x")
+        got = client.receive_now(trio.current_time() + 5)
+        if not isinstance(got, bytes):
+            assert got is not None
+            assert await got == b"x"
+    assert client.fast < 8
+    # The peer goes away: EOF is b"", as from ``receive``.
+    await ours.aclose()
+    assert await split_read(trio.current_time() + 5) == b""
+    assert not watch.waiting
+    # Any other stream: the coroutine of the complete ``receive``.
+    mem_ours, mem = client_pair("memory")
+    await mem_ours.send_all(b"m")
+    got = mem.receive_now(trio.current_time() + 5)
+    assert got is not None and not isinstance(got, bytes)
+    assert await got == b"m"
+
+
+@trio_test(autojump=True)
+async def test_the_runs_wait_for_a_readable_socket_behaves_as_trios() -> None:
+    # ``run_wait_readable``: Trio's epoll manager's own wait, bound once per run (the public
+    # function is two coroutines more per wait). It reaches into Trio's private layout, so
+    # it is held here to ``trio.lowlevel.wait_readable``'s behaviour; on Linux it must be
+    # the bound one (a Trio whose layout changed is noticed here, not silently slower).
+    wait = run_wait_readable()
+    if sys.platform == "linux":
+        assert wait is not trio.lowlevel.wait_readable
+    ours, client = client_pair("lean")
+    assert client.wait_readable is current_watch().wait_readable
+    a, b = trio.socket.socketpair()
+
+    async def later(action) -> None:  # type: ignore[no-untyped-def]
+        await trio.sleep(1)
+        action()
+
+    async with trio.open_nursery() as nursery:  # a wake-up when bytes arrive
+        nursery.start_soon(later, lambda: a._sock.send(b"x"))
+        await wait(b)
+        assert b._sock.recv(10) == b"x"
+    with trio.move_on_after(1) as scope:  # a cancellation takes the registration back
+        await wait(b)
+    assert scope.cancelled_caught
+    async with trio.open_nursery() as nursery:  # a second waiter on one socket is refused
+        nursery.start_soon(wait, b)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await wait(b)
+        a._sock.send(b"y")
+    assert b._sock.recv(10) == b"y"
+    async with trio.open_nursery() as nursery:  # notify_closing ends the wait
+        nursery.start_soon(later, lambda: trio.lowlevel.notify_closing(b))
+        with pytest.raises(trio.ClosedResourceError):
+            await wait(b)
+    a.close()
+    b.close()
+    await ours.aclose()
+
+
+def test_the_wait_for_a_readable_socket_falls_back_to_trios_public_one() -> None:
+    # Where the run's I/O manager cannot be reached as expected (here: outside a run, no
+    # run context), the public function is used, never a half-bound one.
+    assert run_wait_readable() is trio.lowlevel.wait_readable
+
+
+def lean_pool(nursery: trio.Nursery, answer: bytes | None, delay: float = 1.0) -> UpstreamPool:
+    """A pool whose connections are socket pairs read through the data path's own
+    transport (blocked reads bounded by the run's ``WaitWatch``); the far end answers
+    every request with ``answer`` after ``delay`` seconds, or (None) never, closing its end
+    once its input ends."""
+
+    async def app(stream: trio.SocketStream) -> None:
+        async with stream:
+            while await stream.receive_some(65536):
+                if answer is not None:
+                    await trio.sleep(delay)
+                    await stream.send_all(answer)
+
+    async def connect() -> trio.abc.Stream:
+        a, b = trio.socket.socketpair()
+        nursery.start_soon(app, trio.SocketStream(b))
+        return SocketTransport(a)
+
+    return UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
+
+
+@pytest.mark.parametrize("answer,outcome", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200),
+    (None, 504),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n", 502),
+])
+@trio_test(autojump=True)
+async def test_forward_waits_for_the_answer_on_the_lean_transports(answer: bytes | None,
+                                                                    outcome: int) -> None:
+    # The wait for the upstream's answer, awaited by forward itself (``receive_now``): an
+    # answer after a wait is relayed, a 1xx before it too, no answer is a 504 at
+    # ``response_timeout``, an answer that does not parse a 502; no Wait stays registered.
+    ours, client = client_pair("lean")
+    watch = current_watch()
+    limits = Limits(response_timeout=9.0)
+    async def request() -> tuple:
+        await ours.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        event = await client.next_event(trio.current_time() + 5)
+        return event, check_head(event.method, event.target, event.headers, max_headers=100,
+                                 max_body=0, http_version=event.version)
+
+    async with trio.open_nursery() as nursery:
+        pool = lean_pool(nursery, answer)
+        if outcome == 200:
+            for _ in range(2):  # (the second on the kept connection)
+                event, head = await request()
+                ex = await forward(client, event, list(event.headers), pool, limits, head)
+                got, body, _ = await read_response(ours)
+                assert (ex.status, got.status, body) == (200, 200, b"ok")
+                client.reader.start_next()
+            assert pool.statistics().reused == 1
+        else:
+            event, head = await request()
+            start = trio.current_time()
+            with pytest.raises(UpstreamFailed) as info:
+                await forward(client, event, list(event.headers), pool, limits, head)
+            assert info.value.refusal.status == outcome
+            if outcome == 504:
+                assert 9.0 <= trio.current_time() - start <= 9.0 + WATCH_TICK
+        assert not watch.waiting
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
 
 
 @trio_test

@@ -2,8 +2,9 @@
 
 Theory of operation: one loop per client connection. It waits for the next request (the
 idle bound until the first byte, then the head bound; a drain cancels the idle wait), reads
-and checks the head, and hands it to the listener's ``handle`` coroutine, which decides and
-forwards. Whatever happens, each request leaves exactly one telemetry record (log line,
+and checks the head, and hands it to the listener's ``handle``, which decides and returns
+the coroutine that forwards (``forward``'s, built by a plain call: a refusal raises from the
+call), which the loop awaits. Whatever happens, each request leaves exactly one telemetry record (log line,
 metrics, audit record): the handler fills ``RequestContext`` as it learns facts and the
 verdict, so a refusal or a failure at any point is recorded with what was known. Any
 refusal ends the connection after a generic reply, so nothing pipelined behind a refused
@@ -19,13 +20,14 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from sidecar.config.model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.request import RequestHead, check_head
-from sidecar.http.wire import Request
+from sidecar.http.wire import NEED_DATA, Request
 from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
@@ -115,7 +117,18 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 if conn is not None:
                     conn.idle = wait
                 try:
-                    reader.feed(await client.receive(deadline))
+                    # The read split at its wait, which this frame awaits itself
+                    # (``Endpoint.receive_now``): no frame below this one at the idle wait.
+                    got: Any = client.receive_now(deadline)  # (bytes, None or a coroutine)
+                    if got is None:
+                        try:
+                            await client.wait_readable(client.wait_fd)
+                        except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
+                            raise client.wait_failed(exc)  # noqa: B904 -- (its own cause)
+                        got = client.woke(deadline)
+                    if not isinstance(got, bytes):  # (the complete read)
+                        got = await got
+                    reader.feed(got)
                 except (PeerClosed, Timeout):
                     return
                 finally:
@@ -127,7 +140,12 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
         ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer)
         try:
             client.sent_head = False
-            event = await client.next_event(None, timeout=limits.header_timeout)
+            # The head is nearly always all here after the idle wait: parsed without a
+            # coroutine, and ``next_event`` (its own bound, ``header_timeout`` from the
+            # first read it needs) only for a head that is still arriving.
+            event = client.event_now()
+            if event is NEED_DATA:
+                event = await client.next_event(None, timeout=limits.header_timeout)
             if type(event) is not Request:
                 return  # the client closed the connection, or went away
             head = check_head(event.method, event.target, event.headers,

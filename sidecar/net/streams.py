@@ -27,10 +27,22 @@ next look -- a new one, or one a drain or retirement lowers -- moves that look f
 lifetimes use on an idle wait (``deadline``, ``cancel()``), so those cut it as
 they cut a scope. Other streams (memory streams in tests, the control plane) keep a cancel
 scope per wait.
+
+Who waits. A suspended task suspends, and later resumes, every coroutine between its root
+and Trio's wait, and an idle keep-alive connection keeps that whole chain in memory. So the
+two waits of every request -- the idle wait for the next one (``request_loop``) and the
+wait for the upstream's answer (``forward``) -- do not go through ``next_event`` and
+``receive``: ``receive_now`` tries the read, and when it would block it arms the
+endpoint's ``Wait`` and returns None; the frame that owns the loop awaits
+``wait_readable`` itself and then reads with ``woke`` (or maps the wait's failure with
+``wait_failed``). Everything else a read may need (other streams, a fairness checkpoint, a
+TLS read that must write first) is the complete ``receive``, which ``receive_now`` returns
+as a coroutine for the caller to await.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import select
 import socket
@@ -142,6 +154,9 @@ class WaitWatch:
         self.looks = 0
         self._last = -math.inf  # trio clock of the last look
         self._scope: trio.CancelScope | None = None  # the task's sleep until wake_at
+        # The run's wait for a readable socket (``run_wait_readable``), shared by its
+        # endpoints.
+        self.wait_readable = run_wait_readable()
 
     def look_by(self, deadline: float) -> None:
         """A wait is due at ``deadline``, before the next look: look then (at the earliest
@@ -201,6 +216,35 @@ def run_clock() -> Callable[[], float]:
     return clock
 
 
+def run_wait_readable() -> Callable[[Any], Awaitable[None]]:
+    """This run's wait for a readable socket, as ``trio.lowlevel.wait_readable``: when the
+    run's I/O manager is Trio's epoll one (Linux), its own ``_epoll_wait`` bound to it.
+
+    ``trio.lowlevel.wait_readable`` is two coroutines over that method (the generated
+    wrapper that looks the run up in a thread-local, and the manager's public method), and
+    the data path builds them at every wait it makes: about 2,000 instructions per wait,
+    4,000 per request on each proxy (measured). This reaches into Trio's private layout,
+    so it is checked once per run -- the run context, the manager's method and its
+    parameters (``fd``, ``attr_name``) -- and anything unexpected falls back to the public
+    function; ``tests/test_data_path.py`` holds the bound wait to the public one's
+    behaviour (a wake-up, ``notify_closing``, a cancellation)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT  # (private: checked below)
+
+        epoll_wait = GLOBAL_RUN_CONTEXT.runner.io_manager._epoll_wait
+        if list(inspect.signature(epoll_wait).parameters) != ["fd", "attr_name"]:
+            return trio.lowlevel.wait_readable
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return trio.lowlevel.wait_readable
+
+    def wait(fd: Any) -> Coroutine[Any, Any, None]:
+        # (a plain function returning the coroutine: a ``functools.partial`` with the
+        # keyword cost about 1,000 instructions more per request, measured)
+        return epoll_wait(fd, "read_task")
+
+    return wait
+
+
 def current_watch() -> WaitWatch:
     """This run's ``WaitWatch``, started on first use (a system task: it ends with the run)."""
     watch = _WATCH.get()
@@ -225,8 +269,8 @@ class Endpoint:
     """
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
-                 "misses", "_try_receive", "_try_send", "_receive_wait", "_wait_fd", "_pending",
-                 "sent_head", "wait", "_watch", "clock")
+                 "misses", "_try_receive", "_try_send", "_receive_wait", "wait_fd", "_pending",
+                 "sent_head", "wait", "_watch", "clock", "wait_readable")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -248,8 +292,9 @@ class Endpoint:
             getattr(stream, "receive_wait", None) if self._try_receive else None)
         # What Trio waits on for those transports (``wait_fd``): a blocked read waits for it
         # and tries once itself, and only a wake-up that finds nothing goes to the
-        # transport's ``receive_wait`` (one coroutine less per blocked read).
-        self._wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
+        # transport's ``receive_wait`` (one coroutine less per blocked read). The callers
+        # of ``receive_now`` wait for it themselves.
+        self.wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
         # Decrypted bytes OpenSSL holds (TLS): a read must take them before it may wait.
         self._pending: Callable[[], int] | None = getattr(stream, "pending", None)
         self.sent_head = False  # a response head went out for the current request
@@ -258,6 +303,9 @@ class Endpoint:
         sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
         self._watch: WaitWatch | None = current_watch() if sock is not None else None
         self.wait: Wait | None = Wait(sock, self._watch) if sock is not None else None
+        # What ``receive_now``'s callers await on ``wait_fd`` (the watch's, for this run).
+        self.wait_readable: Callable[[Any], Awaitable[None]] = (
+            self._watch.wait_readable if self._watch is not None else wait_readable)
 
     async def next_event(self, deadline: float | None, flush_first: Endpoint | None = None, *,
                          timeout: float = 0.0) -> object:
@@ -352,9 +400,9 @@ class Endpoint:
             waiting = watch.waiting
             waiting[bound] = None
             try:
-                fd = self._wait_fd
+                fd = self.wait_fd
                 if fd is not None and not self.stream.want_write:  # type: ignore[attr-defined]
-                    await wait_readable(fd)
+                    await self.wait_readable(fd)
                     got = try_receive()  # type: ignore[misc]
                     if got is None:  # (nothing after all, closed, or TLS must write first)
                         got = await wait()
@@ -386,6 +434,90 @@ class Endpoint:
             raise PeerClosed(type(exc).__name__, self.side) from exc
         self.bytes_in += len(got)
         return got
+
+    def receive_now(self, deadline: float) -> bytes | Coroutine[Any, Any, bytes | bytearray] | None:
+        """``receive`` split at its wait, so that the frame that owns a read loop waits on
+        Trio itself: the frames in between (``next_event``, ``receive``) are then neither
+        suspended nor resumed at the wait, about 1,000 instructions each per wait (every
+        level of a suspended coroutine chain passes the suspension up and the resumption
+        down, each with its frame). Used at the two waits of every request: the idle wait
+        for the next one (``request_loop``) and the wait for the upstream's answer
+        (``forward``).
+
+        Returns the bytes when a try finds them without waiting (b"" at EOF); None when the
+        read must wait for its socket: this endpoint's ``Wait`` is then armed with
+        ``deadline`` and registered with the ``WaitWatch``, and the caller awaits
+        ``self.wait_readable(self.wait_fd)`` (``run_wait_readable``), then calls ``woke`` --
+        or, on any
+        exception from that await, raises ``wait_failed(exc)``. Anything else -- a stream
+        other than the lean transports, a checkpoint due after reads that never waited, a
+        TLS read that must write first -- returns the coroutine of the complete
+        ``receive``, which the caller awaits. Same decisions and errors as ``receive``."""
+        bound = self.wait
+        if (bound is None or self.wait_fd is None or self.fast >= FAST_OPS_PER_CHECKPOINT - 1
+                or self.stream.want_write):  # type: ignore[attr-defined]
+            return self.receive(deadline)
+        # ``receive``'s try, written out rather than shared through a helper: the helper's
+        # call cost about 1,000 instructions per request on each proxy (measured).
+        misses = self.misses
+        if (misses < MISSES_BEFORE_WAITING
+                or misses >= MISSES_BEFORE_WAITING + PROBE_EVERY - 1
+                or (self._pending is not None and self._pending())):
+            try:
+                data = self._try_receive()  # type: ignore[misc]
+            except _IO_ERRORS as exc:
+                raise PeerClosed(type(exc).__name__, self.side) from exc
+            if data is not None:
+                self.misses = 0
+                self.bytes_in += len(data)
+                self.fast += 1
+                return data
+            if self.stream.want_write:  # type: ignore[attr-defined]
+                return self.receive(deadline)  # (a TLS read that must write first)
+            self.misses = misses + 1 if misses < MISSES_BEFORE_WAITING else (
+                MISSES_BEFORE_WAITING)  # (a probe that found nothing: wait first again)
+        else:
+            self.misses = misses + 1  # wait first; the PROBE_EVERY-th read is tried
+        bound._deadline = deadline
+        bound.expired = False
+        watch: WaitWatch = self._watch  # type: ignore[assignment]
+        if deadline < watch.wake_at:
+            watch.look_by(deadline)
+        watch.waiting[bound] = None
+        return None
+
+    def woke(self, deadline: float) -> bytes | Coroutine[Any, Any, bytes | bytearray]:
+        """After ``receive_now``'s wait: the read, with one try; a wake-up that finds
+        nothing (or a closed stream, or a TLS read that must write first) returns the
+        coroutine of the complete ``receive`` (the caller awaits it)."""
+        del self._watch.waiting[self.wait]  # type: ignore[union-attr,arg-type]
+        self.fast = 0  # (the wait let every other task run)
+        try:
+            got = self._try_receive()  # type: ignore[misc]
+        except _IO_ERRORS as exc:
+            raise PeerClosed(type(exc).__name__, self.side) from exc
+        if got is None:
+            return self.receive(deadline)
+        if len(got) >= STREAMING_READ:
+            self.misses = 0
+        self.bytes_in += len(got)
+        return got
+
+    def wait_failed(self, exc: BaseException) -> BaseException:
+        """What to raise when ``receive_now``'s wait raised ``exc``: ``Timeout`` if the
+        ``WaitWatch`` (or a drain, a retirement) ended it, ``PeerClosed`` for another I/O
+        error, else ``exc`` itself (a cancellation)."""
+        bound: Wait = self.wait  # type: ignore[assignment]
+        del self._watch.waiting[bound]  # type: ignore[union-attr]
+        if not isinstance(exc, _IO_ERRORS):
+            return exc
+        if bound.expired:
+            out: Exception = Timeout("read", self.side)
+            out.__suppress_context__ = True
+        else:
+            out = PeerClosed(type(exc).__name__, self.side)
+            out.__cause__ = exc
+        return out
 
     def queue(self, data: bytes) -> None:
         """Buffer serialised bytes for the next ``flush``."""
