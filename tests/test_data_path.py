@@ -10,7 +10,6 @@ End-to-end tests with real sidecars come on top (tests/test_dataplane.py and fri
 from __future__ import annotations
 
 import functools
-import sys
 
 import h11
 import pytest
@@ -35,7 +34,6 @@ from sidecar.net.streams import (
     ProtocolViolation,
     Timeout,
     current_watch,
-    run_wait_readable,
 )
 from sidecar.net.transport import SocketTransport
 from sidecar.telemetry import Telemetry
@@ -359,7 +357,7 @@ async def test_endpoint_receive_now_splits_a_read_at_its_wait() -> None:
         if got is None:
             assert watch.waiting == {client.wait: None}  # armed and registered
             try:
-                await client.wait_readable(client.wait_fd)
+                await trio.lowlevel.wait_readable(client.wait_fd)
             except BaseException as exc:  # noqa: BLE001
                 raise client.wait_failed(exc)  # noqa: B904
             got = client.woke(deadline)
@@ -417,52 +415,6 @@ async def test_endpoint_receive_now_splits_a_read_at_its_wait() -> None:
     got = mem.receive_now(trio.current_time() + 5)
     assert got is not None and not isinstance(got, bytes)
     assert await got == b"m"
-
-
-@trio_test(autojump=True)
-async def test_the_runs_wait_for_a_readable_socket_behaves_as_trios() -> None:
-    # ``run_wait_readable``: Trio's epoll manager's own wait, bound once per run (the public
-    # function is two coroutines more per wait). It reaches into Trio's private layout, so
-    # it is held here to ``trio.lowlevel.wait_readable``'s behaviour; on Linux it must be
-    # the bound one (a Trio whose layout changed is noticed here, not silently slower).
-    wait = run_wait_readable()
-    if sys.platform == "linux":
-        assert wait is not trio.lowlevel.wait_readable
-    ours, client = client_pair("lean")
-    assert client.wait_readable is current_watch().wait_readable
-    a, b = trio.socket.socketpair()
-
-    async def later(action) -> None:  # type: ignore[no-untyped-def]
-        await trio.sleep(1)
-        action()
-
-    async with trio.open_nursery() as nursery:  # a wake-up when bytes arrive
-        nursery.start_soon(later, lambda: a._sock.send(b"x"))
-        await wait(b)
-        assert b._sock.recv(10) == b"x"
-    with trio.move_on_after(1) as scope:  # a cancellation takes the registration back
-        await wait(b)
-    assert scope.cancelled_caught
-    async with trio.open_nursery() as nursery:  # a second waiter on one socket is refused
-        nursery.start_soon(wait, b)
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(trio.BusyResourceError):
-            await wait(b)
-        a._sock.send(b"y")
-    assert b._sock.recv(10) == b"y"
-    async with trio.open_nursery() as nursery:  # notify_closing ends the wait
-        nursery.start_soon(later, lambda: trio.lowlevel.notify_closing(b))
-        with pytest.raises(trio.ClosedResourceError):
-            await wait(b)
-    a.close()
-    b.close()
-    await ours.aclose()
-
-
-def test_the_wait_for_a_readable_socket_falls_back_to_trios_public_one() -> None:
-    # Where the run's I/O manager cannot be reached as expected (here: outside a run, no
-    # run context), the public function is used, never a half-bound one.
-    assert run_wait_readable() is trio.lowlevel.wait_readable
 
 
 def lean_pool(nursery: trio.Nursery, answer: bytes | None, delay: float = 1.0) -> UpstreamPool:

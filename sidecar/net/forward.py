@@ -48,6 +48,7 @@ from sidecar.net.streams import (
     ProtocolViolation,
     Timeout,
     close_quietly,
+    wait_readable,
 )
 
 
@@ -230,7 +231,7 @@ async def forward(
                     got: Any = ep.receive_now(deadline)  # (bytes, None or a coroutine)
                     if got is None:
                         try:
-                            await ep.wait_readable(ep.wait_fd)
+                            await wait_readable(ep.wait_fd)
                         except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
                             raise ep.wait_failed(exc)  # noqa: B904 -- (its own cause)
                         got = ep.woke(deadline)

@@ -32,7 +32,7 @@ from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.respond import send_refusal
-from sidecar.net.streams import Endpoint, PeerClosed, Timeout
+from sidecar.net.streams import Endpoint, PeerClosed, Timeout, wait_readable
 from sidecar.telemetry import RequestContext, Telemetry
 
 _ID_BATCH = 512
@@ -122,7 +122,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     got: Any = client.receive_now(deadline)  # (bytes, None or a coroutine)
                     if got is None:
                         try:
-                            await client.wait_readable(client.wait_fd)
+                            await wait_readable(client.wait_fd)
                         except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
                             raise client.wait_failed(exc)  # noqa: B904 -- (its own cause)
                         got = client.woke(deadline)

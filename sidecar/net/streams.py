@@ -42,7 +42,6 @@ as a coroutine for the caller to await.
 
 from __future__ import annotations
 
-import inspect
 import math
 import select
 import socket
@@ -154,9 +153,6 @@ class WaitWatch:
         self.looks = 0
         self._last = -math.inf  # trio clock of the last look
         self._scope: trio.CancelScope | None = None  # the task's sleep until wake_at
-        # The run's wait for a readable socket (``run_wait_readable``), shared by its
-        # endpoints.
-        self.wait_readable = run_wait_readable()
 
     def look_by(self, deadline: float) -> None:
         """A wait is due at ``deadline``, before the next look: look then (at the earliest
@@ -216,35 +212,6 @@ def run_clock() -> Callable[[], float]:
     return clock
 
 
-def run_wait_readable() -> Callable[[Any], Awaitable[None]]:
-    """This run's wait for a readable socket, as ``trio.lowlevel.wait_readable``: when the
-    run's I/O manager is Trio's epoll one (Linux), its own ``_epoll_wait`` bound to it.
-
-    ``trio.lowlevel.wait_readable`` is two coroutines over that method (the generated
-    wrapper that looks the run up in a thread-local, and the manager's public method), and
-    the data path builds them at every wait it makes: about 2,000 instructions per wait,
-    4,000 per request on each proxy (measured). This reaches into Trio's private layout,
-    so it is checked once per run -- the run context, the manager's method and its
-    parameters (``fd``, ``attr_name``) -- and anything unexpected falls back to the public
-    function; ``tests/test_data_path.py`` holds the bound wait to the public one's
-    behaviour (a wake-up, ``notify_closing``, a cancellation)."""
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT  # (private: checked below)
-
-        epoll_wait = GLOBAL_RUN_CONTEXT.runner.io_manager._epoll_wait
-        if list(inspect.signature(epoll_wait).parameters) != ["fd", "attr_name"]:
-            return trio.lowlevel.wait_readable
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return trio.lowlevel.wait_readable
-
-    def wait(fd: Any) -> Coroutine[Any, Any, None]:
-        # (a plain function returning the coroutine: a ``functools.partial`` with the
-        # keyword cost about 1,000 instructions more per request, measured)
-        return epoll_wait(fd, "read_task")
-
-    return wait
-
-
 def current_watch() -> WaitWatch:
     """This run's ``WaitWatch``, started on first use (a system task: it ends with the run)."""
     watch = _WATCH.get()
@@ -270,7 +237,7 @@ class Endpoint:
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
                  "misses", "_try_receive", "_try_send", "_receive_wait", "wait_fd", "_pending",
-                 "sent_head", "wait", "_watch", "clock", "wait_readable")
+                 "sent_head", "wait", "_watch", "clock")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -303,9 +270,6 @@ class Endpoint:
         sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
         self._watch: WaitWatch | None = current_watch() if sock is not None else None
         self.wait: Wait | None = Wait(sock, self._watch) if sock is not None else None
-        # What ``receive_now``'s callers await on ``wait_fd`` (the watch's, for this run).
-        self.wait_readable: Callable[[Any], Awaitable[None]] = (
-            self._watch.wait_readable if self._watch is not None else wait_readable)
 
     async def next_event(self, deadline: float | None, flush_first: Endpoint | None = None, *,
                          timeout: float = 0.0) -> object:
@@ -402,7 +366,7 @@ class Endpoint:
             try:
                 fd = self.wait_fd
                 if fd is not None and not self.stream.want_write:  # type: ignore[attr-defined]
-                    await self.wait_readable(fd)
+                    await wait_readable(fd)
                     got = try_receive()  # type: ignore[misc]
                     if got is None:  # (nothing after all, closed, or TLS must write first)
                         got = await wait()
@@ -447,8 +411,7 @@ class Endpoint:
         Returns the bytes when a try finds them without waiting (b"" at EOF); None when the
         read must wait for its socket: this endpoint's ``Wait`` is then armed with
         ``deadline`` and registered with the ``WaitWatch``, and the caller awaits
-        ``self.wait_readable(self.wait_fd)`` (``run_wait_readable``), then calls ``woke`` --
-        or, on any
+        ``trio.lowlevel.wait_readable(self.wait_fd)``, then calls ``woke`` -- or, on any
         exception from that await, raises ``wait_failed(exc)``. Anything else -- a stream
         other than the lean transports, a checkpoint due after reads that never waited, a
         TLS read that must write first -- returns the coroutine of the complete
