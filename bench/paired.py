@@ -87,6 +87,11 @@ COMPARISONS = {c.name: c for c in (
                lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
                lambda: SidecarSetup(),
                False, "as audit, with the trail's fsync off (fsync: false)"),
+    Comparison("full-trail", "difference",
+               lambda: SidecarSetup(full=True),
+               lambda: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail"),
+               False, "sidecar-full minus the same pair without its audit trail (what the "
+               "chain-only trail without fsync costs inside the like-for-like pair)"),
     Comparison("audit-fsync", "difference",
                lambda: SidecarSetup(audit_full=True, name="sidecar-audit"),
                lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),

@@ -177,12 +177,14 @@ class SidecarSetup(Setup):
 
     def __init__(self, audit: bool = False, full: bool = False,
                  audit_fsync: bool = False, audit_full: bool = False,
-                 name: str | None = None, fsync: bool | None = None) -> None:
+                 name: str | None = None, fsync: bool | None = None,
+                 trail: bool = True) -> None:
         # ``name`` (bench/paired.py) tells two sidecar pairs running side by side apart: it
-        # names their config, policy, audit and log files.
+        # names their config, policy, audit and log files. ``trail=False`` (paired.py's
+        # full-trail) is sidecar-full without its audit trail: what the trail adds to it.
         super().__init__(name or ("sidecar-full" if full else "sidecar"))
         self.full = full
-        self.audit = audit or full or audit_full
+        self.audit = (audit or full or audit_full) and trail
         # --audit-full: the whole trail (signed checkpoints, encryption, shipping over TLS).
         self.audit_full = audit_full
         # sidecar-full: the audit trail as durable as Envoy's file access log (buffered, no

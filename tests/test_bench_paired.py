@@ -148,3 +148,7 @@ def test_every_comparison_builds_two_distinctly_named_setups() -> None:
     fsync = paired.COMPARISONS["audit-fsync"]
     assert fsync.subject().audit_fsync and not fsync.reference().audit_fsync  # type: ignore[attr-defined]
     assert fsync.reference().audit_full  # type: ignore[attr-defined]
+    trail = paired.COMPARISONS["full-trail"]
+    assert trail.subject().full and trail.subject().audit  # type: ignore[attr-defined]
+    assert trail.reference().full and not trail.reference().audit  # type: ignore[attr-defined]
+    assert not trail.subject().audit_fsync  # type: ignore[attr-defined]
