@@ -87,6 +87,11 @@ COMPARISONS = {c.name: c for c in (
                lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
                lambda: SidecarSetup(),
                False, "as audit, with the trail's fsync off (fsync: false)"),
+    Comparison("full-notrail", "ratio",
+               lambda: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail"),
+               lambda: EnvoySetup(full=True),
+               True, "sidecar-full without its audit trail vs envoy-full with its access log "
+               "(not like for like: what the rest of the sidecar costs against Envoy's whole)"),
     Comparison("full-trail", "difference",
                lambda: SidecarSetup(full=True),
                lambda: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail"),

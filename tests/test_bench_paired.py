@@ -152,3 +152,6 @@ def test_every_comparison_builds_two_distinctly_named_setups() -> None:
     assert trail.subject().full and trail.subject().audit  # type: ignore[attr-defined]
     assert trail.reference().full and not trail.reference().audit  # type: ignore[attr-defined]
     assert not trail.subject().audit_fsync  # type: ignore[attr-defined]
+    notrail = paired.COMPARISONS["full-notrail"]
+    assert notrail.subject().full and not notrail.subject().audit  # type: ignore[attr-defined]
+    assert notrail.reference().name == "envoy-full" and notrail.latency
