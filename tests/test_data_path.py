@@ -482,6 +482,56 @@ async def test_forward_waits_for_the_answer_on_the_lean_transports(answer: bytes
         nursery.cancel_scope.cancel()
 
 
+def awaiting(coro: object) -> list[str]:
+    """The names of the coroutines (and Trio's generator-based trap) ``coro`` is suspended
+    in, outermost first."""
+    names = []
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is None:
+            break
+        names.append(code.co_name)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return names
+
+
+@trio_test
+async def test_the_two_waits_of_a_request_are_awaited_by_their_own_loops() -> None:
+    # The idle wait for the next request and the wait for the upstream's answer are awaited
+    # by request_loop and forward themselves (``Endpoint.receive_now``): no ``receive`` or
+    # ``next_event`` coroutine stays suspended, and resumed, between them and Trio's wait.
+    ours, client = client_pair("lean")
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with trio.open_nursery() as nursery:
+        pool = lean_pool(nursery, answer, delay=1.0)
+
+        def handle(ctx, event, head):  # type: ignore[no-untyped-def]
+            return forward(client, event, list(event.headers), pool, Limits(), head)
+
+        loop = request_loop(client, tracker=ConnectionTracker(), limits=Limits(),
+                            telemetry=Telemetry(SidecarMetrics()), handle=handle,
+                            source="127.0.0.1", peer=None)
+
+        async def run() -> None:
+            await loop
+
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        idle = awaiting(loop)
+        assert idle[:2] == ["request_loop", "wait_readable"], idle
+        await ours.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        answering = awaiting(loop)
+        assert answering[:3] == ["request_loop", "forward", "wait_readable"], answering
+        got, body, _ = await read_response(ours)
+        assert (got.status, body) == (200, b"ok")
+        await trio.testing.wait_all_tasks_blocked()
+        assert awaiting(loop)[:2] == ["request_loop", "wait_readable"]
+        await ours.aclose()
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+
+
 @trio_test
 async def test_endpoint_coalesces_writes_into_one_send() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
