@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,7 +250,9 @@ def _complete(script: str, *words: str) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 def test_bash_completion_loads_and_completes():
-    r = subprocess.run(["bash", "-c", "source <(python -m sidecar completion bash) && "
+    # The interpreter running the tests, not whichever ``python`` is first on PATH.
+    py = shlex.quote(sys.executable)
+    r = subprocess.run(["bash", "-c", f"source <({py} -m sidecar completion bash) && "
                                       "complete -p sidecar"],
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
@@ -286,8 +290,9 @@ def test_zsh_and_fish_scripts_cover_every_command():
         exe = shutil.which(shell)
         if exe is None:
             continue
-        load = "source <(python -m sidecar completion zsh)" if shell == "zsh" else \
-            "python -m sidecar completion fish | source; complete -C 'sidecar pol'"
+        py = shlex.quote(sys.executable)
+        load = f"source <({py} -m sidecar completion zsh)" if shell == "zsh" else \
+            f"{py} -m sidecar completion fish | source; complete -C 'sidecar pol'"
         r = subprocess.run([exe, "-c", load], capture_output=True, text=True, timeout=60,
                            cwd=str(ROOT))
         assert r.returncode == 0, r.stderr
