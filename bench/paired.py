@@ -46,7 +46,13 @@ from bench.app import body_path, start_app  # noqa: E402
 from bench.certs import make_mesh_certs  # noqa: E402
 from bench.procs import ProcessGroup, close_workdir, tree_cpu_seconds  # noqa: E402
 from bench.run import machine_description  # noqa: E402
-from bench.setups import EnvoySetup, Setup, SetupContext, SidecarSetup  # noqa: E402
+from bench.setups import (  # noqa: E402
+    EnvoySetup,
+    Setup,
+    SetupContext,
+    SidecarSetup,
+    check_interpreter,
+)
 from bench.tokens import make_jwt  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -64,44 +70,55 @@ class Comparison:
 
     name: str
     kind: str  # "ratio" or "difference"
-    subject: Callable[[], Setup]
-    reference: Callable[[], Setup]
+    # Each builds its setup; the argument is --sidecar-python (None: this interpreter).
+    subject: Callable[[str | None], Setup]
+    reference: Callable[[str | None], Setup]
     latency: bool  # the 1-connection bursts by default
     description: str
 
 
 COMPARISONS = {c.name: c for c in (
-    Comparison("full", "ratio", lambda: SidecarSetup(full=True), lambda: EnvoySetup(full=True),
+    Comparison("full", "ratio", lambda py: SidecarSetup(full=True, python=py),
+               lambda py: EnvoySetup(full=True),
                True, "sidecar-full vs envoy-full (issue 15's like-for-like pair: JWT, one rule "
                "on principal + method + path + scope claim, a record of every request; the "
                "sidecar's audit trail without fsync, as in run.py)"),
-    Comparison("plain", "ratio", lambda: SidecarSetup(), lambda: EnvoySetup(),
+    Comparison("plain", "ratio", lambda py: SidecarSetup(python=py), lambda py: EnvoySetup(),
                False, "sidecar vs envoy (mTLS and identity only)"),
     Comparison("audit", "difference",
-               lambda: SidecarSetup(audit_full=True, name="sidecar-audit"),
-               lambda: SidecarSetup(),
+               lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
+               lambda py: SidecarSetup(python=py),
                False, "the sidecar pair with the whole audit trail (run.py's --audit-full: "
                "signed checkpoints, AES-256-GCM, shipping over TLS to a collector process, "
                "fsync per batch) minus the same pair without audit (issue 13's cost)"),
     Comparison("audit-nofsync", "difference",
-               lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
-               lambda: SidecarSetup(),
+               lambda py: SidecarSetup(audit_full=True, fsync=False,
+                                       name="sidecar-audit-nofsync", python=py),
+               lambda py: SidecarSetup(python=py),
                False, "as audit, with the trail's fsync off (fsync: false)"),
     Comparison("full-notrail", "ratio",
-               lambda: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail"),
-               lambda: EnvoySetup(full=True),
+               lambda py: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail",
+                                       python=py),
+               lambda py: EnvoySetup(full=True),
                True, "sidecar-full without its audit trail vs envoy-full with its access log "
                "(not like for like: what the rest of the sidecar costs against Envoy's whole)"),
     Comparison("full-trail", "difference",
-               lambda: SidecarSetup(full=True),
-               lambda: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail"),
+               lambda py: SidecarSetup(full=True, python=py),
+               lambda py: SidecarSetup(full=True, trail=False, name="sidecar-full-notrail",
+                                       python=py),
                False, "sidecar-full minus the same pair without its audit trail (what the "
                "chain-only trail without fsync costs inside the like-for-like pair)"),
     Comparison("audit-fsync", "difference",
-               lambda: SidecarSetup(audit_full=True, name="sidecar-audit"),
-               lambda: SidecarSetup(audit_full=True, fsync=False, name="sidecar-audit-nofsync"),
+               lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
+               lambda py: SidecarSetup(audit_full=True, fsync=False,
+                                       name="sidecar-audit-nofsync", python=py),
                False, "the whole trail with fsync per batch minus the same without fsync "
                "(what fsync itself costs)"),
+    Comparison("interpreter", "ratio",
+               lambda py: SidecarSetup(full=True, python=py, name="sidecar-full-python"),
+               lambda py: SidecarSetup(full=True),
+               True, "sidecar-full on --sidecar-python vs sidecar-full on the interpreter "
+               "running the benchmark (what another Python build or version costs)"),
 )}
 
 
@@ -133,6 +150,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE",
                    help="where the JSON goes (default bench/results/paired-<compare>-<UTC "
                         "time>.json)")
+    p.add_argument("--sidecar-python", metavar="PATH",
+                   help="the interpreter the sidecars run on (default: the one running this "
+                        "script); it must import this checkout's sidecar and its runtime "
+                        "dependencies. With --compare interpreter only the subject uses it")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.rounds > 1000:
@@ -141,6 +162,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--duration, --max-seconds must be > 0; --warmup, --settle >= 0")
     if args.connections < 1 or args.latency_connections < 1:
         p.error("connection counts must be >= 1")
+    if args.compare == "interpreter" and not args.sidecar_python:
+        p.error("--compare interpreter needs --sidecar-python PATH")
+    args.interpreters = {}
+    if args.sidecar_python:
+        try:
+            args.interpreters["sidecar_python"] = check_interpreter(args.sidecar_python)
+        except ValueError as exc:
+            p.error(f"--sidecar-python {exc}")
+        args.interpreters["bench_python"] = (
+            f"{sys.version.split()[0]} {sys.implementation.name} {sys.executable}")
     if args.latency is None:
         args.latency = COMPARISONS[args.compare].latency
     if args.json is None:
@@ -380,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("wrk is not installed (apt-get install -y wrk): paired runs need it",
               file=sys.stderr)
         return MISSING_TOOL_EXIT
-    setups = [comparison.subject(), comparison.reference()]
+    setups = [comparison.subject(args.sidecar_python), comparison.reference(args.sidecar_python)]
     for s in setups:
         reason = s.unavailable()
         if reason:
@@ -429,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
            "reference": setups[1].name,
            "params": {k: getattr(args, k) for k in (
                "rounds", "duration", "connections", "size", "warmup", "latency",
-               "latency_connections", "settle", "workers", "max_seconds")},
+               "latency_connections", "settle", "workers", "max_seconds", "sidecar_python")},
+           "interpreters": args.interpreters,
            **meta, "rounds_done": len(rounds), "rounds_with_figures": with_figures,
            "summary": summary,
            "pairing": pairing(comparison.kind, rounds, setups[0].name, setups[1].name),

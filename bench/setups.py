@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -167,9 +168,35 @@ def sidecar_config_yaml(*, certs: MeshCerts, role: str, listen_port: int, next_p
     return out
 
 
-def sidecar_command() -> list[str]:
-    """How to start the sidecar: ``python -m sidecar run -c FILE`` from this checkout."""
-    return [sys.executable, "-m", "sidecar", "run", "-c"]
+def sidecar_command(python: str | None = None) -> list[str]:
+    """How to start the sidecar: ``python -m sidecar run -c FILE`` from this checkout, with
+    ``python`` (default: the interpreter running the benchmark)."""
+    return [python or sys.executable, "-m", "sidecar", "run", "-c"]
+
+
+# What an interpreter given for the sidecar (``--sidecar-python``) must import: the sidecar
+# from this checkout and its six runtime dependencies.
+_INTERPRETER_CHECK = ("import sys, sidecar, trio, h11, cryptography, jwt, msgpack, yaml; "
+                      "print(sys.version.split()[0], sys.implementation.name, sys.executable)")
+
+
+def check_interpreter(python: str) -> str:
+    """The version line of ``python`` (``3.13.0 cpython /path``) when it can run the sidecar
+    of this checkout; ``ValueError`` naming what is wrong otherwise."""
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise ValueError(f"{python}: not an executable file")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([python, "-c", _INTERPRETER_CHECK], capture_output=True,
+                              text=True, timeout=60, env=env, cwd=REPO_ROOT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f"{python}: does not run ({exc})") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"{python}: cannot import the sidecar or its dependencies ({last}); "
+                         "install them into that interpreter (pip install trio h11 "
+                         "cryptography pyjwt msgpack pyyaml)")
+    return proc.stdout.strip()
 
 
 class SidecarSetup(Setup):
@@ -178,11 +205,14 @@ class SidecarSetup(Setup):
     def __init__(self, audit: bool = False, full: bool = False,
                  audit_fsync: bool = False, audit_full: bool = False,
                  name: str | None = None, fsync: bool | None = None,
-                 trail: bool = True) -> None:
+                 trail: bool = True, python: str | None = None) -> None:
         # ``name`` (bench/paired.py) tells two sidecar pairs running side by side apart: it
         # names their config, policy, audit and log files. ``trail=False`` (paired.py's
         # full-trail) is sidecar-full without its audit trail: what the trail adds to it.
+        # ``python``: the interpreter the two sidecars run on (paired.py --sidecar-python);
+        # None is the one running the benchmark.
         super().__init__(name or ("sidecar-full" if full else "sidecar"))
+        self.python = python
         self.full = full
         self.audit = (audit or full or audit_full) and trail
         # --audit-full: the whole trail (signed checkpoints, encryption, shipping over TLS).
@@ -217,7 +247,7 @@ class SidecarSetup(Setup):
                                             policy_path=policy, workers=ctx.workers,
                                             audit_path=audit, audit_fsync=self.audit_fsync,
                                             audit_extra=audit_extra))
-            started = ctx.group.start(f"{self.name}-{role}", [*sidecar_command(), conf],
+            started = ctx.group.start(f"{self.name}-{role}", [*sidecar_command(self.python), conf],
                                       env=env, cwd=REPO_ROOT)
             self.proxies[role] = started
             self.ports[role] = listen

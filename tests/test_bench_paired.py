@@ -73,6 +73,58 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
     assert "cpu_diff_us" in proc.stdout and "IQR" in proc.stdout
 
 
+def _logging_python(tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """A wrapper that notes its arguments in a file, then runs this interpreter with them:
+    which processes ran on the interpreter given to --sidecar-python."""
+    log = tmp_path / "argv.log"
+    wrapper = tmp_path / "python-under-test"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper), str(log)
+
+
+@pytest.mark.skipif(loadgen.wrk_binary() is None, reason="wrk is not installed")
+def test_interpreter_comparison_runs_only_the_subject_on_the_given_python(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    python, log = _logging_python(tmp_path)
+    out = tmp_path / "paired.json"
+    proc = subprocess.run(
+        [sys.executable, PAIRED, "--compare", "interpreter", "--sidecar-python", python,
+         "--rounds", "1", "--duration", "1", "--warmup", "0", "--no-latency",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert (doc["subject"], doc["reference"]) == ("sidecar-full-python", "sidecar-full")
+    assert doc["params"]["sidecar_python"] == python
+    version = sys.version.split()[0]
+    assert doc["interpreters"]["sidecar_python"].startswith(f"{version} ")
+    assert doc["interpreters"]["bench_python"].startswith(f"{version} ")
+    assert doc["rounds_with_figures"] == 1 and _is_number(doc["summary"]["cpu_ratio"]["median"])
+    with open(log) as f:
+        started = [line for line in f.read().splitlines()
+                   if line.startswith("-m sidecar run -c ")]
+    # The subject's two sidecars, and nothing of the reference's, ran on the wrapper.
+    assert sorted(os.path.basename(line.split()[-1]) for line in started) == [
+        "sidecar-full-python-A.yaml", "sidecar-full-python-B.yaml"]
+
+
+def test_an_interpreter_that_cannot_run_the_sidecar_is_refused_first(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "python-without-deps"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named trio' >&2\n"
+                      "exit 1\n")
+    broken.chmod(0o755)
+    cases = [(["--compare", "interpreter"], "needs --sidecar-python"),
+             (["--sidecar-python", str(tmp_path / "nothing-here")], "not an executable file"),
+             (["--compare", "interpreter", "--sidecar-python", str(broken)],
+              "cannot import the sidecar or its dependencies (ModuleNotFoundError")]
+    for args, said in cases:
+        proc = subprocess.run([sys.executable, PAIRED, *args, "--json", str(tmp_path / "x.json")],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert said in proc.stderr, (args, proc.stderr)
+        assert not (tmp_path / "x.json").exists()
+
+
 def test_without_wrk_it_says_so_and_exits_non_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env = dict(os.environ, PATH=str(tmp_path))  # an empty directory: no wrk on the PATH
     proc = subprocess.run([sys.executable, PAIRED, "--compare", "audit", "--json",
@@ -138,20 +190,28 @@ def test_rounds_rotate_the_order() -> None:
 
 def test_every_comparison_builds_two_distinctly_named_setups() -> None:
     for c in paired.COMPARISONS.values():
-        sub, ref = c.subject(), c.reference()
+        sub, ref = c.subject(None), c.reference(None)
         assert sub.name != ref.name and c.kind in ("ratio", "difference")
-    audit = paired.COMPARISONS["audit"].subject()
-    nofsync = paired.COMPARISONS["audit-nofsync"].subject()
+    audit = paired.COMPARISONS["audit"].subject(None)
+    nofsync = paired.COMPARISONS["audit-nofsync"].subject(None)
     assert audit.audit_full and audit.audit_fsync  # type: ignore[attr-defined]
     assert nofsync.audit_full and not nofsync.audit_fsync  # type: ignore[attr-defined]
-    assert not paired.COMPARISONS["audit"].reference().audit  # type: ignore[attr-defined]
+    assert not paired.COMPARISONS["audit"].reference(None).audit  # type: ignore[attr-defined]
     fsync = paired.COMPARISONS["audit-fsync"]
-    assert fsync.subject().audit_fsync and not fsync.reference().audit_fsync  # type: ignore[attr-defined]
-    assert fsync.reference().audit_full  # type: ignore[attr-defined]
+    assert fsync.subject(None).audit_fsync and not fsync.reference(None).audit_fsync  # type: ignore[attr-defined]
+    assert fsync.reference(None).audit_full  # type: ignore[attr-defined]
     trail = paired.COMPARISONS["full-trail"]
-    assert trail.subject().full and trail.subject().audit  # type: ignore[attr-defined]
-    assert trail.reference().full and not trail.reference().audit  # type: ignore[attr-defined]
-    assert not trail.subject().audit_fsync  # type: ignore[attr-defined]
+    assert trail.subject(None).full and trail.subject(None).audit  # type: ignore[attr-defined]
+    assert trail.reference(None).full and not trail.reference(None).audit  # type: ignore[attr-defined]
+    assert not trail.subject(None).audit_fsync  # type: ignore[attr-defined]
     notrail = paired.COMPARISONS["full-notrail"]
-    assert notrail.subject().full and not notrail.subject().audit  # type: ignore[attr-defined]
-    assert notrail.reference().name == "envoy-full" and notrail.latency
+    assert notrail.subject(None).full and not notrail.subject(None).audit  # type: ignore[attr-defined]
+    assert notrail.reference(None).name == "envoy-full" and notrail.latency
+    interp = paired.COMPARISONS["interpreter"]
+    assert interp.subject("/x/python").python == "/x/python"  # type: ignore[attr-defined]
+    assert interp.reference("/x/python").python is None  # type: ignore[attr-defined]
+    assert interp.subject(None).full and interp.reference(None).full  # type: ignore[attr-defined]
+    # Elsewhere --sidecar-python moves every sidecar of the comparison; Envoy stays Envoy.
+    full, audit = paired.COMPARISONS["full"], paired.COMPARISONS["audit"]
+    assert full.subject("/x/python").python == "/x/python"  # type: ignore[attr-defined]
+    assert audit.reference("/x/python").python == "/x/python"  # type: ignore[attr-defined]
