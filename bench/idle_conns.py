@@ -7,8 +7,9 @@ run.py), opens ``--count`` idle plain connections to A and ``--count`` idle mTLS
 proxy's current and peak RSS (largest process of its tree) and the CPU it spent while
 holding them (``idle CPU``, ms per second of the hold: timers and watchers). Targets (issue
 15): with 1,000 idle mTLS connections each sidecar process at most Envoy's RSS and at most
-60 MiB. Every process is stopped by pid at the end. Exit status: 0 within target, 1 over it, 2 when the sidecar could
-not start.
+60 MiB. Every process is stopped by pid at the end. ``--sidecar-python PATH`` runs the
+sidecars on another interpreter. Exit status: 0 within target, 1 over it, 2 when the sidecar
+could not start, on a usage error, or when ``--sidecar-python`` cannot run the sidecar.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from bench.procs import (  # noqa: E402
     rss_bytes,
     tree_cpu_seconds,
 )
-from bench.setups import Setup, SetupContext, make_setup  # noqa: E402
+from bench.setups import Setup, SetupContext, check_interpreter, make_setup  # noqa: E402
 
 TARGET_MIB = 60.0
 CONNECT_TIMEOUT_S = 10.0
@@ -135,7 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hold", type=float, default=3.0, help="seconds to hold them before measuring")
     p.add_argument("--setups", default="sidecar,envoy",
                    help="comma-separated proxies to measure (sidecar, envoy)")
+    p.add_argument("--sidecar-python", metavar="PATH",
+                   help="the interpreter the sidecars run on (default: the one running this "
+                        "script); it must import this checkout's sidecar and its runtime "
+                        "dependencies")
     args = p.parse_args(argv)
+    if args.sidecar_python:
+        try:
+            print(f"sidecar interpreter: {check_interpreter(args.sidecar_python)}")
+        except ValueError as exc:
+            p.error(f"--sidecar-python {exc}")
     count = min(args.count, MAX_COUNT)
     _raise_fd_limit(2 * count + 200)
     workdir = tempfile.mkdtemp(prefix="sidecar-idle-")
@@ -150,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls.load_verify_locations(certs.client.bundle)
         results: dict[str, dict[str, dict[str, float]]] = {}
         for name in [n.strip() for n in args.setups.split(",") if n.strip()]:
-            setup = make_setup(name)
+            setup = make_setup(name, python=args.sidecar_python)
             reason = setup.unavailable()
             if reason:
                 print(f"{name}: skipped: {reason}")

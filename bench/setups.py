@@ -551,13 +551,14 @@ class EnvoySetup(Setup):
 
 
 def make_setup(name: str, *, sidecar_audit: bool = False, audit_fsync: bool = False,
-               audit_full: bool = False) -> Setup:
-    """The setup called ``name`` (one of ``SETUP_NAMES``)."""
+               audit_full: bool = False, python: str | None = None) -> Setup:
+    """The setup called ``name`` (one of ``SETUP_NAMES``); ``python``: the sidecars'
+    interpreter (None: the one running the benchmark)."""
     if name == "direct":
         return DirectSetup()
     if name in ("sidecar", "sidecar-full"):
         return SidecarSetup(audit=sidecar_audit, full=name == "sidecar-full",
-                            audit_fsync=audit_fsync, audit_full=audit_full)
+                            audit_fsync=audit_fsync, audit_full=audit_full, python=python)
     if name == "nginx":
         return NginxSetup()
     if name in ("envoy", "envoy-full"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import subprocess
 import sys
 import time
 
@@ -204,3 +205,26 @@ def test_audit_full_turns_on_signing_encryption_and_shipping(tmp_path) -> None: 
         assert writer.shipper.dropped == 0 and writer.last_checkpoint is not None
     finally:
         group.close()
+
+
+def test_idle_conns_runs_the_sidecars_on_the_given_python(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "argv.log"
+    wrapper = tmp_path / "python-under-test"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "bench", "idle_conns.py")
+    proc = subprocess.run([sys.executable, script, "--count", "5", "--hold", "0.2", "--setups",
+                           "sidecar", "--sidecar-python", str(wrapper)],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"sidecar interpreter: {sys.version.split()[0]} ")
+    assert "10 of 10 connections still open" in proc.stdout
+    started = [line for line in log.read_text().splitlines()
+               if line.startswith("-m sidecar run -c ")]
+    assert sorted(os.path.basename(line.split()[-1]) for line in started) == [
+        "sidecar-A.yaml", "sidecar-B.yaml"]
+    missing = subprocess.run([sys.executable, script, "--sidecar-python",
+                              str(tmp_path / "nothing-here")],
+                             capture_output=True, text=True, timeout=60, cwd=root)
+    assert missing.returncode == 2 and "not an executable file" in missing.stderr
