@@ -143,9 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sidecar_python:
         try:
-            print(f"sidecar interpreter: {check_interpreter(args.sidecar_python)}")
+            args.sidecar_python, version = check_interpreter(args.sidecar_python)
         except ValueError as exc:
             p.error(f"--sidecar-python {exc}")
+        print(f"sidecar interpreter: {version}")
     count = min(args.count, MAX_COUNT)
     _raise_fd_limit(2 * count + 200)
     workdir = tempfile.mkdtemp(prefix="sidecar-idle-")

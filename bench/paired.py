@@ -167,7 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.interpreters = {}
     if args.sidecar_python:
         try:
-            args.interpreters["sidecar_python"] = check_interpreter(args.sidecar_python)
+            args.sidecar_python, args.interpreters["sidecar_python"] = check_interpreter(
+                args.sidecar_python)
         except ValueError as exc:
             p.error(f"--sidecar-python {exc}")
         args.interpreters["bench_python"] = (

@@ -180,23 +180,27 @@ _INTERPRETER_CHECK = ("import sys, sidecar, trio, h11, cryptography, jwt, msgpac
                       "print(sys.version.split()[0], sys.implementation.name, sys.executable)")
 
 
-def check_interpreter(python: str) -> str:
-    """The version line of ``python`` (``3.13.0 cpython /path``) when it can run the sidecar
-    of this checkout; ``ValueError`` naming what is wrong otherwise."""
+def check_interpreter(given: str) -> tuple[str, str]:
+    """``given`` as an absolute path (a bare name is looked up on PATH; the sidecars start in
+    the checkout's root, where a relative path would name another file) and its version line
+    (``3.13.0 cpython /path``), when it can run the sidecar of this checkout; ``ValueError``
+    naming what is wrong otherwise."""
+    found = given if os.sep in given else shutil.which(given)
+    python = os.path.abspath(found) if found else given
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        raise ValueError(f"{python}: not an executable file")
+        raise ValueError(f"{given}: not an executable file")
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         proc = subprocess.run([python, "-c", _INTERPRETER_CHECK], capture_output=True,
                               text=True, timeout=60, env=env, cwd=REPO_ROOT)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ValueError(f"{python}: does not run ({exc})") from None
+        raise ValueError(f"{given}: does not run ({exc})") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValueError(f"{python}: cannot import the sidecar or its dependencies ({last}); "
+        raise ValueError(f"{given}: cannot import the sidecar or its dependencies ({last}); "
                          "install them into that interpreter (pip install trio h11 "
                          "cryptography pyjwt msgpack pyyaml)")
-    return proc.stdout.strip()
+    return python, proc.stdout.strip()
 
 
 class SidecarSetup(Setup):

@@ -125,6 +125,18 @@ def test_an_interpreter_that_cannot_run_the_sidecar_is_refused_first(tmp_path) -
         assert not (tmp_path / "x.json").exists()
 
 
+def test_sidecar_python_is_resolved_to_an_absolute_path(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bench.setups import check_interpreter
+
+    python, _log = _logging_python(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # The sidecars start in the checkout's root: a relative path must not name another file.
+    path, version = check_interpreter("./python-under-test")
+    assert path == python and version.startswith(sys.version.split()[0])
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ.get("PATH", ""))
+    assert check_interpreter("python-under-test")[0] == python  # a bare name: from PATH
+
+
 def test_without_wrk_it_says_so_and_exits_non_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env = dict(os.environ, PATH=str(tmp_path))  # an empty directory: no wrk on the PATH
     proc = subprocess.run([sys.executable, PAIRED, "--compare", "audit", "--json",
