@@ -228,3 +228,21 @@ def test_idle_conns_runs_the_sidecars_on_the_given_python(tmp_path) -> None:  # 
                               str(tmp_path / "nothing-here")],
                              capture_output=True, text=True, timeout=60, cwd=root)
     assert missing.returncode == 2 and "not an executable file" in missing.stderr
+
+
+def test_idle_floor_measures_the_bare_server_with_and_without_cryptography() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "idle_floor.py"),
+                           "--count", "5"], capture_output=True, text=True, timeout=120,
+                          cwd=root)
+    # 5 connections stay far below 60 MiB: exit 0, both servers measured.
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for label in ("with cryptography", "without cryptography"):
+        line = next(x for x in lines if x.startswith(f"floor server {label}: RSS "))
+        assert line.endswith("MiB with 5 idle mTLS connections"), line
+    assert lines[-1].endswith("target <= 60 MiB leaves room"), lines[-1]
+    refused = subprocess.run([sys.executable, os.path.join(root, "bench", "idle_floor.py"),
+                              "--count", "0"], capture_output=True, text=True, timeout=60,
+                             cwd=root)
+    assert refused.returncode == 2 and "--count must be" in refused.stderr
