@@ -517,12 +517,11 @@ class Sidecar:
         trust = self.tls.trust
         now = time.time()
 
-        def trusted(peer: str, chain: PeerChain) -> bool:
+        def trusted(peer: str, chain: PeerChain) -> float | None:
             try:
-                trust.check_peer(peer, chain, now)
+                return trust.check_peer(peer, chain, now)
             except SidecarError:
-                return False
-            return True
+                return None
 
         self.lifetimes.recheck_trust(trusted)
         if self._nursery is not None:

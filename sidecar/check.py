@@ -134,7 +134,7 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
             continue
         try:
             loaded[key] = parse(data)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- ValueError, TypeError, UnsupportedAlgorithm
             run.add(g, title, "fail", f"{path}: not a PEM {what}: {exc}",
                     f"identity.{key} must be a PEM file (an encrypted key is not supported)")
             continue
@@ -155,8 +155,13 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         run.add(g, titles[0], "fail", f"{exc.message} [rule {exc.rule}]",
                 "issue a workload certificate with one spiffe:// URI SAN, not a CA "
                 "(docs/identity.md lists the rules)")
+    try:
+        matches = "key" in loaded and \
+            _public_der(loaded["key"].public_key()) == _public_der(leaf.public_key())
+    except Exception:  # noqa: BLE001 -- a key type that cannot be compared: no match
+        matches = False
     if "key" in loaded:
-        if _public_der(loaded["key"].public_key()) == _public_der(leaf.public_key()):
+        if matches:
             run.add(g, titles[1], "ok")
         else:
             run.add(g, titles[1], "fail", f"{ident.key} is not the key of {ident.cert}",
@@ -192,7 +197,45 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
                 "rotation should have renewed it by now: check cert-manager / SPIRE")
     else:
         run.add(g, titles[3], "ok", f"{_duration(left)} left")
+    _check_trust_domains(run, cfg, spiffe_id, loaded.get("bundle"))
     return spiffe_id
+
+
+def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
+                         own_roots: list[Any] | None) -> None:
+    """What ``sidecar run`` checks of the bundles besides the SVID: the own bundle's roots
+    name no other trust domain, and every ``identity.trust_domains`` bundle parses, holds
+    only its own trust domain's roots and is not the own trust domain's."""
+    from sidecar.identity.svid import SvidError
+    from sidecar.identity.trust import bundle_from_certs, load_bundle, trust_domain_of
+
+    g = "identity"
+    ident = cfg.identity
+    own_td = trust_domain_of(spiffe_id) if spiffe_id else None
+    if own_td is not None and own_roots is not None:
+        title = "trust bundle holds only the own trust domain's roots"
+        try:
+            bundle_from_certs(own_td, ident.bundle, own_roots)
+            run.add(g, title, "ok", own_td)
+        except SvidError as exc:
+            run.add(g, title, "fail", str(exc),
+                    "give each trust domain its own bundle under identity.trust_domains "
+                    "(docs/identity.md, \"Trust domains\")")
+    for td, path in ident.trust_domains:
+        title = f"federated bundle of {td} parses and names only {td}"
+        if td == own_td:
+            run.add(g, title, "fail", f"{td} is the sidecar's own trust domain",
+                    "the own trust domain's bundle is identity.bundle: remove it from "
+                    "identity.trust_domains")
+            continue
+        try:
+            bundle = load_bundle(td, path)
+        except SvidError as exc:
+            run.add(g, title, "fail", str(exc),
+                    f"identity.trust_domains.{td}.bundle in {cfg.source} must be a PEM or "
+                    "SPIFFE trust bundle of that trust domain's roots")
+            continue
+        run.add(g, title, "ok", f"{path}: {len(bundle.roots)} root(s)")
 
 
 # --- policy and JWKS --------------------------------------------------------------------------

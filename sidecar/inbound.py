@@ -16,6 +16,7 @@ over a pooled keep-alive connection, streaming bodies both ways.
 
 from __future__ import annotations
 
+import math
 import ssl
 import time
 from collections.abc import Coroutine
@@ -39,6 +40,8 @@ from sidecar.http.request import RequestHead
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
+    RULE_CHAIN_TOO_LONG,
+    RULE_EXPIRED,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     PeerIdentity,
@@ -102,12 +105,13 @@ class InboundProxy:
             return
         self.telemetry.handshake("inbound")
         peer = None
+        trust_ends = math.inf
         try:
             der = tls_stream.getpeercert(binary_form=True)
             peer = peer_identity_from_der(der) if der else None
             if peer is not None:
                 chain = PeerChain(*tls_stream.peer_chain_der(der))
-                self.tls.check_peer(peer.spiffe_id, chain, time.time())
+                trust_ends = self.tls.check_peer(peer.spiffe_id, chain, time.time())
         except SvidError as exc:
             self.telemetry.connection_refused(
                 "inbound", source, peer.spiffe_id if peer is not None else None,
@@ -121,7 +125,8 @@ class InboundProxy:
         self.telemetry.connection_opened("inbound")
         try:
             with self.lifetimes.track("inbound", "inbound", source, peer=peer.spiffe_id,
-                                      chain=chain, peer_not_after=peer.not_after) as conn:
+                                      chain=chain,
+                                      peer_not_after=min(peer.not_after, trust_ends)) as conn:
                 with conn.scope:
                     if self.protocol == "tcp":
                         await self._tcp(tls_stream, peer, source, started, conn)
@@ -273,7 +278,12 @@ API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed by its exact name with the
 def refusal_reason(exc: SvidError) -> str:
     """The refusal reason for a peer certificate that failed our checks (metric label is
     the part before the colon)."""
-    if exc.rule in (RULE_TRUST_DOMAIN_MISMATCH, RULE_TRUST_DOMAIN_NOT_FEDERATED):
+    if exc.rule == RULE_EXPIRED:
+        # A certificate of the chain expired: a TLS 1.2 session resumed after the expiry
+        # (the handshake's own check gives the same label).
+        return "peer_cert_expired"
+    if exc.rule in (RULE_TRUST_DOMAIN_MISMATCH, RULE_TRUST_DOMAIN_NOT_FEDERATED,
+                    RULE_CHAIN_TOO_LONG):
         return f"peer_untrusted:{exc.rule}"
     return f"bad_svid:{exc.rule}"
 

@@ -133,8 +133,14 @@ class OutboundProxy:
         try:
             der = stream.getpeercert(binary_form=True)
             peer = peer_identity_from_der(der) if der else None
-        except SvidError:
-            peer = None
+        except SvidError as exc:
+            # Not a valid SVID: the log line and audit record name the rule it breaks; the
+            # request's answer stays the generic 502 of an upstream that is not the one
+            # expected.
+            self.telemetry.connection_refused("outbound", f"{host}:{port}", None,
+                                              f"bad_svid:{exc.rule}", started)
+            await trio.aclose_forcefully(stream)
+            raise BadGateway("peer_identity_mismatch", str(exc)) from exc
         if peer is None or peer.spiffe_id != self.cfg.identity:
             got = peer.spiffe_id if peer is not None else None
             self.telemetry.connection_refused("outbound", f"{host}:{port}", got,
@@ -143,7 +149,7 @@ class OutboundProxy:
             raise BadGateway("peer_identity_mismatch", f"expected {self.cfg.identity}, got {got}")
         chain = PeerChain(*stream.peer_chain_der(der))
         try:
-            self.tls.check_peer(peer.spiffe_id, chain, time.time())
+            trust_ends = self.tls.check_peer(peer.spiffe_id, chain, time.time())
         except SvidError as exc:
             self.telemetry.connection_refused("outbound", f"{host}:{port}", peer.spiffe_id,
                                               f"peer_untrusted:{exc.rule}", started)
@@ -151,7 +157,7 @@ class OutboundProxy:
             raise BadGateway("peer_untrusted", str(exc)) from exc
         limits = self.limits
         stream.meta = UpstreamMeta(
-            peer.spiffe_id, chain, peer.not_after,
+            peer.spiffe_id, chain, min(peer.not_after, trust_ends),
             age_deadline(trio.current_time(), limits.max_connection_age,
                          limits.connection_age_jitter),
             snap.svid_generation, snap.trust.generation)
@@ -323,10 +329,11 @@ def retire_reason(meta: UpstreamMeta, tls: TlsState, now: float, wall: float) ->
     snap = tls.snapshot
     if meta.trust_generation != snap.trust.generation:
         try:
-            snap.trust.check_peer(meta.peer, meta.chain, wall)
+            ends = snap.trust.check_peer(meta.peer, meta.chain, wall)
         except SvidError:
             return REASON_PEER_UNTRUSTED
         meta.trust_generation = snap.trust.generation
+        meta.peer_not_after = ends
     if meta.svid_generation != snap.svid_generation:
         return REASON_OWN_CERT_ROTATED
     if now >= meta.deadline:

@@ -101,9 +101,10 @@ class TlsState:
         """The current trust store (own and federated bundles)."""
         return self._snap.trust
 
-    def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> None:
-        """The trust-domain rule against the bundles in force; raises ``SvidError``."""
-        self._snap.trust.check_peer(spiffe_id, chain, now)
+    def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> float:
+        """The trust-domain rule against the bundles in force; raises ``SvidError``.
+        Returns when that trust ends (the chain's earliest notAfter)."""
+        return self._snap.trust.check_peer(spiffe_id, chain, now)
 
     def swap(self, snapshot: TlsSnapshot) -> None:
         """Make ``snapshot`` current (a successful reload)."""

@@ -51,12 +51,37 @@ def test_every_event_retires_the_connections_it_concerns_once() -> None:
             assert lt.sweep(start + 10, 0.0) == 2  # old and app_side reach their age
             assert old.retiring == app_side.retiring == "max_age" and old.serve_more
             assert old.scope.deadline == old.cut_at <= trio.current_time() + 2
-            assert lt.recheck_trust(lambda peer, chain: False) == 0  # each retired once
+            assert lt.recheck_trust(lambda peer, chain: None) == 0  # each retired once
         assert len(lt) == 0
 
     trio.run(main)
     assert sorted(closed) == [("10.0.0.1", "peer_cert_expired"), ("10.0.0.2", "max_age"),
                               ("10.0.0.3", "max_age"), ("10.0.0.4", "policy_refused")]
+
+
+def test_a_bundle_change_moves_each_trusted_connections_end_of_trust() -> None:
+    """``recheck_trust``: None retires (``peer_untrusted``); a time becomes the connection's
+    ``peer_not_after``, which the sweep then applies like a leaf's expiry."""
+    closed: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        lt = Lifetimes(max_age=1e9, jitter=0, grace=2,
+                       on_close=lambda c, r: closed.append((c.source, r)))
+        kept, dropped = PeerChain((b"leaf", b"root"), ()), PeerChain((b"x", b"y"), ())
+        with lt.track("inbound", "inbound", "a", peer=PEER, chain=kept,
+                      peer_not_after=9_000.0) as a, \
+                lt.track("inbound", "inbound", "b", peer=PEER, chain=dropped,
+                         peer_not_after=9_000.0) as b:
+            ends = {kept: 6_000.0, dropped: None}
+            assert lt.recheck_trust(lambda peer, chain: ends[chain]) == 1
+            assert b.retiring == "peer_untrusted" and a.retiring is None
+            assert a.peer_not_after == 6_000.0
+            start = trio.current_time()
+            assert lt.sweep(start, 5_999.0) == 0
+            assert lt.sweep(start, 6_000.0) == 1 and a.retiring == "peer_cert_expired"
+
+    trio.run(main)
+    assert sorted(closed) == [("a", "peer_cert_expired"), ("b", "peer_untrusted")]
 
 
 def test_idle_connections_end_now_or_after_the_grace() -> None:

@@ -103,7 +103,7 @@ def _key_description(cert: x509.Certificate) -> str:
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except Exception:  # noqa: BLE001 -- absent, or extensions cryptography cannot read
         return False
 
 
@@ -122,7 +122,7 @@ def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, 
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
+    except Exception:  # noqa: BLE001 -- absent or unreadable: the SVID row below says which
         uris, dns = [], []
     # A signing certificate names only the trust domain; a CA flag on anything that names
     # a workload is a broken SVID, and the rule check below says so.

@@ -57,6 +57,8 @@ RULE_EXPIRED = "expired"
 RULE_BUNDLE_INVALID = "bundle-invalid"
 RULE_TRUST_DOMAIN_NOT_FEDERATED = "trust-domain-not-federated"
 RULE_TRUST_DOMAIN_MISMATCH = "trust-domain-mismatch"
+RULE_EXTENSIONS_INVALID = "extensions-invalid"
+RULE_CHAIN_TOO_LONG = "chain-too-long"
 
 MAX_FILE_BYTES = 1024 * 1024
 PEER_CACHE_SIZE = 1024
@@ -93,9 +95,29 @@ class PeerIdentity:
     fingerprint: str
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
+def read_extensions(cert: x509.Certificate) -> x509.Extensions:
+    """The certificate's extensions, or ``SvidError`` (``extensions-invalid``) when
+    cryptography cannot read them.
+
+    cryptography parses extensions on first access and reports what it cannot read with
+    several exception types, not all of them ``ValueError``: a malformed encoding
+    (``ValueError``), an extension present twice (``x509.DuplicateExtension``), a general
+    name of a type it does not support, such as x400Address or ediPartyName
+    (``x509.UnsupportedGeneralNameType``). OpenSSL accepts all of these in a chain it
+    verifies, so each is a peer's certificate we must refuse, never an internal error: every
+    exception of that parse is one refusal.
+    """
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return cert.extensions
+    except Exception as exc:  # noqa: BLE001 -- any failure to read a peer's certificate
+        raise SvidError(RULE_EXTENSIONS_INVALID,
+                        f"unreadable extensions ({type(exc).__name__}): {str(exc)[:200]}"
+                        ) from exc
+
+
+def _uri_sans(extensions: x509.Extensions) -> list[str]:
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
@@ -103,10 +125,8 @@ def _uri_sans(cert: x509.Certificate) -> list[str]:
 
 def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
     """Return the leaf's SPIFFE ID, or raise ``SvidError`` naming the first rule it breaks."""
-    try:
-        uris = _uri_sans(cert)
-    except ValueError as exc:  # a malformed SAN extension
-        raise SvidError(RULE_URI_SAN_COUNT, f"unreadable subjectAltName: {exc}") from exc
+    extensions = read_extensions(cert)
+    uris = _uri_sans(extensions)
     if len(uris) != 1:
         raise SvidError(
             RULE_URI_SAN_COUNT, f"leaf must have exactly one URI SAN, it has {len(uris)}"
@@ -123,7 +143,7 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
             RULE_SPIFFE_ID_NO_PATH, f"leaf SPIFFE ID {uri!r} names a trust domain, not a workload"
         )
     try:
-        bc: x509.BasicConstraints | None = cert.extensions.get_extension_for_class(
+        bc: x509.BasicConstraints | None = extensions.get_extension_for_class(
             x509.BasicConstraints
         ).value
     except x509.ExtensionNotFound:
@@ -131,7 +151,7 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
     if bc is not None and bc.ca:
         raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
     try:
-        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        ku: x509.KeyUsage | None = extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         ku = None
     # Absent keyUsage counts as missing digitalSignature: the standard requires it set.
@@ -149,13 +169,18 @@ def _timestamp(when: dt.datetime) -> float:
 def _peer_identity(der: bytes) -> PeerIdentity:
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
         raise SvidError(RULE_PEM_INVALID, f"peer certificate does not parse: {exc}") from exc
     spiffe_id = validate_svid_leaf(cert)
+    try:
+        serial = format(cert.serial_number, "x")
+        not_after = _timestamp(cert.not_valid_after_utc)
+    except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
+        raise SvidError(RULE_PEM_INVALID, f"peer certificate unreadable: {exc}") from exc
     return PeerIdentity(
         spiffe_id=str(spiffe_id),
-        serial=format(cert.serial_number, "x"),
-        not_after=_timestamp(cert.not_valid_after_utc),
+        serial=serial,
+        not_after=not_after,
         fingerprint=hashlib.sha256(der).hexdigest(),
     )
 
@@ -295,7 +320,7 @@ def _read(path: str, shown: str) -> bytes:
 def _load_certs(data: bytes, shown: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is one clean error
         raise SvidError(RULE_PEM_INVALID, f"no valid PEM certificate: {exc}", file=shown) from exc
     return certs
 
@@ -328,8 +353,9 @@ def verify_chain(
     intermediates: list[x509.Certificate],
     roots: list[x509.Certificate],
     now: float,
-) -> None:
+) -> list[x509.Certificate]:
     """Check that ``leaf`` chains to one of ``roots`` at time ``now``; raise SvidError.
+    Return the chain built: the leaf first, the root last.
 
     Uses cryptography's RFC 5280 path builder. The leaf's extensions are not judged by its
     Web PKI profile (the SVID rules above are ours); issuers must be proper CAs.
@@ -345,8 +371,8 @@ def verify_chain(
         )
     )
     try:
-        policy.build_client_verifier().verify(leaf, intermediates)
-    except verification.VerificationError as exc:
+        return list(policy.build_client_verifier().verify(leaf, intermediates).chain)
+    except Exception as exc:  # noqa: BLE001 -- VerificationError, or what a hostile chain raises
         raise SvidError(
             RULE_CHAIN_UNTRUSTED, f"certificate does not chain to a bundle root: {exc}"
         ) from exc
@@ -374,11 +400,15 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
 
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- ValueError, TypeError, UnsupportedAlgorithm
         raise SvidError(
             RULE_PEM_INVALID, f"no unencrypted PEM private key: {exc}", file=key_path
         ) from exc
-    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+    try:
+        matches = _public_der(key.public_key()) == _public_der(leaf.public_key())
+    except Exception as exc:  # noqa: BLE001 -- a key type cryptography cannot serialise
+        raise SvidError(RULE_PEM_INVALID, f"unusable public key: {exc}", file=cert_path) from exc
+    if not matches:
         raise SvidError(
             RULE_KEY_MISMATCH,
             f"private key does not match the certificate in {cert_path}",

@@ -25,6 +25,13 @@ bundle. Other trust domains are trusted only when listed in ``identity.trust_dom
 federation is explicit. Each ``TrustStore`` is immutable; a bundle reload builds a new one
 (``with_bundle``) with a new ``generation``, which lets connections opened under an older
 store be checked again (``sidecar.net.lifetime``).
+
+Trust ends when the first certificate of the chain that established it expires, not only
+the leaf: ``check_peer`` returns the earliest ``notAfter`` of that chain (leaf,
+intermediates, root), and the connection is closed then (``LiveConnection.peer_not_after``,
+``UpstreamMeta.peer_not_after``). A peer that presents more than ``MAX_PEER_CHAIN``
+certificates is refused (``chain-too-long``): the chain is kept for the connection's
+lifetime, and extra certificates would make each connection cost what the peer chooses.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.identity.spiffe import SCHEME_PREFIX
 from sidecar.identity.svid import (
+    MAX_CHAIN_DEPTH,
+    RULE_CHAIN_TOO_LONG,
     RULE_CHAIN_UNTRUSTED,
+    RULE_EXPIRED,
+    RULE_EXTENSIONS_INVALID,
+    RULE_NOT_YET_VALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
@@ -63,11 +75,40 @@ class TrustBundle:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.roots)
 
 
+# The most certificates a peer may present (leaf included): the leaf, up to
+# ``MAX_CHAIN_DEPTH`` intermediates the path builder would follow, and a root.
+MAX_PEER_CHAIN = MAX_CHAIN_DEPTH + 2
+
+# notAfter of the non-leaf members of verified chains (the trust domains' intermediates and
+# roots, shared DER objects: ``TlsTransport.peer_chain_der``), so a connection does not parse
+# them again. Bounded: emptied when full.
+_NOT_AFTER_MAX = 256
+_not_after: dict[bytes, float] = {}
+
+
+def _der_not_after(der: bytes) -> float:
+    got = _not_after.get(der)
+    if got is None:
+        try:
+            got = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+        except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
+            raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
+                            f"a certificate of the peer's chain is unreadable: {exc}") from exc
+        if len(_not_after) >= _NOT_AFTER_MAX:
+            _not_after.clear()
+        _not_after[der] = got
+    return got
+
+
 def _named_domains(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
         return []
+    except Exception as exc:  # noqa: BLE001 -- ValueError, DuplicateExtension, ...
+        raise SvidError(RULE_EXTENSIONS_INVALID,
+                        f"a root's extensions are unreadable ({type(exc).__name__}): "
+                        f"{str(exc)[:200]}") from exc
     return [trust_domain_of(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
             if u.startswith(SCHEME_PREFIX)]
 
@@ -83,7 +124,12 @@ def bundle_from_certs(trust_domain: str, path: str,
     ``identity.trust_domains``. Roots without such a SAN cannot be judged and are taken.
     """
     for root in roots:
-        for named in _named_domains(root):
+        try:
+            domains = _named_domains(root)
+        except SvidError as exc:
+            raise SvidError(exc.rule, f"{exc.message} ({root.subject.rfc4514_string()[:200]})",
+                            file=path) from exc
+        for named in domains:
             if named != trust_domain:
                 raise SvidError(
                     RULE_TRUST_DOMAIN_MISMATCH,
@@ -107,6 +153,18 @@ class PeerChain:
 
     verified: tuple[bytes, ...]
     sent: tuple[bytes, ...]
+
+
+def _time_rule(leaf: x509.Certificate, now: float) -> str | None:
+    """``expired`` / ``not-yet-valid`` when the leaf's validity window excludes ``now``."""
+    try:
+        if now >= leaf.not_valid_after_utc.timestamp():
+            return RULE_EXPIRED
+        if now < leaf.not_valid_before_utc.timestamp():
+            return RULE_NOT_YET_VALID
+    except Exception:  # noqa: BLE001 -- judged by the caller's own refusal
+        return None
+    return None
 
 
 def trust_domain_of(spiffe_id: str) -> str:
@@ -155,21 +213,42 @@ class TrustStore:
             others = [b for b in others if b.trust_domain != bundle.trust_domain] + [bundle]
         return TrustStore.build(own, others, generation)
 
-    def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> None:
-        """Raise ``SvidError`` unless ``chain`` ends at a root of ``spiffe_id``'s domain."""
+    def check_peer(self, spiffe_id: str, chain: PeerChain, now: float) -> float:
+        """Raise ``SvidError`` unless ``chain`` ends at a root of ``spiffe_id``'s domain;
+        return when that trust ends: the earliest notAfter (Unix time) of the chain that
+        established it, leaf, intermediates and root."""
+        if len(chain.sent) > MAX_PEER_CHAIN or len(chain.verified) > MAX_PEER_CHAIN:
+            raise SvidError(RULE_CHAIN_TOO_LONG,
+                            f"the peer presented {len(chain.sent)} certificates, more than "
+                            f"{MAX_PEER_CHAIN}")
         td = trust_domain_of(spiffe_id)
         bundle = self.bundles.get(td)
         if bundle is None:
             raise SvidError(RULE_TRUST_DOMAIN_NOT_FEDERATED,
                             f"no bundle for trust domain {td} (not federated)")
         if chain.verified and chain.verified[-1] in bundle.root_ders:
-            return
+            ends = min(_der_not_after(der) for der in chain.verified)
+            if ends <= now:
+                # OpenSSL checked every member's validity at the handshake; this is a
+                # chain checked again later (a bundle change) after one of them expired.
+                raise SvidError(RULE_EXPIRED, f"a certificate of {spiffe_id}'s chain expired")
+            return ends
         if not chain.sent:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH, "the peer's chain is not available")
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain.sent]
-            verify_chain(certs[0], certs[1:], list(bundle.roots), now)
-        except (ValueError, SvidError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- a peer's chain: refuse, never crash
+            raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
+                            f"{spiffe_id}'s chain is unreadable: {exc}") from exc
+        try:
+            built = verify_chain(certs[0], certs[1:], list(bundle.roots), now)
+            return min(c.not_valid_after_utc.timestamp() for c in built)
+        except Exception as exc:  # noqa: BLE001 -- a peer's chain: refuse, never crash
+            rule = _time_rule(certs[0], now)
+            if rule is not None:
+                # A chain that would verify but for the time (a TLS 1.2 session resumed
+                # after the leaf expired): say so rather than blame the trust domain.
+                raise SvidError(rule, f"{spiffe_id}'s certificate is not valid now") from exc
             rule = getattr(exc, "rule", RULE_CHAIN_UNTRUSTED)
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
                             f"{spiffe_id} does not chain to a root of trust domain {td}"

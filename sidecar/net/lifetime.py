@@ -175,13 +175,20 @@ class Lifetimes:
                 n += self.retire(conn, REASON_MAX_AGE)
         return n
 
-    def recheck_trust(self, trusted: Callable[[str, PeerChain], bool]) -> int:
-        """After a bundle change: retire connections whose peer no longer verifies."""
+    def recheck_trust(self, trusted: Callable[[str, PeerChain], float | None]) -> int:
+        """After a bundle change: retire connections whose peer no longer verifies.
+
+        ``trusted`` returns None for a peer that no longer verifies, else when its trust now
+        ends (the earliest notAfter of the chain the new bundles accept), which becomes the
+        connection's ``peer_not_after``."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is None and conn.peer is not None and conn.chain is not None \
-                    and not trusted(conn.peer, conn.chain):
-                n += self.retire(conn, REASON_PEER_UNTRUSTED)
+            if conn.retiring is None and conn.peer is not None and conn.chain is not None:
+                ends = trusted(conn.peer, conn.chain)
+                if ends is None:
+                    n += self.retire(conn, REASON_PEER_UNTRUSTED)
+                else:
+                    conn.peer_not_after = ends
         return n
 
     def recheck_policy(self, now: float) -> int:
