@@ -155,12 +155,13 @@ class PeerChain:
     sent: tuple[bytes, ...]
 
 
-def _time_rule(leaf: x509.Certificate, now: float) -> str | None:
-    """``expired`` / ``not-yet-valid`` when the leaf's validity window excludes ``now``."""
+def _time_rule(certs: Sequence[x509.Certificate], now: float) -> str | None:
+    """``expired`` / ``not-yet-valid`` when the validity window of a certificate the peer
+    sent excludes ``now`` (only names the reason of a refusal already decided)."""
     try:
-        if now >= leaf.not_valid_after_utc.timestamp():
+        if any(now >= c.not_valid_after_utc.timestamp() for c in certs):
             return RULE_EXPIRED
-        if now < leaf.not_valid_before_utc.timestamp():
+        if any(now < c.not_valid_before_utc.timestamp() for c in certs):
             return RULE_NOT_YET_VALID
     except Exception:  # noqa: BLE001 -- judged by the caller's own refusal
         return None
@@ -244,7 +245,7 @@ class TrustStore:
             built = verify_chain(certs[0], certs[1:], list(bundle.roots), now)
             return min(c.not_valid_after_utc.timestamp() for c in built)
         except Exception as exc:  # noqa: BLE001 -- a peer's chain: refuse, never crash
-            rule = _time_rule(certs[0], now)
+            rule = _time_rule(certs, now)
             if rule is not None:
                 # A chain that would verify but for the time (a TLS 1.2 session resumed
                 # after the leaf expired): say so rather than blame the trust domain.
