@@ -365,6 +365,16 @@ class _TlsServer:
         self.sock.close()
 
 
+def _outbound_to(tmp: Path, root: Ca, port: int):
+    """A sidecar ``frontend`` (SVID from ``root``) whose outbound listener ``orders`` calls
+    127.0.0.1:``port`` expecting ``spiffe://demo.local/ns/demo/sa/orders``."""
+    me, me_key = _leaf(root, spiffe("frontend"))
+    cfg = sidecar_config(_write_identity(tmp / "a", [me], me_key, root.cert), outbound=[{
+        "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+        "upstream": f"127.0.0.1:{port}", "identity": spiffe("orders")}])
+    return start_sidecar(tmp, "frontend", cfg)
+
+
 @pytest.mark.parametrize("kind", HANDSHAKE_UNREADABLE)
 def test_outbound_refuses_an_upstream_certificate_it_cannot_read(tmp_path, procs, kind):
     root = _ca("root")
@@ -372,11 +382,7 @@ def test_outbound_refuses_an_upstream_certificate_it_cannot_read(tmp_path, procs
     upstream = _TlsServer(_write_identity(tmp_path / "up", [bad], bad_key, root.cert),
                           tmp_path / "up" / "ca.crt")
     try:
-        me, me_key = _leaf(root, spiffe("frontend"))
-        cfg = sidecar_config(_write_identity(tmp_path / "a", [me], me_key, root.cert), outbound=[{
-            "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-            "upstream": f"127.0.0.1:{upstream.port}", "identity": spiffe("orders")}])
-        a = start_sidecar(tmp_path, "frontend", cfg)
+        a = _outbound_to(tmp_path, root, upstream.port)
         procs.append(a)
         r = http(a.port("orders"), "GET", "/orders")
         assert r.status == 502 and b"orders" not in r.body
@@ -435,11 +441,7 @@ def test_pooled_outbound_connection_is_not_reused_after_the_upstreams_intermedia
     upstream = _TlsServer(_write_identity(tmp_path / "up", [up, inter.cert], up_key, root.cert),
                           tmp_path / "up" / "ca.crt")
     try:
-        me, me_key = _leaf(root, spiffe("frontend"))
-        cfg = sidecar_config(_write_identity(tmp_path / "a", [me], me_key, root.cert), outbound=[{
-            "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-            "upstream": f"127.0.0.1:{upstream.port}", "identity": spiffe("orders")}])
-        a = start_sidecar(tmp_path, "frontend", cfg)
+        a = _outbound_to(tmp_path, root, upstream.port)
         procs.append(a)
         assert http(a.port("orders"), "GET", "/x").status == 200
         assert http(a.port("orders"), "GET", "/x").status == 200
