@@ -9,6 +9,7 @@ disagrees with itself, absolute-form targets on inbound, and -- in ``sidecar.pol
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -28,9 +29,18 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Methods are case-sensitive (RFC 9110 9.1), but some apps upper-case them: "delete" would
 # slip past a rule for DELETE and be served as one. Only upper-case method names pass.
 _METHOD = re.compile(rb"[A-Z][A-Z-]{0,31}")
-# Host values that are refused: a list, userinfo or a space (one search instead of three
-# ``in`` tests: ``bytes in bytes`` first tries the operand as an integer and raises inside).
-_BAD_HOST = re.compile(rb"[,@ ]")
+# RFC 9112 3.2 / RFC 3986 3.2.2-3.2.3: Host = uri-host [ ":" port ]. The uri-host accepted is
+# a reg-name of unreserved characters only (letters, digits, "-", ".", "_", "~": no
+# percent-escape, no sub-delim, which also covers an IPv4 address) or an IPv6 literal in
+# brackets; the port is 1-5 digits. Anything else -- a list, userinfo, whitespace, a second
+# port, a path, a backslash, an escape, non-ASCII, a bracketed name -- could be read as
+# another host by the app than by the policy's host rules, and is refused (``bad_host``).
+# The one definition of a Host value: ``split_host`` (the policy's ``normalise_host`` too).
+HOST_SYNTAX = re.compile(r"([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+# Host values seen and accepted -> the lower-case str form ``RequestHead.host`` holds
+# (bounded like ``_METHODS``: only values that passed are kept).
+_HOSTS: dict[bytes, str] = {}
+_HOSTS_MAX = 256
 # Methods seen and accepted -> their str form, so the checks above run once per method name
 # (bounded: only names that passed are kept, at most _METHODS_MAX of them).
 _METHODS: dict[bytes, str] = {}
@@ -109,8 +119,9 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         else:
             connection = True
             conn_upgrade = conn_upgrade or value.lower().find(b"upgrade") >= 0
-    if not host or _BAD_HOST.search(host) is not None:  # (None: no Host field)
-        raise BadRequest("bad_host")
+    host_name = _HOSTS.get(host) if host is not None else None
+    if host_name is None:
+        host_name = _check_host(host)
     if not target.startswith(b"/"):
         # absolute-form, authority-form and asterisk-form are not accepted: the policy
         # matches origin-form paths, and a second authority would be a second truth.
@@ -132,9 +143,39 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         # every request after the first would bypass the policy (h2c smuggling).
         raise BadRequest("h2c_upgrade")
     has_body = chunked or bool(content_length)
-    return _new_head((method_name, target, host.decode("ascii", "replace").lower(),
+    return _new_head((method_name, target, host_name,
                       has_body, expect and has_body, upgrade if conn_upgrade else None,
                       connection))
+
+
+def split_host(value: str) -> tuple[str, str] | None:
+    """A Host value as (lower-case host, port: "" when none), or None when it is not
+    ``uri-host [":" port]`` as ``HOST_SYNTAX`` reads it (an IPv6 literal must also parse)."""
+    m = HOST_SYNTAX.fullmatch(value)
+    if m is None:
+        return None
+    host = m.group(1)
+    if host[0] == "[":
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+    return host.lower(), m.group(2) or ""
+
+
+def _check_host(host: bytes | None) -> str:
+    """``host`` (the Host field's value) lower-cased as a str if ``split_host`` accepts it,
+    else ``BadRequest("bad_host")``; kept."""
+    if host is None:  # no Host field
+        raise BadRequest("bad_host")
+    value = host.decode("latin-1")
+    if split_host(value) is None:
+        raise BadRequest("bad_host")
+    name = value.lower()
+    if len(_HOSTS) >= _HOSTS_MAX:
+        _HOSTS.clear()
+    _HOSTS[host] = name
+    return name
 
 
 def _check_method(method: bytes) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.http.request import split_host
 from sidecar.identity.spiffe import id_segments, namespace_of
 from sidecar.policy.decision import (
     REASON_APIKEY_MISSING,
@@ -144,14 +145,16 @@ def path_pattern_segments(pattern: str, fold: bool = False) -> tuple[str, ...]:
 
 
 def normalise_host(host: str) -> str:
-    """Host header value for matching: lower-case, no port, no trailing dot."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
+    """Host header value for matching: lower-case, no port, no trailing dot. The value is
+    read by ``sidecar.http.request.split_host``, the definition the data path refuses every
+    other Host by (``bad_host``); a value it does not accept (only seen outside the data
+    path, as in ``policy explain``) is returned lower-cased and stripped, whole."""
+    value = host.strip()
+    parts = split_host(value)
+    if parts is None:
+        return value.lower()
+    name = parts[0]
+    return name if name.startswith("[") else name.rstrip(".")
 
 
 # --- claims ---------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""What a hostile review of the data path found, each as a family built as data, through real
+sidecars (inbound mTLS and outbound plain, as in ``tests/test_hostile_http.py``): every member
+on every listener where it applies, with the recording app as the witness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests import test_hostile_http as hostile
+
+Mesh, SIDES, exchange, statuses = hostile.Mesh, hostile.SIDES, hostile.exchange, hostile.statuses
+pytestmark = pytest.mark.usefixtures("no_internal_errors")  # generic answers only
+
+# The hostile suite's policy, with a rule that denies one host name.
+_NO_ADMIN = "        deny: {paths: [/admin/**]}\n"
+POLICY = hostile.POLICY.replace(
+    _NO_ADMIN, _NO_ADMIN + "      - name: no-internal\n        deny: {hosts: [internal.example]}\n", 1)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hostile.Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("review"), policy=POLICY)
+    yield m
+    m.close()
+
+
+def _request(host: bytes, path: bytes = b"/open") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n" + hostile.SMUGGLED
+
+
+def _closing(host: bytes, path: bytes = b"/open") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+
+
+# --- 1. Host: RFC 3986 host [":" port] or 400 -------------------------------------------------
+
+# Spellings of the denied host that are no RFC 3986 host (with a port): each must be refused
+# before any rule runs, never matched as another host and forwarded.
+BAD_HOSTS: dict[str, bytes] = {
+    "two_ports": b"internal.example:80:80",
+    "empty_ports": b"internal.example::",
+    "port_then_colon": b"internal.example:80:",
+    "empty_port": b"internal.example:",
+    "long_port": b"internal.example:123456",
+    "port_not_digits": b"internal.example:8o",
+    "htab_inside": b"orders\tinternal.example",
+    "trailing_slash": b"internal.example/",
+    "path_after": b"internal.example/admin",
+    "backslash": b"internal.example\\x",
+    "nbsp": b"internal.example\xa0",
+    "non_ascii": b"internal.exampl\xe9",
+    "percent_dot": b"internal%2eexample",
+    "percent_name": b"%69nternal.example",
+    "bracketed_name": b"[internal.example]",
+    "bracketed_zone": b"[fe80::1%25eth0]",
+    "unclosed_bracket": b"[::1",
+    "bracket_then_name": b"[::1]internal.example",
+    "userinfo": b"x@internal.example",
+    "list": b"orders,internal.example",
+    "semicolon": b"internal.example;x",
+    "query": b"internal.example?x",
+    "fragment": b"internal.example#x",
+    "sub_delim": b"internal.example!",
+    "space_inside": b"internal. example",
+    "question_port": b"internal.example:?",
+}
+# Host values that are RFC 3986 hosts: the denied one in any case, with a port or a trailing
+# dot, is refused by the policy (403); the others reach the app.
+DENIED_HOSTS = [b"internal.example", b"INTERNAL.example:8080", b"internal.example.",
+                b"internal.example.:443"]
+GOOD_HOSTS = [b"orders", b"orders:8443", b"10.0.0.7", b"[::1]", b"[2001:db8::7]:443",
+              b"a-b_c~d.example"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(BAD_HOSTS))
+def test_a_host_that_is_not_an_rfc3986_host_is_refused(mesh: Mesh, side: str,
+                                                        case: str) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, _request(BAD_HOSTS[case]))
+    assert statuses(out) == [400], out[:300]
+    hostile.assert_generic_refusal(out)
+    assert mesh.app.targets_since(mark) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_the_denied_host_in_any_rfc3986_spelling_is_denied(mesh: Mesh, side: str) -> None:
+    for host in DENIED_HOSTS:
+        mark = mesh.app.snapshot()
+        out = exchange(mesh, side, _closing(host))
+        assert statuses(out) == [403], (host, out[:300])
+        assert "/open" not in mesh.app.targets_since(mark), host
+    for host in GOOD_HOSTS:
+        mark = mesh.app.snapshot()
+        out = exchange(mesh, side, _closing(host, b"/open/good"))
+        assert statuses(out) == [200], (host, out[:300])
+        assert mesh.app.targets_since(mark) == ["/open/good"]
