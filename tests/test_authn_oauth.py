@@ -38,7 +38,10 @@ from tests.test_authn_support import ISSUER, NOW, claims, ec_key, key_set, mint,
 @pytest.mark.parametrize("typ, ok", [
     ("at+jwt", True), ("AT+JWT", True), ("application/at+jwt", True),
     ("Application/At+JWT", True), ("JWT", False), ("jwt", False), (None, False), (5, False),
-    ("at+jwt ", True), ("at+jwt+x", False), ("", False),
+    ("at+jwt+x", False), ("", False),
+    # No whitespace is trimmed (a hostile review: Unicode strip() let these through).
+    ("at+jwt ", False), (" at+jwt", False), ("at+jwt\t", False), ("\u00a0at+jwt", False),
+    ("at+jwt\u2003", False), ("application/ at+jwt", False),
 ])
 def test_typ_matches(typ: Any, ok: bool) -> None:
     assert typ_matches(typ, "at+jwt") is ok

@@ -105,10 +105,25 @@ def www_authenticate(reason: str) -> bytes | None:
     return _CHALLENGES.get(reason)
 
 
+def _reads_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def claim_header_value(value: Any) -> bytes | None:
-    """How a claim is written into a header: strings as they are when printable ASCII,
-    anything else as compact ASCII JSON; None when too long to forward."""
-    if isinstance(value, str) and value.isascii() and value.isprintable():
+    """How a claim is written into a header: strings as they are when printable ASCII and
+    not readable as JSON, anything else as compact ASCII JSON; None when too long to forward.
+
+    One header value per claim value, never two claims with one value: a string that JSON
+    would read as something else (``true``, ``1``, ``"x"``, ``["a"]``, ``{}``, `` 1``) is
+    itself sent as JSON (``"true"``), so an app can tell the claim ``"true"`` from ``true``
+    and a user cannot choose a display name that reads as another user's header. Reading a
+    header back: JSON when it parses as JSON, else the string as it is."""
+    if isinstance(value, str) and value.isascii() and value.isprintable() \
+            and not _reads_as_json(value):
         text = value
     else:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)

@@ -142,9 +142,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _json_object(segment: str, what: str) -> dict[str, Any]:
     raw = _b64decode(segment)
     try:
-        value = json.loads(raw, object_pairs_hook=_no_duplicates,
+        # RFC 7515 / 7519: the JSON is UTF-8. ``json.loads(bytes)`` would also take UTF-16
+        # and UTF-32 and skip a byte-order mark; decoding first refuses them.
+        text = raw.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_no_duplicates,
                            parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        # A ``\ud800`` escape decodes to a lone surrogate, which is no Unicode text: it
+        # cannot be written to the audit trail, a log line or a header as UTF-8. Refused
+        # here, once per token, so no string of a token can carry one.
+        if "\\u" in text:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError):
         raise TokenInvalid(MALFORMED, f"{what} is not JSON") from None
     if not isinstance(value, dict):
         raise TokenInvalid(MALFORMED, f"{what} is not a JSON object")
@@ -197,8 +205,9 @@ def unverified_subject(token: str, max_bytes: int) -> str | None:
 
 
 def _media_type(value: str) -> str:
-    # RFC 7515 4.1.9: compare case-insensitively; "application/" may be left out.
-    value = value.strip().lower()
+    # RFC 7515 4.1.9: compare case-insensitively; "application/" may be left out. No
+    # whitespace is trimmed: "at+jwt\t" or "\u00a0at+jwt" is another type.
+    value = value.lower()
     return value[len("application/"):] if value.startswith("application/") else value
 
 

@@ -67,6 +67,10 @@ def check_binding(claims: Claims, peer_x5t: str | None, required: bool) -> None:
         # Bound to something else (jkt, jwk...): we cannot check it, so it does not count.
         raise TokenInvalid(UNBOUND_TOKEN if required else CERT_MISMATCH,
                            "cnf without x5t#S256")
+    if len(cnf) != 1:
+        # Bound to the certificate AND to something we cannot check (a DPoP ``jkt``, a
+        # ``jwk``...): accepting it on the certificate alone would drop the other binding.
+        raise TokenInvalid(CERT_MISMATCH, "cnf binds to more than the certificate")
     if peer_x5t is None or not hmac.compare_digest(bound.encode("ascii", "replace"),
                                                    peer_x5t.encode("ascii")):
         raise TokenInvalid(CERT_MISMATCH)

@@ -412,10 +412,14 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         _revision_agrees(docs, origin["revision"])
 
     providers: dict[str, JwtProvider] = {}
+    claim_headers: dict[str, str] = {}  # forward_claims header -> the provider that sets it
     for doc in docs:
         if "jwt_providers" in doc.top:
             for name, provider in _providers(doc, doc.top["jwt_providers"]).items():
-                providers.setdefault(name, provider)
+                if name in providers:
+                    continue
+                providers[name] = provider
+                _one_provider_per_claim_header(doc, name, provider, claim_headers)
     revocations = _list_parts(docs, "revocations", parse_revocations)
     api_keys = _list_parts(docs, "api_keys", parse_api_keys)
     rate_limits = _list_parts(docs, "rate_limits", parse_rate_limits)
@@ -468,6 +472,26 @@ def _revision_agrees(docs: list[PolicyFile], first: tuple[PolicyFile, P]) -> Non
         if "revision" not in doc.top:
             doc.r.problem((), f"no revision here but revision {first[0].top['revision']!r} in "
                           f"{first[0].where(first[1])}: the files are not of one policy")
+
+
+def _one_provider_per_claim_header(doc: PolicyFile, name: str, provider: JwtProvider,
+                                   seen: dict[str, str]) -> None:
+    """A ``forward_claims`` header set by two providers is a problem: a request carrying a
+    valid token of each would reach the app with two values under one name, and which one
+    the app reads depends on its framework (the route may have required only the other
+    provider). One claim per header within a provider is the mapping's own rule."""
+    mine: dict[str, str] = {}
+    for claim, header in provider.forward_claims:
+        if header in mine:
+            doc.r.problem(("jwt_providers", name, "forward_claims", claim),
+                          f"header {header} already carries claim {mine[header]!r}")
+            continue
+        mine[header] = claim
+        other = seen.setdefault(header, name)
+        if other != name:
+            doc.r.problem(("jwt_providers", name, "forward_claims", claim),
+                          f"header {header} is already set by provider {other!r}: give each "
+                          "provider its own claim headers")
 
 
 def _providers(doc: PolicyFile, value: Any) -> dict[str, JwtProvider]:
