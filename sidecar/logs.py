@@ -79,7 +79,10 @@ class LogSink:
             if name in record:
                 name = "field_" + name  # callers cannot overwrite ts/level/event
             record[name] = _safe_value(name, value)
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
+        # ASCII only: a caller-chosen string (an unverified token subject, a header value)
+        # cannot put terminal controls or bidirectional overrides (U+202E) into a log
+        # viewer, and a lone surrogate cannot make the line unwritable as UTF-8.
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=True, default=str)
         stream = self.stream if self.stream is not None else sys.stderr
         try:
             stream.write(line + "\n")

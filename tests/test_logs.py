@@ -33,6 +33,20 @@ def test_one_json_object_per_line(stream: io.StringIO) -> None:
     assert second["level"] == "info" and second["version"] == "v2"
 
 
+@pytest.mark.parametrize("value", [
+    "evil\u202eexe.txt", "\u2066isolate\u2069", "zo\u00eb", "\x1b[31mred", "\ud800",
+    "a\udfffb", "\U0001F600", "\u0085next line", "\u2028sep",
+])
+def test_lines_are_ascii_whatever_the_values(stream: io.StringIO, value: str) -> None:
+    """Bidirectional overrides, terminal escapes, line separators and lone surrogates (a
+    caller can choose all of them: an unverified token's subject) are written as JSON
+    escapes: the line is plain ASCII, one line, and reads back as the value."""
+    logs.log("alert_raised", "warning", subject=value)
+    text = stream.getvalue()
+    assert text.isascii() and text.count("\n") == 1
+    assert _lines(stream)[0]["subject"] == value
+
+
 def test_level_filter(stream: io.StringIO) -> None:
     logs.log("noise", "debug")
     assert stream.getvalue() == ""
