@@ -98,3 +98,69 @@ def test_the_denied_host_in_any_rfc3986_spelling_is_denied(mesh: Mesh, side: str
         out = exchange(mesh, side, _closing(host, b"/open/good"))
         assert statuses(out) == [200], (host, out[:300])
         assert mesh.app.targets_since(mark) == ["/open/good"]
+
+
+# --- 5. Upgrade: Connection is a token list; HTTP/2 in any spelling is h2c ---------------------
+
+H = hostile.H
+_DENIED_BEHIND = b"GET /admin/x HTTP/1.1\r\n" + H + b"\r\n"
+# Connection values that do not list the ``upgrade`` token: the request is an ordinary one
+# (its Upgrade field is hop-by-hop and dropped), and what follows it is read as HTTP again.
+NOT_UPGRADES = [b"keep-alive, noupgrade", b"upgraded", b"x-upgrade", b"upgrade-insecure",
+                b"keep-alive, upgrade2", b"\"upgrade\""]
+# Connection values that do list it.
+UPGRADES = [b"Upgrade", b"keep-alive, Upgrade", b"keep-alive,\tUPGRADE ", b"upgrade,close"]
+# HTTP/2 under every name an Upgrade field can give it: refused like h2c.
+HTTP2_UPGRADES: dict[str, bytes] = {
+    "h2c": b"Upgrade: h2c\r\n", "h2c_upper": b"Upgrade: H2C\r\n", "h2": b"Upgrade: h2\r\n",
+    "http_2_0": b"Upgrade: HTTP/2.0\r\n", "http_2": b"Upgrade: HTTP/2\r\n",
+    "http_2_lower": b"Upgrade: http/2.0\r\n", "h2c_draft": b"Upgrade: h2c-14\r\n",
+    "http2": b"Upgrade: HTTP2\r\n", "second_in_list": b"Upgrade: websocket, HTTP/2.0\r\n",
+    "second_field": b"Upgrade: websocket\r\nUpgrade: HTTP/2.0\r\n",
+}
+
+
+def _upgrade(connection: bytes, upgrade: bytes = b"Upgrade: echo\r\n") -> bytes:
+    return b"GET /open/ws HTTP/1.1\r\n" + H + b"Connection: " + connection + b"\r\n" + upgrade \
+        + b"\r\n"
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("connection", NOT_UPGRADES)
+def test_upgrade_only_when_connection_lists_the_token(mesh: Mesh, side: str,
+                                                      connection: bytes) -> None:
+    mark = mesh.app.snapshot()
+    last = b"GET /open/last HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    out = exchange(mesh, side, _upgrade(connection) + _DENIED_BEHIND + last)
+    # (outbound: the peer's 403 is relayed and the connection kept, see PEER_REFUSES)
+    assert statuses(out) == ([200, 403] if side == "inbound" else [200, 403, 200]), out[:400]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["target"] for h in heads] == (
+        ["/open/ws"] if side == "inbound" else ["/open/ws", "/open/last"])
+    assert not [n for n, _ in heads[0]["headers"] if n in ("upgrade", "connection")], heads
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("connection", UPGRADES)
+def test_upgrade_when_connection_lists_the_token(mesh: Mesh, side: str,
+                                                 connection: bytes) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, _upgrade(connection, b"Upgrade: echo\r\nConnection: close\r\n"))
+    assert statuses(out) == [200], out[:400]  # the app declines to switch
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["target"] for h in heads] == ["/open/ws"]
+    assert ["upgrade", "echo"] in heads[0]["headers"], heads
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(HTTP2_UPGRADES))
+def test_every_http2_upgrade_is_refused(mesh: Mesh, side: str, case: str) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, _upgrade(b"Upgrade, HTTP2-Settings", HTTP2_UPGRADES[case]
+                                        + b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+                   + hostile.SMUGGLED)
+    assert statuses(out) == [400], out[:300]
+    hostile.assert_generic_refusal(out)
+    assert mesh.app.targets_since(mark) == []
