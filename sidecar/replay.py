@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
-from sidecar.audit.segments import RecordFilter, iter_stored
+from sidecar.audit.segments import RecordFilter, StoredRecord, iter_stored
 from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
@@ -56,14 +56,30 @@ def outcome(decision: Decision) -> str:
     return decision.action
 
 
+def replay_problem(rec: AuditRecord) -> str | None:
+    """What makes a (well-formed) record unfit for replay: the ``extra`` fields replay reads
+    (``service``, a string; ``port``, an integer 0..65535) of the wrong type or value."""
+    extra = rec.extra or {}
+    service, port = extra.get("service"), extra.get("port")
+    if service is not None and not isinstance(service, str):
+        return f"field 'x.service' is a {type(service).__name__}, not a string"
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 <= port <= 65535):
+        return f"field 'x.port' {port!r} is not a port number"
+    return None
+
+
 def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
            ) -> tuple[int, list[ReplayChange]]:
-    """Re-decide every inbound request record; return (records replayed, changes)."""
+    """Re-decide every inbound request record; return (records replayed, changes). Records
+    with a ``replay_problem`` are skipped (``cmd_replay`` names them)."""
     changes: list[ReplayChange] = []
     count = 0
     providers = getattr(getattr(policy, "extras", None), "jwt_providers", {}) or {}
     for rec in records:
         if rec.event != "request" or rec.direction != "inbound" or not rec.method:
+            continue
+        if replay_problem(rec) is not None:
             continue
         service = identity or (rec.extra or {}).get("service")
         if not service:
@@ -98,8 +114,8 @@ def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[Aud
 def cmd_replay(args: argparse.Namespace) -> int:
     """``sidecar policy replay``: load the new policy, re-decide the trail's inbound requests and
     report what changes. Exit 0 when nothing changes, 1 when something does, 2 for an invalid
-    policy, an unreadable trail or data key, or a damaged segment (then "no change" could not be
-    claimed)."""
+    policy, an unreadable trail or data key, a damaged segment or a malformed record (skipped
+    and named on stderr; then "no change" could not be claimed)."""
     try:
         policy = load_policy_set(args.policy)
     except ConfigError as exc:
@@ -107,11 +123,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     filters = RecordFilter(peer=args.peer)
     damaged: list[str] = []
+    malformed: list[str] = []
+
+    def skipped(what: str) -> None:
+        malformed.append(what)
+        print(f"sidecar: skipped {what}", file=sys.stderr, flush=True)
+
+    def fit(stored: Iterator[StoredRecord]) -> Iterator[AuditRecord]:
+        for s in stored:
+            problem = replay_problem(s.record)
+            if problem is not None:
+                skipped(f"{s.segment}: seq {s.seq}: malformed record: {problem}")
+                continue
+            yield s.record
+
     progress = Progress("replaying")
     try:
         decryptor = load_decryptor(args.data_key) if args.data_key else None
-        records = (s.record for s in iter_stored(args.audit, filters, on_damage=damaged.append,
-                                                 decryptor=decryptor))
+        records = fit(iter_stored(args.audit, filters, on_damage=damaged.append,
+                                  decryptor=decryptor, on_malformed=skipped))
         count, changes = replay(policy, _counted(records, progress), args.identity)
     except ValueError as exc:  # a data key file that cannot be used
         print(f"sidecar: {exc}", file=sys.stderr)
@@ -145,7 +175,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.format == "json" and args.output_format == "table":
         args.output_format = "json"  # the older spelling of -o json
     emit(args, doc, table)
-    if damaged:
+    if damaged or malformed:
         return 2  # part of the trail was not read: "no change" would not be true
     return 1 if changes else 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
     READ_BUFFER,
+    MalformedRecord,
     RecordFilter,
     SegmentFile,
     VerifyResult,
@@ -36,7 +38,7 @@ from sidecar.audit.segments import (
     verify,
 )
 from sidecar.audit.ship import CollectError, collect_frames, write_segments
-from sidecar.audit.signing import load_anchor, load_keyring, write_keypair
+from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.config.audit import load_hmac_key
 from sidecar.output import Progress, add_output_flag, render, rfc3339
 
@@ -236,6 +238,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     key = None
     try:
         if getattr(args, "hmac_key_file", None):
+            read_small_file(args.hmac_key_file, "HMAC key file")  # not a FIFO, device...
             key = load_hmac_key(args.hmac_key_file)
         pubkeys = getattr(args, "pubkey", None) or []
         keyring = load_keyring(pubkeys) if pubkeys else None
@@ -303,17 +306,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {args.path}: no audit segments here (is this audit.path?)",
               file=sys.stderr)
         return 2
-    progress = Progress("exporting")
     damaged: list[str] = []
+    malformed = _MalformedReport()
     out: IO[str]
     close = False
     if args.output:
-        out = open(args.output, "w", encoding="utf-8", newline="")
+        try:
+            out = open(args.output, "w", encoding="utf-8", newline="")
+        except OSError as exc:
+            print(f"error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         close = True
     else:
         out = sys.stdout
+    progress = Progress("exporting")
     try:
-        stored = iter_stored(args.path, filters, on_damage=damaged.append, decryptor=decryptor)
+        stored = iter_stored(args.path, filters, on_damage=damaged.append, decryptor=decryptor,
+                             on_malformed=malformed)
         if args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(("seq", *FIELD_NAMES))
@@ -339,7 +348,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     for d in damaged:
         print(f"warning: stopped reading a damaged or undecryptable segment: {d}",
               file=sys.stderr)
-    return 1 if damaged else 0
+    return 1 if damaged or malformed.count else 0
+
+
+class _MalformedReport:
+    """Says on stderr, one line each, which malformed records were skipped (export, tail)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, what: str) -> None:
+        self.count += 1
+        print(f"error: skipped {what}", file=sys.stderr, flush=True)
 
 
 def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
@@ -373,10 +393,12 @@ def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]
 class _Follower:
     """Reads frames appended to the newest segment; moves on when a newer one appears."""
 
-    def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None) -> None:
+    def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None,
+                 malformed: _MalformedReport) -> None:
         self.path = path
         self.filters = filters
         self.decryptor = decryptor
+        self.malformed = malformed
         self.single = not os.path.isdir(path)
         self.current: SegmentFile | None = None
         self.header: dict[str, Any] | None = None
@@ -417,16 +439,22 @@ class _Follower:
                 self.offset = end
                 if self.header is None:
                     self.header = segment_header(self.current.path)
-                yield from _matching(payload, self.header, self.filters, self.decryptor)
+                yield from _matching(payload, self.header, self.filters, self.decryptor,
+                                     self.current.name, self.malformed)
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
-              decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+              decryptor: Decryptor | None, segment: str, malformed: _MalformedReport
+              ) -> Iterator[tuple[int, AuditRecord]]:
     try:
         seq, _prev, kind, body = decode_frame(payload)
     except (ValueError, ChainError):
         return
-    rec = record_of(seq, kind, body, header, decryptor)
+    try:
+        rec = record_of(seq, kind, body, header, decryptor)
+    except MalformedRecord as exc:
+        malformed(f"{segment}: {exc}")
+        return
     if rec is not None and filters.matches(rec):
         yield seq, rec
 
@@ -442,10 +470,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if _missing(args.path):
         return 2
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
+    if not math.isfinite(args.interval) or args.interval <= 0:
+        print(f"error: --interval must be a positive number of seconds, not {args.interval}",
+              file=sys.stderr)
+        return 2
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
+    malformed = _MalformedReport()
     try:
-        follower = _Follower(args.path, filters, decryptor)
+        follower = _Follower(args.path, filters, decryptor, malformed)
         # Remember where the files end *before* reading, so no record is printed twice
         # or skipped between the backlog and following.
         follower.start_at_end()
@@ -456,18 +489,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if end_segment is not None and seg > end_segment:
                     break
                 limit = end_offset if seg == end_segment else None
-                for stored in _read_segment(seg, filters, limit, decryptor):
+                for stored in _read_segment(seg, filters, limit, decryptor, malformed):
                     last.append(stored)
             for seq, rec in last:
                 _print_record(seq, rec, out)
         if not args.follow:
-            return 0
+            return 1 if malformed.count else 0
         while True:
             for seq, rec in follower.poll():
                 _print_record(seq, rec, out)
             time.sleep(interval)
     except KeyboardInterrupt:
-        return 0
+        return 1 if malformed.count else 0
     except DecryptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -479,11 +512,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
-                  decryptor: Decryptor | None) -> Iterator[tuple[int, AuditRecord]]:
+                  decryptor: Decryptor | None, malformed: _MalformedReport
+                  ) -> Iterator[tuple[int, AuditRecord]]:
     header = segment_header(seg.path)
     with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
         for _end, payload in _frames_from(fh, limit):
-            yield from _matching(payload, header, filters, decryptor)
+            yield from _matching(payload, header, filters, decryptor, seg.name, malformed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

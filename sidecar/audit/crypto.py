@@ -36,6 +36,8 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sidecar.audit.signing import read_small_file
+
 ALG = "aes-256-gcm"
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -50,11 +52,7 @@ def data_key_id(key: bytes) -> str:
 
 def load_data_key(path: str) -> bytes:
     """The 32-byte key of a base64 key file; ``ValueError`` with a message for a person."""
-    try:
-        with open(path, "rb") as fh:
-            text = fh.read(4096).strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read data key file {path}: {exc.strerror or exc}") from None
+    text = read_small_file(path, "data key file", 4096).strip()
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -11,6 +11,7 @@ A token is never recorded: only the issuer, the subject and the SHA-256 of its `
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -71,7 +72,9 @@ class AuditRecord:
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> AuditRecord:
-        """Rebuild a record; unknown keys (from a newer writer) go into ``extra``."""
+        """Rebuild a record; unknown keys (from a newer writer) go into ``extra``.
+        ``RecordError`` when a field has the wrong type or value (``check_wire``)."""
+        check_wire(wire)
         kw: dict[str, Any] = {}
         unknown: dict[str, Any] = {}
         for key, value in wire.items():
@@ -91,6 +94,96 @@ class AuditRecord:
     def as_dict(self) -> dict[str, Any]:
         """Long field names, for export (JSON lines, CSV)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class RecordError(ValueError):
+    """A stored record one of whose fields has the wrong type or value: never written by a
+    sidecar, so damage or a forgery. ``key`` is the stored key (``t``, ``x``...)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"field {key!r}: {message}")
+        self.key = key
+
+
+# Record times a reader accepts: unix seconds from 1970 to the end of year 9999 (what an
+# RFC 3339 time can say). Anything else is not a time a sidecar wrote.
+MAX_TIME = 253402300799.0
+# How deep ``extra`` values (and unknown keys' values) may nest.
+MAX_VALUE_DEPTH = 8
+
+_STR_KEYS = frozenset(("ev", "id", "dir", "src", "m", "host", "path", "d", "rule", "why", "pv"))
+_OPTIONAL_STR_KEYS = frozenset(("peer", "iss", "sub", "jti", "key"))
+_COUNT_KEYS = frozenset(("st", "bi", "bo"))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    return type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check_value(key: str, value: Any, depth: int = 0) -> None:
+    """A value of ``extra`` (or of an unknown key): msgpack scalars, lists and maps with
+    string keys, finite numbers, nested at most ``MAX_VALUE_DEPTH`` deep."""
+    if value is None or isinstance(value, str | bytes | bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise RecordError(key, f"holds {value!r}, not a finite number")
+        return
+    if depth >= MAX_VALUE_DEPTH:
+        raise RecordError(key, f"nests deeper than {MAX_VALUE_DEPTH} levels")
+    if isinstance(value, list):
+        for item in value:
+            _check_value(key, item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise RecordError(key, f"has a {_kind(k)} key, not a string")
+            _check_value(key, item, depth + 1)
+        return
+    raise RecordError(key, f"holds a {_kind(value)}")
+
+
+def check_wire(wire: Mapping[str, Any]) -> None:
+    """``RecordError`` naming the first field of a stored record that has the wrong type or
+    value (docs/audit.md, "Record fields"): ``t`` a finite number of unix seconds in
+    1970..9999, ``ms`` a finite number, ``st``/``bi``/``bo`` integers >= 0, the text fields
+    strings (``peer``, ``iss``, ``sub``, ``jti``, ``key`` may be nil), ``x`` a map with
+    string keys; values in ``x`` and of unknown keys: scalars, lists, maps, finite numbers."""
+    if not isinstance(wire, Mapping):
+        raise RecordError("(record)", f"is a {_kind(wire)}, not a map")
+    for key, value in wire.items():
+        if key in _STR_KEYS:
+            if not isinstance(value, str):
+                raise RecordError(key, f"is a {_kind(value)}, not a string")
+        elif key in _OPTIONAL_STR_KEYS:
+            if value is not None and not isinstance(value, str):
+                raise RecordError(key, f"is a {_kind(value)}, not a string")
+        elif key == "t":
+            if not _is_number(value):
+                raise RecordError(key, f"is a {_kind(value)}, not a finite number of seconds")
+            if not 0 <= value <= MAX_TIME:
+                raise RecordError(key, f"{value!r} is not a time between 1970 and 9999")
+        elif key == "ms":
+            if not _is_number(value):
+                raise RecordError(key, f"is a {_kind(value)}, not a finite number")
+        elif key in _COUNT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RecordError(key, f"{value!r} is not an integer >= 0")
+        elif key == "x":
+            if value is not None and not isinstance(value, dict):
+                raise RecordError(key, f"is a {_kind(value)}, not a map")
+            if value:
+                _check_value(key, value)
+        else:
+            _check_value(str(key), value)
 
 
 class SharedExtra(dict[str, Any]):

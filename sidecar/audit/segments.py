@@ -40,7 +40,7 @@ from sidecar.audit.chain import (
     decode_frame,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
-from sidecar.audit.record import AuditRecord
+from sidecar.audit.record import AuditRecord, RecordError, check_wire
 from sidecar.audit.signing import Checkpoint, Keyring
 
 SEGMENT_NAME = re.compile(r"^audit-(\d{20})-(\d{8}T\d{12}Z)\.log$")
@@ -218,6 +218,21 @@ class _Walk:
         self.tail_times: list[float] = []  # times of the first and last unsigned record
         self.prev_seal: tuple[str, str] | None = None  # (segment, why) of the last seal
         self.whole_trail = True  # False when one segment file is checked on its own
+        self.more: dict[str, int] = {}  # findings beyond MAX_FINDINGS_PER_CODE, by code
+
+    def capped(self, code: str, seq: int | None, message: str) -> None:
+        """An error finding that a forger can repeat per frame: the first
+        ``MAX_FINDINGS_PER_CODE`` of a code are listed, the rest counted."""
+        listed = sum(1 for f in self.result.findings if f.code == code)
+        if listed < MAX_FINDINGS_PER_CODE:
+            self.result.add("error", code, self.segment, seq, message)
+        else:
+            self.more[code] = self.more.get(code, 0) + 1
+
+    def malformed(self, seq: int, message: str) -> None:
+        """A record frame that no sidecar wrote (wrong field type or value, clear text in
+        an encrypted segment)."""
+        self.capped("malformed_record", seq, f"malformed record: {message}")
 
     def frame(self, frame: Frame) -> str | None:
         """Check one frame (already linked); a string is a broken point (stop)."""
@@ -287,6 +302,8 @@ class _Walk:
 
     def finish(self) -> None:
         r = self.result
+        for code, n in self.more.items():
+            r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
         if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
                 and self.whole_trail:
             r.add("error", "rotation_without_successor", self.prev_seal[0], r.head_seq,
@@ -326,6 +343,9 @@ class _Walk:
                       "the key")
 
 
+# Findings of one code listed before the rest are only counted (a forger can repeat one
+# problem per frame).
+MAX_FINDINGS_PER_CODE = 100
 # An honest unsigned tail may span the checkpoint interval plus queueing and disk delays.
 TAIL_SLACK_SECONDS = 10.0
 
@@ -398,13 +418,23 @@ def verify(
                     result.frames += 1
                     if frame.kind in RECORD_KINDS:
                         result.records += 1
-                        if decryptor is not None and frame.kind == "erc":
+                        wire: dict[str, Any] | None = frame.body if frame.kind == "rec" else None
+                        mismatch = record_mismatch(frame.kind, header)
+                        if mismatch is not None:
+                            walk.malformed(frame.seq, mismatch)
+                            wire = None
+                        elif decryptor is not None and frame.kind == "erc":
                             try:
-                                decryptor.record(frame.seq, frame.body, header)
+                                wire = decryptor.record(frame.seq, frame.body, header)
                             except DecryptError as exc:
                                 problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
                                 fatal = True
                                 break
+                        if wire is not None:
+                            try:
+                                check_wire(wire)
+                            except RecordError as exc:
+                                walk.malformed(frame.seq, str(exc))
                     elif frame.kind == "seg":
                         header = frame.body
         except SegmentDamage as exc:
@@ -511,15 +541,45 @@ class StoredRecord:
     record: AuditRecord
 
 
+class MalformedRecord(ValueError):
+    """A record frame that no sidecar wrote: a field of the wrong type or value
+    (``RecordError``), or a record stored in the clear in a segment whose header declares
+    encryption (or encrypted in one that declares none). Readers skip it and say so."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"seq {seq}: malformed record: {message}")
+        self.seq = seq
+
+
+def record_mismatch(kind: str, header: dict[str, Any] | None) -> str | None:
+    """What is wrong when a record frame's kind does not match its segment header: the
+    writer stores every record of a segment encrypted (``erc``) exactly when its header has
+    ``enc``."""
+    encrypted = header is not None and "enc" in header
+    if kind == "rec" and encrypted:
+        return ("stored in the clear in a segment whose header declares encryption "
+                "(the writer encrypts every record there: forged)")
+    if kind == "erc" and header is not None and not encrypted:
+        return "encrypted, but its segment header declares no encryption"
+    return None
+
+
 def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] | None,
               decryptor: Decryptor | None) -> AuditRecord | None:
     """The record a frame holds (None for other frames); ``DecryptError`` when it is
-    encrypted and ``decryptor`` cannot open it."""
-    if kind == "rec":
-        return AuditRecord.from_wire(body)
-    if kind == "erc":
-        return AuditRecord.from_wire((decryptor or Decryptor()).record(seq, body, header))
-    return None
+    encrypted and ``decryptor`` cannot open it; ``MalformedRecord`` when it is not a record
+    a sidecar wrote (a field of the wrong type or value, or clear text where the header
+    declares encryption)."""
+    if kind not in RECORD_KINDS:
+        return None
+    mismatch = record_mismatch(kind, header)
+    if mismatch is not None:
+        raise MalformedRecord(seq, mismatch)
+    wire = body if kind == "rec" else (decryptor or Decryptor()).record(seq, body, header)
+    try:
+        return AuditRecord.from_wire(wire)
+    except RecordError as exc:
+        raise MalformedRecord(seq, str(exc)) from None
 
 
 def segment_header(path: str) -> dict[str, Any] | None:
@@ -537,10 +597,13 @@ def segment_header(path: str) -> dict[str, Any] | None:
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
     on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
+    on_malformed: Callable[[str], None] | None = None,
 ) -> Iterator[StoredRecord]:
     """Every readable record under ``path`` in chain order. Reading does not verify links
     (use ``verify``); a damaged segment, or one whose records cannot be decrypted, is read
-    up to there, reported to ``on_damage`` and skipped from there."""
+    up to there, reported to ``on_damage`` and skipped from there. A malformed record
+    (``MalformedRecord``) is skipped and reported to ``on_malformed`` (``SEGMENT: seq N:
+    malformed record: field ...``); reading goes on with the next frame."""
     for seg in resolve_segments(path):
         header: dict[str, Any] | None = None
         try:
@@ -549,7 +612,12 @@ def iter_stored(
                     seq, _prev, kind, body = decode_frame(payload)
                     if kind == "seg":
                         header = body
-                    rec = record_of(seq, kind, body, header, decryptor)
+                    try:
+                        rec = record_of(seq, kind, body, header, decryptor)
+                    except MalformedRecord as exc:
+                        if on_malformed is not None:
+                            on_malformed(f"{seg.name}: {exc}")
+                        continue
                     if rec is not None and (filters is None or filters.matches(rec)):
                         yield StoredRecord(seq, seg.name, rec)
         except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:

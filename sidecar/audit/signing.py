@@ -33,6 +33,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,18 +100,39 @@ class Keyring:
             return f"checkpoint signed with key {kid}, which is not in the keyring"
         try:
             public.verify(sig, statement(seq, prev, kind, body))
-        except (InvalidSignature, TypeError, ValueError):
+        except (InvalidSignature, TypeError, ValueError, OverflowError, RecursionError):
             return (f"checkpoint signature does not verify (key {kid}): this frame or the "
                     "chain before it was altered")
         return None
 
 
-def _read(path: str, what: str) -> bytes:
+def read_small_file(path: str, what: str, limit: int = MAX_KEY_FILE_BYTES) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path`` (a key, an anchor);
+    ``ValueError`` naming ``what`` otherwise. A FIFO, device or directory is refused
+    without blocking on it (opened non-blocking, checked with ``fstat``)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(MAX_KEY_FILE_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"cannot read {what} {path}: not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+_read = read_small_file
 
 
 def load_signer(path: str, ident: str) -> Signer:
@@ -118,7 +140,7 @@ def load_signer(path: str, ident: str) -> Signer:
     data = _read(path, "signing key file")
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
+    except Exception:  # noqa: BLE001 -- cryptography raises several types (UnsupportedAlgorithm)
         raise ValueError(f"signing key file {path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"signing key file {path} is not an Ed25519 key")
@@ -135,7 +157,10 @@ def load_keyring(paths: list[str]) -> Keyring:
             raise ValueError(f"{path} holds no PEM key")
         for block in blocks:
             pem = block[block.index(b"-----BEGIN "):]
-            label = pem[len(b"-----BEGIN "):pem.index(b"-----", len(b"-----BEGIN "))]
+            end = pem.find(b"-----", len(b"-----BEGIN "))
+            if end < 0:
+                raise ValueError(f"{path} holds a PEM block without a label")
+            label = pem[len(b"-----BEGIN "):end]
             pem += b"-----END " + label + b"-----\n"
             try:
                 if b"PRIVATE" in label:
@@ -143,8 +168,9 @@ def load_keyring(paths: list[str]) -> Keyring:
                     key: Any = priv.public_key()
                 else:
                     key = serialization.load_pem_public_key(pem)
-            except (ValueError, TypeError):
-                raise ValueError(f"{path} holds a PEM block that is not a key") from None
+            except Exception:  # noqa: BLE001 -- cryptography raises several types
+                # (ValueError, TypeError, UnsupportedAlgorithm for an unsupported curve)
+                raise ValueError(f"{path} holds a PEM block that is not a usable key") from None
             if not isinstance(key, Ed25519PublicKey):
                 raise ValueError(f"{path} holds a key that is not Ed25519")
             keys.append(key)
@@ -236,8 +262,8 @@ def load_anchor(path: str) -> Checkpoint:
     data = _read(path, "anchor file")
     try:
         obj = json.loads(data)
-    except ValueError:
-        raise ValueError(f"anchor file {path} is not JSON") from None
+    except (ValueError, RecursionError):
+        raise ValueError(f"anchor file {path} is not JSON (or nests too deep)") from None
     try:
         return Checkpoint.from_json(obj.get("checkpoint", obj) if isinstance(obj, dict) else obj)
     except ValueError as exc:
