@@ -350,3 +350,22 @@ def test_tail_follow_interval_must_be_positive_and_finite(small_trail: Path,
                     timeout=20)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--interval" in r.stderr
+
+
+def test_hmac_trail_without_its_key_is_a_missing_key_not_broken(
+        tmp_path: Path, keys: dict[str, str]) -> None:
+    """Checked with --pubkey alone, an HMAC trail cannot be verified: exit 2 with the key
+    named, as for any key verify needs and was not given; never BROKEN."""
+    hmac_key = tmp_path / "hmac"
+    hmac_key.write_text("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0\n")
+    d = tmp_path / "audit"
+    write_entries(d, [GOOD] * 10, keys, hmac_key_file=str(hmac_key))
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert not result.ok and result.missing_key and "--hmac-key-file" in result.missing_key
+    for extra in ([], ["-o", "json"]):
+        r = run("audit", "verify", str(d), "--pubkey", keys["pub"], *extra)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.startswith("error: cannot verify") and "--hmac-key-file" in r.stderr
+        assert "BROKEN" not in r.stdout + r.stderr
+    ok = run("audit", "verify", str(d), "--pubkey", keys["pub"], "--hmac-key-file", str(hmac_key))
+    assert ok.returncode == 0, ok.stdout

@@ -83,6 +83,11 @@ class ChainError(ValueError):
         self.seq = seq
 
 
+class MissingKey(ChainError):
+    """A segment needs a key the verifier was not given (an HMAC chain without
+    ``--hmac-key-file``): nothing can be said about it, which is not the same as broken."""
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame and its link digest."""
@@ -260,7 +265,8 @@ class ChainVerifier:
             alg = body.get("alg")
             if alg == ALG_HMAC:
                 if self.key is None:
-                    raise ChainError("segment is HMAC-authenticated: an HMAC key is needed", seq)
+                    raise MissingKey("segment is HMAC-authenticated: an HMAC key is needed "
+                                     "(--hmac-key-file)", seq)
                 self._segment_key = self.key
             elif alg == ALG_SHA256:
                 if self.require_mac:

@@ -260,6 +260,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         require_genesis=getattr(args, "require_genesis", False))
     finally:
         progress.close()
+    if result.missing_key is not None:
+        # Like a key file that cannot be read: the check cannot run (not BROKEN).
+        print(f"error: cannot verify {args.path}: {result.missing_key}", file=sys.stderr)
+        return 2
     fmt = getattr(args, "output_format", "table")
     if getattr(args, "json", False) and fmt == "table":
         print(_json_line(verify_result_dict(result)))  # --json: the older, one-line spelling

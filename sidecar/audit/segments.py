@@ -37,6 +37,7 @@ from sidecar.audit.chain import (
     ChainVerifier,
     Frame,
     FrameError,
+    MissingKey,
     decode_frame,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
@@ -182,6 +183,9 @@ class VerifyResult:
     restarts: int = 0
     anchors_matched: int = 0
     findings: list[Finding] = field(default_factory=list)
+    # Set when a segment needs a key that was not given (an HMAC chain): the trail could
+    # not be checked, which the CLI reports as "cannot run" (exit 2), not as BROKEN.
+    missing_key: str | None = None
 
     def add(self, severity: Severity, code: str, segment: str, seq: int | None,
             message: str) -> None:
@@ -392,7 +396,10 @@ def verify(
                         frame = checker.accept(payload)
                     except ChainError as exc:
                         message = str(exc)
-                        if first:
+                        if isinstance(exc, MissingKey):
+                            result.missing_key = f"{seg.name}: {message}"
+                            fatal = True
+                        elif first:
                             message += _missing_predecessor(payload, names)
                         problem = BrokenPoint(seg.name, exc.seq, offset, message)
                         break
