@@ -369,3 +369,102 @@ def test_hmac_trail_without_its_key_is_a_missing_key_not_broken(
         assert "BROKEN" not in r.stdout + r.stderr
     ok = run("audit", "verify", str(d), "--pubkey", keys["pub"], "--hmac-key-file", str(hmac_key))
     assert ok.returncode == 0, ok.stdout
+
+
+# ------------------------------------------------------------------------------ anchors
+
+
+def _anchored_trail(tmp_path: Path, keys: dict[str, str], **cfg: Any) -> tuple[Path, Any]:
+    from sidecar.audit.writer import AuditWriter
+
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=False, signing_key_file=keys["priv"],
+                         checkpoint_every_records=7, max_segment_bytes=4096, **cfg)
+    writer: AuditWriter = write_audit_trail(config, [GOOD] * 40, identity=IDENT, batch=4,
+                                            pause=0.001)
+    assert writer.last_checkpoint is not None
+    return d, writer.last_checkpoint.to_json()
+
+
+def _anchor_variants(good: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The genuine anchor with one field changed, for every field it has."""
+    import base64
+    import copy
+
+    out: dict[str, dict[str, Any]] = {}
+
+    def variant(name: str, edit: Any) -> None:
+        a = copy.deepcopy(good)
+        edit(a)
+        out[name] = a
+
+    variant("kind", lambda a: a.update(kind="chk" if a["kind"] == "end" else "end"))
+    variant("prev", lambda a: a.update(prev="00" * 32))
+    variant("sig", lambda a: a.update(sig=base64.b64encode(bytes(64)).decode()))
+    for key, value in good["fields"].items():
+        changed: Any = {"time": value + 1.0 if isinstance(value, float) else value,
+                        "id": "spiffe://demo.local/ns/evil/sa/x", "kid": "ffffffffffffffff",
+                        "every": [1, 1.0], "why": "rotate"}.get(key, "x")
+        if key == "time":
+            changed = int(value)  # the same number as an int is another field value
+        variant(f"field {key!r}", lambda a, k=key, v=changed: a["fields"].__setitem__(k, v))
+        variant(f"field {key!r} removed", lambda a, k=key: a["fields"].pop(k))
+    variant("field 'extra' added", lambda a: a["fields"].__setitem__("extra", 1))
+    return out
+
+
+def test_an_anchor_must_equal_the_chains_checkpoint_in_every_field(
+        tmp_path: Path, keys: dict[str, str]) -> None:
+    from sidecar.audit.signing import Checkpoint
+
+    d, good = _anchored_trail(tmp_path, keys)
+    keyring = load_keyring([keys["pub"]])
+    assert verify(str(d), keyring=keyring, anchors=[Checkpoint.from_json(good)]).ok
+    variants = _anchor_variants(good)
+    assert {"kind", "prev", "sig", "field 'time'", "field 'id'", "field 'kid'",
+            "field 'every'", "field 'why'"} <= set(variants)
+    for name, obj in variants.items():
+        anchor = Checkpoint.from_json(obj)
+        field = name.replace(" removed", "").replace(" added", "")
+        for ring in (None, keyring):
+            result = verify(str(d), keyring=ring, anchors=[anchor])
+            assert not result.ok, (name, ring)
+            assert f"({field} differs)" in str(result.broken), (name, result.broken)
+        # With the public key the anchor's own signature is checked too.
+        result = verify(str(d), keyring=keyring, anchors=[anchor])
+        assert "anchor_signature" in [f.code for f in result.errors], name
+    # Through the CLI: exit 1, the field named.
+    bad = tmp_path / "bad-anchor.json"
+    bad.write_text(json.dumps({"checkpoint": variants["field 'id'"]}))
+    r = run("audit", "verify", str(d), "--anchor", str(bad))
+    assert r.returncode == 1 and "field 'id' differs" in r.stdout, r.stdout
+
+
+def test_an_anchor_older_than_the_retained_chain_is_a_warning(
+        tmp_path: Path, keys: dict[str, str]) -> None:
+    """Honest retention: exit 0, but a warning line (and JSON finding) says plainly that
+    the anchor could not be checked; the newest anchor is the one to give."""
+    from sidecar.audit.signing import Checkpoint
+
+    d, old = _anchored_trail(tmp_path, keys, max_segments=2)
+    config = AuditConfig(path=str(d), fsync=False, signing_key_file=keys["priv"],
+                         checkpoint_every_records=7, max_segment_bytes=4096, max_segments=2)
+    new = write_audit_trail(config, [GOOD] * 60, identity=IDENT, batch=4, pause=0.001)
+    assert list_segments(str(d))[0].start_seq > old["seq"]
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]),
+                    anchors=[Checkpoint.from_json(old)])
+    assert result.ok and [(f.severity, f.code) for f in result.findings] == \
+        [("warning", "anchor_not_checked")]
+    old_file, new_file = tmp_path / "old.json", tmp_path / "new.json"
+    old_file.write_text(json.dumps(old))
+    new_file.write_text(json.dumps({"checkpoint": new.last_checkpoint.to_json()}))
+    r = run("audit", "verify", str(d), "--pubkey", keys["pub"], "--anchor", str(old_file))
+    assert r.returncode == 0
+    assert any(line.startswith("warning: anchor_not_checked") and "could NOT be checked" in line
+               for line in r.stdout.splitlines()), r.stdout
+    doc = json.loads(run("audit", "verify", str(d), "--pubkey", keys["pub"], "--anchor",
+                         str(old_file), "-o", "json").stdout)
+    assert [(f["severity"], f["code"]) for f in doc["findings"]] == \
+        [("warning", "anchor_not_checked")]
+    r = run("audit", "verify", str(d), "--pubkey", keys["pub"], "--anchor", str(new_file))
+    assert r.returncode == 0 and "anchors: 1 matched" in r.stdout and "warning" not in r.stdout

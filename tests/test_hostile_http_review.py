@@ -5,6 +5,7 @@ on every listener where it applies, with the recording app as the witness.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -164,3 +165,40 @@ def test_every_http2_upgrade_is_refused(mesh: Mesh, side: str, case: str) -> Non
     assert statuses(out) == [400], out[:300]
     hostile.assert_generic_refusal(out)
     assert mesh.app.targets_since(mark) == []
+
+
+# --- 3. Fail fast: an unfinished head, chunk line or trailer that can never be valid ----------
+
+_UPLOAD = b"POST /open/up HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+# None of these ends (no CRLF CRLF, no last chunk): before, each waited for the header or body
+# timeout (2 s here) and then got 408 or a closed connection.
+NEVER_VALID: dict[str, bytes] = {
+    "head_bare_cr": b"GET /open HTTP/1.1\r\nHost: orders\rX-A: b",
+    "head_nul": b"GET /a\x00",
+    "head_ctl": b"GET /open HTTP/1.1\r\nHost: orders\r\nX-A: \x01",
+    "head_high_bytes": bytes(range(0x80, 0x100)),
+    "head_tls_record": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
+    "head_leading_space": b" ",
+    "head_bare_lf": b"GET /open HTTP/1.1\nHost",
+    "head_obs_fold": b"GET /open HTTP/1.1\r\nHost: orders\r\n x",
+    "chunk_bare_cr": _UPLOAD + b"5\rhello",
+    "chunk_bare_lf": _UPLOAD + b"5\nhello\n0\n\n",
+    "chunk_not_hex": _UPLOAD + b"zz",
+    "chunk_no_crlf_after_data": _UPLOAD + b"5\r\nhelloX",
+    "trailer_bare_lf": _UPLOAD + b"5\r\nhello\r\n0\r\nX: y\nZ: w\n\n",
+    "trailer_nul": _UPLOAD + b"5\r\nhello\r\n0\r\nX: \x00",
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(NEVER_VALID))
+def test_what_can_never_be_valid_is_refused_at_once(mesh: Mesh, side: str, case: str) -> None:
+    mark = mesh.app.snapshot()
+    t0 = time.monotonic()
+    out = exchange(mesh, side, NEVER_VALID[case])
+    took = time.monotonic() - t0
+    assert statuses(out) == [400], out[:300]
+    hostile.assert_generic_refusal(out)
+    assert took < 1.0, took  # the header and body timeouts are 2 s
+    time.sleep(0.05)
+    assert mesh.app.snapshot()[1] == mark[1], "a request reached the app complete"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.http import wire
 from sidecar.http.request import _CONTROL
 from sidecar.http.wire import (
     CLOSED,
@@ -523,3 +524,91 @@ def test_serialisers_write_exact_heads_with_and_without_fields() -> None:
     assert serialise_response_head(204, b"No Content", []) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert serialise_response_head(200, b"", [(b"content-length", b"0")]) == (
         b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n")
+
+
+# -- fail fast: what can never become a valid message is refused as it arrives ---------------
+
+_CHUNKED_HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+# Unfinished heads, chunk-size lines and trailer lines that hold a byte no valid one can hold
+# where it is: each is refused as soon as that byte arrives (fed whole or one byte at a
+# time), not after the head or body timeout. (reader kind, bytes, reason)
+NEVER_VALID: dict[str, tuple[bool, bytes, str]] = {
+    "head_bare_cr": (True, b"GET /a HTTP/1.1\r\nHost: x\rX-A: b", "malformed_header"),
+    "head_nul": (True, b"GET /a\x00", "malformed_request_line"),
+    "head_ctl_in_value": (True, b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: \x01", "malformed_header"),
+    "head_del_in_name": (True, b"GET /a HTTP/1.1\r\nX\x7f", "malformed_header"),
+    "head_high_bytes": (True, bytes(range(0x80, 0x100)), "malformed_request_line"),
+    "head_high_byte_in_target": (True, b"GET /\xe9", "malformed_request_line"),
+    "head_tls_record": (True, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "malformed_request_line"),
+    "head_leading_space": (True, b" ", "malformed_request_line"),
+    "head_empty_first_line": (True, b"\r\nGET", "malformed_request_line"),
+    "head_two_spaces": (True, b"GET  /", "malformed_request_line"),
+    "head_space_after_version": (True, b"GET / HTTP/1.1 ", "malformed_request_line"),
+    "head_bad_version": (True, b"GET / HTTP/2", "malformed_request_line"),
+    "head_lower_version": (True, b"GET / http", "malformed_request_line"),
+    "head_line_ends_early": (True, b"GET /\r\n", "malformed_request_line"),
+    "head_obs_fold": (True, b"GET / HTTP/1.1\r\nHost: x\r\n y", "malformed_header"),
+    "head_space_before_colon": (True, b"GET / HTTP/1.1\r\nHost :", "malformed_header"),
+    "head_empty_name": (True, b"GET / HTTP/1.1\r\n:", "malformed_header"),
+    "head_colon_less_line": (True, b"GET / HTTP/1.1\r\nHost\r\n", "malformed_header"),
+    "head_bare_lf": (True, b"GET /a HTTP/1.1\nHost", "bare_lf"),
+    "status_bad_version": (False, b"HTTP/1.2", "malformed_status_line"),
+    "status_two_digits": (False, b"HTTP/1.1 20 ", "malformed_status_line"),
+    "status_zero_first": (False, b"HTTP/1.1 0", "malformed_status_line"),
+    "status_four_digits": (False, b"HTTP/1.1 2000", "malformed_status_line"),
+    "status_ctl_in_reason": (False, b"HTTP/1.1 200 O\x01", "malformed_status_line"),
+    "chunk_bare_cr": (True, _CHUNKED_HEAD + b"5\rhello", "bad_chunk"),
+    "chunk_bare_lf": (True, _CHUNKED_HEAD + b"5\nhello\n0\n\n", "bad_chunk"),
+    "chunk_not_hex": (True, _CHUNKED_HEAD + b"zz", "bad_chunk"),
+    "chunk_16_digits": (True, _CHUNKED_HEAD + b"1" * 16, "bad_chunk"),
+    "chunk_ext_nul": (True, _CHUNKED_HEAD + b"5;a=\x00", "bad_chunk"),
+    "chunk_ext_empty_name": (True, _CHUNKED_HEAD + b"5;=", "bad_chunk"),
+    "chunk_no_crlf_after_data": (True, _CHUNKED_HEAD + b"5\r\nhelloX", "bad_chunk"),
+    "trailer_bare_lf": (True, _CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX: y\nZ: w\n\n",
+                        "malformed_trailer"),
+    "trailer_nul": (True, _CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX: \x00", "malformed_trailer"),
+    "trailer_bare_cr": (True, _CHUNKED_HEAD + b"0\r\nX: y\rZ", "malformed_trailer"),
+    "trailer_space_in_name": (True, _CHUNKED_HEAD + b"0\r\nX Y", "malformed_trailer"),
+    "trailer_empty_name": (True, _CHUNKED_HEAD + b"0\r\n:", "malformed_trailer"),
+    "trailer_obs_fold": (True, _CHUNKED_HEAD + b"0\r\nX: y\r\n z", "malformed_trailer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEVER_VALID))
+@pytest.mark.parametrize("step", [0, 1])
+def test_what_can_never_be_valid_is_refused_as_it_arrives(case, step):
+    requests, raw, reason = NEVER_VALID[case]
+    reader = MessageReader(requests=requests)
+    if not requests:
+        reader.expect_response(b"GET")
+    with pytest.raises(ParseError) as info:
+        events(reader, raw, step=step)  # no end of input: the bytes so far must be enough
+    assert info.value.reason == reason
+
+
+# Prefixes of valid lines are never refused: the early checks wait for more.
+_chunk_lines = st.from_regex(wire._CHUNK_SIZE.pattern, fullmatch=True).filter(
+    lambda line: len(line) <= 200)
+
+
+@settings(max_examples=400, deadline=None)
+@given(line=_chunk_lines)
+def test_every_prefix_of_a_valid_chunk_line_waits(line):
+    assert wire._CHUNK_SIZE.fullmatch(line)
+    for i in range(len(line) + 1):
+        assert wire._CHUNK_LINE_PREFIX.fullmatch(line[:i]), (line, i)
+    # Through the reader, one byte at a time: the head, then the line, then waiting for data.
+    evs = events(MessageReader(requests=True), _CHUNKED_HEAD + line + b"\r\n", step=1)
+    assert isinstance(evs[0], Request)
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(_names, min_size=1, max_size=4), values=st.lists(_values, max_size=4),
+       cr=st.booleans())
+def test_every_prefix_of_valid_trailers_waits(names, values, cr):
+    trailers = b"".join(n + b":" + (b" " + v if v else b"") + b"\r\n"
+                        for n, v in zip(names, values + [b""] * len(names), strict=False))
+    raw = _CHUNKED_HEAD + b"3\r\nabc\r\n0\r\n" + trailers + (b"\r" if cr else b"\r\n")
+    evs = events(MessageReader(requests=True), raw, step=1)
+    assert body_of(evs) == b"abc"
+    assert (evs[-1] is END) is not cr

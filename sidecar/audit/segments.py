@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Literal
 
+import msgpack
+
 from sidecar.audit.chain import (
     GENESIS,
     LENGTH,
@@ -243,9 +245,11 @@ class _Walk:
         r = self.result
         anchor = self.anchors.pop(frame.seq, None)
         if anchor is not None:
-            if anchor.prev != frame.prev or anchor.kind != frame.kind:
-                return (f"anchor for seq {frame.seq} does not match the frame stored there: "
-                        "the chain was rewritten or a writer reused the seq after a cut")
+            differs = anchor_difference(anchor, frame)
+            if differs is not None:
+                return (f"anchor for seq {frame.seq} does not match the frame stored there "
+                        f"({differs} differs): the chain was rewritten, a writer reused the "
+                        "seq after a cut, or the anchor is not this trail's")
             r.anchors_matched += 1
         if frame.kind in ("chk", "end") and "sig" in frame.body:
             if self.keyring:
@@ -319,8 +323,10 @@ class _Walk:
                       f"anchor at seq {anchor.seq} is past the head (seq {r.head_seq}): "
                       "frames were cut from the end")
             elif r.starts_at is not None and anchor.seq < r.starts_at:
-                r.notes.append(f"anchor at seq {anchor.seq} is older than the retained chain "
-                               f"(starts at {r.starts_at}); not checked")
+                r.add("warning", "anchor_not_checked", "", anchor.seq,
+                      f"the anchor could NOT be checked: its seq {anchor.seq} is older than "
+                      f"the retained chain (starts at seq {r.starts_at}; the records up to "
+                      "it are not retained); give the newest anchor saved")
             elif r.broken is None:
                 r.add("error", "anchor_missing", "", anchor.seq,
                       f"anchor at seq {anchor.seq} was not found in the chain")
@@ -345,6 +351,33 @@ class _Walk:
                       f"the unsigned tail spans {self.tail_times[1] - self.tail_times[0]:.1f} s,"
                       f" but the writer signs every {max_seconds} s: records appended without "
                       "the key")
+
+
+def _packed(value: Any) -> bytes | None:
+    """``value`` as msgpack, to compare values exactly (1 is not 1.0 nor True); None when
+    it cannot be packed (then it equals nothing)."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 -- msgpack raises several types on odd values
+        return None
+
+
+def anchor_difference(anchor: Checkpoint, frame: Frame) -> str | None:
+    """The first field in which an anchor differs from the chain's frame at its seq (None
+    when it is the same checkpoint in every field: kind, prev, every signed field, sig)."""
+    if anchor.kind != frame.kind:
+        return "kind"
+    if anchor.prev != frame.prev:
+        return "prev"
+    for key in sorted(set(anchor.fields) | set(frame.body) - {"sig"}):
+        if key not in anchor.fields or key not in frame.body:
+            return f"field {key!r}"
+        mine = _packed(anchor.fields[key])
+        if mine is None or mine != _packed(frame.body[key]):
+            return f"field {key!r}"
+    if anchor.sig != frame.body.get("sig"):
+        return "sig"
+    return None
 
 
 # Findings of one code listed before the rest are only counted (a forger can repeat one
@@ -377,6 +410,13 @@ def verify(
         result.broken = BrokenPoint(path, None, 0, "no audit segment files")
         return result
     names = {seg.name for seg in segments}
+    for anchor in anchors or []:
+        if keyring:
+            forged = keyring.check(anchor.seq, anchor.prev, anchor.kind, anchor.body())
+            if forged is not None:
+                result.add("error", "anchor_signature", "", anchor.seq,
+                           f"the anchor for seq {anchor.seq} is not a valid checkpoint of the "
+                           f"keyring: {forged}")
     walk = _Walk(result, keyring, list(anchors or []))
     walk.whole_trail = os.path.isdir(path)
     checker = ChainVerifier(key, require_mac=key is not None)

@@ -33,9 +33,13 @@ Everything it cannot read is a ``ParseError`` (the data path answers 400 to a cl
 for an oversized head, 501 for an unknown transfer coding -- and 502 for an upstream).
 
 Work per byte is bounded: the search for the end of a head resumes where the last one
-stopped (a head trickled in one byte at a time costs linear time, not quadratic), a bare LF
-in an incomplete head fails at once instead of waiting for the head timeout, the checks of a
-complete head are single passes (split, join, translate, a dictionary lookup per field), and
+stopped (a head trickled in one byte at a time costs linear time, not quadratic). Whatever
+can never become valid fails as it arrives instead of waiting for the head or body timeout:
+in an unfinished head a bare LF or CR, a control, a byte out of place in the start line (a
+high byte, a TLS record, a leading space) or in a field name (``_check_partial_head``, each
+byte checked once), in an unfinished chunk-size line anything that is no prefix of one
+(``_CHUNK_LINE_PREFIX``), in an unfinished trailer line what no field line holds. The checks
+of a complete head are single passes (split, join, translate, a dictionary lookup per field), and
 the expressions are written so that each line has one way to match (no backtracking blow-up).
 
 Events: ``Request`` / ``Response`` heads (a ``Response`` with a 1xx status is informational,
@@ -163,6 +167,27 @@ _CHUNK_SIZE = re.compile(
     rb"([0-9A-Fa-f]{1,15})(?:[\t ]*;[\t ]*" + _TCHAR + rb"+(?:[\t ]*=[\t ]*(?:"
     + _TCHAR + rb"+|" + _QUOTED + rb"))?)*[\t ]*")
 _MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included, without its CRLF
+# The prefixes of a chunk-size line (``_CHUNK_SIZE``) without its CRLF: what an unfinished
+# line may hold and still become a valid one (an unterminated quoted-string, a name or a
+# value still arriving). Possessive quantifiers: each part has one way to match.
+_OWS = rb"[\t ]*+"
+_TOKENS = _TCHAR + rb"++"
+_QUOTED_START = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+'
+_CHUNK_LINE_PREFIX = re.compile(
+    rb"[0-9A-Fa-f]{0,15}|[0-9A-Fa-f]{1,15}(?:" + _OWS + rb";" + _OWS + _TOKENS + rb"(?:" + _OWS
+    + rb"=" + _OWS + rb"(?:" + _TOKENS + rb"|" + _QUOTED_START + rb'"))?)*' + _OWS + rb"(?:;"
+    + _OWS + rb"(?:" + _TOKENS + _OWS + rb"(?:=" + _OWS + rb"(?:" + _TOKENS + rb"|"
+    + _QUOTED_START + rb"\\?)?)?)?)?")
+# The bytes each part of a line may hold, for ``bytes.translate(None, ...)`` (what is left
+# over is a byte that cannot be there): a token (method, field name), a request target, a
+# field value or reason phrase.
+_TCHAR_SET = bytes(b for b in range(256) if _TOKEN.fullmatch(bytes([b])))
+_TARGET_SET = bytes(range(0x21, 0x7F))
+_VALUE_SET = bytes(b for b in range(256) if _LINE_BYTES[b] == b)
+# Where the check of an unfinished head is (``MessageReader._hstate``): the parts of the start
+# line (method / version, target / status, version / reason), a field name, a field value.
+_START_0, _START_1, _START_2, _FIELD_NAME, _FIELD_VALUE = range(5)
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # Framing bytes (chunk-size lines, CRLFs, trailers) of a chunked body may not exceed the
 # body bytes by more than this: many tiny chunks cost CPU per chunk, not per byte.
 FRAMING_ALLOWANCE = 16 * 1024
@@ -306,7 +331,8 @@ class MessageReader:
 
     __slots__ = ("_buf", "_state", "_remaining", "_eof", "requests", "max_head",
                  "_method", "framing", "keep_alive", "_framing_bytes", "_body_bytes",
-                 "_scanned", "content_length", "connection_lists")
+                 "_scanned", "content_length", "connection_lists", "_checked", "_hstate",
+                 "_part_start")
 
     def __init__(self, *, requests: bool, max_head: int = 64 * 1024) -> None:
         self._buf = bytearray()
@@ -323,6 +349,12 @@ class MessageReader:
         self._scanned = 0  # bytes of an incomplete head already searched for its end
         self.content_length = -1  # of the last response head (see ``EventReader``)
         self.connection_lists = True
+        # The check of an unfinished head or trailer line (``_check_partial_head``,
+        # ``_check_partial_trailer``): bytes checked so far, where in the head, and where
+        # the part being checked began.
+        self._checked = 0
+        self._hstate = _START_0
+        self._part_start = 0
 
     # -- input --------------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray) -> None:
@@ -423,6 +455,9 @@ class MessageReader:
                 if lf == 0 or buf[lf - 1] != 13:
                     raise ParseError("bare_lf")
                 lf = buf.find(b"\n", lf + 1)
+            # So would any other byte that no head can hold where it is (a bare CR, a
+            # control, a high byte in the start line, a TLS record, a leading space...).
+            self._check_partial_head()
             if self._eof:
                 if buf:
                     raise ParseError("incomplete_head")
@@ -430,6 +465,8 @@ class MessageReader:
             self._scanned = len(buf)
             return NEED_DATA
         self._scanned = 0
+        if self._checked:
+            self._checked = 0
         if end + 4 > self.max_head:
             raise ParseError("header_too_large", 431)
         requests = self.requests
@@ -512,6 +549,123 @@ class MessageReader:
             starts[start] = parts
         return parts
 
+    def _check_partial_head(self) -> None:
+        """Refuse an unfinished head (its end not yet received) as soon as it holds a byte
+        that no valid head can hold where it is, rather than at the head timeout: the start
+        line and the field lines checked part by part against the grammar of ``_head``
+        (``_REQUEST_LINE`` / ``_STATUS_LINE``, ``_FIELD_LINES``), only for what can never
+        become valid, whatever follows. Each byte is checked once (``_checked``); a CR at the
+        end waits for the byte after it. Bare LFs were refused before (``bare_lf``)."""
+        buf = self._buf
+        pos = self._checked
+        if not pos:
+            self._hstate = _START_0
+            self._part_start = 0
+        n = len(buf)
+        while pos < n:
+            cr = buf.find(b"\r", pos)
+            stop = n if cr < 0 else cr
+            if stop > pos:
+                self._check_head_part(pos, stop)
+            if cr < 0 or cr + 1 == n:
+                pos = stop
+                break
+            if buf[cr + 1] != 10:  # a bare CR
+                self._refuse_partial()
+            self._end_head_line(cr)
+            pos = cr + 2
+            self._hstate = _FIELD_NAME
+            self._part_start = pos
+        self._checked = pos
+
+    def _refuse_partial(self) -> NoReturn:
+        """The refusal of an unfinished head, named by the line it is in."""
+        if self._hstate >= _FIELD_NAME:
+            raise ParseError("malformed_header")
+        raise ParseError("malformed_request_line" if self.requests else "malformed_status_line")
+
+    def _check_head_part(self, pos: int, stop: int) -> None:
+        """Check ``_buf[pos:stop]`` (no CR or LF in it) of the line being received."""
+        buf = self._buf
+        state = self._hstate
+        if state >= _FIELD_NAME:
+            if state == _FIELD_NAME:
+                colon = buf.find(b":", pos, stop)
+                if buf[pos:stop if colon < 0 else colon].translate(None, _TCHAR_SET) \
+                        or colon == self._part_start:  # not a token, or an empty name
+                    self._refuse_partial()
+                if colon < 0:
+                    return
+                self._hstate = _FIELD_VALUE
+                pos = colon + 1
+            if buf[pos:stop].translate(None, _VALUE_SET):
+                self._refuse_partial()
+            return
+        while True:  # the start line, part by part (the parts are separated by one SP)
+            state = self._hstate
+            if state == _START_2 and not self.requests:  # a reason phrase (SP allowed)
+                if buf[pos:stop].translate(None, _VALUE_SET):
+                    self._refuse_partial()
+                return
+            sp = buf.find(b" ", pos, stop)
+            end = stop if sp < 0 else sp
+            if self.requests:
+                if state == _START_0:  # the method
+                    bad = bool(buf[pos:end].translate(None, _TCHAR_SET))
+                elif state == _START_1:  # the target
+                    bad = bool(buf[pos:end].translate(None, _TARGET_SET))
+                else:  # the version, and nothing after it
+                    part = bytes(buf[self._part_start:end])
+                    bad = sp >= 0 or not any(v.startswith(part) for v in _VERSIONS)
+            else:
+                part = bytes(buf[self._part_start:end])
+                if state == _START_0:  # the version
+                    bad = not any(v.startswith(part) for v in _VERSIONS) or (
+                        sp >= 0 and len(part) != 8)
+                else:  # the status code: three digits, the first not 0
+                    bad = len(part) > 3 or (part and not (part.isdigit() and part[0] != 48)) \
+                        or (sp >= 0 and len(part) != 3)
+            if bad or sp == self._part_start:  # (an empty part: two SPs, a leading SP)
+                self._refuse_partial()
+            if sp < 0:
+                return
+            self._hstate = state + 1
+            self._part_start = pos = sp + 1
+
+    def _end_head_line(self, cr: int) -> None:
+        """A line of the unfinished head ends at ``cr``: it must be complete."""
+        state = self._hstate
+        if state == _FIELD_VALUE:
+            return
+        if state == _FIELD_NAME:
+            self._refuse_partial()  # a field line without a colon
+        part = bytes(self._buf[self._part_start:cr])
+        if self.requests:
+            ok = state == _START_2 and part in _VERSIONS
+        else:
+            ok = state == _START_2 or (state == _START_1 and len(part) == 3)
+        if not ok:
+            self._refuse_partial()
+
+    def _check_partial_trailer(self) -> None:
+        """Refuse an unfinished trailer line as soon as it holds a byte that no field line
+        can hold where it is (checked once per byte, from ``_checked``; a CR at the end waits
+        for the byte after it)."""
+        buf = self._buf
+        n = len(buf)
+        stop = n - 1 if n and buf[n - 1] == 13 else n
+        start = self._checked
+        if start >= stop:
+            return
+        colon = buf.find(b":", 0, stop)
+        if colon < 0 or colon >= start:  # new bytes of the name (and of the value after it)
+            if buf[start:stop if colon < 0 else colon].translate(None, _TCHAR_SET) \
+                    or colon == 0 or (colon > 0 and buf[colon + 1:stop].translate(None, _VALUE_SET)):
+                raise ParseError("malformed_trailer")
+        elif buf[start:stop].translate(None, _VALUE_SET):
+            raise ParseError("malformed_trailer")
+        self._checked = stop
+
     def _refuse_head(self, head: bytes) -> NoReturn:
         """Raise the ``ParseError`` for a head (without its last CRLF CRLF) the grammar
         refuses, naming the part that is wrong (the fields first, then the start line)."""
@@ -548,6 +702,8 @@ class MessageReader:
                 continue
             if state == _CHUNK_CRLF:
                 if len(buf) < 2:
+                    if buf and buf[0] != 13:
+                        raise ParseError("bad_chunk")  # fail now, not at the body timeout
                     if out:
                         return bytes(out)
                     return CLOSED if self._eof else NEED_DATA
@@ -562,8 +718,17 @@ class MessageReader:
                                          or (end < 0 and len(buf) > _MAX_CHUNK_LINE)):
                 raise ParseError("bad_chunk")
             if end < 0:
-                if state != _CHUNK_LINE and len(buf) > self.max_head:
-                    raise ParseError("header_too_large", 431)
+                # An unfinished line that can never become a valid one fails now, not at
+                # the body timeout: a bare CR or LF, a control, a byte out of its place.
+                if state == _CHUNK_LINE:
+                    n = len(buf)
+                    if _CHUNK_LINE_PREFIX.fullmatch(
+                            buf, 0, n - 1 if n and buf[n - 1] == 13 else n) is None:
+                        raise ParseError("bad_chunk")
+                else:
+                    if len(buf) > self.max_head:
+                        raise ParseError("header_too_large", 431)
+                    self._check_partial_trailer()
                 if out:
                     return bytes(out)
                 return CLOSED if self._eof else NEED_DATA
@@ -596,6 +761,7 @@ class MessageReader:
             if _FIELD_LINES.fullmatch(buf, 0, end + 2) is None:
                 raise ParseError("malformed_trailer")
             del buf[:end + 2]
+            self._checked = 0
             self._frame_bytes(end + 2)
 
 
