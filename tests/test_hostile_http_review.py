@@ -5,12 +5,15 @@ on every listener where it applies, with the recording app as the witness.
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests import test_hostile_http as hostile
+from tests.harness import wait_for
 
 Mesh, SIDES, exchange, statuses = hostile.Mesh, hostile.SIDES, hostile.exchange, hostile.statuses
 pytestmark = pytest.mark.usefixtures("no_internal_errors")  # generic answers only
@@ -202,3 +205,51 @@ def test_what_can_never_be_valid_is_refused_at_once(mesh: Mesh, side: str, case:
     assert took < 1.0, took  # the header and body timeouts are 2 s
     time.sleep(0.05)
     assert mesh.app.snapshot()[1] == mark[1], "a request reached the app complete"
+
+
+# --- 4. A head that times out is a refused request: one log line, metric, audit record -------
+
+def _idle_connections(mesh: Mesh, side: str, done: list[str]) -> None:
+    """An idle keep-alive connection after a complete exchange, and one that never sends a
+    byte: both closed at the idle timeout (5 s here), neither is a request."""
+    served = mesh.connect(side, timeout=10)
+    silent = mesh.connect(side, timeout=10)
+    try:
+        served.sendall(b"GET /open/idle HTTP/1.1\r\n" + H + b"\r\n")
+        got = b""
+        while True:
+            chunk = served.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert statuses(got) == [200], got[:300]
+        assert silent.recv(65536) == b""
+        done.append(side)
+    finally:
+        served.close()
+        silent.close()
+
+
+def test_a_head_timeout_is_recorded_but_an_idle_connection_is_not(mesh: Mesh) -> None:
+    procs = {"inbound": mesh.inbound, "outbound": mesh.outbound}
+    before = {side: p.metric("sidecar_requests_refused_total", reason="header_timeout")
+              for side, p in procs.items()}
+    done: list[str] = []
+    idle = [threading.Thread(target=_idle_connections, args=(mesh, side, done)) for side in SIDES]
+    for t in idle:
+        t.start()
+    for side in SIDES:
+        out = exchange(mesh, side, b"GET /open/slow HTTP/1.1\r\n" + H, timeout=5.0)
+        assert statuses(out) == [408], out[:300]
+        hostile.assert_generic_refusal(out)
+        request_id = re.search(rb"request id ([0-9a-f]{16})", out).group(1).decode()
+        lines = wait_for(lambda p=procs[side], rid=request_id: [
+            e for e in p.log_events("request_refused") if e.get("request_id") == rid], timeout=5)
+        assert [(e["reason"], e["status"]) for e in lines] == [("header_timeout", 408)], lines
+    for t in idle:
+        t.join(15)
+    assert sorted(done) == sorted(SIDES)
+    after = {side: p.metric("sidecar_requests_refused_total", reason="header_timeout")
+             for side, p in procs.items()}
+    # One record per timed-out head; none for the idle connections, closed meanwhile.
+    assert {side: after[side] - before[side] for side in SIDES} == {s: 1.0 for s in SIDES}

@@ -176,8 +176,13 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 status, error = broken_exchange(exc)
                 telemetry.request(ctx, status, error=error)
             elif isinstance(exc, Timeout) and exc.side == "client":
-                await send_refusal(client, RequestRefused("header_timeout", status=408),
-                                   ctx.request_id, None)
+                # A head that did not arrive in time: a refused request like any other (one
+                # record: log line, metric, audit), as long as some of it came -- the wait
+                # for a next request on an idle keep-alive connection is no request.
+                refusal = RequestRefused("header_timeout", status=408)
+                if reader.buffered():
+                    telemetry.request(ctx, refusal.status, error=refusal.reason)
+                await send_refusal(client, refusal, ctx.request_id, None)
             return
         if not ex.keep_alive or tracker.draining or (conn is not None and conn.retiring):
             return
