@@ -105,7 +105,15 @@ def www_authenticate(reason: str) -> bytes | None:
     return _CHALLENGES.get(reason)
 
 
+# The characters a JSON text can start with (a space included: JSON allows leading
+# whitespace, and the other whitespace characters are not printable). A string starting
+# with anything else is never JSON: most claim strings are decided without a parse.
+_JSON_START = frozenset(' "[{-0123456789tfnNI')
+
+
 def _reads_as_json(text: str) -> bool:
+    if not text or text[0] not in _JSON_START:
+        return False
     try:
         json.loads(text)
     except ValueError:
