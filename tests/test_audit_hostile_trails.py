@@ -468,3 +468,98 @@ def test_an_anchor_older_than_the_retained_chain_is_a_warning(
         [("warning", "anchor_not_checked")]
     r = run("audit", "verify", str(d), "--pubkey", keys["pub"], "--anchor", str(new_file))
     assert r.returncode == 0 and "anchors: 1 matched" in r.stdout and "warning" not in r.stdout
+
+
+# ------------------------------------------------------------------------------ restarts
+
+
+def _cut_seal(directory: Path, after_last_checkpoint: bool = False) -> None:
+    """A crash, or an attacker hiding one: the newest segment loses its seal (and, with
+    ``after_last_checkpoint``, everything after its last checkpoint)."""
+    path, payloads = _frames(directory)[-1]
+    frames = [msgpack.unpackb(p) for p in payloads]
+    assert "end" in frames[-1]
+    keep = len(frames) - 1
+    if after_last_checkpoint:
+        keep = max(i for i, f in enumerate(frames) if "chk" in f) + 1
+    data = b"".join(LENGTH.pack(len(p)) + p for p in payloads[:keep])
+    Path(path).write_bytes(data)
+
+
+def _append_segment(directory: Path, header: dict[str, Any], records: int) -> None:
+    """A forged segment after the newest one: ``header``, then unsigned records."""
+    import hashlib
+
+    from sidecar.audit.segments import segment_name
+
+    _path, payloads = _frames(directory)[-1]
+    seq = msgpack.unpackb(payloads[-1])["seq"] + 1
+    prev = hashlib.sha256(payloads[-1]).digest()
+    frames = [{"seq": seq, "prev": prev, "seg": header}]
+    frames += [{"seq": seq + 1 + i, "prev": b"", "rec": {**GOOD, "id": f"F{i}"}}
+               for i in range(records)]
+    name = directory / segment_name(seq, 1_900_000_000.0)
+    name.write_bytes(b"")
+    _rewrite(str(name), frames)
+
+
+def _restart_header(after_seq: int, sealed: bool) -> dict[str, Any]:
+    return {"v": 1, "alg": "sha256", "created": 1.9e9, "prev_segment": "x",
+            "prev_sealed": sealed, "restart": {"time": 1.9e9, "after_seq": after_seq,
+                                               "prev_sealed": sealed,
+                                               "last_signed_seq": after_seq}}
+
+
+@pytest.mark.parametrize("claim", [False, True])
+def test_a_forged_restart_after_signed_checkpoints_is_a_problem(
+        tmp_path: Path, keys: dict[str, str], claim: bool) -> None:
+    """Cut back to the last checkpoint (the seal goes), then a forged restart segment with
+    records within the unsigned bound: the real writer signs a checkpoint with every
+    restart header, so its absence is an error with --pubkey; the header's claim that
+    the segment before was sealed is checked against what verify saw."""
+    d = tmp_path / "audit"
+    write_entries(d, [GOOD] * 12, keys)
+    _cut_seal(d, after_last_checkpoint=True)
+    head = msgpack.unpackb(_frames(d)[-1][1][-1])["seq"]
+    _append_segment(d, _restart_header(head, claim), 5)
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert not result.ok and "restart_not_signed" in [f.code for f in result.errors]
+    codes = [f.code for f in result.findings]
+    assert "unsealed_restart" in codes  # observed, whatever the header says
+    assert ("prev_sealed_mismatch" in codes) is claim
+    plain = verify(str(d))
+    assert [f.code for f in plain.errors] == (["prev_sealed_mismatch"] if claim else [])
+    assert "unsealed_restart" in [f.code for f in plain.findings]
+
+
+def test_a_restart_header_rewritten_to_hide_a_crash(tmp_path: Path,
+                                                    keys: dict[str, str]) -> None:
+    """A real restart after a crash says prev_sealed: false; rewriting it to true (and
+    re-chaining) used to silence unsealed_restart without any key."""
+    d = tmp_path / "audit"
+    write_entries(d, [GOOD] * 10, keys)
+    _cut_seal(d)
+    write_entries(d, [GOOD] * 10, keys)  # the real writer restarts on the unsealed trail
+    honest = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert honest.ok and [f.code for f in honest.findings] == ["unsealed_restart"]
+    path, payloads = _frames(d)[-1]
+    frames = [msgpack.unpackb(p) for p in payloads]
+    assert frames[0]["seg"]["prev_sealed"] is False and "chk" in frames[1]
+    frames[0]["seg"]["prev_sealed"] = True
+    frames[0]["seg"]["restart"]["prev_sealed"] = True
+    first_prev = frames[0]["prev"]
+    _rewrite(path, frames)
+    assert msgpack.unpackb(_frames(d)[-1][1][0])["prev"] == first_prev
+    plain = verify(str(d))
+    assert not plain.ok and [f.code for f in plain.errors] == ["prev_sealed_mismatch"]
+    assert "unsealed_restart" in [f.code for f in plain.findings]
+    signed = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert not signed.ok and "signature does not verify" in str(signed.broken)
+
+
+def test_honest_restarts_stay_clean(tmp_path: Path, keys: dict[str, str]) -> None:
+    d = tmp_path / "audit"
+    for _run in range(3):
+        write_entries(d, [GOOD] * 9, keys)  # clean shutdowns: sealed, then restarts
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert result.ok and result.restarts == 2 and result.findings == [], result.findings

@@ -225,6 +225,8 @@ class _Walk:
         self.prev_seal: tuple[str, str] | None = None  # (segment, why) of the last seal
         self.whole_trail = True  # False when one segment file is checked on its own
         self.more: dict[str, int] = {}  # findings beyond MAX_FINDINGS_PER_CODE, by code
+        # (segment, seq) where the signed checkpoint of a restart must be, until seen.
+        self.restart_checkpoint: tuple[str, int] | None = None
 
     def capped(self, code: str, seq: int | None, message: str) -> None:
         """An error finding that a forger can repeat per frame: the first
@@ -251,6 +253,10 @@ class _Walk:
                         f"({differs} differs): the chain was rewritten, a writer reused the "
                         "seq after a cut, or the anchor is not this trail's")
             r.anchors_matched += 1
+        if self.restart_checkpoint is not None and frame.seq == self.restart_checkpoint[1]:
+            self.restart_checkpoint = None
+            if frame.kind != "chk" or "sig" not in frame.body:
+                self.restart_unsigned(frame.seq)
         if frame.kind in ("chk", "end") and "sig" in frame.body:
             if self.keyring:
                 problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
@@ -281,7 +287,10 @@ class _Walk:
         return None
 
     def header(self, frame: Frame, first_in_walk: bool) -> None:
-        """The first frame of a segment: restarts and rotation seals without successor."""
+        """The first frame of a segment: restarts, what the header claims about the segment
+        before it, and rotation seals without successor. Whether the previous segment ended
+        sealed is what this walk saw (its last frame was an ``end``), never the header's
+        claim (``prev_sealed``), which whoever writes the directory can set."""
         r = self.result
         restart = frame.body.get("restart")
         seal = self.prev_seal
@@ -289,20 +298,42 @@ class _Walk:
             r.add("error", "rotation_without_successor", seal[0], frame.seq - 1,
                   "segment sealed for rotation, but the next segment was started by a "
                   "restarted writer: the segment written after the rotation is missing")
-        if isinstance(restart, dict):
+        if not first_in_walk and seal is None:
+            claims = [("prev_sealed", frame.body.get("prev_sealed"))]
+            if isinstance(restart, dict):
+                claims.append(("restart.prev_sealed", restart.get("prev_sealed")))
+            for name, claim in claims:
+                if claim is True:
+                    r.add("error", "prev_sealed_mismatch", self.segment, frame.seq,
+                          f"the header claims {name}: true, but the segment before it does "
+                          "not end with a seal: the header was forged (a seal cut away and "
+                          "the header written to hide it)")
+                    break
+        if restart is not None:
             r.restarts += 1
-            if not restart.get("prev_sealed") and not first_in_walk:
-                after = restart.get("after_seq")
-                signed = restart.get("last_signed_seq")
+            if not first_in_walk and seal is None:
+                after, signed = frame.seq - 1, r.signed_through
                 extra = ""
-                if self.keyring and isinstance(after, int) and isinstance(signed, int) \
-                        and after > signed:
-                    extra = (f"; frames {signed + 1}..{after} were not yet signed when the "
+                if self.keyring and (signed is None or after > signed):
+                    first = 0 if signed is None else signed + 1
+                    extra = (f"; frames {first}..{after} were not yet signed when the "
                              "writer stopped and were signed only by the restarted writer")
                 r.add("warning", "unsealed_restart", self.segment, frame.seq,
                       "writer restarted without a sealed head (crash, kill, or frames cut "
                       f"from the end before the restart; compare with an anchor){extra}")
+            if self.keyring and self.first_signed:
+                # A signing writer signs right after the header of a restart (the header
+                # and the checkpoint are one write): expect that checkpoint next.
+                self.restart_checkpoint = (self.segment, frame.seq + 1)
         self.prev_seal = None
+
+    def restart_unsigned(self, seq: int) -> None:
+        self.result.add(
+            "error", "restart_not_signed", self.restart_checkpoint[0]
+            if self.restart_checkpoint else self.segment, seq,
+            "a writer restart after signed checkpoints is not followed by a signed checkpoint "
+            "(a signing writer writes one with the header of every restart): the restart "
+            "header was forged, or the writer ran without its signing key")
 
     def seal(self, frame: Frame) -> None:
         why = frame.body.get("why")
@@ -310,6 +341,8 @@ class _Walk:
 
     def finish(self) -> None:
         r = self.result
+        if self.restart_checkpoint is not None and r.broken is None:
+            self.restart_unsigned(self.restart_checkpoint[1])
         for code, n in self.more.items():
             r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
         if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
