@@ -253,3 +253,20 @@ def test_a_head_timeout_is_recorded_but_an_idle_connection_is_not(mesh: Mesh) ->
              for side, p in procs.items()}
     # One record per timed-out head; none for the idle connections, closed meanwhile.
     assert {side: after[side] - before[side] for side in SIDES} == {s: 1.0 for s in SIDES}
+
+
+# --- 9. What the path rules refuse raw they refuse percent-encoded ----------------------------
+
+ENCODED_PATHS = [b"/admin%3Bx/y", b"/admin%3bx/y", b"/open%3Bjsessionid=1", b"/admin%23x",
+                 b"/admin%5Cx", b"/admin%7F", b"/admin%09x"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("path", ENCODED_PATHS)
+def test_encoded_forms_of_refused_path_bytes_are_refused(mesh: Mesh, side: str,
+                                                         path: bytes) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, _closing(b"orders", path))
+    assert statuses(out) == [400], out[:300]
+    hostile.assert_generic_refusal(out, close=side == "inbound")  # (outbound: relayed)
+    assert mesh.app.targets_since(mark) == []

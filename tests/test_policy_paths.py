@@ -247,3 +247,38 @@ def test_escape_hidden_behind_a_decoded_unreserved_char_is_double_encoding():
     with pytest.raises(BadRequest) as err:
         normalise_target(b"/%25%41a")
     assert err.value.reason == "double_encoding"
+
+
+def _refused_raw(byte: int) -> bool:
+    try:
+        normalise_target(b"/admin" + bytes([byte]) + b"x/y")
+    except BadRequest:
+        return True
+    return False
+
+
+# Every ASCII byte the path rules refuse raw inside a path. Its percent-encoded form must be
+# refused too, in either case of hex (``/admin%3Bx/y`` reached the app while ``/admin;x/y``
+# was refused), except the two whose raw refusal is about HTTP, not about the path: a space
+# (raw it is no request target at all; ``%20`` is how a path holds one) and ``%`` (raw it is
+# refused only when it is no escape; ``%25`` is how a path holds one, ``%25`` before two hex
+# digits is double encoding).
+REFUSED_RAW = [b for b in range(0x80) if _refused_raw(b)]
+ENCODED_ALLOWED = {0x20, 0x25}
+
+
+def test_the_raw_refusals_are_the_documented_set() -> None:
+    assert REFUSED_RAW == [*range(0x20), 0x20, ord("#"), ord("%"), ord(";"), ord("\\"), 0x7F]
+
+
+@pytest.mark.parametrize("byte", [b for b in REFUSED_RAW if b not in ENCODED_ALLOWED])
+def test_what_is_refused_raw_is_refused_percent_encoded(byte: int) -> None:
+    for escape in (b"%%%02x" % byte, b"%%%02X" % byte):
+        for target in (b"/admin" + escape + b"x/y", b"/" + escape, b"/a/" + escape + b"/b"):
+            with pytest.raises(BadRequest):
+                normalise_target(target)
+
+
+def test_the_encoded_forms_kept_are_the_two_named() -> None:
+    assert normalise_target(b"/a%20b") == ("/a%20b", "")
+    assert normalise_target(b"/a%25b") == ("/a%25b", "")

@@ -17,7 +17,9 @@ What is refused (reason codes go to logs and audit records only):
 * raw ``#`` (``fragment``), raw ``\\`` (``backslash``), raw ``;`` (``semicolon``: Tomcat
   and Spring drop ``;params`` from segments, so ``/admin;x/`` would reach ``/admin/``);
 * malformed percent escapes (``bad_escape``); encoded ``/`` or ``\\`` (``encoded_slash``);
-  encoded controls or NUL (``encoded_control``); encoded ``#`` (``fragment``); encoded
+  encoded controls, NUL or DEL (``encoded_control``); encoded ``#`` (``fragment``); encoded
+  ``;`` (``semicolon``: what is refused raw is refused encoded, in either case of hex, but
+  for a space, which raw is no HTTP at all and ``%20`` is how a path holds one); encoded
   ``%`` followed by two hex digits, i.e. double encoding (``double_encoding``); percent
   escapes that do not decode to valid UTF-8 (``bad_utf8``);
 * a decoded path with non-ASCII characters (``non_ascii``), unless the service sets
@@ -118,6 +120,8 @@ def normalise_target(
             raise _refuse("encoded_control", f"encoded byte 0x{value:02x}")
         if value == 0x23:
             raise _refuse("fragment", "percent-encoded '#'")
+        if value == 0x3B:  # an app that decodes before it splits ;params reads a raw one
+            raise _refuse("semicolon", "percent-encoded ';'")
         if value == 0x25 and i + 4 < n and raw_path[i + 3] in _HEX and raw_path[i + 4] in _HEX:
             raise _refuse("double_encoding", "percent-encoded '%' followed by hex digits")
         if value in _UNRESERVED:
