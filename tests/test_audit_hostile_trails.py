@@ -26,7 +26,7 @@ from sidecar.audit.chain import LENGTH
 from sidecar.audit.crypto import write_data_key
 from sidecar.audit.record import MAX_TIME
 from sidecar.audit.segments import list_segments, read_frames, verify
-from sidecar.audit.signing import load_keyring, write_keypair
+from sidecar.audit.signing import Checkpoint, load_keyring, write_keypair
 from sidecar.config.audit import AuditConfig
 from tests.harness import ROOT, sidecar_cli, write_audit_trail
 
@@ -415,8 +415,6 @@ def _anchor_variants(good: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_an_anchor_must_equal_the_chains_checkpoint_in_every_field(
         tmp_path: Path, keys: dict[str, str]) -> None:
-    from sidecar.audit.signing import Checkpoint
-
     d, good = _anchored_trail(tmp_path, keys)
     keyring = load_keyring([keys["pub"]])
     assert verify(str(d), keyring=keyring, anchors=[Checkpoint.from_json(good)]).ok
@@ -444,8 +442,6 @@ def test_an_anchor_older_than_the_retained_chain_is_a_warning(
         tmp_path: Path, keys: dict[str, str]) -> None:
     """Honest retention: exit 0, but a warning line (and JSON finding) says plainly that
     the anchor could not be checked; the newest anchor is the one to give."""
-    from sidecar.audit.signing import Checkpoint
-
     d, old = _anchored_trail(tmp_path, keys, max_segments=2)
     config = AuditConfig(path=str(d), fsync=False, signing_key_file=keys["priv"],
                          checkpoint_every_records=7, max_segment_bytes=4096, max_segments=2)
@@ -563,3 +559,71 @@ def test_honest_restarts_stay_clean(tmp_path: Path, keys: dict[str, str]) -> Non
         write_entries(d, [GOOD] * 9, keys)  # clean shutdowns: sealed, then restarts
     result = verify(str(d), keyring=load_keyring([keys["pub"]]))
     assert result.ok and result.restarts == 2 and result.findings == [], result.findings
+
+
+# ---------------------------------------------------------------------------- identities
+
+OTHER = "spiffe://demo.local/ns/evil/sa/x"
+
+
+def _trail_of(directory: Path, keys: dict[str, str], *identities: str) -> None:
+    """One run per identity, all signed with the one key (a key shared in a namespace)."""
+    for ident in identities:
+        config = AuditConfig(path=str(directory), fsync=False, signing_key_file=keys["priv"],
+                             checkpoint_every_records=7)
+        write_audit_trail(config, [GOOD] * 10, identity=ident, batch=4, pause=0.001)
+
+
+def test_verify_id_refuses_another_sidecars_trail(tmp_path: Path, keys: dict[str, str]) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    _trail_of(mine, keys, IDENT)
+    _trail_of(theirs, keys, OTHER)
+    ring = load_keyring([keys["pub"]])
+    assert verify(str(mine), keyring=ring, identity=IDENT).ok
+    result = verify(str(theirs), keyring=ring, identity=IDENT)
+    assert not result.ok and result.identities == [OTHER]
+    wrong = [f for f in result.errors if f.code == "wrong_identity"]
+    assert len(wrong) == 1 and OTHER in wrong[0].message  # one finding per identity
+    r = run("audit", "verify", str(theirs), "--pubkey", keys["pub"], "--id", IDENT)
+    assert r.returncode == 1 and "wrong_identity" in r.stdout and OTHER in r.stdout
+    r = run("audit", "verify", str(mine), "--pubkey", keys["pub"], "--id", IDENT)
+    assert r.returncode == 0 and f"identity: {IDENT}" in r.stdout
+    # Without --id the identity is printed, for the auditor to see whose trail it is.
+    r = run("audit", "verify", str(theirs), "--pubkey", keys["pub"])
+    assert r.returncode == 0 and f"identity: {OTHER}" in r.stdout.splitlines()
+    doc = json.loads(run("audit", "verify", str(theirs), "--pubkey", keys["pub"],
+                         "-o", "json").stdout)
+    assert doc["identities"] == [OTHER]
+    # An anchor naming another identity is refused by --id too, even one not in the chain.
+    chk = _checkpoint_named(theirs)
+    result = verify(str(mine), keyring=ring, identity=IDENT,
+                    anchors=[Checkpoint.from_json(chk)])
+    assert "wrong_identity" in [f.code for f in result.errors]
+
+
+def _checkpoint_named(directory: Path) -> dict[str, Any]:
+    for _path, payloads in _frames(directory):
+        for p in payloads:
+            f = msgpack.unpackb(p)
+            if "chk" in f:
+                return Checkpoint.from_frame(f["seq"], f["prev"], "chk", f["chk"]).to_json()
+    raise AssertionError("no checkpoint")
+
+
+def test_a_trail_naming_several_identities_is_a_problem_without_id(
+        tmp_path: Path, keys: dict[str, str]) -> None:
+    d = tmp_path / "audit"
+    _trail_of(d, keys, IDENT, OTHER)  # another sidecar's run spliced onto this trail
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert not result.ok and result.identities == [IDENT, OTHER]
+    assert [f.code for f in result.errors] == ["several_identities"]
+    r = run("audit", "verify", str(d), "--pubkey", keys["pub"])
+    assert r.returncode == 1 and f"identities: {IDENT}, {OTHER}" in r.stdout
+
+
+def test_verify_id_on_a_trail_that_names_nobody(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    write_audit_trail(AuditConfig(path=str(d), fsync=False), [GOOD] * 3, identity=IDENT)
+    result = verify(str(d), identity=IDENT)
+    assert not result.ok and [f.code for f in result.errors] == ["identity_not_named"]
+    assert verify(str(d)).ok and verify(str(d)).identities == []

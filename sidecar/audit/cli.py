@@ -66,6 +66,9 @@ def add_audit_parsers(subparsers: Any) -> None:
                    help="a checkpoint saved elsewhere (JSON from /audit/head) that must still "
                         "be in the chain (repeatable)")
     p.add_argument("--hmac-key-file", help="key file, for trails written with audit.hmac_key_file")
+    p.add_argument("--id", metavar="SPIFFE_ID", dest="identity",
+                   help="the sidecar whose trail this must be: every checkpoint naming an "
+                        "identity must name this one")
     _add_data_key(p, "also check that every encrypted record decrypts")
     p.add_argument("--accept-declared-breaks", action="store_true",
                    help="exit 0 when the only problems are breaks the writer declared")
@@ -202,6 +205,7 @@ def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
         "signed_through": result.signed_through,
         "unsigned_tail_records": result.unsigned_tail_records,
         "restarts": result.restarts, "anchors_matched": result.anchors_matched,
+        "identities": list(result.identities),
         "broken": str(result.broken) if result.broken else None,
         "broken_segment": result.broken.segment if result.broken else None,
         "broken_seq": result.broken.seq if result.broken else None,
@@ -218,6 +222,10 @@ def verify_result_text(result: VerifyResult) -> str:
              f"frames, {result.segments} segments"]
     if result.head_seq is not None and result.head_digest is not None:
         lines.append(f"head: seq {result.head_seq} digest {result.head_digest.hex()}")
+    if result.identities:
+        label = "identity" if len(result.identities) == 1 else "identities"
+        signed = "" if result.assurance == "signature" else " (not proven without --pubkey)"
+        lines.append(f"{label}: {', '.join(result.identities)}{signed}")
     if result.assurance == "signature":
         through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
         lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
@@ -255,7 +263,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         pass
     try:
         result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
-                        decryptor=decryptor,
+                        decryptor=decryptor, identity=getattr(args, "identity", None),
                         accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
                         require_genesis=getattr(args, "require_genesis", False))
     finally:

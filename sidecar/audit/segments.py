@@ -188,6 +188,9 @@ class VerifyResult:
     # Set when a segment needs a key that was not given (an HMAC chain): the trail could
     # not be checked, which the CLI reports as "cannot run" (exit 2), not as BROKEN.
     missing_key: str | None = None
+    # The SPIFFE IDs the trail's frames name (``id`` of signed checkpoints and seals), in
+    # order of first appearance: whose trail this is (several: an error, ``several_identities``).
+    identities: list[str] = field(default_factory=list)
 
     def add(self, severity: Severity, code: str, segment: str, seq: int | None,
             message: str) -> None:
@@ -214,8 +217,10 @@ class _Walk:
     """Per-frame checks beyond the links: signatures, seals, restarts, anchors, tail."""
 
     def __init__(self, result: VerifyResult, keyring: Keyring | None,
-                 anchors: list[Checkpoint]) -> None:
+                 anchors: list[Checkpoint], identity: str | None = None) -> None:
         self.result = result
+        self.identity = identity  # --id: every frame naming an identity must name this one
+        self.wrong: set[tuple[str, str]] = set()  # other identities already reported
         self.keyring = keyring
         self.anchors = {a.seq: a for a in anchors}
         self.segment = ""
@@ -253,6 +258,8 @@ class _Walk:
                         f"({differs} differs): the chain was rewritten, a writer reused the "
                         "seq after a cut, or the anchor is not this trail's")
             r.anchors_matched += 1
+        if frame.kind not in RECORD_KINDS and "id" in frame.body:  # a record's id: request
+            self.named(frame.seq, frame.body["id"])
         if self.restart_checkpoint is not None and frame.seq == self.restart_checkpoint[1]:
             self.restart_checkpoint = None
             if frame.kind != "chk" or "sig" not in frame.body:
@@ -327,6 +334,21 @@ class _Walk:
                 self.restart_checkpoint = (self.segment, frame.seq + 1)
         self.prev_seal = None
 
+    def named(self, seq: int | None, ident: Any, what: str = "frame") -> None:
+        """A frame (or an anchor) names the identity ``ident`` (``id``)."""
+        r = self.result
+        if isinstance(ident, str) and ident not in r.identities:
+            r.identities.append(ident)
+        if self.identity is not None and ident != self.identity:
+            shown = ident if isinstance(ident, str) else f"a {type(ident).__name__}"
+            if (what, shown) in self.wrong:
+                return  # one finding per identity: the first frame (or anchor) naming it
+            self.wrong.add((what, shown))
+            self.capped("wrong_identity", seq,
+                        f"the {what} names {shown}, not {self.identity} (--id): this is "
+                        "another sidecar's trail, or frames of one were put into it (the "
+                        f"first {what} naming it)")
+
     def restart_unsigned(self, seq: int) -> None:
         self.result.add(
             "error", "restart_not_signed", self.restart_checkpoint[0]
@@ -343,6 +365,14 @@ class _Walk:
         r = self.result
         if self.restart_checkpoint is not None and r.broken is None:
             self.restart_unsigned(self.restart_checkpoint[1])
+        if self.identity is not None and not r.identities and r.broken is None:
+            r.add("error", "identity_not_named", "", None,
+                  f"no frame names an identity (nothing signed), so the trail cannot be "
+                  f"shown to be {self.identity}'s (--id)")
+        elif len(r.identities) > 1:
+            r.add("error", "several_identities", "", None,
+                  f"the trail's frames name {len(r.identities)} identities "
+                  f"({', '.join(r.identities)}): a trail belongs to one sidecar")
         for code, n in self.more.items():
             r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
         if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
@@ -424,12 +454,15 @@ def verify(
     path: str, *, key: bytes | None = None, accept_declared_breaks: bool = False,
     require_genesis: bool = False, keyring: Keyring | None = None,
     anchors: list[Checkpoint] | None = None, decryptor: Decryptor | None = None,
+    identity: str | None = None,
 ) -> VerifyResult:
     """Check the whole chain under ``path`` (directory or one segment file).
 
     ``key``: HMAC key; ``keyring``: public keys for the signed checkpoints; ``anchors``:
     checkpoints saved elsewhere that must still be part of the chain; ``decryptor``: data
-    keys, to check that every encrypted record also decrypts (integrity needs no data key)."""
+    keys, to check that every encrypted record also decrypts (integrity needs no data key);
+    ``identity``: the SPIFFE ID whose trail this must be (every frame and anchor naming an
+    identity names this one). The identities named are in ``identities``."""
     result = VerifyResult()
     result.assurance = "signature" if keyring else "hmac" if key is not None else "none"
     try:
@@ -450,7 +483,10 @@ def verify(
                 result.add("error", "anchor_signature", "", anchor.seq,
                            f"the anchor for seq {anchor.seq} is not a valid checkpoint of the "
                            f"keyring: {forged}")
-    walk = _Walk(result, keyring, list(anchors or []))
+    walk = _Walk(result, keyring, list(anchors or []), identity)
+    for anchor in anchors or []:
+        if identity is not None and anchor.fields.get("id") != identity:
+            walk.named(anchor.seq, anchor.fields.get("id"), "anchor")
     walk.whole_trail = os.path.isdir(path)
     checker = ChainVerifier(key, require_mac=key is not None)
     pending: BrokenPoint | None = None  # a problem waiting for the next header to declare it
