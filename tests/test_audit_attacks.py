@@ -315,3 +315,44 @@ def test_signing_key_problems_fail_at_start(tmp_path: Path) -> None:
         AuditWriter(AuditConfig(path=str(tmp_path / "a"), signing_key_file=str(bad)))
     with pytest.raises(ConfigError, match="signing_key_file"):
         AuditWriter(AuditConfig(path=str(tmp_path / "a"), signing_key_file=str(tmp_path / "no")))
+
+
+def test_deleting_what_was_written_after_a_clean_shutdown(tmp_path: Path) -> None:
+    """What is and is not detected when the newest segments are deleted. The newest
+    segment, when the one before it was sealed for rotation: detected by every check
+    (rotation_without_successor). Every segment written after a clean shutdown (the seal
+    says `shutdown`): the trail left is exactly that of a sidecar that stopped there, so
+    neither the chain nor the signatures can tell; only an anchor newer than the shutdown
+    (or the collector's copy) can."""
+    priv, pub, _ = write_keypair(str(tmp_path / "k"))
+    d = tmp_path / "audit"
+    first = write(d, Path(priv), 30)
+    run1 = {s.path for s in list_segments(str(d))}
+    second = write(d, Path(priv), 30, start=30)  # restarts after the clean shutdown
+    assert first.last_checkpoint is not None and second.last_checkpoint is not None
+    old_anchor, new_anchor = first.last_checkpoint, second.last_checkpoint
+    assert old_anchor.kind == "end" and old_anchor.fields["why"] == "shutdown"
+    keyring = load_keyring([pub])
+    run2 = [s for s in list_segments(str(d)) if s.path not in run1]
+    assert len(run2) >= 2  # run 2 rotated
+
+    # The newest segment alone: its predecessor was sealed for rotation -> detected.
+    newest = Path(run2[-1].path)
+    saved = newest.read_bytes()
+    newest.unlink()
+    for result in (verify(str(d)), verify(str(d), keyring=keyring)):
+        assert not result.ok
+        assert [f.code for f in result.errors] == ["rotation_without_successor"]
+    newest.write_bytes(saved)
+
+    # Every segment of run 2: what is left ends with a shutdown seal -> not detected ...
+    for seg in run2:
+        os.unlink(seg.path)
+    assert verify(str(d)).ok
+    signed = verify(str(d), keyring=keyring)
+    assert signed.ok and signed.sealed and signed.findings == []
+    # ... not by an anchor from before it either ...
+    assert verify(str(d), keyring=keyring, anchors=[old_anchor]).ok
+    # ... only by an anchor newer than the shutdown.
+    anchored = verify(str(d), keyring=keyring, anchors=[new_anchor])
+    assert not anchored.ok and [f.code for f in anchored.errors] == ["anchor_beyond_head"]
