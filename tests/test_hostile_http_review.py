@@ -270,3 +270,32 @@ def test_encoded_forms_of_refused_path_bytes_are_refused(mesh: Mesh, side: str,
     assert statuses(out) == [400], out[:300]
     hostile.assert_generic_refusal(out, close=side == "inbound")  # (outbound: relayed)
     assert mesh.app.targets_since(mark) == []
+
+
+# --- 8. Normalised framing fields: canonical Content-Length, no Expect without a body ---------
+
+# (request fields, body) -> the Content-Length and Expect fields the app must get.
+NORMALISED_FIELDS: dict[str, tuple[bytes, bytes, list[list[str]]]] = {
+    "length_leading_zeros": (b"Content-Length: 0003\r\n", b"abc", [["content-length", "3"]]),
+    "length_zeros_only": (b"Content-Length: 000\r\n", b"", [["content-length", "0"]]),
+    "expect_without_body": (b"Expect: 100-continue\r\n", b"", []),
+    "expect_with_length_0": (b"Expect: 100-continue\r\nContent-Length: 0\r\n", b"",
+                             [["content-length", "0"]]),
+    "expect_zeros_only": (b"Expect: 100-continue\r\nContent-Length: 00\r\n", b"",
+                          [["content-length", "0"]]),
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(NORMALISED_FIELDS))
+def test_framing_fields_reach_the_app_normalised(mesh: Mesh, side: str, case: str) -> None:
+    fields, body, want = NORMALISED_FIELDS[case]
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, b"POST /open/n HTTP/1.1\r\n" + H + fields
+                   + b"Connection: close\r\n\r\n" + body)
+    assert statuses(out) == [200], out[:300]
+    with mesh.app.lock:
+        heads = list(mesh.app.heads[mark[0]:])
+    assert [h["body"] for h in heads] == [len(body)]
+    got = [[n, v] for n, v in heads[0]["headers"] if n in ("content-length", "expect")]
+    assert got == want, heads[0]["headers"]

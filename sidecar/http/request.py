@@ -60,6 +60,9 @@ class RequestHead(NamedTuple):
     expect_continue: bool
     upgrade: bytes | None
     connection: bool = False  # a Connection field is present (it may list hop-by-hop names)
+    # Fields to normalise before forwarding: a Content-Length with leading zeros (forwarded
+    # as its canonical decimal), an Expect on a request without a body (dropped).
+    normalise: bool = False
 
 
 # A RequestHead from all its fields in order, without the named tuple's Python-level
@@ -88,6 +91,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     upgrade = None
     conn_upgrade = False
     connection = False
+    odd_length = False
     kind_of = _FIELD_KINDS.get
     for name, value in headers:
         if not values_checked and _CONTROL.search(value) is not None:
@@ -108,6 +112,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 if not value.isdigit():
                     raise BadRequest("bad_content_length")
                 content_length = int(value)
+                odd_length = value[0] == 48 and len(value) > 1  # leading zeros: "0003"
         elif kind == _TE:
             chunked = True
         elif kind == _EXPECT:
@@ -146,7 +151,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     has_body = chunked or bool(content_length)
     return _new_head((method_name, target, host_name,
                       has_body, expect and has_body, upgrade if conn_upgrade else None,
-                      connection))
+                      connection, odd_length or (expect and not has_body)))
 
 
 def _lists_upgrade(value: bytes) -> bool:

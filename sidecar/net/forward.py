@@ -8,7 +8,8 @@ sent chunked (or close-delimited to an HTTP/1.0 client), so what reaches either 
 always well-formed HTTP/1.1 whatever framing the sender used. The exchange is sequential --
 request body, then response -- which is what HTTP/1.1 clients do; an ``Expect:
 100-continue`` is answered by the sidecar itself once the request was authorised (as Envoy
-does), and the header is not forwarded.
+does), and the header is not forwarded -- nor on a request without a body, which has
+nothing to continue. A Content-Length is forwarded as its canonical decimal (``0003`` -> ``3``).
 
 An authorised ``Upgrade`` request whose upstream answers ``101`` becomes a byte pipe in both
 directions. Any failure before the response head reached the client becomes a generic 502/
@@ -137,6 +138,19 @@ FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
 _NO_BODY = BodyWriter(OUT_NONE)
 
 
+def _normalised(headers: Headers, has_body: bool) -> Headers:
+    """``headers`` with Content-Length in its canonical decimal form (``0003`` -> ``3``) and,
+    on a request without a body, without Expect (nothing to continue)."""
+    out: Headers = []
+    for name, value in headers:
+        if name == b"content-length":
+            value = b"%d" % int(value)
+        elif name == b"expect" and not has_body:
+            continue
+        out.append((name, value))
+    return out
+
+
 def _content_length(headers: Headers) -> int:
     for name, value in headers:
         if name == b"content-length":
@@ -167,6 +181,8 @@ async def forward(
     has_body, expect_continue = head.has_body, head.expect_continue
     upgrade = head.upgrade is not None
     keep_alive = client.reader.keep_alive
+    if head.normalise:  # (rare: a Content-Length with leading zeros, a body-less Expect)
+        headers = _normalised(headers, has_body)
     if head.upgrade is not None:
         headers.append((b"upgrade", head.upgrade))
         headers.append((b"connection", b"upgrade"))
