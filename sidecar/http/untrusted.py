@@ -64,12 +64,18 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-azure-socketip x-appengine-user-ip x-original-forwarded-for x-client-port "
               "x-real-port x-host x-original-host x-http-host-override x-forwarded-host-override "
               "cf-pseudo-ipv4 x-nf-client-connection-ip x-vercel-forwarded-for "
-              "incap-client-ip x-sucuri-clientip fly-client-ip do-connecting-ip")
+              "incap-client-ip x-sucuri-clientip fly-client-ip do-connecting-ip "
+              "x-true-ip real-ip x-original-remote-addr x-custom-ip-authorization "
+              "x-client-addr forwarded-for forwarded-for-ip x-forwarder-for x-forward-for "
+              "x-forwared-for x-coming-from")
+    + _family(FORWARDING, "the proxy chain (RFC 9110 7.6.3): a caller's copy names proxies "
+              "the request never passed, and apps that look for their gateway in it (or log "
+              "it as the route) would believe them", "via")
     + _family(FORWARDING, "scheme headers: the app believes the client used HTTPS (secure "
               "cookies, redirects, HSTS and 'https only' checks); IIS/ARR, CloudFront, "
-              "Rack, ingress-nginx and App Engine names",
+              "Rack, ingress-nginx, App Engine and Cloudflare names",
               "front-end-https x-arr-ssl cloudfront-forwarded-proto x-url-scheme x-scheme "
-              "x-appengine-https")
+              "x-appengine-https cf-visitor")
     + _family(OVERRIDE, "rewrite the path after routing (IIS, Symfony, Laravel, Zend, "
               "Drupal, Spring): an allowed GET /public would reach /admin",
               "x-original-url x-rewrite-url x-original-uri x-original-path x-request-uri "
@@ -101,7 +107,11 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-scopes x-client-id x-credential-identifier x-credential-username "
               "x-anonymous-consumer x-api-user x-token-subject x-access-token x-id-token "
               "x-userinfo x-user-info x-authorization x-auth-token-subject "
-              "x-remote-group gap-auth")
+              "x-remote-group gap-auth x-auth-username x-auth-userid x-proxy-user "
+              "x-proxy-remote-user spiffe-id")
+    + _family(IDENTITY, "Hasura session variables (x-hasura-role, x-hasura-user-id, ...): "
+              "Hasura takes them as the caller's role and identity, and apps behind other "
+              "gateways copy the convention", "x-hasura-", prefix=True)
     + _family(IDENTITY, "per-gateway identity families: oauth2-proxy x-auth-request-*, Kong "
               "x-consumer-*, WSO2/APISIX/Ambassador JWT claim headers",
               "x-auth-request- x-consumer- x-jwt- x-claim- x-token-claim-", prefix=True)
