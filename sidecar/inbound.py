@@ -272,7 +272,7 @@ class InboundProxy:
                             handle=handle, source=source, peer=peer_id, conn=conn)
 
 
-API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed by its exact name with the credentials
+API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed with the credentials, in every spelling
 
 
 def refusal_reason(exc: SvidError) -> str:

@@ -73,3 +73,22 @@ def test_remove_token_everywhere() -> None:
     assert query == "a=1&b=2"
     out, _ = remove_token([(b"cookie", b"session=t")], "", ALL.locations)
     assert out == []
+
+
+def _spellings(name: str) -> list[bytes]:
+    """The names a header reaches a reader under (lower-cased) that an app reads as ``name``:
+    as given, with ``_`` for ``-`` and the other way round."""
+    lower = name.lower()
+    return sorted({lower.encode(), lower.replace("-", "_").encode(),
+                   lower.replace("_", "-").encode()})
+
+
+TOKEN_HEADERS = ["X-Auth-Token", "authorization", "X-Id-Token", "x_custom_token"]
+
+
+@pytest.mark.parametrize("name", TOKEN_HEADERS)
+def test_remove_token_removes_every_spelling_of_a_header(name: str) -> None:
+    loc = TokenLocation("header", name, "")
+    headers = [(n, b"t") for n in _spellings(name)] + [(b"accept", b"*/*")]
+    out, _ = remove_token(headers, "", (loc,))
+    assert out == [(b"accept", b"*/*")]

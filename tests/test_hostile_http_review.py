@@ -299,3 +299,58 @@ def test_framing_fields_reach_the_app_normalised(mesh: Mesh, side: str, case: st
     assert [h["body"] for h in heads] == [len(body)]
     got = [[n, v] for n, v in heads[0]["headers"] if n in ("content-length", "expect")]
     assert got == want, heads[0]["headers"]
+
+
+# --- 2. With allow_underscores, credentials are removed in every spelling ---------------------
+
+_CLAIMS = "    forward_claims: {sub: x-user}\n"
+CREDENTIAL_POLICY = POLICY.replace(_CLAIMS, _CLAIMS + f"""\
+  header-token:
+    issuer: {hostile.ISSUER}
+    audiences: [api]
+    algorithms: [ES256]
+    jwks_file: jwks.json
+    from_headers: [X-Auth-Token]
+    forward_token: false
+""", 1).replace(_NO_ADMIN, _NO_ADMIN + f"""\
+      - name: header-signed
+        allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/h/**], jwt: {{provider: header-token}}}}
+""", 1)
+# Every header the sidecar removes as a credential or sets from a claim: the API key header
+# (always removed), the token header of a ``forward_token: false`` provider, the claim header.
+CREDENTIAL_HEADERS = ["x-api-key", "x-auth-token", "x-user"]
+MARK = "zz-credential-5c1"
+
+
+def _spellings(name: str) -> list[str]:
+    title = "-".join(p[:1].upper() + p[1:] for p in name.split("-"))
+    return [name, name.upper(), title, name.replace("-", "_"), title.replace("-", "_"),
+            name.upper().replace("-", "_")]
+
+
+@pytest.fixture(scope="module")
+def mesh_us(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hostile.Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("review-us"), policy=CREDENTIAL_POLICY,
+             extra={"headers": {"allow_underscores": True}})
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("spelling", range(6))
+def test_credentials_never_reach_the_app_in_any_spelling(mesh_us: Mesh, side: str,
+                                                         spelling: int) -> None:
+    # One request per spelling (two x-api-key fields would be refused as a duplicate), with
+    # a valid token for the claim header to be set from.
+    names = [_spellings(n)[spelling] for n in CREDENTIAL_HEADERS]
+    lines = b"".join(f"{n}: {MARK}\r\n".encode() for n in names)
+    token = f"Authorization: Bearer {mesh_us.token('alice')}\r\n".encode()
+    mark = mesh_us.app.snapshot()
+    out = exchange(mesh_us, side, b"GET /open/cred HTTP/1.1\r\n" + H + token + lines
+                   + b"X_Custom_Ok: " + MARK.encode() + b"\r\nConnection: close\r\n\r\n")
+    assert statuses(out) == [200], out[:300]
+    with mesh_us.app.lock:
+        heads = list(mesh_us.app.heads[mark[0]:])
+    leaks = [(n, v) for h in heads for n, v in h["headers"] if MARK in v]
+    assert leaks == [("x_custom_ok", MARK)], (names, leaks)  # (underscores are kept)
+    assert ["x-user", "alice"] in heads[0]["headers"]

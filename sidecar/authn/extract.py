@@ -22,6 +22,7 @@ from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid
+from sidecar.http.untrusted import fold
 from sidecar.policy.sections import JwtProvider, TokenLocation
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -153,13 +154,16 @@ def remove_token(headers: Headers, query: str,
     A header location drops the whole header; a query location drops the parameter; a
     cookie location rewrites the Cookie header without that cookie.
     """
-    drop_headers = {loc.name.lower().encode("latin-1") for loc in locations if loc.kind == "header"}
+    # Compared folded, as the header catalogue is (``sidecar.http.untrusted.fold``): a
+    # token header is removed in every spelling an app may read as the same header
+    # (``X_Auth_Token`` is ``HTTP_X_AUTH_TOKEN`` to CGI, WSGI and PHP, like ``X-Auth-Token``).
+    drop_headers = {fold(loc.name) for loc in locations if loc.kind == "header"}
     drop_params = {loc.name for loc in locations if loc.kind == "query"}
     drop_cookies = {loc.name for loc in locations if loc.kind == "cookie"}
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lname = name.lower()
-        if lname in drop_headers:
+        if fold(lname) in drop_headers:
             continue
         if lname == COOKIE and drop_cookies:
             kept = [p.strip() for p in value.decode("latin-1").split(";")

@@ -239,10 +239,9 @@ class HeaderFilter:
         decisions = self._extra.get((extra, exact))
         if decisions is None:
             removes = self.removes
-            folded = frozenset(fold(n) for n in extra)
-            decisions = _Decisions(
-                lambda name: removes(name) or name in exact or fold(name) in folded,
-                self._CACHE_MAX)
+            folded = frozenset(fold(n) for n in (*extra, *exact))
+            decisions = _Decisions(lambda name: removes(name) or fold(name) in folded,
+                                   self._CACHE_MAX)
             if len(self._extra) >= self._EXTRA_MAX:
                 self._extra.clear()
             self._extra[(extra, exact)] = decisions
@@ -250,17 +249,18 @@ class HeaderFilter:
 
     def clean(self, headers: Iterable[tuple[bytes, bytes]], extra: frozenset[bytes] | set[bytes],
               hop: Set[bytes], exact: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
-        """``headers`` without catalogue entries, ``extra`` names and Connection-listed names
-        (``hop``), and without the names in ``exact`` as they are spelled (the caller's API key
-        header, which only its exact name carries).
+        """``headers`` without catalogue entries, ``extra`` names, Connection-listed names
+        (``hop``) and the names in ``exact`` (the caller's API key header, removed with the
+        credentials).
 
-        ``extra`` (for example the policy's claim headers) and ``hop`` are compared folded too.
+        All of them are compared folded, as the catalogue is: a header the sidecar removes is
+        removed in every spelling an app may read as the same (``X_Api_Key`` is
+        ``HTTP_X_API_KEY`` to CGI, WSGI and PHP, like ``X-Api-Key``).
         """
         if hop:  # names the caller listed in Connection: this request's own, not kept
             removes = self.removes
-            more = {fold(n) for n in extra} | {fold(n) for n in hop}
-            return [h for h in headers
-                    if not removes(h[0]) and h[0] not in exact and fold(h[0]) not in more]
+            more = {fold(n) for n in (*extra, *hop, *exact)}
+            return [h for h in headers if not removes(h[0]) and fold(h[0]) not in more]
         decided = self._decisions(frozenset(extra), exact) if extra or exact else self._cache
         # The kept pairs themselves, not rebuilt: 9.7k -> 8.0k instructions per call.
         return [h for h in headers if not decided[h[0]]]
