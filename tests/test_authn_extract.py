@@ -92,3 +92,29 @@ def test_remove_token_removes_every_spelling_of_a_header(name: str) -> None:
     headers = [(n, b"t") for n in _spellings(name)] + [(b"accept", b"*/*")]
     out, _ = remove_token(headers, "", (loc,))
     assert out == [(b"accept", b"*/*")]
+
+
+QUERY = provider(locations=(TokenLocation("query", "access_token", ""),))
+# Names PHP reads as $_GET['access_token'] ('.', ' ', '+', an unmatched '[' fold to '_', a
+# '[...]' suffix makes an array of it, leading spaces go), encoded or not, and ';' as a
+# separator: each is the token parameter.
+QUERY_SPELLINGS = ["access_token", "access.token", "access%2Etoken", "access%2etoken",
+                   "access+token", "access%20token", "access[token", "access_token[]",
+                   "access_token[x]", "%20access_token", "access%5Btoken"]
+
+
+@pytest.mark.parametrize("name", QUERY_SPELLINGS)
+def test_a_query_name_that_folds_to_the_token_parameter_is_it(name: str) -> None:
+    found = extract_tokens(QUERY, [], f"a=1&{name}=tok")
+    assert found is not None and found.token == "tok"
+    assert reason([], f"{name}=EVIL&access_token=tok", QUERY) == "multiple_tokens"
+    assert reason([], f"a=1;{name}=EVIL&access_token=tok", QUERY) == "multiple_tokens"
+    for query, kept in ((f"{name}=EVIL&access_token=tok&b=2", "b=2"),
+                        (f"a=1;{name}=EVIL", "a=1"), (f"a=1;b=2&{name}=x;c=3", "a=1;b=2;c=3")):
+        assert remove_token([], query, QUERY.locations)[1] == kept, query
+
+
+def test_other_query_names_and_separators_stay() -> None:
+    query = "access_tokens=1;accesstoken=2&x.access_token=3&q=a;b"
+    assert extract_tokens(QUERY, [], query) is None
+    assert remove_token([], query, QUERY.locations)[1] == query

@@ -312,9 +312,17 @@ CREDENTIAL_POLICY = POLICY.replace(_CLAIMS, _CLAIMS + f"""\
     jwks_file: jwks.json
     from_headers: [X-Auth-Token]
     forward_token: false
+  query-token:
+    issuer: {hostile.ISSUER}
+    audiences: [api]
+    algorithms: [ES256]
+    jwks_file: jwks.json
+    from_params: [access_token]
 """, 1).replace(_NO_ADMIN, _NO_ADMIN + f"""\
       - name: header-signed
         allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/h/**], jwt: {{provider: header-token}}}}
+      - name: query-signed
+        allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/q/**], jwt: {{provider: query-token}}}}
 """, 1)
 # Every header the sidecar removes as a credential or sets from a claim: the API key header
 # (always removed), the token header of a ``forward_token: false`` provider, the claim header.
@@ -354,3 +362,24 @@ def test_credentials_never_reach_the_app_in_any_spelling(mesh_us: Mesh, side: st
     leaks = [(n, v) for h in heads for n, v in h["headers"] if MARK in v]
     assert leaks == [("x_custom_ok", MARK)], (names, leaks)  # (underscores are kept)
     assert ["x-user", "alice"] in heads[0]["headers"]
+
+
+# --- 7. A query parameter whose name folds to the token parameter's is that parameter --------
+
+# (PHP reads each of these names as $_GET['access_token']; ';' separates like '&'.)
+QUERY_TOKEN_SPELLINGS = ["access.token", "access%2Etoken", "access+token", "access%20token",
+                         "access[token", "access_token[]", "%20access_token"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("name", QUERY_TOKEN_SPELLINGS)
+def test_query_token_spellings_never_reach_the_app(mesh_us: Mesh, side: str, name: str) -> None:
+    token = mesh_us.token("alice")
+    targets = {f"/open/q?{name}=EVIL&access_token={token}&b=2": "/open/q?b=2",
+               f"/open/q?a=1;{name}=EVIL": "/open/q?a=1",
+               "/open/q?a=1;access_token=EVIL&b=2": "/open/q?a=1&b=2"}
+    for target, want in targets.items():
+        mark = mesh_us.app.snapshot()
+        out = exchange(mesh_us, side, _closing(b"orders", target.encode()))
+        assert statuses(out) == [200], out[:300]
+        assert mesh_us.app.targets_since(mark) == [want], target

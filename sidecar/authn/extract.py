@@ -17,6 +17,7 @@ this provider's token; the header itself still counts towards "present twice".
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 from urllib.parse import unquote_plus
@@ -79,12 +80,34 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     return [value]
 
 
+# Query parameters are looked for as PHP reads them, the most folding of the common readers
+# (``?access.token=EVIL`` is ``$_GET['access_token']``): the name decoded (``+`` is a space),
+# leading spaces dropped, a name with ``[...]`` is the part before the bracket (an array),
+# and ``.``, space and an unmatched ``[`` read as ``_``. ``;`` separates parameters as ``&``
+# does (the HTML 4 recommendation; Python's ``cgi`` and some servers followed it), so a
+# parameter whose name folds to a token parameter's is that parameter: found (a second copy
+# is ``multiple_tokens``) and removed.
+_QUERY_SEPARATORS = re.compile(r"[&;]")
+_QUERY_SPLIT = re.compile(r"([&;])")
+_PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
+
+
+@functools.lru_cache(maxsize=1024)
+def param_name(raw: str) -> str:
+    """A query parameter's (still encoded) name as compared with a token parameter's."""
+    name = unquote_plus(raw).lstrip(" ")
+    bracket = name.find("[")
+    if bracket > 0 and name.find("]", bracket) > 0:
+        name = name[:bracket]
+    return name.translate(_PHP_FOLD)
+
+
 def _query_pairs(query: str) -> list[tuple[str, str]]:
     pairs = []
-    for part in query.split("&"):
+    for part in _QUERY_SEPARATORS.split(query):
         if part:
             name, _, value = part.partition("=")
-            pairs.append((unquote_plus(name), unquote_plus(value)))
+            pairs.append((param_name(name), unquote_plus(value)))
     return pairs
 
 
@@ -102,8 +125,10 @@ def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
     return pairs
 
 
-def _from_pairs(loc: TokenLocation, pairs: list[tuple[str, str]]) -> list[str]:
-    values = [v for n, v in pairs if n == loc.name]
+def _from_pairs(loc: TokenLocation, pairs: list[tuple[str, str]],
+                name: str | None = None) -> list[str]:
+    wanted = loc.name if name is None else name
+    values = [v for n, v in pairs if n == wanted]
     if len(values) > 1:
         raise TokenInvalid(MULTIPLE_TOKENS, f"{loc.kind} {loc.name} repeated")
     if values and not values[0]:
@@ -130,7 +155,7 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
         elif loc.kind == "query":
             if queries is None:
                 queries = _query_pairs(query) if query else []
-            values = _from_pairs(loc, queries)
+            values = _from_pairs(loc, queries, param_name(loc.name))
         else:
             if cookies is None:
                 cookies = _cookie_pairs(headers)
@@ -158,7 +183,7 @@ def remove_token(headers: Headers, query: str,
     # token header is removed in every spelling an app may read as the same header
     # (``X_Auth_Token`` is ``HTTP_X_AUTH_TOKEN`` to CGI, WSGI and PHP, like ``X-Auth-Token``).
     drop_headers = {fold(loc.name) for loc in locations if loc.kind == "header"}
-    drop_params = {loc.name for loc in locations if loc.kind == "query"}
+    drop_params = {param_name(loc.name) for loc in locations if loc.kind == "query"}
     drop_cookies = {loc.name for loc in locations if loc.kind == "cookie"}
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
@@ -173,6 +198,16 @@ def remove_token(headers: Headers, query: str,
             value = "; ".join(kept).encode("latin-1")
         out.append((name, value))
     if drop_params and query:
-        query = "&".join(p for p in query.split("&")
-                         if p and unquote_plus(p.partition("=")[0]) not in drop_params)
+        # Every parameter whose name folds to a token parameter's goes (``param_name``); the
+        # others stay as they were, each after the separator that was before it.
+        pieces = _QUERY_SPLIT.split(query)  # parameter, separator, parameter, ...
+        params: list[str] = []
+        for i in range(0, len(pieces), 2):
+            part = pieces[i]
+            if not part or param_name(part.partition("=")[0]) in drop_params:
+                continue
+            if params:
+                params.append(pieces[i - 1])
+            params.append(part)
+        query = "".join(params)
     return out, query
