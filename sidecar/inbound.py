@@ -241,7 +241,10 @@ class InboundProxy:
                 event.headers, verdict.drop_headers,
                 connection_tokens(event.headers) if head.connection else NO_NAMES,
                 API_KEY_ONLY if strip is not None else NO_NAMES)
-            if strip is not None and strip.strips_tokens:  # tokens that are not forwarded
+            # Tokens that are not forwarded; with underscores kept, also other spellings of
+            # a forwarded token header (``Authenticator.strip_credentials``).
+            if strip is not None and (strip.strips_tokens or (
+                    strip.reads_token_headers and header_filter.allow_underscores)):
                 headers, kept = strip.strip_credentials(headers, query)
                 if kept != query:  # (a token in the query string, removed)
                     target = path.encode("ascii") + (b"?" + kept.encode("ascii") if kept

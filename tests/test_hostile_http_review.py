@@ -318,11 +318,20 @@ CREDENTIAL_POLICY = POLICY.replace(_CLAIMS, _CLAIMS + f"""\
     algorithms: [ES256]
     jwks_file: jwks.json
     from_params: [access_token]
+  forwarded-token:
+    issuer: {hostile.ISSUER}
+    audiences: [api]
+    algorithms: [ES256]
+    jwks_file: jwks.json
+    from_headers: [X-Fwd-Token]
+    forward_token: true
 """, 1).replace(_NO_ADMIN, _NO_ADMIN + f"""\
       - name: header-signed
         allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/h/**], jwt: {{provider: header-token}}}}
       - name: query-signed
         allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/q/**], jwt: {{provider: query-token}}}}
+      - name: forwarded-signed
+        allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/f/**], jwt: {{provider: forwarded-token}}}}
 """, 1)
 # Every header the sidecar removes as a credential or sets from a claim: the API key header
 # (always removed), the token header of a ``forward_token: false`` provider, the claim header.
@@ -362,6 +371,26 @@ def test_credentials_never_reach_the_app_in_any_spelling(mesh_us: Mesh, side: st
     leaks = [(n, v) for h in heads for n, v in h["headers"] if MARK in v]
     assert leaks == [("x_custom_ok", MARK)], (names, leaks)  # (underscores are kept)
     assert ["x-user", "alice"] in heads[0]["headers"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("spelling", [3, 4, 5])
+def test_a_forwarded_token_header_reaches_the_app_in_its_own_spelling_only(
+        mesh_us: Mesh, side: str, spelling: int) -> None:
+    """``forward_token: true``: the token header the provider reads is forwarded as sent;
+    a second field under an underscore spelling of its name (which CGI, WSGI and PHP read
+    as the same header) is removed, whatever the order."""
+    other = _spellings("x-fwd-token")[spelling]
+    for lines in (f"X-Fwd-Token: kept-1\r\n{other}: {MARK}\r\n",
+                  f"{other}: {MARK}\r\nx-fwd-token: kept-1\r\n"):
+        mark = mesh_us.app.snapshot()
+        out = exchange(mesh_us, side, b"GET /open/fwd HTTP/1.1\r\n" + H + lines.encode()
+                       + b"Connection: close\r\n\r\n")
+        assert statuses(out) == [200], out[:300]
+        with mesh_us.app.lock:
+            heads = list(mesh_us.app.heads[mark[0]:])
+        got = [(n, v) for n, v in heads[0]["headers"] if n.replace("_", "-") == "x-fwd-token"]
+        assert got == [("x-fwd-token", "kept-1")], got
 
 
 # --- 7. A query parameter whose name folds to the token parameter's is that parameter --------

@@ -69,6 +69,7 @@ from sidecar.authn.oauth import (
     token_digest,
 )
 from sidecar.authn.revocation import RevocationList
+from sidecar.http.untrusted import fold
 from sidecar.policy.decision import (
     NO_AUTH,
     REASON_APIKEY_MISSING,
@@ -158,9 +159,12 @@ class Authenticator:
         self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
+        self._token_header_exact: frozenset[bytes] = frozenset()
+        self._token_header_folded: frozenset[bytes] = frozenset()
         # True when ``strip_credentials`` removes more than the API key header (a token
         # location that is not forwarded): the data path can then skip the call.
         self.strips_tokens = False
+        self.reads_token_headers = False  # some provider reads a token from a header
         self.failures: Counter[str] = Counter()
         self.verified = 0
         self.apikeys_accepted = 0
@@ -214,7 +218,16 @@ class Authenticator:
             if not provider.forward_token
             or (loc.kind == "query" and not provider.forward_query_token)
         )
+        # Other spellings of a token header that is forwarded (``forward_token: true``):
+        # ``X_Auth_Token`` next to a verified ``X-Auth-Token`` would reach the app, which
+        # may read the underscore one (CGI, WSGI and PHP make both ``HTTP_X_AUTH_TOKEN``).
+        # Only the exact spelling the provider reads is forwarded.
+        headers_read = [loc.name.lower().encode("latin-1") for provider in new.values()
+                        for loc in provider.locations if loc.kind == "header"]
+        self._token_header_exact = frozenset(headers_read)
+        self._token_header_folded = frozenset(fold(n) for n in headers_read)
         self.strips_tokens = bool(self._strip_locations)
+        self.reads_token_headers = bool(headers_read)
 
     def set_keys(self, provider: str, keys: KeySet, fetched_at: float) -> None:
         """Swap in ``provider``'s key set (``fetched_at``: unix time it was obtained).
@@ -514,8 +527,13 @@ class Authenticator:
     def strip_credentials(self, headers: Headers,
                           query: str) -> tuple[list[tuple[bytes, bytes]], str]:
         """The request without credentials the app must not see: the ``x-api-key`` header,
-        and every token location of providers with ``forward_token: false``."""
-        kept = [(n, v) for n, v in headers if n != API_KEY_HEADER]
+        every token location of providers with ``forward_token: false``, and any spelling
+        with ``_`` of a token header that is not the spelling a provider reads (only names
+        with ``_`` can be such spellings: the data path calls this for them only when
+        ``headers.allow_underscores`` keeps them, see ``reads_token_headers``)."""
+        folded, exact = self._token_header_folded, self._token_header_exact
+        kept = [(n, v) for n, v in headers if n != API_KEY_HEADER
+                and not (b"_" in n and fold(n) in folded and n.lower() not in exact)]
         if not self._strip_locations:
             return kept, query
         return remove_token(kept, query, self._strip_locations)

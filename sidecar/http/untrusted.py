@@ -218,6 +218,11 @@ class HeaderFilter:
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra: dict[tuple[frozenset[bytes], frozenset[bytes]], _Decisions] = {}
 
+
+    @property
+    def allow_underscores(self) -> bool:
+        """Whether names with ``_`` are kept (``headers.allow_underscores``)."""
+        return self._allow_underscores
     def removes(self, name: bytes) -> bool:
         """True if a caller's header called ``name`` (lower-case) must not reach the app."""
         return self._cache[name]
