@@ -26,8 +26,10 @@ from typing import Any
 import trio
 
 from sidecar import logs
+from sidecar.config.source import read_regular
 
-MAX_DIRECTORY_FILES = 2000  # bounded work per poll; the policy loader refuses > 1000 files
+MAX_DIRECTORY_FILES = 2000
+FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts  # bounded work per poll; the policy loader refuses > 1000 files
 
 
 def fingerprint(paths: Sequence[str]) -> str | None:
@@ -39,8 +41,9 @@ def fingerprint(paths: Sequence[str]) -> str | None:
             if os.path.isdir(path):
                 _hash_directory(h, path)
             else:
-                with open(path, "rb") as fh:
-                    h.update(fh.read(16 * 1024 * 1024))
+                # A FIFO put where the file was would block this poll (and every later one)
+                # forever: only regular files are read, without blocking.
+                h.update(read_regular(path, FINGERPRINT_BYTES))
         except OSError:
             return None
         h.update(b"\0")
@@ -56,10 +59,9 @@ def _hash_directory(h: Any, path: str) -> None:
         full = os.path.join(base, name)
         if name.startswith(".") or not os.path.isfile(full):
             continue
-        with open(full, "rb") as fh:
-            h.update(name.encode("utf-8", "surrogateescape") + b"\0")
-            h.update(fh.read(16 * 1024 * 1024))
-            h.update(b"\0")
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(read_regular(full, FINGERPRINT_BYTES))
+        h.update(b"\0")
 
 
 class FileWatcher:

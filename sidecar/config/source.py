@@ -24,8 +24,10 @@ validate those values with, and ``read_capped`` the one bounded file read behind
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import stat
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -309,14 +311,40 @@ def _parse_yaml(text: str | bytes, filename: str,
     return value, src
 
 
-def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """Up to ``limit + 1`` bytes of a file (one more than allowed, so that the caller can
-    tell "too large" from "exactly the limit"); unreadable is a ``ConfigError`` naming it."""
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``; ``OSError`` (with ``strerror``)
+    otherwise. Opened non-blocking and checked with ``fstat``, so a FIFO, a device or a
+    directory put where a file belongs is refused at once instead of blocking the reader
+    forever (a FIFO) or feeding it without end (``/dev/zero``); a path with a NUL byte,
+    which ``open`` refuses with ``ValueError``, is an ``OSError`` too."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "the path contains a NUL byte", path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with open(path, "rb") as fh:
-            return fh.read(limit + 1)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """Up to ``limit + 1`` bytes of a regular file (one more than allowed, so that the caller
+    can tell "too large" from "exactly the limit"); unreadable -- missing, not permitted, a
+    FIFO or device, a NUL in the path -- is a ``ConfigError`` naming it."""
+    try:
+        return read_regular(path, limit + 1)
     except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
+        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror or exc}")]
+                          ) from None
 
 
 def read_yaml_file(path: str) -> tuple[Any, Source]:
@@ -391,11 +419,20 @@ class Reader:
                 out.append((s, path + (i,)))
         return out
 
-    def file(self, value: Any, path: Path, *, optional: bool = True) -> str | None:
-        """A file path, made absolute against ``base_dir``."""
+    def file(self, value: Any, path: Path, *, optional: bool = True,
+             base_dir: str | None = None) -> str | None:
+        """A file path, made absolute against ``base_dir`` (the policy passes the directory
+        of the file that defines it: the path is then normalised, absolute or not). A NUL
+        byte is refused."""
         s = self.string(value, path, optional=optional)
         if s is None:
             return None
+        if "\0" in s:
+            # open() raises ValueError (not OSError) on it: refused here, with file and line.
+            self.problem(path, "a file path cannot contain a NUL byte")
+            return None
+        if base_dir is not None:
+            return os.path.normpath(os.path.join(base_dir, s))
         return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
 
     def address(self, value: Any, path: Path) -> tuple[str, int] | None:
