@@ -301,3 +301,10 @@ def test_parse_duration() -> None:
     for bad in (True, -1, "soon", float("inf")):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+# Found by a hostile review: `version: true` and `version: 1.0` equal 1 in Python and loaded.
+@pytest.mark.parametrize("version", ["true", "1.0", "'1'", "01", "0x1", "!!float 1", "2", "~"])
+def test_version_is_exactly_the_number_1(version: str) -> None:
+    found = problems(f"version: {version}\ntrust_domain: t.local\nservices: {{}}\n")
+    assert any(line == 1 and key == "version" for line, key, _ in found), found

@@ -396,7 +396,8 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         return origin[key][1] if key in origin else (key,)
 
     for doc in docs:
-        if doc.top.get("version", None) != 1:
+        version = doc.top.get("version", None)
+        if type(version) is not int or version != 1:  # `true` and `1.0` equal 1 in Python
             doc.r.problem(("version",), "expected version: 1")
     trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
                                                  at("trust_domain")) or ""
