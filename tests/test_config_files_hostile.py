@@ -215,17 +215,22 @@ def test_a_nul_in_a_policy_path_is_refused_with_file_line_and_key(tmp_path):
             + r.stderr, (key, r.stdout, r.stderr)
 
 
-def test_a_fifo_swapped_in_for_the_policy_keeps_the_policy_and_the_watcher(tmp_path, pki,
-                                                                         procs):
-    """A FIFO renamed over the policy file: the reload fails (named, counted), the old
-    policy stays, and the watcher still takes the next good file."""
+def _watched_sidecar(tmp_path: Path, pki: Pki, procs: list) -> tuple:
+    """A running sidecar watching ``mesh.yaml`` every 100 ms: (sidecar, path, version)."""
     policy = tmp_path / "mesh.yaml"
     write_policy(policy, POLICY)
     cfg = _config(tmp_path, pki, policy=str(policy))
     cfg["policy"]["watch_interval"] = "100ms"
     b = start_sidecar(tmp_path, "orders", cfg)
     procs.append(b)
-    before = http(b.port("admin"), "GET", "/policy").json()["version"]
+    return b, policy, http(b.port("admin"), "GET", "/policy").json()["version"]
+
+
+def test_a_fifo_swapped_in_for_the_policy_keeps_the_policy_and_the_watcher(tmp_path, pki,
+                                                                         procs):
+    """A FIFO renamed over the policy file: the reload fails (named, counted), the old
+    policy stays, and the watcher still takes the next good file."""
+    b, policy, before = _watched_sidecar(tmp_path, pki, procs)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     os.replace(fifo, policy)
@@ -239,3 +244,31 @@ def test_a_fifo_swapped_in_for_the_policy_keeps_the_policy_and_the_watcher(tmp_p
     wait_for(lambda: http(b.port("admin"), "GET", "/policy").json()["version"] != before,
              timeout=10)
     assert http(b.port("admin"), "GET", "/policy").json()["last_reload_error"] is None
+
+
+# Deny rules that denied nothing (each condition could never hold for any request), as data:
+# each is now refused at load, so a reload to it keeps the policy in force and names it.
+DENIES_NOTHING = {
+    "methods: ['*']": "not a method wildcard",
+    "methods: [GET_ALL]": "no request has this method",
+    "listeners: [inbnd]": "inbound listener only",
+    "hosts: ['.']": "not only dots",
+    "ports: [0700]": "'0700' is read as the number 448",
+    "namespaces: [no]": "'no' is read as false",
+}
+
+
+def test_a_deny_rule_that_could_never_hold_is_refused_on_reload(tmp_path, pki, procs):
+    b, policy, before = _watched_sidecar(tmp_path, pki, procs)
+    for n, (cond, message) in enumerate(DENIES_NOTHING.items(), start=1):
+        text = ("version: 1\ntrust_domain: demo.local\nservices:\n"
+                f"  {spiffe('orders')}:\n    rules:\n"
+                f"      - name: nothing-{n}\n        deny: {{{cond}}}\n"
+                "      - name: any-get\n        allow: {methods: [GET]}\n")
+        policy.write_text(text)
+        wait_for(lambda n=n: b.metric("sidecar_policy_reloads_total", result="failed") >= n,
+                 timeout=10)
+        status = http(b.port("admin"), "GET", "/policy").json()
+        assert status["version"] == before, cond
+        err = status["last_reload_error"]
+        assert "mesh.yaml:7:" in err and "rules[0].deny" in err and message in err, (cond, err)
