@@ -272,3 +272,80 @@ def test_a_deny_rule_that_could_never_hold_is_refused_on_reload(tmp_path, pki, p
         assert status["version"] == before, cond
         err = status["last_reload_error"]
         assert "mesh.yaml:7:" in err and "rules[0].deny" in err and message in err, (cond, err)
+
+
+def _outbound(name: str, listen: str) -> dict:
+    return {"name": name, "listen": listen, "upstream": "127.0.0.1:1",
+            "identity": spiffe("payments")}
+
+
+# Configs that loaded (and then could not start, or polled without pause, or put an outbound
+# listener's traffic under the inbound listener's name): (change, key, message).
+BAD_CONFIGS = [
+    ({"outbound": [_outbound("inbound", "127.0.0.1:15001")]}, "outbound[0].name",
+     "the inbound listener's name"),
+    ({"outbound": [_outbound('a b"c', "127.0.0.1:15001")]}, "outbound[0].name", "names use"),
+    ({"outbound": [_outbound("a" * 129, "127.0.0.1:15001")]}, "outbound[0].name", "names use"),
+    ({"outbound": [_outbound("-x", "127.0.0.1:15001")]}, "outbound[0].name", "names use"),
+    ({"outbound": [_outbound("é", "127.0.0.1:15001")]}, "outbound[0].name", "names use"),
+    ({"outbound": [_outbound("a", "127.0.0.1:15001"), _outbound("b", "127.0.0.1:15001")]},
+     "outbound[1].listen", "the same address as outbound[0].listen"),
+    ({"outbound": [_outbound("a", "0.0.0.0:15001"), _outbound("b", "127.0.0.1:15001")]},
+     "outbound[1].listen", "the same address as outbound[0].listen"),
+    ({"outbound": [_outbound("a", "127.0.0.1:15009")],
+      "inbound": {"listen": "[::]:15009", "app": "127.0.0.1:9"}},
+     "outbound[0].listen", "the same address as inbound.listen"),
+    ({"admin": {"listen": "127.0.0.1:15000", "health_listen": "127.0.0.1:15000"}},
+     "admin.health_listen", "the same address as admin.listen"),
+    ({"inbound": {"listen": "127.0.0.1:15000", "app": "127.0.0.1:9"},
+      "admin": {"listen": "127.0.0.1:15000"}}, "admin.listen", "the same address as inbound"),
+    ({"inbound": {"listen": "127.0.0.1:\u0661\u0665\u0664\u0664\u0663", "app": "127.0.0.1:9"}},
+     "inbound.listen", "port must be a number"),
+    ({"inbound": {"listen": "127.0.0.1:\u00b2", "app": "127.0.0.1:9"}}, "inbound.listen",
+     "port must be a number"),
+    ({"identity_watch": 0}, "identity.watch_interval", "at least 100ms"),
+    ({"identity_watch": "1ms"}, "identity.watch_interval", "at least 100ms"),
+    ({"identity_watch": 0.000000001}, "identity.watch_interval", "at least 100ms"),
+    ({"policy": {"path": "p.yaml", "watch_interval": 0}}, "policy.watch_interval",
+     "at least 100ms"),
+    ({"policy": {"path": "p.yaml", "watch_interval": "99ms"}}, "policy.watch_interval",
+     "at least 100ms"),
+]
+# ...and what stays valid next to them.
+GOOD_CONFIGS = [
+    {"outbound": [_outbound("orders.v2_a:1", "127.0.0.1:15001")]},
+    {"outbound": [_outbound("a", "127.0.0.1:15001"), _outbound("b", "127.0.0.2:15001")]},
+    {"outbound": [_outbound("a", "127.0.0.1:0"), _outbound("b", "127.0.0.1:0")]},
+    {"identity_watch": "100ms", "policy": {"path": "p.yaml", "watch_interval": 0.1}},
+]
+
+
+def _with(tmp_path: Path, pki: Pki, change: dict) -> Path:
+    cfg = _config(tmp_path, pki)
+    cfg["admin"] = {"listen": "127.0.0.1:0"}
+    change = dict(change)
+    if "identity_watch" in change:
+        cfg["identity"]["watch_interval"] = change.pop("identity_watch")
+    cfg.update(change)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def test_config_listeners_names_and_intervals_that_could_not_work_are_refused(tmp_path, pki):
+    from sidecar.config.model import load_config_file
+
+    write_policy(tmp_path / "p.yaml", POLICY)
+    for change, key, message in BAD_CONFIGS:
+        path = _with(tmp_path, pki, change)
+        with pytest.raises(ConfigError) as info:
+            load_config_file(str(path))
+        assert any(p.key == key and message in p.message and p.line
+                   for p in info.value.problems), (change, info.value.problems)
+    for change in GOOD_CONFIGS:
+        load_config_file(str(_with(tmp_path, pki, change)))
+    # As a user meets it: run --check names file, line and key (exit 2), no traceback.
+    r = sidecar_cli("run", "-c", str(_with(tmp_path, pki, BAD_CONFIGS[5][0])), "--check")
+    _no_traceback(r)
+    assert r.returncode == 2 and "cfg.yaml:" in r.stderr and "outbound[1].listen: the same " \
+        "address as outbound[0].listen" in r.stderr, r.stderr
