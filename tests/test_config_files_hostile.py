@@ -349,3 +349,29 @@ def test_config_listeners_names_and_intervals_that_could_not_work_are_refused(tm
     _no_traceback(r)
     assert r.returncode == 2 and "cfg.yaml:" in r.stderr and "outbound[1].listen: the same " \
         "address as outbound[0].listen" in r.stderr, r.stderr
+
+
+# Characters a terminal (or a CI log viewer) acts on, as YAML double-quoted escapes.
+TERMINAL_CONTROLS = ["\\e]0;owned\\a", "\\e[2J", "\\x9b31m", "\\u202e", "\\L", "\\P", "\\x7f",
+                     "\\0", "\\b", "\\r", "\\x85", "\\u200f", "\\ufeff"]
+
+
+def test_problems_never_write_control_characters_to_a_terminal(tmp_path):
+    """Found by a hostile review: a key or value holding escapes went raw into ``policy
+    check``'s (and ``run --check``'s) messages: ``\\e]0;...`` retitles the terminal, ``\\e[2J``
+    clears it, U+202E reverses what a reviewer reads. Each is written as its escape."""
+    lines = ["version: 1", "trust_domain: demo.local", "services:"]
+    for n, esc in enumerate(TERMINAL_CONTROLS):
+        lines += [f'  "spiffe://demo.local/ns/a/sa/s{n}{esc}":',
+                  "    rules:", f'      - name: r{n}', f'        allow: {{from: ["spiffe://x{esc}"]}}',
+                  f'    "unknown{esc}": 1']
+    path = tmp_path / "esc.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    for fmt in ("table", "json", "yaml"):
+        r = sidecar_cli("policy", "check", str(path), "-o", fmt, timeout=30)
+        _no_traceback(r)
+        assert r.returncode == 1, r.stderr
+        out = r.stdout + r.stderr
+        assert "unknown" in out and "spiffe://x" in out
+        bad = sorted({c for c in out if not c.isprintable() and c != "\n"})
+        assert not bad, (fmt, bad)

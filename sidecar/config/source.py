@@ -74,6 +74,16 @@ def format_path(path: Path) -> str:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its escape: a key or value from a file goes into
+    messages on a terminal and in CI logs, where ``\\x1b]0;...`` or U+202E would act."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class Source:
     """Line numbers of one parsed document, and the problems found in it."""
 
@@ -100,7 +110,8 @@ class Source:
         """Record a problem at ``path`` (file, line, dotted key); nothing is raised until
         ``raise_if_problems``, so one run reports every mistake in the file -- up to
         ``MAX_PROBLEMS``: the last one raises ``ConfigError`` at once."""
-        self.problems.append(Problem(self.filename, self.line(path), format_path(path), message))
+        self.problems.append(Problem(self.filename, self.line(path), printable(format_path(path)),
+                                     printable(message)))
         if len(self.problems) >= MAX_PROBLEMS:
             raise ConfigError([*self.problems, Problem(
                 self.filename, None, "", f"{MAX_PROBLEMS} problems: stopped reading the file "
