@@ -375,3 +375,22 @@ def test_problems_never_write_control_characters_to_a_terminal(tmp_path):
         assert "unknown" in out and "spiffe://x" in out
         bad = sorted({c for c in out if not c.isprintable() and c != "\n"})
         assert not bad, (fmt, bad)
+
+
+def test_a_reverted_update_or_a_restored_file_clears_the_reload_error(tmp_path, pki, procs):
+    """Found by a hostile review: after a bad update was reverted (or a deleted file put
+    back) to the very bytes in force, nothing changed to load and /policy kept showing the
+    old failure for ever. Now the failure is over: ``policy_restored`` and no error."""
+    b, policy, before = _watched_sidecar(tmp_path, pki, procs)
+    good = policy.read_bytes()
+    undo = {"a bad update reverted": lambda: policy.write_text("version: 1\nmode: sometimes\n"),
+            "the file deleted and put back": policy.unlink}
+    for n, (what, breaking) in enumerate(undo.items(), start=1):
+        breaking()
+        wait_for(lambda n=n: b.metric("sidecar_policy_reloads_total", result="failed") >= n,
+                 timeout=10)
+        assert http(b.port("admin"), "GET", "/policy").json()["last_reload_error"], what
+        policy.write_bytes(good)
+        wait_for(lambda n=n: len(b.log_events("policy_restored")) >= n, timeout=10)
+        status = http(b.port("admin"), "GET", "/policy").json()
+        assert status["last_reload_error"] is None and status["version"] == before, what
