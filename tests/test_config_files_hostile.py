@@ -116,7 +116,16 @@ def _cli_cases(tmp_path: Path, pki: Pki, target: str) -> dict[str, list[str]]:
         tmp_path, pki, policy=write_policy(tmp_path / "jwks-policy.yaml", jwks_policy))))
     audit = tmp_path / "audit"
     audit.mkdir()
+    identity_cases: dict[str, list[str]] = {}
+    for key in ("cert", "key", "bundle"):
+        cfg = _config(tmp_path, pki)
+        cfg["identity"][key] = target
+        path = tmp_path / f"cfg-{key}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        identity_cases[f"check -c (identity.{key})"] = ["check", "-c", str(path)]
+        identity_cases[f"run --check (identity.{key})"] = ["run", "-c", str(path), "--check"]
     return {
+        **identity_cases,
         "policy check": ["policy", "check", target],
         "policy lint": ["policy", "lint", target],
         "policy explain": ["policy", "explain", target, "--to", spiffe("orders"), "--from",
