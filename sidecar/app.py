@@ -183,6 +183,12 @@ class Sidecar:
         logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=str(exc),
                  message="keeping the policy in force")
 
+    def _policy_restored(self) -> None:
+        self.policies.last_error = None
+        logs.log("policy_restored", source=self.cfg.policy,
+                 version=getattr(self.policies.policy, "version", None),
+                 message="the policy files are back to the policy in force")
+
     def _setup_policy_consumers(self) -> None:
         """JWT authenticator, rate limiter and burst detector follow the policy."""
         from sidecar.alert_poster import AlertPoster
@@ -451,7 +457,8 @@ class Sidecar:
                 initial = "failed-at-start"  # force a load as soon as the file changes or is fixed
             watch = FileWatcher("policy", self._policy_paths(), load=self._load_policy_file,
                                 apply=self._apply_policy, on_error=self._policy_reload_failed,
-                                interval=cfg.policy_watch_interval, initial=initial)
+                                interval=cfg.policy_watch_interval, initial=initial,
+                                on_restored=self._policy_restored)
             if self.policies.policy is None:
                 watch.mark_failed()
             await nursery.start(watch.run)

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
+from sidecar.config.source import read_regular
 from sidecar.output import add_output_flag, emit, paint, use_colour
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -125,8 +126,7 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     for key, what, path, parse in loaders:
         title = f"{what} file exists and parses"
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            data = read_regular(path, MAX_FILE_BYTES + 1)
         except OSError as exc:
             run.add(g, title, "fail", f"{path}: {exc.strerror or exc}",
                     f"identity.{key} in {cfg.source} must name a readable PEM file "
@@ -488,8 +488,7 @@ def _audit_key_detail(key: str, value: str, keyring: Any) -> str:
         return f"{value} (Ed25519, key id {kid})"
     if key == "audit.encryption_key_file":
         return f"{value} (AES-256, key id {data_key_id(load_data_key(value))})"
-    with open(value, "rb") as fh:
-        fh.read(1)
+    read_regular(value, 1)
     return value
 
 

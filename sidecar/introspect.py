@@ -43,6 +43,7 @@ import trio
 from sidecar.authn.extract import Headers, extract_tokens
 from sidecar.authn.jwt import TokenInvalid
 from sidecar.authn.oauth import MAX_INTROSPECTION_BYTES, introspection_claims, token_digest
+from sidecar.config.source import read_regular
 from sidecar.jwks_fetch import JwksFetchError, https_request
 from sidecar.logs import log
 from sidecar.policy.sections import Introspection, JwtProvider
@@ -174,9 +175,12 @@ class Introspector:
 def _basic(spec: Introspection) -> str:
     """HTTP Basic credentials per RFC 6749 2.3.1 (id and secret form-encoded first)."""
     try:
-        with open(spec.client_secret_file or "", encoding="utf-8") as f:
-            secret = f.read(4096).strip()
+        # A regular file only, opened without blocking: this runs on the event loop, and a
+        # FIFO put there would stop every request of this process.
+        secret = read_regular(spec.client_secret_file or "", 4096).decode("utf-8").strip()
     except OSError as exc:
-        raise JwksFetchError(f"cannot read client_secret_file: {exc.strerror}") from None
+        raise JwksFetchError(f"cannot read client_secret_file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise JwksFetchError("cannot read client_secret_file: not UTF-8 text") from None
     pair = f"{quote_plus(spec.client_id)}:{quote_plus(secret)}"
     return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")

@@ -46,6 +46,7 @@ from sidecar.authn.jwks import (
     parse_jwks,
 )
 from sidecar.authn.oauth import MAX_METADATA_BYTES, check_metadata
+from sidecar.config.source import read_regular
 from sidecar.ctlhttp.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
@@ -111,10 +112,10 @@ def load_jwks_file(path: str) -> KeySet:
     For the file reloader: on error keep the current key set and report the problems.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JWKS_BYTES + 1)
+        data = read_regular(path, MAX_JWKS_BYTES + 1)  # a FIFO or device: refused, not waited on
     except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read JWKS: {exc.strerror}")]) from None
+        raise ConfigError([Problem(path, None, "", f"cannot read JWKS: {exc.strerror or exc}")]
+                          ) from None
     return parse_jwks(data, path)
 
 

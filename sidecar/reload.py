@@ -26,8 +26,10 @@ from typing import Any
 import trio
 
 from sidecar import logs
+from sidecar.config.source import read_regular
 
-MAX_DIRECTORY_FILES = 2000  # bounded work per poll; the policy loader refuses > 1000 files
+MAX_DIRECTORY_FILES = 2000
+FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts  # bounded work per poll; the policy loader refuses > 1000 files
 
 
 def fingerprint(paths: Sequence[str]) -> str | None:
@@ -39,8 +41,9 @@ def fingerprint(paths: Sequence[str]) -> str | None:
             if os.path.isdir(path):
                 _hash_directory(h, path)
             else:
-                with open(path, "rb") as fh:
-                    h.update(fh.read(16 * 1024 * 1024))
+                # A FIFO put where the file was would block this poll (and every later one)
+                # forever: only regular files are read, without blocking.
+                h.update(read_regular(path, FINGERPRINT_BYTES))
         except OSError:
             return None
         h.update(b"\0")
@@ -56,10 +59,9 @@ def _hash_directory(h: Any, path: str) -> None:
         full = os.path.join(base, name)
         if name.startswith(".") or not os.path.isfile(full):
             continue
-        with open(full, "rb") as fh:
-            h.update(name.encode("utf-8", "surrogateescape") + b"\0")
-            h.update(fh.read(16 * 1024 * 1024))
-            h.update(b"\0")
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(read_regular(full, FINGERPRINT_BYTES))
+        h.update(b"\0")
 
 
 class FileWatcher:
@@ -67,12 +69,15 @@ class FileWatcher:
 
     ``load`` is synchronous and raises on bad input; ``apply`` runs only with a complete,
     valid result. ``on_error(exc)`` reports a failed load; the previous state stays in force.
+    ``on_restored()`` (optional) says that after a failure the files are back to the content
+    in force (a bad update reverted, a deleted file put back): nothing is loaded.
     """
 
     def __init__(self, name: str, paths: Sequence[str], load: Callable[[], Any],
                  apply: Callable[[Any], None], on_error: Callable[[BaseException], None],
                  interval: float, initial: str | None = None,
-                 retry_failed_after: float = 30.0) -> None:
+                 retry_failed_after: float = 30.0,
+                 on_restored: Callable[[], None] | None = None) -> None:
         self.name = name
         self.paths = list(paths)
         self.load = load
@@ -84,6 +89,7 @@ class FileWatcher:
         self.failed_at = 0.0
         self.settling: str | None = None
         self.retry_failed_after = retry_failed_after
+        self.on_restored = on_restored
 
     def mark_failed(self) -> None:
         """The content on disk now has failed to load (e.g. at start, outside the watcher):
@@ -123,6 +129,12 @@ class FileWatcher:
                 self.last_failed = "missing"
                 self.on_error(FileNotFoundError(f"cannot read {', '.join(self.paths)}"))
             return False
+        if current == self.last and self.last_failed not in (None, current):
+            # After a failure (a bad update, a missing file) the files are back to what is in
+            # force: nothing to load, but the failure is over.
+            self.last_failed = None
+            if self.on_restored is not None:
+                self.on_restored()
         if not attempted:
             return False
         if error is not None:

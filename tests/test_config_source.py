@@ -36,7 +36,90 @@ def composer(request, monkeypatch):
 def test_aliases_are_refused(composer) -> None:
     found = _messages("a: &x [1, 2]\nb: *x\n")
     assert [(key, msg) for _, key, msg in found] == [
+        ("a", "YAML anchors and aliases are not supported"),
         ("b", "YAML anchors and aliases are not supported")]
+
+
+# --- found by a hostile review: what YAML 1.1 reads otherwise than it looks ----------------
+# Every spelling, as data: (plain scalar, what it is read as). Each is refused as a value,
+# as a list item and inside a flow mapping, with the file's line and the key; quoted, the
+# same text is a plain string.
+AMBIGUOUS_SCALARS = [
+    ("0700", 448), ("010", 8), ("-010", -8), ("+0700", 448), ("0x50", 80),
+    ("-0x1", -1), ("0b101", 5), ("8_080", 8080), ("1_000", 1000),
+    ("1:30", 90), ("1:00:00", 3600), ("-1:30", -90), ("1_0.5", 10.5), ("1:30.5", 90.5),
+    ("yes", True), ("Yes", True), ("YES", True), ("no", False), ("No", False),
+    ("NO", False), ("on", True), ("On", True), ("ON", True), ("off", False), ("Off", False),
+    ("OFF", False),
+]
+# What stays a value: plain decimal numbers, true/false in the YAML 1.2 spellings, and
+# strings YAML 1.1 does not read as anything else (y/n are strings to PyYAML).
+PLAIN_SCALARS = [("0", 0), ("8080", 8080), ("-1", -1), ("+5", 5), ("1.5", 1.5), ("1e3", "1e3"),
+                 ("1.0e+3", 1000.0), (".5", 0.5), (".inf", float("inf")), ("true", True),
+                 ("True", True), ("FALSE", False), ("y", "y"), ("n", "n"), ("0:01", "0:01"),
+                 ("08080", "08080"), ("0x", "0x"), ("0o17", "0o17"), ("0X50", "0X50")]
+
+
+@pytest.mark.parametrize("text,meaning", AMBIGUOUS_SCALARS)
+def test_yaml11_only_numbers_and_booleans_are_refused(composer, text, meaning) -> None:
+    for doc, key in ((f"a: 1\nk: {text}\n", "k"), (f"a: 1\nk: [x, {text}]\n", "k[1]"),
+                     (f"a: 1\nk: {{z: {text}}}\n", "k.z")):
+        found = _messages(doc)
+        assert [(line, k) for line, k, _ in found] == [(2, key)], (doc, found)
+        assert repr(text) in found[0][2] and "quote it" in found[0][2], found
+    value, src = parse_yaml(f"k: '{text}'\n", "f.yaml")
+    assert value == {"k": text} and not src.problems
+    tagged = "!!bool" if isinstance(meaning, bool) else None
+    if tagged:  # said explicitly, the YAML 1.1 reading is what was meant
+        value, src = parse_yaml(f"k: {tagged} {text}\n", "f.yaml")
+        assert value == {"k": meaning} and not src.problems
+
+
+@pytest.mark.parametrize("text,meaning", PLAIN_SCALARS)
+def test_plain_numbers_and_booleans_keep_their_meaning(composer, text, meaning) -> None:
+    value, src = parse_yaml(f"k: {text}\n", "f.yaml")
+    assert value == {"k": meaning} and not src.problems
+
+
+COLLECTION_TAGS = ["!!python/object:os.system", "!!python/object/apply:os.system",
+                   "!!python/name:os.system", "!!omap", "!!set", "!!pairs", "!!str",
+                   "!!binary", "!foo", "!<tag:example.com,2000:x>", "!!seq", "!!map"]
+
+
+@pytest.mark.parametrize("tag", COLLECTION_TAGS)
+def test_a_tag_on_a_mapping_or_a_list_is_refused(composer, tag) -> None:
+    docs = [f"a: 1\nk: {tag} {{x: 1}}\n", f"a: 1\nk: {tag} [1]\n",
+            f"a: 1\nk:\n  - {tag} {{x: 1}}\n", f"a: 1\nk: {tag}\n  x: 1\n",
+            f"a: 1\nk: {tag}\n  - 1\n"]
+    for doc in docs:
+        if (tag, "[") == ("!!seq", doc[doc.index(tag) + len(tag) + 1]) or (
+                tag == "!!seq" and doc.endswith("- 1\n")) or (
+                tag == "!!map" and ("{" in doc or "x: 1" in doc)):
+            continue  # a collection's own kind: the tag says what it is
+        found = _messages(doc)
+        assert any(k.startswith("k") and "tag" in m for _, k, m in found), (doc, found)
+
+
+@pytest.mark.parametrize("doc", ["a: &x 1\n", "a: &x [1]\n", "a: &x {b: 1}\n",
+                                 "&x a: 1\n", "a:\n  - &x 1\n",
+                                 "!foo a: 1\n", "!!binary YQ==: 1\n"])
+def test_an_anchor_or_a_tagged_key_is_refused(composer, doc) -> None:
+    found = _messages(doc)
+    assert found and all(line == 1 or line == 2 for line, _, _ in found), found
+    assert any("anchor" in m or "tag" in m for _, _, m in found), found
+
+
+@pytest.mark.parametrize("unit", ["*x, ", "x: 1, "])
+def test_a_flood_of_problems_stops_at_the_cap(composer, unit) -> None:
+    """A million aliases (or duplicate keys) in an 8 MiB file built a million messages (1.6 GB
+    and 45 s for ``policy check``); reading stops at ``MAX_PROBLEMS``."""
+    body = unit * 500_000
+    doc = "a: &x 1\nb: [" + body + "]\n" if unit.startswith("*") else "{" + body + "}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(doc, "f.yaml")
+    problems = info.value.problems
+    assert len(problems) == source.MAX_PROBLEMS + 1
+    assert "stopped reading" in problems[-1].message
 
 
 def test_merge_keys_are_refused(composer) -> None:

@@ -201,16 +201,60 @@ CONDITION_ERRORS = [
         ("{jwt: {provider: corp, claims: {a: {one_of: []}}}}", "non-empty list"),
         ("{jwt: {provider: corp, claims: {a: {equals: 1, one_of: [1]}}}}", "exactly one"),
         ("{namespaces: ['a/b']}", "namespace"),
+        # Found by a hostile review: conditions no request can meet, so that a deny rule
+        # written with them denied nothing.
+        ("{methods: ['*']}", "not a method wildcard"),
+        ("{methods: [GET, '*']}", "not a method wildcard"),
+        ("{methods: [GET_X]}", "no request has this method"),
+        ("{methods: [M.1]}", "no request has this method"),
+        ("{methods: [G3T]}", "no request has this method"),
+        ("{methods: [" + "A" * 33 + "]}", "no request has this method"),
+        ("{listeners: [inbnd]}", "inbound listener only"),
+        ("{listeners: [Inbound]}", "inbound listener only"),
+        ("{listeners: [orders]}", "inbound listener only"),
+        ("{listeners: ['*']}", "inbound listener only"),
+        ("{hosts: ['.']}", "not only dots"),
+        ("{hosts: ['...']}", "not only dots"),
+        ("{hosts: ['[:]']}", "bracketed IPv6"),
+        ("{hosts: ['[::g]']}", "bracketed IPv6"),
+        ("{hosts: ['[::1]:80']}", "without port"),
+        ("{hosts: ['a.example:']}", "without port"),
+        ("{hosts: ['a.example:80']}", "without port"),
+        ("{hosts: ['*.example']}", "without port"),
+        ("{hosts: ['b\u00fccher.example']}", "without port"),
+        ("{jwt: {provider: corp, claims: {a: .nan}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {a: .inf}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {a: -.inf}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {a: {equals: .nan}}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {a: {one_of: [1, .nan]}}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {a: {contains: .NaN}}}}", "finite number"),
+        ("{jwt: {provider: corp, claims: {'': x}}}", "claim name cannot be empty"),
+        ("{jwt: {provider: corp, claims: {scope: {contains: ''}}}}", "empty string"),
 ]
+
+# What stays valid next to them (the spellings the same checks must not refuse).
+CONDITION_OK = ["{methods: [get, GET, M-SEARCH, PROPFIND]}", "{listeners: [inbound]}",
+                "{hosts: [a.example., A.Example, '[::1]', '[::FFFF:1.2.3.4]', x_y~z, 10.0.0.1]}",
+                "{jwt: {provider: corp, claims: {a: 1.5, b: {one_of: [1, x, true]}}}}"]
+
+
+@pytest.mark.parametrize("cond", CONDITION_OK)
+@pytest.mark.parametrize("effect", ["allow", "deny"])
+def test_condition_spellings_that_stay_valid(cond: str, effect: str) -> None:
+    load_policy(HEAD + "jwt_providers:\n  corp: {issuer: i, audiences: [a], algorithms: "
+                "[ES256], jwks_file: k.json}\nservices:\n  spiffe://t.local/a:\n    rules:\n"
+                f"      - name: r\n        {effect}: {cond}\n", "p.yaml")
 
 
 @pytest.mark.parametrize(("cond", "message"), CONDITION_ERRORS)
-def test_condition_errors(cond: str, message: str) -> None:
+@pytest.mark.parametrize("effect", ["allow", "deny"])
+def test_condition_errors(cond: str, message: str, effect: str) -> None:
     text = (HEAD + "jwt_providers:\n  corp: {issuer: i, audiences: [a], algorithms: [ES256], "
             "jwks_file: k.json}\nservices:\n  spiffe://t.local/a:\n    rules:\n"
-            f"      - name: r\n        allow: {cond}\n")
+            f"      - name: r\n        {effect}: {cond}\n")
     found = problems(text)
-    assert any(message in m for _, _, m in found), found
+    assert any(line == 9 and key.startswith(f"services.spiffe://t.local/a.rules[0].{effect}")
+               and message in m for line, key, m in found), found
 
 
 @pytest.mark.parametrize(("cond", "message"), CONDITION_ERRORS)
@@ -301,3 +345,10 @@ def test_parse_duration() -> None:
     for bad in (True, -1, "soon", float("inf")):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+# Found by a hostile review: `version: true` and `version: 1.0` equal 1 in Python and loaded.
+@pytest.mark.parametrize("version", ["true", "1.0", "'1'", "01", "0x1", "!!float 1", "2", "~"])
+def test_version_is_exactly_the_number_1(version: str) -> None:
+    found = problems(f"version: {version}\ntrust_domain: t.local\nservices: {{}}\n")
+    assert any(line == 1 and key == "version" for line, key, _ in found), found

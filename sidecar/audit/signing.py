@@ -33,7 +33,6 @@ import base64
 import hashlib
 import json
 import os
-import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +40,8 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sidecar.config.source import read_regular
 
 DOMAIN = "sidecar-audit-checkpoint/1"
 SIGNATURE_BYTES = 64
@@ -109,27 +110,11 @@ class Keyring:
 def read_small_file(path: str, what: str, limit: int = MAX_KEY_FILE_BYTES) -> bytes:
     """At most ``limit`` bytes of the regular file ``path`` (a key, an anchor);
     ``ValueError`` naming ``what`` otherwise. A FIFO, device or directory is refused
-    without blocking on it (opened non-blocking, checked with ``fstat``)."""
+    without blocking on it (``config.source.read_regular``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, limit)
     except OSError as exc:
         raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"cannot read {what} {path}: not a regular file")
-        chunks: list[bytes] = []
-        size = 0
-        while size < limit:
-            chunk = os.read(fd, limit - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
 
 
 _read = read_small_file

@@ -8,10 +8,11 @@ against the config file's directory. See docs/config.md for the reference.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from sidecar.config.source import Path, Reader, Source, parse_yaml, read_yaml_file
+from sidecar.config.source import Path, Reader, Source, format_path, parse_yaml, read_yaml_file
 from sidecar.config.values import parse_size
 from sidecar.identity.spiffe import spiffe_problem
 
@@ -192,8 +193,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         cert=r.file(r.required(ident_raw, "cert", ("identity",)), ("identity", "cert")) or "",
         key=r.file(r.required(ident_raw, "key", ("identity",)), ("identity", "key")) or "",
         bundle=r.file(r.required(ident_raw, "bundle", ("identity",)), ("identity", "bundle")) or "",
-        watch_interval=(r.duration(ident_raw["watch_interval"], ("identity", "watch_interval"))
-                        if "watch_interval" in ident_raw else None) or 2.0,
+        watch_interval=_watch_interval(r, ident_raw, ("identity",)),
         trust_domains=_trust_domains(r, ident_raw.get("trust_domains")),
     )
 
@@ -233,7 +233,13 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         if ident and (err := spiffe_problem(ident, wildcards=False)):
             src.problem(p + ("identity",), err)
         name = r.string(m.get("name"), p + ("name",), optional=True) or f"outbound-{i}"
-        if name in names:
+        if not LISTENER_NAME.fullmatch(name):
+            # The name is a metric label, a log field and an audit field.
+            src.problem(p + ("name",), "names use letters, digits, '.', '_', ':', '-' (at most "
+                        "128, starting with a letter or digit)")
+        elif name == "inbound":
+            src.problem(p + ("name",), "'inbound' is the inbound listener's name")
+        elif name in names:
             src.problem(p + ("name",), "duplicate outbound name")
         names.add(name)
         outbound.append(OutboundConfig(
@@ -255,8 +261,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         if isinstance(pv, dict):
             pm = r.fields(pv, ("policy",), {"path", "watch_interval"})
             pv, pp = r.required(pm, "path", ("policy",)), ("policy", "path")
-            if "watch_interval" in pm:
-                policy_watch = r.duration(pm["watch_interval"], ("policy", "watch_interval")) or 2.0
+            policy_watch = _watch_interval(r, pm, ("policy",))
         # One file or directory, or a list of them (several ConfigMaps): one policy set.
         if isinstance(pv, list) and pv:
             policy_paths = [f for i, v in enumerate(pv) if (f := r.file(v, pp + (i,)))]
@@ -290,6 +295,8 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
             or AdminConfig.max_connections_per_source
             if "max_connections_per_source" in m else AdminConfig.max_connections_per_source,
         )
+
+    _one_listener_per_address(src, inbound, outbound, admin)
 
     limits_kw: dict[str, Any] = {}
     if "limits" in top:
@@ -355,6 +362,46 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         limits=Limits(**limits_kw), workers=workers, log_level=log_level, headers=headers,
         raw=top,
     )
+
+
+# An outbound listener's name: a metric label, a log and audit field (like a policy rule's).
+LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Polling faster re-reads (and hashes) the watched files without pause: a reload storm.
+MIN_WATCH_INTERVAL = 0.1
+_ANY_HOST = ("", "0.0.0.0", "::")
+
+
+def _watch_interval(r: Reader, m: dict[str, Any], path: Path) -> float:
+    """``m["watch_interval"]`` (default 2 s); at least ``MIN_WATCH_INTERVAL``, ``0`` included
+    (it used to mean the default, silently)."""
+    if "watch_interval" not in m:
+        return 2.0
+    value = r.duration(m["watch_interval"], path + ("watch_interval",))
+    if value is not None and value < MIN_WATCH_INTERVAL:
+        r.problem(path + ("watch_interval",), "at least 100ms (a shorter poll re-reads the "
+                  "files without pause)")
+    return value or 2.0
+
+
+def _one_listener_per_address(src: Source, inbound: InboundConfig | None,
+                              outbound: list[OutboundConfig], admin: AdminConfig) -> None:
+    """Two listeners on one address (a wildcard host covers every address of its port) cannot
+    both start: refused here, by ``run --check`` and ``check``, not first at the start."""
+    seen: list[tuple[Path, tuple[str, int]]] = []
+    listeners: list[tuple[Path, tuple[str, int] | None]] = [
+        (("inbound", "listen"), inbound.listen if inbound else None),
+        *((("outbound", i, "listen"), ob.listen) for i, ob in enumerate(outbound)),
+        (("admin", "listen"), admin.listen), (("admin", "health_listen"), admin.health_listen)]
+    for path, addr in listeners:
+        if addr is None or not addr[1]:
+            continue  # absent, or port 0: the system picks a free port
+        for other, (host, port) in seen:
+            if port == addr[1] and (host == addr[0] or host in _ANY_HOST
+                                    or addr[0] in _ANY_HOST):
+                src.problem(path, f"the same address as {format_path(other)}: two listeners "
+                            "cannot share one")
+                break
+        seen.append((path, addr))
 
 
 def load_config(text: str | bytes, filename: str) -> SidecarConfig:

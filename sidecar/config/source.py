@@ -24,8 +24,11 @@ validate those values with, and ``read_capped`` the one bounded file read behind
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
+import re
+import stat
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
@@ -39,9 +42,23 @@ MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 # Real policies and configs nest < 10 levels; the bound keeps building (recursive) far from
 # any stack limit, in the main thread and in reload threads.
 MAX_NESTING_DEPTH = 64
+# Problems reported for one file before reading stops: enough to fix a file by, and a file
+# of a million aliases or duplicate keys no longer builds a million messages (1.6 GB).
+MAX_PROBLEMS = 100
 _WITH_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _STR_TAG = "tag:yaml.org,2002:str"
+# A collection may carry no tag but its own kind's (`!!python/object:...`, `!!omap`, `!!set`,
+# `!foo` on a mapping or a list were ignored, and the value read as a plain one).
+_COLLECTION_TAGS = {yaml.MappingStartEvent: (None, "!", "tag:yaml.org,2002:map"),
+                    yaml.SequenceStartEvent: (None, "!", "tag:yaml.org,2002:seq")}
+# Plain scalars that YAML 1.1 (PyYAML) reads as numbers or booleans but YAML 1.2 -- and
+# most people -- read otherwise: `0700` (octal 448), `0x50`, `0b1`, `8_080`, `1:30`
+# (sexagesimal 90), `yes`/`no`/`on`/`off` (the "Norway problem": `no` is false). Refused
+# unless quoted (a string) or tagged (`!!int 0700`): a value must mean what it looks like.
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_FLOAT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_PLAIN_BOOL = frozenset({"true", "True", "TRUE", "false", "False", "FALSE"})
 _SLOW = object()  # "not a plain string: build it the long way"
 
 
@@ -55,6 +72,16 @@ def format_path(path: Path) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its escape: a key or value from a file goes into
+    messages on a terminal and in CI logs, where ``\\x1b]0;...`` or U+202E would act."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 class Source:
@@ -81,8 +108,14 @@ class Source:
 
     def problem(self, path: Path, message: str) -> None:
         """Record a problem at ``path`` (file, line, dotted key); nothing is raised until
-        ``raise_if_problems``, so one run reports every mistake in the file."""
-        self.problems.append(Problem(self.filename, self.line(path), format_path(path), message))
+        ``raise_if_problems``, so one run reports every mistake in the file -- up to
+        ``MAX_PROBLEMS``: the last one raises ``ConfigError`` at once."""
+        self.problems.append(Problem(self.filename, self.line(path), printable(format_path(path)),
+                                     printable(message)))
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise ConfigError([*self.problems, Problem(
+                self.filename, None, "", f"{MAX_PROBLEMS} problems: stopped reading the file "
+                "here (fix these first)")])
 
     def raise_if_problems(self) -> None:
         """Raise one ``ConfigError`` listing every recorded problem; do nothing if there is none."""
@@ -118,7 +151,7 @@ class _Builder:
 
     def quick(self, event: Any) -> Any:
         """A scalar that is a plain string, without a call to the constructors; else _SLOW."""
-        if event.tag is None:
+        if event.tag is None and event.anchor is None:
             if not event.implicit[0]:
                 return event.value  # quoted or block scalar: a string
             if self.resolve(event.value) == _STR_TAG:
@@ -138,6 +171,10 @@ class _Builder:
             return None
         if depth >= MAX_NESTING_DEPTH:
             raise self.too_deep(event.start_mark.line + 1)
+        if event.anchor is not None:
+            self.src.problem(path, "YAML anchors and aliases are not supported")
+        if event.tag not in _COLLECTION_TAGS[cls]:
+            self.src.problem(path, f"YAML tag {event.tag} is not supported here")
         if cls is yaml.SequenceStartEvent:
             items: list[Any] = []
             get = self.get
@@ -174,6 +211,11 @@ class _Builder:
                 continue
             key = kev.value  # a scalar's raw text: always a str
             child = path + (key,)
+            if kev.anchor is not None or kev.tag not in (None, "!", _STR_TAG):
+                src.lines[child] = line
+                src.problem(child, "a key is a plain string: no YAML anchor or tag")
+                self.skip(get(), depth + 1)
+                continue
             if (key == "<<" and kev.implicit[0]) or kev.tag == "tag:yaml.org,2002:merge":
                 src.lines[path + ("<<",)] = line
                 src.problem(path + ("<<",), "YAML merge keys are not supported")
@@ -212,11 +254,16 @@ class _Builder:
                 level -= 1
 
     def scalar(self, event: Any, path: Path) -> Any:
+        if event.anchor is not None:
+            self.src.problem(path, "YAML anchors and aliases are not supported")
         tag = event.tag
         if tag is None or tag == "!":
             if not event.implicit[0]:
                 return event.value  # quoted or block scalar: a string
             tag = self.resolve(event.value)
+            if (why := _ambiguous(tag, event.value)) is not None:
+                self.src.problem(path, why)
+                return None
         if tag == _STR_TAG:
             return event.value
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
@@ -231,6 +278,22 @@ class _Builder:
             # `!!timestamp x`); that is a bad value in the file, not a reason to crash.
             self.src.problem(path, f"invalid value for {tag.rsplit(':', 1)[-1]}")
             return None
+
+
+def _ambiguous(tag: str, text: str) -> str | None:
+    """Why a plain scalar that YAML 1.1 resolved to ``tag`` does not mean what it looks like
+    (see ``_PLAIN_INT``), or None."""
+    kind = tag.rsplit(":", 1)[-1]
+    if kind == "int" and not _PLAIN_INT.fullmatch(text):
+        return (f"{text!r} is read as the number {yaml.safe_load(text)} (YAML 1.1): write it "
+                "in decimal digits, or quote it if it is a string")
+    if kind == "float" and not _PLAIN_FLOAT.fullmatch(text):
+        return (f"{text!r} is read as the number {yaml.safe_load(text)} (YAML 1.1): write it "
+                "in decimal digits, or quote it if it is a string")
+    if kind == "bool" and text not in _PLAIN_BOOL:
+        return (f"{text!r} is read as {str(yaml.safe_load(text)).lower()} (YAML 1.1) but as a "
+                "string by YAML 1.2: write true or false, or quote it if it is a string")
+    return None
 
 
 def _one_document(filename: str) -> ConfigError:
@@ -309,14 +372,40 @@ def _parse_yaml(text: str | bytes, filename: str,
     return value, src
 
 
-def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """Up to ``limit + 1`` bytes of a file (one more than allowed, so that the caller can
-    tell "too large" from "exactly the limit"); unreadable is a ``ConfigError`` naming it."""
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``; ``OSError`` (with ``strerror``)
+    otherwise. Opened non-blocking and checked with ``fstat``, so a FIFO, a device or a
+    directory put where a file belongs is refused at once instead of blocking the reader
+    forever (a FIFO) or feeding it without end (``/dev/zero``); a path with a NUL byte,
+    which ``open`` refuses with ``ValueError``, is an ``OSError`` too."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "the path contains a NUL byte", path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with open(path, "rb") as fh:
-            return fh.read(limit + 1)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """Up to ``limit + 1`` bytes of a regular file (one more than allowed, so that the caller
+    can tell "too large" from "exactly the limit"); unreadable -- missing, not permitted, a
+    FIFO or device, a NUL in the path -- is a ``ConfigError`` naming it."""
+    try:
+        return read_regular(path, limit + 1)
     except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror}")]) from None
+        raise ConfigError([Problem(path, None, "", f"cannot read file: {exc.strerror or exc}")]
+                          ) from None
 
 
 def read_yaml_file(path: str) -> tuple[Any, Source]:
@@ -391,11 +480,20 @@ class Reader:
                 out.append((s, path + (i,)))
         return out
 
-    def file(self, value: Any, path: Path, *, optional: bool = True) -> str | None:
-        """A file path, made absolute against ``base_dir``."""
+    def file(self, value: Any, path: Path, *, optional: bool = True,
+             base_dir: str | None = None) -> str | None:
+        """A file path, made absolute against ``base_dir`` (the policy passes the directory
+        of the file that defines it: the path is then normalised, absolute or not). A NUL
+        byte is refused."""
         s = self.string(value, path, optional=optional)
         if s is None:
             return None
+        if "\0" in s:
+            # open() raises ValueError (not OSError) on it: refused here, with file and line.
+            self.problem(path, "a file path cannot contain a NUL byte")
+            return None
+        if base_dir is not None:
+            return os.path.normpath(os.path.join(base_dir, s))
         return s if os.path.isabs(s) else os.path.normpath(os.path.join(self.base_dir, s))
 
     def address(self, value: Any, path: Path) -> tuple[str, int] | None:

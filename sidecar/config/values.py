@@ -83,7 +83,7 @@ def parse_address(value: object) -> tuple[str, int]:
             raise ValueError("expected HOST:PORT")
         if ":" in host:
             raise ValueError("write IPv6 addresses as [ADDR]:PORT")
-    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
         raise ValueError("port must be a number from 0 to 65535")
     return host, int(port_s)
 

@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
+from sidecar.config.source import read_regular
 from sidecar.errors import SidecarError
 from sidecar.identity.spiffe import SpiffeId, parse_spiffe_id
 
@@ -308,8 +309,7 @@ def svid_files_signature(*paths: str) -> tuple[FileSignature | None, ...]:
 
 def _read(path: str, shown: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        data = read_regular(path, MAX_FILE_BYTES + 1)  # a FIFO or device: refused, not waited on
     except OSError as exc:
         raise SvidError(RULE_FILE_UNREADABLE, exc.strerror or str(exc), file=shown) from exc
     if len(data) > MAX_FILE_BYTES:

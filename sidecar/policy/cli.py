@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from sidecar.config.source import read_capped
 from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError, Problem
 from sidecar.identity.spiffe import parse_spiffe_id
@@ -370,8 +371,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         print(f"usage error: {args.out} already holds policy files; use an empty directory",
               file=err)
         return EXIT_USAGE
-    with open(args.file, "rb") as fh:
-        raw = fh.read()
+    raw = read_capped(args.file)
     doc, _ = parse_yaml(raw, args.file)
     files = split_policy(doc, raw)
     _rebase_provider_files(files[MESH_FILE], os.path.dirname(os.path.abspath(args.file)),

@@ -10,7 +10,6 @@ against them. Pure: no I/O (``jwks_file`` paths are resolved, never opened).
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Literal, cast
 
@@ -103,8 +102,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
         r.problem(path, "set exactly one of jwks_file, jwks_uri, discovery or introspection")
         ok = False
     if jwks_file is not None:
-        f = r.string(jwks_file, path + ("jwks_file",))
-        jwks_file = os.path.normpath(os.path.join(base_dir, f)) if f else None
+        jwks_file = r.file(jwks_file, path + ("jwks_file",), optional=False, base_dir=base_dir)
         if jwks_ca is not None:
             r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery")
             ok = False
@@ -133,8 +131,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
                   "use introspection.ca")
         ok = False
     if jwks_ca is not None:
-        ca = r.string(jwks_ca, path + ("jwks_ca",))
-        jwks_ca = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
+        jwks_ca = r.file(jwks_ca, path + ("jwks_ca",), optional=False, base_dir=base_dir)
     introspection = None
     if intro_raw is not None:
         introspection = _introspection(r, intro_raw, path + ("introspection",), base_dir)
@@ -280,13 +277,12 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
         ok = False
     kw: dict[str, Any] = {}
     if secret is not None:
-        f = r.string(secret, path + ("client_secret_file",))
-        kw["client_secret_file"] = os.path.normpath(os.path.join(base_dir, f)) if f else None
-        ok = ok and f is not None
+        kw["client_secret_file"] = r.file(secret, path + ("client_secret_file",), optional=False,
+                                          base_dir=base_dir)
+        ok = ok and kw["client_secret_file"] is not None
     if "ca" in m:
-        ca = r.string(m["ca"], path + ("ca",))
-        kw["ca"] = os.path.normpath(os.path.join(base_dir, ca)) if ca else None
-        ok = ok and ca is not None
+        kw["ca"] = r.file(m["ca"], path + ("ca",), optional=False, base_dir=base_dir)
+        ok = ok and kw["ca"] is not None
     for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
                             ("negative_ttl", "negative_ttl_seconds"),
                             ("timeout", "timeout_seconds")):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,7 @@ from typing import Any, Literal, cast
 from sidecar.config.source import Path as P
 from sidecar.config.source import Reader, format_path, gc_paused
 from sidecar.errors import ConfigError, Problem
+from sidecar.http.request import split_host
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
 from sidecar.policy.compiled import Section
 from sidecar.policy.load_sections import (
@@ -86,6 +88,24 @@ CONDITION_KEYS = frozenset(
 )
 
 
+# Rules are decided for requests of the inbound listener (the outbound side checks `egress`).
+RULE_LISTENERS = frozenset({"inbound"})
+# The methods the data path serves (sidecar.http.request._METHOD): others never reach a rule.
+DATA_PATH_METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why a ``hosts`` entry can never equal a request's Host, or None. Read by ``split_host``,
+    the definition the data path accepts a Host by: a name of letters, digits, ``. _ ~ -`` or
+    a bracketed IPv6 address that parses; no port, no scheme, and not only dots."""
+    parts = split_host(host)
+    if parts is None or parts[1] or host.endswith(":"):
+        return "expected a host name without port or scheme (or a bracketed IPv6 address)"
+    if not host.rstrip("."):
+        return "expected a host name, not only dots"
+    return None
+
+
 def _mode(r: Reader, value: Any, path: P) -> Mode | None:
     if value not in ("enforce", "dry-run"):
         r.problem(path, "expected enforce or dry-run")
@@ -107,6 +127,12 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
     scalar = (str, int, float, bool)
     for claim, spec in m.items():
         cp = path + (claim,)
+        if not claim:
+            r.problem(cp, "a claim name cannot be empty")
+            continue
+        if (why := _claim_value_problem(spec)) is not None:
+            r.problem(cp, why)
+            continue
         if isinstance(spec, scalar):
             out.append(ClaimCondition(claim, "equals", (spec,)))
             continue
@@ -114,9 +140,16 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
             r.problem(cp, "expected a value or exactly one of {equals, one_of, contains}")
             continue
         (op, operand), = spec.items()
+        if (why := _claim_value_problem(operand)) is not None:
+            r.problem(cp + (op,), why)
+            continue
         if op in ("equals", "contains"):
             if not isinstance(operand, scalar):
                 r.problem(cp + (op,), "expected a string, number or boolean")
+                continue
+            if op == "contains" and operand == "":
+                # "" is in "a  b".split(" "): an empty scope token matched any double space.
+                r.problem(cp + (op,), "contains an empty string: expected a value")
                 continue
             out.append(ClaimCondition(claim, cast(ClaimOp, op), (operand,)))
         elif op == "one_of":
@@ -128,6 +161,15 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
         else:
             r.problem(cp + (op,), "unknown claim test (known: contains, equals, one_of)")
     return tuple(out)
+
+
+def _claim_value_problem(value: Any) -> str | None:
+    """A claim test's value (or any of a list's) that no token's claim can ever equal: NaN
+    and infinities (JSON has none; NaN is not even equal to itself)."""
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        return "a claim value must be a finite number (JSON has no NaN or infinity)"
+    return None
 
 
 # Conditions memo (one per load): the same condition block -- `deny: {paths: [/admin/**]}` --
@@ -182,8 +224,14 @@ def _conditions(
     if "methods" in m:
         methods = r.string_list(m["methods"], path + ("methods",)) or []
         for meth, sp in methods:
-            if not TOKEN.match(meth):
+            if meth == "*":
+                # A deny rule with `methods: ["*"]` denied nothing: no request has method "*".
+                r.problem(sp, "'*' is not a method wildcard: omit methods to match every method")
+            elif not TOKEN.match(meth):
                 r.problem(sp, "invalid HTTP method")
+            elif not DATA_PATH_METHOD.fullmatch(meth.upper()):
+                r.problem(sp, "no request has this method: the sidecar serves methods of "
+                          "letters and '-' only, at most 32 (a rule naming it never matches)")
         kw["methods"] = frozenset(meth.upper() for meth, _ in methods)
     if "paths" in m:
         pats = []
@@ -203,14 +251,19 @@ def _conditions(
             p for i, v in enumerate(raw) if (p := r.integer(v, pp + (i,), 1, 65535)) is not None
         )
     if "listeners" in m:
-        kw["listeners"] = frozenset(
-            s for s, _ in r.string_list(m["listeners"], path + ("listeners",)) or []
-        )
+        listeners = r.string_list(m["listeners"], path + ("listeners",)) or []
+        for name, sp in listeners:
+            if name not in RULE_LISTENERS:
+                # Rules decide requests that arrive on the inbound listener; any other name
+                # (a typo, an outbound listener) never matched, so a deny rule denied nothing.
+                r.problem(sp, f"rules decide requests of the inbound listener only: expected "
+                          f"{', '.join(sorted(RULE_LISTENERS))}")
+        kw["listeners"] = frozenset(s for s, _ in listeners)
     if "hosts" in m:
         hosts = r.string_list(m["hosts"], path + ("hosts",)) or []
         for h, sp in hosts:
-            if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)$", h):
-                r.problem(sp, "expected a host name without port or scheme")
+            if (why := _host_problem(h)) is not None:
+                r.problem(sp, why)
         kw["hosts"] = frozenset(h.lower().rstrip(".") for h, _ in hosts)
     if "jwt" in m:
         jp = path + ("jwt",)
@@ -396,7 +449,8 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         return origin[key][1] if key in origin else (key,)
 
     for doc in docs:
-        if doc.top.get("version", None) != 1:
+        version = doc.top.get("version", None)
+        if type(version) is not int or version != 1:  # `true` and `1.0` equal 1 in Python
             doc.r.problem(("version",), "expected version: 1")
     trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
                                                  at("trust_domain")) or ""
