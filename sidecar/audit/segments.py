@@ -269,6 +269,7 @@ class _Walk:
                 problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
                 if problem is not None:
                     return problem
+                self.gap(frame.seq)
                 r.checkpoints += 1
                 r.signed_through = frame.seq
                 r.unsigned_tail_frames = r.unsigned_tail_records = 0
@@ -293,6 +294,25 @@ class _Walk:
                     self.tail_times[1] = float(t)
         return None
 
+    def gap(self, seq: int) -> None:
+        """A signature at ``seq`` verified: the records since the one before it must be no
+        more than that writer's ``every`` allows. A running writer signs every N records,
+        and a restarted one right after its header, so more can only be records appended
+        without the key that a restarted writer then signed over (it continues after the
+        last frame it finds on disk and cannot tell them from its crashed run's tail)."""
+        r, every = self.result, self.last_every
+        if not (isinstance(every, list) and len(every) == 2):
+            return
+        max_records = every[0]
+        if isinstance(max_records, int) and not isinstance(max_records, bool) \
+                and r.unsigned_tail_records > max_records:
+            first = (r.signed_through or 0) + 1
+            self.capped("unsigned_gap_too_long", seq,
+                        f"{r.unsigned_tail_records} records between the signed frames at seq "
+                        f"{r.signed_through} and {seq}, but the writer signs every "
+                        f"{max_records}: records after seq {first - 1} were appended without "
+                        "the key and a restarted writer signed over them")
+
     def header(self, frame: Frame, first_in_walk: bool) -> None:
         """The first frame of a segment: restarts, what the header claims about the segment
         before it, and rotation seals without successor. Whether the previous segment ended
@@ -305,6 +325,11 @@ class _Walk:
             r.add("error", "rotation_without_successor", seal[0], frame.seq - 1,
                   "segment sealed for rotation, but the next segment was started by a "
                   "restarted writer: the segment written after the rotation is missing")
+        if seal is not None and seal[1] == "shutdown" and restart is None:
+            r.add("error", "shutdown_without_restart", self.segment, frame.seq,
+                  "a segment after a shutdown seal whose header records no writer restart: "
+                  "every start of a writer writes one, so this segment was not written by a "
+                  "sidecar (appended to a trail that had stopped)")
         if not first_in_walk and seal is None:
             claims = [("prev_sealed", frame.body.get("prev_sealed"))]
             if isinstance(restart, dict):
