@@ -37,7 +37,7 @@ from sidecar.audit.segments import (
     segment_header,
     verify,
 )
-from sidecar.audit.ship import CollectError, collect_frames, write_segments
+from sidecar.audit.ship import CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.config.audit import load_hmac_key
 from sidecar.output import Progress, add_output_flag, render, rfc3339
@@ -83,6 +83,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="collector output (syslog lines)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="new directory for the rebuilt segments (then: sidecar audit verify DIR)")
+    _add_data_key(p, "to compare encrypted records' JSON with their frames")
     p.set_defaults(func=cmd_collect)
 
     p = subparsers.add_parser("export", help="export audit records as JSON lines or CSV")
@@ -283,24 +284,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    """0: rebuilt; 1: two different frames with one seq; 2: cannot read or write."""
-    frames: dict[int, bytes] = {}
-    messages = 0
+    """0: rebuilt; 1: two different frames with one seq, or a message that does not match
+    its frame; 2: cannot read or write."""
     try:
+        collector = Collector(_decryptor(args))
         if os.path.exists(args.output) and os.listdir(args.output):
             print(f"error: {args.output} is not empty", file=sys.stderr)
             return 2
         for path in args.files:
+            read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
             with open(path, encoding="utf-8", errors="replace") as fh:
-                messages += collect_frames(fh, frames)
-        files = write_segments(frames, args.output)
+                collector.add(fh)
+        collector.check()
+        files = write_segments(collector.frames, args.output)
     except CollectError as exc:
         print(f"BROKEN: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{messages} messages, {len(frames)} frames, {files} segment files in {args.output}")
+    print(f"{collector.messages} messages, {len(collector.frames)} frames, {files} segment "
+          f"files in {args.output}")
+    if collector.unchecked:
+        print(f"note: {collector.unchecked} encrypted records' JSON not compared with their "
+              "frames (no --data-key opens them)")
     return 0
 
 
