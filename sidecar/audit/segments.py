@@ -20,8 +20,10 @@ verification stops there.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +59,9 @@ class SegmentFile:
     start_seq: int
     stamp: str
     path: str = field(compare=False)
+    # A file named on the command line may be reached through a symbolic link; an entry
+    # of a segment directory may not (``open_segment``).
+    follow: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -72,15 +77,41 @@ def segment_name(start_seq: int, created: float) -> str:
 
 
 def list_segments(directory: str) -> list[SegmentFile]:
-    """Segment files of ``directory`` in chain order (other files are ignored)."""
+    """Entries of ``directory`` named like segment files, in chain order (other names are
+    ignored). An entry so named that is not a regular file -- a symbolic link, a directory,
+    a FIFO -- is listed too: reading it fails (``open_segment``), so it is reported where
+    a segment should be instead of being passed over as if it were not there."""
     out: list[SegmentFile] = []
     with os.scandir(directory) as it:
         for entry in it:
             m = SEGMENT_NAME.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False):
+            if m:
                 out.append(SegmentFile(int(m.group(1)), m.group(2), entry.path))
     out.sort()
     return out
+
+
+def open_segment(seg: SegmentFile) -> BinaryIO:
+    """The segment file open for buffered reading; ``OSError`` when it is not a regular
+    file (a FIFO or device is never waited on; a symbolic link in a segment directory is
+    not followed)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not seg.follow:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(seg.path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not seg.follow:
+            raise OSError(errno.ELOOP, "a symbolic link, not a segment file", seg.path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", seg.path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=READ_BUFFER)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def resolve_segments(path: str) -> list[SegmentFile]:
@@ -89,10 +120,24 @@ def resolve_segments(path: str) -> list[SegmentFile]:
         return list_segments(path)
     m = SEGMENT_NAME.match(os.path.basename(path))
     if m:
-        return [SegmentFile(int(m.group(1)), m.group(2), path)]
+        return [SegmentFile(int(m.group(1)), m.group(2), path, follow=True)]
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    return [SegmentFile(0, "", path)]
+    return [SegmentFile(0, "", path, follow=True)]
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as a trail (a directory or one segment file): None, or
+    ``not found`` / ``not a directory or regular file`` (a FIFO or device is never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found (no such file or directory)"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    return "not a directory or regular file"
 
 
 class SegmentDamage(Exception):
@@ -221,6 +266,7 @@ class _Walk:
         self.result = result
         self.identity = identity  # --id: every frame naming an identity must name this one
         self.wrong: set[tuple[str, str]] = set()  # other identities already reported
+        self.more_identities = False  # more than MAX_IDENTITIES_LISTED were named
         self.keyring = keyring
         self.anchors = {a.seq: a for a in anchors}
         self.segment = ""
@@ -363,12 +409,18 @@ class _Walk:
         """A frame (or an anchor) names the identity ``ident`` (``id``)."""
         r = self.result
         if isinstance(ident, str) and ident not in r.identities:
-            r.identities.append(ident)
+            # A forged trail can name a new identity in every frame: list a few (the
+            # membership test stays cheap, the memory bounded), count that there were more.
+            if len(r.identities) < MAX_IDENTITIES_LISTED:
+                r.identities.append(ident)
+            else:
+                self.more_identities = True
         if self.identity is not None and ident != self.identity:
-            shown = ident if isinstance(ident, str) else f"a {type(ident).__name__}"
+            shown = ident[:2100] if isinstance(ident, str) else f"a {type(ident).__name__}"
             if (what, shown) in self.wrong:
                 return  # one finding per identity: the first frame (or anchor) naming it
-            self.wrong.add((what, shown))
+            if len(self.wrong) < MAX_FINDINGS_PER_CODE:
+                self.wrong.add((what, shown))
             self.capped("wrong_identity", seq,
                         f"the {what} names {shown}, not {self.identity} (--id): this is "
                         "another sidecar's trail, or frames of one were put into it (the "
@@ -395,8 +447,10 @@ class _Walk:
                   f"no frame names an identity (nothing signed), so the trail cannot be "
                   f"shown to be {self.identity}'s (--id)")
         elif len(r.identities) > 1:
+            count = f"more than {len(r.identities)}" if self.more_identities \
+                else str(len(r.identities))
             r.add("error", "several_identities", "", None,
-                  f"the trail's frames name {len(r.identities)} identities "
+                  f"the trail's frames name {count} identities "
                   f"({', '.join(r.identities)}): a trail belongs to one sidecar")
         for code, n in self.more.items():
             r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
@@ -468,6 +522,8 @@ def anchor_difference(anchor: Checkpoint, frame: Frame) -> str | None:
     return None
 
 
+# Identities listed in ``VerifyResult.identities`` (a trail names one; more is an error).
+MAX_IDENTITIES_LISTED = 16
 # Findings of one code listed before the rest are only counted (a forger can repeat one
 # problem per frame).
 MAX_FINDINGS_PER_CODE = 100
@@ -524,7 +580,7 @@ def verify(
         header: dict[str, Any] | None = None
         fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
                     try:
                         frame = checker.accept(payload)
@@ -723,10 +779,10 @@ def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] 
         raise MalformedRecord(seq, str(exc)) from None
 
 
-def segment_header(path: str) -> dict[str, Any] | None:
+def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
     """The body of a segment file's header frame (None if it has none)."""
     try:
-        with open(path, "rb") as fh:
+        with open_segment(seg) as fh:
             for _offset, payload in read_frames(fh):
                 _seq, _prev, kind, body = decode_frame(payload)
                 return body if kind == "seg" else None
@@ -748,7 +804,7 @@ def iter_stored(
     for seg in resolve_segments(path):
         header: dict[str, Any] | None = None
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, _prev, kind, body = decode_frame(payload)
                     if kind == "seg":
@@ -764,6 +820,9 @@ def iter_stored(
         except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
             if on_damage is not None:
                 on_damage(f"{seg.name}: {exc}")
+        except OSError as exc:  # not a regular file, unreadable
+            if on_damage is not None:
+                on_damage(f"{seg.name}: cannot read: {exc.strerror or exc}")
 
 
 def iter_records(path: str, filters: RecordFilter | None = None,
@@ -804,7 +863,7 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
         problem: str | None = None
         signed: int | None = None
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
                     try:
                         frame = checker.accept(payload)
