@@ -197,3 +197,73 @@ def test_a_segment_appended_after_a_shutdown_seal(
             assert expected in [f.code for f in result.errors], result
     cli = sidecar_cli("audit", "verify", str(d), "--pubkey", pub)
     assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stdout + cli.stderr
+
+
+# ---------------------------------------------------------------- the oldest segments
+#
+# Found by a hostile review: deleting the oldest segments of a trail whose writer keeps
+# every segment (the default) looked like retention (a note, exit 0) with and without keys
+# or anchors. Every header now says whether its writer deletes old segments
+# (``retention``: ``"all"`` or N); a chain that starts after seq 0 although its headers
+# say "all" and none covered by a verified signature says N is ``oldest_segments_missing``.
+
+
+def _trail_runs(d: Path, priv: Path, runs: list[int | None]) -> None:
+    """One writer run per entry (its ``max_segments``), 60 records each."""
+    for i, keep in enumerate(runs):
+        write(d, priv, 60, start=100 * i, max_segments=keep)
+
+
+# (runs' max_segments, how many oldest segments are deleted, detected?)
+OLDEST: list[tuple[list[int | None], int, bool]] = [
+    ([None], 1, True),
+    ([None], 2, True),
+    ([None, None], 3, True),
+    ([None, None], 5, True),  # the whole first run and more
+    ([3], 0, False),  # retention deleted them: honest
+    ([None, 3], 0, False),  # the second run's retention deleted the first run's
+    ([3, None], 0, False),  # retention stopped later: what it deleted is still explained
+    ([3, None], 1, False),  # indistinguishable from retention there (a note only)
+]
+
+
+@pytest.mark.parametrize("runs,deleted,detected", OLDEST,
+                         ids=[f"{r}-{n}" for r, n, _ in OLDEST])
+def test_deleting_the_oldest_segments(tmp_path: Path, keypair: tuple[Path, str],
+                                      runs: list[int | None], deleted: int,
+                                      detected: bool) -> None:
+    priv, pub = keypair
+    d = tmp_path / "audit"
+    _trail_runs(d, priv, runs)
+    for seg in list_segments(str(d))[:deleted]:
+        os.unlink(seg.path)
+    keyring = load_keyring([pub])
+    for result in (verify(str(d)), verify(str(d), keyring=keyring)):
+        codes = [f.code for f in result.errors]
+        if detected:
+            assert not result.ok and codes == ["oldest_segments_missing"], result
+        else:
+            assert result.ok and codes == [], result
+        assert result.starts_at not in (None, 0)
+    cli = sidecar_cli("audit", "verify", str(d), "--pubkey", pub)
+    assert cli.returncode == (1 if detected else 0), cli.stdout + cli.stderr
+
+
+def test_a_forged_retention_header_does_not_excuse_a_deletion(
+        tmp_path: Path, keypair: tuple[Path, str]) -> None:
+    """A header saying "retention: 3" that no signature covers (a segment appended to the
+    unsigned tail) does not explain deleted segments when the keys are given."""
+    priv, pub = keypair
+    d = tmp_path / "audit"
+    write(d, priv, 30)
+    for seg in list_segments(str(d))[:2]:
+        os.unlink(seg.path)
+    newest = list_segments(str(d))[-1]
+    frames = payloads(newest.path)[:-1]  # the seal cut off, a rotation-like header added
+    Path(newest.path).write_bytes(pack(frames))
+    header = {"v": 1, "alg": "sha256", "created": 2e9, "prev_segment": newest.name,
+              "prev_sealed": False, "retention": 3}
+    added = chain_on(frames[-1], [("seg", header)])
+    (d / segment_name(msgpack.unpackb(added[0])["seq"], 2e9)).write_bytes(pack(added))
+    signed = verify(str(d), keyring=load_keyring([pub]))
+    assert "oldest_segments_missing" in [f.code for f in signed.errors], signed

@@ -267,6 +267,10 @@ class _Walk:
         self.identity = identity  # --id: every frame naming an identity must name this one
         self.wrong: set[tuple[str, str]] = set()  # other identities already reported
         self.more_identities = False  # more than MAX_IDENTITIES_LISTED were named
+        # A header said its writer keeps every segment (``retention: all``); the seq of the
+        # first header whose writer deletes old ones (``retention: N``).
+        self.keep_all = False
+        self.retention_from: int | None = None
         self.keyring = keyring
         self.anchors = {a.seq: a for a in anchors}
         self.segment = ""
@@ -365,6 +369,12 @@ class _Walk:
         sealed is what this walk saw (its last frame was an ``end``), never the header's
         claim (``prev_sealed``), which whoever writes the directory can set."""
         r = self.result
+        retention = frame.body.get("retention")
+        if retention == "all":
+            self.keep_all = True
+        elif isinstance(retention, int) and not isinstance(retention, bool) \
+                and self.retention_from is None:
+            self.retention_from = frame.seq
         restart = frame.body.get("restart")
         seal = self.prev_seal
         if seal is not None and seal[1] == "rotate" and restart is not None:
@@ -434,6 +444,23 @@ class _Walk:
             "(a signing writer writes one with the header of every restart): the restart "
             "header was forged, or the writer ran without its signing key")
 
+    def oldest_missing(self) -> None:
+        """The chain starts after seq 0 although no writer of it deleted segments: a header
+        says ``retention: all`` and none (covered by a verified signature, when checked
+        with keys) says ``retention: N``. Segments were removed from the start."""
+        r = self.result
+        if r.broken is not None or r.starts_at in (None, 0) or not self.keep_all \
+                or not self.whole_trail:
+            return
+        deleting = self.retention_from
+        if deleting is not None and self.keyring and (
+                r.signed_through is None or deleting > r.signed_through):
+            deleting = None  # a header no signature covers: anyone could have written it
+        if deleting is None:
+            r.add("error", "oldest_segments_missing", "", r.starts_at,
+                  f"the chain starts at seq {r.starts_at}, but its writers keep every segment "
+                  "(retention: all in the headers): the oldest segments were removed")
+
     def seal(self, frame: Frame) -> None:
         why = frame.body.get("why")
         self.prev_seal = (self.segment, why if isinstance(why, str) else "")
@@ -452,6 +479,7 @@ class _Walk:
             r.add("error", "several_identities", "", None,
                   f"the trail's frames name {count} identities "
                   f"({', '.join(r.identities)}): a trail belongs to one sidecar")
+        self.oldest_missing()
         for code, n in self.more.items():
             r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
         if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
