@@ -267,3 +267,64 @@ def test_a_forged_retention_header_does_not_excuse_a_deletion(
     (d / segment_name(msgpack.unpackb(added[0])["seq"], 2e9)).write_bytes(pack(added))
     signed = verify(str(d), keyring=load_keyring([pub]))
     assert "oldest_segments_missing" in [f.code for f in signed.errors], signed
+
+
+# ------------------------------------------------------- through a real sidecar process
+
+
+@pytest.mark.parametrize("cut", ["frame_boundary", "mid_frame"])
+def test_forged_records_then_a_real_sidecar_restart(tmp_path, pki, app, procs, cut):
+    """The attack end to end: a real sidecar writes and stops (signed seal); the attacker
+    cuts the seal (at a frame boundary, or mid-frame: the writer then declares a break),
+    appends 20 forged allows without the key; the sidecar is started again on the
+    directory and signs what it finds. ``verify --pubkey`` must not say OK."""
+    from tests.harness import (
+        free_port,
+        http,
+        mtls_context,
+        sidecar_config,
+        spiffe,
+        start_sidecar,
+        write_policy,
+    )
+
+    orders, frontend = spiffe("orders"), spiffe("frontend")
+    priv, pub, _ = write_keypair(str(tmp_path / "audit"))
+    audit_dir = tmp_path / "trail"
+    policy = write_policy(tmp_path / "mesh.yaml", {
+        "version": 1, "trust_domain": "demo.local", "services": {orders: {"rules": [
+            {"name": "reads", "allow": {"from": [frontend], "paths": ["/orders/**"]}}]}}})
+    cfg = sidecar_config(pki.identity("orders"),
+                         inbound={"listen": f"127.0.0.1:{free_port()}",
+                                  "app": f"127.0.0.1:{app}"},
+                         policy=policy,
+                         audit={"path": str(audit_dir), "signing_key_file": priv,
+                                "checkpoint_every_records": 5})
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+
+    def run_sidecar(name: str, requests: int) -> None:
+        b = start_sidecar(tmp_path / name, "orders", cfg)
+        procs.append(b)
+        for i in range(requests):
+            http(b.port("inbound"), "GET", "/admin" if i % 2 else f"/orders/{i}", ctx=ctx)
+        assert b.stop() == 0
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    run_sidecar("one", 8)
+    newest = list_segments(str(audit_dir))[-1]
+    frames = payloads(newest.path)
+    assert "end" in msgpack.unpackb(frames[-1])
+    forged = chain_on(frames[-2], [("rec", forged_record(i, "rec")) for i in range(20)])
+    data = pack(frames[:-1] + forged)
+    if cut == "mid_frame":
+        data += pack([frames[-1]])[:9]  # a cut frame after the forged records
+    Path(newest.path).write_bytes(data)
+    run_sidecar("two", 3)
+    result = verify(str(audit_dir), keyring=load_keyring([pub]))
+    assert not result.ok, result
+    if cut == "frame_boundary":
+        assert [f.code for f in result.errors] == ["unsigned_gap_too_long"], result
+    cli = sidecar_cli("audit", "verify", str(audit_dir), "--pubkey", pub,
+                      "--accept-declared-breaks")
+    assert cli.returncode == 1 and "unsigned_gap_too_long" in cli.stdout, cli.stdout
