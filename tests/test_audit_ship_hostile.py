@@ -231,3 +231,31 @@ def test_collect_refuses_a_fifo_and_a_directory(stream: Stream, tmp_path: Path) 
         got = sidecar_cli("audit", "collect", str(bad), "-o", str(tmp_path / "o"), timeout=30)
         assert got.returncode == 2 and "not a regular file" in got.stderr, got.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.parametrize("created", [1e300, -1e20, 2**63, float("nan"), float("inf"),
+                                     True, "x", None])
+def test_a_consistently_forged_header_with_an_impossible_time(stream: Stream,
+                                                              created: object) -> None:
+    """A header frame re-made with its JSON and digest to match (so ``collect`` takes it)
+    whose ``created`` no calendar holds: the file is named as of 1970, never a traceback
+    (it was an OverflowError), and ``verify`` reports the forgery."""
+    import hashlib
+
+    import msgpack
+
+    idx = first(stream.lines, "seg")
+    line = stream.lines[idx]
+    start = line.index('{"seq":')
+    obj = json.loads(line[start:])
+    frame = msgpack.unpackb(base64.b64decode(obj["frame"]))
+    frame["seg"]["created"] = created
+    raw = msgpack.packb(frame)
+    digest = hashlib.sha256(raw).hexdigest()
+    forged = {**obj, "frame": base64.b64encode(raw).decode(), "header": frame["seg"],
+              "digest": digest}
+    lines = list(stream.lines)
+    lines[idx] = line[:start].replace(obj["digest"], digest) + json.dumps(
+        forged, separators=(",", ":"))
+    code, out, result = stream.collect(lines)
+    assert code == 0 and result is not None and not result["ok"], (out, result)

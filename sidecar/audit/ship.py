@@ -517,6 +517,9 @@ _NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio
 # ----------------------------------------------------------- collector side: rebuild
 
 
+MAX_NAME_TIME = 253402300800.0  # 10000-01-01T00:00:00Z: segment_name's stamp has 4-digit years
+
+
 class CollectError(ValueError):
     """Two different frames were shipped with one seq (a forgery or a writer reusing seqs)."""
 
@@ -682,7 +685,12 @@ def write_segments(frames: dict[int, bytes], directory: str) -> int:
         if kind == "seg" or out is None:
             flush()
             created = body.get("created", 0.0) if kind == "seg" else 0.0
-            name = segment_name(seq, float(created) if isinstance(created, int | float) else 0.0)
+            # Only for the file name: a time no calendar holds (a forged header) names the
+            # file as of 1970; verify reports the forgery.
+            if isinstance(created, bool) or not isinstance(created, int | float) or \
+                    not 0 <= created < MAX_NAME_TIME:
+                created = 0.0
+            name = segment_name(seq, float(created))
             out = bytearray()
         out += LENGTH.pack(len(frame)) + frame
     flush()
