@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
-from sidecar.audit.segments import RecordFilter, StoredRecord, iter_stored
+from sidecar.audit.segments import (
+    RecordFilter,
+    StoredRecord,
+    iter_stored,
+    path_problem,
+)
 from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit
 from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
@@ -120,6 +125,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         policy = load_policy_set(args.policy)
     except ConfigError as exc:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
+        return 2
+    problem = path_problem(args.audit)  # an empty directory is an empty trail: no change
+    if problem is not None:
+        print(f"sidecar: cannot read audit trail {args.audit}: {problem}", file=sys.stderr)
         return 2
     filters = RecordFilter(peer=args.peer)
     damaged: list[str] = []

@@ -132,7 +132,8 @@ def test_structure_rules() -> None:
         _check(frames[1:])
     with pytest.raises(ChainError, match="after the segment's seal"):
         _check(frames + [frames[-1]])
-    bad_genesis = msgpack.packb({"seq": 0, "prev": b"x" * 32, "seg": {"alg": "sha256"}})
+    bad_genesis = msgpack.packb({"seq": 0, "prev": b"x" * 32,
+                                 "seg": {"v": 1, "alg": "sha256"}})
     with pytest.raises(ChainError, match="all-zero prev"):
         _check([bad_genesis])
     mid_header = msgpack.packb({"seq": 1, "prev": link_digest(frames[0], None),

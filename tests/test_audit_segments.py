@@ -123,8 +123,11 @@ def test_missing_middle_segment_is_caught(trail: Path) -> None:
 def test_missing_oldest_segment_is_reported_not_hidden(trail: Path) -> None:
     os.unlink(segment_paths(trail)[0])
     result = verify(str(trail))
-    assert result.ok and result.starts_at and result.starts_at > 0
+    assert result.starts_at and result.starts_at > 0
     assert any("retained chain starts at seq" in n for n in result.notes)
+    # The writer keeps every segment (retention: all in its headers): not retention, a
+    # removal (tests/test_audit_forged_tails.py has the family, retention on and off).
+    assert not result.ok and [f.code for f in result.errors] == ["oldest_segments_missing"]
     assert not verify(str(trail), require_genesis=True).ok
 
 

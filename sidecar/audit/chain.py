@@ -262,6 +262,10 @@ class ChainVerifier:
         if self._expect_header:
             if kind != "seg":
                 raise ChainError("segment does not start with a header frame", seq)
+            version = body.get("v")
+            if version != FORMAT_VERSION or type(version) is not int:
+                raise ChainError(f"segment header has format version {version!r}; this "
+                                 f"verifier reads version {FORMAT_VERSION} only", seq)
             alg = body.get("alg")
             if alg == ALG_HMAC:
                 if self.key is None:

@@ -25,19 +25,21 @@ from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_fram
 from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
-    READ_BUFFER,
     MalformedRecord,
     RecordFilter,
+    SegmentDamage,
     SegmentFile,
     VerifyResult,
     iter_stored,
+    open_segment,
     parse_time,
+    path_problem,
     record_of,
     resolve_segments,
     segment_header,
     verify,
 )
-from sidecar.audit.ship import CollectError, collect_frames, write_segments
+from sidecar.audit.ship import CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.config.audit import load_hmac_key
 from sidecar.output import Progress, add_output_flag, render, rfc3339
@@ -83,6 +85,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="collector output (syslog lines)")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="new directory for the rebuilt segments (then: sidecar audit verify DIR)")
+    _add_data_key(p, "to compare encrypted records' JSON with their frames")
     p.set_defaults(func=cmd_collect)
 
     p = subparsers.add_parser("export", help="export audit records as JSON lines or CSV")
@@ -136,10 +139,12 @@ def _since(text: str) -> float:
 
 
 def _missing(path: str) -> bool:
-    """Say "not found" (exit 2) for a path that does not exist: that is not tampering."""
-    if os.path.exists(path):
+    """Say "not found" (exit 2) for a path that does not exist, or one that is neither a
+    directory nor a regular file (a FIFO, a device): a usage error, not tampering."""
+    problem = path_problem(path)
+    if problem is None:
         return False
-    print(f"error: {path}: not found (no such file or directory)", file=sys.stderr)
+    print(f"error: {path}: {problem}", file=sys.stderr)
     return True
 
 
@@ -283,24 +288,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    """0: rebuilt; 1: two different frames with one seq; 2: cannot read or write."""
-    frames: dict[int, bytes] = {}
-    messages = 0
+    """0: rebuilt; 1: two different frames with one seq, or a message that does not match
+    its frame; 2: cannot read or write."""
     try:
+        collector = Collector(_decryptor(args))
         if os.path.exists(args.output) and os.listdir(args.output):
             print(f"error: {args.output} is not empty", file=sys.stderr)
             return 2
         for path in args.files:
+            read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
             with open(path, encoding="utf-8", errors="replace") as fh:
-                messages += collect_frames(fh, frames)
-        files = write_segments(frames, args.output)
+                collector.add(fh)
+        collector.check()
+        files = write_segments(collector.frames, args.output)
     except CollectError as exc:
         print(f"BROKEN: {exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{messages} messages, {len(frames)} frames, {files} segment files in {args.output}")
+    print(f"{collector.messages} messages, {len(collector.frames)} frames, {files} segment "
+          f"files in {args.output}")
+    if collector.unchecked:
+        print(f"note: {collector.unchecked} encrypted records' JSON not compared with their "
+              "frames (no --data-key opens them)")
     return 0
 
 
@@ -373,6 +384,13 @@ class _MalformedReport:
         self.count += 1
         print(f"error: skipped {what}", file=sys.stderr, flush=True)
 
+    def unreadable(self, segment: str, exc: Exception) -> None:
+        """A segment that is not a regular file, cannot be read or is damaged (tail)."""
+        self.count += 1
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"warning: stopped reading a damaged or unreadable segment: {segment}: {why}",
+              file=sys.stderr, flush=True)
+
 
 def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
     # For people: the time as RFC 3339 (UTC, milliseconds), the form --since accepts.
@@ -394,7 +412,9 @@ def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]
             return
         (length,) = LENGTH.unpack(head)
         if length == 0 or length > MAX_FRAME_BYTES:
-            return
+            # A whole length prefix is always the writer's: this is damage, not a frame
+            # still being written.
+            raise SegmentDamage(f"impossible frame length {length} (corrupt)", offset)
         payload = fh.read(length)
         if len(payload) < length:
             return
@@ -408,6 +428,7 @@ class _Follower:
     def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None,
                  malformed: _MalformedReport) -> None:
         self.path = path
+        self.damaged: SegmentFile | None = None  # reported once; not read again
         self.filters = filters
         self.decryptor = decryptor
         self.malformed = malformed
@@ -420,11 +441,15 @@ class _Follower:
         segments = resolve_segments(self.path)
         if segments:
             self._switch(segments[-1])
-            self.offset = os.path.getsize(segments[-1].path)
+            try:
+                self.offset = os.stat(segments[-1].path,
+                                      follow_symlinks=segments[-1].follow).st_size
+            except OSError:
+                self.offset = 0
 
     def _switch(self, seg: SegmentFile) -> None:
         self.current, self.offset = seg, 0
-        self.header = segment_header(seg.path)
+        self.header = segment_header(seg)
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
@@ -441,18 +466,20 @@ class _Follower:
 
     def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
         assert self.current is not None
-        try:
-            fh = open(self.current.path, "rb")
-        except OSError:
+        if self.damaged == self.current:
             return
-        with fh:
-            fh.seek(self.offset)
-            for end, payload in _frames_from(fh, None):
-                self.offset = end
-                if self.header is None:
-                    self.header = segment_header(self.current.path)
-                yield from _matching(payload, self.header, self.filters, self.decryptor,
-                                     self.current.name, self.malformed)
+        try:
+            with open_segment(self.current) as fh:
+                fh.seek(self.offset)
+                for end, payload in _frames_from(fh, None):
+                    self.offset = end
+                    if self.header is None:
+                        self.header = segment_header(self.current)
+                    yield from _matching(payload, self.header, self.filters, self.decryptor,
+                                         self.current.name, self.malformed)
+        except (OSError, SegmentDamage) as exc:
+            self.damaged = self.current
+            self.malformed.unreadable(self.current.name, exc)
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
@@ -480,6 +507,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if _missing(args.path):
+        return 2
+    if not resolve_segments(args.path):
+        print(f"error: {args.path}: no audit segments here (is this audit.path?)",
+              file=sys.stderr)
         return 2
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
     if not math.isfinite(args.interval) or args.interval <= 0:
@@ -526,10 +557,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
                   decryptor: Decryptor | None, malformed: _MalformedReport
                   ) -> Iterator[tuple[int, AuditRecord]]:
-    header = segment_header(seg.path)
-    with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
-        for _end, payload in _frames_from(fh, limit):
-            yield from _matching(payload, header, filters, decryptor, seg.name, malformed)
+    header = segment_header(seg)
+    try:
+        with open_segment(seg) as fh:
+            for _end, payload in _frames_from(fh, limit):
+                yield from _matching(payload, header, filters, decryptor, seg.name, malformed)
+    except (OSError, SegmentDamage) as exc:
+        malformed.unreadable(seg.name, exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,10 @@ verification stops there.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +59,9 @@ class SegmentFile:
     start_seq: int
     stamp: str
     path: str = field(compare=False)
+    # A file named on the command line may be reached through a symbolic link; an entry
+    # of a segment directory may not (``open_segment``).
+    follow: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -72,15 +77,41 @@ def segment_name(start_seq: int, created: float) -> str:
 
 
 def list_segments(directory: str) -> list[SegmentFile]:
-    """Segment files of ``directory`` in chain order (other files are ignored)."""
+    """Entries of ``directory`` named like segment files, in chain order (other names are
+    ignored). An entry so named that is not a regular file -- a symbolic link, a directory,
+    a FIFO -- is listed too: reading it fails (``open_segment``), so it is reported where
+    a segment should be instead of being passed over as if it were not there."""
     out: list[SegmentFile] = []
     with os.scandir(directory) as it:
         for entry in it:
             m = SEGMENT_NAME.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False):
+            if m:
                 out.append(SegmentFile(int(m.group(1)), m.group(2), entry.path))
     out.sort()
     return out
+
+
+def open_segment(seg: SegmentFile) -> BinaryIO:
+    """The segment file open for buffered reading; ``OSError`` when it is not a regular
+    file (a FIFO or device is never waited on; a symbolic link in a segment directory is
+    not followed)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not seg.follow:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(seg.path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not seg.follow:
+            raise OSError(errno.ELOOP, "a symbolic link, not a segment file", seg.path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", seg.path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=READ_BUFFER)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def resolve_segments(path: str) -> list[SegmentFile]:
@@ -89,10 +120,24 @@ def resolve_segments(path: str) -> list[SegmentFile]:
         return list_segments(path)
     m = SEGMENT_NAME.match(os.path.basename(path))
     if m:
-        return [SegmentFile(int(m.group(1)), m.group(2), path)]
+        return [SegmentFile(int(m.group(1)), m.group(2), path, follow=True)]
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    return [SegmentFile(0, "", path)]
+    return [SegmentFile(0, "", path, follow=True)]
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as a trail (a directory or one segment file): None, or
+    ``not found`` / ``not a directory or regular file`` (a FIFO or device is never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found (no such file or directory)"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    return "not a directory or regular file"
 
 
 class SegmentDamage(Exception):
@@ -221,6 +266,11 @@ class _Walk:
         self.result = result
         self.identity = identity  # --id: every frame naming an identity must name this one
         self.wrong: set[tuple[str, str]] = set()  # other identities already reported
+        self.more_identities = False  # more than MAX_IDENTITIES_LISTED were named
+        # A header said its writer keeps every segment (``retention: all``); the seq of the
+        # first header whose writer deletes old ones (``retention: N``).
+        self.keep_all = False
+        self.retention_from: int | None = None
         self.keyring = keyring
         self.anchors = {a.seq: a for a in anchors}
         self.segment = ""
@@ -269,6 +319,7 @@ class _Walk:
                 problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
                 if problem is not None:
                     return problem
+                self.gap(frame.seq)
                 r.checkpoints += 1
                 r.signed_through = frame.seq
                 r.unsigned_tail_frames = r.unsigned_tail_records = 0
@@ -293,18 +344,48 @@ class _Walk:
                     self.tail_times[1] = float(t)
         return None
 
+    def gap(self, seq: int) -> None:
+        """A signature at ``seq`` verified: the records since the one before it must be no
+        more than that writer's ``every`` allows. A running writer signs every N records,
+        and a restarted one right after its header, so more can only be records appended
+        without the key that a restarted writer then signed over (it continues after the
+        last frame it finds on disk and cannot tell them from its crashed run's tail)."""
+        r, every = self.result, self.last_every
+        if not (isinstance(every, list) and len(every) == 2):
+            return
+        max_records = every[0]
+        if isinstance(max_records, int) and not isinstance(max_records, bool) \
+                and r.unsigned_tail_records > max_records:
+            first = (r.signed_through or 0) + 1
+            self.capped("unsigned_gap_too_long", seq,
+                        f"{r.unsigned_tail_records} records between the signed frames at seq "
+                        f"{r.signed_through} and {seq}, but the writer signs every "
+                        f"{max_records}: records after seq {first - 1} were appended without "
+                        "the key and a restarted writer signed over them")
+
     def header(self, frame: Frame, first_in_walk: bool) -> None:
         """The first frame of a segment: restarts, what the header claims about the segment
         before it, and rotation seals without successor. Whether the previous segment ended
         sealed is what this walk saw (its last frame was an ``end``), never the header's
         claim (``prev_sealed``), which whoever writes the directory can set."""
         r = self.result
+        retention = frame.body.get("retention")
+        if retention == "all":
+            self.keep_all = True
+        elif isinstance(retention, int) and not isinstance(retention, bool) \
+                and self.retention_from is None:
+            self.retention_from = frame.seq
         restart = frame.body.get("restart")
         seal = self.prev_seal
         if seal is not None and seal[1] == "rotate" and restart is not None:
             r.add("error", "rotation_without_successor", seal[0], frame.seq - 1,
                   "segment sealed for rotation, but the next segment was started by a "
                   "restarted writer: the segment written after the rotation is missing")
+        if seal is not None and seal[1] == "shutdown" and restart is None:
+            r.add("error", "shutdown_without_restart", self.segment, frame.seq,
+                  "a segment after a shutdown seal whose header records no writer restart: "
+                  "every start of a writer writes one, so this segment was not written by a "
+                  "sidecar (appended to a trail that had stopped)")
         if not first_in_walk and seal is None:
             claims = [("prev_sealed", frame.body.get("prev_sealed"))]
             if isinstance(restart, dict):
@@ -338,12 +419,18 @@ class _Walk:
         """A frame (or an anchor) names the identity ``ident`` (``id``)."""
         r = self.result
         if isinstance(ident, str) and ident not in r.identities:
-            r.identities.append(ident)
+            # A forged trail can name a new identity in every frame: list a few (the
+            # membership test stays cheap, the memory bounded), count that there were more.
+            if len(r.identities) < MAX_IDENTITIES_LISTED:
+                r.identities.append(ident)
+            else:
+                self.more_identities = True
         if self.identity is not None and ident != self.identity:
-            shown = ident if isinstance(ident, str) else f"a {type(ident).__name__}"
+            shown = ident[:2100] if isinstance(ident, str) else f"a {type(ident).__name__}"
             if (what, shown) in self.wrong:
                 return  # one finding per identity: the first frame (or anchor) naming it
-            self.wrong.add((what, shown))
+            if len(self.wrong) < MAX_FINDINGS_PER_CODE:
+                self.wrong.add((what, shown))
             self.capped("wrong_identity", seq,
                         f"the {what} names {shown}, not {self.identity} (--id): this is "
                         "another sidecar's trail, or frames of one were put into it (the "
@@ -356,6 +443,23 @@ class _Walk:
             "a writer restart after signed checkpoints is not followed by a signed checkpoint "
             "(a signing writer writes one with the header of every restart): the restart "
             "header was forged, or the writer ran without its signing key")
+
+    def oldest_missing(self) -> None:
+        """The chain starts after seq 0 although no writer of it deleted segments: a header
+        says ``retention: all`` and none (covered by a verified signature, when checked
+        with keys) says ``retention: N``. Segments were removed from the start."""
+        r = self.result
+        if r.broken is not None or r.starts_at in (None, 0) or not self.keep_all \
+                or not self.whole_trail:
+            return
+        deleting = self.retention_from
+        if deleting is not None and self.keyring and (
+                r.signed_through is None or deleting > r.signed_through):
+            deleting = None  # a header no signature covers: anyone could have written it
+        if deleting is None:
+            r.add("error", "oldest_segments_missing", "", r.starts_at,
+                  f"the chain starts at seq {r.starts_at}, but its writers keep every segment "
+                  "(retention: all in the headers): the oldest segments were removed")
 
     def seal(self, frame: Frame) -> None:
         why = frame.body.get("why")
@@ -370,9 +474,12 @@ class _Walk:
                   f"no frame names an identity (nothing signed), so the trail cannot be "
                   f"shown to be {self.identity}'s (--id)")
         elif len(r.identities) > 1:
+            count = f"more than {len(r.identities)}" if self.more_identities \
+                else str(len(r.identities))
             r.add("error", "several_identities", "", None,
-                  f"the trail's frames name {len(r.identities)} identities "
+                  f"the trail's frames name {count} identities "
                   f"({', '.join(r.identities)}): a trail belongs to one sidecar")
+        self.oldest_missing()
         for code, n in self.more.items():
             r.add("error", code, "", None, f"and {n} more {code} findings (not listed)")
         if self.prev_seal is not None and self.prev_seal[1] == "rotate" and r.broken is None \
@@ -443,6 +550,8 @@ def anchor_difference(anchor: Checkpoint, frame: Frame) -> str | None:
     return None
 
 
+# Identities listed in ``VerifyResult.identities`` (a trail names one; more is an error).
+MAX_IDENTITIES_LISTED = 16
 # Findings of one code listed before the rest are only counted (a forger can repeat one
 # problem per frame).
 MAX_FINDINGS_PER_CODE = 100
@@ -499,7 +608,7 @@ def verify(
         header: dict[str, Any] | None = None
         fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
                     try:
                         frame = checker.accept(payload)
@@ -698,10 +807,10 @@ def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] 
         raise MalformedRecord(seq, str(exc)) from None
 
 
-def segment_header(path: str) -> dict[str, Any] | None:
+def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
     """The body of a segment file's header frame (None if it has none)."""
     try:
-        with open(path, "rb") as fh:
+        with open_segment(seg) as fh:
             for _offset, payload in read_frames(fh):
                 _seq, _prev, kind, body = decode_frame(payload)
                 return body if kind == "seg" else None
@@ -723,7 +832,7 @@ def iter_stored(
     for seg in resolve_segments(path):
         header: dict[str, Any] | None = None
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, _prev, kind, body = decode_frame(payload)
                     if kind == "seg":
@@ -739,6 +848,9 @@ def iter_stored(
         except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
             if on_damage is not None:
                 on_damage(f"{seg.name}: {exc}")
+        except OSError as exc:  # not a regular file, unreadable
+            if on_damage is not None:
+                on_damage(f"{seg.name}: cannot read: {exc.strerror or exc}")
 
 
 def iter_records(path: str, filters: RecordFilter | None = None,
@@ -779,7 +891,7 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
         problem: str | None = None
         signed: int | None = None
         try:
-            with open(seg.path, "rb", buffering=READ_BUFFER) as fh:
+            with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
                     try:
                         frame = checker.accept(payload)

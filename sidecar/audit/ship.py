@@ -517,32 +517,148 @@ _NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio
 # ----------------------------------------------------------- collector side: rebuild
 
 
+MAX_NAME_TIME = 253402300800.0  # 10000-01-01T00:00:00Z: segment_name's stamp has 4-digit years
+
+
 class CollectError(ValueError):
     """Two different frames were shipped with one seq (a forgery or a writer reusing seqs)."""
 
 
-def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:
-    """Add the frames found in collector output lines (any syslog line format that keeps
-    the message text: the JSON object starting at ``{"seq":``) to ``frames``; duplicates
-    (at-least-once delivery) are kept once. Returns the number of messages read."""
-    count = 0
-    for line in lines:
-        start = line.find('{"seq":')
-        if start < 0:
-            continue
+_SD_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _canonical(value: Any) -> str:
+    """A JSON value as the shipper writes it (compact, ASCII, bytes in base64), read back
+    and written again: equal exactly when the values are (403 is not 403.0 nor true)."""
+    return _encode(json.loads(_encode(value)))
+
+
+class Collector:
+    """Frames gathered from collector output, each message checked against its own frame.
+
+    A message carries its frame (``frame``) and what a SIEM shows and indexes: ``seq``,
+    ``kind``, ``digest`` (also in the structured data) and the record, checkpoint or header
+    as JSON. Each must be what the frame says, or the collector's copy was edited where
+    ``verify`` (which reads only the frames) would not see it: ``CollectError``. An
+    encrypted record's JSON is compared when a data key opens its frame (``unchecked``
+    counts those that could not be); a digest is compared where the segment's header says
+    plain SHA-256 (an HMAC needs the key)."""
+
+    def __init__(self, decryptor: Any = None) -> None:
+        self.frames: dict[int, bytes] = {}
+        self.messages = 0
+        self.unchecked = 0  # encrypted records whose JSON could not be compared
+        self._decryptor = decryptor
+        self._digests: dict[int, str] = {}
+        self._records: dict[int, str] = {}  # seq -> canonical JSON of an ``erc`` message
+
+    def add(self, lines: Iterable[str]) -> None:
+        """Read collector output lines (any syslog line format that keeps the message text:
+        the JSON object starting at ``{"seq":``); duplicates (at-least-once delivery) are
+        kept once. A line that is cut or not ours is skipped (``verify`` shows the gap)."""
+        for line in lines:
+            start = line.find('{"seq":')
+            if start < 0:
+                continue
+            try:
+                obj = json.loads(line[start:])
+                seq, frame = obj["seq"], base64.b64decode(obj["frame"], validate=True)
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue  # not one of ours, or cut by the collector: verify shows the gap
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                continue
+            self.messages += 1
+            problem = self._mismatch(obj, frame, line[:start])
+            if problem is not None:
+                raise CollectError(f"the message for seq {seq} does not match its frame "
+                                   f"({problem}): the collector's copy was edited")
+            old = self.frames.setdefault(seq, frame)
+            if old != frame:
+                raise CollectError(f"two different frames were shipped with seq {seq}: a "
+                                   "writer reused the seq (cut tail) or a frame was forged")
+
+    def _mismatch(self, obj: dict[str, Any], frame: bytes, before: str) -> str | None:
+        from sidecar.audit.chain import FrameError, decode_frame
+        from sidecar.audit.signing import Checkpoint
+
         try:
-            obj = json.loads(line[start:])
-            seq, frame = obj["seq"], base64.b64decode(obj["frame"], validate=True)
-        except (ValueError, KeyError, TypeError):
-            continue  # not one of ours, or cut by the collector: verify shows the gap
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            continue
-        count += 1
-        old = frames.setdefault(seq, frame)
-        if old != frame:
-            raise CollectError(f"two different frames were shipped with seq {seq}: a writer "
-                               "reused the seq (cut tail) or a frame was forged")
-    return count
+            seq, prev, kind, body = decode_frame(frame)
+        except FrameError as exc:
+            return f"the frame does not decode: {exc}"
+        if seq != obj["seq"]:
+            return f"its frame is seq {seq}"
+        if obj.get("kind") != kind:
+            return f"kind {obj.get('kind')!r}, its frame is {kind!r}"
+        digest = obj.get("digest")
+        if not isinstance(digest, str) or self._digests.setdefault(seq, digest) != digest:
+            return "digest"
+        sd = before.rfind("[" + SD_ID + " ")
+        if sd >= 0:
+            params = dict(_SD_PARAM.findall(before[sd:before.find("]", sd) + 1 or None]))
+            for name, value in (("seq", str(seq)), ("digest", digest), ("kind", kind)):
+                if name in params and params[name] != value:
+                    return f"structured data {name}={params[name]!r}"
+        field = _FIELD[kind].decode()
+        if field not in obj:
+            return f"no {field}"
+        shipped = _canonical(obj[field])
+        if kind == "erc":  # compared in ``check``, once the segment's header names the key
+            if self._records.setdefault(seq, shipped) != shipped:
+                return field
+            return None
+        # What the frame says: its body as stored, or (a signed checkpoint, as the writer
+        # ships it) the checkpoint as ``/audit/head`` serves it.
+        expected: list[Any] = [body]
+        if kind in ("chk", "end") and isinstance(body.get("sig"), bytes):
+            expected.append(Checkpoint.from_frame(seq, prev, kind, body).to_json())
+        try:
+            if all(_canonical(e) != shipped for e in expected):
+                return field
+        except (TypeError, ValueError, RecursionError):
+            return field
+        return None
+
+    def check(self) -> None:
+        """The checks that need the segment headers (in seq order): each digest against
+        its frame where the header says plain SHA-256, each encrypted record's JSON against
+        its decrypted frame where a data key opens it."""
+        import hashlib
+
+        from sidecar.audit.chain import ALG_SHA256, decode_frame
+        from sidecar.audit.crypto import DecryptError
+
+        header: dict[str, Any] | None = None
+        for seq in sorted(self.frames):
+            frame = self.frames[seq]
+            _s, _p, kind, body = decode_frame(frame)  # decoded once already in ``add``
+            if kind == "seg":
+                header = body
+            elif seq - 1 not in self.frames:
+                header = None  # a gap: the header of this frame's segment is not known
+            if header is not None and header.get("alg") == ALG_SHA256 and \
+                    hashlib.sha256(frame).hexdigest() != self._digests.get(seq):
+                raise CollectError(f"the message for seq {seq} does not match its frame "
+                                   "(digest): the collector's copy was edited")
+            if kind != "erc" or seq not in self._records:
+                continue
+            try:
+                if self._decryptor is None or header is None:
+                    raise DecryptError("no key")
+                wire = self._decryptor.record(seq, body, header)
+            except DecryptError:
+                self.unchecked += 1
+                continue
+            if _canonical(wire) != self._records[seq]:
+                raise CollectError(f"the message for seq {seq} does not match its frame "
+                                   "(record): the collector's copy was edited")
+
+
+def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:
+    """``Collector.add`` into ``frames``; returns the number of messages read."""
+    collector = Collector()
+    collector.frames = frames
+    collector.add(lines)
+    return collector.messages
 
 
 def write_segments(frames: dict[int, bytes], directory: str) -> int:
@@ -569,7 +685,12 @@ def write_segments(frames: dict[int, bytes], directory: str) -> int:
         if kind == "seg" or out is None:
             flush()
             created = body.get("created", 0.0) if kind == "seg" else 0.0
-            name = segment_name(seq, float(created) if isinstance(created, int | float) else 0.0)
+            # Only for the file name: a time no calendar holds (a forged header) names the
+            # file as of 1970; verify reports the forgery.
+            if isinstance(created, bool) or not isinstance(created, int | float) or \
+                    not 0 <= created < MAX_NAME_TIME:
+                created = 0.0
+            name = segment_name(seq, float(created))
             out = bytearray()
         out += LENGTH.pack(len(frame)) + frame
     flush()

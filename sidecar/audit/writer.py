@@ -164,6 +164,10 @@ class _SegmentSink:
         path = os.path.join(self.directory, segment_name(head.next_seq, created))
         if self.encryptor is not None:
             info = {**info, "enc": self.encryptor.header_info()}
+        # Whether this writer deletes old segments: a trail whose headers all say "all"
+        # cannot honestly start after seq 0 (verify: oldest_segments_missing).
+        info = {**info, "retention": self.max_segments if self.max_segments is not None
+                else "all"}
         header = head.header(created, **info)
         checkpoint: Checkpoint | None = None
         if self.signer is not None and "restart" in info:

@@ -1,0 +1,261 @@
+"""The collector's copy, edited: what ``sidecar audit collect`` + ``verify`` say.
+
+Found by a hostile review: ``collect`` read only each message's ``frame`` and ignored the
+JSON a SIEM shows and indexes (the record, the checkpoint, the header, ``seq``, ``kind``,
+``digest``, the structured data), so a deny edited into an allow in the collector's copy
+rebuilt and verified OK; JSON nested too deep was a traceback and one undecodable frame
+made the whole collection exit 2. Now every message must say what its frame says (exit 1
+naming the seq), and lines that are cut or not ours are skipped (``verify`` shows the gap).
+
+The stream is what a REAL rsyslog wrote (tests/test_audit_ship.py starts it), for a clear
+and an encrypted trail; the edits are data, applied to every kind of message.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from sidecar.audit.crypto import write_data_key
+from sidecar.audit.record import AuditRecord
+from sidecar.audit.signing import write_keypair
+from sidecar.config.audit import AuditConfig
+from tests.harness import sidecar_cli, wait_for
+from tests.test_audit_ship import ORDERS, Rsyslog
+from tests.test_audit_writer import run_writer
+
+
+class Stream:
+    def __init__(self, root: Path, lines: list[str], pub: str, data: str | None) -> None:
+        self.root, self.lines, self.pub, self.data = root, lines, pub, data
+        self.runs = 0
+
+    def collect(self, lines: list[str], *, data_key: bool = True
+                ) -> tuple[int, str, dict | None]:
+        """(collect's exit code, its output, verify's JSON when collect succeeded)."""
+        self.runs += 1
+        src = self.root / f"in-{self.runs}.log"
+        src.write_text("".join(line + "\n" for line in lines))
+        out = self.root / f"out-{self.runs}"
+        keys = ["--data-key", self.data] if self.data and data_key else []
+        got = sidecar_cli("audit", "collect", str(src), "-o", str(out), *keys)
+        assert "Traceback" not in got.stderr, got.stderr
+        if got.returncode != 0:
+            return got.returncode, got.stdout + got.stderr, None
+        checked = sidecar_cli("audit", "verify", str(out), "--pubkey", self.pub, *keys, "--json")
+        assert "Traceback" not in checked.stderr, checked.stderr
+        return 0, got.stdout, json.loads(checked.stdout)
+
+
+@pytest.fixture(scope="module", params=["clear", "encrypted"])
+def stream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Stream:
+    root = tmp_path_factory.mktemp(f"ship-{request.param}")
+    rsyslog = Rsyslog(root / "rsyslog")
+    rsyslog.start()
+    try:
+        priv, pub, _ = write_keypair(str(root / "sig"))
+        data = None
+        if request.param == "encrypted":
+            data = str(root / "d.data")
+            write_data_key(data)
+        config = AuditConfig(path=str(root / "audit"), fsync=False, signing_key_file=priv,
+                             checkpoint_every_records=7, max_segment_bytes=4096,
+                             encryption_key_file=data, ship=rsyslog.ship())
+
+        async def body(w) -> None:  # type: ignore[no-untyped-def]
+            for i in range(40):
+                assert w.submit(AuditRecord(
+                    time=1000.0 + i, request_id=f"r{i}", decision="deny" if i % 3 else "allow",
+                    status=403 if i % 3 else 200, rule="orders", peer=ORDERS,
+                    extra={"n": i, "b": b"\x00\xff", "l": [1, 2.5, None, True]}))
+                await trio.sleep(0.002)
+
+        writer = run_writer(config, body, identity=ORDERS)
+        seal = f'seq="{writer.statistics().next_seq - 1}"'
+        assert wait_for(lambda: any(seal in line for line in rsyslog.lines()), timeout=15)
+    finally:
+        rsyslog.stop()
+    lines = rsyslog.lines()
+    assert {line.split("\t")[0] for line in lines} == {"segment", "audit", "checkpoint"}
+    return Stream(root, lines, pub, data)
+
+
+def first(lines: list[str], kind: str) -> int:
+    return next(i for i, line in enumerate(lines) if f'kind="{kind}"' in line)
+
+
+def edit_json(key_path: tuple[str, ...], value: object) -> Callable[[str], str]:
+    """Set a value inside the message's JSON object (the SD and frame untouched)."""
+    def apply(line: str) -> str:
+        start = line.index('{"seq":')
+        obj = json.loads(line[start:])
+        target = obj
+        for k in key_path[:-1]:
+            target = target[k]
+        target[key_path[-1]] = value
+        return line[:start] + json.dumps(obj, separators=(",", ":"))
+    return apply
+
+
+def drop_json(key: str) -> Callable[[str], str]:
+    def apply(line: str) -> str:
+        start = line.index('{"seq":')
+        obj = json.loads(line[start:])
+        del obj[key]
+        return line[:start] + json.dumps(obj, separators=(",", ":"))
+    return apply
+
+
+def sub(pattern: str, repl: str) -> Callable[[str], str]:
+    return lambda line: re.sub(pattern, repl, line, count=1)
+
+
+def other_frame(lines: list[str], kind: str) -> Callable[[str], str]:
+    """The frame of another message of the same kind (its JSON left as it was)."""
+    donor = json.loads(lines[[i for i, x in enumerate(lines) if f'kind="{kind}"' in x][1]]
+                       .split("\t", 2)[2])["frame"]
+    return lambda line: re.sub(r'"frame":"[^"]*"', f'"frame":"{donor}"', line)
+
+
+# (what is edited, the kind of message, the edit): each makes collect exit 1.
+EDITS: list[tuple[str, str, Callable[[str], str]]] = [
+    ("record decision", "rec", edit_json(("record", "d"), "allow")),
+    ("record status as float", "rec", edit_json(("record", "st"), 403.0)),
+    ("record status as bool", "rec", edit_json(("record", "rule"), True)),
+    ("record extra", "rec", edit_json(("record", "x", "n"), 99)),
+    ("record key added", "rec", edit_json(("record", "zz"), 1)),
+    ("record dropped", "rec", drop_json("record")),
+    ("record null", "rec", edit_json(("record",), None)),
+    ("json seq", "rec", edit_json(("seq",), 10_000)),
+    ("json kind", "rec", edit_json(("kind",), "chk")),
+    ("json digest", "rec", edit_json(("digest",), "00" * 32)),
+    ("sd seq", "rec", sub(r'seq="(\d+)"', 'seq="99999"')),
+    ("sd digest", "rec", sub(r'digest="[0-9a-f]+"', 'digest="' + "ab" * 32 + '"')),
+    ("sd kind", "rec", sub(r'kind="rec"', 'kind="chk"')),
+    ("checkpoint time", "chk", edit_json(("checkpoint", "fields", "time"), 1.0)),
+    ("checkpoint id", "chk", edit_json(("checkpoint", "fields", "id"), "spiffe://x/y")),
+    ("checkpoint seq", "chk", edit_json(("checkpoint", "seq"), 1)),
+    ("checkpoint sig", "chk", edit_json(("checkpoint", "sig"), base64.b64encode(
+        bytes(64)).decode())),
+    ("seal why", "end", edit_json(("checkpoint", "fields", "why"), "shutdown")),
+    ("header alg", "seg", edit_json(("header", "alg"), "hmac-sha256")),
+    ("header created", "seg", edit_json(("header", "created"), 0.0)),
+    ("header dropped", "seg", drop_json("header")),
+]
+
+
+@pytest.mark.parametrize("what,kind,edit", EDITS, ids=[e[0] for e in EDITS])
+def test_an_edited_message_is_refused(stream: Stream, what: str, kind: str,
+                                      edit: Callable[[str], str]) -> None:
+    if kind == "rec" and stream.data:
+        kind = "erc"
+        if what.startswith("sd kind"):
+            edit = sub(r'kind="erc"', 'kind="chk"')
+    if what == "seal why":
+        kind, idx = "end", next(i for i, x in enumerate(stream.lines)
+                                if '"why":"rotate"' in x)
+    else:
+        idx = first(stream.lines, kind) + (2 if kind in ("rec", "erc") else 0)
+    lines = list(stream.lines)
+    lines[idx] = edit(lines[idx])
+    assert lines[idx] != stream.lines[idx]
+    code, out, _ = stream.collect(lines)
+    assert code == 1 and "does not match its frame" in out, out
+
+
+def test_an_edited_encrypted_record_needs_the_data_key(stream: Stream) -> None:
+    if not stream.data:
+        pytest.skip("the clear trail's records are always compared")
+    idx = first(stream.lines, "erc") + 2
+    lines = list(stream.lines)
+    lines[idx] = edit_json(("record", "d"), "allow")(lines[idx])
+    code, out, result = stream.collect(lines, data_key=False)
+    assert code == 0 and "encrypted records' JSON not compared" in out, out
+    assert result is not None and result["ok"]
+    code, out, _ = stream.collect(lines)
+    assert code == 1 and "does not match its frame (record)" in out, out
+
+
+def test_a_frame_taken_from_another_message(stream: Stream) -> None:
+    for kind in ("erc" if stream.data else "rec", "chk"):
+        idx = first(stream.lines, kind)
+        lines = list(stream.lines)
+        lines[idx] = other_frame(stream.lines, kind)(lines[idx])
+        code, out, _ = stream.collect(lines)
+        assert code == 1 and "does not match its frame" in out, out
+
+
+def test_dropped_duplicated_reordered_cut_and_junk_lines(stream: Stream) -> None:
+    lines = stream.lines
+    code, out, result = stream.collect(lines)
+    assert code == 0 and result is not None and result["ok"], (out, result)
+    records = result["records"]
+    mid = first(lines, "erc" if stream.data else "rec") + 3
+    # Order and repetition of delivery do not matter.
+    for variant in (lines[:mid] + [lines[mid]] + lines[mid:], list(reversed(lines)),
+                    lines + lines, lines[1:] + lines[:1]):
+        code, out, result = stream.collect(variant)
+        assert code == 0 and result is not None and result["ok"], (out, result)
+        assert result["records"] == records
+    # A dropped or cut line in the middle, at the head: a gap verify reports.
+    for variant in (lines[:mid] + lines[mid + 1:], lines[1:],
+                    lines[:mid] + [lines[mid][:120]] + lines[mid + 1:]):
+        code, out, result = stream.collect(variant)
+        assert code == 0 and result is not None and not result["ok"], (out, result)
+    # Lines cut from the end: what is left is a shorter trail (an anchor, or the pod's
+    # copy, shows the cut; docs/audit.md "Which attacks need an anchor").
+    code, out, result = stream.collect(lines[:-1])
+    assert code == 0 and result is not None and not result["sealed"], (out, result)
+    # Junk: not ours, nested too deep, a frame that does not decode.
+    junk = ['{"seq":' + "[" * 100_000, '{"seq": 1e400, "frame": "x"}', "{\"seq\":",
+            'x {"seq":1,"frame":"AAAA"}', "\x00\xff" * 100]
+    code, out, result = stream.collect(lines + junk[:3] + junk[4:])
+    assert code == 0 and result is not None and result["ok"], (out, result)
+    code, out, _ = stream.collect(lines + [junk[3]])
+    assert code == 1 and "does not decode" in out, out
+
+
+def test_collect_refuses_a_fifo_and_a_directory(stream: Stream, tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad in (fifo, tmp_path):
+        got = sidecar_cli("audit", "collect", str(bad), "-o", str(tmp_path / "o"), timeout=30)
+        assert got.returncode == 2 and "not a regular file" in got.stderr, got.stderr
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.parametrize("created", [1e300, -1e20, 2**63, float("nan"), float("inf"),
+                                     True, "x", None])
+def test_a_consistently_forged_header_with_an_impossible_time(stream: Stream,
+                                                              created: object) -> None:
+    """A header frame re-made with its JSON and digest to match (so ``collect`` takes it)
+    whose ``created`` no calendar holds: the file is named as of 1970, never a traceback
+    (it was an OverflowError), and ``verify`` reports the forgery."""
+    import hashlib
+
+    import msgpack
+
+    idx = first(stream.lines, "seg")
+    line = stream.lines[idx]
+    start = line.index('{"seq":')
+    obj = json.loads(line[start:])
+    frame = msgpack.unpackb(base64.b64decode(obj["frame"]))
+    frame["seg"]["created"] = created
+    raw = msgpack.packb(frame)
+    digest = hashlib.sha256(raw).hexdigest()
+    forged = {**obj, "frame": base64.b64encode(raw).decode(), "header": frame["seg"],
+              "digest": digest}
+    lines = list(stream.lines)
+    lines[idx] = line[:start].replace(obj["digest"], digest) + json.dumps(
+        forged, separators=(",", ":"))
+    code, out, result = stream.collect(lines)
+    assert code == 0 and result is not None and not result["ok"], (out, result)
