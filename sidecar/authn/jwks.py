@@ -35,7 +35,6 @@ cap stays a cap. The unknown-kid bound (``min_refetch_seconds``) is never jitter
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -45,6 +44,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sidecar.errors import ConfigError, Problem
+from sidecar.jsondoc import JsonDocError, read_json
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_KEYS = 100
@@ -216,8 +216,8 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
     if len(data) > MAX_JWKS_BYTES:
         raise ConfigError([Problem(source, None, "", f"JWKS larger than {MAX_JWKS_BYTES} bytes")])
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = read_json(data)
+    except JsonDocError as exc:
         raise ConfigError([Problem(source, None, "", f"JWKS is not valid JSON: {exc}")]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ConfigError([Problem(source, None, "keys", "JWKS must be an object with a 'keys' list")])

@@ -28,11 +28,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.jsondoc import JsonDocError, read_json
 from sidecar.k8s.inject import InjectError, InjectOptions, inject_pod_spec
 from sidecar.k8s.patch import json_patch
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024
+# A pod with its managedFields is about 15 levels deep; the injector copies and diffs it.
+MAX_REVIEW_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,8 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
         return AdmissionAnswer(413, {"error": f"AdmissionReview larger than "
                                               f"{MAX_REVIEW_BYTES} bytes"})
     try:
-        review = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        review = read_json(body, max_depth=MAX_REVIEW_DEPTH)
+    except JsonDocError as exc:
         return _bad_request(f"body is not JSON ({exc})")
     if not isinstance(review, dict):
         return _bad_request("body is not a JSON object")
