@@ -13,7 +13,14 @@ request and reading the answer under ``read_timeout``; the response head is at m
 ``max_head_bytes`` (h11's incomplete-event limit) and the body at most ``max_body_bytes``
 (checked against ``Content-Length`` first, then while reading). With ``read_body=False`` the
 call returns as soon as the status line and headers are in (a probe or a webhook post only
-wants the status). 1xx informational answers are skipped.
+wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMATIONAL``.
+
+The deadlines bound the time, not the work: parsing happens between reads, so a server that
+sends a 1 MiB body as one-byte chunks made the event loop parse a million chunks (13 s of
+CPU, every other task of the sidecar waiting) and one that streams ``100 Continue`` kept it
+parsing until the deadline. So the body may arrive in at most ``MIN_BODY_PIECES +
+max_body_bytes // MIN_MEAN_PIECE_BYTES`` pieces (h11 ``Data`` events: chunks, or reads of a
+``Content-Length`` body), and at most ``MAX_INFORMATIONAL`` 1xx answers may come first.
 
 Every failure is one ``ClientError`` (``ClientTimeout`` for a deadline) with the cause
 chained; its message names the server and the failure, never the request headers or body,
@@ -36,6 +43,9 @@ DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_HEAD_BYTES = 16 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_USER_AGENT = "trio-mesh-sidecar"
+MAX_INFORMATIONAL = 8
+MIN_BODY_PIECES = 64
+MIN_MEAN_PIECE_BYTES = 512
 _READ_CHUNK = 65536
 
 
@@ -165,6 +175,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
     await stream.send_all(out + conn.send(h11.EndOfMessage()))
     received = bytearray()
     head: h11.Response | None = None
+    pieces = MIN_BODY_PIECES + max_body_bytes // MIN_MEAN_PIECE_BYTES
+    informational = MAX_INFORMATIONAL
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -185,9 +197,15 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             received += event.data
             if len(received) > max_body_bytes:
                 raise ClientError(f"response larger than {max_body_bytes} bytes")
+            pieces -= 1
+            if pieces < 0:
+                raise ClientError("response body in too many pieces (tiny chunks)")
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None  # h11 yields a Response before any body
             return Response(head.status_code, tuple(head.headers), bytes(received))
         elif isinstance(event, h11.ConnectionClosed):
             raise ClientError("connection closed before the response ended")
-        # InformationalResponse (1xx): keep reading.
+        elif isinstance(event, h11.InformationalResponse):
+            informational -= 1
+            if informational < 0:
+                raise ClientError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")
