@@ -119,7 +119,8 @@ class Sidecar:
 
             # mtls introspection presents this workload's own (rotating) SVID files.
             self.gate.introspector = Introspector(self.authenticator,
-                                                  identity=lambda: (ident.cert, ident.key))
+                                                  identity=lambda: (ident.cert, ident.key),
+                                                  metrics=self.metrics)
         self.trackers: list[ConnectionTracker] = []
         self.stops: list[trio.CancelScope] = []
         self.listening = False

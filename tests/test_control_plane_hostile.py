@@ -216,6 +216,8 @@ def test_hostile_jwks_keeps_the_last_good_keys(env: Env, name: str) -> None:
                           timeout=15, interval=0.2)
         assert failed[0]["level"] == "warning" and failed[0]["have_keys"] is True, failed[0]
         assert env.get("/k/x", token) == 200  # the last good keys stay in use
+        assert env.sidecar.metric("sidecar_jwks_fetches_total", provider="keys",
+                                  result="failed") >= 1
     finally:
         env.server.answers["/jwks"] = _answer(jwks_bytes(jwk(ec_key("good"), "good")))
 
@@ -234,14 +236,20 @@ def test_hostile_introspection_answer_fails_closed(env: Env, name: str) -> None:
             _events_after(env.sidecar, "introspection_failed", before))
 
     wait_for(asked, timeout=15, interval=0.3)
-    assert metric_value(env.sidecar.metrics(), "sidecar_jwt_failures_total",
+    text = env.sidecar.metrics()
+    assert metric_value(text, "sidecar_jwt_failures_total",
                         reason="introspection_unavailable") > refused
+    assert metric_value(text, "sidecar_introspection_calls_total", provider="opaque",
+                        result="failed") >= 1
 
 
 def test_a_sound_introspection_answer_is_still_taken(env: Env) -> None:
     env.server.answers["/introspect"] = _answer(ACTIVE)
     opaque = f"opaque-sound-{time.monotonic_ns()}"
     wait_for(lambda: env.get("/o/x", opaque) == 200, timeout=15, interval=0.3)
+    assert env.sidecar.metric("sidecar_introspection_calls_total", provider="opaque",
+                              result="active") >= 1
+    assert env.sidecar.metric("sidecar_jwks_fetches_total", provider="keys", result="ok") >= 1
 
 
 def test_the_log_names_the_failure_never_the_answer(env: Env) -> None:
