@@ -249,6 +249,23 @@ def test_a_body_in_sensible_chunks_is_read() -> None:
     with_server(answer(raw), check)
 
 
+@pytest.mark.parametrize("head", [
+    b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+    b"transfer-encoding: chunked\r\ncontent-length: 5\r\n",
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"content-length: 0\r\ntransfer-encoding: chunked\r\n"])
+def test_a_response_framed_both_ways_is_refused(head: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + head + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+
+    async def check(port: int, requests: list[bytearray]) -> None:
+        with pytest.raises(ClientError, match="both Content-Length and Transfer-Encoding"):
+            await request(f"http://127.0.0.1:{port}/")
+        with pytest.raises(ClientError, match="both Content-Length and Transfer-Encoding"):
+            await request(f"http://127.0.0.1:{port}/", read_body=False)
+
+    with_server(answer(raw), check)
+
+
 @pytest.mark.parametrize("count", [9, 10_000])
 def test_a_stream_of_informational_answers_is_refused(count: int) -> None:
     raw = b"HTTP/1.1 100 Continue\r\n\r\n" * count + OK

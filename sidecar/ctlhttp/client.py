@@ -13,7 +13,9 @@ request and reading the answer under ``read_timeout``; the response head is at m
 ``max_head_bytes`` (h11's incomplete-event limit) and the body at most ``max_body_bytes``
 (checked against ``Content-Length`` first, then while reading). With ``read_body=False`` the
 call returns as soon as the status line and headers are in (a probe or a webhook post only
-wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMATIONAL``.
+wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMATIONAL``. A
+response with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11 would let the
+chunked coding win).
 
 The deadlines bound the time, not the work: parsing happens between reads, so a server that
 sends a 1 MiB body as one-byte chunks made the event loop parse a million chunks (13 s of
@@ -188,6 +190,11 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             continue
         if isinstance(event, h11.Response):
             head = event
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # h11 lets the chunked coding win; what framed this answer is ambiguous,
+                # so it is refused, as the data path refuses it (RFC 9112 6.3).
+                raise ClientError("response has both Content-Length and Transfer-Encoding")
             if not read_body:
                 return Response(event.status_code, tuple(event.headers))
             for name, value in event.headers:
