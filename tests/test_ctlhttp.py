@@ -118,6 +118,10 @@ def with_server(script: Script, check: Callable[[int, list[bytearray]], Awaitabl
     ("https://example.com/a?b=1", Target("https", "example.com", 443, "/a?b=1", "example.com")),
     ("http://u:p@127.0.0.1:8080/x", Target("http", "127.0.0.1", 8080, "/x", "127.0.0.1:8080")),
     ("https://[::1]:9443/k", Target("https", "::1", 9443, "/k", "[::1]:9443")),
+    ("https://xn--bcher-kva.example./k",
+     Target("https", "xn--bcher-kva.example.", 443, "/k", "xn--bcher-kva.example.")),
+    ("https://_keys.idp-1.example/k",
+     Target("https", "_keys.idp-1.example", 443, "/k", "_keys.idp-1.example")),
 ])
 def test_parse_url(url: str, want: Target) -> None:
     assert parse_url(url) == want
@@ -128,6 +132,22 @@ def test_parse_url(url: str, want: Target) -> None:
     ("http://example.com/", ("https",)),
     ("https:///nohost", ("https",)),
     ("http://example.com:99999/", ("http",)),
+    # Found by a hostile review: hosts and paths that escaped as UnicodeError,
+    # idna.InvalidCodepoint or ValueError instead of ClientError (a jwks_uri in hostile
+    # OpenID metadata reaches parse_url).
+    ("https://" + "a" * 64 + ".example/jwks", ("https",)),
+    ("https://a..b/jwks", ("https",)),
+    ("https://.example/jwks", ("https",)),
+    ("https://\u2603.example/jwks", ("https",)),
+    ("https://b\u00fccher.example/jwks", ("https",)),
+    ("https://[::1/jwks", ("https",)),
+    ("https://[nothost]/jwks", ("https",)),
+    ("https://exa mple.com/jwks", ("https",)),
+    ("https://%00/jwks", ("https",)),
+    ("https://example.com/\u2603", ("https",)),
+    ("https://example.com/a b", ("https",)),
+    ("https://example.com/a?b=\x7f", ("https",)),
+    ("https://" + "a." * 127 + "com/", ("https",)),
 ])
 def test_parse_url_refuses(url: str, schemes: tuple[str, ...]) -> None:
     with pytest.raises(ClientError):

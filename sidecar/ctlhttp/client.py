@@ -32,6 +32,8 @@ token, count a failed post, answer 503).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ MAX_INFORMATIONAL = 8
 MIN_BODY_PIECES = 64
 MIN_MEAN_PIECE_BYTES = 512
 _READ_CHUNK = 65536
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 
 class ClientError(Exception):
@@ -75,18 +78,41 @@ class Target:
         return f"{self.scheme}://{self.authority}{self.target}"
 
 
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
 def parse_url(url: str, *, schemes: Sequence[str] = ("http", "https")) -> Target:
-    """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
+    """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host.
+
+    The host must be an IP address or an ASCII DNS name (labels of 1-63 letters, digits,
+    ``-`` or ``_``; IDNs in their ``xn--`` form) and the path and query printable ASCII: a
+    URL from a document someone else wrote (OpenID metadata's ``jwks_uri``) is refused here,
+    not by an encoder deep in the resolver or the HTTP codec."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise ClientError(f"not a URL: {url[:200]!r}") from exc
+    if parts.scheme not in schemes or not hostname:
         wanted = " or ".join(schemes)
-        raise ClientError(f"not an {wanted} URL: {url!r}")
+        raise ClientError(f"not an {wanted} URL: {url[:200]!r}")
+    if not _valid_host(hostname):
+        raise ClientError(f"not a host name or address in URL: {url[:200]!r}")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise ClientError(f"bad port in URL: {url!r}") from exc
+        raise ClientError(f"bad port in URL: {url[:200]!r}") from exc
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(parts.scheme, parts.hostname, port, target, parts.netloc.rpartition("@")[2])
+    if not all(33 <= ord(c) < 127 for c in target):
+        raise ClientError(f"the path of a URL must be printable ASCII: {url[:200]!r}")
+    return Target(parts.scheme, hostname, port, target, parts.netloc.rpartition("@")[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +182,9 @@ async def _connect(where: Target, ssl_context: ssl.SSLContext | None,
     except trio.TooSlowError as exc:
         error: ClientError = ClientTimeout(f"connect to {address} timed out")
         cause: BaseException = exc
-    except (OSError, trio.BrokenResourceError) as exc:
+    except (OSError, trio.BrokenResourceError, UnicodeError) as exc:
+        # UnicodeError: a host name the resolver's IDNA encoder refuses (parse_url checks
+        # URLs; a Target built by hand may still carry one).
         error, cause = ClientError(f"connect to {address} failed: {exc}"), exc
     if stream is not None:
         await trio.aclose_forcefully(stream)
