@@ -185,7 +185,10 @@ async def _connect(where: Target, ssl_context: ssl.SSLContext | None,
     except (OSError, trio.BrokenResourceError, UnicodeError) as exc:
         # UnicodeError: a host name the resolver's IDNA encoder refuses (parse_url checks
         # URLs; a Target built by hand may still carry one).
-        error, cause = ClientError(f"connect to {address} failed: {exc}"), exc
+        # A failed TLS handshake is a BrokenResourceError with no message of its own: name
+        # its cause (a certificate or host-name mismatch) so the log says which.
+        detail = str(exc) or repr(exc.__cause__ if exc.__cause__ is not None else exc)
+        error, cause = ClientError(f"connect to {address} failed: {detail}"), exc
     if stream is not None:
         await trio.aclose_forcefully(stream)
     raise error from cause
