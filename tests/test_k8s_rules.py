@@ -467,3 +467,63 @@ def test_hostile_json_through_the_webhook(webhook: tuple[int, ssl.SSLContext, Pr
     assert http(port, "GET", "/healthz", conn=httpclient.HTTPSConnection(
         "127.0.0.1", port, context=ctx, timeout=10)).status == 200
     assert not proc.log_events("webhook_internal_error")
+
+
+# --- a pod cannot shape its sidecar: whatever it says, the patch adds exactly the injector's ---
+
+HOSTILE_HINTS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "image annotation": _meta("annotations", "sidecar.mesh.dev/image", "evil:1"),
+    "istio proxy image annotation": _meta("annotations", "sidecar.istio.io/proxyImage", "evil:1"),
+    "privileged annotation": _meta("annotations", "sidecar.mesh.dev/privileged", "true"),
+    "extra args annotation": _meta("annotations", "sidecar.mesh.dev/args",
+                                   '["run", "--insecure"]'),
+    "command annotation": _meta("annotations", "sidecar.mesh.dev/command", "sh -c id"),
+    "extra volumes annotation": _meta("annotations", "sidecar.mesh.dev/volumes",
+                                      '[{"name": "host", "hostPath": {"path": "/"}}]'),
+    "user volume mount annotation": _meta("annotations", "sidecar.mesh.dev/userVolumeMount",
+                                          '{"host": {"mountPath": "/host"}}'),
+    "capabilities annotation": _meta("annotations", "sidecar.mesh.dev/capabilities",
+                                     "NET_ADMIN,SYS_ADMIN"),
+    "status annotation claiming injection": _meta("annotations", STATUS_ANNOTATION, "injected"),
+    "image label": _meta("labels", "sidecar.mesh.dev/image", "evil"),
+    "pod runs as root, privileged-ish context": lambda d: d["spec"].update(securityContext={
+        "runAsUser": 0, "runAsNonRoot": False, "fsGroup": 0, "supplementalGroups": [0],
+        "seccompProfile": {"type": "Unconfined"}, "sysctls": [{"name": "kernel.x", "value": "1"}]}),
+    "app container privileged with hostPath": lambda d: (
+        _app(d).update(securityContext={"privileged": True},
+                       volumeMounts=[{"name": "host", "mountPath": "/host"}]),
+        d["spec"].update(volumes=[{"name": "host", "hostPath": {"path": "/"}}])),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_HINTS)
+def test_a_pod_cannot_shape_its_sidecar(name: str,
+                                        webhook: tuple[int, ssl.SSLContext, Proc]) -> None:
+    from sidecar.k8s.inject import sidecar_container, sidecar_volumes
+
+    doc = _with(HOSTILE_HINTS[name])()
+    port, ctx, _ = webhook
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "hint", "operation": "CREATE",
+                          "kind": {"group": "", "version": "v1", "kind": "Pod"}, "object": doc}}
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        reply = http(port, "POST", "/mutate", body=json.dumps(review).encode(),
+                     headers={"content-type": "application/json"}, conn=conn)
+    finally:
+        conn.close()
+    response = reply.json()["response"]
+    assert response["allowed"] is True
+    patched = apply_patch(doc, json.loads(base64.b64decode(response["patch"])))
+    pure = inject_pod_spec(doc["metadata"], doc["spec"], OPTIONS)
+    assert pure is not None and patched["spec"] == pure[1]
+    (sidecar,) = [c for c in patched["spec"]["initContainers"] if c["name"] == SIDECAR_CONTAINER]
+    probes = json.loads(next(e["value"] for e in sidecar["env"]
+                             if e["name"] == "SIDECAR_APP_PROBES"))
+    assert sidecar == sidecar_container(OPTIONS, probes)
+    assert sidecar["securityContext"]["privileged"] is False
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    added = [v for v in patched["spec"]["volumes"] if v["name"].startswith("mesh-sidecar")]
+    assert added == sidecar_volumes(OPTIONS)
+    assert not any("hostPath" in v for v in added)
