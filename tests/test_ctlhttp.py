@@ -485,6 +485,27 @@ def test_malformed_and_oversized_heads_get_the_bad_request_answer() -> None:
     with_serve(check)
 
 
+@pytest.mark.parametrize("head", [
+    b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n"])
+def test_a_request_framed_both_ways_is_refused_before_the_handler(head: bytes) -> None:
+    # Found by a hostile review: h11 read such a request as chunked and handed it on.
+    async def check(nursery: trio.Nursery) -> None:
+        seen: list[str] = []
+
+        async def handler(request: Request) -> Reply:
+            seen.append(request.path)
+            return Reply(200, await request.read_body(100))
+
+        port, _ = await start(nursery, handler=handler)
+        got = await exchange(port, b"POST /body HTTP/1.1\r\nhost: x\r\n" + head
+                             + b"\r\n5\r\nhello\r\n0\r\n\r\n" + CLOSE_GET)
+        assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.1") == 1
+        assert b"connection: close" in got.lower() and seen == []
+
+    with_serve(check)
+
+
 def test_bodies_are_read_on_demand_capped_or_skipped_when_small() -> None:
     def post(path: bytes, body: bytes) -> bytes:
         return (b"POST " + path + b" HTTP/1.1\r\nhost: x\r\ncontent-length: "
