@@ -53,7 +53,9 @@ def _constant(name: str) -> Any:
     raise JsonDocError(f"{name} is not JSON")
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` (plain lists and dicts) nests deeper than ``limit`` levels; iterative,
+    so any depth is measured (a YAML document is checked with it after loading)."""
     if not isinstance(value, dict | list):
         return False
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -84,7 +86,7 @@ def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
         raise
     except ValueError as exc:
         raise JsonDocError(f"not JSON: {exc}") from None
-    if _deeper_than(value, max_depth):
+    if deeper_than(value, max_depth):
         raise JsonDocError(f"nested deeper than {max_depth} levels")
     if _SURROGATE_ESCAPE.search(text):
         try:
