@@ -90,6 +90,7 @@ async def tap_reply(tap: Any, query: str) -> Reply:
     only appends to the tap's bounded ring; a watcher that falls behind is told how many
     events it missed (``dropped``) instead of slowing anything down.
     """
+    import math
     from urllib.parse import parse_qs
 
     try:
@@ -98,6 +99,8 @@ async def tap_reply(tap: Any, query: str) -> Reply:
         wait = float(params.get("wait", ["1"])[0])
     except (ValueError, IndexError):
         return Reply.error(400)
+    if (after is not None and after < 0) or not math.isfinite(wait):
+        return Reply.error(400)  # sequence numbers start at 0; a wait is a number of seconds
     wait = min(max(wait, 0.0), tap.MAX_WAIT)
     tap.watch()
     if after is not None:

@@ -18,7 +18,6 @@ function, so the I/O half decides what a status that cannot answer means (not re
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 from sidecar.ctlhttp.reply import Reply
 from sidecar.errors import ConfigError, Problem
+from sidecar.jsondoc import JsonDocError, read_json
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import SidecarMetrics
 
@@ -49,6 +49,19 @@ class AdminStatus(Protocol):
     def effective_config(self) -> dict[str, Any]:
         """The effective sidecar config, already redacted."""
         ...
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host keeps a server on this machine (``localhost`` or a loopback
+    address); an empty host, a wildcard or any other name does not."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def admin_page(path: str, status: AdminStatus, metrics: SidecarMetrics,
@@ -93,8 +106,8 @@ def parse_app_probes(text: str | None) -> dict[str, AppProbe]:
         problems.append(Problem(APP_PROBES_ENV, None, key, message))
 
     try:
-        raw = json.loads(text)
-    except ValueError as exc:
+        raw = read_json(text)
+    except JsonDocError as exc:
         raise ConfigError([Problem(APP_PROBES_ENV, None, "", f"not valid JSON: {exc}")]) from None
     if not isinstance(raw, dict):
         raise ConfigError([Problem(APP_PROBES_ENV, None, "", "must be a JSON object")])

@@ -119,7 +119,8 @@ class Sidecar:
 
             # mtls introspection presents this workload's own (rotating) SVID files.
             self.gate.introspector = Introspector(self.authenticator,
-                                                  identity=lambda: (ident.cert, ident.key))
+                                                  identity=lambda: (ident.cert, ident.key),
+                                                  metrics=self.metrics)
         self.trackers: list[ConnectionTracker] = []
         self.stops: list[trio.CancelScope] = []
         self.listening = False
@@ -464,8 +465,15 @@ class Sidecar:
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
             from sidecar.admin import serve_admin
+            from sidecar.admin_pages import is_loopback
             from sidecar.ctlhttp.server import ServerLimits
 
+            if not is_loopback(cfg.admin.listen[0]):
+                # Not refused (some scrape /metrics over the pod network), but said: these
+                # pages have no authentication and show the config, policy and live requests.
+                logs.log("admin_not_loopback", "warning", listen=cfg.admin.listen[0],
+                         port=cfg.admin.listen[1],
+                         pages="/config /policy /tap /metrics /audit/head /readyz")
             admin_limits = ServerLimits(
                 max_connections_per_source=cfg.admin.max_connections_per_source)
             port = await self._start_server(

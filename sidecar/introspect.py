@@ -46,6 +46,7 @@ from sidecar.authn.oauth import MAX_INTROSPECTION_BYTES, introspection_claims, t
 from sidecar.config.source import read_regular
 from sidecar.jwks_fetch import JwksFetchError, https_request
 from sidecar.logs import log
+from sidecar.metrics import SidecarMetrics
 from sidecar.policy.sections import Introspection, JwtProvider
 
 FAILURE_BACKOFF_SECONDS = 1.0
@@ -56,9 +57,11 @@ class Introspector:
     """Fills ``authenticator.introspected``; see the module docstring."""
 
     def __init__(self, authenticator: object,
-                 identity: Callable[[], tuple[str, str]] | None = None) -> None:
+                 identity: Callable[[], tuple[str, str]] | None = None,
+                 metrics: SidecarMetrics | None = None) -> None:
         self.authenticator = authenticator
         self.identity = identity  # () -> (cert file, key file) of this workload
+        self.metrics = metrics  # sidecar_introspection_calls_total, when given
         self._limiters: dict[tuple[str, int], trio.CapacityLimiter] = {}
         self._in_flight: dict[tuple[str, bytes], trio.Event] = {}
         self._down_until: dict[str, float] = {}
@@ -113,6 +116,7 @@ class Introspector:
         if waited.cancelled_caught:
             log("introspection_busy", "warning", provider=provider.name,
                 max_concurrent=spec.max_concurrent)
+            self._count(provider.name, "busy")
             self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
             return
         try:
@@ -136,14 +140,20 @@ class Introspector:
             # holds the request (token, secret) or the response body.
             log("introspection_failed", "warning", provider=provider.name,
                 endpoint=spec.endpoint, error=str(exc))
+            self._count(provider.name, "failed")
             self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
             return
         finally:
             limiter.release()
         self._down_until.pop(provider.name, None)
+        self._count(provider.name, "inactive" if claims is None else "active")
         self.authenticator.introspected.store(  # type: ignore[attr-defined]
             provider.name, digest, claims, time.time(), spec.cache_ttl_seconds,
             spec.negative_ttl_seconds)
+
+    def _count(self, provider: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.introspection_calls_total.labels(provider, result).inc()
 
     def _unavailable(self, name: str, digest: bytes, seconds: float) -> None:
         self.authenticator.introspected.store_unavailable(  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -123,10 +124,12 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                            read_timeout: float = DEFAULT_READ_TIMEOUT,
                            rng: random.Random | None = None,
+                           on_result: Callable[[bool], None] | None = None,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Keep ``provider``'s key set fresh from its ``jwks_uri`` (or discovery) until cancelled.
 
-    ``rng`` is the source of the schedule's jitter (a fresh OS-seeded one by default).
+    ``rng`` is the source of the schedule's jitter (a fresh OS-seeded one by default);
+    ``on_result(ok)`` is told the outcome of every attempt (the fetch counter).
     """
     if not (provider.jwks_uri or provider.discovery_url):
         raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
@@ -158,6 +161,8 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
             state = on_fetch_started(state, trio.current_time(), jitter.random())
             state = await _fetch_once(provider, authenticator, state, ssl_context,
                                       connect_timeout, read_timeout, signalled)
+            if on_result is not None:
+                on_result(state.consecutive_failures == 0)
             if not started:
                 started = True
                 task_status.started()

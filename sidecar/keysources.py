@@ -130,8 +130,13 @@ class KeySources:
 
             async with trio.open_nursery() as inner:
                 # start() returns once the first fetch attempt has ended.
+                fetches = self.metrics.jwks_fetches_total
+
+                def counted(ok: bool) -> None:
+                    fetches.labels(prov.name, "ok" if ok else "failed").inc()
+
                 await inner.start(functools.partial(run_jwks_fetcher, prov,
-                                                    self.authenticator))
+                                                    self.authenticator, on_result=counted))
                 if self._pending.get(prov.name) is scope:
                     del self._pending[prov.name]
 

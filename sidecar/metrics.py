@@ -461,6 +461,17 @@ class SidecarMetrics:
             "Tokens present but rejected, by provider and reason.",
             ("provider", "reason"),
         )
+        self.jwks_fetches_total = r.counter(
+            "sidecar_jwks_fetches_total",
+            "JWKS fetch attempts (jwks_uri or discovery), by provider and result (ok, failed).",
+            ("provider", "result"),
+        )
+        self.introspection_calls_total = r.counter(
+            "sidecar_introspection_calls_total",
+            "Token introspection calls, by provider and result (active, inactive, failed, "
+            "busy).",
+            ("provider", "result"),
+        )
         self.jwks_age_seconds = r.gauge(
             "sidecar_jwks_age_seconds",
             "Seconds since the provider's key set was last loaded successfully.",

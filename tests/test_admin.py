@@ -402,3 +402,45 @@ def test_parse_app_probes_reports_every_problem() -> None:
         parse_app_probes("{not json")
     with pytest.raises(ConfigError):
         parse_app_probes("[1, 2]")
+
+
+# --- found by a hostile review: /tap took a negative sequence number and NaN/inf waits -----
+
+
+@pytest.mark.parametrize("query", ["after=-1", "after=-99999999999999999999", "wait=nan",
+                                   "after=0&wait=nan", "wait=inf", "wait=-inf", "after=abc",
+                                   "after=1e3", "a=1&b=2&c=3&d=4&e=5"])
+def test_tap_refuses_a_bad_query(query: str) -> None:
+    from sidecar.admin import tap_reply
+    from sidecar.tap import Tap
+
+    async def main() -> None:
+        reply = await tap_reply(Tap(), query)
+        assert reply.status == 400
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("query", ["", "after=0&wait=0", "after=5&wait=-1", "wait=1e308&after=0"])
+def test_tap_answers_a_good_query(query: str) -> None:
+    from sidecar.admin import tap_reply
+    from sidecar.tap import Tap
+
+    async def main() -> None:
+        tap = Tap()
+        tap.MAX_WAIT = 0.05
+        reply = await tap_reply(tap, query)
+        assert reply.status == 200 and json.loads(reply.body)["seq"] >= 0
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("LOCALHOST", True), ("::ffff:127.0.0.1", False),
+    ("0.0.0.0", False), ("::", False), ("", False), ("10.0.0.5", False),
+    ("admin.example", False), ("localhost.example", False)])
+def test_admin_listen_loopback_or_not(host: str, loopback: bool) -> None:
+    from sidecar.admin_pages import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sidecar.authn.jwks import (
     BACKOFF_JITTER,
@@ -183,3 +187,161 @@ def test_unknown_kid_bound_is_not_jittered() -> None:
 def test_key_set_age() -> None:
     assert key_set_age(None, 10) is None
     assert key_set_age(100, 160) == 60
+
+
+# --- hostile key contents, as data (found by a hostile review) ---------------------------------
+#
+# Each member is one JWK a hostile or broken identity provider could publish, next to a good
+# key. "usable": the key verifies; "skipped": the key is never used, the set still loads (and
+# says why in ``skipped``); "refused": the whole set is refused (the last good set stays).
+# Before the review: a non-string ``alg`` raised TypeError, RSA exponent 3, exponents of
+# hundreds of bits and moduli past 16384 bits were used, an ``alg`` that can never fit the
+# key and an ``x5c`` naming another key were accepted silently.
+
+
+def _x5c_cert(private_key: Any, *, issuer_key: Any = None, subject: str = "idp",
+              issuer: str | None = None) -> str:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
+            .public_key(private_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .sign(issuer_key or private_key, hashes.SHA256()))
+    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
+
+
+def _thumbprint(cert_b64: str, digest: Any) -> str:
+    return base64.urlsafe_b64encode(digest(base64.b64decode(cert_b64)).digest()).rstrip(
+        b"=").decode()
+
+
+def _rsa_numbers(e: int, n: int | None = None) -> dict[str, Any]:
+    from tests.test_authn_support import b64
+
+    n = n if n is not None else rsa_key().public_key().public_numbers().n
+
+    def enc(value: int) -> str:
+        return b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+    return {"kty": "RSA", "kid": "k", "n": enc(n), "e": enc(e)}
+
+
+def _ec_with(**members: Any) -> dict[str, Any]:
+    return {**jwk(ec_key("other"), "k"), **members}
+
+
+def _wide_modulus(bits: int) -> int:
+    return (1 << (bits - 1)) | random.Random(bits).getrandbits(bits - 1) | 1
+
+
+def _family() -> dict[str, tuple[Callable[[], dict[str, Any]], str]]:
+    ca = ec_key("x5c-ca")
+    leaf = ec_key("other")
+    good_cert = _x5c_cert(leaf)
+    chained = _x5c_cert(leaf, issuer_key=ca, issuer="ca")
+    return {
+        # types of the members the parser reads
+        "alg is a list": (lambda: _ec_with(alg=["ES256"]), "refused"),
+        "alg is an object": (lambda: _ec_with(alg={"ES256": 1}), "refused"),
+        "alg is null": (lambda: _ec_with(alg=None), "refused"),
+        "use is a list": (lambda: _ec_with(use=["sig"]), "refused"),
+        "kty is a number": (lambda: _ec_with(kty=2), "refused"),
+        "crv is a list": (lambda: _ec_with(crv=["P-256"]), "refused"),
+        "kid is a number": (lambda: _ec_with(kid=7), "refused"),
+        # algorithms that are no signature, or do not fit the key
+        "alg none": (lambda: _ec_with(alg="none"), "skipped"),
+        "alg HS256": (lambda: _ec_with(alg="HS256"), "skipped"),
+        "alg ES384 on a P-256 key": (lambda: _ec_with(alg="ES384"), "skipped"),
+        "alg RS256 on an EC key": (lambda: _ec_with(alg="RS256"), "skipped"),
+        "alg ES256 on an RSA key": (lambda: jwk(rsa_key("other"), "k", alg="ES256"), "skipped"),
+        "alg ES256 on a P-256 key": (lambda: _ec_with(alg="ES256"), "usable"),
+        # symmetric and encryption keys
+        "oct key": (lambda: {"kty": "oct", "kid": "k", "k": "c2VjcmV0"}, "skipped"),
+        "oct key with alg none": (lambda: {"kty": "oct", "kid": "k", "k": "", "alg": "none"},
+                                  "skipped"),
+        "use enc": (lambda: _ec_with(use="enc"), "skipped"),
+        "key_ops encrypt only": (lambda: _ec_with(key_ops=["encrypt"]), "skipped"),
+        # RSA size and exponent
+        "RSA 1024 bits": (lambda: jwk(rsa.generate_private_key(65537, 1024), "k"), "skipped"),
+        "RSA exponent 1": (lambda: _rsa_numbers(1), "refused"),
+        "RSA exponent 3": (lambda: _rsa_numbers(3), "skipped"),
+        "RSA exponent 65535": (lambda: _rsa_numbers(65535), "skipped"),
+        "RSA exponent 2^256 + 1": (lambda: _rsa_numbers((1 << 256) + 1), "skipped"),
+        "RSA exponent 65537": (lambda: _rsa_numbers(65537), "usable"),
+        "RSA modulus of 20000 bits": (lambda: _rsa_numbers(65537, _wide_modulus(20000)),
+                                      "skipped"),
+        "RSA even modulus": (lambda: _rsa_numbers(65537, _wide_modulus(2048) - 1), "skipped"),
+        # EC points and curves
+        "EC point off the curve": (lambda: _ec_with(
+            y=jwk(ec_key("third"), "k")["y"]), "refused"),
+        "EC P-256 point named P-384": (lambda: _ec_with(crv="P-384"), "refused"),
+        "EC secp256k1": (lambda: jwk(ec.generate_private_key(ec.SECP256K1()), "k"), "skipped"),
+        # x5c must not contradict the key (RFC 7517 4.7-4.9)
+        "x5c of the key": (lambda: _ec_with(x5c=[good_cert]), "usable"),
+        "x5c with matching thumbprints": (lambda: _ec_with(
+            x5c=[good_cert], x5t=_thumbprint(good_cert, hashlib.sha1),
+            **{"x5t#S256": _thumbprint(good_cert, hashlib.sha256)}), "usable"),
+        "x5c chain issued in order": (lambda: _ec_with(
+            x5c=[chained, _x5c_cert(ca, subject="ca")]), "usable"),
+        "x5c of another key": (lambda: _ec_with(x5c=[_x5c_cert(ec_key("third"))]), "skipped"),
+        "x5c chain out of order": (lambda: _ec_with(
+            x5c=[chained, _x5c_cert(ec_key("third"), subject="ca")]), "skipped"),
+        "x5c not a list": (lambda: _ec_with(x5c=good_cert), "skipped"),
+        "x5c empty": (lambda: _ec_with(x5c=[]), "skipped"),
+        "x5c not base64": (lambda: _ec_with(x5c=["%%%"]), "skipped"),
+        "x5c base64url, not base64": (lambda: _ec_with(
+            x5c=[good_cert.replace("+", "-").replace("/", "_") + "-_"]), "skipped"),
+        "x5c not a certificate": (lambda: _ec_with(x5c=[base64.b64encode(b"junk").decode()]),
+                                  "skipped"),
+        "x5c of 11 certificates": (lambda: _ec_with(x5c=[good_cert] * 11), "skipped"),
+        "x5t of another certificate": (lambda: _ec_with(
+            x5c=[good_cert], x5t=_thumbprint(chained, hashlib.sha1)), "skipped"),
+        "x5t#S256 of another certificate": (lambda: _ec_with(
+            x5c=[good_cert], **{"x5t#S256": _thumbprint(chained, hashlib.sha256)}), "skipped"),
+    }
+
+
+FAMILY = _family()
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_hostile_key_contents(name: str) -> None:
+    build, expect = FAMILY[name]
+    data = jwks_bytes(build(), jwk(ec_key(), "good"))
+    if expect == "refused":
+        with pytest.raises(ConfigError):
+            parse_jwks(data, "t")
+        return
+    keys = parse_jwks(data, "t")
+    assert "good" in keys.by_kid
+    if expect == "usable":
+        assert "k" in keys.by_kid
+    else:
+        assert "k" not in keys.by_kid and len(keys.skipped) == 1, keys.skipped
+
+
+def test_a_key_of_another_provider_with_the_same_kid_does_not_verify() -> None:
+    from sidecar.authn.authenticator import Authenticator
+    from sidecar.policy.sections import PolicyExtras
+    from tests.test_authn_support import NOW, claims, mint, provider
+
+    corp = provider(name="corp")
+    partner = provider(name="partner", issuer="https://partner.example/")
+    auth = Authenticator(PolicyExtras(jwt_providers={"corp": corp, "partner": partner}))
+    auth.set_keys("corp", parse_jwks(jwks_bytes(jwk(ec_key("corp"), "shared")), "c"), NOW)
+    auth.set_keys("partner", parse_jwks(jwks_bytes(jwk(ec_key("partner"), "shared")), "p"), NOW)
+    headers = [(b"authorization", b"Bearer " + mint(claims(), ec_key("partner"),
+                                                     kid="shared").encode())]
+    facts = auth.authenticate(["corp"], headers, "", NOW)
+    assert "corp" in facts.token_errors
+    own = [(b"authorization", b"Bearer " + mint(claims(), ec_key("corp"), kid="shared").encode())]
+    assert not auth.authenticate(["corp"], own, "", NOW).token_errors

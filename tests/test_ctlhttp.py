@@ -118,6 +118,10 @@ def with_server(script: Script, check: Callable[[int, list[bytearray]], Awaitabl
     ("https://example.com/a?b=1", Target("https", "example.com", 443, "/a?b=1", "example.com")),
     ("http://u:p@127.0.0.1:8080/x", Target("http", "127.0.0.1", 8080, "/x", "127.0.0.1:8080")),
     ("https://[::1]:9443/k", Target("https", "::1", 9443, "/k", "[::1]:9443")),
+    ("https://xn--bcher-kva.example./k",
+     Target("https", "xn--bcher-kva.example.", 443, "/k", "xn--bcher-kva.example.")),
+    ("https://_keys.idp-1.example/k",
+     Target("https", "_keys.idp-1.example", 443, "/k", "_keys.idp-1.example")),
 ])
 def test_parse_url(url: str, want: Target) -> None:
     assert parse_url(url) == want
@@ -128,6 +132,22 @@ def test_parse_url(url: str, want: Target) -> None:
     ("http://example.com/", ("https",)),
     ("https:///nohost", ("https",)),
     ("http://example.com:99999/", ("http",)),
+    # Found by a hostile review: hosts and paths that escaped as UnicodeError,
+    # idna.InvalidCodepoint or ValueError instead of ClientError (a jwks_uri in hostile
+    # OpenID metadata reaches parse_url).
+    ("https://" + "a" * 64 + ".example/jwks", ("https",)),
+    ("https://a..b/jwks", ("https",)),
+    ("https://.example/jwks", ("https",)),
+    ("https://\u2603.example/jwks", ("https",)),
+    ("https://b\u00fccher.example/jwks", ("https",)),
+    ("https://[::1/jwks", ("https",)),
+    ("https://[nothost]/jwks", ("https",)),
+    ("https://exa mple.com/jwks", ("https",)),
+    ("https://%00/jwks", ("https",)),
+    ("https://example.com/\u2603", ("https",)),
+    ("https://example.com/a b", ("https",)),
+    ("https://example.com/a?b=\x7f", ("https",)),
+    ("https://" + "a." * 127 + "com/", ("https",)),
 ])
 def test_parse_url_refuses(url: str, schemes: tuple[str, ...]) -> None:
     with pytest.raises(ClientError):
@@ -215,6 +235,66 @@ def test_chunked_body_over_the_cap_is_refused_while_reading() -> None:
         assert len((await request(f"http://127.0.0.1:{port}/")).body) == 32
 
     with_server(answer(chunked), check)
+
+
+# Found by a hostile review: the deadlines bound time, not work. A 1 MiB body in one-byte
+# chunks cost the event loop 13 s of CPU in one call; a stream of 100 Continue kept it
+# parsing until the deadline. Each member of the family is refused cleanly (ClientError),
+# whatever the caller's bounds; the same body in sensible pieces is read.
+TINY_PIECES: dict[str, bytes] = {
+    "1-byte chunks": b"1\r\nx\r\n" * 200_000 + b"0\r\n\r\n",
+    "1-byte chunks with extensions": b"1;a=b\r\nx\r\n" * 100_000 + b"0\r\n\r\n",
+    "8-byte chunks": b"8\r\n12345678\r\n" * 50_000 + b"0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", TINY_PIECES)
+def test_a_body_in_tiny_chunks_is_refused(name: str) -> None:
+    raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + TINY_PIECES[name]
+
+    async def check(port: int, requests: list[bytearray]) -> None:
+        with pytest.raises(ClientError, match="too many pieces"):
+            await request(f"http://127.0.0.1:{port}/")
+
+    with_server(answer(raw), check)
+
+
+def test_a_body_in_sensible_chunks_is_read() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+           + (b"200\r\n" + b"a" * 512 + b"\r\n") * 2000 + b"0\r\n\r\n")
+
+    async def check(port: int, requests: list[bytearray]) -> None:
+        assert len((await request(f"http://127.0.0.1:{port}/")).body) == 512 * 2000
+
+    with_server(answer(raw), check)
+
+
+@pytest.mark.parametrize("head", [
+    b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+    b"transfer-encoding: chunked\r\ncontent-length: 5\r\n",
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"content-length: 0\r\ntransfer-encoding: chunked\r\n"])
+def test_a_response_framed_both_ways_is_refused(head: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\n" + head + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+
+    async def check(port: int, requests: list[bytearray]) -> None:
+        with pytest.raises(ClientError, match="both Content-Length and Transfer-Encoding"):
+            await request(f"http://127.0.0.1:{port}/")
+        with pytest.raises(ClientError, match="both Content-Length and Transfer-Encoding"):
+            await request(f"http://127.0.0.1:{port}/", read_body=False)
+
+    with_server(answer(raw), check)
+
+
+@pytest.mark.parametrize("count", [9, 10_000])
+def test_a_stream_of_informational_answers_is_refused(count: int) -> None:
+    raw = b"HTTP/1.1 100 Continue\r\n\r\n" * count + OK
+
+    async def check(port: int, requests: list[bytearray]) -> None:
+        with pytest.raises(ClientError, match="informational"):
+            await request(f"http://127.0.0.1:{port}/")
+
+    with_server(answer(raw), check)
 
 
 def test_head_over_the_cap_is_refused() -> None:
@@ -401,6 +481,27 @@ def test_malformed_and_oversized_heads_get_the_bad_request_answer() -> None:
         big = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 4000 + b"\r\n\r\n"
         assert (await exchange(port, big)).startswith(b"HTTP/1.1 431 ")
         assert (await exchange(port, CLOSE_GET)).startswith(b"HTTP/1.1 200 ")  # still serving
+
+    with_serve(check)
+
+
+@pytest.mark.parametrize("head", [
+    b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n"])
+def test_a_request_framed_both_ways_is_refused_before_the_handler(head: bytes) -> None:
+    # Found by a hostile review: h11 read such a request as chunked and handed it on.
+    async def check(nursery: trio.Nursery) -> None:
+        seen: list[str] = []
+
+        async def handler(request: Request) -> Reply:
+            seen.append(request.path)
+            return Reply(200, await request.read_body(100))
+
+        port, _ = await start(nursery, handler=handler)
+        got = await exchange(port, b"POST /body HTTP/1.1\r\nhost: x\r\n" + head
+                             + b"\r\n5\r\nhello\r\n0\r\n\r\n" + CLOSE_GET)
+        assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.1") == 1
+        assert b"connection: close" in got.lower() and seen == []
 
     with_serve(check)
 

@@ -217,6 +217,19 @@ def test_server_certificate_must_chain_to_jwks_ca(tls: Tls) -> None:
     run(body, tls)
 
 
+def test_server_certificate_must_name_the_host_of_the_uri(tls: Tls) -> None:
+    # The certificate names 127.0.0.1 only; asked for as "localhost" (the same loopback
+    # server, a chain the CA file trusts) it is a name mismatch, refused like a foreign CA.
+    async def body(nursery: trio.Nursery, server: JwksServer) -> None:
+        from sidecar.jwks_fetch import jwks_ssl_context
+
+        ctx = jwks_ssl_context(tls.ca_file)
+        assert await fetch_jwks(server.uri, ctx)  # by the name the certificate carries
+        with pytest.raises(JwksFetchError, match="(?i)hostname|certificate"):
+            await fetch_jwks(server.uri.replace("127.0.0.1", "localhost"), ctx)
+    run(body, tls)
+
+
 def test_kid_storm_is_bounded_and_a_new_kid_is_picked_up(tls: Tls) -> None:
     async def body(nursery: trio.Nursery, server: JwksServer) -> None:
         auth = setup(server, tls, jwks_refresh_seconds=600, jwks_min_refetch_seconds=0.5)

@@ -122,3 +122,46 @@ def test_malformed_reviews_get_400_with_a_clear_error(raw: bytes, fragment: str)
 def test_oversized_review_is_413() -> None:
     ans = review_pod(b" " * (MAX_REVIEW_BYTES + 1), OPTIONS)
     assert ans.status == 413
+
+
+# Found by a hostile review: an error or denial echoed whatever the caller sent (a 1 MB
+# apiVersion came back whole). Every echo is cut; a uid longer than a UUID could be is
+# malformed.
+BIG = "x" * 1_000_000
+
+
+def _huge_container_name(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["request"]["object"]["spec"]["containers"].append(
+        {"name": SIDECAR_CONTAINER, "image": BIG})
+    doc["request"]["object"]["spec"]["volumes"] = [{"name": POLICY_VOLUME + BIG[:10],
+                                                    "emptyDir": {}}]
+    doc["request"]["object"]["metadata"]["annotations"] = {
+        "sidecar.mesh.dev/config-configmap": BIG}
+    return doc
+
+
+ECHOES: dict[str, Any] = {
+    "huge apiVersion": lambda doc: {**doc, "apiVersion": BIG},
+    "huge kind": lambda doc: {**doc, "kind": BIG},
+    "huge uid": lambda doc: {**doc, "request": {**doc["request"], "uid": BIG}},
+    "uid of 129 characters": lambda doc: {**doc, "request": {**doc["request"], "uid": "u" * 129}},
+    "huge apiVersion as a list": lambda doc: {**doc, "apiVersion": [BIG]},
+    "a denial naming a huge value": _huge_container_name,
+}
+
+
+@pytest.mark.parametrize("name", ECHOES)
+def test_no_answer_echoes_a_caller_value_at_length(name: str) -> None:
+    doc = ECHOES[name](review(pod()))
+    answer = review_pod(json.dumps(doc).encode(), OPTIONS)
+    assert len(answer.encode()) < 2048, name
+    if name.startswith("a denial"):
+        assert answer.status == 200 and answer.body["response"]["allowed"] is False
+    else:
+        assert answer.status == 400
+
+
+def test_a_uid_of_a_uuid_or_up_to_128_characters_is_echoed() -> None:
+    for uid in ("705ab4f5-6393-11e8-b7cc-42010a800002", "u" * 128):
+        status, body = answer_of(review(pod(), uid=uid))
+        assert status == 200 and body["response"]["uid"] == uid

@@ -130,3 +130,36 @@ def test_webhook_module_refuses_missing_certificate(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2
     assert "no.crt" in proc.stderr
+
+
+def _nested_pod(depth: int) -> str:
+    """A Pod manifest whose spec holds a list nested so that the document is ``depth`` deep."""
+    inner = depth - 2  # the document, then spec
+    return ("apiVersion: v1\nkind: Pod\nmetadata: {name: deep}\nspec:\n"
+            "  containers: [{name: a, image: b}]\n  x: " + "[" * inner + "]" * inner + "\n")
+
+
+# Found by a hostile review: a manifest nested past the YAML loader's recursion (3,000
+# levels) or past what copying and diffing a pod can hold (600) ended in a traceback.
+@pytest.mark.parametrize("depth", [65, 600, 3000, 20_000])
+def test_a_manifest_nested_too_deep_exits_2_without_a_traceback(depth: int) -> None:
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
+                          input=_nested_pod(depth), capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "nested deeper than 64 levels" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_a_manifest_nested_to_the_limit_is_injected() -> None:
+    code, out, err = run(["inject", "-f", "-"], _nested_pod(64))
+    assert code == 0, err
+    assert SIDECAR_CONTAINER in out
+
+
+@pytest.mark.parametrize("metadata", ["[a]", "x", "7"])
+def test_a_malformed_metadata_is_named_not_a_traceback(metadata: str) -> None:
+    code, out, err = run(["inject", "-f", "-"], "apiVersion: v1\nkind: Pod\nmetadata: " + metadata
+                         + "\nspec: {containers: [{name: a, image: b}]}\n")
+    assert code == 1 and "document 1 (?): admission rule malformed_pod" in err, err
+    assert out == ""

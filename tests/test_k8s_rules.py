@@ -40,7 +40,7 @@ from sidecar.k8s.inject import (
     inject_pod_spec,
 )
 from sidecar.k8s.patch import apply_patch
-from sidecar.k8s.rules import POD_RULES, SERVER_DEFAULTS, verify_injected
+from sidecar.k8s.rules import POD_RULES, POD_SHAPE, SERVER_DEFAULTS, verify_injected
 from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
 
 CERT_SECRET = "mesh-svid"
@@ -200,6 +200,26 @@ CASES: list[Case] = [
     Case("shared process namespace",
          _with(lambda d: d["spec"].update(shareProcessNamespace=True)),
          "deny:shared_process_namespace"),
+    Case("host PID namespace", _with(lambda d: d["spec"].update(hostPID=True)),
+         "deny:shared_process_namespace"),
+    Case("host PID namespace, injected pod",
+         _with(lambda d: d["spec"].update(hostPID=True), injected_pod),
+         "deny:shared_process_namespace"),
+    # A pod whose fields the injector reads have another JSON type (the full family, every
+    # field of POD_SHAPE in every wrong type, is test_malformed_pod_family below).
+    Case("containers is an object", _with(lambda d: d["spec"].update(
+        containers={"orders": {"name": "orders", "image": "orders:1"}})), "deny:malformed_pod"),
+    Case("volumes is a string", _with(lambda d: d["spec"].update(volumes="abc")),
+         "deny:malformed_pod"),
+    Case("annotations is a list", _with(lambda d: d["metadata"].update(annotations=["a"])),
+         "deny:malformed_pod"),
+    Case("a port entry is a string", _with(lambda d: _app(d).update(ports=["http"])),
+         "deny:malformed_pod"),
+    Case("opt-out label value is a list, enabled namespace",
+         _with(lambda d: d["metadata"]["labels"].update({INJECT_ANNOTATION: ["false"]})),
+         "deny:malformed_pod"),
+    Case("null annotations and volumes", _with(lambda d: (
+        d["metadata"].update(annotations=None), d["spec"].update(volumes=None))), "inject"),
     # The config ConfigMap only from the injector's allowlist.
     Case("config annotation on the allowlist",
          _with(_meta("annotations", CONFIG_ANNOTATION, ALLOWED_CONFIG)), "inject"),
@@ -331,3 +351,179 @@ def test_cases_are_documented() -> None:
     text = (Path(ROOT) / "docs" / "k8s.md").read_text()
     for rule in POD_RULES:
         assert f"`{rule}`" in text, rule
+
+
+# --- malformed pods, as data: every field the injector reads, in every wrong JSON type ----------
+
+WRONG_VALUES: dict[str, tuple[Any, ...]] = {
+    "string": (7, True, ["x"], {"a": "b"}),
+    "boolean": ("true", 1, ["x"]),
+    "integer": ("8080", 8080.5, True, ["x"]),
+    "integer or string": (True, 1.5, ["x"], {"a": 1}),
+    "object": ("x", ["x"], 1, True),
+    "array": ("abc", {"a": {}}, 1),
+}
+
+
+def _shape_paths(shape: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Every (path, JSON type) of POD_SHAPE; "*" becomes the key "x", an array index 0."""
+    if isinstance(shape, dict):
+        if path:
+            yield path, "object"
+        for key, inner in shape.items():
+            yield from _shape_paths(inner, (*path, "x" if key == "*" else key))
+    elif isinstance(shape, list):
+        yield path, "array"
+        yield from _shape_paths(shape[0], (*path, 0))
+    else:
+        yield path, shape
+
+
+def _set_path(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    node: Any = doc
+    for token, following in zip(path, path[1:], strict=False):
+        empty: Any = [] if isinstance(following, int) else {}
+        if isinstance(token, int):
+            if not node:
+                node.append(empty)
+            node = node[token]
+        else:
+            if not isinstance(node.get(token), dict | list):
+                node[token] = empty
+            node = node[token]
+    if isinstance(path[-1], int):
+        node[:1] = [value]
+    else:
+        node[path[-1]] = value
+
+
+MALFORMED = [(".".join(map(str, path)), path, value)
+             for path, kind in _shape_paths(POD_SHAPE) for value in WRONG_VALUES[kind]]
+
+
+def _malformed_pod(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    doc = plain_pod()
+    _set_path(doc, path, value)
+    return doc
+
+
+def test_the_malformed_family_covers_every_field() -> None:
+    fields = {name for name, _, _ in MALFORMED}
+    assert "spec.containers.0.readinessProbe.httpGet.port" in fields
+    assert "spec.volumes.0.projected.sources.0.secret.name" in fields
+    assert len(fields) > 100
+
+
+@pytest.mark.parametrize("mode", ["enabled", "required"])
+def test_malformed_pod_family(mode: str) -> None:
+    for name, path, value in MALFORMED:
+        doc = _malformed_pod(path, value)
+        with pytest.raises(InjectError) as err:
+            inject_pod_spec(doc["metadata"], doc["spec"],
+                            InjectOptions(cert_secret=CERT_SECRET, namespace_mode=mode))
+        assert err.value.rule == "malformed_pod", (name, value, err.value)
+
+
+def test_malformed_pod_family_through_the_webhook(
+        webhook: tuple[int, ssl.SSLContext, Proc]) -> None:
+    port, ctx, proc = webhook
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        for index, (name, path, value) in enumerate(MALFORMED):
+            review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                      "request": {"uid": f"malformed-{index}", "operation": "CREATE",
+                                  "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                                  "object": _malformed_pod(path, value)}}
+            reply = http(port, "POST", "/mutate", body=json.dumps(review).encode(),
+                         headers={"content-type": "application/json"}, conn=conn)
+            if len(path) == 1:  # metadata or spec itself: not an AdmissionReview of a pod
+                assert reply.status == 400, (name, value, reply.body)
+                continue
+            assert reply.status == 200, (name, value, reply.body)
+            response = reply.json()["response"]
+            assert response["allowed"] is False and "patch" not in response, (name, value)
+            assert "rule malformed_pod:" in response["status"]["message"], (name, value)
+    finally:
+        conn.close()
+    assert not proc.log_events("webhook_internal_error")
+
+
+# --- JSON a webhook caller may send, through the real process: 400, never a 500 --------------
+
+
+def test_hostile_json_through_the_webhook(webhook: tuple[int, ssl.SSLContext, Proc]) -> None:
+    from tests.test_jsondoc import REFUSED
+
+    port, ctx, proc = webhook
+    for name, body in REFUSED.items():
+        conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        try:
+            reply = http(port, "POST", "/mutate", body=body,
+                         headers={"content-type": "application/json"}, conn=conn)
+        finally:
+            conn.close()
+        assert reply.status == 400, (name, reply.status, reply.body[:200])
+        assert reply.json()["error"].startswith("malformed AdmissionReview"), name
+    assert http(port, "GET", "/healthz", conn=httpclient.HTTPSConnection(
+        "127.0.0.1", port, context=ctx, timeout=10)).status == 200
+    assert not proc.log_events("webhook_internal_error")
+
+
+# --- a pod cannot shape its sidecar: whatever it says, the patch adds exactly the injector's ---
+
+HOSTILE_HINTS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "image annotation": _meta("annotations", "sidecar.mesh.dev/image", "evil:1"),
+    "istio proxy image annotation": _meta("annotations", "sidecar.istio.io/proxyImage", "evil:1"),
+    "privileged annotation": _meta("annotations", "sidecar.mesh.dev/privileged", "true"),
+    "extra args annotation": _meta("annotations", "sidecar.mesh.dev/args",
+                                   '["run", "--insecure"]'),
+    "command annotation": _meta("annotations", "sidecar.mesh.dev/command", "sh -c id"),
+    "extra volumes annotation": _meta("annotations", "sidecar.mesh.dev/volumes",
+                                      '[{"name": "host", "hostPath": {"path": "/"}}]'),
+    "user volume mount annotation": _meta("annotations", "sidecar.mesh.dev/userVolumeMount",
+                                          '{"host": {"mountPath": "/host"}}'),
+    "capabilities annotation": _meta("annotations", "sidecar.mesh.dev/capabilities",
+                                     "NET_ADMIN,SYS_ADMIN"),
+    "status annotation claiming injection": _meta("annotations", STATUS_ANNOTATION, "injected"),
+    "image label": _meta("labels", "sidecar.mesh.dev/image", "evil"),
+    "pod runs as root, privileged-ish context": lambda d: d["spec"].update(securityContext={
+        "runAsUser": 0, "runAsNonRoot": False, "fsGroup": 0, "supplementalGroups": [0],
+        "seccompProfile": {"type": "Unconfined"}, "sysctls": [{"name": "kernel.x", "value": "1"}]}),
+    "app container privileged with hostPath": lambda d: (
+        _app(d).update(securityContext={"privileged": True},
+                       volumeMounts=[{"name": "host", "mountPath": "/host"}]),
+        d["spec"].update(volumes=[{"name": "host", "hostPath": {"path": "/"}}])),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_HINTS)
+def test_a_pod_cannot_shape_its_sidecar(name: str,
+                                        webhook: tuple[int, ssl.SSLContext, Proc]) -> None:
+    from sidecar.k8s.inject import sidecar_container, sidecar_volumes
+
+    doc = _with(HOSTILE_HINTS[name])()
+    port, ctx, _ = webhook
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "hint", "operation": "CREATE",
+                          "kind": {"group": "", "version": "v1", "kind": "Pod"}, "object": doc}}
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        reply = http(port, "POST", "/mutate", body=json.dumps(review).encode(),
+                     headers={"content-type": "application/json"}, conn=conn)
+    finally:
+        conn.close()
+    response = reply.json()["response"]
+    assert response["allowed"] is True
+    patched = apply_patch(doc, json.loads(base64.b64decode(response["patch"])))
+    pure = inject_pod_spec(doc["metadata"], doc["spec"], OPTIONS)
+    assert pure is not None and patched["spec"] == pure[1]
+    (sidecar,) = [c for c in patched["spec"]["initContainers"] if c["name"] == SIDECAR_CONTAINER]
+    probes = json.loads(next(e["value"] for e in sidecar["env"]
+                             if e["name"] == "SIDECAR_APP_PROBES"))
+    assert sidecar == sidecar_container(OPTIONS, probes)
+    assert sidecar["securityContext"]["privileged"] is False
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    added = [v for v in patched["spec"]["volumes"] if v["name"].startswith("mesh-sidecar")]
+    assert added == sidecar_volumes(OPTIONS)
+    assert not any("hostPath" in v for v in added)

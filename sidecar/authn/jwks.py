@@ -11,9 +11,15 @@ not per request:
   whoever produced it is broken, and keeping the last good set is the safe reaction;
 * symmetric ``oct`` keys are never used (HMAC with a published key is no authentication);
 * keys marked for encryption (``use: enc``, ``key_ops`` without ``verify``), RSA keys below
-  2048 bits and key types we do not verify with are skipped, and listed in ``skipped`` so
-  the caller can log them;
-* a duplicate ``kid`` is an error: which key would win is otherwise an accident.
+  2048 or above 16384 bits, with an even modulus or an exponent outside FIPS 186-5 (odd,
+  65537 to 2^256: 3 is weak, a huge one makes every check expensive), keys whose ``alg``
+  can never verify with them (``ES384`` on a P-256 key), keys whose ``x5c`` certificate is
+  for another key (or whose chain, ``x5t`` or ``x5t#S256`` does not hold together), and key
+  types we do not verify with are skipped, and listed in ``skipped`` so the caller can log
+  them;
+* ``kty``, ``kid``, ``alg``, ``use`` and ``crv`` of another JSON type than a string, and
+  a duplicate ``kid``, are errors: which key would win, or what the member means, is
+  otherwise an accident.
 
 The refresh schedule is a value (``RefreshState``) plus pure functions of ``now``; the async
 fetcher (``sidecar.jwks_fetch``) owns one state per provider and only asks it when to fetch. An
@@ -35,20 +41,28 @@ cap stays a cap. The unknown-kid bound (``min_refetch_seconds``) is never jitter
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
 from types import MappingProxyType
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sidecar.errors import ConfigError, Problem
+from sidecar.jsondoc import JsonDocError, read_json
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_KEYS = 100
 MIN_RSA_BITS = 2048
+# Past 16384 bits OpenSSL, Go and Java refuse RSA verification too; an exponent outside
+# FIPS 186-5's [65537, 2**256) is either weak (3) or a way to make each check expensive.
+MAX_RSA_BITS = 16384
+MIN_RSA_EXPONENT = 65537
+MAX_RSA_EXPONENT_BITS = 256
+MAX_X5C_CERTIFICATES = 10
+_STRING_MEMBERS = ("kty", "alg", "use", "crv")
 
 # The only algorithms a provider may allow: public-key signatures. "none" and HS* are absent
 # on purpose, so no configuration can ever reach them.
@@ -163,6 +177,11 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     if kid is not None and not isinstance(kid, str):
         problems.append(Problem(source, None, where + ".kid", "kid must be a string"))
         return "bad kid"
+    for member in _STRING_MEMBERS:
+        if member in raw and not isinstance(raw[member], str):
+            problems.append(Problem(source, None, f"{where}.{member}",
+                                    f"{member} must be a string"))
+            return f"bad {member}"
     label = f"{where} (kid {kid!r})"
     present_private = [m for m in _PRIVATE_MEMBERS if m in raw]
     kty = raw.get("kty")
@@ -195,6 +214,14 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             return f"{label}: RSA key of {key.key_size} bits is below {MIN_RSA_BITS}"
+        if key.key_size > MAX_RSA_BITS:
+            return f"{label}: RSA key of {key.key_size} bits is above {MAX_RSA_BITS}"
+        e, n = key.public_numbers().e, key.public_numbers().n
+        if n % 2 == 0:
+            return f"{label}: RSA modulus is even (2 is a factor anyone knows)"
+        if e < MIN_RSA_EXPONENT or e.bit_length() > MAX_RSA_EXPONENT_BITS or e % 2 == 0:
+            return (f"{label}: RSA exponent outside FIPS 186-5 (odd, from {MIN_RSA_EXPONENT} "
+                    f"to 2^{MAX_RSA_EXPONENT_BITS})")
     elif isinstance(key, ec.EllipticCurvePublicKey):
         curve = str(raw.get("crv"))
         if curve not in EC_CURVE_FOR_ALG.values():
@@ -204,7 +231,52 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     else:  # a private key slipped through from_jwk: never use it
         problems.append(Problem(source, None, where, "not a public key"))
         return "not public"
-    return PublicJwk(kid=kid, family=str(kty), key=key, curve=curve, alg=alg)
+    jwk = PublicJwk(kid=kid, family=str(kty), key=key, curve=curve, alg=alg)
+    if alg is not None and not jwk.can_verify(alg):
+        return f"{label}: algorithm {alg!r} does not fit a {kty} {curve or ''} key"
+    if "x5c" in raw:
+        mismatch = _x5c_mismatch(raw, key)
+        if mismatch:
+            return f"{label}: {mismatch}"
+    return jwk
+
+
+def _x5c_mismatch(raw: dict[str, Any], key: Any) -> str | None:
+    """Why the key's ``x5c`` chain contradicts it (RFC 7517 4.7-4.9), or None.
+
+    The chain is not trusted for anything (the key set's TLS origin is what we trust), but a
+    key whose own certificate names another key is a contradiction: which one did the
+    publisher mean? Such a key is not used."""
+    import base64
+    import binascii
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    chain = raw["x5c"]
+    if not isinstance(chain, list) or not 1 <= len(chain) <= MAX_X5C_CERTIFICATES \
+            or not all(isinstance(c, str) for c in chain):
+        return f"x5c must be a list of 1 to {MAX_X5C_CERTIFICATES} base64 certificates"
+    try:
+        ders = [base64.b64decode(c, validate=True) for c in chain]
+        certs = [x509.load_der_x509_certificate(der) for der in ders]
+    except (binascii.Error, ValueError):
+        return "x5c holds something that is not a base64 DER certificate"
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    try:
+        if certs[0].public_key().public_bytes(*spki) != key.public_bytes(*spki):
+            return "the first x5c certificate is for another key"
+        for cert, issuer in zip(certs, certs[1:], strict=False):
+            cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return "the x5c chain does not hold together (each certificate issued by the next)"
+    for member, digest in (("x5t", hashlib.sha1), ("x5t#S256", hashlib.sha256)):
+        if member in raw:
+            want = base64.urlsafe_b64encode(digest(ders[0]).digest()).rstrip(b"=").decode()
+            if raw[member] != want:
+                return f"{member} is not the thumbprint of the first x5c certificate"
+    return None
 
 
 def parse_jwks(data: bytes, source: str) -> KeySet:
@@ -216,8 +288,8 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
     if len(data) > MAX_JWKS_BYTES:
         raise ConfigError([Problem(source, None, "", f"JWKS larger than {MAX_JWKS_BYTES} bytes")])
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = read_json(data)
+    except JsonDocError as exc:
         raise ConfigError([Problem(source, None, "", f"JWKS is not valid JSON: {exc}")]) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ConfigError([Problem(source, None, "keys", "JWKS must be an object with a 'keys' list")])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from types import MappingProxyType
 
 from sidecar.authn.jwt import MALFORMED, Claims, TokenInvalid
 from sidecar.errors import ConfigError, Problem
+from sidecar.jsondoc import JsonDocError, read_json
 
 CERT_MISMATCH = "cert_mismatch"  # cnf x5t#S256 is not the peer's certificate
 UNBOUND_TOKEN = "unbound_token"  # the provider requires a bound token; this one has no cnf
@@ -85,9 +85,9 @@ def check_metadata(data: bytes, issuer: str, source: str) -> str:
     if len(data) > MAX_METADATA_BYTES:
         raise bad("", f"metadata larger than {MAX_METADATA_BYTES} bytes")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("", "metadata is not JSON") from None
+        doc = read_json(data)
+    except JsonDocError as exc:
+        raise bad("", f"metadata is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise bad("", "metadata is not a JSON object")
     got = doc.get("issuer")
@@ -105,9 +105,9 @@ def introspection_claims(status: int, data: bytes, source: str) -> Claims | None
     if status != 200:
         raise ValueError(f"{source}: HTTP status {status}")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{source}: response is not JSON") from None
+        doc = read_json(data)
+    except JsonDocError as exc:
+        raise ValueError(f"{source}: response is not JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
         raise ValueError(f"{source}: response has no boolean 'active'")
     if not doc["active"]:

@@ -13,7 +13,16 @@ request and reading the answer under ``read_timeout``; the response head is at m
 ``max_head_bytes`` (h11's incomplete-event limit) and the body at most ``max_body_bytes``
 (checked against ``Content-Length`` first, then while reading). With ``read_body=False`` the
 call returns as soon as the status line and headers are in (a probe or a webhook post only
-wants the status). 1xx informational answers are skipped.
+wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMATIONAL``. A
+response with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11 would let the
+chunked coding win).
+
+The deadlines bound the time, not the work: parsing happens between reads, so a server that
+sends a 1 MiB body as one-byte chunks made the event loop parse a million chunks (13 s of
+CPU, every other task of the sidecar waiting) and one that streams ``100 Continue`` kept it
+parsing until the deadline. So the body may arrive in at most ``MIN_BODY_PIECES +
+max_body_bytes // MIN_MEAN_PIECE_BYTES`` pieces (h11 ``Data`` events: chunks, or reads of a
+``Content-Length`` body), and at most ``MAX_INFORMATIONAL`` 1xx answers may come first.
 
 Every failure is one ``ClientError`` (``ClientTimeout`` for a deadline) with the cause
 chained; its message names the server and the failure, never the request headers or body,
@@ -23,6 +32,8 @@ token, count a failed post, answer 503).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +47,11 @@ DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_HEAD_BYTES = 16 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_USER_AGENT = "trio-mesh-sidecar"
+MAX_INFORMATIONAL = 8
+MIN_BODY_PIECES = 64
+MIN_MEAN_PIECE_BYTES = 512
 _READ_CHUNK = 65536
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 
 class ClientError(Exception):
@@ -63,18 +78,41 @@ class Target:
         return f"{self.scheme}://{self.authority}{self.target}"
 
 
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
 def parse_url(url: str, *, schemes: Sequence[str] = ("http", "https")) -> Target:
-    """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
+    """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host.
+
+    The host must be an IP address or an ASCII DNS name (labels of 1-63 letters, digits,
+    ``-`` or ``_``; IDNs in their ``xn--`` form) and the path and query printable ASCII: a
+    URL from a document someone else wrote (OpenID metadata's ``jwks_uri``) is refused here,
+    not by an encoder deep in the resolver or the HTTP codec."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise ClientError(f"not a URL: {url[:200]!r}") from exc
+    if parts.scheme not in schemes or not hostname:
         wanted = " or ".join(schemes)
-        raise ClientError(f"not an {wanted} URL: {url!r}")
+        raise ClientError(f"not an {wanted} URL: {url[:200]!r}")
+    if not _valid_host(hostname):
+        raise ClientError(f"not a host name or address in URL: {url[:200]!r}")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise ClientError(f"bad port in URL: {url!r}") from exc
+        raise ClientError(f"bad port in URL: {url[:200]!r}") from exc
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(parts.scheme, parts.hostname, port, target, parts.netloc.rpartition("@")[2])
+    if not all(33 <= ord(c) < 127 for c in target):
+        raise ClientError(f"the path of a URL must be printable ASCII: {url[:200]!r}")
+    return Target(parts.scheme, hostname, port, target, parts.netloc.rpartition("@")[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +182,13 @@ async def _connect(where: Target, ssl_context: ssl.SSLContext | None,
     except trio.TooSlowError as exc:
         error: ClientError = ClientTimeout(f"connect to {address} timed out")
         cause: BaseException = exc
-    except (OSError, trio.BrokenResourceError) as exc:
-        error, cause = ClientError(f"connect to {address} failed: {exc}"), exc
+    except (OSError, trio.BrokenResourceError, UnicodeError) as exc:
+        # UnicodeError: a host name the resolver's IDNA encoder refuses (parse_url checks
+        # URLs; a Target built by hand may still carry one).
+        # A failed TLS handshake is a BrokenResourceError with no message of its own: name
+        # its cause (a certificate or host-name mismatch) so the log says which.
+        detail = str(exc) or repr(exc.__cause__ if exc.__cause__ is not None else exc)
+        error, cause = ClientError(f"connect to {address} failed: {detail}"), exc
     if stream is not None:
         await trio.aclose_forcefully(stream)
     raise error from cause
@@ -165,6 +208,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
     await stream.send_all(out + conn.send(h11.EndOfMessage()))
     received = bytearray()
     head: h11.Response | None = None
+    pieces = MIN_BODY_PIECES + max_body_bytes // MIN_MEAN_PIECE_BYTES
+    informational = MAX_INFORMATIONAL
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -176,6 +221,11 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             continue
         if isinstance(event, h11.Response):
             head = event
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # h11 lets the chunked coding win; what framed this answer is ambiguous,
+                # so it is refused, as the data path refuses it (RFC 9112 6.3).
+                raise ClientError("response has both Content-Length and Transfer-Encoding")
             if not read_body:
                 return Response(event.status_code, tuple(event.headers))
             for name, value in event.headers:
@@ -185,9 +235,15 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             received += event.data
             if len(received) > max_body_bytes:
                 raise ClientError(f"response larger than {max_body_bytes} bytes")
+            pieces -= 1
+            if pieces < 0:
+                raise ClientError("response body in too many pieces (tiny chunks)")
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None  # h11 yields a Response before any body
             return Response(head.status_code, tuple(head.headers), bytes(received))
         elif isinstance(event, h11.ConnectionClosed):
             raise ClientError("connection closed before the response ended")
-        # InformationalResponse (1xx): keep reading.
+        elif isinstance(event, h11.InformationalResponse):
+            informational -= 1
+            if informational < 0:
+                raise ClientError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")

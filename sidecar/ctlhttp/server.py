@@ -22,7 +22,9 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   (``Request.read_body(limit)``, under ``request_timeout`` from the head), and a body the
   handler did not read is skipped if it is at most ``discard_body_bytes``, otherwise the
   answer closes the connection. The answer must be written within ``write_timeout``. A
-  malformed request gets ``bad_request(status)`` and the connection closes. Before closing
+  malformed request gets ``bad_request(status)`` and the connection closes; so does a
+  request framed by both ``Content-Length`` and ``Transfer-Encoding``, which h11 would read
+  as chunked (the data path refuses it too). Before closing
   with input possibly unread, the server *lingers* (half-close, discard briefly and
   boundedly) so the kernel does not reset the connection and destroy the answer. Status
   lines carry the canonical reason phrase (``sidecar.errors.reason_phrase``).
@@ -215,6 +217,11 @@ class _Connection:
                 return
 
 
+def _framed_both_ways(head: h11.Request) -> bool:
+    names = {name for name, _ in head.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _wants_close(head: h11.Request) -> bool:
     return any(key == b"connection" and b"close" in value.lower() for key, value in head.headers)
 
@@ -246,6 +253,12 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             return
         if not isinstance(head, h11.Request):
             return  # ConnectionClosed, or PAUSED after a previous cycle
+        if _framed_both_ways(head):
+            # h11 lets chunked win; the data path refuses the ambiguity, and so does this
+            # server: 400, closed, the handler never sees the request.
+            if await conn.send(site.bad_request(400), False, True, site.base_headers):
+                await conn.linger()
+            return
         request = Request(conn, head, trio.current_time() + limits.request_timeout)
         try:
             reply = await site.handler(request)

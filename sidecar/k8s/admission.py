@@ -28,11 +28,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.jsondoc import JsonDocError, read_json
 from sidecar.k8s.inject import InjectError, InjectOptions, inject_pod_spec
 from sidecar.k8s.patch import json_patch
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024
+# A pod with its managedFields is about 15 levels deep; the injector copies and diffs it.
+MAX_REVIEW_DEPTH = 64
+MAX_UID_CHARS = 128  # the API server's uids are UUIDs (36 characters)
+MAX_SHOWN = 64  # characters of a caller's value quoted in an error message
+MAX_MESSAGE = 1024  # characters of an error or denial message
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,13 @@ class AdmissionAnswer:
 
 
 def _bad_request(message: str) -> AdmissionAnswer:
-    return AdmissionAnswer(400, {"error": f"malformed AdmissionReview: {message}"})
+    return AdmissionAnswer(400, {"error": f"malformed AdmissionReview: {message}"[:MAX_MESSAGE]})
+
+
+def _shown(value: Any) -> str:
+    """A caller's value in a message: its repr, cut (an answer never echoes a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
 def _review(uid: str, response: dict[str, Any]) -> dict[str, Any]:
@@ -74,22 +86,23 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
         return AdmissionAnswer(413, {"error": f"AdmissionReview larger than "
                                               f"{MAX_REVIEW_BYTES} bytes"})
     try:
-        review = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        review = read_json(body, max_depth=MAX_REVIEW_DEPTH)
+    except JsonDocError as exc:
         return _bad_request(f"body is not JSON ({exc})")
     if not isinstance(review, dict):
         return _bad_request("body is not a JSON object")
     if review.get("apiVersion") != ADMISSION_API_VERSION:
         return _bad_request(f"apiVersion must be {ADMISSION_API_VERSION!r}, "
-                            f"got {review.get('apiVersion')!r}")
+                            f"got {_shown(review.get('apiVersion'))}")
     if review.get("kind") != "AdmissionReview":
-        return _bad_request(f"kind must be 'AdmissionReview', got {review.get('kind')!r}")
+        return _bad_request(f"kind must be 'AdmissionReview', got {_shown(review.get('kind'))}")
     request = review.get("request")
     if not isinstance(request, dict):
         return _bad_request("'request' is missing or not an object")
     uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
-        return _bad_request("'request.uid' is missing or not a string")
+    if not isinstance(uid, str) or not uid or len(uid) > MAX_UID_CHARS:
+        return _bad_request(f"'request.uid' is missing, not a string or longer than "
+                            f"{MAX_UID_CHARS} characters")
 
     if not _is_pod(request) or request.get("operation") != "CREATE":
         return AdmissionAnswer(200, _review(uid, {"allowed": True}))
@@ -109,7 +122,7 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
         return AdmissionAnswer(200, _review(uid, {
             "allowed": False,
             "status": {"code": 400, "reason": "BadRequest",
-                       "message": f"mesh admission rule {exc.rule}: {exc}"},
+                       "message": f"mesh admission rule {exc.rule}: {exc}"[:MAX_MESSAGE]},
         }), rule=exc.rule)
     if result is None:
         return AdmissionAnswer(200, _review(uid, {"allowed": True}))

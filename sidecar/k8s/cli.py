@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from sidecar.jsondoc import deeper_than
+from sidecar.k8s.admission import MAX_REVIEW_DEPTH
 from sidecar.k8s.flags import (
     add_injection_arguments,
     add_webhook_arguments,
@@ -48,6 +50,14 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
     except yaml.YAMLError as exc:
         print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
         return 2
+    except RecursionError:
+        docs = [None]  # nested past what the YAML loader can hold: refused just below
+    if any(doc is None or deeper_than(doc, MAX_REVIEW_DEPTH) for doc in docs):
+        # The webhook's bound for a review (a pod is about 15 levels deep): copying and
+        # diffing a deeper document would fail half-way instead of saying why.
+        print(f"sidecar inject: {args.file} is nested deeper than {MAX_REVIEW_DEPTH} levels",
+              file=stderr)
+        return 2
     options = inject_options_from_args(args)
     out: list[Any] = []
     injected = 0
@@ -55,7 +65,8 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         try:
             new_doc, count = inject_document(doc, options)
         except InjectError as exc:
-            name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc, dict) else "?"
+            meta = doc.get("metadata") if isinstance(doc, dict) else None
+            name = meta.get("name", "?") if isinstance(meta, dict) else "?"
             print(f"sidecar inject: {args.file}: document {index + 1} ({name}): "
                   f"admission rule {exc.rule}: {exc}", file=stderr)
             return 1

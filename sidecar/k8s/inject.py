@@ -297,6 +297,7 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     """
     from sidecar.k8s import rules  # rules builds on this module's sidecar definition
 
+    rules.check_pod_shape(pod_meta, pod_spec)
     meta_in = pod_meta or {}
     if not isinstance(pod_spec, dict) or rules.opted_out(meta_in, options):
         return None

@@ -71,12 +71,44 @@ POD_RULES: dict[str, str] = {
                              "audit trail",
     "credential_volume": "a pod volume from the SPIFFE CSI driver or the certificate Secret, "
                          "under any name, hands the workload's key to the app",
-    "shared_process_namespace": "with a shared process namespace other containers can read "
-                                "the sidecar's files through /proc/<pid>/root",
+    "shared_process_namespace": "with a shared process namespace (the pod's or the node's: "
+                                "hostPID) other containers can read the sidecar's files "
+                                "through /proc/<pid>/root",
     "config_not_allowed": "the sidecar config decides the sidecar's listeners and trust; a pod "
                           "may only pick a ConfigMap the injector's options allow",
     "host_network": "in a required namespace a pod that cannot carry the sidecar "
                     "(hostNetwork) is denied rather than admitted without it",
+    "malformed_pod": "a field the injector reads has the wrong JSON type (POD_SHAPE): "
+                     "what a reader of the other type would see is not what was checked",
+}
+
+# What the injector reads of a pod, with the JSON type each field must have when present
+# (null counts as absent, as the API server's decoder reads it). A dict is an object whose
+# listed members are checked ("*": every member); a one-item list is an array of that shape.
+# Anything else in the pod is not read, so it is not checked.
+_STRING, _BOOLEAN, _INTEGER, _PORT = "string", "boolean", "integer", "integer or string"
+_NAMED: dict[str, Any] = {"name": _STRING}
+_HTTP_GET: dict[str, Any] = {"port": _PORT, "host": _STRING, "path": _STRING,
+                             "scheme": _STRING, "httpHeaders": [{"name": _STRING,
+                                                                 "value": _STRING}]}
+_CONTAINER: dict[str, Any] = {
+    "name": _STRING, "targetContainerName": _STRING,
+    "ports": [{"name": _STRING, "containerPort": _INTEGER}],
+    "env": [{"name": _STRING, "value": _STRING}],
+    "volumeMounts": [_NAMED], "volumeDevices": [_NAMED],
+    **{probe: {"httpGet": _HTTP_GET}
+       for probe in ("livenessProbe", "readinessProbe", "startupProbe")},
+}
+POD_SHAPE: dict[str, Any] = {
+    "metadata": {"labels": {"*": _STRING}, "annotations": {"*": _STRING}},
+    "spec": {
+        "hostNetwork": _BOOLEAN, "hostPID": _BOOLEAN, "shareProcessNamespace": _BOOLEAN,
+        "initContainers": [_CONTAINER], "containers": [_CONTAINER],
+        "ephemeralContainers": [_CONTAINER],
+        "volumes": [{"name": _STRING, "csi": {"driver": _STRING},
+                     "secret": {"secretName": _STRING},
+                     "projected": {"sources": [{"secret": _NAMED}]}}],
+    },
 }
 
 # Fields the API server fills in by default on containers and volumes (after our patch, on a
@@ -89,6 +121,42 @@ SERVER_DEFAULTS: dict[str, object] = {
 }
 
 _CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+
+
+def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} must be an object"
+        for key, inner in value.items():
+            wanted = shape.get(key, shape.get("*"))
+            problem = None if wanted is None else _shape_problem(inner, wanted, f"{where}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} must be an array"
+        for index, item in enumerate(value):
+            problem = _shape_problem(item, shape[0], f"{where}[{index}]")
+            if problem:
+                return problem
+        return None
+    fits = {_STRING: isinstance(value, str), _BOOLEAN: isinstance(value, bool),
+            _INTEGER: isinstance(value, int) and not isinstance(value, bool),
+            _PORT: isinstance(value, str | int) and not isinstance(value, bool)}[shape]
+    return None if fits else f"{where} must be a JSON {shape}"
+
+
+def check_pod_shape(meta: Any, spec: Any) -> None:
+    """Refuse (``malformed_pod``) a pod whose fields the injector reads are not of the type
+    ``POD_SHAPE`` gives them: the API server never sends one, anything else that does gets
+    a denial naming the field instead of a patch built on a misreading."""
+    problem = _shape_problem({"metadata": meta, "spec": spec}, POD_SHAPE, "pod")
+    if problem:
+        raise _refuse("malformed_pod", problem[len("pod."):] if problem.startswith("pod.")
+                      else problem)
 
 
 def mode_for_path(path: str) -> str | None:
@@ -157,10 +225,11 @@ def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool
 def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
     """The rules that hold for every pod we inject or verify (``POD_RULES``)."""
     reserved = reserved_volume_names(options)
-    if spec.get("shareProcessNamespace") is True:
-        raise _refuse("shared_process_namespace",
-                      "shareProcessNamespace: true would let other containers read the mesh "
-                      "sidecar's key; remove it")
+    for field in ("shareProcessNamespace", "hostPID"):
+        if spec.get(field) is True:
+            raise _refuse("shared_process_namespace",
+                          f"{field}: true would let other containers read the mesh "
+                          "sidecar's key; remove it")
     for key, container in _containers(spec):
         if container.get("name") == SIDECAR_CONTAINER:
             continue

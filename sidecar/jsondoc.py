@@ -1,0 +1,96 @@
+"""JSON documents written by other parties, read strictly. Pure: bytes in, a value out.
+
+Theory of operation
+-------------------
+The control plane reads JSON that someone else wrote: JWKS key sets and OpenID metadata
+(an identity provider, or whoever answers in its name), token introspection answers, and
+AdmissionReviews (the API server, or anything that reaches the webhook port).
+``read_json`` is the one reader all of them use, so that each refuses the same things, with
+one ``JsonDocError`` (a ``ValueError``) whose message says what, for the log:
+
+* bytes that are not UTF-8 (``json.loads(bytes)`` would also take UTF-16 and UTF-32);
+* anything ``json`` refuses, a byte-order mark and integers of more than 4,300 digits
+  included;
+* ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON;
+* an object naming a member twice: which copy wins differs between parsers, so a reader in
+  front of us could have seen the other one;
+* nesting deeper than ``max_depth``: ``json`` itself stops only at the interpreter's
+  recursion limit, and every later walk of the value (a deep copy, a patch, a dump) at a
+  lower depth, with a ``RecursionError`` where a clean refusal belongs;
+* a lone surrogate (``"\\ud800"``): no Unicode text, it cannot be written to a log line, a
+  header or the audit trail as UTF-8.
+
+Costs: one parse, one walk of the containers for the depth, and a dump only when the text
+holds a surrogate escape at all. None of this is on the data path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+DEFAULT_MAX_DEPTH = 32
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class JsonDocError(ValueError):
+    """A document ``read_json`` refuses; the message says why (for logs)."""
+
+
+def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise JsonDocError(f"member {name[:64]!r} appears twice in one object")
+            seen.add(name)
+    return out
+
+
+def _constant(name: str) -> Any:
+    raise JsonDocError(f"{name} is not JSON")
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` (plain lists and dicts) nests deeper than ``limit`` levels; iterative,
+    so any depth is measured (a YAML document is checked with it after loading)."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """The value of one JSON document; ``JsonDocError`` for anything the module refuses."""
+    if isinstance(data, bytes | bytearray):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise JsonDocError("not UTF-8") from None
+    else:
+        text = data
+    try:
+        value = json.loads(text, object_pairs_hook=_members, parse_constant=_constant)
+    except RecursionError:
+        raise JsonDocError(f"nested deeper than {max_depth} levels") from None
+    except JsonDocError:
+        raise
+    except ValueError as exc:
+        raise JsonDocError(f"not JSON: {exc}") from None
+    if deeper_than(value, max_depth):
+        raise JsonDocError(f"nested deeper than {max_depth} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonDocError("a string holds a lone surrogate") from None
+    return value
