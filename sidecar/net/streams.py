@@ -599,6 +599,13 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
         poller.unregister(fd)
 
 
+def truncated(stream: trio.abc.Stream) -> bool:
+    """The stream's EOF was a TCP EOF without a TLS close_notify (a TLS transport that
+    records it: ``ragged_eof``). Such an EOF cannot end a close-delimited body: anyone on
+    the path can send a FIN (RFC 9112 9.8); a plain TCP stream's EOF is its end."""
+    return getattr(stream, "ragged_eof", False)
+
+
 def error_for(exc: BaseException) -> RequestRefused:
     """Map an unexpected I/O error to what a client may see."""
     if isinstance(exc, RequestRefused):

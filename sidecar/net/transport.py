@@ -162,7 +162,7 @@ class TlsTransport(trio.abc.Stream):
     itself) is called directly, without the ``ssl.SSLSocket`` wrapper around it.
     """
 
-    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write")
+    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write", "ragged_eof")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -198,6 +198,7 @@ class TlsTransport(trio.abc.Stream):
         # A read had to write first (a TLS 1.3 KeyUpdate answer): the next wait is for the
         # socket to take it, in ``receive_wait``.
         self.want_write = False
+        self.ragged_eof = False  # the peer's TCP EOF came without a TLS close_notify
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
@@ -292,7 +293,10 @@ class TlsTransport(trio.abc.Stream):
             self.want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
             return None
         except ssl.SSLEOFError:
-            return b""  # a TCP EOF without close_notify (what suppress_ragged_eofs did)
+            # A TCP EOF without close_notify (what suppress_ragged_eofs did); recorded:
+            # it cannot end a close-delimited body (``sidecar.net.streams.truncated``).
+            self.ragged_eof = True
+            return b""
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
