@@ -42,6 +42,7 @@ from tests.harness import (
     sidecar_config,
     spiffe,
     start_sidecar,
+    wait_for,
 )
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -450,3 +451,48 @@ def test_bytes_after_an_answer_never_answer_the_next_request(rig: Rig, side: str
                                                                    b"\r\n\r\n"))
         assert b"EVIL" not in out, out
         assert out.endswith(b"\r\n\r\nok"), out[-300:]
+
+
+# What the log line and the metrics record of a refused or cut-short answer: the reason, and
+# in the log line's ``error`` what broke (request id from the caller's 502 body or head).
+RECORDED: dict[str, tuple[Script, str, str]] = {
+    "status_600": (REFUSED["status_600"], "upstream_protocol_error", "bad_status"),
+    "103_flood": (REFUSED["103_flood"], "upstream_protocol_error", "too_many_informational"),
+    "many_fields": (REFUSED["many_fields"], "upstream_protocol_error", "too_many_headers"),
+    "chunk_size_0x": (REFUSED["chunk_size_0x"], "upstream_protocol_error", "bad_chunk"),
+    "two_lengths": (REFUSED["two_lengths"], "upstream_protocol_error", "bad_content_length"),
+    "unrequested_101": (REFUSED["unrequested_101"], "upstream_protocol_error",
+                        "unrequested_101"),
+    "close_mid_body": (TRUNCATED["close_mid_body"], "upstream_closed_mid_response",
+                       "upstream_closed_mid_body"),
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_a_refused_or_cut_answer_is_recorded_with_what_broke(rig: Rig, side: str,
+                                                             case: str) -> None:
+    script, reason, detail = RECORDED[case]
+    rig.scripts[f"/recorded/{case}"] = script
+    proc = rig.sidecar(side)
+    before = proc.metric("sidecar_upstream_errors_total", reason=reason)
+    out, _ = _send(rig, side, _get(f"/recorded/{case}"))
+    assert out, case
+
+    def logged() -> list:
+        return [e for e in proc.log_events("request_refused")
+                if e.get("path") == f"/recorded/{case}"]
+    lines = wait_for(logged, timeout=5)
+    assert lines and lines[-1]["reason"] == reason and lines[-1]["status"] == 502, lines
+    assert lines[-1]["error"] == detail, lines
+    assert proc.metric("sidecar_upstream_errors_total", reason=reason) == before + 1
+
+
+def test_a_close_delimited_body_cut_without_close_notify_is_recorded(rig: Rig) -> None:
+    path = "/recorded/ragged"
+    rig.scripts[path] = _close_after(_head(b"HTTP/1.0 200 OK", body=b"close-delimited"))
+    _send(rig, "outbound", _get(path))
+    lines = wait_for(lambda: [e for e in rig.outbound.log_events("request_refused")
+                              if e.get("path") == path], timeout=5)
+    assert lines[-1]["reason"] == "upstream_closed_mid_response", lines
+    assert lines[-1]["error"] == "upstream_truncated", lines

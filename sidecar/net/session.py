@@ -168,13 +168,13 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             return
         except UpstreamFailed as exc:
             telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
-                              error=exc.refusal.reason)
+                              error=exc.refusal.reason, detail=exc.refusal.detail)
             await send_refusal(client, exc.refusal, ctx.request_id, None)
             return
         except (PeerClosed, Timeout) as exc:
             if ctx.facts is not None:  # forwarded, then broken off: still one record
                 status, error = broken_exchange(exc)
-                telemetry.request(ctx, status, error=error)
+                telemetry.request(ctx, status, error=error, detail=str(exc))
             elif isinstance(exc, Timeout) and exc.side == "client":
                 # A head that did not arrive in time: a refused request like any other (one
                 # record: log line, metric, audit), as long as some of it came -- the wait
