@@ -496,3 +496,23 @@ def test_a_close_delimited_body_cut_without_close_notify_is_recorded(rig: Rig) -
                               if e.get("path") == path], timeout=5)
     assert lines[-1]["reason"] == "upstream_closed_mid_response", lines
     assert lines[-1]["error"] == "upstream_truncated", lines
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_a_switching_protocols_head_loses_hop_by_hop_fields(rig: Rig, side: str) -> None:
+    # An authorised upgrade: the upstream's 101 reaches the caller with its Upgrade field,
+    # without the fields its Connection lists, the other hop-by-hop fields or a framing field
+    # (found by a hostile review: X-Secret listed in Connection, Keep-Alive,
+    # Proxy-Authenticate, TE, Trailer and Content-Length were relayed on a 101).
+    path = "/upgrade/hop-by-hop"
+    rig.scripts[path] = _close_after(_head(
+        b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket",
+        b"Connection: upgrade, X-Secret", b"X-Secret: s", b"Keep-Alive: timeout=5",
+        b"Proxy-Authenticate: Basic", b"TE: trailers", b"Trailer: X-T",
+        b"Proxy-Connection: keep-alive", b"Content-Length: 5", b"X-Kept: yes", body=b"hello"))
+    out, _ = _send(rig, side, b"GET " + path.encode() + b" HTTP/1.1\r\nHost: orders\r\n"
+                   b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n", timeout=3)
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ") and rest == b"hello", out
+    fields = sorted(line.split(b":")[0] for line in head.split(b"\r\n")[1:])
+    assert fields == [b"connection", b"upgrade", b"x-kept"], head

@@ -405,9 +405,14 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
                     ex: Exchange) -> Exchange:
     """The upstream switched protocols (101) for an authorised upgrade: relay its head,
     then pipe bytes both ways until either side ends."""
+    # Hop-by-hop and Connection-listed fields never pass, as on any answer, but for the
+    # Upgrade field itself; nor a framing field (a 101 has no body: what follows is the new
+    # protocol).
     client.queue(serialise_response_head(
         101, event.reason,
-        [(n, v) for n, v in event.headers if n not in _UPGRADE_DROP]
+        [f for f in event.headers if f[0] == b"upgrade"]
+        + [f for f in _response_headers(event.headers, True)
+           if f[0] != b"content-length"]
         + [(b"connection", b"upgrade")]))
     await client.flush(timeout=limits.body_timeout)
     ex.status, ex.upgraded = 101, True
@@ -419,5 +424,3 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
     await close_quietly(ep.stream)
     return ex
 
-
-_UPGRADE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
