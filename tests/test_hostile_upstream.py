@@ -284,7 +284,8 @@ services:
         if side == "inbound":
             sock = socket.create_connection(("127.0.0.1", self.inbound.port("inbound")),
                                             timeout=timeout)
-            return self.ctx.wrap_socket(sock)
+            # (A TCP end without close_notify is an error, as for any careful TLS client.)
+            return self.ctx.wrap_socket(sock, suppress_ragged_eofs=False)
         return socket.create_connection(("127.0.0.1", self.outbound.port("orders")),
                                         timeout=timeout)
 
@@ -516,3 +517,39 @@ def test_a_switching_protocols_head_loses_hop_by_hop_fields(rig: Rig, side: str)
     assert head.startswith(b"HTTP/1.1 101 ") and rest == b"hello", out
     fields = sorted(line.split(b":")[0] for line in head.split(b"\r\n")[1:])
     assert fields == [b"connection", b"upgrade", b"x-kept"], head
+
+
+def _read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything until the end: ("eof") a clean end, ("reset") a reset or TLS error."""
+    out = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            return out, "reset"
+        if not chunk:
+            return out, "eof"
+        out += chunk
+    return out, "timeout"
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("cut", [True, False])
+def test_an_http10_callers_answer_cut_short_ends_in_a_reset(rig: Rig, side: str,
+                                                            cut: bool) -> None:
+    # To an HTTP/1.0 caller an answer without a Content-Length ends at the close, so a clean
+    # close after part of it would read as complete (found by a hostile review): the
+    # connection is reset instead (over TLS without close_notify). A complete answer still
+    # ends with a clean close.
+    path = f"/http10/{'cut' if cut else 'whole'}"
+    body = b"3\r\nabc\r\n" if cut else b"3\r\nabc\r\n0\r\n\r\n"
+    rig.scripts[path] = _close_after(_head(OK, TE, body=body))
+    sock = rig.connect(side, 5)
+    try:
+        sock.sendall(b"GET " + path.encode() + b" HTTP/1.0\r\nHost: orders\r\n\r\n")
+        out, end = _read_to_end(sock)
+    finally:
+        sock.close()
+    assert out.startswith(b"HTTP/1.1 200 ") and b"abc" in out, out
+    assert end == ("reset" if cut else "eof"), (end, out)

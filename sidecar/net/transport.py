@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from typing import Literal, cast, overload
 
 import trio
@@ -152,6 +153,10 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         self._closed = True
         self.socket.close()
         await trio.lowlevel.checkpoint()
+
+
+# SO_LINGER on, 0 seconds: close() sends a TCP reset instead of a FIN.
+_RESET = struct.pack("ii", 1, 0)
 
 
 class TlsTransport(trio.abc.Stream):
@@ -393,6 +398,17 @@ class TlsTransport(trio.abc.Stream):
                 conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # the C object's: unwrap
         except (ssl.SSLError, OSError, ValueError):
             pass
+
+    def abort(self) -> None:
+        """Close at once with a TCP reset and no close_notify: the peer sees an error, not an
+        end of data (``sidecar.net.streams.abort``)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+            self.socket.close()
 
     async def aclose(self) -> None:
         """Send close_notify if that can be done without waiting, then close the socket."""
