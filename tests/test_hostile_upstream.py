@@ -553,3 +553,32 @@ def test_an_http10_callers_answer_cut_short_ends_in_a_reset(rig: Rig, side: str,
         sock.close()
     assert out.startswith(b"HTTP/1.1 200 ") and b"abc" in out, out
     assert end == ("reset" if cut else "eof"), (end, out)
+
+
+# A 101 must switch to a protocol the request asked for (RFC 9110 7.8): else 502 (found by a
+# hostile review: a 101 naming h2c, another protocol or none to a websocket request was
+# relayed and became a byte pipe).
+SWITCHED: dict[str, tuple[bytes, bool]] = {
+    "websocket": (b"Upgrade: websocket", True),
+    "websocket_case": (b"Upgrade: WebSocket", True),
+    "h2c": (b"Upgrade: h2c", False),
+    "other": (b"Upgrade: chat", False),
+    "websocket_and_h2c": (b"Upgrade: websocket, h2c", False),
+    "none": (b"X-No-Upgrade: 1", False),
+    "empty": (b"Upgrade: ", False),
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(SWITCHED))
+def test_a_101_must_switch_to_a_requested_protocol(rig: Rig, side: str, case: str) -> None:
+    field, accepted = SWITCHED[case]
+    path = f"/switched/{case}"
+    rig.scripts[path] = _close_after(_head(b"HTTP/1.1 101 Switching Protocols", field,
+                                           b"Connection: upgrade", body=b"RAW"))
+    out, _ = _send(rig, side, b"GET " + path.encode() + b" HTTP/1.1\r\nHost: orders\r\n"
+                   b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n", timeout=3)
+    if accepted:
+        assert out.startswith(b"HTTP/1.1 101 ") and out.endswith(b"RAW"), out
+    else:
+        _assert_generic_502(out)

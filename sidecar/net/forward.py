@@ -283,7 +283,8 @@ async def forward(
                 if status >= 200:
                     break
                 if status == 101:
-                    if not upgrade:
+                    if not upgrade or not _switches_to_requested(event.headers,
+                                                                 head.upgrade):
                         raise ProtocolViolation("unrequested_101")
                     return await _upgraded(client, ep, event, limits, ex)
                 informational += 1
@@ -399,6 +400,19 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
             return
         else:
             raise PeerClosed("client_closed_mid_body", "client")
+
+
+def _protocols(value: bytes) -> list[bytes]:
+    return [token.strip(b" \t").lower() for token in value.split(b",") if token.strip(b" \t")]
+
+
+def _switches_to_requested(headers: Headers, requested: bytes | None) -> bool:
+    """A 101's Upgrade field names protocols the request asked for, and at least one
+    (RFC 9110 7.8: a server must not switch to a protocol the client did not indicate).
+    Compared as case-folded list members; an HTTP/2 name was refused in the request."""
+    offered = set(_protocols(requested or b""))
+    chosen = [p for name, value in headers if name == b"upgrade" for p in _protocols(value)]
+    return bool(chosen) and all(p in offered for p in chosen)
 
 
 async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Limits,
