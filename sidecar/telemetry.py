@@ -145,11 +145,12 @@ class Telemetry:
         return audit is None or audit.accepting()
 
     def request(self, ctx: RequestContext, status: int, bytes_in: int = 0, bytes_out: int = 0,
-                *, error: str | None = None) -> None:
+                *, error: str | None = None, detail: str = "") -> None:
         """The one record of a request or TCP stream: metrics, tap, log line, audit record.
 
         ``error`` names why it failed or was refused when no rule did (or why an allowed one
-        broke off)."""
+        broke off); ``detail`` says more, in the log line only (its ``error`` field: what an
+        upstream's answer broke, ``bad_chunk``, ``too_many_informational``...)."""
         request_id, facts, verdict, started = ctx.request_id, ctx.facts, ctx.verdict, ctx.started
         source, peer = ctx.source, ctx.peer
         duration = time.time() - started
@@ -210,6 +211,7 @@ class Telemetry:
                 rule=decision.rule if decision is not None else None,
                 reason=(error or (decision.reason if decision is not None else None)),
                 policy_version=decision.version if decision is not None else None,
+                **({"error": detail} if detail else {}),
             )
         if self.audit is not None:
             if decision is None:

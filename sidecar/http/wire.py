@@ -196,6 +196,7 @@ _MAX_LENGTH_DIGITS = 18
 
 # Framing of a message body being read.
 _NONE, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE = range(7)
+UNTIL_CLOSE: Final = _UNTIL_CLOSE  # ``MessageReader.framing`` of a close-delimited body
 _HEAD = -1
 _DONE = -2
 _ERROR = -3
@@ -295,6 +296,7 @@ class EventReader(Protocol):
     # ``sidecar.net.forward`` needs to re-frame and filter it.
     content_length: int
     connection_lists: bool
+    framing: int  # of the last head read (``UNTIL_CLOSE``: a close-delimited body)
 
     def feed(self, data: bytes | bytearray) -> None:
         """Add received bytes; ``b""`` marks the end of input."""
@@ -389,7 +391,10 @@ class MessageReader:
         self._state = _HEAD
 
     def reusable(self) -> bool:
-        """The message ended cleanly and the connection may carry another."""
+        """The message ended cleanly and the connection may carry another: nothing was
+        received after it, and (a response) its framing left no doubt where it ended -- not
+        close-delimited, not an HTTP/1.0 answer, not ``Connection: close``, not an answer
+        without a body (HEAD, 204, 304) whose head announced one."""
         return self._state == _DONE and self.keep_alive and not self._eof and not self._buf
 
     # -- events -------------------------------------------------------------------------------
@@ -516,6 +521,12 @@ class MessageReader:
             return Request(method, target, headers, version)
         version, status, reason = parts
         _, framing, length, close, self.connection_lists = _head_facts(facts, request=False)
+        for name, value in facts:  # (a few fields: the framing ones)
+            if name == b"content-length" and value[0] == 48 and len(value) > 1:
+                # Leading zeros: relayed as the canonical decimal (``0003`` -> ``3``), as
+                # a request's are (no reader downstream need guess at octal).
+                headers = [(n, b"%d" % length if n == b"content-length" else v)
+                           for n, v in headers]
         # A response is _NONE only with Content-Length: 0 (no length means until close).
         self.content_length = length if framing == _LENGTH else 0 if framing == _NONE else -1
         if status < 200:
@@ -524,9 +535,16 @@ class MessageReader:
                 self.keep_alive = False
             return Response(status, reason, headers, version)
         self.framing, self._remaining = framing, length
+        keep = version == b"1.1" and not close
         if self._method == b"HEAD" or status in (204, 304):
             self.framing = _NONE
-        self.keep_alive = version == b"1.1" and not close and self.framing != _UNTIL_CLOSE
+            # The answer has no body whatever its head says; a head that announces one
+            # (Content-Length > 0, chunked) comes from an app that may write that body
+            # anyway, after the head: the next request on this connection would read it as
+            # its answer. Such a connection is not reused.
+            if framing == _LENGTH or framing == _CHUNK_LINE:
+                keep = False
+        self.keep_alive = keep and self.framing != _UNTIL_CLOSE
         self._state = self.framing
         self._framing_bytes = self._body_bytes = 0
         return Response(status, reason, headers, version)

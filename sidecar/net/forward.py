@@ -13,7 +13,19 @@ nothing to continue. A Content-Length is forwarded as its canonical decimal (``0
 
 An authorised ``Upgrade`` request whose upstream answers ``101`` becomes a byte pipe in both
 directions. Any failure before the response head reached the client becomes a generic 502/
-504; after that point the only honest signal left is to close the client connection.
+504 -- also when the head was queued but not yet sent (a body that breaks in the same read
+as its head); after that point the only honest signal left is to close the client
+connection, without the end of a chunked body.
+
+The upstream is not trusted either (the local app behind the inbound listener, any server
+with a valid SVID behind an outbound one). Its response head is read by the same strict
+reader as a request, and then: at most ``MAX_INFORMATIONAL`` 1xx heads before the final one,
+at most twice ``limits.max_headers`` fields in a head (as the head's bytes are bounded by
+twice ``limits.max_header_bytes``), a status of 100-599 (``upstream_protocol_error``, 502);
+hop-by-hop fields and those Connection lists never pass, nor Content-Length on a 1xx or 204
+(RFC 9110 8.6), and a Content-Length goes out as its canonical decimal. A close-delimited
+body that a TLS peer ends without close_notify is a truncation (RFC 9112 9.8), never a
+complete body.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from sidecar.http.wire import (
     OUT_CLOSE,
     OUT_LENGTH,
     OUT_NONE,
+    UNTIL_CLOSE,
     BodyWriter,
     Headers,
     ParseError,
@@ -49,6 +62,7 @@ from sidecar.net.streams import (
     ProtocolViolation,
     Timeout,
     close_quietly,
+    truncated,
     wait_readable,
 )
 
@@ -133,6 +147,9 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
 
 
 FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
+# 1xx heads an upstream may send before its final answer (Go's client allows 5): a flood of
+# them would otherwise be relayed until the response timeout.
+MAX_INFORMATIONAL = 10
 # The writer of every body-less request: never written to (``frame`` refuses any bytes
 # before it changes anything, ``end`` is b""), so one is shared.
 _NO_BODY = BodyWriter(OUT_NONE)
@@ -209,6 +226,8 @@ async def forward(
     wire_head = serialise_request_head(request.method, request.target, headers)
     http11 = request.version == b"1.1"
     attempts = 1 if has_body else 2
+    max_fields = 2 * limits.max_headers
+    sent_before = 0
     for attempt in range(attempts):
         try:
             # The connection released last, without a coroutine when it may be reused as it
@@ -234,6 +253,7 @@ async def forward(
             # The response, relayed here rather than in a coroutine of its own: one
             # coroutine less per request, and one frame less at the wait for the answer.
             keep = keep_alive and http11 and not close
+            informational = 0
             deadline = client.clock() + limits.response_timeout
             while True:
                 # ``ep.next_event(deadline, flush_first=client)`` written out, its read
@@ -258,19 +278,30 @@ async def forward(
                 if type(event) is not Response:
                     raise PeerClosed("upstream_closed_before_response")
                 status = event.status
+                if len(event.headers) > max_fields:
+                    raise ProtocolViolation("too_many_headers")
                 if status >= 200:
                     break
                 if status == 101:
-                    if not upgrade:
+                    if not upgrade or not _switches_to_requested(event.headers,
+                                                                 head.upgrade):
                         raise ProtocolViolation("unrequested_101")
                     return await _upgraded(client, ep, event, limits, ex)
+                informational += 1
+                if informational > MAX_INFORMATIONAL:
+                    raise ProtocolViolation("too_many_informational")
                 if status != 100 and http11:  # 100 was answered by us already
-                    client.queue(serialise_response_head(
-                        status, event.reason, _response_headers(event.headers, True)))
+                    client.queue(serialise_response_head(status, event.reason, [
+                        f for f in _response_headers(event.headers, True)
+                        if f[0] != b"content-length"]))
+            if status > 599:
+                raise ProtocolViolation("bad_status")
             ex.status = status
             out = _response_headers(event.headers, ep.reader.connection_lists)
             if request.method == b"HEAD" or status == 204 or status == 304:
                 answer = BodyWriter(OUT_NONE)
+                if status == 204:  # (RFC 9110 8.6: never a Content-Length on a 204)
+                    out = [f for f in out if f[0] != b"content-length"]
             else:
                 # The reader's Content-Length: the one it checked (Connection never lists
                 # it away: ``connection_tokens`` leaves out END_TO_END).
@@ -286,6 +317,7 @@ async def forward(
             if not keep:
                 out.append((b"connection", b"close"))
             ex.keep_alive = keep
+            sent_before = client.bytes_out  # (a failure before the head left: still a 502)
             client.queue(serialise_response_head(status, event.reason, out))
             client.sent_head = True
             try:
@@ -301,6 +333,8 @@ async def forward(
                         if client.out_len >= FLUSH_AT:
                             await client.flush(timeout=limits.body_timeout)
                     elif event is END:
+                        if ep.reader.framing == UNTIL_CLOSE and truncated(ep.stream):
+                            raise PeerClosed("upstream_truncated")
                         client.queue(answer.end())
                         rest = client.flush_now(timeout=limits.body_timeout)
                         if rest is not None:
@@ -315,12 +349,21 @@ async def forward(
             return ex
         except (PeerClosed, Timeout) as exc:
             await trio.aclose_forcefully(ep.stream)
-            if exc.side == "client" or client.sent_head:
+            if exc.side == "client":
                 raise
+            answered = client.sent_head
+            if answered:
+                if client.bytes_out != sent_before:
+                    raise  # part of the answer went out: the client sees it cut short
+                # The head is still queued, nothing reached the client: a 502 after all
+                # (and no retry: the upstream answered this request).
+                client.out = []
+                client.out_len = 0
+                client.sent_head = False
             if isinstance(exc, ProtocolViolation):
                 raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) \
                     from exc
-            if ex.reused and attempt + 1 < attempts:
+            if ex.reused and attempt + 1 < attempts and not answered:
                 ex.request_bytes = 0
                 continue  # a stale keep-alive connection: retry once on a fresh one
             if isinstance(exc, Timeout):
@@ -359,13 +402,31 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
             raise PeerClosed("client_closed_mid_body", "client")
 
 
+def _protocols(value: bytes) -> list[bytes]:
+    return [token.strip(b" \t").lower() for token in value.split(b",") if token.strip(b" \t")]
+
+
+def _switches_to_requested(headers: Headers, requested: bytes | None) -> bool:
+    """A 101's Upgrade field names protocols the request asked for, and at least one
+    (RFC 9110 7.8: a server must not switch to a protocol the client did not indicate).
+    Compared as case-folded list members; an HTTP/2 name was refused in the request."""
+    offered = set(_protocols(requested or b""))
+    chosen = [p for name, value in headers if name == b"upgrade" for p in _protocols(value)]
+    return bool(chosen) and all(p in offered for p in chosen)
+
+
 async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Limits,
                     ex: Exchange) -> Exchange:
     """The upstream switched protocols (101) for an authorised upgrade: relay its head,
     then pipe bytes both ways until either side ends."""
+    # Hop-by-hop and Connection-listed fields never pass, as on any answer, but for the
+    # Upgrade field itself; nor a framing field (a 101 has no body: what follows is the new
+    # protocol).
     client.queue(serialise_response_head(
         101, event.reason,
-        [(n, v) for n, v in event.headers if n not in _UPGRADE_DROP]
+        [f for f in event.headers if f[0] == b"upgrade"]
+        + [f for f in _response_headers(event.headers, True)
+           if f[0] != b"content-length"]
         + [(b"connection", b"upgrade")]))
     await client.flush(timeout=limits.body_timeout)
     ex.status, ex.upgraded = 101, True
@@ -377,5 +438,3 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
     await close_quietly(ep.stream)
     return ex
 
-
-_UPGRADE_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})

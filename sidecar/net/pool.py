@@ -9,12 +9,14 @@ because each client connection holds at most one upstream connection at a time.
 A pooled connection can die while idle (the app closed it, the peer sidecar restarted). Such
 connections are detected before reuse (``looks_alive``) and, for requests without a body, a
 failure on a reused connection before any response byte is retried once on a new one. The
-check is a system call (its failure an exception), a few per cent of a proxy's CPU per
-request; a connection released less than ``FRESH_SECONDS`` ago, with nothing left in its
-reader (``reusable``), is taken without it: under load the LIFO stack hands out the
-connection released last, a fraction of a millisecond ago, and a peer that closes a
-connection it has just answered on without saying ``Connection: close`` races the check
-anyway (the retry above covers it).
+check is a system call, and it is made before *every* reuse, however recently the connection
+was released: bytes an upstream sends after a complete response (a body on a HEAD or 204
+answer, more bytes than its Content-Length, an unsolicited second response) are on the socket
+by then, and the next request -- often another caller's -- would read them as its answer
+(a hostile review found that skipping the check for connections released less than 3 ms ago
+handed such bytes to the next request nearly every time). Bytes that arrive later still race
+the check, as with any HTTP/1.1 pool; the reader refuses to pool a connection after the
+answers most apps get wrong that way (see ``MessageReader.reusable``).
 
 ``on_acquire(ep)`` (optional) is told of every connection handed out for an upgrade
 request (``acquire(upgrade=True)``: the upgraded stream is then bound to that connection's
@@ -41,8 +43,6 @@ import trio
 
 from sidecar.http.wire import MessageReader
 from sidecar.net.streams import Endpoint, looks_alive, run_clock
-
-FRESH_SECONDS = 0.003  # released this recently: reused without the liveness system call
 
 
 @dataclass
@@ -100,7 +100,7 @@ class UpstreamPool:
         now = self._now()
         since, ep = idle.pop()
         age = now - since
-        if age < FRESH_SECONDS or (age < self._idle_timeout and looks_alive(ep.stream)):
+        if age < self._idle_timeout and looks_alive(ep.stream):
             if self._retire is None or not self._retire(ep, now):
                 self.reused += 1
                 if upgrade and self._on_acquire is not None:

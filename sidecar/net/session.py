@@ -32,7 +32,7 @@ from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.respond import send_refusal
-from sidecar.net.streams import Endpoint, PeerClosed, Timeout, wait_readable
+from sidecar.net.streams import Endpoint, PeerClosed, Timeout, abort, wait_readable
 from sidecar.telemetry import RequestContext, Telemetry
 
 _ID_BATCH = 512
@@ -168,13 +168,18 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             return
         except UpstreamFailed as exc:
             telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
-                              error=exc.refusal.reason)
+                              error=exc.refusal.reason, detail=exc.refusal.detail)
             await send_refusal(client, exc.refusal, ctx.request_id, None)
             return
         except (PeerClosed, Timeout) as exc:
             if ctx.facts is not None:  # forwarded, then broken off: still one record
                 status, error = broken_exchange(exc)
-                telemetry.request(ctx, status, error=error)
+                telemetry.request(ctx, status, error=error, detail=str(exc))
+                if (exc.side != "client" and client.sent_head
+                        and getattr(event, "version", None) == b"1.0"):
+                    # An HTTP/1.0 client's answer may end at the close (no length, no
+                    # chunks): only a reset tells it the answer was cut short.
+                    abort(client.stream)
             elif isinstance(exc, Timeout) and exc.side == "client":
                 # A head that did not arrive in time: a refused request like any other (one
                 # record: log line, metric, audit), as long as some of it came -- the wait

@@ -46,6 +46,7 @@ import math
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -597,6 +598,29 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
         return not poller.poll(0)
     finally:
         poller.unregister(fd)
+
+
+def truncated(stream: trio.abc.Stream) -> bool:
+    """The stream's EOF was a TCP EOF without a TLS close_notify (a TLS transport that
+    records it: ``ragged_eof``). Such an EOF cannot end a close-delimited body: anyone on
+    the path can send a FIN (RFC 9112 9.8); a plain TCP stream's EOF is its end."""
+    return getattr(stream, "ragged_eof", False)
+
+
+def abort(stream: trio.abc.Stream) -> None:
+    """Make the stream's close a TCP reset, without a TLS close_notify (a TLS transport is
+    closed here; another stream when its owner closes it): how a response whose end is the
+    close (to an HTTP/1.0 client) says it was cut short."""
+    stop = getattr(stream, "abort", None)
+    if stop is not None:
+        stop()
+        return
+    sock = raw_socket(stream)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
 
 
 def error_for(exc: BaseException) -> RequestRefused:

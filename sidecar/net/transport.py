@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from typing import Literal, cast, overload
 
 import trio
@@ -154,6 +155,10 @@ class SocketTransport(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
+# SO_LINGER on, 0 seconds: close() sends a TCP reset instead of a FIN.
+_RESET = struct.pack("ii", 1, 0)
+
+
 class TlsTransport(trio.abc.Stream):
     """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``.
 
@@ -162,7 +167,7 @@ class TlsTransport(trio.abc.Stream):
     itself) is called directly, without the ``ssl.SSLSocket`` wrapper around it.
     """
 
-    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write")
+    __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write", "ragged_eof")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -198,6 +203,7 @@ class TlsTransport(trio.abc.Stream):
         # A read had to write first (a TLS 1.3 KeyUpdate answer): the next wait is for the
         # socket to take it, in ``receive_wait``.
         self.want_write = False
+        self.ragged_eof = False  # the peer's TCP EOF came without a TLS close_notify
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
@@ -292,7 +298,10 @@ class TlsTransport(trio.abc.Stream):
             self.want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
             return None
         except ssl.SSLEOFError:
-            return b""  # a TCP EOF without close_notify (what suppress_ragged_eofs did)
+            # A TCP EOF without close_notify (what suppress_ragged_eofs did); recorded:
+            # it cannot end a close-delimited body (``sidecar.net.streams.truncated``).
+            self.ragged_eof = True
+            return b""
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
@@ -389,6 +398,17 @@ class TlsTransport(trio.abc.Stream):
                 conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # the C object's: unwrap
         except (ssl.SSLError, OSError, ValueError):
             pass
+
+    def abort(self) -> None:
+        """Close at once with a TCP reset and no close_notify: the peer sees an error, not an
+        end of data (``sidecar.net.streams.abort``)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+            self.socket.close()
 
     async def aclose(self) -> None:
         """Send close_notify if that can be done without waiting, then close the socket."""
