@@ -627,3 +627,24 @@ def test_verify_id_on_a_trail_that_names_nobody(tmp_path: Path) -> None:
     result = verify(str(d), identity=IDENT)
     assert not result.ok and [f.code for f in result.errors] == ["identity_not_named"]
     assert verify(str(d)).ok and verify(str(d)).identities == []
+
+
+@pytest.mark.parametrize("records", [0, 3])
+def test_a_forged_segment_claiming_hmac_after_a_plain_chain_is_broken(
+        tmp_path: Path, keys: dict[str, str], records: int) -> None:
+    """A forger appends a segment whose header says hmac-sha256 to a plain (signed) trail:
+    without the HMAC key that was exit 2 ("cannot verify", as for a whole HMAC trail), so
+    the forgery read as a setup problem. No key verifies both kinds of segment, so it is
+    BROKEN (exit 1), naming the segment; a whole HMAC trail without its key stays exit 2."""
+    d = tmp_path / "audit"
+    write_entries(d, [GOOD] * 10, keys)
+    head = msgpack.unpackb(_frames(d)[-1][1][-1])["seq"]
+    header = {**_restart_header(head, True), "alg": "hmac-sha256"}
+    _append_segment(d, header, records)
+    result = verify(str(d), keyring=load_keyring([keys["pub"]]))
+    assert not result.ok and result.missing_key is None
+    assert result.broken is not None and "claims HMAC" in result.broken.message
+    assert result.broken.seq == head + 1
+    r = run("audit", "verify", str(d), "--pubkey", keys["pub"])
+    assert r.returncode == 1 and "BROKEN" in r.stdout and "claims HMAC" in r.stdout
+    assert "Traceback" not in r.stderr

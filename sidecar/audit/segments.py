@@ -614,8 +614,17 @@ def verify(
                         frame = checker.accept(payload)
                     except ChainError as exc:
                         message = str(exc)
-                        if isinstance(exc, MissingKey):
+                        if isinstance(exc, MissingKey) and checker.last is None:
                             result.missing_key = f"{seg.name}: {message}"
+                            fatal = True
+                        elif isinstance(exc, MissingKey):
+                            # Frames before it verified without a key: no key verifies both
+                            # (a key makes the plain segments fail), so this is a chain that
+                            # switches authentication -- what a forger appending a segment
+                            # that claims HMAC would write to turn BROKEN into "cannot run".
+                            message = ("segment claims HMAC after a chain that is not "
+                                       "HMAC-authenticated: no single key verifies this "
+                                       "trail")
                             fatal = True
                         elif first:
                             message += _missing_predecessor(payload, names)
