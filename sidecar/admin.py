@@ -149,8 +149,14 @@ def _probe_context() -> ssl.SSLContext:
     return context
 
 
-async def probe_app(probe: AppProbe, timeout: float = PROBE_TIMEOUT_SECONDS) -> int:
-    """GET the app's probe path on loopback; its status code, or 503 if it did not answer."""
+async def probe_app(probe: AppProbe, timeout: float = PROBE_TIMEOUT_SECONDS,
+                    on_result: Callable[[str], None] | None = None) -> int:
+    """GET the app's probe path on loopback; its status code, or 503 if it did not answer
+    with a valid head (no connection, a timeout, or a head the control-plane client refuses:
+    a status outside 100-599, a control character in the reason, more than 8 1xx answers,
+    a 101 -- never relayed, never read as healthy; logged as ``app_probe_failed``).
+    ``on_result`` is told ``ok`` (200-399, what the kubelet counts as healthy),
+    ``unhealthy`` (the app's own 400-599) or ``failed`` (the 503)."""
     https = probe.scheme == "HTTPS"
     target = Target("https" if https else "http", "127.0.0.1", probe.port, probe.path,
                     f"127.0.0.1:{probe.port}")
@@ -161,21 +167,29 @@ async def probe_app(probe: AppProbe, timeout: float = PROBE_TIMEOUT_SECONDS) -> 
                 server_hostname="localhost", connect_timeout=timeout, read_timeout=timeout,
                 max_head_bytes=PROBE_MAX_HEAD_BYTES, read_body=False,
                 user_agent=f"trio-mesh-sidecar-probe/{__version__}")
-    except (trio.TooSlowError, ClientError):
+    except (trio.TooSlowError, ClientError) as exc:
+        log("app_probe_failed", "warning", port=probe.port, path=probe.path,
+            error=(str(exc) or type(exc).__name__)[:300])
+        if on_result is not None:
+            on_result("failed")
         return PROBE_UNAVAILABLE_STATUS
+    if on_result is not None:
+        on_result("ok" if 200 <= answer.status < 400 else "unhealthy")
     return answer.status
 
 
 def health_route(
-    status: AdminStatus, app_probes: Mapping[str, AppProbe], probe_timeout: float
+    status: AdminStatus, app_probes: Mapping[str, AppProbe], probe_timeout: float,
+    on_probe: Callable[[str], None] | None = None,
 ) -> Route:
-    """The health server's routes (usable without a socket)."""
+    """The health server's routes (usable without a socket); ``on_probe`` as ``probe_app``'s
+    ``on_result``."""
     probes = dict(app_probes)
 
     async def route(path: str, query: str = "") -> Reply:
         page = health_page(path, probes, lambda: _readiness(status))
         if isinstance(page, AppProbe):
-            return Reply(await probe_app(page, probe_timeout))
+            return Reply(await probe_app(page, probe_timeout, on_probe))
         return page
 
     return route
@@ -189,10 +203,12 @@ async def serve_health(
     probe_timeout: float = PROBE_TIMEOUT_SECONDS,
     limits: ServerLimits = HEALTH_LIMITS,
     on_refused: Callable[[str], None] | None = None,
+    on_probe: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the health server until cancelled; ``task_status.started(port)`` once listening."""
-    await serve(listen, _get_only(health_route(status, app_probes, probe_timeout)),
+    """Run the health server until cancelled; ``task_status.started(port)`` once listening.
+    ``on_probe`` is told each app probe's result (``probe_app``)."""
+    await serve(listen, _get_only(health_route(status, app_probes, probe_timeout, on_probe)),
                 name="health", limits=limits, base_headers=BASE_HEADERS,
                 error_event="admin_request_failed", on_refused=on_refused,
                 task_status=task_status)

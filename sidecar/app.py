@@ -491,9 +491,13 @@ class Sidecar:
             port = await self._start_server(
                 nursery, "health", cfg.admin.health_listen,
                 functools.partial(serve_health, limits=health_limits,
-                                  on_refused=self._count_refused("health")),
+                                  on_refused=self._count_refused("health"),
+                                  on_probe=self._count_probe),
                 cfg.admin.health_listen, self, app_probes_from_env())
             self.ports["health"] = port
+
+    def _count_probe(self, result: str) -> None:
+        self.metrics.app_probes_total.labels(result).inc()
 
     def _count_refused(self, listener: str) -> Callable[[str], None]:
         def refused(reason: str) -> None:

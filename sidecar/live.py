@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import http.client
+import functools
 import json
+import math
 import sys
 import time
 from collections import Counter, deque
@@ -25,6 +26,9 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+import trio
+
+from sidecar.ctlhttp.client import ClientError, parse_url, request
 from sidecar.output import paint, rfc3339, use_colour
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
@@ -46,28 +50,44 @@ class TapClient:
         if parts.scheme != "http" or not parts.hostname:
             raise TapError(f"--admin {admin!r}: expected http://HOST:PORT")
         self.host = parts.hostname
-        self.port = parts.port or 15000
+        try:
+            self.port = parts.port or 15000
+        except ValueError:
+            raise TapError(f"--admin {admin!r}: expected http://HOST:PORT") from None
+        host = self.host
+        self.authority = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.prefix = parts.path.rstrip("/")
         self.seq: int | None = None
         self.dropped = 0
 
     def _get(self, query: str) -> dict[str, Any]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT)
+        """One ``GET /tap`` through the control-plane client (``sidecar.ctlhttp.client``):
+        deadlines, head and body caps, at most 8 1xx answers, a status of 100-599 and no
+        control characters in the head; then a JSON object with an integer ``seq``, a list
+        of event objects and an integer ``dropped``. Anything else -- a server that is not
+        a sidecar's admin port, or a hostile one -- is a ``TapError``, never a traceback
+        (found by a hostile review: an answer that was not JSON, nested too deep, or a JSON
+        list, ended in one; ``http.client`` also took any status and any 1xx count)."""
+        where = f"{self.host}:{self.port}"
         try:
-            conn.request("GET", f"{self.prefix}/tap{query}")
-            resp = conn.getresponse()
-            body = resp.read(MAX_ANSWER_BYTES)
-        except (OSError, http.client.HTTPException) as exc:
-            raise TapError(f"cannot reach the admin server at {self.host}:{self.port}: "
-                           f"{exc}") from None
-        finally:
-            conn.close()
-        if resp.status == 404:
+            target = parse_url(f"http://{self.authority}{self.prefix}/tap{query}",
+                               schemes=("http",))
+            answer = trio.run(functools.partial(
+                request, target, connect_timeout=HTTP_TIMEOUT, read_timeout=HTTP_TIMEOUT,
+                max_body_bytes=MAX_ANSWER_BYTES))
+        except ClientError as exc:
+            raise TapError(f"cannot reach the admin server at {where}: {exc}") from None
+        if answer.status == 404:
             raise TapError("this sidecar does not serve /tap (upgrade it)")
-        if resp.status != 200:
-            raise TapError(f"/tap answered {resp.status}")
-        doc: dict[str, Any] = json.loads(body)
-        return doc
+        if answer.status != 200:
+            raise TapError(f"/tap answered {answer.status}")
+        try:
+            doc = json.loads(answer.body)
+        except (ValueError, RecursionError):
+            raise TapError(f"{where} answered /tap with something that is not JSON") from None
+        if not _tap_document(doc):
+            raise TapError(f"{where} answered /tap with a document that is not a tap's")
+        return dict(doc)
 
     def start(self) -> None:
         """Begin at the current end of the ring (no backlog: events from now on)."""
@@ -84,13 +104,52 @@ class TapClient:
         return events
 
 
+def _is_int(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _tap_document(doc: object) -> bool:
+    """``doc`` is what ``GET /tap`` answers: ``seq`` and ``dropped`` counts, ``events`` a
+    list of objects (each printed with ``_field`` / ``_when``, whatever its members hold)."""
+    return (isinstance(doc, dict) and _is_int(doc.get("seq"))
+            and _is_int(doc.get("dropped", 0))
+            and isinstance(doc.get("events", []), list)
+            and all(isinstance(event, dict) for event in doc.get("events", [])))
+
+
+def _text(value: object) -> str:
+    """``value`` as text for a terminal: its non-printable characters (controls, bidi
+    overrides, line separators) as escapes -- an event's fields come from requests."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _field(event: dict[str, Any], name: str) -> str:
+    """A member of an event as ``_text`` (``-`` when absent or empty)."""
+    value = event.get(name)
+    return "-" if value is None or value == "" else _text(value)
+
+
+def _when(event: dict[str, Any]) -> float:
+    """An event's ``time`` as Unix seconds (0 when it is not a usable number)."""
+    value = event.get("time")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0 <= seconds < 253402300800 else 0.0
+
+
 def _matches(event: dict[str, Any], args: argparse.Namespace) -> bool:
     if args.caller and event.get("caller") != args.caller:
         return False
     if args.decision and event.get("decision") != args.decision.replace("-", "_"):
         return False
     if args.path:
-        path = event.get("path") or ""
+        path = event.get("path")
+        if not isinstance(path, str):
+            path = ""
         pattern = args.path
         if any(c in pattern for c in "*?["):
             return fnmatch.fnmatchcase(path, pattern)
@@ -128,16 +187,16 @@ def _events(client: TapClient, args: argparse.Namespace, err: TextIO) -> Iterato
 
 
 def _tap_line(event: dict[str, Any], colour: bool) -> str:
-    decision = str(event.get("decision"))
+    decision = _text(event.get("decision"))
     meaning = {"allow": "ok", "deny": "fail", "dry_run": "warn"}.get(decision, "")
     mark = paint(f"{decision:<7}", meaning, colour)
-    rule = event.get("rule") or "-"
-    reason = event.get("reason") or ""
-    return (f"{rfc3339(float(event.get('time') or 0))} {mark} {event.get('status')} "
-            f"{event.get('direction', '')[:3]} {event.get('caller') or '-'} "
-            f"{event.get('method') or '-'} {event.get('path') or '-'} "
+    rule = _field(event, "rule")
+    reason = _text(event.get("reason") or "")
+    return (f"{rfc3339(_when(event))} {mark} {_text(event.get('status'))} "
+            f"{_text(event.get('direction') or '')[:3]} {_field(event, 'caller')} "
+            f"{_field(event, 'method')} {_field(event, 'path')} "
             f"rule={rule}{' reason=' + reason if reason else ''} "
-            f"{event.get('duration_ms')}ms id={event.get('request_id')}")
+            f"{_text(event.get('duration_ms'))}ms id={_text(event.get('request_id'))}")
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
@@ -152,7 +211,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
             if event is None:
                 continue
             if args.output_format == "json":
-                out.write(json.dumps({**event, "time": rfc3339(float(event.get("time") or 0))})
+                out.write(json.dumps({**event, "time": rfc3339(_when(event))})
                           + "\n")
             else:
                 out.write(_tap_line(event, colour) + "\n")
@@ -226,8 +285,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         client = TapClient(args.admin)
         for event in _events(client, args, err):
             if event is not None:
-                key = (str(event.get("caller") or ""), str(event.get("rule") or ""),
-                       int(event.get("status") or 0), str(event.get("decision")))
+                status = event.get("status")
+                key = (_text(event.get("caller") or ""), _text(event.get("rule") or ""),
+                       status if type(status) is int else 0, _text(event.get("decision")))
                 window.append((time.time(), key))
             if time.monotonic() >= next_draw:
                 draw()

@@ -543,6 +543,11 @@ class SidecarMetrics:
             "Alert webhook deliveries, by result (sent, failed, dropped).",
             ("result",),
         )
+        self.app_probes_total = r.counter(
+            "sidecar_app_probes_total",
+            "Application probes run for the kubelet, by result (ok, unhealthy, failed).",
+            ("result",),
+        )
         self.source_blocked_total = r.counter(
             "sidecar_source_blocked_total",
             "Requests or connections refused because their source is blocked by an alert rule.",

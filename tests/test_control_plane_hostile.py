@@ -65,6 +65,9 @@ def _chunked(body: bytes, size: int) -> bytes:
 ACTIVE = json.dumps({"active": True, "aud": AUD, "sub": "alice", "scope": "orders:read",
                      "exp": 4_000_000_000}).encode()
 
+# A usable key set, but not the one the tokens are signed with.
+EVIL_KEYS = jwks_bytes(jwk(ec_key("evil"), "evil"))
+
 # name -> (raw answer for a JWKS fetch, raw answer for an introspection call)
 HOSTILE: dict[str, tuple[bytes, bytes]] = {
     "nested 3,000 levels": (_answer(b"[" * 3000 + b"]" * 3000),
@@ -90,6 +93,28 @@ HOSTILE: dict[str, tuple[bytes, bytes]] = {
     "a stream of 100 Continue": (b"HTTP/1.1 100 Continue\r\n\r\n" * 5000,
                                  b"HTTP/1.1 100 Continue\r\n\r\n" * 5000),
     "body longer than its length": (_answer(b'{"keys": []}')[:-2], _answer(ACTIVE)[:-5]),
+    # Heads h11 reads but the data path would refuse (found by a hostile review), around a
+    # document that is otherwise usable -- another key set, an active token -- so that
+    # believing the head would show: and the heads h11 refuses itself.
+    "status 600": (_answer(EVIL_KEYS, status="600 OK"), _answer(ACTIVE, status="600 OK")),
+    "status 999": (_answer(EVIL_KEYS, status="999 OK"), _answer(ACTIVE, status="999 OK")),
+    "status 000": (_answer(EVIL_KEYS, status="000 OK"), _answer(ACTIVE, status="000 OK")),
+    "status 1000": (_answer(EVIL_KEYS, status="1000 OK"), _answer(ACTIVE, status="1000 OK")),
+    "status in letters": (_answer(EVIL_KEYS, status="2OO OK"), _answer(ACTIVE, status="2OO OK")),
+    "reason with an escape": (_answer(EVIL_KEYS, status="200 O\x1b[2JK"),
+                              _answer(ACTIVE, status="200 O\x1b[2JK")),
+    "reason with DEL": (_answer(EVIL_KEYS, status="200 OK\x7f"),
+                        _answer(ACTIVE, status="200 OK\x7f")),
+    "field value with a control": (_answer(EVIL_KEYS, extra=b"x-a: a\x07b\r\n"),
+                                   _answer(ACTIVE, extra=b"x-a: a\x07b\r\n")),
+    "HTTP/0.9": (_answer(EVIL_KEYS).replace(b"HTTP/1.1", b"HTTP/0.9", 1),
+                 _answer(ACTIVE).replace(b"HTTP/1.1", b"HTTP/0.9", 1)),
+    "a stream of 103 Early Hints": (b"HTTP/1.1 103 Early Hints\r\n\r\n" * 5000,
+                                    b"HTTP/1.1 103 Early Hints\r\n\r\n" * 5000),
+    "an unasked 101": (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                       b"Connection: upgrade\r\n\r\n" + _answer(EVIL_KEYS),
+                       b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                       b"Connection: upgrade\r\n\r\n" + _answer(ACTIVE)),
     "a key set of unusable keys only": (
         _answer(jwks_bytes({"kty": "oct", "kid": "k", "k": "c2VjcmV0"},
                            jwk(ec_key("x"), "x", alg="ES384"))),

@@ -594,7 +594,7 @@ async def test_pool_drops_an_idle_connection_the_other_side_closed_or_wrote_to(
     pool = UpstreamPool(connect, size=4, idle_timeout=30.0, network=False)
     ep, _ = await pool.acquire()
     ep.reader.expect_response(b"GET")
-    ep.reader.feed(b"HTTP/1.1 204 No Content\r\n\r\n")
+    ep.reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     while ep.reader.next_event() is not END:
         pass
     await pool.release(ep)

@@ -221,3 +221,107 @@ def test_refusals_carry_canonical_reason_phrases(orders):
     missing = raw(proc.port("admin"), b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n",
                   read_until_close=False)
     assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n"), missing[:60]
+
+
+class _RawAdmin:
+    """Answers every request with ``answer`` (raw bytes), then closes: a hostile or wrong
+    server where ``--admin`` points."""
+
+    def __init__(self, answer: bytes) -> None:
+        import socket
+
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn) -> None:
+        conn.settimeout(5)
+        try:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                got += chunk
+            conn.sendall(self.answer)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _answer(body: bytes, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+
+
+# What a server where --admin points may answer that is no tap: every one is a clean exit 1
+# with a message, never a traceback or a hang (found by a hostile review: an answer that was
+# not JSON, nested too deep or not an object ended in a traceback).
+HOSTILE_TAP = {
+    "not JSON": _answer(b"<html>admin</html>"),
+    "a JSON list": _answer(b"[1, 2]"),
+    "seq a string": _answer(b'{"seq": "5", "events": []}'),
+    "seq negative": _answer(b'{"seq": -1, "events": []}'),
+    "seq a float": _answer(b'{"seq": 1.5, "events": []}'),
+    "seq true": _answer(b'{"seq": true, "events": []}'),
+    "events not a list": _answer(b'{"seq": 1, "events": {"a": 1}}'),
+    "an event not an object": _answer(b'{"seq": 1, "events": [1]}'),
+    "dropped a string": _answer(b'{"seq": 1, "events": [], "dropped": "x"}'),
+    "nested 100,000 levels": _answer(b"[" * 100_000 + b"]" * 100_000),
+    "status 999": _answer(b'{"seq": 1, "events": []}', b"999 OK"),
+    "status 000": _answer(b'{"seq": 1, "events": []}', b"000 OK"),
+    "status letters": _answer(b'{"seq": 1, "events": []}', b"2OO OK"),
+    "reason with an escape": _answer(b'{"seq": 1, "events": []}', b"200 O\x1b[2JK"),
+    "field with a control": _answer(b'{"seq": 1, "events": []}', extra=b"x-a: \x07\r\n"),
+    "a stream of 100 Continue": b"HTTP/1.1 100 Continue\r\n\r\n" * 200_000,
+    "an unasked 101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
+                      b"Connection: upgrade\r\n\r\n",
+    "no answer": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TAP))
+@pytest.mark.parametrize("command", ["tap", "top"])
+def test_tap_and_top_refuse_an_answer_that_is_no_tap(name: str, command: str) -> None:
+    server = _RawAdmin(HOSTILE_TAP[name])
+    try:
+        r = subprocess.run([sys.executable, "-m", "sidecar", command, "--admin",
+                            f"http://127.0.0.1:{server.port}", "--duration", "1"],
+                           cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    finally:
+        server.close()
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and f"sidecar {command}: " in r.stderr, r.stderr[-2000:]
+
+
+def test_tap_prints_hostile_event_fields_escaped() -> None:
+    # A tap document whose events hold controls, a bidi override, a string time and status
+    # and odd types: printed with escapes, never a traceback.
+    event = {"time": "yesterday", "decision": "allow\x1b[2J", "status": "2OO",
+             "direction": 5, "caller": "spiffe://x/\u202eevil", "method": ["GET"],
+             "path": "/a\x07b", "rule": {"r": 1}, "reason": "\x1b]0;t\x07",
+             "duration_ms": None, "request_id": "\x00"}
+    body = json.dumps({"seq": 1, "events": [event], "dropped": 0}).encode()
+    server = _RawAdmin(_answer(body))
+    try:
+        r = subprocess.run([sys.executable, "-m", "sidecar", "tap", "--admin",
+                            f"http://127.0.0.1:{server.port}", "-n", "1", "--duration", "5"],
+                           cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    finally:
+        server.close()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
+    assert "\\x1b" in r.stdout and "/a\\x07b" in r.stdout, r.stdout

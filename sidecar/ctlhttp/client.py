@@ -15,7 +15,10 @@ request and reading the answer under ``read_timeout``; the response head is at m
 call returns as soon as the status line and headers are in (a probe or a webhook post only
 wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMATIONAL``. A
 response with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11 would let the
-chunked coding win).
+chunked coding win), and so is a head h11 reads but the data path would refuse: a status
+outside 100-599, an HTTP version other than 1.0 and 1.1, a control character in the reason
+phrase or a field value (``_check_head``); h11 itself refuses other status lines (``000``,
+``1000``, letters) and a ``101`` the request did not ask for.
 
 The deadlines bound the time, not the work: parsing happens between reads, so a server that
 sends a 1 MiB body as one-byte chunks made the event loop parse a million chunks (13 s of
@@ -52,6 +55,9 @@ MIN_BODY_PIECES = 64
 MIN_MEAN_PIECE_BYTES = 512
 _READ_CHUNK = 65536
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+# What a reason phrase or a field value may not hold (RFC 9110 5.5, RFC 9112 4): the controls
+# but HTAB, and DEL. h11 lets them through (it refuses only CR, LF and NUL).
+_CONTROLS = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
 
 class ClientError(Exception):
@@ -220,6 +226,7 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
             continue
         if isinstance(event, h11.Response):
+            _check_head(event)
             head = event
             names = {name for name, _ in event.headers}
             if b"content-length" in names and b"transfer-encoding" in names:
@@ -244,6 +251,25 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
         elif isinstance(event, h11.ConnectionClosed):
             raise ClientError("connection closed before the response ended")
         elif isinstance(event, h11.InformationalResponse):
+            _check_head(event)
             informational -= 1
             if informational < 0:
                 raise ClientError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")
+
+
+def _check_head(event: h11.Response | h11.InformationalResponse) -> None:
+    """Refuse what h11 accepts but the data path's reader (``sidecar.http.wire``) would not:
+    a status outside 100-599 (h11 takes any three digits from 100: ``600``-``999``), an HTTP
+    version other than 1.0 and 1.1 (``HTTP/0.9``), a control character in the reason
+    phrase or a field value (an ESC, a BEL, DEL). A probe must not read ``200 O\\x1bK`` as
+    healthy, nor relay a ``999`` to the kubelet as the app's answer."""
+    status = event.status_code
+    if not 100 <= status <= 599:
+        raise ClientError(f"status {status} is not an HTTP status (100-599)")
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise ClientError("response is not HTTP/1.0 or HTTP/1.1")
+    if len(event.reason.translate(None, _CONTROLS)) != len(event.reason):
+        raise ClientError("control character in the response's reason phrase")
+    for _, value in event.headers:
+        if len(value.translate(None, _CONTROLS)) != len(value):
+            raise ClientError("control character in a response header value")

@@ -394,7 +394,8 @@ class MessageReader:
         """The message ended cleanly and the connection may carry another: nothing was
         received after it, and (a response) its framing left no doubt where it ended -- not
         close-delimited, not an HTTP/1.0 answer, not ``Connection: close``, not an answer
-        without a body (HEAD, 204, 304) whose head announced one."""
+        without a body (HEAD, 204, 304) whose head announced one or had no length field
+        (only ``Content-Length: 0`` keeps such a connection)."""
         return self._state == _DONE and self.keep_alive and not self._eof and not self._buf
 
     # -- events -------------------------------------------------------------------------------
@@ -541,8 +542,11 @@ class MessageReader:
             # The answer has no body whatever its head says; a head that announces one
             # (Content-Length > 0, chunked) comes from an app that may write that body
             # anyway, after the head: the next request on this connection would read it as
-            # its answer. Such a connection is not reused.
-            if framing == _LENGTH or framing == _CHUNK_LINE:
+            # its answer. So may a head with no length field at all (a body until the
+            # close, were it another answer), which the pool's check cannot catch when the
+            # body comes a little later. Only ``Content-Length: 0`` says there is nothing
+            # more; any other such connection is not reused.
+            if framing != _NONE:
                 keep = False
         self.keep_alive = keep and self.framing != _UNTIL_CLOSE
         self._state = self.framing

@@ -6,7 +6,10 @@ by chunk in both directions (memory stays flat whatever the size). Every message
 re-framed by the sidecar (``sidecar.http.wire``): a known length is kept, anything else is
 sent chunked (or close-delimited to an HTTP/1.0 client), so what reaches either side is
 always well-formed HTTP/1.1 whatever framing the sender used. The exchange is sequential --
-request body, then response -- which is what HTTP/1.1 clients do; an ``Expect:
+request body, then response -- which is what HTTP/1.1 clients do; an upstream that answers
+(or closes) before it has the whole body gets no more of it, its answer is relayed, and its
+connection is closed instead of pooled (``_send_body``: the unread body would be the next
+request it reads there); an ``Expect:
 100-continue`` is answered by the sidecar itself once the request was authorised (as Envoy
 does), and the header is not forwarded -- nor on a request without a body, which has
 nothing to continue. A Content-Length is forwarded as its canonical decimal (``0003`` -> ``3``).
@@ -30,6 +33,7 @@ complete body.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +60,7 @@ from sidecar.http.wire import (
     serialise_response_head,
 )
 from sidecar.net.pool import UpstreamPool
+from sidecar.net.respond import linger
 from sidecar.net.streams import (
     Endpoint,
     PeerClosed,
@@ -153,6 +158,14 @@ MAX_INFORMATIONAL = 10
 # The writer of every body-less request: never written to (``frame`` refuses any bytes
 # before it changes anything, ``end`` is b""), so one is shared.
 _NO_BODY = BodyWriter(OUT_NONE)
+# How the sending of a request body ended (``_send_body``): all of it went upstream; or the
+# upstream answered (or closed) first and the rest was not sent, the caller's body having
+# been read to its end, or not.
+SENT, EARLY_READ, EARLY_UNREAD = 0, 1, 2
+# How long, and how many bytes of its upload, a caller answered early may still send before
+# its connection is closed (``sidecar.net.respond.linger``).
+EARLY_LINGER_SECONDS = 2.0
+EARLY_LINGER_BYTES = 64 * 1024 * 1024
 
 
 def _normalised(headers: Headers, has_body: bool) -> Headers:
@@ -244,15 +257,18 @@ async def forward(
         try:
             ep.reader.expect_response(request.method, upgrade)
             ep.queue(wire_head)
+            early = SENT
             if has_body:
-                await _send_body(client, ep, body, limits, ex, expect_continue)
+                early = await _send_body(client, ep, body, limits, ex, expect_continue)
             else:
                 rest = ep.flush_now(timeout=limits.body_timeout)
                 if rest is not None:
                     await rest
             # The response, relayed here rather than in a coroutine of its own: one
             # coroutine less per request, and one frame less at the wait for the answer.
-            keep = keep_alive and http11 and not close
+            # (An answer that came before the caller's body was all read: the rest of that
+            # body is still on the caller's connection, which ends after the answer.)
+            keep = keep_alive and http11 and not close and early != EARLY_UNREAD
             informational = 0
             deadline = client.clock() + limits.response_timeout
             while True:
@@ -344,7 +360,21 @@ async def forward(
                         raise PeerClosed("upstream_closed_mid_body")
             except ParseError as exc:
                 raise ProtocolViolation(exc.reason) from exc
-            if not pool.keep(ep):  # (``pool.release`` without a coroutine when it is kept)
+            if early or (has_body and status >= 400):
+                # The upstream answered before it had the whole request: whatever it did
+                # not read of the body would be the next request it reads on this
+                # connection, so the connection is never reused. Nor after an error answer
+                # to a request with a body, the usual early refusal (401, 403, 413) -- sent
+                # after the whole body went only because the body was small and left with
+                # the head, so the sidecar cannot tell whether the app read it.
+                await trio.aclose_forcefully(ep.stream)
+                if early == EARLY_UNREAD:
+                    # The caller may still be sending its body, and a caller that reads
+                    # only once it has sent everything would lose the answer to the reset
+                    # a close with unread bytes makes: its upload is read and discarded
+                    # (raw, never parsed) until it ends, for a bounded time and size.
+                    await linger(client, EARLY_LINGER_SECONDS, EARLY_LINGER_BYTES)
+            elif not pool.keep(ep):  # (``pool.release`` without a coroutine when kept)
                 await trio.aclose_forcefully(ep.stream)
             return ex
         except (PeerClosed, Timeout) as exc:
@@ -376,13 +406,29 @@ async def forward(
 
 
 async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: Limits,
-                     ex: Exchange, expect_continue: bool) -> None:
+                     ex: Exchange, expect_continue: bool) -> int:
+    """Stream the caller's body upstream: ``SENT`` when all of it went; ``EARLY_READ`` /
+    ``EARLY_UNREAD`` when the upstream answered or closed before it was all sent (the rest
+    is then never sent; the caller's body was / was not read to its end).
+
+    An upstream that answers before it has read the body (a 401, 403 or 413 as soon as
+    the head arrived) and does not read the rest would read it as its next request: the
+    bytes sent after its answer are the ones that can be stopped. So before a flush that
+    follows one that already went (most bodies leave in one flush, with the head: no check
+    at all), the upstream's socket is polled without waiting, and a send the socket cannot
+    take at once also ends when the upstream becomes readable (``_send_unless_answered``).
+    A send that fails because the upstream closed or reset ends the body the same way: its
+    answer may be there to read."""
     if expect_continue:
         client.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
         await client.flush(timeout=limits.body_timeout)
     limit = limits.max_body_bytes
     while True:
-        event = await client.next_event(None, flush_first=ep, timeout=limits.body_timeout)
+        event = client.event_now()
+        if event is NEED_DATA:
+            if ep.out and not await _flush_body(ep, limits):
+                return EARLY_UNREAD
+            event = await client.next_event(None, timeout=limits.body_timeout)
         if type(event) is bytes:
             ex.request_bytes += len(event)
             if limit and ex.request_bytes > limit:
@@ -392,14 +438,77 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
                     ep.queue(part)
             except ParseError as exc:  # more bytes than the length h11 checked: impossible
                 raise PeerClosed("client_body_overrun", "client") from exc
-            if ep.out_len >= FLUSH_AT:
-                await ep.flush(timeout=limits.body_timeout)
+            if ep.out_len >= FLUSH_AT and not await _flush_body(ep, limits):
+                return EARLY_UNREAD
         elif event is END:
             ep.queue(body.end())
-            await ep.flush(timeout=limits.body_timeout)
-            return
+            return SENT if await _flush_body(ep, limits) else EARLY_READ
         else:
             raise PeerClosed("client_closed_mid_body", "client")
+
+
+async def _flush_body(ep: Endpoint, limits: Limits) -> bool:
+    """Send what is queued for the upstream; False (and nothing more sent) when it has
+    answered or closed meanwhile. Checked only once part of the request went (``bytes_out``:
+    the pool zeroes it on release)."""
+    if ep.bytes_out and ep.spoke():
+        ep.out = []
+        ep.out_len = 0
+        return False
+    try:
+        rest = ep.flush_now(timeout=limits.body_timeout)
+    except PeerClosed:
+        return False  # (closed or reset: what it answered first is still there to read)
+    if rest is None:
+        return True
+    return await _send_unless_answered(ep, rest)
+
+
+async def _send_unless_answered(ep: Endpoint, rest: Coroutine[Any, Any, None]) -> bool:
+    """Await ``rest`` (a send the socket could not take at once) unless the upstream becomes
+    readable first: then the send is abandoned (the connection is never reused) and False
+    returned; False also when the send fails on a closed connection. ``Timeout`` as the
+    send's own bound says."""
+    fd = ep.wait_fd
+    if fd is None:  # (a stream without one: memory streams in tests)
+        try:
+            await rest
+        except PeerClosed:
+            return False
+        return True
+    spoke = False
+    failed: Timeout | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal spoke
+                while True:
+                    try:
+                        await wait_readable(fd)
+                    except (trio.BusyResourceError, trio.ClosedResourceError):
+                        return  # (a TLS write waiting to read first: its own bound holds)
+                    if ep.spoke():  # (not a TLS record without data: a session ticket)
+                        break
+                spoke = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await rest
+            except (PeerClosed, trio.BusyResourceError):
+                spoke = True  # (closed or reset, or a TLS write that must read first)
+            except Timeout as exc:
+                failed = exc
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # An outer cancellation (a drain, a retirement) ends both tasks: it goes on as the
+        # one ``Cancelled`` the callers expect, not as a group of two.
+        if group.split(trio.Cancelled)[1] is not None:
+            raise
+        raise group.exceptions[0] from None
+    if failed is not None:
+        raise failed
+    return not spoke
 
 
 def _protocols(value: bytes) -> list[bytes]:

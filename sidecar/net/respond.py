@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 REPLY_TIMEOUT = 5.0
 LINGER_SECONDS = 0.5
+LINGER_BYTES = 256 * 1024
 
 
 async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
@@ -40,12 +41,15 @@ async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
         await ep.flush(trio.current_time() + REPLY_TIMEOUT)
         if not ep.reader.at_rest():
             # The client might still be sending (a body, pipelined requests, garbage).
-            await _linger(ep)
+            await linger(ep)
     except (PeerClosed, Timeout):
         pass
 
 
-async def _linger(ep: Endpoint) -> None:
+async def linger(ep: Endpoint, seconds: float = LINGER_SECONDS,
+                 budget: int = LINGER_BYTES) -> None:
+    """Say we are done, then read and discard what the client still sends, for at most
+    ``seconds`` and ``budget`` bytes (below)."""
     # Closing a socket with unread input makes the kernel send RST, and the client may then
     # lose the reply it has not read yet. Say we are done (FIN, or TLS close_notify), then
     # read and discard raw bytes briefly, bounded in time and bytes, until the client closes.
@@ -62,8 +66,7 @@ async def _linger(ep: Endpoint) -> None:
     fd = sock.fileno()
     if fd < 0:
         return
-    budget = 256 * 1024
-    with trio.move_on_after(LINGER_SECONDS):
+    with trio.move_on_after(seconds):
         while budget > 0:
             # The file descriptor is read directly (under TLS too): raw bytes, never
             # decrypted by the TLS layer.

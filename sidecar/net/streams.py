@@ -483,6 +483,27 @@ class Endpoint:
             out.__cause__ = exc
         return out
 
+    def spoke(self) -> bool:
+        """The other side sent bytes or ended the connection since the last read, checked
+        without waiting (``sidecar.net.forward``: an upstream answering before it read the
+        whole request body). What a check reads goes to the reader, not lost. A socket that
+        is readable for TLS records without application data (a TLS 1.3 session ticket
+        after the handshake) has not spoken: the try reads them and finds nothing."""
+        if not readable_now(self.stream):
+            return False
+        try_receive = self._try_receive
+        if try_receive is None:
+            return True  # (a stream without a try: whatever it is, something came)
+        try:
+            data = try_receive()
+        except _IO_ERRORS:
+            return True  # (a reset with nothing before it: the next read says so)
+        if data is None:
+            return False
+        self.bytes_in += len(data)
+        self.reader.feed(data)
+        return True
+
     def queue(self, data: bytes) -> None:
         """Buffer serialised bytes for the next ``flush``."""
         self.out.append(data)
@@ -596,6 +617,25 @@ def looks_alive(stream: trio.abc.Stream) -> bool:
     poller.register(fd, _ANY_EVENT)
     try:
         return not poller.poll(0)
+    finally:
+        poller.unregister(fd)
+
+
+def readable_now(stream: trio.abc.Stream) -> bool:
+    """Something waits on the stream's socket -- bytes, an EOF, a reset, an error -- or
+    OpenSSL holds decrypted bytes, checked without waiting (``Endpoint.spoke``). False for a
+    stream without a socket: nothing to tell."""
+    pending = getattr(stream, "pending", None)
+    if pending is not None and pending():
+        return True
+    sock = getattr(raw_socket(stream), "_sock", None)
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return False
+    poller = _ALIVE_POLL
+    poller.register(fd, _ANY_EVENT)
+    try:
+        return bool(poller.poll(0))
     finally:
         poller.unregister(fd)
 
