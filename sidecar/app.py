@@ -53,7 +53,7 @@ from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
-from sidecar.tlsstate import TlsSnapshot, TlsState, load_own_svid
+from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid
 
 if TYPE_CHECKING:  # imported where used (optional parts), named here for their types
     from sidecar.alert_poster import AlertPoster
@@ -439,7 +439,8 @@ class Sidecar:
         await nursery.start(self.lifetimes.run)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
-            load=functools.partial(load_own_svid, ident.cert, ident.key, ident.bundle),
+            load=functools.partial(load_rotated_svid, ident.cert, ident.key, ident.bundle,
+                                   self.own_id),
             apply=self._apply_svid, on_error=self._tls_reload_failed,
             interval=ident.watch_interval)
         await nursery.start(cert_watch.run)

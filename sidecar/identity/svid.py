@@ -60,6 +60,7 @@ RULE_TRUST_DOMAIN_NOT_FEDERATED = "trust-domain-not-federated"
 RULE_TRUST_DOMAIN_MISMATCH = "trust-domain-mismatch"
 RULE_EXTENSIONS_INVALID = "extensions-invalid"
 RULE_CHAIN_TOO_LONG = "chain-too-long"
+RULE_SPIFFE_ID_CHANGED = "spiffe-id-changed"
 
 MAX_FILE_BYTES = 1024 * 1024
 PEER_CACHE_SIZE = 1024
