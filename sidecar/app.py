@@ -516,8 +516,9 @@ class Sidecar:
     def _apply_bundle(self, bundle: TrustBundle) -> None:
         self.tls.swap(self.tls.with_bundle(bundle))
         self.metrics.certificate_reloads_total.labels("ok").inc()
-        logs.log("trust_bundle_reloaded", trust_domain=bundle.trust_domain,
-                 roots=len(bundle.roots))
+        # (no roots: the trust domain's X.509 trust was withdrawn, it now admits nobody)
+        logs.log("trust_bundle_reloaded", "info" if bundle.roots else "warning",
+                 trust_domain=bundle.trust_domain, roots=len(bundle.roots))
         self._trust_changed()
 
     def _apply_tls(self, snapshot: TlsSnapshot) -> None:

@@ -235,6 +235,11 @@ def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
                     f"identity.trust_domains.{td}.bundle in {cfg.source} must be a PEM or "
                     "SPIFFE trust bundle of that trust domain's roots")
             continue
+        if not bundle.roots:
+            run.add(g, title, "warn", f"{path}: no root: {td} admits nobody",
+                    f"an empty bundle withdraws trust in {td}; if that is not meant, publish "
+                    "its roots (PEM or SPIFFE bundle with x509-svid keys)")
+            continue
         run.add(g, title, "ok", f"{path}: {len(bundle.roots)} root(s)")
 
 

@@ -5,6 +5,9 @@ as a family, through real sidecars, real certificates and real files.
   workload, another trust domain) was taken, so the sidecar presented one identity and
   enforced another's policy section; it is refused (``spiffe-id-changed``) like the other
   bad sets a rotation may publish, and the SVID in force stays.
+* A federated bundle whose only CA is removed (a blank file, a SPIFFE bundle without
+  ``x509-svid`` keys) was refused as broken, so the removed CA stayed trusted; it now
+  withdraws the trust domain's roots and ends its connections.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from typing import Any
 
 import pytest
 
-from sidecar.identity.ca import DevCA
+from sidecar.identity.bundle import spiffe_bundle_json
+from sidecar.identity.ca import DevCA, write_svid
 from tests.harness import (
     TD,
     Pki,
     SidecarProc,
     free_port,
     http,
+    mtls_context,
     read_head,
+    replace_file,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -37,6 +43,11 @@ from tests.harness import (
     write_policy,
 )
 from tests.test_authn_support import AUDIENCE, ISSUER, ec_key, jwk, jwks_bytes
+from tests.test_connection_lifetime_e2e import (
+    assert_closed_by_server,
+    keepalive,
+    wait_closed,
+)
 from tests.test_peer_certificates_review import _ca, _leaf
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -215,3 +226,72 @@ def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, 
     d.publish(svid_files(fresh, ca))  # a good set is still picked up
     wait_for(lambda: reloads(srv, "ok") >= 1, timeout=10)
     assert peer_der(port, ctx) == leaf_der(fresh.cert_pem)
+
+
+# -- a federated trust domain whose roots are all withdrawn -----------------------------------
+
+PARTNER_TD = "partner.example"
+
+
+def _empty_bundle(kind: str) -> bytes:
+    if kind == "blank file":
+        return b""
+    if kind == "no keys":
+        return b'{"keys": [], "spiffe_sequence": 2}'
+    if kind == "jwt-svid keys only":
+        return b'{"keys": [{"use": "jwt-svid", "kty": "EC", "kid": "j1"}]}'
+    return spiffe_bundle_json([DevCA.create(PARTNER_TD).root])  # "another root": control
+
+
+@pytest.mark.parametrize("kind", ["blank file", "no keys", "jwt-svid keys only",
+                                  "another root"])
+def test_a_federated_bundle_emptied_ends_the_partners_connections(tmp_path, pki, app, procs,
+                                                                  kind):
+    """The partner's only CA removed from its bundle leaves a bundle without roots: the
+    partner's open connection ends and a new one is refused, our own callers are untouched;
+    before, an empty bundle was refused as broken and the removed CA stayed trusted."""
+    partner = DevCA.create(PARTNER_TD)
+    bundle = tmp_path / "partner.json"
+    bundle.write_bytes(spiffe_bundle_json([partner.root]))
+    partner_id = f"spiffe://{PARTNER_TD}/ns/demo/sa/api"
+    cfg = sidecar_config(pki.identity("orders"), inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}",
+        "allow_from": [partner_id, spiffe("frontend")]},
+        limits={"connection_close_grace": GRACE})
+    cfg["identity"]["trust_domains"] = {PARTNER_TD: {"bundle": str(bundle)}}
+    srv = start_sidecar(tmp_path, "orders", cfg)
+    procs.append(srv)
+    port = srv.port("inbound")
+    partner_ctx = mtls_context(write_svid(partner.issue(partner_id), partner,
+                                          tmp_path / "partner-api"), pki.bundle)
+    own_ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    held = keepalive(port, partner_ctx)
+    ours = keepalive(port, own_ctx)
+    replace_file(bundle, _empty_bundle(kind))
+    wait_closed(srv, "peer_untrusted")
+    assert_closed_by_server(held, port)
+    with pytest.raises((OSError, ssl.SSLError)):
+        http(port, "GET", "/", ctx=partner_ctx, timeout=5)
+    r = http(port, "GET", "/", conn=ours)  # the own trust domain's caller is untouched
+    assert r.status == 200
+    ours.close()
+    reloaded = srv.log_events("trust_bundle_reloaded")
+    assert reloaded and reloaded[-1]["roots"] == (1 if kind == "another root" else 0)
+
+
+def test_check_warns_about_an_empty_federated_bundle(tmp_path, pki):
+    import yaml
+
+    from tests.harness import sidecar_cli
+
+    partner = tmp_path / "partner.json"
+    partner.write_bytes(b'{"keys": []}')
+    cfg = sidecar_config(pki.identity("orders"), inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": "127.0.0.1:1", "allow_from": []})
+    cfg["identity"]["trust_domains"] = {PARTNER_TD: {"bundle": str(partner)}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = sidecar_cli("check", "-c", str(path), "--offline", "--no-ports")
+    assert f"{PARTNER_TD} admits nobody" in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    assert sidecar_cli("run", "-c", str(path), "--check").returncode == 0

@@ -326,13 +326,17 @@ def _load_certs(data: bytes, shown: str) -> list[x509.Certificate]:
     return certs
 
 
-def load_roots(data: bytes, shown: str) -> list[x509.Certificate]:
-    """The roots of a bundle file: PEM or a SPIFFE trust bundle (``sidecar.identity.bundle``)."""
+def load_roots(data: bytes, shown: str, *, allow_empty: bool = False) -> list[x509.Certificate]:
+    """The roots of a bundle file: PEM or a SPIFFE trust bundle (``sidecar.identity.bundle``).
+    ``allow_empty``: a blank file or a SPIFFE bundle without X.509 roots is no roots (a
+    federated bundle, ``parse_bundle``), not an error."""
+    if allow_empty and not data.strip():
+        return []
     if data.lstrip().startswith(b"{"):
         from sidecar.identity.bundle import parse_bundle
 
         try:
-            return parse_bundle(data)
+            return parse_bundle(data, allow_empty=allow_empty)
         except ValueError as exc:
             raise SvidError(RULE_BUNDLE_INVALID, str(exc), file=shown) from exc
     roots = _load_certs(data, shown)
