@@ -132,9 +132,10 @@ class TlsState:
         return _contexts(snap.svid, trust, snap.svid_generation)
 
     def valid(self, now: float) -> bool:
-        """Whether the own certificate is within its validity at ``now``."""
+        """Whether the own certificate is within its validity at ``now``, and so is every
+        certificate of the chain it was loaded with (``Svid.trust_ends``)."""
         svid = self._snap.svid
-        return svid.not_before <= now < svid.not_after
+        return svid.not_before <= now < svid.trust_ends
 
 
 def own_bundle(svid: Svid) -> TrustBundle:

@@ -1,5 +1,5 @@
-"""Trust that outlived what authorised it (found by a hostile review of trust lifetime), each
-as a family, through real sidecars, real certificates and real files.
+"""Connections and trust that outlived what authorised them (found by a hostile review of
+trust lifetime), each as a family, through real sidecars, real certificates and real files.
 
 * Rotations that must not take effect: a rotated SVID naming another SPIFFE ID (another
   workload, another trust domain) was taken, so the sidecar presented one identity and
@@ -8,6 +8,20 @@ as a family, through real sidecars, real certificates and real files.
 * A federated bundle whose only CA is removed (a blank file, a SPIFFE bundle without
   ``x509-svid`` keys) was refused as broken, so the removed CA stayed trusted; it now
   withdraws the trust domain's roots and ends its connections.
+* An upgraded (WebSocket) stream is one request that does not end: it lived on after the
+  JWT or API key it was authorised with expired, after a reload revoked the token (by
+  ``jti`` or ``sub``) or removed the key, and after the break-glass rule (``expires_at``)
+  that let it in went inert. It now ends (``credential_expired``, ``policy_refused``), while a
+  stream whose credentials still hold is left alone.
+* A request in flight (a long download or upload) from a peer the policy stops admitting --
+  a reload, or a rule's ``expires_at`` passing -- went on to the end; egress likewise on an
+  outbound listener. It is now cut after ``connection_close_grace`` (``policy_refused``), and
+  a reload that still admits it leaves it alone.
+* The sidecar's own certificate expiring (no rotation in time): inbound connections and
+  pooled upstream connections authenticated with it were still served and reused; an
+  intermediate of the own chain expiring before the leaf was not seen at all (readiness and
+  ``sidecar_certificate_expiry_timestamp_seconds`` read the leaf). Such connections now end
+  (``own_cert_expired``), readiness says ``certificate_expired``, the metric is the chain's.
 """
 
 from __future__ import annotations
@@ -45,10 +59,13 @@ from tests.harness import (
 from tests.test_authn_support import AUDIENCE, ISSUER, ec_key, jwk, jwks_bytes
 from tests.test_connection_lifetime_e2e import (
     assert_closed_by_server,
+    audited,
+    closed,
     keepalive,
+    read_until_eof,
     wait_closed,
 )
-from tests.test_peer_certificates_review import _ca, _leaf
+from tests.test_peer_certificates_review import _ca, _leaf, _TlsServer, _write_identity
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -295,3 +312,294 @@ def test_check_warns_about_an_empty_federated_bundle(tmp_path, pki):
     assert f"{PARTNER_TD} admits nobody" in r.stdout, r.stdout
     assert "Traceback" not in r.stdout + r.stderr
     assert sidecar_cli("run", "-c", str(path), "--check").returncode == 0
+
+
+# -- upgraded streams and the credentials that authorised them --------------------------------
+
+# case -> the reason the victim stream ends with
+STREAM_CASES = {
+    "jwt_exp": "credential_expired",
+    "apikey_expires_at": "credential_expired",
+    "apikey_expiry_added": "credential_expired",  # a reload gives the key an expires_at
+    "rule_expires_at": "policy_refused",
+    "revoked_jti": "policy_refused",
+    "revoked_sub": "policy_refused",
+    "apikey_removed": "policy_refused",
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_an_upgraded_stream_ends_with_what_authorised_it(tmp_path, pki, app, procs, case):
+    front = mtls_context(pki.identity("frontend"), pki.bundle)
+    control_ctx = front
+    jwt_rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                         "jwt": {"provider": "corp"}}}
+    key_rule = {"name": "key", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                         "apikey": True}}
+    victim_key, victim_entry = _api_key("victim")
+    steady_key, steady_entry = _api_key("steady")
+    reload: dict[str, Any] | None = None
+    if case == "rule_expires_at":
+        doc = _policy_doc([
+            {"name": "glass", "expires_at": _stamp(time.time() + 8),
+             "allow": {"from": [spiffe("frontend")], "paths": ["/ws"]}},
+            {"name": "steady", "allow": {"from": [spiffe("billing")], "paths": ["/ws"]}}])
+        control_ctx = mtls_context(pki.identity("billing"), pki.bundle)
+    elif case.startswith("apikey"):
+        if case == "apikey_expires_at":
+            victim_entry["expires_at"] = _stamp(time.time() + 8)
+        doc = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry])
+        if case == "apikey_removed":
+            reload = _policy_doc([key_rule], api_keys=[steady_entry])
+        if case == "apikey_expiry_added":
+            reload = _policy_doc([key_rule], api_keys=[
+                {**victim_entry, "expires_at": _stamp(time.time() + 8)}, steady_entry])
+    else:
+        doc = _policy_doc([jwt_rule])
+        revoke = {"revoked_jti": {"jti": "stolen"}, "revoked_sub": {"sub": "mallory"}}
+        if case in revoke:
+            reload = _policy_doc([jwt_rule], revocations=[revoke[case]])
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
+    port = srv.port("inbound")
+    if case.startswith("apikey"):
+        victim_h, control_h = {"x-api-key": victim_key}, {"x-api-key": steady_key}
+    elif case == "rule_expires_at":
+        victim_h = control_h = {}
+    else:
+        short = {"jwt_exp": {"exp": int(time.time()) + 4}, "revoked_jti": {"jti": "stolen"},
+                 "revoked_sub": {"sub": "mallory"}}[case]
+        victim_h = {"authorization": f"Bearer {_token(**short)}"}
+        control_h = {"authorization": f"Bearer {_token()}"}
+    victim = _tunnel(port, front, victim_h)
+    control = _tunnel(port, control_ctx, control_h)
+    try:
+        if reload is not None:
+            _write(tmp_path, reload)
+        wait_closed(srv, STREAM_CASES[case])
+        assert read_until_eof(victim)
+        assert _echoes(control), "a stream whose credentials still hold was ended"
+        assert closed(srv, STREAM_CASES[case]) == 1
+        [rec] = audited(tmp_path, "orders", STREAM_CASES[case])
+        assert rec["peer"] == spiffe("frontend")
+    finally:
+        victim.close()
+        control.close()
+
+
+def test_a_tcp_stream_ends_when_its_break_glass_rule_expires(tmp_path, pki, app, procs):
+    doc = _policy_doc([{"name": "glass", "expires_at": _stamp(time.time() + 8),
+                        "allow": {"from": [spiffe("frontend")]}},
+                       {"name": "steady", "allow": {"from": [spiffe("billing")]}}])
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc), protocol="tcp")
+    port = srv.port("inbound")
+
+    def answered(tls: ssl.SSLSocket) -> bool:
+        """One request over the stream, its whole answer read."""
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            more = tls.recv(65536)
+            if not more:
+                return False
+            got += more
+        return got.startswith(b"HTTP/1.1 200")
+
+    def stream(name: str) -> ssl.SSLSocket:
+        ctx = mtls_context(pki.identity(name), pki.bundle)
+        tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+        assert answered(tls)
+        return tls
+
+    victim, control = stream("frontend"), stream("billing")
+    try:
+        wait_closed(srv, "policy_refused")
+        assert read_until_eof(victim)
+        assert answered(control)
+    finally:
+        victim.close()
+        control.close()
+
+
+# -- requests in flight -----------------------------------------------------------------------
+
+def _drain(sock: socket.socket, cap: int = CAP, timeout: float = 15) -> bool:
+    """Read until the server ends the connection (True) or ``cap`` bytes or ``timeout``."""
+    sock.settimeout(1.0)
+    got, deadline = 0, time.monotonic() + timeout
+    while got < cap and time.monotonic() < deadline:
+        try:
+            data = sock.recv(1 << 20)
+        except TimeoutError:
+            continue
+        except (OSError, ssl.SSLError):
+            return True
+        if not data:
+            return True
+        got += len(data)
+    return False
+
+
+def _read_some(sock: socket.socket, n: int) -> None:
+    got = 0
+    while got < n:
+        data = sock.recv(min(1 << 20, n - got))
+        assert data, "the connection ended"
+        got += len(data)
+
+
+def _start(sock: socket.socket, kind: str) -> None:
+    if kind == "download":
+        sock.sendall(f"GET /big?n={BIG} HTTP/1.1\r\nHost: orders\r\n\r\n".encode())
+        head = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        _read_some(sock, 1 << 20)
+    else:
+        sock.sendall(f"POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: {BIG}\r\n"
+                     "\r\n".encode())
+        sock.sendall(b"x" * (1 << 20))
+
+
+def _still_going(sock: socket.socket, kind: str) -> None:
+    if kind == "download":
+        _read_some(sock, 1 << 20)
+    else:
+        sock.sendall(b"x" * (1 << 16))
+
+
+def _reloads(proc: SidecarProc) -> float:
+    return proc.metric("sidecar_policy_reloads_total", result="ok")
+
+
+# how the peer loses what admitted it -> the reason its request in flight ends with
+IN_FLIGHT = {"reload": "policy_refused", "rule_expires_at": "policy_refused",
+             "peer_cert_expires": "peer_cert_expired"}
+
+
+@pytest.mark.parametrize("kind", ["download", "upload"])
+@pytest.mark.parametrize("how", list(IN_FLIGHT))
+def test_a_request_in_flight_ends_when_its_peer_loses_what_admitted_it(
+        tmp_path, pki, app, procs, kind, how):
+    def rules(*callers: str) -> list[dict[str, Any]]:
+        return [{"name": "callers", "allow": {"from": [spiffe(c) for c in callers]}}]
+
+    client = pki.identity("frontend")
+    if how == "rule_expires_at":
+        doc = _policy_doc([{"name": "glass", "expires_at": _stamp(time.time() + 8),
+                            "allow": {"from": [spiffe("frontend")]}}])
+    else:
+        doc = _policy_doc(rules("frontend"))
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
+    if how == "peer_cert_expires":
+        now = time.time()
+        client = write_svid(pki.ca.issue(spiffe("frontend"), ttl_seconds=66,
+                                         not_before=now - 60), pki.ca, tmp_path / "short")
+    ctx = mtls_context(client, pki.bundle)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                  timeout=10)) as tls:
+        _start(tls, kind)
+        if how == "reload":
+            _write(tmp_path, _policy_doc(rules("frontend", "billing")))  # still admitted
+            wait_for(lambda: _reloads(srv) >= 2)
+            _still_going(tls, kind)
+            assert closed(srv, "policy_refused") == 0
+            _write(tmp_path, _policy_doc(rules("billing")))
+        wait_closed(srv, IN_FLIGHT[how])
+        assert _drain(tls), "the request went on after its peer lost what admitted it"
+
+
+@pytest.mark.parametrize("kind", ["download", "upload"])
+def test_an_outbound_request_in_flight_ends_when_egress_is_withdrawn(
+        tmp_path, pki, app, procs, kind):
+    upstream = start_sidecar(tmp_path, "orders", sidecar_config(
+        pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
+                                         "app": f"127.0.0.1:{app}",
+                                         "allow_from": [spiffe("frontend")]}))
+    procs.append(upstream)
+    policy = _write(tmp_path, _policy_doc([], egress=[spiffe("orders")]))
+    cfg = sidecar_config(pki.identity("frontend"), outbound=[{
+        "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+        "upstream": f"127.0.0.1:{upstream.port('inbound')}", "identity": spiffe("orders")}],
+        policy=policy, limits={"connection_close_grace": GRACE})
+    out = start_sidecar(tmp_path, "frontend", cfg)
+    procs.append(out)
+    with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
+        _start(s, kind)
+        _write(tmp_path, _policy_doc([], egress=[spiffe("orders"), spiffe("billing")]))
+        wait_for(lambda: _reloads(out) >= 2)
+        _still_going(s, kind)
+        assert closed(out, "policy_refused", "outbound") == 0
+        _write(tmp_path, _policy_doc([], egress=[spiffe("billing")]))
+        wait_closed(out, "policy_refused", "outbound")
+        assert _drain(s), "the request went on after egress was withdrawn"
+
+
+# -- the sidecar's own certificate expiring ---------------------------------------------------
+
+def _short_lived_identity(tmp: Path, pki: Pki, name: str, chain: str,
+                          seconds: float) -> tuple[Path, str, float]:
+    """An SVID for ``name`` whose chain ends ``seconds`` from now, by its leaf or by an
+    intermediate (the leaf then lasts a day); (directory, bundle, when it ends)."""
+    ends = time.time() + seconds
+    if chain == "leaf":
+        now = time.time()
+        issued = pki.ca.issue(spiffe(name), ttl_seconds=ends - now + 60, not_before=now - 60)
+        return write_svid(issued, pki.ca, tmp / f"{name}-short"), pki.bundle, ends
+    root = _ca("root")
+    inter = _ca("short-lived intermediate", root,
+                not_after=dt.datetime.fromtimestamp(ends, dt.UTC))
+    leaf, key = _leaf(inter, spiffe(name))
+    ident = _write_identity(tmp / f"{name}-short", [leaf, inter.cert], key, root.cert)
+    return ident, str(ident / "ca.crt"), inter.cert.not_valid_after_utc.timestamp()
+
+
+@pytest.mark.parametrize("chain", ["leaf", "intermediate"])
+def test_inbound_connections_end_when_the_own_certificate_expires(tmp_path, pki, app, procs,
+                                                                   chain):
+    ident, bundle, ends = _short_lived_identity(tmp_path, pki, "orders", chain, 8)
+    if chain == "intermediate":  # the client must trust the root of that chain
+        root_pem = (ident / "ca.crt").read_bytes()
+        client = pki.identity("frontend")
+        (ident / "ca.crt").write_bytes(root_pem + Path(pki.bundle).read_bytes())
+        bundle = str(tmp_path / "both.crt")
+        Path(bundle).write_bytes(root_pem + Path(pki.bundle).read_bytes())
+    else:
+        client = pki.identity("frontend")
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, _policy_doc(
+        [{"name": "callers", "allow": {"from": [spiffe("frontend")]}}])), ident=ident)
+    expiry = srv.metric("sidecar_certificate_expiry_timestamp_seconds")
+    assert abs(expiry - ends) < 2, (expiry, ends)  # the chain's end, not the leaf's
+    conn = keepalive(srv.port("inbound"), mtls_context(client, bundle))
+    wait_closed(srv, "own_cert_expired")
+    assert_closed_by_server(conn, srv.port("inbound"))
+    ready = http(srv.port("admin"), "GET", "/readyz")
+    assert ready.status == 503 and b"certificate_expired" in ready.body
+
+
+@pytest.mark.parametrize("chain", ["leaf", "intermediate"])
+def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_expires(
+        tmp_path, pki, procs, chain):
+    ident, bundle, ends = _short_lived_identity(tmp_path, pki, "frontend", chain, 8)
+    if chain == "intermediate":
+        (ident / "ca.crt").write_bytes((ident / "ca.crt").read_bytes()
+                                       + Path(pki.bundle).read_bytes())
+    up_ident = pki.identity("orders")
+    trusted = tmp_path / "up-bundle.crt"
+    trusted.write_bytes(Path(pki.bundle).read_bytes() + Path(bundle).read_bytes())
+    upstream = _TlsServer(up_ident, trusted)
+    try:
+        cfg = sidecar_config(ident, outbound=[{
+            "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+            "upstream": f"127.0.0.1:{upstream.port}", "identity": spiffe("orders")}])
+        out = start_sidecar(tmp_path, "frontend", cfg)
+        procs.append(out)
+        port = out.port("orders")
+        assert http(port, "GET", "/x").status == 200
+        assert http(port, "GET", "/x").status == 200
+        assert upstream.handshakes == 1  # pooled
+        wait_for(lambda: time.time() > ends + 1.5, timeout=20)
+        # Not over the pooled connection made with the expired certificate; a new
+        # handshake with it fails at the upstream.
+        assert http(port, "GET", "/x").status == 502
+        assert closed(out, "own_cert_expired", "outbound") >= 1
+    finally:
+        upstream.close()

@@ -239,7 +239,10 @@ class Svid:
     """Our own certificate chain, key and trust bundle, checked and held in memory.
 
     ``chain_pem`` is the leaf followed by its intermediates; ``not_before``/``not_after``
-    are the leaf's, as Unix times. The ``*_path`` fields record where each came from.
+    are the leaf's, as Unix times; ``trust_ends`` is when the chain that makes it valid
+    ends: the earliest notAfter of the leaf, the intermediates and the bundle root it
+    chains to (an intermediate that expires before the leaf ends it). The ``*_path`` fields
+    record where each came from.
     """
 
     cert_path: str
@@ -251,6 +254,7 @@ class Svid:
     spiffe_id: SpiffeId
     not_before: float
     not_after: float
+    trust_ends: float
 
     def __repr__(self) -> str:  # never print key material
         return (
@@ -435,7 +439,7 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
 
     roots = load_roots(bundle_pem, bundle_path)
     try:
-        verify_chain(leaf, intermediates, roots, now)
+        built = verify_chain(leaf, intermediates, roots, now)
     except SvidError as exc:
         raise SvidError(exc.rule, f"{exc.message} (bundle {bundle_path})", file=cert_path) from exc
 
@@ -455,4 +459,5 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
         spiffe_id=spiffe_id,
         not_before=not_before,
         not_after=not_after,
+        trust_ends=min([not_after, *(_timestamp(c.not_valid_after_utc) for c in built)]),
     )
