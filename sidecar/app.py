@@ -53,7 +53,7 @@ from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
-from sidecar.tlsstate import TlsSnapshot, TlsState, load_own_svid
+from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid
 
 if TYPE_CHECKING:  # imported where used (optional parts), named here for their types
     from sidecar.alert_poster import AlertPoster
@@ -82,7 +82,7 @@ class Sidecar:
         ident = cfg.identity
         self.tls = TlsState.load(ident.cert, ident.key, ident.bundle, ident.trust_domains)
         self.own_id = self.tls.spiffe_id
-        self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.not_after)
+        self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.trust_ends)
         self.policies = PolicyHolder(cfg.policy)
         self._parsed_policy_files: ParsedFiles | None = None
         self.authenticator: Authenticator | None = None
@@ -112,6 +112,7 @@ class Sidecar:
                          allow_from=cfg.inbound.allow_from if cfg.inbound else None,
                          authenticator=self.authenticator, limiter=self.limiter,
                          detector=self.detector, on_alert=self._raise_alert)
+        self.lifetimes.next_policy_event = self.gate.next_rule_expiry
         if self.detector is not None:
             self.telemetry.on_credential_failure = self._tls_credential_failure
         if self.authenticator is not None:
@@ -175,8 +176,9 @@ class Sidecar:
                      message="the policy has no section for this identity: inbound denied")
         logs.log("policy_loaded", version=policy.version, source=self.cfg.policy,
                  files=len(policy.files), sections_skipped=policy.skipped)
-        # TCP and upgraded streams were decided once, under the old policy.
-        self.lifetimes.recheck_policy(now)
+        # TCP and upgraded streams were decided once, under the old policy, and so were the
+        # requests in flight; a rule's expires_at changes the policy again by itself.
+        self.lifetimes.policy_changed(now)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
         self.policies.record_failure(str(exc))
@@ -296,7 +298,7 @@ class Sidecar:
         if self.draining:
             reasons.append("draining")
         if not self.tls.valid(now):
-            expired = now >= self.tls.snapshot.svid.not_after
+            expired = now >= self.tls.snapshot.svid.trust_ends
             reasons.append("certificate_expired" if expired else "certificate_not_yet_valid")
         if self.cfg.policy is not None and self.policies.policy is None:
             reasons.append("policy_not_loaded")
@@ -439,7 +441,8 @@ class Sidecar:
         await nursery.start(self.lifetimes.run)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
-            load=functools.partial(load_own_svid, ident.cert, ident.key, ident.bundle),
+            load=functools.partial(load_rotated_svid, ident.cert, ident.key, ident.bundle,
+                                   self.own_id),
             apply=self._apply_svid, on_error=self._tls_reload_failed,
             interval=ident.watch_interval)
         await nursery.start(cert_watch.run)
@@ -519,13 +522,14 @@ class Sidecar:
     def _apply_bundle(self, bundle: TrustBundle) -> None:
         self.tls.swap(self.tls.with_bundle(bundle))
         self.metrics.certificate_reloads_total.labels("ok").inc()
-        logs.log("trust_bundle_reloaded", trust_domain=bundle.trust_domain,
-                 roots=len(bundle.roots))
+        # (no roots: the trust domain's X.509 trust was withdrawn, it now admits nobody)
+        logs.log("trust_bundle_reloaded", "info" if bundle.roots else "warning",
+                 trust_domain=bundle.trust_domain, roots=len(bundle.roots))
         self._trust_changed()
 
     def _apply_tls(self, snapshot: TlsSnapshot) -> None:
         self.tls.swap(snapshot)
-        self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.not_after)
+        self.metrics.certificate_expiry_timestamp_seconds.set(snapshot.svid.trust_ends)
         self.metrics.certificate_reloads_total.labels("ok").inc()
         logs.log("certificates_reloaded", spiffe_id=str(snapshot.svid.spiffe_id),
                  not_after=snapshot.svid.not_after)

@@ -170,14 +170,18 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         run.skip(g, titles[1], "private key not readable")
     not_before = leaf.not_valid_before_utc.timestamp()
     not_after = leaf.not_valid_after_utc.timestamp()
+    chain_ends = not_after
     if not not_before <= now <= not_after:
         # Path validation needs a time at which the leaf is valid; an expired leaf is the
         # expiry check's finding, not a second "untrusted" one.
         run.skip(g, titles[2], "certificate outside its validity period")
     elif "bundle" in loaded:
         try:
-            verify_chain(leaf, chain[1:], loaded["bundle"], now)
+            built = verify_chain(leaf, chain[1:], loaded["bundle"], now)
             run.add(g, titles[2], "ok", f"{len(loaded['bundle'])} root(s)")
+            # The chain is valid only as long as its first certificate to expire (an
+            # intermediate or the root may expire before the leaf): Svid.trust_ends.
+            chain_ends = min(c.not_valid_after_utc.timestamp() for c in built)
         except SvidError as exc:
             run.add(g, titles[2], "fail", exc.message,
                     f"identity.bundle ({ident.bundle}) must hold the CA that issued the "
@@ -185,7 +189,7 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     else:
         run.skip(g, titles[2], "trust bundle not readable")
     lifetime = max(not_after - not_before, 1.0)
-    left = not_after - now
+    left = min(not_after, chain_ends) - now
     if now < not_before:
         run.add(g, titles[3], "fail", f"valid only from {leaf.not_valid_before_utc}",
                 "check the clock of this machine and of the CA")
@@ -193,7 +197,8 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         run.add(g, titles[3], "fail", f"expired at {leaf.not_valid_after_utc}",
                 "issue a new certificate; check that rotation (cert-manager, SPIRE) runs")
     elif left < max(lifetime * EXPIRY_SHARE, min_validity):
-        run.add(g, titles[3], "warn", f"{_duration(left)} left of {_duration(lifetime)}",
+        first = "" if chain_ends >= not_after else " (an intermediate or the root expires first)"
+        run.add(g, titles[3], "warn", f"{_duration(left)} left of {_duration(lifetime)}{first}",
                 "rotation should have renewed it by now: check cert-manager / SPIRE")
     else:
         run.add(g, titles[3], "ok", f"{_duration(left)} left")
@@ -234,6 +239,11 @@ def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
             run.add(g, title, "fail", str(exc),
                     f"identity.trust_domains.{td}.bundle in {cfg.source} must be a PEM or "
                     "SPIFFE trust bundle of that trust domain's roots")
+            continue
+        if not bundle.roots:
+            run.add(g, title, "warn", f"{path}: no root: {td} admits nobody",
+                    f"an empty bundle withdraws trust in {td}; if that is not meant, publish "
+                    "its roots (PEM or SPIFFE bundle with x509-svid keys)")
             continue
         run.add(g, title, "ok", f"{path}: {len(bundle.roots)} root(s)")
 

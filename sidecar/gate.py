@@ -45,6 +45,7 @@ limits and burst counting run on every request as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -347,15 +348,24 @@ class Gate:
                     self.on_alert(alert)
         return verdict
 
-    def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float) -> bool:
+    def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float, *,
+                     api_key: bytes | None = None, credentials: bool = True) -> bool:
         """Would the current policy (and alert blocks) still let this stream in?
 
-        For a TCP or upgraded stream decided earlier, checked again after a policy reload
+        For a TCP or upgraded stream decided earlier, checked again after a policy change
         (``sidecar.net.lifetime``). Pure: no rate-limit tokens, no failure counted, no
-        alert; the caller's credentials are those it presented when the stream began.
+        alert; the caller's credentials are those it presented when the stream began, and
+        with ``credentials`` they must still hold (``Authenticator.credentials_hold``:
+        unexpired, not revoked, the API key ``api_key`` still known). Without, only the
+        rules judge (a request in flight, whose credentials were checked when it began).
         """
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
+            return False
+        authn = self.authenticator
+        if credentials and auth is not None and authn is not None and (
+                auth.claims or auth.apikey is not None) \
+                and not authn.credentials_hold(auth, now, api_key):
             return False
         policy = self.policies.policy
         if policy is None:
@@ -366,6 +376,25 @@ class Gate:
         if section is None:
             return decide(policy, self.own_id, facts, auth or NO_AUTH, now).allowed
         return decide_section(section, policy.version, facts, auth or NO_AUTH, now).allowed
+
+    def credentials_end(self, auth: AuthFacts | None, api_key: bytes | None) -> float:
+        """When the credentials a stream was authorised with expire (Unix time; inf: none
+        that expire). ``api_key``: the ``x-api-key`` value the caller presented."""
+        authn = self.authenticator
+        if auth is None or authn is None or not (auth.claims or auth.apikey is not None):
+            return math.inf
+        return authn.credentials_end(auth, api_key)
+
+    def next_rule_expiry(self, after: float) -> float:
+        """The first ``expires_at`` of a rule of the own section after ``after`` (Unix
+        time; inf: none): from then on the policy in force decides otherwise."""
+        policy = self.policies.policy
+        section = policy.section(self.own_id) if policy is not None else None
+        if section is None:
+            return math.inf
+        return min((rule.expires_at for rule in section.rules
+                    if rule.expires_at is not None and rule.expires_at > after),
+                   default=math.inf)
 
     def _reset_caches(self, policy: Policy) -> None:
         """A new policy object: forget every decision of the previous one."""

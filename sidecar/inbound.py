@@ -90,7 +90,8 @@ class InboundProxy:
         except OSError:
             return
         started = time.time()
-        ctx = self.tls.server_context_for(self.protocol)
+        snap = self.tls.snapshot  # (the context and the own chain the handshake uses)
+        ctx = snap.server_tcp if self.protocol == "tcp" else snap.server
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
             try:
                 tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
@@ -126,7 +127,9 @@ class InboundProxy:
         try:
             with self.lifetimes.track("inbound", "inbound", source, peer=peer.spiffe_id,
                                       chain=chain,
-                                      peer_not_after=min(peer.not_after, trust_ends)) as conn:
+                                      peer_not_after=min(peer.not_after, trust_ends),
+                                      own_not_after=snap.svid.trust_ends) as conn:
+                conn.allows = self._still_allows
                 with conn.scope:
                     if self.protocol == "tcp":
                         await self._tcp(tls_stream, peer, source, started, conn)
@@ -138,6 +141,13 @@ class InboundProxy:
         finally:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
+
+    def _still_allows(self, ctx: RequestContext, now: float) -> bool:
+        """Would the policy in force still allow the request in flight (``ctx``, allowed
+        when it began)? Its credentials were checked then; only the rules judge again."""
+        verdict = ctx.verdict
+        return ctx.facts is None or verdict is None or self.gate.still_allows(
+            ctx.facts, verdict.auth, now, credentials=False)
 
     async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
@@ -233,6 +243,7 @@ class InboundProxy:
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
+            conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
             # (strip_credentials is set only with an authenticator)
             strip = gate.authenticator if verdict.strip_credentials else None
             # One pass: the catalogue, the claim headers the sidecar sets, Connection-listed
@@ -263,19 +274,39 @@ class InboundProxy:
 
         async def upgrade(event: Request, headers: Headers, head: RequestHead,
                           facts: RequestFacts, auth: AuthFacts | None) -> Exchange:
-            # A stream from here on: policy reloads judge it.
-            conn.recheck = lambda now: gate.still_allows(facts, auth, now)
+            # A stream from here on: policy changes judge it, with the credentials it was
+            # authorised with, which must still hold; it ends when they expire (as the
+            # policy in force says: a reload may give an API key an earlier expires_at).
+            key = api_key_of(event.headers) if auth is not None and auth.apikey else None
+
+            def recheck(now: float) -> bool:
+                conn.credentials_end = gate.credentials_end(auth, key)
+                return gate.still_allows(facts, auth, now, api_key=key)
+
+            conn.recheck = recheck
+            conn.credentials_end = gate.credentials_end(auth, key)
             try:
                 return await forward(client, event, headers, pool, limits, head,
                                      close=tracker.draining or conn.retiring is not None)
             finally:
                 conn.recheck = None
+                conn.credentials_end = math.inf
 
         return request_loop(client, tracker=tracker, limits=limits, telemetry=self.telemetry,
                             handle=handle, source=source, peer=peer_id, conn=conn)
 
 
 API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed with the credentials, in every spelling
+
+
+def api_key_of(headers: Headers) -> bytes | None:
+    """The ``x-api-key`` value a request presented (the last one; a request with two is
+    never authorised by a key)."""
+    found = None
+    for name, value in headers:
+        if name == API_KEY_HEADER:
+            found = value
+    return found
 
 
 def refusal_reason(exc: SvidError) -> str:

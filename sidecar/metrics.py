@@ -492,7 +492,8 @@ class SidecarMetrics:
         )
         self.certificate_expiry_timestamp_seconds = r.gauge(
             "sidecar_certificate_expiry_timestamp_seconds",
-            "Unix time the sidecar's own leaf certificate expires.",
+            "Unix time the sidecar's own certificate expires: the earliest notAfter of its "
+            "leaf, intermediates and bundle root.",
         )
         self.certificate_reloads_total = r.counter(
             "sidecar_certificate_reloads_total",

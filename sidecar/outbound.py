@@ -40,6 +40,7 @@ from sidecar.identity.trust import PeerChain
 from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.lifetime import (
     REASON_MAX_AGE,
+    REASON_OWN_CERT_EXPIRED,
     REASON_OWN_CERT_ROTATED,
     REASON_PEER_CERT_EXPIRED,
     REASON_PEER_UNTRUSTED,
@@ -63,10 +64,11 @@ class UpstreamMeta:
 
     peer: str
     chain: PeerChain
-    peer_not_after: float
+    peer_not_after: float  # the earlier of the peer's trust and own_not_after
     deadline: float  # trio clock: max age
     svid_generation: int
     trust_generation: int
+    own_not_after: float = math.inf  # the own chain the handshake presented expires
 
 
 # The app-side connection whose upgrade request is being forwarded, in this task (see
@@ -156,11 +158,12 @@ class OutboundProxy:
             await trio.aclose_forcefully(stream)
             raise BadGateway("peer_untrusted", str(exc)) from exc
         limits = self.limits
+        own_ends = snap.svid.trust_ends
         stream.meta = UpstreamMeta(
-            peer.spiffe_id, chain, min(peer.not_after, trust_ends),
+            peer.spiffe_id, chain, min(peer.not_after, trust_ends, own_ends),
             age_deadline(trio.current_time(), limits.max_connection_age,
                          limits.connection_age_jitter),
-            snap.svid_generation, snap.trust.generation)
+            snap.svid_generation, snap.trust.generation, own_ends)
         return stream
 
     def _acquired(self, ep: Endpoint) -> None:
@@ -172,6 +175,7 @@ class OutboundProxy:
         if conn is not None and meta is not None:
             conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
                 meta.peer_not_after
+            conn.own_not_after = meta.own_not_after
 
     def _retire_pooled(self, ep: Endpoint, now: float) -> bool:
         """True (and the closure recorded) when a pooled connection must not be used again;
@@ -201,10 +205,15 @@ class OutboundProxy:
                 # connection's task then holds three frames above its request loop's wait
                 # (``_run_handler``, this, ``request_loop``), each resumed at every wait.
                 with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
+                    conn.allows = self._still_allows
                     with conn.scope:
                         await self._http_session(tcp, source, conn)
         finally:
             self.telemetry.connection_closed("outbound")
+
+    def _still_allows(self, ctx: RequestContext, now: float) -> bool:
+        """Would the policy in force still let the request in flight (``ctx``) out?"""
+        return self.gate.egress(self.cfg.identity, now).allowed
 
     def _facts(self, source: str, method: str = "", path: str = "", host: str = "") -> RequestFacts:
         return RequestFacts(direction="outbound", peer=self.gate.own_id, source=source,
@@ -234,6 +243,7 @@ class OutboundProxy:
         meta: UpstreamMeta = upstream.meta  # type: ignore[attr-defined]
         # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
         conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after
+        conn.own_not_after = meta.own_not_after
         conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
         try:
             up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
@@ -292,6 +302,7 @@ class OutboundProxy:
                 raise verdict.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
+            conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
             headers = header_filter.clean(
                 event.headers, NO_NAMES,
                 connection_tokens(event.headers) if head.connection else NO_NAMES)
@@ -312,6 +323,7 @@ class OutboundProxy:
                 conn.recheck = None
                 _upgrading.reset(token)
                 conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
+                conn.own_not_after = math.inf
 
         return request_loop(client, tracker=self.tracker, limits=limits,
                             telemetry=self.telemetry, handle=handle, source=source, peer=None,
@@ -325,7 +337,9 @@ def retire_reason(meta: UpstreamMeta, tls: TlsState, now: float, wall: float) ->
     verifies, ``meta.trust_generation`` moves on so it is not checked again.
     """
     if wall >= meta.peer_not_after:
-        return REASON_PEER_CERT_EXPIRED
+        # (one comparison for both chains: peer_not_after is never later than own_not_after)
+        return REASON_OWN_CERT_EXPIRED if wall >= meta.own_not_after \
+            else REASON_PEER_CERT_EXPIRED
     snap = tls.snapshot
     if meta.trust_generation != snap.trust.generation:
         try:
@@ -333,7 +347,7 @@ def retire_reason(meta: UpstreamMeta, tls: TlsState, now: float, wall: float) ->
         except SvidError:
             return REASON_PEER_UNTRUSTED
         meta.trust_generation = snap.trust.generation
-        meta.peer_not_after = ends
+        meta.peer_not_after = min(ends, meta.own_not_after)
     if meta.svid_generation != snap.svid_generation:
         return REASON_OWN_CERT_ROTATED
     if now >= meta.deadline:

@@ -83,7 +83,8 @@ class Telemetry:
             "sidecar_connections_closed_total",
             "Open connections the sidecar ended because they outlived their trust, by "
             "direction and reason (max_age, own_cert_rotated, peer_cert_expired, "
-            "peer_untrusted, policy_refused, source_blocked).",
+            "own_cert_expired, peer_untrusted, policy_refused, credential_expired, "
+            "source_blocked).",
             ("direction", "reason"))
 
     # -- connections ---------------------------------------------------------------------

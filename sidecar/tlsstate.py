@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.identity.svid import Svid, load_svid
+from sidecar.identity.svid import RULE_SPIFFE_ID_CHANGED, Svid, SvidError, load_svid
 from sidecar.identity.tls import client_context, server_context
 from sidecar.identity.trust import (
     PeerChain,
@@ -132,9 +132,10 @@ class TlsState:
         return _contexts(snap.svid, trust, snap.svid_generation)
 
     def valid(self, now: float) -> bool:
-        """Whether the own certificate is within its validity at ``now``."""
+        """Whether the own certificate is within its validity at ``now``, and so is every
+        certificate of the chain it was loaded with (``Svid.trust_ends``)."""
         svid = self._snap.svid
-        return svid.not_before <= now < svid.not_after
+        return svid.not_before <= now < svid.trust_ends
 
 
 def own_bundle(svid: Svid) -> TrustBundle:
@@ -149,6 +150,21 @@ def load_own_svid(cert: str, key: str, bundle: str) -> Svid:
     """``load_svid`` plus the trust-domain check of its bundle (``own_bundle``)."""
     svid = load_svid(cert, key, bundle, time.time())
     own_bundle(svid)
+    return svid
+
+
+def load_rotated_svid(cert: str, key: str, bundle: str, running: str) -> Svid:
+    """``load_own_svid`` for a rotation of a sidecar running as ``running`` (its SPIFFE ID):
+    a certificate naming another identity is refused (``spiffe-id-changed``). The identity
+    is fixed at the start -- the policy section enforced, egress, the audit trail's identity
+    all follow it -- so a rotated SVID naming another one would have the sidecar present
+    one identity to its peers and enforce another's rules; an identity change needs a
+    restart."""
+    svid = load_own_svid(cert, key, bundle)
+    if str(svid.spiffe_id) != running:
+        raise SvidError(RULE_SPIFFE_ID_CHANGED,
+                        f"the new certificate names {svid.spiffe_id}, the sidecar runs as "
+                        f"{running}: an identity change needs a restart", file=cert)
     return svid
 
 

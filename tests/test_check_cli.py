@@ -168,6 +168,23 @@ def _near_expiry(state: dict[str, Any]) -> None:
     state["cfg"]["identity"].update(cert=str(ident / "tls.crt"), key=str(ident / "tls.key"))
 
 
+def _intermediate_near_expiry(state: dict[str, Any]) -> None:
+    """A leaf with a day left under an intermediate with half an hour left: the chain ends
+    with the intermediate (found by a hostile review: the check read the leaf only)."""
+    import datetime as dt
+
+    from tests.test_peer_certificates_review import _ca, _leaf, _write_identity
+
+    root = _ca("root")
+    inter = _ca("intermediate", root,
+                not_after=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30))
+    leaf, key = _leaf(inter, spiffe("orders"))
+    d = _write_identity(state["tmp"] / "short-intermediate", [leaf, inter.cert], key,
+                        root.cert)
+    state["cfg"]["identity"].update(cert=str(d / "tls.crt"), key=str(d / "tls.key"),
+                                    bundle=str(d / "ca.crt"))
+
+
 def _leaf_is_ca(state: dict[str, Any]) -> None:
     ident = state["pki"].identity("orders", dirname="ca-flag", is_ca=True)
     state["cfg"]["identity"].update(cert=str(ident / "tls.crt"), key=str(ident / "tls.key"))
@@ -247,6 +264,7 @@ FAMILY: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_foreign_bundle, "trust bundle verifies the certificate", "fail"),
     (_expired, "certificate is valid and not near expiry", "fail"),
     (_near_expiry, "certificate is valid and not near expiry", "warn"),
+    (_intermediate_near_expiry, "certificate is valid and not near expiry", "warn"),
     (_policy_invalid, "policy loads", "fail"),
     (_policy_lint, "policy lints clean", "warn"),
     (_no_section, "policy has a section for this identity", "warn"),

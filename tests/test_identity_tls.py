@@ -45,7 +45,7 @@ def _svid(ca: DevCA, directory: Path, spiffe_id: str, **kwargs: object) -> Svid:
 def _unchecked_svid(ca: DevCA, spiffe_id: str | None, **kwargs: object) -> Svid:
     """An Svid that skips load_svid's checks, to present bad certificates to a peer."""
     issued = ca.issue(spiffe_id, **kwargs)  # type: ignore[arg-type]
-    return Svid("-", "-", "-", issued.chain_pem, issued.key_pem, ca.bundle_pem, None, 0, 0)  # type: ignore[arg-type]
+    return Svid("-", "-", "-", issued.chain_pem, issued.key_pem, ca.bundle_pem, None, 0, 0, 0)  # type: ignore[arg-type]
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[Side, Side]:

@@ -101,7 +101,7 @@ def test_idle_connections_end_now_or_after_the_grace() -> None:
 
 def test_reason_table_is_complete() -> None:
     assert GRACEFUL_REASONS < set(CLOSE_REASONS)
-    assert len(set(CLOSE_REASONS)) == 6
+    assert len(set(CLOSE_REASONS)) == 8
 
 
 def test_every_reason_is_documented() -> None:
@@ -113,3 +113,51 @@ def test_every_reason_is_documented() -> None:
     for reason in CLOSE_REASONS:
         assert f"| `{reason}` |" in identity, reason
         assert f"`{reason}`" in metrics, reason
+
+
+# -- found by a hostile review: what authorised a connection ends, the connection ends -------
+
+class _Request:
+    """Stands in for the listener's ``RequestContext`` (``Lifetimes`` never reads it)."""
+
+
+def test_own_chain_expiry_streams_credentials_and_policy_events_retire() -> None:
+    """The sweep ends a connection when the own chain it was made with expires
+    (``own_cert_expired``, before a peer expiring later) or the credentials of its stream do
+    (``credential_expired``); a policy change judges requests in flight (not idle ones), and
+    a rule's ``expires_at`` is a policy change of its own."""
+    closed: list[tuple[str, str]] = []
+    allowed = {"yes": True}
+
+    async def main() -> None:
+        lt = Lifetimes(max_age=1e9, jitter=0, grace=2,
+                       on_close=lambda c, r: closed.append((c.source, r)))
+        events = iter([7_000.0, math.inf])
+        lt.next_policy_event = lambda after: next(events)
+        chain = PeerChain((b"leaf", b"root"), ())
+        with lt.track("inbound", "inbound", "own", peer=PEER, chain=chain,
+                      peer_not_after=9_000.0, own_not_after=5_000.0) as own, \
+                lt.track("inbound", "inbound", "cred", peer=PEER, chain=chain) as cred, \
+                lt.track("inbound", "inbound", "busy", peer=PEER, chain=chain) as busy, \
+                lt.track("inbound", "inbound", "idle", peer=PEER, chain=chain) as idle:
+            start = trio.current_time()
+            assert own.peer_not_after == 5_000.0  # the earlier of the two chains
+            # A bundle change keeps the own bound, whatever the peer's chain now allows.
+            assert lt.recheck_trust(lambda peer, c: 8_000.0) == 0
+            assert own.peer_not_after == 5_000.0
+            cred.credentials_end = 4_000.0
+            assert lt.sweep(start, 3_999.0) == 0
+            assert lt.sweep(start, 4_000.0) == 1 and cred.retiring == "credential_expired"
+            assert lt.sweep(start, 5_000.0) == 1 and own.retiring == "own_cert_expired"
+            for conn in (busy, idle):
+                conn.request = _Request()
+                conn.allows = lambda request, now: allowed["yes"]
+            idle.idle = trio.CancelScope()  # waiting for its next request: judged per request
+            assert lt.policy_changed(6_000.0) == 0 and lt.policy_event_at == 7_000.0
+            allowed["yes"] = False
+            assert lt.policy_changed(7_000.0) == 1 and busy.retiring == "policy_refused"
+            assert idle.retiring is None and lt.policy_event_at == math.inf
+
+    trio.run(main)
+    assert sorted(closed) == [("busy", "policy_refused"), ("cred", "credential_expired"),
+                              ("own", "own_cert_expired")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import sys
@@ -67,6 +68,19 @@ class ApiKeyTable:
             if hmac.compare_digest(digest, stored) and (expires_at is None or now < expires_at):
                 found = name
         return found
+
+
+    def expiry(self, presented_key: str) -> float:
+        """When the entry ``presented_key`` matches expires (Unix time; inf: never, or no
+        entry matches). Read once per upgraded stream, never per request."""
+        if not presented_key or len(presented_key) > MAX_PRESENTED_KEY_CHARS:
+            return math.inf
+        digest = hashlib.sha256(presented_key.encode("utf-8", "surrogateescape")).digest()
+        ends = math.inf
+        for stored, _, expires_at in self._entries:
+            if hmac.compare_digest(digest, stored) and expires_at is not None:
+                ends = min(ends, expires_at)
+        return ends
 
 
 def new_api_key(name: str) -> tuple[str, str]:

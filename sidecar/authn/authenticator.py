@@ -31,6 +31,7 @@ same credential headers on the same connection are then answered with the last v
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -506,6 +507,45 @@ class Authenticator:
         else:
             self.apikeys_accepted += 1
         return name
+
+    # -- streams (upgraded connections), judged again after they began ----------------------
+    def _token_end(self, name: str, claims: Mapping[str, Any]) -> float:
+        """Until when a verified token of provider ``name`` counts (Unix time): its ``exp``
+        plus the provider's clock skew (none for introspected tokens, as in
+        ``_introspected_claims``); -inf when the provider is gone from the policy."""
+        provider = self._providers.get(name)
+        if provider is None:
+            return -math.inf
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            return math.inf
+        return float(exp) + (0.0 if provider.introspection is not None
+                             else provider.clock_skew_seconds)
+
+    def credentials_end(self, auth: AuthFacts, api_key: bytes | None) -> float:
+        """When the credentials ``auth`` stands for stop counting (Unix time): the earliest
+        token expiry and the expiry of the API key entry ``api_key`` (the header value the
+        caller presented) matches. For an upgraded stream, which lives on after the request
+        that was authorised (``sidecar.net.lifetime``, ``credential_expired``)."""
+        ends = math.inf
+        for name, claims in auth.claims.items():
+            ends = min(ends, self._token_end(name, claims))
+        if auth.apikey is not None and api_key is not None:
+            ends = min(ends, self._apikeys.expiry(api_key.decode("latin-1").strip()))
+        return ends
+
+    def credentials_hold(self, auth: AuthFacts, now: float, api_key: bytes | None) -> bool:
+        """Would the credentials of an upgraded stream still be accepted now, under the
+        policy in force: every token unexpired, its provider still there, not revoked; the
+        API key (``api_key``, as presented) still an entry of that name, unexpired."""
+        for name, claims in auth.claims.items():
+            if now > self._token_end(name, claims) or self._revocations.is_revoked(claims):
+                return False
+        if auth.apikey is not None:
+            if api_key is None or self._apikeys.check(
+                    api_key.decode("latin-1").strip(), now) != auth.apikey:
+                return False
+        return True
 
     def forward_headers(self, auth: AuthFacts) -> list[tuple[bytes, bytes]]:
         """Headers for the app from verified claims (each provider's ``forward_claims``).

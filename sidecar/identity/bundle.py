@@ -30,16 +30,25 @@ MAX_BUNDLE_KEYS = 256
 X509_SVID_USE = "x509-svid"
 
 
-def parse_bundle(data: bytes) -> list[x509.Certificate]:
-    """The root certificates in ``data`` (PEM or SPIFFE JSON); ValueError if none or broken."""
+def parse_bundle(data: bytes, *, allow_empty: bool = False) -> list[x509.Certificate]:
+    """The root certificates in ``data`` (PEM or SPIFFE JSON); ValueError if none or broken.
+
+    ``allow_empty`` (a federated trust domain's bundle): a file that is empty or blank, or a
+    SPIFFE bundle without an ``x509-svid`` key, is read as *no roots* -- the trust domain's
+    X.509 trust was withdrawn -- instead of an error that would keep the last roots in force.
+    A file that does not parse stays an error."""
     text = data.lstrip()
+    if allow_empty and not text:
+        return []
     if text.startswith(b"{"):
         certs = _parse_spiffe_json(text)
-    else:
-        try:
-            certs = x509.load_pem_x509_certificates(data)
-        except ValueError as exc:
-            raise ValueError(f"no PEM certificate: {exc}") from exc
+        if not certs and not allow_empty:
+            raise ValueError("SPIFFE bundle has no key with \"use\": \"x509-svid\"")
+        return certs
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ValueError(f"no PEM certificate: {exc}") from exc
     if not certs:
         raise ValueError("the bundle holds no certificate")
     return certs
@@ -70,8 +79,6 @@ def _parse_spiffe_json(data: bytes) -> list[x509.Certificate]:
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"keys[{i}].x5c[0] is not a base64 DER certificate: {exc}") \
                 from exc
-    if not certs:
-        raise ValueError("SPIFFE bundle has no key with \"use\": \"x509-svid\"")
     return certs
 
 

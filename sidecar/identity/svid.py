@@ -60,6 +60,7 @@ RULE_TRUST_DOMAIN_NOT_FEDERATED = "trust-domain-not-federated"
 RULE_TRUST_DOMAIN_MISMATCH = "trust-domain-mismatch"
 RULE_EXTENSIONS_INVALID = "extensions-invalid"
 RULE_CHAIN_TOO_LONG = "chain-too-long"
+RULE_SPIFFE_ID_CHANGED = "spiffe-id-changed"
 
 MAX_FILE_BYTES = 1024 * 1024
 PEER_CACHE_SIZE = 1024
@@ -238,7 +239,10 @@ class Svid:
     """Our own certificate chain, key and trust bundle, checked and held in memory.
 
     ``chain_pem`` is the leaf followed by its intermediates; ``not_before``/``not_after``
-    are the leaf's, as Unix times. The ``*_path`` fields record where each came from.
+    are the leaf's, as Unix times; ``trust_ends`` is when the chain that makes it valid
+    ends: the earliest notAfter of the leaf, the intermediates and the bundle root it
+    chains to (an intermediate that expires before the leaf ends it). The ``*_path`` fields
+    record where each came from.
     """
 
     cert_path: str
@@ -250,6 +254,7 @@ class Svid:
     spiffe_id: SpiffeId
     not_before: float
     not_after: float
+    trust_ends: float
 
     def __repr__(self) -> str:  # never print key material
         return (
@@ -325,13 +330,17 @@ def _load_certs(data: bytes, shown: str) -> list[x509.Certificate]:
     return certs
 
 
-def load_roots(data: bytes, shown: str) -> list[x509.Certificate]:
-    """The roots of a bundle file: PEM or a SPIFFE trust bundle (``sidecar.identity.bundle``)."""
+def load_roots(data: bytes, shown: str, *, allow_empty: bool = False) -> list[x509.Certificate]:
+    """The roots of a bundle file: PEM or a SPIFFE trust bundle (``sidecar.identity.bundle``).
+    ``allow_empty``: a blank file or a SPIFFE bundle without X.509 roots is no roots (a
+    federated bundle, ``parse_bundle``), not an error."""
+    if allow_empty and not data.strip():
+        return []
     if data.lstrip().startswith(b"{"):
         from sidecar.identity.bundle import parse_bundle
 
         try:
-            return parse_bundle(data)
+            return parse_bundle(data, allow_empty=allow_empty)
         except ValueError as exc:
             raise SvidError(RULE_BUNDLE_INVALID, str(exc), file=shown) from exc
     roots = _load_certs(data, shown)
@@ -430,7 +439,7 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
 
     roots = load_roots(bundle_pem, bundle_path)
     try:
-        verify_chain(leaf, intermediates, roots, now)
+        built = verify_chain(leaf, intermediates, roots, now)
     except SvidError as exc:
         raise SvidError(exc.rule, f"{exc.message} (bundle {bundle_path})", file=cert_path) from exc
 
@@ -450,4 +459,5 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
         spiffe_id=spiffe_id,
         not_before=not_before,
         not_after=not_after,
+        trust_ends=min([not_after, *(_timestamp(c.not_valid_after_utc) for c in built)]),
     )

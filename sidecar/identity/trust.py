@@ -141,9 +141,14 @@ def bundle_from_certs(trust_domain: str, path: str,
 
 
 def load_bundle(trust_domain: str, path: str) -> TrustBundle:
-    """Read one trust domain's bundle file (PEM or SPIFFE JSON); raise ``SvidError``."""
+    """Read one federated trust domain's bundle file (PEM or SPIFFE JSON); raise
+    ``SvidError``. A blank file or a SPIFFE bundle without ``x509-svid`` keys is a bundle
+    without roots: that trust domain then admits nobody (its roots were withdrawn; keeping
+    the last ones would trust a CA its owner removed). A file that does not parse is an
+    error, and the last good roots stay."""
     (resolved,) = snapshot_paths(path)
-    return bundle_from_certs(trust_domain, path, load_roots(_read(resolved, path), path))
+    return bundle_from_certs(trust_domain, path,
+                             load_roots(_read(resolved, path), path, allow_empty=True))
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,9 @@ class TrustStore:
         if bundle is None:
             raise SvidError(RULE_TRUST_DOMAIN_NOT_FEDERATED,
                             f"no bundle for trust domain {td} (not federated)")
+        if not bundle.roots:
+            raise SvidError(RULE_TRUST_DOMAIN_NOT_FEDERATED,
+                            f"the bundle of trust domain {td} holds no root ({bundle.path})")
         if chain.verified and chain.verified[-1] in bundle.root_ders:
             ends = min(_der_not_after(der) for der in chain.verified)
             if ends <= now:

@@ -12,9 +12,14 @@ reason                 event                                                    
 =====================  ===========================================================  ==========
 ``max_age``            older than ``limits.max_connection_age`` (minus jitter)       graceful
 ``own_cert_rotated``   a pooled upstream connection made with an older own SVID    graceful
-``peer_cert_expired``  the peer's leaf certificate expired                         immediate
+``peer_cert_expired``  a certificate of the peer's chain expired                   immediate
+``own_cert_expired``   a certificate of the own chain the connection was made       immediate
+                       with expired (no rotation came in time)
 ``peer_untrusted``     a bundle changed and the peer's chain no longer verifies    immediate
-``policy_refused``     a policy reload refuses a TCP or upgraded stream            immediate
+``policy_refused``     the policy (a reload, or a rule's ``expires_at`` passing)     immediate
+                       refuses a TCP or upgraded stream or a request in flight
+``credential_expired`` the token or API key an upgraded stream was authorised      immediate
+                       with expired
 ``source_blocked``     an alert rule blocks the peer or its address                immediate
 =====================  ===========================================================  ==========
 
@@ -26,11 +31,15 @@ has not started yet. In both cases whatever is still running ``connection_close_
 seconds later (a TCP or upgraded stream, a long response) is cancelled.
 
 Each connection task registers a ``LiveConnection`` (``track``) and runs inside its
-``scope``; the session loop publishes its idle wait in ``idle``. Nothing here runs per
-request: time limits are found by one sweep a second over the registry (a few comparisons
-per connection), trust and policy are checked again only when a bundle or the policy
-changes, blocks when an alert fires. Every closure is reported once through ``on_close``
-(metric ``sidecar_connections_closed_total``, an audit record and a log line).
+``scope``; the session loop publishes its idle wait in ``idle``, and the listener the
+request it is serving in ``request`` (one attribute store per request: a policy change
+judges that request again with ``allows``, so a long download or upload from a peer the
+policy no longer admits ends like a stream). Nothing else here runs per request: time
+limits are found by one sweep a second over the registry (a few comparisons per
+connection), trust and policy are checked again only when a bundle or the policy changes
+(or when a rule's ``expires_at`` passes: ``policy_changed``), blocks when an alert fires.
+Every closure is reported once through ``on_close`` (metric
+``sidecar_connections_closed_total``, an audit record and a log line).
 
 Pooled upstream connections (outbound, sidecar to sidecar) are not tasks: the pool asks
 ``UpstreamMeta.retire_reason`` before reusing or returning one (``sidecar.outbound``).
@@ -52,12 +61,15 @@ from sidecar.net.streams import IdleBound
 REASON_MAX_AGE = "max_age"
 REASON_OWN_CERT_ROTATED = "own_cert_rotated"
 REASON_PEER_CERT_EXPIRED = "peer_cert_expired"
+REASON_OWN_CERT_EXPIRED = "own_cert_expired"
 REASON_PEER_UNTRUSTED = "peer_untrusted"
 REASON_POLICY_REFUSED = "policy_refused"
+REASON_CREDENTIAL_EXPIRED = "credential_expired"
 REASON_SOURCE_BLOCKED = "source_blocked"
 GRACEFUL_REASONS = frozenset({REASON_MAX_AGE, REASON_OWN_CERT_ROTATED})
 CLOSE_REASONS = (REASON_MAX_AGE, REASON_OWN_CERT_ROTATED, REASON_PEER_CERT_EXPIRED,
-                 REASON_PEER_UNTRUSTED, REASON_POLICY_REFUSED, REASON_SOURCE_BLOCKED)
+                 REASON_OWN_CERT_EXPIRED, REASON_PEER_UNTRUSTED, REASON_POLICY_REFUSED,
+                 REASON_CREDENTIAL_EXPIRED, REASON_SOURCE_BLOCKED)
 
 SWEEP_INTERVAL = 1.0
 
@@ -68,22 +80,32 @@ class LiveConnection:
     ``peer`` is the verified SPIFFE ID of the other sidecar (None for the local app on an
     outbound listener); ``chain`` is kept for checking it again after a bundle change;
     ``recheck(now)`` is set while a TCP or upgraded stream is in force and says whether the
-    current policy still allows it.
+    current policy still allows it; ``credentials_end`` (Unix time) is when the token or API
+    key that stream was authorised with expires. ``own_not_after`` is when the own chain the
+    connection was made with expires; ``peer_not_after`` is the earlier of it and the peer's
+    (one comparison in the sweep finds both). ``request`` is the exchange being served (the
+    listener's ``RequestContext``, set when it is allowed) and ``allows(request, now)``
+    whether the current policy would still allow it (set once per connection).
     """
 
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
-                 "deadline", "opened", "scope", "idle", "recheck", "retiring", "cut_at",
-                 "_registry")
+                 "own_not_after", "credentials_end", "deadline", "opened", "scope", "idle",
+                 "recheck", "request", "allows", "retiring", "cut_at", "_registry")
 
     def __init__(self, direction: str, listener: str, source: str, peer: str | None,
                  chain: PeerChain | None, peer_not_after: float, deadline: float,
-                 registry: set[LiveConnection] | None = None) -> None:
+                 registry: set[LiveConnection] | None = None,
+                 own_not_after: float = math.inf) -> None:
         self.direction = direction
         self.listener = listener
         self.source = source
         self.peer = peer
         self.chain = chain
-        self.peer_not_after = peer_not_after
+        self.own_not_after = own_not_after
+        self.peer_not_after = min(peer_not_after, own_not_after)
+        self.credentials_end = math.inf
+        self.request: Any = None
+        self.allows: Callable[[Any, float], bool] | None = None
         self.deadline = deadline  # trio clock
         self.opened = time.time()
         self.scope = trio.CancelScope()
@@ -129,6 +151,10 @@ class Lifetimes:
         self.grace = grace
         self.on_close = on_close
         self._live: set[LiveConnection] = set()
+        # When the policy in force next changes by itself (a rule's ``expires_at``), Unix
+        # time; ``next_policy_event(after)`` finds the one after (set by the sidecar).
+        self.policy_event_at = math.inf
+        self.next_policy_event: Callable[[float], float] = lambda after: math.inf
 
     def __len__(self) -> int:
         return len(self._live)
@@ -138,12 +164,13 @@ class Lifetimes:
         return age_deadline(trio.current_time(), self.max_age, self.jitter)
 
     def track(self, direction: str, listener: str, source: str, *, peer: str | None = None,
-              chain: PeerChain | None = None,
-              peer_not_after: float = math.inf) -> LiveConnection:
+              chain: PeerChain | None = None, peer_not_after: float = math.inf,
+              own_not_after: float = math.inf) -> LiveConnection:
         """Register a connection for the ``with`` block (``with lifetimes.track(...) as
-        conn``); run its work inside ``conn.scope``."""
+        conn``); run its work inside ``conn.scope``. ``own_not_after``: when the own chain
+        the connection was authenticated with expires (inbound: the SVID of the handshake)."""
         return LiveConnection(direction, listener, source, peer, chain, peer_not_after,
-                              self.deadline(), self._live)
+                              self.deadline(), self._live, own_not_after)
 
     def retire(self, conn: LiveConnection, reason: str) -> bool:
         """End ``conn`` for ``reason`` (see the table above); False if it already ends."""
@@ -164,13 +191,17 @@ class Lifetimes:
 
     # -- events ----------------------------------------------------------------------------
     def sweep(self, now: float, wall: float) -> int:
-        """Retire connections past their age or their peer's certificate; return how many."""
+        """Retire connections past their age, their peer's or their own certificate or the
+        credentials of their stream; return how many."""
         n = 0
         for conn in list(self._live):
             if conn.retiring is not None:
                 continue
             if wall >= conn.peer_not_after:
-                n += self.retire(conn, REASON_PEER_CERT_EXPIRED)
+                n += self.retire(conn, REASON_OWN_CERT_EXPIRED if wall >= conn.own_not_after
+                                 else REASON_PEER_CERT_EXPIRED)
+            elif wall >= conn.credentials_end:
+                n += self.retire(conn, REASON_CREDENTIAL_EXPIRED)
             elif now >= conn.deadline:
                 n += self.retire(conn, REASON_MAX_AGE)
         return n
@@ -188,16 +219,30 @@ class Lifetimes:
                 if ends is None:
                     n += self.retire(conn, REASON_PEER_UNTRUSTED)
                 else:
-                    conn.peer_not_after = ends
+                    conn.peer_not_after = min(ends, conn.own_not_after)
         return n
 
     def recheck_policy(self, now: float) -> int:
-        """After a policy reload: retire TCP and upgraded streams the new policy refuses."""
+        """After a policy change: retire TCP and upgraded streams the policy in force
+        refuses, and connections serving a request (not idle) it would refuse now."""
         n = 0
         for conn in list(self._live):
+            if conn.retiring is not None:
+                continue
             recheck = conn.recheck
-            if conn.retiring is None and recheck is not None and not recheck(now):
+            if recheck is not None:
+                if not recheck(now):
+                    n += self.retire(conn, REASON_POLICY_REFUSED)
+            elif conn.idle is None and conn.request is not None and conn.allows is not None \
+                    and not conn.allows(conn.request, now):
                 n += self.retire(conn, REASON_POLICY_REFUSED)
+        return n
+
+    def policy_changed(self, now: float) -> int:
+        """The policy in force changed (``now``: Unix time): judge the streams and requests
+        in flight again, and find when it next changes by itself."""
+        n = self.recheck_policy(now)
+        self.policy_event_at = self.next_policy_event(now)
         return n
 
     def block(self, by: str, source: str) -> int:
@@ -227,4 +272,7 @@ class Lifetimes:
         task_status.started()
         while True:
             await trio.sleep(SWEEP_INTERVAL)
-            self.sweep(trio.current_time(), time.time())
+            wall = time.time()
+            self.sweep(trio.current_time(), wall)
+            if wall >= self.policy_event_at:
+                self.policy_changed(wall)
