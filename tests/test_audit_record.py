@@ -24,6 +24,7 @@ from sidecar.audit.record import (
     request_wire,
 )
 from sidecar.policy.decision import (
+    NO_AUTH,
     REASON_ALLOWED,
     REASON_DEFAULT_DENY,
     REASON_DRY_RUN,
@@ -170,7 +171,7 @@ def test_request_record_is_record_from_with_every_value_given() -> None:
 
 def test_request_wire_is_the_stored_map_of_request_record() -> None:
     # The data path submits the stored map built directly (no AuditRecord, no to_wire):
-    # for every shape -- peer or none; no credentials, a token with all, some or none of
+    # for every shape -- peer or none; no credentials (None, NO_AUTH), a token with all, some or none of
     # its fields, an API key; no, a small, a shared and an oversized extra; every kind of
     # decision -- the same keys in the same order with the same values, so the frames
     # stored are byte for byte those of request_record(...).to_wire().
@@ -179,7 +180,7 @@ def test_request_wire_is_the_stored_map_of_request_record() -> None:
     auths = [None, AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}),
              AuthFacts(claims={"p": {"iss": "i", "sub": "s", "jti": "j"}}, apikey="k"),
              AuthFacts(claims={"p": {"iss": "i"}}), AuthFacts(claims={"p": {"sub": 5}}),
-             AuthFacts(claims={}, apikey="k"), AuthFacts(claims={})]
+             AuthFacts(claims={}, apikey="k"), AuthFacts(claims={}), NO_AUTH]
     extras = [None, {"e": 1}, SharedExtra(service="s", port=1),
               {f"k{i}": i for i in range(MAX_EXTRA_KEYS + 5)}]
     decisions = [Decision("allow", "r", REASON_ALLOWED, "v1"),
@@ -197,7 +198,7 @@ def test_request_wire_is_the_stored_map_of_request_record() -> None:
                     assert list(wire.items()) == list(want.items()), (wire, want)
                     assert packer.pack(wire) == packer.pack(want)
                     seen += 1
-    assert seen == 2 * 3 * 7 * 4
+    assert seen == 2 * 3 * 8 * 4
 
 
 def test_record_from_keeps_the_extra_it_is_given() -> None:

@@ -19,7 +19,7 @@ from sidecar.audit.record import (
     request_wire,
 )
 from sidecar.audit.segments import iter_records, list_segments, read_frames, verify
-from sidecar.audit.writer import AuditWriter, _DiskThread
+from sidecar.audit.writer import AuditWriter, _DiskThread, _linger
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.errors import ConfigError
 from sidecar.policy.decision import (
@@ -450,3 +450,30 @@ def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> Non
         assert not thread.is_alive()
 
     trio.run(main)
+
+
+def test_the_linger_ends_at_its_deadline_without_cancelling_and_yields_to_outside_cancels(
+) -> None:
+    # The writer's linger after a batch (``_linger``: a deadline whose expiry puts the task
+    # back on the run queue instead of raising and catching Cancelled). On a mock clock (no
+    # real waiting): it returns once its time has passed and nothing around it sees a
+    # cancellation; a cancellation from outside before the deadline is raised in it, as
+    # trio.sleep raises it; one that was already pending is raised at once.
+    from trio.testing import MockClock
+
+    async def main() -> None:
+        start = trio.current_time()
+        with trio.CancelScope() as around:
+            await _linger(0.005)
+        assert trio.current_time() >= start + 0.005 and not around.cancelled_caught
+        with trio.move_on_after(0.001) as outside:
+            await _linger(10.0)
+            raise AssertionError("the linger outlived an outside cancellation")
+        assert outside.cancelled_caught and trio.current_time() < start + 1.0
+        with trio.CancelScope() as pending:
+            pending.cancel()
+            await _linger(10.0)
+            raise AssertionError("a pending cancellation was not raised")
+        assert pending.cancelled_caught and trio.current_time() < start + 1.0
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))

@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from sidecar.policy.decision import REASON_RATE_LIMITED, AuthFacts, Decision, RequestFacts
+from sidecar.policy.decision import (
+    NO_AUTH,
+    REASON_RATE_LIMITED,
+    AuthFacts,
+    Decision,
+    RequestFacts,
+)
 
 Direction = Literal["inbound", "outbound", "connection"]
 DecisionValue = Literal["allow", "deny", "dry-run"]
@@ -423,9 +429,9 @@ def request_wire(
     ``extra`` may be (then left out, as ``to_wire`` does)."""
     reason = decision.reason
     peer = facts.peer
-    if auth is not None:
+    if auth is not None and auth is not NO_AUTH:
         iss, sub, jti, apikey = _token_fields(auth)
-    else:
+    else:  # no credentials (NO_AUTH: every request without a token or API key)
         iss = sub = jti = apikey = None
     event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
     # decision_value(decision), without a call per record
