@@ -7,6 +7,7 @@ against the config file's directory. See docs/config.md for the reference.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -383,6 +384,15 @@ def _watch_interval(r: Reader, m: dict[str, Any], path: Path) -> float:
     return value or 2.0
 
 
+def _address_key(host: str) -> str:
+    """A listening host as compared: an IP address in one spelling (``[0::1]`` is ``::1``,
+    ``[0:0::0]`` is ``::``), a name lower-cased."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
+
+
 def _one_listener_per_address(src: Source, inbound: InboundConfig | None,
                               outbound: list[OutboundConfig], admin: AdminConfig) -> None:
     """Two listeners on one address (a wildcard host covers every address of its port) cannot
@@ -395,6 +405,7 @@ def _one_listener_per_address(src: Source, inbound: InboundConfig | None,
     for path, addr in listeners:
         if addr is None or not addr[1]:
             continue  # absent, or port 0: the system picks a free port
+        addr = (_address_key(addr[0]), addr[1])
         for other, (host, port) in seen:
             if port == addr[1] and (host == addr[0] or host in _ANY_HOST
                                     or addr[0] in _ANY_HOST):

@@ -34,9 +34,9 @@ from typing import Any, Literal, cast
 from sidecar.config.source import Path as P
 from sidecar.config.source import Reader, format_path, gc_paused
 from sidecar.errors import ConfigError, Problem
-from sidecar.http.request import split_host
+from sidecar.http.request import ipv4_problem, split_host
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
-from sidecar.policy.compiled import Section
+from sidecar.policy.compiled import Section, normalise_host
 from sidecar.policy.load_sections import (
     NAME,
     TOKEN,
@@ -98,6 +98,8 @@ def _host_problem(host: str) -> str | None:
     """Why a ``hosts`` entry can never equal a request's Host, or None. Read by ``split_host``,
     the definition the data path accepts a Host by: a name of letters, digits, ``. _ ~ -`` or
     a bracketed IPv6 address that parses; no port, no scheme, and not only dots."""
+    if (why := ipv4_problem(host)) is not None:
+        return why
     parts = split_host(host)
     if parts is None or parts[1] or host.endswith(":"):
         return "expected a host name without port or scheme (or a bracketed IPv6 address)"
@@ -264,7 +266,8 @@ def _conditions(
         for h, sp in hosts:
             if (why := _host_problem(h)) is not None:
                 r.problem(sp, why)
-        kw["hosts"] = frozenset(h.lower().rstrip(".") for h, _ in hosts)
+        # The form requests are compared in (normalise_host: an IPv6 literal canonical).
+        kw["hosts"] = frozenset(normalise_host(h) for h, _ in hosts)
     if "jwt" in m:
         jp = path + ("jwt",)
         jm = r.mapping(m["jwt"], jp, frozenset({"provider", "claims"}))
