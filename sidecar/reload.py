@@ -7,7 +7,9 @@ old inode goes silent after the swap, while a poll that re-resolves the path eve
 sees it at once. A change is acted on only when the content hash differs and has stayed the
 same for one whole interval (a file rewritten in place, in pieces, is never read half-way),
 and the new content must parse and validate completely before the swap; otherwise the old
-state stays, the error is logged with file:line:key and counted.
+state stays, the error is logged with file:line:key and counted. The loader reads the files
+itself, so they are fingerprinted again after it: a load that raced a new write (the files
+changed between settling and reading) is dropped, and the new content settles first.
 
 A watched path may be a directory (a policy set, docs/policy.md "Policy sets"): its
 fingerprint covers the names and contents of the files in it, read through ``..data`` resolved
@@ -118,9 +120,21 @@ class FileWatcher:
                 time.monotonic() - self.failed_at < self.retry_failed_after):
             return current, False, None, None
         try:
-            return current, True, self.load(), None
+            result = self.load()
         except Exception as exc:  # noqa: BLE001 -- any load failure keeps the old state
-            return current, True, None, exc
+            error: BaseException | None = exc
+            result = None
+        else:
+            error = None
+        after = fingerprint(self.paths)
+        if after != current:
+            # The loader read the files again, and they changed since they settled: what it
+            # read may be a write in progress (an editor, `kubectl cp`, a script rewriting the
+            # file in place), cut at a point where it still parses -- say before a deny rule.
+            # Neither applied nor counted as a failure: the new content settles first.
+            self.settling = after
+            return after, False, None, None
+        return current, True, result, error
 
     def _settle(self, current: str | None, attempted: bool, result: Any,
                 error: BaseException | None) -> bool:

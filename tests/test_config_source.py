@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sidecar.config import source
-from sidecar.config.source import MAX_NESTING_DEPTH, parse_yaml
+from sidecar.config.source import MAX_NESTING_DEPTH, NULL_PROBLEM, parse_yaml
 from sidecar.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,8 +137,29 @@ def test_values_keep_their_types(composer) -> None:
                             "k: {1: x}\n", "f.yaml")
     assert value["n"] == 3 and value["f"] == 1.5 and value["b"] is True and value["s"] == "3"
     assert value["null_"] is None and str(value["ts"]) == "2030-01-01"
+    assert [(p.key, p.message) for p in src.problems] == [("null_", NULL_PROBLEM)]
     assert value["k"] == {"1": "x"}  # keys are always the plain text
     assert src.lines[("ts",)] == 6
+
+
+@pytest.mark.parametrize("spelling", ["~", "null", "Null", "NULL", "", "!!null ''"])
+def test_a_null_is_refused_at_its_key_and_line(composer, spelling) -> None:
+    """A null is never a value (found by a hostile review): at a key, a nested key, a list
+    item and a flow mapping's key, each named once, with its own line."""
+    text = (f"a: 1\nb: {spelling}\nc:\n  d: {spelling}\n  e:\n  - x\n  - {spelling}\n"
+            f"  - {{f: {spelling}}}\n")
+    found = _messages(text)
+    assert found == [(2, "b", NULL_PROBLEM), (4, "c.d", NULL_PROBLEM),
+                     (7, "c.e[1]", NULL_PROBLEM), (8, "c.e[2].f", NULL_PROBLEM)], found
+
+
+def test_a_null_key_path_gets_no_second_problem(composer) -> None:
+    """The checks that then see None at a null key add nothing there (one problem a key)."""
+    _, src = parse_yaml("a: ~\n", "f.yaml")
+    src.problem(("a",), "is required")
+    src.problem(("b",), "is required")
+    assert [(p.key, p.message) for p in src.problems] == [("a", NULL_PROBLEM),
+                                                          ("b", "is required")]
 
 
 @pytest.mark.parametrize("value", ["!!timestamp not-a-time", "!!int abc", "!!float x",

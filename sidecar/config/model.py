@@ -7,6 +7,7 @@ against the config file's directory. See docs/config.md for the reference.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -187,8 +188,10 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     r = Reader(src, base)
     top = r.fields(raw, (), _TOP)
 
-    ident_raw = r.fields(r.required(top, "identity", ()) or {}, ("identity",),
-                          {"cert", "key", "bundle", "watch_interval", "trust_domains"})
+    ident_val = r.required(top, "identity", ())
+    ident_raw = r.fields(ident_val, ("identity",),
+                         {"cert", "key", "bundle", "watch_interval", "trust_domains"}
+                         ) if ident_val is not None else {}
     identity = IdentityConfig(
         cert=r.file(r.required(ident_raw, "cert", ("identity",)), ("identity", "cert")) or "",
         key=r.file(r.required(ident_raw, "key", ("identity",)), ("identity", "key")) or "",
@@ -204,11 +207,13 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         allow_from = None
         if "allow_from" in m:
             af = m["allow_from"]
-            if not isinstance(af, list) or not all(isinstance(x, str) for x in af):
+            if not isinstance(af, list):
                 src.problem(p + ("allow_from",), "expected a list of SPIFFE IDs")
             else:
                 for i, x in enumerate(af):
-                    if err := spiffe_problem(x, wildcards=True):
+                    if not isinstance(x, str):
+                        src.problem(p + ("allow_from", i), "expected a SPIFFE ID")
+                    elif err := spiffe_problem(x, wildcards=True):
                         src.problem(p + ("allow_from", i), err)
                 allow_from = tuple(af)
         inbound = InboundConfig(
@@ -227,8 +232,8 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     for i, item in enumerate(ob_raw or []):
         p = ("outbound", i)
         m = r.fields(item, p, {"name", "listen", "upstream", "identity", "protocol"})
-        if not m:
-            continue
+        if not isinstance(item, dict):
+            continue  # reported; an empty mapping gets "is required" for each key
         ident = r.string(r.required(m, "identity", p), p + ("identity",), optional=True) or ""
         if ident and (err := spiffe_problem(ident, wildcards=False)):
             src.problem(p + ("identity",), err)
@@ -283,13 +288,13 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     admin = AdminConfig()
     if "admin" in top:
-        m = r.fields(top["admin"] or {}, ("admin",),
-                      {"listen", "health_listen", "max_connections_per_source"})
+        m = r.fields(top["admin"], ("admin",),
+                     {"listen", "health_listen", "max_connections_per_source"})
         admin = AdminConfig(
-            listen=(r.address(m["listen"], ("admin", "listen")) if m.get("listen") else None)
+            listen=_optional_address(r, m["listen"], ("admin", "listen"))
             if "listen" in m else AdminConfig.listen,
-            health_listen=r.address(m["health_listen"], ("admin", "health_listen"))
-            if m.get("health_listen") else None,
+            health_listen=_optional_address(r, m["health_listen"], ("admin", "health_listen"))
+            if "health_listen" in m else None,
             max_connections_per_source=r.positive_int(
                 m["max_connections_per_source"], ("admin", "max_connections_per_source"))
             or AdminConfig.max_connections_per_source
@@ -301,7 +306,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     limits_kw: dict[str, Any] = {}
     if "limits" in top:
         known = _LIMIT_DURATIONS | _LIMIT_SIZES | _LIMIT_COUNTS
-        m = r.fields(top["limits"] or {}, ("limits",), known)
+        m = r.fields(top["limits"], ("limits",), known)
         for key, value in m.items():
             p = ("limits", key)
             if key in _LIMIT_DURATIONS:
@@ -330,7 +335,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
             src.problem(("workers",), "at most 64")
     log_level = "info"
     if "log" in top:
-        m = r.fields(top["log"] or {}, ("log",), {"level"})
+        m = r.fields(top["log"], ("log",), {"level"})
         log_level = r.choice(m.get("level"), ("log", "level"), ("debug", "info", "warning", "error"), "info")
 
     headers = HeaderConfig()
@@ -338,18 +343,20 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         from sidecar.http.untrusted import pass_through_problem
 
         p = ("headers",)
-        m = r.fields(top["headers"] or {}, p, {"allow_underscores", "pass_through"})
+        m = r.fields(top["headers"], p, {"allow_underscores", "pass_through"})
         allow_us = m.get("allow_underscores", False)
         if not isinstance(allow_us, bool):
             src.problem(p + ("allow_underscores",), "expected true or false")
             allow_us = False
         passed: list[str] = []
         pt = m.get("pass_through", [])
-        if not isinstance(pt, list) or not all(isinstance(x, str) for x in pt):
+        if not isinstance(pt, list):
             src.problem(p + ("pass_through",), "expected a list of header names")
         else:
             for i, name in enumerate(pt):
-                if err := pass_through_problem(name):
+                if not isinstance(name, str):
+                    src.problem(p + ("pass_through", i), "expected a header name")
+                elif err := pass_through_problem(name):
                     src.problem(p + ("pass_through", i), err)
                 else:
                     passed.append(name.lower())
@@ -371,6 +378,16 @@ MIN_WATCH_INTERVAL = 0.1
 _ANY_HOST = ("", "0.0.0.0", "::")
 
 
+def _optional_address(r: Reader, value: Any, path: Path) -> tuple[str, int] | None:
+    """``admin.listen`` / ``admin.health_listen``: an address, or ``""`` (a quoted empty
+    string) for "off". Any other value that is not an address -- ``0``, ``false``, ``[]``,
+    ``{}`` -- is refused: each used to switch the server off silently (a null is refused
+    while the file is read, ``source.NULL_PROBLEM``)."""
+    if isinstance(value, str) and not value:
+        return None
+    return r.address(value, path)
+
+
 def _watch_interval(r: Reader, m: dict[str, Any], path: Path) -> float:
     """``m["watch_interval"]`` (default 2 s); at least ``MIN_WATCH_INTERVAL``, ``0`` included
     (it used to mean the default, silently)."""
@@ -381,6 +398,15 @@ def _watch_interval(r: Reader, m: dict[str, Any], path: Path) -> float:
         r.problem(path + ("watch_interval",), "at least 100ms (a shorter poll re-reads the "
                   "files without pause)")
     return value or 2.0
+
+
+def _address_key(host: str) -> str:
+    """A listening host as compared: an IP address in one spelling (``[0::1]`` is ``::1``,
+    ``[0:0::0]`` is ``::``), a name lower-cased."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
 
 
 def _one_listener_per_address(src: Source, inbound: InboundConfig | None,
@@ -395,6 +421,7 @@ def _one_listener_per_address(src: Source, inbound: InboundConfig | None,
     for path, addr in listeners:
         if addr is None or not addr[1]:
             continue  # absent, or port 0: the system picks a free port
+        addr = (_address_key(addr[0]), addr[1])
         for other, (host, port) in seen:
             if port == addr[1] and (host == addr[0] or host in _ANY_HOST
                                     or addr[0] in _ANY_HOST):

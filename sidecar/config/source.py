@@ -8,7 +8,10 @@ one ``ConfigError``.
 
 Only the safe YAML subset is accepted (safe resolver and constructors); duplicate keys,
 aliases and merge keys are errors, because a duplicated key in a security policy silently
-drops a rule and an alias can blow a small file up into a huge one.
+drops a rule and an alias can blow a small file up into a huge one. An explicit null (``~``,
+``null``, a key with nothing after its colon) is an error at every key and list item
+(``NULL_PROBLEM``): a value left empty must never read as "use the default" where that
+default is weaker than what its author meant.
 
 Theory of operation: the values are built in one pass straight from the parser's events
 (libyaml's parser when PyYAML is built with it; no node tree, no second pass). Building
@@ -48,6 +51,15 @@ MAX_PROBLEMS = 100
 _WITH_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+# An explicit null -- `~`, `null` in any case YAML reads, `!!null`, or a key with nothing
+# after its colon -- is never a value in a file people edit: it used to mean "absent" at some
+# keys (`audit: ~` switched the audit trail off, `policy: ~` fell back to
+# `inbound.allow_from`, `path_case:` to case-sensitive deny rules) and a type error at others.
+# A templated value that came out empty must not switch a protection off: refused at every
+# key and list item, with file, line and key.
+NULL_PROBLEM = ("no value (null, ~ or nothing after the colon): write a value, or leave the "
+                "key out for its default")
 # A collection may carry no tag but its own kind's (`!!python/object:...`, `!!omap`, `!!set`,
 # `!foo` on a mapping or a list were ignored, and the value read as a plain one).
 _COLLECTION_TAGS = {yaml.MappingStartEvent: (None, "!", "tag:yaml.org,2002:map"),
@@ -91,6 +103,9 @@ class Source:
         self.filename = filename
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
+        # Key paths whose value is an explicit null (NULL_PROBLEM, reported once: the checks
+        # that then see None at that path add nothing).
+        self.nulls: set[Path] = set()
         # Keys of mappings whose values were skipped (``parse_yaml(select=...)``) -> line.
         self.skipped: dict[Path, dict[str, int]] = {}
 
@@ -109,13 +124,21 @@ class Source:
     def problem(self, path: Path, message: str) -> None:
         """Record a problem at ``path`` (file, line, dotted key); nothing is raised until
         ``raise_if_problems``, so one run reports every mistake in the file -- up to
-        ``MAX_PROBLEMS``: the last one raises ``ConfigError`` at once."""
+        ``MAX_PROBLEMS``: the last one raises ``ConfigError`` at once. A path holding an
+        explicit null has its one problem already (``null``): nothing more is added there."""
+        if path in self.nulls:
+            return
         self.problems.append(Problem(self.filename, self.line(path), printable(format_path(path)),
                                      printable(message)))
         if len(self.problems) >= MAX_PROBLEMS:
             raise ConfigError([*self.problems, Problem(
                 self.filename, None, "", f"{MAX_PROBLEMS} problems: stopped reading the file "
                 "here (fix these first)")])
+
+    def null(self, path: Path) -> None:
+        """Record that ``path`` holds an explicit null (refused: ``NULL_PROBLEM``)."""
+        self.problem(path, NULL_PROBLEM)
+        self.nulls.add(tuple(path))
 
     def raise_if_problems(self) -> None:
         """Raise one ``ConfigError`` listing every recorded problem; do nothing if there is none."""
@@ -264,6 +287,9 @@ class _Builder:
             if (why := _ambiguous(tag, event.value)) is not None:
                 self.src.problem(path, why)
                 return None
+        if tag == _NULL_TAG:
+            self.src.null(path)
+            return None
         if tag == _STR_TAG:
             return event.value
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
@@ -354,7 +380,8 @@ def _parse_yaml(text: str | bytes, filename: str,
     src = Source(filename)
     if isinstance(text, bytes):
         if len(text) > MAX_DOCUMENT_BYTES:
-            raise ConfigError([Problem(filename, None, "", "file is too large")])
+            raise ConfigError([Problem(filename, None, "", "file is too large (more than "
+                                       f"{MAX_DOCUMENT_BYTES // 2**20} MiB)")])
         if text.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16: the parsers would take it
             raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")])
     try:

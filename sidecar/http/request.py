@@ -173,18 +173,64 @@ def _is_http2(token: bytes) -> bool:
 
 
 def split_host(value: str) -> tuple[str, str] | None:
-    """A Host value as (lower-case host, port: "" when none), or None when it is not
-    ``uri-host [":" port]`` as ``HOST_SYNTAX`` reads it (an IPv6 literal must also parse)."""
+    """A Host value as (host for comparison, port: "" when none), or None when it is not
+    ``uri-host [":" port]`` as ``HOST_SYNTAX`` reads it.
+
+    The host is lower-cased; an IPv6 literal must parse and is written in its one canonical
+    form (``canonical_ipv6``: ``[0:0::1]``, ``[::0001]`` and ``[::1]`` are one host, and
+    ``[::ffff:127.0.0.1]`` is ``127.0.0.1``); a host that ends in a number is an IPv4
+    address to URL parsers and resolvers (``inet_aton`` reads ``127.1``, ``0x7f.0.0.1``,
+    ``0177.0.0.1`` and ``2130706433`` as 127.0.0.1) and is accepted only as four decimal
+    numbers without leading zeros (``ipv4_problem``). Only bracketed literals, which are
+    rare, take the slow path."""
     m = HOST_SYNTAX.fullmatch(value)
     if m is None:
         return None
     host = m.group(1)
     if host[0] == "[":
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
+        canonical = canonical_ipv6(host[1:-1])
+        if canonical is None:
             return None
+        return canonical, m.group(2) or ""
+    if ipv4_problem(host) is not None:
+        return None
     return host.lower(), m.group(2) or ""
+
+
+def canonical_ipv6(text: str) -> str | None:
+    """The one form an IPv6 address is compared in (RFC 5952: lower case, no leading zeros,
+    the longest run of zero fields as ``::``), in brackets -- or, for an IPv4-mapped address
+    (``::ffff:a.b.c.d`` in any spelling), the IPv4 address itself, which is what an app on a
+    dual-stack socket sees; None when ``text`` is not an IPv6 address (a zone id is not
+    part of one here)."""
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        return None
+    if addr.scope_id is not None:
+        return None
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return f"[{addr.compressed}]"
+
+
+def ipv4_problem(host: str) -> str | None:
+    """Why a reg-name that ends in a number is not an IPv4 address written one way, or None
+    (also None for a name that does not end in a number: not an address). The WHATWG URL
+    parser and ``inet_aton`` read a name whose last label is a number (decimal, or hex
+    with ``0x``) as an IPv4 address of one to four parts, each decimal, octal (a leading 0)
+    or hex: ``127.1``, ``0177.0.0.1``, ``0x7f000001`` and ``2130706433`` are all 127.0.0.1
+    to them, and a policy comparing names would not see it."""
+    name = host.rstrip(".")
+    last = name.rpartition(".")[2]
+    if not (last.isdigit() or last[:2] in ("0x", "0X")):
+        return None
+    parts = name.split(".")
+    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and (p == "0" or p[0] != "0")
+                               and int(p) <= 255 for p in parts):
+        return None
+    return ("a host ending in a number is an IPv4 address: write it as four decimal numbers "
+            "without leading zeros (127.0.0.1)")
 
 
 def _check_host(host: bytes | None) -> str:

@@ -145,16 +145,28 @@ def path_pattern_segments(pattern: str, fold: bool = False) -> tuple[str, ...]:
 
 
 def normalise_host(host: str) -> str:
-    """Host header value for matching: lower-case, no port, no trailing dot. The value is
-    read by ``sidecar.http.request.split_host``, the definition the data path refuses every
-    other Host by (``bad_host``); a value it does not accept (only seen outside the data
-    path, as in ``policy explain``) is returned lower-cased and stripped, whole."""
+    """Host header value for matching: lower-case, no port, no trailing dot, an IP literal
+    in its one form (``split_host``: ``[0::1]`` is ``[::1]``, ``[::ffff:127.0.0.1]`` is
+    ``127.0.0.1``). The value is read by ``sidecar.http.request.split_host``, the definition
+    the data path refuses every other Host by (``bad_host``); a value it does not accept
+    (only seen outside the data path, as in ``policy explain``) is returned lower-cased and
+    stripped, whole. Results are kept (bounded): a request's Host is one of few values."""
+    name = _NORMALISED.get(host)
+    if name is not None:
+        return name
     value = host.strip()
     parts = split_host(value)
     if parts is None:
-        return value.lower()
-    name = parts[0]
-    return name if name.startswith("[") else name.rstrip(".")
+        name = value.lower()
+    else:
+        name = parts[0] if parts[0].startswith("[") else parts[0].rstrip(".")
+    if len(_NORMALISED) >= 256:
+        _NORMALISED.clear()
+    _NORMALISED[host] = name
+    return name
+
+
+_NORMALISED: dict[str, str] = {}
 
 
 # --- claims ---------------------------------------------------------------------------

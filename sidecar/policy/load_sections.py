@@ -165,7 +165,17 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
             kwargs[field_name] = d
     if "required_claims" in m:
         rc = m["required_claims"]
-        if isinstance(rc, list) and all(isinstance(c, str) and c for c in rc):
+        if rc == []:
+            # The default is [exp]: an empty list let a token without exp live for ever.
+            r.problem(path + ("required_claims",), "an empty list would drop the default "
+                      "[exp] (a token without exp would never expire): name the claims, or "
+                      "leave the key out for [exp]")
+            ok = False
+        elif isinstance(rc, list):
+            for i, c in enumerate(rc):
+                if not isinstance(c, str) or not c:
+                    r.problem(path + ("required_claims", i), "expected a claim name")
+                    ok = False
             kwargs["required_claims"] = tuple(rc)
         else:
             r.problem(path + ("required_claims",), "expected a list of claim names")
@@ -193,7 +203,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
             if isinstance(item, str):
                 hname, prefix = item, ""
             elif isinstance(item, dict) and r.mapping(item, ip, frozenset({"name", "prefix"})):
-                hname, prefix = str(item.get("name", "")), item.get("prefix", "")
+                hname, prefix = item.get("name", ""), item.get("prefix", "")
                 if not isinstance(prefix, str):
                     r.problem(ip + ("prefix",), "expected a string")
                     ok = False
@@ -203,7 +213,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
                 ok = False
                 continue
             if not isinstance(hname, str) or not TOKEN.match(hname):
-                r.problem(ip, "invalid header name")
+                r.problem(ip + ("name",) if isinstance(item, dict) else ip, "invalid header name")
                 ok = False
                 continue
             locations.append(TokenLocation("header", hname.lower(), prefix))

@@ -47,6 +47,10 @@ MERGE_RULES: tuple[tuple[str, str], ...] = (
     ("services", "owned"),
 )
 MAX_POLICY_FILES = 1000
+# All files of one policy together (each is at most MAX_DOCUMENT_BYTES): 1,000 files of
+# 8 MiB were 8 GB read into memory and built by `policy check`. 64 MiB is about twenty
+# times a 10,000-service mesh (bench/README.md, "Scale").
+MAX_POLICY_SET_BYTES = 64 * 1024 * 1024
 POLICY_SUFFIXES = (".yaml", ".yml")
 
 
@@ -204,18 +208,34 @@ def read_policy_set(paths: Sequence[str]) -> list[tuple[str, bytes]]:
     ``ConfigError`` (tried again at the next poll) instead of mixing two versions.
     """
     out: list[tuple[str, bytes]] = []
+    budget = _Budget()
     for path in paths:
         if os.path.isdir(path):
-            out.extend(_read_directory(path))
+            out.extend(_read_directory(path, budget))
         else:
-            out.append((path, read_capped(path)))
+            out.append((path, budget.take(path, read_capped(path))))
         if len(out) > MAX_POLICY_FILES:
             raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
                                        "files")])
     return out
 
 
-def _read_directory(path: str) -> list[tuple[str, bytes]]:
+class _Budget:
+    """The bytes of one policy's files so far: more than ``MAX_POLICY_SET_BYTES`` in all is
+    refused as soon as it is reached (before the rest is read)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def take(self, path: str, data: bytes) -> bytes:
+        self.total += len(data)
+        if self.total > MAX_POLICY_SET_BYTES:
+            raise ConfigError([Problem(path, None, "", "the policy files hold more than "
+                                       f"{MAX_POLICY_SET_BYTES // 2**20} MiB in all")])
+        return data
+
+
+def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
     link = os.path.join(path, "..data")
     before = os.path.realpath(link) if os.path.islink(link) else None
     base = before or path
@@ -229,7 +249,12 @@ def _read_directory(path: str) -> list[tuple[str, bytes]]:
     if not names:
         raise ConfigError([Problem(path, None, "", "no policy files (*.yaml, *.yml) in the "
                                    "directory")])
-    files = [(os.path.join(path, n), read_capped(os.path.join(base, n))) for n in names]
+    if len(names) > MAX_POLICY_FILES:
+        raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
+                                   "files")])
+    files = [(os.path.join(path, n), budget.take(os.path.join(path, n),
+                                                 read_capped(os.path.join(base, n))))
+             for n in names]
     after = os.path.realpath(link) if os.path.islink(link) else None
     if after != before:
         raise ConfigError([Problem(path, None, "", "the directory was swapped (..data) while "
