@@ -45,7 +45,30 @@ def spiffe(name: str, ns: str = "demo", td: str = TD) -> str:
     return f"spiffe://{td}/ns/{ns}/sa/{name}"
 
 
+# free_port hands out ports below Linux's ephemeral range (32768-60999), from a range of
+# its own per pytest-xdist worker: a port the kernel picked with bind(0) and that was
+# closed again could be picked by another worker (or an outgoing connection) before the
+# sidecar meant to get it bound it ("Address already in use" in one run of many).
+_PORT_SPAN = 1500
+_PORT_BASE = 20000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_WORKER_INDEX = int(_worker[2:]) % 8 if _worker[2:].isdigit() else 0
+_port_next = [int.from_bytes(os.urandom(2), "big") % _PORT_SPAN]
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing holds now (not even in TIME_WAIT), from this
+    worker's own range; bind(0)'s pick when the range is exhausted."""
+    base = _PORT_BASE + _WORKER_INDEX * _PORT_SPAN
+    for _ in range(_PORT_SPAN):
+        port = base + _port_next[0] % _PORT_SPAN
+        _port_next[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
