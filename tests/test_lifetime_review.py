@@ -71,7 +71,6 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 GRACE = "500ms"
 BIG = 1 << 40  # a download or upload that does not end by itself within a test
-CAP = 64 << 20  # what a cut connection may still deliver (buffers), far below BIG
 
 
 def _stamp(t: float) -> str:
@@ -422,11 +421,14 @@ def test_a_tcp_stream_ends_when_its_break_glass_rule_expires(tmp_path, pki, app,
 
 # -- requests in flight -----------------------------------------------------------------------
 
-def _drain(sock: socket.socket, cap: int = CAP, timeout: float = 15) -> bool:
-    """Read until the server ends the connection (True) or ``cap`` bytes or ``timeout``."""
+def _drain(sock: socket.socket, timeout: float = 10) -> bool:
+    """Read until the server ends the connection (True) or ``timeout`` passes (False). No
+    byte bound: the connection is cut ``GRACE`` after the decision that the metric counts,
+    and a quiet machine's loopback delivers far more than any fixed bound in that time (64
+    MiB in 0.25 s here); a request that goes on is still going after ``timeout``."""
     sock.settimeout(1.0)
-    got, deadline = 0, time.monotonic() + timeout
-    while got < cap and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             data = sock.recv(1 << 20)
         except TimeoutError:
@@ -435,7 +437,6 @@ def _drain(sock: socket.socket, cap: int = CAP, timeout: float = 15) -> bool:
             return True
         if not data:
             return True
-        got += len(data)
     return False
 
 
