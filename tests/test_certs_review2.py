@@ -35,6 +35,7 @@ from sidecar.identity.svid import (
     RULE_EXTENDED_KEY_USAGE,
     RULE_KEY_USAGE_NOT_CRITICAL,
     RULE_KEY_WEAK,
+    RULE_SAN_NOT_CRITICAL,
     RULE_SERIAL_INVALID,
     RULE_SIGNER_TRUST_DOMAIN,
     RULE_SIGNING_CERT_INVALID,
@@ -87,7 +88,7 @@ def _name(cn: str) -> x509.Name:
 def _cert(cn: str, key: Any, issuer: Ca | None, *, ca: bool, ku: Any = _DEFAULT,
           ku_critical: bool = True, eku: Any = _DEFAULT, uris: tuple[str, ...] = ()
           ) -> x509.Certificate:
-    b = (x509.CertificateBuilder().subject_name(_name(cn))
+    b = (x509.CertificateBuilder().subject_name(_name(cn) if cn else x509.Name([]))
          .issuer_name(issuer.cert.subject if issuer else _name(cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(NOW - dt.timedelta(minutes=5))
@@ -124,11 +125,11 @@ def intermediate(cn: str, issuer: Ca, *, uris: tuple[str, ...] = (), **kw: Any) 
     return Ca(key, _cert(cn, key, issuer, ca=True, uris=uris, **kw), above)
 
 
-def leaf(issuer: Ca, spiffe_id: str, *, key: Any = None, **kw: Any
+def leaf(issuer: Ca, spiffe_id: str, *, key: Any = None, cn: str = "workload", **kw: Any
          ) -> tuple[list[x509.Certificate], Any]:
     key = key or _ec()
     above = () if issuer.cert.issuer == issuer.cert.subject else (issuer.cert, *issuer.above)
-    return [_cert("workload", key, issuer, ca=False, uris=(spiffe_id,), **kw), *above], key
+    return [_cert(cn, key, issuer, ca=False, uris=(spiffe_id,), **kw), *above], key
 
 
 def _elements(body: bytes) -> list[bytes]:
@@ -212,6 +213,8 @@ LEAF_FAMILY = [
     Member("serial_zero", lambda: _serial_leaf(b"\x00"), RULE_SERIAL_INVALID),
     Member("serial_negative_long", lambda: _serial_leaf(b"\x80" + b"\x01" * 15),
            RULE_SERIAL_INVALID),
+    Member("empty_subject_san_not_critical", lambda: leaf(OWN, PEER, cn=""),
+           RULE_SAN_NOT_CRITICAL),
     # TLS 1.2 lets a DSA client certificate through OpenSSL's handshake (TLS 1.3 has no DSA).
     Member("dsa_2048", lambda: leaf(OWN, PEER, key=dsa.generate_private_key(2048)),
            RULE_KEY_WEAK, openssl_refuses=("outbound",)),
@@ -308,6 +311,31 @@ def test_own_svid_breaking_a_leaf_rule_does_not_load(tmp_path, member):
     with pytest.raises(SvidError) as caught:
         load_svid(str(d / "tls.crt"), str(d / "tls.key"), str(d / "ca.crt"), time.time())
     assert caught.value.rule == member.rule and caught.value.file == str(d / "tls.crt")
+
+
+@pytest.mark.parametrize("member", [m for m in CHAIN_FAMILY if not m.openssl_refuses],
+                         ids=lambda m: m.name)
+def test_own_svid_under_a_bad_intermediate_does_not_load(tmp_path, member):
+    chain, key = member.make()
+    d = _write_identity(tmp_path / "me", chain, key, OWN.cert)
+    with pytest.raises(SvidError) as caught:
+        load_svid(str(d / "tls.crt"), str(d / "tls.key"), str(d / "ca.crt"), time.time())
+    # cryptography's CA profile already refused an intermediate without keyUsage or with a
+    # serial that is not positive
+    expected = "chain-untrusted" if member.name in (
+        "intermediate_without_key_usage", "intermediate_serial_negative") else member.rule
+    assert caught.value.rule == expected
+    assert caught.value.file == str(d / "tls.crt")
+
+
+@pytest.mark.parametrize("scheme", ["spiffe", "SPIFFE", "Spiffe"])
+def test_a_root_naming_another_trust_domain_in_any_spelling_is_refused(scheme):
+    named = root("partner root", None)
+    named = Ca(named.key, _cert("partner root", named.key, None, ca=True,
+                                uris=(f"{scheme}://Partner.Example",)))
+    with pytest.raises(SvidError) as caught:
+        bundle_from_certs(TD, "own.pem", [OWN.cert, named.cert])
+    assert caught.value.rule == RULE_TRUST_DOMAIN_MISMATCH
 
 
 def _nosan_root(cn: str) -> Ca:

@@ -31,6 +31,7 @@ import hashlib
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,7 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.config.source import read_regular
 from sidecar.errors import SidecarError
-from sidecar.identity.spiffe import SpiffeId, parse_spiffe_id
+from sidecar.identity.spiffe import SCHEME_PREFIX, SpiffeId, parse_spiffe_id
 
 # Rule codes: stable strings, shown to operators and documented in docs/identity.md.
 RULE_URI_SAN_COUNT = "uri-san-count"
@@ -73,6 +74,7 @@ RULE_KEY_WEAK = "key-weak"
 RULE_SIGNATURE_WEAK = "signature-weak"
 RULE_SIGNING_CERT_INVALID = "signing-cert-invalid"
 RULE_SIGNER_TRUST_DOMAIN = "signer-trust-domain"
+RULE_SAN_NOT_CRITICAL = "uri-san-not-critical"
 
 # A peer's certificate with a serial that is not positive is refused (``serial-invalid``);
 # cryptography also warns on stderr when it parses one, which a peer could then trigger.
@@ -204,6 +206,11 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
         raise SvidError(
             RULE_SPIFFE_ID_NO_PATH, f"leaf SPIFFE ID {uri!r} names a trust domain, not a workload"
         )
+    san = _extension(extensions, x509.SubjectAlternativeName)
+    if san is not None and not san.critical and len(cert.subject) == 0:
+        # X.509-SVID 3.1 and RFC 5280 4.1.2.6: without a subject the SAN must be critical.
+        raise SvidError(RULE_SAN_NOT_CRITICAL,
+                        "leaf has an empty subject and a subjectAltName not marked critical")
     bc = _extension(extensions, x509.BasicConstraints)
     if bc is not None and bc.value.ca:
         raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
@@ -226,6 +233,81 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
     if problem := crypto_problem(cert):
         raise SvidError(*problem)
     return spiffe_id
+
+
+def _domain_of(spiffe_id: str) -> str:
+    return spiffe_id[len(SCHEME_PREFIX):].split("/", 1)[0]
+
+
+# Verdicts on the signing certificates (intermediates) of verified chains, by DER: a
+# (rule, message) problem or None, and the trust domains their SPIFFE IDs name. The same few
+# intermediates sign every peer of a trust domain, so each is judged once. Bounded: emptied
+# when full.
+_SIGNING_MAX = 256
+_signing: dict[bytes, tuple[tuple[str, str] | None, tuple[str, ...]]] = {}
+
+
+def _signing_verdict(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    got = _signing.get(der)
+    if got is None:
+        got = _judge_signing_cert(der)
+        if len(_signing) >= _SIGNING_MAX:
+            _signing.clear()
+        _signing[der] = got
+    return got
+
+
+def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    """The X.509-SVID signing-certificate rules (sections 3.2, 4.1, 4.3) for an intermediate
+    of a verified chain: basicConstraints CA=true, keyUsage with keyCertSign, a SPIFFE ID (if
+    any) without a path; and the key, signature and serial floor of ``crypto_problem``."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        extensions = cert.extensions
+    except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
+        return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
+    uris: list[str] = []
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.lower().startswith("spiffe:")]
+    except x509.ExtensionNotFound:
+        pass
+    named = tuple(_domain_of(u) for u in uris)
+    subject = cert.subject.rfc4514_string()[:200]
+    try:
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = extensions.get_extension_for_class(x509.KeyUsage).value
+        is_signer = bc.ca and ku.key_cert_sign
+    except x509.ExtensionNotFound:
+        is_signer = False
+    if not is_signer:
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} lacks basicConstraints "
+                "CA=true or keyUsage keyCertSign"), named
+    for uri in uris:
+        if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
+            return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
+                    f"{uri[:200]!r}: a signing certificate's ID names a trust domain only"), named
+    problem = crypto_problem(cert)
+    if problem is not None:
+        return (problem[0], f"intermediate {subject}: {problem[1]}"), named
+    return None, named
+
+
+def check_signers(spiffe_id: str, intermediates: Sequence[bytes]) -> None:
+    """Raise ``SvidError`` when an intermediate of a verified chain breaks a signing
+    certificate rule, or names another trust domain than the peer's SPIFFE ID
+    (``signer-trust-domain``: a CA that declares itself another domain's authority does not
+    vouch for this one)."""
+    td = _domain_of(spiffe_id)
+    for der in intermediates:
+        problem, named = _signing_verdict(der)
+        if problem is not None:
+            raise SvidError(*problem)
+        for other in named:
+            if other != td:
+                raise SvidError(RULE_SIGNER_TRUST_DOMAIN,
+                                f"{spiffe_id} was issued under a CA of trust domain {other}")
 
 
 def _timestamp(when: dt.datetime) -> float:
@@ -504,6 +586,8 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
     roots = load_roots(bundle_pem, bundle_path)
     try:
         built = verify_chain(leaf, intermediates, roots, now)
+        check_signers(str(spiffe_id), [c.public_bytes(serialization.Encoding.DER)
+                                       for c in built[1:-1]])
     except SvidError as exc:
         raise SvidError(exc.rule, f"{exc.message} (bundle {bundle_path})", file=cert_path) from exc
 

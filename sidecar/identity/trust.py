@@ -51,12 +51,11 @@ from sidecar.identity.svid import (
     RULE_EXTENSIONS_INVALID,
     RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
-    RULE_SIGNER_TRUST_DOMAIN,
-    RULE_SIGNING_CERT_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
     _read,
+    check_signers,
     crypto_problem,
     load_roots,
     snapshot_paths,
@@ -113,79 +112,10 @@ def _named_domains(cert: x509.Certificate) -> list[str]:
         raise SvidError(RULE_EXTENSIONS_INVALID,
                         f"a root's extensions are unreadable ({type(exc).__name__}): "
                         f"{str(exc)[:200]}") from exc
-    return [trust_domain_of(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(SCHEME_PREFIX)]
-
-
-# Verdicts on the signing certificates (intermediates) of verified chains, by DER: a
-# (rule, message) problem or None, and the trust domains their SPIFFE IDs name. The same few
-# intermediates sign every peer of a trust domain, so each is judged once. Bounded: emptied
-# when full.
-_SIGNING_MAX = 256
-_signing: dict[bytes, tuple[tuple[str, str] | None, tuple[str, ...]]] = {}
-
-
-def _signing_verdict(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
-    got = _signing.get(der)
-    if got is None:
-        got = _judge_signing_cert(der)
-        if len(_signing) >= _SIGNING_MAX:
-            _signing.clear()
-        _signing[der] = got
-    return got
-
-
-def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
-    """The X.509-SVID signing-certificate rules (sections 3.2, 4.1, 4.3) for an intermediate
-    of a verified chain: basicConstraints CA=true, keyUsage with keyCertSign, a SPIFFE ID (if
-    any) without a path; and the key, signature and serial floor of ``crypto_problem``."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        extensions = cert.extensions
-    except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
-        return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
-    uris: list[str] = []
-    try:
-        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-                if u.lower().startswith("spiffe:")]
-    except x509.ExtensionNotFound:
-        pass
-    named = tuple(trust_domain_of(u) for u in uris)
-    subject = cert.subject.rfc4514_string()[:200]
-    try:
-        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
-        ku = extensions.get_extension_for_class(x509.KeyUsage).value
-        is_signer = bc.ca and ku.key_cert_sign
-    except x509.ExtensionNotFound:
-        is_signer = False
-    if not is_signer:
-        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} lacks basicConstraints "
-                "CA=true or keyUsage keyCertSign"), named
-    for uri in uris:
-        if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
-            return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
-                    f"{uri[:200]!r}: a signing certificate's ID names a trust domain only"), named
-    problem = crypto_problem(cert)
-    if problem is not None:
-        return (problem[0], f"intermediate {subject}: {problem[1]}"), named
-    return None, named
-
-
-def check_signers(spiffe_id: str, intermediates: Sequence[bytes]) -> None:
-    """Raise ``SvidError`` when an intermediate of a verified chain breaks a signing
-    certificate rule, or names another trust domain than the peer's SPIFFE ID
-    (``signer-trust-domain``: a CA that declares itself another domain's authority does not
-    vouch for this one)."""
-    td = trust_domain_of(spiffe_id)
-    for der in intermediates:
-        problem, named = _signing_verdict(der)
-        if problem is not None:
-            raise SvidError(*problem)
-        for other in named:
-            if other != td:
-                raise SvidError(RULE_SIGNER_TRUST_DOMAIN,
-                                f"{spiffe_id} was issued under a CA of trust domain {other}")
+    # Any spelling of the scheme: a root naming ``SPIFFE://Partner.Example`` names the partner.
+    return [trust_domain_of(u).lower()
+            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u[:len(SCHEME_PREFIX)].lower() == SCHEME_PREFIX]
 
 
 def bundle_from_certs(trust_domain: str, path: str,
