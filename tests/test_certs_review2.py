@@ -12,6 +12,10 @@ member by member in process and through real sidecars, inbound and outbound.
 * One CA in two trust domains' bundles (the same key; or a bundle certificate issued by
   another domain's root): that CA could issue both domains' identities; refused at the start
   and on a reload (the last good bundle stays).
+* What was refused before (SPIFFE ID syntax in the URI SAN, the leaf rules, a CA of one trust
+  domain issuing another's IDs, path length, URI name constraints, a non-CA intermediate, AKI
+  mismatch, RSA-1024, SHA-1, validity, critical unknown extensions): ``PINNED``, through the
+  same real sidecars with the reason each direction gives.
 """
 
 from __future__ import annotations
@@ -86,27 +90,37 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(cn: str, key: Any, issuer: Ca | None, *, ca: bool, ku: Any = _DEFAULT,
-          ku_critical: bool = True, eku: Any = _DEFAULT, uris: tuple[str, ...] = ()
-          ) -> x509.Certificate:
+          ku_critical: bool = True, eku: Any = _DEFAULT, uris: tuple[str, ...] = (),
+          dns: tuple[str, ...] = (), path_len: int | None = None,
+          not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+          permitted: tuple[str, ...] | None = None, aki: bytes | None = None,
+          critical_unknown: bool = False) -> x509.Certificate:
     b = (x509.CertificateBuilder().subject_name(_name(cn) if cn else x509.Name([]))
          .issuer_name(issuer.cert.subject if issuer else _name(cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(NOW - dt.timedelta(minutes=5))
-         .not_valid_after(NOW + dt.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .not_valid_before(not_before or NOW - dt.timedelta(minutes=5))
+         .not_valid_after(not_after or NOW + dt.timedelta(days=2))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_len), critical=True)
          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                         critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-             (issuer.key if issuer else key).public_key()), critical=False))
+         .add_extension(x509.AuthorityKeyIdentifier(aki, None, None) if aki else
+                        x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                            (issuer.key if issuer else key).public_key()), critical=False))
     ku = (CA_KU if ca else LEAF_KU) if ku is _DEFAULT else ku
     if ku is not None:
         b = b.add_extension(ku, critical=ku_critical)
     eku = (None if ca else BOTH) if eku is _DEFAULT else eku
     if eku is not None:
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    if uris:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+    names = [x509.UniformResourceIdentifier(u) for u in uris] + [x509.DNSName(d) for d in dns]
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    if permitted is not None:
+        b = b.add_extension(x509.NameConstraints(
+            [x509.UniformResourceIdentifier(u) for u in permitted], None), critical=True)
+    if critical_unknown:
+        b = b.add_extension(x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00"), critical=True)
     return b.sign(issuer.key if issuer else key, hashes.SHA256())
 
 
@@ -129,7 +143,9 @@ def leaf(issuer: Ca, spiffe_id: str, *, key: Any = None, cn: str = "workload", *
          ) -> tuple[list[x509.Certificate], Any]:
     key = key or _ec()
     above = () if issuer.cert.issuer == issuer.cert.subject else (issuer.cert, *issuer.above)
-    return [_cert(cn, key, issuer, ca=False, uris=(spiffe_id,), **kw), *above], key
+    kw.setdefault("uris", (spiffe_id,) if spiffe_id else ())
+    kw.setdefault("ca", False)
+    return [_cert(cn, key, issuer, **kw), *above], key
 
 
 def _elements(body: bytes) -> list[bytes]:
@@ -147,18 +163,29 @@ def _body(tlv: bytes) -> bytes:
     return tlv[2 + (tlv[1] & 0x7F if tlv[1] & 0x80 else 0):]
 
 
-def with_serial(cert: x509.Certificate, signer: Ca, serial: bytes) -> x509.Certificate:
-    """``cert`` with the raw serial INTEGER content ``serial`` (b'\\xff' is -1), signed again
-    (cryptography's builder refuses serials that are not positive)."""
+ECDSA_SHA1 = _tlv(0x30, bytes.fromhex("06072a8648ce3d0401"))
+
+
+def resigned(cert: x509.Certificate, signer: Ca, *, serial: bytes | None = None,
+             sha1: bool = False) -> x509.Certificate:
+    """``cert`` signed again by ``signer``, with the raw serial INTEGER content ``serial``
+    (b'\\xff' is -1) or with ECDSA-SHA1: what cryptography's builder refuses to make."""
     tbs = _elements(_body(cert.public_bytes(serialization.Encoding.DER)))[0]
     fields = _elements(_body(tbs))
     first = 1 if fields[0][0] == 0xA0 else 0
-    fields[first] = _tlv(0x02, serial)
+    if serial is not None:
+        fields[first] = _tlv(0x02, serial)
+    if sha1:
+        fields[first + 1] = ECDSA_SHA1
     new_tbs = _tlv(0x30, b"".join(fields))
     alg = fields[first + 1]
-    sig = signer.key.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    sig = signer.key.sign(new_tbs, ec.ECDSA(hashes.SHA1() if sha1 else hashes.SHA256()))
     return x509.load_der_x509_certificate(
         _tlv(0x30, new_tbs + alg + _tlv(0x03, b"\x00" + sig)))
+
+
+def with_serial(cert: x509.Certificate, signer: Ca, serial: bytes) -> x509.Certificate:
+    return resigned(cert, signer, serial=serial)
 
 
 def _der(c: x509.Certificate) -> bytes:
@@ -252,6 +279,100 @@ GOOD = [
     ("intermediate_without_spiffe_id", lambda: leaf(intermediate("x", OWN), PEER)),
     ("partner", lambda: leaf(intermediate("p", PARTNER, uris=(f"spiffe://{PTD}",)),
                              PARTNER_PEER)),
+]
+
+
+
+def _not_a_ca() -> Ca:
+    key = _ec()
+    return Ca(key, _cert("not a CA", key, OWN, ca=False, ku=None, eku=None))
+
+
+def _resigned_leaf(**kw: Any) -> tuple[list[x509.Certificate], Any]:
+    chain, key = leaf(OWN, PEER)
+    return [resigned(chain[0], OWN, **kw), *chain[1:]], key
+
+
+# Refused before this review, by OpenSSL in the handshake or by the SVID and trust-domain
+# rules after it: pinned here through real sidecars in both directions, with the reason each
+# direction gives. (name, make, inbound reasons, outbound reasons)
+HANDSHAKE_IN, HANDSHAKE_OUT = {"peer_cert_untrusted"}, {"upstream_handshake_failed"}
+Pinned = tuple[str, Callable[[], tuple[list[x509.Certificate], Any]], set[str], set[str]]
+
+
+def _svid(rule: str) -> tuple[set[str], set[str]]:
+    return {f"bad_svid:{rule}"}, {f"bad_svid:{rule}"}
+
+
+def _untrusted(rule: str) -> tuple[set[str], set[str]]:
+    return {f"peer_untrusted:{rule}"}, {f"peer_untrusted:{rule}"}
+
+
+def _other_id(rule: str) -> tuple[set[str], set[str]]:
+    """Inbound: the trust rule; outbound: another identity than the one expected comes first."""
+    return {f"peer_untrusted:{rule}"}, {"peer_identity_mismatch"}
+
+
+_URI_REFUSED = [
+    "SPIFFE://demo.local/ns/demo/sa/frontend", "spiffe://DEMO.local/ns/demo/sa/frontend",
+    "spiffe://demo.local:443/ns/demo/sa/frontend", "spiffe://u@demo.local/ns/demo/sa/frontend",
+    "spiffe://[::1]/ns/demo/sa/frontend", "spiffe:///ns/demo/sa/frontend",
+    "spiffe://demo.local/ns/./sa/frontend", "spiffe://demo.local/ns/../sa/frontend",
+    "spiffe://demo.local/ns//sa/frontend", "spiffe://demo.local/ns/demo/sa/front%65nd",
+    "spiffe://demo.local/ns/demo/sa/frontend/", "spiffe://demo.local/ns/demo/sa/frontend?x",
+    "spiffe://demo.local/ns/demo/sa/frontend#x", "spiffe://demo.local/" + "a" * 2029,
+    "spiffe://demo.local/ns/demo/sa/front end", "spiffe:demo.local/ns/demo/sa/frontend",
+]
+PINNED: list[Pinned] = [
+    *[(f"uri_{i}", (lambda u=u: leaf(OWN, u)), *_svid("spiffe-id-invalid"))
+      for i, u in enumerate(_URI_REFUSED)],
+    ("uri_trailing_dot_domain", lambda: leaf(OWN, f"spiffe://{TD}./ns/demo/sa/frontend"),
+     *_other_id("trust-domain-not-federated")),
+    ("uri_ip_literal_domain", lambda: leaf(OWN, "spiffe://127.0.0.1/ns/demo/sa/frontend"),
+     *_other_id("trust-domain-not-federated")),
+    ("uri_no_path", lambda: leaf(OWN, f"spiffe://{TD}"), *_svid("spiffe-id-no-path")),
+    ("uri_https", lambda: leaf(OWN, f"https://{TD}/ns/demo/sa/frontend"),
+     *_svid("uri-san-scheme")),
+    ("two_uris", lambda: leaf(OWN, PEER, uris=(PEER, f"spiffe://{TD}/ns/demo/sa/admin")),
+     *_svid("uri-san-count")),
+    ("id_in_common_name_only", lambda: leaf(OWN, "", cn=PEER, dns=("frontend.demo",)),
+     *_svid("uri-san-count")),
+    ("leaf_is_ca", lambda: leaf(OWN, PEER, ca=True, ku=LEAF_KU), *_svid("leaf-is-ca")),
+    ("leaf_key_cert_sign", lambda: leaf(OWN, PEER, ku=x509.KeyUsage(
+        True, False, False, False, False, True, False, False, False)),
+     *_svid("key-usage-cert-sign")),
+    ("leaf_crl_sign", lambda: leaf(OWN, PEER, ku=KU_NO_CERT_SIGN), *_svid("key-usage-cert-sign")),
+    ("leaf_without_key_usage", lambda: leaf(OWN, PEER, ku=None),
+     *_svid("key-usage-digital-signature")),
+    ("partner_ca_issues_ours", lambda: leaf(PARTNER, PEER),
+     *_untrusted("trust-domain-mismatch")),
+    ("our_ca_issues_the_partners", lambda: leaf(OWN, PARTNER_PEER),
+     *_other_id("trust-domain-mismatch")),
+    ("partner_intermediate_naming_ours_issues_ours",
+     lambda: leaf(intermediate("p", PARTNER, uris=(f"spiffe://{TD}",)), PEER),
+     *_untrusted("trust-domain-mismatch")),
+    ("not_federated", lambda: leaf(OWN, "spiffe://third.example/ns/a/sa/b"),
+     *_other_id("trust-domain-not-federated")),
+    ("stranger_ca", lambda: leaf(root("own root", TD), PEER), HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("path_length_exceeded", lambda: leaf(intermediate(
+        "y", intermediate("x", OWN, path_len=0)), PEER), HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("name_constraints_other_domain", lambda: leaf(intermediate(
+        "x", OWN, permitted=("other-domain",)), PEER), HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("intermediate_not_a_ca", lambda: leaf(_not_a_ca(), PEER), HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("authority_key_id_mismatch", lambda: leaf(OWN, PEER, aki=b"\x01" * 20),
+     HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("rsa_1024", lambda: leaf(OWN, PEER, key=rsa.generate_private_key(65537, 1024)),
+     HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("sha1_signature", lambda: _resigned_leaf(sha1=True), HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("not_yet_valid", lambda: leaf(OWN, PEER, not_before=NOW + dt.timedelta(hours=1)),
+     HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("expired", lambda: leaf(OWN, PEER, not_before=NOW - dt.timedelta(days=2),
+                             not_after=NOW - dt.timedelta(hours=1)),
+     {"peer_cert_expired"}, HANDSHAKE_OUT),
+    ("critical_unknown_extension", lambda: leaf(OWN, PEER, critical_unknown=True),
+     HANDSHAKE_IN, HANDSHAKE_OUT),
+    ("intermediate_critical_unknown_extension", lambda: leaf(intermediate(
+        "x", OWN, critical_unknown=True), PEER), HANDSHAKE_IN, HANDSHAKE_OUT),
 ]
 
 
@@ -400,6 +521,14 @@ def _client_ctx(chain: list[x509.Certificate], key: Any, d: Path) -> ssl.SSLCont
     return ctx
 
 
+def _server_ctx(chain: list[x509.Certificate], key: Any, d: Path) -> ssl.SSLContext:
+    _write_identity(d, chain, key, OWN.cert)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
+    return ctx
+
+
 def _try(port: int, ctx: ssl.SSLContext) -> int | None:
     try:
         return http(port, "GET", "/", ctx=ctx, timeout=5).status
@@ -434,6 +563,13 @@ def test_inbound_refuses_every_member_and_records_the_rule(tmp_path, app, procs)
             continue
         assert reason == f"bad_svid:{member.rule}", (member.name, reason)
         expected.append(reason)
+    for name, make, inbound, _ in PINNED:
+        chain, key = make()
+        before = len(b.log_events("connection_refused"))
+        assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
+        got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+        assert got[0]["reason"] in inbound, (name, got[0]["reason"])
+        expected.append(got[0]["reason"])
     b.stop()
     exported = sidecar_cli("audit", "export", str(tmp_path / "audit-b")).stdout
     for reason in expected:
@@ -455,11 +591,8 @@ def test_outbound_refuses_every_member_as_an_upstream(tmp_path, procs):
         procs.append(a)
         for member in LEAF_FAMILY + CHAIN_FAMILY:
             chain, key = member.make()
-            d = _write_identity(tmp_path / f"up-{member.name}", chain, key, OWN.cert)
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-            ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
-            upstream.ctx = ctx  # new connections present this member
+            # new connections present this member
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{member.name}")
             before = len(a.log_events("connection_refused"))
             assert http(a.port("frontend"), "GET", "/x").status == 502, member.name
             got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
@@ -470,6 +603,13 @@ def test_outbound_refuses_every_member_as_an_upstream(tmp_path, procs):
                 assert reason == f"bad_svid:{member.rule}", (member.name, reason)
             else:
                 assert reason == f"peer_untrusted:{member.rule}", (member.name, reason)
+        for name, make, _, outbound in PINNED:
+            chain, key = make()
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
+            before = len(a.log_events("connection_refused"))
+            assert http(a.port("frontend"), "GET", "/x").status == 502, name
+            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            assert got[0]["reason"] in outbound, (name, got[0]["reason"])
         good = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         good.load_cert_chain(str(tmp_path / "up" / "tls.crt"), str(tmp_path / "up" / "tls.key"))
         upstream.ctx = good  # the same sidecar is served by a good upstream certificate
