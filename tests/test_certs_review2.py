@@ -401,6 +401,29 @@ def test_leaf_family_breaks_an_svid_rule(member):
     assert caught.value.rule == member.rule
 
 
+@pytest.mark.parametrize("where", ["leaf", "intermediate"])
+def test_a_subject_cryptography_cannot_decode_is_a_refusal_not_an_internal_error(where):
+    """A UTF8String that is not UTF-8 in the subject: cryptography raises ValueError when the
+    subject is read (the leaf rules read it since uri-san-not-critical)."""
+    def undecodable(cert: x509.Certificate, signer: Ca) -> x509.Certificate:
+        raw = _der(cert).replace(b"\x0c\x04ZZZZ", b"\x0c\x04\xff\xfe\xfd\xfc")
+        return resigned(x509.load_der_x509_certificate(raw), signer)
+
+    if where == "leaf":
+        chain, _ = leaf(OWN, PEER, cn="ZZZZ")
+        chain = [undecodable(chain[0], OWN)]
+    else:
+        inter = intermediate("ZZZZ", OWN)
+        chain, _ = leaf(inter, PEER)
+        chain = [chain[0], undecodable(inter.cert, OWN)]
+    with pytest.raises(ValueError):  # the premise
+        chain[-1].subject  # noqa: B018
+    ders = tuple(_der(c) for c in chain)
+    with pytest.raises(SvidError):
+        peer_identity_from_der(ders[0])
+        _store().check_peer(PEER, PeerChain((*ders, _der(OWN.cert)), ders), time.time())
+
+
 @pytest.mark.parametrize("member", CHAIN_FAMILY, ids=lambda m: m.name)
 def test_chain_family_is_refused_on_both_paths_of_the_trust_check(member):
     chain, _ = member.make()

@@ -207,7 +207,11 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
             RULE_SPIFFE_ID_NO_PATH, f"leaf SPIFFE ID {uri!r} names a trust domain, not a workload"
         )
     san = _extension(extensions, x509.SubjectAlternativeName)
-    if san is not None and not san.critical and len(cert.subject) == 0:
+    try:
+        empty_subject = len(cert.subject) == 0
+    except Exception as exc:  # noqa: BLE001 -- an attribute cryptography cannot decode
+        raise SvidError(RULE_PEM_INVALID, f"unreadable subject: {str(exc)[:200]}") from exc
+    if san is not None and not san.critical and empty_subject:
         # X.509-SVID 3.1 and RFC 5280 4.1.2.6: without a subject the SAN must be critical.
         raise SvidError(RULE_SAN_NOT_CRITICAL,
                         "leaf has an empty subject and a subjectAltName not marked critical")
@@ -262,10 +266,13 @@ def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, 
     of a verified chain: basicConstraints CA=true, keyUsage with keyCertSign, a SPIFFE ID (if
     any) without a path; and the key, signature and serial floor of ``crypto_problem``."""
     try:
-        cert = x509.load_der_x509_certificate(der)
-        extensions = cert.extensions
+        return _signing_rules(x509.load_der_x509_certificate(der))
     except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
         return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
+
+
+def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    extensions = cert.extensions
     uris: list[str] = []
     try:
         san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
