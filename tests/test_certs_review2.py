@@ -247,6 +247,20 @@ LEAF_FAMILY = [
            RULE_KEY_WEAK, openssl_refuses=("outbound",)),
 ]
 
+# Keys OpenSSL's handshake refuses by itself at security level 2 (or TLS has no signature
+# scheme for): refused by the leaf rules too, whatever the system's OpenSSL configuration.
+WEAK_KEYS = [
+    Member(name, (lambda make=make: leaf(OWN, PEER, key=make())), RULE_KEY_WEAK)
+    for name, make in [
+        ("ec_p192", lambda: ec.generate_private_key(ec.SECP192R1())),
+        ("ec_p224", lambda: ec.generate_private_key(ec.SECP224R1())),
+        ("ec_secp256k1", lambda: ec.generate_private_key(ec.SECP256K1())),
+        ("rsa_1024", lambda: rsa.generate_private_key(65537, 1024)),
+        ("rsa_2047", lambda: rsa.generate_private_key(65537, 2047)),
+        ("dsa_1024", lambda: dsa.generate_private_key(1024)),
+    ]
+]
+
 CHAIN_FAMILY = [
     Member("intermediate_without_key_usage",
            lambda: leaf(intermediate("x", OWN, uris=(f"spiffe://{TD}",), ku=None), PEER),
@@ -393,7 +407,7 @@ def _anchor(chain: list[x509.Certificate]) -> x509.Certificate:
 # --- in process: every member, on both paths of the trust check ---------------------------------
 
 
-@pytest.mark.parametrize("member", LEAF_FAMILY, ids=lambda m: m.name)
+@pytest.mark.parametrize("member", LEAF_FAMILY + WEAK_KEYS, ids=lambda m: m.name)
 def test_leaf_family_breaks_an_svid_rule(member):
     chain, _ = member.make()
     with pytest.raises(SvidError) as caught:
@@ -448,7 +462,7 @@ def test_good_chains_stay_accepted(name, make):
         assert _store().check_peer(peer.spiffe_id, PeerChain(verified, ders), time.time()) > 0
 
 
-@pytest.mark.parametrize("member", LEAF_FAMILY, ids=lambda m: m.name)
+@pytest.mark.parametrize("member", LEAF_FAMILY + WEAK_KEYS, ids=lambda m: m.name)
 def test_own_svid_breaking_a_leaf_rule_does_not_load(tmp_path, member):
     chain, key = member.make()
     d = _write_identity(tmp_path / "me", chain, key, OWN.cert)
@@ -480,6 +494,15 @@ def test_a_root_naming_another_trust_domain_in_any_spelling_is_refused(scheme):
     with pytest.raises(SvidError) as caught:
         bundle_from_certs(TD, "own.pem", [OWN.cert, named.cert])
     assert caught.value.rule == RULE_TRUST_DOMAIN_MISMATCH
+
+
+@pytest.mark.parametrize("member", WEAK_KEYS, ids=lambda m: m.name)
+def test_a_bundle_root_with_a_weak_key_does_not_load(member):
+    weak = member.make()[1]
+    cert = _cert("weak root", weak, None, ca=True)
+    with pytest.raises(SvidError) as caught:
+        bundle_from_certs(PTD, "partner.pem", [cert])
+    assert caught.value.rule == RULE_KEY_WEAK and caught.value.file == "partner.pem"
 
 
 def _nosan_root(cn: str) -> Ca:
