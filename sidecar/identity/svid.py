@@ -29,16 +29,22 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.config.source import read_regular
 from sidecar.errors import SidecarError
-from sidecar.identity.spiffe import SpiffeId, parse_spiffe_id
+from sidecar.identity.spiffe import SCHEME_PREFIX, SpiffeId, parse_spiffe_id
 
 # Rule codes: stable strings, shown to operators and documented in docs/identity.md.
 RULE_URI_SAN_COUNT = "uri-san-count"
@@ -61,6 +67,19 @@ RULE_TRUST_DOMAIN_MISMATCH = "trust-domain-mismatch"
 RULE_EXTENSIONS_INVALID = "extensions-invalid"
 RULE_CHAIN_TOO_LONG = "chain-too-long"
 RULE_SPIFFE_ID_CHANGED = "spiffe-id-changed"
+RULE_KEY_USAGE_NOT_CRITICAL = "key-usage-not-critical"
+RULE_EXTENDED_KEY_USAGE = "extended-key-usage"
+RULE_SERIAL_INVALID = "serial-invalid"
+RULE_KEY_WEAK = "key-weak"
+RULE_SIGNATURE_WEAK = "signature-weak"
+RULE_SIGNING_CERT_INVALID = "signing-cert-invalid"
+RULE_SIGNER_TRUST_DOMAIN = "signer-trust-domain"
+RULE_SAN_NOT_CRITICAL = "uri-san-not-critical"
+
+# A peer's certificate with a serial that is not positive is refused (``serial-invalid``);
+# cryptography also warns on stderr when it parses one, which a peer could then trigger.
+warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't positive",
+                        category=CryptographyDeprecationWarning)
 
 MAX_FILE_BYTES = 1024 * 1024
 PEER_CACHE_SIZE = 1024
@@ -125,6 +144,49 @@ def _uri_sans(extensions: x509.Extensions) -> list[str]:
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _extension(extensions: x509.Extensions, kind: type[_E]) -> x509.Extension[_E] | None:
+    try:
+        return extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return None
+
+
+# The public keys and signature hashes a certificate of a peer's chain (or our own) may use:
+# RSA of at least 2048 bits, ECDSA on P-256/P-384/P-521, Ed25519, Ed448. Everything else --
+# RSA below 2048 bits, DSA, other curves (P-192, P-224, secp256k1, explicit parameters) --
+# and SHA-1 / MD5 signatures are refused whatever the system OpenSSL's security level says.
+MIN_RSA_BITS = 2048
+_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+_WEAK_HASHES = (hashes.SHA1, hashes.MD5)
+
+
+def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
+    """(rule, message) when ``cert``'s key or signature is weaker than the floor above,
+    or its serial number is not positive (RFC 5280 4.1.2.2); else None."""
+    try:
+        serial = cert.serial_number
+        key = cert.public_key()
+        sig_hash = cert.signature_hash_algorithm
+    except Exception as exc:  # noqa: BLE001 -- explicit EC parameters, unknown algorithms
+        return RULE_KEY_WEAK, f"unusable key or signature algorithm: {str(exc)[:200]}"
+    if serial <= 0:
+        return RULE_SERIAL_INVALID, f"serial number {serial} is not positive"
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return RULE_KEY_WEAK, f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _CURVES:
+            return RULE_KEY_WEAK, f"EC key on curve {key.curve.name} (P-256, P-384, P-521 only)"
+    elif not isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
+    if isinstance(sig_hash, _WEAK_HASHES):
+        return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
+    return None
+
+
 def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
     """Return the leaf's SPIFFE ID, or raise ``SvidError`` naming the first rule it breaks."""
     extensions = read_extensions(cert)
@@ -144,24 +206,115 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
         raise SvidError(
             RULE_SPIFFE_ID_NO_PATH, f"leaf SPIFFE ID {uri!r} names a trust domain, not a workload"
         )
+    san = _extension(extensions, x509.SubjectAlternativeName)
     try:
-        bc: x509.BasicConstraints | None = extensions.get_extension_for_class(
-            x509.BasicConstraints
-        ).value
-    except x509.ExtensionNotFound:
-        bc = None
-    if bc is not None and bc.ca:
+        empty_subject = len(cert.subject) == 0
+    except Exception as exc:  # noqa: BLE001 -- an attribute cryptography cannot decode
+        raise SvidError(RULE_PEM_INVALID, f"unreadable subject: {str(exc)[:200]}") from exc
+    if san is not None and not san.critical and empty_subject:
+        # X.509-SVID 3.1 and RFC 5280 4.1.2.6: without a subject the SAN must be critical.
+        raise SvidError(RULE_SAN_NOT_CRITICAL,
+                        "leaf has an empty subject and a subjectAltName not marked critical")
+    bc = _extension(extensions, x509.BasicConstraints)
+    if bc is not None and bc.value.ca:
         raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
-    try:
-        ku: x509.KeyUsage | None = extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
+    found = _extension(extensions, x509.KeyUsage)
+    ku = found.value if found is not None else None
     # Absent keyUsage counts as missing digitalSignature: the standard requires it set.
     if ku is None or not ku.digital_signature:
         raise SvidError(RULE_DIGITAL_SIGNATURE, "leaf keyUsage lacks digitalSignature")
     if ku.key_cert_sign or ku.crl_sign:
         raise SvidError(RULE_CERT_SIGN, "leaf keyUsage must not include keyCertSign or cRLSign")
+    if found is not None and not found.critical:
+        raise SvidError(RULE_KEY_USAGE_NOT_CRITICAL, "leaf keyUsage must be marked critical")
+    eku = _extension(extensions, x509.ExtendedKeyUsage)
+    # X.509-SVID 4.4: when present, both serverAuth and clientAuth (one SVID serves both
+    # directions; OpenSSL alone checks only the one the handshake uses).
+    if eku is not None and not {ExtendedKeyUsageOID.SERVER_AUTH,
+                                ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku.value):
+        raise SvidError(RULE_EXTENDED_KEY_USAGE,
+                        "leaf extendedKeyUsage must include both serverAuth and clientAuth")
+    if problem := crypto_problem(cert):
+        raise SvidError(*problem)
     return spiffe_id
+
+
+def _domain_of(spiffe_id: str) -> str:
+    return spiffe_id[len(SCHEME_PREFIX):].split("/", 1)[0]
+
+
+# Verdicts on the signing certificates (intermediates) of verified chains, by DER: a
+# (rule, message) problem or None, and the trust domains their SPIFFE IDs name. The same few
+# intermediates sign every peer of a trust domain, so each is judged once. Bounded: emptied
+# when full.
+_SIGNING_MAX = 256
+_signing: dict[bytes, tuple[tuple[str, str] | None, tuple[str, ...]]] = {}
+
+
+def _signing_verdict(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    got = _signing.get(der)
+    if got is None:
+        got = _judge_signing_cert(der)
+        if len(_signing) >= _SIGNING_MAX:
+            _signing.clear()
+        _signing[der] = got
+    return got
+
+
+def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    """The X.509-SVID signing-certificate rules (sections 3.2, 4.1, 4.3) for an intermediate
+    of a verified chain: basicConstraints CA=true, keyUsage with keyCertSign, a SPIFFE ID (if
+    any) without a path; and the key, signature and serial floor of ``crypto_problem``."""
+    try:
+        return _signing_rules(x509.load_der_x509_certificate(der))
+    except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
+        return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
+
+
+def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
+    extensions = cert.extensions
+    uris: list[str] = []
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.lower().startswith("spiffe:")]
+    except x509.ExtensionNotFound:
+        pass
+    named = tuple(_domain_of(u) for u in uris)
+    subject = cert.subject.rfc4514_string()[:200]
+    try:
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = extensions.get_extension_for_class(x509.KeyUsage).value
+        is_signer = bc.ca and ku.key_cert_sign
+    except x509.ExtensionNotFound:
+        is_signer = False
+    if not is_signer:
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} lacks basicConstraints "
+                "CA=true or keyUsage keyCertSign"), named
+    for uri in uris:
+        if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
+            return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
+                    f"{uri[:200]!r}: a signing certificate's ID names a trust domain only"), named
+    problem = crypto_problem(cert)
+    if problem is not None:
+        return (problem[0], f"intermediate {subject}: {problem[1]}"), named
+    return None, named
+
+
+def check_signers(spiffe_id: str, intermediates: Sequence[bytes]) -> None:
+    """Raise ``SvidError`` when an intermediate of a verified chain breaks a signing
+    certificate rule, or names another trust domain than the peer's SPIFFE ID
+    (``signer-trust-domain``: a CA that declares itself another domain's authority does not
+    vouch for this one)."""
+    td = _domain_of(spiffe_id)
+    for der in intermediates:
+        problem, named = _signing_verdict(der)
+        if problem is not None:
+            raise SvidError(*problem)
+        for other in named:
+            if other != td:
+                raise SvidError(RULE_SIGNER_TRUST_DOMAIN,
+                                f"{spiffe_id} was issued under a CA of trust domain {other}")
 
 
 def _timestamp(when: dt.datetime) -> float:
@@ -440,6 +593,8 @@ def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Sv
     roots = load_roots(bundle_pem, bundle_path)
     try:
         built = verify_chain(leaf, intermediates, roots, now)
+        check_signers(str(spiffe_id), [c.public_bytes(serialization.Encoding.DER)
+                                       for c in built[1:-1]])
     except SvidError as exc:
         raise SvidError(exc.rule, f"{exc.message} (bundle {bundle_path})", file=cert_path) from exc
 

@@ -37,7 +37,9 @@ from collections.abc import Iterator, Sequence
 
 from sidecar.identity.svid import Svid
 
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1"
+# @SECLEVEL=2 whatever the system's OpenSSL configuration says: keys of at least 112 bits of
+# security (RSA >= 2048, no P-192) and no SHA-1 in the peer's chain or handshake signatures.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:@SECLEVEL=2"
 DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
 
 

@@ -49,11 +49,14 @@ from sidecar.identity.svid import (
     RULE_CHAIN_UNTRUSTED,
     RULE_EXPIRED,
     RULE_EXTENSIONS_INVALID,
+    RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
     _read,
+    check_signers,
+    crypto_problem,
     load_roots,
     snapshot_paths,
     verify_chain,
@@ -109,8 +112,10 @@ def _named_domains(cert: x509.Certificate) -> list[str]:
         raise SvidError(RULE_EXTENSIONS_INVALID,
                         f"a root's extensions are unreadable ({type(exc).__name__}): "
                         f"{str(exc)[:200]}") from exc
-    return [trust_domain_of(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(SCHEME_PREFIX)]
+    # Any spelling of the scheme: a root naming ``SPIFFE://Partner.Example`` names the partner.
+    return [trust_domain_of(u).lower()
+            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u[:len(SCHEME_PREFIX)].lower() == SCHEME_PREFIX]
 
 
 def bundle_from_certs(trust_domain: str, path: str,
@@ -129,6 +134,10 @@ def bundle_from_certs(trust_domain: str, path: str,
         except SvidError as exc:
             raise SvidError(exc.rule, f"{exc.message} ({root.subject.rfc4514_string()[:200]})",
                             file=path) from exc
+        problem = crypto_problem(root)
+        if problem is not None and problem[0] == RULE_KEY_WEAK:
+            raise SvidError(RULE_KEY_WEAK, f"a root of trust domain {trust_domain} "
+                            f"({root.subject.rfc4514_string()[:200]}): {problem[1]}", file=path)
         for named in domains:
             if named != trust_domain:
                 raise SvidError(
@@ -178,6 +187,52 @@ def trust_domain_of(spiffe_id: str) -> str:
     return spiffe_id[len(SCHEME_PREFIX):].split("/", 1)[0]
 
 
+def _key_der(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # noqa: BLE001 -- a key cryptography cannot read: the certificate itself
+        return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
+    """Raise ``SvidError`` (``trust-domain-mismatch``) when one CA vouches for two trust
+    domains: the same key in the bundles of two of them (one partner CA pasted into the own
+    bundle as well as federated, one CA in two partners' bundles), or a bundle certificate
+    issued by a certificate of another trust domain's bundle (an intermediate instead of a
+    root, under another domain's root). Either would let that CA issue the other domain's
+    identities through the per-domain rule."""
+    owner: dict[bytes, str] = {}
+    for td, bundle in bundles.items():
+        for root in bundle.roots:
+            first = owner.setdefault(_key_der(root), td)
+            if first != td:
+                raise SvidError(
+                    RULE_TRUST_DOMAIN_MISMATCH,
+                    f"the CA {root.subject.rfc4514_string()[:200]} is in the bundles of trust "
+                    f"domains {first} and {td}: each CA vouches for one trust domain",
+                    file=bundle.path)
+    for td, bundle in bundles.items():
+        for cert in bundle.roots:
+            if cert.issuer == cert.subject:
+                continue
+            for other_td, other in bundles.items():
+                if other_td == td:
+                    continue
+                for issuer in other.roots:
+                    if issuer.subject != cert.issuer:
+                        continue
+                    try:
+                        cert.verify_directly_issued_by(issuer)
+                    except Exception:  # noqa: BLE001 -- not its issuer
+                        continue
+                    raise SvidError(
+                        RULE_TRUST_DOMAIN_MISMATCH,
+                        f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
+                        f"domain {td} is issued by a root of trust domain {other_td}: "
+                        "each CA vouches for one trust domain", file=bundle.path)
+
+
 @dataclass(frozen=True)
 class TrustStore:
     """One bundle per trust domain; ``own`` is the sidecar's own trust domain."""
@@ -201,6 +256,7 @@ class TrustStore:
                     "identity.bundle, it must not be listed in identity.trust_domains",
                     file=bundle.path)
             bundles[bundle.trust_domain] = bundle
+        _one_domain_per_ca(bundles)
         pem = b"".join(b.pem for b in bundles.values())
         return cls(own.trust_domain, bundles, generation, pem)
 
@@ -236,6 +292,7 @@ class TrustStore:
             raise SvidError(RULE_TRUST_DOMAIN_NOT_FEDERATED,
                             f"the bundle of trust domain {td} holds no root ({bundle.path})")
         if chain.verified and chain.verified[-1] in bundle.root_ders:
+            check_signers(spiffe_id, chain.verified[1:-1])
             ends = min(_der_not_after(der) for der in chain.verified)
             if ends <= now:
                 # OpenSSL checked every member's validity at the handshake; this is a
@@ -251,7 +308,6 @@ class TrustStore:
                             f"{spiffe_id}'s chain is unreadable: {exc}") from exc
         try:
             built = verify_chain(certs[0], certs[1:], list(bundle.roots), now)
-            return min(c.not_valid_after_utc.timestamp() for c in built)
         except Exception as exc:  # noqa: BLE001 -- a peer's chain: refuse, never crash
             rule = _time_rule(certs, now)
             if rule is not None:
@@ -262,3 +318,6 @@ class TrustStore:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
                             f"{spiffe_id} does not chain to a root of trust domain {td}"
                             f" ({rule})") from exc
+        check_signers(spiffe_id, [c.public_bytes(serialization.Encoding.DER)
+                                  for c in built[1:-1]])
+        return min(c.not_valid_after_utc.timestamp() for c in built)
