@@ -477,3 +477,35 @@ def test_the_linger_ends_at_its_deadline_without_cancelling_and_yields_to_outsid
         assert pending.cancelled_caught and trio.current_time() < start + 1.0
 
     trio.run(main, clock=MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.005, 0.05, 0.4])
+def test_records_after_a_batch_wait_batch_linger_seconds(tmp_path: Path, linger: float) -> None:
+    # audit.batch_linger_seconds: after a batch, records that arrive wait that long for more
+    # (one write, fsync and TLS write for all of them), never longer; 0 writes each batch
+    # at once. fsync off: batches are written from the event loop, so the mock clock sees
+    # every wait of the writer (no worker thread).
+    from trio.testing import MockClock, wait_all_tasks_blocked
+
+    cfg = AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=linger)
+    writer = AuditWriter(cfg)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            assert writer.submit(rec(0))
+            await wait_all_tasks_blocked()
+            assert writer.written == 1  # the first record after a quiet spell: at once
+            start = trio.current_time()
+            assert writer.submit(rec(1)) and writer.submit(rec(2))
+            await wait_all_tasks_blocked()
+            if linger:
+                await trio.sleep(linger * 0.9)
+                assert writer.written == 1, "written before the linger was over"
+                await trio.sleep(linger * 0.1 + 0.001)
+            assert writer.written == 3, "not written when the linger was over"
+            assert trio.current_time() <= start + linger + 0.002
+            await writer.aclose()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert [r.request_id for r in iter_records(str(tmp_path))] == ["r0", "r1", "r2"]

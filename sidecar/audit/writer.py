@@ -19,9 +19,12 @@ With ``fsync`` off the batch is written from the event loop instead while the se
 room (``INLINE_ROOM``): a thread round trip per batch cost more than the write itself. Either
 way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
 messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
-After each batch the writer waits ``BATCH_LINGER`` for more records unless a full batch is
-already queued, so under load batches are large (one record per batch cost the data path
-more CPU per request than the rest of the sidecar's work on it).
+After each batch the writer waits ``batch_linger_seconds`` (default 50 ms) for more records
+unless a full batch is already queued, so under load batches are large: what a batch costs
+(the write, the fsync and its thread round trip, the shipper's TLS write, the wake-ups) is
+paid once per linger, not once per request (one record per batch cost the data path more
+CPU per request than the rest of the sidecar's work on it; 5 ms lingers cost it about as
+much as the records themselves, bench/README.md "Tenth pass").
 The chain head in memory only advances when the bytes are on disk, so a failed write
 leaves nothing to roll back but the file, which is truncated back (best effort).
 
@@ -74,10 +77,6 @@ COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config 
 ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
-# After a batch, while fewer than ``batch_size`` records wait, the writer lets more arrive
-# for this long before the next batch: under load one batch (and one write) carries many
-# records instead of one per request. Records reach the file this much later, never more.
-BATCH_LINGER = 0.005
 # With fsync off, a batch is written from the event loop (a write to the page cache; the
 # disk is not waited for) when the open segment has at least this much room left, so that
 # opening, rotating and sealing segments -- which fsync the directory -- stay in the thread.
@@ -733,9 +732,13 @@ class AuditWriter:
                     break
                 await self._write(batch)
                 batch = []
-                if (not self._closing
+                # After a batch, while fewer than ``batch_size`` records wait, let more arrive
+                # for ``batch_linger_seconds`` before the next batch: under load one batch
+                # (one write, fsync, TLS write) carries many records instead of one per
+                # request. Records reach the file this much later, never more.
+                if (not self._closing and self.config.batch_linger_seconds > 0
                         and len(self._queue) < self.config.batch_size):
-                    await _linger(BATCH_LINGER)
+                    await _linger(self.config.batch_linger_seconds)
                     lingered = True
             try:
                 await self._run_sink(self._sink.close)
