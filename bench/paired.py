@@ -114,6 +114,13 @@ COMPARISONS = {c.name: c for c in (
                                        name="sidecar-audit-nofsync", python=py),
                False, "the whole trail with fsync per batch minus the same without fsync "
                "(what fsync itself costs)"),
+    Comparison("audit-linger", "difference",
+               lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
+               lambda py: SidecarSetup(audit_full=True, linger=0.005,
+                                       name="sidecar-audit-linger5ms", python=py),
+               False, "the whole trail (fsync per batch) with the default batch linger "
+               "(audit.batch_linger_seconds, 50 ms) minus the same with the 5 ms linger of "
+               "before the tenth pass (what the linger saves, in one run)"),
     Comparison("interpreter", "ratio",
                lambda py: SidecarSetup(full=True, python=py, name="sidecar-full-python"),
                lambda py: SidecarSetup(full=True),

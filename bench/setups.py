@@ -209,7 +209,8 @@ class SidecarSetup(Setup):
     def __init__(self, audit: bool = False, full: bool = False,
                  audit_fsync: bool = False, audit_full: bool = False,
                  name: str | None = None, fsync: bool | None = None,
-                 trail: bool = True, python: str | None = None) -> None:
+                 trail: bool = True, python: str | None = None,
+                 linger: float | None = None) -> None:
         # ``name`` (bench/paired.py) tells two sidecar pairs running side by side apart: it
         # names their config, policy, audit and log files. ``trail=False`` (paired.py's
         # full-trail) is sidecar-full without its audit trail: what the trail adds to it.
@@ -225,6 +226,9 @@ class SidecarSetup(Setup):
         # fsync) unless asked; --sidecar-audit keeps the sidecar's default (fsync per batch).
         # ``fsync`` (bench/paired.py's audit-nofsync) overrides that choice either way.
         self.audit_fsync = (audit_fsync or not full) if fsync is None else fsync
+        # ``linger`` (bench/paired.py's audit-linger): the trail's batch_linger_seconds;
+        # None keeps the sidecar's default.
+        self.linger = linger
 
     def unavailable(self) -> str | None:
         cli = os.path.join(REPO_ROOT, "sidecar", "cli.py")
@@ -242,6 +246,8 @@ class SidecarSetup(Setup):
         port_a, port_b = free_port(), free_port()
         env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         audit_extra = self._audit_full(ctx, env) if self.audit_full else ""
+        if self.linger is not None:
+            audit_extra += f", batch_linger_seconds: {self.linger}"
         for role, listen, nxt in (("B", port_b, ctx.app_port), ("A", port_a, port_b)):
             conf = os.path.join(ctx.workdir, f"{self.name}-{role}.yaml")
             audit = os.path.join(ctx.workdir, f"{self.name}-audit-{role}") if self.audit else None

@@ -553,12 +553,18 @@ def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = ""
     """Write ``records`` through a real ``AuditWriter`` for ``config`` (started in a nursery,
     closed cleanly, all bounded by 20 s) and return the writer. After every ``batch`` records
     the writer gets a turn: with ``pause`` > 0 until it has written them (polled every
-    ``pause``), so they land in batches of exactly that size whatever the writer lingers for
-    more (``BATCH_LINGER``) and the segment layout does not depend on timing; with ``pause``
-    0, one yield. Every record must be accepted."""
+    ``pause``), so they land in batches of exactly that size and the segment layout does not
+    depend on timing (the writer then does not linger after a batch,
+    ``batch_linger_seconds: 0``, or each batch would wait for it); with ``pause`` 0, one
+    yield. Every record must be accepted."""
+    import dataclasses
+
     import trio
 
     from sidecar.audit.writer import AuditWriter
+
+    if pause:
+        config = dataclasses.replace(config, batch_linger_seconds=0.0)
 
     writer = AuditWriter(config, identity=identity)
 

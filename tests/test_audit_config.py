@@ -87,6 +87,22 @@ def test_signing_keys() -> None:
     assert "sidecar.yaml:5: audit.checkpoint_every_seconds:" in text
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ("0", 0.0), ("0.005", 0.005), ("0.05", 0.05), ("1", 1.0), ("1.0", 1.0),
+    ("-0.01", None), ("1.5", None), ("true", None), ("50ms", None), ("'0.05'", None),
+    (".inf", None), (".nan", None), ("[0.05]", None),
+])
+def test_batch_linger_seconds(value: str, expected: float | None) -> None:
+    cfg, problems = _parse(f"audit:\n  path: /var/audit\n  batch_linger_seconds: {value}\n")
+    if expected is None:
+        assert any(p.endswith("sidecar.yaml:3: audit.batch_linger_seconds: expected seconds "
+                              "from 0 to 1") for p in problems), problems
+        assert cfg.batch_linger_seconds == 0.05  # the default stays
+    else:
+        assert problems == [] and cfg.batch_linger_seconds == expected
+    assert AuditConfig(path="x").batch_linger_seconds == 0.05
+
+
 def test_the_old_import_path_still_works():
     """audit/config.py moved to config/audit.py; existing imports keep working."""
     import sidecar.audit

@@ -222,6 +222,39 @@ def test_dropped_duplicated_reordered_cut_and_junk_lines(stream: Stream) -> None
     assert code == 1 and "does not decode" in out, out
 
 
+@pytest.mark.parametrize("where", ["middle", "end"])
+def test_a_line_of_junk_too_long_to_be_ours_is_skipped_unread(stream: Stream, tmp_path: Path,
+                                                               where: str) -> None:
+    # Whoever can reach the collector can write lines into its copy: a line of 512 MiB
+    # (a sparse hole of NULs, no newline) was read whole into memory by collect. Now a line
+    # over 16 MiB (a message of ours is at most a 1 MiB frame in base64 plus its JSON) is
+    # read past in pieces, counted, and the rest of the copy still rebuilds and verifies.
+    import os
+    import subprocess
+    import sys
+
+    half = len(stream.lines) // 2 if where == "middle" else len(stream.lines)
+    src = tmp_path / "huge.log"
+    with open(src, "wb") as fh:
+        fh.write("".join(line + "\n" for line in stream.lines[:half]).encode())
+        fh.seek(512 * 1024 * 1024, os.SEEK_CUR)  # a hole: NULs on read, no disk used
+        fh.write(b"\n" + "".join(line + "\n" for line in stream.lines[half:]).encode())
+    keys = ["--data-key", stream.data] if stream.data else []
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+             "capture_output=True, text=True, timeout=120); print(r.returncode); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "print(r.stdout + r.stderr)")
+    got = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "sidecar", "audit",
+                          "collect", str(src), "-o", str(tmp_path / "out"), *keys],
+                         capture_output=True, text=True, timeout=150)
+    code, maxrss_kib, out = got.stdout.split("\n", 2)
+    assert code == "0" and "1 lines longer than 16 MiB skipped" in out, got.stdout
+    assert int(maxrss_kib) < 256 * 1024, f"collect held {int(maxrss_kib) // 1024} MiB"
+    checked = sidecar_cli("audit", "verify", str(tmp_path / "out"), "--pubkey", stream.pub,
+                          *keys, "--json")
+    assert json.loads(checked.stdout)["ok"], checked.stdout
+
+
 def test_collect_refuses_a_fifo_and_a_directory(stream: Stream, tmp_path: Path) -> None:
     import os
 

@@ -477,3 +477,84 @@ def test_the_linger_ends_at_its_deadline_without_cancelling_and_yields_to_outsid
         assert pending.cancelled_caught and trio.current_time() < start + 1.0
 
     trio.run(main, clock=MockClock(autojump_threshold=0))
+
+
+def after_a_batch_on_a_mock_clock(
+        config: AuditConfig, body: Callable[[AuditWriter, float], Awaitable[None]]) -> None:
+    """Start a writer for ``config`` on a mock clock (fsync off: batches are written from the
+    event loop, so the clock sees every wait of the writer, no worker thread), write one
+    record -- the first after a quiet spell is written at once, and the writer then
+    lingers --, run ``body(writer, now)`` and close the writer."""
+    from trio.testing import MockClock, wait_all_tasks_blocked
+
+    writer = AuditWriter(config)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            assert writer.submit(rec(0))
+            await wait_all_tasks_blocked()
+            assert writer.written == 1
+            await body(writer, trio.current_time())
+            await writer.aclose()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.005, 0.05, 0.4])
+def test_records_after_a_batch_wait_batch_linger_seconds(tmp_path: Path, linger: float) -> None:
+    # audit.batch_linger_seconds: after a batch, records that arrive wait that long for more
+    # (one write, fsync and TLS write for all of them), never longer; 0 writes each batch
+    # at once.
+    from trio.testing import wait_all_tasks_blocked
+
+    async def body(writer: AuditWriter, start: float) -> None:
+        assert writer.submit(rec(1)) and writer.submit(rec(2))
+        await wait_all_tasks_blocked()
+        if linger:
+            await trio.sleep(linger * 0.9)
+            assert writer.written == 1, "written before the linger was over"
+            await trio.sleep(linger * 0.1 + 0.001)
+        assert writer.written == 3, "not written when the linger was over"
+        assert trio.current_time() <= start + linger + 0.002
+
+    after_a_batch_on_a_mock_clock(
+        AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=linger), body)
+    assert [r.request_id for r in iter_records(str(tmp_path))] == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(("batch_size", "queue_size", "flush_at"), [
+    (8, 10_000, 8),   # a full batch ends the linger
+    (512, 10, 5),     # a short queue: half of it does, long before it is full
+])
+def test_a_full_batch_or_half_a_short_queue_ends_the_linger(
+        tmp_path: Path, batch_size: int, queue_size: int, flush_at: int) -> None:
+    # While the writer lingers after a batch, records that make a full batch (or fill half of
+    # a queue shorter than that) are written at once: a 50 ms linger must not let a small
+    # queue fill up, which fail_closed would answer with 503s. One record fewer waits.
+    from trio.testing import wait_all_tasks_blocked
+
+    async def body(writer: AuditWriter, start: float) -> None:
+        for i in range(1, flush_at):
+            assert writer.submit(rec(i))
+        await wait_all_tasks_blocked()
+        assert writer.written == 1, "one record short of the threshold still lingers"
+        assert writer.submit(rec(flush_at))
+        await wait_all_tasks_blocked()
+        assert writer.written == 1 + flush_at and trio.current_time() == start
+        assert writer.accepting()
+
+    after_a_batch_on_a_mock_clock(
+        AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=0.5,
+                    batch_size=batch_size, queue_size=queue_size), body)
+
+
+def test_closing_ends_the_linger(tmp_path: Path) -> None:
+    # aclose writes what is queued at once; it does not wait for the linger to pass.
+    async def body(writer: AuditWriter, start: float) -> None:
+        assert writer.submit(rec(1))
+        await writer.aclose()
+        assert writer.written == 2 and trio.current_time() - start < 0.5
+
+    after_a_batch_on_a_mock_clock(
+        AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=1.0), body)

@@ -39,7 +39,7 @@ from sidecar.audit.segments import (
     segment_header,
     verify,
 )
-from sidecar.audit.ship import CollectError, Collector, write_segments
+from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.config.audit import load_hmac_key
 from sidecar.output import Progress, add_output_flag, render, rfc3339
@@ -298,7 +298,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         for path in args.files:
             read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
             with open(path, encoding="utf-8", errors="replace") as fh:
-                collector.add(fh)
+                collector.add_file(fh)
         collector.check()
         files = write_segments(collector.frames, args.output)
     except CollectError as exc:
@@ -309,6 +309,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         return 2
     print(f"{collector.messages} messages, {len(collector.frames)} frames, {files} segment "
           f"files in {args.output}")
+    if collector.oversized:
+        print(f"note: {collector.oversized} lines longer than "
+              f"{MAX_COLLECT_LINE // (1024 * 1024)} MiB skipped (no message of ours is)")
     if collector.unchecked:
         print(f"note: {collector.unchecked} encrypted records' JSON not compared with their "
               "frames (no --data-key opens them)")

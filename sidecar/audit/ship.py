@@ -46,8 +46,8 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, cast
 
 import trio
 
@@ -533,6 +533,27 @@ def _canonical(value: Any) -> str:
     return _encode(json.loads(_encode(value)))
 
 
+# The longest collector line ``collect`` reads: a frame is at most 1 MiB (chain.py), its
+# message its base64 plus the JSON of the same record; longer lines cannot be ours and are
+# skipped without being held in memory (counted in ``Collector.oversized``).
+MAX_COLLECT_LINE = 16 * 1024 * 1024
+
+
+def bounded_lines(fh: IO[str], limit: int = MAX_COLLECT_LINE) -> Iterator[str | None]:
+    """The lines of ``fh``, each read whole only when it has at most ``limit`` characters;
+    a longer one is read past in pieces of ``limit`` and stands as None."""
+    while True:
+        line = fh.readline(limit)
+        if not line:
+            return
+        if len(line) == limit and not line.endswith("\n"):
+            while (rest := fh.readline(limit)) and not rest.endswith("\n"):
+                pass
+            yield None
+            continue
+        yield line
+
+
 class Collector:
     """Frames gathered from collector output, each message checked against its own frame.
 
@@ -551,6 +572,20 @@ class Collector:
         self._decryptor = decryptor
         self._digests: dict[int, str] = {}
         self._records: dict[int, str] = {}  # seq -> canonical JSON of an ``erc`` message
+        self.oversized = 0  # lines over MAX_COLLECT_LINE, skipped unread (``add_file``)
+
+    def add_file(self, fh: IO[str]) -> None:
+        """``add`` for an open collector file, its lines read at most ``MAX_COLLECT_LINE``
+        at a time (a line of junk without an end, written by whoever can reach the
+        collector, is skipped rather than held in memory; ``oversized`` counts them)."""
+        def lines() -> Iterator[str]:
+            for line in bounded_lines(fh):
+                if line is None:
+                    self.oversized += 1
+                else:
+                    yield line
+
+        self.add(lines())
 
     def add(self, lines: Iterable[str]) -> None:
         """Read collector output lines (any syslog line format that keeps the message text:

@@ -19,9 +19,12 @@ With ``fsync`` off the batch is written from the event loop instead while the se
 room (``INLINE_ROOM``): a thread round trip per batch cost more than the write itself. Either
 way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
 messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
-After each batch the writer waits ``BATCH_LINGER`` for more records unless a full batch is
-already queued, so under load batches are large (one record per batch cost the data path
-more CPU per request than the rest of the sidecar's work on it).
+After each batch the writer waits ``batch_linger_seconds`` (default 50 ms) for more records
+unless a full batch is already queued, so under load batches are large: what a batch costs
+(the write, the fsync and its thread round trip, the shipper's TLS write, the wake-ups) is
+paid once per linger, not once per request (one record per batch cost the data path more
+CPU per request than the rest of the sidecar's work on it; 5 ms lingers cost it about as
+much as the records themselves, bench/README.md "Tenth pass").
 The chain head in memory only advances when the bytes are on disk, so a failed write
 leaves nothing to roll back but the file, which is truncated back (best effort).
 
@@ -74,35 +77,42 @@ COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config 
 ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
-# After a batch, while fewer than ``batch_size`` records wait, the writer lets more arrive
-# for this long before the next batch: under load one batch (and one write) carries many
-# records instead of one per request. Records reach the file this much later, never more.
-BATCH_LINGER = 0.005
 # With fsync off, a batch is written from the event loop (a write to the page cache; the
 # disk is not waited for) when the open segment has at least this much room left, so that
 # opening, rotating and sealing segments -- which fsync the directory -- stay in the thread.
 INLINE_ROOM = 4 * 1024 * 1024
 
 
-async def _linger(seconds: float) -> None:
+async def _linger(seconds: float, holder: Any = None) -> None:
     """``trio.sleep(seconds)`` for the writer's linger after each batch, without the
     ``Cancelled`` that a sleep's expiry raises and catches: when the deadline passes, the
     abort callback puts the task back on the run queue and the wait returns normally (one
     wait per batch; the exception, its unwinding through three frames and the cancel scope's
     filtering of it cost about 28,600 instructions of a 0.5 ms sleep's 152,500 on an idle
     loop, bench/README.md "Ninth pass"). A cancellation from outside before the deadline
-    is delivered as ``trio.sleep`` delivers it."""
+    is delivered as ``trio.sleep`` delivers it.
+
+    ``holder`` (the writer): its ``_lingering`` is the waiting task while the linger lasts
+    (None otherwise), so that ``AuditWriter._end_linger`` can end it early."""
     task = trio.lowlevel.current_task()
     deadline = trio.current_time() + seconds
 
     def wake(_raise_cancel: Any) -> trio.lowlevel.Abort:
+        if holder is not None:
+            holder._lingering = None
         if trio.current_time() < deadline:
             return trio.lowlevel.Abort.SUCCEEDED  # cancelled from outside: raise Cancelled
         trio.lowlevel.reschedule(task)  # the linger is over: continue as normal
         return trio.lowlevel.Abort.FAILED
 
     with trio.CancelScope(deadline=deadline):
-        await trio.lowlevel.wait_task_rescheduled(wake)
+        if holder is not None:
+            holder._lingering = task
+        try:
+            await trio.lowlevel.wait_task_rescheduled(wake)
+        finally:
+            if holder is not None:
+                holder._lingering = None
 
 
 class _PartialWrite(Exception):
@@ -557,6 +567,12 @@ class AuditWriter:
         # Set by ``submit``/``aclose`` to wake the writer task; not None only while it waits
         # on an empty queue.
         self._wake: trio.Event | None = None
+        # The writer task while it lingers after a batch (``_linger``), else None; ``submit``
+        # ends the linger once ``_flush_at`` records wait: a full batch, or half the queue
+        # when the queue is the smaller (so that a short queue never fills while the writer
+        # waits, which fail_closed would answer with 503s).
+        self._lingering: trio.lowlevel.Task | None = None
+        self._flush_at = max(1, min(config.batch_size, config.queue_size // 2))
         self._sink = _SegmentSink(config, key, clock, signer, encryptor)
         self._disk = _DiskThread()
         self.shipper: Shipper | None = None
@@ -627,7 +643,16 @@ class AuditWriter:
             self._wake = None
             self._limit += 1
             wake.set()
+        elif self._lingering is not None and len(queue) >= self._flush_at:
+            self._end_linger()  # a full batch waits: no reason to linger on
         return True
+
+    def _end_linger(self) -> None:
+        """End the writer's linger after a batch now (a full batch queued, or closing)."""
+        task = self._lingering
+        if task is not None:
+            self._lingering = None
+            trio.lowlevel.reschedule(task)
 
     def accepting(self) -> bool:
         """May the data path serve a request now? (fail_closed: only if it can be recorded)."""
@@ -733,9 +758,13 @@ class AuditWriter:
                     break
                 await self._write(batch)
                 batch = []
-                if (not self._closing
-                        and len(self._queue) < self.config.batch_size):
-                    await _linger(BATCH_LINGER)
+                # After a batch, while fewer than ``_flush_at`` records wait, let more arrive
+                # for ``batch_linger_seconds`` before the next batch: under load one batch
+                # (one write, fsync, TLS write) carries many records instead of one per
+                # request. Records reach the file this much later, never more.
+                if (not self._closing and self.config.batch_linger_seconds > 0
+                        and len(self._queue) < self._flush_at):
+                    await _linger(self.config.batch_linger_seconds, self)
                     lingered = True
             try:
                 await self._run_sink(self._sink.close)
@@ -874,6 +903,7 @@ class AuditWriter:
             if wake is not None:
                 self._wake = None
                 wake.set()
+            self._end_linger()  # write what is queued now, not after the linger
             await trio.lowlevel.checkpoint()
             if self._probe_scope is not None:
                 self._probe_scope.cancel()

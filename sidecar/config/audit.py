@@ -30,7 +30,7 @@ MAX_HMAC_KEY_FILE_BYTES = 64 * 1024
 _KNOWN = frozenset({
     "path", "max_segment_bytes", "max_segments", "queue_size", "batch_size", "on_failure",
     "fsync", "hmac_key_file", "signing_key_file", "checkpoint_every_records",
-    "checkpoint_every_seconds", "encryption_key_file", "ship",
+    "checkpoint_every_seconds", "encryption_key_file", "ship", "batch_linger_seconds",
 })
 _SHIP_KNOWN = frozenset({
     "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "mode",
@@ -38,6 +38,11 @@ _SHIP_KNOWN = frozenset({
 })
 DEFAULT_CHECKPOINT_RECORDS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 1.0
+# After a batch, how long the writer lets more records arrive before the next one (unless a
+# full batch waits): the bound on how much later than its request a record reaches the file
+# and the collector. Longer batches cost less per record (docs/audit.md, "Cost").
+DEFAULT_BATCH_LINGER_SECONDS = 0.05
+MAX_BATCH_LINGER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class AuditConfig:
     max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES
     queue_size: int = 10_000
     batch_size: int = 512
+    batch_linger_seconds: float = DEFAULT_BATCH_LINGER_SECONDS
     on_failure: OnFailure = "fail_closed"
     fsync: bool = True
     hmac_key_file: str | None = None
@@ -120,6 +126,14 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         v = r.integer(raw["batch_size"], path + ("batch_size",), 1, MAX_BATCH_SIZE)
         if v is not None:
             kw["batch_size"] = v
+    if raw.get("batch_linger_seconds") is not None:
+        sec = raw["batch_linger_seconds"]
+        if (isinstance(sec, bool) or not isinstance(sec, int | float)
+                or not 0 <= sec <= MAX_BATCH_LINGER_SECONDS):
+            src.problem(path + ("batch_linger_seconds",),
+                        f"expected seconds from 0 to {MAX_BATCH_LINGER_SECONDS:g}")
+        else:
+            kw["batch_linger_seconds"] = float(sec)
     if raw.get("on_failure") is not None:
         v_of = raw["on_failure"]
         if v_of not in ("fail_closed", "fail_open"):
