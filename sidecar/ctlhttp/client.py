@@ -17,7 +17,8 @@ wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMAT
 response with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11 would let the
 chunked coding win), and so is a head h11 reads but the data path would refuse: a status
 outside 100-599, an HTTP version other than 1.0 and 1.1, a control character in the reason
-phrase or a field value (``_check_head``); h11 itself refuses other status lines (``000``,
+phrase or a field value (``_check_head``), a line of a head not ended by CRLF (a bare LF
+or CR) or an obs-fold continuation line (``_check_raw_head``); h11 itself refuses other status lines (``000``,
 ``1000``, letters) and a ``101`` the request did not ask for.
 
 The deadlines bound the time, not the work: parsing happens between reads, so a server that
@@ -214,6 +215,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
     await stream.send_all(out + conn.send(h11.EndOfMessage()))
     received = bytearray()
     head: h11.Response | None = None
+    raw = bytearray()  # the bytes received until the final head (``_check_raw_head``)
+    raw_start = 0  # where the next head begins in ``raw``
     pieces = MIN_BODY_PIECES + max_body_bytes // MIN_MEAN_PIECE_BYTES
     informational = MAX_INFORMATIONAL
     while True:
@@ -223,10 +226,15 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             # the size of an incomplete head).
             data = await stream.receive_some(
                 _READ_CHUNK if head is not None else min(_READ_CHUNK, max_head_bytes))
+            if head is None:
+                raw += data
             conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
             continue
+        if isinstance(event, (h11.Response, h11.InformationalResponse)):
+            raw_start = _check_raw_head(raw, raw_start)
         if isinstance(event, h11.Response):
             _check_head(event)
+            del raw[:]
             head = event
             names = {name for name, _ in event.headers}
             if b"content-length" in names and b"transfer-encoding" in names:
@@ -255,6 +263,22 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             informational -= 1
             if informational < 0:
                 raise ClientError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")
+
+
+def _check_raw_head(raw: bytearray, start: int) -> int:
+    """The end of the head h11 just read, which begins at ``raw[start]``; ``ClientError``
+    unless every line of it ends in CRLF and none is an obs-fold continuation. h11 ends
+    lines at a bare LF and unfolds obs-fold (RFC 9112 5.2), which the data path's reader
+    refuses: a head that means one thing to a lenient parser and another to a strict one
+    is not believed (found by a hostile review)."""
+    end = raw.find(b"\r\n\r\n", start)
+    head = raw[start:end + 4] if end >= 0 else raw[start:]
+    if (end < 0 or head.count(b"\n") != head.count(b"\r\n")
+            or head.count(b"\r") != head.count(b"\r\n")):
+        raise ClientError("response head with a line not ended by CRLF")
+    if b"\r\n " in head or b"\r\n\t" in head:
+        raise ClientError("response head with an obs-fold line (RFC 9112 5.2)")
+    return end + 4
 
 
 def _check_head(event: h11.Response | h11.InformationalResponse) -> None:
