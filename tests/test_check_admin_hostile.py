@@ -233,8 +233,9 @@ def test_admin_urls_the_client_cannot_use_are_usage_errors() -> None:
 
 
 # The control-plane client itself (every caller: JWKS, introspection, probes, alerts, tap,
-# check): h11 ends a head's lines at a bare LF and unfolds obs-fold; the data path's reader
-# refuses both, and so does the client now -- on a final head and on a 1xx before it.
+# check): h11 ends a head's lines at a bare LF, unfolds obs-fold and takes equal repeated
+# lengths, long lengths and chunked on HTTP/1.0; the data path's reader refuses them, and so
+# does the client now -- on a final head and on a 1xx before it.
 RAW_HEADS: dict[str, bytes] = {
     "bare LF after the status line": b"HTTP/1.1 200 OK\ncontent-length: 2\r\n\r\nok",
     "bare LF after a field": b"HTTP/1.1 200 OK\r\ncontent-length: 2\n\r\nok",
@@ -246,6 +247,15 @@ RAW_HEADS: dict[str, bytes] = {
     "obs-fold with HTAB": b"HTTP/1.1 200 OK\r\nx-a: a\r\n\tb\r\ncontent-length: 2\r\n\r\nok",
     "obs-fold in a 1xx": b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n ;rel=preload\r\n\r\n"
                          b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    "two equal lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok",
+    "a list of lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok",
+    "a length of 20 digits": b"HTTP/1.1 200 OK\r\ncontent-length: 00000000000000000002\r\n"
+                             b"\r\nok",
+    "chunked on HTTP/1.0": b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                           b"2\r\nok\r\n0\r\n\r\n",
+    "two lengths in a 1xx": b"HTTP/1.1 103 Early Hints\r\ncontent-length: 0\r\n"
+                            b"content-length: 0\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
 }
 # Heads that stay accepted: line ends and folds in the body are data, not framing.
 RAW_GOOD: dict[str, bytes] = {
