@@ -558,7 +558,11 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
                         if not _interim_only(client, ep, upload):
                             break
                         if client.out:
-                            await client.flush(timeout=limits.body_timeout)
+                            # (shielded: the send ending meanwhile cancels this task, and
+                            # half a 1xx head on the caller's connection would corrupt it;
+                            # the flush has its own bound)
+                            with trio.CancelScope(shield=True):
+                                await client.flush(timeout=limits.body_timeout)
                 spoke = True
                 nursery.cancel_scope.cancel()
 
