@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.client
+import functools
 import json
+import math
 import os
 import shlex
 import socket
@@ -46,7 +47,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
+import trio
+
 from sidecar.config.source import read_regular
+from sidecar.ctlhttp.client import ClientError, Target, parse_url, request
 from sidecar.output import add_output_flag, emit, paint, use_colour
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -56,8 +60,12 @@ MARKS: dict[str, str] = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "sk
 EXPIRY_SHARE = 1 / 3
 DEFAULT_MIN_VALIDITY = 3600.0
 HTTP_TIMEOUT = 5.0
+DEFAULT_ADMIN_PORT = 15000
 MAX_ANSWER_BYTES = 1024 * 1024
+MAX_METRICS_BYTES = 16 * 1024 * 1024  # /metrics of a busy sidecar (many label sets)
+MAX_ERROR_CHARS = 300  # of a failed admin read's message, in a check's detail
 MAX_DETAIL_LINES = 5
+MAX_SHOWN_SECONDS = 100 * 365 * 86400.0  # a certificate's time left, shown at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,16 +552,36 @@ def static_checks(config_path: str, now: float, *, offline: bool = False, ports:
     return run.results
 
 
-def _get(base: str, path: str) -> tuple[int, bytes]:
-    parts = urlsplit(base)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 15000,
-                                      timeout=HTTP_TIMEOUT)
+class AdminUnreadable(Exception):
+    """A read of the admin server failed (the message is one line, for a check's detail)."""
+
+
+def admin_target(admin: str) -> Target:
+    """``--admin URL`` as the control-plane client's target (``ClientError``: not an
+    ``http://HOST:PORT`` URL)."""
+    where = parse_url(admin, schemes=("http",))
+    if urlsplit(admin).port is None:  # (parse_url checked the port)
+        where = Target(where.scheme, where.host, DEFAULT_ADMIN_PORT, where.target,
+                       f"{where.authority}:{DEFAULT_ADMIN_PORT}")
+    return where
+
+
+def _get(base: Target, path: str, max_bytes: int = MAX_ANSWER_BYTES) -> tuple[int, bytes]:
+    """One ``GET`` of the admin server through the control-plane client
+    (``sidecar.ctlhttp.client``): connect and answer deadlines, bounded head and body, a
+    status of 100-599, no control characters in the head, at most 8 1xx answers. Any
+    failure is an ``AdminUnreadable`` with a one-line message (found by a hostile review:
+    ``http.client`` ended a wrong status line, a huge head or a dropped connection in a
+    traceback, and had no bound on a server that trickles its answer)."""
+    target = Target(base.scheme, base.host, base.port,
+                    base.target.partition("?")[0].rstrip("/") + path, base.authority)
     try:
-        conn.request("GET", parts.path.rstrip("/") + path)
-        resp = conn.getresponse()
-        return resp.status, resp.read(MAX_ANSWER_BYTES)
-    finally:
-        conn.close()
+        answer = trio.run(functools.partial(
+            request, target, connect_timeout=HTTP_TIMEOUT, read_timeout=HTTP_TIMEOUT,
+            max_body_bytes=max_bytes))
+    except ClientError as exc:
+        raise AdminUnreadable(f"{path}: {_printable(str(exc))[:MAX_ERROR_CHARS]}") from None
+    return answer.status, answer.body
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -571,40 +599,61 @@ def _metric(text: str, name: str) -> float | None:
 def live_checks(admin: str, now: float, *, min_validity: float = DEFAULT_MIN_VALIDITY,
                 keyring: Any = None) -> list[CheckResult]:
     """Ask a running sidecar's admin server (``http://127.0.0.1:15000``) how it is;
-    ``keyring`` (``--pubkey``) verifies the signature of its audit head."""
+    ``keyring`` (``--pubkey``) verifies the signature of its audit head. A read that fails
+    (no answer, a malformed or oversized one, a deadline) fails the check that made it, and
+    the checks after it are skipped: one line each, never a traceback."""
     run = _Run()
     g = "live"
-    titles = ("sidecar is ready", "certificate not near expiry",
-              "policy loaded without reload error", "audit head")
+    first = f"admin endpoint answers ({admin})"
+    titles = ["sidecar is ready", "certificate not near expiry",
+              "policy loaded without reload error", "audit head"]
     try:
-        status, _ = _get(admin, "/healthz")
+        base = admin_target(admin)
+        status, _ = _get(base, "/healthz")
         if status != 200:
-            raise OSError(f"/healthz answered {status}")
-        run.add(g, f"admin endpoint answers ({admin})", "ok")
-    except (OSError, http.client.HTTPException) as exc:
-        run.add(g, f"admin endpoint answers ({admin})", "fail", str(exc),
+            raise AdminUnreadable(f"/healthz answered {status}")
+        run.add(g, first, "ok")
+    except (ClientError, AdminUnreadable) as exc:
+        run.add(g, first, "fail", str(exc),
                 "is the sidecar running, and is admin.listen this address?")
         for t in titles:
             run.skip(g, t, "admin endpoint unreachable")
         return run.results
+    try:
+        _live(run, g, titles, base, now, min_validity, keyring)
+    except AdminUnreadable as exc:
+        done = len(run.results) - 1  # the live checks already reported
+        run.add(g, titles[done], "fail", f"admin endpoint failed: {exc}",
+                "is admin.listen this sidecar's admin server? the sidecar log says more")
+        for t in titles[done + 1:]:
+            run.skip(g, t, "admin endpoint failed")
+    return run.results
 
-    def answer(path: str) -> tuple[int, Any]:
-        code, body = _get(admin, path)
-        try:
-            return code, json.loads(body) if body else None
-        except ValueError:
-            return code, body.decode("utf-8", "replace")
 
-    code, doc = answer("/readyz")
+def _json_answer(base: Target, path: str) -> tuple[int, Any]:
+    """``GET path``: the status and the body as JSON (its text when it is not JSON)."""
+    code, body = _get(base, path)
+    try:
+        return code, json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return code, body.decode("utf-8", "replace")
+
+
+def _live(run: _Run, g: str, titles: list[str], base: Target, now: float,
+          min_validity: float, keyring: Any) -> None:
+    """The live checks after ``/healthz``, in the order of ``titles``."""
+    code, doc = _json_answer(base, "/readyz")
     if code == 200:
         run.add(g, titles[0], "ok")
     else:
-        reasons = ", ".join(doc.get("reasons", [])) if isinstance(doc, dict) else str(code)
-        run.add(g, titles[0], "fail", f"not ready: {reasons}",
+        reasons = doc.get("reasons") if isinstance(doc, dict) else None
+        shown = (", ".join(_printable(str(r)) for r in reasons[:MAX_DETAIL_LINES])
+                 if isinstance(reasons, list) and reasons else str(code))
+        run.add(g, titles[0], "fail", f"not ready: {shown}",
                 "docs/operations.md explains each reason code; the sidecar log says more")
-    code, metrics = _get(admin, "/metrics")
+    code, metrics = _get(base, "/metrics", MAX_METRICS_BYTES)
     expiry = _metric(metrics.decode("utf-8", "replace"), "sidecar_certificate_expiry_timestamp_seconds")
-    if code != 200 or not expiry:
+    if code != 200 or not expiry or not math.isfinite(expiry):
         run.skip(g, titles[1], "no certificate expiry metric")
     elif expiry <= now:
         run.add(g, titles[1], "fail", "certificate expired",
@@ -613,21 +662,25 @@ def live_checks(admin: str, now: float, *, min_validity: float = DEFAULT_MIN_VAL
         run.add(g, titles[1], "warn", f"{_duration(expiry - now)} left",
                 "rotation should have renewed it by now: check cert-manager / SPIRE")
     else:
-        run.add(g, titles[1], "ok", f"{_duration(expiry - now)} left")
-    code, doc = answer("/policy")
+        run.add(g, titles[1], "ok", f"{_duration(min(expiry - now, MAX_SHOWN_SECONDS))} left")
+    code, doc = _json_answer(base, "/policy")
     if code != 200 or not isinstance(doc, dict):
         run.add(g, titles[2], "fail", f"/policy answered {code}", "upgrade or restart the sidecar")
     elif doc.get("last_reload_error"):
-        run.add(g, titles[2], "fail", str(doc["last_reload_error"]),
+        run.add(g, titles[2], "fail", _printable(str(doc["last_reload_error"])),
                 "the last good policy stays in force; fix the file and it reloads")
     elif not doc.get("version"):
         run.add(g, titles[2], "skip" if not doc.get("source") else "fail",
                 "no policy configured" if not doc.get("source") else "policy not loaded",
                 "the sidecar denies every request until the policy loads")
     else:
-        run.add(g, titles[2], "ok", f"version {str(doc['version'])[:12]}")
-    _check_audit_head(run, g, titles[3], answer, now, keyring)
-    return run.results
+        run.add(g, titles[2], "ok", f"version {_printable(str(doc['version'])[:12])}")
+    _check_audit_head(run, g, titles[3], functools.partial(_json_answer, base), now, keyring)
+
+
+def _printable(text: str) -> str:
+    """``text`` with non-printable characters (controls, line ends) as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _check_audit_head(run: _Run, g: str, title: str, answer: Callable[[str], tuple[int, Any]],
@@ -663,13 +716,18 @@ def _check_audit_head(run: _Run, g: str, title: str, answer: Callable[[str], tup
         return
     try:
         cp = Checkpoint.from_json(doc.get("checkpoint") if isinstance(doc, dict) else None)
-    except ValueError as exc:
-        run.add(g, title, "fail", f"/audit/head: {exc}", "upgrade or restart the sidecar")
+        signed = cp.time
+        detail = (f"signed checkpoint at seq {cp.seq}, {rfc3339(signed)} "
+                  f"({_duration(max(0.0, now - signed))} ago), key {_printable(cp.kid)[:80]}")
+        problem = (keyring.check(cp.seq, cp.prev, cp.kind, cp.body())
+                   if keyring is not None else None)
+    except (ValueError, TypeError, OverflowError) as exc:
+        # (a time that is no number or out of range, a field the signature check cannot
+        # encode: an answer that is no checkpoint, from whatever serves that port)
+        run.add(g, title, "fail", f"/audit/head: {_printable(str(exc))[:MAX_ERROR_CHARS]}",
+                "upgrade or restart the sidecar")
         return
-    detail = (f"signed checkpoint at seq {cp.seq}, {rfc3339(cp.time)} "
-              f"({_duration(max(0.0, now - cp.time))} ago), key {cp.kid}")
     if keyring is not None:
-        problem = keyring.check(cp.seq, cp.prev, cp.kind, cp.body())
         if problem is not None:
             run.add(g, title, "fail", f"{detail}: {problem}",
                     "--pubkey must be the public half of audit.signing_key_file "
@@ -720,10 +778,13 @@ def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if not args.config and not args.admin:
         print("sidecar check: give -c FILE, --admin URL, or both", file=sys.stderr)
         return 2
-    if args.admin and urlsplit(args.admin).scheme != "http":
-        print(f"sidecar check: --admin {args.admin!r}: expected http://HOST:PORT "
-              "(the admin server speaks plain HTTP on loopback)", file=sys.stderr)
-        return 2
+    if args.admin:
+        try:
+            admin_target(args.admin)
+        except ClientError:
+            print(f"sidecar check: --admin {args.admin!r}: expected http://HOST:PORT "
+                  "(the admin server speaks plain HTTP on loopback)", file=sys.stderr)
+            return 2
     try:
         min_validity = float(parse_ttl(args.min_validity))
     except argparse.ArgumentTypeError as exc:

@@ -17,7 +17,9 @@ wants the status). 1xx informational answers are skipped, at most ``MAX_INFORMAT
 response with both ``Content-Length`` and ``Transfer-Encoding`` is refused (h11 would let the
 chunked coding win), and so is a head h11 reads but the data path would refuse: a status
 outside 100-599, an HTTP version other than 1.0 and 1.1, a control character in the reason
-phrase or a field value (``_check_head``); h11 itself refuses other status lines (``000``,
+phrase or a field value (``_check_head``), and every head the data path's reader refuses
+(``_check_raw_head``: a bare LF or CR, obs-fold, a repeated or listed Content-Length, one
+of more than 18 digits, Transfer-Encoding on HTTP/1.0); h11 itself refuses other status lines (``000``,
 ``1000``, letters) and a ``101`` the request did not ask for.
 
 The deadlines bound the time, not the work: parsing happens between reads, so a server that
@@ -44,6 +46,8 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from sidecar.http.wire import MessageReader, ParseError
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 10.0
@@ -214,6 +218,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
     await stream.send_all(out + conn.send(h11.EndOfMessage()))
     received = bytearray()
     head: h11.Response | None = None
+    raw = bytearray()  # the bytes received until the final head (``_check_raw_head``)
+    raw_start = 0  # where the next head begins in ``raw``
     pieces = MIN_BODY_PIECES + max_body_bytes // MIN_MEAN_PIECE_BYTES
     informational = MAX_INFORMATIONAL
     while True:
@@ -223,6 +229,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             # the size of an incomplete head).
             data = await stream.receive_some(
                 _READ_CHUNK if head is not None else min(_READ_CHUNK, max_head_bytes))
+            if head is None:
+                raw += data
             conn.receive_data(bytes(data))  # b"" marks EOF; h11 then reports an error or the end
             continue
         if isinstance(event, h11.Response):
@@ -233,6 +241,8 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
                 # h11 lets the chunked coding win; what framed this answer is ambiguous,
                 # so it is refused, as the data path refuses it (RFC 9112 6.3).
                 raise ClientError("response has both Content-Length and Transfer-Encoding")
+            _check_raw_head(raw, raw_start)
+            del raw[:]
             if not read_body:
                 return Response(event.status_code, tuple(event.headers))
             for name, value in event.headers:
@@ -252,9 +262,31 @@ async def _exchange(stream: trio.abc.Stream, where: Target, method: str,
             raise ClientError("connection closed before the response ended")
         elif isinstance(event, h11.InformationalResponse):
             _check_head(event)
+            raw_start = _check_raw_head(raw, raw_start)
             informational -= 1
             if informational < 0:
                 raise ClientError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")
+
+
+def _check_raw_head(raw: bytearray, start: int) -> int:
+    """The end of the head h11 just read, which begins at ``raw[start]``; ``ClientError``
+    unless the data path's reader (``sidecar.http.wire``) reads those bytes as a head too.
+    h11 ends lines at a bare LF, unfolds obs-fold (RFC 9112 5.2) and takes a repeated or
+    listed Content-Length with equal values, more than 18 digits of one, and
+    Transfer-Encoding on an HTTP/1.0 answer, all of which the data path refuses: a head that
+    means one thing to a lenient parser and another to a strict one is not believed (found
+    by a hostile review)."""
+    end = raw.find(b"\r\n\r\n", start)
+    if end < 0:  # (h11 ended the head at a bare LF)
+        raise ClientError("response head with a line not ended by CRLF")
+    reader = MessageReader(requests=False, max_head=end + 4 - start)
+    reader.expect_response(b"GET")
+    reader.feed(raw[start:end + 4])
+    try:
+        reader.next_event()
+    except ParseError as exc:
+        raise ClientError(f"response head refused ({exc.reason})") from None
+    return end + 4
 
 
 def _check_head(event: h11.Response | h11.InformationalResponse) -> None:

@@ -22,7 +22,8 @@ byte at a time. Where h11 is lenient this reader refuses:
 * obs-fold (a continuation line starting with SP/HTAB; h11 unfolds it);
 * Content-Length next to Transfer-Encoding (h11 lets Transfer-Encoding win), a repeated
   Content-Length even with equal values, a list ``5, 5``, more than 18 digits;
-* any transfer coding but a single ``chunked``; a repeated Transfer-Encoding field;
+* any transfer coding but a single ``chunked``; a repeated Transfer-Encoding field; one in an
+  HTTP/1.0 response (RFC 9112 6.1; a request's is refused by ``sidecar.http.request``);
 * HTTP versions other than 1.0 and 1.1 (h11 takes any digit.digit);
 * chunk extensions outside RFC 9112 7.1.1 (h11 takes any bytes after ';'), chunk sizes of
   more than 15 hex digits, chunk-size lines over 1 KiB, chunked framing that outweighs the
@@ -522,6 +523,11 @@ class MessageReader:
             return Request(method, target, headers, version)
         version, status, reason = parts
         _, framing, length, close, self.connection_lists = _head_facts(facts, request=False)
+        if framing == _CHUNK_LINE and version == b"1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a
+            # 1.0 reader ends its body at the close, not at the last chunk): refused, as a
+            # request's is (found by a hostile review: read as chunked).
+            raise ParseError("transfer_encoding_http10")
         for name, value in facts:  # (a few fields: the framing ones)
             if name == b"content-length" and value[0] == 48 and len(value) > 1:
                 # Leading zeros: relayed as the canonical decimal (``0003`` -> ``3``), as

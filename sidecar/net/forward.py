@@ -7,9 +7,11 @@ re-framed by the sidecar (``sidecar.http.wire``): a known length is kept, anythi
 sent chunked (or close-delimited to an HTTP/1.0 client), so what reaches either side is
 always well-formed HTTP/1.1 whatever framing the sender used. The exchange is sequential --
 request body, then response -- which is what HTTP/1.1 clients do; an upstream that answers
-(or closes) before it has the whole body gets no more of it, its answer is relayed, and its
-connection is closed instead of pooled (``_send_body``: the unread body would be the next
-request it reads there); an ``Expect:
+(or closes) before it has the whole body gets no more of it and its answer is relayed
+(``_send_body``), while a 1xx head it sends meanwhile is relayed and the body goes on. The
+upstream connection of a request with a body is never pooled: nothing on the wire says the
+app read the body, and a body it did not read would be the next request it reads there; an
+``Expect:
 100-continue`` is answered by the sidecar itself once the request was authorised (as Envoy
 does), and the header is not forwarded -- nor on a request without a body, which has
 nothing to continue. A Content-Length is forwarded as its canonical decimal (``0003`` -> ``3``).
@@ -24,7 +26,8 @@ The upstream is not trusted either (the local app behind the inbound listener, a
 with a valid SVID behind an outbound one). Its response head is read by the same strict
 reader as a request, and then: at most ``MAX_INFORMATIONAL`` 1xx heads before the final one,
 at most twice ``limits.max_headers`` fields in a head (as the head's bytes are bounded by
-twice ``limits.max_header_bytes``), a status of 100-599 (``upstream_protocol_error``, 502);
+twice ``limits.max_header_bytes``), a status of 100-599 (``upstream_protocol_error``, 502),
+also for 1xx heads read while the request body is sent;
 hop-by-hop fields and those Connection lists never pass, nor Content-Length on a 1xx or 204
 (RFC 9110 8.6), and a Content-Length goes out as its canonical decimal. A close-delimited
 body that a TLS peer ends without close_notify is a truncation (RFC 9112 9.8), never a
@@ -241,6 +244,7 @@ async def forward(
     attempts = 1 if has_body else 2
     max_fields = 2 * limits.max_headers
     sent_before = 0
+    upload: _Upload | None = None
     for attempt in range(attempts):
         try:
             # The connection released last, without a coroutine when it may be reused as it
@@ -259,7 +263,9 @@ async def forward(
             ep.queue(wire_head)
             early = SENT
             if has_body:
-                early = await _send_body(client, ep, body, limits, ex, expect_continue)
+                upload = _Upload(http11, max_fields)
+                early = await _send_body(client, ep, body, limits, ex, expect_continue,
+                                         upload)
             else:
                 rest = ep.flush_now(timeout=limits.body_timeout)
                 if rest is not None:
@@ -269,14 +275,20 @@ async def forward(
             # (An answer that came before the caller's body was all read: the rest of that
             # body is still on the caller's connection, which ends after the answer.)
             keep = keep_alive and http11 and not close and early != EARLY_UNREAD
-            informational = 0
+            if upload is None:
+                informational, pending = 0, None
+            else:  # (1xx heads relayed while the body went; a head read then, not relayed)
+                informational, pending = upload.informational, upload.pending
             deadline = client.clock() + limits.response_timeout
             while True:
                 # ``ep.next_event(deadline, flush_first=client)`` written out, its read
                 # split at the wait (``Endpoint.receive_now``): this frame waits for the
                 # upstream's answer itself, with no ``next_event`` / ``receive`` frames
                 # below it to suspend and resume.
-                event = ep.event_now()
+                if pending is None:
+                    event = ep.event_now()
+                else:
+                    event, pending = pending, None
                 while event is NEED_DATA:
                     if client.out:  # (a 1xx head relayed: it goes out before the wait)
                         await client.flush(deadline)
@@ -304,12 +316,7 @@ async def forward(
                         raise ProtocolViolation("unrequested_101")
                     return await _upgraded(client, ep, event, limits, ex)
                 informational += 1
-                if informational > MAX_INFORMATIONAL:
-                    raise ProtocolViolation("too_many_informational")
-                if status != 100 and http11:  # 100 was answered by us already
-                    client.queue(serialise_response_head(status, event.reason, [
-                        f for f in _response_headers(event.headers, True)
-                        if f[0] != b"content-length"]))
+                _relay_informational(client, event, informational, http11)
             if status > 599:
                 raise ProtocolViolation("bad_status")
             ex.status = status
@@ -360,13 +367,16 @@ async def forward(
                         raise PeerClosed("upstream_closed_mid_body")
             except ParseError as exc:
                 raise ProtocolViolation(exc.reason) from exc
-            if early or (has_body and status >= 400):
-                # The upstream answered before it had the whole request: whatever it did
-                # not read of the body would be the next request it reads on this
-                # connection, so the connection is never reused. Nor after an error answer
-                # to a request with a body, the usual early refusal (401, 403, 413) -- sent
-                # after the whole body went only because the body was small and left with
-                # the head, so the sidecar cannot tell whether the app read it.
+            if has_body:
+                # Whatever the upstream did not read of the body would be the next request
+                # it reads on this connection, so the connection of a request with a body
+                # is never reused: not when it answered before it had the whole request
+                # (``early``), and not after any answer to a whole body either -- nothing
+                # on the wire says that an app read a body, which usually left with the
+                # head: an app that answers 200 (or 401) at once and parses on from where
+                # it stopped would answer the body, a request the policy never saw, to the
+                # next caller whose request this connection carried (found by a hostile
+                # review; before only an error answer closed it).
                 await trio.aclose_forcefully(ep.stream)
                 if early == EARLY_UNREAD:
                     # The caller may still be sending its body, and a caller that reads
@@ -405,8 +415,54 @@ async def forward(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class _Upload:
+    """What the upstream said while a request body was being sent (``_send_body``): the 1xx
+    heads counted (and relayed), and the first other event read (a final head, the close),
+    which the response loop takes first."""
+
+    __slots__ = ("http11", "max_fields", "informational", "pending")
+
+    def __init__(self, http11: bool, max_fields: int) -> None:
+        self.http11 = http11  # the caller's version (1xx heads go only to HTTP/1.1)
+        self.max_fields = max_fields
+        self.informational = 0
+        self.pending: object = None
+
+
+def _relay_informational(client: Endpoint, event: Response, count: int, http11: bool) -> None:
+    """Queue a 1xx head (the ``count``-th) for the caller: a ``100 Continue`` is dropped
+    (the sidecar answers ``Expect`` itself and never forwards it, so the upstream's is
+    not the caller's to see), the others (102, 103, unknown 1xx) go to an HTTP/1.1 caller
+    without hop-by-hop fields and Content-Length; more than ``MAX_INFORMATIONAL`` is a
+    ``ProtocolViolation``."""
+    if count > MAX_INFORMATIONAL:
+        raise ProtocolViolation("too_many_informational")
+    if event.status != 100 and http11:
+        client.queue(serialise_response_head(event.status, event.reason, [
+            f for f in _response_headers(event.headers, True) if f[0] != b"content-length"]))
+
+
+def _interim_only(client: Endpoint, ep: Endpoint, upload: _Upload) -> bool:
+    """The upstream spoke while the body was being sent (``Endpoint.spoke``): parse what
+    came. 1xx heads (but 101) are relayed (``_relay_informational``; queued, the caller
+    sends them) and the body goes on: True, also while a head is still incomplete. A final
+    head, a 101, the close: False (the body ends), the event kept in ``upload.pending``."""
+    while True:
+        event = ep.event_now()
+        if event is NEED_DATA:
+            return True
+        if type(event) is Response and event.status < 200 and event.status != 101:
+            if len(event.headers) > upload.max_fields:
+                raise ProtocolViolation("too_many_headers")
+            upload.informational += 1
+            _relay_informational(client, event, upload.informational, upload.http11)
+            continue
+        upload.pending = event
+        return False
+
+
 async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: Limits,
-                     ex: Exchange, expect_continue: bool) -> int:
+                     ex: Exchange, expect_continue: bool, upload: _Upload) -> int:
     """Stream the caller's body upstream: ``SENT`` when all of it went; ``EARLY_READ`` /
     ``EARLY_UNREAD`` when the upstream answered or closed before it was all sent (the rest
     is then never sent; the caller's body was / was not read to its end).
@@ -418,7 +474,11 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
     at all), the upstream's socket is polled without waiting, and a send the socket cannot
     take at once also ends when the upstream becomes readable (``_send_unless_answered``).
     A send that fails because the upstream closed or reset ends the body the same way: its
-    answer may be there to read."""
+    answer may be there to read. What it said is parsed (``_interim_only``): a 1xx head
+    (100 Continue, 102, 103, an unknown 1xx) is no answer -- it is relayed as the response
+    loop relays it, and the body goes on (found by a hostile review: any byte from the
+    upstream ended the body, so an app that sent ``100 Continue`` or ``103 Early Hints``
+    while it read the body got no more of it and the caller a 504)."""
     if expect_continue:
         client.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
         await client.flush(timeout=limits.body_timeout)
@@ -426,7 +486,7 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
     while True:
         event = client.event_now()
         if event is NEED_DATA:
-            if ep.out and not await _flush_body(ep, limits):
+            if ep.out and not await _flush_body(client, ep, limits, upload):
                 return EARLY_UNREAD
             event = await client.next_event(None, timeout=limits.body_timeout)
         if type(event) is bytes:
@@ -438,37 +498,43 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
                     ep.queue(part)
             except ParseError as exc:  # more bytes than the length h11 checked: impossible
                 raise PeerClosed("client_body_overrun", "client") from exc
-            if ep.out_len >= FLUSH_AT and not await _flush_body(ep, limits):
+            if ep.out_len >= FLUSH_AT and not await _flush_body(client, ep, limits, upload):
                 return EARLY_UNREAD
         elif event is END:
             ep.queue(body.end())
-            return SENT if await _flush_body(ep, limits) else EARLY_READ
+            return SENT if await _flush_body(client, ep, limits, upload) else EARLY_READ
         else:
             raise PeerClosed("client_closed_mid_body", "client")
 
 
-async def _flush_body(ep: Endpoint, limits: Limits) -> bool:
+async def _flush_body(client: Endpoint, ep: Endpoint, limits: Limits,
+                      upload: _Upload) -> bool:
     """Send what is queued for the upstream; False (and nothing more sent) when it has
-    answered or closed meanwhile. Checked only once part of the request went (``bytes_out``:
-    the pool zeroes it on release)."""
+    answered or closed meanwhile -- 1xx heads are no answer (``_interim_only``). Checked
+    only once part of the request went (``bytes_out``: the pool zeroes it on release)."""
     if ep.bytes_out and ep.spoke():
-        ep.out = []
-        ep.out_len = 0
-        return False
+        if not _interim_only(client, ep, upload):
+            ep.out = []
+            ep.out_len = 0
+            return False
+        if client.out:  # (1xx heads for the caller)
+            await client.flush(timeout=limits.body_timeout)
     try:
         rest = ep.flush_now(timeout=limits.body_timeout)
     except PeerClosed:
         return False  # (closed or reset: what it answered first is still there to read)
     if rest is None:
         return True
-    return await _send_unless_answered(ep, rest)
+    return await _send_unless_answered(client, ep, rest, limits, upload)
 
 
-async def _send_unless_answered(ep: Endpoint, rest: Coroutine[Any, Any, None]) -> bool:
-    """Await ``rest`` (a send the socket could not take at once) unless the upstream becomes
-    readable first: then the send is abandoned (the connection is never reused) and False
-    returned; False also when the send fails on a closed connection. ``Timeout`` as the
-    send's own bound says."""
+async def _send_unless_answered(client: Endpoint, ep: Endpoint,
+                                rest: Coroutine[Any, Any, None], limits: Limits,
+                                upload: _Upload) -> bool:
+    """Await ``rest`` (a send the socket could not take at once) unless the upstream answers
+    first (1xx heads are relayed meanwhile, ``_interim_only``): then the send is abandoned
+    (the connection is never reused) and False returned; False also when the send fails on
+    a closed connection. ``Timeout`` as the send's own bound says."""
     fd = ep.wait_fd
     if fd is None:  # (a stream without one: memory streams in tests)
         try:
@@ -487,8 +553,16 @@ async def _send_unless_answered(ep: Endpoint, rest: Coroutine[Any, Any, None]) -
                         await wait_readable(fd)
                     except (trio.BusyResourceError, trio.ClosedResourceError):
                         return  # (a TLS write waiting to read first: its own bound holds)
-                    if ep.spoke():  # (not a TLS record without data: a session ticket)
-                        break
+                    # (not a TLS record without data, a session ticket; not a 1xx head)
+                    if ep.spoke():
+                        if not _interim_only(client, ep, upload):
+                            break
+                        if client.out:
+                            # (shielded: the send ending meanwhile cancels this task, and
+                            # half a 1xx head on the caller's connection would corrupt it;
+                            # the flush has its own bound)
+                            with trio.CancelScope(shield=True):
+                                await client.flush(timeout=limits.body_timeout)
                 spoke = True
                 nursery.cancel_scope.cancel()
 

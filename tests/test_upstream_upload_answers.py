@@ -1,0 +1,360 @@
+"""What an upstream says while it has a request body, through both listeners (a plain app
+behind inbound, an mTLS server with a valid SVID behind outbound). Found by a hostile review
+of the response path:
+
+* An app that answers 2xx at once WITHOUT reading the body: the body left with the head, the
+  connection was pooled, and the app, parsing on from where it stopped, read the body as its
+  next request (``GET /admin``, never seen by the policy) and answered it to the next request
+  the pool sent on that connection -- a pipelined request of the same caller, or another
+  caller. Nothing on the wire says an app read a body, so a connection that carried one is
+  never pooled now.
+* An app that sends a 1xx (``100 Continue``, ``102 Processing``, ``103 Early Hints``, an
+  unknown 1xx) while it reads the body: any byte from it ended the body, so it got no more
+  and the caller a 504. Now a 1xx is relayed (``100`` dropped: the sidecar answers
+  ``Expect`` itself; the others to HTTP/1.1 callers) and the body goes on; a ``101`` no one
+  asked for and a flood of 1xx stay a 502.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.test_hostile_upstream import SIDES, Rig, ScriptedUpstream
+from tests.test_upstream_early_answer import SMUGGLED, _exchange, _request
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+
+class _Conn:
+    """A socket read through a buffer: heads, lines and exact byte counts."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        got = self.sock.recv(65536)
+        self.buf += got
+        return bool(got)
+
+    def until(self, sep: bytes, limit: int = 64 * 1024) -> bytes | None:
+        while sep not in self.buf:
+            if len(self.buf) > limit or not self._fill():
+                return None
+        out, _, self.buf = self.buf.partition(sep)
+        return out
+
+    def exactly(self, n: int) -> bytes | None:
+        while len(self.buf) < n:
+            if not self._fill():
+                return None
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def body(self, head: bytes) -> bytes | None:
+        """The body the head frames (Content-Length or chunked)."""
+        if re.search(rb"\r\ntransfer-encoding: *chunked", head, re.I):
+            out = b""
+            while True:
+                line = self.until(b"\r\n", 1024)
+                if line is None:
+                    return None
+                size = int(line.split(b";")[0], 16)
+                if size == 0:
+                    return out if self.until(b"\r\n", 1024) is not None else None
+                data = self.exactly(size)
+                if data is None or self.exactly(2) != b"\r\n":
+                    return None
+                out += data
+        match = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+        return self.exactly(int(match.group(1))) if match else b""
+
+
+def _ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class UploadApp(ScriptedUpstream):
+    """``/unread/...``: 200 at once, the body not read, parsing on from where it stopped (the
+    body). ``/info/<status>/<delay ms>/...``: that 1xx head after the delay, then the whole
+    body read and ``got N`` answered. ``/flood/...``: 11 ``103`` heads, then the body read.
+    ``/admin``: ``ADMIN`` a moment later. Anything else: the body read, ``ok``."""
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(10)
+        try:
+            if self.ctx is not None:
+                sock = self.ctx.wrap_socket(sock, server_side=True)
+            conn = _Conn(sock)
+            while True:
+                head = conn.until(b"\r\n\r\n")
+                if head is None:
+                    return
+                parts = head.split(b" ")
+                path = parts[1].decode("latin-1") if len(parts) > 2 else "?"
+                self.paths.append(path)
+                if path.startswith("/unread/"):
+                    sock.sendall(_ok(b"ok"))
+                    continue  # the body stays unread: the next "head" is in it
+                if path == "/admin":
+                    time.sleep(0.1)  # (a handler that takes a moment)
+                    sock.sendall(_ok(b"ADMIN"))
+                    continue
+                if path.startswith("/raw/"):  # a malformed head while the body is sent
+                    sock.sendall(MALFORMED[sorted(MALFORMED)[int(path.split("/")[2])]])
+                if path.startswith(("/info/", "/flood/")):
+                    bits = path.split("/")
+                    if bits[1] == "flood":
+                        interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 11
+                    else:
+                        time.sleep(int(bits[3]) / 1000)
+                        interim = (b"HTTP/1.1 %s Interim\r\nLink: </style.css>; rel=preload"
+                                   b"\r\nX-Interim: %s\r\n\r\n" % (bits[2].encode(),
+                                                                   bits[2].encode()))
+                    sock.sendall(interim)
+                body = conn.body(head)
+                if body is None:
+                    return
+                sock.sendall(_ok(b"got %d" % len(body) if path.startswith("/info/") else b"ok"))
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    r = Rig(tmp_path_factory.mktemp("upload-answers"), upstream=UploadApp)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _answers(sock: socket.socket, data: bytes, count: int) -> list[tuple[bytes, bytes]]:
+    """Send ``data`` at once, then read ``count`` final answers (each with a Content-Length;
+    1xx heads are kept as answers with an empty body)."""
+    sock.sendall(data)
+    out = b""
+    answers: list[tuple[bytes, bytes]] = []
+    finals = 0
+    deadline = time.monotonic() + 10
+    while finals < count and time.monotonic() < deadline:
+        head, sep, rest = out.partition(b"\r\n\r\n")
+        if sep:
+            status = int(head[9:12])
+            match = re.search(rb"\r\ncontent-length: (\d+)", head, re.I)
+            want = int(match.group(1)) if match and status >= 200 else 0
+            if len(rest) >= want:
+                answers.append((head, rest[:want]))
+                out = rest[want:]
+                finals += status >= 200
+                continue
+        try:
+            chunk = sock.recv(65536)
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return answers
+
+
+def _head_then_body(rig: Rig, side: str, head: bytes, parts: list[bytes]) -> list[
+        tuple[bytes, bytes]]:
+    """Send ``head``, then each of ``parts`` 0.3 s apart; the answers up to the final one."""
+    sock = rig.connect(side, 10)
+    try:
+        sock.sendall(head)
+        for part in parts[:-1]:
+            time.sleep(0.3)
+            sock.sendall(part)
+        time.sleep(0.3)
+        return _answers(sock, parts[-1], 1)
+    finally:
+        sock.close()
+
+
+# -- 1. a body the app never read ------------------------------------------------------------
+
+UNREAD_BODIES = {
+    "one request": SMUGGLED,
+    "two requests": SMUGGLED * 2,
+    "8 KiB of requests": SMUGGLED * (8192 // len(SMUGGLED)),
+    "a request with a body": b"POST /admin HTTP/1.1\r\nHost: orders\r\nContent-Length: 3"
+                             b"\r\n\r\nabc",
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("size", sorted(UNREAD_BODIES))
+def test_a_body_the_app_answered_2xx_without_reading_never_answers_a_pipelined_request(
+        rig: Rig, side: str, framing: str, size: str) -> None:
+    # The caller pipelines a GET after its POST; the app answers the POST 200 at once and
+    # parses the body as its next request. The GET must get its own answer, never ADMIN.
+    head, body = _request(f"/unread/{framing}", framing, UNREAD_BODIES[size])
+    sock = rig.connect(side, 10)
+    try:
+        got = _answers(sock, head + body + b"GET /next HTTP/1.1\r\nHost: orders\r\n\r\n", 2)
+    finally:
+        sock.close()
+    assert [a[1] for a in got] == [b"ok", b"ok"], got
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_the_app_answered_2xx_without_reading_never_answers_the_next_caller(
+        rig: Rig, side: str, framing: str) -> None:
+    head, body = _request(f"/unread/next-{framing}", framing, SMUGGLED)
+    sock = rig.connect(side, 10)
+    try:
+        answer_head, answer_body = _exchange(sock, [head + body], pause=0)
+    finally:
+        sock.close()
+    assert answer_head.startswith(b"HTTP/1.1 200 ") and answer_body == b"ok"
+    for _ in range(3):  # new callers, new client connections: each its own answer
+        sock = rig.connect(side, 10)
+        try:
+            got = _answers(sock, b"GET /next HTTP/1.1\r\nHost: orders\r\n\r\n", 1)
+        finally:
+            sock.close()
+        assert [a[1] for a in got] == [b"ok"], got
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_a_body_sent_after_the_head_and_answered_2xx_unread_never_answers_the_next(
+        rig: Rig, side: str) -> None:
+    # The head first, the body 0.3 s later: the 200 came before the body, which is not sent.
+    head, body = _request("/unread/later", "length", SMUGGLED)
+    sock = rig.connect(side, 10)
+    try:
+        answer_head, answer_body = _exchange(sock, [head, body], pause=0.3)
+    finally:
+        sock.close()
+    assert answer_head.startswith(b"HTTP/1.1 200 ") and answer_body == b"ok"
+    for _ in range(3):
+        rig.assert_serving(side)
+
+
+# -- 2. 1xx heads while the body is read -----------------------------------------------------
+
+INTERIM = ["100", "102", "103", "150", "199"]
+
+
+def _check_interim(got: list[tuple[bytes, bytes]], status: str, size: int) -> None:
+    finals = [a for a in got if int(a[0][9:12]) >= 200]
+    interim = [a for a in got if int(a[0][9:12]) < 200]
+    assert finals and finals[0][0].startswith(b"HTTP/1.1 200 "), got
+    assert finals[0][1] == b"got %d" % size, got
+    assert b"connection: close" not in finals[0][0].lower(), got
+    if status == "100":
+        assert interim == [], got  # (the sidecar answers Expect itself)
+    else:
+        assert len(interim) == 1 and interim[0][0].startswith(
+            b"HTTP/1.1 " + status.encode() + b" "), got
+        assert b"x-interim: " + status.encode() in interim[0][0].lower(), got
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("status", INTERIM)
+def test_a_1xx_while_the_body_is_sent_in_parts_is_relayed_and_the_body_goes_on(
+        rig: Rig, side: str, framing: str, status: str) -> None:
+    # The head (and nothing else) first; the app sends its 1xx at once; the body follows in
+    # two parts. The app must get the whole body and the caller its answer.
+    body = b"b" * 5000
+    head, framed = _request(f"/info/{status}/0/parts-{framing}", framing, body)
+    got = _head_then_body(rig, side, head, [framed[:2000], framed[2000:]])
+    _check_interim(got, status, len(body))
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("status", INTERIM)
+def test_a_1xx_while_a_large_body_is_blocked_is_relayed_and_the_body_goes_on(
+        rig: Rig, side: str, framing: str, status: str) -> None:
+    # 4 MiB at once: the sidecar's send blocks (the app reads nothing for 300 ms), the 1xx
+    # arrives while it waits, then the app reads everything. A pipelined GET follows.
+    body = b"c" * (4 * 1024 * 1024)
+    head, framed = _request(f"/info/{status}/300/large-{framing}", framing, body)
+    sock = rig.connect(side, 20)
+    try:
+        got = _answers(sock, head + framed + b"GET /next HTTP/1.1\r\nHost: orders\r\n\r\n", 2)
+    finally:
+        sock.close()
+    _check_interim(got[:-1], status, len(body))
+    assert got[-1][1] == b"ok", got  # (the pipelined request's own answer)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("status", INTERIM)
+def test_a_1xx_to_an_http10_caller_is_not_relayed(rig: Rig, side: str, status: str) -> None:
+    body = b"d" * 3000
+    head = (b"POST /info/%s/0/http10 HTTP/1.0\r\nHost: orders\r\nContent-Length: %d\r\n\r\n"
+            % (status.encode(), len(body)))
+    got = _head_then_body(rig, side, head, [body])
+    assert len(got) == 1 and got[0][0].startswith(b"HTTP/1.1 200 "), got
+    assert got[0][1] == b"got %d" % len(body), got
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("path", ["/info/101/0/unasked", "/flood/x"])
+def test_a_101_or_a_1xx_flood_while_the_body_is_sent_is_a_502(rig: Rig, side: str,
+                                                                path: str) -> None:
+    head, framed = _request(path, "length", b"e" * 5000)
+    got = _head_then_body(rig, side, head, [framed])
+    finals = [a for a in got if int(a[0][9:12]) >= 200]
+    assert finals and finals[0][0].startswith(b"HTTP/1.1 502 "), got
+    rig.assert_serving(side)
+
+
+# Heads an upstream may send while the body is sent that are refused as they are after it:
+# a 502, nothing relayed, the upstream connection closed (never pooled).
+_CL = b"Content-Length: 2\r\n"
+MALFORMED: dict[str, bytes] = {
+    "103 with a bare LF": b"HTTP/1.1 103 Early Hints\nLink: </a>\r\n\r\n",
+    "103 with a bare CR": b"HTTP/1.1 103 Early Hints\rLink: </a>\r\n\r\n",
+    "103 with a NUL": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\x00\r\n\r\n",
+    "103 with an escape": b"HTTP/1.1 103 Early\x1b Hints\r\n\r\n",
+    "103 with obs-fold": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n ;rel=x\r\n\r\n",
+    "103 with two lengths": b"HTTP/1.1 103 Early Hints\r\n" + _CL + _CL + b"\r\n",
+    "103 with length and chunked": b"HTTP/1.1 103 Early Hints\r\n" + _CL
+                                   + b"Transfer-Encoding: chunked\r\n\r\n",
+    "103 over the head limit": b"HTTP/1.1 103 Early Hints\r\nX-A: " + b"a" * 100_000
+                               + b"\r\n\r\n",
+    "103 with too many fields": b"HTTP/1.1 103 Early Hints\r\n" + b"X-A: a\r\n" * 300
+                                + b"\r\n",
+    "a space before the colon": b"HTTP/1.1 103 Early Hints\r\nLink : </a>\r\n\r\n",
+    "status 099": b"HTTP/1.1 099 Early\r\n\r\n",
+    "status 1000": b"HTTP/1.1 1000 Early\r\n\r\n",
+    "HTTP/1.2": b"HTTP/1.2 103 Early Hints\r\n\r\n",
+    "200 with two lengths": b"HTTP/1.1 200 OK\r\n" + _CL + _CL + b"\r\nok",
+    "200 with length and chunked": b"HTTP/1.1 200 OK\r\n" + _CL
+                                   + b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "200 with obs-fold": b"HTTP/1.1 200 OK\r\n" + _CL + b"X-A: a\r\n b\r\n\r\nok",
+    "200 with a bare LF": b"HTTP/1.1 200 OK\r\n" + _CL + b"X-A: a\n\r\nok",
+    "200 with a NUL": b"HTTP/1.1 200 OK\r\n" + _CL + b"X-A: a\x00\r\n\r\nok",
+    "a 103 then 11 more": b"HTTP/1.1 103 Early Hints\r\n\r\n" * 12,
+}
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_a_malformed_head_while_the_body_is_sent_is_a_502(rig: Rig, side: str, framing: str,
+                                                          name: str) -> None:
+    index = sorted(MALFORMED).index(name)
+    head, framed = _request(f"/raw/{index}", framing, b"f" * 5000)
+    got = _head_then_body(rig, side, head, [framed])
+    assert got and got[-1][0].startswith(b"HTTP/1.1 502 "), got
+    # Nothing of the malformed head relayed (the 1xx heads before a flood's eleventh are).
+    assert all(int(a[0][9:12]) in (103, 502) for a in got), got
+    assert name == "a 103 then 11 more" or len(got) == 1, got
+    rig.assert_serving(side)
