@@ -12,10 +12,12 @@ reason                 event                                                    
 =====================  ===========================================================  ==========
 ``max_age``            older than ``limits.max_connection_age`` (minus jitter)       graceful
 ``own_cert_rotated``   a pooled upstream connection made with an older own SVID    graceful
-``peer_cert_expired``  a certificate of the peer's chain expired                   immediate
+``peer_cert_expired``  a certificate of the peer's chain expired (outbound: of the   immediate
+                       upstream's a request in flight runs over)
 ``own_cert_expired``   a certificate of the own chain the connection was made       immediate
                        with expired (no rotation came in time)
-``peer_untrusted``     a bundle changed and the peer's chain no longer verifies    immediate
+``peer_untrusted``     a bundle changed and the peer's chain (outbound: the          immediate
+                       upstream's of a request in flight) no longer verifies
 ``policy_refused``     the policy (a reload, or a rule's ``expires_at`` passing)     immediate
                        refuses a TCP or upgraded stream or a request in flight
 ``credential_expired`` the token or API key an upgraded stream was authorised      immediate
@@ -86,11 +88,15 @@ class LiveConnection:
     (one comparison in the sweep finds both). ``request`` is the exchange being served (the
     listener's ``RequestContext``, set when it is allowed) and ``allows(request, now)``
     whether the current policy would still allow it (set once per connection).
+    ``upstream`` (outbound) is the admission of the pooled upstream connection the request
+    in flight is carried over (``UpstreamMeta``: ``peer``, ``chain``, ``peer_not_after``,
+    ``own_not_after``; one attribute store when the pool hands it out): while a request is
+    in flight its trust is the connection's too.
     """
 
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
                  "own_not_after", "credentials_end", "deadline", "opened", "scope", "idle",
-                 "recheck", "request", "allows", "retiring", "cut_at", "_registry")
+                 "recheck", "request", "allows", "upstream", "retiring", "cut_at", "_registry")
 
     def __init__(self, direction: str, listener: str, source: str, peer: str | None,
                  chain: PeerChain | None, peer_not_after: float, deadline: float,
@@ -106,6 +112,7 @@ class LiveConnection:
         self.credentials_end = math.inf
         self.request: Any = None
         self.allows: Callable[[Any, float], bool] | None = None
+        self.upstream: Any = None
         self.deadline = deadline  # trio clock
         self.opened = time.time()
         self.scope = trio.CancelScope()
@@ -204,6 +211,13 @@ class Lifetimes:
                 n += self.retire(conn, REASON_CREDENTIAL_EXPIRED)
             elif now >= conn.deadline:
                 n += self.retire(conn, REASON_MAX_AGE)
+            else:
+                up = conn.upstream
+                if up is not None and conn.idle is None and wall >= up.peer_not_after:
+                    # A request in flight over an upstream connection whose peer's (or the
+                    # own) chain expired: cut like an inbound one.
+                    n += self.retire(conn, REASON_OWN_CERT_EXPIRED
+                                     if wall >= up.own_not_after else REASON_PEER_CERT_EXPIRED)
         return n
 
     def recheck_trust(self, trusted: Callable[[str, PeerChain], float | None]) -> int:
@@ -214,12 +228,23 @@ class Lifetimes:
         connection's ``peer_not_after``."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is None and conn.peer is not None and conn.chain is not None:
+            if conn.retiring is not None:
+                continue
+            if conn.peer is not None and conn.chain is not None:
                 ends = trusted(conn.peer, conn.chain)
                 if ends is None:
                     n += self.retire(conn, REASON_PEER_UNTRUSTED)
+                    continue
+                conn.peer_not_after = min(ends, conn.own_not_after)
+            up = conn.upstream
+            if up is not None and conn.idle is None and conn.recheck is None:
+                # (a request in flight over a pooled upstream connection; an upgraded stream
+                # is bound to its upstream's chain above)
+                ends = trusted(up.peer, up.chain)
+                if ends is None:
+                    n += self.retire(conn, REASON_PEER_UNTRUSTED)
                 else:
-                    conn.peer_not_after = min(ends, conn.own_not_after)
+                    up.peer_not_after = min(ends, up.own_not_after)
         return n
 
     def recheck_policy(self, now: float) -> int:
