@@ -16,7 +16,9 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,21 +27,30 @@ from tests.harness import (
     TD,
     Pki,
     free_port,
+    mtls_context,
     read_head,
     replace_file,
     sidecar_config,
     spiffe,
     start_sidecar,
     wait_for,
+    write_policy,
 )
-from tests.test_connection_lifetime_e2e import closed, wait_closed
+from tests.test_authn_support import AUDIENCE, ISSUER, ec_key, jwk, jwks_bytes
+from tests.test_connection_lifetime_e2e import closed, read_until_eof, wait_closed
 from tests.test_lifetime_review import (
+    _api_key,
     _drain,
+    _echoes,
+    _inbound,
     _policy_doc,
     _reloads,
     _short_lived_identity,
+    _stamp,
     _start,
     _still_going,
+    _token,
+    _tunnel,
     _write,
 )
 
@@ -181,3 +192,193 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
             assert _drain(s), f"the {kind} went on after its upstream's trust ended ({how})"
     finally:
         upstream.close()
+
+
+# -- requests in flight and the credentials that authorised them ------------------------------
+
+# what a reload takes from the credentials of a request in flight
+CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoked_sub"]
+
+
+@pytest.mark.parametrize("kind", ["download", "upload"])
+@pytest.mark.parametrize("how", CREDENTIAL_RELOADS)
+def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
+        tmp_path, pki, app, procs, kind, how):
+    """A keep-alive connection's request in flight (its credentials checked when it began)
+    went on after a reload removed its API key or revoked its token; a reload that keeps
+    them (the control) leaves it alone."""
+    jwt_rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")],
+                                         "jwt": {"provider": "corp"}}}
+    key_rule = {"name": "key", "allow": {"from": [spiffe("frontend")], "apikey": True}}
+    victim_key, victim_entry = _api_key("victim")
+    _, steady_entry = _api_key("steady")
+    _, other_entry = _api_key("other")
+    if how.startswith("apikey"):
+        doc = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry])
+        control = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry, other_entry])
+        gone = [steady_entry] if how == "apikey_removed" else [
+            {**victim_entry, "expires_at": _stamp(time.time() - 60)}, steady_entry]
+        reload = _policy_doc([key_rule], api_keys=gone)
+        headers = {"x-api-key": victim_key}
+    else:
+        field = how.split("_", 1)[1]
+        doc = _policy_doc([jwt_rule])
+        control = _policy_doc([jwt_rule], revocations=[{field: "someone-else"}])
+        reload = _policy_doc([jwt_rule], revocations=[{field: "mallory"}])
+        headers = {"authorization": f"Bearer {_token(sub='mallory', jti='mallory')}"}
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                  timeout=10)) as tls:
+        _start(tls, kind, headers)
+        _write(tmp_path, control)
+        wait_for(lambda: _reloads(srv) >= 2)
+        _still_going(tls, kind)
+        assert closed(srv, "policy_refused") == 0
+        _write(tmp_path, reload)
+        wait_closed(srv, "policy_refused")
+        assert _drain(tls), f"the {kind} went on after the reload took its credentials"
+
+
+# -- upgraded streams and the keys that signed their tokens -----------------------------------
+
+def _signed(key_label: str, kid: str, **claims: Any) -> str:
+    import jwt as pyjwt
+
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "jti": uuid.uuid4().hex,
+               "iat": now - 5, "exp": now + 600, **claims}
+    return pyjwt.encode(payload, ec_key(key_label), algorithm="ES256", headers={"kid": kid})
+
+
+# how the key that signed the victim's token leaves the JWKS file (the control's stays)
+KEY_FILE_CHANGES = {
+    "kid_removed": lambda: jwks_bytes(jwk(ec_key("lt2-b"), "lt-b")),
+    "key_replaced": lambda: jwks_bytes(jwk(ec_key("lt2-other"), "lt-a"),
+                                       jwk(ec_key("lt2-b"), "lt-b")),
+    "reordered_and_removed": lambda: jwks_bytes(jwk(ec_key("lt2-c"), "lt-c"),
+                                                jwk(ec_key("lt2-b"), "lt-b")),
+}
+
+
+@pytest.mark.parametrize("how", list(KEY_FILE_CHANGES))
+def test_a_stream_ends_when_its_tokens_key_leaves_the_jwks_file(tmp_path, pki, app, procs,
+                                                                how):
+    jwks = tmp_path / "policy" / "jwks" / "corp.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    jwks.write_bytes(jwks_bytes(jwk(ec_key("lt2-a"), "lt-a"), jwk(ec_key("lt2-b"), "lt-b")))
+    rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                     "jwt": {"provider": "corp"}}}
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, _policy_doc([rule])))
+    port = srv.port("inbound")
+    front = mtls_context(pki.identity("frontend"), pki.bundle)
+    victim = _tunnel(port, front, {"authorization": f"Bearer {_signed('lt2-a', 'lt-a')}"})
+    control = _tunnel(port, front, {"authorization": f"Bearer {_signed('lt2-b', 'lt-b')}"})
+    try:
+        replace_file(jwks, KEY_FILE_CHANGES[how]())
+        wait_closed(srv, "policy_refused")
+        assert read_until_eof(victim)
+        assert _echoes(control), "a stream whose token's key stayed was ended"
+        assert closed(srv, "policy_refused") == 1
+    finally:
+        victim.close()
+        control.close()
+
+
+def _idp(tmp: Path, pki: Pki) -> Any:
+    from tests.idp import IdpProc
+
+    return IdpProc(tmp / "idp", client_ca=pki.bundle, clients={"orders": "orders-secret"},
+                   mtls_clients=("frontend",))
+
+
+def _idp_policy(tmp: Path, idp: Any, provider: dict[str, Any]) -> str:
+    (tmp / "policy").mkdir(parents=True, exist_ok=True)
+    (tmp / "policy" / "secret").write_text("orders-secret\n")
+    rule = {"name": "ws", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                    "jwt": {"provider": "idp"}}}
+    return write_policy(tmp / "policy" / "mesh.yaml", {
+        "version": 1, "trust_domain": TD, "jwt_providers": {"idp": provider},
+        "services": {spiffe("orders"): {"rules": [rule]}}})
+
+
+def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(tmp_path, pki, app, procs):
+    """A refetch that only adds a key (a rotation) leaves the stream alone; one that drops
+    the key its token was signed with ends it, like a revoked token."""
+    idp = _idp(tmp_path, pki)
+    try:
+        policy = _idp_policy(tmp_path, idp, {
+            "issuer": idp.issuer, "audiences": ["orders"], "algorithms": ["ES256"],
+            "discovery": True, "jwks_ca": idp.ca, "jwks_refresh": "1s",
+            "jwks_min_refetch": "1s"})
+        srv = _inbound(tmp_path, pki, app, procs, policy)
+        front_dir = pki.identity("frontend")
+        front = mtls_context(front_dir, pki.bundle)
+        port = srv.port("inbound")
+        wait_for(lambda: srv.metric("sidecar_jwks_fetches_total", provider="idp",
+                                    result="ok") >= 1)
+        victim = _tunnel(port, front, {"authorization": f"Bearer {idp.token(identity=front_dir)}"})
+        try:
+            fetched = srv.metric("sidecar_jwks_fetches_total", provider="idp", result="ok")
+            idp.control(rotate=True)  # a key added: the victim's stays
+            wait_for(lambda: srv.metric("sidecar_jwks_fetches_total", provider="idp",
+                                        result="ok") >= fetched + 2)
+            assert _echoes(victim)
+            assert closed(srv, "policy_refused") == 0
+            idp.control(rotate=True, drop_old=True)
+            wait_closed(srv, "policy_refused")
+            assert read_until_eof(victim)
+        finally:
+            victim.close()
+    finally:
+        idp.stop()
+
+
+# -- upgraded streams authorised by an introspected token -------------------------------------
+
+# how the authorisation server stops vouching for the victim's token
+INTROSPECTED = ["revoked", "server_fails", "answer_exp"]
+
+
+@pytest.mark.parametrize("how", INTROSPECTED)
+def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
+        tmp_path, pki, app, procs, how):
+    """The stream was never asked about again (credentials_end none): now it ends at the
+    answer's exp (plus clock_skew) and is re-introspected when the cached answer runs out
+    (cache_ttl), through the cache; inactive or a failed call ends it (fail closed)."""
+    idp = _idp(tmp_path, pki)
+    try:
+        policy = _idp_policy(tmp_path, idp, {
+            "issuer": idp.issuer, "audiences": ["orders"], "clock_skew": "1s",
+            "introspection": {"endpoint": f"{idp.issuer}/introspect", "ca": idp.ca,
+                              "client_id": "orders", "client_secret_file": "secret",
+                              "cache_ttl": "2s", "negative_ttl": "1s", "timeout": "1s"}})
+        srv = _inbound(tmp_path, pki, app, procs, policy)
+        front_dir = pki.identity("frontend")
+        front = mtls_context(front_dir, pki.bundle)
+        port = srv.port("inbound")
+        ttl = {"ttl": "5"} if how == "answer_exp" else {}
+        victim_token = idp.token(identity=front_dir, format="opaque", **ttl)
+        victim = _tunnel(port, front, {"authorization": f"Bearer {victim_token}"})
+        control = _tunnel(port, front, {
+            "authorization": f"Bearer {idp.token(identity=front_dir, format='opaque')}"})
+        try:
+            asked = idp.stats()["introspect"]
+            if how == "revoked":
+                # Asked again while the answers hold: the streams go on.
+                wait_for(lambda: idp.stats()["introspect"] >= asked + 2, timeout=15)
+                assert _echoes(victim) and _echoes(control)
+                assert closed(srv, "credential_expired") == 0
+                idp.control(revoke=victim_token)
+            elif how == "server_fails":
+                idp.control(mode={"introspect": "fail"})
+            wait_closed(srv, "credential_expired")
+            assert read_until_eof(victim)
+            if how != "server_fails":
+                assert _echoes(control), "a stream whose token is still active was ended"
+                assert closed(srv, "credential_expired") == 1
+        finally:
+            victim.close()
+            control.close()
+    finally:
+        idp.stop()
