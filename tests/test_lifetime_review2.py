@@ -8,6 +8,15 @@ of trust lifetime), each as a family through real sidecars, real certificates an
   while the request is in flight and is cut after ``connection_close_grace``
   (``peer_cert_expired``, ``peer_untrusted``, ``own_cert_expired``); egress withdrawn keeps
   its ``policy_refused``. A change that still trusts the upstream leaves it alone.
+* An upgraded stream authorised by an introspected token was never asked about again; it is
+  now re-introspected when its cached answer runs out (through the cache) and ends on an
+  inactive answer, a failed or too slow call, and at the answer's ``exp`` plus clock skew
+  (``credential_expired``).
+* A stream whose JWT's signing key left the provider's JWKS (a file reload, a refetch), or
+  whose provider a reload changed so that the token no longer verifies, went on; it ends like
+  a revoked token (``policy_refused``).
+* A request in flight went on after a reload removed or expired its API key or revoked its
+  token; it is cut (``policy_refused``).
 """
 
 from __future__ import annotations
@@ -337,7 +346,7 @@ def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(tmp_path, pki,
 # -- upgraded streams authorised by an introspected token -------------------------------------
 
 # how the authorisation server stops vouching for the victim's token
-INTROSPECTED = ["revoked", "server_fails", "answer_exp"]
+INTROSPECTED = ["revoked", "server_fails", "server_slow", "answer_exp"]
 
 
 @pytest.mark.parametrize("how", INTROSPECTED)
@@ -372,9 +381,11 @@ def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
                 idp.control(revoke=victim_token)
             elif how == "server_fails":
                 idp.control(mode={"introspect": "fail"})
+            elif how == "server_slow":  # slower than the provider's timeout
+                idp.control(mode={"introspect": "slow"}, delay=3)
             wait_closed(srv, "credential_expired")
             assert read_until_eof(victim)
-            if how != "server_fails":
+            if how not in ("server_fails", "server_slow"):
                 assert _echoes(control), "a stream whose token is still active was ended"
                 assert closed(srv, "credential_expired") == 1
         finally:
@@ -382,3 +393,49 @@ def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
             control.close()
     finally:
         idp.stop()
+
+
+# a reload changes the provider so that the stream's token no longer verifies
+PROVIDER_CHANGES = {
+    "issuer": {"issuer": "https://another-issuer.example"},
+    "audiences": {"audiences": ["another-audience"]},
+    "algorithms": {"algorithms": ["RS256"]},
+    "max_lifetime": {"max_lifetime": "60s"},
+    "required_claims": {"required_claims": ["exp", "client_id"]},
+}
+
+
+@pytest.mark.parametrize("how", list(PROVIDER_CHANGES))
+def test_a_stream_ends_when_a_reload_changes_its_provider_past_its_token(
+        tmp_path, pki, app, procs, how):
+    """The stream's token is judged again under the provider in force: a reload after which
+    it would be refused ends the stream (it went on: only exp and revocations were checked);
+    a change it still passes (clock_skew) and an API-key stream are left alone."""
+    rules = [{"name": "jwt", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                       "jwt": {"provider": "corp"}}},
+             {"name": "key", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
+                                       "apikey": True}}]
+    key, entry = _api_key("steady")
+
+    def doc(**change: Any) -> dict[str, Any]:
+        d = _policy_doc(rules, api_keys=[entry])
+        d["jwt_providers"]["corp"].update(change)
+        return d
+
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc()))
+    port = srv.port("inbound")
+    front = mtls_context(pki.identity("frontend"), pki.bundle)
+    victim = _tunnel(port, front, {"authorization": f"Bearer {_token()}"})
+    control = _tunnel(port, front, {"x-api-key": key})
+    try:
+        _write(tmp_path, doc(clock_skew="2s"))
+        wait_for(lambda: _reloads(srv) >= 2)
+        assert _echoes(victim) and _echoes(control)
+        assert closed(srv, "policy_refused") == 0
+        _write(tmp_path, doc(**PROVIDER_CHANGES[how]))
+        wait_closed(srv, "policy_refused")
+        assert read_until_eof(victim)
+        assert _echoes(control), "a stream whose credentials still hold was ended"
+    finally:
+        victim.close()
+        control.close()
