@@ -372,7 +372,7 @@ class Gate:
                 if not authn.credentials_hold(auth, now, api_key, tokens=tokens,
                                               audience=self._service_audience()):
                     return False
-            elif not authn.credentials_kept(auth, now):
+            elif not authn.credentials_kept(auth, now, self._service_audience()):
                 return False
         policy = self.policies.policy
         if policy is None:

@@ -206,7 +206,8 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
 # -- requests in flight and the credentials that authorised them ------------------------------
 
 # what a reload takes from the credentials of a request in flight
-CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoked_sub"]
+CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoked_sub",
+                      "kid_removed", "issuer_changed", "audiences_changed"]
 
 
 @pytest.mark.parametrize("kind", ["download", "upload"])
@@ -214,27 +215,49 @@ CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoke
 def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
         tmp_path, pki, app, procs, kind, how):
     """A keep-alive connection's request in flight (its credentials checked when it began)
-    went on after a reload removed its API key or revoked its token; a reload that keeps
-    them (the control) leaves it alone."""
+    went on after a reload removed its API key, revoked its token, removed the key its token
+    was signed with or changed its provider past it; a reload that keeps them (the control)
+    leaves it alone."""
     jwt_rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")],
                                          "jwt": {"provider": "corp"}}}
     key_rule = {"name": "key", "allow": {"from": [spiffe("frontend")], "apikey": True}}
     victim_key, victim_entry = _api_key("victim")
     _, steady_entry = _api_key("steady")
     _, other_entry = _api_key("other")
+    jwks = tmp_path / "policy" / "jwks" / "corp.json"
+    jwks.parent.mkdir(parents=True, exist_ok=True)
+    jwks.write_bytes(jwks_bytes(jwk(ec_key("lifetime-ec"), "lt-1"),
+                                jwk(ec_key("lt2-b"), "lt-b")))
+    headers = {"authorization": f"Bearer {_token(sub='mallory', jti='mallory')}"}
+    doc = _policy_doc([jwt_rule])
+    control = _policy_doc([jwt_rule], revocations=[{"jti": "someone-else"}])
+
+    def change() -> None:
+        _write(tmp_path, _policy_doc([jwt_rule], revocations=[{field: "mallory"}]))
+
+    field = how.split("_", 1)[1]
     if how.startswith("apikey"):
         doc = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry])
         control = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry, other_entry])
         gone = [steady_entry] if how == "apikey_removed" else [
             {**victim_entry, "expires_at": _stamp(time.time() - 60)}, steady_entry]
-        reload = _policy_doc([key_rule], api_keys=gone)
+
+        def change() -> None:
+            _write(tmp_path, _policy_doc([key_rule], api_keys=gone))
+
         headers = {"x-api-key": victim_key}
-    else:
-        field = how.split("_", 1)[1]
-        doc = _policy_doc([jwt_rule])
-        control = _policy_doc([jwt_rule], revocations=[{field: "someone-else"}])
-        reload = _policy_doc([jwt_rule], revocations=[{field: "mallory"}])
-        headers = {"authorization": f"Bearer {_token(sub='mallory', jti='mallory')}"}
+    elif how == "kid_removed":
+        def change() -> None:
+            replace_file(jwks, jwks_bytes(jwk(ec_key("lt2-b"), "lt-b")))
+    elif how.endswith("_changed"):
+        provider_change = {"issuer": {"issuer": "https://another-issuer.example"},
+                           "audiences": {"audiences": ["another-audience"]}}[how[:-8]]
+
+        def change() -> None:
+            changed = _policy_doc([jwt_rule])
+            changed["jwt_providers"]["corp"].update(provider_change)
+            _write(tmp_path, changed)
+
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
@@ -244,7 +267,7 @@ def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
         wait_for(lambda: _reloads(srv) >= 2)
         _still_going(tls, kind)
         assert closed(srv, "policy_refused") == 0
-        _write(tmp_path, reload)
+        change()
         wait_closed(srv, "policy_refused")
         assert _drain(tls), f"the {kind} went on after the reload took its credentials"
 

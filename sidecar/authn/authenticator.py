@@ -566,13 +566,21 @@ class Authenticator:
                 return False
         return True
 
-    def credentials_kept(self, auth: AuthFacts, now: float) -> bool:
-        """For a request in flight (its credentials were checked when it began; no token or
-        key is kept per request): every provider of its tokens is still in the policy, no
-        token is revoked now, and its API key's entry (by name) is still there, unexpired."""
+    def credentials_kept(self, auth: AuthFacts, now: float, audience: str | None = None) -> bool:
+        """For a request in flight (its credentials were checked when it began; nothing more
+        is kept per request): every provider of its tokens is still in the policy, no token
+        is revoked now, each token ``auth.key`` holds (the decision cache's key: verified
+        JWTs up to DECISION_KEY_MAX_TOKEN bytes) still verifies under the provider and key
+        set in force, and its API key's entry (by name) is still there, unexpired."""
         for name, claims in auth.claims.items():
             if name not in self._providers or self._revocations.is_revoked(claims):
                 return False
+        key = auth.key
+        if key:
+            for item in key[:-1]:  # (name, token) or (name, None, reason); the API key last
+                if type(item) is tuple and len(item) == 2 and isinstance(item[1], str) \
+                        and not self._token_holds(item[0], item[1], now, audience):
+                    return False
         return auth.apikey is None or self._apikeys.named(auth.apikey, now)
 
     def _token_holds(self, name: str, token: str, now: float, audience: str | None) -> bool:
