@@ -287,6 +287,10 @@ class InboundProxy:
 
             def recheck(now: float) -> bool:
                 conn.credentials_end = gate.credentials_end(auth, key)
+                if conn.reauth is not None:
+                    # (a reload that changed the provider dropped its cached answers: ask
+                    # again at the next sweep, not when the old answer would have run out)
+                    conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
                 return gate.still_allows(facts, auth, now, api_key=key, tokens=tokens)
 
             async def reauth(live: LiveConnection) -> None:

@@ -369,7 +369,8 @@ def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(tmp_path, pki,
 # -- upgraded streams authorised by an introspected token -------------------------------------
 
 # how the authorisation server stops vouching for the victim's token
-INTROSPECTED = ["revoked", "server_fails", "server_slow", "answer_exp"]
+INTROSPECTED = ["revoked", "server_fails", "server_slow", "answer_exp",
+                "provider_reloaded"]  # its client credentials changed: asked again at once
 
 
 @pytest.mark.parametrize("how", INTROSPECTED)
@@ -380,11 +381,15 @@ def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
     (cache_ttl), through the cache; inactive or a failed call ends it (fail closed)."""
     idp = _idp(tmp_path, pki)
     try:
-        policy = _idp_policy(tmp_path, idp, {
-            "issuer": idp.issuer, "audiences": ["orders"], "clock_skew": "1s",
-            "introspection": {"endpoint": f"{idp.issuer}/introspect", "ca": idp.ca,
-                              "client_id": "orders", "client_secret_file": "secret",
-                              "cache_ttl": "2s", "negative_ttl": "1s", "timeout": "1s"}})
+        def provider(secret: str = "secret") -> dict[str, Any]:
+            return {"issuer": idp.issuer, "audiences": ["orders"], "clock_skew": "1s",
+                    "introspection": {
+                        "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca,
+                        "client_id": "orders", "client_secret_file": secret,
+                        "cache_ttl": "1h" if how == "provider_reloaded" else "2s",
+                        "negative_ttl": "1s", "timeout": "1s"}}
+
+        policy = _idp_policy(tmp_path, idp, provider())
         srv = _inbound(tmp_path, pki, app, procs, policy)
         front_dir = pki.identity("frontend")
         front = mtls_context(front_dir, pki.bundle)
@@ -406,9 +411,12 @@ def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
                 idp.control(mode={"introspect": "fail"})
             elif how == "server_slow":  # slower than the provider's timeout
                 idp.control(mode={"introspect": "slow"}, delay=3)
+            elif how == "provider_reloaded":  # the server now refuses the client (401)
+                (tmp_path / "policy" / "wrong-secret").write_text("not-the-secret\n")
+                _idp_policy(tmp_path, idp, provider("wrong-secret"))
             wait_closed(srv, "credential_expired")
             assert read_until_eof(victim)
-            if how not in ("server_fails", "server_slow"):
+            if how in ("revoked", "answer_exp"):
                 assert _echoes(control), "a stream whose token is still active was ended"
                 assert closed(srv, "credential_expired") == 1
         finally:
