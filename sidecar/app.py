@@ -201,6 +201,9 @@ class Sidecar:
         from sidecar.ratelimit import RateLimiter
 
         self.authenticator = authenticator = Authenticator(PolicyExtras())
+        # A key removed from a provider's JWKS (file reload or refetch) is a revocation of
+        # the tokens it signed: the streams authorised with one end (policy_refused).
+        authenticator.on_keys_removed = lambda: self.lifetimes.recheck_policy(time.time())
         self.limiter = limiter = RateLimiter(())
         self.detector = detector = BurstDetector(())
         self.alert_poster = AlertPoster(self.metrics)

@@ -46,7 +46,7 @@ limits and burst counting run on every request as before.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -349,24 +349,31 @@ class Gate:
         return verdict
 
     def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float, *,
-                     api_key: bytes | None = None, credentials: bool = True) -> bool:
+                     api_key: bytes | None = None, credentials: bool = True,
+                     tokens: Mapping[str, str] | None = None) -> bool:
         """Would the current policy (and alert blocks) still let this stream in?
 
         For a TCP or upgraded stream decided earlier, checked again after a policy change
         (``sidecar.net.lifetime``). Pure: no rate-limit tokens, no failure counted, no
         alert; the caller's credentials are those it presented when the stream began, and
         with ``credentials`` they must still hold (``Authenticator.credentials_hold``:
-        unexpired, not revoked, the API key ``api_key`` still known). Without, only the
-        rules judge (a request in flight, whose credentials were checked when it began).
+        unexpired, not revoked, the API key ``api_key`` still known, the ``tokens`` still
+        verified by the key set in force or the introspection answer cached). Without (a
+        request in flight, whose credentials were checked when it began) the rules judge,
+        and its credentials must still be kept (``Authenticator.credentials_kept``: their
+        providers still there, no token revoked, the API key's entry still there).
         """
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return False
         authn = self.authenticator
-        if credentials and auth is not None and authn is not None and (
-                auth.claims or auth.apikey is not None) \
-                and not authn.credentials_hold(auth, now, api_key):
-            return False
+        if auth is not None and authn is not None and (auth.claims or auth.apikey is not None):
+            if credentials:
+                if not authn.credentials_hold(auth, now, api_key, tokens=tokens,
+                                              audience=self._service_audience()):
+                    return False
+            elif not authn.credentials_kept(auth, now, self._service_audience()):
+                return False
         policy = self.policies.policy
         if policy is None:
             if self.policies.source is not None:
@@ -384,6 +391,41 @@ class Gate:
         if auth is None or authn is None or not (auth.claims or auth.apikey is not None):
             return math.inf
         return authn.credentials_end(auth, api_key)
+
+    def _service_audience(self) -> str:
+        """The own service's default audience under the policy in force."""
+        policy = self.policies.policy
+        svc = policy.services.get(self.own_id) if policy is not None else None
+        return (svc.audience if svc is not None else None) or self.own_id
+
+    def stream_tokens(self, auth: AuthFacts | None, headers: Sequence[tuple[bytes, bytes]],
+                      query: str) -> dict[str, str]:
+        """The tokens an upgraded stream was authorised with, by provider (once per
+        stream; ``Authenticator.stream_tokens``)."""
+        authn = self.authenticator
+        if auth is None or authn is None or not auth.claims:
+            return {}
+        return authn.stream_tokens(auth, list(headers), query)
+
+    def reintrospect_at(self, tokens: Mapping[str, str], now: float) -> float:
+        """When a stream with ``tokens`` must ask the authorisation server again (Unix
+        time; inf: none of them is introspected)."""
+        authn = self.authenticator
+        if authn is None or not tokens or self.introspector is None:
+            return math.inf
+        return authn.reintrospect_at(tokens, now)
+
+    async def reintrospect(self, tokens: Mapping[str, str],
+                           headers: list[tuple[bytes, bytes]], query: str) -> None:
+        """Ask the authorisation server again about a stream's introspected tokens, through
+        the introspection cache (no call while an answer is fresh; one call per token at a
+        time, however many streams carry it)."""
+        introspector, authn = self.introspector, self.authenticator
+        if introspector is None or authn is None:
+            return
+        names = [name for name in tokens if name in authn.introspection_providers]
+        if names:
+            await introspector.prepare(names, headers, query)
 
     def next_rule_expiry(self, after: float) -> float:
         """The first ``expires_at`` of a rule of the own section after ``after`` (Unix

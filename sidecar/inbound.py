@@ -49,8 +49,9 @@ from sidecar.identity.svid import (
     peer_identity_from_der,
 )
 from sidecar.identity.trust import PeerChain
+from sidecar.logs import log
 from sidecar.net.forward import Exchange, forward, splice
-from sidecar.net.lifetime import Lifetimes, LiveConnection
+from sidecar.net.lifetime import REASON_CREDENTIAL_EXPIRED, Lifetimes, LiveConnection
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
@@ -268,29 +269,58 @@ class InboundProxy:
             if verdict.set_headers:
                 headers.extend(verdict.set_headers)
             if head.upgrade is not None:
-                return upgrade(event, headers, head, facts, verdict.auth)
+                return upgrade(event, headers, head, facts, verdict.auth, query)
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None)
 
         async def upgrade(event: Request, headers: Headers, head: RequestHead,
-                          facts: RequestFacts, auth: AuthFacts | None) -> Exchange:
+                          facts: RequestFacts, auth: AuthFacts | None,
+                          query: str) -> Exchange:
             # A stream from here on: policy changes judge it, with the credentials it was
             # authorised with, which must still hold; it ends when they expire (as the
             # policy in force says: a reload may give an API key an earlier expires_at).
+            # Its tokens are kept: a key removed from the provider's JWKS ends it
+            # (``Authenticator.on_keys_removed``), and an introspected one is asked about
+            # again when its cached answer runs out (``reauth``, from the sweep).
             key = api_key_of(event.headers) if auth is not None and auth.apikey else None
+            tokens = gate.stream_tokens(auth, event.headers, query)
 
             def recheck(now: float) -> bool:
                 conn.credentials_end = gate.credentials_end(auth, key)
-                return gate.still_allows(facts, auth, now, api_key=key)
+                if conn.reauth is not None:
+                    # (a reload that changed the provider dropped its cached answers: ask
+                    # again at the next sweep, not when the old answer would have run out)
+                    conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
+                return gate.still_allows(facts, auth, now, api_key=key, tokens=tokens)
+
+            async def reauth(live: LiveConnection) -> None:
+                try:
+                    await gate.reintrospect(tokens, event.headers, query)
+                    now = time.time()
+                    if live.reauth is None or live.retiring is not None:
+                        return  # the stream ended meanwhile
+                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
+                        # (not before a second from now: the sweep's pace)
+                        live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
+                        return
+                except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
+                    log("stream_reauth_failed", "error", error=repr(exc))
+                if live.reauth is not None:
+                    self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
 
             conn.recheck = recheck
+            now = time.time()
             conn.credentials_end = gate.credentials_end(auth, key)
+            if tokens:
+                conn.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
+                if conn.reauth_at != math.inf:
+                    conn.reauth = reauth
             try:
                 return await forward(client, event, headers, pool, limits, head,
                                      close=tracker.draining or conn.retiring is not None)
             finally:
-                conn.recheck = None
-                conn.credentials_end = math.inf
+                conn.recheck = conn.reauth = None
+                conn.credentials_end = conn.reauth_at = math.inf
 
         return request_loop(client, tracker=tracker, limits=limits, telemetry=self.telemetry,
                             handle=handle, source=source, peer=peer_id, conn=conn)

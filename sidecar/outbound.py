@@ -71,10 +71,10 @@ class UpstreamMeta:
     own_not_after: float = math.inf  # the own chain the handshake presented expires
 
 
-# The app-side connection whose upgrade request is being forwarded, in this task (see
+# The app-side connection this task serves (set once per connection; see
 # OutboundProxy._acquired); a ContextVar because the pool is called from inside forward().
-_upgrading: contextvars.ContextVar[LiveConnection | None] = contextvars.ContextVar(
-    "sidecar_outbound_upgrading", default=None)
+_serving: contextvars.ContextVar[LiveConnection | None] = contextvars.ContextVar(
+    "sidecar_outbound_serving", default=None)
 
 
 class _Upstream(TlsTransport):
@@ -167,15 +167,19 @@ class OutboundProxy:
         return stream
 
     def _acquired(self, ep: Endpoint) -> None:
-        """The pool handed out ``ep`` for an upgrade request: the request in this task binds
-        its stream to it (a bundle change or the upstream's expiry then ends the upgraded
-        stream)."""
-        conn = _upgrading.get()
-        meta: UpstreamMeta | None = getattr(ep.stream, "meta", None)
-        if conn is not None and meta is not None:
-            conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
-                meta.peer_not_after
-            conn.own_not_after = meta.own_not_after
+        """The pool handed out ``ep`` for the request this task serves: the app-side
+        connection carries it over that upstream connection (one attribute store), so the
+        upstream's trust ending -- its chain or the own one expiring, a bundle change that
+        no longer verifies it -- cuts the request in flight (``Lifetimes.sweep``,
+        ``recheck_trust``). An upgrade request binds its stream to it for good."""
+        conn = _serving.get()
+        if conn is not None:
+            meta: UpstreamMeta = ep.stream.meta  # type: ignore[attr-defined]
+            conn.upstream = meta
+            if conn.recheck is not None:  # (set by ``upgrade``: a stream from here on)
+                conn.chain, conn.peer, conn.peer_not_after = meta.chain, meta.peer, \
+                    meta.peer_not_after
+                conn.own_not_after = meta.own_not_after
 
     def _retire_pooled(self, ep: Endpoint, now: float) -> bool:
         """True (and the closure recorded) when a pooled connection must not be used again;
@@ -206,6 +210,7 @@ class OutboundProxy:
                 # (``_run_handler``, this, ``request_loop``), each resumed at every wait.
                 with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
                     conn.allows = self._still_allows
+                    _serving.set(conn)  # (this task's own context: one per connection)
                     with conn.scope:
                         await self._http_session(tcp, source, conn)
         finally:
@@ -315,13 +320,11 @@ class OutboundProxy:
             # A stream from here on: policy reloads judge it, and the upstream's chain and
             # expiry (bound when the pool hands out the connection, ``_acquired``).
             conn.recheck = lambda now: gate.egress(identity, now).allowed
-            token = _upgrading.set(conn)
             try:
                 return await forward(client, event, headers, pool, limits, head,
                                      close=tracker.draining or conn.retiring is not None)
             finally:
                 conn.recheck = None
-                _upgrading.reset(token)
                 conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
                 conn.own_not_after = math.inf
 

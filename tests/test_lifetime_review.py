@@ -448,15 +448,16 @@ def _read_some(sock: socket.socket, n: int) -> None:
         got += len(data)
 
 
-def _start(sock: socket.socket, kind: str) -> None:
+def _start(sock: socket.socket, kind: str, headers: dict[str, str] | None = None) -> None:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     if kind == "download":
-        sock.sendall(f"GET /big?n={BIG} HTTP/1.1\r\nHost: orders\r\n\r\n".encode())
+        sock.sendall(f"GET /big?n={BIG} HTTP/1.1\r\nHost: orders\r\n{extra}\r\n".encode())
         head = read_head(sock)
         assert head.startswith(b"HTTP/1.1 200"), head
         _read_some(sock, 1 << 20)
     else:
         sock.sendall(f"POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: {BIG}\r\n"
-                     "\r\n".encode())
+                     f"{extra}\r\n".encode())
         sock.sendall(b"x" * (1 << 20))
 
 

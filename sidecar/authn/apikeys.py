@@ -70,6 +70,12 @@ class ApiKeyTable:
         return found
 
 
+    def named(self, name: str, now: float) -> bool:
+        """Is there an unexpired entry called ``name``? (a request in flight judged again
+        after a reload: its key itself is not kept)"""
+        return any(entry_name == name and (expires_at is None or now < expires_at)
+                   for _, entry_name, expires_at in self._entries)
+
     def expiry(self, presented_key: str) -> float:
         """When the entry ``presented_key`` matches expires (Unix time; inf: never, or no
         entry matches). Read once per upgraded stream, never per request."""

@@ -175,6 +175,9 @@ class Authenticator:
         # connection's CredentialMemo of an older generation is not read (module docstring).
         self.generation = 0
         self.memo_hits = 0
+        # Told when a provider's key set loses or changes a key (``set_keys``): the streams
+        # authorised with a token it signed are judged again (set by the sidecar).
+        self.on_keys_removed: Callable[[], object] | None = None
         if extras is not None:
             self.update(extras)
 
@@ -240,10 +243,13 @@ class Authenticator:
             return
         self.generation += 1
         old = self._keys.get(provider)
-        if old is not None and not old.fingerprint() <= keys.fingerprint():
+        removed = old is not None and not old.fingerprint() <= keys.fingerprint()
+        if removed:
             self._cache.clear(provider)
         self._keys[provider] = keys
         self._fetched_at[provider] = fetched_at
+        if removed and self.on_keys_removed is not None:
+            self.on_keys_removed()
 
     def keys(self, provider: str) -> KeySet | None:
         """The key set in use for ``provider``, if any."""
@@ -428,9 +434,12 @@ class Authenticator:
             self._scoped[key] = scoped
         return scoped
 
-    def _verify(self, provider: JwtProvider, token: str, now: float) -> CachedToken:
+    def _verify(self, provider: JwtProvider, token: str, now: float, *,
+                signal: bool = True) -> CachedToken:
         """The token's verified claims as the verification cache holds them (checked and
-        stored on a miss); an entry that could not be stored expires at once."""
+        stored on a miss); an entry that could not be stored expires at once. ``signal``:
+        an unknown kid asks the key source to refetch (not when a stream is judged again
+        after its key was removed)."""
         name = provider.name
         if provider is not self._providers.get(name):
             name = f"{name}\0{provider.audiences[0] if provider.audiences else ''}"
@@ -443,7 +452,7 @@ class Authenticator:
         try:
             claims = verify_token(token, provider, keys, now)
         except TokenInvalid as exc:
-            if exc.reason == UNKNOWN_KID:
+            if exc.reason == UNKNOWN_KID and signal:
                 self._signal_unknown_kid(provider.name)
             raise
         if self._revocations.is_revoked(claims):
@@ -511,16 +520,15 @@ class Authenticator:
     # -- streams (upgraded connections), judged again after they began ----------------------
     def _token_end(self, name: str, claims: Mapping[str, Any]) -> float:
         """Until when a verified token of provider ``name`` counts (Unix time): its ``exp``
-        plus the provider's clock skew (none for introspected tokens, as in
-        ``_introspected_claims``); -inf when the provider is gone from the policy."""
+        (a JWT's, or the introspection answer's) plus the provider's clock skew; -inf when
+        the provider is gone from the policy."""
         provider = self._providers.get(name)
         if provider is None:
             return -math.inf
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             return math.inf
-        return float(exp) + (0.0 if provider.introspection is not None
-                             else provider.clock_skew_seconds)
+        return float(exp) + provider.clock_skew_seconds
 
     def credentials_end(self, auth: AuthFacts, api_key: bytes | None) -> float:
         """When the credentials ``auth`` stands for stop counting (Unix time): the earliest
@@ -534,18 +542,90 @@ class Authenticator:
             ends = min(ends, self._apikeys.expiry(api_key.decode("latin-1").strip()))
         return ends
 
-    def credentials_hold(self, auth: AuthFacts, now: float, api_key: bytes | None) -> bool:
+    def credentials_hold(self, auth: AuthFacts, now: float, api_key: bytes | None, *,
+                         tokens: Mapping[str, str] | None = None,
+                         audience: str | None = None) -> bool:
         """Would the credentials of an upgraded stream still be accepted now, under the
         policy in force: every token unexpired, its provider still there, not revoked; the
-        API key (``api_key``, as presented) still an entry of that name, unexpired."""
+        API key (``api_key``, as presented) still an entry of that name, unexpired. With
+        ``tokens`` (the stream's tokens by provider, ``stream_tokens``) each must also still
+        verify: a JWT under the provider's key set in force (a key removed from the JWKS
+        ends it; the verification cache makes this a lookup while the keys are unchanged),
+        an introspected token by the cached answer (inactive or unavailable ends it; no
+        answer cached: it holds until ``reintrospect_at``). ``audience``: the receiving
+        service's, for providers without ``audiences``."""
         for name, claims in auth.claims.items():
             if now > self._token_end(name, claims) or self._revocations.is_revoked(claims):
+                return False
+            token = tokens.get(name) if tokens else None
+            if token is not None and not self._token_holds(name, token, now, audience):
                 return False
         if auth.apikey is not None:
             if api_key is None or self._apikeys.check(
                     api_key.decode("latin-1").strip(), now) != auth.apikey:
                 return False
         return True
+
+    def credentials_kept(self, auth: AuthFacts, now: float, audience: str | None = None) -> bool:
+        """For a request in flight (its credentials were checked when it began; nothing more
+        is kept per request): every provider of its tokens is still in the policy, no token
+        is revoked now, each token ``auth.key`` holds (the decision cache's key: verified
+        JWTs up to DECISION_KEY_MAX_TOKEN bytes) still verifies under the provider and key
+        set in force, and its API key's entry (by name) is still there, unexpired."""
+        for name, claims in auth.claims.items():
+            if name not in self._providers or self._revocations.is_revoked(claims):
+                return False
+        key = auth.key
+        if key:
+            for item in key[:-1]:  # (name, token) or (name, None, reason); the API key last
+                if type(item) is tuple and len(item) == 2 and isinstance(item[1], str) \
+                        and not self._token_holds(item[0], item[1], now, audience):
+                    return False
+        return auth.apikey is None or self._apikeys.named(auth.apikey, now)
+
+    def _token_holds(self, name: str, token: str, now: float, audience: str | None) -> bool:
+        provider = self._providers.get(name)
+        if provider is None:
+            return False
+        try:
+            if provider.introspection is not None:
+                self._introspected_claims(provider, token, now)
+            else:
+                if not provider.audiences:
+                    provider = self._with_audience(provider, audience)
+                self._verify(provider, token, now, signal=False)
+        except TokenInvalid:
+            return False
+        return True
+
+    def stream_tokens(self, auth: AuthFacts, headers: Headers, query: str) -> dict[str, str]:
+        """The tokens an upgraded stream was authorised with, by provider (read once per
+        stream from its request, to judge them again: ``credentials_hold``)."""
+        tokens: dict[str, str] = {}
+        for name in auth.claims:
+            provider = self._providers.get(name)
+            if provider is None:
+                continue
+            try:
+                found = extract_tokens(provider, headers, query)
+            except TokenInvalid:
+                continue
+            if found is not None:
+                tokens[name] = found.token
+        return tokens
+
+    def reintrospect_at(self, tokens: Mapping[str, str], now: float) -> float:
+        """When the cached introspection answer of the first of ``tokens`` (of introspected
+        providers) stops counting (Unix time; ``now`` when one has none; inf: no token is
+        introspected): a stream asks the authorisation server again then."""
+        at = math.inf
+        for name, token in tokens.items():
+            provider = self._providers.get(name)
+            if provider is None or provider.introspection is None:
+                continue
+            ends = self.introspected.expires_at(name, token_digest(token))
+            at = min(at, now if ends is None else ends)
+        return at
 
     def forward_headers(self, auth: AuthFacts) -> list[tuple[bytes, bytes]]:
         """Headers for the app from verified claims (each provider's ``forward_claims``).

@@ -160,6 +160,12 @@ class IntrospectionCache:
         entry = self._entries.get((provider, digest))
         return entry is not None and now < entry.expires_at
 
+    def expires_at(self, provider: str, digest: bytes) -> float | None:
+        """When the cached answer for this token digest stops counting (None: none cached;
+        no counters touched)."""
+        entry = self._entries.get((provider, digest))
+        return None if entry is None else entry.expires_at
+
     def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
               ttl: float, negative_ttl: float) -> None:
         """Cache an answer: active claims for ``ttl`` but never past the token's ``exp``, an

@@ -12,14 +12,17 @@ reason                 event                                                    
 =====================  ===========================================================  ==========
 ``max_age``            older than ``limits.max_connection_age`` (minus jitter)       graceful
 ``own_cert_rotated``   a pooled upstream connection made with an older own SVID    graceful
-``peer_cert_expired``  a certificate of the peer's chain expired                   immediate
+``peer_cert_expired``  a certificate of the peer's chain expired (outbound: of the   immediate
+                       upstream's a request in flight runs over)
 ``own_cert_expired``   a certificate of the own chain the connection was made       immediate
                        with expired (no rotation came in time)
-``peer_untrusted``     a bundle changed and the peer's chain no longer verifies    immediate
+``peer_untrusted``     a bundle changed and the peer's chain (outbound: the          immediate
+                       upstream's of a request in flight) no longer verifies
 ``policy_refused``     the policy (a reload, or a rule's ``expires_at`` passing)     immediate
                        refuses a TCP or upgraded stream or a request in flight
 ``credential_expired`` the token or API key an upgraded stream was authorised      immediate
-                       with expired
+                       with expired; an introspected token's answer, asked for
+                       again (``reauth``), is inactive or the call failed
 ``source_blocked``     an alert rule blocks the peer or its address                immediate
 =====================  ===========================================================  ==========
 
@@ -36,8 +39,10 @@ request it is serving in ``request`` (one attribute store per request: a policy 
 judges that request again with ``allows``, so a long download or upload from a peer the
 policy no longer admits ends like a stream). Nothing else here runs per request: time
 limits are found by one sweep a second over the registry (a few comparisons per
-connection), trust and policy are checked again only when a bundle or the policy changes
-(or when a rule's ``expires_at`` passes: ``policy_changed``), blocks when an alert fires.
+connection; it also starts a stream's ``reauth`` when its ``reauth_at`` passes), trust and
+policy are checked again only when a bundle or the policy changes (or when a rule's
+``expires_at`` passes: ``policy_changed``, or a provider's key set loses a key), blocks when
+an alert fires.
 Every closure is reported once through ``on_close`` (metric
 ``sidecar_connections_closed_total``, an audit record and a log line).
 
@@ -50,7 +55,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -86,11 +91,18 @@ class LiveConnection:
     (one comparison in the sweep finds both). ``request`` is the exchange being served (the
     listener's ``RequestContext``, set when it is allowed) and ``allows(request, now)``
     whether the current policy would still allow it (set once per connection).
+    ``upstream`` (outbound) is the admission of the pooled upstream connection the request
+    in flight is carried over (``UpstreamMeta``: ``peer``, ``chain``, ``peer_not_after``,
+    ``own_not_after``; one attribute store when the pool hands it out): while a request is
+    in flight its trust is the connection's too. ``reauth`` (an upgraded stream authorised
+    by an introspected token) asks the authorisation server again from ``reauth_at`` (Unix
+    time) on, in a task of its own, and retires the stream when the answer no longer holds.
     """
 
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
                  "own_not_after", "credentials_end", "deadline", "opened", "scope", "idle",
-                 "recheck", "request", "allows", "retiring", "cut_at", "_registry")
+                 "recheck", "request", "allows", "upstream", "reauth", "reauth_at",
+                 "retiring", "cut_at", "_registry")
 
     def __init__(self, direction: str, listener: str, source: str, peer: str | None,
                  chain: PeerChain | None, peer_not_after: float, deadline: float,
@@ -106,6 +118,9 @@ class LiveConnection:
         self.credentials_end = math.inf
         self.request: Any = None
         self.allows: Callable[[Any, float], bool] | None = None
+        self.upstream: Any = None
+        self.reauth: Callable[[LiveConnection], Awaitable[None]] | None = None
+        self.reauth_at = math.inf
         self.deadline = deadline  # trio clock
         self.opened = time.time()
         self.scope = trio.CancelScope()
@@ -155,6 +170,7 @@ class Lifetimes:
         # time; ``next_policy_event(after)`` finds the one after (set by the sidecar).
         self.policy_event_at = math.inf
         self.next_policy_event: Callable[[float], float] = lambda after: math.inf
+        self._nursery: trio.Nursery | None = None  # runs ``reauth`` tasks (set by ``run``)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -204,7 +220,24 @@ class Lifetimes:
                 n += self.retire(conn, REASON_CREDENTIAL_EXPIRED)
             elif now >= conn.deadline:
                 n += self.retire(conn, REASON_MAX_AGE)
+            else:
+                up = conn.upstream
+                if up is not None and conn.idle is None and wall >= up.peer_not_after:
+                    # A request in flight over an upstream connection whose peer's (or the
+                    # own) chain expired: cut like an inbound one.
+                    n += self.retire(conn, REASON_OWN_CERT_EXPIRED
+                                     if wall >= up.own_not_after else REASON_PEER_CERT_EXPIRED)
+                elif wall >= conn.reauth_at:
+                    self._reauthenticate(conn)
         return n
+
+    def _reauthenticate(self, conn: LiveConnection) -> None:
+        """Start ``conn.reauth`` (one at a time per stream: ``reauth_at`` is inf until the
+        task sets the next time)."""
+        conn.reauth_at = math.inf
+        reauth, nursery = conn.reauth, self._nursery
+        if reauth is not None and nursery is not None:
+            nursery.start_soon(reauth, conn)
 
     def recheck_trust(self, trusted: Callable[[str, PeerChain], float | None]) -> int:
         """After a bundle change: retire connections whose peer no longer verifies.
@@ -214,12 +247,23 @@ class Lifetimes:
         connection's ``peer_not_after``."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is None and conn.peer is not None and conn.chain is not None:
+            if conn.retiring is not None:
+                continue
+            if conn.peer is not None and conn.chain is not None:
                 ends = trusted(conn.peer, conn.chain)
                 if ends is None:
                     n += self.retire(conn, REASON_PEER_UNTRUSTED)
+                    continue
+                conn.peer_not_after = min(ends, conn.own_not_after)
+            up = conn.upstream
+            if up is not None and conn.idle is None and conn.recheck is None:
+                # (a request in flight over a pooled upstream connection; an upgraded stream
+                # is bound to its upstream's chain above)
+                ends = trusted(up.peer, up.chain)
+                if ends is None:
+                    n += self.retire(conn, REASON_PEER_UNTRUSTED)
                 else:
-                    conn.peer_not_after = min(ends, conn.own_not_after)
+                    up.peer_not_after = min(ends, up.own_not_after)
         return n
 
     def recheck_policy(self, now: float) -> int:
@@ -268,11 +312,14 @@ class Lifetimes:
                    on_close=on_close or (lambda conn, reason: None))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sweep the tracked connections every ``SWEEP_INTERVAL`` seconds."""
-        task_status.started()
-        while True:
-            await trio.sleep(SWEEP_INTERVAL)
-            wall = time.time()
-            self.sweep(trio.current_time(), wall)
-            if wall >= self.policy_event_at:
-                self.policy_changed(wall)
+        """Sweep the tracked connections every ``SWEEP_INTERVAL`` seconds (and run the
+        re-authentications the sweep starts)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(SWEEP_INTERVAL)
+                wall = time.time()
+                self.sweep(trio.current_time(), wall)
+                if wall >= self.policy_event_at:
+                    self.policy_changed(wall)

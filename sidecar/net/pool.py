@@ -18,9 +18,9 @@ handed such bytes to the next request nearly every time). Bytes that arrive late
 the check, as with any HTTP/1.1 pool; the reader refuses to pool a connection after the
 answers most apps get wrong that way (see ``MessageReader.reusable``).
 
-``on_acquire(ep)`` (optional) is told of every connection handed out for an upgrade
-request (``acquire(upgrade=True)``: the upgraded stream is then bound to that connection's
-peer). ``retire(ep, now)`` (optional; ``now`` is the run's clock, read once by the pool)
+``on_acquire(ep)`` (optional) is told of every connection handed out, in the task of the
+request that takes it (the outbound listener binds the request in flight -- and an upgraded
+stream for good -- to that connection's peer and its trust). ``retire(ep, now)`` (optional; ``now`` is the run's clock, read once by the pool)
 says a connection must not be used again although it is alive: past its maximum age, made
 with an older own certificate, or admitted under a bundle that has changed since
 (``sidecar.outbound.retire_reason``). It is asked before every reuse and every return to the
@@ -103,7 +103,7 @@ class UpstreamPool:
         if age < self._idle_timeout and looks_alive(ep.stream):
             if self._retire is None or not self._retire(ep, now):
                 self.reused += 1
-                if upgrade and self._on_acquire is not None:
+                if self._on_acquire is not None:
                     self._on_acquire(ep)
                 return ep
             self.retired += 1
@@ -126,7 +126,7 @@ class UpstreamPool:
         stream = await self._connect()
         self.opened += 1
         ep = Endpoint(stream, MessageReader(requests=False, max_head=self._max_head))
-        if upgrade and self._on_acquire is not None:
+        if self._on_acquire is not None:
             self._on_acquire(ep)
         return ep, False
 
