@@ -9,9 +9,11 @@ always well-formed HTTP/1.1 whatever framing the sender used. The exchange is se
 request body, then response -- which is what HTTP/1.1 clients do; an upstream that answers
 (or closes) before it has the whole body gets no more of it and its answer is relayed
 (``_send_body``), while a 1xx head it sends meanwhile is relayed and the body goes on. The
-upstream connection of a request with a body is never pooled: nothing on the wire says the
-app read the body, and a body it did not read would be the next request it reads there; an
-``Expect:
+app's connection (inbound) is never pooled after a request with a body: nothing on the wire
+says the app read the body, and a body it did not read would be the next request it reads
+there, answered to another caller. A peer's connection (outbound, ``pool.reuse_after_body``)
+is pooled after a complete answer below 400: a peer sidecar reads every body or closes, and
+the only caller of an outbound listener is the local workload; an ``Expect:
 100-continue`` is answered by the sidecar itself once the request was authorised (as Envoy
 does), and the header is not forwarded -- nor on a request without a body, which has
 nothing to continue. A Content-Length is forwarded as its canonical decimal (``0003`` -> ``3``).
@@ -367,16 +369,21 @@ async def forward(
                         raise PeerClosed("upstream_closed_mid_body")
             except ParseError as exc:
                 raise ProtocolViolation(exc.reason) from exc
-            if has_body:
+            if has_body and (early or status >= 400 or not pool.reuse_after_body):
                 # Whatever the upstream did not read of the body would be the next request
-                # it reads on this connection, so the connection of a request with a body
-                # is never reused: not when it answered before it had the whole request
-                # (``early``), and not after any answer to a whole body either -- nothing
-                # on the wire says that an app read a body, which usually left with the
-                # head: an app that answers 200 (or 401) at once and parses on from where
-                # it stopped would answer the body, a request the policy never saw, to the
-                # next caller whose request this connection carried (found by a hostile
-                # review; before only an error answer closed it).
+                # it reads on this connection. So the connection is never reused when the
+                # upstream answered before it had the whole request (``early``), nor after
+                # an error answer to a body (the usual early refusal: 401, 403, 413), and
+                # to the local app not after any answer to a body either -- nothing on the
+                # wire says that an app read a body, which usually left with the head: an
+                # app that answers 200 at once and parses on from where it stopped would
+                # answer the body, a request the policy never saw, to the next caller whose
+                # request this connection carried (found by a hostile review). To a peer
+                # (outbound) it is kept: a peer sidecar reads every body it is sent, or
+                # closes; a peer that is not a sidecar and left a body unread could only
+                # answer the next request of the same local workload, the one caller of an
+                # outbound listener, which could send that request itself; and closing
+                # would cost a TLS handshake per request with a body.
                 await trio.aclose_forcefully(ep.stream)
                 if early == EARLY_UNREAD:
                     # The caller may still be sending its body, and a caller that reads

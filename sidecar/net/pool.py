@@ -76,6 +76,10 @@ class UpstreamPool:
         self._idle_timeout = idle_timeout
         self._max_head = max_head
         self._network = network  # a peer sidecar (True) or the local app: same strict reader
+        # Whether a connection that carried a request body may be kept after a complete
+        # answer (``sidecar.net.forward``): to a peer (outbound), yes; to the local app
+        # (inbound), never -- see the module docstring of ``forward``.
+        self.reuse_after_body = network
         self._idle: list[tuple[float, Endpoint]] = []
         self._unusable: list[Endpoint] = []  # set aside by ``take``, closed by ``acquire``
         self.opened = 0
