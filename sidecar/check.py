@@ -220,20 +220,27 @@ def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
     name no other trust domain, and every ``identity.trust_domains`` bundle parses, holds
     only its own trust domain's roots and is not the own trust domain's."""
     from sidecar.identity.svid import SvidError
-    from sidecar.identity.trust import bundle_from_certs, load_bundle, trust_domain_of
+    from sidecar.identity.trust import (
+        TrustStore,
+        bundle_from_certs,
+        load_bundle,
+        trust_domain_of,
+    )
 
     g = "identity"
     ident = cfg.identity
     own_td = trust_domain_of(spiffe_id) if spiffe_id else None
+    own = None
     if own_td is not None and own_roots is not None:
         title = "trust bundle holds only the own trust domain's roots"
         try:
-            bundle_from_certs(own_td, ident.bundle, own_roots)
+            own = bundle_from_certs(own_td, ident.bundle, own_roots)
             run.add(g, title, "ok", own_td)
         except SvidError as exc:
             run.add(g, title, "fail", str(exc),
                     "give each trust domain its own bundle under identity.trust_domains "
                     "(docs/identity.md, \"Trust domains\")")
+    federated = []
     for td, path in ident.trust_domains:
         title = f"federated bundle of {td} parses and names only {td}"
         if td == own_td:
@@ -254,6 +261,18 @@ def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
                     "its roots (PEM or SPIFFE bundle with x509-svid keys)")
             continue
         run.add(g, title, "ok", f"{path}: {len(bundle.roots)} root(s)")
+        federated.append(bundle)
+    if own is not None and federated:
+        # As ``sidecar run`` builds its trust store: one CA (key) in two trust domains'
+        # bundles, or a bundle certificate issued under another domain's root, is refused.
+        title = "each CA vouches for one trust domain only"
+        try:
+            TrustStore.build(own, federated)
+            run.add(g, title, "ok", f"{1 + len(federated)} trust domains")
+        except SvidError as exc:
+            run.add(g, title, "fail", str(exc),
+                    "keep each trust domain's roots in its own bundle only "
+                    "(docs/identity.md, \"One CA, one trust domain\")")
 
 
 # --- policy and JWKS --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ member by member in process and through real sidecars, inbound and outbound.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import ssl
 import time
@@ -699,6 +700,18 @@ def test_a_ca_in_two_bundles_is_refused_at_start_and_on_reload(tmp_path, app, pr
     ours_as_partner = leaf(own_nosan, PARTNER_PEER)
     assert _try(port, _client_ctx(*ours_as_partner, tmp_path / "p3")) != 200
     assert wait_for(lambda: _refusals(b, "peer_untrusted:trust-domain-mismatch"))
+    # sidecar check refuses that set of bundles as the start would (it passed it before):
+    # each bundle is right on its own, the CA in both is what is wrong.
+    checked = sidecar_cli("check", "-c", str(tmp_path / "orders.yaml"), "-o", "json")
+    failed = [c for c in json.loads(checked.stdout)["checks"]  # (its ports: b listens)
+              if c["status"] == "fail" and c["group"] == "identity"]
+    assert checked.returncode == 1 and [c["title"] for c in failed] == [
+        "each CA vouches for one trust domain only"], checked.stdout
+    assert RULE_TRUST_DOMAIN_MISMATCH in failed[0]["detail"]
+    replace_file(partner, _pem(PARTNER.cert))
+    checked = sidecar_cli("check", "-c", str(tmp_path / "orders.yaml"), "-o", "json")
+    assert {c["title"]: c["status"] for c in json.loads(checked.stdout)["checks"]}[
+        "each CA vouches for one trust domain only"] == "ok", checked.stdout
 
 
 def test_a_resumed_tls12_session_meets_the_signer_rules_too(tmp_path, app, procs):
