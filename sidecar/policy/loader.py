@@ -36,7 +36,7 @@ from sidecar.config.source import Reader, format_path, gc_paused
 from sidecar.errors import ConfigError, Problem
 from sidecar.http.request import ipv4_problem, split_host
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
-from sidecar.policy.compiled import Section, normalise_host
+from sidecar.policy.compiled import Section, deny_hosts, embedded_ipv4, normalise_host
 from sidecar.policy.load_sections import (
     NAME,
     TOKEN,
@@ -107,6 +107,11 @@ def _host_problem(host: str) -> str | None:
         return "expected a host name without port or scheme (or a bracketed IPv6 address)"
     if not host.rstrip("."):
         return "expected a host name, not only dots"
+    if parts[0].startswith("[") and (ipv4 := embedded_ipv4(parts[0])) is not None:
+        # A rule for [64:ff9b::a00:1] would name a NAT64, 6to4, Teredo or IPv4-compatible
+        # form of an IPv4 address, and an allow rule would admit one spelling of it only.
+        return ("an IPv6 literal that carries an IPv4 address (NAT64, 6to4, Teredo, "
+                "IPv4-compatible): name the IPv4 address" + (f" ({ipv4})" if ipv4 else ""))
     return None
 
 
@@ -323,6 +328,9 @@ def _rule(
     if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
         # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
         when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
+    if effect == "deny" and when is not None and when.hosts:
+        # A Host literal that carries one of its IPv4 addresses is that address to a deny rule.
+        when = dataclasses.replace(when, hosts=deny_hosts(when.hosts))
     mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     expires = r.timestamp(m["expires_at"], path + ("expires_at",)) if "expires_at" in m else None
     if "description" in m and not isinstance(m["description"], str):
