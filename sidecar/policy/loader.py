@@ -62,7 +62,10 @@ from sidecar.policy.paths import normalise_path_pattern
 from sidecar.policy.policyset import (
     MAX_POLICY_FILES,
     MAX_POLICY_SET_BYTES,
+    MAX_POLICY_SET_VALUES,
+    MAX_RULES_PER_SECTION,
     MERGE_RULES,
+    SET_VALUES_PROBLEM,
     NeedNames,
     ParsedFiles,
     PolicyFile,
@@ -89,7 +92,6 @@ CONDITION_KEYS = frozenset(
 )
 
 
-MAX_RULES_PER_SECTION = 10_000
 # Rules are decided for requests of the inbound listener (the outbound side checks `egress`).
 RULE_LISTENERS = frozenset({"inbound"})
 # The methods the data path serves (sidecar.http.request._METHOD): others never reach a rule.
@@ -440,14 +442,18 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     docs: list[PolicyFile] = []
     failed: list[Problem] = []
     kept: dict[tuple[str, str, str | None], PolicyFile] = {}
+    values_left = MAX_POLICY_SET_VALUES
     for filename, raw in files:
         key = (filename, hashlib.sha256(raw).hexdigest(), only)
         try:
             doc = cache.docs[key].reuse() if cache and key in cache.docs else PolicyFile(
-                filename, key[1], raw, only)
+                filename, key[1], raw, only, values_left)
         except ConfigError as exc:
             failed.extend(exc.problems)
+            if exc.problems and exc.problems[-1].message == SET_VALUES_PROBLEM:
+                break  # the files after it are not read at all
             continue
+        values_left -= doc.values
         docs.append(doc)
         kept[key] = doc
     if cache is not None:
