@@ -11,6 +11,8 @@ load, file:line:key).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -23,6 +25,7 @@ from tests.harness import (
     free_port,
     http,
     mtls_context,
+    sidecar_cli,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -144,3 +147,61 @@ def test_through_a_real_sidecar(tmp_path, pki: Pki, app, procs):
         for suffix in ("", ":15443"):
             r = http(port, headers={"Host": literal + suffix}, ctx=ctx)
             assert r.status == 403, (literal + suffix, r.status)
+
+
+# --- the URLs a policy makes the sidecar fetch --------------------------------------------
+
+BAD_URL_HOSTS = ["127.1", "0x7f.0.0.1", "0177.0.0.1", "2130706433", "127.0.0.01", "0",
+                 "[::ffff:127.0.0.1]", "[::127.0.0.1]", "[fe80::1%25eth0]", "127.0.0.1."]
+GOOD_URL_HOSTS = ["idp.example", "127.0.0.1", "[::1]", "localhost", "idp.example."]
+# name -> (where the URL goes, the key path the problem is named at)
+URL_KEYS = {
+    "jwks_uri": (lambda u: {"jwt_providers": {"p": {"issuer": "https://idp.example",
+                                                    "jwks_uri": u}}}, "jwt_providers.p.jwks_uri"),
+    "discovery": (lambda u: {"jwt_providers": {"p": {"issuer": "https://idp.example",
+                                                     "discovery": u}}},
+                  "jwt_providers.p.discovery"),
+    "issuer": (lambda u: {"jwt_providers": {"p": {"issuer": u.rstrip("/x"), "discovery": True}}},
+               "jwt_providers.p.issuer"),
+    "introspection": (lambda u: {"jwt_providers": {"p": {
+        "issuer": "https://idp.example", "introspection": {
+            "endpoint": u, "client_id": "c", "mtls": True}}}},
+        "jwt_providers.p.introspection.endpoint"),
+    "webhook": (lambda u: {"alerts": [{"name": "a", "threshold": 5, "window": "1m",
+                                       "by": "peer", "webhook": u}]}, "alerts[0].webhook"),
+}
+
+
+def _url_policy(part: dict) -> str:
+    for provider in part.get("jwt_providers", {}).values():
+        provider.update({"algorithms": ["RS256"], "audiences": ["a"]})
+    return yaml.safe_dump({"version": 1, "trust_domain": "demo.local",
+                           "services": {ORDERS: {"rules": [{"name": "any", "allow": {}}]}},
+                           **part})
+
+
+@pytest.mark.parametrize("host", BAD_URL_HOSTS)
+@pytest.mark.parametrize("field", list(URL_KEYS))
+def test_a_url_host_not_written_one_way_is_refused_at_load(field, host):
+    build, key = URL_KEYS[field]
+    with pytest.raises(ConfigError) as err:
+        load_policy(_url_policy(build(f"https://{host}:8443/x")), "/etc/mesh.yaml")
+    assert re.search(rf"/etc/mesh\.yaml:\d+: {re.escape(key)}: ", str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize("host", GOOD_URL_HOSTS)
+@pytest.mark.parametrize("field", list(URL_KEYS))
+def test_url_hosts_written_one_way_still_load(field, host):
+    build, _ = URL_KEYS[field]
+    load_policy(_url_policy(build(f"https://{host}:8443/x")), "/etc/mesh.yaml")
+
+
+def test_policy_check_names_a_url_host(tmp_path):
+    build, key = URL_KEYS["jwks_uri"]
+    path = tmp_path / "mesh.yaml"
+    path.write_text(_url_policy(build("https://0x7f.0.0.1/jwks")))
+    r = sidecar_cli("policy", "check", str(path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out
+    assert re.search(rf"{re.escape(str(path))}:\d+: {re.escape(key)}: a host ending in a number",
+                     out), out
