@@ -205,3 +205,36 @@ def test_policy_check_names_a_url_host(tmp_path):
     assert r.returncode == 1 and "Traceback" not in out
     assert re.search(rf"{re.escape(str(path))}:\d+: {re.escape(key)}: a host ending in a number",
                      out), out
+
+
+# --- the watcher's poll ------------------------------------------------------------------
+
+
+def test_a_poll_reads_a_bounded_number_of_bytes(tmp_path, monkeypatch):
+    """A policy directory of many large files was read whole at every poll (2,000 files of
+    16 MiB: 32 GiB); now at most ``FINGERPRINT_TOTAL_BYTES`` in all, later files counted by
+    size and modification time, so shrinking one is still a change."""
+    import os
+
+    import sidecar.reload as reload
+
+    files = [tmp_path / f"p{i}.yaml" for i in range(6)]
+    for f in files:
+        with open(f, "wb") as fh:
+            fh.truncate(12 * 2**20)  # sparse: 72 MiB in all, little disk
+    read = []
+    real = reload.read_regular
+
+    def counting(path, limit):
+        data = real(path, limit)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(reload, "read_regular", counting)
+    first = reload.fingerprint([str(tmp_path)])
+    assert first is not None and sum(read) <= reload.FINGERPRINT_TOTAL_BYTES
+    assert reload.fingerprint([str(tmp_path)]) == first
+    os.truncate(files[-1], 2**20)
+    assert reload.fingerprint([str(tmp_path)]) != first
+    files[-1].unlink()
+    assert reload.fingerprint([str(tmp_path)]) not in (first, None)
