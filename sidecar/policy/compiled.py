@@ -182,6 +182,10 @@ _NORMALISED: dict[str, str] = {}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _COMPATIBLE = ipaddress.IPv6Network("::/96")
+# IPv4-translated (SIIT, RFC 2765: ``::ffff:0:a.b.c.d``) and ISATAP interface identifiers
+# (RFC 5214: ``...:0:5efe:a.b.c.d`` or ``...:200:5efe:a.b.c.d`` under any /64).
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)
 # What a Host that embeds an IPv4 address is compared as: never a host a rule can name
 # (a space is in no host), so an allow rule never admits it; a deny rule naming the IPv4
 # address also names this (``deny_hosts``). One whose IPv4 address cannot be told is
@@ -196,14 +200,15 @@ def embedded_marker(ipv4: str) -> str:
 
 def embedded_ipv4(literal: str) -> str | None:
     """The IPv4 address an IPv6 literal (``[...]``, as ``split_host`` writes it) carries --
-    NAT64, 6to4, Teredo, IPv4-compatible; ``""`` when it carries one that cannot be told
+    NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated, ISATAP; ``""`` when it carries one that cannot be told
     (NAT64 local-use); None for every other address (IPv4-mapped ones never get here:
     ``split_host`` writes them as their IPv4 address)."""
     try:
         addr = ipaddress.IPv6Address(literal.strip("[]"))
     except ValueError:
         return None
-    if addr in _NAT64 or (addr in _COMPATIBLE and int(addr) > 1):
+    if (addr in _NAT64 or addr in _TRANSLATED or (addr in _COMPATIBLE and int(addr) > 1)
+            or (int(addr) >> 32) & 0xFFFFFFFF in _ISATAP_IDS):
         return str(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
     if addr in _NAT64_LOCAL:
         return ""
