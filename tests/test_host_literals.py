@@ -93,7 +93,8 @@ def _policy(rule_host: str) -> str:
 def test_a_rule_in_any_spelling_holds_against_every_spelling(canonical, spelling):
     policy = load_policy(_policy(spelling), "mesh.yaml")
     rule = policy.services[spiffe("orders")].rules[0]
-    assert rule.when.hosts == frozenset({canonical})
+    # (a deny rule also holds the forms of an IPv4 address carried in an IPv6 literal)
+    assert {h for h in rule.when.hosts if " " not in h} == {canonical}
     for request_host in SAME_HOST[canonical]:
         for port in ("", ":15443"):
             facts = RequestFacts("inbound", spiffe("frontend"), "127.0.0.1", "GET", "/",

@@ -48,6 +48,20 @@ MAX_NESTING_DEPTH = 64
 # Problems reported for one file before reading stops: enough to fix a file by, and a file
 # of a million aliases or duplicate keys no longer builds a million messages (1.6 GB).
 MAX_PROBLEMS = 100
+# Values built from one document (found by a hostile review: `x: [a,a,a,...]` in 8 MiB is
+# 4,000,000 values and took 16 s and 630 MiB to load, nested lists 25 s and 930 MiB, though
+# the key was unknown). A real policy holds about one value per 20 bytes (an 8 MiB one about
+# 450,000), a config a few hundred. Reading stops as soon as the bound is reached.
+MAX_DOCUMENT_VALUES = 1_000_000
+VALUES_PROBLEM = f"more than {MAX_DOCUMENT_VALUES:,} values in one file: reading stopped here"
+# A key path (a message) longer than this is shortened in a problem (a 7 MB key was written
+# whole into the message, `/policy` and the log line).
+MAX_SHOWN_KEY = 256
+MAX_SHOWN_MESSAGE = 4096
+# A number longer than this is not read (PyYAML reads `1:30:30:...` in quadratic time and
+# raised OverflowError on `1:30:...:30.5`; a long hex number raised ValueError without a line).
+MAX_NUMBER_TEXT = 100
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _WITH_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -96,6 +110,14 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def shown(text: str, most: int = MAX_SHOWN_MESSAGE) -> str:
+    """``text`` as a problem shows it: printable (``printable``) and at most about ``most``
+    characters (the rest is counted, not shown)."""
+    if len(text) > most:
+        text = f"{text[:most - 40]}... ({len(text):,} characters)"
+    return printable(text)
+
+
 class Source:
     """Line numbers of one parsed document, and the problems found in it."""
 
@@ -108,6 +130,8 @@ class Source:
         self.nulls: set[Path] = set()
         # Keys of mappings whose values were skipped (``parse_yaml(select=...)``) -> line.
         self.skipped: dict[Path, dict[str, int]] = {}
+        # Values built (``MAX_DOCUMENT_VALUES``).
+        self.values = 0
 
     def line(self, path: Path) -> int | None:
         """The line of ``path``, or of its nearest ancestor that has one (a missing key is reported
@@ -128,12 +152,19 @@ class Source:
         explicit null has its one problem already (``null``): nothing more is added there."""
         if path in self.nulls:
             return
-        self.problems.append(Problem(self.filename, self.line(path), printable(format_path(path)),
-                                     printable(message)))
+        self.problems.append(Problem(self.filename, self.line(path),
+                                     shown(format_path(path), MAX_SHOWN_KEY), shown(message)))
         if len(self.problems) >= MAX_PROBLEMS:
             raise ConfigError([*self.problems, Problem(
                 self.filename, None, "", f"{MAX_PROBLEMS} problems: stopped reading the file "
                 "here (fix these first)")])
+
+    def stop(self, path: Path, message: str, line: int | None = None) -> ConfigError:
+        """The ``ConfigError`` that ends reading at ``path`` (a bound reached): the problems
+        so far and this one, at ``line`` or the line of ``path``."""
+        return ConfigError([*self.problems, Problem(
+            self.filename, line or self.line(path), shown(format_path(path), MAX_SHOWN_KEY),
+            shown(message))])
 
     def null(self, path: Path) -> None:
         """Record that ``path`` holds an explicit null (refused: ``NULL_PROBLEM``)."""
@@ -154,11 +185,14 @@ class _Builder:
     and its line are kept, in ``Source.skipped``.
     """
 
-    def __init__(self, parser: Any, src: Source, select: Mapping[Path, Collection[str]]) -> None:
+    def __init__(self, parser: Any, src: Source, select: Mapping[Path, Collection[str]],
+                 caps: Mapping[Path, tuple[int, str]], max_values: tuple[int, str]) -> None:
         self.get = parser.get_event
         self.resolver = parser.resolve
         self.src = src
         self.select = select
+        self.caps = caps
+        self.left, self.values_problem = max_values
         # Plain scalars repeat (methods, paths, names): their implicit tag depends only on
         # the text, so it is resolved once per distinct text (bounded).
         self.tags: dict[str, str] = {}
@@ -181,6 +215,17 @@ class _Builder:
                 return event.value
         return _SLOW
 
+    def cap(self, path: Path) -> tuple[int, str] | None:
+        """The bound on the items of the list at ``path`` (``parse_yaml``'s ``caps``)."""
+        for pattern, cap in self.caps.items():
+            if len(pattern) == len(path) and all(
+                    p == "*" or p == q for p, q in zip(pattern, path, strict=True)):
+                return cap
+        return None
+
+    def too_many(self, path: Path, line: int) -> ConfigError:
+        return self.src.stop(path, self.values_problem, line)
+
     def too_deep(self, line: int | None) -> ConfigError:
         return ConfigError([Problem(self.src.filename, line, "", "document is nested too deeply "
                                     f"(more than {MAX_NESTING_DEPTH} levels)")])
@@ -202,6 +247,7 @@ class _Builder:
             items: list[Any] = []
             get = self.get
             lines = self.src.lines
+            cap = self.cap(path) if self.caps else None
             while True:
                 ev = get()
                 cls = type(ev)
@@ -209,6 +255,11 @@ class _Builder:
                     return items
                 child = path + (len(items),)
                 lines[child] = ev.start_mark.line + 1
+                self.left -= 1
+                if self.left < 0:
+                    raise self.too_many(child, ev.start_mark.line + 1)
+                if cap is not None and len(items) >= cap[0]:
+                    raise self.src.stop(path, cap[1])
                 if cls is yaml.ScalarEvent and (v := self.quick(ev)) is not _SLOW:
                     items.append(v)
                 else:
@@ -254,6 +305,9 @@ class _Builder:
                 self.skip(get(), depth + 1)
                 continue
             src.lines[child] = line
+            self.left -= 1
+            if self.left < 0:
+                raise self.too_many(child, line)
             vev = get()
             if type(vev) is yaml.ScalarEvent and (v := self.quick(vev)) is not _SLOW:
                 out[key] = v
@@ -292,6 +346,9 @@ class _Builder:
             return None
         if tag == _STR_TAG:
             return event.value
+        if tag in _NUMBER_TAGS and len(event.value) > MAX_NUMBER_TEXT:
+            self.src.problem(path, f"a number of more than {MAX_NUMBER_TEXT} characters")
+            return None
         node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
         try:
             # A bare constructor (no reader/scanner/parser, unlike a whole SafeLoader) is cheap.
@@ -299,7 +356,7 @@ class _Builder:
         except yaml.YAMLError as exc:
             self.src.problem(path, f"invalid value: {getattr(exc, 'problem', None) or exc}")
             return None
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
             # PyYAML's constructors crash on some explicit tags (`!!int abc`, `!!bool maybe`,
             # `!!timestamp x`); that is a bad value in the file, not a reason to crash.
             self.src.problem(path, f"invalid value for {tag.rsplit(':', 1)[-1]}")
@@ -310,11 +367,10 @@ def _ambiguous(tag: str, text: str) -> str | None:
     """Why a plain scalar that YAML 1.1 resolved to ``tag`` does not mean what it looks like
     (see ``_PLAIN_INT``), or None."""
     kind = tag.rsplit(":", 1)[-1]
-    if kind == "int" and not _PLAIN_INT.fullmatch(text):
-        return (f"{text!r} is read as the number {yaml.safe_load(text)} (YAML 1.1): write it "
-                "in decimal digits, or quote it if it is a string")
-    if kind == "float" and not _PLAIN_FLOAT.fullmatch(text):
-        return (f"{text!r} is read as the number {yaml.safe_load(text)} (YAML 1.1): write it "
+    if (kind == "int" and not _PLAIN_INT.fullmatch(text)) or (
+            kind == "float" and not _PLAIN_FLOAT.fullmatch(text)):
+        quoted = repr(text) if len(text) <= 64 else f"{text[:40]!r}... ({len(text):,} characters)"
+        return (f"{quoted} is read as {_number_read(text)} (YAML 1.1): write it "
                 "in decimal digits, or quote it if it is a string")
     if kind == "bool" and text not in _PLAIN_BOOL:
         return (f"{text!r} is read as {str(yaml.safe_load(text)).lower()} (YAML 1.1) but as a "
@@ -322,11 +378,23 @@ def _ambiguous(tag: str, text: str) -> str | None:
     return None
 
 
+def _number_read(text: str) -> str:
+    """``the number N`` as YAML 1.1 reads ``text``, or ``a number`` when ``text`` is too long
+    to read (``MAX_NUMBER_TEXT``) or the number too long to write."""
+    if len(text) <= MAX_NUMBER_TEXT:
+        try:
+            return f"the number {yaml.safe_load(text)}"
+        except (ValueError, OverflowError):
+            pass
+    return "a number"
+
+
 def _one_document(filename: str) -> ConfigError:
     return ConfigError([Problem(filename, None, "", "expected exactly one YAML document")])
 
 
-def _build(text: str | bytes, src: Source, select: Mapping[Path, Collection[str]]) -> Any:
+def _build(text: str | bytes, src: Source, select: Mapping[Path, Collection[str]],
+           caps: Mapping[Path, tuple[int, str]], max_values: tuple[int, str]) -> Any:
     """Parse one document into plain values (libyaml's parser when available: 10x faster)."""
     parser = (yaml.CSafeLoader if _WITH_LIBYAML else yaml.SafeLoader)(text)
     try:
@@ -336,7 +404,11 @@ def _build(text: str | bytes, src: Source, select: Mapping[Path, Collection[str]
             raise _one_document(src.filename)
         first: Any = get()
         src.lines[()] = first.start_mark.line + 1
-        value = _Builder(parser, src, select).value(first, (), 0)
+        builder = _Builder(parser, src, select, caps, max_values)
+        try:
+            value = builder.value(first, (), 0)
+        finally:
+            src.values = max_values[0] - max(builder.left, 0)
         get()  # DocumentEnd
         if type(get()) is not yaml.StreamEndEvent:
             raise _one_document(src.filename)
@@ -348,18 +420,25 @@ def _build(text: str | bytes, src: Source, select: Mapping[Path, Collection[str]
 
 
 def parse_yaml(text: str | bytes, filename: str,
-               select: Mapping[Path, Collection[str]] | None = None) -> tuple[Any, Source]:
+               select: Mapping[Path, Collection[str]] | None = None, *,
+               caps: Mapping[Path, tuple[int, str]] | None = None,
+               max_values: tuple[int, str] = (MAX_DOCUMENT_VALUES, VALUES_PROBLEM)
+               ) -> tuple[Any, Source]:
     """Parse one YAML document; raise ``ConfigError`` on syntax errors.
 
     ``select`` (optional): key path of a mapping -> the only keys whose values are built;
     the others are syntax-checked and listed in ``Source.skipped`` with their lines.
+    ``caps`` (optional): key path of a list (``"*"`` stands for any one key) -> (most items,
+    the problem when there are more); reading stops at the first item too many.
+    ``max_values``: (most values built, the problem when there are more), by default
+    ``MAX_DOCUMENT_VALUES``; reading stops there. ``Source.values`` counts them.
 
     The cyclic garbage collector is paused meanwhile: a big policy creates a few hundred
     thousand acyclic values, and the repeated full collections they trigger cost more than
     the parsing itself. The pause is process-wide but short, and it ends in ``finally``.
     """
     with gc_paused():
-        return _parse_yaml(text, filename, select or {})
+        return _parse_yaml(text, filename, select or {}, caps or {}, max_values)
 
 
 class gc_paused:  # noqa: N801 -- used like a function: ``with gc_paused():``
@@ -375,8 +454,9 @@ class gc_paused:  # noqa: N801 -- used like a function: ``with gc_paused():``
             gc.enable()
 
 
-def _parse_yaml(text: str | bytes, filename: str,
-                select: Mapping[Path, Collection[str]]) -> tuple[Any, Source]:
+def _parse_yaml(text: str | bytes, filename: str, select: Mapping[Path, Collection[str]],
+                caps: Mapping[Path, tuple[int, str]], max_values: tuple[int, str]
+                ) -> tuple[Any, Source]:
     src = Source(filename)
     if isinstance(text, bytes):
         if len(text) > MAX_DOCUMENT_BYTES:
@@ -385,7 +465,7 @@ def _parse_yaml(text: str | bytes, filename: str,
         if text.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16: the parsers would take it
             raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")])
     try:
-        value = _build(text, src, select)  # the parser checks UTF-8 (no decoded copy made)
+        value = _build(text, src, select, caps, max_values)  # the parser checks UTF-8 (no decoded copy made)
     except yaml.reader.ReaderError:
         raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
     except yaml.MarkedYAMLError as exc:
@@ -435,9 +515,11 @@ def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
                           ) from None
 
 
-def read_yaml_file(path: str) -> tuple[Any, Source]:
-    """Read and parse a file; an unreadable file is a ``ConfigError`` naming it."""
-    return parse_yaml(read_capped(path), path)
+def read_yaml_file(path: str, max_values: tuple[int, str] = (MAX_DOCUMENT_VALUES, VALUES_PROBLEM)
+                   ) -> tuple[Any, Source]:
+    """Read and parse a file (at most ``max_values``, as ``parse_yaml``); an unreadable file
+    is a ``ConfigError`` naming it."""
+    return parse_yaml(read_capped(path), path, max_values=max_values)
 
 
 class Reader:

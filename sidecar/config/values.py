@@ -3,6 +3,7 @@ timestamps. The one definition of each for the config, the audit config and the 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from datetime import date, datetime
@@ -68,8 +69,20 @@ def parse_size(value: object) -> int:
     raise ValueError("expected a size like 64KiB or 1MiB")
 
 
+# A host name: labels of letters, digits, '-' and '_', dot-separated, an optional final dot.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
 def parse_address(value: object) -> tuple[str, int]:
-    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` / ``"name:443"`` -> (host, port)."""
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` / ``"name:443"`` -> (host, port).
+
+    The host is one address written one way (found by a hostile review: ``[]:80`` listened on
+    every interface, ``[zzz]``, ``a b`` and zone ids loaded, and ``127.1``, ``0x7f.0.0.1``,
+    ``2130706433`` or ``[::ffff:127.0.0.1]`` were 127.0.0.1 to the resolver but another host
+    to the check that two listeners do not share an address and to the admin loopback
+    warning): a name (``host_problem``), an IPv4 address as four decimal numbers without
+    leading zeros, or a bracketed IPv6 address without zone id that is not an IPv4-mapped or
+    IPv4-compatible one. The port is decimal digits without leading zeros."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected HOST:PORT")
     if value.startswith("["):
@@ -77,15 +90,56 @@ def parse_address(value: object) -> tuple[str, int]:
         if not sep or not rest.startswith(":"):
             raise ValueError("expected [IPV6]:PORT")
         port_s = rest[1:]
+        why = ipv6_problem(host)
     else:
         host, sep, port_s = value.rpartition(":")
         if not sep or not host:
             raise ValueError("expected HOST:PORT")
         if ":" in host:
             raise ValueError("write IPv6 addresses as [ADDR]:PORT")
-    if not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535:
-        raise ValueError("port must be a number from 0 to 65535")
+        why = host_problem(host)
+    if why is not None:
+        raise ValueError(why)
+    if (not (port_s.isascii() and port_s.isdigit()) or not 0 <= int(port_s) <= 65535
+            or (port_s[0] == "0" and port_s != "0")):
+        raise ValueError("port must be a number from 0 to 65535 (decimal, no leading zeros)")
     return host, int(port_s)
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` (not bracketed) is not a host name or an IPv4 address written one way, or
+    None. A host whose last label is a number is an IPv4 address to ``inet_aton`` and the
+    resolver (``127.1``, ``0177.0.0.1``, ``0x7f.0.0.1``, ``2130706433`` are 127.0.0.1)."""
+    if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        return "expected a host name (letters, digits, '.', '-', '_') or an IP address"
+    last = host.rstrip(".").rpartition(".")[2]
+    if last.isdigit() or last[:2].lower() == "0x":
+        try:
+            canonical = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            canonical = ""
+        if canonical != host:
+            return ("a host ending in a number is an IPv4 address: write it as four decimal "
+                    "numbers without leading zeros (127.0.0.1)")
+    return None
+
+
+def ipv6_problem(text: str) -> str | None:
+    """Why ``text`` (the inside of ``[...]``) is not an IPv6 address written for one host, or
+    None: a zone id (``%eth0``) is not taken, nor an IPv4-mapped (``::ffff:a.b.c.d``) or
+    IPv4-compatible (``::a.b.c.d``, deprecated) address: write the IPv4 address."""
+    if "%" in text:
+        return "an IPv6 zone id (%...) is not supported here"
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        return "expected an IPv6 address in [...]"
+    if addr.ipv4_mapped is not None:
+        return f"an IPv4-mapped IPv6 address: write the IPv4 address ({addr.ipv4_mapped})"
+    if int(addr) >> 32 == 0 and int(addr) > 1:
+        return (f"an IPv4-compatible IPv6 address (deprecated, RFC 4291): write the IPv4 "
+                f"address ({ipaddress.IPv4Address(int(addr))})")
+    return None
 
 
 def format_address(addr: tuple[str, int]) -> str:

@@ -26,6 +26,7 @@ with.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,8 +159,11 @@ def normalise_host(host: str) -> str:
     parts = split_host(value)
     if parts is None:
         name = value.lower()
+    elif parts[0].startswith("["):
+        embedded = embedded_ipv4(parts[0])
+        name = parts[0] if embedded is None else embedded_marker(embedded)
     else:
-        name = parts[0] if parts[0].startswith("[") else parts[0].rstrip(".")
+        name = parts[0].rstrip(".")
     if len(_NORMALISED) >= 256:
         _NORMALISED.clear()
     _NORMALISED[host] = name
@@ -167,6 +171,69 @@ def normalise_host(host: str) -> str:
 
 
 _NORMALISED: dict[str, str] = {}
+
+# IPv6 prefixes whose addresses carry an IPv4 address (found by a hostile review: a Host
+# ``[64:ff9b::a00:1]`` or ``[::10.0.0.1]`` passed a deny rule for ``10.0.0.1``): NAT64's
+# well-known prefix (RFC 6052, the IPv4 address in the last 32 bits of a /96), its local-use
+# prefix (RFC 8215: the operator picks where the address sits, so which one it is cannot be
+# told), 6to4 (RFC 3056: the site's IPv4 gateway in bits 16-47) and Teredo (RFC 4380: the
+# client's IPv4 address, inverted, in the last 32 bits). IPv4-compatible addresses
+# (``::a.b.c.d``, RFC 4291 2.5.5.1, deprecated) are ``::/96`` but ``::`` and ``::1``.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_COMPATIBLE = ipaddress.IPv6Network("::/96")
+# IPv4-translated (SIIT, RFC 2765: ``::ffff:0:a.b.c.d``) and ISATAP interface identifiers
+# (RFC 5214: ``...:0:5efe:a.b.c.d`` or ``...:200:5efe:a.b.c.d`` under any /64).
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)
+# What a Host that embeds an IPv4 address is compared as: never a host a rule can name
+# (a space is in no host), so an allow rule never admits it; a deny rule naming the IPv4
+# address also names this (``deny_hosts``). One whose IPv4 address cannot be told is
+# denied by every deny rule that names an IPv4 address.
+EMBEDDED_UNKNOWN = "an IPv4 address in an IPv6 literal"
+
+
+def embedded_marker(ipv4: str) -> str:
+    """The form a Host literal embedding ``ipv4`` is compared in (see ``EMBEDDED_UNKNOWN``)."""
+    return f"{ipv4} in an IPv6 literal" if ipv4 else EMBEDDED_UNKNOWN
+
+
+def embedded_ipv4(literal: str) -> str | None:
+    """The IPv4 address an IPv6 literal (``[...]``, as ``split_host`` writes it) carries --
+    NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated, ISATAP; ``""`` when it carries one that cannot be told
+    (NAT64 local-use); None for every other address (IPv4-mapped ones never get here:
+    ``split_host`` writes them as their IPv4 address)."""
+    try:
+        addr = ipaddress.IPv6Address(literal.strip("[]"))
+    except ValueError:
+        return None
+    if (addr in _NAT64 or addr in _TRANSLATED or (addr in _COMPATIBLE and int(addr) > 1)
+            or (int(addr) >> 32) & 0xFFFFFFFF in _ISATAP_IDS):
+        return str(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr in _NAT64_LOCAL:
+        return ""
+    if addr.sixtofour is not None:
+        return str(addr.sixtofour)
+    if addr.teredo is not None:
+        return str(addr.teredo[1])
+    return None
+
+
+def deny_hosts(hosts: frozenset[str]) -> frozenset[str]:
+    """A deny rule's ``hosts`` with the forms a Host embedding one of its IPv4 addresses is
+    compared in (``normalise_host``): the rule holds against ``[64:ff9b::a00:1]``,
+    ``[::10.0.0.1]``, ``[2002:a00:1::]`` and the Teredo address of 10.0.0.1 as against
+    ``10.0.0.1``. Load-time work: the request side compares one string, as before."""
+    extra = {embedded_marker(h) for h in hosts if _is_ipv4(h)}
+    return hosts | extra | {EMBEDDED_UNKNOWN} if extra else hosts
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # --- claims ---------------------------------------------------------------------------

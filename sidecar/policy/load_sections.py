@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 
 from sidecar.config.source import Path as P
 from sidecar.config.source import Reader
+from sidecar.config.values import host_problem, ipv6_problem
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
     DEFAULT_TOKEN_LOCATIONS,
@@ -111,6 +112,9 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
         if u is not None and not u.startswith("https://"):
             r.problem(path + ("jwks_uri",), "jwks_uri must be an https:// URL")
             ok = False
+        elif u is not None and (why := url_problem(u)) is not None:
+            r.problem(path + ("jwks_uri",), why)
+            ok = False
     discovery_url = None
     if discovery is not None and discovery is not False:
         # true: the OpenID Connect location under the issuer; a string: that URL (e.g. the
@@ -125,6 +129,9 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
             discovery_url = discovery
         else:
             r.problem(path + ("discovery",), "expected true or an https:// metadata URL")
+            ok = False
+        if discovery_url is not None and (why := url_problem(discovery_url)) is not None:
+            r.problem(path + ("issuer" if discovery is True else "discovery",), why)
             ok = False
     if jwks_ca is not None and intro_raw is not None:
         r.problem(path + ("jwks_ca",), "jwks_ca only applies to jwks_uri and discovery; "
@@ -267,6 +274,23 @@ INTROSPECTION_KEYS = frozenset(
 )
 
 
+def url_problem(url: str) -> str | None:
+    """Why a URL the sidecar fetches (``jwks_uri``, discovery, an introspection endpoint, an
+    alert webhook) cannot name one host, or None: read by the control-plane client's
+    ``parse_url``, its host one name or address written one way, as in the config
+    (``host_problem``, ``ipv6_problem``: ``https://127.1/``, ``https://0x7f.0.0.1/``,
+    ``https://[::ffff:127.0.0.1]/``, a zone id are refused at load, where they used to load
+    and fail, or be resolved to another address, at the first fetch; found by a hostile
+    review)."""
+    from sidecar.ctlhttp.client import ClientError, parse_url
+
+    try:
+        host = parse_url(url).host
+    except ClientError as exc:
+        return str(exc)
+    return ipv6_problem(host) if ":" in host else host_problem(host)
+
+
 def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspection | None:
     m = r.mapping(value, path, INTROSPECTION_KEYS)
     if m is None:
@@ -275,6 +299,9 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
     endpoint = r.string(m.get("endpoint"), path + ("endpoint",))
     if endpoint is not None and not endpoint.startswith("https://"):
         r.problem(path + ("endpoint",), "endpoint must be an https:// URL")
+        ok = False
+    elif endpoint is not None and (why := url_problem(endpoint)) is not None:
+        r.problem(path + ("endpoint",), why)
         ok = False
     client_id = r.string(m.get("client_id"), path + ("client_id",))
     secret = m.get("client_secret_file")
@@ -435,6 +462,9 @@ def parse_alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
             not isinstance(webhook, str) or not webhook.startswith(("https://", "http://"))
         ):
             r.problem(ip + ("webhook",), "expected an http(s):// URL")
+            webhook = None
+        elif webhook is not None and (why := url_problem(webhook)) is not None:
+            r.problem(ip + ("webhook",), why)
             webhook = None
         if name and threshold and window is not None and block is not None and by:
             out.append(AlertRule(name, threshold, window, by, block, webhook))

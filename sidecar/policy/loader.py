@@ -36,7 +36,7 @@ from sidecar.config.source import Reader, format_path, gc_paused
 from sidecar.errors import ConfigError, Problem
 from sidecar.http.request import ipv4_problem, split_host
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
-from sidecar.policy.compiled import Section, normalise_host
+from sidecar.policy.compiled import Section, deny_hosts, embedded_ipv4, normalise_host
 from sidecar.policy.load_sections import (
     NAME,
     TOKEN,
@@ -62,7 +62,10 @@ from sidecar.policy.paths import normalise_path_pattern
 from sidecar.policy.policyset import (
     MAX_POLICY_FILES,
     MAX_POLICY_SET_BYTES,
+    MAX_POLICY_SET_VALUES,
+    MAX_RULES_PER_SECTION,
     MERGE_RULES,
+    SET_VALUES_PROBLEM,
     NeedNames,
     ParsedFiles,
     PolicyFile,
@@ -89,7 +92,6 @@ CONDITION_KEYS = frozenset(
 )
 
 
-MAX_RULES_PER_SECTION = 10_000
 # Rules are decided for requests of the inbound listener (the outbound side checks `egress`).
 RULE_LISTENERS = frozenset({"inbound"})
 # The methods the data path serves (sidecar.http.request._METHOD): others never reach a rule.
@@ -107,6 +109,11 @@ def _host_problem(host: str) -> str | None:
         return "expected a host name without port or scheme (or a bracketed IPv6 address)"
     if not host.rstrip("."):
         return "expected a host name, not only dots"
+    if parts[0].startswith("[") and (ipv4 := embedded_ipv4(parts[0])) is not None:
+        # A rule for [64:ff9b::a00:1] would name a NAT64, 6to4, Teredo or IPv4-compatible
+        # form of an IPv4 address, and an allow rule would admit one spelling of it only.
+        return ("an IPv6 literal that carries an IPv4 address (NAT64, 6to4, Teredo, "
+                "IPv4-compatible): name the IPv4 address" + (f" ({ipv4})" if ipv4 else ""))
     return None
 
 
@@ -323,6 +330,9 @@ def _rule(
     if effect == "deny" and when is not None and when.methods and "GET" in when.methods:
         # HEAD runs the GET handler in nearly every framework: denying GET denies HEAD.
         when = dataclasses.replace(when, methods=when.methods | {"HEAD"})
+    if effect == "deny" and when is not None and when.hosts:
+        # A Host literal that carries one of its IPv4 addresses is that address to a deny rule.
+        when = dataclasses.replace(when, hosts=deny_hosts(when.hosts))
     mode = _mode(r, m["mode"], path + ("mode",)) if "mode" in m else None
     expires = r.timestamp(m["expires_at"], path + ("expires_at",)) if "expires_at" in m else None
     if "description" in m and not isinstance(m["description"], str):
@@ -432,14 +442,18 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     docs: list[PolicyFile] = []
     failed: list[Problem] = []
     kept: dict[tuple[str, str, str | None], PolicyFile] = {}
+    values_left = MAX_POLICY_SET_VALUES
     for filename, raw in files:
         key = (filename, hashlib.sha256(raw).hexdigest(), only)
         try:
             doc = cache.docs[key].reuse() if cache and key in cache.docs else PolicyFile(
-                filename, key[1], raw, only)
+                filename, key[1], raw, only, values_left)
         except ConfigError as exc:
             failed.extend(exc.problems)
+            if exc.problems and exc.problems[-1].message == SET_VALUES_PROBLEM:
+                break  # the files after it are not read at all
             continue
+        values_left -= doc.values
         docs.append(doc)
         kept[key] = doc
     if cache is not None:
