@@ -23,8 +23,7 @@ After each batch the writer waits ``batch_linger_seconds`` (default 50 ms) for m
 unless a full batch is already queued, so under load batches are large: what a batch costs
 (the write, the fsync and its thread round trip, the shipper's TLS write, the wake-ups) is
 paid once per linger, not once per request (one record per batch cost the data path more
-CPU per request than the rest of the sidecar's work on it; 5 ms lingers cost it about as
-much as the records themselves, bench/README.md "Tenth pass").
+CPU per request than the rest of the sidecar's work on it; bench/README.md "Tenth pass").
 The chain head in memory only advances when the bytes are on disk, so a failed write
 leaves nothing to roll back but the file, which is truncated back (best effort).
 
