@@ -114,6 +114,18 @@ COMPARISONS = {c.name: c for c in (
                                        name="sidecar-audit-nofsync", python=py),
                False, "the whole trail with fsync per batch minus the same without fsync "
                "(what fsync itself costs)"),
+    Comparison("audit-chain", "difference",
+               lambda py: SidecarSetup(audit=True, name="sidecar-audit-chain", python=py),
+               lambda py: SidecarSetup(python=py),
+               False, "the sidecar pair with the hash-chained trail alone (the default audit "
+               "config: no signing key, no data key, no shipping; fsync per batch) minus the "
+               "same pair without audit (the part of audit's cost every trail pays)"),
+    Comparison("audit-ship", "difference",
+               lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
+               lambda py: SidecarSetup(audit_full=True, ship=False,
+                                       name="sidecar-audit-noship", python=py),
+               False, "the whole trail minus the same without shipping (what the syslog "
+               "messages and the TLS writes to the collector cost)"),
     Comparison("audit-linger", "difference",
                lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
                lambda py: SidecarSetup(audit_full=True, linger=0.005,

@@ -210,7 +210,7 @@ class SidecarSetup(Setup):
                  audit_fsync: bool = False, audit_full: bool = False,
                  name: str | None = None, fsync: bool | None = None,
                  trail: bool = True, python: str | None = None,
-                 linger: float | None = None) -> None:
+                 linger: float | None = None, ship: bool = True) -> None:
         # ``name`` (bench/paired.py) tells two sidecar pairs running side by side apart: it
         # names their config, policy, audit and log files. ``trail=False`` (paired.py's
         # full-trail) is sidecar-full without its audit trail: what the trail adds to it.
@@ -229,6 +229,9 @@ class SidecarSetup(Setup):
         # ``linger`` (bench/paired.py's audit-linger): the trail's batch_linger_seconds;
         # None keeps the sidecar's default.
         self.linger = linger
+        # ``ship=False`` (paired.py's audit-ship): the whole trail without shipping (no
+        # collector); signing and encryption stay.
+        self.ship = ship
 
     def unavailable(self) -> str | None:
         cli = os.path.join(REPO_ROOT, "sidecar", "cli.py")
@@ -281,13 +284,15 @@ class SidecarSetup(Setup):
         priv, _pub, _kid = write_keypair(os.path.join(keys, "signing"))
         data_key = os.path.join(keys, "data.key")
         write_data_key(data_key)
+        keys_only = f", signing_key_file: {priv}, encryption_key_file: {data_key}"
+        if not self.ship:
+            return keys_only
         cert, key = _tls_material(keys)
         port = free_port()
         sink = ctx.group.start(f"{self.name}-audit-collector",
                                [sys.executable, "-c", SINK, cert, key, str(port)], env=env)
         wait_for_port(port, proc=sink.proc)
-        return (f", signing_key_file: {priv}, encryption_key_file: {data_key}"
-                f", ship: {{address: 127.0.0.1:{port}, ca_file: {cert}}}")
+        return keys_only + f", ship: {{address: 127.0.0.1:{port}, ca_file: {cert}}}"
 
 
 # ---- nginx --------------------------------------------------------------------------------------
