@@ -23,12 +23,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -352,6 +354,94 @@ def read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 65536) -> bytes:
             break
         data += chunk
     return data
+
+
+def module_fixture(prefix: str, build: Callable[[Path], Any]) -> Any:
+    """A module-scoped fixture (named by the name it is assigned to): ``build`` called with a
+    fresh temporary directory named after ``prefix``, and its result closed (``close()``)
+    when the module's tests are done, e.g.
+    ``mesh = module_fixture("methods", lambda tmp: Mesh(tmp, policy=POLICY))``."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+        built = build(tmp_path_factory.mktemp(prefix))
+        try:
+            yield built
+        finally:
+            built.close()
+
+    return fixture
+
+
+class ScriptedServer:
+    """A scripted peer on 127.0.0.1 (an upstream, a JWKS endpoint, an admin port): a thread
+    accepts until ``close``; each connection gets a thread of its own, ``timeout`` set,
+    wrapped in TLS with ``ctx`` (when given), handed to ``serve`` and closed after it. A peer
+    that goes away (``OSError``, ``ssl.SSLError``) ends its connection quietly.
+
+    ``serve`` reads one request head (``read_head``) and hands it to ``answer`` (a
+    connection closed before a whole head gets nothing); a subclass overrides ``answer``, or
+    ``serve`` for a connection of many requests. ``admit`` may hold a connection unserved.
+    """
+
+    timeout: float = 5.0
+
+    def __init__(self, ctx: ssl.SSLContext | None = None, *, backlog: int = 128) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.admit(conn):
+                threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        conn.settimeout(self.timeout)
+        try:
+            sock = conn if self.ctx is None else self.ctx.wrap_socket(conn, server_side=True)
+            with sock:
+                self.serve(sock)
+        except OSError:  # (ssl.SSLError is one)
+            pass
+        finally:
+            conn.close()
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Whether to serve a connection just accepted (False: the subclass keeps it)."""
+        return True
+
+    def serve(self, sock: socket.socket) -> None:
+        """One request: its head read, then ``answer``."""
+        head = read_head(sock)
+        if b"\r\n\r\n" in head:
+            self.answer(sock, head)
+
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        """Answer the request whose head (through its blank line) is ``head``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop accepting (connections being served run on to their end)."""
+        self.stopped.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+def request_target(head: bytes) -> str:
+    """The target of a request head as sent (latin-1; "?" for a head without one)."""
+    parts = head.split(b" ", 2)
+    return parts[1].decode("latin-1") if len(parts) > 2 else "?"
 
 
 class Proc:

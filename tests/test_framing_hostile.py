@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from sidecar.http.wire import COALESCE, END, MessageReader, ParseError
+from tests.harness import module_fixture
 from tests.test_hostile_http import (
     SIDES,
     SMUGGLED,
@@ -31,13 +31,7 @@ H = b"Host: orders\r\n"
 TE = b"Transfer-Encoding: chunked\r\n"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("framing"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("framing", Mesh)
 
 
 # The whole request is refused at its head: nothing of it reaches the app.

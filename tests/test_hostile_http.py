@@ -20,7 +20,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar.errors import generic_body
 from tests.harness import (
     Pki,
+    ScriptedServer,
     SidecarProc,
     free_port,
     http,
+    module_fixture,
     mtls_context,
     sidecar_config,
     spiffe,
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 # --- a recording app ------------------------------------------------------------------------
 
 
-class RecordingApp:
+class RecordingApp(ScriptedServer):
     """A threaded HTTP/1.1 app (h11) that records what reached it.
 
     ``heads`` holds one dict per request head (method, target, headers); ``complete`` counts
@@ -56,23 +57,16 @@ class RecordingApp:
     JSON of the request.
     """
 
+    timeout = 30.0
+
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.heads: list[dict[str, Any]] = []
         self.complete = 0
         self.errors: list[str] = []
         # GET /trailers answers chunked with these response trailers (and a Trailer header).
         self.response_trailers: list[tuple[str, str]] = []
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+        super().__init__(backlog=256)
 
     def snapshot(self) -> tuple[int, int]:
         with self.lock:
@@ -82,16 +76,7 @@ class RecordingApp:
         with self.lock:
             return [h["target"] for h in self.heads[mark[0]:]]
 
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(30)
+    def serve(self, sock: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER)
         head: dict[str, Any] | None = None
         try:
@@ -123,8 +108,6 @@ class RecordingApp:
         except (h11.ProtocolError, OSError) as exc:
             with self.lock:
                 self.errors.append(repr(exc))
-        finally:
-            sock.close()
 
     def _respond(self, sock: socket.socket, conn: h11.Connection, head: dict[str, Any]) -> None:
         target = head["target"]
@@ -250,13 +233,7 @@ services:
 """
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("hostile"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("hostile", Mesh)
 
 
 def exchange(mesh: Mesh, side: str, data: bytes, timeout: float = 4.0) -> bytes:

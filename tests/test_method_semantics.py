@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,7 +10,7 @@ from sidecar.policy.decision import NO_AUTH, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.lint import lint
 from sidecar.policy.loader import load_policy
-from tests.harness import spiffe
+from tests.harness import module_fixture, spiffe
 from tests.test_hostile_http import ISSUER, SIDES, H, Mesh, exchange, statuses
 
 # Every request here must end in a generic answer, never in an unhandled exception.
@@ -58,13 +57,7 @@ def test_lint_points_out_head_without_get() -> None:
     assert "head-runs-get" in codes
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("methods"), policy=POLICY)
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("methods", lambda tmp: Mesh(tmp, policy=POLICY))
 
 
 @pytest.mark.parametrize("side", SIDES)
