@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,6 +444,20 @@ def request_target(head: bytes) -> str:
     return parts[1].decode("latin-1") if len(parts) > 2 else "?"
 
 
+async def serve_trio(handle: Callable[[Any], Awaitable[None]], tls: ssl.SSLContext | None,
+                     task_status: Any) -> None:
+    """Serve ``handle`` (a Trio stream handler) on a free port of 127.0.0.1, over TLS with
+    ``tls`` when given; ``task_status.started`` gets the port (for ``nursery.start``)."""
+    import trio
+
+    listeners: list[Any] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    if tls is not None:
+        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
+    task_status.started(port)
+    await trio.serve_listeners(handle, listeners)
+
+
 class Proc:
     """A subprocess we own: stopped by pid at teardown, its output kept in a file."""
 
@@ -597,6 +611,19 @@ def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = Tru
         except Exception as exc:  # noqa: BLE001 -- any start failure stops the process and is reported with its log
             proc.stop()
             raise RuntimeError(f"sidecar {name} did not start ({exc}):\n{proc.output()}") from None
+    return proc
+
+
+def start_inbound(tmp: Path, pki: Pki, app: int, procs: list[Any], *,
+                  policy: str | None = None) -> SidecarProc:
+    """An ``orders`` sidecar (identity from ``pki``) whose inbound listener, on a free port,
+    forwards to the app on port ``app`` under ``policy``: started, ready, and appended to
+    ``procs`` (the fixture that stops it)."""
+    cfg = sidecar_config(pki.identity("orders"),
+                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"},
+                         policy=policy)
+    proc = start_sidecar(tmp, "orders", cfg)
+    procs.append(proc)
     return proc
 
 

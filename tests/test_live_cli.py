@@ -23,9 +23,8 @@ from tests.harness import (
     http,
     mtls_context,
     raw,
-    sidecar_config,
     spiffe,
-    start_sidecar,
+    start_inbound,
     write_policy,
 )
 
@@ -43,10 +42,7 @@ N = 12  # requests per caller: a bounded load
 @pytest.fixture
 def orders(tmp_path, pki, app, procs):
     policy = write_policy(tmp_path / "mesh.yaml", POLICY)
-    cfg = sidecar_config(pki.identity("orders"), policy=policy,
-                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"})
-    proc = start_sidecar(tmp_path, "orders", cfg)
-    procs.append(proc)
+    proc = start_inbound(tmp_path, pki, app, procs, policy=policy)
     friend = mtls_context(pki.identity("frontend"), pki.bundle)
     stranger = mtls_context(pki.identity("intruder"), pki.bundle)
     return proc, friend, stranger
