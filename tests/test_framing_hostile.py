@@ -8,7 +8,7 @@ Reuses the mesh and the recording app of ``tests/test_hostile_http.py``. For eac
 
 from __future__ import annotations
 
-import ssl
+import itertools
 import time
 
 import pytest
@@ -21,6 +21,7 @@ from tests.test_hostile_http import (
     Mesh,
     assert_generic_refusal,
     exchange,
+    offer,
     statuses,
 )
 
@@ -118,27 +119,10 @@ def test_valid_chunk_extensions_accepted_and_dropped(mesh: Mesh, side: str,
 
 
 def _send_chunks(mesh: Mesh, side: str, n: int, size: int = 1) -> bytes:
-    sock = mesh.connect(side, timeout=10)
-    out = b""
-    try:
-        sock.sendall(b"POST /tiny HTTP/1.1\r\n" + H + TE + b"Connection: close\r\n\r\n")
-        chunk = b"%x\r\n" % size + b"z" * size + b"\r\n"
-        block = chunk * 1024
-        try:
-            for _ in range(n // 1024):
-                sock.sendall(block)
-            sock.sendall(b"0\r\n\r\n")
-        except (OSError, ssl.SSLError):
-            pass
-        sock.settimeout(5)
-        try:
-            while data := sock.recv(65536):
-                out += data
-        except (OSError, ssl.SSLError):
-            pass
-    finally:
-        sock.close()
-    return out
+    chunk = b"%x\r\n" % size + b"z" * size + b"\r\n"
+    block = chunk * 1024
+    return offer(mesh, side, b"POST /tiny HTTP/1.1\r\n" + H + TE + b"Connection: close\r\n\r\n",
+                 itertools.chain(itertools.repeat(block, n // 1024), [b"0\r\n\r\n"]))
 
 
 @pytest.mark.parametrize("side", SIDES)

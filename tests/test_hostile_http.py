@@ -14,12 +14,14 @@ or plain TCP (the outbound listener, which forwards through the inbound one). Fo
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +211,8 @@ class Mesh:
         return took
 
 
-POLICY = f"""\
+# The start of a policy with the ``corp`` provider (its keys in the mesh's jwks.json).
+POLICY_START = f"""\
 version: 1
 trust_domain: demo.local
 jwt_providers:
@@ -218,6 +221,8 @@ jwt_providers:
     audiences: [api]
     algorithms: [ES256]
     jwks_file: jwks.json
+"""
+POLICY = POLICY_START + f"""\
     forward_claims: {{sub: x-user}}
 services:
   {spiffe("orders")}:
@@ -254,6 +259,29 @@ def exchange(mesh: Mesh, side: str, data: bytes, timeout: float = 4.0) -> bytes:
             if not chunk:
                 break
             out += chunk
+    finally:
+        sock.close()
+    return out
+
+
+def offer(mesh: Mesh, side: str, head: bytes, parts: Iterable[bytes]) -> bytes:
+    """Send ``head``, then ``parts`` for as long as the sidecar takes them; return what came
+    back before it closed (each read bounded by 5 s)."""
+    sock = mesh.connect(side, timeout=10)
+    out = b""
+    try:
+        sock.sendall(head)
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except (OSError, ssl.SSLError):
+            pass
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (OSError, ssl.SSLError):
+            pass
     finally:
         sock.close()
     return out
@@ -671,24 +699,10 @@ def test_slow_reader_of_large_response_is_cut(mesh: Mesh) -> None:
 
 def test_huge_chunked_body_over_limit_gets_413(mesh: Mesh) -> None:
     mark = mesh.app.snapshot()
-    sock = mesh.connect("inbound", timeout=10)
-    out = b""
-    try:
-        sock.sendall(b"POST /huge HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
-        block = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
-        try:
-            for _ in range(64):  # 4 MiB offered; the limit is 1 MiB
-                sock.sendall(block)
-        except (OSError, ssl.SSLError):
-            pass
-        sock.settimeout(5)
-        try:
-            while chunk := sock.recv(65536):
-                out += chunk
-        except (OSError, ssl.SSLError):
-            pass
-    finally:
-        sock.close()
+    block = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
+    out = offer(mesh, "inbound",  # 4 MiB offered; the limit is 1 MiB
+                b"POST /huge HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n",
+                itertools.repeat(block, 64))
     assert statuses(out) == [413], out[:300]
     assert_generic_refusal(out)
     time.sleep(0.1)

@@ -11,20 +11,12 @@ from sidecar.policy.engine import decide
 from sidecar.policy.lint import lint
 from sidecar.policy.loader import load_policy
 from tests.harness import module_fixture, spiffe
-from tests.test_hostile_http import ISSUER, SIDES, H, Mesh, exchange, statuses
+from tests.test_hostile_http import POLICY_START, SIDES, H, Mesh, exchange, statuses
 
 # Every request here must end in a generic answer, never in an unhandled exception.
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
-POLICY = f"""\
-version: 1
-trust_domain: demo.local
-jwt_providers:
-  corp:
-    issuer: {ISSUER}
-    audiences: [api]
-    algorithms: [ES256]
-    jwks_file: jwks.json
+POLICY = POLICY_START + f"""\
 services:
   {spiffe("orders")}:
     rules:
