@@ -23,12 +23,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -354,6 +356,108 @@ def read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 65536) -> bytes:
     return data
 
 
+def module_fixture(prefix: str, build: Callable[[Path], Any]) -> Any:
+    """A module-scoped fixture (named by the name it is assigned to): ``build`` called with a
+    fresh temporary directory named after ``prefix``, and its result closed (``close()``)
+    when the module's tests are done, e.g.
+    ``mesh = module_fixture("methods", lambda tmp: Mesh(tmp, policy=POLICY))``."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+        built = build(tmp_path_factory.mktemp(prefix))
+        try:
+            yield built
+        finally:
+            built.close()
+
+    return fixture
+
+
+class ScriptedServer:
+    """A scripted peer on 127.0.0.1 (an upstream, a JWKS endpoint, an admin port): a thread
+    accepts until ``close``; each connection gets a thread of its own, ``timeout`` set,
+    wrapped in TLS with ``ctx`` (when given), handed to ``serve`` and closed after it. A peer
+    that goes away (``OSError``, ``ssl.SSLError``) ends its connection quietly.
+
+    ``serve`` reads one request head (``read_head``) and hands it to ``answer`` (a
+    connection closed before a whole head gets nothing); a subclass overrides ``answer``, or
+    ``serve`` for a connection of many requests. ``admit`` may hold a connection unserved.
+    """
+
+    timeout: float = 5.0
+
+    def __init__(self, ctx: ssl.SSLContext | None = None, *, backlog: int = 128) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.admit(conn):
+                threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        conn.settimeout(self.timeout)
+        try:
+            sock = conn if self.ctx is None else self.ctx.wrap_socket(conn, server_side=True)
+            with sock:
+                self.serve(sock)
+        except OSError:  # (ssl.SSLError is one)
+            pass
+        finally:
+            conn.close()
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Whether to serve a connection just accepted (False: the subclass keeps it)."""
+        return True
+
+    def serve(self, sock: socket.socket) -> None:
+        """One request: its head read, then ``answer``."""
+        head = read_head(sock)
+        if b"\r\n\r\n" in head:
+            self.answer(sock, head)
+
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        """Answer the request whose head (through its blank line) is ``head``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop accepting (connections being served run on to their end)."""
+        self.stopped.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+def request_target(head: bytes) -> str:
+    """The target of a request head as sent (latin-1; "?" for a head without one)."""
+    parts = head.split(b" ", 2)
+    return parts[1].decode("latin-1") if len(parts) > 2 else "?"
+
+
+async def serve_trio(handle: Callable[[Any], Awaitable[None]], tls: ssl.SSLContext | None,
+                     task_status: Any) -> None:
+    """Serve ``handle`` (a Trio stream handler) on a free port of 127.0.0.1, over TLS with
+    ``tls`` when given; ``task_status.started`` gets the port (for ``nursery.start``)."""
+    import trio
+
+    listeners: list[Any] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    if tls is not None:
+        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
+    task_status.started(port)
+    await trio.serve_listeners(handle, listeners)
+
+
 class Proc:
     """A subprocess we own: stopped by pid at teardown, its output kept in a file."""
 
@@ -507,6 +611,19 @@ def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = Tru
         except Exception as exc:  # noqa: BLE001 -- any start failure stops the process and is reported with its log
             proc.stop()
             raise RuntimeError(f"sidecar {name} did not start ({exc}):\n{proc.output()}") from None
+    return proc
+
+
+def start_inbound(tmp: Path, pki: Pki, app: int, procs: list[Any], *,
+                  policy: str | None = None) -> SidecarProc:
+    """An ``orders`` sidecar (identity from ``pki``) whose inbound listener, on a free port,
+    forwards to the app on port ``app`` under ``policy``: started, ready, and appended to
+    ``procs`` (the fixture that stops it)."""
+    cfg = sidecar_config(pki.identity("orders"),
+                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"},
+                         policy=policy)
+    proc = start_sidecar(tmp, "orders", cfg)
+    procs.append(proc)
     return proc
 
 

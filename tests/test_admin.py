@@ -17,7 +17,7 @@ from sidecar.admin_pages import AppProbe, app_probes_from_env, parse_app_probes
 from sidecar.ctlhttp.server import ServerLimits
 from sidecar.errors import ConfigError
 from sidecar.metrics import SidecarMetrics
-from tests.harness import ThrowawayCA
+from tests.harness import ThrowawayCA, serve_trio
 
 
 class SidecarStatus:
@@ -90,6 +90,14 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
         while chunk := await stream.receive_some(65536):
             out += chunk
         return out
+
+
+async def start_admin(nursery: trio.Nursery, limits: ServerLimits) -> int:
+    """An admin server with ``limits`` (a fresh status and metrics) on a free port; its port."""
+    port: int = await nursery.start(
+        lambda task_status: serve_admin(("127.0.0.1", 0), SidecarStatus(), SidecarMetrics(),
+                                        limits=limits, task_status=task_status))
+    return port
 
 
 def run(test: Callable[[trio.Nursery], Awaitable[None]], timeout: float = 15) -> None:
@@ -172,12 +180,7 @@ def test_readyz_flips_and_fails_closed() -> None:
 def test_keep_alive_and_request_cap() -> None:
     async def test(nursery: trio.Nursery) -> None:
         limits = ServerLimits(max_requests_per_connection=3)
-        port = await nursery.start(
-            lambda task_status: serve_admin(
-                ("127.0.0.1", 0), SidecarStatus(), SidecarMetrics(), limits=limits,
-                task_status=task_status,
-            )
-        )
+        port = await start_admin(nursery, limits)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
@@ -214,12 +217,7 @@ def test_bad_requests_get_generic_errors() -> None:
 def test_slow_head_is_cut_off() -> None:
     async def test(nursery: trio.Nursery) -> None:
         limits = ServerLimits(head_timeout=0.3)
-        port = await nursery.start(
-            lambda task_status: serve_admin(
-                ("127.0.0.1", 0), SidecarStatus(), SidecarMetrics(), limits=limits,
-                task_status=task_status,
-            )
-        )
+        port = await start_admin(nursery, limits)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             await stream.send_all(b"GET /healthz HTTP/1.1\r\n")  # never finishes the head
@@ -236,12 +234,7 @@ def test_slow_head_is_cut_off() -> None:
 def test_connection_cap() -> None:
     async def test(nursery: trio.Nursery) -> None:
         limits = ServerLimits(max_connections=2)
-        port = await nursery.start(
-            lambda task_status: serve_admin(
-                ("127.0.0.1", 0), SidecarStatus(), SidecarMetrics(), limits=limits,
-                task_status=task_status,
-            )
-        )
+        port = await start_admin(nursery, limits)
         held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         await trio.sleep(0.1)  # let the server accept both
         extra = await trio.open_tcp_stream("127.0.0.1", port)
@@ -293,12 +286,7 @@ async def tiny_app(
             + (conn.send(h11.EndOfMessage()) or b"")
         )
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    if tls is not None:
-        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
-    task_status.started(port)
-    await trio.serve_listeners(handle, listeners)
+    await serve_trio(handle, tls, task_status)
 
 
 def test_https_app_probe(tmp_path: Path) -> None:

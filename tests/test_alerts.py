@@ -27,7 +27,7 @@ from sidecar.policy.decision import AuthFacts
 from sidecar.policy.loader import load_policy
 from sidecar.policy.model import Conditions, JwtCondition, Rule
 from sidecar.policy.sections import AlertRule
-from tests.harness import ThrowawayCA
+from tests.harness import ThrowawayCA, serve_trio
 
 PEER = "spiffe://cluster.local/ns/shop/sa/frontend"
 ADDR = "10.0.0.7"
@@ -186,12 +186,7 @@ async def _webhook_server(
         finally:
             await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    if tls is not None:
-        listeners = [trio.SSLListener(lst, tls) for lst in listeners]
-    task_status.started(port)
-    await trio.serve_listeners(handle, listeners)
+    await serve_trio(handle, tls, task_status)
 
 
 def _run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:

@@ -12,7 +12,6 @@ and nothing counted a failed probe. Now each member of the family below is a fai
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.harness import (
     SidecarProc,
     free_port,
     http,
+    module_fixture,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -115,13 +115,7 @@ class Probed:
         self.app.close()
 
 
-@pytest.fixture(scope="module")
-def probed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Probed]:
-    p = Probed(tmp_path_factory.mktemp("app-probes"))
-    try:
-        yield p
-    finally:
-        p.close()
+probed = module_fixture("app-probes", Probed)
 
 
 def _probe(probed: Probed, path: str) -> int:

@@ -67,6 +67,11 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "jti": "t-1",
         "iat": int(NOW) - 10, "exp": int(NOW) + 600,
     }
+    return overridden(out, overrides)
+
+
+def overridden(out: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``out`` with ``overrides`` set in it (a value of None removes the claim); returned."""
     for name, value in overrides.items():
         if value is None:
             out.pop(name, None)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import request_target
 from tests.test_live_cli import _answer, _RawAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,30 +97,19 @@ class ScriptedAdmin(_RawAdmin):
     """A TCP server on 127.0.0.1 that reads a request head and answers its path from
     ``scripts`` (``GOOD`` for the others), then closes."""
 
+    timeout = 10.0
+
     def __init__(self, scripts: dict[str, Script]) -> None:
         self.scripts = {**GOOD, **scripts}
         super().__init__(b"")
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _one(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        try:
-            got = b""
-            while b"\r\n\r\n" not in got:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                got += chunk
-            path = got.split(b" ", 2)[1].decode()
-            script = self.scripts.get(path, _answer(b"", b"404 Not Found"))
-            if callable(script):
-                script(conn)
-            else:
-                conn.sendall(script)
-        except OSError:
-            pass
-        finally:
-            conn.close()
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        script = self.scripts.get(request_target(head), _answer(b"", b"404 Not Found"))
+        if callable(script):
+            script(sock)
+        else:
+            sock.sendall(script)
 
 
 def _check(scripts: dict[str, Script], *extra: str) -> tuple[subprocess.CompletedProcess[str],

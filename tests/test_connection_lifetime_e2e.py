@@ -112,6 +112,17 @@ def read_until_eof(sock: socket.socket | ssl.SSLSocket, timeout: float = 15) -> 
     return False
 
 
+def upgrade_to_echo(sock: socket.socket | ssl.SSLSocket) -> None:
+    """Upgrade the connection on ``sock`` to the test app's echo protocol (101), checked to
+    echo."""
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
+                 b"Connection: upgrade\r\n\r\n")
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    sock.sendall(b"ping")
+    assert sock.recv(4096) == b"ping"
+
+
 def policy(tmp: Path, *allowed: str, alerts: list[dict[str, Any]] | None = None) -> str:
     doc: dict[str, Any] = {"version": 1, "trust_domain": TD, "services": {spiffe("orders"): {
         "rules": [{"name": "callers", "allow": {"from": [spiffe(a) for a in allowed]}},
@@ -159,12 +170,7 @@ def test_outbound_upgraded_stream_ends_when_the_upstream_root_leaves_the_bundle(
     out = start_sidecar(tmp, "frontend", cfg)
     procs.append(out)
     with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
-        s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
-                  b"Connection: upgrade\r\n\r\n")
-        head = read_head(s)
-        assert head.startswith(b"HTTP/1.1 101"), head
-        s.sendall(b"ping")
-        assert s.recv(4096) == b"ping"
+        upgrade_to_echo(s)
         replace_file(own / "ca.crt", pki.ca.bundle_pem)
         wait_closed(out, "peer_untrusted", "outbound")
         assert read_until_eof(s)
@@ -244,12 +250,7 @@ def test_upgraded_stream_closed_after_a_policy_reload_refuses_it(env) -> None:
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with socket.create_connection(("127.0.0.1", srv.port("inbound")), timeout=10) as raw:
         with ctx.wrap_socket(raw) as tls:
-            tls.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
-                        b"Connection: upgrade\r\n\r\n")
-            head = read_head(tls)
-            assert head.startswith(b"HTTP/1.1 101"), head
-            tls.sendall(b"ping")
-            assert tls.recv(4096) == b"ping"
+            upgrade_to_echo(tls)
             policy(tmp, "frontend", "billing")  # a reload that still allows it: left alone
             wait_for(lambda: srv.metric("sidecar_policy_reloads_total", result="ok") >= 2)
             tls.sendall(b"pong")

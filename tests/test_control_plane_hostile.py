@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,12 +28,14 @@ import yaml
 
 from tests.harness import (
     Pki,
+    ScriptedServer,
     SidecarProc,
     ThrowawayCA,
     free_port,
     http,
     metric_value,
     mtls_context,
+    request_target,
     sidecar_config,
     spiffe,
     start_app,
@@ -122,50 +123,18 @@ HOSTILE: dict[str, tuple[bytes, bytes]] = {
 }
 
 
-class RawHttpsServer:
+class RawHttpsServer(ScriptedServer):
     """Answers every request on ``path`` with ``answers[path]`` (raw bytes), then closes."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
         self.answers: dict[str, bytes] = {}
         self.requests: dict[str, int] = {}
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+        super().__init__(context)
 
-    def _loop(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                got = b""
-                while b"\r\n\r\n" not in got and len(got) < 65536:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        return
-                    got += chunk
-                path = got.split(b" ", 2)[1].decode().split("?")[0]
-                self.requests[path] = self.requests.get(path, 0) + 1
-                tls.sendall(self.answers.get(path, _answer(b"", status="404 Not Found")))
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.sock.close()
-        self.thread.join(timeout=5)
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        path = request_target(head).split("?")[0]
+        self.requests[path] = self.requests.get(path, 0) + 1
+        sock.sendall(self.answers.get(path, _answer(b"", status="404 Not Found")))
 
 
 @dataclass
@@ -223,7 +192,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     finally:
         sidecar.stop(timeout=10)
         app_proc.stop(timeout=10)
-        server.stop()
+        server.close()
 
 
 def _events_after(proc: SidecarProc, event: str, count: int) -> list[dict[str, Any]]:

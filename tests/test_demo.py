@@ -57,17 +57,23 @@ def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
     assert not Path(root).exists()
 
 
+def _read_until(proc: subprocess.Popen[str], marker: str, seconds: float = 60) -> str:
+    """Lines of ``proc``'s output up to the one with ``marker`` (or EOF, or ``seconds``)."""
+    seen = ""
+    deadline = time.monotonic() + seconds
+    while marker not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    return seen
+
+
 def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--serve"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        seen = ""
-        deadline = time.monotonic() + 60
-        while "sidecar policy explain" not in seen and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen += line
+        seen = _read_until(proc, "sidecar policy explain")
         assert "curl -i http://127.0.0.1:" in seen, seen
         port = re.search(r"curl -i http://127.0.0.1:(\d+)/orders", seen).group(1)
         curl = subprocess.run(["python", "-c", f"import urllib.request as u; "
@@ -104,13 +110,7 @@ def test_demo_serve_keep_keeps_the_directory_on_sigterm():
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = None
     try:
-        seen = ""
-        deadline = time.monotonic() + 60
-        while "sidecar top" not in seen and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen += line
+        seen = _read_until(proc, "sidecar top")
         root = re.search(r"configs in (\S+)", seen).group(1)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -27,6 +27,7 @@ from tests.harness import (
     TD,
     Pki,
     Response,
+    ScriptedServer,
     audit_export,
     free_port,
     http,
@@ -481,60 +482,32 @@ def test_audit_disk_full_fails_closed_then_recovers(tmp_path, pki, app, procs, t
 
 # -- the JWKS server -------------------------------------------------------------------------
 
-class JwksServer:
+class JwksServer(ScriptedServer):
     """HTTPS on 127.0.0.1 serving one JWKS; ``hang = True`` makes it accept and never answer."""
 
     def __init__(self, ctx: ssl.SSLContext, body: bytes) -> None:
-        self.ctx = ctx
         self.body = body
         self.hang = False
         self.accepted = 0
         self.held: list[socket.socket] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(ctx, backlog=16)
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            if self.hang:
-                self.held.append(conn)  # no TLS, no bytes: the client waits
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+    def admit(self, conn: socket.socket) -> bool:
+        self.accepted += 1
+        if self.hang:
+            self.held.append(conn)  # no TLS, no bytes: the client waits
+            return False
+        return True
 
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        try:
-            with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                data = b""
-                while b"\r\n\r\n" not in data and len(data) < 65536:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(self.body)
-                            + self.body)
-        except (OSError, ssl.SSLError):
-            pass
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(self.body)
+                     + self.body)
 
     def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+        super().close()
         for c in self.held:
             c.close()
-        self._thread.join(2)
 
 
 @pytest.mark.slow

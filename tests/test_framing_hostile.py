@@ -8,19 +8,20 @@ Reuses the mesh and the recording app of ``tests/test_hostile_http.py``. For eac
 
 from __future__ import annotations
 
-import ssl
+import itertools
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from sidecar.http.wire import COALESCE, END, MessageReader, ParseError
+from tests.harness import module_fixture
 from tests.test_hostile_http import (
     SIDES,
     SMUGGLED,
     Mesh,
     assert_generic_refusal,
     exchange,
+    offer,
     statuses,
 )
 
@@ -31,13 +32,7 @@ H = b"Host: orders\r\n"
 TE = b"Transfer-Encoding: chunked\r\n"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("framing"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("framing", Mesh)
 
 
 # The whole request is refused at its head: nothing of it reaches the app.
@@ -124,27 +119,10 @@ def test_valid_chunk_extensions_accepted_and_dropped(mesh: Mesh, side: str,
 
 
 def _send_chunks(mesh: Mesh, side: str, n: int, size: int = 1) -> bytes:
-    sock = mesh.connect(side, timeout=10)
-    out = b""
-    try:
-        sock.sendall(b"POST /tiny HTTP/1.1\r\n" + H + TE + b"Connection: close\r\n\r\n")
-        chunk = b"%x\r\n" % size + b"z" * size + b"\r\n"
-        block = chunk * 1024
-        try:
-            for _ in range(n // 1024):
-                sock.sendall(block)
-            sock.sendall(b"0\r\n\r\n")
-        except (OSError, ssl.SSLError):
-            pass
-        sock.settimeout(5)
-        try:
-            while data := sock.recv(65536):
-                out += data
-        except (OSError, ssl.SSLError):
-            pass
-    finally:
-        sock.close()
-    return out
+    chunk = b"%x\r\n" % size + b"z" * size + b"\r\n"
+    block = chunk * 1024
+    return offer(mesh, side, b"POST /tiny HTTP/1.1\r\n" + H + TE + b"Connection: close\r\n\r\n",
+                 itertools.chain(itertools.repeat(block, n // 1024), [b"0\r\n\r\n"]))
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -9,7 +9,6 @@ folding ``_`` to ``-`` is what removes them, and passes one entry through.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from sidecar.http.untrusted import (
     catalogue_markdown,
     entry_for,
 )
+from tests.harness import module_fixture
 from tests.test_hostile_http import SIDES, H, Mesh, exchange, statuses
 
 # Every request here must end in a generic answer, never in an unhandled exception.
@@ -185,23 +185,11 @@ def test_config_errors_name_the_key(tmp_path: Path, headers: Any, needle: str) -
 # --- through real sidecars ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("catalogue"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("catalogue", Mesh)
 
 
-@pytest.fixture(scope="module")
-def mesh_us(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("catalogue-us"),
-             extra={"headers": {"allow_underscores": True, "pass_through": ["x-forwarded-host"]}})
-    try:
-        yield m
-    finally:
-        m.close()
+mesh_us = module_fixture("catalogue-us", lambda tmp: Mesh(
+    tmp, extra={"headers": {"allow_underscores": True, "pass_through": ["x-forwarded-host"]}}))
 
 
 def _send(mesh: Mesh, side: str, names: list[str]) -> list[dict[str, Any]]:

@@ -14,13 +14,14 @@ or plain TCP (the outbound listener, which forwards through the inbound one). Fo
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar.errors import generic_body
 from tests.harness import (
     Pki,
+    ScriptedServer,
     SidecarProc,
     free_port,
     http,
+    module_fixture,
     mtls_context,
     sidecar_config,
     spiffe,
@@ -48,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 # --- a recording app ------------------------------------------------------------------------
 
 
-class RecordingApp:
+class RecordingApp(ScriptedServer):
     """A threaded HTTP/1.1 app (h11) that records what reached it.
 
     ``heads`` holds one dict per request head (method, target, headers); ``complete`` counts
@@ -56,23 +59,16 @@ class RecordingApp:
     JSON of the request.
     """
 
+    timeout = 30.0
+
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.heads: list[dict[str, Any]] = []
         self.complete = 0
         self.errors: list[str] = []
         # GET /trailers answers chunked with these response trailers (and a Trailer header).
         self.response_trailers: list[tuple[str, str]] = []
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+        super().__init__(backlog=256)
 
     def snapshot(self) -> tuple[int, int]:
         with self.lock:
@@ -82,16 +78,7 @@ class RecordingApp:
         with self.lock:
             return [h["target"] for h in self.heads[mark[0]:]]
 
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(30)
+    def serve(self, sock: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER)
         head: dict[str, Any] | None = None
         try:
@@ -123,8 +110,6 @@ class RecordingApp:
         except (h11.ProtocolError, OSError) as exc:
             with self.lock:
                 self.errors.append(repr(exc))
-        finally:
-            sock.close()
 
     def _respond(self, sock: socket.socket, conn: h11.Connection, head: dict[str, Any]) -> None:
         target = head["target"]
@@ -226,7 +211,8 @@ class Mesh:
         return took
 
 
-POLICY = f"""\
+# The start of a policy with the ``corp`` provider (its keys in the mesh's jwks.json).
+POLICY_START = f"""\
 version: 1
 trust_domain: demo.local
 jwt_providers:
@@ -235,6 +221,8 @@ jwt_providers:
     audiences: [api]
     algorithms: [ES256]
     jwks_file: jwks.json
+"""
+POLICY = POLICY_START + f"""\
     forward_claims: {{sub: x-user}}
 services:
   {spiffe("orders")}:
@@ -250,13 +238,7 @@ services:
 """
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("hostile"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("hostile", Mesh)
 
 
 def exchange(mesh: Mesh, side: str, data: bytes, timeout: float = 4.0) -> bytes:
@@ -277,6 +259,29 @@ def exchange(mesh: Mesh, side: str, data: bytes, timeout: float = 4.0) -> bytes:
             if not chunk:
                 break
             out += chunk
+    finally:
+        sock.close()
+    return out
+
+
+def offer(mesh: Mesh, side: str, head: bytes, parts: Iterable[bytes]) -> bytes:
+    """Send ``head``, then ``parts`` for as long as the sidecar takes them; return what came
+    back before it closed (each read bounded by 5 s)."""
+    sock = mesh.connect(side, timeout=10)
+    out = b""
+    try:
+        sock.sendall(head)
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except (OSError, ssl.SSLError):
+            pass
+        sock.settimeout(5)
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (OSError, ssl.SSLError):
+            pass
     finally:
         sock.close()
     return out
@@ -694,24 +699,10 @@ def test_slow_reader_of_large_response_is_cut(mesh: Mesh) -> None:
 
 def test_huge_chunked_body_over_limit_gets_413(mesh: Mesh) -> None:
     mark = mesh.app.snapshot()
-    sock = mesh.connect("inbound", timeout=10)
-    out = b""
-    try:
-        sock.sendall(b"POST /huge HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n")
-        block = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
-        try:
-            for _ in range(64):  # 4 MiB offered; the limit is 1 MiB
-                sock.sendall(block)
-        except (OSError, ssl.SSLError):
-            pass
-        sock.settimeout(5)
-        try:
-            while chunk := sock.recv(65536):
-                out += chunk
-        except (OSError, ssl.SSLError):
-            pass
-    finally:
-        sock.close()
+    block = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
+    out = offer(mesh, "inbound",  # 4 MiB offered; the limit is 1 MiB
+                b"POST /huge HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n",
+                itertools.repeat(block, 64))
     assert statuses(out) == [413], out[:300]
     assert_generic_refusal(out)
     time.sleep(0.1)

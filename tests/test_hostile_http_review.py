@@ -8,12 +8,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests import test_hostile_http as hostile
-from tests.harness import wait_for
+from tests.harness import module_fixture, wait_for
 
 Mesh, SIDES, exchange, statuses = hostile.Mesh, hostile.SIDES, hostile.exchange, hostile.statuses
 pytestmark = pytest.mark.usefixtures("no_internal_errors")  # generic answers only
@@ -24,11 +23,7 @@ POLICY = hostile.POLICY.replace(
     _NO_ADMIN, _NO_ADMIN + "      - name: no-internal\n        deny: {hosts: [internal.example]}\n", 1)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hostile.Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("review"), policy=POLICY)
-    yield m
-    m.close()
+mesh = module_fixture("review", lambda tmp: Mesh(tmp, policy=POLICY))
 
 
 def _request(host: bytes, path: bytes = b"/open") -> bytes:
@@ -345,12 +340,8 @@ def _spellings(name: str) -> list[str]:
             name.upper().replace("-", "_")]
 
 
-@pytest.fixture(scope="module")
-def mesh_us(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hostile.Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("review-us"), policy=CREDENTIAL_POLICY,
-             extra={"headers": {"allow_underscores": True}})
-    yield m
-    m.close()
+mesh_us = module_fixture("review-us", lambda tmp: Mesh(
+    tmp, policy=CREDENTIAL_POLICY, extra={"headers": {"allow_underscores": True}}))
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from tests.harness import (
     SidecarProc,
     free_port,
     http,
+    module_fixture,
     mtls_context,
     sidecar_config,
     spiffe,
@@ -76,13 +77,7 @@ class Target:
         self.app_proc.stop(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    t = Target(tmp_path_factory.mktemp("tls"))
-    try:
-        yield t
-    finally:
-        t.close()
+target = module_fixture("tls", Target)
 
 
 def _failures(target: Target, reason: str) -> float:

@@ -27,9 +27,8 @@ import re
 import socket
 import ssl
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,10 @@ import pytest
 
 from tests.harness import (
     Pki,
+    ScriptedServer,
     SidecarProc,
     free_port,
+    module_fixture,
     mtls_context,
     sidecar_config,
     spiffe,
@@ -61,55 +62,33 @@ EVIL = _head(OK, b"Content-Length: 4", body=b"EVIL")
 NEXT = b"GET /next HTTP/1.1\r\nHost: orders\r\n\r\n"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ScriptedServer):
     """A threaded HTTP/1.1 server (plain, or TLS with ``ctx``): each request gets the script
     named by its path (``SCRIPTS``), anything else ``200 ok``; ``paths`` records what came."""
 
+    timeout = 20.0
+
     def __init__(self, scripts: dict[str, Script], ctx: ssl.SSLContext | None = None) -> None:
         self.scripts = scripts
-        self.ctx = ctx
         self.paths: list[str] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(ctx)
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def _accept(self) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        data = b""
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(20)
-        try:
-            if self.ctx is not None:
-                sock = self.ctx.wrap_socket(sock, server_side=True)
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")  # (the tests send no bodies)
-                path = head.split(b" ")[1].decode()
-                self.paths.append(path)
-                script = self.scripts.get(path, _head(OK, b"Content-Length: 2", body=b"ok"))
-                if isinstance(script, bytes):
-                    sock.sendall(script)
-                elif script(sock):
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
                     return
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            sock.close()
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")  # (the tests send no bodies)
+            path = head.split(b" ")[1].decode()
+            self.paths.append(path)
+            script = self.scripts.get(path, _head(OK, b"Content-Length: 2", body=b"ok"))
+            if isinstance(script, bytes):
+                sock.sendall(script)
+            elif script(sock):
+                return
 
 
 def _close_after(data: bytes) -> Script:
@@ -295,13 +274,7 @@ services:
         assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"ok"), out[:300]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("hostile-upstream"))
-    try:
-        yield r
-    finally:
-        r.close()
+rig = module_fixture("hostile-upstream", Rig)
 
 
 def _assert_generic_502(out: bytes) -> None:

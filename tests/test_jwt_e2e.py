@@ -53,7 +53,16 @@ from tests.harness import (
     wait_for,
 )
 from tests.jwt_claim_family import MEMBER_IDS, MEMBERS, payload_text, sign_raw
-from tests.test_authn_support import AUDIENCE, ISSUER, b64, ec_key, jwk, jwks_bytes, rsa_key
+from tests.test_authn_support import (
+    AUDIENCE,
+    ISSUER,
+    b64,
+    ec_key,
+    jwk,
+    jwks_bytes,
+    overridden,
+    rsa_key,
+)
 
 # Every request here must end in a generic answer, never in an unhandled exception.
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -73,12 +82,7 @@ def claims(**overrides: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice",
                            "scope": "orders:read profile", "jti": uuid.uuid4().hex,
                            "iat": now - 5, "exp": now + 600}
-    for name, value in overrides.items():
-        if value is None:
-            out.pop(name, None)
-        else:
-            out[name] = value
-    return out
+    return overridden(out, overrides)
 
 
 def sign(payload: dict[str, Any], key: Any = None, *, kid: str | None = "ec-1",

@@ -14,11 +14,7 @@ import yaml
 from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject
 from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
 
-MANIFEST = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
+DEPLOYMENT = """\
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: orders, namespace: shop}
@@ -29,6 +25,13 @@ spec:
     spec:
       containers:
       - {name: orders, image: "orders:1"}
+"""
+MANIFEST = """\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+""" + DEPLOYMENT + """\
 ---
 ---
 apiVersion: v1

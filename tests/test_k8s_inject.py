@@ -33,14 +33,15 @@ NATIVE = InjectOptions()
 CLASSIC = InjectOptions(native=False)
 
 
-def assert_valid(doc: dict[str, Any]) -> None:
-    """Strict schema validation for every Kubernetes version we support."""
+def assert_valid(doc: dict[str, Any], label: str | None = None) -> None:
+    """Strict schema validation for every Kubernetes version we support (a failure names
+    ``label``, the document's kind unless given)."""
     for version in K8S_VERSIONS:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc.get('kind')} invalid for {version} at {list(exc.path)}: "
-                        f"{exc.message}")
+            pytest.fail(f"{label or doc.get('kind')} invalid for {version} at "
+                        f"{list(exc.path)}: {exc.message}")
 
 
 def pod(**spec_extra: Any) -> dict[str, Any]:

@@ -16,22 +16,13 @@ from sidecar.config.model import load_config
 from sidecar.k8s.inject import POLICY_VOLUME, InjectOptions, inject_documents
 from sidecar.policy.loader import load_policy_set
 from tests.harness import ROOT, sidecar_cli
+from tests.test_k8s_cli import DEPLOYMENT
 
 SPLIT = ROOT / "deploy" / "k8s" / "example-split"
 SOURCE = ROOT / "policies" / "example-split.yaml"
 KUBECTL = shutil.which("kubectl")
 
-POD = """\
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: orders, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  template:
-    metadata: {labels: {app: orders}}
-    spec:
-      containers: [{name: orders, image: orders:1}]
-"""
+POD = DEPLOYMENT  # (a Deployment of one container, orders:1)
 
 
 def test_example_policy_is_the_split_of_its_single_file(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +34,7 @@ from sidecar.identity.ca import DevCA, write_svid
 from tests.harness import (
     TD,
     Pki,
+    ScriptedServer,
     free_port,
     mtls_context,
     read_head,
@@ -68,52 +68,37 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 GRACE = "500ms"
 
 
-class _EndlessUpstream:
+class _EndlessUpstream(ScriptedServer):
     """A TLS server on 127.0.0.1 (not a sidecar: it never ends a connection by itself)
     presenting the SVID in ``ident`` and requiring a client certificate of ``bundle``: a GET
     gets an endless body, a POST's body is read for as long as it comes."""
 
+    timeout = 30.0
+
     def __init__(self, ident: Path, bundle: str) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(ident / "tls.crt"), str(ident / "tls.key"))
-        self.ctx.load_verify_locations(bundle)
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(ident / "tls.crt"), str(ident / "tls.key"))
+        ctx.load_verify_locations(bundle)
+        ctx.verify_mode = ssl.CERT_REQUIRED
         self._conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(ctx)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self._conns.append(conn)
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+    def admit(self, conn: socket.socket) -> bool:
+        self._conns.append(conn)
+        return True
 
-    def _one(self, conn: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
         chunk = b"0" * (1 << 16)
-        try:
-            conn.settimeout(30)
-            with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                head = read_head(tls)
-                if head.startswith(b"GET"):
-                    tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n")
-                    while not self._stop.is_set():
-                        tls.sendall(chunk)
-                else:
-                    while not self._stop.is_set() and tls.recv(1 << 16):
-                        pass
-        except (OSError, ValueError, EOFError):
-            pass
+        if read_head(sock).startswith(b"GET"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n")
+            while not self.stopped.is_set():
+                sock.sendall(chunk)
+        else:
+            while not self.stopped.is_set() and sock.recv(1 << 16):
+                pass
 
     def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
+        super().close()
         for conn in self._conns:
             try:
                 conn.close()

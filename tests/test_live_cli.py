@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -17,13 +18,13 @@ import pytest
 from sidecar.tap import Tap
 from tests.harness import (
     ROOT,
+    ScriptedServer,
     free_port,
     http,
     mtls_context,
     raw,
-    sidecar_config,
     spiffe,
-    start_sidecar,
+    start_inbound,
     write_policy,
 )
 
@@ -41,10 +42,7 @@ N = 12  # requests per caller: a bounded load
 @pytest.fixture
 def orders(tmp_path, pki, app, procs):
     policy = write_policy(tmp_path / "mesh.yaml", POLICY)
-    cfg = sidecar_config(pki.identity("orders"), policy=policy,
-                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"})
-    proc = start_sidecar(tmp_path, "orders", cfg)
-    procs.append(proc)
+    proc = start_inbound(tmp_path, pki, app, procs, policy=policy)
     friend = mtls_context(pki.identity("frontend"), pki.bundle)
     stranger = mtls_context(pki.identity("intruder"), pki.bundle)
     return proc, friend, stranger
@@ -223,43 +221,16 @@ def test_refusals_carry_canonical_reason_phrases(orders):
     assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n"), missing[:60]
 
 
-class _RawAdmin:
-    """Answers every request with ``answer`` (raw bytes), then closes: a hostile or wrong
+class _RawAdmin(ScriptedServer):
+    """Answers every request with ``reply`` (raw bytes), then closes: a hostile or wrong
     server where ``--admin`` points."""
 
-    def __init__(self, answer: bytes) -> None:
-        import socket
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__()
 
-        self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._loop, daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn) -> None:
-        conn.settimeout(5)
-        try:
-            got = b""
-            while b"\r\n\r\n" not in got:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                got += chunk
-            conn.sendall(self.answer)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def answer(self, sock: socket.socket, head: bytes) -> None:
+        sock.sendall(self.reply)
 
 
 def _answer(body: bytes, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -11,21 +10,13 @@ from sidecar.policy.decision import NO_AUTH, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.lint import lint
 from sidecar.policy.loader import load_policy
-from tests.harness import spiffe
-from tests.test_hostile_http import ISSUER, SIDES, H, Mesh, exchange, statuses
+from tests.harness import module_fixture, spiffe
+from tests.test_hostile_http import POLICY_START, SIDES, H, Mesh, exchange, statuses
 
 # Every request here must end in a generic answer, never in an unhandled exception.
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
-POLICY = f"""\
-version: 1
-trust_domain: demo.local
-jwt_providers:
-  corp:
-    issuer: {ISSUER}
-    audiences: [api]
-    algorithms: [ES256]
-    jwks_file: jwks.json
+POLICY = POLICY_START + f"""\
 services:
   {spiffe("orders")}:
     rules:
@@ -58,13 +49,7 @@ def test_lint_points_out_head_without_get() -> None:
     assert "head-runs-get" in codes
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("methods"), policy=POLICY)
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("methods", lambda tmp: Mesh(tmp, policy=POLICY))
 
 
 @pytest.mark.parametrize("side", SIDES)

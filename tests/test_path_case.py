@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,7 +13,7 @@ from sidecar.policy.engine import decide
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import lint
 from sidecar.policy.loader import load_policy
-from tests.harness import spiffe
+from tests.harness import module_fixture, spiffe
 from tests.test_hostile_http import SIDES, H, Mesh, exchange, statuses
 
 # Every request here must end in a generic answer, never in an unhandled exception.
@@ -143,22 +142,11 @@ def test_lint_ignores_deny_rules_without_letters_and_allow_rules() -> None:
 # --- through real sidecars --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mesh_ci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("case-insensitive"), policy=policy_text("insensitive"))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh_ci = module_fixture("case-insensitive", lambda tmp: Mesh(
+    tmp, policy=policy_text("insensitive")))
 
 
-@pytest.fixture(scope="module")
-def mesh_cs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("case-sensitive"), policy=policy_text(None))
-    try:
-        yield m
-    finally:
-        m.close()
+mesh_cs = module_fixture("case-sensitive", lambda tmp: Mesh(tmp, policy=policy_text(None)))
 
 
 def _get_all(mesh: Mesh, side: str, paths: list[str]) -> tuple[list[int], list[str]]:

@@ -15,7 +15,6 @@ import datetime as dt
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from sidecar.identity.svid import (
 from sidecar.identity.trust import MAX_PEER_CHAIN, PeerChain, TrustStore, bundle_from_certs
 from tests.harness import (
     Pki,
+    ScriptedServer,
     free_port,
     http,
     mtls_context,
@@ -324,45 +324,24 @@ def test_inbound_refuses_and_records_a_client_certificate_it_cannot_read(
     assert f"bad_svid:{RULE_EXTENSIONS_INVALID}" in r.stdout
 
 
-class _TlsServer:
+class _TlsServer(ScriptedServer):
     """A TLS server on 127.0.0.1 presenting ``chain`` that answers one HTTP request per
     connection with 200 (an upstream that is not a sidecar)."""
 
+    timeout = 10.0
+
     def __init__(self, d: Path, bundle: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
-        self.ctx.load_verify_locations(str(bundle))
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
+        ctx.load_verify_locations(str(bundle))
+        ctx.verify_mode = ssl.CERT_REQUIRED
         self.handshakes = 0
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(ctx)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(10)
-            with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                self.handshakes += 1
-                while True:
-                    read_head(tls)
-                    tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        except (OSError, ValueError, EOFError):
-            pass
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+    def serve(self, sock: socket.socket) -> None:
+        self.handshakes += 1
+        while read_head(sock):
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
 
 
 def _outbound_to(tmp: Path, root: Ca, port: int):

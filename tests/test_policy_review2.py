@@ -22,13 +22,11 @@ from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy
 from tests.harness import (
     Pki,
-    free_port,
     http,
     mtls_context,
     sidecar_cli,
-    sidecar_config,
     spiffe,
-    start_sidecar,
+    start_inbound,
     write_policy,
 )
 
@@ -136,11 +134,7 @@ def test_through_a_real_sidecar(tmp_path, pki: Pki, app, procs):
         "services": {ORDERS: {"rules": [
             {"name": "no-local4", "deny": {"hosts": ["127.0.0.1"]}},
             {"name": "any", "allow": {}}]}}})
-    cfg = sidecar_config(pki.identity("orders"),
-                         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"},
-                         policy=policy)
-    b = start_sidecar(tmp_path, "orders", cfg)
-    procs.append(b)
+    b = start_inbound(tmp_path, pki, app, procs, policy=policy)
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     port = b.port("inbound")
     assert http(port, headers={"Host": "orders.example"}, ctx=ctx).status == 200

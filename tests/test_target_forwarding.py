@@ -7,14 +7,12 @@ request to the peer, whose inbound side does the same.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from sidecar.errors import BadRequest
 from sidecar.policy.loader import load_policy
 from sidecar.policy.paths import normalise_target
-from tests.harness import spiffe
+from tests.harness import module_fixture, spiffe
 from tests.test_hostile_http import POLICY, SIDES, H, Mesh, exchange, statuses
 
 # This module's policy: POLICY, plus rules that tell a request's method and host apart on
@@ -66,13 +64,7 @@ def test_non_ascii_paths_key() -> None:
     assert "non_ascii_paths" in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("targets"), policy=TARGET_POLICY)
-    try:
-        yield m
-    finally:
-        m.close()
+mesh = module_fixture("targets", lambda tmp: Mesh(tmp, policy=TARGET_POLICY))
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,12 @@ import pytest
 from sidecar.identity.bundle import spiffe_bundle_json
 from sidecar.identity.ca import DevCA, IssuedCert, write_svid
 from tests.harness import (
+    ScriptedServer,
     SidecarProc,
     free_port,
     http,
     mtls_context,
+    read_head,
     replace_file,
     sidecar_config,
     start_app,
@@ -69,47 +70,23 @@ class World:
         return proc
 
 
-class RogueUpstream:
+class RogueUpstream(ScriptedServer):
     """A TLS server presenting ``issued`` (some other CA's idea of an identity) and answering
     every request with 200: what an outbound listener must refuse to talk to."""
 
+    timeout = 2.0
+
     def __init__(self, tmp: Path, issued: IssuedCert, ca: DevCA) -> None:
         d = write_svid(issued, ca, tmp / f"rogue-{free_port()}")
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(d / "tls.crt"), str(d / "tls.key"))
         self.served = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(ctx)
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(2)
-            try:
-                with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        chunk = tls.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    if data:
-                        self.served += 1
-                        tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nrogue")
-            except (OSError, ssl.SSLError):
-                pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
+    def serve(self, sock: socket.socket) -> None:
+        if read_head(sock):
+            self.served += 1
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nrogue")
 
 
 @pytest.fixture(scope="module")

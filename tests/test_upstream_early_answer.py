@@ -28,10 +28,10 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import module_fixture, request_target
 from tests.test_hostile_upstream import SIDES, Rig, ScriptedUpstream
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -57,58 +57,45 @@ class EarlyApp(ScriptedUpstream):
     reads its Content-Length body and answers ``ok`` (``/admin``: ``ADMIN``, a moment later;
     ``/close``: ``ok`` and the connection closed). ``paths`` records every head parsed."""
 
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(10)
-        try:
-            if self.ctx is not None:
-                sock = self.ctx.wrap_socket(sock, server_side=True)
-            while True:
-                head = _read_head(sock)
-                if head is None:
+    timeout = 10.0
+
+    def serve(self, sock: socket.socket) -> None:
+        while True:
+            head = _read_head(sock)
+            if head is None:
+                return
+            path = request_target(head)
+            self.paths.append(path)
+            if path.startswith("/early/"):
+                behaviour = path.split("/")[2]
+                if behaviour == "close":
+                    sock.sendall(DENIED + b"Connection: close\r\n\r\ndenied")
                     return
-                parts = head.split(b" ")
-                path = parts[1].decode("latin-1") if len(parts) > 2 else "?"
-                self.paths.append(path)
-                if path.startswith("/early/"):
-                    behaviour = path.split("/")[2]
-                    if behaviour == "close":
-                        sock.sendall(DENIED + b"Connection: close\r\n\r\ndenied")
-                        return
-                    sock.sendall(DENIED + b"\r\ndenied")
-                    if behaviour == "quiet":
-                        time.sleep(3)  # holds the connection, reads nothing
-                        return
-                    continue  # "keep": parses on from where it stopped (the body)
-                match = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
-                want = int(match.group(1)) if match else 0
-                while want > 0:
-                    got = sock.recv(min(want, 65536))
-                    if not got:
-                        return
-                    want -= len(got)
-                if path == "/close":  # (its connection is not pooled)
-                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-                                 b"Connection: close\r\n\r\nok")
+                sock.sendall(DENIED + b"\r\ndenied")
+                if behaviour == "quiet":
+                    time.sleep(3)  # holds the connection, reads nothing
                     return
-                body = b"ok"
-                if path == "/admin":
-                    time.sleep(0.1)  # (a handler that takes a moment)
-                    body = b"ADMIN"
-                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            sock.close()
+                continue  # "keep": parses on from where it stopped (the body)
+            match = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+            want = int(match.group(1)) if match else 0
+            while want > 0:
+                got = sock.recv(min(want, 65536))
+                if not got:
+                    return
+                want -= len(got)
+            if path == "/close":  # (its connection is not pooled)
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                             b"Connection: close\r\n\r\nok")
+                return
+            body = b"ok"
+            if path == "/admin":
+                time.sleep(0.1)  # (a handler that takes a moment)
+                body = b"ADMIN"
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("early-answer"), upstream=EarlyApp)
-    try:
-        yield r
-    finally:
-        r.close()
+rig = module_fixture("early-answer", lambda tmp: Rig(tmp, upstream=EarlyApp))
 
 
 def _answer_in(out: bytes) -> tuple[bytes, bytes] | None:

@@ -9,10 +9,9 @@ HTTP/1.1 are the control.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
+from tests.harness import module_fixture
 from tests.test_hostile_upstream import SIDES, Rig, _assert_generic_502, _get, _send
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -31,13 +30,7 @@ FRAMINGS: dict[str, tuple[bytes, bytes]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("http10-framing"))
-    try:
-        yield r
-    finally:
-        r.close()
+rig = module_fixture("http10-framing", Rig)
 
 
 @pytest.mark.parametrize("side", SIDES)

@@ -23,11 +23,17 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import SidecarProc, free_port, sidecar_config, spiffe
+from tests.harness import (
+    SidecarProc,
+    free_port,
+    module_fixture,
+    request_target,
+    sidecar_config,
+    spiffe,
+)
 from tests.test_hostile_upstream import SIDES, Rig, ScriptedUpstream
 from tests.test_upstream_early_answer import SMUGGLED, _exchange, _request
 
@@ -89,55 +95,42 @@ class UploadApp(ScriptedUpstream):
     body read and ``got N`` answered. ``/flood/...``: 11 ``103`` heads, then the body read.
     ``/admin``: ``ADMIN`` a moment later. Anything else: the body read, ``ok``."""
 
-    def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(10)
-        try:
-            if self.ctx is not None:
-                sock = self.ctx.wrap_socket(sock, server_side=True)
-            conn = _Conn(sock)
-            while True:
-                head = conn.until(b"\r\n\r\n")
-                if head is None:
-                    return
-                parts = head.split(b" ")
-                path = parts[1].decode("latin-1") if len(parts) > 2 else "?"
-                self.paths.append(path)
-                if path.startswith("/unread/"):
-                    sock.sendall(_ok(b"ok"))
-                    continue  # the body stays unread: the next "head" is in it
-                if path == "/admin":
-                    time.sleep(0.1)  # (a handler that takes a moment)
-                    sock.sendall(_ok(b"ADMIN"))
-                    continue
-                if path.startswith("/raw/"):  # a malformed head while the body is sent
-                    sock.sendall(MALFORMED[sorted(MALFORMED)[int(path.split("/")[2])]])
-                if path.startswith(("/info/", "/flood/")):
-                    bits = path.split("/")
-                    if bits[1] == "flood":
-                        interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 11
-                    else:
-                        time.sleep(int(bits[3]) / 1000)
-                        interim = (b"HTTP/1.1 %s Interim\r\nLink: </style.css>; rel=preload"
-                                   b"\r\nX-Interim: %s\r\n\r\n" % (bits[2].encode(),
-                                                                   bits[2].encode()))
-                    sock.sendall(interim)
-                body = conn.body(head)
-                if body is None:
-                    return
-                sock.sendall(_ok(b"got %d" % len(body) if path.startswith("/info/") else b"ok"))
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            sock.close()
+    timeout = 10.0
+
+    def serve(self, sock: socket.socket) -> None:
+        conn = _Conn(sock)
+        while True:
+            head = conn.until(b"\r\n\r\n")
+            if head is None:
+                return
+            path = request_target(head)
+            self.paths.append(path)
+            if path.startswith("/unread/"):
+                sock.sendall(_ok(b"ok"))
+                continue  # the body stays unread: the next "head" is in it
+            if path == "/admin":
+                time.sleep(0.1)  # (a handler that takes a moment)
+                sock.sendall(_ok(b"ADMIN"))
+                continue
+            if path.startswith("/raw/"):  # a malformed head while the body is sent
+                sock.sendall(MALFORMED[sorted(MALFORMED)[int(path.split("/")[2])]])
+            if path.startswith(("/info/", "/flood/")):
+                bits = path.split("/")
+                if bits[1] == "flood":
+                    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 11
+                else:
+                    time.sleep(int(bits[3]) / 1000)
+                    interim = (b"HTTP/1.1 %s Interim\r\nLink: </style.css>; rel=preload"
+                               b"\r\nX-Interim: %s\r\n\r\n" % (bits[2].encode(),
+                                                               bits[2].encode()))
+                sock.sendall(interim)
+            body = conn.body(head)
+            if body is None:
+                return
+            sock.sendall(_ok(b"got %d" % len(body) if path.startswith("/info/") else b"ok"))
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("upload-answers"), upstream=UploadApp)
-    try:
-        yield r
-    finally:
-        r.close()
+rig = module_fixture("upload-answers", lambda tmp: Rig(tmp, upstream=UploadApp))
 
 
 def _answers(sock: socket.socket, data: bytes, count: int) -> list[tuple[bytes, bytes]]:

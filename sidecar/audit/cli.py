@@ -166,6 +166,25 @@ def _filters(args: argparse.Namespace) -> RecordFilter:
     )
 
 
+def _reader_args(args: argparse.Namespace) -> tuple[RecordFilter, Decryptor | None] | None:
+    """The filters and data keys of a command that reads records (export, tail), with its
+    path checked; None (the reason said on stderr, exit 2) for bad filters or keys, a
+    missing path, or a path with no audit segments."""
+    try:
+        filters = _filters(args)
+        decryptor = _decryptor(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if _missing(args.path):
+        return None
+    if not resolve_segments(args.path):
+        print(f"error: {args.path}: no audit segments here (is this audit.path?)",
+              file=sys.stderr)
+        return None
+    return filters, decryptor
+
+
 def _json_value(rec: AuditRecord) -> dict[str, Any]:
     return rec.as_dict()
 
@@ -320,18 +339,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write matching records; damaged segments are reported on stderr (exit 1)."""
-    try:
-        filters = _filters(args)
-        decryptor = _decryptor(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    opened = _reader_args(args)
+    if opened is None:
         return 2
-    if _missing(args.path):
-        return 2
-    if not resolve_segments(args.path):
-        print(f"error: {args.path}: no audit segments here (is this audit.path?)",
-              file=sys.stderr)
-        return 2
+    filters, decryptor = opened
     damaged: list[str] = []
     malformed = _MalformedReport()
     out: IO[str]
@@ -503,18 +514,10 @@ def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilt
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print the newest N records; with --follow keep polling until Ctrl-C (exit 0)."""
-    try:
-        filters = _filters(args)
-        decryptor = _decryptor(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    opened = _reader_args(args)
+    if opened is None:
         return 2
-    if _missing(args.path):
-        return 2
-    if not resolve_segments(args.path):
-        print(f"error: {args.path}: no audit segments here (is this audit.path?)",
-              file=sys.stderr)
-        return 2
+    filters, decryptor = opened
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
     if not math.isfinite(args.interval) or args.interval <= 0:
         print(f"error: --interval must be a positive number of seconds, not {args.interval}",
