@@ -356,3 +356,72 @@ def test_check_reports_every_missing_provider_file(tmp_path: Any) -> None:
     assert "jwt_providers.p.introspection.client_secret_file: [missing-file]" in out.stderr
     assert "jwt_providers.q.jwks_ca: [missing-file]" in out.stderr
     assert "here.pem" not in out.stderr
+
+
+# ------------------------------------------------- credentials judged again, mid-request
+
+
+SERVICE = "spiffe://t/ns/a/sa/orders"
+
+
+def _introspecting(audiences: tuple[str, ...]) -> Authenticator:
+    from sidecar.authn.oauth import token_digest
+    from sidecar.policy.sections import Introspection
+
+    spec = Introspection(endpoint="https://idp/introspect", client_id="c", mtls=True)
+    prov = provider(introspection=spec, algorithms=(), jwks_file=None, audiences=audiences)
+    auth = Authenticator(PolicyExtras(jwt_providers={"corp": prov}))
+    auth.introspected.store("corp", token_digest("opq_1"), claims(aud=SERVICE), NOW,
+                            ttl=60, negative_ttl=5)
+    return auth
+
+
+@pytest.mark.parametrize("audiences", [(), (SERVICE,)], ids=["service audience", "audiences"])
+def test_an_introspected_token_in_use_holds_under_the_audience_it_was_accepted_for(
+        audiences: tuple[str, ...]) -> None:
+    """A stream or a request in flight judged again (a policy reload, a key change) with an
+    introspected token of a provider without ``audiences``: the answer is checked against
+    the service's audience, as when the token was accepted (it was checked against none and
+    refused: bad_audience, and the stream was cut though nothing had changed)."""
+    auth = _introspecting(audiences)
+    header = [(b"authorization", b"Bearer opq_1")]
+    facts = auth.authenticate(["corp"], header, "", NOW, audience=SERVICE)
+    assert "corp" in facts.claims
+    assert auth.credentials_hold(facts, NOW + 1, None, tokens={"corp": "opq_1"},
+                                 audience=SERVICE)
+    assert auth.credentials_kept(facts, NOW + 1, audience=SERVICE)
+    # ...and a cached answer that no longer fits a reloaded provider ends it.
+    from sidecar.policy.sections import Introspection
+
+    spec = Introspection(endpoint="https://idp/introspect", client_id="c", mtls=True)
+    auth.update(PolicyExtras(jwt_providers={"corp": provider(
+        introspection=spec, algorithms=(), jwks_file=None, audiences=("another-api",))}))
+    from sidecar.authn.oauth import token_digest
+
+    auth.introspected.store("corp", token_digest("opq_1"), claims(aud=SERVICE), NOW,
+                            ttl=60, negative_ttl=5)  # (the answer asked for again)
+    assert not auth.credentials_hold(facts, NOW + 1, None, tokens={"corp": "opq_1"},
+                                     audience=SERVICE)
+    assert not auth.credentials_kept(facts, NOW + 1, audience=SERVICE)
+
+
+def test_a_request_in_flight_with_a_long_jwt_is_judged_again_like_a_short_one() -> None:
+    """Requests in flight are judged again on a reload by their tokens: a JWT longer than
+    the decision cache keeps (DECISION_KEY_MAX_TOKEN) was not kept, so a key removed from
+    the key set never ended its request; now every verified token is held for that."""
+    from sidecar.authn.authenticator import DECISION_KEY_MAX_TOKEN
+
+    key = ec_key()
+    prov = provider(max_token_bytes=64 * 1024)
+    auth = Authenticator(PolicyExtras(jwt_providers={"corp": prov}))
+    auth.set_keys("corp", key_set((key, "ec-1")), NOW)
+    for pad in (0, DECISION_KEY_MAX_TOKEN):
+        token = mint(claims(pad="x" * pad), key)
+        assert (len(token) > DECISION_KEY_MAX_TOKEN) == bool(pad)
+        header = [(b"authorization", f"Bearer {token}".encode())]
+        facts = auth.authenticate(["corp"], header, "", NOW)
+        assert "corp" in facts.claims
+        assert auth.credentials_kept(facts, NOW + 1)
+        auth.set_keys("corp", key_set((ec_key(), "ec-2")), NOW + 1)  # ec-1 removed
+        assert not auth.credentials_kept(facts, NOW + 2), len(token)
+        auth.set_keys("corp", key_set((key, "ec-1")), NOW + 2)

@@ -192,7 +192,10 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
 
 # what a reload takes from the credentials of a request in flight
 CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoked_sub",
-                      "kid_removed", "issuer_changed", "audiences_changed"]
+                      "kid_removed", "issuer_changed", "audiences_changed",
+                      # a JWT longer than the decision cache keeps (DECISION_KEY_MAX_TOKEN,
+                      # 4 KiB) was never judged again: the key's removal left it alone
+                      "kid_removed_long_token"]
 
 
 @pytest.mark.parametrize("kind", ["download", "upload"])
@@ -231,7 +234,10 @@ def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
             _write(tmp_path, _policy_doc([key_rule], api_keys=gone))
 
         headers = {"x-api-key": victim_key}
-    elif how == "kid_removed":
+    elif how.startswith("kid_removed"):
+        if how.endswith("long_token"):
+            headers = {"authorization": "Bearer " + _token(sub="mallory", pad="x" * 5000)}
+
         def change() -> None:
             replace_file(jwks, jwks_bytes(jwk(ec_key("lt2-b"), "lt-b")))
     elif how.endswith("_changed"):

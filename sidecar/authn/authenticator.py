@@ -375,6 +375,7 @@ class Authenticator:
         # What the decision reads, for the gate's decision cache (AuthFacts.key): each
         # verified token (its claims are a function of it) or the reason it failed.
         key: list[object] | None = []
+        held: list[tuple[str, str]] = []  # every token accepted, for requests in flight
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -394,6 +395,7 @@ class Authenticator:
                         continue  # not asked about for this request: no rule here needs it
                     check_binding(answer, peer_x5t, provider.cert_binding == "required")
                     claims[name] = answer
+                    held.append((name, found.token))
                     key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
                     entry = self._verify(provider, found.token, now)
@@ -404,6 +406,7 @@ class Authenticator:
                     if required or verified.get("cnf") is not None:  # (else nothing to check)
                         check_binding(verified, peer_x5t, required)
                     claims[name] = verified
+                    held.append((name, found.token))
                     if key is not None:
                         if len(found.token) > DECISION_KEY_MAX_TOKEN:
                             key = None
@@ -422,7 +425,7 @@ class Authenticator:
         if not claims and not errors and apikey is None:
             return NO_AUTH
         return new_auth_facts((claims, errors, apikey, subjects,
-                               None if key is None else (*key, apikey)))
+                               None if key is None else (*key, apikey), tuple(held)))
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
@@ -567,32 +570,33 @@ class Authenticator:
         return True
 
     def credentials_kept(self, auth: AuthFacts, now: float, audience: str | None = None) -> bool:
-        """For a request in flight (its credentials were checked when it began; nothing more
-        is kept per request): every provider of its tokens is still in the policy, no token
-        is revoked now, each token ``auth.key`` holds (the decision cache's key: verified
-        JWTs up to DECISION_KEY_MAX_TOKEN bytes) still verifies under the provider and key
-        set in force, and its API key's entry (by name) is still there, unexpired."""
+        """For a request in flight (its credentials were checked when it began): every
+        provider of its tokens is still in the policy, no token is revoked now, each token
+        it was accepted with (``auth.held``, of any length) still verifies under the
+        provider and key set in force -- an introspected one by the answer cached now, as
+        for streams (none cached: it holds) --, and its API key's entry (by name) is still
+        there, unexpired."""
         for name, claims in auth.claims.items():
             if name not in self._providers or self._revocations.is_revoked(claims):
                 return False
-        key = auth.key
-        if key:
-            for item in key[:-1]:  # (name, token) or (name, None, reason); the API key last
-                if type(item) is tuple and len(item) == 2 and isinstance(item[1], str) \
-                        and not self._token_holds(item[0], item[1], now, audience):
-                    return False
+        for name, token in auth.held:
+            if not self._token_holds(name, token, now, audience):
+                return False
         return auth.apikey is None or self._apikeys.named(auth.apikey, now)
 
     def _token_holds(self, name: str, token: str, now: float, audience: str | None) -> bool:
         provider = self._providers.get(name)
         if provider is None:
             return False
+        if not provider.audiences:
+            # As when the token was accepted: an introspected answer too is checked against
+            # the service's audience (against none it was bad_audience, and a stream or a
+            # request in flight ended at the next reload though nothing had changed).
+            provider = self._with_audience(provider, audience)
         try:
             if provider.introspection is not None:
                 self._introspected_claims(provider, token, now)
             else:
-                if not provider.audiences:
-                    provider = self._with_audience(provider, audience)
                 self._verify(provider, token, now, signal=False)
         except TokenInvalid:
             return False

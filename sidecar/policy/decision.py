@@ -87,6 +87,10 @@ class AuthFacts(NamedTuple):
     apikey: str | None = None
     unverified_subjects: Mapping[str, str] = _EMPTY
     key: tuple[object, ...] | None = None
+    # The tokens that were verified (or introspected) for this request, by provider, of any
+    # length: what a request in flight is judged by again when the policy or a key set
+    # changes (``Authenticator.credentials_kept``). Not part of equality either.
+    held: tuple[tuple[str, str], ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not AuthFacts:
@@ -100,8 +104,8 @@ class AuthFacts(NamedTuple):
 
 
 NO_AUTH = AuthFacts(key=())
-# An AuthFacts from its five fields in order (claims, token_errors, apikey,
-# unverified_subjects, key), without the named tuple's Python-level ``__new__``.
+# An AuthFacts from its six fields in order (claims, token_errors, apikey,
+# unverified_subjects, key, held), without the named tuple's Python-level ``__new__``.
 new_auth_facts: Callable[[tuple[Any, ...]], AuthFacts] = functools.partial(
     tuple.__new__, AuthFacts)
 
