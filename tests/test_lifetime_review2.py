@@ -315,14 +315,54 @@ def _idp(tmp: Path, pki: Pki) -> Any:
                    mtls_clients=("frontend",))
 
 
-def _idp_policy(tmp: Path, idp: Any, provider: dict[str, Any]) -> str:
+def _idp_policy(tmp: Path, idp: Any, provider: dict[str, Any], **extra: Any) -> str:
+    """The orders service's policy: one stream rule with the IdP's ``provider``; ``extra``
+    goes into the policy document (revocations) or, for ``audience``, the section."""
     (tmp / "policy").mkdir(parents=True, exist_ok=True)
     (tmp / "policy" / "secret").write_text("orders-secret\n")
     rule = {"name": "ws", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
                                     "jwt": {"provider": "idp"}}}
+    section: dict[str, Any] = {"rules": [rule]}
+    if "audience" in extra:
+        section["audience"] = extra.pop("audience")
     return write_policy(tmp / "policy" / "mesh.yaml", {
         "version": 1, "trust_domain": TD, "jwt_providers": {"idp": provider},
-        "services": {spiffe("orders"): {"rules": [rule]}}})
+        "services": {spiffe("orders"): section}, **extra})
+
+
+def test_an_introspected_stream_of_a_provider_without_audiences_outlives_a_reload(
+        tmp_path, pki, app, procs):
+    """A provider without ``audiences`` takes the service's audience (the section's
+    ``audience``). Its introspected token was judged again at each reload against no
+    audience at all -- bad_audience -- so a reload that changed nothing for it ended the
+    stream; now it is judged as when it was accepted, and only a revocation ends it."""
+    idp = _idp(tmp_path, pki)
+    try:
+        provider = {"issuer": idp.issuer, "clock_skew": "1s", "introspection": {
+            "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
+            "client_secret_file": "secret", "cache_ttl": "1h", "timeout": "2s"}}
+        srv = _inbound(tmp_path, pki, app, procs,
+                       _idp_policy(tmp_path, idp, provider, audience="orders"))
+        front_dir = pki.identity("frontend")
+        token = idp.token(identity=front_dir, format="opaque")
+        stream = _tunnel(srv.port("inbound"), mtls_context(front_dir, pki.bundle),
+                         {"authorization": f"Bearer {token}"})
+        try:
+            assert _echoes(stream)
+            _idp_policy(tmp_path, idp, provider, audience="orders",
+                        revocations=[{"jti": "someone-else"}])
+            wait_for(lambda: _reloads(srv) >= 2)
+            time.sleep(0.5)
+            assert _echoes(stream), "a reload that changed nothing for the stream ended it"
+            assert closed(srv, "policy_refused") + closed(srv, "credential_expired") == 0
+            _idp_policy(tmp_path, idp, provider, audience="orders",
+                        revocations=[{"sub": "frontend"}])
+            wait_closed(srv, "policy_refused")
+            assert read_until_eof(stream)
+        finally:
+            stream.close()
+    finally:
+        idp.stop()
 
 
 def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(tmp_path, pki, app, procs):
