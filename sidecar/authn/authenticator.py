@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable
+from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable, presented_key
 from sidecar.authn.cache import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_TTL_SECONDS,
@@ -510,7 +510,7 @@ class Authenticator:
         # Two keys in one request: refuse both rather than pick one.
         name = None
         if not repeated:
-            name = self._apikeys.check(raw.decode("latin-1").strip(), now)
+            name = self._apikeys.check(presented_key(raw), now)
         if name is None:
             self.apikeys_refused += 1
         else:
@@ -539,7 +539,7 @@ class Authenticator:
         for name, claims in auth.claims.items():
             ends = min(ends, self._token_end(name, claims))
         if auth.apikey is not None and api_key is not None:
-            ends = min(ends, self._apikeys.expiry(api_key.decode("latin-1").strip()))
+            ends = min(ends, self._apikeys.expiry(presented_key(api_key)))
         return ends
 
     def credentials_hold(self, auth: AuthFacts, now: float, api_key: bytes | None, *,
@@ -562,7 +562,7 @@ class Authenticator:
                 return False
         if auth.apikey is not None:
             if api_key is None or self._apikeys.check(
-                    api_key.decode("latin-1").strip(), now) != auth.apikey:
+                    presented_key(api_key), now) != auth.apikey:
                 return False
         return True
 
