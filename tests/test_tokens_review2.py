@@ -15,7 +15,10 @@ Found by a hostile review, each fixed as a family:
   the key;
 * ``Bearer`` followed by something other than a space (a tab, NBSP, a comma): "no token"
   (an app splitting on any whitespace reads one), now a malformed token (``token_invalid``,
-  ``error="invalid_token"``).
+  ``error="invalid_token"``);
+* a cached verification outlived a key set change that only re-pinned a key's ``alg`` or
+  added a key that makes a token without ``kid`` ambiguous: warm it passed, cold it was
+  refused.
 
 Each member is checked in the pure core and through a real sidecar, as the first request of
 a connection with a token never seen before (verification cache cold) and as the tenth, after
@@ -29,6 +32,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,7 +42,7 @@ from sidecar.authn.apikeys import ApiKeyTable, presented_key
 from sidecar.authn.extract import extract_tokens
 from sidecar.authn.jwt import BAD_HEADER, MALFORMED, TokenInvalid, verify_token
 from sidecar.policy.sections import ApiKey
-from tests.harness import Pki, Response, http, start_app
+from tests.harness import Pki, Response, http, replace_file, start_app, wait_for
 from tests.test_authn_support import (
     AUDIENCE,
     ISSUER,
@@ -49,15 +53,18 @@ from tests.test_authn_support import (
     jwks_bytes,
     key_set,
     provider,
+    rsa_key,
 )
 from tests.test_jwt_e2e import (
     BEARER_INVALID,
     REASON_WORDS,
     Node,
+    _file_node,
     apikey_new,
     jwt_rule,
     policy_doc,
     provider_doc,
+    sign,
     spiffe,
     start_node,
 )
@@ -380,3 +387,70 @@ def test_api_key_with_foreign_whitespace_through_a_real_sidecar(
         _refused(_both_ways(n, "/batch/x", {"x-api-key": key}, {"x-api-key": value}), key,
                  None)
     assert _send(n, "/batch/x", {"x-api-key": f"{key}\t"}).status == 200
+
+
+# ----------------------------------------------------------------------------- key set changes
+#
+# A verified token stays cached until its exp unless a key set change drops the provider's
+# cached verdicts. That happened only when a key (kid, public numbers) disappeared, so two
+# changes left tokens accepted from the cache that the new key set refuses (found by a
+# hostile review): a key whose pinned ``alg`` changed (RS256 -> PS256: an RS256 token no
+# longer fits it), and an added key that makes a token without ``kid`` ambiguous (two keys
+# fit: refused) or picks another key for it (an unnamed key is chosen before named ones).
+
+# (name, the key set after the change, status then of the token without kid, status then
+# of the RS256 token naming kid "r"); both tokens were verified and cached before it.
+KEY_CHANGES: list[tuple[str, Callable[[], list[dict[str, Any]]], int, int]] = [
+    ("second-named-ec-key", lambda: [jwk(ec_key("kc-a"), "a"), jwk(rsa_key("kc-r"), "r"),
+                                     jwk(ec_key("kc-b"), "b")], 401, 200),
+    ("unnamed-ec-key", lambda: [jwk(ec_key("kc-a"), "a"), jwk(rsa_key("kc-r"), "r"),
+                                jwk(ec_key("kc-c"), None)], 401, 200),
+    ("alg-pin-changed", lambda: [jwk(ec_key("kc-a"), "a"),
+                                 jwk(rsa_key("kc-r"), "r", alg="PS256")], 200, 401),
+    # Controls: nothing changes for the tokens (a pin that fits drops the cached verdicts,
+    # which then verify again).
+    ("only-the-probe-added", lambda: [jwk(ec_key("kc-a"), "a"), jwk(rsa_key("kc-r"), "r")],
+     200, 200),
+    ("alg-pin-that-fits", lambda: [jwk(ec_key("kc-a"), "a", alg="ES256"),
+                                   jwk(rsa_key("kc-r"), "r", alg="RS256")], 200, 200),
+]
+# Every change also adds this RSA key: once a token it signed passes, the sidecar has the
+# new key set (no ES256 token can use it; the RS256 one names its own kid).
+PROBE_KEY = ("kc-probe", "probe")
+
+
+def _kidless(label: str) -> str:
+    return _signed(b64(json.dumps({"alg": "ES256"}).encode()),
+                   b64(json.dumps(_claims(time.time())).encode()), label)
+
+
+@pytest.mark.parametrize(("label", "after", "kidless", "named"), KEY_CHANGES,
+                         ids=[m[0] for m in KEY_CHANGES])
+def test_cached_token_follows_a_key_set_change(tmp_path: Path, pki: Pki, app: int,
+                                               procs: list, label: str,
+                                               after: Callable[[], list[dict[str, Any]]],
+                                               kidless: int, named: int) -> None:
+    n, _ = _file_node(tmp_path, pki, app, procs,
+                      [jwk(ec_key("kc-a"), "a"), jwk(rsa_key("kc-r"), "r")],
+                      algorithms=["ES256", "RS256", "PS256"])
+    jwks = tmp_path / "policy" / "jwks.json"
+    cached_kidless = _kidless("kc-a")
+    cached_named = sign(_claims(time.time()), rsa_key("kc-r"), kid="r", alg="RS256")
+    conn = httpclient.HTTPSConnection("127.0.0.1", n.port, context=n.ctx, timeout=10)
+    try:
+        for _ in range(3):  # verified once, then from the cache (and the connection memo)
+            assert _send(n, "/x", _bearer(cached_kidless), conn).status == 200
+            assert _send(n, "/x", _bearer(cached_named), conn).status == 200
+        probe = sign(_claims(time.time()), rsa_key(PROBE_KEY[0]), kid=PROBE_KEY[1],
+                     alg="RS256")
+        replace_file(jwks, jwks_bytes(*after(), jwk(rsa_key(PROBE_KEY[0]), PROBE_KEY[1])))
+        wait_for(lambda: _send(n, "/x", _bearer(probe)).status == 200, timeout=10,
+                 interval=0.1)
+        fresh_named = sign(_claims(time.time()), rsa_key("kc-r"), kid="r", alg="RS256")
+        cases = [(cached_kidless, kidless), (_kidless("kc-a"), kidless),
+                 (cached_named, named), (fresh_named, named)]
+        for token, want in cases:  # on the connection that used them, and on a new one
+            assert _send(n, "/x", _bearer(token), conn).status == want, (label, want)
+            assert _send(n, "/x", _bearer(token)).status == want, (label, want)
+    finally:
+        conn.close()

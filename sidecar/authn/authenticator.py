@@ -58,6 +58,7 @@ from sidecar.authn.jwt import (
     TokenInvalid,
     check_audience,
     check_claim_types,
+    parse_unverified_header,
     unverified_subject,
     verify_token,
 )
@@ -154,6 +155,8 @@ class Authenticator:
         self._revocations = RevocationList()
         self._apikeys = ApiKeyTable()
         self._cache = VerificationCache(cache_size, cache_max_ttl_seconds)
+        # Providers whose cache may hold a token without ``kid`` (see ``set_keys``).
+        self._kidless_cached: set[str] = set()
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
         self._scoped: dict[tuple[str, str], JwtProvider] = {}
@@ -236,16 +239,23 @@ class Authenticator:
     def set_keys(self, provider: str, keys: KeySet, fetched_at: float) -> None:
         """Swap in ``provider``'s key set (``fetched_at``: unix time it was obtained).
 
-        If a key disappeared or changed (rotation out, possibly a compromise), verdicts
-        cached under the old set are dropped; a refresh that only adds keys keeps them.
+        If a key disappeared or changed (rotation out, possibly a compromise; its pinned
+        ``alg`` counts), or -- when a token without ``kid`` may be cached -- the key such a
+        token is checked with is another one now (an added key of the same type makes such
+        tokens ambiguous: refused), verdicts cached under the old set are dropped; a
+        refresh that only adds keys keeps them.
         """
         if provider not in self._providers:
             return
         self.generation += 1
         old = self._keys.get(provider)
-        removed = old is not None and not old.fingerprint() <= keys.fingerprint()
+        removed = old is not None and (
+            not old.fingerprint() <= keys.fingerprint()
+            or (provider in self._kidless_cached
+                and old.kidless_choice() != keys.kidless_choice()))
         if removed:
             self._cache.clear(provider)
+            self._kidless_cached.discard(provider)
         self._keys[provider] = keys
         self._fetched_at[provider] = fetched_at
         if removed and self.on_keys_removed is not None:
@@ -459,6 +469,9 @@ class Authenticator:
             raise TokenInvalid(REVOKED)
         self.verified += 1
         entry = self._cache.store(name, token, claims, now)
+        if entry is not None and provider.name not in self._kidless_cached \
+                and "kid" not in parse_unverified_header(token, provider.max_token_bytes):
+            self._kidless_cached.add(provider.name)  # (a miss only: parsed once more)
         return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
     def _introspected_claims(self, provider: JwtProvider, token: str,
