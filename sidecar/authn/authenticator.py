@@ -50,6 +50,7 @@ from sidecar.authn.jwt import (
     BAD_ISSUER,
     EXPIRED,
     NO_KEYS,
+    NOT_YET_VALID,
     REVOKED,
     TOO_LARGE,
     UNKNOWN_KID,
@@ -500,6 +501,14 @@ class Authenticator:
         exp = claims.get("exp")
         if isinstance(exp, int | float) and not isinstance(exp, bool) and now > exp:
             raise TokenInvalid(EXPIRED)
+        # nbf and iat hold as in a JWT (RFC 7662 2.2 defines both): an "active" answer for a
+        # token not valid before an hour from now is not believed (check_claim_types has
+        # run: each is absent or a NumericDate).
+        skew = provider.clock_skew_seconds
+        for name in ("nbf", "iat"):
+            when = claims.get(name)
+            if when is not None and now + skew < when:
+                raise TokenInvalid(NOT_YET_VALID, name)
         if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)
         return claims
