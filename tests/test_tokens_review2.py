@@ -41,10 +41,11 @@ from jwt.algorithms import ECAlgorithm
 from sidecar.authn.apikeys import ApiKeyTable, presented_key
 from sidecar.authn.extract import extract_tokens
 from sidecar.authn.jwt import BAD_HEADER, MALFORMED, TokenInvalid, verify_token
-from sidecar.policy.sections import ApiKey
+from sidecar.policy.sections import ApiKey, TokenLocation
 from tests.harness import Pki, Response, http, replace_file, start_app, wait_for
 from tests.test_authn_support import (
     AUDIENCE,
+    COOKIE_LOCATION,
     ISSUER,
     NOW,
     b64,
@@ -258,6 +259,29 @@ def test_authorization_spellings_with_optional_whitespace_are_the_token(
     token = _token(NOW, "ec-1")
     found = extract_tokens(CORP, [(b"authorization", spell(token).encode())], "")
     assert found is not None and found.token == token
+
+
+@pytest.mark.parametrize("ch", NON_OWS)
+def test_other_locations_keep_foreign_whitespace_in_the_token(ch: str) -> None:
+    # A header without prefix (x-token) and a cookie: the byte stays part of the token.
+    token = _token(NOW, "ec-1")
+    header_only = provider(locations=(TokenLocation("header", "x-token", ""),))
+    cookie_only = provider(locations=(COOKIE_LOCATION,))
+    for prov, headers in (
+            (header_only, [(b"x-token", f"{token}{ch}".encode("latin-1"))]),
+            (header_only, [(b"x-token", f"{ch}{token}".encode("latin-1"))]),
+            (cookie_only, [(b"cookie", f"a=1; session={token}{ch}".encode("latin-1"))]),
+            (cookie_only, [(b"cookie", f"session={ch}{token}; a=1".encode("latin-1"))])):
+        found = extract_tokens(prov, headers, "")
+        assert found is not None and found.token != token
+        with pytest.raises(TokenInvalid) as info:
+            verify_token(found.token, prov, KEYS, NOW)
+        assert info.value.reason == MALFORMED
+    # SP and HTAB around it are optional whitespace.
+    for prov, headers in ((header_only, [(b"x-token", f" {token}\t".encode())]),
+                          (cookie_only, [(b"cookie", f"session= {token}\t".encode())])):
+        found = extract_tokens(prov, headers, "")
+        assert found is not None and found.token == token
 
 
 @pytest.mark.parametrize("header", ["Basic abc", "Bearerx abc", "Bearer.x abc", "Negotiate x"])
