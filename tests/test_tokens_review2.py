@@ -16,6 +16,9 @@ Found by a hostile review, each fixed as a family:
 * ``Bearer`` followed by something other than a space (a tab, NBSP, a comma): "no token"
   (an app splitting on any whitespace reads one), now a malformed token (``token_invalid``,
   ``error="invalid_token"``);
+* JSON nesting was bounded only by the interpreter's recursion limit, which depends on the
+  caller's stack: a signed token nested 900 levels verified, one nested 990 did not; now
+  at most 32 levels (the control plane's reader, as for introspection answers);
 * a cached verification outlived a key set change that only re-pinned a key's ``alg`` or
   added a key that makes a token without ``kid`` ambiguous: warm it passed, cold it was
   refused.
@@ -147,6 +150,27 @@ def _with_header(**extra: Any) -> TokenMaker:
     return make
 
 
+def _nested(where: str, depth: int) -> TokenMaker:
+    """A correctly signed token whose header or payload nests ``depth`` levels (the object
+    itself is level 1, each bracket of the member ``x`` one more)."""
+    def make(now: float, label: str) -> str:
+        deep = "[" * (depth - 1) + "]" * (depth - 1)
+        header, payload = json.dumps(_header()), json.dumps(_claims(now))
+        if where == "header":
+            header = header[:-1] + f', "x": {deep}}}'
+        else:
+            payload = payload[:-1] + f', "x": {deep}}}'
+        return _signed(b64(header.encode()), b64(payload.encode()), label)
+    return make
+
+
+NESTED: list[tuple[str, TokenMaker]] = [
+    (f"{where}-depth{depth}", _nested(where, depth))
+    for where in ("header", "payload") for depth in (33, 100, 500, 900, 990)]
+NESTED_CONTROLS: list[tuple[str, TokenMaker]] = [
+    (f"{where}-depth{depth}", _nested(where, depth))
+    for where in ("header", "payload") for depth in (2, 32)]
+
 NONCANONICAL: list[tuple[str, TokenMaker]] = (
     [(f"signature-bit{bit}", _noncanonical_signature(bit)) for bit in _UNUSED[2]]
     + [(f"header-rest{rest}-bit{bit}", _noncanonical_header(rest, bit))
@@ -218,6 +242,17 @@ def _reason(token: str) -> str:
 @pytest.mark.parametrize(("label", "make"), NONCANONICAL, ids=[m[0] for m in NONCANONICAL])
 def test_noncanonical_base64url_is_malformed(label: str, make: TokenMaker) -> None:
     assert _reason(make(NOW, "ec-1")) == MALFORMED
+
+
+@pytest.mark.parametrize(("label", "make"), NESTED, ids=[m[0] for m in NESTED])
+def test_json_nested_deeper_than_32_levels_is_malformed(label: str, make: TokenMaker) -> None:
+    assert _reason(make(NOW, "ec-1")) == MALFORMED
+
+
+@pytest.mark.parametrize(("label", "make"), NESTED_CONTROLS,
+                         ids=[m[0] for m in NESTED_CONTROLS])
+def test_json_nested_up_to_32_levels_verifies(label: str, make: TokenMaker) -> None:
+    assert verify_token(make(NOW, "ec-1"), CORP, KEYS, NOW)["sub"] == "alice"
 
 
 @pytest.mark.parametrize("rest", [2, 3])
@@ -357,8 +392,8 @@ def _bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-@pytest.mark.parametrize(("label", "make"), NONCANONICAL + HEADER_MEMBERS,
-                         ids=[m[0] for m in NONCANONICAL + HEADER_MEMBERS])
+@pytest.mark.parametrize(("label", "make"), NONCANONICAL + HEADER_MEMBERS + NESTED,
+                         ids=[m[0] for m in NONCANONICAL + HEADER_MEMBERS + NESTED])
 def test_refused_tokens_through_a_real_sidecar_cold_and_warm(
         node: tuple[Node, str], label: str, make: TokenMaker) -> None:
     n, _ = node
@@ -374,7 +409,8 @@ def test_refused_tokens_through_a_real_sidecar_cold_and_warm(
     _refused(_both_ways(n, "/corp/x", _bearer(good), _bearer(bad)), bad, BEARER_INVALID)
 
 
-@pytest.mark.parametrize(("label", "make"), HEADER_CONTROLS, ids=[m[0] for m in HEADER_CONTROLS])
+@pytest.mark.parametrize(("label", "make"), HEADER_CONTROLS + NESTED_CONTROLS,
+                         ids=[m[0] for m in HEADER_CONTROLS + NESTED_CONTROLS])
 def test_ordinary_header_members_through_a_real_sidecar(
         node: tuple[Node, str], label: str, make: TokenMaker) -> None:
     r = _send(node[0], "/corp/x", _bearer(make(time.time(), "review2-ec")))

@@ -8,7 +8,7 @@ signature primitive of one algorithm chosen *here*. The order of checks is delib
 1. size first, before any parsing (a hostile header cannot make us decode megabytes);
 2. shape: exactly three canonical base64url segments (one spelling per token), header and
    payload JSON objects without duplicate members (two ``exp`` members would let two
-   parsers disagree);
+   parsers disagree), at most ``MAX_JSON_DEPTH`` levels deep (``sidecar.jsondoc``);
 3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject), and so
    are ``b64``, ``zip``, a nested ``cty: JWT`` and a non-string ``typ``/``cty``; ``alg``
    must be in the provider's allowlist, which can only hold public-key algorithms, so
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -48,6 +47,7 @@ from typing import Any
 
 from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
 from sidecar.errors import Unauthorized
+from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, read_json
 from sidecar.policy.sections import JwtProvider
 
 Claims = Mapping[str, Any]
@@ -72,6 +72,7 @@ UNKNOWN_PROVIDER = "unknown_provider"
 BAD_CLAIM = "bad_claim"
 
 MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_JSON_DEPTH = DEFAULT_MAX_DEPTH  # levels of a header or payload (the object itself is 1)
 
 
 def _is_numeric_date(value: Any) -> bool:
@@ -134,35 +135,22 @@ def _b64decode(segment: str) -> bytes:
         raise TokenInvalid(MALFORMED, "bad base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate member")
-    return out
-
-
 def _json_object(segment: str, what: str) -> dict[str, Any]:
-    raw = _b64decode(segment)
+    # The control plane's strict reader (sidecar/jsondoc.py), as for introspection answers,
+    # which carry the same claims: UTF-8 only (RFC 7515 / 7519; ``json.loads(bytes)`` would
+    # also take UTF-16 and UTF-32 and skip a byte-order mark), no member twice, no NaN or
+    # Infinity, no lone surrogate (no text: it cannot be written to the audit trail, a log
+    # line or a header), and at most MAX_JSON_DEPTH levels. Without that bound ``json``
+    # stopped at the interpreter's recursion limit, which depends on how deep the caller's
+    # stack is: a signed token nested 900 levels verified on a request and could fail when a
+    # stream's token was judged again from another task.
     try:
-        # RFC 7515 / 7519: the JSON is UTF-8. ``json.loads(bytes)`` would also take UTF-16
-        # and UTF-32 and skip a byte-order mark; decoding first refuses them.
-        text = raw.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates,
-                           parse_constant=_refuse_constant)
-        # A ``\ud800`` escape decodes to a lone surrogate, which is no Unicode text: it
-        # cannot be written to the audit trail, a log line or a header as UTF-8. Refused
-        # here, once per token, so no string of a token can carry one.
-        if "\\u" in text:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeError, RecursionError):
+        value = read_json(_b64decode(segment), max_depth=MAX_JSON_DEPTH)
+    except JsonDocError:
         raise TokenInvalid(MALFORMED, f"{what} is not JSON") from None
     if not isinstance(value, dict):
         raise TokenInvalid(MALFORMED, f"{what} is not a JSON object")
     return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def check_claim_types(claims: Mapping[str, Any]) -> None:
