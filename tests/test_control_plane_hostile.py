@@ -251,3 +251,39 @@ def test_the_log_names_the_failure_never_the_answer(env: Env) -> None:
     assert "sign in" not in text and "s3cret" not in text
     for event in env.sidecar.log_events("jwks_fetch_failed"):
         assert len(event.get("error", "")) < 2000
+
+
+# Active answers whose time claims say the token is not valid yet (found by a hostile review:
+# only exp was checked, so "active" with nbf or iat an hour ahead was believed). Name ->
+# the answer's extra members and whether the request passes.
+def _times(**members: int) -> dict[str, int]:
+    now = int(time.time())
+    return {name: now + offset for name, offset in members.items()}
+
+
+NOT_YET: dict[str, tuple[dict[str, int], bool]] = {
+    "nbf an hour ahead": (_times(nbf=3600), False),
+    "iat an hour ahead": (_times(iat=3600), False),
+    "nbf and iat ahead": (_times(nbf=600, iat=600), False),
+    "nbf past": (_times(nbf=-60), True),  # controls
+    "iat now": (_times(iat=0), True),
+}
+
+
+@pytest.mark.parametrize("name", NOT_YET)
+def test_introspection_answer_not_valid_yet_is_refused(env: Env, name: str) -> None:
+    members, passes = NOT_YET[name]
+    env.server.answers["/introspect"] = _answer(
+        json.dumps({**json.loads(ACTIVE), **members}).encode())
+    opaque = f"opaque-time-{name.replace(' ', '-')}-{time.monotonic_ns()}"
+    before = env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque",
+                                reason="not_yet_valid")
+    want = 200 if passes else 401
+
+    def settled() -> bool:
+        # (A call in the backoff after an earlier member's failure is refused without one:
+        # a refusal counts only with its reason.)
+        return env.get("/o/x", opaque) == want and (passes or env.sidecar.metric(
+            "sidecar_jwt_failures_total", provider="opaque", reason="not_yet_valid") > before)
+
+    assert wait_for(settled, timeout=15, interval=0.3)

@@ -34,6 +34,13 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+def presented_key(raw: bytes) -> str:
+    """The key in an ``x-api-key`` header value: only SP and HTAB around it are dropped
+    (RFC 9110 optional whitespace); ``str.strip()`` also dropped NBSP, NEL and 0x1C-0x1F,
+    so ``<key>\xa0`` counted as the key."""
+    return raw.decode("latin-1").strip(" \t")
+
+
 def api_key_sha256(key: str) -> str:
     """The hex SHA-256 of a key as stored in the policy."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()

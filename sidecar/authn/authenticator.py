@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable
+from sidecar.authn.apikeys import API_KEY_HEADER, ApiKeyTable, presented_key
 from sidecar.authn.cache import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_TTL_SECONDS,
@@ -50,6 +50,7 @@ from sidecar.authn.jwt import (
     BAD_ISSUER,
     EXPIRED,
     NO_KEYS,
+    NOT_YET_VALID,
     REVOKED,
     TOO_LARGE,
     UNKNOWN_KID,
@@ -58,6 +59,7 @@ from sidecar.authn.jwt import (
     TokenInvalid,
     check_audience,
     check_claim_types,
+    parse_unverified_header,
     unverified_subject,
     verify_token,
 )
@@ -154,6 +156,8 @@ class Authenticator:
         self._revocations = RevocationList()
         self._apikeys = ApiKeyTable()
         self._cache = VerificationCache(cache_size, cache_max_ttl_seconds)
+        # Providers whose cache may hold a token without ``kid`` (see ``set_keys``).
+        self._kidless_cached: set[str] = set()
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
         self._scoped: dict[tuple[str, str], JwtProvider] = {}
@@ -236,16 +240,23 @@ class Authenticator:
     def set_keys(self, provider: str, keys: KeySet, fetched_at: float) -> None:
         """Swap in ``provider``'s key set (``fetched_at``: unix time it was obtained).
 
-        If a key disappeared or changed (rotation out, possibly a compromise), verdicts
-        cached under the old set are dropped; a refresh that only adds keys keeps them.
+        If a key disappeared or changed (rotation out, possibly a compromise; its pinned
+        ``alg`` counts), or -- when a token without ``kid`` may be cached -- the key such a
+        token is checked with is another one now (an added key of the same type makes such
+        tokens ambiguous: refused), verdicts cached under the old set are dropped; a
+        refresh that only adds keys keeps them.
         """
         if provider not in self._providers:
             return
         self.generation += 1
         old = self._keys.get(provider)
-        removed = old is not None and not old.fingerprint() <= keys.fingerprint()
+        removed = old is not None and (
+            not old.fingerprint() <= keys.fingerprint()
+            or (provider in self._kidless_cached
+                and old.kidless_choice() != keys.kidless_choice()))
         if removed:
             self._cache.clear(provider)
+            self._kidless_cached.discard(provider)
         self._keys[provider] = keys
         self._fetched_at[provider] = fetched_at
         if removed and self.on_keys_removed is not None:
@@ -462,6 +473,9 @@ class Authenticator:
             raise TokenInvalid(REVOKED)
         self.verified += 1
         entry = self._cache.store(name, token, claims, now)
+        if entry is not None and provider.name not in self._kidless_cached \
+                and "kid" not in parse_unverified_header(token, provider.max_token_bytes):
+            self._kidless_cached.add(provider.name)  # (a miss only: parsed once more)
         return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
     def _introspected_claims(self, provider: JwtProvider, token: str,
@@ -490,6 +504,14 @@ class Authenticator:
         exp = claims.get("exp")
         if isinstance(exp, int | float) and not isinstance(exp, bool) and now > exp:
             raise TokenInvalid(EXPIRED)
+        # nbf and iat hold as in a JWT (RFC 7662 2.2 defines both): an "active" answer for a
+        # token not valid before an hour from now is not believed (check_claim_types has
+        # run: each is absent or a NumericDate).
+        skew = provider.clock_skew_seconds
+        for name in ("nbf", "iat"):
+            when = claims.get(name)
+            if when is not None and now + skew < when:
+                raise TokenInvalid(NOT_YET_VALID, name)
         if self._revocations.is_revoked(claims):
             raise TokenInvalid(REVOKED)
         return claims
@@ -513,7 +535,7 @@ class Authenticator:
         # Two keys in one request: refuse both rather than pick one.
         name = None
         if not repeated:
-            name = self._apikeys.check(raw.decode("latin-1").strip(), now)
+            name = self._apikeys.check(presented_key(raw), now)
         if name is None:
             self.apikeys_refused += 1
         else:
@@ -542,7 +564,7 @@ class Authenticator:
         for name, claims in auth.claims.items():
             ends = min(ends, self._token_end(name, claims))
         if auth.apikey is not None and api_key is not None:
-            ends = min(ends, self._apikeys.expiry(api_key.decode("latin-1").strip()))
+            ends = min(ends, self._apikeys.expiry(presented_key(api_key)))
         return ends
 
     def credentials_hold(self, auth: AuthFacts, now: float, api_key: bytes | None, *,
@@ -565,7 +587,7 @@ class Authenticator:
                 return False
         if auth.apikey is not None:
             if api_key is None or self._apikeys.check(
-                    api_key.decode("latin-1").strip(), now) != auth.apikey:
+                    presented_key(api_key), now) != auth.apikey:
                 return False
         return True
 

@@ -55,6 +55,31 @@ def _prefix_forms(prefix: str) -> tuple[int, str, str]:
     return len(prefix), prefix.lower(), prefix.strip().lower()
 
 
+# Optional whitespace around a field value or between scheme and token: SP and HTAB only
+# (RFC 9110 5.6.3). ``str.strip()`` would also drop NBSP (0xA0), NEL (0x85) and 0x1C-0x1F,
+# which are part of a value: "<token>\xa0" was verified as "<token>" while the app got
+# the header with the byte still in it.
+OWS = " \t"
+# The characters of an auth-scheme (RFC 9110 ``token``): a scheme word ends at any other.
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _scheme_badly_separated(value: str, lower: str, bare: str) -> bool:
+    """``Bearer\t<token>``, ``Bearer\xa0<token>``, ``\xa0Bearer <token>``,
+    ``Bearer,<token>``: the provider's scheme word, set off by something other than the SP
+    its prefix asks for. An app splitting on any whitespace reads the token: it is this
+    provider's token, malformed, not "no token" (only for prefixes that end in whitespace,
+    like ``Bearer ``; only asked when the value does not start with the prefix)."""
+    end = len(bare)
+    if lower == bare or not end:
+        return False
+    if len(value) > end and value[end] not in _TCHAR and value[:end].lower() == bare:
+        return True
+    words = value.split(None, 1)
+    return bool(words) and words[0].lower() == bare
+
+
 def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     name = header_name(loc.name)
     raw = None
@@ -65,7 +90,7 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
             raw = v
     if raw is None:
         return []
-    value = raw.decode("latin-1").strip()
+    value = raw.decode("latin-1").strip(OWS)
     prefix = loc.prefix
     if prefix:
         # The auth scheme is case-insensitive (RFC 9110 11.1); the token is not.
@@ -73,8 +98,10 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
         if len(value) < size and value.lower() == bare:
             raise TokenInvalid(MALFORMED, "empty token")  # "Bearer" alone (OWS stripped)
         if value[:size].lower() != lower:
+            if _scheme_badly_separated(value, lower, bare):
+                raise TokenInvalid(MALFORMED, "scheme and token not separated by a space")
             return []
-        value = value[size:].strip()
+        value = value[size:].strip(OWS)
     if not value:
         raise TokenInvalid(MALFORMED, "empty token")
     return [value]
@@ -116,12 +143,12 @@ def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
     for n, v in headers:
         if n == COOKIE:
             for part in v.decode("latin-1").split(";"):
-                name, sep, value = part.strip().partition("=")
+                name, sep, value = part.strip(OWS).partition("=")
                 if sep:
-                    value = value.strip()
+                    value = value.strip(OWS)
                     if len(value) >= 2 and value[0] == value[-1] == '"':
                         value = value[1:-1]
-                    pairs.append((name.strip(), value))
+                    pairs.append((name.strip(OWS), value))
     return pairs
 
 

@@ -150,15 +150,27 @@ class KeySet:
         # attacker can make us do, so refuse instead.
         return candidates[0] if len(candidates) == 1 else None
 
-    def fingerprint(self) -> frozenset[tuple[str | None, str]]:
-        """Identity of the keys (kid, public numbers) to tell a rotation from a refresh."""
-        return frozenset((k.kid, repr(_public_numbers(k.key))) for k in self._all())
+    def fingerprint(self) -> frozenset[tuple[str | None, str | None, str]]:
+        """Identity of the keys (kid, pinned ``alg``, public numbers) to tell a rotation
+        from a refresh: a key whose ``alg`` changed verifies other tokens, it is changed."""
+        return frozenset(_identity(k) for k in self._all())
+
+    def kidless_choice(self) -> dict[str, tuple[str | None, str | None, str] | None]:
+        """Per algorithm, the key a token without ``kid`` is checked with (None: refused,
+        none or several fit). A refresh that only adds keys can change it: one more key of
+        the same type makes such tokens ambiguous, so it counts as a change."""
+        return {alg: None if (k := self.find(None, alg)) is None else _identity(k)
+                for alg in ALGORITHM_FAMILY}
 
     def _all(self) -> tuple[PublicJwk, ...]:
         return tuple(self.by_kid.values()) + self.unnamed
 
 
 EMPTY_KEY_SET = KeySet(source="")
+
+
+def _identity(key: PublicJwk) -> tuple[str | None, str | None, str]:
+    return key.kid, key.alg, repr(_public_numbers(key.key))
 
 
 def _public_numbers(key: Any) -> Any:

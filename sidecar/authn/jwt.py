@@ -6,9 +6,11 @@ Theory of operation
 signature primitive of one algorithm chosen *here*. The order of checks is deliberate:
 
 1. size first, before any parsing (a hostile header cannot make us decode megabytes);
-2. shape: exactly three base64url segments, header and payload JSON objects without
-   duplicate members (two ``exp`` members would let two parsers disagree);
-3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject); ``alg``
+2. shape: exactly three canonical base64url segments (one spelling per token), header and
+   payload JSON objects without duplicate members (two ``exp`` members would let two
+   parsers disagree), at most ``MAX_JSON_DEPTH`` levels deep (``sidecar.jsondoc``);
+3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject), and so
+   are ``b64``, ``zip``, a nested ``cty: JWT`` and a non-string ``typ``/``cty``; ``alg``
    must be in the provider's allowlist, which can only hold public-key algorithms, so
    ``none`` and HS* never verify anything; ``jku``, ``x5u``, ``jwk`` and ``x5c`` are never
    read: keys only ever come from the provider's own JWKS;
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ from typing import Any
 
 from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
 from sidecar.errors import Unauthorized
+from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, read_json
 from sidecar.policy.sections import JwtProvider
 
 Claims = Mapping[str, Any]
@@ -70,6 +72,7 @@ UNKNOWN_PROVIDER = "unknown_provider"
 BAD_CLAIM = "bad_claim"
 
 MAX_NUMERIC_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_JSON_DEPTH = DEFAULT_MAX_DEPTH  # levels of a header or payload (the object itself is 1)
 
 
 def _is_numeric_date(value: Any) -> bool:
@@ -132,35 +135,22 @@ def _b64decode(segment: str) -> bytes:
         raise TokenInvalid(MALFORMED, "bad base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate member")
-    return out
-
-
 def _json_object(segment: str, what: str) -> dict[str, Any]:
-    raw = _b64decode(segment)
+    # The control plane's strict reader (sidecar/jsondoc.py), as for introspection answers,
+    # which carry the same claims: UTF-8 only (RFC 7515 / 7519; ``json.loads(bytes)`` would
+    # also take UTF-16 and UTF-32 and skip a byte-order mark), no member twice, no NaN or
+    # Infinity, no lone surrogate (no text: it cannot be written to the audit trail, a log
+    # line or a header), and at most MAX_JSON_DEPTH levels. Without that bound ``json``
+    # stopped at the interpreter's recursion limit, which depends on how deep the caller's
+    # stack is: a signed token nested 900 levels verified on a request and could fail when a
+    # stream's token was judged again from another task.
     try:
-        # RFC 7515 / 7519: the JSON is UTF-8. ``json.loads(bytes)`` would also take UTF-16
-        # and UTF-32 and skip a byte-order mark; decoding first refuses them.
-        text = raw.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates,
-                           parse_constant=_refuse_constant)
-        # A ``\ud800`` escape decodes to a lone surrogate, which is no Unicode text: it
-        # cannot be written to the audit trail, a log line or a header as UTF-8. Refused
-        # here, once per token, so no string of a token can carry one.
-        if "\\u" in text:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (ValueError, UnicodeError, RecursionError):
+        value = read_json(_b64decode(segment), max_depth=MAX_JSON_DEPTH)
+    except JsonDocError:
         raise TokenInvalid(MALFORMED, f"{what} is not JSON") from None
     if not isinstance(value, dict):
         raise TokenInvalid(MALFORMED, f"{what} is not a JSON object")
     return value
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def check_claim_types(claims: Mapping[str, Any]) -> None:
@@ -176,13 +166,34 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return None if value is None else float(value)
 
 
+# base64url digits by value, and the bits of a segment's last digit that encode nothing:
+# 2 digits left over carry one byte (the last digit's low 4 bits unused), 3 carry two (its
+# low 2 bits). RFC 4648 3.5 asks encoders to leave them zero; decoders ignore them, so
+# ``...Q`` and ``...R`` would decode to the same signature: two spellings of one token.
+_B64URL_VALUE = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_UNUSED_BITS = (0, 0, 0x0F, 0x03)  # by len(segment) % 4 (1 is no base64 at all)
+
+
+def _canonical(segment: str) -> bool:
+    rest = len(segment) % 4
+    return rest != 1 and not (rest and _B64URL_VALUE[segment[-1]] & _UNUSED_BITS[rest])
+
+
 def parse_unverified_header(token: str, max_bytes: int) -> dict[str, Any]:
-    """The JOSE header of ``token`` after the size and shape checks (no signature check)."""
+    """The JOSE header of ``token`` after the size and shape checks (no signature check).
+
+    Every segment must be canonical base64url (its unused trailing bits zero): a token has
+    one spelling, so the verification cache, the decision cache and the app see the bytes
+    the signer produced, never a variant an attacker derived from them."""
     if len(token) > max_bytes:
         raise TokenInvalid(TOO_LARGE)
     if not token.isascii() or _SHAPE.fullmatch(token) is None:
         raise TokenInvalid(MALFORMED, "not three base64url segments")
-    return _json_object(token.partition(".")[0], "header")
+    header, payload, signature = token.split(".")
+    if not (_canonical(header) and _canonical(payload) and _canonical(signature)):
+        raise TokenInvalid(MALFORMED, "non-canonical base64url")
+    return _json_object(header, "header")
 
 
 MAX_UNVERIFIED_SUBJECT = 256
@@ -219,6 +230,28 @@ def typ_matches(typ: Any, required: str) -> bool:
     return isinstance(typ, str) and _media_type(typ) == _media_type(required)
 
 
+# Header members that change what the signed bytes mean, which this verifier does not
+# implement: RFC 7797 ``b64`` (an unencoded payload; only valid when ``crit`` names it, and
+# ``crit`` is refused) and ``zip`` (a compressed payload, JWE only: RFC 7516 4.1.3). A
+# token that carries one is refused, never read as if the member were absent.
+_REFUSED_HEADER_MEMBERS = ("b64", "zip")
+
+
+def _check_header_members(header: Mapping[str, Any]) -> None:
+    for name in _REFUSED_HEADER_MEMBERS:
+        if name in header:
+            raise TokenInvalid(BAD_HEADER, f"{name} is not supported")
+    # typ and cty are strings (RFC 7515 4.1.9-10). cty "JWT" says the payload is itself a
+    # JWT (a nested token, RFC 7519 5.2): the claims would be the inner token's, which
+    # nothing here verifies, so such a token is refused.
+    for name in ("typ", "cty"):
+        if name in header and not isinstance(header[name], str):
+            raise TokenInvalid(BAD_HEADER, f"{name} is not a string")
+    cty = header.get("cty")
+    if cty is not None and _media_type(cty) == "jwt":
+        raise TokenInvalid(BAD_HEADER, "nested JWT (cty JWT)")
+
+
 def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
     """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
 
@@ -228,6 +261,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
     header_b64, payload_b64, signature_b64 = token.split(".")
     if "crit" in header:
         raise TokenInvalid(BAD_HEADER, "crit is not supported")
+    _check_header_members(header)
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in provider.algorithms or alg not in _signers():
         raise TokenInvalid(BAD_ALG, f"alg {alg!r} not allowed")
