@@ -9,15 +9,29 @@ member on both listeners, with the recording app as the witness.
    7.8: a server MUST ignore it). Now dropped with the other hop-by-hop fields.
 3. An Upgrade field that is no list of protocols (empty, ``,``, ``a b``, ``ws/``...) with
    ``Connection: upgrade``: forwarded as an upgrade request. Now 400 (``bad_upgrade``).
+4. ``forward_claims`` header names: ``x-request-id``, ``x-forwarded-proto``, the sidecar's
+   other headers in ``_`` spellings (``X_Forwarded_Client_Cert``), framing and hop-by-hop
+   fields in ``_`` spellings (``content_length``), ``x.user`` (``X_USER`` to a gateway, as a
+   caller's kept ``X-User``), a name with a final newline, and two providers setting
+   ``x-user`` and ``x_user``: all loaded, so the app saw two values under one name. Now
+   refused at load with file, line and key.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecar.errors import ConfigError
+from sidecar.policy.cli import add_policy_parsers
+from sidecar.policy.loader import load_policy_file
+from tests import test_authn_review as authn_review
 from tests import test_hostile_http as hostile
 
 Mesh, SIDES, exchange, statuses = hostile.Mesh, hostile.SIDES, hostile.exchange, hostile.statuses
@@ -167,3 +181,88 @@ def test_an_upgrade_that_names_protocols_reaches_the_app(mesh: Mesh, side: str,
     fields = {n: v for n, v in heads[0]["headers"]}
     assert fields.get("connection") == "upgrade" and fields.get("upgrade"), fields
 
+
+# --- 4. forward_claims header names: never one the app reads as the sidecar's own ------------
+
+# The policy of ``tests/test_authn_review.py``: provider corp forwards ``sub`` as x-user and
+# ``role`` as {corp_role}; provider partner forwards ``sub`` as {partner_sub}.
+_CLAIMS_POLICY = authn_review.POLICY
+_ROLE_LINE = _CLAIMS_POLICY.splitlines().index(
+    "    forward_claims: {{sub: x-user, role: {corp_role}}}") + 1
+
+# Header names a claim must not be forwarded as: the sidecar's own headers, framing,
+# credentials, hop-by-hop fields and Expect, in every spelling the header filter reads as the
+# same name (case, "_" for "-"), and names with a character a gateway reads as "_".
+_SIDECAR_OWN = ["x-request-id", "x-forwarded-proto", "x-forwarded-client-cert"]
+_FRAMING_AND_HOP = ["host", "content-length", "transfer-encoding", "connection", "te",
+                    "upgrade", "keep-alive", "trailer", "proxy-connection", "http2-settings",
+                    "proxy-authenticate", "proxy-authorization", "expect", "authorization",
+                    "cookie", "x-api-key"]
+
+
+def _spellings(name: str) -> list[str]:
+    return sorted({name, name.upper(), name.title(), name.replace("-", "_"),
+                   name.replace("-", "_").upper(), name.title().replace("-", "_")})
+
+
+BAD_CLAIM_HEADERS: dict[str, str] = {
+    f"{n}:{s}": s for n in _SIDECAR_OWN + _FRAMING_AND_HOP for s in _spellings(n)}
+BAD_CLAIM_HEADERS.update({
+    f"gateway_char:{c}": f"x{c}user" for c in "!#$%&'*+.^`|~"})
+BAD_CLAIM_HEADERS["final_newline"] = "x-user\n"
+BAD_CLAIM_HEADERS["final_newline_own"] = "x-request-id\n"
+GOOD_CLAIM_HEADERS = ["x-role", "X-Role", "x_role", "x-forwarded-user", "x-auth-request-email",
+                      "user", "x-request-id2", "x-forwarded-proto-claim"]
+
+
+def _claims_policy(tmp_path: Path, role: str, partner: str = "x-partner-user") -> Path:
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    path = tmp_path / "policy.yaml"
+    path.write_text(_CLAIMS_POLICY.format(corp_role=json.dumps(role),
+                                          partner_sub=json.dumps(partner)))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLAIM_HEADERS))
+def test_a_claim_is_never_forwarded_as_a_header_the_sidecar_owns(tmp_path: Path,
+                                                                case: str) -> None:
+    path = _claims_policy(tmp_path, BAD_CLAIM_HEADERS[case])
+    with pytest.raises(ConfigError) as info:
+        load_policy_file(str(path))
+    text = str(info.value)
+    assert f"{path}:{_ROLE_LINE}: jwt_providers.corp.forward_claims.role:" in text, text
+
+
+@pytest.mark.parametrize("header", GOOD_CLAIM_HEADERS)
+def test_claim_header_names_that_stay_allowed(tmp_path: Path, header: str) -> None:
+    if header.lower() == "x-user":
+        header = "x-role"  # (corp forwards sub as x-user already)
+    policy = load_policy_file(str(_claims_policy(tmp_path, header)))
+    assert policy.extras.jwt_providers["corp"].forward_claims == (
+        ("sub", "x-user"), ("role", header.lower()))
+
+
+@pytest.mark.parametrize("role, partner, clash", [
+    ("x-role", "x_user", "partner.forward_claims.sub"),
+    ("x-role", "X_USER", "partner.forward_claims.sub"),
+    ("x_role", "x-role", "partner.forward_claims.sub"),
+    ("X_User", "x-partner-user", "corp.forward_claims.role"),  # (one provider, two claims)
+    ("x_user", "x-partner-user", "corp.forward_claims.role")])
+def test_one_header_in_two_spellings_is_one_header(tmp_path: Path, role: str, partner: str,
+                                                   clash: str) -> None:
+    path = _claims_policy(tmp_path, role, partner)
+    with pytest.raises(ConfigError) as info:
+        load_policy_file(str(path))
+    text = str(info.value)
+    assert f"jwt_providers.{clash}" in text and "already" in text, text
+
+
+def test_policy_check_names_the_file_line_and_key(tmp_path: Path) -> None:
+    path = _claims_policy(tmp_path, "X_Request_Id")
+    parser = argparse.ArgumentParser(prog="sidecar policy")
+    add_policy_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["check", str(path)])
+    args.stdout, args.stderr = io.StringIO(), io.StringIO()
+    assert args.func(args) == 1
+    assert f"{path}:{_ROLE_LINE}: jwt_providers.corp.forward_claims.role:" in \
+        args.stderr.getvalue()
