@@ -15,6 +15,12 @@ member on both listeners, with the recording app as the witness.
    caller's kept ``X-User``), a name with a final newline, and two providers setting
    ``x-user`` and ``x_user``: all loaded, so the app saw two values under one name. Now
    refused at load with file, line and key.
+5. Caller headers apps believe that the catalogue missed: ``Proxy-Client-IP``, WebLogic's
+   ``WL-Proxy-*`` (client certificate, scheme, address), App Engine's ``X-AppEngine-*``
+   (users API, cron, task queue, calling app), Cloud Tasks and Scheduler headers, unlisted
+   names of the identity-aware proxies' families, ``X-Spiffe-Ids``; and, with
+   ``headers.allow_underscores``, every entry's CGI spelling (``HTTP_X_FORWARDED_FOR``,
+   ``HTTP_CLIENT_IP``), which Java's "real IP" helpers read literally. All reached the app.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from typing import Any
 import pytest
 
 from sidecar.errors import ConfigError
+from sidecar.http.untrusted import CATALOGUE, SIDECAR_SET, HeaderFilter
 from sidecar.policy.cli import add_policy_parsers
 from sidecar.policy.loader import load_policy_file
 from tests import test_authn_review as authn_review
+from tests import test_header_catalogue as catalogue
 from tests import test_hostile_http as hostile
 
 Mesh, SIDES, exchange, statuses = hostile.Mesh, hostile.SIDES, hostile.exchange, hostile.statuses
@@ -266,3 +274,65 @@ def test_policy_check_names_the_file_line_and_key(tmp_path: Path) -> None:
     assert args.func(args) == 1
     assert f"{path}:{_ROLE_LINE}: jwt_providers.corp.forward_claims.role:" in \
         args.stderr.getvalue()
+
+
+# --- 5. Identity and client-address headers the catalogue missed, and their CGI spellings ----
+
+# Forwarded with the caller's value before: each is covered by an entry now, and so sent in
+# every variant through both listeners by tests/test_header_catalogue.py.
+REVIEW3_FOUND = ["Proxy-Client-IP", "WL-Proxy-Client-IP", "WL-Proxy-SSL", "WL-Proxy-Client-Cert",
+                 "WL-Proxy-Client-Keysize", "X-AppEngine-User-Email", "X-AppEngine-User-Id",
+                 "X-AppEngine-User-Is-Admin", "X-AppEngine-Cron", "X-AppEngine-QueueName",
+                 "X-AppEngine-TaskName", "X-AppEngine-Inbound-Appid", "X-CloudTasks-QueueName",
+                 "X-CloudTasks-TaskName", "X-CloudScheduler", "X-CloudScheduler-JobName",
+                 "X-Amzn-Oidc-Subject", "X-MS-Client-Principal-Roles",
+                 "X-Goog-Authenticated-User-Groups", "X-Goog-IAP-Something",
+                 "Cf-Access-Client-Id", "Cf-Access-Client-Secret", "X-Spiffe-Ids",
+                 "X-SpiffeId", "SpiffeId", "Spiffe-Ids"]
+
+
+def _cgi_spellings(name: str) -> list[str]:
+    """``name`` behind ``HTTP_`` as CGI writes it, and as callers may send it."""
+    under = name.replace("-", "_")
+    return ["HTTP_" + under.upper(), "http_" + under, "Http-" + name, "HTTP-" + name.upper()]
+
+
+# Every catalogue entry (a prefix entry with a suffix) and every header the sidecar sets.
+CATALOGUED = [entry.name + ("x" if entry.prefix else "") for entry in CATALOGUE] + sorted(
+    SIDECAR_SET)
+CGI_KEPT = ["HTTP_ACCEPT_OK", "http-custom-ok", "Http_Version_Ok", "HTTPS"]  # (the control)
+
+
+@pytest.mark.parametrize("name", REVIEW3_FOUND)
+def test_headers_the_third_review_found_are_removed(name: str) -> None:
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True)):
+        for spelling in (name, name.upper(), name.lower(), name.replace("-", "_")):
+            assert f.removes(spelling.lower().encode()), spelling
+
+
+def test_the_cgi_spelling_of_every_entry_is_removed() -> None:
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True),
+              HeaderFilter(allow_underscores=True, pass_through=["x-forwarded-host"])):
+        for name in CATALOGUED:
+            for spelling in _cgi_spellings(name):
+                assert f.removes(spelling.lower().encode()), spelling
+    kept = HeaderFilter(allow_underscores=True)
+    for name in CGI_KEPT:
+        assert not kept.removes(name.lower().encode()), name
+
+
+@pytest.fixture(scope="module")
+def mesh_us(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hostile.Mesh]:
+    m = Mesh(tmp_path_factory.mktemp("heads3-us"),
+             extra={"headers": {"allow_underscores": True, "pass_through": ["x-forwarded-host"]}})
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_cgi_spellings_never_reach_the_app(mesh_us: Mesh, side: str) -> None:
+    names = [s for n in CATALOGUED for s in _cgi_spellings(n)] + [
+        s for n in REVIEW3_FOUND for s in (n, n.replace("-", "_"))] + CGI_KEPT
+    heads = catalogue._send(mesh_us, side, names)  # (batches of 20 on one connection)
+    leaked = sorted(n for n, _ in catalogue._leaks(heads))
+    assert leaked == sorted(n.lower() for n in CGI_KEPT)
