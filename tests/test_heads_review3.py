@@ -21,6 +21,9 @@ member on both listeners, with the recording app as the witness.
    names of the identity-aware proxies' families, ``X-Spiffe-Ids``; and, with
    ``headers.allow_underscores``, every entry's CGI spelling (``HTTP_X_FORWARDED_FOR``,
    ``HTTP_CLIENT_IP``), which Java's "real IP" helpers read literally. All reached the app.
+6. A claim string with a leading or trailing space went to the app as it was, so the app's
+   parser (which strips the whitespace around a value) read `` alice`` as ``alice``; an
+   empty claim went as an empty field, which some gateways drop. Now sent as JSON.
 """
 
 from __future__ import annotations
@@ -336,3 +339,31 @@ def test_cgi_spellings_never_reach_the_app(mesh_us: Mesh, side: str) -> None:
     heads = catalogue._send(mesh_us, side, names)  # (batches of 20 on one connection)
     leaked = sorted(n for n, _ in catalogue._leaks(heads))
     assert leaked == sorted(n.lower() for n in CGI_KEPT)
+
+
+# --- 6. Claim values the app would read as another value ------------------------------------
+
+# ``sub`` values whose raw header form an HTTP parser reads as another one (it strips the
+# whitespace around a value); "alice" is the control. (An empty `sub` is no valid token.)
+SPACED_CLAIMS = [" alice", "alice ", "  alice  ", " ", "   ", " 1", "1 ", "alice"]
+
+
+def _read_back(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("sub", SPACED_CLAIMS, ids=[repr(s) for s in SPACED_CLAIMS])
+def test_a_claim_reaches_the_app_as_itself(mesh: Mesh, side: str, sub: str) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, b"GET /open/c HTTP/1.1\r\n" + H + b"Authorization: Bearer "
+                   + mesh.token(sub).encode() + b"\r\nConnection: close\r\n\r\n")
+    assert statuses(out) == [200], out[:300]
+    heads = _heads_after(mesh, mark)
+    values = [v for h in heads for n, v in h["headers"] if n == "x-user"]
+    assert len(values) == 1, heads
+    assert _read_back(values[0]) == sub, values  # (as the app's parser gave it)
+    assert (values[0] == "alice") is (sub == "alice")
