@@ -24,6 +24,10 @@ member on both listeners, with the recording app as the witness.
 6. A claim string with a leading or trailing space went to the app as it was, so the app's
    parser (which strips the whitespace around a value) read `` alice`` as ``alice``; an
    empty claim went as an empty field, which some gateways drop. Now sent as JSON.
+7. With ``headers.allow_underscores``, ``Content_Length`` and ``Content_Type`` reached the
+   app next to the real fields: CGI gives both variables of their own, and a server that
+   reads ``_`` as ``-`` (Puma before CVE-2024-45614) let the copy overwrite the real one --
+   a second length to frame the body by. Now removed.
 """
 
 from __future__ import annotations
@@ -367,3 +371,36 @@ def test_a_claim_reaches_the_app_as_itself(mesh: Mesh, side: str, sub: str) -> N
     assert len(values) == 1, heads
     assert _read_back(values[0]) == sub, values  # (as the app's parser gave it)
     assert (values[0] == "alice") is (sub == "alice")
+
+
+# --- 7. "_" spellings of Content-Length and Content-Type, with allow_underscores ------------
+
+META_SPELLINGS = ["Content_Length", "CONTENT_LENGTH", "content_length", "Content_length",
+                  "Content_Type", "CONTENT_TYPE", "content_type"]
+
+
+def test_underscore_spellings_of_the_cgi_meta_fields_are_removed() -> None:
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True),
+              HeaderFilter(allow_underscores=True, pass_through=["x-forwarded-host"])):
+        for name in META_SPELLINGS:
+            assert f.removes(name.lower().encode()), name
+        assert not f.removes(b"content-length") and not f.removes(b"content-type")
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_second_length_never_reaches_the_app(mesh_us: Mesh, side: str, framing: str) -> None:
+    spoofed = b"".join(f"{n}: {100 + i}\r\n".encode() for i, n in enumerate(META_SPELLINGS))
+    if framing == "length":
+        head, body = b"Content-Length: 5\r\n", b"abcde"
+    else:
+        head, body = b"Transfer-Encoding: chunked\r\n", b"5\r\nabcde\r\n0\r\n\r\n"
+    mark = mesh_us.app.snapshot()
+    out = exchange(mesh_us, side, b"POST /open/m HTTP/1.1\r\n" + H + head + spoofed
+                   + b"Content-Type: text/plain\r\nConnection: close\r\n\r\n" + body)
+    assert statuses(out) == [200], out[:300]
+    heads = _heads_after(mesh_us, mark)
+    assert [h["body"] for h in heads] == [5]
+    content = [[n, v] for n, v in heads[0]["headers"] if n.startswith("content")]
+    want = [["content-length", "5"]] if framing == "length" else []
+    assert content == want + [["content-type", "text/plain"]], heads[0]["headers"]

@@ -18,7 +18,9 @@ would reach the app as ``HTTP_X_FORWARDED_FOR``. A name that is a catalogue entr
 header the sidecar sets) behind ``HTTP_`` -- ``HTTP_X_FORWARDED_FOR``, ``HTTP_CLIENT_IP``,
 ``Http-X-Real-Ip`` -- is removed too: it is the CGI spelling of the entry, and Java's "real
 IP" helpers read ``request.getHeader("HTTP_X_FORWARDED_FOR")`` literally (it reaches the app
-only with ``headers.allow_underscores``; found by a hostile review).
+only with ``headers.allow_underscores``; found by a hostile review). So is a ``_`` spelling
+of Content-Length or Content-Type (``Content_Length``): CGI gives those two fields variables
+of their own, and a server that reads ``_`` as ``-`` let the copy overwrite the real one.
 
 An entry is an exact name or a prefix (``prefix=True``: every name that starts with it). An
 operator may pass one name through (``headers.pass_through``); the headers the sidecar sets
@@ -193,6 +195,8 @@ _NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
 _EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.prefix)
 _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
 _SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
+# The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
+_CGI_META = frozenset({b"content-length", b"content-type"})
 
 
 def entry_for(name: bytes | str) -> Entry | None:
@@ -258,6 +262,13 @@ class HeaderFilter:
             return True  # a character some gateway folds to "_" (see the module docstring)
         n = fold(name)
         if n in self._drop:
+            return True
+        if n in _CGI_META and n != name.lower():
+            # Content_Length / Content_Type (kept with allow_underscores): CGI and WSGI give
+            # these two fields variables of their own (CONTENT_LENGTH, CONTENT_TYPE), and a
+            # server that reads "_" as "-" (Puma before CVE-2024-45614) let the copy overwrite
+            # the real field: a second length the app frames the body by (found by a hostile
+            # review: forwarded next to the Content-Length the sidecar framed the body with).
             return True
         if n.startswith(b"http-"):  # the CGI spelling of a catalogued name (module docstring)
             cgi = n[5:]
