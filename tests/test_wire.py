@@ -428,9 +428,32 @@ _PIECES = [b"Host: x\r\n", b"Content-Length: 3\r\n", b"content-length: 03\r\n",
            b"Transfer-Encoding: identity\r\n", b"\r\n", b" ", b"\t", b":", b"a", b"\r", b"\n",
            b"0\r\n", b"3\r\nabc\r\n", b"3;x=y\r\nabc\r\n", b"3;x\x01\r\nabc\r\n", b"X-A: b\r\n",
            b"X-A:b \r\n", b"Connection: close\r\n", b"\x00", b"\x01", b"\x7f", b"\xff", b"abc",
-           b"3", b"Host: y\r\n", b"T: a\r\n b\r\n", b"HTTP/1.1 ", b"GET / HTTP/1.1\r\n"]
+           b"3", b"Host: y\r\n", b"T: a\r\n b\r\n", b"HTTP/1.1 ", b"GET / HTTP/1.1\r\n",
+           # The families of the third review of request heads: Expect and Upgrade, framing
+           # fields in odd spellings, chunk sizes and extensions, trailers carrying framing or
+           # routing fields, empty and odd values and names, stray controls.
+           b"Expect: 100-continue\r\n", b"Upgrade: websocket\r\n", b"Connection: upgrade\r\n",
+           b"Connection: keep-alive\r\n", b"Transfer-Encoding: Chunked\r\n",
+           b"Transfer-Encoding:  chunked \r\n", b"Transfer-Encoding: chunked, chunked\r\n",
+           b"Transfer-Encoding: gzip, chunked\r\n", b"Content-Length: +3\r\n",
+           b"Content-Length: 0x3\r\n", b"Content-Length: -1\r\n", b"Content-Length:3\r\n",
+           b"Content-Length: 3 \r\n", b"Content-Length: 1\r\n",
+           b"Content-Length: 99999999999999999999\r\n",
+           b"Content-Length: 000000000000000000003\r\n", b'3;a="q\\"x"\r\nabc\r\n',
+           b"3 ;a\r\nabc\r\n", b"03\r\nabc\r\n", b"3\r\nab\r\n", b"0;x=1\r\n\r\n",
+           b"0\r\nContent-Length: 5\r\n\r\n", b"0\r\nHost: evil\r\n\r\n", b"0\r\nX: \x80\r\n\r\n",
+           b"X-\xff: a\r\n", b"X-A: \x80\x81\r\n", b"X-A:\r\n", b"X-A: \r\n", b"X_A: b\r\n",
+           b"Host:\r\n", b"Host: a b\r\n", b"X-A: a\x00b\r\n", b"X-A: a\x7fb\r\n", b"\r\n\r\n",
+           b"\x0b", b"\x0c", b"#", b"\\", b"%00"]
 _STARTS = [b"GET / HTTP/1.1\r\n", b"POST /a HTTP/1.0\r\n", b"GET / HTTP/1.2\r\n",
-           b"GET / HTTP/1.1\n", b"\r\nGET / HTTP/1.1\r\n", b"GET  / HTTP/1.1\r\n", b""]
+           b"GET / HTTP/1.1\n", b"\r\nGET / HTTP/1.1\r\n", b"GET  / HTTP/1.1\r\n", b"",
+           # Request-target forms and request-line spellings (third review of request heads).
+           b"GET http://x/ HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1\r\n", b"CONNECT x:443 HTTP/1.1\r\n",
+           b"GET /a#b HTTP/1.1\r\n", b"GET /a\\b HTTP/1.1\r\n", b"GET /\xff HTTP/1.1\r\n",
+           b"get / HTTP/1.1\r\n", b"GET / http/1.1\r\n", b"GET / HTTP/1.1 \r\n",
+           b"GET /\x00 HTTP/1.1\r\n", b"GET / HTTP/1.10\r\n", b"GET / HTTP/01.1\r\n",
+           b"GET\t/ HTTP/1.1\r\n", b"GET / HTTP/1.1\r\r\n", b" GET / HTTP/1.1\r\n",
+           b"G\xc3\x89T / HTTP/1.1\r\n", b"GET /%2F HTTP/1.1\r\n"]
 
 
 @settings(max_examples=600, deadline=None)

@@ -133,9 +133,14 @@ def claim_header_value(value: Any) -> bytes | None:
     would read as something else (``true``, ``1``, ``"x"``, ``["a"]``, ``{}``, `` 1``) is
     itself sent as JSON (``"true"``), so an app can tell the claim ``"true"`` from ``true``
     and a user cannot choose a display name that reads as another user's header. Reading a
-    header back: JSON when it parses as JSON, else the string as it is."""
-    if isinstance(value, str) and value.isascii() and value.isprintable() \
-            and not _reads_as_json(value):
+    header back: JSON when it parses as JSON, else the string as it is.
+
+    A string that starts or ends with a space, or is empty, is sent as JSON too: every HTTP
+    parser strips the whitespace around a field value, so `` alice`` and ``alice `` sent as
+    they are reached the app as ``alice`` -- another user's value (found by a hostile review)
+    -- and an empty value is dropped by some gateways, as if the claim were absent."""
+    if isinstance(value, str) and value.isascii() and value.isprintable() and value \
+            and value[0] != " " and value[-1] != " " and not _reads_as_json(value):
         text = value
     else:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)

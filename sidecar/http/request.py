@@ -46,6 +46,8 @@ _HOSTS_MAX = 256
 _METHODS: dict[bytes, str] = {}
 _METHODS_MAX = 64
 _VERSIONS = (b"1.1", b"1.0")
+# RFC 9110 7.8: an Upgrade protocol, ``protocol-name ["/" protocol-version]``, both tokens.
+_PROTOCOL = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?")
 
 
 class RequestHead(NamedTuple):
@@ -61,7 +63,8 @@ class RequestHead(NamedTuple):
     upgrade: bytes | None
     connection: bool = False  # a Connection field is present (it may list hop-by-hop names)
     # Fields to normalise before forwarding: a Content-Length with leading zeros (forwarded
-    # as its canonical decimal), an Expect on a request without a body (dropped).
+    # as its canonical decimal), an Expect the sidecar does not answer (on a request without
+    # a body or an HTTP/1.0 one: dropped).
     normalise: bool = False
 
 
@@ -143,15 +146,31 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
         raise BadRequest("transfer_encoding_http10")  # RFC 9112 6.1: 1.0 has no TE
     if max_body and content_length is not None and content_length > max_body:
         raise PayloadTooLarge("body_too_large")
-    if upgrade is not None and conn_upgrade and any(
-            _is_http2(token) for token in upgrade.split(b",")):
-        # An h2c upgrade would turn the connection into HTTP/2 that the sidecar cannot see:
-        # every request after the first would bypass the policy (h2c smuggling).
-        raise BadRequest("h2c_upgrade")
+    if upgrade is not None and conn_upgrade:
+        protocols = [token.strip(b" \t") for token in upgrade.split(b",")]
+        if any(_is_http2(token) for token in protocols):
+            # An h2c upgrade would turn the connection into HTTP/2 that the sidecar cannot
+            # see: every request after the first would bypass the policy (h2c smuggling).
+            raise BadRequest("h2c_upgrade")
+        named = [token for token in protocols if token]
+        if not named or any(_PROTOCOL.fullmatch(token) is None for token in named):
+            # RFC 9110 7.8: Upgrade = 1#protocol, protocol = name ["/" version], tokens
+            # (found by a hostile review: an empty Upgrade, "," or "a b" went to the app
+            # as an upgrade request).
+            raise BadRequest("bad_upgrade")
+        if http_version != b"1.1":
+            # RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request (found by a
+            # hostile review: forwarded to the app as an HTTP/1.1 upgrade); it is dropped
+            # with the other hop-by-hop fields.
+            conn_upgrade = False
     has_body = chunked or bool(content_length)
+    # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (found
+    # by a hostile review: the sidecar sent "100 Continue" to an HTTP/1.0 client, which
+    # reads it as the final answer). Expect is never forwarded: answered here, or dropped.
+    expect_continue = expect and has_body and http_version == b"1.1"
     return _new_head((method_name, target, host_name,
-                      has_body, expect and has_body, upgrade if conn_upgrade else None,
-                      connection, odd_length or (expect and not has_body)))
+                      has_body, expect_continue, upgrade if conn_upgrade else None,
+                      connection, odd_length or (expect and not expect_continue)))
 
 
 def _lists_upgrade(value: bytes) -> bool:

@@ -14,7 +14,13 @@ Header names that contain ``_`` at all are dropped by default, as nginx does
 other character outside letters, digits and ``-`` (``.``, ``~``, ``!``... which RFC 9110
 allows in a token) are always dropped, as nginx's ``ignore_invalid_headers`` does: lighttpd
 and other CGI/FastCGI gateways map every such character to ``_``, so ``X.Forwarded.For``
-would reach the app as ``HTTP_X_FORWARDED_FOR``.
+would reach the app as ``HTTP_X_FORWARDED_FOR``. A name that is a catalogue entry (or a
+header the sidecar sets) behind ``HTTP_`` -- ``HTTP_X_FORWARDED_FOR``, ``HTTP_CLIENT_IP``,
+``Http-X-Real-Ip`` -- is removed too: it is the CGI spelling of the entry, and Java's "real
+IP" helpers read ``request.getHeader("HTTP_X_FORWARDED_FOR")`` literally (it reaches the app
+only with ``headers.allow_underscores``; found by a hostile review). So is a ``_`` spelling
+of Content-Length or Content-Type (``Content_Length``): CGI gives those two fields variables
+of their own, and a server that reads ``_`` as ``-`` let the copy overwrite the real one.
 
 An entry is an exact name or a prefix (``prefix=True``: every name that starts with it). An
 operator may pass one name through (``headers.pass_through``); the headers the sidecar sets
@@ -68,6 +74,9 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-true-ip real-ip x-original-remote-addr x-custom-ip-authorization "
               "x-client-addr forwarded-for forwarded-for-ip x-forwarder-for x-forward-for "
               "x-forwared-for x-coming-from")
+    + _family(FORWARDING, "the client address of Java's 'real IP' helpers (Proxy-Client-IP, "
+              "next to X-Forwarded-For and X-Real-IP in most of them): rate limits, "
+              "allowlists and logs", "proxy-client-ip")
     + _family(FORWARDING, "the proxy chain (RFC 9110 7.6.3): a caller's copy names proxies "
               "the request never passed, and apps that look for their gateway in it (or log "
               "it as the route) would believe them", "via")
@@ -133,6 +142,18 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-ms-client-principal-idp cf-access-jwt-assertion "
               "cf-access-authenticated-user-email")
     + _family(IDENTITY, "Azure EasyAuth token headers", "x-ms-token-", prefix=True)
+    + _family(IDENTITY, "the whole families of the identity-aware proxies above, under names "
+              "not listed (AWS ALB x-amzn-oidc-*, Azure x-ms-client-principal*, Google "
+              "x-goog-authenticated-* and x-goog-iap-*, Cloudflare Access cf-access-*, its "
+              "service-token ids too), and SPIFFE IDs under any name that starts with one "
+              "(x-spiffe-ids, spiffeid)",
+              "x-amzn-oidc- x-ms-client-principal x-goog-authenticated- x-goog-iap- "
+              "cf-access- x-spiffe spiffe", prefix=True)
+    + _family(IDENTITY, "facts Google's platforms set and strip from outside requests, so "
+              "handlers trust them to authorise: App Engine's users API, cron, task queue "
+              "and calling-app headers (X-AppEngine-User-Email, -User-Is-Admin, -Cron, "
+              "-QueueName, -Inbound-Appid, ...), Cloud Tasks and Cloud Scheduler",
+              "x-appengine- x-cloudtasks- x-cloudscheduler", prefix=True)
     + _family(CLIENT_CERT, "RFC 9440 client certificate and chain, as proxies forward them",
               "client-cert client-cert-chain")
     + _family(CLIENT_CERT, "client-certificate and client-DN families of nginx, Apache "
@@ -144,6 +165,10 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-arr-clientcert cf-client-cert- x-mtls- ssl-cipher ssl-protocol ssl-session-id",
               prefix=True)
     + _family(CLIENT_CERT, "HAProxy's X-SSL flag (the connection used TLS)", "x-ssl")
+    + _family(CLIENT_CERT, "WebLogic's proxy plug-in headers (WL-Proxy-Client-Cert, "
+              "WL-Proxy-SSL, WL-Proxy-Client-IP, WL-Proxy-Client-Keysize): WebLogic takes "
+              "them as the client's certificate, scheme and address", "wl-proxy-",
+              prefix=True)
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
@@ -169,6 +194,9 @@ _NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
 
 _EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.prefix)
 _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
+_SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
+# The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
+_CGI_META = frozenset({b"content-length", b"content-type"})
 
 
 def entry_for(name: bytes | str) -> Entry | None:
@@ -235,6 +263,17 @@ class HeaderFilter:
         n = fold(name)
         if n in self._drop:
             return True
+        if n in _CGI_META and n != name.lower():
+            # Content_Length / Content_Type (kept with allow_underscores): CGI and WSGI give
+            # these two fields variables of their own (CONTENT_LENGTH, CONTENT_TYPE), and a
+            # server that reads "_" as "-" (Puma before CVE-2024-45614) let the copy overwrite
+            # the real field: a second length the app frames the body by (found by a hostile
+            # review: forwarded next to the Content-Length the sidecar framed the body with).
+            return True
+        if n.startswith(b"http-"):  # the CGI spelling of a catalogued name (module docstring)
+            cgi = n[5:]
+            if cgi in _EXACT or cgi.startswith(_PREFIXES) or cgi in _SIDECAR_SET:
+                return True
         if n in self._pass:
             return False
         return n in _EXACT or n.startswith(_PREFIXES)

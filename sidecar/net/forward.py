@@ -173,14 +173,15 @@ EARLY_LINGER_SECONDS = 2.0
 EARLY_LINGER_BYTES = 64 * 1024 * 1024
 
 
-def _normalised(headers: Headers, has_body: bool) -> Headers:
-    """``headers`` with Content-Length in its canonical decimal form (``0003`` -> ``3``) and,
-    on a request without a body, without Expect (nothing to continue)."""
+def _normalised(headers: Headers) -> Headers:
+    """``headers`` with Content-Length in its canonical decimal form (``0003`` -> ``3``) and
+    without Expect (never forwarded: the sidecar answers it itself, or -- on a request
+    without a body, or an HTTP/1.0 one -- there is nothing to continue)."""
     out: Headers = []
     for name, value in headers:
         if name == b"content-length":
             value = b"%d" % int(value)
-        elif name == b"expect" and not has_body:
+        elif name == b"expect":
             continue
         out.append((name, value))
     return out
@@ -216,8 +217,8 @@ async def forward(
     has_body, expect_continue = head.has_body, head.expect_continue
     upgrade = head.upgrade is not None
     keep_alive = client.reader.keep_alive
-    if head.normalise:  # (rare: a Content-Length with leading zeros, a body-less Expect)
-        headers = _normalised(headers, has_body)
+    if head.normalise:  # (rare: a Content-Length with leading zeros, an Expect not answered)
+        headers = _normalised(headers)
     if head.upgrade is not None:
         headers.append((b"upgrade", head.upgrade))
         headers.append((b"connection", b"upgrade"))

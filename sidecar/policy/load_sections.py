@@ -16,6 +16,8 @@ from typing import Any, Literal, cast
 from sidecar.config.source import Path as P
 from sidecar.config.source import Reader
 from sidecar.config.values import host_problem, ipv6_problem
+from sidecar.http.headers import HOP_BY_HOP
+from sidecar.http.untrusted import SIDECAR_SET, fold
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
     DEFAULT_TOKEN_LOCATIONS,
@@ -37,17 +39,31 @@ PROVIDER_KEYS = frozenset(
 ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-# Headers a forwarded claim may never overwrite: framing, routing and the sidecar's own.
+# Headers a forwarded claim may never overwrite: framing, routing, credentials, every
+# hop-by-hop field, ``expect`` and the sidecar's own (``x-forwarded-client-cert``,
+# ``x-request-id``, ``x-forwarded-proto``: a claim under one of them would reach the app as a
+# second value next to the verified one). Compared as the header filter compares names:
+# lower case, ``_`` read as ``-`` (CGI, WSGI and PHP make ``X_Request_Id`` and
+# ``X-Request-Id`` one variable; found by a hostile review: ``x-request-id``,
+# ``x_forwarded_client_cert`` and ``content_length`` loaded).
 FORBIDDEN_FORWARD_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
      "authorization", "cookie", "x-forwarded-client-cert", "x-api-key", "proxy-authorization",
-     "keep-alive", "trailer"}
+     "keep-alive", "trailer", "expect"}
+    | {fold(name).decode("latin-1") for name in HOP_BY_HOP}
+    | {fold(name).decode("latin-1") for name in SIDECAR_SET}
 )
+# A forwarded claim's header name: letters, digits, ``-`` and ``_``. A gateway or CGI
+# adapter reads the other token characters (``.``, ``~``, ``!``...) as ``_``, so a claim
+# sent as ``x.user`` would reach the app as ``X_USER`` -- the very variable a caller's own
+# ``X-User`` becomes, which the filter keeps (it removes the names the claims use).
+CLAIM_HEADER = re.compile(r"[A-Za-z0-9_-]+")
 
-# Names of providers, rules, API keys, rate limits and alerts.
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Names of providers, rules, API keys, rate limits and alerts. (``\Z``, not ``$``: with
+# ``match``, ``$`` also matches before a final newline, and ``"x-user\n"`` passed.)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
+TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -240,8 +256,14 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
             if not isinstance(header, str) or not TOKEN.match(header):
                 r.problem(fp + (claim,), "expected a header name")
                 ok = False
-            elif header.lower() in FORBIDDEN_FORWARD_HEADERS:
-                r.problem(fp + (claim,), f"a claim cannot be forwarded as {header.lower()}")
+            elif not CLAIM_HEADER.fullmatch(header):
+                r.problem(fp + (claim,), "expected a header name of letters, digits, '-' and "
+                          "'_' (an app's gateway reads other characters as '_': the name "
+                          "would reach the app as one a caller can send)")
+                ok = False
+            elif fold(header).decode("latin-1") in FORBIDDEN_FORWARD_HEADERS:
+                r.problem(fp + (claim,), f"a claim cannot be forwarded as {header.lower()}: the "
+                          "sidecar sets it, reads it, or it is hop-by-hop")
                 ok = False
             else:
                 pairs.append((claim, header.lower()))

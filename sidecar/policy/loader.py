@@ -35,6 +35,7 @@ from sidecar.config.source import Path as P
 from sidecar.config.source import Reader, format_path, gc_paused
 from sidecar.errors import ConfigError, Problem
 from sidecar.http.request import ipv4_problem, split_host
+from sidecar.http.untrusted import fold
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
 from sidecar.policy.compiled import Section, deny_hosts, embedded_ipv4, normalise_host
 from sidecar.policy.load_sections import (
@@ -494,7 +495,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         _revision_agrees(docs, origin["revision"])
 
     providers: dict[str, JwtProvider] = {}
-    claim_headers: dict[str, str] = {}  # forward_claims header -> the provider that sets it
+    claim_headers: dict[bytes, str] = {}  # forward_claims header (folded) -> its provider
     for doc in docs:
         if "jwt_providers" in doc.top:
             for name, provider in _providers(doc, doc.top["jwt_providers"]).items():
@@ -557,19 +558,22 @@ def _revision_agrees(docs: list[PolicyFile], first: tuple[PolicyFile, P]) -> Non
 
 
 def _one_provider_per_claim_header(doc: PolicyFile, name: str, provider: JwtProvider,
-                                   seen: dict[str, str]) -> None:
+                                   seen: dict[bytes, str]) -> None:
     """A ``forward_claims`` header set by two providers is a problem: a request carrying a
     valid token of each would reach the app with two values under one name, and which one
     the app reads depends on its framework (the route may have required only the other
-    provider). One claim per header within a provider is the mapping's own rule."""
-    mine: dict[str, str] = {}
+    provider). One claim per header within a provider is the mapping's own rule. Names are
+    compared as the header filter compares them, ``_`` read as ``-`` (``x-user`` and
+    ``x_user`` are one variable to CGI, WSGI and PHP; found by a hostile review)."""
+    mine: dict[bytes, str] = {}
     for claim, header in provider.forward_claims:
-        if header in mine:
+        key = fold(header)
+        if key in mine:
             doc.r.problem(("jwt_providers", name, "forward_claims", claim),
-                          f"header {header} already carries claim {mine[header]!r}")
+                          f"header {header} already carries claim {mine[key]!r}")
             continue
-        mine[header] = claim
-        other = seen.setdefault(header, name)
+        mine[key] = claim
+        other = seen.setdefault(key, name)
         if other != name:
             doc.r.problem(("jwt_providers", name, "forward_claims", claim),
                           f"header {header} is already set by provider {other!r}: give each "
