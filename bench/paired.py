@@ -126,6 +126,12 @@ COMPARISONS = {c.name: c for c in (
                                        name="sidecar-audit-noship", python=py),
                False, "the whole trail minus the same without shipping (what the syslog "
                "messages and the TLS writes to the collector cost)"),
+    Comparison("audit-keys", "difference",
+               lambda py: SidecarSetup(audit_full=True, ship=False,
+                                       name="sidecar-audit-noship", python=py),
+               lambda py: SidecarSetup(audit=True, name="sidecar-audit-chain", python=py),
+               False, "the trail signed and encrypted (no shipping) minus the hash chain alone "
+               "(what signed checkpoints and AES-256-GCM cost)"),
     Comparison("audit-linger", "difference",
                lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
                lambda py: SidecarSetup(audit_full=True, linger=0.005,
