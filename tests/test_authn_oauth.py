@@ -275,6 +275,21 @@ def test_lint_warns_about_query_tokens() -> None:
     assert not [w for w in lint(quiet, NOW) if w.code == "token-in-query"]
 
 
+@pytest.mark.parametrize("fields,warned", [
+    ({}, False),                                                  # the default: [exp]
+    ({"required_claims": ["sub"]}, True),                         # exp dropped
+    ({"required_claims": ["sub"], "max_lifetime": "1h"}, False),  # max_lifetime needs exp
+    ({"required_claims": ["exp", "sub"]}, False),
+])
+def test_lint_warns_about_providers_that_accept_tokens_without_exp(
+        fields: dict[str, Any], warned: bool) -> None:
+    p = load_policy(policy_text({**BASE, "discovery": True, **fields}), "p.yaml")
+    warnings = [w for w in lint(p, NOW) if w.code == "no-expiry"]
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0].key.endswith(".required_claims") and "exp" in warnings[0].message
+
+
 # --------------------------------------------------------------------------- default audience
 
 

@@ -31,7 +31,9 @@ byte at a time. Where h11 is lenient this reader refuses:
 * anything after the status code but SP and a reason phrase of HTAB, SP, VCHAR, obs-text.
 
 Everything it cannot read is a ``ParseError`` (the data path answers 400 to a client -- 431
-for an oversized head, 501 for an unknown transfer coding -- and 502 for an upstream).
+for an oversized head; an unknown transfer coding too is a 400, the generic refusal of a
+malformed request, though its ``ParseError`` carries 501, RFC 9112 6.1's suggestion -- and
+502 for an upstream).
 
 Work per byte is bounded: the search for the end of a head resumes where the last one
 stopped (a head trickled in one byte at a time costs linear time, not quadratic). Whatever

@@ -196,6 +196,12 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
                  f"provider {name} reads tokens from the query string ({', '.join(params)})"
                  f"{kept}: URLs end up in access logs, browser history and Referer headers; "
                  "prefer the Authorization header")
+        if (provider.introspection is None and "exp" not in provider.required_claims
+                and provider.max_lifetime_seconds is None):
+            warn(None, f"jwt_providers.{name}.required_claims", "no-expiry",
+                 f"provider {name} accepts tokens without exp (required_claims does not list "
+                 "it and no max_lifetime is set): such a token is good until its key leaves "
+                 "the key set or it is revoked")
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")
