@@ -2,6 +2,9 @@
 
 Both keep ``connections`` keep-alive connections busy for ``duration`` seconds, one request in
 flight per connection (closed loop), and report requests/second and latency percentiles.
+wrk can also pace each connection (``pace_ms``: a pause of that many milliseconds on average,
+drawn uniformly from half to one and a half times it, before each request), so that the load
+is a rate the machine keeps up with rather than as much as it can take (``paired.py --rate``).
 
 wrk is driven with a Lua script that sets the method and body and, in ``done()``, prints one
 machine-readable line (``BENCHJSON {...}``) with exact percentiles from wrk's own histogram.
@@ -71,10 +74,22 @@ end
 """
 
 
-def wrk_script(method: str, body_size: int, headers: Headers = ()) -> str:
+# wrk waits whole milliseconds; a pause below this would be mostly rounding.
+MIN_PACE_MS = 2.0
+
+
+def wrk_script(method: str, body_size: int, headers: Headers = (),
+               pace_ms: float | None = None) -> str:
     """The Lua script for one run (request body of ``body_size`` bytes for POST; ``headers``
-    sent on every request, e.g. the bearer token of the ``-full`` setups)."""
+    sent on every request, e.g. the bearer token of the ``-full`` setups; ``pace_ms``: the
+    mean pause before each request on a connection, drawn from 0.5..1.5 times it so that
+    the connections do not fall into step)."""
     lines = []
+    if pace_ms is not None:
+        if not MIN_PACE_MS <= pace_ms <= 60_000:
+            raise ValueError(f"pace of {pace_ms} ms is outside {MIN_PACE_MS:g}..60000 ms")
+        lines.append(f"local pace = {float(pace_ms)!r}")
+        lines.append("delay = function() return math.floor(pace * (0.5 + math.random()) + 0.5) end")
     if method == "POST":
         lines += [f'wrk.body = string.rep("x", {body_size})',
                   'wrk.headers["Content-Type"] = "application/octet-stream"']
@@ -100,14 +115,16 @@ def parse_wrk_output(text: str) -> LoadResult:
 
 
 def run_wrk(url: str, *, connections: int, duration: float, method: str = "GET",
-            body_size: int = 0, threads: int | None = None, headers: Headers = ()) -> LoadResult:
-    """Run wrk against ``url`` and return what it measured."""
+            body_size: int = 0, threads: int | None = None, headers: Headers = (),
+            pace_ms: float | None = None) -> LoadResult:
+    """Run wrk against ``url`` and return what it measured (``pace_ms``: see
+    ``wrk_script``)."""
     wrk = wrk_binary()
     if wrk is None:
         raise RuntimeError("wrk is not installed")
     threads = threads or max(1, min(connections, os.cpu_count() or 1))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(wrk_script(method, body_size, headers))
+        f.write(wrk_script(method, body_size, headers, pace_ms))
         script = f.name
     try:
         proc = subprocess.run(

@@ -158,6 +158,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0,
                    help="seconds per burst (default 3; wrk rounds to whole seconds, at least 1)")
     p.add_argument("--connections", type=int, default=50, help="connections per burst (50)")
+    p.add_argument("--rate", type=float, default=None, metavar="REQ_PER_S",
+                   help="offer about this many requests per second in the measured bursts "
+                        "(each connection pauses --connections/REQ_PER_S s on average before "
+                        "each request) instead of as many as the setup can take: the cost at "
+                        "a load the machine keeps up with, as Istio's and Linkerd's published "
+                        "figures are taken (default: as fast as possible)")
     p.add_argument("--size", type=int, default=100, help="GET response body bytes (100)")
     p.add_argument("--warmup", type=float, default=1.0,
                    help="seconds of warm-up burst per setup before the rounds (default 1)")
@@ -187,6 +193,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--duration, --max-seconds must be > 0; --warmup, --settle >= 0")
     if args.connections < 1 or args.latency_connections < 1:
         p.error("connection counts must be >= 1")
+    args.pace_ms = None
+    if args.rate is not None:
+        if args.rate <= 0:
+            p.error("--rate must be > 0")
+        args.pace_ms = args.connections * 1000.0 / args.rate
+        if not loadgen.MIN_PACE_MS <= args.pace_ms <= 60_000:
+            p.error(f"--rate {args.rate:g} with --connections {args.connections} pauses each "
+                    f"connection {args.pace_ms:g} ms; it must be {loadgen.MIN_PACE_MS:g}.."
+                    "60000 ms (change --connections)")
     if args.compare == "interpreter" and not args.sidecar_python:
         p.error("--compare interpreter needs --sidecar-python PATH")
     args.interpreters = {}
@@ -359,14 +374,16 @@ def _cpu_now(running: dict[str, Running]) -> dict[tuple[str, str], float]:
 
 
 def burst(running: dict[str, Running], name: str, port: int, path: str, connections: int,
-          duration: float, settle: float) -> dict[str, Any]:
+          duration: float, settle: float, pace_ms: float | None = None) -> dict[str, Any]:
     """One wrk burst to setup ``name`` (or to the app, ``direct``): the CPU per request of
     each of its proxies, and the CPU milliseconds the other setups spent meanwhile
-    (``idle_cpu_ms``: next to nothing, unless one still works off an earlier burst)."""
+    (``idle_cpu_ms``: next to nothing, unless one still works off an earlier burst).
+    ``pace_ms``: each connection's mean pause before a request (``--rate``)."""
     run = running.get(name)
     before = _cpu_now(running)
     load = loadgen.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections,
-                           duration=duration, headers=run.headers if run else ())
+                           duration=duration, headers=run.headers if run else (),
+                           pace_ms=pace_ms)
     if settle:
         time.sleep(settle)
     after = _cpu_now(running)
@@ -406,7 +423,7 @@ def run_rounds(args: argparse.Namespace, comparison: Comparison, running: dict[s
             break
         order = rotated(names, i)
         bursts = {n: burst(running, n, running[n].port, path, args.connections, args.duration,
-                           args.settle) for n in order}
+                           args.settle, args.pace_ms) for n in order}
         latency = None
         if args.latency:
             latency = {n: burst(running, n, running[n].port if n in running else app_port,
@@ -485,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "description": comparison.description, "subject": setups[0].name,
            "reference": setups[1].name,
            "params": {k: getattr(args, k) for k in (
-               "rounds", "duration", "connections", "size", "warmup", "latency",
+               "rounds", "duration", "connections", "rate", "size", "warmup", "latency",
                "latency_connections", "settle", "workers", "max_seconds", "sidecar_python")},
            "interpreters": args.interpreters,
            **meta, "rounds_done": len(rounds), "rounds_with_figures": with_figures,

@@ -151,6 +151,18 @@ def _burst(rps: float, a: float, b: float, p50: float = 0.0) -> dict[str, object
     return {"rps": rps, "p50_us": p50, "cpu_us_per_request": {"A": a, "B": b}}
 
 
+def test_rate_becomes_each_connections_pause_and_is_bounded() -> None:
+    args = paired.parse_args(["--compare", "audit", "--rate", "1000", "--json", "x.json"])
+    assert args.pace_ms == pytest.approx(50.0)  # 50 connections, 1000 req/s: 50 ms each
+    args = paired.parse_args(["--rate", "2000", "--connections", "10", "--json", "x.json"])
+    assert args.pace_ms == pytest.approx(5.0)
+    assert paired.parse_args(["--json", "x.json"]).pace_ms is None  # as fast as possible
+    for bad in (["--rate", "0"], ["--rate", "-5"], ["--rate", "100000"],
+                ["--rate", "1", "--connections", "100"]):
+        with pytest.raises(SystemExit):
+            paired.parse_args([*bad, "--json", "x.json"])
+
+
 def test_round_figures_ratio_with_added_p50() -> None:
     sub, ref = _burst(900, 130, 150), _burst(1000, 100, 100)
     latency = {"direct": {"p50_us": 50.0}, "s": {"p50_us": 350.0}, "r": {"p50_us": 250.0}}

@@ -66,6 +66,30 @@ def test_process_group_stops_children_by_pid(trio_app) -> None:  # type: ignore[
     assert app.started.proc.poll() is not None
 
 
+@pytest.mark.skipif(loadgen.wrk_binary() is None, reason="wrk is not installed")
+def test_wrk_paced_offers_about_the_rate_it_is_given(trio_app) -> None:  # type: ignore[no-untyped-def]
+    # 4 connections, each pausing 25 ms on average before a request: at most about
+    # 4 * 1000 / 25 = 160 requests per second, however fast the app answers. The same app
+    # unpaced answers hundreds or thousands per second.
+    app, _ = trio_app
+    url = f"http://127.0.0.1:{app.port}{body_path(100)}"
+    paced = loadgen.run_wrk(url, connections=4, duration=2, pace_ms=25.0)
+    assert paced.errors == 0 and paced.non_2xx == 0
+    assert 40 <= paced.rps <= 160 * 1.25
+    unpaced = loadgen.run_wrk(url, connections=4, duration=1)
+    assert unpaced.rps > 2 * paced.rps
+
+
+def test_wrk_pace_is_bounded_and_drawn_around_its_mean() -> None:
+    script = loadgen.wrk_script("GET", 100, pace_ms=12.5)
+    assert "local pace = 12.5" in script and "delay = function()" in script
+    assert "math.random()" in script  # 0.5..1.5 times the mean: connections out of step
+    assert "delay" not in loadgen.wrk_script("GET", 100)
+    for bad in (0.0, 1.0, 60_001.0):
+        with pytest.raises(ValueError):
+            loadgen.wrk_script("GET", 100, pace_ms=bad)
+
+
 def test_parse_wrk_result_line() -> None:
     out = ("Running 1s test\n"
            'BENCHJSON {"requests":2000,"duration_us":2000000,"connect":1,"read":2,"write":0,'
