@@ -134,11 +134,12 @@ COMPARISONS = {c.name: c for c in (
                "(what signed checkpoints and AES-256-GCM cost)"),
     Comparison("audit-linger", "difference",
                lambda py: SidecarSetup(audit_full=True, name="sidecar-audit", python=py),
-               lambda py: SidecarSetup(audit_full=True, linger=0.005,
-                                       name="sidecar-audit-linger5ms", python=py),
+               lambda py: SidecarSetup(audit_full=True, linger=0.05,
+                                       name="sidecar-audit-linger50ms", python=py),
                False, "the whole trail (fsync per batch) with the default batch linger "
-               "(audit.batch_linger_seconds, 50 ms) minus the same with the 5 ms linger of "
-               "before the tenth pass (what the linger saves, in one run)"),
+               "(audit.batch_linger_seconds, 250 ms) minus the same with the 50 ms linger of "
+               "before the twelfth session (what the longer linger saves; run it with --rate "
+               "too: at saturation batches fill either way)"),
     Comparison("interpreter", "ratio",
                lambda py: SidecarSetup(full=True, python=py, name="sidecar-full-python"),
                lambda py: SidecarSetup(full=True),

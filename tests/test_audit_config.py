@@ -97,10 +97,10 @@ def test_batch_linger_seconds(value: str, expected: float | None) -> None:
     if expected is None:
         assert any(p.endswith("sidecar.yaml:3: audit.batch_linger_seconds: expected seconds "
                               "from 0 to 1") for p in problems), problems
-        assert cfg.batch_linger_seconds == 0.05  # the default stays
+        assert cfg.batch_linger_seconds == 0.25  # the default stays
     else:
         assert problems == [] and cfg.batch_linger_seconds == expected
-    assert AuditConfig(path="x").batch_linger_seconds == 0.05
+    assert AuditConfig(path="x").batch_linger_seconds == 0.25
 
 
 def test_the_old_import_path_still_works():

@@ -558,3 +558,38 @@ def test_closing_ends_the_linger(tmp_path: Path) -> None:
 
     after_a_batch_on_a_mock_clock(
         AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=1.0), body)
+
+
+def test_the_linger_never_delays_the_timer_checkpoint(tmp_path: Path) -> None:
+    # With a signing key the unsigned tail is signed within checkpoint_every_seconds of its
+    # first frame, however long batch_linger_seconds is: the linger after a batch ends when
+    # the timer checkpoint is due. Here the linger (1 s) is twenty times the timer (50 ms):
+    # before, the record stayed unsigned until the linger was over.
+    import time
+
+    from sidecar.audit.signing import write_keypair
+
+    priv, _pub, _kid = write_keypair(str(tmp_path / "sig"))
+    config = AuditConfig(path=str(tmp_path / "audit"), fsync=False, signing_key_file=priv,
+                         checkpoint_every_seconds=0.05, batch_linger_seconds=1.0)
+    writer = AuditWriter(config, identity="spiffe://td/ns/a/sa/b")
+    waited: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            assert writer.submit(rec(0))
+            with trio.fail_after(10):
+                while writer.written < 1:
+                    await trio.sleep(0.001)
+            written_at = time.monotonic()
+            seq = writer.statistics().next_seq
+            assert seq is not None
+            with trio.fail_after(10):
+                while (cp := writer.last_checkpoint) is None or cp.seq < seq:
+                    await trio.sleep(0.005)
+            waited.append(time.monotonic() - written_at)
+            await writer.aclose()
+
+    trio.run(main)
+    assert waited[0] < 0.6, f"the record waited {waited[0]:.2f} s for its checkpoint"

@@ -19,7 +19,8 @@ With ``fsync`` off the batch is written from the event loop instead while the se
 room (``INLINE_ROOM``): a thread round trip per batch cost more than the write itself. Either
 way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
 messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
-After each batch the writer waits ``batch_linger_seconds`` (default 50 ms) for more records
+After each batch the writer waits ``batch_linger_seconds`` (default 250 ms; never past the
+timer checkpoint's due time) for more records
 unless a full batch is already queued, so under load batches are large: what a batch costs
 (the write, the fsync and its thread round trip, the shipper's TLS write, the wake-ups) is
 paid once per linger, not once per request (one record per batch cost the data path more
@@ -761,9 +762,9 @@ class AuditWriter:
                 # for ``batch_linger_seconds`` before the next batch: under load one batch
                 # (one write, fsync, TLS write) carries many records instead of one per
                 # request. Records reach the file this much later, never more.
-                if (not self._closing and self.config.batch_linger_seconds > 0
-                        and len(self._queue) < self._flush_at):
-                    await _linger(self.config.batch_linger_seconds, self)
+                linger = self._linger_seconds()
+                if not self._closing and linger > 0 and len(self._queue) < self._flush_at:
+                    await _linger(linger, self)
                     lingered = True
             try:
                 await self._run_sink(self._sink.close)
@@ -776,6 +777,14 @@ class AuditWriter:
                 self.lost += left
                 self._queue.clear()
                 self._inflight = 0
+
+    def _linger_seconds(self) -> float:
+        """How long to linger after a batch: ``batch_linger_seconds``, but never past the
+        moment the timer checkpoint is due, so that the unsigned tail stays within
+        ``checkpoint_every_seconds`` of its first frame whatever the linger."""
+        linger = self.config.batch_linger_seconds
+        due = self._sink.checkpoint_due(time.monotonic(), self.config.checkpoint_every_seconds)
+        return linger if due is None else min(linger, due)
 
     def _first_open(self) -> None:
         os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs

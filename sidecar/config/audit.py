@@ -41,7 +41,7 @@ DEFAULT_CHECKPOINT_SECONDS = 1.0
 # After a batch, how long the writer lets more records arrive before the next one (unless a
 # full batch waits): the bound on how much later than its request a record reaches the file
 # and the collector. Longer batches cost less per record (docs/audit.md, "Cost").
-DEFAULT_BATCH_LINGER_SECONDS = 0.05
+DEFAULT_BATCH_LINGER_SECONDS = 0.25
 MAX_BATCH_LINGER_SECONDS = 1.0
 
 
