@@ -59,7 +59,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 MISSING_TOOL_EXIT = 2
 DIRECT = "direct"
 # The figures each round's progress line shows (all of them go to the summary and the JSON).
-MEASURE_ORDER = ("rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B", "idle_cpu_ms")
+MEASURE_ORDER = ("rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B", "p50_us", "p99_us",
+                 "idle_cpu_ms")
 HEADLINE = ("cpu_ratio", "cpu_diff_us", "rps_ratio", "added_p50_ratio")
 
 
@@ -296,6 +297,8 @@ def summarise(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             d = per_setup.setdefault(name, {})
             d.setdefault("rps", []).append(b["rps"])
             d.setdefault("mean_cpu_us", []).append(mean_cpu(b))
+            d.setdefault("p50_us", []).append(b["p50_us"])
+            d.setdefault("p99_us", []).append(b["p99_us"])
             for role, v in b["cpu_us_per_request"].items():
                 d.setdefault(f"cpu_us_{role}", []).append(v)
             for other, ms in b.get("idle_cpu_ms", {}).items():

@@ -389,7 +389,7 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     d = tmp_path / "audit"
     config = AuditConfig(path=str(d), fsync=False, signing_key_file=priv,
                          encryption_key_file=str(tmp_path / "data"),
-                         checkpoint_every_records=50)
+                         checkpoint_every_records=20)
     in_thread: list[object] = []
     real_call = _DiskThread.call
 
@@ -398,7 +398,7 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
         return await real_call(self, fn)
 
     monkeypatch.setattr(_DiskThread, "call", counted)
-    bursts, size = 5, 100
+    bursts, size = 5, 40  # batches of at most INLINE_MAX_RECORDS (64) are written inline
 
     async def body(w: AuditWriter) -> None:
         for b in range(bursts):
@@ -414,7 +414,7 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     assert b"r123" not in raw
     result = verify(str(d), keyring=load_keyring([pub]))
     assert result.ok and result.sealed and result.records == bursts * size, result
-    assert result.checkpoints >= bursts * size // 50 and result.unsigned_tail_records == 0
+    assert result.checkpoints >= bursts * size // 20 and result.unsigned_tail_records == 0
     got = iter_records(str(d), decryptor=Decryptor([load_data_key(str(tmp_path / "data"))]))
     assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]
 
@@ -593,3 +593,47 @@ def test_the_linger_never_delays_the_timer_checkpoint(tmp_path: Path) -> None:
 
     trio.run(main)
     assert waited[0] < 0.6, f"the record waited {waited[0]:.2f} s for its checkpoint"
+
+
+def test_with_fsync_off_only_small_batches_are_encoded_on_the_event_loop(tmp_path: Path) -> None:
+    # fsync off: a batch of at most INLINE_MAX_RECORDS is written from the event loop (a
+    # thread round trip costs more than it), a larger one in the worker thread, where its
+    # encoding gives the GIL back to the loop every GIL_SWITCH_SECONDS instead of holding
+    # up every request for the whole batch. Both end up on disk, in order.
+    import sys
+
+    from sidecar.audit.writer import GIL_SWITCH_SECONDS, INLINE_MAX_RECORDS
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # CPython's default, whatever ran before
+    writer = AuditWriter(AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=0))
+    calls: list[int] = []
+
+    async def until_written(n: int) -> None:
+        with trio.fail_after(10):
+            while writer.written < n:
+                await trio.sleep(0.001)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)  # the segment is opened in the thread
+            assert sys.getswitchinterval() <= GIL_SWITCH_SECONDS
+            calls.append(writer._disk.calls)
+            for i in range(INLINE_MAX_RECORDS):
+                assert writer.submit(rec(i))
+            await until_written(INLINE_MAX_RECORDS)
+            calls.append(writer._disk.calls)
+            for i in range(INLINE_MAX_RECORDS, 3 * INLINE_MAX_RECORDS + 1):
+                assert writer.submit(rec(i))
+            await until_written(3 * INLINE_MAX_RECORDS + 1)
+            calls.append(writer._disk.calls)
+            await writer.aclose()
+
+    try:
+        trio.run(main)
+    finally:
+        sys.setswitchinterval(before)
+    assert calls[1] == calls[0], "a small batch went to the thread"
+    assert calls[2] == calls[1] + 1, "a large batch was encoded on the event loop"
+    assert [r.request_id for r in iter_records(str(tmp_path))] == [
+        f"r{i}" for i in range(3 * INLINE_MAX_RECORDS + 1)]

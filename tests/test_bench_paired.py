@@ -68,7 +68,9 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
     assert doc["summary"]["cpu_diff_us"]["median"] == pytest.approx(sum(per_round) / 2)
     for name in ("sidecar-audit", "sidecar"):
         assert list(doc["per_setup"][name]) == ["rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B",
-                                                "idle_cpu_ms"]
+                                                "p50_us", "p99_us", "idle_cpu_ms"]
+        p50, p99 = doc["per_setup"][name]["p50_us"], doc["per_setup"][name]["p99_us"]
+        assert 0 < p50["median"] <= p99["median"]
         assert _is_number(doc["per_setup"][name]["mean_cpu_us"]["median"])
     assert "cpu_diff_us" in proc.stdout and "IQR" in proc.stdout
 

@@ -15,8 +15,15 @@ to ``batch_size`` and hands each batch to the writer's one long-lived worker thr
 run ``_SegmentSink.append``, which
 packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
 ``fsync`` is on), and checks that the segment file is still the one in the directory.
-With ``fsync`` off the batch is written from the event loop instead while the segment has
-room (``INLINE_ROOM``): a thread round trip per batch cost more than the write itself. Either
+With ``fsync`` off a batch of at most ``INLINE_MAX_RECORDS`` records is written from the
+event loop instead while the segment has room (``INLINE_ROOM``): a thread round trip per
+small batch cost more than the write itself; a larger batch goes to the thread all the
+same, so that its encoding (about 15 us a record) never holds up the event loop for more
+than a millisecond or so. While the worker thread exists the process's GIL switch interval
+is at most ``GIL_SWITCH_SECONDS`` (1 ms; CPython's default is 5 ms), so a batch encoded in
+the thread gives the GIL back to the event loop within about that (the p99 latency of
+requests served while a 250-record batch was encoded rose by about 4 ms with the default,
+bench/README.md "Twelfth pass"). Either
 way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
 messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
 After each batch the writer waits ``batch_linger_seconds`` (default 250 ms; never past the
@@ -49,6 +56,7 @@ import math
 import os
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -81,6 +89,12 @@ ALERT_RECOVERED = "audit_recovered"
 # disk is not waited for) when the open segment has at least this much room left, so that
 # opening, rotating and sealing segments -- which fsync the directory -- stay in the thread.
 INLINE_ROOM = 4 * 1024 * 1024
+# With fsync off, batches of at most this many records are written from the event loop;
+# larger ones go to the worker thread (their encoding would stall the loop: ~1 ms here).
+INLINE_MAX_RECORDS = 64
+# While the worker thread runs, the GIL is handed back to a waiting thread (the event loop)
+# after at most this long (sys.setswitchinterval; CPython's default is 5 ms).
+GIL_SWITCH_SECONDS = 0.001
 
 
 async def _linger(seconds: float, holder: Any = None) -> None:
@@ -465,11 +479,16 @@ class _DiskThread:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.calls = 0  # calls run in the thread (tests: which batches went there)
 
     async def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` in the thread; return when it returned, raise what it raised."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._thread is None:
+            # The thread holds the GIL while it encodes a batch; the event loop waiting for
+            # it gets it back within the switch interval: 1 ms, not CPython's 5.
+            if sys.getswitchinterval() > GIL_SWITCH_SECONDS:
+                sys.setswitchinterval(GIL_SWITCH_SECONDS)
             self._thread = threading.Thread(target=self._work, name="sidecar-audit-disk",
                                             daemon=True)
             self._thread.start()
@@ -484,6 +503,7 @@ class _DiskThread:
                 failed.append(exc)
             token.run_sync_soon(trio.lowlevel.reschedule, task)
 
+        self.calls += 1
         self._jobs.put(job)
         await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         if failed:
@@ -840,15 +860,18 @@ class AuditWriter:
         self._inflight = len(batch)
         return batch
 
-    def _inline(self) -> bool:
-        """May the next batch be written from the event loop? Only with fsync off (the write
-        goes to the page cache, nothing waits for the disk), while healthy, and while the
-        open segment has ``INLINE_ROOM`` left, so that opening, rotating and sealing (which
-        fsync the directory) stay in the thread. The batch's checkpoints, encryption and
-        syslog messages are CPU work that holds the GIL in the thread as well."""
+    def _inline(self, records: int) -> bool:
+        """May the next batch (of ``records`` records) be written from the event loop? Only
+        with fsync off (the write goes to the page cache, nothing waits for the disk), while
+        healthy, while the open segment has ``INLINE_ROOM`` left, so that opening, rotating
+        and sealing (which fsync the directory) stay in the thread, and for a batch of at
+        most ``INLINE_MAX_RECORDS``: encoding a larger one would hold up every request of
+        the loop meanwhile, where the thread gives the GIL back every ``GIL_SWITCH_SECONDS``.
+        The batch's checkpoints, encryption and syslog messages are CPU work that holds the
+        GIL in the thread as well."""
         sink = self._sink
-        return (not self.config.fsync and self.healthy and sink.fd is not None
-                and sink.size + INLINE_ROOM < sink.max_bytes)
+        return (not self.config.fsync and records <= INLINE_MAX_RECORDS and self.healthy
+                and sink.fd is not None and sink.size + INLINE_ROOM < sink.max_bytes)
 
     async def _checkpoint(self) -> None:
         try:
@@ -860,7 +883,7 @@ class AuditWriter:
         delay = self._retry_initial
         while batch:
             try:
-                await self._run_sink(self._sink.append, batch, inline=self._inline())
+                await self._run_sink(self._sink.append, batch, inline=self._inline(len(batch)))
             except _PartialWrite as exc:
                 self.written += exc.done
                 batch = batch[exc.done:]
