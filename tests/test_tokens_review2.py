@@ -7,7 +7,7 @@ Found by a hostile review, each fixed as a family:
   token had several spellings (each verified anew, each a decision-cache key of its own,
   each passed to the app as "the verified token");
 * header members that change what the signed bytes mean and were read as absent: RFC 7797
-  ``b64`` (without ``crit``), ``zip`` (JWE only), ``cty: JWT`` (a nested token whose inner
+  ``b64`` (without ``crit``), ``zip`` and ``enc`` (JWE only), ``cty: JWT`` (a nested token whose inner
   claims nothing verifies), and a ``typ`` / ``cty`` that is not a string;
 * whitespace that is not HTTP whitespace: ``str.strip()`` dropped NBSP (0xA0), NEL (0x85)
   and 0x1C-0x1F around a token or an API key, so ``<token>\\xa0`` was verified as
@@ -183,6 +183,9 @@ HEADER_MEMBERS: list[tuple[str, TokenMaker]] = [
     ("b64-true", _with_header(b64=True)),
     ("zip-DEF", _with_header(zip="DEF")),
     ("zip-empty", _with_header(zip="")),
+    ("enc-A256GCM", _with_header(enc="A256GCM")),
+    ("enc-empty", _with_header(enc="")),
+    ("enc-null", _with_header(enc=None)),
     ("cty-JWT", _with_header(cty="JWT")),
     ("cty-jwt", _with_header(cty="jwt")),
     ("cty-application/jwt", _with_header(cty="application/jwt")),

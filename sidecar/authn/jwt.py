@@ -10,7 +10,7 @@ signature primitive of one algorithm chosen *here*. The order of checks is delib
    payload JSON objects without duplicate members (two ``exp`` members would let two
    parsers disagree), at most ``MAX_JSON_DEPTH`` levels deep (``sidecar.jsondoc``);
 3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject), and so
-   are ``b64``, ``zip``, a nested ``cty: JWT`` and a non-string ``typ``/``cty``; ``alg``
+   are ``b64``, ``zip``, ``enc``, a nested ``cty: JWT`` and a non-string ``typ``/``cty``; ``alg``
    must be in the provider's allowlist, which can only hold public-key algorithms, so
    ``none`` and HS* never verify anything; ``jku``, ``x5u``, ``jwk`` and ``x5c`` are never
    read: keys only ever come from the provider's own JWKS;
@@ -232,9 +232,11 @@ def typ_matches(typ: Any, required: str) -> bool:
 
 # Header members that change what the signed bytes mean, which this verifier does not
 # implement: RFC 7797 ``b64`` (an unencoded payload; only valid when ``crit`` names it, and
-# ``crit`` is refused) and ``zip`` (a compressed payload, JWE only: RFC 7516 4.1.3). A
-# token that carries one is refused, never read as if the member were absent.
-_REFUSED_HEADER_MEMBERS = ("b64", "zip")
+# ``crit`` is refused), ``zip`` (a compressed payload, JWE only: RFC 7516 4.1.3) and ``enc``
+# (the content encryption of a JWE, RFC 7516 4.1.2: a header holding it is a JWE's, RFC
+# 7516 9, so the token is not a signed JWT whatever its shape). A token that carries one is
+# refused, never read as if the member were absent.
+_REFUSED_HEADER_MEMBERS = ("b64", "zip", "enc")
 
 
 def _check_header_members(header: Mapping[str, Any]) -> None:
