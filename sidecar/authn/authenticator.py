@@ -12,8 +12,11 @@ Theory of operation
 
 Per request the data path calls ``authenticate(providers, headers, query, now)`` with the
 providers its policy section may need, and gets one ``AuthFacts`` value: verified claims per
-provider, a reason code per provider whose token was present but bad, and the API key name.
-A missing token is neither (the policy turns "required but absent" into ``token_missing``).
+provider, a reason code per provider whose token was present but bad, the API key name, and
+whether a token was presented that no provider accepted (``unaccepted``: a token one provider
+accepts and another refuses is not; the section's ``invalid_tokens: refuse`` refuses the
+others before any rule). A missing token is neither (the policy turns "required but absent"
+into ``token_missing``).
 
 Nothing here waits or does I/O. When a token names an unknown ``kid`` the authenticator only
 calls the listener the fetcher registered (``set_unknown_kid_listener``); the fetcher decides,
@@ -89,6 +92,10 @@ MAX_CLAIM_HEADER_BYTES = 4096
 # A verified token longer than this does not go into AuthFacts.key (the gate's decision
 # cache would hold it): bounds that cache's memory; such requests are decided every time.
 DECISION_KEY_MAX_TOKEN = 4096
+
+# In AuthFacts.key after the providers' entries when a token no provider accepted was
+# presented (never a provider's entry: those start with the provider's name).
+_UNACCEPTED = (None, "unaccepted")
 
 _CHALLENGE_MISSING = b'Bearer realm="sidecar"'
 _CHALLENGES: Mapping[str, bytes] = {
@@ -392,6 +399,11 @@ class Authenticator:
         # verified token (its claims are a function of it) or the reason it failed.
         key: list[object] | None = []
         held: list[tuple[str, str]] = []  # every token accepted, for requests in flight
+        # Tokens found and refused (None: the location's value could not be read as one
+        # token, e.g. repeated), and tokens of introspected providers not asked about.
+        # (Made when first needed: most requests have neither.)
+        refused: list[str | None] | None = None
+        unjudged: list[str] | None = None
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -408,7 +420,12 @@ class Authenticator:
                 if found is not None and provider.introspection is not None:
                     answer = self._introspected_claims(provider, found.token, now)
                     if answer is None:
-                        continue  # not asked about for this request: no rule here needs it
+                        # Not asked about for this request (no rule here needs it): the
+                        # token is not judged, neither accepted nor refused.
+                        if unjudged is None:
+                            unjudged = []
+                        unjudged.append(found.token)
+                        continue
                     check_binding(answer, peer_x5t, provider.cert_binding == "required")
                     claims[name] = answer
                     held.append((name, found.token))
@@ -433,6 +450,10 @@ class Authenticator:
                 self.failures[exc.reason] += 1
                 if key is not None:
                     key.append((name, None, exc.reason))
+                if provider is not None:  # (else no location was read: unknown_provider)
+                    if refused is None:
+                        refused = []
+                    refused.append(token)
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:
@@ -440,8 +461,19 @@ class Authenticator:
         apikey = self._check_apikey(headers, now)
         if not claims and not errors and apikey is None:
             return NO_AUTH
+        unaccepted = False
+        if refused is not None:  # (only when some provider refused a token)
+            kept = {t for _, t in held}
+            if unjudged is not None:
+                kept.update(unjudged)
+            unaccepted = any(t is None or t not in kept for t in refused)
+            if unaccepted and key is not None:
+                # The same failures can come from a token one provider accepted and
+                # another refused: the key tells the two apart (the gate caches by it).
+                key.append(_UNACCEPTED)
         return new_auth_facts((claims, errors, apikey, subjects,
-                               None if key is None else (*key, apikey), tuple(held)))
+                               None if key is None else (*key, apikey), tuple(held),
+                               unaccepted))
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
