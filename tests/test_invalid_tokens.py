@@ -479,7 +479,15 @@ def test_an_introspected_token_not_asked_about_is_not_judged() -> None:
     assert verdict.auth.token_errors == {"corp": "malformed"}
     assert not verdict.auth.invalid_token
     assert verdict.decision.allowed
-    # A forged token where only corp reads (the cookie) is still refused.
+    # So is a JWT of another issuer (corp: bad_issuer), which may be the server's own.
+    headers, _ = placed("header", KINDS["unknown_issuer"][1](NOW))
+    assert decided(gate, policy, "token-free", headers, "").decision.allowed
+    # A token corp knows as its own (its issuer) but refuses is refused though the
+    # introspected provider reads the same header: forged, expired, revoked, ...
+    for kind in ("forged_signature", "expired", "revoked", "unknown_kid", "wrong_audience"):
+        headers, _ = placed("header", KINDS[kind][1](NOW))
+        check(decided(gate, policy, "token-free", headers, ""), ("deny", "invalid token", 401))
+    # And a forged token where only corp reads (the cookie).
     headers, _ = placed("cookie", KINDS["forged_signature"][1](NOW))
     check(decided(gate, policy, "token-free", headers, ""), ("deny", "invalid token", 401))
 

@@ -50,8 +50,12 @@ from sidecar.authn.cache import (
 from sidecar.authn.extract import extract_tokens, header_name, remove_token
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
+    BAD_AUDIENCE,
     BAD_ISSUER,
+    BAD_SIGNATURE,
     EXPIRED,
+    LIFETIME_TOO_LONG,
+    MISSING_CLAIM,
     NO_KEYS,
     NOT_YET_VALID,
     REVOKED,
@@ -68,8 +72,10 @@ from sidecar.authn.jwt import (
 )
 from sidecar.authn.memo import NOT_KEPT, CredentialMemo
 from sidecar.authn.oauth import (
+    CERT_MISMATCH,
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
+    UNBOUND_TOKEN,
     IntrospectionCache,
     check_binding,
     token_digest,
@@ -96,6 +102,14 @@ DECISION_KEY_MAX_TOKEN = 4096
 # In AuthFacts.key after the providers' entries when a token no provider accepted was
 # presented (never a provider's entry: those start with the provider's name).
 _UNACCEPTED = (None, "unaccepted")
+# Refusals that say the token is the refusing provider's own (its issuer matched, or its
+# authorisation server answered) and failed: such a token is refused even where an
+# introspected provider that was not asked about reads the same place. Other refusals
+# (malformed, another issuer, ...) may only mean "not a JWT of mine": an opaque token.
+_OWN_TOKEN_FAILED = frozenset({
+    UNKNOWN_KID, NO_KEYS, BAD_SIGNATURE, BAD_AUDIENCE, MISSING_CLAIM, EXPIRED, NOT_YET_VALID,
+    LIFETIME_TOO_LONG, REVOKED, CERT_MISMATCH, UNBOUND_TOKEN, INACTIVE,
+    INTROSPECTION_UNAVAILABLE})
 
 _CHALLENGE_MISSING = b'Bearer realm="sidecar"'
 _CHALLENGES: Mapping[str, bytes] = {
@@ -400,9 +414,10 @@ class Authenticator:
         key: list[object] | None = []
         held: list[tuple[str, str]] = []  # every token accepted, for requests in flight
         # Tokens found and refused (None: the location's value could not be read as one
-        # token, e.g. repeated), and tokens of introspected providers not asked about.
-        # (Made when first needed: most requests have neither.)
-        refused: list[str | None] | None = None
+        # token, e.g. repeated; with whether the refusal is ``_OWN_TOKEN_FAILED``), and
+        # tokens of introspected providers not asked about. (Made when first needed: most
+        # requests have neither.)
+        refused: list[tuple[str | None, bool]] | None = None
         unjudged: list[str] | None = None
         for name in providers:
             if name in claims or name in errors:
@@ -453,7 +468,7 @@ class Authenticator:
                 if provider is not None:  # (else no location was read: unknown_provider)
                     if refused is None:
                         refused = []
-                    refused.append(token)
+                    refused.append((token, exc.reason in _OWN_TOKEN_FAILED))
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:
@@ -463,10 +478,10 @@ class Authenticator:
             return NO_AUTH
         unaccepted = False
         if refused is not None:  # (only when some provider refused a token)
-            kept = {t for _, t in held}
-            if unjudged is not None:
-                kept.update(unjudged)
-            unaccepted = any(t is None or t not in kept for t in refused)
+            accepted = {t for _, t in held}
+            excused = accepted.union(unjudged) if unjudged is not None else accepted
+            unaccepted = any(t is None or t not in (accepted if own else excused)
+                             for t, own in refused)
             if unaccepted and key is not None:
                 # The same failures can come from a token one provider accepted and
                 # another refused: the key tells the two apart (the gate caches by it).
