@@ -119,8 +119,14 @@ def classify_failure(reason: str, rule: Rule | None, auth: AuthFacts,
     if reason not in END_USER_REASONS and not (reason == REASON_DENIED_BY_RULE
                                                and credential_rule):
         return PEER_FAILURE
+    provider = None
     if when is not None and when.jwt is not None:
         provider = when.jwt.provider
+    elif reason == REASON_TOKEN_INVALID and auth.token_errors:
+        # A token no provider accepted, refused before the rules (``invalid_tokens:
+        # refuse``): the user's failure, counted for the first provider that refused it.
+        provider = next(iter(auth.token_errors))
+    if provider is not None:
         claims = auth.claims.get(provider)
         sub = claims.get("sub") if claims is not None else auth.unverified_subjects.get(provider)
         return Failure(False, sub if isinstance(sub, str) else None, issuers.get(provider))

@@ -4,7 +4,9 @@ One call per request combines, in this order (cheapest refusal first):
 1. a source blocked by a burst alert -> 403 ``source_blocked``;
 2. end-user credentials for the providers the caller's rules reference (JWT, API key);
 3. ``decide()`` on the current policy (or the config's interim ``allow_from`` list when no
-   policy file is configured) -> ``Decision``;
+   policy file is configured) -> ``Decision``; it refuses first, with 401 ``token_invalid``,
+   a token that no provider of the section accepted (``invalid_tokens: refuse``, the
+   default; ``AuthFacts.invalid_token``), whatever rule would match;
 4. rate limits, for allowed requests -> 429 with Retry-After.
 Refusals for authentication/authorisation feed the burst detector.
 
@@ -19,10 +21,12 @@ rules never expire. An inbound decision depends only on peer, method, path, host
 listener (the path is keyed as the section matches it, folded for ``path_case:
 insensitive``) and on the credentials as ``AuthFacts.key`` sums them up: per provider the
 verified token itself (its claims are a function of it) or the reason it was refused, and
-the API key name. Credentials are still checked on every request *before* the cache is
-read -- signature (cached), exp/nbf, revocation, certificate binding -- so a token past its
-exp or revoked gets a key with its failure, never the allow kept for it while it was valid.
-Entries keyed by a token live in their own smaller cache (``CREDENTIAL_CACHE_SIZE``).
+the API key name (and, when a token no provider accepted was presented, a mark saying so:
+the same failures can come from a token another provider accepted). Credentials are still
+checked on every request *before* the cache is read -- signature (cached), exp/nbf,
+revocation, certificate binding -- so a token past its exp or revoked gets a key with its
+failure, never the allow kept for it while it was valid. Entries keyed by a token live in
+their own smaller cache (``CREDENTIAL_CACHE_SIZE``).
 Introspected tokens (the authorisation server's answer can change) and sections with an
 ``expires_at`` are decided every time. Only the rule evaluation is kept: blocked sources
 (by peer and address) are checked on every request before it, rate limits after it, and

@@ -6,7 +6,9 @@ Replay rebuilds ``RequestFacts`` from each record, decides it again under the ne
 the same pure ``decide()`` the data path uses, and lists the records whose outcome changes.
 
 Tokens are never stored, only their issuer and subject: a rule that tests other claims
-cannot be re-checked exactly. Such changes are flagged ``uncertain`` instead of guessed.
+cannot be re-checked exactly. Such changes are flagged ``uncertain`` instead of guessed. Nor
+is a token that failed verification recorded, except as the outcome of a request refused for
+it before the rules (rule ``invalid token``): such a request presents an invalid token again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from sidecar.audit.segments import (
 )
 from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit
-from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
+from sidecar.policy.decision import (
+    INVALID_TOKEN_RULE,
+    REASON_TOKEN_INVALID,
+    AuthFacts,
+    Decision,
+    RequestFacts,
+)
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_set, policy_label
 
@@ -99,13 +107,19 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
             for name, prov in providers.items():
                 if prov.issuer == rec.token_issuer:
                     claims[name] = {"iss": rec.token_issuer, "sub": rec.token_subject}
-        auth = AuthFacts(claims=claims, apikey=rec.apikey)
+        # A request refused (or, in dry-run, recorded) for a token no provider accepted
+        # (``invalid_tokens: refuse``) presented one: it is presented again. Which provider
+        # refused it is not recorded (an entry under the rule's name, which names none).
+        refused_token = rec.rule == INVALID_TOKEN_RULE and rec.reason == REASON_TOKEN_INVALID
+        auth = AuthFacts(claims=claims, apikey=rec.apikey,
+                         token_errors={INVALID_TOKEN_RULE: REASON_TOKEN_INVALID}
+                         if refused_token else {})
         new = decide(policy, service, facts, auth, rec.time)  # type: ignore[arg-type]
         before = rec.decision
         after = outcome(new)
         if after != before:
-            uncertain = new.reason == "claims_mismatch" or (rec.token_issuer is not None
-                                                             and new.reason.startswith("token"))
+            uncertain = new.reason == "claims_mismatch" or refused_token or (
+                rec.token_issuer is not None and new.reason.startswith("token"))
             changes.append(ReplayChange(rec, before, new, uncertain))
     return count, changes
 

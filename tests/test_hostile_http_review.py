@@ -349,9 +349,14 @@ mesh_us = module_fixture("review-us", lambda tmp: Mesh(
 def test_credentials_never_reach_the_app_in_any_spelling(mesh_us: Mesh, side: str,
                                                          spelling: int) -> None:
     # One request per spelling (two x-api-key fields would be refused as a duplicate), with
-    # a valid token for the claim header to be set from.
+    # a valid token for the claim header to be set from. Where the spelling is the token
+    # header the provider reads (any case, spellings 0-2), its value is a valid token of
+    # that provider: anything else there is a token no provider accepted, refused before
+    # the rules (invalid_tokens: refuse, tests/test_invalid_tokens.py).
     names = [_spellings(n)[spelling] for n in CREDENTIAL_HEADERS]
-    lines = b"".join(f"{n}: {MARK}\r\n".encode() for n in names)
+    hidden = mesh_us.token("bob")  # header-token's, forward_token: false
+    values = [hidden if n.lower() == "x-auth-token" else MARK for n in names]
+    lines = b"".join(f"{n}: {v}\r\n".encode() for n, v in zip(names, values, strict=True))
     token = f"Authorization: Bearer {mesh_us.token('alice')}\r\n".encode()
     mark = mesh_us.app.snapshot()
     out = exchange(mesh_us, side, b"GET /open/cred HTTP/1.1\r\n" + H + token + lines
@@ -359,7 +364,7 @@ def test_credentials_never_reach_the_app_in_any_spelling(mesh_us: Mesh, side: st
     assert statuses(out) == [200], out[:300]
     with mesh_us.app.lock:
         heads = list(mesh_us.app.heads[mark[0]:])
-    leaks = [(n, v) for h in heads for n, v in h["headers"] if MARK in v]
+    leaks = [(n, v) for h in heads for n, v in h["headers"] if MARK in v or hidden in v]
     assert leaks == [("x_custom_ok", MARK)], (names, leaks)  # (underscores are kept)
     assert ["x-user", "alice"] in heads[0]["headers"]
 
@@ -372,8 +377,9 @@ def test_a_forwarded_token_header_reaches_the_app_in_its_own_spelling_only(
     a second field under an underscore spelling of its name (which CGI, WSGI and PHP read
     as the same header) is removed, whatever the order."""
     other = _spellings("x-fwd-token")[spelling]
-    for lines in (f"X-Fwd-Token: kept-1\r\n{other}: {MARK}\r\n",
-                  f"{other}: {MARK}\r\nx-fwd-token: kept-1\r\n"):
+    kept = mesh_us.token("carol")  # (a valid token: an invalid one is refused, 401)
+    for lines in (f"X-Fwd-Token: {kept}\r\n{other}: {MARK}\r\n",
+                  f"{other}: {MARK}\r\nx-fwd-token: {kept}\r\n"):
         mark = mesh_us.app.snapshot()
         out = exchange(mesh_us, side, b"GET /open/fwd HTTP/1.1\r\n" + H + lines.encode()
                        + b"Connection: close\r\n\r\n")
@@ -381,7 +387,7 @@ def test_a_forwarded_token_header_reaches_the_app_in_its_own_spelling_only(
         with mesh_us.app.lock:
             heads = list(mesh_us.app.heads[mark[0]:])
         got = [(n, v) for n, v in heads[0]["headers"] if n.replace("_", "-") == "x-fwd-token"]
-        assert got == [("x-fwd-token", "kept-1")], got
+        assert got == [("x-fwd-token", kept)], got
 
 
 # --- 7. A query parameter whose name folds to the token parameter's is that parameter --------
@@ -394,12 +400,19 @@ QUERY_TOKEN_SPELLINGS = ["access.token", "access%2Etoken", "access+token", "acce
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("name", QUERY_TOKEN_SPELLINGS)
 def test_query_token_spellings_never_reach_the_app(mesh_us: Mesh, side: str, name: str) -> None:
+    # The parameter in any spelling is the token (a valid one: anything else is a token no
+    # provider accepted, refused with 401 before the rules -- and so is a second copy).
     token = mesh_us.token("alice")
-    targets = {f"/open/q?{name}=EVIL&access_token={token}&b=2": "/open/q?b=2",
-               f"/open/q?a=1;{name}=EVIL": "/open/q?a=1",
-               "/open/q?a=1;access_token=EVIL&b=2": "/open/q?a=1&b=2"}
+    targets = {f"/open/q?{name}=EVIL&access_token={token}&b=2": None,  # two copies: 401
+               f"/open/q?{name}=EVIL&b=2": None,  # not a token: 401
+               f"/open/q?a=1;{name}={token}": "/open/q?a=1",
+               f"/open/q?a=1;access_token={token}&b=2": "/open/q?a=1&b=2"}
     for target, want in targets.items():
         mark = mesh_us.app.snapshot()
         out = exchange(mesh_us, side, _closing(b"orders", target.encode()))
+        if want is None:
+            assert statuses(out) == [401], out[:300]
+            assert mesh_us.app.targets_since(mark) == [], target
+            continue
         assert statuses(out) == [200], out[:300]
         assert mesh_us.app.targets_since(mark) == [want], target

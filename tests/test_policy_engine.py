@@ -125,7 +125,11 @@ GOOD = AuthFacts(claims={"corp": {"scope": "orders:read orders:write", "tier": "
          ("deny", "default deny", "default_deny", 403)),
         # JWT: 401 when only the token is missing/invalid, 403 on claims
         (FRONT, "POST", "/orders", NO_AUTH, ("deny", "writes-need-scope", "token_missing", 401)),
+        # An invalid token is refused before the rules (invalid_tokens: refuse, the
+        # default); one another provider accepted (unaccepted=False) is left to the rules.
         (FRONT, "POST", "/orders", AuthFacts(token_errors={"corp": "expired"}),
+         ("deny", "invalid token", "token_invalid", 401)),
+        (FRONT, "POST", "/orders", AuthFacts(token_errors={"corp": "expired"}, unaccepted=False),
          ("deny", "writes-need-scope", "token_invalid", 401)),
         (FRONT, "POST", "/orders", AuthFacts(claims={"corp": {"scope": "orders:read"}}),
          ("deny", "writes-need-scope", "claims_mismatch", 403)),

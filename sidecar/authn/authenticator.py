@@ -12,8 +12,11 @@ Theory of operation
 
 Per request the data path calls ``authenticate(providers, headers, query, now)`` with the
 providers its policy section may need, and gets one ``AuthFacts`` value: verified claims per
-provider, a reason code per provider whose token was present but bad, and the API key name.
-A missing token is neither (the policy turns "required but absent" into ``token_missing``).
+provider, a reason code per provider whose token was present but bad, the API key name, and
+whether a token was presented that no provider accepted (``unaccepted``: a token one provider
+accepts and another refuses is not; the section's ``invalid_tokens: refuse`` refuses the
+others before any rule). A missing token is neither (the policy turns "required but absent"
+into ``token_missing``).
 
 Nothing here waits or does I/O. When a token names an unknown ``kid`` the authenticator only
 calls the listener the fetcher registered (``set_unknown_kid_listener``); the fetcher decides,
@@ -47,8 +50,12 @@ from sidecar.authn.cache import (
 from sidecar.authn.extract import extract_tokens, header_name, remove_token
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
+    BAD_AUDIENCE,
     BAD_ISSUER,
+    BAD_SIGNATURE,
     EXPIRED,
+    LIFETIME_TOO_LONG,
+    MISSING_CLAIM,
     NO_KEYS,
     NOT_YET_VALID,
     REVOKED,
@@ -65,8 +72,10 @@ from sidecar.authn.jwt import (
 )
 from sidecar.authn.memo import NOT_KEPT, CredentialMemo
 from sidecar.authn.oauth import (
+    CERT_MISMATCH,
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
+    UNBOUND_TOKEN,
     IntrospectionCache,
     check_binding,
     token_digest,
@@ -89,6 +98,18 @@ MAX_CLAIM_HEADER_BYTES = 4096
 # A verified token longer than this does not go into AuthFacts.key (the gate's decision
 # cache would hold it): bounds that cache's memory; such requests are decided every time.
 DECISION_KEY_MAX_TOKEN = 4096
+
+# In AuthFacts.key after the providers' entries when a token no provider accepted was
+# presented (never a provider's entry: those start with the provider's name).
+_UNACCEPTED = (None, "unaccepted")
+# Refusals that say the token is the refusing provider's own (its issuer matched, or its
+# authorisation server answered) and failed: such a token is refused even where an
+# introspected provider that was not asked about reads the same place. Other refusals
+# (malformed, another issuer, ...) may only mean "not a JWT of mine": an opaque token.
+_OWN_TOKEN_FAILED = frozenset({
+    UNKNOWN_KID, NO_KEYS, BAD_SIGNATURE, BAD_AUDIENCE, MISSING_CLAIM, EXPIRED, NOT_YET_VALID,
+    LIFETIME_TOO_LONG, REVOKED, CERT_MISMATCH, UNBOUND_TOKEN, INACTIVE,
+    INTROSPECTION_UNAVAILABLE})
 
 _CHALLENGE_MISSING = b'Bearer realm="sidecar"'
 _CHALLENGES: Mapping[str, bytes] = {
@@ -392,6 +413,12 @@ class Authenticator:
         # verified token (its claims are a function of it) or the reason it failed.
         key: list[object] | None = []
         held: list[tuple[str, str]] = []  # every token accepted, for requests in flight
+        # Tokens found and refused (None: the location's value could not be read as one
+        # token, e.g. repeated; with whether the refusal is ``_OWN_TOKEN_FAILED``), and
+        # tokens of introspected providers not asked about. (Made when first needed: most
+        # requests have neither.)
+        refused: list[tuple[str | None, bool]] | None = None
+        unjudged: list[str] | None = None
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -408,7 +435,12 @@ class Authenticator:
                 if found is not None and provider.introspection is not None:
                     answer = self._introspected_claims(provider, found.token, now)
                     if answer is None:
-                        continue  # not asked about for this request: no rule here needs it
+                        # Not asked about for this request (no rule here needs it): the
+                        # token is not judged, neither accepted nor refused.
+                        if unjudged is None:
+                            unjudged = []
+                        unjudged.append(found.token)
+                        continue
                     check_binding(answer, peer_x5t, provider.cert_binding == "required")
                     claims[name] = answer
                     held.append((name, found.token))
@@ -433,6 +465,10 @@ class Authenticator:
                 self.failures[exc.reason] += 1
                 if key is not None:
                     key.append((name, None, exc.reason))
+                if provider is not None:  # (else no location was read: unknown_provider)
+                    if refused is None:
+                        refused = []
+                    refused.append((token, exc.reason in _OWN_TOKEN_FAILED))
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:
@@ -440,8 +476,19 @@ class Authenticator:
         apikey = self._check_apikey(headers, now)
         if not claims and not errors and apikey is None:
             return NO_AUTH
+        unaccepted = False
+        if refused is not None:  # (only when some provider refused a token)
+            accepted = {t for _, t in held}
+            excused = accepted.union(unjudged) if unjudged is not None else accepted
+            unaccepted = any(t is None or t not in (accepted if own else excused)
+                             for t, own in refused)
+            if unaccepted and key is not None:
+                # The same failures can come from a token one provider accepted and
+                # another refused: the key tells the two apart (the gate caches by it).
+                key.append(_UNACCEPTED)
         return new_auth_facts((claims, errors, apikey, subjects,
-                               None if key is None else (*key, apikey), tuple(held)))
+                               None if key is None else (*key, apikey), tuple(held),
+                               unaccepted))
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once

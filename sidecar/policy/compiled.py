@@ -497,7 +497,8 @@ class Section:
 
     ``providers``: JWT providers referenced by this section's rules (the data path verifies
     only those tokens). ``needs_apikey``: some rule tests an API key. ``fold_case``: paths
-    match with ASCII case folded (``path_case: insensitive``).
+    match with ASCII case folded (``path_case: insensitive``). ``refuse_invalid_tokens``:
+    a token no provider accepted is refused before any rule (``invalid_tokens: refuse``).
     """
 
     identity: str
@@ -512,6 +513,7 @@ class Section:
     needs_apikey: bool
     fold_case: bool = False
     by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
+    refuse_invalid_tokens: bool = True
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
@@ -527,6 +529,7 @@ class Section:
 def compile_section(
     identity: str, trust_domain: str, mode: Mode, rules: tuple[Rule, ...],
     egress: tuple[EgressEntry, ...], fold_case: bool = False,
+    refuse_invalid_tokens: bool = True,
 ) -> Section:
     """Build the lookup tables of one section (load time, never per request)."""
     providers = frozenset(r.when.jwt.provider for r in rules if r.when.jwt is not None)
@@ -548,4 +551,6 @@ def compile_section(
         needs_apikey=any(r.when.apikey is not None for r in rules),
         fold_case=fold_case,
         by_name={r.name: r for r in rules},
+        # Only where the rules name providers: elsewhere no token is ever verified.
+        refuse_invalid_tokens=refuse_invalid_tokens and bool(providers),
     )

@@ -33,6 +33,9 @@ REASON_BLOCKED = "source_blocked"
 REASON_DRY_RUN = "dry_run_would_deny"
 
 DEFAULT_DENY_RULE = "default deny"
+# The rule of a refusal for a token no provider accepted (``invalid_tokens: refuse``),
+# decided before the rules; like ``default deny`` and ``alert block``, no rule of the file.
+INVALID_TOKEN_RULE = "invalid token"
 
 
 class RequestFacts(NamedTuple):
@@ -70,6 +73,8 @@ class AuthFacts(NamedTuple):
     were present but invalid. ``apikey`` is the name of a valid API key, if any.
     ``unverified_subjects`` maps provider name -> the ``sub`` an invalid token claims (read
     without trusting it; only burst alerts ``by: subject`` use it, never a decision).
+    ``invalid_token`` (a property): a token was presented that no provider accepted (see
+    ``unaccepted``); a section with ``invalid_tokens: refuse`` refuses such a request.
     ``key`` (set by the authenticator) stands for everything a decision reads here: per
     provider the verified token itself or the reason it failed, and the API key name. Two
     requests of one policy version with equal keys get the same answer from the rules, so
@@ -91,21 +96,35 @@ class AuthFacts(NamedTuple):
     # length: what a request in flight is judged by again when the policy or a key set
     # changes (``Authenticator.credentials_kept``). Not part of equality either.
     held: tuple[tuple[str, str], ...] = ()
+    # Set by the authenticator: whether a token it found (at a location of one of the
+    # providers it was asked about: header, query parameter or cookie) was refused by every
+    # provider that found it -- not one token some provider accepted and another refused
+    # (two issuers reading one header). A token of an introspected provider that was not
+    # asked about is neither. None (an AuthFacts built by hand: ``policy explain``,
+    # ``replay``, tests): any ``token_errors`` entry counts as such a token.
+    unaccepted: bool | None = None
+
+    @property
+    def invalid_token(self) -> bool:
+        """A token was presented that no provider accepted (see ``unaccepted``)."""
+        unaccepted = self[6]
+        return bool(self[1]) if unaccepted is None else unaccepted
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not AuthFacts:
             return NotImplemented
-        return self[:4] == other[:4]
+        return self[:4] == other[:4] and self.invalid_token == other.invalid_token
 
     def __ne__(self, other: object) -> bool:
         if type(other) is not AuthFacts:
             return NotImplemented
-        return self[:4] != other[:4]
+        return not self == other
 
 
-NO_AUTH = AuthFacts(key=())
-# An AuthFacts from its six fields in order (claims, token_errors, apikey,
-# unverified_subjects, key, held), without the named tuple's Python-level ``__new__``.
+NO_AUTH = AuthFacts(key=(), unaccepted=False)
+# An AuthFacts from its seven fields in order (claims, token_errors, apikey,
+# unverified_subjects, key, held, unaccepted), without the named tuple's Python-level
+# ``__new__``.
 new_auth_facts: Callable[[tuple[Any, ...]], AuthFacts] = functools.partial(
     tuple.__new__, AuthFacts)
 

@@ -2,6 +2,15 @@
 
 Theory of operation
 -------------------
+Before any rule: in a section with ``invalid_tokens: refuse`` (the default) whose rules name
+JWT providers, a request that presents a token no provider of the section accepted
+(``AuthFacts.invalid_token``: expired, forged, unknown issuer, ...) is refused with 401
+``token_invalid``, rule ``"invalid token"`` -- whatever rule would match, deny and
+token-free allow rules included (Istio's RequestAuthentication). The section's mode applies
+(dry-run: recorded as a would-be deny and let through, unless the rules refuse the request
+anyway, e.g. a rule with ``mode: enforce``: a dry-run never lets more in); no rule of the
+file decides it. ``invalid_tokens: per_rule`` leaves a token to the rules that name its provider.
+
 Rules come in two kinds. *Regular* rules (mode unset or ``enforce``) make the outcome;
 *observed* rules (``mode: dry-run`` on the rule) never change what happens, they are only
 reported. The outcome of the regular rules is:
@@ -36,12 +45,14 @@ from __future__ import annotations
 from sidecar.policy.compiled import AuthOutcome, Section, auth_outcome, request_holds
 from sidecar.policy.decision import (
     DEFAULT_DENY_RULE,
+    INVALID_TOKEN_RULE,
     REASON_ALLOWED,
     REASON_DEFAULT_DENY,
     REASON_DENIED_BY_RULE,
     REASON_EGRESS_DENIED,
     REASON_NO_POLICY,
     REASON_NO_SECTION,
+    REASON_TOKEN_INVALID,
     AuthFacts,
     Decision,
     RequestFacts,
@@ -93,6 +104,18 @@ def decide_section(
     unindexed: bool = False,
 ) -> Decision:
     """``decide`` for an already looked-up section (the data path caches it per connection)."""
+    # (token_errors first: an empty mapping for nearly every request, read without a call.)
+    if section.refuse_invalid_tokens and auth.token_errors and auth.invalid_token:
+        if section.mode != "dry-run":
+            return Decision("deny", INVALID_TOKEN_RULE, REASON_TOKEN_INVALID, version, 401)
+        # Dry-run: recorded, and the rules decide as if it were not refused -- a rule
+        # enforced in a dry-run section still refuses (a dry-run never lets in more).
+        ruled = decide_section(section, version, facts, auth._replace(unaccepted=False), now,
+                               unindexed=unindexed)
+        if not ruled.allowed:
+            return ruled
+        return Decision("allow", INVALID_TOKEN_RULE, REASON_TOKEN_INVALID, version, 0,
+                        True, "deny")
     if unindexed:
         deny_rules: list[Rule] = list(section.deny.rules)
         allow_rules: list[Rule] = list(section.allow.rules)

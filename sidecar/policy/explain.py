@@ -14,7 +14,7 @@ from typing import Any
 
 from sidecar.errors import BadRequest
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
-from sidecar.policy.decision import AuthFacts, Decision, RequestFacts
+from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loaded import Policy
 from sidecar.policy.paths import normalise_target
@@ -73,6 +73,9 @@ class Explanation:
                 lines.append(f"      {'ok  ' if cond.held else 'FAIL'} {cond.name}: {cond.detail}")
         d = self.decision
         assert d is not None
+        if d.rule == INVALID_TOKEN_RULE:
+            lines.append("  a token no provider of the section accepted: refused before "
+                         "any rule (invalid_tokens: refuse)")
         verdict = f"decision: {d.action.upper()}"
         if d.status:
             verdict += f" {d.status}"

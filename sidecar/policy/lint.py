@@ -218,6 +218,11 @@ def _lint_section(
     check_identity: _CheckIdentity, key_expiry: dict[str, float | None],
 ) -> None:
     rules = svc.rules
+    if not svc.refuse_invalid_tokens and any(r.when.jwt is not None for r in rules):
+        warn(svc.line, svc.key, "invalid-tokens-per-rule",
+             f"section {svc.identity} says invalid_tokens: per_rule: a forged, expired or "
+             "unknown-issuer token passes unverified to the app on a route whose rule does "
+             "not name its provider, and past deny rules that do")
     for rule in rules:
         c = rule.when
         if rule.expired(now):

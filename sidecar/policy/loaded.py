@@ -82,7 +82,8 @@ class LazySections(Mapping[str, Section]):
             svc = self._services[identity]
             section = compile_section(identity, self._trust_domain, svc.mode or self._mode,
                                       svc.rules, svc.egress or (),
-                                      fold_case=svc.paths_fold_case)
+                                      fold_case=svc.paths_fold_case,
+                                      refuse_invalid_tokens=svc.refuse_invalid_tokens)
             self._built[identity] = section
         return section
 

@@ -86,7 +86,8 @@ __all__ = [
 ]
 
 
-SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case"})
+SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case",
+                          "invalid_tokens"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -402,6 +403,9 @@ def _service(
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    invalid_tokens = m.get("invalid_tokens", "refuse")
+    if invalid_tokens not in ("refuse", "per_rule"):
+        r.problem(path + ("invalid_tokens",), "expected refuse or per_rule")
     audience = r.string(m["audience"], path + ("audience",)) if "audience" in m else None
     path_case = m.get("path_case")
     if path_case not in (None, "sensitive", "insensitive"):
@@ -414,7 +418,8 @@ def _service(
                   "path_case: insensitive cannot be combined with non_ascii_paths: allow")
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
                          non_ascii_paths=non_ascii == "allow", audience=audience,
-                         path_case=path_case, file=file)
+                         path_case=path_case, file=file,
+                         refuse_invalid_tokens=invalid_tokens != "per_rule")
 
 
 def load_policy(text: bytes | str, filename: str, *, only: str | None = None) -> Policy:
