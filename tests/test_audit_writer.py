@@ -637,3 +637,49 @@ def test_with_fsync_off_only_small_batches_are_encoded_on_the_event_loop(tmp_pat
     assert calls[2] == calls[1] + 1, "a large batch was encoded on the event loop"
     assert [r.request_id for r in iter_records(str(tmp_path))] == [
         f"r{i}" for i in range(3 * INLINE_MAX_RECORDS + 1)]
+
+
+def test_a_batch_in_the_thread_is_encoded_in_paced_chunks_to_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In the worker thread a big batch is encoded, and its syslog messages made,
+    # PACE_RECORDS records at a time with a short sleep between (the event loop gets the
+    # GIL and a core meanwhile). The frames, checkpoints and messages are byte for byte
+    # those of one call: two sinks, one paced and one not, given the same records on the
+    # same clock, write the same file and make the same messages.
+    from sidecar.audit import writer as writer_module
+    from sidecar.audit.signing import load_signer, write_keypair
+
+    priv, _pub, _kid = write_keypair(str(tmp_path / "sig"))
+    naps: list[float] = []
+    real_sleep = writer_module.time.sleep
+
+    def counted(seconds: float) -> None:
+        naps.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(writer_module.time, "sleep", counted)
+    records = [rec(i) for i in range(5 * writer_module.PACE_RECORDS + 3)]
+    made = []
+    for paced in (True, False):
+        d = tmp_path / ("paced" if paced else "whole")
+        config = AuditConfig(path=str(d), checkpoint_every_records=50, signing_key_file=priv)
+        os.makedirs(d)
+        sink = writer_module._SegmentSink(config, None, lambda: 1.7e9,
+                                          load_signer(priv, "spiffe://td/ns/a/sa/b"))
+        sink.ship_host = "host"
+        sink.ensure_open()
+        sink.paced = paced
+        before = len(naps)
+        sink.append(records)
+        messages = sink.take_messages()
+        sink.close()
+        naps_taken = len(naps) - before
+        segment = list_segments(str(d))[0]
+        made.append((Path(segment.path).read_bytes(), messages, naps_taken, segment.path))
+    (paced_file, paced_msgs, paced_naps, _), (whole_file, whole_msgs, whole_naps, _) = made
+    # Ed25519 signatures are deterministic: the same head signs to the same bytes.
+    assert paced_file == whole_file and paced_msgs == whole_msgs
+    assert len(whole_msgs) > len(records)  # header, records, checkpoints
+    assert whole_naps == 0 and paced_naps == 2 * 5  # 6 chunks of records, then of messages
+    result = verify(made[0][3].rsplit("/", 1)[0])
+    assert result.ok and result.records == len(records)

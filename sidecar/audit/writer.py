@@ -95,6 +95,12 @@ INLINE_MAX_RECORDS = 64
 # While the worker thread runs, the GIL is handed back to a waiting thread (the event loop)
 # after at most this long (sys.setswitchinterval; CPython's default is 5 ms).
 GIL_SWITCH_SECONDS = 0.001
+# In the worker thread a batch is encoded, and its syslog messages made, PACE_RECORDS records
+# at a time with a PACE_SECONDS sleep between: the event loop then has the GIL (and a core)
+# to itself at least that often, instead of competing for it at each of its system calls
+# for the whole batch (about 15 us of CPU a record: 4 ms for a 250-record batch).
+PACE_RECORDS = 32
+PACE_SECONDS = 0.0002
 
 
 async def _linger(seconds: float, holder: Any = None) -> None:
@@ -172,6 +178,9 @@ class _SegmentSink:
         self.key = key
         self.clock = clock
         self.head: ChainHead | None = None
+        # True while a call runs in the worker thread (``AuditWriter._run_sink``): big
+        # batches are then encoded in paced chunks (``PACE_RECORDS``); never on the loop.
+        self.paced = False
         self.fd: int | None = None
         self.fd_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of ``fd``
         self.path: str | None = None
@@ -264,7 +273,20 @@ class _SegmentSink:
         assert self.head is not None and self.fd is not None
         state = self.head.state
         unsigned = (self.unsigned_frames, self.unsigned_records, self.unsigned_since)
-        data, checkpoint = self._encode_signed(records)
+        if self.paced and len(records) > PACE_RECORDS:
+            # The same frames as one call makes (the checkpoint counters carry over from
+            # chunk to chunk), with a pause between chunks; written and synced at once.
+            parts: list[bytes] = []
+            checkpoint = None
+            for i in range(0, len(records), PACE_RECORDS):
+                if i:
+                    time.sleep(PACE_SECONDS)
+                part, signed = self._encode_signed(records[i:i + PACE_RECORDS])
+                parts.append(part)
+                checkpoint = signed or checkpoint
+            data = b"".join(parts)
+        else:
+            data, checkpoint = self._encode_signed(records)
         try:
             self._write_frame(state, data)
         except OSError as exc:
@@ -293,8 +315,16 @@ class _SegmentSink:
         if head is None or not head.journal or self.ship_host is None:
             return []
         prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
-        out = frame_messages(prefix, head.journal, _message_detail)
-        head.journal.clear()
+        journal = head.journal
+        if self.paced and len(journal) > PACE_RECORDS:
+            out: list[bytes] = []
+            for i in range(0, len(journal), PACE_RECORDS):
+                if i:
+                    time.sleep(PACE_SECONDS)
+                out += frame_messages(prefix, journal[i:i + PACE_RECORDS], _message_detail)
+        else:
+            out = frame_messages(prefix, journal, _message_detail)
+        journal.clear()
         return out
 
     def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
@@ -741,10 +771,15 @@ class AuditWriter:
         messages: list[bytes] = []
 
         def call() -> None:
+            sink = self._sink
+            sink.paced = not inline  # in the worker thread: chunks with pauses between
             try:
                 fn(*args)
             finally:
-                messages.extend(self._sink.take_messages())
+                try:
+                    messages.extend(sink.take_messages())
+                finally:
+                    sink.paced = False
 
         try:
             if inline:
