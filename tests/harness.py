@@ -298,9 +298,11 @@ class Response:
 
 
 def http(port: int, method: str = "GET", path: str = "/", *, body: bytes | None = None,
-         headers: dict[str, str] | None = None, ctx: ssl.SSLContext | None = None,
-         timeout: float = 10.0, conn: httpclient.HTTPConnection | None = None) -> Response:
-    """One request; pass ``conn`` to reuse a keep-alive connection."""
+         headers: dict[str, str] | list[tuple[str, str]] | None = None,
+         ctx: ssl.SSLContext | None = None, timeout: float = 10.0,
+         conn: httpclient.HTTPConnection | None = None) -> Response:
+    """One request; pass ``conn`` to reuse a keep-alive connection. ``headers`` as a list of
+    pairs are sent exactly as given, in order (a name may repeat), after ``Host`` only."""
     own = conn is None
     if conn is None:
         if ctx is not None:
@@ -308,7 +310,15 @@ def http(port: int, method: str = "GET", path: str = "/", *, body: bytes | None 
         else:
             conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        if isinstance(headers, list):
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+        else:
+            conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
         data = resp.read()
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)

@@ -638,20 +638,7 @@ def app_requests(mesh: Mesh) -> int:
 def send(node: Node, path: str, headers: list[tuple[str, str]],
          conn: httpclient.HTTPSConnection | None = None) -> Response:
     """One request with ``headers`` as given (a name may repeat); ``conn`` to keep alive."""
-    own = conn is None
-    if conn is None:
-        conn = httpclient.HTTPSConnection("127.0.0.1", node.port, context=node.ctx, timeout=10)
-    try:
-        conn.putrequest("GET", path, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        conn.endheaders()
-        resp = conn.getresponse()
-        body = resp.read()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
-    finally:
-        if own:
-            conn.close()
+    return http(node.port, "GET", path, headers=headers, ctx=node.ctx, conn=conn)
 
 
 def request_parts(route: str, location: str, values: list[str],
