@@ -393,8 +393,12 @@ def _served_ids(responses: list[Response]) -> set[str]:
 
 def _audited(tmp_path, pki, app, procs, audit_dir):
     """An inbound sidecar auditing to ``audit_dir``, its port, a caller's context, and the
-    first request, served before any fault."""
-    b = _inbound(tmp_path, pki, app, audit={"path": str(audit_dir)})
+    first request, served before any fault. The writer does not linger after a batch
+    (``batch_linger_seconds: 0``): it finds a broken disk at the next batch, so with the
+    default 250 ms linger the requests of up to one linger are served (and their records
+    kept in the queue) before the 503s; without it, at most the one in flight."""
+    b = _inbound(tmp_path, pki, app,
+                 audit={"path": str(audit_dir), "batch_linger_seconds": 0})
     procs.append(b)
     ctx = _caller(pki)
     port = b.port("inbound")
