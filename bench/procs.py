@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,11 +30,21 @@ STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 20.0
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=256)  # this process's recent picks
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now (bind to port 0, read it, close) and
+    not among this process's recent picks: a port bound and closed again can be handed out
+    twice before its first taker listens on it."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise OSError("no free port on 127.0.0.1")
 
 
 def wait_for_port(port: int, timeout: float = READY_TIMEOUT_S,

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,10 +56,18 @@ def _id(name: str) -> str:
     return f"spiffe://{TD}/ns/demo/sa/{name}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(taken: Iterable[int] = ()) -> int:
+    """A port on 127.0.0.1 free now and not among ``taken`` (the demo's earlier picks: a port
+    bound and closed again can be handed out twice, and two listeners on one port stop
+    the demo)."""
+    avoid = set(taken)
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise OSError("no free port on 127.0.0.1")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -194,7 +203,7 @@ class Demo:
         self.start_idp()
         for key in ("orders_app", "frontend_app", "orders_in", "frontend_in", "frontend_out",
                     "payments_out", "orders_admin", "frontend_admin"):
-            p[key] = _free_port()
+            p[key] = _free_port(p.values())
         for name in ("orders", "frontend"):
             app = self.spawn(f"{name}-app", [sys.executable, "-m", "sidecar.demo.app",
                                              str(p[f"{name}_app"]), name])
