@@ -42,7 +42,12 @@ import trio
 
 from sidecar.authn.extract import Headers, extract_tokens
 from sidecar.authn.jwt import TokenInvalid
-from sidecar.authn.oauth import MAX_INTROSPECTION_BYTES, introspection_claims, token_digest
+from sidecar.authn.oauth import (
+    MAX_INTROSPECTION_BYTES,
+    introspection_claims,
+    opaque_token_ok,
+    token_digest,
+)
 from sidecar.config.source import read_regular
 from sidecar.jwks_fetch import JwksFetchError, https_request
 from sidecar.logs import log
@@ -81,8 +86,9 @@ class Introspector:
                 found = extract_tokens(provider, headers, query)
             except TokenInvalid:
                 continue  # authenticate reports it
-            if found is None or len(found.token) > provider.max_token_bytes:
-                continue
+            if (found is None or len(found.token) > provider.max_token_bytes
+                    or not opaque_token_ok(found.token)):
+                continue  # authenticate refuses it (too_large, malformed): nothing to ask
             digest = token_digest(found.token)
             cache = authn.introspected  # type: ignore[attr-defined]
             if cache.fresh(name, digest, time.time()):

@@ -16,6 +16,7 @@ non-JSON. For each member, through a real ``sidecar run`` process:
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import time
@@ -222,7 +223,8 @@ def test_hostile_introspection_answer_fails_closed(env: Env, name: str) -> None:
     before = len(env.sidecar.log_events("introspection_failed"))
     refused = metric_value(env.sidecar.metrics(), "sidecar_jwt_failures_total",
                            reason="introspection_unavailable")
-    opaque = f"opaque-{name.replace(' ', '-')}-{time.monotonic_ns()}"
+    # (a bearer token's characters only: anything else is refused without a call)
+    opaque = f"opaque-{re.sub(r'[^A-Za-z0-9]', '-', name)}-{time.monotonic_ns()}"
 
     def asked() -> bool:
         # A call in the backoff after the previous member's failure is refused without one.

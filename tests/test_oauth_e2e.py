@@ -111,6 +111,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "mtls": True}},
         "opaque-wrong": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
             **intro, "client_secret_file": "wrong-secret"}},
+        "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
+                          "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
+                          "from_params": ["access_token"], "from_cookies": ["session"]},
     }
     rules = [
         rule("typed", ["/at/**"], "idp", {"scope": {"contains": "orders:read"}}),
@@ -122,6 +125,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         rule("opaque", ["/opaque/**"], "opaque", {"scope": {"contains": "orders:read"}}),
         rule("opaque-mtls", ["/opaque-mtls/**"], "opaque-mtls"),
         rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
+        rule("opaque-places", ["/opaque-places/**"], "opaque-places"),
     ]
     policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
               "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
@@ -283,6 +287,43 @@ def test_introspection_endpoint_slow_or_down_fails_closed(env: Env, mode: str) -
         env.idp.control(mode={"introspect": "ok"})
     # The server is back: after the failure backoff the same token is introspected again.
     wait_for(lambda: env.get("/opaque/x", token).status == 200, timeout=10, interval=0.3)
+
+
+# Tokens outside RFC 6750's b64token syntax (the family: tests/test_opaque_token_syntax.py),
+# as each place carries them over the wire: never sent to the authorisation server.
+NOT_BEARER = ["opq_ab cd", 'opq_ab"cd', "opq_ab,cd", "opq_ab%cd", "opq_ab\\cd", "opq_ab:cd",
+              "opq_ab=cd", "=opq_abcd", "opq_ab\xe9cd"]
+
+
+@pytest.mark.parametrize("place", ["header", "query", "cookie"])
+def test_tokens_that_are_not_bearer_tokens_are_never_introspected(env: Env, place: str) -> None:
+    from urllib.parse import quote
+
+    good = env.idp.token(identity=env.frontend, format="opaque")
+    members = NOT_BEARER + (["opq_ab\x00cd", "opq_ab\ncd", "opq_ab\u00e9cd"]
+                            if place == "query" else [])
+
+    def get(token: str) -> Response:
+        headers: list[tuple[str, str]] = []
+        path = "/opaque-places/x"
+        if place == "header":
+            headers = [("x-token", f"Bearer {token}")]
+        elif place == "query":
+            path += "?access_token=" + quote(token, safe="")
+        else:
+            headers = [("cookie", f"session={token}")]
+        return http(env.sidecar.port("inbound"), "GET", path, headers=headers,
+                    ctx=env.ctx["frontend"])
+
+    assert get(good).status == 200  # the place is read, and a good token is asked about
+    before = env.idp.stats()["introspect"]
+    malformed = env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-places",
+                                   reason="malformed")
+    for token in members:
+        assert get(token).status == 401, token
+    assert env.idp.stats()["introspect"] == before
+    assert env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-places",
+                              reason="malformed") == malformed + len(members)
 
 
 # ----------------------------------------------------------------------------- rotation

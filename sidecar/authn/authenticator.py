@@ -55,6 +55,7 @@ from sidecar.authn.jwt import (
     BAD_SIGNATURE,
     EXPIRED,
     LIFETIME_TOO_LONG,
+    MALFORMED,
     MISSING_CLAIM,
     NO_KEYS,
     NOT_YET_VALID,
@@ -78,6 +79,7 @@ from sidecar.authn.oauth import (
     UNBOUND_TOKEN,
     IntrospectionCache,
     check_binding,
+    opaque_token_ok,
     token_digest,
 )
 from sidecar.authn.revocation import RevocationList
@@ -537,6 +539,9 @@ class Authenticator:
         # it did not ask, because no rule that could match this request names the provider.
         if len(token) > provider.max_token_bytes:
             raise TokenInvalid(TOO_LARGE)
+        if not opaque_token_ok(token):
+            # Not a bearer token (RFC 6750 2.1): never asked about, refused on every route.
+            raise TokenInvalid(MALFORMED, "not a b64token")
         entry = self.introspected.lookup(provider.name, token_digest(token), now)
         if entry is None:
             return None

@@ -17,6 +17,10 @@ Theory of operation
   time: active until min(``exp``, now + ``cache_ttl``), inactive for ``negative_ttl``.
   A failed call leaves an "unavailable" entry for a short backoff (refused, not asked
   again). Cache keys are SHA-256 digests of the token, so the cache holds no token.
+* **Opaque token syntax** (RFC 6750 2.1): a token of an introspection provider must be a
+  ``b64token`` (letters, digits, ``-._~+/``, then optional trailing ``=``) before it is ever
+  sent to the authorisation server (``opaque_token_ok``). Anything else is ``malformed``,
+  judged like a JWT's syntax: no call, on every route.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -113,6 +118,16 @@ def introspection_claims(status: int, data: bytes, source: str) -> Claims | None
     if not doc["active"]:
         return None
     return MappingProxyType(doc)
+
+
+# RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*", re.ASCII)
+
+
+def opaque_token_ok(token: str) -> bool:
+    """Whether ``token`` has the syntax of an OAuth 2.0 bearer token (RFC 6750 2.1's
+    ``b64token``): only such a token is sent to an introspection endpoint."""
+    return _B64TOKEN.fullmatch(token) is not None
 
 
 def token_digest(token: str) -> bytes:
