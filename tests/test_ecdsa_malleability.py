@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar.audit.record import hash_token_id
 from sidecar.authn.authenticator import Authenticator
 from sidecar.policy.sections import PolicyExtras, Revocation
-from tests.test_authn_support import NOW, claims, jwks_bytes, jwk, provider
+from tests.test_authn_support import NOW, claims, jwk, jwks_bytes, provider
 
 CURVES = {"ES256": (ec.SECP256R1(), 32), "ES384": (ec.SECP384R1(), 48),
           "ES512": (ec.SECP521R1(), 66)}
