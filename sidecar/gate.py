@@ -244,7 +244,9 @@ class Gate:
                  and r.when.jwt.provider in authn.introspection_providers
                  and request_holds(r.when, facts, section.trust_domain, check_indexed=False)]
         if names:
-            await introspector.prepare(dict.fromkeys(names), headers, query)
+            # The caller's share of the calls: its identity, else its address.
+            await introspector.prepare(dict.fromkeys(names), headers, query,
+                                       facts.peer or facts.source)
 
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
                 now: float, *, tcp: bool = False, peer_x5t: str | None = None,

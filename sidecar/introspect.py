@@ -14,8 +14,11 @@ for ``negative_ttl``).
 
 Bounds, per provider:
 
-* concurrency: at most ``max_concurrent`` calls in flight (a ``CapacityLimiter``); a request
-  waits for a slot at most ``timeout``, then is refused;
+* concurrency: at most ``max_concurrent`` calls in flight (a ``CapacityLimiter``), of which
+  one caller (the peer's identity, else its source address) holds at most
+  ``max_concurrent_per_caller`` (half by default: one caller sending new tokens cannot take
+  every slot from the others); a request waits for its slots at most ``timeout``, then is
+  refused;
 * one call per token at a time: concurrent requests with the same token wait for the call
   in flight instead of making their own;
 * connecting and the whole exchange each under ``timeout``;
@@ -68,15 +71,20 @@ class Introspector:
         self.identity = identity  # () -> (cert file, key file) of this workload
         self.metrics = metrics  # sidecar_introspection_calls_total, when given
         self._limiters: dict[tuple[str, int], trio.CapacityLimiter] = {}
+        # (provider, caller, size) -> that caller's share; only callers with calls in flight
+        self._shares: dict[tuple[str, str | None, int], trio.CapacityLimiter] = {}
         self._in_flight: dict[tuple[str, bytes], trio.Event] = {}
         self._down_until: dict[str, float] = {}
         self._contexts: dict[tuple[str | None, bool], tuple[float, ssl.SSLContext]] = {}
         self.calls = 0
         self.failures = 0
 
-    async def prepare(self, provider_names: Iterable[str], headers: Headers, query: str) -> None:
+    async def prepare(self, provider_names: Iterable[str], headers: Headers, query: str,
+                      caller: str | None = None) -> None:
         """Make sure each introspection provider's token in this request has a cached answer
-        (or that asking failed, which ``authenticate`` then refuses)."""
+        (or that asking failed, which ``authenticate`` then refuses). ``caller``: who sent
+        the request (its calls count against its own share of the slots); None for the
+        sweep of streams, which has no caller in the request's sense."""
         authn = self.authenticator
         for name in provider_names:
             provider = authn.provider(name)  # type: ignore[attr-defined]
@@ -93,9 +101,10 @@ class Introspector:
             cache = authn.introspected  # type: ignore[attr-defined]
             if cache.fresh(name, digest, time.time()):
                 continue
-            await self._introspect_once(provider, found.token, digest)
+            await self._introspect_once(provider, found.token, digest, caller)
 
-    async def _introspect_once(self, provider: JwtProvider, token: str, digest: bytes) -> None:
+    async def _introspect_once(self, provider: JwtProvider, token: str, digest: bytes,
+                               caller: str | None) -> None:
         key = (provider.name, digest)
         pending = self._in_flight.get(key)
         if pending is not None:
@@ -108,20 +117,37 @@ class Introspector:
         done = trio.Event()
         self._in_flight[key] = done
         try:
-            await self._call(provider, token, digest)
+            await self._call(provider, token, digest, caller)
         finally:
             del self._in_flight[key]
             done.set()
 
-    async def _call(self, provider: JwtProvider, token: str, digest: bytes) -> None:
+    async def _call(self, provider: JwtProvider, token: str, digest: bytes,
+                    caller: str | None) -> None:
         spec = provider.introspection
         assert spec is not None
         limiter = self._limiter(provider.name, spec.max_concurrent)
-        with trio.move_on_after(spec.timeout_seconds) as waited:
-            await limiter.acquire()
+        share = None if caller is None else self._share(provider.name, caller, spec.per_caller)
+        shared = False  # this caller's share taken
+        try:
+            with trio.move_on_after(spec.timeout_seconds) as waited:
+                if share is not None:
+                    await share.acquire()
+                    shared = True
+                await limiter.acquire()
+        except BaseException:  # cancelled from outside (the client went away): give it back
+            if shared:
+                share.release()  # type: ignore[union-attr]
+            self._forget_share(provider.name, caller, share)
+            raise
         if waited.cancelled_caught:
+            if shared:
+                share.release()  # type: ignore[union-attr]
+            self._forget_share(provider.name, caller, share)
+            # limit: whose slots were all taken, the caller's own share or the provider's.
             log("introspection_busy", "warning", provider=provider.name,
-                max_concurrent=spec.max_concurrent)
+                max_concurrent=spec.max_concurrent, caller=caller,
+                limit="provider" if shared or share is None else "caller")
             self._count(provider.name, "busy")
             self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
             return
@@ -151,6 +177,9 @@ class Introspector:
             return
         finally:
             limiter.release()
+            if share is not None:
+                share.release()
+                self._forget_share(provider.name, caller, share)
         self._down_until.pop(provider.name, None)
         self._count(provider.name, "inactive" if claims is None else "active")
         self.authenticator.introspected.store(  # type: ignore[attr-defined]
@@ -170,6 +199,20 @@ class Introspector:
         if limiter is None:
             limiter = self._limiters[(name, size)] = trio.CapacityLimiter(size)
         return limiter
+
+    def _share(self, name: str, caller: str, size: int) -> trio.CapacityLimiter:
+        """``caller``'s share of provider ``name``'s slots (kept only while in use)."""
+        share = self._shares.get((name, caller, size))
+        if share is None:
+            share = self._shares[(name, caller, size)] = trio.CapacityLimiter(size)
+        return share
+
+    def _forget_share(self, name: str, caller: str | None, share: trio.CapacityLimiter | None,
+                      ) -> None:
+        """Drop an idle share, so that the table holds only callers with calls in flight."""
+        if (share is not None and share.borrowed_tokens == 0
+                and share.statistics().tasks_waiting == 0):
+            self._shares.pop((name, caller, int(share.total_tokens)), None)
 
     def _context(self, spec: Introspection) -> ssl.SSLContext:
         key = (spec.ca, spec.mtls)

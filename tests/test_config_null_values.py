@@ -134,7 +134,7 @@ def maximal_policy() -> dict[str, Any]:
             "intro": {"issuer": "https://127.0.0.1:9/idp4", "introspection": {
                 "endpoint": "https://127.0.0.1:9/idp4/i", "ca": "ca.pem", "client_id": "c",
                 "client_secret_file": "secret", "cache_ttl": "1m", "negative_ttl": "10s",
-                "timeout": "2s", "max_concurrent": 4}},
+                "timeout": "2s", "max_concurrent": 4, "max_concurrent_per_caller": 2}},
             "intro-mtls": {"issuer": "https://127.0.0.1:9/idp5", "introspection": {
                 "endpoint": "https://127.0.0.1:9/idp5/i", "client_id": "c", "mtls": True}},
         },

@@ -111,6 +111,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "mtls": True}},
         "opaque-wrong": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
             **intro, "client_secret_file": "wrong-secret"}},
+        "opaque-shared": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+            **intro, "timeout": "3s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
         "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
                           "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
                           "from_params": ["access_token"], "from_cookies": ["session"]},
@@ -126,6 +128,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         rule("opaque-mtls", ["/opaque-mtls/**"], "opaque-mtls"),
         rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
         rule("opaque-places", ["/opaque-places/**"], "opaque-places"),
+        rule("opaque-shared", ["/opaque-shared/**"], "opaque-shared"),
     ]
     policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
               "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
@@ -287,6 +290,38 @@ def test_introspection_endpoint_slow_or_down_fails_closed(env: Env, mode: str) -
         env.idp.control(mode={"introspect": "ok"})
     # The server is back: after the failure backoff the same token is introspected again.
     wait_for(lambda: env.get("/opaque/x", token).status == 200, timeout=10, interval=0.3)
+
+
+def test_one_caller_cannot_take_every_introspection_slot(env: Env) -> None:
+    """``max_concurrent_per_caller``: frontend's three new tokens at once are asked about one
+    at a time (its share is 1 of 3 slots), and batch's new token meanwhile at once. Without
+    the share frontend's three would hold every slot and batch's would wait for one."""
+    import threading
+
+    frontend = [env.idp.token(identity=env.frontend, format="opaque") for _ in range(3)]
+    batch = env.idp.token(identity=env.batch, format="opaque")
+    status: dict[str, int] = {}
+
+    def get(key: str, token: str, caller: str) -> None:
+        status[key] = env.get("/opaque-shared/x", token, caller=caller).status
+
+    env.idp.control(mode={"introspect": "slow"}, delay=1.0)
+    try:
+        threads = [threading.Thread(target=get, args=(f"frontend-{i}", token, "frontend"))
+                   for i, token in enumerate(frontend)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: env.idp.stats()["slow_in_flight_max"]["introspect"] >= 1,
+                 timeout=10, interval=0.05)
+        threads.append(threading.Thread(target=get, args=("batch", batch, "batch")))
+        threads[-1].start()
+        for thread in threads:
+            thread.join(timeout=20)
+        most = env.idp.stats()["slow_in_flight_max"]["introspect"]
+    finally:
+        env.idp.control(mode={"introspect": "ok"})
+    assert status == {"frontend-0": 200, "frontend-1": 200, "frontend-2": 200, "batch": 200}
+    assert most == 2  # one of frontend's, batch's
 
 
 # Tokens outside RFC 6750's b64token syntax (the family: tests/test_opaque_token_syntax.py),

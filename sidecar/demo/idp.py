@@ -26,7 +26,8 @@ Everything a provider of the sidecar may talk to, and nothing more:
   (true), ``drop_old`` (true: unpublish older keys), ``mode`` (endpoint -> ``ok``/``fail``/
   ``slow``), ``delay`` (seconds for ``slow``, bounded at 30), ``metadata`` (members that
   override the metadata document, e.g. a wrong ``issuer``), ``revoke`` (a token);
-  ``GET /_test/stats``: requests per endpoint.
+  ``GET /_test/stats``: requests per endpoint, and ``slow_in_flight_max``: per endpoint,
+  the most requests held at once by ``slow`` since its mode was last set.
 
 Threads (``ThreadingHTTPServer``), one per connection; the TLS handshake runs in the
 connection's thread, so a slow client cannot stall the accept loop. Nothing is persisted.
@@ -130,6 +131,8 @@ class AuthorizationServer:
         self.delay = 0.0
         self.metadata_override: dict[str, Any] = {}
         self.stats = dict.fromkeys(ENDPOINTS, 0)
+        self.slow_in_flight = dict.fromkeys(ENDPOINTS, 0)
+        self.slow_in_flight_max = dict.fromkeys(ENDPOINTS, 0)
         self.issued: dict[str, dict[str, Any]] = {}  # token -> claims (for introspection)
         self.revoked: set[str] = set()
         self.stopping = threading.Event()
@@ -250,6 +253,7 @@ class AuthorizationServer:
             for endpoint, mode in dict(doc.get("mode", {})).items():
                 if endpoint in self.modes and mode in ("ok", "fail", "slow"):
                     self.modes[endpoint] = mode
+                    self.slow_in_flight_max[endpoint] = 0
             if "delay" in doc:
                 self.delay = max(0.0, min(float(doc["delay"]), MAX_DELAY))
             if "metadata" in doc:
@@ -263,7 +267,15 @@ class AuthorizationServer:
             self.stats[endpoint] += 1
             mode, delay = self.modes[endpoint], self.delay
         if mode == "slow":
-            self.stopping.wait(delay)
+            with self.lock:
+                self.slow_in_flight[endpoint] += 1
+                self.slow_in_flight_max[endpoint] = max(self.slow_in_flight_max[endpoint],
+                                                        self.slow_in_flight[endpoint])
+            try:
+                self.stopping.wait(delay)
+            finally:
+                with self.lock:
+                    self.slow_in_flight[endpoint] -= 1
         return mode
 
 
@@ -305,7 +317,8 @@ def make_handler(server: AuthorizationServer) -> type[BaseHTTPRequestHandler]:
                 endpoint, make = "jwks", server.jwks
             elif path == "/_test/stats":
                 with server.lock:
-                    self._send(200, dict(server.stats))
+                    self._send(200, {**server.stats,
+                                     "slow_in_flight_max": dict(server.slow_in_flight_max)})
                 return
             else:
                 self._send(404, {"error": "not_found"})

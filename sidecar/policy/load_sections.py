@@ -21,6 +21,7 @@ from sidecar.http.untrusted import SIDECAR_SET, fold
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
     DEFAULT_TOKEN_LOCATIONS,
+    INTROSPECTION_MAX_CONCURRENT,
     AlertRule,
     ApiKey,
     Introspection,
@@ -292,7 +293,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
 
 INTROSPECTION_KEYS = frozenset(
     {"endpoint", "ca", "client_id", "client_secret_file", "mtls", "cache_ttl", "negative_ttl",
-     "timeout", "max_concurrent"}
+     "timeout", "max_concurrent", "max_concurrent_per_caller"}
 )
 
 
@@ -352,6 +353,15 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
     if "max_concurrent" in m:
         kw["max_concurrent"] = r.integer(m["max_concurrent"], path + ("max_concurrent",), 1, 256)
         ok = ok and kw["max_concurrent"] is not None
+    if "max_concurrent_per_caller" in m:
+        where = path + ("max_concurrent_per_caller",)
+        share = kw["max_concurrent_per_caller"] = r.integer(m["max_concurrent_per_caller"],
+                                                            where, 1, 256)
+        ok = ok and share is not None
+        most = kw.get("max_concurrent") or INTROSPECTION_MAX_CONCURRENT
+        if share is not None and share > most:
+            r.problem(where, f"cannot be more than max_concurrent ({most})")
+            ok = False
     if not ok or endpoint is None or client_id is None:
         return None
     return Introspection(endpoint=endpoint, client_id=client_id, mtls=mtls is True, **kw)

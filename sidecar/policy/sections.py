@@ -27,6 +27,9 @@ class TokenLocation:
 DEFAULT_TOKEN_LOCATIONS = (TokenLocation("header", "authorization", "Bearer "),)
 
 
+INTROSPECTION_MAX_CONCURRENT = 16
+
+
 @dataclass(frozen=True, slots=True)
 class Introspection:
     """RFC 7662 token introspection for opaque tokens (``jwt_providers.<name>.introspection``).
@@ -43,7 +46,17 @@ class Introspection:
     cache_ttl_seconds: float = 60.0  # an active result counts until min(exp, now + this)
     negative_ttl_seconds: float = 5.0  # an inactive result counts this long
     timeout_seconds: float = 2.0  # connect + whole exchange, each
-    max_concurrent: int = 16  # introspection calls in flight per provider
+    max_concurrent: int = INTROSPECTION_MAX_CONCURRENT  # calls in flight per provider
+    # ... of which one caller (a peer identity, else a source address) may hold at most
+    # this many; None: half of max_concurrent (at least one).
+    max_concurrent_per_caller: int | None = None
+
+    @property
+    def per_caller(self) -> int:
+        """The calls one caller may have in flight for this provider."""
+        if self.max_concurrent_per_caller is not None:
+            return self.max_concurrent_per_caller
+        return max(1, self.max_concurrent // 2)
 
 
 @dataclass(frozen=True, slots=True)
