@@ -24,7 +24,10 @@ from sidecar.audit.signing import write_keypair
 from sidecar.audit.writer import AuditWriter
 from sidecar.config.audit import AuditConfig, ShipConfig
 from tests.harness import (
+    KubeletVolume,
+    Pki,
     Proc,
+    ThrowawayCA,
     free_port,
     http,
     https_server_material,
@@ -356,6 +359,124 @@ def test_shipper_refuses_a_collector_it_cannot_authenticate(tmp_path, rsyslog, h
     assert shipper is not None and shipper.sent == 0 and not shipper.connected
     assert "CERTIFICATE_VERIFY_FAILED" in (shipper.last_error or "")
     assert not any("never-shipped" in line for line in rsyslog.lines())
+
+
+# ------------------------------------------------ trust that changes under a connection
+
+
+def _shipping(tmp_path: Path, ship: ShipConfig, recheck: float | None = 0.2) -> AuditWriter:
+    writer = AuditWriter(AuditConfig(path=str(tmp_path / "audit"), fsync=False, ship=ship),
+                         identity=ORDERS, retry_initial=0.05, retry_max=0.2)
+    assert writer.shipper is not None
+    if recheck is not None:
+        writer.shipper.recheck_seconds = recheck  # (30 s in a sidecar)
+    return writer
+
+
+def _run_shipping(writer: AuditWriter, body) -> None:
+    """Run ``writer`` (bounded in time) while ``await body(shipper)`` runs, then stop it."""
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                await body(writer.shipper)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def _arrived(rsyslog: Rsyslog, request_id: str) -> bool:
+    return any(request_id in line for line in rsyslog.lines())
+
+
+def test_a_changed_ca_bundle_ends_the_connection_and_is_used(tmp_path, rsyslog):
+    """The collector's CA bundle, in a Secret volume, is replaced by one that does not trust
+    it: the connection made under the old bundle ends, and no record reaches that collector
+    until the bundle trusts it again (before: the connection went on, and the new bundle was
+    read only by a restart)."""
+    import dataclasses
+
+    volume = KubeletVolume(tmp_path / "collector-ca")
+    trusted = rsyslog.ca_file.read_bytes()
+    volume.publish({"ca.pem": trusted})
+    writer = _shipping(tmp_path, dataclasses.replace(rsyslog.ship(),
+                                                     ca_file=volume.path("ca.pem")))
+
+    async def body(shipper) -> None:
+        assert writer.submit(AuditRecord(time=1.0, request_id="before-rotation"))
+        await _until(lambda: _arrived(rsyslog, "before-rotation"))
+        volume.publish({"ca.pem": ThrowawayCA("another collector CA").cert_pem})
+        await _until(lambda: not shipper.connected
+                     and "CERTIFICATE_VERIFY_FAILED" in (shipper.last_error or ""))
+        assert writer.submit(AuditRecord(time=2.0, request_id="while-untrusted"))
+        await trio.sleep(1.0)
+        assert not _arrived(rsyslog, "while-untrusted")
+        volume.publish({"ca.pem": trusted})
+        await _until(lambda: _arrived(rsyslog, "while-untrusted"))
+
+    _run_shipping(writer, body)
+
+
+def test_a_rotated_client_certificate_is_presented_without_a_restart(tmp_path):
+    """A collector that requires client certificates (rsyslog ``x509/certvalid``) and a
+    client certificate it does not accept, rotated in its Secret volume to one it does: the
+    next connect presents the new one (before: the first one was kept until a restart)."""
+    import dataclasses
+
+    collector = Rsyslog(tmp_path / "rsyslog")
+    mesh, stranger = Pki(tmp_path / "mesh"), Pki(tmp_path / "stranger")
+    good, bad = mesh.identity("orders"), stranger.identity("orders")
+    # rsyslog's CA file holds its own CA and the mesh's (the client certificates' CA).
+    collector.ca_file.write_bytes(collector.ca_file.read_bytes()
+                                  + Path(mesh.bundle).read_bytes())
+    collector.conf.write_text(collector.conf.read_text().replace(
+        'StreamDriver.AuthMode="anon"', 'StreamDriver.AuthMode="x509/certvalid"'))
+    volume = KubeletVolume(tmp_path / "client-cert")
+    volume.publish({name: (bad / name).read_bytes() for name in ("tls.crt", "tls.key")})
+    collector.start()
+    try:
+        writer = _shipping(tmp_path, dataclasses.replace(
+            collector.ship(), cert_file=volume.path("tls.crt"),
+            key_file=volume.path("tls.key")))
+
+        async def body(shipper) -> None:
+            assert writer.submit(AuditRecord(time=1.0, request_id="rotated-in"))
+            # (TLS 1.3: the client's handshake ends before rsyslog checks its certificate,
+            # so the shipper sends, and sees the close after.)
+            await _until(lambda: shipper.failures >= 2)
+            assert not _arrived(collector, "rotated-in")
+            volume.publish({name: (good / name).read_bytes() for name in ("tls.crt", "tls.key")})
+            await _until(lambda: _arrived(collector, "rotated-in"))
+
+        _run_shipping(writer, body)
+    finally:
+        collector.stop()
+
+
+def test_a_connection_ends_when_the_collectors_certificate_expires(tmp_path):
+    """The collector's certificate runs out while the connection is up: the connection ends
+    at its notAfter (not at the next recheck of the files), and a new one is refused."""
+    collector = Rsyslog(tmp_path / "rsyslog")
+    ca = ThrowawayCA("short-lived collector CA")
+    ca.write(collector.ca_file)
+    # server.crt, server.key: valid 12 s (time to start rsyslog and connect on a busy machine)
+    ca.issue(days=12 / 86400).write(collector.root / "tls")
+    collector.start()
+    try:
+        writer = _shipping(tmp_path, collector.ship(), recheck=None)
+
+        async def body(shipper) -> None:
+            assert writer.submit(AuditRecord(time=1.0, request_id="still-valid"))
+            await _until(lambda: _arrived(collector, "still-valid"))
+            await _until(lambda: not shipper.connected
+                         and "expired" in (shipper.last_error or ""), timeout=30)
+            assert writer.submit(AuditRecord(time=2.0, request_id="after-expiry"))
+            await trio.sleep(1.0)
+            assert not _arrived(collector, "after-expiry")
+
+        _run_shipping(writer, body)
+    finally:
+        collector.stop()
 
 
 # Every slot of a record shape, with values of the slot's type and of every other type:

@@ -28,6 +28,13 @@ a seq twice; ``collect`` keeps one copy and refuses two different frames with on
 RFC 5425 has no acknowledgements; RELP would be needed for end-to-end ones. A read task
 notices the collector closing at once (syslog collectors never send).
 
+Trust is re-read, not remembered: the TLS context is rebuilt before a connect whenever
+``ca_file``, ``cert_file`` or ``key_file`` changed on disk (inode, size, mtime), so a rotated
+CA bundle or client certificate is used without a restart; and a connection does not
+outlive what it was made under: every ``TRUST_RECHECK_SECONDS`` the files are looked at
+again, and the connection is closed (then made anew, and the last messages resent as after
+any break) when one changed or when the collector's certificate expires.
+
 ``mode: fail_open`` keeps serving when shipping fails (drops counted); ``required`` makes
 ``accepting()`` false while not connected or the queue is full, and the data path answers
 503, as for an unwritable disk.
@@ -63,6 +70,7 @@ RESEND_FRAMES = 4096  # about the most a dead peer's socket buffers swallow unno
 SEND_BATCH = 256
 CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
+TRUST_RECHECK_SECONDS = 30.0  # how often a connection's TLS files are looked at again
 
 
 _MSGIDS = {kind: msgid.encode() for kind, msgid in MSGIDS.items()}
@@ -331,7 +339,10 @@ class Shipper:
     def __init__(self, cfg: ShipConfig, *, retry_initial: float = 0.1,
                  retry_max: float = 5.0) -> None:
         self.cfg = cfg
+        self._trust_files = [f for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f]
+        self._built = self._trust_state()
         self.context = client_context(cfg)
+        self.recheck_seconds = TRUST_RECHECK_SECONDS
         self._queue: deque[bytes] = deque()
         self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection
         self._wake = trio.Event()
@@ -410,9 +421,26 @@ class Shipper:
                     except _NET_ERRORS:
                         pass  # it is being thrown away anyway
 
+    def _trust_state(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What the TLS files are now (inode, size, mtime; None: unreadable)."""
+        state: list[tuple[int, int, int] | None] = []
+        for name in self._trust_files:
+            try:
+                st = os.stat(name)
+                state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                state.append(None)
+        return tuple(state)
+
     async def _connect(self) -> TlsTransport:
         assert self.cfg.address is not None  # filled in from the environment at start
         host, port = self.cfg.address
+        state = self._trust_state()
+        if state != self._built:
+            # A rotated CA bundle or client certificate: what the next handshake uses. A
+            # file half written or unreadable fails this connect (retried with backoff).
+            self.context = client_context(self.cfg)
+            self._built = state
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
             named = _NamedContext(self.context, self.cfg.server_name or host)
@@ -427,6 +455,7 @@ class Shipper:
     async def _serve(self, stream: TlsTransport) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_close, stream)
+            nursery.start_soon(self._watch_trust, stream)
             while True:
                 if not self._queue:
                     if self.closing:
@@ -464,6 +493,25 @@ class Shipper:
             if not data:
                 raise _CollectorClosed("collector closed the connection")
 
+    async def _watch_trust(self, stream: TlsTransport) -> None:
+        # The connection holds only while what it was made under does: the TLS files as
+        # they were at its handshake, and the collector's certificate within its validity.
+        try:
+            cert = stream.getpeercert()
+        except ValueError:  # the collector ended the handshake after all (it refused us)
+            raise _TrustChanged("no verified collector certificate") from None
+        not_after = cert.get("notAfter") if isinstance(cert, dict) else None
+        # Valid *through* notAfter's second (RFC 5280 4.1.2.5, and OpenSSL agrees): ended
+        # before its end, the connection would be made again at once, and again.
+        expires = (ssl.cert_time_to_seconds(not_after) + 1 if isinstance(not_after, str)
+                   else math.inf)
+        while True:
+            await trio.sleep(max(0.0, min(self.recheck_seconds, expires - time.time())))
+            if time.time() >= expires:
+                raise _TrustChanged("the collector's certificate expired")
+            if self._trust_state() != self._built:
+                raise _TrustChanged("ca_file, cert_file or key_file changed")
+
     def _requeue_recent(self) -> None:
         """Send again what the broken connection may have lost (at least once)."""
         again = list(self._recent)
@@ -488,6 +536,10 @@ class Shipper:
 
 class _CollectorClosed(Exception):
     pass
+
+
+class _TrustChanged(_CollectorClosed):
+    """The connection was made under TLS files or a certificate that no longer hold."""
 
 
 class _NamedContext:
