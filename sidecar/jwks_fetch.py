@@ -22,6 +22,8 @@ sidecar hanging on a dead JWKS server.
 ``fetch_jwks`` is one GET through the control-plane client (``sidecar.ctlhttp.client``):
 https only, certificate and host name checked against ``jwks_ca`` (or the system store),
 TLS >= 1.2, no redirects, no compression, body capped at 1 MiB, every step under a deadline.
+The fetcher's context is made again at a fetch when the ``jwks_ca`` file changed
+(``sidecar.net.tlsfiles``): a bundle rotated in place is used without a policy change.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from sidecar.ctlhttp.client import (
 )
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
+from sidecar.net.tlsfiles import FileContext
 from sidecar.policy.sections import JwtProvider
 
 # Every failure of a fetch is the control-plane client's error (kept under its old name).
@@ -133,7 +136,8 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
     """
     if not (provider.jwks_uri or provider.discovery_url):
         raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
-    ssl_context = jwks_ssl_context(provider.jwks_ca)
+    # Made again at a fetch when the jwks_ca file changed (a rotated bundle, same path).
+    ssl_context = FileContext(lambda: jwks_ssl_context(provider.jwks_ca), (provider.jwks_ca,))
     jitter = rng if rng is not None else random.Random()  # spreads load; no secret here
     send, receive = trio.open_memory_channel[None](1)
 
@@ -172,11 +176,15 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
 
 
 async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
-                      state: RefreshState, ssl_context: ssl.SSLContext,
+                      state: RefreshState, tls: FileContext,
                       connect_timeout: float, read_timeout: float,
                       signalled: bool) -> RefreshState:
     uri = provider.jwks_uri or provider.discovery_url or ""
     try:
+        try:
+            ssl_context = tls.current()
+        except (OSError, ssl.SSLError) as exc:
+            raise JwksFetchError(f"cannot load jwks_ca: {exc}") from exc
         if provider.discovery_url:
             # Metadata first, on every refresh: an issuer may move its jwks_uri, and a
             # document that stops naming our issuer must stop feeding us keys.

@@ -217,6 +217,25 @@ def test_server_certificate_must_chain_to_jwks_ca(tls: Tls) -> None:
     run(body, tls)
 
 
+def test_a_jwks_ca_rotated_in_place_is_used_at_the_next_fetch(tls: Tls, tmp_path: Path) -> None:
+    """The ``jwks_ca`` file is a Secret volume's, rotated to a bundle that trusts the server
+    (the path stays): the next fetch uses it (before, the bundle read at start was kept
+    until the provider changed in the policy, and the keys went stale)."""
+    from tests.harness import KubeletVolume
+
+    volume = KubeletVolume(tmp_path / "jwks-ca")
+    volume.publish({"ca.pem": Path(tls.other_ca_file).read_bytes()})
+
+    async def body(nursery: trio.Nursery, server: JwksServer) -> None:
+        auth = setup(server, tls, jwks_ca=volume.path("ca.pem"))
+        await start_fetcher(nursery, auth)
+        assert auth.keys("corp") is None
+        volume.publish({"ca.pem": Path(tls.ca_file).read_bytes()})
+        await wait_until(lambda: auth.keys("corp") is not None)
+        assert check(auth, "ec-1") == {}
+    run(body, tls)
+
+
 def test_server_certificate_must_name_the_host_of_the_uri(tls: Tls) -> None:
     # The certificate names 127.0.0.1 only; asked for as "localhost" (the same loopback
     # server, a chain the CA file trusts) it is a name mismatch, refused like a foreign CA.

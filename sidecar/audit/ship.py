@@ -60,6 +60,7 @@ import trio
 
 from sidecar.audit.record import SharedExtra
 from sidecar.config.audit import ShipConfig
+from sidecar.net.tlsfiles import FileContext
 from sidecar.net.transport import TlsTransport
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
@@ -339,9 +340,8 @@ class Shipper:
     def __init__(self, cfg: ShipConfig, *, retry_initial: float = 0.1,
                  retry_max: float = 5.0) -> None:
         self.cfg = cfg
-        self._trust_files = [f for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f]
-        self._built = self._trust_state()
-        self.context = client_context(cfg)
+        self.tls = FileContext(lambda: client_context(cfg),
+                               (cfg.ca_file, cfg.cert_file, cfg.key_file))
         self.recheck_seconds = TRUST_RECHECK_SECONDS
         self._queue: deque[bytes] = deque()
         self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection
@@ -421,29 +421,15 @@ class Shipper:
                     except _NET_ERRORS:
                         pass  # it is being thrown away anyway
 
-    def _trust_state(self) -> tuple[tuple[int, int, int] | None, ...]:
-        """What the TLS files are now (inode, size, mtime; None: unreadable)."""
-        state: list[tuple[int, int, int] | None] = []
-        for name in self._trust_files:
-            try:
-                st = os.stat(name)
-                state.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                state.append(None)
-        return tuple(state)
-
     async def _connect(self) -> TlsTransport:
         assert self.cfg.address is not None  # filled in from the environment at start
         host, port = self.cfg.address
-        state = self._trust_state()
-        if state != self._built:
-            # A rotated CA bundle or client certificate: what the next handshake uses. A
-            # file half written or unreadable fails this connect (retried with backoff).
-            self.context = client_context(self.cfg)
-            self._built = state
+        # A rotated CA bundle or client certificate is what this handshake uses; a file
+        # half written or unreadable fails this connect (retried with backoff).
+        context = self.tls.current()
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(host, port)
-            named = _NamedContext(self.context, self.cfg.server_name or host)
+            named = _NamedContext(context, self.cfg.server_name or host)
             stream = TlsTransport(tcp.socket, cast(ssl.SSLContext, named), server_side=False)
             try:
                 await stream.do_handshake()
@@ -509,7 +495,7 @@ class Shipper:
             await trio.sleep(max(0.0, min(self.recheck_seconds, expires - time.time())))
             if time.time() >= expires:
                 raise _TrustChanged("the collector's certificate expired")
-            if self._trust_state() != self._built:
+            if self.tls.changed():
                 raise _TrustChanged("ca_file, cert_file or key_file changed")
 
     def _requeue_recent(self) -> None:
