@@ -78,13 +78,34 @@ def test_pem_bundle(cas) -> None:
     assert len(roots) == 2
 
 
+def test_x5c_read_as_the_standard_tells_a_consumer(cas) -> None:
+    """X509-SVID 6.2: of several x5c values only the first is the root (the others are
+    ignored, never trusted); an x509-svid key without x5c, or with an empty one, is ignored
+    (before, both refused the whole bundle, which kept the last one -- roots the publisher
+    had removed included -- in force)."""
+    cluster, partner = cas
+    root = json.loads(spiffe_bundle_json([cluster.root]))["keys"][0]
+    other = json.loads(spiffe_bundle_json([partner.root]))["keys"][0]["x5c"][0]
+    doc = {"keys": [{**root, "x5c": [root["x5c"][0], other, "not even base64"]},
+                    {"use": "x509-svid", "kty": "EC"}, {"use": "x509-svid", "x5c": []}]}
+    assert parse_bundle(json.dumps(doc).encode()) == [cluster.root]
+    # Only ignored keys: no root at all -- refused as the own bundle, a withdrawal of the
+    # trust domain's X.509 trust as a federated one (as a bundle with no x509-svid key).
+    for only in ({"use": "x509-svid", "x5c": []}, {"use": "x509-svid"}):
+        data = json.dumps({"keys": [only]}).encode()
+        with pytest.raises(ValueError, match="no key with"):
+            parse_bundle(data)
+        assert parse_bundle(data, allow_empty=True) == []
+
+
 @pytest.mark.parametrize("doc, says", [
     (b"{not json", "not valid JSON"),
     (b'{"nokeys": []}', "'keys' list"),
     (b'{"keys": {}}', "'keys' list"),
     (b'{"keys": [1]}', "not an object"),
-    (b'{"keys": [{"use": "x509-svid", "x5c": []}]}', "exactly one x5c"),
-    (b'{"keys": [{"use": "x509-svid", "x5c": ["a", "b"]}]}', "exactly one x5c"),
+    (b'{"keys": [{"use": "x509-svid", "x5c": "AAAA"}]}', "list of base64"),
+    (b'{"keys": [{"use": "x509-svid", "x5c": [7]}]}', "list of base64"),
+    (b'{"keys": [{"use": "x509-svid", "x5c": ["a", "b"]}]}', "base64 DER"),
     (b'{"keys": [{"use": "x509-svid", "x5c": ["%%%"]}]}', "base64 DER"),
     (b'{"keys": [{"use": "x509-svid", "x5c": ["' + base64.b64encode(b"junk") + b'"]}]}',
      "base64 DER"),

@@ -8,10 +8,12 @@ told apart by their first non-blank byte (the two cannot be confused: PEM starts
 
 * PEM: one or more ``CERTIFICATE`` blocks.
 * SPIFFE trust bundle (SPIFFE Trust Domain and Bundle standard, section 4), as SPIRE's bundle
-  endpoint serves it: a JWK Set whose keys with ``"use": "x509-svid"`` each carry exactly one
-  certificate, base64 DER, in ``x5c``. Keys with ``"use": "jwt-svid"`` (JWT signing keys) or
-  any other use are skipped, as the standard asks; ``spiffe_sequence`` and
-  ``spiffe_refresh_hint`` are accepted and ignored (the sidecar polls the file).
+  endpoint serves it: a JWK Set whose keys with ``"use": "x509-svid"`` each carry one root
+  certificate, base64 DER, in ``x5c``. Read as the X509-SVID standard (6.2) tells a consumer
+  to: a key whose ``x5c`` is missing or empty is ignored, and of several ``x5c`` values only
+  the first is the root (the rest are ignored, never trusted). Keys with ``"use": "jwt-svid"``
+  (JWT signing keys) or any other use are skipped, as the standard asks; ``spiffe_sequence``
+  and ``spiffe_refresh_hint`` are accepted and ignored (the sidecar polls the file).
 
 Pure: bytes in, certificates out, ``ValueError`` naming what is wrong. Callers add the file
 name and the rule code.
@@ -71,8 +73,12 @@ def _parse_spiffe_json(data: bytes) -> list[x509.Certificate]:
         if key.get("use") != X509_SVID_USE:
             continue  # jwt-svid and unknown uses are not X.509 roots
         x5c = key.get("x5c")
-        if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
-            raise ValueError(f"keys[{i}]: an x509-svid key must carry exactly one x5c entry")
+        if x5c is None or x5c == []:
+            continue  # X509-SVID 6.2: an entry without x5c MUST be ignored
+        if not isinstance(x5c, list) or not isinstance(x5c[0], str):
+            raise ValueError(f"keys[{i}]: x5c must be a list of base64 DER certificates")
+        # X509-SVID 6.2: the first value is the root; all but the first MUST be ignored
+        # (a publisher that adds its chain there adds nothing we trust).
         try:
             der = base64.b64decode(x5c[0], validate=True)
             certs.append(x509.load_der_x509_certificate(der))
