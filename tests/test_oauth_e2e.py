@@ -112,7 +112,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "opaque-wrong": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
             **intro, "client_secret_file": "wrong-secret"}},
         "opaque-shared": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
-            **intro, "timeout": "3s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
+            **intro, "timeout": "5s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
         "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
                           "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
                           "from_params": ["access_token"], "from_cookies": ["session"]},
