@@ -43,3 +43,34 @@ def test_a_missing_file_fails_and_its_return_is_seen(tmp_path: Path) -> None:
         tls.current()
     ThrowawayCA().write(ca)
     assert tls.current() is tls.context
+
+
+def test_a_fifo_put_where_a_file_was_fails_at_once(tmp_path: Path) -> None:
+    """``ssl`` would wait forever on a FIFO (and with it the event loop that asked): the
+    file is refused as not regular, and the last context is kept."""
+    import os
+    import threading
+
+    ca = tmp_path / "ca.pem"
+    ThrowawayCA().write(ca)
+    tls = FileContext(lambda: ssl.create_default_context(cafile=str(ca)), (str(ca),))
+    kept = tls.context
+    ca.unlink()
+    os.mkfifo(ca)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            tls.current()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- what it raised is the assertion
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    if worker.is_alive():  # unblock it before failing: open the FIFO's write end once
+        os.close(os.open(ca, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("current() blocked on a FIFO")
+    assert isinstance(outcome[0], OSError) and "not a regular file" in str(outcome[0])
+    assert tls.context is kept
