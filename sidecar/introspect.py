@@ -55,10 +55,10 @@ from sidecar.config.source import read_regular
 from sidecar.jwks_fetch import JwksFetchError, https_request
 from sidecar.logs import log
 from sidecar.metrics import SidecarMetrics
+from sidecar.net.tlsfiles import FileContext
 from sidecar.policy.sections import Introspection, JwtProvider
 
 FAILURE_BACKOFF_SECONDS = 1.0
-CONTEXT_MAX_AGE_SECONDS = 60.0  # rebuild TLS client contexts (the SVID rotates)
 
 
 class Introspector:
@@ -75,7 +75,7 @@ class Introspector:
         self._shares: dict[tuple[str, str | None, int], trio.CapacityLimiter] = {}
         self._in_flight: dict[tuple[str, bytes], trio.Event] = {}
         self._down_until: dict[str, float] = {}
-        self._contexts: dict[tuple[str | None, bool], tuple[float, ssl.SSLContext]] = {}
+        self._contexts: dict[tuple[str | None, bool], FileContext] = {}
         self.calls = 0
         self.failures = 0
 
@@ -215,20 +215,26 @@ class Introspector:
             self._shares.pop((name, caller, int(share.total_tokens)), None)
 
     def _context(self, spec: Introspection) -> ssl.SSLContext:
+        """The client context for ``spec``'s endpoint, made again when its CA bundle or (with
+        ``mtls``) this workload's certificate or key file changed (``FileContext``)."""
         key = (spec.ca, spec.mtls)
-        now = time.monotonic()
-        cached = self._contexts.get(key)
-        if cached is not None and now - cached[0] < CONTEXT_MAX_AGE_SECONDS:
-            return cached[1]
-        ctx = ssl.create_default_context(cafile=spec.ca)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if spec.mtls:
-            if self.identity is None:
-                raise JwksFetchError("mtls introspection needs the workload identity")
-            cert, key_file = self.identity()
-            ctx.load_cert_chain(cert, key_file)
-        self._contexts[key] = (now, ctx)
-        return ctx
+        tls = self._contexts.get(key)
+        if tls is None:
+            cert = key_file = None
+            if spec.mtls:
+                if self.identity is None:
+                    raise JwksFetchError("mtls introspection needs the workload identity")
+                cert, key_file = self.identity()
+
+            def make() -> ssl.SSLContext:
+                ctx = ssl.create_default_context(cafile=spec.ca)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+                if cert is not None:
+                    ctx.load_cert_chain(cert, key_file)
+                return ctx
+
+            tls = self._contexts[key] = FileContext(make, (spec.ca, cert, key_file))
+        return tls.current()
 
 
 def _basic(spec: Introspection) -> str:

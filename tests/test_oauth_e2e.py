@@ -22,9 +22,11 @@ import pytest
 import yaml
 
 from tests.harness import (
+    KubeletVolume,
     Pki,
     Response,
     SidecarProc,
+    ThrowawayCA,
     audit_export,
     free_port,
     http,
@@ -64,6 +66,7 @@ class Env:
     batch: Path
     audit_dir: Path
     ctx: dict[str, ssl.SSLContext]
+    ca_volume: KubeletVolume  # the "opaque-rotated" provider's introspection CA bundle
 
     def get(self, path: str, token: str | None = None, caller: str = "frontend") -> Response:
         headers = {"authorization": f"Bearer {token}"} if token is not None else {}
@@ -95,6 +98,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     policy_dir.mkdir()
     (policy_dir / "secret").write_text("orders-secret\n")
     (policy_dir / "wrong-secret").write_text("not-the-secret\n")
+    ca_volume = KubeletVolume(tmp / "introspection-ca")
+    ca_volume.publish({"ca.pem": ThrowawayCA("not the IdP's CA").cert_pem})
     intro = {"endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
              "client_secret_file": "secret", "cache_ttl": "1h", "negative_ttl": "1h",
              "timeout": "1s"}
@@ -113,6 +118,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             **intro, "client_secret_file": "wrong-secret"}},
         "opaque-shared": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
             **intro, "timeout": "5s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
+        "opaque-rotated": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+            **intro, "ca": ca_volume.path("ca.pem")}},
         "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
                           "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
                           "from_params": ["access_token"], "from_cookies": ["session"]},
@@ -129,6 +136,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
         rule("opaque-places", ["/opaque-places/**"], "opaque-places"),
         rule("opaque-shared", ["/opaque-shared/**"], "opaque-shared"),
+        rule("opaque-rotated", ["/opaque-rotated/**"], "opaque-rotated"),
     ]
     policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
               "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
@@ -141,7 +149,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     sidecar = start_sidecar(tmp, "orders", cfg)
     ctx = {name: mtls_context(ident, pki.bundle)
            for name, ident in (("frontend", frontend), ("batch", batch))}
-    yield Env(tmp, pki, idp, sidecar, frontend, batch, audit_dir, ctx)
+    yield Env(tmp, pki, idp, sidecar, frontend, batch, audit_dir, ctx, ca_volume)
     sidecar.stop(timeout=10)
     app_proc.stop(timeout=10)
     idp.stop()
@@ -290,6 +298,19 @@ def test_introspection_endpoint_slow_or_down_fails_closed(env: Env, mode: str) -
         env.idp.control(mode={"introspect": "ok"})
     # The server is back: after the failure backoff the same token is introspected again.
     wait_for(lambda: env.get("/opaque/x", token).status == 200, timeout=10, interval=0.3)
+
+
+def test_an_introspection_ca_rotated_in_place_is_used_at_the_next_call(env: Env) -> None:
+    """The provider's ``ca`` is a Secret volume's file that first holds another CA: calls
+    fail (fail closed). The volume is updated to the authorisation server's CA: the next
+    call after the failure backoff uses it (before: up to a minute later)."""
+    token = env.idp.token(identity=env.frontend, format="opaque")
+    assert env.get("/opaque-rotated/x", token).status == 401
+    assert env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque-rotated",
+                              reason="introspection_unavailable") >= 1
+    env.ca_volume.publish({"ca.pem": Path(env.idp.ca).read_bytes()})
+    assert wait_for(lambda: env.get("/opaque-rotated/x", token).status == 200, timeout=10,
+                    interval=0.3)
 
 
 def test_one_caller_cannot_take_every_introspection_slot(env: Env) -> None:
