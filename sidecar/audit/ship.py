@@ -29,7 +29,7 @@ RFC 5425 has no acknowledgements; RELP would be needed for end-to-end ones. A re
 notices the collector closing at once (syslog collectors never send).
 
 Trust is re-read, not remembered: the TLS context is rebuilt before a connect whenever
-``ca_file``, ``cert_file`` or ``key_file`` changed on disk (inode, size, mtime), so a rotated
+``ca_file``, ``cert_file`` or ``key_file`` changed on disk (``sidecar.net.tlsfiles``), so a rotated
 CA bundle or client certificate is used without a restart; and a connection does not
 outlive what it was made under: every ``TRUST_RECHECK_SECONDS`` the files are looked at
 again, and the connection is closed (then made anew, and the last messages resent as after
