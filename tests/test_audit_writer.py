@@ -683,3 +683,53 @@ def test_a_batch_in_the_thread_is_encoded_in_paced_chunks_to_the_same_bytes(
     assert whole_naps == 0 and paced_naps == 2 * 5  # 6 chunks of records, then of messages
     result = verify(made[0][3].rsplit("/", 1)[0])
     assert result.ok and result.records == len(records)
+
+
+def test_a_rotated_signing_key_signs_the_next_checkpoints(tmp_path: Path) -> None:
+    """The signing key's Secret is rotated (a kubelet-style volume swap): the next signed
+    frame is signed with the new key (its kid), without a restart, and the trail verifies
+    with a keyring of both public keys only. A key file that does not load (caught half
+    written, not Ed25519) leaves the last key in use and says so once."""
+    import io
+    import json
+
+    from sidecar import logs
+    from sidecar.audit.signing import load_keyring, write_keypair
+    from tests.harness import KubeletVolume
+
+    a_priv, a_pub, a_kid = write_keypair(str(tmp_path / "a"))
+    b_priv, b_pub, b_kid = write_keypair(str(tmp_path / "b"))
+    volume = KubeletVolume(tmp_path / "signing")
+    volume.publish({"key.pem": Path(a_priv).read_bytes()})
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=False, signing_key_file=volume.path("key.pem"),
+                         checkpoint_every_records=10)
+
+    async def body(w: AuditWriter) -> None:
+        async def burst(start: int) -> None:
+            for i in range(start, start + 30):
+                assert w.submit(rec(i))
+            await wait_until(lambda: w.written >= start + 30)
+
+        await burst(0)
+        assert w.last_checkpoint is not None and w.last_checkpoint.kid == a_kid
+        volume.publish({"key.pem": Path(b_priv).read_bytes()})
+        await burst(30)
+        assert w.last_checkpoint is not None and w.last_checkpoint.kid == b_kid
+        volume.publish({"key.pem": b"-----BEGIN PRIVATE KEY-----\nhalf"})
+        await burst(60)
+        assert w.last_checkpoint is not None and w.last_checkpoint.kid == b_kid
+
+    out = io.StringIO()
+    logs.configure(stream=out)
+    try:
+        run_writer(config, body, identity="spiffe://td/a", **FAST)
+    finally:
+        logs.reset()
+    both = verify(str(d), keyring=load_keyring([a_pub, b_pub]))
+    assert both.ok and both.sealed and both.records == 90, both
+    for only in (a_pub, b_pub):
+        assert not verify(str(d), keyring=load_keyring([only])).ok
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert events.count("audit_signing_key_reloaded") == 1
+    assert events.count("audit_signing_key_invalid") == 1

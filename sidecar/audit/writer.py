@@ -75,6 +75,8 @@ from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
+from sidecar.logs import log
+from sidecar.reload import fingerprint
 
 AlertCallback = Callable[[str, str], None]
 # What ``submit`` takes: a record, or its stored map already built (``record.request_wire``,
@@ -161,6 +163,12 @@ class _SegmentSink:
                  signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
         self.directory = config.path
         self.signer = signer
+        # The key file as the signer was read from it: a rotated Secret is read again at the
+        # next signed frame (``_signer_now``).
+        self.signing_key_file = config.signing_key_file if signer is not None else None
+        self._signing_state = (fingerprint([self.signing_key_file])
+                               if self.signing_key_file is not None else None)
+        self._signing_refused: str | None = None  # the state of a key file that did not load
         self.encryptor = encryptor
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
@@ -229,7 +237,7 @@ class _SegmentSink:
             # found it (the header names what was unsigned before), and the unsigned tail
             # of the previous run does not add to this run's.
             chk_state = head.state
-            data, body = head.signed("chk", self.signer, self._checkpoint_body())
+            data, body = head.signed("chk", self._signer_now(), self._checkpoint_body())
             header += data
             checkpoint = Checkpoint.from_frame(chk_state[0], chk_state[1], "chk", body)
         try:
@@ -338,7 +346,7 @@ class _SegmentSink:
         if self.signer is None or self.fd is None or self.head is None or not self.unsigned_frames:
             return
         state = self.head.state
-        data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+        data, body = self.head.signed("chk", self._signer_now(), self._checkpoint_body())
         self._write_frame(state, data)
         self.size += len(data)
         self.last_checkpoint = self._signed(state, "chk", body)
@@ -394,7 +402,7 @@ class _SegmentSink:
             self._note_unsigned(len(chunk), len(chunk))
             if self.unsigned_records >= self.checkpoint_every:
                 state = self.head.state
-                data, body = self.head.signed("chk", self.signer, self._checkpoint_body())
+                data, body = self.head.signed("chk", self._signer_now(), self._checkpoint_body())
                 out += data
                 checkpoint = self._signed(state, "chk", body)
         return bytes(out), checkpoint
@@ -468,10 +476,35 @@ class _SegmentSink:
                              "reason": f"write failed: {exc.strerror or exc}"}
         self.fd, self.path, self.size, self.next_info = None, None, 0, info
 
+    def _signer_now(self) -> Signer | None:
+        """The signer for the next signed frame: when the key file changed since it was read
+        (a rotated Secret), the new key (its ``kid`` is in every frame it signs; verify with
+        a keyring of both public keys). A file that does not load (caught half written, not
+        Ed25519) leaves the old key in use and is logged once per content."""
+        path = self.signing_key_file
+        if path is None:
+            return self.signer
+        state = fingerprint([path])
+        if state == self._signing_state or state == self._signing_refused:
+            return self.signer
+        assert self.signer is not None
+        try:
+            signer = load_signer(path, self.signer.ident)
+        except ValueError as exc:
+            self._signing_refused = state
+            log("audit_signing_key_invalid", "error", path=path, error=str(exc),
+                kid=self.signer.kid)
+            return self.signer
+        log("audit_signing_key_reloaded", "info", path=path, kid=signer.kid,
+            previous_kid=self.signer.kid)
+        self.signer, self._signing_state, self._signing_refused = signer, state, None
+        return signer
+
     def _seal(self, why: str) -> None:
         assert self.fd is not None and self.head is not None
         state = self.head.state
-        seal, body = self.head.signed("end", self.signer, {"why": why, **self._checkpoint_body()})
+        seal, body = self.head.signed("end", self._signer_now(),
+                                      {"why": why, **self._checkpoint_body()})
         self._write_frame(state, seal)
         assert self.fd is not None
         os.close(self.fd)
