@@ -719,6 +719,9 @@ def test_a_rotated_signing_key_signs_the_next_checkpoints(tmp_path: Path) -> Non
         volume.publish({"key.pem": b"-----BEGIN PRIVATE KEY-----\nhalf"})
         await burst(60)
         assert w.last_checkpoint is not None and w.last_checkpoint.kid == b_kid
+        volume.publish({"other": b"the key file is gone"})  # removed: the same, said once
+        await burst(90)
+        assert w.last_checkpoint is not None and w.last_checkpoint.kid == b_kid
 
     out = io.StringIO()
     logs.configure(stream=out)
@@ -727,9 +730,9 @@ def test_a_rotated_signing_key_signs_the_next_checkpoints(tmp_path: Path) -> Non
     finally:
         logs.reset()
     both = verify(str(d), keyring=load_keyring([a_pub, b_pub]))
-    assert both.ok and both.sealed and both.records == 90, both
+    assert both.ok and both.sealed and both.records == 120, both
     for only in (a_pub, b_pub):
         assert not verify(str(d), keyring=load_keyring([only])).ok
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert events.count("audit_signing_key_reloaded") == 1
-    assert events.count("audit_signing_key_invalid") == 1
+    assert events.count("audit_signing_key_invalid") == 2

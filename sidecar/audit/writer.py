@@ -168,7 +168,8 @@ class _SegmentSink:
         self.signing_key_file = config.signing_key_file if signer is not None else None
         self._signing_state = (fingerprint([self.signing_key_file])
                                if self.signing_key_file is not None else None)
-        self._signing_refused: str | None = None  # the state of a key file that did not load
+        # The state of a key file that did not load (None: unreadable; "": nothing refused).
+        self._signing_refused: str | None = ""
         self.encryptor = encryptor
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
@@ -497,7 +498,7 @@ class _SegmentSink:
             return self.signer
         log("audit_signing_key_reloaded", "info", path=path, kid=signer.kid,
             previous_kid=self.signer.kid)
-        self.signer, self._signing_state, self._signing_refused = signer, state, None
+        self.signer, self._signing_state, self._signing_refused = signer, state, ""
         return signer
 
     def _seal(self, why: str) -> None:
