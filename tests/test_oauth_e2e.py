@@ -12,6 +12,7 @@ sequence uses its own authorisation server and sidecar. Every loop is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,69 +91,71 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("oauth-e2e")
     pki = Pki(tmp / "pki")
     frontend, batch = pki.identity("frontend"), pki.identity("batch")
-    idp = IdpProc(tmp / "idp", client_ca=pki.bundle, clients={"other": "other-secret",
-                                                              "orders": "orders-secret"},
-                  mtls_clients=("frontend", "batch", "orders"))
-    app_proc, app_port = start_app(tmp)
-    policy_dir = tmp / "policy"
-    policy_dir.mkdir()
-    (policy_dir / "secret").write_text("orders-secret\n")
-    (policy_dir / "wrong-secret").write_text("not-the-secret\n")
-    ca_volume = KubeletVolume(tmp / "introspection-ca")
-    ca_volume.publish({"ca.pem": ThrowawayCA("not the IdP's CA").cert_pem})
-    intro = {"endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
-             "client_secret_file": "secret", "cache_ttl": "1h", "negative_ttl": "1h",
-             "timeout": "1s"}
-    providers = {
-        "idp": jwt_provider(idp, typ="at+jwt", forward_claims={"client_id": "x-client"}),
-        "untyped": jwt_provider(idp),
-        "bound": jwt_provider(idp, typ="at+jwt", cert_binding="required"),
-        "query": jwt_provider(idp, from_params=["access_token"]),
-        "service-aud": {k: v for k, v in jwt_provider(idp).items() if k != "audiences"},
-        "opaque": {"issuer": idp.issuer, "audiences": [AUD], "introspection": intro,
-                   "forward_claims": {"sub": "x-sub"}},
-        "opaque-mtls": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
-            "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
-            "mtls": True}},
-        "opaque-wrong": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
-            **intro, "client_secret_file": "wrong-secret"}},
-        "opaque-shared": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
-            **intro, "timeout": "5s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
-        "opaque-rotated": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
-            **intro, "ca": ca_volume.path("ca.pem")}},
-        "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
-                          "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
-                          "from_params": ["access_token"], "from_cookies": ["session"]},
-    }
-    rules = [
-        rule("typed", ["/at/**"], "idp", {"scope": {"contains": "orders:read"}}),
-        rule("untyped", ["/untyped/**"], "untyped"),
-        rule("client", ["/client/**"], "idp", {"client_id": {"one_of": ["frontend"]}}),
-        rule("bound", ["/bound/**"], "bound"),
-        rule("query", ["/q/**"], "query"),
-        rule("service-aud", ["/svc/**"], "service-aud"),
-        rule("opaque", ["/opaque/**"], "opaque", {"scope": {"contains": "orders:read"}}),
-        rule("opaque-mtls", ["/opaque-mtls/**"], "opaque-mtls"),
-        rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
-        rule("opaque-places", ["/opaque-places/**"], "opaque-places"),
-        rule("opaque-shared", ["/opaque-shared/**"], "opaque-shared"),
-        rule("opaque-rotated", ["/opaque-rotated/**"], "opaque-rotated"),
-    ]
-    policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
-              "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
-    policy_path = policy_dir / "mesh.yaml"
-    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    audit_dir = tmp / "audit"
-    cfg = sidecar_config(pki.identity("orders"), inbound={
-        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
-        policy=str(policy_path), audit={"path": str(audit_dir)})
-    sidecar = start_sidecar(tmp, "orders", cfg)
-    ctx = {name: mtls_context(ident, pki.bundle)
-           for name, ident in (("frontend", frontend), ("batch", batch))}
-    yield Env(tmp, pki, idp, sidecar, frontend, batch, audit_dir, ctx, ca_volume)
-    sidecar.stop(timeout=10)
-    app_proc.stop(timeout=10)
-    idp.stop()
+    # Every process started here is stopped by its pid, also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        idp = IdpProc(tmp / "idp", client_ca=pki.bundle, clients={"other": "other-secret",
+                                                                  "orders": "orders-secret"},
+                      mtls_clients=("frontend", "batch", "orders"))
+        stack.callback(idp.stop)
+        app_proc, app_port = start_app(tmp)
+        stack.callback(app_proc.stop, timeout=10)
+        policy_dir = tmp / "policy"
+        policy_dir.mkdir()
+        (policy_dir / "secret").write_text("orders-secret\n")
+        (policy_dir / "wrong-secret").write_text("not-the-secret\n")
+        ca_volume = KubeletVolume(tmp / "introspection-ca")
+        ca_volume.publish({"ca.pem": ThrowawayCA("not the IdP's CA").cert_pem})
+        intro = {"endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
+                 "client_secret_file": "secret", "cache_ttl": "1h", "negative_ttl": "1h",
+                 "timeout": "1s"}
+        providers = {
+            "idp": jwt_provider(idp, typ="at+jwt", forward_claims={"client_id": "x-client"}),
+            "untyped": jwt_provider(idp),
+            "bound": jwt_provider(idp, typ="at+jwt", cert_binding="required"),
+            "query": jwt_provider(idp, from_params=["access_token"]),
+            "service-aud": {k: v for k, v in jwt_provider(idp).items() if k != "audiences"},
+            "opaque": {"issuer": idp.issuer, "audiences": [AUD], "introspection": intro,
+                       "forward_claims": {"sub": "x-sub"}},
+            "opaque-mtls": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+                "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca, "client_id": "orders",
+                "mtls": True}},
+            "opaque-wrong": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+                **intro, "client_secret_file": "wrong-secret"}},
+            "opaque-shared": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+                **intro, "timeout": "5s", "max_concurrent": 3, "max_concurrent_per_caller": 1}},
+            "opaque-rotated": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {
+                **intro, "ca": ca_volume.path("ca.pem")}},
+            "opaque-places": {"issuer": idp.issuer, "audiences": [AUD], "introspection": {**intro},
+                              "from_headers": [{"name": "x-token", "prefix": "Bearer "}],
+                              "from_params": ["access_token"], "from_cookies": ["session"]},
+        }
+        rules = [
+            rule("typed", ["/at/**"], "idp", {"scope": {"contains": "orders:read"}}),
+            rule("untyped", ["/untyped/**"], "untyped"),
+            rule("client", ["/client/**"], "idp", {"client_id": {"one_of": ["frontend"]}}),
+            rule("bound", ["/bound/**"], "bound"),
+            rule("query", ["/q/**"], "query"),
+            rule("service-aud", ["/svc/**"], "service-aud"),
+            rule("opaque", ["/opaque/**"], "opaque", {"scope": {"contains": "orders:read"}}),
+            rule("opaque-mtls", ["/opaque-mtls/**"], "opaque-mtls"),
+            rule("opaque-wrong", ["/opaque-wrong/**"], "opaque-wrong"),
+            rule("opaque-places", ["/opaque-places/**"], "opaque-places"),
+            rule("opaque-shared", ["/opaque-shared/**"], "opaque-shared"),
+            rule("opaque-rotated", ["/opaque-rotated/**"], "opaque-rotated"),
+        ]
+        policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
+                  "services": {spiffe("orders"): {"rules": rules, "audience": SERVICE_AUD}}}
+        policy_path = policy_dir / "mesh.yaml"
+        policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        audit_dir = tmp / "audit"
+        cfg = sidecar_config(pki.identity("orders"), inbound={
+            "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
+            policy=str(policy_path), audit={"path": str(audit_dir)})
+        sidecar = start_sidecar(tmp, "orders", cfg)
+        stack.callback(sidecar.stop, timeout=10)
+        ctx = {name: mtls_context(ident, pki.bundle)
+               for name, ident in (("frontend", frontend), ("batch", batch))}
+        yield Env(tmp, pki, idp, sidecar, frontend, batch, audit_dir, ctx, ca_volume)
 
 
 def reason_logged(env: Env, reason: str) -> bool:
