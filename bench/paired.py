@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import loadgen  # noqa: E402
 from bench.app import body_path, start_app  # noqa: E402
 from bench.certs import make_mesh_certs  # noqa: E402
-from bench.procs import ProcessGroup, close_workdir, tree_cpu_seconds  # noqa: E402
+from bench.procs import ProcessGroup, close_workdir, thread_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from bench.run import machine_description  # noqa: E402
 from bench.setups import (  # noqa: E402
     EnvoySetup,
@@ -301,6 +301,9 @@ def summarise(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, A
             d.setdefault("p99_us", []).append(b["p99_us"])
             for role, v in b["cpu_us_per_request"].items():
                 d.setdefault(f"cpu_us_{role}", []).append(v)
+            for role, per in b.get("thread_cpu_us_per_request", {}).items():
+                for thread, v in per.items():
+                    d.setdefault(f"cpu_us_{role}:{thread}", []).append(v)
             for other, ms in b.get("idle_cpu_ms", {}).items():
                 per_setup.setdefault(other, {}).setdefault("idle_cpu_ms", []).append(ms)
         for name, b in (r.get("latency") or {}).items():
@@ -352,10 +355,10 @@ def render_summary(doc: dict[str, Any]) -> str:
                  f"{f(pair['cpu_correlation'])} (near 1: drift, cancelled by pairing; near 0: "
                  f"burst-to-burst noise, only more rounds help)")
     lines.append("")
-    lines.append(f"{'setup':<22} {'measure':<14} {'median':>9} {'min..max':>19}")
+    lines.append(f"{'setup':<22} {'measure':<24} {'median':>9} {'min..max':>19}")
     for name, measures in doc["per_setup"].items():
         for key, s in measures.items():
-            lines.append(f"{name:<22} {key:<14} {f(s['median']):>9} "
+            lines.append(f"{name:<22} {key:<24} {f(s['median']):>9} "
                          f"{f(s['min']) + '..' + f(s['max']):>19}")
     return "\n".join(lines)
 
@@ -377,6 +380,13 @@ def _cpu_now(running: dict[str, Running]) -> dict[tuple[str, str], float]:
             for n, r in running.items() for role, p in r.setup.proxies.items()}
 
 
+def _threads_now(run: Running | None) -> dict[str, dict[str, float]]:
+    """CPU seconds so far of each thread of each proxy of one setup: role -> name -> s."""
+    if run is None:
+        return {}
+    return {role: thread_cpu_seconds(p.pid) for role, p in run.setup.proxies.items()}
+
+
 def burst(running: dict[str, Running], name: str, port: int, path: str, connections: int,
           duration: float, settle: float, pace_ms: float | None = None) -> dict[str, Any]:
     """One wrk burst to setup ``name`` (or to the app, ``direct``): the CPU per request of
@@ -384,6 +394,7 @@ def burst(running: dict[str, Running], name: str, port: int, path: str, connecti
     (``idle_cpu_ms``: next to nothing, unless one still works off an earlier burst).
     ``pace_ms``: each connection's mean pause before a request (``--rate``)."""
     run = running.get(name)
+    threads_before = _threads_now(run)
     before = _cpu_now(running)
     load = loadgen.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections,
                            duration=duration, headers=run.headers if run else (),
@@ -391,6 +402,7 @@ def burst(running: dict[str, Running], name: str, port: int, path: str, connecti
     if settle:
         time.sleep(settle)
     after = _cpu_now(running)
+    threads_after = _threads_now(run)
     for n, r in running.items():
         for role, p in r.setup.proxies.items():
             if p.proc.poll() is not None:
@@ -399,13 +411,19 @@ def burst(running: dict[str, Running], name: str, port: int, path: str, connecti
     spent = {key: after[key] - before[key] for key in before}
     cpu = {role: spent[n, role] / load.requests * 1e6
            for n, role in sorted(spent) if n == name} if load.requests else {}
+    # Each thread's share (main: the event loop; sidecar-audit: the audit writer's thread),
+    # in CPU us per request.
+    threads = {role: {t: round((v - threads_before.get(role, {}).get(t, 0.0))
+                               / load.requests * 1e6, 2) for t, v in sorted(per.items())}
+               for role, per in threads_after.items()} if load.requests else {}
     idle: dict[str, float] = {}
     for (n, _role), v in spent.items():
         if n != name:
             idle[n] = idle.get(n, 0.0) + v * 1e3
     return {"connections": connections, "requests": load.requests, "rps": load.rps,
             "p50_us": load.p50_us, "p99_us": load.p99_us, "errors": load.errors,
-            "non_2xx": load.non_2xx, "cpu_us_per_request": cpu, "idle_cpu_ms": idle}
+            "non_2xx": load.non_2xx, "cpu_us_per_request": cpu,
+            "thread_cpu_us_per_request": threads, "idle_cpu_ms": idle}
 
 
 def rotated(items: Sequence[str], k: int) -> list[str]:

@@ -234,11 +234,13 @@ class Sidecar:
         lost = m.audit_records_lost_total.labels()
         ship_sent = m.audit_ship_sent_total.labels()
         ship_dropped = m.audit_ship_dropped_total.labels()
+        thread_cpu = m.audit_thread_cpu_seconds_total.labels()
 
         def sync() -> None:
             stats = writer.statistics()
             written.value = float(stats.written)
             lost.value = float(stats.lost)
+            thread_cpu.value = stats.thread_cpu_seconds
             if writer.shipper is not None:
                 ship_sent.value = float(stats.shipped)
                 ship_dropped.value = float(stats.ship_dropped)

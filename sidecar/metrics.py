@@ -518,6 +518,11 @@ class SidecarMetrics:
             "sidecar_audit_checkpoint_timestamp_seconds",
             "Unix time of the newest signed audit checkpoint (0 until the first one).",
         )
+        self.audit_thread_cpu_seconds_total = r.counter(
+            "sidecar_audit_thread_cpu_seconds_total",
+            "CPU seconds used by the audit writer's worker thread (encoding, signing, "
+            "encryption, syslog messages, write and fsync of its batches).",
+        )
         self.audit_ship_sent_total = r.counter(
             "sidecar_audit_ship_sent_total",
             "Audit frames sent to the syslog collector (resent ones counted again).",

@@ -64,6 +64,9 @@ def test_head_metrics_sigterm_seal_and_anchor(tmp_path, pki, app, procs):
     assert cp["fields"]["id"] == ORDERS and len(cp["fields"]["kid"]) == 16
     assert b.metric("sidecar_audit_checkpoint_seq") >= cp["seq"]
     assert b.metric("sidecar_audit_checkpoint_timestamp_seconds") >= cp["fields"]["time"]
+    # fsync on (the default): the batches were written by the worker thread, whose CPU
+    # time the metrics export.
+    assert b.metric("sidecar_audit_thread_cpu_seconds_total") > 0
     anchor_file = tmp_path / "anchor.json"
     anchor_file.write_text(json.dumps(anchor))
 

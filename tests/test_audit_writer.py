@@ -419,6 +419,38 @@ def test_fsync_off_batches_are_written_on_the_event_loop_signed_and_encrypted(
     assert [r.request_id for r in got] == [f"r{i}" for i in range(bursts * size)]
 
 
+def test_the_disk_thread_is_named_for_the_os_and_counts_its_cpu_time() -> None:
+    # ``top -H`` and /proc show the thread as sidecar-audit; its CPU time (statistics'
+    # thread_cpu_seconds, the metric) is what it spent, kept across a thread's restart.
+    import threading
+    import time
+
+    disk = _DiskThread()
+    comm: list[str] = []
+
+    def spin() -> None:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            comm.append(f.read().strip())
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+
+    async def main() -> None:
+        await disk.call(spin)
+        first = disk.cpu_seconds
+        assert first >= 0.05
+        thread = disk._thread
+        assert thread is not None
+        disk.close()
+        await trio.to_thread.run_sync(thread.join, 5)
+        await disk.call(spin)  # a new thread: its time adds to the first one's
+        assert disk.cpu_seconds >= first + 0.05
+        disk.close()
+
+    trio.run(main)
+    assert comm == ["sidecar-audit", "sidecar-audit"]
+
+
 def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> None:
     # The writer's worker thread (fsync on): a call's exception reaches the waiting task;
     # a cancellation waits until the call in the thread has finished (the chain head is
@@ -442,7 +474,7 @@ def test_the_disk_thread_returns_raises_and_is_never_abandoned_mid_call() -> Non
         with trio.move_on_after(0.01) as scope:
             await disk.call(slow)
             await trio.sleep(1)  # the cancellation lands here, after the call
-        assert scope.cancelled_caught and finished == ["sidecar-audit-disk"]
+        assert scope.cancelled_caught and finished == ["sidecar-audit"]
         thread = disk._thread
         assert thread is not None
         disk.close()

@@ -51,6 +51,18 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
             assert b["requests"] > 0 and b["errors"] == 0 and b["non_2xx"] == 0
             assert set(b["cpu_us_per_request"]) == {"A", "B"}
             assert all(_is_number(v) and v > 0 for v in b["cpu_us_per_request"].values())
+            # Split by thread: the event loop (main) does most; the threads add up to the
+            # process (schedstat against stat's 10 ms ticks: close, not equal).
+            threads = b["thread_cpu_us_per_request"]
+            assert set(threads) == {"A", "B"}
+            for role, per in threads.items():
+                assert per["main"] > 0
+                assert sum(per.values()) == pytest.approx(b["cpu_us_per_request"][role], rel=0.3)
+        # Only the pair with the trail has the audit writer's thread, and it works.
+        for role in "AB":
+            assert r["bursts"]["sidecar-audit"]["thread_cpu_us_per_request"][role][
+                "sidecar-audit"] > 0
+            assert "sidecar-audit" not in r["bursts"]["sidecar"]["thread_cpu_us_per_request"][role]
         # Each burst also reads what the other setup spent meanwhile (its idle cost).
         assert set(r["bursts"]["sidecar"]["idle_cpu_ms"]) == {"sidecar-audit"}
         assert set(r["bursts"]["sidecar-audit"]["idle_cpu_ms"]) == {"sidecar"}
@@ -67,12 +79,15 @@ def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None: 
     per_round = [r["figures"]["cpu_diff_us"] for r in doc["rounds"]]
     assert doc["summary"]["cpu_diff_us"]["median"] == pytest.approx(sum(per_round) / 2)
     for name in ("sidecar-audit", "sidecar"):
-        assert list(doc["per_setup"][name]) == ["rps", "mean_cpu_us", "cpu_us_A", "cpu_us_B",
-                                                "p50_us", "p99_us", "idle_cpu_ms"]
+        assert list(doc["per_setup"][name])[:7] == ["rps", "mean_cpu_us", "cpu_us_A",
+                                                    "cpu_us_B", "p50_us", "p99_us", "idle_cpu_ms"]
+        assert {"cpu_us_A:main", "cpu_us_B:main"} <= set(doc["per_setup"][name])
+        assert ("cpu_us_A:sidecar-audit" in doc["per_setup"][name]) == (name == "sidecar-audit")
         p50, p99 = doc["per_setup"][name]["p50_us"], doc["per_setup"][name]["p99_us"]
         assert 0 < p50["median"] <= p99["median"]
         assert _is_number(doc["per_setup"][name]["mean_cpu_us"]["median"])
     assert "cpu_diff_us" in proc.stdout and "IQR" in proc.stdout
+    assert "cpu_us_A:sidecar-audit" in proc.stdout
 
 
 def _logging_python(tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def]

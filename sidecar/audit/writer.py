@@ -531,6 +531,21 @@ class _SegmentSink:
                     pass  # retried at the next rotation
 
 
+# The worker thread's name, also given to the operating system (``top -H``, ``ps -L``,
+# ``/proc/PID/task/TID/comm``), so that what the trail costs is visible per thread.
+THREAD_NAME = "sidecar-audit"
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` in the kernel (Linux: its ``comm``, 15 bytes at
+    most); elsewhere, or when refused, nothing (the name is only for people)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 class _DiskThread:
     """The writer's one worker thread for disk calls (``call``), started at the first and
     ended by ``close``: what ``trio.to_thread.run_sync`` does for the writer, without its
@@ -544,6 +559,9 @@ class _DiskThread:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.calls = 0  # calls run in the thread (tests: which batches went there)
+        # CPU seconds the thread has used, as of the end of its latest call (all threads
+        # this object started: a closed thread's time is kept).
+        self.cpu_seconds = 0.0
 
     async def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` in the thread; return when it returned, raise what it raised."""
@@ -553,8 +571,7 @@ class _DiskThread:
             # it gets it back within the switch interval: 1 ms, not CPython's 5.
             if sys.getswitchinterval() > GIL_SWITCH_SECONDS:
                 sys.setswitchinterval(GIL_SWITCH_SECONDS)
-            self._thread = threading.Thread(target=self._work, name="sidecar-audit-disk",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._work, name=THREAD_NAME, daemon=True)
             self._thread.start()
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
@@ -574,9 +591,13 @@ class _DiskThread:
             raise failed[0]
 
     def _work(self) -> None:
-        jobs = self._jobs
+        _name_os_thread(THREAD_NAME)
+        jobs, cpu, before = self._jobs, time.thread_time, self.cpu_seconds - time.thread_time()
         while (job := jobs.get()) is not None:
             job()
+            # The thread's own CPU time (one clock read per call, i.e. per batch): what the
+            # trail costs in this thread, for ``statistics()`` and the metrics.
+            self.cpu_seconds = before + cpu()
 
     def close(self) -> None:
         """Let the thread end (after a call in progress, if any)."""
@@ -604,6 +625,9 @@ class AuditWriterStatistics:
     ship_dropped: int = 0  # frames never shipped (queue full, or still queued at exit)
     ship_queue_depth: int = 0
     ship_connected: bool = False
+    # CPU seconds used by the writer's worker thread (encoding, signing, encryption, syslog
+    # messages, write and fsync of the batches written there).
+    thread_cpu_seconds: float = 0.0
 
 
 class AuditWriter:
@@ -758,8 +782,8 @@ class AuditWriter:
     def statistics(self) -> AuditWriterStatistics:
         """A snapshot of the writer's state for metrics and ``/status``: queue depth (queued plus
         in flight) and size, records written, lost and rejected, failures, health, the current
-        segment and sequence number, the last error and checkpoint, and the shipper's counters when
-        shipping is configured."""
+        segment and sequence number, the last error and checkpoint, the worker thread's CPU
+        time, and the shipper's counters when shipping is configured."""
         head = self._sink.head
         return AuditWriterStatistics(
             queue_depth=len(self._queue) - self._limit + self.config.queue_size + self._inflight,
@@ -768,6 +792,7 @@ class AuditWriter:
             failures=self.failures, healthy=self.healthy, segment=self._sink.segment,
             next_seq=head.next_seq if head is not None else None, last_error=self.last_error,
             last_checkpoint=self._sink.last_checkpoint,
+            thread_cpu_seconds=self._disk.cpu_seconds,
             **({} if self.shipper is None else {  # type: ignore[arg-type]
                 "shipped": self.shipper.sent, "ship_dropped": self.shipper.dropped,
                 "ship_queue_depth": self.shipper.queue_depth,
