@@ -167,3 +167,92 @@ def test_data_key_problems(tmp_path: Path) -> None:
     assert out.returncode == 2 and "32 bytes in base64" in out.stderr
     k = sidecar_cli("audit", "keygen", str(tmp_path / "dk"), "--data-key")
     assert k.returncode == 0 and len(load_data_key(str(tmp_path / "dk.data"))) == 32
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_rotated_data_key_encrypts_the_next_segment(
+        tmp_path: Path, keys: dict[str, str], fsync: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data key's Secret is rotated (a kubelet-style volume swap): at the next batch the
+    segment is sealed and the next one, named for the new key, holds the records after it,
+    without a restart. The same key written again, a file caught half written, and a removed
+    file change nothing (the last two are said once each). Both keys read the whole trail;
+    either alone does not."""
+    import io
+
+    import trio
+
+    from sidecar import logs
+    from sidecar.audit import writer as writer_module
+    from sidecar.audit.chain import decode_frame
+    from sidecar.audit.crypto import data_key_id
+    from sidecar.audit.segments import read_frames
+    from tests.harness import KubeletVolume
+
+    monkeypatch.setattr(writer_module, "DATA_KEY_RECHECK_SECONDS", 0.0)  # every batch
+    a, b = (Path(keys[k]).read_bytes() for k in ("data", "other"))
+    kid_a, kid_b = (data_key_id(load_data_key(keys[k])) for k in ("data", "other"))
+    volume = KubeletVolume(tmp_path / "data-key")
+    volume.publish({"key": a})
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=fsync, encryption_key_file=volume.path("key"),
+                         signing_key_file=keys["priv"], batch_linger_seconds=0)
+    writer = AuditWriter(config, identity=ORDERS)
+
+    def header_kids() -> list[str]:
+        kids = []
+        for seg in list_segments(str(d)):
+            with open(seg.path, "rb") as fh:
+                _off, payload = next(read_frames(fh))
+            _seq, _prev, kind, body = decode_frame(payload)
+            assert kind == "seg"
+            kids.append(body["enc"]["kid"])
+        return kids
+
+    async def main() -> None:
+        async def burst(start: int) -> None:
+            for i in range(start, start + 10):
+                assert writer.submit(record(i))
+            with trio.fail_after(10):
+                while writer.written < start + 10:
+                    await trio.sleep(0.005)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                await burst(0)
+                assert header_kids() == [kid_a]
+                volume.publish({"key": b})
+                await burst(10)
+                assert header_kids() == [kid_a, kid_b]
+                for content in (b + b"\n\n",  # the same key: no new segment
+                                b"c2hvcnQ=\n",  # not 32 bytes: the last key stays
+                                None):  # removed: likewise
+                    volume.publish({"key": content} if content is not None else {"x": b""})
+                    await burst(writer.written)
+                    assert header_kids() == [kid_a, kid_b]
+                await writer.aclose()
+
+    out = io.StringIO()
+    logs.configure(stream=out)
+    try:
+        trio.run(main)
+    finally:
+        logs.reset()
+    total = 50
+    both = Decryptor([load_data_key(keys["data"]), load_data_key(keys["other"])])
+    checked = verify(str(d), keyring=load_keyring([keys["pub"]]), decryptor=both)
+    assert checked.ok and checked.sealed and checked.records == total, checked
+    got = list(iter_records(str(d), decryptor=both))
+    assert [r.request_id for r in got] == [f"secret-request-{i}" for i in range(total)]
+    for only in ("data", "other"):
+        one = verify(str(d), keyring=load_keyring([keys["pub"]]),
+                     decryptor=Decryptor([load_data_key(keys[only])]))
+        assert not one.ok
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    reloaded = [e for e in events if e["event"] == "audit_data_key_reloaded"]
+    assert [(e["kid"], e["previous_kid"]) for e in reloaded] == [(kid_b, kid_a)]
+    invalid = [e for e in events if e["event"] == "audit_data_key_invalid"]
+    assert len(invalid) == 2 and all(e["kid"] == kid_b for e in invalid)
+    # The segment the rotation ended is sealed for rotation, signed like any seal.
+    assert checked.unsigned_tail_records == 0

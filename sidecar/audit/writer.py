@@ -103,6 +103,9 @@ GIL_SWITCH_SECONDS = 0.001
 # for the whole batch (about 15 us of CPU a record: 4 ms for a 250-record batch).
 PACE_RECORDS = 32
 PACE_SECONDS = 0.0002
+# The data key file (``encryption_key_file``) is looked at again at most this often, before a
+# batch: a rotated key is in use within about this long of the first batch after it changed.
+DATA_KEY_RECHECK_SECONDS = 1.0
 
 
 async def _linger(seconds: float, holder: Any = None) -> None:
@@ -171,6 +174,13 @@ class _SegmentSink:
         # The state of a key file that did not load (None: unreadable; "": nothing refused).
         self._signing_refused: str | None = ""
         self.encryptor = encryptor
+        # The data key file likewise: looked at again at most every DATA_KEY_RECHECK_SECONDS,
+        # at a batch (``data_key_due``, ``_data_key_now``).
+        self.encryption_key_file = config.encryption_key_file if encryptor is not None else None
+        self._data_state = (fingerprint([self.encryption_key_file])
+                            if self.encryption_key_file is not None else None)
+        self._data_refused: str | None = ""
+        self._data_checked = time.monotonic()
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
         # Frames written since the last signed frame, records among them, and when (monotonic)
@@ -273,9 +283,16 @@ class _SegmentSink:
         else:
             self._note_unsigned(1, 0)
 
+    def data_key_due(self, now: float) -> bool:
+        """Is the data key file to be looked at again before the next batch?"""
+        return (self.encryption_key_file is not None
+                and now - self._data_checked >= DATA_KEY_RECHECK_SECONDS)
+
     def append(self, records: list[Entry]) -> None:
         """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
         try:
+            if self.data_key_due(time.monotonic()):
+                self._data_key_now()
             self.ensure_open()
         except OSError as exc:
             raise _PartialWrite(0, exc) from None
@@ -501,6 +518,36 @@ class _SegmentSink:
         self.signer, self._signing_state, self._signing_refused = signer, state, ""
         return signer
 
+    def _data_key_now(self) -> None:
+        """When the data key file changed (a rotated Secret) and holds another key, encrypt
+        with that key from now on: the open segment is sealed and the next one's header names
+        the new key (a segment's records are all under the key its header names). A file that
+        does not load (caught half written, not a key) leaves the last key in use and is
+        logged once per content. OSError when the rotation cannot be written (the records
+        are retried; the next segment is opened with the new key)."""
+        path = self.encryption_key_file
+        assert path is not None and self.encryptor is not None
+        self._data_checked = time.monotonic()
+        state = fingerprint([path])
+        if state == self._data_state or state == self._data_refused:
+            return
+        try:
+            encryptor = Encryptor(load_data_key(path))
+        except ValueError as exc:
+            self._data_refused = state
+            log("audit_data_key_invalid", "error", path=path, error=str(exc),
+                kid=self.encryptor.kid)
+            return
+        self._data_state, self._data_refused = state, ""
+        previous = self.encryptor
+        if encryptor.kid == previous.kid:
+            return  # the same key, written again
+        self.encryptor = encryptor
+        log("audit_data_key_reloaded", "info", path=path, kid=encryptor.kid,
+            previous_kid=previous.kid)
+        if self.fd is not None:
+            self._rotate()
+
     def _seal(self, why: str) -> None:
         assert self.fd is not None and self.head is not None
         state = self.head.state
@@ -562,6 +609,7 @@ class _DiskThread:
         # CPU seconds the thread has used, as of the end of its latest call (all threads
         # this object started: a closed thread's time is kept).
         self.cpu_seconds = 0.0
+        self._cpu_base = 0.0
 
     async def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` in the thread; return when it returned, raise what it raised."""
@@ -582,6 +630,9 @@ class _DiskThread:
                 fn()
             except BaseException as exc:  # noqa: BLE001 -- handed to the waiting task
                 failed.append(exc)
+            # The thread's own CPU time (one clock read per call, i.e. per batch), before the
+            # caller resumes: what the trail costs in this thread, for ``statistics()``.
+            self.cpu_seconds = self._cpu_base + time.thread_time()
             token.run_sync_soon(trio.lowlevel.reschedule, task)
 
         self.calls += 1
@@ -592,12 +643,11 @@ class _DiskThread:
 
     def _work(self) -> None:
         _name_os_thread(THREAD_NAME)
-        jobs, cpu, before = self._jobs, time.thread_time, self.cpu_seconds - time.thread_time()
+        # A new thread's clock starts at 0: the time of the threads before it carries over.
+        self._cpu_base = self.cpu_seconds - time.thread_time()
+        jobs = self._jobs
         while (job := jobs.get()) is not None:
             job()
-            # The thread's own CPU time (one clock read per call, i.e. per batch): what the
-            # trail costs in this thread, for ``statistics()`` and the metrics.
-            self.cpu_seconds = before + cpu()
 
     def close(self) -> None:
         """Let the thread end (after a call in progress, if any)."""
@@ -958,14 +1008,16 @@ class AuditWriter:
         """May the next batch (of ``records`` records) be written from the event loop? Only
         with fsync off (the write goes to the page cache, nothing waits for the disk), while
         healthy, while the open segment has ``INLINE_ROOM`` left, so that opening, rotating
-        and sealing (which fsync the directory) stay in the thread, and for a batch of at
+        and sealing (which fsync the directory) stay in the thread (and so does the batch
+        before which the data key file is looked at again: it may rotate), and for a batch of at
         most ``INLINE_MAX_RECORDS``: encoding a larger one would hold up every request of
         the loop meanwhile, where the thread gives the GIL back every ``GIL_SWITCH_SECONDS``.
         The batch's checkpoints, encryption and syslog messages are CPU work that holds the
         GIL in the thread as well."""
         sink = self._sink
         return (not self.config.fsync and records <= INLINE_MAX_RECORDS and self.healthy
-                and sink.fd is not None and sink.size + INLINE_ROOM < sink.max_bytes)
+                and sink.fd is not None and sink.size + INLINE_ROOM < sink.max_bytes
+                and not sink.data_key_due(time.monotonic()))
 
     async def _checkpoint(self) -> None:
         try:
