@@ -225,15 +225,7 @@ class Introspector:
                 if self.identity is None:
                     raise JwksFetchError("mtls introspection needs the workload identity")
                 cert, key_file = self.identity()
-
-            def make() -> ssl.SSLContext:
-                ctx = ssl.create_default_context(cafile=spec.ca)
-                ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-                if cert is not None:
-                    ctx.load_cert_chain(cert, key_file)
-                return ctx
-
-            tls = self._contexts[key] = FileContext(make, (spec.ca, cert, key_file))
+            tls = self._contexts[key] = FileContext(spec.ca, cert, key_file)
         return tls.current()
 
 

@@ -67,10 +67,9 @@ JwksFetchError = ClientError
 
 
 def jwks_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """Client context for JWKS fetches: verify the chain and host name, TLS >= 1.2."""
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    """Client context for JWKS fetches: verify the chain and host name, TLS >= 1.2; made
+    from the bytes of ``ca_file`` as read (``FileContext``; None: the system's roots)."""
+    return FileContext(ca_file).context
 
 
 async def fetch_jwks(uri: str, ssl_context: ssl.SSLContext, *,
@@ -137,7 +136,7 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
     if not (provider.jwks_uri or provider.discovery_url):
         raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
     # Made again at a fetch when the jwks_ca file changed (a rotated bundle, same path).
-    ssl_context = FileContext(lambda: jwks_ssl_context(provider.jwks_ca), (provider.jwks_ca,))
+    ssl_context = FileContext(provider.jwks_ca)
     jitter = rng if rng is not None else random.Random()  # spreads load; no secret here
     send, receive = trio.open_memory_channel[None](1)
 

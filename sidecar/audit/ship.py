@@ -325,23 +325,13 @@ def hostname() -> str:
     return "".join(c for c in name if 33 <= ord(c) <= 126)[:255] or "-"
 
 
-def client_context(cfg: ShipConfig) -> ssl.SSLContext:
-    """TLS 1.2+ client context that checks the collector's certificate."""
-    ctx = ssl.create_default_context(cafile=cfg.ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.cert_file is not None:
-        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-    return ctx
-
-
 class Shipper:
     """Bounded queue + one TLS connection to the collector. See the module docstring."""
 
     def __init__(self, cfg: ShipConfig, *, retry_initial: float = 0.1,
                  retry_max: float = 5.0) -> None:
         self.cfg = cfg
-        self.tls = FileContext(lambda: client_context(cfg),
-                               (cfg.ca_file, cfg.cert_file, cfg.key_file))
+        self.tls = FileContext(cfg.ca_file, cfg.cert_file, cfg.key_file)
         self.recheck_seconds = TRUST_RECHECK_SECONDS
         self._queue: deque[bytes] = deque()
         self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection

@@ -44,13 +44,13 @@ DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
 
 
 @contextlib.contextmanager
-def _memory_files(*blobs: bytes) -> Iterator[list[str]]:
+def memory_files(*blobs: bytes) -> Iterator[list[str]]:
     """Paths OpenSSL can open that hold ``blobs``, valid inside the ``with`` block only."""
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         fds: list[int] = []
         try:
             for blob in blobs:
-                fd = os.memfd_create("sidecar-svid", os.MFD_CLOEXEC)
+                fd = os.memfd_create("sidecar-tls", os.MFD_CLOEXEC)
                 fds.append(fd)
                 view = memoryview(blob)
                 while view:
@@ -79,7 +79,7 @@ def _memory_files(*blobs: bytes) -> Iterator[list[str]]:
 def load_svid_into(ctx: ssl.SSLContext, svid: Svid, roots_pem: bytes | None = None) -> None:
     """Install ``svid``'s chain and key in ``ctx``, and ``roots_pem`` (default: the SVID's
     own bundle) as the only trust."""
-    with _memory_files(svid.chain_pem, svid.key_pem) as (chain_path, key_path):
+    with memory_files(svid.chain_pem, svid.key_pem) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
     ctx.load_verify_locations(cadata=(roots_pem or svid.bundle_pem).decode("ascii"))
 
