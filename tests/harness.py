@@ -520,7 +520,11 @@ def start_app(tmp: Path, port: int | None = None) -> tuple[Proc, int]:
     port = port or free_port()
     proc = Proc([sys.executable, str(ROOT / "tests" / "apps" / "upstream.py"), str(port)],
                 tmp / f"app-{port}.log")
-    wait_port(port, proc=proc.proc)
+    try:
+        wait_port(port, proc=proc.proc)
+    except BaseException:
+        proc.stop()  # not listening in time: stopped by its pid, not left running
+        raise
     return proc, port
 
 

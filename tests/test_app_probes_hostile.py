@@ -89,25 +89,29 @@ class Probed:
         for name, (raw, _, _) in ANSWERED.items():
             scripts[f"/answered/{name}"] = raw
         self.app = ScriptedUpstream(scripts)
-        probes = {f"/app-health/{kind}-{name}/livez": {"port": self.app.port,
-                                                      "path": f"/{kind}/{name}"}
-                  for kind, family in (("failed", {**FAILED, **CLOSED}),
-                                       ("answered", ANSWERED))
-                  for name in family}
-        pki = Pki(tmp / "pki")
-        cfg = sidecar_config(pki.identity("orders"),
-                             inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{self.app.port}",
-                                      "allow_from": [spiffe("frontend")]})
-        self.health = free_port()
-        cfg["admin"]["health_listen"] = f"127.0.0.1:{self.health}"
         self.proc: SidecarProc | None = None
-        mp = pytest.MonkeyPatch()
-        mp.setenv("SIDECAR_APP_PROBES", json.dumps(probes))
         try:
-            self.proc = start_sidecar(tmp, "probed", cfg)
-        finally:
-            mp.undo()
+            probes = {f"/app-health/{kind}-{name}/livez": {"port": self.app.port,
+                                                          "path": f"/{kind}/{name}"}
+                      for kind, family in (("failed", {**FAILED, **CLOSED}),
+                                           ("answered", ANSWERED))
+                      for name in family}
+            pki = Pki(tmp / "pki")
+            cfg = sidecar_config(pki.identity("orders"),
+                                 inbound={"listen": f"127.0.0.1:{free_port()}",
+                                          "app": f"127.0.0.1:{self.app.port}",
+                                          "allow_from": [spiffe("frontend")]})
+            self.health = free_port()
+            cfg["admin"]["health_listen"] = f"127.0.0.1:{self.health}"
+            mp = pytest.MonkeyPatch()
+            mp.setenv("SIDECAR_APP_PROBES", json.dumps(probes))
+            try:
+                self.proc = start_sidecar(tmp, "probed", cfg)
+            finally:
+                mp.undo()
+        except BaseException:
+            self.close()  # a failed step: the app is closed (module_fixture never sees us)
+            raise
 
     def close(self) -> None:
         if self.proc is not None:

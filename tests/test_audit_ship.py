@@ -85,7 +85,11 @@ action(type="omfile" file="{self.out}" template="sd" flushOnTXEnd="on" asyncWrit
         self.proc = Proc([RSYSLOGD, "-n", "-f", str(self.conf),
                           "-i", str(self.root / "rsyslogd.pid")],
                          self.root / f"rsyslogd-{self.starts}.log")
-        wait_for(lambda: self._listening(), timeout=15)
+        try:
+            wait_for(lambda: self._listening(), timeout=15)
+        except BaseException:
+            self.stop()  # not listening (in time): stopped by its pid, not left running
+            raise
 
     def _listening(self) -> bool:
         import socket

@@ -82,25 +82,27 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     (tmp_path / "jwks.json").write_bytes(jwks_bytes(jwk(key, "k1")))
     ca_file, server_ctx = https_server_material(tmp_path / "tls")
     server = JwksServer(server_ctx, jwks_bytes(jwk(key, "k1")))
-    policy = json.loads(json.dumps(POLICY))
-    policy["jwt_providers"] = {
-        "files": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"],
-                  "jwks_file": str(tmp_path / "jwks.json")},
-        "remote": {"issuer": ISSUER + "/2", "audiences": [AUDIENCE], "algorithms": ["ES256"],
-                   "jwks_uri": f"https://127.0.0.1:{server.port}/jwks.json",
-                   "jwks_ca": str(ca_file)},
-    }
-    cfg = {
-        "identity": {"cert": str(ident / "tls.crt"), "key": str(ident / "tls.key"),
-                     "bundle": str(ident / "ca.crt")},
-        "inbound": {"listen": f"127.0.0.1:{free_port()}", "app": "127.0.0.1:9"},
-        "policy": str(tmp_path / "mesh.yaml"),
-        "audit": {"path": str(tmp_path / "audit")},
-        "admin": {"listen": f"127.0.0.1:{free_port()}"},
-    }
-    state = {"tmp": tmp_path, "pki": pki, "cfg": cfg, "policy": policy, "server": server}
-    yield state
-    server.close()
+    try:  # the server's thread is stopped also when a later step fails
+        policy = json.loads(json.dumps(POLICY))
+        policy["jwt_providers"] = {
+            "files": {"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"],
+                      "jwks_file": str(tmp_path / "jwks.json")},
+            "remote": {"issuer": ISSUER + "/2", "audiences": [AUDIENCE], "algorithms": ["ES256"],
+                       "jwks_uri": f"https://127.0.0.1:{server.port}/jwks.json",
+                       "jwks_ca": str(ca_file)},
+        }
+        cfg = {
+            "identity": {"cert": str(ident / "tls.crt"), "key": str(ident / "tls.key"),
+                         "bundle": str(ident / "ca.crt")},
+            "inbound": {"listen": f"127.0.0.1:{free_port()}", "app": "127.0.0.1:9"},
+            "policy": str(tmp_path / "mesh.yaml"),
+            "audit": {"path": str(tmp_path / "audit")},
+            "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        }
+        state = {"tmp": tmp_path, "pki": pki, "cfg": cfg, "policy": policy, "server": server}
+        yield state
+    finally:
+        server.close()
 
 
 def check(state: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any], str]:

@@ -44,11 +44,13 @@ GRACE = "500ms"
 def env(tmp_path: Path):
     """A PKI, the test app, and a list of processes stopped at the end."""
     procs: list[Any] = []
-    app, app_port = start_app(tmp_path)
-    procs.append(app)
-    yield tmp_path, Pki(tmp_path / "pki"), app_port, procs
-    for p in reversed(procs):
-        p.stop()
+    try:
+        app, app_port = start_app(tmp_path)
+        procs.append(app)
+        yield tmp_path, Pki(tmp_path / "pki"), app_port, procs
+    finally:
+        for p in reversed(procs):
+            p.stop()
 
 
 def server(tmp: Path, name: str, ident: Path, app_port: int, procs: list[Any], *,

@@ -15,6 +15,7 @@ non-JSON. For each member, through a real ``sidecar run`` process:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -159,41 +160,42 @@ def _token() -> str:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("control-plane-hostile")
     ca = ThrowawayCA("hostile IdP CA")
-    server = RawHttpsServer(ca.server_context(tmp / "tls"))
-    server.answers["/jwks"] = _answer(jwks_bytes(jwk(ec_key("good"), "good")))
-    ca_file = ca.write(tmp / "ca.pem")
-    (tmp / "secret").write_text("s3cret\n")
-    base = f"https://127.0.0.1:{server.port}"
-    providers = {
-        "keys": {"issuer": ISSUER, "audiences": [AUD], "algorithms": ["ES256"],
-                 "jwks_uri": f"{base}/jwks", "jwks_ca": ca_file, "jwks_refresh": "1s",
-                 "jwks_min_refetch": "1s"},
-        "opaque": {"issuer": ISSUER, "audiences": [AUD], "introspection": {
-            "endpoint": f"{base}/introspect", "ca": ca_file, "client_id": "orders",
-            "client_secret_file": str(tmp / "secret"), "timeout": "2s",
-            "cache_ttl": "1s", "negative_ttl": "1s"}},
-    }
-    frontend = spiffe("frontend")
-    rules = [{"name": "keys", "allow": {"from": [frontend], "paths": ["/k/**"],
-                                        "jwt": {"provider": "keys"}}},
-             {"name": "opaque", "allow": {"from": [frontend], "paths": ["/o/**"],
-                                          "jwt": {"provider": "opaque"}}}]
-    policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
-              "services": {spiffe("orders"): {"rules": rules}}}
-    policy_path = tmp / "mesh.yaml"
-    policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
-    pki = Pki(tmp / "pki")
-    app_proc, app_port = start_app(tmp)
-    cfg = sidecar_config(pki.identity("orders"), inbound={
-        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
-        policy=str(policy_path))
-    sidecar = start_sidecar(tmp, "orders", cfg)
-    try:
+    # Every process (and the server) started here is stopped, processes by their pids,
+    # also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        server = RawHttpsServer(ca.server_context(tmp / "tls"))
+        stack.callback(server.close)
+        server.answers["/jwks"] = _answer(jwks_bytes(jwk(ec_key("good"), "good")))
+        ca_file = ca.write(tmp / "ca.pem")
+        (tmp / "secret").write_text("s3cret\n")
+        base = f"https://127.0.0.1:{server.port}"
+        providers = {
+            "keys": {"issuer": ISSUER, "audiences": [AUD], "algorithms": ["ES256"],
+                     "jwks_uri": f"{base}/jwks", "jwks_ca": ca_file, "jwks_refresh": "1s",
+                     "jwks_min_refetch": "1s"},
+            "opaque": {"issuer": ISSUER, "audiences": [AUD], "introspection": {
+                "endpoint": f"{base}/introspect", "ca": ca_file, "client_id": "orders",
+                "client_secret_file": str(tmp / "secret"), "timeout": "2s",
+                "cache_ttl": "1s", "negative_ttl": "1s"}},
+        }
+        frontend = spiffe("frontend")
+        rules = [{"name": "keys", "allow": {"from": [frontend], "paths": ["/k/**"],
+                                            "jwt": {"provider": "keys"}}},
+                 {"name": "opaque", "allow": {"from": [frontend], "paths": ["/o/**"],
+                                              "jwt": {"provider": "opaque"}}}]
+        policy = {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
+                  "services": {spiffe("orders"): {"rules": rules}}}
+        policy_path = tmp / "mesh.yaml"
+        policy_path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        pki = Pki(tmp / "pki")
+        app_proc, app_port = start_app(tmp)
+        stack.callback(app_proc.stop, timeout=10)
+        cfg = sidecar_config(pki.identity("orders"), inbound={
+            "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
+            policy=str(policy_path))
+        sidecar = start_sidecar(tmp, "orders", cfg)
+        stack.callback(sidecar.stop, timeout=10)
         yield Env(server, sidecar, mtls_context(pki.identity("frontend"), pki.bundle))
-    finally:
-        sidecar.stop(timeout=10)
-        app_proc.stop(timeout=10)
-        server.close()
 
 
 def _events_after(proc: SidecarProc, event: str, count: int) -> list[dict[str, Any]]:

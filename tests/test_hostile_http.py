@@ -155,25 +155,32 @@ class Mesh:
                  policy: str | None = None) -> None:
         self.tmp = tmp
         self.pki = Pki(tmp / "pki")
-        self.app = RecordingApp()
-        self.jwt_key = ec.generate_private_key(ec.SECP256R1())
-        jwk = pyjwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key(), as_dict=True)
-        jwk["kid"] = "k1"
-        (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-        (tmp / "mesh.yaml").write_text(policy or POLICY)
         self.procs: list[SidecarProc] = []
-        ident = self.pki.identity("orders")
-        self.inbound = self._start("orders", sidecar_config(
-            ident, inbound={"listen": f"127.0.0.1:{free_port()}",
-                            "app": f"127.0.0.1:{self.app.port}"},
-            policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
-        self.outbound = self._start("frontend", sidecar_config(
-            self.pki.identity("frontend"), outbound=[{
-                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-                "upstream": f"127.0.0.1:{self.inbound.port('inbound')}",
-                "identity": spiffe("orders")}],
-            policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
-        self.ctx = mtls_context(self.pki.identity("frontend", dirname="client"), self.pki.bundle)
+        self.app = RecordingApp()
+        try:
+            self.jwt_key = ec.generate_private_key(ec.SECP256R1())
+            jwk = pyjwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key(), as_dict=True)
+            jwk["kid"] = "k1"
+            (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+            (tmp / "mesh.yaml").write_text(policy or POLICY)
+            ident = self.pki.identity("orders")
+            self.inbound = self._start("orders", sidecar_config(
+                ident, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                "app": f"127.0.0.1:{self.app.port}"},
+                policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
+            self.outbound = self._start("frontend", sidecar_config(
+                self.pki.identity("frontend"), outbound=[{
+                    "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                    "upstream": f"127.0.0.1:{self.inbound.port('inbound')}",
+                    "identity": spiffe("orders")}],
+                policy=str(tmp / "mesh.yaml"), limits=LIMITS, **(extra or {})))
+            self.ctx = mtls_context(self.pki.identity("frontend", dirname="client"),
+                                    self.pki.bundle)
+        except BaseException:
+            # A later step failed: the sidecars started so far (by pid) and the app are
+            # stopped here, since module_fixture's close() never sees a half-built Mesh.
+            self.close()
+            raise
 
     def _start(self, name: str, cfg: dict[str, Any]) -> SidecarProc:
         proc = start_sidecar(self.tmp, name, cfg)

@@ -6,6 +6,7 @@ Each test also checks that a well-behaved mTLS client is still served afterwards
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -47,14 +48,20 @@ HANDSHAKE_TIMEOUT = 1.0
 class Target:
     def __init__(self, tmp: Path) -> None:
         self.pki = Pki(tmp / "pki")
-        self.app_proc, app_port = start_app(tmp)
-        self.client_dir = self.pki.identity("frontend")
-        self.proc: SidecarProc = start_sidecar(tmp, "orders", sidecar_config(
-            self.pki.identity("orders"),
-            inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}",
-                     "allow_from": [spiffe("frontend")]},
-            limits={"handshake_timeout": f"{HANDSHAKE_TIMEOUT}s"}))
-        self.port = self.proc.port("inbound")
+        # The app (and the sidecar) are stopped by their pids if a later step fails:
+        # module_fixture's close() never sees a half-built Target.
+        with contextlib.ExitStack() as started:
+            self.app_proc, app_port = start_app(tmp)
+            started.callback(self.app_proc.stop, timeout=10)
+            self.client_dir = self.pki.identity("frontend")
+            self.proc: SidecarProc = start_sidecar(tmp, "orders", sidecar_config(
+                self.pki.identity("orders"),
+                inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}",
+                         "allow_from": [spiffe("frontend")]},
+                limits={"handshake_timeout": f"{HANDSHAKE_TIMEOUT}s"}))
+            started.callback(self.proc.stop, timeout=10)
+            self.port = self.proc.port("inbound")
+            started.pop_all()  # built: close() stops them from now on
 
     def client_context(self, *, maximum: ssl.TLSVersion | None = None,
                        minimum: ssl.TLSVersion | None = None,

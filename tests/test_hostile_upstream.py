@@ -23,6 +23,7 @@ any answer, on a connection released under 3 ms before) became the next request'
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -213,14 +214,19 @@ class Rig:
         self.tmp = tmp
         self.pki = Pki(tmp / "pki")
         self.scripts: dict[str, Any] = {}
-        self.app = upstream(self.scripts)
-        peer_dir = self.pki.identity("orders", dirname="peer")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(peer_dir / "tls.crt"), str(peer_dir / "tls.key"))
-        ctx.load_verify_locations(str(self.pki.bundle))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        self.peer = upstream(self.scripts, ctx)
-        (tmp / "mesh.yaml").write_text(f"""\
+        # What is started here is stopped (sidecars by their pids) if a later step fails:
+        # module_fixture's close() never sees a half-built Rig.
+        with contextlib.ExitStack() as started:
+            self.app = upstream(self.scripts)
+            started.callback(self.app.close)
+            peer_dir = self.pki.identity("orders", dirname="peer")
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(peer_dir / "tls.crt"), str(peer_dir / "tls.key"))
+            ctx.load_verify_locations(str(self.pki.bundle))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.peer = upstream(self.scripts, ctx)
+            started.callback(self.peer.close)
+            (tmp / "mesh.yaml").write_text(f"""\
 version: 1
 trust_domain: demo.local
 services:
@@ -231,20 +237,23 @@ services:
   {spiffe("frontend")}:
     egress: ["{spiffe("orders")}"]
 """)
-        limits = {"handshake_timeout": "2s", "header_timeout": "2s", "body_timeout": "2s",
-                  "idle_timeout": "5s", "response_timeout": "3s"}
-        self.procs: list[SidecarProc] = []
-        self.inbound = self._start("orders", sidecar_config(
-            self.pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
-                                                  "app": f"127.0.0.1:{self.app.port}"},
-            policy=str(tmp / "mesh.yaml"), limits=limits))
-        self.outbound = self._start("frontend", sidecar_config(
-            self.pki.identity("frontend"), outbound=[{
-                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-                "upstream": f"127.0.0.1:{self.peer.port}", "identity": spiffe("orders")}],
-            policy=str(tmp / "mesh.yaml"), limits=limits))
-        self.ctx = mtls_context(self.pki.identity("frontend", dirname="client"),
-                                self.pki.bundle)
+            limits = {"handshake_timeout": "2s", "header_timeout": "2s", "body_timeout": "2s",
+                      "idle_timeout": "5s", "response_timeout": "3s"}
+            self.procs: list[SidecarProc] = []
+            self.inbound = self._start("orders", sidecar_config(
+                self.pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
+                                                      "app": f"127.0.0.1:{self.app.port}"},
+                policy=str(tmp / "mesh.yaml"), limits=limits))
+            started.callback(self.inbound.stop, timeout=10)
+            self.outbound = self._start("frontend", sidecar_config(
+                self.pki.identity("frontend"), outbound=[{
+                    "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                    "upstream": f"127.0.0.1:{self.peer.port}", "identity": spiffe("orders")}],
+                policy=str(tmp / "mesh.yaml"), limits=limits))
+            started.callback(self.outbound.stop, timeout=10)
+            self.ctx = mtls_context(self.pki.identity("frontend", dirname="client"),
+                                    self.pki.bundle)
+            started.pop_all()  # built: close() stops them from now on
 
     def _start(self, name: str, cfg: dict) -> SidecarProc:
         proc = start_sidecar(self.tmp, name, cfg)

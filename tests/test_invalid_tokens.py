@@ -609,9 +609,11 @@ def start_node(tmp: Path, pki: Pki, app_port: int, doc: dict[str, Any], name: st
     cfg = sidecar_config(pki.identity("orders", dirname=f"orders-{name}"), inbound={
         "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
         policy=str(policy_path))
+    # (The client's context first: nothing may fail between starting the sidecar and
+    # handing it to the caller, who stops it.)
+    ctx = mtls_context(pki.identity("frontend", dirname=f"frontend-{name}"), pki.bundle)
     proc = start_sidecar(tmp, name, cfg)
-    return Node(proc, mtls_context(pki.identity("frontend", dirname=f"frontend-{name}"),
-                                   pki.bundle), policy_path)
+    return Node(proc, ctx, policy_path)
 
 
 @pytest.fixture(scope="module")

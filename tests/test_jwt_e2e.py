@@ -11,6 +11,7 @@ policy or the key files start their own. Every loop is bounded by count and time
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client as httpclient
@@ -166,8 +167,10 @@ def start_node(tmp: Path, pki: Pki, app_port: int, policy: dict[str, Any],
     cfg = sidecar_config(pki.identity("orders", dirname=f"orders-{name}"), inbound={
         "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}"},
         policy=str(policy_path))
-    proc = start_sidecar(tmp, name, cfg)
+    # (The client's context first: nothing may fail between starting the sidecar and
+    # handing it to the caller, who stops it.)
     ctx = mtls_context(pki.identity("frontend", dirname=f"frontend-{name}"), pki.bundle)
+    proc = start_sidecar(tmp, name, cfg)
     return Node(proc, ctx, policy_path, tmp)
 
 
@@ -207,40 +210,42 @@ class Shared:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     tmp = tmp_path_factory.mktemp("jwt-e2e")
     pki = Pki(tmp / "pki")
-    app_proc, app_port = start_app(tmp)
-    jwks = tmp / "policy" / "jwks" / "corp.json"
-    jwks.parent.mkdir(parents=True)
-    jwks.write_bytes(jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1"), jwk(rsa_key("e2e-rsa-1"), "rsa-1")))
-    api_key, entry = apikey_new("batch-job")
-    expired_key, old_entry = apikey_new("old-job")
-    old_entry["expires_at"] = "2020-01-01T00:00:00Z"
-    providers = {
-        "corp": provider_doc(
-            jwks_file="jwks/corp.json", max_token_bytes=1024,
-            from_headers=[{"name": "authorization", "prefix": "Bearer "}],
-            from_params=["access_token"],
-            forward_claims={"sub": "x-user", "scope": "x-scope", "email": "x-email"}),
-        "hidden": provider_doc(
-            jwks_file="jwks/corp.json", from_headers=["x-token"], forward_token=False,
-            forward_claims={"sub": "x-hidden-user"}),
-        # Room for the claim family's longest members (a 5000-digit exp), which must be
-        # refused for their claim, not for their size.
-        "wide": provider_doc(jwks_file="jwks/corp.json", max_token_bytes=16384,
-                             required_claims=["exp", "iat", "sub"]),
-    }
-    rules = [
-        jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
-                 {"scope": {"contains": "orders:read"}}),
-        jwt_rule("hidden-token", ["/hidden/**"], "hidden"),
-        jwt_rule("wide-token", ["/wide/**"], "wide"),
-        {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
-                                    "apikey": True}},
-    ]
-    node = start_node(tmp, pki, app_port, policy_doc(providers, rules,
-                                                     api_keys=[entry, old_entry]))
-    yield Shared(node, api_key, expired_key)
-    node.sidecar.stop(timeout=10)
-    app_proc.stop(timeout=10)
+    # Every process started here is stopped by its pid, also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        app_proc, app_port = start_app(tmp)
+        stack.callback(app_proc.stop, timeout=10)
+        jwks = tmp / "policy" / "jwks" / "corp.json"
+        jwks.parent.mkdir(parents=True)
+        jwks.write_bytes(jwks_bytes(jwk(ec_key("e2e-ec-1"), "ec-1"), jwk(rsa_key("e2e-rsa-1"), "rsa-1")))
+        api_key, entry = apikey_new("batch-job")
+        expired_key, old_entry = apikey_new("old-job")
+        old_entry["expires_at"] = "2020-01-01T00:00:00Z"
+        providers = {
+            "corp": provider_doc(
+                jwks_file="jwks/corp.json", max_token_bytes=1024,
+                from_headers=[{"name": "authorization", "prefix": "Bearer "}],
+                from_params=["access_token"],
+                forward_claims={"sub": "x-user", "scope": "x-scope", "email": "x-email"}),
+            "hidden": provider_doc(
+                jwks_file="jwks/corp.json", from_headers=["x-token"], forward_token=False,
+                forward_claims={"sub": "x-hidden-user"}),
+            # Room for the claim family's longest members (a 5000-digit exp), which must be
+            # refused for their claim, not for their size.
+            "wide": provider_doc(jwks_file="jwks/corp.json", max_token_bytes=16384,
+                                 required_claims=["exp", "iat", "sub"]),
+        }
+        rules = [
+            jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
+                     {"scope": {"contains": "orders:read"}}),
+            jwt_rule("hidden-token", ["/hidden/**"], "hidden"),
+            jwt_rule("wide-token", ["/wide/**"], "wide"),
+            {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
+                                        "apikey": True}},
+        ]
+        node = start_node(tmp, pki, app_port, policy_doc(providers, rules,
+                                                         api_keys=[entry, old_entry]))
+        stack.callback(node.sidecar.stop, timeout=10)
+        yield Shared(node, api_key, expired_key)
 
 
 # ----------------------------------------------------------------------------- valid / missing

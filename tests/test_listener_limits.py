@@ -8,6 +8,7 @@ time; every process is stopped by its pid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -94,18 +95,18 @@ def closed_by_server(s: socket.socket) -> bool:
 def admin_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     tmp = tmp_path_factory.mktemp("limits-admin")
     pki = Pki(tmp / "pki")
-    app, app_port = start_app(tmp)
-    cfg = sidecar_config(pki.identity("orders"),
-                         inbound={"listen": f"127.0.0.1:{free_port()}",
-                                  "app": f"127.0.0.1:{app_port}",
-                                  "allow_from": [spiffe("frontend")]})
-    cfg["admin"]["health_listen"] = f"127.0.0.1:{free_port()}"
-    proc = start_sidecar(tmp, "limited", cfg)
-    try:
+    # Every process started here is stopped by its pid, also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        app, app_port = start_app(tmp)
+        stack.callback(app.stop)
+        cfg = sidecar_config(pki.identity("orders"),
+                             inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app_port}",
+                                      "allow_from": [spiffe("frontend")]})
+        cfg["admin"]["health_listen"] = f"127.0.0.1:{free_port()}"
+        proc = start_sidecar(tmp, "limited", cfg)
+        stack.callback(proc.stop, timeout=10)
         yield proc
-    finally:
-        proc.stop(timeout=10)
-        app.stop()
 
 
 def _port(proc: object, which: str) -> int:

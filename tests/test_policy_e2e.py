@@ -11,6 +11,7 @@ rule runs, and the ``sidecar policy`` CLI on the shipped policies.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -419,14 +420,14 @@ def orders_only(tmp_path_factory):
     policy.write_text(HEAD + f"services:\n  {ORDERS}:\n    rules:\n"
                       f"      - name: frontend-anything\n        allow:\n"
                       f"          from: [{FRONTEND}]\n")
-    app_proc, app_port = start_app(tmp)
-    b = _orders(tmp, pki, app_port, policy)
-    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
-    try:
+    # Every process started here is stopped by its pid, also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        app_proc, app_port = start_app(tmp)
+        stack.callback(app_proc.stop, timeout=10)
+        b = _orders(tmp, pki, app_port, policy)
+        stack.callback(b.stop, timeout=10)
+        ctx = mtls_context(pki.identity("frontend"), pki.bundle)
         yield b, ctx, app_port
-    finally:
-        b.stop(timeout=10)
-        app_proc.stop(timeout=10)
 
 
 @pytest.mark.parametrize("case", sorted(AMBIGUOUS))

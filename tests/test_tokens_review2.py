@@ -30,6 +30,7 @@ nine requests with a valid token on that connection (cache and connection memo w
 
 from __future__ import annotations
 
+import contextlib
 import http.client as httpclient
 import json
 import time
@@ -345,19 +346,21 @@ def test_api_key_with_foreign_whitespace_is_another_key(ch: str) -> None:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, str]]:
     tmp = tmp_path_factory.mktemp("tokens-review2")
     pki = Pki(tmp / "pki")
-    app_proc, app_port = start_app(tmp)
-    jwks = tmp / "policy" / "jwks" / "corp.json"
-    jwks.parent.mkdir(parents=True)
-    jwks.write_bytes(jwks_bytes(jwk(ec_key("review2-ec"), "ec-1")))
-    api_key, entry = apikey_new("batch-job")
-    providers = {"corp": provider_doc(jwks_file="jwks/corp.json", algorithms=["ES256"])}
-    rules = [jwt_rule("corp", ["/corp/**"], "corp"),
-             {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
-                                         "apikey": True}}]
-    n = start_node(tmp, pki, app_port, policy_doc(providers, rules, api_keys=[entry]))
-    yield n, api_key
-    n.sidecar.stop(timeout=10)
-    app_proc.stop(timeout=10)
+    # Every process started here is stopped by its pid, also when a later step fails.
+    with contextlib.ExitStack() as stack:
+        app_proc, app_port = start_app(tmp)
+        stack.callback(app_proc.stop, timeout=10)
+        jwks = tmp / "policy" / "jwks" / "corp.json"
+        jwks.parent.mkdir(parents=True)
+        jwks.write_bytes(jwks_bytes(jwk(ec_key("review2-ec"), "ec-1")))
+        api_key, entry = apikey_new("batch-job")
+        providers = {"corp": provider_doc(jwks_file="jwks/corp.json", algorithms=["ES256"])}
+        rules = [jwt_rule("corp", ["/corp/**"], "corp"),
+                 {"name": "batch", "allow": {"from": [spiffe("frontend")], "paths": ["/batch/**"],
+                                             "apikey": True}}]
+        n = start_node(tmp, pki, app_port, policy_doc(providers, rules, api_keys=[entry]))
+        stack.callback(n.sidecar.stop, timeout=10)
+        yield n, api_key
 
 
 def _send(node: Node, path: str, headers: dict[str, str],

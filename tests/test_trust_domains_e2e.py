@@ -93,11 +93,14 @@ class RogueUpstream(ScriptedServer):
 def world(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("trust")
     w = World(tmp)
-    app, app_port = start_app(tmp)
-    w.procs.append(app)
-    rogues = [RogueUpstream(tmp, w.partner.issue(BACKEND), w.partner),
-              RogueUpstream(tmp, w.cluster.issue(PARTNER_API), w.cluster)]
+    rogues: list[RogueUpstream] = []
     try:
+        # (Started inside the try: a failed step still stops the app by its pid and closes
+        # the rogue upstream already started.)
+        app, app_port = start_app(tmp)
+        w.procs.append(app)
+        rogues.append(RogueUpstream(tmp, w.partner.issue(BACKEND), w.partner))
+        rogues.append(RogueUpstream(tmp, w.cluster.issue(PARTNER_API), w.cluster))
         # The server: cluster.local backend, federating partner.example (SPIFFE JSON bundle).
         cfg = sidecar_config(w.ident("backend", w.cluster, BACKEND), inbound={
             "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}",
