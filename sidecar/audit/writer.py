@@ -191,9 +191,6 @@ class _SegmentSink:
         self.last_checkpoint: Checkpoint | None = None
         self.ship_host: str | None = None  # set when shipping: frames become messages
         self.ship_app = "sidecar"
-        # Messages made while a paced batch is encoded (``_messages_so_far``): (seq of the
-        # chunk's first frame, its messages), taken with the batch's other messages.
-        self._made: list[tuple[int, list[bytes]]] = []
         self.max_bytes = config.max_segment_bytes
         self.max_segments = config.max_segments
         self.fsync = config.fsync
@@ -305,21 +302,14 @@ class _SegmentSink:
         if self.paced and len(records) > PACE_RECORDS:
             # The same frames as one call makes (the checkpoint counters carry over from
             # chunk to chunk), with a pause between chunks; written and synced at once.
-            # Each chunk's syslog messages are made right after its frames, while its records
-            # are still in the cache, not in a second pass over the batch after it: one pause
-            # per chunk instead of two, and 2-4 us of the thread's CPU per record less
-            # (bench/README.md, "Fourteenth pass"). They are handed on only once the batch is
-            # on disk (``take_messages``); a failed write drops them with its frames.
             parts: list[bytes] = []
             checkpoint = None
-            self._messages_so_far()  # a header just written: its own entry, kept on failure
             for i in range(0, len(records), PACE_RECORDS):
                 if i:
                     time.sleep(PACE_SECONDS)
                 part, signed = self._encode_signed(records[i:i + PACE_RECORDS])
                 parts.append(part)
                 checkpoint = signed or checkpoint
-                self._messages_so_far()
             data = b"".join(parts)
         else:
             data, checkpoint = self._encode_signed(records)
@@ -329,7 +319,6 @@ class _SegmentSink:
             # The head advances only when the bytes are on disk: the batch is retried (or
             # counted lost) and the next segment chains from the last frame that was kept.
             self.unsigned_frames, self.unsigned_records, self.unsigned_since = unsigned
-            self._made = [m for m in self._made if m[0] < state[0]]  # not on disk: not sent
             raise _PartialWrite(0, exc) from None
         if checkpoint is not None:
             self.last_checkpoint = checkpoint
@@ -346,26 +335,11 @@ class _SegmentSink:
             return
         self._seal("shutdown")
 
-    def _messages_so_far(self) -> None:
-        """Make the syslog messages of the frames encoded so far (``_made``, with the seq
-        of each chunk's first frame, so that a failed write can drop its own)."""
-        head = self.head
-        if head is None or not head.journal or self.ship_host is None:
-            return
-        prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
-        self._made.append((head.journal[0][0],
-                           frame_messages(prefix, head.journal, _message_detail)))
-        head.journal.clear()
-
     def take_messages(self) -> list[bytes]:
         """Syslog messages for the frames written to disk since the last call."""
-        made: list[bytes] = []
-        for _seq, messages in self._made:
-            made += messages
-        self._made.clear()
         head = self.head
         if head is None or not head.journal or self.ship_host is None:
-            return made
+            return []
         prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
         journal = head.journal
         if self.paced and len(journal) > PACE_RECORDS:
@@ -377,7 +351,7 @@ class _SegmentSink:
         else:
             out = frame_messages(prefix, journal, _message_detail)
         journal.clear()
-        return made + out if made else out
+        return out
 
     def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
         """Seconds until the timer checkpoint is due (0 = now), None when nothing waits."""
