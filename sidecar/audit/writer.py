@@ -158,6 +158,33 @@ def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
     return detail
 
 
+class _KeyFile:
+    """A key file read again when its content changes (a rotated Secret; the content hash,
+    ``sidecar.reload.fingerprint``, follows the symlink a volume update swaps).
+    ``reloaded(kid)`` gives the key the changed file holds, or None when the file is as it
+    was, or does not load (caught half written, removed, not a key: ``NAME_invalid`` is
+    logged once per content, with ``kid`` the key still in use). The caller logs and uses a
+    reloaded key."""
+
+    def __init__(self, path: str, load: Callable[[str], Any], name: str) -> None:
+        self.path, self._load, self._name = path, load, name
+        self._state = fingerprint([path])
+        self._refused: str | None = ""  # a content that did not load (None: unreadable)
+
+    def reloaded(self, kid: str) -> Any:
+        state = fingerprint([self.path])
+        if state == self._state or state == self._refused:
+            return None
+        try:
+            key = self._load(self.path)
+        except ValueError as exc:
+            self._refused = state
+            log(f"{self._name}_invalid", "error", path=self.path, error=str(exc), kid=kid)
+            return None
+        self._state, self._refused = state, ""
+        return key
+
+
 class _SegmentSink:
     """Synchronous disk side; every method runs in a worker thread (``append`` with fsync off:
     on the event loop, ``AuditWriter._inline``), one call at a time."""
@@ -166,20 +193,19 @@ class _SegmentSink:
                  signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
         self.directory = config.path
         self.signer = signer
-        # The key file as the signer was read from it: a rotated Secret is read again at the
-        # next signed frame (``_signer_now``).
-        self.signing_key_file = config.signing_key_file if signer is not None else None
-        self._signing_state = (fingerprint([self.signing_key_file])
-                               if self.signing_key_file is not None else None)
-        # The state of a key file that did not load (None: unreadable; "": nothing refused).
-        self._signing_refused: str | None = ""
+        # The key files, read again when they change: the signing key at the next signed
+        # frame (``_signer_now``), the data key at most every DATA_KEY_RECHECK_SECONDS, before
+        # a batch (``data_key_due``, ``_data_key_now``).
+        self._signing_key = (
+            _KeyFile(config.signing_key_file,
+                     lambda path: load_signer(path, signer.ident),
+                     "audit_signing_key")
+            if signer is not None and config.signing_key_file is not None else None)
         self.encryptor = encryptor
-        # The data key file likewise: looked at again at most every DATA_KEY_RECHECK_SECONDS,
-        # at a batch (``data_key_due``, ``_data_key_now``).
-        self.encryption_key_file = config.encryption_key_file if encryptor is not None else None
-        self._data_state = (fingerprint([self.encryption_key_file])
-                            if self.encryption_key_file is not None else None)
-        self._data_refused: str | None = ""
+        self._data_key = (
+            _KeyFile(config.encryption_key_file,
+                     lambda path: Encryptor(load_data_key(path)), "audit_data_key")
+            if encryptor is not None and config.encryption_key_file is not None else None)
         self._data_checked = time.monotonic()
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
@@ -285,7 +311,7 @@ class _SegmentSink:
 
     def data_key_due(self, now: float) -> bool:
         """Is the data key file to be looked at again before the next batch?"""
-        return (self.encryption_key_file is not None
+        return (self._data_key is not None
                 and now - self._data_checked >= DATA_KEY_RECHECK_SECONDS)
 
     def append(self, records: list[Entry]) -> None:
@@ -499,23 +525,14 @@ class _SegmentSink:
         (a rotated Secret), the new key (its ``kid`` is in every frame it signs; verify with
         a keyring of both public keys). A file that does not load (caught half written, not
         Ed25519) leaves the old key in use and is logged once per content."""
-        path = self.signing_key_file
-        if path is None:
+        if self._signing_key is None or self.signer is None:
             return self.signer
-        state = fingerprint([path])
-        if state == self._signing_state or state == self._signing_refused:
+        signer: Signer | None = self._signing_key.reloaded(self.signer.kid)
+        if signer is None:
             return self.signer
-        assert self.signer is not None
-        try:
-            signer = load_signer(path, self.signer.ident)
-        except ValueError as exc:
-            self._signing_refused = state
-            log("audit_signing_key_invalid", "error", path=path, error=str(exc),
-                kid=self.signer.kid)
-            return self.signer
-        log("audit_signing_key_reloaded", "info", path=path, kid=signer.kid,
+        log("audit_signing_key_reloaded", "info", path=self._signing_key.path, kid=signer.kid,
             previous_kid=self.signer.kid)
-        self.signer, self._signing_state, self._signing_refused = signer, state, ""
+        self.signer = signer
         return signer
 
     def _data_key_now(self) -> None:
@@ -525,25 +542,14 @@ class _SegmentSink:
         does not load (caught half written, not a key) leaves the last key in use and is
         logged once per content. OSError when the rotation cannot be written (the records
         are retried; the next segment is opened with the new key)."""
-        path = self.encryption_key_file
-        assert path is not None and self.encryptor is not None
+        assert self._data_key is not None and self.encryptor is not None
         self._data_checked = time.monotonic()
-        state = fingerprint([path])
-        if state == self._data_state or state == self._data_refused:
-            return
-        try:
-            encryptor = Encryptor(load_data_key(path))
-        except ValueError as exc:
-            self._data_refused = state
-            log("audit_data_key_invalid", "error", path=path, error=str(exc),
-                kid=self.encryptor.kid)
-            return
-        self._data_state, self._data_refused = state, ""
         previous = self.encryptor
-        if encryptor.kid == previous.kid:
-            return  # the same key, written again
+        encryptor: Encryptor | None = self._data_key.reloaded(previous.kid)
+        if encryptor is None or encryptor.kid == previous.kid:
+            return  # unchanged, not loaded, or the same key written again
         self.encryptor = encryptor
-        log("audit_data_key_reloaded", "info", path=path, kid=encryptor.kid,
+        log("audit_data_key_reloaded", "info", path=self._data_key.path, kid=encryptor.kid,
             previous_kid=previous.kid)
         if self.fd is not None:
             self._rotate()
