@@ -216,6 +216,9 @@ def test_progress_line_on_a_terminal_stderr(trail: Path, command: list[str]):
         out, _ = proc.communicate(timeout=60)
     finally:
         os.close(slave)
+        if proc.poll() is None:  # timed out: stopped by its pid, not left running
+            proc.kill()
+            proc.wait()
     err = b""
     while True:
         try:

@@ -109,6 +109,7 @@ def test_every_decision_type_leaves_exactly_one_record(tmp_path, pki, procs):
     key = _jwks(tmp_path)
     policy = write_policy(tmp_path / "mesh.yaml", _policy(tmp_path))
     app_proc, app = start_app(tmp_path)
+    procs.append(app_proc)  # stopped by its pid also when a step before its stop fails
     audit_dir = tmp_path / "audit"
     b = _orders(tmp_path, pki, app, {"path": str(audit_dir)}, policy=policy)
     procs.append(b)

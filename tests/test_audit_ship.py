@@ -258,6 +258,7 @@ def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, pr
 
     assert wait_for(lambda: status() == 503, timeout=20)
     collector.start()
+    procs.append(collector.proc)  # stopped by its pid also if the finally below fails
     try:
         assert wait_for(lambda: status() == 200, timeout=20)
         assert b.metric("sidecar_audit_ship_connected") == 1

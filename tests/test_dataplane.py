@@ -268,23 +268,31 @@ def test_tcp_mode_carries_bytes_over_mtls(tmp_path, pki, procs):
     port = lsock.getsockname()[1]
 
     def echo():
-        conn, _ = lsock.accept()
+        try:
+            conn, _ = lsock.accept()
+        except OSError:  # the listener was shut before anyone connected (a failed step)
+            return
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
 
     threading.Thread(target=echo, daemon=True).start()
-    b = _inbound(tmp_path, pki, port, protocol="tcp")
-    procs.append(b)
-    a = _outbound(tmp_path, pki, b.port("inbound"), protocol="tcp")
-    procs.append(a)
-    with socket.create_connection(("127.0.0.1", a.port("orders")), timeout=5) as s:
-        s.sendall(b"\x00\x01binary-not-http\r\n")
-        got = b""
-        while len(got) < 19:
-            got += s.recv(4096)
-        assert got == b"\x00\x01binary-not-http\r\n"
-    lsock.close()
+    try:
+        b = _inbound(tmp_path, pki, port, protocol="tcp")
+        procs.append(b)
+        a = _outbound(tmp_path, pki, b.port("inbound"), protocol="tcp")
+        procs.append(a)
+        with socket.create_connection(("127.0.0.1", a.port("orders")), timeout=5) as s:
+            s.sendall(b"\x00\x01binary-not-http\r\n")
+            got = b""
+            while len(got) < 19:
+                got += s.recv(4096)
+            assert got == b"\x00\x01binary-not-http\r\n"
+    finally:
+        # shutdown wakes an accept() still waiting (close alone would not): the echo
+        # thread ends and the listener is gone also when a step above failed.
+        lsock.shutdown(socket.SHUT_RDWR)
+        lsock.close()
 
 
 def test_ipv6_loopback_listeners(tmp_path, pki, app, procs):

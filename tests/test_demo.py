@@ -69,6 +69,19 @@ def _read_until(proc: subprocess.Popen[str], marker: str, seconds: float = 60) -
     return seen
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Stop the demo by its pid: SIGTERM first -- it then stops the sidecars, apps and IdP it
+    started (SIGKILL alone would leave them running) -- and SIGKILL only if it has not
+    exited in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
 def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--serve"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -101,8 +114,7 @@ def test_demo_serve_prints_curl_commands_and_stops_on_ctrl_c():
         assert proc.wait(timeout=60) == 0
         assert not Path(root).exists()  # Ctrl-C removed it, CA key included
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
 
 
 def test_demo_serve_keep_keeps_the_directory_on_sigterm():
@@ -118,8 +130,6 @@ def test_demo_serve_keep_keeps_the_directory_on_sigterm():
         assert f"kept {root} (--keep)" in out
         assert (Path(root) / "ca" / "ca.key").exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         if root:
             shutil.rmtree(root, ignore_errors=True)

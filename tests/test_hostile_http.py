@@ -733,15 +733,16 @@ def test_connection_flood_beyond_max_connections(tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki")
     app = RecordingApp()
     limit = 8
-    proc = start_sidecar(tmp_path, "flooded", sidecar_config(
-        pki.identity("orders"),
-        inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app.port}",
-                 "allow_from": [spiffe("frontend")]},
-        limits={"handshake_timeout": "2s", "max_connections": limit}))
-    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
-    port = proc.port("inbound")
+    proc = None
     held: list[socket.socket] = []
-    try:
+    try:  # (from the app's start: a failed sidecar start still closes it)
+        proc = start_sidecar(tmp_path, "flooded", sidecar_config(
+            pki.identity("orders"),
+            inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app.port}",
+                     "allow_from": [spiffe("frontend")]},
+            limits={"handshake_timeout": "2s", "max_connections": limit}))
+        ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+        port = proc.port("inbound")
         for _ in range(limit):
             held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         wait_for(lambda: proc.metric("sidecar_connections_refused_total") >= 0, timeout=5)
@@ -765,7 +766,8 @@ def test_connection_flood_beyond_max_connections(tmp_path: Path) -> None:
     finally:
         for s in held:
             s.close()
-        proc.stop(timeout=10)
+        if proc is not None:
+            proc.stop(timeout=10)
         app.close()
     extra_close.sort()
     assert extra_close[len(extra_close) // 2] < 0.5, extra_close  # median: immediate

@@ -155,20 +155,24 @@ def test_health_port_has_no_keep_alive_and_cuts_silent_connections(admin_sidecar
 # --- inbound and outbound -----------------------------------------------------------------
 
 
-def test_inbound_and_outbound_limit_each_source(tmp_path: Path) -> None:
+def test_inbound_and_outbound_limit_each_source(tmp_path: Path, procs: list) -> None:
     pki = Pki(tmp_path / "pki")
+    # Each process is also handed to procs: stopped by its pid when a later start fails.
     app, app_port = start_app(tmp_path)
+    procs.append(app)
     server = start_sidecar(tmp_path, "server", sidecar_config(
         pki.identity("orders"),
         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}",
                  "allow_from": [spiffe("frontend")]},
         limits={"max_connections_per_source": 4}))
+    procs.append(server)
     client = start_sidecar(tmp_path, "client", sidecar_config(
         pki.identity("frontend"),
         outbound=[{"name": "orders", "listen": f"127.0.0.1:{free_port()}",
                    "upstream": f"127.0.0.1:{server.port('inbound')}",
                    "identity": spiffe("orders")}],
         limits={"max_connections_per_source": 4}))
+    procs.append(client)
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     try:
         for proc, name, kwargs in ((server, "inbound", {"ctx": ctx}), (client, "orders", {})):

@@ -61,6 +61,23 @@ def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
                             env={**os.environ, **(env or {})})
 
 
+@pytest.fixture
+def spawn():
+    """``_spawn``, every process it starts stopped by its pid at teardown (however the test
+    ends; a no-op for one that has exited)."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        started.append(_spawn(*args, env=env))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def _wait_watching(proc: subprocess.Popen[str]) -> None:
     assert proc.stderr is not None
     line = proc.stderr.readline()
@@ -77,15 +94,15 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> str:
     return out
 
 
-def test_tap_prints_every_decision_with_filters(orders):
+def test_tap_prints_every_decision_with_filters(orders, spawn):
     proc, friend, stranger = orders
     admin = f"http://127.0.0.1:{proc.port('admin')}"
-    everything = _spawn("tap", "--admin", admin, "-o", "json", "--count", str(2 * N),
-                        "--duration", "30")
-    denied = _spawn("tap", "--admin", admin, "--decision", "deny", "--count", str(N),
-                    "--duration", "30")
-    path = _spawn("tap", "--admin", admin, "--path", "/orders/1*", "-o", "json",
-                  "--caller", spiffe("frontend"), "--duration", "6")
+    everything = spawn("tap", "--admin", admin, "-o", "json", "--count", str(2 * N),
+                       "--duration", "30")
+    denied = spawn("tap", "--admin", admin, "--decision", "deny", "--count", str(N),
+                   "--duration", "30")
+    path = spawn("tap", "--admin", admin, "--path", "/orders/1*", "-o", "json",
+                 "--caller", spiffe("frontend"), "--duration", "6")
     for p in (everything, denied, path):
         _wait_watching(p)
     _load(proc, friend, stranger)
@@ -106,13 +123,13 @@ def test_tap_prints_every_decision_with_filters(orders):
     assert got == sorted(["/orders/1", "/orders/10", "/orders/11"])
 
 
-def test_top_counts_by_caller_rule_and_status(orders):
+def test_top_counts_by_caller_rule_and_status(orders, spawn):
     proc, friend, stranger = orders
     admin = f"http://127.0.0.1:{proc.port('admin')}"
-    top = _spawn("top", "--admin", admin, "-o", "json", "--interval", "0.5", "--window", "60",
-                 "--duration", "8")
-    table = _spawn("top", "--admin", admin, "--interval", "0.5", "--window", "60",
-                   "--duration", "8")
+    top = spawn("top", "--admin", admin, "-o", "json", "--interval", "0.5", "--window", "60",
+                "--duration", "8")
+    table = spawn("top", "--admin", admin, "--interval", "0.5", "--window", "60",
+                  "--duration", "8")
     _wait_watching(top)
     _wait_watching(table)
     _load(proc, friend, stranger)

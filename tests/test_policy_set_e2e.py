@@ -74,12 +74,16 @@ def _swap(d: Path, stamp: str, **docs: str) -> None:
 def _start(tmp: Path, pki: Pki, identity: str, policy: list[str], name: str,
            audit: Path | None = None) -> SidecarProc:
     app, app_port = start_app(tmp)
-    ident = pki.custom(name, identity)
-    cfg = sidecar_config(ident, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                         "app": f"127.0.0.1:{app_port}"},
-                         audit={"path": str(audit), "fsync": False} if audit else None)
-    cfg["policy"] = {"path": policy, "watch_interval": "100ms"}
-    proc = start_sidecar(tmp, name, cfg)
+    try:
+        ident = pki.custom(name, identity)
+        cfg = sidecar_config(ident, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                             "app": f"127.0.0.1:{app_port}"},
+                             audit={"path": str(audit), "fsync": False} if audit else None)
+        cfg["policy"] = {"path": policy, "watch_interval": "100ms"}
+        proc = start_sidecar(tmp, name, cfg)
+    except BaseException:
+        app.stop()  # the sidecar did not start: its app is stopped by its pid here
+        raise
     proc.app = app  # type: ignore[attr-defined]
     return proc
 
@@ -245,7 +249,11 @@ def test_real_sidecars_behave_the_same_on_the_file_and_the_split_form(tmp_path):
     me = scale_gen.service_id(i, SERVICES)
     audit = tmp_path / "audit"
     a = _start(tmp_path, pki, me, [single], "file", audit)
-    b = _start(tmp_path, pki, me, [split], "split")
+    try:
+        b = _start(tmp_path, pki, me, [split], "split")
+    except BaseException:
+        _stop(a)  # b did not start: a (and its app) stopped by their pids, not left running
+        raise
     try:
         assert _status(a)["sections_skipped"] == _status(b)["sections_skipped"] == SERVICES - 1
         seen = []

@@ -177,11 +177,13 @@ def test_soak_mixed_traffic_no_errors_flat_memory_and_fds(tmp_path, pki, app, pr
     started = time.monotonic()
     load.start()
     samples: dict[str, list[int]] = {n: [] for n in sidecars}
-    while time.monotonic() - started < SOAK_SECONDS:
-        time.sleep(min(1.0, SOAK_SECONDS / 10))
-        for n, p in sidecars.items():
-            samples[n].append(_rss(p.pid))
-    load.finish()
+    try:  # the client threads are stopped also when a sample fails (a sidecar gone)
+        while time.monotonic() - started < SOAK_SECONDS:
+            time.sleep(min(1.0, SOAK_SECONDS / 10))
+            for n, p in sidecars.items():
+                samples[n].append(_rss(p.pid))
+    finally:
+        load.finish()
     elapsed = time.monotonic() - started
     quiet()
     end = {n: (_rss(p.pid), _fds(p.pid)) for n, p in sidecars.items()}

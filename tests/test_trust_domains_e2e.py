@@ -187,10 +187,12 @@ def test_outbound_refuses_cross_domain_upstream(world: World, listener: str,
 
 
 def test_federated_bundle_reloads_on_its_own_and_keeps_the_last_good(world: World,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path,
+                                                                      procs: list) -> None:
     """A separate server so the module's world is untouched: the partner's bundle rotates to
     a new root, then turns to garbage; the cluster domain never notices."""
     app, app_port = start_app(tmp_path)
+    procs.append(app)  # stopped by its pid also when the sidecar's start fails
     bundle = tmp_path / "partner.json"
     bundle.write_bytes(spiffe_bundle_json([world.partner.root]))
     cfg = sidecar_config(world.ident("backend2", world.cluster, BACKEND), inbound={
