@@ -11,6 +11,7 @@ talk to them from the outside.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.client as httpclient
 import ipaddress
@@ -664,6 +665,31 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def run_tree(args: list[str], *, timeout: float, grace: float = 20.0,
+             **kw: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=...)`` for a command
+    that starts processes of its own (the demo, the bench scripts). On a timeout
+    ``subprocess.run`` kills only the command, and what it started runs on; here the command
+    gets SIGINT -- its Ctrl-C: the demo and the bench scripts stop what they started, by
+    pid -- and, after ``grace`` seconds, SIGKILL with the rest of its process group; then
+    ``TimeoutExpired`` is raised as ``subprocess.run`` would."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group is the command's pid
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

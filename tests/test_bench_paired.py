@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import loadgen, paired  # noqa: E402
+from tests.harness import run_tree  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRED = os.path.join(ROOT, "bench", "paired.py")
@@ -30,10 +31,9 @@ def _is_number(v: object) -> bool:
 @pytest.mark.skipif(loadgen.wrk_binary() is None, reason="wrk is not installed")
 def test_audit_comparison_runs_two_rounds_and_writes_numbers(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "paired.json"
-    proc = subprocess.run(
+    proc = run_tree(
         [sys.executable, PAIRED, "--compare", "audit", "--rounds", "2", "--duration", "1",
-         "--warmup", "0.5", "--json", str(out)],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT)
+         "--warmup", "0.5", "--json", str(out)], timeout=RUN_TIMEOUT_S, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"JSON written to {out}" in proc.stdout
     doc = json.loads(out.read_text())
@@ -104,11 +104,10 @@ def _logging_python(tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def
 def test_interpreter_comparison_runs_only_the_subject_on_the_given_python(tmp_path) -> None:  # type: ignore[no-untyped-def]
     python, log = _logging_python(tmp_path)
     out = tmp_path / "paired.json"
-    proc = subprocess.run(
+    proc = run_tree(
         [sys.executable, PAIRED, "--compare", "interpreter", "--sidecar-python", python,
          "--rounds", "1", "--duration", "1", "--warmup", "0", "--no-latency",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT)
+         "--json", str(out)], timeout=RUN_TIMEOUT_S, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert (doc["subject"], doc["reference"]) == ("sidecar-full-python", "sidecar-full")

@@ -22,6 +22,7 @@ from bench.procs import ProcessGroup, cpu_seconds, peak_rss_bytes  # noqa: E402
 from bench.report import ScenarioResult, ratios, render_table, targets  # noqa: E402
 from bench.setups import envoy_proxy_yaml, sidecar_policy_yaml  # noqa: E402
 from bench.tokens import make_jwt  # noqa: E402
+from tests.harness import run_tree  # noqa: E402
 
 
 @pytest.fixture
@@ -238,9 +239,8 @@ def test_idle_conns_runs_the_sidecars_on_the_given_python(tmp_path) -> None:  # 
     wrapper.chmod(0o755)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "bench", "idle_conns.py")
-    proc = subprocess.run([sys.executable, script, "--count", "5", "--hold", "0.2", "--setups",
-                           "sidecar", "--sidecar-python", str(wrapper)],
-                          capture_output=True, text=True, timeout=120, cwd=root)
+    proc = run_tree([sys.executable, script, "--count", "5", "--hold", "0.2", "--setups",
+                     "sidecar", "--sidecar-python", str(wrapper)], timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.startswith(f"sidecar interpreter: {sys.version.split()[0]} ")
     assert "10 of 10 connections still open" in proc.stdout
@@ -256,9 +256,8 @@ def test_idle_conns_runs_the_sidecars_on_the_given_python(tmp_path) -> None:  # 
 
 def test_idle_floor_measures_the_bare_server_with_and_without_cryptography() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "idle_floor.py"),
-                           "--count", "5"], capture_output=True, text=True, timeout=120,
-                          cwd=root)
+    proc = run_tree([sys.executable, os.path.join(root, "bench", "idle_floor.py"),
+                     "--count", "5"], timeout=120, cwd=root)
     # 5 connections stay far below 60 MiB: exit 0, both servers measured.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()

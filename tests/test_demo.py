@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.harness import ROOT, wait_for
+from tests.harness import ROOT, run_tree, wait_for
 
 
 def test_demo_runs_every_scripted_request_and_verifies_the_audit_trails():
-    out = subprocess.run([sys.executable, "-m", "sidecar", "demo"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    # (run_tree: on a timeout the demo gets its Ctrl-C and stops the sidecars, apps and IdP
+    # it started, instead of being killed alone.)
+    out = run_tree([sys.executable, "-m", "sidecar", "demo"], cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "all outcomes as expected" in text
