@@ -35,6 +35,7 @@ from bench.procs import (  # noqa: E402
     children_of,
     peak_rss_bytes,
     rss_bytes,
+    stop_on_sigterm,
     tree_cpu_seconds,
 )
 from bench.setups import Setup, SetupContext, check_interpreter, make_setup  # noqa: E402
@@ -150,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = min(args.count, MAX_COUNT)
     _raise_fd_limit(2 * count + 200)
     workdir = tempfile.mkdtemp(prefix="sidecar-idle-")
+    stop_on_sigterm()
     group = ProcessGroup(workdir)
     try:
         certs = make_mesh_certs(os.path.join(workdir, "certs"))

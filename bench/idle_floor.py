@@ -35,7 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.certs import MeshCerts, make_mesh_certs  # noqa: E402
 from bench.idle_conns import MAX_COUNT, TARGET_MIB, _connect, _raise_fd_limit  # noqa: E402
-from bench.procs import ProcessGroup, free_port, rss_bytes, wait_for_port  # noqa: E402
+from bench.procs import (  # noqa: E402
+    ProcessGroup,
+    free_port,
+    rss_bytes,
+    stop_on_sigterm,
+    wait_for_port,
+)
 from bench.setups import check_interpreter  # noqa: E402
 
 # The server: argv = CERT KEY CA PORT CRYPTOGRAPHY(0|1). Only the stdlib, trio and (when
@@ -145,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"floor interpreter: {version}")
     _raise_fd_limit(args.count + 200)
     workdir = tempfile.mkdtemp(prefix="sidecar-floor-")
+    stop_on_sigterm()
     group = ProcessGroup(workdir)
     try:
         certs = make_mesh_certs(os.path.join(workdir, "certs"))

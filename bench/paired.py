@@ -29,14 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +42,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import loadgen  # noqa: E402
 from bench.app import body_path, start_app  # noqa: E402
 from bench.certs import make_mesh_certs  # noqa: E402
-from bench.procs import ProcessGroup, close_workdir, thread_cpu_seconds, tree_cpu_seconds  # noqa: E402
+from bench.procs import (  # noqa: E402
+    ProcessGroup,
+    close_workdir,
+    stop_on_sigterm,
+    thread_cpu_seconds,
+    tree_cpu_seconds,
+)
 from bench.run import machine_description  # noqa: E402
 from bench.setups import (  # noqa: E402
     EnvoySetup,
@@ -483,10 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name}: cannot run: {reason}", file=sys.stderr)
             return MISSING_TOOL_EXIT
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    stop_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="sidecar-paired-")
     group = ProcessGroup(workdir)
     deadline = time.monotonic() + args.max_seconds

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_GRACE_S = 5.0
@@ -100,6 +101,16 @@ def cpu_seconds(pid: int) -> float:
     fields = raw[raw.rfind(b")") + 2:].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM act as Ctrl-C in a bench script: ``KeyboardInterrupt``, so its ``finally``
+    stops every process it started by pid (the default action would end the script at once
+    and leave its children, which run in their own sessions, running)."""
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:

@@ -17,13 +17,11 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +32,7 @@ from bench.certs import make_mesh_certs  # noqa: E402
 from bench.procs import (  # noqa: E402
     ProcessGroup,
     close_workdir,
+    stop_on_sigterm,
     tree_cpu_seconds,
     tree_peak_rss_bytes,
 )
@@ -234,10 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="sidecar-bench-")
     group = ProcessGroup(workdir)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    stop_on_sigterm()
     results: list[ScenarioResult] = []
     micro: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"machine": machine_description(), "args": {

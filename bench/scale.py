@@ -37,7 +37,14 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import scale_gen  # noqa: E402
-from bench.procs import ProcessGroup, cpu_seconds, free_port, peak_rss_bytes, rss_bytes  # noqa: E402
+from bench.procs import (  # noqa: E402
+    ProcessGroup,
+    cpu_seconds,
+    free_port,
+    peak_rss_bytes,
+    rss_bytes,
+    stop_on_sigterm,
+)
 
 WATCH_INTERVAL = 0.1
 RELOADS = 3
@@ -188,6 +195,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,1000,10000")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as workdir:
         procs = ProcessGroup(workdir)
         try:

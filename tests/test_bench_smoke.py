@@ -269,3 +269,41 @@ def test_idle_floor_measures_the_bare_server_with_and_without_cryptography() -> 
                               "--count", "0"], capture_output=True, text=True, timeout=60,
                              cwd=root)
     assert refused.returncode == 2 and "--count must be" in refused.stderr
+
+
+def test_a_bench_script_stops_what_it_started_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a CI job cancelled) acts as Ctrl-C: the script's ``finally`` stops
+    its children by pid. They run in their own sessions, so with the default action they
+    outlived the script (idle_floor, idle_conns and scale had no handler)."""
+    import signal
+
+    from bench.procs import children_of
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "bench", "idle_floor.py"),
+                             "--count", "5"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=root, start_new_session=True)
+    seen: list[int] = []
+    try:
+        # A child that is still there half a second later (a server, not a short check).
+        deadline = time.monotonic() + 60
+        while not seen and proc.poll() is None and time.monotonic() < deadline:
+            first = set(children_of(proc.pid))
+            time.sleep(0.5)
+            seen = sorted(first & set(children_of(proc.pid)))
+        assert seen, "the script started no lasting process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}") for pid in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in seen if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert not left, f"still running after the script ended: {left}"
+    finally:
+        for pid in [proc.pid, *seen]:  # a failed test leaves nothing running either
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
