@@ -103,6 +103,41 @@ def _client_certificate(ca: ThrowawayCA, directory: Path) -> tuple[str, str]:
     return str(directory / "client.crt"), str(directory / "client.key")
 
 
+def test_a_bundle_with_text_around_its_certificates_loads_as_from_a_file(
+        tmp_path: Path) -> None:
+    """A byte order mark and comments in UTF-8 between the certificates (curl's and
+    Mozilla's bundles name issuers like "NetLock Arany (Class Gold) F\u0151tan\u00fas\u00edtv\u00e1ny") are what
+    OpenSSL skips when it reads the file itself: the bundle loads, and trusts its CAs."""
+    import socket
+    import threading
+
+    ca, other = ThrowawayCA("bundled"), ThrowawayCA("also bundled")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("\ufeff# Issuer: CN=T\u00dcB\u0130TAK Kamu SM SSL K\u00f6k Sertifikas\u0131\n".encode()
+                       + other.cert_pem
+                       + "\n# NetLock Arany (Class Gold) F\u0151tan\u00fas\u00edtv\u00e1ny\n".encode()
+                       + ca.cert_pem)
+    ctx = FileContext(str(bundle)).context
+    assert len(ctx.get_ca_certs()) == 2
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_ctx = ca.server_context(tmp_path / "server")
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True):
+            pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                assert s.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        server.join(timeout=5)
+        listener.close()
+
+
 def test_what_is_refused_before_ssl_sees_it(tmp_path: Path) -> None:
     """A file over the size bound, a CA bundle that is not text, a certificate without its
     key: refused with a reason, never handed to ``ssl``."""

@@ -80,10 +80,12 @@ class FileContext:
         """A context from ``read()``'s bytes alone (no path is opened)."""
         rest = blobs
         if self._ca:
-            try:
-                pem = blobs[0].decode("ascii")
-            except UnicodeDecodeError:
-                raise ssl.SSLError(errno.EINVAL, f"{self._ca}: not a PEM CA bundle") from None
+            if b"-----BEGIN" not in blobs[0]:
+                raise ssl.SSLError(errno.EINVAL, f"{self._ca}: not a PEM CA bundle")
+            # ``cadata`` takes ASCII text only; PEM blocks are ASCII, and what OpenSSL skips
+            # between them when it reads a file (a byte order mark, comments naming issuers
+            # in UTF-8, as curl's and Mozilla's bundles have) is dropped the same way.
+            pem = blobs[0].decode("ascii", errors="ignore")
             ctx = ssl.create_default_context(cadata=pem)  # the bundle only, no system roots
             rest = blobs[1:]
         else:
