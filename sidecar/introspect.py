@@ -129,6 +129,12 @@ class Introspector:
         limiter = self._limiter(provider.name, spec.max_concurrent)
         share = None if caller is None else self._share(provider.name, caller, spec.per_caller)
         shared = False  # this caller's share taken
+
+        def give_back() -> None:
+            if shared:
+                share.release()  # type: ignore[union-attr]
+            self._forget_share(provider.name, caller, share)
+
         try:
             with trio.move_on_after(spec.timeout_seconds) as waited:
                 if share is not None:
@@ -136,14 +142,10 @@ class Introspector:
                     shared = True
                 await limiter.acquire()
         except BaseException:  # cancelled from outside (the client went away): give it back
-            if shared:
-                share.release()  # type: ignore[union-attr]
-            self._forget_share(provider.name, caller, share)
+            give_back()
             raise
         if waited.cancelled_caught:
-            if shared:
-                share.release()  # type: ignore[union-attr]
-            self._forget_share(provider.name, caller, share)
+            give_back()
             # limit: whose slots were all taken, the caller's own share or the provider's.
             log("introspection_busy", "warning", provider=provider.name,
                 max_concurrent=spec.max_concurrent, caller=caller,
@@ -177,9 +179,7 @@ class Introspector:
             return
         finally:
             limiter.release()
-            if share is not None:
-                share.release()
-                self._forget_share(provider.name, caller, share)
+            give_back()
         self._down_until.pop(provider.name, None)
         self._count(provider.name, "inactive" if claims is None else "active")
         self.authenticator.introspected.store(  # type: ignore[attr-defined]
