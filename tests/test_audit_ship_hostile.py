@@ -33,8 +33,10 @@ from tests.test_audit_writer import run_writer
 
 
 class Stream:
-    def __init__(self, root: Path, lines: list[str], pub: str, data: str | None) -> None:
+    def __init__(self, root: Path, lines: list[str], pub: str, data: str | None,
+                 json_records: bool) -> None:
         self.root, self.lines, self.pub, self.data = root, lines, pub, data
+        self.json = json_records  # format 2: records shipped as their stored JSON
         self.runs = 0
 
     def collect(self, lines: list[str], *, data_key: bool = True
@@ -54,7 +56,10 @@ class Stream:
         return 0, got.stdout, json.loads(checked.stdout)
 
 
-@pytest.fixture(scope="module", params=["clear", "encrypted"])
+# "-json": every record is one JSON holds as it is, so the writer stores and ships it as
+# JSON (format 2: messages without the frame, rebuilt by collect); otherwise a bytes value
+# makes each record fall back to msgpack (messages carrying their frame).
+@pytest.fixture(scope="module", params=["clear", "encrypted", "clear-json", "encrypted-json"])
 def stream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Stream:
     root = tmp_path_factory.mktemp(f"ship-{request.param}")
     rsyslog = Rsyslog(root / "rsyslog")
@@ -62,19 +67,22 @@ def stream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     try:
         priv, pub, _ = write_keypair(str(root / "sig"))
         data = None
-        if request.param == "encrypted":
+        if request.param.startswith("encrypted"):
             data = str(root / "d.data")
             write_data_key(data)
         config = AuditConfig(path=str(root / "audit"), fsync=False, signing_key_file=priv,
                              checkpoint_every_records=7, max_segment_bytes=4096,
                              encryption_key_file=data, ship=rsyslog.ship())
 
+        json_records = request.param.endswith("-json")
+
         async def body(w) -> None:  # type: ignore[no-untyped-def]
             for i in range(40):
                 assert w.submit(AuditRecord(
                     time=1000.0 + i, request_id=f"r{i}", decision="deny" if i % 3 else "allow",
                     status=403 if i % 3 else 200, rule="orders", peer=ORDERS,
-                    extra={"n": i, "b": b"\x00\xff", "l": [1, 2.5, None, True]}))
+                    extra={"n": i, "l": [1, 2.5, None, True]} if json_records else
+                    {"n": i, "b": b"\x00\xff", "l": [1, 2.5, None, True]}))
                 await trio.sleep(0.002)
 
         writer = run_writer(config, body, identity=ORDERS)
@@ -84,7 +92,10 @@ def stream(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         rsyslog.stop()
     lines = rsyslog.lines()
     assert {line.split("\t")[0] for line in lines} == {"segment", "audit", "checkpoint"}
-    return Stream(root, lines, pub, data)
+    # The format each record took: JSON (its message has no frame) or msgpack.
+    framed = [json.loads(line.split("\t", 2)[2]) for line in lines if line.startswith("audit\t")]
+    assert framed and all(("frame" in m) != json_records for m in framed), framed[:2]
+    return Stream(root, lines, pub, data, json_records)
 
 
 def first(lines: list[str], kind: str) -> int:
@@ -176,6 +187,12 @@ def test_an_edited_encrypted_record_needs_the_data_key(stream: Stream) -> None:
     idx = first(stream.lines, "erc") + 2
     lines = list(stream.lines)
     lines[idx] = edit_json(("record", "d"), "allow")(lines[idx])
+    if stream.json:
+        # Format 2: the chain is over the record's JSON, so no data key is needed.
+        for data_key in (False, True):
+            code, out, _ = stream.collect(lines, data_key=data_key)
+            assert code == 1 and "does not match its frame (digest)" in out, out
+        return
     code, out, result = stream.collect(lines, data_key=False)
     assert code == 0 and "encrypted records' JSON not compared" in out, out
     assert result is not None and result["ok"]
@@ -183,11 +200,19 @@ def test_an_edited_encrypted_record_needs_the_data_key(stream: Stream) -> None:
     assert code == 1 and "does not match its frame (record)" in out, out
 
 
+def other_prev(lines: list[str], kind: str) -> Callable[[str], str]:
+    """The ``prev`` of another record message (format 2 ships it instead of the frame)."""
+    donor = json.loads(lines[[i for i, x in enumerate(lines) if f'kind="{kind}"' in x][1]]
+                       .split("\t", 2)[2])["prev"]
+    return lambda line: re.sub(r'"prev":"[^"]*"', f'"prev":"{donor}"', line)
+
+
 def test_a_frame_taken_from_another_message(stream: Stream) -> None:
     for kind in ("erc" if stream.data else "rec", "chk"):
         idx = first(stream.lines, kind)
         lines = list(stream.lines)
-        lines[idx] = other_frame(stream.lines, kind)(lines[idx])
+        take = other_prev if stream.json and kind != "chk" else other_frame
+        lines[idx] = take(stream.lines, kind)(lines[idx])
         code, out, _ = stream.collect(lines)
         assert code == 1 and "does not match its frame" in out, out
 

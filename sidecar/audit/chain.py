@@ -38,14 +38,26 @@ import hmac
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
+
+from sidecar.jsondoc import JsonDocError, read_json
 
 GENESIS = bytes(32)
 LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 20  # a length above this is corruption, not a frame
 FORMAT_VERSION = 1
+# Format 2: records stored as their JSON text (see "Format 2" above). Readers take both.
+FORMAT_JSON = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_JSON)
+# How deep a record's JSON may nest (the record, ``x``, and MAX_VALUE_DEPTH levels of its
+# values fit many times over); the writer stores a deeper record as msgpack.
+MAX_RECORD_JSON_DEPTH = 64
+# Format 2 encrypts records in groups (one AES-GCM call each) of at most this many records
+# and bytes of JSON: the last frame of a group holds the ciphertext of all of them.
+GROUP_RECORDS = 64
+GROUP_BYTES = 256 * 1024
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
 
@@ -69,6 +81,60 @@ def _hmac_keyed(key: bytes) -> Callable[[], hmac.HMAC]:
     (keying costs as much as hashing a frame: 2.6 -> 2.0 us per 531-byte digest here). A
     chain has one key, a verifier a few."""
     return hmac.new(key, digestmod=hashlib.sha256).copy
+
+
+class RecordText(NamedTuple):
+    """What the writer's journal keeps of a record stored as JSON (format 2): the frame's
+    ``prev`` and the record's JSON text, from which the frame is made again
+    (``json_record_frame``) -- what a syslog message carries instead of the frame."""
+
+    prev: bytes
+    text: bytes
+
+
+def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
+    """The plaintext frame of a record stored as JSON (``{"seq", "prev", "rec": TEXT}``,
+    TEXT a msgpack string): what is stored, or, for an encrypted record, what its link
+    digest ``d`` is computed over. Byte for byte what packing the map gives."""
+    return b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev, _KEY_REC,
+                     _str_header(len(text)), text))
+
+
+def _pack_int(n: int) -> bytes:
+    """msgpack's shortest encoding of the unsigned integer ``n`` (a frame's seq)."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x100:
+        return b"\xcc" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xcd" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\xce" + n.to_bytes(4, "big")
+    return b"\xcf" + n.to_bytes(8, "big")
+
+
+def _str_header(size: int) -> bytes:
+    """msgpack's shortest str header for ``size`` bytes (fixstr, str8, str16 or str32)."""
+    if size < 32:
+        return bytes((0xA0 | size,))
+    if size < 0x100:
+        return b"\xd9" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xda" + size.to_bytes(2, "big")
+    return b"\xdb" + size.to_bytes(4, "big")
+
+
+def parse_record_json(text: str) -> dict[str, Any]:
+    """The record a format-2 ``rec`` body (or encrypted plaintext) holds: strict JSON
+    (``sidecar.jsondoc``: no member twice, no NaN, no lone surrogate, bounded nesting) of an
+    object; ``FrameError`` otherwise."""
+    try:
+        value = read_json(text, max_depth=MAX_RECORD_JSON_DEPTH)
+    except JsonDocError as exc:
+        raise FrameError(f"record is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FrameError("record JSON is not an object")
+    return value
 
 
 class FrameError(ValueError):
@@ -115,7 +181,9 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
     for kind in _KINDS:
         body = obj.get(kind)
         if body is not None:
-            if not isinstance(body, dict):
+            if kind == "rec" and isinstance(body, str):
+                body = parse_record_json(body)  # format 2: the record's JSON text
+            elif not isinstance(body, dict):
                 raise FrameError(f"frame {kind!r} body is not a map")
             return seq, prev, kind, body  # type: ignore[return-value]
     raise FrameError("frame has no seg/rec/erc/chk/end body")
@@ -134,6 +202,8 @@ class ChainHead:
         self.prev = prev
         self.key = key
         self._packer = msgpack.Packer(use_bin_type=True)
+        # Format 2 (``FORMAT_JSON``): records are stored as their JSON text (``json_records``).
+        self.version = FORMAT_VERSION
         # When a list: every frame made is noted as (seq, kind, payload, digest, detail)
         # (detail: the record's wire dict, or the body), for shipping once on disk.
         self.journal: list[tuple[int, str, bytes, bytes, Any]] | None = None
@@ -167,7 +237,7 @@ class ChainHead:
 
     def header(self, created: float, **info: Any) -> bytes:
         """A segment header frame; ``info`` (None values dropped) explains its origin."""
-        body: dict[str, Any] = {"v": FORMAT_VERSION, "alg": self.alg, "created": created}
+        body: dict[str, Any] = {"v": self.version, "alg": self.alg, "created": created}
         body.update({k: v for k, v in info.items() if v is not None})
         return self.frame("seg", body)
 
@@ -211,6 +281,72 @@ class ChainHead:
         return bytes(out)
 
 
+    def json_records(self, wires: list[dict[str, Any]], texts: list[bytes | None],
+                     encryptor: Any = None) -> bytes:
+        """Format 2: frames for many records, each stored as its JSON text ``texts[i]``
+        (``json_record_frame``), or, where that is None (a record JSON cannot hold as it is),
+        as ``records`` stores it. The chain is over the plaintext frames, so it is the same
+        whether a copy holds the records encrypted (the segment files) or in the clear (the
+        collector's, rebuilt from the syslog messages, which no data key opens).
+
+        With ``encryptor`` the records are stored as ``erc`` frames in groups of up to
+        ``GROUP_RECORDS`` records (``GROUP_BYTES`` of JSON), one AES-GCM call per group
+        (``crypto.Encryptor.group_bodies``): every frame holds ``d``, the link digest of its
+        plaintext frame; the group's last frame also holds the ciphertext of them all."""
+        key = self.key
+        seq, prev = self.next_seq, self.prev
+        journal = self.journal
+        out = bytearray()
+        group: list[tuple[int, bytes, bytes, bytes]] = []  # (seq, prev, text, digest)
+        size = 0
+        for i, text in enumerate(texts):
+            if text is None:
+                if group:
+                    out += self._group(group, encryptor)
+                    group, size = [], 0
+                self.next_seq, self.prev = seq, prev
+                out += self.records([wires[i]], encryptor)
+                seq, prev = self.next_seq, self.prev
+                continue
+            plain = json_record_frame(seq, prev, text)
+            if len(plain) > MAX_FRAME_BYTES:
+                raise ValueError("audit frame too large")
+            digest = hashlib.sha256(plain).digest() if key is None else link_digest(plain, key)
+            if encryptor is None:
+                out += LENGTH.pack(len(plain))
+                out += plain
+                if journal is not None:
+                    journal.append((seq, "rec", plain, digest, RecordText(prev, text)))
+            else:
+                if group and (len(group) >= GROUP_RECORDS or size + len(text) > GROUP_BYTES):
+                    out += self._group(group, encryptor)
+                    group, size = [], 0
+                group.append((seq, prev, text, digest))
+                size += len(text) + 1
+            prev = digest
+            seq += 1
+        if group:
+            out += self._group(group, encryptor)
+        self.next_seq, self.prev = seq, prev
+        return bytes(out)
+
+    def _group(self, group: list[tuple[int, bytes, bytes, bytes]], encryptor: Any) -> bytes:
+        """The ``erc`` frames of one encrypted group (``json_records``)."""
+        bodies = encryptor.group_bodies(group[0][0], [g[2] for g in group],
+                                        [g[3] for g in group])
+        journal = self.journal
+        out = bytearray()
+        for (seq, prev, text, digest), body in zip(group, bodies, strict=True):
+            payload = b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev, _KEY_ERC, body))
+            if len(payload) > MAX_FRAME_BYTES:
+                raise ValueError("audit frame too large")
+            out += LENGTH.pack(len(payload))
+            out += payload
+            if journal is not None:
+                journal.append((seq, "erc", payload, digest, RecordText(prev, text)))
+        return bytes(out)
+
+
 # A frame map ``{"seq": N, "prev": bin(32), KIND: BODY}`` in msgpack, cut where the varying
 # parts go: fixmap of 3, fixstr "seq", (N), fixstr "prev" + bin8 of 32, (prev), fixstr KIND,
 # (BODY, already packed). Identical to ``Packer(use_bin_type=True).pack`` of the map
@@ -236,6 +372,7 @@ class ChainVerifier:
         self.last: Frame | None = None
         self.first: Frame | None = None
         self._segment_key: bytes | None = None
+        self._version = FORMAT_VERSION
         self._expect_header = True
         self._sealed = False
 
@@ -263,9 +400,11 @@ class ChainVerifier:
             if kind != "seg":
                 raise ChainError("segment does not start with a header frame", seq)
             version = body.get("v")
-            if version != FORMAT_VERSION or type(version) is not int:
+            if version not in FORMAT_VERSIONS or type(version) is not int:
                 raise ChainError(f"segment header has format version {version!r}; this "
-                                 f"verifier reads version {FORMAT_VERSION} only", seq)
+                                 f"verifier reads versions {FORMAT_VERSION} and "
+                                 f"{FORMAT_JSON} only", seq)
+            self._version = version
             alg = body.get("alg")
             if alg == ALG_HMAC:
                 if self.key is None:
@@ -296,7 +435,16 @@ class ChainVerifier:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
                     " removed or inserted", seq)
-        frame = Frame(seq, prev, kind, body, link_digest(payload, self._segment_key))
+        if kind == "erc" and self._version == FORMAT_JSON and "d" in body:
+            # A JSON record stored encrypted: the chain goes on from the link digest of its
+            # plaintext frame, which the frame carries (checked against the plaintext by
+            # whoever holds the data key: ``segments.RecordOpener``).
+            digest = body["d"]
+            if not isinstance(digest, bytes) or len(digest) != 32:
+                raise ChainError("encrypted record has no valid digest", seq)
+        else:
+            digest = link_digest(payload, self._segment_key)
+        frame = Frame(seq, prev, kind, body, digest)
         if self.first is None:
             self.first = frame
         self.last = frame

@@ -27,6 +27,7 @@ from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
     MalformedRecord,
     RecordFilter,
+    RecordOpener,
     SegmentDamage,
     SegmentFile,
     VerifyResult,
@@ -34,7 +35,6 @@ from sidecar.audit.segments import (
     open_segment,
     parse_time,
     path_problem,
-    record_of,
     resolve_segments,
     segment_header,
     verify,
@@ -449,6 +449,7 @@ class _Follower:
         self.single = not os.path.isdir(path)
         self.current: SegmentFile | None = None
         self.header: dict[str, Any] | None = None
+        self.opener = RecordOpener(decryptor)
         self.offset = 0
 
     def start_at_end(self) -> None:
@@ -464,6 +465,7 @@ class _Follower:
     def _switch(self, seg: SegmentFile) -> None:
         self.current, self.offset = seg, 0
         self.header = segment_header(seg)
+        self.opener = RecordOpener(self.decryptor)
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
@@ -489,7 +491,7 @@ class _Follower:
                     self.offset = end
                     if self.header is None:
                         self.header = segment_header(self.current)
-                    yield from _matching(payload, self.header, self.filters, self.decryptor,
+                    yield from _matching(payload, self.header, self.filters, self.opener,
                                          self.current.name, self.malformed)
         except (OSError, SegmentDamage) as exc:
             self.damaged = self.current
@@ -497,19 +499,17 @@ class _Follower:
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
-              decryptor: Decryptor | None, segment: str, malformed: _MalformedReport
+              opener: RecordOpener, segment: str, malformed: _MalformedReport
               ) -> Iterator[tuple[int, AuditRecord]]:
     try:
-        seq, _prev, kind, body = decode_frame(payload)
+        seq, prev, kind, body = decode_frame(payload)
     except (ValueError, ChainError):
         return
-    try:
-        rec = record_of(seq, kind, body, header, decryptor)
-    except MalformedRecord as exc:
-        malformed(f"{segment}: {exc}")
-        return
-    if rec is not None and filters.matches(rec):
-        yield seq, rec
+    for at, rec in opener.records(seq, prev, kind, body, header):
+        if isinstance(rec, MalformedRecord):
+            malformed(f"{segment}: {rec}")
+        elif filters.matches(rec):
+            yield at, rec
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -538,7 +538,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if end_segment is not None and seg > end_segment:
                     break
                 limit = end_offset if seg == end_segment else None
-                for stored in _read_segment(seg, filters, limit, decryptor, malformed):
+                # The newest segment's reader goes on where the backlog stops (a group of
+                # encrypted records is read whole, whichever of the two reads its end).
+                opener = follower.opener if seg == end_segment else RecordOpener(decryptor)
+                for stored in _read_segment(seg, filters, limit, opener, malformed):
                     last.append(stored)
             for seq, rec in last:
                 _print_record(seq, rec, out)
@@ -561,13 +564,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
-                  decryptor: Decryptor | None, malformed: _MalformedReport
+                  opener: RecordOpener, malformed: _MalformedReport
                   ) -> Iterator[tuple[int, AuditRecord]]:
     header = segment_header(seg)
     try:
         with open_segment(seg) as fh:
             for _end, payload in _frames_from(fh, limit):
-                yield from _matching(payload, header, filters, decryptor, seg.name, malformed)
+                yield from _matching(payload, header, filters, opener, seg.name, malformed)
     except (OSError, SegmentDamage) as exc:
         malformed.unreadable(seg.name, exc)
 

@@ -33,7 +33,10 @@ from typing import Any, BinaryIO, Literal
 import msgpack
 
 from sidecar.audit.chain import (
+    ALG_HMAC,
+    FORMAT_JSON,
     GENESIS,
+    GROUP_RECORDS,
     LENGTH,
     MAX_FRAME_BYTES,
     RECORD_KINDS,
@@ -43,6 +46,9 @@ from sidecar.audit.chain import (
     FrameError,
     MissingKey,
     decode_frame,
+    json_record_frame,
+    link_digest,
+    parse_record_json,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
 from sidecar.audit.record import AuditRecord, RecordError, check_wire
@@ -607,6 +613,7 @@ def verify(
         problem: BrokenPoint | None = None
         header: dict[str, Any] | None = None
         fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
+        opener = RecordOpener(decryptor, key, check=True)
         try:
             with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
@@ -652,25 +659,35 @@ def verify(
                     result.frames += 1
                     if frame.kind in RECORD_KINDS:
                         result.records += 1
-                        wire: dict[str, Any] | None = frame.body if frame.kind == "rec" else None
-                        mismatch = record_mismatch(frame.kind, header)
-                        if mismatch is not None:
-                            walk.malformed(frame.seq, mismatch)
-                            wire = None
-                        elif decryptor is not None and frame.kind == "erc":
-                            try:
-                                wire = decryptor.record(frame.seq, frame.body, header)
-                            except DecryptError as exc:
-                                problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
-                                fatal = True
-                                break
-                        if wire is not None:
+                    if frame.kind == "rec" or decryptor is not None:
+                        try:
+                            opened = opener.take(frame.seq, frame.prev, frame.kind, frame.body,
+                                                 header)
+                        except MalformedRecord as exc:
+                            walk.malformed(frame.seq, exc.reason)
+                            opened = []
+                        except DecryptError as exc:
+                            problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
+                            fatal = True
+                            break
+                        for seq, wire in opened:
                             try:
                                 check_wire(wire)
                             except RecordError as exc:
-                                walk.malformed(frame.seq, str(exc))
-                    elif frame.kind == "seg":
+                                walk.malformed(seq, str(exc))
+                    elif frame.kind == "erc":  # not opened without a data key; in place?
+                        mismatch = record_mismatch(frame.kind, header)
+                        if mismatch is not None:
+                            walk.malformed(frame.seq, mismatch)
+                    if frame.kind == "seg":
                         header = frame.body
+                else:
+                    if decryptor is not None:
+                        try:
+                            opener.finish()  # the segment's last group has its last frame
+                        except DecryptError as exc:
+                            problem = BrokenPoint(seg.name, None, 0, str(exc))
+                            fatal = True
         except SegmentDamage as exc:
             expected = checker.last.seq + 1 if checker.last is not None else None
             problem = BrokenPoint(seg.name, expected, exc.offset, str(exc))
@@ -783,14 +800,17 @@ class MalformedRecord(ValueError):
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(f"seq {seq}: malformed record: {message}")
         self.seq = seq
+        self.reason = message
 
 
 def record_mismatch(kind: str, header: dict[str, Any] | None) -> str | None:
     """What is wrong when a record frame's kind does not match its segment header: the
     writer stores every record of a segment encrypted (``erc``) exactly when its header has
-    ``enc``."""
+    ``enc``. In format 2 a record may be in the clear there too: the collector's copy holds
+    the records of an encrypted trail in the clear, rebuilt from the syslog messages (the
+    chain is over the plaintext, so those frames link exactly where the encrypted ones do)."""
     encrypted = header is not None and "enc" in header
-    if kind == "rec" and encrypted:
+    if kind == "rec" and encrypted and header.get("v") != FORMAT_JSON:  # type: ignore[union-attr]
         return ("stored in the clear in a segment whose header declares encryption "
                 "(the writer encrypts every record there: forged)")
     if kind == "erc" and header is not None and not encrypted:
@@ -798,22 +818,87 @@ def record_mismatch(kind: str, header: dict[str, Any] | None) -> str | None:
     return None
 
 
-def record_of(seq: int, kind: str, body: dict[str, Any], header: dict[str, Any] | None,
-              decryptor: Decryptor | None) -> AuditRecord | None:
-    """The record a frame holds (None for other frames); ``DecryptError`` when it is
-    encrypted and ``decryptor`` cannot open it; ``MalformedRecord`` when it is not a record
-    a sidecar wrote (a field of the wrong type or value, or clear text where the header
-    declares encryption)."""
-    if kind not in RECORD_KINDS:
-        return None
-    mismatch = record_mismatch(kind, header)
-    if mismatch is not None:
-        raise MalformedRecord(seq, mismatch)
-    wire = body if kind == "rec" else (decryptor or Decryptor()).record(seq, body, header)
-    try:
-        return AuditRecord.from_wire(wire)
-    except RecordError as exc:
-        raise MalformedRecord(seq, str(exc)) from None
+class RecordOpener:
+    """The records of record frames fed in stored order, one frame at a time (``take``).
+
+    A clear frame is its record; a format-1 ``erc`` frame decrypts alone; a format-2 ``erc``
+    frame waits for the last frame of its group, which holds the ciphertext of the whole
+    group (``chain.ChainHead.json_records``). ``check``: also prove each decrypted record is
+    the one its frame's ``d`` (from which the chain goes on) was made from -- ``verify``
+    does; GCM alone does not show a record edited and encrypted again by someone who holds
+    the data key. ``key``: the HMAC key of an HMAC chain, for that check."""
+
+    def __init__(self, decryptor: Decryptor | None, key: bytes | None = None,
+                 check: bool = False) -> None:
+        self.decryptor = decryptor or Decryptor()
+        self.key = key
+        self.check = check
+        self._group: list[tuple[int, bytes, dict[str, Any]]] = []
+
+    def take(self, seq: int, prev: bytes, kind: str, body: dict[str, Any],
+             header: dict[str, Any] | None) -> list[tuple[int, dict[str, Any]]]:
+        """(seq, record map) of the records readable once this frame is read: none, this
+        one, or a whole group. ``MalformedRecord`` (this frame only), or ``DecryptError``
+        (what follows cannot be read either)."""
+        if kind not in RECORD_KINDS:
+            self.finish()
+            return []
+        mismatch = record_mismatch(kind, header)
+        if mismatch is not None:
+            raise MalformedRecord(seq, mismatch)
+        if kind == "rec":
+            return [(seq, body)]
+        if "d" not in body or header is None or header.get("v") != FORMAT_JSON:
+            return [(seq, self.decryptor.record(seq, body, header))]
+        group = self._group
+        if group and group[-1][0] + 1 != seq:
+            self.finish()
+        group.append((seq, prev, body))
+        if "c" not in body:
+            if len(group) > GROUP_RECORDS:
+                self.finish()
+            return []
+        self._group = []
+        digests = [b.get("d") for _s, _p, b in group]
+        texts = self.decryptor.group(group[0][0], digests, body, header)  # type: ignore[arg-type]
+        chain_key = self.key if header.get("alg") == ALG_HMAC else None
+        out: list[tuple[int, dict[str, Any]]] = []
+        for (s, p, b), text in zip(group, texts, strict=True):
+            if self.check and link_digest(json_record_frame(s, p, text), chain_key) != b["d"]:
+                raise DecryptError(f"record {s} decrypts, but not to the record its digest "
+                                   "was made from: it was edited and encrypted again with "
+                                   "the data key")
+            try:
+                out.append((s, parse_record_json(text.decode("utf-8"))))
+            except (UnicodeDecodeError, FrameError):
+                raise DecryptError(f"record {s} decrypts to garbage") from None
+        return out
+
+    def records(self, seq: int, prev: bytes, kind: str, body: dict[str, Any],
+                header: dict[str, Any] | None) -> list[tuple[int, AuditRecord | MalformedRecord]]:
+        """``take``, as records: each an ``AuditRecord``, or the ``MalformedRecord`` saying
+        why it is not one a sidecar wrote (a field of the wrong type or value, clear text
+        where the header declares encryption); ``DecryptError`` as ``take``."""
+        try:
+            opened = self.take(seq, prev, kind, body, header)
+        except MalformedRecord as exc:
+            return [(seq, exc)]
+        out: list[tuple[int, AuditRecord | MalformedRecord]] = []
+        for s, wire in opened:
+            try:
+                out.append((s, AuditRecord.from_wire(wire)))
+            except RecordError as exc:
+                out.append((s, MalformedRecord(s, str(exc))))
+        return out
+
+    def finish(self) -> None:
+        """No more frames of a group can follow (another kind of frame, a gap, the end of
+        the segment): ``DecryptError`` when a group is left without its last frame."""
+        group, self._group = self._group, []
+        if group:
+            raise DecryptError(f"records {group[0][0]}..{group[-1][0]} cannot be decrypted: "
+                               "the frame that ends their group, which holds their "
+                               "ciphertext, is not there (cut or removed)")
 
 
 def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
@@ -840,20 +925,20 @@ def iter_stored(
     malformed record: field ...``); reading goes on with the next frame."""
     for seg in resolve_segments(path):
         header: dict[str, Any] | None = None
+        opener = RecordOpener(decryptor)
         try:
             with open_segment(seg) as fh:
                 for _offset, payload in read_frames(fh):
-                    seq, _prev, kind, body = decode_frame(payload)
+                    seq, prev, kind, body = decode_frame(payload)
                     if kind == "seg":
                         header = body
-                    try:
-                        rec = record_of(seq, kind, body, header, decryptor)
-                    except MalformedRecord as exc:
-                        if on_malformed is not None:
-                            on_malformed(f"{seg.name}: {exc}")
-                        continue
-                    if rec is not None and (filters is None or filters.matches(rec)):
-                        yield StoredRecord(seq, seg.name, rec)
+                    for at, rec in opener.records(seq, prev, kind, body, header):
+                        if isinstance(rec, MalformedRecord):
+                            if on_malformed is not None:
+                                on_malformed(f"{seg.name}: {rec}")
+                        elif filters is None or filters.matches(rec):
+                            yield StoredRecord(at, seg.name, rec)
+            opener.finish()
         except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
             if on_damage is not None:
                 on_damage(f"{seg.name}: {exc}")

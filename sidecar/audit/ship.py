@@ -58,8 +58,16 @@ from typing import IO, Any, cast
 
 import trio
 
+from sidecar.audit.chain import (
+    MAX_RECORD_JSON_DEPTH,
+    FrameError,
+    RecordText,
+    json_record_frame,
+    parse_record_json,
+)
 from sidecar.audit.record import SharedExtra
 from sidecar.config.audit import ShipConfig
+from sidecar.jsondoc import deeper_than
 from sidecar.net.tlsfiles import FileContext
 from sidecar.net.transport import TlsTransport
 
@@ -82,6 +90,10 @@ _FIELD = {"seg": b"header", "rec": b"record", "erc": b"record", "chk": b"checkpo
 # format, so a '%' in a host name or a record cannot change it.
 _MESSAGE = (b'%b%b [' + SD_ID.encode() + b' seq="%d" digest="%b" kind="%b"] '
             b'{"seq":%d,"kind":"%b","digest":"%b","%b":%b,"frame":"%b"}')
+# Format 2: a record stored as JSON is shipped with its frame's ``prev`` instead of the
+# frame, and its JSON last, exactly as stored (``collect`` makes the frame again from them).
+_MESSAGE_JSON = (b'%b%b [' + SD_ID.encode() + b' seq="%d" digest="%b" kind="%b"] '
+                 b'{"seq":%d,"kind":"%b","digest":"%b","prev":"%b","record":%b}')
 _RECORD_KINDS = ("rec", "erc")
 
 
@@ -104,6 +116,33 @@ def _make_encode() -> Callable[[Any], str]:
 
 
 _encode = _make_encode()
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _make_strict_encode() -> Callable[[Any], str]:
+    # ``_encode`` for what is stored (format 2): nothing but what JSON holds as it is --
+    # TypeError for bytes and other types, ValueError for NaN and the infinities.
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:
+        return json.JSONEncoder(separators=(",", ":"), check_circular=False,
+                                allow_nan=False, default=_refuse).encode
+    encoder = c_make_encoder(None, _refuse, json.encoder.encode_basestring_ascii, None,
+                             ":", ",", False, False, False)
+    return lambda obj: "".join(encoder(obj, 0))
+
+
+_encode_strict = _make_strict_encode()
+
+
+def _encode_nested(value: Any) -> str:
+    """``_encode_strict`` of a record, or of a list or map in one: ValueError when it nests
+    deeper than a reader takes (``MAX_RECORD_JSON_DEPTH``, with the record and ``x``)."""
+    if value.__class__ in (dict, list, tuple) and deeper_than(value, MAX_RECORD_JSON_DEPTH - 2):
+        raise ValueError("nested too deep to be stored as JSON")
+    return _encode_strict(value)
 
 # -- record JSON by shape
 #
@@ -179,8 +218,11 @@ def _repeating_run(items: list[tuple[Any, Any]], start: int) -> list[str]:
 
 
 def _shared_json(extra: SharedExtra) -> str:
-    """The JSON of a read-only shared extra, encoded at its first record and kept on it."""
-    text = extra.json = _encode(extra)
+    """The JSON of a read-only shared extra, encoded at its first record and kept on it
+    (strictly: an extra JSON cannot hold as it is raises, and its records fall back)."""
+    if deeper_than(extra, MAX_RECORD_JSON_DEPTH - 2):
+        raise ValueError("nested too deep to be stored as JSON")
+    text = extra.json = _encode_strict(extra)
     return text
 
 
@@ -195,11 +237,35 @@ def record_json(wire: dict[str, Any]) -> str:
     if fill is not None:
         try:
             text = fill(*wire.values())
-        except TypeError:  # a str slot got something else
+        except (TypeError, ValueError, RecursionError):  # a value JSON cannot hold as it is
             text = None
         if text is not None:
             return text
     return _encode(wire)
+
+
+def record_text(wire: dict[str, Any]) -> bytes | None:
+    """The record's JSON as stored in format 2 (``record_json``'s text), or None when JSON
+    cannot hold the record as it is: bytes or another type JSON lacks, a number that is not
+    finite, nesting past ``MAX_RECORD_JSON_DEPTH``, a lone surrogate (the writer then stores
+    that record as msgpack, as format 1 does). Read back, the text gives ``wire`` again."""
+    keys = tuple(wire)
+    fill = _shapes.get(keys, _UNSEEN)
+    if fill is _UNSEEN:
+        fill = None
+        if len(_shapes) < MAX_SHAPES:
+            fill = _shapes[keys] = _shape_function(wire)
+    try:
+        text = (fill(*wire.values()) if fill is not None else None) or _encode_nested(wire)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    data = text.encode()
+    if b"\\" in data and b"\\ud" in data:  # a surrogate escape: a pair, or a lone one
+        try:
+            parse_record_json(text)
+        except FrameError:
+            return None
+    return data
 
 
 def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
@@ -238,7 +304,7 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
         else:
             # A shared extra (one per connection) carries its JSON, encoded once.
             text = (f"({name}.json or _shared_json({name})) if {name}.__class__ is _Shared"
-                    f" else _encode({name})")
+                    f" else _encode_nested({name})")
         parts.append(f'"{key}":{{{text}}}')
         learning.append(parts[-1].replace(f"_known[{name}]", f"_known.get({name}) or _learn({name})"))
         i += 1
@@ -253,7 +319,7 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
     source += "    return f'{{" + ",".join(learning) + "}}'\n"
     namespace: dict[str, Any] = {
         "_repr": float.__repr__, "_int": int.__repr__, "_inf": math.inf, "_escape": _escape,
-        "_encode": _encode, "_known": _known, "_learn": _learn, "_runs": _runs,
+        "_encode_nested": _encode_nested, "_known": _known, "_learn": _learn, "_runs": _runs,
         "_learn_run": _learn_run, "_Shared": SharedExtra, "_shared_json": _shared_json}
     exec(source, namespace)  # noqa: S102 -- our own code from plain keys, see above
     return namespace["fill"]  # type: ignore[no-any-return]
@@ -299,6 +365,12 @@ def frame_messages(prefix: bytes, frames: Iterable[tuple[int, str, bytes, bytes,
     shapes, hexlify, b64 = _shapes, binascii.hexlify, binascii.b2a_base64
     msgid, field, kinds, message = _MSGIDS["rec"], _FIELD["rec"], _KINDB, _MESSAGE
     for seq, kind, frame, digest, detail in frames:
+        if detail.__class__ is RecordText:  # stored as JSON (format 2)
+            hexd, kindb = hexlify(digest), kinds[kind]
+            msg = _MESSAGE_JSON % (prefix, msgid, seq, hexd, kindb, seq, kindb, hexd,
+                                   hexlify(detail.prev), detail.text)
+            append(b"%d %b" % (len(msg), msg))
+            continue
         if kind not in _RECORD_KINDS:
             append(frame_message(prefix, seq, kind, digest, frame,
                                  detail_of(seq, kind, frame, detail)))
@@ -308,7 +380,7 @@ def frame_messages(prefix: bytes, frames: Iterable[tuple[int, str, bytes, bytes,
         if fill is not None:
             try:
                 text = fill(*detail.values())
-            except TypeError:  # a str slot got something else: record_json falls back
+            except (TypeError, ValueError, RecursionError):  # record_json falls back
                 pass
         if text is None:
             text = record_json(detail)
@@ -625,11 +697,19 @@ class Collector:
                 continue
             try:
                 obj = json.loads(line[start:])
-                seq, frame = obj["seq"], base64.b64decode(obj["frame"], validate=True)
+                seq = obj["seq"]
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                    continue
+                json_record = "frame" not in obj and "prev" in obj  # format 2
+                frame = b"" if json_record else base64.b64decode(obj["frame"], validate=True)
             except (ValueError, KeyError, TypeError, RecursionError):
                 continue  # not one of ours, or cut by the collector: verify shows the gap
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                continue
+            if json_record:
+                try:
+                    frame = _json_record_frame(obj, line[start:])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise CollectError(f"the message for seq {seq} does not match its frame "
+                                       f"({exc}): the collector's copy was edited") from None
             self.messages += 1
             problem = self._mismatch(obj, frame, line[:start])
             if problem is not None:
@@ -650,6 +730,8 @@ class Collector:
             return f"the frame does not decode: {exc}"
         if seq != obj["seq"]:
             return f"its frame is seq {seq}"
+        if "frame" not in obj and obj.get("kind") == "erc" and kind == "rec":
+            kind = "erc"  # a record of an encrypted trail, rebuilt in the clear (format 2)
         if obj.get("kind") != kind:
             return f"kind {obj.get('kind')!r}, its frame is {kind!r}"
         digest = obj.get("digest")
@@ -665,7 +747,8 @@ class Collector:
         if field not in obj:
             return f"no {field}"
         shipped = _canonical(obj[field])
-        if kind == "erc":  # compared in ``check``, once the segment's header names the key
+        if kind == "erc" and "frame" in obj:  # compared in ``check``, once the segment's
+            # header names the key (format 2 rebuilds the record in the clear: compared here)
             if self._records.setdefault(seq, shipped) != shipped:
                 return field
             return None
@@ -714,6 +797,23 @@ class Collector:
             if _canonical(wire) != self._records[seq]:
                 raise CollectError(f"the message for seq {seq} does not match its frame "
                                    "(record): the collector's copy was edited")
+
+
+def _json_record_frame(obj: dict[str, Any], text: str) -> bytes:
+    """The frame of a format-2 record message (no ``frame``: a record stored as JSON),
+    made again from its seq, ``prev`` and the record's JSON exactly as it was shipped (the
+    text after ``"record":`` up to the message's closing brace). Its digest is the chain's
+    (for an encrypted trail too: the chain is over this plaintext frame). ``ValueError``
+    when the message is not laid out as the shipper writes it."""
+    seq, kind, digest, prev = obj["seq"], obj.get("kind"), obj.get("digest"), obj["prev"]
+    if kind not in _RECORD_KINDS or not isinstance(digest, str) or \
+            not isinstance(prev, str) or len(prev) != 64 or "record" not in obj:
+        raise ValueError("not a record message as the shipper writes it")
+    head = f'{{"seq":{seq},"kind":"{kind}","digest":"{digest}","prev":"{prev}","record":'
+    rest = text.rstrip()
+    if not text.startswith(head) or not rest.endswith("}"):
+        raise ValueError("not laid out as the shipper writes it")
+    return json_record_frame(seq, bytes.fromhex(prev), rest[len(head):-1].encode("ascii"))
 
 
 def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:

@@ -66,11 +66,11 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.chain import ChainHead, decode_frame
+from sidecar.audit.chain import FORMAT_JSON, ChainHead, decode_frame
 from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
-from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix
+from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix, record_text
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
@@ -244,7 +244,9 @@ class _SegmentSink:
             rp = find_resume_point(self.directory, self.key)
             head = ChainHead(rp.next_seq, rp.prev, self.key)
             if self.ship_host is not None:
+                # Shipped: records are stored as the JSON their messages carry (format 2).
                 head.journal = []
+                head.version = FORMAT_JSON
             info: dict[str, Any] = {"prev_segment": rp.last_segment,
                                     "prev_sealed": rp.sealed if rp.last_segment else None}
             if rp.damage is not None:
@@ -455,8 +457,13 @@ class _SegmentSink:
         assert self.head is not None
         state = self.head.state
         try:
-            return self.head.records([r if r.__class__ is dict else r.to_wire()  # type: ignore[union-attr]
-                                      for r in records], self.encryptor)
+            wires = [r if r.__class__ is dict else r.to_wire()  # type: ignore[union-attr]
+                     for r in records]
+            if self.head.version == FORMAT_JSON:
+                # The JSON the syslog messages carry is what is stored: encoded once.
+                return self.head.json_records(wires, [record_text(w) for w in wires],
+                                              self.encryptor)
+            return self.head.records(wires, self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
