@@ -26,6 +26,23 @@ show by itself is the removal of frames at the very *end*: a seal frame closes e
 segment on purpose, and ``verify`` prints the head (seq and digest) so that it can be
 compared with an earlier anchor.
 
+Format 2
+--------
+A writer that ships its trail (``audit.ship``) writes format 2 (header ``v: 2``): the
+syslog message of a record carries its JSON anyway, so the stored record is that same text
+(a ``rec`` body that is a msgpack *string*; ``parse_record_json`` reads it strictly)
+instead of a second, msgpack encoding, and the message needs no copy of the frame: its
+``prev`` and the JSON make the frame again (``json_record_frame``). The chain of a record so
+stored is over that *plaintext* frame, also when it is encrypted: an encrypted record is an
+``erc`` frame ``{"d": digest}`` -- ``d`` the plaintext frame's link digest, which the next
+frame's ``prev`` holds -- and the last frame of its group (``GROUP_RECORDS`` records, one
+AES-GCM call, ``crypto.Encryptor.group_bodies``) also carries the group's ciphertext. So the
+collector's copy, rebuilt in the clear, is the same chain as the disk's, and the public key
+alone checks completeness and order of either; the ciphertext itself is checked by the data
+key (the GCM tag, and each record against its ``d``: ``segments.RecordOpener``). A record
+JSON cannot hold as it is (bytes, a non-finite number, too deep, a lone surrogate) is
+stored as format 1 stores it, in the same segment.
+
 This module is pure: bytes in, values out. ``segments.py`` reads files, ``writer.py``
 writes them.
 """
@@ -48,7 +65,7 @@ GENESIS = bytes(32)
 LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 20  # a length above this is corruption, not a frame
 FORMAT_VERSION = 1
-# Format 2: records stored as their JSON text (see "Format 2" above). Readers take both.
+# Format 2: records stored as their JSON text ("Format 2" above). Readers take both.
 FORMAT_JSON = 2
 FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_JSON)
 # How deep a record's JSON may nest (the record, ``x``, and MAX_VALUE_DEPTH levels of its

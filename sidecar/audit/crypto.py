@@ -1,4 +1,5 @@
-"""Encryption at rest: AES-256-GCM per record frame, the chain over the ciphertext.
+"""Encryption at rest: AES-256-GCM per record frame, the chain over the ciphertext
+(format 1), or per group of records, the chain over the plaintext (format 2).
 
 Theory of operation
 -------------------
@@ -17,6 +18,15 @@ Nonces are 12 random bytes per frame (never derived from seq: after a cut tail a
 writer would reuse seqs, and a repeated (key, nonce) pair breaks GCM). Random nonces are
 safe for about 2**32 records per key; rotate the data key well before that (the key id in
 each header lets readers hold several).
+
+Format 2 (a shipped trail, ``chain.py``) encrypts a record's JSON text instead, in groups:
+one AES-256-GCM call per group of up to ``chain.GROUP_RECORDS`` records (a call per record
+cost more than the encryption itself), the ciphertext in the group's last frame, every
+frame of the group holding ``d``, the link digest of its record's plaintext frame; the
+chain goes on from ``d``. ``aad = "sidecar-audit-grp/2" || first seq || count || every d``.
+There the chain covers the plaintext, not the ciphertext: the public signing key proves
+completeness and order, and the data key (the tag; each record against its ``d``) what
+the ciphertext holds.
 
 A data key file holds the 32-byte key in base64 (one line; ``sidecar audit keygen
 --data-key``). The key id is 16 hex digits of SHA-256 over a fixed label and the key.

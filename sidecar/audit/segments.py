@@ -681,18 +681,20 @@ def verify(
                             walk.malformed(frame.seq, mismatch)
                     if frame.kind == "seg":
                         header = frame.body
-                else:
-                    if decryptor is not None:
-                        try:
-                            opener.finish()  # the segment's last group has its last frame
-                        except DecryptError as exc:
-                            problem = BrokenPoint(seg.name, None, 0, str(exc))
-                            fatal = True
         except SegmentDamage as exc:
             expected = checker.last.seq + 1 if checker.last is not None else None
             problem = BrokenPoint(seg.name, expected, exc.offset, str(exc))
         except OSError as exc:
             problem = BrokenPoint(seg.name, None, 0, f"cannot read: {exc.strerror or exc}")
+        cut = opener.cut()
+        if cut is not None and not fatal:
+            # The segment ends (cleanly, or where it is damaged) inside a group: a write cut
+            # at a frame boundary by a crash, or frames removed from the end; the chain says
+            # which. Those records' ciphertext is gone.
+            result.add("warning", "group_without_ciphertext", seg.name, cut[0],
+                       f"records {cut[0]}..{cut[1]} cannot be read: the segment ends before "
+                       "the frame that holds their ciphertext (a write cut short by a crash, "
+                       "or frames removed from its end)")
         if pending is not None:
             # The previous segment was damaged and this one did not declare it.
             result.broken = pending
@@ -843,13 +845,21 @@ class RecordOpener:
         if kind not in RECORD_KINDS:
             self.finish()
             return []
+        grouped = (kind == "erc" and "d" in body and header is not None
+                   and header.get("v") == FORMAT_JSON)
+        if not grouped:
+            self.finish()  # a group is never interrupted by another record frame
         mismatch = record_mismatch(kind, header)
         if mismatch is not None:
             raise MalformedRecord(seq, mismatch)
         if kind == "rec":
             return [(seq, body)]
-        if "d" not in body or header is None or header.get("v") != FORMAT_JSON:
+        if not grouped:
             return [(seq, self.decryptor.record(seq, body, header))]
+        assert header is not None  # grouped
+        digest = body["d"]
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise DecryptError(f"record {seq} is not a valid encrypted frame")
         group = self._group
         if group and group[-1][0] + 1 != seq:
             self.finish()
@@ -859,8 +869,8 @@ class RecordOpener:
                 self.finish()
             return []
         self._group = []
-        digests = [b.get("d") for _s, _p, b in group]
-        texts = self.decryptor.group(group[0][0], digests, body, header)  # type: ignore[arg-type]
+        digests: list[bytes] = [b["d"] for _s, _p, b in group]
+        texts = self.decryptor.group(group[0][0], digests, body, header)
         chain_key = self.key if header.get("alg") == ALG_HMAC else None
         out: list[tuple[int, dict[str, Any]]] = []
         for (s, p, b), text in zip(group, texts, strict=True):
@@ -890,6 +900,12 @@ class RecordOpener:
             except RecordError as exc:
                 out.append((s, MalformedRecord(s, str(exc))))
         return out
+
+    def cut(self) -> tuple[int, int] | None:
+        """The first and last seq of a group left without its last frame at the end of what
+        was read (then forgotten), or None."""
+        group, self._group = self._group, []
+        return (group[0][0], group[-1][0]) if group else None
 
     def finish(self) -> None:
         """No more frames of a group can follow (another kind of frame, a gap, the end of

@@ -14,7 +14,10 @@ kind, digest, the record (its stored map: the short keys of docs/audit.md) or th
 checkpoint, and ``frame``: the
 frame's stored bytes in base64, so that ``sidecar audit collect`` can rebuild segment
 files from what the collector wrote and ``verify`` can check the chain and signatures
-there, independent of the pod.
+there, independent of the pod. A record stored as JSON (format 2, ``chain.py``; what a
+shipping writer stores) is shipped with its frame's ``prev`` instead of ``frame``, its JSON
+last and exactly as stored: ``collect`` makes the frame again from them
+(``_json_record_frame``), in the clear also for an encrypted trail.
 
 ``Shipper`` is the trio side: ``offer(messages)`` (never awaits) appends to a bounded queue;
 what does not fit is dropped and counted (``dropped``). ``run`` connects with TLS (the
