@@ -55,7 +55,7 @@ import hmac
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import msgpack
 
@@ -98,15 +98,6 @@ def _hmac_keyed(key: bytes) -> Callable[[], hmac.HMAC]:
     (keying costs as much as hashing a frame: 2.6 -> 2.0 us per 531-byte digest here). A
     chain has one key, a verifier a few."""
     return hmac.new(key, digestmod=hashlib.sha256).copy
-
-
-class RecordText(NamedTuple):
-    """What the writer's journal keeps of a record stored as JSON (format 2): the frame's
-    ``prev`` and the record's JSON text, from which the frame is made again
-    (``json_record_frame``) -- what a syslog message carries instead of the frame."""
-
-    prev: bytes
-    text: bytes
 
 
 def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
@@ -222,7 +213,9 @@ class ChainHead:
         # Format 2 (``FORMAT_JSON``): records are stored as their JSON text (``json_records``).
         self.version = FORMAT_VERSION
         # When a list: every frame made is noted as (seq, kind, payload, digest, detail)
-        # (detail: the record's wire dict, or the body), for shipping once on disk.
+        # (detail: the record's wire dict, or the body; for a record stored as JSON, the
+        # tuple (prev, JSON text): what its message carries instead of the frame), for
+        # shipping once on disk.
         self.journal: list[tuple[int, str, bytes, bytes, Any]] | None = None
 
     @property
@@ -314,8 +307,10 @@ class ChainHead:
         seq, prev = self.next_seq, self.prev
         journal = self.journal
         out = bytearray()
-        group: list[tuple[int, bytes, bytes, bytes]] = []  # (seq, prev, text, digest)
+        # (seq, prev, text, digest, the frame's bytes up to its kind)
+        group: list[tuple[int, bytes, bytes, bytes, bytes]] = []
         size = 0
+        sha256 = hashlib.sha256
         for i, text in enumerate(texts):
             if text is None:
                 if group:
@@ -325,20 +320,21 @@ class ChainHead:
                 out += self.records([wires[i]], encryptor)
                 seq, prev = self.next_seq, self.prev
                 continue
-            plain = json_record_frame(seq, prev, text)
+            head = b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev))
+            plain = b"".join((head, _KEY_REC, _str_header(len(text)), text))
             if len(plain) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
-            digest = hashlib.sha256(plain).digest() if key is None else link_digest(plain, key)
+            digest = sha256(plain).digest() if key is None else link_digest(plain, key)
             if encryptor is None:
                 out += LENGTH.pack(len(plain))
                 out += plain
                 if journal is not None:
-                    journal.append((seq, "rec", plain, digest, RecordText(prev, text)))
+                    journal.append((seq, "rec", plain, digest, (prev, text)))
             else:
                 if group and (len(group) >= GROUP_RECORDS or size + len(text) > GROUP_BYTES):
                     out += self._group(group, encryptor)
                     group, size = [], 0
-                group.append((seq, prev, text, digest))
+                group.append((seq, prev, text, digest, head))
                 size += len(text) + 1
             prev = digest
             seq += 1
@@ -347,20 +343,21 @@ class ChainHead:
         self.next_seq, self.prev = seq, prev
         return bytes(out)
 
-    def _group(self, group: list[tuple[int, bytes, bytes, bytes]], encryptor: Any) -> bytes:
+    def _group(self, group: list[tuple[int, bytes, bytes, bytes, bytes]],
+               encryptor: Any) -> bytes:
         """The ``erc`` frames of one encrypted group (``json_records``)."""
         bodies = encryptor.group_bodies(group[0][0], [g[2] for g in group],
                                         [g[3] for g in group])
         journal = self.journal
         out = bytearray()
-        for (seq, prev, text, digest), body in zip(group, bodies, strict=True):
-            payload = b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev, _KEY_ERC, body))
+        for (seq, prev, text, digest, head), body in zip(group, bodies, strict=True):
+            payload = b"".join((head, _KEY_ERC, body))
             if len(payload) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             out += LENGTH.pack(len(payload))
             out += payload
             if journal is not None:
-                journal.append((seq, "erc", payload, digest, RecordText(prev, text)))
+                journal.append((seq, "erc", payload, digest, (prev, text)))
         return bytes(out)
 
 

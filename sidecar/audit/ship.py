@@ -64,7 +64,6 @@ import trio
 from sidecar.audit.chain import (
     MAX_RECORD_JSON_DEPTH,
     FrameError,
-    RecordText,
     json_record_frame,
     parse_record_json,
 )
@@ -258,10 +257,17 @@ def record_text(wire: dict[str, Any]) -> bytes | None:
         fill = None
         if len(_shapes) < MAX_SHAPES:
             fill = _shapes[keys] = _shape_function(wire)
-    try:
-        text = (fill(*wire.values()) if fill is not None else None) or _encode_nested(wire)
-    except (TypeError, ValueError, RecursionError):
-        return None
+    text = None
+    if fill is not None:
+        try:
+            text = fill(*wire.values())
+        except (TypeError, ValueError, RecursionError):
+            pass  # a value of another type than its shape's slot: the encoder's turn
+    if text is None:
+        try:
+            text = _encode_nested(wire)
+        except (TypeError, ValueError, RecursionError):
+            return None
     data = text.encode()
     if b"\\" in data and b"\\ud" in data:  # a surrogate escape: a pair, or a lone one
         try:
@@ -367,12 +373,15 @@ def frame_messages(prefix: bytes, frames: Iterable[tuple[int, str, bytes, bytes,
     append = out.append
     shapes, hexlify, b64 = _shapes, binascii.hexlify, binascii.b2a_base64
     msgid, field, kinds, message = _MSGIDS["rec"], _FIELD["rec"], _KINDB, _MESSAGE
+    last, last_hex = None, b""  # the previous record's digest, which is the next's prev
     for seq, kind, frame, digest, detail in frames:
-        if detail.__class__ is RecordText:  # stored as JSON (format 2)
-            hexd, kindb = hexlify(digest), kinds[kind]
-            msg = _MESSAGE_JSON % (prefix, msgid, seq, hexd, kindb, seq, kindb, hexd,
-                                   hexlify(detail.prev), detail.text)
+        if detail.__class__ is tuple:  # (prev, JSON text): stored as JSON (format 2)
+            prev, text = detail
+            hexd = hexlify(digest)
+            msg = _MESSAGE_JSON % (prefix, msgid, seq, hexd, kinds[kind], seq, kinds[kind],
+                                   hexd, last_hex if prev is last else hexlify(prev), text)
             append(b"%d %b" % (len(msg), msg))
+            last, last_hex = digest, hexd
             continue
         if kind not in _RECORD_KINDS:
             append(frame_message(prefix, seq, kind, digest, frame,
