@@ -38,11 +38,11 @@ from tests.test_audit_ship import ORDERS, Rsyslog
 N = 60
 
 
-def record(i: int) -> AuditRecord:
+def record(i: int, big: int = 2 ** 70) -> AuditRecord:
     """Records with the values JSON must give back exactly: text beyond ASCII and the BMP,
     control characters, quotes, floats and ints that look alike, big ints, nested extras;
     record 5 has a bytes value, which JSON cannot hold (stored as msgpack instead)."""
-    extra: dict[str, Any] = {"n": i, "f": 0.1 * i, "neg": -0.0, "big": 2 ** 70 + i,
+    extra: dict[str, Any] = {"n": i, "f": 0.1 * i, "neg": -0.0, "big": big + i,
                              "l": [1, 2.5, None, True, "x"], "m": {"deep": {"er": [i]}}}
     if i == 5:
         extra.update(b=b"\x00\xff", big=2 ** 60)  # msgpack holds ints of 64 bits at most
@@ -73,15 +73,13 @@ class Trail:
         return kw
 
 
-@pytest.fixture(scope="module", params=["clear", "encrypted"])
-def trail(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trail:
-    root = tmp_path_factory.mktemp(f"fmt2-{request.param}")
+def build_trail(root: Path, encrypted: bool) -> Trail:
     rsyslog = Rsyslog(root / "rsyslog")
     rsyslog.start()
     try:
         priv, pub, _ = write_keypair(str(root / "sig"))
         data = None
-        if request.param == "encrypted":
+        if encrypted:
             data = str(root / "d.data")
             write_data_key(data)
         config = AuditConfig(path=str(root / "audit"), fsync=False, signing_key_file=priv,
@@ -94,6 +92,35 @@ def trail(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     finally:
         rsyslog.stop()
     return Trail(root, root / "audit", pub, data, rsyslog.lines())
+
+
+@pytest.fixture(scope="module")
+def trails(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Trail]:
+    """The module's two trails, each built once, when a test first needs it."""
+    built: dict[str, Trail] = {}
+
+    def get(kind: str) -> Trail:
+        if kind not in built:
+            built[kind] = build_trail(tmp_path_factory.mktemp(f"fmt2-{kind}"),
+                                      kind == "encrypted")
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(params=["clear", "encrypted"])
+def trail(request: pytest.FixtureRequest, trails: Callable[[str], Trail]) -> Trail:
+    return trails(request.param)
+
+
+@pytest.fixture
+def encrypted(trails: Callable[[str], Trail]) -> Trail:
+    return trails("encrypted")
+
+
+@pytest.fixture
+def clear(trails: Callable[[str], Trail]) -> Trail:
+    return trails("clear")
 
 
 def write_frames(path: str, payloads: list[bytes]) -> None:
@@ -226,9 +253,8 @@ GROUP_ATTACKS = ["ciphertext byte flipped", "re-encrypted with the data key",
 
 @pytest.mark.parametrize("attack", GROUP_ATTACKS)
 def test_what_each_key_sees_of_an_attack_on_an_encrypted_group(
-        trail: Trail, tmp_path: Path, attack: str) -> None:
-    if not trail.data:
-        pytest.skip("groups are encrypted records")
+        encrypted: Trail, tmp_path: Path, attack: str) -> None:
+    trail = encrypted
     path, payloads, group = _first_group(trail)
     out = list(payloads)
     last = group[-1]
@@ -291,11 +317,9 @@ FORGED_JSON = {
 
 
 @pytest.mark.parametrize("what", list(FORGED_JSON))
-def test_forged_json_in_a_record_is_a_broken_frame(trail: Trail, tmp_path: Path,
+def test_forged_json_in_a_record_is_a_broken_frame(clear: Trail, tmp_path: Path,
                                                    what: str) -> None:
-    if trail.data:
-        pytest.skip("a clear trail's records")
-    d = trail.copy(tmp_path)
+    d = clear.copy(tmp_path)
     seg = list_segments(str(d))[0]
     with open(seg.path, "rb") as fh:
         payloads = [p for _o, p in read_frames(fh)]
@@ -406,3 +430,32 @@ def test_the_collector_refuses_a_message_not_laid_out_as_shipped(trail: Trail) -
         with pytest.raises(ValueError, match="does not match its frame"):
             collector.add(trail.lines[:at] + [edited] + trail.lines[at + 1:])
             collector.check()
+
+
+def test_a_trail_that_changes_format_at_a_restart_verifies_whole(tmp_path: Path) -> None:
+    """Shipping switched on (format 1 -> 2) and off again (2 -> 1) between runs of one
+    trail: each writer continues the chain of the one before, and verify reads it whole."""
+    priv, pub, _ = write_keypair(str(tmp_path / "sig"))
+    data = str(tmp_path / "d.data")
+    write_data_key(data)
+    rsyslog = Rsyslog(tmp_path / "rsyslog")
+    rsyslog.start()
+    try:
+        base = AuditConfig(path=str(tmp_path / "audit"), fsync=False, signing_key_file=priv,
+                           checkpoint_every_records=10, encryption_key_file=data)
+        shipped = dataclasses.replace(base, ship=rsyslog.ship())
+        for n, config in enumerate((base, shipped, base, shipped)):
+            # 64-bit ints: format 1 (msgpack) stores no bigger ones
+            write_audit_trail(config, (record(i, 2 ** 60) for i in range(n * 15, n * 15 + 15)),
+                              identity=ORDERS, batch=5, pause=0.001)
+    finally:
+        rsyslog.stop()
+    versions = [msgpack.unpackb(ps[0], raw=False)["seg"]["v"]
+                for _p, ps in frames_of(tmp_path / "audit")]
+    assert versions == [1, 2, 1, 2]
+    result = verify(str(tmp_path / "audit"), keyring=load_keyring([pub]),
+                    decryptor=load_decryptor([data]), identity=ORDERS)
+    assert result.ok and result.records == 60 and result.restarts == 3, result
+    assert [f.code for f in result.findings] == []
+    assert list(iter_records(str(tmp_path / "audit"), decryptor=load_decryptor([data]))) == \
+        [record(i, 2 ** 60) for i in range(60)]
