@@ -342,9 +342,10 @@ def test_forged_json_in_a_record_is_a_broken_frame(clear: Trail, tmp_path: Path,
     for args in (["verify", str(d)], ["export", str(d)]):
         got = sidecar_cli("audit", *args)
         assert "Traceback" not in got.stderr and got.returncode in (1, 2), (args, got)
-    # tail, a live view, passes over a frame it cannot decode (verify is the check).
+    # tail, a live view, names a frame it cannot decode and reads on.
     got = sidecar_cli("audit", "tail", str(d), "-n", str(N))
-    assert "Traceback" not in got.stderr and got.returncode == 0, got
+    assert "Traceback" not in got.stderr and got.returncode == 1, got
+    assert "a frame that does not decode: record" in got.stderr, got.stderr
     assert len(got.stdout.splitlines()) == N - 1
 
 

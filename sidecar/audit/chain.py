@@ -104,8 +104,13 @@ def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
     """The plaintext frame of a record stored as JSON (``{"seq", "prev", "rec": TEXT}``,
     TEXT a msgpack string): what is stored, or, for an encrypted record, what its link
     digest ``d`` is computed over. Byte for byte what packing the map gives."""
-    return b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev, _KEY_REC,
-                     _str_header(len(text)), text))
+    return b"".join((_frame_head(seq, prev), _KEY_REC, _str_header(len(text)), text))
+
+
+def _frame_head(seq: int, prev: bytes) -> bytes:
+    """The msgpack of a frame map up to its kind: ``{"seq": seq, "prev": prev, `` (the
+    frame's body follows; see ``_FRAME_OPEN`` below)."""
+    return b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev))
 
 
 def _pack_int(n: int) -> bytes:
@@ -320,8 +325,8 @@ class ChainHead:
                 out += self.records([wires[i]], encryptor)
                 seq, prev = self.next_seq, self.prev
                 continue
-            head = b"".join((_FRAME_OPEN, _pack_int(seq), _FRAME_PREV, prev))
-            plain = b"".join((head, _KEY_REC, _str_header(len(text)), text))
+            head = _frame_head(seq, prev)
+            plain = b"".join((head, _KEY_REC, _str_header(len(text)), text))  # as json_record_frame
             if len(plain) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             digest = sha256(plain).digest() if key is None else link_digest(plain, key)

@@ -503,7 +503,8 @@ def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilt
               ) -> Iterator[tuple[int, AuditRecord]]:
     try:
         seq, prev, kind, body = decode_frame(payload)
-    except (ValueError, ChainError):
+    except (ValueError, ChainError) as exc:
+        malformed(f"{segment}: a frame that does not decode: {exc}")  # damage or forgery
         return
     for at, rec in opener.records(seq, prev, kind, body, header):
         if isinstance(rec, MalformedRecord):
