@@ -425,6 +425,8 @@ def test_the_collector_refuses_a_message_not_laid_out_as_shipped(trail: Trail) -
         line.replace('"prev":"', '"prev":"' + base64.b16encode(bytes(1)).decode().lower(), 1),
         line.replace(obj["digest"], "ab" * 32),  # in the structured data and the JSON
         line.replace(obj["prev"], "cd" * 32),
+        line.replace(f'"seq":{obj["seq"]},', f'"seq":{2 ** 70},', 1),  # no frame has it
+        line.replace(f'"seq":{obj["seq"]},', f'"seq":{2 ** 64 - 1},', 1),
     ):
         assert edited != line
         collector = Collector()

@@ -719,7 +719,7 @@ class Collector:
             if json_record:
                 try:
                     frame = _json_record_frame(obj, line[start:])
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, OverflowError) as exc:  # 2**64 on
                     raise CollectError(f"the message for seq {seq} does not match its frame "
                                        f"({exc}): the collector's copy was edited") from None
             self.messages += 1
