@@ -107,6 +107,12 @@ def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
     return b"".join((_frame_head(seq, prev), _KEY_REC, _str_header(len(text)), text))
 
 
+def in_group(kind: str, body: dict[str, Any], version: Any) -> bool:
+    """Whether a frame is an encrypted record of a format-2 group: its link digest is the
+    ``d`` it carries (the chain goes on from the plaintext), not the digest of its bytes."""
+    return kind == "erc" and version == FORMAT_JSON and "d" in body
+
+
 def _frame_head(seq: int, prev: bytes) -> bytes:
     """The msgpack of a frame map up to its kind: ``{"seq": seq, "prev": prev, `` (the
     frame's body follows; see ``_FRAME_OPEN`` below)."""
@@ -454,7 +460,7 @@ class ChainVerifier:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
                     " removed or inserted", seq)
-        if kind == "erc" and self._version == FORMAT_JSON and "d" in body:
+        if in_group(kind, body, self._version):
             # A JSON record stored encrypted: the chain goes on from the link digest of its
             # plaintext frame, which the frame carries (checked against the plaintext by
             # whoever holds the data key: ``segments.RecordOpener``).

@@ -121,8 +121,7 @@ class Encryptor:
         count || every d``: the ciphertext opens only at its place, for exactly those
         records."""
         nonce = os.urandom(NONCE_BYTES)
-        aad = b"".join((_AAD_GROUP, _SEQ.pack(first_seq), _COUNT.pack(len(texts)), *digests))
-        ciphertext = self._aead.encrypt(nonce, b"\n".join(texts), aad)
+        ciphertext = self._aead.encrypt(nonce, b"\n".join(texts), _group_aad(first_seq, digests))
         out = [_BODY_D + d for d in digests]
         out[-1] = b"".join((_BODY_LAST_D, digests[-1], _BODY_N, nonce, _BODY_CT,
                             _bin_header(len(ciphertext)), ciphertext))
@@ -133,6 +132,11 @@ class Encryptor:
 # bin8 of 12 bytes, (nonce), fixstr "c", (bin header, ciphertext).
 _BODY_NONCE = b"\x82\xa1n\xc4\x0c"
 _BODY_CT = b"\xa1c"
+def _group_aad(first_seq: int, digests: list[bytes]) -> bytes:
+    """A format-2 group's associated data: the label, its first seq, its count, every d."""
+    return b"".join((_AAD_GROUP, _SEQ.pack(first_seq), _COUNT.pack(len(digests)), *digests))
+
+
 # Format 2: ``{"d": bin8(32) DIGEST}``, and the last of a group ``{"d": .., "n": bin8(12)
 # NONCE, "c": bin CIPHERTEXT}``.
 _BODY_D = b"\x81\xa1d\xc4\x20"
@@ -200,9 +204,8 @@ class Decryptor:
         nonce, ciphertext = last.get("n"), last.get("c")
         if not isinstance(nonce, bytes) or not isinstance(ciphertext, bytes):
             raise DecryptError(f"record {last_seq} is not a valid encrypted frame")
-        aad = b"".join((_AAD_GROUP, _SEQ.pack(first_seq), _COUNT.pack(len(digests)), *digests))
         try:
-            plain = aead.decrypt(nonce, ciphertext, aad)
+            plain = aead.decrypt(nonce, ciphertext, _group_aad(first_seq, digests))
         except InvalidTag:
             raise DecryptError(f"records {first_seq}..{last_seq} do not decrypt: wrong data "
                                "key, or an altered, moved or cut group") from None

@@ -46,6 +46,7 @@ from sidecar.audit.chain import (
     FrameError,
     MissingKey,
     decode_frame,
+    in_group,
     json_record_frame,
     link_digest,
     parse_record_json,
@@ -845,8 +846,7 @@ class RecordOpener:
         if kind not in RECORD_KINDS:
             self.finish()
             return []
-        grouped = (kind == "erc" and "d" in body and header is not None
-                   and header.get("v") == FORMAT_JSON)
+        grouped = header is not None and in_group(kind, body, header.get("v"))
         if not grouped:
             self.finish()  # a group is never interrupted by another record frame
         mismatch = record_mismatch(kind, header)
