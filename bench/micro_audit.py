@@ -128,6 +128,7 @@ def _data_path_maker(facts: Any, decision: Any) -> Any:
         """Stands in for the writer: keeps the record ``Telemetry.request`` submits."""
 
         record: object = None
+        takes_rows = False  # the map (``request_wire``), as a writer without shipping takes
 
         def submit(self, record: object, *, admitted: bool = False) -> bool:
             self.record = record

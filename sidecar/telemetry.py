@@ -18,6 +18,7 @@ from sidecar.audit.record import (
     connection_closed_record,
     connection_refused_record,
     record_from,
+    request_row,
     request_wire,
 )
 from sidecar.metrics import CounterChild, SidecarMetrics
@@ -240,12 +241,14 @@ class Telemetry:
                 extra = {**extra, "error": error} if extra else {"error": error}
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
-            record: AuditRecord | dict[str, Any]
+            record: AuditRecord | dict[str, Any] | tuple[Any, ...]
             if facts is not None:
                 # The usual record, every value given positionally (no keyword matching),
                 # built as the map the writer stores (no AuditRecord, no ``to_wire``).
-                record = request_wire(decision, facts, started, auth, request_id, status,
-                                      bytes_in, bytes_out, duration * 1000.0, extra)
+                # A writer that stores JSON takes the usual records as rows (no map).
+                record = (request_row if self.audit.takes_rows else request_wire)(
+                    decision, facts, started, auth, request_id, status, bytes_in, bytes_out,
+                    duration * 1000.0, extra)
             else:
                 record = record_from(
                     decision, None, time=started, auth=auth, request_id=request_id,

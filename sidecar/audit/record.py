@@ -467,6 +467,86 @@ def request_wire(
     return wire
 
 
+class RowShape:
+    """The keys, in stored order, of one usual shape of a request's record: a row
+    ``(shape, value, value, ...)`` (``request_row``) is that record with its keys left out.
+    ``fill`` is the writer's, set at the shape's first record: the generated function that
+    makes the row's JSON (``ship.row_text``)."""
+
+    __slots__ = ("keys", "fill")
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.fill: Callable[..., str | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"RowShape({self.keys!r})"
+
+
+_ROW_HEAD = ("t", "ev", "id", "dir", "peer", "src")
+_ROW_TAIL = ("m", "host", "path", "d", "rule", "why", "pv", "st", "bi", "bo", "ms")
+_ROW_TOKEN = ("iss", "sub", "jti")
+# The four shapes ``request_row`` makes: without and with a token's three fields, without
+# and with ``x`` (always last). The same keys, in the same order, as ``request_wire``'s maps.
+ROW_PLAIN = RowShape(_ROW_HEAD + _ROW_TAIL)
+ROW_PLAIN_X = RowShape(_ROW_HEAD + _ROW_TAIL + ("x",))
+ROW_TOKEN = RowShape(_ROW_HEAD + _ROW_TOKEN + _ROW_TAIL)
+ROW_TOKEN_X = RowShape(_ROW_HEAD + _ROW_TOKEN + _ROW_TAIL + ("x",))
+ROW_SHAPES = (ROW_PLAIN, ROW_PLAIN_X, ROW_TOKEN, ROW_TOKEN_X)
+
+Row = tuple[Any, ...]
+
+
+def request_row(
+    decision: Decision, facts: RequestFacts, time: float, auth: AuthFacts | None,
+    request_id: str, status: int, bytes_in: int, bytes_out: int, duration_ms: float,
+    extra: dict[str, Any] | None,
+) -> Row | dict[str, Any]:
+    """``request_wire``'s record as a row ``(shape, value, ...)`` when it has one of the
+    usual shapes (``ROW_SHAPES``), else ``request_wire``'s map. What the data path submits
+    to a writer that stores records as JSON (``AuditWriter.takes_rows``): a tuple of the
+    values costs the request a sixth of a map of them (1.35 -> 0.19 us for 21 keys), and the
+    writer fills the JSON from it without looking the shape up (``ship.row_text``).
+    ``row_wire`` gives the map back; it equals ``request_wire(...)``'s."""
+    peer = facts.peer
+    if peer is None:
+        return request_wire(decision, facts, time, auth, request_id, status, bytes_in,
+                            bytes_out, duration_ms, extra)
+    reason = decision.reason
+    event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
+    # decision_value(decision), without a call per record
+    value = "dry-run" if decision.dry_run and decision.would == "deny" else decision.action
+    if extra is not None and len(extra) > MAX_EXTRA_KEYS:
+        extra = dict(list(extra.items())[:MAX_EXTRA_KEYS])
+    if auth is not None and auth is not NO_AUTH:
+        iss, sub, jti, apikey = _token_fields(auth)
+        if apikey is None and iss is not None and sub is not None and jti is not None:
+            if extra is None:
+                return (ROW_TOKEN, time, event, request_id, facts.direction, peer,
+                        facts.source, iss, sub, jti, facts.method, facts.host, facts.path,
+                        value, decision.rule, reason, decision.version, status, bytes_in,
+                        bytes_out, duration_ms)
+            return (ROW_TOKEN_X, time, event, request_id, facts.direction, peer,
+                    facts.source, iss, sub, jti, facts.method, facts.host, facts.path,
+                    value, decision.rule, reason, decision.version, status, bytes_in,
+                    bytes_out, duration_ms, extra)
+        if apikey is not None or iss is not None or sub is not None or jti is not None:
+            return request_wire(decision, facts, time, auth, request_id, status, bytes_in,
+                                bytes_out, duration_ms, extra)
+    if extra is None:
+        return (ROW_PLAIN, time, event, request_id, facts.direction, peer, facts.source,
+                facts.method, facts.host, facts.path, value, decision.rule, reason,
+                decision.version, status, bytes_in, bytes_out, duration_ms)
+    return (ROW_PLAIN_X, time, event, request_id, facts.direction, peer, facts.source,
+            facts.method, facts.host, facts.path, value, decision.rule, reason,
+            decision.version, status, bytes_in, bytes_out, duration_ms, extra)
+
+
+def row_wire(row: Row) -> dict[str, Any]:
+    """The stored map of a row (``request_row``): its shape's keys with its values."""
+    return dict(zip(row[0].keys, row[1:], strict=True))
+
+
 def connection_refused_record(
     *, time: float, direction: str, source: str, reason: str, peer: str | None = None,
     request_id: str = "", extra: dict[str, Any] | None = None,

@@ -67,7 +67,7 @@ from sidecar.audit.chain import (
     json_record_frame,
     parse_record_json,
 )
-from sidecar.audit.record import SharedExtra
+from sidecar.audit.record import SharedExtra, row_wire
 from sidecar.config.audit import ShipConfig
 from sidecar.jsondoc import deeper_than
 from sidecar.net.tlsfiles import FileContext
@@ -263,9 +263,32 @@ def record_text(wire: dict[str, Any]) -> bytes | None:
             text = fill(*wire.values())
         except (TypeError, ValueError, RecursionError):
             pass  # a value of another type than its shape's slot: the encoder's turn
+    return _stored_text(text, wire)
+
+
+def row_text(row: tuple[Any, ...]) -> bytes | None:
+    """``record_text`` of a row (``record.request_row``: ``(shape, value, ...)``, the data
+    path's usual records): the filler is the shape's own, called with the row as it is --
+    no tuple of keys made and looked up, no values unpacked from a map (0.7 us a record)."""
+    shape = row[0]
+    fill = shape.fill
+    if fill is None:
+        fill = shape.fill = _shape_function(row_wire(row), lead=True)
+    text = None
+    if fill is not None:
+        try:
+            text = fill(*row)
+        except (TypeError, ValueError, RecursionError):
+            pass  # a value of another type than its shape's slot: the encoder's turn
+    return _stored_text(text, row)
+
+
+def _stored_text(text: str | None, record: Any) -> bytes | None:
+    """``record_text``'s end: the filler's ``text`` (None: the whole encoder's, if JSON can
+    hold ``record``, a map or a row) as UTF-8, refused when it holds a lone surrogate."""
     if text is None:
         try:
-            text = _encode_nested(wire)
+            text = _encode_nested(row_wire(record) if record.__class__ is tuple else record)
         except (TypeError, ValueError, RecursionError):
             return None
     data = text.encode()
@@ -277,9 +300,11 @@ def record_text(wire: dict[str, Any]) -> bytes | None:
     return data
 
 
-def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
+def _shape_function(wire: dict[str, Any],
+                    lead: bool = False) -> Callable[..., str | None] | None:
     """The generated filler for ``wire``'s shape, or None (a key other than letters, digits
-    and '_': only such keys are written into the generated f-string)."""
+    and '_': only such keys are written into the generated f-string). ``lead``: it takes
+    a first argument that it ignores (a row's shape, ``row_text``)."""
     if not all(type(k) is str and _PLAIN_KEY.fullmatch(k) for k in wire):
         return None
     parts, learning, checks = [], [], []
@@ -317,7 +342,7 @@ def _shape_function(wire: dict[str, Any]) -> Callable[..., str | None] | None:
         parts.append(f'"{key}":{{{text}}}')
         learning.append(parts[-1].replace(f"_known[{name}]", f"_known.get({name}) or _learn({name})"))
         i += 1
-    names = ", ".join(f"v{i}" for i in range(len(wire)))
+    names = ", ".join(["_row"] * lead + [f"v{i}" for i in range(len(wire))])
     source = f"def fill({names}):\n"
     if checks:
         source += f"    if {' or '.join(checks)}:\n        return None\n"

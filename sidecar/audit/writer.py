@@ -68,9 +68,16 @@ import trio
 
 from sidecar.audit.chain import FORMAT_JSON, ChainHead, decode_frame
 from sidecar.audit.crypto import Encryptor, load_data_key
-from sidecar.audit.record import AuditRecord
+from sidecar.audit.record import AuditRecord, Row, row_wire
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
-from sidecar.audit.ship import Shipper, frame_messages, hostname, message_prefix, record_text
+from sidecar.audit.ship import (
+    Shipper,
+    frame_messages,
+    hostname,
+    message_prefix,
+    record_text,
+    row_text,
+)
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
@@ -80,8 +87,9 @@ from sidecar.reload import fingerprint
 
 AlertCallback = Callable[[str, str], None]
 # What ``submit`` takes: a record, or its stored map already built (``record.request_wire``,
-# the data path's; a plain ``dict``, stored as it is).
-Entry = AuditRecord | dict[str, Any]
+# the data path's; a plain ``dict``, stored as it is), or a row of a usual shape
+# (``record.request_row``: what the data path submits when ``AuditWriter.takes_rows``).
+Entry = AuditRecord | dict[str, Any] | Row
 
 COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 ALERT_WRITE_FAILED = "audit_write_failed"
@@ -147,6 +155,16 @@ class _PartialWrite(Exception):
         super().__init__(str(error))
         self.done = done
         self.error = error
+
+
+def _wire_of(entry: Entry) -> dict[str, Any]:
+    """The map an entry stores: a map as it is, a row's (``record.row_wire``), a record's
+    ``to_wire()``."""
+    if entry.__class__ is dict:
+        return entry
+    if entry.__class__ is tuple:
+        return row_wire(entry)
+    return entry.to_wire()  # type: ignore[union-attr]
 
 
 def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
@@ -457,13 +475,14 @@ class _SegmentSink:
         assert self.head is not None
         state = self.head.state
         try:
-            wires = [r if r.__class__ is dict else r.to_wire()  # type: ignore[union-attr]
-                     for r in records]
             if self.head.version == FORMAT_JSON:
                 # The JSON the syslog messages carry is what is stored: encoded once.
-                return self.head.json_records(wires, [record_text(w) for w in wires],
-                                              self.encryptor)
-            return self.head.records(wires, self.encryptor)
+                texts = [row_text(r) if r.__class__ is tuple
+                         else record_text(r if r.__class__ is dict
+                                          else r.to_wire())  # type: ignore[union-attr]
+                         for r in records]
+                return self.head.json_records(records, texts, self.encryptor, _wire_of)
+            return self.head.records([_wire_of(r) for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
@@ -472,12 +491,11 @@ class _SegmentSink:
         for r in records:
             s = self.head.state
             try:
-                out += self.head.records([r if isinstance(r, dict) else r.to_wire()],
-                                         self.encryptor)
+                out += self.head.records([_wire_of(r)], self.encryptor)
             except (TypeError, ValueError, OverflowError) as exc:
                 self.head.restore(s)
                 when, rid = (r.get("t"), r.get("id", "")) if isinstance(r, dict) else (
-                    r.time, r.request_id)
+                    (r[1], r[3]) if isinstance(r, tuple) else (r.time, r.request_id))
                 out += self.head.records([{
                     "t": float(when) if isinstance(when, int | float) else 0.0,
                     "ev": "unencodable", "id": str(rid)[:200],
@@ -766,6 +784,10 @@ class AuditWriter:
                                            f"cannot load TLS files: {exc}")]) from None
             self._sink.ship_host = hostname()
             self._sink.ship_app = ship.app_name
+        # A shipping writer stores records as JSON (format 2): the data path then submits
+        # its usual records as rows (``record.request_row``), whose JSON is filled without
+        # a map; a writer storing msgpack (format 1) packs maps, which rows would only delay.
+        self.takes_rows = self.shipper is not None
         # Only a ``required`` shipper can refuse (ship.mode is fixed for the writer's life):
         # the per-request checks skip the call otherwise.
         self._gate = self.shipper if self.shipper is not None and self.shipper.required else None
