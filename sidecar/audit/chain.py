@@ -304,7 +304,7 @@ class ChainHead:
 
     def json_records(self, wires: list[Any], texts: list[bytes | None],
                      encryptor: Any = None,
-                     wire_of: Callable[[Any], dict[str, Any]] | None = None) -> bytes:
+                     wire_of: Callable[[Any], dict[str, Any]] | None = None) -> bytearray:
         """Format 2: frames for many records, each stored as its JSON text ``texts[i]``
         (``json_record_frame``), or, where that is None (a record JSON cannot hold as it is),
         as ``records`` stores it: ``wires[i]``, or ``wire_of(wires[i])`` when given (the
@@ -363,10 +363,10 @@ class ChainHead:
         if group:
             out += self._group(group, encryptor)
         self.next_seq, self.prev = seq, prev
-        return bytes(out)
+        return out
 
     def _group(self, group: list[tuple[int, bytes, bytes, bytes, bytes]],
-               encryptor: Any) -> bytes:
+               encryptor: Any) -> bytearray:
         """The ``erc`` frames of one encrypted group (``json_records``)."""
         bodies = encryptor.group_bodies(group[0][0], [g[2] for g in group],
                                         [g[3] for g in group])
@@ -380,7 +380,7 @@ class ChainHead:
             out += payload
             if journal is not None:
                 journal.append((seq, "erc", payload, digest, (prev, text)))
-        return bytes(out)
+        return out
 
 
 # A frame map ``{"seq": N, "prev": bin(32), KIND: BODY}`` in msgpack, cut where the varying

@@ -348,7 +348,7 @@ class _SegmentSink:
         if self.paced and len(records) > PACE_RECORDS:
             # The same frames as one call makes (the checkpoint counters carry over from
             # chunk to chunk), with a pause between chunks; written and synced at once.
-            parts: list[bytes] = []
+            parts: list[bytes | bytearray] = []
             checkpoint = None
             for i in range(0, len(records), PACE_RECORDS):
                 if i:
@@ -356,7 +356,7 @@ class _SegmentSink:
                 part, signed = self._encode_signed(records[i:i + PACE_RECORDS])
                 parts.append(part)
                 checkpoint = signed or checkpoint
-            data = b"".join(parts)
+            data: bytes | bytearray = b"".join(parts)
         else:
             data, checkpoint = self._encode_signed(records)
         try:
@@ -415,7 +415,7 @@ class _SegmentSink:
         self.size += len(data)
         self.last_checkpoint = self._signed(state, "chk", body)
 
-    def _write_frame(self, state: tuple[int, bytes], data: bytes) -> None:
+    def _write_frame(self, state: tuple[int, bytes], data: bytes | bytearray) -> None:
         """Write frames made from head ``state`` (fsync, still linked); on failure roll
         the head back and abandon the segment at its last good size."""
         assert self.fd is not None and self.head is not None
@@ -449,7 +449,8 @@ class _SegmentSink:
         self.unsigned_frames = self.unsigned_records = 0
         return Checkpoint.from_frame(state[0], state[1], kind, body)
 
-    def _encode_signed(self, records: list[Entry]) -> tuple[bytes, Checkpoint | None]:
+    def _encode_signed(self,
+                       records: list[Entry]) -> tuple[bytes | bytearray, Checkpoint | None]:
         """The batch's frames, with a signed checkpoint after every ``checkpoint_every``
         records (so no running writer leaves more records unsigned than that)."""
         assert self.head is not None
@@ -469,9 +470,9 @@ class _SegmentSink:
                 data, body = self.head.signed("chk", self._signer_now(), self._checkpoint_body())
                 out += data
                 checkpoint = self._signed(state, "chk", body)
-        return bytes(out), checkpoint
+        return out, checkpoint
 
-    def _encode(self, records: list[Entry]) -> bytes:
+    def _encode(self, records: list[Entry]) -> bytes | bytearray:
         assert self.head is not None
         state = self.head.state
         try:
@@ -504,7 +505,7 @@ class _SegmentSink:
         return bytes(out)
 
     @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
+    def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
