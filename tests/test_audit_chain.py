@@ -94,6 +94,41 @@ def test_spliced_frames_are_exactly_the_packed_frame_maps(first_seq: int, encryp
             assert obj["rec"] == wire
 
 
+@pytest.mark.parametrize("first_seq", [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32])
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_format_2_frames_are_exactly_the_packed_frame_maps(first_seq: int,
+                                                           encrypted: bool) -> None:
+    # json_records splices the usual frame (a 2- or 4-byte seq, a str16 text) with struct
+    # calls and every other one from parts: byte for byte what packing the map gives, for
+    # every msgpack int width of seq and str header width of the text, and the chain goes
+    # over those plaintext frames, encrypted or not.
+    from sidecar.audit.chain import FORMAT_JSON, json_record_frame
+    from sidecar.audit.crypto import Encryptor
+
+    head = ChainHead(first_seq)
+    head.journal, head.version = [], FORMAT_JSON
+    texts = [b'{"p":"' + b"p" * n + b'"}' for n in (0, 25, 26, 245, 246, 300, 65_529, 70_000)]
+    data = head.json_records([None] * len(texts), texts, Encryptor(b"d" * 32) if encrypted else None)
+    payloads = _split(data)
+    assert len(payloads) == len(texts) == len(head.journal)
+    prev = GENESIS
+    for i, (payload, (seq, kind, journalled, digest, detail)) in enumerate(
+            zip(payloads, head.journal, strict=True)):
+        assert payload == journalled and seq == first_seq + i
+        plain = json_record_frame(seq, prev, texts[i])
+        assert plain == msgpack.packb({"seq": seq, "prev": prev, "rec": texts[i].decode()},
+                                      use_bin_type=True)
+        assert digest == hashlib.sha256(plain).digest() and detail == (prev, texts[i])
+        obj = msgpack.unpackb(payload)
+        assert payload == msgpack.packb(obj, use_bin_type=True)
+        if encrypted:
+            assert kind == "erc" and obj["erc"]["d"] == digest
+        else:
+            assert kind == "rec" and payload == plain
+        prev = digest
+    assert head.state == (first_seq + len(texts), prev)
+
+
 def test_restore_rolls_back_the_head() -> None:
     head = ChainHead()
     state = head.state

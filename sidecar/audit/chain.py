@@ -324,7 +324,7 @@ class ChainHead:
         group: list[tuple[int, bytes, bytes, bytes, bytes]] = []
         size = 0
         sha256 = hashlib.sha256
-        head32, rec16 = _HEAD32.pack, _REC16.pack
+        head16, head32, rec16 = _HEAD16.pack, _HEAD32.pack, _REC16.pack
         for i, text in enumerate(texts):
             if text is None:
                 if group:
@@ -336,10 +336,11 @@ class ChainHead:
                 seq, prev = self.next_seq, self.prev
                 continue
             n = len(text)
-            if 0x10000 <= seq <= 0xFFFFFFFF and 0x100 <= n <= 0xFFFF:
-                # The usual frame (a seq past the trail's first 65,536, a text of 256 bytes
-                # to 64 KiB) in two struct calls instead of five calls and joins.
-                head = head32(_FRAME_OPEN, 0xCE, seq, _FRAME_PREV, prev)
+            if 0x100 <= seq <= 0xFFFFFFFF and 0x100 <= n <= 0xFFFF:
+                # The usual frame (a seq of 2 or 4 bytes, a text of 256 bytes to 64 KiB) in
+                # two struct calls instead of five calls and joins.
+                head = (head32(_FRAME_OPEN, 0xCE, seq, _FRAME_PREV, prev) if seq > 0xFFFF
+                        else head16(_FRAME_OPEN, 0xCD, seq, _FRAME_PREV, prev))
                 plain = b"".join((head, rec16(_KEY_REC, 0xDA, n), text))
             else:
                 head = _frame_head(seq, prev)
@@ -391,8 +392,9 @@ _FRAME_OPEN = b"\x83\xa3seq"
 _FRAME_PREV = b"\xa4prev\xc4\x20"
 _KEY_REC = b"\xa3rec"
 _KEY_ERC = b"\xa3erc"
-# The same head for a seq that is a uint32 of msgpack (0xCE), and a kind followed by a
-# str16 header (0xDA): what most frames of a long trail take (``json_records``).
+# The same head for a seq that is a uint16 (0xCD) or uint32 (0xCE) of msgpack, and a kind
+# followed by a str16 header (0xDA): what nearly every record frame takes (``json_records``).
+_HEAD16 = struct.Struct(">5sBH7s32s")
 _HEAD32 = struct.Struct(">5sBI7s32s")
 _REC16 = struct.Struct(">4sBH")
 
