@@ -3,7 +3,10 @@
 Pure: no clock, no I/O. The data path builds an ``AuditRecord`` (usually with
 ``record_from(decision, facts, time=now, ...)``) and hands it to the writer; the writer
 stores ``record.to_wire()``, a msgpack-friendly dict with short, stable keys (the table
-``WIRE_KEYS`` below is public: docs/audit.md documents it for independent verifiers).
+``WIRE_KEYS`` below is public: docs/audit.md documents it for independent verifiers). A
+request's record is built directly as that map (``request_wire``) or, for a writer that
+stores JSON, as a row of its values behind its shape's keys (``request_row``): the same
+record, stored the same.
 
 A token is never recorded: only the issuer, the subject and the SHA-256 of its ``jti``.
 """

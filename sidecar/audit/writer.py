@@ -813,7 +813,8 @@ class AuditWriter:
     def submit(self, record: Entry, *, admitted: bool = False) -> bool:
         """Queue ``record``; False means it will not be written (see ``accepting``).
         ``record`` is an ``AuditRecord`` or the map it stores (``to_wire()``'s, as
-        ``record.request_wire`` builds it for the data path: a plain ``dict``).
+        ``record.request_wire`` builds it for the data path: a plain ``dict``), or, for a
+        writer that ``takes_rows``, a row (``record.request_row``).
 
         ``admitted``: the record is for a request that was already served (it passed
         ``accepting()`` before the writer learned of a failure). It is queued even while
