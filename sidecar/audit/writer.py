@@ -483,7 +483,8 @@ class _SegmentSink:
                                           else r.to_wire())  # type: ignore[union-attr]
                          for r in records]
                 return self.head.json_records(records, texts, self.encryptor, _wire_of)
-            return self.head.records([_wire_of(r) for r in records], self.encryptor)
+            return self.head.records([r if r.__class__ is dict else _wire_of(r)
+                                      for r in records], self.encryptor)
         except (TypeError, ValueError, OverflowError):
             self.head.restore(state)
         # One record in the batch cannot be packed (a bad ``extra`` value, say). Keep
