@@ -308,9 +308,10 @@ class ChainHead:
         """Format 2: frames for many records, each stored as its JSON text ``texts[i]``
         (``json_record_frame``), or, where that is None (a record JSON cannot hold as it is),
         as ``records`` stores it: ``wires[i]``, or ``wire_of(wires[i])`` when given (the
-        writer's entries, made maps only here). The chain is over the plaintext frames, so it is the same
-        whether a copy holds the records encrypted (the segment files) or in the clear (the
-        collector's, rebuilt from the syslog messages, which no data key opens).
+        writer's entries, made maps only here). The chain is over the plaintext frames, so
+        it is the same whether a copy holds the records encrypted (the segment files) or in
+        the clear (the collector's, rebuilt from the syslog messages, which no data key
+        opens).
 
         With ``encryptor`` the records are stored as ``erc`` frames in groups of up to
         ``GROUP_RECORDS`` records (``GROUP_BYTES`` of JSON), one AES-GCM call per group
