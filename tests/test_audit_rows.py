@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.audit.chain import FORMAT_JSON, parse_record_json
 from sidecar.audit.record import (
@@ -213,3 +215,33 @@ def test_a_writer_that_does_not_ship_takes_maps_and_still_stores_a_row(
     # A row that cannot be packed leaves its stand-in, named by the row's time and id.
     assert (got[3]["ev"], got[3]["id"], got[3]["t"]) == ("unencodable", "bad", 5.0)
     assert verify(str(tmp_path / "a")).ok
+
+
+# Any text the data path may carry (facts are decoded from bytes; surrogates included).
+_TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=20)
+_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
+                    st.floats(allow_nan=True, allow_infinity=True), _TEXT, st.binary(max_size=4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(peer=st.one_of(st.none(), _TEXT), source=_TEXT, path=_TEXT, host=_TEXT, method=_TEXT,
+       rule=_TEXT, reason=_TEXT, version=_TEXT, request_id=_TEXT,
+       time=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 2 ** 40)),
+       duration=st.floats(allow_nan=True, allow_infinity=True),
+       status=st.one_of(st.integers(0, 999), st.booleans()),
+       claims=st.dictionaries(st.sampled_from(["iss", "sub", "jti", "scope"]), _TEXT),
+       apikey=st.one_of(st.none(), _TEXT),
+       extra=st.one_of(st.none(), st.dictionaries(_TEXT, _SCALAR, max_size=4)))
+def test_any_request_gives_a_row_or_map_whose_json_is_request_wires(
+        peer: str | None, source: str, path: str, host: str, method: str, rule: str,
+        reason: str, version: str, request_id: str, time: float, duration: float,
+        status: int, claims: dict[str, str], apikey: str | None,
+        extra: dict[str, Any] | None) -> None:
+    auth = AuthFacts(claims={"p": claims} if claims else {}, apikey=apikey)
+    args = (Decision("allow", rule, reason, version), RequestFacts(
+        direction="outbound", peer=peer, source=source, method=method, path=path, host=host,
+        port=1), time, auth, request_id, status, 1, 2, duration, extra)
+    row, wire = request_row(*args), request_wire(*args)
+    got = row_wire(row) if row.__class__ is tuple else row
+    assert list(got) == list(wire) and repr(got) == repr(wire)
+    assert (row_text(row) if row.__class__ is tuple else record_text(row)) == record_text(wire)
