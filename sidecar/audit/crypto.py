@@ -132,16 +132,16 @@ class Encryptor:
 # bin8 of 12 bytes, (nonce), fixstr "c", (bin header, ciphertext).
 _BODY_NONCE = b"\x82\xa1n\xc4\x0c"
 _BODY_CT = b"\xa1c"
-def _group_aad(first_seq: int, digests: list[bytes]) -> bytes:
-    """A format-2 group's associated data: the label, its first seq, its count, every d."""
-    return b"".join((_AAD_GROUP, _SEQ.pack(first_seq), _COUNT.pack(len(digests)), *digests))
-
-
 # Format 2: ``{"d": bin8(32) DIGEST}``, and the last of a group ``{"d": .., "n": bin8(12)
 # NONCE, "c": bin CIPHERTEXT}``.
 _BODY_D = b"\x81\xa1d\xc4\x20"
 _BODY_LAST_D = b"\x83\xa1d\xc4\x20"
 _BODY_N = b"\xa1n\xc4\x0c"
+
+
+def _group_aad(first_seq: int, digests: list[bytes]) -> bytes:
+    """A format-2 group's associated data: the label, its first seq, its count, every d."""
+    return b"".join((_AAD_GROUP, _SEQ.pack(first_seq), _COUNT.pack(len(digests)), *digests))
 
 
 def _bin_header(size: int) -> bytes:
