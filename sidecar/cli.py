@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -86,21 +86,7 @@ def _add_policy_parsers(sub: Any) -> None:
     add_replay_parser(policy_sub)
 
 
-def build_parser(*, run_only: bool = False, policy_only: bool = False) -> argparse.ArgumentParser:
-    """The ``sidecar`` parser; with ``run_only`` just ``sidecar run``, so that a running
-    sidecar never imports the modules of the other commands (the CA, policy, audit, replay
-    and Kubernetes tools); with ``policy_only`` just ``sidecar policy ...``, so that checking
-    a mesh policy does not import Trio, the audit tools and the CA (about a third of
-    ``policy check``'s time at 10,000 services, issue 17)."""
-    from sidecar import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="sidecar",
-        description="Zero-trust service-mesh sidecar: mTLS with SPIFFE identities, JWT, "
-                    "YAML micro-segmentation policy, verifiable audit trail.")
-    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_run_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run the sidecar with a config file")
     p.add_argument("-c", "--config", required=True, help="sidecar config file (YAML)")
     p.add_argument("--check", action="store_true",
@@ -111,12 +97,9 @@ def build_parser(*, run_only: bool = False, policy_only: bool = False) -> argpar
                         "(e.g. checking a ConfigMap away from the pod)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_run)
-    if run_only:
-        return parser
-    if policy_only:
-        _add_policy_parsers(sub)
-        return parser
 
+
+def _add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
     p.add_argument("--serve", action="store_true",
                    help="keep the demo running and print curl commands to try")
@@ -124,52 +107,103 @@ def build_parser(*, run_only: bool = False, policy_only: bool = False) -> argpar
                    help="keep the temporary directory (CA key included) when the demo ends")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_check_parser(sub: Any) -> None:
     from sidecar.check import add_check_parser
 
     add_check_parser(sub)
+
+
+def _add_live_parsers(sub: Any) -> None:
     from sidecar.live import add_live_parsers
 
     add_live_parsers(sub)
 
+
+def _add_identity_parsers(sub: Any) -> None:
     from sidecar.identity.cli import add_ca_parsers, add_cert_parsers
 
     add_ca_parsers(sub)
     add_cert_parsers(sub)
 
-    _add_policy_parsers(sub)
 
+def _add_audit_parsers(sub: Any) -> None:
     p = sub.add_parser("audit", help="verify, export and follow the audit trail")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     from sidecar.audit.cli import add_audit_parsers
 
     add_audit_parsers(audit_sub)
 
+
+def _add_apikey_parsers(sub: Any) -> None:
     p = sub.add_parser("apikey", help="API keys for service callers")
     apikey_sub = p.add_subparsers(dest="apikey_command", metavar="SUBCOMMAND", required=True)
     p = apikey_sub.add_parser("new", help="print a fresh API key once, and the policy entry")
     p.add_argument("name", help="the key's name, as rules and audit records show it")
     p.set_defaults(func=_cmd_apikey_new)
 
-    try:
-        from sidecar.k8s.cli import add_inject_parser, add_webhook_parser
-    except ImportError:  # pragma: no cover -- during development only
-        pass
-    else:
-        add_inject_parser(sub)
-        add_webhook_parser(sub)
 
+def _add_k8s_parsers(sub: Any) -> None:
+    from sidecar.k8s.cli import add_inject_parser, add_webhook_parser
+
+    add_inject_parser(sub)
+    add_webhook_parser(sub)
+
+
+def _add_version_parser(sub: Any) -> None:
     from sidecar.output import add_output_flag
 
     p = sub.add_parser("version", help="print the version")
     add_output_flag(p)
     p.set_defaults(func=_cmd_version)
 
+
+def _add_completion_parser(sub: Any) -> None:
     p = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)",
                        description="bash: source <(sidecar completion bash); zsh: "
                                    "source <(sidecar completion zsh); fish: sidecar completion "
                                    "fish | source")
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
     p.set_defaults(func=_cmd_completion)
+
+
+# The top-level commands in the order ``sidecar --help`` lists them: (names, the function
+# that adds their parsers, importing the modules they need).
+COMMANDS: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
+    (("run",), _add_run_parser),
+    (("demo",), _add_demo_parser),
+    (("check",), _add_check_parser),
+    (("tap", "top"), _add_live_parsers),
+    (("ca", "cert"), _add_identity_parsers),
+    (("policy",), _add_policy_parsers),
+    (("audit",), _add_audit_parsers),
+    (("apikey",), _add_apikey_parsers),
+    (("inject", "webhook"), _add_k8s_parsers),
+    (("version",), _add_version_parser),
+    (("completion",), _add_completion_parser),
+)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``sidecar`` parser. With ``only`` a command's name (``main`` passes the first
+    argument): just that command's parsers, so that a command imports only its own modules
+    -- a running sidecar never imports the CA, policy, audit, replay and Kubernetes tools,
+    ``policy check`` not Trio (about a third of its time at 10,000 services, issue 17), and
+    ``audit verify`` starts in half the time; with ``--version`` none. Otherwise (``--help``,
+    a name that is no command, ``completion``): every command, in ``COMMANDS``' order."""
+    from sidecar import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Zero-trust service-mesh sidecar: mTLS with SPIFFE identities, JWT, "
+                    "YAML micro-segmentation policy, verifiable audit trail.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if only == "--version":
+        return parser  # it prints and exits as it is parsed: no command needed
+    chosen = [add for names, add in COMMANDS if only in names]
+    for add in chosen or [add for _names, add in COMMANDS]:
+        add(sub)
     return parser
 
 
@@ -178,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subcommand and return its exit status. Ctrl-C gives 130; a reader that went away
     (``... | head``) gives 0, quietly, since what it read was written."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(run_only=argv[:1] == ["run"], policy_only=argv[:1] == ["policy"])
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

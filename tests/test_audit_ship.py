@@ -588,7 +588,7 @@ def test_message_prefix_stamps_each_batch_to_the_millisecond() -> None:
 def test_offer_queues_what_fits_in_order_and_counts_the_rest(tmp_path: Path) -> None:
     # The ship queue is bounded: a batch offered to a nearly full queue keeps its first
     # frames, in order, and counts each frame that does not fit as dropped.
-    from sidecar.audit.ship import Shipper
+    from sidecar.audit.shipper import Shipper
 
     ca_file, _ctx = https_server_material(tmp_path / "tls")
     shipper = Shipper(ShipConfig(address=("127.0.0.1", 1), ca_file=str(ca_file),

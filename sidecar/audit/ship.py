@@ -19,47 +19,23 @@ shipping writer stores) is shipped with its frame's ``prev`` instead of ``frame`
 last and exactly as stored: ``collect`` makes the frame again from them
 (``_json_record_frame``), in the clear also for an encrypted trail.
 
-``Shipper`` is the trio side: ``offer(messages)`` (never awaits) appends to a bounded queue;
-what does not fit is dropped and counted (``dropped``). ``run`` connects with TLS (the
-collector's certificate checked against ``ca_file`` and ``server_name``; optional client
-certificate), sends octet-counted frames (``LEN SP MSG``, RFC 5425 section 4.3), and on
-any failure reconnects with backoff (0.1 s doubling to 5 s). A message leaves the queue
-once ``send_all`` returned; TCP can still lose what was in flight when the collector
-died, or a collector that stopped reading, so after a reconnect the last ``RESEND_FRAMES``
-messages sent on the broken connection are sent again (at least once: a collector may see
-a seq twice; ``collect`` keeps one copy and refuses two different frames with one seq).
-RFC 5425 has no acknowledgements; RELP would be needed for end-to-end ones. A read task
-notices the collector closing at once (syslog collectors never send).
-
-Trust is re-read, not remembered: the TLS context is rebuilt before a connect whenever
-``ca_file``, ``cert_file`` or ``key_file`` changed on disk (``sidecar.net.tlsfiles``), so a rotated
-CA bundle or client certificate is used without a restart; and a connection does not
-outlive what it was made under: every ``TRUST_RECHECK_SECONDS`` the files are looked at
-again, and the connection is closed (then made anew, and the last messages resent as after
-any break) when one changed or when the collector's certificate expires.
-
-``mode: fail_open`` keeps serving when shipping fails (drops counted); ``required`` makes
-``accepting()`` false while not connected or the queue is full, and the data path answers
-503, as for an unwritable disk.
+``Shipper`` (``sidecar.audit.shipper``) is the Trio side that sends the messages: its
+bounded queue, the TLS connection to the collector, reconnects and resends. This module
+is pure (no Trio, no sockets): ``sidecar audit`` reads and rebuilds trails without them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import itertools
 import json
 import math
 import os
 import re
 import socket
-import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, cast
-
-import trio
+from typing import IO, Any
 
 from sidecar.audit.chain import (
     MAX_RECORD_JSON_DEPTH,
@@ -68,20 +44,12 @@ from sidecar.audit.chain import (
     parse_record_json,
 )
 from sidecar.audit.record import SharedExtra, row_wire
-from sidecar.config.audit import ShipConfig
 from sidecar.jsondoc import deeper_than
-from sidecar.net.tlsfiles import FileContext
-from sidecar.net.transport import TlsTransport
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
 PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)
 MSGIDS = {"seg": "segment", "rec": "audit", "erc": "audit", "chk": "checkpoint",
           "end": "checkpoint"}
-RESEND_FRAMES = 4096  # about the most a dead peer's socket buffers swallow unnoticed
-SEND_BATCH = 256
-CONNECT_TIMEOUT = 10.0
-SEND_TIMEOUT = 10.0
-TRUST_RECHECK_SECONDS = 30.0  # how often a connection's TLS files are looked at again
 
 
 _MSGIDS = {kind: msgid.encode() for kind, msgid in MSGIDS.items()}
@@ -432,223 +400,6 @@ def hostname() -> str:
     """RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255 characters."""
     name = socket.gethostname() or "-"
     return "".join(c for c in name if 33 <= ord(c) <= 126)[:255] or "-"
-
-
-class Shipper:
-    """Bounded queue + one TLS connection to the collector. See the module docstring."""
-
-    def __init__(self, cfg: ShipConfig, *, retry_initial: float = 0.1,
-                 retry_max: float = 5.0) -> None:
-        self.cfg = cfg
-        self.tls = FileContext(cfg.ca_file, cfg.cert_file, cfg.key_file)
-        self.recheck_seconds = TRUST_RECHECK_SECONDS
-        self._queue: deque[bytes] = deque()
-        self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection
-        self._wake = trio.Event()
-        self._retry_initial = retry_initial
-        self._retry_max = retry_max
-        self.connected = False
-        self.closing = False
-        self.sent = 0
-        self.dropped = 0
-        self.resent = 0
-        self.failures = 0
-        self.last_error: str | None = None
-
-    @property
-    def required(self) -> bool:
-        """Whether shipping is ``required`` (its failure stops traffic) rather than best effort."""
-        return self.cfg.mode == "required"
-
-    def offer(self, messages: Iterable[bytes]) -> None:
-        """Queue messages (never awaits); what does not fit the queue is dropped, counted."""
-        room = self.cfg.queue_size - len(self._queue)
-        if not isinstance(messages, list):
-            messages = list(messages)
-        if len(messages) > room:
-            self.dropped += len(messages) - max(room, 0)
-            messages = messages[:max(room, 0)]
-        self._queue.extend(messages)  # one C call per batch, not one append per frame
-        self._wake.set()
-
-    def accepting(self) -> bool:
-        """``required``: only while connected and the queue has room."""
-        if not self.required:
-            return True
-        return self.connected and len(self._queue) < self.cfg.queue_size
-
-    @property
-    def queue_depth(self) -> int:
-        """How many frames wait to be shipped."""
-        return len(self._queue)
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, send, reconnect, until cancelled or closed and drained."""
-        task_status.started()
-        try:
-            await self._run()
-        finally:
-            # Cancelled (the drain timeout ran out): what is still queued is not shipped.
-            self.dropped += len(self._queue)
-            self._queue.clear()
-
-    async def _run(self) -> None:
-        delay = self._retry_initial
-        while not (self.closing and not self._queue):
-            try:
-                stream = await self._connect()
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
-                self._failed(exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                continue
-            delay = self._retry_initial
-            self.connected = True
-            failed = False
-            try:
-                await self._serve(stream)
-            except* _NET_ERRORS as group:  # from the send loop or the close watcher
-                self._failed(group.exceptions[0])
-                failed = True
-            finally:
-                if failed:
-                    self._requeue_recent()
-                self.connected = False
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await stream.aclose()
-                    except _NET_ERRORS:
-                        pass  # it is being thrown away anyway
-
-    async def _connect(self) -> TlsTransport:
-        assert self.cfg.address is not None  # filled in from the environment at start
-        host, port = self.cfg.address
-        # A rotated CA bundle or client certificate is what this handshake uses; a file
-        # half written or unreadable fails this connect (retried with backoff).
-        context = self.tls.current()
-        with trio.fail_after(CONNECT_TIMEOUT):
-            tcp = await trio.open_tcp_stream(host, port)
-            named = _NamedContext(context, self.cfg.server_name or host)
-            stream = TlsTransport(tcp.socket, cast(ssl.SSLContext, named), server_side=False)
-            try:
-                await stream.do_handshake()
-            except BaseException:
-                await stream.aclose()
-                raise
-        return stream
-
-    async def _serve(self, stream: TlsTransport) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_close, stream)
-            nursery.start_soon(self._watch_trust, stream)
-            while True:
-                if not self._queue:
-                    if self.closing:
-                        nursery.cancel_scope.cancel()
-                        return
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                    continue
-                queue = self._queue
-                batch = (list(queue) if len(queue) <= SEND_BATCH
-                         else list(itertools.islice(queue, SEND_BATCH)))
-                # Usually the socket takes the whole write at once: no timeout scope, no
-                # send lock; only a rest that must wait for the socket gets them.
-                rest = stream.try_send(b"".join(batch))
-                if rest:
-                    with trio.fail_after(SEND_TIMEOUT):
-                        await stream.send_wire(rest)
-                # Sent: off the queue (nothing else takes from it; ``offer`` only appends,
-                # so the queue is still what was sent plus what came since), into the
-                # resend window; usually in C, not one Python step per frame.
-                if len(batch) == len(queue):
-                    queue.clear()
-                else:
-                    for _ in batch:
-                        queue.popleft()
-                self._recent.extend(batch)
-                self.sent += len(batch)
-                if queue and not rest:
-                    await trio.lowlevel.checkpoint()  # a long queue must not starve the loop
-
-    async def _watch_close(self, stream: TlsTransport) -> None:
-        # A syslog collector never sends: any end of the read side means it is gone.
-        while True:
-            data = await stream.receive_some(4096)
-            if not data:
-                raise _CollectorClosed("collector closed the connection")
-
-    async def _watch_trust(self, stream: TlsTransport) -> None:
-        # The connection holds only while what it was made under does: the TLS files as
-        # they were at its handshake, and the collector's certificate within its validity.
-        try:
-            cert = stream.getpeercert()
-        except ValueError:  # the collector ended the handshake after all (it refused us)
-            raise _TrustChanged("no verified collector certificate") from None
-        not_after = cert.get("notAfter") if isinstance(cert, dict) else None
-        # Valid *through* notAfter's second (RFC 5280 4.1.2.5, and OpenSSL agrees): ended
-        # before its end, the connection would be made again at once, and again.
-        expires = (ssl.cert_time_to_seconds(not_after) + 1 if isinstance(not_after, str)
-                   else math.inf)
-        while True:
-            await trio.sleep(max(0.0, min(self.recheck_seconds, expires - time.time())))
-            if time.time() >= expires:
-                raise _TrustChanged("the collector's certificate expired")
-            if self.tls.changed():
-                raise _TrustChanged("ca_file, cert_file or key_file changed")
-
-    def _requeue_recent(self) -> None:
-        """Send again what the broken connection may have lost (at least once)."""
-        again = list(self._recent)
-        self._recent.clear()
-        room = max(0, self.cfg.queue_size - len(self._queue))
-        if len(again) > room:
-            # The oldest of them do not fit again: count them, they may never arrive.
-            self.dropped += len(again) - room
-            again = again[len(again) - room:]
-        self._queue.extendleft(reversed(again))
-        self.resent += len(again)
-
-    def _failed(self, exc: BaseException) -> None:
-        self.failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-
-    async def aclose(self) -> None:
-        """Stop after everything queued was sent (bound it from outside)."""
-        self.closing = True
-        self._wake.set()
-
-
-class _CollectorClosed(Exception):
-    pass
-
-
-class _TrustChanged(_CollectorClosed):
-    """The connection was made under TLS files or a certificate that no longer hold."""
-
-
-class _NamedContext:
-    """A client ``SSLContext`` that always wraps with ``server_hostname``.
-
-    The shipper sends over the data path's lean ``TlsTransport`` (OpenSSL writes the socket
-    itself: no memory BIO copies and none of ``trio.SSLStream``'s bookkeeping per send),
-    which wraps as a server would, without a host name; the collector's certificate must
-    be checked against its name, so the name is added here."""
-
-    def __init__(self, context: ssl.SSLContext, server_hostname: str) -> None:
-        self._context = context
-        self._server_hostname = server_hostname
-
-    def wrap_socket(self, sock: socket.socket, **kw: Any) -> ssl.SSLSocket:
-        kw["server_hostname"] = self._server_hostname
-        try:
-            return self._context.wrap_socket(sock, **kw)
-        except ValueError as exc:  # a name OpenSSL refuses: a failed connection, not a crash
-            raise OSError(str(exc)) from exc
-
-
-_NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-               ssl.SSLError, _CollectorClosed)
 
 
 # ----------------------------------------------------------- collector side: rebuild

@@ -71,13 +71,13 @@ from sidecar.audit.crypto import Encryptor, load_data_key
 from sidecar.audit.record import AuditRecord, Row, row_wire
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.ship import (
-    Shipper,
     frame_messages,
     hostname,
     message_prefix,
     record_text,
     row_text,
 )
+from sidecar.audit.shipper import Shipper
 from sidecar.audit.signing import Checkpoint, Signer, load_signer
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
