@@ -768,3 +768,45 @@ def test_a_rotated_signing_key_signs_the_next_checkpoints(tmp_path: Path) -> Non
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert events.count("audit_signing_key_reloaded") == 1
     assert events.count("audit_signing_key_invalid") == 2
+
+
+@pytest.mark.parametrize("kind", ["signing key", "data key"])
+def test_a_key_file_swapped_while_it_is_read_is_not_lost(tmp_path: Path, kind: str) -> None:
+    """A key file is read once per look: the content remembered is the content the key was
+    made from. A Secret update landing right after a read (here: while the key is being
+    parsed) is therefore a change the next look sees and loads; had the content been read
+    again to remember it, the new key would be remembered unused and never loaded."""
+    from sidecar.audit import writer as writer_module
+    from sidecar.audit.crypto import data_key_from_text, data_key_id, write_data_key
+    from sidecar.audit.signing import signer_from_pem, write_keypair
+    from tests.harness import KubeletVolume
+
+    if kind == "signing key":
+        files = [Path(write_keypair(str(tmp_path / n))[0]).read_bytes() for n in "abc"]
+
+        def kid(data: bytes) -> str:
+            return signer_from_pem(data, "k", "spiffe://td/a").kid
+    else:
+        for n in "abc":
+            write_data_key(str(tmp_path / n))
+        files = [(tmp_path / n).read_bytes() for n in "abc"]
+
+        def kid(data: bytes) -> str:
+            return data_key_id(data_key_from_text(data, "k"))
+    volume = KubeletVolume(tmp_path / "secret")
+    volume.publish({"key": files[0]})
+    swap_while_parsing: list[bytes] = []
+
+    def parse(data: bytes) -> str:
+        if swap_while_parsing:
+            volume.publish({"key": swap_while_parsing.pop()})
+        return kid(data)
+
+    key_file = writer_module._KeyFile(volume.path("key"), parse, "audit_test_key", kind)
+    assert key_file.load() == kid(files[0])
+    assert key_file.reloaded("k0") is None  # unchanged
+    volume.publish({"key": files[1]})
+    swap_while_parsing.append(files[2])  # the next update lands during this reload
+    assert key_file.reloaded("k0") == kid(files[1])
+    assert key_file.reloaded("k1") == kid(files[2])  # seen and loaded, not lost
+    assert key_file.reloaded("k2") is None

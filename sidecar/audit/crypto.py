@@ -62,9 +62,17 @@ def data_key_id(key: bytes) -> str:
     return hashlib.sha256(b"sidecar-audit-data-key/1" + key).hexdigest()[:16]
 
 
+DATA_KEY_FILE_BYTES = 4096
+
+
 def load_data_key(path: str) -> bytes:
     """The 32-byte key of a base64 key file; ``ValueError`` with a message for a person."""
-    text = read_small_file(path, "data key file", 4096).strip()
+    return data_key_from_text(read_small_file(path, "data key file", DATA_KEY_FILE_BYTES), path)
+
+
+def data_key_from_text(data: bytes, path: str) -> bytes:
+    """``load_data_key`` of the file's bytes as read (``path`` only names it in errors)."""
+    text = data.strip()
     try:
         key = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -122,7 +122,11 @@ _read = read_small_file
 
 def load_signer(path: str, ident: str) -> Signer:
     """Read a PEM Ed25519 private key; ``ValueError`` with a message fit for a person."""
-    data = _read(path, "signing key file")
+    return signer_from_pem(_read(path, "signing key file"), path, ident)
+
+
+def signer_from_pem(data: bytes, path: str, ident: str) -> Signer:
+    """``load_signer`` of the file's bytes as read (``path`` only names it in errors)."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except Exception:  # noqa: BLE001 -- cryptography raises several types (UnsupportedAlgorithm)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import math
 import os
 import queue
@@ -67,7 +68,7 @@ from typing import Any
 import trio
 
 from sidecar.audit.chain import FORMAT_JSON, ChainHead, decode_frame
-from sidecar.audit.crypto import Encryptor, load_data_key
+from sidecar.audit.crypto import DATA_KEY_FILE_BYTES, Encryptor, data_key_from_text
 from sidecar.audit.record import AuditRecord, Row, row_wire
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
 from sidecar.audit.ship import (
@@ -78,12 +79,17 @@ from sidecar.audit.ship import (
     row_text,
 )
 from sidecar.audit.shipper import Shipper
-from sidecar.audit.signing import Checkpoint, Signer, load_signer
+from sidecar.audit.signing import (
+    MAX_KEY_FILE_BYTES,
+    Checkpoint,
+    Signer,
+    read_small_file,
+    signer_from_pem,
+)
 from sidecar.config.audit import AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
-from sidecar.reload import fingerprint
 
 AlertCallback = Callable[[str, str], None]
 # What ``submit`` takes: a record, or its stored map already built (``record.request_wire``,
@@ -177,24 +183,42 @@ def _message_detail(seq: int, kind: str, payload: bytes, detail: Any) -> Any:
 
 
 class _KeyFile:
-    """A key file read again when its content changes (a rotated Secret; the content hash,
-    ``sidecar.reload.fingerprint``, follows the symlink a volume update swaps).
-    ``reloaded(kid)`` gives the key the changed file holds, or None when the file is as it
-    was, or does not load (caught half written, removed, not a key: ``NAME_invalid`` is
-    logged once per content, with ``kid`` the key still in use). The caller logs and uses a
-    reloaded key."""
+    """A key file read again when its content changes (a rotated Secret: a volume update
+    swaps the symlink, which the read follows). Every read is one read of the file: the
+    content compared with the last is the content parsed, so a swap between two reads can
+    never leave the key in use and the content remembered apart (``load``, then
+    ``reloaded(kid)``). ``reloaded`` gives the key the changed file holds, or None when the
+    file is as it was, or does not load (caught half written, removed, not a key:
+    ``NAME_invalid`` is logged once per content, with ``kid`` the key still in use). The
+    caller logs and uses a reloaded key."""
 
-    def __init__(self, path: str, load: Callable[[str], Any], name: str) -> None:
-        self.path, self._load, self._name = path, load, name
-        self._state = fingerprint([path])
+    def __init__(self, path: str, parse: Callable[[bytes], Any], name: str, what: str,
+                 limit: int = MAX_KEY_FILE_BYTES) -> None:
+        self.path, self._parse, self._name, self._what = path, parse, name, what
+        self._limit = limit
+        self._state: str | None = None  # the SHA-256 of the content in use
         self._refused: str | None = ""  # a content that did not load (None: unreadable)
 
+    def load(self) -> Any:
+        """The key the file holds now (at start); ``ValueError`` for a person."""
+        data = read_small_file(self.path, self._what, self._limit)
+        key = self._parse(data)
+        self._state = hashlib.sha256(data).hexdigest()
+        return key
+
     def reloaded(self, kid: str) -> Any:
-        state = fingerprint([self.path])
+        unread: ValueError | None = None
+        try:
+            data = read_small_file(self.path, self._what, self._limit)
+            state: str | None = hashlib.sha256(data).hexdigest()
+        except ValueError as exc:  # unreadable now (removed, not a regular file)
+            data, state, unread = b"", None, exc
         if state == self._state or state == self._refused:
             return None
         try:
-            key = self._load(self.path)
+            if unread is not None:
+                raise unread
+            key = self._parse(data)
         except ValueError as exc:
             self._refused = state
             log(f"{self._name}_invalid", "error", path=self.path, error=str(exc), kid=kid)
@@ -208,22 +232,18 @@ class _SegmentSink:
     on the event loop, ``AuditWriter._inline``), one call at a time."""
 
     def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
-                 signer: Signer | None = None, encryptor: Encryptor | None = None) -> None:
+                 signer: Signer | None = None, encryptor: Encryptor | None = None, *,
+                 signing_key: _KeyFile | None = None, data_key: _KeyFile | None = None
+                 ) -> None:
         self.directory = config.path
         self.signer = signer
-        # The key files, read again when they change: the signing key at the next signed
-        # frame (``_signer_now``), the data key at most every DATA_KEY_RECHECK_SECONDS, before
-        # a batch (``data_key_due``, ``_data_key_now``).
-        self._signing_key = (
-            _KeyFile(config.signing_key_file,
-                     lambda path: load_signer(path, signer.ident),
-                     "audit_signing_key")
-            if signer is not None and config.signing_key_file is not None else None)
+        # The key files ``signer`` and ``encryptor`` were loaded from (``_KeyFile.load``),
+        # read again when they change: the signing key at the next signed frame
+        # (``_signer_now``), the data key at most every DATA_KEY_RECHECK_SECONDS, before a
+        # batch (``data_key_due``, ``_data_key_now``). Without them, keys never change.
+        self._signing_key = signing_key if signer is not None else None
         self.encryptor = encryptor
-        self._data_key = (
-            _KeyFile(config.encryption_key_file,
-                     lambda path: Encryptor(load_data_key(path)), "audit_data_key")
-            if encryptor is not None and config.encryption_key_file is not None else None)
+        self._data_key = data_key if encryptor is not None else None
         self._data_checked = time.monotonic()
         self.checkpoint_every = config.checkpoint_every_records
         self.checkpoint_seconds = config.checkpoint_every_seconds
@@ -727,20 +747,28 @@ class AuditWriter:
         on_alert: AlertCallback | None = None, retry_initial: float = 0.1,
         retry_max: float = 5.0, identity: str = "",
     ) -> None:
-        signer = None
+        signer = signing_key = None
         if config.signing_key_file is not None:
+            signing_path = config.signing_key_file
+            signing_key = _KeyFile(
+                signing_path, lambda data: signer_from_pem(data, signing_path, identity),
+                "audit_signing_key", "signing key file")
             try:
-                signer = load_signer(config.signing_key_file, identity)
+                signer = signing_key.load()
             except ValueError as exc:
-                raise ConfigError([Problem(config.signing_key_file, None,
-                                           "audit.signing_key_file", str(exc))]) from None
-        encryptor = None
+                raise ConfigError([Problem(signing_path, None, "audit.signing_key_file",
+                                           str(exc))]) from None
+        encryptor = data_key = None
         if config.encryption_key_file is not None:
+            data_path = config.encryption_key_file
+            data_key = _KeyFile(
+                data_path, lambda data: Encryptor(data_key_from_text(data, data_path)),
+                "audit_data_key", "data key file", DATA_KEY_FILE_BYTES)
             try:
-                encryptor = Encryptor(load_data_key(config.encryption_key_file))
+                encryptor = data_key.load()
             except ValueError as exc:
-                raise ConfigError([Problem(config.encryption_key_file, None,
-                                           "audit.encryption_key_file", str(exc))]) from None
+                raise ConfigError([Problem(data_path, None, "audit.encryption_key_file",
+                                           str(exc))]) from None
         key = None
         if config.hmac_key_file is not None:
             try:
@@ -764,7 +792,8 @@ class AuditWriter:
         # waits, which fail_closed would answer with 503s).
         self._lingering: trio.lowlevel.Task | None = None
         self._flush_at = max(1, min(config.batch_size, config.queue_size // 2))
-        self._sink = _SegmentSink(config, key, clock, signer, encryptor)
+        self._sink = _SegmentSink(config, key, clock, signer, encryptor,
+                                  signing_key=signing_key, data_key=data_key)
         self._disk = _DiskThread()
         self.shipper: Shipper | None = None
         if config.ship is not None:
