@@ -76,7 +76,7 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 
 
 def _add_policy_parsers(sub: Any) -> None:
-    p = sub.add_parser("policy", help="check, lint, explain and replay mesh policies")
+    p = sub.add_parser("policy", help=SUMMARY["policy"])
     policy_sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     from sidecar.policy.cli import add_policy_parsers
 
@@ -87,7 +87,7 @@ def _add_policy_parsers(sub: Any) -> None:
 
 
 def _add_run_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="run the sidecar with a config file")
+    p = sub.add_parser("run", help=SUMMARY["run"])
     p.add_argument("-c", "--config", required=True, help="sidecar config file (YAML)")
     p.add_argument("--check", action="store_true",
                    help="validate the config and the files it names (certificate, key, "
@@ -100,7 +100,7 @@ def _add_run_parser(sub: Any) -> None:
 
 
 def _add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run a self-contained two-sidecar demo on loopback")
+    p = sub.add_parser("demo", help=SUMMARY["demo"])
     p.add_argument("--serve", action="store_true",
                    help="keep the demo running and print curl commands to try")
     p.add_argument("--keep", action="store_true",
@@ -128,7 +128,7 @@ def _add_identity_parsers(sub: Any) -> None:
 
 
 def _add_audit_parsers(sub: Any) -> None:
-    p = sub.add_parser("audit", help="verify, export and follow the audit trail")
+    p = sub.add_parser("audit", help=SUMMARY["audit"])
     audit_sub = p.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
     from sidecar.audit.cli import add_audit_parsers
 
@@ -136,7 +136,7 @@ def _add_audit_parsers(sub: Any) -> None:
 
 
 def _add_apikey_parsers(sub: Any) -> None:
-    p = sub.add_parser("apikey", help="API keys for service callers")
+    p = sub.add_parser("apikey", help=SUMMARY["apikey"])
     apikey_sub = p.add_subparsers(dest="apikey_command", metavar="SUBCOMMAND", required=True)
     p = apikey_sub.add_parser("new", help="print a fresh API key once, and the policy entry")
     p.add_argument("name", help="the key's name, as rules and audit records show it")
@@ -153,13 +153,13 @@ def _add_k8s_parsers(sub: Any) -> None:
 def _add_version_parser(sub: Any) -> None:
     from sidecar.output import add_output_flag
 
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", help=SUMMARY["version"])
     add_output_flag(p)
     p.set_defaults(func=_cmd_version)
 
 
 def _add_completion_parser(sub: Any) -> None:
-    p = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)",
+    p = sub.add_parser("completion", help=SUMMARY["completion"],
                        description="bash: source <(sidecar completion bash); zsh: "
                                    "source <(sidecar completion zsh); fish: sidecar completion "
                                    "fish | source")
@@ -183,14 +183,36 @@ COMMANDS: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (("completion",), _add_completion_parser),
 )
 
+# What ``sidecar --help`` says of each command: the help its own parser is added with (the
+# same words; tests/test_cli_imports.py compares the two helps). With these the top-level
+# help, and the error for a mistyped command, need none of the commands' modules.
+SUMMARY: dict[str, str] = {
+    "run": "run the sidecar with a config file",
+    "demo": "run a self-contained two-sidecar demo on loopback",
+    "check": "pre-flight checks of a config (and live checks of a running sidecar)",
+    "tap": "print a running sidecar's decisions as they happen",
+    "top": "request rates by caller, rule and status, live",
+    "ca": "development certificate authority",
+    "cert": "workload certificates (X.509-SVIDs)",
+    "policy": "check, lint, explain and replay mesh policies",
+    "audit": "verify, export and follow the audit trail",
+    "apikey": "API keys for service callers",
+    "inject": "add the sidecar to Kubernetes manifests (like istioctl kube-inject)",
+    "webhook": "serve the Kubernetes mutating admission webhook (HTTPS)",
+    "version": "print the version",
+    "completion": "print a shell completion script (bash, zsh, fish)",
+}
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+
+def build_parser(only: str | None = None, *, summary: bool = False) -> argparse.ArgumentParser:
     """The ``sidecar`` parser. With ``only`` a command's name (``main`` passes the first
     argument): just that command's parsers, so that a command imports only its own modules
     -- a running sidecar never imports the CA, policy, audit, replay and Kubernetes tools,
     ``policy check`` not Trio (about a third of its time at 10,000 services, issue 17), and
-    ``audit verify`` starts in half the time; with ``--version`` none. Otherwise (``--help``,
-    a name that is no command, ``completion``): every command, in ``COMMANDS``' order."""
+    ``audit verify`` starts in half the time; with ``--version`` none. Otherwise every
+    command, in ``COMMANDS``' order: with ``summary`` as names and ``SUMMARY``'s words only
+    (what ``--help``, no command and a mistyped one need: no module imported), else whole
+    (``completion``)."""
     from sidecar import __version__
 
     parser = argparse.ArgumentParser(
@@ -202,6 +224,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only == "--version":
         return parser  # it prints and exits as it is parsed: no command needed
     chosen = [add for names, add in COMMANDS if only in names]
+    if summary and not chosen:
+        for name, words in SUMMARY.items():
+            sub.add_parser(name, help=words)
+        return parser
     for add in chosen or [add for _names, add in COMMANDS]:
         add(sub)
     return parser
@@ -212,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subcommand and return its exit status. Ctrl-C gives 130; a reader that went away
     (``... | head``) gives 0, quietly, since what it read was written."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv[0] if argv else None)
+    parser = build_parser(argv[0] if argv else None, summary=True)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -30,13 +30,16 @@ CASES: dict[str, tuple[str, ...]] = {
     "ca init --help": ("trio", "sidecar.audit", "sidecar.policy", "sidecar.k8s"),
     "version": ("trio", "sidecar.audit", "sidecar.policy", "sidecar.identity", "sidecar.k8s"),
     "--version": ("trio", "sidecar.audit", "sidecar.policy", "sidecar.identity"),
+    # the top-level help lists every command from ``SUMMARY``, without their modules
+    "--help": ("trio", "sidecar.audit", "sidecar.policy", "sidecar.identity", "sidecar.k8s",
+               "sidecar.check", "sidecar.live", "sidecar.authn"),
 }
 
 
-def _imported(args: list[str]) -> set[str]:
+def _imported(args: list[str], status: int = 0) -> set[str]:
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "sidecar", *args],
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == status, r.stderr[-2000:]
     names = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines()
              if line.startswith("import time:") and line.count("|") == 2}
     assert "sidecar.cli" in names  # the report was read
@@ -59,3 +62,17 @@ def test_help_and_a_mistyped_command_still_list_every_command() -> None:
         for command in ("run", "demo", "check", "tap", "top", "ca", "cert", "policy", "audit",
                         "apikey", "inject", "webhook", "version", "completion"):
             assert command in out, (args, command)
+
+
+def test_a_mistyped_command_imports_no_command_module() -> None:
+    names = _imported(["bogus"], status=2)
+    assert not sorted(n for n in names if n == "trio" or n.startswith(("trio.", "sidecar.audit",
+                                                                         "sidecar.policy")))
+
+
+def test_the_top_level_help_is_the_whole_parsers_word_for_word() -> None:
+    """``--help`` is built from ``SUMMARY``; the words must be each command's own."""
+    from sidecar.cli import build_parser
+
+    assert build_parser(summary=True).format_help() == build_parser().format_help()
+    assert build_parser("bogus", summary=True).format_usage() == build_parser().format_usage()
