@@ -98,9 +98,13 @@ QUERY = provider(locations=(TokenLocation("query", "access_token", ""),))
 # Names PHP reads as $_GET['access_token'] ('.', ' ', '+', an unmatched '[' fold to '_', a
 # '[...]' suffix makes an array of it, leading spaces go), encoded or not, and ';' as a
 # separator: each is the token parameter.
+# PHP also reads a name as a C string (cut at its first NUL: ``access_token%00junk``), and
+# ASP.NET compares names without case (``ACCESS_TOKEN``).
 QUERY_SPELLINGS = ["access_token", "access.token", "access%2Etoken", "access%2etoken",
                    "access+token", "access%20token", "access[token", "access_token[]",
-                   "access_token[x]", "%20access_token", "access%5Btoken"]
+                   "access_token[x]", "%20access_token", "access%5Btoken", "access_token%00",
+                   "access_token%00junk", "access_token%00[x]", "ACCESS_TOKEN", "Access.Token",
+                   "aCCESS%5btOKEN%00"]
 
 
 @pytest.mark.parametrize("name", QUERY_SPELLINGS)
@@ -112,6 +116,28 @@ def test_a_query_name_that_folds_to_the_token_parameter_is_it(name: str) -> None
     for query, kept in ((f"{name}=EVIL&access_token=tok&b=2", "b=2"),
                         (f"a=1;{name}=EVIL", "a=1"), (f"a=1;b=2&{name}=x;c=3", "a=1;b=2;c=3")):
         assert remove_token([], query, QUERY.locations)[1] == kept, query
+
+
+COOKIE_PROVIDER = provider(locations=(TokenLocation("cookie", "access_token", ""),))
+# Cookies are named as PHP and ASP.NET read them too: the query spellings (PHP decoded
+# cookie names before 8.1.11), and the literal ones a Cookie header can carry.
+COOKIE_SPELLINGS = [*QUERY_SPELLINGS, "access token", "Access Token", "access[token"]
+
+
+@pytest.mark.parametrize("name", COOKIE_SPELLINGS)
+def test_a_cookie_name_that_folds_to_the_token_cookie_is_it(name: str) -> None:
+    def cookies(*pairs: str) -> list[tuple[bytes, bytes]]:
+        return [(b"cookie", "; ".join(pairs).encode())]
+    found = extract_tokens(COOKIE_PROVIDER, cookies("a=1", f"{name}=tok"), "")
+    assert found is not None and found.token == "tok"
+    assert reason(cookies(f"{name}=EVIL", "access_token=tok"), "",
+                  COOKIE_PROVIDER) == "multiple_tokens"
+    assert reason([*cookies(f"{name}=EVIL"), *cookies("access_token=tok")], "",
+                  COOKIE_PROVIDER) == "multiple_tokens"
+    out, _ = remove_token(cookies("a=1", f"{name}=EVIL", "b=2"), "", COOKIE_PROVIDER.locations)
+    assert out == cookies("a=1", "b=2")
+    out, _ = remove_token(cookies(f" {name}=EVIL"), "", COOKIE_PROVIDER.locations)
+    assert out == []
 
 
 def test_other_query_names_and_separators_stay() -> None:

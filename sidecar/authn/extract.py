@@ -107,13 +107,16 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     return [value]
 
 
-# Query parameters are looked for as PHP reads them, the most folding of the common readers
-# (``?access.token=EVIL`` is ``$_GET['access_token']``): the name decoded (``+`` is a space),
-# leading spaces dropped, a name with ``[...]`` is the part before the bracket (an array),
-# and ``.``, space and an unmatched ``[`` read as ``_``. ``;`` separates parameters as ``&``
-# does (the HTML 4 recommendation; Python's ``cgi`` and some servers followed it), so a
-# parameter whose name folds to a token parameter's is that parameter: found (a second copy
-# is ``multiple_tokens``) and removed.
+# Query parameters and cookies are looked for by their names as the most folding of the
+# common readers read them (``?access.token=EVIL`` is ``$_GET['access_token']``): the name
+# decoded (``+`` is a space) and cut at its first NUL (PHP reads names as C strings:
+# ``access_token%00junk`` is ``access_token``), leading spaces dropped, a name with
+# ``[...]`` is the part before the bracket (an array), ``.``, space and an unmatched ``[``
+# read as ``_`` (PHP, for parameters and cookies alike), and letters compared without case
+# (ASP.NET's ``Request.QueryString`` and ``Request.Cookies``). ``;`` separates parameters
+# as ``&`` does (the HTML 4 recommendation; Python's ``cgi`` and some servers followed it).
+# So a parameter or cookie whose name folds to a token location's is that location: found
+# (a second copy is ``multiple_tokens``) and removed.
 _QUERY_SEPARATORS = re.compile(r"[&;]")
 _QUERY_SPLIT = re.compile(r"([&;])")
 _PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
@@ -121,12 +124,13 @@ _PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
 
 @functools.lru_cache(maxsize=1024)
 def param_name(raw: str) -> str:
-    """A query parameter's (still encoded) name as compared with a token parameter's."""
-    name = unquote_plus(raw).lstrip(" ")
+    """A query parameter's or cookie's (still encoded) name as compared with a token
+    location's (folded the same way)."""
+    name = unquote_plus(raw).partition("\x00")[0].lstrip(" ")
     bracket = name.find("[")
     if bracket > 0 and name.find("]", bracket) > 0:
         name = name[:bracket]
-    return name.translate(_PHP_FOLD)
+    return name.translate(_PHP_FOLD).lower()
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:
@@ -148,7 +152,7 @@ def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
                     value = value.strip(OWS)
                     if len(value) >= 2 and value[0] == value[-1] == '"':
                         value = value[1:-1]
-                    pairs.append((name.strip(OWS), value))
+                    pairs.append((param_name(name.strip(OWS)), value))
     return pairs
 
 
@@ -186,7 +190,7 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
         else:
             if cookies is None:
                 cookies = _cookie_pairs(headers)
-            values = _from_pairs(loc, cookies)
+            values = _from_pairs(loc, cookies, param_name(loc.name))
         for value in values:
             found.append((loc, value))
     if not found:
@@ -211,7 +215,7 @@ def remove_token(headers: Headers, query: str,
     # (``X_Auth_Token`` is ``HTTP_X_AUTH_TOKEN`` to CGI, WSGI and PHP, like ``X-Auth-Token``).
     drop_headers = {fold(loc.name) for loc in locations if loc.kind == "header"}
     drop_params = {param_name(loc.name) for loc in locations if loc.kind == "query"}
-    drop_cookies = {loc.name for loc in locations if loc.kind == "cookie"}
+    drop_cookies = {param_name(loc.name) for loc in locations if loc.kind == "cookie"}
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lname = name.lower()
@@ -219,7 +223,8 @@ def remove_token(headers: Headers, query: str,
             continue
         if lname == COOKIE and drop_cookies:
             kept = [p.strip() for p in value.decode("latin-1").split(";")
-                    if p.strip() and p.strip().partition("=")[0].strip() not in drop_cookies]
+                    if p.strip()
+                    and param_name(p.strip().partition("=")[0].strip(OWS)) not in drop_cookies]
             if not kept:
                 continue
             value = "; ".join(kept).encode("latin-1")
