@@ -19,6 +19,7 @@ through a real sidecar over mTLS, where the app must never receive a refused tok
 
 from __future__ import annotations
 
+import base64
 import http.client as httpclient
 import json
 import ssl
@@ -161,6 +162,15 @@ def partner_token(now: float) -> str:
     return mint(payload, partner_key(), "ES256", "p-1")
 
 
+def unsigned_token(header: dict[str, Any] | bytes, payload: dict[str, Any] | bytes,
+                   signature: bytes = b"") -> str:
+    """A token of three base64url segments made as given, signed by nobody."""
+    def seg(part: dict[str, Any] | bytes) -> str:
+        data = part if isinstance(part, bytes) else json.dumps(part).encode()
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return ".".join((seg(header), seg(payload), seg(signature) if signature else ""))
+
+
 Values = Callable[[float], list[str]]  # now -> the value(s) at the token's location
 
 
@@ -193,6 +203,16 @@ KINDS: dict[str, tuple[str, Values]] = {
     "cert_binding": ("cert_mismatch", one(lambda now: corp_token(
         now, cnf={"x5t#S256": "A" * 43}))),
     "too_large": ("too_large", one(lambda now: corp_token(now, pad="x" * MAX_TOKEN_BYTES))),
+    # Unsigned, or unreadable as a JWS, but naming corp's issuer: an app decoding the
+    # payload unverified reads corp's claims (and "mallory" is no admin of corp's).
+    "alg_none": ("bad_alg", one(lambda now: unsigned_token(
+        {"alg": "none", "typ": "at+jwt"}, corp_claims(now)))),
+    "header_not_json": ("malformed", one(lambda now: unsigned_token(
+        b"not json", corp_claims(now), b"sig"))),
+    "issuer_twice": ("malformed", one(lambda now: unsigned_token(
+        {"alg": "ES256", "typ": "at+jwt", "kid": "ec-1"},
+        b'{"iss": "https://evil.example/", ' + json.dumps(corp_claims(now))[1:].encode(),
+        b"sig"))),
     "not_a_jwt": ("malformed", one(lambda now: "not-a-jwt")),
     "empty": ("malformed", lambda now: [""]),
     # Two valid tokens at one location: which one the app reads is not known.
@@ -483,10 +503,17 @@ def test_an_introspected_token_not_asked_about_is_not_judged() -> None:
     headers, _ = placed("header", KINDS["unknown_issuer"][1](NOW))
     assert decided(gate, policy, "token-free", headers, "").decision.allowed
     # A token corp knows as its own (its issuer) but refuses is refused though the
-    # introspected provider reads the same header: forged, expired, revoked, ...
-    for kind in ("forged_signature", "expired", "revoked", "unknown_kid", "wrong_audience"):
+    # introspected provider reads the same header: forged, expired, revoked, and every
+    # other refusal of a token whose payload names corp's issuer -- unsigned (alg none), an
+    # ID token's typ, crit or zip, a claim of the wrong type, a header that is not JSON,
+    # the issuer named twice, too large (jwt.names_issuer).
+    for kind in KIND_IDS:
+        if kind in ("unknown_issuer", "not_a_jwt", "empty"):
+            continue
         headers, _ = placed("header", KINDS[kind][1](NOW))
-        check(decided(gate, policy, "token-free", headers, ""), ("deny", "invalid token", 401))
+        verdict = decided(gate, policy, "token-free", headers, "")
+        assert verdict.auth.token_errors["corp"] == KINDS[kind][0], kind
+        check(verdict, ("deny", "invalid token", 401))
     # And a forged token where only corp reads (the cookie).
     headers, _ = placed("cookie", KINDS["forged_signature"][1](NOW))
     check(decided(gate, policy, "token-free", headers, ""), ("deny", "invalid token", 401))

@@ -67,6 +67,7 @@ from sidecar.authn.jwt import (
     TokenInvalid,
     check_audience,
     check_claim_types,
+    names_issuer,
     parse_unverified_header,
     unverified_subject,
     verify_token,
@@ -107,7 +108,10 @@ _UNACCEPTED = (None, "unaccepted")
 # Refusals that say the token is the refusing provider's own (its issuer matched, or its
 # authorisation server answered) and failed: such a token is refused even where an
 # introspected provider that was not asked about reads the same place. Other refusals
-# (malformed, another issuer, ...) may only mean "not a JWT of mine": an opaque token.
+# (malformed, another issuer, ...) may only mean "not a JWT of mine": an opaque token --
+# unless the token's payload, read unverified, names the refusing JWT provider's issuer
+# (``jwt.names_issuer``): then it is that provider's, whatever the refusal (``alg: none``,
+# an ID token's ``typ``, ``crit``, a claim of the wrong type, a header that is not JSON).
 _OWN_TOKEN_FAILED = frozenset({
     UNKNOWN_KID, NO_KEYS, BAD_SIGNATURE, BAD_AUDIENCE, MISSING_CLAIM, EXPIRED, NOT_YET_VALID,
     LIFETIME_TOO_LONG, REVOKED, CERT_MISMATCH, UNBOUND_TOKEN, INACTIVE,
@@ -470,7 +474,9 @@ class Authenticator:
                 if provider is not None:  # (else no location was read: unknown_provider)
                     if refused is None:
                         refused = []
-                    refused.append((token, exc.reason in _OWN_TOKEN_FAILED))
+                    refused.append((token, exc.reason in _OWN_TOKEN_FAILED or (
+                        token is not None and provider.introspection is None
+                        and names_issuer(token, provider.issuer))))
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:

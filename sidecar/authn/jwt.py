@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -213,6 +215,45 @@ def unverified_subject(token: str, max_bytes: int) -> str | None:
     if isinstance(sub, str) and 0 < len(sub) <= MAX_UNVERIFIED_SUBJECT:
         return sub
     return None
+
+
+# names_issuer reads a payload of up to this many characters (a request head's token is
+# shorter; a provider's ``max_token_bytes`` is not the bound: a token too large to verify
+# may still name the issuer to an app).
+MAX_UNVERIFIED_TOKEN = 65536
+
+
+def names_issuer(token: str, issuer: str) -> bool:
+    """Does ``token``'s payload, read WITHOUT verifying anything, name ``issuer`` as an
+    ``iss``? A token that names a provider's issuer is that provider's to judge, whatever
+    else is wrong with it (``alg: none``, an ID token's ``typ``, ``crit``, a claim of the
+    wrong type, a header that is not JSON): an app that decodes the payload unverified
+    reads that issuer's claims. Read as leniently as such an app may (base64 with or without
+    padding or stray characters; JSON in UTF-8, -16 or -32; any ``iss`` member, a repeated
+    one included), since over-reading only refuses more. Never decide to accept on it."""
+    if len(token) > MAX_UNVERIFIED_TOKEN:
+        return False
+    parts = token.split(".")
+    if len(parts) < 2:
+        return False
+    try:
+        data = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    named = False
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal named
+        named = named or any(k == "iss" and v == issuer for k, v in members)
+        return {}
+
+    try:
+        json.loads(data, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        pass
+    return named
 
 
 def _media_type(value: str) -> str:
