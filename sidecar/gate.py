@@ -335,7 +335,7 @@ class Gate:
                 # when it has limits, is still asked first.
                 memo.verdict = verdict  # type: ignore[union-attr]
             return verdict
-        if authn is not None and decision.status == 401:
+        if authn is not None and decision.status in (401, 403):
             from sidecar.authn.authenticator import www_authenticate
 
             challenge = www_authenticate(decision.reason)

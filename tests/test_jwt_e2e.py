@@ -70,6 +70,7 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 BEARER_MISSING = 'Bearer realm="sidecar"'
 BEARER_INVALID = 'Bearer realm="sidecar", error="invalid_token"'
+BEARER_INSUFFICIENT = 'Bearer realm="sidecar", error="insufficient_scope"'
 REASON_WORDS = ("expired", "signature", "kid", "issuer", "audience", "alg", "malformed",
                 "revoked", "multiple", "too_large", "claim", "keys", "valid", "jwt", "token")
 
@@ -301,6 +302,11 @@ def test_valid_token_lacking_claims_gets_403(shared: Shared) -> None:
     r = shared.node.get("/corp/orders/1", sign(claims(scope="profile")))
     assert r.status == 403
     assert b"alice" not in r.body and b"scope" not in r.body
+    # RFC 6750 3.1: the token is good, its scope is not (docs/authn.md, "Responses").
+    assert r.headers.get("www-authenticate") == BEARER_INSUFFICIENT
+    # A 403 that is no token's fault (no rule allows the path) carries no challenge.
+    r = shared.node.get("/nowhere/1", sign(claims()))
+    assert r.status == 403 and r.headers.get("www-authenticate") is None
 
 
 # ----------------------------------------------------------------------------- attacks
