@@ -328,15 +328,58 @@ def _tls12_twice(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
     return seen
 
 
-def test_a_resumed_tls12_session_is_verified_again_by_the_trust_check(
-    ca: DevCA, server_svid: Svid, client_svid: Svid
+def _webhook_context(svid: Svid, directory: Path) -> ssl.SSLContext:
+    from sidecar.k8s.webhook import _server_context
+
+    (directory / "tls.crt").write_bytes(svid.chain_pem)
+    (directory / "tls.key").write_bytes(svid.key_pem)
+    return _server_context(str(directory / "tls.crt"), str(directory / "tls.key"))
+
+
+@pytest.mark.parametrize("which", ["mesh", "webhook"])
+def test_server_contexts_neither_resume_nor_keep_tls12_sessions(
+    server_svid: Svid, client_svid: Svid, tmp_path: Path, which: str
 ) -> None:
-    # CPython gives no switch for OpenSSL's server session-ID cache, so a TLS 1.2 client can
-    # resume a session of the same context (TLS 1.3 cannot: no tickets). A resumed
-    # handshake verifies nothing and OpenSSL reports no verified chain; the trust-domain
-    # check then verifies the chain the peer sent against today's bundle and clock itself.
+    # OpenSSL's server session-ID cache is off (identity/tls.py, no_session_cache): no TLS
+    # 1.2 session is resumed, and none is kept (each held the chain its client sent).
+    server_ctx = (server_context(server_svid) if which == "mesh"
+                  else _webhook_context(server_svid, tmp_path))
+    client_ctx = client_context(client_svid)
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    (first, verified, _), (second, again, _) = _tls12_twice(server_ctx, client_ctx)
+    assert not first and not second
+    assert server_ctx.session_stats()["number"] == 0
+    if which == "mesh":
+        assert len(verified) == 2 and len(again) == 2  # both verified in full
+
+
+def test_where_the_cache_cannot_be_turned_off_the_server_takes_tls13_only(
+    server_svid: Svid, client_svid: Svid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.identity.tls as tls
+
+    monkeypatch.setattr(tls, "_libssl", lambda: None)  # no ctypes, no libssl symbols
+    server_ctx = server_context(server_svid)
+    assert server_ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+    client_ctx = client_context(client_svid)
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    server, client = handshake(server_ctx, client_ctx)
+    assert server.error is not None and client.error is not None
+    server, client = handshake(server_ctx, client_context(client_svid))
+    assert server.error is None and client.error is None
+
+
+def test_a_resumed_tls12_session_is_verified_again_by_the_trust_check(
+    ca: DevCA, server_svid: Svid, client_svid: Svid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were a TLS 1.2 session resumed anyway (a context whose session cache stayed on, as
+    # before no_session_cache: simulated here), the handshake verifies nothing and OpenSSL
+    # reports no verified chain; the trust-domain check then verifies the chain the peer
+    # sent against today's bundle and clock itself.
+    import sidecar.identity.tls as tls
     from sidecar.identity.trust import PeerChain, TrustStore, bundle_from_certs
 
+    monkeypatch.setattr(tls, "no_session_cache", lambda ctx: True)  # the cache left on
     client_ctx = client_context(client_svid)
     client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     (first_resumed, first_verified, _), (resumed, verified, sent) = _tls12_twice(

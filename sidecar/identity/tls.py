@@ -12,12 +12,19 @@ Both directions use the same settings (docs/identity.md explains each):
   handshake, once per connection. Hostnames are not checked: a workload's identity is its SPIFFE ID, which the
   data path reads with ``peer_identity_from_der`` right after the handshake and compares
   with what it expects. That call also applies the SVID leaf rules OpenSSL does not know.
-* No session tickets on the server (``OP_NO_TICKET`` and ``num_tickets = 0``), so TLS 1.3
-  never resumes: a resumed session skips chain verification. TLS 1.2 clients can still
-  resume by session ID within one context (CPython has no switch for OpenSSL's server
-  session cache); such a handshake reports no verified chain, and the trust-domain check
-  (``TrustStore.check_peer``) then verifies the chain the peer sent against the current
-  bundle and clock. A bundle or SVID rotation builds new contexts, whose caches are empty.
+* No session resumption on the server: no session tickets (``OP_NO_TICKET`` and
+  ``num_tickets = 0``), so TLS 1.3 never resumes, and OpenSSL's server session-ID cache off
+  (``no_session_cache``), so TLS 1.2 does not either. A resumed session skips chain
+  verification, and the cache kept every TLS 1.2 session, the whole chain its client sent
+  included (up to 20,480 sessions for two hours), so a peer with any trusted certificate
+  could grow a sidecar by about 0.2-0.3 MB a handshake with junk certificates in its chain,
+  refused or not (a hostile review measured 45 -> 203 MB in 750 handshakes). CPython has no
+  switch for that cache: ``no_session_cache`` calls OpenSSL's ``SSL_CTX_ctrl`` on the
+  context through ``ctypes``, after checking that the ``SSL_CTX`` it found is the
+  context's own; where that cannot be done the server context accepts TLS 1.3 only. Were
+  a TLS 1.2 session resumed anyway, it reports no verified chain, and the trust-domain check
+  (``TrustStore.check_peer``) verifies the chain the peer sent against the current bundle
+  and clock.
 
 The ``ssl`` module loads a certificate chain only from a path. The chain and key are in
 memory (``load_svid`` read them from one snapshot; re-reading the files could mix
@@ -28,12 +35,15 @@ directory, removed as soon as OpenSSL has read it.
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
+import functools
 import os
 import shutil
 import ssl
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from sidecar.identity.svid import Svid
 
@@ -94,6 +104,59 @@ def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
         ctx.set_alpn_protocols(list(alpn))
 
 
+# OpenSSL's SSL_CTX_ctrl commands and session cache modes (ssl.h).
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+
+
+@functools.cache
+def _libssl() -> Any:
+    """The libssl the ``ssl`` module runs on (``_ssl`` links it, or holds it statically),
+    with the two functions ``no_session_cache`` calls; None when it cannot be had."""
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
+                                     ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        return lib
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def no_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Turn OpenSSL's server session-ID cache off for ``ctx``; False when it cannot be.
+
+    CPython's ``SSLContext`` object starts with the ``SSL_CTX`` pointer right after the
+    object header (``PySSLContext`` in Modules/_ssl.c, unchanged since Python 3.0). The
+    pointer is used only when ``SSL_CTX_get_options`` through it reads exactly the options
+    ``ctx.options`` reports, and the mode is read back after it is set."""
+    lib = _libssl()
+    if lib is None:
+        return False
+    import ctypes
+
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        return False
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+    return bool(lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)
+                == _SSL_SESS_CACHE_OFF)
+
+
+def server_only_fresh_sessions(ctx: ssl.SSLContext) -> None:
+    """No session resumption on a server context: no tickets, no session-ID cache (or, where
+    the cache cannot be turned off, TLS 1.3 only, which without tickets never resumes)."""
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    if not no_session_cache(ctx):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+
 def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN,
                    roots_pem: bytes | None = None) -> ssl.SSLContext:
     """The inbound context: requires and verifies a client certificate from the bundle.
@@ -103,8 +166,8 @@ def server_context(svid: Svid, *, alpn: Sequence[str] = DEFAULT_ALPN,
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, alpn)
-    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    server_only_fresh_sessions(ctx)
     load_svid_into(ctx, svid, roots_pem)
     return ctx
 

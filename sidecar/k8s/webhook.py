@@ -52,6 +52,7 @@ from cryptography import x509
 
 from sidecar.ctlhttp.reply import JSON, Reply
 from sidecar.ctlhttp.server import BodyTooLarge, Handler, Request, ServerLimits, serve
+from sidecar.identity.tls import server_only_fresh_sessions
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
@@ -117,6 +118,7 @@ def _server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
+    server_only_fresh_sessions(ctx)  # no session cache to fill (sidecar/identity/tls.py)
     ctx.load_cert_chain(cert_path, key_path)
     return ctx
 
