@@ -51,6 +51,7 @@ import trio
 
 from sidecar.config.source import read_regular
 from sidecar.ctlhttp.client import ClientError, Target, parse_url, request
+from sidecar.jsondoc import read_json
 from sidecar.output import add_output_flag, emit, paint, use_colour
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -365,8 +366,8 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
             _check_discovery(run, provider, title, url, body)
         else:
             try:
-                json.loads(body)
-            except ValueError:
+                read_json(body)
+            except ValueError:  # (JsonDocError: not JSON, a member twice, too deep)
                 run.add(g, title, "fail", f"{url}: not JSON", "the URL must serve a JSON document")
                 continue
             run.add(g, title, "ok", url)
@@ -380,7 +381,7 @@ def _check_discovery(run: _Run, provider: Any, title: str, url: str, body: bytes
     hint = ("the metadata must name the provider's issuer exactly and a jwks_uri "
             "(OpenID Connect Discovery 1.0 / RFC 8414)")
     try:
-        doc = json.loads(body)
+        doc = read_json(body)
     except ValueError:
         run.add("jwks", title, "fail", f"{url}: not JSON", hint)
         return

@@ -100,6 +100,10 @@ def test_x5c_read_as_the_standard_tells_a_consumer(cas) -> None:
 
 @pytest.mark.parametrize("doc, says", [
     (b"{not json", "not valid JSON"),
+    (b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "not valid JSON: nested deeper"),
+    (b'{"keys": [], "keys": []}', "not valid JSON: member 'keys' appears twice"),
+    (b'{"keys": [{"use": "x509-svid", "use": "jwt-svid"}]}', "appears twice"),
+    (b'{"keys": [NaN]}', "not valid JSON: NaN"),
     (b'{"nokeys": []}', "'keys' list"),
     (b'{"keys": {}}', "'keys' list"),
     (b'{"keys": [1]}', "not an object"),

@@ -452,14 +452,26 @@ def test_inbound_refuses_a_client_presenting_too_many_certificates(tmp_path, app
 # --- pre-flight ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bundle", ["garbage", "missing", "names_another_domain", "own_domain"])
+# SPIFFE JSON bundles the strict reader refuses (a bundle nested 100,000 levels deep ended
+# `run` and `check` in a RecursionError traceback: found by a hostile review).
+BAD_JSON_BUNDLES = {
+    "nested_deep": b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "member_twice": b'{"keys": [], "keys": []}',
+    "nan": b'{"keys": [NaN]}',
+}
+
+
+@pytest.mark.parametrize("bundle", ["garbage", "missing", "names_another_domain", "own_domain",
+                                    *BAD_JSON_BUNDLES])
 def test_check_reads_every_federated_bundle(tmp_path, pki: Pki, bundle):
     import yaml
 
     ident = pki.identity("orders")
     partner = tmp_path / "partner.pem"
     td = "partner.example"
-    if bundle == "garbage":
+    if bundle in BAD_JSON_BUNDLES:
+        partner.write_bytes(BAD_JSON_BUNDLES[bundle])
+    elif bundle == "garbage":
         partner.write_text("garbage")
     elif bundle == "names_another_domain":
         partner.write_bytes(_pem(_ca("other").cert))  # its SAN names demo.local
@@ -480,3 +492,5 @@ def test_check_reads_every_federated_bundle(tmp_path, pki: Pki, bundle):
     assert "Traceback" not in r.stdout + r.stderr
     r = sidecar_cli("run", "-c", str(path), "--check")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    if bundle in BAD_JSON_BUNDLES:
+        assert "not valid JSON" in r.stderr, r.stderr

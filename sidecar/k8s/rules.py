@@ -278,7 +278,7 @@ def _probes_of(container: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
         if isinstance(item, dict) and item.get("name") == APP_PROBES_ENV:
             try:
                 value = json.loads(item.get("value") or "")
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 return {}  # unparsable: cannot be ours, the comparison will fail
             return value if isinstance(value, dict) else {}
     return None
