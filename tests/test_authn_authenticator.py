@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+
+import pytest
 
 from sidecar.authn.apikeys import api_key_sha256
 from sidecar.authn.authenticator import Authenticator, claim_header_value, www_authenticate
@@ -185,6 +188,15 @@ def test_claim_header_values_cannot_inject() -> None:
     assert claim_header_value("Zoë") == b'"Zo\\u00eb"'
     assert claim_header_value(42) == b"42"
     assert claim_header_value("x" * 5000) is None
+
+
+@pytest.mark.parametrize("text", ["[" * 4000, "[" * 2000 + "]" * 2000,
+                                  "[" * 1200 + "1" + "]" * 1200, " [" * 1500])
+def test_a_claim_nested_past_the_parser_is_sent_as_json(text: str) -> None:
+    # A string claim nested deeper than json's recursion limit (a display name the user
+    # chose, signed by the issuer) raised RecursionError on the data path; it is a string
+    # that a lenient reader may take for JSON, so it goes as JSON, like "true" or "[1]".
+    assert claim_header_value(text) == json.dumps(text).encode()
 
 
 def test_strip_credentials() -> None:

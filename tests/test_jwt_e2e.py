@@ -233,7 +233,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
             # Room for the claim family's longest members (a 5000-digit exp), which must be
             # refused for their claim, not for their size.
             "wide": provider_doc(jwks_file="jwks/corp.json", max_token_bytes=16384,
-                                 required_claims=["exp", "iat", "sub"]),
+                                 required_claims=["exp", "iat", "sub"],
+                                 forward_claims={"name": "x-name"}),
         }
         rules = [
             jwt_rule("corp-reads", ["/corp", "/corp/**"], "corp",
@@ -264,6 +265,12 @@ def test_valid_token_forwards_verified_claims_and_strips_spoofed_ones(shared: Sh
     assert app_headers(r, "x-email") == []
     # forward_token defaults to true: the app sees the caller's token.
     assert app_headers(r, "authorization") == [f"Bearer {token}"]
+    # A claim a user chose, nested past the JSON parser's depth, goes as JSON text (it
+    # raised out of the data path before).
+    deep = "[" * 1500 + "]" * 1500
+    r = node.get("/wide/x", sign(claims(name=deep)))
+    assert r.status == 200, r.body
+    assert app_headers(r, "x-name") == [json.dumps(deep)]
 
 
 def test_forward_token_false_removes_the_token_before_the_app(shared: Shared) -> None:
