@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.identity.svid import (
@@ -42,6 +42,7 @@ from sidecar.identity.svid import (
     RULE_KEY_WEAK,
     RULE_SAN_NOT_CRITICAL,
     RULE_SERIAL_INVALID,
+    RULE_SIGNATURE_WEAK,
     RULE_SIGNER_TRUST_DOMAIN,
     RULE_SIGNING_CERT_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
@@ -95,7 +96,7 @@ def _cert(cn: str, key: Any, issuer: Ca | None, *, ca: bool, ku: Any = _DEFAULT,
           dns: tuple[str, ...] = (), path_len: int | None = None,
           not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
           permitted: tuple[str, ...] | None = None, aki: bytes | None = None,
-          critical_unknown: bool = False) -> x509.Certificate:
+          critical_unknown: bool = False, pss_salt: int | None = None) -> x509.Certificate:
     b = (x509.CertificateBuilder().subject_name(_name(cn) if cn else x509.Name([]))
          .issuer_name(issuer.cert.subject if issuer else _name(cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -122,7 +123,13 @@ def _cert(cn: str, key: Any, issuer: Ca | None, *, ca: bool, ku: Any = _DEFAULT,
     if critical_unknown:
         b = b.add_extension(x509.UnrecognizedExtension(
             x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00"), critical=True)
-    return b.sign(issuer.key if issuer else key, hashes.SHA256())
+    signer = issuer.key if issuer else key
+    if isinstance(signer, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return b.sign(signer, None)
+    if pss_salt is not None:
+        return b.sign(signer, hashes.SHA256(), rsa_padding=padding.PSS(
+            mgf=padding.MGF1(hashes.SHA256()), salt_length=pss_salt))
+    return b.sign(signer, hashes.SHA256())
 
 
 def _ec() -> ec.EllipticCurvePrivateKey:
@@ -134,8 +141,9 @@ def root(cn: str, td: str | None) -> Ca:
     return Ca(key, _cert(cn, key, None, ca=True, uris=(f"spiffe://{td}",) if td else ()))
 
 
-def intermediate(cn: str, issuer: Ca, *, uris: tuple[str, ...] = (), **kw: Any) -> Ca:
-    key = _ec()
+def intermediate(cn: str, issuer: Ca, *, uris: tuple[str, ...] = (), key: Any = None,
+                 **kw: Any) -> Ca:
+    key = key or _ec()
     above = () if issuer.cert.issuer == issuer.cert.subject else (issuer.cert, *issuer.above)
     return Ca(key, _cert(cn, key, issuer, ca=True, uris=uris, **kw), above)
 
@@ -227,6 +235,12 @@ def _serial_intermediate(serial: bytes) -> tuple[list[x509.Certificate], Any]:
 
 KU_NO_CERT_SIGN = x509.KeyUsage(True, False, False, False, False, False, True, False, False)
 
+def _pss_leaf(salt: int) -> tuple[list[x509.Certificate], Any]:
+    """A leaf an RSA intermediate signed with RSA-PSS (SHA-256, MGF1 SHA-256) and ``salt``."""
+    inter = intermediate("pss intermediate", OWN, key=rsa.generate_private_key(65537, 2048))
+    return leaf(inter, PEER, pss_salt=salt)
+
+
 LEAF_FAMILY = [
     Member("eku_server_only", lambda: leaf(OWN, PEER, eku=[ExtendedKeyUsageOID.SERVER_AUTH]),
            RULE_EXTENDED_KEY_USAGE, openssl_refuses=("inbound",)),
@@ -237,6 +251,17 @@ LEAF_FAMILY = [
         RULE_EXTENDED_KEY_USAGE, openssl_refuses=("outbound",)),
     Member("key_usage_not_critical", lambda: leaf(OWN, PEER, ku_critical=False),
            RULE_KEY_USAGE_NOT_CRITICAL),
+    # Signed by a CA in a way OpenSSL verifies and the chain check does not (svid.py,
+    # _unverifiable_signature): refused on every path, not on some.
+    Member("signed_by_an_ed25519_ca", lambda: leaf(intermediate(
+        "ed25519 intermediate", OWN, key=ed25519.Ed25519PrivateKey.generate()), PEER),
+        RULE_SIGNATURE_WEAK),
+    Member("signed_by_an_ed448_ca", lambda: leaf(intermediate(
+        "ed448 intermediate", OWN, key=ed448.Ed448PrivateKey.generate()), PEER),
+        RULE_SIGNATURE_WEAK),
+    Member("signed_with_pss_salt_20", lambda: _pss_leaf(20), RULE_SIGNATURE_WEAK),
+    Member("signed_with_pss_salt_max", lambda: _pss_leaf(padding.PSS.MAX_LENGTH),
+           RULE_SIGNATURE_WEAK),
     Member("serial_negative", lambda: _serial_leaf(b"\xff"), RULE_SERIAL_INVALID),
     Member("serial_zero", lambda: _serial_leaf(b"\x00"), RULE_SERIAL_INVALID),
     Member("serial_negative_long", lambda: _serial_leaf(b"\x80" + b"\x01" * 15),
@@ -289,6 +314,8 @@ GOOD = [
     ("no_eku", lambda: leaf(OWN, PEER, eku=None)),
     ("eku_both_and_more", lambda: leaf(OWN, PEER, eku=[*BOTH, ExtendedKeyUsageOID.CODE_SIGNING])),
     ("rsa_2048", lambda: leaf(OWN, PEER, key=rsa.generate_private_key(65537, 2048))),
+    ("ed25519_leaf", lambda: leaf(OWN, PEER, key=ed25519.Ed25519PrivateKey.generate())),
+    ("signed_with_pss_standard_salt", lambda: _pss_leaf(32)),
     ("intermediate_of_own_domain",
      lambda: leaf(intermediate("x", OWN, uris=(f"spiffe://{TD}",)), PEER)),
     ("intermediate_without_spiffe_id", lambda: leaf(intermediate("x", OWN), PEER)),

@@ -184,6 +184,32 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
         return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
     if isinstance(sig_hash, _WEAK_HASHES):
         return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
+    return _unverifiable_signature(cert)
+
+
+# The signatures the chain check verifies (cryptography's x509.verification, web PKI
+# policy): ECDSA, RSA PKCS#1 v1.5, and RSA-PSS whose salt is the hash's length with MGF1 of
+# the same hash. OpenSSL also verifies EdDSA and any PSS salt, so a chain under an Ed25519,
+# Ed448 or odd-PSS CA passed the handshake and failed where the chain is verified again (a
+# chain OpenSSL anchored at another trust domain's root, a bundle change) and the own SVID
+# did not load (`chain-untrusted`): such a signature is refused wherever it is checked.
+_EDDSA_SIGNATURES = {x509.SignatureAlgorithmOID.ED25519: "Ed25519",
+                     x509.SignatureAlgorithmOID.ED448: "Ed448"}
+
+
+def _unverifiable_signature(cert: x509.Certificate) -> tuple[str, str] | None:
+    oid = cert.signature_algorithm_oid
+    if oid in _EDDSA_SIGNATURES:
+        return RULE_SIGNATURE_WEAK, (f"signed with {_EDDSA_SIGNATURES[oid]} by its CA (the "
+                                     "chain check verifies ECDSA and RSA signatures only)")
+    if oid == x509.SignatureAlgorithmOID.RSASSA_PSS:
+        sig_hash = cert.signature_hash_algorithm
+        pss = cert.signature_algorithm_parameters
+        mgf = getattr(pss, "_mgf", None)
+        if sig_hash is None or getattr(pss, "_salt_length", None) != sig_hash.digest_size \
+                or getattr(getattr(mgf, "_algorithm", None), "name", None) != sig_hash.name:
+            return RULE_SIGNATURE_WEAK, ("signed with RSA-PSS whose salt is not the hash's "
+                                         "length or whose MGF1 uses another hash")
     return None
 
 
