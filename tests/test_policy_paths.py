@@ -282,3 +282,61 @@ def test_what_is_refused_raw_is_refused_percent_encoded(byte: int) -> None:
 def test_the_encoded_forms_kept_are_the_two_named() -> None:
     assert normalise_target(b"/a%20b") == ("/a%20b", "")
     assert normalise_target(b"/a%25b") == ("/a%25b", "")
+
+
+# Every printable character a path may hold raw, as data: written raw or percent-encoded (in
+# either case of hex) it is one path, the spelling every app decodes to one string. A raw
+# ':' and '%3A' were two paths: a deny rule on '/jobs/x:cancel' let '/jobs/x%3Acancel'
+# through to apps that decode (a hostile review).
+PATH_CHARACTERS = [chr(c) for c in range(0x21, 0x7F)
+                   if c not in REFUSED_RAW and chr(c) not in "/?"]
+# The canonical spelling: raw for RFC 3986 pchar (unreserved, sub-delims, ':' and '@'),
+# the upper-case escape for the rest.
+PCHAR = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,=:@")
+
+
+@pytest.mark.parametrize("ch", PATH_CHARACTERS)
+def test_a_character_raw_or_encoded_is_one_path(ch: str) -> None:
+    from urllib.parse import unquote
+
+    enc = f"%{ord(ch):02X}"
+    spellings = [f"/p{ch}x/{ch}y".encode(), f"/p{enc}x/{enc}y".encode(),
+                 f"/p{enc.lower()}x/{ch}y".encode()]
+    paths = {normalise_target(t)[0] for t in spellings}
+    assert len(paths) == 1, paths
+    (path,) = paths
+    assert unquote(path) == f"/p{ch}x/{ch}y"
+    assert path == (f"/p{ch}x/{ch}y" if ch in PCHAR else f"/p{enc}x/{enc}y")
+    # A pattern written either way is that path too (a pattern cannot hold '%2A': a '*'
+    # segment is a wildcard).
+    if ch != "*":
+        for pattern in (f"/p{ch}x/{ch}y", f"/p{enc}x/{enc}y"):
+            assert normalise_path_pattern(pattern) == path, pattern
+
+
+def test_a_pattern_cannot_spell_a_wildcard_encoded() -> None:
+    for pattern in ("/x/%2A", "/x/%2a", "/x/a%2Ab"):
+        with pytest.raises(ValueError, match="%2A"):
+            normalise_path_pattern(pattern)
+
+
+def test_reserved_escapes_do_not_get_past_a_deny_rule() -> None:
+    policy = load_policy(
+        "version: 1\n"
+        "trust_domain: t.local\n"
+        "services:\n"
+        "  spiffe://t.local/ns/a/sa/svc:\n"
+        "    rules:\n"
+        "      - name: rest\n"
+        "        allow: {}\n"
+        "      - name: no-cancel\n"
+        "        deny: {paths: ['/v1/jobs/job1:cancel', '/api/users/@me', '/odata/$metadata',\n"
+        "                       '/a/[x]', '/b/%28y%29']}\n", "p.yaml")
+    for target in (b"/v1/jobs/job1:cancel", b"/v1/jobs/job1%3Acancel", b"/v1/jobs/job1%3acancel",
+                   b"/api/users/%40me", b"/api/users/%40%6De", b"/odata/%24metadata",
+                   b"/a/%5Bx%5D", b"/a/[x%5d", b"/b/(y)", b"/b/%28y)"):
+        path, _ = normalise_target(target)
+        facts = RequestFacts("inbound", "spiffe://t.local/ns/a/sa/c", "10.0.0.1", "GET", path,
+                             "", 1)
+        decision = decide(policy, "spiffe://t.local/ns/a/sa/svc", facts, NO_AUTH, 0.0)
+        assert not decision.allowed and decision.rule == "no-cancel", target

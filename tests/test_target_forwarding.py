@@ -35,7 +35,9 @@ FORWARDED = {
     b"/a%2d%5f%2e%7e": "/a-_.~",
     b"/q%3fx": "/q%3Fx",
     b"/sp%20ace": "/sp%20ace",
-    b"/at%40": "/at%40",
+    b"/at%40": "/at@",  # pchar: written raw (one spelling per path)
+    b"/job%3aCancel%24": "/job:Cancel$",
+    b"/br[a]ce%7b": "/br%5Ba%5Dce%7B",  # not pchar: written as its escape
 }
 
 # escapes that decode to non-ASCII: fullwidth solidus, fullwidth full stop, fullwidth A,

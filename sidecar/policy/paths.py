@@ -28,9 +28,12 @@ What is refused (reason codes go to logs and audit records only):
 * dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
 * empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
 
-What is rewritten: ``%XX`` escapes of *unreserved* characters (letters, digits, ``-._~``)
-are decoded, and every other escape is upper-cased, so ``/%61dmin`` and ``/admin`` are the
-same path; the result is still a valid origin-form path that is safe to forward as-is.
+What is rewritten: every path has one spelling per decoded path. ``%XX`` escapes of the
+characters a path may hold raw (RFC 3986 ``pchar``: unreserved letters, digits and ``-._~``,
+and ``!$&'()*+,=:@``) are decoded, and every other printable character is written as its
+upper-case escape, raw or not (``[`` and ``%5b`` are ``%5B``), so ``/%61dmin`` and ``/admin``
+are the same path, and so are ``/x%3Ay`` and ``/x:y``; the result is still a valid
+origin-form path that is safe to forward as-is.
 With ``merge_slashes=True``, runs of ``/`` become one.
 
 Matching additionally ignores one trailing ``/`` (see ``path_segments``), so a deny rule
@@ -57,6 +60,15 @@ MAX_TARGET_BYTES = 8192
 
 _HEX = b"0123456789abcdefABCDEF"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# One spelling per decoded path: a character a path may hold raw (RFC 3986 ``pchar``:
+# unreserved, the sub-delims but ';' -- refused --, ':' and '@') is written raw, so
+# ``%3A``, ``%40`` and ``%24`` become ``:``, ``@`` and ``$``; every other printable
+# character (space, '"', '%', '<', '>', '?', '[', ']', '^', '`', '{', '|', '}') is written
+# as its upper-case escape, so a raw '[' and '%5b' are one path too. Before, a raw ':' and
+# '%3A' were two paths, which every app decodes to one: a deny rule on '/jobs/x:cancel'
+# let '/jobs/x%3Acancel' through (found by a hostile review).
+_RAW_IN_PATH = _UNRESERVED | frozenset(b"!$&'()*+,=:@")
+_ESCAPED_IN_PATH = frozenset(range(0x20, 0x7F)) - _RAW_IN_PATH - frozenset(b"/")
 # Printable ASCII without space; the specific characters below are then refused on top.
 _PRINTABLE = frozenset(range(0x21, 0x7F))
 
@@ -104,7 +116,10 @@ def normalise_target(
     while i < n:
         byte = raw_path[i]
         if byte != 0x25:  # '%'
-            out.append(byte)
+            if byte in _ESCAPED_IN_PATH:
+                out += b"%%%02X" % byte
+            else:
+                out.append(byte)
             decoded.append(byte)
             i += 1
             continue
@@ -124,7 +139,7 @@ def normalise_target(
             raise _refuse("semicolon", "percent-encoded ';'")
         if value == 0x25 and i + 4 < n and raw_path[i + 3] in _HEX and raw_path[i + 4] in _HEX:
             raise _refuse("double_encoding", "percent-encoded '%' followed by hex digits")
-        if value in _UNRESERVED:
+        if value in _RAW_IN_PATH:
             out.append(value)
         else:
             out += b"%" + bytes((hi, lo)).upper()
@@ -216,6 +231,9 @@ def normalise_path_pattern(pattern: str) -> str:
         raise ValueError("a path pattern starts with '/'")
     if "?" in pattern or "#" in pattern:
         raise ValueError("a path pattern cannot contain '?' or '#' (queries are never matched)")
+    if "%2a" in pattern.lower():
+        # It would decode to '*', a wildcard (paths hold '*' raw): write wildcards as '*'.
+        raise ValueError("a path pattern cannot contain '%2A' ('*' is a wildcard segment)")
     segments = pattern.split("/")[1:]
     for i, seg in enumerate(segments):
         if "*" in seg and seg not in ("*", "**"):
