@@ -583,3 +583,66 @@ def test_a_101_must_switch_to_a_requested_protocol(rig: Rig, side: str, case: st
         assert out.startswith(b"HTTP/1.1 101 ") and out.endswith(b"RAW"), out
     else:
         _assert_generic_502(out)
+
+
+# A request sent again on a fresh connection when the reused one gave nothing back: only a
+# safe method (GET, HEAD, OPTIONS) whose connection closed before any byte of an answer (found
+# by a hostile review: a body-less POST, PATCH or DELETE reached the app twice -- three times
+# through the outbound listener -- after a response timeout, a relayed 1xx, or a close after
+# the app had read it). (script, the status the caller gets)
+def _hang_then_close(seconds: float) -> Script:
+    def run(sock: socket.socket) -> bool:
+        time.sleep(seconds)
+        return True
+    return run
+
+
+REPLAYS: dict[str, tuple[Script, bytes]] = {
+    "closed_unanswered": (_close_after(b""), b"502"),
+    "informational_then_closed": (_close_after(_head(b"HTTP/1.1 102 Processing")), b"502"),
+    "past_the_response_timeout": (_hang_then_close(4.0), b"504"),  # (response_timeout 3s)
+}
+RETRIED = (b"GET", b"HEAD", b"OPTIONS")
+NOT_RETRIED = (b"POST", b"PUT", b"PATCH", b"DELETE")
+
+
+# Every method with every case, but for the timeout, which one safe and one unsafe method
+# wait out (4 s each).
+REPLAY_CASES = [(case, method) for case in sorted(REPLAYS) for method in RETRIED + NOT_RETRIED
+                if case != "past_the_response_timeout" or method in (b"GET", b"POST")]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize(("case", "method"), REPLAY_CASES,
+                         ids=[f"{c}-{m.decode()}" for c, m in REPLAY_CASES])
+def test_only_a_safe_request_unanswered_is_sent_twice(rig: Rig, side: str, method: bytes,
+                                                      case: str) -> None:
+    script, status = REPLAYS[case]
+    path = f"/replay/{case}/{method.decode()}/{time.monotonic_ns()}"
+    rig.scripts[path] = script
+    app = rig.app if side == "inbound" else rig.peer
+    sock = rig.connect(side, 10)
+    try:
+        # The first request leaves a kept connection in the sidecar's pool; the second
+        # goes over it (a reused connection: the only kind ever retried).
+        sock.sendall(b"GET /warm HTTP/1.1\r\nHost: orders\r\n\r\n")
+        first = b""
+        while not first.endswith(b"ok"):
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        sock.sendall(method + b" " + path.encode() +
+                     b" HTTP/1.1\r\nHost: orders\r\nContent-Length: 0\r\n\r\n")
+        out = b""
+        while b"\r\n\r\n" not in re.sub(rb"HTTP/1\.1 1\d\d [^\r\n]*\r\n\r\n", b"", out):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        sock.close()
+    final = re.sub(rb"HTTP/1\.1 1\d\d [^\r\n]*\r\n\r\n", b"", out)
+    assert final.startswith(b"HTTP/1.1 " + status), out[:300]
+    seen = app.paths.count(path)
+    want = 2 if method in RETRIED and case == "closed_unanswered" else 1
+    assert seen == want, (seen, want)

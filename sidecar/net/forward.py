@@ -160,6 +160,10 @@ FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
 # 1xx heads an upstream may send before its final answer (Go's client allows 5): a flood of
 # them would otherwise be relayed until the response timeout.
 MAX_INFORMATIONAL = 10
+# The methods sent once more on a fresh connection when a reused one closed before any
+# answer byte: the safe ones (RFC 9110 9.2.1), as Go's and curl's clients do without an
+# idempotency key. Anything else reaches the app at most once.
+RETRY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # The writer of every body-less request: never written to (``frame`` refuses any bytes
 # before it changes anything, ``end`` is b""), so one is shared.
 _NO_BODY = BodyWriter(OUT_NONE)
@@ -244,7 +248,9 @@ async def forward(
             body = BodyWriter(OUT_CHUNKED)
     wire_head = serialise_request_head(request.method, request.target, headers)
     http11 = request.version == b"1.1"
-    attempts = 1 if has_body else 2
+    # A request is sent again on a fresh connection only when it is safe to run twice and
+    # the reused connection gave nothing back (``_retry``).
+    attempts = 2 if not has_body and request.method in RETRY_METHODS else 1
     max_fields = 2 * limits.max_headers
     sent_before = 0
     upload: _Upload | None = None
@@ -261,6 +267,7 @@ async def forward(
             raise UpstreamFailed(exc, ex) from exc
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamFailed(BadGateway("upstream_connect_failed", repr(exc)), ex) from exc
+        received_before = ep.bytes_in
         try:
             ep.reader.expect_response(request.method, upgrade)
             ep.queue(wire_head)
@@ -411,9 +418,15 @@ async def forward(
             if isinstance(exc, ProtocolViolation):
                 raise UpstreamFailed(BadGateway("upstream_protocol_error", str(exc)), ex) \
                     from exc
-            if ex.reused and attempt + 1 < attempts and not answered:
+            if (attempt + 1 < attempts and ex.reused and not answered
+                    and exc.__class__ is PeerClosed and ep.bytes_in == received_before):
+                # A keep-alive connection the upstream closed before any byte of an answer
+                # (a 1xx included): stale, most likely; a safe request is sent once more on
+                # a fresh one. Never after a timeout (the app may be working on it) or any
+                # answer byte, and never a POST, PATCH, DELETE...: run twice, it charges
+                # twice (found by a hostile review: a body-less POST reached the app twice).
                 ex.request_bytes = 0
-                continue  # a stale keep-alive connection: retry once on a fresh one
+                continue
             if isinstance(exc, Timeout):
                 raise UpstreamFailed(GatewayTimeout("upstream_timeout", str(exc)), ex) from exc
             raise UpstreamFailed(BadGateway("upstream_closed", str(exc)), ex) from exc
