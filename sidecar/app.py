@@ -103,6 +103,9 @@ class Sidecar:
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
         self.tap = self.telemetry.tap  # served on the admin port as /tap
         limits = cfg.limits
+        # One filter for both listeners; the policy's claim headers join it at every swap.
+        self.header_filter = HeaderFilter(allow_underscores=cfg.headers.allow_underscores,
+                                          pass_through=cfg.headers.pass_through)
         self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
         self.outbound_proxies: list[OutboundProxy] = []
         self._nursery: trio.Nursery | None = None
@@ -211,6 +214,7 @@ class Sidecar:
 
         def follow(policy: Policy) -> None:
             extras = policy.extras
+            self.header_filter.set_claim_headers(policy.claim_headers)
             authenticator.update(extras)
             key_sources.sync(extras.jwt_providers)
             limiter.update(extras.rate_limits)
@@ -406,8 +410,7 @@ class Sidecar:
     async def _start_listeners(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
         limits = cfg.limits
-        header_filter = HeaderFilter(allow_underscores=cfg.headers.allow_underscores,
-                                     pass_through=cfg.headers.pass_through)
+        header_filter = self.header_filter
         if cfg.inbound is not None:
             inbound = cfg.inbound
             async def connect_app() -> SocketTransport:

@@ -320,6 +320,13 @@ CREDENTIAL_POLICY = POLICY.replace(_CLAIMS, _CLAIMS + f"""\
     jwks_file: jwks.json
     from_headers: [X-Fwd-Token]
     forward_token: true
+  billing-token:
+    issuer: {hostile.ISSUER}
+    audiences: [api]
+    algorithms: [ES256]
+    jwks_file: jwks.json
+    from_headers: [X-Billing-Token]
+    forward_claims: {{tenant: x-tenant}}
 """, 1).replace(_NO_ADMIN, _NO_ADMIN + f"""\
       - name: header-signed
         allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/h/**], jwt: {{provider: header-token}}}}
@@ -328,6 +335,14 @@ CREDENTIAL_POLICY = POLICY.replace(_CLAIMS, _CLAIMS + f"""\
       - name: forwarded-signed
         allow: {{from: ["{hostile.spiffe("frontend")}"], paths: [/f/**], jwt: {{provider: forwarded-token}}}}
 """, 1)
+# A section no sidecar of this mesh runs, whose rule names billing-token: x-tenant is a claim
+# header of the mesh, though neither the orders nor the frontend section uses its provider.
+CREDENTIAL_POLICY += f"""\
+  {hostile.spiffe("billing")}:
+    rules:
+      - name: billing
+        allow: {{from: ["{hostile.spiffe("frontend")}"], jwt: {{provider: billing-token}}}}
+"""
 # Every header the sidecar removes as a credential or sets from a claim: the API key header
 # (always removed), the token header of a ``forward_token: false`` provider, the claim header.
 CREDENTIAL_HEADERS = ["x-api-key", "x-auth-token", "x-user"]
@@ -416,3 +431,27 @@ def test_query_token_spellings_never_reach_the_app(mesh_us: Mesh, side: str, nam
             continue
         assert statuses(out) == [200], out[:300]
         assert mesh_us.app.targets_since(mark) == [want], target
+
+
+# Every spelling of a claim header another section's provider sets, the CGI one included
+# (``Http-X-Tenant`` is ``HTTP_HTTP_X_TENANT``... and ``HTTP_X_TENANT`` itself to a server
+# that takes '-' and '_' as one): removed on both listeners of sidecars whose own sections
+# never use that provider (found by a hostile review: each sidecar knew only the claim
+# headers of its own section's providers, and a caller's X-Tenant reached the orders app).
+OTHER_SECTIONS_CLAIM = [*_spellings("x-tenant"), "Http-X-Tenant", "HTTP_X_TENANT",
+                        "http-x-tenant", "Http_X_Tenant"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("name", OTHER_SECTIONS_CLAIM)
+def test_a_claim_header_of_any_section_never_reaches_an_app(mesh_us: Mesh, side: str,
+                                                           name: str) -> None:
+    mark = mesh_us.app.snapshot()
+    for token in (b"", f"Authorization: Bearer {mesh_us.token('alice')}\r\n".encode()):
+        out = exchange(mesh_us, side, b"GET /open/tenant HTTP/1.1\r\n" + H + token
+                       + f"{name}: t-admin\r\n".encode() + b"Connection: close\r\n\r\n")
+        assert statuses(out) == [200], out[:300]
+    with mesh_us.app.lock:
+        heads = list(mesh_us.app.heads[mark[0]:])
+    assert len(heads) == 2
+    assert [(n, v) for h in heads for n, v in h["headers"] if "t-admin" in v] == []

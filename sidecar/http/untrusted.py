@@ -230,7 +230,7 @@ class HeaderFilter:
     same holds for each set of extra names ``clean`` is given (one per policy version).
     """
 
-    __slots__ = ("_allow_underscores", "_pass", "_drop", "_cache", "_extra")
+    __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_cache", "_extra")
 
     _CACHE_MAX = 4096
     _EXTRA_MAX = 16  # distinct (extra, exact) sets kept; they change with the policy only
@@ -242,9 +242,26 @@ class HeaderFilter:
         from sidecar.http.headers import HOP_BY_HOP
 
         dropped: tuple[bytes | str, ...] = (*HOP_BY_HOP, *SIDECAR_SET, *drop)
-        self._drop = frozenset(fold(n) for n in dropped)
+        self._base = frozenset(fold(n) for n in dropped)
+        self._drop = self._base
+        self._claims: frozenset[bytes] = frozenset()
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra: dict[tuple[frozenset[bytes], frozenset[bytes]], _Decisions] = {}
+
+    def set_claim_headers(self, names: Iterable[str]) -> None:
+        """Remove, from here on, every ``forward_claims`` header of the whole policy (its
+        every spelling, the CGI one included) from what callers send: on both listeners, in
+        every section, whether or not the section's rules use the provider that sets it (a
+        sidecar keeps only the providers its own section names, so its own claim headers
+        alone left a caller's ``X-Tenant`` to the apps of every other section: found by a
+        hostile review). Called at every policy swap."""
+        claims = frozenset(fold(n.encode("latin-1")) for n in names)
+        if claims == self._claims:
+            return
+        self._claims = claims
+        self._drop = self._base | claims
+        self._cache = _Decisions(self._decide, self._CACHE_MAX)
+        self._extra = {}
 
 
     @property
@@ -272,7 +289,8 @@ class HeaderFilter:
             return True
         if n.startswith(b"http-"):  # the CGI spelling of a catalogued name (module docstring)
             cgi = n[5:]
-            if cgi in _EXACT or cgi.startswith(_PREFIXES) or cgi in _SIDECAR_SET:
+            if cgi in _EXACT or cgi.startswith(_PREFIXES) or cgi in _SIDECAR_SET \
+                    or cgi in self._claims:
                 return True
         if n in self._pass:
             return False

@@ -27,7 +27,8 @@ class Policy:
 
     ``files`` are the files it was merged from. ``only`` is set when the policy was loaded
     for one identity (a running sidecar): ``services`` then holds that section alone and
-    ``extras`` what it references, and ``skipped`` counts the sections left out.
+    ``extras`` what it references, and ``skipped`` counts the sections left out;
+    ``claim_headers`` stays mesh-wide.
     """
 
     version: str
@@ -41,6 +42,9 @@ class Policy:
     defined_in: Mapping[str, str] = field(default_factory=dict)  # "jwt_providers.NAME" -> file
     only: str | None = None
     skipped: int = 0
+    # Every ``forward_claims`` header of every provider of the whole policy (also those a
+    # narrowed ``extras`` left out): what no caller may send to any app of the mesh.
+    claim_headers: frozenset[str] = frozenset()
 
     @property
     def short_version(self) -> str:
