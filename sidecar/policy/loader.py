@@ -541,8 +541,8 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         jwt_providers=providers, revocations=tuple(revocations), api_keys=api_keys,
         rate_limits=rate_limits, alerts=alerts,
     )
-    claim_headers = frozenset(header for provider in providers.values()
-                              for _, header in provider.forward_claims)
+    every_claim_header = frozenset(header for provider in providers.values()
+                                   for _, header in provider.forward_claims)
     if only is not None:
         extras = narrow_extras(extras, services.get(only))
     return Policy(
@@ -551,7 +551,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         sections=sections, files=tuple(d.filename for d in docs),
         defined_in={k: doc.filename for k, (doc, _) in origin.items()
                     if "." in k and not k.startswith("services.")},
-        only=only, skipped=skipped, claim_headers=claim_headers,
+        only=only, skipped=skipped, claim_headers=every_claim_header,
     )
 
 
