@@ -80,13 +80,19 @@ def _hash_file(h: Any, path: str, budget: _Budget) -> None:
 
 
 def _hash_directory(h: Any, path: str, budget: _Budget) -> None:
-    """Names and contents of the visible regular files directly in ``path``, in name order,
-    read through a Kubernetes ``..data`` link when there is one."""
+    """Names and contents of the visible regular files directly in ``path`` and the names of
+    its other visible entries, in name order, read through a Kubernetes ``..data`` link when
+    there is one."""
     link = os.path.join(path, "..data")
     base = os.path.realpath(link) if os.path.islink(link) else path
     for name in sorted(os.listdir(base))[:MAX_DIRECTORY_FILES]:
         full = os.path.join(base, name)
-        if name.startswith(".") or not os.path.isfile(full):
+        if name.startswith("."):
+            continue
+        if not os.path.isfile(full):
+            # Its name counts (never its content: a FIFO is not read): an entry that turns
+            # into a dangling symlink, a FIFO or a directory is a change to load and report.
+            h.update(name.encode("utf-8", "surrogateescape") + b"\0-\0")
             continue
         h.update(name.encode("utf-8", "surrogateescape") + b"\0")
         _hash_file(h, full, budget)

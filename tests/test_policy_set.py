@@ -267,6 +267,29 @@ def test_a_missing_file_or_directory_or_an_empty_one_is_an_error(tmp_path: Path)
         assert str(path) in str(info.value) and message in str(info.value)
 
 
+# A visible *.yaml / *.yml entry that is no regular file is a policy file that cannot be
+# read, never one to skip (skipped, a revocations file whose symlink went dangling dropped
+# its revocations at the next reload: found by a hostile review).
+NOT_FILES = {
+    "dangling_symlink": lambda p: p.symlink_to(p.parent / "gone-target.yaml"),
+    "fifo": lambda p: os.mkfifo(p),
+    "directory": lambda p: p.mkdir(),
+    "symlink_to_a_directory": lambda p: p.symlink_to(p.parent),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_FILES))
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_a_policy_entry_that_is_no_file_is_an_error_not_skipped(tmp_path: Path, kind: str,
+                                                                suffix: str) -> None:
+    ns = _write(tmp_path / "ns", a=NS_A, b=NS_B)
+    entry = ns / f"limits{suffix}"
+    NOT_FILES[kind](entry)
+    with pytest.raises(ConfigError) as info:
+        load_policy_set([str(_write(tmp_path / "mesh", mesh=MESH)), str(ns)])
+    assert str(entry) in str(info.value) and "cannot read" in str(info.value)
+
+
 def _yaml(**docs: str) -> dict[str, str]:
     return {f"{name}.yaml": text for name, text in docs.items()}
 

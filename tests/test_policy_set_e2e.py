@@ -135,6 +135,17 @@ def test_sidecar_on_directories_reloads_one_namespace_and_keeps_last_good(tmp_pa
         _swap(web, "3", web="# fixed\n" + _web())
         wait_for(lambda: _status(proc)["last_reload_error"] is None)
         assert _get(proc, ctx, "/b/1") == 200
+        # A file of the set turned into a dangling symlink (a mount gone wrong): an error
+        # naming it, the policy in force stays -- not a reload without its rules.
+        good = _status(proc)["version"]
+        failed = _status(proc)["reloads_failed"]
+        data = shop / "..data"
+        (data.resolve() / "orders.yaml").unlink()
+        (data.resolve() / "orders.yaml").symlink_to(tmp_path / "nowhere.yaml")
+        wait_for(lambda: _status(proc)["reloads_failed"] > failed)
+        status = _status(proc)
+        assert status["version"] == good and "orders.yaml" in status["last_reload_error"]
+        assert _get(proc, ctx, "/a/1") == 403 and _get(proc, ctx, "/b/1") == 200
     finally:
         _stop(proc)
 

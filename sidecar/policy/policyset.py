@@ -261,10 +261,14 @@ def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
     link = os.path.join(path, "..data")
     before = os.path.realpath(link) if os.path.islink(link) else None
     base = before or path
+    # Every visible *.yaml / *.yml entry is a policy file, read as one (``read_capped``): an
+    # entry that is no regular file -- a dangling symlink, a FIFO, a directory -- is a
+    # "cannot read file" error that keeps the policy in force. (It was skipped: a limits or
+    # revocations file whose symlink went dangling dropped its rules on the next reload,
+    # with no error; found by a hostile review.)
     try:
         names = sorted(n for n in os.listdir(base)
-                       if not n.startswith(".") and n.endswith(POLICY_SUFFIXES)
-                       and os.path.isfile(os.path.join(base, n)))
+                       if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
     except OSError as exc:
         raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
                           ) from None
