@@ -18,6 +18,7 @@ from sidecar.config.model import load_config
 from sidecar.errors import ConfigError
 from sidecar.http.untrusted import (
     CATALOGUE,
+    NOT_IN_PREFIX,
     SIDECAR_SET,
     HeaderFilter,
     catalogue_markdown,
@@ -77,7 +78,22 @@ def test_ordinary_headers_are_kept() -> None:
 REVIEW_FOUND = ["Cf-Visitor", "X-True-IP", "Real-Ip", "X-Original-Remote-Addr",
                 "X-Custom-IP-Authorization", "X-Client-Addr", "Forwarded-For", "X-Forwarder-For",
                 "Via", "X-Auth-Username", "X-Proxy-User", "X-Hasura-Role", "X-Hasura-User-Id",
-                "Spiffe-Id"]
+                "Spiffe-Id",
+                # the eighteenth session's review: the x-auth- family, OpenStack's identity,
+                # role and admin flags, Kubernetes impersonation
+                "X-Auth-Roles", "X-Auth-Role", "X-Auth-User-Id", "X-Auth-Tenant",
+                "X-Identity-Status", "X-Project-Id", "X-Tenant-Id", "X-Service-Roles", "X-Role",
+                "X-Is-Admin", "Impersonate-User", "Impersonate-Group", "Impersonate-Extra-Scopes"]
+
+
+# Credentials the client itself sends under an x-auth- name: the app verifies them, so they
+# are forwarded (a JWT provider may read one: the token rules apply then).
+@pytest.mark.parametrize("name", sorted(NOT_IN_PREFIX))
+def test_client_credentials_in_a_catalogued_prefix_are_kept(name: str) -> None:
+    assert entry_for(name) is None and entry_for(name.upper()) is None
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True)):
+        assert not f.removes(name.encode())
+    assert HeaderFilter().removes(b"x-auth-tokens") and HeaderFilter().removes(b"x-auth-keys")
 
 
 @pytest.mark.parametrize("name", REVIEW_FOUND)
@@ -224,6 +240,12 @@ def test_underscore_names_are_folded_when_kept(mesh_us: Mesh, side: str) -> None
     names = [v for n in NAMES if n != "x-forwarded-host" for v in variants(n)]
     heads = _send(mesh_us, side, names + ["x_custom_ok"])
     assert _leaks(heads) == [("x_custom_ok", MARK)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_client_credentials_in_a_catalogued_prefix_reach_the_app(mesh: Mesh, side: str) -> None:
+    heads = _send(mesh, side, ["X-Auth-Token", "x-auth-key", "X-Auth-Roles"])
+    assert sorted(_leaks(heads)) == [("x-auth-key", MARK), ("x-auth-token", MARK)]
 
 
 @pytest.mark.parametrize("side", SIDES)

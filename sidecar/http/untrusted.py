@@ -22,7 +22,8 @@ only with ``headers.allow_underscores``; found by a hostile review). So is a ``_
 of Content-Length or Content-Type (``Content_Length``): CGI gives those two fields variables
 of their own, and a server that reads ``_`` as ``-`` let the copy overwrite the real one.
 
-An entry is an exact name or a prefix (``prefix=True``: every name that starts with it). An
+An entry is an exact name or a prefix (``prefix=True``: every name that starts with it, but
+the client credentials in ``NOT_IN_PREFIX``: ``X-Auth-Token`` and ``X-Auth-Key``). An
 operator may pass one name through (``headers.pass_through``); the headers the sidecar sets
 itself (``SIDECAR_SET``) can never be passed through. docs/SECURITY.md reproduces this table
 (``tests/test_header_catalogue.py`` checks that it does).
@@ -118,6 +119,24 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-userinfo x-user-info x-authorization x-auth-token-subject "
               "x-remote-group gap-auth x-auth-username x-auth-userid x-proxy-user "
               "x-proxy-remote-user spiffe-id")
+    + _family(IDENTITY, "the whole x-auth- family of auth gateways and middleware "
+              "(X-Auth-Roles, -Role, -User-Id, -Tenant, -Scopes, -Claims, -Org, ...), "
+              "but for the two credentials clients send themselves, X-Auth-Token and "
+              "X-Auth-Key (OpenStack, Swift), which apps verify (NOT_IN_PREFIX)",
+              "x-auth-", prefix=True)
+    + _family(IDENTITY, "OpenStack keystonemiddleware's identity of the token it validated "
+              "(the service reads the caller's user, project, domain, roles and admin "
+              "flag from these), and role and admin flags under their common names",
+              "x-identity-status x-service-identity-status x-domain-id x-domain-name "
+              "x-project-id x-project-name x-project-domain-id x-project-domain-name "
+              "x-user-domain-id x-user-domain-name x-tenant x-tenant-id x-tenant-name "
+              "x-role x-service-roles x-service-catalog x-is-admin-project x-is-admin "
+              "x-admin x-service-user-id x-service-user-name x-service-user-domain-id "
+              "x-service-user-domain-name x-service-project-id x-service-project-name "
+              "x-service-project-domain-id x-service-project-domain-name x-trust-id")
+    + _family(IDENTITY, "Kubernetes impersonation (Impersonate-User, -Group, -Uid, "
+              "-Extra-*): an app that calls the API server with its own credentials would "
+              "act as whoever the caller names", "impersonate-", prefix=True)
     + _family(IDENTITY, "Hasura session variables (x-hasura-role, x-hasura-user-id, ...): "
               "Hasura takes them as the caller's role and identity, and apps behind other "
               "gateways copy the convention", "x-hasura-", prefix=True)
@@ -176,6 +195,10 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "use as their proxy", "proxy")
 )
 
+# Names a prefix entry covers that are not identity a gateway asserts but credentials the
+# client itself sends, which the app verifies: forwarded like any other header.
+NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key"})
+
 # Set by the sidecar itself from what it verified; never passed through from a caller.
 SIDECAR_SET: frozenset[str] = frozenset({
     "x-forwarded-client-cert", "x-request-id", "x-forwarded-proto",
@@ -195,6 +218,7 @@ _NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
 _EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.prefix)
 _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
 _SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
+_NOT_IN_PREFIX: frozenset[bytes] = frozenset(fold(n) for n in NOT_IN_PREFIX)
 # The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
 _CGI_META = frozenset({b"content-length", b"content-type"})
 
@@ -204,7 +228,8 @@ def entry_for(name: bytes | str) -> Entry | None:
     n = fold(name)
     for e in CATALOGUE:
         f = fold(e.name)
-        if (e.prefix and n.startswith(f)) or (not e.prefix and n == f):
+        if (e.prefix and n.startswith(f) and n not in _NOT_IN_PREFIX) or (
+                not e.prefix and n == f):
             return e
     return None
 
@@ -289,12 +314,12 @@ class HeaderFilter:
             return True
         if n.startswith(b"http-"):  # the CGI spelling of a catalogued name (module docstring)
             cgi = n[5:]
-            if cgi in _EXACT or cgi.startswith(_PREFIXES) or cgi in _SIDECAR_SET \
-                    or cgi in self._claims:
+            if cgi in _EXACT or cgi in _SIDECAR_SET or cgi in self._claims or (
+                    cgi.startswith(_PREFIXES) and cgi not in _NOT_IN_PREFIX):
                 return True
         if n in self._pass:
             return False
-        return n in _EXACT or n.startswith(_PREFIXES)
+        return n in _EXACT or (n.startswith(_PREFIXES) and n not in _NOT_IN_PREFIX)
 
     def _decisions(self, extra: frozenset[bytes], exact: frozenset[bytes]) -> _Decisions:
         """The decisions with ``extra`` (compared folded) and ``exact`` names removed too."""
