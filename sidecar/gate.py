@@ -380,15 +380,21 @@ class Gate:
                     return False
             elif not authn.credentials_kept(auth, now, self._service_audience()):
                 return False
+        return self.judge(facts, auth, now).allowed
+
+    def judge(self, facts: RequestFacts, auth: AuthFacts | None, now: float) -> Decision:
+        """What the policy in force decides for ``facts`` with ``auth``. Pure: no rate-limit
+        tokens, no failure counted, no alert, no cache (a request's second path -- a WebDAV
+        Destination -- and ``still_allows``)."""
         policy = self.policies.policy
         if policy is None:
             if self.policies.source is not None:
-                return False
-            return self._interim(facts).decision.allowed
+                return Decision("deny", DEFAULT_DENY_RULE, REASON_NO_POLICY, "none", status=403)
+            return self._interim(facts).decision
         section = policy.section(self.own_id)
         if section is None:
-            return decide(policy, self.own_id, facts, auth or NO_AUTH, now).allowed
-        return decide_section(section, policy.version, facts, auth or NO_AUTH, now).allowed
+            return decide(policy, self.own_id, facts, auth or NO_AUTH, now)
+        return decide_section(section, policy.version, facts, auth or NO_AUTH, now)
 
     def credentials_end(self, auth: AuthFacts | None, api_key: bytes | None) -> float:
         """When the credentials a stream was authorised with expire (Unix time; inf: none

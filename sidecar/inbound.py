@@ -28,7 +28,7 @@ from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import x5t_from_hex
 from sidecar.config.model import Limits
 from sidecar.errors import Unavailable
-from sidecar.gate import ConnectionMemo, Gate
+from sidecar.gate import ConnectionMemo, Gate, Verdict
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -36,7 +36,7 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.request import RequestHead
+from sidecar.http.request import RequestHead, read_destination
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
@@ -242,6 +242,12 @@ class InboundProxy:
                                                  peer_x5t=peer_x5t, memo=memo)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
+            destination = None
+            if head.destination:  # (WebDAV COPY / MOVE: the path it writes to is judged too)
+                destination, refused = _destination(gate, event.headers, facts, verdict)
+                if refused is not None:
+                    ctx.verdict = refused
+                    raise refused.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
@@ -263,6 +269,8 @@ class InboundProxy:
                                                      else b"")
             if target != event.target:
                 event = Request(event.method, target, event.headers, event.version)
+            if destination is not None:  # the app gets the Destination the policy judged
+                headers = [(n, destination if n == DESTINATION else v) for n, v in headers]
             headers.append(xfcc)
             headers.append((REQUEST_ID, ctx.request_id.encode()))
             headers.append(proto)
@@ -327,6 +335,26 @@ class InboundProxy:
 
 
 API_KEY_ONLY = frozenset({API_KEY_HEADER})  # removed with the credentials, in every spelling
+
+
+DESTINATION = b"destination"
+
+
+def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
+                 verdict: Verdict) -> tuple[bytes, Verdict | None]:
+    """A WebDAV request's ``Destination`` (RFC 4918 10.3: where a COPY or MOVE writes), as
+    the app is to get it -- its normalised path and query -- and the refusal when the
+    policy would not let the same caller, with the same credentials and method, at that
+    path (and host) itself. Found by a hostile review: ``COPY /public/x`` with
+    ``Destination: /admin/config`` wrote where ``GET /admin/config`` is denied. A
+    Destination that is no http(s) URI or absolute path, or whose path is ambiguous, is
+    400 (``bad_destination``); check_head has refused a second one."""
+    value = next(v for n, v in headers if n == DESTINATION)
+    host, path, query = read_destination(value, allow_non_ascii=gate.allows_non_ascii_paths())
+    decision = gate.judge(facts._replace(path=path, host=host or facts.host), verdict.auth,
+                          time.time())
+    target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+    return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
 
 
 def api_key_of(headers: Headers) -> bytes | None:

@@ -19,10 +19,11 @@ from sidecar.errors import BadRequest, HeadersTooLarge, PayloadTooLarge
 # The fields check_head looks at, by kind (one dictionary lookup per field). The first
 # five may appear once only (Cookie may repeat: it is the one singleton that is counted but
 # not refused).
-_HOST, _LENGTH, _ONCE, _COOKIE, _TE, _EXPECT, _UPGRADE, _CONNECTION = range(8)
+_HOST, _LENGTH, _ONCE, _DESTINATION, _COOKIE, _TE, _EXPECT, _UPGRADE, _CONNECTION = range(9)
 _FIELD_KINDS = {b"host": _HOST, b"content-length": _LENGTH, b"authorization": _ONCE,
-                b"x-api-key": _ONCE, b"cookie": _COOKIE, b"transfer-encoding": _TE,
-                b"expect": _EXPECT, b"upgrade": _UPGRADE, b"connection": _CONNECTION}
+                b"x-api-key": _ONCE, b"destination": _DESTINATION, b"cookie": _COOKIE,
+                b"transfer-encoding": _TE, b"expect": _EXPECT, b"upgrade": _UPGRADE,
+                b"connection": _CONNECTION}
 # h11 lets control characters other than NUL, CR and LF through in field values (RFC 9110
 # says they are invalid but MAY be kept); an app may read them differently, so refuse.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -66,6 +67,9 @@ class RequestHead(NamedTuple):
     # as its canonical decimal), an Expect the sidecar does not answer (on a request without
     # a body or an HTTP/1.0 one: dropped).
     normalise: bool = False
+    # A WebDAV Destination field is present (COPY, MOVE: a second path the policy judges
+    # too, ``read_destination``); at most one.
+    destination: bool = False
 
 
 # A RequestHead from all its fields in order, without the named tuple's Python-level
@@ -95,6 +99,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     conn_upgrade = False
     connection = False
     odd_length = False
+    destination = False
     kind_of = _FIELD_KINDS.get
     for name, value in headers:
         if not values_checked and _CONTROL.search(value) is not None:
@@ -110,6 +115,8 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 seen.append(name)
             if kind == _HOST:
                 host = value
+            elif kind == _DESTINATION:
+                destination = True
             elif kind == _LENGTH:
                 # h11 already checked it is digits; re-checked so this function is total.
                 if not value.isdigit():
@@ -170,7 +177,39 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     expect_continue = expect and has_body and http_version == b"1.1"
     return _new_head((method_name, target, host_name,
                       has_body, expect_continue, upgrade if conn_upgrade else None,
-                      connection, odd_length or (expect and not expect_continue)))
+                      connection, odd_length or (expect and not expect_continue),
+                      destination))
+
+
+# A Destination that names a host (RFC 4918 10.3: an absolute URI, or an absolute path).
+_DESTINATION_URI = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.S)
+
+
+def read_destination(value: bytes, *, allow_non_ascii: bool = False
+                     ) -> tuple[str | None, str, str]:
+    """A WebDAV ``Destination`` value (RFC 4918 10.3) as (its host as ``split_host`` reads
+    it, None when it is a path; its path normalised as a request target's; its query), so
+    the policy judges the path a COPY or MOVE writes to as it judges the request's own.
+    Anything else -- another scheme, userinfo, no path, an ambiguous path -- is
+    ``BadRequest("bad_destination")``."""
+    from sidecar.policy.paths import normalise_target
+
+    value = value.strip(b" \t")
+    host: str | None = None
+    if not value.startswith(b"/"):
+        m = _DESTINATION_URI.fullmatch(value)
+        if m is None:
+            raise BadRequest("bad_destination", "not an absolute URI or path")
+        authority, value = m.group(1).decode("latin-1"), m.group(2)
+        found = split_host(authority)
+        if found is None or not value.startswith(b"/"):
+            raise BadRequest("bad_destination", "not an http(s) URI with a host and a path")
+        host = authority.lower()
+    try:
+        path, query = normalise_target(value, allow_non_ascii=allow_non_ascii)
+    except BadRequest as exc:
+        raise BadRequest("bad_destination", exc.reason) from None
+    return host, path, query
 
 
 def _lists_upgrade(value: bytes) -> bool:
