@@ -91,10 +91,29 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["-1s", "soon", True, "nan", float("inf")])
+# 309 digits and more read as infinity (no bound at all), and ``\d`` took every Unicode
+# digit (found by a hostile review: both loaded).
+@pytest.mark.parametrize("bad", ["-1s", "soon", True, "nan", float("inf"), "9" * 309 + "s",
+                                 "9" * 400, "1" * 400 + ".5h", "\u0663s", "\u0661\u0660m",
+                                 "\uff15s", "\u09e7d"])
 def test_bad_durations(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize("bad", ["1" * 400, "9" * 21, str(2**50 + 1), 2**50 + 1, "2000000GiB",
+                                 "\u0663KiB", "\uff11MiB", -1, "1.5KiB"])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize("value", [0, 1023, "9MiB", "1" * 400])
+def test_max_header_bytes_out_of_bounds_names_the_line_and_key(value):
+    text = GOOD.replace("max_header_bytes: 16KiB", f"max_header_bytes: {value}")
+    with pytest.raises(ConfigError) as info:
+        load_config(text, "side.yaml")
+    assert "side.yaml:15: limits.max_header_bytes" in str(info.value)
 
 
 def test_sizes_and_addresses():

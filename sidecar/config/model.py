@@ -145,6 +145,7 @@ _LIMIT_DURATIONS = {
     "max_connection_age", "max_connection_age_jitter", "connection_close_grace",
 }
 _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
+MIN_HEADER_BYTES, MAX_HEADER_BYTES = 1024, 8 * 1024 * 1024
 _LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size"}
 
 
@@ -316,6 +317,11 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                     v = parse_size(value)
                 except ValueError as exc:
                     src.problem(p, str(exc))
+                    v = None
+                if key == "max_header_bytes" and v is not None and not (
+                        MIN_HEADER_BYTES <= v <= MAX_HEADER_BYTES):
+                    # 0 answered every request with 431 (a hostile review: it loaded).
+                    src.problem(p, "must be between 1KiB and 8MiB")
                     v = None
             elif key in _LIMIT_COUNTS:
                 v = r.positive_int(value, p)

@@ -8,9 +8,13 @@ import math
 import re
 from datetime import date, datetime
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# ASCII digits only (``\d`` also takes Arabic-Indic and other Unicode digits, which float()
+# reads: a value a person cannot check by eye).
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|kib|mib|gib|kb|mb|gb|k|m|g)?\s*$", re.IGNORECASE)
+# The largest size any setting takes (1 PiB): a 400-digit number is no bound a person meant.
+MAX_SIZE = 2**50
 _SIZE_UNITS = {
     None: 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
     "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
@@ -29,7 +33,11 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+            if not math.isfinite(seconds):
+                # 309 digits or more read as infinity: no bound at all (a hostile review)
+                raise ValueError("a duration must be a finite number >= 0")
+            return seconds
     raise ValueError("expected a duration like 30s, 5m or 1h")
 
 
@@ -57,16 +65,23 @@ def parse_size(value: object) -> int:
     """``1024`` / ``"64KiB"`` / ``"1MiB"`` -> bytes."""
     if isinstance(value, bool):
         raise ValueError("expected a size like 64KiB or 1MiB")
+    size: int | None = None
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE.match(value)
-        if m:
+        if m and len(m.group(1)) <= 20:
             unit = m.group(2).lower() if m.group(2) else None
-            return int(m.group(1)) * _SIZE_UNITS[unit]
-    raise ValueError("expected a size like 64KiB or 1MiB")
+            size = int(m.group(1)) * _SIZE_UNITS[unit]
+        elif m:
+            size = MAX_SIZE + 1
+    if size is None:
+        raise ValueError("expected a size like 64KiB or 1MiB")
+    if size > MAX_SIZE:
+        raise ValueError("a size must be at most 1PiB")
+    return size
 
 
 # A host name: labels of letters, digits, '-' and '_', dot-separated, an optional final dot.
