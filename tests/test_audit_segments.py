@@ -188,6 +188,32 @@ def test_segment_names_sort_in_chain_order(tmp_path: Path) -> None:
     assert names[0] == "audit-00000000000000000010-20231114T221320250000Z.log"
 
 
+# Names that only look like segment names: a second name for one segment's bytes made
+# export and tail read its records twice (found by a hostile review). Each is ignored.
+LOOKALIKE_NAMES = [
+    "audit-00000000000000000010-20231114T221320250000Z.log\n",  # `$` matched before it
+    "audit-0000000000000000001\u0660-20231114T221320250000Z.log",  # an Arabic-Indic zero
+    "audit-00000000000000000010-2023111\uff14T221320250000Z.log",  # a fullwidth four
+    "audit-00000000000000000010-20231114T221320250000Z.log.bak",
+    "x-audit-00000000000000000010-20231114T221320250000Z.log",
+]
+
+
+@pytest.mark.parametrize("name", LOOKALIKE_NAMES)
+def test_only_names_the_writer_makes_are_segments(tmp_path: Path, name: str) -> None:
+    real = segment_name(10, 1700000000.25)
+    (tmp_path / real).write_bytes(b"")
+    (tmp_path / name).write_bytes(b"")
+    assert [s.name for s in list_segments(str(tmp_path))] == [real]
+
+
+def test_export_reads_a_trail_with_a_lookalike_copy_once(trail: Path) -> None:
+    before = len(list(iter_records(str(trail))))
+    first = list_segments(str(trail))[0]
+    (trail / (first.name + "\n")).write_bytes(Path(first.path).read_bytes())
+    assert len(list(iter_records(str(trail)))) == before
+
+
 def test_parse_time() -> None:
     assert parse_time("1700000000.5") == 1700000000.5
     assert parse_time("2023-11-14T22:13:20Z") == 1700000000.0

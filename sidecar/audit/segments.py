@@ -55,7 +55,11 @@ from sidecar.audit.crypto import DecryptError, Decryptor
 from sidecar.audit.record import AuditRecord, RecordError, check_wire
 from sidecar.audit.signing import Checkpoint, Keyring
 
-SEGMENT_NAME = re.compile(r"^audit-(\d{20})-(\d{8}T\d{12}Z)\.log$")
+# Exactly what ``segment_name`` writes, matched whole (``fullmatch``): ASCII digits (``\d``
+# took every Unicode digit) and no trailing newline (``$`` matched before one), or a second
+# name for one segment made export and tail read its records twice (found by a hostile
+# review: 70 records from a 60-record trail, exit 0).
+SEGMENT_NAME = re.compile(r"audit-([0-9]{20})-([0-9]{8}T[0-9]{12}Z)\.log", re.ASCII)
 READ_BUFFER = 256 * 1024
 
 
@@ -91,7 +95,7 @@ def list_segments(directory: str) -> list[SegmentFile]:
     out: list[SegmentFile] = []
     with os.scandir(directory) as it:
         for entry in it:
-            m = SEGMENT_NAME.match(entry.name)
+            m = SEGMENT_NAME.fullmatch(entry.name)
             if m:
                 out.append(SegmentFile(int(m.group(1)), m.group(2), entry.path))
     out.sort()
@@ -125,7 +129,7 @@ def resolve_segments(path: str) -> list[SegmentFile]:
     """A directory's segments, or one named file (any name) as a single segment."""
     if os.path.isdir(path):
         return list_segments(path)
-    m = SEGMENT_NAME.match(os.path.basename(path))
+    m = SEGMENT_NAME.fullmatch(os.path.basename(path))
     if m:
         return [SegmentFile(int(m.group(1)), m.group(2), path, follow=True)]
     if not os.path.exists(path):
