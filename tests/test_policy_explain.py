@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from sidecar.config.values import parse_timestamp
 from sidecar.policy.explain import explain
 from sidecar.policy.loader import load_policy_file
@@ -15,7 +17,7 @@ FRONT = "spiffe://cluster.local/ns/shop/sa/frontend"
 
 
 def test_allowed_trail_shows_normalisation_and_conditions() -> None:
-    e = explain(SHOP, ORDERS, caller=FRONT, method="get", target="/%6frders/7?x=1",
+    e = explain(SHOP, ORDERS, caller=FRONT, method="GET", target="/%6frders/7?x=1",
                 claims={"corp": {"scope": "orders:read"}}, now=NOW)
     assert e.allowed and e.decision is not None
     assert e.decision.rule == "frontend-reads-orders"
@@ -60,3 +62,29 @@ def test_missing_section() -> None:
     assert not e.section_found and e.decision is not None
     assert e.decision.reason == "no_section_for_identity"
     assert "section: none" in e.render()
+
+
+# What the data path refuses with 400 before any rule runs is explained as refused, never as
+# allowed or denied (found by a hostile review: a lower-case method was upper-cased, and
+# hosts the data path refuses were matched against the rules).
+HEAD_REFUSALS = {
+    "lower_case_method": ("get", "", "bad_method"),
+    "mixed_case_method": ("Get", "", "bad_method"),
+    "connect": ("CONNECT", "", "method_not_allowed"),
+    "trace": ("TRACE", "", "method_not_allowed"),
+    "non_ascii_method": ("G\u00c9T", "", "bad_method"),
+    "leading_zero_ipv4": ("GET", "010.0.0.1", "bad_host"),
+    "short_ipv4": ("GET", "127.1", "bad_host"),
+    "space_in_host": ("GET", "a b", "bad_host"),
+    "two_ports": ("GET", "orders:80:80", "bad_host"),
+    "non_latin1_host": ("GET", "\u043e\u0440ders", "bad_host"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_REFUSALS))
+def test_what_the_data_path_refuses_is_explained_as_refused(case: str) -> None:
+    method, host, reason = HEAD_REFUSALS[case]
+    e = explain(SHOP, ORDERS, caller=FRONT, method=method, target="/orders/7", host=host,
+                claims={"corp": {"scope": "orders:read"}}, now=NOW)
+    assert e.decision is None and e.refused_reason == reason, e
+    assert not e.allowed

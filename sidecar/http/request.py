@@ -306,6 +306,18 @@ def _check_host(host: bytes | None) -> str:
     return name
 
 
+def head_refusal(method: str, host: str) -> None:
+    """``BadRequest`` when ``check_head`` would refuse this method or (non-empty) Host --
+    for readers outside the data path (``policy explain``) that must agree with it."""
+    try:
+        raw_method, raw_host = method.encode("ascii"), host.encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadRequest("bad_method" if not method.isascii() else "bad_host") from None
+    _check_method(raw_method)
+    if host:
+        _check_host(raw_host)
+
+
 def _check_method(method: bytes) -> str:
     """``method`` as a str if it is one the data path serves, else ``BadRequest``; kept."""
     if _METHOD.fullmatch(method) is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import BadRequest
+from sidecar.http.request import head_refusal
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
@@ -110,11 +111,15 @@ def explain(
     """
     try:
         path, query = normalise_target(target.encode("utf-8"), merge_slashes=merge_slashes)
+        # The method and Host as the data path reads them (check_head), so that what it
+        # refuses with 400 is never explained as allowed or denied: a lower-case method,
+        # CONNECT, a Host such as 127.1 or "a b" (found by a hostile review).
+        head_refusal(method, host)
     except BadRequest as exc:
         return Explanation(identity, target, None, "", "", None, exc.reason)
     raw_path = target.split("?", 1)[0]
     note = "unchanged" if path == raw_path else f"normalised from {raw_path}"
-    facts = RequestFacts("inbound", caller, source, method.upper(), path, host, port, listener)
+    facts = RequestFacts("inbound", caller, source, method, path, host, port, listener)
     auth = AuthFacts(claims=dict(claims or {}), token_errors=dict(token_errors or {}),
                      apikey=apikey)
     decision = decide(policy, identity, facts, auth, now)
