@@ -356,3 +356,63 @@ def test_deleting_what_was_written_after_a_clean_shutdown(tmp_path: Path) -> Non
     # ... only by an anchor newer than the shutdown.
     anchored = verify(str(d), keyring=keyring, anchors=[new_anchor])
     assert not anchored.ok and [f.code for f in anchored.errors] == ["anchor_beyond_head"]
+
+
+# A history forged in place of the whole trail (written by a writer without the key), then
+# signed over by the real writer when it restarts: it continues after the last frame it finds
+# and cannot tell a forged tail from its own crashed run's. Found by a hostile review: with
+# the records before the first signature unbounded, verify --pubkey said OK. (name, the
+# forger's writer settings, whether its last frame -- an unsigned seal -- is cut away)
+FORGED_HISTORIES = {
+    "from_seq_0_sealed": ({}, False),
+    "from_seq_0_crashed": ({}, True),
+    # Its oldest segments deleted by its own retention: the chain starts past the anchor.
+    "retention_past_the_anchor": ({"max_segments": 3}, False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(FORGED_HISTORIES))
+def test_a_forged_history_a_restarted_writer_signed_over_is_not_proven(
+        trail: Trail, variant: str) -> None:
+    settings, cut = FORGED_HISTORIES[variant]
+    keyring = load_keyring([str(trail.pub)])
+    anchor = Checkpoint.from_json(json.loads(trail.anchor.read_text())["checkpoint"])
+    shutil.rmtree(trail.dir)
+    forged = (AuditRecord(time=1000.0 + i / 10, request_id=f"f{i}", decision="allow", rule="r",
+                          status=200) for i in range(300))
+    write_audit_trail(AuditConfig(path=str(trail.dir), fsync=False, max_segment_bytes=2000,
+                                  **settings),  # type: ignore[arg-type]
+                      forged, identity=IDENT, batch=5, pause=0.001)
+    if cut:
+        newest = list_segments(str(trail.dir))[-1].path
+        with open(newest, "rb") as fh:
+            offsets = [o for o, _p in read_frames(fh)]
+        os.truncate(newest, offsets[-1])  # the unsigned seal
+    write(trail.dir, trail.priv, 20, start=2000)  # the real writer restarts: signs over it
+    assert verify(str(trail.dir)).ok  # the links hold
+    signed = verify(str(trail.dir), keyring=keyring)
+    assert not signed.ok and "unsigned_start" in [f.code for f in signed.errors], signed
+    assert not verify(str(trail.dir), keyring=keyring, anchors=[anchor]).ok
+    # Said to be a trail that ran before signing was configured: a warning, nothing proven.
+    accepted = verify(str(trail.dir), keyring=keyring, accept_unsigned_start=True)
+    assert accepted.ok and "unsigned_start" in [f.code for f in accepted.findings], accepted
+    out = sidecar_cli("audit", "verify", str(trail.dir), "--pubkey", str(trail.pub))
+    assert out.returncode == 1 and "before the first signed checkpoint" in out.stdout
+    out = sidecar_cli("audit", "verify", str(trail.dir), "--pubkey", str(trail.pub),
+                      "--accept-unsigned-start")
+    assert out.returncode == 0, out.stdout
+
+
+def test_a_trail_signed_from_its_start_has_no_unsigned_start(tmp_path: Path) -> None:
+    # The control: a writer with the key from the first record, crashing before its first
+    # checkpoint and restarting, leaves no more records unsigned than it signs over.
+    priv, pub, _ = write_keypair(str(tmp_path / "k"))
+    d = tmp_path / "audit"
+    write(d, Path(priv), 5)
+    newest = list_segments(str(d))[-1].path
+    with open(newest, "rb") as fh:
+        offsets = [o for o, _p in read_frames(fh)]
+    os.truncate(newest, offsets[-1])
+    write(d, Path(priv), 30, start=5)
+    result = verify(str(d), keyring=load_keyring([pub]))
+    assert result.ok and "unsigned_start" not in [f.code for f in result.findings], result

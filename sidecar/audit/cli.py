@@ -74,6 +74,10 @@ def add_audit_parsers(subparsers: Any) -> None:
     _add_data_key(p, "also check that every encrypted record decrypts")
     p.add_argument("--accept-declared-breaks", action="store_true",
                    help="exit 0 when the only problems are breaks the writer declared")
+    p.add_argument("--accept-unsigned-start", action="store_true",
+                   help="with --pubkey: records before the first signed checkpoint, more "
+                        "than its writer signs over, are a warning, not an error (a trail "
+                        "that ran before signing was configured; nothing proves them)")
     p.add_argument("--require-genesis", action="store_true",
                    help="fail when the oldest segments are missing (retention)")
     p.add_argument("--json", action="store_true", help="older spelling of -o json")
@@ -289,6 +293,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         result = verify(args.path, key=key, keyring=keyring, anchors=anchors,
                         decryptor=decryptor, identity=getattr(args, "identity", None),
                         accept_declared_breaks=getattr(args, "accept_declared_breaks", False),
+                        accept_unsigned_start=getattr(args, "accept_unsigned_start", False),
                         require_genesis=getattr(args, "require_genesis", False))
     finally:
         progress.close()

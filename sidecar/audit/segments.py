@@ -273,8 +273,10 @@ class _Walk:
     """Per-frame checks beyond the links: signatures, seals, restarts, anchors, tail."""
 
     def __init__(self, result: VerifyResult, keyring: Keyring | None,
-                 anchors: list[Checkpoint], identity: str | None = None) -> None:
+                 anchors: list[Checkpoint], identity: str | None = None,
+                 accept_unsigned_start: bool = False) -> None:
         self.result = result
+        self.accept_unsigned_start = accept_unsigned_start
         self.identity = identity  # --id: every frame naming an identity must name this one
         self.wrong: set[tuple[str, str]] = set()  # other identities already reported
         self.more_identities = False  # more than MAX_IDENTITIES_LISTED were named
@@ -330,7 +332,10 @@ class _Walk:
                 problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
                 if problem is not None:
                     return problem
-                self.gap(frame.seq)
+                if self.first_signed:
+                    self.gap(frame.seq)
+                else:
+                    self.unsigned_start(frame)
                 r.checkpoints += 1
                 r.signed_through = frame.seq
                 r.unsigned_tail_frames = r.unsigned_tail_records = 0
@@ -373,6 +378,36 @@ class _Walk:
                         f"{r.signed_through} and {seq}, but the writer signs every "
                         f"{max_records}: records after seq {first - 1} were appended without "
                         "the key and a restarted writer signed over them")
+
+    def unsigned_start(self, frame: Frame) -> None:
+        """The first verified signature, at ``frame``: the records before it must be no more
+        than its writer's ``every`` allows, by count and by time. A writer that holds the
+        key signs every N records (and right after the header of each restart), so more
+        before its first signature were written without the key: a history forged in its
+        place that a restarted writer, which cannot tell it from its own crashed run,
+        signed over (found by a hostile review: 500 forged records then verified OK).
+        ``--accept-unsigned-start`` for a trail that ran before signing was configured."""
+        every = frame.body.get("every")
+        if not (isinstance(every, list) and len(every) == 2):
+            return
+        r, (max_records, max_seconds) = self.result, every
+        records = r.unsigned_tail_records
+        too_many = isinstance(max_records, int) and not isinstance(max_records, bool) \
+            and records > max_records
+        span = self.tail_times[1] - self.tail_times[0] if len(self.tail_times) == 2 else 0.0
+        too_long = isinstance(max_seconds, int | float) and not isinstance(max_seconds, bool) \
+            and span > max_seconds + TAIL_SLACK_SECONDS
+        if not (too_many or too_long):
+            return
+        start = r.starts_at if r.starts_at is not None else 0
+        r.add("warning" if self.accept_unsigned_start else "error", "unsigned_start",
+              self.segment, frame.seq,
+              f"{records} records (over {span:.1f} s) from seq {start} come before the first "
+              f"signed checkpoint (seq {frame.seq}), but its writer signs every {max_records}"
+              f" records or {max_seconds} s: nothing proves them -- they were written "
+              "without the key (a history forged in place of the trail, then signed over by "
+              "a restarted writer), or before signing was configured "
+              "(--accept-unsigned-start)")
 
     def header(self, frame: Frame, first_in_walk: bool) -> None:
         """The first frame of a segment: restarts, what the header claims about the segment
@@ -574,7 +609,7 @@ def verify(
     path: str, *, key: bytes | None = None, accept_declared_breaks: bool = False,
     require_genesis: bool = False, keyring: Keyring | None = None,
     anchors: list[Checkpoint] | None = None, decryptor: Decryptor | None = None,
-    identity: str | None = None,
+    identity: str | None = None, accept_unsigned_start: bool = False,
 ) -> VerifyResult:
     """Check the whole chain under ``path`` (directory or one segment file).
 
@@ -582,7 +617,9 @@ def verify(
     checkpoints saved elsewhere that must still be part of the chain; ``decryptor``: data
     keys, to check that every encrypted record also decrypts (integrity needs no data key);
     ``identity``: the SPIFFE ID whose trail this must be (every frame and anchor naming an
-    identity names this one). The identities named are in ``identities``."""
+    identity names this one). The identities named are in ``identities``.
+    ``accept_unsigned_start``: records before the first signature, more than its writer's
+    ``every`` allows, are a warning instead of an error (a trail that ran unsigned first)."""
     result = VerifyResult()
     result.assurance = "signature" if keyring else "hmac" if key is not None else "none"
     try:
@@ -603,7 +640,7 @@ def verify(
                 result.add("error", "anchor_signature", "", anchor.seq,
                            f"the anchor for seq {anchor.seq} is not a valid checkpoint of the "
                            f"keyring: {forged}")
-    walk = _Walk(result, keyring, list(anchors or []), identity)
+    walk = _Walk(result, keyring, list(anchors or []), identity, accept_unsigned_start)
     for anchor in anchors or []:
         if identity is not None and anchor.fields.get("id") != identity:
             walk.named(anchor.seq, anchor.fields.get("id"), "anchor")
