@@ -317,3 +317,29 @@ def test_a_consistently_forged_header_with_an_impossible_time(stream: Stream,
         forged, separators=(",", ":"))
     code, out, result = stream.collect(lines)
     assert code == 0 and result is not None and not result["ok"], (out, result)
+
+
+# A message naming a member twice is not one the writer sent: a SIEM that keeps the first
+# "record" would show another decision than the frame collect checked (which read the last).
+# Found by a hostile review: collect took it (json.loads). Now the line is not the writer's:
+# collect leaves it out and verify finds the seq missing. (what, kind, the edit)
+TWICE: list[tuple[str, str, Callable[[str], str]]] = [
+    ("seq twice", "seg", lambda line: line.replace('{"seq":', '{"seq":999999,"seq":', 1)),
+    ("seq twice", "chk", lambda line: line.replace('{"seq":', '{"seq":999999,"seq":', 1)),
+    ("seq twice", "rec", lambda line: line.replace('{"seq":', '{"seq":999999,"seq":', 1)),
+    ("record twice", "rec", lambda line: line.replace(
+        '{"seq":', '{"record":{"d":"allow","st":200},"seq":', 1)),
+]
+
+
+@pytest.mark.parametrize("what,kind,edit", TWICE, ids=[f"{e[0]}-{e[1]}" for e in TWICE])
+def test_a_message_naming_a_member_twice_is_not_taken(stream: Stream, what: str, kind: str,
+                                                      edit: Callable[[str], str]) -> None:
+    if kind == "rec" and stream.data:
+        kind = "erc"
+    idx = first(stream.lines, kind) + (2 if kind in ("rec", "erc") else 0)
+    lines = list(stream.lines)
+    lines[idx] = edit(lines[idx])
+    assert lines[idx] != stream.lines[idx]
+    code, out, result = stream.collect(lines)
+    assert code == 1 or (result is not None and not result["ok"]), (code, out, result)

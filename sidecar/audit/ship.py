@@ -44,7 +44,7 @@ from sidecar.audit.chain import (
     parse_record_json,
 )
 from sidecar.audit.record import SharedExtra, row_wire
-from sidecar.jsondoc import deeper_than
+from sidecar.jsondoc import deeper_than, read_json
 
 SD_ID = "sidecar@32473"  # 32473: the documentation enterprise number of RFC 5612
 PRI = b"<110>"  # facility 13 (log audit) * 8 + severity 6 (informational)
@@ -484,7 +484,10 @@ class Collector:
             if start < 0:
                 continue
             try:
-                obj = json.loads(line[start:])
+                # The strict reader (sidecar/jsondoc.py): a message that names a member twice
+                # is not one the writer sent -- a SIEM keeping the first "record" would show
+                # one thing and this check the last (found by a hostile review).
+                obj = read_json(line[start:])
                 seq = obj["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                     continue
