@@ -44,9 +44,11 @@ from sidecar.k8s.rules import POD_RULES, POD_SHAPE, SERVER_DEFAULTS, verify_inje
 from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
 
 CERT_SECRET = "mesh-svid"
+SIGNING_SECRET = "mesh-audit-signing"
 ALLOWED_CONFIG = "orders-sidecar"
-FLAGS = ["--cert-secret", CERT_SECRET, "--allow-config-configmap", ALLOWED_CONFIG]
-OPTIONS = InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,))
+FLAGS = ["--cert-secret", CERT_SECRET, "--audit-signing-secret", SIGNING_SECRET,
+         "--allow-config-configmap", ALLOWED_CONFIG]
+OPTIONS = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,))
 RESERVED = (SVID_VOLUME, POLICY_VOLUME, CONFIG_VOLUME, AUDIT_VOLUME)
 
 
@@ -114,6 +116,27 @@ def _mount(volume: str, where: str = "containers", field: str = "volumeMounts"
 def _volume(volume: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
         doc["spec"].setdefault("volumes", []).append(volume)
+    return change
+
+
+def _container_in(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    if where == "containers":
+        return _app(doc)
+    container = {"name": "helper", "image": "busybox"}
+    doc["spec"].setdefault(where, []).append(container)
+    return container
+
+
+def _env(item: dict[str, Any], where: str = "containers") -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        _container_in(doc, where).setdefault("env", []).append(item)
+    return change
+
+
+def _env_from(item: dict[str, Any], where: str = "containers"
+              ) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        _container_in(doc, where).setdefault("envFrom", []).append(item)
     return change
 
 
@@ -197,6 +220,35 @@ CASES: list[Case] = [
     Case("certificate Secret in a projected volume", _with(_volume(
         {"name": "creds", "projected": {"sources": [{"secret": {"name": CERT_SECRET}}]}})),
         "deny:credential_volume"),
+    Case("audit signing Secret under another name", _with(_volume(
+        {"name": "k", "secret": {"secretName": SIGNING_SECRET}})), "deny:credential_volume"),
+    Case("audit signing Secret in a projected volume", _with(_volume(
+        {"name": "k", "projected": {"sources": [{"configMap": {"name": "x"}},
+                                                {"secret": {"name": SIGNING_SECRET}}]}})),
+        "deny:credential_volume"),
+    # The credential Secrets through the environment (found by a hostile review: allowed).
+    *[Case(f"{what} through {how}", _with(change), "deny:credential_env")
+      for what, secret in (("certificate Secret", CERT_SECRET),
+                           ("audit signing Secret", SIGNING_SECRET))
+      for how, change in (
+          ("env secretKeyRef", _env({"name": "K", "valueFrom": {"secretKeyRef": {
+              "name": secret, "key": "tls.key"}}})),
+          ("envFrom secretRef", _env_from({"secretRef": {"name": secret}})),
+          ("an init container's envFrom", _env_from({"secretRef": {"name": secret}},
+                                                    "initContainers")),
+          ("an ephemeral container's env", _env({"name": "K", "valueFrom": {"secretKeyRef": {
+              "name": secret, "key": "key.pem"}}}, "ephemeralContainers")))],
+    Case("another Secret through env and envFrom", _with(lambda d: (
+        _env({"name": "K", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}})(d),
+        _env_from({"secretRef": {"name": "db"}})(d))), "inject"),
+    # A pod left without the sidecar must not hold what the sidecar holds either.
+    Case("opt-out label with the SPIFFE CSI volume", _with(lambda d: (
+        _meta("labels", INJECT_ANNOTATION, "false")(d),
+        _volume({"name": "creds", "csi": {"driver": SPIFFE_CSI_DRIVER}})(d))),
+        "deny:credential_volume"),
+    Case("hostNetwork with the certificate Secret in env", _with(lambda d: (
+        d["spec"].update(hostNetwork=True),
+        _env_from({"secretRef": {"name": CERT_SECRET}})(d))), "deny:credential_env"),
     Case("shared process namespace",
          _with(lambda d: d["spec"].update(shareProcessNamespace=True)),
          "deny:shared_process_namespace"),
@@ -239,7 +291,7 @@ def _check_injected(doc: dict[str, Any], case: Case) -> None:
 
 def _options_for(doc: dict[str, Any]) -> InjectOptions:
     name = (doc["metadata"].get("annotations") or {}).get(CONFIG_ANNOTATION)
-    return InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+    return InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
                          config_configmap=name or InjectOptions.config_configmap)
 
 
@@ -252,7 +304,7 @@ def test_every_rule_has_a_case() -> None:
 def test_pure(case: Case) -> None:
     doc = case.build()
     before = copy.deepcopy(doc)
-    options = InjectOptions(cert_secret=CERT_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+    options = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
                             namespace_mode=case.mode)
     if case.expect.startswith("deny:"):
         with pytest.raises(InjectError) as err:
@@ -420,7 +472,7 @@ def test_malformed_pod_family(mode: str) -> None:
         doc = _malformed_pod(path, value)
         with pytest.raises(InjectError) as err:
             inject_pod_spec(doc["metadata"], doc["spec"],
-                            InjectOptions(cert_secret=CERT_SECRET, namespace_mode=mode))
+                            InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, namespace_mode=mode))
         assert err.value.rule == "malformed_pod", (name, value, err.value)
 
 

@@ -299,7 +299,11 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
 
     rules.check_pod_shape(pod_meta, pod_spec)
     meta_in = pod_meta or {}
-    if not isinstance(pod_spec, dict) or rules.opted_out(meta_in, options):
+    if not isinstance(pod_spec, dict):
+        return None
+    # Before the opt-outs: a pod left without a sidecar must not hold what one holds.
+    rules.check_credentials(pod_spec, options)
+    if rules.opted_out(meta_in, options):
         return None
     if pod_spec.get("hostNetwork") is True:
         if options.namespace_mode != "required":

@@ -21,7 +21,9 @@ at its word:
   status annotation on a pod without the sidecar is overwritten when the sidecar is injected.
 * **The sidecar's files stay the sidecar's** (``POD_RULES``): no other container may mount
   its volumes; no pod volume may carry the sidecar's credentials under another name (the
-  SPIFFE CSI driver, the ``--cert-secret`` Secret); no shared process namespace (through
+  SPIFFE CSI driver, the ``--cert-secret`` and ``--audit-signing-secret`` Secrets) and no
+  other container may read those Secrets into its environment -- checked for opted-out and
+  hostNetwork pods too (``check_credentials``); no shared process namespace (through
   ``/proc/<pid>/root`` another container could read the sidecar's key).
 * **The sidecar config ConfigMap** comes from the injector's options: the default
   (``--config-configmap``) or a name on ``--allow-config-configmap``. The pod annotation
@@ -69,8 +71,11 @@ POD_RULES: dict[str, str] = {
     "mounts_sidecar_volume": "another container mounting the sidecar's volumes could call "
                              "peers with its key (no egress policy, no audit) or rewrite the "
                              "audit trail",
-    "credential_volume": "a pod volume from the SPIFFE CSI driver or the certificate Secret, "
-                         "under any name, hands the workload's key to the app",
+    "credential_volume": "a pod volume from the SPIFFE CSI driver, the certificate Secret or "
+                         "the audit signing Secret, under any name, hands the workload's key "
+                         "or the signing key to the app",
+    "credential_env": "a container reading the certificate Secret or the audit signing "
+                      "Secret into its environment holds the key it names",
     "shared_process_namespace": "with a shared process namespace (the pod's or the node's: "
                                 "hostPID) other containers can read the sidecar's files "
                                 "through /proc/<pid>/root",
@@ -94,7 +99,9 @@ _HTTP_GET: dict[str, Any] = {"port": _PORT, "host": _STRING, "path": _STRING,
 _CONTAINER: dict[str, Any] = {
     "name": _STRING, "targetContainerName": _STRING,
     "ports": [{"name": _STRING, "containerPort": _INTEGER}],
-    "env": [{"name": _STRING, "value": _STRING}],
+    "env": [{"name": _STRING, "value": _STRING,
+             "valueFrom": {"secretKeyRef": {"name": _STRING}}}],
+    "envFrom": [{"secretRef": {"name": _STRING}}],
     "volumeMounts": [_NAMED], "volumeDevices": [_NAMED],
     **{probe: {"httpGet": _HTTP_GET}
        for probe in ("livenessProbe", "readinessProbe", "startupProbe")},
@@ -205,21 +212,73 @@ def reserved_volume_names(options: InjectOptions) -> frozenset[str]:
     return frozenset(v["name"] for v in sidecar_volumes(options))
 
 
+def credential_secrets(options: InjectOptions) -> frozenset[str]:
+    """The Secrets only the mesh sidecar may read: the workload certificate's
+    (``cert_secret``) and the audit signing key's (``audit_signing_secret``)."""
+    return frozenset(n for n in (options.cert_secret, options.audit_signing_secret) if n)
+
+
 def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool:
     csi = volume.get("csi")
     if isinstance(csi, dict) and csi.get("driver") == SPIFFE_CSI_DRIVER:
         return True
-    if not options.cert_secret:
+    secrets = credential_secrets(options)
+    if not secrets:
         return False
     secret = volume.get("secret")
-    if isinstance(secret, dict) and secret.get("secretName") == options.cert_secret:
+    if isinstance(secret, dict) and secret.get("secretName") in secrets:
         return True
     projected = volume.get("projected")
     for source in (projected or {}).get("sources") or [] if isinstance(projected, dict) else []:
         inner = source.get("secret") if isinstance(source, dict) else None
-        if isinstance(inner, dict) and inner.get("name") == options.cert_secret:
+        if isinstance(inner, dict) and inner.get("name") in secrets:
             return True
     return False
+
+
+def _env_secret(container: dict[str, Any], secrets: frozenset[str]) -> str | None:
+    """A credential Secret ``container`` reads into its environment (``env[].valueFrom.
+    secretKeyRef``, ``envFrom[].secretRef``), or None."""
+    for item in container.get("env") or []:
+        ref = ((item.get("valueFrom") or {}).get("secretKeyRef") or {}) \
+            if isinstance(item, dict) else {}
+        if isinstance(ref, dict) and ref.get("name") in secrets:
+            return str(ref["name"])
+    for item in container.get("envFrom") or []:
+        ref = item.get("secretRef") if isinstance(item, dict) else None
+        if isinstance(ref, dict) and ref.get("name") in secrets:
+            return str(ref["name"])
+    return None
+
+
+def check_credentials(spec: dict[str, Any], options: InjectOptions) -> None:
+    """No container but the mesh sidecar may hold the workload's certificate and key or the
+    audit signing key: no volume of the pod (but the sidecar's own) carries them -- the
+    SPIFFE CSI driver, or either Secret as a volume or a projected source -- and no other
+    container reads either Secret into its environment. Checked for every pod the webhook
+    sees, opted out and hostNetwork ones included: such a pod gets no sidecar, but must not
+    get the credentials that would let it act as a meshed workload without one (found by a
+    hostile review: the signing Secret in any form, and the certificate Secret through env,
+    reached app containers, and an opted-out pod could mount the CSI volume)."""
+    reserved = reserved_volume_names(options)
+    for volume in _volumes(spec):
+        if volume.get("name") not in reserved and _carries_credentials(volume, options):
+            raise _refuse("credential_volume",
+                          f"volume {volume.get('name')!r} carries the workload's mesh "
+                          "certificate and key or the audit signing key; only the mesh "
+                          "sidecar may hold them")
+    secrets = credential_secrets(options)
+    if not secrets:
+        return
+    for key, container in _containers(spec):
+        if container.get("name") == SIDECAR_CONTAINER and key != "ephemeralContainers":
+            continue
+        name = _env_secret(container, secrets)
+        if name is not None:
+            raise _refuse("credential_env",
+                          f"{key} {container.get('name')!r} reads Secret {name!r} into its "
+                          "environment; it holds the mesh certificate or the audit signing "
+                          "key, which only the mesh sidecar may hold")
 
 
 def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
@@ -245,11 +304,7 @@ def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
             raise _refuse("shared_process_namespace",
                           f"ephemeral container {container.get('name')!r} targets the mesh "
                           "sidecar's process namespace")
-    for volume in _volumes(spec):
-        if volume.get("name") not in reserved and _carries_credentials(volume, options):
-            raise _refuse("credential_volume",
-                          f"volume {volume.get('name')!r} carries the workload's mesh "
-                          "certificate and key; only the mesh sidecar may hold them")
+    check_credentials(spec, options)
 
 
 def _matches(expected: Any, actual: Any) -> bool:
