@@ -73,7 +73,8 @@ def closed(proc: SidecarProc, reason: str, direction: str = "inbound") -> float:
 
 
 def wait_closed(proc: SidecarProc, reason: str, direction: str = "inbound") -> None:
-    wait_for(lambda: closed(proc, reason, direction) >= 1, timeout=15)
+    # (A bound, not a wait: 30 s leaves room for a certificate of 15 s on a loaded machine.)
+    wait_for(lambda: closed(proc, reason, direction) >= 1, timeout=30)
 
 
 def audited(tmp: Path, name: str, reason: str) -> list[dict[str, Any]]:

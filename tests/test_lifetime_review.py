@@ -557,7 +557,7 @@ def _short_lived_identity(tmp: Path, pki: Pki, name: str, chain: str,
 @pytest.mark.parametrize("chain", ["leaf", "intermediate"])
 def test_inbound_connections_end_when_the_own_certificate_expires(tmp_path, pki, app, procs,
                                                                    chain):
-    ident, bundle, ends = _short_lived_identity(tmp_path, pki, "orders", chain, 8)
+    ident, bundle, ends = _short_lived_identity(tmp_path, pki, "orders", chain, 15)
     if chain == "intermediate":  # the client must trust the root of that chain
         root_pem = (ident / "ca.crt").read_bytes()
         client = pki.identity("frontend")

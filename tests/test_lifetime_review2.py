@@ -141,7 +141,7 @@ def _outbound_setup(tmp: Path, pki: Pki, how: str) -> tuple[Path, Path, _Endless
         return front, up, _EndlessUpstream(up, up_bundle), front / "ca.crt", own_pem
     elif how.startswith("own_"):
         chain = "leaf" if how == "own_chain_expires" else "intermediate"
-        front, bundle, _ = _short_lived_identity(tmp, pki, "frontend", chain, 8)
+        front, bundle, _ = _short_lived_identity(tmp, pki, "frontend", chain, 15)
         if chain == "intermediate":
             (front / "ca.crt").write_bytes((front / "ca.crt").read_bytes()
                                            + Path(pki.bundle).read_bytes())
