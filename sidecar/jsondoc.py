@@ -59,10 +59,17 @@ def deeper_than(value: Any, limit: int) -> bool:
     if not isinstance(value, dict | list):
         return False
     stack: list[tuple[Any, int]] = [(value, 1)]
+    # A node shared by several parents (YAML aliases) is walked again only when reached
+    # deeper than before: nine levels of nine aliases each ("billion laughs", 900 bytes)
+    # made a walk of every path, and `sidecar inject` spun for minutes (a hostile review).
+    deepest: dict[int, int] = {}
     while stack:
         node, depth = stack.pop()
         if depth > limit:
             return True
+        if deepest.get(id(node), 0) >= depth:
+            continue
+        deepest[id(node)] = depth
         for child in node.values() if isinstance(node, dict) else node:
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1))

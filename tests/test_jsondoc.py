@@ -20,7 +20,7 @@ from sidecar.admin_pages import parse_app_probes
 from sidecar.authn.jwks import parse_jwks
 from sidecar.authn.oauth import check_metadata, introspection_claims
 from sidecar.errors import ConfigError
-from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, read_json
+from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, deeper_than, read_json
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH, review_pod
 from sidecar.k8s.inject import InjectOptions
 
@@ -123,3 +123,17 @@ def test_introspection_error_names_the_reason_not_the_content() -> None:
         introspection_claims(200, b'{"active": true, "sub": "secret-subject", "active": 1}',
                              "https://idp/introspect")
     assert "twice" in str(err.value) and "secret-subject" not in str(err.value)
+
+
+def test_depth_of_a_document_with_shared_nodes_is_measured_once_per_node() -> None:
+    # YAML aliases make one list the child of many: nine levels of nine ("billion laughs")
+    # were walked path by path (9**9 visits; `sidecar inject` spun for minutes).
+    node: list = ["x"] * 9
+    for _ in range(9):
+        node = [node] * 9
+    assert not deeper_than(node, 64)
+    assert deeper_than(node, 9)
+    # A node reached first shallow, then deeper, is measured at its deepest.
+    leaf = [[[["deep"]]]]
+    assert deeper_than({"a": leaf, "b": [[[leaf]]]}, 6)
+    assert not deeper_than({"a": leaf, "b": [[[leaf]]]}, 8)

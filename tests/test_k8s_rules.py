@@ -270,6 +270,12 @@ CASES: list[Case] = [
     Case("opt-out label value is a list, enabled namespace",
          _with(lambda d: d["metadata"]["labels"].update({INJECT_ANNOTATION: ["false"]})),
          "deny:malformed_pod"),
+    # Probe ports the injector cannot resolve are left alone (found by a hostile review: "²"
+    # passed str.isdigit() and int() raised: a 500 from the webhook, a traceback from the CLI).
+    *[Case(f"probe port {label}", _with(lambda d, port=port: _app(d)["readinessProbe"][
+        "httpGet"].update(port=port)), "inject")
+      for label, port in (("superscript two", "\u00b2"), ("Arabic-Indic digits", "\u0668\u0660"),
+                          ("5,000 digits", "9" * 5000), ("zero", "0"), ("70000", "70000"))],
     Case("null annotations and volumes", _with(lambda d: (
         d["metadata"].update(annotations=None), d["spec"].update(volumes=None))), "inject"),
     # The config ConfigMap only from the injector's allowlist.

@@ -143,8 +143,11 @@ def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
     if isinstance(port, int) and not isinstance(port, bool):
         return port
     if isinstance(port, str):
-        if port.isdigit():
-            return int(port)
+        # ASCII digits only, a TCP port's worth: str.isdigit() also takes "²" and other
+        # Unicode digits, which int() refuses (a 500 from the webhook: a hostile review),
+        # and 5,000 digits would be no port at all.
+        if port.isascii() and port.isdigit():
+            return int(port) if len(port) <= 5 and 0 < int(port) < 65536 else None
         for declared in container.get("ports") or []:
             if declared.get("name") == port and isinstance(declared.get("containerPort"), int):
                 return int(declared["containerPort"])
