@@ -686,3 +686,32 @@ def test_a_body_that_stalls_closes_the_connection_without_an_answer(
 
     with_serve(check)
     assert '"test_failed"' not in capsys.readouterr().err
+
+
+# A URL with a secret in its path or query (a Slack webhook's /services/T/B/SECRET, a
+# ?token=) is never repeated by the error that refuses it: those messages reach the log,
+# /policy's last_reload_error and `sidecar check` (found by a hostile review).
+SECRET_URLS = [
+    "https://hooks.example.com:4433x/services/T0/B0/SECRETPATH?token=SECRETQUERY",
+    "https://hooks.example.com/services/SECRETPATH with space?token=SECRETQUERY",
+    "ftp://hooks.example.com/SECRETPATH?token=SECRETQUERY",
+    "https://user:SECRETPASS@/SECRETPATH",
+    "https://127.1/SECRETPATH?token=SECRETQUERY",
+    "hooks.example.com/SECRETPATH?token=SECRETQUERY",
+    "https://[::1/SECRETPATH",
+]
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+def test_a_refused_url_is_shown_without_its_path_query_or_password(url: str) -> None:
+    from sidecar.ctlhttp.client import ClientError, parse_url
+    from sidecar.policy.load_sections import url_problem
+
+    messages = [url_problem(url) or ""]
+    with pytest.raises(ClientError) as info:
+        parse_url(url, schemes=("https",))
+        raise ClientError("accepted")  # (127.1 is refused by url_problem, not parse_url)
+    messages.append(str(info.value))
+    for message in messages:
+        assert "SECRET" not in message, message
+    assert any(m for m in messages)

@@ -98,6 +98,20 @@ def _valid_host(host: str) -> bool:
     return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
 
 
+def shown_url(url: str) -> str:
+    """``url`` as an error message may show it: its scheme and authority without userinfo,
+    and no path or query -- a webhook's path or query often is its secret (Slack's
+    /services/T/B/SECRET, ?token=), and these messages reach the log, ``/policy``'s
+    ``last_reload_error`` and ``sidecar check`` (found by a hostile review: a typo in a port
+    put the whole URL there)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(not shown: no scheme://)"
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    hidden = " (path and query not shown)" if len(rest) > len(authority) else ""
+    return repr(f"{scheme[:20]}://{authority[:200]}") + hidden
+
+
 def parse_url(url: str, *, schemes: Sequence[str] = ("http", "https")) -> Target:
     """Split ``url``; ``ClientError`` unless its scheme is one of ``schemes`` with a host.
 
@@ -109,19 +123,19 @@ def parse_url(url: str, *, schemes: Sequence[str] = ("http", "https")) -> Target
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError as exc:
-        raise ClientError(f"not a URL: {url[:200]!r}") from exc
+        raise ClientError(f"not a URL: {shown_url(url)}") from exc
     if parts.scheme not in schemes or not hostname:
         wanted = " or ".join(schemes)
-        raise ClientError(f"not an {wanted} URL: {url[:200]!r}")
+        raise ClientError(f"not an {wanted} URL: {shown_url(url)}")
     if not _valid_host(hostname):
-        raise ClientError(f"not a host name or address in URL: {url[:200]!r}")
+        raise ClientError(f"not a host name or address in URL: {shown_url(url)}")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise ClientError(f"bad port in URL: {url[:200]!r}") from exc
+        raise ClientError(f"bad port in URL: {shown_url(url)}") from exc
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if not all(33 <= ord(c) < 127 for c in target):
-        raise ClientError(f"the path of a URL must be printable ASCII: {url[:200]!r}")
+        raise ClientError(f"the path of a URL must be printable ASCII: {shown_url(url)}")
     return Target(parts.scheme, hostname, port, target, parts.netloc.rpartition("@")[2])
 
 
