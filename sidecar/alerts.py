@@ -31,8 +31,10 @@ next failure raises again (one alert per window or block, not one per failure).
 With ``block_seconds`` > 0, the alert also blocks the source until ``now + block_seconds``;
 ``blocked()`` is true strictly before that time and false from it on.
 
-Memory is bounded: at most ``max_sources`` tracked sources (least recently failed ones are
-forgotten first) and at most ``max_blocks`` active blocks (expired ones are purged first;
+Memory is bounded: at most ``max_sources`` tracked sources per rule (least recently failed
+ones are forgotten first; each rule has a table of its own, so that a flood of made-up token
+subjects for a ``by: subject`` rule cannot push a peer's count for a ``by: peer`` rule out
+and start its window again -- found by a hostile review) and at most ``max_blocks`` active blocks (expired ones are purged first;
 if still full, the block ending soonest is dropped -- the asymmetry is deliberate: under a
 flood of distinct sources the detector keeps the longest-running blocks).
 
@@ -151,7 +153,8 @@ class BurstDetector:
     ) -> None:
         self.max_sources = max(1, max_sources)
         self.max_blocks = max(1, max_blocks)
-        self._sources: OrderedDict[tuple[str, str], _SourceState] = OrderedDict()
+        # rule name -> source -> its state (one bounded table per rule)
+        self._sources: dict[str, OrderedDict[str, _SourceState]] = {}
         self._blocks: dict[tuple[str, str], float] = {}
         self._rules: tuple[AlertRule, ...] = ()
         self._blocking: tuple[AlertRule, ...] = ()
@@ -170,8 +173,8 @@ class BurstDetector:
         self._rules = tuple(rules)
         self._blocking = tuple(rule for rule in self._rules if rule.block_seconds > 0)
         kept = {r.name for r in self._rules if old.get(r.name) == r}
-        for key in [k for k in self._sources if k[0] not in kept]:
-            del self._sources[key]
+        for name in [n for n in self._sources if n not in kept]:
+            del self._sources[name]
         blocking = {r.name for r in self._blocking}
         for key in [k for k in self._blocks if k[0] not in blocking]:
             del self._blocks[key]
@@ -199,15 +202,18 @@ class BurstDetector:
                 continue
             threshold = max(1, rule.threshold)
             key = (rule.name, source)
-            state = self._sources.get(key)
+            table = self._sources.get(rule.name)
+            if table is None:
+                table = self._sources[rule.name] = OrderedDict()
+            state = table.get(source)
             if state is None:
-                while len(self._sources) >= self.max_sources:
-                    self._sources.popitem(last=False)
+                while len(table) >= self.max_sources:
+                    table.popitem(last=False)
                     self.forgotten_sources += 1
                 state = _SourceState(deque(maxlen=threshold))
-                self._sources[key] = state
+                table[source] = state
             else:
-                self._sources.move_to_end(key)
+                table.move_to_end(source)
             failures = state.failures
             failures.append(now)
             horizon = now - rule.window_seconds
@@ -263,7 +269,7 @@ class BurstDetector:
     def statistics(self) -> dict[str, int]:
         """A snapshot of the detector's bookkeeping."""
         return {
-            "sources": len(self._sources),
+            "sources": sum(len(table) for table in self._sources.values()),
             "blocks": len(self._blocks),
             "forgotten_sources": self.forgotten_sources,
             "dropped_blocks": self.dropped_blocks,

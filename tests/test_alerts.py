@@ -109,6 +109,25 @@ def test_alert_without_block_does_not_block() -> None:
     assert not d.blocked(PEER, ADDR, 0)
 
 
+def test_one_rules_sources_never_push_out_anothers() -> None:
+    # A flood of made-up token subjects (any peer can send junk tokens, each claiming a new
+    # sub) filled the one table of every rule and pushed the peer's count out, so its
+    # window started again and the peer was never blocked (found by a hostile review).
+    d = BurstDetector((
+        AlertRule("peer-block", threshold=20, window_seconds=600, by="peer", block_seconds=3600),
+        AlertRule("bad-subjects", threshold=1000, window_seconds=600, by="subject"),
+    ), max_sources=100)
+    user = Failure(False, "x", "https://issuer.example/")
+    for round_ in range(3):
+        for i in range(7):
+            d.record_failure(PEER, ADDR, round_ * 10.0 + i)
+        for i in range(500):
+            d.record_failure(PEER, ADDR, round_ * 10.0 + 8,
+                             Failure(False, f"junk-{round_}-{i}", user.issuer))
+    assert d.blocked(PEER, ADDR, 40.0)
+    assert d.statistics()["sources"] == 101  # the peer, and 100 subjects at most
+
+
 def test_memory_is_bounded() -> None:
     d = BurstDetector(
         (AlertRule("r", threshold=1000, window_seconds=60, by="address", block_seconds=10),),
@@ -121,7 +140,7 @@ def test_memory_is_bounded() -> None:
     # One source, many failures: the deque never holds more than threshold entries.
     for _ in range(10_000):
         d.record_failure(None, "10.200.0.1", 10.0)
-    state = d._sources[("r", "10.200.0.1")]
+    state = d._sources["r"]["10.200.0.1"]
     assert len(state.failures) <= 1000
     # Blocks are capped too; the longest-running ones are kept.
     d2 = BurstDetector(
