@@ -657,3 +657,32 @@ def test_every_prefix_of_valid_trailers_waits(names, values, cr):
     evs = events(MessageReader(requests=True), raw, step=1)
     assert body_of(evs) == b"abc"
     assert (evs[-1] is END) is not cr
+
+
+class _CountingBuffer(bytearray):
+    """A reader's buffer that counts the bytes its searches look at."""
+
+    looked = 0
+
+    def find(self, sub, start=0, end=None):  # type: ignore[no-untyped-def,override]
+        stop = len(self) if end is None else end
+        _CountingBuffer.looked += max(0, stop - (start or 0))
+        return super().find(sub, start, stop)
+
+
+@pytest.mark.parametrize("piece", [1, 3, 64])
+def test_a_trailer_line_sent_in_pieces_is_read_in_linear_work(piece: int) -> None:
+    # Each read searched the unfinished trailer line from its start for CRLF and ':', so a
+    # 30 KB trailer sent a few bytes at a time cost the square of its length (a hostile
+    # review: 64 KB took 3 s of CPU, a 1 MiB one would take minutes). Work measured as the
+    # bytes the searches look at, not as time.
+    size = 12_000  # (within the framing allowance of a 4-byte body)
+    reader = MessageReader(requests=True, max_head=64 * 1024)
+    reader._buf = _CountingBuffer()  # (the reader keeps this object: del buf[:n] in place)
+    head = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n"
+    events(reader, head)
+    _CountingBuffer.looked = 0
+    trailer = b"X-T: " + b"a" * size + b"\r\n\r\n"
+    evs = events(reader, trailer, step=piece)
+    assert evs and evs[-1] is END
+    assert _CountingBuffer.looked < 8 * len(trailer), _CountingBuffer.looked

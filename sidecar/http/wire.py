@@ -337,7 +337,7 @@ class MessageReader:
     __slots__ = ("_buf", "_state", "_remaining", "_eof", "requests", "max_head",
                  "_method", "framing", "keep_alive", "_framing_bytes", "_body_bytes",
                  "_scanned", "content_length", "connection_lists", "_checked", "_hstate",
-                 "_part_start")
+                 "_part_start", "_tcolon")
 
     def __init__(self, *, requests: bool, max_head: int = 64 * 1024) -> None:
         self._buf = bytearray()
@@ -360,6 +360,9 @@ class MessageReader:
         self._checked = 0
         self._hstate = _START_0
         self._part_start = 0
+        # Where the unfinished trailer line's ':' is (-1: not seen yet), so that each read
+        # checks only its new bytes (``_check_partial_trailer``).
+        self._tcolon = -1
 
     # -- input --------------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray) -> None:
@@ -687,7 +690,12 @@ class MessageReader:
         start = self._checked
         if start >= stop:
             return
-        colon = buf.find(b":", 0, stop)
+        # The bytes before ``start`` were checked: a ':' among them was found then. Search
+        # only the new ones (a search from 0 on every read made a trailer line sent a few
+        # bytes at a time cost the square of its length: a hostile review).
+        colon = self._tcolon if self._tcolon >= 0 else buf.find(b":", start, stop)
+        if colon >= 0:
+            self._tcolon = colon
         if colon < 0 or colon >= start:  # new bytes of the name (and of the value after it)
             if buf[start:stop if colon < 0 else colon].translate(None, _TCHAR_SET) \
                     or colon == 0 or (colon > 0 and buf[colon + 1:stop].translate(None, _VALUE_SET)):
@@ -743,7 +751,9 @@ class MessageReader:
                 self._frame_bytes(2)
                 self._state = _CHUNK_LINE
                 continue
-            end = buf.find(b"\r\n")
+            # In a trailer line, the bytes before ``_checked`` hold no CR or LF (checked as
+            # a field line's): the search starts at the new ones.
+            end = buf.find(b"\r\n", self._checked - 1 if self._checked else 0)
             if state == _CHUNK_LINE and (end > _MAX_CHUNK_LINE
                                          or (end < 0 and len(buf) > _MAX_CHUNK_LINE)):
                 raise ParseError("bad_chunk")
@@ -792,6 +802,7 @@ class MessageReader:
                 raise ParseError("malformed_trailer")
             del buf[:end + 2]
             self._checked = 0
+            self._tcolon = -1
             self._frame_bytes(end + 2)
 
 
