@@ -51,17 +51,6 @@ class AdminStatus(Protocol):
         ...
 
 
-def is_loopback(host: str) -> bool:
-    """Whether a listen host keeps a server on this machine (``localhost`` or a loopback
-    address); an empty host, a wildcard or any other name does not."""
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def admin_page(path: str, status: AdminStatus, metrics: SidecarMetrics,

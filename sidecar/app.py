@@ -476,7 +476,7 @@ class Sidecar:
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
             from sidecar.admin import serve_admin
-            from sidecar.admin_pages import is_loopback
+            from sidecar.config.values import is_loopback
             from sidecar.ctlhttp.server import ServerLimits
 
             if not is_loopback(cfg.admin.listen[0]):

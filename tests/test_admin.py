@@ -429,6 +429,6 @@ def test_tap_answers_a_good_query(query: str) -> None:
     ("0.0.0.0", False), ("::", False), ("", False), ("10.0.0.5", False),
     ("admin.example", False), ("localhost.example", False)])
 def test_admin_listen_loopback_or_not(host: str, loopback: bool) -> None:
-    from sidecar.admin_pages import is_loopback
+    from sidecar.config.values import is_loopback
 
     assert is_loopback(host) is loopback

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from sidecar.config.source import Path, Reader, Source, format_path, parse_yaml, read_yaml_file
-from sidecar.config.values import parse_size
+from sidecar.config.values import is_loopback, parse_size
 from sidecar.identity.spiffe import spiffe_problem
 
 Protocol = Literal["http", "tcp"]
@@ -248,9 +248,15 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         elif name in names:
             src.problem(p + ("name",), "duplicate outbound name")
         names.add(name)
+        listen = r.address(r.required(m, "listen", p), p + ("listen",)) or ("", 0)
+        if listen[0] and not is_loopback(listen[0]):
+            # (found by a hostile review: 0.0.0.0 loaded without a word)
+            src.problem(p + ("listen",), "an outbound listener takes no credentials and sends "
+                        "every request as this workload: it must listen on a loopback address "
+                        "(127.0.0.1, ::1 or localhost), where only the local app reaches it")
         outbound.append(OutboundConfig(
             name=name,
-            listen=r.address(r.required(m, "listen", p), p + ("listen",)) or ("", 0),
+            listen=listen,
             upstream=r.address(r.required(m, "upstream", p), p + ("upstream",)) or ("", 0),
             identity=ident,
             protocol=r.choice(m.get("protocol"), p + ("protocol",), ("http", "tcp"), "http"),  # type: ignore[arg-type]

@@ -162,3 +162,14 @@ def format_address(addr: tuple[str, int]) -> str:
     inverse of ``parse_address``."""
     host, port = addr
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host keeps a server on this machine (``localhost`` or a loopback
+    address); an empty host, a wildcard or any other name does not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
