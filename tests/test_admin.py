@@ -203,6 +203,16 @@ def test_bad_requests_get_generic_errors() -> None:
         port = await nursery.start(serve_admin, ("127.0.0.1", 0), SidecarStatus(), SidecarMetrics())
         out = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 431 ") and out.endswith(b"request header fields too large\n")
+        # Heads between the 8 KiB limit and twice it: two reads of the whole limit each made
+        # one of them, which h11 never saw incomplete (found by a hostile review: up to 16 KiB
+        # was served). Each is refused; one just under the limit is served.
+        for size in (8_300, 12_000, 16_200):
+            out = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: "
+                                     + b"a" * size + b"\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 431 "), (size, out[:40])
+        out = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: "
+                                 + b"a" * 8_000 + b"\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 "), out[:40]
         out = await raw_exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 400 ") and out.endswith(b"bad request\n")
         # A request with a body is answered, then the connection is closed (body never read).

@@ -17,8 +17,9 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   ``handshake_timeout``.
 * Requests: up to ``max_requests_per_connection`` on one connection. The head must arrive
   within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive idle
-  time) and be at most ``max_head_bytes`` (read in pieces of that size at most, so that an
-  oversized head is always seen incomplete, and refused, by h11); a body is read only when the handler asks
+  time) and be at most ``max_head_bytes`` (while a head is awaited, no read goes past what
+  is left of that limit beside the bytes h11 holds, so that an oversized head is always
+  seen incomplete, and refused, by h11); a body is read only when the handler asks
   (``Request.read_body(limit)``, under ``request_timeout`` from the head), and a body the
   handler did not read is skipped if it is at most ``discard_body_bytes``, otherwise the
   answer closes the connection. The answer must be written within ``write_timeout``. A
@@ -134,11 +135,15 @@ class _Connection:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            # While a head is awaited, read at most max_head_bytes at a time: h11 only
-            # checks the size of an *incomplete* head, so a larger read could complete an
-            # oversized one.
-            size = (min(_READ_SIZE, self.limits.max_head_bytes)
-                    if self.h11.their_state is h11.IDLE else _READ_SIZE)
+            # While a head is awaited, read no more than what is left of max_head_bytes
+            # beside what h11 holds already: h11 only checks the size of an *incomplete*
+            # head, so a read past the limit could complete an oversized one (reads of the
+            # whole limit each let two of them make a head of twice the limit: found by a
+            # hostile review).
+            size = _READ_SIZE
+            if self.h11.their_state is h11.IDLE:
+                held = len(self.h11.trailing_data[0])
+                size = max(1, min(_READ_SIZE, self.limits.max_head_bytes - held))
             with trio.move_on_at(deadline):
                 try:
                     data = await self.stream.receive_some(size)
