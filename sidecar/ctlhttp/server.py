@@ -9,9 +9,12 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   ``max_connections_per_source`` from one source address. A connection beyond the
   per-source share is closed unserved at once (it costs the neighbour nothing to retry, and
   the other sources, the kubelet or the API server, keep theirs). At ``max_connections``
-  either the connection is closed unserved too, or (``wait_for_slot``: the webhook, which
-  must not drop the API server) accepting pauses, so extra clients wait in the kernel backlog
-  instead of growing our memory. Each refusal is reported through ``on_refused(reason)``.
+  either (``wait_for_slot``: the webhook, which must not drop the API server) accepting
+  pauses, so extra clients wait in the kernel backlog instead of growing our memory; or a
+  newcomer whose source holds fewer connections than the heaviest source takes that
+  source's oldest connection, which is closed (``_heaviest``; several neighbours within
+  their shares filled every slot, and the kubelet was refused), and any other newcomer is
+  closed unserved. Each refusal is reported through ``on_refused(reason)``.
 * TLS (``tls`` given): the context is read at accept time, so a certificate swapped by a
   reload serves new handshakes while open connections keep theirs; the handshake runs under
   ``handshake_timeout``.
@@ -342,6 +345,35 @@ async def serve(
     site = _Site(handler, name, limits, tuple(base_headers), bad_request, error_event)
     slots = trio.Semaphore(max(1, limits.max_connections))
     sources = SourceLimiter(limits.max_connections_per_source)
+    # The cancel scopes of the connections being served, per source, oldest first.
+    served: dict[str, list[trio.CancelScope]] = {}
+
+    def _heaviest(newcomer: str | None) -> trio.CancelScope | None:
+        """The oldest connection, not yet closed, of the source holding the most, if that
+        source holds at least two more than ``newcomer`` will once it is let in (else None:
+        no one is over its share)."""
+        live = {src: [sc for sc in scopes if not sc.cancel_called]
+                for src, scopes in served.items()}
+        live = {src: scopes for src, scopes in live.items() if scopes}
+        if not live:
+            return None
+        heaviest = max(live, key=lambda src: len(live[src]))
+        mine = sources.held(newcomer) if newcomer is not None else 0
+        return live[heaviest][0] if len(live[heaviest]) >= mine + 2 else None
+
+    async def run_after_slot(tcp: trio.SocketStream, source: str) -> None:
+        """Serve a newcomer once the connection closed for it has let its slot go (within
+        2 s; else it is refused after all)."""
+        got = False
+        with trio.move_on_after(2.0):
+            await slots.acquire()
+            got = True
+        if got:
+            await run(tcp, source)
+            return
+        sources.leave(source)
+        refuse("max_connections")
+        await trio.aclose_forcefully(tcp)
 
     def refuse(reason: str) -> None:
         if on_refused is not None:
@@ -350,12 +382,21 @@ async def serve(
     async def run(tcp: trio.SocketStream, source: str) -> None:
         if on_connection is not None:
             on_connection(1)
+        scope = trio.CancelScope()
+        mine = served.setdefault(source, [])
+        mine.append(scope)
         try:
-            await _serve_connection(tcp, site, tls)
+            with scope:
+                await _serve_connection(tcp, site, tls)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(tcp)  # closed to make room for another source
         except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
             log(error_event, "error", server=name, error=repr(exc))
             await trio.aclose_forcefully(tcp)
         finally:
+            mine.remove(scope)
+            if not mine and served.get(source) is mine:
+                del served[source]
             if on_connection is not None:
                 on_connection(-1)
             sources.leave(source)
@@ -379,14 +420,25 @@ async def serve(
                 if limits.wait_for_slot:
                     slots.release()
                 raise
+            source = source_address(tcp.socket)
             if not limits.wait_for_slot:
                 try:
                     slots.acquire_nowait()
                 except trio.WouldBlock:
-                    refuse("max_connections")
-                    await trio.aclose_forcefully(tcp)
+                    # Full: a source holding fewer connections than the heaviest one takes
+                    # the heaviest one's oldest (closed at once) rather than be refused. A
+                    # few neighbours, each within its per-source share, filled every slot
+                    # of the health port and the kubelet's probes were refused (found by a
+                    # hostile review); now the sources converge on equal shares.
+                    victim = _heaviest(source)
+                    if victim is None or source is None or not sources.try_enter(source):
+                        refuse("max_connections")
+                        await trio.aclose_forcefully(tcp)
+                        continue
+                    refuse("max_connections")  # (the one closed to make room)
+                    victim.cancel()
+                    nursery.start_soon(run_after_slot, tcp, source)
                     continue
-            source = source_address(tcp.socket)
             if source is None or not sources.try_enter(source):
                 refuse("max_connections_per_source")
                 slots.release()

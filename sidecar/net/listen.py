@@ -104,6 +104,10 @@ class SourceLimiter:
         self._open[source] = held + 1
         return True
 
+    def held(self, source: str) -> int:
+        """How many connections ``source`` has open."""
+        return self._open.get(source, 0)
+
     def leave(self, source: str) -> None:
         """A connection from ``source`` closed."""
         held = self._open.get(source, 0) - 1
