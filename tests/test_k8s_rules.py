@@ -585,3 +585,26 @@ def test_a_pod_cannot_shape_its_sidecar(name: str,
     added = [v for v in patched["spec"]["volumes"] if v["name"].startswith("mesh-sidecar")]
     assert added == sidecar_volumes(OPTIONS)
     assert not any("hostPath" in v for v in added)
+
+
+# A probe the sidecar would refuse to relay (admin_pages.parse_app_probes) is left as it was,
+# not rewritten to the health port with a SIDECAR_APP_PROBES entry the sidecar then refuses
+# at start, leaving the pod never ready (found by a hostile review).
+@pytest.mark.parametrize("http_get", [{"path": "healthz", "port": 8080},
+                                      {"path": "/a b", "port": 8080},
+                                      {"path": "/caf\u00e9", "port": 8080},
+                                      {"path": "/ok", "port": 70000},
+                                      {"path": "/ok", "port": "0"}])
+def test_a_probe_the_sidecar_cannot_relay_is_left_alone(http_get: dict[str, Any]) -> None:
+    from sidecar.admin_pages import APP_PROBES_ENV, parse_app_probes
+
+    doc = plain_pod()
+    _app(doc)["readinessProbe"] = {"httpGet": dict(http_get)}
+    _app(doc)["livenessProbe"] = {"httpGet": {"path": "/live", "port": 8080}}
+    meta, spec = inject_pod_spec(doc["metadata"], doc["spec"], OPTIONS)  # type: ignore[misc]
+    app = spec["containers"][-1]
+    assert app["readinessProbe"] == {"httpGet": http_get}
+    env = [e["value"] for c in spec.get("initContainers", []) + spec["containers"]
+           for e in c.get("env", []) if e.get("name") == APP_PROBES_ENV]
+    probes = parse_app_probes(env[0])  # what the sidecar reads: it loads
+    assert [p.path for p in probes.values()] == ["/live"]

@@ -154,6 +154,23 @@ def _resolve_port(port: Any, container: dict[str, Any]) -> int | None:
     return None
 
 
+def _relayable(health_path: str, original: dict[str, Any]) -> bool:
+    """Whether the sidecar would take this probe in ``SIDECAR_APP_PROBES``
+    (``admin_pages.parse_app_probes``): a probe it refuses (a path without its leading
+    ``/`` or with a space, a port out of range) would leave the pod never ready, so it is
+    not rewritten (found by a hostile review)."""
+    import json
+
+    from sidecar.admin_pages import parse_app_probes
+    from sidecar.errors import ConfigError
+
+    try:
+        parse_app_probes(json.dumps({health_path: original}))
+    except ConfigError:
+        return False
+    return True
+
+
 def _rewrite_app_probes(containers: list[dict[str, Any]],
                         options: InjectOptions) -> dict[str, dict[str, Any]]:
     """Point app ``httpGet`` probes at the sidecar's health port; return the originals."""
@@ -171,11 +188,14 @@ def _rewrite_app_probes(containers: list[dict[str, Any]],
             if port is None or http_get.get("host"):
                 continue
             health_path = f"{APP_HEALTH_PREFIX}/{name}/{kind}"
-            originals[health_path] = {
+            original = {
                 "port": port,
                 "path": http_get.get("path") or "/",
                 "scheme": http_get.get("scheme") or "HTTP",
             }
+            if not _relayable(health_path, original):
+                continue  # left as it was: the sidecar would refuse to relay it
+            originals[health_path] = original
             rewritten: dict[str, Any] = {"path": health_path, "port": options.health_port,
                                          "scheme": "HTTP"}
             if http_get.get("httpHeaders"):
