@@ -246,6 +246,18 @@ CASES: list[Case] = [
         _meta("labels", INJECT_ANNOTATION, "false")(d),
         _volume({"name": "creds", "csi": {"driver": SPIFFE_CSI_DRIVER}})(d))),
         "deny:credential_volume"),
+    # ... also under the sidecar's own names, which are the pod author's in such a pod.
+    *[Case(f"opt-out label with the {what} in a volume named {name}", _with(
+        lambda d, name=name, secret=secret: (
+            _meta("labels", INJECT_ANNOTATION, "false")(d),
+            _volume({"name": name, "secret": {"secretName": secret}})(d))),
+        "deny:credential_volume")
+      for name in RESERVED for what, secret in (("certificate Secret", CERT_SECRET),
+                                                ("signing Secret", SIGNING_SECRET))],
+    Case("hostNetwork with a container named mesh-sidecar reading the signing Secret",
+         _with(lambda d: (d["spec"].update(hostNetwork=True), d["spec"]["containers"].append(
+             {"name": SIDECAR_CONTAINER, "image": "x:1",
+              "envFrom": [{"secretRef": {"name": SIGNING_SECRET}}]}))), "deny:credential_env"),
     Case("hostNetwork with the certificate Secret in env", _with(lambda d: (
         d["spec"].update(hostNetwork=True),
         _env_from({"secretRef": {"name": CERT_SECRET}})(d))), "deny:credential_env"),

@@ -324,12 +324,14 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     meta_in = pod_meta or {}
     if not isinstance(pod_spec, dict):
         return None
-    # Before the opt-outs: a pod left without a sidecar must not hold what one holds.
-    rules.check_credentials(pod_spec, options)
+    # A pod left without a sidecar must not hold what one holds (and nothing of it is the
+    # sidecar's: no name exempts a volume or a container).
     if rules.opted_out(meta_in, options):
+        rules.check_credentials(pod_spec, options, sidecar_exempt=False)
         return None
     if pod_spec.get("hostNetwork") is True:
         if options.namespace_mode != "required":
+            rules.check_credentials(pod_spec, options, sidecar_exempt=False)
             return None
         raise InjectError("hostNetwork pods cannot carry the mesh sidecar, and this namespace "
                           "requires it", rule="host_network")

@@ -251,7 +251,8 @@ def _env_secret(container: dict[str, Any], secrets: frozenset[str]) -> str | Non
     return None
 
 
-def check_credentials(spec: dict[str, Any], options: InjectOptions) -> None:
+def check_credentials(spec: dict[str, Any], options: InjectOptions, *,
+                      sidecar_exempt: bool = True) -> None:
     """No container but the mesh sidecar may hold the workload's certificate and key or the
     audit signing key: no volume of the pod (but the sidecar's own) carries them -- the
     SPIFFE CSI driver, or either Secret as a volume or a projected source -- and no other
@@ -260,7 +261,11 @@ def check_credentials(spec: dict[str, Any], options: InjectOptions) -> None:
     get the credentials that would let it act as a meshed workload without one (found by a
     hostile review: the signing Secret in any form, and the certificate Secret through env,
     reached app containers, and an opted-out pod could mount the CSI volume)."""
-    reserved = reserved_volume_names(options)
+    # ``sidecar_exempt``: the sidecar's own volumes and container hold the credentials; for a
+    # pod that gets no sidecar (opted out, hostNetwork) nothing is exempt -- the names are
+    # the pod author's there (found by a hostile review of this rule: a volume named
+    # mesh-sidecar-svid, or a container named mesh-sidecar, carried them past it).
+    reserved = reserved_volume_names(options) if sidecar_exempt else frozenset()
     for volume in _volumes(spec):
         if volume.get("name") not in reserved and _carries_credentials(volume, options):
             raise _refuse("credential_volume",
@@ -271,7 +276,8 @@ def check_credentials(spec: dict[str, Any], options: InjectOptions) -> None:
     if not secrets:
         return
     for key, container in _containers(spec):
-        if container.get("name") == SIDECAR_CONTAINER and key != "ephemeralContainers":
+        if sidecar_exempt and container.get("name") == SIDECAR_CONTAINER \
+                and key != "ephemeralContainers":
             continue
         name = _env_secret(container, secrets)
         if name is not None:
