@@ -27,7 +27,7 @@ import trio
 from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import x5t_from_hex
 from sidecar.config.model import Limits
-from sidecar.errors import Unavailable
+from sidecar.errors import BadRequest, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
 from sidecar.http.headers import (
     NO_NAMES,
@@ -36,7 +36,7 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.request import RequestHead, read_destination
+from sidecar.http.request import RequestHead, read_destination, split_host
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
@@ -350,10 +350,18 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
     Destination that is no http(s) URI or absolute path, or whose path is ambiguous, is
     400 (``bad_destination``); check_head has refused a second one."""
     value = next(v for n, v in headers if n == DESTINATION)
-    host, path, query = read_destination(value, allow_non_ascii=gate.allows_non_ascii_paths())
-    decision = gate.judge(facts._replace(path=path, host=host or facts.host), verdict.auth,
-                          time.time())
-    target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+    prefix, host, path, query = read_destination(
+        value, allow_non_ascii=gate.allows_non_ascii_paths())
+    if host is not None:
+        # The app applies the Destination to its own server: a URI naming another host than
+        # the request's Host is refused, never judged under the other host's rules and
+        # written here (found by a review of this check: a deny rule with `hosts` let
+        # `Destination: http://elsewhere/admin` through).
+        own = split_host(facts.host)
+        if own is None or own[0].rstrip(".") != host.rstrip("."):
+            raise BadRequest("bad_destination", "names another host than the Host field")
+    decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
+    target = prefix + path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
     return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
 
 

@@ -478,6 +478,10 @@ DESTINATIONS: dict[str, tuple[bytes, int]] = {
     "no_path": (b"http://orders", 400),
     "bad_host": (b"http://orders:80:80/open/y", 400),
     "empty": (b"", 400),
+    # The app applies the Destination to its own server: another host is refused, never
+    # judged under that host's rules (found by a review of this check).
+    "another_host_denied_path": (b"http://elsewhere/admin/config", 400),
+    "another_host_allowed_path": (b"http://elsewhere.example/open/y", 400),
 }
 
 
@@ -502,7 +506,13 @@ def test_an_allowed_destination_reaches_the_app_as_the_policy_judged_it(mesh: Me
     assert statuses(out) == [200], out[:300]
     with mesh.app.lock:
         heads = list(mesh.app.heads[mark[0]:])
-    assert [v for n, v in heads[0]["headers"] if n == "destination"] == ["/open/y:z?v=1"]
+    # An absolute URI stays one (WebDAV servers such as mod_dav ask for it), its authority
+    # as sent, its path and query as judged.
+    assert [v for n, v in heads[0]["headers"] if n == "destination"] == [
+        "http://orders/open/y:z?v=1"]
+    out = exchange(mesh, side, b"MOVE /open/x HTTP/1.1\r\n" + H
+                   + b"Destination: /open/%79\r\nConnection: close\r\n\r\n")
+    assert statuses(out) == [200], out[:300]
     # Two Destination fields: which one the app reads is not known.
     out = exchange(mesh, side, b"COPY /open/x HTTP/1.1\r\n" + H + b"Destination: /open/a\r\n"
                    b"Destination: /admin/b\r\nConnection: close\r\n\r\n")

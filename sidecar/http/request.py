@@ -186,30 +186,30 @@ _DESTINATION_URI = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.S)
 
 
 def read_destination(value: bytes, *, allow_non_ascii: bool = False
-                     ) -> tuple[str | None, str, str]:
-    """A WebDAV ``Destination`` value (RFC 4918 10.3) as (its host as ``split_host`` reads
-    it, None when it is a path; its path normalised as a request target's; its query), so
-    the policy judges the path a COPY or MOVE writes to as it judges the request's own.
-    Anything else -- another scheme, userinfo, no path, an ambiguous path -- is
-    ``BadRequest("bad_destination")``."""
+                     ) -> tuple[bytes, str | None, str, str]:
+    """A WebDAV ``Destination`` value (RFC 4918 10.3) as (its ``scheme://authority`` as
+    sent, empty for a path; its host as ``split_host`` reads it, None for a path; its path
+    normalised as a request target's; its query), so the policy judges the path a COPY or
+    MOVE writes to as it judges the request's own. Anything else -- another scheme,
+    userinfo, no path, an ambiguous path -- is ``BadRequest("bad_destination")``."""
     from sidecar.policy.paths import normalise_target
 
     value = value.strip(b" \t")
-    host: str | None = None
+    prefix, host = b"", None
     if not value.startswith(b"/"):
         m = _DESTINATION_URI.fullmatch(value)
         if m is None:
             raise BadRequest("bad_destination", "not an absolute URI or path")
-        authority, value = m.group(1).decode("latin-1"), m.group(2)
+        authority, rest = m.group(1).decode("latin-1"), m.group(2)
         found = split_host(authority)
-        if found is None or not value.startswith(b"/"):
+        if found is None or not rest.startswith(b"/"):
             raise BadRequest("bad_destination", "not an http(s) URI with a host and a path")
-        host = authority.lower()
+        prefix, host, value = value[:len(value) - len(rest)], found[0], rest
     try:
         path, query = normalise_target(value, allow_non_ascii=allow_non_ascii)
     except BadRequest as exc:
         raise BadRequest("bad_destination", exc.reason) from None
-    return host, path, query
+    return prefix, host, path, query
 
 
 def _lists_upgrade(value: bytes) -> bool:
