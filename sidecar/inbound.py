@@ -58,7 +58,7 @@ from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
-from sidecar.policy.paths import normalise_request_target
+from sidecar.policy.paths import normalise_request_both
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
@@ -213,13 +213,15 @@ class InboundProxy:
                 facts, query, target = last[2], last[3], last[4]
                 path = facts.path
             else:
-                path, query = normalise_request_target(head.target, allow_non_ascii=non_ascii)
+                path, forward, query = normalise_request_both(head.target,
+                                                              allow_non_ascii=non_ascii)
                 facts = new_facts(("inbound", peer_id, source, head.method, path, head.host,
                                    port, "inbound", None))
-                # The app gets exactly the target the policy matched: the normalised path
-                # (escapes of unreserved characters decoded, the rest upper-cased) and the
+                # The app gets the target the policy matched, as the client spelled its
+                # reserved characters (``normalise_both``: both decode to one path), and the
                 # checked query.
-                target = path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+                target = forward.encode("ascii") + (b"?" + query.encode("ascii") if query
+                                                    else b"")
                 last = (head.target, non_ascii, facts, query, target)
             ctx.facts = facts
             if gate.needs_prepare():  # token introspection (I/O) for this request's rules
@@ -350,7 +352,7 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
     Destination that is no http(s) URI or absolute path, or whose path is ambiguous, is
     400 (``bad_destination``); check_head has refused a second one."""
     value = next(v for n, v in headers if n == DESTINATION)
-    prefix, host, path, query = read_destination(
+    prefix, host, path, forward, query = read_destination(
         value, allow_non_ascii=gate.allows_non_ascii_paths())
     if host is not None:
         # The app applies the Destination to its own server: a URI naming another host than
@@ -361,7 +363,8 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
         if own is None or own[0].rstrip(".") != host.rstrip("."):
             raise BadRequest("bad_destination", "names another host than the Host field")
     decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
-    target = prefix + path.encode("ascii") + (b"?" + query.encode("ascii") if query else b"")
+    target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
+                                                  else b"")
     return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
 
 

@@ -35,9 +35,12 @@ FORWARDED = {
     b"/a%2d%5f%2e%7e": "/a-_.~",
     b"/q%3fx": "/q%3Fx",
     b"/sp%20ace": "/sp%20ace",
-    b"/at%40": "/at@",  # pchar: written raw (one spelling per path)
-    b"/job%3aCancel%24": "/job:Cancel$",
-    b"/br[a]ce%7b": "/br%5Ba%5Dce%7B",  # not pchar: written as its escape
+    # Reserved characters reach the app as the client spelled them (escapes upper-cased):
+    # the policy matched the one decoded spelling (tests/test_policy_paths.py).
+    b"/at%40": "/at%40",
+    b"/job%3aCancel%24": "/job%3ACancel%24",
+    b"/br[a]ce%7b": "/br[a]ce%7B",
+    b"/a%2bb": "/a%2Bb",
 }
 
 # escapes that decode to non-ASCII: fullwidth solidus, fullwidth full stop, fullwidth A,

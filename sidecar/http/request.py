@@ -186,13 +186,14 @@ _DESTINATION_URI = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)(.*)", re.S)
 
 
 def read_destination(value: bytes, *, allow_non_ascii: bool = False
-                     ) -> tuple[bytes, str | None, str, str]:
+                     ) -> tuple[bytes, str | None, str, str, str]:
     """A WebDAV ``Destination`` value (RFC 4918 10.3) as (its ``scheme://authority`` as
     sent, empty for a path; its host as ``split_host`` reads it, None for a path; its path
-    normalised as a request target's; its query), so the policy judges the path a COPY or
+    normalised as a request target's, and as it is forwarded (``normalise_both``); its
+    query), so the policy judges the path a COPY or
     MOVE writes to as it judges the request's own. Anything else -- another scheme,
     userinfo, no path, an ambiguous path -- is ``BadRequest("bad_destination")``."""
-    from sidecar.policy.paths import normalise_target
+    from sidecar.policy.paths import normalise_both
 
     value = value.strip(b" \t")
     prefix, host = b"", None
@@ -206,10 +207,10 @@ def read_destination(value: bytes, *, allow_non_ascii: bool = False
             raise BadRequest("bad_destination", "not an http(s) URI with a host and a path")
         prefix, host, value = value[:len(value) - len(rest)], found[0], rest
     try:
-        path, query = normalise_target(value, allow_non_ascii=allow_non_ascii)
+        path, forward, query = normalise_both(value, allow_non_ascii=allow_non_ascii)
     except BadRequest as exc:
         raise BadRequest("bad_destination", exc.reason) from None
-    return prefix, host, path, query
+    return prefix, host, path, forward, query
 
 
 def _lists_upgrade(value: bytes) -> bool:

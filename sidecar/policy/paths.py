@@ -28,7 +28,9 @@ What is refused (reason codes go to logs and audit records only):
 * dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
 * empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
 
-What is rewritten: every path has one spelling per decoded path. ``%XX`` escapes of the
+What is rewritten (``normalise_both``): every path has one spelling per decoded path, the
+one the policy matches; the app gets the same path in the client's spelling of reserved
+characters (both decode alike). ``%XX`` escapes of the
 characters a path may hold raw (RFC 3986 ``pchar``: unreserved letters, digits and ``-._~``,
 and ``!$&'()*+,=:@``) are decoded, and every other printable character is written as its
 upper-case escape, raw or not (``[`` and ``%5b`` are ``%5B``), so ``/%61dmin`` and ``/admin``
@@ -92,6 +94,24 @@ def normalise_target(
     Raises ``BadRequest(reason)`` for every ambiguous target (see the module docstring).
     Pure and total: any ``bytes`` either yields a path or raises ``BadRequest``.
     """
+    path, _forward, query = normalise_both(target, merge_slashes=merge_slashes,
+                                           max_length=max_length,
+                                           allow_non_ascii=allow_non_ascii)
+    return path, query
+
+
+def normalise_both(
+    target: bytes, *, merge_slashes: bool = False, max_length: int = MAX_TARGET_BYTES,
+    allow_non_ascii: bool = False,
+) -> tuple[str, str, str]:
+    """``normalise_target``'s (path, query) with, in the middle, the path as it is forwarded
+    to the app: the same segments, escapes of unreserved characters decoded and the other
+    escapes upper-cased, every other character as the client wrote it. The policy matches
+    the normalised path (one spelling per decoded path); the app gets the client's spelling
+    of reserved characters, which RFC 3986 (6.2.2.2) does not make equivalent to the
+    decoded ones: ``%2B`` stays ``%2B`` (a ``+`` is a space to some decoders), ``%3A`` stays
+    ``%3A`` (``x:cancel`` is a method call to Google-style routers). Both decode to the same
+    path, so an app that decodes acts on the path the policy matched."""
     if len(target) > max_length:
         raise _refuse("target_too_long", f"{len(target)} bytes")
     if not target.startswith(b"/"):
@@ -108,6 +128,7 @@ def normalise_target(
         raise _refuse("semicolon", "';' path parameters are ambiguous")
 
     out = bytearray()
+    fwd = bytearray()
     # Bytes of the decoded path that came from escapes of non-unreserved characters; they
     # must form valid UTF-8 once decoded, or the app may decode them differently.
     decoded = bytearray()
@@ -120,6 +141,7 @@ def normalise_target(
                 out += b"%%%02X" % byte
             else:
                 out.append(byte)
+            fwd.append(byte)
             decoded.append(byte)
             i += 1
             continue
@@ -143,6 +165,10 @@ def normalise_target(
             out.append(value)
         else:
             out += b"%" + bytes((hi, lo)).upper()
+        if value in _UNRESERVED:
+            fwd.append(value)
+        else:
+            fwd += b"%" + bytes((hi, lo)).upper()
         decoded.append(value)
         i += 3
     if _ESCAPE_IN_DECODED.search(decoded) is not None:
@@ -159,17 +185,26 @@ def normalise_target(
         raise _refuse("non_ascii", "decoded path holds non-ASCII characters")
 
     segments = bytes(out).split(b"/")[1:]
+    forwarded = bytes(fwd).split(b"/")[1:]  # ('/' is never escaped: the same segments)
     kept: list[bytes] = []
+    kept_fwd: list[bytes] = []
     for index, segment in enumerate(segments):
         if segment in (b".", b".."):
             raise _refuse("dot_segment", "'.' or '..' segment")
+        if segment and not segment.replace(b"%20", b"").strip(b"."):
+            # Only dots and spaces ("..%20", "...", ". "): Windows drops a name's trailing
+            # dots and spaces, so IIS reads "..%20" as "..", a step up the policy never saw
+            # (found by a hostile review).
+            raise _refuse("dot_segment", "a segment of dots and spaces only")
         if segment == b"" and index != len(segments) - 1:
             if not merge_slashes:
                 raise _refuse("empty_segment", "'//' in path")
             continue
         kept.append(segment)
+        kept_fwd.append(forwarded[index])
     path = "/" + "/".join(s.decode("ascii") for s in kept)
-    return path, raw_query.decode("ascii")
+    forward = "/" + "/".join(s.decode("ascii") for s in kept_fwd)
+    return path, forward, raw_query.decode("ascii")
 
 
 # The data path's targets repeat (one service, a few routes): the normalisation of a short
@@ -180,16 +215,17 @@ KEPT_TARGETS = 1024
 
 
 @functools.lru_cache(maxsize=KEPT_TARGETS)
-def _kept_normalisation(target: bytes, allow_non_ascii: bool) -> tuple[str, str]:
-    return normalise_target(target, allow_non_ascii=allow_non_ascii)
+def _kept_both(target: bytes, allow_non_ascii: bool) -> tuple[str, str, str]:
+    return normalise_both(target, allow_non_ascii=allow_non_ascii)
 
 
-def normalise_request_target(target: bytes, *, allow_non_ascii: bool = False) -> tuple[str, str]:
-    """``normalise_target`` with the default options, kept for short targets (same answer,
-    same refusals)."""
+def normalise_request_both(target: bytes, *, allow_non_ascii: bool = False
+                           ) -> tuple[str, str, str]:
+    """``normalise_both`` with the default options, kept for short targets (the data path:
+    the path it matches, the path it forwards, the query)."""
     if len(target) <= KEPT_TARGET_BYTES:
-        return _kept_normalisation(target, allow_non_ascii)
-    return normalise_target(target, allow_non_ascii=allow_non_ascii)
+        return _kept_both(target, allow_non_ascii)
+    return normalise_both(target, allow_non_ascii=allow_non_ascii)
 
 
 def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
@@ -209,15 +245,25 @@ def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
     return tuple(_windows_name(s) for s in segments) if fold else segments
 
 
-_WINDOWS_TAIL = re.compile(r"(?:::\$data)?(?:\.|%20)+$|::\$data$")
+_WINDOWS_TAIL = re.compile(r"(?:\.|%20)+$")
 
 
 def _windows_name(segment: str) -> str:
-    # IIS and ASP.NET map paths onto Windows names, where "admin.", "admin " and the NTFS
-    # stream "admin::$DATA" are the file "admin": fold them like case (a case-insensitive
-    # section is the IIS/ASP.NET one). A segment of only dots or spaces stays as it is.
-    stripped = _WINDOWS_TAIL.sub("", segment)
-    return stripped or segment
+    # IIS and ASP.NET map paths onto Windows names, where "admin.", "admin " and an NTFS
+    # stream of the name ("admin::$DATA", "admin::$INDEX_ALLOCATION", "admin:$i30:$INDEX_
+    # ALLOCATION", "admin:s") are the file or directory "admin": fold them like case (a
+    # case-insensitive section is the IIS/ASP.NET one). A Windows name holds no ':', so what
+    # follows the first one is a stream; trailing dots and spaces are dropped until none is
+    # left ("admin.::$DATA", "admin. ."). (The stream types and the repeat: a review found
+    # "admin::$INDEX_ALLOCATION" and "admin.::$DATA" left unfolded.) A segment of only dots
+    # or spaces is refused before (``normalise_target``).
+    name = segment.split(":", 1)[0]
+    while True:
+        shorter = _WINDOWS_TAIL.sub("", name)
+        if shorter == name:
+            break
+        name = shorter
+    return name or segment
 
 
 _PATH_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
