@@ -13,8 +13,8 @@ from sidecar.policy.decision import NO_AUTH, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy
 from sidecar.policy.paths import (
-    normalise_path_pattern,
     normalise_both,
+    normalise_path_pattern,
     normalise_request_both,
     normalise_target,
     path_segments,
