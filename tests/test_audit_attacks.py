@@ -416,3 +416,41 @@ def test_a_trail_signed_from_its_start_has_no_unsigned_start(tmp_path: Path) -> 
     write(d, Path(priv), 30, start=5)
     result = verify(str(d), keyring=load_keyring([pub]))
     assert result.ok and "unsigned_start" not in [f.code for f in result.findings], result
+
+
+def test_export_stops_at_a_break_the_writer_declared(trail: Trail) -> None:
+    # A signed record edited in place (deny -> allow) and forged records after it; the
+    # restarted writer goes on from the last frame that chains and declares the break.
+    # verify --accept-declared-breaks checks the chain without those frames, and export
+    # gave them all, the edited one among them (found by a hostile review).
+    os.unlink(list_segments(str(trail.dir))[-1].path)  # the seal-only segment
+    newest = list_segments(str(trail.dir))[-1]
+    with open(newest.path, "rb") as fh:
+        frames = [msgpack.unpackb(p) for _o, p in read_frames(fh)]
+    idx = next(i for i, f in enumerate(frames) if "rec" in f and f["rec"]["d"] == "deny")
+    edited = frames[idx]["rec"]["id"]
+    frames[idx]["rec"]["d"], frames[idx]["rec"]["st"] = "allow", 200
+    out = bytearray()
+    for f in frames:
+        payload = msgpack.packb(f, use_bin_type=True)
+        out += LENGTH.pack(len(payload)) + payload
+    for i in range(10):
+        payload = msgpack.packb({"seq": frames[-1]["seq"] + 1 + i, "prev": bytes(32), "rec": {
+            "t": 2000.0 + i, "id": f"forged{i}", "d": "allow", "st": 200}}, use_bin_type=True)
+        out += LENGTH.pack(len(payload)) + payload
+    Path(newest.path).write_bytes(bytes(out))
+    write(trail.dir, trail.priv, 3, start=900)  # restarts, declares the break, signs
+    keyring = load_keyring([str(trail.pub)])
+    assert not verify(str(trail.dir), keyring=keyring).ok
+    assert verify(str(trail.dir), keyring=keyring, accept_declared_breaks=True).ok
+    got = sidecar_cli("audit", "export", str(trail.dir))
+    assert got.returncode == 1 and "not in the chain" in got.stderr, got.stderr
+    ids = [json.loads(line)["request_id"] for line in got.stdout.splitlines()]
+    assert not any(i.startswith("forged") for i in ids), ids
+    assert len(ids) == len(set(ids))  # no seq given twice
+    assert {"r900", "r901", "r902"} <= set(ids)
+    # The edited frame itself links to the one before it, so the chain the writer went on
+    # from holds it: the break is where the frame after it stops linking. What proves it
+    # then is only the restarted writer's checkpoint over what it found -- why verify
+    # without --accept-declared-breaks says BROKEN, and docs/audit.md says so.
+    assert edited in ids

@@ -977,16 +977,38 @@ def iter_stored(
 ) -> Iterator[StoredRecord]:
     """Every readable record under ``path`` in chain order. Reading does not verify links
     (use ``verify``); a damaged segment, or one whose records cannot be decrypted, is read
-    up to there, reported to ``on_damage`` and skipped from there. A malformed record
-    (``MalformedRecord``) is skipped and reported to ``on_malformed`` (``SEGMENT: seq N:
-    malformed record: field ...``); reading goes on with the next frame."""
-    for seg in resolve_segments(path):
+    up to there, reported to ``on_damage`` and skipped from there. So is a segment past a
+    break that a later segment's writer declared (its header's ``break``: the frames after
+    ``after_seq`` of the segment it names are not in the chain -- the writer went on from
+    the frame before them; a review found export giving them, an edited signed record
+    among them, though ``verify --accept-declared-breaks`` had not checked them). A
+    malformed record (``MalformedRecord``) is skipped and reported to ``on_malformed``
+    (``SEGMENT: seq N: malformed record: field ...``); reading goes on with the next
+    frame."""
+    segments = resolve_segments(path)
+    cut_after: dict[str, int] = {}  # segment name -> the last seq of it in the chain
+    if len(segments) > 1:
+        for later in segments:
+            declared = (segment_header(later) or {}).get("break")
+            if isinstance(declared, dict) and isinstance(declared.get("segment"), str) \
+                    and isinstance(declared.get("after_seq"), int) \
+                    and not isinstance(declared.get("after_seq"), bool):
+                name, after = declared["segment"], declared["after_seq"]
+                cut_after[name] = min(after, cut_after.get(name, after))
+    for seg in segments:
         header: dict[str, Any] | None = None
         opener = RecordOpener(decryptor)
+        last_in_chain = cut_after.get(seg.name)
         try:
             with open_segment(seg) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, prev, kind, body = decode_frame(payload)
+                    if last_in_chain is not None and seq > last_in_chain:
+                        if on_damage is not None:
+                            on_damage(f"{seg.name}: frames after seq {last_in_chain} are not "
+                                      "in the chain (a break a later segment's writer "
+                                      "declared): not read")
+                        break
                     if kind == "seg":
                         header = body
                     for at, rec in opener.records(seq, prev, kind, body, header):
