@@ -454,3 +454,7 @@ def test_export_stops_at_a_break_the_writer_declared(trail: Trail) -> None:
     # then is only the restarted writer's checkpoint over what it found -- why verify
     # without --accept-declared-breaks says BROKEN, and docs/audit.md says so.
     assert edited in ids
+    tailed = sidecar_cli("audit", "tail", str(trail.dir), "-n", "1000")
+    assert tailed.returncode == 1 and "not in the chain" in tailed.stderr, tailed.stderr
+    tail_ids = [json.loads(line)["request_id"] for line in tailed.stdout.splitlines()]
+    assert tail_ids == ids

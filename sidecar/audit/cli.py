@@ -31,6 +31,7 @@ from sidecar.audit.segments import (
     SegmentDamage,
     SegmentFile,
     VerifyResult,
+    declared_cuts,
     iter_stored,
     open_segment,
     parse_time,
@@ -540,14 +541,21 @@ def cmd_tail(args: argparse.Namespace) -> int:
         end_segment, end_offset = follower.current, follower.offset
         last: deque[tuple[int, AuditRecord]] = deque(maxlen=count or 1)
         if count:
-            for seg in resolve_segments(args.path):
+            segments = resolve_segments(args.path)
+            cuts = declared_cuts(segments)
+            for seg in segments:
                 if end_segment is not None and seg > end_segment:
                     break
                 limit = end_offset if seg == end_segment else None
                 # The newest segment's reader goes on where the backlog stops (a group of
                 # encrypted records is read whole, whichever of the two reads its end).
                 opener = follower.opener if seg == end_segment else RecordOpener(decryptor)
+                cut = cuts.get(seg.name)
                 for stored in _read_segment(seg, filters, limit, opener, malformed):
+                    if cut is not None and stored[0] > cut:
+                        malformed(f"{seg.name}: frames after seq {cut} are not in the chain "
+                                  "(a break a later segment's writer declared): not read")
+                        break
                     last.append(stored)
             for seq, rec in last:
                 _print_record(seq, rec, out)

@@ -970,6 +970,22 @@ def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
     return None
 
 
+def declared_cuts(segments: list[SegmentFile]) -> dict[str, int]:
+    """Segment name -> the last seq of it in the chain, for each segment a later segment's
+    header declares a break in (``break``: the writer went on from ``after_seq``; the
+    frames after it are not in the chain). Readers stop there (``iter_stored``, ``tail``)."""
+    cut_after: dict[str, int] = {}
+    if len(segments) > 1:
+        for later in segments:
+            declared = (segment_header(later) or {}).get("break")
+            if isinstance(declared, dict) and isinstance(declared.get("segment"), str) \
+                    and isinstance(declared.get("after_seq"), int) \
+                    and not isinstance(declared.get("after_seq"), bool):
+                name, after = declared["segment"], declared["after_seq"]
+                cut_after[name] = min(after, cut_after.get(name, after))
+    return cut_after
+
+
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
     on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
@@ -986,15 +1002,7 @@ def iter_stored(
     (``SEGMENT: seq N: malformed record: field ...``); reading goes on with the next
     frame."""
     segments = resolve_segments(path)
-    cut_after: dict[str, int] = {}  # segment name -> the last seq of it in the chain
-    if len(segments) > 1:
-        for later in segments:
-            declared = (segment_header(later) or {}).get("break")
-            if isinstance(declared, dict) and isinstance(declared.get("segment"), str) \
-                    and isinstance(declared.get("after_seq"), int) \
-                    and not isinstance(declared.get("after_seq"), bool):
-                name, after = declared["segment"], declared["after_seq"]
-                cut_after[name] = min(after, cut_after.get(name, after))
+    cut_after = declared_cuts(segments)
     for seg in segments:
         header: dict[str, Any] | None = None
         opener = RecordOpener(decryptor)
