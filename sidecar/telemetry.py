@@ -51,6 +51,7 @@ class RequestContext:
     verdict: Verdict | None = None
     source: str | None = None
     peer: str | None = None
+    direction: str = "inbound"  # the listener's, for a request refused before its facts
 
 
 class Telemetry:
@@ -157,7 +158,7 @@ class Telemetry:
         source, peer = ctx.source, ctx.peer
         duration = time.time() - started
         decision = verdict.decision if verdict is not None else None
-        direction = facts.direction if facts is not None else "inbound"
+        direction = facts.direction if facts is not None else ctx.direction
         allowed = False
         if decision is not None:
             allowed = decision.allowed

@@ -171,6 +171,18 @@ def test_no_matching_rule_is_default_deny(mesh, tmp_path):
         "deny", "default deny", "default_deny", 403)
 
 
+def test_malformed_request_on_the_outbound_listener_is_labelled_outbound(mesh, tmp_path):
+    """A request the outbound listener refuses before its facts are known (a malformed
+    head) is counted, logged and audited as outbound, the listener's direction."""
+    a, _b = mesh
+    out = raw(a.port("orders"), b"GET /orders/1 HTTP/1.1\r\nHost: orders\r\nBad Header: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert wait_for(lambda: a.metric("sidecar_requests_refused_total", direction="outbound"))
+    assert not a.metric("sidecar_requests_refused_total", direction="inbound")
+    recs = _wait_audit(tmp_path / "audit-frontend", lambda r: r.status == 400)
+    assert [r.direction for r in recs if r.status == 400] == ["outbound"]
+
+
 def test_egress_refused_before_any_connection(tmp_path, pki, app, procs):
     policy = tmp_path / "mesh.yaml"
     # frontend may only call payments: its outbound listener for orders must refuse locally.

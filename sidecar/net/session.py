@@ -97,6 +97,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
     # written out here rather than in a helper coroutine (one coroutine less per request,
     # and one frame less to resume when the next request arrives).
     wait = client.wait
+    direction = conn.direction if conn is not None else "inbound"
     idle_add, idle_discard = tracker.idle.add, tracker.idle.discard  # (register_idle, bound)
     while True:
         # (``retiring`` first: ``serve_more`` is a property, read only once it can be False)
@@ -137,7 +138,8 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                         conn.idle = None
                 if conn is not None and conn.retiring is not None and not conn.serve_more:
                     return
-        ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer)
+        ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer,
+                             direction=direction)
         try:
             client.sent_head = False
             # The head is nearly always all here after the idle wait: parsed without a
