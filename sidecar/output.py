@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -41,13 +42,51 @@ def add_output_flag(parser: argparse.ArgumentParser) -> None:
                              "(docs/operations.md)")
 
 
+# Plain scalars that some YAML reader takes for something other than a string: YAML 1.1's
+# booleans (``y``, ``n``, ``on``...), nulls, merge keys, numbers in every base and spelling
+# (``1e3``, ``0o17``, ``1_000``, sexagesimal ``1:20``), infinities and dates. PyYAML
+# resolves only some of these (not ``y``/``n``/``1e3``), but kubectl and most Kubernetes
+# tools read YAML with go-yaml, which resolves them all: such a string is quoted, so every
+# reader gets the string we wrote.
+_NOT_PLAIN = re.compile(r"""(?:
+    y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF
+  | ~|null|Null|NULL|<<|=
+  | [-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)
+  | [-+]?(?:0b[01_]+|0o?[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)
+  | [-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+  | [0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt\x20].*)?
+)\Z""", re.VERBOSE | re.DOTALL)
+
+
+class PortableDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """PyYAML's safe dumper (libyaml's emitter where there is one), quoting every string another YAML reader could take for a
+    boolean, null, number or date (``_NOT_PLAIN``)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if _NOT_PLAIN.match(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+PortableDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(doc: Any, *, all_documents: bool = False, **kw: Any) -> str:
+    """``doc`` (or, with ``all_documents``, each of the list ``doc``) as YAML that every
+    reader reads back the same: safe types only, key order kept, block style, and the
+    strings of ``_NOT_PLAIN`` quoted."""
+    opts: dict[str, Any] = {"Dumper": PortableDumper, "sort_keys": False,
+                            "allow_unicode": True, "default_flow_style": False, **kw}
+    return str(yaml.dump_all(doc, **opts) if all_documents else yaml.dump(doc, **opts))
+
+
 def render(doc: Any, fmt: str) -> str:
     """``doc`` as JSON (indented, key order kept) or YAML, ending with a newline."""
     if fmt == "json":
         return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
     if fmt == "yaml":
-        return str(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True,
-                                  default_flow_style=False))
+        return dump_yaml(doc)
     raise ValueError(f"unknown output format {fmt!r}")
 
 

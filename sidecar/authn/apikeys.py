@@ -23,8 +23,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-import yaml
-
+from sidecar.output import dump_yaml
 from sidecar.policy.sections import ApiKey
 
 API_KEY_HEADER = b"x-api-key"
@@ -105,8 +104,7 @@ def new_api_key(name: str) -> tuple[str, str]:
         raise ValueError("the name must be 1-64 characters of A-Z a-z 0-9 . _ - "
                          "and start with a letter or digit")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    entry = yaml.safe_dump([{"name": name, "sha256": api_key_sha256(key)}],
-                           sort_keys=False, default_flow_style=False)
+    entry = dump_yaml([{"name": name, "sha256": api_key_sha256(key)}])
     return key, entry
 
 

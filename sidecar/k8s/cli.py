@@ -26,6 +26,7 @@ from sidecar.k8s.flags import (
 )
 from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
+from sidecar.output import dump_yaml
 
 
 def _read(path: str, stdin: TextIO) -> str:
@@ -72,7 +73,7 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
             return 1
         out.append(new_doc)
         injected += count
-    rendered = yaml.safe_dump_all(out, sort_keys=False, default_flow_style=False)
+    rendered = dump_yaml(out, all_documents=True)
     if args.output == "-":
         stdout.write(rendered)
     else:

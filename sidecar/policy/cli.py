@@ -22,7 +22,7 @@ from sidecar.config.source import read_capped
 from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError, Problem
 from sidecar.identity.spiffe import parse_spiffe_id
-from sidecar.output import add_output_flag, emit
+from sidecar.output import add_output_flag, dump_yaml, emit
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import LintWarning, lint
 from sidecar.policy.loaded import Policy
@@ -358,7 +358,6 @@ def _rebase_provider_files(mesh: dict[str, Any], old: str, new: str) -> None:
 
 def cmd_split(args: argparse.Namespace) -> int:
     """Split one policy file into a directory of files, one per namespace + one mesh-wide."""
-    import yaml
 
     from sidecar.config.source import parse_yaml
 
@@ -377,13 +376,10 @@ def cmd_split(args: argparse.Namespace) -> int:
     _rebase_provider_files(files[MESH_FILE], os.path.dirname(os.path.abspath(args.file)),
                            os.path.abspath(args.out))
     os.makedirs(args.out, exist_ok=True)
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     sizes: dict[str, int] = {}
     for name, part in files.items():
         text = ("# written by `sidecar policy split`; one file of a policy set "
-                "(docs/policy.md)\n" + yaml.dump(part, Dumper=dumper, sort_keys=False,
-                                                 allow_unicode=True, default_flow_style=False,
-                                                 width=100))
+                "(docs/policy.md)\n" + dump_yaml(part, width=100))
         with open(os.path.join(args.out, name), "w", encoding="utf-8") as fh:
             fh.write(text)
         sizes[name] = len(text.encode())
