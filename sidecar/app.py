@@ -51,6 +51,7 @@ from sidecar.net.listen import (
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
+from sidecar.refusals import RefusalThinner
 from sidecar.reload import FileWatcher
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid
@@ -101,6 +102,9 @@ class Sidecar:
                                      identity=self.own_id)
             self._export_audit_statistics(self.audit)
         self.telemetry = Telemetry(self.metrics, self.audit, self.own_id)
+        self.telemetry.refusals = RefusalThinner(cfg.limits.refused_records_per_source,
+                                                 cfg.limits.refused_records_per_second,
+                                                 cfg.limits.refused_summary_interval)
         self.tap = self.telemetry.tap  # served on the admin port as /tap
         limits = cfg.limits
         # One filter for both listeners; the policy's claim headers join it at every swap.
@@ -388,6 +392,7 @@ class Sidecar:
                         break
                 await self.drain()
                 serving.cancel_scope.cancel()
+            self.telemetry.flush_refusals()  # (the last summaries, before the trail closes)
             if self.audit is not None:
                 with trio.move_on_after(cfg.limits.drain_timeout) as scope:
                     scope.shield = True
@@ -447,6 +452,7 @@ class Sidecar:
             self.key_sources.attach(nursery)
         self._nursery = nursery
         await nursery.start(self.lifetimes.run)
+        nursery.start_soon(self._summarise_refusals)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
             load=functools.partial(load_rotated_svid, ident.cert, ident.key, ident.bundle,
@@ -506,6 +512,13 @@ class Sidecar:
                                   on_probe=self._count_probe),
                 cfg.admin.health_listen, self, app_probes_from_env())
             self.ports["health"] = port
+
+    async def _summarise_refusals(self) -> None:
+        """Every ``limits.refused_summary_interval``: the summaries of the refused
+        connections that got no record of their own (sidecar/refusals.py)."""
+        while True:
+            await trio.sleep(self.cfg.limits.refused_summary_interval)
+            self.telemetry.flush_refusals()
 
     def _count_probe(self, result: str) -> None:
         self.metrics.app_probes_total.labels(result).inc()

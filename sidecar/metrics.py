@@ -456,6 +456,12 @@ class SidecarMetrics:
             "TLS handshakes that failed or were refused, by reason.",
             ("direction", "reason"),
         )
+        self.refusals_summarised_total = r.counter(
+            "sidecar_refusals_summarised_total",
+            "Refused connections counted in a connection_refused_summary record instead of "
+            "a record of their own (limits.refused_records_per_source).",
+            ("direction",),
+        )
         self.jwt_failures_total = r.counter(
             "sidecar_jwt_failures_total",
             "Tokens present but rejected, by provider and reason.",

@@ -18,11 +18,14 @@ from sidecar.audit.record import (
     connection_closed_record,
     connection_refused_record,
     record_from,
+    refused_summary_record,
     request_row,
     request_wire,
 )
+from sidecar.config.model import Limits
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
+from sidecar.refusals import RefusalThinner
 from sidecar.tap import Tap
 
 if TYPE_CHECKING:
@@ -66,6 +69,12 @@ class Telemetry:
         # Called with the source address when an inbound peer's own credentials failed at
         # the TLS layer (the burst detector's by: address / peer rules; see sidecar/alerts.py).
         self.on_credential_failure: Callable[[str], None] | None = None
+        # Full records of refused connections up to a per-source rate, then summaries
+        # (sidecar/refusals.py); the app sets the configured limits.
+        lim = Limits()
+        self.refusals = RefusalThinner(lim.refused_records_per_source,
+                                       lim.refused_records_per_second,
+                                       lim.refused_summary_interval)
         reg = metrics.registry
         self.handshakes = reg.counter(
             "sidecar_tls_handshakes_total", "TLS handshakes completed, by direction.",
@@ -108,15 +117,33 @@ class Telemetry:
         """A handshake failed or its peer was refused: metric (label before the colon), log line,
         audit record; the peer's own credential failures feed ``on_credential_failure``."""
         self.metrics.tls_handshake_failures_total.labels(direction, reason.split(":")[0]).inc()
+        hook = self.on_credential_failure
+        if hook is not None and direction == "inbound" and reason.split(":")[0] in \
+                TLS_CREDENTIAL_FAILURES:
+            hook(source)
+        if not self.refusals.admit(direction, source, reason, time.time()):
+            # Beyond its source's rate: counted in the next summary (``flush_refusals``).
+            self.metrics.refusals_summarised_total.labels(direction).inc()
+            return
         logs.log("connection_refused", "warning", direction=direction, source=source,
                  peer=peer, reason=reason)
         if self.audit is not None:
             self.audit.submit(connection_refused_record(
                 time=started, direction=direction, source=source, peer=peer, reason=reason))
-        hook = self.on_credential_failure
-        if hook is not None and direction == "inbound" and reason.split(":")[0] in \
-                TLS_CREDENTIAL_FAILURES:
-            hook(source)
+
+    def flush_refusals(self) -> None:
+        """One ``connection_refused_summary`` log line and audit record per source whose
+        refusals were counted since the last call (every ``refused_summary_interval``, and
+        at shutdown before the audit trail closes)."""
+        now = time.time()
+        for direction, source, tally in self.refusals.summaries():
+            logs.log("connection_refused_summary", "warning", direction=direction,
+                     source=source, count=tally.count, reasons=tally.reasons,
+                     first=tally.first, last=tally.last)
+            if self.audit is not None:
+                self.audit.submit(refused_summary_record(
+                    time=now, direction=direction, source=source, count=tally.count,
+                    reasons=tally.reasons, first=tally.first, last=tally.last))
 
     def connection_retired(self, direction: str, listener: str, source: str,
                            peer: str | None, reason: str, opened: float | None = None) -> None:

@@ -35,6 +35,7 @@ EVENT_CONNECTION_REFUSED = "connection_refused"
 EVENT_ALERT = "alert"
 EVENT_RATE_LIMITED = "rate_limited"
 EVENT_CONNECTION_CLOSED = "connection_closed"
+EVENT_REFUSED_SUMMARY = "connection_refused_summary"
 
 MAX_EXTRA_KEYS = 32
 
@@ -559,6 +560,19 @@ def connection_refused_record(
         time=time, event=EVENT_CONNECTION_REFUSED, request_id=request_id,
         direction=direction, peer=peer, source=source, decision="deny", reason=reason,
         extra=extra,
+    )
+
+
+def refused_summary_record(
+    *, time: float, direction: str, source: str, count: int, reasons: dict[str, int],
+    first: float, last: float,
+) -> AuditRecord:
+    """``count`` refused connections of one source, beyond the rate that gets a record each
+    (``sidecar.refusals``): their reasons with how many of each, the first and the last."""
+    return AuditRecord(
+        time=time, event=EVENT_REFUSED_SUMMARY, direction=direction, source=source,
+        decision="deny", reason="summary",
+        extra={"count": count, "reasons": dict(reasons), "first": first, "last": last},
     )
 
 

@@ -60,6 +60,12 @@ class Limits:
     max_connection_age: float = 3600.0
     max_connection_age_jitter: float | None = None  # None: a tenth of max_connection_age
     connection_close_grace: float = 10.0
+    # Refused connections (sidecar/refusals.py): a full audit record and log line each up
+    # to this many a second per source address, and across sources; the rest are counted
+    # in one summary per source every refused_summary_interval.
+    refused_records_per_source: int = 10
+    refused_records_per_second: int = 100
+    refused_summary_interval: float = 10.0
 
     @property
     def connection_age_jitter(self) -> float:
@@ -143,10 +149,12 @@ _LIMIT_DURATIONS = {
     "handshake_timeout", "header_timeout", "idle_timeout", "connect_timeout",
     "response_timeout", "body_timeout", "tcp_idle_timeout", "pool_idle_timeout", "drain_timeout",
     "max_connection_age", "max_connection_age_jitter", "connection_close_grace",
+    "refused_summary_interval",
 }
 _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
 MIN_HEADER_BYTES, MAX_HEADER_BYTES = 1024, 8 * 1024 * 1024
-_LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size"}
+_LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size",
+                 "refused_records_per_source", "refused_records_per_second"}
 
 
 MAX_TRUST_DOMAINS = 64
@@ -318,6 +326,9 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
             p = ("limits", key)
             if key in _LIMIT_DURATIONS:
                 v: Any = r.duration(value, p)
+                if key == "refused_summary_interval" and v is not None and not 1 <= v <= 3600:
+                    src.problem(p, "must be between 1s and 1h")
+                    v = None
             elif key in _LIMIT_SIZES:
                 try:
                     v = parse_size(value)
@@ -331,6 +342,9 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                     v = None
             elif key in _LIMIT_COUNTS:
                 v = r.positive_int(value, p)
+                if v is not None and key.startswith("refused_records") and v > 1_000_000:
+                    src.problem(p, "at most 1000000")
+                    v = None
             else:
                 continue
             if v is not None:
