@@ -280,6 +280,13 @@ class InboundProxy:
                 headers.extend(verdict.set_headers)
             if head.upgrade is not None:
                 return upgrade(event, headers, head, facts, verdict.auth, query)
+            auth = verdict.auth
+            if auth is not None and (auth.claims or auth.apikey is not None):
+                # A request in flight (a long download, server-sent events) ends when the
+                # credentials it was authorised with expire, like a stream; the request loop
+                # sets this back to inf when the exchange ends.
+                conn.credentials_end = gate.credentials_end(
+                    auth, api_key_of(event.headers) if auth.apikey else None)
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import http.client as httpclient
 import math
 import secrets
 import socket
@@ -475,6 +476,58 @@ def _reloads(proc: SidecarProc) -> float:
 # how the peer loses what admitted it -> the reason its request in flight ends with
 IN_FLIGHT = {"reload": "policy_refused", "rule_expires_at": "policy_refused",
              "peer_cert_expires": "peer_cert_expired"}
+
+
+def _expiring_credentials(cred: str, ends: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """A policy admitting the frontend with a credential of kind ``cred`` that expires at
+    ``ends``, and the headers presenting it."""
+    if cred == "jwt_exp":
+        rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")], "jwt": {"provider": "corp"}}}
+        return _policy_doc([rule]), {"authorization": f"Bearer {_token(exp=int(ends))}"}
+    key, entry = _api_key("victim", expires_at=_stamp(ends))
+    rule = {"name": "key", "allow": {"from": [spiffe("frontend")], "apikey": True}}
+    return _policy_doc([rule], api_keys=[entry]), {"x-api-key": key}
+
+
+@pytest.mark.parametrize("kind", ["download", "upload"])
+@pytest.mark.parametrize("cred", ["jwt_exp", "apikey_expires_at"])
+def test_a_request_in_flight_ends_when_its_credentials_expire(tmp_path, pki, app, procs, kind,
+                                                              cred):
+    """A long download or upload (server-sent events, a slow upload) ends when the token or
+    API key that admitted it expires, as an upgraded stream does (a hostile review: it ran
+    until max_connection_age, and only a reload ended it, as ``policy_refused``)."""
+    doc, headers = _expiring_credentials(cred, time.time() + 5)
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                  timeout=10)) as tls:
+        _start(tls, kind, headers)
+        wait_closed(srv, "credential_expired")
+        assert _drain(tls), "the request went on after its credentials expired"
+    assert closed(srv, "policy_refused") == 0
+    [rec] = audited(tmp_path, "orders", "credential_expired")
+    assert rec["peer"] == spiffe("frontend")
+
+
+@pytest.mark.parametrize("cred", ["jwt_exp", "apikey_expires_at"])
+def test_a_keep_alive_connection_outlives_the_credentials_of_a_finished_request(
+        tmp_path, pki, app, procs, cred):
+    """Only a request in flight ends with its credentials: an idle keep-alive connection whose
+    last request's token expired stays open for the next request (with a new token)."""
+    doc, headers = _expiring_credentials(cred, time.time() + 4)
+    srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
+    port = srv.port("inbound")
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        assert http(port, "GET", "/orders/1", headers=headers, conn=conn).status == 200
+        time.sleep(6.5)  # past the credential's end, the skew and a sweep
+        assert closed(srv, "credential_expired") == 0
+        # The same connection: its next request is judged, and the expired credential
+        # refused (401 for a token; an expired API key is refused as well).
+        assert http(port, "GET", "/orders/1", headers=headers, conn=conn).status in (401, 403)
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("kind", ["download", "upload"])

@@ -279,7 +279,9 @@ class Lifetimes:
                     n += self.retire(conn, REASON_POLICY_REFUSED)
             elif conn.idle is None and conn.request is not None and conn.allows is not None \
                     and not conn.allows(conn.request, now):
-                n += self.retire(conn, REASON_POLICY_REFUSED)
+                # (the credentials of the request in flight ran out: that, not the rules)
+                n += self.retire(conn, REASON_CREDENTIAL_EXPIRED
+                                 if now >= conn.credentials_end else REASON_POLICY_REFUSED)
         return n
 
     def policy_changed(self, now: float) -> int:

@@ -161,6 +161,8 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 if ctx.facts is not None:
                     telemetry.request(ctx, 0, error="connection_closed")
                 raise
+            if conn is not None:
+                conn.credentials_end = math.inf  # (set for a request with credentials)
             telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes)
             if ex.upgraded:
                 return
