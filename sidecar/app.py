@@ -457,7 +457,7 @@ class Sidecar:
             "certificates", [ident.cert, ident.key, ident.bundle],
             load=functools.partial(load_rotated_svid, ident.cert, ident.key, ident.bundle,
                                    self.own_id),
-            apply=self._apply_svid, on_error=self._tls_reload_failed,
+            apply=self._apply_svid, on_error=self._own_reload_failed,
             interval=ident.watch_interval)
         await nursery.start(cert_watch.run)
         for td, path in ident.trust_domains:
@@ -571,6 +571,25 @@ class Sidecar:
         if self._nursery is not None:
             for proxy in self.outbound_proxies:
                 self._nursery.start_soon(proxy.pool.retire_idle)
+
+    def _own_reload_failed(self, exc: BaseException) -> None:
+        """The own certificate set did not load: the set in force stays, except roots the
+        bundle file no longer lists, which are withdrawn at once (trusting less never waits
+        for the rest of the set: ``TlsState.with_own_roots_withdrawn``)."""
+        self._tls_reload_failed(exc)
+        try:
+            narrowed = self.tls.with_own_roots_withdrawn()
+        except (SidecarError, OSError, ValueError):
+            return  # the bundle file alone does not load either: nothing is withdrawn
+        if narrowed is None:
+            return
+        self.tls.narrow(narrowed)
+        own = narrowed.trust.bundles[narrowed.trust.own]
+        logs.log("trust_roots_withdrawn", "warning", trust_domain=own.trust_domain,
+                 roots=len(own.roots),
+                 message="roots removed from identity.bundle are no longer trusted; the own "
+                         "certificate set in force stays until one loads")
+        self._trust_changed()
 
     def _tls_reload_failed(self, exc: BaseException) -> None:
         self.tls.record_failure(str(exc))

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import serialization
+
 from sidecar.identity.svid import RULE_SPIFFE_ID_CHANGED, Svid, SvidError, load_svid
 from sidecar.identity.tls import client_context, server_context
 from sidecar.identity.trust import (
@@ -130,6 +132,35 @@ class TlsState:
         snap = self._snap
         trust = snap.trust.with_bundle(bundle, snap.trust.generation + 1)
         return _contexts(snap.svid, trust, snap.svid_generation)
+
+    def with_own_roots_withdrawn(self) -> TlsSnapshot | None:
+        """After the own file set (certificate, key, ``identity.bundle``) failed to load: a
+        snapshot whose own trust domain keeps only those of its roots that the bundle file
+        still lists, the own certificate and key unchanged; None when the file withdrew none.
+        Raises ``SvidError`` / ``OSError`` when the bundle file alone does not load (or lists
+        no root: more likely a file caught while being written than the end of the own trust
+        domain), and the roots in force stay.
+
+        Withdrawing a root only ever trusts less, so it never waits for the rest of the set:
+        a root removed in an emergency (its CA key compromised) while this sidecar's own
+        certificate still chains to it failed the whole set, and kept trusting whatever
+        that root signed (found by a hostile review). Roots the file adds wait for a set that
+        loads."""
+        snap = self._snap
+        own = snap.trust.bundles[snap.trust.own]
+        listed = load_bundle(own.trust_domain, snap.svid.bundle_path, allow_empty=False)
+        kept = [root for root in own.roots
+                if root.public_bytes(serialization.Encoding.DER) in listed.root_ders]
+        if len(kept) == len(own.roots):
+            return None
+        narrowed = bundle_from_certs(own.trust_domain, own.path, kept)
+        trust = snap.trust.with_bundle(narrowed, snap.trust.generation + 1)
+        return _contexts(snap.svid, trust, snap.svid_generation)
+
+    def narrow(self, snapshot: TlsSnapshot) -> None:
+        """Make ``snapshot`` (``with_own_roots_withdrawn``) current; the failure of the set
+        stays recorded (``last_error``)."""
+        self._snap = snapshot
 
     def valid(self, now: float) -> bool:
         """Whether the own certificate is within its validity at ``now``, and so is every

@@ -149,15 +149,16 @@ def bundle_from_certs(trust_domain: str, path: str,
         c.public_bytes(serialization.Encoding.DER) for c in roots))
 
 
-def load_bundle(trust_domain: str, path: str) -> TrustBundle:
+def load_bundle(trust_domain: str, path: str, *, allow_empty: bool = True) -> TrustBundle:
     """Read one federated trust domain's bundle file (PEM or SPIFFE JSON); raise
     ``SvidError``. A blank file or a SPIFFE bundle without ``x509-svid`` keys is a bundle
     without roots: that trust domain then admits nobody (its roots were withdrawn; keeping
     the last ones would trust a CA its owner removed). A file that does not parse is an
-    error, and the last good roots stay."""
+    error, and the last good roots stay. ``allow_empty=False``: a bundle without roots is
+    an error too (the own bundle, read alone: ``TlsState.with_own_roots_withdrawn``)."""
     (resolved,) = snapshot_paths(path)
     return bundle_from_certs(trust_domain, path,
-                             load_roots(_read(resolved, path), path, allow_empty=True))
+                             load_roots(_read(resolved, path), path, allow_empty=allow_empty))
 
 
 @dataclass(frozen=True)
