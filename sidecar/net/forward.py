@@ -564,26 +564,36 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
             return False
         return True
     spoke = False
-    failed: Timeout | None = None
+    failed: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
-                nonlocal spoke
-                while True:
-                    try:
-                        await wait_readable(fd)
-                    except (trio.BusyResourceError, trio.ClosedResourceError):
-                        return  # (a TLS write waiting to read first: its own bound holds)
-                    # (not a TLS record without data, a session ticket; not a 1xx head)
-                    if ep.spoke():
-                        if not _interim_only(client, ep, upload):
-                            break
-                        if client.out:
-                            # (shielded: the send ending meanwhile cancels this task, and
-                            # half a 1xx head on the caller's connection would corrupt it;
-                            # the flush has its own bound)
-                            with trio.CancelScope(shield=True):
-                                await client.flush(timeout=limits.body_timeout)
+                nonlocal spoke, failed
+                try:
+                    while True:
+                        try:
+                            await wait_readable(fd)
+                        except (trio.BusyResourceError, trio.ClosedResourceError):
+                            return  # (a TLS write waiting to read first: its own bound holds)
+                        # (not a TLS record without data, a session ticket; not a 1xx head)
+                        if ep.spoke():
+                            if not _interim_only(client, ep, upload):
+                                break
+                            if client.out:
+                                # (shielded: the send ending meanwhile cancels this task, and
+                                # half a 1xx head on the caller's connection would corrupt it;
+                                # the flush has its own bound)
+                                with trio.CancelScope(shield=True):
+                                    await client.flush(timeout=limits.body_timeout)
+                except Exception as exc:  # noqa: BLE001 -- re-raised below, as itself
+                    # A head the reader refuses, the eleventh 1xx, the caller gone while a
+                    # 1xx is relayed: raised after the nursery, as itself -- not inside an
+                    # exception group no caller catches (found by a hostile review: an
+                    # internal error, no 502 and no audit record, while a large upload was
+                    # blocked).
+                    failed = exc
+                    nursery.cancel_scope.cancel()
+                    return
                 spoke = True
                 nursery.cancel_scope.cancel()
 
@@ -597,10 +607,13 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # An outer cancellation (a drain, a retirement) ends both tasks: it goes on as the
-        # one ``Cancelled`` the callers expect, not as a group of two.
-        if group.split(trio.Cancelled)[1] is not None:
-            raise
-        raise group.exceptions[0] from None
+        # one ``Cancelled`` the callers expect, not as a group of two; any other exception
+        # goes on as itself.
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            others = first.split(trio.Cancelled)[1]
+            first = (others if others is not None else first).exceptions[0]
+        raise first from None
     if failed is not None:
         raise failed
     return not spoke
