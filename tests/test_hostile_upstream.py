@@ -309,6 +309,22 @@ def test_a_refused_answer_is_a_generic_502(rig: Rig, side: str, case: str) -> No
     rig.assert_serving(side)
 
 
+@pytest.mark.parametrize("side", SIDES)
+# (an answer to HEAD has no body: the broken chunked bodies are never read, the head relayed)
+@pytest.mark.parametrize("case", sorted(c for c in REFUSED if not c.startswith("chunk_")))
+def test_the_502_to_a_head_request_has_no_body(rig: Rig, side: str, case: str) -> None:
+    """The sidecar's own answer to a HEAD has no content (RFC 9110 9.3.2), as a relayed one:
+    its head, and nothing after it (a review found the generic body sent, which a client
+    reading pipelined answers takes for the start of the next one)."""
+    rig.scripts[f"/head-refused/{case}"] = REFUSED[case]
+    out, closed = _send(rig, side, _get(f"/head-refused/{case}", b"HEAD"))
+    assert closed, out[:300]
+    rest = re.sub(rb"HTTP/1\.1 1\d\d [^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n", b"", out)
+    assert re.fullmatch(rb"HTTP/1\.1 502 Bad Gateway\r\n(?:[^\r\n]+\r\n)*\r\n", rest), rest
+    assert re.search(rb"\r\ncontent-length: [1-9]\d*\r\n", rest), rest  # (the GET's length)
+    rig.assert_serving(side)
+
+
 # Answers relayed, but normalised: (script, what the caller's head must hold, must not hold).
 NORMALISED: dict[str, tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]]] = {
     "length_leading_zeros": (_head(OK, b"Content-Length: 002", body=b"ok"),

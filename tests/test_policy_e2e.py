@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import h11
 import pytest
 
 from sidecar.audit.segments import iter_records
@@ -181,6 +182,30 @@ def test_malformed_request_on_the_outbound_listener_is_labelled_outbound(mesh, t
     assert not a.metric("sidecar_requests_refused_total", direction="inbound")
     recs = _wait_audit(tmp_path / "audit-frontend", lambda r: r.status == 400)
     assert [r.direction for r in recs if r.status == 400] == ["outbound"]
+
+
+@pytest.mark.parametrize("listener", ["outbound", "inbound"])
+def test_a_refused_head_request_gets_a_head_only(mesh, pki, listener):
+    """The 403 to a HEAD request is a head without content, on both listeners: h11, as the
+    client, reads one whole answer and the end of the connection, nothing after it."""
+    a, b = mesh
+    request = b"HEAD /payments/1 HTTP/1.1\r\nHost: orders\r\n\r\n"
+    if listener == "outbound":
+        out = raw(a.port("orders"), request)
+    else:
+        out = raw(b.port("inbound"), request, ctx=mtls_context(pki.identity("frontend"),
+                                                                pki.bundle))
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="HEAD", target="/payments/1", headers=[("Host", "orders")]))
+    client.receive_data(out)
+    client.receive_data(b"")
+    events = []
+    while (event := client.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        events.append(type(event).__name__)
+        if isinstance(event, h11.ConnectionClosed):
+            break
+    assert events == ["Response", "EndOfMessage", "ConnectionClosed"], (events, out)
+    assert out.startswith(b"HTTP/1.1 403 ") and out.endswith(b"\r\n\r\n"), out
 
 
 def test_egress_refused_before_any_connection(tmp_path, pki, app, procs):

@@ -20,8 +20,11 @@ LINGER_BYTES = 256 * 1024
 
 
 async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
-                       verdict: Verdict | None) -> None:
-    """Answer with a generic error and ``Connection: close`` if a response can still be sent."""
+                       verdict: Verdict | None, *, head: bool = False) -> None:
+    """Answer with a generic error and ``Connection: close`` if a response can still be sent.
+    ``head``: the request was a HEAD, whose answer has no content (RFC 9110 9.3.2): the
+    head says the length the body would have, and no body follows (before, the body was
+    sent, and a client reading pipelined answers took it for the start of the next one)."""
     if ep.sent_head:
         return  # the response already started: closing the connection is all that is left
     status = refusal.status
@@ -36,7 +39,8 @@ async def send_refusal(ep: Endpoint, refusal: RequestRefused, request_id: str,
     if verdict is not None:
         headers.extend(verdict.response_headers)
     ep.sent_head = True
-    ep.queue(serialise_response_head(status, reason_phrase(status).encode(), headers) + body)
+    ep.queue(serialise_response_head(status, reason_phrase(status).encode(), headers)
+             + (b"" if head else body))
     try:
         await ep.flush(trio.current_time() + REPLY_TIMEOUT)
         if not ep.reader.at_rest():

@@ -85,6 +85,11 @@ async def _idle_wait_scoped(client: Endpoint, tracker: ConnectionTracker,
     return not scope.cancelled_caught and (conn is None or conn.serve_more)
 
 
+def _is_head(event: object) -> bool:
+    """Whether ``event`` is a HEAD request (its refusal has no body)."""
+    return type(event) is Request and event.method == b"HEAD"
+
+
 async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: Limits,
                        telemetry: Telemetry, handle: Handler, source: str,
                        peer: str | None, conn: LiveConnection | None = None) -> None:
@@ -140,6 +145,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     return
         ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer,
                              direction=direction)
+        event = None  # (not the previous request's, if this one's head does not parse)
         try:
             client.sent_head = False
             # The head is nearly always all here after the idle wait: parsed without a
@@ -168,12 +174,13 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 return
         except RequestRefused as exc:
             telemetry.request(ctx, exc.status, error=exc.reason)
-            await send_refusal(client, exc, ctx.request_id, ctx.verdict)
+            await send_refusal(client, exc, ctx.request_id, ctx.verdict, head=_is_head(event))
             return
         except UpstreamFailed as exc:
             telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
                               error=exc.refusal.reason, detail=exc.refusal.detail)
-            await send_refusal(client, exc.refusal, ctx.request_id, None)
+            await send_refusal(client, exc.refusal, ctx.request_id, None,
+                               head=_is_head(event))
             return
         except (PeerClosed, Timeout) as exc:
             if ctx.facts is not None:  # forwarded, then broken off: still one record
