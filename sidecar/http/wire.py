@@ -164,11 +164,14 @@ _FACT_NAMES = frozenset((b"host", b"content-length", b"transfer-encoding", b"con
 #   chunk-ext-name = token; chunk-ext-val = token / quoted-string.
 # Anything else -- a bare CR, LF, NUL or other control character, an unterminated quoted
 # string, an empty name -- does not match. At most 15 hex digits (the size fits in 60 bits).
-# Whitespace before the CRLF is tolerated (h11 does too); it carries no meaning.
+# Whitespace before the CRLF is tolerated (h11 does too); it carries no meaning. The BWS the
+# grammar allows before the first ";" is not: h11 refuses it, and this reader is never more
+# lenient than h11 (a review found ``5 ;a=b`` read here and refused there).
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_EXT = (_TCHAR + rb"+(?:[\t ]*=[\t ]*(?:" + _TCHAR + rb"+|" + _QUOTED + rb"))?")
 _CHUNK_SIZE = re.compile(
-    rb"([0-9A-Fa-f]{1,15})(?:[\t ]*;[\t ]*" + _TCHAR + rb"+(?:[\t ]*=[\t ]*(?:"
-    + _TCHAR + rb"+|" + _QUOTED + rb"))?)*[\t ]*")
+    rb"([0-9A-Fa-f]{1,15})(?:;[\t ]*" + _CHUNK_EXT + rb"(?:[\t ]*;[\t ]*" + _CHUNK_EXT
+    + rb")*)?[\t ]*")
 _MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included, without its CRLF
 # The prefixes of a chunk-size line (``_CHUNK_SIZE``) without its CRLF: what an unfinished
 # line may hold and still become a valid one (an unterminated quoted-string, a name or a
@@ -176,11 +179,16 @@ _MAX_CHUNK_LINE = 1024  # a chunk-size line, extensions included, without its CR
 _OWS = rb"[\t ]*+"
 _TOKENS = _TCHAR + rb"++"
 _QUOTED_START = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*+'
+_EXT_DONE = (_TOKENS + rb"(?:" + _OWS + rb"=" + _OWS + rb"(?:" + _TOKENS + rb"|"
+             + _QUOTED_START + rb'"))?')
+_EXT_PART = (rb";" + _OWS + rb"(?:" + _TOKENS + _OWS + rb"(?:=" + _OWS + rb"(?:" + _TOKENS
+             + rb"|" + _QUOTED_START + rb"\\?)?)?)?")
 _CHUNK_LINE_PREFIX = re.compile(
-    rb"[0-9A-Fa-f]{0,15}|[0-9A-Fa-f]{1,15}(?:" + _OWS + rb";" + _OWS + _TOKENS + rb"(?:" + _OWS
-    + rb"=" + _OWS + rb"(?:" + _TOKENS + rb"|" + _QUOTED_START + rb'"))?)*' + _OWS + rb"(?:;"
-    + _OWS + rb"(?:" + _TOKENS + _OWS + rb"(?:=" + _OWS + rb"(?:" + _TOKENS + rb"|"
-    + _QUOTED_START + rb"\\?)?)?)?)?")
+    rb"[0-9A-Fa-f]{0,15}"
+    rb"|[0-9A-Fa-f]{1,15}" + _OWS  # (no extension: whitespace before the CRLF only)
+    + rb"|[0-9A-Fa-f]{1,15}" + _EXT_PART  # (the first extension: right after the size)
+    + rb"|[0-9A-Fa-f]{1,15};" + _OWS + _EXT_DONE + rb"(?:" + _OWS + rb";" + _OWS + _EXT_DONE
+    + rb")*" + _OWS + rb"(?:" + _EXT_PART + rb")?")
 # The bytes each part of a line may hold, for ``bytes.translate(None, ...)`` (what is left
 # over is a byte that cannot be there): a token (method, field name), a request target, a
 # field value or reason phrase.
