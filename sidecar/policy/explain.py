@@ -128,7 +128,8 @@ def explain(
         return Explanation(identity, target, path, query, note, decision, None, (), False)
     trail: list[RuleTrail] = []
     for rule in section.rules:
-        req = request_trace(rule.when, facts, section.trust_domain, fold_case=section.fold_case)
+        req = request_trace(rule.when, facts, section.trust_domain,
+                            fold_case=section.fold_case, effect=rule.effect)
         creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
         if rule.expired(now):
             status = "expired"
