@@ -26,7 +26,8 @@ What is refused (reason codes go to logs and audit records only):
   ``non_ascii_paths: allow``: fullwidth ``．`` and ``／`` and other compatibility forms turn
   into ``.`` and ``/`` in an app that folds to NFKC;
 * dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
-* empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
+* empty segments (``//``) (``empty_segment``); ``merge_slashes=True`` merges them instead, but
+  no configuration sets it: the data path and ``policy explain`` refuse them.
 
 What is rewritten (``normalise_both``): every path has one spelling per decoded path, the
 one the policy matches; the app gets the same path in the client's spelling of reserved
