@@ -18,8 +18,8 @@ Decisions fixed per policy version are made once and kept (bounded, ``DECISION_C
 per kind), keyed by the policy *object*, so a reload starts afresh: egress decisions (they
 depend on the policy and the target identity only) and inbound decisions of a section whose
 rules never expire. An inbound decision depends only on peer, method, path, host, port and
-listener (the path is keyed as the section matches it, folded for ``path_case:
-insensitive``) and on the credentials as ``AuthFacts.key`` sums them up: per provider the
+listener (the path is keyed as the section's allow rules match it, case folded for
+``path_case: insensitive``) and on the credentials as ``AuthFacts.key`` sums them up: per provider the
 verified token itself (its claims are a function of it) or the reason it was refused, and
 the API key name (and, when a token no provider accepted was presented, a mark saying so:
 the same failures can come from a token another provider accepted). Credentials are still
@@ -290,9 +290,11 @@ class Gate:
                 return memo.verdict
             kept = True
         elif self._inbound_cacheable and not tcp and auth_key is not None:
-            # The path as the policy matches it: a path_case: insensitive section folds
-            # case and Windows names, so /Admin and /admin. share one entry (and one answer).
-            path: object = (path_segments(facts.path, True) if section.fold_case
+            # The path as the policy's allow rules match it: a path_case: insensitive
+            # section folds case, so /Admin and /admin share one entry (and one answer).
+            # Not Windows names: deny rules fold those, allow rules do not, so /x:get and
+            # /x:cancel can have different answers.
+            path: object = (path_segments(facts.path, True, names=False) if section.fold_case
                             else facts.path)
             key = (facts.peer, facts.method, path, facts.host, facts.port, facts.listener,
                    auth_key)

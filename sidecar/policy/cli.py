@@ -310,7 +310,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         policy, args.to, caller=args.caller, method=args.method, target=args.path,
         host=args.host or "", port=args.port or 0, listener=args.listener or "",
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
-        merge_slashes=args.merge_slashes,
     )
     emit(args, _explain_doc(result, policy), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
@@ -435,8 +434,6 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.add_argument("--port", type=int, help="local listening port")
     p.add_argument("--listener", help="listener name")
     p.add_argument("--now", help="decide at this RFC 3339 time (default: now)")
-    p.add_argument("--merge-slashes", action="store_true",
-                   help="merge '//' instead of refusing it (as the data path option)")
     add_output_flag(p)
     p.set_defaults(func=cmd_explain)
 

@@ -49,7 +49,7 @@ from sidecar.policy.model import (
     Mode,
     Rule,
 )
-from sidecar.policy.paths import path_segments
+from sidecar.policy.paths import NAME_FOLD_EFFECTS, path_segments, rule_segments
 
 _MISSING = object()
 
@@ -139,10 +139,12 @@ def peer_matches(pattern: str, peer: str | None) -> bool:
     return segs is not None and pat is not None and segments_match(pat, segs)
 
 
-def path_pattern_segments(pattern: str, fold: bool = False) -> tuple[str, ...]:
-    """Segments of a path pattern; like request paths, a trailing ``/`` is ignored (and
-    ASCII case with ``fold``, for a ``path_case: insensitive`` section)."""
-    return path_segments(pattern, fold)
+def path_pattern_segments(pattern: str, fold: bool = False, effect: str = "allow"
+                          ) -> tuple[str, ...]:
+    """Segments of a path pattern; like request paths, a trailing ``/`` is ignored (and, with
+    ``fold``, for a ``path_case: insensitive`` section, ASCII case, and Windows names for a
+    rule of ``effect`` deny: ``rule_segments``)."""
+    return rule_segments(pattern, fold, effect)
 
 
 def normalise_host(host: str) -> str:
@@ -305,13 +307,13 @@ AUTH_OK = AuthOutcome(True)
 
 def request_trace(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
-    fold_case: bool = False,
+    fold_case: bool = False, effect: str = "allow",
 ) -> list[ConditionResult]:
     """Every non-credential condition of a rule, checked against the request.
 
     With ``check_indexed=False`` the caller and path conditions are skipped (the index
     already proved them for candidates). ``fold_case``: the section matches paths with
-    ASCII case folded.
+    ASCII case folded, and Windows names for deny rules (``effect``: the rule's).
     """
     out: list[ConditionResult] = []
     if check_indexed and when.peers is not None:
@@ -331,8 +333,9 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        segs = path_segments(facts.path, fold_case)
-        held = any(segments_match(path_pattern_segments(p, fold_case), segs) for p in when.paths)
+        segs = rule_segments(facts.path, fold_case, effect)
+        held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
+                   for p in when.paths)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -354,7 +357,7 @@ def request_trace(
 
 def request_holds(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
-    fold_case: bool = False,
+    fold_case: bool = False, effect: str = "allow",
 ) -> bool:
     """Fast form of ``request_trace``: do all non-credential conditions hold?"""
     if when.methods is not None and facts.method not in when.methods:
@@ -372,8 +375,8 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            segs = path_segments(facts.path, fold_case)
-            if not any(segments_match(path_pattern_segments(p, fold_case), segs)
+            segs = rule_segments(facts.path, fold_case, effect)
+            if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
                        for p in when.paths):
                 return False
     return True
@@ -433,14 +436,17 @@ def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
 
 
 class RuleIndex:
-    """Rules of one effect in one section, looked up by caller and path (ASCII case folded
-    on both sides with ``fold_case``)."""
+    """Rules of one ``effect`` in one section, looked up by caller and path (with
+    ``fold_case``, ASCII case folded on both sides, and Windows names for deny rules:
+    ``rule_segments``)."""
 
-    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold")
+    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names")
 
-    def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False) -> None:
+    def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
+                 effect: str = "allow") -> None:
         self.rules = rules
         self._fold = fold_case
+        self._names = effect in NAME_FOLD_EFFECTS  # (chosen once: a lookup costs the same)
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -457,7 +463,8 @@ class RuleIndex:
                 any_path.add(number)
             else:
                 for pattern in rule.when.paths:
-                    path_entries.append((path_pattern_segments(pattern, fold_case), number))
+                    path_entries.append((path_pattern_segments(pattern, fold_case, effect),
+                                         number))
         self._peers = SegmentTrie(peer_entries)
         self._any_peer = frozenset(any_peer)
         self._paths = SegmentTrie(path_entries)
@@ -475,7 +482,7 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
-        path_sets = self._paths.match(path_segments(path, self._fold))
+        path_sets = self._paths.match(path_segments(path, self._fold, self._names))
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:
@@ -497,7 +504,8 @@ class Section:
 
     ``providers``: JWT providers referenced by this section's rules (the data path verifies
     only those tokens). ``needs_apikey``: some rule tests an API key. ``fold_case``: paths
-    match with ASCII case folded (``path_case: insensitive``). ``refuse_invalid_tokens``:
+    match with ASCII case folded, and Windows names for deny rules (``path_case:
+    insensitive``; ``rule_segments``). ``refuse_invalid_tokens``:
     a token no provider accepted is refused before any rule (``invalid_tokens: refuse``).
     """
 
@@ -543,8 +551,8 @@ def compile_section(
         trust_domain=trust_domain,
         mode=mode,
         rules=rules,
-        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case),
-        allow=RuleIndex(tuple(r for r in rules if r.effect == "allow"), fold_case),
+        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case, "deny"),
+        allow=RuleIndex(tuple(r for r in rules if r.effect == "allow"), fold_case, "allow"),
         egress=egress,
         egress_trie=SegmentTrie(egress_entries),
         providers=providers,

@@ -64,7 +64,8 @@ NO_POLICY_VERSION = "none"
 
 
 def _request_holds(rule: Rule, facts: RequestFacts, section: Section, indexed: bool) -> bool:
-    return request_holds(rule.when, facts, section.trust_domain, not indexed, section.fold_case)
+    return request_holds(rule.when, facts, section.trust_domain, not indexed, section.fold_case,
+                         rule.effect)
 
 
 def _mode(rule: Rule | None, section: Section) -> Mode:

@@ -18,7 +18,7 @@ from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loaded import Policy
-from sidecar.policy.paths import normalise_target
+from sidecar.policy.paths import normalise_request_both
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,16 +101,20 @@ def explain(
     token_errors: Mapping[str, str] | None = None,
     apikey: str | None = None,
     now: float,
-    merge_slashes: bool = False,
     source: str = "127.0.0.1",
 ) -> Explanation:
     """Explain the decision for one request to ``identity``.
 
     ``target`` is the raw request target (path and optional query) as a client sends it;
     ``claims`` maps provider name -> verified claims (as the authenticator would report).
+    The target is normalised by the data path's function with the section's options
+    (``non_ascii_paths``, read as ``Gate`` reads it); before the nineteenth session explain
+    refused every non-ASCII path, and offered a ``merge_slashes`` the data path never does.
     """
+    svc = policy.services.get(identity)
     try:
-        path, query = normalise_target(target.encode("utf-8"), merge_slashes=merge_slashes)
+        path, _forward, query = normalise_request_both(
+            target.encode("utf-8"), allow_non_ascii=svc is not None and svc.non_ascii_paths)
         # The method and Host as the data path reads them (check_head), so that what it
         # refuses with 400 is never explained as allowed or denied: a lower-case method,
         # CONNECT, a Host such as 127.1 or "a b" (found by a hostile review).
@@ -128,7 +132,8 @@ def explain(
         return Explanation(identity, target, path, query, note, decision, None, (), False)
     trail: list[RuleTrail] = []
     for rule in section.rules:
-        req = request_trace(rule.when, facts, section.trust_domain, fold_case=section.fold_case)
+        req = request_trace(rule.when, facts, section.trust_domain,
+                            fold_case=section.fold_case, effect=rule.effect)
         creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
         if rule.expired(now):
             status = "expired"

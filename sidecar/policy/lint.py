@@ -140,6 +140,17 @@ def _case_variant(c: Conditions) -> tuple[str, str] | None:
     return None
 
 
+def _unfolded_names(c: Conditions) -> list[tuple[str, str]]:
+    """(pattern, its form under the Windows-name fold) for each path pattern the fold
+    changes (``paths.rule_segments``: deny rules fold names, allow rules do not)."""
+    out = []
+    for pattern in c.paths or ():
+        folded = path_pattern_segments(pattern, True, "deny")
+        if folded != path_pattern_segments(pattern, True, "allow"):
+            out.append((pattern, "/" + "/".join(folded)))
+    return out
+
+
 def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
     """Can an identity ``pattern`` matches have one of ``namespaces``?  Only the shape
     ``spiffe://<trust_domain>/ns/X/sa/Y`` has a namespace (``identity.spiffe.namespace_of``)."""
@@ -244,6 +255,14 @@ def _lint_section(
                  "(Express by default, IIS, ASP.NET) serves it by the same handler. Set "
                  "path_case: insensitive on the section, or path_case: sensitive to confirm "
                  "the app tells case apart")
+        if rule.effect == "allow" and svc.paths_fold_case:
+            for pattern, folded in _unfolded_names(c):
+                warn(rule.line, rule.key, "allow-name-not-folded",
+                     f"allow rule {rule.name} pattern {pattern} holds what the Windows-name "
+                     f"fold of path_case: insensitive drops (a ':' stream suffix, trailing "
+                     f"dots or spaces): deny rules fold it ({folded}), allow rules do not, so "
+                     f"the fold does not widen this rule: it matches only {pattern} (in any "
+                     f"case), not {folded} or another spelling that folds to it")
         for pattern in c.peers or ():
             check_identity(pattern, rule.line, rule.key + ".allow" if rule.effect == "allow"
                            else rule.key + ".deny", "caller")

@@ -26,7 +26,8 @@ What is refused (reason codes go to logs and audit records only):
   ``non_ascii_paths: allow``: fullwidth ``．`` and ``／`` and other compatibility forms turn
   into ``.`` and ``/`` in an app that folds to NFKC;
 * dot segments ``.`` and ``..``, also when written ``%2e`` (``dot_segment``);
-* empty segments (``//``), unless ``merge_slashes=True`` (``empty_segment``).
+* empty segments (``//``) (``empty_segment``); ``merge_slashes=True`` merges them instead, but
+  no configuration sets it: the data path and ``policy explain`` refuse them.
 
 What is rewritten (``normalise_both``): every path has one spelling per decoded path, the
 one the policy matches; the app gets the same path in the client's spelling of reserved
@@ -44,8 +45,9 @@ says ``path_case: insensitive`` (Express, IIS and ASP.NET route that way): then 
 paths are matched with ASCII letters folded to lower case (``fold=True``). Only ASCII folds:
 that section cannot also allow non-ASCII paths (the loader refuses the combination), and
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
-the same on both sides. Such a section also folds what Windows names treat as one file:
-trailing dots and spaces of a segment and an NTFS ``::$DATA`` stream suffix.
+the same on both sides. Such a section's deny rules also fold what Windows names treat as one
+file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``); its
+allow rules do not (that fold is lossy, and would widen them: ``rule_segments``).
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -228,12 +230,28 @@ def normalise_request_both(target: bytes, *, allow_non_ascii: bool = False
     return normalise_both(target, allow_non_ascii=allow_non_ascii)
 
 
-def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
+# A ``path_case: insensitive`` section folds two things. ASCII case is lossless for an app
+# that routes case-insensitively (``/Admin`` and ``/admin`` are one route to it), so it folds
+# for every rule. The Windows-name fold is lossy: it drops, from each segment, what IIS's
+# file mapping drops (the family below), but ASP.NET Core routing and Google-style custom
+# methods read those characters as part of the route (``/jobs/42:get`` and
+# ``/jobs/42:cancel`` are two handlers; ``/jobs/42`` a third). So it folds only where it can
+# only refuse more: for rules of ``NAME_FOLD_EFFECTS`` (deny). An allow rule matches the path
+# with its case folded and nothing else dropped; before, ``allow /v1/jobs/42:get`` also let
+# ``/v1/jobs/42:cancel`` and ``/v1/jobs/42`` in (found by a hostile review).
+WINDOWS_STREAM = ":"  # a Windows name holds no ':': what follows the first one is a stream
+WINDOWS_TRAILING = (".", "%20")  # dropped from a name's end, repeatedly ("admin. .")
+NAME_FOLD_EFFECTS = frozenset({"deny"})
+
+
+def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[str, ...]:
     """The segments used for matching: one trailing ``/`` is not significant.
 
     ``/`` -> ``()``, ``/a`` and ``/a/`` -> ``("a",)``, ``/a/b`` -> ``("a", "b")``.
-    ``fold``: ASCII letters lower-cased, and a segment's trailing dots and spaces (``%20``)
-    and NTFS ``::$DATA`` suffix dropped (a ``path_case: insensitive`` section).
+    ``fold``: ASCII letters lower-cased (a ``path_case: insensitive`` section) and, unless
+    ``names`` is false, Windows names folded too: a segment's trailing dots and spaces
+    (``%20``) and NTFS stream suffix (from its first ``:``) dropped -- the lossy fold, for
+    deny rules only (``rule_segments``).
     """
     if fold:
         path = path.translate(_ASCII_LOWER)
@@ -242,10 +260,17 @@ def path_segments(path: str, fold: bool = False) -> tuple[str, ...]:
     if not path:
         return ()
     segments = tuple(path.split("/")[1:])
-    return tuple(_windows_name(s) for s in segments) if fold else segments
+    return tuple(_windows_name(s) for s in segments) if fold and names else segments
 
 
-_WINDOWS_TAIL = re.compile(r"(?:\.|%20)+$")
+def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
+    """The segments a rule of ``effect`` (``allow``/``deny``) matches ``path`` (a request
+    path or a rule's pattern) in: in a ``fold`` section, case folded for every rule, and
+    Windows names folded for deny rules only (``NAME_FOLD_EFFECTS``)."""
+    return path_segments(path, fold, effect in NAME_FOLD_EFFECTS)
+
+
+_WINDOWS_TAIL = re.compile("(?:" + "|".join(map(re.escape, WINDOWS_TRAILING)) + ")+$")
 
 
 def _windows_name(segment: str) -> str:
@@ -257,7 +282,7 @@ def _windows_name(segment: str) -> str:
     # left ("admin.::$DATA", "admin. ."). (The stream types and the repeat: a review found
     # "admin::$INDEX_ALLOCATION" and "admin.::$DATA" left unfolded.) A segment of only dots
     # or spaces is refused before (``normalise_target``).
-    name = segment.split(":", 1)[0]
+    name = segment.split(WINDOWS_STREAM, 1)[0]
     while True:
         shorter = _WINDOWS_TAIL.sub("", name)
         if shorter == name:
