@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sidecar.net.resolve import RESULTS
 from tests.harness import (
     Pki,
     free_port,
@@ -177,7 +178,7 @@ def run(tmp: Path) -> dict[str, Any]:
         metrics = front.metrics()
         result["metrics"] = {
             r: metric_value(metrics, "sidecar_dns_lookups_total", result=r)
-            for r in ("resolved", "cached", "failed", "busy", "abandoned")
+            for r in RESULTS
         } if "sidecar_dns_lookups_total" in metrics else {}
         result["in_flight"] = (metric_value(metrics, "sidecar_dns_lookups_in_flight")
                                if "sidecar_dns_lookups_in_flight" in metrics else None)

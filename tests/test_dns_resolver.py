@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.net.resolve import RESULTS
 from tests import dns_namespace as ns
 from tests.harness import ROOT
 
@@ -107,3 +108,10 @@ def test_no_thread_left_lookups_fail_fast_and_are_counted(seen: dict[str, Any]) 
     assert metrics["abandoned"] >= 1, metrics
     assert seen["in_flight"] == 8
     assert seen["saturated_logs"] == 1
+
+
+def test_every_lookup_result_is_documented() -> None:
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    row = next(line for line in docs.splitlines() if "`sidecar_dns_lookups_total`" in line)
+    for result in RESULTS:
+        assert f"`{result}`" in row, result
