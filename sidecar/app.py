@@ -49,6 +49,7 @@ from sidecar.net.listen import (
     open_listener,
 )
 from sidecar.net.pool import UpstreamPool
+from sidecar.net.resolve import install as install_resolver
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.refusals import RefusalThinner
@@ -368,6 +369,7 @@ class Sidecar:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the audit writer, listeners and background tasks; serve until cancelled."""
+        install_resolver(self.metrics)  # every name lookup of this run (sidecar/net/resolve.py)
         cfg = self.cfg
         async with trio.open_nursery() as root:
             if self.audit is not None:

@@ -581,6 +581,17 @@ class SidecarMetrics:
             "(inbound, an outbound name, admin, health) and reason.",
             ("listener", "reason"),
         )
+        self.dns_lookups_total = r.counter(
+            "sidecar_dns_lookups_total",
+            "Host name lookups (upstreams, the control-plane client, the audit collector), by "
+            "result (resolved, cached, failed, busy, abandoned).",
+            ("result",),
+        )
+        self.dns_lookups_in_flight = r.gauge(
+            "sidecar_dns_lookups_in_flight",
+            "Resolver threads waiting for the system resolver now (at most 8), lookups their "
+            "callers abandoned included.",
+        )
         # Called before every render: copy counters kept elsewhere (the audit writer's
         # statistics) into their series, so the scrape shows them without a per-event hook.
         self.scrape_hooks: list[Callable[[], None]] = []
