@@ -52,7 +52,6 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import outcome
 import trio
 
 from sidecar import logs
@@ -169,14 +168,13 @@ class Resolver(trio.abc.HostnameResolver):
                 await self.limiter.acquire_on_behalf_of(flight)
                 self._start(flight)
                 return
-            self._land(flight, outcome.Error(ResolverBusy()), release=False)
+            self._land(flight, None, ResolverBusy(), release=False)
         except trio.Cancelled:  # the process is stopping
-            self._land(flight, outcome.Error(OSError("lookup cancelled")), release=False)
+            self._land(flight, None, OSError("lookup cancelled"), release=False)
             raise
         except Exception as exc:  # noqa: BLE001 -- a bug: fail this lookup, not the process
             if not flight.done.is_set():
-                self._land(flight, outcome.Error(OSError(f"lookup failed: {exc!r}")),
-                           release=False)
+                self._land(flight, None, OSError(f"lookup failed: {exc!r}"), release=False)
             logs.log("internal_error", "error", error=repr(exc), where="dns resolver")
         finally:
             self._queued -= 1
@@ -192,30 +190,36 @@ class Resolver(trio.abc.HostnameResolver):
                                  "further lookups fail after a short wait")
         token, key = self._token, flight.key
 
-        def deliver(result: outcome.Outcome[Answer]) -> None:  # in the worker thread
+        def deliver(result: Any) -> None:  # in the worker thread (an ``outcome.Outcome``)
+            answer: Answer | None = None
+            error: BaseException | None = None
             try:
-                token.run_sync_soon(self._land, flight, result)
+                answer = result.unwrap()
+            except BaseException as exc:  # noqa: BLE001 -- handed to the waiters
+                error = exc
+            try:
+                token.run_sync_soon(self._land, flight, answer, error)
             except trio.RunFinishedError:
                 pass  # the process is stopping; nobody waits for the answer
 
         trio.lowlevel.start_thread_soon(lambda: socket.getaddrinfo(*key), deliver,
                                         name=f"sidecar resolve {key[0]!r}")
 
-    def _land(self, flight: _Flight, result: outcome.Outcome[Answer], *,
+    def _land(self, flight: _Flight, answer: Answer | None, error: BaseException | None, *,
               release: bool = True) -> None:
         if release:
             self._running -= 1
             self.limiter.release_on_behalf_of(flight)
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
-        if isinstance(result, outcome.Value):
-            flight.answer = result.value
-            self._cache[flight.key] = (time.monotonic() + self.ttl, result.value)
+        if error is None and answer is not None:
+            flight.answer = answer
+            self._cache[flight.key] = (time.monotonic() + self.ttl, answer)
             self._cache.move_to_end(flight.key)
             while len(self._cache) > self.entries:
                 self._cache.popitem(last=False)
-        elif isinstance(result, outcome.Error):
-            flight.error = result.error
+        else:
+            flight.error = error if error is not None else OSError("lookup gave no answer")
         flight.done.set()
 
     async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int],
