@@ -382,6 +382,23 @@ def request_holds(
     return True
 
 
+def stream_holds(when: Conditions, facts: RequestFacts, trust_domain: str) -> bool:
+    """Do a DENY rule's conditions hold for an opaque (TCP) stream? Only those a stream
+    has: callers (``from``, ``namespaces``), ``ports`` and ``listeners``. Its request
+    conditions (``methods``, ``paths``, ``hosts``) and credential conditions (``jwt``,
+    ``apikey``) are left out, so the rule denies more, never less: a stream could carry
+    exactly the request the rule denies (as Istio applies DENY rules to TCP traffic).
+    An ALLOW rule with such conditions never matches a stream (``request_holds``)."""
+    if when.ports is not None and facts.port not in when.ports:
+        return False
+    if when.listeners is not None and facts.listener not in when.listeners:
+        return False
+    if when.namespaces is not None:
+        if not facts.peer or namespace_of(facts.peer, trust_domain) not in when.namespaces:
+            return False
+    return when.peers is None or any(peer_matches(p, facts.peer) for p in when.peers)
+
+
 def auth_outcome(when: Conditions, auth: AuthFacts) -> AuthOutcome:
     """Credential conditions (JWT and claims, API key) of a rule against verified facts.
 

@@ -42,7 +42,13 @@ So ``dry_run=True`` means "a dry-run rule or mode is why ``would`` differs from
 
 from __future__ import annotations
 
-from sidecar.policy.compiled import AuthOutcome, Section, auth_outcome, request_holds
+from sidecar.policy.compiled import (
+    AuthOutcome,
+    Section,
+    auth_outcome,
+    request_holds,
+    stream_holds,
+)
 from sidecar.policy.decision import (
     DEFAULT_DENY_RULE,
     INVALID_TOKEN_RULE,
@@ -117,19 +123,28 @@ def decide_section(
             return ruled
         return Decision("allow", INVALID_TOKEN_RULE, REASON_TOKEN_INVALID, version, 0,
                         True, "deny")
+    opaque = not facts.method  # a TCP stream: no method, path, host or credentials
     if unindexed:
         deny_rules: list[Rule] = list(section.deny.rules)
         allow_rules: list[Rule] = list(section.allow.rules)
     else:
-        deny_rules = section.deny.candidates(facts.peer, facts.path)
+        deny_rules = (list(section.deny.rules) if opaque
+                      else section.deny.candidates(facts.peer, facts.path))
         allow_rules = section.allow.candidates(facts.peer, facts.path)
 
     denied: Rule | None = None
     observed_deny: Rule | None = None
     for rule in deny_rules:
-        if rule.expired(now) or not _request_holds(rule, facts, section, not unindexed):
+        if rule.expired(now):
             continue
-        if not auth_outcome(rule.when, auth).ok:
+        if opaque:
+            # Only the conditions a stream has; the rest left out: the rule denies more
+            # (``stream_holds``; a hostile review found a deny on DELETE or /admin/**
+            # skipped for a TCP listener, whose stream then carried that very request).
+            if not stream_holds(rule.when, facts, section.trust_domain):
+                continue
+        elif not _request_holds(rule, facts, section, not unindexed) \
+                or not auth_outcome(rule.when, auth).ok:
             continue
         if rule.mode == "dry-run":
             observed_deny = observed_deny or rule
