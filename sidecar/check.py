@@ -314,7 +314,18 @@ def _check_policy(run: _Run, cfg: Any, spiffe_id: str | None, now: float,
                     "without a section every inbound request is denied; add one under services")
         else:
             run.add(g, "policy has a section for this identity", "ok", spiffe_id)
-    for provider in policy.extras.jwt_providers.values():
+    extras = policy.extras
+    split = [f"{len(extras.rate_limits)} rate limit(s)"] if extras.rate_limits else []
+    blocks = sum(1 for a in extras.alerts if a.block_seconds > 0)
+    split += [f"{blocks} blocking alert(s)"] if blocks else []
+    if cfg.workers > 1 and split:
+        run.add(g, "limits hold across workers", "warn",
+                f"workers: {cfg.workers} and {', '.join(split)}: each worker process counts "
+                f"and blocks on its own, so a caller gets up to {cfg.workers} times a rate "
+                f"limit's burst and a blocked caller's connections on the other workers go on",
+                "run one worker per sidecar where these limits matter (docs/config.md "
+                "\"workers\")")
+    for provider in extras.jwt_providers.values():
         _check_provider(run, provider, offline)
 
 

@@ -257,6 +257,17 @@ def _cert_missing(state: dict[str, Any]) -> None:
     state["cfg"]["identity"]["cert"] = str(state["tmp"] / "gone" / "tls.crt")
 
 
+def _workers_and_rate_limit(state: dict[str, Any]) -> None:
+    state["cfg"]["workers"] = 2
+    state["policy"]["rate_limits"] = [{"name": "per-caller", "rate": "5/s", "per": "peer"}]
+
+
+def _workers_and_blocking_alert(state: dict[str, Any]) -> None:
+    state["cfg"]["workers"] = 3
+    state["policy"]["alerts"] = [{"name": "stuffing", "threshold": 5, "window": "1m",
+                                  "block": "5m"}]
+
+
 # (mutation, the check that must report it, its status)
 FAMILY: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_config_invalid, "config file parses", "fail"),
@@ -279,6 +290,8 @@ FAMILY: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
     (_signing_key_not_ed25519, "audit.signing_key_file present", "fail"),
     (_data_key_too_short, "audit.encryption_key_file present", "fail"),
     (_ship_ca_missing, "audit.ship.ca_file present", "fail"),
+    (_workers_and_rate_limit, "limits hold across workers", "warn"),
+    (_workers_and_blocking_alert, "limits hold across workers", "warn"),
 ]
 
 
