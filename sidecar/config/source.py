@@ -37,6 +37,7 @@ from __future__ import annotations
 import errno
 import functools
 import gc
+import math
 import os
 import re
 import stat
@@ -763,6 +764,24 @@ class Reader:
             self.problem(path, f"expected a whole number from {lo} to {hi}")
             return None
         return value
+
+    def number(self, value: Any, path: Path, lo: float, hi: float, what: str) -> float | None:
+        """A finite number from ``lo`` to ``hi`` inclusive, as a float: the one accessor for
+        every fractional number of the config and the policy. NaN and the infinities --
+        ``.nan``, ``.inf``, ``1e400``, 309 digits or more -- and booleans are refused (``what``
+        is the problem), as ``duration`` refuses them: a bound that is infinite is no bound,
+        and ``math.ceil`` or ``int`` of one raised OverflowError out of the loader."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(path, what)
+            return None
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond a float (YAML limits numbers to 100 digits)
+            number = math.inf
+        if not math.isfinite(number) or not lo <= number <= hi:
+            self.problem(path, what)
+            return None
+        return number
 
     def positive_int(self, value: Any, path: Path) -> int | None:
         """A whole number >= 1 with no upper bound (booleans refused); None if invalid
