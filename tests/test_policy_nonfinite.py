@@ -4,7 +4,7 @@
 from the default burst: `policy check` printed a traceback, a sidecar started with it exited
 (instead of starting and denying, docs/policy.md "Fail closed") and a reload error named no
 file, line or key. Every number of a policy is now finite (``Reader.number``, durations and
-claims as before).
+claims as before), and no exception but ``ConfigError`` leaves a load.
 
 ``SPELLINGS`` x ``KEYS`` is the family as data: every numeric policy key with every
 spelling of infinity and NaN is refused with file, line and key -- in process, by
@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sidecar.errors import ConfigError
@@ -155,6 +156,25 @@ def test_policy_check_names_every_key_with_every_spelling(tmp_path):
             wrong.append(f"{value[:16]}: exit {r.returncode}: {out[-500:]}")
         wrong.extend(f"{value[:16]}: not named: {e}" for e in expected if not re.search(e, out))
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_other_exception_leaves_a_load(tmp_path, monkeypatch):
+    """An exception no check foresaw, raised while one file's values are read (here: planted
+    in the alerts parser), is a ConfigError naming that file of the set."""
+    import sidecar.policy.loader as loader
+
+    def broken(*args, **kwargs):
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(loader, "parse_alerts", broken)
+    (tmp_path / "a-mesh.yaml").write_text(_member("rate_limits.rate", 0, "5")[0])
+    (tmp_path / "b-alerts.yaml").write_text(_member("alerts.window", 1, "1m")[0])
+    for only in (None, spiffe("k1")):
+        with pytest.raises(ConfigError) as err:
+            load_policy_set([str(tmp_path)], only=only)
+        assert str(err.value) == (f"{tmp_path / 'b-alerts.yaml'}: not loaded: unexpected "
+                                  "OverflowError while reading it (cannot convert float "
+                                  "infinity to integer); please report this as a bug")
 
 
 GOOD = HEADER + SECTION.replace("@ID@", "orders")
