@@ -127,13 +127,11 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         if v is not None:
             kw["batch_size"] = v
     if raw.get("batch_linger_seconds") is not None:
-        sec = raw["batch_linger_seconds"]
-        if (isinstance(sec, bool) or not isinstance(sec, int | float)
-                or not 0 <= sec <= MAX_BATCH_LINGER_SECONDS):
-            src.problem(path + ("batch_linger_seconds",),
-                        f"expected seconds from 0 to {MAX_BATCH_LINGER_SECONDS:g}")
-        else:
-            kw["batch_linger_seconds"] = float(sec)
+        sec = r.number(raw["batch_linger_seconds"], path + ("batch_linger_seconds",), 0,
+                       MAX_BATCH_LINGER_SECONDS,
+                       f"expected seconds from 0 to {MAX_BATCH_LINGER_SECONDS:g}")
+        if sec is not None:
+            kw["batch_linger_seconds"] = sec
     if raw.get("on_failure") is not None:
         v_of = raw["on_failure"]
         if v_of not in ("fail_closed", "fail_open"):
@@ -156,12 +154,10 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         if v is not None:
             kw["checkpoint_every_records"] = v
     if raw.get("checkpoint_every_seconds") is not None:
-        p = path + ("checkpoint_every_seconds",)
-        sec = raw["checkpoint_every_seconds"]
-        if isinstance(sec, bool) or not isinstance(sec, int | float) or not 0.05 <= sec <= 3600:
-            src.problem(p, "expected seconds from 0.05 to 3600")
-        else:
-            kw["checkpoint_every_seconds"] = float(sec)
+        sec = r.number(raw["checkpoint_every_seconds"], path + ("checkpoint_every_seconds",),
+                       0.05, 3600, "expected seconds from 0.05 to 3600")
+        if sec is not None:
+            kw["checkpoint_every_seconds"] = sec
     if raw.get("encryption_key_file") is not None:
         key_file = r.file(raw["encryption_key_file"], path + ("encryption_key_file",), optional=False)
         if key_file is not None:

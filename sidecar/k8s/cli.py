@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from sidecar.config.source import refuse_hidden_characters
+from sidecar.errors import ConfigError
 from sidecar.jsondoc import deeper_than
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH
 from sidecar.k8s.flags import (
@@ -32,8 +34,8 @@ from sidecar.output import dump_yaml
 def _read(path: str, stdin: TextIO) -> str:
     if path == "-":
         return stdin.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    with open(path, encoding="utf-8", newline="") as f:  # line ends as written: a lone CR
+        return f.read()                                 # is refused, not made a LF
 
 
 def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
@@ -44,9 +46,16 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
     stderr = stderr or sys.stderr
     try:
         text = _read(args.file, stdin)
+        # The policy's rule (docs/k8s.md): no line break only YAML 1.1 sees (U+2028...), no
+        # lone CR, bidi control or other invisible character anywhere in a manifest.
+        refuse_hidden_characters(text, args.file)
         docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except (OSError, UnicodeDecodeError) as exc:
         print(f"sidecar inject: cannot read {args.file}: {exc}", file=stderr)
+        return 2
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"sidecar inject: {problem}", file=stderr)
         return 2
     except yaml.YAMLError as exc:
         print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)

@@ -65,8 +65,17 @@ CLAIM_HEADER = re.compile(r"[A-Za-z0-9_-]+")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+# ASCII digits only (``\d`` also takes Arabic-Indic and other digits, which float() reads).
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|m|h)\s*$")
 _RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+# A rate is finite and within these (per second; ``Reader.number``): `.inf`, `1e400` and a
+# 400-digit "N/s" crashed the loader (OverflowError from the default burst, found by a hostile
+# review). The most is the most a burst may be (the default burst is the rate rounded up); the
+# least, one request a day, keeps `1 / rate` (Retry-After) finite.
+MIN_RATE = 1 / 86400
+MAX_RATE = 1_000_000.0
+RATE_PROBLEM = ("expected requests per second > 0 -- from one a day to 1,000,000 -- as a number "
+                "or like 100/s, 30/m, 1000/h")
 
 
 def read_name(r: Reader, value: Any, path: P) -> str | None:
@@ -432,14 +441,11 @@ def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
         if m is None:
             continue
         name = read_name(r, m.get("name"), ip + ("name",))
-        raw = m.get("rate")
-        rate: float | None = None
-        if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-            rate = float(raw)
-        elif isinstance(raw, str) and (rm := _RATE.match(raw)) and float(rm.group(1)) > 0:
-            rate = float(rm.group(1)) / _RATE_UNITS[rm.group(2)]
-        else:
-            r.problem(ip + ("rate",), "expected requests per second > 0, or like 100/s, 30/m")
+        per_second = m.get("rate")
+        if isinstance(per_second, str):
+            rm = _RATE.match(per_second)
+            per_second = float(rm.group(1)) / _RATE_UNITS[rm.group(2)] if rm else None
+        rate = r.number(per_second, ip + ("rate",), MIN_RATE, MAX_RATE, RATE_PROBLEM)
         burst = (r.integer(m["burst"], ip + ("burst",), 1, 1_000_000) if "burst" in m
                  else max(1, math.ceil(rate or 1)))
         per = m.get("per", "peer")

@@ -72,6 +72,7 @@ from sidecar.policy.policyset import (
     PolicyFile,
     merge_files,
     named_entries,
+    only_config_errors,
     policy_label,
     read_policy_set,
     set_version,
@@ -436,7 +437,7 @@ def load_policy_files(files: list[tuple[str, bytes]], *, only: str | None = None
     """Parse, merge, validate and compile a policy from (filename, bytes) pairs."""
     cache = cache if len(files) > 1 else None
     try:
-        with gc_paused():
+        with only_config_errors(label or policy_label([name for name, _ in files])), gc_paused():
             return _load(files, only, label, cache)
     finally:
         for doc in cache.docs.values() if cache is not None else ():
@@ -624,8 +625,9 @@ def load_policy_set(paths: Sequence[str], *, only: str | None = None,
     references; other sections are syntax-checked, never built (see the theory above).
     ``cache`` (a sidecar's reloads) skips parsing files unchanged since the last load.
     """
-    return load_policy_files(read_policy_set(paths), only=only, label=policy_label(paths),
-                             cache=cache)
+    with only_config_errors(policy_label(paths)):
+        files = read_policy_set(paths)
+    return load_policy_files(files, only=only, label=policy_label(paths), cache=cache)
 
 
 def load_policy_file(path: str, *, only: str | None = None) -> Policy:
