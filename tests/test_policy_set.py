@@ -402,3 +402,46 @@ def test_cli_split_refuses_a_non_empty_directory_and_round_trips(tmp_path: Path)
     assert len(revisions) == 1
     code, _, err = _cli("split", str(single), "--by", "namespace", "--out", str(out))
     assert code == 2 and "already holds policy files" in err
+
+
+# What a namespace's file may hold that changes other namespaces' enforcement (lint codes
+# set-wide-outside-mesh, section-outside-namespace; a hostile review found ns-web.yaml's
+# `mode: dry-run` switching off ns-shop's deny rules, with check and lint silent).
+OUT_OF_PLACE = {
+    "mode": ("mode: dry-run\n", "set-wide-outside-mesh", "mode"),
+    "api_key": (f"api_keys:\n  - name: web\n    sha256: {'ef' * 32}\n",
+                "set-wide-outside-mesh", "api_keys.web"),
+    "provider": ("jwt_providers:\n  web:\n    issuer: https://web.example\n"
+                 "    audiences: [mesh]\n    algorithms: [ES256]\n    jwks_file: /dev/null\n",
+                 "set-wide-outside-mesh", "jwt_providers.web"),
+    "rate_limit": ("rate_limits:\n  - name: web-limit\n    rate: 1/s\n",
+                   "set-wide-outside-mesh", "rate_limits.web-limit"),
+    "alert": ("alerts:\n  - name: web-alert\n    threshold: 1\n    window: 1s\n",
+              "set-wide-outside-mesh", "alerts.web-alert"),
+    # (appended to the file's services: a section of namespace a in ns-b.yaml)
+    "other_namespace": (f"  spiffe://{TD}/ns/a/sa/intruder:\n    rules: []\n",
+                        "section-outside-namespace", f"services.spiffe://{TD}/ns/a/sa/intruder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_PLACE))
+def test_lint_keeps_a_namespaces_file_to_its_own_part(tmp_path: Path, case: str) -> None:
+    text, code, key = OUT_OF_PLACE[case]
+    ns_b = NS_B + text if case == "other_namespace" else "version: 1\n" + text + NS_B.split(
+        "version: 1\n", 1)[1]
+    d = _write(tmp_path / "set", mesh=MESH, **{"ns-a": NS_A, "ns-b": ns_b})
+    status, out, err = _cli("lint", str(d))
+    assert status == 1, out + err
+    hits = [line for line in out.splitlines() if f"[{code}]" in line]
+    assert len(hits) == 1 and f"{d}/ns-b.yaml" in hits[0] and key in hits[0], out
+
+
+def test_lint_is_quiet_about_a_set_kept_in_place(tmp_path: Path) -> None:
+    d = _write(tmp_path / "set", mesh=MESH, **{"ns-a": NS_A, "ns-b": NS_B})
+    _, out, _ = _cli("lint", str(d))
+    assert "set-wide-outside-mesh" not in out and "section-outside-namespace" not in out
+    # One file holding everything is not a set: nothing to keep apart.
+    single = tmp_path / "one.yaml"
+    single.write_text(MESH + "mode: dry-run\n" + "services:\n" + NS_A.split("services:\n")[1])
+    _, out, _ = _cli("lint", str(single))
+    assert "set-wide-outside-mesh" not in out

@@ -12,11 +12,13 @@ certain.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.identity.spiffe import id_segments
+from sidecar.identity.spiffe import id_segments, namespace_of
 from sidecar.policy.compiled import path_pattern_segments
 from sidecar.policy.loaded import Policy
 from sidecar.policy.model import Conditions, Rule, ServicePolicy
@@ -216,8 +218,47 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")
+    _lint_set(policy, out)
     out.sort(key=lambda w: (w.file, w.line or 0, w.key, w.code))
     return out
+
+
+# Set-wide values that change what every section of a policy set lets in (a namespace's file
+# stating them changes other namespaces' enforcement): a scalar by its key, named entries by
+# their key's prefix. (``revocations`` only ever refuse more; ``trust_domain`` and
+# ``version`` must agree across files anyway.)
+SET_WIDE = ("mode", "jwt_providers.", "api_keys.", "rate_limits.", "alerts.")
+_NAMESPACE_FILE = re.compile(r"ns-([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.ya?ml")
+
+
+def _lint_set(policy: Policy, out: list[LintWarning]) -> None:
+    """A policy set's files, each kept to its part: the set-wide values in its mesh file
+    (``mesh.yaml``, else the first file), and a ``ns-X.yaml`` file's sections in namespace
+    X. A review showed one namespace's file turning another's enforcement off (``mode:
+    dry-run``) or adding an API key its ``apikey: true`` rule accepted, with ``check`` and
+    ``lint`` silent; in Kubernetes each pod reads the mesh file and its own namespace's."""
+    if len(policy.files) < 2:
+        return
+    names = {f: os.path.basename(f) for f in policy.files}
+    mesh = next((f for f in policy.files if names[f] in ("mesh.yaml", "mesh.yml")),
+                policy.files[0])
+    for key, file in sorted(policy.defined_in.items()):
+        if file != mesh and (key in SET_WIDE or key.startswith(SET_WIDE[1:])):
+            out.append(LintWarning(file, None, key, "set-wide-outside-mesh",
+                                   f"{key} is set in {names[file]}, not in {names[mesh]}: it "
+                                   "applies to every section of the policy set, so one "
+                                   "namespace's file changes what the others let in; keep "
+                                   f"set-wide values in {names[mesh]}"))
+    for identity, svc in policy.services.items():
+        match = _NAMESPACE_FILE.fullmatch(names.get(svc.file or "", ""))
+        namespace = namespace_of(identity, policy.trust_domain)
+        if match and namespace is not None and namespace != match.group(1):
+            out.append(LintWarning(svc.file or policy.filename, svc.line, svc.key,
+                                   "section-outside-namespace",
+                                   f"section {identity} of namespace {namespace} is in "
+                                   f"{names[svc.file or '']}, the file of namespace "
+                                   f"{match.group(1)}: a namespace's file holds its own "
+                                   "sections only"))
 
 
 _Warn = Callable[[int | None, str, str, str], None]

@@ -39,7 +39,9 @@ class Policy:
     services: Mapping[str, ServicePolicy]
     sections: Mapping[str, Section] = field(default_factory=lambda: MappingProxyType({}))
     files: tuple[str, ...] = ()
-    defined_in: Mapping[str, str] = field(default_factory=dict)  # "jwt_providers.NAME" -> file
+    # Where each set-wide value came from: "jwt_providers.NAME" (and api_keys, rate_limits,
+    # alerts) and the scalars ("mode", "trust_domain"...) -> file
+    defined_in: Mapping[str, str] = field(default_factory=dict)
     only: str | None = None
     skipped: int = 0
     # Every ``forward_claims`` header of every provider of the whole policy (also those a

@@ -551,7 +551,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         mode=mode, extras=extras, services=MappingProxyType(services),
         sections=sections, files=tuple(d.filename for d in docs),
         defined_in={k: doc.filename for k, (doc, _) in origin.items()
-                    if "." in k and not k.startswith("services.")},
+                    if not k.startswith("services.")},
         only=only, skipped=skipped, claim_headers=every_claim_header,
     )
 
