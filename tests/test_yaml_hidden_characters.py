@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from sidecar.config.model import load_config_file
+from sidecar.config.source import parse_yaml
 from sidecar.errors import ConfigError
 from sidecar.policy.loader import load_policy_set
 from tests.harness import (
@@ -286,3 +287,23 @@ def test_a_running_sidecar_keeps_its_policy_through_every_member(tmp_path, pki: 
     wait_for(lambda: http(b.port("admin"), "GET", "/policy").json()["version"] != before,
              timeout=10)
     assert http(port, "POST", "/admin/wipe", body=b"", ctx=intruder).status == 200
+
+
+# Characters YAML itself refuses in a file: every C0 control but TAB, LF and CR, DEL, and every
+# C1 control but NEL (a hidden line break, above). Each is named with its line (they were all
+# "file is not valid UTF-8", without a line).
+CONTROLS = [c for c in map(chr, [*range(0x20), 0x7F, *range(0x80, 0xA0)])
+            if c not in "\t\n\r\x85"]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+def test_a_control_character_is_named_with_its_line(char: str) -> None:
+    text = f"version: 1\n\nx: a{char}b\n".encode()
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(text, "p.yaml")
+    [problem] = info.value.problems
+    assert (problem.line, problem.message.split(" ")[0]) == (3, f"U+{ord(char):04X}"), problem
+    bad = b"version: 1\nx: a\xffb\n"
+    with pytest.raises(ConfigError) as info:
+        parse_yaml(bad, "p.yaml")
+    assert [(p.line, p.message) for p in info.value.problems] == [(2, "file is not valid UTF-8")]

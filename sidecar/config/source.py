@@ -560,6 +560,20 @@ class gc_paused:  # noqa: N801 -- used like a function: ``with gc_paused():``
             gc.enable()
 
 
+def _reader_problem(text: str | bytes, filename: str, exc: yaml.reader.ReaderError) -> Problem:
+    """What the YAML reader refused, with its line (counted by LF): a character YAML does not
+    allow in a file (NUL, other C0 and C1 controls, DEL...), named by its code point, or bytes
+    that are not UTF-8. (Before, both were "file is not valid UTF-8", without a line.)"""
+    # (libyaml counts the position in bytes; the sidecar always hands it bytes)
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    line = data[:max(0, exc.position)].count(b"\n") + 1
+    if "control" in str(exc.reason) and isinstance(exc.character, int):
+        return Problem(filename, line, "", f"U+{exc.character:04X} is a control character, "
+                       "which YAML does not allow in a file (write it as an escape in a "
+                       "double-quoted string if it is meant)")
+    return Problem(filename, line, "", "file is not valid UTF-8")
+
+
 def _parse_yaml(text: str | bytes, filename: str, select: Mapping[Path, Collection[str]],
                 caps: Mapping[Path, tuple[int, str]], max_values: tuple[int, str]
                 ) -> tuple[Any, Source]:
@@ -573,8 +587,8 @@ def _parse_yaml(text: str | bytes, filename: str, select: Mapping[Path, Collecti
     refuse_hidden_characters(text, filename)
     try:
         value = _build(text, src, select, caps, max_values)  # the parser checks UTF-8 (no decoded copy made)
-    except yaml.reader.ReaderError:
-        raise ConfigError([Problem(filename, None, "", "file is not valid UTF-8")]) from None
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_reader_problem(text, filename, exc)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
