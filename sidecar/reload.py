@@ -14,7 +14,12 @@ changed between settling and reading) is dropped, and the new content settles fi
 A watched path may be a directory (a policy set, docs/policy.md "Policy sets"): its
 fingerprint covers the names and contents of the files in it, read through ``..data`` resolved
 once, so a ConfigMap update is one change however many files it touches, and a directory
-swapped while being hashed is simply hashed again at the next poll.
+swapped while being hashed is simply hashed again at the next poll. The fingerprint covers
+exactly the files the loader reads (``policyset.policy_file_names``, one list for both): they
+disagreed once -- the poll hashed the first 2,000 entries of any kind, so in a directory with
+many other files a policy change was never applied. A directory the loader refuses (more than
+``MAX_POLICY_FILES`` policy files, unreadable) fingerprints as that error: it is loaded, and
+refused with the error, never silently cut short.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ import trio
 
 from sidecar import logs
 from sidecar.config.source import read_regular
+from sidecar.errors import ConfigError
 
-MAX_DIRECTORY_FILES = 2000
-FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts  # bounded work per poll; the policy loader refuses > 1000 files
+FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts
 
 
 # Bytes read by one fingerprint in all (found by a hostile review: a directory of 2,000
@@ -80,15 +85,22 @@ def _hash_file(h: Any, path: str, budget: _Budget) -> None:
 
 
 def _hash_directory(h: Any, path: str, budget: _Budget) -> None:
-    """Names and contents of the visible regular files directly in ``path`` and the names of
-    its other visible entries, in name order, read through a Kubernetes ``..data`` link when
-    there is one."""
-    link = os.path.join(path, "..data")
-    base = os.path.realpath(link) if os.path.islink(link) else path
-    for name in sorted(os.listdir(base))[:MAX_DIRECTORY_FILES]:
+    """Names and contents of the files the policy loader reads from directory ``path``
+    (``policy_file_names``: its visible *.yaml / *.yml entries, through a Kubernetes
+    ``..data`` link when there is one), in name order; a directory the loader refuses
+    counts as its error."""
+    from sidecar.policy.policyset import policy_file_names
+
+    try:
+        link, names = policy_file_names(path)
+    except ConfigError as exc:
+        # A change like any other: loaded, and refused with this error (the policy in force
+        # stays) -- never a fingerprint of part of the files.
+        h.update(b"\0refused\0" + str(exc).encode("utf-8", "surrogateescape"))
+        return
+    base = link or path
+    for name in names:
         full = os.path.join(base, name)
-        if name.startswith("."):
-            continue
         if not os.path.isfile(full):
             # Its name counts (never its content: a FIFO is not read): an entry that turns
             # into a dangling symlink, a FIFO or a directory is a change to load and report.
