@@ -23,6 +23,7 @@ it drains and exits instead of serving on, unsupervised, as an orphan.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -31,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -381,6 +382,11 @@ class Sidecar:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the audit writer, listeners and background tasks; serve until cancelled."""
+        with _receive_signals() as signals:
+            await self._run(signals, task_status)
+            logs.log("stopped", worker=self.worker_index)
+
+    async def _run(self, signals: AsyncIterator[int], task_status: trio.TaskStatus[None]) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as root:
             if self.audit is not None:
@@ -398,15 +404,13 @@ class Sidecar:
                          ports=self.ports, policy_version=getattr(self.policies.policy,
                                                                   "version", None))
                 task_status.started()
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS,
-                                               *IGNORED_SIGNALS) as signals:
-                    async for signum in signals:
-                        if handle_signal(signum):
-                            self._pass_on(signum)
-                            continue
-                        logs.log("draining", signal=signal.Signals(signum).name,
-                                 grace_seconds=cfg.limits.drain_timeout)
-                        break
+                async for signum in signals:
+                    if handle_signal(signum):
+                        self._pass_on(signum)
+                        continue
+                    logs.log("draining", signal=signal.Signals(signum).name,
+                             grace_seconds=cfg.limits.drain_timeout)
+                    break
                 await self.drain()
                 serving.cancel_scope.cancel()
             self.telemetry.flush_refusals()  # (the last summaries, before the trail closes)
@@ -415,7 +419,6 @@ class Sidecar:
                     scope.shield = True
                     await self.audit.aclose()
             root.cancel_scope.cancel()
-        logs.log("stopped", worker=self.worker_index)
 
     def _pass_on(self, signum: int) -> None:
         """A reload signal to the first process reaches the other workers too."""
@@ -601,6 +604,33 @@ class Sidecar:
         self.metrics.certificate_reloads_total.labels("failed").inc()
         logs.log("certificate_reload_failed", "error", error=str(exc),
                  message="keeping the certificates in force")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _receive_signals() -> Iterator[AsyncIterator[int]]:
+    """Every signal the sidecar handles, received from the start of ``Sidecar.run`` to its end.
+
+    One that comes while the process starts is handled once it listens, and a second SIGTERM
+    waits unread instead of ending the process in its drain or audit flush (a worker can get
+    one from each exiting thread of a first process that was killed: PR_SET_PDEATHSIG follows
+    the parent thread by thread). Trio hands the signals left unread at the end to the
+    handlers from before, so SIGTERM and SIGINT are ignored under the receiver -- blocked
+    while the handlers change, so that none is lost -- and restored after it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS, *RELOAD_SIGNALS,
+                                       *IGNORED_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            yield signals
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for signum, handler in previous.items():
+            if handler is not None:  # (None: not set from Python; left as it is)
+                signal.signal(signum, handler)
 
 
 def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:

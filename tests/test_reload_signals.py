@@ -121,7 +121,7 @@ def test_workers_get_reload_signals_and_do_not_outlive_the_first_process(
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)  # (the test failed: no orphan left behind)
-    assert any(e.get("worker") == 1 for e in proc.log_events("stopped"))
+    assert any(e.get("worker") == 1 for e in proc.log_events("stopped")), proc.output()
 
 
 def _children(pid: int) -> list[int]:
@@ -169,3 +169,32 @@ def test_the_webhook_survives_the_signals_and_reloads_its_certificate_on_a_reloa
         assert h.http(port, "GET", "/healthz", ctx=ca.client_context()).status == 200
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+def test_a_second_sigterm_does_not_cut_the_drain_short(tmp_path, pki, app, procs):
+    """The first SIGTERM starts the drain; one more (a worker gets one from each exiting
+    thread of a killed first process) used to meet Python's default action again, once the
+    drain had begun: the process ended without finishing the request in flight or sealing
+    the audit trail."""
+    import threading
+
+    policy = tmp_path / "policy.yaml"
+    _write_old(policy, POLICY)
+    proc = _sidecar(tmp_path, pki, app, procs, policy)
+    ctx = h.mtls_context(pki.identity("frontend"), pki.bundle)
+    answers: list[int] = []
+    slow = threading.Thread(target=lambda: answers.append(
+        h.http(proc.port("inbound"), "GET", "/slow?s=3", ctx=ctx, timeout=20).status))
+    slow.start()
+    try:
+        h.wait_for(lambda: proc.metric("sidecar_connections_open", direction="inbound") >= 1,
+                   timeout=10)
+        proc.signal(signal.SIGTERM)
+        h.wait_for(lambda: proc.log_events("draining"), timeout=10)
+        proc.signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=30) == 0, proc.output()
+    finally:
+        slow.join(timeout=30)
+    assert answers == [200]
+    assert proc.log_events("stopped")
+    assert "/slow" in [r.get("path") for r in h.audit_export(tmp_path / "audit")]
