@@ -179,13 +179,27 @@ class Sidecar:
             return
         try:
             policy = self._load_policy_file()
-        except (ConfigError, OSError) as exc:
-            self.policies.record_failure(str(exc))
+        except Exception as exc:  # noqa: BLE001 -- whatever the loader raises, start fail closed
+            # (It caught ConfigError and OSError only: a loader bug -- an OverflowError from
+            # `rate: .inf` -- ended the process at start, and the workers were not stopped.)
+            error = self._policy_error(exc)
+            self.policies.record_failure(error)
             self.metrics.policy_reloads_total.labels("failed").inc()
-            logs.log("policy_invalid", "error", source=self.cfg.policy, error=str(exc),
+            logs.log("policy_invalid", "error", source=self.cfg.policy, error=error,
                      message="POLICY NOT LOADED: every request is denied until it is fixed")
             return
         self._apply_policy(policy)
+
+    def _policy_error(self, exc: BaseException) -> str:
+        """A policy load failure as logged and shown in ``/policy``: a ``ConfigError`` or
+        ``OSError`` names its file (and line and key); anything else is a loader bug, named
+        with the policy's files and the exception's type."""
+        if isinstance(exc, (ConfigError, OSError)):
+            return str(exc)
+        from sidecar.policy.loader import policy_label
+
+        return (f"{policy_label(self._policy_paths())}: the policy could not be loaded "
+                f"({type(exc).__name__}: {exc})")
 
     def _apply_policy(self, policy: Policy) -> None:
         now = time.time()
@@ -202,9 +216,10 @@ class Sidecar:
         self.lifetimes.policy_changed(now)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
-        self.policies.record_failure(str(exc))
+        error = self._policy_error(exc)
+        self.policies.record_failure(error)
         self.metrics.policy_reloads_total.labels("failed").inc()
-        logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=str(exc),
+        logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=error,
                  message="keeping the policy in force")
 
     def _policy_restored(self) -> None:
