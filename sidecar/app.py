@@ -8,15 +8,22 @@ each with ``nursery.start`` so that a listener counts as up only once it listens
 writer, the inbound and outbound listeners, the admin and health servers, the file watchers
 and the JWKS fetchers. SIGTERM or SIGINT starts the drain: readiness turns false, accept loops
 stop, idle keep-alive connections close, in-flight requests finish within
-``limits.drain_timeout``, the audit queue is flushed, and the process exits 0.
+``limits.drain_timeout``, the audit queue is flushed, and the process exits 0. SIGHUP and
+SIGUSR1 make every file watcher look at its files now (``sidecar.reload.handle_signal``; the
+first process passes them on to the other workers), SIGUSR2 is logged and ignored: none of them
+ends the process, not even while it starts.
 
 With ``workers: N`` the first process starts N-1 more (``sidecar run --worker-index I``); all
 bind the listening ports with SO_REUSEPORT, each with its own Trio loop. Only worker 0 serves
 the admin and health ports; each worker writes its own audit chain in ``<audit path>/worker-I``.
+The first process stops the others on every way out of ``run``; on Linux each worker also gets
+SIGTERM from the kernel when the first process dies, however it dies (``PR_SET_PDEATHSIG``), so
+it drains and exits instead of serving on, unsupervised, as an orphan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -25,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -53,7 +60,13 @@ from sidecar.net.resolve import install as install_resolver
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
 from sidecar.refusals import RefusalThinner
-from sidecar.reload import FileWatcher
+from sidecar.reload import (
+    IGNORED_SIGNALS,
+    RELOAD_SIGNALS,
+    FileWatcher,
+    handle_signal,
+    ignore_signals_until_handled,
+)
 from sidecar.telemetry import Telemetry
 from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid
 
@@ -135,6 +148,7 @@ class Sidecar:
         self.listening = False
         self.draining = False
         self.ports: dict[str, int] = {}
+        self.workers: list[subprocess.Popen[bytes]] = []  # the first process's other workers
         self._load_initial_policy()
 
     # -- policy --------------------------------------------------------------------------
@@ -166,13 +180,27 @@ class Sidecar:
             return
         try:
             policy = self._load_policy_file()
-        except (ConfigError, OSError) as exc:
-            self.policies.record_failure(str(exc))
+        except Exception as exc:  # noqa: BLE001 -- whatever the loader raises, start fail closed
+            # (It caught ConfigError and OSError only: a loader bug -- an OverflowError from
+            # `rate: .inf` -- ended the process at start, and the workers were not stopped.)
+            error = self._policy_error(exc)
+            self.policies.record_failure(error)
             self.metrics.policy_reloads_total.labels("failed").inc()
-            logs.log("policy_invalid", "error", source=self.cfg.policy, error=str(exc),
+            logs.log("policy_invalid", "error", source=self.cfg.policy, error=error,
                      message="POLICY NOT LOADED: every request is denied until it is fixed")
             return
         self._apply_policy(policy)
+
+    def _policy_error(self, exc: BaseException) -> str:
+        """A policy load failure as logged and shown in ``/policy``: a ``ConfigError`` or
+        ``OSError`` names its file (and line and key); anything else is a loader bug, named
+        with the policy's files and the exception's type."""
+        if isinstance(exc, (ConfigError, OSError)):
+            return str(exc)
+        from sidecar.policy.loader import policy_label
+
+        return (f"{policy_label(self._policy_paths())}: the policy could not be loaded "
+                f"({type(exc).__name__}: {exc})")
 
     def _apply_policy(self, policy: Policy) -> None:
         now = time.time()
@@ -189,9 +217,10 @@ class Sidecar:
         self.lifetimes.policy_changed(now)
 
     def _policy_reload_failed(self, exc: BaseException) -> None:
-        self.policies.record_failure(str(exc))
+        error = self._policy_error(exc)
+        self.policies.record_failure(error)
         self.metrics.policy_reloads_total.labels("failed").inc()
-        logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=str(exc),
+        logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=error,
                  message="keeping the policy in force")
 
     def _policy_restored(self) -> None:
@@ -370,6 +399,11 @@ class Sidecar:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the audit writer, listeners and background tasks; serve until cancelled."""
         install_resolver(self.metrics)  # every name lookup of this run (sidecar/net/resolve.py)
+        with _receive_signals() as signals:
+            await self._run(signals, task_status)
+            logs.log("stopped", worker=self.worker_index)
+
+    async def _run(self, signals: AsyncIterator[int], task_status: trio.TaskStatus[None]) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as root:
             if self.audit is not None:
@@ -387,11 +421,13 @@ class Sidecar:
                          ports=self.ports, policy_version=getattr(self.policies.policy,
                                                                   "version", None))
                 task_status.started()
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        logs.log("draining", signal=signal.Signals(signum).name,
-                                 grace_seconds=cfg.limits.drain_timeout)
-                        break
+                async for signum in signals:
+                    if handle_signal(signum):
+                        self._pass_on(signum)
+                        continue
+                    logs.log("draining", signal=signal.Signals(signum).name,
+                             grace_seconds=cfg.limits.drain_timeout)
+                    break
                 await self.drain()
                 serving.cancel_scope.cancel()
             self.telemetry.flush_refusals()  # (the last summaries, before the trail closes)
@@ -400,7 +436,13 @@ class Sidecar:
                     scope.shield = True
                     await self.audit.aclose()
             root.cancel_scope.cancel()
-        logs.log("stopped", worker=self.worker_index)
+
+    def _pass_on(self, signum: int) -> None:
+        """A reload signal to the first process reaches the other workers too."""
+        if signum in RELOAD_SIGNALS:
+            for child in self.workers:
+                if child.poll() is None:
+                    child.send_signal(signum)
 
     async def drain(self) -> None:
         """Stop accepting, let open connections finish (idle ones are cut after a short grace),
@@ -600,33 +642,94 @@ class Sidecar:
                  message="keeping the certificates in force")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _receive_signals() -> Iterator[AsyncIterator[int]]:
+    """Every signal the sidecar handles, received from the start of ``Sidecar.run`` to its end.
+
+    One that comes while the process starts is handled once it listens, and a second SIGTERM
+    waits unread instead of ending the process in its drain or audit flush (a worker can get
+    one from each exiting thread of a first process that was killed: PR_SET_PDEATHSIG follows
+    the parent thread by thread). Trio hands the signals left unread at the end to the
+    handlers from before, so SIGTERM and SIGINT are ignored under the receiver -- blocked
+    while the handlers change, so that none is lost -- and restored after it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS, *RELOAD_SIGNALS,
+                                       *IGNORED_SIGNALS) as signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            yield signals
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for signum, handler in previous.items():
+            if handler is not None:  # (None: not set from Python; left as it is)
+                signal.signal(signum, handler)
+
+
 def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
-    """Run the sidecar until SIGTERM; with ``workers > 1`` also supervise the other workers."""
+    """Run the sidecar until SIGTERM; with ``workers > 1`` also supervise the other workers,
+    which are stopped on every way out of here."""
     logs.configure(level=cfg.log_level)
+    ignore_signals_until_handled()  # (inherited by the workers until they handle them)
     children: list[subprocess.Popen[bytes]] = []
-    if worker_index is None:
-        worker_index = 0
-        for i in range(1, cfg.workers):
-            children.append(subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
-                 "--worker-index", str(i)]))
     try:
-        sidecar = Sidecar(cfg, worker_index=worker_index)
-    except (SidecarError, OSError, ValueError) as exc:  # SvidError: missing or bad certificate files
-        _stop_children(children)
-        print(f"sidecar: cannot start: {exc}", file=sys.stderr)
-        return 2
-    failed: list[BaseException] = []
-    try:
-        trio.run(sidecar.run)
-    except* StartupError as group:
-        failed.extend(_leaves(group))
+        if worker_index is None:
+            worker_index = 0
+            tie = _die_with_parent(os.getpid())
+            for i in range(1, cfg.workers):
+                children.append(subprocess.Popen(
+                    [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
+                     "--worker-index", str(i)], preexec_fn=tie))
+        try:
+            sidecar = Sidecar(cfg, worker_index=worker_index)
+        except (SidecarError, OSError, ValueError) as exc:  # SvidError: bad certificate files
+            print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+            return 2
+        sidecar.workers = children
+        failed: list[BaseException] = []
+        try:
+            trio.run(sidecar.run)
+        except* StartupError as group:
+            failed.extend(_leaves(group))
     finally:
         _stop_children(children)
     if failed:
         print(f"sidecar: cannot start: {failed[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """Linux: what a worker runs between fork and exec so that it gets SIGTERM (drains and
+    exits) when the first process dies, however it dies -- SIGKILL, a crash, an unhandled
+    signal (found by a hostile review: a SIGHUP killed the first process and its worker kept
+    serving, with no admin port and no supervisor). A first process that died before the
+    prctl took effect (``getppid`` is no longer ``parent``) sent no signal: the worker ends
+    at once. Elsewhere: None (the first process still stops its workers on every way out of
+    ``run``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sigterm = ctypes.c_ulong(signal.SIGTERM)
+    zero = ctypes.c_ulong(0)
+
+    def tie() -> None:
+        prctl(PR_SET_PDEATHSIG, sigterm, zero, zero, zero)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return tie
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

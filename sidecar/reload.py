@@ -14,13 +14,28 @@ changed between settling and reading) is dropped, and the new content settles fi
 A watched path may be a directory (a policy set, docs/policy.md "Policy sets"): its
 fingerprint covers the names and contents of the files in it, read through ``..data`` resolved
 once, so a ConfigMap update is one change however many files it touches, and a directory
-swapped while being hashed is simply hashed again at the next poll.
+swapped while being hashed is simply hashed again at the next poll. The fingerprint covers
+exactly the files the loader reads (``policyset.policy_file_names``, one list for both): they
+disagreed once -- the poll hashed the first 2,000 entries of any kind, so in a directory with
+many other files a policy change was never applied. A directory the loader refuses (more than
+``MAX_POLICY_FILES`` policy files, unreadable) fingerprints as that error: it is loaded, and
+refused with the error, never silently cut short.
+
+Reload signals: SIGHUP and SIGUSR1 (``RELOAD_SIGNALS``; nginx, HAProxy and ghostunnel reload
+on them) make every watcher of the process look at its files at once (``wake_watchers``)
+instead of at its next poll; content found changed is then taken without waiting one interval
+to settle -- the signal says the files are written -- and is still loaded and validated whole,
+and dropped if it changes while being read. SIGUSR2 (``IGNORED_SIGNALS``) is logged and
+ignored. Without a handler each of them would end the process at once (Python's default), with
+no drain and no audit flush.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,9 +44,15 @@ import trio
 
 from sidecar import logs
 from sidecar.config.source import read_regular
+from sidecar.errors import ConfigError
 
-MAX_DIRECTORY_FILES = 2000
-FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts  # bounded work per poll; the policy loader refuses > 1000 files
+FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts
+
+# Signals whose default action ends the process and that operators and init systems send to a
+# running server, as data (docs/config.md "Signals"): the reload signals wake every watcher
+# now; the ignored ones are only logged.
+RELOAD_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGHUP, signal.SIGUSR1)
+IGNORED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2,)
 
 
 # Bytes read by one fingerprint in all (found by a hostile review: a directory of 2,000
@@ -80,15 +101,22 @@ def _hash_file(h: Any, path: str, budget: _Budget) -> None:
 
 
 def _hash_directory(h: Any, path: str, budget: _Budget) -> None:
-    """Names and contents of the visible regular files directly in ``path`` and the names of
-    its other visible entries, in name order, read through a Kubernetes ``..data`` link when
-    there is one."""
-    link = os.path.join(path, "..data")
-    base = os.path.realpath(link) if os.path.islink(link) else path
-    for name in sorted(os.listdir(base))[:MAX_DIRECTORY_FILES]:
+    """Names and contents of the files the policy loader reads from directory ``path``
+    (``policy_file_names``: its visible *.yaml / *.yml entries, through a Kubernetes
+    ``..data`` link when there is one), in name order; a directory the loader refuses
+    counts as its error."""
+    from sidecar.policy.policyset import policy_file_names
+
+    try:
+        link, names = policy_file_names(path)
+    except ConfigError as exc:
+        # A change like any other: loaded, and refused with this error (the policy in force
+        # stays) -- never a fingerprint of part of the files.
+        h.update(b"\0refused\0" + str(exc).encode("utf-8", "surrogateescape"))
+        return
+    base = link or path
+    for name in names:
         full = os.path.join(base, name)
-        if name.startswith("."):
-            continue
         if not os.path.isfile(full):
             # Its name counts (never its content: a FIFO is not read): an entry that turns
             # into a dangling symlink, a FIFO or a directory is a change to load and report.
@@ -106,6 +134,7 @@ class FileWatcher:
     valid result. ``on_error(exc)`` reports a failed load; the previous state stays in force.
     ``on_restored()`` (optional) says that after a failure the files are back to the content
     in force (a bad update reverted, a deleted file put back): nothing is loaded.
+    ``wake()`` (a reload signal, ``wake_watchers``) makes the running watcher check now.
     """
 
     def __init__(self, name: str, paths: Sequence[str], load: Callable[[], Any],
@@ -125,6 +154,7 @@ class FileWatcher:
         self.settling: str | None = None
         self.retry_failed_after = retry_failed_after
         self.on_restored = on_restored
+        self._woken: trio.Event | None = None  # set by wake(); made by run()
 
     def mark_failed(self) -> None:
         """The content on disk now has failed to load (e.g. at start, outside the watcher):
@@ -132,24 +162,26 @@ class FileWatcher:
         self.last_failed = fingerprint(self.paths)
         self.failed_at = time.monotonic()
 
-    def _check(self) -> tuple[str | None, bool, Any, BaseException | None]:
+    def _check(self, now: bool = False) -> tuple[str | None, bool, Any, BaseException | None]:
         """Fingerprint and, if changed, load. Touches no shared state (runs in a thread).
 
         Returns (fingerprint, attempted, result, error). Content that failed to load is
         tried again every ``retry_failed_after`` seconds even when unchanged: a certificate
         that was "not yet valid" (clock skew) becomes valid without anyone touching it.
+        ``now`` (a reload signal): changed content is loaded without settling first, and
+        content that failed is tried again at once.
         """
         current = fingerprint(self.paths)
         if current is None or current == self.last:
             return current, False, None, None
-        if current != self.settling and current != self.last_failed:
+        if not now and current != self.settling and current != self.last_failed:
             # New content is applied only once it has stayed the same for a whole interval:
             # a file written in place, in pieces, can be valid YAML half-way through (cut at
             # a rule boundary, it could even be more permissive). Atomic swaps (Kubernetes
             # ..data, rename) settle at once and cost one interval of delay.
             self.settling = current
             return current, False, None, None
-        if current == self.last_failed and (
+        if not now and current == self.last_failed and (
                 time.monotonic() - self.failed_at < self.retry_failed_after):
             return current, False, None, None
         try:
@@ -195,22 +227,77 @@ class FileWatcher:
         logs.log("reloaded", what=self.name)
         return True
 
-    def poll_once(self) -> bool:
+    def poll_once(self, now: bool = False) -> bool:
         """Check once, synchronously; return True if new state was applied."""
-        return self._settle(*self._check())
+        return self._settle(*self._check(now))
+
+    def wake(self) -> None:
+        """Check at once instead of at the next poll (from the watcher's own Trio run)."""
+        if self._woken is not None:
+            self._woken.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Poll every ``interval`` until cancelled; parse in a thread, apply on the Trio thread."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.interval)
-            # Parsing a large policy takes a while: do it in a thread so the data path never
-            # stalls; the swap itself happens back on the Trio thread, atomically.
-            checked = await trio.to_thread.run_sync(self._check, abandon_on_cancel=True)
-            try:
-                self._settle(*checked)
-            except Exception as exc:  # noqa: BLE001 -- a failed apply must not stop watching
-                self.on_error(exc)
+        """Poll every ``interval`` (or at once when woken) until cancelled; parse in a
+        thread, apply on the Trio thread."""
+        self._woken = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        _running[self] = token
+        try:
+            task_status.started()
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._woken.wait()
+                now = self._woken.is_set()
+                if now:
+                    self._woken = trio.Event()  # a signal during the check: check again
+                # Parsing a large policy takes a while: do it in a thread so the data path
+                # never stalls; the swap itself happens back on the Trio thread, atomically.
+                checked = await trio.to_thread.run_sync(functools.partial(self._check, now),
+                                                        abandon_on_cancel=True)
+                try:
+                    self._settle(*checked)
+                except Exception as exc:  # noqa: BLE001 -- a failed apply must not stop watching
+                    self.on_error(exc)
+        finally:
+            del _running[self]
+
+
+# The watchers running now, each with the Trio run it belongs to (a process normally has one).
+_running: dict[FileWatcher, trio.lowlevel.TrioToken] = {}
+
+
+def wake_watchers() -> list[str]:
+    """Every watcher running in the caller's Trio run checks its files now; their names."""
+    token = trio.lowlevel.current_trio_token()
+    woken = [w for w, t in list(_running.items()) if t is token]
+    for watcher in woken:
+        watcher.wake()
+    return [w.name for w in woken]
+
+
+def handle_signal(signum: int) -> bool:
+    """A reload signal wakes every watcher (``reload_signal``); an ignored one is logged
+    (``signal_ignored``). True for those two kinds (keep running); False for any other
+    signal (the caller stops)."""
+    if signum in RELOAD_SIGNALS:
+        logs.log("reload_signal", signal=signal.Signals(signum).name, watchers=wake_watchers())
+        return True
+    if signum in IGNORED_SIGNALS:
+        logs.log("signal_ignored", "warning", signal=signal.Signals(signum).name)
+        return True
+    return False
+
+
+def ignore_signals_until_handled() -> None:
+    """Until a Trio run handles them (``handle_signal``), the reload and ignored signals do
+    nothing: a SIGHUP while the process starts must not end it. Inherited by child
+    processes (each handles them once it runs). Main thread only; elsewhere a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (*RELOAD_SIGNALS, *IGNORED_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def release_memory() -> None:

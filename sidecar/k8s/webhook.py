@@ -60,7 +60,14 @@ from sidecar.k8s.rules import mode_for_path
 from sidecar.logs import log
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Registry
-from sidecar.reload import FileWatcher, fingerprint
+from sidecar.reload import (
+    IGNORED_SIGNALS,
+    RELOAD_SIGNALS,
+    FileWatcher,
+    fingerprint,
+    handle_signal,
+    ignore_signals_until_handled,
+)
 
 
 @dataclass(frozen=True)
@@ -312,12 +319,17 @@ def parse_listen(text: str) -> tuple[str, int]:
 async def run_webhook(host: str, port: int, certificate: ServingCertificate,
                       options: InjectOptions, reload_interval: float,
                       limits: WebhookLimits | None = None) -> None:
-    """Serve, watch the certificate files, and stop cleanly on SIGTERM / SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Serve, watch the certificate files, and stop cleanly on SIGTERM / SIGINT; SIGHUP and
+    SIGUSR1 check the certificate files now, SIGUSR2 is logged and ignored
+    (``sidecar.reload.handle_signal``: each of them used to end the webhook at once)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS,
+                                   *IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(certificate.watch, reload_interval)
             await nursery.start(serve_webhook, host, port, certificate, options, limits)
             async for signum in signals:
+                if handle_signal(signum):
+                    continue
                 log("webhook_stopping", "info", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
@@ -325,6 +337,7 @@ async def run_webhook(host: str, port: int, certificate: ServingCertificate,
 
 def cmd_webhook(args: argparse.Namespace) -> int:
     """``sidecar webhook``: serve the mutating admission webhook until SIGTERM."""
+    ignore_signals_until_handled()
     try:
         host, port = parse_listen(args.listen)
         certificate = ServingCertificate(args.cert, args.key, _wall_clock())

@@ -260,17 +260,26 @@ class _Budget:
         return data
 
 
-def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
+def policy_file_names(path: str) -> tuple[str | None, list[str]]:
+    """Which files of directory ``path`` make up the policy: the ``..data`` link's target it
+    is read through (None when there is no such link) and the names of the visible *.yaml /
+    *.yml entries there, in name order.
+
+    The one list both the loader (``_read_directory``) and the reload fingerprint
+    (``sidecar.reload``) use: they disagreed (the fingerprint hashed the first 2,000 entries of
+    any kind, hidden and non-policy files included, so a change in a busy directory was never
+    applied; found by a hostile review). No policy file, an unreadable directory and more than
+    ``MAX_POLICY_FILES`` policy files are a ``ConfigError``, never a list cut short.
+    """
     link = os.path.join(path, "..data")
-    before = os.path.realpath(link) if os.path.islink(link) else None
-    base = before or path
+    target = os.path.realpath(link) if os.path.islink(link) else None
     # Every visible *.yaml / *.yml entry is a policy file, read as one (``read_capped``): an
     # entry that is no regular file -- a dangling symlink, a FIFO, a directory -- is a
     # "cannot read file" error that keeps the policy in force. (It was skipped: a limits or
     # revocations file whose symlink went dangling dropped its rules on the next reload,
     # with no error; found by a hostile review.)
     try:
-        names = sorted(n for n in os.listdir(base)
+        names = sorted(n for n in os.listdir(target or path)
                        if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
     except OSError as exc:
         raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
@@ -281,6 +290,13 @@ def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
     if len(names) > MAX_POLICY_FILES:
         raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
                                    "files")])
+    return target, names
+
+
+def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
+    link = os.path.join(path, "..data")
+    before, names = policy_file_names(path)
+    base = before or path
     files = [(os.path.join(path, n), budget.take(os.path.join(path, n),
                                                  read_capped(os.path.join(base, n))))
              for n in names]
