@@ -167,7 +167,7 @@ class InboundProxy:
             return
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
-            up, down = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
+            done = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
             self.telemetry.request(record, 200,
                                    error=f"connection_closed:{conn.retiring or 'shutdown'}")
@@ -175,7 +175,9 @@ class InboundProxy:
         finally:
             conn.recheck = None
             await close_quietly(app)
-        self.telemetry.request(record, 200, up, down)
+        status, error = done.record()  # (a truncation: both sides were reset)
+        self.telemetry.request(record, status, done.sent, done.received, error=error,
+                               detail=done.broken)
 
     def _http_session(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str,
                       conn: LiveConnection) -> Coroutine[Any, Any, None]:

@@ -251,7 +251,7 @@ class OutboundProxy:
         conn.own_not_after = meta.own_not_after
         conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
         try:
-            up, down = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
+            done = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
             self.telemetry.request(record, 200,
                                    error=f"connection_closed:{conn.retiring or 'shutdown'}")
@@ -259,7 +259,9 @@ class OutboundProxy:
         finally:
             conn.recheck = None
             await close_quietly(upstream)
-        self.telemetry.request(record, 200, up, down)
+        status, error = done.record()  # (a truncation: both sides were reset)
+        self.telemetry.request(record, status, done.sent, done.received, error=error,
+                               detail=done.broken)
 
     def _http_session(self, tcp: trio.SocketStream, source: str,
                       conn: LiveConnection) -> Coroutine[Any, Any, None]:

@@ -19,8 +19,10 @@ does), and the header is not forwarded -- nor on a request without a body, which
 nothing to continue. A Content-Length is forwarded as its canonical decimal (``0003`` -> ``3``).
 
 An authorised ``Upgrade`` request whose upstream answers ``101`` becomes a byte pipe in both
-directions. Any failure before the response head reached the client becomes a generic 502/
-504 -- also when the head was queued but not yet sent (a body that breaks in the same read
+directions (``splice``, as a ``protocol: tcp`` stream: a clean end of one side is passed
+on and the other direction goes on; a truncation resets both sides; idleness is the
+connection's, not a direction's). Any failure before the response head reached the client
+becomes a generic 502/504 -- also when the head was queued but not yet sent (a body that breaks in the same read
 as its head); after that point the only honest signal left is to close the client
 connection, without the end of a chunked body.
 
@@ -71,10 +73,14 @@ from sidecar.net.streams import (
     PeerClosed,
     ProtocolViolation,
     Timeout,
+    abort,
     close_quietly,
+    readable_now,
+    run_clock,
     truncated,
     wait_readable,
 )
+from sidecar.net.transport import RECV_SIZE, TlsTransport
 
 
 @dataclass(slots=True)
@@ -113,47 +119,206 @@ def _response_headers(headers: Headers, lists: bool) -> Headers:
     return out
 
 
-async def _pipe(src: trio.abc.Stream, dst: trio.abc.Stream, idle: float,
-                counter: list[int], index: int) -> None:
-    try:
+# How a spliced stream's end reaches the other side (``splice``). A clean end -- a TCP FIN
+# from a plain socket, a close_notify from a TLS peer -- is passed on as one (``send_eof``:
+# FIN, or close_notify) and the other direction goes on until it ends too (half-close, as
+# Envoy's tcp_proxy and ghostunnel do). Every other end is a truncation and reaches both
+# sides as a TCP reset (no FIN, no close_notify), and the stream's record names the side
+# that broke it: a TLS peer's EOF without close_notify (anyone on the path can send a FIN,
+# RFC 8446 6.1; OpenSSL also reports some resets so), a reset, any read or write error.
+# Side -> (status, reason, detail) of the record: the reasons of an HTTP exchange cut short
+# (``sidecar.net.session.broken_exchange``), the detail naming the truncation.
+BROKEN_RECORD: dict[str, tuple[int, str, str]] = {
+    "client": (499, "client_peerclosed", "client_truncated"),
+    "upstream": (502, "upstream_closed_mid_response", "upstream_truncated"),
+}
+_SIDES = ("client", "upstream")
+# What a side's read or write may raise: any error ends the stream as a truncation of that
+# side (fail closed), never the process -- trio's, the socket's, ssl's and friends.
+_STREAM_ERRORS = (Exception,)
+
+
+@dataclass(slots=True)
+class Spliced:
+    """How a ``splice`` ended: bytes each way, and ``broken`` ("" when both sides ended
+    cleanly or the stream was idle for the limit; else the ``BROKEN_RECORD`` detail) with
+    the ``side`` ("client": the first stream, "upstream": the second) that broke it."""
+
+    sent: int = 0  # a -> b
+    received: int = 0  # b -> a
+    broken: str = ""
+    side: str = ""
+    idle: bool = False  # cut after ``idle`` seconds without a byte either way
+
+    def truncated_by(self, index: int) -> None:
+        """Side ``index`` (0: client, 1: upstream) broke the stream (the first one named
+        counts)."""
+        if not self.broken:
+            self.side = _SIDES[index]
+            self.broken = BROKEN_RECORD[self.side][2]
+
+    def record(self) -> tuple[int, str | None]:
+        """(status, error) of the stream's record: (``ok``, None) for a clean end."""
+        if not self.broken:
+            return 200, None
+        status, reason, _ = BROKEN_RECORD[self.side]
+        return status, reason
+
+
+class _Splice:
+    """The state of one ``splice``: both directions' counts, the connection's last
+    activity (either direction), how many directions are still open, and the end."""
+
+    __slots__ = ("streams", "done", "last", "open", "ended", "quiet", "clock", "scope")
+
+    def __init__(self, a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+        self.streams = (a, b)
+        self.done = Spliced()
+        self.clock = run_clock()
+        self.last = self.clock()
+        self.open = 2
+        self.ended = [False, False]  # a side's clean end was read: nothing more to read
+        # Set by the task reading a side when a read finds nothing waiting, or when it read
+        # the side's end: a close_notify owed to that side may go then (``_eof``).
+        self.quiet: list[trio.Event | None] = [None, None]
+        self.scope: trio.CancelScope | None = None
+
+    def broke(self, index: int) -> None:
+        """Side ``index`` ended the stream other than cleanly: both directions end, and
+        both sides are reset when ``splice`` returns."""
+        self.done.truncated_by(index)
+        self.scope.cancel()  # type: ignore[union-attr]
+
+    async def pipe(self, i: int) -> None:
+        """Copy from side ``i`` to the other until ``i`` ends: a clean EOF is passed on and
+        the other direction left running; anything else breaks the stream."""
+        j = 1 - i
+        src: Any = self.streams[i]  # (a lean transport has want_write and wait_fd)
+        dst = self.streams[j]
+        done, clock = self.done, self.clock
+        try_receive = getattr(src, "try_receive", None)
+        fd: Any = getattr(src, "wait_fd", None)
         while True:
-            with trio.move_on_after(idle) as scope:
-                data = await src.receive_some(65536)
-            if scope.cancelled_caught or not data:
-                break
-            counter[index] += len(data)
-            await dst.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    except Exception:  # noqa: BLE001 -- ssl errors and friends end the pipe, never the process
-        pass
+            try:
+                if try_receive is not None:
+                    # The lean transports' read (``receive_some``) written out, to say
+                    # when a read found nothing waiting (``_eof``).
+                    data = try_receive()
+                    while data is None:
+                        if self.quiet[i] is not None:
+                            self._wake(i)
+                        if src.want_write:  # (a TLS read that must write first)
+                            src.want_write = False
+                            await trio.lowlevel.wait_writable(fd)
+                        else:
+                            await trio.lowlevel.wait_readable(fd)
+                        data = try_receive()
+                else:
+                    data = await src.receive_some(RECV_SIZE)
+            except _STREAM_ERRORS:
+                self.broke(i)
+                return
+            if not data:
+                if truncated(src):
+                    self.broke(i)
+                    return
+                self.ended[i] = True
+                self._wake(i)
+                try:
+                    await self._eof(j)
+                except _STREAM_ERRORS:
+                    self.broke(j)
+                    return
+                self.open -= 1
+                if not self.open:
+                    self.scope.cancel()  # type: ignore[union-attr]  # (ends the watch)
+                return
+            self.last = clock()
+            if i:
+                done.received += len(data)
+            else:
+                done.sent += len(data)
+            try:
+                await dst.send_all(data)
+            except _STREAM_ERRORS:
+                self.broke(j)
+                return
+
+    def _wake(self, i: int) -> None:
+        """Nothing of side ``i``'s waits to be read (or its end was read): a close_notify
+        owed to it may go (``_eof``)."""
+        quiet = self.quiet[i]
+        if quiet is not None:
+            self.quiet[i] = None
+            quiet.set()
+
+    async def _eof(self, j: int) -> None:
+        """Pass a clean end on to side ``j``: a FIN, or a TLS close_notify. OpenSSL's
+        shutdown reads once after it sends close_notify, and application data found then
+        breaks the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY; found while writing
+        this: the other side's bytes already on the wire were lost). So the close_notify
+        goes when nothing of ``j``'s waits to be read: at once, or when the task reading
+        ``j`` next finds nothing (``quiet``), or once it read ``j``'s end."""
+        dst = self.streams[j]
+        if not isinstance(dst, TlsTransport):
+            await dst.send_eof()  # type: ignore[attr-defined]
+            return
+        while True:
+            if self.ended[j] or not readable_now(dst):
+                if dst.close_notify():
+                    return
+                await trio.lowlevel.wait_writable(dst.wait_fd)  # (its socket was full)
+            else:
+                quiet = self.quiet[j] = trio.Event()
+                await quiet.wait()
 
 
 async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: bytes,
-                 idle: float) -> tuple[int, int]:
-    """Copy bytes both ways until either side closes or is idle for ``idle`` seconds.
+                 idle: float) -> Spliced:
+    """Copy bytes both ways until both sides ended cleanly, either broke, or the connection
+    carried no byte either way for ``idle`` seconds.
 
-    Returns (bytes a->b, bytes b->a). ``a_head``/``b_head`` are bytes already read from
-    each side that belong to the other.
+    ``a`` is the caller's side ("client"), ``b`` the upstream's; ``a_head``/``b_head`` are
+    bytes already read from each side that belong to the other. A clean end of one side (a
+    FIN, a close_notify) is passed on to the other (``send_eof``) and the other direction
+    goes on; a truncation (a TLS EOF without close_notify), a reset or any I/O error resets
+    both sides (SO_LINGER 0, no close_notify: ``sidecar.net.streams.abort``) and is named in
+    the result (``Spliced.broken``: ``BROKEN_RECORD``). Idleness is the connection's: one
+    last-activity time both directions update (a clock read per chunk, no timer), watched
+    by this task, which sleeps until the earliest moment the limit can be reached. After a
+    clean end or an idle cut the caller closes both sides (FIN / close_notify); a
+    cancellation (a retirement, the process stopping) goes through to the caller as before.
     """
-    counter = [0, 0]
-    try:
-        if a_head:
-            await b.send_all(a_head)
-            counter[0] += len(a_head)
-        if b_head:
-            await a.send_all(b_head)
-            counter[1] += len(b_head)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return counter[0], counter[1]
-    async with trio.open_nursery() as nursery:
-        async def one_way(src: trio.abc.Stream, dst: trio.abc.Stream, i: int) -> None:
-            await _pipe(src, dst, idle, counter, i)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(one_way, a, b, 0)
-        nursery.start_soon(one_way, b, a, 1)
-    return counter[0], counter[1]
+    st = _Splice(a, b)
+    done = st.done
+    for index, dst, head in ((1, b, a_head), (0, a, b_head)):
+        if head:
+            try:
+                await dst.send_all(head)
+            except _STREAM_ERRORS:
+                done.truncated_by(index)
+                break
+            if index:
+                done.sent += len(head)
+            else:
+                done.received += len(head)
+    if not done.broken:
+        async with trio.open_nursery() as nursery:
+            st.scope = nursery.cancel_scope
+            nursery.start_soon(st.pipe, 0)
+            nursery.start_soon(st.pipe, 1)
+            clock = st.clock
+            while True:
+                due = st.last + idle
+                if clock() >= due:
+                    done.idle = True
+                    nursery.cancel_scope.cancel()
+                    break
+                await trio.sleep_until(due)
+    if done.broken:
+        abort(a)
+        abort(b)
+    return done
 
 
 FLUSH_AT = 256 * 1024  # bytes queued before a flush while streaming a body
@@ -635,7 +800,9 @@ def _switches_to_requested(headers: Headers, requested: bytes | None) -> bool:
 async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Limits,
                     ex: Exchange) -> Exchange:
     """The upstream switched protocols (101) for an authorised upgrade: relay its head,
-    then pipe bytes both ways until either side ends."""
+    then pipe bytes both ways (``splice``). A stream cut short raises ``PeerClosed`` (its
+    side, the ``BROKEN_RECORD`` detail) once both sides were reset: recorded as an exchange
+    that broke off."""
     # Hop-by-hop and Connection-listed fields never pass, as on any answer, but for the
     # Upgrade field itself; nor a framing field (a 101 has no body: what follows is the new
     # protocol).
@@ -648,10 +815,12 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
     await client.flush(timeout=limits.body_timeout)
     ex.status, ex.upgraded = 101, True
     client.sent_head = True
-    up, down = await splice(client.stream, client.reader.trailing(), ep.stream,
-                            ep.reader.trailing(), limits.tcp_idle_timeout)
-    ex.request_bytes += up
-    ex.response_bytes += down
+    done = await splice(client.stream, client.reader.trailing(), ep.stream,
+                        ep.reader.trailing(), limits.tcp_idle_timeout)
+    ex.request_bytes += done.sent
+    ex.response_bytes += done.received
+    if done.broken:  # (both sides reset: recorded as an exchange cut short, its detail)
+        raise PeerClosed(done.broken, done.side)
     await close_quietly(ep.stream)
     return ex
 

@@ -302,6 +302,10 @@ class TlsTransport(trio.abc.Stream):
             # it cannot end a close-delimited body (``sidecar.net.streams.truncated``).
             self.ragged_eof = True
             return b""
+        except ssl.SSLZeroReturnError:
+            # The peer's close_notify after ours (``close_notify``: a half-closed splice);
+            # before ours the read itself returns b"".
+            return b""
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
@@ -387,17 +391,39 @@ class TlsTransport(trio.abc.Stream):
         self._shutdown()
         await trio.lowlevel.checkpoint()
 
+    def close_notify(self) -> bool:
+        """Send close_notify now, without waiting (a half-close: reading goes on): False
+        when the socket takes nothing more yet (call again once it is writable). Unlike
+        ``send_eof`` a failure raises ``trio.BrokenResourceError``: OpenSSL's shutdown reads
+        once after it sends, and application data it finds then breaks the connection
+        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) -- so call it when nothing of the peer's waits
+        to be read (``sidecar.net.forward.splice``)."""
+        if self._closed:
+            raise trio.ClosedResourceError
+        try:
+            self._ssl_shutdown()
+        except ssl.SSLWantReadError:
+            return True  # (sent; the peer's close_notify has not come: what we want)
+        except ssl.SSLWantWriteError:
+            return False
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        return True
+
     def _shutdown(self) -> None:
         # Non-blocking SSL_shutdown sends close_notify, then reports that the peer's has not
         # arrived (SSLWantRead): that is all we want. A full socket buffer means no notify.
-        conn = self._ssl
         try:
-            if isinstance(conn, ssl.SSLSocket):
-                conn.unwrap()
-            else:
-                conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # the C object's: unwrap
+            self._ssl_shutdown()
         except (ssl.SSLError, OSError, ValueError):
             pass
+
+    def _ssl_shutdown(self) -> None:
+        conn = self._ssl
+        if isinstance(conn, ssl.SSLSocket):
+            conn.unwrap()
+        else:
+            conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # the C object's: unwrap
 
     def abort(self) -> None:
         """Close at once with a TCP reset and no close_notify: the peer sees an error, not an
