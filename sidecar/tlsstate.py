@@ -139,7 +139,7 @@ class TlsState:
         still lists, the own certificate and key unchanged; None when the file withdrew none.
         Raises ``SvidError`` / ``OSError`` when the bundle file alone does not load (or lists
         no root: more likely a file caught while being written than the end of the own trust
-        domain), and the roots in force stay.
+        domain), and the roots in force stay; they stay too when the file shares none of them.
 
         Withdrawing a root only ever trusts less, so it never waits for the rest of the set:
         a root removed in an emergency (its CA key compromised) while this sidecar's own
@@ -151,7 +151,10 @@ class TlsState:
         listed = load_bundle(own.trust_domain, snap.svid.bundle_path, allow_empty=False)
         kept = [root for root in own.roots
                 if root.public_bytes(serialization.Encoding.DER) in listed.root_ders]
-        if len(kept) == len(own.roots):
+        if len(kept) == len(own.roots) or not kept:
+            # (None kept: a file that shares no root with the bundle in force is more likely
+            # the wrong file -- another trust domain's, a rotation gone wrong -- than the end
+            # of the own trust domain; it withdraws nothing, as a file without roots)
             return None
         narrowed = bundle_from_certs(own.trust_domain, own.path, kept)
         trust = snap.trust.with_bundle(narrowed, snap.trust.generation + 1)

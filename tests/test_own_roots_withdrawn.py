@@ -120,9 +120,12 @@ def test_a_withdrawn_root_is_distrusted_though_the_own_set_fails(tmp_path: Path,
         keep.close()
 
 
-def test_a_bundle_file_without_roots_withdraws_nothing(tmp_path: Path, procs):
-    """A bundle file caught empty (being written) while the set fails is not read as the end
-    of the own trust domain: the roots in force stay until a set loads."""
+@pytest.mark.parametrize("content", ["empty", "another_ca"])
+def test_a_bundle_file_without_roots_in_force_withdraws_nothing(tmp_path: Path, procs,
+                                                                content):
+    """A bundle file caught empty (being written), or holding none of the roots in force (the
+    wrong file: another CA's), while the set fails is not read as the end of the own trust
+    domain: the roots in force stay until a set loads."""
     old, new = DevCA.create(TD), DevCA.create(TD)
     orders = write_svid(old.issue(spiffe("orders")), old, tmp_path / "orders")
     bundle = tmp_path / "bundle.crt"
@@ -130,7 +133,7 @@ def test_a_bundle_file_without_roots_withdraws_nothing(tmp_path: Path, procs):
     honest = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "h"),
                           bundle)
     srv = _orders(tmp_path, procs, orders, bundle)
-    replace_file(bundle, b"")
+    replace_file(bundle, b"" if content == "empty" else DevCA.create(TD).bundle_pem)
     wait_for(lambda: srv.metric("sidecar_certificate_reloads_total", result="failed") >= 1,
              timeout=15)
     assert srv.log_events("trust_roots_withdrawn") == []
