@@ -166,6 +166,7 @@ class InboundProxy:
             self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
+        self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
@@ -281,7 +282,7 @@ class InboundProxy:
             if verdict.set_headers:
                 headers.extend(verdict.set_headers)
             if head.upgrade is not None:
-                return upgrade(event, headers, head, facts, verdict.auth, query)
+                return upgrade(ctx, event, headers, head, facts, verdict.auth, query)
             auth = verdict.auth
             if auth is not None and (auth.claims or auth.apikey is not None):
                 # A request in flight (a long download, server-sent events) ends when the
@@ -292,8 +293,8 @@ class InboundProxy:
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None)
 
-        async def upgrade(event: Request, headers: Headers, head: RequestHead,
-                          facts: RequestFacts, auth: AuthFacts | None,
+        async def upgrade(ctx: RequestContext, event: Request, headers: Headers,
+                          head: RequestHead, facts: RequestFacts, auth: AuthFacts | None,
                           query: str) -> Exchange:
             # A stream from here on: policy changes judge it, with the credentials it was
             # authorised with, which must still hold; it ends when they expire (as the
@@ -336,7 +337,8 @@ class InboundProxy:
                     conn.reauth = reauth
             try:
                 return await forward(client, event, headers, pool, limits, head,
-                                     close=tracker.draining or conn.retiring is not None)
+                                     close=tracker.draining or conn.retiring is not None,
+                                     opened=lambda: self.telemetry.stream_opened(ctx, 101))
             finally:
                 conn.recheck = conn.reauth = None
                 conn.credentials_end = conn.reauth_at = math.inf

@@ -250,6 +250,7 @@ class OutboundProxy:
         conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after
         conn.own_not_after = meta.own_not_after
         conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
+        self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
         except trio.Cancelled:
@@ -316,15 +317,17 @@ class OutboundProxy:
             if head.upgrade is None:
                 return forward(client, event, headers, pool, limits, head,
                                close=tracker.draining or conn.retiring is not None)
-            return upgrade(event, headers, head)
+            return upgrade(ctx, event, headers, head)
 
-        async def upgrade(event: Request, headers: Headers, head: RequestHead) -> Exchange:
+        async def upgrade(ctx: RequestContext, event: Request, headers: Headers,
+                          head: RequestHead) -> Exchange:
             # A stream from here on: policy reloads judge it, and the upstream's chain and
             # expiry (bound when the pool hands out the connection, ``_acquired``).
             conn.recheck = lambda now: gate.egress(identity, now).allowed
             try:
                 return await forward(client, event, headers, pool, limits, head,
-                                     close=tracker.draining or conn.retiring is not None)
+                                     close=tracker.draining or conn.retiring is not None,
+                                     opened=lambda: self.telemetry.stream_opened(ctx, 101))
             finally:
                 conn.recheck = None
                 conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import logs
 from sidecar.audit.record import (
+    EVENT_STREAM_CLOSED,
     AuditRecord,
     SharedExtra,
     connection_closed_record,
@@ -55,6 +56,7 @@ class RequestContext:
     source: str | None = None
     peer: str | None = None
     direction: str = "inbound"  # the listener's, for a request refused before its facts
+    opened: bool = False  # a stream whose decision record was written when it opened
 
 
 class Telemetry:
@@ -131,6 +133,43 @@ class Telemetry:
             self.audit.submit(connection_refused_record(
                 time=started, direction=direction, source=source, peer=peer, reason=reason))
 
+    def stream_opened(self, ctx: RequestContext, status: int) -> None:
+        """A TCP or upgraded stream was let in and opened (``status``: the 101 relayed, or
+        200 for a TCP stream): its decision record now, not when it ends -- a stream may run
+        for hours, and a crash meanwhile would lose it (found by a hostile review). Its end is
+        a second record (``stream_closed``, below): the ``request`` call that ends it."""
+        self.request(ctx, status)
+        ctx.opened = True
+
+    def _stream_closed(self, ctx: RequestContext, status: int, bytes_in: int, bytes_out: int,
+                       error: str | None, detail: str) -> None:
+        """The end of a stream whose decision was recorded when it opened: a log line and a
+        ``stream_closed`` audit record under the same request id, with the bytes each way,
+        how long it ran and, when it broke off, why."""
+        facts, verdict = ctx.facts, ctx.verdict
+        duration = time.time() - ctx.started
+        direction = facts.direction if facts is not None else ctx.direction
+        if error is not None and status in (502, 503, 504):
+            self.metrics.upstream_errors_total.labels(direction, error).inc()
+        logs.log("stream_closed", "warning" if error is not None else "info",
+                 request_id=ctx.request_id, direction=direction,
+                 peer=facts.peer if facts is not None else ctx.peer,
+                 source=facts.source if facts is not None else ctx.source, status=status,
+                 bytes_in=bytes_in, bytes_out=bytes_out,
+                 duration_ms=round(duration * 1000.0, 3),
+                 **({"reason": error} if error else {}), **({"error": detail} if detail else {}))
+        if self.audit is None or verdict is None:
+            return
+        kw: dict[str, Any] = {}
+        if error is not None:  # (the outbound target kept next to it)
+            target = facts.target if facts is not None and facts.direction == "outbound" \
+                else None
+            kw["extra"] = {"error": error, **({"target": target} if target else {})}
+        self.audit.submit(record_from(
+            verdict.decision, facts, time=time.time(), auth=verdict.auth,
+            request_id=ctx.request_id, status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+            duration_ms=duration * 1000.0, event=EVENT_STREAM_CLOSED, **kw), admitted=True)
+
     def flush_refusals(self) -> None:
         """One ``connection_refused_summary`` log line and audit record per source whose
         refusals were counted since the last call (every ``refused_summary_interval``, and
@@ -181,6 +220,9 @@ class Telemetry:
         ``error`` names why it failed or was refused when no rule did (or why an allowed one
         broke off); ``detail`` says more, in the log line only (its ``error`` field: what an
         upstream's answer broke, ``bad_chunk``, ``too_many_informational``...)."""
+        if ctx.opened:
+            self._stream_closed(ctx, status, bytes_in, bytes_out, error, detail)
+            return
         request_id, facts, verdict, started = ctx.request_id, ctx.facts, ctx.verdict, ctx.started
         source, peer = ctx.source, ctx.peer
         duration = time.time() - started

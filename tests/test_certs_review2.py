@@ -617,7 +617,10 @@ def test_inbound_refuses_every_member_and_records_the_rule(tmp_path, app, procs)
                                       "app": f"127.0.0.1:{app}",
                                       "allow_from": [f"spiffe://{TD}/ns/demo/sa/*",
                                                      f"spiffe://{PTD}/ns/shop/sa/*"]},
-                         audit={"path": str(tmp_path / "audit-b")})
+                         audit={"path": str(tmp_path / "audit-b")},
+                         # every member's own record (not a per-source summary: tests/
+                         # test_refusals.py): the refusals come faster than 10 a second
+                         limits={"refused_records_per_source": 10_000})
     cfg["identity"]["bundle"] = str(own)
     b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
     procs.append(b)
@@ -659,7 +662,8 @@ def test_outbound_refuses_every_member_as_an_upstream(tmp_path, procs):
     try:
         cfg = sidecar_config(me, outbound=[{
             "name": "frontend", "listen": f"127.0.0.1:{free_port()}",
-            "upstream": f"127.0.0.1:{upstream.port}", "identity": PEER}])
+            "upstream": f"127.0.0.1:{upstream.port}", "identity": PEER}],
+            limits={"refused_records_per_source": 10_000})  # (every member's own line)
         cfg["identity"]["bundle"] = str(own)
         a = start_sidecar(tmp_path, "client", _federated(cfg, partner))
         procs.append(a)

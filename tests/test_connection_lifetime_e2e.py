@@ -126,10 +126,14 @@ def upgrade_to_echo(sock: socket.socket | ssl.SSLSocket) -> None:
     assert sock.recv(4096) == b"ping"
 
 
-def policy(tmp: Path, *allowed: str, alerts: list[dict[str, Any]] | None = None) -> str:
-    doc: dict[str, Any] = {"version": 1, "trust_domain": TD, "services": {spiffe("orders"): {
-        "rules": [{"name": "callers", "allow": {"from": [spiffe(a) for a in allowed]}},
-                  {"name": "no-admin", "deny": {"paths": ["/admin"]}}]}}}
+def policy(tmp: Path, *allowed: str, alerts: list[dict[str, Any]] | None = None,
+           tcp: bool = False) -> str:
+    rules: list[dict[str, Any]] = [{"name": "callers",
+                                    "allow": {"from": [spiffe(a) for a in allowed]}}]
+    if not tcp:  # (on a TCP listener a deny rule on a path would refuse every stream)
+        rules.append({"name": "no-admin", "deny": {"paths": ["/admin"]}})
+    doc: dict[str, Any] = {"version": 1, "trust_domain": TD,
+                           "services": {spiffe("orders"): {"rules": rules}}}
     if alerts:
         doc["alerts"] = alerts
     return write_policy(tmp / "policy.yaml", doc)
@@ -234,13 +238,13 @@ def test_connection_closed_when_the_peer_certificate_expires(env) -> None:
 def test_tcp_stream_closed_after_a_policy_reload_refuses_it(env) -> None:
     tmp, pki, app_port, procs = env
     srv = server(tmp, "orders", pki.identity("orders"), app_port, procs, protocol="tcp",
-                 policy=policy(tmp, "frontend"))
+                 policy=policy(tmp, "frontend", tcp=True))
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with socket.create_connection(("127.0.0.1", srv.port("inbound")), timeout=10) as raw:
         with ctx.wrap_socket(raw) as tls:
             tls.sendall(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
             assert tls.recv(65536).startswith(b"HTTP/1.1 200")
-            policy(tmp, "someone-else")
+            policy(tmp, "someone-else", tcp=True)
             wait_closed(srv, "policy_refused")
             assert read_until_eof(tls)
     audited(tmp, "orders", "policy_refused")

@@ -181,7 +181,9 @@ class Pair:
         return sock
 
     def refusals(self, proc: Any) -> list[dict[str, Any]]:
-        return proc.log_events("request_refused")
+        """The ends of streams that broke off: ``stream_closed`` lines with a reason (a
+        stream's decision is its own record, written when it opened)."""
+        return [e for e in proc.log_events("stream_closed") if e.get("reason")]
 
     def close(self) -> None:
         for proc in reversed(self.procs):

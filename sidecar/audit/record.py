@@ -36,6 +36,7 @@ EVENT_ALERT = "alert"
 EVENT_RATE_LIMITED = "rate_limited"
 EVENT_CONNECTION_CLOSED = "connection_closed"
 EVENT_REFUSED_SUMMARY = "connection_refused_summary"
+EVENT_STREAM_CLOSED = "stream_closed"
 
 MAX_EXTRA_KEYS = 32
 

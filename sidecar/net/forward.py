@@ -40,7 +40,7 @@ complete body.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,8 +372,11 @@ async def forward(
     head: RequestHead,
     *,
     close: bool = False,
+    opened: Callable[[], None] | None = None,
 ) -> Exchange:
     """Send ``request`` (with ``headers`` already rewritten) upstream and relay the response.
+    ``opened``: called once an authorised upgrade's 101 reached the caller (the stream's
+    decision record is written then, not when it ends).
 
     ``head`` holds the checked facts (body, 100-continue, authorised upgrade: its headers are
     added here); ``close``: the sidecar is draining, this is the connection's last response.
@@ -489,7 +492,7 @@ async def forward(
                     if not upgrade or not _switches_to_requested(event.headers,
                                                                  head.upgrade):
                         raise ProtocolViolation("unrequested_101")
-                    return await _upgraded(client, ep, event, limits, ex)
+                    return await _upgraded(client, ep, event, limits, ex, opened)
                 informational += 1
                 _relay_informational(client, event, informational, http11)
             if status > 599:
@@ -798,7 +801,7 @@ def _switches_to_requested(headers: Headers, requested: bytes | None) -> bool:
 
 
 async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Limits,
-                    ex: Exchange) -> Exchange:
+                    ex: Exchange, opened: Callable[[], None] | None = None) -> Exchange:
     """The upstream switched protocols (101) for an authorised upgrade: relay its head,
     then pipe bytes both ways (``splice``). A stream cut short raises ``PeerClosed`` (its
     side, the ``BROKEN_RECORD`` detail) once both sides were reset: recorded as an exchange
@@ -815,12 +818,14 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
     await client.flush(timeout=limits.body_timeout)
     ex.status, ex.upgraded = 101, True
     client.sent_head = True
+    if opened is not None:
+        opened()
     done = await splice(client.stream, client.reader.trailing(), ep.stream,
                         ep.reader.trailing(), limits.tcp_idle_timeout)
     ex.request_bytes += done.sent
     ex.response_bytes += done.received
     if done.broken:  # (both sides reset: recorded as an exchange cut short, its detail)
-        raise PeerClosed(done.broken, done.side)
+        raise PeerClosed(done.broken, done.side, ex.request_bytes, ex.response_bytes)
     await close_quietly(ep.stream)
     return ex
 

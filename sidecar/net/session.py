@@ -185,7 +185,9 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
         except (PeerClosed, Timeout) as exc:
             if ctx.facts is not None:  # forwarded, then broken off: still one record
                 status, error = broken_exchange(exc)
-                telemetry.request(ctx, status, error=error, detail=str(exc))
+                sent, received = (exc.sent, exc.received) if isinstance(exc, PeerClosed) \
+                    else (0, 0)
+                telemetry.request(ctx, status, sent, received, error=error, detail=str(exc))
                 if (exc.side != "client" and client.sent_head
                         and getattr(event, "version", None) == b"1.0"):
                     # An HTTP/1.0 client's answer may end at the close (no length, no

@@ -72,9 +72,12 @@ class PeerClosed(Exception):
     ``side`` says which end: "client" (whoever sent us the request) or "upstream".
     """
 
-    def __init__(self, reason: str, side: str = "upstream") -> None:
+    def __init__(self, reason: str, side: str = "upstream", sent: int = 0,
+                 received: int = 0) -> None:
         super().__init__(reason)
         self.side = side
+        # (a stream cut short: the bytes it carried each way, for its record)
+        self.sent, self.received = sent, received
 
 
 class Timeout(Exception):
