@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import trio
 
 from sidecar.ctlhttp.client import ClientError, parse_url, request
-from sidecar.output import paint, rfc3339, use_colour
+from sidecar.output import paint, rfc3339, safe, use_colour
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 POLL_WAIT = 1.0
@@ -117,13 +117,8 @@ def _tap_document(doc: object) -> bool:
             and all(isinstance(event, dict) for event in doc.get("events", [])))
 
 
-def _text(value: object) -> str:
-    """``value`` as text for a terminal: its non-printable characters (controls, bidi
-    overrides, line separators) as escapes -- an event's fields come from requests."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+# An event's fields come from requests: shown through the one output-side escaper.
+_text = safe
 
 
 def _field(event: dict[str, Any], name: str) -> str:

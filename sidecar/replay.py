@@ -27,7 +27,7 @@ from sidecar.audit.segments import (
     path_problem,
 )
 from sidecar.errors import ConfigError
-from sidecar.output import Progress, add_output_flag, emit
+from sidecar.output import Progress, add_output_flag, emit, safe
 from sidecar.policy.decision import (
     INVALID_TOKEN_RULE,
     REASON_TOKEN_INVALID,
@@ -150,7 +150,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def skipped(what: str) -> None:
         malformed.append(what)
-        print(f"sidecar: skipped {what}", file=sys.stderr, flush=True)
+        print(f"sidecar: skipped {safe(what)}", file=sys.stderr, flush=True)
 
     def fit(stored: Iterator[StoredRecord]) -> Iterator[AuditRecord]:
         for s in stored:
@@ -190,9 +190,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for c in changes:
             r = c.record
             flag = "  (uncertain: claims not recorded)" if c.uncertain else ""
-            lines.append(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
-                         f"{c.before} [{r.rule}] -> {outcome(c.after)} "
-                         f"[{c.after.rule}: {c.after.reason}]{flag}")
+            # Every field but the new decision comes from the trail: ``safe``.
+            lines.append(f"  {safe(r.request_id or '-'):16} {safe(r.peer or '-')} "
+                         f"{safe(r.method)} {safe(r.path)}: {safe(c.before)} [{safe(r.rule)}]"
+                         f" -> {outcome(c.after)} [{c.after.rule}: {c.after.reason}]{flag}")
         return "\n".join(lines)
 
     if args.format == "json" and args.output_format == "table":

@@ -43,7 +43,7 @@ from sidecar.audit.segments import (
 from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.config.audit import load_hmac_key
-from sidecar.output import Progress, add_output_flag, render, rfc3339
+from sidecar.output import Progress, add_output_flag, csv_cell, render, rfc3339, safe
 
 MIN_POLL = 0.05
 MAX_POLL = 10.0
@@ -246,7 +246,9 @@ def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
 
 
 def verify_result_text(result: VerifyResult) -> str:
-    """The verify result for a person."""
+    """The verify result for a person. Identities, the broken point, findings and notes
+    come from the trail's own frames and anchor files (which whoever can write the audit
+    directory forges): each is ``safe``, one line, never a terminal action."""
     lines = [f"{'OK' if result.ok else 'BROKEN'}: {result.records} records, {result.frames} "
              f"frames, {result.segments} segments"]
     if result.head_seq is not None and result.head_digest is not None:
@@ -254,7 +256,7 @@ def verify_result_text(result: VerifyResult) -> str:
     if result.identities:
         label = "identity" if len(result.identities) == 1 else "identities"
         signed = "" if result.assurance == "signature" else " (not proven without --pubkey)"
-        lines.append(f"{label}: {', '.join(result.identities)}{signed}")
+        lines.append(f"{label}: {', '.join(map(safe, result.identities))}{signed}")
     if result.assurance == "signature":
         through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
         lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
@@ -262,9 +264,9 @@ def verify_result_text(result: VerifyResult) -> str:
     if result.anchors_matched:
         lines.append(f"anchors: {result.anchors_matched} matched")
     if result.broken is not None:
-        lines.append(f"first broken: {result.broken}")
-    lines.extend(str(f) for f in result.findings)
-    lines.extend(f"note: {note}" for note in result.notes)
+        lines.append(f"first broken: {safe(result.broken)}")
+    lines.extend(safe(f) for f in result.findings)
+    lines.extend(f"note: {safe(note)}" for note in result.notes)
     return "\n".join(lines)
 
 
@@ -374,7 +376,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 row = s.record.as_dict()
                 if row["extra"] is not None:
                     row["extra"] = _json_line(row["extra"])
-                writer.writerow((s.seq, *("" if row[n] is None else row[n] for n in FIELD_NAMES)))
+                writer.writerow((s.seq, *("" if row[n] is None else csv_cell(row[n])
+                                          for n in FIELD_NAMES)))
         else:
             for n, s in enumerate(stored, 1):
                 progress.update(n, "records")
@@ -402,7 +405,7 @@ class _MalformedReport:
 
     def __call__(self, what: str) -> None:
         self.count += 1
-        print(f"error: skipped {what}", file=sys.stderr, flush=True)
+        print(f"error: skipped {safe(what)}", file=sys.stderr, flush=True)
 
     def unreadable(self, segment: str, exc: Exception) -> None:
         """A segment that is not a regular file, cannot be read or is damaged (tail)."""

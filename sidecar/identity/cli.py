@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.identity.svid import SvidError, validate_svid_leaf
-from sidecar.output import add_output_flag, emit
+from sidecar.output import add_output_flag, emit, safe
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -204,10 +204,11 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
                "not_after": c.not_valid_after_utc.isoformat()} for c in certs[1:]]
 
     def table() -> str:
+        # Subject, issuer, SAN and the SVID check's message come from the file: ``safe``.
         width = max(len(label) for label, _ in rows)
-        lines = [f"{label + ':':<{width + 1}} {value}" for label, value in rows]
-        lines += [f"certificate {i}: {c['subject']} (issuer {c['issuer']}, not after"
-                  f" {c['not_after']})" for i, c in enumerate(others, start=2)]
+        lines = [f"{label + ':':<{width + 1}} {safe(value)}" for label, value in rows]
+        lines += [f"certificate {i}: {safe(c['subject'])} (issuer {safe(c['issuer'])}, not "
+                  f"after {c['not_after']})" for i, c in enumerate(others, start=2)]
         return "\n".join(lines)
 
     emit(args, certificate_document(args.file, certs[0], rows, others), table, stream)

@@ -26,7 +26,7 @@ from sidecar.k8s.flags import (
 )
 from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
-from sidecar.output import dump_yaml
+from sidecar.output import dump_yaml, safe
 
 
 def _read(path: str, stdin: TextIO) -> str:
@@ -68,8 +68,9 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         except InjectError as exc:
             meta = doc.get("metadata") if isinstance(doc, dict) else None
             name = meta.get("name", "?") if isinstance(meta, dict) else "?"
-            print(f"sidecar inject: {args.file}: document {index + 1} ({name}): "
-                  f"admission rule {exc.rule}: {exc}", file=stderr)
+            # The tenant wrote the name (and the values the message quotes): ``safe``.
+            print(f"sidecar inject: {safe(args.file)}: document {index + 1} ({safe(name)}): "
+                  f"admission rule {exc.rule}: {safe(exc)}", file=stderr)
             return 1
         out.append(new_doc)
         injected += count
