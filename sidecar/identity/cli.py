@@ -83,7 +83,9 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         issued = ca.issue(str(spiffe_id), args.ttl, key_type=args.key_type)
         validate_svid_leaf(issued.cert)
         out = write_svid(issued, ca, args.out)
-    except (OSError, SvidError, ValueError) as exc:
+    except OSError as exc:
+        return _fail(f"{args.out}: {exc.strerror or exc}")
+    except (SvidError, ValueError) as exc:
         return _fail(f"{args.out}: {exc}")
     print(f"{spiffe_id}: wrote {out}/tls.crt, {out}/tls.key and {out}/ca.crt")
     return 0
