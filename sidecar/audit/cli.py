@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -42,6 +41,7 @@ from sidecar.audit.segments import (
 )
 from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
+from sidecar.cli import seconds
 from sidecar.config.audit import load_hmac_key
 from sidecar.output import Progress, add_output_flag, csv_cell, render, rfc3339, safe
 
@@ -106,7 +106,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("-n", "--lines", type=int, default=10, metavar="N",
                    help="how many of the newest records to print first (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    p.add_argument("--interval", type=float, default=0.5,
+    p.add_argument("--interval", type=seconds, default=0.5,
                    help=f"follow poll interval, seconds ({MIN_POLL}..{MAX_POLL}, default 0.5)")
     _add_filters(p)
     _add_data_key(p, "to read encrypted records")
@@ -529,10 +529,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 2
     filters, decryptor = opened
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
-    if not math.isfinite(args.interval) or args.interval <= 0:
-        print(f"error: --interval must be a positive number of seconds, not {args.interval}",
-              file=sys.stderr)
-        return 2
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
     malformed = _MalformedReport()
