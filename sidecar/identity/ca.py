@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar.config.source import read_whole
 from sidecar.identity.spiffe import parse_spiffe_id
 
 KeyType = Literal["ec256", "rsa2048"]
@@ -31,6 +32,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+CA_FILE_BYTES = 1024 * 1024  # the most `cert issue --ca` reads of ca.crt or ca.key
 # The file names cert-manager's csi-driver-spiffe writes into the pod.
 SVID_CERT_FILE = "tls.crt"
 SVID_KEY_FILE = "tls.key"
@@ -235,8 +237,10 @@ class DevCA:
     def load(cls, directory: str | os.PathLike[str]) -> DevCA:
         """Load a root CA written by ``save`` (``ca.crt`` + ``ca.key``)."""
         d = Path(directory)
-        cert = x509.load_pem_x509_certificate((d / CA_CERT_FILE).read_bytes())
-        key = serialization.load_pem_private_key((d / CA_KEY_FILE).read_bytes(), password=None)
+        # Regular files of at most 1 MiB: a FIFO or /dev/zero named by --ca is refused.
+        cert = x509.load_pem_x509_certificate(read_whole(str(d / CA_CERT_FILE), CA_FILE_BYTES))
+        key = serialization.load_pem_private_key(read_whole(str(d / CA_KEY_FILE), CA_FILE_BYTES),
+                                                 password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise ValueError(f"{d / CA_KEY_FILE}: unsupported key type")
         uris = _uri_sans(cert)

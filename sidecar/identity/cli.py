@@ -22,9 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from sidecar.config.source import read_whole
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.spiffe import parse_spiffe_id
-from sidecar.identity.svid import SvidError, validate_svid_leaf
+from sidecar.identity.svid import MAX_FILE_BYTES, SvidError, validate_svid_leaf
 from sidecar.output import add_output_flag, emit, safe
 
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -73,7 +74,9 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         return _fail(f"--spiffe-id: {exc}")
     try:
         ca = DevCA.load(args.ca)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        return _fail(f"--ca {args.ca}: cannot load the CA: {exc.filename}: {exc.strerror or exc}")
+    except ValueError as exc:
         return _fail(f"--ca {args.ca}: cannot load the CA: {exc}")
     if spiffe_id.trust_domain != ca.trust_domain:
         return _fail(
@@ -194,7 +197,7 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
     """
     stream = out or sys.stdout
     try:
-        data = Path(args.file).read_bytes()
+        data = read_whole(args.file, MAX_FILE_BYTES)  # a FIFO or /dev/zero: refused at once
         certs = x509.load_pem_x509_certificates(data)
     except OSError as exc:
         return _fail(f"{args.file}: {exc.strerror or exc}")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from sidecar.config.source import MAX_DOCUMENT_BYTES, read_whole
 from sidecar.jsondoc import deeper_than
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH
 from sidecar.k8s.flags import (
@@ -30,10 +31,11 @@ from sidecar.output import dump_yaml, safe
 
 
 def _read(path: str, stdin: TextIO) -> str:
+    """The manifests: stdin for ``-``, else the regular file ``path`` of at most
+    ``MAX_DOCUMENT_BYTES`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
     if path == "-":
         return stdin.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return read_whole(path, MAX_DOCUMENT_BYTES).decode("utf-8")
 
 
 def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
@@ -46,7 +48,8 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         text = _read(args.file, stdin)
         docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except (OSError, UnicodeDecodeError) as exc:
-        print(f"sidecar inject: cannot read {args.file}: {exc}", file=stderr)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"sidecar inject: cannot read {args.file}: {why}", file=stderr)
         return 2
     except yaml.YAMLError as exc:
         print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
