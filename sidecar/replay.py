@@ -25,6 +25,7 @@ from sidecar.audit.segments import (
     StoredRecord,
     iter_stored,
     path_problem,
+    resolve_segments,
 )
 from sidecar.errors import ConfigError
 from sidecar.output import Progress, add_output_flag, emit, safe
@@ -133,14 +134,17 @@ def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[Aud
 def cmd_replay(args: argparse.Namespace) -> int:
     """``sidecar policy replay``: load the new policy, re-decide the trail's inbound requests and
     report what changes. Exit 0 when nothing changes, 1 when something does, 2 for an invalid
-    policy, an unreadable trail or data key, a damaged segment or a malformed record (skipped
+    policy, an unreadable trail or data key, a path holding no audit segment, a damaged segment or a malformed record (skipped
     and named on stderr; then "no change" could not be claimed)."""
     try:
         policy = load_policy_set(args.policy)
     except ConfigError as exc:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
-    problem = path_problem(args.audit)  # an empty directory is an empty trail: no change
+    # A path with no segment at all (a typo naming another directory, an empty one) is not
+    # a trail that changes nothing: "0 would change" there would pass a CI gate unread.
+    problem = path_problem(args.audit) or (
+        None if resolve_segments(args.audit) else "no audit segments here (is this audit.path?)")
     if problem is not None:
         print(f"sidecar: cannot read audit trail {args.audit}: {problem}", file=sys.stderr)
         return 2

@@ -322,6 +322,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if os.path.exists(args.output) and os.listdir(args.output):
             print(f"error: {args.output} is not empty", file=sys.stderr)
             return 2
+        if os.path.isdir(args.output) and os.stat(args.output).st_mode & 0o002:
+            print(f"warning: {args.output} is world-writable: anyone could change the rebuilt "
+                  "segments before they are verified", file=sys.stderr)
         for path in args.files:
             read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
             with open(path, encoding="utf-8", errors="replace") as fh:
