@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# The most any seconds option takes (a year): past it a sleep or deadline is never reached.
+MAX_OPTION_SECONDS = 365 * 86400.0
+
+
+def seconds(text: str) -> float:
+    """The argparse type of every seconds option (``top --interval``/``--window``, ``tap
+    --duration``, ``audit tail --interval``, ``webhook --reload-interval``/``--idle-timeout``):
+    a finite number above 0 and at most ``MAX_OPTION_SECONDS``. ``nan``, ``inf``, 0,
+    negatives and garbage are a usage error (exit 2): ``float`` takes ``nan``, which every
+    comparison calls false, so a loop never drew or a JSON document said ``NaN``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_OPTION_SECONDS):
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_OPTION_SECONDS:.0f}, "
+            f"not {text!r}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

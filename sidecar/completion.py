@@ -174,8 +174,9 @@ def fish_script(tree: dict[str, Node], prog: str = "sidecar") -> str:
         f"complete -c {prog} -f",
     ]
     for path, node in sorted(tree.items()):
-        cond = f"-n 'test (\"{helper}\") = {_fish_quote(path)}'".replace('("', "(").replace(
-            '")', ")")
+        # The condition is fish code (the path quoted in it), then quoted as one argument:
+        # a quoted path pasted into an already quoted string ended that string early.
+        cond = "-n " + _fish_quote(f"test ({helper}) = {_fish_quote(path)}")
         for name, help_text in node.subcommands.items():
             lines.append(f"complete -c {prog} {cond} -a {_fish_quote(name)} "
                          f"-d {_fish_quote(help_text[:60])}")

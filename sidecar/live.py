@@ -28,8 +28,9 @@ from urllib.parse import urlsplit
 
 import trio
 
+from sidecar.cli import seconds
 from sidecar.ctlhttp.client import ClientError, parse_url, request
-from sidecar.output import paint, rfc3339, use_colour
+from sidecar.output import paint, rfc3339, safe, use_colour
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 POLL_WAIT = 1.0
@@ -117,13 +118,8 @@ def _tap_document(doc: object) -> bool:
             and all(isinstance(event, dict) for event in doc.get("events", [])))
 
 
-def _text(value: object) -> str:
-    """``value`` as text for a terminal: its non-printable characters (controls, bidi
-    overrides, line separators) as escapes -- an event's fields come from requests."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+# An event's fields come from requests: shown through the one output-side escaper.
+_text = safe
 
 
 def _field(event: dict[str, Any], name: str) -> str:
@@ -165,7 +161,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", metavar="P", help="only this path and below, or a glob "
                                                "(e.g. '/orders/*')")
     p.add_argument("--decision", choices=("allow", "deny", "dry-run"))
-    p.add_argument("--duration", type=float, metavar="SECONDS",
+    p.add_argument("--duration", type=seconds, metavar="SECONDS",
                    help="stop after this long (default: until Ctrl-C)")
     p.add_argument("-o", "--output", dest="output_format", choices=("table", "json"),
                    default="table", help="table (default) or json (one JSON object per line)")
@@ -315,9 +311,9 @@ def add_live_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser("top", help="request rates by caller, rule and status, live")
     _add_common(p)
-    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--interval", type=seconds, default=2.0, metavar="SECONDS",
                    help="redraw every SECONDS (default 2)")
-    p.add_argument("--window", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--window", type=seconds, default=10.0, metavar="SECONDS",
                    help="rates over the last SECONDS (default 10)")
     p.add_argument("--iterations", type=int, metavar="N", help="stop after N tables")
     p.set_defaults(func=cmd_top)

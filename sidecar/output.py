@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from sidecar.config.source import printable
+
 FORMATS = ("table", "json", "yaml")
 
 # ANSI SGR codes by meaning, so callers never hard-code escape sequences.
@@ -81,12 +83,66 @@ def dump_yaml(doc: Any, *, all_documents: bool = False, **kw: Any) -> str:
     return str(yaml.dump_all(doc, **opts) if all_documents else yaml.dump(doc, **opts))
 
 
+def safe(value: object) -> str:
+    """``value`` as text for a person: one line, with every character of the family that
+    acts on a terminal or hides what it shows -- C0 and C1 controls, DEL, Unicode format
+    characters (Cf: bidi overrides, zero-width characters), line and paragraph separators
+    (Zl, Zp) -- written as its escape (``\\x1b``, ``\\u202e``; ``config.source.printable``).
+    Every human-facing renderer (tables, text lines, error lines) passes each string read
+    from a file someone else may write (audit frames and records, anchors, certificates,
+    manifests) through it; docs/SECURITY.md, "Terminal escapes"."""
+    return printable(str(value))
+
+
+# Cell starts a spreadsheet takes for a formula (OWASP, "CSV Injection"): such a cell gets
+# a leading ``'`` so it is shown as text. Tab and CR are escaped by ``safe`` anyway.
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell of ``audit export --format csv``: a string is ``safe`` (no raw control,
+    bidi or separator character) and, when it starts with one of ``CSV_FORMULA_STARTS``,
+    prefixed with ``'``; numbers are kept as they are."""
+    if not isinstance(value, str):
+        return value
+    text = printable(value)
+    return "'" + text if text.startswith(CSV_FORMULA_STARTS) else text
+
+
+class ScreenDumper(PortableDumper):
+    """``PortableDumper`` for ``-o yaml``: a string holding any character ``safe`` escapes
+    (a line break included) is double-quoted, so the emitter writes it as an escape."""
+
+
+def _represent_screen_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if not value.isprintable():
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return _represent_str(dumper, value)
+
+
+ScreenDumper.add_representer(str, _represent_screen_str)
+
+
+def _escaped_json(text: str) -> str:
+    """JSON text with every non-printable character but the layout's line breaks written
+    as ``\\uXXXX`` (a surrogate pair above U+FFFF): json.dumps escapes C0 controls only,
+    not DEL, C1, bidi overrides or U+2028. Only string contents hold such characters, so
+    the document read back is the same."""
+    if text.replace("\n", "").isprintable():
+        return text
+    return "".join(c if c == "\n" or c.isprintable() else json.dumps(c)[1:-1] for c in text)
+
+
 def render(doc: Any, fmt: str) -> str:
-    """``doc`` as JSON (indented, key order kept) or YAML, ending with a newline."""
+    """``doc`` as JSON (indented, key order kept) or YAML, ending with a newline. Neither
+    holds a raw control, DEL, C1, format (bidi, zero-width) or separator character: JSON
+    escapes them as ``\\uXXXX``, YAML double-quotes such a string and escapes them (its
+    non-ASCII characters too, and long strings are not folded), so what a file said reaches
+    the screen as text, never as an action."""
     if fmt == "json":
-        return json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
+        return _escaped_json(json.dumps(doc, indent=2, ensure_ascii=False, default=str)) + "\n"
     if fmt == "yaml":
-        return dump_yaml(doc)
+        return dump_yaml(doc, Dumper=ScreenDumper, allow_unicode=False, width=1_000_000_000)
     raise ValueError(f"unknown output format {fmt!r}")
 
 

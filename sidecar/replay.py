@@ -25,9 +25,10 @@ from sidecar.audit.segments import (
     StoredRecord,
     iter_stored,
     path_problem,
+    resolve_segments,
 )
 from sidecar.errors import ConfigError
-from sidecar.output import Progress, add_output_flag, emit
+from sidecar.output import Progress, add_output_flag, emit, safe
 from sidecar.policy.decision import (
     INVALID_TOKEN_RULE,
     REASON_TOKEN_INVALID,
@@ -133,14 +134,17 @@ def _counted(records: Iterator[AuditRecord], progress: Progress) -> Iterator[Aud
 def cmd_replay(args: argparse.Namespace) -> int:
     """``sidecar policy replay``: load the new policy, re-decide the trail's inbound requests and
     report what changes. Exit 0 when nothing changes, 1 when something does, 2 for an invalid
-    policy, an unreadable trail or data key, a damaged segment or a malformed record (skipped
+    policy, an unreadable trail or data key, a path holding no audit segment, a damaged segment or a malformed record (skipped
     and named on stderr; then "no change" could not be claimed)."""
     try:
         policy = load_policy_set(args.policy)
     except ConfigError as exc:
         print(f"sidecar: invalid policy:\n{exc}", file=sys.stderr)
         return 2
-    problem = path_problem(args.audit)  # an empty directory is an empty trail: no change
+    # A path with no segment at all (a typo naming another directory, an empty one) is not
+    # a trail that changes nothing: "0 would change" there would pass a CI gate unread.
+    problem = path_problem(args.audit) or (
+        None if resolve_segments(args.audit) else "no audit segments here (is this audit.path?)")
     if problem is not None:
         print(f"sidecar: cannot read audit trail {args.audit}: {problem}", file=sys.stderr)
         return 2
@@ -150,7 +154,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def skipped(what: str) -> None:
         malformed.append(what)
-        print(f"sidecar: skipped {what}", file=sys.stderr, flush=True)
+        print(f"sidecar: skipped {safe(what)}", file=sys.stderr, flush=True)
 
     def fit(stored: Iterator[StoredRecord]) -> Iterator[AuditRecord]:
         for s in stored:
@@ -190,9 +194,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for c in changes:
             r = c.record
             flag = "  (uncertain: claims not recorded)" if c.uncertain else ""
-            lines.append(f"  {r.request_id or '-':16} {r.peer or '-'} {r.method} {r.path}: "
-                         f"{c.before} [{r.rule}] -> {outcome(c.after)} "
-                         f"[{c.after.rule}: {c.after.reason}]{flag}")
+            # Every field but the new decision comes from the trail: ``safe``.
+            lines.append(f"  {safe(r.request_id or '-'):16} {safe(r.peer or '-')} "
+                         f"{safe(r.method)} {safe(r.path)}: {safe(c.before)} [{safe(r.rule)}]"
+                         f" -> {outcome(c.after)} [{c.after.rule}: {c.after.reason}]{flag}")
         return "\n".join(lines)
 
     if args.format == "json" and args.output_format == "table":

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import ROOT, Pki, sidecar_cli, spiffe
+from sidecar.audit.record import AuditRecord
+from sidecar.config.audit import AuditConfig
+from tests.harness import ROOT, Pki, sidecar_cli, spiffe, write_audit_trail
 
 POLICIES = ROOT / "policies"
 SHOP = str(POLICIES / "example-shop.yaml")
@@ -224,8 +226,10 @@ def test_cert_inspect_json(tmp_path: Path):
 
 
 def test_replay_json(tmp_path: Path):
-    # An empty trail is a valid one: nothing replayed, nothing changed.
-    (tmp_path / "audit").mkdir()
+    # A trail with no inbound request: nothing replayed, nothing changed. (A directory
+    # without segments is exit 2: tests/test_audit_dirs.py.)
+    write_audit_trail(AuditConfig(path=str(tmp_path / "audit"), fsync=False),
+                      [AuditRecord(time=1700000000.0, direction="outbound")])
     table, doc, _ = both("policy", "replay", SHOP, "--audit", str(tmp_path / "audit"))
     assert doc["kind"] == "PolicyReplay" and doc["replayed"] == 0 and doc["changed"] == []
     assert "replayed 0 request records" in table.stdout

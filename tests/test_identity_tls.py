@@ -331,9 +331,7 @@ def _tls12_twice(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 def _webhook_context(svid: Svid, directory: Path) -> ssl.SSLContext:
     from sidecar.k8s.webhook import _server_context
 
-    (directory / "tls.crt").write_bytes(svid.chain_pem)
-    (directory / "tls.key").write_bytes(svid.key_pem)
-    return _server_context(str(directory / "tls.crt"), str(directory / "tls.key"))
+    return _server_context(svid.chain_pem, svid.key_pem)  # the PEM it read from the files
 
 
 @pytest.mark.parametrize("which", ["mesh", "webhook"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -42,8 +41,9 @@ from sidecar.audit.segments import (
 )
 from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_segments
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
+from sidecar.cli import seconds
 from sidecar.config.audit import load_hmac_key
-from sidecar.output import Progress, add_output_flag, render, rfc3339
+from sidecar.output import Progress, add_output_flag, csv_cell, render, rfc3339, safe
 
 MIN_POLL = 0.05
 MAX_POLL = 10.0
@@ -106,7 +106,7 @@ def add_audit_parsers(subparsers: Any) -> None:
     p.add_argument("-n", "--lines", type=int, default=10, metavar="N",
                    help="how many of the newest records to print first (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
-    p.add_argument("--interval", type=float, default=0.5,
+    p.add_argument("--interval", type=seconds, default=0.5,
                    help=f"follow poll interval, seconds ({MIN_POLL}..{MAX_POLL}, default 0.5)")
     _add_filters(p)
     _add_data_key(p, "to read encrypted records")
@@ -246,7 +246,9 @@ def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
 
 
 def verify_result_text(result: VerifyResult) -> str:
-    """The verify result for a person."""
+    """The verify result for a person. Identities, the broken point, findings and notes
+    come from the trail's own frames and anchor files (which whoever can write the audit
+    directory forges): each is ``safe``, one line, never a terminal action."""
     lines = [f"{'OK' if result.ok else 'BROKEN'}: {result.records} records, {result.frames} "
              f"frames, {result.segments} segments"]
     if result.head_seq is not None and result.head_digest is not None:
@@ -254,7 +256,7 @@ def verify_result_text(result: VerifyResult) -> str:
     if result.identities:
         label = "identity" if len(result.identities) == 1 else "identities"
         signed = "" if result.assurance == "signature" else " (not proven without --pubkey)"
-        lines.append(f"{label}: {', '.join(result.identities)}{signed}")
+        lines.append(f"{label}: {', '.join(map(safe, result.identities))}{signed}")
     if result.assurance == "signature":
         through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
         lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
@@ -262,9 +264,9 @@ def verify_result_text(result: VerifyResult) -> str:
     if result.anchors_matched:
         lines.append(f"anchors: {result.anchors_matched} matched")
     if result.broken is not None:
-        lines.append(f"first broken: {result.broken}")
-    lines.extend(str(f) for f in result.findings)
-    lines.extend(f"note: {note}" for note in result.notes)
+        lines.append(f"first broken: {safe(result.broken)}")
+    lines.extend(safe(f) for f in result.findings)
+    lines.extend(f"note: {safe(note)}" for note in result.notes)
     return "\n".join(lines)
 
 
@@ -320,6 +322,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if os.path.exists(args.output) and os.listdir(args.output):
             print(f"error: {args.output} is not empty", file=sys.stderr)
             return 2
+        if os.path.isdir(args.output) and os.stat(args.output).st_mode & 0o002:
+            print(f"warning: {args.output} is world-writable: anyone could change the rebuilt "
+                  "segments before they are verified", file=sys.stderr)
         for path in args.files:
             read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
             with open(path, encoding="utf-8", errors="replace") as fh:
@@ -374,7 +379,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 row = s.record.as_dict()
                 if row["extra"] is not None:
                     row["extra"] = _json_line(row["extra"])
-                writer.writerow((s.seq, *("" if row[n] is None else row[n] for n in FIELD_NAMES)))
+                writer.writerow((s.seq, *("" if row[n] is None else csv_cell(row[n])
+                                          for n in FIELD_NAMES)))
         else:
             for n, s in enumerate(stored, 1):
                 progress.update(n, "records")
@@ -402,7 +408,7 @@ class _MalformedReport:
 
     def __call__(self, what: str) -> None:
         self.count += 1
-        print(f"error: skipped {what}", file=sys.stderr, flush=True)
+        print(f"error: skipped {safe(what)}", file=sys.stderr, flush=True)
 
     def unreadable(self, segment: str, exc: Exception) -> None:
         """A segment that is not a regular file, cannot be read or is damaged (tail)."""
@@ -526,10 +532,6 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 2
     filters, decryptor = opened
     count = max(0, min(int(args.lines), MAX_TAIL_LINES))
-    if not math.isfinite(args.interval) or args.interval <= 0:
-        print(f"error: --interval must be a positive number of seconds, not {args.interval}",
-              file=sys.stderr)
-        return 2
     interval = min(max(float(args.interval), MIN_POLL), MAX_POLL)
     out = sys.stdout
     malformed = _MalformedReport()

@@ -615,13 +615,36 @@ def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:
     return collector.messages
 
 
+# Modes of what holds a trail, whatever the umask: the writer's segments are 0640 (owner
+# writes, the group -- an auditor, a shipper -- reads, others nothing); their directory
+# 0750 (a umask of 000 made it world-writable: anyone could add, remove or rename segments).
+AUDIT_DIR_MODE = 0o750
+SEGMENT_FILE_MODE = 0o640
+
+
+def make_audit_directory(path: str) -> bool:
+    """Create the audit directory ``path`` (with its missing parents) ``AUDIT_DIR_MODE``;
+    an existing one is left as it is. True when it already existed and is world-writable
+    (the caller warns: it is not ours to change)."""
+    try:
+        os.makedirs(path, mode=AUDIT_DIR_MODE)
+    except FileExistsError:
+        try:
+            return bool(os.stat(path).st_mode & 0o002)
+        except OSError:
+            return False
+    os.chmod(path, AUDIT_DIR_MODE)  # makedirs' mode went through the umask
+    return False
+
+
 def write_segments(frames: dict[int, bytes], directory: str) -> int:
     """Segment files rebuilt from shipped frames (a new file at every header frame), for
-    ``verify``; returns how many files were written. Missing seqs stay missing."""
+    ``verify``; returns how many files were written. Missing seqs stay missing. The files
+    are ``SEGMENT_FILE_MODE`` and a directory made here ``AUDIT_DIR_MODE``, as the writer's."""
     from sidecar.audit.chain import LENGTH, decode_frame
     from sidecar.audit.segments import segment_name
 
-    os.makedirs(directory, exist_ok=True)
+    make_audit_directory(directory)  # an existing one: ``audit collect`` warns
     files = 0
     out: bytearray | None = None
     name = ""
@@ -629,7 +652,10 @@ def write_segments(frames: dict[int, bytes], directory: str) -> int:
     def flush() -> None:
         nonlocal files
         if out is not None:
-            with open(os.path.join(directory, name), "xb") as fh:
+            fd = os.open(os.path.join(directory, name),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SEGMENT_FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fd, SEGMENT_FILE_MODE)  # the umask cannot widen or narrow it
                 fh.write(out)
             files += 1
 

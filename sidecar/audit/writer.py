@@ -74,6 +74,7 @@ from sidecar.audit.segments import find_resume_point, list_segments, segment_nam
 from sidecar.audit.ship import (
     frame_messages,
     hostname,
+    make_audit_directory,
     message_prefix,
     record_text,
     row_text,
@@ -1018,7 +1019,8 @@ class AuditWriter:
         return linger if due is None else min(linger, due)
 
     def _first_open(self) -> None:
-        os.makedirs(self.config.path, exist_ok=True)  # only at first start, see docs
+        if make_audit_directory(self.config.path):  # only at first start, see docs
+            log("audit_directory_world_writable", "warning", path=self.config.path)
         self._sink.ensure_open()
 
     async def _probe_until_open(self) -> None:

@@ -625,6 +625,17 @@ def read_regular(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
+def read_whole(path: str, limit: int) -> bytes:
+    """The whole regular file ``path`` (``read_regular``), which must hold at most ``limit``
+    bytes; ``OSError`` (``EFBIG``, "larger than N bytes") when it holds more. For files a
+    command line names (``cert inspect``, ``inject -f``, ``webhook --cert/--key``, ``cert
+    issue --ca``)."""
+    data = read_regular(path, limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+    return data
+
+
 def read_capped(path: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
     """Up to ``limit + 1`` bytes of a regular file (one more than allowed, so that the caller
     can tell "too large" from "exactly the limit"); unreadable -- missing, not permitted, a

@@ -12,7 +12,9 @@ at a time (two URI SANs, a CA flag, no digitalSignature, expired, DNS-only SAN).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar.config.source import read_whole
 from sidecar.identity.spiffe import parse_spiffe_id
 
 KeyType = Literal["ec256", "rsa2048"]
@@ -29,6 +32,7 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+CA_FILE_BYTES = 1024 * 1024  # the most `cert issue --ca` reads of ca.crt or ca.key
 # The file names cert-manager's csi-driver-spiffe writes into the pod.
 SVID_CERT_FILE = "tls.crt"
 SVID_KEY_FILE = "tls.key"
@@ -87,22 +91,67 @@ def _utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new 0600 file (created with that mode; never world-readable)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _open_key_directory(d: Path) -> int:
+    """A descriptor of the directory ``d`` that key files are written into. A new one is
+    created 0700 (its missing parents as the umask says). An existing one is refused
+    (``OSError`` saying why) when it is a symbolic link, is owned by another user than the
+    effective uid, or is writable by its group or others: whoever made it could read the
+    key, or plant a link where it is written (``/tmp/devca`` made first by someone else)."""
+    created = False
+    d.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
+        os.mkdir(d, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(d):
+            raise OSError(errno.ELOOP, "is a symbolic link: refusing to write a private key "
+                          "through it", str(d)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if created:
+            os.fchmod(fd, 0o700)  # mkdir's mode went through the umask
+        elif st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"the directory belongs to uid {st.st_uid}, not to this "
+                          f"user (uid {os.geteuid()}): refusing to write a private key into "
+                          "it", str(d))
+        elif st.st_mode & 0o022:
+            raise OSError(errno.EPERM, f"the directory is writable by its group or others "
+                          f"(mode {st.st_mode & 0o7777:04o}): refusing to write a private key "
+                          "into it", str(d))
+    except BaseException:
         os.close(fd)
-    os.replace(tmp, path)
+        raise
+    return fd
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_files(d: Path, files: list[tuple[str, bytes, int]]) -> None:
+    """Write each ``(name, data, mode)`` into the directory ``d`` (``_open_key_directory``):
+    a new file of that mode under a random name (``O_EXCL|O_NOFOLLOW``: never through a
+    link), then renamed over ``name``, all relative to the directory's descriptor."""
+    dir_fd = _open_key_directory(d)
+    try:
+        for name, data, mode in files:
+            tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    os.fchmod(fh.fileno(), mode)
+                    fh.write(data)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                raise
+    finally:
+        os.close(dir_fd)
 
 
 @dataclass(frozen=True)
@@ -188,8 +237,10 @@ class DevCA:
     def load(cls, directory: str | os.PathLike[str]) -> DevCA:
         """Load a root CA written by ``save`` (``ca.crt`` + ``ca.key``)."""
         d = Path(directory)
-        cert = x509.load_pem_x509_certificate((d / CA_CERT_FILE).read_bytes())
-        key = serialization.load_pem_private_key((d / CA_KEY_FILE).read_bytes(), password=None)
+        # Regular files of at most 1 MiB: a FIFO or /dev/zero named by --ca is refused.
+        cert = x509.load_pem_x509_certificate(read_whole(str(d / CA_CERT_FILE), CA_FILE_BYTES))
+        key = serialization.load_pem_private_key(read_whole(str(d / CA_KEY_FILE), CA_FILE_BYTES),
+                                                 password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise ValueError(f"{d / CA_KEY_FILE}: unsupported key type")
         uris = _uri_sans(cert)
@@ -201,11 +252,11 @@ class DevCA:
         return cls(trust_domain=td, cert=cert, key=key, root=cert)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write ``ca.crt`` and ``ca.key`` (0600) into ``directory`` (created 0700 if new)."""
-        d = Path(directory)
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_public(d / CA_CERT_FILE, self.cert_pem)
-        _write_private(d / CA_KEY_FILE, _key_pem(self.key))
+        """Write ``ca.crt`` and ``ca.key`` (0600) into ``directory`` (created 0700 if new;
+        an existing one must be the user's own and not group/world-writable:
+        ``_open_key_directory``)."""
+        _write_files(Path(directory), [(CA_CERT_FILE, self.cert_pem, 0o644),
+                                       (CA_KEY_FILE, _key_pem(self.key), 0o600)])
 
     def issue(
         self,
@@ -332,8 +383,7 @@ def write_svid(issued: IssuedCert, ca: DevCA, out_dir: str | os.PathLike[str]) -
     stand in for the CSI volume. Returns the directory.
     """
     d = Path(out_dir)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_private(d / SVID_KEY_FILE, issued.key_pem)
-    _write_public(d / SVID_CERT_FILE, issued.chain_pem)
-    _write_public(d / SVID_BUNDLE_FILE, ca.bundle_pem)
+    _write_files(d, [(SVID_KEY_FILE, issued.key_pem, 0o600),
+                     (SVID_CERT_FILE, issued.chain_pem, 0o644),
+                     (SVID_BUNDLE_FILE, ca.bundle_pem, 0o644)])
     return d

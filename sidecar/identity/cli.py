@@ -22,10 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from sidecar.config.source import read_whole
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.spiffe import parse_spiffe_id
-from sidecar.identity.svid import SvidError, validate_svid_leaf
-from sidecar.output import add_output_flag, emit
+from sidecar.identity.svid import MAX_FILE_BYTES, SvidError, validate_svid_leaf
+from sidecar.output import add_output_flag, emit, safe
 
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -73,7 +74,9 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         return _fail(f"--spiffe-id: {exc}")
     try:
         ca = DevCA.load(args.ca)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        return _fail(f"--ca {args.ca}: cannot load the CA: {exc.filename}: {exc.strerror or exc}")
+    except ValueError as exc:
         return _fail(f"--ca {args.ca}: cannot load the CA: {exc}")
     if spiffe_id.trust_domain != ca.trust_domain:
         return _fail(
@@ -83,7 +86,9 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
         issued = ca.issue(str(spiffe_id), args.ttl, key_type=args.key_type)
         validate_svid_leaf(issued.cert)
         out = write_svid(issued, ca, args.out)
-    except (OSError, SvidError, ValueError) as exc:
+    except OSError as exc:
+        return _fail(f"{args.out}: {exc.strerror or exc}")
+    except (SvidError, ValueError) as exc:
         return _fail(f"{args.out}: {exc}")
     print(f"{spiffe_id}: wrote {out}/tls.crt, {out}/tls.key and {out}/ca.crt")
     return 0
@@ -192,7 +197,7 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
     """
     stream = out or sys.stdout
     try:
-        data = Path(args.file).read_bytes()
+        data = read_whole(args.file, MAX_FILE_BYTES)  # a FIFO or /dev/zero: refused at once
         certs = x509.load_pem_x509_certificates(data)
     except OSError as exc:
         return _fail(f"{args.file}: {exc.strerror or exc}")
@@ -204,10 +209,11 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
                "not_after": c.not_valid_after_utc.isoformat()} for c in certs[1:]]
 
     def table() -> str:
+        # Subject, issuer, SAN and the SVID check's message come from the file: ``safe``.
         width = max(len(label) for label, _ in rows)
-        lines = [f"{label + ':':<{width + 1}} {value}" for label, value in rows]
-        lines += [f"certificate {i}: {c['subject']} (issuer {c['issuer']}, not after"
-                  f" {c['not_after']})" for i, c in enumerate(others, start=2)]
+        lines = [f"{label + ':':<{width + 1}} {safe(value)}" for label, value in rows]
+        lines += [f"certificate {i}: {safe(c['subject'])} (issuer {safe(c['issuer'])}, not "
+                  f"after {c['not_after']})" for i, c in enumerate(others, start=2)]
         return "\n".join(lines)
 
     emit(args, certificate_document(args.file, certs[0], rows, others), table, stream)

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from sidecar.config.source import refuse_hidden_characters
+from sidecar.config.source import MAX_DOCUMENT_BYTES, read_whole, refuse_hidden_characters
 from sidecar.errors import ConfigError
 from sidecar.jsondoc import deeper_than
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH
@@ -28,14 +28,16 @@ from sidecar.k8s.flags import (
 )
 from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
-from sidecar.output import dump_yaml
+from sidecar.output import dump_yaml, safe
 
 
 def _read(path: str, stdin: TextIO) -> str:
+    """The manifests: stdin for ``-``, else the regular file ``path`` of at most
+    ``MAX_DOCUMENT_BYTES`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
     if path == "-":
         return stdin.read()
-    with open(path, encoding="utf-8", newline="") as f:  # line ends as written: a lone CR
-        return f.read()                                 # is refused, not made a LF
+    # (bytes decoded as they are: line ends as written, a lone CR refused, not made a LF)
+    return read_whole(path, MAX_DOCUMENT_BYTES).decode("utf-8")
 
 
 def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
@@ -51,7 +53,8 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         refuse_hidden_characters(text, args.file)
         docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except (OSError, UnicodeDecodeError) as exc:
-        print(f"sidecar inject: cannot read {args.file}: {exc}", file=stderr)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"sidecar inject: cannot read {args.file}: {why}", file=stderr)
         return 2
     except ConfigError as exc:
         for problem in exc.problems:
@@ -77,8 +80,9 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         except InjectError as exc:
             meta = doc.get("metadata") if isinstance(doc, dict) else None
             name = meta.get("name", "?") if isinstance(meta, dict) else "?"
-            print(f"sidecar inject: {args.file}: document {index + 1} ({name}): "
-                  f"admission rule {exc.rule}: {exc}", file=stderr)
+            # The tenant wrote the name (and the values the message quotes): ``safe``.
+            print(f"sidecar inject: {safe(args.file)}: document {index + 1} ({safe(name)}): "
+                  f"admission rule {exc.rule}: {safe(exc)}", file=stderr)
             return 1
         out.append(new_doc)
         injected += count

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from sidecar.cli import seconds
 from sidecar.k8s.inject import InjectOptions
 
 _DEFAULTS = InjectOptions()
@@ -81,13 +82,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``webhook`` flags (also used by ``python -m sidecar.k8s.webhook``)."""
     parser.add_argument("--listen", default="0.0.0.0:8443", metavar="ADDR",
@@ -96,12 +90,12 @@ def add_webhook_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serving certificate chain (PEM), e.g. /tls/tls.crt")
     parser.add_argument("--key", required=True, metavar="FILE",
                         help="serving private key (PEM), e.g. /tls/tls.key")
-    parser.add_argument("--reload-interval", type=float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--reload-interval", type=seconds, default=5.0, metavar="SECONDS",
                         help="how often to check the certificate files for rotation "
                              "(default 5)")
     parser.add_argument("--max-connections-per-source", type=_positive_int, default=64,
                         metavar="N", help="connections one source address may hold open; "
                                           "more are closed at once (default 64)")
-    parser.add_argument("--idle-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+    parser.add_argument("--idle-timeout", type=seconds, default=5.0, metavar="SECONDS",
                         help="close a keep-alive connection idle this long (default 5)")
     add_injection_arguments(parser)

@@ -50,9 +50,11 @@ from typing import Any
 import trio
 from cryptography import x509
 
+from sidecar.config.source import read_whole
 from sidecar.ctlhttp.reply import JSON, Reply
 from sidecar.ctlhttp.server import BodyTooLarge, Handler, Request, ServerLimits, serve
-from sidecar.identity.tls import server_only_fresh_sessions
+from sidecar.identity.svid import MAX_FILE_BYTES as MAX_PEM_FILE_BYTES
+from sidecar.identity.tls import memory_files, server_only_fresh_sessions
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
@@ -120,13 +122,14 @@ class CertificateLoadError(Exception):
     """The webhook's certificate/key files could not be turned into a server context."""
 
 
-def _server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+def _server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
     server_only_fresh_sessions(ctx)  # no session cache to fill (sidecar/identity/tls.py)
-    ctx.load_cert_chain(cert_path, key_path)
+    with memory_files(cert_pem, key_pem) as (cert_path, key_path):
+        ctx.load_cert_chain(cert_path, key_path)  # the bytes read (OpenSSL opens no file)
     return ctx
 
 
@@ -164,19 +167,19 @@ class ServingCertificate:
         assert self._context is not None  # set by __init__ or it raised
         return self._context
 
-    def _read_digest(self) -> tuple[bytes, bytes]:
-        with open(self.cert_path, "rb") as f:
-            cert = f.read()
-        with open(self.key_path, "rb") as f:
-            key = f.read()
-        return hashlib.sha256(cert + b"\0" + key).digest(), cert
+    def _read_digest(self) -> tuple[bytes, bytes, bytes]:
+        """(digest of both, certificate PEM, key PEM): regular files of at most 1 MiB each,
+        a FIFO or ``/dev/zero`` refused at once (``read_whole``)."""
+        cert = read_whole(self.cert_path, MAX_PEM_FILE_BYTES)
+        key = read_whole(self.key_path, MAX_PEM_FILE_BYTES)
+        return hashlib.sha256(cert + b"\0" + key).digest(), cert, key
 
     def load(self, now: float) -> _LoadedPair:
         """Read and check the pair and build its context; ``CertificateLoadError`` if it is
         unreadable, mismatched, expired or not valid yet. Changes nothing (the watcher
         calls it in a thread and swaps the result in with ``_apply``)."""
         try:
-            digest, cert_pem = self._read_digest()
+            _, cert_pem, key_pem = self._read_digest()
             leaf = x509.load_pem_x509_certificate(cert_pem)
             not_after = leaf.not_valid_after_utc.timestamp()
             if not_after <= now:
@@ -185,14 +188,15 @@ class ServingCertificate:
                     f"{leaf.not_valid_after_utc.isoformat()}")
             if leaf.not_valid_before_utc.timestamp() > now + 300:
                 raise CertificateLoadError(f"certificate {self.cert_path} is not valid yet")
-            ctx = _server_context(self.cert_path, self.key_path)
-            # The files may have moved on while OpenSSL read them; only trust a pair that
-            # was stable across the whole load (else retry on the next poll).
-            if self._read_digest()[0] != digest:
-                raise CertificateLoadError("certificate files changed while loading")
+            # Built from the very bytes checked above: a file changing meanwhile cannot
+            # give OpenSSL another pair than the one checked.
+            ctx = _server_context(cert_pem, key_pem)
         except CertificateLoadError:
             raise
-        except (OSError, ValueError, ssl.SSLError) as exc:
+        except OSError as exc:
+            raise CertificateLoadError(f"{exc.filename}: {exc.strerror}" if exc.filename
+                                       and exc.strerror else str(exc)) from exc
+        except (ValueError, ssl.SSLError) as exc:
             raise CertificateLoadError(str(exc) or type(exc).__name__) from exc
         return _LoadedPair(ctx, not_after, leaf.not_valid_after_utc.isoformat())
 
