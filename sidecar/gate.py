@@ -68,6 +68,7 @@ from sidecar.policy.decision import (
     AuthFacts,
     Decision,
     RequestFacts,
+    decided_claims,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
@@ -234,7 +235,7 @@ class Gate:
         if introspector is None or authn is None or policy is None:
             return
         section = policy.section(self.own_id)
-        if section is None or section.providers.isdisjoint(authn.introspection_providers):
+        if section is None or authn.introspection_providers.isdisjoint(section.providers):
             return
         from sidecar.policy.compiled import request_holds
 
@@ -317,10 +318,11 @@ class Gate:
         if decision.allowed:
             if limiter is not None and not decision.dry_run and limiter.limits:
                 check = limiter.check(self.own_id, facts.peer, auth.apikey,
-                                           _subject(auth), now)
+                                           _subject(auth, decision.provider), now)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
-                                                REASON_RATE_LIMITED, decision.version, status=429)
+                                                REASON_RATE_LIMITED, decision.version, status=429,
+                                                provider=decision.provider)
                     verdict.response_headers = [
                         (b"retry-after", str(max(1, check.retry_after)).encode())]
                     return verdict
@@ -501,9 +503,13 @@ class Gate:
         return getattr(self.policies.policy, "version", None) or "none"
 
 
-def _subject(auth: AuthFacts) -> str | None:
-    for claims in auth.claims.values():
-        sub = claims.get("sub")
-        if isinstance(sub, str):
-            return sub
-    return None
+def _subject(auth: AuthFacts, provider: str | None) -> str | None:
+    """The per-subject rate limit's key: the ``sub`` of the token the deciding rule's
+    provider verified (``decided_claims``: the same claims the audit record names), never
+    that of another token the request also carried -- which let a caller choose whose limit
+    to use (found by a hostile review)."""
+    if not auth.claims:
+        return None
+    claims = decided_claims(auth, provider)
+    sub = None if claims is None else claims.get("sub")
+    return sub if isinstance(sub, str) else None
