@@ -78,6 +78,8 @@ from sidecar.authn.oauth import (
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
     UNBOUND_TOKEN,
+    Answers,
+    CachedIntrospection,
     IntrospectionCache,
     check_binding,
     opaque_token_ok,
@@ -338,15 +340,22 @@ class Authenticator:
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                      now: float, *, peer_x5t: str | None = None,
                      audience: str | None = None,
-                     memo: CredentialMemo | None = None) -> AuthFacts:
+                     memo: CredentialMemo | None = None,
+                     introspected: Answers | None = None) -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
         ``peer_x5t`` is the RFC 8705 thumbprint of the caller's certificate (computed once
         per connection), for certificate-bound tokens. ``audience`` is the receiving
         service's default audience, for providers that list no ``audiences``. ``memo`` is
-        the connection's ``CredentialMemo`` (see the module docstring).
+        the connection's ``CredentialMemo`` (see the module docstring). ``introspected``:
+        the introspection answers asked for this very request (``Introspector.prepare``),
+        read before the cache (an entry gone from it since does not make "not asked").
         """
+        if introspected:
+            # (never with the memo: it keeps nothing for introspected providers)
+            return self._authenticate(providers, headers, query, now, peer_x5t, audience,
+                                      None, introspected)
         if memo is not None:
             if (memo.generation == self.generation and memo.providers is providers
                     and memo.audience == audience and memo.x5t == peer_x5t):
@@ -414,7 +423,8 @@ class Authenticator:
 
     def _authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                       now: float, peer_x5t: str | None, audience: str | None,
-                      tokens: list[CachedToken] | None) -> AuthFacts:
+                      tokens: list[CachedToken] | None,
+                      answers: Answers | None = None) -> AuthFacts:
         """``authenticate``'s whole path; the cache entries of verified tokens go to
         ``tokens`` when given."""
         claims: dict[str, Claims] = {}
@@ -444,7 +454,7 @@ class Authenticator:
                 if found is not None:
                     token = found.token
                 if found is not None and provider.introspection is not None:
-                    answer = self._introspected_claims(provider, found.token, now)
+                    answer = self._introspected_claims(provider, found.token, now, answers)
                     if answer is None:
                         # Not asked about for this request (no rule here needs it): the
                         # token is not judged, neither accepted nor refused.
@@ -543,17 +553,23 @@ class Authenticator:
             self._kidless_cached.add(provider.name)  # (a miss only: parsed once more)
         return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
-    def _introspected_claims(self, provider: JwtProvider, token: str,
-                             now: float) -> Claims | None:
-        # The introspector (I/O, before the decision, see sidecar/introspect.py) put the answer in
-        # the cache, or an "unavailable" entry when asking failed: fail closed. No entry:
-        # it did not ask, because no rule that could match this request names the provider.
+    def _introspected_claims(self, provider: JwtProvider, token: str, now: float,
+                             answers: Answers | None = None) -> Claims | None:
+        # The introspector (I/O, before the decision, see sidecar/introspect.py) handed over
+        # this request's answer (``answers``) -- else (a stream judged again) the cache has
+        # it --, or an "unavailable" one when asking failed: fail closed. No answer: it did
+        # not ask, because no rule that could match this request names the provider.
         if len(token) > provider.max_token_bytes:
             raise TokenInvalid(TOO_LARGE)
         if not opaque_token_ok(token):
             # Not a bearer token (RFC 6750 2.1): never asked about, refused on every route.
             raise TokenInvalid(MALFORMED, "not a b64token")
-        entry = self.introspected.lookup(provider.name, token_digest(token), now)
+        digest = token_digest(token)
+        given = answers.get(provider.name) if answers else None
+        if given is not None and given[0] == digest:
+            entry: CachedIntrospection | None = given[1]
+        else:
+            entry = self.introspected.lookup(provider.name, digest, now)
         if entry is None:
             return None
         if entry.unavailable:

@@ -343,11 +343,17 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
     if "ca" in m:
         kw["ca"] = r.file(m["ca"], path + ("ca",), optional=False, base_dir=base_dir)
         ok = ok and kw["ca"] is not None
+    # Each must be more than 0: a cache_ttl of 0 turned every active answer into
+    # "inactive", a negative_ttl of 0 let a revoked token count as "not asked about", and a
+    # timeout of 0 makes every call fail (found by a hostile review).
     for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
                             ("negative_ttl", "negative_ttl_seconds"),
                             ("timeout", "timeout_seconds")):
         if key in m:
             d = r.duration(m[key], path + (key,))
+            if d == 0:
+                r.problem(path + (key,), "must be more than 0")
+                d = None
             ok = ok and d is not None
             kw[field_name] = d
     if "max_concurrent" in m:
