@@ -27,9 +27,9 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-import yaml
 
 from tests import harness as h
+from tests.orders_mesh import OrdersMesh, orders_mesh
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -99,56 +99,45 @@ def _rule(name: str, paths: list[str], provider: str | None = None,
     return {"name": name, "allow": allow}
 
 
-@dataclass
-class Env:
-    sidecar: h.SidecarProc
-    server: AuthServer
-    ctx: Any
-
-    def get(self, path: str, headers: dict[str, str]) -> h.Response:
-        return h.http(self.sidecar.port("inbound"), "GET", path, headers=headers, ctx=self.ctx)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("introspection-answers")
-    pki = h.Pki(tmp / "pki")
     server = AuthServer(tmp / "as")
-    started: list[h.Proc] = []
+    policy = {
+        "version": 1, "trust_domain": "demo.local",
+        "jwt_providers": {
+            # "first" is asked first on /mix/** (its rule comes first); "second" reads
+            # another header and its server answers slowly.
+            "first": _provider(server, negative_ttl=SHORT_TTL, cache_ttl=SHORT_TTL),
+            "second": _provider(server, "x-second-token"),
+            "plain": _provider(server),
+        },
+        "services": {h.spiffe("orders"): {"rules": [
+            _rule("mix-first", ["/mix/**"], "first"),
+            # (never allows: a token of "second" is asked about, verified, and not enough)
+            _rule("mix-second", ["/mix/**"], "second", sub={"one_of": ["nobody"]}),
+            _rule("mix-public", ["/mix/public/**"]),
+            _rule("plain", ["/plain/**"], "plain"),
+        ]}},
+    }
     try:
-        app_proc, app_port = h.start_app(tmp)
-        started.append(app_proc)
-        pdir = tmp / "policy"
-        pdir.mkdir()
-        (pdir / "secret").write_text("s3cret\n")
-        policy = {
-            "version": 1, "trust_domain": "demo.local",
-            "jwt_providers": {
-                # "first" is asked first on /mix/** (its rule comes first); "second" reads
-                # another header and its server answers slowly.
-                "first": _provider(server, negative_ttl=SHORT_TTL, cache_ttl=SHORT_TTL),
-                "second": _provider(server, "x-second-token"),
-                "plain": _provider(server),
-            },
-            "services": {h.spiffe("orders"): {"rules": [
-                _rule("mix-first", ["/mix/**"], "first"),
-                # (never allows: a token of "second" is asked about, verified, and not enough)
-                _rule("mix-second", ["/mix/**"], "second", sub={"one_of": ["nobody"]}),
-                _rule("mix-public", ["/mix/public/**"]),
-                _rule("plain", ["/plain/**"], "plain"),
-            ]}},
-        }
-        (pdir / "mesh.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
-        cfg = h.sidecar_config(pki.identity("orders"), inbound={
-            "listen": f"127.0.0.1:{h.free_port()}", "app": f"127.0.0.1:{app_port}"},
-            policy=str(pdir / "mesh.yaml"))
-        sidecar = h.start_sidecar(tmp, "orders", cfg)
-        started.append(sidecar)
-        yield Env(sidecar, server, h.mtls_context(pki.identity("frontend"), pki.bundle))
+        with orders_mesh(tmp, policy, {"secret": "s3cret\n"}) as mesh:
+            yield Env(mesh, server)
     finally:
-        for proc in reversed(started):
-            proc.stop(timeout=10)
         server.close()
+
+
+@dataclass
+class Env:
+    mesh: OrdersMesh
+    server: AuthServer
+
+    def get(self, path: str, headers: dict[str, str]) -> h.Response:
+        return self.mesh.get(path, headers)
+
+    @property
+    def sidecar(self) -> h.SidecarProc:
+        return self.mesh.sidecar
 
 
 # (the first provider's token, the route): the answer for it expired from the cache while

@@ -47,7 +47,16 @@ from sidecar.authn.cache import (
     CachedToken,
     VerificationCache,
 )
-from sidecar.authn.extract import extract_tokens, header_name, remove_token
+from sidecar.authn.extract import (
+    AUTHORIZATION,
+    Guards,
+    extract_tokens,
+    guard_tokens,
+    guards_for,
+    header_name,
+    query_may_hold,
+    remove_token,
+)
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
     BAD_AUDIENCE,
@@ -57,12 +66,14 @@ from sidecar.authn.jwt import (
     LIFETIME_TOO_LONG,
     MALFORMED,
     MISSING_CLAIM,
+    MULTIPLE_TOKENS,
     NO_KEYS,
     NOT_YET_VALID,
     REVOKED,
     TOO_LARGE,
     UNKNOWN_KID,
     UNKNOWN_PROVIDER,
+    UNREAD_LOCATION,
     Claims,
     TokenInvalid,
     check_audience,
@@ -200,6 +211,10 @@ class Authenticator:
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
         self._scoped: dict[tuple[str, str], JwtProvider] = {}
+        # The RFC 6750 places the last ``providers`` asked about leave unread (the data
+        # path passes one section's tuple: kept for it, looked up by identity).
+        self._guards_of: object = None
+        self._guards: Guards | None = None
         self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
@@ -249,6 +264,7 @@ class Authenticator:
                 self._fetched_at.pop(name, None)
         self._providers = new
         self._scoped = {}
+        self._guards_of = None
         self.introspection_providers = frozenset(
             name for name, p in new.items() if p.introspection is not None)
         self._revocations = RevocationList(extras.revocations)
@@ -360,7 +376,8 @@ class Authenticator:
             if (memo.generation == self.generation and memo.providers is providers
                     and memo.audience == audience and memo.x5t == peer_x5t):
                 names = memo.names
-                if names is not None:
+                if names is not None and not (query and memo.guard_query
+                                              and query_may_hold(query)):
                     seen = []
                     for h in headers:
                         if h[0] in names:
@@ -378,6 +395,10 @@ class Authenticator:
                 memo.audience = audience
                 memo.x5t = peer_x5t
                 memo.names = self._memo_names(providers)
+                guards = self._guards_for(providers)
+                memo.guard_query = guards is not None and guards.query
+                if guards is not None and guards.authorization and memo.names is not None:
+                    memo.names = memo.names | {AUTHORIZATION}
             memo.expires_at = NOT_KEPT  # nothing kept until this request verified
             if memo.names is not None:
                 return self._authenticate_into(memo, providers, headers, query, now,
@@ -440,6 +461,11 @@ class Authenticator:
         # requests have neither.)
         refused: list[tuple[str | None, bool]] | None = None
         unjudged: list[str] | None = None
+        guards = self._guards_for(providers)
+        # Tokens in RFC 6750 places no provider here reads (extract.Guards): never accepted,
+        # but a provider that finds none of its own is refused (unread_location), one that
+        # finds another token has two (multiple_tokens).
+        unread = guard_tokens(guards, headers, query) if guards is not None else None
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -453,6 +479,12 @@ class Authenticator:
                 found = extract_tokens(provider, headers, query)
                 if found is not None:
                     token = found.token
+                if unread:
+                    if found is None:
+                        token = unread[0]
+                        raise TokenInvalid(UNREAD_LOCATION)
+                    if any(t != token for t in unread):
+                        raise TokenInvalid(MULTIPLE_TOKENS, "another token in an unread place")
                 if found is not None and provider.introspection is not None:
                     answer = self._introspected_claims(provider, found.token, now, answers)
                     if answer is None:
@@ -512,6 +544,14 @@ class Authenticator:
         return new_auth_facts((claims, errors, apikey, subjects,
                                None if key is None else (*key, apikey), tuple(held),
                                unaccepted))
+
+    def _guards_for(self, providers: Iterable[str]) -> Guards | None:
+        """The RFC 6750 places none of ``providers`` reads (``extract.guards_for``)."""
+        if providers is not self._guards_of:
+            self._guards = guards_for(p for n in providers
+                                      if (p := self._providers.get(n)) is not None)
+            self._guards_of = providers
+        return self._guards
 
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
