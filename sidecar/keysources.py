@@ -30,6 +30,7 @@ from sidecar.reload import FileWatcher
 
 if TYPE_CHECKING:
     from sidecar.authn.authenticator import Authenticator
+    from sidecar.authn.jwks import KeySet
     from sidecar.metrics import SidecarMetrics
 
 
@@ -98,6 +99,14 @@ class KeySources:
             logs.log("jwks_file_invalid", "error", provider=prov.name, path=prov.jwks_file,
                      error=str(exc))
             return
+        self._apply_file(prov, keys)
+
+    def _apply_file(self, prov: JwtProvider, keys: KeySet) -> None:
+        """Swap in a key set read from ``prov``'s ``jwks_file``; each key it skipped is
+        logged (``jwks_key_skipped``, as for a fetched set: a file's were not logged)."""
+        for note in keys.skipped:
+            logs.log("jwks_key_skipped", "warning", provider=prov.name, path=prov.jwks_file,
+                     detail=note)
         self.authenticator.set_keys(prov.name, keys, time.time())
 
     async def _run_source(self, prov: JwtProvider, scope: trio.CancelScope) -> None:
@@ -120,7 +129,7 @@ class KeySources:
             watcher = FileWatcher(
                 f"jwks:{prov.name}", [path],
                 load=lambda: load_jwks_file(path),
-                apply=lambda keys: self.authenticator.set_keys(prov.name, keys, time.time()),
+                apply=lambda keys: self._apply_file(prov, keys),
                 on_error=lambda exc: logs.log("jwks_file_reload_failed", "error",
                                               provider=prov.name, error=str(exc)),
                 interval=2.0)

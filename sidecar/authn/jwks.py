@@ -85,6 +85,18 @@ EC_CURVE_FOR_ALG: Mapping[str, str] = MappingProxyType(
     {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 )
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+# The key kinds the product verifies with, by ``kty`` -> the ``crv`` values it supports (None:
+# the type has no curve). Decided from the JWK's own members *before* PyJWT parses it: any
+# other kind (X25519/X448, secp256k1, brainpool, an unknown ``kty``...) is skipped and logged
+# (``jwks_key_skipped``), and only a key of a supported kind that does not load is fatal for
+# the set. Before (found by a hostile review), PyJWT's refusal of a curve it does not know
+# ("Invalid curve") was read as a broken key: one X25519 key in an IdP's set made every
+# later rotation of that set refused, so the removed key stayed trusted.
+SUPPORTED_KEYS: Mapping[str, frozenset[str] | None] = MappingProxyType({
+    "RSA": None,
+    "EC": frozenset(EC_CURVE_FOR_ALG.values()),
+    "OKP": frozenset({"Ed25519", "Ed448"}),
+})
 
 
 @cache
@@ -212,9 +224,13 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     alg = raw.get("alg")
     if alg is not None and alg not in ALGORITHM_FAMILY:
         return f"{label}: algorithm {alg!r} is not supported"
-    parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}.get(str(kty))
-    if parser_name is None:
+    if not isinstance(kty, str) or kty not in SUPPORTED_KEYS:
         return f"{label}: key type {kty!r} is not supported"
+    curves = SUPPORTED_KEYS[kty]
+    if curves is not None and "crv" in raw and raw["crv"] not in curves:
+        # (a missing crv is a broken key of a supported type: PyJWT refuses it, fatal)
+        return f"{label}: curve {raw['crv']!r} is not supported"
+    parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}[kty]
     from jwt.exceptions import InvalidKeyError
 
     try:
