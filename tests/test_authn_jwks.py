@@ -41,8 +41,9 @@ def test_oct_keys_are_never_used() -> None:
     oct_key = {"kty": "oct", "kid": "h", "k": "c2VjcmV0"}
     keys = parse_jwks(jwks_bytes(oct_key, jwk(ec_key(), "e")), "t")
     assert "h" not in keys.by_kid and any("oct" in s for s in keys.skipped)
-    with pytest.raises(ConfigError, match="no usable signature key"):
-        parse_jwks(jwks_bytes(oct_key), "t")
+    # A set of nothing usable is a withdrawal, applied (the provider has no keys).
+    only_oct = parse_jwks(jwks_bytes(oct_key), "t")
+    assert only_oct.withdrawn and len(only_oct) == 0 and len(only_oct.skipped) == 1
 
 
 def test_private_key_material_refuses_the_whole_set() -> None:

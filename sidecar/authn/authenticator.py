@@ -576,7 +576,9 @@ class Authenticator:
         if cached is not None:
             return cached
         keys = self._keys.get(provider.name)
-        if keys is None:
+        if keys is None or keys.withdrawn:
+            # None yet, or the provider's key source said none is valid (an empty or
+            # all-skipped set, or the last good set outlived jwks_max_stale): fail closed.
             raise TokenInvalid(NO_KEYS)
         try:
             claims = verify_token(token, provider, keys, now)

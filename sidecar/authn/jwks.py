@@ -150,6 +150,11 @@ class KeySet:
     def __len__(self) -> int:
         return len(self.by_kid) + len(self.unnamed)
 
+    @property
+    def withdrawn(self) -> bool:
+        """The document listed no usable key: the provider has none (every token refused)."""
+        return not self.by_kid and not self.unnamed
+
     def find(self, kid: str | None, alg: str) -> PublicJwk | None:
         """The key for a token's ``kid`` that can verify ``alg``, or None."""
         if kid is not None:
@@ -310,8 +315,14 @@ def _x5c_mismatch(raw: dict[str, Any], key: Any) -> str | None:
 def parse_jwks(data: bytes, source: str) -> KeySet:
     """Parse a JWKS document into a ``KeySet``; raise ``ConfigError`` listing every problem.
 
-    A document with no usable key at all is an error too: swapping it in would turn every
-    token of the provider into a 401, so the caller keeps the last good set instead.
+    A well-formed document with no usable key (``{"keys": []}``, every key skipped: marked
+    ``use: enc``, of a kind not supported...) is an empty ``KeySet`` (``withdrawn``), not an
+    error: it is the identity provider's statement that no key is valid -- how it revokes a
+    compromised one -- and the caller swaps it in (every token of the provider is then
+    refused, ``no_keys``). Before (found by a hostile review) it was refused like a broken
+    document, and the withdrawn key stayed trusted until a restart. Only a document that
+    does not parse, or holds a key that is broken or dangerous, raises (the caller keeps the
+    last good set).
     """
     if len(data) > MAX_JWKS_BYTES:
         raise ConfigError([Problem(source, None, "", f"JWKS larger than {MAX_JWKS_BYTES} bytes")])
@@ -340,10 +351,6 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
             by_kid[result.kid] = result
     if problems:
         raise ConfigError(problems)
-    if not by_kid and not unnamed:
-        raise ConfigError(
-            [Problem(source, None, "keys", "no usable signature key: " + "; ".join(skipped))]
-        )
     return KeySet(
         source=source,
         by_kid=MappingProxyType(by_kid),
