@@ -350,7 +350,11 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
         title = f"JWKS file of provider {name} parses"
         try:
             keys = load_jwks_file(provider.jwks_file)
-            run.add(g, title, "ok", f"{provider.jwks_file}: {len(keys)} key(s)")
+            if keys.withdrawn:  # (loads, and leaves the provider without keys)
+                run.add(g, title, "fail", f"{provider.jwks_file}: no usable signature key",
+                        "every token of the provider is refused (no_keys)")
+            else:
+                run.add(g, title, "ok", f"{provider.jwks_file}: {len(keys)} key(s)")
         except ConfigError as exc:
             run.add(g, title, "fail", _problems(exc),
                     f"jwt_providers.{name}.jwks_file must be a readable JWKS document")
@@ -372,7 +376,11 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
             except ConfigError as exc:
                 run.add(g, title, "fail", _problems(exc), "the URL must serve a JWKS document")
                 continue
-            run.add(g, title, "ok", f"{url}: {len(keys)} key(s)")
+            if keys.withdrawn:
+                run.add(g, title, "fail", f"{url}: no usable signature key",
+                        "every token of the provider is refused (no_keys)")
+            else:
+                run.add(g, title, "ok", f"{url}: {len(keys)} key(s)")
         elif key == "discovery_url":
             _check_discovery(run, provider, title, url, body)
         else:

@@ -68,6 +68,7 @@ from sidecar.policy.decision import (
     AuthFacts,
     Decision,
     RequestFacts,
+    decided_claims,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
@@ -75,6 +76,7 @@ from sidecar.policy.paths import path_segments
 if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import at run time)
     from sidecar.alerts import Alert, BurstDetector
     from sidecar.authn.authenticator import Authenticator
+    from sidecar.authn.oauth import Answers
     from sidecar.identity.spiffe import SpiffePattern
     from sidecar.introspect import Introspector
     from sidecar.policy.compiled import Section
@@ -224,18 +226,19 @@ class Gate:
                 and bool(authn.introspection_providers))
 
     async def prepare(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]],
-                      query: str) -> None:
+                      query: str) -> Answers | None:
         """I/O the decision needs before it runs: token introspection (RFC 7662), only for
         providers of rules whose caller and request conditions hold for this request (a
-        token is never sent to an authorisation server a matching rule does not name)."""
+        token is never sent to an authorisation server a matching rule does not name).
+        Returns the answers, for ``inbound(introspected=...)`` of this request."""
         introspector = self.introspector
         authn = self.authenticator  # always set when an introspector is
         policy = self.policies.policy
         if introspector is None or authn is None or policy is None:
-            return
+            return None
         section = policy.section(self.own_id)
-        if section is None or section.providers.isdisjoint(authn.introspection_providers):
-            return
+        if section is None or authn.introspection_providers.isdisjoint(section.providers):
+            return None
         from sidecar.policy.compiled import request_holds
 
         names = [r.when.jwt.provider for index in (section.deny, section.allow)
@@ -245,15 +248,18 @@ class Gate:
                  and request_holds(r.when, facts, section.trust_domain, check_indexed=False)]
         if names:
             # The caller's share of the calls: its identity, else its address.
-            await introspector.prepare(dict.fromkeys(names), headers, query,
-                                       facts.peer or facts.source)
+            return await introspector.prepare(dict.fromkeys(names), headers, query,
+                                              facts.peer or facts.source)
+        return None
 
     def inbound(self, facts: RequestFacts, headers: list[tuple[bytes, bytes]], query: str,
                 now: float, *, tcp: bool = False, peer_x5t: str | None = None,
-                memo: ConnectionMemo | None = None) -> Verdict:
+                memo: ConnectionMemo | None = None,
+                introspected: Answers | None = None) -> Verdict:
         """Decide one inbound request (or TCP stream, ``tcp=True``: no credentials) in the
         order of the module docstring; counts failures and raises burst alerts. ``memo``:
-        the connection's ``ConnectionMemo``, if it keeps one."""
+        the connection's ``ConnectionMemo``, if it keeps one; ``introspected``: what
+        ``prepare`` returned for this request."""
         detector = self.detector
         if detector is not None and detector.blocked(facts.peer, facts.source, now):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
@@ -277,7 +283,8 @@ class Gate:
             providers = section.providers
             if providers or section.needs_apikey:
                 auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
-                                          audience=self._audience, memo=memo)
+                                          audience=self._audience, memo=memo,
+                                          introspected=introspected)
         auth_key = auth.key
         limiter = self.limiter
         kept = False  # the decision is the memo's (the connection's last request again)
@@ -319,10 +326,11 @@ class Gate:
         if decision.allowed:
             if limiter is not None and not decision.dry_run and limiter.limits:
                 check = limiter.check(self.own_id, facts.peer, auth.apikey,
-                                           _subject(auth), now)
+                                           _subject(auth, decision.provider), now)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
-                                                REASON_RATE_LIMITED, decision.version, status=429)
+                                                REASON_RATE_LIMITED, decision.version, status=429,
+                                                provider=decision.provider)
                     verdict.response_headers = [
                         (b"retry-after", str(max(1, check.retry_after)).encode())]
                     return verdict
@@ -503,9 +511,13 @@ class Gate:
         return getattr(self.policies.policy, "version", None) or "none"
 
 
-def _subject(auth: AuthFacts) -> str | None:
-    for claims in auth.claims.values():
-        sub = claims.get("sub")
-        if isinstance(sub, str):
-            return sub
-    return None
+def _subject(auth: AuthFacts, provider: str | None) -> str | None:
+    """The per-subject rate limit's key: the ``sub`` of the token the deciding rule's
+    provider verified (``decided_claims``: the same claims the audit record names), never
+    that of another token the request also carried -- which let a caller choose whose limit
+    to use (found by a hostile review)."""
+    if not auth.claims:
+        return None
+    claims = decided_claims(auth, provider)
+    sub = None if claims is None else claims.get("sub")
+    return sub if isinstance(sub, str) else None

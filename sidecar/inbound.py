@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from sidecar.authn.apikeys import API_KEY_HEADER
-from sidecar.authn.oauth import x5t_from_hex
+from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import Limits
 from sidecar.errors import BadRequest, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
@@ -234,17 +234,19 @@ class InboundProxy:
         async def prepared(ctx: RequestContext, event: Request, head: RequestHead,
                            facts: RequestFacts, path: str, query: str,
                            target: bytes) -> Exchange:
-            await gate.prepare(facts, event.headers, query)
-            return await decided(ctx, event, head, facts, path, query, target)
+            answers = await gate.prepare(facts, event.headers, query)
+            return await decided(ctx, event, head, facts, path, query, target, answers)
 
         def decided(ctx: RequestContext, event: Request, head: RequestHead,
                     facts: RequestFacts, path: str, query: str,
-                    target: bytes) -> Coroutine[Any, Any, Exchange]:
+                    target: bytes, answers: Answers | None = None,
+                    ) -> Coroutine[Any, Any, Exchange]:
             nonlocal memo
             if memo is None:
                 memo = ConnectionMemo()
             ctx.verdict = verdict = gate.inbound(facts, event.headers, query, time.time(),
-                                                 peer_x5t=peer_x5t, memo=memo)
+                                                 peer_x5t=peer_x5t, memo=memo,
+                                                 introspected=answers)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
                 raise verdict.refusal()
             destination = None

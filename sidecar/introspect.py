@@ -2,15 +2,19 @@
 
 Theory of operation
 -------------------
-The decision path is synchronous and pure (``Authenticator.authenticate``); it only *reads*
-the introspection cache: active -> claims, inactive -> ``inactive``, a failed call ->
-``introspection_unavailable`` (fail closed), no entry at all -> the provider was not asked
-about for this request (no rule that could match names it), so its token counts as absent
-for it, which no rule naming it accepts either. ``Introspector.prepare`` runs just before it,
-in the request's task, for the providers of the section that have ``introspection``: it
-finds the token the same way ``authenticate`` will, and when the cache has no fresh answer
-asks the endpoint and stores the answer (active until min(``exp``, ``cache_ttl``), inactive
-for ``negative_ttl``).
+The decision path is synchronous and pure (``Authenticator.authenticate``).
+``Introspector.prepare`` runs just before it, in the request's task, for the providers of the
+section that have ``introspection``: it finds the token the same way ``authenticate`` will,
+takes the cached answer when it is fresh, else asks the endpoint and stores the answer
+(active until min(``exp``, ``cache_ttl``), inactive for ``negative_ttl``), and *returns* the
+answers (``Answers``): the decision of that request reads them directly -- active -> claims,
+inactive -> ``inactive``, a failed call -> ``introspection_unavailable`` (fail closed) -- and
+no answer at all means the provider was not asked about for this request (no rule that could
+match names it), so its token counts as absent for it, which no rule naming it accepts
+either. "Asked" is a fact of the request, not of the cache: an entry that expired, or was
+evicted while another provider's call of the same request was awaited, or a call another
+request made and then abandoned (cancelled) no longer turns an answer into "not asked"
+(found by a hostile review).
 
 Bounds, per provider:
 
@@ -47,6 +51,7 @@ from sidecar.authn.extract import Headers, extract_tokens
 from sidecar.authn.jwt import TokenInvalid
 from sidecar.authn.oauth import (
     MAX_INTROSPECTION_BYTES,
+    CachedIntrospection,
     introspection_claims,
     opaque_token_ok,
     token_digest,
@@ -59,6 +64,20 @@ from sidecar.net.tlsfiles import FileContext
 from sidecar.policy.sections import Introspection, JwtProvider
 
 FAILURE_BACKOFF_SECONDS = 1.0
+# How often a request waits for another request's call of the same token before it gives
+# up (each wait is bounded by that call's own timeouts): then "unavailable", fail closed.
+_MAX_WAITS = 3
+
+
+class _InFlight:
+    """One call in flight: set ``done`` when it ends, with its ``answer`` (None: the call was
+    cancelled before it had one)."""
+
+    __slots__ = ("done", "answer")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: CachedIntrospection | None = None
 
 
 class Introspector:
@@ -73,19 +92,21 @@ class Introspector:
         self._limiters: dict[tuple[str, int], trio.CapacityLimiter] = {}
         # (provider, caller, size) -> that caller's share; only callers with calls in flight
         self._shares: dict[tuple[str, str | None, int], trio.CapacityLimiter] = {}
-        self._in_flight: dict[tuple[str, bytes], trio.Event] = {}
+        self._in_flight: dict[tuple[str, bytes], _InFlight] = {}
         self._down_until: dict[str, float] = {}
         self._contexts: dict[tuple[str | None, bool], FileContext] = {}
         self.calls = 0
         self.failures = 0
 
     async def prepare(self, provider_names: Iterable[str], headers: Headers, query: str,
-                      caller: str | None = None) -> None:
-        """Make sure each introspection provider's token in this request has a cached answer
-        (or that asking failed, which ``authenticate`` then refuses). ``caller``: who sent
+                      caller: str | None = None) -> dict[str, tuple[bytes, CachedIntrospection]]:
+        """The answer for each introspection provider's token in this request, by provider
+        (asked for when no fresh one is cached; a failed call is an "unavailable" answer,
+        which ``authenticate`` refuses): hand them to ``authenticate``. ``caller``: who sent
         the request (its calls count against its own share of the slots); None for the
         sweep of streams, which has no caller in the request's sense."""
         authn = self.authenticator
+        answers: dict[str, tuple[bytes, CachedIntrospection]] = {}
         for name in provider_names:
             provider = authn.provider(name)  # type: ignore[attr-defined]
             if provider is None or provider.introspection is None:
@@ -99,31 +120,41 @@ class Introspector:
                 continue  # authenticate refuses it (too_large, malformed): nothing to ask
             digest = token_digest(found.token)
             cache = authn.introspected  # type: ignore[attr-defined]
-            if cache.fresh(name, digest, time.time()):
-                continue
-            await self._introspect_once(provider, found.token, digest, caller)
+            entry = cache.fresh(name, digest, time.time())
+            if entry is None:
+                entry = await self._introspect_once(provider, found.token, digest, caller)
+            answers[name] = (digest, entry)
+        return answers
 
     async def _introspect_once(self, provider: JwtProvider, token: str, digest: bytes,
-                               caller: str | None) -> None:
+                               caller: str | None) -> CachedIntrospection:
         key = (provider.name, digest)
-        pending = self._in_flight.get(key)
-        if pending is not None:
-            await pending.wait()
-            return
+        # One call per token at a time: wait for the one in flight and take its answer.
+        # Its owner may have been cancelled (its client went away) and left none: then ask
+        # (a bounded number of waits; still none: unavailable, fail closed).
+        for _ in range(_MAX_WAITS):
+            pending = self._in_flight.get(key)
+            if pending is None:
+                break
+            await pending.done.wait()
+            if pending.answer is not None:
+                return pending.answer
+        else:
+            return self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
         left = self._down_until.get(provider.name, float("-inf")) - trio.current_time()
         if left > 0:
-            self._unavailable(provider.name, digest, left)
-            return
-        done = trio.Event()
-        self._in_flight[key] = done
+            return self._unavailable(provider.name, digest, left)
+        call = _InFlight()
+        self._in_flight[key] = call
         try:
-            await self._call(provider, token, digest, caller)
+            call.answer = await self._call(provider, token, digest, caller)
         finally:
             del self._in_flight[key]
-            done.set()
+            call.done.set()
+        return call.answer
 
     async def _call(self, provider: JwtProvider, token: str, digest: bytes,
-                    caller: str | None) -> None:
+                    caller: str | None) -> CachedIntrospection:
         spec = provider.introspection
         assert spec is not None
         limiter = self._limiter(provider.name, spec.max_concurrent)
@@ -151,8 +182,7 @@ class Introspector:
                 max_concurrent=spec.max_concurrent, caller=caller,
                 limit="provider" if shared or share is None else "caller")
             self._count(provider.name, "busy")
-            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
-            return
+            return self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
         try:
             self.calls += 1
             form = {"token": token, "token_type_hint": "access_token"}
@@ -175,14 +205,13 @@ class Introspector:
             log("introspection_failed", "warning", provider=provider.name,
                 endpoint=spec.endpoint, error=str(exc))
             self._count(provider.name, "failed")
-            self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
-            return
+            return self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
         finally:
             limiter.release()
             give_back()
         self._down_until.pop(provider.name, None)
         self._count(provider.name, "inactive" if claims is None else "active")
-        self.authenticator.introspected.store(  # type: ignore[attr-defined]
+        return self.authenticator.introspected.store(  # type: ignore[attr-defined,no-any-return]
             provider.name, digest, claims, time.time(), spec.cache_ttl_seconds,
             spec.negative_ttl_seconds)
 
@@ -190,8 +219,8 @@ class Introspector:
         if self.metrics is not None:
             self.metrics.introspection_calls_total.labels(provider, result).inc()
 
-    def _unavailable(self, name: str, digest: bytes, seconds: float) -> None:
-        self.authenticator.introspected.store_unavailable(  # type: ignore[attr-defined]
+    def _unavailable(self, name: str, digest: bytes, seconds: float) -> CachedIntrospection:
+        return self.authenticator.introspected.store_unavailable(  # type: ignore[attr-defined,no-any-return]
             name, digest, time.time(), seconds)
 
     def _limiter(self, name: str, size: int) -> trio.CapacityLimiter:

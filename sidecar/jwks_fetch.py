@@ -14,7 +14,11 @@ from the task's own ``random.Random`` (seeded from the OS, or given by a test), 
 that started together drift apart instead of refetching in lockstep.
 
 A failed fetch (connect/TLS error, timeout, non-200, oversized or unusable document) keeps
-the last good key set in use and is logged; its age keeps growing in ``statistics``. The
+the last good key set in use and is logged; its age keeps growing in ``statistics`` -- for at
+most ``jwks_max_stale`` after the last success: then the set is dropped (the provider has no
+keys, every token ``no_keys``; ``jwks_keys_stale``), so blocking the JWKS endpoint cannot pin
+a compromised key for ever. A well-formed set that lists no usable key is no failure: it is
+swapped in like any other (the identity provider withdrew its keys; ``jwks_keys_withdrawn``). The
 task reports ``started`` after the *first* attempt, whatever its outcome, so the caller can
 tell whether the provider starts with keys (``authenticator.keys(name)``) without the
 sidecar hanging on a dead JWKS server.
@@ -127,11 +131,14 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                            read_timeout: float = DEFAULT_READ_TIMEOUT,
                            rng: random.Random | None = None,
                            on_result: Callable[[bool], None] | None = None,
+                           on_dropped: Callable[[str], None] | None = None,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Keep ``provider``'s key set fresh from its ``jwks_uri`` (or discovery) until cancelled.
 
     ``rng`` is the source of the schedule's jitter (a fresh OS-seeded one by default);
-    ``on_result(ok)`` is told the outcome of every attempt (the fetch counter).
+    ``on_result(ok)`` is told the outcome of every attempt (the fetch counter);
+    ``on_dropped(cause)`` when the provider is left without keys: ``withdrawn`` (a fetched
+    set lists none) or ``stale`` (``jwks_max_stale`` passed without a successful fetch).
     """
     if not (provider.jwks_uri or provider.discovery_url):
         raise ValueError(f"provider {provider.name!r} has no jwks_uri and no discovery")
@@ -150,22 +157,32 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
                                   provider.jwks_min_refetch_seconds)
     authenticator.set_unknown_kid_listener(provider.name, unknown_kid)
     started = False
+    # Until when (trio time) the last good set may be used while fetches fail; inf: there
+    # is no set to drop (none yet, or already dropped).
+    stale_at = float("inf")
     try:
         while True:
             due = next_fetch_at(state, trio.current_time())
             signalled = False
-            with trio.move_on_at(due):
+            with trio.move_on_at(min(due, stale_at)):
                 await receive.receive()
                 signalled = True
+            if not signalled and trio.current_time() >= stale_at:
+                stale_at = float("inf")
+                _drop_stale(provider, authenticator, on_dropped)
+                continue
             if signalled:
                 state, fetch_now = on_unknown_kid(state, trio.current_time())
                 if not fetch_now:
                     continue
             state = on_fetch_started(state, trio.current_time(), jitter.random())
             state = await _fetch_once(provider, authenticator, state, ssl_context,
-                                      connect_timeout, read_timeout, signalled)
+                                      connect_timeout, read_timeout, signalled, on_dropped)
+            ok = state.consecutive_failures == 0
+            if ok:
+                stale_at = trio.current_time() + provider.jwks_max_stale_seconds
             if on_result is not None:
-                on_result(state.consecutive_failures == 0)
+                on_result(ok)
             if not started:
                 started = True
                 task_status.started()
@@ -174,10 +191,32 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
         send.close()
 
 
+def _drop_stale(provider: JwtProvider, authenticator: Authenticator,
+                on_dropped: Callable[[str], None] | None) -> None:
+    """``jwks_max_stale`` passed since the last successful fetch: stop using the set."""
+    authenticator.set_keys(provider.name, KeySet(source="stale"), time.time())
+    log("jwks_keys_stale", "error", provider=provider.name,
+        uri=provider.jwks_uri or provider.discovery_url or "",
+        max_stale_seconds=provider.jwks_max_stale_seconds)
+    if on_dropped is not None:
+        on_dropped("stale")
+
+
+def withdrawn(provider: JwtProvider, keys: KeySet, source: dict[str, str],
+              on_dropped: Callable[[str], None] | None) -> None:
+    """Report a key set (fetched or read from ``jwks_file``: ``source`` names it) that lists
+    no usable key, now in use: every token of the provider is refused."""
+    log("jwks_keys_withdrawn", "error", provider=provider.name, **source,
+        skipped=len(keys.skipped))
+    if on_dropped is not None:
+        on_dropped("withdrawn")
+
+
 async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
                       state: RefreshState, tls: FileContext,
                       connect_timeout: float, read_timeout: float,
-                      signalled: bool) -> RefreshState:
+                      signalled: bool,
+                      on_dropped: Callable[[str], None] | None = None) -> RefreshState:
     uri = provider.jwks_uri or provider.discovery_url or ""
     try:
         try:
@@ -208,4 +247,6 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
         keys=len(keys), unknown_kid=signalled)
     for note in keys.skipped:
         log("jwks_key_skipped", "warning", provider=provider.name, uri=uri, detail=note)
+    if keys.withdrawn:
+        withdrawn(provider, keys, {"uri": uri}, on_dropped)
     return on_fetch_succeeded(state, trio.current_time())

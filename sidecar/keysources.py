@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,6 +30,7 @@ from sidecar.reload import FileWatcher
 
 if TYPE_CHECKING:
     from sidecar.authn.authenticator import Authenticator
+    from sidecar.authn.jwks import KeySet
     from sidecar.metrics import SidecarMetrics
 
 
@@ -64,7 +65,8 @@ class KeySources:
         self._providers = dict(providers)
         for name, prov in providers.items():
             source = (prov.jwks_file, prov.jwks_uri, prov.discovery_url, prov.jwks_ca,
-                      prov.jwks_refresh_seconds, prov.jwks_min_refetch_seconds)
+                      prov.jwks_refresh_seconds, prov.jwks_min_refetch_seconds,
+                      prov.jwks_max_stale_seconds)
             current = self._running.get(name)
             if current is not None and current[0] == source:
                 continue
@@ -98,7 +100,23 @@ class KeySources:
             logs.log("jwks_file_invalid", "error", provider=prov.name, path=prov.jwks_file,
                      error=str(exc))
             return
+        self._apply_file(prov, keys)
+
+    def _apply_file(self, prov: JwtProvider, keys: KeySet) -> None:
+        """Swap in a key set read from ``prov``'s ``jwks_file``; each key it skipped is
+        logged (``jwks_key_skipped``, as for a fetched set: a file's were not logged)."""
+        from sidecar.jwks_fetch import withdrawn
+
+        for note in keys.skipped:
+            logs.log("jwks_key_skipped", "warning", provider=prov.name, path=prov.jwks_file,
+                     detail=note)
         self.authenticator.set_keys(prov.name, keys, time.time())
+        if keys.withdrawn:  # (an emptied file: the operator withdrew every key)
+            withdrawn(prov, keys, {"path": prov.jwks_file or ""}, self._dropped(prov.name))
+
+    def _dropped(self, name: str) -> Callable[[str], None]:
+        """Count a provider left without keys, by cause (``on_dropped``)."""
+        return lambda cause: self.metrics.jwks_keys_dropped_total.labels(name, cause).inc()
 
     async def _run_source(self, prov: JwtProvider, scope: trio.CancelScope) -> None:
         if not (prov.jwks_file or prov.jwks_uri or prov.discovery_url):
@@ -120,7 +138,7 @@ class KeySources:
             watcher = FileWatcher(
                 f"jwks:{prov.name}", [path],
                 load=lambda: load_jwks_file(path),
-                apply=lambda keys: self.authenticator.set_keys(prov.name, keys, time.time()),
+                apply=lambda keys: self._apply_file(prov, keys),
                 on_error=lambda exc: logs.log("jwks_file_reload_failed", "error",
                                               provider=prov.name, error=str(exc)),
                 interval=2.0)
@@ -136,7 +154,8 @@ class KeySources:
                     fetches.labels(prov.name, "ok" if ok else "failed").inc()
 
                 await inner.start(functools.partial(run_jwks_fetcher, prov,
-                                                    self.authenticator, on_result=counted))
+                                                    self.authenticator, on_result=counted,
+                                                    on_dropped=self._dropped(prov.name)))
                 if self._pending.get(prov.name) is scope:
                     del self._pending[prov.name]
 

@@ -472,6 +472,13 @@ class SidecarMetrics:
             "JWKS fetch attempts (jwks_uri or discovery), by provider and result (ok, failed).",
             ("provider", "result"),
         )
+        self.jwks_keys_dropped_total = r.counter(
+            "sidecar_jwks_keys_dropped_total",
+            "Times a provider was left without keys (every token refused), by cause: "
+            "withdrawn (its key set lists no usable key), stale (jwks_max_stale passed "
+            "while fetches failed).",
+            ("provider", "cause"),
+        )
         self.introspection_calls_total = r.counter(
             "sidecar_introspection_calls_total",
             "Token introspection calls, by provider and result (active, inactive, failed, "

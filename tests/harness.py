@@ -534,8 +534,10 @@ STARTED_SIDECARS: list[SidecarProc] = []
 
 
 class SidecarProc(Proc):
-    def __init__(self, cfg_path: Path, log: Path, cfg: dict[str, Any]) -> None:
-        super().__init__([sys.executable, "-m", "sidecar", "run", "-c", str(cfg_path)], log)
+    def __init__(self, cfg_path: Path, log: Path, cfg: dict[str, Any],
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__([sys.executable, "-m", "sidecar", "run", "-c", str(cfg_path)], log,
+                         env)
         self.cfg = cfg
         self.cfg_path = cfg_path
         STARTED_SIDECARS.append(self)
@@ -616,10 +618,13 @@ def sidecar_config(pki_dir: Path, *, inbound: dict | None = None,
     return cfg
 
 
-def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = True) -> SidecarProc:
+def start_sidecar(tmp: Path, name: str, cfg: dict[str, Any], *, wait: bool = True,
+                  env: dict[str, str] | None = None) -> SidecarProc:
+    """Start ``python -m sidecar run`` with ``cfg`` (``env``: extra environment variables,
+    e.g. ``PYTHONHASHSEED``)."""
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    proc = SidecarProc(cfg_path, tmp / f"{name}.log", cfg)
+    proc = SidecarProc(cfg_path, tmp / f"{name}.log", cfg, env)
     if wait:
         try:
             wait_ready(proc)

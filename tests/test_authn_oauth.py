@@ -177,7 +177,10 @@ def test_introspection_cache_lifetimes_and_bound() -> None:
     cache.store("p", b"d", {"active": True}, NOW, ttl=60, negative_ttl=5)
     assert len(cache) == 2
     cache.store("p", b"e", {"active": True, "exp": NOW - 1}, NOW, ttl=60, negative_ttl=5)
-    assert cache.lookup("p", b"e", NOW).claims is None  # type: ignore[union-attr]
+    # Past its exp: kept for negative_ttl, still the active answer it was (refused as
+    # expired by the decision), never turned into "inactive".
+    entry = cache.lookup("p", b"e", NOW + 4)
+    assert entry is not None and entry.claims == {"active": True, "exp": NOW - 1}
 
 
 # --------------------------------------------------------------------------- loader
@@ -336,7 +339,7 @@ def test_introspected_answers_get_the_same_checks_as_jwts() -> None:
     assert answer(iss="https://other/") == {"corp": "bad_issuer"}
     assert answer(iss=None) == {}  # iss is optional in RFC 7662 answers
     assert answer(aud="other-api") == {"corp": "bad_audience"}
-    assert answer(exp=int(NOW) - 1) == {"corp": "inactive"}  # past exp: cached as inactive
+    assert answer(exp=int(NOW) - 1) == {"corp": "expired"}  # past exp: expired, not inactive
     # Registered claims of the wrong type or range, as in JWTs (tests/jwt_claim_family.py):
     # never read as "no expiry", never an exception.
     for bad in ("never", [int(NOW) + 60], True, 10**400, -10**400, float("nan"), float("inf"),

@@ -209,6 +209,12 @@ def test_hostile_jwks_keeps_the_last_good_keys(env: Env, name: str) -> None:
     before = len(env.sidecar.log_events("jwks_fetch_failed"))
     env.server.answers["/jwks"] = HOSTILE[name][0]
     try:
+        if name == "a key set of unusable keys only":
+            # Well-formed, no usable key: the provider withdrew its keys, applied (every
+            # token no_keys), not a failed fetch (tests/test_jwks_withdrawn.py).
+            wait_for(lambda: env.get("/k/x", token) == 401, timeout=15, interval=0.2)
+            assert env.sidecar.log_events("jwks_keys_withdrawn")
+            return
         failed = wait_for(lambda: _events_after(env.sidecar, "jwks_fetch_failed", before),
                           timeout=15, interval=0.2)
         assert failed[0]["level"] == "warning" and failed[0]["have_keys"] is True, failed[0]

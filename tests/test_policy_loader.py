@@ -56,9 +56,9 @@ def test_shop_sections_are_typed() -> None:
     assert {k.name for k in policy.extras.api_keys} == {"reports-nightly", "billing-batch"}
     orders = policy.section("spiffe://cluster.local/ns/shop/sa/orders")
     assert orders is not None
-    assert orders.providers == {"corp"} and orders.needs_apikey
+    assert orders.providers == ("corp",) and orders.needs_apikey
     payments = policy.section("spiffe://cluster.local/ns/shop/sa/payments")
-    assert payments is not None and payments.providers == frozenset()
+    assert payments is not None and payments.providers == ()
     assert not payments.needs_apikey
     assert policy.section("spiffe://cluster.local/ns/shop/sa/frontend").mode == "dry-run"  # type: ignore[union-attr]
 

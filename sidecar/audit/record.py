@@ -25,6 +25,7 @@ from sidecar.policy.decision import (
     AuthFacts,
     Decision,
     RequestFacts,
+    decided_claims,
 )
 
 Direction = Literal["inbound", "outbound", "connection"]
@@ -334,15 +335,23 @@ def _claims_fields(claims: Mapping[str, Any]) -> tuple[str | None, str | None, s
     return out
 
 
-def _token_fields(auth: AuthFacts | None) -> tuple[Any, Any, Any, Any]:
-    """(token_issuer, token_subject, token_id_hash, apikey) of ``auth``."""
+def _token_fields(auth: AuthFacts | None,
+                  provider: str | None) -> tuple[Any, Any, Any, Any]:
+    """(token_issuer, token_subject, token_id_hash, apikey) of ``auth``.
+
+    Several providers may have verified a token: the one recorded is the token of the
+    deciding rule's provider (``Decision.provider``); when that rule names none (or its
+    provider verified nothing), the first verified in the section's provider order, the
+    order its rules first name them (``decided_claims``) -- the same in every process.
+    Before, the first of a set's order was taken: which user a record named followed the
+    hash seed (found by a hostile review)."""
     if auth is None:
         return None, None, None, None
-    # Several providers may have verified a token; the first (in provider order) is the
-    # one recorded, the others are named in extra by the caller if it cares.
-    for claims in auth.claims.values():
-        return (*_claims_fields(claims), auth.apikey)
-    return None, None, None, auth.apikey
+    if not auth.claims:
+        return None, None, None, auth.apikey
+    claims = decided_claims(auth, provider)
+    assert claims is not None
+    return (*_claims_fields(claims), auth.apikey)
 
 
 def record_from(
@@ -382,7 +391,7 @@ def record_from(
         record = request_record(decision, facts, time, auth, request_id, status, bytes_in,
                                 bytes_out, duration_ms, extra)
     else:
-        iss, sub, jti, apikey = _token_fields(auth)
+        iss, sub, jti, apikey = _token_fields(auth, decision.provider)
         event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
         record = AuditRecord(
             time, event, request_id, token_issuer=iss, token_subject=sub, token_id_hash=jti,
@@ -407,7 +416,7 @@ def request_record(
     the data path's call (``Telemetry.request``), without keyword matching per request."""
     reason = decision.reason
     if auth is not None:
-        iss, sub, jti, apikey = _token_fields(auth)
+        iss, sub, jti, apikey = _token_fields(auth, decision.provider)
     else:
         iss = sub = jti = apikey = None
     return AuditRecord(
@@ -435,7 +444,7 @@ def request_wire(
     reason = decision.reason
     peer = facts.peer
     if auth is not None and auth is not NO_AUTH:
-        iss, sub, jti, apikey = _token_fields(auth)
+        iss, sub, jti, apikey = _token_fields(auth, decision.provider)
     else:  # no credentials (NO_AUTH: every request without a token or API key)
         iss = sub = jti = apikey = None
     event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
@@ -524,7 +533,7 @@ def request_row(
     if extra is not None and len(extra) > MAX_EXTRA_KEYS:
         extra = dict(list(extra.items())[:MAX_EXTRA_KEYS])
     if auth is not None and auth is not NO_AUTH:
-        iss, sub, jti, apikey = _token_fields(auth)
+        iss, sub, jti, apikey = _token_fields(auth, decision.provider)
         if apikey is None and iss is not None and sub is not None and jti is not None:
             if extra is None:
                 return (ROW_TOKEN, time, event, request_id, facts.direction, peer,

@@ -47,7 +47,16 @@ from sidecar.authn.cache import (
     CachedToken,
     VerificationCache,
 )
-from sidecar.authn.extract import extract_tokens, header_name, remove_token
+from sidecar.authn.extract import (
+    AUTHORIZATION,
+    Guards,
+    extract_tokens,
+    guard_tokens,
+    guards_for,
+    header_name,
+    query_may_hold,
+    remove_token,
+)
 from sidecar.authn.jwks import KeySet, key_set_age
 from sidecar.authn.jwt import (
     BAD_AUDIENCE,
@@ -57,12 +66,14 @@ from sidecar.authn.jwt import (
     LIFETIME_TOO_LONG,
     MALFORMED,
     MISSING_CLAIM,
+    MULTIPLE_TOKENS,
     NO_KEYS,
     NOT_YET_VALID,
     REVOKED,
     TOO_LARGE,
     UNKNOWN_KID,
     UNKNOWN_PROVIDER,
+    UNREAD_LOCATION,
     Claims,
     TokenInvalid,
     check_audience,
@@ -78,6 +89,8 @@ from sidecar.authn.oauth import (
     INACTIVE,
     INTROSPECTION_UNAVAILABLE,
     UNBOUND_TOKEN,
+    Answers,
+    CachedIntrospection,
     IntrospectionCache,
     check_binding,
     opaque_token_ok,
@@ -198,6 +211,10 @@ class Authenticator:
         self.introspected = IntrospectionCache(cache_size)
         self._listeners: dict[str, Callable[[], None]] = {}
         self._scoped: dict[tuple[str, str], JwtProvider] = {}
+        # The RFC 6750 places the last ``providers`` asked about leave unread (the data
+        # path passes one section's tuple: kept for it, looked up by identity).
+        self._guards_of: object = None
+        self._guards: Guards | None = None
         self.introspection_providers: frozenset[str] = frozenset()
         self._owned: frozenset[bytes] = frozenset()
         self._strip_locations: tuple[TokenLocation, ...] = ()
@@ -247,6 +264,7 @@ class Authenticator:
                 self._fetched_at.pop(name, None)
         self._providers = new
         self._scoped = {}
+        self._guards_of = None
         self.introspection_providers = frozenset(
             name for name, p in new.items() if p.introspection is not None)
         self._revocations = RevocationList(extras.revocations)
@@ -338,20 +356,28 @@ class Authenticator:
     def authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                      now: float, *, peer_x5t: str | None = None,
                      audience: str | None = None,
-                     memo: CredentialMemo | None = None) -> AuthFacts:
+                     memo: CredentialMemo | None = None,
+                     introspected: Answers | None = None) -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
         ``peer_x5t`` is the RFC 8705 thumbprint of the caller's certificate (computed once
         per connection), for certificate-bound tokens. ``audience`` is the receiving
         service's default audience, for providers that list no ``audiences``. ``memo`` is
-        the connection's ``CredentialMemo`` (see the module docstring).
+        the connection's ``CredentialMemo`` (see the module docstring). ``introspected``:
+        the introspection answers asked for this very request (``Introspector.prepare``),
+        read before the cache (an entry gone from it since does not make "not asked").
         """
+        if introspected:
+            # (never with the memo: it keeps nothing for introspected providers)
+            return self._authenticate(providers, headers, query, now, peer_x5t, audience,
+                                      None, introspected)
         if memo is not None:
             if (memo.generation == self.generation and memo.providers is providers
                     and memo.audience == audience and memo.x5t == peer_x5t):
                 names = memo.names
-                if names is not None:
+                if names is not None and not (query and memo.guard_query
+                                              and query_may_hold(query)):
                     seen = []
                     for h in headers:
                         if h[0] in names:
@@ -369,6 +395,10 @@ class Authenticator:
                 memo.audience = audience
                 memo.x5t = peer_x5t
                 memo.names = self._memo_names(providers)
+                guards = self._guards_for(providers)
+                memo.guard_query = guards is not None and guards.query
+                if guards is not None and guards.authorization and memo.names is not None:
+                    memo.names = memo.names | {AUTHORIZATION}
             memo.expires_at = NOT_KEPT  # nothing kept until this request verified
             if memo.names is not None:
                 return self._authenticate_into(memo, providers, headers, query, now,
@@ -414,7 +444,8 @@ class Authenticator:
 
     def _authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                       now: float, peer_x5t: str | None, audience: str | None,
-                      tokens: list[CachedToken] | None) -> AuthFacts:
+                      tokens: list[CachedToken] | None,
+                      answers: Answers | None = None) -> AuthFacts:
         """``authenticate``'s whole path; the cache entries of verified tokens go to
         ``tokens`` when given."""
         claims: dict[str, Claims] = {}
@@ -430,6 +461,11 @@ class Authenticator:
         # requests have neither.)
         refused: list[tuple[str | None, bool]] | None = None
         unjudged: list[str] | None = None
+        guards = self._guards_for(providers)
+        # Tokens in RFC 6750 places no provider here reads (extract.Guards): never accepted,
+        # but a provider that finds none of its own is refused (unread_location), one that
+        # finds another token has two (multiple_tokens).
+        unread = guard_tokens(guards, headers, query) if guards is not None else None
         for name in providers:
             if name in claims or name in errors:
                 continue
@@ -443,8 +479,14 @@ class Authenticator:
                 found = extract_tokens(provider, headers, query)
                 if found is not None:
                     token = found.token
+                if unread:
+                    if found is None:
+                        token = unread[0]
+                        raise TokenInvalid(UNREAD_LOCATION)
+                    if any(t != token for t in unread):
+                        raise TokenInvalid(MULTIPLE_TOKENS, "another token in an unread place")
                 if found is not None and provider.introspection is not None:
-                    answer = self._introspected_claims(provider, found.token, now)
+                    answer = self._introspected_claims(provider, found.token, now, answers)
                     if answer is None:
                         # Not asked about for this request (no rule here needs it): the
                         # token is not judged, neither accepted nor refused.
@@ -503,6 +545,14 @@ class Authenticator:
                                None if key is None else (*key, apikey), tuple(held),
                                unaccepted))
 
+    def _guards_for(self, providers: Iterable[str]) -> Guards | None:
+        """The RFC 6750 places none of ``providers`` reads (``extract.guards_for``)."""
+        if providers is not self._guards_of:
+            self._guards = guards_for(p for n in providers
+                                      if (p := self._providers.get(n)) is not None)
+            self._guards_of = providers
+        return self._guards
+
     def _with_audience(self, provider: JwtProvider, audience: str | None) -> JwtProvider:
         """``provider`` accepting ``audience`` (none: accepts no audience at all), built once
         per policy; its cache entries are kept apart per audience."""
@@ -526,7 +576,9 @@ class Authenticator:
         if cached is not None:
             return cached
         keys = self._keys.get(provider.name)
-        if keys is None:
+        if keys is None or keys.withdrawn:
+            # None yet, or the provider's key source said none is valid (an empty or
+            # all-skipped set, or the last good set outlived jwks_max_stale): fail closed.
             raise TokenInvalid(NO_KEYS)
         try:
             claims = verify_token(token, provider, keys, now)
@@ -543,17 +595,23 @@ class Authenticator:
             self._kidless_cached.add(provider.name)  # (a miss only: parsed once more)
         return entry if entry is not None else CachedToken(claims, None, None, None, NOT_KEPT)
 
-    def _introspected_claims(self, provider: JwtProvider, token: str,
-                             now: float) -> Claims | None:
-        # The introspector (I/O, before the decision, see sidecar/introspect.py) put the answer in
-        # the cache, or an "unavailable" entry when asking failed: fail closed. No entry:
-        # it did not ask, because no rule that could match this request names the provider.
+    def _introspected_claims(self, provider: JwtProvider, token: str, now: float,
+                             answers: Answers | None = None) -> Claims | None:
+        # The introspector (I/O, before the decision, see sidecar/introspect.py) handed over
+        # this request's answer (``answers``) -- else (a stream judged again) the cache has
+        # it --, or an "unavailable" one when asking failed: fail closed. No answer: it did
+        # not ask, because no rule that could match this request names the provider.
         if len(token) > provider.max_token_bytes:
             raise TokenInvalid(TOO_LARGE)
         if not opaque_token_ok(token):
             # Not a bearer token (RFC 6750 2.1): never asked about, refused on every route.
             raise TokenInvalid(MALFORMED, "not a b64token")
-        entry = self.introspected.lookup(provider.name, token_digest(token), now)
+        digest = token_digest(token)
+        given = answers.get(provider.name) if answers else None
+        if given is not None and given[0] == digest:
+            entry: CachedIntrospection | None = given[1]
+        else:
+            entry = self.introspected.lookup(provider.name, digest, now)
         if entry is None:
             return None
         if entry.unavailable:

@@ -12,13 +12,22 @@ on:
 
 A header that is present without the provider's prefix (``Authorization: Basic ...``) is not
 this provider's token; the header itself still counts towards "present twice".
+
+RFC 6750 places no provider of a section reads (``Guards``): the ``access_token`` query
+parameter (in every spelling ``param_name`` folds) and ``Authorization`` under a scheme that
+carries a token (``TOKEN_SCHEMES``, or any scheme -- or none -- whose credential has the
+shape of a JWT). A token there is not accepted (no provider was configured to read it), but
+it counts: alone it is refused (``unread_location``), next to a provider's own token it is a
+second token (``multiple_tokens``) unless it is the same one. Before (found by a hostile
+review), such a token reached the app unverified: an app or framework that reads RFC 6750
+query tokens got a credential the sidecar never checked.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
@@ -243,3 +252,81 @@ def remove_token(headers: Headers, query: str,
             params.append(part)
         query = "".join(params)
     return out, query
+
+
+# --- RFC 6750 places no provider reads -------------------------------------------------------
+
+# The query parameter RFC 6750 2.3 names (compared as ``param_name`` folds names).
+RFC6750_PARAM = "access_token"
+# Authorization schemes that carry an access token: RFC 6750 ``Bearer``, RFC 9449 ``DPoP``,
+# and the ``JWT`` and ``Token`` schemes frameworks use (lower-case). A credential with the
+# shape of a JWT counts under any other scheme too, and with no scheme at all.
+TOKEN_SCHEMES = ("bearer", "dpop", "jwt", "token")
+AUTHORIZATION = b"authorization"
+# A compact JWS (three base64url parts) or JWE (five).
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2}(?:(?:\.[A-Za-z0-9_-]*){2})?",
+                        re.ASCII)
+
+
+class Guards(NamedTuple):
+    """The RFC 6750 places none of a section's providers reads (see the module docstring).
+
+    ``query``: ``?access_token=`` is not read. ``read_schemes``: the ``Authorization``
+    schemes (lower-case, no space) providers read; ``authorization``: whether
+    ``Authorization`` is looked at at all (not when a provider reads it whole, no prefix).
+    """
+
+    query: bool
+    authorization: bool
+    read_schemes: frozenset[str]
+
+
+def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
+    """The places ``providers`` leave unread (None: none). Once per policy and section."""
+    query = authorization = True
+    schemes: set[str] = set()
+    for provider in providers:
+        for loc in provider.locations:
+            if loc.kind == "query" and param_name(loc.name) == RFC6750_PARAM:
+                query = False
+            elif loc.kind == "header" and header_name(loc.name) == AUTHORIZATION:
+                scheme = loc.prefix.strip(OWS).lower()
+                if not scheme:
+                    authorization = False
+                schemes.add(scheme)
+    if not query and not authorization:
+        return None
+    return Guards(query, authorization, frozenset(schemes))
+
+
+def query_may_hold(query: str) -> bool:
+    """Whether ``query`` may hold a parameter whose name folds to ``access_token`` (False:
+    it cannot; without ``%`` a name can only fold to it when it spells ``access``)."""
+    return "%" in query or "access" in query.lower()
+
+
+def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
+    """The tokens in the places ``guards`` names, in request order (empty ones left out:
+    nothing to verify there)."""
+    found: list[str] = []
+    if guards.authorization:
+        read = guards.read_schemes
+        for n, v in headers:
+            if n != AUTHORIZATION:
+                continue
+            value = v.decode("latin-1").strip(OWS)
+            scheme, credential = value, ""
+            for i, c in enumerate(value):
+                if c in OWS:
+                    scheme, credential = value[:i], value[i:].strip(OWS)
+                    break
+            lower = scheme.lower()
+            if not credential:
+                if _JWT_SHAPE.fullmatch(value) is not None:
+                    found.append(value)  # a bare JWT, no scheme
+            elif lower not in read and (lower in TOKEN_SCHEMES
+                                        or _JWT_SHAPE.fullmatch(credential) is not None):
+                found.append(credential)
+    if guards.query and query and query_may_hold(query):
+        found.extend(v for n, v in _query_pairs(query) if n == RFC6750_PARAM and v)
+    return found

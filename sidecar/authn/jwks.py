@@ -85,6 +85,18 @@ EC_CURVE_FOR_ALG: Mapping[str, str] = MappingProxyType(
     {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 )
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+# The key kinds the product verifies with, by ``kty`` -> the ``crv`` values it supports (None:
+# the type has no curve). Decided from the JWK's own members *before* PyJWT parses it: any
+# other kind (X25519/X448, secp256k1, brainpool, an unknown ``kty``...) is skipped and logged
+# (``jwks_key_skipped``), and only a key of a supported kind that does not load is fatal for
+# the set. Before (found by a hostile review), PyJWT's refusal of a curve it does not know
+# ("Invalid curve") was read as a broken key: one X25519 key in an IdP's set made every
+# later rotation of that set refused, so the removed key stayed trusted.
+SUPPORTED_KEYS: Mapping[str, frozenset[str] | None] = MappingProxyType({
+    "RSA": None,
+    "EC": frozenset(EC_CURVE_FOR_ALG.values()),
+    "OKP": frozenset({"Ed25519", "Ed448"}),
+})
 
 
 @cache
@@ -137,6 +149,11 @@ class KeySet:
 
     def __len__(self) -> int:
         return len(self.by_kid) + len(self.unnamed)
+
+    @property
+    def withdrawn(self) -> bool:
+        """The document listed no usable key: the provider has none (every token refused)."""
+        return not self.by_kid and not self.unnamed
 
     def find(self, kid: str | None, alg: str) -> PublicJwk | None:
         """The key for a token's ``kid`` that can verify ``alg``, or None."""
@@ -212,9 +229,13 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
     alg = raw.get("alg")
     if alg is not None and alg not in ALGORITHM_FAMILY:
         return f"{label}: algorithm {alg!r} is not supported"
-    parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}.get(str(kty))
-    if parser_name is None:
+    if not isinstance(kty, str) or kty not in SUPPORTED_KEYS:
         return f"{label}: key type {kty!r} is not supported"
+    curves = SUPPORTED_KEYS[kty]
+    if curves is not None and "crv" in raw and raw["crv"] not in curves:
+        # (a missing crv is a broken key of a supported type: PyJWT refuses it, fatal)
+        return f"{label}: curve {raw['crv']!r} is not supported"
+    parser_name = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}[kty]
     from jwt.exceptions import InvalidKeyError
 
     try:
@@ -294,8 +315,14 @@ def _x5c_mismatch(raw: dict[str, Any], key: Any) -> str | None:
 def parse_jwks(data: bytes, source: str) -> KeySet:
     """Parse a JWKS document into a ``KeySet``; raise ``ConfigError`` listing every problem.
 
-    A document with no usable key at all is an error too: swapping it in would turn every
-    token of the provider into a 401, so the caller keeps the last good set instead.
+    A well-formed document with no usable key (``{"keys": []}``, every key skipped: marked
+    ``use: enc``, of a kind not supported...) is an empty ``KeySet`` (``withdrawn``), not an
+    error: it is the identity provider's statement that no key is valid -- how it revokes a
+    compromised one -- and the caller swaps it in (every token of the provider is then
+    refused, ``no_keys``). Before (found by a hostile review) it was refused like a broken
+    document, and the withdrawn key stayed trusted until a restart. Only a document that
+    does not parse, or holds a key that is broken or dangerous, raises (the caller keeps the
+    last good set).
     """
     if len(data) > MAX_JWKS_BYTES:
         raise ConfigError([Problem(source, None, "", f"JWKS larger than {MAX_JWKS_BYTES} bytes")])
@@ -324,10 +351,6 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
             by_kid[result.kid] = result
     if problems:
         raise ConfigError(problems)
-    if not by_kid and not unnamed:
-        raise ConfigError(
-            [Problem(source, None, "keys", "no usable signature key: " + "; ".join(skipped))]
-        )
     return KeySet(
         source=source,
         by_kid=MappingProxyType(by_kid),

@@ -70,6 +70,8 @@ MISSING_CLAIM = "missing_claim"
 LIFETIME_TOO_LONG = "lifetime_too_long"
 REVOKED = "revoked"
 MULTIPLE_TOKENS = "multiple_tokens"
+# A token in an RFC 6750 place no provider of the section reads (``extract.Guards``).
+UNREAD_LOCATION = "unread_location"
 UNKNOWN_PROVIDER = "unknown_provider"
 BAD_CLAIM = "bad_claim"
 

@@ -43,8 +43,8 @@ class CredentialMemo:
     """One connection's last fully verified credentials (see the module docstring): made
     by the data path per connection, read and written only by ``authenticate``."""
 
-    __slots__ = ("generation", "providers", "audience", "x5t", "names", "seen", "auth",
-                 "tokens", "expires_at")
+    __slots__ = ("generation", "providers", "audience", "x5t", "names", "guard_query", "seen",
+                 "auth", "tokens", "expires_at")
 
     def __init__(self) -> None:
         self.generation = -1  # never an authenticator's: the first request sets it up
@@ -52,6 +52,9 @@ class CredentialMemo:
         self.audience: str | None = None
         self.x5t: str | None = None
         self.names: frozenset[bytes] | None = None
+        # ``?access_token=`` is a place no provider reads (``extract.Guards``): a request
+        # whose query may hold it is authenticated in full, never answered from here.
+        self.guard_query = False
         self.seen: list[tuple[bytes, bytes]] | tuple[()] = ()
         self.auth: AuthFacts = NO_AUTH
         self.tokens: tuple[CachedToken, ...] = ()

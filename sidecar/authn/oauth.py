@@ -16,7 +16,11 @@ Theory of operation
   claims (active) or None (inactive), and ``IntrospectionCache`` keeps both for a bounded
   time: active until min(``exp``, now + ``cache_ttl``), inactive for ``negative_ttl``.
   A failed call leaves an "unavailable" entry for a short backoff (refused, not asked
-  again). Cache keys are SHA-256 digests of the token, so the cache holds no token.
+  again). Cache keys are SHA-256 digests of the token, so the cache holds no token. The
+  cache only saves calls: the answers asked for one request are handed to that request's
+  decision directly (``Answers``, from ``Introspector.prepare``), so an entry that expired
+  or was evicted in between does not change the verdict (found by a hostile review: with
+  ``negative_ttl: 0`` nothing was stored and a revoked token was "not asked about").
 * **Opaque token syntax** (RFC 6750 2.1): a token of an introspection provider must be a
   ``b64token`` (letters, digits, ``-._~+/``, then optional trailing ``=``) before it is ever
   sent to the authorisation server (``opaque_token_ok``). Anything else is ``malformed``,
@@ -144,6 +148,11 @@ class CachedIntrospection:
     unavailable: bool = False  # asking failed; no new call until expires_at
 
 
+# The introspection answers asked for one request, by provider name: (SHA-256 of the token
+# asked about, the answer). ``Authenticator.authenticate`` reads these before the cache.
+Answers = Mapping[str, tuple[bytes, CachedIntrospection]]
+
+
 class IntrospectionCache:
     """Bounded LRU of introspection results, keyed by (provider, SHA-256 of the token)."""
 
@@ -170,10 +179,10 @@ class IntrospectionCache:
         self.hits += 1
         return entry
 
-    def fresh(self, provider: str, digest: bytes, now: float) -> bool:
-        """Is there an unexpired answer (no counters touched)?"""
+    def fresh(self, provider: str, digest: bytes, now: float) -> CachedIntrospection | None:
+        """The unexpired answer, if any (no counters touched)."""
         entry = self._entries.get((provider, digest))
-        return entry is not None and now < entry.expires_at
+        return entry if entry is not None and now < entry.expires_at else None
 
     def expires_at(self, provider: str, digest: bytes) -> float | None:
         """When the cached answer for this token digest stops counting (None: none cached;
@@ -182,9 +191,14 @@ class IntrospectionCache:
         return None if entry is None else entry.expires_at
 
     def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
-              ttl: float, negative_ttl: float) -> None:
-        """Cache an answer: active claims for ``ttl`` but never past the token's ``exp``, an
-        inactive or unavailable answer for ``negative_ttl``."""
+              ttl: float, negative_ttl: float) -> CachedIntrospection:
+        """Cache an answer and return it: active claims for ``ttl`` but never past the
+        token's ``exp``, an inactive or unavailable answer for ``negative_ttl``. An active
+        answer stays active: one whose ``exp`` has passed is kept (the decision refuses it
+        as ``expired``) for ``negative_ttl``, never turned into "inactive" (with
+        ``cache_ttl: 0`` every active answer was stored as inactive: found by a hostile
+        review; the loader now refuses TTLs of 0). An answer whose time is up at once is
+        returned, for the request that asked, but not kept."""
         expires_at = now + ttl
         if claims is not None:
             exp = claims.get("exp")
@@ -193,22 +207,24 @@ class IntrospectionCache:
             if isinstance(exp, int | float) and not isinstance(exp, bool) and exp < expires_at:
                 expires_at = float(max(exp, now - 1))
         if claims is None or expires_at <= now:
-            # Inactive, or "active" past its exp: remembered as inactive for a while, so a
-            # server that keeps saying so is not asked again on every request.
-            claims, expires_at = None, now + negative_ttl
-        if expires_at <= now:
-            return
-        key = (provider, digest)
-        self._entries[key] = CachedIntrospection(claims, expires_at)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            # Inactive, or "active" past its exp: remembered for a while, so a server that
+            # keeps saying so is not asked again on every request.
+            expires_at = now + negative_ttl
+        entry = CachedIntrospection(claims, expires_at)
+        if expires_at > now:
+            self._keep((provider, digest), entry)
+        return entry
 
-    def store_unavailable(self, provider: str, digest: bytes, now: float, seconds: float) -> None:
+    def store_unavailable(self, provider: str, digest: bytes, now: float,
+                          seconds: float) -> CachedIntrospection:
         """Asking about this token failed (down, slow, refused, busy): refuse it, and do not
-        ask again, for ``seconds``."""
-        key = (provider, digest)
-        self._entries[key] = CachedIntrospection(None, now + seconds, unavailable=True)
+        ask again, for ``seconds``. Returns the entry."""
+        entry = CachedIntrospection(None, now + seconds, unavailable=True)
+        self._keep((provider, digest), entry)
+        return entry
+
+    def _keep(self, key: tuple[str, bytes], entry: CachedIntrospection) -> None:
+        self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

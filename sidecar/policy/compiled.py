@@ -534,7 +534,7 @@ class Section:
     allow: RuleIndex
     egress: tuple[EgressEntry, ...]
     egress_trie: SegmentTrie
-    providers: frozenset[str]
+    providers: tuple[str, ...]
     needs_apikey: bool
     fold_case: bool = False
     by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
@@ -557,7 +557,12 @@ def compile_section(
     refuse_invalid_tokens: bool = True,
 ) -> Section:
     """Build the lookup tables of one section (load time, never per request)."""
-    providers = frozenset(r.when.jwt.provider for r in rules if r.when.jwt is not None)
+    # An ordered tuple (the order in which the rules first name them), never a set: the
+    # authenticator verifies in this order, and with no deciding rule's provider the audit
+    # record and the per-subject limit take the first verified one (a set's order followed
+    # the process's hash seed: the same request was another user's in another process).
+    providers = tuple(dict.fromkeys(
+        r.when.jwt.provider for r in rules if r.when.jwt is not None))
     egress_entries: list[tuple[tuple[str, ...], int]] = []
     for number, entry in enumerate(egress):
         segs = id_segments(entry.pattern)

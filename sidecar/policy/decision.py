@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple
 
@@ -122,6 +122,21 @@ class AuthFacts(NamedTuple):
 
 
 NO_AUTH = AuthFacts(key=(), unaccepted=False)
+
+
+def decided_claims(auth: AuthFacts, provider: str | None) -> Mapping[str, Any] | None:
+    """The verified claims that stand for the request's user: those of ``provider`` (the
+    deciding rule's, ``Decision.provider``) when it verified a token; otherwise the first
+    verified in the section's provider order (the order its rules first name them:
+    deterministic, the same in every process); None when no token was verified."""
+    claims = auth.claims
+    if provider is not None:
+        chosen = claims.get(provider)
+        if chosen is not None:
+            return chosen
+    for first in claims.values():
+        return first
+    return None
 # An AuthFacts from its seven fields in order (claims, token_errors, apikey,
 # unverified_subjects, key, held, unaccepted), without the named tuple's Python-level
 # ``__new__``.
@@ -137,6 +152,10 @@ class Decision:
     rule) a deny becomes ``allow`` with ``dry_run=True`` and ``would`` = "deny".
     ``status`` is the HTTP status a refused client gets (401 for missing/invalid
     credentials, 403 otherwise, 429 for rate limits); 0 when allowed.
+    ``provider``: the JWT provider the deciding rule (``rule``) names, if it names one: the
+    audit record's token fields and the per-subject rate limit use that provider's verified
+    claims, never another token the request also carried (``sidecar.audit.record``,
+    ``sidecar.gate``). Not part of equality (the rule already determines it).
     """
 
     action: Action
@@ -146,6 +165,7 @@ class Decision:
     status: int = 0
     dry_run: bool = False
     would: Action | None = None
+    provider: str | None = field(default=None, compare=False)
 
     @property
     def allowed(self) -> bool:

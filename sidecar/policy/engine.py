@@ -175,28 +175,38 @@ def decide_section(
 
     if denied is not None:
         deciding: Rule | None = denied
-        base = Decision("deny", denied.name, REASON_DENIED_BY_RULE, version, 403)
+        base = Decision("deny", denied.name, REASON_DENIED_BY_RULE, version, 403,
+                        provider=_provider(denied))
     elif allowed is not None:
         if observed_deny is not None:
             return Decision(
-                "allow", observed_deny.name, REASON_DENIED_BY_RULE, version, 0, True, "deny"
-            )
-        return Decision("allow", allowed.name, REASON_ALLOWED, version)
+                "allow", observed_deny.name, REASON_DENIED_BY_RULE, version, 0, True, "deny",
+                _provider(observed_deny))
+        return Decision("allow", allowed.name, REASON_ALLOWED, version, 0, False, None,
+                        _provider(allowed))
     elif near_401 is not None or near_403 is not None:
         rule, outcome = near_401 or near_403  # type: ignore[misc]
         deciding = rule
-        base = Decision("deny", rule.name, outcome.reason, version, outcome.status)
+        base = Decision("deny", rule.name, outcome.reason, version, outcome.status,
+                        provider=_provider(rule))
     else:
         deciding = None
         base = Decision("deny", DEFAULT_DENY_RULE, REASON_DEFAULT_DENY, version, 403)
 
     if _mode(deciding, section) == "dry-run":
-        return Decision("allow", base.rule, base.reason, version, 0, True, "deny")
+        return Decision("allow", base.rule, base.reason, version, 0, True, "deny",
+                        base.provider)
     if observed_allow is not None:
         return Decision(
-            "deny", observed_allow.name, base.reason, version, base.status, True, "allow"
-        )
+            "deny", observed_allow.name, base.reason, version, base.status, True, "allow",
+            _provider(observed_allow))
     return base
+
+
+def _provider(rule: Rule) -> str | None:
+    """The JWT provider ``rule`` names (``Decision.provider``), if any."""
+    jwt = rule.when.jwt
+    return None if jwt is None else jwt.provider
 
 
 def decide_egress(policy: Policy | None, identity: str, target_id: str, now: float) -> Decision:

@@ -20,6 +20,7 @@ from sidecar.http.headers import HOP_BY_HOP
 from sidecar.http.untrusted import SIDECAR_SET, fold
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
+    DEFAULT_JWKS_REFRESH_SECONDS,
     DEFAULT_TOKEN_LOCATIONS,
     INTROSPECTION_MAX_CONCURRENT,
     AlertRule,
@@ -33,7 +34,7 @@ from sidecar.policy.sections import (
 
 PROVIDER_KEYS = frozenset(
     {"issuer", "audiences", "algorithms", "jwks_file", "jwks_uri", "jwks_ca", "jwks_refresh",
-     "jwks_min_refetch", "clock_skew", "required_claims", "max_lifetime", "from_headers",
+     "jwks_min_refetch", "jwks_max_stale", "clock_skew", "required_claims", "max_lifetime", "from_headers",
      "from_params", "from_cookies", "forward_claims", "forward_token", "max_token_bytes",
      "discovery", "typ", "cert_binding", "forward_query_token", "introspection"}
 )
@@ -189,6 +190,7 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
     kwargs: dict[str, Any] = {}
     for key, field_name in (("jwks_refresh", "jwks_refresh_seconds"),
                             ("jwks_min_refetch", "jwks_min_refetch_seconds"),
+                            ("jwks_max_stale", "jwks_max_stale_seconds"),
                             ("clock_skew", "clock_skew_seconds"),
                             ("max_lifetime", "max_lifetime_seconds")):
         if key in m:
@@ -196,6 +198,18 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
             if d is None:
                 ok = False
             kwargs[field_name] = d
+    stale = kwargs.get("jwks_max_stale_seconds")
+    if stale is not None:
+        # At least one refresh interval: a set must be able to be refetched before it is
+        # dropped. Only for fetched sets: a jwks_file is read locally, never stale.
+        refresh = kwargs.get("jwks_refresh_seconds") or DEFAULT_JWKS_REFRESH_SECONDS
+        if "jwks_uri" not in m and "discovery" not in m:
+            r.problem(path + ("jwks_max_stale",), "applies to jwks_uri and discovery only")
+            ok = False
+        elif stale < refresh:
+            r.problem(path + ("jwks_max_stale",),
+                      f"must be at least jwks_refresh ({refresh:g}s)")
+            ok = False
     if "required_claims" in m:
         rc = m["required_claims"]
         if rc == []:
@@ -352,11 +366,17 @@ def _introspection(r: Reader, value: Any, path: P, base_dir: str) -> Introspecti
     if "ca" in m:
         kw["ca"] = r.file(m["ca"], path + ("ca",), optional=False, base_dir=base_dir)
         ok = ok and kw["ca"] is not None
+    # Each must be more than 0: a cache_ttl of 0 turned every active answer into
+    # "inactive", a negative_ttl of 0 let a revoked token count as "not asked about", and a
+    # timeout of 0 makes every call fail (found by a hostile review).
     for key, field_name in (("cache_ttl", "cache_ttl_seconds"),
                             ("negative_ttl", "negative_ttl_seconds"),
                             ("timeout", "timeout_seconds")):
         if key in m:
             d = r.duration(m[key], path + (key,))
+            if d == 0:
+                r.problem(path + (key,), "must be more than 0")
+                d = None
             ok = ok and d is not None
             kw[field_name] = d
     if "max_concurrent" in m:

@@ -59,6 +59,9 @@ class Introspection:
         return max(1, self.max_concurrent // 2)
 
 
+DEFAULT_JWKS_REFRESH_SECONDS = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class JwtProvider:
     """One trusted token issuer, as declared under ``jwt_providers`` in the policy."""
@@ -70,8 +73,11 @@ class JwtProvider:
     jwks_file: str | None = None
     jwks_uri: str | None = None  # https only
     jwks_ca: str | None = None  # CA bundle file for jwks_uri; None = system store
-    jwks_refresh_seconds: float = 300.0
+    jwks_refresh_seconds: float = DEFAULT_JWKS_REFRESH_SECONDS
     jwks_min_refetch_seconds: float = 30.0  # unknown kid: at most one refetch per interval
+    # jwks_uri / discovery: how long the last good key set is used while fetches keep
+    # failing; then it is dropped (no_keys, fail closed). See docs/authn.md.
+    jwks_max_stale_seconds: float = 86400.0
     clock_skew_seconds: float = 30.0
     required_claims: tuple[str, ...] = ("exp",)
     max_lifetime_seconds: float | None = None  # exp - iat (or exp - nbf) must not exceed
