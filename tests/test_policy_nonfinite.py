@@ -240,3 +240,19 @@ def test_a_running_sidecar_keeps_its_policy_through_every_key(tmp_path, pki: Pki
         assert http(port, "GET", "/admin/x", ctx=ctx).status == 403, (key, value)
         assert http(port, "GET", "/x", ctx=ctx).status == 200, (key, value)
     assert b.proc.poll() is None
+
+
+@pytest.mark.parametrize(("skew", "ok"), [("10m", True), ("600", True), ("601", False),
+                                          ("11m", False), ("1.0e+99", False), ("24h", False)])
+def test_clock_skew_is_bounded(tmp_path: Path, skew: str, ok: bool) -> None:
+    """A finite but huge clock_skew (1.0e+99 was taken) kept every token alive past its exp."""
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    policy = tmp_path / "p.yaml"
+    policy.write_text(HEADER + f"jwt_providers:\n  p: {{{JWKS}, clock_skew: {skew}}}\n"
+                      "services: {}\n")
+    if ok:
+        load_policy_set([str(policy)])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_policy_set([str(policy)])
+    assert "jwt_providers.p.clock_skew" in str(info.value) and "at most 10m" in str(info.value)

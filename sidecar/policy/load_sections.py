@@ -79,6 +79,9 @@ RATE_PROBLEM = ("expected requests per second > 0 -- from one a day to 1,000,000
                 "or like 100/s, 30/m, 1000/h")
 
 
+MAX_CLOCK_SKEW_SECONDS = 600.0  # jwt_providers[].clock_skew: ten minutes at most
+
+
 def read_name(r: Reader, value: Any, path: P) -> str | None:
     """A name of a provider, rule, API key, rate limit or alert: letters, digits, ``._:-``,
     starting with a letter or digit, at most 128 characters; None if invalid (reported)."""
@@ -196,6 +199,12 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
         if key in m:
             d = r.duration(m[key], path + (key,))
             if d is None:
+                ok = False
+            elif key == "clock_skew" and d > MAX_CLOCK_SKEW_SECONDS:
+                # (finite, but a token lives this much past its exp: 1e99 was taken, and
+                # tokens never expired)
+                r.problem(path + (key,), f"at most {MAX_CLOCK_SKEW_SECONDS // 60:g}m: every "
+                          "token is accepted this long after its exp")
                 ok = False
             kwargs[field_name] = d
     stale = kwargs.get("jwks_max_stale_seconds")
