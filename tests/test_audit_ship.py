@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -192,20 +193,22 @@ def test_collector_away_and_back(tmp_path, rsyslog, queue_size):
                          ship=rsyslog.ship(queue_size=queue_size))
 
     async def body(w: AuditWriter) -> None:
+        # (real times: the records before the first checkpoint must span what its writer
+        # signs within -- verify's unsigned_start -- and a loaded machine delays it)
         for i in range(10):
-            assert w.submit(AuditRecord(time=float(i), request_id=f"before-{i}"))
+            assert w.submit(AuditRecord(time=time.time(), request_id=f"before-{i}"))
         await _until(lambda: w.statistics().shipped + w.statistics().ship_dropped >= 11
                      and w.statistics().ship_queue_depth == 0)
         await trio.to_thread.run_sync(rsyslog.stop)
         for i in range(30):
-            assert w.submit(AuditRecord(time=float(i), request_id=f"away-{i}"))
+            assert w.submit(AuditRecord(time=time.time(), request_id=f"away-{i}"))
             await trio.sleep(0.005)
         await _until(lambda: not w.statistics().ship_connected)
         await trio.to_thread.run_sync(rsyslog.start)
         await _until(lambda: w.statistics().ship_connected
                      and w.statistics().ship_queue_depth == 0)
         for i in range(5):
-            assert w.submit(AuditRecord(time=float(i), request_id=f"after-{i}"))
+            assert w.submit(AuditRecord(time=time.time(), request_id=f"after-{i}"))
 
     writer = run_writer(config, body, identity=ORDERS, retry_initial=0.05, retry_max=0.2)
     stats = writer.statistics()
