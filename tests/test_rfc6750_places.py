@@ -47,6 +47,9 @@ QUERY_SPELLINGS = (
 AUTHORIZATION_FORMS = (
     "DPoP {t}", "dpop {t}", "JWT {t}", "Token {t}", "token {t}", "Custom {t}", "{t}",
     "DPoP\t{t}",
+    # set off by what an app splitting on any whitespace or a comma also takes for a
+    # separator (a review of the fix found these passed)
+    "DPoP\xa0{t}", "JWT\xa0{t}", "Token,{t}", "Token, {t}", "Custom\xa0{t}",
 )
 # Schemes that carry a token whatever its shape (an opaque DPoP or ``Token`` credential).
 OPAQUE_FORMS = ("DPoP {o}", "dpop {o}", "JWT {o}", "Token {o}", "TOKEN {o}")

@@ -317,8 +317,11 @@ def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
             value = v.decode("latin-1").strip(OWS)
             scheme, credential = value, ""
             for i, c in enumerate(value):
-                if c in OWS:
-                    scheme, credential = value[:i], value[i:].strip(OWS)
+                # The scheme ends at the first byte no token holds, not only at SP or HTAB:
+                # an app splitting on any whitespace reads ``DPoP\xa0<jwt>`` or
+                # ``Token,<jwt>`` as a scheme and a token (a review found those passed).
+                if c not in _TCHAR:
+                    scheme, credential = value[:i], value[i:].strip(OWS + "\xa0,;:=")
                     break
             lower = scheme.lower()
             if not credential:
