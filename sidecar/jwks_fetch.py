@@ -158,8 +158,13 @@ async def run_jwks_fetcher(provider: JwtProvider, authenticator: Authenticator, 
     authenticator.set_unknown_kid_listener(provider.name, unknown_kid)
     started = False
     # Until when (trio time) the last good set may be used while fetches fail; inf: there
-    # is no set to drop (none yet, or already dropped).
-    stale_at = float("inf")
+    # is no set to drop (none yet, or already dropped). A fetcher started again (a reload
+    # that changed jwks_refresh, jwks_ca, jwks_max_stale...) keeps the set in force and so
+    # counts from when that set was obtained, not from its own start: a review found a
+    # reload during an outage turned the bound off, the old keys used for ever.
+    held = authenticator.held_since(provider.name)
+    stale_at = (float("inf") if held is None else
+                trio.current_time() + held + provider.jwks_max_stale_seconds - time.time())
     try:
         while True:
             due = next_fetch_at(state, trio.current_time())

@@ -213,3 +213,38 @@ def test_jwks_max_stale_is_checked_at_load(tmp_path: Path, settings: dict[str, s
     assert r.returncode == 1 and f"jwt_providers.p.{message}" in r.stderr, r.stderr
     line = next(i for i, text in enumerate(lines, 1) if "jwks_max_stale" in text)
     assert f"{f}:{line}:" in r.stderr
+
+
+def test_a_reload_during_an_outage_keeps_counting_from_the_last_fetch(tmp_path: Path) -> None:
+    """A reload that starts the provider's fetcher again (another jwks_refresh, a lower
+    jwks_max_stale: the natural move in an outage) counts from when the set in force was
+    fetched, not from its own start: a review of the fix found the bound switched off, the
+    old keys used for ever."""
+    server = JwksServer(tmp_path / "jwks")
+    server.docs = {"/stale": {"keys": [_k1()]}}
+    base = f"https://127.0.0.1:{server.port}"
+
+    def policy(max_stale: str, refresh: str) -> dict[str, Any]:
+        return {"version": 1, "trust_domain": "demo.local",
+                "jwt_providers": {"stale": {
+                    "issuer": ISSUERS["stale"], "audiences": ["orders"],
+                    "algorithms": ["ES256"], "jwks_uri": f"{base}/stale",
+                    "jwks_ca": str(server.ca_file), "jwks_refresh": refresh,
+                    "jwks_min_refetch": "1s", "jwks_max_stale": max_stale}},
+                "services": {h.spiffe("orders"): {"rules": [
+                    {"name": "stale", "allow": {"from": [FRONTEND], "paths": ["/stale/**"],
+                                                "jwt": {"provider": "stale"}}}]}}}
+
+    try:
+        with orders_mesh(tmp_path, policy("6s", "1s")) as mesh:
+            env = Env(mesh, server)
+            assert h.wait_for(lambda: env.status("stale") == 200, timeout=15)
+            with server.lock:
+                server.status["/stale"] = 503  # the endpoint fails from now on
+            h.write_policy(mesh.policy_dir / "mesh.yaml", policy("3s", "2s"))
+            assert h.wait_for(lambda: len(mesh.sidecar.log_events("policy_loaded")) >= 2,
+                              timeout=15)
+            assert h.wait_for(lambda: env.status("stale") == 401, timeout=20)
+            assert env.dropped("stale", "stale") == 1
+    finally:
+        server.close()

@@ -317,6 +317,12 @@ class Authenticator:
         if removed and self.on_keys_removed is not None:
             self.on_keys_removed()
 
+    def held_since(self, provider: str) -> float | None:
+        """When (unix time) ``provider``'s key set in force was obtained, if it holds keys;
+        None when it holds none (no set yet, withdrawn or dropped as stale)."""
+        keys = self._keys.get(provider)
+        return self._fetched_at.get(provider) if keys is not None and len(keys) else None
+
     def keys(self, provider: str) -> KeySet | None:
         """The key set in use for ``provider``, if any."""
         return self._keys.get(provider)
