@@ -33,6 +33,7 @@ from sidecar.identity.trust import (
     TrustStore,
     bundle_from_certs,
     load_bundle,
+    names_own_domain,
 )
 
 
@@ -151,10 +152,15 @@ class TlsState:
         listed = load_bundle(own.trust_domain, snap.svid.bundle_path, allow_empty=False)
         kept = [root for root in own.roots
                 if root.public_bytes(serialization.Encoding.DER) in listed.root_ders]
-        if len(kept) == len(own.roots) or not kept:
-            # (None kept: a file that shares no root with the bundle in force is more likely
-            # the wrong file -- another trust domain's, a rotation gone wrong -- than the end
-            # of the own trust domain; it withdraws nothing, as a file without roots)
+        if len(kept) == len(own.roots):
+            return None
+        if not kept and not names_own_domain(listed):
+            # A file that shares no root with the bundle in force, whose roots do not name
+            # the own trust domain, is more likely the wrong file (a rotation gone wrong)
+            # than the end of every root: it withdraws nothing, as a file without roots. A
+            # single-root trust domain whose root was replaced (R1 by R2, both naming it,
+            # as SPIRE's and `sidecar ca`'s do) has its old root withdrawn: the emergency
+            # this is for (a review of the fix found R1 kept).
             return None
         narrowed = bundle_from_certs(own.trust_domain, own.path, kept)
         trust = snap.trust.with_bundle(narrowed, snap.trust.generation + 1)

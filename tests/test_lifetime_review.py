@@ -215,6 +215,11 @@ def _bad_rotations(pki: Pki) -> list[tuple[str, str, dict[str, bytes]]]:
     ]
 
 
+# Members whose bundle lists a root of the own trust domain other than the one in force (the
+# last member: it runs after every other, whose caller it then refuses).
+WITHDRAWS_THE_ROOT = frozenset({"an expired intermediate"})
+
+
 def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, pki, app,
                                                                        procs):
     """Each bad set is refused with its rule in ``certificate_reload_failed``, the old
@@ -237,6 +242,14 @@ def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, 
         event = srv.log_events("certificate_reload_failed")[-1]
         assert f"[rule {rule}]" in event["error"], (member, event)
         assert peer_der(port, ctx) == leaf_der(old.cert_pem), member
+        if member in WITHDRAWS_THE_ROOT:
+            # Its bundle names the own trust domain and lists another root only: the root
+            # in force is withdrawn though the set fails (tests/test_own_roots_withdrawn.py),
+            # and the caller it issued refused.
+            wait_for(lambda: srv.log_events("trust_roots_withdrawn"), timeout=10)
+            with pytest.raises((OSError, ssl.SSLError, AssertionError)):
+                assert http(port, "GET", "/", ctx=ctx).status == 200
+            continue
         assert http(port, "GET", "/", ctx=ctx).status == 200, member
     assert reloads(srv, "ok") == 0
     fresh = ca.issue(spiffe("orders"))

@@ -54,6 +54,26 @@ FAILING_SETS = {
 }
 
 
+def _unnamed_root() -> bytes:
+    """A CA certificate (PEM) without a SPIFFE ID: it names no trust domain."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unnamed root")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def _refused(port: int, ctx: ssl.SSLContext) -> bool:
     try:
         return http(port, "GET", "/", ctx=ctx).status != 200
@@ -120,11 +140,12 @@ def test_a_withdrawn_root_is_distrusted_though_the_own_set_fails(tmp_path: Path,
         keep.close()
 
 
-@pytest.mark.parametrize("content", ["empty", "another_ca"])
+@pytest.mark.parametrize("content", ["empty", "another_trust_domains", "unnamed_root"])
 def test_a_bundle_file_without_roots_in_force_withdraws_nothing(tmp_path: Path, procs,
                                                                 content):
-    """A bundle file caught empty (being written), or holding none of the roots in force (the
-    wrong file: another CA's), while the set fails is not read as the end of the own trust
+    """A bundle file caught empty (being written), or holding none of the roots in force and
+    no root naming the own trust domain (the wrong file: another trust domain's, a root
+    without a SPIFFE ID), while the set fails is not read as the end of the own trust
     domain: the roots in force stay until a set loads."""
     old, new = DevCA.create(TD), DevCA.create(TD)
     orders = write_svid(old.issue(spiffe("orders")), old, tmp_path / "orders")
@@ -133,8 +154,36 @@ def test_a_bundle_file_without_roots_in_force_withdraws_nothing(tmp_path: Path, 
     honest = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "h"),
                           bundle)
     srv = _orders(tmp_path, procs, orders, bundle)
-    replace_file(bundle, b"" if content == "empty" else DevCA.create(TD).bundle_pem)
+    replace_file(bundle, {"empty": b"", "another_trust_domains": DevCA.create(
+        "partner.example").bundle_pem, "unnamed_root": _unnamed_root()}[content])
     wait_for(lambda: srv.metric("sidecar_certificate_reloads_total", result="failed") >= 1,
              timeout=15)
     assert srv.log_events("trust_roots_withdrawn") == []
     assert http(srv.port("inbound"), "GET", "/", ctx=honest).status == 200
+
+
+def test_a_single_root_replaced_is_withdrawn(tmp_path: Path, procs) -> None:
+    """A trust domain of one root, replaced by another (both naming it, as SPIRE's and
+    `sidecar ca`'s roots do) while this sidecar's certificate still comes from the old one:
+    the old root is no longer trusted -- the emergency of a compromised CA key, the most
+    likely one (a review of the fix found it kept, the file sharing no root)."""
+    old, new = DevCA.create(TD), DevCA.create(TD)
+    orders = write_svid(old.issue(spiffe("orders")), old, tmp_path / "orders")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(old.bundle_pem)
+    mallory = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "m"),
+                           bundle)
+    srv = _orders(tmp_path, procs, orders, bundle)
+    port = srv.port("inbound")
+    keep = httpclient.HTTPSConnection("127.0.0.1", port, context=mallory, timeout=5)
+    try:
+        assert http(port, "GET", "/", conn=keep).status == 200
+        replace_file(bundle, new.bundle_pem)
+        wait_for(lambda: srv.log_events("trust_roots_withdrawn"), timeout=15)
+        wait_for(lambda: srv.metric("sidecar_connections_closed_total",
+                                    reason="peer_untrusted") >= 1, timeout=15)
+        assert _refused(port, mallory)
+        [event] = srv.log_events("trust_roots_withdrawn")
+        assert event["roots"] == 0
+    finally:
+        keep.close()

@@ -118,6 +118,17 @@ def _named_domains(cert: x509.Certificate) -> list[str]:
             if u[:len(SCHEME_PREFIX)].lower() == SCHEME_PREFIX]
 
 
+def names_own_domain(bundle: TrustBundle) -> bool:
+    """Whether every root of ``bundle`` names its trust domain in a SPIFFE URI SAN (SPIRE's
+    and ``sidecar ca``'s roots do): recognisably that trust domain's bundle, not another
+    file put in its place. (Unreadable extensions: False.)"""
+    try:
+        return bool(bundle.roots) and all(
+            bundle.trust_domain in _named_domains(root) for root in bundle.roots)
+    except SvidError:
+        return False
+
+
 def bundle_from_certs(trust_domain: str, path: str,
                       roots: Sequence[x509.Certificate]) -> TrustBundle:
     """A bundle for ``trust_domain``; raise ``SvidError`` if a root names another domain.
