@@ -386,6 +386,7 @@ def test_a_stream_idle_both_ways_is_cut(pair: Pair) -> None:
         server["got"] = read_to_end(conn, timeout=IDLE + 2 * BOUND)
         ended.set()
 
+    before = [len(pair.refusals(p)) for p in (pair.outbound, pair.inbound)]
     pair.app.plans.append(plan)
     client = pair.connect()
     try:
@@ -395,3 +396,11 @@ def test_a_stream_idle_both_ways_is_cut(pair: Pair) -> None:
         assert server["got"] == (b"", "eof")
     finally:
         client.close()
+    # The cut is recorded as one (a review found it recorded as a clean end), by the
+    # sidecar that cut it -- whichever's limit ran out first, or both.
+    cut = wait_for(lambda: [e for p, n in zip((pair.outbound, pair.inbound), before,
+                                               strict=True) for e in pair.refusals(p)[n:]],
+                   timeout=BOUND)
+    assert {e["reason"] for e in cut} <= {"idle_timeout", "client_peerclosed",
+                                           "upstream_closed_mid_response"}, cut
+    assert any(e["reason"] == "idle_timeout" for e in cut), cut

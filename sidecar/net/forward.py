@@ -93,6 +93,7 @@ class Exchange:
     upgraded: bool = False
     reused: bool = False
     keep_alive: bool = False  # the client's connection may carry another request
+    error: str | None = None  # how an upgraded stream ended when not cleanly (idle_timeout)
 
 
 class UpstreamFailed(Exception):
@@ -138,6 +139,9 @@ _SIDES = ("client", "upstream")
 _STREAM_ERRORS = (Exception,)
 
 
+IDLE_TIMEOUT = "idle_timeout"  # the error of a stream cut after limits.tcp_idle_timeout
+
+
 @dataclass(slots=True)
 class Spliced:
     """How a ``splice`` ended: bytes each way, and ``broken`` ("" when both sides ended
@@ -158,9 +162,11 @@ class Spliced:
             self.broken = BROKEN_RECORD[self.side][2]
 
     def record(self) -> tuple[int, str | None]:
-        """(status, error) of the stream's record: (``ok``, None) for a clean end."""
+        """(status, error) of the stream's record: (200, None) for a clean end, (200,
+        ``idle_timeout``) for a cut after the idle limit (not a clean end: a review found
+        it recorded as one)."""
         if not self.broken:
-            return 200, None
+            return 200, IDLE_TIMEOUT if self.idle else None
         status, reason, _ = BROKEN_RECORD[self.side]
         return status, reason
 
@@ -243,6 +249,7 @@ class _Splice:
             except _STREAM_ERRORS:
                 self.broke(j)
                 return
+            self.last = clock()  # (a send that completed is activity too: a slow reader)
 
     def _wake(self, i: int) -> None:
         """Nothing of side ``i``'s waits to be read (or its end was read): a close_notify
@@ -824,6 +831,8 @@ async def _upgraded(client: Endpoint, ep: Endpoint, event: Response, limits: Lim
                         ep.reader.trailing(), limits.tcp_idle_timeout)
     ex.request_bytes += done.sent
     ex.response_bytes += done.received
+    if done.idle:
+        ex.error = IDLE_TIMEOUT
     if done.broken:  # (both sides reset: recorded as an exchange cut short, its detail)
         raise PeerClosed(done.broken, done.side, ex.request_bytes, ex.response_bytes)
     await close_quietly(ep.stream)

@@ -169,7 +169,8 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 raise
             if conn is not None:
                 conn.credentials_end = math.inf  # (set for a request with credentials)
-            telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes)
+            telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
+                              error=ex.error)
             if ex.upgraded:
                 return
         except RequestRefused as exc:
