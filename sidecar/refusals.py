@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 MAX_SOURCES = 1024  # sources with a pending summary; beyond, counted under "*"
 MAX_REASONS = 16  # distinct reasons kept per summary; beyond, counted under "other"
+MAX_PEERS = 8  # distinct peer SPIFFE IDs named per summary (the first ones seen)
 OVERFLOW_SOURCE = "*"
 OTHER_REASON = "other"
 
@@ -44,9 +45,13 @@ class Tally:
     last: float = 0.0
     count: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    peers: list[str] = field(default_factory=list)  # the first MAX_PEERS distinct ones
 
-    def add(self, reason: str, now: float) -> None:
-        """One more refusal, for ``reason`` (or ``other`` past ``MAX_REASONS`` reasons)."""
+    def add(self, reason: str, now: float, peer: str | None = None) -> None:
+        """One more refusal, for ``reason`` (or ``other`` past ``MAX_REASONS`` reasons), of
+        ``peer`` (a certificate's SPIFFE ID, if it named one)."""
+        if peer and len(self.peers) < MAX_PEERS and peer not in self.peers:
+            self.peers.append(peer)
         self.count += 1
         self.last = now
         reasons = self.reasons
@@ -68,7 +73,8 @@ class RefusalThinner:
         self._admitted_total = 0
         self._tallies: dict[tuple[str, str], Tally] = {}
 
-    def admit(self, direction: str, source: str, reason: str, now: float) -> bool:
+    def admit(self, direction: str, source: str, reason: str, now: float,
+              peer: str | None = None) -> bool:
         """True: write this refusal's own record and log line. False: it was counted for the
         next summary of its source."""
         second = int(now)
@@ -89,7 +95,7 @@ class RefusalThinner:
                 tally = self._tallies.get(key)
             if tally is None:
                 tally = self._tallies[key] = Tally(first=now)
-        tally.add(reason, now)
+        tally.add(reason, now, peer)
         return False
 
     def pending(self) -> bool:

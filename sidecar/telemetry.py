@@ -123,7 +123,7 @@ class Telemetry:
         if hook is not None and direction == "inbound" and reason.split(":")[0] in \
                 TLS_CREDENTIAL_FAILURES:
             hook(source)
-        if not self.refusals.admit(direction, source, reason, time.time()):
+        if not self.refusals.admit(direction, source, reason, time.time(), peer):
             # Beyond its source's rate: counted in the next summary (``flush_refusals``).
             self.metrics.refusals_summarised_total.labels(direction).inc()
             return
@@ -178,11 +178,12 @@ class Telemetry:
         for direction, source, tally in self.refusals.summaries():
             logs.log("connection_refused_summary", "warning", direction=direction,
                      source=source, count=tally.count, reasons=tally.reasons,
-                     first=tally.first, last=tally.last)
+                     first=tally.first, last=tally.last, peers=tally.peers)
             if self.audit is not None:
                 self.audit.submit(refused_summary_record(
                     time=now, direction=direction, source=source, count=tally.count,
-                    reasons=tally.reasons, first=tally.first, last=tally.last))
+                    reasons=tally.reasons, first=tally.first, last=tally.last,
+                    peers=tally.peers))
 
     def connection_retired(self, direction: str, listener: str, source: str,
                            peer: str | None, reason: str, opened: float | None = None) -> None:

@@ -20,7 +20,14 @@ import yaml
 
 from sidecar.config.model import Limits, load_config
 from sidecar.errors import ConfigError
-from sidecar.refusals import MAX_REASONS, MAX_SOURCES, OTHER_REASON, OVERFLOW_SOURCE, RefusalThinner
+from sidecar.refusals import (
+    MAX_PEERS,
+    MAX_REASONS,
+    MAX_SOURCES,
+    OTHER_REASON,
+    OVERFLOW_SOURCE,
+    RefusalThinner,
+)
 from tests.harness import (
     Pki,
     SidecarProc,
@@ -43,6 +50,10 @@ def test_per_source_bound_then_counted() -> None:
     [(direction, source, tally)] = t.summaries()
     assert (direction, source, tally.count, tally.reasons) == (
         "inbound", "10.0.0.1", 7, {"no_client_cert": 7})
+    assert tally.peers == []
+    for i in range(20):  # the peers the certificates named: the first MAX_PEERS, once each
+        t.admit("inbound", "10.0.0.1", "peer_untrusted", 100.5, f"spiffe://x/p{i % 12}")
+    assert t.summaries()[0][2].peers == [f"spiffe://x/p{i}" for i in range(MAX_PEERS)]
     assert (tally.first, tally.last) == (100.1, 100.1)
     assert not t.pending() and t.summaries() == []
 

@@ -575,14 +575,15 @@ def connection_refused_record(
 
 def refused_summary_record(
     *, time: float, direction: str, source: str, count: int, reasons: dict[str, int],
-    first: float, last: float,
+    first: float, last: float, peers: list[str] | None = None,
 ) -> AuditRecord:
     """``count`` refused connections of one source, beyond the rate that gets a record each
     (``sidecar.refusals``): their reasons with how many of each, the first and the last."""
     return AuditRecord(
         time=time, event=EVENT_REFUSED_SUMMARY, direction=direction, source=source,
         decision="deny", reason="summary",
-        extra={"count": count, "reasons": dict(reasons), "first": first, "last": last},
+        extra={"count": count, "reasons": dict(reasons), "first": first, "last": last,
+               "peers": list(peers or ())},
     )
 
 
