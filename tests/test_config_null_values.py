@@ -128,7 +128,7 @@ def maximal_policy() -> dict[str, Any]:
                       "forward_query_token": False},
             "uri": {"issuer": "https://127.0.0.1:9/idp2", "algorithms": ["ES256"],
                     "jwks_uri": "https://127.0.0.1:9/idp2/keys", "jwks_ca": "ca.pem",
-                    "jwks_refresh": "5m", "jwks_min_refetch": "30s"},
+                    "jwks_refresh": "5m", "jwks_min_refetch": "30s", "jwks_max_stale": "1h"},
             "disco": {"issuer": "https://127.0.0.1:9/idp3", "algorithms": ["ES256"],
                       "discovery": True},
             "intro": {"issuer": "https://127.0.0.1:9/idp4", "introspection": {
