@@ -74,6 +74,11 @@ def _unnamed_root() -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def _caller(ca: DevCA, where: Path, bundle: Path) -> ssl.SSLContext:
+    """A client context for the frontend, with a certificate ``ca`` issued."""
+    return mtls_context(write_svid(ca.issue(spiffe("frontend")), ca, where), bundle)
+
+
 def _refused(port: int, ctx: ssl.SSLContext) -> bool:
     try:
         return http(port, "GET", "/", ctx=ctx).status != 200
@@ -102,12 +107,9 @@ def test_a_withdrawn_root_is_distrusted_though_the_own_set_fails(tmp_path: Path,
     bundle.write_bytes(old.bundle_pem + new.bundle_pem)
     client_bundle = tmp_path / "client-bundle.crt"
     client_bundle.write_bytes(old.bundle_pem + new.bundle_pem + third.bundle_pem)
-    mallory = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "m"),
-                           client_bundle)  # holds the compromised root's key
-    honest = mtls_context(write_svid(new.issue(spiffe("frontend")), new, tmp_path / "h"),
-                          client_bundle)
-    added = mtls_context(write_svid(third.issue(spiffe("frontend")), third, tmp_path / "t"),
-                         client_bundle)
+    mallory = _caller(old, tmp_path / "m", client_bundle)  # holds the compromised root's key
+    honest = _caller(new, tmp_path / "h", client_bundle)
+    added = _caller(third, tmp_path / "t", client_bundle)
     srv = _orders(tmp_path, procs, orders, bundle)
     port = srv.port("inbound")
     keep = httpclient.HTTPSConnection("127.0.0.1", port, context=mallory, timeout=5)
@@ -151,8 +153,7 @@ def test_a_bundle_file_without_roots_in_force_withdraws_nothing(tmp_path: Path, 
     orders = write_svid(old.issue(spiffe("orders")), old, tmp_path / "orders")
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(old.bundle_pem + new.bundle_pem)
-    honest = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "h"),
-                          bundle)
+    honest = _caller(old, tmp_path / "h", bundle)
     srv = _orders(tmp_path, procs, orders, bundle)
     replace_file(bundle, {"empty": b"", "another_trust_domains": DevCA.create(
         "partner.example").bundle_pem, "unnamed_root": _unnamed_root()}[content])
@@ -171,8 +172,7 @@ def test_a_single_root_replaced_is_withdrawn(tmp_path: Path, procs) -> None:
     orders = write_svid(old.issue(spiffe("orders")), old, tmp_path / "orders")
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(old.bundle_pem)
-    mallory = mtls_context(write_svid(old.issue(spiffe("frontend")), old, tmp_path / "m"),
-                           bundle)
+    mallory = _caller(old, tmp_path / "m", bundle)
     srv = _orders(tmp_path, procs, orders, bundle)
     port = srv.port("inbound")
     keep = httpclient.HTTPSConnection("127.0.0.1", port, context=mallory, timeout=5)
