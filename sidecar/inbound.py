@@ -55,7 +55,7 @@ from sidecar.net.lifetime import REASON_CREDENTIAL_EXPIRED, Lifetimes, LiveConne
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
-from sidecar.net.streams import Endpoint, close_quietly
+from sidecar.net.streams import Endpoint, cancelled, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_both
@@ -169,9 +169,10 @@ class InboundProxy:
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
-        except trio.Cancelled:
-            self.telemetry.request(record, 200,
-                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
+        except BaseException as exc:
+            if cancelled(exc):  # (a nursery's group of them, too)
+                self.telemetry.request(record, 200,
+                                       error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None

@@ -51,7 +51,7 @@ from sidecar.net.lifetime import (
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
-from sidecar.net.streams import Endpoint, close_quietly
+from sidecar.net.streams import Endpoint, cancelled, close_quietly
 from sidecar.net.transport import SocketTransport, TlsTransport
 from sidecar.policy.decision import Decision, RequestFacts, new_facts
 from sidecar.telemetry import RequestContext, Telemetry
@@ -253,9 +253,10 @@ class OutboundProxy:
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
-        except trio.Cancelled:
-            self.telemetry.request(record, 200,
-                                   error=f"connection_closed:{conn.retiring or 'shutdown'}")
+        except BaseException as exc:
+            if cancelled(exc):  # (a nursery's group of them, too)
+                self.telemetry.request(record, 200,
+                                       error=f"connection_closed:{conn.retiring or 'shutdown'}")
             raise
         finally:
             conn.recheck = None

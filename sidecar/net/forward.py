@@ -290,11 +290,11 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
     FIN, a close_notify) is passed on to the other (``send_eof``) and the other direction
     goes on; a truncation (a TLS EOF without close_notify), a reset or any I/O error resets
     both sides (SO_LINGER 0, no close_notify: ``sidecar.net.streams.abort``) and is named in
-    the result (``Spliced.broken``: ``BROKEN_RECORD``). Idleness is the connection's: one
+    the result (``Spliced.broken``: ``BROKEN_RECORD``); so does a cancellation (a retirement
+    past its grace, the process stopping), which then goes on to the caller. Idleness is the connection's: one
     last-activity time both directions update (a clock read per chunk, no timer), watched
     by this task, which sleeps until the earliest moment the limit can be reached. After a
-    clean end or an idle cut the caller closes both sides (FIN / close_notify); a
-    cancellation (a retirement, the process stopping) goes through to the caller as before.
+    clean end or an idle cut the caller closes both sides (FIN / close_notify).
     """
     st = _Splice(a, b)
     done = st.done
@@ -310,18 +310,27 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
             else:
                 done.received += len(head)
     if not done.broken:
-        async with trio.open_nursery() as nursery:
-            st.scope = nursery.cancel_scope
-            nursery.start_soon(st.pipe, 0)
-            nursery.start_soon(st.pipe, 1)
-            clock = st.clock
-            while True:
-                due = st.last + idle
-                if clock() >= due:
-                    done.idle = True
-                    nursery.cancel_scope.cancel()
-                    break
-                await trio.sleep_until(due)
+        try:
+            async with trio.open_nursery() as nursery:
+                st.scope = nursery.cancel_scope
+                nursery.start_soon(st.pipe, 0)
+                nursery.start_soon(st.pipe, 1)
+                clock = st.clock
+                while True:
+                    due = st.last + idle
+                    if clock() >= due:
+                        done.idle = True
+                        nursery.cancel_scope.cancel()
+                        break
+                    await trio.sleep_until(due)
+        except BaseException:
+            # Cut by the sidecar (a retirement past its grace, the process stopping; as a
+            # group of Cancelled), or a failure: the stream did not end, so neither side may
+            # read an end of data -- a reset, as for a truncation, tells both that bytes may
+            # have been lost.
+            abort(a)
+            abort(b)
+            raise
     if done.broken:
         abort(a)
         abort(b)

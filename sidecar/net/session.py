@@ -22,8 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import trio
-
 from sidecar.config.model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.request import RequestHead, check_head
@@ -32,7 +30,14 @@ from sidecar.net.forward import Exchange, UpstreamFailed
 from sidecar.net.lifetime import LiveConnection
 from sidecar.net.listen import IDLE_DRAIN_GRACE, ConnectionTracker
 from sidecar.net.respond import send_refusal
-from sidecar.net.streams import Endpoint, PeerClosed, Timeout, abort, wait_readable
+from sidecar.net.streams import (
+    Endpoint,
+    PeerClosed,
+    Timeout,
+    abort,
+    cancelled,
+    wait_readable,
+)
 from sidecar.telemetry import RequestContext, Telemetry
 
 _ID_BATCH = 512
@@ -161,11 +166,17 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                               http_version=event.version, values_checked=True)
             try:
                 ex = await handle(ctx, event, head)
-            except trio.Cancelled:
+            except BaseException as cut:
+                if not cancelled(cut):  # (a nursery's group of Cancelled is one too)
+                    raise
                 # The connection was cut (retired past its grace, or the process stops):
                 # the request still leaves its one record.
                 if ctx.facts is not None:
                     telemetry.request(ctx, 0, error="connection_closed")
+                if client.sent_head:
+                    # An answer cut part-way must not end like a whole one (to an HTTP/1.0
+                    # client, or a stream, the close would be the end of the body): a reset.
+                    abort(client.stream)
                 raise
             if conn is not None:
                 conn.credentials_end = math.inf  # (set for a request with credentials)

@@ -666,6 +666,19 @@ def abort(stream: trio.abc.Stream) -> None:
             pass
 
 
+def cancelled(exc: BaseException) -> bool:
+    """Is ``exc`` a cancellation: ``trio.Cancelled``, or a group of nothing else? A nursery
+    (a stream's two directions, an exchange's watch) ends a cancellation of the scope around
+    it as a ``BaseExceptionGroup`` of its tasks' ``Cancelled``, which ``except
+    trio.Cancelled`` does not catch (found while writing ``tests/test_cut_is_reset.py``: the
+    record of a stream or an answer cut by a retirement was never written)."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False
+
+
 def error_for(exc: BaseException) -> RequestRefused:
     """Map an unexpected I/O error to what a client may see."""
     if isinstance(exc, RequestRefused):
