@@ -134,3 +134,52 @@ def test_a_cut_by_the_sidecar_resets_both_sides(tmp_path: Path, case: str) -> No
         if proc is not None:
             proc.stop(timeout=10)
         app.close()
+
+
+def test_an_outbound_stream_cut_by_the_sidecar_resets_the_app_and_the_far_side(
+        tmp_path: Path) -> None:
+    """The outbound listener's ``protocol: tcp`` stream, cut when a reload takes the target
+    out of ``egress``: the local app gets a reset, and so does the mesh hop, which the far
+    sidecar reads as a truncation and passes on to its app as a reset."""
+    pki = Pki(tmp_path / "pki")
+    app = App(b"pong", True)
+    policy_file = tmp_path / "policy.yaml"
+
+    def write(egress: str) -> str:
+        return write_policy(policy_file, {"version": 1, "trust_domain": TD, "services": {
+            spiffe("orders"): {"rules": [{"name": "callers",
+                                          "allow": {"from": [spiffe("frontend")]}}]},
+            spiffe("frontend"): {"egress": [spiffe(egress)]}}})
+
+    procs: list[Any] = []
+    try:
+        inbound = start_sidecar(tmp_path, "orders", sidecar_config(
+            pki.identity("orders"), policy=write("orders"),
+            inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app.port}",
+                     "protocol": "tcp"}))
+        procs.append(inbound)
+        outbound = start_sidecar(tmp_path, "frontend", sidecar_config(
+            pki.identity("frontend"), policy=str(policy_file),
+            outbound=[{"name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                       "upstream": f"127.0.0.1:{inbound.port('inbound')}",
+                       "identity": spiffe("orders"), "protocol": "tcp"}],
+            limits={"connection_close_grace": GRACE}))
+        procs.append(outbound)
+        with socket.create_connection(("127.0.0.1", outbound.port("orders")),
+                                      timeout=BOUND) as sock:
+            sock.sendall(b"ping")
+            assert app.answered.wait(BOUND)
+            sock.settimeout(BOUND)
+            assert sock.recv(4) == b"pong"
+            write("billing")  # (the inbound side still admits frontend: only egress changes)
+            wait_for(lambda: outbound.metric("sidecar_connections_closed_total",
+                                             direction="outbound",
+                                             reason="policy_refused") >= 1, timeout=BOUND)
+            rest, how = read_to_end(sock)
+            assert how == "reset", (rest, how)
+        wait_for(lambda: app.ended, timeout=BOUND)
+        assert app.ended == ["reset"]
+    finally:
+        for proc in reversed(procs):
+            proc.stop(timeout=10)
+        app.close()
