@@ -70,6 +70,9 @@ class RequestHead(NamedTuple):
     # A WebDAV Destination field is present (COPY, MOVE: a second path the policy judges
     # too, ``read_destination``); at most one.
     destination: bool = False
+    # The Authorization field uses a scheme that authenticates the connection (NTLM,
+    # Negotiate): the upstream connection is the client's alone (``sidecar.net.forward``).
+    connection_auth: bool = False
 
 
 # A RequestHead from all its fields in order, without the named tuple's Python-level
@@ -100,6 +103,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     connection = False
     odd_length = False
     destination = False
+    connection_auth = False
     kind_of = _FIELD_KINDS.get
     for name, value in headers:
         if not values_checked and _CONTROL.search(value) is not None:
@@ -117,6 +121,8 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 host = value
             elif kind == _DESTINATION:
                 destination = True
+            elif name == b"authorization":
+                connection_auth = _authenticates_connection(value)
             elif kind == _LENGTH:
                 # h11 already checked it is digits; re-checked so this function is total.
                 if not value.isdigit():
@@ -178,7 +184,17 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     return _new_head((method_name, target, host_name,
                       has_body, expect_continue, upgrade if conn_upgrade else None,
                       connection, odd_length or (expect and not expect_continue),
-                      destination))
+                      destination, connection_auth))
+
+
+_SCHEME = re.compile(rb"[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)")
+
+
+def _authenticates_connection(value: bytes) -> bool:
+    """An Authorization value whose scheme (its first token, any case) authenticates the
+    connection rather than the request: NTLM, Negotiate (RFC 4559)."""
+    m = _SCHEME.match(value)
+    return m is not None and m.group(1).lower() in (b"ntlm", b"negotiate")
 
 
 # A Destination that names a host (RFC 4918 10.3: an absolute URI, or an absolute path).
