@@ -242,6 +242,9 @@ METHOD_OVERRIDE_PARAMS = frozenset({
 })
 
 
+MAX_METHOD_OVERRIDES = 8  # distinct methods one query may name (more: 400 bad_method)
+
+
 def method_overrides(query: str) -> tuple[str, ...]:
     """The methods a request's query asks the app to run instead of its own (upper-cased as
     every override reader does; each once, in order), or ``()``. A non-empty value that is
@@ -266,6 +269,8 @@ def method_overrides(query: str) -> tuple[str, ...]:
         if not text.isascii() or _METHOD.fullmatch(upper.encode("ascii")) is None:
             raise BadRequest("bad_method", "method-override parameter")
         if upper not in found:
+            if len(found) >= MAX_METHOD_OVERRIDES:  # (each is judged: bounded work)
+                raise BadRequest("bad_method", "too many method-override values")
             found.append(upper)
     return tuple(found)
 
