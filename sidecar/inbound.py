@@ -36,7 +36,7 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.request import RequestHead, read_destination, split_host
+from sidecar.http.request import RequestHead, method_overrides, read_destination, split_host
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
@@ -256,6 +256,11 @@ class InboundProxy:
                 if refused is not None:
                     ctx.verdict = refused
                     raise refused.refusal()
+            if query:  # (a method-override parameter: the method the app may run instead)
+                refused = _overridden(gate, facts, verdict, query)
+                if refused is not None:
+                    ctx.verdict = refused
+                    raise refused.refusal()
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
@@ -380,6 +385,23 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
     target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
                                                   else b"")
     return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
+
+
+def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
+                query: str) -> Verdict | None:
+    """The refusal when the query names a method the app may run instead of the request's
+    own (``method_overrides``: ``?_method=DELETE``) that the policy would not let the same
+    caller, with the same credentials, path and host, run itself; None when it names none or
+    only allowed ones. The request reaches the app as sent: an app that honours the override
+    runs a method the policy allows (as the headers of that kind are removed, docs/policy.md
+    ``methods``). A value that is no method is 400 (``bad_method``)."""
+    for method in method_overrides(query):
+        if method == facts.method:
+            continue
+        decision = gate.judge(facts._replace(method=method), verdict.auth, time.time())
+        if not decision.allowed:
+            return Verdict(decision, auth=verdict.auth)
+    return None
 
 
 def api_key_of(headers: Headers) -> bytes | None:

@@ -152,11 +152,11 @@ LIMITS = {
 
 class Mesh:
     def __init__(self, tmp: Path, extra: dict[str, Any] | None = None,
-                 policy: str | None = None) -> None:
+                 policy: str | None = None, app: RecordingApp | None = None) -> None:
         self.tmp = tmp
         self.pki = Pki(tmp / "pki")
         self.procs: list[SidecarProc] = []
-        self.app = RecordingApp()
+        self.app = app if app is not None else RecordingApp()
         try:
             self.jwt_key = ec.generate_private_key(ec.SECP256R1())
             jwk = pyjwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key(), as_dict=True)

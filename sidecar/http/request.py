@@ -70,6 +70,9 @@ class RequestHead(NamedTuple):
     # A WebDAV Destination field is present (COPY, MOVE: a second path the policy judges
     # too, ``read_destination``); at most one.
     destination: bool = False
+    # The Authorization field uses a scheme that authenticates the connection (NTLM,
+    # Negotiate): the upstream connection is the client's alone (``sidecar.net.forward``).
+    connection_auth: bool = False
 
 
 # A RequestHead from all its fields in order, without the named tuple's Python-level
@@ -100,6 +103,7 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     connection = False
     odd_length = False
     destination = False
+    connection_auth = False
     kind_of = _FIELD_KINDS.get
     for name, value in headers:
         if not values_checked and _CONTROL.search(value) is not None:
@@ -117,6 +121,9 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 host = value
             elif kind == _DESTINATION:
                 destination = True
+            elif name == b"authorization":
+                # (a Bearer or Basic value, nearly all of them, at one slice and compare)
+                connection_auth = value[:1] in b"Nn \t" and _authenticates_connection(value)
             elif kind == _LENGTH:
                 # h11 already checked it is digits; re-checked so this function is total.
                 if not value.isdigit():
@@ -178,7 +185,17 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
     return _new_head((method_name, target, host_name,
                       has_body, expect_continue, upgrade if conn_upgrade else None,
                       connection, odd_length or (expect and not expect_continue),
-                      destination))
+                      destination, connection_auth))
+
+
+_SCHEME = re.compile(rb"[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)")
+
+
+def _authenticates_connection(value: bytes) -> bool:
+    """An Authorization value whose scheme (its first token, any case) authenticates the
+    connection rather than the request: NTLM, Negotiate (RFC 4559)."""
+    m = _SCHEME.match(value)
+    return m is not None and m.group(1).lower() in (b"ntlm", b"negotiate")
 
 
 # A Destination that names a host (RFC 4918 10.3: an absolute URI, or an absolute path).
@@ -211,6 +228,52 @@ def read_destination(value: bytes, *, allow_non_ascii: bool = False
     except BadRequest as exc:
         raise BadRequest("bad_destination", exc.reason) from None
     return prefix, host, path, forward, query
+
+
+# Query parameters that frameworks read as the method to run instead of the request's own
+# (compared as ``sidecar.authn.extract.param_name`` folds a name: decoded, cut at NUL, PHP's
+# ``.``/space/``[`` read as ``_``, case folded): ``_method`` is Symfony's and Laravel's
+# (``enableHttpMethodParameterOverride``, on by default in Laravel: the query is read for a
+# POST), Spring's ``HiddenHttpMethodFilter`` and Jersey's ``HttpMethodOverrideFilter``
+# (``getParameter``: the query too) and Express ``method-override('_method')``'s; the
+# override headers' names are read from the query by the configurable ones. Found by a
+# hostile review: ``POST /orders/7?_method=DELETE`` was judged as a POST and run as DELETE.
+METHOD_OVERRIDE_PARAMS = frozenset({
+    "_method", "x-http-method-override", "x-http-method", "x-method-override",
+})
+
+
+MAX_METHOD_OVERRIDES = 8  # distinct methods one query may name (more: 400 bad_method)
+
+
+def method_overrides(query: str) -> tuple[str, ...]:
+    """The methods a request's query asks the app to run instead of its own (upper-cased as
+    every override reader does; each once, in order), or ``()``. A non-empty value that is
+    not a method the data path serves (``_METHOD`` once upper-cased; ASCII only: ``str.upper``
+    folds ``\u017f`` to ``S``) is ``BadRequest("bad_method")``: an app may still read it as
+    one. An empty value names no method (no reader runs it as one)."""
+    if not query or ("%" not in query and "method" not in query.lower()):
+        return ()  # (no name can fold to an override parameter's)
+    from urllib.parse import unquote_plus
+
+    from sidecar.authn.extract import param_name
+
+    found: list[str] = []
+    for part in re.split(r"[&;]", query):
+        name, _, value = part.partition("=")
+        if not name or param_name(name) not in METHOD_OVERRIDE_PARAMS:
+            continue
+        text = unquote_plus(value, errors="replace")
+        if not text:
+            continue
+        upper = text.upper()
+        if not text.isascii() or _METHOD.fullmatch(upper.encode("ascii")) is None:
+            raise BadRequest("bad_method", "method-override parameter")
+        if upper not in found:
+            if len(found) >= MAX_METHOD_OVERRIDES:  # (each is judged: bounded work)
+                raise BadRequest("bad_method", "too many method-override values")
+            found.append(upper)
+    return tuple(found)
 
 
 def _lists_upgrade(value: bytes) -> bool:

@@ -40,6 +40,7 @@ complete body.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -438,15 +439,28 @@ async def forward(
     max_fields = 2 * limits.max_headers
     sent_before = 0
     upload: _Upload | None = None
+    # Connection-oriented authentication (NTLM, Negotiate) authenticates the app's
+    # connection, not the request: such a connection is this client's alone from here on.
+    bound, solo = head.connection_auth, True
     for attempt in range(attempts):
         try:
-            # The connection released last, without a coroutine when it may be reused as it
-            # is (nearly always on a busy keep-alive path); else the complete acquire.
-            ep = pool.take(upgrade)
-            if ep is not None:
-                ex.reused = True
-            else:
-                ep, ex.reused = await pool.acquire(upgrade)
+            ep: Endpoint | None = None
+            private = client.private
+            if private is not None:  # (this client's own connection to the upstream)
+                client.private = None
+                if pool.reclaim(private):
+                    ep, ex.reused, bound = private, True, True
+                else:
+                    await trio.aclose_forcefully(private.stream)
+            if ep is None:
+                # The connection released last, without a coroutine when it may be reused
+                # as it is (nearly always on a busy keep-alive path); else the complete
+                # acquire.
+                ep = pool.take(upgrade)
+                if ep is not None:
+                    ex.reused = True
+                else:
+                    ep, ex.reused = await pool.acquire(upgrade)
         except RequestRefused as exc:
             raise UpstreamFailed(exc, ex) from exc
         except (OSError, trio.TooSlowError) as exc:
@@ -534,6 +548,13 @@ async def forward(
             if not keep:
                 out.append((b"connection", b"close"))
             ex.keep_alive = keep
+            if (status == 401 or status == 407) and not bound \
+                    and _challenges_connection_auth(event.headers):
+                # (the head as the upstream sent it: Proxy-Authenticate is hop-by-hop.) A 401
+                # goes on on this connection; after a 407 no client can go on (its challenge
+                # is never relayed, Proxy-Authorization never forwarded), and the connection
+                # holds the handshake's state: it is not reused at all.
+                bound, solo = True, status == 401
             sent_before = client.bytes_out  # (a failure before the head left: still a 502)
             client.queue(serialise_response_head(status, event.reason, out))
             client.sent_head = True
@@ -583,6 +604,19 @@ async def forward(
                     # a close with unread bytes makes: its upload is read and discarded
                     # (raw, never parsed) until it ends, for a bounded time and size.
                     await linger(client, EARLY_LINGER_SECONDS, EARLY_LINGER_BYTES)
+            elif bound:
+                # An app connection that carried NTLM or Negotiate authentication (a request
+                # that sent it, or a 401/407 that asked for it) is authenticated as this
+                # client: another caller's request on it would run as this one's user (found
+                # by a hostile review: pooled, the next caller's request was answered as the
+                # user the first one had authenticated). It is kept for this client's next
+                # request only, as HAProxy and Envoy keep such connections private, and
+                # closed when the client connection ends (``request_loop``).
+                if solo and keep and ep.reader.reusable():
+                    ep.bytes_in = ep.bytes_out = 0
+                    client.private = ep
+                else:
+                    await trio.aclose_forcefully(ep.stream)
             elif not pool.keep(ep):  # (``pool.release`` without a coroutine when kept)
                 await trio.aclose_forcefully(ep.stream)
             return ex
@@ -801,6 +835,23 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
     if failed is not None:
         raise failed
     return not spoke
+
+
+# Authentication schemes that authenticate a connection rather than a request (RFC 4559
+# Negotiate; NTLM): IIS and http.sys treat the connection as the user's once it succeeded.
+CONNECTION_AUTH_SCHEMES = frozenset({b"ntlm", b"negotiate"})
+_CHALLENGE = re.compile(rb"(?:^|,)[ \t]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)")
+
+
+def _challenges_connection_auth(headers: Headers) -> bool:
+    """A 401/407 answer's WWW-Authenticate / Proxy-Authenticate fields offer a scheme of
+    ``CONNECTION_AUTH_SCHEMES`` (a field may list several challenges)."""
+    for name, value in headers:
+        if name == b"www-authenticate" or name == b"proxy-authenticate":
+            for scheme in _CHALLENGE.findall(value):
+                if scheme.lower() in CONNECTION_AUTH_SCHEMES:
+                    return True
+    return False
 
 
 def _protocols(value: bytes) -> list[bytes]:

@@ -116,6 +116,18 @@ class UpstreamPool:
         self._unusable.append(ep)
         return None
 
+    def reclaim(self, ep: Endpoint) -> bool:
+        """Whether ``ep`` -- a connection a client kept for itself, never pooled
+        (``Endpoint.private``) -- may carry that client's next request: alive, and not one
+        ``retire`` refuses (told to ``on_acquire`` as a reuse). False: the caller closes it."""
+        now = self._now()
+        if not looks_alive(ep.stream) or (self._retire is not None and self._retire(ep, now)):
+            return False
+        self.reused += 1
+        if self._on_acquire is not None:
+            self._on_acquire(ep)
+        return True
+
     async def acquire(self, upgrade: bool = False) -> tuple[Endpoint, bool]:
         """An endpoint ready for a new request, and whether it was reused."""
         while True:

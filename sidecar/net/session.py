@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
+
 from sidecar.config.model import Limits
 from sidecar.errors import RequestRefused
 from sidecar.http.request import RequestHead, check_head
@@ -109,111 +111,120 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
     wait = client.wait
     direction = conn.direction if conn is not None else "inbound"
     idle_add, idle_discard = tracker.idle.add, tracker.idle.discard  # (register_idle, bound)
-    while True:
-        # (``retiring`` first: ``serve_more`` is a property, read only once it can be False)
-        if conn is not None and conn.retiring is not None and not conn.serve_more:
-            return
-        if not reader.buffered():
-            # Wait for the first bytes of the next request by the idle deadline.
-            deadline = now() + limits.idle_timeout
-            if conn is not None:
-                deadline = min(deadline, conn.cut_at)
-            if wait is None:
-                if not await _idle_wait_scoped(client, tracker, conn, deadline):
-                    return
-            else:
-                if tracker.draining:
-                    deadline = min(deadline, now() + IDLE_DRAIN_GRACE)
-                idle_add(wait)
-                if conn is not None:
-                    conn.idle = wait
-                try:
-                    # The read split at its wait, which this frame awaits itself
-                    # (``Endpoint.receive_now``): no frame below this one at the idle wait.
-                    got: Any = client.receive_now(deadline)  # (bytes, None or a coroutine)
-                    if got is None:
-                        try:
-                            await wait_readable(client.wait_fd)
-                        except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
-                            raise client.wait_failed(exc)  # noqa: B904 -- (its own cause)
-                        got = client.woke(deadline)
-                    if not isinstance(got, bytes):  # (the complete read)
-                        got = await got
-                    reader.feed(got)
-                except (PeerClosed, Timeout):
-                    return
-                finally:
-                    idle_discard(wait)
-                    if conn is not None:
-                        conn.idle = None
-                if conn is not None and conn.retiring is not None and not conn.serve_more:
-                    return
-        ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer,
-                             direction=direction)
-        event = None  # (not the previous request's, if this one's head does not parse)
-        try:
-            client.sent_head = False
-            # The head is nearly always all here after the idle wait: parsed without a
-            # coroutine, and ``next_event`` (its own bound, ``header_timeout`` from the
-            # first read it needs) only for a head that is still arriving.
-            event = client.event_now()
-            if event is NEED_DATA:
-                event = await client.next_event(None, timeout=limits.header_timeout)
-            if type(event) is not Request:
-                return  # the client closed the connection, or went away
-            head = check_head(event.method, event.target, event.headers,
-                              max_headers=limits.max_headers, max_body=limits.max_body_bytes,
-                              http_version=event.version, values_checked=True)
-            try:
-                ex = await handle(ctx, event, head)
-            except BaseException as cut:
-                if not cancelled(cut):  # (a nursery's group of Cancelled is one too)
-                    raise
-                # The connection was cut (retired past its grace, or the process stops):
-                # the request still leaves its one record.
-                if ctx.facts is not None:
-                    telemetry.request(ctx, 0, error="connection_closed")
-                if client.sent_head:
-                    # An answer cut part-way must not end like a whole one (to an HTTP/1.0
-                    # client, or a stream, the close would be the end of the body): a reset.
-                    abort(client.stream)
-                raise
-            if conn is not None:
-                conn.credentials_end = math.inf  # (set for a request with credentials)
-            telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
-                              error=ex.error)
-            if ex.upgraded:
+    try:
+        while True:
+            # (``retiring`` first: ``serve_more`` is a property, read only once it can be False)
+            if conn is not None and conn.retiring is not None and not conn.serve_more:
                 return
-        except RequestRefused as exc:
-            telemetry.request(ctx, exc.status, error=exc.reason)
-            await send_refusal(client, exc, ctx.request_id, ctx.verdict, head=_is_head(event))
-            return
-        except UpstreamFailed as exc:
-            telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
-                              error=exc.refusal.reason, detail=exc.refusal.detail)
-            await send_refusal(client, exc.refusal, ctx.request_id, None,
-                               head=_is_head(event))
-            return
-        except (PeerClosed, Timeout) as exc:
-            if ctx.facts is not None:  # forwarded, then broken off: still one record
-                status, error = broken_exchange(exc)
-                sent, received = (exc.sent, exc.received) if isinstance(exc, PeerClosed) \
-                    else (0, 0)
-                telemetry.request(ctx, status, sent, received, error=error, detail=str(exc))
-                if (exc.side != "client" and client.sent_head
-                        and getattr(event, "version", None) == b"1.0"):
-                    # An HTTP/1.0 client's answer may end at the close (no length, no
-                    # chunks): only a reset tells it the answer was cut short.
-                    abort(client.stream)
-            elif isinstance(exc, Timeout) and exc.side == "client":
-                # A head that did not arrive in time: a refused request like any other (one
-                # record: log line, metric, audit), as long as some of it came -- the wait
-                # for a next request on an idle keep-alive connection is no request.
-                refusal = RequestRefused("header_timeout", status=408)
-                if reader.buffered():
-                    telemetry.request(ctx, refusal.status, error=refusal.reason)
-                await send_refusal(client, refusal, ctx.request_id, None)
-            return
-        if not ex.keep_alive or tracker.draining or (conn is not None and conn.retiring):
-            return
-        reader.start_next()
+            if not reader.buffered():
+                # Wait for the first bytes of the next request by the idle deadline.
+                deadline = now() + limits.idle_timeout
+                if conn is not None:
+                    deadline = min(deadline, conn.cut_at)
+                if wait is None:
+                    if not await _idle_wait_scoped(client, tracker, conn, deadline):
+                        return
+                else:
+                    if tracker.draining:
+                        deadline = min(deadline, now() + IDLE_DRAIN_GRACE)
+                    idle_add(wait)
+                    if conn is not None:
+                        conn.idle = wait
+                    try:
+                        # The read split at its wait, which this frame awaits itself
+                        # (``Endpoint.receive_now``): no frame below this one at the idle wait.
+                        got: Any = client.receive_now(deadline)  # (bytes, None or a coroutine)
+                        if got is None:
+                            try:
+                                await wait_readable(client.wait_fd)
+                            except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
+                                raise client.wait_failed(exc)  # noqa: B904 -- (its own cause)
+                            got = client.woke(deadline)
+                        if not isinstance(got, bytes):  # (the complete read)
+                            got = await got
+                        reader.feed(got)
+                    except (PeerClosed, Timeout):
+                        return
+                    finally:
+                        idle_discard(wait)
+                        if conn is not None:
+                            conn.idle = None
+                    if conn is not None and conn.retiring is not None and not conn.serve_more:
+                        return
+            ctx = RequestContext(new_request_id(), time.time(), source=source, peer=peer,
+                                 direction=direction)
+            event = None  # (not the previous request's, if this one's head does not parse)
+            try:
+                client.sent_head = False
+                # The head is nearly always all here after the idle wait: parsed without a
+                # coroutine, and ``next_event`` (its own bound, ``header_timeout`` from the
+                # first read it needs) only for a head that is still arriving.
+                event = client.event_now()
+                if event is NEED_DATA:
+                    event = await client.next_event(None, timeout=limits.header_timeout)
+                if type(event) is not Request:
+                    return  # the client closed the connection, or went away
+                head = check_head(event.method, event.target, event.headers,
+                                  max_headers=limits.max_headers, max_body=limits.max_body_bytes,
+                                  http_version=event.version, values_checked=True)
+                try:
+                    ex = await handle(ctx, event, head)
+                except BaseException as cut:
+                    if not cancelled(cut):  # (a nursery's group of Cancelled is one too)
+                        raise
+                    # The connection was cut (retired past its grace, or the process stops):
+                    # the request still leaves its one record.
+                    if ctx.facts is not None:
+                        telemetry.request(ctx, 0, error="connection_closed")
+                    if client.sent_head:
+                        # An answer cut part-way must not end like a whole one (to an
+                        # HTTP/1.0 client, or a stream, the close would be the end of the
+                        # body): a reset.
+                        abort(client.stream)
+                    raise
+                if conn is not None:
+                    conn.credentials_end = math.inf  # (set for a request with credentials)
+                telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
+                                  error=ex.error)
+                if ex.upgraded:
+                    return
+            except RequestRefused as exc:
+                telemetry.request(ctx, exc.status, error=exc.reason)
+                await send_refusal(client, exc, ctx.request_id, ctx.verdict, head=_is_head(event))
+                return
+            except UpstreamFailed as exc:
+                telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
+                                  error=exc.refusal.reason, detail=exc.refusal.detail)
+                await send_refusal(client, exc.refusal, ctx.request_id, None,
+                                   head=_is_head(event))
+                return
+            except (PeerClosed, Timeout) as exc:
+                if ctx.facts is not None:  # forwarded, then broken off: still one record
+                    status, error = broken_exchange(exc)
+                    sent, received = (exc.sent, exc.received) if isinstance(exc, PeerClosed) \
+                        else (0, 0)
+                    telemetry.request(ctx, status, sent, received, error=error, detail=str(exc))
+                    if (exc.side != "client" and client.sent_head
+                            and getattr(event, "version", None) == b"1.0"):
+                        # An HTTP/1.0 client's answer may end at the close (no length, no
+                        # chunks): only a reset tells it the answer was cut short.
+                        abort(client.stream)
+                elif isinstance(exc, Timeout) and exc.side == "client":
+                    # A head that did not arrive in time: a refused request like any other (one
+                    # record: log line, metric, audit), as long as some of it came -- the wait
+                    # for a next request on an idle keep-alive connection is no request.
+                    refusal = RequestRefused("header_timeout", status=408)
+                    if reader.buffered():
+                        telemetry.request(ctx, refusal.status, error=refusal.reason)
+                    await send_refusal(client, refusal, ctx.request_id, None)
+                return
+            if not ex.keep_alive or tracker.draining or (conn is not None and conn.retiring):
+                return
+            reader.start_next()
+    finally:
+        # An upstream connection this client kept for itself (connection-oriented
+        # authentication, ``sidecar.net.forward``) ends with the client's connection.
+        private = client.private
+        if private is not None:
+            client.private = None
+            await trio.aclose_forcefully(private.stream)

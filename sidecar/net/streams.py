@@ -241,7 +241,7 @@ class Endpoint:
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
                  "misses", "_try_receive", "_try_send", "_receive_wait", "wait_fd", "_pending",
-                 "sent_head", "wait", "_watch", "clock")
+                 "sent_head", "wait", "_watch", "clock", "private")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -270,6 +270,9 @@ class Endpoint:
         self._pending: Callable[[], int] | None = getattr(stream, "pending", None)
         self.sent_head = False  # a response head went out for the current request
         self.clock = run_clock()  # read only when a deadline is needed (see next_event)
+        # A client's upstream connection that carried connection-oriented authentication
+        # (NTLM, Negotiate): this client's alone, never pooled (``sidecar.net.forward``).
+        self.private: Endpoint | None = None
         # Blocked reads bounded by the run's WaitWatch (the lean transports only).
         sock = getattr(raw_socket(stream), "_sock", None) if self._receive_wait else None
         self._watch: WaitWatch | None = current_watch() if sock is not None else None

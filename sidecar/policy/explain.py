@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import BadRequest
-from sidecar.http.request import head_refusal
+from sidecar.http.request import head_refusal, method_overrides
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
@@ -46,6 +46,8 @@ class Explanation:
     refused_reason: str | None
     rules: tuple[RuleTrail, ...] = field(default_factory=tuple)
     section_found: bool = True
+    # Methods a method-override query parameter names (``?_method=DELETE``), judged too.
+    overrides: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -63,6 +65,9 @@ class Explanation:
         lines.append(f"path:   {self.path}  ({self.normalisation})")
         if self.query:
             lines.append(f"query:  {self.query}  (never matched)")
+        if self.overrides:
+            lines.append(f"method override: {', '.join(self.overrides)}  (the app may run "
+                         "it: judged too, the first denial is the decision)")
         if not self.section_found:
             lines.append("section: none for this identity -> every request is denied")
         for rule in self.rules:
@@ -119,6 +124,7 @@ def explain(
         # refuses with 400 is never explained as allowed or denied: a lower-case method,
         # CONNECT, a Host such as 127.1 or "a b" (found by a hostile review).
         head_refusal(method, host)
+        overrides = method_overrides(query)  # (a value that is no method: 400, bad_method)
     except BadRequest as exc:
         return Explanation(identity, target, None, "", "", None, exc.reason)
     raw_path = target.split("?", 1)[0]
@@ -127,9 +133,17 @@ def explain(
     auth = AuthFacts(claims=dict(claims or {}), token_errors=dict(token_errors or {}),
                      apikey=apikey)
     decision = decide(policy, identity, facts, auth, now)
+    if decision.allowed:  # the data path judges the methods the query names too
+        for other in overrides:
+            if other != method:
+                judged = decide(policy, identity, facts._replace(method=other), auth, now)
+                if not judged.allowed:
+                    decision = judged
+                    break
     section = policy.section(identity)
     if section is None:
-        return Explanation(identity, target, path, query, note, decision, None, (), False)
+        return Explanation(identity, target, path, query, note, decision, None, (), False,
+                           overrides)
     trail: list[RuleTrail] = []
     for rule in section.rules:
         req = request_trace(rule.when, facts, section.trust_domain,
@@ -146,4 +160,5 @@ def explain(
         dry = rule.mode == "dry-run" or (rule.mode is None and section.mode == "dry-run")
         trail.append(RuleTrail(rule.name, rule.effect, rule.line, status, dry,
                                tuple(req) + tuple(creds)))
-    return Explanation(identity, target, path, query, note, decision, None, tuple(trail))
+    return Explanation(identity, target, path, query, note, decision, None, tuple(trail),
+                       overrides=overrides)
