@@ -9,12 +9,18 @@ Found:
   with one was exported (as ``"b'zz'"`` in ``extra``, exit 0) though no sidecar wrote it.
   Now a header, checkpoint or seal with such a key is a frame that does not decode and a
   record with one a malformed record, for every kind and key.
+* ``export`` and ``tail`` cut a segment at a declared break by the *name* the restarted
+  writer's header gives it; file names are in no digest nor signature, so the damaged
+  segment renamed (its order kept) was read whole -- the forged records after the break
+  among them, exit 0 -- while ``verify --accept-declared-breaks`` said OK. Now the cut goes
+  by position: no frame after ``after_seq`` in a segment before the declaring one is read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ import msgpack
 import pytest
 
 from sidecar.audit.chain import LENGTH
-from sidecar.audit.segments import list_segments, read_frames
+from sidecar.audit.segments import list_segments, read_frames, segment_name
 from sidecar.audit.signing import Checkpoint, write_keypair
 from tests.harness import sidecar_cli
 from tests.test_audit_attacks import write
@@ -117,3 +123,68 @@ def test_a_map_key_that_is_not_text(base: dict[str, Path], tmp_path: Path, kind:
         assert "b'" not in out and "b\\'" not in out
         if kind == "rec":
             assert f"seq {seq}: malformed record" in err
+
+
+# ------------------------------------------------- a declared break, the file renamed
+
+
+def forge_then_restart(base: dict[str, Path], d: Path) -> str:
+    """A signed record edited and forged records appended in the newest segment; a real
+    writer then restarts on the directory and declares the break. Returns the damaged
+    segment's path."""
+    shutil.copytree(base["dir"], d)
+    os.unlink(list_segments(str(d))[-1].path)  # the seal-only segment
+    newest = list_segments(str(d))[-1]
+    decoded = [msgpack.unpackb(p, raw=False) for p in frames(newest.path)]
+    i = next(i for i, f in enumerate(decoded) if "rec" in f and f["rec"]["d"] == "deny")
+    decoded[i]["rec"]["d"], decoded[i]["rec"]["st"] = "allow", 200
+    payloads = [msgpack.packb(f, use_bin_type=True) for f in decoded]
+    for n in range(10):
+        payloads.append(msgpack.packb({"seq": decoded[-1]["seq"] + 1 + n, "prev": bytes(32),
+                                       "rec": {"t": 2000.0 + n, "id": f"forged{n}",
+                                               "d": "allow", "st": 200}}, use_bin_type=True))
+    write_frames(newest.path, payloads)
+    write(d, base["priv"], 3, start=900)
+    return newest.path
+
+
+def renamed_stamp(path: str, d: Path) -> None:
+    os.rename(path, path[:-len("123456Z.log")] + "999999Z.log")
+
+
+def renamed_seq(path: str, d: Path) -> None:
+    seg = next(s for s in list_segments(str(d)) if s.path == path)
+    os.rename(path, d / segment_name(seg.start_seq + 1, 1_700_000_000.0))
+
+
+def renamed_both(path: str, d: Path) -> None:
+    seg = next(s for s in list_segments(str(d)) if s.path == path)
+    os.rename(path, d / segment_name(seg.start_seq - 1, 1_600_000_000.5))
+
+
+RENAMES = {"not renamed": lambda p, d: None, "stamp changed": renamed_stamp,
+           "seq changed": renamed_seq, "seq and stamp changed": renamed_both}
+
+
+@pytest.mark.parametrize("rename", list(RENAMES))
+def test_a_declared_break_holds_whatever_the_damaged_segment_is_named(
+        base: dict[str, Path], tmp_path: Path, rename: str) -> None:
+    d = tmp_path / "audit"
+    damaged = forge_then_restart(base, d)
+    RENAMES[rename](damaged, d)
+    names = [s.name for s in list_segments(str(d))]
+    assert len(names) == len(set(names)) and os.path.basename(damaged) not in names \
+        or rename == "not renamed"
+    code, out, _err = cli("audit", "verify", d, "--pubkey", base["pub"],
+                          "--accept-declared-breaks")
+    assert code == 0, out  # documented: the break is declared (and printed)
+    assert "declared break" in out
+    for command in (["export"], ["export", "--format", "csv"], ["tail", "-n", "1000"]):
+        code, out, err = cli("audit", *command, d)
+        assert code == 1 and "not in the chain" in err, (command, err)
+        assert "forged" not in out, (command, out)
+        lines = out.splitlines()[1:] if "csv" in command else out.splitlines()
+        seqs = [int(line.split(",")[0]) if "csv" in command else json.loads(line)["seq"]
+                for line in lines]
+        assert len(seqs) == len(set(seqs)), seqs  # no seq given twice
+        assert "r900" in out and "r902" in out

@@ -971,18 +971,24 @@ def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
 
 
 def declared_cuts(segments: list[SegmentFile]) -> dict[str, int]:
-    """Segment name -> the last seq of it in the chain, for each segment a later segment's
-    header declares a break in (``break``: the writer went on from ``after_seq``; the
-    frames after it are not in the chain). Readers stop there (``iter_stored``, ``tail``)."""
+    """Segment name -> the last seq of it in the chain, for each segment before a later
+    segment whose header declares a break (``break``: the writer went on from
+    ``after_seq``; no frame after it in an earlier segment is in the chain). Readers stop
+    there (``iter_stored``, ``tail``). The cut goes by position, never by the segment name
+    the header gives: file names are not covered by any digest or signature, and a damaged
+    segment renamed (its stamp or seq changed, its order kept) was read whole, forged
+    frames after the break among them, while ``verify --accept-declared-breaks`` said OK
+    (found by a hostile review)."""
     cut_after: dict[str, int] = {}
     if len(segments) > 1:
-        for later in segments:
+        lowest: int | None = None  # the lowest after_seq declared by a later segment
+        for later in reversed(segments):
+            if lowest is not None:
+                cut_after[later.name] = lowest
             declared = (segment_header(later) or {}).get("break")
-            if isinstance(declared, dict) and isinstance(declared.get("segment"), str) \
-                    and isinstance(declared.get("after_seq"), int) \
-                    and not isinstance(declared.get("after_seq"), bool):
-                name, after = declared["segment"], declared["after_seq"]
-                cut_after[name] = min(after, cut_after.get(name, after))
+            after = declared.get("after_seq") if isinstance(declared, dict) else None
+            if isinstance(after, int) and not isinstance(after, bool):
+                lowest = after if lowest is None else min(lowest, after)
     return cut_after
 
 
