@@ -224,6 +224,18 @@ OLDEST: list[tuple[list[int | None], int, bool]] = [
     ([None, 3], 0, False),  # the second run's retention deleted the first run's
     ([3, None], 0, False),  # retention stopped later: what it deleted is still explained
     ([3, None], 1, False),  # indistinguishable from retention there (a note only)
+    # A writer deletes only down to its N (at a rotation into a header saying N), so fewer
+    # segments than the smallest N of the headers were removed beyond retention (found by
+    # a later hostile review: these verified OK).
+    ([3], 1, True),
+    ([3], 2, True),
+    ([None, 3], 1, True),
+    ([4, 2], 0, False),  # retention lowered: honest
+    ([4, 2], 1, True),
+    ([2, 4], 0, False),  # retention raised: honest
+    ([2, 4], 1, True),
+    ([5, 3, 6], 0, False),
+    ([5, 3, 6], 1, True),
 ]
 
 

@@ -204,6 +204,12 @@ def decode_frame(payload: bytes) -> tuple[int, bytes, FrameKind, dict[str, Any]]
                 body = parse_record_json(body)  # format 2: the record's JSON text
             elif not isinstance(body, dict):
                 raise FrameError(f"frame {kind!r} body is not a map")
+            elif kind != "rec" and not all(k.__class__ is str for k in body):
+                # msgpack keys may be bytes (``strict_map_key`` allows both); no writer
+                # makes one, and readers sort and compare these keys as text (an anchor
+                # against a checkpoint ended in a traceback). A record's are checked with
+                # its fields (``record.check_wire``: a malformed record, skipped).
+                raise FrameError(f"frame {kind!r} body has a key that is not text")
             return seq, prev, kind, body  # type: ignore[return-value]
     raise FrameError("frame has no seg/rec/erc/chk/end body")
 

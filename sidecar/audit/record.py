@@ -194,8 +194,10 @@ def check_wire(wire: Mapping[str, Any]) -> None:
                 raise RecordError(key, f"is a {_kind(value)}, not a map")
             if value:
                 _check_value(key, value)
+        elif not isinstance(key, str):  # msgpack allows bytes keys; no writer makes one
+            raise RecordError("(record)", f"has a {_kind(key)} key, not a string")
         else:
-            _check_value(str(key), value)
+            _check_value(key, value)
 
 
 class SharedExtra(dict[str, Any]):

@@ -284,6 +284,7 @@ class _Walk:
         # first header whose writer deletes old ones (``retention: N``).
         self.keep_all = False
         self.retention_from: int | None = None
+        self.retentions: list[tuple[int, int]] = []  # (header seq, its N) of "retention: N"
         self.keyring = keyring
         self.anchors = {a.seq: a for a in anchors}
         self.segment = ""
@@ -418,9 +419,10 @@ class _Walk:
         retention = frame.body.get("retention")
         if retention == "all":
             self.keep_all = True
-        elif isinstance(retention, int) and not isinstance(retention, bool) \
-                and self.retention_from is None:
-            self.retention_from = frame.seq
+        elif isinstance(retention, int) and not isinstance(retention, bool):
+            if self.retention_from is None:
+                self.retention_from = frame.seq
+            self.retentions.append((frame.seq, retention))
         restart = frame.body.get("restart")
         seal = self.prev_seal
         if seal is not None and seal[1] == "rotate" and restart is not None:
@@ -495,8 +497,10 @@ class _Walk:
         says ``retention: all`` and none (covered by a verified signature, when checked
         with keys) says ``retention: N``. Segments were removed from the start."""
         r = self.result
-        if r.broken is not None or r.starts_at in (None, 0) or not self.keep_all \
-                or not self.whole_trail:
+        if r.broken is not None or r.starts_at in (None, 0) or not self.whole_trail:
+            return
+        if not self.keep_all:
+            self.beyond_retention()
             return
         deleting = self.retention_from
         if deleting is not None and self.keyring and (
@@ -506,6 +510,22 @@ class _Walk:
             r.add("error", "oldest_segments_missing", "", r.starts_at,
                   f"the chain starts at seq {r.starts_at}, but its writers keep every segment "
                   "(retention: all in the headers): the oldest segments were removed")
+
+    def beyond_retention(self) -> None:
+        """The chain starts after seq 0 and its writers delete old segments (``retention:
+        N``): a writer deletes only down to its N segments, at a rotation, and the header
+        of the segment it rotated into says N; segments are only added after that. So fewer
+        segments than the smallest N of the headers (covered by a verified signature, when
+        checked with keys) means segments were removed beyond what retention deletes (found
+        by a hostile review: the oldest 4 of 5 segments deleted verified OK, a note)."""
+        r = self.result
+        kept = [n for seq, n in self.retentions if not self.keyring
+                or (r.signed_through is not None and seq <= r.signed_through)]
+        if kept and r.segments < min(kept):
+            r.add("error", "oldest_segments_missing", "", r.starts_at,
+                  f"the chain starts at seq {r.starts_at} with {r.segments} segment(s), but "
+                  f"its writers keep {min(kept)} (retention: {min(kept)} in the headers): "
+                  "segments were removed beyond what retention deletes")
 
     def seal(self, frame: Frame) -> None:
         why = frame.body.get("why")
@@ -971,18 +991,24 @@ def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
 
 
 def declared_cuts(segments: list[SegmentFile]) -> dict[str, int]:
-    """Segment name -> the last seq of it in the chain, for each segment a later segment's
-    header declares a break in (``break``: the writer went on from ``after_seq``; the
-    frames after it are not in the chain). Readers stop there (``iter_stored``, ``tail``)."""
+    """Segment name -> the last seq of it in the chain, for each segment before a later
+    segment whose header declares a break (``break``: the writer went on from
+    ``after_seq``; no frame after it in an earlier segment is in the chain). Readers stop
+    there (``iter_stored``, ``tail``). The cut goes by position, never by the segment name
+    the header gives: file names are not covered by any digest or signature, and a damaged
+    segment renamed (its stamp or seq changed, its order kept) was read whole, forged
+    frames after the break among them, while ``verify --accept-declared-breaks`` said OK
+    (found by a hostile review)."""
     cut_after: dict[str, int] = {}
     if len(segments) > 1:
-        for later in segments:
+        lowest: int | None = None  # the lowest after_seq declared by a later segment
+        for later in reversed(segments):
+            if lowest is not None:
+                cut_after[later.name] = lowest
             declared = (segment_header(later) or {}).get("break")
-            if isinstance(declared, dict) and isinstance(declared.get("segment"), str) \
-                    and isinstance(declared.get("after_seq"), int) \
-                    and not isinstance(declared.get("after_seq"), bool):
-                name, after = declared["segment"], declared["after_seq"]
-                cut_after[name] = min(after, cut_after.get(name, after))
+            after = declared.get("after_seq") if isinstance(declared, dict) else None
+            if isinstance(after, int) and not isinstance(after, bool):
+                lowest = after if lowest is None else min(lowest, after)
     return cut_after
 
 
