@@ -92,6 +92,7 @@ from sidecar.authn.oauth import (
     Answers,
     CachedIntrospection,
     IntrospectionCache,
+    check_access_token_answer,
     check_binding,
     opaque_token_ok,
     token_digest,
@@ -630,6 +631,7 @@ class Authenticator:
         # Registered claims have their JWT types here too (exp: null or "never" or NaN is no
         # expiry time: bad_claim, never read as absent).
         check_claim_types(claims)
+        check_access_token_answer(claims)  # not a refresh or ID token the server also knows
         if "iss" in claims and claims["iss"] != provider.issuer:
             raise TokenInvalid(BAD_ISSUER)
         check_audience(claims.get("aud"), provider.audiences)

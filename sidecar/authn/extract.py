@@ -151,17 +151,49 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
+# A cookie inside another cookie's ``;``-separated piece: ``a=x session=EVIL``. Python's
+# ``http.cookies.SimpleCookie`` (aiohttp, Bottle, CherryPy) ends a value at whitespace and
+# reads the rest as further cookies, ``session = EVIL`` included, and RFC 2965 readers split
+# at ``,``; a reader that splits at ``;`` only (RFC 6265) sees one cookie ``a``. A name=value
+# set off inside a piece by whitespace or ``,`` (a quoted value is one value) counts as a
+# cookie too: over-reading only finds more (a second copy is ``multiple_tokens``), while
+# under-reading let ``session=GOOD; a=x session=EVIL`` be verified as GOOD and reach such an
+# app as EVIL, and ``a=x session=EVIL`` reach it unverified (found by a hostile review).
+_INNER_COOKIE = re.compile(r'[\s,]\s*([^\s,;="]+)\s*=\s*("[^"]*"|[^\s,;]*)')
+_QUOTED_OR_WORD = re.compile(r'"[^"]*"|[^\s,"]+|.', re.DOTALL)
+
+
+def _inner_cookies(piece: str) -> list[tuple[str, str]]:
+    """The (name, value) pairs set off by whitespace or ``,`` inside one ``;``-separated
+    piece of a Cookie header (not the piece's own first pair), names as ``param_name``
+    folds them, values without their quotes."""
+    if not any(c in piece for c in " \t,\x0b\x0c"):
+        return []
+    out = []
+    # Skip quoted strings (``a="x session=y"`` is one cookie to every reader).
+    masked = "".join(m if m[0] != '"' or len(m) == 1 else '"' + "_" * (len(m) - 2) + '"'
+                     for m in _QUOTED_OR_WORD.findall(piece))
+    for match in _INNER_COOKIE.finditer(masked):
+        value = piece[match.start(2):match.end(2)]
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        out.append((param_name(piece[match.start(1):match.end(1)]), value))
+    return out
+
+
 def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
     pairs = []
     for n, v in headers:
         if n == COOKIE:
             for part in v.decode("latin-1").split(";"):
-                name, sep, value = part.strip(OWS).partition("=")
+                piece = part.strip(OWS)
+                name, sep, value = piece.partition("=")
                 if sep:
                     value = value.strip(OWS)
                     if len(value) >= 2 and value[0] == value[-1] == '"':
                         value = value[1:-1]
                     pairs.append((param_name(name.strip(OWS)), value))
+                pairs.extend(_inner_cookies(piece))
     return pairs
 
 
@@ -233,7 +265,8 @@ def remove_token(headers: Headers, query: str,
         if lname == COOKIE and drop_cookies:
             kept = [p.strip() for p in value.decode("latin-1").split(";")
                     if p.strip()
-                    and param_name(p.strip().partition("=")[0].strip(OWS)) not in drop_cookies]
+                    and param_name(p.strip().partition("=")[0].strip(OWS)) not in drop_cookies
+                    and not any(n in drop_cookies for n, _ in _inner_cookies(p.strip(OWS)))]
             if not kept:
                 continue
             value = "; ".join(kept).encode("latin-1")

@@ -203,7 +203,9 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
         problems.append(Problem(source, None, where, "each key must be a JSON object"))
         return "not an object"
     kid = raw.get("kid")
-    if kid is not None and not isinstance(kid, str):
+    # ``kid: null`` is no absent kid (as ``alg: null`` is no absent alg): read as absent,
+    # the key served every token without a kid (found by a hostile review).
+    if "kid" in raw and not isinstance(kid, str):
         problems.append(Problem(source, None, where + ".kid", "kid must be a string"))
         return "bad kid"
     for member in _STRING_MEMBERS:

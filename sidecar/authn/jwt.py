@@ -312,8 +312,12 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
         raise TokenInvalid(BAD_ALG, f"alg {alg!r} not allowed")
     if provider.typ is not None and not typ_matches(header.get("typ"), provider.typ):
         raise TokenInvalid(BAD_TYP)
+    # A kid, when present, is a string (RFC 7515 4.1.4); ``kid: null`` is not "no kid", as
+    # ``typ: null`` is not "no typ": read as absent it took the one key that fits, and the
+    # verification cache did not count it among the tokens without kid whose key a key set
+    # change can make ambiguous (``Authenticator.set_keys``; found by a hostile review).
     kid = header.get("kid")
-    if kid is not None and not isinstance(kid, str):
+    if "kid" in header and not isinstance(kid, str):
         raise TokenInvalid(MALFORMED, "kid is not a string")
     claims = _json_object(payload_b64, "payload")
     check_claim_types(claims)
