@@ -83,11 +83,15 @@ REVIEW_FOUND = ["Cf-Visitor", "X-True-IP", "Real-Ip", "X-Original-Remote-Addr",
                 # role and admin flags, Kubernetes impersonation
                 "X-Auth-Roles", "X-Auth-Role", "X-Auth-User-Id", "X-Auth-Tenant",
                 "X-Identity-Status", "X-Project-Id", "X-Tenant-Id", "X-Service-Roles", "X-Role",
-                "X-Is-Admin", "Impersonate-User", "Impersonate-Group", "Impersonate-Extra-Scopes"]
+                "X-Is-Admin", "Impersonate-User", "Impersonate-Group", "Impersonate-Extra-Scopes",
+                # the twentieth session's review: the x-user- family
+                "X-User-Roles", "X-User-Groups", "X-User-Tenant", "X-User-Scopes",
+                "X-User-Permissions", "X-User-Claims", "X-User-Org", "X-User-Sub"]
 
 
-# Credentials the client itself sends under an x-auth- name: the app verifies them, so they
-# are forwarded (a JWT provider may read one: the token rules apply then).
+# What the client itself sends under a catalogued prefix (credentials under x-auth-, which
+# the app verifies; its X-User-Agent): forwarded (a JWT provider may read a credential one:
+# the token rules apply then).
 @pytest.mark.parametrize("name", sorted(NOT_IN_PREFIX))
 def test_client_credentials_in_a_catalogued_prefix_are_kept(name: str) -> None:
     assert entry_for(name) is None and entry_for(name.upper()) is None

@@ -124,6 +124,12 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "but for the two credentials clients send themselves, X-Auth-Token and "
               "X-Auth-Key (OpenStack, Swift), which apps verify (NOT_IN_PREFIX)",
               "x-auth-", prefix=True)
+    + _family(IDENTITY, "the whole x-user- family of gateways and middleware that assert "
+              "who the caller is (X-User-Roles, -Groups, -Tenant, -Scopes, -Permissions, "
+              "-Claims, -Org, -Sub, ...; found by a hostile review: only the exact names "
+              "above were removed), but for X-User-Agent, a client's own description that "
+              "some SDKs send (NOT_IN_PREFIX)",
+              "x-user-", prefix=True)
     + _family(IDENTITY, "OpenStack keystonemiddleware's identity of the token it validated "
               "(the service reads the caller's user, project, domain, roles and admin "
               "flag from these), and role and admin flags under their common names",
@@ -195,9 +201,10 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "use as their proxy", "proxy")
 )
 
-# Names a prefix entry covers that are not identity a gateway asserts but credentials the
-# client itself sends, which the app verifies: forwarded like any other header.
-NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key"})
+# Names a prefix entry covers that are not identity a gateway asserts but what the client
+# itself sends -- credentials the app verifies, its own user agent: forwarded like any other
+# header.
+NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key", "x-user-agent"})
 
 # Set by the sidecar itself from what it verified; never passed through from a caller.
 SIDECAR_SET: frozenset[str] = frozenset({
