@@ -44,7 +44,7 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.identity.trust import load_bundle
-from sidecar.inbound import InboundProxy
+from sidecar.inbound import InboundProxy, open_app_stream
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.lifetime import Lifetimes, LiveConnection
@@ -463,7 +463,8 @@ class Sidecar:
         if cfg.inbound is not None:
             inbound = cfg.inbound
             async def connect_app() -> SocketTransport:
-                return SocketTransport((await trio.open_tcp_stream(*inbound.app)).socket)
+                return SocketTransport((await open_app_stream(inbound.app,
+                                                              inbound.app_source)).socket)
 
             app_pool = UpstreamPool(connect_app,
                                     size=limits.pool_size, idle_timeout=limits.pool_idle_timeout,
@@ -474,7 +475,8 @@ class Sidecar:
                                     telemetry=self.telemetry, app_pool=app_pool,
                                     app_addr=inbound.app, limits=limits,
                                     protocol=inbound.protocol, tracker=tracker,
-                                    header_filter=header_filter, lifetimes=self.lifetimes)
+                                    header_filter=header_filter, lifetimes=self.lifetimes,
+                                    app_source=inbound.app_source)
 
             await nursery.start(self._serve, "inbound", inbound.listen, make_inbound, nursery)
         for ob in cfg.outbound:

@@ -16,6 +16,7 @@ over a pooled keep-alive connection, streaming bodies both ways.
 
 from __future__ import annotations
 
+import errno
 import math
 import ssl
 import time
@@ -26,7 +27,7 @@ import trio
 
 from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import Answers, x5t_from_hex
-from sidecar.config.model import Limits
+from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
 from sidecar.errors import BadRequest, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
 from sidecar.http.headers import (
@@ -63,14 +64,39 @@ from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
 
+async def open_app_stream(addr: tuple[str, int], source: str | None) -> trio.SocketStream:
+    """A connection to the app at ``addr`` from ``source`` (``inbound.app_source_address``;
+    None: the kernel's choice). Where the default source (``DEFAULT_APP_SOURCE_V4``) cannot be
+    bound -- a host that routes only 127.0.0.1 to its loopback device, as macOS does -- the
+    connection comes from the kernel's choice instead, said once in the log
+    (``app_source_unavailable``); a configured address that cannot be bound fails the
+    connection (a 502, ``upstream_connect_failed``)."""
+    global _default_source_unavailable
+    if source is None or (source == DEFAULT_APP_SOURCE_V4 and _default_source_unavailable):
+        return await trio.open_tcp_stream(*addr)
+    try:
+        return await trio.open_tcp_stream(*addr, local_address=source)
+    except OSError as exc:
+        if source != DEFAULT_APP_SOURCE_V4 or exc.errno != errno.EADDRNOTAVAIL:
+            raise
+    _default_source_unavailable = True
+    log("app_source_unavailable", "warning", source=source,
+        error="cannot bind; connections to the app come from the kernel's choice")
+    return await trio.open_tcp_stream(*addr)
+
+
+_default_source_unavailable = False
+
+
 class InboundProxy:
     """The mTLS listener's connection handler."""
 
     def __init__(self, *, port: int, tls: TlsState, gate: Gate, telemetry: Telemetry,
                  app_pool: UpstreamPool, app_addr: tuple[str, int], limits: Limits, protocol: str,
                  tracker: ConnectionTracker, header_filter: HeaderFilter | None = None,
-                 lifetimes: Lifetimes | None = None) -> None:
+                 lifetimes: Lifetimes | None = None, app_source: str | None = None) -> None:
         self.port = port
+        self.app_source = app_source  # (``inbound.app_source_address``: ``open_app_stream``)
         # (not ``or``: an empty registry has len 0)
         self.lifetimes = lifetimes if lifetimes is not None else Lifetimes.for_limits(limits)
         self.header_filter = header_filter or HeaderFilter()
@@ -161,7 +187,8 @@ class InboundProxy:
             return
         try:
             with trio.fail_after(self.limits.connect_timeout):
-                app = SocketTransport((await trio.open_tcp_stream(*self.app_addr)).socket)
+                app = SocketTransport((await open_app_stream(self.app_addr,
+                                                             self.app_source)).socket)
         except (OSError, trio.TooSlowError):
             self.telemetry.request(record, 502, error="upstream_connect_failed")
             return

@@ -81,7 +81,7 @@ def maximal_config() -> dict[str, Any]:
                      "watch_interval": "2s",
                      "trust_domains": {"partner.example": {"bundle": "partner.pem"}}},
         "inbound": {"listen": "127.0.0.1:15443", "app": "127.0.0.1:8080", "protocol": "http",
-                    "allow_from": [spiffe("frontend")]},
+                    "allow_from": [spiffe("frontend")], "app_source_address": "127.0.0.6"},
         "outbound": [{"name": "pay", "listen": "127.0.0.1:15001",
                       "upstream": "127.0.0.1:16443", "identity": spiffe("payments"),
                       "protocol": "http"}],

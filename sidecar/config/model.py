@@ -87,6 +87,46 @@ class InboundConfig:
     app: tuple[str, int]
     protocol: Protocol = "http"
     allow_from: tuple[str, ...] | None = None  # used only when no policy file is configured
+    # ``app_source_address``: the address the connections to the app come from (bound before
+    # connecting), so that the app can tell the mesh's callers from its own pod's local
+    # clients; None lets the kernel choose (``any``). See ``app_source``.
+    app_source: str | None = None
+
+
+# The default source of the inbound listener's connections to an app on an IPv4 loopback
+# address: Istio's choice (its inbound passthrough comes from 127.0.0.6), so that an app that
+# trusts 127.0.0.1 as "this pod" does not take every mesh caller for a local one.
+DEFAULT_APP_SOURCE_V4 = "127.0.0.6"
+
+
+def app_source(value: Any, app_host: str) -> str | None | Exception:
+    """``inbound.app_source_address`` as configured (absent: ``value`` is None) for the app at
+    ``app_host``: an IP address (of the app's family), ``any`` (None: the kernel chooses), or,
+    absent, ``DEFAULT_APP_SOURCE_V4`` for an app on an IPv4 loopback address and None
+    otherwise (IPv6 has one loopback address only). An Exception names what is wrong."""
+    try:
+        app_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = \
+            ipaddress.ip_address(app_host)
+    except ValueError:
+        app_ip = None  # a name: resolved when connecting
+    if value is None:
+        return DEFAULT_APP_SOURCE_V4 if (app_ip is not None and app_ip.version == 4
+                                         and app_ip.is_loopback) else None
+    if value == "any":
+        return None
+    if not isinstance(value, str):
+        return ValueError("expected an IP address or 'any'")
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return ValueError("expected an IP address or 'any'")
+    if str(ip) != value or getattr(ip, "scope_id", None):
+        return ValueError(f"write the address as {ip.compressed} (no zone, no leading zeros)")
+    if ip.is_unspecified or ip.is_multicast:
+        return ValueError("expected a unicast address of this host, or 'any'")
+    if app_ip is not None and app_ip.version != ip.version:
+        return ValueError(f"the app ({app_host}) is IPv{app_ip.version}: so must this be")
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -212,7 +252,8 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     inbound = None
     if top.get("inbound") is not None:
         p: Path = ("inbound",)
-        m = r.fields(top["inbound"], p, {"listen", "app", "protocol", "allow_from"})
+        m = r.fields(top["inbound"], p, {"listen", "app", "protocol", "allow_from",
+                                         "app_source_address"})
         allow_from = None
         if "allow_from" in m:
             af = m["allow_from"]
@@ -225,11 +266,19 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                     elif err := spiffe_problem(x, wildcards=True):
                         src.problem(p + ("allow_from", i), err)
                 allow_from = tuple(af)
+        app = r.address(r.required(m, "app", p), p + ("app",)) or ("", 0)
+        source = app_source(m.get("app_source_address"), app[0])
+        if "app_source_address" in m and m["app_source_address"] is None:
+            source = ValueError("expected an IP address or 'any'")  # (no value: not absent)
+        if isinstance(source, Exception):
+            src.problem(p + ("app_source_address",), str(source))
+            source = None
         inbound = InboundConfig(
             listen=r.address(r.required(m, "listen", p), p + ("listen",)) or ("", 0),
-            app=r.address(r.required(m, "app", p), p + ("app",)) or ("", 0),
+            app=app,
             protocol=r.choice(m.get("protocol"), p + ("protocol",), ("http", "tcp"), "http"),  # type: ignore[arg-type]
             allow_from=allow_from,
+            app_source=source,
         )
 
     outbound: list[OutboundConfig] = []
