@@ -184,7 +184,14 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
         return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
     if isinstance(sig_hash, _WEAK_HASHES):
         return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
-    return _unverifiable_signature(cert)
+    try:
+        return _unverifiable_signature(cert)
+    except Exception as exc:  # noqa: BLE001 -- parameters cryptography cannot read
+        # RSA-PSS whose MGF1 hash cryptography does not know (SHA-512/224, SHA-512/256):
+        # OpenSSL verifies it, reading the parameters raised, and a peer presenting it was an
+        # internal error with no record (found by a hostile review).
+        return RULE_SIGNATURE_WEAK, (f"signature parameters that cannot be read: "
+                                     f"{str(exc)[:200]}")
 
 
 # The signatures the chain check verifies (cryptography's x509.verification, web PKI

@@ -51,6 +51,7 @@ from sidecar.identity.svid import (
     RULE_EXTENSIONS_INVALID,
     RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
+    RULE_PEM_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
@@ -140,6 +141,16 @@ def bundle_from_certs(trust_domain: str, path: str,
     ``identity.trust_domains``. Roots without such a SAN cannot be judged and are taken.
     """
     for root in roots:
+        try:
+            # Names cryptography parses only when read (an UTF8String that is not UTF-8):
+            # read here, so that the file is refused naming it rather than the trust store
+            # failing later with a bare ValueError (``sidecar check``: a traceback).
+            root.subject.rfc4514_string()
+            root.issuer.rfc4514_string()
+        except Exception as exc:  # noqa: BLE001 -- a root cryptography reads only in part
+            raise SvidError(RULE_PEM_INVALID, f"a root of trust domain {trust_domain} has a "
+                            f"subject or issuer that cannot be read: {str(exc)[:200]}",
+                            file=path) from exc
         try:
             domains = _named_domains(root)
         except SvidError as exc:

@@ -1,0 +1,366 @@
+"""Peer certificates and trust bundles, third hostile review: what OpenSSL verifies and
+cryptography reads only in part, each family as data, through real sidecars.
+
+* RSA-PSS signature parameters (the signature on a leaf, an intermediate, a bundle root):
+  OpenSSL verifies an MGF1 of any hash it knows; cryptography raised ``UnsupportedAlgorithm``
+  when the parameters were read for an MGF1 of SHA-512/224 or SHA-512/256. A peer presenting
+  such a leaf was an ``internal_error`` with no ``connection_refused`` record, inbound and
+  outbound; a partner bundle with such a root ended ``sidecar run`` and ``sidecar check`` in a
+  traceback. Now every member is ``signature-weak`` (docs/identity.md: "RSA-PSS whose MGF1
+  uses another hash"), wherever it is read.
+* Bundle roots whose subject or issuer cryptography cannot decode (an UTF8String that is not
+  UTF-8): the trust store's one-CA-per-trust-domain check raised a bare ``ValueError`` -- a
+  traceback from ``sidecar check``, an error naming neither file nor rule from ``sidecar
+  run``. Now the bundle is refused (``pem-invalid``) naming its file.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from sidecar.identity.svid import (
+    RULE_PEM_INVALID,
+    RULE_SIGNATURE_WEAK,
+    SvidError,
+    load_svid,
+    peer_identity_from_der,
+)
+from sidecar.identity.trust import PeerChain, TrustStore, bundle_from_certs, load_bundle
+from tests.harness import (
+    free_port,
+    http,
+    replace_file,
+    sidecar_cli,
+    sidecar_config,
+    start_sidecar,
+    wait_for,
+)
+from tests.test_certs_review2 import (
+    ME,
+    OWN,
+    PARTNER,
+    PEER,
+    PTD,
+    TD,
+    Ca,
+    _body,
+    _bundle_files,
+    _cert,
+    _client_ctx,
+    _elements,
+    _federated,
+    _identity,
+    _pem,
+    _server_ctx,
+    _try,
+    intermediate,
+    leaf,
+    resigned,
+    root,
+)
+from tests.test_peer_certificates_review import _TlsServer, _tlv, _write_identity
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+
+# --- RSA-PSS parameters, as DER ------------------------------------------------------------------
+
+
+def _oid(dotted: str) -> bytes:
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytes([40 * parts[0] + parts[1]])
+    for p in parts[2:]:
+        enc = [p & 0x7F]
+        p >>= 7
+        while p:
+            enc.append(0x80 | (p & 0x7F))
+            p >>= 7
+        body += bytes(reversed(enc))
+    return _tlv(0x06, body)
+
+
+_HASH_OIDS: dict[str, tuple[str, hashes.HashAlgorithm]] = {
+    "sha1": ("1.3.14.3.2.26", hashes.SHA1()),
+    "sha384": ("2.16.840.1.101.3.4.2.2", hashes.SHA384()),
+    "sha512": ("2.16.840.1.101.3.4.2.3", hashes.SHA512()),
+    "sha512_224": ("2.16.840.1.101.3.4.2.5", hashes.SHA512_224()),
+    "sha512_256": ("2.16.840.1.101.3.4.2.6", hashes.SHA512_256()),
+    "sha3_256": ("2.16.840.1.101.3.4.2.8", hashes.SHA3_256()),
+}
+_SHA256 = "2.16.840.1.101.3.4.2.1"
+_MGF1 = "1.2.840.113549.1.1.8"
+_RSASSA_PSS = "1.2.840.113549.1.1.10"
+
+
+def _pss_algorithm(mgf_hash: str) -> bytes:
+    """AlgorithmIdentifier RSASSA-PSS: hash SHA-256, MGF1 of ``mgf_hash``, salt 32."""
+    hash_id = _tlv(0x30, _oid(_SHA256))
+    mgf_id = _tlv(0x30, _oid(_MGF1) + _tlv(0x30, _oid(_HASH_OIDS[mgf_hash][0])))
+    params = _tlv(0x30, _tlv(0xA0, hash_id) + _tlv(0xA1, mgf_id) + _tlv(0xA2, _tlv(0x02, b"\x20")))
+    return _tlv(0x30, _oid(_RSASSA_PSS) + params)
+
+
+def pss_signed(cert: x509.Certificate, signer_key: rsa.RSAPrivateKey,
+               mgf_hash: str) -> x509.Certificate:
+    """``cert`` signed again by ``signer_key`` with RSA-PSS (SHA-256, salt 32) whose MGF1 uses
+    ``mgf_hash``: what cryptography's builder does not make (it sets MGF1 of the same hash)."""
+    tbs = _elements(_body(cert.public_bytes(serialization.Encoding.DER)))[0]
+    fields = _elements(_body(tbs))
+    first = 1 if fields[0][0] == 0xA0 else 0
+    alg = _pss_algorithm(mgf_hash)
+    fields[first + 1] = alg
+    new_tbs = _tlv(0x30, b"".join(fields))
+    sig = signer_key.sign(new_tbs, padding.PSS(mgf=padding.MGF1(_HASH_OIDS[mgf_hash][1]),
+                                               salt_length=32), hashes.SHA256())
+    return x509.load_der_x509_certificate(_tlv(0x30, new_tbs + alg + _tlv(0x03, b"\x00" + sig)))
+
+
+# The family: MGF1 hashes other than the signature's. cryptography could not read the first
+# two (the internal error); the others it reads, and they were refused already.
+UNREADABLE_MGF = ["sha512_224", "sha512_256"]
+MGF_FAMILY = [*UNREADABLE_MGF, "sha1", "sha384", "sha512", "sha3_256"]
+
+_RSA_INTERMEDIATE = intermediate("rsa intermediate", OWN,
+                                 key=rsa.generate_private_key(65537, 2048))
+
+
+def pss_leaf(mgf_hash: str) -> tuple[list[x509.Certificate], Any]:
+    """A leaf of ours, signed by an RSA intermediate of ours with that MGF1."""
+    chain, key = leaf(_RSA_INTERMEDIATE, PEER)
+    return [pss_signed(chain[0], _RSA_INTERMEDIATE.key, mgf_hash), *chain[1:]], key
+
+
+def pss_intermediate(mgf_hash: str) -> tuple[list[x509.Certificate], Any]:
+    """A leaf under an intermediate that an RSA intermediate signed with that MGF1."""
+    inter = intermediate("inner", _RSA_INTERMEDIATE)
+    inner = Ca(inter.key, pss_signed(inter.cert, _RSA_INTERMEDIATE.key, mgf_hash),
+               inter.above)
+    return leaf(inner, PEER)
+
+
+def pss_root(mgf_hash: str, td: str = PTD) -> x509.Certificate:
+    key = rsa.generate_private_key(65537, 2048)
+    cert = _cert("pss root", key, None, ca=True, uris=(f"spiffe://{td}",))
+    return pss_signed(cert, key, mgf_hash)
+
+
+def _der(c: x509.Certificate) -> bytes:
+    return c.public_bytes(serialization.Encoding.DER)
+
+
+def _store() -> TrustStore:
+    return TrustStore.build(bundle_from_certs(TD, "own.pem", [OWN.cert]),
+                            [bundle_from_certs(PTD, "partner.pem", [PARTNER.cert])])
+
+
+# --- in process -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mgf", UNREADABLE_MGF)
+def test_the_premise_cryptography_cannot_read_these_parameters(mgf):
+    chain, _ = pss_leaf(mgf)
+    assert isinstance(chain[0].signature_hash_algorithm, hashes.SHA256)
+    with pytest.raises(Exception):  # noqa: B017 -- UnsupportedAlgorithm
+        chain[0].signature_algorithm_parameters  # noqa: B018
+
+
+@pytest.mark.parametrize("mgf", MGF_FAMILY)
+def test_a_pss_leaf_with_another_mgf1_hash_is_signature_weak(mgf):
+    chain, _ = pss_leaf(mgf)
+    with pytest.raises(SvidError) as caught:
+        peer_identity_from_der(_der(chain[0]))
+    assert caught.value.rule == RULE_SIGNATURE_WEAK
+
+
+@pytest.mark.parametrize("mgf", MGF_FAMILY)
+def test_a_pss_intermediate_with_another_mgf1_hash_is_signature_weak(mgf):
+    chain, _ = pss_intermediate(mgf)
+    peer_identity_from_der(_der(chain[0]))  # the leaf itself is fine
+    ders = tuple(_der(c) for c in chain)
+    for verified in ((*ders, _der(OWN.cert)), ()):
+        with pytest.raises(SvidError) as caught:
+            _store().check_peer(PEER, PeerChain(verified, ders), time.time())
+        if verified:  # (the chain sent, verified again: cryptography refuses it first)
+            assert caught.value.rule == RULE_SIGNATURE_WEAK
+
+
+@pytest.mark.parametrize("mgf", MGF_FAMILY)
+def test_own_svid_signed_so_does_not_load(tmp_path, mgf):
+    chain, key = pss_leaf(mgf)
+    d = _write_identity(tmp_path / "me", chain, key, OWN.cert)
+    with pytest.raises(SvidError) as caught:
+        load_svid(str(d / "tls.crt"), str(d / "tls.key"), str(d / "ca.crt"), time.time())
+    assert caught.value.rule == RULE_SIGNATURE_WEAK and caught.value.file == str(d / "tls.crt")
+
+
+@pytest.mark.parametrize("mgf", MGF_FAMILY)
+def test_a_bundle_root_self_signed_so_loads(tmp_path, mgf):
+    """A root's own signature is checked by nobody (it is the anchor): such a root is taken,
+    as an Ed25519-signed one is, and never an exception other than ``SvidError``."""
+    path = tmp_path / "partner.pem"
+    path.write_bytes(_pem(pss_root(mgf)))
+    bundle = load_bundle(PTD, str(path))
+    assert len(bundle.roots) == 1
+    TrustStore.build(bundle_from_certs(TD, "own.pem", [OWN.cert]), [bundle])
+
+
+def _undecodable(cert: x509.Certificate, signer: Ca, *, where: str) -> x509.Certificate:
+    """``cert`` (whose subject and issuer CN are ``ZZZZ``) with a UTF8String that is not
+    UTF-8 in its subject, its issuer or both."""
+    raw = bytearray(_der(cert))
+    marker = b"\x0c\x04ZZZZ"
+    spots = [i for i in range(len(raw)) if raw.startswith(marker, i)]
+    assert len(spots) == 2  # issuer first, then subject (RFC 5280 TBSCertificate order)
+    chosen = {"issuer": spots[:1], "subject": spots[1:], "both": spots}[where]
+    for i in chosen:
+        raw[i + 2:i + 6] = b"\xff\xfe\xfd\xfc"
+    return resigned(x509.load_der_x509_certificate(bytes(raw)), signer)
+
+
+ROOT_NAMES = ["subject", "issuer", "both"]
+
+
+def _undecodable_root(where: str, td: str = PTD) -> x509.Certificate:
+    r = root("ZZZZ", td)
+    return _undecodable(r.cert, r, where=where)
+
+
+@pytest.mark.parametrize("where", ROOT_NAMES)
+def test_a_bundle_root_with_an_undecodable_name_is_refused_naming_the_file(tmp_path, where):
+    bad = _undecodable_root(where)
+    with pytest.raises(ValueError):  # the premise
+        bad.issuer if where == "issuer" else bad.subject  # noqa: B018
+    path = tmp_path / "partner.pem"
+    path.write_bytes(_pem(PARTNER.cert, bad))
+    with pytest.raises(SvidError) as caught:
+        load_bundle(PTD, str(path))
+    assert caught.value.rule == RULE_PEM_INVALID and caught.value.file == str(path)
+
+
+# --- through real sidecars -----------------------------------------------------------------------
+
+
+def test_inbound_refuses_and_records_every_pss_member(tmp_path, app, procs):
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                         audit={"path": str(tmp_path / "audit-b")},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    assert _try(port, _client_ctx(*leaf(_RSA_INTERMEDIATE, PEER), tmp_path / "good")) == 200
+    makers: list[tuple[str, Callable[[str], tuple[list[x509.Certificate], Any]]]] = [
+        ("leaf", pss_leaf), ("intermediate", pss_intermediate)]
+    for what, make in makers:
+        for mgf in MGF_FAMILY:
+            before = len(b.log_events("connection_refused"))
+            ctx = _client_ctx(*make(mgf), tmp_path / f"{what}-{mgf}")
+            assert _try(port, ctx) != 200, (what, mgf)
+            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            assert got[0]["reason"] == f"bad_svid:{RULE_SIGNATURE_WEAK}", (what, mgf, got)
+    b.stop()
+    exported = sidecar_cli("audit", "export", str(tmp_path / "audit-b")).stdout
+    assert exported.count(f"bad_svid:{RULE_SIGNATURE_WEAK}") == 2 * len(MGF_FAMILY)
+
+
+def test_outbound_refuses_every_pss_member_as_an_upstream(tmp_path, procs):
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client")
+    first, key = pss_leaf(MGF_FAMILY[0])
+    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
+    upstream.ctx.verify_mode = ssl.CERT_NONE
+    try:
+        cfg = sidecar_config(me, outbound=[{
+            "name": "frontend", "listen": f"127.0.0.1:{free_port()}",
+            "upstream": f"127.0.0.1:{upstream.port}", "identity": PEER}],
+            limits={"refused_records_per_source": 10_000})
+        cfg["identity"]["bundle"] = str(own)
+        a = start_sidecar(tmp_path, "client", _federated(cfg, partner))
+        procs.append(a)
+        for what, make in (("leaf", pss_leaf), ("intermediate", pss_intermediate)):
+            for mgf in MGF_FAMILY:
+                upstream.ctx = _server_ctx(*make(mgf), tmp_path / f"up-{what}-{mgf}")
+                before = len(a.log_events("connection_refused"))
+                assert http(a.port("frontend"), "GET", "/x").status == 502, (what, mgf)
+                got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+                want = "bad_svid" if what == "leaf" else "peer_untrusted"
+                assert got[0]["reason"] == f"{want}:{RULE_SIGNATURE_WEAK}", (what, mgf, got)
+        upstream.ctx = _server_ctx(*leaf(_RSA_INTERMEDIATE, PEER), tmp_path / "up-good")
+        assert http(a.port("frontend"), "GET", "/x").status == 200
+    finally:
+        upstream.close()
+
+
+def _checked(cfg_path: Path) -> dict[str, Any]:
+    r = sidecar_cli("check", "-c", str(cfg_path), "-o", "json", "--offline")
+    assert "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_bundles_cryptography_reads_in_part_start_check_and_reload_cleanly(tmp_path, app,
+                                                                           procs):
+    """A partner bundle holding a PSS root of the family starts (its signature is nobody's
+    business) and ``sidecar check`` passes it; one holding a root with an undecodable name
+    is refused by both, naming file and rule, and on a reload the last good bundle stays."""
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{PTD}/ns/shop/sa/*"]})
+    cfg["identity"]["bundle"] = str(own)
+    partner.write_bytes(_pem(PARTNER.cert, *(pss_root(m) for m in UNREADABLE_MGF)))
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    checks = _checked(tmp_path / "orders.yaml")["checks"]
+    assert all(c["status"] != "fail" for c in checks if c["group"] == "identity"), checks
+    partner_leaf = leaf(PARTNER, f"spiffe://{PTD}/ns/shop/sa/frontend")
+    assert _try(b.port("inbound"), _client_ctx(*partner_leaf, tmp_path / "p1")) == 200
+    b.stop()
+
+    for where in ROOT_NAMES:
+        partner.write_bytes(_pem(PARTNER.cert, _undecodable_root(where)))
+        refused = start_sidecar(tmp_path, f"refused-{where}", _federated(cfg, partner),
+                                wait=False)
+        procs.append(refused)
+        assert refused.proc.wait(timeout=30) != 0
+        out = refused.output()
+        assert "Traceback" not in out and str(partner) in out and RULE_PEM_INVALID in out, out
+        failed = [c for c in _checked(tmp_path / f"refused-{where}.yaml")["checks"]
+                  if c["status"] == "fail"]
+        assert failed and all(str(partner) in c["detail"] for c in failed), failed
+        assert RULE_PEM_INVALID in failed[0]["detail"], failed
+
+    partner.write_bytes(_pem(PARTNER.cert))
+    c = start_sidecar(tmp_path, "again", _federated(cfg, partner))
+    procs.append(c)
+
+    replace_file(partner, _pem(PARTNER.cert, _undecodable_root("both")))
+    assert wait_for(lambda: [e for e in c.log_events("certificate_reload_failed")
+                             if RULE_PEM_INVALID in str(e.get("error"))], timeout=15)
+    assert _try(c.port("inbound"), _client_ctx(*partner_leaf, tmp_path / "p2")) == 200
+
+
+def test_cert_inspect_reports_a_pss_leaf_without_a_traceback(tmp_path):
+    for mgf in MGF_FAMILY:
+        chain, _ = pss_leaf(mgf)
+        path = tmp_path / f"{mgf}.pem"
+        path.write_bytes(_pem(*chain))
+        r = sidecar_cli("cert", "inspect", str(path))
+        assert "Traceback" not in r.stdout + r.stderr, (mgf, r.stderr[-1500:])
+        assert r.returncode == 1 and RULE_SIGNATURE_WEAK in r.stdout + r.stderr, (mgf, r.stdout)
+
+
