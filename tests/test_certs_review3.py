@@ -16,6 +16,7 @@ cryptography reads only in part, each family as data, through real sidecars.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from sidecar.identity.svid import (
     RULE_PEM_INVALID,
@@ -46,6 +47,9 @@ from tests.harness import (
     wait_for,
 )
 from tests.test_certs_review2 import (
+    BOTH,
+    CA_KU,
+    LEAF_KU,
     ME,
     OWN,
     PARTNER,
@@ -364,3 +368,147 @@ def test_cert_inspect_reports_a_pss_leaf_without_a_traceback(tmp_path):
         assert r.returncode == 1 and RULE_SIGNATURE_WEAK in r.stdout + r.stderr, (mgf, r.stdout)
 
 
+
+
+# --- caches that kept what a peer sends -----------------------------------------------------------
+#
+# The peer identity cache (1,024 leaves), the intermediates' verdicts and the chains' not-after
+# times (256 each) were keyed by the DER a peer sent. A CA -- a federated partner's, an
+# intermediate -- mints distinct valid certificates of up to ~100 KB (OpenSSL's bound for a
+# chain) at will: ~90 KB a handshake stayed in every worker until the cache filled, accepted
+# or refused by the trust-domain rule. Each family member is a way to put new bytes there.
+
+PAD = 90_000
+
+
+def _padded(cn: str, issuer: Ca, key: Any, *, ca: bool, uris: tuple[str, ...]
+            ) -> x509.Certificate:
+    """A certificate of ~``PAD`` bytes: a non-critical unknown extension of padding."""
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
+            x509.NameOID.COMMON_NAME, cn)]))
+         .issuer_name(issuer.cert.subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(_NOW - _DAY).not_valid_after(_NOW + _DAY)
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(CA_KU if ca else LEAF_KU, critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                        critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+             issuer.key.public_key()), critical=False)
+         .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(
+             "1.3.6.1.4.1.55555.9"), b"\x04\x83" + PAD.to_bytes(3, "big") + b"A" * PAD),
+             critical=False))
+    if not ca:
+        b = b.add_extension(x509.ExtendedKeyUsage(BOTH), critical=False)
+    if uris:
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(u) for u in uris]), critical=False)
+    return b.sign(issuer.key, hashes.SHA256())
+
+
+PARTNER_ID = f"spiffe://{PTD}/ns/shop/sa/frontend"
+_NOW = dt.datetime.now(dt.UTC)
+_DAY = dt.timedelta(days=1)
+
+
+def _ec_fixed() -> Any:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _big_leaf(n: int, key: Any) -> list[x509.Certificate]:
+    """A partner leaf of ~90 KB: accepted."""
+    return [_padded(f"w{n}", PARTNER, key, ca=False, uris=(PARTNER_ID,))]
+
+
+def _big_forged_leaf(n: int, key: Any) -> list[x509.Certificate]:
+    """Our identity from the partner's CA, ~90 KB: refused by the trust-domain rule (after
+    the leaf rules, and the identity cache, saw it)."""
+    return [_padded(f"f{n}", PARTNER, key, ca=False, uris=(PEER,))]
+
+
+def _big_intermediate(n: int, key: Any) -> list[x509.Certificate]:
+    """A small partner leaf under a distinct ~90 KB partner intermediate: accepted."""
+    inter = Ca(key, _padded(f"i{n}", PARTNER, key, ca=True, uris=(f"spiffe://{PTD}",)))
+    small, _ = leaf(inter, PARTNER_ID, key=key)
+    return [small[0], inter.cert]
+
+
+CACHE_FAMILY: list[tuple[str, Callable[[int, Any], list[x509.Certificate]], bool]] = [
+    ("big_leaf", _big_leaf, True),
+    ("big_forged_leaf", _big_forged_leaf, False),
+    ("big_intermediate", _big_intermediate, True),
+]
+
+
+@pytest.mark.parametrize("name,make,accepted", CACHE_FAMILY, ids=[c[0] for c in CACHE_FAMILY])
+def test_the_caches_keep_32_bytes_per_certificate_not_the_certificate(name, make, accepted):
+    from sidecar.identity import svid, trust
+
+    key = _ec_fixed()
+    chain = make(0, key)
+    ders = tuple(_der(c) for c in chain)
+    assert len(ders[0]) + len(ders[-1]) > PAD
+    peer = peer_identity_from_der(ders[0])
+    verified = (*ders, _der(PARTNER.cert))
+    if accepted:
+        _store().check_peer(peer.spiffe_id, PeerChain(verified, ders), time.time())
+    else:
+        with pytest.raises(SvidError):
+            _store().check_peer(peer.spiffe_id, PeerChain(verified, ders), time.time())
+    keys = [*svid._peer_cache.entries, *svid._signing, *trust._not_after]
+    assert keys and all(len(k) == 32 for k in keys)
+    assert peer.fingerprint == svid.der_key(ders[0]).hex()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_distinct_large_certificates_do_not_grow_a_sidecar(tmp_path, app, procs):
+    """Through a real inbound listener: 70 distinct ~90 KB certificates of each family member
+    (210 handshakes; keyed by the DER, and the large intermediates shared, they held ~19 MB)
+    leave the sidecar's memory where it was, within allocator noise."""
+    import socket
+
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{PTD}/ns/shop/sa/*"]},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    key = _ec_fixed()
+    key_path = tmp_path / "k.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    chain_path = tmp_path / "c.pem"
+
+    def handshake(chain: list[x509.Certificate]) -> bool:
+        chain_path.write_bytes(_pem(*chain))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(str(chain_path), str(key_path))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return tls.recv(20).startswith(b"HTTP/1.1 200")
+        except (ssl.SSLError, OSError):
+            return False
+
+    for name, make, accepted in CACHE_FAMILY:  # (warm up: one of each)
+        assert handshake(make(-1, key)) is accepted, name
+    before = _rss(b.proc.pid)
+    for n in range(70):
+        for name, make, accepted in CACHE_FAMILY:
+            assert handshake(make(n, key)) is accepted, (name, n)
+    grown = _rss(b.proc.pid) - before
+    assert grown < 4 * 1024 * 1024, grown

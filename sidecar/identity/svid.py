@@ -12,8 +12,9 @@ Three jobs, all synchronous and free of clocks (``now`` is passed in):
 * ``peer_identity_from_der`` runs right after every inbound/outbound handshake on the leaf
   that OpenSSL already verified against the bundle. OpenSSL knows nothing of SVIDs, so this is
   where a peer with two URI SANs or a CA flag is refused. Peers reconnect with the same
-  certificate all the time, so results are kept in a small LRU keyed by the DER bytes (the
-  bytes *are* the certificate: a hit can never return another certificate's identity).
+  certificate all the time, so results are kept in a small LRU keyed by the SHA-256 of the
+  DER bytes (``der_key``: the digest names the certificate, and the cache holds 32 bytes per
+  certificate, not what a peer chose to send).
 
 * ``load_svid`` reads cert, key and bundle from disk as one consistent snapshot and checks
   everything that can be checked before the files reach OpenSSL: PEM syntax, leaf rules, key
@@ -279,18 +280,30 @@ def _domain_of(spiffe_id: str) -> str:
 # Verdicts on the signing certificates (intermediates) of verified chains, by DER: a
 # (rule, message) problem or None, and the trust domains their SPIFFE IDs name. The same few
 # intermediates sign every peer of a trust domain, so each is judged once. Bounded: emptied
-# when full.
+# when full. Keyed by the SHA-256 of the DER (``der_key``), never by the DER itself.
 _SIGNING_MAX = 256
 _signing: dict[bytes, tuple[tuple[str, str] | None, tuple[str, ...]]] = {}
 
 
+def der_key(der: bytes) -> bytes:
+    """The key under which a certificate's verdicts are cached: the SHA-256 of its DER.
+
+    A cache keyed by the DER itself holds what the peer chose to send: a CA (a partner's, an
+    intermediate) mints as many distinct certificates of up to ~100 KB (OpenSSL's limit for a
+    chain) as it likes, and 1,024 of them in the peer cache held ~92 MB of every worker until
+    restart, refused by the trust-domain rule or not (found by a hostile review). 32 bytes
+    each instead; a hit still names the same certificate (SHA-256 has no known collisions)."""
+    return hashlib.sha256(der).digest()
+
+
 def _signing_verdict(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
-    got = _signing.get(der)
+    key = der_key(der)
+    got = _signing.get(key)
     if got is None:
         got = _judge_signing_cert(der)
         if len(_signing) >= _SIGNING_MAX:
             _signing.clear()
-        _signing[der] = got
+        _signing[key] = got
     return got
 
 
@@ -354,7 +367,7 @@ def _timestamp(when: dt.datetime) -> float:
     return when.timestamp()
 
 
-def _peer_identity(der: bytes) -> PeerIdentity:
+def _peer_identity(der: bytes, digest: bytes) -> PeerIdentity:
     try:
         cert = x509.load_der_x509_certificate(der)
     except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
@@ -369,13 +382,13 @@ def _peer_identity(der: bytes) -> PeerIdentity:
         spiffe_id=str(spiffe_id),
         serial=serial,
         not_after=not_after,
-        fingerprint=hashlib.sha256(der).hexdigest(),
+        fingerprint=digest.hex(),
     )
 
 
 class _PeerCache:
-    """LRU of DER bytes -> PeerIdentity; only successes are kept (failures are rare and
-    must not be able to push good entries out)."""
+    """LRU of the SHA-256 of the DER (``der_key``) -> PeerIdentity; only successes are kept
+    (failures are rare and must not be able to push good entries out)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -384,14 +397,15 @@ class _PeerCache:
         self.misses = 0
 
     def get(self, der: bytes) -> PeerIdentity:
-        found = self.entries.get(der)
+        key = der_key(der)
+        found = self.entries.get(key)
         if found is not None:
-            self.entries.move_to_end(der)
+            self.entries.move_to_end(key)
             self.hits += 1
             return found
         self.misses += 1
-        identity = _peer_identity(der)
-        self.entries[der] = identity
+        identity = _peer_identity(der, key)
+        self.entries[key] = identity
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return identity

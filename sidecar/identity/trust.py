@@ -58,6 +58,7 @@ from sidecar.identity.svid import (
     _read,
     check_signers,
     crypto_problem,
+    der_key,
     load_roots,
     snapshot_paths,
     verify_chain,
@@ -91,7 +92,8 @@ _not_after: dict[bytes, float] = {}
 
 
 def _der_not_after(der: bytes) -> float:
-    got = _not_after.get(der)
+    key = der_key(der)  # (the SHA-256: what a peer sends is never kept as a key)
+    got = _not_after.get(key)
     if got is None:
         try:
             got = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
@@ -100,7 +102,7 @@ def _der_not_after(der: bytes) -> float:
                             f"a certificate of the peer's chain is unreadable: {exc}") from exc
         if len(_not_after) >= _NOT_AFTER_MAX:
             _not_after.clear()
-        _not_after[der] = got
+        _not_after[key] = got
     return got
 
 
