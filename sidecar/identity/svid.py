@@ -196,13 +196,20 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
 
 
 # The signatures the chain check verifies (cryptography's x509.verification, web PKI
-# policy): ECDSA, RSA PKCS#1 v1.5, and RSA-PSS whose salt is the hash's length with MGF1 of
-# the same hash. OpenSSL also verifies EdDSA and any PSS salt, so a chain under an Ed25519,
-# Ed448 or odd-PSS CA passed the handshake and failed where the chain is verified again (a
-# chain OpenSSL anchored at another trust domain's root, a bundle change) and the own SVID
-# did not load (`chain-untrusted`): such a signature is refused wherever it is checked.
+# policy): ECDSA and RSA PKCS#1 v1.5 with SHA-256, SHA-384 or SHA-512, and RSA-PSS with one of
+# those hashes, a salt of the hash's length and MGF1 of the same hash. OpenSSL also verifies
+# EdDSA, any PSS salt, SHA-224 and the SHA-3 hashes, so a chain signed so passed the handshake
+# and failed where the chain is verified again (a chain OpenSSL anchored at another trust
+# domain's root, a bundle change) and the own SVID did not load (`chain-untrusted`): such a
+# signature is refused wherever it is checked. An allow-list: SHA-224 and SHA-3 signatures
+# passed a list of the exceptions (found by a hostile review).
 _EDDSA_SIGNATURES = {x509.SignatureAlgorithmOID.ED25519: "Ed25519",
                      x509.SignatureAlgorithmOID.ED448: "Ed448"}
+_CHAIN_CHECKED = frozenset({
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512, x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+    x509.SignatureAlgorithmOID.RSA_WITH_SHA384, x509.SignatureAlgorithmOID.RSA_WITH_SHA512})
+_PSS_HASHES = frozenset({"sha256", "sha384", "sha512"})
 
 
 def _unverifiable_signature(cert: x509.Certificate) -> tuple[str, str] | None:
@@ -214,10 +221,17 @@ def _unverifiable_signature(cert: x509.Certificate) -> tuple[str, str] | None:
         sig_hash = cert.signature_hash_algorithm
         pss = cert.signature_algorithm_parameters
         mgf = getattr(pss, "_mgf", None)
-        if sig_hash is None or getattr(pss, "_salt_length", None) != sig_hash.digest_size \
+        if sig_hash is None or sig_hash.name not in _PSS_HASHES \
+                or getattr(pss, "_salt_length", None) != sig_hash.digest_size \
                 or getattr(getattr(mgf, "_algorithm", None), "name", None) != sig_hash.name:
-            return RULE_SIGNATURE_WEAK, ("signed with RSA-PSS whose salt is not the hash's "
+            return RULE_SIGNATURE_WEAK, ("signed with RSA-PSS whose hash is not SHA-256, "
+                                         "SHA-384 or SHA-512, whose salt is not the hash's "
                                          "length or whose MGF1 uses another hash")
+        return None
+    if oid not in _CHAIN_CHECKED:
+        name = getattr(oid, "_name", None) or oid.dotted_string
+        return RULE_SIGNATURE_WEAK, (f"signed with {name} (the chain check verifies ECDSA and "
+                                     "RSA signatures with SHA-256, SHA-384 or SHA-512 only)")
     return None
 
 
