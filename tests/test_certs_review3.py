@@ -684,3 +684,139 @@ def test_every_signature_member_is_refused_inbound_and_outbound(tmp_path, app, p
         assert http(a.port("frontend"), "GET", "/x").status == 200
     finally:
         upstream.close()
+
+
+# --- intermediates the chain check refuses and OpenSSL takes ------------------------------------
+#
+# The same agreement for the signing certificates: cryptography's CA profile refuses a
+# basicConstraints not marked critical (RFC 5280 4.2.1.9), a critical SKI, AKI, EKU or AIA,
+# and critical extensions it does not process (certificate policies, policy constraints,
+# inhibitAnyPolicy, CRL distribution points); OpenSSL takes them all. Such a chain passed the
+# handshake and the signing-certificate rules, and failed where it is verified again.
+
+_AIA = x509.AuthorityInformationAccess([x509.AccessDescription(
+    x509.oid.AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(
+        "http://127.0.0.1/ca"))])
+_CRLDP = x509.CRLDistributionPoints([x509.DistributionPoint(
+    [x509.UniformResourceIdentifier("http://127.0.0.1/crl")], None, None, None)])
+_ANY_POLICY = x509.CertificatePolicies([x509.PolicyInformation(
+    x509.ObjectIdentifier("2.5.29.32.0"), None)])
+
+# name -> (criticality of SKI, AKI, basicConstraints; extra (extension, critical) pairs)
+_INTERMEDIATE_SHAPES: dict[str, tuple[dict[str, bool], tuple[tuple[Any, bool], ...]]] = {
+    "basic_constraints_not_critical": ({"bc": False}, ()),
+    "ski_critical": ({"ski": True}, ()),
+    "aki_critical": ({"aki": True}, ()),
+    "eku_critical": ({}, ((x509.ExtendedKeyUsage(BOTH), True),)),
+    "aia_critical": ({}, ((_AIA, True),)),
+    "crl_distribution_points_critical": ({}, ((_CRLDP, True),)),
+    "certificate_policies_critical": ({}, ((_ANY_POLICY, True),)),
+    "policy_constraints_critical": ({}, ((x509.PolicyConstraints(0, None), True),)),
+    "inhibit_any_policy_critical": ({}, ((x509.InhibitAnyPolicy(0), True),)),
+}
+_GOOD_INTERMEDIATE_SHAPES: dict[str, tuple[dict[str, bool], tuple[tuple[Any, bool], ...]]] = {
+    "plain": ({}, ()),
+    "key_usage_not_critical": ({"ku": False}, ()),
+    "eku_not_critical": ({}, ((x509.ExtendedKeyUsage(BOTH), False),)),
+    "san_critical": ({}, ((x509.SubjectAlternativeName(
+        [x509.UniformResourceIdentifier(f"spiffe://{TD}")]), True),)),
+    "dns_name_constraints_critical": ({}, ((x509.NameConstraints(
+        [x509.DNSName("demo.local")], None), True),)),
+    "policies_not_critical": ({}, ((_ANY_POLICY, False), (_CRLDP, False), (_AIA, False))),
+}
+
+
+def shaped_intermediate(name: str) -> tuple[list[x509.Certificate], Any]:
+    """A leaf of ours under an intermediate of that shape, under our root."""
+    crit, extra = {**_INTERMEDIATE_SHAPES, **_GOOD_INTERMEDIATE_SHAPES}[name]
+    key = _ec_fixed()
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
+            x509.NameOID.COMMON_NAME, f"intermediate {name}")]))
+         .issuer_name(OWN.cert.subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(_NOW - _DAY).not_valid_after(_NOW + _DAY)
+         .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                        critical=crit.get("bc", True))
+         .add_extension(CA_KU, critical=crit.get("ku", True))
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                        critical=crit.get("ski", False))
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+             OWN.key.public_key()), critical=crit.get("aki", False)))
+    for ext, critical in extra:
+        b = b.add_extension(ext, critical=critical)
+    inter = Ca(key, b.sign(OWN.key, hashes.SHA256()))
+    return leaf(inter, PEER)
+
+
+@pytest.mark.parametrize("name", [*_INTERMEDIATE_SHAPES, *_GOOD_INTERMEDIATE_SHAPES])
+def test_the_signing_rules_and_the_chain_check_agree_on_every_intermediate(name):
+    from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID, verify_chain
+
+    chain, _ = shaped_intermediate(name)
+    ders = tuple(_der(c) for c in chain)
+    try:
+        verify_chain(chain[0], chain[1:], [OWN.cert], time.time())
+        chain_check = True
+    except SvidError:
+        chain_check = False
+    assert chain_check is (name in _GOOD_INTERMEDIATE_SHAPES)
+    verified = PeerChain((*ders, _der(OWN.cert)), ders)
+    if chain_check:
+        assert _store().check_peer(PEER, verified, time.time()) > 0
+        return
+    with pytest.raises(SvidError) as caught:
+        _store().check_peer(PEER, verified, time.time())
+    assert caught.value.rule == RULE_SIGNING_CERT_INVALID
+
+
+# OpenSSL 3.0 refuses these itself (the handshake fails); the others it takes, and the sidecar
+# let them in before this review.
+_OPENSSL_REFUSES = {"ski_critical", "aki_critical", "aia_critical"}
+
+
+def test_every_intermediate_shape_is_refused_inbound_and_outbound(tmp_path, app, procs):
+    from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID
+
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    first, key = shaped_intermediate("plain")
+    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
+    upstream.ctx.verify_mode = ssl.CERT_NONE
+    try:
+        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
+                                 outbound=[{"name": "frontend",
+                                            "listen": f"127.0.0.1:{free_port()}",
+                                            "upstream": f"127.0.0.1:{upstream.port}",
+                                            "identity": PEER}],
+                                 limits={"refused_records_per_source": 10_000})
+        out_cfg["identity"]["bundle"] = str(own)
+        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
+        procs.append(a)
+        for name in _INTERMEDIATE_SHAPES:
+            chain, key = shaped_intermediate(name)
+            before = len(b.log_events("connection_refused"))
+            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
+            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            assert got[0]["reason"] in {f"bad_svid:{RULE_SIGNING_CERT_INVALID}"} | (
+                {"peer_cert_untrusted"} if name in _OPENSSL_REFUSES else set()), (name, got)
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
+            before = len(a.log_events("connection_refused"))
+            assert http(a.port("frontend"), "GET", "/x").status == 502, name
+            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            assert got[0]["reason"] in {f"peer_untrusted:{RULE_SIGNING_CERT_INVALID}"} | (
+                {"upstream_handshake_failed"} if name in _OPENSSL_REFUSES else set()), (name, got)
+        for name in _GOOD_INTERMEDIATE_SHAPES:
+            chain, key = shaped_intermediate(name)
+            assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
+        upstream.ctx = _server_ctx(*shaped_intermediate("plain"), tmp_path / "up-good")
+        assert http(a.port("frontend"), "GET", "/x").status == 200
+    finally:
+        upstream.close()

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from sidecar.config.source import read_regular
 from sidecar.errors import SidecarError
@@ -331,6 +331,15 @@ def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, 
         return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
 
 
+# The extensions an intermediate may mark critical: those cryptography's CA profile processes
+# and lets be critical (a critical SKI, AKI, EKU or AIA it refuses as "incorrect
+# criticality", critical certificate policies, policy constraints, inhibitAnyPolicy or CRL
+# distribution points as "unaccounted-for"; OpenSSL takes them all).
+_SIGNER_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE,
+                              ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                              ExtensionOID.NAME_CONSTRAINTS})
+
+
 def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
     extensions = cert.extensions
     uris: list[str] = []
@@ -343,14 +352,26 @@ def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tupl
     named = tuple(_domain_of(u) for u in uris)
     subject = cert.subject.rfc4514_string()[:200]
     try:
-        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+        bc = extensions.get_extension_for_class(x509.BasicConstraints)
         ku = extensions.get_extension_for_class(x509.KeyUsage).value
-        is_signer = bc.ca and ku.key_cert_sign
+        is_signer = bc.value.ca and ku.key_cert_sign
     except x509.ExtensionNotFound:
         is_signer = False
     if not is_signer:
         return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} lacks basicConstraints "
                 "CA=true or keyUsage keyCertSign"), named
+    # What the chain check (cryptography's CA profile) refuses and OpenSSL takes: refused
+    # here too, or such a chain passes the handshake and fails where it is verified again
+    # and in an own SVID (`chain-untrusted`), as for the signatures above.
+    if not bc.critical:
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: basicConstraints is not "
+                "marked critical (RFC 5280 4.2.1.9)"), named
+    for ext in extensions:
+        if ext.critical and ext.oid not in _SIGNER_CRITICAL:
+            name = getattr(ext.oid, "_name", None) or ext.oid.dotted_string
+            return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: extension {name} is "
+                    "marked critical (the chain check takes basicConstraints, keyUsage, "
+                    "subjectAltName and nameConstraints only)"), named
     for uri in uris:
         if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
             return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
