@@ -820,3 +820,103 @@ def test_every_intermediate_shape_is_refused_inbound_and_outbound(tmp_path, app,
         assert http(a.port("frontend"), "GET", "/x").status == 200
     finally:
         upstream.close()
+
+
+# --- the Netscape certificate type: the other direction restriction OpenSSL checks ----------------
+#
+# ``extended-key-usage`` refuses a leaf restricted to one direction (one SVID serves both;
+# OpenSSL checks only the direction of the handshake). OpenSSL checks the Netscape certificate
+# type (2.16.840.1.113730.1.1) the same way: an SSL-client-only leaf was let in as a caller
+# and refused as an upstream, an SSL-server-only one the other way round.
+
+_NS_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+
+# name -> (BIT STRING DER, which direction OpenSSL's handshake refuses by itself)
+NS_FAMILY: dict[str, tuple[bytes, tuple[str, ...]]] = {
+    "ssl_client_only": (b"\x03\x02\x07\x80", ("outbound",)),
+    "ssl_server_only": (b"\x03\x02\x06\x40", ("inbound",)),
+    "smime_only": (b"\x03\x02\x05\x20", ("inbound", "outbound")),
+    "client_and_smime": (b"\x03\x02\x05\xa0", ("outbound",)),
+}
+NS_GOOD = {"ssl_client_and_server": b"\x03\x02\x06\xc0", "all_bits": b"\x03\x02\x00\xff"}
+
+
+def ns_leaf(der: bytes) -> tuple[list[x509.Certificate], Any]:
+    key = _ec_fixed()
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
+            x509.NameOID.COMMON_NAME, "workload")]))
+         .issuer_name(OWN.cert.subject).public_key(key.public_key())
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(_NOW - _DAY).not_valid_after(_NOW + _DAY)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(LEAF_KU, critical=True)
+         .add_extension(x509.ExtendedKeyUsage(BOTH), critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+             OWN.key.public_key()), critical=False)
+         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(PEER)]),
+                        critical=False)
+         .add_extension(x509.UnrecognizedExtension(_NS_TYPE, der), critical=False))
+    return [b.sign(OWN.key, hashes.SHA256())], key
+
+
+@pytest.mark.parametrize("name", [*NS_FAMILY, *NS_GOOD])
+def test_a_netscape_type_for_one_direction_is_refused(name):
+    from sidecar.identity.svid import RULE_EXTENDED_KEY_USAGE
+
+    chain, _ = ns_leaf(NS_FAMILY[name][0] if name in NS_FAMILY else NS_GOOD[name])
+    if name in NS_GOOD:
+        assert peer_identity_from_der(_der(chain[0])).spiffe_id == PEER
+        return
+    with pytest.raises(SvidError) as caught:
+        peer_identity_from_der(_der(chain[0]))
+    assert caught.value.rule == RULE_EXTENDED_KEY_USAGE
+
+
+def test_a_netscape_type_for_one_direction_is_refused_both_ways(tmp_path, app, procs):
+    from sidecar.identity.svid import RULE_EXTENDED_KEY_USAGE
+
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    first, key = ns_leaf(NS_FAMILY["ssl_client_only"][0])
+    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
+    upstream.ctx.verify_mode = ssl.CERT_NONE
+    try:
+        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
+                                 outbound=[{"name": "frontend",
+                                            "listen": f"127.0.0.1:{free_port()}",
+                                            "upstream": f"127.0.0.1:{upstream.port}",
+                                            "identity": PEER}],
+                                 limits={"refused_records_per_source": 10_000})
+        out_cfg["identity"]["bundle"] = str(own)
+        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
+        procs.append(a)
+        ours = f"bad_svid:{RULE_EXTENDED_KEY_USAGE}"
+        for name, (der, openssl_refuses) in NS_FAMILY.items():
+            chain, key = ns_leaf(der)
+            before = len(b.log_events("connection_refused"))
+            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
+            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            want = "peer_cert_untrusted" if "inbound" in openssl_refuses else ours
+            assert got[0]["reason"] == want, (name, got)
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
+            before = len(a.log_events("connection_refused"))
+            assert http(a.port("frontend"), "GET", "/x").status == 502, name
+            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            want = "upstream_handshake_failed" if "outbound" in openssl_refuses else ours
+            assert got[0]["reason"] == want, (name, got)
+        for name, der in NS_GOOD.items():
+            chain, key = ns_leaf(der)
+            assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
+        upstream.ctx = _server_ctx(*ns_leaf(NS_GOOD["ssl_client_and_server"]),
+                                   tmp_path / "up-good")
+        assert http(a.port("frontend"), "GET", "/x").status == 200
+    finally:
+        upstream.close()

@@ -282,9 +282,37 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
                                 ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku.value):
         raise SvidError(RULE_EXTENDED_KEY_USAGE,
                         "leaf extendedKeyUsage must include both serverAuth and clientAuth")
+    # The other direction restriction OpenSSL checks, the Netscape certificate type: an SSL
+    # client-only leaf was let in as a caller and refused as an upstream, and the other way
+    # round (found by a hostile review). Same rule: both directions, or none named.
+    ns_type = _extension_by_oid(extensions, _NETSCAPE_CERT_TYPE)
+    if ns_type is not None and not _netscape_both_directions(ns_type):
+        raise SvidError(RULE_EXTENDED_KEY_USAGE,
+                        "leaf Netscape certificate type must include both SSL client and server")
     if problem := crypto_problem(cert):
         raise SvidError(*problem)
     return spiffe_id
+
+
+_NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+_NS_SSL_CLIENT_AND_SERVER = 0xC0  # bits 0 and 1 of the BIT STRING's first byte
+
+
+def _extension_by_oid(extensions: x509.Extensions, oid: x509.ObjectIdentifier
+                      ) -> x509.Extension[x509.ExtensionType] | None:
+    try:
+        return extensions.get_extension_for_oid(oid)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _netscape_both_directions(ext: x509.Extension[x509.ExtensionType]) -> bool:
+    """Whether a Netscape certificate type (a DER BIT STRING cryptography leaves unparsed)
+    names both SSL client and SSL server; False when it cannot be read."""
+    raw = getattr(ext.value, "value", b"")
+    if len(raw) < 4 or raw[0] != 0x03 or raw[1] != len(raw) - 2:
+        return False
+    return raw[3] & _NS_SSL_CLIENT_AND_SERVER == _NS_SSL_CLIENT_AND_SERVER
 
 
 def _domain_of(spiffe_id: str) -> str:
