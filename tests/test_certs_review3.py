@@ -28,6 +28,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.identity.svid import (
     RULE_PEM_INVALID,
@@ -714,8 +715,22 @@ _INTERMEDIATE_SHAPES: dict[str, tuple[dict[str, bool], tuple[tuple[Any, bool], .
     "policy_constraints_critical": ({}, ((x509.PolicyConstraints(0, None), True),)),
     "inhibit_any_policy_critical": ({}, ((x509.InhibitAnyPolicy(0), True),)),
 }
+# An intermediate's extendedKeyUsage: OpenSSL checks it in the direction of the handshake only,
+# like a leaf's (``extended-key-usage``); the chain check (a client verifier) wants clientAuth.
+# name -> (the EKU, the directions whose handshake OpenSSL refuses by itself)
+_EKU_SHAPES: dict[str, tuple[list[x509.ObjectIdentifier], tuple[str, ...]]] = {
+    "eku_server_auth_only": ([ExtendedKeyUsageOID.SERVER_AUTH], ("inbound",)),
+    "eku_client_auth_only": ([ExtendedKeyUsageOID.CLIENT_AUTH], ("outbound",)),
+    "eku_code_signing_only": ([ExtendedKeyUsageOID.CODE_SIGNING], ("inbound", "outbound")),
+    "eku_client_auth_and_email": ([ExtendedKeyUsageOID.CLIENT_AUTH,
+                                   ExtendedKeyUsageOID.EMAIL_PROTECTION], ("outbound",)),
+    # (the chain check takes it; OpenSSL does not count it as either direction)
+    "eku_any_only": ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], ("inbound", "outbound")),
+}
 _GOOD_INTERMEDIATE_SHAPES: dict[str, tuple[dict[str, bool], tuple[tuple[Any, bool], ...]]] = {
     "plain": ({}, ()),
+    "eku_both_and_more": ({}, ((x509.ExtendedKeyUsage(
+        [*BOTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]), False),)),
     "key_usage_not_critical": ({"ku": False}, ()),
     "eku_not_critical": ({}, ((x509.ExtendedKeyUsage(BOTH), False),)),
     "san_critical": ({}, ((x509.SubjectAlternativeName(
@@ -728,7 +743,9 @@ _GOOD_INTERMEDIATE_SHAPES: dict[str, tuple[dict[str, bool], tuple[tuple[Any, boo
 
 def shaped_intermediate(name: str) -> tuple[list[x509.Certificate], Any]:
     """A leaf of ours under an intermediate of that shape, under our root."""
-    crit, extra = {**_INTERMEDIATE_SHAPES, **_GOOD_INTERMEDIATE_SHAPES}[name]
+    shapes = {**_INTERMEDIATE_SHAPES, **_GOOD_INTERMEDIATE_SHAPES, **{
+        n: ({}, ((x509.ExtendedKeyUsage(eku), False),)) for n, (eku, _) in _EKU_SHAPES.items()}}
+    crit, extra = shapes[name]
     key = _ec_fixed()
     b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
             x509.NameOID.COMMON_NAME, f"intermediate {name}")]))
@@ -917,6 +934,66 @@ def test_a_netscape_type_for_one_direction_is_refused_both_ways(tmp_path, app, p
             assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
         upstream.ctx = _server_ctx(*ns_leaf(NS_GOOD["ssl_client_and_server"]),
                                    tmp_path / "up-good")
+        assert http(a.port("frontend"), "GET", "/x").status == 200
+    finally:
+        upstream.close()
+
+
+@pytest.mark.parametrize("name", _EKU_SHAPES)
+def test_an_intermediate_eku_for_one_direction_is_refused(name):
+    from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID
+
+    chain, _ = shaped_intermediate(name)
+    ders = tuple(_der(c) for c in chain)
+    with pytest.raises(SvidError) as caught:
+        _store().check_peer(PEER, PeerChain((*ders, _der(OWN.cert)), ders), time.time())
+    assert caught.value.rule == RULE_SIGNING_CERT_INVALID
+
+
+def test_an_intermediate_eku_for_one_direction_is_refused_both_ways(tmp_path, app, procs):
+    from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID
+
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    first, key = shaped_intermediate("eku_server_auth_only")
+    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
+    upstream.ctx.verify_mode = ssl.CERT_NONE
+    try:
+        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
+                                 outbound=[{"name": "frontend",
+                                            "listen": f"127.0.0.1:{free_port()}",
+                                            "upstream": f"127.0.0.1:{upstream.port}",
+                                            "identity": PEER}],
+                                 limits={"refused_records_per_source": 10_000})
+        out_cfg["identity"]["bundle"] = str(own)
+        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
+        procs.append(a)
+        for name, (_, openssl_refuses) in _EKU_SHAPES.items():
+            chain, key = shaped_intermediate(name)
+            before = len(b.log_events("connection_refused"))
+            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
+            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            want = "peer_cert_untrusted" if "inbound" in openssl_refuses \
+                else f"bad_svid:{RULE_SIGNING_CERT_INVALID}"
+            assert got[0]["reason"] == want, (name, got)
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
+            before = len(a.log_events("connection_refused"))
+            assert http(a.port("frontend"), "GET", "/x").status == 502, name
+            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            want = "upstream_handshake_failed" if "outbound" in openssl_refuses \
+                else f"peer_untrusted:{RULE_SIGNING_CERT_INVALID}"
+            assert got[0]["reason"] == want, (name, got)
+        chain, key = shaped_intermediate("eku_both_and_more")
+        assert _try(port, _client_ctx(chain, key, tmp_path / "good-any")) == 200
+        upstream.ctx = _server_ctx(chain, key, tmp_path / "up-good")
         assert http(a.port("frontend"), "GET", "/x").status == 200
     finally:
         upstream.close()

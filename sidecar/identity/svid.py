@@ -400,6 +400,19 @@ def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tupl
             return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: extension {name} is "
                     "marked critical (the chain check takes basicConstraints, keyUsage, "
                     "subjectAltName and nameConstraints only)"), named
+    try:
+        usages = set(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is not None and \
+            not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages:
+        # As for a leaf (``extended-key-usage``): OpenSSL checks a CA's EKU in the direction
+        # of the handshake only, so a serverAuth-only intermediate vouched for upstreams and
+        # not for callers (and the chain check refused it), a clientAuth-only one the other
+        # way round (found by a hostile review). anyExtendedKeyUsage alone OpenSSL refuses
+        # both ways, and the chain check takes.
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: extendedKeyUsage must "
+                "include both serverAuth and clientAuth"), named
     for uri in uris:
         if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
             return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
