@@ -997,3 +997,123 @@ def test_an_intermediate_eku_for_one_direction_is_refused_both_ways(tmp_path, ap
         assert http(a.port("frontend"), "GET", "/x").status == 200
     finally:
         upstream.close()
+
+
+# --- leaves with critical extensions the chain check does not process -----------------------------
+#
+# OpenSSL takes a leaf with critical certificate policies, CRL distribution points, policy
+# constraints, inhibitAnyPolicy, OCSP no-check or TLS feature; the chain check refuses each
+# ("unaccounted-for critical extensions"). Such a peer passed the handshake and the leaf rules.
+
+_LEAF_SHAPES: dict[str, tuple[Any, bool]] = {
+    "certificate_policies_critical": (_ANY_POLICY, False),
+    "crl_distribution_points_critical": (_CRLDP, False),
+    "policy_constraints_critical": (x509.PolicyConstraints(0, None), False),
+    "inhibit_any_policy_critical": (x509.InhibitAnyPolicy(0), False),
+    "ocsp_no_check_critical": (x509.OCSPNoCheck(), False),
+    "tls_feature_critical": (x509.TLSFeature([x509.TLSFeatureType.status_request]), False),
+    # (accepted by both: processed by the chain check)
+    "aia_critical": (_AIA, True),
+    "name_constraints_critical": (x509.NameConstraints([x509.DNSName("demo.local")], None),
+                                  True),
+    "policies_not_critical": (_ANY_POLICY, True),
+}
+
+
+def shaped_leaf(name: str) -> tuple[list[x509.Certificate], Any]:
+    ext, good = _LEAF_SHAPES[name]
+    key = _ec_fixed()
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(
+                x509.NameOID.COMMON_NAME, "workload")]))
+            .issuer_name(OWN.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_NOW - _DAY).not_valid_after(_NOW + _DAY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(LEAF_KU, critical=True)
+            .add_extension(x509.ExtendedKeyUsage(BOTH), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                OWN.key.public_key()), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(PEER)]),
+                           critical=False)
+            .add_extension(ext, critical=name != "policies_not_critical")
+            .sign(OWN.key, hashes.SHA256()))
+    return [cert], key
+
+
+@pytest.mark.parametrize("name", _LEAF_SHAPES)
+def test_the_leaf_rules_and_the_chain_check_agree_on_critical_extensions(name):
+    from sidecar.identity.svid import RULE_EXTENSIONS_INVALID, verify_chain
+
+    chain, _ = shaped_leaf(name)
+    try:
+        verify_chain(chain[0], [], [OWN.cert], time.time())
+        chain_check = True
+    except SvidError:
+        chain_check = False
+    assert chain_check is _LEAF_SHAPES[name][1]
+    if chain_check:
+        assert peer_identity_from_der(_der(chain[0])).spiffe_id == PEER
+        return
+    with pytest.raises(SvidError) as caught:
+        peer_identity_from_der(_der(chain[0]))
+    assert caught.value.rule == RULE_EXTENSIONS_INVALID
+
+
+# OpenSSL 3.0 does not take a critical TLS feature or AIA either (the handshake fails); the
+# others it takes, and the sidecar let the refused ones in before this review.
+_LEAF_OPENSSL_REFUSES = {"tls_feature_critical", "aia_critical"}
+
+
+def test_leaves_with_unprocessed_critical_extensions_are_refused_both_ways(tmp_path, app,
+                                                                           procs):
+    from sidecar.identity.svid import RULE_EXTENSIONS_INVALID
+
+    own, partner = _bundle_files(tmp_path)
+    me = _identity(tmp_path, "b", ME)
+    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                         limits={"refused_records_per_source": 10_000})
+    cfg["identity"]["bundle"] = str(own)
+    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+    procs.append(b)
+    port = b.port("inbound")
+    first, key = shaped_leaf("certificate_policies_critical")
+    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
+    upstream.ctx.verify_mode = ssl.CERT_NONE
+    try:
+        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
+                                 outbound=[{"name": "frontend",
+                                            "listen": f"127.0.0.1:{free_port()}",
+                                            "upstream": f"127.0.0.1:{upstream.port}",
+                                            "identity": PEER}],
+                                 limits={"refused_records_per_source": 10_000})
+        out_cfg["identity"]["bundle"] = str(own)
+        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
+        procs.append(a)
+        ours = f"bad_svid:{RULE_EXTENSIONS_INVALID}"
+        for name, (_, good) in _LEAF_SHAPES.items():
+            if good:
+                continue
+            chain, key = shaped_leaf(name)
+            before = len(b.log_events("connection_refused"))
+            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
+            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            openssl = name in _LEAF_OPENSSL_REFUSES
+            assert got[0]["reason"] in {ours} | ({"peer_cert_untrusted"} if openssl
+                                                 else set()), (name, got)
+            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
+            before = len(a.log_events("connection_refused"))
+            assert http(a.port("frontend"), "GET", "/x").status == 502, name
+            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            assert got[0]["reason"] in {ours} | ({"upstream_handshake_failed"} if openssl
+                                                 else set()), (name, got)
+        for name, (_, good) in _LEAF_SHAPES.items():
+            if good and name not in _LEAF_OPENSSL_REFUSES:
+                chain, key = shaped_leaf(name)
+                assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, \
+                    name
+        upstream.ctx = _server_ctx(*shaped_leaf("policies_not_critical"), tmp_path / "up-good")
+        assert http(a.port("frontend"), "GET", "/x").status == 200
+    finally:
+        upstream.close()

@@ -263,6 +263,15 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
         # X.509-SVID 3.1 and RFC 5280 4.1.2.6: without a subject the SAN must be critical.
         raise SvidError(RULE_SAN_NOT_CRITICAL,
                         "leaf has an empty subject and a subjectAltName not marked critical")
+    for ext in extensions:
+        if ext.critical and ext.oid not in _LEAF_CRITICAL:
+            # OpenSSL takes these (certificate policies, CRL distribution points, TLS feature,
+            # OCSP no-check...) and the chain check refuses them ("unaccounted-for critical
+            # extensions"): such a peer passed the handshake and failed where its chain is
+            # verified again, and an own SVID did not load (found by a hostile review).
+            name = getattr(ext.oid, "_name", None) or ext.oid.dotted_string
+            raise SvidError(RULE_EXTENSIONS_INVALID, f"leaf extension {name} is marked "
+                            "critical (the chain check processes it only when it is not)")
     bc = _extension(extensions, x509.BasicConstraints)
     if bc is not None and bc.value.ca:
         raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
@@ -294,6 +303,13 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
+# The extensions a leaf may mark critical: those cryptography's chain check processes for an
+# end entity (its permit-all policy still refuses unknown critical ones).
+_LEAF_CRITICAL = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    ExtensionOID.NAME_CONSTRAINTS})
 _NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
 _NS_SSL_CLIENT_AND_SERVER = 0xC0  # bits 0 and 1 of the BIT STRING's first byte
 
