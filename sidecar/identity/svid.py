@@ -12,8 +12,9 @@ Three jobs, all synchronous and free of clocks (``now`` is passed in):
 * ``peer_identity_from_der`` runs right after every inbound/outbound handshake on the leaf
   that OpenSSL already verified against the bundle. OpenSSL knows nothing of SVIDs, so this is
   where a peer with two URI SANs or a CA flag is refused. Peers reconnect with the same
-  certificate all the time, so results are kept in a small LRU keyed by the DER bytes (the
-  bytes *are* the certificate: a hit can never return another certificate's identity).
+  certificate all the time, so results are kept in a small LRU keyed by the SHA-256 of the
+  DER bytes (``der_key``: the digest names the certificate, and the cache holds 32 bytes per
+  certificate, not what a peer chose to send).
 
 * ``load_svid`` reads cert, key and bundle from disk as one consistent snapshot and checks
   everything that can be checked before the files reach OpenSSL: PEM syntax, leaf rules, key
@@ -40,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from sidecar.config.source import read_regular
 from sidecar.errors import SidecarError
@@ -184,17 +185,31 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
         return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
     if isinstance(sig_hash, _WEAK_HASHES):
         return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
-    return _unverifiable_signature(cert)
+    try:
+        return _unverifiable_signature(cert)
+    except Exception as exc:  # noqa: BLE001 -- parameters cryptography cannot read
+        # RSA-PSS whose MGF1 hash cryptography does not know (SHA-512/224, SHA-512/256):
+        # OpenSSL verifies it, reading the parameters raised, and a peer presenting it was an
+        # internal error with no record (found by a hostile review).
+        return RULE_SIGNATURE_WEAK, (f"signature parameters that cannot be read: "
+                                     f"{str(exc)[:200]}")
 
 
 # The signatures the chain check verifies (cryptography's x509.verification, web PKI
-# policy): ECDSA, RSA PKCS#1 v1.5, and RSA-PSS whose salt is the hash's length with MGF1 of
-# the same hash. OpenSSL also verifies EdDSA and any PSS salt, so a chain under an Ed25519,
-# Ed448 or odd-PSS CA passed the handshake and failed where the chain is verified again (a
-# chain OpenSSL anchored at another trust domain's root, a bundle change) and the own SVID
-# did not load (`chain-untrusted`): such a signature is refused wherever it is checked.
+# policy): ECDSA and RSA PKCS#1 v1.5 with SHA-256, SHA-384 or SHA-512, and RSA-PSS with one of
+# those hashes, a salt of the hash's length and MGF1 of the same hash. OpenSSL also verifies
+# EdDSA, any PSS salt, SHA-224 and the SHA-3 hashes, so a chain signed so passed the handshake
+# and failed where the chain is verified again (a chain OpenSSL anchored at another trust
+# domain's root, a bundle change) and the own SVID did not load (`chain-untrusted`): such a
+# signature is refused wherever it is checked. An allow-list: SHA-224 and SHA-3 signatures
+# passed a list of the exceptions (found by a hostile review).
 _EDDSA_SIGNATURES = {x509.SignatureAlgorithmOID.ED25519: "Ed25519",
                      x509.SignatureAlgorithmOID.ED448: "Ed448"}
+_CHAIN_CHECKED = frozenset({
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA256, x509.SignatureAlgorithmOID.ECDSA_WITH_SHA384,
+    x509.SignatureAlgorithmOID.ECDSA_WITH_SHA512, x509.SignatureAlgorithmOID.RSA_WITH_SHA256,
+    x509.SignatureAlgorithmOID.RSA_WITH_SHA384, x509.SignatureAlgorithmOID.RSA_WITH_SHA512})
+_PSS_HASHES = frozenset({"sha256", "sha384", "sha512"})
 
 
 def _unverifiable_signature(cert: x509.Certificate) -> tuple[str, str] | None:
@@ -206,10 +221,17 @@ def _unverifiable_signature(cert: x509.Certificate) -> tuple[str, str] | None:
         sig_hash = cert.signature_hash_algorithm
         pss = cert.signature_algorithm_parameters
         mgf = getattr(pss, "_mgf", None)
-        if sig_hash is None or getattr(pss, "_salt_length", None) != sig_hash.digest_size \
+        if sig_hash is None or sig_hash.name not in _PSS_HASHES \
+                or getattr(pss, "_salt_length", None) != sig_hash.digest_size \
                 or getattr(getattr(mgf, "_algorithm", None), "name", None) != sig_hash.name:
-            return RULE_SIGNATURE_WEAK, ("signed with RSA-PSS whose salt is not the hash's "
+            return RULE_SIGNATURE_WEAK, ("signed with RSA-PSS whose hash is not SHA-256, "
+                                         "SHA-384 or SHA-512, whose salt is not the hash's "
                                          "length or whose MGF1 uses another hash")
+        return None
+    if oid not in _CHAIN_CHECKED:
+        name = getattr(oid, "_name", None) or oid.dotted_string
+        return RULE_SIGNATURE_WEAK, (f"signed with {name} (the chain check verifies ECDSA and "
+                                     "RSA signatures with SHA-256, SHA-384 or SHA-512 only)")
     return None
 
 
@@ -241,6 +263,15 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
         # X.509-SVID 3.1 and RFC 5280 4.1.2.6: without a subject the SAN must be critical.
         raise SvidError(RULE_SAN_NOT_CRITICAL,
                         "leaf has an empty subject and a subjectAltName not marked critical")
+    for ext in extensions:
+        if ext.critical and ext.oid not in _LEAF_CRITICAL:
+            # OpenSSL takes these (certificate policies, CRL distribution points, TLS feature,
+            # OCSP no-check...) and the chain check refuses them ("unaccounted-for critical
+            # extensions"): such a peer passed the handshake and failed where its chain is
+            # verified again, and an own SVID did not load (found by a hostile review).
+            name = getattr(ext.oid, "_name", None) or ext.oid.dotted_string
+            raise SvidError(RULE_EXTENSIONS_INVALID, f"leaf extension {name} is marked "
+                            "critical (the chain check processes it only when it is not)")
     bc = _extension(extensions, x509.BasicConstraints)
     if bc is not None and bc.value.ca:
         raise SvidError(RULE_LEAF_IS_CA, "leaf has basicConstraints CA=true")
@@ -260,9 +291,44 @@ def validate_svid_leaf(cert: x509.Certificate) -> SpiffeId:
                                 ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku.value):
         raise SvidError(RULE_EXTENDED_KEY_USAGE,
                         "leaf extendedKeyUsage must include both serverAuth and clientAuth")
+    # The other direction restriction OpenSSL checks, the Netscape certificate type: an SSL
+    # client-only leaf was let in as a caller and refused as an upstream, and the other way
+    # round (found by a hostile review). Same rule: both directions, or none named.
+    ns_type = _extension_by_oid(extensions, _NETSCAPE_CERT_TYPE)
+    if ns_type is not None and not _netscape_both_directions(ns_type):
+        raise SvidError(RULE_EXTENDED_KEY_USAGE,
+                        "leaf Netscape certificate type must include both SSL client and server")
     if problem := crypto_problem(cert):
         raise SvidError(*problem)
     return spiffe_id
+
+
+# The extensions a leaf may mark critical: those cryptography's chain check processes for an
+# end entity (its permit-all policy still refuses unknown critical ones).
+_LEAF_CRITICAL = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    ExtensionOID.NAME_CONSTRAINTS})
+_NETSCAPE_CERT_TYPE = x509.ObjectIdentifier("2.16.840.1.113730.1.1")
+_NS_SSL_CLIENT_AND_SERVER = 0xC0  # bits 0 and 1 of the BIT STRING's first byte
+
+
+def _extension_by_oid(extensions: x509.Extensions, oid: x509.ObjectIdentifier
+                      ) -> x509.Extension[x509.ExtensionType] | None:
+    try:
+        return extensions.get_extension_for_oid(oid)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _netscape_both_directions(ext: x509.Extension[x509.ExtensionType]) -> bool:
+    """Whether a Netscape certificate type (a DER BIT STRING cryptography leaves unparsed)
+    names both SSL client and SSL server; False when it cannot be read."""
+    raw = getattr(ext.value, "value", b"")
+    if len(raw) < 4 or raw[0] != 0x03 or raw[1] != len(raw) - 2:
+        return False
+    return raw[3] & _NS_SSL_CLIENT_AND_SERVER == _NS_SSL_CLIENT_AND_SERVER
 
 
 def _domain_of(spiffe_id: str) -> str:
@@ -272,18 +338,30 @@ def _domain_of(spiffe_id: str) -> str:
 # Verdicts on the signing certificates (intermediates) of verified chains, by DER: a
 # (rule, message) problem or None, and the trust domains their SPIFFE IDs name. The same few
 # intermediates sign every peer of a trust domain, so each is judged once. Bounded: emptied
-# when full.
+# when full. Keyed by the SHA-256 of the DER (``der_key``), never by the DER itself.
 _SIGNING_MAX = 256
 _signing: dict[bytes, tuple[tuple[str, str] | None, tuple[str, ...]]] = {}
 
 
+def der_key(der: bytes) -> bytes:
+    """The key under which a certificate's verdicts are cached: the SHA-256 of its DER.
+
+    A cache keyed by the DER itself holds what the peer chose to send: a CA (a partner's, an
+    intermediate) mints as many distinct certificates of up to ~100 KB (OpenSSL's limit for a
+    chain) as it likes, and 1,024 of them in the peer cache held ~92 MB of every worker until
+    restart, refused by the trust-domain rule or not (found by a hostile review). 32 bytes
+    each instead; a hit still names the same certificate (SHA-256 has no known collisions)."""
+    return hashlib.sha256(der).digest()
+
+
 def _signing_verdict(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
-    got = _signing.get(der)
+    key = der_key(der)
+    got = _signing.get(key)
     if got is None:
         got = _judge_signing_cert(der)
         if len(_signing) >= _SIGNING_MAX:
             _signing.clear()
-        _signing[der] = got
+        _signing[key] = got
     return got
 
 
@@ -295,6 +373,15 @@ def _judge_signing_cert(der: bytes) -> tuple[tuple[str, str] | None, tuple[str, 
         return _signing_rules(x509.load_der_x509_certificate(der))
     except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
         return (RULE_EXTENSIONS_INVALID, f"an intermediate is unreadable: {str(exc)[:200]}"), ()
+
+
+# The extensions an intermediate may mark critical: those cryptography's CA profile processes
+# and lets be critical (a critical SKI, AKI, EKU or AIA it refuses as "incorrect
+# criticality", critical certificate policies, policy constraints, inhibitAnyPolicy or CRL
+# distribution points as "unaccounted-for"; OpenSSL takes them all).
+_SIGNER_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE,
+                              ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+                              ExtensionOID.NAME_CONSTRAINTS})
 
 
 def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tuple[str, ...]]:
@@ -309,14 +396,39 @@ def _signing_rules(cert: x509.Certificate) -> tuple[tuple[str, str] | None, tupl
     named = tuple(_domain_of(u) for u in uris)
     subject = cert.subject.rfc4514_string()[:200]
     try:
-        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+        bc = extensions.get_extension_for_class(x509.BasicConstraints)
         ku = extensions.get_extension_for_class(x509.KeyUsage).value
-        is_signer = bc.ca and ku.key_cert_sign
+        is_signer = bc.value.ca and ku.key_cert_sign
     except x509.ExtensionNotFound:
         is_signer = False
     if not is_signer:
         return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} lacks basicConstraints "
                 "CA=true or keyUsage keyCertSign"), named
+    # What the chain check (cryptography's CA profile) refuses and OpenSSL takes: refused
+    # here too, or such a chain passes the handshake and fails where it is verified again
+    # and in an own SVID (`chain-untrusted`), as for the signatures above.
+    if not bc.critical:
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: basicConstraints is not "
+                "marked critical (RFC 5280 4.2.1.9)"), named
+    for ext in extensions:
+        if ext.critical and ext.oid not in _SIGNER_CRITICAL:
+            name = getattr(ext.oid, "_name", None) or ext.oid.dotted_string
+            return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: extension {name} is "
+                    "marked critical (the chain check takes basicConstraints, keyUsage, "
+                    "subjectAltName and nameConstraints only)"), named
+    try:
+        usages = set(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is not None and \
+            not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages:
+        # As for a leaf (``extended-key-usage``): OpenSSL checks a CA's EKU in the direction
+        # of the handshake only, so a serverAuth-only intermediate vouched for upstreams and
+        # not for callers (and the chain check refused it), a clientAuth-only one the other
+        # way round (found by a hostile review). anyExtendedKeyUsage alone OpenSSL refuses
+        # both ways, and the chain check takes.
+        return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject}: extendedKeyUsage must "
+                "include both serverAuth and clientAuth"), named
     for uri in uris:
         if not uri.startswith(SCHEME_PREFIX) or "/" in uri[len(SCHEME_PREFIX):]:
             return (RULE_SIGNING_CERT_INVALID, f"intermediate {subject} carries SPIFFE ID "
@@ -347,7 +459,7 @@ def _timestamp(when: dt.datetime) -> float:
     return when.timestamp()
 
 
-def _peer_identity(der: bytes) -> PeerIdentity:
+def _peer_identity(der: bytes, digest: bytes) -> PeerIdentity:
     try:
         cert = x509.load_der_x509_certificate(der)
     except Exception as exc:  # noqa: BLE001 -- a peer's certificate: refuse, never crash
@@ -362,13 +474,13 @@ def _peer_identity(der: bytes) -> PeerIdentity:
         spiffe_id=str(spiffe_id),
         serial=serial,
         not_after=not_after,
-        fingerprint=hashlib.sha256(der).hexdigest(),
+        fingerprint=digest.hex(),
     )
 
 
 class _PeerCache:
-    """LRU of DER bytes -> PeerIdentity; only successes are kept (failures are rare and
-    must not be able to push good entries out)."""
+    """LRU of the SHA-256 of the DER (``der_key``) -> PeerIdentity; only successes are kept
+    (failures are rare and must not be able to push good entries out)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -377,14 +489,15 @@ class _PeerCache:
         self.misses = 0
 
     def get(self, der: bytes) -> PeerIdentity:
-        found = self.entries.get(der)
+        key = der_key(der)
+        found = self.entries.get(key)
         if found is not None:
-            self.entries.move_to_end(der)
+            self.entries.move_to_end(key)
             self.hits += 1
             return found
         self.misses += 1
-        identity = _peer_identity(der)
-        self.entries[der] = identity
+        identity = _peer_identity(der, key)
+        self.entries[key] = identity
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return identity

@@ -51,12 +51,14 @@ from sidecar.identity.svid import (
     RULE_EXTENSIONS_INVALID,
     RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
+    RULE_PEM_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
     _read,
     check_signers,
     crypto_problem,
+    der_key,
     load_roots,
     snapshot_paths,
     verify_chain,
@@ -90,7 +92,8 @@ _not_after: dict[bytes, float] = {}
 
 
 def _der_not_after(der: bytes) -> float:
-    got = _not_after.get(der)
+    key = der_key(der)  # (the SHA-256: what a peer sends is never kept as a key)
+    got = _not_after.get(key)
     if got is None:
         try:
             got = x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
@@ -99,7 +102,7 @@ def _der_not_after(der: bytes) -> float:
                             f"a certificate of the peer's chain is unreadable: {exc}") from exc
         if len(_not_after) >= _NOT_AFTER_MAX:
             _not_after.clear()
-        _not_after[der] = got
+        _not_after[key] = got
     return got
 
 
@@ -140,6 +143,16 @@ def bundle_from_certs(trust_domain: str, path: str,
     ``identity.trust_domains``. Roots without such a SAN cannot be judged and are taken.
     """
     for root in roots:
+        try:
+            # Names cryptography parses only when read (an UTF8String that is not UTF-8):
+            # read here, so that the file is refused naming it rather than the trust store
+            # failing later with a bare ValueError (``sidecar check``: a traceback).
+            root.subject.rfc4514_string()
+            root.issuer.rfc4514_string()
+        except Exception as exc:  # noqa: BLE001 -- a root cryptography reads only in part
+            raise SvidError(RULE_PEM_INVALID, f"a root of trust domain {trust_domain} has a "
+                            f"subject or issuer that cannot be read: {str(exc)[:200]}",
+                            file=path) from exc
         try:
             domains = _named_domains(root)
         except SvidError as exc:

@@ -36,12 +36,18 @@ _ENCODING_DER = 2  # _ssl.ENCODING_DER: the C Certificate objects' public_bytes 
 
 # Intermediates and roots of verified peer chains, one bytes object each (see
 # ``TlsTransport.peer_chain_der``). Bounded: emptied when full (sharing is an optimisation;
-# nothing depends on an entry being there). Only the event loop's thread touches it.
+# nothing depends on an entry being there). Only the event loop's thread touches it. A
+# certificate larger than ``_SHARED_DER_BYTES`` is not shared: a CA can mint distinct ones of
+# up to ~100 KB at will, and the table held 64 of them (~6 MB) after the connections that
+# brought them had ended (a hostile review; trust domains' real CAs are ~1 KB).
 _SHARED_DER_MAX = 64
+_SHARED_DER_BYTES = 8192
 _shared_ders: dict[bytes, bytes] = {}
 
 
 def _shared_der(der: bytes) -> bytes:
+    if len(der) > _SHARED_DER_BYTES:
+        return der
     got = _shared_ders.get(der)
     if got is None:
         if len(_shared_ders) >= _SHARED_DER_MAX:
