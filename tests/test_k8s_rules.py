@@ -469,6 +469,12 @@ def _set_path(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
 
 MALFORMED = [(".".join(map(str, path)), path, value)
              for path, kind in _shape_paths(POD_SHAPE) for value in WRONG_VALUES[kind]]
+# A null item in every array the injector reads (``ports: [null]`` was a 500 from the
+# webhook and a traceback from ``sidecar inject``: a hostile review). A null *member* is
+# absent, as the API server reads it; a null *item* is a hole.
+NULL_ITEMS = [(".".join(map(str, path)), path, None)
+              for path, _ in _shape_paths(POD_SHAPE) if path and isinstance(path[-1], int)]
+MALFORMED += NULL_ITEMS
 
 
 def _malformed_pod(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
@@ -482,6 +488,25 @@ def test_the_malformed_family_covers_every_field() -> None:
     assert "spec.containers.0.readinessProbe.httpGet.port" in fields
     assert "spec.volumes.0.projected.sources.0.secret.name" in fields
     assert len(fields) > 100
+    nulls = {name for name, _, _ in NULL_ITEMS}
+    assert {"spec.containers.0.ports.0", "spec.volumes.0", "spec.ephemeralContainers.0.env.0",
+            "spec.initContainers.0.livenessProbe.httpGet.httpHeaders.0",
+            "spec.volumes.0.projected.sources.0"} <= nulls
+    assert len(nulls) > 25
+
+
+@pytest.mark.parametrize("name,path", [(n, p) for n, p, _ in NULL_ITEMS],
+                         ids=[n for n, _, _ in NULL_ITEMS])
+def test_null_array_items_through_sidecar_inject(name: str, path: tuple[Any, ...]) -> None:
+    """A real ``sidecar inject`` process: exit 1 naming malformed_pod, never a traceback."""
+    doc = _malformed_pod(path, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "inject", "-f", "-", *FLAGS],
+        input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT), check=False)
+    assert proc.returncode == 1, (name, proc.stderr[-500:])
+    assert "admission rule malformed_pod:" in proc.stderr and "must not be null" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.parametrize("mode", ["enabled", "required"])
