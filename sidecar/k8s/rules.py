@@ -9,8 +9,8 @@ at its word:
   the namespace label ``sidecar.mesh.dev/inject`` (which the namespace owner, not the pod
   author, controls) and the label's value picks the *mode* (``NAMESPACE_MODES``): in
   ``enabled`` namespaces a pod may opt out with the *label* ``sidecar.mesh.dev/inject:
-  "false"`` (the same label the webhook's ``objectSelector`` sees); in ``required``
-  namespaces it cannot, and a pod that cannot carry the sidecar (``hostNetwork``) is denied.
+  "false"`` (the pod still reaches the webhook, which has no ``objectSelector``, and is held
+  to the credential rules: ``check_credentials``); in ``required`` namespaces it cannot, and a pod that cannot carry the sidecar (``hostNetwork``) is denied.
   Annotations never decide: an annotation ``inject: off`` is ignored.
 * **"Already injected" is verified, never read.** The status annotation and a container's
   name prove nothing. A pod counts as injected only if it holds exactly the sidecar container
