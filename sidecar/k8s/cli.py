@@ -30,7 +30,6 @@ from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
 from sidecar.output import dump_yaml, safe
 
-
 # Values (lists, mappings, scalars) in all the documents of one ``inject`` input, each YAML
 # alias counted where it is used: several times what a real manifest holds (etcd keeps no
 # object over 1.5 MiB; 8 MiB of block-style manifests is about 300,000 values), far less than
