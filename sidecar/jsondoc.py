@@ -76,6 +76,42 @@ def deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+def expanded_larger_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds more than ``limit`` values (lists, dicts and scalars, not
+    counting keys) once every shared node (a YAML alias) is counted at each place it is
+    used, as a JSON reader of the document sees it. Linear in the *distinct* nodes: each
+    node's expanded size is computed once. Call it on a value ``deeper_than`` accepted (no
+    cycles; a node still being counted is counted as one value).
+
+    ``deeper_than`` walks a shared node once, but every walk of the document after it (the
+    injector's checks, a diff) goes down each path: a 40 KB manifest of 3,000 aliases of a
+    container whose env is 3,000 aliases of one entry (9 million entries) kept ``sidecar
+    inject`` busy for a minute, ten times as many for hours (a hostile review)."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        key = id(node)
+        children = list(node.values()) if isinstance(node, dict) else node
+        if not done:
+            if key in sizes or key in visiting:
+                continue
+            visiting.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children
+                         if isinstance(child, dict | list) and id(child) not in sizes)
+            continue
+        total = 1 + sum(sizes.get(id(child), 1) for child in children)
+        if total > limit:
+            return True
+        sizes[key] = total
+        visiting.discard(key)
+    return False
+
+
 def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """The value of one JSON document; ``JsonDocError`` for anything the module refuses."""
     if isinstance(data, bytes | bytearray):

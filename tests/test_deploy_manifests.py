@@ -17,7 +17,6 @@ from sidecar.k8s.cli import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import (
     CONFIG_VOLUME,
     INJECT_ANNOTATION,
-    OPT_OUT_VALUES,
     SIDECAR_CONTAINER,
     STATUS_ANNOTATION,
     InjectOptions,
@@ -104,12 +103,9 @@ def test_webhook_configuration_and_injector_settings() -> None:
                                   "scope": "Namespaced"}]
         svc = hook["clientConfig"]["service"]
         assert (svc["name"], svc["namespace"]) == ("sidecar-injector", "mesh-system")
-        if mode == "enabled":  # the opt-out label keeps the pod from reaching the webhook
-            (expr,) = hook["objectSelector"]["matchExpressions"]
-            assert expr["key"] == INJECT_ANNOTATION and expr["operator"] == "NotIn"
-            assert set(expr["values"]) == set(OPT_OUT_VALUES)
-        else:  # required: no pod can select itself out
-            assert "objectSelector" not in hook
+        # No pod selects itself away from the webhook: an opted-out pod (enabled) is still
+        # held to the credential rules (tests/test_k8s_selection.py).
+        assert "objectSelector" not in hook
     assert ("Service", "sidecar-injector") in docs
     cert = docs[("Certificate", "sidecar-injector-tls")]
     assert "sidecar-injector.mesh-system.svc" in cert["spec"]["dnsNames"]

@@ -137,3 +137,20 @@ def test_depth_of_a_document_with_shared_nodes_is_measured_once_per_node() -> No
     leaf = [[[["deep"]]]]
     assert deeper_than({"a": leaf, "b": [[[leaf]]]}, 6)
     assert not deeper_than({"a": leaf, "b": [[[leaf]]]}, 8)
+
+
+def test_expanded_larger_than_counts_each_use_of_a_shared_node() -> None:
+    from sidecar.jsondoc import expanded_larger_than
+
+    leaf = {"a": 1, "b": 2}  # 3 values
+    shared = [leaf] * 10  # 1 + 30
+    doc = {"x": [shared] * 10}  # 1 + 1 + 310
+    assert not expanded_larger_than(doc, 312) and expanded_larger_than(doc, 311)
+    bomb: list = ["lol"] * 10
+    for _ in range(8):
+        bomb = [bomb] * 10  # 10**9 leaves, 10 distinct lists
+    assert expanded_larger_than(bomb, 1_000_000)
+    cycle: list = []
+    cycle.append(cycle)  # a cycle ends the walk (deeper_than refuses it first in callers)
+    assert not expanded_larger_than(cycle, 10)
+    assert not expanded_larger_than("scalar", 0)

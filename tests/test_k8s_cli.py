@@ -166,3 +166,67 @@ def test_a_malformed_metadata_is_named_not_a_traceback(metadata: str) -> None:
                          + "\nspec: {containers: [{name: a, image: b}]}\n")
     assert code == 1 and "document 1 (?): admission rule malformed_pod" in err, err
     assert out == ""
+
+
+# --- YAML aliases: a few KB that every walk of the manifest expands ------------------------------
+
+def _aliased(outer: str, inner_anchor: str, n: int = 3000) -> str:
+    """A manifest whose ``outer`` list holds ``n`` aliases of one item, itself holding ``n``
+    aliases of one entry (``inner_anchor`` is the anchored YAML of that item)."""
+    entries = "\n".join(["x-inner: &e", "  - &i {name: A, value: b, mountPath: /a}",
+                         *["  - *i"] * n])
+    return f"{entries}\nx-item: &c {inner_anchor}\n{outer}\n" + "\n".join(["  - *c"] * n) + "\n"
+
+
+ALIAS_BOMBS: dict[str, str] = {
+    "containers x env": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n" + _aliased(
+        "spec:\n containers:", "{name: app, image: i, env: *e}"),
+    "initContainers x volumeMounts": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+        + _aliased("spec:\n containers: [{name: app, image: i}]\n initContainers:",
+                   "{name: init, image: i, volumeMounts: *e}"),
+    "volumes x projected sources": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+        + _aliased("spec:\n containers: [{name: app, image: i}]\n volumes:",
+                   "{name: v, projected: {sources: *e}}"),
+    "List items x containers": "apiVersion: v1\nkind: List\n" + _aliased(
+        "items:", "{apiVersion: v1, kind: Pod, metadata: {name: p}, spec: {containers: *e}}"),
+    "Deployment template containers x envFrom": "apiVersion: apps/v1\nkind: Deployment\n"
+        "metadata: {name: d}\n" + _aliased(
+            "spec:\n template:\n  spec:\n   containers:",
+            "{name: app, image: i, envFrom: *e}").replace("\n  - *c", "\n   - *c"),
+    "nested lists in a field nobody reads": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+        + "\n".join([f"x{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 10) + "]"
+                     if k else "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"
+                     for k in range(9)])
+        + "\nspec:\n containers: [{name: app, image: i, args: *a8}]\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALIAS_BOMBS))
+def test_yaml_alias_bombs_exit_2_at_once(name: str) -> None:
+    """Through a real process: refused in well under a second per member (the first ones kept
+    ``sidecar inject`` busy for a minute each; ten times the aliases, for hours)."""
+    text = ALIAS_BOMBS[name]
+    assert len(text) < 100_000
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2, (name, proc.stderr[-400:])
+    assert "values once its YAML aliases are expanded" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_manifest_sharing_an_anchor_is_still_injected() -> None:
+    text = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: p}
+spec:
+  containers:
+  - {name: a, image: i, env: &env [{name: A, value: "1"}, {name: B, value: "2"}]}
+  - {name: b, image: i, env: *env}
+"""
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = list(yaml.safe_load_all(proc.stdout))
+    assert [c["env"] for c in out["spec"]["containers"]] == [
+        [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]] * 2

@@ -197,7 +197,7 @@ def test_opt_out_label(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["false", "off"])
 def test_opt_out_annotation_is_ignored(value: str) -> None:
-    # The webhook's objectSelector sees labels only; an annotation must not decide either.
+    # Only the label opts out; an annotation must not decide.
     doc = pod()
     doc["metadata"]["annotations"] = {INJECT_ANNOTATION: value}
     assert inject_pod_spec(doc["metadata"], doc["spec"], NATIVE) is not None

@@ -469,6 +469,12 @@ def _set_path(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
 
 MALFORMED = [(".".join(map(str, path)), path, value)
              for path, kind in _shape_paths(POD_SHAPE) for value in WRONG_VALUES[kind]]
+# A null item in every array the injector reads (``ports: [null]`` was a 500 from the
+# webhook and a traceback from ``sidecar inject``: a hostile review). A null *member* is
+# absent, as the API server reads it; a null *item* is a hole.
+NULL_ITEMS = [(".".join(map(str, path)), path, None)
+              for path, _ in _shape_paths(POD_SHAPE) if path and isinstance(path[-1], int)]
+MALFORMED += NULL_ITEMS
 
 
 def _malformed_pod(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
@@ -482,6 +488,25 @@ def test_the_malformed_family_covers_every_field() -> None:
     assert "spec.containers.0.readinessProbe.httpGet.port" in fields
     assert "spec.volumes.0.projected.sources.0.secret.name" in fields
     assert len(fields) > 100
+    nulls = {name for name, _, _ in NULL_ITEMS}
+    assert {"spec.containers.0.ports.0", "spec.volumes.0", "spec.ephemeralContainers.0.env.0",
+            "spec.initContainers.0.livenessProbe.httpGet.httpHeaders.0",
+            "spec.volumes.0.projected.sources.0"} <= nulls
+    assert len(nulls) > 25
+
+
+@pytest.mark.parametrize("name,path", [(n, p) for n, p, _ in NULL_ITEMS],
+                         ids=[n for n, _, _ in NULL_ITEMS])
+def test_null_array_items_through_sidecar_inject(name: str, path: tuple[Any, ...]) -> None:
+    """A real ``sidecar inject`` process: exit 1 naming malformed_pod, never a traceback."""
+    doc = _malformed_pod(path, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "inject", "-f", "-", *FLAGS],
+        input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
+        cwd=str(ROOT), check=False)
+    assert proc.returncode == 1, (name, proc.stderr[-500:])
+    assert "admission rule malformed_pod:" in proc.stderr and "must not be null" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.parametrize("mode", ["enabled", "required"])
@@ -620,3 +645,89 @@ def test_a_probe_the_sidecar_cannot_relay_is_left_alone(http_get: dict[str, Any]
            for e in c.get("env", []) if e.get("name") == APP_PROBES_ENV]
     probes = parse_app_probes(env[0])  # what the sidecar reads: it loads
     assert [p.path for p in probes.values()] == ["/live"]
+
+
+# --- many probes: the sidecar takes at most MAX_APP_PROBES, so no more are rewritten ----------
+
+def _probed_pod(n: int, kinds: tuple[str, ...], unrelayable_every: int = 0) -> dict[str, Any]:
+    containers = []
+    for i in range(n):
+        path = "no-slash" if unrelayable_every and i % unrelayable_every == 0 else f"/h{i}"
+        containers.append({"name": f"c{i}", "image": "app:1",
+                           "ports": [{"name": "http", "containerPort": 8080}],
+                           **{k: {"httpGet": {"path": path, "port": "http"}} for k in kinds}})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crowd"},
+            "spec": {"containers": containers}}
+
+
+_ALL_PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+PROBE_CROWDS: dict[str, Callable[[], dict[str, Any]]] = {
+    "exactly the limit": lambda: _probed_pod(100, ("readinessProbe",)),
+    "101 containers with one probe": lambda: _probed_pod(101, ("readinessProbe",)),
+    "34 containers with three probes": lambda: _probed_pod(34, _ALL_PROBES),
+    "unrelayable probes among them": lambda: _probed_pod(160, ("livenessProbe",), 3),
+    "10,000 containers with three probes": lambda: _probed_pod(10_000, _ALL_PROBES),
+}
+
+
+def _check_probe_crowd(before: dict[str, Any], after: dict[str, Any]) -> None:
+    from sidecar.admin_pages import MAX_APP_PROBES, parse_app_probes
+
+    (sidecar,) = [c for c in after["spec"].get("initContainers", [])
+                  if c["name"] == SIDECAR_CONTAINER]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    probes = parse_app_probes(env.get("SIDECAR_APP_PROBES"))  # what the sidecar reads at start
+    assert 0 < len(probes) <= MAX_APP_PROBES
+    rewritten = 0
+    for old, new in zip(before["spec"]["containers"], after["spec"]["containers"], strict=True):
+        for kind in _ALL_PROBES:
+            if kind not in old:
+                continue
+            target = new[kind]["httpGet"]
+            if target == old[kind]["httpGet"]:
+                continue  # left alone: the kubelet probes the app as written
+            rewritten += 1
+            assert target["port"] == 15021 and target["path"] in probes
+            assert probes[target["path"]].path == old[kind]["httpGet"]["path"]
+    assert rewritten == len(probes)
+    relayable = sum(1 for c in before["spec"]["containers"] for k in _ALL_PROBES
+                    if k in c and c[k]["httpGet"]["path"].startswith("/"))
+    assert rewritten == min(relayable, MAX_APP_PROBES)
+
+
+@pytest.mark.parametrize("name", sorted(PROBE_CROWDS))
+def test_no_more_probes_are_rewritten_than_the_sidecar_takes(
+        webhook: tuple[int, ssl.SSLContext, Proc], name: str) -> None:
+    port, ctx, proc = webhook
+    doc = PROBE_CROWDS[name]()
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "crowd", "operation": "CREATE",
+                          "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                          "object": doc}}
+    body = json.dumps(review).encode()
+    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
+    try:
+        reply = http(port, "POST", "/mutate", body=body, timeout=60,
+                     headers={"content-type": "application/json"}, conn=conn)
+    finally:
+        conn.close()
+    assert reply.status == 200
+    # The answer is bounded by the sidecar's probe limit, not by the pod: a 2.5 MB review of
+    # 30,000 probes was answered with 14 MB.
+    assert len(reply.body) < 256 * 1024, len(reply.body)
+    response = reply.json()["response"]
+    after = apply_patch(doc, json.loads(base64.b64decode(response["patch"])))
+    _check_probe_crowd(doc, after)
+    assert not proc.log_events("webhook_internal_error")
+
+
+@pytest.mark.parametrize("name", ["101 containers with one probe",
+                                  "unrelayable probes among them"])
+def test_no_more_probes_are_rewritten_by_sidecar_inject(name: str) -> None:
+    doc = PROBE_CROWDS[name]()
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-", *FLAGS],
+                          input=yaml.safe_dump(doc), capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT), check=False)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    (out,) = list(yaml.safe_load_all(proc.stdout))
+    _check_probe_crowd(doc, out)

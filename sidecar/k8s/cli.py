@@ -19,7 +19,7 @@ import yaml
 
 from sidecar.config.source import MAX_DOCUMENT_BYTES, read_whole, refuse_hidden_characters
 from sidecar.errors import ConfigError
-from sidecar.jsondoc import deeper_than
+from sidecar.jsondoc import deeper_than, expanded_larger_than
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH
 from sidecar.k8s.flags import (
     add_injection_arguments,
@@ -29,6 +29,12 @@ from sidecar.k8s.flags import (
 from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
 from sidecar.output import dump_yaml, safe
+
+# Values (lists, mappings, scalars) in all the documents of one ``inject`` input, each YAML
+# alias counted where it is used: several times what a real manifest holds (etcd keeps no
+# object over 1.5 MiB; 8 MiB of block-style manifests is about 300,000 values), far less than
+# the millions a few KB of nested aliases make (docs/k8s.md, exit code 2).
+MAX_EXPANDED_VALUES = 1_000_000
 
 
 def _read(path: str, stdin: TextIO) -> str:
@@ -70,6 +76,11 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         # diffing a deeper document would fail half-way instead of saying why.
         print(f"sidecar inject: {args.file} is nested deeper than {MAX_REVIEW_DEPTH} levels",
               file=stderr)
+        return 2
+    if expanded_larger_than(docs, MAX_EXPANDED_VALUES):
+        # YAML aliases: a few KB that every walk of the documents (and kubectl) expands.
+        print(f"sidecar inject: {args.file} holds more than {MAX_EXPANDED_VALUES} values once "
+              "its YAML aliases are expanded", file=stderr)
         return 2
     options = inject_options_from_args(args)
     out: list[Any] = []

@@ -174,12 +174,20 @@ def _relayable(health_path: str, original: dict[str, Any]) -> bool:
 def _rewrite_app_probes(containers: list[dict[str, Any]],
                         options: InjectOptions) -> dict[str, dict[str, Any]]:
     """Point app ``httpGet`` probes at the sidecar's health port; return the originals."""
+    from sidecar.admin_pages import MAX_APP_PROBES
+
     originals: dict[str, dict[str, Any]] = {}
     for container in containers:
         name = container.get("name")
         if not isinstance(name, str):
             continue
         for probe_key, kind in _PROBE_KINDS.items():
+            if len(originals) >= MAX_APP_PROBES:
+                # The sidecar takes at most MAX_APP_PROBES (``parse_app_probes``): one more
+                # made it refuse to start, so the pod never got ready, and a pod of 10,000
+                # probed containers cost the webhook seconds and a 14 MB answer (a hostile
+                # review). The rest are left as they are, like a probe it cannot relay.
+                break
             probe = container.get(probe_key)
             if not isinstance(probe, dict) or not isinstance(probe.get("httpGet"), dict):
                 continue

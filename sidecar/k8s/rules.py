@@ -9,8 +9,8 @@ at its word:
   the namespace label ``sidecar.mesh.dev/inject`` (which the namespace owner, not the pod
   author, controls) and the label's value picks the *mode* (``NAMESPACE_MODES``): in
   ``enabled`` namespaces a pod may opt out with the *label* ``sidecar.mesh.dev/inject:
-  "false"`` (the same label the webhook's ``objectSelector`` sees); in ``required``
-  namespaces it cannot, and a pod that cannot carry the sidecar (``hostNetwork``) is denied.
+  "false"`` (the pod still reaches the webhook, which has no ``objectSelector``, and is held
+  to the credential rules: ``check_credentials``); in ``required`` namespaces it cannot, and a pod that cannot carry the sidecar (``hostNetwork``) is denied.
   Annotations never decide: an annotation ``inject: off`` is ignored.
 * **"Already injected" is verified, never read.** The status annotation and a container's
   name prove nothing. A pod counts as injected only if it holds exactly the sidecar container
@@ -88,7 +88,8 @@ POD_RULES: dict[str, str] = {
 }
 
 # What the injector reads of a pod, with the JSON type each field must have when present
-# (null counts as absent, as the API server's decoder reads it). A dict is an object whose
+# (a null member counts as absent, as the API server's decoder reads it; a null array item
+# is malformed). A dict is an object whose
 # listed members are checked ("*": every member); a one-item list is an array of that shape.
 # Anything else in the pod is not read, so it is not checked.
 _STRING, _BOOLEAN, _INTEGER, _PORT = "string", "boolean", "integer", "integer or string"
@@ -146,6 +147,11 @@ def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
         if not isinstance(value, list):
             return f"{where} must be an array"
         for index, item in enumerate(value):
+            if item is None:
+                # An absent member is no member; an absent array item is a hole every reader
+                # of the array trips on (``ports: [null]`` made the webhook answer 500 and
+                # ``sidecar inject`` print a traceback: a hostile review).
+                return f"{where}[{index}] must not be null"
             problem = _shape_problem(item, shape[0], f"{where}[{index}]")
             if problem:
                 return problem
