@@ -509,7 +509,9 @@ def test_a_request_in_flight_ends_when_its_credentials_expire(tmp_path, pki, app
     """A long download or upload (server-sent events, a slow upload) ends when the token or
     API key that admitted it expires, as an upgraded stream does (a hostile review: it ran
     until max_connection_age, and only a reload ended it, as ``policy_refused``)."""
-    doc, headers = _expiring_credentials(cred, time.time() + 5)
+    # (10 s: the sidecar's start and the request's first MiB must fit before the expiry; 5 s
+    # did not on a loaded 2-core machine, where the request was refused 401 at once)
+    doc, headers = _expiring_credentials(cred, time.time() + 10)
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
