@@ -26,6 +26,7 @@ import json
 import ssl
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,3 +422,11 @@ def test_the_family_covers_every_update_rule() -> None:
     rules = {want for _, want, _ in CHANGES.values()} - {ALLOW}
     assert rules == {"impostor_sidecar", "reserved_volume", "credential_volume",
                      "mounts_sidecar_volume", "shared_process_namespace", "credential_env"}
+
+
+def test_the_update_rules_are_documented() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "k8s.md").read_text()
+    section = text.split("### Pod UPDATEs", 1)[1].split("\n## ", 1)[0]
+    for rule in {want for _, want, _ in CHANGES.values()} - {ALLOW}:
+        assert f"| `{rule}` |" in section, rule
+    assert "pods/ephemeralcontainers" in section and "oldObject" in section

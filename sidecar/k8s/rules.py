@@ -25,6 +25,10 @@ at its word:
   other container may read those Secrets into its environment -- checked for opted-out and
   hostNetwork pods too (``check_credentials``); no shared process namespace (through
   ``/proc/<pid>/root`` another container could read the sidecar's key).
+* **A running pod keeps the sidecar it was admitted with** (``check_update``, for pod UPDATE
+  and ``pods/ephemeralcontainers``): the old pod is compared with the new one; a changed
+  sidecar container or credential volume, or an added or changed container reaching for
+  them, is refused with the rules above; nothing else on UPDATE is.
 * **The sidecar config ConfigMap** comes from the injector's options: the default
   (``--config-configmap``) or a name on ``--allow-config-configmap``. The pod annotation
   ``sidecar.mesh.dev/config-configmap`` can only pick among those.
