@@ -420,6 +420,15 @@ def _sidecars(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             for key, c in _containers(spec) if c.get("name") == SIDECAR_CONTAINER]
 
 
+def _by_name(spec: dict[str, Any], names: frozenset[str]) -> dict[str, list[dict[str, Any]]]:
+    """The pod's volumes whose name is in ``names``, in order, by name."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for volume in _volumes(spec):
+        if str(volume.get("name")) in names:
+            found.setdefault(str(volume.get("name")), []).append(volume)
+    return found
+
+
 def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOptions) -> None:
     """A pod UPDATE (``pods``, or the ``pods/ephemeralcontainers`` subresource), ``old`` and
     ``new`` being the pod's spec before and after: refuse what would hand the sidecar's key,
@@ -454,9 +463,11 @@ def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOption
     reserved = reserved_volume_names(options) if injected else frozenset()
     carrying = frozenset(str(v.get("name")) for spec in (old, new) for v in _volumes(spec)
                          if _carries_credentials(v, options))
-    for name in sorted(reserved | carrying, key=str):
-        if [v for v in _volumes(old) if str(v.get("name")) == name] != \
-                [v for v in _volumes(new) if str(v.get("name")) == name]:
+    # Grouped by name once: a list scan per protected name was quadratic in the volumes (a
+    # 3 MiB review holds some 25,000 credential volumes).
+    held = (_by_name(old, reserved | carrying), _by_name(new, reserved | carrying))
+    for name in sorted(reserved | carrying):
+        if held[0].get(name) != held[1].get(name):
             raise _refuse("reserved_volume" if name in reserved else "credential_volume",
                           "a volume that holds the mesh sidecar's files or the credentials "
                           "cannot be added or changed on a running pod")
