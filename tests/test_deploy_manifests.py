@@ -84,6 +84,40 @@ def _by_kind(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 
+# CREATE injects; UPDATE of a pod and of its ephemeralcontainers subresource is compared with
+# the pod as it was (`kubectl set image`, `kubectl debug`: docs/k8s.md, "Pod UPDATEs").
+SHIPPED_RULES = [
+    {"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+     "resources": ["pods"], "scope": "Namespaced"},
+    {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+     "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"},
+]
+# (operation, resource) pairs the API server must send to both webhooks, with what a tenant
+# holding the default `edit` ClusterRole does with each.
+MUST_REVIEW = {
+    ("CREATE", "pods"): "kubectl run / a controller creating a pod",
+    ("UPDATE", "pods"): "kubectl set image pod/P mesh-sidecar=IMAGE",
+    ("UPDATE", "pods/ephemeralcontainers"): "kubectl debug pod/P --target=mesh-sidecar",
+}
+
+
+def test_the_shipped_webhooks_review_pod_updates_and_ephemeral_containers() -> None:
+    """Read without kubectl: every webhook of base/ is sent each operation of MUST_REVIEW (a
+    webhook that saw CREATE only let an `edit` tenant swap the sidecar's image or add a debug
+    container with its key after the pod was admitted: a hostile review)."""
+    (mwc,) = [d for d in load_docs((DEPLOY / "base" / "mutatingwebhookconfiguration.yaml")
+                                   .read_text()) if d.get("kind") == "MutatingWebhookConfiguration"]
+    assert {h["clientConfig"]["service"]["path"] for h in mwc["webhooks"]} == set(MODE_PATHS)
+    for hook in mwc["webhooks"]:
+        assert hook["rules"] == SHIPPED_RULES
+        sent = {(op, resource) for rule in hook["rules"] if rule["apiGroups"] == [""]
+                and "v1" in rule["apiVersions"] for op in rule["operations"]
+                for resource in rule["resources"]}
+        missing = set(MUST_REVIEW) - sent
+        assert not missing, (hook["name"], {m: MUST_REVIEW[m] for m in missing})
+        assert hook["failurePolicy"] == "Fail" and "objectSelector" not in hook
+
+
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed: kustomize build not checked")
 def test_webhook_configuration_and_injector_settings() -> None:
     docs = _by_kind(kustomize(""))
@@ -98,9 +132,7 @@ def test_webhook_configuration_and_injector_settings() -> None:
         assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
         assert hook["admissionReviewVersions"] == ["v1"]
         assert hook["namespaceSelector"] == {"matchLabels": {"sidecar.mesh.dev/inject": mode}}
-        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
-                                  "apiVersions": ["v1"], "resources": ["pods"],
-                                  "scope": "Namespaced"}]
+        assert hook["rules"] == SHIPPED_RULES
         svc = hook["clientConfig"]["service"]
         assert (svc["name"], svc["namespace"]) == ("sidecar-injector", "mesh-system")
         # No pod selects itself away from the webhook: an opted-out pod (enabled) is still

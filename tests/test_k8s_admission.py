@@ -79,7 +79,11 @@ def test_already_injected_opted_out_and_other_requests_get_no_patch() -> None:
     meta, spec = inject_pod_spec(plain["metadata"], plain["spec"], OPTIONS)  # type: ignore[misc]
     injected = {**plain, "metadata": meta, "spec": spec}
     opted_out = pod({"name": "y", "labels": {"sidecar.mesh.dev/inject": "false"}})
-    cases = [review(injected), review(opted_out), review(pod(), operation="UPDATE"),
+    # An UPDATE carries the pod as it was (kube-apiserver always sends oldObject; one without
+    # is malformed, tests/test_k8s_update.py): one that changes no protected field passes.
+    update = review(injected, operation="UPDATE")
+    update["request"]["oldObject"] = injected
+    cases = [review(injected), review(opted_out), update, review(pod(), operation="DELETE"),
              review({"metadata": {"name": "d"}}, kind="Deployment", group="apps")]
     for doc in cases:
         status, body = answer_of(doc)

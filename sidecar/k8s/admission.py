@@ -10,9 +10,15 @@ an ``AdmissionAnswer`` (HTTP status + JSON document) for the webhook server to s
   what is wrong. The API server then applies the webhook's ``failurePolicy`` (Fail).
 * a Pod CREATE -> 200, ``allowed: true``, and, when ``inject_pod_spec`` changed the pod, a
   base64 RFC 6902 patch (``patchType: JSONPatch``) computed from the before/after pods.
+* a Pod UPDATE (``pods``, or the ``pods/ephemeralcontainers`` subresource: ``kubectl set
+  image``, ``kubectl debug``) -> ``request.oldObject`` and ``request.object`` are compared
+  (``sidecar.k8s.rules.check_update``): a changed sidecar container, a changed credential
+  volume, or an added or changed container that reaches for the sidecar's volumes, the
+  credentials or its process is denied like a CREATE; anything else is ``allowed: true``
+  with no patch (an UPDATE is never mutated). An UPDATE without both objects is malformed.
 * anything else (other kinds, other operations, opted-out or already-injected pods) ->
-  200, ``allowed: true``, no patch. The webhook configuration only sends pod CREATEs; the
-  rest is answered harmlessly rather than refused.
+  200, ``allowed: true``, no patch. The webhook configuration sends pod CREATEs and
+  UPDATEs only; the rest is answered harmlessly rather than refused.
 * a pod the injector refuses (``InjectError``: an admission rule of ``sidecar.k8s.rules``)
   -> 200 with ``allowed: false`` and a 400 status whose message names the rule and says
   why: a pod that would start without its mesh identity, or that reaches for the sidecar's
@@ -31,6 +37,7 @@ from typing import Any
 from sidecar.jsondoc import JsonDocError, read_json
 from sidecar.k8s.inject import InjectError, InjectOptions, inject_pod_spec
 from sidecar.k8s.patch import json_patch
+from sidecar.k8s.rules import check_pod_shape, check_update
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024
@@ -80,6 +87,27 @@ def _is_pod(request: dict[str, Any]) -> bool:
     return kind.get("group", "") == "" and kind.get("kind") == "Pod"
 
 
+def _pod_of(request: dict[str, Any], member: str) -> tuple[dict[str, Any], str]:
+    """``request[member]`` as a pod with a ``spec`` object, or a problem for a 400."""
+    pod = request.get(member)
+    if not isinstance(pod, dict):
+        return {}, f"'request.{member}' is missing or not an object"
+    if not isinstance(pod.get("spec"), dict):
+        return {}, f"'request.{member}.spec' is missing or not an object"
+    meta = pod.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        return {}, f"'request.{member}.metadata' is not an object"
+    return pod, ""
+
+
+def _denied(uid: str, exc: InjectError) -> AdmissionAnswer:
+    return AdmissionAnswer(200, _review(uid, {
+        "allowed": False,
+        "status": {"code": 400, "reason": "BadRequest",
+                   "message": f"mesh admission rule {exc.rule}: {exc}"[:MAX_MESSAGE]},
+    }), rule=exc.rule)
+
+
 def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
     """Answer one AdmissionReview request body (see the module docstring)."""
     if len(body) > MAX_REVIEW_BYTES:
@@ -104,26 +132,28 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
         return _bad_request(f"'request.uid' is missing, not a string or longer than "
                             f"{MAX_UID_CHARS} characters")
 
-    if not _is_pod(request) or request.get("operation") != "CREATE":
+    operation = request.get("operation")
+    if not _is_pod(request) or operation not in ("CREATE", "UPDATE"):
         return AdmissionAnswer(200, _review(uid, {"allowed": True}))
-    pod = request.get("object")
-    if not isinstance(pod, dict):
-        return _bad_request("'request.object' is missing or not an object")
-    spec = pod.get("spec")
-    if not isinstance(spec, dict):
-        return _bad_request("'request.object.spec' is missing or not an object")
-    meta = pod.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        return _bad_request("'request.object.metadata' is not an object")
+    pod, problem = _pod_of(request, "object")
+    if problem:
+        return _bad_request(problem)
+    if operation == "UPDATE":
+        old, problem = _pod_of(request, "oldObject")
+        if problem:
+            return _bad_request(problem)
+        try:
+            check_pod_shape(old.get("metadata"), old["spec"])
+            check_pod_shape(pod.get("metadata"), pod["spec"])
+            check_update(old["spec"], pod["spec"], options)
+        except InjectError as exc:
+            return _denied(uid, exc)
+        return AdmissionAnswer(200, _review(uid, {"allowed": True}))
 
     try:
-        result = inject_pod_spec(meta, spec, options)
+        result = inject_pod_spec(pod.get("metadata"), pod["spec"], options)
     except InjectError as exc:
-        return AdmissionAnswer(200, _review(uid, {
-            "allowed": False,
-            "status": {"code": 400, "reason": "BadRequest",
-                       "message": f"mesh admission rule {exc.rule}: {exc}"[:MAX_MESSAGE]},
-        }), rule=exc.rule)
+        return _denied(uid, exc)
     if result is None:
         return AdmissionAnswer(200, _review(uid, {"allowed": True}))
     after = dict(pod)

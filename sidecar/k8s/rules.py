@@ -25,6 +25,10 @@ at its word:
   other container may read those Secrets into its environment -- checked for opted-out and
   hostNetwork pods too (``check_credentials``); no shared process namespace (through
   ``/proc/<pid>/root`` another container could read the sidecar's key).
+* **A running pod keeps the sidecar it was admitted with** (``check_update``, for pod UPDATE
+  and ``pods/ephemeralcontainers``): the old pod is compared with the new one; a changed
+  sidecar container or credential volume, or an added or changed container reaching for
+  them, is refused with the rules above; nothing else on UPDATE is.
 * **The sidecar config ConfigMap** comes from the injector's options: the default
   (``--config-configmap``) or a name on ``--allow-config-configmap``. The pod annotation
   ``sidecar.mesh.dev/config-configmap`` can only pick among those.
@@ -285,12 +289,43 @@ def check_credentials(spec: dict[str, Any], options: InjectOptions, *,
         if sidecar_exempt and container.get("name") == SIDECAR_CONTAINER \
                 and key != "ephemeralContainers":
             continue
-        name = _env_secret(container, secrets)
-        if name is not None:
-            raise _refuse("credential_env",
-                          f"{key} {container.get('name')!r} reads Secret {name!r} into its "
-                          "environment; it holds the mesh certificate or the audit signing "
-                          "key, which only the mesh sidecar may hold")
+        _check_env(key, container, secrets)
+
+
+def _check_env(key: str, container: dict[str, Any], secrets: frozenset[str]) -> None:
+    """``credential_env``: ``container`` (of the list ``key``) reads no credential Secret."""
+    name = _env_secret(container, secrets) if secrets else None
+    if name is not None:
+        raise _refuse("credential_env",
+                      f"{key} {container.get('name')!r} reads Secret {name!r} into its "
+                      "environment; it holds the mesh certificate or the audit signing "
+                      "key, which only the mesh sidecar may hold")
+
+
+def _check_container(key: str, container: dict[str, Any], reserved: frozenset[str],
+                     carrying: frozenset[str] = frozenset()) -> None:
+    """What a container other than the sidecar may not do with the sidecar's volumes and
+    process: mount one of the ``reserved`` (the sidecar's) volumes (``mounts_sidecar_volume``)
+    or a volume of the pod that carries the credentials under another name, ``carrying``
+    (``credential_volume``; at CREATE such a volume is refused itself), or, as an ephemeral
+    container, target the sidecar's process namespace (``shared_process_namespace``)."""
+    for field in ("volumeMounts", "volumeDevices"):
+        for mount in container.get(field) or []:
+            name = mount.get("name") if isinstance(mount, dict) else None
+            if name in reserved:
+                raise _refuse("mounts_sidecar_volume",
+                              f"{key} {container.get('name')!r} mounts {name!r}, a volume "
+                              "of the mesh sidecar; only the sidecar may mount it")
+            if name in carrying:
+                raise _refuse("credential_volume",
+                              f"{key} {container.get('name')!r} mounts {name!r}, a volume "
+                              "that carries the workload's mesh certificate and key or the "
+                              "audit signing key; only the mesh sidecar may hold them")
+    if key == "ephemeralContainers" and container.get("targetContainerName") == \
+            SIDECAR_CONTAINER:
+        raise _refuse("shared_process_namespace",
+                      f"ephemeral container {container.get('name')!r} targets the mesh "
+                      "sidecar's process namespace")
 
 
 def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
@@ -304,18 +339,7 @@ def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
     for key, container in _containers(spec):
         if container.get("name") == SIDECAR_CONTAINER:
             continue
-        for field in ("volumeMounts", "volumeDevices"):
-            for mount in container.get(field) or []:
-                name = mount.get("name") if isinstance(mount, dict) else None
-                if name in reserved:
-                    raise _refuse("mounts_sidecar_volume",
-                                  f"{key} {container.get('name')!r} mounts {name!r}, a volume "
-                                  "of the mesh sidecar; only the sidecar may mount it")
-        if key == "ephemeralContainers" and container.get("targetContainerName") == \
-                SIDECAR_CONTAINER:
-            raise _refuse("shared_process_namespace",
-                          f"ephemeral container {container.get('name')!r} targets the mesh "
-                          "sidecar's process namespace")
+        _check_container(key, container, reserved)
     check_credentials(spec, options)
 
 
@@ -379,3 +403,80 @@ def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
                           f"volume {name!r} is not the mesh sidecar's; rename it")
     return True
 
+
+
+# What an UPDATE may change on the sidecar container: its resources (in-place resize, which a
+# VerticalPodAutoscaler or the pods/resize subresource does). Everything else -- image,
+# command, args, env, mounts, security context, probes and lifecycle hooks (an exec probe or
+# hook runs a command in the sidecar's container, with its key) -- stays as admitted.
+SIDECAR_RESIZABLE = frozenset({"resources", "resizePolicy"})
+# Pod fields that would open the sidecar's process to the other containers.
+_PROCESS_FIELDS = ("shareProcessNamespace", "hostPID")
+
+
+def _sidecars(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The containers named ``mesh-sidecar`` (any list), each without its resizable fields."""
+    return [(key, {k: v for k, v in c.items() if k not in SIDECAR_RESIZABLE})
+            for key, c in _containers(spec) if c.get("name") == SIDECAR_CONTAINER]
+
+
+def _by_name(spec: dict[str, Any], names: frozenset[str]) -> dict[str, list[dict[str, Any]]]:
+    """The pod's volumes whose name is in ``names``, in order, by name."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for volume in _volumes(spec):
+        if str(volume.get("name")) in names:
+            found.setdefault(str(volume.get("name")), []).append(volume)
+    return found
+
+
+def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOptions) -> None:
+    """A pod UPDATE (``pods``, or the ``pods/ephemeralcontainers`` subresource), ``old`` and
+    ``new`` being the pod's spec before and after: refuse what would hand the sidecar's key,
+    or the sidecar's process, to code the CREATE review did not see. Theory:
+
+    * **The pod's sidecar** is whatever ``old`` holds under the name ``mesh-sidecar`` (it
+      passed the CREATE review; a label is no evidence, as an UPDATE may change labels, and
+      the injector's options may have changed since, so ``verify_injected`` is no measure):
+      it must stay as it was but for ``SIDECAR_RESIZABLE`` (``impostor_sidecar``), no other
+      container may take the name, and the pod's process fields stay
+      (``shared_process_namespace``).
+    * **Credential volumes**: the sidecar's volumes (a pod with a sidecar) and every volume
+      that carries the credentials (``_carries_credentials``, before or after) stay exactly
+      as they were (``reserved_volume``, ``credential_volume``).
+    * **Every container added or changed** (an ephemeral container from ``kubectl debug``, an
+      app image) is held to the CREATE rules for a container: it mounts no credential volume
+      and, in a pod with a sidecar, none of the sidecar's volumes (``_check_container``),
+      reads no credential Secret into its environment (``_check_env``), and does not target
+      the sidecar's process namespace.
+
+    A pod without a sidecar (opted out, ``hostNetwork``, created before the namespace was
+    labelled) gets the credential checks only, as at CREATE. Anything else (labels,
+    annotations, an app image) passes."""
+    if _sidecars(old) != _sidecars(new):
+        raise _refuse("impostor_sidecar",
+                      f"the {SIDECAR_CONTAINER!r} container of a running pod cannot be "
+                      "changed, added or replaced")
+    injected = bool(_sidecars(old))
+    if injected and any(old.get(f) != new.get(f) for f in _PROCESS_FIELDS):
+        raise _refuse("shared_process_namespace",
+                      "the process namespace of a pod with the mesh sidecar cannot be shared")
+    reserved = reserved_volume_names(options) if injected else frozenset()
+    carrying = frozenset(str(v.get("name")) for spec in (old, new) for v in _volumes(spec)
+                         if _carries_credentials(v, options))
+    # Grouped by name once: a list scan per protected name was quadratic in the volumes (a
+    # 3 MiB review holds some 25,000 credential volumes).
+    held = (_by_name(old, reserved | carrying), _by_name(new, reserved | carrying))
+    for name in sorted(reserved | carrying):
+        if held[0].get(name) != held[1].get(name):
+            raise _refuse("reserved_volume" if name in reserved else "credential_volume",
+                          "a volume that holds the mesh sidecar's files or the credentials "
+                          "cannot be added or changed on a running pod")
+    before = {(key, c.get("name")): c for key, c in _containers(old)}
+    secrets = credential_secrets(options)
+    for key, container in _containers(new):
+        if container.get("name") == SIDECAR_CONTAINER:
+            continue  # the sidecar (or an ephemeral impostor), refused above if changed
+        if before.get((key, container.get("name"))) == container:
+            continue  # as the CREATE review (or an earlier UPDATE review) saw it
+        _check_container(key, container, reserved, carrying - reserved)
+        _check_env(key, container, secrets)
