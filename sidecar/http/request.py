@@ -40,8 +40,12 @@ _METHOD = re.compile(rb"[A-Z][A-Z-]{0,31}")
 HOST_SYNTAX = re.compile(r"([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
 # Host values seen and accepted -> the lower-case str form ``RequestHead.host`` holds
 # (bounded like ``_METHODS``: only values that passed are kept).
+# Only values of at most _HOST_KEPT bytes (a DNS name has at most 253 and a port): a reg-name
+# may be as long as the head, and 256 kept Host values of 200 KiB each, one per request from
+# any caller, held 100 MiB (found by a hostile review).
 _HOSTS: dict[bytes, str] = {}
 _HOSTS_MAX = 256
+_HOST_KEPT = 262
 # Methods seen and accepted -> their str form, so the checks above run once per method name
 # (bounded: only names that passed are kept, at most _METHODS_MAX of them).
 _METHODS: dict[bytes, str] = {}
@@ -364,6 +368,8 @@ def _check_host(host: bytes | None) -> str:
     if split_host(value) is None:
         raise BadRequest("bad_host")
     name = value.lower()
+    if len(host) > _HOST_KEPT:
+        return name
     if len(_HOSTS) >= _HOSTS_MAX:
         _HOSTS.clear()
     _HOSTS[host] = name
