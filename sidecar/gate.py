@@ -84,11 +84,6 @@ if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import a
     from sidecar.ratelimit import RateLimiter
 
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
-# The longest Host value and path a cached decision's key holds: both are the caller's, a
-# Host as long as the head (4,096 decisions keyed by Host values of 200 KiB, one per request,
-# held 800 MiB: found by a hostile review). Longer ones are decided every time.
-DECISION_KEY_MAX_HOST = 262
-DECISION_KEY_MAX_PATH = 1024
 CREDENTIAL_CACHE_SIZE = 1024  # entries keyed by a verified token (at most 4 KiB each)
 
 
@@ -301,9 +296,7 @@ class Gate:
             if memo.verdict is not None and (limiter is None or not limiter.limits):
                 return memo.verdict
             kept = True
-        elif self._inbound_cacheable and not tcp and auth_key is not None \
-                and len(facts.host) <= DECISION_KEY_MAX_HOST \
-                and len(facts.path) <= DECISION_KEY_MAX_PATH:
+        elif self._inbound_cacheable and not tcp and auth_key is not None:
             # The path as the policy's allow rules match it: a path_case: insensitive
             # section folds case, so /Admin and /admin share one entry (and one answer).
             # Not Windows names: deny rules fold those, allow rules do not, so /x:get and
