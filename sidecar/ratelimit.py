@@ -25,8 +25,11 @@ Memory is bounded: at most ``max_buckets`` buckets, kept in least-recently-used 
 a new bucket would exceed the cap, the least recently used one is dropped. A dropped bucket
 that had refilled is lost without effect (a new bucket starts full anyway); keys are
 authenticated values (certificate identities, configured API keys, verified subjects), so a
-caller cannot cheaply mint keys to flush others' buckets. ``statistics()`` counts evictions
-of buckets that were not yet full.
+caller cannot cheaply mint keys to flush others' buckets. A key longer than
+``MAX_KEY_CHARS`` is kept as its SHA-256 digest: a verified subject is as long as the token
+that carries it (``max_token_bytes``), and 100,000 buckets of 6 KiB subjects each, from an
+identity provider that issues such tokens, held 600 MiB (found by a hostile review).
+``statistics()`` counts evictions of buckets that were not yet full.
 
 Clock: ``now`` should be monotonic. If it goes backwards, buckets do not refill (and never
 drain) until it catches up.
@@ -34,6 +37,7 @@ drain) until it catches up.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from typing import NamedTuple
 from sidecar.policy.sections import RateLimit
 
 DEFAULT_MAX_BUCKETS = 100_000
+MAX_KEY_CHARS = 128  # a longer bucket key is kept as its digest (see the module docstring)
 MAX_RETRY_AFTER_SECONDS = 3600  # also what a limit with rate 0 reports
 NO_PEER_KEY = "(no peer identity)"
 # Float slack so that a token earned at exactly t0 + 1/rate counts (0.1 * 10 < 1.0 in floats).
@@ -203,6 +208,8 @@ class RateLimiter:
         return ALLOWED
 
     def _bucket(self, limit: RateLimit, key: str, now: float) -> TokenBucket:
+        if len(key) > MAX_KEY_CHARS:
+            key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         bucket_key = (limit.name, key)
         bucket = self._buckets.get(bucket_key)
         if bucket is not None:

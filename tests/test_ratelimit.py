@@ -138,3 +138,54 @@ def test_update_keeps_state_of_kept_limits_and_drops_removed() -> None:
 def test_no_limits_allows_everything() -> None:
     rl = RateLimiter(())
     assert rl.check(SVC, FRONT, None, None, 0.0) == (True, None, 0)
+
+
+# --- bucket keys of any length (hostile review) -----------------------------------------------
+# A verified subject is as long as its token (``max_token_bytes``): 100,000 buckets of 6 KiB
+# subjects held 600 MiB. Long keys are kept as digests; each still has its own bucket.
+
+def _fill_long_keys(per: str) -> int:
+    """RSS growth of a limiter given 20,000 distinct 6 KiB keys of kind ``per`` (each key
+    dropped by the caller once used, as a request's claims are)."""
+    import gc
+
+    from tests.test_cache_memory import own_rss
+
+    rl = RateLimiter((RateLimit("l", rate=1.0, burst=1, per=per),))
+    gc.collect()
+    before = own_rss()
+    for n in range(20_000):
+        key = f"{n:06d}" + "s" * 6000
+        rl.check(SVC, key if per == "peer" else FRONT, key if per == "apikey" else None,
+                 key if per == "subject" else None, 0.0)
+    gc.collect()
+    assert rl.statistics()["buckets"] == 20_000
+    return own_rss() - before
+
+
+@pytest.mark.parametrize("per", ["peer", "apikey", "subject"])
+def test_long_bucket_keys_hold_bounded_memory(per: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    code = f"from tests.test_ratelimit import _fill_long_keys; print(_fill_long_keys({per!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = int(done.stdout.strip().splitlines()[-1])
+    assert grown < 40 * 1024 * 1024, grown // (1024 * 1024)  # kept whole: 120 MiB
+
+
+@pytest.mark.parametrize("per", ["peer", "apikey", "subject"])
+def test_long_bucket_keys_are_still_one_bucket_each(per: str) -> None:
+    rl = RateLimiter((RateLimit("l", rate=1.0, burst=1, per=per),))
+
+    def check(key: str) -> bool:
+        return rl.check(SVC, key if per == "peer" else FRONT, key if per == "apikey" else None,
+                        key if per == "subject" else None, 0.0).allowed
+
+    one, other = "a" * 5000, "a" * 4999 + "b"
+    assert check(one) and not check(one)  # the same long key: one bucket
+    assert check(other) and not check(other)  # a key differing in its last character: its own

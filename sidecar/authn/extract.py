@@ -131,15 +131,28 @@ _QUERY_SPLIT = re.compile(r"([&;])")
 _PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
 
 
-@functools.lru_cache(maxsize=1024)
+# The longest raw name whose folded form is kept (the names repeat on every request); a
+# longer one is folded every time: a name is as long as a head or a target may be, and 1,024
+# kept cookie names of 30 KiB each, one per request from any caller, held 60 MiB (found by a
+# hostile review).
+KEPT_PARAM_BYTES = 128
+
+
 def param_name(raw: str) -> str:
     """A query parameter's or cookie's (still encoded) name as compared with a token
     location's (folded the same way)."""
+    return _kept_param_name(raw) if len(raw) <= KEPT_PARAM_BYTES else _param_name(raw)
+
+
+def _param_name(raw: str) -> str:
     name = unquote_plus(raw).partition("\x00")[0].lstrip(" ")
     bracket = name.find("[")
     if bracket > 0 and name.find("]", bracket) > 0:
         name = name[:bracket]
     return name.translate(_PHP_FOLD).lower()
+
+
+_kept_param_name = functools.lru_cache(maxsize=1024)(_param_name)
 
 
 def _query_pairs(query: str) -> list[tuple[str, str]]:

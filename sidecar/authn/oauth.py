@@ -33,11 +33,11 @@ import base64
 import hashlib
 import hmac
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from sidecar.authn.cache import DEFAULT_MAX_BYTES, ByteBoundedLRU, entry_cost
 from sidecar.authn.jwt import MALFORMED, Claims, TokenInvalid
 from sidecar.errors import ConfigError, Problem
 from sidecar.jsondoc import JsonDocError, read_json
@@ -185,11 +185,14 @@ Answers = Mapping[str, tuple[bytes, CachedIntrospection]]
 
 
 class IntrospectionCache:
-    """Bounded LRU of introspection results, keyed by (provider, SHA-256 of the token)."""
+    """Bounded LRU of introspection results, keyed by (provider, SHA-256 of the token):
+    at most ``max_entries`` answers and ``max_bytes`` of them (``entry_cost``: an answer of
+    up to ``MAX_INTROSPECTION_BYTES`` of JSON holds up to about 1 MiB once read)."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, bytes], CachedIntrospection] = OrderedDict()
+        self._entries: ByteBoundedLRU[tuple[str, bytes], CachedIntrospection] = \
+            ByteBoundedLRU(max_entries, max_bytes)
         self.hits = 0
         self.misses = 0
 
@@ -203,10 +206,10 @@ class IntrospectionCache:
         entry = self._entries.get(key)
         if entry is None or now >= entry.expires_at:
             if entry is not None:
-                del self._entries[key]
+                self._entries.pop(key)
             self.misses += 1
             return None
-        self._entries.move_to_end(key)
+        self._entries.touch(key)
         self.hits += 1
         return entry
 
@@ -255,18 +258,15 @@ class IntrospectionCache:
         return entry
 
     def _keep(self, key: tuple[str, bytes], entry: CachedIntrospection) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(key, entry, entry_cost(key[0], key[1], entry.claims))
 
     def clear(self, provider: str | None = None) -> None:
         """Forget every answer, or only ``provider``'s."""
         if provider is None:
             self._entries.clear()
             return
-        for key in [k for k in self._entries if k[0] == provider]:
-            del self._entries[key]
+        for key in [k for k in self._entries.keys() if k[0] == provider]:
+            self._entries.pop(key)
 
     def statistics(self) -> dict[str, int]:
         """Entries, hits and misses (for metrics and status)."""

@@ -38,6 +38,12 @@ _METHOD = re.compile(rb"[A-Z][A-Z-]{0,31}")
 # another host by the app than by the policy's host rules, and is refused (``bad_host``).
 # The one definition of a Host value: ``split_host`` (the policy's ``normalise_host`` too).
 HOST_SYNTAX = re.compile(r"([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+# The longest host (without the port): a DNS name has at most 253 characters (one more with
+# a final dot); an IPv6 literal is shorter. A longer one names no host anyone can reach,
+# and was kept whole -- in the audit record of every request (one caller wrote 30 KiB per
+# request to the audit volume, 100 times a usual record), the log, the caches -- found by a
+# hostile review: refused (``bad_host``).
+MAX_HOST_CHARS = 253
 # Host values seen and accepted -> the lower-case str form ``RequestHead.host`` holds
 # (bounded like ``_METHODS``: only values that passed are kept).
 _HOSTS: dict[bytes, str] = {}
@@ -296,7 +302,8 @@ def _is_http2(token: bytes) -> bool:
 
 def split_host(value: str) -> tuple[str, str] | None:
     """A Host value as (host for comparison, port: "" when none), or None when it is not
-    ``uri-host [":" port]`` as ``HOST_SYNTAX`` reads it.
+    ``uri-host [":" port]`` as ``HOST_SYNTAX`` reads it, or its host is longer than a DNS
+    name may be (``MAX_HOST_CHARS``, one more with a final dot).
 
     The host is lower-cased; an IPv6 literal must parse and is written in its one canonical
     form (``canonical_ipv6``: ``[0:0::1]``, ``[::0001]`` and ``[::1]`` are one host, and
@@ -309,6 +316,9 @@ def split_host(value: str) -> tuple[str, str] | None:
     if m is None:
         return None
     host = m.group(1)
+    if len(host) > MAX_HOST_CHARS and not (len(host) == MAX_HOST_CHARS + 1
+                                           and host.endswith(".")):
+        return None
     if host[0] == "[":
         canonical = canonical_ipv6(host[1:-1])
         if canonical is None:

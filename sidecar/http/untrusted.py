@@ -260,6 +260,9 @@ class HeaderFilter:
     on every request) in a bounded dictionary that computes a missing entry itself, so a
     request whose names were seen before is filtered without a Python call per field; the
     same holds for each set of extra names ``clean`` is given (one per policy version).
+    Only names of at most ``KEPT_NAME_BYTES`` are kept: a name is as long as a head may be
+    (``limits.max_header_bytes``, up to 8 MiB), and 4,096 kept names of 30 KiB each, one per
+    request from any caller, grew a sidecar by 120 MiB (found by a hostile review).
     """
 
     __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_cache", "_extra")
@@ -360,9 +363,15 @@ class HeaderFilter:
         return [h for h in headers if not decided[h[0]]]
 
 
+# The longest header name whose decision is kept (longer ones are decided every time; real
+# names are far shorter: the longest in the catalogue has 34 bytes).
+KEPT_NAME_BYTES = 128
+
+
 class _Decisions(dict[bytes, bool]):
-    """Name -> removed?, bounded (cleared when full); a missing name is decided by ``decide``
-    and kept. Reading a known name is a plain dictionary lookup."""
+    """Name -> removed?, bounded (cleared when full, names of at most ``KEPT_NAME_BYTES``); a
+    missing name is decided by ``decide`` and kept. Reading a known name is a plain
+    dictionary lookup."""
 
     __slots__ = ("_decide", "_max")
 
@@ -373,6 +382,8 @@ class _Decisions(dict[bytes, bool]):
 
     def __missing__(self, name: bytes) -> bool:
         out = self._decide(name)
+        if len(name) > KEPT_NAME_BYTES:
+            return out
         if len(self) >= self._max:
             self.clear()
         self[name] = out
