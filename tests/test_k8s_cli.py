@@ -317,3 +317,67 @@ def test_the_merge_bound_is_the_expanded_values_bound(copies: int) -> None:
         assert merges_larger_than(node, copied) is False
         assert merges_larger_than(node, copied - 1) is True
     assert merges_larger_than(yaml.compose(flat), 1_000_000) is (copies > 1000)
+
+
+# --- values written out: 8 MiB of them, no alias needed --------------------------------------
+
+def _filled(head: str, item: str, tail: str, size: int = 8 * 2**20 - 4096) -> str:
+    return head + ", ".join([item] * ((size - len(head)) // (len(item) + 2))) + tail
+
+
+SIZE_BOMBS: dict[str, str] = {
+    # 159 s and 2.8 GB before the loader stopped at the bound (pure-Python composer).
+    "a flow list of scalars": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                      "x: [", "a", "]\n"),
+    "a flow list of lists": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                    "x: [", "[[a]]", "]\n"),
+    "env entries of a container": _filled(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n containers:\n"
+        " - {name: app, image: i, env: [", "{name: A}", "]}\n"),
+    "many documents": "".join(["---\n{a: [b]}\n"] * (8 * 2**20 // 14)),
+}
+# A mapping of nearly a million keys (keys are no values): taken.
+KEYS = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"
+        + ", ".join(f"{i:x}: v" for i in range(300_000)) + "}\n")
+LONG_SCALAR = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {x: '"
+               + "a" * (8 * 2**20 - 100) + "'}\n")
+
+
+def _inject(text: str, bound: float = 30) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
+                              input=text, capture_output=True, text=True, timeout=bound,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sidecar inject still busy after {bound} s")
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_BOMBS))
+def test_8_mib_of_values_are_refused_at_the_bound(name: str) -> None:
+    text = SIZE_BOMBS[name]
+    assert len(text) <= 8 * 2**20
+    proc = _inject(text)
+    assert proc.returncode == 2, (name, proc.stderr[-400:])
+    assert "holds more than 1000000 values" in proc.stderr and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["keys", "long scalar"])
+def test_many_keys_and_a_long_scalar_are_taken(name: str) -> None:
+    text = KEYS if name == "keys" else LONG_SCALAR
+    assert len(text.encode()) <= 8 * 2**20
+    proc = _inject(text, bound=60)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    assert len(proc.stdout) >= len(text) // 2
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_stdin_is_held_to_8_mib(extra: int) -> None:
+    """``-f -`` read all of stdin (``yes | sidecar inject -f -`` until memory ran out)."""
+    text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n#"
+    text += "x" * (8 * 2**20 - len(text) - 1 + extra) + "\n"
+    proc = _inject(text)
+    if extra:
+        assert proc.returncode == 2 and "cannot read -: larger than 8388608 bytes" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-400:]

@@ -12,6 +12,7 @@ input/usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any, TextIO
 
@@ -39,7 +40,12 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _MergesTooLarge(yaml.YAMLError):
-    """The YAML merge keys (``<<``) of the input copy more than ``MAX_EXPANDED_VALUES`` pairs."""
+    """More than ``MAX_EXPANDED_VALUES`` values: merge keys (``<<``) that copy that many
+    pairs, or that many values written out."""
+
+
+class _TooDeep(yaml.YAMLError):
+    """Nested deeper than ``MAX_REVIEW_DEPTH`` levels."""
 
 
 def _merged(node: yaml.MappingNode) -> list[yaml.MappingNode]:
@@ -108,9 +114,45 @@ def merges_larger_than(root: yaml.Node, limit: int) -> bool:
     return False
 
 
-class _ManifestLoader(yaml.SafeLoader):
-    """``yaml.safe_load_all``'s loader, refusing merge keys that copy more than
-    ``MAX_EXPANDED_VALUES`` pairs before a value of the document is built."""
+_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[misc]
+    """``yaml.safe_load_all``'s loader, with libyaml's parser when PyYAML has it, stopping at
+    a bound on its work before the documents are built:
+
+    * more than ``MAX_EXPANDED_VALUES`` values written out (lists, mappings and scalars, not
+      keys; each one is a value of the documents, so ``expanded_larger_than`` would refuse
+      them afterwards): an 8 MiB flow list of 4 million items took 159 s and 2.8 GB to
+      refuse with the pure-Python loader (a hostile review);
+    * nesting deeper than ``MAX_REVIEW_DEPTH`` (the composer recurses per level);
+    * merge keys that copy more than ``MAX_EXPANDED_VALUES`` pairs (``merges_larger_than``).
+
+    The composer is PyYAML's own (Python), on libyaml's events, so that each node is seen;
+    aliases are not counted here (they add no node: ``expanded_larger_than`` counts them)."""
+
+    def __init__(self, stream: str) -> None:
+        _FAST_LOADER.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        self.values_left = MAX_EXPANDED_VALUES
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        if not (isinstance(parent, yaml.MappingNode) and index is None):  # a key is no value
+            self.values_left -= 1
+            if self.values_left < 0:
+                raise _MergesTooLarge()
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_REVIEW_DEPTH:
+            raise _TooDeep()
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_document(self, node: yaml.Node) -> Any:
         if merges_larger_than(node, MAX_EXPANDED_VALUES):
@@ -119,10 +161,15 @@ class _ManifestLoader(yaml.SafeLoader):
 
 
 def _read(path: str, stdin: TextIO) -> str:
-    """The manifests: stdin for ``-``, else the regular file ``path`` of at most
-    ``MAX_DOCUMENT_BYTES`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
+    """The manifests of at most ``MAX_DOCUMENT_BYTES``: stdin for ``-``, else the regular file
+    ``path`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
     if path == "-":
-        return stdin.read()
+        # Held to the file's bound too: `... | sidecar inject -f -` read /dev/zero-like
+        # input until memory ran out (a hostile review).
+        text = stdin.read(MAX_DOCUMENT_BYTES + 1)
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_DOCUMENT_BYTES} bytes", path)
+        return text
     # (bytes decoded as they are: line ends as written, a lone CR refused, not made a LF)
     return read_whole(path, MAX_DOCUMENT_BYTES).decode("utf-8")
 
@@ -155,9 +202,14 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
     except _MergesTooLarge:
         print(_too_many_values(args.file), file=stderr)
         return 2
+    except _TooDeep:
+        docs = [None]  # refused just below
     except yaml.YAMLError as exc:
-        print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
-        return 2
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound (1,000), met first
+            docs = [None]  # on a line of brackets: its scanner reads them ahead of us
+        else:
+            print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
+            return 2
     except RecursionError:
         docs = [None]  # nested past what the YAML loader can hold: refused just below
     if any(doc is None or deeper_than(doc, MAX_REVIEW_DEPTH) for doc in docs):
