@@ -158,6 +158,8 @@ def _policy_commands(target: Path, tmp: Path) -> dict[str, tuple[list[str], int]
         "policy split": (["policy", "split", str(target), "--by", "namespace", "--out",
                           str(tmp / "split")], 1),
         "policy check (directory)": (["policy", "check", str(target.parent)], 1),
+        # replay: 2 for an invalid policy (``replay.cmd_replay``); the trail is never reached
+        "policy replay": (["policy", "replay", str(target.parent), "--audit", str(tmp)], 2),
     }
 
 
