@@ -335,6 +335,8 @@ SIZE_BOMBS: dict[str, str] = {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n containers:\n"
         " - {name: app, image: i, env: [", "{name: A}", "]}\n"),
     "many documents": "".join(["---\n{a: [b]}\n"] * (8 * 2**20 // 14)),
+    "aliases of one scalar": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                     "b: &a x\nx: [", "*a", "]\n"),
 }
 # A mapping of nearly a million keys (keys are no values): taken.
 KEYS = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"

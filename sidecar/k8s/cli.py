@@ -129,7 +129,8 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
     * merge keys that copy more than ``MAX_EXPANDED_VALUES`` pairs (``merges_larger_than``).
 
     The composer is PyYAML's own (Python), on libyaml's events, so that each node is seen;
-    aliases are not counted here (they add no node: ``expanded_larger_than`` counts them)."""
+    an alias counts one value here (it is at least that; ``expanded_larger_than`` counts what
+    it expands to)."""
 
     def __init__(self, stream: str) -> None:
         _FAST_LOADER.__init__(self, stream)
@@ -138,10 +139,8 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
         self.depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            return super().compose_node(parent, index)
         if not (isinstance(parent, yaml.MappingNode) and index is None):  # a key is no value
-            self.values_left -= 1
+            self.values_left -= 1  # an alias too: at least one value where it is used
             if self.values_left < 0:
                 raise _MergesTooLarge()
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
