@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject
+from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject, merges_larger_than
 from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
 
 DEPLOYMENT = """\
@@ -230,3 +230,156 @@ spec:
     (out,) = list(yaml.safe_load_all(proc.stdout))
     assert [c["env"] for c in out["spec"]["containers"]] == [
         [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]] * 2
+
+
+# --- YAML merge keys: pairs copied inside the YAML loader, before any value is counted -----------
+
+def _keys(n: int) -> str:
+    return "{" + ", ".join(f"k{i}: v" for i in range(n)) + "}"
+
+
+def _nested_merges(levels: int = 7, width: int = 10) -> str:
+    lines = ["x0: &m0 {k0: a, k1: b, k2: c}"]
+    for k in range(1, levels + 1):
+        lines.append(f"x{k}: &m{k} {{<<: [" + ", ".join([f"*m{k - 1}"] * width) + "]}")
+    return "\n".join(lines) + "\n"
+
+
+POD = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+MERGE_BOMBS: dict[str, str] = {
+    # Exponential on PyYAML before 6.0.4 (each level copies its merges' pairs 10 times).
+    "nested merges in a field nobody reads": POD + _nested_merges()
+        + "spec:\n containers: [{name: app, image: i}]\n",
+    "nested merges in a container": POD + _nested_merges()
+        + "spec:\n containers: [{name: app, image: i, resources: {limits: {<<: *m7}}}]\n",
+    # Quadratic on every PyYAML: 3,000 mappings each copying 3,000 keys (75 KB: 24 s).
+    "many mappings merge one": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+        + f"base: &a {_keys(3000)}\n" + "".join(f"m{j}: {{<<: *a}}\n" for j in range(3000)),
+    "many env entries merge one": POD + f"x-base: &a {_keys(3000)}\n"
+        + "spec:\n containers:\n - name: app\n   image: i\n   env:\n"
+        + "".join(f"   - {{<<: *a, name: E{j}}}\n" for j in range(3000)),
+    # One mapping naming one anchor 3,000 times (PyYAML 6.0.4 looks at every copied key).
+    "one mapping merges one 3,000 times": POD + f"x-base: &a {_keys(3000)}\n"
+        + "x-all: {<<: [" + ", ".join(["*a"] * 3000) + "]}\n"
+        + "spec:\n containers: [{name: app, image: i}]\n",
+    "a List of items merging one": "apiVersion: v1\nkind: List\n"
+        + f"x-base: &a {_keys(3000)}\nitems:\n"
+        + "".join(f"- {{<<: *a, apiVersion: v1, kind: ConfigMap, metadata: {{name: c{j}}}}}\n"
+                  for j in range(3000)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGE_BOMBS))
+def test_yaml_merge_key_bombs_exit_2_at_once(name: str) -> None:
+    """Merge keys (``<<: *a``) copy pairs inside PyYAML, before ``expanded_larger_than`` sees
+    a value: 75 KB kept ``sidecar inject`` busy for 24 s, 750 KB for about 40 minutes; 500
+    bytes of nested merges for minutes on PyYAML before 6.0.4 (which ``pyyaml>=6.0``
+    allows). Through a real process, with a time bound: a hang fails the test."""
+    text = MERGE_BOMBS[name]
+    assert len(text) < 250_000
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
+                              capture_output=True, text=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}: sidecar inject still busy after 10 s")
+    assert proc.returncode == 2, (name, proc.stderr[-400:])
+    assert "values once its YAML aliases are expanded" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_manifest_with_merge_keys_is_still_injected() -> None:
+    text = POD + """\
+x-defaults: &d {image: i, imagePullPolicy: Always}
+x-self: &s {k: v, <<: *s}
+spec:
+  containers:
+  - {<<: *d, name: a}
+  - {<<: [*d], name: b, image: j}
+"""
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = list(yaml.safe_load_all(proc.stdout))
+    apps = [c for c in out["spec"]["containers"] if c["name"] in ("a", "b")]
+    assert apps == [{"image": "i", "imagePullPolicy": "Always", "name": "a"},
+                    {"image": "j", "imagePullPolicy": "Always", "name": "b"}]
+
+
+@pytest.mark.parametrize("copies", [999, 1000, 1001])
+def test_the_merge_bound_is_the_expanded_values_bound(copies: int) -> None:
+    """Just under, at and just over the bound (1,000 keys copied ``copies`` times), and the
+    same when the copies go through nested merges."""
+    flat = (f"a: &a {_keys(1000)}\n" + "".join(f"m{j}: {{<<: *a}}\n" for j in range(copies)))
+    nested = (f"a: &a {_keys(1000)}\n" + f"b: &b {{<<: [{', '.join(['*a'] * copies)}]}}\n"
+              + "c: {<<: *b}\n")  # b copies 1000 x copies; c copies b's (again as many)
+    for text, copied in ((flat, 1000 * copies), (nested, 2 * 1000 * copies)):
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        assert merges_larger_than(node, copied) is False
+        assert merges_larger_than(node, copied - 1) is True
+    assert merges_larger_than(yaml.compose(flat), 1_000_000) is (copies > 1000)
+
+
+# --- values written out: 8 MiB of them, no alias needed --------------------------------------
+
+def _filled(head: str, item: str, tail: str, size: int = 8 * 2**20 - 4096) -> str:
+    return head + ", ".join([item] * ((size - len(head)) // (len(item) + 2))) + tail
+
+
+SIZE_BOMBS: dict[str, str] = {
+    # 159 s and 2.8 GB before the loader stopped at the bound (pure-Python composer).
+    "a flow list of scalars": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                      "x: [", "a", "]\n"),
+    "a flow list of lists": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                    "x: [", "[[a]]", "]\n"),
+    "env entries of a container": _filled(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n containers:\n"
+        " - {name: app, image: i, env: [", "{name: A}", "]}\n"),
+    "many documents": "".join(["---\n{a: [b]}\n"] * (8 * 2**20 // 14)),
+    "aliases of one scalar": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
+                                     "b: &a x\nx: [", "*a", "]\n"),
+}
+# A mapping of nearly a million keys (keys are no values): taken.
+KEYS = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"
+        + ", ".join(f"{i:x}: v" for i in range(300_000)) + "}\n")
+LONG_SCALAR = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {x: '"
+               + "a" * (8 * 2**20 - 100) + "'}\n")
+
+
+def _inject(text: str, bound: float = 30) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
+                              input=text, capture_output=True, text=True, timeout=bound,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sidecar inject still busy after {bound} s")
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_BOMBS))
+def test_8_mib_of_values_are_refused_at_the_bound(name: str) -> None:
+    text = SIZE_BOMBS[name]
+    assert len(text) <= 8 * 2**20
+    proc = _inject(text)
+    assert proc.returncode == 2, (name, proc.stderr[-400:])
+    assert "holds more than 1000000 values" in proc.stderr and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["keys", "long scalar"])
+def test_many_keys_and_a_long_scalar_are_taken(name: str) -> None:
+    text = KEYS if name == "keys" else LONG_SCALAR
+    assert len(text.encode()) <= 8 * 2**20
+    proc = _inject(text, bound=60)
+    assert proc.returncode == 0, proc.stderr[-400:]
+    assert len(proc.stdout) >= len(text) // 2
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_stdin_is_held_to_8_mib(extra: int) -> None:
+    """``-f -`` read all of stdin (``yes | sidecar inject -f -`` until memory ran out)."""
+    text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n#"
+    text += "x" * (8 * 2**20 - len(text) - 1 + extra) + "\n"
+    proc = _inject(text)
+    if extra:
+        assert proc.returncode == 2 and "cannot read -: larger than 8388608 bytes" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-400:]

@@ -12,6 +12,7 @@ input/usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any, TextIO
 
@@ -35,15 +36,146 @@ from sidecar.output import dump_yaml, safe
 # object over 1.5 MiB; 8 MiB of block-style manifests is about 300,000 values), far less than
 # the millions a few KB of nested aliases make (docs/k8s.md, exit code 2).
 MAX_EXPANDED_VALUES = 1_000_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _MergesTooLarge(yaml.YAMLError):
+    """More than ``MAX_EXPANDED_VALUES`` values: merge keys (``<<``) that copy that many
+    pairs, or that many values written out."""
+
+
+class _TooDeep(yaml.YAMLError):
+    """Nested deeper than ``MAX_REVIEW_DEPTH`` levels."""
+
+
+def _merged(node: yaml.MappingNode) -> list[yaml.MappingNode]:
+    """The mappings that the merge keys of ``node`` name (``<<: *a``, ``<<: [*a, *b]``)."""
+    out: list[yaml.MappingNode] = []
+    for key, value in node.value:
+        if key.tag == _MERGE_TAG:
+            if isinstance(value, yaml.MappingNode):
+                out.append(value)
+            elif isinstance(value, yaml.SequenceNode):
+                out.extend(v for v in value.value if isinstance(v, yaml.MappingNode))
+    return out
+
+
+def merges_larger_than(root: yaml.Node, limit: int) -> bool:
+    """Whether the merge keys under ``root`` (a composed document: shared nodes, nothing
+    built yet) make the loader copy more than ``limit`` key/value pairs in all (counted
+    before the copies of one key are dropped, as PyYAML before 6.0.4 copied them). Linear in the distinct nodes: each mapping's merged size is
+    computed once.
+
+    A merge copies the pairs of the mappings it names into each mapping that names them,
+    inside PyYAML, before ``expanded_larger_than`` can see a value: 75 KB of
+    ``mJ: {<<: *a}`` with 3,000 keys in ``a`` kept ``sidecar inject`` busy for 24 s (PyYAML
+    6.0.4; quadratic in the input), and 500 bytes of nested merges for minutes on PyYAML
+    before 6.0.4 (exponential; a hostile review). The pairs copied are values of distinct
+    mappings once built, so the bound is the one on the expanded values."""
+    flat: dict[int, int] = {}  # id(mapping) -> its pairs once its merges are copied in
+    mappings: list[yaml.MappingNode] = []
+    seen: set[int] = set()
+    walk: list[yaml.Node] = [root]
+    while walk:
+        node = walk.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            mappings.append(node)
+            for key, value in node.value:
+                walk.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            walk.extend(node.value)
+    visiting: set[int] = set()
+    copied = 0
+    for mapping in mappings:
+        # Post-order over the merge edges, iteratively (a chain of merges may be long).
+        stack: list[tuple[yaml.MappingNode, bool]] = [(mapping, False)]
+        while stack:
+            node, done = stack.pop()
+            if id(node) in flat:
+                continue
+            subs = _merged(node)
+            if not done:
+                if id(node) in visiting:
+                    continue  # merged into itself: PyYAML copies nothing more (counted as 0)
+                visiting.add(id(node))
+                stack.append((node, True))
+                stack.extend((sub, False) for sub in subs if id(sub) not in flat)
+                continue
+            merged = sum(flat.get(id(sub), 0) for sub in subs)
+            copied += merged
+            if copied > limit:
+                return True
+            flat[id(node)] = len(node.value) - sum(
+                1 for key, _ in node.value if key.tag == _MERGE_TAG) + merged
+            visiting.discard(id(node))
+    return False
+
+
+_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[misc]
+    """``yaml.safe_load_all``'s loader, with libyaml's parser when PyYAML has it, stopping at
+    a bound on its work before the documents are built:
+
+    * more than ``MAX_EXPANDED_VALUES`` values written out (lists, mappings and scalars, not
+      keys; each one is a value of the documents, so ``expanded_larger_than`` would refuse
+      them afterwards): an 8 MiB flow list of 4 million items took 159 s and 2.8 GB to
+      refuse with the pure-Python loader (a hostile review);
+    * nesting deeper than ``MAX_REVIEW_DEPTH`` (the composer recurses per level);
+    * merge keys that copy more than ``MAX_EXPANDED_VALUES`` pairs (``merges_larger_than``).
+
+    The composer is PyYAML's own (Python), on libyaml's events, so that each node is seen;
+    an alias counts one value here (it is at least that; ``expanded_larger_than`` counts what
+    it expands to)."""
+
+    def __init__(self, stream: str) -> None:
+        _FAST_LOADER.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        self.values_left = MAX_EXPANDED_VALUES
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if not (isinstance(parent, yaml.MappingNode) and index is None):  # a key is no value
+            self.values_left -= 1  # an alias too: at least one value where it is used
+            if self.values_left < 0:
+                raise _MergesTooLarge()
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_REVIEW_DEPTH:
+            raise _TooDeep()
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if merges_larger_than(node, MAX_EXPANDED_VALUES):
+            raise _MergesTooLarge()
+        return super().construct_document(node)
 
 
 def _read(path: str, stdin: TextIO) -> str:
-    """The manifests: stdin for ``-``, else the regular file ``path`` of at most
-    ``MAX_DOCUMENT_BYTES`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
+    """The manifests of at most ``MAX_DOCUMENT_BYTES``: stdin for ``-``, else the regular file
+    ``path`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
     if path == "-":
-        return stdin.read()
+        # Held to the file's bound too: `... | sidecar inject -f -` read /dev/zero-like
+        # input until memory ran out (a hostile review).
+        text = stdin.read(MAX_DOCUMENT_BYTES + 1)
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_DOCUMENT_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_DOCUMENT_BYTES} bytes", path)
+        return text
     # (bytes decoded as they are: line ends as written, a lone CR refused, not made a LF)
     return read_whole(path, MAX_DOCUMENT_BYTES).decode("utf-8")
+
+
+def _too_many_values(path: str) -> str:
+    return (f"sidecar inject: {path} holds more than {MAX_EXPANDED_VALUES} values once its YAML "
+            "aliases are expanded")
 
 
 def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
@@ -57,7 +189,7 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         # The policy's rule (docs/k8s.md): no line break only YAML 1.1 sees (U+2028...), no
         # lone CR, bidi control or other invisible character anywhere in a manifest.
         refuse_hidden_characters(text, args.file)
-        docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        docs = [doc for doc in yaml.load_all(text, Loader=_ManifestLoader) if doc is not None]
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         print(f"sidecar inject: cannot read {args.file}: {why}", file=stderr)
@@ -66,9 +198,17 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         for problem in exc.problems:
             print(f"sidecar inject: {problem}", file=stderr)
         return 2
-    except yaml.YAMLError as exc:
-        print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
+    except _MergesTooLarge:
+        print(_too_many_values(args.file), file=stderr)
         return 2
+    except _TooDeep:
+        docs = [None]  # refused just below
+    except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound (1,000), met first
+            docs = [None]  # on a line of brackets: its scanner reads them ahead of us
+        else:
+            print(f"sidecar inject: {args.file} is not valid YAML: {exc}", file=stderr)
+            return 2
     except RecursionError:
         docs = [None]  # nested past what the YAML loader can hold: refused just below
     if any(doc is None or deeper_than(doc, MAX_REVIEW_DEPTH) for doc in docs):
@@ -79,8 +219,7 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         return 2
     if expanded_larger_than(docs, MAX_EXPANDED_VALUES):
         # YAML aliases: a few KB that every walk of the documents (and kubectl) expands.
-        print(f"sidecar inject: {args.file} holds more than {MAX_EXPANDED_VALUES} values once "
-              "its YAML aliases are expanded", file=stderr)
+        print(_too_many_values(args.file), file=stderr)
         return 2
     options = inject_options_from_args(args)
     out: list[Any] = []
