@@ -633,58 +633,99 @@ def _openssl_may_refuse(sig: tuple[str, str, bool]) -> bool:
     return not sig[0].startswith("rsa") and sig[1].startswith("sha3")
 
 
+
+class _BothWays:
+    """An inbound sidecar ``b`` trusting the own and the partner domain (``_federated``), and
+    an outbound sidecar ``a`` whose upstream is a TLS server whose certificate the test sets
+    (``upstream_as``), started with ``first`` (a chain and its key): every member of a family
+    is tried as a caller of ``b`` and as ``a``'s upstream. Refusals are recorded without limit
+    (``refused_records_per_source``), so each one's line can be read."""
+
+    def __init__(self, tmp_path: Path, app: int, procs: list[Any],
+                 first: tuple[Any, Any]) -> None:
+        self.tmp = tmp_path
+        own, partner = _bundle_files(tmp_path)
+        limits = {"refused_records_per_source": 10_000}
+        cfg = sidecar_config(_identity(tmp_path, "b", ME),
+                             inbound={"listen": f"127.0.0.1:{free_port()}",
+                                      "app": f"127.0.0.1:{app}",
+                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
+                             limits=limits)
+        cfg["identity"]["bundle"] = str(own)
+        self.b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
+        procs.append(self.b)
+        self.upstream = _TlsServer(_write_identity(tmp_path / "up", *first, OWN.cert), own)
+        self.upstream.ctx.verify_mode = ssl.CERT_NONE
+        try:
+            out_cfg = sidecar_config(_identity(tmp_path, "a",
+                                               f"spiffe://{TD}/ns/demo/sa/client"),
+                                     outbound=[{"name": "frontend",
+                                                "listen": f"127.0.0.1:{free_port()}",
+                                                "upstream": f"127.0.0.1:{self.upstream.port}",
+                                                "identity": PEER}], limits=limits)
+            out_cfg["identity"]["bundle"] = str(own)
+            self.a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
+            procs.append(self.a)
+        except BaseException:
+            self.upstream.close()
+            raise
+
+    def __enter__(self) -> _BothWays:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.upstream.close()
+
+    def status_inbound(self, ctx: ssl.SSLContext) -> int | None:
+        """The status a caller with ``ctx`` gets from ``b`` (None: no answer)."""
+        return _try(self.b.port("inbound"), ctx)
+
+    def refused_inbound(self, chain: Any, key: Any, name: str) -> list[dict[str, Any]]:
+        """``b``'s new ``connection_refused`` lines once a caller presenting ``chain`` is
+        refused."""
+        before = len(self.b.log_events("connection_refused"))
+        assert self.status_inbound(_client_ctx(chain, key, self.tmp / name)) != 200, name
+        return wait_for(lambda: self.b.log_events("connection_refused")[before:])
+
+    def upstream_as(self, chain: Any, key: Any, where: Path) -> None:
+        self.upstream.ctx = _server_ctx(chain, key, where)
+
+    def status_outbound(self) -> int:
+        return http(self.a.port("frontend"), "GET", "/x").status
+
+    def refused_outbound(self, chain: Any, key: Any, name: str) -> list[dict[str, Any]]:
+        """``a``'s new ``connection_refused`` lines once an upstream presenting ``chain`` is
+        refused (502)."""
+        self.upstream_as(chain, key, self.tmp / name)
+        before = len(self.a.log_events("connection_refused"))
+        assert self.status_outbound() == 502, name
+        return wait_for(lambda: self.a.log_events("connection_refused")[before:])
+
+
 def test_every_signature_member_is_refused_inbound_and_outbound(tmp_path, app, procs):
     """Through real sidecars: OpenSSL lets each member through the handshake (at security
     level 2; but ``_openssl_may_refuse``), the sidecar refuses it with ``signature-weak``, as
     a caller and as an upstream, as a leaf and as an intermediate; the checked hashes stay
     accepted."""
-    own, partner = _bundle_files(tmp_path)
-    me = _identity(tmp_path, "b", ME)
-    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app}",
-                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
-                         limits={"refused_records_per_source": 10_000})
-    cfg["identity"]["bundle"] = str(own)
-    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
-    procs.append(b)
-    port = b.port("inbound")
-    first, key = sig_leaf(BAD_SIGNATURES[0])
-    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
-    upstream.ctx.verify_mode = ssl.CERT_NONE
-    try:
-        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
-                                 outbound=[{"name": "frontend",
-                                            "listen": f"127.0.0.1:{free_port()}",
-                                            "upstream": f"127.0.0.1:{upstream.port}",
-                                            "identity": PEER}],
-                                 limits={"refused_records_per_source": 10_000})
-        out_cfg["identity"]["bundle"] = str(own)
-        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
-        procs.append(a)
+    with _BothWays(tmp_path, app, procs,
+                   sig_leaf(BAD_SIGNATURES[0])) as pair:
         for what, make in (("leaf", sig_leaf), ("intermediate", sig_intermediate)):
             for sig in BAD_SIGNATURES:
                 name = f"{what}-{_sig_id(sig)}"
                 chain, key = make(sig)
-                before = len(b.log_events("connection_refused"))
-                assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
-                got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+                got = pair.refused_inbound(chain, key, name)
                 inbound = {f"bad_svid:{RULE_SIGNATURE_WEAK}"} | (
                     {"peer_cert_untrusted"} if _openssl_may_refuse(sig) else set())
                 assert got[0]["reason"] in inbound, (name, got)
-                upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
-                before = len(a.log_events("connection_refused"))
-                assert http(a.port("frontend"), "GET", "/x").status == 502, name
-                got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+                got = pair.refused_outbound(chain, key, f"up-{name}")
                 want = "bad_svid" if what == "leaf" else "peer_untrusted"
                 outbound = {f"{want}:{RULE_SIGNATURE_WEAK}"} | (
                     {"upstream_handshake_failed"} if _openssl_may_refuse(sig) else set())
                 assert got[0]["reason"] in outbound, (name, got)
         for sig in [s for s in SIGNATURES if s not in BAD_SIGNATURES]:
-            assert _try(port, _client_ctx(*sig_leaf(sig), tmp_path / _sig_id(sig))) == 200, sig
-        upstream.ctx = _server_ctx(*sig_leaf(("p256", "sha384", False)), tmp_path / "up-good")
-        assert http(a.port("frontend"), "GET", "/x").status == 200
-    finally:
-        upstream.close()
+            assert pair.status_inbound(_client_ctx(*sig_leaf(sig), tmp_path / _sig_id(sig))) == 200, sig
+        pair.upstream_as(*sig_leaf(("p256", "sha384", False)), tmp_path / "up-good")
+        assert pair.status_outbound() == 200
 
 
 # --- intermediates the chain check refuses and OpenSSL takes ------------------------------------
@@ -794,49 +835,21 @@ _OPENSSL_REFUSES = {"ski_critical", "aki_critical", "aia_critical"}
 def test_every_intermediate_shape_is_refused_inbound_and_outbound(tmp_path, app, procs):
     from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID
 
-    own, partner = _bundle_files(tmp_path)
-    me = _identity(tmp_path, "b", ME)
-    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app}",
-                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
-                         limits={"refused_records_per_source": 10_000})
-    cfg["identity"]["bundle"] = str(own)
-    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
-    procs.append(b)
-    port = b.port("inbound")
-    first, key = shaped_intermediate("plain")
-    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
-    upstream.ctx.verify_mode = ssl.CERT_NONE
-    try:
-        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
-                                 outbound=[{"name": "frontend",
-                                            "listen": f"127.0.0.1:{free_port()}",
-                                            "upstream": f"127.0.0.1:{upstream.port}",
-                                            "identity": PEER}],
-                                 limits={"refused_records_per_source": 10_000})
-        out_cfg["identity"]["bundle"] = str(own)
-        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
-        procs.append(a)
+    with _BothWays(tmp_path, app, procs,
+                   shaped_intermediate("plain")) as pair:
         for name in _INTERMEDIATE_SHAPES:
             chain, key = shaped_intermediate(name)
-            before = len(b.log_events("connection_refused"))
-            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
-            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            got = pair.refused_inbound(chain, key, name)
             assert got[0]["reason"] in {f"bad_svid:{RULE_SIGNING_CERT_INVALID}"} | (
                 {"peer_cert_untrusted"} if name in _OPENSSL_REFUSES else set()), (name, got)
-            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
-            before = len(a.log_events("connection_refused"))
-            assert http(a.port("frontend"), "GET", "/x").status == 502, name
-            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            got = pair.refused_outbound(chain, key, f"up-{name}")
             assert got[0]["reason"] in {f"peer_untrusted:{RULE_SIGNING_CERT_INVALID}"} | (
                 {"upstream_handshake_failed"} if name in _OPENSSL_REFUSES else set()), (name, got)
         for name in _GOOD_INTERMEDIATE_SHAPES:
             chain, key = shaped_intermediate(name)
-            assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
-        upstream.ctx = _server_ctx(*shaped_intermediate("plain"), tmp_path / "up-good")
-        assert http(a.port("frontend"), "GET", "/x").status == 200
-    finally:
-        upstream.close()
+            assert pair.status_inbound(_client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
+        pair.upstream_as(*shaped_intermediate("plain"), tmp_path / "up-good")
+        assert pair.status_outbound() == 200
 
 
 # --- the Netscape certificate type: the other direction restriction OpenSSL checks ----------------
@@ -892,51 +905,23 @@ def test_a_netscape_type_for_one_direction_is_refused(name):
 def test_a_netscape_type_for_one_direction_is_refused_both_ways(tmp_path, app, procs):
     from sidecar.identity.svid import RULE_EXTENDED_KEY_USAGE
 
-    own, partner = _bundle_files(tmp_path)
-    me = _identity(tmp_path, "b", ME)
-    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app}",
-                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
-                         limits={"refused_records_per_source": 10_000})
-    cfg["identity"]["bundle"] = str(own)
-    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
-    procs.append(b)
-    port = b.port("inbound")
-    first, key = ns_leaf(NS_FAMILY["ssl_client_only"][0])
-    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
-    upstream.ctx.verify_mode = ssl.CERT_NONE
-    try:
-        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
-                                 outbound=[{"name": "frontend",
-                                            "listen": f"127.0.0.1:{free_port()}",
-                                            "upstream": f"127.0.0.1:{upstream.port}",
-                                            "identity": PEER}],
-                                 limits={"refused_records_per_source": 10_000})
-        out_cfg["identity"]["bundle"] = str(own)
-        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
-        procs.append(a)
+    with _BothWays(tmp_path, app, procs,
+                   ns_leaf(NS_FAMILY["ssl_client_only"][0])) as pair:
         ours = f"bad_svid:{RULE_EXTENDED_KEY_USAGE}"
         for name, (der, openssl_refuses) in NS_FAMILY.items():
             chain, key = ns_leaf(der)
-            before = len(b.log_events("connection_refused"))
-            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
-            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            got = pair.refused_inbound(chain, key, name)
             want = "peer_cert_untrusted" if "inbound" in openssl_refuses else ours
             assert got[0]["reason"] == want, (name, got)
-            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
-            before = len(a.log_events("connection_refused"))
-            assert http(a.port("frontend"), "GET", "/x").status == 502, name
-            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            got = pair.refused_outbound(chain, key, f"up-{name}")
             want = "upstream_handshake_failed" if "outbound" in openssl_refuses else ours
             assert got[0]["reason"] == want, (name, got)
         for name, der in NS_GOOD.items():
             chain, key = ns_leaf(der)
-            assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
-        upstream.ctx = _server_ctx(*ns_leaf(NS_GOOD["ssl_client_and_server"]),
+            assert pair.status_inbound(_client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, name
+        pair.upstream_as(*ns_leaf(NS_GOOD["ssl_client_and_server"]),
                                    tmp_path / "up-good")
-        assert http(a.port("frontend"), "GET", "/x").status == 200
-    finally:
-        upstream.close()
+        assert pair.status_outbound() == 200
 
 
 @pytest.mark.parametrize("name", _EKU_SHAPES)
@@ -953,50 +938,22 @@ def test_an_intermediate_eku_for_one_direction_is_refused(name):
 def test_an_intermediate_eku_for_one_direction_is_refused_both_ways(tmp_path, app, procs):
     from sidecar.identity.svid import RULE_SIGNING_CERT_INVALID
 
-    own, partner = _bundle_files(tmp_path)
-    me = _identity(tmp_path, "b", ME)
-    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app}",
-                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
-                         limits={"refused_records_per_source": 10_000})
-    cfg["identity"]["bundle"] = str(own)
-    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
-    procs.append(b)
-    port = b.port("inbound")
-    first, key = shaped_intermediate("eku_server_auth_only")
-    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
-    upstream.ctx.verify_mode = ssl.CERT_NONE
-    try:
-        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
-                                 outbound=[{"name": "frontend",
-                                            "listen": f"127.0.0.1:{free_port()}",
-                                            "upstream": f"127.0.0.1:{upstream.port}",
-                                            "identity": PEER}],
-                                 limits={"refused_records_per_source": 10_000})
-        out_cfg["identity"]["bundle"] = str(own)
-        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
-        procs.append(a)
+    with _BothWays(tmp_path, app, procs,
+                   shaped_intermediate("eku_server_auth_only")) as pair:
         for name, (_, openssl_refuses) in _EKU_SHAPES.items():
             chain, key = shaped_intermediate(name)
-            before = len(b.log_events("connection_refused"))
-            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
-            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            got = pair.refused_inbound(chain, key, name)
             want = "peer_cert_untrusted" if "inbound" in openssl_refuses \
                 else f"bad_svid:{RULE_SIGNING_CERT_INVALID}"
             assert got[0]["reason"] == want, (name, got)
-            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
-            before = len(a.log_events("connection_refused"))
-            assert http(a.port("frontend"), "GET", "/x").status == 502, name
-            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            got = pair.refused_outbound(chain, key, f"up-{name}")
             want = "upstream_handshake_failed" if "outbound" in openssl_refuses \
                 else f"peer_untrusted:{RULE_SIGNING_CERT_INVALID}"
             assert got[0]["reason"] == want, (name, got)
         chain, key = shaped_intermediate("eku_both_and_more")
-        assert _try(port, _client_ctx(chain, key, tmp_path / "good-any")) == 200
-        upstream.ctx = _server_ctx(chain, key, tmp_path / "up-good")
-        assert http(a.port("frontend"), "GET", "/x").status == 200
-    finally:
-        upstream.close()
+        assert pair.status_inbound(_client_ctx(chain, key, tmp_path / "good-any")) == 200
+        pair.upstream_as(chain, key, tmp_path / "up-good")
+        assert pair.status_outbound() == 200
 
 
 # --- leaves with critical extensions the chain check does not process -----------------------------
@@ -1068,52 +1025,24 @@ def test_leaves_with_unprocessed_critical_extensions_are_refused_both_ways(tmp_p
                                                                            procs):
     from sidecar.identity.svid import RULE_EXTENSIONS_INVALID
 
-    own, partner = _bundle_files(tmp_path)
-    me = _identity(tmp_path, "b", ME)
-    cfg = sidecar_config(me, inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app}",
-                                      "allow_from": [f"spiffe://{TD}/ns/demo/sa/*"]},
-                         limits={"refused_records_per_source": 10_000})
-    cfg["identity"]["bundle"] = str(own)
-    b = start_sidecar(tmp_path, "orders", _federated(cfg, partner))
-    procs.append(b)
-    port = b.port("inbound")
-    first, key = shaped_leaf("certificate_policies_critical")
-    upstream = _TlsServer(_write_identity(tmp_path / "up", first, key, OWN.cert), own)
-    upstream.ctx.verify_mode = ssl.CERT_NONE
-    try:
-        out_cfg = sidecar_config(_identity(tmp_path, "a", f"spiffe://{TD}/ns/demo/sa/client"),
-                                 outbound=[{"name": "frontend",
-                                            "listen": f"127.0.0.1:{free_port()}",
-                                            "upstream": f"127.0.0.1:{upstream.port}",
-                                            "identity": PEER}],
-                                 limits={"refused_records_per_source": 10_000})
-        out_cfg["identity"]["bundle"] = str(own)
-        a = start_sidecar(tmp_path, "client", _federated(out_cfg, partner))
-        procs.append(a)
+    with _BothWays(tmp_path, app, procs,
+                   shaped_leaf("certificate_policies_critical")) as pair:
         ours = f"bad_svid:{RULE_EXTENSIONS_INVALID}"
         for name, (_, good) in _LEAF_SHAPES.items():
             if good:
                 continue
             chain, key = shaped_leaf(name)
-            before = len(b.log_events("connection_refused"))
-            assert _try(port, _client_ctx(chain, key, tmp_path / name)) != 200, name
-            got = wait_for(lambda before=before: b.log_events("connection_refused")[before:])
+            got = pair.refused_inbound(chain, key, name)
             openssl = name in _LEAF_OPENSSL_REFUSES
             assert got[0]["reason"] in {ours} | ({"peer_cert_untrusted"} if openssl
                                                  else set()), (name, got)
-            upstream.ctx = _server_ctx(chain, key, tmp_path / f"up-{name}")
-            before = len(a.log_events("connection_refused"))
-            assert http(a.port("frontend"), "GET", "/x").status == 502, name
-            got = wait_for(lambda before=before: a.log_events("connection_refused")[before:])
+            got = pair.refused_outbound(chain, key, f"up-{name}")
             assert got[0]["reason"] in {ours} | ({"upstream_handshake_failed"} if openssl
                                                  else set()), (name, got)
         for name, (_, good) in _LEAF_SHAPES.items():
             if good and name not in _LEAF_OPENSSL_REFUSES:
                 chain, key = shaped_leaf(name)
-                assert _try(port, _client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, \
+                assert pair.status_inbound(_client_ctx(chain, key, tmp_path / f"good-{name}")) == 200, \
                     name
-        upstream.ctx = _server_ctx(*shaped_leaf("policies_not_critical"), tmp_path / "up-good")
-        assert http(a.port("frontend"), "GET", "/x").status == 200
-    finally:
-        upstream.close()
+        pair.upstream_as(*shaped_leaf("policies_not_critical"), tmp_path / "up-good")
+        assert pair.status_outbound() == 200
