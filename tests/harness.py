@@ -780,3 +780,42 @@ def https_server_material(root: Path) -> tuple[Path, ssl.SSLContext]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert_file), str(key_file))
     return ca_file, ctx
+
+
+class IntrospectionServer(ScriptedServer):
+    """A scripted RFC 7662 endpoint over HTTPS on 127.0.0.1 (``ca_file`` signs it): each
+    call's form is read whole (bounded), counted in ``calls``, and answered with the JSON
+    ``document(token)`` returns (bytes: sent as they are) -- a subclass says what each token
+    gets."""
+
+    def __init__(self, root: Path) -> None:
+        self.ca_file, ctx = https_server_material(root)
+        self.calls = 0
+        self.lock = threading.Lock()
+        super().__init__(ctx)
+
+    def document(self, token: str) -> dict[str, Any] | bytes:
+        raise NotImplementedError
+
+    def answer(self, sock: Any, head: bytes) -> None:
+        from urllib.parse import parse_qs
+
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = head.split(b"\r\n\r\n", 1)[1]
+        for _ in range(100):  # (bounded: the form is small)
+            if len(body) >= length:
+                break
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                break
+            body += chunk
+        token = parse_qs(body.decode())["token"][0]
+        with self.lock:
+            self.calls += 1
+        doc = self.document(token)
+        data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(data) + data)

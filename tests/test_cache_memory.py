@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import jwt as pyjwt
 import pytest
@@ -161,39 +160,19 @@ def test_small_entries_still_fill_the_count_bound() -> None:
 
 # --- through a real sidecar -------------------------------------------------------------------
 
-class AuthServer(h.ScriptedServer):
+class AuthServer(h.IntrospectionServer):
     """RFC 7662 endpoint: every token is active, with an answer of nearly 64 KiB."""
 
     def __init__(self, root: Path) -> None:
-        self.ca_file, ctx = h.https_server_material(root)
-        self.calls = 0
-        self.lock = threading.Lock()
         self.answers = {shape: json.dumps(fitted(
             shape, MAX_INTROSPECTION_BYTES - 100,
             {"active": True, "iss": ISS, "aud": "orders", "sub": "alice",
              "exp": int(time.time()) + 3600}), separators=(",", ":")).encode()
             for shape in SHAPES}
-        super().__init__(ctx)
+        super().__init__(root)
 
-    def answer(self, sock: Any, head: bytes) -> None:
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        body = head.split(b"\r\n\r\n", 1)[1]
-        for _ in range(100):  # (bounded: the form is small)
-            if len(body) >= length:
-                break
-            chunk = sock.recv(length - len(body))
-            if not chunk:
-                break
-            body += chunk
-        token = parse_qs(body.decode())["token"][0]
-        with self.lock:
-            self.calls += 1
-        data = self.answers[list(SHAPES)[int(token.rpartition(".")[2]) % len(SHAPES)]]
-        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(data) + data)
+    def document(self, token: str) -> bytes:
+        return self.answers[list(SHAPES)[int(token.rpartition(".")[2]) % len(SHAPES)]]
 
 
 @pytest.fixture(scope="module")

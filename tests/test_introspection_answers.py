@@ -18,13 +18,11 @@ authorisation server.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import pytest
 
@@ -41,45 +39,21 @@ SLOW_SECONDS = 2.0
 SHORT_TTL = "1s"
 
 
-class AuthServer(h.ScriptedServer):
+class AuthServer(h.IntrospectionServer):
     """RFC 7662 endpoint: ``good*`` active, ``slow*`` active after SLOW_SECONDS,
     ``stale*`` active with an ``exp`` already passed, anything else inactive."""
 
-    def __init__(self, root: Path) -> None:
-        self.ca_file, ctx = h.https_server_material(root)
-        self.calls = 0
-        self.lock = threading.Lock()
-        super().__init__(ctx)
-
-    def answer(self, sock: Any, head: bytes) -> None:
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        body = head.split(b"\r\n\r\n", 1)[1]
-        for _ in range(100):  # (bounded: the form is small)
-            if len(body) >= length:
-                break
-            chunk = sock.recv(length - len(body))
-            if not chunk:
-                break
-            body += chunk
-        token = parse_qs(body.decode())["token"][0]
-        with self.lock:
-            self.calls += 1
+    def document(self, token: str) -> dict[str, Any]:
         now = int(time.time())
-        doc: dict[str, Any] = {"active": False}
         if token.startswith(("good", "slow")):
-            doc = {"active": True, "iss": ISS, "aud": "orders", "sub": "alice",
-                   "exp": now + 600}
             if token.startswith("slow"):
                 time.sleep(SLOW_SECONDS)
-        elif token.startswith("stale"):
-            doc = {"active": True, "iss": ISS, "aud": "orders", "sub": "alice",
-                   "exp": now - 30}
-        data = json.dumps(doc).encode()
-        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(data) + data)
+            return {"active": True, "iss": ISS, "aud": "orders", "sub": "alice",
+                    "exp": now + 600}
+        if token.startswith("stale"):
+            return {"active": True, "iss": ISS, "aud": "orders", "sub": "alice",
+                    "exp": now - 30}
+        return {"active": False}
 
 
 def _provider(server: AuthServer, header: str | None = None, **intro: str) -> dict[str, Any]:
