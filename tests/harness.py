@@ -819,3 +819,30 @@ class IntrospectionServer(ScriptedServer):
         data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
         sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\nconnection: close\r\n\r\n" % len(data) + data)
+
+
+def start_mesh_pair(tmp: Path, pki: Pki, app_port: int, policy_file: Path,
+                    procs: list[Any], *, limits: dict[str, Any] | None = None,
+                    audit: Mapping[str, Path] | None = None
+                    ) -> tuple[SidecarProc, SidecarProc]:
+    """The two-hop path: ``frontend``'s outbound listener ``orders`` -> ``orders``' inbound
+    listener -> the app at ``app_port``, both under ``policy_file``; each sidecar is appended
+    to ``procs`` as it starts (so the caller stops it by pid even when the other fails).
+    ``audit``: an audit directory per sidecar name. Returns (inbound, outbound)."""
+    audit = audit or {}
+
+    def extra(name: str) -> dict[str, Any]:
+        return {"audit": {"path": str(audit[name])}} if name in audit else {}
+
+    inbound = start_sidecar(tmp, "orders", sidecar_config(
+        pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
+                                         "app": f"127.0.0.1:{app_port}"},
+        policy=str(policy_file), limits=limits, **extra("orders")))
+    procs.append(inbound)
+    outbound = start_sidecar(tmp, "frontend", sidecar_config(
+        pki.identity("frontend"), outbound=[{
+            "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+            "upstream": f"127.0.0.1:{inbound.port('inbound')}", "identity": spiffe("orders")}],
+        policy=str(policy_file), limits=limits, **extra("frontend")))
+    procs.append(outbound)
+    return inbound, outbound

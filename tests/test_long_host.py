@@ -97,21 +97,9 @@ class Pair:
         try:
             pki = h.Pki(tmp / "pki")
             h.write_policy(tmp / "mesh.yaml", POLICY)
-            limits = {"max_header_bytes": "64KiB"}
-            self.inbound = h.start_sidecar(tmp, "orders", h.sidecar_config(
-                pki.identity("orders"), inbound={"listen": f"127.0.0.1:{h.free_port()}",
-                                                 "app": f"127.0.0.1:{self.app.port}"},
-                policy=str(tmp / "mesh.yaml"), limits=limits,
-                audit={"path": str(self.audit["orders"])}))
-            self.procs.append(self.inbound)
-            self.outbound = h.start_sidecar(tmp, "frontend", h.sidecar_config(
-                pki.identity("frontend"), outbound=[{
-                    "name": "orders", "listen": f"127.0.0.1:{h.free_port()}",
-                    "upstream": f"127.0.0.1:{self.inbound.port('inbound')}",
-                    "identity": ORDERS}],
-                policy=str(tmp / "mesh.yaml"), limits=limits,
-                audit={"path": str(self.audit["frontend"])}))
-            self.procs.append(self.outbound)
+            self.inbound, self.outbound = h.start_mesh_pair(
+                tmp, pki, self.app.port, tmp / "mesh.yaml", self.procs,
+                limits={"max_header_bytes": "64KiB"}, audit=self.audit)
             self.ctx = h.mtls_context(pki.identity("frontend", dirname="client"), pki.bundle)
         except BaseException:
             self.close()

@@ -158,19 +158,9 @@ class Pair:
                                      as_dict=True)
             (tmp / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
             h.write_policy(tmp / "mesh.yaml", POLICY)
-            limits = {"max_header_bytes": "256KiB", "header_timeout": "20s"}
-            self.inbound = h.start_sidecar(tmp, "orders", h.sidecar_config(
-                pki.identity("orders"), inbound={"listen": f"127.0.0.1:{h.free_port()}",
-                                                 "app": f"127.0.0.1:{self.app.port}"},
-                policy=str(tmp / "mesh.yaml"), limits=limits))
-            self.procs.append(self.inbound)
-            self.outbound = h.start_sidecar(tmp, "frontend", h.sidecar_config(
-                pki.identity("frontend"), outbound=[{
-                    "name": "orders", "listen": f"127.0.0.1:{h.free_port()}",
-                    "upstream": f"127.0.0.1:{self.inbound.port('inbound')}",
-                    "identity": ORDERS}],
-                policy=str(tmp / "mesh.yaml"), limits=limits))
-            self.procs.append(self.outbound)
+            self.inbound, self.outbound = h.start_mesh_pair(
+                tmp, pki, self.app.port, tmp / "mesh.yaml", self.procs,
+                limits={"max_header_bytes": "256KiB", "header_timeout": "20s"})
         except BaseException:
             self.close()
             raise
