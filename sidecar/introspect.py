@@ -48,10 +48,11 @@ from urllib.parse import quote_plus, urlencode
 import trio
 
 from sidecar.authn.extract import Headers, extract_tokens
-from sidecar.authn.jwt import TokenInvalid
+from sidecar.authn.jwt import Claims, TokenInvalid
 from sidecar.authn.oauth import (
     MAX_INTROSPECTION_BYTES,
     CachedIntrospection,
+    check_access_token_answer,
     introspection_claims,
     opaque_token_ok,
     token_digest,
@@ -67,6 +68,18 @@ FAILURE_BACKOFF_SECONDS = 1.0
 # How often a request waits for another request's call of the same token before it gives
 # up (each wait is bounded by that call's own timeouts): then "unavailable", fail closed.
 _MAX_WAITS = 3
+
+
+def _result(claims: Claims | None) -> str:
+    """The metric's ``result`` of an answer: ``inactive`` also for an active answer about a
+    token that is not an access token (a refresh or ID token: refused as ``inactive``)."""
+    if claims is None:
+        return "inactive"
+    try:
+        check_access_token_answer(claims)
+    except TokenInvalid:
+        return "inactive"
+    return "active"
 
 
 class _InFlight:
@@ -210,7 +223,7 @@ class Introspector:
             limiter.release()
             give_back()
         self._down_until.pop(provider.name, None)
-        self._count(provider.name, "inactive" if claims is None else "active")
+        self._count(provider.name, _result(claims))
         return self.authenticator.introspected.store(  # type: ignore[attr-defined,no-any-return]
             provider.name, digest, claims, time.time(), spec.cache_ttl_seconds,
             spec.negative_ttl_seconds)

@@ -132,3 +132,9 @@ def test_every_kind_through_a_sidecar(env: tuple[OrdersMesh, AuthServer]) -> Non
         assert r.status == 401, (label, r.status, r.body[:200])
     assert mesh.sidecar.metric("sidecar_jwt_failures_total", provider="opaque",
                                reason="inactive") >= len(NOT_ACCESS)
+    # The introspection metric says the same: every answer about a token that is not an
+    # access token is counted ``inactive``, not ``active``.
+    assert mesh.sidecar.metric("sidecar_introspection_calls_total", provider="opaque",
+                               result="inactive") == len(NOT_ACCESS)
+    assert mesh.sidecar.metric("sidecar_introspection_calls_total", provider="opaque",
+                               result="active") == len(ACCESS)
