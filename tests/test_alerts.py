@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import ssl
@@ -16,10 +17,13 @@ from sidecar import logs
 from sidecar.alert_poster import AlertPoster
 from sidecar.alerts import (
     API_KEYS_ISSUER,
+    MAX_SOURCE_CHARS,
+    PEER_FAILURE,
     Alert,
     BurstDetector,
     Failure,
     classify_failure,
+    source_key,
 )
 from sidecar.errors import ConfigError
 from sidecar.metrics import SidecarMetrics
@@ -396,3 +400,71 @@ def test_subject_and_issuer_alerts_cannot_block(by: str) -> None:
     assert "alerts[0].block" in str(err.value) and "p.yaml:" in str(err.value)
     ok = load_policy(doc.replace(", block: 5m", ""), "p.yaml")
     assert ok.extras.alerts[0].by == by
+
+
+# Long sources (hostile review): a claimed subject is as long as the token it came in, so
+# 10,000 made-up 6 KiB subjects held 60 MiB per ``by: subject`` rule. A source longer than
+# MAX_SOURCE_CHARS is kept and named as its SHA-256; each is still a source of its own. The
+# family: every ``by`` whose source a caller chooses or a CA names at length.
+LONG = "s" * 5000
+
+
+def _long_failure(by: str, source: str) -> tuple[str | None, str | None, Failure]:
+    """(peer, address, failure) carrying ``source`` where a ``by`` rule reads it."""
+    if by == "peer":
+        return source, ADDR, PEER_FAILURE
+    if by == "address":
+        return PEER, source, PEER_FAILURE
+    return PEER, ADDR, Failure(False, source if by == "subject" else None,
+                               source if by == "issuer" else None)
+
+
+@pytest.mark.parametrize("by", ["peer", "address", "subject", "issuer"])
+def test_long_sources_are_digests_and_still_one_source_each(by: str) -> None:
+    block = 60 if by in ("peer", "address") else 0
+    d = BurstDetector((AlertRule("r", threshold=2, window_seconds=60, by=by,
+                                 block_seconds=block),))
+    one, other = LONG + "a", LONG + "b"  # differ in their last character only
+    assert d.record_failure(*_long_failure(by, one)[:2], 0, _long_failure(by, one)[2]) == []
+    assert d.record_failure(*_long_failure(by, other)[:2], 1, _long_failure(by, other)[2]) == []
+    raised = d.record_failure(*_long_failure(by, one)[:2], 2, _long_failure(by, one)[2])
+    assert [a.source for a in raised] == [source_key(one)]
+    assert source_key(one) == "sha256:" + hashlib.sha256(one.encode()).hexdigest()
+    assert all(len(k) <= MAX_SOURCE_CHARS for k in d._sources["r"])
+    if block:
+        assert d.blocked(*_long_failure(by, one)[:2], 3)
+        assert not d.blocked(*_long_failure(by, other)[:2], 3)
+    # A source up to the bound is kept as it is.
+    short = "x" * MAX_SOURCE_CHARS
+    d.record_failure(*_long_failure(by, short)[:2], 4, _long_failure(by, short)[2])
+    assert short in d._sources["r"]
+
+
+def _fill_long_subjects() -> int:
+    """RSS growth of a detector given 10,000 distinct 6 KiB claimed subjects."""
+    import gc
+
+    from tests.test_cache_memory import own_rss
+
+    d = BurstDetector((AlertRule("user", threshold=10, window_seconds=60, by="subject"),))
+    gc.collect()
+    before = own_rss()
+    for n in range(10_000):
+        d.record_failure(PEER, ADDR, n * 0.001, Failure(False, f"{n:06d}" + "s" * 6000, None))
+    gc.collect()
+    assert d.statistics()["sources"] == 10_000
+    return own_rss() - before
+
+
+def test_long_subjects_hold_bounded_memory() -> None:
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    code = "from tests.test_alerts import _fill_long_subjects; print(_fill_long_subjects())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT))
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = int(done.stdout.strip().splitlines()[-1])
+    assert grown < 20 * 1024 * 1024, grown // (1024 * 1024)  # kept whole: about 60 MiB
