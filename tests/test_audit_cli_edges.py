@@ -233,3 +233,36 @@ def test_progress_line_on_a_terminal_stderr(trail: Path, command: list[str]):
     assert err.startswith(b"\r\x1b[K" + label), err
     assert err.endswith(b"\r\x1b[K")  # erased before the command ends
     assert b"\x1b" not in out  # stdout (a pipe here) stays clean
+
+
+def test_keyring_counts_each_distinct_key_once(sealed):
+    """``--pubkey`` takes at most 256 distinct keys; the same key given again -- in one file
+    (a keyring concatenated twice) or as another flag -- counts once, so a keyring that
+    lists the current key in every rotation's file still loads (it used to count every
+    copy, so 257 copies of one key were refused). Above 256 distinct keys: exit 2, never a
+    traceback, and the trail is not judged."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = sealed["pub"].read_bytes()
+    copies = sealed["tmp"] / "copies.pub"
+    copies.write_bytes(pem * 300)
+    r = sidecar_cli("audit", "verify", str(sealed["dir"]), "--pubkey", str(copies),
+                    "--pubkey", str(sealed["pub"]))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+
+    def public(n: int) -> bytes:
+        return Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    others = b"".join(public(n) for n in range(255))
+    fits = sealed["tmp"] / "fits.pub"
+    fits.write_bytes(pem + others + pem)  # 256 distinct keys, one of them twice
+    r = sidecar_cli("audit", "verify", str(sealed["dir"]), "--pubkey", str(fits))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    over = sealed["tmp"] / "over.pub"
+    over.write_bytes(pem + others + public(256))  # 257 distinct keys
+    r = sidecar_cli("audit", "verify", str(sealed["dir"]), "--pubkey", str(over))
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith("error: ") and "256 distinct public keys" in r.stderr
+    assert "Traceback" not in r.stderr

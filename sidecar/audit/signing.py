@@ -137,8 +137,11 @@ def signer_from_pem(data: bytes, path: str, ident: str) -> Signer:
 
 
 def load_keyring(paths: list[str]) -> Keyring:
-    """Every PEM public key (or private key: its public half) in ``paths``."""
+    """Every PEM public key (or private key: its public half) in ``paths``, each once (a key
+    given twice, in one file or two, counts once); more than ``MAX_KEYRING_KEYS`` distinct
+    keys is a ``ValueError``."""
     keys: list[Ed25519PublicKey] = []
+    seen: set[bytes] = set()
     for path in paths:
         data = _read(path, "public key file")
         blocks = [b for b in data.split(b"-----END ") if b"-----BEGIN " in b]
@@ -162,9 +165,13 @@ def load_keyring(paths: list[str]) -> Keyring:
                 raise ValueError(f"{path} holds a PEM block that is not a usable key") from None
             if not isinstance(key, Ed25519PublicKey):
                 raise ValueError(f"{path} holds a key that is not Ed25519")
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            if raw in seen:
+                continue
+            if len(keys) >= MAX_KEYRING_KEYS:
+                raise ValueError(f"at most {MAX_KEYRING_KEYS} distinct public keys")
+            seen.add(raw)
             keys.append(key)
-    if len(keys) > MAX_KEYRING_KEYS:
-        raise ValueError(f"at most {MAX_KEYRING_KEYS} public keys")
     return Keyring(keys)
 
 
