@@ -146,7 +146,7 @@ def maximal_policy() -> dict[str, Any]:
                     "block": "5m", "webhook": "https://127.0.0.1:9/hook"}],
         "services": {ORDERS: {
             "mode": "enforce", "audience": "https://orders.example", "non_ascii_paths": "refuse",
-            "path_case": "insensitive", "invalid_tokens": "refuse",
+            "path_case": "insensitive", "invalid_tokens": "refuse", "format_suffixes": "keep",
             "rules": [
                 {"name": "reads", "description": "frontend reads", "mode": "enforce",
                  "expires_at": TS,

@@ -49,7 +49,13 @@ from sidecar.policy.model import (
     Mode,
     Rule,
 )
-from sidecar.policy.paths import NAME_FOLD_EFFECTS, path_segments, rule_segments
+from sidecar.policy.paths import (
+    FORMAT_FOLD_EFFECTS,
+    NAME_FOLD_EFFECTS,
+    path_segments,
+    rule_path_forms,
+    rule_segments,
+)
 
 _MISSING = object()
 
@@ -307,13 +313,15 @@ AUTH_OK = AuthOutcome(True)
 
 def request_trace(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
-    fold_case: bool = False, effect: str = "allow",
+    fold_case: bool = False, effect: str = "allow", formats: bool = False,
 ) -> list[ConditionResult]:
     """Every non-credential condition of a rule, checked against the request.
 
     With ``check_indexed=False`` the caller and path conditions are skipped (the index
     already proved them for candidates). ``fold_case``: the section matches paths with
-    ASCII case folded, and Windows names for deny rules (``effect``: the rule's).
+    ASCII case folded, and Windows names for deny rules (``effect``: the rule's);
+    ``formats``: deny rules also match the path without its format suffix
+    (``rule_path_forms``).
     """
     out: list[ConditionResult] = []
     if check_indexed and when.peers is not None:
@@ -333,9 +341,9 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        segs = rule_segments(facts.path, fold_case, effect)
+        forms = rule_path_forms(facts.path, fold_case, effect, formats)
         held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
-                   for p in when.paths)
+                   for p in when.paths for segs in forms)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -357,7 +365,7 @@ def request_trace(
 
 def request_holds(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
-    fold_case: bool = False, effect: str = "allow",
+    fold_case: bool = False, effect: str = "allow", formats: bool = False,
 ) -> bool:
     """Fast form of ``request_trace``: do all non-credential conditions hold?"""
     if when.methods is not None and facts.method not in when.methods:
@@ -375,9 +383,9 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            segs = rule_segments(facts.path, fold_case, effect)
+            forms = rule_path_forms(facts.path, fold_case, effect, formats)
             if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
-                       for p in when.paths):
+                       for p in when.paths for segs in forms):
                 return False
     return True
 
@@ -457,13 +465,16 @@ class RuleIndex:
     ``fold_case``, ASCII case folded on both sides, and Windows names for deny rules:
     ``rule_segments``)."""
 
-    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names")
+    __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names",
+                 "_effect", "_formats")
 
     def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
-                 effect: str = "allow") -> None:
+                 effect: str = "allow", formats: bool = False) -> None:
         self.rules = rules
         self._fold = fold_case
         self._names = effect in NAME_FOLD_EFFECTS  # (chosen once: a lookup costs the same)
+        self._effect = effect
+        self._formats = formats and effect in FORMAT_FOLD_EFFECTS  # (``rule_path_forms``)
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -499,7 +510,11 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
-        path_sets = self._paths.match(path_segments(path, self._fold, self._names))
+        if self._formats and "." in path:
+            path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect, True)
+                         for ids in self._paths.match(segs)]
+        else:
+            path_sets = self._paths.match(path_segments(path, self._fold, self._names))
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:
@@ -539,6 +554,7 @@ class Section:
     fold_case: bool = False
     by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
     refuse_invalid_tokens: bool = True
+    fold_formats: bool = True  # deny rules fold format suffixes (``format_suffixes``)
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
@@ -554,7 +570,7 @@ class Section:
 def compile_section(
     identity: str, trust_domain: str, mode: Mode, rules: tuple[Rule, ...],
     egress: tuple[EgressEntry, ...], fold_case: bool = False,
-    refuse_invalid_tokens: bool = True,
+    refuse_invalid_tokens: bool = True, fold_formats: bool = True,
 ) -> Section:
     """Build the lookup tables of one section (load time, never per request)."""
     # An ordered tuple (the order in which the rules first name them), never a set: the
@@ -573,7 +589,8 @@ def compile_section(
         trust_domain=trust_domain,
         mode=mode,
         rules=rules,
-        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case, "deny"),
+        deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case, "deny",
+                       fold_formats),
         allow=RuleIndex(tuple(r for r in rules if r.effect == "allow"), fold_case, "allow"),
         egress=egress,
         egress_trie=SegmentTrie(egress_entries),
@@ -583,4 +600,5 @@ def compile_section(
         by_name={r.name: r for r in rules},
         # Only where the rules name providers: elsewhere no token is ever verified.
         refuse_invalid_tokens=refuse_invalid_tokens and bool(providers),
+        fold_formats=fold_formats,
     )

@@ -147,7 +147,8 @@ def explain(
     trail: list[RuleTrail] = []
     for rule in section.rules:
         req = request_trace(rule.when, facts, section.trust_domain,
-                            fold_case=section.fold_case, effect=rule.effect)
+                            fold_case=section.fold_case, effect=rule.effect,
+                            formats=section.fold_formats)
         creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
         if rule.expired(now):
             status = "expired"

@@ -89,7 +89,8 @@ class LazySections(Mapping[str, Section]):
             section = compile_section(identity, self._trust_domain, svc.mode or self._mode,
                                       svc.rules, svc.egress or (),
                                       fold_case=svc.paths_fold_case,
-                                      refuse_invalid_tokens=svc.refuse_invalid_tokens)
+                                      refuse_invalid_tokens=svc.refuse_invalid_tokens,
+                                      fold_formats=svc.format_suffixes != "keep")
             self._built[identity] = section
         return section
 

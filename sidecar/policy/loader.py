@@ -88,7 +88,7 @@ __all__ = [
 
 
 SERVICE_KEYS = frozenset({"rules", "egress", "mode", "non_ascii_paths", "audience", "path_case",
-                          "invalid_tokens"})
+                          "invalid_tokens", "format_suffixes"})
 RULE_KEYS = frozenset({"name", "description", "allow", "deny", "mode", "expires_at"})
 CONDITION_KEYS = frozenset(
     {"from", "namespaces", "methods", "paths", "ports", "listeners", "hosts", "jwt", "apikey"}
@@ -417,9 +417,13 @@ def _service(
         # .NET, "ß" to "ss" in casefold); only ASCII letters fold the same everywhere.
         r.problem(path + ("path_case",),
                   "path_case: insensitive cannot be combined with non_ascii_paths: allow")
+    format_suffixes = m.get("format_suffixes")
+    if format_suffixes not in (None, "fold", "keep"):
+        r.problem(path + ("format_suffixes",), "expected fold or keep")
+        format_suffixes = None
     return ServicePolicy(identity, tuple(rules), egress, mode, r.src.line(path), format_path(path),
                          non_ascii_paths=non_ascii == "allow", audience=audience,
-                         path_case=path_case, file=file,
+                         path_case=path_case, format_suffixes=format_suffixes, file=file,
                          refuse_invalid_tokens=invalid_tokens != "per_rule")
 
 

@@ -110,6 +110,9 @@ class ServicePolicy:
     # `path_case`: "sensitive" or "insensitive" as written; None when the section does not
     # say (then paths match case-sensitively, and lint points at deny rules with letters).
     path_case: str | None = None
+    # `format_suffixes`: "fold" (the default: deny rules also match a path without its final
+    # `.json`-like suffix, sidecar.policy.paths.rule_path_forms) or "keep"; None: not said.
+    format_suffixes: str | None = None
     # `invalid_tokens`: True (`refuse`, the default) refuses with 401 a request that presents
     # a token no provider of the section accepted, whatever rule would match; False
     # (`per_rule`) judges a token only by the rules that name its provider.

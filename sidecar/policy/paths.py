@@ -270,6 +270,39 @@ def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
     return path_segments(path, fold, effect in NAME_FOLD_EFFECTS)
 
 
+# Format suffixes. Rails routes every path ``/x`` as ``/x(.:format)``: ``/admin.json`` and
+# ``/orders/7/refund.xml`` run the ``/admin`` and ``/orders/7/refund`` actions (the format
+# holds no dot: the last one starts it). Spring MVC before 5.3 matched a pattern ``/x`` as
+# ``/x.*`` (its default suffix pattern matching: ``/admin.json.bak`` too, from the first
+# dot). A deny rule for ``/admin`` meant that action, so deny rules also match the request
+# path with its last segment's suffix dropped, from the last dot and from the first, unless
+# the section says ``format_suffixes: keep``. Like the Windows-name fold it is lossy, so only
+# deny rules fold (``FORMAT_FOLD_EFFECTS``): an allow rule for ``/reports`` does not admit
+# ``/reports.json``. A segment that starts with its dot (``/.env``) is not folded. Found by a
+# hostile review.
+FORMAT_FOLD_EFFECTS = frozenset({"deny"})
+
+
+def rule_path_forms(path: str, fold: bool, effect: str,
+                    formats: bool) -> tuple[tuple[str, ...], ...]:
+    """The segment tuples a rule of ``effect`` matches the request ``path`` in: its
+    ``rule_segments``, and for a deny rule in a section that folds format suffixes
+    (``formats``) also those with the last segment's suffix dropped (see above)."""
+    segs = rule_segments(path, fold, effect)
+    if not formats or not segs or effect not in FORMAT_FOLD_EFFECTS:
+        return (segs,)
+    last = segs[-1]
+    first = last.find(".")
+    if first <= 0:
+        return (segs,)
+    head = segs[:-1]
+    forms = [segs, head + (last[:first],)]
+    final = last.rfind(".")
+    if final != first:
+        forms.append(head + (last[:final],))
+    return tuple(forms)
+
+
 _WINDOWS_TAIL = re.compile("(?:" + "|".join(map(re.escape, WINDOWS_TRAILING)) + ")+$")
 
 
