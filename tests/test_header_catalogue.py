@@ -382,12 +382,14 @@ REVIEW6_FOUND = [
     # AWS: Lambda Web Adapter, API Gateway private APIs, ALB TLS facts
     "x-amzn-request-context", "x-amzn-lambda-context", "x-amzn-vpce-id", "x-amzn-vpce-config",
     "x-amzn-apigateway-api-id", "X-Amzn-Tls-Version", "X-Amzn-Tls-Cipher-Suite",
+    "x-amzn-lattice-identity", "x-amzn-lattice-network", "x-amzn-lattice-target",
     # Kong's families beyond the names listed
     "X-Authenticated-Email", "X-Authenticated-Client-Id", "X-Credential-Key",
     "X-Anonymous-Groups",
     # Azure, Fastly, Magento: edge and scheme headers
     "X-Azure-FDID", "X-AppService-Proto", "X-Waws-Unencoded-Url", "Fastly-SSL", "Fastly-FF",
-    "SSL-Offloaded",
+    "SSL-Offloaded", "Fly-Forwarded-Proto", "Fly-Forwarded-Port", "Fly-Forwarded-Ssl",
+    "Ali-CDN-Real-IP",
     # CDN viewer facts
     "CloudFront-Viewer-Address", "CloudFront-Viewer-Country", "CloudFront-Viewer-TLS",
     "CloudFront-Is-Desktop-Viewer", "CF-IPCountry", "CF-IPCity", "x-vercel-ip-country",

@@ -90,6 +90,10 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "X-AppService-Proto, Magento's SSL offloader header (SSL_OFFLOADED, read as "
               "HTTP_SSL_OFFLOADED); found by a hostile review",
               "fastly-ssl x-appservice-proto ssl-offloaded")
+    + _family(FORWARDING, "Fly.io's scheme and port headers (Fly-Forwarded-Proto, -Port, "
+              "-Ssl; found by a hostile review)", "fly-forwarded-", prefix=True)
+    + _family(FORWARDING, "Alibaba Cloud CDN's client address (found by a hostile review)",
+              "ali-cdn-real-ip")
     + _family(FORWARDING, "Jetty's ForwardedRequestCustomizer (Spring Boot on Jetty with "
               "forwarded headers on): X-Proxied-Https makes the request secure, Proxy-ssl-id "
               "and Proxy-auth-cert become its TLS session id and cipher suite (found by a hostile "
@@ -218,6 +222,11 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "hostile review)",
               "x-amzn-request-context x-amzn-lambda-context x-amzn-vpce-id "
               "x-amzn-vpce-config x-amzn-apigateway-api-id")
+    + _family(IDENTITY, "AWS VPC Lattice's caller identity headers (x-amzn-lattice-identity: "
+              "the SigV4 principal, its organisation, Roles Anywhere certificate names; "
+              "-network, -target): Lattice strips them from incoming requests, so apps "
+              "authorise by them (found by a hostile review)", "x-amzn-lattice-",
+              prefix=True)
     + _family(IDENTITY, "serverless adapters (aws-serverless-express, serverless-http) read "
               "the API Gateway event and its authorizer claims from these",
               "x-apigateway-event x-apigateway-context")
