@@ -481,3 +481,19 @@ def test_sixth_review_families_refused_spellings(mesh_us: Mesh, side: str,
         assert_generic_refusal(out)
     with mesh_us.app.lock:
         assert _leaks(list(mesh_us.app.heads[mark[0]:])) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_every_entry_with_trimmed_listed_or_encoded_spellings_never_reaches_the_app(
+        mesh_us: Mesh, side: str) -> None:
+    """Every entry (and every header the sidecar sets) with its value in whitespace, as a
+    comma-joined list, twice, and with its name percent-encoded (``X%2DForwarded%2DFor``: a
+    name some gateway decodes, dropped for its ``%``) -- with ``allow_underscores``."""
+    lines = []
+    for name in [*NAMES, *sorted(SIDECAR_SET)]:
+        lines += [f"{name}:  \t{MARK} \t\r\n".encode(), f"{name}: a, {MARK}\r\n".encode(),
+                  f"{name.upper()}: {MARK}, b\r\n".encode(),
+                  f"{name.replace('-', '%2D')}: {MARK}\r\n".encode(),
+                  f"{name.replace('-', '%2d').upper()}: {MARK}\r\n".encode()]
+    heads = _send_lines(mesh_us, side, lines + [f"x-custom-ok: {MARK}\r\n".encode()])
+    assert _leaks(heads) == [("x-custom-ok", MARK)]
