@@ -497,3 +497,32 @@ def test_every_entry_with_trimmed_listed_or_encoded_spellings_never_reaches_the_
                   f"{name.replace('-', '%2d').upper()}: {MARK}\r\n".encode()]
     heads = _send_lines(mesh_us, side, lines + [f"x-custom-ok: {MARK}\r\n".encode()])
     assert _leaks(heads) == [("x-custom-ok", MARK)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("which", ["default", "underscores_and_pass_through"])
+def test_connection_cannot_remove_what_the_sidecar_sets(mesh: Mesh, mesh_us: Mesh, side: str,
+                                                       which: str) -> None:
+    """``Connection`` naming the headers the sidecar sets (its own and the policy's claim
+    header ``x-user``), in every spelling, as a list or in several fields, next to their
+    caller-sent copies and to catalogue entries: the app gets each sidecar header once, with
+    the sidecar's value, and none of the caller's."""
+    m = mesh if which == "default" else mesh_us
+    own = [*sorted(SIDECAR_SET), "x-user"]
+    spelled = [s for n in own for s in variants(n)] + ["X-Forwarded-Host", "X-Real-IP"]
+    lines = b"Connection: " + ", ".join(spelled).encode() + b"\r\n"
+    lines += b"".join(f"Connection: {s}\r\n".encode() for s in spelled[:10])
+    lines += b"".join(f"{n}: {MARK}\r\n".encode() for n in own)
+    data = (b"GET /open/conn HTTP/1.1\r\n" + H + b"Authorization: Bearer "
+            + m.token("alice").encode() + b"\r\n" + lines + b"Connection: close\r\n\r\n")
+    mark = m.app.snapshot()
+    out = exchange(m, side, data)
+    assert statuses(out) == [200], out[:300]
+    with m.app.lock:
+        heads = list(m.app.heads[mark[0]:])
+    assert len(heads) == 1 and _leaks(heads) == []
+    got = heads[0]["headers"]
+    for name in sorted(SIDECAR_SET):
+        assert [n for n, _ in got].count(name) == 1, (name, got)
+    assert dict(got)["x-forwarded-client-cert"].startswith("By=spiffe://"), got
+    assert [v for n, v in got if n == "x-user"] == ["alice"], got  # (the token's claim)
