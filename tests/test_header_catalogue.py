@@ -392,7 +392,15 @@ REVIEW6_FOUND = [
     "Ali-CDN-Real-IP",
     # CDN viewer facts
     "CloudFront-Viewer-Address", "CloudFront-Viewer-Country", "CloudFront-Viewer-TLS",
-    "CloudFront-Is-Desktop-Viewer", "CF-IPCountry", "CF-IPCity", "x-vercel-ip-country",
+    "CloudFront-Is-Desktop-Viewer", "CloudFront-Viewer-Cert-Subject",
+    "CloudFront-Viewer-Cert-Serial-Number", "CloudFront-Viewer-JA3-Fingerprint",
+    "CF-IPCountry", "CF-IPCity", "cf-region", "cf-region-code", "cf-timezone",
+    "cf-postal-code", "cf-metro-code",
+    # Cloudflare's managed transforms: TLS client auth, bot scores, leaked credentials
+    "cf-cert-verified", "cf-cert-presented", "cf-cert-revoked", "cf-cert-subject-dn",
+    "cf-cert-issuer-dn", "cf-cert-subject-dn-rfc2253", "cf-cert-serial",
+    "cf-cert-fingerprint-sha256", "cf-bot-score", "cf-verified-bot", "cf-threat-score",
+    "cf-ja3-hash", "cf-ja4", "cf-worker", "Exposed-Credential-Check", "x-vercel-ip-country",
     "x-vercel-ip-city", "x-nf-geo", "X-Akamai-Edgescape", "X-Client-Geo-Location",
     "X-Client-Region", "X-Client-City",
     # ASP.NET Core's forwarded-headers originals; Elasticsearch run-as

@@ -102,13 +102,24 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "accept only their own X-Azure-FDID, apps behind Fastly trust Fastly-FF as "
               "'came through our CDN' (found by a hostile review)", "x-azure-fdid fastly-ff")
     + _family(FORWARDING, "what a CDN derived from the client's connection: its address, "
-              "country, city and TLS (CloudFront-Viewer-Address, -Country, -TLS, "
-              "CloudFront-Is-*-Viewer; Cloudflare CF-IPCountry, CF-IPCity, ...; Vercel "
-              "x-vercel-ip-*; Netlify x-nf-*; Akamai X-Akamai-Edgescape; the Google load "
-              "balancer's X-Client-Geo-Location / -Region / -City): apps geofence, rate-limit "
-              "and log by them (found by a hostile review)",
-              "cloudfront-viewer- cloudfront-is- cf-ip x-vercel-ip- x-nf- x-akamai-edgescape "
-              "x-client-geo- x-client-region x-client-city", prefix=True)
+              "country, city, TLS and client certificate (CloudFront's whole family: "
+              "CloudFront-Viewer-Address, -Country, -TLS, -Cert-Subject, -Cert-Issuer, "
+              "CloudFront-Is-*-Viewer, ...; Vercel x-vercel-ip-*; Netlify x-nf-*; Akamai "
+              "X-Akamai-Edgescape; the Google load balancer's X-Client-Geo-Location / -Region "
+              "/ -City): apps geofence, rate-limit, log and authenticate by them (found by a "
+              "hostile review)",
+              "cloudfront- x-vercel-ip- x-nf- x-akamai-edgescape x-client-geo- "
+              "x-client-region x-client-city", prefix=True)
+    + _family(FORWARDING, "Cloudflare's whole family: what its edge tells the origin under "
+              "cf-* -- the client certificate's verification (cf-cert-verified, "
+              "cf-cert-presented, cf-cert-subject-dn, ...: the 'TLS client auth' managed "
+              "transform), bot scores (cf-bot-score, cf-verified-bot, cf-threat-score, "
+              "cf-ja3-hash), the visitor's location (cf-ipcountry, cf-region, cf-timezone, "
+              "...), cf-worker, cf-ray; beside the cf- names above (found by a hostile "
+              "review: cf-cert-* and the rest were forwarded)", "cf-", prefix=True)
+    + _family(FORWARDING, "Cloudflare's leaked-credentials managed transform: the app "
+              "takes the request's password for a leaked one (found by a hostile review)",
+              "exposed-credential-check")
     + _family(FORWARDING, "the whole x-original-* family: ASP.NET Core's forwarded-headers "
               "middleware keeps the values it replaced in X-Original-For, -Proto, -Host and "
               "-Prefix (apps log and trust them as the client's), and proxies record the "
