@@ -400,7 +400,8 @@ REVIEW6_FOUND = [
     "cf-cert-verified", "cf-cert-presented", "cf-cert-revoked", "cf-cert-subject-dn",
     "cf-cert-issuer-dn", "cf-cert-subject-dn-rfc2253", "cf-cert-serial",
     "cf-cert-fingerprint-sha256", "cf-bot-score", "cf-verified-bot", "cf-threat-score",
-    "cf-ja3-hash", "cf-ja4", "cf-worker", "Exposed-Credential-Check", "x-vercel-ip-country",
+    "cf-ja3-hash", "cf-ja4", "cf-worker", "Exposed-Credential-Check", "Akamai-User-Risk",
+    "Akamai-Origin-Hop", "x-vercel-proxy-signature", "x-vercel-ip-country",
     "x-vercel-ip-city", "x-nf-geo", "X-Akamai-Edgescape", "X-Client-Geo-Location",
     "X-Client-Region", "X-Client-City",
     # ASP.NET Core's forwarded-headers originals; Elasticsearch run-as

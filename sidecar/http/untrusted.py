@@ -104,11 +104,12 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(FORWARDING, "what a CDN derived from the client's connection: its address, "
               "country, city, TLS and client certificate (CloudFront's whole family: "
               "CloudFront-Viewer-Address, -Country, -TLS, -Cert-Subject, -Cert-Issuer, "
-              "CloudFront-Is-*-Viewer, ...; Vercel x-vercel-ip-*; Netlify x-nf-*; Akamai "
+              "CloudFront-Is-*-Viewer, ...; Vercel's whole x-vercel-* family: x-vercel-ip-*, "
+              "x-vercel-proxy-signature, ...; Netlify x-nf-*; Akamai "
               "X-Akamai-Edgescape; the Google load balancer's X-Client-Geo-Location / -Region "
               "/ -City): apps geofence, rate-limit, log and authenticate by them (found by a "
               "hostile review)",
-              "cloudfront- x-vercel-ip- x-nf- x-akamai-edgescape x-client-geo- "
+              "cloudfront- x-vercel- x-nf- x-akamai-edgescape x-client-geo- "
               "x-client-region x-client-city", prefix=True)
     + _family(FORWARDING, "Cloudflare's whole family: what its edge tells the origin under "
               "cf-* -- the client certificate's verification (cf-cert-verified, "
@@ -117,6 +118,9 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "cf-ja3-hash), the visitor's location (cf-ipcountry, cf-region, cf-timezone, "
               "...), cf-worker, cf-ray; beside the cf- names above (found by a hostile "
               "review: cf-cert-* and the rest were forwarded)", "cf-", prefix=True)
+    + _family(FORWARDING, "Akamai's whole family of edge-to-origin headers (Akamai-User-Risk: "
+              "Account Protector's risk score, which apps step up or let through by; "
+              "Akamai-Origin-Hop, ...; found by a hostile review)", "akamai-", prefix=True)
     + _family(FORWARDING, "Cloudflare's leaked-credentials managed transform: the app "
               "takes the request's password for a leaked one (found by a hostile review)",
               "exposed-credential-check")
