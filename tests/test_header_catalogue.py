@@ -386,6 +386,9 @@ REVIEW6_FOUND = [
     # Kong's families beyond the names listed
     "X-Authenticated-Email", "X-Authenticated-Client-Id", "X-Credential-Key",
     "X-Anonymous-Groups",
+    # OpenSearch / Search Guard proxy authentication; the x-remote- family
+    "X-Proxy-Roles", "x-proxy-ext-department", "X-Remote-User-Group", "X-Remote-Email",
+    "X-Remote-Groups",
     # Azure, Fastly, Magento: edge and scheme headers
     "X-Azure-FDID", "X-AppService-Proto", "X-Waws-Unencoded-Url", "Fastly-SSL", "Fastly-FF",
     "SSL-Offloaded", "Fly-Forwarded-Proto", "Fly-Forwarded-Port", "Fly-Forwarded-Ssl",

@@ -204,6 +204,12 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "Apache mod_auth_openidc OIDC_CLAIM_* / OIDC_access_token (folded: oidc-*)",
               "remote- x-authentik- x-vouch- x-webauth- x-remote-extra- shib- oidc-",
               prefix=True)
+    + _family(IDENTITY, "the whole x-proxy- and x-remote- families, under names not listed "
+              "above: OpenSearch's and Search Guard's proxy authentication (x-proxy-user, "
+              "x-proxy-roles, x-proxy-ext-* attributes), the Kubernetes front-proxy's "
+              "X-Remote-User / -Group and the variants apps read next to them "
+              "(X-Remote-User-Group, -Email, -Groups; found by a hostile review)",
+              "x-proxy- x-remote-", prefix=True)
     + _family(IDENTITY, "Kong's whole identity families, under names not listed above "
               "(X-Authenticated-*, X-Credential-*, X-Anonymous-*); found by a hostile review",
               "x-authenticated- x-credential- x-anonymous-", prefix=True)
