@@ -86,12 +86,58 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "Rack, ingress-nginx, App Engine and Cloudflare names",
               "front-end-https x-arr-ssl cloudfront-forwarded-proto x-url-scheme x-scheme "
               "x-appengine-https cf-visitor")
+    + _family(FORWARDING, "more scheme headers: Fastly's Fastly-SSL, Azure App Service's "
+              "X-AppService-Proto, Magento's SSL offloader header (SSL_OFFLOADED, read as "
+              "HTTP_SSL_OFFLOADED); found by a hostile review",
+              "fastly-ssl x-appservice-proto ssl-offloaded")
+    + _family(FORWARDING, "Fly.io's scheme and port headers (Fly-Forwarded-Proto, -Port, "
+              "-Ssl; found by a hostile review)", "fly-forwarded-", prefix=True)
+    + _family(FORWARDING, "Alibaba Cloud CDN's client address (found by a hostile review)",
+              "ali-cdn-real-ip")
+    + _family(FORWARDING, "Jetty's ForwardedRequestCustomizer (Spring Boot on Jetty with "
+              "forwarded headers on): X-Proxied-Https makes the request secure, Proxy-ssl-id "
+              "and Proxy-auth-cert become its TLS session id and cipher suite (found by a hostile "
+              "review)", "x-proxied-https proxy-ssl-id proxy-auth-cert")
+    + _family(FORWARDING, "which edge the request came through: apps behind Azure Front Door "
+              "accept only their own X-Azure-FDID, apps behind Fastly trust Fastly-FF as "
+              "'came through our CDN' (found by a hostile review)", "x-azure-fdid fastly-ff")
+    + _family(FORWARDING, "what a CDN derived from the client's connection: its address, "
+              "country, city, TLS and client certificate (CloudFront's whole family: "
+              "CloudFront-Viewer-Address, -Country, -TLS, -Cert-Subject, -Cert-Issuer, "
+              "CloudFront-Is-*-Viewer, ...; Vercel's whole x-vercel-* family: x-vercel-ip-*, "
+              "x-vercel-proxy-signature, ...; Netlify x-nf-*; Akamai "
+              "X-Akamai-Edgescape; the Google load balancer's X-Client-Geo-Location / -Region "
+              "/ -City): apps geofence, rate-limit, log and authenticate by them (found by a "
+              "hostile review)",
+              "cloudfront- x-vercel- x-nf- x-akamai-edgescape x-client-geo- "
+              "x-client-region x-client-city", prefix=True)
+    + _family(FORWARDING, "Cloudflare's whole family: what its edge tells the origin under "
+              "cf-* -- the client certificate's verification (cf-cert-verified, "
+              "cf-cert-presented, cf-cert-subject-dn, ...: the 'TLS client auth' managed "
+              "transform), bot scores (cf-bot-score, cf-verified-bot, cf-threat-score, "
+              "cf-ja3-hash), the visitor's location (cf-ipcountry, cf-region, cf-timezone, "
+              "...), cf-worker, cf-ray; beside the cf- names above (found by a hostile "
+              "review: cf-cert-* and the rest were forwarded)", "cf-", prefix=True)
+    + _family(FORWARDING, "Akamai's whole family of edge-to-origin headers (Akamai-User-Risk: "
+              "Account Protector's risk score, which apps step up or let through by; "
+              "Akamai-Origin-Hop, ...; found by a hostile review)", "akamai-", prefix=True)
+    + _family(FORWARDING, "Cloudflare's leaked-credentials managed transform: the app "
+              "takes the request's password for a leaked one (found by a hostile review)",
+              "exposed-credential-check")
+    + _family(FORWARDING, "the whole x-original-* family: ASP.NET Core's forwarded-headers "
+              "middleware keeps the values it replaced in X-Original-For, -Proto, -Host and "
+              "-Prefix (apps log and trust them as the client's), and proxies record the "
+              "request before a rewrite in the others (the URL, path and method entries "
+              "above); found by a hostile review", "x-original-", prefix=True)
     + _family(OVERRIDE, "rewrite the path after routing (IIS, Symfony, Laravel, Zend, "
               "Drupal, Spring): an allowed GET /public would reach /admin",
               "x-original-url x-rewrite-url x-original-uri x-original-path x-request-uri "
               "x-envoy-original-path x-envoy-original-url x-script-name script-name "
               "x-override-url x-proxy-url x-http-destinationurl x-ms-original-url "
               "x-original-request-uri x-rewrite-path x-path-info")
+    + _family(OVERRIDE, "Azure App Service's URL as the client sent it, before decoding: "
+              "apps and IIS modules read the path from it (found by a hostile review)",
+              "x-waws-unencoded-url")
     + _family(OVERRIDE, "rewrite the method after routing (Rails, Express method-override, "
               "Spring HiddenHttpMethodFilter, Google APIs, Laravel): a GET allowed by the "
               "policy would run as DELETE",
@@ -143,6 +189,9 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(IDENTITY, "Kubernetes impersonation (Impersonate-User, -Group, -Uid, "
               "-Extra-*): an app that calls the API server with its own credentials would "
               "act as whoever the caller names", "impersonate-", prefix=True)
+    + _family(IDENTITY, "Elasticsearch's run-as header: an app that passes it on to the "
+              "cluster with its own credentials would act as whoever the caller names "
+              "(found by a hostile review)", "es-security-runas-user")
     + _family(IDENTITY, "Hasura session variables (x-hasura-role, x-hasura-user-id, ...): "
               "Hasura takes them as the caller's role and identity, and apps behind other "
               "gateways copy the convention", "x-hasura-", prefix=True)
@@ -154,6 +203,50 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "x-webauth-*, Kubernetes front-proxy x-remote-extra-*, Shibboleth shib-*, "
               "Apache mod_auth_openidc OIDC_CLAIM_* / OIDC_access_token (folded: oidc-*)",
               "remote- x-authentik- x-vouch- x-webauth- x-remote-extra- shib- oidc-",
+              prefix=True)
+    + _family(IDENTITY, "the whole x-proxy- and x-remote- families, under names not listed "
+              "above: OpenSearch's and Search Guard's proxy authentication (x-proxy-user, "
+              "x-proxy-roles, x-proxy-ext-* attributes), the Kubernetes front-proxy's "
+              "X-Remote-User / -Group and the variants apps read next to them "
+              "(X-Remote-User-Group, -Email, -Groups; found by a hostile review)",
+              "x-proxy- x-remote-", prefix=True)
+    + _family(IDENTITY, "Kong's whole identity families, under names not listed above "
+              "(X-Authenticated-*, X-Credential-*, X-Anonymous-*); found by a hostile review",
+              "x-authenticated- x-credential- x-anonymous-", prefix=True)
+    + _family(IDENTITY, "web access management agents in front of enterprise apps: "
+              "SiteMinder SM_USER, SM_USERDN, SM_UNIVERSALID, ... (Spring Security's "
+              "RequestHeaderAuthenticationFilter reads SM_USER by default), IBM WebSEAL "
+              "iv-user, iv-groups, iv-creds, iv-remote-address, Oracle Access Manager "
+              "OAM_REMOTE_USER, OAM_*, Apache mod_auth_cas CAS-User and CAS_* attributes "
+              "(found by a hostile review)", "sm- iv- oam- cas-", prefix=True)
+    + _family(IDENTITY, "SiteMinder's names without the separator (SMUSER, SMUSERDN, ...)",
+              "smuser smuserdn smuniversalid smauthtype smrealm smserversessionid "
+              "smserversessionspec smtransactionid smsession smauthreason")
+    + _family(IDENTITY, "SAML attributes as headers, under the ids of Shibboleth's default "
+              "attribute map (ShibUseHeaders On): the app takes them as the signed-in user's "
+              "(found by a hostile review)",
+              "eppn affiliation unscoped-affiliation entitlement persistent-id targeted-id "
+              "pairwise-id subject-id")
+    + _family(IDENTITY, "mod_auth_mellon's SAML attributes and name id (MELLON_NAME_ID, "
+              "MELLON_*; found by a hostile review)", "mellon-",
+              prefix=True)
+    + _family(IDENTITY, "the caller's identity as other meshes and runtimes assert it: Dapr's "
+              "dapr-caller-app-id, -namespace and dapr-callee-app-id (apps authorise callers "
+              "by them), Kuma's x-kuma-tags (the source's tags); identity-aware tunnels: "
+              "Tailscale Serve Tailscale-User-Login / -Name / -Profile-Pic, ngrok's "
+              "ngrok-auth-user-*, Teleport's Teleport-Jwt-Assertion (found by a hostile review)",
+              "dapr-caller- dapr-callee- x-kuma- tailscale- ngrok-auth- teleport-jwt-",
+              prefix=True)
+    + _family(IDENTITY, "AWS Lambda Web Adapter hands the app the API Gateway request "
+              "context (the authorizer's claims) and the Lambda context in these; API "
+              "Gateway private APIs name the VPC endpoint the request came through (found by a "
+              "hostile review)",
+              "x-amzn-request-context x-amzn-lambda-context x-amzn-vpce-id "
+              "x-amzn-vpce-config x-amzn-apigateway-api-id")
+    + _family(IDENTITY, "AWS VPC Lattice's caller identity headers (x-amzn-lattice-identity: "
+              "the SigV4 principal, its organisation, Roles Anywhere certificate names; "
+              "-network, -target): Lattice strips them from incoming requests, so apps "
+              "authorise by them (found by a hostile review)", "x-amzn-lattice-",
               prefix=True)
     + _family(IDENTITY, "serverless adapters (aws-serverless-express, serverless-http) read "
               "the API Gateway event and its authorizer claims from these",
@@ -194,6 +287,13 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "WL-Proxy-SSL, WL-Proxy-Client-IP, WL-Proxy-Client-Keysize): WebLogic takes "
               "them as the client's certificate, scheme and address", "wl-proxy-",
               prefix=True)
+    + _family(CLIENT_CERT, "the TLS version and cipher AWS ALB reports to the app "
+              "(X-Amzn-Tls-Version, X-Amzn-Tls-Cipher-Suite), like SSL_PROTOCOL and "
+              "SSL_CIPHER above (found by a hostile review)", "x-amzn-tls-", prefix=True)
+    + _family(CLIENT_CERT, "the client's certificate chain as Keycloak's reverse-proxy "
+              "certificate lookup reads it (SSL_CLIENT_CERT above, then CERT_CHAIN_0, "
+              "CERT_CHAIN_1, ...): Keycloak would log the caller in by that certificate "
+              "(found by a hostile review)", "cert-chain-", prefix=True)
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
