@@ -336,3 +336,52 @@ def test_status_annotation_constant_matches_docs() -> None:
     for event in ("webhook_listening", "webhook_review", "webhook_bad_request",
                   "webhook_cert_reloaded", "webhook_cert_reload_failed"):
         assert event in docs
+
+
+def test_a_large_review_does_not_stall_the_other_connections(tmp_path: Path) -> None:
+    """A review is pure CPU (a pod of 40,000 volumes near the 3 MiB cap: about a second). It
+    used to run on the event loop, so while it ran no other connection got an answer: the
+    kubelet's ``/healthz`` probe and every other pod's review waited (found by a hostile
+    review). Now it runs in a worker thread. While one large review is answered, another
+    connection polls ``/healthz``: the longest wait between two of its answers must be well
+    under the review's own time (a ratio of two times of the same run, not a fixed bound;
+    on the event loop the wait was the whole review)."""
+    big = pod()
+    big["spec"]["volumes"] = [{"name": f"v{i}", "emptyDir": {}} for i in range(85_000)]
+    body = review(big, uid="big")
+    assert len(body) < 3 * 1024 * 1024
+
+    async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume,
+                       _: ServingCertificate) -> None:
+        poller = await Client.connect(port, ca)
+        reviewer = await Client.connect(port, ca)
+        answers: list[float] = []
+        window: dict[str, float] = {}
+
+        async def poll() -> None:
+            while "answered" not in window:
+                reply = await poller.request("GET", "/healthz")
+                assert reply.status == 200
+                answers.append(time.monotonic())
+
+        async def big_review() -> None:
+            window["sent"] = time.monotonic()
+            reply = await reviewer.request("POST", "/mutate", body)
+            window["answered"] = time.monotonic()
+            assert reply.status == 200 and reply.json()["response"]["uid"] == "big"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            await trio.sleep(0.05)
+            nursery.start_soon(big_review)
+        took = window["answered"] - window["sent"]
+        inside = [window["sent"]] + [t for t in answers
+                                     if window["sent"] < t < window["answered"]]
+        inside.append(window["answered"])
+        longest = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+        assert took > 0.2, took  # (a review too quick to show anything: make it larger)
+        assert longest < took / 2, (longest, took, len(inside))
+        await poller.aclose()
+        await reviewer.aclose()
+
+    run_webhook(tmp_path, scenario, limits=WebhookLimits(request_timeout=30.0))
