@@ -30,6 +30,7 @@ from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
 from sidecar.errors import BadRequest, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
+from sidecar.http.body_override import BodyCheck, BodyOverrides, body_kind
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -284,10 +285,13 @@ class InboundProxy:
                     ctx.verdict = refused
                     raise refused.refusal()
             if query:  # (a method-override parameter: the method the app may run instead)
-                refused = _overridden(gate, facts, verdict, query)
+                refused = _overridden(gate, facts, verdict, method_overrides(query))
                 if refused is not None:
                     ctx.verdict = refused
                     raise refused.refusal()
+            # A POST form's override fields: read as the body goes, judged at its end.
+            check = _body_check(gate, facts, verdict, ctx, event.headers) \
+                if head.has_body and event.method == b"POST" else None
             if not self.telemetry.accepting():
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
@@ -326,7 +330,8 @@ class InboundProxy:
                 conn.credentials_end = gate.credentials_end(
                     auth, api_key_of(event.headers) if auth.apikey else None)
             return forward(client, event, headers, pool, limits, head,
-                           close=tracker.draining or conn.retiring is not None)
+                           close=tracker.draining or conn.retiring is not None,
+                           body_check=check)
 
         async def upgrade(ctx: RequestContext, event: Request, headers: Headers,
                           head: RequestHead, facts: RequestFacts, auth: AuthFacts | None,
@@ -415,20 +420,42 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
 
 
 def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
-                query: str) -> Verdict | None:
-    """The refusal when the query names a method the app may run instead of the request's
-    own (``method_overrides``: ``?_method=DELETE``) that the policy would not let the same
-    caller, with the same credentials, path and host, run itself; None when it names none or
-    only allowed ones. The request reaches the app as sent: an app that honours the override
-    runs a method the policy allows (as the headers of that kind are removed, docs/policy.md
-    ``methods``). A value that is no method is 400 (``bad_method``)."""
-    for method in method_overrides(query):
+                methods: tuple[str, ...]) -> Verdict | None:
+    """The refusal when the query (``method_overrides``: ``?_method=DELETE``) or a POST
+    form's body (``_body_check``) names a method the app may run instead of the request's
+    own that the policy would not let the same caller, with the same credentials, path and
+    host, run itself; None when it names none or only allowed ones. The request reaches the
+    app as sent: an app that honours the override runs a method the policy allows (as the
+    headers of that kind are removed, docs/policy.md ``methods``). A value that is no method
+    is 400 (``bad_method``)."""
+    for method in methods:
         if method == facts.method:
             continue
         decision = gate.judge(facts._replace(method=method), verdict.auth, time.time())
         if not decision.allowed:
             return Verdict(decision, auth=verdict.auth)
     return None
+
+
+def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
+                headers: Headers) -> BodyCheck | None:
+    """The check of a POST body's method-override fields (``sidecar.http.body_override``),
+    or None for a body no override reader reads as a form. Two Content-Type fields are
+    400: readers take either one."""
+    types = [value for name, value in headers if name == b"content-type"]
+    if len(types) > 1:
+        raise BadRequest("bad_request", "two Content-Type fields")
+    kind = body_kind(b"POST", types[0] if types else None)
+    if kind is None:
+        return None
+
+    def judge(methods: tuple[str, ...]) -> None:
+        refused = _overridden(gate, facts, verdict, methods)
+        if refused is not None:
+            ctx.verdict = refused
+            raise refused.refusal()
+
+    return BodyCheck(BodyOverrides(*kind), judge)
 
 
 def api_key_of(headers: Headers) -> bytes | None:

@@ -269,17 +269,27 @@ def method_overrides(query: str) -> tuple[str, ...]:
         name, _, value = part.partition("=")
         if not name or param_name(name) not in METHOD_OVERRIDE_PARAMS:
             continue
-        text = unquote_plus(value, errors="replace")
-        if not text:
+        upper = method_value(unquote_plus(value, errors="replace"))
+        if upper is None:
             continue
-        upper = text.upper()
-        if not text.isascii() or _METHOD.fullmatch(upper.encode("ascii")) is None:
-            raise BadRequest("bad_method", "method-override parameter")
         if upper not in found:
             if len(found) >= MAX_METHOD_OVERRIDES:  # (each is judged: bounded work)
                 raise BadRequest("bad_method", "too many method-override values")
             found.append(upper)
     return tuple(found)
+
+
+def method_value(text: str) -> str | None:
+    """The method an override parameter's decoded value names (upper-cased, as every
+    override reader does), None for an empty value (no reader runs it as one);
+    ``BadRequest("bad_method")`` for a value that is not a method the data path serves
+    (``_METHOD`` once upper-cased; ASCII only: ``str.upper`` folds ``\u017f`` to ``S``)."""
+    if not text:
+        return None
+    upper = text.upper()
+    if not text.isascii() or _METHOD.fullmatch(upper.encode("ascii")) is None:
+        raise BadRequest("bad_method", "method-override parameter")
+    return upper
 
 
 def _lists_upgrade(value: bytes) -> bool:

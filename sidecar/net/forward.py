@@ -49,6 +49,7 @@ import trio
 
 from sidecar.config.model import Limits
 from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
+from sidecar.http.body_override import BodyCheck
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
 from sidecar.http.request import RequestHead
 from sidecar.http.wire import (
@@ -390,10 +391,13 @@ async def forward(
     *,
     close: bool = False,
     opened: Callable[[], None] | None = None,
+    body_check: BodyCheck | None = None,
 ) -> Exchange:
     """Send ``request`` (with ``headers`` already rewritten) upstream and relay the response.
     ``opened``: called once an authorised upgrade's 101 reached the caller (the stream's
-    decision record is written then, not when it ends).
+    decision record is written then, not when it ends). ``body_check``: the body's
+    method-override fields are read as it goes and judged at its end, before its last byte
+    is sent (``sidecar.http.body_override``; its refusal is raised from here).
 
     ``head`` holds the checked facts (body, 100-continue, authorised upgrade: its headers are
     added here); ``close``: the sidecar is draining, this is the connection's last response.
@@ -473,7 +477,7 @@ async def forward(
             if has_body:
                 upload = _Upload(http11, max_fields)
                 early = await _send_body(client, ep, body, limits, ex, expect_continue,
-                                         upload)
+                                         upload, body_check)
             else:
                 rest = ep.flush_now(timeout=limits.body_timeout)
                 if rest is not None:
@@ -701,7 +705,8 @@ def _interim_only(client: Endpoint, ep: Endpoint, upload: _Upload) -> bool:
 
 
 async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: Limits,
-                     ex: Exchange, expect_continue: bool, upload: _Upload) -> int:
+                     ex: Exchange, expect_continue: bool, upload: _Upload,
+                     check: BodyCheck | None = None) -> int:
     """Stream the caller's body upstream: ``SENT`` when all of it went; ``EARLY_READ`` /
     ``EARLY_UNREAD`` when the upstream answered or closed before it was all sent (the rest
     is then never sent; the caller's body was / was not read to its end).
@@ -717,7 +722,15 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
     (100 Continue, 102, 103, an unknown 1xx) is no answer -- it is relayed as the response
     loop relays it, and the body goes on (found by a hostile review: any byte from the
     upstream ended the body, so an app that sent ``100 Continue`` or ``103 Early Hints``
-    while it read the body got no more of it and the caller a 504)."""
+    while it read the body got no more of it and the caller a 504).
+
+    With a ``check`` (a POST form: ``sidecar.http.body_override``) every piece is read by
+    it, and at the end ``check.finish()`` raises the refusal of an override method the
+    policy does not allow before the app has the whole body (the caller gets the refusal,
+    the app connection is closed): what is queued goes out only when the caller's bytes run
+    dry (then more of the body is still to come) or when ``FLUSH_AT`` bytes are queued,
+    which one read (``READ_SIZE``) never reaches, so the piece that ends the body is still
+    queued when its end is read."""
     if expect_continue:
         client.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
         await client.flush(timeout=limits.body_timeout)
@@ -732,6 +745,8 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
             ex.request_bytes += len(event)
             if limit and ex.request_bytes > limit:
                 raise PayloadTooLarge("body_too_large")
+            if check is not None:
+                check.feed(event)
             try:
                 for part in body.frame(event):
                     ep.queue(part)
@@ -740,6 +755,8 @@ async def _send_body(client: Endpoint, ep: Endpoint, body: BodyWriter, limits: L
             if ep.out_len >= FLUSH_AT and not await _flush_body(client, ep, limits, upload):
                 return EARLY_UNREAD
         elif event is END:
+            if check is not None:
+                check.finish()  # (before the last piece, still queued, is sent)
             ep.queue(body.end())
             return SENT if await _flush_body(client, ep, limits, upload) else EARLY_READ
         else:
