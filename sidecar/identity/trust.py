@@ -179,10 +179,26 @@ def load_bundle(trust_domain: str, path: str, *, allow_empty: bool = True) -> Tr
     without roots: that trust domain then admits nobody (its roots were withdrawn; keeping
     the last ones would trust a CA its owner removed). A file that does not parse is an
     error, and the last good roots stay. ``allow_empty=False``: a bundle without roots is
-    an error too (the own bundle, read alone: ``TlsState.with_own_roots_withdrawn``)."""
+    an error too."""
     (resolved,) = snapshot_paths(path)
     return bundle_from_certs(trust_domain, path,
                              load_roots(_read(resolved, path), path, allow_empty=allow_empty))
+
+
+def listed_roots(trust_domain: str, path: str) -> TrustBundle:
+    """The roots a bundle file lists, read but *not judged* (none of ``bundle_from_certs``'s
+    checks): what a withdrawal compares the roots in force with when the file fails to load.
+    Raise ``SvidError`` / ``OSError`` when the file does not parse or lists no root.
+
+    Withdrawing a root only ever trusts less, so it must not wait for the other roots of the
+    file to pass their checks: a bundle that removed a compromised root and added one that
+    names another trust domain, has a weak key or an undecodable name (or whose CA is in
+    another trust domain's bundle too) failed as a whole, and the removed root stayed
+    trusted (found by a hostile review)."""
+    (resolved,) = snapshot_paths(path)
+    roots = load_roots(_read(resolved, path), path, allow_empty=False)
+    return TrustBundle(trust_domain, path, tuple(roots), frozenset(
+        c.public_bytes(serialization.Encoding.DER) for c in roots))
 
 
 @dataclass(frozen=True)
