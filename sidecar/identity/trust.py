@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from sidecar.identity.spiffe import SCHEME_PREFIX
 from sidecar.identity.svid import (
@@ -236,6 +237,45 @@ def _key_der(cert: x509.Certificate) -> bytes:
         return cert.public_bytes(serialization.Encoding.DER)
 
 
+def _canonical_name(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...] | None:
+    """``name`` as OpenSSL matches a certificate's issuer to a candidate's subject
+    (``X509_NAME_cmp`` on the canonical encoding): per RDN its attributes, values in lower
+    case with runs of white space as one space and none at either end, whatever the string
+    type. (Lower-casing beyond ASCII only matches more, which makes the check stricter.)
+    None when a value cannot be read."""
+    try:
+        return tuple(tuple(sorted((attr.oid.dotted_string,
+                                   " ".join(str(attr.value).lower().split()))
+                                  for attr in rdn)) for rdn in name.rdns)
+    except Exception:  # noqa: BLE001 -- a name cryptography reads only in part
+        return None
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key made ``cert``'s signature (names not compared)."""
+    try:
+        key = issuer.public_key()
+        signature, tbs = cert.signature, cert.tbs_certificate_bytes
+        if isinstance(key, rsa.RSAPublicKey):
+            params = cert.signature_algorithm_parameters
+            sig_hash = cert.signature_hash_algorithm
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or sig_hash is None:
+                return False
+            key.verify(signature, tbs, params, sig_hash)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            ecdsa = cert.signature_algorithm_parameters
+            if not isinstance(ecdsa, ec.ECDSA):
+                return False
+            key.verify(signature, tbs, ecdsa)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, tbs)
+        else:
+            return False
+    except Exception:  # noqa: BLE001 -- InvalidSignature, or parameters it cannot read
+        return False
+    return True
+
+
 def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
     """Raise ``SvidError`` (``trust-domain-mismatch``) when one CA vouches for two trust
     domains: the same key in the bundles of two of them (one partner CA pasted into the own
@@ -253,19 +293,25 @@ def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
                     f"the CA {root.subject.rfc4514_string()[:200]} is in the bundles of trust "
                     f"domains {first} and {td}: each CA vouches for one trust domain",
                     file=bundle.path)
+    subjects = {id(root): _canonical_name(root.subject)
+                for bundle in bundles.values() for root in bundle.roots}
     for td, bundle in bundles.items():
         for cert in bundle.roots:
-            if cert.issuer == cert.subject:
+            # (A self-issued name is no reason to skip: a certificate named like the other
+            # domain's root and signed by it chains to that root all the same.)
+            issuer_name = _canonical_name(cert.issuer)
+            if issuer_name is None:
                 continue
             for other_td, other in bundles.items():
                 if other_td == td:
                     continue
                 for issuer in other.roots:
-                    if issuer.subject != cert.issuer:
-                        continue
-                    try:
-                        cert.verify_directly_issued_by(issuer)
-                    except Exception:  # noqa: BLE001 -- not its issuer
+                    # Names compared as OpenSSL compares them when it looks for an issuer, not
+                    # as cryptography does: an issuer name in another case, spacing or string
+                    # type than the root's subject chained to that root in the handshake, and
+                    # the check missed it (found by a hostile review).
+                    if subjects[id(issuer)] != issuer_name \
+                            or not _signed_by(cert, issuer):
                         continue
                     raise SvidError(
                         RULE_TRUST_DOMAIN_MISMATCH,
