@@ -38,6 +38,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.test_certs_review3 import _undecodable_root
+from tests.test_trust_domains_e2e import RogueUpstream
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -45,6 +46,8 @@ CLUSTER, PARTNER = "cluster.local", "partner.example"
 ORDERS = f"spiffe://{CLUSTER}/ns/shop/sa/orders"
 CALLER = {CLUSTER: f"spiffe://{CLUSTER}/ns/shop/sa/frontend",
           PARTNER: f"spiffe://{PARTNER}/ns/pay/sa/api"}
+UPSTREAM = {CLUSTER: f"spiffe://{CLUSTER}/ns/shop/sa/stock",
+            PARTNER: f"spiffe://{PARTNER}/ns/pay/sa/ledger"}
 CLOSE_ERRORS = (OSError, httpclient.HTTPException, ssl.SSLError)
 
 
@@ -84,9 +87,11 @@ ADDED: dict[str, Callable[[str, DevCA], x509.Certificate]] = {
 
 
 class Mesh:
-    """``orders`` (cluster.local) federating partner.example: two roots in each bundle."""
+    """``orders`` (cluster.local) federating partner.example: two roots in each bundle. Its
+    outbound listener ``up`` is pinned to an upstream of trust domain ``upstream_td`` whose
+    certificate comes from that domain's first root (the one the tests withdraw)."""
 
-    def __init__(self, tmp: Path, procs: list) -> None:
+    def __init__(self, tmp: Path, procs: list, upstream_td: str = PARTNER) -> None:
         self.tmp = tmp
         self.cas = {td: (DevCA.create(td), DevCA.create(td)) for td in (CLUSTER, PARTNER)}
         cold, cnew = self.cas[CLUSTER]
@@ -100,12 +105,21 @@ class Mesh:
         self.client_trust.write_bytes(cold.bundle_pem + cnew.bundle_pem)
         app, app_port = start_app(tmp)
         procs.append(app)
+        first = self.cas[upstream_td][0]
+        self.upstream = RogueUpstream(tmp, first.issue(UPSTREAM[upstream_td]), first)
         cfg = sidecar_config(orders, inbound={"listen": f"127.0.0.1:{free_port()}",
                                               "app": f"127.0.0.1:{app_port}",
-                                              "allow_from": list(CALLER.values())})
+                                              "allow_from": list(CALLER.values())},
+                             outbound=[{"name": "up", "listen": f"127.0.0.1:{free_port()}",
+                                        "upstream": f"127.0.0.1:{self.upstream.port}",
+                                        "identity": UPSTREAM[upstream_td]}])
         cfg["identity"]["bundle"] = str(self.files[CLUSTER])
         cfg["identity"]["trust_domains"] = {PARTNER: {"bundle": str(self.files[PARTNER])}}
-        self.srv = start_sidecar(tmp, "orders", cfg)
+        try:
+            self.srv = start_sidecar(tmp, "orders", cfg)
+        except BaseException:
+            self.upstream.close()
+            raise
         procs.append(self.srv)
         self.port = self.srv.port("inbound")
 
@@ -124,16 +138,18 @@ class Mesh:
 @pytest.mark.parametrize("td", [CLUSTER, PARTNER], ids=["own_bundle", "federated_bundle"])
 def test_a_removed_root_is_withdrawn_though_an_added_root_fails_a_check(
         tmp_path: Path, procs: list, td: str, added: str) -> None:
-    mesh = Mesh(tmp_path, procs)
+    mesh = Mesh(tmp_path, procs, td)
     old, new = mesh.cas[td]
     other = mesh.cas[PARTNER if td == CLUSTER else CLUSTER][0]
     mallory = mesh.caller(old, "mallory")  # holds the compromised root's key
     honest = mesh.caller(new, "honest")
     bystander = mesh.caller(other, "bystander")  # the other trust domain: untouched
     keep = httpclient.HTTPSConnection("127.0.0.1", mesh.port, context=mallory, timeout=5)
+    outbound = mesh.srv.port("up")
     try:
         assert http(mesh.port, "GET", "/", conn=keep).status == 200
         assert http(mesh.port, "GET", "/", ctx=honest).status == 200
+        assert http(outbound, "GET", "/").status == 200  # an upstream from that root
 
         replace_file(mesh.files[td], new.bundle_pem + _pem(ADDED[added](td, other)))
 
@@ -146,10 +162,12 @@ def test_a_removed_root_is_withdrawn_though_an_added_root_fails_a_check(
         assert mesh.refused(mallory)  # and a new one is refused
         assert http(mesh.port, "GET", "/", ctx=honest).status == 200  # the kept root holds
         assert http(mesh.port, "GET", "/", ctx=bystander).status == 200
+        assert http(outbound, "GET", "/").status == 502  # nor is it trusted as an upstream
         [event] = mesh.srv.log_events("trust_roots_withdrawn")
         assert (event["trust_domain"], event["roots"]) == (td, 1)
     finally:
         keep.close()
+        mesh.upstream.close()
 
 
 @pytest.mark.parametrize("content", ["unparseable", "another_trust_domains_roots"])
@@ -158,13 +176,17 @@ def test_a_federated_file_without_its_roots_in_force_withdraws_nothing(
     """The controls: a federated file that does not parse, or holds none of the roots in
     force and no root naming its trust domain (the wrong file), keeps the roots in force."""
     mesh = Mesh(tmp_path, procs)
-    old, new = mesh.cas[PARTNER]
-    honest = mesh.caller(old, "honest")
-    replace_file(mesh.files[PARTNER], {
-        "unparseable": b'{"keys": [{"use": "x509-svid", "x5c": ["bad"]}]}',
-        "another_trust_domains_roots": DevCA.create("other.example").bundle_pem,
-    }[content])
-    wait_for(lambda: mesh.srv.metric("sidecar_certificate_reloads_total", result="failed") >= 1,
-             timeout=15)
-    assert mesh.srv.log_events("trust_roots_withdrawn") == []
-    assert http(mesh.port, "GET", "/", ctx=honest).status == 200
+    try:
+        old, new = mesh.cas[PARTNER]
+        honest = mesh.caller(old, "honest")
+        replace_file(mesh.files[PARTNER], {
+            "unparseable": b'{"keys": [{"use": "x509-svid", "x5c": ["bad"]}]}',
+            "another_trust_domains_roots": DevCA.create("other.example").bundle_pem,
+        }[content])
+        wait_for(lambda: mesh.srv.metric("sidecar_certificate_reloads_total",
+                                         result="failed") >= 1, timeout=15)
+        assert mesh.srv.log_events("trust_roots_withdrawn") == []
+        assert http(mesh.port, "GET", "/", ctx=honest).status == 200
+        assert http(mesh.srv.port("up"), "GET", "/").status == 200
+    finally:
+        mesh.upstream.close()
