@@ -53,6 +53,7 @@ from sidecar.identity.svid import (
     RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
     RULE_PEM_INVALID,
+    RULE_SIGNER_TRUST_DOMAIN,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
@@ -104,6 +105,27 @@ def _der_not_after(der: bytes) -> float:
         if len(_not_after) >= _NOT_AFTER_MAX:
             _not_after.clear()
         _not_after[key] = got
+    return got
+
+
+# The SHA-256 of the public key of intermediates of verified chains (``_der_key_digest``), by
+# the SHA-256 of their DER: the same few sign every peer of a trust domain. Bounded: emptied
+# when full.
+_KEY_DIGEST_MAX = 256
+_key_digests: dict[bytes, bytes] = {}
+
+
+def _der_key_digest(der: bytes) -> bytes:
+    key = der_key(der)
+    got = _key_digests.get(key)
+    if got is None:
+        try:
+            got = der_key(_key_der(x509.load_der_x509_certificate(der)))
+        except Exception:  # noqa: BLE001 -- unreadable: the signing rules refuse it anyway
+            got = b""
+        if len(_key_digests) >= _KEY_DIGEST_MAX:
+            _key_digests.clear()
+        _key_digests[key] = got
     return got
 
 
@@ -328,6 +350,8 @@ class TrustStore:
     bundles: Mapping[str, TrustBundle]
     generation: int = 0
     _all_roots_pem: bytes = field(default=b"", compare=False, repr=False)
+    # The SHA-256 of each root's public key (SubjectPublicKeyInfo) -> its trust domain.
+    _root_keys: Mapping[bytes, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, own: TrustBundle, federated: Sequence[TrustBundle] = (),
@@ -345,7 +369,8 @@ class TrustStore:
             bundles[bundle.trust_domain] = bundle
         _one_domain_per_ca(bundles)
         pem = b"".join(b.pem for b in bundles.values())
-        return cls(own.trust_domain, bundles, generation, pem)
+        keys = {der_key(_key_der(root)): td for td, b in bundles.items() for root in b.roots}
+        return cls(own.trust_domain, bundles, generation, pem, keys)
 
     @property
     def all_roots_pem(self) -> bytes:
@@ -380,6 +405,7 @@ class TrustStore:
                             f"the bundle of trust domain {td} holds no root ({bundle.path})")
         if chain.verified and chain.verified[-1] in bundle.root_ders:
             check_signers(spiffe_id, chain.verified[1:-1])
+            self._no_foreign_keys(spiffe_id, td, chain.verified[1:-1])
             ends = min(_der_not_after(der) for der in chain.verified)
             if ends <= now:
                 # OpenSSL checked every member's validity at the handshake; this is a
@@ -405,6 +431,21 @@ class TrustStore:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
                             f"{spiffe_id} does not chain to a root of trust domain {td}"
                             f" ({rule})") from exc
-        check_signers(spiffe_id, [c.public_bytes(serialization.Encoding.DER)
-                                  for c in built[1:-1]])
+        signers = [c.public_bytes(serialization.Encoding.DER) for c in built[1:-1]]
+        check_signers(spiffe_id, signers)
+        self._no_foreign_keys(spiffe_id, td, signers)
         return min(c.not_valid_after_utc.timestamp() for c in built)
+
+    def _no_foreign_keys(self, spiffe_id: str, td: str, intermediates: Sequence[bytes]) -> None:
+        """Raise ``SvidError`` (``signer-trust-domain``) when an intermediate of the chain that
+        vouched for ``spiffe_id`` has the key of a root of another trust domain's bundle: that
+        domain's CA, certified by a CA of ``td`` (a cross-certificate, say from a bridge PKI),
+        issuing ``td``'s identities. It does not say so in a SPIFFE ID, so the signing rules
+        let it through, and the chain ends at a root of ``td`` (found by a hostile review:
+        the partner's CA issued ``spiffe://<own>/...``, accepted)."""
+        for der in intermediates:
+            other = self._root_keys.get(_der_key_digest(der))
+            if other is not None and other != td:
+                raise SvidError(RULE_SIGNER_TRUST_DOMAIN,
+                                f"{spiffe_id} was issued under a CA with the key of a root of "
+                                f"trust domain {other}")
