@@ -512,7 +512,8 @@ class Sidecar:
             bundle_watch = FileWatcher(
                 f"trust_domain {td}", [path],
                 load=functools.partial(load_bundle, td, path),
-                apply=self._apply_bundle, on_error=self._tls_reload_failed,
+                apply=self._apply_bundle,
+                on_error=functools.partial(self._bundle_reload_failed, td, path),
                 interval=ident.watch_interval)
             await nursery.start(bundle_watch.run)
         if cfg.policy is not None:
@@ -621,20 +622,30 @@ class Sidecar:
     def _own_reload_failed(self, exc: BaseException) -> None:
         """The own certificate set did not load: the set in force stays, except roots the
         bundle file no longer lists, which are withdrawn at once (trusting less never waits
-        for the rest of the set: ``TlsState.with_own_roots_withdrawn``)."""
+        for the rest of the set: ``TlsState.with_roots_withdrawn``)."""
         self._tls_reload_failed(exc)
+        snap = self.tls.snapshot
+        self._withdraw_unlisted(snap.trust.own, snap.svid.bundle_path)
+
+    def _bundle_reload_failed(self, trust_domain: str, path: str, exc: BaseException) -> None:
+        """A federated bundle did not load (or apply): its last good roots stay, except those
+        the file no longer lists, withdrawn at once as for the own bundle."""
+        self._tls_reload_failed(exc)
+        self._withdraw_unlisted(trust_domain, path)
+
+    def _withdraw_unlisted(self, trust_domain: str, path: str) -> None:
         try:
-            narrowed = self.tls.with_own_roots_withdrawn()
+            narrowed = self.tls.with_roots_withdrawn(trust_domain, path)
         except (SidecarError, OSError, ValueError):
-            return  # the bundle file alone does not load either: nothing is withdrawn
+            return  # the bundle file alone does not parse either: nothing is withdrawn
         if narrowed is None:
             return
         self.tls.narrow(narrowed)
-        own = narrowed.trust.bundles[narrowed.trust.own]
-        logs.log("trust_roots_withdrawn", "warning", trust_domain=own.trust_domain,
-                 roots=len(own.roots),
-                 message="roots removed from identity.bundle are no longer trusted; the own "
-                         "certificate set in force stays until one loads")
+        bundle = narrowed.trust.bundles[trust_domain]
+        logs.log("trust_roots_withdrawn", "warning", trust_domain=trust_domain,
+                 roots=len(bundle.roots),
+                 message="roots removed from the trust domain's bundle file are no longer "
+                         "trusted; its other roots stay until the file loads")
         self._trust_changed()
 
     def _tls_reload_failed(self, exc: BaseException) -> None:

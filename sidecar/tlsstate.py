@@ -32,6 +32,7 @@ from sidecar.identity.trust import (
     TrustBundle,
     TrustStore,
     bundle_from_certs,
+    listed_roots,
     load_bundle,
     names_own_domain,
 )
@@ -134,40 +135,44 @@ class TlsState:
         trust = snap.trust.with_bundle(bundle, snap.trust.generation + 1)
         return _contexts(snap.svid, trust, snap.svid_generation)
 
-    def with_own_roots_withdrawn(self) -> TlsSnapshot | None:
-        """After the own file set (certificate, key, ``identity.bundle``) failed to load: a
-        snapshot whose own trust domain keeps only those of its roots that the bundle file
-        still lists, the own certificate and key unchanged; None when the file withdrew none.
-        Raises ``SvidError`` / ``OSError`` when the bundle file alone does not load (or lists
-        no root: more likely a file caught while being written than the end of the own trust
-        domain), and the roots in force stay; they stay too when the file shares none of them.
+    def with_roots_withdrawn(self, trust_domain: str, path: str) -> TlsSnapshot | None:
+        """After a bundle file of ``trust_domain`` (the own one's, or a federated one's) failed
+        to load or to apply: a snapshot whose ``trust_domain`` keeps only those of its roots
+        that the file at ``path`` still lists; None when the file withdrew none. Raises
+        ``SvidError`` / ``OSError`` when the file does not parse (or lists no root: more
+        likely a file caught while being written than the end of the trust domain), and the
+        roots in force stay; they stay too when the file shares none of them.
 
-        Withdrawing a root only ever trusts less, so it never waits for the rest of the set:
-        a root removed in an emergency (its CA key compromised) while this sidecar's own
-        certificate still chains to it failed the whole set, and kept trusting whatever
-        that root signed (found by a hostile review). Roots the file adds wait for a set that
-        loads."""
+        Withdrawing a root only ever trusts less, so it never waits for the rest of the set,
+        nor for the file's other roots to pass their checks (``listed_roots``): a root
+        removed in an emergency (its CA key compromised) while this sidecar's own certificate
+        still chains to it failed the whole set, and kept trusting whatever that root signed
+        (found by a hostile review); so did a federated bundle, or the own one, that removed
+        it and added a root refused by a check (found by a later one). Roots the file adds
+        wait for a file that loads."""
         snap = self._snap
-        own = snap.trust.bundles[snap.trust.own]
-        listed = load_bundle(own.trust_domain, snap.svid.bundle_path, allow_empty=False)
-        kept = [root for root in own.roots
+        current = snap.trust.bundles.get(trust_domain)
+        if current is None:
+            return None
+        listed = listed_roots(trust_domain, path)
+        kept = [root for root in current.roots
                 if root.public_bytes(serialization.Encoding.DER) in listed.root_ders]
-        if len(kept) == len(own.roots):
+        if len(kept) == len(current.roots):
             return None
         if not kept and not names_own_domain(listed):
             # A file that shares no root with the bundle in force, whose roots do not name
-            # the own trust domain, is more likely the wrong file (a rotation gone wrong)
+            # the trust domain, is more likely the wrong file (a rotation gone wrong)
             # than the end of every root: it withdraws nothing, as a file without roots. A
             # single-root trust domain whose root was replaced (R1 by R2, both naming it,
             # as SPIRE's and `sidecar ca`'s do) has its old root withdrawn: the emergency
             # this is for (a review of the fix found R1 kept).
             return None
-        narrowed = bundle_from_certs(own.trust_domain, own.path, kept)
+        narrowed = bundle_from_certs(trust_domain, current.path, kept)
         trust = snap.trust.with_bundle(narrowed, snap.trust.generation + 1)
         return _contexts(snap.svid, trust, snap.svid_generation)
 
     def narrow(self, snapshot: TlsSnapshot) -> None:
-        """Make ``snapshot`` (``with_own_roots_withdrawn``) current; the failure of the set
+        """Make ``snapshot`` (``with_roots_withdrawn``) current; the failure of the set
         stays recorded (``last_error``)."""
         self._snap = snapshot
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from sidecar.identity.spiffe import SCHEME_PREFIX
 from sidecar.identity.svid import (
@@ -52,6 +53,7 @@ from sidecar.identity.svid import (
     RULE_KEY_WEAK,
     RULE_NOT_YET_VALID,
     RULE_PEM_INVALID,
+    RULE_SIGNER_TRUST_DOMAIN,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
@@ -103,6 +105,27 @@ def _der_not_after(der: bytes) -> float:
         if len(_not_after) >= _NOT_AFTER_MAX:
             _not_after.clear()
         _not_after[key] = got
+    return got
+
+
+# The SHA-256 of the public key of intermediates of verified chains (``_der_key_digest``), by
+# the SHA-256 of their DER: the same few sign every peer of a trust domain. Bounded: emptied
+# when full.
+_KEY_DIGEST_MAX = 256
+_key_digests: dict[bytes, bytes] = {}
+
+
+def _der_key_digest(der: bytes) -> bytes:
+    key = der_key(der)
+    got = _key_digests.get(key)
+    if got is None:
+        try:
+            got = der_key(_key_der(x509.load_der_x509_certificate(der)))
+        except Exception:  # noqa: BLE001 -- unreadable: the signing rules refuse it anyway
+            got = b""
+        if len(_key_digests) >= _KEY_DIGEST_MAX:
+            _key_digests.clear()
+        _key_digests[key] = got
     return got
 
 
@@ -179,10 +202,26 @@ def load_bundle(trust_domain: str, path: str, *, allow_empty: bool = True) -> Tr
     without roots: that trust domain then admits nobody (its roots were withdrawn; keeping
     the last ones would trust a CA its owner removed). A file that does not parse is an
     error, and the last good roots stay. ``allow_empty=False``: a bundle without roots is
-    an error too (the own bundle, read alone: ``TlsState.with_own_roots_withdrawn``)."""
+    an error too."""
     (resolved,) = snapshot_paths(path)
     return bundle_from_certs(trust_domain, path,
                              load_roots(_read(resolved, path), path, allow_empty=allow_empty))
+
+
+def listed_roots(trust_domain: str, path: str) -> TrustBundle:
+    """The roots a bundle file lists, read but *not judged* (none of ``bundle_from_certs``'s
+    checks): what a withdrawal compares the roots in force with when the file fails to load.
+    Raise ``SvidError`` / ``OSError`` when the file does not parse or lists no root.
+
+    Withdrawing a root only ever trusts less, so it must not wait for the other roots of the
+    file to pass their checks: a bundle that removed a compromised root and added one that
+    names another trust domain, has a weak key or an undecodable name (or whose CA is in
+    another trust domain's bundle too) failed as a whole, and the removed root stayed
+    trusted (found by a hostile review)."""
+    (resolved,) = snapshot_paths(path)
+    roots = load_roots(_read(resolved, path), path, allow_empty=False)
+    return TrustBundle(trust_domain, path, tuple(roots), frozenset(
+        c.public_bytes(serialization.Encoding.DER) for c in roots))
 
 
 @dataclass(frozen=True)
@@ -220,6 +259,45 @@ def _key_der(cert: x509.Certificate) -> bytes:
         return cert.public_bytes(serialization.Encoding.DER)
 
 
+def _canonical_name(name: x509.Name) -> tuple[tuple[tuple[str, str], ...], ...] | None:
+    """``name`` as OpenSSL matches a certificate's issuer to a candidate's subject
+    (``X509_NAME_cmp`` on the canonical encoding): per RDN its attributes, values in lower
+    case with runs of white space as one space and none at either end, whatever the string
+    type. (Lower-casing beyond ASCII only matches more, which makes the check stricter.)
+    None when a value cannot be read."""
+    try:
+        return tuple(tuple(sorted((attr.oid.dotted_string,
+                                   " ".join(str(attr.value).lower().split()))
+                                  for attr in rdn)) for rdn in name.rdns)
+    except Exception:  # noqa: BLE001 -- a name cryptography reads only in part
+        return None
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key made ``cert``'s signature (names not compared)."""
+    try:
+        key = issuer.public_key()
+        signature, tbs = cert.signature, cert.tbs_certificate_bytes
+        if isinstance(key, rsa.RSAPublicKey):
+            params = cert.signature_algorithm_parameters
+            sig_hash = cert.signature_hash_algorithm
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or sig_hash is None:
+                return False
+            key.verify(signature, tbs, params, sig_hash)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            ecdsa = cert.signature_algorithm_parameters
+            if not isinstance(ecdsa, ec.ECDSA):
+                return False
+            key.verify(signature, tbs, ecdsa)
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, tbs)
+        else:
+            return False
+    except Exception:  # noqa: BLE001 -- InvalidSignature, or parameters it cannot read
+        return False
+    return True
+
+
 def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
     """Raise ``SvidError`` (``trust-domain-mismatch``) when one CA vouches for two trust
     domains: the same key in the bundles of two of them (one partner CA pasted into the own
@@ -237,19 +315,25 @@ def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
                     f"the CA {root.subject.rfc4514_string()[:200]} is in the bundles of trust "
                     f"domains {first} and {td}: each CA vouches for one trust domain",
                     file=bundle.path)
+    subjects = {id(root): _canonical_name(root.subject)
+                for bundle in bundles.values() for root in bundle.roots}
     for td, bundle in bundles.items():
         for cert in bundle.roots:
-            if cert.issuer == cert.subject:
+            # (A self-issued name is no reason to skip: a certificate named like the other
+            # domain's root and signed by it chains to that root all the same.)
+            issuer_name = _canonical_name(cert.issuer)
+            if issuer_name is None:
                 continue
             for other_td, other in bundles.items():
                 if other_td == td:
                     continue
                 for issuer in other.roots:
-                    if issuer.subject != cert.issuer:
-                        continue
-                    try:
-                        cert.verify_directly_issued_by(issuer)
-                    except Exception:  # noqa: BLE001 -- not its issuer
+                    # Names compared as OpenSSL compares them when it looks for an issuer, not
+                    # as cryptography does: an issuer name in another case, spacing or string
+                    # type than the root's subject chained to that root in the handshake, and
+                    # the check missed it (found by a hostile review).
+                    if subjects[id(issuer)] != issuer_name \
+                            or not _signed_by(cert, issuer):
                         continue
                     raise SvidError(
                         RULE_TRUST_DOMAIN_MISMATCH,
@@ -266,6 +350,8 @@ class TrustStore:
     bundles: Mapping[str, TrustBundle]
     generation: int = 0
     _all_roots_pem: bytes = field(default=b"", compare=False, repr=False)
+    # The SHA-256 of each root's public key (SubjectPublicKeyInfo) -> its trust domain.
+    _root_keys: Mapping[bytes, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, own: TrustBundle, federated: Sequence[TrustBundle] = (),
@@ -283,7 +369,8 @@ class TrustStore:
             bundles[bundle.trust_domain] = bundle
         _one_domain_per_ca(bundles)
         pem = b"".join(b.pem for b in bundles.values())
-        return cls(own.trust_domain, bundles, generation, pem)
+        keys = {der_key(_key_der(root)): td for td, b in bundles.items() for root in b.roots}
+        return cls(own.trust_domain, bundles, generation, pem, keys)
 
     @property
     def all_roots_pem(self) -> bytes:
@@ -318,6 +405,7 @@ class TrustStore:
                             f"the bundle of trust domain {td} holds no root ({bundle.path})")
         if chain.verified and chain.verified[-1] in bundle.root_ders:
             check_signers(spiffe_id, chain.verified[1:-1])
+            self._no_foreign_keys(spiffe_id, td, chain.verified[1:-1])
             ends = min(_der_not_after(der) for der in chain.verified)
             if ends <= now:
                 # OpenSSL checked every member's validity at the handshake; this is a
@@ -343,6 +431,21 @@ class TrustStore:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH,
                             f"{spiffe_id} does not chain to a root of trust domain {td}"
                             f" ({rule})") from exc
-        check_signers(spiffe_id, [c.public_bytes(serialization.Encoding.DER)
-                                  for c in built[1:-1]])
+        signers = [c.public_bytes(serialization.Encoding.DER) for c in built[1:-1]]
+        check_signers(spiffe_id, signers)
+        self._no_foreign_keys(spiffe_id, td, signers)
         return min(c.not_valid_after_utc.timestamp() for c in built)
+
+    def _no_foreign_keys(self, spiffe_id: str, td: str, intermediates: Sequence[bytes]) -> None:
+        """Raise ``SvidError`` (``signer-trust-domain``) when an intermediate of the chain that
+        vouched for ``spiffe_id`` has the key of a root of another trust domain's bundle: that
+        domain's CA, certified by a CA of ``td`` (a cross-certificate, say from a bridge PKI),
+        issuing ``td``'s identities. It does not say so in a SPIFFE ID, so the signing rules
+        let it through, and the chain ends at a root of ``td`` (found by a hostile review:
+        the partner's CA issued ``spiffe://<own>/...``, accepted)."""
+        for der in intermediates:
+            other = self._root_keys.get(_der_key_digest(der))
+            if other is not None and other != td:
+                raise SvidError(RULE_SIGNER_TRUST_DOMAIN,
+                                f"{spiffe_id} was issued under a CA with the key of a root of "
+                                f"trust domain {other}")
