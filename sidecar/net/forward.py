@@ -582,8 +582,7 @@ async def forward(
                         raise PeerClosed("upstream_closed_mid_body")
             except ParseError as exc:
                 raise ProtocolViolation(exc.reason) from exc
-            if upgrade or (has_body and (early or status >= 400
-                                         or not pool.reuse_after_body)):
+            if has_body and (early or status >= 400 or not pool.reuse_after_body):
                 # Whatever the upstream did not read of the body would be the next request
                 # it reads on this connection. So the connection is never reused when the
                 # upstream answered before it had the whole request (``early``), nor after
@@ -598,13 +597,6 @@ async def forward(
                 # answer the next request of the same local workload, the one caller of an
                 # outbound listener, which could send that request itself; and closing
                 # would cost a TLS handshake per request with a body.
-                # Nor after an upgrade request the upstream declined (any final answer but
-                # 101): RFC 9110 7.8 lets it go on with HTTP/1.1, but nothing on the wire
-                # says it did -- Node's http server hands the socket of every upgrade
-                # request to its ``upgrade`` listener and never parses HTTP there again,
-                # whatever that listener answers (found by a hostile review: pooled, the
-                # next caller's request got no answer, a 504, or the declined stream's bytes
-                # as its answer). A declined upgrade costs a new connection.
                 await trio.aclose_forcefully(ep.stream)
                 if early == EARLY_UNREAD:
                     # The caller may still be sending its body, and a caller that reads
@@ -620,11 +612,22 @@ async def forward(
                 # user the first one had authenticated). It is kept for this client's next
                 # request only, as HAProxy and Envoy keep such connections private, and
                 # closed when the client connection ends (``request_loop``).
+                # (A declined upgrade on it too: whatever the app does with that connection
+                # afterwards reaches this client only.)
                 if solo and keep and ep.reader.reusable():
                     ep.bytes_in = ep.bytes_out = 0
                     client.private = ep
                 else:
                     await trio.aclose_forcefully(ep.stream)
+            elif upgrade:
+                # An upgrade request the upstream declined (any final answer but 101): RFC
+                # 9110 7.8 lets it go on with HTTP/1.1, but nothing on the wire says it did --
+                # Node's http server hands the socket of every upgrade request to its
+                # ``upgrade`` listener and never parses HTTP there again, whatever that
+                # listener answers (found by a hostile review: pooled, the next caller's
+                # request got no answer, a 504, or the declined stream's bytes as its
+                # answer). Never pooled; a declined upgrade costs a new connection.
+                await trio.aclose_forcefully(ep.stream)
             elif not pool.keep(ep):  # (``pool.release`` without a coroutine when kept)
                 await trio.aclose_forcefully(ep.stream)
             return ex
