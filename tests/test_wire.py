@@ -334,7 +334,11 @@ def read_strict(data: bytes, *, requests: bool = True, method: bytes = b"GET", s
                 elif ev is END:
                     first = head.method if requests else head.status
                     second = head.target if requests else head.reason
-                    return (first, second, head.version, head.headers, bytes(body),
+                    # h11 hands out a Transfer-Encoding value in lower case; the reader keeps
+                    # it as sent (the field is hop-by-hop, never forwarded): compared so.
+                    headers = [(n, v.lower() if n == b"transfer-encoding" else v)
+                               for n, v in head.headers]
+                    return (first, second, head.version, headers, bytes(body),
                             reader.trailing() + data[fed:])
     except ParseError as exc:
         raise Refused(exc.reason) from exc
