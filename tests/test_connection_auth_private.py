@@ -203,3 +203,16 @@ def test_a_connection_that_asked_for_proxy_authentication_is_never_reused(
         assert got == 200 and b"user=alice" not in body, body
     finally:
         a.close()
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("challenge", sorted(CHALLENGES))
+def test_a_declined_upgrade_that_offered_the_handshake_stays_the_callers(
+        mesh: Mesh, side: str, challenge: str) -> None:
+    """A WebSocket upgrade answered with an NTLM/Negotiate challenge (IIS with Windows
+    authentication): the app connection is not pooled -- no upgrade declined is -- but it
+    stays the caller's, whose next step of the handshake needs it (closing it, as a declined
+    upgrade's pooled connection is closed, would end every such handshake)."""
+    _assert_private(mesh, side, f"GET /challenge/{challenge} HTTP/1.1\r\n".encode() + H
+                    + b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+                    CHALLENGES[challenge][0])

@@ -662,3 +662,60 @@ def test_only_a_safe_request_unanswered_is_sent_twice(rig: Rig, side: str, metho
     seen = app.paths.count(path)
     want = 2 if method in RETRIED and case == "closed_unanswered" else 1
     assert seen == want, (seen, want)
+
+
+# An upgrade request the upstream declines (any final status but 101): RFC 9110 7.8 lets a
+# server go on with HTTP/1.1, but nothing on the wire says it did. Node's http server hands
+# the socket of every upgrade request to its ``upgrade`` listener and never parses HTTP on it
+# again, whatever that listener answers; a listener that declines with an answer that can be
+# kept alive and does not close leaves a connection that reads no more requests ("silent":
+# the next request there is never answered) or that carries the declined stream's own bytes
+# ("speaks": whatever it writes once it reads becomes the next request's answer). Found by a
+# hostile review: the connection went back to the pool, and the next caller's request -- a
+# new client connection -- got a 504, or the declined stream's bytes as its answer.
+_DECLINES: dict[str, bytes] = {
+    "200_length_0": _head(OK, b"Content-Length: 0"),
+    "200_body": _head(OK, CL2, body=b"no"),
+    "400_chunked": _head(b"HTTP/1.1 400 Bad Request", TE, body=b"2\r\nno\r\n0\r\n\r\n"),
+    "401_length_0": _head(b"HTTP/1.1 401 Unauthorized", b"Content-Length: 0"),
+    "403_body": _head(b"HTTP/1.1 403 Forbidden", CL2, body=b"no"),
+    "426_length_0": _head(b"HTTP/1.1 426 Upgrade Required", b"Upgrade: websocket",
+                          b"Connection: upgrade", b"Content-Length: 0"),
+}
+
+
+def _declined_then(answer: bytes, speaks: bool) -> Script:
+    """An upgrade listener that declines with ``answer`` and keeps the socket as its own:
+    it never parses HTTP there again; ``speaks``: it writes its stream's bytes (here an
+    answer-shaped ``EVIL``) whenever it reads some."""
+    def run(sock: socket.socket) -> bool:
+        sock.sendall(answer)
+        sock.settimeout(8)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                if speaks:
+                    sock.sendall(EVIL)
+        return True
+    return run
+
+
+DECLINED = [(name, speaks) for name in sorted(_DECLINES) for speaks in (False, True)]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize(("case", "speaks"), DECLINED,
+                         ids=[f"{c}-{'speaks' if s else 'silent'}" for c, s in DECLINED])
+def test_a_declined_upgrade_leaves_no_connection_for_the_next_caller(
+        rig: Rig, side: str, case: str, speaks: bool) -> None:
+    path = f"/declined/{case}/{speaks}/{time.monotonic_ns()}"
+    rig.scripts[path] = _declined_then(_DECLINES[case], speaks)
+    out, _ = _send(rig, side, b"GET " + path.encode() + b" HTTP/1.1\r\nHost: orders\r\n"
+                   b"Connection: upgrade, close\r\nUpgrade: websocket\r\n\r\n", timeout=3)
+    status = _DECLINES[case].split(b" ", 2)[1]
+    assert out.startswith(b"HTTP/1.1 " + status + b" "), out[:300]
+    # The next caller (a new client connection) gets its own answer, at once.
+    t0 = time.monotonic()
+    out, _ = _send(rig, side, _get(f"/after-declined/{case}"), timeout=5)
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\nok"), out[:300]
+    assert b"EVIL" not in out
+    assert time.monotonic() - t0 < 2.5

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.http import wire
@@ -334,7 +334,11 @@ def read_strict(data: bytes, *, requests: bool = True, method: bytes = b"GET", s
                 elif ev is END:
                     first = head.method if requests else head.status
                     second = head.target if requests else head.reason
-                    return (first, second, head.version, head.headers, bytes(body),
+                    # h11 hands out a Transfer-Encoding value in lower case; the reader keeps
+                    # it as sent (the field is hop-by-hop, never forwarded): compared so.
+                    headers = [(n, v.lower() if n == b"transfer-encoding" else v)
+                               for n, v in head.headers]
+                    return (first, second, head.version, headers, bytes(body),
                             reader.trailing() + data[fed:])
     except ParseError as exc:
         raise Refused(exc.reason) from exc
@@ -496,6 +500,9 @@ def test_request_shaped_inputs_never_more_lenient_than_h11(start, pieces, eof):
        version=st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 ", b"HTTP/2.0 ", b"http/1.1 "]),
        pieces=st.lists(st.sampled_from(_PIECES), max_size=14),
        method=st.sampled_from([b"GET", b"HEAD"]), eof=st.booleans())
+# (h11 lower-cases a Transfer-Encoding value; the reader keeps it as sent: found failing)
+@example(status=b"200 OK", version=b"HTTP/1.1 ", pieces=[b"Transfer-Encoding: Chunked\r\n",
+                                                         b"\r\n\r\n"], method=b"HEAD", eof=False)
 def test_response_shaped_inputs_never_more_lenient_than_h11(status, version, pieces, method,
                                                              eof):
     data = version + status + b"\r\n" + b"".join(pieces)

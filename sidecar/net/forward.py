@@ -616,11 +616,22 @@ async def forward(
                 # user the first one had authenticated). It is kept for this client's next
                 # request only, as HAProxy and Envoy keep such connections private, and
                 # closed when the client connection ends (``request_loop``).
+                # (A declined upgrade on it too: whatever the app does with that connection
+                # afterwards reaches this client only.)
                 if solo and keep and ep.reader.reusable():
                     ep.bytes_in = ep.bytes_out = 0
                     client.private = ep
                 else:
                     await trio.aclose_forcefully(ep.stream)
+            elif upgrade:
+                # An upgrade request the upstream declined (any final answer but 101): RFC
+                # 9110 7.8 lets it go on with HTTP/1.1, but nothing on the wire says it did --
+                # Node's http server hands the socket of every upgrade request to its
+                # ``upgrade`` listener and never parses HTTP there again, whatever that
+                # listener answers (found by a hostile review: pooled, the next caller's
+                # request got no answer, a 504, or the declined stream's bytes as its
+                # answer). Never pooled; a declined upgrade costs a new connection.
+                await trio.aclose_forcefully(ep.stream)
             elif not pool.keep(ep):  # (``pool.release`` without a coroutine when kept)
                 await trio.aclose_forcefully(ep.stream)
             return ex
