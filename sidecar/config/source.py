@@ -49,7 +49,8 @@ from typing import Any
 import yaml
 
 from sidecar.config.values import parse_address, parse_duration, parse_timestamp
-from sidecar.errors import ConfigError, Problem, printable
+from sidecar.errors import ConfigError, Problem
+from sidecar.errors import printable as printable  # re-exported (sidecar.output, tests)
 
 Path = tuple[str | int, ...]
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
