@@ -6,6 +6,8 @@ holds. Both went raw into ``error:`` / ``warning:`` lines (a hostile review: a f
 ``x<ESC>]0;...<BEL>.yaml`` in a policy directory, or ``jwks_file: "\\e[2J..."``, retitled
 or cleared the reviewer's terminal through ``policy check``, ``policy lint`` and
 ``sidecar check``), though key and value escapes were promised for every problem message.
+The paths a config names went raw too, into ``sidecar check``'s findings and hints, ``run
+--check`` and ``run``'s ``cannot start`` line; a line feed in one printed a line of its own.
 
 The family (``FAMILY`` of test_output_escapes: every C0 and C1 control, DEL, every Unicode
 format, line and paragraph separator character; NUL and ``/`` cannot be in a file name) is
@@ -119,3 +121,34 @@ def test_a_policy_check_on_a_glob_of_hostile_names_escapes_its_summary(tmp_path:
         done = sidecar_cli(*command, str(directory / name))
         assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr[-500:]
         _assert_names_shown(done.stdout + done.stderr, " ".join(command), [name])
+
+
+def _hostile_config(tmp: Path) -> tuple[str, list[str]]:
+    """A config whose file paths (certificate, key, bundle, policy files, audit directory)
+    hold the family, as YAML escapes; none of them exists. Returns it and the paths."""
+    names = [str(tmp / f"BEGIN{''.join(chunk)}FORGED") for chunk in CHUNKS]
+    assert len(names) >= 6
+    cfg = {"identity": {"cert": names[0], "key": names[1], "bundle": names[2]},
+           "inbound": {"listen": "127.0.0.1:0", "app": "127.0.0.1:9"},
+           "policy": [names[3], names[5]], "audit": {"path": names[4]},
+           "admin": {"listen": ""}}
+    path = tmp / "hostile.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert path.read_text().isascii()
+    return str(path), names
+
+
+@pytest.mark.parametrize("command", [("check", "--offline", "--no-ports", "-c"),
+                                     ("run", "--check", "-c"), ("run", "-c")])
+def test_config_checks_and_the_start_escape_the_paths_the_config_names(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    """``sidecar check`` findings and hints, ``run --check`` and ``run``'s ``cannot start``
+    quoted the config's paths raw (found by a hostile review)."""
+    path, names = _hostile_config(tmp_path)
+    done = sidecar_cli(*command, path)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out
+    # Log lines (JSON, ASCII) aside: what is written for a person.
+    text = "\n".join(line for line in out.splitlines() if not line.startswith("{"))
+    _assert_names_shown(text, " ".join(command), names[:1])
