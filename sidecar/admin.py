@@ -31,6 +31,7 @@ Both report their real port through ``task_status.started(port)`` once listening
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -56,6 +57,11 @@ HEALTH_LIMITS = ServerLimits(head_timeout=2.0, max_requests_per_connection=1,
                              max_connections=256, keep_alive=False)
 BASE_HEADERS = (("cache-control", "no-store"), ("x-content-type-options", "nosniff"),
                 ("server", "trio-mesh-sidecar"))
+
+# /tap's numbers, in ASCII decimal digits only: ``int``/``float`` also take ``1_0``, spaces
+# around, other scripts' digits (``%D9%A3``) and ``nan``; such a query is a 400.
+_AFTER = re.compile(r"[0-9]{1,20}")
+_WAIT = re.compile(r"[-+]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][-+]?[0-9]{1,4})?")
 
 Route = Callable[..., Awaitable[Reply]]  # (path without query[, query]) -> reply
 
@@ -94,13 +100,20 @@ async def tap_reply(tap: Any, query: str) -> Reply:
     from urllib.parse import parse_qs
 
     try:
-        params = parse_qs(query, max_num_fields=4)
-        after = int(params["after"][0]) if "after" in params else None
-        wait = float(params.get("wait", ["1"])[0])
+        params = parse_qs(query, keep_blank_values=True, max_num_fields=4)
+        if any(len(params.get(name, ())) > 1 for name in ("after", "wait")):
+            return Reply.error(400)  # one value each: which one counts is no guess
+        raw_after = params["after"][0] if "after" in params else None
+        raw_wait = params.get("wait", ["1"])[0]
+        if (raw_after is not None and not _AFTER.fullmatch(raw_after)) \
+                or not _WAIT.fullmatch(raw_wait):
+            return Reply.error(400)
+        after = int(raw_after) if raw_after is not None else None
+        wait = float(raw_wait)
     except (ValueError, IndexError):
         return Reply.error(400)
-    if (after is not None and after < 0) or not math.isfinite(wait):
-        return Reply.error(400)  # sequence numbers start at 0; a wait is a number of seconds
+    if not math.isfinite(wait):
+        return Reply.error(400)  # a wait is a number of seconds
     wait = min(max(wait, 0.0), tap.MAX_WAIT)
     tap.watch()
     if after is not None:

@@ -59,6 +59,7 @@ from sidecar.net.pool import UpstreamPool
 from sidecar.net.resolve import install as install_resolver
 from sidecar.net.transport import SocketTransport
 from sidecar.outbound import OutboundProxy
+from sidecar.output import safe_lines
 from sidecar.refusals import RefusalThinner
 from sidecar.reload import (
     IGNORED_SIGNALS,
@@ -699,7 +700,7 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
         try:
             sidecar = Sidecar(cfg, worker_index=worker_index)
         except (SidecarError, OSError, ValueError) as exc:  # SvidError: bad certificate files
-            print(f"sidecar: cannot start: {exc}", file=sys.stderr)
+            print("sidecar: cannot start: " + "\n".join(safe_lines(exc)), file=sys.stderr)
             return 2
         sidecar.workers = children
         failed: list[BaseException] = []
@@ -710,7 +711,7 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
     finally:
         _stop_children(children)
     if failed:
-        print(f"sidecar: cannot start: {failed[0]}", file=sys.stderr)
+        print("sidecar: cannot start: " + "\n".join(safe_lines(failed[0])), file=sys.stderr)
         return 2
     return 0
 

@@ -52,7 +52,7 @@ import trio
 from sidecar.config.source import read_regular
 from sidecar.ctlhttp.client import ClientError, Target, parse_url, request
 from sidecar.jsondoc import read_json
-from sidecar.output import add_output_flag, emit, paint, use_colour
+from sidecar.output import Lines, add_output_flag, emit, paint, safe, safe_lines, use_colour
 
 Status = Literal["ok", "warn", "fail", "skip"]
 MARKS: dict[str, str] = {"ok": "[ok]  ", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
@@ -104,7 +104,7 @@ def _problems(exc: Any) -> str:
     lines = [str(p) for p in getattr(exc, "problems", [])] or [str(exc)]
     more = len(lines) - MAX_DETAIL_LINES
     shown = lines[:MAX_DETAIL_LINES] + ([f"... and {more} more"] if more > 0 else [])
-    return "\n".join(shown)
+    return Lines("\n".join(safe(line) for line in shown))
 
 
 # --- identity ---------------------------------------------------------------------------------
@@ -786,12 +786,15 @@ def render_table(results: list[CheckResult], colour: bool) -> str:
         if r.group != group:
             group = r.group
             lines.append(paint(group, "bold", colour))
-        detail = r.detail.splitlines()
+        # Details and hints quote the config's values (file paths): each line ``safe``.
+        detail = safe_lines(r.detail) if r.detail else []
         first = f": {detail[0]}" if detail else ""
-        lines.append(f"  {paint(MARKS[r.status], meaning[r.status], colour)} {r.title}{first}")
+        lines.append(f"  {paint(MARKS[r.status], meaning[r.status], colour)} "
+                     f"{safe(r.title)}{first}")
         lines.extend(f"           {d}" for d in detail[1:])
         if r.hint:
-            lines.append(f"           hint: {r.hint}")
+            lines.extend(f"           {'hint: ' if i == 0 else ''}{h}"
+                         for i, h in enumerate(safe_lines(r.hint)))
     failed = sum(r.status == "fail" for r in results)
     warned = sum(r.status == "warn" for r in results)
     verdict = (paint(f"{failed} check(s) failed", "fail", colour) if failed

@@ -49,9 +49,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from sidecar.check import run_check_errors
 
         failures = run_check_errors(args.config)
+        from sidecar.output import safe, safe_lines
+
         for f in failures:
-            detail = f.detail.replace("\n", "\n  ")
-            print(f"sidecar: {f.title}: {detail}\n  hint: {f.hint}", file=sys.stderr)
+            # The details quote the config's values (file paths): each line ``safe``.
+            detail = "\n  ".join(safe_lines(f.detail))
+            hint = "\n  ".join(safe_lines(f.hint))
+            print(f"sidecar: {safe(f.title)}: {detail}\n  hint: {hint}", file=sys.stderr)
         if failures:
             return 2
         print(f"{args.config}: ok")

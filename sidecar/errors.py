@@ -30,6 +30,17 @@ _GENERIC_BODY: dict[int, str] = {
 }
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
+    overrides, line separators) written as its escape: a key or value from a file goes into
+    messages on a terminal and in CI logs, where ``\\x1b]0;...`` or U+202E would act.
+    Already printable text (an escape written before included) is returned unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def generic_body(status: int) -> str:
     """The only text a client ever sees for an error status."""
     return _GENERIC_BODY.get(status, "error")
@@ -126,9 +137,12 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        key = f" {self.key}:" if self.key else ""
-        return f"{where}:{key} {self.message}"
+        # Every part as printable text: the file's name comes from a directory listing (a
+        # policy set) and the message may quote a value; either may hold a terminal escape.
+        file = printable(self.file)
+        where = f"{file}:{self.line}" if self.line else file
+        key = f" {printable(self.key)}:" if self.key else ""
+        return f"{where}:{key} {printable(self.message)}"
 
 
 class ConfigError(SidecarError):

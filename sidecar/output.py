@@ -94,6 +94,24 @@ def safe(value: object) -> str:
     return printable(str(value))
 
 
+class Lines(str):
+    """Text whose line feeds are its layout (one problem a line, each made printable where
+    it was written): ``safe_lines`` keeps them as line breaks."""
+
+
+def safe_lines(text: object) -> list[str]:
+    """``text`` as lines for a person, each ``safe``: split at its line feeds only when it is
+    ``Lines`` (or a ``ConfigError``, whose lines are its problems); any other text is one
+    line, a line feed a value brought in written ``\\n`` -- a path holding one could
+    otherwise print a line of its own under the finding, a CR, control or bidi override
+    act on the terminal."""
+    from sidecar.errors import ConfigError
+
+    if isinstance(text, Lines | ConfigError):
+        return [safe(line) for line in str(text).split("\n")]
+    return [safe(text)]
+
+
 # Cell starts a spreadsheet takes for a formula (OWASP, "CSV Injection"): such a cell gets
 # a leading ``'`` so it is shown as text. Tab and CR are escaped by ``safe`` anyway.
 CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -189,7 +189,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
            "changed": [c.as_dict() for c in changes]}
 
     def table() -> str:
-        lines = [f"replayed {count} request records under {label} "
+        lines = [f"replayed {count} request records under {safe(label)} "
                  f"(version {policy.version[:12]}): {len(changes)} would change"]
         for c in changes:
             r = c.record

@@ -218,6 +218,36 @@ def test_admin_tap_endpoint_rejects_bad_queries(orders):
     assert http(port, "POST", "/tap").status == 405
 
 
+# /tap's numbers in spellings Python's int()/float() take but that are no ASCII decimal
+# number, an empty value, or a parameter given twice (found by a hostile review: each was
+# answered 200, the first of two values silently winning): every one is a 400.
+TAP_BAD_QUERIES = (
+    "after=1_0", "after=+1", "after=%201", "after=1%20", "after=%D9%A3", "after=%EF%BC%91",
+    "after=0x1", "after=1.0", "after=", "after=1&after=2", "wait=1_0&after=0",
+    "wait=%201&after=0", "wait=%D9%A3&after=0", "wait=&after=0", "wait=nan&after=0",
+    "wait=infinity&after=0", "wait=1e999&after=0", "wait=0x1&after=0", "wait=1&wait=2",
+    "after=1&wait=1&after=2", "after=" + "9" * 21,
+)
+TAP_GOOD_QUERIES = ("", "after=0", "after=0&wait=0", "after=3&wait=0.05", "wait=0&after=3",
+                    "after=0&wait=1e-3", "after=0&wait=-1", "after=0&wait=.01",
+                    "after=0&wait=1e308&x=y")
+
+
+def test_admin_tap_endpoint_refuses_every_odd_number_spelling(orders):
+    proc, _, _ = orders
+    port = proc.port("admin")
+    for query in TAP_BAD_QUERIES:
+        answer = http(port, "GET", f"/tap?{query}")
+        assert answer.status == 400, query
+        assert answer.body == b"bad request\n", query
+    for query in TAP_GOOD_QUERIES:
+        answer = http(port, "GET", f"/tap?{query}" if query else "/tap")
+        assert answer.status == 200, query
+        assert answer.json()["seq"] >= 0
+    assert "internal_error" not in proc.output() and "admin_request_failed" not in proc.output()
+    assert "Traceback" not in proc.output()
+
+
 def test_refusals_carry_canonical_reason_phrases(orders):
     from http import HTTPStatus
 

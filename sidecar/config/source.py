@@ -50,6 +50,7 @@ import yaml
 
 from sidecar.config.values import parse_address, parse_duration, parse_timestamp
 from sidecar.errors import ConfigError, Problem
+from sidecar.errors import printable as printable  # re-exported (sidecar.output, tests)
 
 Path = tuple[str | int, ...]
 MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
@@ -156,16 +157,6 @@ def format_path(path: Path) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
-
-
-def printable(text: str) -> str:
-    """``text`` with every character that is not printable (C0 and C1 controls, DEL, bidi
-    overrides, line separators) written as its escape: a key or value from a file goes into
-    messages on a terminal and in CI logs, where ``\\x1b]0;...`` or U+202E would act."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def shown(text: str, most: int = MAX_SHOWN_MESSAGE) -> str:

@@ -7,6 +7,7 @@ Shared by ``sidecar.k8s.cli`` (the ``sidecar`` subcommands) and ``sidecar.k8s.we
 from __future__ import annotations
 
 import argparse
+import re
 
 from sidecar.cli import seconds
 from sidecar.k8s.inject import InjectOptions
@@ -24,35 +25,71 @@ def _address(value: str) -> str:
     return value
 
 
+# A Secret's or ConfigMap's name: a DNS subdomain (RFC 1123), as the API server requires.
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_OBJECT_NAME = 253
+MAX_IMAGE = 4096
+
+
+def object_name(value: str) -> str:
+    """The argparse type of the Secret and ConfigMap flags: a name the API server takes (a
+    DNS subdomain: lower-case letters, digits, '-' and '.', at most 253 characters). An
+    empty value (``--audit-signing-secret "$UNSET"``) or a typo is a usage error (exit 2)
+    here, not a manifest or a patch the API server refuses for every pod later -- or, for
+    an empty ``--cert-secret`` / ``--audit-signing-secret``, silently no Secret at all."""
+    if len(value) > MAX_OBJECT_NAME or not _OBJECT_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)} is not a Kubernetes object name (lower-case letters, digits, "
+            f"'-' and '.', starting and ending with a letter or digit, at most "
+            f"{MAX_OBJECT_NAME} characters)")
+    return value
+
+
+def image_reference(value: str) -> str:
+    """The argparse type of ``--image``: a non-empty reference of printable ASCII without
+    spaces (at most 4,096 characters); the registry has the last word on the rest."""
+    if not value or len(value) > MAX_IMAGE or not all("!" <= c <= "~" for c in value):
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)} is not an image reference (printable ASCII, no spaces, "
+            f"1 to {MAX_IMAGE} characters)")
+    return value
+
+
+def _shown(value: str) -> str:
+    from sidecar.output import safe
+
+    return "'" + safe(value[:80]) + ("...'" if len(value) > 80 else "'")
+
+
 def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that shape the injected sidecar (shared by ``inject`` and ``webhook``)."""
-    parser.add_argument("--image", default=_DEFAULTS.image,
+    parser.add_argument("--image", default=_DEFAULTS.image, type=image_reference,
                         help=f"sidecar image (default {_DEFAULTS.image})")
     parser.add_argument("--no-native", dest="native", action="store_false",
                         help="add the sidecar as the first regular container instead of a "
                              "native sidecar (init container with restartPolicy: Always, "
                              "Kubernetes 1.29+)")
-    parser.add_argument("--cert-secret", default=None, metavar="NAME",
+    parser.add_argument("--cert-secret", default=None, metavar="NAME", type=object_name,
                         help="mount workload certificates from this Secret (tls.crt, tls.key, "
                              "ca.crt) instead of the csi-driver-spiffe CSI volume")
-    parser.add_argument("--policy-configmap", default=_DEFAULTS.policy_configmap,
+    parser.add_argument("--policy-configmap", default=_DEFAULTS.policy_configmap, type=object_name,
                         metavar="NAME", help="ConfigMap holding mesh.yaml "
                                              f"(default {_DEFAULTS.policy_configmap})")
-    parser.add_argument("--policy-extra-configmap", action="append", default=[],
+    parser.add_argument("--policy-extra-configmap", action="append", default=[], type=object_name,
                         metavar="NAME", help="another ConfigMap of the policy set (e.g. the "
                         "namespace's own sections), mounted with --policy-configmap in one "
                         "directory; optional in the pod's namespace; repeatable")
-    parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap,
+    parser.add_argument("--config-configmap", default=_DEFAULTS.config_configmap, type=object_name,
                         metavar="NAME", help="ConfigMap holding sidecar.yaml "
                                              f"(default {_DEFAULTS.config_configmap})")
-    parser.add_argument("--audit-signing-secret", default=None, metavar="NAME",
+    parser.add_argument("--audit-signing-secret", default=None, metavar="NAME", type=object_name,
                         help="Secret with key.pem (sidecar audit keygen): mounted read-only "
                              "into the sidecar container only, at "
                              "/etc/sidecar/audit-signing (audit.signing_key_file)")
     parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT", type=_address,
                         help="syslog collector for audit.ship (SIDECAR_AUDIT_COLLECTOR, used "
                              "when the sidecar config's audit.ship has no address)")
-    parser.add_argument("--allow-config-configmap", action="append", default=[],
+    parser.add_argument("--allow-config-configmap", action="append", default=[], type=object_name,
                         metavar="NAME", dest="allowed_config_configmaps",
                         help="a ConfigMap a pod may name with the annotation "
                              "sidecar.mesh.dev/config-configmap (repeatable; the default "

@@ -22,7 +22,7 @@ from sidecar.config.source import read_capped
 from sidecar.config.values import parse_timestamp
 from sidecar.errors import ConfigError, Problem
 from sidecar.identity.spiffe import parse_spiffe_id
-from sidecar.output import add_output_flag, dump_yaml, emit
+from sidecar.output import add_output_flag, dump_yaml, emit, safe
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import LintWarning, lint
 from sidecar.policy.loaded import Policy
@@ -51,7 +51,7 @@ def _load_problems(paths: list[str]) -> tuple[Policy | None, list[Problem]]:
 def _print_problems(problems: list[Problem], label: str, err: TextIO, tail: str = "") -> None:
     for problem in problems:
         print(f"error: {problem}", file=err)
-    print(f"{len(problems)} error(s) in {label}{tail}", file=err)
+    print(f"{len(problems)} error(s) in {safe(label)}{tail}", file=err)
 
 
 def _problem_doc(p: Problem) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     def text() -> str:
         files = f" ({len(doc['files'])} files)" if len(doc["files"]) > 1 else ""
-        return (f"ok: {label}{files} version {str(doc['version'])[:12]}: {doc['sections']} "
+        return (f"ok: {safe(label)}{files} version {str(doc['version'])[:12]}: {doc['sections']} "
                 f"section(s), {doc['rules']} rule(s), {doc['jwt_providers']} JWT provider(s)")
 
     emit(args, doc, text, out)
@@ -232,8 +232,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
             total_ignored += entry["ignored"]
             lines.extend(f"warning: {w}" for w, _ in kept)
             suffix = f" ({entry['ignored']} ignored)" if entry["ignored"] else ""
-            lines.append(f"{len(kept)} warning(s) in {label}{suffix}" if kept
-                         else f"ok: {label}: no warnings{suffix}")
+            lines.append(f"{len(kept)} warning(s) in {safe(label)}{suffix}" if kept
+                         else f"ok: {safe(label)}: no warnings{suffix}")
         files_doc.append(entry)
     failed = total_errors > 0 or (args.fail_on == "warning" and total_warnings > 0)
     doc = {"kind": "PolicyLint", "ok": not failed, "fail_on": args.fail_on,

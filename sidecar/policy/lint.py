@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.errors import printable
 from sidecar.identity.spiffe import id_segments, namespace_of
 from sidecar.policy.compiled import path_pattern_segments
 from sidecar.policy.loaded import Policy
@@ -40,8 +41,11 @@ class LintWarning:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.key}: [{self.code}] {self.message}"
+        # As ``Problem``: the file's name and a value the message quotes (a missing
+        # ``jwks_file``'s path) may hold a terminal escape; each is written printable.
+        file = printable(self.file)
+        where = f"{file}:{self.line}" if self.line else file
+        return f"{where}: {printable(self.key)}: [{self.code}] {printable(self.message)}"
 
 
 Warning = LintWarning  # the name used in the brief and by the CLI
