@@ -1,0 +1,182 @@
+"""Trust lifetimes, third hostile review: requests admitted after the trust ended, through
+real sidecars and certificates valid for seconds.
+
+* The gap between a certificate's not-after time and the sweep that finds it (once a
+  second): a keep-alive connection whose peer's chain -- or the sidecar's own chain it was
+  made with -- had expired still had its next request read, judged and forwarded to the app
+  until the sweep ran (up to a second later): a plain request, a request pipelined behind
+  one answered across the expiry, an upgrade to a stream. The request loop now asks the
+  connection before it admits each request (``LiveConnection.trust_ended``): the
+  connection ends unanswered, as the sweep would have ended it idle, and its
+  ``connection_closed`` record and metric say why. Every cell of (trust kind: peer leaf,
+  peer intermediate, own leaf, own intermediate) x (request kind) is checked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from sidecar.identity.ca import write_svid
+from tests.harness import (
+    Pki,
+    SidecarProc,
+    free_port,
+    mtls_context,
+    read_head,
+    sidecar_config,
+    spiffe,
+    start_sidecar,
+)
+from tests.test_connection_lifetime_e2e import audited, closed, wait_closed
+from tests.test_lifetime_review import _short_lived_identity
+from tests.test_peer_certificates_review import _ca, _leaf, _pem, _write_identity
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+LEAD = 6.0  # seconds from now to the expiry: room to start a sidecar and open connections
+AFTER = 0.02  # how long after the not-after time the late requests are sent
+SLOW = 1.0  # the answered request a pipelined one waits behind (the test app's /slow)
+GET = b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n"
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n"
+
+
+def _exchange(tls: ssl.SSLSocket, request: bytes) -> bytes:
+    """Send ``request``, read its answer's head and (Content-Length) body; the head."""
+    tls.sendall(request)
+    head = read_head(tls)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+    while len(body) < length:
+        more = tls.recv(65536)
+        if not more:
+            break
+        body += more
+    return head
+
+
+def _rest(tls: ssl.SSLSocket, timeout: float = 5.0) -> bytes:
+    """Everything the sidecar sends until it closes the connection (bounded)."""
+    tls.settimeout(0.5)
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            more = tls.recv(65536)
+        except TimeoutError:
+            continue
+        except (OSError, ssl.SSLError):
+            break
+        if not more:
+            break
+        got += more
+    return got
+
+
+def _until(t: float) -> None:
+    """Wait until Unix time ``t`` (no longer)."""
+    time.sleep(max(0.0, t - time.time()))
+
+
+def _not_after(path: Path) -> float:
+    """The earliest not-after time of the certificates in the PEM file ``path``."""
+    return min(c.not_valid_after_utc.timestamp()
+               for c in x509.load_pem_x509_certificates(path.read_bytes()))
+
+
+def _setup(tmp: Path, pki: Pki, app: int, procs: list[Any],
+           trust: str) -> tuple[SidecarProc, list[ssl.SSLContext], float, str]:
+    """An inbound sidecar and three client contexts whose connections' trust ends at the
+    returned time (by ``trust``), and the reason the sweep records."""
+    if trust.startswith("own-"):
+        ident, _, _ = _short_lived_identity(tmp, pki, "orders", trust[4:], LEAD)
+        ends = _not_after(ident / "tls.crt")
+        both = Path(pki.bundle).read_bytes()
+        if trust == "own-intermediate":  # clients trust the root of that chain too
+            both = (ident / "ca.crt").read_bytes() + both
+            (ident / "ca.crt").write_bytes(both)
+        (tmp / "clients-bundle.crt").write_bytes(both)
+        ctxs = [mtls_context(pki.identity("frontend"), str(tmp / "clients-bundle.crt"))] * 3
+        reason = "own_cert_expired"
+    else:
+        ident = pki.identity("orders")
+        expires = dt.datetime.fromtimestamp(time.time() + LEAD, dt.UTC)
+        ctxs = []
+        if trust == "peer-leaf":
+            for i in range(3):
+                now = time.time()
+                issued = pki.ca.issue(spiffe("frontend"), ttl_seconds=expires.timestamp() - now
+                                      + 60, not_before=now - 60)
+                client = write_svid(issued, pki.ca, tmp / f"client-{i}")
+                ctxs.append(mtls_context(client, pki.bundle))
+            ends = min(_not_after(tmp / f"client-{i}" / "tls.crt") for i in range(3))
+        else:
+            root = _ca("root")
+            inter = _ca("short-lived intermediate", root, not_after=expires)
+            (ident / "ca.crt").write_bytes(Path(pki.bundle).read_bytes() + _pem(root.cert))
+            for i in range(3):
+                leaf, key = _leaf(inter, spiffe("frontend"))
+                client = _write_identity(tmp / f"client-{i}", [leaf, inter.cert], key,
+                                         root.cert)
+                ctxs.append(mtls_context(client, str(ident / "ca.crt")))
+            ends = inter.cert.not_valid_after_utc.timestamp()
+        reason = "peer_cert_expired"
+    cfg = sidecar_config(ident, inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}",
+        "allow_from": [spiffe("frontend")]}, audit={"path": str(tmp / "audit-orders")},
+        limits={"connection_close_grace": "500ms"})
+    srv = start_sidecar(tmp, "orders", cfg)
+    procs.append(srv)
+    assert time.time() < ends - SLOW - 0.5, "the sidecar took too long to start"
+    return srv, ctxs, ends, reason
+
+
+TRUST_KINDS = ["peer-leaf", "peer-intermediate", "own-leaf", "own-intermediate"]
+
+
+@pytest.mark.parametrize("trust", TRUST_KINDS)
+def test_no_request_is_admitted_after_the_connections_trust_ended(tmp_path, pki, app, procs,
+                                                                   trust):
+    srv, ctxs, ends, reason = _setup(tmp_path, pki, app, procs, trust)
+    port = srv.port("inbound")
+    socks = []
+    try:
+        for ctx in ctxs:
+            tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+            socks.append(tls)
+            assert _exchange(tls, GET).startswith(b"HTTP/1.1 200"), "no keep-alive connection"
+        keep, pipelined, upgrade = socks
+        # A request answered across the expiry (admitted before it) with a second one
+        # pipelined behind it: the second is read after the trust ended.
+        _until(ends + AFTER - SLOW)
+        pipelined.sendall(f"GET /slow?s={SLOW} HTTP/1.1\r\nHost: orders\r\n\r\n".encode() + GET)
+        _until(ends + AFTER)
+        for tls, request in ((keep, GET), (upgrade, UPGRADE)):
+            try:
+                tls.sendall(request)
+            except OSError:
+                pass  # closed already (the sweep came first): nothing admitted
+        late = {"keep-alive": _rest(keep), "pipelined": _rest(pipelined),
+                "upgrade": _rest(upgrade)}
+    finally:
+        for tls in socks:
+            tls.close()
+    # Every cell is checked before the test fails: (the /slow answer may come -- it was
+    # admitted in time -- the request pipelined behind it must not)
+    admitted = {kind: got[:60] for kind, got in late.items()
+                if got.count(b"HTTP/1.1 ") > (1 if kind == "pipelined" else 0)}
+    assert admitted == {}, admitted
+    wait_closed(srv, reason)
+    assert closed(srv, reason) >= 3
+    assert audited(tmp_path, "orders", reason)
