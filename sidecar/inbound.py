@@ -323,10 +323,47 @@ class InboundProxy:
                 # A request in flight (a long download, server-sent events) ends when the
                 # credentials it was authorised with expire, like a stream; the request loop
                 # sets this back to inf when the exchange ends.
-                conn.credentials_end = gate.credentials_end(
-                    auth, api_key_of(event.headers) if auth.apikey else None)
+                key = api_key_of(event.headers) if auth.apikey else None
+                conn.credentials_end = gate.credentials_end(auth, key)
+                if auth.claims and gate.introspector is not None:
+                    # ... and an introspected token is asked about again when its cached
+                    # answer runs out, as a stream's (found by a hostile review: revoked at
+                    # the authorisation server, the request ran on to its end).
+                    watch(facts, auth, key, gate.stream_tokens(auth, event.headers, query),
+                          event.headers, query)
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None)
+
+        def watch(facts: RequestFacts, auth: AuthFacts | None, key: bytes | None,
+                  tokens: dict[str, str], headers: Headers, query: str) -> None:
+            """Have the sweep ask the authorisation server again about the introspected
+            ``tokens`` of the stream or request in flight when their cached answers run
+            out (``reauth``), and retire the connection when an answer no longer holds or
+            the call fails (fail closed). Nothing when none of them is introspected."""
+            if not tokens:
+                return
+            now = time.time()
+            at = gate.reintrospect_at(tokens, now)
+            if at == math.inf:
+                return
+
+            async def reauth(live: LiveConnection) -> None:
+                try:
+                    await gate.reintrospect(tokens, headers, query)
+                    now = time.time()
+                    if live.reauth is None or live.retiring is not None:
+                        return  # the stream or request ended meanwhile
+                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
+                        # (not before a second from now: the sweep's pace)
+                        live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
+                        return
+                except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
+                    log("stream_reauth_failed", "error", error=repr(exc))
+                if live.reauth is not None:
+                    self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
+
+            conn.reauth_at = max(at, now + 1.0)
+            conn.reauth = reauth
 
         async def upgrade(ctx: RequestContext, event: Request, headers: Headers,
                           head: RequestHead, facts: RequestFacts, auth: AuthFacts | None,
@@ -348,28 +385,9 @@ class InboundProxy:
                     conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
                 return gate.still_allows(facts, auth, now, api_key=key, tokens=tokens)
 
-            async def reauth(live: LiveConnection) -> None:
-                try:
-                    await gate.reintrospect(tokens, event.headers, query)
-                    now = time.time()
-                    if live.reauth is None or live.retiring is not None:
-                        return  # the stream ended meanwhile
-                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
-                        # (not before a second from now: the sweep's pace)
-                        live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
-                        return
-                except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
-                    log("stream_reauth_failed", "error", error=repr(exc))
-                if live.reauth is not None:
-                    self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
-
             conn.recheck = recheck
-            now = time.time()
             conn.credentials_end = gate.credentials_end(auth, key)
-            if tokens:
-                conn.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
-                if conn.reauth_at != math.inf:
-                    conn.reauth = reauth
+            watch(facts, auth, key, tokens, event.headers, query)
             try:
                 return await forward(client, event, headers, pool, limits, head,
                                      close=tracker.draining or conn.retiring is not None,

@@ -10,6 +10,12 @@ real sidecars and certificates valid for seconds.
   connection ends unanswered, as the sweep would have ended it idle, and its
   ``connection_closed`` record and metric say why. Every cell of (trust kind: peer leaf,
   peer intermediate, own leaf, own intermediate) x (request kind) is checked.
+* A plain request in flight (a long download or upload, server-sent events) authorised by
+  an introspected token was never asked about again, while an upgraded stream is: revoked
+  at the authorisation server, or the server failing, it ran on to its end. It is now
+  re-introspected when its cached answer runs out, as a stream is, and cut on an inactive
+  answer or a failed call (``credential_expired``); a request whose token stays active goes
+  on.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from cryptography import x509
 
 from sidecar.identity.ca import write_svid
 from tests.harness import (
+    TD,
     Pki,
     SidecarProc,
     free_port,
@@ -34,9 +41,12 @@ from tests.harness import (
     sidecar_config,
     spiffe,
     start_sidecar,
+    wait_for,
+    write_policy,
 )
 from tests.test_connection_lifetime_e2e import audited, closed, wait_closed
-from tests.test_lifetime_review import _short_lived_identity
+from tests.test_lifetime_review import _drain, _inbound, _short_lived_identity, _start, _still_going
+from tests.test_lifetime_review2 import _idp
 from tests.test_peer_certificates_review import _ca, _leaf, _pem, _write_identity
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -180,3 +190,61 @@ def test_no_request_is_admitted_after_the_connections_trust_ended(tmp_path, pki,
     wait_closed(srv, reason)
     assert closed(srv, reason) >= 3
     assert audited(tmp_path, "orders", reason)
+
+
+# -- requests in flight authorised by an introspected token ------------------------------------
+
+# how the authorisation server stops vouching for the victim's token
+WITHDRAWN = ["revoked", "server_fails", "answer_exp"]
+
+
+@pytest.mark.parametrize("how", WITHDRAWN)
+def test_a_request_in_flight_authorised_by_an_introspected_token_is_asked_about_again(
+        tmp_path, pki, app, procs, how):
+    idp = _idp(tmp_path, pki)
+    try:
+        (tmp_path / "policy").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "policy" / "secret").write_text("orders-secret\n")
+        provider = {"issuer": idp.issuer, "audiences": ["orders"], "clock_skew": "1s",
+                    "introspection": {
+                        "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca,
+                        "client_id": "orders", "client_secret_file": "secret",
+                        "cache_ttl": "2s", "negative_ttl": "1s", "timeout": "1s"}}
+        rule = {"name": "calls", "allow": {"from": [spiffe("frontend")],
+                                           "jwt": {"provider": "idp"}}}
+        policy = write_policy(tmp_path / "policy" / "mesh.yaml", {
+            "version": 1, "trust_domain": TD, "jwt_providers": {"idp": provider},
+            "services": {spiffe("orders"): {"rules": [rule]}}})
+        srv = _inbound(tmp_path, pki, app, procs, policy)
+        front_dir = pki.identity("frontend")
+        ctx = mtls_context(front_dir, pki.bundle)
+        port = srv.port("inbound")
+        ttl = {"ttl": "6"} if how == "answer_exp" else {}
+        victim_token = idp.token(identity=front_dir, format="opaque", **ttl)
+        control_token = idp.token(identity=front_dir, format="opaque")
+        socks: dict[str, ssl.SSLSocket] = {}
+        try:
+            for name, kind, token in (("download", "download", victim_token),
+                                      ("upload", "upload", victim_token),
+                                      ("control", "download", control_token)):
+                tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port),
+                                                               timeout=10))
+                socks[name] = tls
+                _start(tls, kind, {"authorization": f"Bearer {token}"})
+            if how == "revoked":
+                idp.control(revoke=victim_token)
+            elif how == "server_fails":
+                idp.control(mode={"introspect": "fail"})
+            wait_for(lambda: closed(srv, "credential_expired") >= 2, timeout=20)
+            going = {name: not _drain(socks[name], timeout=5)
+                     for name in ("download", "upload")}
+            assert going == {"download": False, "upload": False}, going
+            if how != "server_fails":
+                _still_going(socks["control"], "download")
+                assert closed(srv, "credential_expired") == 2
+        finally:
+            for tls in socks.values():
+                tls.close()
+    finally:
+        idp.stop()
+    assert audited(tmp_path, "orders", "credential_expired")

@@ -194,6 +194,9 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     raise
                 if conn is not None:
                     conn.credentials_end = math.inf  # (set for a request with credentials)
+                    if conn.reauth is not None:  # (an introspected token's: ``reauth``)
+                        conn.reauth = None
+                        conn.reauth_at = math.inf
                 telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
                                   error=ex.error)
                 if ex.upgraded:
