@@ -28,7 +28,7 @@ import trio
 from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
-from sidecar.errors import BadRequest, Unavailable
+from sidecar.errors import BadRequest, Forbidden, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
 from sidecar.http.headers import (
     NO_NAMES,
@@ -52,7 +52,12 @@ from sidecar.identity.svid import (
 from sidecar.identity.trust import PeerChain
 from sidecar.logs import log
 from sidecar.net.forward import Exchange, forward, splice
-from sidecar.net.lifetime import REASON_CREDENTIAL_EXPIRED, Lifetimes, LiveConnection
+from sidecar.net.lifetime import (
+    REASON_CREDENTIAL_EXPIRED,
+    REASON_PEER_CERT_EXPIRED,
+    Lifetimes,
+    LiveConnection,
+)
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
@@ -263,6 +268,13 @@ class InboundProxy:
                            facts: RequestFacts, path: str, query: str,
                            target: bytes) -> Exchange:
             answers = await gate.prepare(facts, event.headers, query)
+            # The answer may come after the connection's trust ended (a certificate of its
+            # chain expired, a bundle change no longer trusts it, an alert blocked it): then
+            # the request is decided after it and is refused, not forwarded within the
+            # grace the retirement leaves (found by a hostile review).
+            if conn.retiring is not None and not conn.serve_more \
+                    or conn.trust_ended(time.time()):
+                raise Forbidden(conn.retiring or REASON_PEER_CERT_EXPIRED)
             return await decided(ctx, event, head, facts, path, query, target, answers)
 
         def decided(ctx: RequestContext, event: Request, head: RequestHead,

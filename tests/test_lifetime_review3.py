@@ -16,6 +16,11 @@ real sidecars and certificates valid for seconds.
   re-introspected when its cached answer runs out, as a stream is, and cut on an inactive
   answer or a failed call (``credential_expired``); a request whose token stays active goes
   on.
+* A request whose decision waits for token introspection was forwarded when the answer
+  came, although the connection had been retired meanwhile (its peer's certificate expired,
+  its CA left the bundle): the retirement cuts only after ``connection_close_grace``. It is
+  now refused (a generic 403); a policy reload during the wait was already judged by the
+  decision (the control).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tests.harness import (
     free_port,
     mtls_context,
     read_head,
+    replace_file,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -248,3 +254,78 @@ def test_a_request_in_flight_authorised_by_an_introspected_token_is_asked_about_
     finally:
         idp.stop()
     assert audited(tmp_path, "orders", "credential_expired")
+
+
+# -- a request whose decision waits (token introspection) while the connection's trust ends -----
+
+# what ends the connection's trust while its request waits for the introspection answer
+# -> the reason its connection is retired with (None: a policy reload, judged by the
+# decision itself: the control)
+DURING_DECISION = {"peer_cert_expires": "peer_cert_expired",
+                   "peer_ca_removed": "peer_untrusted",
+                   "policy_reload": None}
+
+
+@pytest.mark.parametrize("how", list(DURING_DECISION))
+def test_a_request_decided_after_its_connections_trust_ended_is_not_forwarded(
+        tmp_path, pki, app, procs, how):
+    from tests.idp import IdpProc
+    from tests.test_lifetime_review2 import _other_root_identity
+
+    idp = IdpProc(tmp_path / "idp", client_ca=pki.bundle,
+                  clients={"orders": "orders-secret", "frontend": "frontend-secret"})
+    try:
+        (tmp_path / "policy").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "policy" / "secret").write_text("orders-secret\n")
+
+        def doc(callers: list[str]) -> dict[str, Any]:
+            provider = {"issuer": idp.issuer, "audiences": ["orders"], "clock_skew": "1s",
+                        "introspection": {
+                            "endpoint": f"{idp.issuer}/introspect", "ca": idp.ca,
+                            "client_id": "orders", "client_secret_file": "secret",
+                            "cache_ttl": "1h", "negative_ttl": "1s", "timeout": "10s"}}
+            rule = {"name": "calls", "allow": {"from": callers, "jwt": {"provider": "idp"}}}
+            return {"version": 1, "trust_domain": TD, "jwt_providers": {"idp": provider},
+                    "services": {spiffe("orders"): {"rules": [rule]}}}
+
+        policy = write_policy(tmp_path / "policy" / "mesh.yaml", doc([spiffe("frontend")]))
+        orders = pki.identity("orders")
+        own_bundle = Path(pki.bundle).read_bytes()
+        client, client_bundle = pki.identity("frontend"), pki.bundle
+        if how == "peer_ca_removed":
+            client, other_pem = _other_root_identity(tmp_path, "frontend")
+            (orders / "ca.crt").write_bytes(own_bundle + other_pem)
+        # (a grace longer than the wait: a retirement cuts what still runs only after it)
+        srv = start_sidecar(tmp_path, "orders", sidecar_config(orders, inbound={
+            "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"}, policy=policy,
+            audit={"path": str(tmp_path / "audit-orders")},
+            limits={"connection_close_grace": "8s"}))
+        procs.append(srv)
+        if how == "peer_cert_expires":
+            now = time.time()
+            issued = pki.ca.issue(spiffe("frontend"), ttl_seconds=64, not_before=now - 60)
+            client = write_svid(issued, pki.ca, tmp_path / "frontend-short")
+            ends = _not_after(client / "tls.crt")
+        token = idp.token(client="frontend", secret="frontend-secret", format="opaque")
+        idp.control(mode={"introspect": "slow"}, delay=3)
+        ctx = mtls_context(client, client_bundle)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                      timeout=15)) as tls:
+            if how == "peer_cert_expires":
+                _until(ends - 1.0)  # the answer comes 2 s after the expiry
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: orders\r\nauthorization: Bearer "
+                        + token.encode() + b"\r\n\r\n")
+            if how == "peer_ca_removed":
+                replace_file(orders / "ca.crt", own_bundle)
+            elif how == "policy_reload":
+                write_policy(tmp_path / "policy" / "mesh.yaml", doc([spiffe("billing")]))
+            answer = _rest(tls, timeout=10)
+        # Refused like any request the policy would not admit: a generic 403, no reason.
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+        assert b"peer_" not in answer and b"policy" not in answer, answer
+        reason = DURING_DECISION[how]
+        if reason is not None:
+            assert closed(srv, reason) >= 1
+            assert audited(tmp_path, "orders", reason)
+    finally:
+        idp.stop()
