@@ -190,14 +190,22 @@ class InboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, verdict.status)
             return
+        # Judged again from here on, the app's connect included: a reload that refuses the
+        # stream while it connects ends it before it starts (found by a hostile review).
+        conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 app = SocketTransport((await open_app_stream(self.app_addr,
                                                              self.app_source)).socket)
         except (OSError, trio.TooSlowError):
+            conn.recheck = None
             self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
-        conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
+        if conn.retiring is not None and not conn.serve_more:
+            conn.recheck = None
+            await close_quietly(app)
+            self.telemetry.request(record, 403, error=conn.retiring)
+            return
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)

@@ -240,6 +240,10 @@ class OutboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, 403)
             return
+        # Judged again from here on, the connect included: a reload that withdraws egress
+        # while the upstream's handshake runs ends the stream before it starts (found by a
+        # hostile review: it was not judged until the next change, so it ran on).
+        conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
         try:
             upstream = await self.connect()
         except RequestRefused as exc:
@@ -249,7 +253,11 @@ class OutboundProxy:
         # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
         conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after
         conn.own_not_after = meta.own_not_after
-        conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
+        if conn.retiring is not None and not conn.serve_more:
+            conn.recheck = None
+            await close_quietly(upstream)
+            self.telemetry.request(record, 403, error=conn.retiring)
+            return
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)

@@ -21,6 +21,10 @@ real sidecars and certificates valid for seconds.
   its CA left the bundle): the retirement cuts only after ``connection_close_grace``. It is
   now refused (a generic 403); a policy reload during the wait was already judged by the
   decision (the control).
+* A TCP stream was judged again by a policy change only once it was spliced: a reload that
+  refused it while the sidecar was still connecting to the app (inbound) or the upstream
+  (outbound) was missed and the stream ran on. It is now judged from its decision on; one
+  refused while connecting does not start (its record: 403).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +44,9 @@ from sidecar.identity.ca import write_svid
 from tests.harness import (
     TD,
     Pki,
+    ScriptedServer,
     SidecarProc,
+    audit_export,
     free_port,
     mtls_context,
     read_head,
@@ -82,7 +89,7 @@ def _exchange(tls: ssl.SSLSocket, request: bytes) -> bytes:
     return head
 
 
-def _rest(tls: ssl.SSLSocket, timeout: float = 5.0) -> bytes:
+def _rest(tls: socket.socket, timeout: float = 5.0) -> bytes:
     """Everything the sidecar sends until it closes the connection (bounded)."""
     tls.settimeout(0.5)
     got = b""
@@ -329,3 +336,143 @@ def test_a_request_decided_after_its_connections_trust_ended_is_not_forwarded(
             assert audited(tmp_path, "orders", reason)
     finally:
         idp.stop()
+
+
+# -- a TCP stream whose connect runs while the policy withdraws it --------------------------
+
+
+class _HeldHandshake(ScriptedServer):
+    """An upstream sidecar stand-in (TLS with ``ident``'s SVID, client certificates of
+    ``bundle`` required) that holds each accepted connection before its handshake until
+    ``go`` is set, then echoes."""
+
+    timeout = 15.0
+
+    def __init__(self, ident: Path, bundle: str) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(ident / "tls.crt"), str(ident / "tls.key"))
+        ctx.load_verify_locations(bundle)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.accepted = threading.Event()
+        self.go = threading.Event()
+        super().__init__(ctx)
+
+    def admit(self, conn: socket.socket) -> bool:
+        def held() -> None:
+            self.accepted.set()
+            self.go.wait(10)
+            self._connection(conn)
+
+        threading.Thread(target=held, daemon=True).start()
+        return False
+
+    def serve(self, sock: socket.socket) -> None:
+        for _ in range(10_000):  # (bounded)
+            data = sock.recv(65536)
+            if not data:
+                return
+            sock.sendall(data)
+
+
+def test_an_outbound_tcp_stream_withdrawn_while_it_connects_does_not_start(tmp_path, pki,
+                                                                          procs):
+    doc = {"version": 1, "trust_domain": TD,
+           "services": {spiffe("frontend"): {"rules": [], "egress": [spiffe("orders")]}}}
+    policy = write_policy(tmp_path / "mesh.yaml", doc)
+    upstream = _HeldHandshake(pki.identity("orders"), pki.bundle)
+    try:
+        out = start_sidecar(tmp_path, "frontend", sidecar_config(
+            pki.identity("frontend"), outbound=[{
+                "name": "orders", "listen": f"127.0.0.1:{free_port()}", "protocol": "tcp",
+                "upstream": f"127.0.0.1:{upstream.port}", "identity": spiffe("orders")}],
+            policy=policy, audit={"path": str(tmp_path / "audit-frontend")},
+            # (a grace longer than the held connect: the stream is refused, not cut)
+            limits={"connection_close_grace": "5s", "connect_timeout": "10s"}))
+        procs.append(out)
+        reloads = out.metric("sidecar_policy_reloads_total", result="ok")
+        with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as app:
+            app.sendall(b"ping")
+            assert upstream.accepted.wait(10)
+            # Egress withdrawn while the upstream's handshake is held.
+            doc["services"][spiffe("frontend")]["egress"] = [spiffe("billing")]
+            write_policy(tmp_path / "mesh.yaml", doc)
+            wait_for(lambda: out.metric("sidecar_policy_reloads_total", result="ok")
+                     > reloads, timeout=10)
+            upstream.go.set()
+            got = _rest(app, timeout=3)
+        assert b"ping" not in got, "the stream started after its egress was withdrawn"
+        [rec] = [r for r in audit_export(tmp_path / "audit-frontend")
+                 if r.get("event") == "request"]
+        assert rec["status"] == 403, rec
+    finally:
+        upstream.close()
+
+
+def test_an_inbound_tcp_stream_refused_while_it_connects_to_the_app_does_not_start(
+        tmp_path, pki, procs):
+    # The app's accept queue is kept full (backlog 0 and a connection waiting in it), so
+    # the sidecar's connect waits for a retransmitted SYN until the queue is drained.
+    app = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = [socket.socket() for _ in range(3)]
+    served: list[socket.socket] = []
+    try:
+        for f in fillers:
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", app.getsockname()[1]))
+            except BlockingIOError:
+                pass
+
+        def rules(caller: str) -> dict[str, Any]:
+            return {"version": 1, "trust_domain": TD, "services": {spiffe("orders"): {
+                "rules": [{"name": "callers", "allow": {"from": [spiffe(caller)]}}]}}}
+
+        policy = write_policy(tmp_path / "mesh.yaml", rules("frontend"))
+        srv = start_sidecar(tmp_path, "orders", sidecar_config(
+            pki.identity("orders"), inbound={
+                "listen": f"127.0.0.1:{free_port()}", "protocol": "tcp",
+                "app": f"127.0.0.1:{app.getsockname()[1]}"},
+            policy=policy, audit={"path": str(tmp_path / "audit-orders")},
+            # (a grace longer than the held connect: the stream is refused, not cut)
+            limits={"connection_close_grace": "5s", "connect_timeout": "10s"}))
+        procs.append(srv)
+        reloads = srv.metric("sidecar_policy_reloads_total", result="ok")
+        ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                      timeout=10)) as tls:
+            tls.sendall(b"ping")
+            time.sleep(0.3)  # (the sidecar's connect to the app has begun)
+            write_policy(tmp_path / "mesh.yaml", rules("billing"))
+            wait_for(lambda: srv.metric("sidecar_policy_reloads_total", result="ok")
+                     > reloads, timeout=10)
+
+            def drain_queue() -> None:
+                app.settimeout(0.2)
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    try:
+                        conn, _ = app.accept()
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        return
+                    served.append(conn)
+                    conn.settimeout(0.5)
+                    try:
+                        data = conn.recv(65536)
+                        if data:
+                            conn.sendall(data)
+                    except OSError:
+                        pass
+
+            thread = threading.Thread(target=drain_queue, daemon=True)
+            thread.start()
+            got = _rest(tls, timeout=5)
+        assert b"ping" not in got, "the stream started after the policy refused it"
+        [rec] = [r for r in audit_export(tmp_path / "audit-orders")
+                 if r.get("event") == "request"]
+        assert rec["status"] == 403, rec
+    finally:
+        app.close()
+        for s in fillers + served:
+            s.close()
