@@ -25,6 +25,10 @@ real sidecars and certificates valid for seconds.
   refused it while the sidecar was still connecting to the app (inbound) or the upstream
   (outbound) was missed and the stream ran on. It is now judged from its decision on; one
   refused while connecting does not start (its record: 403).
+* The introspection cache counted ``cache_ttl`` on the wall clock only: stepped back (NTP, a
+  resumed VM), it kept an active answer -- a token revoked at the server since -- for as
+  long as the step, and the sweep asked about a stream's token that much later. The TTL
+  now also runs on the monotonic clock.
 """
 
 from __future__ import annotations
@@ -476,3 +480,37 @@ def test_an_inbound_tcp_stream_refused_while_it_connects_to_the_app_does_not_sta
         app.close()
         for s in fillers + served:
             s.close()
+
+
+# -- a wall clock stepped back --------------------------------------------------------------
+
+# The introspection cache's readers: each must see the cached answer run out when its TTL
+# has passed on the monotonic clock, whatever the wall clock (``now``) says. The wall clock
+# cannot be stepped for a running sidecar without touching the machine's own clock, so the
+# cache (the real one) is driven with explicit wall times and the real monotonic clock.
+CACHE_READERS = {
+    "lookup": lambda cache, now: cache.lookup("idp", b"d", now) is not None,
+    "fresh": lambda cache, now: cache.fresh("idp", b"d", now) is not None,
+    # (the sweep asks the server again at this wall time: it must not be in the future)
+    "expires_at": lambda cache, now: cache.expires_at("idp", b"d") > time.time() + 0.01,
+}
+TTL = 0.3
+
+
+@pytest.mark.parametrize("reader", list(CACHE_READERS))
+@pytest.mark.parametrize("answer", ["active", "unavailable"])
+def test_a_wall_clock_stepped_back_does_not_keep_a_cached_answer(reader, answer):
+    from sidecar.authn.oauth import IntrospectionCache
+
+    counts = CACHE_READERS[reader]
+    cache = IntrospectionCache()
+    # The answer is cached while the wall clock is an hour ahead; then it is stepped back
+    # (to the machine's real time): by it, the answer would have an hour and TTL left.
+    ahead = time.time() + 3600
+    if answer == "active":
+        cache.store("idp", b"d", {"active": True, "exp": ahead + 3600}, ahead, TTL, TTL)
+    else:
+        cache.store_unavailable("idp", b"d", ahead, TTL)
+    assert counts(cache, ahead), "the answer is not kept at all"
+    time.sleep(TTL + 0.05)
+    assert not counts(cache, time.time()), "the answer outlived its TTL after a clock step"
