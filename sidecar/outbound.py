@@ -208,7 +208,10 @@ class OutboundProxy:
                 # Written out here, and the session a coroutine built by a plain call: the
                 # connection's task then holds three frames above its request loop's wait
                 # (``_run_handler``, this, ``request_loop``), each resumed at every wait.
-                with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
+                # (``peer``: the identity every request of this listener goes to, whose
+                # connection's end a ``connection_closed`` record names -- before, none)
+                with self.lifetimes.track("outbound", self.cfg.name, source,
+                                          peer=self.cfg.identity) as conn:
                     conn.allows = self._still_allows
                     _serving.set(conn)  # (this task's own context: one per connection)
                     with conn.scope:
@@ -339,7 +342,7 @@ class OutboundProxy:
                                      opened=lambda: self.telemetry.stream_opened(ctx, 101))
             finally:
                 conn.recheck = None
-                conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
+                conn.chain, conn.peer_not_after = None, math.inf
                 conn.own_not_after = math.inf
 
         return request_loop(client, tracker=self.tracker, limits=limits,
