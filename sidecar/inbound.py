@@ -28,7 +28,7 @@ import trio
 from sidecar.authn.apikeys import API_KEY_HEADER
 from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
-from sidecar.errors import BadRequest, Unavailable
+from sidecar.errors import BadRequest, Forbidden, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
 from sidecar.http.body_override import BodyCheck, BodyOverrides, body_kind
 from sidecar.http.headers import (
@@ -53,7 +53,12 @@ from sidecar.identity.svid import (
 from sidecar.identity.trust import PeerChain
 from sidecar.logs import log
 from sidecar.net.forward import Exchange, forward, splice
-from sidecar.net.lifetime import REASON_CREDENTIAL_EXPIRED, Lifetimes, LiveConnection
+from sidecar.net.lifetime import (
+    REASON_CREDENTIAL_EXPIRED,
+    REASON_PEER_CERT_EXPIRED,
+    Lifetimes,
+    LiveConnection,
+)
 from sidecar.net.listen import ConnectionTracker
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
@@ -186,14 +191,22 @@ class InboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, verdict.status)
             return
+        # Judged again from here on, the app's connect included: a reload that refuses the
+        # stream while it connects ends it before it starts (found by a hostile review).
+        conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 app = SocketTransport((await open_app_stream(self.app_addr,
                                                              self.app_source)).socket)
         except (OSError, trio.TooSlowError):
+            conn.recheck = None
             self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
-        conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
+        if conn.retiring is not None and not conn.serve_more:
+            conn.recheck = None
+            await close_quietly(app)
+            self.telemetry.request(record, 403, error=conn.retiring)
+            return
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tls_stream, b"", app, b"", self.limits.tcp_idle_timeout)
@@ -264,6 +277,13 @@ class InboundProxy:
                            facts: RequestFacts, path: str, query: str,
                            target: bytes) -> Exchange:
             answers = await gate.prepare(facts, event.headers, query)
+            # The answer may come after the connection's trust ended (a certificate of its
+            # chain expired, a bundle change no longer trusts it, an alert blocked it): then
+            # the request is decided after it and is refused, not forwarded within the
+            # grace the retirement leaves (found by a hostile review).
+            if conn.retiring is not None and not conn.serve_more \
+                    or conn.trust_ended(time.time()):
+                raise Forbidden(conn.retiring or REASON_PEER_CERT_EXPIRED)
             return await decided(ctx, event, head, facts, path, query, target, answers)
 
         def decided(ctx: RequestContext, event: Request, head: RequestHead,
@@ -327,11 +347,48 @@ class InboundProxy:
                 # A request in flight (a long download, server-sent events) ends when the
                 # credentials it was authorised with expire, like a stream; the request loop
                 # sets this back to inf when the exchange ends.
-                conn.credentials_end = gate.credentials_end(
-                    auth, api_key_of(event.headers) if auth.apikey else None)
+                key = api_key_of(event.headers) if auth.apikey else None
+                conn.credentials_end = gate.credentials_end(auth, key)
+                if auth.claims and gate.introspector is not None:
+                    # ... and an introspected token is asked about again when its cached
+                    # answer runs out, as a stream's (found by a hostile review: revoked at
+                    # the authorisation server, the request ran on to its end).
+                    watch(facts, auth, key, gate.stream_tokens(auth, event.headers, query),
+                          event.headers, query)
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None,
                            body_check=check)
+
+        def watch(facts: RequestFacts, auth: AuthFacts | None, key: bytes | None,
+                  tokens: dict[str, str], headers: Headers, query: str) -> None:
+            """Have the sweep ask the authorisation server again about the introspected
+            ``tokens`` of the stream or request in flight when their cached answers run
+            out (``reauth``), and retire the connection when an answer no longer holds or
+            the call fails (fail closed). Nothing when none of them is introspected."""
+            if not tokens:
+                return
+            now = time.time()
+            at = gate.reintrospect_at(tokens, now)
+            if at == math.inf:
+                return
+
+            async def reauth(live: LiveConnection) -> None:
+                try:
+                    await gate.reintrospect(tokens, headers, query)
+                    now = time.time()
+                    if live.reauth is None or live.retiring is not None:
+                        return  # the stream or request ended meanwhile
+                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
+                        # (not before a second from now: the sweep's pace)
+                        live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
+                        return
+                except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
+                    log("stream_reauth_failed", "error", error=repr(exc))
+                if live.reauth is not None:
+                    self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
+
+            conn.reauth_at = max(at, now + 1.0)
+            conn.reauth = reauth
 
         async def upgrade(ctx: RequestContext, event: Request, headers: Headers,
                           head: RequestHead, facts: RequestFacts, auth: AuthFacts | None,
@@ -353,28 +410,9 @@ class InboundProxy:
                     conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
                 return gate.still_allows(facts, auth, now, api_key=key, tokens=tokens)
 
-            async def reauth(live: LiveConnection) -> None:
-                try:
-                    await gate.reintrospect(tokens, event.headers, query)
-                    now = time.time()
-                    if live.reauth is None or live.retiring is not None:
-                        return  # the stream ended meanwhile
-                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
-                        # (not before a second from now: the sweep's pace)
-                        live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
-                        return
-                except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
-                    log("stream_reauth_failed", "error", error=repr(exc))
-                if live.reauth is not None:
-                    self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
-
             conn.recheck = recheck
-            now = time.time()
             conn.credentials_end = gate.credentials_end(auth, key)
-            if tokens:
-                conn.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
-                if conn.reauth_at != math.inf:
-                    conn.reauth = reauth
+            watch(facts, auth, key, tokens, event.headers, query)
             try:
                 return await forward(client, event, headers, pool, limits, head,
                                      close=tracker.draining or conn.retiring is not None,

@@ -208,7 +208,10 @@ class OutboundProxy:
                 # Written out here, and the session a coroutine built by a plain call: the
                 # connection's task then holds three frames above its request loop's wait
                 # (``_run_handler``, this, ``request_loop``), each resumed at every wait.
-                with self.lifetimes.track("outbound", self.cfg.name, source) as conn:
+                # (``peer``: the identity every request of this listener goes to, whose
+                # connection's end a ``connection_closed`` record names -- before, none)
+                with self.lifetimes.track("outbound", self.cfg.name, source,
+                                          peer=self.cfg.identity) as conn:
                     conn.allows = self._still_allows
                     _serving.set(conn)  # (this task's own context: one per connection)
                     with conn.scope:
@@ -240,6 +243,10 @@ class OutboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, 403)
             return
+        # Judged again from here on, the connect included: a reload that withdraws egress
+        # while the upstream's handshake runs ends the stream before it starts (found by a
+        # hostile review: it was not judged until the next change, so it ran on).
+        conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
         try:
             upstream = await self.connect()
         except RequestRefused as exc:
@@ -249,7 +256,11 @@ class OutboundProxy:
         # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
         conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after
         conn.own_not_after = meta.own_not_after
-        conn.recheck = lambda now: self.gate.egress(self.cfg.identity, now).allowed
+        if conn.retiring is not None and not conn.serve_more:
+            conn.recheck = None
+            await close_quietly(upstream)
+            self.telemetry.request(record, 403, error=conn.retiring)
+            return
         self.telemetry.stream_opened(record, 200)
         try:
             done = await splice(tcp, b"", upstream, b"", self.limits.tcp_idle_timeout)
@@ -331,7 +342,7 @@ class OutboundProxy:
                                      opened=lambda: self.telemetry.stream_opened(ctx, 101))
             finally:
                 conn.recheck = None
-                conn.chain, conn.peer, conn.peer_not_after = None, None, math.inf
+                conn.chain, conn.peer_not_after = None, math.inf
                 conn.own_not_after = math.inf
 
         return request_loop(client, tracker=self.tracker, limits=limits,

@@ -184,6 +184,9 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
                 wait_for(lambda: _reloads(out) >= 2)
             wait_closed(out, reason, "outbound")
             assert _drain(s), f"the {kind} went on after its upstream's trust ended ({how})"
+        # The record names whose trust ended: the upstream (it named no peer at all).
+        cut = [e for e in out.log_events("connection_closed") if e.get("reason") == reason]
+        assert cut and all(e.get("peer") == spiffe("orders") for e in cut), cut
     finally:
         upstream.close()
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -177,6 +179,10 @@ class CachedIntrospection:
     claims: Claims | None  # None: inactive (or unavailable)
     expires_at: float
     unavailable: bool = False  # asking failed; no new call until expires_at
+    # The same end on the monotonic clock (``time.monotonic()``): the answer stops counting
+    # at whichever comes first, so a wall clock stepped back (NTP, a VM resumed) does not
+    # keep an active answer -- a token since revoked -- for as long as the step.
+    stale_at: float = math.inf
 
 
 # The introspection answers asked for one request, by provider name: (SHA-256 of the token
@@ -204,7 +210,7 @@ class IntrospectionCache:
         dropped)."""
         key = (provider, digest)
         entry = self._entries.get(key)
-        if entry is None or now >= entry.expires_at:
+        if entry is None or now >= entry.expires_at or time.monotonic() >= entry.stale_at:
             if entry is not None:
                 self._entries.pop(key)
             self.misses += 1
@@ -216,13 +222,17 @@ class IntrospectionCache:
     def fresh(self, provider: str, digest: bytes, now: float) -> CachedIntrospection | None:
         """The unexpired answer, if any (no counters touched)."""
         entry = self._entries.get((provider, digest))
-        return entry if entry is not None and now < entry.expires_at else None
+        return entry if entry is not None and now < entry.expires_at \
+            and time.monotonic() < entry.stale_at else None
 
     def expires_at(self, provider: str, digest: bytes) -> float | None:
         """When the cached answer for this token digest stops counting (None: none cached;
         no counters touched)."""
         entry = self._entries.get((provider, digest))
-        return None if entry is None else entry.expires_at
+        if entry is None:
+            return None
+        # (the monotonic end as a wall time: the earlier of the two after a step back)
+        return min(entry.expires_at, time.time() + entry.stale_at - time.monotonic())
 
     def store(self, provider: str, digest: bytes, claims: Claims | None, now: float,
               ttl: float, negative_ttl: float) -> CachedIntrospection:
@@ -244,7 +254,8 @@ class IntrospectionCache:
             # Inactive, or "active" past its exp: remembered for a while, so a server that
             # keeps saying so is not asked again on every request.
             expires_at = now + negative_ttl
-        entry = CachedIntrospection(claims, expires_at)
+        entry = CachedIntrospection(claims, expires_at,
+                                    stale_at=time.monotonic() + (expires_at - now))
         if expires_at > now:
             self._keep((provider, digest), entry)
         return entry
@@ -253,7 +264,8 @@ class IntrospectionCache:
                           seconds: float) -> CachedIntrospection:
         """Asking about this token failed (down, slow, refused, busy): refuse it, and do not
         ask again, for ``seconds``. Returns the entry."""
-        entry = CachedIntrospection(None, now + seconds, unavailable=True)
+        entry = CachedIntrospection(None, now + seconds, unavailable=True,
+                                    stale_at=time.monotonic() + seconds)
         self._keep((provider, digest), entry)
         return entry
 

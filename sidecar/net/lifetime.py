@@ -37,7 +37,9 @@ Each connection task registers a ``LiveConnection`` (``track``) and runs inside 
 ``scope``; the session loop publishes its idle wait in ``idle``, and the listener the
 request it is serving in ``request`` (one attribute store per request: a policy change
 judges that request again with ``allows``, so a long download or upload from a peer the
-policy no longer admits ends like a stream). Nothing else here runs per request: time
+policy no longer admits ends like a stream). Per request the loop only compares the
+connection's ``peer_not_after`` with the time its head is complete (``trust_ended``: no
+request is admitted between an expiry and the sweep that finds it). Otherwise time
 limits are found by one sweep a second over the registry (a few comparisons per
 connection; it also starts a stream's ``reauth`` when its ``reauth_at`` passes), trust and
 policy are checked again only when a bundle or the policy changes (or when a rule's
@@ -102,11 +104,11 @@ class LiveConnection:
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
                  "own_not_after", "credentials_end", "deadline", "opened", "scope", "idle",
                  "recheck", "request", "allows", "upstream", "reauth", "reauth_at",
-                 "retiring", "cut_at", "_registry")
+                 "retiring", "cut_at", "_lifetimes")
 
     def __init__(self, direction: str, listener: str, source: str, peer: str | None,
                  chain: PeerChain | None, peer_not_after: float, deadline: float,
-                 registry: set[LiveConnection] | None = None,
+                 lifetimes: Lifetimes | None = None,
                  own_not_after: float = math.inf) -> None:
         self.direction = direction
         self.listener = listener
@@ -128,18 +130,31 @@ class LiveConnection:
         self.recheck: Callable[[float], bool] | None = None
         self.retiring: str | None = None
         self.cut_at = math.inf  # trio clock: when whatever still runs is cancelled
-        self._registry = registry
+        self._lifetimes = lifetimes
 
     # The connection is its own registration (``Lifetimes.track``): a generator-based context
     # manager would add a generator and its wrapper to every open connection (~0.4 KB).
     def __enter__(self) -> LiveConnection:
-        if self._registry is not None:
-            self._registry.add(self)
+        if self._lifetimes is not None:
+            self._lifetimes._live.add(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._registry is not None:
-            self._registry.discard(self)
+        if self._lifetimes is not None:
+            self._lifetimes._live.discard(self)
+
+    def trust_ended(self, wall: float) -> bool:
+        """Has the trust this connection was admitted on ended by ``wall`` (Unix time): its
+        peer's chain or the own one it was made with expired? If so it is retired now (as
+        the sweep would at its next pass, up to ``SWEEP_INTERVAL`` later) and True: the
+        request loop asks before it reads each request, so no request is admitted in the
+        gap between a certificate's not-after time and the sweep that finds it."""
+        if wall < self.peer_not_after:
+            return False
+        if self.retiring is None and self._lifetimes is not None:
+            self._lifetimes.retire(self, REASON_OWN_CERT_EXPIRED if wall >= self.own_not_after
+                                   else REASON_PEER_CERT_EXPIRED)
+        return True
 
     @property
     def serve_more(self) -> bool:
@@ -186,7 +201,7 @@ class Lifetimes:
         conn``); run its work inside ``conn.scope``. ``own_not_after``: when the own chain
         the connection was authenticated with expires (inbound: the SVID of the handshake)."""
         return LiveConnection(direction, listener, source, peer, chain, peer_not_after,
-                              self.deadline(), self._live, own_not_after)
+                              self.deadline(), self, own_not_after)
 
     def retire(self, conn: LiveConnection, reason: str) -> bool:
         """End ``conn`` for ``reason`` (see the table above); False if it already ends."""

@@ -160,10 +160,20 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                 # coroutine, and ``next_event`` (its own bound, ``header_timeout`` from the
                 # first read it needs) only for a head that is still arriving.
                 event = client.event_now()
+                admitted = ctx.started
                 if event is NEED_DATA:
                     event = await client.next_event(None, timeout=limits.header_timeout)
+                    admitted = time.time()
                 if type(event) is not Request:
                     return  # the client closed the connection, or went away
+                if conn is not None and admitted >= conn.peer_not_after \
+                        and conn.trust_ended(admitted):
+                    # A request complete after the trust the connection was admitted on
+                    # ended (a certificate of its chain, or of the own one, expired; the
+                    # sweep finds that up to a second later): not served, the connection
+                    # ends as the sweep would have ended it idle (its ``connection_closed``
+                    # record says why).
+                    return
                 head = check_head(event.method, event.target, event.headers,
                                   max_headers=limits.max_headers, max_body=limits.max_body_bytes,
                                   http_version=event.version, values_checked=True)
@@ -184,6 +194,9 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     raise
                 if conn is not None:
                     conn.credentials_end = math.inf  # (set for a request with credentials)
+                    if conn.reauth is not None:  # (an introspected token's: ``reauth``)
+                        conn.reauth = None
+                        conn.reauth_at = math.inf
                 telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
                                   error=ex.error)
                 if ex.upgraded:
