@@ -52,6 +52,7 @@ from sidecar.policy.model import (
 from sidecar.policy.paths import (
     FORMAT_FOLD_EFFECTS,
     NAME_FOLD_EFFECTS,
+    SCRIPT_FOLD_EFFECTS,
     path_segments,
     rule_path_forms,
     rule_segments,
@@ -466,7 +467,7 @@ class RuleIndex:
     ``rule_segments``)."""
 
     __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names",
-                 "_effect", "_formats")
+                 "_effect", "_formats", "_forms")
 
     def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
                  effect: str = "allow", formats: bool = False) -> None:
@@ -475,6 +476,7 @@ class RuleIndex:
         self._names = effect in NAME_FOLD_EFFECTS  # (chosen once: a lookup costs the same)
         self._effect = effect
         self._formats = formats and effect in FORMAT_FOLD_EFFECTS  # (``rule_path_forms``)
+        self._forms = self._formats or effect in SCRIPT_FOLD_EFFECTS
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -510,8 +512,9 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
-        if self._formats and "." in path:
-            path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect, True)
+        if self._forms and path.find(".") >= 0:  # (deny: a format suffix, a PHP script)
+            path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect,
+                                                         self._formats)
                          for ids in self._paths.match(segs)]
         else:
             path_sets = self._paths.match(path_segments(path, self._fold, self._names))

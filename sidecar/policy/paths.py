@@ -46,8 +46,10 @@ paths are matched with ASCII letters folded to lower case (``fold=True``). Only 
 that section cannot also allow non-ASCII paths (the loader refuses the combination), and
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
 the same on both sides. Such a section's deny rules also fold what Windows names treat as one
-file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``); its
-allow rules do not (that fold is lossy, and would widen them: ``rule_segments``).
+file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``), and
+ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``); its allow rules do not (that
+fold is lossy, and would widen them: ``rule_segments``). In every section, deny rules also
+match the path after a PHP front controller (``/index.php/admin``: ``rule_path_forms``).
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -255,12 +257,39 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
     """
     if fold:
         path = path.translate(_ASCII_LOWER)
+    if fold and names and path.find("(") >= 0:
+        return _cookieless_segments(path)
     if path.endswith("/"):
         path = path[:-1]
     if not path:
         return ()
     segments = tuple(path.split("/")[1:])
     return tuple(_windows_name(s) for s in segments) if fold and names else segments
+
+
+# ASP.NET (the .NET Framework one IIS hosts) reads cookieless session, anonymous-id and
+# forms-auth values from the path and removes them before it routes: "/(S(x))/admin",
+# "/(S(a)F(b))/admin" and, before the August 2023 fix (CVE-2023-36899), anywhere in it:
+# "/ad(S(x))min" ran "/admin". The name fold of a ``path_case: insensitive`` section (the
+# IIS one) removes them too, for deny rules only; what is left is read as ASP.NET would read
+# it: empty and "." segments dropped, ".." a step up. Found by a hostile review: a deny rule
+# for /admin/** let "/(S(x))/admin/users" through.
+COOKIELESS = re.compile(r"\((?:[a-z]\([^()/]*\))+\)")
+
+
+def _cookieless_segments(path: str) -> tuple[str, ...]:
+    # (path is already case-folded: the letter is matched in lower case)
+    kept: list[str] = []
+    for segment in COOKIELESS.sub("", path).split("/")[1:]:
+        name = _windows_name(segment) if segment else segment
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(name)
+    return tuple(kept)
 
 
 def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
@@ -282,14 +311,48 @@ def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
 # hostile review.
 FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 
+# PHP front controllers. Laravel, Symfony, CodeIgniter, Slim and most PHP frameworks route
+# the path *after* the script: "/index.php/admin" runs the "/admin" route (Symfony's
+# ``Request::getPathInfo`` drops the script's name, ``/index.php``, from the request URI),
+# and the web-server configurations their documentation gives pass such paths to PHP
+# (nginx ``location ~ ^/index\.php(/|$)`` with ``fastcgi_split_path_info``; Apache's
+# ``AcceptPathInfo``; ``php artisan serve``). So a deny rule also matches the path that
+# follows a segment whose name ends in ``.php`` (any case; the first such segment, as
+# Apache finds the script, and the last, as nginx's greedy split does): ``/index.php`` and
+# ``/index.php/`` are ``/`` to those apps. Lossy, so deny rules only, in every section.
+# Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through.
+SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
+SCRIPT_SUFFIX = ".php"
+
+
+def _script_tails(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
+    found = [i for i, s in enumerate(segs)
+             if len(s) > len(SCRIPT_SUFFIX) and s[-len(SCRIPT_SUFFIX):].lower() == SCRIPT_SUFFIX]
+    if not found:
+        return []
+    return [segs[i + 1:] for i in dict.fromkeys((found[0], found[-1]))]
+
 
 def rule_path_forms(path: str, fold: bool, effect: str,
                     formats: bool) -> tuple[tuple[str, ...], ...]:
     """The segment tuples a rule of ``effect`` matches the request ``path`` in: its
-    ``rule_segments``, and for a deny rule in a section that folds format suffixes
-    (``formats``) also those with the last segment's suffix dropped (see above)."""
+    ``rule_segments``; for a deny rule also the path after a PHP front controller
+    (``SCRIPT_FOLD_EFFECTS``), and in a section that folds format suffixes (``formats``)
+    those with the last segment's suffix dropped (see above)."""
     segs = rule_segments(path, fold, effect)
-    if not formats or not segs or effect not in FORMAT_FOLD_EFFECTS:
+    if effect not in SCRIPT_FOLD_EFFECTS or path.find(".") < 0:
+        return (segs,)
+    bases = [segs, *_script_tails(segs)]
+    forms: list[tuple[str, ...]] = []
+    for base in bases:
+        for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
+            if form not in forms:
+                forms.append(form)
+    return tuple(forms)
+
+
+def _suffix_forms(segs: tuple[str, ...], formats: bool) -> tuple[tuple[str, ...], ...]:
+    if not formats or not segs:
         return (segs,)
     last = segs[-1]
     first = last.find(".")

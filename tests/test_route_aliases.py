@@ -1,0 +1,160 @@
+"""Paths an app's router runs as another route: PHP front controllers and ASP.NET cookieless
+values (hostile review).
+
+Laravel, Symfony and the other PHP front-controller frameworks route the path after the
+script: ``/index.php/admin`` runs the ``/admin`` route (the nginx and Apache configurations
+their documentation gives pass it to PHP). ASP.NET on IIS removes cookieless session,
+anonymous-id and forms values from the path before it routes: ``/(S(x))/admin`` and, before
+CVE-2023-36899 was fixed, ``/ad(S(x))min`` run ``/admin``. A deny rule for ``/admin/**`` let
+all of them through. Now deny rules also match the path after a ``*.php`` segment (every
+section) and without cookieless values (a ``path_case: insensitive`` section's name fold);
+allow rules never fold. The families as data, through real sidecars and ``policy explain``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.policy.paths import rule_path_forms, rule_segments
+from tests import harness as h
+from tests.orders_mesh import OrdersMesh, orders_mesh
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+FRONTEND = h.spiffe("frontend")
+ORDERS = h.spiffe("orders")
+
+# A request path of each denied route (the deny rules name the patterns).
+DENIED = {"/admin/**": "/admin/users", "/orders/*/refund": "/orders/7/refund", "/": "/",
+          "/ops": "/ops"}
+
+# Front controllers: the prefix a PHP app drops before it routes.
+SCRIPTS = ("/index.php", "/app.php", "/app_dev.php", "/INDEX.PHP", "/Index.Php",
+           "/index%2Ephp", "/ind%65x.php", "/public/index.php", "/a.php/index.php",
+           "/index.php/b.php")
+# Cookieless values, as a whole segment before the route.
+COOKIELESS = ("/(S(x))", "/(S(abcdefghijklmnopqrstuvwx))", "/(A(x))", "/(F(x))",
+              "/(S(a)F(b))", "/(s(x))", "/%28S%28x%29%29", "/(S())", "/(S(x))/(A(y))",
+              "/(S(x)).")
+
+
+def policy(case: str) -> dict[str, Any]:
+    section: dict[str, Any] = {"path_case": case, "rules": [
+        *({"name": f"deny-{n}", "deny": {"from": [FRONTEND], "paths": [p]}}
+          for n, p in enumerate(DENIED)),
+        {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}},
+        {"name": "reports", "allow": {"from": [FRONTEND], "methods": ["POST"],
+                                      "paths": ["/reports"]}},
+    ]}
+    return {"version": 1, "trust_domain": "demo.local", "services": {ORDERS: section}}
+
+
+def inside(route: str, value: str) -> list[str]:
+    """``value`` (a cookieless ``(S(x))``) put at every place of ``route`` the pre-2023
+    ASP.NET removed it from: between segments and inside a segment's name."""
+    out = []
+    segments = route.split("/")[1:]
+    for i, seg in enumerate(segments):
+        before, after = "/".join(segments[:i]), "/".join(segments[i + 1:])
+        head = "/" + before + "/" if before else "/"
+        tail = "/" + after if after else ""
+        out.append(head + value + "/" + seg + tail)  # a segment of its own
+        if len(seg) > 1:
+            out.append(head + seg[:1] + value + seg[1:] + tail)  # inside the name
+    return out
+
+
+@pytest.fixture(scope="module", params=["sensitive", "insensitive"])
+def env(request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrdersMesh, str]]:
+    with orders_mesh(tmp_path_factory.mktemp(f"aliases-{request.param}"),
+                     policy(request.param)) as mesh:
+        yield mesh, request.param
+
+
+def test_every_front_controller_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
+    mesh, _ = env
+    checked = 0
+    for pattern, path in DENIED.items():
+        assert mesh.get(path).status == 403, pattern
+        for script in SCRIPTS:
+            for tail in (path, path + "/") if path != "/" else ("", "/"):
+                r = mesh.get(script + tail)
+                assert r.status == 403, (pattern, script + tail, r.status)
+                checked += 1
+    assert checked == len(DENIED) * len(SCRIPTS) * 2
+
+
+def test_every_cookieless_value_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
+    mesh, case = env
+    checked = 0
+    for path in DENIED.values():
+        if path == "/":
+            continue
+        for value in COOKIELESS:
+            single = "/" not in value[1:] and not value.endswith(".")
+            for spelled in [value + path, *(inside(path, value[1:]) if single else ())]:
+                r = mesh.get(spelled)
+                if case == "insensitive":
+                    assert r.status == 403, (spelled, r.status)
+                elif spelled == value + path:
+                    # Only a path_case: insensitive section is the IIS/ASP.NET one;
+                    # elsewhere "(S(x))" is a name like any other.
+                    assert r.status == 200, (spelled, r.status)
+                checked += 1
+    assert checked > 100
+
+
+def test_allow_rules_and_other_paths_do_not_fold(env: tuple[OrdersMesh, str]) -> None:
+    mesh, _ = env
+
+    def post(path: str) -> int:
+        return h.http(mesh.sidecar.port("inbound"), "POST", path, body=b"x",
+                      ctx=mesh.ctx).status
+
+    assert post("/reports") == 200
+    for prefix in (*SCRIPTS, *COOKIELESS):
+        assert post(prefix + "/reports") == 403, prefix  # default deny: allow never folds
+    for path in ("/index.php/public", "/indexphp/admin", "/index.phpx/admin",
+                 "/index.php.txt/admin", "/php/admin", "/(x)/admin", "/(S(x)/admin",
+                 "/public/(S(x))", "/index.php/orders/7", "/index.php/opsx"):
+        assert mesh.get(path).status == 200, path
+
+
+def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: Path) -> None:
+    _, case = env
+    file = tmp_path / "p.yaml"
+    file.write_text(yaml.safe_dump(policy(case)))
+    for path, folds in (("/index.php/admin", True), ("/app.php/orders/7/refund/", True),
+                        ("/(S(x))/admin", case == "insensitive"),
+                        ("/ad(S(x))min/x", case == "insensitive")):
+        r = h.sidecar_cli("policy", "explain", str(file), "--to", ORDERS, "--from", FRONTEND,
+                          "--path", path, "-o", "json")
+        decision = yaml.safe_load(r.stdout)["decision"]
+        assert r.returncode == (1 if folds else 0), (path, r.stdout, r.stderr)
+        want = "deny" if folds else "allow"
+        assert decision["action"] == want, (path, decision)
+
+
+@pytest.mark.parametrize(("path", "forms"), [
+    ("/index.php/admin", [("index.php", "admin"), ("admin",)]),
+    ("/index.php", [("index.php",), ()]),
+    ("/a.php/b/c.php/d", [("a.php", "b", "c.php", "d"), ("b", "c.php", "d"), ("d",)]),
+    ("/x/y", [("x", "y")]),
+])
+def test_the_forms_a_deny_rule_matches(path: str, forms: list[tuple[str, ...]]) -> None:
+    assert list(rule_path_forms(path, False, "deny", False)) == forms
+    assert list(rule_path_forms(path, False, "allow", False)) == forms[:1]
+    assert list(rule_path_forms(path, False, "allow", True)) == forms[:1]
+
+
+def test_cookieless_values_fold_for_deny_rules_only() -> None:
+    assert rule_segments("/(S(x))/Admin/(F(y))/Users", True, "deny") == ("admin", "users")
+    assert rule_segments("/x/.(S(a)).(S(b))/admin", True, "deny") == ("admin",)
+    assert rule_segments("/(S(x))/admin", True, "allow") == ("(s(x))", "admin")
+    assert rule_segments("/(S(x))/admin", False, "deny") == ("(S(x))", "admin")
