@@ -32,6 +32,9 @@ ORDERS = h.spiffe("orders")
 # A request path of each denied route (the deny rules name the patterns).
 DENIED = {"/admin/**": "/admin/users", "/orders/*/refund": "/orders/7/refund", "/": "/",
           "/ops": "/ops"}
+# A denied script runs whatever follows it (its PATH_INFO).
+DENIED_SCRIPT = "/legacy/admin.php"
+PATH_INFOS = ("/x", "/x/y", "/", "/admin.json", "/index.php", "/%61")
 
 # Front controllers: the prefix a PHP app drops before it routes.
 SCRIPTS = ("/index.php", "/app.php", "/app_dev.php", "/INDEX.PHP", "/Index.Php",
@@ -46,7 +49,7 @@ COOKIELESS = ("/(S(x))", "/(S(abcdefghijklmnopqrstuvwx))", "/(A(x))", "/(F(x))",
 def policy(case: str) -> dict[str, Any]:
     section: dict[str, Any] = {"path_case": case, "rules": [
         *({"name": f"deny-{n}", "deny": {"from": [FRONTEND], "paths": [p]}}
-          for n, p in enumerate(DENIED)),
+          for n, p in enumerate((*DENIED, DENIED_SCRIPT))),
         {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}},
         {"name": "reports", "allow": {"from": [FRONTEND], "methods": ["POST"],
                                       "paths": ["/reports"]}},
@@ -88,6 +91,16 @@ def test_every_front_controller_of_every_denied_route(env: tuple[OrdersMesh, str
                 assert r.status == 403, (pattern, script + tail, r.status)
                 checked += 1
     assert checked == len(DENIED) * len(SCRIPTS) * 2
+
+
+def test_a_denied_script_with_every_path_info(env: tuple[OrdersMesh, str]) -> None:
+    mesh, _ = env
+    assert mesh.get(DENIED_SCRIPT).status == 403
+    for info in PATH_INFOS:
+        r = mesh.get(DENIED_SCRIPT + info)
+        assert r.status == 403, (DENIED_SCRIPT + info, r.status)
+    for other in ("/legacy/admin.phpx/x", "/legacy/admin/x", "/legacy/x/admin.php/y"):
+        assert mesh.get(other).status == 200, other
 
 
 def test_every_cookieless_value_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
@@ -142,9 +155,10 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
 
 
 @pytest.mark.parametrize(("path", "forms"), [
-    ("/index.php/admin", [("index.php", "admin"), ("admin",)]),
+    ("/index.php/admin", [("index.php", "admin"), ("admin",), ("index.php",)]),
     ("/index.php", [("index.php",), ()]),
-    ("/a.php/b/c.php/d", [("a.php", "b", "c.php", "d"), ("b", "c.php", "d"), ("d",)]),
+    ("/a.php/b/c.php/d", [("a.php", "b", "c.php", "d"), ("b", "c.php", "d"), ("a.php",),
+                          ("d",), ("a.php", "b", "c.php")]),
     ("/x/y", [("x", "y")]),
 ])
 def test_the_forms_a_deny_rule_matches(path: str, forms: list[tuple[str, ...]]) -> None:

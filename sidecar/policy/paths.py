@@ -319,8 +319,11 @@ FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 # ``AcceptPathInfo``; ``php artisan serve``). So a deny rule also matches the path that
 # follows a segment whose name ends in ``.php`` (any case; the first such segment, as
 # Apache finds the script, and the last, as nginx's greedy split does): ``/index.php`` and
-# ``/index.php/`` are ``/`` to those apps. Lossy, so deny rules only, in every section.
-# Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through.
+# ``/index.php/`` are ``/`` to those apps. And the script is run whatever follows it (the
+# rest is its PATH_INFO): a deny rule also matches the path up to that segment, so
+# ``deny /admin.php`` denies ``/admin.php/x``. Lossy, so deny rules only, in every section.
+# Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through,
+# and one for /admin.php let "/admin.php/x".
 SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
 SCRIPT_SUFFIX = ".php"
 
@@ -330,7 +333,8 @@ def _script_tails(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
              if len(s) > len(SCRIPT_SUFFIX) and s[-len(SCRIPT_SUFFIX):].lower() == SCRIPT_SUFFIX]
     if not found:
         return []
-    return [segs[i + 1:] for i in dict.fromkeys((found[0], found[-1]))]
+    return [form for i in dict.fromkeys((found[0], found[-1]))
+            for form in (segs[i + 1:], segs[:i + 1])]
 
 
 def rule_path_forms(path: str, fold: bool, effect: str,
