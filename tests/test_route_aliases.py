@@ -32,8 +32,10 @@ ORDERS = h.spiffe("orders")
 # A request path of each denied route (the deny rules name the patterns).
 DENIED = {"/admin/**": "/admin/users", "/orders/*/refund": "/orders/7/refund", "/": "/",
           "/ops": "/ops"}
-# A denied script runs whatever follows it (its PATH_INFO).
-DENIED_SCRIPT = "/legacy/admin.php"
+# A denied script runs whatever follows it (its PATH_INFO): PHP, ASP.NET pages, handlers
+# and ASMX services, classic ASP, WCF, CGI.
+DENIED_SCRIPTS = ("/legacy/admin.php", "/pages/secret.aspx", "/h/export.ashx",
+                  "/svc/Admin.asmx", "/old/default.asp", "/wcf/ops.svc", "/cgi-bin/reset.cgi")
 PATH_INFOS = ("/x", "/x/y", "/", "/admin.json", "/index.php", "/%61")
 
 # Front controllers: the prefix a PHP app drops before it routes.
@@ -49,7 +51,7 @@ COOKIELESS = ("/(S(x))", "/(S(abcdefghijklmnopqrstuvwx))", "/(A(x))", "/(F(x))",
 def policy(case: str) -> dict[str, Any]:
     section: dict[str, Any] = {"path_case": case, "rules": [
         *({"name": f"deny-{n}", "deny": {"from": [FRONTEND], "paths": [p]}}
-          for n, p in enumerate((*DENIED, DENIED_SCRIPT))),
+          for n, p in enumerate((*DENIED, *DENIED_SCRIPTS))),
         {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}},
         {"name": "reports", "allow": {"from": [FRONTEND], "methods": ["POST"],
                                       "paths": ["/reports"]}},
@@ -95,12 +97,14 @@ def test_every_front_controller_of_every_denied_route(env: tuple[OrdersMesh, str
 
 def test_a_denied_script_with_every_path_info(env: tuple[OrdersMesh, str]) -> None:
     mesh, _ = env
-    assert mesh.get(DENIED_SCRIPT).status == 403
-    for info in PATH_INFOS:
-        r = mesh.get(DENIED_SCRIPT + info)
-        assert r.status == 403, (DENIED_SCRIPT + info, r.status)
-    for other in ("/legacy/admin.phpx/x", "/legacy/admin/x", "/legacy/x/admin.php/y"):
-        assert mesh.get(other).status == 200, other
+    for script in DENIED_SCRIPTS:
+        assert mesh.get(script).status == 403
+        for info in PATH_INFOS:
+            r = mesh.get(script + info)
+            assert r.status == 403, (script + info, r.status)
+        for other in (script + "x/y", script.rsplit(".", 1)[0] + "/x",
+                      script.rsplit("/", 1)[0] + "/x" + script.rsplit("/", 1)[1] + "/y"):
+            assert mesh.get(other).status == 200, other
 
 
 def test_every_cookieless_value_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
@@ -155,10 +159,12 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
 
 
 @pytest.mark.parametrize(("path", "forms"), [
-    ("/index.php/admin", [("index.php", "admin"), ("admin",), ("index.php",)]),
+    ("/index.php/admin", [("index.php", "admin"), ("index.php",), ("admin",)]),
     ("/index.php", [("index.php",), ()]),
-    ("/a.php/b/c.php/d", [("a.php", "b", "c.php", "d"), ("b", "c.php", "d"), ("a.php",),
-                          ("d",), ("a.php", "b", "c.php")]),
+    ("/a.php/b/c.php/d", [("a.php", "b", "c.php", "d"), ("a.php",), ("a.php", "b", "c.php"),
+                          ("b", "c.php", "d"), ("d",)]),
+    ("/s.asmx/Method", [("s.asmx", "Method"), ("s.asmx",)]),
+    ("/s.ASPX/x/y", [("s.ASPX", "x", "y"), ("s.ASPX",)]),
     ("/x/y", [("x", "y")]),
 ])
 def test_the_forms_a_deny_rule_matches(path: str, forms: list[tuple[str, ...]]) -> None:

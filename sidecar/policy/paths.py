@@ -321,20 +321,30 @@ FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 # Apache finds the script, and the last, as nginx's greedy split does): ``/index.php`` and
 # ``/index.php/`` are ``/`` to those apps. And the script is run whatever follows it (the
 # rest is its PATH_INFO): a deny rule also matches the path up to that segment, so
-# ``deny /admin.php`` denies ``/admin.php/x``. Lossy, so deny rules only, in every section.
+# ``deny /admin.php`` denies ``/admin.php/x``, and the same for the other scripts that take
+# one (``PATH_INFO_SUFFIXES``). Lossy, so deny rules only, in every section.
 # Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through,
 # and one for /admin.php let "/admin.php/x".
 SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
 SCRIPT_SUFFIX = ".php"
+# Other scripts that run with a PATH_INFO (what follows them is not routed: only the path up
+# to them is a form): ASP.NET's pages, handlers and ASMX services (``/svc.asmx/Method`` is
+# how an ASMX method is called), classic ASP, WCF's ``.svc`` and CGI scripts.
+PATH_INFO_SUFFIXES = (".php", ".aspx", ".ashx", ".asmx", ".asp", ".svc", ".cgi")
 
 
-def _script_tails(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
+def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The path after, and the path up to, the first and the last front-controller
+    segment (``*.php``), and up to the first and the last other script (see above)."""
+    forms: list[tuple[str, ...]] = []
+    scripts = [i for i, s in enumerate(segs[:-1]) if s.lower().endswith(PATH_INFO_SUFFIXES)]
+    if scripts:
+        forms.extend(segs[:i + 1] for i in dict.fromkeys((scripts[0], scripts[-1])))
     found = [i for i, s in enumerate(segs)
              if len(s) > len(SCRIPT_SUFFIX) and s[-len(SCRIPT_SUFFIX):].lower() == SCRIPT_SUFFIX]
-    if not found:
-        return []
-    return [form for i in dict.fromkeys((found[0], found[-1]))
-            for form in (segs[i + 1:], segs[:i + 1])]
+    if found:
+        forms.extend(segs[i + 1:] for i in dict.fromkeys((found[0], found[-1])))
+    return forms
 
 
 def rule_path_forms(path: str, fold: bool, effect: str,
@@ -346,7 +356,7 @@ def rule_path_forms(path: str, fold: bool, effect: str,
     segs = rule_segments(path, fold, effect)
     if effect not in SCRIPT_FOLD_EFFECTS or path.find(".") < 0:
         return (segs,)
-    bases = [segs, *_script_tails(segs)]
+    bases = [segs, *_script_forms(segs)]
     forms: list[tuple[str, ...]] = []
     for base in bases:
         for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
