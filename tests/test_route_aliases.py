@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.policy.paths import rule_path_forms, rule_segments
+from sidecar.policy.paths import rule_path_forms, rule_segments, short_name_matches
 from tests import harness as h
 from tests.orders_mesh import OrdersMesh, orders_mesh
 
@@ -42,6 +42,16 @@ PATH_INFOS = ("/x", "/x/y", "/", "/admin.json", "/index.php", "/%61")
 SCRIPTS = ("/index.php", "/app.php", "/app_dev.php", "/INDEX.PHP", "/Index.Php",
            "/index%2Ephp", "/ind%65x.php", "/public/index.php", "/a.php/index.php",
            "/index.php/b.php")
+# Windows short (8.3) names IIS serves a long name under (denied route -> spellings).
+LONG_NAMES = {"/administration/**": "/administration/users",
+              "/files/report-2024.xlsx": "/files/report-2024.xlsx",
+              "/Program Files/**": "/Program%20Files/x"}
+SHORT_NAMES = ("/ADMINI~1/users", "/admini~1/users", "/ADMINI~2/users", "/ADMINI~1./users",
+               "/ADMINI~1::$DATA/users", "/AD1F2E~1/users", "/ADMIN~12/users",
+               "/files/REPORT~1.XLS", "/files/report~1.xls", "/files/REPOR~10.XLS",
+               "/files/RE1A2B~1.XLS", "/PROGRA~1/x", "/progra~1/x/y")
+NOT_SHORT_NAMES = ("/files/REPORT~1.TXT", "/files/REPORT~1", "/XYZABC~1/users",
+                   "/ADMINIS~1/users", "/ADMINI~0/users", "/ADMINI-1/users", "/ADMINI~1X/users")
 # Cookieless values, as a whole segment before the route.
 COOKIELESS = ("/(S(x))", "/(S(abcdefghijklmnopqrstuvwx))", "/(A(x))", "/(F(x))",
               "/(S(a)F(b))", "/(s(x))", "/%28S%28x%29%29", "/(S())", "/(S(x))/(A(y))",
@@ -51,7 +61,7 @@ COOKIELESS = ("/(S(x))", "/(S(abcdefghijklmnopqrstuvwx))", "/(A(x))", "/(F(x))",
 def policy(case: str) -> dict[str, Any]:
     section: dict[str, Any] = {"path_case": case, "rules": [
         *({"name": f"deny-{n}", "deny": {"from": [FRONTEND], "paths": [p]}}
-          for n, p in enumerate((*DENIED, *DENIED_SCRIPTS))),
+          for n, p in enumerate((*DENIED, *DENIED_SCRIPTS, *LONG_NAMES))),
         {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}},
         {"name": "reports", "allow": {"from": [FRONTEND], "methods": ["POST"],
                                       "paths": ["/reports"]}},
@@ -107,6 +117,18 @@ def test_a_denied_script_with_every_path_info(env: tuple[OrdersMesh, str]) -> No
             assert mesh.get(other).status == 200, other
 
 
+def test_every_short_name_of_every_denied_long_name(env: tuple[OrdersMesh, str]) -> None:
+    mesh, case = env
+    for path in LONG_NAMES.values():
+        assert mesh.get(path).status == 403, path
+    for path in SHORT_NAMES:
+        # Only a path_case: insensitive section is the IIS one.
+        want = 403 if case == "insensitive" else 200
+        assert mesh.get(path).status == want, path
+    for path in NOT_SHORT_NAMES:
+        assert mesh.get(path).status == 200, path
+
+
 def test_every_cookieless_value_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
     mesh, case = env
     checked = 0
@@ -149,7 +171,9 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
     file.write_text(yaml.safe_dump(policy(case)))
     for path, folds in (("/index.php/admin", True), ("/app.php/orders/7/refund/", True),
                         ("/(S(x))/admin", case == "insensitive"),
-                        ("/ad(S(x))min/x", case == "insensitive")):
+                        ("/ad(S(x))min/x", case == "insensitive"),
+                        ("/ADMINI~1/users", case == "insensitive"),
+                        ("/files/REPORT~1.XLS", case == "insensitive")):
         r = h.sidecar_cli("policy", "explain", str(file), "--to", ORDERS, "--from", FRONTEND,
                           "--path", path, "-o", "json")
         decision = yaml.safe_load(r.stdout)["decision"]
@@ -171,6 +195,20 @@ def test_the_forms_a_deny_rule_matches(path: str, forms: list[tuple[str, ...]]) 
     assert list(rule_path_forms(path, False, "deny", False)) == forms
     assert list(rule_path_forms(path, False, "allow", False)) == forms[:1]
     assert list(rule_path_forms(path, False, "allow", True)) == forms[:1]
+
+
+def test_short_names_are_judged_like_windows_makes_them() -> None:
+    for short, name, want in (("admini~1", "administration", True),
+                              ("admini~1", "admin", False),  # (needs no short name)
+                              ("progra~1", "program%20files", True),
+                              ("report~1.xls", "report-2024.xlsx", True),
+                              ("report~1.xls", "report-2024.txt", False),
+                              ("report~1", "report-2024.xlsx", False),
+                              ("ad0f3c~1", "administration", True),
+                              ("adzzzz~1", "administration", False),
+                              ("mylong~1.nam", "my.long.name", True),
+                              ("admini~1", "*", False), ("a", "a", False)):
+        assert short_name_matches(short, name) is want, (short, name)
 
 
 def test_cookieless_values_fold_for_deny_rules_only() -> None:

@@ -56,6 +56,7 @@ from sidecar.policy.paths import (
     path_segments,
     rule_path_forms,
     rule_segments,
+    short_name_matches,
 )
 
 _MISSING = object()
@@ -104,8 +105,10 @@ class SegmentTrie:
             if node.star is not None:
                 stack.append(node.star)
 
-    def match(self, segments: tuple[str, ...]) -> list[frozenset[int]]:
-        """Every non-empty id set whose pattern matches ``segments``."""
+    def match(self, segments: tuple[str, ...], short: bool = False) -> list[frozenset[int]]:
+        """Every non-empty id set whose pattern matches ``segments``; with ``short``, a
+        segment that is a Windows short name also matches the names it can stand for
+        (``paths.short_name_matches``: deny rules of a ``path_case: insensitive`` section)."""
         out: list[frozenset[int]] = []
         n = len(segments)
         stack: list[tuple[_Node, int]] = [(self._root, 0)]
@@ -117,22 +120,29 @@ class SegmentTrie:
                 if node.here:
                     out.append(node.here)
                 continue
-            child = node.children.get(segments[i])
+            seg = segments[i]
+            child = node.children.get(seg)
             if child is not None:
                 stack.append((child, i + 1))
+            if short and seg.find("~") >= 0:
+                # (each node is reached once: a trie's node has one depth)
+                stack.extend((other, i + 1) for key, other in node.children.items()
+                             if key != seg and short_name_matches(seg, key))
             if node.star is not None:
                 stack.append((node.star, i + 1))
         return out
 
 
-def segments_match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
-    """Unindexed pattern match, same semantics as ``SegmentTrie``."""
+def segments_match(pattern: tuple[str, ...], segments: tuple[str, ...],
+                   short: bool = False) -> bool:
+    """Unindexed pattern match, same semantics as ``SegmentTrie`` (``short`` too)."""
     for i, seg in enumerate(pattern):
         if seg == "**" and i == len(pattern) - 1:
             return True
         if i >= len(segments):
             return False
-        if seg != "*" and seg != segments[i]:
+        if seg != "*" and seg != segments[i] and not (
+                short and short_name_matches(segments[i], seg)):
             return False
     return len(pattern) == len(segments)
 
@@ -343,7 +353,8 @@ def request_trace(
         )
     if check_indexed and when.paths is not None:
         forms = rule_path_forms(facts.path, fold_case, effect, formats)
-        held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
+        short = fold_case and effect in NAME_FOLD_EFFECTS
+        held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs, short)
                    for p in when.paths for segs in forms)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
@@ -385,7 +396,8 @@ def request_holds(
             return False
         if when.paths is not None:
             forms = rule_path_forms(facts.path, fold_case, effect, formats)
-            if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
+            short = fold_case and effect in NAME_FOLD_EFFECTS
+            if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs, short)
                        for p in when.paths for segs in forms):
                 return False
     return True
@@ -467,7 +479,7 @@ class RuleIndex:
     ``rule_segments``)."""
 
     __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names",
-                 "_effect", "_formats", "_forms")
+                 "_effect", "_formats", "_forms", "_short")
 
     def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
                  effect: str = "allow", formats: bool = False) -> None:
@@ -477,6 +489,7 @@ class RuleIndex:
         self._effect = effect
         self._formats = formats and effect in FORMAT_FOLD_EFFECTS  # (``rule_path_forms``)
         self._forms = self._formats or effect in SCRIPT_FOLD_EFFECTS
+        self._short = fold_case and self._names  # (Windows short names: deny rules)
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -515,9 +528,10 @@ class RuleIndex:
         if self._forms and path.find(".") >= 0:  # (deny: a format suffix, a PHP script)
             path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect,
                                                          self._formats)
-                         for ids in self._paths.match(segs)]
+                         for ids in self._paths.match(segs, self._short)]
         else:
-            path_sets = self._paths.match(path_segments(path, self._fold, self._names))
+            path_sets = self._paths.match(path_segments(path, self._fold, self._names),
+                                          self._short)
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:

@@ -47,7 +47,8 @@ that section cannot also allow non-ASCII paths (the loader refuses the combinati
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
 the same on both sides. Such a section's deny rules also fold what Windows names treat as one
 file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``), and
-ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``); its allow rules do not (that
+ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``), and match Windows short
+names (``/ADMINI~1``: ``short_name_matches``); its allow rules do not (that
 fold is lossy, and would widen them: ``rule_segments``). In every section, deny rules also
 match the path after a PHP front controller (``/index.php/admin``: ``rule_path_forms``).
 
@@ -378,6 +379,47 @@ def _suffix_forms(segs: tuple[str, ...], formats: bool) -> tuple[tuple[str, ...]
     if final != first:
         forms.append(head + (last[:final],))
     return tuple(forms)
+
+
+# Windows short (8.3) names. On a volume that makes them (the system volume does by
+# default: inetpub\wwwroot), IIS serves a file or directory under its short name as well:
+# "/ADMINI~1/x" is "/administration/x", "/REPORT~1.XLS" is "/report-2024.xlsx". The short
+# name is the long one's first letters (spaces and all but the last dot dropped, at most
+# eight characters with "~N"), or, after a few clashes, two letters and a hash ("AD3F~1"),
+# with the first three letters of the extension. A deny rule of a ``path_case: insensitive``
+# section (the IIS one) matches a request segment of that shape where its pattern has a
+# name the short one can stand for (``SegmentTrie.match``, ``segments_match``: ``short``).
+# Lossy (it cannot tell which name the file system gave), so deny rules only. Found by a
+# hostile review: a deny rule for /administration/** let "/ADMINI~1/users" through.
+SHORT_NAME = re.compile(r"([^~.]{1,6})~([1-9][0-9]{0,5})(?:\.([^.]{1,3}))?")
+_LONG_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+
+
+def short_name_matches(short: str, name: str) -> bool:
+    """Can the (case-folded) request segment ``short``, a Windows short name, stand for the
+    (case-folded) pattern segment ``name``? False when ``short`` is no short name."""
+    if short.find("~") < 0:
+        return False
+    m = SHORT_NAME.fullmatch(short)
+    if m is None or name in ("*", "**"):
+        return False
+    prefix, number, ext = m.group(1), m.group(2), m.group(3) or ""
+    if len(prefix) + 1 + len(number) > 8:
+        return False
+    long = _LONG_ESCAPE.sub("_", name.replace("%20", "").lstrip("."))
+    stem, dot, long_ext = long.rpartition(".")
+    if not dot:
+        stem, long_ext = long, ""
+    stem = stem.replace(".", "")
+    for bad in "+,=[]":
+        stem = stem.replace(bad, "_")
+    if long_ext[:3] != ext:
+        return False
+    if stem.startswith(prefix):
+        return True
+    # the hashed form: two letters of the name and four hex digits
+    return len(prefix) == 6 and stem.startswith(prefix[:2]) and all(
+        c in "0123456789abcdef" for c in prefix[2:])
 
 
 _WINDOWS_TAIL = re.compile("(?:" + "|".join(map(re.escape, WINDOWS_TRAILING)) + ")+$")
