@@ -20,7 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.policy.paths import rule_path_forms, rule_segments, short_name_matches
+from sidecar.policy.paths import (
+    allow_view,
+    rule_path_forms,
+    rule_segments,
+    short_name_matches,
+)
 from tests import harness as h
 from tests.orders_mesh import OrdersMesh, orders_mesh
 
@@ -65,6 +70,8 @@ def policy(case: str) -> dict[str, Any]:
         {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}},
         {"name": "reports", "allow": {"from": [FRONTEND], "methods": ["POST"],
                                       "paths": ["/reports"]}},
+        {"name": "uploads", "allow": {"from": [FRONTEND], "methods": ["PUT"],
+                                      "paths": ["/public/**"]}},
     ]}
     return {"version": 1, "trust_domain": "demo.local", "services": {ORDERS: section}}
 
@@ -129,6 +136,30 @@ def test_every_short_name_of_every_denied_long_name(env: tuple[OrdersMesh, str])
         assert mesh.get(path).status == 200, path
 
 
+# Paths under /public/ as sent that ASP.NET, once it removed their cookieless values, reads
+# as a step out of it ("/public/../admin"): an allow rule for /public/** must not admit them.
+CLIMBS = ("/public/..(S(x))/admin", "/public/.(S(x))./admin", "/public/(S(x))..(F(y))/admin",
+          "/public/..(s(x))/admin", "/public/%20..(S(x))/admin", "/public/.(S(x))/admin",
+          "/public/x/..(S(x))/..(S(y))/admin", "/public/..%28S%28x%29%29/admin")
+TO_ADMIN = (CLIMBS[0], CLIMBS[1], CLIMBS[2], CLIMBS[3], CLIMBS[6], CLIMBS[7])
+
+
+def test_allow_does_not_admit_what_asp_net_reads_elsewhere(env: tuple[OrdersMesh, str]) -> None:
+    mesh, case = env
+
+    def put(path: str) -> int:
+        return h.http(mesh.sidecar.port("inbound"), "PUT", path, body=b"x",
+                      ctx=mesh.ctx).status
+
+    for path in ("/public/x", "/public/(S(x))/y", "/public/a(S(x))b", "/public/(S(x))"):
+        assert put(path) == 200, path
+    for path in CLIMBS:
+        # (a case-sensitive section is no ASP.NET one: "..(S(x))" is a name there)
+        assert put(path) == (403 if case == "insensitive" else 200), path
+        if case == "insensitive" and path in TO_ADMIN:  # the deny side reads /admin/...
+            assert mesh.get(path + "/users").status == 403, path
+
+
 def test_every_cookieless_value_of_every_denied_route(env: tuple[OrdersMesh, str]) -> None:
     mesh, case = env
     checked = 0
@@ -180,6 +211,13 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
         assert r.returncode == (1 if folds else 0), (path, r.stdout, r.stderr)
         want = "deny" if folds else "allow"
         assert decision["action"] == want, (path, decision)
+    # The allow side: PUT is allowed under /public/** only, not where ASP.NET reads a climb.
+    for path in (CLIMBS[0], "/public/(S(x))/y"):
+        r = h.sidecar_cli("policy", "explain", str(file), "--to", ORDERS, "--from", FRONTEND,
+                          "--method", "PUT", "--path", path, "-o", "json")
+        decision = yaml.safe_load(r.stdout)["decision"]
+        refused = case == "insensitive" and path == CLIMBS[0]
+        assert decision["action"] == ("deny" if refused else "allow"), (path, decision)
 
 
 @pytest.mark.parametrize(("path", "forms"), [
@@ -216,3 +254,7 @@ def test_cookieless_values_fold_for_deny_rules_only() -> None:
     assert rule_segments("/x/.(S(a)).(S(b))/admin", True, "deny") == ("admin",)
     assert rule_segments("/(S(x))/admin", True, "allow") == ("(s(x))", "admin")
     assert rule_segments("/(S(x))/admin", False, "deny") == ("(S(x))", "admin")
+    assert allow_view("/public/..(S(x))/admin", True) == ("/",)
+    assert allow_view("/public/(S(x))/a", True) == ("public", "a")
+    assert allow_view("/public/(S(x))/a", False) is None
+    assert allow_view("/public/a", True) is None

@@ -53,6 +53,7 @@ from sidecar.policy.paths import (
     FORMAT_FOLD_EFFECTS,
     NAME_FOLD_EFFECTS,
     SCRIPT_FOLD_EFFECTS,
+    allow_view,
     path_segments,
     rule_path_forms,
     rule_segments,
@@ -322,6 +323,21 @@ class AuthOutcome:
 AUTH_OK = AuthOutcome(True)
 
 
+def _paths_hold(patterns: tuple[str, ...], path: str, fold_case: bool, effect: str,
+                formats: bool) -> bool:
+    """Does one of a rule's path ``patterns`` match the request ``path``: for a deny rule in
+    any of its folded forms (``rule_path_forms``, Windows short names), for an allow rule
+    as sent and, where ASP.NET would route it as another path, as that too (``allow_view``).
+    """
+    forms = rule_path_forms(path, fold_case, effect, formats)
+    short = fold_case and effect in NAME_FOLD_EFFECTS
+    pats = [path_pattern_segments(p, fold_case, effect) for p in patterns]
+    if not any(segments_match(pat, segs, short) for pat in pats for segs in forms):
+        return False
+    view = allow_view(path, fold_case) if effect not in NAME_FOLD_EFFECTS else None
+    return view is None or any(segments_match(pat, view) for pat in pats)
+
+
 def request_trace(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
     fold_case: bool = False, effect: str = "allow", formats: bool = False,
@@ -352,10 +368,7 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        forms = rule_path_forms(facts.path, fold_case, effect, formats)
-        short = fold_case and effect in NAME_FOLD_EFFECTS
-        held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs, short)
-                   for p in when.paths for segs in forms)
+        held = _paths_hold(when.paths, facts.path, fold_case, effect, formats)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -395,10 +408,7 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            forms = rule_path_forms(facts.path, fold_case, effect, formats)
-            short = fold_case and effect in NAME_FOLD_EFFECTS
-            if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs, short)
-                       for p in when.paths for segs in forms):
+            if not _paths_hold(when.paths, facts.path, fold_case, effect, formats):
                 return False
     return True
 
@@ -532,6 +542,10 @@ class RuleIndex:
         else:
             path_sets = self._paths.match(path_segments(path, self._fold, self._names),
                                           self._short)
+        view = allow_view(path, self._fold) if not self._names else None
+        if view is not None:  # (allow: ASP.NET's reading must be allowed too)
+            also = {n for ids in self._paths.match(view) for n in ids}
+            path_sets = [frozenset(also.intersection(ids)) for ids in path_sets]
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:

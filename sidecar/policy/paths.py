@@ -278,6 +278,26 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
 COOKIELESS = re.compile(r"\((?:[a-z]\([^()/]*\))+\)")
 
 
+def allow_view(path: str, fold: bool) -> tuple[str, ...] | None:
+    """For an allow rule of a ``fold`` section: the segments ASP.NET routes ``path`` (a
+    request path) as once its cookieless values are removed, when they differ from the path
+    as sent, else None. An allow rule must match both (a lossy fold never admits more): an
+    allow for ``/public/**`` does not admit ``/public/..(S(x))/admin``, which ASP.NET reads
+    as ``/public/../admin``. Empty segments left are dropped; a segment of dots and spaces
+    only gives ``("/",)``, which no pattern but ``/**`` matches."""
+    if not fold or path.find("(") < 0:
+        return None
+    lowered = path.translate(_ASCII_LOWER)
+    stripped = COOKIELESS.sub("", lowered)
+    if stripped == lowered:
+        return None
+    segments = tuple(s for s in stripped.split("/")[1:] if s)  # ("//" read as "/")
+    for segment in segments:
+        if not segment.replace("%20", "").strip("."):
+            return ("/",)
+    return segments
+
+
 def _cookieless_segments(path: str) -> tuple[str, ...]:
     # (path is already case-folded: the letter is matched in lower case)
     kept: list[str] = []
