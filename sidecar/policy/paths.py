@@ -371,9 +371,10 @@ def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
 def rule_path_forms(path: str, fold: bool, effect: str,
                     formats: bool) -> tuple[tuple[str, ...], ...]:
     """The segment tuples a rule of ``effect`` matches the request ``path`` in: its
-    ``rule_segments``; for a deny rule also the path after a PHP front controller
-    (``SCRIPT_FOLD_EFFECTS``), and in a section that folds format suffixes (``formats``)
-    those with the last segment's suffix dropped (see above)."""
+    ``rule_segments``; for a deny rule also the path after a PHP front controller and the
+    path up to a script that takes a PATH_INFO (``SCRIPT_FOLD_EFFECTS``), and in a section
+    that folds format suffixes (``formats``) each with its last segment's suffix dropped
+    (see above)."""
     segs = rule_segments(path, fold, effect)
     if effect not in SCRIPT_FOLD_EFFECTS or path.find(".") < 0:
         return (segs,)
