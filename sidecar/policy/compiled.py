@@ -52,9 +52,12 @@ from sidecar.policy.model import (
 from sidecar.policy.paths import (
     FORMAT_FOLD_EFFECTS,
     NAME_FOLD_EFFECTS,
+    SCRIPT_FOLD_EFFECTS,
+    allow_view,
     path_segments,
     rule_path_forms,
     rule_segments,
+    short_name_matches,
 )
 
 _MISSING = object()
@@ -103,8 +106,10 @@ class SegmentTrie:
             if node.star is not None:
                 stack.append(node.star)
 
-    def match(self, segments: tuple[str, ...]) -> list[frozenset[int]]:
-        """Every non-empty id set whose pattern matches ``segments``."""
+    def match(self, segments: tuple[str, ...], short: bool = False) -> list[frozenset[int]]:
+        """Every non-empty id set whose pattern matches ``segments``; with ``short``, a
+        segment that is a Windows short name also matches the names it can stand for
+        (``paths.short_name_matches``: deny rules of a ``path_case: insensitive`` section)."""
         out: list[frozenset[int]] = []
         n = len(segments)
         stack: list[tuple[_Node, int]] = [(self._root, 0)]
@@ -116,22 +121,29 @@ class SegmentTrie:
                 if node.here:
                     out.append(node.here)
                 continue
-            child = node.children.get(segments[i])
+            seg = segments[i]
+            child = node.children.get(seg)
             if child is not None:
                 stack.append((child, i + 1))
+            if short and seg.find("~") >= 0:
+                # (each node is reached once: a trie's node has one depth)
+                stack.extend((other, i + 1) for key, other in node.children.items()
+                             if key != seg and short_name_matches(seg, key))
             if node.star is not None:
                 stack.append((node.star, i + 1))
         return out
 
 
-def segments_match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
-    """Unindexed pattern match, same semantics as ``SegmentTrie``."""
+def segments_match(pattern: tuple[str, ...], segments: tuple[str, ...],
+                   short: bool = False) -> bool:
+    """Unindexed pattern match, same semantics as ``SegmentTrie`` (``short`` too)."""
     for i, seg in enumerate(pattern):
         if seg == "**" and i == len(pattern) - 1:
             return True
         if i >= len(segments):
             return False
-        if seg != "*" and seg != segments[i]:
+        if seg != "*" and seg != segments[i] and not (
+                short and short_name_matches(segments[i], seg)):
             return False
     return len(pattern) == len(segments)
 
@@ -311,6 +323,21 @@ class AuthOutcome:
 AUTH_OK = AuthOutcome(True)
 
 
+def _paths_hold(patterns: tuple[str, ...], path: str, fold_case: bool, effect: str,
+                formats: bool) -> bool:
+    """Does one of a rule's path ``patterns`` match the request ``path``: for a deny rule in
+    any of its folded forms (``rule_path_forms``, Windows short names), for an allow rule
+    as sent and, where ASP.NET would route it as another path, as that too (``allow_view``).
+    """
+    forms = rule_path_forms(path, fold_case, effect, formats)
+    short = fold_case and effect in NAME_FOLD_EFFECTS
+    pats = [path_pattern_segments(p, fold_case, effect) for p in patterns]
+    if not any(segments_match(pat, segs, short) for pat in pats for segs in forms):
+        return False
+    view = allow_view(path, fold_case) if effect not in NAME_FOLD_EFFECTS else None
+    return view is None or any(segments_match(pat, view) for pat in pats)
+
+
 def request_trace(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
     fold_case: bool = False, effect: str = "allow", formats: bool = False,
@@ -341,9 +368,7 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        forms = rule_path_forms(facts.path, fold_case, effect, formats)
-        held = any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
-                   for p in when.paths for segs in forms)
+        held = _paths_hold(when.paths, facts.path, fold_case, effect, formats)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -383,9 +408,7 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            forms = rule_path_forms(facts.path, fold_case, effect, formats)
-            if not any(segments_match(path_pattern_segments(p, fold_case, effect), segs)
-                       for p in when.paths for segs in forms):
+            if not _paths_hold(when.paths, facts.path, fold_case, effect, formats):
                 return False
     return True
 
@@ -466,7 +489,7 @@ class RuleIndex:
     ``rule_segments``)."""
 
     __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names",
-                 "_effect", "_formats")
+                 "_effect", "_formats", "_forms", "_short")
 
     def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
                  effect: str = "allow", formats: bool = False) -> None:
@@ -475,6 +498,8 @@ class RuleIndex:
         self._names = effect in NAME_FOLD_EFFECTS  # (chosen once: a lookup costs the same)
         self._effect = effect
         self._formats = formats and effect in FORMAT_FOLD_EFFECTS  # (``rule_path_forms``)
+        self._forms = self._formats or effect in SCRIPT_FOLD_EFFECTS
+        self._short = fold_case and self._names  # (Windows short names: deny rules)
         peer_entries: list[tuple[tuple[str, ...], int]] = []
         path_entries: list[tuple[tuple[str, ...], int]] = []
         any_peer: set[int] = set()
@@ -510,11 +535,17 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
-        if self._formats and "." in path:
-            path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect, True)
-                         for ids in self._paths.match(segs)]
+        if self._forms and path.find(".") >= 0:  # (deny: a format suffix, a PHP script)
+            path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect,
+                                                         self._formats)
+                         for ids in self._paths.match(segs, self._short)]
         else:
-            path_sets = self._paths.match(path_segments(path, self._fold, self._names))
+            path_sets = self._paths.match(path_segments(path, self._fold, self._names),
+                                          self._short)
+        view = allow_view(path, self._fold) if not self._names else None
+        if view is not None:  # (allow: ASP.NET's reading must be allowed too)
+            also = {n for ids in self._paths.match(view) for n in ids}
+            path_sets = [frozenset(also.intersection(ids)) for ids in path_sets]
         if self._any_path:
             path_sets.append(self._any_path)
         if not path_sets:

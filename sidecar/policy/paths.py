@@ -46,8 +46,11 @@ paths are matched with ASCII letters folded to lower case (``fold=True``). Only 
 that section cannot also allow non-ASCII paths (the loader refuses the combination), and
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
 the same on both sides. Such a section's deny rules also fold what Windows names treat as one
-file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``); its
-allow rules do not (that fold is lossy, and would widen them: ``rule_segments``).
+file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``), and
+ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``), and match Windows short
+names (``/ADMINI~1``: ``short_name_matches``); its allow rules do not (that
+fold is lossy, and would widen them: ``rule_segments``). In every section, deny rules also
+match the path after a PHP front controller (``/index.php/admin``: ``rule_path_forms``).
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -255,12 +258,59 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
     """
     if fold:
         path = path.translate(_ASCII_LOWER)
+    if fold and names and path.find("(") >= 0:
+        return _cookieless_segments(path)
     if path.endswith("/"):
         path = path[:-1]
     if not path:
         return ()
     segments = tuple(path.split("/")[1:])
     return tuple(_windows_name(s) for s in segments) if fold and names else segments
+
+
+# ASP.NET (the .NET Framework one IIS hosts) reads cookieless session, anonymous-id and
+# forms-auth values from the path and removes them before it routes: "/(S(x))/admin",
+# "/(S(a)F(b))/admin" and, before the August 2023 fix (CVE-2023-36899), anywhere in it:
+# "/ad(S(x))min" ran "/admin". The name fold of a ``path_case: insensitive`` section (the
+# IIS one) removes them too, for deny rules only; what is left is read as ASP.NET would read
+# it: empty and "." segments dropped, ".." a step up. Found by a hostile review: a deny rule
+# for /admin/** let "/(S(x))/admin/users" through.
+COOKIELESS = re.compile(r"\((?:[a-z]\([^()/]*\))+\)")
+
+
+def allow_view(path: str, fold: bool) -> tuple[str, ...] | None:
+    """For an allow rule of a ``fold`` section: the segments ASP.NET routes ``path`` (a
+    request path) as once its cookieless values are removed, when they differ from the path
+    as sent, else None. An allow rule must match both (a lossy fold never admits more): an
+    allow for ``/public/**`` does not admit ``/public/..(S(x))/admin``, which ASP.NET reads
+    as ``/public/../admin``. Empty segments left are dropped; a segment of dots and spaces
+    only gives ``("/",)``, which no pattern but ``/**`` matches."""
+    if not fold or path.find("(") < 0:
+        return None
+    lowered = path.translate(_ASCII_LOWER)
+    stripped = COOKIELESS.sub("", lowered)
+    if stripped == lowered:
+        return None
+    segments = tuple(s for s in stripped.split("/")[1:] if s)  # ("//" read as "/")
+    for segment in segments:
+        if not segment.replace("%20", "").strip("."):
+            return ("/",)
+    return segments
+
+
+def _cookieless_segments(path: str) -> tuple[str, ...]:
+    # (path is already case-folded: the letter is matched in lower case)
+    kept: list[str] = []
+    for segment in COOKIELESS.sub("", path).split("/")[1:]:
+        name = _windows_name(segment) if segment else segment
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if kept:
+                kept.pop()
+            continue
+        kept.append(name)
+    return tuple(kept)
 
 
 def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
@@ -282,14 +332,63 @@ def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
 # hostile review.
 FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 
+# PHP front controllers. Laravel, Symfony, CodeIgniter, Slim and most PHP frameworks route
+# the path *after* the script: "/index.php/admin" runs the "/admin" route (Symfony's
+# ``Request::getPathInfo`` drops the script's name, ``/index.php``, from the request URI),
+# and the web-server configurations their documentation gives pass such paths to PHP
+# (nginx ``location ~ ^/index\.php(/|$)`` with ``fastcgi_split_path_info``; Apache's
+# ``AcceptPathInfo``; ``php artisan serve``). So a deny rule also matches the path that
+# follows a segment whose name ends in ``.php`` (any case; the first such segment, as
+# Apache finds the script, and the last, as nginx's greedy split does): ``/index.php`` and
+# ``/index.php/`` are ``/`` to those apps. And the script is run whatever follows it (the
+# rest is its PATH_INFO): a deny rule also matches the path up to that segment, so
+# ``deny /admin.php`` denies ``/admin.php/x``, and the same for the other scripts that take
+# one (``PATH_INFO_SUFFIXES``). Lossy, so deny rules only, in every section.
+# Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through,
+# and one for /admin.php let "/admin.php/x".
+SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
+SCRIPT_SUFFIX = ".php"
+# Other scripts that run with a PATH_INFO (what follows them is not routed: only the path up
+# to them is a form): ASP.NET's pages, handlers and ASMX services (``/svc.asmx/Method`` is
+# how an ASMX method is called), classic ASP, WCF's ``.svc`` and CGI scripts.
+PATH_INFO_SUFFIXES = (".php", ".aspx", ".ashx", ".asmx", ".asp", ".svc", ".cgi")
+
+
+def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The path after, and the path up to, the first and the last front-controller
+    segment (``*.php``), and up to the first and the last other script (see above)."""
+    forms: list[tuple[str, ...]] = []
+    scripts = [i for i, s in enumerate(segs[:-1]) if s.lower().endswith(PATH_INFO_SUFFIXES)]
+    if scripts:
+        forms.extend(segs[:i + 1] for i in dict.fromkeys((scripts[0], scripts[-1])))
+    found = [i for i, s in enumerate(segs)
+             if len(s) > len(SCRIPT_SUFFIX) and s[-len(SCRIPT_SUFFIX):].lower() == SCRIPT_SUFFIX]
+    if found:
+        forms.extend(segs[i + 1:] for i in dict.fromkeys((found[0], found[-1])))
+    return forms
+
 
 def rule_path_forms(path: str, fold: bool, effect: str,
                     formats: bool) -> tuple[tuple[str, ...], ...]:
     """The segment tuples a rule of ``effect`` matches the request ``path`` in: its
-    ``rule_segments``, and for a deny rule in a section that folds format suffixes
-    (``formats``) also those with the last segment's suffix dropped (see above)."""
+    ``rule_segments``; for a deny rule also the path after a PHP front controller and the
+    path up to a script that takes a PATH_INFO (``SCRIPT_FOLD_EFFECTS``), and in a section
+    that folds format suffixes (``formats``) each with its last segment's suffix dropped
+    (see above)."""
     segs = rule_segments(path, fold, effect)
-    if not formats or not segs or effect not in FORMAT_FOLD_EFFECTS:
+    if effect not in SCRIPT_FOLD_EFFECTS or path.find(".") < 0:
+        return (segs,)
+    bases = [segs, *_script_forms(segs)]
+    forms: list[tuple[str, ...]] = []
+    for base in bases:
+        for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
+            if form not in forms:
+                forms.append(form)
+    return tuple(forms)
+
+
+def _suffix_forms(segs: tuple[str, ...], formats: bool) -> tuple[tuple[str, ...], ...]:
+    if not formats or not segs:
         return (segs,)
     last = segs[-1]
     first = last.find(".")
@@ -301,6 +400,47 @@ def rule_path_forms(path: str, fold: bool, effect: str,
     if final != first:
         forms.append(head + (last[:final],))
     return tuple(forms)
+
+
+# Windows short (8.3) names. On a volume that makes them (the system volume does by
+# default: inetpub\wwwroot), IIS serves a file or directory under its short name as well:
+# "/ADMINI~1/x" is "/administration/x", "/REPORT~1.XLS" is "/report-2024.xlsx". The short
+# name is the long one's first letters (spaces and all but the last dot dropped, at most
+# eight characters with "~N"), or, after a few clashes, two letters and a hash ("AD3F~1"),
+# with the first three letters of the extension. A deny rule of a ``path_case: insensitive``
+# section (the IIS one) matches a request segment of that shape where its pattern has a
+# name the short one can stand for (``SegmentTrie.match``, ``segments_match``: ``short``).
+# Lossy (it cannot tell which name the file system gave), so deny rules only. Found by a
+# hostile review: a deny rule for /administration/** let "/ADMINI~1/users" through.
+SHORT_NAME = re.compile(r"([^~.]{1,6})~([1-9][0-9]{0,5})(?:\.([^.]{1,3}))?")
+_LONG_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
+
+
+def short_name_matches(short: str, name: str) -> bool:
+    """Can the (case-folded) request segment ``short``, a Windows short name, stand for the
+    (case-folded) pattern segment ``name``? False when ``short`` is no short name."""
+    if short.find("~") < 0:
+        return False
+    m = SHORT_NAME.fullmatch(short)
+    if m is None or name in ("*", "**"):
+        return False
+    prefix, number, ext = m.group(1), m.group(2), m.group(3) or ""
+    if len(prefix) + 1 + len(number) > 8:
+        return False
+    long = _LONG_ESCAPE.sub("_", name.replace("%20", "").lstrip("."))
+    stem, dot, long_ext = long.rpartition(".")
+    if not dot:
+        stem, long_ext = long, ""
+    stem = stem.replace(".", "")
+    for bad in "+,=[]":
+        stem = stem.replace(bad, "_")
+    if long_ext[:3] != ext:
+        return False
+    if stem.startswith(prefix):
+        return True
+    # the hashed form: two letters of the name and four hex digits
+    return len(prefix) == 6 and stem.startswith(prefix[:2]) and all(
+        c in "0123456789abcdef" for c in prefix[2:])
 
 
 _WINDOWS_TAIL = re.compile("(?:" + "|".join(map(re.escape, WINDOWS_TRAILING)) + ")+$")
