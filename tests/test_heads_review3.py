@@ -220,8 +220,23 @@ def _spellings(name: str) -> list[str]:
                    name.replace("-", "_").upper(), name.title().replace("-", "_")})
 
 
+# Names an app runs as the request's path, method or target (found by a hostile review:
+# ``forward_claims: {sub: x-http-method-override}`` loaded): every request-override entry of
+# the catalogue (a prefix entry with a suffix) and WebDAV's Destination.
+def _override_names() -> list[str]:
+    from sidecar.http.untrusted import CATALOGUE, OVERRIDE
+
+    return sorted({e.name + ("x" if e.prefix else "") for e in CATALOGUE
+                   if e.family == OVERRIDE} | {"destination"})
+
+
 BAD_CLAIM_HEADERS: dict[str, str] = {
-    f"{n}:{s}": s for n in _SIDECAR_OWN + _FRAMING_AND_HOP for s in _spellings(n)}
+    f"{n}:{s}": s for n in _SIDECAR_OWN + _FRAMING_AND_HOP + _override_names()
+    for s in _spellings(n)}
+# The CGI spelling some apps read literally (``getHeader("HTTP_X_REQUEST_ID")``).
+BAD_CLAIM_HEADERS.update({
+    f"cgi:{n}": "HTTP_" + n.replace("-", "_").upper()
+    for n in _SIDECAR_OWN + _FRAMING_AND_HOP + _override_names()})
 BAD_CLAIM_HEADERS.update({
     f"gateway_char:{c}": f"x{c}user" for c in "!#$%&'*+.^`|~"})
 BAD_CLAIM_HEADERS["final_newline"] = "x-user\n"

@@ -17,7 +17,7 @@ from sidecar.config.source import Path as P
 from sidecar.config.source import Reader
 from sidecar.config.values import host_problem, ipv6_problem
 from sidecar.http.headers import HOP_BY_HOP
-from sidecar.http.untrusted import SIDECAR_SET, fold
+from sidecar.http.untrusted import CATALOGUE, OVERRIDE, SIDECAR_SET, fold
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
     DEFAULT_JWKS_REFRESH_SECONDS,
@@ -55,6 +55,32 @@ FORBIDDEN_FORWARD_HEADERS = frozenset(
     | {fold(name).decode("latin-1") for name in HOP_BY_HOP}
     | {fold(name).decode("latin-1") for name in SIDECAR_SET}
 )
+# Names whose value an app runs as the request's path, method or target rather than reads
+# as a fact: the catalogue's request-override family (``X-HTTP-Method-Override``,
+# ``X-Original-URL``...) and WebDAV's ``Destination``, which the policy judges as a path. A
+# claim forwarded under one of them would make the app run what the token holder put in the
+# claim, unjudged (found by a hostile review: ``policy check`` accepted
+# ``forward_claims: {sub: x-http-method-override}``).
+_OVERRIDE_EXACT = frozenset(fold(e.name).decode("latin-1") for e in CATALOGUE
+                            if e.family == OVERRIDE and not e.prefix) | {"destination"}
+_OVERRIDE_PREFIXES = tuple(fold(e.name).decode("latin-1") for e in CATALOGUE
+                           if e.family == OVERRIDE and e.prefix)
+
+
+def forbidden_claim_header(header: str) -> bool:
+    """Whether a claim may not be forwarded under ``header`` (any case, ``_`` for ``-``, and
+    in its CGI spelling ``HTTP_...``, which some apps read literally): one the sidecar sets
+    or reads, a framing, credential or hop-by-hop header, or a request-override one."""
+    folded = fold(header).decode("latin-1")
+    for name in (folded, folded[5:] if folded.startswith("http-") else None):
+        if name is None:
+            continue
+        if name in FORBIDDEN_FORWARD_HEADERS or name in _OVERRIDE_EXACT \
+                or name.startswith(_OVERRIDE_PREFIXES):
+            return True
+    return False
+
+
 # A forwarded claim's header name: letters, digits, ``-`` and ``_``. A gateway or CGI
 # adapter reads the other token characters (``.``, ``~``, ``!``...) as ``_``, so a claim
 # sent as ``x.user`` would reach the app as ``X_USER`` -- the very variable a caller's own
@@ -294,9 +320,10 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
                           "'_' (an app's gateway reads other characters as '_': the name "
                           "would reach the app as one a caller can send)")
                 ok = False
-            elif fold(header).decode("latin-1") in FORBIDDEN_FORWARD_HEADERS:
+            elif forbidden_claim_header(header):
                 r.problem(fp + (claim,), f"a claim cannot be forwarded as {header.lower()}: the "
-                          "sidecar sets it, reads it, or it is hop-by-hop")
+                          "sidecar sets it, reads it, it is hop-by-hop, or the app would run "
+                          "it as the request's path or method")
                 ok = False
             else:
                 pairs.append((claim, header.lower()))
