@@ -1,5 +1,9 @@
-"""Case in paths: `path_case: insensitive` sections fold ASCII case for every rule; lint warns
-(`case-sensitive-deny`) about deny rules in sections that do not say `path_case` at all."""
+"""Case in paths: `path_case: insensitive` sections fold ASCII case for every rule; sections
+that do not say `path_case` fold it for deny rules only (a deny rule for `/admin/**` denies
+`/ADMIN/x` in front of Express, IIS or ASP.NET; allow rules match as sent); `path_case:
+sensitive` matches exact case for every rule. Before the twenty-first session a section that
+did not say matched deny rules case-sensitively and only `policy lint` warned
+(`case-sensitive-deny`, retired) -- found by a hostile review to be a hole by default."""
 
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ DENIED_VARIANTS = ["/admin", "/ADMIN", "/Admin/users", "/aDmIn/x/y", "/%41dmin/x
                    "/admin%3A%3A%24INDEX_ALLOCATION/s", "/admin.::$DATA", "/admin:s/x",
                    "/Admin.%20.::$data/x"]
 ALLOWED_VARIANTS = ["/public", "/PUBLIC/x", "/Public/a/B"]
+# The case spellings alone (what a section that does not say ``path_case`` folds).
+CASE_VARIANTS = DENIED_VARIANTS[:9]
 
 
 def _decide(policy_src: str, path: str, unindexed: bool = False) -> bool:
@@ -75,15 +81,31 @@ def test_insensitive_section_allows_every_case(path: str) -> None:
     assert _decide(policy_text("insensitive"), path, unindexed=True) is True
 
 
-@pytest.mark.parametrize("case", [None, "sensitive"])
-def test_sensitive_section_matches_exact_case(case: str | None) -> None:
-    src = policy_text(case)
+def test_sensitive_section_matches_exact_case() -> None:
+    src = policy_text("sensitive")
     assert _decide(src, "/admin/x") is False
     assert _decide(src, "/Reports/Secret") is False
-    # The deny rule does not reach other spellings: right for a case-sensitive app, a hole
-    # in front of Express/IIS/ASP.NET (what the lint warning says).
+    # The deny rule does not reach other spellings: the section says its app tells case
+    # apart (Django, Rails, Go), so /ADMIN is another route.
     assert _decide(src, "/ADMIN/x") is True
     assert _decide(src, "/reports/secret") is True
+
+
+@pytest.mark.parametrize("path", CASE_VARIANTS)
+def test_a_section_that_does_not_say_denies_every_case(path: str) -> None:
+    """The deny rules of a section without ``path_case`` fold ASCII case (only case: the
+    Windows-name variants are the IIS section's), index and oracle alike."""
+    src = policy_text(None)
+    assert _decide(src, path) is False, path
+    assert _decide(src, path, unindexed=True) is False, path
+
+
+def test_a_section_that_does_not_say_allows_as_sent() -> None:
+    """Its allow rules match exact case: folding them would admit more."""
+    src = policy_text(None, "").replace('allow: {from: ["', 'allow: {paths: [/public/**], from: ["')
+    assert _decide(src, "/public/x") is True
+    assert _decide(src, "/PUBLIC/x") is False  # default deny
+    assert _decide(src, "/PUBLIC/x", unindexed=True) is False
 
 
 def test_windows_names_fold_only_in_insensitive_sections() -> None:
@@ -92,7 +114,7 @@ def test_windows_names_fold_only_in_insensitive_sections() -> None:
     assert path_segments("/Admin.%20./x::$DATA", fold=True) == ("admin", "x")
     assert path_segments("/admin./x", fold=False) == ("admin.", "x")
     assert path_segments("/a/v1.2", fold=True) == ("a", "v1.2")
-    assert _decide(policy_text(None), "/admin./x") is True  # case-sensitive app: its own path
+    assert _decide(policy_text(None), "/admin./x") is True  # only case folds there
 
 
 def test_only_ascii_folds() -> None:
@@ -122,26 +144,10 @@ def test_loader_errors_name_the_key(extra: str, needle: str) -> None:
     assert needle in text and "path_case" in text and "p.yaml:" in text
 
 
-def _case_warnings(src: str) -> list[str]:
-    return [str(w) for w in lint(load_policy(src, "p.yaml"), time.time())
-            if w.code == "case-sensitive-deny"]
-
-
-def test_lint_warns_when_the_section_does_not_say() -> None:
-    got = _case_warnings(policy_text(None))
-    assert len(got) == 1, got
-    assert "no-admin" in got[0] and "/ADMIN/**" in got[0] and "path_case" in got[0]
-    assert got[0].startswith("p.yaml:")
-
-
-@pytest.mark.parametrize("case", ["sensitive", "insensitive"])
-def test_lint_is_silent_when_the_section_says(case: str) -> None:
-    assert _case_warnings(policy_text(case)) == []
-
-
-def test_lint_ignores_deny_rules_without_letters_and_allow_rules() -> None:
-    src = policy_text(None).replace("[/admin/**, /Reports/Secret]", "[/1/2, /*/**]")
-    assert _case_warnings(src) == []
+def test_lint_no_longer_warns_about_case() -> None:
+    codes = {w.code for case in (None, "sensitive", "insensitive")
+             for w in lint(load_policy(policy_text(case), "p.yaml"), time.time())}
+    assert "case-sensitive-deny" not in codes
 
 
 # --- through real sidecars --------------------------------------------------------------------
@@ -151,7 +157,8 @@ mesh_ci = module_fixture("case-insensitive", lambda tmp: Mesh(
     tmp, policy=policy_text("insensitive")))
 
 
-mesh_cs = module_fixture("case-sensitive", lambda tmp: Mesh(tmp, policy=policy_text(None)))
+mesh_cs = module_fixture("case-sensitive", lambda tmp: Mesh(tmp, policy=policy_text("sensitive")))
+mesh_unsaid = module_fixture("case-unsaid", lambda tmp: Mesh(tmp, policy=policy_text(None)))
 
 
 def _get_all(mesh: Mesh, side: str, paths: list[str]) -> tuple[list[int], list[str]]:
@@ -179,7 +186,19 @@ def test_insensitive_service_denies_every_case_end_to_end(mesh_ci: Mesh, side: s
 @pytest.mark.parametrize("side", SIDES)
 def test_sensitive_service_matches_exact_case_end_to_end(mesh_cs: Mesh, side: str) -> None:
     got, reached = _get_all(mesh_cs, side, ["/PUBLIC/x", "/admin/x", "/ADMIN/x"])
-    # Without path_case the deny rule matches its own spelling only: /ADMIN/x reaches the
-    # app, which is right for a case-sensitive router -- and the surprise lint warns about.
+    # path_case: sensitive: the deny rule matches its own spelling only, /ADMIN/x reaches
+    # the app (right for a case-sensitive router, which the section says its app is).
     assert got == [200, 403, 200]
     assert reached == ["/PUBLIC/x", "/ADMIN/x"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_a_service_that_does_not_say_denies_every_case_end_to_end(mesh_unsaid: Mesh,
+                                                                  side: str) -> None:
+    paths = CASE_VARIANTS
+    got, reached = _get_all(mesh_unsaid, side, paths)
+    assert got == [403] * len(paths), got
+    assert reached == []
+    got, reached = _get_all(mesh_unsaid, side, ALLOWED_VARIANTS)
+    assert got == [200] * len(ALLOWED_VARIANTS)
+    assert reached == ALLOWED_VARIANTS

@@ -50,10 +50,12 @@ from sidecar.policy.model import (
     Rule,
 )
 from sidecar.policy.paths import (
+    CASE_FOLD_EFFECTS,
     FORMAT_FOLD_EFFECTS,
     NAME_FOLD_EFFECTS,
     SCRIPT_FOLD_EFFECTS,
     allow_view,
+    ascii_lower,
     path_segments,
     rule_path_forms,
     rule_segments,
@@ -324,11 +326,15 @@ AUTH_OK = AuthOutcome(True)
 
 
 def _paths_hold(patterns: tuple[str, ...], path: str, fold_case: bool, effect: str,
-                formats: bool) -> bool:
+                formats: bool, deny_case: bool = False) -> bool:
     """Does one of a rule's path ``patterns`` match the request ``path``: for a deny rule in
     any of its folded forms (``rule_path_forms``, Windows short names), for an allow rule
     as sent and, where ASP.NET would route it as another path, as that too (``allow_view``).
     """
+    lower = deny_case and not fold_case and effect in CASE_FOLD_EFFECTS
+    if lower:  # (``paths.CASE_FOLD_EFFECTS``: a section that does not say ``path_case``)
+        path = ascii_lower(path)
+        patterns = tuple(ascii_lower(p) for p in patterns)
     forms = rule_path_forms(path, fold_case, effect, formats)
     short = fold_case and effect in NAME_FOLD_EFFECTS
     pats = [path_pattern_segments(p, fold_case, effect) for p in patterns]
@@ -341,6 +347,7 @@ def _paths_hold(patterns: tuple[str, ...], path: str, fold_case: bool, effect: s
 def request_trace(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
     fold_case: bool = False, effect: str = "allow", formats: bool = False,
+    deny_case: bool = False,
 ) -> list[ConditionResult]:
     """Every non-credential condition of a rule, checked against the request.
 
@@ -368,7 +375,7 @@ def request_trace(
             )
         )
     if check_indexed and when.paths is not None:
-        held = _paths_hold(when.paths, facts.path, fold_case, effect, formats)
+        held = _paths_hold(when.paths, facts.path, fold_case, effect, formats, deny_case)
         out.append(ConditionResult("paths", held, f"{facts.path} in {list(when.paths)}"))
     if when.ports is not None:
         out.append(
@@ -391,6 +398,7 @@ def request_trace(
 def request_holds(
     when: Conditions, facts: RequestFacts, trust_domain: str, check_indexed: bool = True,
     fold_case: bool = False, effect: str = "allow", formats: bool = False,
+    deny_case: bool = False,
 ) -> bool:
     """Fast form of ``request_trace``: do all non-credential conditions hold?"""
     if when.methods is not None and facts.method not in when.methods:
@@ -408,7 +416,7 @@ def request_holds(
         if when.peers is not None and not any(peer_matches(p, facts.peer) for p in when.peers):
             return False
         if when.paths is not None:
-            if not _paths_hold(when.paths, facts.path, fold_case, effect, formats):
+            if not _paths_hold(when.paths, facts.path, fold_case, effect, formats, deny_case):
                 return False
     return True
 
@@ -486,15 +494,18 @@ def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
 class RuleIndex:
     """Rules of one ``effect`` in one section, looked up by caller and path (with
     ``fold_case``, ASCII case folded on both sides, and Windows names for deny rules:
-    ``rule_segments``)."""
+    ``rule_segments``; with ``deny_case``, a section that does not say ``path_case``, ASCII
+    case folded on both sides for deny rules: ``paths.CASE_FOLD_EFFECTS``)."""
 
     __slots__ = ("rules", "_peers", "_any_peer", "_paths", "_any_path", "_fold", "_names",
-                 "_effect", "_formats", "_forms", "_short")
+                 "_effect", "_formats", "_forms", "_short", "_lower")
 
     def __init__(self, rules: tuple[Rule, ...], fold_case: bool = False,
-                 effect: str = "allow", formats: bool = False) -> None:
+                 effect: str = "allow", formats: bool = False,
+                 deny_case: bool = False) -> None:
         self.rules = rules
         self._fold = fold_case
+        self._lower = deny_case and not fold_case and effect in CASE_FOLD_EFFECTS
         self._names = effect in NAME_FOLD_EFFECTS  # (chosen once: a lookup costs the same)
         self._effect = effect
         self._formats = formats and effect in FORMAT_FOLD_EFFECTS  # (``rule_path_forms``)
@@ -516,6 +527,8 @@ class RuleIndex:
                 any_path.add(number)
             else:
                 for pattern in rule.when.paths:
+                    if self._lower:
+                        pattern = ascii_lower(pattern)
                     path_entries.append((path_pattern_segments(pattern, fold_case, effect),
                                          number))
         self._peers = SegmentTrie(peer_entries)
@@ -535,6 +548,8 @@ class RuleIndex:
             peer_sets.extend(self._peers.match(segs))
         if not peer_sets:
             return []
+        if self._lower:
+            path = ascii_lower(path)
         if self._forms and path.find(".") >= 0:  # (deny: a format suffix, a PHP script)
             path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect,
                                                          self._formats)
@@ -586,6 +601,7 @@ class Section:
     by_name: Mapping[str, Rule] = field(default_factory=dict)  # rule names are unique
     refuse_invalid_tokens: bool = True
     fold_formats: bool = True  # deny rules fold format suffixes (``format_suffixes``)
+    deny_case: bool = False  # no ``path_case``: deny rules fold ASCII case (CASE_FOLD_EFFECTS)
 
     def egress_match(self, target: str) -> EgressEntry | None:
         """The first egress entry (file order) that allows calling ``target``."""
@@ -602,6 +618,7 @@ def compile_section(
     identity: str, trust_domain: str, mode: Mode, rules: tuple[Rule, ...],
     egress: tuple[EgressEntry, ...], fold_case: bool = False,
     refuse_invalid_tokens: bool = True, fold_formats: bool = True,
+    deny_case: bool = False,
 ) -> Section:
     """Build the lookup tables of one section (load time, never per request)."""
     # An ordered tuple (the order in which the rules first name them), never a set: the
@@ -621,7 +638,7 @@ def compile_section(
         mode=mode,
         rules=rules,
         deny=RuleIndex(tuple(r for r in rules if r.effect == "deny"), fold_case, "deny",
-                       fold_formats),
+                       fold_formats, deny_case),
         allow=RuleIndex(tuple(r for r in rules if r.effect == "allow"), fold_case, "allow"),
         egress=egress,
         egress_trie=SegmentTrie(egress_entries),
@@ -632,4 +649,5 @@ def compile_section(
         # Only where the rules name providers: elsewhere no token is ever verified.
         refuse_invalid_tokens=refuse_invalid_tokens and bool(providers),
         fold_formats=fold_formats,
+        deny_case=deny_case,
     )

@@ -71,7 +71,7 @@ NO_POLICY_VERSION = "none"
 
 def _request_holds(rule: Rule, facts: RequestFacts, section: Section, indexed: bool) -> bool:
     return request_holds(rule.when, facts, section.trust_domain, not indexed, section.fold_case,
-                         rule.effect, section.fold_formats)
+                         rule.effect, section.fold_formats, section.deny_case)
 
 
 def _mode(rule: Rule | None, section: Section) -> Mode:

@@ -148,7 +148,7 @@ def explain(
     for rule in section.rules:
         req = request_trace(rule.when, facts, section.trust_domain,
                             fold_case=section.fold_case, effect=rule.effect,
-                            formats=section.fold_formats)
+                            formats=section.fold_formats, deny_case=section.deny_case)
         creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
         if rule.expired(now):
             status = "expired"

@@ -138,14 +138,6 @@ def _reaches_sensitive(c: Conditions) -> str | None:
     return None
 
 
-def _case_variant(c: Conditions) -> tuple[str, str] | None:
-    """(pattern, the same pattern in another case) for the first path pattern with a letter."""
-    for pattern in c.paths or ():
-        if any("a" <= ch <= "z" or "A" <= ch <= "Z" for ch in pattern):
-            return pattern, pattern.swapcase()
-    return None
-
-
 def _unfolded_names(c: Conditions) -> list[tuple[str, str]]:
     """(pattern, its form under the Windows-name fold) for each path pattern the fold
     changes (``paths.rule_segments``: deny rules fold names, allow rules do not)."""
@@ -292,14 +284,6 @@ def _lint_section(
             extra = " (only credentials are checked)" if c.jwt or c.apikey else ""
             warn(rule.line, rule.key, "allow-all",
                  f"rule {rule.name} allows every caller, method and path{extra}")
-        variant = _case_variant(c) if rule.effect == "deny" and svc.path_case is None else None
-        if variant is not None:
-            warn(rule.line, rule.key, "case-sensitive-deny",
-                 f"deny rule {rule.name} matches {variant[0]} case-sensitively, so "
-                 f"{variant[1]} is not denied; an app that routes case-insensitively "
-                 "(Express by default, IIS, ASP.NET) serves it by the same handler. Set "
-                 "path_case: insensitive on the section, or path_case: sensitive to confirm "
-                 "the app tells case apart")
         if rule.effect == "allow" and svc.paths_fold_case:
             for pattern, folded in _unfolded_names(c):
                 warn(rule.line, rule.key, "allow-name-not-folded",

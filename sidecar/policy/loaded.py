@@ -90,7 +90,8 @@ class LazySections(Mapping[str, Section]):
                                       svc.rules, svc.egress or (),
                                       fold_case=svc.paths_fold_case,
                                       refuse_invalid_tokens=svc.refuse_invalid_tokens,
-                                      fold_formats=svc.format_suffixes != "keep")
+                                      fold_formats=svc.format_suffixes != "keep",
+                                      deny_case=svc.path_case is None)
             self._built[identity] = section
         return section
 

@@ -313,6 +313,23 @@ def _cookieless_segments(path: str) -> tuple[str, ...]:
     return tuple(kept)
 
 
+# A section that does not say ``path_case`` does not say how its app treats case: Express
+# (by default), IIS and ASP.NET serve ``/ADMIN`` by the ``/admin`` handler, Django, Rails and
+# Go do not. Its deny rules therefore match with ASCII case folded (a deny rule for
+# ``/admin/**`` denies ``/ADMIN/x``: folding only ever refuses more), and its allow rules as
+# sent (folding would admit more). Only case, not the Windows-name fold of a
+# ``path_case: insensitive`` section. ``path_case: sensitive`` says the app tells case apart:
+# then deny rules match exact case too. Before the twenty-first session deny rules matched
+# exact case there and only ``policy lint`` warned (found by a hostile review).
+CASE_FOLD_EFFECTS = frozenset({"deny"})
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with ASCII letters lower-cased, nothing else (``str.lower`` folds the Kelvin
+    sign and others, which routers do not agree on)."""
+    return text.translate(_ASCII_LOWER)
+
+
 def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
     """The segments a rule of ``effect`` (``allow``/``deny``) matches ``path`` (a request
     path or a rule's pattern) in: in a ``fold`` section, case folded for every rule, and
