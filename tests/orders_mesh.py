@@ -25,6 +25,9 @@ class OrdersMesh:
         return h.http(self.sidecar.port("inbound"), "GET", path, headers=dict(headers or {}),
                       ctx=self.ctx)
 
+    def post(self, path: str, body: bytes = b"x") -> h.Response:
+        return h.http(self.sidecar.port("inbound"), "POST", path, body=body, ctx=self.ctx)
+
 
 @contextlib.contextmanager
 def orders_mesh(tmp: Path, policy: Mapping[str, Any], files: Mapping[str, str] | None = None,
