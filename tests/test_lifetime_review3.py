@@ -405,11 +405,21 @@ def test_an_outbound_tcp_stream_withdrawn_while_it_connects_does_not_start(tmp_p
             upstream.go.set()
             got = _rest(app, timeout=3)
         assert b"ping" not in got, "the stream started after its egress was withdrawn"
-        [rec] = [r for r in audit_export(tmp_path / "audit-frontend")
-                 if r.get("event") == "request"]
+        [rec] = _request_records(tmp_path / "audit-frontend")
         assert rec["status"] == 403, rec
     finally:
         upstream.close()
+
+
+def _request_records(directory: Path) -> list[dict[str, Any]]:
+    """The trail's request records, once there are any: a stream's record is written when
+    it ends, and the writer's batch goes to disk up to its linger later (an idle machine
+    reads the trail before that)."""
+    def found() -> list[dict[str, Any]]:
+        return [r for r in audit_export(directory) if r.get("event") == "request"]
+
+    wait_for(lambda: bool(found()), timeout=10)
+    return found()
 
 
 def test_an_inbound_tcp_stream_refused_while_it_connects_to_the_app_does_not_start(
@@ -473,8 +483,7 @@ def test_an_inbound_tcp_stream_refused_while_it_connects_to_the_app_does_not_sta
             thread.start()
             got = _rest(tls, timeout=5)
         assert b"ping" not in got, "the stream started after the policy refused it"
-        [rec] = [r for r in audit_export(tmp_path / "audit-orders")
-                 if r.get("event") == "request"]
+        [rec] = _request_records(tmp_path / "audit-orders")
         assert rec["status"] == 403, rec
     finally:
         app.close()
