@@ -697,6 +697,20 @@ def run_tree(args: list[str], *, timeout: float, grace: float = 20.0,
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+def run_senders(target: Callable[..., None], argses: Iterable[tuple[Any, ...]],
+                deadline: float, failures: list[str], grace: float = 25.0) -> None:
+    """Run ``target(*args)`` for each of ``argses`` in a daemon thread of its own (load
+    loops bounded by ``deadline``, their failures appended to ``failures``); wait for them
+    until ``grace`` seconds past the deadline and fail when one hangs or any failed."""
+    threads = [threading.Thread(target=target, args=args, daemon=True) for args in argses]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + grace)
+    assert not any(thread.is_alive() for thread in threads), "a sender hung"
+    assert not failures, failures[:5]
+
+
 def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m sidecar ARGS`` to completion; output captured as text."""
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,

@@ -24,7 +24,6 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,15 +245,8 @@ def send_all(mesh: OrdersMesh, path: str, tokens: list[str], deadline: float,
              connections: int = 6) -> None:
     """The tokens over ``connections`` keep-alive connections at once; every answer 200."""
     failures: list[str] = []
-    threads = [threading.Thread(target=send_one_by_one, daemon=True,
-                                args=(mesh, path, tokens[i::connections], deadline, failures))
-               for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()) + 25)
-    assert not any(thread.is_alive() for thread in threads), "a sender hung"
-    assert not failures, failures[:5]
+    h.run_senders(send_one_by_one, [(mesh, path, tokens[i::connections], deadline, failures)
+                                    for i in range(connections)], deadline, failures)
 
 
 @pytest.mark.slow

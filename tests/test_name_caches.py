@@ -25,7 +25,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,15 +232,8 @@ def test_new_long_names_leave_both_sidecars_memory_flat(pair: Pair, kind: str) -
     def run(first: int, count: int, connections: int = 4) -> None:
         failures: list[str] = []
         requests = [request_for(kind, first + n) for n in range(count)]
-        threads = [threading.Thread(target=send, daemon=True,
-                                    args=(port, requests[i::connections], deadline, failures))
-                   for i in range(connections)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()) + 25)
-        assert not any(thread.is_alive() for thread in threads), "a sender hung"
-        assert not failures, failures[:3]
+        h.run_senders(send, [(port, requests[i::connections], deadline, failures)
+                             for i in range(connections)], deadline, failures)
 
     offset = FAMILY.index(kind) * 10_000
     run(offset, 40)  # warm: buffers of this size allocated once
