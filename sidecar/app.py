@@ -284,6 +284,7 @@ class Sidecar:
                 ship_sent.value = float(stats.shipped)
                 ship_dropped.value = float(stats.ship_dropped)
                 m.audit_ship_queue_depth.set(stats.ship_queue_depth)
+                m.audit_ship_queue_bytes.set(stats.ship_queue_bytes)
                 m.audit_ship_connected.set(1 if stats.ship_connected else 0)
             if stats.last_checkpoint is not None:
                 m.audit_checkpoint_seq.set(stats.last_checkpoint.seq)

@@ -547,6 +547,10 @@ class SidecarMetrics:
         self.audit_ship_queue_depth = r.gauge(
             "sidecar_audit_ship_queue_depth", "Audit frames waiting to be shipped."
         )
+        self.audit_ship_queue_bytes = r.gauge(
+            "sidecar_audit_ship_queue_bytes",
+            "Bytes of the audit frames waiting to be shipped (bounded by ship.queue_bytes).",
+        )
         self.audit_ship_connected = r.gauge(
             "sidecar_audit_ship_connected", "1 while connected to the syslog collector."
         )

@@ -42,6 +42,10 @@ from sidecar.net.tlsfiles import FileContext
 from sidecar.net.transport import TlsTransport
 
 RESEND_FRAMES = 4096  # about the most a dead peer's socket buffers swallow unnoticed
+# ...and at most this many bytes of them (Linux's largest socket buffers, tcp_wmem and the
+# collector's tcp_rmem, hold about 10 MiB): frames as large as a record can be (an 8 KiB
+# path, a long token subject) must not make the window hold 4096 of them.
+RESEND_BYTES = 16 * 1024 * 1024
 SEND_BATCH = 256
 CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
@@ -57,7 +61,12 @@ class Shipper:
         self.tls = FileContext(cfg.ca_file, cfg.cert_file, cfg.key_file)
         self.recheck_seconds = TRUST_RECHECK_SECONDS
         self._queue: deque[bytes] = deque()
-        self._recent: deque[bytes] = deque(maxlen=RESEND_FRAMES)  # sent on this connection
+        self._queued_bytes = 0  # the bytes of the frames in ``_queue`` (``queue_bytes``)
+        # Sent on this connection, newest last, as the batches they were sent in (each with
+        # its byte count): whole batches leave the window, never one Python step per frame.
+        self._recent: deque[tuple[list[bytes], int]] = deque()
+        self._recent_frames = 0
+        self._recent_bytes = 0
         self._wake = trio.Event()
         self._retry_initial = retry_initial
         self._retry_max = retry_max
@@ -75,21 +84,42 @@ class Shipper:
         return self.cfg.mode == "required"
 
     def offer(self, messages: Iterable[bytes]) -> None:
-        """Queue messages (never awaits); what does not fit the queue is dropped, counted."""
+        """Queue messages (never awaits); what does not fit the queue -- ``queue_size``
+        frames and ``queue_bytes`` bytes -- is dropped, counted."""
         room = self.cfg.queue_size - len(self._queue)
         if not isinstance(messages, list):
             messages = list(messages)
         if len(messages) > room:
             self.dropped += len(messages) - max(room, 0)
             messages = messages[:max(room, 0)]
+        size = sum(map(len, messages))
+        if self._queued_bytes + size > self.cfg.queue_bytes:
+            # The frames that fit, in order; the rest are dropped (rare: a collector away
+            # while large records come, so a Python step per frame is fine here).
+            room_bytes = self.cfg.queue_bytes - self._queued_bytes
+            fit, size = 0, 0
+            for message in messages:
+                if size + len(message) > room_bytes:
+                    break
+                size += len(message)
+                fit += 1
+            self.dropped += len(messages) - fit
+            messages = messages[:fit]
         self._queue.extend(messages)  # one C call per batch, not one append per frame
+        self._queued_bytes += size
         self._wake.set()
 
     def accepting(self) -> bool:
         """``required``: only while connected and the queue has room."""
         if not self.required:
             return True
-        return self.connected and len(self._queue) < self.cfg.queue_size
+        return (self.connected and len(self._queue) < self.cfg.queue_size
+                and self._queued_bytes < self.cfg.queue_bytes)
+
+    @property
+    def queue_bytes(self) -> int:
+        """How many bytes of frames wait to be shipped."""
+        return self._queued_bytes
 
     @property
     def queue_depth(self) -> int:
@@ -105,6 +135,7 @@ class Shipper:
             # Cancelled (the drain timeout ran out): what is still queued is not shipped.
             self.dropped += len(self._queue)
             self._queue.clear()
+            self._queued_bytes = 0
 
     async def _run(self) -> None:
         delay = self._retry_initial
@@ -168,7 +199,8 @@ class Shipper:
                          else list(itertools.islice(queue, SEND_BATCH)))
                 # Usually the socket takes the whole write at once: no timeout scope, no
                 # send lock; only a rest that must wait for the socket gets them.
-                rest = stream.try_send(b"".join(batch))
+                wire = b"".join(batch)
+                rest = stream.try_send(wire)
                 if rest:
                     with trio.fail_after(SEND_TIMEOUT):
                         await stream.send_wire(rest)
@@ -180,7 +212,8 @@ class Shipper:
                 else:
                     for _ in batch:
                         queue.popleft()
-                self._recent.extend(batch)
+                self._queued_bytes -= len(wire)
+                self._remember(batch, len(wire))
                 self.sent += len(batch)
                 if queue and not rest:
                     await trio.lowlevel.checkpoint()  # a long queue must not starve the loop
@@ -211,16 +244,39 @@ class Shipper:
             if self.tls.changed():
                 raise _TrustChanged("ca_file, cert_file or key_file changed")
 
+    def _remember(self, batch: list[bytes], size: int) -> None:
+        """Keep a sent batch in the resend window, which holds at most ``RESEND_FRAMES``
+        frames and ``RESEND_BYTES`` bytes (the oldest batches leave it whole)."""
+        recent = self._recent
+        recent.append((batch, size))
+        self._recent_frames += len(batch)
+        self._recent_bytes += size
+        while len(recent) > 1 and (self._recent_frames > RESEND_FRAMES
+                                   or self._recent_bytes > RESEND_BYTES):
+            old, old_size = recent.popleft()
+            self._recent_frames -= len(old)
+            self._recent_bytes -= old_size
+
     def _requeue_recent(self) -> None:
         """Send again what the broken connection may have lost (at least once)."""
-        again = list(self._recent)
+        again = [frame for batch, _ in self._recent for frame in batch]
         self._recent.clear()
+        self._recent_frames = self._recent_bytes = 0
+        # The newest that fit the queue (frames and bytes) go in front of it again.
         room = max(0, self.cfg.queue_size - len(self._queue))
-        if len(again) > room:
+        room_bytes = self.cfg.queue_bytes - self._queued_bytes
+        fit, size = 0, 0
+        for frame in reversed(again[len(again) - room:] if room < len(again) else again):
+            if size + len(frame) > room_bytes:
+                break
+            size += len(frame)
+            fit += 1
+        if fit < len(again):
             # The oldest of them do not fit again: count them, they may never arrive.
-            self.dropped += len(again) - room
-            again = again[len(again) - room:]
+            self.dropped += len(again) - fit
+            again = again[len(again) - fit:] if fit else []
         self._queue.extendleft(reversed(again))
+        self._queued_bytes += size
         self.resent += len(again)
 
     def _failed(self, exc: BaseException) -> None:

@@ -728,6 +728,7 @@ class AuditWriterStatistics:
     shipped: int = 0  # syslog messages sent (one per frame; resent ones counted again)
     ship_dropped: int = 0  # frames never shipped (queue full, or still queued at exit)
     ship_queue_depth: int = 0
+    ship_queue_bytes: int = 0
     ship_connected: bool = False
     # CPU seconds used by the writer's worker thread (encoding, signing, encryption, syslog
     # messages, write and fsync of the batches written there).
@@ -914,6 +915,7 @@ class AuditWriter:
             **({} if self.shipper is None else {  # type: ignore[arg-type]
                 "shipped": self.shipper.sent, "ship_dropped": self.shipper.dropped,
                 "ship_queue_depth": self.shipper.queue_depth,
+                "ship_queue_bytes": self.shipper.queue_bytes,
                 "ship_connected": self.shipper.connected}),
         )
 

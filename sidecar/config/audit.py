@@ -23,6 +23,12 @@ ShipMode = Literal["fail_open", "required"]
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 MIN_SEGMENT_BYTES = 4096
 MAX_QUEUE_SIZE = 1_000_000
+# ``ship.queue_bytes``: the frames waiting for the collector, in bytes. A record is as large
+# as what it records (an 8 KiB path, a host, a token's subject), so ``queue_size`` alone let
+# 10,000 frames of 10-20 KiB each -- 100-200 MiB -- pile up while the collector was away.
+DEFAULT_SHIP_QUEUE_BYTES = 64 * 1024 * 1024
+MIN_SHIP_QUEUE_BYTES = 64 * 1024
+MAX_SHIP_QUEUE_BYTES = 16 * 1024 * 1024 * 1024
 MAX_BATCH_SIZE = 65_536
 MIN_HMAC_KEY_BYTES = 16
 MAX_HMAC_KEY_FILE_BYTES = 64 * 1024
@@ -33,7 +39,8 @@ _KNOWN = frozenset({
     "checkpoint_every_seconds", "encryption_key_file", "ship", "batch_linger_seconds",
 })
 _SHIP_KNOWN = frozenset({
-    "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "mode",
+    "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "queue_bytes",
+    "mode",
     "app_name",
 })
 DEFAULT_CHECKPOINT_RECORDS = 1000
@@ -55,6 +62,7 @@ class ShipConfig:
     cert_file: str | None = None
     key_file: str | None = None
     queue_size: int = 10_000
+    queue_bytes: int = DEFAULT_SHIP_QUEUE_BYTES
     mode: ShipMode = "fail_open"
     app_name: str = "sidecar"
 
@@ -102,17 +110,7 @@ def parse_audit_config(raw: Any, path: Path, src: Source) -> AuditConfig:
         directory = r.file(raw["path"], path + ("path",)) or ""
 
     kw: dict[str, Any] = {}
-    if raw.get("max_segment_bytes") is not None:
-        p = path + ("max_segment_bytes",)
-        try:
-            size = parse_size(raw["max_segment_bytes"])
-        except ValueError as exc:
-            src.problem(p, str(exc))
-        else:
-            if size < MIN_SEGMENT_BYTES:
-                src.problem(p, f"at least {MIN_SEGMENT_BYTES} bytes")
-            else:
-                kw["max_segment_bytes"] = size
+    _size(raw, "max_segment_bytes", path, src, kw, MIN_SEGMENT_BYTES, None)
     if raw.get("max_segments") is not None:
         # Two is the floor: the segment being written plus the one it chains from.
         v = r.integer(raw["max_segments"], path + ("max_segments",), 2, 1_000_000)
@@ -206,6 +204,7 @@ def _parse_ship(r: Reader, raw: Any, path: Path) -> ShipConfig | None:
         v = r.integer(raw["queue_size"], path + ("queue_size",), 1, MAX_QUEUE_SIZE)
         if v is not None:
             kw["queue_size"] = v
+    _size(raw, "queue_bytes", path, src, kw, MIN_SHIP_QUEUE_BYTES, MAX_SHIP_QUEUE_BYTES)
     if raw.get("mode") is not None:
         if raw["mode"] not in ("fail_open", "required"):
             src.problem(path + ("mode",), "must be one of: fail_open, required")
@@ -223,6 +222,25 @@ def _parse_ship(r: Reader, raw: Any, path: Path) -> ShipConfig | None:
     if not ok:
         return None
     return ShipConfig(address=address, **files, **kw)
+
+
+def _size(raw: dict[str, Any], key: str, path: Path, src: Source,
+          kw: dict[str, Any], low: int, high: int | None) -> None:
+    """``kw[key]``: ``raw[key]`` as a size (``64KiB``) from ``low`` to ``high`` bytes, if given;
+    else a problem at ``path + (key,)``."""
+    if raw.get(key) is None:
+        return
+    try:
+        size = parse_size(raw[key])
+    except ValueError as exc:
+        src.problem(path + (key,), str(exc))
+        return
+    if size < low:
+        src.problem(path + (key,), f"at least {low} bytes")
+    elif high is not None and size > high:
+        src.problem(path + (key,), f"at most {high} bytes")
+    else:
+        kw[key] = size
 
 
 def _check_outside(key_file: str, directory: str, path: Path, src: Source) -> None:
