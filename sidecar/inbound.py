@@ -30,7 +30,7 @@ from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
 from sidecar.errors import BadRequest, Forbidden, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
-from sidecar.http.body_override import BodyCheck, BodyOverrides, body_kind
+from sidecar.http.body_override import BodyCheck, body_readers
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -478,13 +478,13 @@ def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
 def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
                 headers: Headers) -> BodyCheck | None:
     """The check of a POST body's method-override fields (``sidecar.http.body_override``),
-    or None for a body no override reader reads as a form. Two Content-Type fields are
-    400: readers take either one."""
+    or None for a body no override reader reads as a form or as JSON (``body_readers``).
+    Two Content-Type fields are 400: readers take either one."""
     types = [value for name, value in headers if name == b"content-type"]
     if len(types) > 1:
         raise BadRequest("bad_request", "two Content-Type fields")
-    kind = body_kind(b"POST", types[0] if types else None)
-    if kind is None:
+    readers = body_readers(b"POST", types[0] if types else None)
+    if not readers:
         return None
 
     def judge(methods: tuple[str, ...]) -> None:
@@ -493,7 +493,7 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
             ctx.verdict = refused
             raise refused.refusal()
 
-    return BodyCheck(BodyOverrides(*kind), judge)
+    return BodyCheck(readers, judge)
 
 
 def api_key_of(headers: Headers) -> bytes | None:
