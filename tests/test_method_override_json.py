@@ -251,3 +251,44 @@ def test_allowed_and_unread_json_reaches_the_app_whole(mesh: Mesh, side: str) ->
             with mesh.app.lock:
                 got = mesh.app.heads[mark[0]:]
             assert [h["body"] for h in got] == [len(body)], (body[:100], content_type)
+
+
+@pytest.mark.parametrize("name", ["_method", "%5Fmethod", "X-HTTP-Method-Override"])
+def test_a_reload_judges_the_override_of_a_request_in_flight_again(tmp_path, pki, app, procs,
+                                                                    name) -> None:
+    """A long upload ``POST /upload?_method=DELETE``, allowed when it began, ends when a
+    reload denies DELETE (``policy_refused``), as a request in flight the policy no longer
+    allows does (docs/policy.md); a reload that still allows DELETE leaves it alone (found
+    by a hostile review: only the request's own POST was judged again)."""
+    import socket
+
+    from tests.harness import mtls_context, spiffe, wait_for
+    from tests.test_connection_lifetime_e2e import closed, wait_closed
+    from tests.test_lifetime_review import (
+        _drain,
+        _inbound,
+        _policy_doc,
+        _reloads,
+        _still_going,
+        _write,
+    )
+
+    def rules(*methods: str) -> list[dict[str, object]]:
+        return [{"name": "frontend", "allow": {"from": [spiffe("frontend")],
+                                               "methods": list(methods)}}]
+
+    srv = _inbound(tmp_path, pki, app, procs,
+                   _write(tmp_path, _policy_doc(rules("GET", "POST", "DELETE"))))
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
+                                                  timeout=10)) as tls:
+        tls.sendall(f"POST /upload?{name}=delete HTTP/1.1\r\nHost: orders\r\n"
+                    f"Content-Length: {1 << 40}\r\n\r\n".encode())
+        tls.sendall(b"x" * (1 << 20))
+        _write(tmp_path, _policy_doc(rules("GET", "POST", "PUT", "DELETE")))  # still allowed
+        wait_for(lambda: _reloads(srv) >= 2)
+        _still_going(tls, "upload")
+        assert closed(srv, "policy_refused") == 0
+        _write(tmp_path, _policy_doc(rules("GET", "POST", "PUT")))
+        wait_closed(srv, "policy_refused")
+        assert _drain(tls), "the upload went on after its override method was denied"
