@@ -40,13 +40,14 @@ only the boundary's length kept between two pieces of the body.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import operator
 import re
 from collections.abc import Callable, Sequence
 from itertools import accumulate, count
-from typing import Any, Protocol
-from urllib.parse import unquote_plus
+from typing import Protocol
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from sidecar.authn.extract import param_name
 from sidecar.errors import BadRequest
@@ -130,12 +131,16 @@ def _boundaries(content_type: bytes) -> set[bytes]:
 class BodyOverrides:
     """The override methods a body names, read piece by piece (``feed``), then ``finish``."""
 
-    __slots__ = ("kind", "found", "_name", "_value", "_in_value", "_wanted", "_long",
-                 "_delimiter", "_tail", "_state", "_head")
+    __slots__ = ("kind", "found", "charset", "_name", "_value", "_in_value", "_wanted",
+                 "_long", "_delimiter", "_tail", "_state", "_head")
 
-    def __init__(self, kind: str, boundary: bytes = b"") -> None:
+    def __init__(self, kind: str, boundary: bytes = b"", charset: str | None = None) -> None:
         self.kind = kind
         self.found: list[str] = []
+        # A urlencoded form's reading as Tomcat's: fields split at the bytes "&", ";" and
+        # "=", each name and value percent-decoded to bytes and decoded from the declared
+        # ``charset`` (``form_readings``); a value that is then no method is passed over.
+        self.charset = charset
         # urlencoded: the current field's name (bounded) and, for an override, its value
         self._name = bytearray()
         self._value = bytearray()
@@ -176,7 +181,10 @@ class BodyOverrides:
                 if self._wanted:
                     self._value += data[start:stop if stop >= 0 else end]
                     if len(self._value) > MAX_VALUE_BYTES:
-                        raise BadRequest("bad_method", "method-override field")
+                        if self.charset is None:
+                            raise BadRequest("bad_method", "method-override field")
+                        self._wanted = False  # (no method: passed over, see charset)
+                        self._value.clear()
                 if stop < 0:
                     return
                 self._end_field()
@@ -187,13 +195,13 @@ class BodyOverrides:
                 self._name += data[start:stop if stop >= 0 else end]
                 if len(self._name) > MAX_NAME_BYTES:
                     del self._name[MAX_NAME_BYTES:]
-                    self._long = _long_name_is_override(self._name)
+                    self._long = _long_name_is_override(self._in_charset(self._name))
             if stop < 0:
                 return
             if data[stop] == 0x3D:  # "="
                 self._in_value = True
                 self._wanted = self._long if self._long is not None \
-                    else _is_override(self._name)
+                    else _is_override(self._in_charset(self._name))
             else:
                 self._end_field()
             start = stop + 1
@@ -259,7 +267,25 @@ class BodyOverrides:
 
     # ----------------------------------------------------------------------------------
 
+    def _in_charset(self, raw: bytes | bytearray) -> bytes | bytearray:
+        """A urlencoded name as the charset reading has it (UTF-8, percent-encoded where
+        that is not ASCII: compared as the plain reading compares), or ``raw`` itself."""
+        if self.charset is None:
+            return raw
+        text = unquote_to_bytes(bytes(raw).replace(b"+", b" ")).decode(self.charset, "replace")
+        return quote(text, safe="", errors="surrogatepass").encode("ascii")
+
     def _add(self, raw: bytes | bytearray) -> None:
+        if self.charset is not None:
+            text = unquote_to_bytes(bytes(raw).replace(b"+", b" ")).decode(self.charset,
+                                                                             "replace")
+            self._value.clear()
+            try:
+                _add_method(self.found, text)
+            except BadRequest as exc:
+                if "too many" in str(exc):
+                    raise
+            return
         value = method_value(unquote_plus(bytes(raw).decode("latin-1"), encoding="latin-1")
                              if self.kind == URLENCODED else bytes(raw).decode("latin-1"))
         self._value.clear()
@@ -361,9 +387,86 @@ def body_readers(method: bytes, content_type: bytes | None) -> list[Reader]:
     kind = body_kind(method, content_type)
     if kind is not None:
         readers.append(BodyOverrides(*kind))
+        if kind[0] == URLENCODED and content_type is not None:
+            readers.extend(form_readings(content_type))
     if content_type is not None and is_json_type(content_type):
         readers.append(JsonBody(content_type))
     return readers
+
+
+def form_readings(content_type: bytes) -> list[Reader]:
+    """A urlencoded form's further readings when its declared ``charset`` does not read
+    printable ASCII as ASCII (UTF-16, UTF-32, UTF-7, EBCDIC): Tomcat splits the bytes and
+    decodes each name and value from the charset (``BodyOverrides`` with ``charset``), Jetty
+    decodes the body and splits the text (``Transcoded``) -- Spring's
+    ``HiddenHttpMethodFilter`` reads ``_method`` through either. ``[]`` otherwise (the
+    plain reading is every reader's)."""
+    codec = _declared_charset(content_type)
+    if codec is None or _reads_ascii(codec):
+        return []
+    return [*(BodyOverrides(URLENCODED, charset=c) for c in _byte_orders(codec)),
+            *(Transcoded(BodyOverrides(URLENCODED, charset="utf-8"), c)
+              for c in _byte_orders(codec))]
+
+
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+@functools.lru_cache(maxsize=64)
+def _reads_ascii(codec: str) -> bool:
+    """Whether ``codec`` decodes printable ASCII bytes as ASCII (UTF-8, Latin-1, Shift_JIS:
+    the plain reading is theirs too)."""
+    try:
+        return _PRINTABLE.decode(codec, "replace") == _PRINTABLE.decode("ascii")
+    except (UnicodeError, LookupError, TypeError):
+        return True  # (no decoder reads it: nothing to add)
+
+
+def _declared_charset(content_type: bytes) -> str | None:
+    """The Python text codec of a Content-Type's ``charset`` parameter, or None."""
+    for param in re.split(rb"[;,]", content_type)[1:]:
+        name, _, value = param.partition(b"=")
+        if name.strip(b" \t").lower() != b"charset":
+            continue
+        charset = value.strip(b" \t\"'").decode("latin-1").lower()
+        try:
+            info = codecs.lookup(charset)
+        except (LookupError, ValueError):
+            return None
+        return info.name if getattr(info, "_is_text_encoding", True) else None
+    return None
+
+
+class Transcoded:
+    """A reader of a body decoded from ``codec`` (incrementally, unknown bytes replaced)
+    and given to ``reader`` as UTF-8."""
+
+    __slots__ = ("reader", "_decoder", "_started")
+
+    def __init__(self, reader: Reader, codec: str) -> None:
+        self.reader = reader
+        if codec in ("utf-16", "utf-32"):
+            # (Python's incremental decoder wants a byte-order mark: little-endian, a mark
+            # passed over; _byte_orders adds the big-endian reading)
+            codec += "-le"
+        self._decoder = codecs.getincrementaldecoder(codec)(errors="replace")
+        self._started = False
+
+    def _give(self, text: str) -> None:
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        if text:
+            self.reader.feed(text.encode("utf-8", "surrogatepass"))
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body."""
+        self._give(self._decoder.decode(data, False))
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the decoded body named."""
+        self._give(self._decoder.decode(b"", True))
+        return self.reader.finish()
 
 
 class BodyCheck:
@@ -651,33 +754,27 @@ class JsonBody:
     or sniffed (a UTF-16/32 byte-order mark or null bytes among the first four: Python's and
     Jackson's detection) to be in another Unicode encoding, as that text too."""
 
-    __slots__ = ("raw", "alt", "_decoder", "_head", "_sniff")
+    __slots__ = ("raw", "alts", "_head", "_sniff")
 
     def __init__(self, content_type: bytes) -> None:
         self.raw = JsonOverrides()
-        self.alt: JsonOverrides | None = None
-        self._decoder: Any = None
+        self.alts: list[Transcoded] = []
         self._head = bytearray()
         charset = _json_charset(content_type)
         self._sniff = charset is None
         if charset is not None:
-            self._start_alt(charset)
-
-    def _start_alt(self, codec: str) -> None:
-        self.alt = JsonOverrides()
-        self._decoder = codecs.getincrementaldecoder(codec)(errors="replace")
+            self.alts = [Transcoded(JsonOverrides(), c) for c in _byte_orders(charset)]
 
     def feed(self, data: bytes) -> None:
         """Read the next piece of the body."""
         self.raw.feed(data)
         if self._sniff:
             self._head += data
-            if len(self._head) < 4:
-                return
-            self._decide()
+            if len(self._head) >= 4:
+                self._decide()
             return
-        if self.alt is not None:
-            self._feed_alt(data)
+        for alt in self.alts:
+            alt.feed(data)
 
     def _decide(self) -> None:
         self._sniff = False
@@ -689,26 +786,25 @@ class JsonBody:
             if codec == "utf-8":
                 codec = None
         if codec is not None:
-            self._start_alt(codec)
-            self._feed_alt(head)
-
-    def _feed_alt(self, data: bytes, final: bool = False) -> None:
-        assert self.alt is not None
-        text = self._decoder.decode(data, final)
-        if text:
-            self.alt.feed(text.encode("utf-8", "surrogatepass"))
+            self.alts = [Transcoded(JsonOverrides(), codec)]
+            self.alts[0].feed(head)
 
     def finish(self) -> tuple[str, ...]:
         """The methods the body named in any reading (each once)."""
         if self._sniff:
             self._decide()
         found = list(self.raw.finish())
-        if self.alt is not None:
-            self._feed_alt(b"", True)
-            for method in self.alt.finish():
+        for alt in self.alts:
+            for method in alt.finish():
                 if method not in found:
                     found.append(method)
         return tuple(found)
+
+
+def _byte_orders(codec: str) -> tuple[str, ...]:
+    """``codec``'s readings of a text without a byte-order mark: Python's ``utf-16`` and
+    ``utf-32`` read it little-endian, Java's big-endian -- both."""
+    return (codec, codec + "-be") if codec in ("utf-16", "utf-32") else (codec,)
 
 
 def _add_method(found: list[str], text: str) -> None:
