@@ -493,7 +493,8 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
     types = [value for name, value in headers if name == b"content-type"]
     if len(types) > 1:
         raise BadRequest("bad_request", "two Content-Type fields")
-    readers = body_readers(b"POST", types[0] if types else None)
+    readers = body_readers(b"POST", types[0] if types else None,
+                           [value for name, value in headers if name == b"content-encoding"])
     if not readers:
         return None
 

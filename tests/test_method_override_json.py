@@ -21,6 +21,7 @@ multipart boundaries that Rack, PHP and parameter parsers read differently are 4
 from __future__ import annotations
 
 import codecs
+import json
 
 import pytest
 
@@ -333,5 +334,89 @@ def test_a_denied_method_in_a_charset_form_is_denied(mesh: Mesh, side: str,
         mark = mesh.app.snapshot()
         out = exchange(mesh, side, _post(body, content_type), timeout=10)
         assert statuses(out) == [200], (charset, body, out[:300])
+        with mesh.app.lock:
+            assert [h["body"] for h in mesh.app.heads[mark[0]:]] == [len(body)]
+
+
+def _gzip_members(*parts: bytes) -> bytes:
+    import gzip
+
+    return b"".join(gzip.compress(p) for p in parts)
+
+
+def _deflate(data: bytes) -> bytes:
+    import zlib
+
+    return zlib.compress(data)
+
+
+# A body-parser app (Express) inflates gzip and deflate bodies before it parses a form or
+# JSON: every coding it inflates, with each body kind; multi-member gzip.
+CODED = {
+    "json_gzip": ("application/json", "gzip", _gzip_members(b'{"_method": "DELETE"}')),
+    "json_x_gzip": ("application/json", "X-GZIP", _gzip_members(b'{"_method": "DELETE"}')),
+    "json_deflate": ("application/json", "deflate", _deflate(b'{"a": 1, "_method": "DELETE"}')),
+    "json_gzip_members": ("application/json", "gzip",
+                          _gzip_members(b'{"a": "x", ', b'"_method": "DELETE"}')),
+    "form_gzip": ("application/x-www-form-urlencoded", "gzip",
+                  _gzip_members(b"title=x&_method=DELETE")),
+    "form_deflate_identity": ("application/x-www-form-urlencoded", "identity, deflate",
+                              _deflate(b"_method=delete")),
+}
+
+
+def test_the_reader_inflates_every_coding() -> None:
+    for label, (content_type, coding, body) in CODED.items():
+        for step in (1, 5, len(body)):
+            found: list[tuple[str, ...]] = []
+            check = bo.BodyCheck(bo.body_readers(b"POST", content_type.encode(),
+                                                 [coding.encode()]), found.append)
+            for i in range(0, len(body), step):
+                check.feed(body[i:i + step])
+            check.finish()
+            assert found and "DELETE" in found[0], (label, step)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("label", list(CODED))
+def test_a_denied_method_in_an_inflated_body_is_denied(mesh: Mesh, side: str,
+                                                       label: str) -> None:
+    content_type, coding, body = CODED[label]
+    for chunked in (False, True):
+        request = _post(body, content_type, chunked=chunked)
+        cut = request.index(b"\r\n") + 2
+        _refused(mesh, side, request[:cut] + f"Content-Encoding: {coding}\r\n".encode()
+                 + request[cut:])
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_codings_not_read_and_inflation_bombs_get_a_generic_400(mesh: Mesh, side: str) -> None:
+    import zlib
+
+    bomb = zlib.compress(b"{" + b" " * (bo.INFLATE_FREE * 4) + b"}", 9)  # (1000 times)
+    for coding, body, content_type in (
+            ("br", b"\x0b\x02\x80{}\x03", "application/json"),
+            ("gzip, gzip", _gzip_members(_gzip_members(b"_method=DELETE")),
+             "application/x-www-form-urlencoded"),
+            ("zstd", b"(\xb5/\xfd", "application/x-www-form-urlencoded"),
+            ("deflate", bomb, "application/json")):
+        request = _post(body, content_type)
+        cut = request.index(b"\r\n") + 2
+        _refused(mesh, side, request[:cut] + f"Content-Encoding: {coding}\r\n".encode()
+                 + request[cut:], 400)
+    # Controls: a coded body without a type or of another type, and an allowed override
+    for content_type, body in ((None, _gzip_members(b"x" * 1000)),
+                               ("application/octet-stream", b"\x0b\x02\x80{}\x03"),
+                               ("application/json", _gzip_members(b'{"_method": "PUT"}')),
+                               ("application/json", _gzip_members(json.dumps(  # (12 times)
+                                   {"rows": [{"id": i, "name": f"n{i}", "v": i * 7.5}
+                                             for i in range(40_000)]}).encode()))):
+        request = _post(body, content_type)
+        cut = request.index(b"\r\n") + 2
+        coding = "br" if content_type == "application/octet-stream" else "gzip"
+        mark = mesh.app.snapshot()
+        out = exchange(mesh, side, request[:cut] + f"Content-Encoding: {coding}\r\n".encode()
+                       + request[cut:], timeout=10)
+        assert statuses(out) == [200], (content_type, out[:300])
         with mesh.app.lock:
             assert [h["body"] for h in mesh.app.heads[mark[0]:]] == [len(body)]

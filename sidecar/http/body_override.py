@@ -44,6 +44,7 @@ import functools
 import json
 import operator
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from itertools import accumulate, count
 from typing import Protocol
@@ -376,13 +377,99 @@ class Reader(Protocol):
         """The methods the whole body named (each once, upper-cased)."""
 
 
-def body_readers(method: bytes, content_type: bytes | None) -> list[Reader]:
+def body_readers(method: bytes, content_type: bytes | None,
+                 content_encoding: Sequence[bytes] = ()) -> list[Reader]:
     """The readers of a request body's method-override fields: a form's (``body_kind``)
     and, for a JSON type (``is_json_type``: Laravel reads such a body as JSON whatever else
     the type says), a JSON one; ``[]`` for any other body -- and for a method other than
-    POST (no reader overrides another)."""
+    POST (no reader overrides another). ``content_encoding``: the request's
+    Content-Encoding values; a typed gzip or deflate body is read inflated as well
+    (``Inflated``: body-parser inflates before ``express.json()`` and
+    ``express.urlencoded()`` parse), and a typed form or JSON body in any other coding
+    (``br``, ``zstd``, two codings) is ``BadRequest``: its fields cannot be read here, and
+    a reader may decode it."""
     if method != b"POST":
         return []
+    readers = _plain_readers(method, content_type)
+    if not readers or not content_encoding or content_type is None:
+        return readers  # (a body without a type: Rack reads its bytes; nobody inflates it)
+    codings = [c.strip(b" \t").lower() for v in content_encoding for c in v.split(b",")]
+    codings = [c for c in codings if c and c != b"identity"]
+    if not codings:
+        return readers
+    if len(codings) == 1 and codings[0] in (b"gzip", b"x-gzip", b"deflate"):
+        # (and as sent: Rack reads the bytes, and a stored deflate block holds them raw)
+        return [*readers, Inflated(_plain_readers(method, content_type))]
+    raise BadRequest("bad_request", "form or JSON body in a coding not read")
+
+
+# An inflated form or JSON body may be up to INFLATE_RATIO times what came compressed, past
+# its first INFLATE_FREE bytes (more: 400): the reading's work stays linear in the bytes
+# sent (a deflate bomb inflates a thousandfold)
+INFLATE_RATIO = 200
+INFLATE_FREE = 1024 * 1024
+
+
+class Inflated:
+    """Readers given a gzip or deflate (zlib) body inflated, piece by piece, in bounded
+    steps; the members of a multi-member gzip body one after another (Node's gunzip reads
+    them all). Data that does not inflate ends the reading (the app's inflater fails
+    there too); more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``)
+    is ``BadRequest``."""
+
+    __slots__ = ("readers", "_z", "_in", "_out", "_broken")
+
+    def __init__(self, readers: Sequence[Reader]) -> None:
+        self.readers = tuple(readers)
+        self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)  # (gzip or zlib, by its header)
+        self._in = self._out = 0
+        self._broken = False
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body."""
+        self._in += len(data)
+        for _ in range(len(data) + 2):  # (each round consumes input or ends a member)
+            if self._broken or not data:
+                return
+            z = self._z
+            try:
+                out = z.decompress(data, 65536)
+            except zlib.error:
+                self._broken = True
+                return
+            self._give(out)
+            if z.eof:
+                data = z.unused_data
+                if data:
+                    self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            else:
+                data = z.unconsumed_tail
+
+    def _give(self, out: bytes) -> None:
+        if not out:
+            return
+        self._out += len(out)
+        if self._out > INFLATE_FREE and self._out > INFLATE_RATIO * self._in:
+            raise BadRequest("bad_request", "body inflates too far")
+        for reader in self.readers:
+            reader.feed(out)
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the inflated body named."""
+        if not self._broken:
+            try:
+                self._give(self._z.flush(65536))
+            except zlib.error:
+                pass
+        found: list[str] = []
+        for reader in self.readers:
+            for method in reader.finish():
+                if method not in found:
+                    found.append(method)
+        return tuple(found)
+
+
+def _plain_readers(method: bytes, content_type: bytes | None) -> list[Reader]:
     readers: list[Reader] = []
     kind = body_kind(method, content_type)
     if kind is not None:
