@@ -47,7 +47,7 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 from itertools import accumulate, count
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from sidecar.authn.extract import param_name
@@ -273,13 +273,12 @@ class BodyOverrides:
         that is not ASCII: compared as the plain reading compares), or ``raw`` itself."""
         if self.charset is None:
             return raw
-        text = unquote_to_bytes(bytes(raw).replace(b"+", b" ")).decode(self.charset, "replace")
+        text = _decode(unquote_to_bytes(bytes(raw).replace(b"+", b" ")), self.charset)
         return quote(text, safe="", errors="surrogatepass").encode("ascii")
 
     def _add(self, raw: bytes | bytearray) -> None:
         if self.charset is not None:
-            text = unquote_to_bytes(bytes(raw).replace(b"+", b" ")).decode(self.charset,
-                                                                             "replace")
+            text = _decode(unquote_to_bytes(bytes(raw).replace(b"+", b" ")), self.charset)
             self._value.clear()
             try:
                 _add_method(self.found, text)
@@ -524,6 +523,15 @@ def _declared_charset(content_type: bytes) -> str | None:
     return None
 
 
+def _decode(raw: bytes, codec: str) -> str:
+    """``raw`` decoded from ``codec``, unknown bytes replaced; as Latin-1 when the codec
+    cannot decode it at all (punycode, idna: no ``replace``)."""
+    try:
+        return raw.decode(codec, "replace")
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return raw.decode("latin-1")
+
+
 class Transcoded:
     """A reader of a body decoded from ``codec`` (incrementally, unknown bytes replaced)
     and given to ``reader`` as UTF-8."""
@@ -536,7 +544,7 @@ class Transcoded:
             # (Python's incremental decoder wants a byte-order mark: little-endian, a mark
             # passed over; _byte_orders adds the big-endian reading)
             codec += "-le"
-        self._decoder = codecs.getincrementaldecoder(codec)(errors="replace")
+        self._decoder: Any = codecs.getincrementaldecoder(codec)(errors="replace")
         self._started = False
 
     def _give(self, text: str) -> None:
@@ -548,12 +556,21 @@ class Transcoded:
 
     def feed(self, data: bytes) -> None:
         """Read the next piece of the body."""
-        self._give(self._decoder.decode(data, False))
+        self._give(self._decode(data, False))
 
     def finish(self) -> tuple[str, ...]:
         """The methods the decoded body named."""
-        self._give(self._decoder.decode(b"", True))
+        self._give(self._decode(b"", True))
         return self.reader.finish()
+
+    def _decode(self, data: bytes, final: bool) -> str:
+        if self._decoder is None:
+            return ""
+        try:
+            return str(self._decoder.decode(data, final))
+        except (UnicodeError, ValueError, TypeError):  # (a codec without "replace")
+            self._decoder = None  # (no reader decodes the rest either)
+            return ""
 
 
 class BodyCheck:
