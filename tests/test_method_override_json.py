@@ -203,6 +203,10 @@ FORM_GAPS = {
                           b"DELETE\r\n--b1--\r\n"),
     "comma_type": ("application/x-www-form-urlencoded, text/plain", b"_method=DELETE"),
     "empty_type": ("", b"_method=DELETE"),
+    "space_type": ("application/x-www-form-urlencoded x", b"_method=DELETE"),  # (PHP)
+    "space_boundary": ("multipart/form-data boundary=b1",
+                       b'--b1\r\nContent-Disposition: form-data; name="_method"\r\n\r\n'
+                       b"DELETE\r\n--b1--\r\n"),
     "comma_boundary": ("multipart/form-data; boundary=b1,x",
                        b'--b1\r\nContent-Disposition: form-data; name="_method"\r\n\r\n'
                        b"DELETE\r\n--b1--\r\n"),

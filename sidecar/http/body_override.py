@@ -61,7 +61,7 @@ MAX_PART_HEAD_BYTES = 16 * 1024
 URLENCODED = "urlencoded"
 MULTIPART = "multipart"
 
-_BOUNDARY = re.compile(rb'[;,]\s*boundary\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)', re.IGNORECASE)
+_BOUNDARY = re.compile(rb'[;,\s]\s*boundary\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)', re.IGNORECASE)
 _DISPOSITION_NAME = re.compile(rb'[;\s]name\*?\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\r\n]*)',
                                re.IGNORECASE)
 
@@ -74,15 +74,16 @@ MULTIPART_TYPES = frozenset({b"multipart/form-data", b"multipart/mixed", b"multi
 def body_kind(method: bytes, content_type: bytes | None) -> tuple[str, bytes] | None:
     """(kind, multipart boundary or b"") of a request body whose fields an app may read as
     a form's method override, or None. ``content_type``: the request's one Content-Type
-    value (None: absent). The media type ends at ``;`` or ``,`` (Rack and
-    commons-fileupload split at both); an empty value is an absent one (Rack). A multipart
+    value (None: absent). The media type ends at ``;``, ``,`` (Rack and commons-fileupload
+    split at both) or whitespace (PHP: ``multipart/form-data boundary=x`` is a form to
+    it); an empty value is an absent one (Rack). A multipart
     type without one boundary every reader agrees on is ``BadRequest``: no reader can split
     it, or two readers could split it differently (``_boundaries``)."""
     if method != b"POST":
         return None
     if content_type is None or not content_type.strip(b" \t"):
         return URLENCODED, b""
-    media = _MEDIA_END.split(content_type, 1)[0].strip(b" \t").lower()
+    media = _MEDIA_TYPE_END.split(content_type.strip(b" \t"), 1)[0].lower()
     if media == b"application/x-www-form-urlencoded":
         return URLENCODED, b""
     if media not in MULTIPART_TYPES:
@@ -97,12 +98,13 @@ def body_kind(method: bytes, content_type: bytes | None) -> tuple[str, bytes] | 
 
 
 _MEDIA_END = re.compile(rb"[;,]")
+_MEDIA_TYPE_END = re.compile(rb"[;, \t]")  # (PHP ends the media type at a space too)
 _RACK_BOUNDARY = re.compile(rb'\Amultipart/.*boundary="?([^";,]+)"?', re.IGNORECASE)
 
 
 def _boundaries(content_type: bytes) -> set[bytes]:
-    """Every reading of a multipart type's boundary: as parameters (``;`` or ``,`` before
-    each, a quoted value unescaped: RFC 2045, commons-fileupload, busboy; two are two
+    """Every reading of a multipart type's boundary: as parameters (``;``, ``,`` or
+    whitespace before each, a quoted value unescaped: RFC 2045, commons-fileupload, busboy; two are two
     readings), as Rack reads it (the last ``boundary=`` anywhere, up to ``"``, ``;`` or
     ``,``) and as PHP does (after the first ``boundary`` -- case-sensitive first -- and the
     next ``=``, a quoted value up to the next quote, else up to ``,`` or ``;``)."""
