@@ -258,21 +258,36 @@ def test_allowed_and_unread_json_reaches_the_app_whole(mesh: Mesh, side: str) ->
             assert [h["body"] for h in got] == [len(body)], (body[:100], content_type)
 
 
-@pytest.mark.parametrize("name", ["_method", "%5Fmethod", "X-HTTP-Method-Override"])
+# How a request in flight named DELETE: in its query (a long upload), or in its JSON or form
+# body (a long download answering it, the body judged at its end).
+IN_FLIGHT = {
+    "query_method": ("upload", "/upload?_method=delete", None, b""),
+    "query_encoded": ("upload", "/upload?%5Fmethod=delete", None, b""),
+    "query_header_name": ("upload", "/upload?X-HTTP-Method-Override=DELETE", None, b""),
+    "json_body": ("download", "/big?n=1099511627776", "application/json",
+                  b'{"_method": "DELETE"}'),
+    "form_body": ("download", "/big?n=1099511627776", "application/x-www-form-urlencoded",
+                  b"_method=DELETE"),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_FLIGHT))
 def test_a_reload_judges_the_override_of_a_request_in_flight_again(tmp_path, pki, app, procs,
                                                                     name) -> None:
-    """A long upload ``POST /upload?_method=DELETE``, allowed when it began, ends when a
-    reload denies DELETE (``policy_refused``), as a request in flight the policy no longer
-    allows does (docs/policy.md); a reload that still allows DELETE leaves it alone (found
-    by a hostile review: only the request's own POST was judged again)."""
+    """A long upload ``POST /upload?_method=DELETE`` -- or a long download answering a POST
+    whose body named DELETE --, allowed when it began, ends when a reload denies DELETE
+    (``policy_refused``), as a request in flight the policy no longer allows does
+    (docs/policy.md); a reload that still allows DELETE leaves it alone (found by a hostile
+    review: only the request's own POST was judged again)."""
     import socket
 
-    from tests.harness import mtls_context, spiffe, wait_for
+    from tests.harness import mtls_context, read_head, spiffe, wait_for
     from tests.test_connection_lifetime_e2e import closed, wait_closed
     from tests.test_lifetime_review import (
         _drain,
         _inbound,
         _policy_doc,
+        _read_some,
         _reloads,
         _still_going,
         _write,
@@ -287,12 +302,20 @@ def test_a_reload_judges_the_override_of_a_request_in_flight_again(tmp_path, pki
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
                                                   timeout=10)) as tls:
-        tls.sendall(f"POST /upload?{name}=delete HTTP/1.1\r\nHost: orders\r\n"
-                    f"Content-Length: {1 << 40}\r\n\r\n".encode())
-        tls.sendall(b"x" * (1 << 20))
+        kind, target, content_type, body = IN_FLIGHT[name]
+        typed = f"Content-Type: {content_type}\r\n" if content_type else ""
+        length = len(body) if body else 1 << 40
+        tls.sendall(f"POST {target} HTTP/1.1\r\nHost: orders\r\n{typed}"
+                    f"Content-Length: {length}\r\n\r\n".encode() + body)
+        if kind == "upload":
+            tls.sendall(b"x" * (1 << 20))
+        else:
+            head = read_head(tls)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            _read_some(tls, 1 << 20)
         _write(tmp_path, _policy_doc(rules("GET", "POST", "PUT", "DELETE")))  # still allowed
         wait_for(lambda: _reloads(srv) >= 2)
-        _still_going(tls, "upload")
+        _still_going(tls, kind)
         assert closed(srv, "policy_refused") == 0
         _write(tmp_path, _policy_doc(rules("GET", "POST", "PUT")))
         wait_closed(srv, "policy_refused")
