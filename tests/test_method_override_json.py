@@ -204,6 +204,13 @@ FORM_GAPS = {
     "comma_type": ("application/x-www-form-urlencoded, text/plain", b"_method=DELETE"),
     "empty_type": ("", b"_method=DELETE"),
     "space_type": ("application/x-www-form-urlencoded x", b"_method=DELETE"),  # (PHP)
+    # RFC 2047 encoded words in a part's name (commons-fileupload and Tomcat decode them)
+    **{f"encoded_word_{i}": ("multipart/form-data; boundary=b1",
+                             b'--b1\r\nContent-Disposition: form-data; name="' + word
+                             + b'"\r\n\r\nDELETE\r\n--b1--\r\n')
+       for i, word in enumerate([b"=?UTF-8?B?X21ldGhvZA==?=", b"=?utf-8?Q?=5Fmethod?=",
+                                 b"=?utf-16?B?XwBtAGUAdABoAG8AZAA=?=",
+                                 b"=?UTF-8?B?X21l?==?UTF-8?B?dGhvZA==?="])},
     "space_boundary": ("multipart/form-data boundary=b1",
                        b'--b1\r\nContent-Disposition: form-data; name="_method"\r\n\r\n'
                        b"DELETE\r\n--b1--\r\n"),

@@ -347,6 +347,21 @@ def _long_name_is_override(prefix: bytes | bytearray) -> bool:
     return param_name(text + "]") in METHOD_OVERRIDE_PARAMS  # (a "[" counts as closed)
 
 
+def _encoded_words(raw: bytes) -> bytes:
+    """``raw`` with its RFC 2047 encoded words (``=?charset?B|Q?...?=``) decoded, as
+    commons-fileupload's (and Tomcat's) ``ParameterParser`` decodes a parameter value that
+    starts with one; percent-encoded where that is not ASCII (compared as other names)."""
+    import email.header
+
+    try:
+        parts = email.header.decode_header(raw.decode("latin-1"))
+        text = "".join(p if isinstance(p, str) else _decode(p, c or "latin-1")
+                       for p, c in parts)
+    except (ValueError, LookupError, UnicodeError, TypeError, IndexError):
+        return raw
+    return quote(text, safe="", errors="surrogatepass").encode("ascii")
+
+
 def _part_is_override(head: bytes) -> bool:
     """Whether a multipart part's head names a field (``Content-Disposition``'s ``name`` or
     ``name*``, quoted or not, with or without backslash escapes) that folds to an override
@@ -363,6 +378,8 @@ def _part_is_override(head: bytes) -> bool:
                 readings += [inner, re.sub(rb"\\(.)", rb"\1", inner)]
             if b"''" in text:  # RFC 2231 name*=utf-8''%5Fmethod
                 readings.append(text.split(b"''", 1)[1])
+            if b"=?" in text:  # RFC 2047 name="=?UTF-8?B?X21ldGhvZA==?=" (commons-fileupload)
+                readings += [_encoded_words(r) for r in readings]
             if any(_is_override(r) for r in readings):
                 return True
     return False
