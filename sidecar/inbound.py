@@ -30,7 +30,7 @@ from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
 from sidecar.errors import BadRequest, Forbidden, Unavailable
 from sidecar.gate import ConnectionMemo, Gate, Verdict
-from sidecar.http.body_override import BodyCheck, BodyOverrides, body_kind
+from sidecar.http.body_override import BodyCheck, body_readers
 from sidecar.http.headers import (
     NO_NAMES,
     REQUEST_ID,
@@ -177,10 +177,18 @@ class InboundProxy:
 
     def _still_allows(self, ctx: RequestContext, now: float) -> bool:
         """Would the policy in force still allow the request in flight (``ctx``, allowed
-        when it began)? Its credentials were checked then; only the rules judge again."""
+        when it began)? Its credentials were checked then; only the rules judge again --
+        also the methods its query or body named as overrides (``ctx.overrides``: found by
+        a hostile review, a reload denying DELETE left ``POST ?_method=DELETE`` running)."""
         verdict = ctx.verdict
-        return ctx.facts is None or verdict is None or self.gate.still_allows(
-            ctx.facts, verdict.auth, now, credentials=False)
+        facts = ctx.facts
+        if facts is None or verdict is None:
+            return True
+        if not self.gate.still_allows(facts, verdict.auth, now, credentials=False):
+            return False
+        return all(self.gate.still_allows(facts._replace(method=m), verdict.auth, now,
+                                          credentials=False)
+                   for m in ctx.overrides if m != facts.method)
 
     async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
@@ -305,10 +313,12 @@ class InboundProxy:
                     ctx.verdict = refused
                     raise refused.refusal()
             if query:  # (a method-override parameter: the method the app may run instead)
-                refused = _overridden(gate, facts, verdict, method_overrides(query))
+                named = method_overrides(query)
+                refused = _overridden(gate, facts, verdict, named)
                 if refused is not None:
                     ctx.verdict = refused
                     raise refused.refusal()
+                ctx.overrides = named  # (judged again by a policy change: _still_allows)
             # A POST form's override fields: read as the body goes, judged at its end.
             check = _body_check(gate, facts, verdict, ctx, event.headers) \
                 if head.has_body and event.method == b"POST" else None
@@ -478,13 +488,14 @@ def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
 def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
                 headers: Headers) -> BodyCheck | None:
     """The check of a POST body's method-override fields (``sidecar.http.body_override``),
-    or None for a body no override reader reads as a form. Two Content-Type fields are
-    400: readers take either one."""
+    or None for a body no override reader reads as a form or as JSON (``body_readers``).
+    Two Content-Type fields are 400: readers take either one."""
     types = [value for name, value in headers if name == b"content-type"]
     if len(types) > 1:
         raise BadRequest("bad_request", "two Content-Type fields")
-    kind = body_kind(b"POST", types[0] if types else None)
-    if kind is None:
+    readers = body_readers(b"POST", types[0] if types else None,
+                           [value for name, value in headers if name == b"content-encoding"])
+    if not readers:
         return None
 
     def judge(methods: tuple[str, ...]) -> None:
@@ -492,8 +503,9 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
         if refused is not None:
             ctx.verdict = refused
             raise refused.refusal()
+        ctx.overrides += tuple(m for m in methods if m not in ctx.overrides)
 
-    return BodyCheck(BodyOverrides(*kind), judge)
+    return BodyCheck(readers, judge)
 
 
 def api_key_of(headers: Headers) -> bytes | None:

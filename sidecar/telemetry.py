@@ -57,6 +57,9 @@ class RequestContext:
     peer: str | None = None
     direction: str = "inbound"  # the listener's, for a request refused before its facts
     opened: bool = False  # a stream whose decision record was written when it opened
+    # Method-override methods (query, form, JSON) the request was allowed to name: judged
+    # again with its facts when the policy changes while it is in flight (sidecar.inbound)
+    overrides: tuple[str, ...] = ()
 
 
 class Telemetry:

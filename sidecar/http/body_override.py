@@ -15,8 +15,12 @@ judged as the query's is) or answered 400 (``bad_method``) before it gets it.
 
 Which bodies (``body_kind``): a POST (the only method the readers override) whose
 Content-Type is ``application/x-www-form-urlencoded``, ``multipart/form-data`` (with a
-boundary), or absent (Rack reads a POST without a type as a form). Not JSON: Laravel reads
-``_method`` from a JSON body too, and that is not read here (docs/policy.md ``methods``).
+boundary; ``multipart/mixed`` and ``multipart/related``, which Rack reads as forms), or
+absent or empty (Rack reads a POST without a type as a form); and a JSON body (``JsonBody``:
+Laravel reads ``_method`` from the top level of a body whose type says ``/json`` or
+``+json``; Express ``method-override`` with a ``req.body`` getter), read by a streaming
+tokenizer (``JsonOverrides``) as its bytes are and, for UTF-16/32/7, decoded
+(docs/policy.md ``methods``).
 
 Names are folded as the query's are (``sidecar.authn.extract.param_name``: decoded, cut at
 NUL, leading spaces and a ``[...]`` suffix dropped, PHP's ``.``/space/``[`` read as ``_``,
@@ -35,9 +39,16 @@ only the boundary's length kept between two pieces of the body.
 
 from __future__ import annotations
 
+import codecs
+import functools
+import json
+import operator
 import re
-from collections.abc import Callable
-from urllib.parse import unquote_plus
+import zlib
+from collections.abc import Callable, Sequence
+from itertools import accumulate, count
+from typing import Any, Protocol
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from sidecar.authn.extract import param_name
 from sidecar.errors import BadRequest
@@ -50,45 +61,89 @@ MAX_PART_HEAD_BYTES = 16 * 1024
 URLENCODED = "urlencoded"
 MULTIPART = "multipart"
 
-_BOUNDARY = re.compile(rb';\s*boundary\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]+)', re.IGNORECASE)
+_BOUNDARY = re.compile(rb'[;,\s]\s*boundary\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)', re.IGNORECASE)
 _DISPOSITION_NAME = re.compile(rb'[;\s]name\*?\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\r\n]*)',
                                re.IGNORECASE)
 
 
+# Multipart types whose fields a reader takes as a form's: PHP reads form-data; Rack reads
+# ``multipart/mixed`` and ``multipart/related`` bodies as forms too (``Rack::Request#POST``).
+MULTIPART_TYPES = frozenset({b"multipart/form-data", b"multipart/mixed", b"multipart/related"})
+
+
 def body_kind(method: bytes, content_type: bytes | None) -> tuple[str, bytes] | None:
     """(kind, multipart boundary or b"") of a request body whose fields an app may read as
-    a method override, or None. ``content_type``: the request's one Content-Type value
-    (None: absent). A multipart type without a usable boundary is ``BadRequest``: no
-    reader can split it, and two readers could split it differently."""
+    a form's method override, or None. ``content_type``: the request's one Content-Type
+    value (None: absent). The media type ends at ``;``, ``,`` (Rack and commons-fileupload
+    split at both) or whitespace (PHP: ``multipart/form-data boundary=x`` is a form to
+    it); an empty value is an absent one (Rack). A multipart
+    type without one boundary every reader agrees on is ``BadRequest``: no reader can split
+    it, or two readers could split it differently (``_boundaries``)."""
     if method != b"POST":
         return None
-    if content_type is None:
+    if content_type is None or not content_type.strip(b" \t"):
         return URLENCODED, b""
-    media = content_type.split(b";", 1)[0].strip(b" \t").lower()
+    media = _MEDIA_TYPE_END.split(content_type.strip(b" \t"), 1)[0].lower()
     if media == b"application/x-www-form-urlencoded":
         return URLENCODED, b""
-    if media != b"multipart/form-data":
+    if media not in MULTIPART_TYPES:
         return None
-    found = _BOUNDARY.findall(content_type)
+    found = _boundaries(content_type)
     if len(found) != 1:
         raise BadRequest("bad_request", "multipart body without one boundary")
-    boundary = found[0]
-    if boundary.startswith(b'"'):
-        boundary = re.sub(rb"\\(.)", rb"\1", boundary[1:-1])
+    boundary = found.pop()
     if not 1 <= len(boundary) <= 70:  # (RFC 2046 5.1.1)
         raise BadRequest("bad_request", "multipart boundary length")
     return MULTIPART, boundary
 
 
+_MEDIA_END = re.compile(rb"[;,]")
+_MEDIA_TYPE_END = re.compile(rb"[;, \t]")  # (PHP ends the media type at a space too)
+_RACK_BOUNDARY = re.compile(rb'\Amultipart/.*boundary="?([^";,]+)"?', re.IGNORECASE)
+
+
+def _boundaries(content_type: bytes) -> set[bytes]:
+    """Every reading of a multipart type's boundary: as parameters (``;``, ``,`` or
+    whitespace before each, a quoted value unescaped: RFC 2045, commons-fileupload, busboy; two are two
+    readings), as Rack reads it (the last ``boundary=`` anywhere, up to ``"``, ``;`` or
+    ``,``) and as PHP does (after the first ``boundary`` -- case-sensitive first -- and the
+    next ``=``, a quoted value up to the next quote, else up to ``,`` or ``;``)."""
+    found = set()
+    for raw in _BOUNDARY.findall(content_type):
+        raw = raw.strip(b" \t")
+        if raw.startswith(b'"') and raw.endswith(b'"') and len(raw) >= 2:
+            raw = re.sub(rb"\\(.)", rb"\1", raw[1:-1])
+        found.add(raw)
+    if not found:
+        return found
+    rack = _RACK_BOUNDARY.match(content_type)
+    found.add(rack.group(1) if rack is not None else b"")
+    at = content_type.find(b"boundary")
+    if at < 0:
+        at = content_type.lower().find(b"boundary")
+    eq = content_type.find(b"=", at)
+    php = content_type[eq + 1:] if at >= 0 and eq >= 0 else b""
+    if php.startswith(b'"'):
+        php = php[1:].split(b'"', 1)[0]
+    else:
+        php = _MEDIA_END.split(php, 1)[0]
+    found.add(php)
+    return found
+
+
 class BodyOverrides:
     """The override methods a body names, read piece by piece (``feed``), then ``finish``."""
 
-    __slots__ = ("kind", "found", "_name", "_value", "_in_value", "_wanted", "_long",
-                 "_delimiter", "_tail", "_state", "_head")
+    __slots__ = ("kind", "found", "charset", "_name", "_value", "_in_value", "_wanted",
+                 "_long", "_delimiter", "_tail", "_state", "_head")
 
-    def __init__(self, kind: str, boundary: bytes = b"") -> None:
+    def __init__(self, kind: str, boundary: bytes = b"", charset: str | None = None) -> None:
         self.kind = kind
         self.found: list[str] = []
+        # A urlencoded form's reading as Tomcat's: fields split at the bytes "&", ";" and
+        # "=", each name and value percent-decoded to bytes and decoded from the declared
+        # ``charset`` (``form_readings``); a value that is then no method is passed over.
+        self.charset = charset
         # urlencoded: the current field's name (bounded) and, for an override, its value
         self._name = bytearray()
         self._value = bytearray()
@@ -129,7 +184,10 @@ class BodyOverrides:
                 if self._wanted:
                     self._value += data[start:stop if stop >= 0 else end]
                     if len(self._value) > MAX_VALUE_BYTES:
-                        raise BadRequest("bad_method", "method-override field")
+                        if self.charset is None:
+                            raise BadRequest("bad_method", "method-override field")
+                        self._wanted = False  # (no method: passed over, see charset)
+                        self._value.clear()
                 if stop < 0:
                     return
                 self._end_field()
@@ -140,13 +198,13 @@ class BodyOverrides:
                 self._name += data[start:stop if stop >= 0 else end]
                 if len(self._name) > MAX_NAME_BYTES:
                     del self._name[MAX_NAME_BYTES:]
-                    self._long = _long_name_is_override(self._name)
+                    self._long = _long_name_is_override(self._in_charset(self._name))
             if stop < 0:
                 return
             if data[stop] == 0x3D:  # "="
                 self._in_value = True
                 self._wanted = self._long if self._long is not None \
-                    else _is_override(self._name)
+                    else _is_override(self._in_charset(self._name))
             else:
                 self._end_field()
             start = stop + 1
@@ -212,7 +270,24 @@ class BodyOverrides:
 
     # ----------------------------------------------------------------------------------
 
+    def _in_charset(self, raw: bytes | bytearray) -> bytes | bytearray:
+        """A urlencoded name as the charset reading has it (UTF-8, percent-encoded where
+        that is not ASCII: compared as the plain reading compares), or ``raw`` itself."""
+        if self.charset is None:
+            return raw
+        text = _decode(unquote_to_bytes(bytes(raw).replace(b"+", b" ")), self.charset)
+        return quote(text, safe="", errors="surrogatepass").encode("ascii")
+
     def _add(self, raw: bytes | bytearray) -> None:
+        if self.charset is not None:
+            text = _decode(unquote_to_bytes(bytes(raw).replace(b"+", b" ")), self.charset)
+            self._value.clear()
+            try:
+                _add_method(self.found, text)
+            except BadRequest as exc:
+                if "too many" in str(exc):
+                    raise
+            return
         value = method_value(unquote_plus(bytes(raw).decode("latin-1"), encoding="latin-1")
                              if self.kind == URLENCODED else bytes(raw).decode("latin-1"))
         self._value.clear()
@@ -272,6 +347,21 @@ def _long_name_is_override(prefix: bytes | bytearray) -> bool:
     return param_name(text + "]") in METHOD_OVERRIDE_PARAMS  # (a "[" counts as closed)
 
 
+def _encoded_words(raw: bytes) -> bytes:
+    """``raw`` with its RFC 2047 encoded words (``=?charset?B|Q?...?=``) decoded, as
+    commons-fileupload's (and Tomcat's) ``ParameterParser`` decodes a parameter value that
+    starts with one; percent-encoded where that is not ASCII (compared as other names)."""
+    import email.header
+
+    try:
+        parts = email.header.decode_header(raw.decode("latin-1"))
+        text = "".join(p if isinstance(p, str) else _decode(p, c or "latin-1")
+                       for p, c in parts)
+    except (ValueError, LookupError, UnicodeError, TypeError, IndexError):
+        return raw
+    return quote(text, safe="", errors="surrogatepass").encode("ascii")
+
+
 def _part_is_override(head: bytes) -> bool:
     """Whether a multipart part's head names a field (``Content-Disposition``'s ``name`` or
     ``name*``, quoted or not, with or without backslash escapes) that folds to an override
@@ -288,30 +378,563 @@ def _part_is_override(head: bytes) -> bool:
                 readings += [inner, re.sub(rb"\\(.)", rb"\1", inner)]
             if b"''" in text:  # RFC 2231 name*=utf-8''%5Fmethod
                 readings.append(text.split(b"''", 1)[1])
+            if b"=?" in text:  # RFC 2047 name="=?UTF-8?B?X21ldGhvZA==?=" (commons-fileupload)
+                readings += [_encoded_words(r) for r in readings]
             if any(_is_override(r) for r in readings):
                 return True
     return False
+
+
+class Reader(Protocol):
+    """One reading of a body: ``feed`` its pieces, ``finish`` for the methods it named."""
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body (``BadRequest`` for a malformed override)."""
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the whole body named (each once, upper-cased)."""
+
+
+def body_readers(method: bytes, content_type: bytes | None,
+                 content_encoding: Sequence[bytes] = ()) -> list[Reader]:
+    """The readers of a request body's method-override fields: a form's (``body_kind``)
+    and, for a JSON type (``is_json_type``: Laravel reads such a body as JSON whatever else
+    the type says), a JSON one; ``[]`` for any other body -- and for a method other than
+    POST (no reader overrides another). ``content_encoding``: the request's
+    Content-Encoding values; a typed gzip or deflate body is read inflated as well
+    (``Inflated``: body-parser inflates before ``express.json()`` and
+    ``express.urlencoded()`` parse), and a typed form or JSON body in any other coding
+    (``br``, ``zstd``, two codings) is ``BadRequest``: its fields cannot be read here, and
+    a reader may decode it."""
+    if method != b"POST":
+        return []
+    readers = _plain_readers(method, content_type)
+    if not readers or not content_encoding or content_type is None:
+        return readers  # (a body without a type: Rack reads its bytes; nobody inflates it)
+    codings = [c.strip(b" \t").lower() for v in content_encoding for c in v.split(b",")]
+    codings = [c for c in codings if c and c != b"identity"]
+    if not codings:
+        return readers
+    if len(codings) == 1 and codings[0] in (b"gzip", b"x-gzip", b"deflate"):
+        # (and as sent: Rack reads the bytes, and a stored deflate block holds them raw)
+        return [*readers, Inflated(_plain_readers(method, content_type))]
+    raise BadRequest("bad_request", "form or JSON body in a coding not read")
+
+
+# An inflated form or JSON body may be up to INFLATE_RATIO times what came compressed, past
+# its first INFLATE_FREE bytes (more: 400): the reading's work stays linear in the bytes
+# sent (a deflate bomb inflates a thousandfold)
+INFLATE_RATIO = 200
+INFLATE_FREE = 1024 * 1024
+
+
+class Inflated:
+    """Readers given a gzip or deflate (zlib) body inflated, piece by piece, in bounded
+    steps; the members of a multi-member gzip body one after another (Node's gunzip reads
+    them all). Data that does not inflate ends the reading (the app's inflater fails
+    there too); more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``)
+    is ``BadRequest``."""
+
+    __slots__ = ("readers", "_z", "_in", "_out", "_broken")
+
+    def __init__(self, readers: Sequence[Reader]) -> None:
+        self.readers = tuple(readers)
+        self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)  # (gzip or zlib, by its header)
+        self._in = self._out = 0
+        self._broken = False
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body."""
+        self._in += len(data)
+        for _ in range(len(data) + 2):  # (each round consumes input or ends a member)
+            if self._broken or not data:
+                return
+            z = self._z
+            try:
+                out = z.decompress(data, 65536)
+            except zlib.error:
+                self._broken = True
+                return
+            self._give(out)
+            if z.eof:
+                data = z.unused_data
+                if data:
+                    self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            else:
+                data = z.unconsumed_tail
+
+    def _give(self, out: bytes) -> None:
+        if not out:
+            return
+        self._out += len(out)
+        if self._out > INFLATE_FREE and self._out > INFLATE_RATIO * self._in:
+            raise BadRequest("bad_request", "body inflates too far")
+        for reader in self.readers:
+            reader.feed(out)
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the inflated body named."""
+        if not self._broken:
+            try:
+                self._give(self._z.flush(65536))
+            except zlib.error:
+                pass
+        found: list[str] = []
+        for reader in self.readers:
+            for method in reader.finish():
+                if method not in found:
+                    found.append(method)
+        return tuple(found)
+
+
+def _plain_readers(method: bytes, content_type: bytes | None) -> list[Reader]:
+    readers: list[Reader] = []
+    kind = body_kind(method, content_type)
+    if kind is not None:
+        readers.append(BodyOverrides(*kind))
+        if kind[0] == URLENCODED and content_type is not None:
+            readers.extend(form_readings(content_type))
+    if content_type is not None and is_json_type(content_type):
+        readers.append(JsonBody(content_type))
+    return readers
+
+
+def form_readings(content_type: bytes) -> list[Reader]:
+    """A urlencoded form's further readings when its declared ``charset`` does not read
+    printable ASCII as ASCII (UTF-16, UTF-32, UTF-7, EBCDIC): Tomcat splits the bytes and
+    decodes each name and value from the charset (``BodyOverrides`` with ``charset``), Jetty
+    decodes the body and splits the text (``Transcoded``) -- Spring's
+    ``HiddenHttpMethodFilter`` reads ``_method`` through either. ``[]`` otherwise (the
+    plain reading is every reader's)."""
+    codec = _declared_charset(content_type)
+    if codec is None or _reads_ascii(codec):
+        return []
+    return [*(BodyOverrides(URLENCODED, charset=c) for c in _byte_orders(codec)),
+            *(Transcoded(BodyOverrides(URLENCODED, charset="utf-8"), c)
+              for c in _byte_orders(codec))]
+
+
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
+@functools.lru_cache(maxsize=64)
+def _reads_ascii(codec: str) -> bool:
+    """Whether ``codec`` decodes printable ASCII bytes as ASCII (UTF-8, Latin-1, Shift_JIS:
+    the plain reading is theirs too)."""
+    try:
+        return _PRINTABLE.decode(codec, "replace") == _PRINTABLE.decode("ascii")
+    except (UnicodeError, LookupError, TypeError):
+        return True  # (no decoder reads it: nothing to add)
+
+
+def _declared_charset(content_type: bytes) -> str | None:
+    """The Python text codec of a Content-Type's ``charset`` parameter, or None."""
+    for param in re.split(rb"[;,]", content_type)[1:]:
+        name, _, value = param.partition(b"=")
+        if name.strip(b" \t").lower() != b"charset":
+            continue
+        charset = value.strip(b" \t\"'").decode("latin-1").lower()
+        try:
+            info = codecs.lookup(charset)
+        except (LookupError, ValueError):
+            return None
+        return info.name if getattr(info, "_is_text_encoding", True) else None
+    return None
+
+
+def _decode(raw: bytes, codec: str) -> str:
+    """``raw`` decoded from ``codec``, unknown bytes replaced; as Latin-1 when the codec
+    cannot decode it at all (punycode, idna: no ``replace``)."""
+    try:
+        return raw.decode(codec, "replace")
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return raw.decode("latin-1")
+
+
+class Transcoded:
+    """A reader of a body decoded from ``codec`` (incrementally, unknown bytes replaced)
+    and given to ``reader`` as UTF-8."""
+
+    __slots__ = ("reader", "_decoder", "_started")
+
+    def __init__(self, reader: Reader, codec: str) -> None:
+        self.reader = reader
+        if codec in ("utf-16", "utf-32"):
+            # (Python's incremental decoder wants a byte-order mark: little-endian, a mark
+            # passed over; _byte_orders adds the big-endian reading)
+            codec += "-le"
+        self._decoder: Any = codecs.getincrementaldecoder(codec)(errors="replace")
+        self._started = False
+
+    def _give(self, text: str) -> None:
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        if text:
+            self.reader.feed(text.encode("utf-8", "surrogatepass"))
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body."""
+        self._give(self._decode(data, False))
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the decoded body named."""
+        self._give(self._decode(b"", True))
+        return self.reader.finish()
+
+    def _decode(self, data: bytes, final: bool) -> str:
+        if self._decoder is None:
+            return ""
+        try:
+            return str(self._decoder.decode(data, final))
+        except (UnicodeError, ValueError, TypeError):  # (a codec without "replace")
+            self._decoder = None  # (no reader decodes the rest either)
+            return ""
 
 
 class BodyCheck:
     """What the data path calls as a POST body streams to the app (``sidecar.net.forward``):
     ``feed`` each piece; ``finish`` at its end, before the last byte goes, which raises the
     request's refusal when the body names an override method the policy does not allow
-    (``judge``, the listener's: ``sidecar.inbound``)."""
+    (``judge``, the listener's: ``sidecar.inbound``). ``reader``: one reader, or several
+    (``body_readers``: each reads every piece, their methods are judged together)."""
 
-    __slots__ = ("reader", "judge")
+    __slots__ = ("readers", "judge")
 
-    def __init__(self, reader: BodyOverrides,
+    def __init__(self, reader: Reader | Sequence[Reader],
                  judge: Callable[[tuple[str, ...]], None]) -> None:
-        self.reader = reader
+        self.readers: tuple[Reader, ...] = tuple(reader) if isinstance(reader, Sequence) \
+            else (reader,)
         self.judge = judge
 
     def feed(self, data: bytes) -> None:
         """Read one piece of the body (``BadRequest`` for a malformed override field)."""
-        self.reader.feed(data)
+        for reader in self.readers:
+            reader.feed(data)
 
     def finish(self) -> None:
         """The body ended: judge the methods it named (raises the refusal, if any)."""
-        methods = self.reader.finish()
+        methods: list[str] = []
+        for reader in self.readers:
+            for method in reader.finish():
+                if method not in methods:
+                    if len(methods) >= MAX_METHOD_OVERRIDES:
+                        raise BadRequest("bad_method", "too many method-override values")
+                    methods.append(method)
         if methods:
-            self.judge(methods)
+            self.judge(tuple(methods))
+
+
+# --- JSON bodies ----------------------------------------------------------------------
+
+JSON = "json"
+MAX_KEY_BYTES = 256  # a key's raw bytes kept: an override name escaped whole is 132
+_JSON_STRUCTURE = re.compile(rb'["{}\[\]:,]')
+_JSON_STRING_STOP = re.compile(rb'["\\]')
+# A stretch that may hold an override key: "method" in any case, or an escape
+_JSON_CANDIDATE = re.compile(rb"[Mm][Ee][Tt][Hh][Oo][Dd]|\\")
+_JSON_PLAIN_STRINGS = re.compile(rb'"[^"]*"')
+_JSON_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_JSON_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"{}[]")
+_JSON_WEIGHTS = bytes.maketrans(b"{[}]", b"\x02\x02\x00\x00")
+# Byte-order marks and RFC 4627's null patterns of the first bytes (json.detect_encoding)
+_JSON_BOMS = ((b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe\x00\x00", "utf-32-le"),
+              (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+
+
+def is_json_type(content_type: bytes | None) -> bool:
+    """Whether a reader takes a body of this Content-Type for JSON: Laravel's
+    ``Request::isJson`` (``/json`` or ``+json`` anywhere in the value: ``application/json``,
+    ``text/json``, ``application/vnd.api+json``, with any parameters), case folded (judging
+    more only refuses more)."""
+    if content_type is None:
+        return False
+    lower = content_type.lower()
+    return b"/json" in lower or b"+json" in lower
+
+
+def _json_charset(content_type: bytes) -> str | None:
+    """The text codec of a JSON body's declared ``charset`` when it is a ``utf-`` other than
+    UTF-8 (body-parser decodes every ``utf-*`` iconv knows: UTF-16, UTF-32, UTF-7), else
+    None (read as the bytes are: Laravel's ``json_decode`` ignores the parameter)."""
+    for param in re.split(rb"[;,]", content_type)[1:]:
+        name, _, value = param.partition(b"=")
+        if name.strip(b" \t").lower() != b"charset":
+            continue
+        charset = value.strip(b" \t\"'").decode("latin-1").lower()
+        if not charset.startswith("utf-"):
+            continue
+        try:
+            codec = codecs.lookup(charset)
+        except LookupError:
+            continue
+        if codec.name != "utf-8" and getattr(codec, "_is_text_encoding", True):
+            return codec.name
+    return None
+
+
+class JsonOverrides:
+    """The override methods a JSON body's top-level object names, read piece by piece.
+
+    Every top-level key whose JSON-decoded text is an override parameter's name (ASCII case
+    folded: ``"_method"``, ``"\\u005fmethod"``, ``"_\\u006Dethod"``, ``"X-HTTP-Method"``; each
+    occurrence of a duplicate key) with a string value -- or an array value's string
+    elements (Express ``method-override`` takes an array's first) -- names a method. Only
+    the top level: Laravel and Symfony read ``_method`` from the decoded body's top level;
+    nested objects are passed over. A streaming tokenizer: strings are followed through
+    their escapes, brackets counted, only a top-level key's or an override value's raw bytes
+    kept (``MAX_KEY_BYTES``, ``MAX_VALUE_BYTES``); nothing else of the body is kept, and
+    the syntax is not judged (invalid JSON reaches the app as sent, its override fields
+    judged all the same)."""
+
+    __slots__ = ("found", "_depth", "_object", "_expect_key", "_key_override",
+                 "_in_array", "_role", "_raw", "_long", "_escaped")
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self._depth = 0
+        self._object = False  # the top-level value is an object
+        self._expect_key = False  # at the top level, a string now is a key
+        self._key_override = False  # the top-level key before this value is an override's
+        self._in_array = False  # in an array that is an override key's value
+        self._role = ""  # the string being read: "" (passed over), "key" or "value"
+        self._raw = bytearray()
+        self._long = False
+        self._escaped = False  # a backslash ended the last piece inside a string
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body: stretches that cannot hold an override key --
+        no ``method`` in any case and no backslash -- are skimmed (``_skim``: brackets and
+        separators counted by C loops), the rest is read token by token (``_step``)."""
+        i, n = 0, len(data)
+        while i < n:
+            if self._role or self._in_array or self._key_override or self._depth == 0:
+                i = self._step(data, i, n)
+                continue
+            m = _JSON_CANDIDATE.search(data, i)
+            stop = m.start() if m is not None else n
+            at = self._skim(data, i, stop) if stop > i else i
+            if at > i:
+                i = at
+                continue
+            # Token by token over what the skim did not pass: up to the candidate's end and
+            # out of any string it is in.
+            limit = m.end() if m is not None and stop == i else stop
+            while (i < limit or self._role) and i < n:
+                i = self._step(data, i, n)
+
+    def _skim(self, data: bytes, i: int, stop: int) -> int:
+        """Pass over ``data[i:stop]`` (no backslash, no candidate key in it) as ``_step``
+        would, up to a string it does not end, and not past the top level's end; where
+        the reading goes on (``i``: nothing passed)."""
+        seg = data[i:stop]
+        if seg.count(b'"') % 2:
+            seg = seg[:seg.rfind(b'"')]  # (a string that goes on: read token by token)
+        if self._skim_segment(seg):
+            return i + len(seg)
+        cut = max(seg.rfind(b"}"), seg.rfind(b"]"))  # (short of the top level's end)
+        if cut > 0 and seg.count(b'"', 0, cut) % 2 == 0 and self._skim_segment(seg[:cut]):
+            return i + cut
+        return i
+
+    def _skim_segment(self, seg: bytes) -> bool:
+        """Apply ``seg`` (whole strings only, no backslash) to the state; False (and no
+        change) when its brackets would close the top level."""
+        if not seg:
+            return False
+        stripped = _JSON_PLAIN_STRINGS.sub(b"", seg) if b'"' in seg else seg
+        brackets = stripped.translate(None, _JSON_NOT_BRACKETS)
+        depth = self._depth
+        if brackets:
+            # The lowest depth reached: opens weigh 2, closes 0, less one per bracket.
+            low = min(map(operator.sub, accumulate(brackets.translate(_JSON_WEIGHTS)),
+                          count(1)))
+            if depth + low < 1:
+                return False
+            closes = brackets.count(b"}") + brackets.count(b"]")
+            self._depth = depth + len(brackets) - 2 * closes
+        if not self._object:
+            return True
+        if self._depth == 1:
+            last = max(stripped.rfind(c) for c in (b",", b":", b"}", b"]", b"{", b"["))
+            if last >= 0:
+                self._expect_key = stripped[last] == 0x2C
+        elif brackets and (depth == 1 or depth + low <= 1):
+            self._expect_key = False  # (a value opened at the top level, as ``_step``)
+        return True
+
+    def _step(self, data: bytes, i: int, n: int) -> int:
+        """Read one token from ``data[i]``; where the reading goes on."""
+        if self._role:  # (inside a string)
+            return self._string(data, i)
+        m = _JSON_STRUCTURE.search(data, i)
+        if m is None:
+            return n
+        at = m.start()
+        c = data[at]
+        i = at + 1
+        if c == 0x22:  # '"'
+            depth = self._depth
+            if depth == 1 and self._object and self._expect_key:
+                self._role = "key"
+            elif (depth == 1 and self._object and self._key_override) or \
+                    (depth == 2 and self._in_array):
+                self._role = "value"
+            else:
+                self._role = "skip"
+            self._raw.clear()
+            self._long = False
+        elif c in (0x7B, 0x5B):  # "{" "["
+            self._depth += 1
+            if self._depth == 1:
+                self._object = c == 0x7B
+                self._expect_key = self._object
+                self._key_override = False
+            elif self._depth == 2:  # (a value opened at the top level)
+                self._in_array = c == 0x5B and self._object and self._key_override \
+                    and not self._expect_key
+                self._expect_key = False
+        elif c in (0x7D, 0x5D):  # "}" "]"
+            if self._depth == 2:
+                self._in_array = False
+                self._expect_key = False  # (a top-level value ended: a "," is due)
+            if self._depth > 0:
+                self._depth -= 1
+        elif self._depth == 1 and self._object:
+            if c == 0x2C:  # "," -- the next key
+                self._expect_key = True
+                self._key_override = False
+            else:  # ":"
+                self._expect_key = False
+
+        return i
+
+    def _string(self, data: bytes, i: int) -> int:
+        """Go on with the string being read from ``data[i]``; where the reading goes on."""
+        if self._escaped:
+            self._escaped = False
+            self._keep(data[i:i + 1])
+            return i + 1
+        if self._role == "skip":  # (a string passed over: to its end in one match)
+            m = _JSON_STRING_REST.match(data, i)
+            if m is not None:
+                self._role = ""
+                return m.end()
+            run = len(data) - i - len(data[i:].rstrip(b"\\"))
+            self._escaped = run % 2 == 1  # (an unpaired backslash ends the piece)
+            return len(data)
+        m = _JSON_STRING_STOP.search(data, i)
+        if m is None:
+            self._keep(data[i:])
+            return len(data)
+        at = m.start()
+        if data[at] == 0x5C:  # a backslash: the next byte is escaped, whatever it is
+            self._keep(data[i:at + 1])
+            self._escaped = True
+            return at + 1
+        self._keep(data[i:at])
+        self._end_string()
+        return at + 1
+
+    def _keep(self, chunk: bytes) -> None:
+        if self._role in ("", "skip") or self._long or not chunk:
+            return
+        self._raw += chunk
+        limit = MAX_KEY_BYTES if self._role == "key" else MAX_VALUE_BYTES
+        if len(self._raw) > limit:
+            if self._role == "value":
+                raise BadRequest("bad_method", "method-override field")
+            self._long = True  # (a key this long decodes to no override name)
+            self._raw.clear()
+
+    def _end_string(self) -> None:
+        role = self._role
+        self._role = ""
+        if role == "skip":
+            return
+        if self._long:
+            self._key_override = False
+            return
+        try:
+            text = json.loads(b'"' + bytes(self._raw) + b'"', strict=False)
+        except ValueError:
+            text = None  # (an invalid escape: no reader takes the document)
+        self._raw.clear()
+        if role == "key":
+            self._key_override = isinstance(text, str) and text.isascii() \
+                and text.lower() in METHOD_OVERRIDE_PARAMS
+        elif isinstance(text, str):
+            _add_method(self.found, text)
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the whole body named (each once, upper-cased)."""
+        return tuple(self.found)
+
+
+class JsonBody:
+    """A JSON body's readings: as its bytes are (Laravel's ``json_decode``; a UTF-8 BOM is
+    passed over), and, when the body is declared (``charset=utf-16``, ``utf-32``, ``utf-7``)
+    or sniffed (a UTF-16/32 byte-order mark or null bytes among the first four: Python's and
+    Jackson's detection) to be in another Unicode encoding, as that text too."""
+
+    __slots__ = ("raw", "alts", "_head", "_sniff")
+
+    def __init__(self, content_type: bytes) -> None:
+        self.raw = JsonOverrides()
+        self.alts: list[Transcoded] = []
+        self._head = bytearray()
+        charset = _json_charset(content_type)
+        self._sniff = charset is None
+        if charset is not None:
+            self.alts = [Transcoded(JsonOverrides(), c) for c in _byte_orders(charset)]
+
+    def feed(self, data: bytes) -> None:
+        """Read the next piece of the body."""
+        self.raw.feed(data)
+        if self._sniff:
+            self._head += data
+            if len(self._head) >= 4:
+                self._decide()
+            return
+        for alt in self.alts:
+            alt.feed(data)
+
+    def _decide(self) -> None:
+        self._sniff = False
+        head = bytes(self._head)
+        self._head = bytearray()
+        codec = next((c for bom, c in _JSON_BOMS if head.startswith(bom)), None)
+        if codec is None and len(head) >= 2 and 0 in head[:4]:
+            codec = json.detect_encoding(head)
+            if codec == "utf-8":
+                codec = None
+        if codec is not None:
+            self.alts = [Transcoded(JsonOverrides(), codec)]
+            self.alts[0].feed(head)
+
+    def finish(self) -> tuple[str, ...]:
+        """The methods the body named in any reading (each once)."""
+        if self._sniff:
+            self._decide()
+        found = list(self.raw.finish())
+        for alt in self.alts:
+            for method in alt.finish():
+                if method not in found:
+                    found.append(method)
+        return tuple(found)
+
+
+def _byte_orders(codec: str) -> tuple[str, ...]:
+    """``codec``'s readings of a text without a byte-order mark: Python's ``utf-16`` and
+    ``utf-32`` read it little-endian, Java's big-endian -- both."""
+    return (codec, codec + "-be") if codec in ("utf-16", "utf-32") else (codec,)
+
+
+def _add_method(found: list[str], text: str) -> None:
+    """Add the method an override value names (``method_value``) to ``found``."""
+    value = method_value(text)
+    if value is None or value in found:
+        return
+    if len(found) >= MAX_METHOD_OVERRIDES:
+        raise BadRequest("bad_method", "too many method-override values")
+    found.append(value)

@@ -2,7 +2,7 @@
 
 Endpoints: any GET -> JSON of the request (method, path, headers); GET /big?n=BYTES streams
 n bytes; POST/PUT -> JSON with the body's length and sha256 (read in chunks, flat memory;
-chunked bodies too); GET /slow?s=SECONDS; GET /crash closes the connection mid-response;
+chunked bodies too; POST /big?n=BYTES streams n bytes once the body is read); GET /slow?s=SECONDS; GET /crash closes the connection mid-response;
 GET /ws with Upgrade: echo -> 101 and then echoes bytes. Counts connections in /stats.
 """
 
@@ -118,6 +118,8 @@ class Handler(BaseHTTPRequestHandler):
                 h.update(data)
                 total += len(data)
                 remaining -= len(data)
+        if urlsplit(self.path).path == "/big":  # (the body read, n bytes streamed back)
+            return self.do_GET()
         self._json({"method": self.command, "path": self.path, "length": total,
                     "sha256": h.hexdigest(),
                     "headers": [[k.lower(), v] for k, v in self.headers.items()]})
