@@ -54,10 +54,12 @@ from sidecar.identity.svid import (
     RULE_NOT_YET_VALID,
     RULE_PEM_INVALID,
     RULE_SIGNER_TRUST_DOMAIN,
+    RULE_SIGNING_CERT_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
     _read,
+    _signing_rules,
     check_signers,
     crypto_problem,
     der_key,
@@ -185,6 +187,17 @@ def bundle_from_certs(trust_domain: str, path: str,
         if problem is not None and problem[0] == RULE_KEY_WEAK:
             raise SvidError(RULE_KEY_WEAK, f"a root of trust domain {trust_domain} "
                             f"({root.subject.rfc4514_string()[:200]}): {problem[1]}", file=path)
+        # The signing-certificate shape an intermediate must have (basicConstraints CA=true
+        # and critical, keyCertSign, no critical extension the chain check does not process,
+        # an EKU with both directions, a SPIFFE ID without a path): OpenSSL takes a root
+        # without, and a peer whose chain OpenSSL anchored at it was accepted by the set
+        # lookup of ``check_peer`` while the chain check refuses that root -- so the same
+        # peer was refused when OpenSSL picked another anchor, after a bundle change, and as
+        # the own SVID (found by the twenty-second session's review).
+        shape = _signing_rules(root)[0]
+        if shape is not None and shape[0] == RULE_SIGNING_CERT_INVALID:
+            raise SvidError(RULE_SIGNING_CERT_INVALID, f"a root of trust domain {trust_domain}"
+                            f": {shape[1].removeprefix('intermediate ')}", file=path)
         for named in domains:
             if named != trust_domain:
                 raise SvidError(
