@@ -45,8 +45,9 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 # check refuses every one of them but ``spiffe_id_with_a_path`` (NOT_CHAIN_CHECKED), which
 # the X.509-SVID signing-certificate rule (3.2) refuses in an intermediate: a root naming a
 # workload is that workload acting as a CA
-NOT_CHAIN_CHECKED = {"spiffe_id_with_a_path"}
+NOT_CHAIN_CHECKED = {"spiffe_id_with_a_path", "upper_case_scheme_with_a_path"}
 SHAPES = {
+    "upper_case_scheme_with_a_path": True,
     "no_basic_constraints": True,
     "no_key_usage": True,
     "basic_constraints_not_critical": True,
@@ -79,8 +80,10 @@ def _root(shape: str) -> Ca:
     if shape == "critical_certificate_policies":
         b = b.add_extension(x509.CertificatePolicies([x509.PolicyInformation(
             x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), None)]), critical=True)
-    uri = f"spiffe://{TD}/ns/demo/sa/ca" if shape == "spiffe_id_with_a_path" \
-        else f"spiffe://{TD}"
+    uri = {"spiffe_id_with_a_path": f"spiffe://{TD}/ns/demo/sa/ca",
+           "upper_case_scheme": f"SPIFFE://{TD.upper()}",
+           "upper_case_scheme_with_a_path": f"SPIFFE://{TD}/ns/demo/sa/ca"}.get(
+        shape, f"spiffe://{TD}")
     b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
                         critical=False)
     return Ca(shape, key, b.sign(key, hashes.SHA256()))
@@ -135,3 +138,11 @@ def test_a_peer_under_such_a_root_is_not_admitted_by_a_reload(tmp_path: Path, pk
     with pytest.raises((OSError, ConnectionError)):
         http(port, "GET", "/", ctx=mtls_context(caller, pki.bundle), timeout=5)
     assert http(port, "GET", "/", ctx=good).status == 200
+
+
+@pytest.mark.parametrize("shape", ["proper", "upper_case_scheme"])
+def test_a_proper_root_still_loads(shape: str) -> None:
+    """The controls: a signing certificate as SPIRE and ``sidecar ca`` make it, and one
+    naming its trust domain in another spelling of the scheme (matched in any spelling)."""
+    root = _root(shape)
+    assert bundle_from_certs(TD, "bundle.crt", [root.cert]).roots == (root.cert,)
