@@ -210,6 +210,13 @@ class InboundProxy:
             conn.recheck = None
             self.telemetry.request(record, 502, error="upstream_connect_failed")
             return
+        except BaseException as exc:
+            # Retired for a loss of trust while it connects: cut at once, and refused like
+            # one found retired after the connect (its record is not lost with the cut).
+            if cancelled(exc) and conn.retiring is not None:
+                conn.recheck = None
+                self.telemetry.request(record, 403, error=conn.retiring)
+            raise
         if conn.retiring is not None and not conn.serve_more:
             conn.recheck = None
             await close_quietly(app)

@@ -252,6 +252,13 @@ class OutboundProxy:
         except RequestRefused as exc:
             self.telemetry.request(record, exc.status, error=exc.reason)
             return
+        except BaseException as exc:
+            # Retired for a loss of trust while it connects: cut at once, and refused like
+            # one found retired after the connect (its record is not lost with the cut).
+            if cancelled(exc) and conn.retiring is not None:
+                conn.recheck = None
+                self.telemetry.request(record, 403, error=conn.retiring)
+            raise
         meta: UpstreamMeta = upstream.meta  # type: ignore[attr-defined]
         # The stream's peer is the upstream sidecar: its chain and expiry now govern it.
         conn.chain, conn.peer_not_after = meta.chain, meta.peer_not_after

@@ -30,11 +30,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.errors import printable
+
 MAX_SOURCES = 1024  # sources with a pending summary; beyond, counted under "*"
 MAX_REASONS = 16  # distinct reasons kept per summary; beyond, counted under "other"
-MAX_PEERS = 8  # distinct peer SPIFFE IDs named per summary (the first ones seen)
+MAX_PEERS = 8  # distinct claimed SPIFFE IDs named per summary (the first ones seen)
+# A refused certificate's SPIFFE ID is what its holder CLAIMS: nothing verified it (anyone
+# can mint a certificate naming any ID). It is never written as ``peer`` -- an auditor reads
+# ``peer`` as verified -- but as ``claimed_peer`` (``claimed_peers`` in a summary), escaped
+# and cut to this many characters, and never becomes a metric label.
+MAX_CLAIMED_CHARS = 256
 OVERFLOW_SOURCE = "*"
 OTHER_REASON = "other"
+
+
+def claimed_peer(spiffe_id: str | None) -> str | None:
+    """The SPIFFE ID a refused certificate claims, as it may be written (escaped, bounded:
+    ``MAX_CLAIMED_CHARS``, a longer one ends in ``...``); None for none."""
+    if not spiffe_id:
+        return None
+    text = printable(spiffe_id)
+    return text if len(text) <= MAX_CLAIMED_CHARS else text[:MAX_CLAIMED_CHARS - 3] + "..."
 
 
 @dataclass(slots=True)
@@ -45,11 +61,13 @@ class Tally:
     last: float = 0.0
     count: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    peers: list[str] = field(default_factory=list)  # the first MAX_PEERS distinct ones
+    peers: list[str] = field(default_factory=list)  # the first MAX_PEERS distinct claims
 
     def add(self, reason: str, now: float, peer: str | None = None) -> None:
         """One more refusal, for ``reason`` (or ``other`` past ``MAX_REASONS`` reasons), of
-        ``peer`` (a certificate's SPIFFE ID, if it named one)."""
+        ``peer`` (the SPIFFE ID a refused certificate claims, if it named one: unverified,
+        kept escaped and bounded, ``claimed_peer``)."""
+        peer = claimed_peer(peer)
         if peer and len(self.peers) < MAX_PEERS and peer not in self.peers:
             self.peers.append(peer)
         self.count += 1

@@ -26,7 +26,7 @@ from sidecar.audit.record import (
 from sidecar.config.model import Limits
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
-from sidecar.refusals import RefusalThinner
+from sidecar.refusals import RefusalThinner, claimed_peer
 from sidecar.tap import Tap
 
 if TYPE_CHECKING:
@@ -120,7 +120,13 @@ class Telemetry:
     def connection_refused(self, direction: str, source: str, peer: str | None, reason: str,
                            started: float) -> None:
         """A handshake failed or its peer was refused: metric (label before the colon), log line,
-        audit record; the peer's own credential failures feed ``on_credential_failure``."""
+        audit record; the peer's own credential failures feed ``on_credential_failure``.
+
+        ``peer`` is the SPIFFE ID the refused certificate CLAIMS: nothing verified it, so it
+        is written as ``claimed_peer`` (escaped, bounded; ``sidecar.refusals.claimed_peer``)
+        and never as ``peer``, which names verified identities only (before the
+        twenty-second session's review a certificate from any CA could name itself
+        ``peer`` in the audit trail), and never as a metric label."""
         self.metrics.tls_handshake_failures_total.labels(direction, reason.split(":")[0]).inc()
         hook = self.on_credential_failure
         if hook is not None and direction == "inbound" and reason.split(":")[0] in \
@@ -130,11 +136,13 @@ class Telemetry:
             # Beyond its source's rate: counted in the next summary (``flush_refusals``).
             self.metrics.refusals_summarised_total.labels(direction).inc()
             return
+        claimed = claimed_peer(peer)
         logs.log("connection_refused", "warning", direction=direction, source=source,
-                 peer=peer, reason=reason)
+                 reason=reason, **({"claimed_peer": claimed} if claimed else {}))
         if self.audit is not None:
             self.audit.submit(connection_refused_record(
-                time=started, direction=direction, source=source, peer=peer, reason=reason))
+                time=started, direction=direction, source=source, reason=reason,
+                extra={"claimed_peer": claimed} if claimed else None))
 
     def stream_opened(self, ctx: RequestContext, status: int) -> None:
         """A TCP or upgraded stream was let in and opened (``status``: the 101 relayed, or
@@ -181,7 +189,7 @@ class Telemetry:
         for direction, source, tally in self.refusals.summaries():
             logs.log("connection_refused_summary", "warning", direction=direction,
                      source=source, count=tally.count, reasons=tally.reasons,
-                     first=tally.first, last=tally.last, peers=tally.peers)
+                     first=tally.first, last=tally.last, claimed_peers=tally.peers)
             if self.audit is not None:
                 self.audit.submit(refused_summary_record(
                     time=now, direction=direction, source=source, count=tally.count,

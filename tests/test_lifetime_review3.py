@@ -331,13 +331,24 @@ def test_a_request_decided_after_its_connections_trust_ended_is_not_forwarded(
             elif how == "policy_reload":
                 write_policy(tmp_path / "policy" / "mesh.yaml", doc([spiffe("billing")]))
             answer = _rest(tls, timeout=10)
-        # Refused like any request the policy would not admit: a generic 403, no reason.
-        assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
-        assert b"peer_" not in answer and b"policy" not in answer, answer
         reason = DURING_DECISION[how]
-        if reason is not None:
+        if reason is None:
+            # Refused like any request the policy would not admit: a generic 403, no reason.
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+            assert b"peer_" not in answer and b"policy" not in answer, answer
+        else:
+            # A loss of trust cuts the connection at once (since the twenty-second session's
+            # review; a generic 403 before): nothing is answered, nothing forwarded, and the
+            # request still has its record.
+            assert answer == b"", answer[:200]
             assert closed(srv, reason) >= 1
             assert audited(tmp_path, "orders", reason)
+            srv.stop()
+            recs = [r for r in audit_export(tmp_path / "audit-orders")
+                    if r.get("event") == "request"]
+            # (no decision yet: the error is the record's reason)
+            assert [(r["status"], r["reason"]) for r in recs] == [(0, "connection_closed")], \
+                recs
     finally:
         idp.stop()
 

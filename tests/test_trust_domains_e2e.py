@@ -147,6 +147,18 @@ def test_inbound_accepts_each_domain_from_its_own_roots(world: World) -> None:
     assert r.status == 200 and xfcc_uri(r) == PARTNER_API
 
 
+def _claiming(proc: SidecarProc, spiffe_id: str) -> list[dict[str, Any]]:
+    """The ``connection_refused`` lines of certificates that claimed ``spiffe_id``. None of
+    them names it as ``peer``: nothing verified it -- any CA can mint a certificate naming
+    any ID -- and an auditor reads ``peer`` as verified (before the twenty-second session's
+    review it was ``peer``). Nor does it reach a metric label (cardinality, and the same
+    belief)."""
+    refused = proc.log_events("connection_refused")
+    assert all("peer" not in e for e in refused), refused
+    assert spiffe_id not in proc.metrics()
+    return [e for e in refused if e.get("claimed_peer") == spiffe_id]
+
+
 @pytest.mark.parametrize("issuer, spiffe_id, rule", [
     ("partner", FRONTEND, "trust-domain-mismatch"),
     ("cluster", PARTNER_API, "trust-domain-mismatch"),
@@ -162,7 +174,7 @@ def test_inbound_refuses_cross_domain_issuance(world: World, issuer: str, spiffe
         http(srv.port("inbound"), "GET", "/", ctx=ctx, timeout=5)
     assert srv.metric("sidecar_tls_handshake_failures_total", direction="inbound",
                       reason="peer_untrusted") == before + 1
-    refused = [e for e in srv.log_events("connection_refused") if e.get("peer") == spiffe_id]
+    refused = _claiming(srv, spiffe_id)
     assert refused and refused[-1]["reason"] == f"peer_untrusted:{rule}"
 
 
@@ -180,8 +192,7 @@ def test_outbound_refuses_cross_domain_upstream(world: World, listener: str,
                                                 spiffe_id: str) -> None:
     r = http(world.caller.port(listener), "GET", "/")
     assert r.status == 502 and b"rogue" not in r.body
-    refused = [e for e in world.caller.log_events("connection_refused")
-               if e.get("peer") == spiffe_id]
+    refused = _claiming(world.caller, spiffe_id)
     assert refused and refused[-1]["reason"] == "peer_untrusted:trust-domain-mismatch"
     assert all(rogue.served == 0 for rogue in world.rogues)
 

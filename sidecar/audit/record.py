@@ -564,13 +564,15 @@ def row_wire(row: Row) -> dict[str, Any]:
 
 
 def connection_refused_record(
-    *, time: float, direction: str, source: str, reason: str, peer: str | None = None,
-    request_id: str = "", extra: dict[str, Any] | None = None,
+    *, time: float, direction: str, source: str, reason: str, request_id: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> AuditRecord:
-    """A connection refused before any request: handshake failure, wrong peer identity."""
+    """A connection refused before any request: handshake failure, wrong peer identity. It
+    has no ``peer``: a refused certificate's SPIFFE ID is only claimed (``extra``
+    ``claimed_peer``, docs/audit.md)."""
     return AuditRecord(
         time=time, event=EVENT_CONNECTION_REFUSED, request_id=request_id,
-        direction=direction, peer=peer, source=source, decision="deny", reason=reason,
+        direction=direction, peer=None, source=source, decision="deny", reason=reason,
         extra=extra,
     )
 
@@ -585,7 +587,7 @@ def refused_summary_record(
         time=time, event=EVENT_REFUSED_SUMMARY, direction=direction, source=source,
         decision="deny", reason="summary",
         extra={"count": count, "reasons": dict(reasons), "first": first, "last": last,
-               "peers": list(peers or ())},
+               "claimed_peers": list(peers or ())},
     )
 
 

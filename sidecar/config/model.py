@@ -56,7 +56,8 @@ class Limits:
     # Connection lifetime (sidecar.net.lifetime): a connection is retired once it is older
     # than max_connection_age minus a random share of max_connection_age_jitter (0 = no
     # limit); a retired HTTP connection ends after its next response (Connection: close),
-    # a TCP or upgraded stream, and a request still in flight, after connection_close_grace.
+    # a TCP or upgraded stream, and a request still in flight, after connection_close_grace
+    # (a retirement for a loss of trust cuts them at once: sidecar.net.lifetime).
     max_connection_age: float = 3600.0
     max_connection_age_jitter: float | None = None  # None: a tenth of max_connection_age
     connection_close_grace: float = 10.0

@@ -54,10 +54,12 @@ from sidecar.identity.svid import (
     RULE_NOT_YET_VALID,
     RULE_PEM_INVALID,
     RULE_SIGNER_TRUST_DOMAIN,
+    RULE_SIGNING_CERT_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
     _read,
+    _signing_rules,
     check_signers,
     crypto_problem,
     der_key,
@@ -129,6 +131,16 @@ def _der_key_digest(der: bytes) -> bytes:
     return got
 
 
+def _spiffe_uris(cert: x509.Certificate) -> list[str]:
+    """The SPIFFE URI SANs of ``cert``, in any spelling of the scheme."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.lower().startswith("spiffe://")]
+
+
 def _named_domains(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -192,6 +204,21 @@ def bundle_from_certs(trust_domain: str, path: str,
                     f"a root in the bundle of trust domain {trust_domain} names trust domain "
                     f"{named} ({root.subject.rfc4514_string()[:200]}): give each trust "
                     "domain its own bundle under identity.trust_domains", file=path)
+        # The signing-certificate shape an intermediate must have (basicConstraints CA=true
+        # and critical, keyCertSign, no critical extension the chain check does not process,
+        # an EKU with both directions, a SPIFFE ID without a path): OpenSSL takes a root
+        # without, and a peer whose chain OpenSSL anchored at it was accepted by the set
+        # lookup of ``check_peer`` while the chain check refuses that root -- so the same
+        # peer was refused when OpenSSL picked another anchor, after a bundle change, and as
+        # the own SVID (found by the twenty-second session's review).
+        shape = _signing_rules(root)[0]
+        if shape is not None and shape[0] == RULE_SIGNING_CERT_INVALID and (
+                "carries SPIFFE ID" not in shape[1] or any(
+                    "/" in uri.split("://", 1)[-1] for uri in _spiffe_uris(root))):
+            # (a root's SPIFFE ID is matched in any spelling of the scheme: only a path in
+            # it is refused, as in an intermediate)
+            raise SvidError(RULE_SIGNING_CERT_INVALID, f"a root of trust domain {trust_domain}"
+                            f": {shape[1].removeprefix('intermediate ')}", file=path)
     return TrustBundle(trust_domain, path, tuple(roots), frozenset(
         c.public_bytes(serialization.Encoding.DER) for c in roots))
 

@@ -28,10 +28,14 @@ reason                 event                                                    
 
 *Graceful*: an HTTP connection serves the request in flight, or the next one, and its
 response carries ``Connection: close``; an idle one is closed after
-``limits.connection_close_grace``. *Immediate*: no further request is read; an idle HTTP
-connection closes now, a request in flight gets ``Connection: close`` on its response if it
-has not started yet. In both cases whatever is still running ``connection_close_grace``
-seconds later (a TCP or upgraded stream, a long response) is cancelled.
+``limits.connection_close_grace``, and whatever is still running then (a TCP or upgraded
+stream, a long response) is cancelled. *Immediate*: the trust or the authorisation the
+connection ran on is gone (``CUT_AT_ONCE``), so nothing waits for a grace: no further
+request is read, and whatever is running -- an idle wait, a request waiting for its
+answer, a TCP or upgraded stream, a response, an upload -- is cancelled now (a reset once
+bytes flowed; before the twenty-second session's review it ran on for
+``connection_close_grace``, 10 s by default, after its peer's CA was removed or its
+credentials ended).
 
 Each connection task registers a ``LiveConnection`` (``track``) and runs inside its
 ``scope``; the session loop publishes its idle wait in ``idle``, and the listener the
@@ -73,7 +77,17 @@ REASON_PEER_UNTRUSTED = "peer_untrusted"
 REASON_POLICY_REFUSED = "policy_refused"
 REASON_CREDENTIAL_EXPIRED = "credential_expired"
 REASON_SOURCE_BLOCKED = "source_blocked"
+# Retirements that are not a loss of trust: the connection's age, a rotation of the own
+# certificate (the old one still valid). What runs gets ``connection_close_grace``.
 GRACEFUL_REASONS = frozenset({REASON_MAX_AGE, REASON_OWN_CERT_ROTATED})
+# Retirements that are a loss of trust (a certificate of either chain expired, a bundle no
+# longer verifies the peer) or of the authorisation (the policy refuses the stream or request
+# -- a revoked token, a removed API key or JWKS key, an expired break-glass rule --, its
+# credentials expired or an introspection said inactive, an alert blocked the peer): what
+# runs is cut at once. Every reason is one or the other (``test_every_reason_is_classified``).
+CUT_AT_ONCE = frozenset({REASON_PEER_CERT_EXPIRED, REASON_OWN_CERT_EXPIRED,
+                         REASON_PEER_UNTRUSTED, REASON_POLICY_REFUSED,
+                         REASON_CREDENTIAL_EXPIRED, REASON_SOURCE_BLOCKED})
 CLOSE_REASONS = (REASON_MAX_AGE, REASON_OWN_CERT_ROTATED, REASON_PEER_CERT_EXPIRED,
                  REASON_OWN_CERT_EXPIRED, REASON_PEER_UNTRUSTED, REASON_POLICY_REFUSED,
                  REASON_CREDENTIAL_EXPIRED, REASON_SOURCE_BLOCKED)
@@ -209,7 +223,8 @@ class Lifetimes:
             return False
         conn.retiring = reason
         now = trio.current_time()
-        conn.cut_at = now + self.grace
+        # (a loss of trust leaves no grace: what still runs is cut now, not in 10 s)
+        conn.cut_at = now + self.grace if reason in GRACEFUL_REASONS else now
         conn.scope.deadline = min(conn.scope.deadline, conn.cut_at)
         idle = conn.idle
         if idle is not None:
