@@ -1,0 +1,359 @@
+"""Hostile review 22 of the audit trail's verification: attacks by someone who can write the
+audit directory and holds no key, each made on a real trail written by a real writer, and
+checked through the real CLI.
+
+* A segment header's ``break`` says where the chain went on (``after_seq``); ``export``,
+  ``tail`` and ``policy replay`` read no frame after it in the segments before. ``verify``
+  accepted any ``break`` (and none at all where nothing was damaged), so a break added to
+  an unsigned newest header hid 37 of 40 records from export while ``verify --pubkey`` said
+  OK, and a declared break naming a later seq made export give frames after the damage
+  that ``verify --accept-declared-breaks`` never checked. A writer's ``after_seq`` is always
+  the seq before its header: any other value is a broken point, and the readers cut where
+  the chain goes on (the header's seq - 1), whatever the header says.
+* A trail claiming HMAC from its first segment, checked with ``--pubkey`` alone, was exit 2
+  ("cannot run") even when forged: now what needs no HMAC key (signatures, seq, shape) is
+  checked, and a failure there is BROKEN (exit 1); a genuine HMAC trail stays exit 2.
+* ``unsigned_gap_too_long`` counted records only: a few forged records dated hours apart,
+  signed over by a restarted writer, verified with a warning. Across a restart the gap is
+  now bounded by time as the unsigned start and tail are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from sidecar.audit.chain import GENESIS, LENGTH
+from sidecar.audit.segments import list_segments, read_frames, segment_name
+from sidecar.audit.signing import write_keypair
+from tests.harness import sidecar_cli
+from tests.test_audit_attacks import IDENT, flip_denies, read_trail, write
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real signed trail (several segments, sealed), copied by each test."""
+    tmp = tmp_path_factory.mktemp("base")
+    priv, pub, _ = write_keypair(str(tmp / "signing"))
+    d = tmp / "audit"
+    write(d, Path(priv), N)
+    assert len(list_segments(str(d))) >= 4
+    return {"dir": d, "priv": Path(priv), "pub": Path(pub)}
+
+
+def copy(base: dict[str, Path], tmp: Path) -> Path:
+    d = tmp / "audit"
+    shutil.copytree(base["dir"], d)
+    return d
+
+
+def payloads(path: str) -> list[bytes]:
+    with open(path, "rb") as fh:
+        return [p for _o, p in read_frames(fh)]
+
+
+def pack(frames: list[bytes]) -> bytes:
+    return b"".join(LENGTH.pack(len(p)) + p for p in frames)
+
+
+def kind_of(frame: dict[str, Any]) -> str:
+    return next(k for k in ("seg", "rec", "erc", "chk", "end") if k in frame)
+
+
+def rechain(frames: list[dict[str, Any]], seq: int, prev: bytes) -> list[bytes]:
+    """``frames`` renumbered from ``seq`` on ``prev`` with plain SHA-256 (no key needed)."""
+    out = []
+    for f in frames:
+        kind = kind_of(f)
+        p = msgpack.packb({"seq": seq, "prev": prev, kind: f[kind]})
+        out.append(p)
+        seq, prev = seq + 1, hashlib.sha256(p).digest()
+    return out
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    r = sidecar_cli("audit", *args, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, r.stdout, r.stderr
+
+
+def exported(d: Path) -> tuple[int, list[str], str]:
+    code, out, err = cli("export", str(d))
+    return code, [json.loads(line)["request_id"] for line in out.splitlines()], err
+
+
+# ------------------------------------------------------------------- declared breaks
+
+# What a forger writes as a header's ``break``, given the seq the header continues after.
+BREAKS: dict[str, Callable[[int], Any]] = {
+    "earlier": lambda after: {"after_seq": 3, "segment": "x", "reason": "x"},
+    "zero": lambda after: {"after_seq": 0},
+    "negative": lambda after: {"after_seq": -1},
+    "one_before": lambda after: {"after_seq": after - 1},
+    "its_own_seq": lambda after: {"after_seq": after + 1},
+    "later": lambda after: {"after_seq": after + 1000},
+    "huge": lambda after: {"after_seq": 2**63},
+    "missing": lambda after: {"segment": "x", "reason": "x"},
+    "text": lambda after: {"after_seq": str(after)},
+    "float": lambda after: {"after_seq": float(after)},
+    "bool": lambda after: {"after_seq": True},
+    "nil": lambda after: {"after_seq": None},
+    "list": lambda after: [after],
+    "text_break": lambda after: "damaged",
+    "nil_break": lambda after: None,
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_a_break_added_to_an_unsigned_header_hides_no_record(
+        base: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """The newest segment cut back to its header (what a crash before its first checkpoint
+    leaves), and a ``break`` written into that header: nothing is signed after it, so only
+    the break's own consistency tells. verify: BROKEN; export and tail: every record."""
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-1]
+    header = msgpack.unpackb(payloads(newest.path)[0])
+    header["seg"]["break"] = BREAKS[name](header["seq"] - 1)
+    Path(newest.path).write_bytes(pack(rechain([header], header["seq"], header["prev"])))
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]))
+    assert code == 1 and "forged break" in out, out
+    for extra in ([], ["--accept-declared-breaks"]):
+        code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]), *extra)
+        assert code == 1 and "BROKEN" in out, (extra, out)
+    code, ids, err = exported(d)
+    assert code == 0 and ids == [f"r{i}" for i in range(N)], (ids, err)
+    code, out, err = cli("tail", str(d), "-n", "1000")
+    assert code == 0 and len(out.splitlines()) == N, err
+
+
+def test_an_honest_header_with_nothing_to_declare_still_verifies(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    """The control: the same header with the break a writer would write (after the frame
+    before it; ``_abandon`` after a write that failed cleanly) verifies, and cuts nothing."""
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-1]
+    header = msgpack.unpackb(payloads(newest.path)[0])
+    header["seg"]["break"] = {"after_seq": header["seq"] - 1, "segment": "x", "reason": "x"}
+    Path(newest.path).write_bytes(pack(rechain([header], header["seq"], header["prev"])))
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]))
+    assert code == 0, out
+    code, ids, _ = exported(d)
+    assert code == 0 and len(ids) == N
+
+
+def _damaged_with_break(base: dict[str, Path], tmp_path: Path, brk: Any) -> tuple[Path, str]:
+    """The segment before the newest: the record after its first checkpoint replaced by a
+    forged one that does not chain (frames after it still there); the newest segment made
+    a header that continues after the last good frame and declares ``brk``."""
+    d = copy(base, tmp_path)
+    segs = list_segments(str(d))
+    before, newest = segs[-2], segs[-1]
+    frames = payloads(before.path)
+    j = next(i for i, p in enumerate(frames) if "chk" in msgpack.unpackb(p))
+    good = msgpack.unpackb(frames[j])
+    forged = msgpack.packb({"seq": good["seq"] + 1, "prev": bytes(32), "rec": {
+        "t": 1020.5, "ev": "request", "id": "forged", "d": "allow", "st": 200}})
+    Path(before.path).write_bytes(pack(frames[:j + 1] + [forged] + frames[j + 2:]))
+    header = msgpack.unpackb(payloads(newest.path)[0])
+    header["seg"].pop("restart", None)
+    header["seg"].update(prev_segment=before.name, prev_sealed=False,
+                         **({} if brk is None else {"break": brk}))
+    os.unlink(newest.path)
+    start = good["seq"] + 1
+    (d / segment_name(start, 2e9)).write_bytes(
+        pack(rechain([header], start, hashlib.sha256(frames[j]).digest())))
+    return d, "forged"
+
+
+@pytest.mark.parametrize("name", [n for n in BREAKS if n != "nil_break"])
+def test_a_declared_break_must_be_where_the_chain_goes_on(
+        base: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """A break declared after a damaged stretch: with the flag verify accepted any break, and
+    export read up to the seq the forger named -- the forged record and the frames after
+    it, which verify never checked. Now BROKEN even with the flag, and the readers stop
+    where the chain goes on."""
+    d, forged = _damaged_with_break(base, tmp_path, None)
+    newest = list_segments(str(d))[-1]
+    header = msgpack.unpackb(payloads(newest.path)[0])
+    header["seg"]["break"] = BREAKS[name](header["seq"] - 1)
+    Path(newest.path).write_bytes(pack(rechain([header], header["seq"], header["prev"])))
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]),
+                       "--accept-declared-breaks")
+    assert code == 1 and "BROKEN" in out, out
+    code, ids, err = exported(d)
+    assert forged not in ids and ids, (ids, err)
+    assert len(ids) == len(set(ids))
+    code, out, err = cli("tail", str(d), "-n", "1000")
+    assert forged not in out
+
+
+def test_a_true_declared_break_is_accepted_with_the_flag(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    """The control: the break a writer writes (after the last good frame)."""
+    d, forged = _damaged_with_break(base, tmp_path, None)
+    newest = list_segments(str(d))[-1]
+    header = msgpack.unpackb(payloads(newest.path)[0])
+    header["seg"]["break"] = {"after_seq": header["seq"] - 1, "segment": "x", "reason": "x"}
+    Path(newest.path).write_bytes(pack(rechain([header], header["seq"], header["prev"])))
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]))
+    assert code == 1 and "declared break" in out, out
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]),
+                       "--accept-declared-breaks")
+    assert code == 0, out
+    code, ids, err = exported(d)
+    assert code == 1 and forged not in ids and "not in the chain" in err, (ids, err)
+
+
+# ------------------------------------------------------------- a forged HMAC claim
+
+
+def _hmac_rechained(d: Path, edit: Callable[[Any], None] | None, key: bytes,
+                    keep_sigs: bool = True) -> None:
+    """Every segment rewritten as an HMAC-SHA256 chain under ``key`` (the forger's own)."""
+    segments = read_trail(d)
+    for path, _f in segments:
+        os.unlink(path)
+    if edit is not None:
+        edit(segments)
+    seq, prev = 0, GENESIS
+    for _p, frames in segments:
+        out, start = [], seq
+        for f in frames:
+            kind = kind_of(f)
+            if kind == "seg":
+                f[kind]["alg"] = "hmac-sha256"
+            if not keep_sigs and kind in ("chk", "end"):
+                f[kind].pop("sig", None)
+            p = msgpack.packb({"seq": seq, "prev": prev, kind: f[kind]})
+            out.append(p)
+            seq, prev = seq + 1, hmac.new(key, p, hashlib.sha256).digest()
+        (d / segment_name(start, 1.7e9 + start)).write_bytes(pack(out))
+
+
+def _drop_newest_segment(segments: Any) -> None:
+    segments.pop()
+
+
+FORGED_HMAC: dict[str, Callable[[Path], None]] = {
+    # re-chained under a key of the forger's: the signatures no longer verify
+    "flipped": lambda d: _hmac_rechained(d, flip_denies, b"forger-key-forger-key"),
+    "unchanged": lambda d: _hmac_rechained(d, None, b"forger-key-forger-key"),
+    "unsigned": lambda d: _hmac_rechained(d, None, b"forger-key-forger-key", keep_sigs=False),
+    "newest_gone": lambda d: _hmac_rechained(d, _drop_newest_segment, b"forger-key-forger"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORGED_HMAC))
+def test_a_forged_trail_claiming_hmac_is_broken_with_the_public_key_alone(
+        base: dict[str, Path], tmp_path: Path, name: str) -> None:
+    d = copy(base, tmp_path)
+    FORGED_HMAC[name](d)
+    code, out, err = cli("verify", str(d), "--pubkey", str(base["pub"]))
+    assert code == 1 and "BROKEN" in out and "--hmac-key-file" in out, out + err
+    code, out, err = cli("verify", str(d), "--pubkey", str(base["pub"]), "-o", "json")
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False and doc["head_digest"] is None, out + err
+
+
+@pytest.mark.parametrize("cfg", ["plain", "encrypted", "format2_encrypted"])
+def test_a_genuine_hmac_trail_without_its_key_still_cannot_be_checked(
+        tmp_path: Path, cfg: str) -> None:
+    """The control: a real HMAC trail (also encrypted, and in format 2 -- shipped to a real
+    rsyslog -- whose records ``--data-key`` checks against their digests) verified with
+    --pubkey alone is exit 2, never BROKEN; with its key, OK."""
+    from sidecar.audit.crypto import write_data_key
+    from tests.test_audit_ship import Rsyslog
+
+    priv, pub, _ = write_keypair(str(tmp_path / "signing"))
+    key = tmp_path / "hmac"
+    key.write_text("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0\n")
+    extra: dict[str, Any] = {"hmac_key_file": str(key)}
+    data_args: list[str] = []
+    if cfg != "plain":
+        data = str(tmp_path / "k.data")
+        write_data_key(data)
+        extra["encryption_key_file"] = data
+        data_args = ["--data-key", data]
+    d = tmp_path / "audit"
+    if cfg == "format2_encrypted":
+        rsyslog = Rsyslog(tmp_path / "rsyslog")
+        rsyslog.start()
+        try:
+            write(d, Path(priv), 20, ship=rsyslog.ship(), **extra)
+        finally:
+            rsyslog.stop()
+        header = msgpack.unpackb(payloads(list_segments(str(d))[0].path)[0])
+        assert header["seg"]["v"] == 2 and "enc" in header["seg"]
+    else:
+        write(d, Path(priv), 20, **extra)
+    code, out, err = cli("verify", str(d), "--pubkey", pub, *data_args)
+    assert code == 2 and err.startswith("error: cannot verify") and "BROKEN" not in out, \
+        out + err
+    code, out, err = cli("verify", str(d), "--pubkey", pub, "--hmac-key-file", str(key),
+                         *data_args)
+    assert code == 0, out + err
+
+
+# ------------------------------------------------ a forged gap, bounded by time too
+
+EVERY = 7  # ``write``'s checkpoint_every_records; its every seconds: 1.0
+
+
+def _forged_gap(base: dict[str, Path], tmp_path: Path, times: list[float]) -> Path:
+    """The shutdown seal cut off, records dated ``times`` appended without the key, then
+    the sidecar restarts on the directory and signs over what it found."""
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-1]
+    frames = payloads(newest.path)
+    assert "end" in msgpack.unpackb(frames[-1])
+    frames = frames[:-1]
+    last = msgpack.unpackb(frames[-1])
+    forged = [{"rec": {"t": t, "ev": "request", "id": f"forged{i}", "d": "allow", "st": 200}}
+              for i, t in enumerate(times)]
+    added = rechain(forged, last["seq"] + 1, hashlib.sha256(frames[-1]).digest())
+    Path(newest.path).write_bytes(pack(frames + added))
+    write(d, base["priv"], 3, start=500)
+    return d
+
+
+# forged record times -> whether verify --pubkey must fail (the crashed run's records
+# that were unsigned are dated 1000 + i, one second apart; the bound is 1.0 + 10 s)
+GAPS: dict[str, tuple[list[float], bool]] = {
+    "close": ([1040.0, 1040.5], False),
+    "within_bound": ([1045.0, 1049.0], False),
+    "an_hour_later": ([1040.0, 4640.0], True),
+    "a_day_later": ([1041.0, 1042.0, 87400.0], True),
+    "years_later": ([1040.0, 1e9], True),
+}
+
+
+@pytest.mark.parametrize("name", list(GAPS))
+def test_a_forged_gap_is_bounded_by_time_across_a_restart(
+        base: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """Fewer forged records than the writer's N (so the count allows them) dated far from
+    the crashed run's last records. What is measured is the span from the first unsigned
+    record to the last (as for the unsigned start and tail), so records dated in between
+    are not bounded: a limit of the measure, docs/audit.md."""
+    times, broken = GAPS[name]
+    d = _forged_gap(base, tmp_path, times)
+    code, out, err = cli("verify", str(d), "--pubkey", str(base["pub"]), "-o", "json")
+    doc = json.loads(out)
+    codes = [f["code"] for f in doc["findings"] if f["severity"] == "error"]
+    if broken:
+        assert code == 1 and codes == ["unsigned_gap_too_long"], out + err
+    else:
+        assert code == 0 and codes == [], out + err
+    assert "unsealed_restart" in [f["code"] for f in doc["findings"]]
+    assert doc["identities"] == [IDENT]
+
