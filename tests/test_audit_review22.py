@@ -357,3 +357,75 @@ def test_a_forged_gap_is_bounded_by_time_across_a_restart(
     assert "unsealed_restart" in [f["code"] for f in doc["findings"]]
     assert doc["identities"] == [IDENT]
 
+
+# ---------------------------------------------- tail and a segment cut inside a frame
+
+# How many bytes are cut from the end of a segment older than the newest: inside the
+# seal's length prefix, inside its body, inside a record frame.
+CUTS = {"length_1": None, "length_3": None, "body_1": 1, "body_5": 5, "into_records": 40}
+
+
+def _cut_older(d: Path, name: str) -> str:
+    seg = list_segments(str(d))[1]
+    data = Path(seg.path).read_bytes()
+    last = payloads(seg.path)[-1]
+    if name.startswith("length_"):
+        keep = len(data) - 4 - len(last) + int(name[-1])  # 1 or 3 bytes of the prefix
+    else:
+        keep = len(data) - CUTS[name]  # type: ignore[operator]
+    Path(seg.path).write_bytes(data[:keep])
+    return seg.name
+
+
+@pytest.mark.parametrize("name", list(CUTS))
+def test_tail_reports_an_older_segment_cut_inside_a_frame(
+        base: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """verify is BROKEN and export says which segment is damaged (exit 1); tail read such a
+    segment up to the cut and went on without a word (exit 0): it took the cut frame for
+    one the writer was still appending, which only the newest segment can be."""
+    d = copy(base, tmp_path)
+    damaged = _cut_older(d, name)
+    code, out, _ = cli("verify", str(d))
+    assert code == 1
+    code, _ids, err = exported(d)
+    assert code == 1 and damaged in err
+    code, out, err = cli("tail", str(d), "-n", "1000")
+    assert code == 1 and damaged in err and "truncated" in err, (code, err)
+    assert out.splitlines(), err
+
+
+def test_tail_follow_reports_the_segment_it_leaves_cut_inside_a_frame(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    """``tail -f`` on a trail whose newest segment ends inside a frame (a crash mid-write:
+    while it is the newest, that is a frame still being written). The sidecar restarts and
+    writes a new segment: tail moves on to it and says the one it left is cut."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-1]
+    data = Path(newest.path).read_bytes()
+    Path(newest.path).write_bytes(data[:-3])
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "audit", "tail", str(d), "-n",
+                             "1", "-f", "--interval", "0.05"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _w, _x = select.select([proc.stdout], [], [], 30)
+        assert ready, "tail printed no backlog"
+        first = proc.stdout.readline()  # the backlog is out: tail follows the cut segment
+        write(d, base["priv"], 3, start=700)
+        time.sleep(1.5)  # 30 polls
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        out = first + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "Traceback" not in err, err
+    assert "r700" in out and "r702" in out, (out, err)
+    assert proc.returncode == 1 and newest.name in err and "truncated" in err, (out, err)
