@@ -429,3 +429,52 @@ def test_tail_follow_reports_the_segment_it_leaves_cut_inside_a_frame(
     assert "Traceback" not in err, err
     assert "r700" in out and "r702" in out, (out, err)
     assert proc.returncode == 1 and newest.name in err and "truncated" in err, (out, err)
+
+
+# ------------------------------------------------------ two anchors for one seq
+
+
+def _anchor_at(d: Path, seq: int, tmp: Path, name: str) -> Path:
+    from sidecar.audit.signing import Checkpoint
+
+    for seg in list_segments(str(d)):
+        for p in payloads(seg.path):
+            f = msgpack.unpackb(p)
+            if f["seq"] == seq:
+                kind = kind_of(f)
+                assert kind in ("chk", "end") and "sig" in f[kind], f
+                cp = Checkpoint.from_frame(seq, f["prev"], kind, f[kind])
+                out = tmp / name
+                out.write_text(json.dumps({"checkpoint": cp.to_json()}))
+                return out
+    raise AssertionError(f"no frame {seq}")
+
+
+def test_every_anchor_given_is_checked_also_two_for_one_seq(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    """An anchor saved at seq S; then the trail is cut back to S - 2 and the sidecar
+    restarts: its header takes seq S - 1 and its checkpoint seq S, a second anchor for S.
+    Given both (every anchor saved, as an auditor may), verify kept only the last one given
+    for a seq and said OK; the older anchor, which proves the cut, was never compared."""
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-2]  # the newest holds a header and a seal only
+    frames = payloads(newest.path)
+    idx = max(i for i, p in enumerate(frames) if "chk" in msgpack.unpackb(p) and i >= 3)
+    seq = msgpack.unpackb(frames[idx])["seq"]
+    old = _anchor_at(d, seq, tmp_path, "old.json")
+    for later in list_segments(str(d)):
+        if later > newest:
+            os.unlink(later.path)
+    Path(newest.path).write_bytes(pack(frames[:idx - 1]))  # ends at seq - 2
+    write(d, base["priv"], 3, start=800)
+    new = _anchor_at(d, seq, tmp_path, "new.json")
+    pub = str(base["pub"])
+    code, out, _ = cli("verify", str(d), "--pubkey", pub, "--anchor", str(new))
+    assert code == 0, out  # the cut looks like a crash without the older anchor
+    for order in ([old, new], [new, old], [old]):
+        args = [a for anchor in order for a in ("--anchor", str(anchor))]
+        code, out, _ = cli("verify", str(d), "--pubkey", pub, *args)
+        assert code == 1 and f"anchor for seq {seq} does not match" in out, (order, out)
+    code, out, _ = cli("verify", str(d), "--pubkey", pub, "--anchor", str(new),
+                       "--anchor", str(new), "-o", "json")
+    assert code == 0 and json.loads(out)["anchors_matched"] == 2, out

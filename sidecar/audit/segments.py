@@ -286,7 +286,12 @@ class _Walk:
         self.retention_from: int | None = None
         self.retentions: list[tuple[int, int]] = []  # (header seq, its N) of "retention: N"
         self.keyring = keyring
-        self.anchors = {a.seq: a for a in anchors}
+        # Every anchor given, by seq: two for one seq are both compared (one stood for both
+        # before, the last given, so an anchor of a seq written twice -- a cut, then a
+        # writer that went on -- passed unchecked next to the newer one).
+        self.anchors: dict[int, list[Checkpoint]] = {}
+        for a in anchors:
+            self.anchors.setdefault(a.seq, []).append(a)
         self.segment = ""
         self.first_signed = False
         self.last_every: Any = None
@@ -317,8 +322,7 @@ class _Walk:
     def frame(self, frame: Frame) -> str | None:
         """Check one frame (already linked); a string is a broken point (stop)."""
         r = self.result
-        anchor = self.anchors.pop(frame.seq, None)
-        if anchor is not None:
+        for anchor in self.anchors.pop(frame.seq, ()):
             differs = anchor_difference(anchor, frame)
             if differs is not None:
                 return (f"anchor for seq {frame.seq} does not match the frame stored there "
@@ -575,7 +579,7 @@ class _Walk:
             r.add("error", "rotation_without_successor", self.prev_seal[0], r.head_seq,
                   "the newest segment was sealed for rotation but its successor is missing: "
                   "the newest segment(s) were deleted")
-        for anchor in self.anchors.values():
+        for anchor in (a for same in self.anchors.values() for a in same):
             if r.head_seq is not None and anchor.seq > r.head_seq:
                 r.add("error", "anchor_beyond_head", "", anchor.seq,
                       f"anchor at seq {anchor.seq} is past the head (seq {r.head_seq}): "
