@@ -335,6 +335,8 @@ GAPS: dict[str, tuple[list[float], bool]] = {
     "an_hour_later": ([1040.0, 4640.0], True),
     "a_day_later": ([1041.0, 1042.0, 87400.0], True),
     "years_later": ([1040.0, 1e9], True),
+    "an_hour_later_in_the_middle": ([1040.0, 4640.0, 1041.0], True),
+    "a_day_later_in_the_middle": ([1040.0, 1041.0, 87400.0, 1042.0, 1043.0], True),
 }
 
 
@@ -478,3 +480,41 @@ def test_every_anchor_given_is_checked_also_two_for_one_seq(
     code, out, _ = cli("verify", str(d), "--pubkey", pub, "--anchor", str(new),
                        "--anchor", str(new), "-o", "json")
     assert code == 0 and json.loads(out)["anchors_matched"] == 2, out
+
+
+# forged records appended after the last signature, nothing signing over them: the
+# unsigned tail, and a forged history before the first signature (the unsigned start)
+LATE_IN_THE_MIDDLE = [1040.0, 4640.0, 1041.0]
+
+
+def test_an_unsigned_tail_with_a_record_dated_later_in_its_middle(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    d = copy(base, tmp_path)
+    newest = list_segments(str(d))[-1]
+    frames = payloads(newest.path)[:-1]  # the shutdown seal cut off
+    last = msgpack.unpackb(frames[-1])
+    forged = [{"rec": {"t": t, "ev": "request", "id": f"forged{i}", "d": "allow", "st": 200}}
+              for i, t in enumerate(LATE_IN_THE_MIDDLE)]
+    Path(newest.path).write_bytes(pack(frames + rechain(
+        forged, last["seq"] + 1, hashlib.sha256(frames[-1]).digest())))
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]), "-o", "json")
+    doc = json.loads(out)
+    assert code == 1, out
+    assert [f["code"] for f in doc["findings"] if f["severity"] == "error"] == \
+        ["unsigned_tail_too_long"], out
+
+
+def test_a_forged_start_with_a_record_dated_later_in_its_middle(
+        base: dict[str, Path], tmp_path: Path) -> None:
+    """The whole trail replaced by a forged history of a few records (fewer than N), one
+    dated an hour after the others in the middle; the sidecar restarts and signs over it."""
+    d = tmp_path / "audit"
+    d.mkdir()
+    header = {"seg": {"v": 1, "alg": "sha256", "created": 1.0e9, "retention": "all"}}
+    forged = [{"rec": {"t": t, "ev": "request", "id": f"forged{i}", "d": "allow", "st": 200}}
+              for i, t in enumerate(LATE_IN_THE_MIDDLE)]
+    (d / segment_name(0, 1.0e9)).write_bytes(pack(rechain([header, *forged], 0, GENESIS)))
+    write(d, base["priv"], 3, start=900)
+    code, out, _ = cli("verify", str(d), "--pubkey", str(base["pub"]), "-o", "json")
+    doc = json.loads(out)
+    assert code == 1 and "unsigned_start" in [f["code"] for f in doc["findings"]], out

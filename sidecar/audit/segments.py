@@ -363,9 +363,14 @@ class _Walk:
             r.unsigned_tail_records += 1
             t = frame.body.get("t")
             if isinstance(t, int | float) and not isinstance(t, bool):
+                # The first record's time and the latest of all: a record's ``t`` is never
+                # later than its write, so a record dated later than the stretch allows is
+                # caught wherever it stands (the last one's time missed one dated hours
+                # later in the middle). Earlier dates are not bounded: a request that ran
+                # long has the ``t`` of its start.
                 if not self.tail_times:
                     self.tail_times = [float(t), float(t)]
-                else:
+                elif t > self.tail_times[1]:
                     self.tail_times[1] = float(t)
         return None
 
