@@ -52,7 +52,7 @@ from sidecar.audit.chain import (
     parse_record_json,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
-from sidecar.audit.record import AuditRecord, RecordError, check_wire
+from sidecar.audit.record import MAX_TIME, AuditRecord, RecordError, check_wire
 from sidecar.audit.signing import Checkpoint, Keyring
 
 # Exactly what ``segment_name`` writes, matched whole (``fullmatch``): ASCII digits (``\d``
@@ -362,12 +362,13 @@ class _Walk:
         if frame.kind in RECORD_KINDS:
             r.unsigned_tail_records += 1
             t = frame.body.get("t")
-            if isinstance(t, int | float) and not isinstance(t, bool):
+            if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= MAX_TIME:
                 # The first record's time and the latest of all: a record's ``t`` is never
                 # later than its write, so a record dated later than the stretch allows is
                 # caught wherever it stands (the last one's time missed one dated hours
                 # later in the middle). Earlier dates are not bounded: a request that ran
-                # long has the ``t`` of its start.
+                # long has the ``t`` of its start. A time no record may have (NaN, past
+                # 9999) is a malformed record, reported as such, not a span.
                 if not self.tail_times:
                     self.tail_times = [float(t), float(t)]
                 elif t > self.tail_times[1]:
