@@ -415,9 +415,16 @@ class ChainVerifier:
     caller may go on with the next segment and check that its header declares the break.
     """
 
-    def __init__(self, key: bytes | None = None, *, require_mac: bool = False) -> None:
+    def __init__(self, key: bytes | None = None, *, require_mac: bool = False,
+                 unkeyed_hmac: bool = False) -> None:
         self.key = key
         self.require_mac = require_mac
+        # ``unkeyed_hmac``: a trail that is HMAC-authenticated from its first segment, read
+        # without the HMAC key, is still checked for what needs no key (seq, shape; the
+        # caller checks the signatures), its links left unchecked (``unlinked``); a plain
+        # segment after such a chain is broken (with the key it would be).
+        self.unkeyed_hmac = unkeyed_hmac
+        self.unlinked = False
         self.last: Frame | None = None
         self.first: Frame | None = None
         self._segment_key: bytes | None = None
@@ -457,12 +464,17 @@ class ChainVerifier:
             alg = body.get("alg")
             if alg == ALG_HMAC:
                 if self.key is None:
-                    raise MissingKey("segment is HMAC-authenticated: an HMAC key is needed "
-                                     "(--hmac-key-file)", seq)
+                    if not self.unkeyed_hmac or (self.last is not None and not self.unlinked):
+                        raise MissingKey("segment is HMAC-authenticated: an HMAC key is "
+                                         "needed (--hmac-key-file)", seq)
+                    self.unlinked = True
                 self._segment_key = self.key
             elif alg == ALG_SHA256:
                 if self.require_mac:
                     raise ChainError("segment is not HMAC-authenticated but a key was given", seq)
+                if self.unlinked:
+                    raise ChainError("segment is not HMAC-authenticated after segments that "
+                                     "are: no single key verifies this trail", seq)
                 self._segment_key = None
             else:
                 raise ChainError(f"unknown digest algorithm {alg!r}", seq)
@@ -480,7 +492,7 @@ class ChainVerifier:
                 raise ChainError(
                     f"seq skipped from {self.last.seq} to {seq}: frames removed, or a segment"
                     " file is missing", seq)
-            if prev != self.last.digest:
+            if prev != self.last.digest and not self.unlinked:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
                     " removed or inserted", seq)

@@ -428,13 +428,18 @@ def _print_record(seq: int, rec: AuditRecord, out: IO[str]) -> None:
     out.flush()
 
 
-def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]]:
+def _frames_from(fh: IO[bytes], limit: int | None,
+                 whole: bool = False) -> Iterator[tuple[int, bytes]]:
     """(end offset, payload) of whole frames from the file position, up to ``limit``; stops
-    quietly at a frame not (yet) complete: the writer may be appending to it."""
+    quietly at a frame not (yet) complete: the writer may be appending to it -- unless
+    ``whole`` (a segment older than the newest, which no writer appends to): then a frame
+    cut short is damage (``SegmentDamage``), as ``export`` reports it."""
     offset = fh.tell()
     while limit is None or offset < limit:
         head = fh.read(4)
         if len(head) < 4:
+            if whole and head:
+                raise SegmentDamage("segment ends inside a frame length (truncated)", offset)
             return
         (length,) = LENGTH.unpack(head)
         if length == 0 or length > MAX_FRAME_BYTES:
@@ -443,6 +448,8 @@ def _frames_from(fh: IO[bytes], limit: int | None) -> Iterator[tuple[int, bytes]
             raise SegmentDamage(f"impossible frame length {length} (corrupt)", offset)
         payload = fh.read(length)
         if len(payload) < length:
+            if whole:
+                raise SegmentDamage("segment ends inside a frame (truncated)", offset)
             return
         offset += 4 + length
         yield offset, payload
@@ -468,11 +475,7 @@ class _Follower:
         segments = resolve_segments(self.path)
         if segments:
             self._switch(segments[-1])
-            try:
-                self.offset = os.stat(segments[-1].path,
-                                      follow_symlinks=segments[-1].follow).st_size
-            except OSError:
-                self.offset = 0
+            self.offset = _whole_frames_end(segments[-1])
 
     def _switch(self, seg: SegmentFile) -> None:
         self.current, self.offset = seg, 0
@@ -489,8 +492,29 @@ class _Follower:
                      if self.current is None or s > self.current]
             if not newer:
                 return
+            if self.current is not None:
+                # A writer creates the next segment only after its last write to this one:
+                # read what it wrote since, then anything left is a frame cut short.
+                yield from self._read_new()
+                self._left_whole()
             # Finish the old segment first (done above), then move to the next one.
             self._switch(newer[0])
+
+    def _left_whole(self) -> None:
+        """The segment being left for a newer one is no longer written to: bytes after its
+        last whole frame are a frame cut short (a crash, or frames cut by hand), which
+        ``export`` reports too; a tail that moved on without a word hid them."""
+        assert self.current is not None
+        if self.damaged == self.current:
+            return
+        try:
+            size = os.stat(self.current.path, follow_symlinks=self.current.follow).st_size
+        except OSError:
+            return
+        if size > self.offset:
+            self.damaged = self.current
+            self.malformed.unreadable(self.current.name, SegmentDamage(
+                "segment ends inside a frame (truncated)", self.offset))
 
     def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
         assert self.current is not None
@@ -508,6 +532,26 @@ class _Follower:
         except (OSError, SegmentDamage) as exc:
             self.damaged = self.current
             self.malformed.unreadable(self.current.name, exc)
+
+
+def _whole_frames_end(seg: SegmentFile) -> int:
+    """Where the segment's last whole frame ends (its lengths walked, nothing decoded):
+    where following it starts. Its size instead started in the middle of a frame the writer
+    was writing (the next read took payload bytes for a length), and counted as read a frame
+    cut short by a crash, so a tail that moved on from it had nothing left to report."""
+    try:
+        with open_segment(seg) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = 0
+            while offset + 4 <= size:
+                (length,) = LENGTH.unpack(fh.read(4))
+                if length == 0 or length > MAX_FRAME_BYTES or offset + 4 + length > size:
+                    break  # damage is reported when it is read; a frame not yet whole
+                offset += 4 + length
+                fh.seek(offset)
+            return offset
+    except OSError:
+        return 0
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
@@ -553,7 +597,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 # encrypted records is read whole, whichever of the two reads its end).
                 opener = follower.opener if seg == end_segment else RecordOpener(decryptor)
                 cut = cuts.get(seg.name)
-                for stored in _read_segment(seg, filters, limit, opener, malformed):
+                for stored in _read_segment(seg, filters, limit, opener, malformed,
+                                            whole=seg != end_segment):
                     if cut is not None and stored[0] > cut:
                         malformed(f"{seg.name}: frames after seq {cut} are not in the chain "
                                   "(a break a later segment's writer declared): not read")
@@ -580,12 +625,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
-                  opener: RecordOpener, malformed: _MalformedReport
+                  opener: RecordOpener, malformed: _MalformedReport, whole: bool = False
                   ) -> Iterator[tuple[int, AuditRecord]]:
     header = segment_header(seg)
     try:
         with open_segment(seg) as fh:
-            for _end, payload in _frames_from(fh, limit):
+            for _end, payload in _frames_from(fh, limit, whole):
                 yield from _matching(payload, header, filters, opener, seg.name, malformed)
     except (OSError, SegmentDamage) as exc:
         malformed.unreadable(seg.name, exc)

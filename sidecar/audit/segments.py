@@ -52,7 +52,7 @@ from sidecar.audit.chain import (
     parse_record_json,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
-from sidecar.audit.record import AuditRecord, RecordError, check_wire
+from sidecar.audit.record import MAX_TIME, AuditRecord, RecordError, check_wire
 from sidecar.audit.signing import Checkpoint, Keyring
 
 # Exactly what ``segment_name`` writes, matched whole (``fullmatch``): ASCII digits (``\d``
@@ -286,7 +286,12 @@ class _Walk:
         self.retention_from: int | None = None
         self.retentions: list[tuple[int, int]] = []  # (header seq, its N) of "retention: N"
         self.keyring = keyring
-        self.anchors = {a.seq: a for a in anchors}
+        # Every anchor given, by seq: two for one seq are both compared (one stood for both
+        # before, the last given, so an anchor of a seq written twice -- a cut, then a
+        # writer that went on -- passed unchecked next to the newer one).
+        self.anchors: dict[int, list[Checkpoint]] = {}
+        for a in anchors:
+            self.anchors.setdefault(a.seq, []).append(a)
         self.segment = ""
         self.first_signed = False
         self.last_every: Any = None
@@ -296,6 +301,9 @@ class _Walk:
         self.more: dict[str, int] = {}  # findings beyond MAX_FINDINGS_PER_CODE, by code
         # (segment, seq) where the signed checkpoint of a restart must be, until seen.
         self.restart_checkpoint: tuple[str, int] | None = None
+        # A writer restarted since the last verified signature: the next one may sign
+        # over records it did not write (``gap``).
+        self.restarted = False
 
     def capped(self, code: str, seq: int | None, message: str) -> None:
         """An error finding that a forger can repeat per frame: the first
@@ -314,8 +322,7 @@ class _Walk:
     def frame(self, frame: Frame) -> str | None:
         """Check one frame (already linked); a string is a broken point (stop)."""
         r = self.result
-        anchor = self.anchors.pop(frame.seq, None)
-        if anchor is not None:
+        for anchor in self.anchors.pop(frame.seq, ()):
             differs = anchor_difference(anchor, frame)
             if differs is not None:
                 return (f"anchor for seq {frame.seq} does not match the frame stored there "
@@ -337,6 +344,7 @@ class _Walk:
                     self.gap(frame.seq)
                 else:
                     self.unsigned_start(frame)
+                self.restarted = False
                 r.checkpoints += 1
                 r.signed_through = frame.seq
                 r.unsigned_tail_frames = r.unsigned_tail_records = 0
@@ -354,10 +362,16 @@ class _Walk:
         if frame.kind in RECORD_KINDS:
             r.unsigned_tail_records += 1
             t = frame.body.get("t")
-            if isinstance(t, int | float) and not isinstance(t, bool):
+            if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= MAX_TIME:
+                # The first record's time and the latest of all: a record's ``t`` is never
+                # later than its write, so a record dated later than the stretch allows is
+                # caught wherever it stands (the last one's time missed one dated hours
+                # later in the middle). Earlier dates are not bounded: a request that ran
+                # long has the ``t`` of its start. A time no record may have (NaN, past
+                # 9999) is a malformed record, reported as such, not a span.
                 if not self.tail_times:
                     self.tail_times = [float(t), float(t)]
-                else:
+                elif t > self.tail_times[1]:
                     self.tail_times[1] = float(t)
         return None
 
@@ -370,7 +384,7 @@ class _Walk:
         r, every = self.result, self.last_every
         if not (isinstance(every, list) and len(every) == 2):
             return
-        max_records = every[0]
+        max_records, max_seconds = every
         if isinstance(max_records, int) and not isinstance(max_records, bool) \
                 and r.unsigned_tail_records > max_records:
             first = (r.signed_through or 0) + 1
@@ -379,6 +393,23 @@ class _Walk:
                         f"{r.signed_through} and {seq}, but the writer signs every "
                         f"{max_records}: records after seq {first - 1} were appended without "
                         "the key and a restarted writer signed over them")
+            return
+        # By time as well, as ``unsigned_start`` and the unsigned tail are: a running writer
+        # signs within T seconds of its first unsigned frame, so the records a crash leaves
+        # unsigned span about T. Only across a restart: between two signatures of one
+        # running writer nothing can be forged (the second covers what it wrote itself),
+        # and a request that ran long has an old ``t`` (its start), which such a gap may
+        # hold honestly. (Before, a few forged records dated hours apart were signed over
+        # by a restarted writer with a warning only.)
+        span = self.tail_times[1] - self.tail_times[0] if len(self.tail_times) == 2 else 0.0
+        if self.restarted and isinstance(max_seconds, int | float) \
+                and not isinstance(max_seconds, bool) and span > max_seconds + TAIL_SLACK_SECONDS:
+            self.capped("unsigned_gap_too_long", seq,
+                        f"the {r.unsigned_tail_records} records between the signed frames at "
+                        f"seq {r.signed_through} and {seq} span {span:.1f} s, but the writer "
+                        f"signs every {max_seconds} s: records after seq {r.signed_through} "
+                        "were appended without the key and a restarted writer signed over "
+                        "them")
 
     def unsigned_start(self, frame: Frame) -> None:
         """The first verified signature, at ``frame``: the records before it must be no more
@@ -447,6 +478,7 @@ class _Walk:
                     break
         if restart is not None:
             r.restarts += 1
+            self.restarted = True
             if not first_in_walk and seal is None:
                 after, signed = frame.seq - 1, r.signed_through
                 extra = ""
@@ -553,7 +585,7 @@ class _Walk:
             r.add("error", "rotation_without_successor", self.prev_seal[0], r.head_seq,
                   "the newest segment was sealed for rotation but its successor is missing: "
                   "the newest segment(s) were deleted")
-        for anchor in self.anchors.values():
+        for anchor in (a for same in self.anchors.values() for a in same):
             if r.head_seq is not None and anchor.seq > r.head_seq:
                 r.add("error", "anchor_beyond_head", "", anchor.seq,
                       f"anchor at seq {anchor.seq} is past the head (seq {r.head_seq}): "
@@ -665,7 +697,11 @@ def verify(
         if identity is not None and anchor.fields.get("id") != identity:
             walk.named(anchor.seq, anchor.fields.get("id"), "anchor")
     walk.whole_trail = os.path.isdir(path)
-    checker = ChainVerifier(key, require_mac=key is not None)
+    # With --pubkey and no HMAC key, an HMAC trail is still checked for what needs no HMAC
+    # key (seq, shape, signatures, anchors, identities, bounds): a failure there is BROKEN
+    # (a forger's trail claiming HMAC was exit 2, "cannot run"); otherwise exit 2 as before.
+    checker = ChainVerifier(key, require_mac=key is not None,
+                            unkeyed_hmac=key is None and bool(keyring))
     pending: BrokenPoint | None = None  # a problem waiting for the next header to declare it
     for seg in segments:
         result.segments += 1
@@ -699,8 +735,12 @@ def verify(
                             message += _missing_predecessor(payload, names)
                         problem = BrokenPoint(seg.name, exc.seq, offset, message)
                         break
+                    # A header's ``break`` says where the chain went on (``after_seq``);
+                    # readers cut the segments before it there (``declared_cuts``), so it
+                    # must be where this header continues: the frame before it.
+                    false_break = _false_break(frame) if first else None
                     if first and pending is not None:
-                        if "break" not in frame.body:
+                        if "break" not in frame.body or false_break is not None:
                             break  # the link holds but nothing declares the damage
                         result.declared_breaks.append(pending)
                         result.notes.append(f"declared break: {pending}; writer noted "
@@ -710,6 +750,10 @@ def verify(
                         result.starts_at = frame.seq
                     if first:
                         walk.header(frame, result.frames == 0)
+                    if false_break is not None:
+                        problem = BrokenPoint(seg.name, frame.seq, offset, false_break)
+                        fatal = True
+                        break
                     failed = walk.frame(frame)
                     if failed is not None:
                         problem = BrokenPoint(seg.name, frame.seq, offset, failed)
@@ -793,11 +837,44 @@ def verify(
             "the last segment is not sealed (writer running or stopped without a clean "
             "shutdown): frames removed from its end cannot be detected without an anchor "
             "(--anchor)")
+    if checker.unlinked:
+        # The links of an HMAC chain were not checked: never OK. Nothing else found: the
+        # check cannot run without the key (exit 2); else what was found is tampering.
+        result.ok = False
+        result.head_digest = None  # an HMAC digest, which needs the key
+        missing = (f"{segments[0].name}: segment is HMAC-authenticated: an HMAC key is "
+                   "needed (--hmac-key-file)")
+        if result.broken is None and not result.errors:
+            result.missing_key = missing
+        else:
+            result.notes.insert(0, f"{missing}; its links were not checked, and what is "
+                                   "reported was found without it (signatures, seq, shape)")
     if result.assurance == "none":
         result.notes.insert(0, NOTE_NO_KEY)
     elif result.assurance == "hmac":
         result.notes.insert(0, NOTE_HMAC_ONLY)
     return result
+
+
+def _false_break(frame: Frame) -> str | None:
+    """What is wrong with a header's declared break (None: no break, or a true one). A
+    writer declares the break it continues after: ``after_seq`` is the seq of the frame
+    before its header, an integer. ``export``, ``tail`` and ``policy replay`` read no frame
+    after ``after_seq`` in the segments before the header, so any other value either hides
+    records that the chain holds (verify found them linked and signed) or has the readers
+    give frames after the damage, which verify never checked (found by a hostile review:
+    a break added to an unsigned newest header made export skip 37 of 40 records while
+    ``verify --pubkey`` said OK)."""
+    if frame.kind != "seg" or "break" not in frame.body:
+        return None
+    info = frame.body["break"]
+    after = info.get("after_seq") if isinstance(info, dict) else None
+    if isinstance(after, int) and not isinstance(after, bool) and after == frame.seq - 1:
+        return None
+    shown = repr(after)[:40] if isinstance(info, dict) else f"a {type(info).__name__}"
+    return (f"segment header declares a break after seq {shown}, but it continues the "
+            f"chain after seq {frame.seq - 1}: a forged break (the readers would skip frames "
+            "of the chain, or read frames verify did not check)")
 
 
 def _missing_predecessor(payload: bytes, names: set[str]) -> str:
@@ -932,10 +1009,13 @@ class RecordOpener:
         self._group = []
         digests: list[bytes] = [b["d"] for _s, _p, b in group]
         texts = self.decryptor.group(group[0][0], digests, body, header)
-        chain_key = self.key if header.get("alg") == ALG_HMAC else None
+        hmac_chain = header.get("alg") == ALG_HMAC
+        chain_key = self.key if hmac_chain else None
+        # An HMAC chain read without its key (verify --pubkey alone): ``d`` cannot be made.
+        check = self.check and (chain_key is not None or not hmac_chain)
         out: list[tuple[int, dict[str, Any]]] = []
         for (s, p, b), text in zip(group, texts, strict=True):
-            if self.check and link_digest(json_record_frame(s, p, text), chain_key) != b["d"]:
+            if check and link_digest(json_record_frame(s, p, text), chain_key) != b["d"]:
                 raise DecryptError(f"record {s} decrypts, but not to the record its digest "
                                    "was made from: it was edited and encrypted again with "
                                    "the data key")
@@ -980,11 +1060,17 @@ class RecordOpener:
 
 def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
     """The body of a segment file's header frame (None if it has none)."""
+    found = _header_frame(seg)
+    return found[1] if found is not None else None
+
+
+def _header_frame(seg: SegmentFile) -> tuple[int, dict[str, Any]] | None:
+    """The seq and body of a segment file's header frame (None if it has none)."""
     try:
         with open_segment(seg) as fh:
             for _offset, payload in read_frames(fh):
-                _seq, _prev, kind, body = decode_frame(payload)
-                return body if kind == "seg" else None
+                seq, _prev, kind, body = decode_frame(payload)
+                return (seq, body) if kind == "seg" else None
     except (OSError, SegmentDamage, FrameError):
         return None
     return None
@@ -998,16 +1084,21 @@ def declared_cuts(segments: list[SegmentFile]) -> dict[str, int]:
     the header gives: file names are not covered by any digest or signature, and a damaged
     segment renamed (its stamp or seq changed, its order kept) was read whole, forged
     frames after the break among them, while ``verify --accept-declared-breaks`` said OK
-    (found by a hostile review)."""
+    (found by a hostile review). Nor by the ``after_seq`` the header gives: the chain goes
+    on from the frame before the header (its seq - 1), which a writer's ``after_seq``
+    always is; a header whose ``after_seq`` says otherwise is forged (``verify``: a broken
+    point), and taken at its word it hid records of the chain from the readers (a smaller
+    value) or gave frames after the damage that verify never checked (a larger one, or
+    none that is an integer: no cut at all)."""
     cut_after: dict[str, int] = {}
     if len(segments) > 1:
-        lowest: int | None = None  # the lowest after_seq declared by a later segment
+        lowest: int | None = None  # the lowest cut a later segment's break implies
         for later in reversed(segments):
             if lowest is not None:
                 cut_after[later.name] = lowest
-            declared = (segment_header(later) or {}).get("break")
-            after = declared.get("after_seq") if isinstance(declared, dict) else None
-            if isinstance(after, int) and not isinstance(after, bool):
+            found = _header_frame(later)
+            if found is not None and "break" in found[1]:
+                after = found[0] - 1
                 lowest = after if lowest is None else min(lowest, after)
     return cut_after
 
