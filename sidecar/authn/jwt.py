@@ -110,7 +110,9 @@ REGISTERED_CLAIM_TYPES: Mapping[str, Any] = MappingProxyType({
     "nbf": _is_numeric_date,
     "iat": _is_numeric_date,
 })
-BAD_TYP = "bad_typ"  # the provider requires a JOSE typ (RFC 9068 at+jwt) the token lacks
+# The token is not an access token: the provider requires a JOSE typ (RFC 9068 at+jwt) the
+# token lacks, or the token says it is another kind (``check_token_kind``).
+BAD_TYP = "bad_typ"
 
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
@@ -297,6 +299,52 @@ def _check_header_members(header: Mapping[str, Any]) -> None:
         raise TokenInvalid(BAD_HEADER, "nested JWT (cty JWT)")
 
 
+# What a token says it is. An identity provider signs several kinds of JWT with the keys
+# that sign its access tokens, for the same issuer and often the same audience: OpenID
+# Connect ID tokens (the client's, sent as bearer tokens by mistake or on purpose), refresh
+# and logout tokens, Security Event Tokens. Only an access token is a credential for an API
+# (RFC 9068 2.1, RFC 8725 3.11: explicit typing, so one kind cannot be used as another).
+# ``token_use`` (Cognito: ``access`` / ``id``; Ory Hydra: ``access_token`` / ...), and
+# ``token_type`` and Keycloak's ``typ`` (``Bearer`` / ``ID``, ``Refresh``, ``Offline``,
+# ``Logout``; RFC 8693 URNs), compared lower-case, the URN prefix dropped. Introspection
+# answers are read with the same lists (``oauth.check_access_token_answer``).
+ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
+NOT_ACCESS_TYPES = frozenset({"refresh_token", "refresh", "offline", "id_token", "id",
+                              "logout"})
+TOKEN_TYPE_URN = "urn:ietf:params:oauth:token-type:"
+# Claims only other kinds of JWT carry: an OpenID Connect ID token's ``nonce``, ``at_hash``,
+# ``c_hash`` and ``s_hash`` (OpenID Connect Core 2, 3.3.2.11; FAPI), a Security Event
+# Token's ``events`` (RFC 8417 2.2: back-channel logout tokens, SETs).
+NOT_ACCESS_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "events")
+# The JOSE ``typ`` of an access token when the provider requires none: absent, the generic
+# ``JWT`` and ``JOSE`` (RFC 7519 5.1, RFC 7515 4.1.9), or RFC 9068's ``at+jwt``. Any other
+# names another kind (``logout+jwt``, ``secevent+jwt``, ``dpop+jwt``,
+# ``token-introspection+jwt``, ``oauth-authz-req+jwt``, ``id_token+jwt``...).
+GENERIC_TYPS = frozenset({"jwt", "jose", "at+jwt"})
+
+
+def check_token_kind(header: Mapping[str, Any], claims: Mapping[str, Any],
+                     required_typ: str | None) -> None:
+    """Refuse (``bad_typ``) a token that says it is not an access token: a header ``typ``
+    naming another kind of JWT (when the provider requires none; ``typ_matches`` checks a
+    required one), a ``token_use``, ``token_type`` or payload ``typ`` naming another kind
+    (or not a string), or a claim only ID tokens or Security Event Tokens carry."""
+    typ = header.get("typ")
+    if required_typ is None and typ is not None and _media_type(typ) not in GENERIC_TYPS:
+        raise TokenInvalid(BAD_TYP, "typ names another kind of JWT")
+    use = claims.get("token_use")
+    if use is not None and not (isinstance(use, str) and use.lower() in ACCESS_TOKEN_USES):
+        raise TokenInvalid(BAD_TYP, "token_use is not an access token's")
+    for member in ("token_type", "typ"):
+        value = claims.get(member)
+        if value is not None and (not isinstance(value, str) or
+                                  value.lower().removeprefix(TOKEN_TYPE_URN) in NOT_ACCESS_TYPES):
+            raise TokenInvalid(BAD_TYP, f"{member} is not an access token's")
+    for name in NOT_ACCESS_CLAIMS:
+        if name in claims:
+            raise TokenInvalid(BAD_TYP, f"{name}: not an access token")
+
+
 def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
     """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
 
@@ -324,6 +372,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
 
     if claims.get("iss") != provider.issuer:
         raise TokenInvalid(BAD_ISSUER)
+    check_token_kind(header, claims, provider.typ)
 
     key = keys.find(kid, alg)
     if key is None:
