@@ -20,7 +20,10 @@ shape of a JWT). A token there is not accepted (no provider was configured to re
 it counts: alone it is refused (``unread_location``), next to a provider's own token it is a
 second token (``multiple_tokens``) unless it is the same one. Before (found by a hostile
 review), such a token reached the app unverified: an app or framework that reads RFC 6750
-query tokens got a credential the sidecar never checked.
+query tokens got a credential the sidecar never checked. So does a copy (``copies``): a JWT
+of one of the section's issuers (its payload, read unverified, names one) in any other
+header, cookie or query parameter no provider reads (``X-Auth-Token``, a ``jwt`` cookie,
+``?token=``; found by a later hostile review).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
-from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid
+from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid, names_issuer
 from sidecar.http.untrusted import fold
 from sidecar.policy.sections import JwtProvider, TokenLocation
 
@@ -315,24 +318,43 @@ _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2}(?:(?:\.[A-Za-z0-
 
 
 class Guards(NamedTuple):
-    """The RFC 6750 places none of a section's providers reads (see the module docstring).
+    """The places none of a section's providers reads (see the module docstring).
 
     ``query``: ``?access_token=`` is not read. ``read_schemes``: the ``Authorization``
     schemes (lower-case, no space) providers read; ``authorization``: whether
     ``Authorization`` is looked at at all (not when a provider reads it whole, no prefix).
+    ``issuers``: the section's JWT providers' issuers, whose tokens count in every header,
+    cookie and query parameter no provider reads (``copies``); ``read_headers``,
+    ``read_params`` and ``read_cookies``: the places providers read (names as compared).
     """
 
     query: bool
     authorization: bool
     read_schemes: frozenset[str]
+    issuers: frozenset[str] = frozenset()
+    read_headers: frozenset[bytes] = frozenset()
+    read_params: frozenset[str] = frozenset()
+    read_cookies: frozenset[str] = frozenset()
 
 
 def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
     """The places ``providers`` leave unread (None: none). Once per policy and section."""
     query = authorization = True
     schemes: set[str] = set()
+    issuers: set[str] = set()
+    headers: set[bytes] = {AUTHORIZATION, COOKIE}  # (read by the guards and as cookies)
+    params: set[str] = set()
+    cookies: set[str] = set()
     for provider in providers:
+        if provider.introspection is None:
+            issuers.add(provider.issuer)
         for loc in provider.locations:
+            if loc.kind == "query":
+                params.add(param_name(loc.name))
+            elif loc.kind == "cookie":
+                cookies.add(param_name(loc.name))
+            else:
+                headers.add(header_name(loc.name))
             if loc.kind == "query" and param_name(loc.name) == RFC6750_PARAM:
                 query = False
             elif loc.kind == "header" and header_name(loc.name) == AUTHORIZATION:
@@ -340,9 +362,10 @@ def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
                 if not scheme:
                     authorization = False
                 schemes.add(scheme)
-    if not query and not authorization:
+    if not query and not authorization and not issuers:
         return None
-    return Guards(query, authorization, frozenset(schemes))
+    return Guards(query, authorization, frozenset(schemes), frozenset(issuers),
+                  frozenset(headers), frozenset(params), frozenset(cookies))
 
 
 def query_may_hold(query: str) -> bool:
@@ -378,4 +401,70 @@ def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
                 found.append(credential)
     if guards.query and query and query_may_hold(query):
         found.extend(v for n, v in _query_pairs(query) if n == RFC6750_PARAM and v)
+    if guards.issuers:
+        found.extend(copies(guards, headers, query))
     return found
+
+
+# --- copies of a provider's token anywhere else -------------------------------------------
+
+# A run that may hold a JWT's header and payload (a payload naming an issuer is at least
+# 16 base64 digits): what is looked at further. As bytes, for a header value as read.
+_MAY_BE_COPY = re.compile(rb"[A-Za-z0-9_\-+/=]{2,}\.[A-Za-z0-9_\-+/=]{16,}")
+# The JWT-shaped pieces of a value (two to five parts; base64 or base64url, padded or not,
+# as a lenient decoder reads them). The first part holds no ``+`` (a space in a query) and
+# no ``=`` but its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``.
+_COPY_PIECE = re.compile(r"[A-Za-z0-9_\-/]+=*(?:\.[A-Za-z0-9_\-+/]*=*){1,4}")
+
+
+def _named_pieces(forms: tuple[str, ...], issuers: frozenset[str]) -> list[str]:
+    """The JWT-shaped pieces of ``forms`` whose payload, read unverified, names one of
+    ``issuers`` as ``iss`` (``jwt.names_issuer``)."""
+    return [piece for text in forms for piece in _COPY_PIECE.findall(text)
+            if any(names_issuer(piece, issuer) for issuer in issuers)]
+
+
+def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
+    """A value as sent and as an app may decode it (percent-decoded, ``+`` a space in a
+    query), when it may hold a copy (``_MAY_BE_COPY``); else nothing."""
+    if b"%" not in raw and not (plus and b"+" in raw):
+        return (raw.decode("latin-1"),) if _MAY_BE_COPY.search(raw) is not None else ()
+    text = raw.decode("latin-1")
+    forms = [text]
+    if "%" in text:
+        forms.append(unquote(text, "latin-1"))
+    if plus and ("%" in text or "+" in text):
+        forms.append(unquote_plus(text, "latin-1"))
+    return tuple(f for f in forms if _MAY_BE_COPY.search(f.encode("latin-1", "replace")))
+
+
+def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
+    """Tokens of the section's JWT issuers in places no provider reads: any header but
+    the ones providers read (``Authorization`` is ``guard_tokens``'s), any cookie but the
+    providers' own, any query parameter but theirs -- a token whose payload, read
+    unverified, names a provider's issuer (``X-Auth-Token``, ``X-Jwt``, ``Token``, a cookie
+    ``access_token``, ``?token=``...; found by a hostile review: a forged one reached the
+    app, which an app or library that reads such a place takes for the caller's identity).
+    Each counts as ``guard_tokens``'s do. A value is looked at further only when it holds a
+    run of base64 digits with a dot (``_MAY_BE_COPY``), so most requests cost one search
+    per header."""
+    issuers = guards.issuers
+    found: list[str] = []
+    read = guards.read_headers
+    for n, v in headers:
+        if n == COOKIE:
+            forms = _forms(v, plus=False)
+            if forms:
+                own = {value for name, value in _cookie_pairs([(n, v)])
+                       if name in guards.read_cookies}
+                found.extend(p for p in _named_pieces(forms, issuers) if p not in own)
+        elif n not in read:
+            forms = _forms(v, plus=False)
+            if forms:
+                found.extend(_named_pieces(forms, issuers))
+    if query:
+        forms = _forms(query.encode("latin-1", "replace"), plus=True)
+        if forms:
+            own = {value for name, value in _query_pairs(query) if name in guards.read_params}
+            found.extend(p for p in _named_pieces(forms, issuers) if p not in own)
+    return list(dict.fromkeys(found))

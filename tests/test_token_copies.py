@@ -1,0 +1,203 @@
+"""A provider's token copied into a place no provider reads (hostile review).
+
+A provider reads ``Authorization: Bearer``; the RFC 6750 places it does not read
+(``?access_token=``, other ``Authorization`` schemes) were guarded, but a JWT of the
+provider's issuer in any other header (``X-Auth-Token``, ``Token``, ``X-Jwt``,
+``X-Authorization``...), cookie (``access_token``, ``jwt``...) or query parameter
+(``?token=``, ``?jwt=``) reached the app unverified -- forged, on every route, also next to
+a valid header token. Apps and libraries read tokens from exactly those places (OpenStack's
+``X-Auth-Token``, ``jwt``/``token`` cookies of SPA back ends, ``?token=`` for WebSockets and
+downloads), and one that decodes the payload unverified takes the forged claims.
+
+Now, in a section whose rules name JWT providers, a JWT-shaped value anywhere a provider does
+not read whose payload, read unverified, names one of the section's issuers counts as
+``?access_token=`` does: alone it is refused (``unread_location``), next to a provider's own
+token it is a second token (``multiple_tokens``) unless it is the same token. The family as
+data, through a real sidecar: every place x forged and valid x alone and next to a valid
+header token x a route with and without a token rule; a kept-alive connection; a provider
+that reads a cookie keeps its own; values that are not tokens of the section's issuers pass.
+"""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests import harness as h
+from tests.orders_mesh import OrdersMesh, orders_mesh
+from tests.test_authn_support import ec_key, jwk, mint
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+ISS = "https://users.example/"
+WEB_ISS = "https://web.example/"
+FRONTEND = h.spiffe("frontend")
+INVALID = 'Bearer realm="sidecar", error="invalid_token"'
+
+# Where a copy may be: (label, headers, query); ``{t}`` is the token.
+PLACES: tuple[tuple[str, dict[str, str], str], ...] = (
+    ("x-auth-token", {"x-auth-token": "{t}"}, ""),
+    ("X-Auth-Token-bearer", {"X-Auth-Token": "Bearer {t}"}, ""),
+    ("x-authorization", {"x-authorization": "Bearer {t}"}, ""),
+    ("token", {"token": "{t}"}, ""),
+    ("jwt", {"jwt": "{t}"}, ""),
+    ("x-jwt", {"x-jwt": "{t}"}, ""),
+    ("access-token", {"access-token": "{t}"}, ""),
+    ("x-api-token", {"x-api-token": "{t}"}, ""),
+    ("id-token", {"id-token": "{t}"}, ""),
+    ("x-forwarded-access-token", {"x-forwarded-access-token": "{t}"}, ""),
+    ("x-custom-json", {"x-session": '{{"token":"{t}"}}'}, ""),
+    ("cookie-access_token", {"cookie": "access_token={t}"}, ""),
+    ("cookie-jwt-second", {"cookie": "theme=dark; jwt={t}"}, ""),
+    ("cookie-quoted", {"cookie": 'token="{t}"'}, ""),
+    ("cookie-percent-dots", {"cookie": "token={pct}"}, ""),
+    ("cookie-inner", {"cookie": "a=x token={t}"}, ""),
+    ("query-token", {}, "token={t}"),
+    ("query-jwt-second", {}, "page=2&jwt={t}"),
+    ("query-id_token", {}, "id_token={t}"),
+    ("query-semicolon", {}, "a=1;auth={t}"),
+    ("query-percent-dots", {}, "token={pct}"),
+    ("query-bearer-plus", {}, "auth=Bearer+{t}"),
+    ("query-name-only", {}, "{t}"),
+)
+ROUTES = ("/orders/x", "/public/x")
+
+
+def _token(key: str = "copies", iss: str = ISS, kid: str = "k1") -> str:
+    now = int(time.time())
+    return mint({"iss": iss, "aud": "orders", "sub": "alice", "jti": uuid.uuid4().hex,
+                 "iat": now - 5, "exp": now + 600}, ec_key(key), kid=kid)
+
+
+def _place(index: int, token: str) -> tuple[dict[str, str], str]:
+    _, headers, query = PLACES[index]
+    fill = {"t": token, "pct": token.replace(".", "%2E")}
+    return {k: v.format(**fill) for k, v in headers.items()}, query.format(**fill)
+
+
+def _policy(web: bool) -> dict[str, object]:
+    providers: dict[str, object] = {
+        "users": {"issuer": ISS, "audiences": ["orders"], "algorithms": ["ES256"],
+                  "jwks_file": "keys.json"}}
+    rules: list[object] = [
+        {"name": "orders", "allow": {"from": [FRONTEND], "paths": ["/orders/**"],
+                                     "jwt": {"provider": "users"}}},
+        {"name": "public", "allow": {"from": [FRONTEND], "paths": ["/public/**"]}}]
+    if web:
+        providers["web"] = {"issuer": WEB_ISS, "audiences": ["orders"],
+                            "algorithms": ["ES256"], "jwks_file": "web.json",
+                            "from_cookies": ["session"]}
+        rules.append({"name": "web", "allow": {"from": [FRONTEND], "paths": ["/web/**"],
+                                               "jwt": {"provider": "web"}}})
+    return {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
+            "services": {h.spiffe("orders"): {"rules": rules}}}
+
+
+FILES = {"keys.json": json.dumps({"keys": [jwk(ec_key("copies"), "k1")]}),
+         "web.json": json.dumps({"keys": [jwk(ec_key("copies-web"), "w1")]})}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """Header providers only: a kept-alive connection keeps its memo."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies"), _policy(False),
+                     FILES) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def web_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """A second provider reads the cookie ``session``."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies-web"), _policy(True),
+                     FILES) as mesh:
+        yield mesh
+
+
+def _get(env: OrdersMesh, route: str, headers: dict[str, str], query: str) -> h.Response:
+    return env.get(f"{route}?{query}" if query else route, headers)
+
+
+def _refused(r: h.Response) -> bool:
+    return r.status == 401 and r.headers.get("www-authenticate") == INVALID
+
+
+@pytest.mark.parametrize("which", ["env", "web_env"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_copy_alone_is_refused(request: pytest.FixtureRequest, which: str,
+                                 route: str) -> None:
+    env = request.getfixturevalue(which)
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        for kind, token in (("forged", _token("copies-forger")), ("valid", _token())):
+            r = _get(env, route, *_place(i, token))
+            if not _refused(r) or token.encode() in r.body:
+                wrong.append((label, kind, r.status))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_copy_next_to_a_valid_header_token(env: OrdersMesh, route: str) -> None:
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        good = _token()
+        headers, query = _place(i, _token("copies-forger"))
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
+        if not _refused(r):
+            wrong.append((label, "forged copy", r.status))
+        # The same token in both places is one token.
+        headers, query = _place(i, good)
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
+        if r.status != 200:
+            wrong.append((label, "same token", r.status))
+    assert not wrong, wrong
+
+
+def test_a_kept_alive_connection_is_judged_again_with_a_copy(env: OrdersMesh) -> None:
+    """The connection's memo of a verified header token does not answer a request that now
+    carries a forged copy elsewhere."""
+    port = env.sidecar.port("inbound")
+    good = {"authorization": f"Bearer {_token()}"}
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        conn = httpclient.HTTPSConnection("127.0.0.1", port, context=env.ctx, timeout=10)
+        try:
+            for _ in range(3):
+                assert h.http(port, "GET", "/public/x", headers=good, ctx=env.ctx,
+                              conn=conn).status == 200
+            headers, query = _place(i, _token("copies-forger"))
+            r = h.http(port, "GET", f"/public/x?{query}" if query else "/public/x",
+                       headers={**good, **headers}, ctx=env.ctx, conn=conn)
+            if not _refused(r):
+                wrong.append((label, r.status))
+        finally:
+            conn.close()
+    assert not wrong, wrong
+
+
+def test_a_provider_reading_a_cookie_keeps_its_own(web_env: OrdersMesh) -> None:
+    env = web_env
+    web = _token("copies-web", WEB_ISS, "w1")
+    r = env.get("/web/x", {"cookie": f"theme=dark; session={web}"})
+    assert r.status == 200, r.body[:300]
+    # Another provider's forged token in another cookie is a copy.
+    forged = _token("copies-forger")
+    assert _refused(env.get("/web/x", {"cookie": f"session={web}; jwt={forged}"}))
+    # A forged token of the cookie provider's own issuer in another cookie too.
+    forged_web = _token("copies-forger", WEB_ISS, "w1")
+    assert _refused(env.get("/web/x", {"cookie": f"session={web}; token={forged_web}"}))
+
+
+def test_values_that_are_not_the_sections_tokens_pass(env: OrdersMesh) -> None:
+    foreign = _token("copies-foreign", "https://elsewhere.example/")
+    headers = {"x-version": "1.2.3", "user-agent": "client/2.31.0 (x86_64)",
+               "x-trace": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+               "x-other-service-token": foreign, "cookie": "theme=dark; v=1.2.3"}
+    r = env.get("/public/x?v=1.2.3&file=a.b.c", headers)
+    assert r.status == 200, r.body[:300]
+    r = env.get("/orders/x", {**headers, "authorization": f"Bearer {_token()}"})
+    assert r.status == 200, r.body[:300]
