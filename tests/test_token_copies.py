@@ -27,10 +27,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from jwt.algorithms import ECAlgorithm
 
+from sidecar.authn.jwt import names_issuer
 from tests import harness as h
 from tests.orders_mesh import OrdersMesh, orders_mesh
-from tests.test_authn_support import ec_key, jwk, mint
+from tests.test_authn_support import b64, ec_key, jwk, mint
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -201,3 +203,67 @@ def test_values_that_are_not_the_sections_tokens_pass(env: OrdersMesh) -> None:
     assert r.status == 200, r.body[:300]
     r = env.get("/orders/x", {**headers, "authorization": f"Bearer {_token()}"})
     assert r.status == 200, r.body[:300]
+
+
+# How a lenient app may compare an issuer (``jwt.names_issuer``): a copy naming the issuer
+# in any of these spellings counts (found by the review of this fix: only the exact
+# spelling did, and an app that folds case or drops the trailing ``/`` took the rest).
+ISSUER_SPELLINGS: tuple[object, ...] = (
+    "https://users.example", "HTTPS://USERS.EXAMPLE/", "https://Users.Example/",
+    " https://users.example/", "https://users.example/\t", "https://users.example//",
+    "\uff48\uff54\uff54\uff50\uff53://users.example/",  # fullwidth "https" (NFKC)
+    ["https://users.example/"], ["other", "https://users.example"],
+)
+
+
+def _spelled(iss: object, member: str = "iss", key: str = "copies-forger") -> str:
+    """A forged ES256 token naming ``iss`` under ``member`` (signed here: PyJWT refuses an
+    ``iss`` that is not a string)."""
+    now = int(time.time())
+    signing_input = ".".join(b64(json.dumps(part).encode()) for part in (
+        {"alg": "ES256", "kid": "k1"},
+        {member: iss, "aud": "orders", "sub": "alice", "iat": now - 5, "exp": now + 600}))
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), ec_key(key))
+    return f"{signing_input}.{b64(signature)}"
+
+
+@pytest.mark.parametrize("iss", ISSUER_SPELLINGS, ids=repr)
+def test_names_issuer_reads_issuer_spellings(iss: object) -> None:
+    assert names_issuer(_spelled(iss), ISS)
+    assert not names_issuer(_spelled("https://users.example.evil/"), ISS)
+
+
+def test_a_copy_naming_the_issuer_in_another_spelling_is_refused(env: OrdersMesh) -> None:
+    wrong = []
+    copies = [(repr(iss), _spelled(iss)) for iss in ISSUER_SPELLINGS]
+    copies += [("ISS member", _spelled(ISS, "ISS")), ("Iss member", _spelled(ISS, "Iss"))]
+    for label, token in copies:
+        for route in ROUTES:
+            for headers in ({"x-auth-token": token},
+                            {"x-auth-token": token, "authorization": f"Bearer {_token()}"}):
+                r = env.get(route, headers)
+                if not _refused(r):
+                    wrong.append((label, route, len(headers), r.status))
+    assert not wrong, wrong
+
+
+@pytest.fixture(scope="module")
+def big_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """Heads of up to 256 KiB (``limits.max_header_bytes``)."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies-big"), _policy(False), FILES,
+                     limits={"max_header_bytes": "256KiB"}) as mesh:
+        yield mesh
+
+
+@pytest.mark.parametrize("size", [60_000, 70_000, 150_000])
+def test_a_large_copy_is_refused(big_env: OrdersMesh, size: int) -> None:
+    """A copy longer than what names_issuer reads by default (64 KiB) is read whole: it
+    passed unread (found by the review of this fix)."""
+    now = int(time.time())
+    token = mint({"iss": ISS, "aud": "orders", "sub": "alice", "exp": now + 600,
+                  "pad": "x" * size}, ec_key("copies-forger"), kid="k1")
+    for route in ROUTES:
+        for name in ("x-auth-token", "cookie", "authorization"):
+            value = f"jwt={token}" if name == "cookie" else token
+            r = big_env.get(route, {name: value})
+            assert _refused(r), (route, name, r.status)

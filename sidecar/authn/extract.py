@@ -419,9 +419,11 @@ _COPY_PIECE = re.compile(r"[A-Za-z0-9_\-/]+=*(?:\.[A-Za-z0-9_\-+/]*=*){1,4}")
 
 def _named_pieces(forms: tuple[str, ...], issuers: frozenset[str]) -> list[str]:
     """The JWT-shaped pieces of ``forms`` whose payload, read unverified, names one of
-    ``issuers`` as ``iss`` (``jwt.names_issuer``)."""
+    ``issuers`` as ``iss`` (``jwt.names_issuer``, at any length: a head is bounded by
+    ``limits.max_header_bytes``, up to 8 MiB, and a piece longer than names_issuer's own
+    bound reached the app unread -- found by the review of this fix)."""
     return [piece for text in forms for piece in _COPY_PIECE.findall(text)
-            if any(names_issuer(piece, issuer) for issuer in issuers)]
+            if any(names_issuer(piece, issuer, None) for issuer in issuers)]
 
 
 def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:

@@ -42,8 +42,9 @@ import codecs
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -227,15 +228,34 @@ def unverified_subject(token: str, max_bytes: int) -> str | None:
 MAX_UNVERIFIED_TOKEN = 65536
 
 
-def names_issuer(token: str, issuer: str) -> bool:
+def _issuer_form(value: str) -> str:
+    # How a lenient reader may compare issuers: compatibility forms folded (NFKC: fullwidth
+    # and other look-alike spellings), no case, no surrounding whitespace, no trailing "/".
+    return unicodedata.normalize("NFKC", value).strip().casefold().rstrip("/")
+
+
+_wanted_issuer = lru_cache(maxsize=256)(_issuer_form)  # (providers' issuers only)
+
+
+def _names(value: Any, wanted: str) -> bool:
+    if isinstance(value, str):
+        return _issuer_form(value) == wanted
+    return isinstance(value, list) and any(_names(item, wanted) for item in value
+                                           if isinstance(item, str))
+
+
+def names_issuer(token: str, issuer: str, max_chars: int | None = MAX_UNVERIFIED_TOKEN) -> bool:
     """Does ``token``'s payload, read WITHOUT verifying anything, name ``issuer`` as an
     ``iss``? A token that names a provider's issuer is that provider's to judge, whatever
     else is wrong with it (``alg: none``, an ID token's ``typ``, ``crit``, a claim of the
     wrong type, a header that is not JSON): an app that decodes the payload unverified
     reads that issuer's claims. Read as leniently as such an app may (base64 with or without
     padding or stray characters; JSON in UTF-8, -16 or -32; any ``iss`` member, a repeated
-    one included), since over-reading only refuses more. Never decide to accept on it."""
-    if len(token) > MAX_UNVERIFIED_TOKEN:
+    one included, its name in any case; the issuer in any case, with or without a trailing
+    ``/`` or surrounding whitespace, in NFKC-equivalent characters, or in a list), since
+    over-reading only refuses more. Never decide to accept on it. ``max_chars``: longer
+    tokens name nothing (None: no bound; the caller bounds what it reads)."""
+    if max_chars is not None and len(token) > max_chars:
         return False
     parts = token.split(".")
     if len(parts) < 2:
@@ -247,10 +267,11 @@ def names_issuer(token: str, issuer: str) -> bool:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     named = False
+    wanted = _wanted_issuer(issuer)
 
     def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal named
-        named = named or any(k == "iss" and v == issuer for k, v in members)
+        named = named or any(k.casefold() == "iss" and _names(v, wanted) for k, v in members)
         return {}
 
     try:
