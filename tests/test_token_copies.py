@@ -249,8 +249,8 @@ def test_a_copy_naming_the_issuer_in_another_spelling_is_refused(env: OrdersMesh
 
 @pytest.fixture(scope="module")
 def big_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
-    """Heads of up to 256 KiB (``limits.max_header_bytes``)."""
-    with orders_mesh(tmp_path_factory.mktemp("token-copies-big"), _policy(False), FILES,
+    """Heads of up to 256 KiB (``limits.max_header_bytes``); a provider reads a cookie."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies-big"), _policy(True), FILES,
                      limits={"max_header_bytes": "256KiB"}) as mesh:
         yield mesh
 
@@ -267,3 +267,52 @@ def test_a_large_copy_is_refused(big_env: OrdersMesh, size: int) -> None:
             value = f"jwt={token}" if name == "cookie" else token
             r = big_env.get(route, {name: value})
             assert _refused(r), (route, name, r.status)
+
+
+# Values whose scanning was quadratic (found by hostile reviews): a cookie piece with a long
+# run of whitespace between two cookies (``extract._INNER_COOKIE`` tried ``[\s,]\s*`` from
+# every character of the run: 31 s for 32,000 spaces, the event loop stalled for every
+# connection), and long base64 runs with or without dots (the copy scan's patterns: 7 s and
+# 62 s for 32 KiB). Each as a header, inside a cookie and in the query.
+SLOW_VALUES: dict[str, str] = {
+    "spaces": "a=x" + " " * 100_000 + "y",
+    "tabs-vt": "a=x" + "\t\x0b" * 50_000,
+    "space-comma": "a=x" + " ," * 50_000 + "y",
+    "digits": "a" * 100_000,
+    "digits-dot": "a" * 100_000 + ".",
+    "dots": "a." * 50_000,
+    "pads": "=." * 50_000,
+    "plus": "+." * 50_000,
+    "padded": "a==." * 25_000,
+}
+
+
+@pytest.mark.parametrize("label", list(SLOW_VALUES))
+def test_long_runs_are_scanned_in_linear_time(big_env: OrdersMesh, label: str) -> None:
+    """Through the sidecar with heads of 256 KiB and a provider that reads a cookie (so
+    cookies are parsed); each answered in seconds (a quadratic scan takes minutes)."""
+    env = big_env
+    port = env.sidecar.port("inbound")
+    value = SLOW_VALUES[label]
+    query = value.replace(" ", "+").replace("\t", "%09").replace("\x0b", "%0B")
+    for headers, target in (({"x-a": value}, "/public/x"),
+                            ({"cookie": f"theme=dark; {value}; b=1"}, "/public/x"),
+                            ({}, f"/public/x?q={query[:7_000]}")):
+        started = time.monotonic()
+        conn = httpclient.HTTPSConnection("127.0.0.1", port, context=env.ctx, timeout=20)
+        try:
+            r = h.http(port, "GET", target, headers=headers, ctx=env.ctx, conn=conn)
+        finally:
+            conn.close()
+        took = time.monotonic() - started
+        # (The app may refuse a head this large itself: 431, or a 502 when it hangs up.)
+        assert r.status != 500 and took < 5, (label, list(headers) or "query", r.status, took)
+
+
+def test_at_most_sixteen_pieces_are_read(env: OrdersMesh) -> None:
+    """Pieces whose payload is a JSON object are read whole up to 16 a request; one more is
+    refused as a copy (reading each cost the event loop ~50 us)."""
+    pieces = [_token("copies-foreign", f"https://elsewhere{i}.example/") for i in range(17)]
+    r = env.get("/public/x", {"x-other": " ".join(pieces[:16])})
+    assert r.status == 200, r.body[:300]
+    assert _refused(env.get("/public/x", {"x-other": " ".join(pieces)}))

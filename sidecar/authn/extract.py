@@ -28,6 +28,8 @@ header, cookie or query parameter no provider reads (``X-Auth-Token``, a ``jwt``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -175,7 +177,13 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
 # cookie too: over-reading only finds more (a second copy is ``multiple_tokens``), while
 # under-reading let ``session=GOOD; a=x session=EVIL`` be verified as GOOD and reach such an
 # app as EVIL, and ``a=x session=EVIL`` reach it unverified (found by a hostile review).
-_INNER_COOKIE = re.compile(r'[\s,]\s*([^\s,;="]+)\s*=\s*("[^"]*"|[^\s,;]*)')
+#
+# Linear: a match starts only at the first of a run of separators (the lookbehind), which it
+# takes whole, and nothing is given back (possessive quantifiers). ``[\s,]\s*`` tried from
+# every whitespace character of a run, each attempt reading the rest of it: a cookie piece
+# of 32,000 spaces between two cookies cost 31 s of the event loop, one request stalling
+# every connection of the sidecar (found by a hostile review).
+_INNER_COOKIE = re.compile(r'(?<![\s,])[\s,][\s,]*+([^\s,;="]++)\s*+=\s*+("[^"]*"|[^\s,;]*+)')
 _QUOTED_OR_WORD = re.compile(r'"[^"]*"|[^\s,"]+|.', re.DOTALL)
 
 
@@ -409,21 +417,96 @@ def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
 # --- copies of a provider's token anywhere else -------------------------------------------
 
 # A run that may hold a JWT's header and payload (a payload naming an issuer is at least
-# 16 base64 digits): what is looked at further. As bytes, for a header value as read.
-_MAY_BE_COPY = re.compile(rb"[A-Za-z0-9_\-+/=]{2,}\.[A-Za-z0-9_\-+/=]{16,}")
-# The JWT-shaped pieces of a value (two to five parts; base64 or base64url, padded or not,
-# as a lenient decoder reads them). The first part holds no ``+`` (a space in a query) and
-# no ``=`` but its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``.
-_COPY_PIECE = re.compile(r"[A-Za-z0-9_\-/]+=*(?:\.[A-Za-z0-9_\-+/]*=*){1,4}")
+# 16 base64 digits): what is looked at further. As bytes, for a header value as read. A
+# fixed-length pattern: ``[..]{2,}\.[..]{16,}`` tried from every character of a run took
+# 7 s for 32 KiB without a dot (found by the review of this fix).
+_MAY_BE_COPY = re.compile(rb"[A-Za-z0-9_\-+/=]\.[A-Za-z0-9_\-+/=]{16}")
+# Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
+# parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
+_COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
 
 
-def _named_pieces(forms: tuple[str, ...], issuers: frozenset[str]) -> list[str]:
-    """The JWT-shaped pieces of ``forms`` whose payload, read unverified, names one of
-    ``issuers`` as ``iss`` (``jwt.names_issuer``, at any length: a head is bounded by
-    ``limits.max_header_bytes``, up to 8 MiB, and a piece longer than names_issuer's own
-    bound reached the app unread -- found by the review of this fix)."""
-    return [piece for text in forms for piece in _COPY_PIECE.findall(text)
-            if any(names_issuer(piece, issuer, None) for issuer in issuers)]
+def _copy_pieces(text: str) -> list[str]:
+    """The JWT-shaped pieces of ``text``: each run of ``_COPY_RUN`` with a dot, from the
+    start of its first part. That part holds no ``+`` (a space in a query) and no ``=`` but
+    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``."""
+    pieces = []
+    for run in _COPY_RUN.findall(text):
+        dot = run.find(".")
+        if dot <= 0:
+            continue
+        head = run[:dot]
+        start = max(head.rfind("+"), head.rstrip("=").rfind("=")) + 1
+        if start < dot:
+            pieces.append(run[start:])
+    return pieces
+
+
+# At most this many distinct pieces of one request whose payload reads as a JSON object are
+# read whole (``jwt.names_issuer``); a request with more is refused as holding a copy. Read
+# one by one, a 32 KiB head of distinct pieces cost 50 ms and a 1 MiB one 1.5 s of the
+# event loop (found by the review of this fix); no request a client sends holds that many
+# JWTs.
+MAX_COPY_PIECES = 16
+# What may come before a JSON object's "{" in a payload a lenient reader accepts:
+# whitespace, byte-order marks and the NULs of UTF-16 and UTF-32.
+_BEFORE_OBJECT = b" \t\r\n\x00\xef\xbb\xbf\xfe\xff"
+
+
+def _object_payload(piece: str) -> bool:
+    """Whether the second part of ``piece`` decodes, leniently, to a JSON object's start
+    (cheap: what fails here is no token to any reader)."""
+    part = piece.split(".", 2)[1]
+    if len(part) < 12:  # {"iss":"x"} is 15 digits
+        return False
+    try:
+        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
+
+
+class _Copies:
+    """The pieces of one request read so far (each piece is read once)."""
+
+    __slots__ = ("issuers", "read", "found", "whole")
+
+    def __init__(self, issuers: frozenset[str]) -> None:
+        self.issuers = issuers
+        self.read: dict[str, bool] = {}
+        self.found: list[str] = []
+        self.whole = 0  # pieces read whole
+
+    def scan(self, forms: tuple[str, ...], own: set[str] | frozenset[str]) -> None:
+        """Add the JWT-shaped pieces of ``forms`` (not in ``own``) whose payload, read
+        unverified, names one of the issuers as ``iss`` (``jwt.names_issuer``, at any
+        length: a head is bounded by ``limits.max_header_bytes``, up to 8 MiB, and a piece
+        longer than names_issuer's own bound reached the app unread -- found by the review
+        of this fix)."""
+        read = self.read
+        if self.whole < 0:
+            return
+        for text in forms:
+            for piece in _copy_pieces(text):
+                if piece in own:
+                    continue
+                named = read.get(piece)
+                if named is None:
+                    if not _object_payload(piece):
+                        named = False
+                    elif self.whole >= MAX_COPY_PIECES:
+                        # Too many to read: this one counts (over-reading only refuses
+                        # more), and nothing after it is looked at.
+                        self.found.append(piece)
+                        self.whole = -1
+                        return
+                    else:
+                        self.whole += 1
+                        named = any(names_issuer(piece, issuer, None)
+                                    for issuer in self.issuers)
+                    read[piece] = named
+                    if named:
+                        self.found.append(piece)
 
 
 def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
@@ -450,23 +533,21 @@ def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
     Each counts as ``guard_tokens``'s do. A value is looked at further only when it holds a
     run of base64 digits with a dot (``_MAY_BE_COPY``), so most requests cost one search
     per header."""
-    issuers = guards.issuers
-    found: list[str] = []
+    scan = _Copies(guards.issuers)
     read = guards.read_headers
     for n, v in headers:
         if n == COOKIE:
             forms = _forms(v, plus=False)
             if forms:
-                own = {value for name, value in _cookie_pairs([(n, v)])
-                       if name in guards.read_cookies}
-                found.extend(p for p in _named_pieces(forms, issuers) if p not in own)
+                scan.scan(forms, {value for name, value in _cookie_pairs([(n, v)])
+                                  if name in guards.read_cookies})
         elif n not in read:
             forms = _forms(v, plus=False)
             if forms:
-                found.extend(_named_pieces(forms, issuers))
+                scan.scan(forms, frozenset())
     if query:
         forms = _forms(query.encode("latin-1", "replace"), plus=True)
         if forms:
-            own = {value for name, value in _query_pairs(query) if name in guards.read_params}
-            found.extend(p for p in _named_pieces(forms, issuers) if p not in own)
-    return list(dict.fromkeys(found))
+            scan.scan(forms, {value for name, value in _query_pairs(query)
+                              if name in guards.read_params})
+    return scan.found
