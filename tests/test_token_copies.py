@@ -20,6 +20,7 @@ that reads a cookie keeps its own; values that are not tokens of the section's i
 
 from __future__ import annotations
 
+import base64
 import http.client as httpclient
 import json
 import time
@@ -316,3 +317,25 @@ def test_at_most_sixteen_pieces_are_read(env: OrdersMesh) -> None:
     r = env.get("/public/x", {"x-other": " ".join(pieces[:16])})
     assert r.status == 200, r.body[:300]
     assert _refused(env.get("/public/x", {"x-other": " ".join(pieces)}))
+
+
+# Basic credentials whose password (or user) is a token: registries, GitLab and Artifactory
+# take a token there, and an app reading it got a forged one (found by the review of this
+# fix). Alone only: a second Authorization header is multiple_tokens anyway.
+BASIC_FORMS = ("user:{t}", "{t}:x-oauth-basic", "oauth2accesstoken:{t}", "{t}")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_token_in_basic_credentials_is_refused(env: OrdersMesh, route: str) -> None:
+    wrong = []
+    for form in BASIC_FORMS:
+        for scheme in ("Basic", "basic", "BASIC"):
+            for token in (_token("copies-forger"), _token()):
+                basic = base64.b64encode(form.format(t=token).encode()).decode()
+                r = env.get(route, {"authorization": f"{scheme} {basic}"})
+                if not _refused(r):
+                    wrong.append((form, scheme, r.status))
+    assert not wrong, wrong
+    # Basic credentials without a token pass.
+    r = env.get(route, {"authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status == (200 if route == "/public/x" else 401), r.status

@@ -523,9 +523,23 @@ def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
     return tuple(f for f in forms if _MAY_BE_COPY.search(f.encode("latin-1", "replace")))
 
 
+def _basic_credentials(value: bytes) -> bytes:
+    """The decoded credentials of an ``Authorization: Basic`` value (any case; base64 read
+    leniently, as a decoder that skips stray characters does); empty for any other."""
+    scheme, _, credential = value.strip(b" \t").partition(b" ")
+    if scheme.lower() != b"basic" or not credential:
+        return b""
+    credential = credential.strip(b" \t")
+    try:
+        return base64.b64decode(credential + b"=" * (-len(credential) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
     """Tokens of the section's JWT issuers in places no provider reads: any header but
-    the ones providers read (``Authorization`` is ``guard_tokens``'s), any cookie but the
+    the ones providers read (``Authorization`` is ``guard_tokens``'s, but for the user and
+    password of ``Basic`` credentials), any cookie but the
     providers' own, any query parameter but theirs -- a token whose payload, read
     unverified, names a provider's issuer (``X-Auth-Token``, ``X-Jwt``, ``Token``, a cookie
     ``access_token``, ``?token=``...; found by a hostile review: a forged one reached the
@@ -536,7 +550,15 @@ def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
     scan = _Copies(guards.issuers)
     read = guards.read_headers
     for n, v in headers:
-        if n == COOKIE:
+        if n == AUTHORIZATION:
+            # Basic credentials whose user or password is a token (registries, GitLab,
+            # Artifactory take one there): the guard reads the other schemes.
+            basic = _basic_credentials(v)
+            if basic:
+                forms = _forms(basic, plus=False)
+                if forms:
+                    scan.scan(forms, frozenset())
+        elif n == COOKIE:
             forms = _forms(v, plus=False)
             if forms:
                 scan.scan(forms, {value for name, value in _cookie_pairs([(n, v)])
