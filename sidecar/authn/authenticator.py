@@ -50,6 +50,7 @@ from sidecar.authn.cache import (
 from sidecar.authn.extract import (
     AUTHORIZATION,
     Guards,
+    copies,
     extract_tokens,
     guard_tokens,
     guards_for,
@@ -383,8 +384,11 @@ class Authenticator:
             if (memo.generation == self.generation and memo.providers is providers
                     and memo.audience == audience and memo.x5t == peer_x5t):
                 names = memo.names
+                guards = self._guards_for(providers)
                 if names is not None and not (query and memo.guard_query
-                                              and query_may_hold(query)):
+                                              and query_may_hold(query)) and not (
+                        guards is not None and guards.issuers
+                        and copies(guards, headers, query)):
                     seen = []
                     for h in headers:
                         if h[0] in names:

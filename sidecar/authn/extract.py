@@ -20,18 +20,23 @@ shape of a JWT). A token there is not accepted (no provider was configured to re
 it counts: alone it is refused (``unread_location``), next to a provider's own token it is a
 second token (``multiple_tokens``) unless it is the same one. Before (found by a hostile
 review), such a token reached the app unverified: an app or framework that reads RFC 6750
-query tokens got a credential the sidecar never checked.
+query tokens got a credential the sidecar never checked. So does a copy (``copies``): a JWT
+of one of the section's issuers (its payload, read unverified, names one) in any other
+header, cookie or query parameter no provider reads (``X-Auth-Token``, a ``jwt`` cookie,
+``?token=``; found by a later hostile review).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
-from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid
+from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid, names_issuer
 from sidecar.http.untrusted import fold
 from sidecar.policy.sections import JwtProvider, TokenLocation
 
@@ -172,7 +177,13 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
 # cookie too: over-reading only finds more (a second copy is ``multiple_tokens``), while
 # under-reading let ``session=GOOD; a=x session=EVIL`` be verified as GOOD and reach such an
 # app as EVIL, and ``a=x session=EVIL`` reach it unverified (found by a hostile review).
-_INNER_COOKIE = re.compile(r'[\s,]\s*([^\s,;="]+)\s*=\s*("[^"]*"|[^\s,;]*)')
+#
+# Linear: a match starts only at the first of a run of separators (the lookbehind), which it
+# takes whole, and nothing is given back (possessive quantifiers). ``[\s,]\s*`` tried from
+# every whitespace character of a run, each attempt reading the rest of it: a cookie piece
+# of 32,000 spaces between two cookies cost 31 s of the event loop, one request stalling
+# every connection of the sidecar (found by a hostile review).
+_INNER_COOKIE = re.compile(r'(?<![\s,])[\s,][\s,]*+([^\s,;="]++)\s*+=\s*+("[^"]*"|[^\s,;]*+)')
 _QUOTED_OR_WORD = re.compile(r'"[^"]*"|[^\s,"]+|.', re.DOTALL)
 
 
@@ -315,24 +326,43 @@ _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2}(?:(?:\.[A-Za-z0-
 
 
 class Guards(NamedTuple):
-    """The RFC 6750 places none of a section's providers reads (see the module docstring).
+    """The places none of a section's providers reads (see the module docstring).
 
     ``query``: ``?access_token=`` is not read. ``read_schemes``: the ``Authorization``
     schemes (lower-case, no space) providers read; ``authorization``: whether
     ``Authorization`` is looked at at all (not when a provider reads it whole, no prefix).
+    ``issuers``: the section's JWT providers' issuers, whose tokens count in every header,
+    cookie and query parameter no provider reads (``copies``); ``read_headers``,
+    ``read_params`` and ``read_cookies``: the places providers read (names as compared).
     """
 
     query: bool
     authorization: bool
     read_schemes: frozenset[str]
+    issuers: frozenset[str] = frozenset()
+    read_headers: frozenset[bytes] = frozenset()
+    read_params: frozenset[str] = frozenset()
+    read_cookies: frozenset[str] = frozenset()
 
 
 def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
     """The places ``providers`` leave unread (None: none). Once per policy and section."""
     query = authorization = True
     schemes: set[str] = set()
+    issuers: set[str] = set()
+    headers: set[bytes] = {AUTHORIZATION, COOKIE}  # (read by the guards and as cookies)
+    params: set[str] = set()
+    cookies: set[str] = set()
     for provider in providers:
+        if provider.introspection is None:
+            issuers.add(provider.issuer)
         for loc in provider.locations:
+            if loc.kind == "query":
+                params.add(param_name(loc.name))
+            elif loc.kind == "cookie":
+                cookies.add(param_name(loc.name))
+            else:
+                headers.add(header_name(loc.name))
             if loc.kind == "query" and param_name(loc.name) == RFC6750_PARAM:
                 query = False
             elif loc.kind == "header" and header_name(loc.name) == AUTHORIZATION:
@@ -340,9 +370,10 @@ def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
                 if not scheme:
                     authorization = False
                 schemes.add(scheme)
-    if not query and not authorization:
+    if not query and not authorization and not issuers:
         return None
-    return Guards(query, authorization, frozenset(schemes))
+    return Guards(query, authorization, frozenset(schemes), frozenset(issuers),
+                  frozenset(headers), frozenset(params), frozenset(cookies))
 
 
 def query_may_hold(query: str) -> bool:
@@ -378,4 +409,167 @@ def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
                 found.append(credential)
     if guards.query and query and query_may_hold(query):
         found.extend(v for n, v in _query_pairs(query) if n == RFC6750_PARAM and v)
+    if guards.issuers:
+        found.extend(copies(guards, headers, query))
     return found
+
+
+# --- copies of a provider's token anywhere else -------------------------------------------
+
+# A run that may hold a JWT's header and payload (a payload naming an issuer is at least
+# 16 base64 digits): what is looked at further. As bytes, for a header value as read. A
+# fixed-length pattern: ``[..]{2,}\.[..]{16,}`` tried from every character of a run took
+# 7 s for 32 KiB without a dot (found by the review of this fix).
+_MAY_BE_COPY = re.compile(rb"[A-Za-z0-9_\-+/=]\.[A-Za-z0-9_\-+/=]{16}")
+# Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
+# parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
+_COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
+
+
+def _copy_pieces(text: str) -> list[str]:
+    """The JWT-shaped pieces of ``text``: each run of ``_COPY_RUN`` with a dot, from the
+    start of its first part. That part holds no ``+`` (a space in a query) and no ``=`` but
+    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``."""
+    pieces = []
+    for run in _COPY_RUN.findall(text):
+        dot = run.find(".")
+        if dot <= 0:
+            continue
+        head = run[:dot]
+        start = max(head.rfind("+"), head.rstrip("=").rfind("=")) + 1
+        if start < dot:
+            pieces.append(run[start:])
+    return pieces
+
+
+# At most this many distinct pieces of one request whose payload reads as a JSON object are
+# read whole (``jwt.names_issuer``); a request with more is refused as holding a copy. Read
+# one by one, a 32 KiB head of distinct pieces cost 50 ms and a 1 MiB one 1.5 s of the
+# event loop (found by the review of this fix); no request a client sends holds that many
+# JWTs.
+MAX_COPY_PIECES = 16
+# What may come before a JSON object's "{" in a payload a lenient reader accepts:
+# whitespace, byte-order marks and the NULs of UTF-16 and UTF-32.
+_BEFORE_OBJECT = b" \t\r\n\x00\xef\xbb\xbf\xfe\xff"
+
+
+def _object_payload(piece: str) -> bool:
+    """Whether the second part of ``piece`` decodes, leniently, to a JSON object's start
+    (cheap: what fails here is no token to any reader)."""
+    part = piece.split(".", 2)[1]
+    if len(part) < 12:  # {"iss":"x"} is 15 digits
+        return False
+    try:
+        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
+
+
+class _Copies:
+    """The pieces of one request read so far (each piece is read once)."""
+
+    __slots__ = ("issuers", "read", "found", "whole")
+
+    def __init__(self, issuers: frozenset[str]) -> None:
+        self.issuers = issuers
+        self.read: dict[str, bool] = {}
+        self.found: list[str] = []
+        self.whole = 0  # pieces read whole
+
+    def scan(self, forms: tuple[str, ...], own: set[str] | frozenset[str]) -> None:
+        """Add the JWT-shaped pieces of ``forms`` (not in ``own``) whose payload, read
+        unverified, names one of the issuers as ``iss`` (``jwt.names_issuer``, at any
+        length: a head is bounded by ``limits.max_header_bytes``, up to 8 MiB, and a piece
+        longer than names_issuer's own bound reached the app unread -- found by the review
+        of this fix)."""
+        read = self.read
+        if self.whole < 0:
+            return
+        for text in forms:
+            for piece in _copy_pieces(text):
+                if piece in own:
+                    continue
+                named = read.get(piece)
+                if named is None:
+                    if not _object_payload(piece):
+                        named = False
+                    elif self.whole >= MAX_COPY_PIECES:
+                        # Too many to read: this one counts (over-reading only refuses
+                        # more), and nothing after it is looked at.
+                        self.found.append(piece)
+                        self.whole = -1
+                        return
+                    else:
+                        self.whole += 1
+                        named = any(names_issuer(piece, issuer, None)
+                                    for issuer in self.issuers)
+                    read[piece] = named
+                    if named:
+                        self.found.append(piece)
+
+
+def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
+    """A value as sent and as an app may decode it (percent-decoded, ``+`` a space in a
+    query), when it may hold a copy (``_MAY_BE_COPY``); else nothing."""
+    if b"%" not in raw and not (plus and b"+" in raw):
+        return (raw.decode("latin-1"),) if _MAY_BE_COPY.search(raw) is not None else ()
+    text = raw.decode("latin-1")
+    forms = [text]
+    if "%" in text:
+        forms.append(unquote(text, "latin-1"))
+    if plus and ("%" in text or "+" in text):
+        forms.append(unquote_plus(text, "latin-1"))
+    return tuple(f for f in forms if _MAY_BE_COPY.search(f.encode("latin-1", "replace")))
+
+
+def _basic_credentials(value: bytes) -> bytes:
+    """The decoded credentials of an ``Authorization: Basic`` value (any case; base64 read
+    leniently, as a decoder that skips stray characters does); empty for any other."""
+    scheme, _, credential = value.strip(b" \t").partition(b" ")
+    if scheme.lower() != b"basic" or not credential:
+        return b""
+    credential = credential.strip(b" \t")
+    try:
+        return base64.b64decode(credential + b"=" * (-len(credential) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
+    """Tokens of the section's JWT issuers in places no provider reads: any header but
+    the ones providers read (``Authorization`` is ``guard_tokens``'s, but for the user and
+    password of ``Basic`` credentials), any cookie but the
+    providers' own, any query parameter but theirs -- a token whose payload, read
+    unverified, names a provider's issuer (``X-Auth-Token``, ``X-Jwt``, ``Token``, a cookie
+    ``access_token``, ``?token=``...; found by a hostile review: a forged one reached the
+    app, which an app or library that reads such a place takes for the caller's identity).
+    Each counts as ``guard_tokens``'s do. A value is looked at further only when it holds a
+    run of base64 digits with a dot (``_MAY_BE_COPY``), so most requests cost one search
+    per header."""
+    scan = _Copies(guards.issuers)
+    read = guards.read_headers
+    for n, v in headers:
+        if n == AUTHORIZATION:
+            # Basic credentials whose user or password is a token (registries, GitLab,
+            # Artifactory take one there): the guard reads the other schemes.
+            basic = _basic_credentials(v)
+            if basic:
+                forms = _forms(basic, plus=False)
+                if forms:
+                    scan.scan(forms, frozenset())
+        elif n == COOKIE:
+            forms = _forms(v, plus=False)
+            if forms:
+                scan.scan(forms, {value for name, value in _cookie_pairs([(n, v)])
+                                  if name in guards.read_cookies})
+        elif n not in read:
+            forms = _forms(v, plus=False)
+            if forms:
+                scan.scan(forms, frozenset())
+    if query:
+        forms = _forms(query.encode("latin-1", "replace"), plus=True)
+        if forms:
+            scan.scan(forms, {value for name, value in _query_pairs(query)
+                              if name in guards.read_params})
+    return scan.found

@@ -42,8 +42,9 @@ import codecs
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -110,7 +111,9 @@ REGISTERED_CLAIM_TYPES: Mapping[str, Any] = MappingProxyType({
     "nbf": _is_numeric_date,
     "iat": _is_numeric_date,
 })
-BAD_TYP = "bad_typ"  # the provider requires a JOSE typ (RFC 9068 at+jwt) the token lacks
+# The token is not an access token: the provider requires a JOSE typ (RFC 9068 at+jwt) the
+# token lacks, or the token says it is another kind (``check_token_kind``).
+BAD_TYP = "bad_typ"
 
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
@@ -225,15 +228,34 @@ def unverified_subject(token: str, max_bytes: int) -> str | None:
 MAX_UNVERIFIED_TOKEN = 65536
 
 
-def names_issuer(token: str, issuer: str) -> bool:
+def _issuer_form(value: str) -> str:
+    # How a lenient reader may compare issuers: compatibility forms folded (NFKC: fullwidth
+    # and other look-alike spellings), no case, no surrounding whitespace, no trailing "/".
+    return unicodedata.normalize("NFKC", value).strip().casefold().rstrip("/")
+
+
+_wanted_issuer = lru_cache(maxsize=256)(_issuer_form)  # (providers' issuers only)
+
+
+def _names(value: Any, wanted: str) -> bool:
+    if isinstance(value, str):
+        return _issuer_form(value) == wanted
+    return isinstance(value, list) and any(_names(item, wanted) for item in value
+                                           if isinstance(item, str))
+
+
+def names_issuer(token: str, issuer: str, max_chars: int | None = MAX_UNVERIFIED_TOKEN) -> bool:
     """Does ``token``'s payload, read WITHOUT verifying anything, name ``issuer`` as an
     ``iss``? A token that names a provider's issuer is that provider's to judge, whatever
     else is wrong with it (``alg: none``, an ID token's ``typ``, ``crit``, a claim of the
     wrong type, a header that is not JSON): an app that decodes the payload unverified
     reads that issuer's claims. Read as leniently as such an app may (base64 with or without
     padding or stray characters; JSON in UTF-8, -16 or -32; any ``iss`` member, a repeated
-    one included), since over-reading only refuses more. Never decide to accept on it."""
-    if len(token) > MAX_UNVERIFIED_TOKEN:
+    one included, its name in any case; the issuer in any case, with or without a trailing
+    ``/`` or surrounding whitespace, in NFKC-equivalent characters, or in a list), since
+    over-reading only refuses more. Never decide to accept on it. ``max_chars``: longer
+    tokens name nothing (None: no bound; the caller bounds what it reads)."""
+    if max_chars is not None and len(token) > max_chars:
         return False
     parts = token.split(".")
     if len(parts) < 2:
@@ -245,10 +267,11 @@ def names_issuer(token: str, issuer: str) -> bool:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     named = False
+    wanted = _wanted_issuer(issuer)
 
     def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal named
-        named = named or any(k == "iss" and v == issuer for k, v in members)
+        named = named or any(k.casefold() == "iss" and _names(v, wanted) for k, v in members)
         return {}
 
     try:
@@ -297,6 +320,52 @@ def _check_header_members(header: Mapping[str, Any]) -> None:
         raise TokenInvalid(BAD_HEADER, "nested JWT (cty JWT)")
 
 
+# What a token says it is. An identity provider signs several kinds of JWT with the keys
+# that sign its access tokens, for the same issuer and often the same audience: OpenID
+# Connect ID tokens (the client's, sent as bearer tokens by mistake or on purpose), refresh
+# and logout tokens, Security Event Tokens. Only an access token is a credential for an API
+# (RFC 9068 2.1, RFC 8725 3.11: explicit typing, so one kind cannot be used as another).
+# ``token_use`` (Cognito: ``access`` / ``id``; Ory Hydra: ``access_token`` / ...), and
+# ``token_type`` and Keycloak's ``typ`` (``Bearer`` / ``ID``, ``Refresh``, ``Offline``,
+# ``Logout``; RFC 8693 URNs), compared lower-case, the URN prefix dropped. Introspection
+# answers are read with the same lists (``oauth.check_access_token_answer``).
+ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
+NOT_ACCESS_TYPES = frozenset({"refresh_token", "refresh", "offline", "id_token", "id",
+                              "logout"})
+TOKEN_TYPE_URN = "urn:ietf:params:oauth:token-type:"
+# Claims only other kinds of JWT carry: an OpenID Connect ID token's ``nonce``, ``at_hash``,
+# ``c_hash`` and ``s_hash`` (OpenID Connect Core 2, 3.3.2.11; FAPI), a Security Event
+# Token's ``events`` (RFC 8417 2.2: back-channel logout tokens, SETs).
+NOT_ACCESS_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "events")
+# The JOSE ``typ`` of an access token when the provider requires none: absent, the generic
+# ``JWT`` and ``JOSE`` (RFC 7519 5.1, RFC 7515 4.1.9), or RFC 9068's ``at+jwt``. Any other
+# names another kind (``logout+jwt``, ``secevent+jwt``, ``dpop+jwt``,
+# ``token-introspection+jwt``, ``oauth-authz-req+jwt``, ``id_token+jwt``...).
+GENERIC_TYPS = frozenset({"jwt", "jose", "at+jwt"})
+
+
+def check_token_kind(header: Mapping[str, Any], claims: Mapping[str, Any],
+                     required_typ: str | None) -> None:
+    """Refuse (``bad_typ``) a token that says it is not an access token: a header ``typ``
+    naming another kind of JWT (when the provider requires none; ``typ_matches`` checks a
+    required one), a ``token_use``, ``token_type`` or payload ``typ`` naming another kind
+    (or not a string), or a claim only ID tokens or Security Event Tokens carry."""
+    typ = header.get("typ")
+    if required_typ is None and typ is not None and _media_type(typ) not in GENERIC_TYPS:
+        raise TokenInvalid(BAD_TYP, "typ names another kind of JWT")
+    use = claims.get("token_use")
+    if use is not None and not (isinstance(use, str) and use.lower() in ACCESS_TOKEN_USES):
+        raise TokenInvalid(BAD_TYP, "token_use is not an access token's")
+    for member in ("token_type", "typ"):
+        value = claims.get(member)
+        if value is not None and (not isinstance(value, str) or
+                                  value.lower().removeprefix(TOKEN_TYPE_URN) in NOT_ACCESS_TYPES):
+            raise TokenInvalid(BAD_TYP, f"{member} is not an access token's")
+    for name in NOT_ACCESS_CLAIMS:
+        if name in claims:
+            raise TokenInvalid(BAD_TYP, f"{name}: not an access token")
+
+
 def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) -> Claims:
     """Verify ``token`` for ``provider`` with ``keys`` at time ``now``; return its claims.
 
@@ -324,6 +393,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
 
     if claims.get("iss") != provider.issuer:
         raise TokenInvalid(BAD_ISSUER)
+    check_token_kind(header, claims, provider.typ)
 
     key = keys.find(kid, alg)
     if key is None:

@@ -22,6 +22,9 @@ everything its answer came from is unchanged:
 * revocation: checked on every request, as the cache does (the list is also replaced only
   by ``update``, which starts a new generation).
 
+A request that holds a copy of a token of the section's issuers in a place no provider
+reads (``extract.copies``) is never answered from here: that place is no credential header.
+
 Anything else -- a different or repeated header, an API key, an expired or revoked token --
 takes the whole path, which refuses what must be refused. A cache of size 0 keeps no memo.
 """

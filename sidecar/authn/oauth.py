@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from sidecar.authn.cache import DEFAULT_MAX_BYTES, ByteBoundedLRU, entry_cost
-from sidecar.authn.jwt import MALFORMED, Claims, TokenInvalid
+from sidecar.authn.jwt import (
+    ACCESS_TOKEN_USES,
+    MALFORMED,
+    NOT_ACCESS_TYPES,
+    TOKEN_TYPE_URN,
+    Claims,
+    TokenInvalid,
+)
 from sidecar.errors import ConfigError, Problem
 from sidecar.jsondoc import JsonDocError, read_json
 
@@ -129,14 +136,9 @@ def introspection_claims(status: int, data: bytes, source: str) -> Claims | None
 # What authorisation servers write in an introspection answer to say which kind of token it
 # is. RFC 7662 2.1 makes the server search every token type it has, whatever
 # ``token_type_hint`` says, so a refresh token (or an ID token) presented as a bearer token is
-# answered ``active`` too, with the same ``iss``, ``aud`` and ``sub``: ``token_use`` (Ory
-# Hydra: ``access_token`` / ``refresh_token``; Cognito: ``access`` / ``id``), ``token_type``
-# (RFC 8693 URNs, ``refresh_token``) and Keycloak's ``typ`` (``Bearer`` / ``Refresh``,
-# ``Offline``, ``ID``, ``Logout``). Compared lower-case, RFC 8693's URN prefix dropped.
-_ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
-_NOT_ACCESS_TYPES = frozenset({"refresh_token", "refresh", "offline", "id_token", "id",
-                               "logout"})
-_TOKEN_TYPE_URN = "urn:ietf:params:oauth:token-type:"
+# answered ``active`` too, with the same ``iss``, ``aud`` and ``sub``: ``token_use``,
+# ``token_type`` and Keycloak's ``typ``, read with the lists JWTs are read with
+# (``jwt.check_token_kind``).
 
 
 def check_access_token_answer(claims: Claims) -> None:
@@ -146,14 +148,14 @@ def check_access_token_answer(claims: Claims) -> None:
     token presented as a bearer token. A member of another JSON type than a string is
     refused too (it says nothing the sidecar can read as "an access token")."""
     use = claims.get("token_use")
-    if use is not None and not (isinstance(use, str) and use.lower() in _ACCESS_TOKEN_USES):
+    if use is not None and not (isinstance(use, str) and use.lower() in ACCESS_TOKEN_USES):
         raise TokenInvalid(INACTIVE, "token_use is not an access token's")
     for member in ("token_type", "typ"):
         value = claims.get(member)
         if value is None:
             continue
         if not isinstance(value, str) or \
-                value.lower().removeprefix(_TOKEN_TYPE_URN) in _NOT_ACCESS_TYPES:
+                value.lower().removeprefix(TOKEN_TYPE_URN) in NOT_ACCESS_TYPES:
             raise TokenInvalid(INACTIVE, f"{member} is not an access token's")
 
 

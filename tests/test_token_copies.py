@@ -1,0 +1,341 @@
+"""A provider's token copied into a place no provider reads (hostile review).
+
+A provider reads ``Authorization: Bearer``; the RFC 6750 places it does not read
+(``?access_token=``, other ``Authorization`` schemes) were guarded, but a JWT of the
+provider's issuer in any other header (``X-Auth-Token``, ``Token``, ``X-Jwt``,
+``X-Authorization``...), cookie (``access_token``, ``jwt``...) or query parameter
+(``?token=``, ``?jwt=``) reached the app unverified -- forged, on every route, also next to
+a valid header token. Apps and libraries read tokens from exactly those places (OpenStack's
+``X-Auth-Token``, ``jwt``/``token`` cookies of SPA back ends, ``?token=`` for WebSockets and
+downloads), and one that decodes the payload unverified takes the forged claims.
+
+Now, in a section whose rules name JWT providers, a JWT-shaped value anywhere a provider does
+not read whose payload, read unverified, names one of the section's issuers counts as
+``?access_token=`` does: alone it is refused (``unread_location``), next to a provider's own
+token it is a second token (``multiple_tokens``) unless it is the same token. The family as
+data, through a real sidecar: every place x forged and valid x alone and next to a valid
+header token x a route with and without a token rule; a kept-alive connection; a provider
+that reads a cookie keeps its own; values that are not tokens of the section's issuers pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client as httpclient
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from jwt.algorithms import ECAlgorithm
+
+from sidecar.authn.jwt import names_issuer
+from tests import harness as h
+from tests.orders_mesh import OrdersMesh, orders_mesh
+from tests.test_authn_support import b64, ec_key, jwk, mint
+
+pytestmark = pytest.mark.usefixtures("no_internal_errors")
+
+ISS = "https://users.example/"
+WEB_ISS = "https://web.example/"
+FRONTEND = h.spiffe("frontend")
+INVALID = 'Bearer realm="sidecar", error="invalid_token"'
+
+# Where a copy may be: (label, headers, query); ``{t}`` is the token.
+PLACES: tuple[tuple[str, dict[str, str], str], ...] = (
+    ("x-auth-token", {"x-auth-token": "{t}"}, ""),
+    ("X-Auth-Token-bearer", {"X-Auth-Token": "Bearer {t}"}, ""),
+    ("x-authorization", {"x-authorization": "Bearer {t}"}, ""),
+    ("token", {"token": "{t}"}, ""),
+    ("jwt", {"jwt": "{t}"}, ""),
+    ("x-jwt", {"x-jwt": "{t}"}, ""),
+    ("access-token", {"access-token": "{t}"}, ""),
+    ("x-api-token", {"x-api-token": "{t}"}, ""),
+    ("id-token", {"id-token": "{t}"}, ""),
+    ("x-forwarded-access-token", {"x-forwarded-access-token": "{t}"}, ""),
+    ("x-custom-json", {"x-session": '{{"token":"{t}"}}'}, ""),
+    ("cookie-access_token", {"cookie": "access_token={t}"}, ""),
+    ("cookie-jwt-second", {"cookie": "theme=dark; jwt={t}"}, ""),
+    ("cookie-quoted", {"cookie": 'token="{t}"'}, ""),
+    ("cookie-percent-dots", {"cookie": "token={pct}"}, ""),
+    ("cookie-inner", {"cookie": "a=x token={t}"}, ""),
+    ("query-token", {}, "token={t}"),
+    ("query-jwt-second", {}, "page=2&jwt={t}"),
+    ("query-id_token", {}, "id_token={t}"),
+    ("query-semicolon", {}, "a=1;auth={t}"),
+    ("query-percent-dots", {}, "token={pct}"),
+    ("query-bearer-plus", {}, "auth=Bearer+{t}"),
+    ("query-name-only", {}, "{t}"),
+)
+ROUTES = ("/orders/x", "/public/x")
+
+
+def _token(key: str = "copies", iss: str = ISS, kid: str = "k1") -> str:
+    now = int(time.time())
+    return mint({"iss": iss, "aud": "orders", "sub": "alice", "jti": uuid.uuid4().hex,
+                 "iat": now - 5, "exp": now + 600}, ec_key(key), kid=kid)
+
+
+def _place(index: int, token: str) -> tuple[dict[str, str], str]:
+    _, headers, query = PLACES[index]
+    fill = {"t": token, "pct": token.replace(".", "%2E")}
+    return {k: v.format(**fill) for k, v in headers.items()}, query.format(**fill)
+
+
+def _policy(web: bool) -> dict[str, object]:
+    providers: dict[str, object] = {
+        "users": {"issuer": ISS, "audiences": ["orders"], "algorithms": ["ES256"],
+                  "jwks_file": "keys.json"}}
+    rules: list[object] = [
+        {"name": "orders", "allow": {"from": [FRONTEND], "paths": ["/orders/**"],
+                                     "jwt": {"provider": "users"}}},
+        {"name": "public", "allow": {"from": [FRONTEND], "paths": ["/public/**"]}}]
+    if web:
+        providers["web"] = {"issuer": WEB_ISS, "audiences": ["orders"],
+                            "algorithms": ["ES256"], "jwks_file": "web.json",
+                            "from_cookies": ["session"]}
+        rules.append({"name": "web", "allow": {"from": [FRONTEND], "paths": ["/web/**"],
+                                               "jwt": {"provider": "web"}}})
+    return {"version": 1, "trust_domain": "demo.local", "jwt_providers": providers,
+            "services": {h.spiffe("orders"): {"rules": rules}}}
+
+
+FILES = {"keys.json": json.dumps({"keys": [jwk(ec_key("copies"), "k1")]}),
+         "web.json": json.dumps({"keys": [jwk(ec_key("copies-web"), "w1")]})}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """Header providers only: a kept-alive connection keeps its memo."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies"), _policy(False),
+                     FILES) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def web_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """A second provider reads the cookie ``session``."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies-web"), _policy(True),
+                     FILES) as mesh:
+        yield mesh
+
+
+def _get(env: OrdersMesh, route: str, headers: dict[str, str], query: str) -> h.Response:
+    return env.get(f"{route}?{query}" if query else route, headers)
+
+
+def _refused(r: h.Response) -> bool:
+    return r.status == 401 and r.headers.get("www-authenticate") == INVALID
+
+
+@pytest.mark.parametrize("which", ["env", "web_env"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_copy_alone_is_refused(request: pytest.FixtureRequest, which: str,
+                                 route: str) -> None:
+    env = request.getfixturevalue(which)
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        for kind, token in (("forged", _token("copies-forger")), ("valid", _token())):
+            r = _get(env, route, *_place(i, token))
+            if not _refused(r) or token.encode() in r.body:
+                wrong.append((label, kind, r.status))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_copy_next_to_a_valid_header_token(env: OrdersMesh, route: str) -> None:
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        good = _token()
+        headers, query = _place(i, _token("copies-forger"))
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
+        if not _refused(r):
+            wrong.append((label, "forged copy", r.status))
+        # The same token in both places is one token.
+        headers, query = _place(i, good)
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
+        if r.status != 200:
+            wrong.append((label, "same token", r.status))
+    assert not wrong, wrong
+
+
+def test_a_kept_alive_connection_is_judged_again_with_a_copy(env: OrdersMesh) -> None:
+    """The connection's memo of a verified header token does not answer a request that now
+    carries a forged copy elsewhere."""
+    port = env.sidecar.port("inbound")
+    good = {"authorization": f"Bearer {_token()}"}
+    wrong = []
+    for i, (label, _, _) in enumerate(PLACES):
+        conn = httpclient.HTTPSConnection("127.0.0.1", port, context=env.ctx, timeout=10)
+        try:
+            for _ in range(3):
+                assert h.http(port, "GET", "/public/x", headers=good, ctx=env.ctx,
+                              conn=conn).status == 200
+            headers, query = _place(i, _token("copies-forger"))
+            r = h.http(port, "GET", f"/public/x?{query}" if query else "/public/x",
+                       headers={**good, **headers}, ctx=env.ctx, conn=conn)
+            if not _refused(r):
+                wrong.append((label, r.status))
+        finally:
+            conn.close()
+    assert not wrong, wrong
+
+
+def test_a_provider_reading_a_cookie_keeps_its_own(web_env: OrdersMesh) -> None:
+    env = web_env
+    web = _token("copies-web", WEB_ISS, "w1")
+    r = env.get("/web/x", {"cookie": f"theme=dark; session={web}"})
+    assert r.status == 200, r.body[:300]
+    # Another provider's forged token in another cookie is a copy.
+    forged = _token("copies-forger")
+    assert _refused(env.get("/web/x", {"cookie": f"session={web}; jwt={forged}"}))
+    # A forged token of the cookie provider's own issuer in another cookie too.
+    forged_web = _token("copies-forger", WEB_ISS, "w1")
+    assert _refused(env.get("/web/x", {"cookie": f"session={web}; token={forged_web}"}))
+
+
+def test_values_that_are_not_the_sections_tokens_pass(env: OrdersMesh) -> None:
+    foreign = _token("copies-foreign", "https://elsewhere.example/")
+    headers = {"x-version": "1.2.3", "user-agent": "client/2.31.0 (x86_64)",
+               "x-trace": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+               "x-other-service-token": foreign, "cookie": "theme=dark; v=1.2.3"}
+    r = env.get("/public/x?v=1.2.3&file=a.b.c", headers)
+    assert r.status == 200, r.body[:300]
+    r = env.get("/orders/x", {**headers, "authorization": f"Bearer {_token()}"})
+    assert r.status == 200, r.body[:300]
+
+
+# How a lenient app may compare an issuer (``jwt.names_issuer``): a copy naming the issuer
+# in any of these spellings counts (found by the review of this fix: only the exact
+# spelling did, and an app that folds case or drops the trailing ``/`` took the rest).
+ISSUER_SPELLINGS: tuple[object, ...] = (
+    "https://users.example", "HTTPS://USERS.EXAMPLE/", "https://Users.Example/",
+    " https://users.example/", "https://users.example/\t", "https://users.example//",
+    "\uff48\uff54\uff54\uff50\uff53://users.example/",  # fullwidth "https" (NFKC)
+    ["https://users.example/"], ["other", "https://users.example"],
+)
+
+
+def _spelled(iss: object, member: str = "iss", key: str = "copies-forger") -> str:
+    """A forged ES256 token naming ``iss`` under ``member`` (signed here: PyJWT refuses an
+    ``iss`` that is not a string)."""
+    now = int(time.time())
+    signing_input = ".".join(b64(json.dumps(part).encode()) for part in (
+        {"alg": "ES256", "kid": "k1"},
+        {member: iss, "aud": "orders", "sub": "alice", "iat": now - 5, "exp": now + 600}))
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), ec_key(key))
+    return f"{signing_input}.{b64(signature)}"
+
+
+@pytest.mark.parametrize("iss", ISSUER_SPELLINGS, ids=repr)
+def test_names_issuer_reads_issuer_spellings(iss: object) -> None:
+    assert names_issuer(_spelled(iss), ISS)
+    assert not names_issuer(_spelled("https://users.example.evil/"), ISS)
+
+
+def test_a_copy_naming_the_issuer_in_another_spelling_is_refused(env: OrdersMesh) -> None:
+    wrong = []
+    copies = [(repr(iss), _spelled(iss)) for iss in ISSUER_SPELLINGS]
+    copies += [("ISS member", _spelled(ISS, "ISS")), ("Iss member", _spelled(ISS, "Iss"))]
+    for label, token in copies:
+        for route in ROUTES:
+            for headers in ({"x-auth-token": token},
+                            {"x-auth-token": token, "authorization": f"Bearer {_token()}"}):
+                r = env.get(route, headers)
+                if not _refused(r):
+                    wrong.append((label, route, len(headers), r.status))
+    assert not wrong, wrong
+
+
+@pytest.fixture(scope="module")
+def big_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
+    """Heads of up to 256 KiB (``limits.max_header_bytes``); a provider reads a cookie."""
+    with orders_mesh(tmp_path_factory.mktemp("token-copies-big"), _policy(True), FILES,
+                     limits={"max_header_bytes": "256KiB"}) as mesh:
+        yield mesh
+
+
+@pytest.mark.parametrize("size", [60_000, 70_000, 150_000])
+def test_a_large_copy_is_refused(big_env: OrdersMesh, size: int) -> None:
+    """A copy longer than what names_issuer reads by default (64 KiB) is read whole: it
+    passed unread (found by the review of this fix)."""
+    now = int(time.time())
+    token = mint({"iss": ISS, "aud": "orders", "sub": "alice", "exp": now + 600,
+                  "pad": "x" * size}, ec_key("copies-forger"), kid="k1")
+    for route in ROUTES:
+        for name in ("x-auth-token", "cookie", "authorization"):
+            value = f"jwt={token}" if name == "cookie" else token
+            r = big_env.get(route, {name: value})
+            assert _refused(r), (route, name, r.status)
+
+
+# Values whose scanning was quadratic (found by hostile reviews): a cookie piece with a long
+# run of whitespace between two cookies (``extract._INNER_COOKIE`` tried ``[\s,]\s*`` from
+# every character of the run: 31 s for 32,000 spaces, the event loop stalled for every
+# connection), and long base64 runs with or without dots (the copy scan's patterns: 7 s and
+# 62 s for 32 KiB). Each as a header, inside a cookie and in the query.
+SLOW_VALUES: dict[str, str] = {
+    "spaces": "a=x" + " " * 100_000 + "y",
+    "tabs-vt": "a=x" + "\t\x0b" * 50_000,
+    "space-comma": "a=x" + " ," * 50_000 + "y",
+    "digits": "a" * 100_000,
+    "digits-dot": "a" * 100_000 + ".",
+    "dots": "a." * 50_000,
+    "pads": "=." * 50_000,
+    "plus": "+." * 50_000,
+    "padded": "a==." * 25_000,
+}
+
+
+@pytest.mark.parametrize("label", list(SLOW_VALUES))
+def test_long_runs_are_scanned_in_linear_time(big_env: OrdersMesh, label: str) -> None:
+    """Through the sidecar with heads of 256 KiB and a provider that reads a cookie (so
+    cookies are parsed); each answered in seconds (a quadratic scan takes minutes)."""
+    env = big_env
+    port = env.sidecar.port("inbound")
+    value = SLOW_VALUES[label]
+    query = value.replace(" ", "+").replace("\t", "%09").replace("\x0b", "%0B")
+    for headers, target in (({"x-a": value}, "/public/x"),
+                            ({"cookie": f"theme=dark; {value}; b=1"}, "/public/x"),
+                            ({}, f"/public/x?q={query[:7_000]}")):
+        started = time.monotonic()
+        conn = httpclient.HTTPSConnection("127.0.0.1", port, context=env.ctx, timeout=20)
+        try:
+            r = h.http(port, "GET", target, headers=headers, ctx=env.ctx, conn=conn)
+        finally:
+            conn.close()
+        took = time.monotonic() - started
+        # (The app may refuse a head this large itself: 431, or a 502 when it hangs up.)
+        assert r.status != 500 and took < 5, (label, list(headers) or "query", r.status, took)
+
+
+def test_at_most_sixteen_pieces_are_read(env: OrdersMesh) -> None:
+    """Pieces whose payload is a JSON object are read whole up to 16 a request; one more is
+    refused as a copy (reading each cost the event loop ~50 us)."""
+    pieces = [_token("copies-foreign", f"https://elsewhere{i}.example/") for i in range(17)]
+    r = env.get("/public/x", {"x-other": " ".join(pieces[:16])})
+    assert r.status == 200, r.body[:300]
+    assert _refused(env.get("/public/x", {"x-other": " ".join(pieces)}))
+
+
+# Basic credentials whose password (or user) is a token: registries, GitLab and Artifactory
+# take a token there, and an app reading it got a forged one (found by the review of this
+# fix). Alone only: a second Authorization header is multiple_tokens anyway.
+BASIC_FORMS = ("user:{t}", "{t}:x-oauth-basic", "oauth2accesstoken:{t}", "{t}")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_token_in_basic_credentials_is_refused(env: OrdersMesh, route: str) -> None:
+    wrong = []
+    for form in BASIC_FORMS:
+        for scheme in ("Basic", "basic", "BASIC"):
+            for token in (_token("copies-forger"), _token()):
+                basic = base64.b64encode(form.format(t=token).encode()).decode()
+                r = env.get(route, {"authorization": f"{scheme} {basic}"})
+                if not _refused(r):
+                    wrong.append((form, scheme, r.status))
+    assert not wrong, wrong
+    # Basic credentials without a token pass.
+    r = env.get(route, {"authorization": "Basic dXNlcjpwYXNz"})
+    assert r.status == (200 if route == "/public/x" else 401), r.status
