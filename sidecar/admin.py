@@ -52,9 +52,15 @@ PROBE_MAX_HEAD_BYTES = 16 * 1024
 
 # The admin port's bounds are the server's defaults; the health port faces the pod network,
 # so no keep-alive and a short head timeout.
-ADMIN_LIMITS = ServerLimits()
+# Both keep a reserve of PROBE_RESERVE connections beyond their limits for /healthz and
+# /readyz only (``ServerLimits.probe_paths``): on a loopback port every local client is one
+# source, and a scraper holding that source's share locked the probes out.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_RESERVE = 8
+ADMIN_LIMITS = ServerLimits(probe_paths=PROBE_PATHS, probe_reserve=PROBE_RESERVE)
 HEALTH_LIMITS = ServerLimits(head_timeout=2.0, max_requests_per_connection=1,
-                             max_connections=256, keep_alive=False)
+                             max_connections=256, keep_alive=False,
+                             probe_paths=PROBE_PATHS, probe_reserve=PROBE_RESERVE)
 BASE_HEADERS = (("cache-control", "no-store"), ("x-content-type-options", "nosniff"),
                 ("server", "trio-mesh-sidecar"))
 

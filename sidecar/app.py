@@ -529,9 +529,8 @@ class Sidecar:
                 watch.mark_failed()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import serve_admin
+            from sidecar.admin import ADMIN_LIMITS, serve_admin
             from sidecar.config.values import is_loopback
-            from sidecar.ctlhttp.server import ServerLimits
 
             if not is_loopback(cfg.admin.listen[0]):
                 # Not refused (some scrape /metrics over the pod network), but said: these
@@ -539,8 +538,8 @@ class Sidecar:
                 logs.log("admin_not_loopback", "warning", listen=cfg.admin.listen[0],
                          port=cfg.admin.listen[1],
                          pages="/config /policy /tap /metrics /audit/head /readyz")
-            admin_limits = ServerLimits(
-                max_connections_per_source=cfg.admin.max_connections_per_source)
+            admin_limits = dataclasses.replace(
+                ADMIN_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)
             port = await self._start_server(
                 nursery, "admin", cfg.admin.listen,
                 functools.partial(serve_admin, limits=admin_limits,
