@@ -188,6 +188,7 @@ class Sidecar:
             self.policies.record_failure(error)
             self.metrics.policy_reloads_total.labels("failed").inc()
             logs.log("policy_invalid", "error", source=self.cfg.policy, error=error,
+                     broken_files=_broken_files(exc),
                      message="POLICY NOT LOADED: every request is denied until it is fixed")
             return
         self._apply_policy(policy)
@@ -222,7 +223,7 @@ class Sidecar:
         self.policies.record_failure(error)
         self.metrics.policy_reloads_total.labels("failed").inc()
         logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=error,
-                 message="keeping the policy in force")
+                 broken_files=_broken_files(exc), message="keeping the policy in force")
 
     def _policy_restored(self) -> None:
         self.policies.last_error = None
@@ -743,6 +744,14 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return tie
+
+
+def _broken_files(exc: BaseException) -> list[str]:
+    """The files a failed policy load names, each once, in order: the log's ``error`` is cut
+    at 1,024 characters, and a directory's every broken file must still be named."""
+    if not isinstance(exc, ConfigError):
+        return []
+    return list(dict.fromkeys(problem.file for problem in exc.problems))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
