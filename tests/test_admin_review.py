@@ -28,6 +28,7 @@ from tests.harness import (
     free_port,
     http,
     metric_value,
+    raw,
     read_head,
     sidecar_config,
     spiffe,
@@ -245,3 +246,53 @@ def _refused(proc: SidecarProc, which: str) -> float:
                     .status == 200 and r, timeout=10)
     return metric_value(resp.body.decode(), "sidecar_connections_refused_total",
                         listener=which, reason="max_connections_per_source")
+
+
+# --- HTTP versions ----------------------------------------------------------------------------
+
+# h11 reads any "HTTP/d.d" as HTTP/1.1: "HTTP/2.0" was answered 200 on both ports.
+BAD_VERSIONS = ["HTTP/0.9", "HTTP/1.2", "HTTP/1.9", "HTTP/2.0", "HTTP/3.0", "HTTP/9.9"]
+
+
+@pytest.mark.parametrize("which", ["admin", "health"])
+def test_only_http_1_0_and_1_1_are_answered(sidecar: SidecarProc, which: str) -> None:
+    port = _port(sidecar, which)
+    for version in BAD_VERSIONS:
+        got = raw(port, f"GET /healthz {version}\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        assert got.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (version, got[:60])
+        assert got.endswith(b"\r\n\r\nbad request\n"), version
+    for version in ("HTTP/1.0", "HTTP/1.1"):  # the control
+        got = raw(port, f"GET /healthz {version}\r\nHost: 127.0.0.1\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n"), version
+
+
+# --- Host on the loopback admin port (DNS rebinding) ------------------------------------------
+
+# A page on evil.example whose name is re-pointed at 127.0.0.1 sends its own name as Host:
+# before, the admin port answered it /config, /policy and /tap (live requests) in a browser.
+FOREIGN_HOSTS = ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}",
+                 "localhost.evil.example", "EVIL.EXAMPLE.", "xn--80ak6aa92e.com",
+                 "0x7f000001", "2130706433", "127.1", "256.0.0.1", "127.0.0.1:", "",
+                 "127.0.0.1:{port}x", "local host", "a..localhost", "[::1"]
+LOCAL_HOSTS = ["127.0.0.1", "127.0.0.1:{port}", "localhost", "LocalHost:{port}", "localhost.",
+               "[::1]", "[::1]:{port}", "metrics.localhost:{port}", "10.1.2.3:{port}"]
+ADMIN_PAGES = ["/config", "/policy", "/tap", "/metrics", "/readyz", "/healthz"]
+
+
+def test_the_loopback_admin_port_answers_local_hosts_only(sidecar: SidecarProc) -> None:
+    port = _port(sidecar, "admin")
+    for host in FOREIGN_HOSTS:
+        value = host.format(port=port)
+        for path in ADMIN_PAGES:
+            got = raw(port, f"GET {path} HTTP/1.1\r\nHost: {value}\r\nConnection: close\r\n\r\n".encode())
+            assert got.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), (value, path,
+                                                                             got[:60])
+            assert got.endswith(b"\r\n\r\nmisdirected request\n"), (value, path)
+    for host in LOCAL_HOSTS:
+        value = host.format(port=port)
+        for path in ("/config", "/healthz"):
+            got = raw(port, f"GET {path} HTTP/1.1\r\nHost: {value}\r\nConnection: close\r\n\r\n".encode())
+            assert got.startswith(b"HTTP/1.1 200 OK\r\n"), (value, path, got[:60])
+    # HTTP/1.0 without a Host: a local tool, answered.
+    assert raw(port, b"GET /config HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")

@@ -304,7 +304,9 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             return
         if not isinstance(head, h11.Request):
             return  # ConnectionClosed, or PAUSED after a previous cycle
-        if _framed_both_ways(head):
+        if _framed_both_ways(head) or head.http_version not in (b"1.0", b"1.1"):
+            # (h11 reads "HTTP/2.0", "HTTP/0.9", "HTTP/1.2"... as 1.1; the data path refuses
+            # them as bad_http_version, and so does this server.)
             # h11 lets chunked win; the data path refuses the ambiguity, and so does this
             # server: 400, closed, the handler never sees the request.
             if await conn.send(site.bad_request(400), False, True, site.base_headers):
