@@ -18,8 +18,12 @@ fresh connection per probe anyway; a neighbour that opens connections and sends 
 holds each for 2 s at most, and only up to its per-source share, so the kubelet (another
 source: the node's address) is still answered.
 
-Only GET and HEAD exist here; anything else is 405. Errors carry the generic bodies of
-``sidecar.errors``; details go to the log.
+Only GET and HEAD exist here; anything else is 405. On a loopback address the admin server
+answers only a local Host (``host_is_local``; else 421): a browser page re-pointed at
+127.0.0.1 by DNS rebinding sends its own name. Both servers keep a reserve of connections
+beyond their limits for /healthz and /readyz (``PROBE_RESERVE``): every local client of a
+loopback port is one source. Errors carry the generic bodies of ``sidecar.errors``; details
+go to the log.
 
 What waits lives here: /tap on the admin port (a bounded long poll on the tap's ring) and
 the application probes on the health port, which GET the app on 127.0.0.1 with the
