@@ -18,8 +18,12 @@ fresh connection per probe anyway; a neighbour that opens connections and sends 
 holds each for 2 s at most, and only up to its per-source share, so the kubelet (another
 source: the node's address) is still answered.
 
-Only GET and HEAD exist here; anything else is 405. Errors carry the generic bodies of
-``sidecar.errors``; details go to the log.
+Only GET and HEAD exist here; anything else is 405. On a loopback address the admin server
+answers only a local Host (``host_is_local``; else 421): a browser page re-pointed at
+127.0.0.1 by DNS rebinding sends its own name. Both servers keep a reserve of connections
+beyond their limits for /healthz and /readyz (``PROBE_RESERVE``): every local client of a
+loopback port is one source. Errors carry the generic bodies of ``sidecar.errors``; details
+go to the log.
 
 What waits lives here: /tap on the admin port (a bounded long poll on the tap's ring) and
 the application probes on the health port, which GET the app on 127.0.0.1 with the
@@ -52,9 +56,15 @@ PROBE_MAX_HEAD_BYTES = 16 * 1024
 
 # The admin port's bounds are the server's defaults; the health port faces the pod network,
 # so no keep-alive and a short head timeout.
-ADMIN_LIMITS = ServerLimits()
+# Both keep a reserve of PROBE_RESERVE connections beyond their limits for /healthz and
+# /readyz only (``ServerLimits.probe_paths``): on a loopback port every local client is one
+# source, and a scraper holding that source's share locked the probes out.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_RESERVE = 8
+ADMIN_LIMITS = ServerLimits(probe_paths=PROBE_PATHS, probe_reserve=PROBE_RESERVE)
 HEALTH_LIMITS = ServerLimits(head_timeout=2.0, max_requests_per_connection=1,
-                             max_connections=256, keep_alive=False)
+                             max_connections=256, keep_alive=False,
+                             probe_paths=PROBE_PATHS, probe_reserve=PROBE_RESERVE)
 BASE_HEADERS = (("cache-control", "no-store"), ("x-content-type-options", "nosniff"),
                 ("server", "trio-mesh-sidecar"))
 
@@ -124,15 +134,48 @@ async def tap_reply(tap: Any, query: str) -> Reply:
     return Reply.json(200, tap.read(after))
 
 
-def _get_only(route: Route) -> Handler:
-    """The server handler of a GET/HEAD-only route: 405 for anything else."""
+def _get_only(route: Route, host_check: bool = False) -> Handler:
+    """The server handler of a GET/HEAD-only route: 405 for anything else; with
+    ``host_check``, 421 for a request whose Host is a name other than localhost
+    (``host_is_local``)."""
 
     async def handle(request: Request) -> Reply:
         if request.method not in ("GET", "HEAD"):
             return Reply.error(405, (("allow", "GET, HEAD"),))
+        if host_check and not all(host_is_local(value) for name, value in request.headers
+                                  if name == b"host"):
+            return Reply.error(421)
         return await route(request.path, request.target.partition("?")[2])
 
     return handle
+
+
+_IPV4 = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+                   r"(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
+_IPV6 = re.compile(r"\[[0-9A-Fa-f:.]{2,45}\]")
+_PORT = re.compile(r"(?::[0-9]{1,5})?")
+
+
+def host_is_local(value: bytes) -> bool:
+    """Whether a Host field names this server by address or as ``localhost``: an IPv4 or
+    bracketed IPv6 literal, ``localhost`` or a ``*.localhost`` name (RFC 6761: always the
+    loopback), each with an optional port. A loopback admin port answers only those: a web
+    page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name,
+    and could otherwise read /config, /policy and the live requests of /tap from a browser
+    on the machine."""
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    host = text[:-len(port.group())] if (port := re.search(r":[0-9]{1,5}$", text)) else text
+    if not _PORT.fullmatch(text[len(host):]):
+        return False
+    if _IPV4.fullmatch(host) or _IPV6.fullmatch(host):
+        return True
+    name = host.lower().removesuffix(".")
+    return name == "localhost" or (name.endswith(".localhost")
+                                   and re.fullmatch(r"[a-z0-9.-]+", name) is not None
+                                   and ".." not in name)
 
 
 async def serve_admin(
@@ -144,8 +187,12 @@ async def serve_admin(
     on_refused: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the admin server until cancelled; ``task_status.started(port)`` once listening."""
-    await serve(listen, _get_only(admin_route(status, metrics)), name="admin", limits=limits,
+    """Run the admin server until cancelled; ``task_status.started(port)`` once listening.
+    On a loopback address it answers only requests whose Host is local (``host_is_local``)."""
+    from sidecar.config.values import is_loopback
+
+    handler = _get_only(admin_route(status, metrics), host_check=is_loopback(listen[0]))
+    await serve(listen, handler, name="admin", limits=limits,
                 base_headers=BASE_HEADERS, error_event="admin_request_failed",
                 on_refused=on_refused, task_status=task_status)
 

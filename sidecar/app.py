@@ -188,6 +188,7 @@ class Sidecar:
             self.policies.record_failure(error)
             self.metrics.policy_reloads_total.labels("failed").inc()
             logs.log("policy_invalid", "error", source=self.cfg.policy, error=error,
+                     broken_files=_broken_files(exc),
                      message="POLICY NOT LOADED: every request is denied until it is fixed")
             return
         self._apply_policy(policy)
@@ -222,7 +223,7 @@ class Sidecar:
         self.policies.record_failure(error)
         self.metrics.policy_reloads_total.labels("failed").inc()
         logs.log("policy_reload_failed", "error", source=self.cfg.policy, error=error,
-                 message="keeping the policy in force")
+                 broken_files=_broken_files(exc), message="keeping the policy in force")
 
     def _policy_restored(self) -> None:
         self.policies.last_error = None
@@ -530,9 +531,8 @@ class Sidecar:
                 watch.mark_failed()
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
-            from sidecar.admin import serve_admin
+            from sidecar.admin import ADMIN_LIMITS, serve_admin
             from sidecar.config.values import is_loopback
-            from sidecar.ctlhttp.server import ServerLimits
 
             if not is_loopback(cfg.admin.listen[0]):
                 # Not refused (some scrape /metrics over the pod network), but said: these
@@ -540,8 +540,8 @@ class Sidecar:
                 logs.log("admin_not_loopback", "warning", listen=cfg.admin.listen[0],
                          port=cfg.admin.listen[1],
                          pages="/config /policy /tap /metrics /audit/head /readyz")
-            admin_limits = ServerLimits(
-                max_connections_per_source=cfg.admin.max_connections_per_source)
+            admin_limits = dataclasses.replace(
+                ADMIN_LIMITS, max_connections_per_source=cfg.admin.max_connections_per_source)
             port = await self._start_server(
                 nursery, "admin", cfg.admin.listen,
                 functools.partial(serve_admin, limits=admin_limits,
@@ -745,6 +745,14 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return tie
+
+
+def _broken_files(exc: BaseException) -> list[str]:
+    """The files a failed policy load names, each once, in order: the log's ``error`` is cut
+    at 1,024 characters, and a directory's every broken file must still be named."""
+    if not isinstance(exc, ConfigError):
+        return []
+    return list(dict.fromkeys(problem.file for problem in exc.problems))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -21,6 +21,7 @@ _GENERIC_BODY: dict[int, str] = {
     404: "not found",
     408: "request timeout",
     413: "payload too large",
+    421: "misdirected request",
     429: "too many requests",
     431: "request header fields too large",
     500: "internal error",

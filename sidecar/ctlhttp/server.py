@@ -14,13 +14,19 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   newcomer whose source holds fewer connections than the heaviest source takes that
   source's oldest connection, which is closed (``_heaviest``; several neighbours within
   their shares filled every slot, and the kubelet was refused), and any other newcomer is
-  closed unserved. Each refusal is reported through ``on_refused(reason)``.
+  closed unserved. Each refusal is reported through ``on_refused(reason)``. With a
+  ``probe_reserve``, a connection these limits would refuse is served from the reserve
+  instead, for ``probe_paths`` only (one request, ``RESERVE_HEAD_TIMEOUT``, 429 for any
+  other path; when full, a newcomer takes the reserve's oldest connection); it counts as
+  refused unless it asked for a probe path. All local clients of a loopback port are one
+  source, and one scraper's share left the probes unanswered.
 * TLS (``tls`` given): the context is read at accept time, so a certificate swapped by a
   reload serves new handshakes while open connections keep theirs; the handshake runs under
   ``handshake_timeout``.
 * Requests: up to ``max_requests_per_connection`` on one connection. The head must arrive
   within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive idle
-  time) and be at most ``max_head_bytes`` (while a head is awaited, no read goes past what
+  time; a head begun but not finished by then is answered 408 and the connection closed,
+  one not begun is just closed) and be at most ``max_head_bytes`` (while a head is awaited, no read goes past what
   is left of that limit beside the bytes h11 holds, so that an oversized head is always
   seen incomplete, and refused, by h11); a body is read only when the handler asks
   (``Request.read_body(limit)``, under ``request_timeout`` from the head), and a body the
@@ -57,6 +63,7 @@ from sidecar.logs import log
 from sidecar.net.listen import SourceLimiter, source_address
 
 LINGER_SECONDS = 1.0
+RESERVE_HEAD_TIMEOUT = 2.0
 LINGER_MAX_BYTES = 256 * 1024
 _READ_SIZE = 65536
 # accept() errors that mean "out of resources for now": pause and go on (as trio does).
@@ -79,6 +86,10 @@ class ServerLimits:
     handshake_timeout: float = 5.0  # TLS only
     discard_body_bytes: int = 0  # unread body skipped to keep the connection
     wait_for_slot: bool = False  # at max_connections: True waits, False closes
+    # Connections beyond the limits that are still served for these paths only (one request,
+    # RESERVE_HEAD_TIMEOUT for the head; any other path is a 429): see ``serve``.
+    probe_paths: frozenset[str] = frozenset()
+    probe_reserve: int = 0
 
 
 class BodyTooLarge(Exception):
@@ -87,6 +98,10 @@ class BodyTooLarge(Exception):
 
 class _Closed(Exception):
     """The peer went away or did not keep up."""
+
+
+class _TooSlow(_Closed):
+    """The deadline came while waiting for the peer's bytes."""
 
 
 class Request:
@@ -154,7 +169,7 @@ class _Connection:
                     raise _Closed() from exc
                 self.h11.receive_data(bytes(data))
                 continue
-            raise _Closed()  # too slow
+            raise _TooSlow()
 
     async def finish_body(self, deadline: float, wait: bool) -> bool:
         """Whether the request is complete, once a body the handler did not read is skipped
@@ -181,6 +196,26 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):
                 return False
         return budget >= 0
+
+    def head_started(self) -> bool:
+        """Whether some bytes of a next request head have arrived (h11 holds them)."""
+        return self.h11.their_state is h11.IDLE and bool(self.h11.trailing_data[0])
+
+    async def send_timeout(self, reply: Reply, base_headers: Sequence[tuple[str, str]]) -> bool:
+        """Write ``reply`` (a 408) while no request head is complete, then close. h11 sends
+        a response only to a request it has read, so this head is written here, in the same
+        form as ``send``'s."""
+        fields = [("content-type", reply.content_type), ("content-length", str(len(reply.body))),
+                  *base_headers, *reply.headers, ("connection", "close")]
+        data = (f"HTTP/1.1 {reply.status} {reason_phrase(reply.status)}\r\n".encode()
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields) + b"\r\n" + reply.body)
+        with trio.move_on_after(self.limits.write_timeout):
+            try:
+                await self.stream.send_all(data)
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return False
 
     async def send(self, reply: Reply, head_only: bool, close: bool,
                    base_headers: Sequence[tuple[str, str]]) -> bool:
@@ -254,6 +289,14 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
         wait = limits.head_timeout if served == 0 else idle
         try:
             head = await conn.next_event(trio.current_time() + wait)
+        except _TooSlow:
+            # Part of a head arrived, the rest not in time (slowloris): 408 and close, as
+            # the data path answers. An idle keep-alive connection (no byte of a next head)
+            # is just closed. Before, both were closed without a word.
+            if conn.head_started() and await conn.send_timeout(site.bad_request(408),
+                                                               site.base_headers):
+                await conn.linger()
+            return
         except h11.RemoteProtocolError as exc:
             if await conn.send(site.bad_request(exc.error_status_hint), False, True,
                                site.base_headers):
@@ -261,7 +304,9 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             return
         if not isinstance(head, h11.Request):
             return  # ConnectionClosed, or PAUSED after a previous cycle
-        if _framed_both_ways(head):
+        if _framed_both_ways(head) or head.http_version not in (b"1.0", b"1.1"):
+            # (h11 reads "HTTP/2.0", "HTTP/0.9", "HTTP/1.2"... as 1.1; the data path refuses
+            # them as bad_http_version, and so does this server.)
             # h11 lets chunked win; the data path refuses the ambiguity, and so does this
             # server: 400, closed, the handler never sees the request.
             if await conn.send(site.bad_request(400), False, True, site.base_headers):
@@ -379,6 +424,55 @@ async def serve(
         if on_refused is not None:
             on_refused(reason)
 
+    # The probe reserve: connections the limits would refuse, served for ``probe_paths``
+    # only. Every client of a loopback admin port is one source (127.0.0.1), so one local
+    # scraper holding its share locked out the liveness and readiness probes; the reserve
+    # answers those, and only those, while the shares are taken. Its connections serve one
+    # request with a short head timeout; when it is full a newcomer takes its oldest
+    # connection (a probe is answered at once, so only a silent one is old).
+    reserved: list[trio.CancelScope] = []
+
+    def reserve_handler(probed: list[bool]) -> Handler:
+        async def handle(request: Request) -> Reply:
+            if request.path in limits.probe_paths:
+                probed.append(True)
+                return await handler(request)
+            return Reply.error(429, close=True)
+        return handle
+
+    reserve_site = replace(site, limits=replace(
+        limits, head_timeout=min(limits.head_timeout, RESERVE_HEAD_TIMEOUT),
+        max_requests_per_connection=1, keep_alive=False))
+
+    def try_reserve(tcp: trio.SocketStream, reason: str, nursery: trio.Nursery) -> bool:
+        if limits.probe_reserve <= 0 or len(reserved) >= 2 * limits.probe_reserve:
+            return False
+        live = [scope for scope in reserved if not scope.cancel_called]
+        if len(live) >= limits.probe_reserve:
+            live[0].cancel()
+        nursery.start_soon(run_reserved, tcp, reason)
+        return True
+
+    async def run_reserved(tcp: trio.SocketStream, reason: str) -> None:
+        """Serve one probe from the reserve; a connection that asked for no probe path (a
+        429, a silent one timed out or taken by a newcomer) counts as refused by ``reason``."""
+        scope = trio.CancelScope()
+        reserved.append(scope)
+        probed: list[bool] = []
+        try:
+            with scope:
+                await _serve_connection(tcp, replace(reserve_site,
+                                                     handler=reserve_handler(probed)), tls)
+            if scope.cancelled_caught:
+                await trio.aclose_forcefully(tcp)
+        except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
+            log(error_event, "error", server=name, error=repr(exc))
+            await trio.aclose_forcefully(tcp)
+        finally:
+            reserved.remove(scope)
+            if not probed:
+                refuse(reason)
+
     async def run(tcp: trio.SocketStream, source: str) -> None:
         if on_connection is not None:
             on_connection(1)
@@ -432,17 +526,20 @@ async def serve(
                     # hostile review); now the sources converge on equal shares.
                     victim = _heaviest(source)
                     if victim is None or source is None or not sources.try_enter(source):
-                        refuse("max_connections")
-                        await trio.aclose_forcefully(tcp)
+                        if not try_reserve(tcp, "max_connections", nursery):
+                            refuse("max_connections")
+                            await trio.aclose_forcefully(tcp)
                         continue
                     refuse("max_connections")  # (the one closed to make room)
                     victim.cancel()
                     nursery.start_soon(run_after_slot, tcp, source)
                     continue
             if source is None or not sources.try_enter(source):
-                refuse("max_connections_per_source")
                 slots.release()
-                await trio.aclose_forcefully(tcp)
+                if source is None or not try_reserve(tcp, "max_connections_per_source",
+                                                     nursery):
+                    refuse("max_connections_per_source")
+                    await trio.aclose_forcefully(tcp)
                 continue
             nursery.start_soon(run, tcp, source)
 

@@ -464,6 +464,45 @@ def _capped(problems: list[Problem]) -> list[Problem]:
             Problem(problems[MAX_PROBLEMS].file, None, "", SET_STOPPED_PROBLEM)]
 
 
+def _cascade(problem: Problem) -> bool:
+    """Whether ``problem``, found in the files that parsed, may only say that a file that did
+    not parse is missing (the names, trust domain and sections it would define)."""
+    return (problem.message.startswith(("no jwt_providers entry named",
+                                        "no api_keys entry named"))
+            or (problem.key == "services" and problem.message.startswith("missing key"))
+            or (problem.key == "trust_domain" and "non-empty" in problem.message))
+
+
+def _with_the_others(failed: list[Problem], docs: list[PolicyFile],
+                     files: list[tuple[str, bytes]], only: str | None,
+                     label: str | None) -> list[Problem]:
+    """The problems of the files that did not parse, and those of the files that did: every
+    broken file at once, in file order (found by a hostile review: a policy directory with a
+    syntax error in one file reported that file only, and each other broken file one fix at
+    a time). The parsed files are checked as a set of their own, without what only the
+    unparsed files would define (``_cascade``)."""
+    if len(failed) > MAX_PROBLEMS or not docs:
+        return failed
+    parsed = {doc.filename for doc in docs}
+    cache = ParsedFiles()
+    cache.docs = {(doc.filename, doc.digest, only): doc for doc in docs}
+    try:
+        _load([(name, raw) for name, raw in files if name in parsed], only, label, cache)
+        others: list[Problem] = []
+    except ConfigError as exc:
+        others = [p for p in exc.problems if not _cascade(p)]
+    order = {name: i for i, (name, _) in enumerate(files)}
+    found = [*failed, *others]
+    found.sort(key=lambda p: order.get(p.file, len(order)))
+    return found
+
+
+def _check_version(doc: PolicyFile) -> None:
+    version = doc.top.get("version", None)
+    if type(version) is not int or version != 1:  # `true` and `1.0` equal 1 in Python
+        doc.r.problem(("version",), "expected version: 1")
+
+
 def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
           cache: ParsedFiles | None) -> Policy:
     docs: list[PolicyFile] = []
@@ -488,7 +527,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
     if cache is not None:
         cache.docs = kept
     if failed:
-        raise ConfigError(_capped(failed))
+        raise ConfigError(_capped(_with_the_others(failed, docs, files, only, label)))
     first = docs[0]
     try:
         merged, origin, skipped = merge_files(docs)
@@ -506,9 +545,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
         return origin[key][1] if key in origin else (key,)
 
     for doc in docs:
-        version = doc.top.get("version", None)
-        if type(version) is not int or version != 1:  # `true` and `1.0` equal 1 in Python
-            doc.r.problem(("version",), "expected version: 1")
+        _check_version(doc)
     trust_domain = reader("trust_domain").string(merged.get("trust_domain"),
                                                  at("trust_domain")) or ""
     if trust_domain and (why := trust_domain_problem(trust_domain)):
