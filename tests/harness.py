@@ -778,8 +778,9 @@ def sidecar_cli_many(jobs: Iterable[Iterable[str]], *, timeout: float = 120.0,
         except subprocess.TimeoutExpired:
             lines = result_path.read_text().splitlines() if result_path.exists() else []
             busy = json.loads(lines[-1]).get("start") if lines else 0
-            raise AssertionError(f"sidecar {' '.join(jobs[busy or 0])}: still busy after "
-                                 f"{timeout} s (the run of {len(jobs)} jobs)") from None
+            raise AssertionError(f"job {busy or 0} (from 0), sidecar {' '.join(jobs[busy or 0])}: "
+                                 f"still busy after {timeout} s (the run of {len(jobs)} jobs)"
+                                 ) from None
         lines = result_path.read_text().splitlines() if result_path.exists() else []
         done = [json.loads(line) for line in lines if '"done"' in line[:9]]
         assert run.returncode == 0 and len(done) == len(jobs), \
@@ -789,7 +790,8 @@ def sidecar_cli_many(jobs: Iterable[Iterable[str]], *, timeout: float = 120.0,
         r = subprocess.CompletedProcess(["sidecar", *job], d["code"], d["out"], d["err"])
         r.seconds = d["seconds"]  # type: ignore[attr-defined]
         if bound is not None:
-            assert d["seconds"] < bound, f"sidecar {' '.join(job)}: {d['seconds']:.1f} s"
+            assert d["seconds"] < bound, \
+                f"job {d['done']} (from 0), sidecar {' '.join(job)}: {d['seconds']:.1f} s"
         results.append(r)
     return results
 
