@@ -717,6 +717,85 @@ def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProces
                           text=True, timeout=timeout, cwd=str(ROOT))
 
 
+# The driver of ``sidecar_cli_many``: each job's argv through ``sidecar.cli.main`` in this one
+# process, stdout and stderr captured apart, the exit status as ``python -m sidecar`` gives it
+# (``SystemExit`` read as the interpreter reads it; an escaped exception printed as a traceback
+# on stderr, status 1). One JSON line per job in the result file, and a "start" line before
+# it, so a job that hangs is named.
+_CLI_DRIVER = r"""
+import contextlib, io, json, sys, time, traceback
+from sidecar.cli import main
+jobs = json.load(sys.stdin)
+with open(sys.argv[1], "w", encoding="utf-8") as results:
+    for i, (argv, stdin) in enumerate(jobs):
+        results.write(json.dumps({"start": i}) + "\n")
+        results.flush()
+        out, err = io.StringIO(), io.StringIO()
+        sys.stdin = io.StringIO(stdin or "")
+        began = time.monotonic()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            err.write(f"{code}\n")
+            code = 1
+        results.write(json.dumps({"done": i, "code": code, "out": out.getvalue(),
+                                  "err": err.getvalue(),
+                                  "seconds": time.monotonic() - began}) + "\n")
+        results.flush()
+"""
+
+
+def sidecar_cli_many(jobs: Iterable[Iterable[str]], *, timeout: float = 120.0,
+                     bound: float | None = None, stdins: Iterable[str | None] | None = None,
+                     ) -> list[subprocess.CompletedProcess[str]]:
+    """Run each job's ``sidecar ARGS`` like ``sidecar_cli`` but all in ONE ``python`` process
+    (``sidecar.cli.main(ARGS)`` in turn): one interpreter start for a family of inputs whose
+    test checks the message and exit status, not the process boundary (keep one real
+    ``sidecar_cli`` per command for that). ``stdins``: each job's standard input (text), if
+    any. Each result carries ``.seconds``, the job's own time; with ``bound``, a job that
+    takes longer fails. ``timeout`` bounds the whole run: a job still busy then is named in
+    the failure."""
+    jobs = [[str(a) for a in job] for job in jobs]
+    inputs = list(stdins) if stdins is not None else [None] * len(jobs)
+    assert len(inputs) == len(jobs)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sidecar-cli-many-") as tmp:
+        result_path = Path(tmp) / "results.jsonl"
+        try:
+            run = subprocess.run([sys.executable, "-c", _CLI_DRIVER, str(result_path)],
+                                 input=json.dumps(list(zip(jobs, inputs, strict=True))),
+                                 capture_output=True, text=True,
+                                 timeout=timeout, cwd=str(ROOT))
+        except subprocess.TimeoutExpired:
+            lines = result_path.read_text().splitlines() if result_path.exists() else []
+            busy = json.loads(lines[-1]).get("start") if lines else 0
+            raise AssertionError(f"job {busy or 0} (from 0), sidecar {' '.join(jobs[busy or 0])}: "
+                                 f"still busy after {timeout} s (the run of {len(jobs)} jobs)"
+                                 ) from None
+        lines = result_path.read_text().splitlines() if result_path.exists() else []
+        done = [json.loads(line) for line in lines if '"done"' in line[:9]]
+        assert run.returncode == 0 and len(done) == len(jobs), \
+            (run.returncode, len(done), len(jobs), (run.stdout + run.stderr)[-3000:])
+    results = []
+    for job, d in zip(jobs, done, strict=True):
+        r = subprocess.CompletedProcess(["sidecar", *job], d["code"], d["out"], d["err"])
+        r.seconds = d["seconds"]  # type: ignore[attr-defined]
+        if bound is not None:
+            assert d["seconds"] < bound, \
+                f"job {d['done']} (from 0), sidecar {' '.join(job)}: {d['seconds']:.1f} s"
+        results.append(r)
+    return results
+
+
 def audit_export(path: str | Path, *filters: str) -> list[dict[str, Any]]:
     """Every record ``sidecar audit export --format jsonl`` prints for ``path``."""
     r = sidecar_cli("audit", "export", str(path), "--format", "jsonl", *filters)

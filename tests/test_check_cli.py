@@ -26,6 +26,7 @@ from tests.harness import (
     free_port,
     https_server_material,
     sidecar_cli,
+    sidecar_cli_many,
     spiffe,
     start_sidecar,
     write_policy,
@@ -114,8 +115,9 @@ def check(state: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any], str]
         path.write_text(state["raw_config"])
     else:
         path.write_text(yaml.safe_dump(state["cfg"]))
-    as_json = sidecar_cli("check", "-c", str(path), "-o", "json", *extra)
-    table = sidecar_cli("check", "-c", str(path), *extra)
+    # Both in one process (the process boundary: test_healthy_setup_... runs them apart).
+    as_json, table = sidecar_cli_many([["check", "-c", str(path), "-o", "json", *extra],
+                                       ["check", "-c", str(path), *extra]])
     assert as_json.returncode == table.returncode, table.stdout + table.stderr
     assert "Traceback" not in as_json.stderr + table.stderr
     return table.returncode, json.loads(as_json.stdout), table.stdout
@@ -146,6 +148,16 @@ def test_healthy_setup_passes_every_check_and_json_matches_the_table(setup):
         assert line.startswith("[ok]") and c["title"] in line
     assert "all checks passed" in table
     assert "\x1b[" not in table  # no colour off a terminal
+    # The process boundary (``check`` runs both forms in one process): each form in its own
+    # ``python -m sidecar`` gives the same status and checks.
+    path = str(setup["tmp"] / "sidecar.yaml")
+    as_json = sidecar_cli("check", "-c", path, "-o", "json")
+    alone = sidecar_cli("check", "-c", path)
+    assert (as_json.returncode, alone.returncode) == (0, 0), alone.stdout + alone.stderr
+    assert "Traceback" not in as_json.stderr + alone.stderr
+    assert statuses(json.loads(as_json.stdout)) == got
+    assert [line.strip()[:4] for line in alone.stdout.splitlines()
+            if line.strip().startswith("[")] == ["[ok]"] * len(marked)
 
 
 def _other_key(state: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from tests.harness import (
     Pki,
     http,
     sidecar_cli,
+    sidecar_cli_many,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -144,17 +145,34 @@ def _cli_cases(tmp_path: Path, pki: Pki, target: str) -> dict[str, list[str]]:
     }
 
 
+# One case of each distinct command, run also in its own process (the process boundary).
+ONE_PER_COMMAND = ("check -c", "run --check", "run --check --config-only", "policy check",
+                   "policy lint", "policy explain", "policy replay", "policy split")
+
+
 @pytest.mark.parametrize("kind", sorted(NOT_REGULAR))
 def test_every_command_refuses_a_file_that_is_not_regular(tmp_path, pki, kind):
+    """Every case in one process (``sidecar_cli_many``: a job still waiting after 30 s, or a
+    run of them after 120 s, fails naming it); for the FIFO, one case of each command also
+    in its own ``python -m sidecar``, which must say the same."""
     target = NOT_REGULAR[kind](tmp_path / "target.yaml")
-    for name, args in _cli_cases(tmp_path, pki, target).items():
-        try:
-            r = sidecar_cli(*args, timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} on a {kind}: still waiting after 30 s")
+    cases = _cli_cases(tmp_path, pki, target)
+    results = dict(zip(cases, sidecar_cli_many(cases.values(), bound=30, timeout=120),
+                       strict=True))
+    for name, r in results.items():
         _no_traceback(r)
         assert r.returncode != 0, (name, r.stdout, r.stderr)
         assert target in r.stdout + r.stderr, (name, r.stdout, r.stderr)
+    if kind != "fifo":
+        return
+    for name in ONE_PER_COMMAND:
+        try:
+            r = sidecar_cli(*cases[name], timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} on a {kind}: still waiting after 30 s")
+        batch = results[name]
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (batch.returncode, batch.stdout, batch.stderr), name
 
 
 # Every key of the config that names a file, with a NUL in the name.
@@ -187,19 +205,31 @@ def _nul_configs(tmp_path: Path, pki: Pki) -> dict[str, dict]:
 
 
 def test_a_nul_in_any_config_path_is_refused_with_file_line_and_key(tmp_path, pki):
-    for key, cfg in _nul_configs(tmp_path, pki).items():
-        path = tmp_path / "nul.yaml"
+    """Every key through the three commands in one process (``sidecar_cli_many``); the first
+    key through each command also in its own ``python -m sidecar``, which must say the
+    same."""
+    jobs = []
+    for i, (key, cfg) in enumerate(_nul_configs(tmp_path, pki).items()):
+        path = tmp_path / f"k{i}" / "nul.yaml"
+        path.parent.mkdir()
         path.write_text(yaml.safe_dump(cfg))
-        for args in (["run", "-c", str(path), "--check"],
-                     ["run", "-c", str(path), "--check", "--config-only"]):
-            r = sidecar_cli(*args, timeout=30)
-            _no_traceback(r)
-            assert r.returncode == 2, (key, r.stdout, r.stderr)
-            assert "nul.yaml:" in r.stderr and f"{key}: a file path cannot contain a NUL" \
-                in r.stderr, (key, r.stderr)
-        r = sidecar_cli("check", "-c", str(path), timeout=30)
+        jobs += [(key, ["run", "-c", str(path), "--check"]),
+                 (key, ["run", "-c", str(path), "--check", "--config-only"]),
+                 (key, ["check", "-c", str(path)])]
+    results = sidecar_cli_many([args for _key, args in jobs], bound=30, timeout=180)
+    for (key, args), r in zip(jobs, results, strict=True):
         _no_traceback(r)
-        assert r.returncode == 1 and "NUL" in r.stdout + r.stderr, (key, r.stdout, r.stderr)
+        if args[0] == "run":
+            assert r.returncode == 2, (key, args, r.stdout, r.stderr)
+            assert "nul.yaml:" in r.stderr and f"{key}: a file path cannot contain a NUL" \
+                in r.stderr, (key, args, r.stderr)
+        else:
+            assert r.returncode == 1 and "NUL" in r.stdout + r.stderr, \
+                (key, r.stdout, r.stderr)
+    for (key, args), batch in list(zip(jobs, results, strict=True))[:3]:
+        r = sidecar_cli(*args, timeout=30)
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (batch.returncode, batch.stdout, batch.stderr), (key, args)
 
 
 def test_a_nul_in_a_policy_path_is_refused_with_file_line_and_key(tmp_path):
@@ -216,12 +246,20 @@ def test_a_nul_in_a_policy_path_is_refused_with_file_line_and_key(tmp_path):
             "introspection": {"endpoint": "https://idp.example/i", "client_id": "c",
                               "mtls": True, "ca": NUL}},
     }
-    for key, prov in cases.items():
-        path = write_policy(tmp_path / "p.yaml", dict(POLICY, jwt_providers={"p": prov}))
-        r = sidecar_cli("policy", "check", path, timeout=30)
+    paths = {}
+    for i, (key, prov) in enumerate(cases.items()):
+        (tmp_path / f"k{i}").mkdir()
+        paths[key] = write_policy(tmp_path / f"k{i}" / "p.yaml",
+                                  dict(POLICY, jwt_providers={"p": prov}))
+    # All in one process; the first also in its own, which must say the same.
+    results = sidecar_cli_many([["policy", "check", p] for p in paths.values()], bound=30)
+    for key, r in zip(cases, results, strict=True):
         _no_traceback(r)
         assert r.returncode == 1 and f"{key}: a file path cannot contain a NUL" in r.stdout \
             + r.stderr, (key, r.stdout, r.stderr)
+    r = sidecar_cli("policy", "check", next(iter(paths.values())), timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (results[0].returncode, results[0].stdout, results[0].stderr)
 
 
 def _watched_sidecar(tmp_path: Path, pki: Pki, procs: list) -> tuple:

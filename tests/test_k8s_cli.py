@@ -13,6 +13,7 @@ import yaml
 
 from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject, merges_larger_than
 from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
+from tests.harness import sidecar_cli_many
 
 DEPLOYMENT = """\
 apiVersion: apps/v1
@@ -54,6 +55,30 @@ def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
     args = parse(argv)
     code = cmd_inject(args, stdin=io.StringIO(stdin), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
+
+
+def inject_many(texts: dict[str, str], bound: float) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``sidecar inject -f -`` of each text on its stdin, all in one process
+    (``sidecar_cli_many``; each test holds its member's ``.seconds`` to ``bound``, and the
+    whole run is bounded too: a hang fails, naming the member). The process boundary is kept
+    by one real ``python -m sidecar`` per family (``same_in_a_process``)."""
+    results = sidecar_cli_many([["inject", "-f", "-"]] * len(texts), stdins=texts.values(),
+                               timeout=60 + bound * len(texts))
+    return dict(zip(texts, results, strict=True))
+
+
+def same_in_a_process(text: str, batch: subprocess.CompletedProcess[str],
+                      bound: float = 30) -> None:
+    """``python -m sidecar inject -f -`` of ``text``: the exit status and output the
+    in-process run gave."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
+                              input=text, capture_output=True, text=True, timeout=bound,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sidecar inject still busy after {bound} s")
+    assert (proc.returncode, proc.stdout, proc.stderr) == \
+        (batch.returncode, batch.stdout, batch.stderr)
 
 
 def test_inject_file_to_file_keeps_order_and_drops_empty_documents(tmp_path: Path) -> None:
@@ -144,14 +169,25 @@ def _nested_pod(depth: int) -> str:
 
 # Found by a hostile review: a manifest nested past the YAML loader's recursion (3,000
 # levels) or past what copying and diffing a pod can hold (600) ended in a traceback.
-@pytest.mark.parametrize("depth", [65, 600, 3000, 20_000])
-def test_a_manifest_nested_too_deep_exits_2_without_a_traceback(depth: int) -> None:
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
-                          input=_nested_pod(depth), capture_output=True, text=True, timeout=60,
-                          check=False)
+DEPTHS = [65, 600, 3000, 20_000]
+
+
+@pytest.fixture(scope="module")
+def too_deep() -> dict[str, subprocess.CompletedProcess[str]]:
+    return inject_many({str(depth): _nested_pod(depth) for depth in DEPTHS}, bound=60)
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_a_manifest_nested_too_deep_exits_2_without_a_traceback(too_deep, depth: int) -> None:
+    proc = too_deep[str(depth)]
+    assert proc.seconds < 60, depth  # type: ignore[attr-defined]
     assert proc.returncode == 2, proc.stderr[-500:]
     assert "nested deeper than 64 levels" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_manifest_nested_too_deep_in_a_process(too_deep) -> None:
+    same_in_a_process(_nested_pod(20_000), too_deep["20000"], bound=60)
 
 
 def test_a_manifest_nested_to_the_limit_is_injected() -> None:
@@ -201,17 +237,27 @@ ALIAS_BOMBS: dict[str, str] = {
 }
 
 
+@pytest.fixture(scope="module")
+def alias_bombs() -> dict[str, subprocess.CompletedProcess[str]]:
+    return inject_many(ALIAS_BOMBS, bound=30)
+
+
 @pytest.mark.parametrize("name", sorted(ALIAS_BOMBS))
-def test_yaml_alias_bombs_exit_2_at_once(name: str) -> None:
-    """Through a real process: refused in well under a second per member (the first ones kept
-    ``sidecar inject`` busy for a minute each; ten times the aliases, for hours)."""
+def test_yaml_alias_bombs_exit_2_at_once(alias_bombs, name: str) -> None:
+    """Through ``sidecar inject`` (all members in one process; one also in its own, below):
+    refused in well under a second per member (the first ones kept ``sidecar inject`` busy
+    for a minute each; ten times the aliases, for hours)."""
     text = ALIAS_BOMBS[name]
     assert len(text) < 100_000
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = alias_bombs[name]
+    assert proc.seconds < 30, name  # type: ignore[attr-defined]
     assert proc.returncode == 2, (name, proc.stderr[-400:])
     assert "values once its YAML aliases are expanded" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_yaml_alias_bomb_in_a_process(alias_bombs) -> None:
+    same_in_a_process(ALIAS_BOMBS["containers x env"], alias_bombs["containers x env"])
 
 
 def test_a_manifest_sharing_an_anchor_is_still_injected() -> None:
@@ -269,22 +315,30 @@ MERGE_BOMBS: dict[str, str] = {
 }
 
 
+@pytest.fixture(scope="module")
+def merge_bombs() -> dict[str, subprocess.CompletedProcess[str]]:
+    return inject_many(MERGE_BOMBS, bound=10)
+
+
 @pytest.mark.parametrize("name", sorted(MERGE_BOMBS))
-def test_yaml_merge_key_bombs_exit_2_at_once(name: str) -> None:
+def test_yaml_merge_key_bombs_exit_2_at_once(merge_bombs, name: str) -> None:
     """Merge keys (``<<: *a``) copy pairs inside PyYAML, before ``expanded_larger_than`` sees
     a value: 75 KB kept ``sidecar inject`` busy for 24 s, 750 KB for about 40 minutes; 500
     bytes of nested merges for minutes on PyYAML before 6.0.4 (which ``pyyaml>=6.0``
-    allows). Through a real process, with a time bound: a hang fails the test."""
+    allows). Through ``sidecar inject`` (all members in one process, one also in its own),
+    each within a time bound of 10 s: a hang fails the test."""
     text = MERGE_BOMBS[name]
     assert len(text) < 250_000
-    try:
-        proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"], input=text,
-                              capture_output=True, text=True, timeout=10, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{name}: sidecar inject still busy after 10 s")
+    proc = merge_bombs[name]
+    assert proc.seconds < 10, name  # type: ignore[attr-defined]
     assert proc.returncode == 2, (name, proc.stderr[-400:])
     assert "values once its YAML aliases are expanded" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_a_yaml_merge_key_bomb_in_a_process(merge_bombs) -> None:
+    name = "many mappings merge one"
+    same_in_a_process(MERGE_BOMBS[name], merge_bombs[name], bound=10)
 
 
 def test_a_manifest_with_merge_keys_is_still_injected() -> None:
@@ -354,21 +408,32 @@ def _inject(text: str, bound: float = 30) -> subprocess.CompletedProcess[str]:
         pytest.fail(f"sidecar inject still busy after {bound} s")
 
 
+@pytest.fixture(scope="module")
+def size_bombs() -> dict[str, subprocess.CompletedProcess[str]]:
+    """The size bombs (each within 30 s) and the large files taken (60 s), in one process.
+    No member is run again in its own process: each costs seconds of parsing, and the exit
+    path (status 2, the message, no traceback) is the alias and merge bombs', which are
+    (``test_a_yaml_*_bomb_in_a_process``); 8 MiB on a real stdin: ``test_stdin_is_held_to_8_mib``."""
+    return inject_many({**SIZE_BOMBS, "keys": KEYS, "long scalar": LONG_SCALAR}, bound=60)
+
+
 @pytest.mark.parametrize("name", sorted(SIZE_BOMBS))
-def test_8_mib_of_values_are_refused_at_the_bound(name: str) -> None:
+def test_8_mib_of_values_are_refused_at_the_bound(size_bombs, name: str) -> None:
     text = SIZE_BOMBS[name]
     assert len(text) <= 8 * 2**20
-    proc = _inject(text)
+    proc = size_bombs[name]
+    assert proc.seconds < 30, name  # type: ignore[attr-defined]
     assert proc.returncode == 2, (name, proc.stderr[-400:])
     assert "holds more than 1000000 values" in proc.stderr and proc.stdout == ""
     assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["keys", "long scalar"])
-def test_many_keys_and_a_long_scalar_are_taken(name: str) -> None:
+def test_many_keys_and_a_long_scalar_are_taken(size_bombs, name: str) -> None:
     text = KEYS if name == "keys" else LONG_SCALAR
     assert len(text.encode()) <= 8 * 2**20
-    proc = _inject(text, bound=60)
+    proc = size_bombs[name]
+    assert proc.seconds < 60, name  # type: ignore[attr-defined]
     assert proc.returncode == 0, proc.stderr[-400:]
     assert len(proc.stdout) >= len(text) // 2
 

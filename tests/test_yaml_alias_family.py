@@ -30,6 +30,7 @@ from tests.harness import (
     http,
     mtls_context,
     sidecar_cli,
+    sidecar_cli_many,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -128,8 +129,26 @@ def _run(*args: str, bound: float = 30.0) -> subprocess.CompletedProcess[str]:
 
 def _refused(r: subprocess.CompletedProcess[str], code: int, path: Path, line: int) -> None:
     out = r.stdout + r.stderr
+    assert "Traceback" not in out, out[-2000:]
+    assert len(out) < 100_000, len(out)  # reading stopped at the problem cap
     assert r.returncode == code, (r.returncode, out[-2000:])
     assert re.search(re.escape(str(path)) + f":{line}: .*{PROBLEM}", out), out[-2000:]
+
+
+def _many(jobs: dict, bound: float = 30.0) -> dict:
+    """Every job (key -> argv) in one process (``sidecar_cli_many``), each within ``bound``
+    (``_refused`` checks each output as ``_run`` does); key -> result."""
+    results = sidecar_cli_many(list(jobs.values()), bound=bound,
+                               timeout=120 + 10 * len(jobs))
+    return dict(zip(jobs, results, strict=True))
+
+
+def _same(batch: subprocess.CompletedProcess[str], args: list[str]) -> None:
+    """The process boundary: ``python -m sidecar ARGS`` (through ``_run``: bounded, no
+    traceback) says what the in-process run said, with the same exit status."""
+    r = _run(*args)
+    assert (r.returncode, r.stdout, r.stderr) == \
+        (batch.returncode, batch.stdout, batch.stderr), args
 
 
 def test_every_member_fits_in_a_file_and_holds_a_marker():
@@ -140,13 +159,34 @@ def test_every_member_fits_in_a_file_and_holds_a_marker():
             _line(text)
 
 
+@pytest.fixture(scope="module")
+def policy_checks(tmp_path_factory) -> dict:
+    """``sidecar policy check`` of every member in every place, each its own ``mesh.yaml``,
+    all in one process; (name, place) -> (path, text, result)."""
+    base = tmp_path_factory.mktemp("policy-check")
+    cases = {}
+    for i, name in enumerate(MEMBERS):
+        for place in sorted(PLACES):
+            text = PLACES[place](MEMBERS[name])
+            path = base / f"m{i}-{place.replace(' ', '-')}" / "mesh.yaml"
+            path.parent.mkdir()
+            path.write_text(text)
+            cases[name, place] = (path, text)
+    results = _many({key: ["policy", "check", str(path)] for key, (path, _t) in cases.items()})
+    return {key: (*cases[key], results[key]) for key in cases}
+
+
 @pytest.mark.parametrize("place", sorted(PLACES))
 @pytest.mark.parametrize("name", list(MEMBERS))
-def test_policy_check_refuses_every_member_in_every_place(tmp_path, name, place):
-    text = PLACES[place](MEMBERS[name])
-    path = tmp_path / "mesh.yaml"
-    path.write_text(text)
-    _refused(_run("policy", "check", str(path)), 1, path, _line(text))
+def test_policy_check_refuses_every_member_in_every_place(policy_checks, name, place):
+    path, text, r = policy_checks[name, place]
+    _refused(r, 1, path, _line(text))
+
+
+@pytest.mark.parametrize("name", ["aliases in sequences (billion laughs)", "8 MiB of aliases"])
+def test_policy_check_in_its_own_process_says_the_same(policy_checks, name):
+    path, _text, batch = policy_checks[name, "first key"]
+    _same(batch, ["policy", "check", str(path)])
 
 
 def _policy_commands(target: Path, tmp: Path) -> dict[str, tuple[list[str], int]]:
@@ -163,45 +203,102 @@ def _policy_commands(target: Path, tmp: Path) -> dict[str, tuple[list[str], int]
     }
 
 
+@pytest.fixture(scope="module")
+def policy_commands(tmp_path_factory) -> dict:
+    """Every policy command of ``_policy_commands`` on every member, in a tenant's file of a
+    policy directory of its own (the mesh file beside it valid), all in one process;
+    name -> (target, text, {command: (args, code, result)})."""
+    base = tmp_path_factory.mktemp("policy-commands")
+    cases, jobs = {}, {}
+    for i, name in enumerate(MEMBERS):
+        tmp = base / f"m{i}"
+        d = tmp / "policy"
+        d.mkdir(parents=True)
+        text = PLACES["own section"](MEMBERS[name]).replace(MESH, TENANT)
+        (d / "mesh.yaml").write_text(MESH)
+        target = d / "ns-default.yaml"
+        target.write_text(text)
+        commands = _policy_commands(target, tmp)
+        cases[name] = (target, text, commands)
+        jobs.update({(name, command): args for command, (args, _code) in commands.items()})
+    results = _many(jobs)
+    return {name: (target, text, {command: (args, code, results[name, command])
+                                  for command, (args, code) in commands.items()})
+            for name, (target, text, commands) in cases.items()}
+
+
 @pytest.mark.parametrize("name", list(MEMBERS))
-def test_every_policy_command_refuses_every_member(tmp_path, name):
+def test_every_policy_command_refuses_every_member(policy_commands, name):
     """In a tenant's file of a policy directory (the mesh file beside it is valid)."""
-    text = PLACES["own section"](MEMBERS[name]).replace(MESH, TENANT)
-    d = tmp_path / "policy"
-    d.mkdir()
-    (d / "mesh.yaml").write_text(MESH)
-    target = d / "ns-default.yaml"
-    target.write_text(text)
-    for command, (args, code) in _policy_commands(target, tmp_path).items():
-        r = _run(*args)
+    target, text, results = policy_commands[name]
+    assert len(results) == 5
+    for command, (_args, code, r) in results.items():
         assert r.returncode == code, (command, r.returncode, (r.stdout + r.stderr)[-2000:])
         _refused(r, code, target, _line(text))
 
 
+def test_every_policy_command_in_its_own_process_says_the_same(policy_commands):
+    """The process boundary, once per command: a real ``python -m sidecar``."""
+    _target, _text, results = policy_commands["nested merges"]
+    for _command, (args, _code, batch) in results.items():
+        _same(batch, args)
+
+
 CONFIG = "identity: {cert: c.pem, key: k.pem, bundle: b.pem}\n"
+# The config readers and their exit codes for invalid input.
+CONFIG_READERS = ((["run", "-c", "{}", "--check"], 2),
+                  (["run", "-c", "{}", "--check", "--config-only"], 2),
+                  (["check", "-c", "{}", "--offline"], 1))
+
+
+@pytest.fixture(scope="module")
+def config_readers(tmp_path_factory) -> dict:
+    """Every member first and last in a config, through every config reader, and in the
+    policy file a config names (``run --check``), all in one process;
+    name -> [(path, line, code, args, result)]."""
+    base = tmp_path_factory.mktemp("config-readers")
+    pki = Pki(base / "pki")
+    cases: dict = {}
+    for i, name in enumerate(MEMBERS):
+        tmp = base / f"m{i}"
+        tmp.mkdir()
+        policy = tmp / "policy.yaml"
+        policy.write_text(PLACES["last key"](MEMBERS[name]))
+        with_policy = tmp / "with-policy.yaml"
+        cfg = sidecar_config(pki.identity("orders"),
+                             inbound={"listen": "127.0.0.1:0", "app": "127.0.0.1:9"})
+        cfg["policy"] = str(policy)
+        with_policy.write_text(yaml.safe_dump(cfg))
+        cases[name] = []
+        for path, text in ((tmp / "first.yaml", _indent(MEMBERS[name], 0) + CONFIG),
+                           (tmp / "last.yaml", CONFIG + _indent(MEMBERS[name], 0))):
+            path.write_text(text)
+            cases[name] += [(path, _line(text), code, [a.format(path) for a in args])
+                            for args, code in CONFIG_READERS]
+        cases[name].append((policy, _line(policy.read_text()), 2,
+                            ["run", "-c", str(with_policy), "--check"]))
+    results = _many({(name, n): args for name, jobs in cases.items()
+                     for n, (*_, args) in enumerate(jobs)})
+    return {name: [(*job, results[name, n]) for n, job in enumerate(jobs)]
+            for name, jobs in cases.items()}
 
 
 @pytest.mark.parametrize("name", list(MEMBERS))
-def test_the_config_readers_refuse_every_member(tmp_path, pki: Pki, name):
+def test_the_config_readers_refuse_every_member(config_readers, name):
     """``run --check`` (exit 2), ``run --check --config-only`` (2) and ``check -c`` (1), with
     the member first and last in the config, and in the policy file a config names."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(PLACES["last key"](MEMBERS[name]))
-    with_policy = tmp_path / "with-policy.yaml"
-    cfg = sidecar_config(pki.identity("orders"),
-                         inbound={"listen": "127.0.0.1:0", "app": "127.0.0.1:9"})
-    cfg["policy"] = str(policy)
-    with_policy.write_text(yaml.safe_dump(cfg))
-    cases = [(tmp_path / "first.yaml", _indent(MEMBERS[name], 0) + CONFIG),
-             (tmp_path / "last.yaml", CONFIG + _indent(MEMBERS[name], 0))]
-    for path, text in cases:
-        path.write_text(text)
-        line = _line(text)
-        _refused(_run("run", "-c", str(path), "--check"), 2, path, line)
-        _refused(_run("run", "-c", str(path), "--check", "--config-only"), 2, path, line)
-        _refused(_run("check", "-c", str(path), "--offline"), 1, path, line)
-    r = _run("run", "-c", str(with_policy), "--check")
-    _refused(r, 2, policy, _line(policy.read_text()))
+    assert len(config_readers[name]) == 7
+    for path, line, code, args, r in config_readers[name]:
+        assert r.returncode == code, (args, r.returncode, (r.stdout + r.stderr)[-2000:])
+        _refused(r, code, path, line)
+
+
+def test_the_config_readers_in_their_own_process_say_the_same(config_readers):
+    """The process boundary, once per reader (the member first) and for the policy a config
+    names: a real ``python -m sidecar``."""
+    jobs = config_readers["aliases in mappings"]
+    for *_, args, batch in [*jobs[:3], jobs[6]]:
+        _same(batch, args)
 
 
 MANY_FILES = 200

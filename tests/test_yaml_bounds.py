@@ -17,6 +17,7 @@ sidecar's reload, which keeps the policy in force.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from tests.harness import (
     free_port,
     http,
     sidecar_cli,
+    sidecar_cli_many,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -173,16 +175,39 @@ def test_a_long_service_identity_is_shortened_in_its_problem():
     assert len(out) < 20_000
 
 
+@pytest.fixture(scope="module")
+def policy_checks(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
+    """``sidecar policy check`` of every member, each in its own file, all in one process
+    (``sidecar_cli_many``); the process boundary is checked by the test after."""
+    base = tmp_path_factory.mktemp("policy-check")
+    paths = {}
+    for i, (name, (text, _expected)) in enumerate(FAMILY.items()):
+        (base / f"m{i}").mkdir()
+        paths[name] = base / f"m{i}" / "mesh.yaml"
+        paths[name].write_text(text)
+    results = sidecar_cli_many([["policy", "check", str(p)] for p in paths.values()],
+                               timeout=600)
+    return {name: (paths[name], r) for name, r in zip(paths, results, strict=True)}
+
+
 @pytest.mark.parametrize("name", list(FAMILY))
-def test_policy_check_names_every_member(tmp_path, name):
+def test_policy_check_names_every_member(policy_checks, name):
     """``sidecar policy check``: exit 1, the member named, no traceback."""
-    text, expected = FAMILY[name]
-    path = tmp_path / "mesh.yaml"
-    path.write_text(text)
-    r = sidecar_cli("policy", "check", str(path), timeout=120)
+    _text, expected = FAMILY[name]
+    path, r = policy_checks[name]
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in out, (name, out[-2000:])
     assert re.search(re.escape(str(path)) + expected, out), (name, out[-3000:])
+
+
+@pytest.mark.parametrize("name", ["rules in block style", "billion laughs"])
+def test_policy_check_in_its_own_process_says_what_the_batch_said(policy_checks, name):
+    """The process boundary: ``python -m sidecar policy check`` gives the exit status and the
+    output the in-process run gave (a bound and a value member)."""
+    path, batch = policy_checks[name]
+    r = sidecar_cli("policy", "check", str(path), timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (batch.returncode, batch.stdout, batch.stderr)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
 
 
 CONFIG_HEAD = "identity: {cert: c.pem, key: k.pem, bundle: b.pem}\n"
@@ -215,15 +240,27 @@ def test_config_members_are_refused_with_file_line_and_key(tmp_path, name):
     assert "YAML syntax error" not in out and len(out) < 20_000
 
 
+CONFIG_COMMANDS = (["run", "-c", "{}", "--check"], ["check", "-c", "{}", "--offline"])
+
+
 def test_sidecar_check_and_run_check_name_every_config_member(tmp_path):
+    """Every member through both commands, in one process (``sidecar_cli_many``); one member
+    of each command also in its own ``python -m sidecar`` process, which must say the same."""
+    cases = []
     for i, (name, (text, expected)) in enumerate(CONFIG_FAMILY.items()):
         cfg = tmp_path / f"c{i}.yaml"
         cfg.write_text(text)
-        for args in (["run", "-c", str(cfg), "--check"], ["check", "-c", str(cfg), "--offline"]):
-            r = sidecar_cli(*args, timeout=120)
-            out = r.stdout + r.stderr
-            assert r.returncode != 0 and "Traceback" not in out, (name, args, out[-2000:])
-            assert re.search(re.escape(str(cfg)) + expected, out), (name, args, out[-2000:])
+        cases += [(name, cfg, expected, [a.format(cfg) for a in args])
+                  for args in CONFIG_COMMANDS]
+    results = sidecar_cli_many([args for *_, args in cases], timeout=600)
+    for (name, cfg, expected, args), r in zip(cases, results, strict=True):
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and "Traceback" not in out, (name, args, out[-2000:])
+        assert re.search(re.escape(str(cfg)) + expected, out), (name, args, out[-2000:])
+    for (name, _cfg, _expected, args), batch in list(zip(cases, results, strict=True))[:2]:
+        r = sidecar_cli(*args, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == \
+            (batch.returncode, batch.stdout, batch.stderr), (name, args)
 
 
 def test_a_running_sidecar_keeps_its_policy_through_every_member(tmp_path, pki: Pki, app,
