@@ -33,7 +33,6 @@ from sidecar.net.lifetime import CLOSE_REASONS, CUT_AT_ONCE, GRACEFUL_REASONS
 from tests.harness import (
     TD,
     Pki,
-    ScriptedServer,
     free_port,
     mtls_context,
     read_head,
@@ -54,6 +53,7 @@ from tests.test_lifetime_review import (
     _stamp,
     _write,
 )
+from tests.test_lifetime_review2 import _EndlessUpstream
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -90,24 +90,12 @@ def test_every_reason_is_classified() -> None:
                                                                                reason)
 
 
-class _Upstream(ScriptedServer):
+class _Upstream(_EndlessUpstream):
     """A TLS upstream that never ends a connection by itself (not a sidecar: only the sidecar
     under test may cut): an upgrade is echoed, a GET answered with an endless body, a POST's
     body read for as long as it comes."""
 
     timeout = 60.0
-
-    def __init__(self, ident: Path, bundle: str) -> None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(ident / "tls.crt"), str(ident / "tls.key"))
-        ctx.load_verify_locations(bundle)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        self._conns: list[socket.socket] = []
-        super().__init__(ctx)
-
-    def admit(self, conn: socket.socket) -> bool:
-        self._conns.append(conn)
-        return True
 
     def serve(self, sock: socket.socket) -> None:
         head = read_head(sock)

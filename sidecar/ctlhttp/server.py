@@ -209,13 +209,7 @@ class _Connection:
                   *base_headers, *reply.headers, ("connection", "close")]
         data = (f"HTTP/1.1 {reply.status} {reason_phrase(reply.status)}\r\n".encode()
                 + b"".join(f"{k}: {v}\r\n".encode() for k, v in fields) + b"\r\n" + reply.body)
-        with trio.move_on_after(self.limits.write_timeout):
-            try:
-                await self.stream.send_all(data)
-                return True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
-        return False
+        return await self._write(data)
 
     async def send(self, reply: Reply, head_only: bool, close: bool,
                    base_headers: Sequence[tuple[str, str]]) -> bool:
@@ -232,6 +226,10 @@ class _Connection:
             data += self.h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             return False
+        return await self._write(data)
+
+    async def _write(self, data: bytes) -> bool:
+        """Send ``data`` within ``write_timeout``; False when it could not be sent."""
         with trio.move_on_after(self.limits.write_timeout):
             try:
                 await self.stream.send_all(data)
