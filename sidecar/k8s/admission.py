@@ -37,14 +37,13 @@ from typing import Any
 from sidecar.jsondoc import JsonDocError, read_json
 from sidecar.k8s.inject import InjectError, InjectOptions, inject_pod_spec
 from sidecar.k8s.patch import json_patch
-from sidecar.k8s.rules import check_pod_shape, check_update
+from sidecar.k8s.rules import check_pod_shape, check_update, shown
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024
 # A pod with its managedFields is about 15 levels deep; the injector copies and diffs it.
 MAX_REVIEW_DEPTH = 64
 MAX_UID_CHARS = 128  # the API server's uids are UUIDs (36 characters)
-MAX_SHOWN = 64  # characters of a caller's value quoted in an error message
 MAX_MESSAGE = 1024  # characters of an error or denial message
 
 
@@ -64,12 +63,6 @@ class AdmissionAnswer:
 
 def _bad_request(message: str) -> AdmissionAnswer:
     return AdmissionAnswer(400, {"error": f"malformed AdmissionReview: {message}"[:MAX_MESSAGE]})
-
-
-def _shown(value: Any) -> str:
-    """A caller's value in a message: its repr, cut (an answer never echoes a megabyte)."""
-    text = repr(value)
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
 def _review(uid: str, response: dict[str, Any]) -> dict[str, Any]:
@@ -121,9 +114,9 @@ def review_pod(body: bytes, options: InjectOptions) -> AdmissionAnswer:
         return _bad_request("body is not a JSON object")
     if review.get("apiVersion") != ADMISSION_API_VERSION:
         return _bad_request(f"apiVersion must be {ADMISSION_API_VERSION!r}, "
-                            f"got {_shown(review.get('apiVersion'))}")
+                            f"got {shown(review.get('apiVersion'))}")
     if review.get("kind") != "AdmissionReview":
-        return _bad_request(f"kind must be 'AdmissionReview', got {_shown(review.get('kind'))}")
+        return _bad_request(f"kind must be 'AdmissionReview', got {shown(review.get('kind'))}")
     request = review.get("request")
     if not isinstance(request, dict):
         return _bad_request("'request' is missing or not an object")

@@ -133,6 +133,23 @@ SERVER_DEFAULTS: dict[str, object] = {
 }
 
 _CONTAINER_LISTS = ("initContainers", "containers", "ephemeralContainers")
+MAX_SHOWN = 64  # characters of a caller's value quoted in a refusal (docs/k8s.md)
+
+
+def shown(value: Any) -> str:
+    """A value from the pod (a name, an annotation, a field name) as a refusal quotes it: its
+    repr, cut at ``MAX_SHOWN`` characters. Every such value goes through here (found by a
+    hostile review: a 3,000-character annotation or container name was quoted whole, against
+    the documented 64)."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
+
+
+def _field(key: Any) -> str:
+    """A member name in a ``malformed_pod`` field path: as it is when short and plain."""
+    text = str(key)
+    plain = text.isascii() and text.isprintable() and len(text) <= MAX_SHOWN and "'" not in text
+    return text if plain else shown(key)
 
 
 def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
@@ -143,7 +160,7 @@ def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
             return f"{where} must be an object"
         for key, inner in value.items():
             wanted = shape.get(key, shape.get("*"))
-            problem = None if wanted is None else _shape_problem(inner, wanted, f"{where}.{key}")
+            problem = None if wanted is None else _shape_problem(inner, wanted, f"{where}.{_field(key)}")
             if problem:
                 return problem
         return None
@@ -201,7 +218,7 @@ def config_configmap(meta: dict[str, Any], options: InjectOptions) -> str:
     allowed = {options.config_configmap, *options.allowed_config_configmaps}
     if not isinstance(wanted, str) or wanted not in allowed:
         raise _refuse("config_not_allowed",
-                      f"annotation {CONFIG_ANNOTATION}: {wanted!r} names a ConfigMap the "
+                      f"annotation {CONFIG_ANNOTATION}: {shown(wanted)} names a ConfigMap the "
                       f"injector does not allow (allowed: {', '.join(sorted(allowed))})")
     return wanted
 
@@ -279,7 +296,7 @@ def check_credentials(spec: dict[str, Any], options: InjectOptions, *,
     for volume in _volumes(spec):
         if volume.get("name") not in reserved and _carries_credentials(volume, options):
             raise _refuse("credential_volume",
-                          f"volume {volume.get('name')!r} carries the workload's mesh "
+                          f"volume {shown(volume.get('name'))} carries the workload's mesh "
                           "certificate and key or the audit signing key; only the mesh "
                           "sidecar may hold them")
     secrets = credential_secrets(options)
@@ -297,7 +314,7 @@ def _check_env(key: str, container: dict[str, Any], secrets: frozenset[str]) -> 
     name = _env_secret(container, secrets) if secrets else None
     if name is not None:
         raise _refuse("credential_env",
-                      f"{key} {container.get('name')!r} reads Secret {name!r} into its "
+                      f"{key} {shown(container.get('name'))} reads Secret {shown(name)} into its "
                       "environment; it holds the mesh certificate or the audit signing "
                       "key, which only the mesh sidecar may hold")
 
@@ -314,17 +331,17 @@ def _check_container(key: str, container: dict[str, Any], reserved: frozenset[st
             name = mount.get("name") if isinstance(mount, dict) else None
             if name in reserved:
                 raise _refuse("mounts_sidecar_volume",
-                              f"{key} {container.get('name')!r} mounts {name!r}, a volume "
+                              f"{key} {shown(container.get('name'))} mounts {shown(name)}, a volume "
                               "of the mesh sidecar; only the sidecar may mount it")
             if name in carrying:
                 raise _refuse("credential_volume",
-                              f"{key} {container.get('name')!r} mounts {name!r}, a volume "
+                              f"{key} {shown(container.get('name'))} mounts {shown(name)}, a volume "
                               "that carries the workload's mesh certificate and key or the "
                               "audit signing key; only the mesh sidecar may hold them")
     if key == "ephemeralContainers" and container.get("targetContainerName") == \
             SIDECAR_CONTAINER:
         raise _refuse("shared_process_namespace",
-                      f"ephemeral container {container.get('name')!r} targets the mesh "
+                      f"ephemeral container {shown(container.get('name'))} targets the mesh "
                       "sidecar's process namespace")
 
 
@@ -386,7 +403,7 @@ def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
     if not named:
         name = sorted(str(n) for n in volumes)[0]
         raise _refuse("reserved_volume",
-                      f"pod already has a volume named {name!r}, which the mesh sidecar needs; "
+                      f"pod already has a volume named {shown(name)}, which the mesh sidecar needs; "
                       "rename it")
     key, container = named[0]
     # Either placement is this injector's (an injector run with or without --no-native).
@@ -400,7 +417,7 @@ def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
     for name, volume in want.items():
         if name not in volumes or not _matches(volume, volumes[name]):
             raise _refuse("reserved_volume",
-                          f"volume {name!r} is not the mesh sidecar's; rename it")
+                          f"volume {shown(name)} is not the mesh sidecar's; rename it")
     return True
 
 

@@ -35,8 +35,9 @@ bytes and bounds every wait:
   body and the connection closes.
 * A review is pure CPU: about 0.8 s per MiB for the largest pods (a 3 MiB review, the body
   cap, about 2.5 s). It runs in a worker thread (``trio.to_thread.run_sync``), at most
-  ``REVIEW_THREADS`` at once (others wait their turn; each is still bounded by the
-  connection's deadlines), so the event loop goes on accepting, handshaking, and answering
+  ``REVIEW_THREADS`` at once and only while their bodies fit ``review_bytes`` (``ReviewGate``:
+  others wait their turn in order, each until its request's deadline, with at most
+  ``waiting_bytes`` of bodies waiting; otherwise 503), so the event loop goes on accepting, handshaking, and answering
   ``/healthz`` and small reviews meanwhile (found by a hostile review: one large review
   blocked every other connection, the kubelet's probes included, for its whole time).
 """
@@ -50,8 +51,9 @@ import hashlib
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
@@ -77,6 +79,8 @@ from sidecar.reload import (
     ignore_signals_until_handled,
 )
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True)
 class WebhookLimits:
@@ -90,6 +94,12 @@ class WebhookLimits:
     max_connections: int = 512
     max_connections_per_source: int = 64
     max_requests_per_connection: int = 1000
+    # Reviews at once: at most REVIEW_THREADS, whose bodies add up to at most
+    # ``review_bytes`` (a review's working set is some 25 times its body: one 3 MiB review
+    # took 80 MB); bodies read and waiting for a review add up to at most ``waiting_bytes``
+    # (more than two threads review within one request's deadline), beyond it 503 at once.
+    review_bytes: int = MAX_REVIEW_BYTES
+    waiting_bytes: int = 4 * MAX_REVIEW_BYTES
 
     def server_limits(self) -> ServerLimits:
         """The same bounds for the control-plane server (``sidecar.ctlhttp.server``)."""
@@ -122,6 +132,60 @@ class WebhookStats:
     def render(self) -> bytes:
         """The webhook's counters in Prometheus text format, the body of ``GET /metrics``."""
         return self.registry.render()
+
+
+class ReviewGate:
+    """Who may run a review now (``WebhookLimits.review_bytes``, ``waiting_bytes``,
+    ``REVIEW_THREADS``): first come, first served, each waiting only until its request's
+    deadline. Found by a hostile review: a review waited for a thread with no bound, so 20
+    concurrent 3 MiB reviews were answered up to 23 s later (the API server gives up after
+    ``timeoutSeconds: 10``, so the webhook worked for nobody while every review behind them
+    timed out), and two of them at once, plus the bodies waiting, took the webhook past
+    its 256 MiB memory limit (292 MiB resident: OOM-killed, and with ``failurePolicy:
+    Fail`` no pod created in any meshed namespace)."""
+
+    def __init__(self, limits: WebhookLimits) -> None:
+        self.limits = limits
+        self.running = 0
+        self.running_bytes = 0
+        self.waiting_bytes = 0
+        self._queue: list[object] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def _may_start(self, ticket: object, size: int) -> bool:
+        if self._queue[0] is not ticket or self.running >= REVIEW_THREADS:
+            return False
+        return self.running == 0 or self.running_bytes + size <= self.limits.review_bytes
+
+    async def run(self, size: int, deadline: float,
+                  work: Callable[[], _T]) -> tuple[bool, _T | None]:
+        """``(True, work())`` run in a worker thread, or ``(False, None)`` when the queue is
+        full or no turn came by ``deadline``."""
+        if self.waiting_bytes + size > self.limits.waiting_bytes:
+            return False, None
+        ticket = object()
+        self._queue.append(ticket)
+        self.waiting_bytes += size
+        started = False
+        try:
+            with trio.move_on_at(deadline):
+                while not self._may_start(ticket, size):
+                    await self._lot.park()
+                started = True
+                self.running += 1
+                self.running_bytes += size
+        finally:
+            self._queue.remove(ticket)
+            self.waiting_bytes -= size
+            self._lot.unpark_all()  # the next one in the queue may start now
+        if not started:
+            return False, None
+        try:
+            return True, await trio.to_thread.run_sync(work)
+        finally:
+            self.running -= 1
+            self.running_bytes -= size
+            self._lot.unpark_all()
 
 
 class CertificateLoadError(Exception):
@@ -275,8 +339,14 @@ def webhook_handler(options: InjectOptions, limits: WebhookLimits,
         # The path is the namespace's mode: the webhook configuration picks it from the
         # namespace label, which the pod's author does not control. The review and its
         # encoding run in a worker thread (see the module docstring).
-        answer, encoded = await trio.to_thread.run_sync(
-            _review, body, replace(options, namespace_mode=mode), limiter=reviews)
+        ran, result = await gate.run(
+            len(body), request.deadline,
+            functools.partial(_review, body, replace(options, namespace_mode=mode)))
+        if not ran or result is None:
+            stats.reviews.labels("busy").inc()
+            log("webhook_bad_request", "warning", status=503, error="busy")
+            return _json(503, {"error": "busy; try again"}, close=True)
+        answer, encoded = result
         stats.reviews.labels(_review_result(answer)).inc()
         if answer.status != 200:
             log("webhook_bad_request", "warning", status=answer.status,
@@ -288,7 +358,7 @@ def webhook_handler(options: InjectOptions, limits: WebhookLimits,
                 allowed=response.get("allowed"), mode=mode, **denied_by)
         return Reply(answer.status, encoded, JSON)
 
-    reviews = trio.CapacityLimiter(REVIEW_THREADS)
+    gate = ReviewGate(limits)
     return handle
 
 
