@@ -51,7 +51,7 @@ from sidecar.config.model import Limits
 from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
 from sidecar.http.body_override import BodyCheck
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
-from sidecar.http.request import RequestHead
+from sidecar.http.request import CONNECTION_AUTH_SCHEMES, RequestHead
 from sidecar.http.wire import (
     END,
     NEED_DATA,
@@ -865,9 +865,6 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
     return not spoke
 
 
-# Authentication schemes that authenticate a connection rather than a request (RFC 4559
-# Negotiate; NTLM): IIS and http.sys treat the connection as the user's once it succeeded.
-CONNECTION_AUTH_SCHEMES = frozenset({b"ntlm", b"negotiate"})
 _CHALLENGE = re.compile(rb"(?:^|,)[ \t]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)")
 
 
