@@ -1,4 +1,5 @@
-"""An app connection that carried NTLM or Negotiate authentication is its client's alone.
+"""An app connection that carried NTLM, Negotiate, Kerberos or CredSSP authentication is its
+client's alone.
 
 IIS and http.sys authenticate the *connection* with NTLM (and Negotiate, by default): once a
 handshake succeeded, every later request on that TCP connection runs as the user. The inbound
@@ -8,7 +9,9 @@ was answered as that user (found by a hostile review). Now such a connection (a 
 sent the scheme, or a 401/407 that offered it) is kept for its client connection only, as
 HAProxy and Envoy keep them private, and closed when that connection ends; the handshake
 still completes (its steps share the connection). Every scheme spelling and challenge form,
-through both listeners, with Basic and Bearer as the control (still pooled).
+through both listeners, with Basic and Bearer as the control (still pooled). A later hostile
+review found http.sys's ``Kerberos`` scheme and WinRM's ``CredSSP`` (both connection-bound)
+pooled and shared like per-request schemes: members of the family now.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 # Authorization values whose scheme authenticates the connection (any case, bare or with a
 # credential).
 CONNECTION_SCHEMES = ["NTLM TlRMTVNTUAADAAAA", "ntlm TlRMTVNTUAAB", "Negotiate YIIGhgYGKwYB",
-                      "NEGOTIATE YII", "negotiate oYIB", "NTLM"]
+                      "NEGOTIATE YII", "negotiate oYIB", "NTLM",
+                      # http.sys's Kerberos scheme (WinRM; the Ruby WinRM client sends it) and
+                      # WinRM's CredSSP: found by a later hostile review, pooled and shared
+                      "Kerberos YIIGhgYJKoZIhvcSAQICAQBu", "kerberos YII", "KERBEROS",
+                      "CredSSP FgMBAAEBAAD9AwMA", "credssp FgMB", "CREDSSP"]
 # Answers that ask for such a scheme: (status, fields).
 CHALLENGES: dict[str, tuple[int, list[tuple[str, str]]]] = {
     "ntlm": (401, [("WWW-Authenticate", "NTLM")]),
@@ -40,12 +47,18 @@ CHALLENGES: dict[str, tuple[int, list[tuple[str, str]]]] = {
     "listed_after_basic": (401, [("WWW-Authenticate", 'Basic realm="corp, x", NTLM')]),
     "second_field": (401, [("WWW-Authenticate", "Basic realm=x"),
                            ("WWW-Authenticate", "Negotiate")]),
+    "kerberos": (401, [("WWW-Authenticate", "Kerberos")]),
+    "credssp": (401, [("WWW-Authenticate", "CredSSP")]),
+    "credssp_after_basic": (401, [("WWW-Authenticate", 'Basic realm="wsman"'),
+                                  ("WWW-Authenticate", "credssp")]),
 }
 # A 407 offering such a scheme: no client can go on (Proxy-Authenticate is hop-by-hop), so
 # the connection is never reused.
-PROXY_CHALLENGES = {"ntlm": "NTLM", "negotiate": "Negotiate TlRM", "listed": "Basic, NTLM"}
+PROXY_CHALLENGES = {"ntlm": "NTLM", "negotiate": "Negotiate TlRM", "listed": "Basic, NTLM",
+                    "kerberos": "Kerberos", "credssp": "Basic, CredSSP"}
 # Per-request schemes: the connection goes back to the shared pool.
-REQUEST_SCHEMES = ["Basic YWxpY2U6c2VjcmV0", "Digest username=\"a\"", "Signature keyId=\"k\""]
+REQUEST_SCHEMES = ["Basic YWxpY2U6c2VjcmV0", "Digest username=\"a\"", "Signature keyId=\"k\"",
+                   "Kerberosx YII", "CredSSPv2 FgMB", "Cookie a=b"]
 
 
 class ConnectionAuthApp(RecordingApp):
@@ -78,7 +91,7 @@ class ConnectionAuthApp(RecordingApp):
                     status, fields = 200, []
                     auth = dict(event.headers).get(b"authorization", b"")
                     target = event.target.decode()
-                    if re.match(rb"(?i)(ntlm|negotiate)\b", auth):
+                    if re.match(rb"(?i)(ntlm|negotiate|kerberos|credssp)\b", auth):
                         user = "alice"
                     elif target.startswith("/challenge/"):
                         status, fields = CHALLENGES[target.rsplit("/", 1)[1]]

@@ -77,7 +77,8 @@ class RequestHead(NamedTuple):
     # too, ``read_destination``); at most one.
     destination: bool = False
     # The Authorization field uses a scheme that authenticates the connection (NTLM,
-    # Negotiate): the upstream connection is the client's alone (``sidecar.net.forward``).
+    # Negotiate, Kerberos, CredSSP: ``CONNECTION_AUTH_SCHEMES``): the upstream connection
+    # is the client's alone (``sidecar.net.forward``).
     connection_auth: bool = False
 
 
@@ -129,7 +130,8 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                 destination = True
             elif name == b"authorization":
                 # (a Bearer or Basic value, nearly all of them, at one slice and compare)
-                connection_auth = value[:1] in b"Nn \t" and _authenticates_connection(value)
+                connection_auth = value[:1] in _CONNECTION_AUTH_FIRST \
+                    and _authenticates_connection(value)
             elif kind == _LENGTH:
                 # h11 already checked it is digits; re-checked so this function is total.
                 if not value.isdigit():
@@ -195,13 +197,24 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
 
 
 _SCHEME = re.compile(rb"[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)")
+# Authentication schemes that authenticate a connection rather than a request, compared
+# lower-cased: NTLM and Negotiate (RFC 4559; IIS and http.sys), Kerberos (http.sys's own
+# scheme, its context cached per connection as IIS does by default; WinRM offers it, the
+# Ruby WinRM client sends it) and CredSSP (WinRM: the delegated credentials and the
+# message encryption belong to the connection's security context). Found by a hostile
+# review: a Kerberos or CredSSP connection went back to the shared pool, and the next
+# caller's request ran as the user who had authenticated it.
+CONNECTION_AUTH_SCHEMES = frozenset({b"ntlm", b"negotiate", b"kerberos", b"credssp"})
+# The first characters of those schemes (and of the whitespace before one): a value that
+# starts with anything else (Bearer, Basic: nearly all of them) is passed over at one slice.
+_CONNECTION_AUTH_FIRST = b"NnKkCc \t"
 
 
 def _authenticates_connection(value: bytes) -> bool:
     """An Authorization value whose scheme (its first token, any case) authenticates the
-    connection rather than the request: NTLM, Negotiate (RFC 4559)."""
+    connection rather than the request (``CONNECTION_AUTH_SCHEMES``)."""
     m = _SCHEME.match(value)
-    return m is not None and m.group(1).lower() in (b"ntlm", b"negotiate")
+    return m is not None and m.group(1).lower() in CONNECTION_AUTH_SCHEMES
 
 
 # A Destination that names a host (RFC 4918 10.3: an absolute URI, or an absolute path).

@@ -41,6 +41,8 @@ complete body.
 from __future__ import annotations
 
 import re
+import select
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +53,7 @@ from sidecar.config.model import Limits
 from sidecar.errors import BadGateway, GatewayTimeout, PayloadTooLarge, RequestRefused
 from sidecar.http.body_override import BodyCheck
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
-from sidecar.http.request import RequestHead
+from sidecar.http.request import CONNECTION_AUTH_SCHEMES, RequestHead
 from sidecar.http.wire import (
     END,
     NEED_DATA,
@@ -77,6 +79,7 @@ from sidecar.net.streams import (
     Timeout,
     abort,
     close_quietly,
+    raw_socket,
     readable_now,
     run_clock,
     truncated,
@@ -358,6 +361,42 @@ SENT, EARLY_READ, EARLY_UNREAD = 0, 1, 2
 # its connection is closed (``sidecar.net.respond.linger``).
 EARLY_LINGER_SECONDS = 2.0
 EARLY_LINGER_BYTES = 64 * 1024 * 1024
+# How often a caller waiting for its answer is looked at (``_caller_gone``): a caller that
+# closed its connection is noticed within about this long, and its exchange ends.
+CALLER_CHECK_SECONDS = 1.0
+
+
+def _caller_gone(client: Endpoint) -> bool:
+    """The caller closed its connection (a FIN or a reset), checked without waiting and
+    without taking a byte. On Linux a poll for ``POLLRDHUP``: a FIN is seen though bytes
+    are still unread before it (under TLS the close_notify record a closing client sends
+    first; a request pipelined just before the close). Elsewhere a peek at the socket, which
+    sees the FIN only when nothing is unread before it. Nothing waiting, or bytes without an
+    end behind them: still there."""
+    sock = getattr(raw_socket(client.stream), "_sock", None)
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    if fd < 0:
+        return False
+    if _RDHUP:
+        poller = _GONE_POLL
+        poller.register(fd, _GONE_EVENTS)
+        try:
+            return bool(poller.poll(0))
+        finally:
+            poller.unregister(fd)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+    except (BlockingIOError, InterruptedError, ValueError):
+        return False  # (ValueError: a stdlib TLS wrapper, which takes no flags)
+    except OSError:
+        return True  # (a reset)
+
+
+_RDHUP: int = getattr(select, "POLLRDHUP", 0)
+_GONE_POLL = select.poll()
+_GONE_EVENTS = _RDHUP | select.POLLHUP | select.POLLERR
 
 
 def _normalised(headers: Headers) -> Headers:
@@ -504,15 +543,31 @@ async def forward(
                 while event is NEED_DATA:
                     if client.out:  # (a 1xx head relayed: it goes out before the wait)
                         await client.flush(deadline)
-                    got: Any = ep.receive_now(deadline)  # (bytes, None or a coroutine)
-                    if got is None:
-                        try:
-                            await wait_readable(ep.wait_fd)
-                        except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
-                            raise ep.wait_failed(exc)  # noqa: B904 -- (its own cause)
-                        got = ep.woke(deadline)
-                    if not isinstance(got, bytes):  # (the complete read)
-                        got = await got
+                    # The wait is cut every ``CALLER_CHECK_SECONDS`` to see whether the
+                    # caller is still there (``_caller_gone``): one that closed its
+                    # connection meanwhile -- its own timeout ran out -- ends the exchange
+                    # (found by a hostile review: the request was waited for until the
+                    # answer or ``response_timeout``, holding the caller's connection slot
+                    # and an upstream connection, so an app whose client timeouts are
+                    # shorter than a slow upstream filled ``max_connections_per_source``
+                    # with connections it had closed and was refused).
+                    wait_until = min(deadline, client.clock() + CALLER_CHECK_SECONDS)
+                    try:
+                        got: Any = ep.receive_now(wait_until)  # (bytes, None or a coroutine)
+                        if got is None:
+                            try:
+                                await wait_readable(ep.wait_fd)
+                            except BaseException as exc:  # noqa: BLE001 -- re-raised, mapped
+                                raise ep.wait_failed(exc)  # noqa: B904 -- (its own cause)
+                            got = ep.woke(wait_until)
+                        if not isinstance(got, bytes):  # (the complete read)
+                            got = await got
+                    except Timeout:
+                        if wait_until >= deadline:
+                            raise
+                        if _caller_gone(client):
+                            raise PeerClosed("client_gone_before_answer", "client") from None
+                        continue
                     ep.reader.feed(got)
                     event = ep.event_now()
                 if type(event) is not Response:
@@ -865,9 +920,6 @@ async def _send_unless_answered(client: Endpoint, ep: Endpoint,
     return not spoke
 
 
-# Authentication schemes that authenticate a connection rather than a request (RFC 4559
-# Negotiate; NTLM): IIS and http.sys treat the connection as the user's once it succeeded.
-CONNECTION_AUTH_SCHEMES = frozenset({b"ntlm", b"negotiate"})
 _CHALLENGE = re.compile(rb"(?:^|,)[ \t]*([!#$%&'*+.^_`|~0-9A-Za-z-]+)")
 
 
