@@ -70,6 +70,8 @@ services:
 
 # The same mesh, but orders now refuses /orders/** and /slow (a reload target).
 MESH_LOCKED = MESH.replace("paths: [/orders/internal/**]", "paths: [/orders/**, /slow]")
+# ... or /orders/** only: a request to /slow in flight is still allowed.
+MESH_LOCKED_ORDERS = MESH.replace("paths: [/orders/internal/**]", "paths: [/orders/**]")
 
 
 def _audit(path: Path) -> list:
@@ -374,6 +376,8 @@ def test_deleted_file_keeps_the_old_policy(mesh, policy_file):
 
 def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, policy_file,
                                                                       tmp_path, app):
+    # A request in flight that the new policy still allows is left alone and recorded under
+    # the version it was decided by (one the new policy refuses is cut at once: below).
     a, b = mesh
     old = _version(b)
     result: list = []
@@ -391,8 +395,8 @@ def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, polic
         # The app counts what it receives (each /stats call counts itself): once the slow
         # request is there, orders has decided it under the old policy.
         wait_for(lambda: _app_requests(app) >= seen + 3, timeout=10, interval=0.1)
-        policy_file.write_text(MESH_LOCKED)
-        wait_for(lambda: _get(a, "/slow?s=0") == 403, timeout=10)
+        policy_file.write_text(MESH_LOCKED_ORDERS)
+        wait_for(lambda: _get(a, "/orders/1") == 403, timeout=10)
         new = _version(b)
         assert new != old
         assert t.is_alive(), "the slow request ended before the reload: test proves nothing"
@@ -405,8 +409,37 @@ def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, polic
     slow_rec = next(r for r in recs if r.path == "/slow" and r.status == 200)
     assert (slow_rec.decision, slow_rec.rule) == ("allow", "frontend-reads-orders")
     assert slow_rec.policy_version == old
-    denied = [r for r in recs if r.path == "/slow" and r.status == 403]
+    denied = [r for r in recs if r.path == "/orders/1" and r.status == 403]
     assert denied and all(r.policy_version == new and r.rule == "no-internal" for r in denied)
+
+
+def test_in_flight_request_the_new_policy_refuses_is_cut_at_once(mesh, policy_file, app):
+    # policy_refused leaves no connection_close_grace (10 s): the 3 s request ends as soon
+    # as the reload refuses it, without its answer (docs/identity.md "Connection lifetime").
+    a, b = mesh
+    result: list = []
+
+    def slow() -> None:
+        try:
+            result.append(http(a.port("orders"), "GET", "/slow?s=3", timeout=20))
+        except OSError as exc:
+            result.append(exc)
+
+    seen = _app_requests(app)
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        wait_for(lambda: _app_requests(app) >= seen + 3, timeout=10, interval=0.1)
+        policy_file.write_text(MESH_LOCKED)
+        wait_for(lambda: _get(a, "/slow?s=0") == 403, timeout=10)
+        t.join(1.5)  # (the app answers at 3 s: a request still running was not cut)
+        assert not t.is_alive(), "the refused request in flight ran on after the reload"
+    finally:
+        t.join(30)
+    assert len(result) == 1
+    assert isinstance(result[0], Exception) or result[0].status != 200, result
+    assert b.log_events("connection_closed") and any(
+        e.get("reason") == "policy_refused" for e in b.log_events("connection_closed"))
 
 
 # -- ambiguous requests: 400 before any rule runs ---------------------------------------------
