@@ -68,7 +68,6 @@ from sidecar.policy.decision import (
     AuthFacts,
     Decision,
     RequestFacts,
-    decided_claims,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
@@ -81,6 +80,7 @@ if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import a
     from sidecar.introspect import Introspector
     from sidecar.policy.compiled import Section
     from sidecar.policy.loaded import Policy
+    from sidecar.policy.sections import JwtProvider
     from sidecar.ratelimit import RateLimiter
 
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
@@ -325,8 +325,9 @@ class Gate:
         verdict = Verdict(decision, auth)
         if decision.allowed:
             if limiter is not None and not decision.dry_run and limiter.limits:
-                check = limiter.check(self.own_id, facts.peer, auth.apikey,
-                                           _subject(auth, decision.provider), now)
+                check = limiter.check(
+                    self.own_id, facts.peer, auth.apikey,
+                    _subject(auth, decision.provider, policy.extras.jwt_providers), now)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
                                                 REASON_RATE_LIMITED, decision.version, status=429,
@@ -511,13 +512,22 @@ class Gate:
         return getattr(self.policies.policy, "version", None) or "none"
 
 
-def _subject(auth: AuthFacts, provider: str | None) -> str | None:
-    """The per-subject rate limit's key: the ``sub`` of the token the deciding rule's
-    provider verified (``decided_claims``: the same claims the audit record names), never
-    that of another token the request also carried -- which let a caller choose whose limit
-    to use (found by a hostile review)."""
-    if not auth.claims:
+def _subject(auth: AuthFacts, provider: str | None,
+             providers: Mapping[str, JwtProvider]) -> str | None:
+    """The per-subject rate limit's key: the issuer and ``sub`` of the token the deciding
+    rule's provider verified (``decided_claims``: the same claims the audit record names),
+    never that of another token the request also carried -- which let a caller choose whose
+    limit to use (found by a hostile review). A ``sub`` is unique within its issuer only
+    (RFC 7519 4.1.2): keyed by ``sub`` alone, a user of one provider spent the bucket of
+    the same-named user of another (found by the limits review)."""
+    claims_by = auth.claims
+    if not claims_by:
         return None
-    claims = decided_claims(auth, provider)
-    sub = None if claims is None else claims.get("sub")
-    return sub if isinstance(sub, str) else None
+    name = provider if provider is not None and provider in claims_by else next(iter(claims_by))
+    sub = claims_by[name].get("sub")
+    if not isinstance(sub, str):
+        return None
+    spec = providers.get(name)
+    issuer = spec.issuer if spec is not None else name
+    # Length-prefixed: no (issuer, sub) pair spells another's key.
+    return f"{len(issuer)}:{issuer}{sub}"

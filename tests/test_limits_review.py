@@ -85,3 +85,63 @@ def test_a_block_by_peer_cuts_the_peers_streams_whatever_its_id_length(
     with pytest.raises((OSError, AssertionError)):
         _upgrade(port, ctx).close()
     assert time.monotonic() - started < 10
+
+
+# -- per: subject buckets are per issuer and subject ----------------------------------------
+
+PARTNER = "https://partner.example/"
+
+
+def _signed(issuer: str, label: str, kid: str, sub: str) -> str:
+    import uuid
+
+    import jwt as pyjwt
+
+    from tests.test_authn_support import AUDIENCE, ec_key
+
+    now = int(time.time())
+    return pyjwt.encode({"iss": issuer, "aud": AUDIENCE, "sub": sub, "jti": uuid.uuid4().hex,
+                         "iat": now - 5, "exp": now + 600}, ec_key(label), algorithm="ES256",
+                        headers={"kid": kid})
+
+
+def _get(port: int, ctx: ssl.SSLContext, token: str) -> int:
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
+        s.sendall(f"GET /x HTTP/1.1\r\nHost: orders\r\nAuthorization: Bearer {token}\r\n"
+                  f"Connection: close\r\n\r\n".encode())
+        return int(read_head(s).split(b" ", 2)[1])
+
+
+# (subject a caller's provider issues, subject of the victim's provider): same spelling
+SAME_SUBJECTS = ["alice", "Alice", "x" * 200, "ä" * 100]
+
+
+def test_one_issuers_subject_never_spends_another_issuers_bucket(
+        tmp_path: Path, pki: Any, app: int, procs: list[Any]) -> None:
+    from tests.harness import spiffe
+    from tests.test_authn_support import AUDIENCE, ec_key, jwk, jwks_bytes
+
+    doc = _policy_doc([
+        {"name": "corp-users", "allow": {"from": [spiffe("frontend")], "jwt": {"provider": "corp"}}},
+        {"name": "partner-users", "allow": {"from": [spiffe("frontend")],
+                                            "jwt": {"provider": "partner"}}},
+    ])
+    doc["jwt_providers"]["partner"] = {"issuer": PARTNER, "audiences": [AUDIENCE],
+                                       "algorithms": ["ES256"], "jwks_file": "jwks/partner.json"}
+    doc["rate_limits"] = [{"name": "per-user", "rate": "1/h", "burst": 2, "per": "subject"}]
+    jwks = tmp_path / "policy" / "jwks"
+    jwks.mkdir(parents=True, exist_ok=True)
+    (jwks / "partner.json").write_bytes(jwks_bytes(jwk(ec_key("partner-ec"), "p-1")))
+    policy = _write(tmp_path, doc)
+    proc = start_sidecar(tmp_path, "orders", sidecar_config(pki.identity("orders"), inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"}, policy=policy))
+    procs.append(proc)
+    port = proc.port("inbound")
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    from tests.test_authn_support import ISSUER
+
+    for sub in SAME_SUBJECTS:
+        partner = [_get(port, ctx, _signed(PARTNER, "partner-ec", "p-1", sub)) for _ in range(3)]
+        assert partner == [200, 200, 429], (sub, partner)  # the limit holds for partner's sub
+        corp = [_get(port, ctx, _signed(ISSUER, "lifetime-ec", "lt-1", sub)) for _ in range(3)]
+        assert corp == [200, 200, 429], (sub, corp)  # corp's user has a bucket of its own
