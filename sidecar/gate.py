@@ -50,6 +50,7 @@ limits and burst counting run on every request as before.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -182,8 +183,16 @@ class Gate:
                  authenticator: Authenticator | None = None,
                  limiter: RateLimiter | None = None,
                  detector: BurstDetector | None = None,
-                 on_alert: Callable[[Alert], None] | None = None) -> None:
+                 on_alert: Callable[[Alert], None] | None = None,
+                 clock: Callable[[], float] | None = time.monotonic) -> None:
         self.own_id = own_id
+        # The rate limiter's and burst detector's clock: monotonic, never the wall clock the
+        # decision's ``now`` is (token expiry needs that one). On the wall clock a step
+        # forward (NTP, a VM resumed) ended every alert block at once and refilled every
+        # bucket, and a step back froze the buckets until the clock caught up: callers got
+        # 429 for as long as the step (found by the limits review). ``None``: use ``now``
+        # (unit tests that script the time).
+        self.clock = clock
         self.policies = policies
         self.allow_from = allow_from
         self.authenticator = authenticator
@@ -261,7 +270,8 @@ class Gate:
         the connection's ``ConnectionMemo``, if it keeps one; ``introspected``: what
         ``prepare`` returned for this request."""
         detector = self.detector
-        if detector is not None and detector.blocked(facts.peer, facts.source, now):
+        tick = now if self.clock is None else self.clock()
+        if detector is not None and detector.blocked(facts.peer, facts.source, tick):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
                                     status=403))
         policy = self.policies.policy
@@ -327,7 +337,7 @@ class Gate:
             if limiter is not None and not decision.dry_run and limiter.limits:
                 check = limiter.check(
                     self.own_id, facts.peer, auth.apikey,
-                    _subject(auth, decision.provider, policy.extras.jwt_providers), now)
+                    _subject(auth, decision.provider, policy.extras.jwt_providers), tick)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
                                                 REASON_RATE_LIMITED, decision.version, status=429,
@@ -360,7 +370,7 @@ class Gate:
             failure = classify_failure(
                 decision.reason, section.by_name.get(decision.rule), auth,
                 {n: p.issuer for n, p in policy.extras.jwt_providers.items()})
-            for alert in detector.record_failure(facts.peer, facts.source, now, failure):
+            for alert in detector.record_failure(facts.peer, facts.source, tick, failure):
                 if self.on_alert is not None:
                     self.on_alert(alert)
         return verdict
@@ -381,7 +391,8 @@ class Gate:
         providers still there, no token revoked, the API key's entry still there).
         """
         detector = self.detector
-        if detector is not None and detector.blocked(facts.peer, facts.source, now):
+        if detector is not None and detector.blocked(
+                facts.peer, facts.source, now if self.clock is None else self.clock()):
             return False
         authn = self.authenticator
         if auth is not None and authn is not None and (auth.claims or auth.apikey is not None):

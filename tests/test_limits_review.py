@@ -145,3 +145,106 @@ def test_one_issuers_subject_never_spends_another_issuers_bucket(
         assert partner == [200, 200, 429], (sub, partner)  # the limit holds for partner's sub
         corp = [_get(port, ctx, _signed(ISSUER, "lifetime-ec", "lt-1", sub)) for _ in range(3)]
         assert corp == [200, 200, 429], (sub, corp)  # corp's user has a bucket of its own
+
+
+# -- a wall-clock step moves no limit ---------------------------------------------------------
+
+# Loaded into the sidecar's interpreter only (``sitecustomize`` on its PYTHONPATH): its
+# ``time.time()`` -- the wall clock -- is stepped by the seconds written in a file, as NTP or a
+# resumed VM steps it. The monotonic clock, the kernel and OpenSSL are untouched.
+_STEPPED_CLOCK = '''
+import os, threading, time
+_real, _path, _offset = time.time, os.environ["LIMITS_REVIEW_CLOCK_FILE"], [0.0]
+def _poll():
+    while True:
+        try:
+            with open(_path) as f:
+                _offset[0] = float(f.read() or 0)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+threading.Thread(target=_poll, daemon=True).start()
+time.time = lambda: _real() + _offset[0]
+'''
+
+# (what, step in seconds, rate limit or alert block, expected after the step)
+CLOCK_STEPS = [
+    ("block-survives-step-forward", 600.0, "block:5m", 403),
+    ("block-ends-in-time-after-step-back", -30.0, "block:2s", 200),
+    ("bucket-refills-in-time-after-step-back", -30.0, "rate:10/s", 200),
+    ("bucket-not-refilled-by-step-forward", 7200.0, "rate:1/h", 429),
+    # a block set by refused handshakes (the app's hook, not the gate) on the same clock
+    ("handshake-block-ends-in-time", 0.0, "tlsblock:2s", 200),
+    ("handshake-block-survives-step-forward", 600.0, "tlsblock:5m", 403),
+]
+
+
+@pytest.mark.parametrize(("what", "step", "limit", "expected"), CLOCK_STEPS,
+                         ids=[c[0] for c in CLOCK_STEPS])
+def test_a_wall_clock_step_moves_no_block_or_bucket(
+        tmp_path: Path, pki: Any, app: int, procs: list[Any], what: str, step: float,
+        limit: str, expected: int) -> None:
+    import os
+
+    from tests.harness import spiffe
+
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_STEPPED_CLOCK)
+    clock = tmp_path / "clock-offset"
+    clock.write_text("0")
+    kind, value = limit.split(":")
+    doc = _policy_doc([{"name": "callers", "allow": {"from": [spiffe("frontend")],
+                                                     "paths": ["/ok"]}}])
+    if kind in ("block", "tlsblock"):
+        doc["alerts"] = [{"name": "burst", "threshold": 3, "window": "1m",
+                          "by": "peer" if kind == "block" else "address", "block": value}]
+    else:
+        doc["rate_limits"] = [{"name": "per-caller", "rate": value, "burst": 1, "per": "peer"}]
+    policy = _write(tmp_path, doc)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shim),
+                                                      os.environ.get("PYTHONPATH")])),
+           "LIMITS_REVIEW_CLOCK_FILE": str(clock)}
+    proc = start_sidecar(tmp_path, "orders", sidecar_config(pki.identity("orders"), inbound={
+        "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}"}, policy=policy),
+        env=env)
+    procs.append(proc)
+    port = proc.port("inbound")
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+
+    def status(path: str) -> int:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"
+                      .encode())
+            return int(read_head(s).split(b" ", 2)[1])
+
+    if kind == "block":
+        assert [status("/denied") for _ in range(3)] == [403] * 3
+        assert status("/ok") == 403  # blocked
+    elif kind == "tlsblock":
+        anonymous = ssl.create_default_context(cafile=pki.bundle)
+        anonymous.check_hostname = False
+        for _ in range(3):  # no client certificate: failures of 127.0.0.1
+            try:
+                with anonymous.wrap_socket(socket.create_connection(
+                        ("127.0.0.1", port), timeout=5)) as s:
+                    s.recv(1)
+            except OSError:
+                pass
+        wait_for(lambda: proc.log_events("alert_raised"), timeout=10)
+        assert status("/ok") == 403  # blocked
+    else:
+        assert status("/ok") == 200
+        assert status("/ok") == 429  # the burst of 1 is spent
+    clock.write_text(str(step))
+    time.sleep(0.3)  # (the shim reads the file every 20 ms)
+    if expected == 200:  # the block or the bucket ends in real time, whatever the step
+        time.sleep(0.3 if kind == "rate" else 2.5)
+        deadline = time.monotonic() + 5
+        got = status("/ok")
+        while got != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            got = status("/ok")
+    else:
+        got = status("/ok")
+    assert got == expected, f"{what}: {got}"
