@@ -53,7 +53,7 @@ def _upgrade(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
 
 def _denied(port: int, ctx: ssl.SSLContext) -> bytes:
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
-        s.sendall(b"GET /not-allowed HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /denied HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
         return read_head(s)
 
 
@@ -107,7 +107,7 @@ def _signed(issuer: str, label: str, kid: str, sub: str) -> str:
 
 def _get(port: int, ctx: ssl.SSLContext, token: str) -> int:
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as s:
-        s.sendall(f"GET /x HTTP/1.1\r\nHost: orders\r\nAuthorization: Bearer {token}\r\n"
+        s.sendall(f"GET /ok HTTP/1.1\r\nHost: orders\r\nAuthorization: Bearer {token}\r\n"
                   f"Connection: close\r\n\r\n".encode())
         return int(read_head(s).split(b" ", 2)[1])
 
@@ -248,3 +248,53 @@ def test_a_wall_clock_step_moves_no_block_or_bucket(
     else:
         got = status("/ok")
     assert got == expected, f"{what}: {got}"
+
+
+# -- one rule's flood of alerts leaves room for another rule's post ------------------------
+
+def test_made_up_subjects_never_crowd_a_peer_alert_out_of_the_webhook_queue(
+        tmp_path: Path, pki: Any, app: int, procs: list[Any]) -> None:
+    import uuid
+
+    import jwt as pyjwt
+
+    from tests.harness import spiffe
+    from tests.test_authn_support import AUDIENCE, ISSUER, ec_key
+
+    hook = socket.socket()  # a webhook that takes connections and never answers
+    hook.bind(("127.0.0.1", 0))
+    hook.listen(512)
+    try:
+        url = f"http://127.0.0.1:{hook.getsockname()[1]}/hook"
+        doc = _policy_doc([{"name": "users", "allow": {"from": [spiffe("frontend")],
+                                                       "paths": ["/ok"],
+                                                       "jwt": {"provider": "corp"}}}])
+        doc["alerts"] = [
+            {"name": "claimed-subjects", "threshold": 1, "window": "1m", "by": "subject",
+             "webhook": url},
+            {"name": "peer-burst", "threshold": 3, "window": "1m", "by": "peer",
+             "webhook": url},
+        ]
+        policy = _write(tmp_path, doc)
+        proc = start_sidecar(tmp_path, "orders", sidecar_config(
+            pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
+                                             "app": f"127.0.0.1:{app}"}, policy=policy))
+        procs.append(proc)
+        port = proc.port("inbound")
+        ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+        now = int(time.time())
+        for i in range(130):  # a token signed by no key of corp, a new subject each time
+            token = pyjwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": f"made-up-{i}",
+                                  "jti": uuid.uuid4().hex, "iat": now, "exp": now + 600},
+                                 ec_key("nobody"), algorithm="ES256", headers={"kid": "lt-1"})
+            assert _get(port, ctx, token) == 401
+        wait_for(lambda: len(proc.log_events("alert_raised")) >= 130, timeout=10)
+        for _ in range(3):  # the peer's own failures: no rule allows /denied
+            assert _denied(port, ctx).startswith(b"HTTP/1.1 403")
+        wait_for(lambda: any(e.get("alert") == "peer-burst"
+                             for e in proc.log_events("alert_raised")), timeout=10)
+        dropped = proc.log_events("alert_webhook_dropped")
+        assert dropped  # the flood is bounded ...
+        assert all(e.get("alert") == "claimed-subjects" for e in dropped), dropped  # ... alone
+    finally:
+        hook.close()
