@@ -1,8 +1,15 @@
 """Hostile review of rate limits, alerts and blocks (the limits review).
 
-Through real sidecars: a block by peer of an identity longer than the detector keeps
-as itself (``alerts.MAX_SOURCE_CHARS``, kept as ``sha256:<hex>``) must cut that peer's
-running streams like any other block.
+Through real sidecars, each a family as data:
+* a block by peer of an identity longer than the detector keeps as itself
+  (``alerts.MAX_SOURCE_CHARS``, kept as ``sha256:<hex>``) cuts that peer's running streams
+  like any other block (short, 128, 129 and 1,500 characters);
+* ``per: subject`` buckets are per issuer and ``sub``: one provider's user never spends the
+  bucket of another provider's user of the same ``sub`` (ASCII, case, long, non-ASCII);
+* a step of the wall clock (forward, back) moves no block -- set by refusals or by refused
+  handshakes -- and no bucket (the sidecar's ``time.time`` is stepped by a ``sitecustomize``);
+* one alert rule's flood (made-up claimed subjects) never crowds another rule's webhook post
+  out of the queue.
 """
 
 from __future__ import annotations
