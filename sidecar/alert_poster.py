@@ -8,6 +8,11 @@ bounded queue; ``run()`` posts queued alerts one at a time with the control-plan
 (``sidecar.ctlhttp.client``; http or https) under a timeout. A full queue drops the alert and
 counts it; a failed post is logged (without the URL, whose query may carry a token) and
 counted, and the poster goes on.
+
+Each rule holds at most ``PER_RULE_QUEUED`` of the queue's places: the sources of a
+``by: subject`` rule are the subjects tokens *claim*, chosen by whoever sends them, and one
+caller sending bad tokens with a new made-up subject each filled the whole queue, so that the
+post of another rule's alert -- a peer blocked -- was dropped (found by the limits review).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sidecar.logs import log
 from sidecar.metrics import SidecarMetrics
 
 DEFAULT_QUEUE_SIZE = 100
+PER_RULE_QUEUED = 10  # one rule's share of the queue (see the module docstring)
 DEFAULT_TIMEOUT_SECONDS = 5.0
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024
 
@@ -50,7 +56,10 @@ class AlertPoster:
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.clock = clock
-        self._send, self._receive = trio.open_memory_channel[tuple[str, bytes]](max(1, queue_size))
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str, bytes]](
+            max(1, queue_size))
+        self.per_rule = max(1, min(PER_RULE_QUEUED, queue_size))
+        self._queued: dict[str, int] = {}  # rule -> its posts queued (rules with some only)
         self.sent = 0
         self.failed = 0
         self.dropped = 0
@@ -74,12 +83,16 @@ class AlertPoster:
         if not alert.webhook:
             return True
         body = json.dumps(payload, separators=(",", ":")).encode()
+        queued = self._queued.get(alert.rule, 0)
         try:
-            self._send.send_nowait((alert.webhook, body))
+            if queued >= self.per_rule:
+                raise trio.WouldBlock
+            self._send.send_nowait((alert.rule, alert.webhook, body))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._count("dropped")
             log("alert_webhook_dropped", "warning", alert=alert.rule, reason="queue_full")
             return False
+        self._queued[alert.rule] = queued + 1
         return True
 
     def close(self) -> None:
@@ -94,7 +107,12 @@ class AlertPoster:
         """Post queued alerts one at a time until ``close()``."""
         task_status.started()
         async with self._receive:
-            async for url, body in self._receive:
+            async for rule, url, body in self._receive:
+                held = self._queued.get(rule, 1) - 1
+                if held > 0:
+                    self._queued[rule] = held
+                else:
+                    self._queued.pop(rule, None)
                 await self.post(url, body)
 
     async def post(self, url: str, body: bytes) -> bool:

@@ -322,7 +322,8 @@ class Sidecar:
         there is no verified peer identity to count by: peer)."""
         if self.detector is None:  # registered only with a detector
             return
-        for alert in self.detector.record_failure(None, source, time.time()):
+        # (the detector's clock is the gate's: monotonic)
+        for alert in self.detector.record_failure(None, source, time.monotonic()):
             self._raise_alert(alert)
 
     def _audit_alert(self, kind: str, message: str) -> None:

@@ -50,6 +50,7 @@ limits and burst counting run on every request as before.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,7 +69,6 @@ from sidecar.policy.decision import (
     AuthFacts,
     Decision,
     RequestFacts,
-    decided_claims,
 )
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
@@ -81,6 +81,7 @@ if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import a
     from sidecar.introspect import Introspector
     from sidecar.policy.compiled import Section
     from sidecar.policy.loaded import Policy
+    from sidecar.policy.sections import JwtProvider
     from sidecar.ratelimit import RateLimiter
 
 DECISION_CACHE_SIZE = 4096  # entries per cache; a full cache is cleared, never grown
@@ -182,8 +183,16 @@ class Gate:
                  authenticator: Authenticator | None = None,
                  limiter: RateLimiter | None = None,
                  detector: BurstDetector | None = None,
-                 on_alert: Callable[[Alert], None] | None = None) -> None:
+                 on_alert: Callable[[Alert], None] | None = None,
+                 clock: Callable[[], float] | None = time.monotonic) -> None:
         self.own_id = own_id
+        # The rate limiter's and burst detector's clock: monotonic, never the wall clock the
+        # decision's ``now`` is (token expiry needs that one). On the wall clock a step
+        # forward (NTP, a VM resumed) ended every alert block at once and refilled every
+        # bucket, and a step back froze the buckets until the clock caught up: callers got
+        # 429 for as long as the step (found by the limits review). ``None``: use ``now``
+        # (unit tests that script the time).
+        self.clock = clock
         self.policies = policies
         self.allow_from = allow_from
         self.authenticator = authenticator
@@ -261,7 +270,8 @@ class Gate:
         the connection's ``ConnectionMemo``, if it keeps one; ``introspected``: what
         ``prepare`` returned for this request."""
         detector = self.detector
-        if detector is not None and detector.blocked(facts.peer, facts.source, now):
+        tick = now if self.clock is None else self.clock()
+        if detector is not None and detector.blocked(facts.peer, facts.source, tick):
             return Verdict(Decision("deny", "alert block", REASON_BLOCKED, self._version(),
                                     status=403))
         policy = self.policies.policy
@@ -325,8 +335,9 @@ class Gate:
         verdict = Verdict(decision, auth)
         if decision.allowed:
             if limiter is not None and not decision.dry_run and limiter.limits:
-                check = limiter.check(self.own_id, facts.peer, auth.apikey,
-                                           _subject(auth, decision.provider), now)
+                check = limiter.check(
+                    self.own_id, facts.peer, auth.apikey,
+                    _subject(auth, decision.provider, policy.extras.jwt_providers), tick)
                 if not check.allowed:
                     verdict.decision = Decision("deny", check.limit or "rate limit",
                                                 REASON_RATE_LIMITED, decision.version, status=429,
@@ -359,7 +370,7 @@ class Gate:
             failure = classify_failure(
                 decision.reason, section.by_name.get(decision.rule), auth,
                 {n: p.issuer for n, p in policy.extras.jwt_providers.items()})
-            for alert in detector.record_failure(facts.peer, facts.source, now, failure):
+            for alert in detector.record_failure(facts.peer, facts.source, tick, failure):
                 if self.on_alert is not None:
                     self.on_alert(alert)
         return verdict
@@ -380,7 +391,8 @@ class Gate:
         providers still there, no token revoked, the API key's entry still there).
         """
         detector = self.detector
-        if detector is not None and detector.blocked(facts.peer, facts.source, now):
+        if detector is not None and detector.blocked(
+                facts.peer, facts.source, now if self.clock is None else self.clock()):
             return False
         authn = self.authenticator
         if auth is not None and authn is not None and (auth.claims or auth.apikey is not None):
@@ -511,13 +523,22 @@ class Gate:
         return getattr(self.policies.policy, "version", None) or "none"
 
 
-def _subject(auth: AuthFacts, provider: str | None) -> str | None:
-    """The per-subject rate limit's key: the ``sub`` of the token the deciding rule's
-    provider verified (``decided_claims``: the same claims the audit record names), never
-    that of another token the request also carried -- which let a caller choose whose limit
-    to use (found by a hostile review)."""
-    if not auth.claims:
+def _subject(auth: AuthFacts, provider: str | None,
+             providers: Mapping[str, JwtProvider]) -> str | None:
+    """The per-subject rate limit's key: the issuer and ``sub`` of the token the deciding
+    rule's provider verified (``decided_claims``: the same claims the audit record names),
+    never that of another token the request also carried -- which let a caller choose whose
+    limit to use (found by a hostile review). A ``sub`` is unique within its issuer only
+    (RFC 7519 4.1.2): keyed by ``sub`` alone, a user of one provider spent the bucket of
+    the same-named user of another (found by the limits review)."""
+    claims_by = auth.claims
+    if not claims_by:
         return None
-    claims = decided_claims(auth, provider)
-    sub = None if claims is None else claims.get("sub")
-    return sub if isinstance(sub, str) else None
+    name = provider if provider is not None and provider in claims_by else next(iter(claims_by))
+    sub = claims_by[name].get("sub")
+    if not isinstance(sub, str):
+        return None
+    spec = providers.get(name)
+    issuer = spec.issuer if spec is not None else name
+    # Length-prefixed: no (issuer, sub) pair spells another's key.
+    return f"{len(issuer)}:{issuer}{sub}"

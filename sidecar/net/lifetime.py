@@ -327,11 +327,17 @@ class Lifetimes:
         is enforced per request)."""
         if by not in ("peer", "address"):
             return 0  # token subjects and issuers are per request, not per connection
+        from sidecar.alerts import source_key
+
         n = 0
         for conn in list(self._live):
             if conn.retiring is not None or conn.direction != "inbound":
                 continue
-            if (conn.peer if by == "peer" else conn.source) == source:
+            # ``source`` is as the detector keeps it: a long SPIFFE ID as ``sha256:<hex>``
+            # (an ID over 128 characters was blocked per request while its running streams
+            # were never matched and ran on -- found by the limits review).
+            held = conn.peer if by == "peer" else conn.source
+            if held and source_key(held) == source:
                 n += self.retire(conn, REASON_SOURCE_BLOCKED)
         return n
 
