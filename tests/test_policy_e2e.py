@@ -374,12 +374,10 @@ def test_deleted_file_keeps_the_old_policy(mesh, policy_file):
     assert _get(a, "/payments") == 403
 
 
-def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, policy_file,
-                                                                      tmp_path, app):
-    # A request in flight that the new policy still allows is left alone and recorded under
-    # the version it was decided by (one the new policy refuses is cut at once: below).
-    a, b = mesh
-    old = _version(b)
+def _slow_request_decided(a: SidecarProc, app: int) -> tuple[threading.Thread, list]:
+    """A 3 s request through ``a`` in a thread (its answer or error lands in the list),
+    once orders has decided it: the app counts what it receives (each /stats call counts
+    itself), so once the slow request is there, orders has decided it."""
     result: list = []
 
     def slow() -> None:
@@ -392,9 +390,21 @@ def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, polic
     t = threading.Thread(target=slow)
     t.start()
     try:
-        # The app counts what it receives (each /stats call counts itself): once the slow
-        # request is there, orders has decided it under the old policy.
         wait_for(lambda: _app_requests(app) >= seen + 3, timeout=10, interval=0.1)
+    except BaseException:
+        t.join(30)
+        raise
+    return t, result
+
+
+def test_in_flight_request_finishes_under_the_policy_it_started_with(mesh, policy_file,
+                                                                      tmp_path, app):
+    # A request in flight that the new policy still allows is left alone and recorded under
+    # the version it was decided by (one the new policy refuses is cut at once: below).
+    a, b = mesh
+    old = _version(b)
+    t, result = _slow_request_decided(a, app)
+    try:
         policy_file.write_text(MESH_LOCKED_ORDERS)
         wait_for(lambda: _get(a, "/orders/1") == 403, timeout=10)
         new = _version(b)
@@ -417,19 +427,8 @@ def test_in_flight_request_the_new_policy_refuses_is_cut_at_once(mesh, policy_fi
     # policy_refused leaves no connection_close_grace (10 s): the 3 s request ends as soon
     # as the reload refuses it, without its answer (docs/identity.md "Connection lifetime").
     a, b = mesh
-    result: list = []
-
-    def slow() -> None:
-        try:
-            result.append(http(a.port("orders"), "GET", "/slow?s=3", timeout=20))
-        except OSError as exc:
-            result.append(exc)
-
-    seen = _app_requests(app)
-    t = threading.Thread(target=slow)
-    t.start()
+    t, result = _slow_request_decided(a, app)
     try:
-        wait_for(lambda: _app_requests(app) >= seen + 3, timeout=10, interval=0.1)
         policy_file.write_text(MESH_LOCKED)
         wait_for(lambda: _get(a, "/slow?s=0") == 403, timeout=10)
         t.join(1.5)  # (the app answers at 3 s: a request still running was not cut)
