@@ -18,6 +18,7 @@ documents and the broken ones as data.
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -90,12 +91,19 @@ class Env:
     mesh: OrdersMesh
     server: JwksServer
 
-    def status(self, provider: str) -> int:
+    def status(self, provider: str) -> int | None:
+        """The status of a request with a fresh token of ``provider``; None when the request
+        was cut: one in flight as its key is withdrawn ends at once (policy_refused, no
+        connection_close_grace since the twenty-second session), answer half sent."""
         now = int(time.time())
         token = mint({"iss": ISSUERS[provider], "aud": "orders", "sub": "alice",
                       "jti": uuid.uuid4().hex, "iat": now - 5, "exp": now + 600},
                      ec_key("withdrawn-k1"), kid="k1")
-        return self.mesh.get(f"/{provider}/x", {"authorization": f"Bearer {token}"}).status
+        try:
+            return self.mesh.get(f"/{provider}/x",
+                                 {"authorization": f"Bearer {token}"}).status
+        except (OSError, http.client.HTTPException):
+            return None
 
     def dropped(self, provider: str, cause: str) -> float:
         return self.mesh.sidecar.metric("sidecar_jwks_keys_dropped_total", provider=provider,
