@@ -120,14 +120,6 @@ class _Upstream(_EndlessUpstream):
             while not self.stopped.is_set() and sock.recv(1 << 16):
                 pass
 
-    def close(self) -> None:
-        super().close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
 
 def _short(pki: Pki, tmp: Path, name: str) -> Path:
     """An SVID for ``name`` of ``pki``'s CA whose leaf ends ``EXPIRES_IN`` from now."""
