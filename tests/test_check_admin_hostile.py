@@ -14,6 +14,7 @@ misbehaves from the start.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import request_target
+from tests.harness import request_target, sidecar_cli_many
 from tests.test_live_cli import _answer, _RawAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +113,13 @@ class ScriptedAdmin(_RawAdmin):
             sock.sendall(script)
 
 
+def _parsed(r: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The checks of ``sidecar check -o json``'s answer, by title (no traceback allowed)."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    doc = json.loads(r.stdout) if r.stdout.startswith("{") else {}
+    return {c["title"].split(" (", 1)[0]: c for c in doc.get("checks", [])}
+
+
 def _check(scripts: dict[str, Script], *extra: str) -> tuple[subprocess.CompletedProcess[str],
                                                            dict[str, Any]]:
     server = ScriptedAdmin(scripts)
@@ -121,9 +129,22 @@ def _check(scripts: dict[str, Script], *extra: str) -> tuple[subprocess.Complete
                            cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     finally:
         server.close()
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    doc = json.loads(r.stdout) if r.stdout.startswith("{") else {}
-    return r, {c["title"].split(" (", 1)[0]: c for c in doc.get("checks", [])}
+    return r, _parsed(r)
+
+
+def _checks_in_one_process(cases: dict[Any, dict[str, Script]]
+                           ) -> dict[Any, tuple[subprocess.CompletedProcess[str], dict[str, Any]]]:
+    """``sidecar check --admin`` of a scripted admin per case, every case in one process
+    (``sidecar_cli_many``: a family's members check the message and the exit status; the
+    process boundary is the one-process tests')."""
+    servers = {case: ScriptedAdmin(scripts) for case, scripts in cases.items()}
+    try:
+        results = sidecar_cli_many([["check", "--admin", s.url, "-o", "json"]
+                                    for s in servers.values()], timeout=600)
+    finally:
+        for server in servers.values():
+            server.close()
+    return {case: (r, _parsed(r)) for case, r in zip(servers, results, strict=True)}
 
 
 def test_a_well_behaved_scripted_admin_passes() -> None:
@@ -133,9 +154,15 @@ def test_a_well_behaved_scripted_admin_passes() -> None:
     assert [c["status"] for c in checks.values()] == ["ok", "ok", "ok", "ok", "skip"]
 
 
+@pytest.fixture(scope="module")
+def first_checks() -> dict[Any, tuple[subprocess.CompletedProcess[str], dict[str, Any]]]:
+    return _checks_in_one_process({name: {path: HOSTILE[name] for path in GOOD}
+                                   for name in HOSTILE})
+
+
 @pytest.mark.parametrize("name", sorted(set(HOSTILE) - SLOW) + sorted(SLOW))
-def test_a_hostile_healthz_fails_the_first_check_in_one_line(name: str) -> None:
-    r, checks = _check({path: HOSTILE[name] for path in GOOD})
+def test_a_hostile_healthz_fails_the_first_check_in_one_line(first_checks, name: str) -> None:
+    r, checks = first_checks[name]
     assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
     first = checks[FIRST]
     assert first["status"] == "fail", first
@@ -144,14 +171,36 @@ def test_a_hostile_healthz_fails_the_first_check_in_one_line(name: str) -> None:
     assert [checks[t]["status"] for t in LATER_TITLES] == ["skip"] * 4
 
 
+@pytest.mark.parametrize("name", ["huge head", "reset without an answer", "no answer at all"])
+def test_a_hostile_healthz_in_its_own_process_says_what_the_batch_said(first_checks,
+                                                                       name: str) -> None:
+    """The process boundary: ``python -m sidecar check`` gives the exit status and checks
+    the in-process run gave."""
+    r, checks = _check({path: HOSTILE[name] for path in GOOD})
+    batch, batch_checks = first_checks[name]
+    assert r.returncode == batch.returncode == 1
+    def seen(found: dict[str, Any]) -> list[tuple[str, str]]:  # (the ports differ)
+        return [(c["status"], re.sub(r"127\.0\.0\.1:\d+", "ADMIN", c["detail"]))
+                for c in found.values()]
+
+    assert seen(checks) == seen(batch_checks)
+
+
 LATER_PATHS = ["/readyz", "/metrics", "/policy", "/config", "/audit/head"]
+
+
+@pytest.fixture(scope="module")
+def later_checks() -> dict[Any, tuple[subprocess.CompletedProcess[str], dict[str, Any]]]:
+    return _checks_in_one_process({(path, name): {path: HOSTILE[name]}
+                                   for name in sorted(set(HOSTILE) - SLOW)
+                                   for path in LATER_PATHS})
 
 
 @pytest.mark.parametrize("name", sorted(set(HOSTILE) - SLOW))
 @pytest.mark.parametrize("path", LATER_PATHS)
-def test_a_hostile_answer_after_healthz_fails_its_check_in_one_line(path: str,
+def test_a_hostile_answer_after_healthz_fails_its_check_in_one_line(later_checks, path: str,
                                                                    name: str) -> None:
-    r, checks = _check({path: HOSTILE[name]})
+    r, checks = later_checks[(path, name)]
     assert r.returncode == 1, (r.stdout, r.stderr[-2000:])
     assert checks[FIRST]["status"] == "ok"
     failed = [c for c in checks.values() if c["status"] == "fail"]
