@@ -17,8 +17,10 @@ import base64
 import json
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -27,7 +29,7 @@ from sidecar.audit.crypto import write_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.signing import write_keypair
 from sidecar.config.audit import AuditConfig
-from tests.harness import sidecar_cli, wait_for
+from tests.harness import sidecar_cli, sidecar_cli_many, wait_for
 from tests.test_audit_ship import ORDERS, Rsyslog
 from tests.test_audit_writer import run_writer
 
@@ -162,9 +164,8 @@ EDITS: list[tuple[str, str, Callable[[str], str]]] = [
 ]
 
 
-@pytest.mark.parametrize("what,kind,edit", EDITS, ids=[e[0] for e in EDITS])
-def test_an_edited_message_is_refused(stream: Stream, what: str, kind: str,
-                                      edit: Callable[[str], str]) -> None:
+def _edited(stream: Stream, what: str, kind: str, edit: Callable[[str], str]) -> list[str]:
+    """The stream's lines with one message of ``kind`` edited by ``edit``."""
     if kind == "rec" and stream.data:
         kind = "erc"
         if what.startswith("sd kind"):
@@ -177,8 +178,38 @@ def test_an_edited_message_is_refused(stream: Stream, what: str, kind: str,
     lines = list(stream.lines)
     lines[idx] = edit(lines[idx])
     assert lines[idx] != stream.lines[idx]
-    code, out, _ = stream.collect(lines)
-    assert code == 1 and "does not match its frame" in out, out
+    return lines
+
+
+@pytest.fixture(scope="module")
+def edited_collects(stream: Stream) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``collect`` of every member of ``EDITS`` on this stream, in one process
+    (``sidecar_cli_many``; ``Stream.collect`` runs the command in a process of its own)."""
+    jobs = []
+    for what, kind, edit in EDITS:
+        src = stream.root / f"edited-{len(jobs)}.log"
+        src.write_text("".join(line + "\n" for line in _edited(stream, what, kind, edit)))
+        keys = ["--data-key", stream.data] if stream.data else []
+        jobs.append(["audit", "collect", str(src), "-o",
+                     str(stream.root / f"edited-out-{len(jobs)}"), *keys])
+    results = sidecar_cli_many(jobs, timeout=300)
+    return {what: r for (what, _k, _e), r in zip(EDITS, results, strict=True)}
+
+
+@pytest.mark.parametrize("what", [e[0] for e in EDITS])
+def test_an_edited_message_is_refused(edited_collects: dict[str, Any], what: str) -> None:
+    got = edited_collects[what]
+    assert "Traceback" not in got.stderr, got.stderr
+    out = got.stdout + got.stderr
+    assert got.returncode == 1 and "does not match its frame" in out, out
+
+
+def test_an_edited_message_in_its_own_process_says_what_the_batch_said(
+        stream: Stream, edited_collects: dict[str, Any]) -> None:
+    """The process boundary: one member through ``python -m sidecar audit collect``."""
+    what, kind, edit = EDITS[0]
+    code, out, _ = stream.collect(_edited(stream, what, kind, edit))
+    assert code == edited_collects[what].returncode == 1 and "does not match its frame" in out
 
 
 def test_an_edited_encrypted_record_needs_the_data_key(stream: Stream) -> None:

