@@ -29,45 +29,43 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Scheduling only. ``--dist loadfile`` hands whole files to the workers in collection order
-# (``--no-loadscope-reorder`` in pyproject's addopts keeps that order), so the files that take
-# longest go first and the run does not end with one worker alone on a long file while the
-# others idle. Seconds per file as one full run measured them (``pytest --junitxml=FILE``,
-# the testcase times summed per file); a file not listed goes after them, the files with the
-# most tests first. Stale numbers only make the schedule worse, never a test wrong.
-FILE_SECONDS = {
-    "test_lifetime_review": 216, "test_lifetime_review2": 193, "test_yaml_bounds": 154,
-    "test_trust_end_cuts": 147, "test_check_admin_hostile": 113,
-    "test_audit_ship_hostile": 91, "test_cache_memory": 89, "test_k8s_cli": 76,
-    "test_header_catalogue": 74, "test_upstream_upload_answers": 72,
-    "test_jwks_withdrawn": 66, "test_tokens_review2": 59, "test_lifetime_review3": 59,
-    "test_policy_e2e": 53, "test_live_cli": 51, "test_hostile_upstream": 50,
-    "test_check_cli": 50, "test_jwt_e2e": 48, "test_control_plane_hostile": 48,
-    "test_audit_review22": 47, "test_hostile_http": 45, "test_cli_output": 41,
-    "test_audit_forged_tails": 39, "test_audit_trail_review5": 39,
-    "test_certs_review3": 37, "test_faults": 36, "test_dataplane": 33,
-    "test_limits_review": 33, "test_config_null_values": 30, "test_soak": 29,
-    "test_connection_lifetime_e2e": 29, "test_method_override_json": 29,
-    "test_caller_gone": 29, "test_peer_certificates_review": 28, "test_audit_ship": 28,
-    "test_stream_ends_e2e": 27, "test_rotation_e2e": 27, "test_policy_nonfinite": 24,
-    "test_audit_hostile_trails": 23, "test_hostile_http_review": 22,
-    "test_certs_review2": 22, "test_yaml_alias_family": 22, "test_audit_e2e": 22,
-    "test_audit_hostile_readers": 21, "test_method_override_query": 21,
-    "test_bench_paired": 21, "test_connection_auth_private": 20, "test_route_aliases": 20,
-    "test_seconds_options": 20, "test_name_caches": 19, "test_introspection_answers": 18,
-    "test_k8s_rules": 18, "test_oauth_e2e": 18, "test_config_files_hostile": 17,
-    "test_yaml_hidden_characters": 16, "test_heads_review3": 16, "test_reload_signals": 16,
-    "test_method_override_body": 16, "test_ops_e2e": 15,
-}
+# (``--no-loadscope-reorder`` in pyproject's addopts keeps that order; each worker gets two
+# files at the start, then one whenever it runs low), so the files that take longest go
+# first and the run does not end with one worker alone on a long file while the others
+# idle. Most of those files wait (certificates expiring, timeouts, slow peers) rather than
+# compute: they alternate with files that compute, so that the two cores are not left idle
+# while four workers all wait. From one full run (``pytest --junitxml=FILE`` for the seconds
+# per file, and the CPU the tests and their processes used); a file not listed goes after
+# them, the files with the most tests first. A stale list only makes the schedule worse,
+# never a test wrong.
+FIRST_FILES = [
+    # waits            computes
+    "test_lifetime_review", "test_yaml_bounds", "test_k8s_cli", "test_cache_memory",
+    "test_lifetime_review2", "test_audit_ship_hostile", "test_trust_end_cuts",
+    "test_audit_review22", "test_header_catalogue", "test_audit_trail_review5",
+    "test_upstream_upload_answers", "test_check_cli", "test_jwks_withdrawn",
+    "test_policy_e2e", "test_lifetime_review3", "test_cli_output", "test_tokens_review2",
+    "test_dataplane", "test_hostile_upstream", "test_audit_forged_tails", "test_live_cli",
+    "test_config_null_values", "test_control_plane_hostile", "test_soak", "test_jwt_e2e",
+    "test_k8s_rules", "test_check_admin_hostile", "test_audit_hostile_readers",
+    "test_hostile_http", "test_certs_review3", "test_faults", "test_seconds_options",
+    "test_peer_certificates_review", "test_policy_nonfinite", "test_method_override_json",
+    "test_audit_hostile_trails", "test_audit_ship", "test_name_caches",
+    "test_stream_ends_e2e", "test_limits_review", "test_caller_gone",
+    "test_hostile_http_review", "test_route_aliases", "test_method_override_query",
+    "test_rotation_e2e", "test_audit_e2e", "test_connection_auth_private",
+]
+_FIRST = {stem: i for i, stem in enumerate(FIRST_FILES)}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest files first (``FILE_SECONDS``); the order within a file is kept."""
+    """``FIRST_FILES`` first, in that order; the order within a file is kept."""
     tests: dict[str, int] = {}
     for item in items:
         stem = item.path.stem
         tests[stem] = tests.get(stem, 0) + 1
-    items.sort(key=lambda item: (-FILE_SECONDS.get(item.path.stem, 0), -tests[item.path.stem],
-                                 str(item.path)))
+    items.sort(key=lambda item: (_FIRST.get(item.path.stem, len(_FIRST)),
+                                 -tests[item.path.stem], str(item.path)))
 
 
 @pytest.fixture

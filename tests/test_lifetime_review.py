@@ -668,8 +668,14 @@ def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_ex
         assert upstream.handshakes == 1  # pooled
         wait_for(lambda: time.time() > ends + 1.5, timeout=20)
         # Not over the pooled connection made with the expired certificate; a new
-        # handshake with it fails at the upstream.
-        assert http(port, "GET", "/x").status == 502
+        # handshake with it fails at the upstream (502), or the once-a-second sweep, which
+        # cuts what the expired identity carries at once, cuts the request first.
+        try:
+            status: int | None = http(port, "GET", "/x").status
+        except OSError:
+            status = None
+        assert status in (502, None), status
+        assert upstream.handshakes == 1  # no handshake with the expired chain succeeded
         assert closed(out, "own_cert_expired", "outbound") >= 1
     finally:
         upstream.close()
