@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.k8s.cli import add_inject_parser, add_webhook_parser, cmd_inject, merges_larger_than
+from sidecar.k8s.cli import (
+    MAX_EXPANDED_VALUES,
+    _ManifestLoader,
+    _written_values_larger_than,
+    add_inject_parser,
+    add_webhook_parser,
+    cmd_inject,
+    merges_larger_than,
+)
 from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
 from tests.harness import sidecar_cli_many
 
@@ -406,6 +414,41 @@ def _inject(text: str, bound: float = 30) -> subprocess.CompletedProcess[str]:
                               check=False)
     except subprocess.TimeoutExpired:
         pytest.fail(f"sidecar inject still busy after {bound} s")
+
+
+# The events-only count that refuses 8 MiB of values before any node is built must count
+# what the composer counts (every node but a mapping's keys, an alias as one, across
+# documents): each shape's exact count is the bound it is just over and just within.
+COUNTED_SHAPES = {
+    "a scalar": "a\n",
+    "block mapping": "a: 1\nb: [x, y]\nc: {d: e}\n",
+    "keys that are collections": "? [k1, k2]\n: v\n? {a: b}\n: [1, 2]\n",
+    "empty values and keys": "a:\nb: ~\n? c\n'': ''\n",
+    "nested sequences": "- [[a, b], [c]]\n- - d\n  - {e: [f, g]}\n",
+    "aliases": "a: &x [1, 2]\nb: *x\nc: [*x, *x]\n? *x\n: k\n",
+    "merge keys": "base: &b {a: 1}\nm: {<<: *b, c: 2}\n",
+    "documents": "--- {a: 1}\n--- [b, c]\n--- d\n...\n",
+    "a pod": POD,
+}
+
+
+def _composed_values(text: str) -> int:
+    loader = _ManifestLoader(text)
+    try:
+        while loader.check_node():  # composed, not constructed (a key may be a list)
+            loader.get_node()
+    finally:
+        loader.dispose()
+    return MAX_EXPANDED_VALUES - loader.values_left
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED_SHAPES))
+def test_the_events_count_is_the_composers(name: str) -> None:
+    text = COUNTED_SHAPES[name]
+    counted = _composed_values(text)
+    assert counted > 0
+    assert _written_values_larger_than(text, counted - 1) is True
+    assert _written_values_larger_than(text, counted) is False
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,43 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
         return super().construct_document(node)
 
 
+_NODE_EVENTS = (yaml.ScalarEvent, yaml.AliasEvent, yaml.SequenceStartEvent,
+                yaml.MappingStartEvent)
+_END_EVENTS = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+
+
+def _written_values_larger_than(text: str, limit: int) -> bool:
+    """Whether ``text`` writes out more than ``limit`` values, counted as
+    ``_ManifestLoader.compose_node`` counts them (every node but a mapping's keys; an alias
+    one), from the parser's events alone: no node built, no scalar resolved. 8 MiB of
+    values is refused in about a tenth of the time the composer takes to reach its bound.
+    Deeper than ``MAX_REVIEW_DEPTH`` it stops and says False: the composer, which meets the
+    depth there first too, refuses the nesting. A syntax error raises ``yaml.YAMLError``."""
+    count = 0
+    # per open collection: 0 a sequence, 1 a mapping whose next node is a key, 2 its value
+    open_: list[int] = []
+    for event in yaml.parse(text, Loader=_FAST_LOADER):
+        if isinstance(event, _NODE_EVENTS):
+            top = open_[-1] if open_ else 0
+            if top == 1:
+                open_[-1] = 2  # a key: no value
+            else:
+                if top == 2:
+                    open_[-1] = 1
+                count += 1
+                if count > limit:
+                    return True
+            if isinstance(event, yaml.SequenceStartEvent):
+                open_.append(0)
+            elif isinstance(event, yaml.MappingStartEvent):
+                open_.append(1)
+            if len(open_) > MAX_REVIEW_DEPTH:
+                return False
+        elif isinstance(event, _END_EVENTS):
+            open_.pop()
+    return False
+
+
 def _read(path: str, stdin: TextIO) -> str:
     """The manifests of at most ``MAX_DOCUMENT_BYTES``: stdin for ``-``, else the regular file
     ``path`` (a FIFO or ``/dev/zero`` is refused at once: ``read_whole``)."""
@@ -189,6 +226,8 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         # The policy's rule (docs/k8s.md): no line break only YAML 1.1 sees (U+2028...), no
         # lone CR, bidi control or other invisible character anywhere in a manifest.
         refuse_hidden_characters(text, args.file)
+        if _written_values_larger_than(text, MAX_EXPANDED_VALUES):
+            raise _MergesTooLarge()
         docs = [doc for doc in yaml.load_all(text, Loader=_ManifestLoader) if doc is not None]
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
