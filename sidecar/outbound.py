@@ -57,6 +57,10 @@ from sidecar.policy.decision import Decision, RequestFacts, new_facts
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
+# An outbound request while the own certificate is not valid yet (the clock behind its
+# not-before, or a rotation published one early): refused 503 like an expired one.
+OWN_CERT_NOT_YET_VALID = "own_cert_not_yet_valid"
+
 
 @dataclass
 class UpstreamMeta:
@@ -110,6 +114,15 @@ class OutboundProxy:
         """Open an mTLS connection to the upstream and check it is who we expect."""
         host, port = self.cfg.upstream
         started = time.time()
+        if not self.tls.valid(started):
+            # The own chain expired (no rotation came in time) or is not valid yet: no
+            # upstream can accept it. Refused at once (503, as ``/readyz`` says), not dialled:
+            # under TLS 1.3 the client's side of the handshake ends before the upstream
+            # checks our certificate, so a dial "succeeded", the request was sent and then
+            # cut by the upstream's alert or by the once-a-second sweep (a reset, or a 502).
+            svid = self.tls.snapshot.svid
+            raise Unavailable(REASON_OWN_CERT_EXPIRED if started >= svid.trust_ends
+                              else OWN_CERT_NOT_YET_VALID)
         try:
             with trio.fail_after(self.limits.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
