@@ -294,7 +294,7 @@ class Gate:
             if providers or section.needs_apikey:
                 auth = authn.authenticate(providers, headers, query, now, peer_x5t=peer_x5t,
                                           audience=self._audience, memo=memo,
-                                          introspected=introspected)
+                                          introspected=introspected, path=facts.path)
         auth_key = auth.key
         limiter = self.limiter
         kept = False  # the decision is the memo's (the connection's last request again)

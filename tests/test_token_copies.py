@@ -68,6 +68,23 @@ PLACES: tuple[tuple[str, dict[str, str], str], ...] = (
     ("query-bearer-plus", {}, "auth=Bearer+{t}"),
     ("query-name-only", {}, "{t}"),
 )
+# Where a copy may be in the path: (label, what follows the route); ``{t}`` is the token.
+# Apps take tokens from paths too: download and reset links (``/dl/<jwt>``), a segment an
+# app splits on commas (``;`` parameters are refused 400 before any token is looked at) (found by a hostile review: the path was not
+# looked at, so a forged token there reached an app that reads it).
+PATH_PLACES: tuple[tuple[str, str], ...] = (
+    ("path-segment", "/{t}"),
+    ("path-segment-then-file", "/{t}/report.pdf"),
+    ("path-after-dotted-segment", "/v1.2/{t}"),
+    ("path-with-extension", "/{t}.pdf"),
+    ("path-comma-list", "/a.b,{t}"),
+    ("path-percent-dots", "/{pct}"),
+    ("path-percent-everything", "/{pctall}"),
+    ("path-prefixed", "/token={t}"),
+)
+# Places whose piece is more than the token (``<jwt>.pdf``): beside the same token in the
+# header, a second token.
+NOT_THE_SAME_STRING = frozenset({"path-with-extension"})
 ROUTES = ("/orders/x", "/public/x")
 
 
@@ -77,10 +94,19 @@ def _token(key: str = "copies", iss: str = ISS, kid: str = "k1") -> str:
                  "iat": now - 5, "exp": now + 600}, ec_key(key), kid=kid)
 
 
-def _place(index: int, token: str) -> tuple[dict[str, str], str]:
+def _place(index: int, token: str) -> tuple[dict[str, str], str, str]:
+    """The headers, query and path suffix of place ``index`` (``PLACES``, then
+    ``PATH_PLACES``) holding ``token``."""
+    fill = {"t": token, "pct": token.replace(".", "%2E"),
+            "pctall": "".join(f"%{b:02X}" for b in token.encode())}
+    if index >= len(PLACES):
+        _, suffix = PATH_PLACES[index - len(PLACES)]
+        return {}, "", suffix.format(**fill)
     _, headers, query = PLACES[index]
-    fill = {"t": token, "pct": token.replace(".", "%2E")}
-    return {k: v.format(**fill) for k, v in headers.items()}, query.format(**fill)
+    return {k: v.format(**fill) for k, v in headers.items()}, query.format(**fill), ""
+
+
+ALL_PLACES = [label for label, *_ in PLACES] + [label for label, _ in PATH_PLACES]
 
 
 def _policy(web: bool) -> dict[str, object]:
@@ -121,8 +147,9 @@ def web_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrdersMesh]:
         yield mesh
 
 
-def _get(env: OrdersMesh, route: str, headers: dict[str, str], query: str) -> h.Response:
-    return env.get(f"{route}?{query}" if query else route, headers)
+def _get(env: OrdersMesh, route: str, headers: dict[str, str], query: str,
+         suffix: str = "") -> h.Response:
+    return env.get(f"{route}{suffix}?{query}" if query else route + suffix, headers)
 
 
 def _refused(r: h.Response) -> bool:
@@ -135,7 +162,7 @@ def test_a_copy_alone_is_refused(request: pytest.FixtureRequest, which: str,
                                  route: str) -> None:
     env = request.getfixturevalue(which)
     wrong = []
-    for i, (label, _, _) in enumerate(PLACES):
+    for i, label in enumerate(ALL_PLACES):
         for kind, token in (("forged", _token("copies-forger")), ("valid", _token())):
             r = _get(env, route, *_place(i, token))
             if not _refused(r) or token.encode() in r.body:
@@ -146,16 +173,20 @@ def test_a_copy_alone_is_refused(request: pytest.FixtureRequest, which: str,
 @pytest.mark.parametrize("route", ROUTES)
 def test_a_copy_next_to_a_valid_header_token(env: OrdersMesh, route: str) -> None:
     wrong = []
-    for i, (label, _, _) in enumerate(PLACES):
+    for i, label in enumerate(ALL_PLACES):
         good = _token()
-        headers, query = _place(i, _token("copies-forger"))
-        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
+        headers, query, suffix = _place(i, _token("copies-forger"))
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query, suffix)
         if not _refused(r):
             wrong.append((label, "forged copy", r.status))
-        # The same token in both places is one token.
-        headers, query = _place(i, good)
-        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query)
-        if r.status != 200:
+        # The same token in both places is one token (where the piece read is the token:
+        # ``<jwt>.pdf`` is another string, a second token, refused).
+        headers, query, suffix = _place(i, good)
+        r = _get(env, route, {"authorization": f"Bearer {good}", **headers}, query, suffix)
+        if label in NOT_THE_SAME_STRING:
+            if not _refused(r):
+                wrong.append((label, "same token, another string", r.status))
+        elif r.status != 200:
             wrong.append((label, "same token", r.status))
     assert not wrong, wrong
 
@@ -166,14 +197,15 @@ def test_a_kept_alive_connection_is_judged_again_with_a_copy(env: OrdersMesh) ->
     port = env.sidecar.port("inbound")
     good = {"authorization": f"Bearer {_token()}"}
     wrong = []
-    for i, (label, _, _) in enumerate(PLACES):
+    for i, label in enumerate(ALL_PLACES):
         conn = httpclient.HTTPSConnection("127.0.0.1", port, context=env.ctx, timeout=10)
         try:
             for _ in range(3):
                 assert h.http(port, "GET", "/public/x", headers=good, ctx=env.ctx,
                               conn=conn).status == 200
-            headers, query = _place(i, _token("copies-forger"))
-            r = h.http(port, "GET", f"/public/x?{query}" if query else "/public/x",
+            headers, query, suffix = _place(i, _token("copies-forger"))
+            target = f"/public/x{suffix}"
+            r = h.http(port, "GET", f"{target}?{query}" if query else target,
                        headers={**good, **headers}, ctx=env.ctx, conn=conn)
             if not _refused(r):
                 wrong.append((label, r.status))
@@ -202,6 +234,11 @@ def test_values_that_are_not_the_sections_tokens_pass(env: OrdersMesh) -> None:
                "x-other-service-token": foreign, "cookie": "theme=dark; v=1.2.3"}
     r = env.get("/public/x?v=1.2.3&file=a.b.c", headers)
     assert r.status == 200, r.body[:300]
+    # Paths with dots, versions, file names and another issuer's token are not copies.
+    for path in ("/public/x/v1.2.3/archive.tar.gz", f"/public/x/{foreign}",
+                 "/public/x/" + "A" * 40 + ".json", "/public/x/a.b.c,v1.2,3.4"):
+        r = env.get(path, headers)
+        assert r.status == 200, (path, r.body[:300])
     r = env.get("/orders/x", {**headers, "authorization": f"Bearer {_token()}"})
     assert r.status == 200, r.body[:300]
 

@@ -365,7 +365,7 @@ class Authenticator:
                      now: float, *, peer_x5t: str | None = None,
                      audience: str | None = None,
                      memo: CredentialMemo | None = None,
-                     introspected: Answers | None = None) -> AuthFacts:
+                     introspected: Answers | None = None, path: str = "") -> AuthFacts:
         """Verify the credentials of one request for the named providers and API keys.
 
         ``headers`` are as h11 gives them: names lower-case bytes, in arrival order.
@@ -375,11 +375,13 @@ class Authenticator:
         the connection's ``CredentialMemo`` (see the module docstring). ``introspected``:
         the introspection answers asked for this very request (``Introspector.prepare``),
         read before the cache (an entry gone from it since does not make "not asked").
+        ``path``: the request's path, where a copy of a token counts as one in a header
+        (``extract.copies``: ``/dl/<jwt>``).
         """
         if introspected:
             # (never with the memo: it keeps nothing for introspected providers)
             return self._authenticate(providers, headers, query, now, peer_x5t, audience,
-                                      None, introspected)
+                                      None, introspected, path)
         if memo is not None:
             if (memo.generation == self.generation and memo.providers is providers
                     and memo.audience == audience and memo.x5t == peer_x5t):
@@ -388,7 +390,7 @@ class Authenticator:
                 if names is not None and not (query and memo.guard_query
                                               and query_may_hold(query)) and not (
                         guards is not None and guards.issuers
-                        and copies(guards, headers, query)):
+                        and copies(guards, headers, query, path)):
                     seen = []
                     for h in headers:
                         if h[0] in names:
@@ -413,15 +415,17 @@ class Authenticator:
             memo.expires_at = NOT_KEPT  # nothing kept until this request verified
             if memo.names is not None:
                 return self._authenticate_into(memo, providers, headers, query, now,
-                                               peer_x5t, audience)
-        return self._authenticate(providers, headers, query, now, peer_x5t, audience, None)
+                                               peer_x5t, audience, path)
+        return self._authenticate(providers, headers, query, now, peer_x5t, audience, None,
+                                  None, path)
 
     def _authenticate_into(self, memo: CredentialMemo, providers: Iterable[str],
                            headers: Headers, query: str, now: float, peer_x5t: str | None,
-                           audience: str | None) -> AuthFacts:
+                           audience: str | None, path: str = "") -> AuthFacts:
         """``authenticate`` without the memo, remembering a fully verified outcome in it."""
         tokens: list[CachedToken] = []
-        auth = self._authenticate(providers, headers, query, now, peer_x5t, audience, tokens)
+        auth = self._authenticate(providers, headers, query, now, peer_x5t, audience, tokens,
+                                  None, path)
         if auth.token_errors or auth.apikey is not None or not tokens:
             return auth
         names = memo.names
@@ -456,7 +460,7 @@ class Authenticator:
     def _authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                       now: float, peer_x5t: str | None, audience: str | None,
                       tokens: list[CachedToken] | None,
-                      answers: Answers | None = None) -> AuthFacts:
+                      answers: Answers | None = None, path: str = "") -> AuthFacts:
         """``authenticate``'s whole path; the cache entries of verified tokens go to
         ``tokens`` when given."""
         claims: dict[str, Claims] = {}
@@ -476,7 +480,7 @@ class Authenticator:
         # Tokens in RFC 6750 places no provider here reads (extract.Guards): never accepted,
         # but a provider that finds none of its own is refused (unread_location), one that
         # finds another token has two (multiple_tokens).
-        unread = guard_tokens(guards, headers, query) if guards is not None else None
+        unread = guard_tokens(guards, headers, query, path) if guards is not None else None
         for name in providers:
             if name in claims or name in errors:
                 continue

@@ -23,7 +23,8 @@ review), such a token reached the app unverified: an app or framework that reads
 query tokens got a credential the sidecar never checked. So does a copy (``copies``): a JWT
 of one of the section's issuers (its payload, read unverified, names one) in any other
 header, cookie or query parameter no provider reads (``X-Auth-Token``, a ``jwt`` cookie,
-``?token=``; found by a later hostile review).
+``?token=``; found by a later hostile review), and a segment of the request's path
+(``/dl/<jwt>``; since the twenty-fourth session).
 """
 
 from __future__ import annotations
@@ -382,9 +383,9 @@ def query_may_hold(query: str) -> bool:
     return "%" in query or "access" in query.lower()
 
 
-def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
+def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -> list[str]:
     """The tokens in the places ``guards`` names, in request order (empty ones left out:
-    nothing to verify there)."""
+    nothing to verify there); ``path``, the request's, is looked at for copies."""
     found: list[str] = []
     if guards.authorization:
         read = guards.read_schemes
@@ -410,7 +411,7 @@ def guard_tokens(guards: Guards, headers: Headers, query: str) -> list[str]:
     if guards.query and query and query_may_hold(query):
         found.extend(v for n, v in _query_pairs(query) if n == RFC6750_PARAM and v)
     if guards.issuers:
-        found.extend(copies(guards, headers, query))
+        found.extend(copies(guards, headers, query, path))
     return found
 
 
@@ -542,7 +543,23 @@ def _basic_credentials(value: bytes) -> bytes:
         return b""
 
 
-def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
+def _path_forms(path: str) -> tuple[str, ...]:
+    """``_forms`` of a request path, each segment and each of its parameters a value of
+    its own: ``/``, ``;`` and ``,`` end a piece, so ``/v1.2/<jwt>`` gives ``<jwt>``, not
+    a piece from ``1.2`` on. (Before the twenty-fourth session the path was not looked at:
+    ``/dl/<jwt>``, a download or reset link, reached an app that reads its token there.)"""
+    if "." not in path and "%" not in path:
+        return ()  # (no dot, none decoded: most paths end here)
+    forms = _forms(path.encode("latin-1", "replace"), plus=False)
+    return tuple(f.translate(_PATH_SEPARATORS) for f in forms)
+
+
+# Path segment and parameter separators, and what a segment decodes ``%2F`` to: each ends
+# a piece (a space is no base64 digit, so ``_COPY_RUN`` ends there).
+_PATH_SEPARATORS = str.maketrans("/;,", "   ")
+
+
+def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list[str]:
     """Tokens of the section's JWT issuers in places no provider reads: any header but
     the ones providers read (``Authorization`` is ``guard_tokens``'s, but for the user and
     password of ``Basic`` credentials), any cookie but the
@@ -552,7 +569,9 @@ def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
     app, which an app or library that reads such a place takes for the caller's identity).
     Each counts as ``guard_tokens``'s do. A value is looked at further only when it holds a
     run of base64 digits with a dot (``_MAY_BE_COPY``), so most requests cost two C scans
-    per header (a dot, a percent sign) and one search per header with a dot."""
+    per header (a dot, a percent sign) and one search per header with a dot. ``path``
+    (the request's path, as the policy matched it) counts as a place no provider reads, each
+    segment and parameter of it a value (``_path_forms``)."""
     scan: _Copies | None = None
     read = guards.read_headers
     for n, v in headers:
@@ -584,6 +603,12 @@ def copies(guards: Guards, headers: Headers, query: str) -> list[str]:
                 scan = _Copies(guards.issuers)
             scan.scan(forms, {value for name, value in _query_pairs(query)
                               if name in guards.read_params})
+    if path:
+        forms = _path_forms(path)
+        if forms:
+            if scan is None:
+                scan = _Copies(guards.issuers)
+            scan.scan(forms, frozenset())
     if scan is None:
         return []
     return scan.found
