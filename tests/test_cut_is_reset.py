@@ -127,8 +127,8 @@ def test_a_cut_by_the_sidecar_resets_both_sides(tmp_path: Path, case: str) -> No
                 for r in audit_export(tmp_path / "audit") if r.get("request_id")
                 and r.get("event") in ("request", "stream_closed")]
         want = {"tcp": ("stream_closed", 200, "connection_closed:policy_refused"),
-                "upgrade": ("stream_closed", 0, "connection_closed")}.get(
-                    case, ("request", 0, "connection_closed"))
+                "upgrade": ("stream_closed", 0, "connection_closed:policy_refused")}.get(
+                    case, ("request", 0, "connection_closed:policy_refused"))
         assert ends[-1] == want, (case, ends)
     finally:
         if proc is not None:

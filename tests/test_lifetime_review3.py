@@ -347,7 +347,8 @@ def test_a_request_decided_after_its_connections_trust_ended_is_not_forwarded(
             recs = [r for r in audit_export(tmp_path / "audit-orders")
                     if r.get("event") == "request"]
             # (no decision yet: the error is the record's reason)
-            assert [(r["status"], r["reason"]) for r in recs] == [(0, "connection_closed")], \
+            assert [(r["status"], r["reason"]) for r in recs] == [
+                (0, f"connection_closed:{reason}")], \
                 recs
     finally:
         idp.stop()

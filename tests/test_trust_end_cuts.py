@@ -33,6 +33,7 @@ from sidecar.net.lifetime import CLOSE_REASONS, CUT_AT_ONCE, GRACEFUL_REASONS
 from tests.harness import (
     TD,
     Pki,
+    audit_export,
     free_port,
     mtls_context,
     read_head,
@@ -192,7 +193,8 @@ def _inbound(tmp: Path, pki: Pki, app: int, procs: list[Any], reason: str, kind:
     policy = _write(tmp, doc)
     proc = start_sidecar(tmp, "orders", sidecar_config(server, inbound={
         "listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app}",
-        "protocol": protocol}, policy=policy, limits={"connection_close_grace": GRACE}))
+        "protocol": protocol}, policy=policy, limits={"connection_close_grace": GRACE},
+        audit={"path": str(tmp / "audit")}))
     procs.append(proc)
     port = proc.port("inbound")
     ctx = mtls_context(client, pki.bundle)
@@ -242,7 +244,8 @@ def _outbound(tmp: Path, pki: Pki, procs: list[Any], reason: str, kind: str
         "name": "orders", "listen": f"127.0.0.1:{free_port()}",
         "upstream": f"127.0.0.1:{upstream.port}", "identity": spiffe("orders"),
         "protocol": "tcp" if kind == "tcp" else "http"}],
-        policy=policy, limits={"connection_close_grace": GRACE}))
+        policy=policy, limits={"connection_close_grace": GRACE},
+        audit={"path": str(tmp / "audit")}))
     procs.append(proc)
     port = proc.port("orders")
 
@@ -302,3 +305,10 @@ def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(tmp_path, pki, app, proc
     if direction == "outbound" or reason != "source_blocked":
         assert all(e.get("peer") == spiffe("orders" if direction == "outbound"
                                            else "frontend") for e in cut), cut
+    # Each cut request or stream keeps its one record, and it says why it was cut (before
+    # the twenty-fourth session a cut HTTP request's said only ``connection_closed``).
+    proc.stop(timeout=10)
+    ends = [(r.get("extra") or {}).get("error") for r in audit_export(tmp_path / "audit")
+            if r.get("event") in ("request", "stream_closed") and r.get("status") in (0, 200)
+            and str((r.get("extra") or {}).get("error", "")).startswith("connection_closed")]
+    assert ends == [f"connection_closed:{reason}"] * len(kinds), (kinds, ends)

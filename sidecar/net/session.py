@@ -183,9 +183,12 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     if not cancelled(cut):  # (a nursery's group of Cancelled is one too)
                         raise
                     # The connection was cut (retired past its grace, or the process stops):
-                    # the request still leaves its one record.
+                    # the request still leaves its one record, which says why (as a TCP
+                    # stream's does; before the twenty-fourth session only
+                    # ``connection_closed``, the reason was in the connection's record).
                     if ctx.facts is not None:
-                        telemetry.request(ctx, 0, error="connection_closed")
+                        why = conn.retiring if conn is not None else None
+                        telemetry.request(ctx, 0, error=f"connection_closed:{why or 'shutdown'}")
                     if client.sent_head:
                         # An answer cut part-way must not end like a whole one (to an
                         # HTTP/1.0 client, or a stream, the close would be the end of the
