@@ -684,8 +684,8 @@ def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_ex
         dialled = upstream.accepted
         # Not over the pooled connection made with the expired certificate, and no new
         # dial with it: a 503 at once (the sidecar cannot be trusted by any upstream now,
-        # as /readyz says), the same on a keep-alive connection, and a TCP listener's
-        # stream is closed without being forwarded.
+        # as /readyz says), to every request, and a TCP listener's stream is closed without
+        # being forwarded.
         for _ in range(2):
             r = http(port, "GET", "/x")
             assert r.status == 503, r.status
