@@ -57,8 +57,9 @@ from sidecar.policy.decision import Decision, RequestFacts, new_facts
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
-# An outbound request while the own certificate is not valid yet (the clock behind its
-# not-before, or a rotation published one early): refused 503 like an expired one.
+# An outbound request while the own certificate is not valid yet (the clock stepped back
+# behind its not-before after it was loaded: a set not valid yet is refused at load and at
+# rotation): refused 503 like an expired one.
 OWN_CERT_NOT_YET_VALID = "own_cert_not_yet_valid"
 
 

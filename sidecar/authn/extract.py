@@ -554,8 +554,9 @@ def _path_forms(path: str) -> tuple[str, ...]:
     return tuple(f.translate(_PATH_SEPARATORS) for f in forms)
 
 
-# Path segment and parameter separators, and what a segment decodes ``%2F`` to: each ends
-# a piece (a space is no base64 digit, so ``_COPY_RUN`` ends there).
+# Path segment and parameter separators: each ends a piece (a space is no base64 digit, so
+# ``_COPY_RUN`` ends there). The path is the policy's, already decoded; an encoded ``/`` or
+# a double encoding is refused (400) before any token is looked at.
 _PATH_SEPARATORS = str.maketrans("/;,", "   ")
 
 
