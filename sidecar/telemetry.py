@@ -282,7 +282,9 @@ class Telemetry:
                 "reason": error or (decision.reason if decision is not None else ""),
                 "duration_ms": round(duration * 1000.0, 3),
             })
-        refused = status >= 400 or (decision is not None and not allowed)
+        # (status 0: a request cut when its connection was retired -- a failed request,
+        # logged as one since the twenty-fourth session; it was a debug line before)
+        refused = status >= 400 or status == 0 or (decision is not None and not allowed)
         if refused or logs.enabled("debug"):
             logs.log(
                 "request_refused" if refused else "request", "warning" if refused else "debug",

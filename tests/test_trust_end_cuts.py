@@ -312,3 +312,10 @@ def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(tmp_path, pki, app, proc
             if r.get("event") in ("request", "stream_closed") and r.get("status") in (0, 200)
             and str((r.get("extra") or {}).get("error", "")).startswith("connection_closed")]
     assert ends == [f"connection_closed:{reason}"] * len(kinds), (kinds, ends)
+    # ... and each a warning line: a stream's ``stream_closed``, a request's
+    # ``request_refused`` (status 0; a debug line before the twenty-fourth session).
+    lines = [e for e in proc.log_events() if e.get("event") in ("request_refused", "stream_closed")
+             and e.get("reason") == f"connection_closed:{reason}"]
+    assert sorted((e["event"], e.get("status")) for e in lines) == sorted(
+        ("stream_closed", 200 if k == "tcp" else 0) if k in ("tcp", "upgrade")
+        else ("request_refused", 0) for k in kinds), lines
