@@ -59,7 +59,7 @@ from sidecar.net.lifetime import (
     Lifetimes,
     LiveConnection,
 )
-from sidecar.net.listen import ConnectionTracker
+from sidecar.net.listen import ConnectionTracker, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
@@ -118,9 +118,12 @@ class InboundProxy:
     async def handle(self, tcp: trio.SocketStream) -> None:
         """One accepted connection: TLS handshake (bounded), peer identity check, then TCP
         or HTTP."""
-        try:
-            source = tcp.socket.getpeername()[0]
-        except OSError:
+        # The client's address as one form: an IPv4 client of a dual-stack ``[::]`` listener
+        # is its IPv4 address, not ``::ffff:a.b.c.d`` (alert keys, refusal summaries, logs and
+        # records name it as a ``0.0.0.0`` listener does; before the twenty-fourth session the
+        # two forms were two sources), without a zone id.
+        source = source_address(tcp.socket)
+        if source is None:
             return
         started = time.time()
         snap = self.tls.snapshot  # (the context and the own chain the handshake uses)

@@ -48,7 +48,7 @@ from sidecar.net.lifetime import (
     LiveConnection,
     age_deadline,
 )
-from sidecar.net.listen import ConnectionTracker
+from sidecar.net.listen import ConnectionTracker, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
@@ -210,9 +210,12 @@ class OutboundProxy:
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         """One connection from the local app: TCP or HTTP to the upstream identity."""
-        try:
-            source = tcp.socket.getpeername()[0]
-        except OSError:
+        # The client's address as one form: an IPv4 client of a dual-stack ``[::]`` listener
+        # is its IPv4 address, not ``::ffff:a.b.c.d`` (alert keys, refusal summaries, logs and
+        # records name it as a ``0.0.0.0`` listener does; before the twenty-fourth session the
+        # two forms were two sources), without a zone id.
+        source = source_address(tcp.socket)
+        if source is None:
             return
         self.telemetry.connection_opened("outbound")
         try:
