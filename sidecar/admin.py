@@ -142,8 +142,12 @@ def _get_only(route: Route, host_check: bool = False) -> Handler:
     async def handle(request: Request) -> Reply:
         if request.method not in ("GET", "HEAD"):
             return Reply.error(405, (("allow", "GET, HEAD"),))
-        if host_check and not all(host_is_local(value) for name, value in request.headers
-                                  if name == b"host"):
+        if host_check and not (all(host_is_local(value) for name, value in request.headers
+                                   if name == b"host")
+                               and (request.authority is None
+                                    or host_is_local(request.authority.encode("latin-1")))):
+            # (an absolute-form target's authority is the host asked for: RFC 9112 3.2.2
+            # has a server use it instead of Host; both must name this machine here)
             return Reply.error(421)
         return await route(request.path, request.target.partition("?")[2])
 

@@ -296,3 +296,63 @@ def test_the_loopback_admin_port_answers_local_hosts_only(sidecar: SidecarProc) 
             assert got.startswith(b"HTTP/1.1 200 OK\r\n"), (value, path, got[:60])
     # HTTP/1.0 without a Host: a local tool, answered.
     assert raw(port, b"GET /config HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+# --- Absolute-form targets (RFC 9112 3.2.2: a server MUST accept them) --------------------------
+
+# Before the twenty-fourth session ``GET http://127.0.0.1:P/healthz`` was a path no route had
+# (404). Now it is served as its path and query; its authority is the host asked for, so on
+# the loopback admin port it must be local as Host must (both are checked); one without a
+# host or with userinfo is refused 400.
+ABSOLUTE_LOCAL = ["http://127.0.0.1:{port}{path}", "HTTP://localhost:{port}{path}",
+                  "http://[::1]:{port}{path}", "https://127.0.0.1{path}",
+                  "http://metrics.localhost{path}"]
+ABSOLUTE_BAD = ["http://{path}", "http://user@127.0.0.1:{port}{path}",
+                "http://evil.example@127.0.0.1{path}", "http://:@127.0.0.1{path}"]
+
+
+@pytest.mark.parametrize("which", ["admin", "health"])
+def test_absolute_form_targets_are_served_as_their_path(sidecar: SidecarProc,
+                                                         which: str) -> None:
+    port = _port(sidecar, which)
+    wrong = []
+    for form in ABSOLUTE_LOCAL:
+        target = form.format(port=port, path="/healthz")
+        got = raw(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        if not got.startswith(b"HTTP/1.1 200 OK\r\n"):
+            wrong.append((target, got[:40]))
+    # The query goes with the path; no path at all is "/".
+    got = raw(port, f"GET http://127.0.0.1:{port}?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Connection: close\r\n\r\n".encode())
+    if not got.startswith(b"HTTP/1.1 404 Not Found\r\n"):
+        wrong.append(("no path", got[:40]))
+    for form in ABSOLUTE_BAD:
+        target = form.format(port=port, path="/healthz")
+        got = raw(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        if not got.startswith(b"HTTP/1.1 400 Bad Request\r\n"):
+            wrong.append((target, got[:40]))
+    assert not wrong, wrong
+
+
+def test_an_absolute_form_authority_must_be_local_on_the_loopback_admin_port(
+        sidecar: SidecarProc) -> None:
+    port = _port(sidecar, "admin")
+    wrong = []
+    for host in FOREIGN_HOSTS:
+        value = host.format(port=port)
+        if not value or " " in value or "[" in value:
+            continue  # (not an authority a target can carry: h11 refuses the line)
+        for path in ("/config", "/healthz"):
+            # A foreign authority with a local Host, and the other way round: 421 both.
+            for target, hosthdr in ((f"http://{value}{path}", f"127.0.0.1:{port}"),
+                                    (f"http://127.0.0.1:{port}{path}", value)):
+                got = raw(port, f"GET {target} HTTP/1.1\r\nHost: {hosthdr}\r\n"
+                                "Connection: close\r\n\r\n".encode())
+                if not got.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"):
+                    wrong.append((target, hosthdr, got[:40]))
+    got = raw(port, f"GET http://localhost:{port}/config HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n"), got[:60]
+    assert not wrong, wrong

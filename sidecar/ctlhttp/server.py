@@ -34,7 +34,11 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   answer closes the connection. The answer must be written within ``write_timeout``. A
   malformed request gets ``bad_request(status)`` and the connection closes; so does a
   request framed by both ``Content-Length`` and ``Transfer-Encoding``, which h11 would read
-  as chunked (the data path refuses it too). Before closing
+  as chunked (the data path refuses it too). An absolute-form target (``GET
+  http://127.0.0.1:9901/readyz``: RFC 9112 3.2.2, a server must accept it; before the
+  twenty-fourth session it was a path no route had, 404) is served as its path and query,
+  its authority in ``Request.authority`` (the admin port's loopback Host rule reads it too);
+  one with no host or with userinfo (``http://user@host/``) is refused 400. Before closing
   with input possibly unread, the server *lingers* (half-close, discard briefly and
   boundedly) so the kernel does not reset the connection and destroy the answer. Status
   lines carry the canonical reason phrase (``sidecar.errors.reason_phrase``).
@@ -108,10 +112,14 @@ class Request:
     """One request as the handler sees it: method, path (no query), headers, and its body on
     demand."""
 
-    def __init__(self, conn: _Connection, head: h11.Request, deadline: float) -> None:
+    def __init__(self, conn: _Connection, head: h11.Request, deadline: float,
+                 target: str | None = None, authority: str | None = None) -> None:
         self._conn = conn
         self.method = head.method.decode("ascii", "replace")
-        self.target = head.target.decode("latin-1")
+        # (``target``: the origin form of an absolute-form target, ``origin_form``; its
+        # authority in ``authority``, None for an origin-form target)
+        self.target = head.target.decode("latin-1") if target is None else target
+        self.authority = authority
         self.path = self.target.split("?", 1)[0]
         self.headers: Sequence[tuple[bytes, bytes]] = head.headers
         self.deadline = deadline
@@ -258,6 +266,30 @@ class _Connection:
                 return
 
 
+def origin_form(target: str) -> tuple[str, str | None] | None:
+    """``(target, authority)``: an absolute-form target (``http://host:port/path?query``,
+    either scheme, any case) as its path and query (``/`` when it has no path) and its
+    authority; any other target as it is, with None. None for an absolute-form target that
+    names no host or carries userinfo (refused 400: nothing here is a proxy, and a user
+    name before the host is how such targets fool a reader)."""
+    if target[:1] == "/" or "://" not in target:
+        return target, None  # origin form (nearly every request), or asterisk form
+    scheme, _, rest = target.partition("://")
+    if scheme.lower() not in ("http", "https"):
+        return target, None  # not a URI this server knows: a path no route has (404)
+    end = len(rest)
+    for stop in "/?#":
+        i = rest.find(stop)
+        if i != -1 and i < end:
+            end = i
+    authority, tail = rest[:end], rest[end:]
+    if not authority or "@" in authority:
+        return None
+    if not tail.startswith("/"):
+        tail = "/" + tail  # (``http://h?q``: the path is empty, the query stays)
+    return tail, authority
+
+
 def _framed_both_ways(head: h11.Request) -> bool:
     names = {name for name, _ in head.headers}
     return b"content-length" in names and b"transfer-encoding" in names
@@ -310,7 +342,12 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             if await conn.send(site.bad_request(400), False, True, site.base_headers):
                 await conn.linger()
             return
-        request = Request(conn, head, trio.current_time() + limits.request_timeout)
+        form = origin_form(head.target.decode("latin-1"))
+        if form is None:
+            if await conn.send(site.bad_request(400), False, True, site.base_headers):
+                await conn.linger()
+            return
+        request = Request(conn, head, trio.current_time() + limits.request_timeout, *form)
         try:
             reply = await site.handler(request)
         except h11.RemoteProtocolError as exc:  # a malformed body
