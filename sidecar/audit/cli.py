@@ -43,6 +43,7 @@ from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_
 from sidecar.audit.signing import load_anchor, load_keyring, read_small_file, write_keypair
 from sidecar.cli import seconds
 from sidecar.config.audit import load_hmac_key
+from sidecar.config.source import open_regular_text
 from sidecar.output import Progress, add_output_flag, csv_cell, render, rfc3339, safe
 
 MIN_POLL = 0.05
@@ -326,8 +327,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
             print(f"warning: {args.output} is world-writable: anyone could change the rebuilt "
                   "segments before they are verified", file=sys.stderr)
         for path in args.files:
-            read_small_file(path, "collector output", 0)  # a regular file: never a FIFO
-            with open(path, encoding="utf-8", errors="replace") as fh:
+            # Checked and read on one descriptor (a regular file, never a FIFO): before the
+            # twenty-fourth session the check and the open were two, with a window between.
+            try:
+                fh = open_regular_text(path)
+            except OSError as exc:
+                raise ValueError(f"cannot read collector output {path}: "
+                                 f"{exc.strerror or exc}") from None
+            with fh:
                 collector.add_file(fh)
         collector.check()
         files = write_segments(collector.frames, args.output)
