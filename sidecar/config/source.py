@@ -592,18 +592,30 @@ def _parse_yaml(text: str | bytes, filename: str, select: Mapping[Path, Collecti
     return value, src
 
 
-def read_regular(path: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of the regular file ``path``; ``OSError`` (with ``strerror``)
-    otherwise. Opened non-blocking and checked with ``fstat``, so a FIFO, a device or a
-    directory put where a file belongs is refused at once instead of blocking the reader
-    forever (a FIFO) or feeding it without end (``/dev/zero``); a path with a NUL byte,
-    which ``open`` refuses with ``ValueError``, is an ``OSError`` too."""
+def _open_regular(path: str) -> int:
+    """A descriptor of the regular file ``path``, opened non-blocking and checked with
+    ``fstat`` (``read_regular``, ``open_regular_text``); ``OSError`` otherwise, also for a
+    path with a NUL byte."""
     if "\0" in path:
         raise OSError(errno.EINVAL, "the path contains a NUL byte", path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``; ``OSError`` (with ``strerror``)
+    otherwise. Opened non-blocking and checked with ``fstat``, so a FIFO, a device or a
+    directory put where a file belongs is refused at once instead of blocking the reader
+    forever (a FIFO) or feeding it without end (``/dev/zero``); a path with a NUL byte,
+    which ``open`` refuses with ``ValueError``, is an ``OSError`` too."""
+    fd = _open_regular(path)
+    try:
         chunks: list[bytes] = []
         size = 0
         while size < limit:
@@ -624,12 +636,8 @@ def open_regular_text(path: str) -> io.TextIOWrapper:
     between the check and the open in which the path could become a FIFO (which would block
     the reader forever) or another file. For input of unbounded size read line by line
     (``sidecar audit collect``)."""
-    if "\0" in path:
-        raise OSError(errno.EINVAL, "the path contains a NUL byte", path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = _open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
         os.set_blocking(fd, True)
         return open(fd, encoding="utf-8", errors="replace")  # noqa: SIM115 -- the caller closes it
     except BaseException:
