@@ -340,8 +340,9 @@ BUSY_WORK_US = 250.0  # CPU of a "request" around each record (about 4,000 recor
 def busy_cpu(make: object) -> dict[str, float]:
     """``--busy``: CPU per record of the whole trail (fsync on, defaults) on an event loop that
     is never idle, as a loaded sidecar's: each record follows BUSY_WORK_US of other work and a
-    yield, so the writer's 5 ms linger gathers data-path-sized batches (about 15-20 records)
-    and what is paid per batch weighs as on the data path. Interleaved with the same loop
+    yield, so the writer's linger (``audit.batch_linger_seconds``, 250 ms by default; 5 ms when
+    this mode was written) gathers batches as on a loaded data path (up to
+    ``audit.batch_size``, 512) and what is paid per batch weighs as there. Interleaved with the same loop
     without audit, three rounds; prints each round's difference. (A loop that sleeps between
     records instead is not a measure here: on this VM every wake-up from idle costs the
     process tens to hundreds of us of CPU, whatever it then does.)"""
