@@ -23,7 +23,7 @@ import trio
 from sidecar.audit.chain import GENESIS, LENGTH
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments, read_frames, segment_name, verify
-from sidecar.audit.signing import Checkpoint, load_keyring, write_keypair
+from sidecar.audit.signing import Checkpoint, load_anchor, load_keyring, write_keypair
 from sidecar.audit.writer import AuditWriter
 from sidecar.config.audit import AuditConfig
 from tests.harness import sidecar_cli, write_audit_trail
@@ -262,6 +262,60 @@ def test_keyring_holds_rotated_keys(tmp_path: Path) -> None:
     assert result.ok and result.records == 20 and result.restarts == 1, result
     only_b = verify(str(d), keyring=load_keyring([b_pub]))
     assert not only_b.ok and a_kid in str(only_b.broken) and "not in the keyring" in str(only_b.broken)
+
+
+@pytest.mark.parametrize("order", ["ABA", "ABCB", "ABCA"])
+def test_a_rotated_out_key_that_signs_again_is_an_error(tmp_path: Path, order: str) -> None:
+    """The keyring keeps rotated keys so that the segments they signed still verify. A key
+    rotated out that signs again after its successor is a leaked old key: its holder
+    appends (here: a real writer, restarted on the trail) or re-signs frames written after
+    the rotation; or a Secret rolled back. Every run's frames verify on their own."""
+    keys = {name: write_keypair(str(tmp_path / name)) for name in sorted(set(order))}
+    d = tmp_path / "audit"
+    for i, name in enumerate(order):
+        write(d, Path(keys[name][0]), 10, start=10 * i)
+    ring = tmp_path / "ring.pem"
+    ring.write_bytes(b"".join(Path(pub).read_bytes() for _priv, pub, _kid in keys.values()))
+    result = verify(str(d), keyring=load_keyring([str(ring)]))
+    assert not result.ok and result.records == 10 * len(order), result
+    found = [f for f in result.findings if f.code == "rotated_key_signed"]
+    back = order[-1]
+    replaced_by = order[order.index(back) + 1]
+    assert len(found) == 1 and found[0].severity == "error", result.findings
+    assert found[0].seq is not None and found[0].seq > 10 * (len(order) - 1)
+    assert keys[back][2] in found[0].message and keys[replaced_by][2] in found[0].message
+    # Only the key's return: everything else about the trail is intact.
+    assert [f.code for f in result.findings if f.severity == "error"] == ["rotated_key_signed"]
+    out = sidecar_cli("audit", "verify", str(d), "--pubkey", str(ring))
+    assert out.returncode == 1 and "rotated_key_signed" in out.stdout, out.stdout + out.stderr
+    # Rotating forward only (the runs before the return) verifies.
+    forward = tmp_path / "forward"
+    for i, name in enumerate(order[:-1]):
+        write(forward, Path(keys[name][0]), 10, start=10 * i)
+    assert verify(str(forward), keyring=load_keyring([str(ring)])).ok
+
+
+def test_a_trail_cut_back_to_before_a_rotation_and_continued_with_the_old_key(
+        tmp_path: Path) -> None:
+    """The successor's signatures deleted with its segments, the old key signs on: nothing
+    in the trail shows it (docs/audit.md says so); an anchor saved after the rotation does."""
+    a_priv, a_pub, _ = write_keypair(str(tmp_path / "a"))
+    b_priv, b_pub, _ = write_keypair(str(tmp_path / "b"))
+    d = tmp_path / "audit"
+    write(d, Path(a_priv), 10)
+    before = {s.path for s in list_segments(str(d))}
+    checkpoint = write(d, Path(b_priv), 10, start=10).last_checkpoint
+    assert checkpoint is not None
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps({"checkpoint": checkpoint.to_json()}))
+    for seg in list_segments(str(d)):
+        if seg.path not in before:
+            os.unlink(seg.path)
+    write(d, Path(a_priv), 10, start=10)
+    ring = load_keyring([a_pub, b_pub])
+    assert verify(str(d), keyring=ring).ok  # it looks like key A was never rotated
+    anchored = verify(str(d), keyring=ring, anchors=[load_anchor(str(anchor))])
+    assert not anchored.ok, anchored
 
 
 def test_unsigned_tail_reported_and_timer_checkpoint(tmp_path: Path) -> None:

@@ -304,6 +304,10 @@ class _Walk:
         # A writer restarted since the last verified signature: the next one may sign
         # over records it did not write (``gap``).
         self.restarted = False
+        # The key id of the newest verified signature, and every key id it replaced, with
+        # the seq of the first frame its successor signed (``rotated_key_signed``).
+        self.signing_kid: Any = None
+        self.replaced_kids: dict[Any, tuple[Any, int]] = {}
 
     def capped(self, code: str, seq: int | None, message: str) -> None:
         """An error finding that a forger can repeat per frame: the first
@@ -340,6 +344,7 @@ class _Walk:
                 problem = self.keyring.check(frame.seq, frame.prev, frame.kind, frame.body)
                 if problem is not None:
                     return problem
+                self.signed_by(frame.seq, frame.body.get("kid"))
                 if self.first_signed:
                     self.gap(frame.seq)
                 else:
@@ -374,6 +379,29 @@ class _Walk:
                 elif t > self.tail_times[1]:
                     self.tail_times[1] = float(t)
         return None
+
+    def signed_by(self, seq: int, kid: Any) -> None:
+        """A verified signature at ``seq`` by key ``kid``. A writer signs with the newest key
+        its ``signing_key_file`` holds, so along the chain the keys only move forward: a
+        key that another one replaced and that signs again is an old key in other hands
+        (the keyring keeps rotated keys so that old segments still verify, not so that they
+        may sign new frames), or a Secret rolled back to an old key."""
+        current = self.signing_kid
+        if kid == current:
+            return
+        replaced = self.replaced_kids.get(kid)
+        if replaced is not None:
+            successor, since = replaced
+            self.capped("rotated_key_signed", seq,
+                        f"signed with key {kid}, which key {successor} replaced at seq {since}:"
+                        " a writer signs with its newest key, so a key rotated out signed "
+                        "this frame -- its private half in other hands, re-signing frames "
+                        "written after the rotation -- or the signing key's Secret was "
+                        "rolled back to an old key (roll forward to a new key instead)")
+            del self.replaced_kids[kid]  # reported once; it is the current key again
+        if current is not None:
+            self.replaced_kids[current] = (kid, seq)
+        self.signing_kid = kid
 
     def gap(self, seq: int) -> None:
         """A signature at ``seq`` verified: the records since the one before it must be no
