@@ -25,11 +25,12 @@ import http.client as httpclient
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from jwt.algorithms import ECAlgorithm
 
+from sidecar.authn import extract
 from sidecar.authn.jwt import names_issuer
 from tests import harness as h
 from tests.orders_mesh import OrdersMesh, orders_mesh
@@ -313,6 +314,10 @@ def test_a_large_copy_is_refused(big_env: OrdersMesh, size: int) -> None:
 # connection), and long base64 runs with or without dots (the copy scan's patterns: 7 s and
 # 62 s for 32 KiB). Each as a header, inside a cookie and in the query.
 SLOW_VALUES: dict[str, str] = {
+    "backslashes": "\\" * 100_000,
+    "escapes": "\\u0041\\x41\\101%41+" * 6_000,
+    "filled-dots": ("e" * 13 + "!.") * 6_000,
+    "filled-distinct": "".join(f"e{i:012d}!." for i in range(6_000)),
     "spaces": "a=x" + " " * 100_000 + "y",
     "tabs-vt": "a=x" + "\t\x0b" * 50_000,
     "space-comma": "a=x" + " ," * 50_000 + "y",
@@ -354,6 +359,146 @@ def test_at_most_sixteen_pieces_are_read(env: OrdersMesh) -> None:
     r = env.get("/public/x", {"x-other": " ".join(pieces[:16])})
     assert r.status == 200, r.body[:300]
     assert _refused(env.get("/public/x", {"x-other": " ".join(pieces)}))
+
+
+# How a copy may be spelled so that a reader still decodes it to the token (found by a
+# hostile review: each of the escape and filler members reached the app, which decodes it
+# with http.cookies, json.loads, a quoted-string reader or a lenient base64 decoder). The
+# family as data, one member per decoding of ``extract._DECODINGS`` (dots alone and every
+# character), two in a row, and filler in the payload of the kinds lenient base64 decoders
+# skip (any other character: Python's ``b64decode``, Java's MIME decoder; whitespace:
+# ``atob``, Node), also of a length that changes the padding.
+def _filled(token: str, filler: str, every: bool = False) -> str:
+    head, payload, sig = token.split(".")
+    payload = filler.join(payload) if every else payload[:8] + filler + payload[8:]
+    return f"{head}.{payload}.{sig}"
+
+
+def _escaped(form: str) -> Callable[[str], str]:
+    return lambda t: "".join(form.format(ord(c)) for c in t)
+
+
+SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("json-u-dots", lambda t: t.replace(".", "\\u002e")),
+    ("json-u-all", _escaped("\\u{:04x}")),
+    ("json-solidus", lambda t: t.replace("_", "/").replace("-", "+").replace("/", "\\/")),
+    ("quoted-pair-dots", lambda t: t.replace(".", "\\.")),
+    ("quoted-pair-all", lambda t: "".join("\\" + c for c in t)),
+    ("octal-dots", lambda t: t.replace(".", "\\056")),
+    ("octal-all", _escaped("\\{:03o}")),
+    ("hex-dots", lambda t: t.replace(".", "\\x2e")),
+    ("hex-all", _escaped("\\x{:02x}")),
+    ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
+    ("percent-then-json-dots", lambda t: t.replace(".", "%5Cu002e")),
+    ("json-then-percent-dots", lambda t: t.replace(".", "\\u00252E")),
+    ("filler-bang", lambda t: _filled(t, "!!!!")),
+    ("filler-three", lambda t: _filled(t, "~~~")),
+    ("filler-spaces", lambda t: _filled(t, "    ")),
+    ("filler-tab", lambda t: _filled(t, "\t")),
+    ("filler-every-character", lambda t: _filled(t, "!", every=True)),
+    ("filler-escaped-dots", lambda t: _filled(t, "!!").replace(".", "\\u002e")),
+)
+# Where a spelled copy is put: (label, headers, query, path suffix); ``{v}`` is the spelled
+# token, ``{q}`` the same for a request target (space and tab percent-encoded). A raw
+# backslash in a path is refused (400) before any token is looked at.
+SPELLING_PLACES: tuple[tuple[str, dict[str, str], str, str], ...] = (
+    ("header", {"x-auth-token": "{v}"}, "", ""),
+    ("json-header", {"x-session": '{{"token":"{v}"}}'}, "", ""),
+    ("cookie-quoted", {"cookie": 'jwt="{v}"'}, "", ""),
+    ("cookie", {"cookie": "theme=dark; jwt={v}"}, "", ""),
+    ("query", {}, "token={q}", ""),
+    ("path", {}, "", "/{q}"),
+)
+
+
+def _spelled_place(place: tuple[str, dict[str, str], str, str],
+                   value: str) -> tuple[dict[str, str], str, str]:
+    _label, headers, query, suffix = place
+    fill = {"v": value, "q": value.replace(" ", "%20").replace("\t", "%09")}
+    return ({k: v.format(**fill) for k, v in headers.items()}, query.format(**fill),
+            suffix.format(**fill))
+
+
+def _refused_here(r: h.Response, suffix: str) -> bool:
+    # (a path holding a raw backslash, or a control byte once decoded, is a 400)
+    return _refused(r) or (bool(suffix) and r.status == 400)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_spelled_copy_is_refused(env: OrdersMesh, route: str) -> None:
+    """Every spelling x place, forged and valid, alone and next to a valid header token."""
+    wrong = []
+    for spelling, spell in SPELLINGS:
+        for place in SPELLING_PLACES:
+            for kind, token in (("forged", _token("copies-forger")), ("valid", _token())):
+                headers, query, suffix = _spelled_place(place, spell(token))
+                r = _get(env, route, headers, query, suffix)
+                if not _refused_here(r, suffix) or token.encode() in r.body:
+                    wrong.append((spelling, place[0], kind, "alone", r.status))
+            headers, query, suffix = _spelled_place(place, spell(_token("copies-forger")))
+            r = _get(env, route, {"authorization": f"Bearer {_token()}", **headers}, query,
+                     suffix)
+            if not _refused_here(r, suffix):
+                wrong.append((spelling, place[0], "forged", "beside a valid token", r.status))
+    assert not wrong, wrong
+
+
+def test_a_filled_token_in_the_providers_own_place_is_the_providers_to_refuse(
+        env: OrdersMesh) -> None:
+    """A token with filler in its payload, sent where the provider reads (``Authorization:
+    Bearer``), is malformed to the provider; it names the provider's issuer to a lenient
+    reader, so it is refused on a token-free route as well (a filler that changed the
+    padding read as no token's: the value went on to the app)."""
+    wrong = []
+    for spelling, spell in SPELLINGS:
+        if not spelling.startswith("filler") or "\\" in spell("a.b.c"):
+            continue
+        for route in ROUTES:
+            r = env.get(route, {"authorization": f"Bearer {spell(_token('copies-forger'))}"})
+            if not _refused(r):
+                wrong.append((spelling, route, r.status))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("spelling", [name for name, _ in SPELLINGS])
+def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) -> None:
+    """The decodings the scan applies give a piece naming the issuer for every member (so a
+    member the scan cannot read back is a failure here, not a pass through the sidecar)."""
+    spell = dict(SPELLINGS)[spelling]
+    token = _token("copies-forger")
+    for place in SPELLING_PLACES[:4]:
+        headers, _query, _suffix = _spelled_place(place, spell(token))
+        (name, value), = headers.items()
+        guards = extract.Guards(query=True, authorization=True, read_schemes=frozenset(
+            {"bearer"}), issuers=frozenset({ISS}),
+            read_headers=frozenset({b"authorization", b"cookie"}))
+        found = extract.copies(guards, [(name.encode(), value.encode())], "")
+        assert found and all(names_issuer(f, ISS) for f in found), (place[0], found)
+    if spelling.startswith("filler") and "\\" not in spell(token):
+        # Read whole as sent, too: the filler is skipped, whatever its length.
+        assert names_issuer(spell(token), ISS)
+
+
+def test_the_decodings_are_the_documented_family() -> None:
+    assert extract.DECODING_NAMES == ("percent", "plus", "json", "quoted-pair", "octal", "hex")
+    doc = (h.ROOT / "docs" / "authn.md").read_text()
+    for name in extract.DECODING_NAMES:
+        assert f"`{name}`" in doc, name
+
+
+def test_a_value_with_more_decoded_forms_than_are_read_counts_as_a_copy(
+        env: OrdersMesh) -> None:
+    """Each decoded form costs a pass over the value: past 16 distinct ones the value is
+    counted as holding a copy (fail closed) instead of being decoded further."""
+    tangled = "%5C%35%34\\u0025\\x25\\101%2B\\n\\q.%25%255C\\u005c\\x5c\\134"
+    with pytest.raises(extract._TooManyForms):
+        extract._decoded_forms(tangled, False)
+    assert _refused(env.get("/public/x", {"x-note": tangled}))
+    # A value an app sends, with a few escapes, passes.
+    plain = 'C:\\Users\\a.b {"k":"v\\u00e9"} 100%25 a+b'
+    assert len(extract._decoded_forms(plain, True)) < 16
+    r = env.get("/public/x", {"x-note": plain})
+    assert r.status == 200, r.body[:300]
 
 
 # Basic credentials whose password (or user) is a token: registries, GitLab and Artifactory

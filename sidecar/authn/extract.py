@@ -421,7 +421,13 @@ def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -
 # 16 base64 digits): what is looked at further. As bytes, for a header value as read. A
 # fixed-length pattern: ``[..]{2,}\.[..]{16,}`` tried from every character of a run took
 # 7 s for 32 KiB without a dot (found by the review of this fix).
-_MAY_BE_COPY = re.compile(rb"[A-Za-z0-9_\-+/=]\.[A-Za-z0-9_\-+/=]{16}")
+# Or (``_filled_pieces``) a part between two dots that may be a payload with filler in it:
+# its first digit one a JSON object's first byte may begin (``{``, or what
+# ``_BEFORE_OBJECT`` lets come before it), then at least 11 more characters. One search.
+# (It begins with the dot, the digit before it a look-behind: a pattern beginning with a
+# character class is tried at every byte, twice as slow on a browser's User-Agent.)
+_MAY_BE_COPY = re.compile(rb"\.(?:(?<=[A-Za-z0-9_\-+/=]\.)[A-Za-z0-9_\-+/=]{16}"
+                          rb"|[^A-Za-z0-9_\-+/=.]*+[eICDA7uv/_][^.]{11,}+\.)")
 # Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
 # parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
 _COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
@@ -430,7 +436,8 @@ _COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
 def _copy_pieces(text: str) -> list[str]:
     """The JWT-shaped pieces of ``text``: each run of ``_COPY_RUN`` with a dot, from the
     start of its first part. That part holds no ``+`` (a space in a query) and no ``=`` but
-    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``."""
+    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``. And the pieces whose
+    payload has filler in it (``_filled_pieces``)."""
     pieces = []
     for run in _COPY_RUN.findall(text):
         dot = run.find(".")
@@ -440,7 +447,39 @@ def _copy_pieces(text: str) -> list[str]:
         start = max(head.rfind("+"), head.rstrip("=").rfind("=")) + 1
         if start < dot:
             pieces.append(run[start:])
+    if text.count(".") >= 2:
+        pieces += _filled_pieces(text)
     return pieces
+
+
+# Base64 and base64url digits and padding; anything else in a payload is filler that a
+# lenient decoder skips (Python's base64 without ``validate``, Java's MIME decoder: any
+# other character; ``atob`` and Node: whitespace).
+_NOT_DIGIT = re.compile(r"[^A-Za-z0-9_\-+/=]++")
+# A payload naming an issuer is at least 12 digits (``{"iss":"x"}``), filler aside.
+_MIN_PAYLOAD_DIGITS = 12
+
+
+def _filled_pieces(text: str) -> list[str]:
+    """Pieces for the JWTs of ``text`` whose payload has filler in it (``h.eyJp!!!!c3Mi.s``,
+    ``h.eyJp    c3Mi.s``): each part between two dots that holds filler and at least
+    ``_MIN_PAYLOAD_DIGITS`` digits, as ``.<its digits>.`` (the payload is what is read;
+    found by a hostile review: such a token reached the app unread, and a lenient reader
+    decodes it to the forged claims). The piece is no token's string, so beside the
+    provider's own token it is a second one."""
+    parts = text.split(".")
+    pieces = []
+    for part in parts[1:-1]:
+        if len(part) > _MIN_PAYLOAD_DIGITS and _NOT_DIGIT.search(part) is not None:
+            digits = _NOT_DIGIT.sub("", part)
+            if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
+                pieces.append(f".{digits}.")
+    return pieces
+
+
+# The first base64 digit of a JSON object's payload: of ``{`` (``e``), or of what
+# ``_BEFORE_OBJECT`` lets come before it (space, tab, CR, LF, NUL, a byte-order mark's).
+_OBJECT_FIRST_DIGITS = frozenset("eICDA7uv/_")
 
 
 # At most this many distinct pieces of one request whose payload reads as a JSON object are
@@ -488,6 +527,9 @@ class _Copies:
         if self.whole < 0:
             return
         for text in forms:
+            if text is _TOO_MANY_FORMS:
+                self.found.append(text)  # (fail closed: never a provider's own token)
+                continue
             for piece in _copy_pieces(text):
                 if piece in own:
                     continue
@@ -510,22 +552,94 @@ class _Copies:
                         self.found.append(piece)
 
 
+def _json_escape(m: re.Match[str]) -> str:
+    code, char = m.group(1), m.group(2)
+    if code is not None:
+        return chr(int(code, 16))
+    return _JSON_SHORT.get(char, char)
+
+
+def _octal_escape(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 8)) if m.group(1) is not None else m.group(2)
+
+
+def _hex_escape(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 16)) if m.group(1) is not None else m.group(2)
+
+
+_JSON_SHORT = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_JSON_ESCAPES = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|(.))", re.DOTALL)
+_QUOTED_PAIRS = re.compile(r"\\(.)", re.DOTALL)
+_OCTAL_ESCAPES = re.compile(r"\\(?:([0-3][0-7]{2})|(.))", re.DOTALL)
+_HEX_ESCAPES = re.compile(r"\\(?:x([0-9A-Fa-f]{2})|(.))", re.DOTALL)
+
+# How an app may decode a value before it reads a token in it, each a form of its own (they
+# disagree: ``\056`` is ``.`` to http.cookies and ``056`` to a quoted-string reader): the
+# family, as (name, the character that starts an escape, the decoder). ``plus`` only in a
+# query. Applied up to ``_DECODING_DEPTH`` times in any order (a JSON value in a cookie,
+# percent-encoded twice). docs/authn.md, "Tokens in places no provider reads".
+_DECODINGS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("percent", "%", lambda t: unquote(t, "latin-1")),
+    ("plus", "+", lambda t: unquote_plus(t, "latin-1")),
+    ("json", "\\", lambda t: _JSON_ESCAPES.sub(_json_escape, t)),  # \uXXXX, \/, \n...
+    ("quoted-pair", "\\", lambda t: _QUOTED_PAIRS.sub(r"\1", t)),  # RFC 9110 5.6.4
+    ("octal", "\\", lambda t: _OCTAL_ESCAPES.sub(_octal_escape, t)),  # http.cookies \ooo
+    ("hex", "\\", lambda t: _HEX_ESCAPES.sub(_hex_escape, t)),  # C, JS, Python \xHH
+)
+DECODING_NAMES = tuple(name for name, _c, _d in _DECODINGS)
+_DECODING_DEPTH = 2
+# At most this many distinct forms of one value (only a value holding ``%``, ``+`` or a
+# backslash has more than one, and one an app sends has a few); a value with more is
+# counted as holding a copy (``_TooManyForms``: fail closed, and each form costs a pass
+# over the value).
+_MAX_FORMS = 16
+
+
+class _TooManyForms(Exception):
+    """A value decodes to more than ``_MAX_FORMS`` distinct forms."""
+
+
+# ``_forms``'s one form of a value that decodes to too many: the scan counts it as a copy.
+# (No character ``_PATH_SEPARATORS`` changes, no base64 digit.)
+_TOO_MANY_FORMS = "\x00(too many decoded forms)\x00"
+
+
 def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
-    """A value as sent and as an app may decode it (percent-decoded, ``+`` a space in a
-    query), when it may hold a copy (``_MAY_BE_COPY``); else nothing."""
-    if b"%" not in raw and not (plus and b"+" in raw):
+    """A value as sent and as an app may decode it (``_DECODINGS``: percent-decoded, ``+``
+    a space in a query, backslash escapes), when it may hold a copy (``_MAY_BE_COPY``);
+    else nothing."""
+    if b"%" not in raw and b"\\" not in raw and not (plus and b"+" in raw):
         # (no dot, no copy: most values -- accept, ids, types -- end at this C scan; the
         # pattern search costs a step per byte)
         if b"." not in raw or _MAY_BE_COPY.search(raw) is None:
             return ()
         return (raw.decode("latin-1"),)
-    text = raw.decode("latin-1")
+    try:
+        return _decoded_forms(raw.decode("latin-1"), plus)
+    except _TooManyForms:
+        return (_TOO_MANY_FORMS,)
+
+
+def _decoded_forms(text: str, plus: bool) -> tuple[str, ...]:
     forms = [text]
-    if "%" in text:
-        forms.append(unquote(text, "latin-1"))
-    if plus and ("%" in text or "+" in text):
-        forms.append(unquote_plus(text, "latin-1"))
-    return tuple(f for f in forms if _MAY_BE_COPY.search(f.encode("latin-1", "replace")))
+    seen = {text}
+    layer = [text]
+    for _ in range(_DECODING_DEPTH):
+        decoded = []
+        for form in layer:
+            for name, starts, decode in _DECODINGS:
+                if starts not in form or (name == "plus" and not plus):
+                    continue
+                out = decode(form)
+                if out not in seen:
+                    if len(forms) >= _MAX_FORMS:
+                        raise _TooManyForms
+                    seen.add(out)
+                    forms.append(out)
+                    decoded.append(out)
+        layer = decoded
+    search = _MAY_BE_COPY.search
+    return tuple(f for f in forms if search(f.encode("latin-1", "replace")) is not None)
 
 
 def _basic_credentials(value: bytes) -> bytes:
@@ -582,7 +696,7 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
             basic = _basic_credentials(v)
             forms = _forms(basic, plus=False) if basic else ()
             own: set[str] | frozenset[str] = frozenset()
-        elif b"." not in v and b"%" not in v:
+        elif b"." not in v and b"%" not in v and b"\\" not in v:
             continue  # (no JWT, and none an app decodes: most values end here)
         elif n == COOKIE:
             forms = _forms(v, plus=False)

@@ -244,6 +244,9 @@ def _names(value: Any, wanted: str) -> bool:
                                            if isinstance(item, str))
 
 
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9_\-+/]++")
+
+
 def names_issuer(token: str, issuer: str, max_chars: int | None = MAX_UNVERIFIED_TOKEN) -> bool:
     """Does ``token``'s payload, read WITHOUT verifying anything, name ``issuer`` as an
     ``iss``? A token that names a provider's issuer is that provider's to judge, whatever
@@ -260,8 +263,11 @@ def names_issuer(token: str, issuer: str, max_chars: int | None = MAX_UNVERIFIED
     parts = token.split(".")
     if len(parts) < 2:
         return False
+    # Filler (any character but base64 digits: a lenient decoder skips it) does not count
+    # towards the padding: ``eyJp!!!c3M...`` decodes as ``eyJpc3M...`` does.
+    payload = _NOT_BASE64.sub("", parts[1])
     try:
-        data = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
     except (binascii.Error, ValueError):
         return False
     if data.startswith(codecs.BOM_UTF8):
