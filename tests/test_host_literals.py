@@ -47,7 +47,12 @@ NOT_A_HOST = [
     "127.1", "127.0.1", "0x7f.0.0.1", "0X7F.0.0.1", "0177.0.0.1", "2130706433", "0x7f000001",
     "017700000001", "127.0.0.01", "127.000.000.001", "127.0.0.0x1", "1.2.3.4.5", "256.0.0.1",
     "a.1", "orders.1", "0x", "0",
+    # Empty labels: a name with one is no host (one final dot is the root's); folding them
+    # let ``orders.example..`` match ``hosts: [orders.example]`` (hostile review).
+    "orders.example..", ".orders.example", "orders..example", "..", ".", "a...",
 ]
+# Ports no socket has: refused with any host (``x:99999`` matched ``hosts: [x]``).
+BAD_PORTS = [":65536", ":99999", ":70000"]
 # Still hosts, as they were.
 STILL_HOSTS = ["127.0.0.1", "127.0.0.1.", "0.0.0.0", "10.0.0.255", "orders.example",
                "1e100.net", "x1.example", "example.com.", "a-1.b_2.c~3", "localhost"]
@@ -71,6 +76,17 @@ def test_hosts_that_cannot_be_read_one_way_are_refused(host, port):
         check_head(b"GET", b"/", [(b"host", (host + port).encode())], max_headers=10,
                    max_body=0)
     assert err.value.reason == "bad_host"
+
+
+@pytest.mark.parametrize("host", ["orders.example", "orders.example.", "[::1]", "127.0.0.1"])
+@pytest.mark.parametrize("port", BAD_PORTS)
+def test_a_port_past_65535_is_refused(host, port):
+    assert split_host(host + port) is None
+    with pytest.raises(BadRequest) as err:
+        check_head(b"GET", b"/", [(b"host", (host + port).encode())], max_headers=10,
+                   max_body=0)
+    assert err.value.reason == "bad_host"
+    assert split_host(host + ":65535") is not None
 
 
 @pytest.mark.parametrize("host", STILL_HOSTS)
@@ -127,6 +143,6 @@ def test_through_a_real_sidecar(tmp_path, pki: Pki, app, procs):
             for suffix in ("", ":15443"):
                 r = http(port, headers={"Host": spelling + suffix}, ctx=ctx)
                 assert r.status == 403, (spelling + suffix, r.status)
-    for host in NOT_A_HOST:
+    for host in NOT_A_HOST + [f"orders.example{p}" for p in BAD_PORTS]:
         r = http(port, headers={"Host": host}, ctx=ctx)
         assert r.status == 400, (host, r.status)
