@@ -160,6 +160,14 @@ def test_provider_defaults_and_relative_jwks(tmp_path: Path) -> None:
         ("api_keys: [{name: k, sha256: abc}]", "64 hex"),
         ("api_keys: [{name: k, sha256: " + "a" * 64 + "}, {name: k, sha256: " + "b" * 64 + "}]",
          "defined twice"),
+        # A named entry twice in one file (hostile review: the later rate limit or alert
+        # was dropped without a word, even a tightened one), the same or another value.
+        ("rate_limits: [{name: r, rate: 5}, {name: r, rate: 1/h}]", "rate limit 'r' is defined twice"),
+        ("rate_limits: [{name: r, rate: 5}, {name: r, rate: 5}]", "rate limit 'r' is defined twice"),
+        ("alerts: [{name: a, threshold: 9, window: 1m}, {name: a, threshold: 2, window: 1m}]",
+         "alert 'a' is defined twice"),
+        ("alerts: [{name: a, threshold: 9, window: 1m}, {name: a, threshold: 9, window: 1m}]",
+         "alert 'a' is defined twice"),
         ("rate_limits: [{name: r, rate: 0}]", "requests per second"),
         ("rate_limits: [{name: r, rate: 5/s, per: planet}]", "peer, apikey or subject"),
         ("rate_limits: [{name: r, rate: 5, services: [nope]}]", "SPIFFE"),

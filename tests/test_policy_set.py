@@ -148,6 +148,17 @@ CONFLICTS = {
     "revision differs": (
         dict(mesh="revision: r1\n" + MESH, a="revision: r2\n" + NS_A),
         ("a.yaml:1", "revision"), "mesh.yaml:1"),
+    # A scalar of another type that Python calls equal (``1 == True == 1.0``): it passed
+    # unchecked behind the first file's (found by a hostile review).
+    "revision of another type (true)": (
+        dict(mesh="revision: 1\n" + MESH, a="revision: true\n" + NS_A),
+        ("a.yaml:1", "revision"), "mesh.yaml:1"),
+    "revision of another type (1.0)": (
+        dict(mesh="revision: 1\n" + MESH, a="revision: 1.0\n" + NS_A),
+        ("a.yaml:1", "revision"), "mesh.yaml:1"),
+    "version of another type": (
+        dict(mesh=MESH, a=NS_A.replace("version: 1", "version: 1.0")),
+        ("a.yaml:1", "version"), "mesh.yaml:1"),
     "revision missing in one file": (
         dict(mesh="revision: r1\n" + MESH, a=NS_A),
         ("a.yaml:1", ""), "mesh.yaml:1"),

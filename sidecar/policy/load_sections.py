@@ -490,6 +490,7 @@ def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
+    seen: set[str] = set()
     out: list[RateLimit] = []
     for i, item in enumerate(value):
         ip = path + (i,)
@@ -497,6 +498,12 @@ def parse_rate_limits(r: Reader, value: Any, path: P) -> tuple[RateLimit, ...]:
         if m is None:
             continue
         name = read_name(r, m.get("name"), ip + ("name",))
+        if name is not None and name in seen:
+            # (the later one was dropped without a word: found by a hostile review)
+            r.problem(ip + ("name",), f"rate limit {name!r} is defined twice")
+            continue
+        if name is not None:
+            seen.add(name)
         per_second = m.get("rate")
         if isinstance(per_second, str):
             rm = _RATE.match(per_second)
@@ -529,6 +536,7 @@ def parse_alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
+    seen: set[str] = set()
     out: list[AlertRule] = []
     for i, item in enumerate(value):
         ip = path + (i,)
@@ -537,6 +545,12 @@ def parse_alerts(r: Reader, value: Any, path: P) -> tuple[AlertRule, ...]:
         if m is None:
             continue
         name = read_name(r, m.get("name"), ip + ("name",))
+        if name is not None and name in seen:
+            # (the later one was dropped without a word: found by a hostile review)
+            r.problem(ip + ("name",), f"alert {name!r} is defined twice")
+            continue
+        if name is not None:
+            seen.add(name)
         threshold = r.integer(m.get("threshold"), ip + ("threshold",), 1, 1_000_000)
         window = r.duration(m.get("window"), ip + ("window",))
         if window is not None and window <= 0:

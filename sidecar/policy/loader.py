@@ -104,14 +104,15 @@ DATA_PATH_METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
 def _host_problem(host: str) -> str | None:
     """Why a ``hosts`` entry can never equal a request's Host, or None. Read by ``split_host``,
     the definition the data path accepts a Host by: a name of letters, digits, ``. _ ~ -`` or
-    a bracketed IPv6 address that parses; no port, no scheme, and not only dots."""
+    a bracketed IPv6 address that parses; no port, no scheme, not only dots, no empty label
+    (``a..b``, ``.a``)."""
     if (why := ipv4_problem(host)) is not None:
         return why
+    if host and not host.rstrip("."):
+        return "expected a host name, not only dots"
     parts = split_host(host)
     if parts is None or parts[1] or host.endswith(":"):
         return "expected a host name without port or scheme (or a bracketed IPv6 address)"
-    if not host.rstrip("."):
-        return "expected a host name, not only dots"
     if parts[0].startswith("[") and (ipv4 := embedded_ipv4(parts[0])) is not None:
         # A rule for [64:ff9b::a00:1] would name a NAT64, 6to4, Teredo or IPv4-compatible
         # form of an IPv4 address, and an allow rule would admit one spelling of it only.

@@ -149,7 +149,10 @@ def merge_files(docs: list[PolicyFile]) -> tuple[dict[str, Any], dict[str, tuple
                 continue
             value = doc.top[key]
             if kind == "scalar":
-                if key in merged and merged[key] != value:
+                # (by type too: ``1 == True == 1.0``, and a later file's ``revision: true``
+                # passed beside ``revision: 1`` unchecked; found by a hostile review)
+                if key in merged and (type(merged[key]) is not type(value)
+                                      or merged[key] != value):
                     first, fpath = origin[key]
                     doc.r.problem((key,), f"{key} is {value!r} here but {merged[key]!r} in "
                                   f"{first.where(fpath)}: the files are not of one policy")
