@@ -627,94 +627,140 @@ def test_the_linger_never_delays_the_timer_checkpoint(tmp_path: Path) -> None:
     assert waited[0] < 0.6, f"the record waited {waited[0]:.2f} s for its checkpoint"
 
 
-def test_with_fsync_off_only_small_batches_are_encoded_on_the_event_loop(tmp_path: Path) -> None:
-    # fsync off: a batch of at most INLINE_MAX_RECORDS is written from the event loop (a
-    # thread round trip costs more than it), a larger one in the worker thread, where its
-    # encoding gives the GIL back to the loop every GIL_SWITCH_SECONDS instead of holding
-    # up every request for the whole batch. Both end up on disk, in order.
+def test_with_fsync_off_batches_are_written_from_the_event_loop_unless_they_rotate(
+        tmp_path: Path) -> None:
+    # fsync off: a batch of any size is written from the event loop (a write to the page
+    # cache; a thread round trip costs more), unless the segment would not keep INLINE_ROOM
+    # after it (rotating and sealing fsync the directory: the thread). In order on disk.
     import sys
 
-    from sidecar.audit.writer import GIL_SWITCH_SECONDS, INLINE_MAX_RECORDS
+    from sidecar.audit.writer import GIL_SWITCH_SECONDS, INLINE_ROOM
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.005)  # CPython's default, whatever ran before
-    writer = AuditWriter(AuditConfig(path=str(tmp_path), fsync=False, batch_linger_seconds=0))
     calls: list[int] = []
+    counts = (64, 200, 129)
 
-    async def until_written(n: int) -> None:
+    async def until_written(writer: AuditWriter, n: int) -> None:
         with trio.fail_after(10):
             while writer.written < n:
                 await trio.sleep(0.001)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(writer.run)  # the segment is opened in the thread
-            assert sys.getswitchinterval() <= GIL_SWITCH_SECONDS
-            calls.append(writer._disk.calls)
-            for i in range(INLINE_MAX_RECORDS):
-                assert writer.submit(rec(i))
-            await until_written(INLINE_MAX_RECORDS)
-            calls.append(writer._disk.calls)
-            for i in range(INLINE_MAX_RECORDS, 3 * INLINE_MAX_RECORDS + 1):
-                assert writer.submit(rec(i))
-            await until_written(3 * INLINE_MAX_RECORDS + 1)
-            calls.append(writer._disk.calls)
-            await writer.aclose()
+    def run(directory: Path, max_bytes: int) -> list[int]:
+        writer = AuditWriter(AuditConfig(path=str(directory), fsync=False,
+                                         batch_linger_seconds=0, max_segment_bytes=max_bytes))
+        seen: list[int] = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)  # the segment is opened in the thread
+                assert sys.getswitchinterval() <= GIL_SWITCH_SECONDS
+                seen.append(writer._disk.calls)
+                n = 0
+                for count in counts:
+                    for i in range(n, n + count):
+                        assert writer.submit(rec(i))
+                    n += count
+                    await until_written(writer, n)
+                    seen.append(writer._disk.calls)
+                await writer.aclose()
+
+        trio.run(main)
+        assert [r.request_id for r in iter_records(str(directory))] == [
+            f"r{i}" for i in range(sum(counts))]
+        return seen
 
     try:
-        trio.run(main)
+        calls = run(tmp_path / "room", 64 * 1024 * 1024)
+        assert calls == [calls[0]] * len(calls), "a batch went to the thread"
+        calls = run(tmp_path / "small", INLINE_ROOM)  # no batch keeps the room: the thread
+        assert calls == [calls[0] + i for i in range(len(calls))], calls
     finally:
         sys.setswitchinterval(before)
-    assert calls[1] == calls[0], "a small batch went to the thread"
-    assert calls[2] == calls[1] + 1, "a large batch was encoded on the event loop"
-    assert [r.request_id for r in iter_records(str(tmp_path))] == [
-        f"r{i}" for i in range(3 * INLINE_MAX_RECORDS + 1)]
 
 
-def test_a_batch_in_the_thread_is_encoded_in_paced_chunks_to_the_same_bytes(
+def test_a_batch_encoded_in_chunks_on_the_loop_is_the_bytes_of_one_call(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # In the worker thread a big batch is encoded, and its syslog messages made,
-    # PACE_RECORDS records at a time with a short sleep between (the event loop gets the
-    # GIL and a core meanwhile). The frames, checkpoints and messages are byte for byte
-    # those of one call: two sinks, one paced and one not, given the same records on the
-    # same clock, write the same file and make the same messages.
+    # The writer encodes a batch, and makes its syslog messages, ENCODE_CHUNK_RECORDS
+    # records at a time on the event loop, yielding between chunks (the loop's other tasks
+    # run; the thread only writes). The frames, checkpoints and messages are byte for byte
+    # those of one call: a sink given the batch whole and the writer's steps, on the same
+    # clock, write the same file and make the same messages.
     from sidecar.audit import writer as writer_module
     from sidecar.audit.signing import load_signer, write_keypair
 
     priv, _pub, _kid = write_keypair(str(tmp_path / "sig"))
-    naps: list[float] = []
-    real_sleep = writer_module.time.sleep
-
-    def counted(seconds: float) -> None:
-        naps.append(seconds)
-        real_sleep(seconds)
-
-    monkeypatch.setattr(writer_module.time, "sleep", counted)
-    records = [rec(i) for i in range(5 * writer_module.PACE_RECORDS + 3)]
+    chunk = writer_module.ENCODE_CHUNK_RECORDS
+    records = [rec(i) for i in range(5 * chunk + 3)]
     made = []
-    for paced in (True, False):
-        d = tmp_path / ("paced" if paced else "whole")
+    for steps in (False, True):
+        d = tmp_path / ("steps" if steps else "whole")
         config = AuditConfig(path=str(d), checkpoint_every_records=50, signing_key_file=priv)
         os.makedirs(d)
         sink = writer_module._SegmentSink(config, None, lambda: 1.7e9,
                                           load_signer(priv, "spiffe://td/ns/a/sa/b"))
         sink.ship_host = "host"
         sink.ensure_open()
-        sink.paced = paced
-        before = len(naps)
-        sink.append(records)
-        messages = sink.take_messages()
+        if steps:
+            sink.prepare()
+            mark = sink.mark()
+            parts, checkpoint = [], None
+            for i in range(0, len(records), chunk):
+                part, signed = sink.encode(records[i:i + chunk])
+                parts.append(part)
+                checkpoint = signed or checkpoint
+            sink.commit(mark, b"".join(parts), checkpoint, len(records))
+            prefix, waiting = sink.message_prefix(), sink.messages_waiting()
+            messages = []
+            for i in range(0, waiting, chunk):
+                messages += sink.messages(prefix, i, min(waiting, i + chunk))
+            sink.messages_taken(waiting)
+            assert sink.messages_waiting() == 0
+        else:
+            sink.append(records)
+            messages = sink.take_messages()
         sink.close()
-        naps_taken = len(naps) - before
         segment = list_segments(str(d))[0]
-        made.append((Path(segment.path).read_bytes(), messages, naps_taken, segment.path))
-    (paced_file, paced_msgs, paced_naps, _), (whole_file, whole_msgs, whole_naps, _) = made
+        made.append((Path(segment.path).read_bytes(), messages, segment.path))
+    (whole_file, whole_msgs, _), (steps_file, steps_msgs, path) = made
     # Ed25519 signatures are deterministic: the same head signs to the same bytes.
-    assert paced_file == whole_file and paced_msgs == whole_msgs
+    assert steps_file == whole_file and steps_msgs == whole_msgs
     assert len(whole_msgs) > len(records)  # header, records, checkpoints
-    assert whole_naps == 0 and paced_naps == 2 * 5  # 6 chunks of records, then of messages
-    result = verify(made[0][3].rsplit("/", 1)[0])
+    result = verify(path.rsplit("/", 1)[0])
     assert result.ok and result.records == len(records)
+
+    # Through the writer: a batch of N records yields to the loop between its chunks, both
+    # while encoding and while making its messages; what reaches the shipper is in order.
+    yields: list[int] = []
+    real = writer_module.trio.lowlevel.checkpoint
+
+    async def counted() -> None:
+        yields.append(1)
+        await real()
+
+    config = AuditConfig(path=str(tmp_path / "writer"), fsync=False, signing_key_file=priv,
+                         checkpoint_every_records=50, batch_linger_seconds=0)
+    writer = AuditWriter(config, identity="spiffe://td/ns/a/sa/b")
+    sink = writer._sink
+    sink.ship_host = "host"
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            monkeypatch.setattr(writer_module.trio.lowlevel, "checkpoint", counted)
+            offered: list[bytes] = []
+            monkeypatch.setattr(writer, "_offer", offered.extend)
+            sink.head.journal = []  # (ship_host set after the start: keep a journal now)
+            await writer._append(records)
+            await writer._ship_messages()
+            monkeypatch.undo()
+            assert len(yields) >= 2 * (len(records) // chunk)
+            assert len(offered) > len(records)  # a message per frame: records, checkpoints
+            await writer.aclose()
+
+    trio.run(main)
+    assert [r.request_id for r in iter_records(str(tmp_path / "writer"))] == [
+        r.request_id for r in records]
 
 
 def test_a_rotated_signing_key_signs_the_next_checkpoints(tmp_path: Path) -> None:

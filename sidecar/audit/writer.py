@@ -9,23 +9,21 @@ only then, so a queued record costs one append and one attribute check (a trio m
 channel did the same with several Python calls per record, and ``accepting()``, asked on
 every request, built a statistics object to read the depth).
 
-``run()`` (started with ``nursery.start``) takes records off the channel in batches of up
-to ``batch_size`` and hands each batch to the writer's one long-lived worker thread
-(``_DiskThread``; ``trio.to_thread`` cost more per batch than hashing three records) to
-run ``_SegmentSink.append``, which
-packs the frames of the whole batch, writes them with one ``write``, fsyncs once (when
-``fsync`` is on), and checks that the segment file is still the one in the directory.
-With ``fsync`` off a batch of at most ``INLINE_MAX_RECORDS`` records is written from the
-event loop instead while the segment has room (``INLINE_ROOM``): a thread round trip per
-small batch cost more than the write itself; a larger batch goes to the thread all the
-same, so that its encoding (about 15 us a record) never holds up the event loop for more
-than a millisecond or so. While the worker thread exists the process's GIL switch interval
-is at most ``GIL_SWITCH_SECONDS`` (1 ms; CPython's default is 5 ms), so a batch encoded in
-the thread gives the GIL back to the event loop within about that (the p99 latency of
-requests served while a 250-record batch was encoded rose by about 4 ms with the default,
-bench/README.md "Twelfth pass"). Either
-way the same call signs the batch's checkpoints, encrypts its records and builds its syslog
-messages (``_run_sink``); the timer's checkpoint, opening and sealing always use the thread.
+``run()`` (started with ``nursery.start``) takes records off the queue in batches of up
+to ``batch_size`` and writes each (``_append``) in steps: the CPU work on the event loop,
+``ENCODE_CHUNK_RECORDS`` records at a time with a yield to the loop's other tasks between
+(the frames, the chain, checkpoints, encryption; after the write, the syslog messages),
+and what blocks in the writer's one long-lived worker thread (``_DiskThread``;
+``trio.to_thread`` cost more per batch than hashing three records): one ``write`` of the
+whole batch, one fsync (when ``fsync`` is on), the check that the segment file is still the
+one in the directory, and rotation. With ``fsync`` off the write is made from the event loop
+too while the segment keeps room (``INLINE_ROOM``): a thread round trip cost more than the
+write to the page cache. Before the twenty-fifth session the thread encoded the batch as
+well (paced: 32 records, then a 0.2 ms sleep): it held the GIL the event loop wanted, and
+at saturation the loop's own work per request grew by as much as the encoding cost
+(bench/README.md, "Twenty-fifth pass"). While the worker thread exists the process's GIL
+switch interval is at most ``GIL_SWITCH_SECONDS`` (1 ms; CPython's default is 5 ms). The
+timer's checkpoint, opening and sealing run in the thread, messages and all (``_run_sink``).
 After each batch the writer waits ``batch_linger_seconds`` (default 250 ms; never past the
 timer checkpoint's due time) for more records
 unless a full batch is already queued, so under load batches are large: what a batch costs
@@ -52,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import math
 import os
@@ -103,21 +102,21 @@ ALERT_WRITE_FAILED = "audit_write_failed"
 ALERT_RECORDS_LOST = "audit_records_lost"
 ALERT_RECOVERED = "audit_recovered"
 # With fsync off, a batch is written from the event loop (a write to the page cache; the
-# disk is not waited for) when the open segment has at least this much room left, so that
-# opening, rotating and sealing segments -- which fsync the directory -- stay in the thread.
+# disk is not waited for) when the open segment keeps at least this much room after it, so
+# that opening, rotating and sealing segments -- which fsync the directory -- stay in the
+# thread.
 INLINE_ROOM = 4 * 1024 * 1024
-# With fsync off, batches of at most this many records are written from the event loop;
-# larger ones go to the worker thread (their encoding would stall the loop: ~1 ms here).
-INLINE_MAX_RECORDS = 64
 # While the worker thread runs, the GIL is handed back to a waiting thread (the event loop)
 # after at most this long (sys.setswitchinterval; CPython's default is 5 ms).
 GIL_SWITCH_SECONDS = 0.001
-# In the worker thread a batch is encoded, and its syslog messages made, PACE_RECORDS records
-# at a time with a PACE_SECONDS sleep between: the event loop then has the GIL (and a core)
-# to itself at least that often, instead of competing for it at each of its system calls
-# for the whole batch (about 15 us of CPU a record: 4 ms for a 250-record batch).
-PACE_RECORDS = 32
-PACE_SECONDS = 0.0002
+# A batch is encoded (frames, chain, checkpoints, encryption), and its syslog messages made,
+# on the event loop, ENCODE_CHUNK_RECORDS records at a time with a yield to the loop's other
+# tasks between; only the calls that block (write, fsync, stat, opening and sealing
+# segments) go to the worker thread. Before the twenty-fifth session the thread encoded the
+# batch too, in chunks with 0.2 ms sleeps between: it held the GIL for that work while the
+# loop wanted it, and at saturation the loop then cost as much more per request as the
+# encoding itself (bench/README.md, "Twenty-fifth pass").
+ENCODE_CHUNK_RECORDS = 32
 # The data key file (``encryption_key_file``) is looked at again at most this often, before a
 # batch: a rotated key is in use within about this long of the first batch after it changed.
 DATA_KEY_RECHECK_SECONDS = 1.0
@@ -229,8 +228,11 @@ class _KeyFile:
 
 
 class _SegmentSink:
-    """Synchronous disk side; every method runs in a worker thread (``append`` with fsync off:
-    on the event loop, ``AuditWriter._inline``), one call at a time."""
+    """Synchronous disk side, one call at a time. What blocks (``prepare``, ``commit``,
+    ``checkpoint``, ``close``, ``ensure_open``) runs in the worker thread (``commit`` with
+    fsync off: on the event loop, ``AuditWriter._commit_inline``); the CPU work of a batch
+    (``mark``, ``encode``, ``rollback``, ``messages``) on the event loop
+    (``AuditWriter._append``)."""
 
     def __init__(self, config: AuditConfig, key: bytes | None, clock: Callable[[], float],
                  signer: Signer | None = None, encryptor: Encryptor | None = None, *,
@@ -262,9 +264,6 @@ class _SegmentSink:
         self.key = key
         self.clock = clock
         self.head: ChainHead | None = None
-        # True while a call runs in the worker thread (``AuditWriter._run_sink``): big
-        # batches are then encoded in paced chunks (``PACE_RECORDS``); never on the loop.
-        self.paced = False
         self.fd: int | None = None
         self.fd_id: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of ``fd``
         self.path: str | None = None
@@ -356,36 +355,60 @@ class _SegmentSink:
                 and now - self._data_checked >= DATA_KEY_RECHECK_SECONDS)
 
     def append(self, records: list[Entry]) -> None:
-        """Write ``records`` (rotating as needed); ``_PartialWrite`` says how far it got."""
+        """Write ``records`` (rotating as needed) in one call: ``prepare``, ``encode`` and
+        ``commit``, as ``AuditWriter._append`` runs them in steps; ``_PartialWrite`` says
+        how far it got."""
+        self.prepare()
+        mark = self.mark()
+        try:
+            data, checkpoint = self.encode(records)
+        except BaseException:
+            self.rollback(mark)
+            raise
+        self.commit(mark, data, checkpoint, len(records))
+
+    def prepare_due(self) -> bool:
+        """Has ``prepare`` something to do before the next batch?"""
+        return self.fd is None or self.data_key_due(time.monotonic())
+
+    def prepare(self) -> None:
+        """Before a batch: a rotated data key looked at (at most once a second), a segment
+        open to write to; ``_PartialWrite(0)`` when that fails (blocking: the thread)."""
         try:
             if self.data_key_due(time.monotonic()):
                 self._data_key_now()
             self.ensure_open()
         except OSError as exc:
             raise _PartialWrite(0, exc) from None
+
+    def mark(self) -> _Mark:
+        """Where the head stands before a batch is encoded (``rollback``, ``commit``)."""
         assert self.head is not None and self.fd is not None
-        state = self.head.state
-        unsigned = (self.unsigned_frames, self.unsigned_records, self.unsigned_since)
-        if self.paced and len(records) > PACE_RECORDS:
-            # The same frames as one call makes (the checkpoint counters carry over from
-            # chunk to chunk), with a pause between chunks; written and synced at once.
-            parts: list[bytes | bytearray] = []
-            checkpoint = None
-            for i in range(0, len(records), PACE_RECORDS):
-                if i:
-                    time.sleep(PACE_SECONDS)
-                part, signed = self._encode_signed(records[i:i + PACE_RECORDS])
-                parts.append(part)
-                checkpoint = signed or checkpoint
-            data: bytes | bytearray = b"".join(parts)
-        else:
-            data, checkpoint = self._encode_signed(records)
+        return self.head.state, (self.unsigned_frames, self.unsigned_records,
+                                 self.unsigned_since)
+
+    def rollback(self, mark: _Mark) -> None:
+        """Undo what was encoded since ``mark`` (nothing of it was written)."""
+        assert self.head is not None
+        self.head.restore(mark[0])
+        self.unsigned_frames, self.unsigned_records, self.unsigned_since = mark[1]
+
+    def encode(self, records: list[Entry]) -> tuple[bytes | bytearray, Checkpoint | None]:
+        """The frames of ``records`` from the head on (advancing it), with a signed
+        checkpoint after every ``checkpoint_every`` records (the counters carry over from
+        call to call: encoded in chunks, a batch gives the bytes one call gives). Pure CPU."""
+        return self._encode_signed(records)
+
+    def commit(self, mark: _Mark, data: bytes | bytearray, checkpoint: Checkpoint | None,
+               records: int) -> None:
+        """Write and sync ``data`` (encoded from ``mark`` on: ``records`` records), then
+        rotate if the segment is full; ``_PartialWrite`` says how far it got."""
         try:
-            self._write_frame(state, data)
+            self._write_frame(mark[0], data)
         except OSError as exc:
             # The head advances only when the bytes are on disk: the batch is retried (or
             # counted lost) and the next segment chains from the last frame that was kept.
-            self.unsigned_frames, self.unsigned_records, self.unsigned_since = unsigned
+            self.unsigned_frames, self.unsigned_records, self.unsigned_since = mark[1]
             raise _PartialWrite(0, exc) from None
         if checkpoint is not None:
             self.last_checkpoint = checkpoint
@@ -394,7 +417,7 @@ class _SegmentSink:
             try:
                 self._rotate()
             except OSError as exc:
-                raise _PartialWrite(len(records), exc) from None
+                raise _PartialWrite(records, exc) from None
 
     def close(self) -> None:
         """Seal and close the current segment (clean shutdown)."""
@@ -404,21 +427,33 @@ class _SegmentSink:
 
     def take_messages(self) -> list[bytes]:
         """Syslog messages for the frames written to disk since the last call."""
+        waiting = self.messages_waiting()
+        if not waiting:
+            return []
+        out = self.messages(self.message_prefix(), 0, waiting)
+        self.messages_taken(waiting)
+        return out
+
+    def messages_waiting(self) -> int:
+        """How many frames written since the last take wait to become syslog messages."""
         head = self.head
         if head is None or not head.journal or self.ship_host is None:
-            return []
-        prefix = message_prefix(self.clock(), self.ship_host, self.ship_app)
-        journal = head.journal
-        if self.paced and len(journal) > PACE_RECORDS:
-            out: list[bytes] = []
-            for i in range(0, len(journal), PACE_RECORDS):
-                if i:
-                    time.sleep(PACE_SECONDS)
-                out += frame_messages(prefix, journal[i:i + PACE_RECORDS], _message_detail)
-        else:
-            out = frame_messages(prefix, journal, _message_detail)
-        journal.clear()
-        return out
+            return 0
+        return len(head.journal)
+
+    def message_prefix(self) -> bytes:
+        assert self.ship_host is not None
+        return message_prefix(self.clock(), self.ship_host, self.ship_app)
+
+    def messages(self, prefix: bytes, start: int, stop: int) -> list[bytes]:
+        """The messages of waiting frames ``start`` to ``stop`` (taken off by
+        ``messages_taken``): a batch's are made in chunks on the event loop."""
+        assert self.head is not None and self.head.journal is not None
+        return frame_messages(prefix, self.head.journal[start:stop], _message_detail)
+
+    def messages_taken(self, count: int) -> None:
+        assert self.head is not None and self.head.journal is not None
+        del self.head.journal[:count]
 
     def checkpoint_due(self, now: float, every_seconds: float) -> float | None:
         """Seconds until the timer checkpoint is due (0 = now), None when nothing waits."""
@@ -635,6 +670,10 @@ class _SegmentSink:
 # The worker thread's name, also given to the operating system (``top -H``, ``ps -L``,
 # ``/proc/PID/task/TID/comm``), so that what the trail costs is visible per thread.
 THREAD_NAME = "sidecar-audit"
+
+
+# (the head's state, and the unsigned-tail counters) before a batch: ``_SegmentSink.mark``
+_Mark = tuple[tuple[int, bytes], tuple[int, int, float]]
 
 
 def _name_os_thread(name: str) -> None:
@@ -943,28 +982,20 @@ class AuditWriter:
             self._disk.close()
             self._done.set()
 
-    async def _run_sink(self, fn: Callable[..., None], *args: Any, inline: bool = False) -> None:
-        """Run a disk operation in a worker thread (``inline``: on the event loop, see
-        ``_inline``); the frames it put on disk are turned into syslog messages in the same
-        place and offered to the shipper."""
+    async def _run_sink(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a disk operation (opening, a timer checkpoint, sealing: few frames) in the
+        worker thread; the frames it put on disk are turned into syslog messages there too
+        and offered to the shipper."""
         messages: list[bytes] = []
 
         def call() -> None:
-            sink = self._sink
-            sink.paced = not inline  # in the worker thread: chunks with pauses between
             try:
                 fn(*args)
             finally:
-                try:
-                    messages.extend(sink.take_messages())
-                finally:
-                    sink.paced = False
+                messages.extend(self._sink.take_messages())
 
         try:
-            if inline:
-                call()
-            else:
-                await self._disk.call(call)
+            await self._disk.call(call)
         finally:
             if self.shipper is not None and messages:
                 self.shipper.offer(messages)
@@ -1075,20 +1106,69 @@ class AuditWriter:
         self._inflight = len(batch)
         return batch
 
-    def _inline(self, records: int) -> bool:
-        """May the next batch (of ``records`` records) be written from the event loop? Only
-        with fsync off (the write goes to the page cache, nothing waits for the disk), while
-        healthy, while the open segment has ``INLINE_ROOM`` left, so that opening, rotating
-        and sealing (which fsync the directory) stay in the thread (and so does the batch
-        before which the data key file is looked at again: it may rotate), and for a batch of at
-        most ``INLINE_MAX_RECORDS``: encoding a larger one would hold up every request of
-        the loop meanwhile, where the thread gives the GIL back every ``GIL_SWITCH_SECONDS``.
-        The batch's checkpoints, encryption and syslog messages are CPU work that holds the
-        GIL in the thread as well."""
+    def _commit_inline(self, size: int) -> bool:
+        """May a batch of ``size`` bytes be written from the event loop? Only with fsync off
+        (the write goes to the page cache, nothing waits for the disk), while healthy, and
+        when the open segment keeps ``INLINE_ROOM`` after it, so that rotating and sealing
+        (which fsync the directory) stay in the thread; a thread round trip costs more than
+        such a write."""
         sink = self._sink
-        return (not self.config.fsync and records <= INLINE_MAX_RECORDS and self.healthy
-                and sink.fd is not None and sink.size + INLINE_ROOM < sink.max_bytes
-                and not sink.data_key_due(time.monotonic()))
+        return (not self.config.fsync and self.healthy and sink.fd is not None
+                and sink.size + size + INLINE_ROOM < sink.max_bytes)
+
+    async def _append(self, records: list[Entry]) -> None:
+        """Write a batch: what blocks in the worker thread (``prepare`` when due; the write,
+        fsync and rotation), the CPU work on the event loop in chunks of
+        ``ENCODE_CHUNK_RECORDS`` with a yield between (the frames, chain, checkpoints and
+        encryption before the write, the syslog messages after it): a thread encoding the
+        batch held the GIL the loop wanted (see ``ENCODE_CHUNK_RECORDS``). The messages are
+        made and offered by ``_ship_messages`` once the batch is counted written."""
+        sink = self._sink
+        if sink.prepare_due():
+            await self._disk.call(sink.prepare)
+        mark = sink.mark()
+        parts: list[bytes | bytearray] = []
+        checkpoint: Checkpoint | None = None
+        try:
+            for i in range(0, len(records), ENCODE_CHUNK_RECORDS):
+                if i:
+                    await trio.lowlevel.checkpoint()
+                part, signed = sink.encode(records[i:i + ENCODE_CHUNK_RECORDS])
+                parts.append(part)
+                checkpoint = signed or checkpoint
+        except BaseException:
+            sink.rollback(mark)  # cancelled (or a bug): nothing of the batch was written
+            raise
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        commit = functools.partial(sink.commit, mark, data, checkpoint, len(records))
+        try:
+            if self._commit_inline(len(data)):
+                commit()
+            else:
+                await self._disk.call(commit)
+        except _PartialWrite:
+            self._offer(sink.take_messages())  # what did reach the disk
+            raise
+
+    async def _ship_messages(self) -> None:
+        """Offer the syslog messages of the frames just written, made in chunks on the
+        event loop. Cancelled half-way, the rest wait for the next take."""
+        sink = self._sink
+        waiting = sink.messages_waiting()
+        if not waiting:
+            return
+        prefix = sink.message_prefix()
+        out: list[bytes] = []
+        for i in range(0, waiting, ENCODE_CHUNK_RECORDS):
+            if i:
+                await trio.lowlevel.checkpoint()
+            out += sink.messages(prefix, i, min(waiting, i + ENCODE_CHUNK_RECORDS))
+        sink.messages_taken(waiting)
+        self._offer(out)
+
+    def _offer(self, messages: list[bytes]) -> None:
+        if self.shipper is not None and messages:
+            self.shipper.offer(messages)
 
     async def _checkpoint(self) -> None:
         try:
@@ -1098,9 +1178,10 @@ class AuditWriter:
 
     async def _write(self, batch: list[Entry]) -> None:
         delay = self._retry_initial
+        taken = batch  # the caller's list: emptied once written (not lost if cancelled now)
         while batch:
             try:
-                await self._run_sink(self._sink.append, batch, inline=self._inline(len(batch)))
+                await self._append(batch)
             except _PartialWrite as exc:
                 self.written += exc.done
                 batch = batch[exc.done:]
@@ -1115,7 +1196,11 @@ class AuditWriter:
             else:
                 self.written += len(batch)
                 batch = []
+                taken.clear()
                 self._set_healthy()
+                # (after the count: cancelled while its messages are made, the batch is
+                # on disk all the same, not lost)
+                await self._ship_messages()
         self._inflight = 0
 
     def _set_healthy(self) -> None:
