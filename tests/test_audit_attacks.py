@@ -472,7 +472,22 @@ def test_a_trail_signed_from_its_start_has_no_unsigned_start(tmp_path: Path) -> 
     assert result.ok and "unsigned_start" not in [f.code for f in result.findings], result
 
 
-def test_export_stops_at_a_break_the_writer_declared(trail: Trail) -> None:
+# The seqs the forged frames after the damage claim, from the last good frame's: after it
+# (the first review), and -- found by the twenty-fifth session's review: the readers cut by
+# the seq a frame claims, so these were exported -- seqs already in the chain, the last
+# good one's, and going down.
+FORGED_SEQS = {
+    "after": lambda last, i: last + 1 + i,
+    "low": lambda last, i: 3 + i,
+    "the-last-good": lambda last, i: last,
+    "descending": lambda last, i: last - 1 - i,
+}
+
+
+@pytest.mark.parametrize("edit", [True, False], ids=["edited", "not-edited"])
+@pytest.mark.parametrize("forged_seq", list(FORGED_SEQS))
+def test_export_stops_at_a_break_the_writer_declared(trail: Trail, forged_seq: str,
+                                                      edit: bool) -> None:
     # A signed record edited in place (deny -> allow) and forged records after it; the
     # restarted writer goes on from the last frame that chains and declares the break.
     # verify --accept-declared-breaks checks the chain without those frames, and export
@@ -483,13 +498,17 @@ def test_export_stops_at_a_break_the_writer_declared(trail: Trail) -> None:
         frames = [msgpack.unpackb(p) for _o, p in read_frames(fh)]
     idx = next(i for i, f in enumerate(frames) if "rec" in f and f["rec"]["d"] == "deny")
     edited = frames[idx]["rec"]["id"]
-    frames[idx]["rec"]["d"], frames[idx]["rec"]["st"] = "allow", 200
+    if edit:
+        frames[idx]["rec"]["d"], frames[idx]["rec"]["st"] = "allow", 200
+    elif "end" in frames[-1]:
+        frames.pop()  # cut as a crash leaves it: the forged frames follow the last good one
     out = bytearray()
     for f in frames:
         payload = msgpack.packb(f, use_bin_type=True)
         out += LENGTH.pack(len(payload)) + payload
     for i in range(10):
-        payload = msgpack.packb({"seq": frames[-1]["seq"] + 1 + i, "prev": bytes(32), "rec": {
+        seq = FORGED_SEQS[forged_seq](frames[-1]["seq"], i)
+        payload = msgpack.packb({"seq": seq, "prev": bytes(32), "rec": {
             "t": 2000.0 + i, "id": f"forged{i}", "d": "allow", "st": 200}}, use_bin_type=True)
         out += LENGTH.pack(len(payload)) + payload
     Path(newest.path).write_bytes(bytes(out))

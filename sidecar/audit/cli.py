@@ -20,10 +20,11 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, decode_frame
+from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, FrameError, decode_frame
 from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
 from sidecar.audit.segments import (
+    ChainCut,
     MalformedRecord,
     RecordFilter,
     RecordOpener,
@@ -603,14 +604,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 # The newest segment's reader goes on where the backlog stops (a group of
                 # encrypted records is read whole, whichever of the two reads its end).
                 opener = follower.opener if seg == end_segment else RecordOpener(decryptor)
-                cut = cuts.get(seg.name)
-                for stored in _read_segment(seg, filters, limit, opener, malformed,
-                                            whole=seg != end_segment):
-                    if cut is not None and stored[0] > cut:
-                        malformed(f"{seg.name}: frames after seq {cut} are not in the chain "
-                                  "(a break a later segment's writer declared): not read")
-                        break
-                    last.append(stored)
+                cut = ChainCut(cuts.get(seg.name))
+                last.extend(_read_segment(seg, filters, limit, opener, malformed,
+                                          whole=seg != end_segment, cut=cut))
             for seq, rec in last:
                 _print_record(seq, rec, out)
         if not args.follow:
@@ -632,12 +628,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
-                  opener: RecordOpener, malformed: _MalformedReport, whole: bool = False
-                  ) -> Iterator[tuple[int, AuditRecord]]:
+                  opener: RecordOpener, malformed: _MalformedReport, whole: bool = False,
+                  cut: ChainCut | None = None) -> Iterator[tuple[int, AuditRecord]]:
+    """The matching records of ``seg``; with ``cut``, none from the first frame that is
+    not the chain's after a declared break (``ChainCut``: by position) on."""
     header = segment_header(seg)
     try:
         with open_segment(seg) as fh:
             for _end, payload in _frames_from(fh, limit, whole):
+                if cut is not None and cut.last is not None:
+                    try:
+                        seq = decode_frame(payload)[0]
+                    except FrameError:
+                        seq = -1  # (out of sequence: it leaves; _matching would say why)
+                    if cut.leaves(seq):
+                        malformed(cut.message(seg.name))
+                        return
                 yield from _matching(payload, header, filters, opener, seg.name, malformed)
     except (OSError, SegmentDamage) as exc:
         malformed.unreadable(seg.name, exc)

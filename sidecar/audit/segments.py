@@ -1131,6 +1131,37 @@ def declared_cuts(segments: list[SegmentFile]) -> dict[str, int]:
     return cut_after
 
 
+class ChainCut:
+    """Where a segment's frames leave the chain after a declared break (``declared_cuts``):
+    ``leaves(seq)``, asked for each frame in file order, is True from the first frame that
+    is not the chain's -- past the frame at the cut, by position, or out of sequence --
+    on. By position, not by the seq a frame claims: a forged frame after the damage with a
+    low seq (3 after seq 24) was read by ``export`` and ``tail`` though ``verify
+    --accept-declared-breaks`` had not checked it (found by a hostile review)."""
+
+    __slots__ = ("last", "prev", "done")
+
+    def __init__(self, last: int | None) -> None:
+        self.last = last  # the seq of the segment's last frame in the chain (None: no cut)
+        self.prev: int | None = None
+        self.done = False
+
+    def leaves(self, seq: int) -> bool:
+        last = self.last
+        if last is None:
+            return False
+        if self.done or seq > last or (self.prev is not None and seq != self.prev + 1):
+            self.done = True
+            return True
+        self.prev = seq
+        self.done = seq == last
+        return False
+
+    def message(self, segment: str) -> str:
+        return (f"{segment}: frames after seq {self.last} are not in the chain (a break a "
+                "later segment's writer declared): not read")
+
+
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
     on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
@@ -1151,16 +1182,14 @@ def iter_stored(
     for seg in segments:
         header: dict[str, Any] | None = None
         opener = RecordOpener(decryptor)
-        last_in_chain = cut_after.get(seg.name)
+        cut = ChainCut(cut_after.get(seg.name))
         try:
             with open_segment(seg) as fh:
                 for _offset, payload in read_frames(fh):
                     seq, prev, kind, body = decode_frame(payload)
-                    if last_in_chain is not None and seq > last_in_chain:
+                    if cut.leaves(seq):
                         if on_damage is not None:
-                            on_damage(f"{seg.name}: frames after seq {last_in_chain} are not "
-                                      "in the chain (a break a later segment's writer "
-                                      "declared): not read")
+                            on_damage(cut.message(seg.name))
                         break
                     if kind == "seg":
                         header = body
