@@ -274,8 +274,9 @@ class _Walk:
 
     def __init__(self, result: VerifyResult, keyring: Keyring | None,
                  anchors: list[Checkpoint], identity: str | None = None,
-                 accept_unsigned_start: bool = False) -> None:
+                 accept_unsigned_start: bool = False, decrypting: bool = False) -> None:
         self.result = result
+        self.decrypting = decrypting  # encrypted records are opened (their times known)
         self.accept_unsigned_start = accept_unsigned_start
         self.identity = identity  # --id: every frame naming an identity must name this one
         self.wrong: set[tuple[str, str]] = set()  # other identities already reported
@@ -304,6 +305,9 @@ class _Walk:
         # A writer restarted since the last verified signature: the next one may sign
         # over records it did not write (``gap``).
         self.restarted = False
+        # An encrypted record was walked without its time (no data key): the time bounds
+        # could not be applied to it (a note says so).
+        self.sealed_times = False
         # The key id of the newest verified signature, and every key id it replaced, with
         # the seq of the first frame its successor signed (``rotated_key_signed``).
         self.signing_kid: Any = None
@@ -366,19 +370,30 @@ class _Walk:
         r.unsigned_tail_frames += 1
         if frame.kind in RECORD_KINDS:
             r.unsigned_tail_records += 1
-            t = frame.body.get("t")
-            if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= MAX_TIME:
-                # The first record's time and the latest of all: a record's ``t`` is never
-                # later than its write, so a record dated later than the stretch allows is
-                # caught wherever it stands (the last one's time missed one dated hours
-                # later in the middle). Earlier dates are not bounded: a request that ran
-                # long has the ``t`` of its start. A time no record may have (NaN, past
-                # 9999) is a malformed record, reported as such, not a span.
-                if not self.tail_times:
-                    self.tail_times = [float(t), float(t)]
-                elif t > self.tail_times[1]:
-                    self.tail_times[1] = float(t)
+            if frame.kind == "rec":
+                self.record_time(frame.body.get("t"))
+            elif not self.decrypting:
+                # An encrypted record's ``t`` is known once it is decrypted (``verify
+                # --data-key``: ``record_time`` then); without the key only the counts hold.
+                self.sealed_times = True
         return None
+
+    def record_time(self, t: Any) -> None:
+        """A record of the unsigned stretch is dated ``t`` (a clear one as it is walked, an
+        encrypted one when decrypted: before the twenty-fifth session only clear records
+        were dated, so forged encrypted records hours apart passed every time bound, with
+        the data key given too; found by a hostile review)."""
+        if isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= MAX_TIME:
+            # The first record's time and the latest of all: a record's ``t`` is never
+            # later than its write, so a record dated later than the stretch allows is
+            # caught wherever it stands (the last one's time missed one dated hours
+            # later in the middle). Earlier dates are not bounded: a request that ran
+            # long has the ``t`` of its start. A time no record may have (NaN, past
+            # 9999) is a malformed record, reported as such, not a span.
+            if not self.tail_times:
+                self.tail_times = [float(t), float(t)]
+            elif t > self.tail_times[1]:
+                self.tail_times[1] = float(t)
 
     def signed_by(self, seq: int, kid: Any) -> None:
         """A verified signature at ``seq`` by key ``kid``. A writer signs with the newest key
@@ -595,6 +610,11 @@ class _Walk:
         r = self.result
         if self.restart_checkpoint is not None and r.broken is None:
             self.restart_unsigned(self.restart_checkpoint[1])
+        if self.sealed_times and self.keyring:
+            r.notes.append("the time bounds (unsigned_start, unsigned_gap_too_long, "
+                           "unsigned_tail_too_long) were applied to the clear records only: "
+                           "an encrypted record's time is read with its data key "
+                           "(--data-key); the record counts were checked")
         if self.identity is not None and not r.identities and r.broken is None:
             r.add("error", "identity_not_named", "", None,
                   f"no frame names an identity (nothing signed), so the trail cannot be "
@@ -720,7 +740,8 @@ def verify(
                 result.add("error", "anchor_signature", "", anchor.seq,
                            f"the anchor for seq {anchor.seq} is not a valid checkpoint of the "
                            f"keyring: {forged}")
-    walk = _Walk(result, keyring, list(anchors or []), identity, accept_unsigned_start)
+    walk = _Walk(result, keyring, list(anchors or []), identity, accept_unsigned_start,
+                 decrypting=decryptor is not None)
     for anchor in anchors or []:
         if identity is not None and anchor.fields.get("id") != identity:
             walk.named(anchor.seq, anchor.fields.get("id"), "anchor")
@@ -809,6 +830,8 @@ def verify(
                                 check_wire(wire)
                             except RecordError as exc:
                                 walk.malformed(seq, str(exc))
+                            if frame.kind == "erc" and isinstance(wire, dict):
+                                walk.record_time(wire.get("t"))
                     elif frame.kind == "erc":  # not opened without a data key; in place?
                         mismatch = record_mismatch(frame.kind, header)
                         if mismatch is not None:
