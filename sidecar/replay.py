@@ -171,17 +171,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                   decryptor=decryptor, on_malformed=skipped))
         count, changes = replay(policy, _counted(records, progress), args.identity)
     except ValueError as exc:  # a data key file that cannot be used
-        print(f"sidecar: {exc}", file=sys.stderr)
+        print(f"sidecar: {safe(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"sidecar: cannot read audit trail {args.audit}: {exc.strerror}", file=sys.stderr)
+        print(f"sidecar: cannot read audit trail {safe(args.audit)}: {safe(exc.strerror)}",
+              file=sys.stderr)
         return 2
     finally:
         progress.close()
     for d in damaged:
         # An encrypted trail read without (the right) --data-key lands here too: say so
         # rather than report "nothing would change" over records that were never read.
-        print(f"sidecar: stopped reading a damaged or undecryptable segment: {d}",
+        print(f"sidecar: stopped reading a damaged or undecryptable segment: {safe(d)}",
               file=sys.stderr)
     label = policy_label(args.policy)
     doc = {"kind": "PolicyReplay", "policy": label, "files": list(policy.files),

@@ -186,3 +186,75 @@ def test_a_trail_naming_a_new_identity_in_every_frame(tmp_path: Path) -> None:
     assert not wrong.ok and len(wrong.findings) <= 102
     code, _out, err = run("verify", d)
     assert code == 1 and "Traceback" not in err
+
+
+# Header values a hostile directory may hold, where the readers put a header value into a
+# message: the format version, the digest algorithm, a declared break, the data key's id.
+# Found by a hostile review (twenty-fifth session): a value nested a thousand deep made
+# ``repr`` raise RecursionError -- a traceback from verify, export, tail and replay, and a
+# writer that would not start on the directory -- and a ``kid`` holding terminal escapes
+# reached the terminal raw from export, tail and replay.
+def _deep(n: int = 1000) -> object:
+    value: object = 0
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+HOSTILE_VALUES: dict[str, object] = {
+    "deep-list": _deep(),
+    "deep-map": {"k": _deep(900)},
+    "escapes": "\x1b]0;pwned\x07\x1b[2J\u202e",
+    "long": "x" * 100_000,
+}
+HEADER_FIELDS: dict[str, Callable[[dict, object], None]] = {
+    "v": lambda h, v: h.__setitem__("v", v),
+    "alg": lambda h, v: h.__setitem__("alg", v),
+    "break.after_seq": lambda h, v: h.__setitem__("break", {"after_seq": v, "reason": "x"}),
+    "break.reason": lambda h, v: h.__setitem__("break", {"after_seq": -1, "reason": v}),
+    "enc.kid": lambda h, v: h.__setitem__("enc", {**h.get("enc", {}), "kid": v}),
+}
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    from sidecar.audit.crypto import write_data_key
+
+    root = tmp_path_factory.mktemp("hostile-headers")
+    priv, pub, _ = write_keypair(str(root / "k"))
+    data = root / "d.data"
+    write_data_key(str(data))
+    d = root / "audit"
+    write(d, Path(priv), 12, encryption_key_file=str(data))
+    return d, pub, str(data)
+
+
+@pytest.mark.parametrize("value", list(HOSTILE_VALUES))
+@pytest.mark.parametrize("field", list(HEADER_FIELDS))
+def test_a_hostile_header_value_is_named_not_raised_or_echoed(
+        encrypted: tuple[Path, str, str], tmp_path: Path, field: str, value: str) -> None:
+    base, pub, data = encrypted
+    d = tmp_path / "audit"
+    shutil.copytree(base, d)
+    newest = list_segments(str(d))[-1].path
+    with open(newest, "rb") as fh:
+        frames = [p for _o, p in segments.read_frames(fh)]
+    header = msgpack.unpackb(frames[0])
+    HEADER_FIELDS[field](header["seg"], HOSTILE_VALUES[value])
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    Path(newest).write_bytes(b"".join(LENGTH.pack(len(p)) + p for p in frames))
+    for args in (["audit", "verify", str(d)], ["audit", "verify", str(d), "--pubkey", pub],
+                 ["audit", "export", str(d), "--data-key", data],
+                 ["audit", "tail", str(d), "-n", "100", "--data-key", data],
+                 ["policy", "replay", POLICY, "--audit", str(d), "--data-key", data]):
+        got = sidecar_cli(*args, timeout=60)
+        assert "Traceback" not in got.stderr, (args, got.stderr[-2000:])
+        assert "\x1b" not in got.stdout + got.stderr and "\u202e" not in got.stderr, args
+        # (verify says BROKEN or cannot run; the others read, they do not verify: a header
+        # value they do not use is no reason to stop)
+        assert got.returncode in ((1, 2) if args[1] == "verify" else (0, 1, 2)), (
+            args, got.returncode, got.stderr[-500:])
+        assert len(got.stderr) < 20_000, (args, len(got.stderr))
+    # A writer starting on the directory goes on (it declares the damage; it does not die).
+    point = segments.find_resume_point(str(d), None)
+    assert point.next_seq > 0

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import reprlib
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -154,6 +155,22 @@ def parse_record_json(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FrameError("record JSON is not an object")
     return value
+
+
+# A value read from a file, shown in a message: bounded in depth and length, its strings
+# escaped (``repr``). A header value nested a thousand deep made ``repr`` raise
+# RecursionError: verify printed a traceback and a writer starting on the directory died
+# (found by a hostile review).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 80, 80
+
+
+def shown(value: object) -> str:
+    """``value`` for a message about a file someone else may write (see ``_SHOWN``)."""
+    try:
+        return _SHOWN.repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
 
 
 class FrameError(ValueError):
@@ -457,7 +474,7 @@ class ChainVerifier:
                 raise ChainError("segment does not start with a header frame", seq)
             version = body.get("v")
             if version not in FORMAT_VERSIONS or type(version) is not int:
-                raise ChainError(f"segment header has format version {version!r}; this "
+                raise ChainError(f"segment header has format version {shown(version)}; this "
                                  f"verifier reads versions {FORMAT_VERSION} and "
                                  f"{FORMAT_JSON} only", seq)
             self._version = version
@@ -477,7 +494,7 @@ class ChainVerifier:
                                      "are: no single key verifies this trail", seq)
                 self._segment_key = None
             else:
-                raise ChainError(f"unknown digest algorithm {alg!r}", seq)
+                raise ChainError(f"unknown digest algorithm {shown(alg)}", seq)
         elif kind == "seg":
             raise ChainError("header frame in the middle of a segment", seq)
         if self.last is None:

@@ -181,7 +181,7 @@ def _reader_args(args: argparse.Namespace) -> tuple[RecordFilter, Decryptor | No
         filters = _filters(args)
         decryptor = _decryptor(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return None
     if _missing(args.path):
         return None
@@ -286,7 +286,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         anchors = [load_anchor(a) for a in getattr(args, "anchor", None) or []]
         decryptor = _decryptor(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return 2
     # On a terminal, say what is being read while the chain is checked (erased after).
     progress = Progress("verifying")
@@ -340,10 +340,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         collector.check()
         files = write_segments(collector.frames, args.output)
     except CollectError as exc:
-        print(f"BROKEN: {exc}", file=sys.stderr)
+        print(f"BROKEN: {safe(exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return 2
     print(f"{collector.messages} messages, {len(collector.frames)} frames, {files} segment "
           f"files in {args.output}")
@@ -396,14 +396,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise  # the reader went away (`| head`): sidecar.cli ends quietly
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return 2
     finally:
         progress.close()
         if close:
             out.close()
     for d in damaged:
-        print(f"warning: stopped reading a damaged or undecryptable segment: {d}",
+        print(f"warning: stopped reading a damaged or undecryptable segment: {safe(d)}",
               file=sys.stderr)
     return 1 if damaged or malformed.count else 0
 
@@ -422,7 +422,8 @@ class _MalformedReport:
         """A segment that is not a regular file, cannot be read or is damaged (tail)."""
         self.count += 1
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        print(f"warning: stopped reading a damaged or unreadable segment: {segment}: {why}",
+        print(f"warning: stopped reading a damaged or unreadable segment: {safe(segment)}: "
+              f"{safe(why)}",
               file=sys.stderr, flush=True)
 
 
@@ -618,12 +619,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 1 if malformed.count else 0
     except DecryptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         raise  # the reader went away (`| head`): sidecar.cli ends quietly
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {safe(exc)}", file=sys.stderr)
         return 2
 
 

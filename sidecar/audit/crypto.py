@@ -46,6 +46,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sidecar.audit.chain import shown
 from sidecar.audit.signing import read_small_file
 
 ALG = "aes-256-gcm"
@@ -179,7 +180,7 @@ class Decryptor:
         kid = enc.get("kid") if isinstance(enc, dict) else None
         aead = self._aeads.get(kid) if isinstance(kid, str) else None
         if aead is None:
-            raise DecryptError(f"record {seq} is encrypted with data key {kid}, which is "
+            raise DecryptError(f"record {seq} is encrypted with data key {shown(kid)}, which is "
                                "not among the keys given (--data-key)")
         return aead
 

@@ -50,6 +50,7 @@ from sidecar.audit.chain import (
     json_record_frame,
     link_digest,
     parse_record_json,
+    shown,
 )
 from sidecar.audit.crypto import DecryptError, Decryptor
 from sidecar.audit.record import MAX_TIME, AuditRecord, RecordError, check_wire
@@ -922,8 +923,8 @@ def _false_break(frame: Frame) -> str | None:
     after = info.get("after_seq") if isinstance(info, dict) else None
     if isinstance(after, int) and not isinstance(after, bool) and after == frame.seq - 1:
         return None
-    shown = repr(after)[:40] if isinstance(info, dict) else f"a {type(info).__name__}"
-    return (f"segment header declares a break after seq {shown}, but it continues the "
+    what = shown(after) if isinstance(info, dict) else f"a {type(info).__name__}"
+    return (f"segment header declares a break after seq {what}, but it continues the "
             f"chain after seq {frame.seq - 1}: a forged break (the readers would skip frames "
             "of the chain, or read frames verify did not check)")
 
@@ -943,7 +944,9 @@ def _missing_predecessor(payload: bytes, names: set[str]) -> str:
 def _describe_break(info: Any) -> str:
     if not isinstance(info, dict):
         return "a break"
-    return ", ".join(f"{k}={v}" for k, v in info.items())
+    return ", ".join(f"{k if isinstance(k, str) else shown(k)}="
+                     f"{v if isinstance(v, str | int) and not isinstance(v, bool) else shown(v)}"
+                     for k, v in list(info.items())[:8])
 
 
 # ----------------------------------------------------------------- reading records
