@@ -24,24 +24,33 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
   reload serves new handshakes while open connections keep theirs; the handshake runs under
   ``handshake_timeout``.
 * Requests: up to ``max_requests_per_connection`` on one connection. The head must arrive
-  within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive idle
-  time; a head begun but not finished by then is answered 408 and the connection closed,
-  one not begun is just closed) and be at most ``max_head_bytes`` (while a head is awaited, no read goes past what
-  is left of that limit beside the bytes h11 holds, so that an oversized head is always
-  seen incomplete, and refused, by h11); a body is read only when the handler asks
-  (``Request.read_body(limit)``, under ``request_timeout`` from the head), and a body the
-  handler did not read is skipped if it is at most ``discard_body_bytes``, otherwise the
-  answer closes the connection. The answer must be written within ``write_timeout``. A
-  malformed request gets ``bad_request(status)`` and the connection closes; so does a
-  request framed by both ``Content-Length`` and ``Transfer-Encoding``, which h11 would read
-  as chunked (the data path refuses it too). An absolute-form target (``GET
-  http://127.0.0.1:9901/readyz``: RFC 9112 3.2.2, a server must accept it; before the
-  twenty-fourth session it was a path no route had, 404) is served as its path and query,
-  its authority in ``Request.authority`` (the admin port's loopback Host rule reads it too);
-  one with no host or with userinfo (``http://user@host/``) is refused 400. Before closing
-  with input possibly unread, the server *lingers* (half-close, discard briefly and
-  boundedly) so the kernel does not reset the connection and destroy the answer. Status
-  lines carry the canonical reason phrase (``sidecar.errors.reason_phrase``).
+  within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive
+  idle time; a head begun but not finished by then is answered 408 and the connection
+  closed, one not begun is just closed) and be at most ``max_head_bytes`` (while a head is
+  awaited, no read goes past what is left of that limit beside the bytes h11 holds, so that
+  an oversized head is always seen incomplete, and refused, by h11); a body is read only
+  when the handler asks (``Request.read_body(limit)``, under ``request_timeout`` from the
+  head), and a body the handler did not read is skipped if it is at most
+  ``discard_body_bytes``, otherwise the answer closes the connection. Body bytes held while
+  being read count against a budget shared by all connections (``body_budget_bytes``) and by
+  those of one source address (``body_budget_per_source``): a declared ``Content-Length`` is
+  reserved before a byte of the body is read, a chunked body as it grows, and given back
+  when ``read_body`` returns or fails (an error, the client gone, a cancellation). A body
+  that does not fit is not read: ``BodyOverBudget`` (a generic 503 unless the handler
+  answers it, and the connection closes). Before the twenty-fifth session only the
+  connection limits bounded it: a hostile review held 60 webhook connections of one source,
+  each with a 3 MiB body all but one byte sent, and the webhook grew by 210 MiB (its limit:
+  256 MiB). The answer must be written within ``write_timeout``. A malformed request gets
+  ``bad_request(status)`` and the connection closes; so does a request framed by both
+  ``Content-Length`` and ``Transfer-Encoding``, which h11 would read as chunked (the data
+  path refuses it too). An absolute-form target (``GET http://127.0.0.1:9901/readyz``: RFC
+  9112 3.2.2, a server must accept it; before the twenty-fourth session it was a path no
+  route had, 404) is served as its path and query, its authority in ``Request.authority``
+  (the admin port's loopback Host rule reads it too); one with no host or with userinfo
+  (``http://user@host/``) is refused 400. Before closing with input possibly unread, the
+  server *lingers* (half-close, discard briefly and boundedly) so the kernel does not reset
+  the connection and destroy the answer. Status lines carry the canonical reason phrase
+  (``sidecar.errors.reason_phrase``).
 * A handler that raises gets a generic 500 and the log line ``error_event``; a connection
   that fails in any way never stops the server. The stream is closed in ``finally``
   (TLS close_notify bounded to 1 s, then forcefully).
@@ -94,10 +103,51 @@ class ServerLimits:
     # RESERVE_HEAD_TIMEOUT for the head; any other path is a 429): see ``serve``.
     probe_paths: frozenset[str] = frozenset()
     probe_reserve: int = 0
+    # Body bytes held while being read, by all connections and by those of one source
+    # address (``Request.read_body``; <= 0: no bound). A body that does not fit is refused
+    # before it is read (``BodyOverBudget``).
+    body_budget_bytes: int = 4 * 1024 * 1024
+    body_budget_per_source: int = 1024 * 1024
 
 
 class BodyTooLarge(Exception):
     """The request body is over the limit the handler gave (answer 413)."""
+
+
+class BodyOverBudget(Exception):
+    """The request body does not fit the bytes the server may hold for bodies being read
+    (``ServerLimits.body_budget_bytes``, ``body_budget_per_source``): answer 503 and close."""
+
+
+class _BodyBudget:
+    """Body bytes held while being read, by the whole server and per source address; pure
+    bookkeeping. Entries exist only while a source holds bytes."""
+
+    __slots__ = ("total", "per_source", "held", "_by_source")
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.held = 0
+        self._by_source: dict[str, int] = {}
+
+    def take(self, source: str, size: int) -> bool:
+        """Hold ``size`` more bytes for ``source``; False (nothing held) if they do not fit."""
+        mine = self._by_source.get(source, 0)
+        if (0 < self.total < self.held + size) or (0 < self.per_source < mine + size):
+            return False
+        self.held += size
+        self._by_source[source] = mine + size
+        return True
+
+    def give(self, source: str, size: int) -> None:
+        """``size`` bytes held for ``source`` are no longer held."""
+        self.held -= size
+        mine = self._by_source.get(source, 0) - size
+        if mine > 0:
+            self._by_source[source] = mine
+        else:
+            self._by_source.pop(source, None)
 
 
 class _Closed(Exception):
@@ -126,23 +176,43 @@ class Request:
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body (at most ``limit`` bytes, by ``request_timeout``); ``BodyTooLarge``
-        when it is over."""
+        when it is over, ``BodyOverBudget`` when the server holds too many bodies being read
+        (the module docstring). The bytes are counted in the budget until this returns."""
+        declared = 0
         for name, value in self.headers:
-            if name == b"content-length" and int(value) > limit:
-                raise BodyTooLarge()
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = await self._conn.next_event(self.deadline)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
+            if name == b"content-length":
+                declared = int(value)
+                if declared > limit:
                     raise BodyTooLarge()
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:
-                raise _Closed()
+        conn = self._conn
+        budget, source = conn.budget, conn.source
+        # The declared length is held before a byte of the body is read; a chunked body's
+        # bytes as they come.
+        if declared and not budget.take(source, declared):
+            raise BodyOverBudget()
+        held = declared
+        chunks: list[bytes] = []
+        try:
+            size = 0
+            while True:
+                event = await conn.next_event(self.deadline)
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > limit:
+                        raise BodyTooLarge()
+                    if size > held:
+                        if not budget.take(source, size - held):
+                            raise BodyOverBudget()
+                        held = size
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return b"".join(chunks)
+                else:
+                    raise _Closed()
+        finally:
+            chunks.clear()  # (a traceback that keeps this frame keeps no body bytes)
+            if held:
+                budget.give(source, held)
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
@@ -151,9 +221,12 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class _Connection:
     """A stream plus an h11 server state machine, every wait bounded."""
 
-    def __init__(self, stream: trio.abc.Stream, limits: ServerLimits) -> None:
+    def __init__(self, stream: trio.abc.Stream, limits: ServerLimits, budget: _BodyBudget,
+                 source: str) -> None:
         self.stream = stream
         self.limits = limits
+        self.budget = budget
+        self.source = source
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
 
     async def next_event(self, deadline: float) -> Any:
@@ -309,11 +382,12 @@ class _Site:
     base_headers: tuple[tuple[str, str], ...]
     bad_request: Callable[[int], Reply]
     error_event: str
+    budget: _BodyBudget  # body bytes being read, shared by every connection of the server
 
 
-async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
+async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str) -> None:
     limits = site.limits
-    conn = _Connection(stream, limits)
+    conn = _Connection(stream, limits, site.budget, source)
     idle = limits.idle_timeout if limits.idle_timeout is not None else limits.head_timeout
     for served in range(limits.max_requests_per_connection):
         wait = limits.head_timeout if served == 0 else idle
@@ -354,6 +428,8 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
             reply = replace(site.bad_request(exc.error_status_hint), close=True)
         except BodyTooLarge:
             reply = Reply.error(413, close=True)
+        except BodyOverBudget:
+            reply = Reply.error(503, close=True)
         except _Closed:
             raise  # the client went away or was too slow sending its body: just close
         except Exception as exc:  # noqa: BLE001 -- a broken handler must not kill the server
@@ -371,7 +447,7 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site) -> None:
 
 
 async def _serve_connection(tcp: trio.SocketStream, site: _Site,
-                            tls: Callable[[], ssl.SSLContext] | None) -> None:
+                            tls: Callable[[], ssl.SSLContext] | None, source: str) -> None:
     stream: trio.abc.Stream = tcp
     try:
         if tls is not None:
@@ -381,7 +457,7 @@ async def _serve_connection(tcp: trio.SocketStream, site: _Site,
                 await tls_stream.do_handshake()
             if scope.cancelled_caught:
                 return
-        await _serve_requests(stream, site)
+        await _serve_requests(stream, site, source)
     except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
         pass  # nothing more we can tell this client
     finally:
@@ -422,7 +498,8 @@ async def serve(
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
-    site = _Site(handler, name, limits, tuple(base_headers), bad_request, error_event)
+    site = _Site(handler, name, limits, tuple(base_headers), bad_request, error_event,
+                 _BodyBudget(limits.body_budget_bytes, limits.body_budget_per_source))
     slots = trio.Semaphore(max(1, limits.max_connections))
     sources = SourceLimiter(limits.max_connections_per_source)
     # The cancel scopes of the connections being served, per source, oldest first.
@@ -479,16 +556,17 @@ async def serve(
         limits, head_timeout=min(limits.head_timeout, RESERVE_HEAD_TIMEOUT),
         max_requests_per_connection=1, keep_alive=False))
 
-    def try_reserve(tcp: trio.SocketStream, reason: str, nursery: trio.Nursery) -> bool:
+    def try_reserve(tcp: trio.SocketStream, source: str | None, reason: str,
+                    nursery: trio.Nursery) -> bool:
         if limits.probe_reserve <= 0 or len(reserved) >= 2 * limits.probe_reserve:
             return False
         live = [scope for scope in reserved if not scope.cancel_called]
         if len(live) >= limits.probe_reserve:
             live[0].cancel()
-        nursery.start_soon(run_reserved, tcp, reason)
+        nursery.start_soon(run_reserved, tcp, source or "", reason)
         return True
 
-    async def run_reserved(tcp: trio.SocketStream, reason: str) -> None:
+    async def run_reserved(tcp: trio.SocketStream, source: str, reason: str) -> None:
         """Serve one probe from the reserve; a connection that asked for no probe path (a
         429, a silent one timed out or taken by a newcomer) counts as refused by ``reason``."""
         scope = trio.CancelScope()
@@ -497,7 +575,8 @@ async def serve(
         try:
             with scope:
                 await _serve_connection(tcp, replace(reserve_site,
-                                                     handler=reserve_handler(probed)), tls)
+                                                     handler=reserve_handler(probed)), tls,
+                                        source)
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(tcp)
         except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
@@ -516,7 +595,7 @@ async def serve(
         mine.append(scope)
         try:
             with scope:
-                await _serve_connection(tcp, site, tls)
+                await _serve_connection(tcp, site, tls, source)
             if scope.cancelled_caught:
                 await trio.aclose_forcefully(tcp)  # closed to make room for another source
         except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
@@ -561,7 +640,7 @@ async def serve(
                     # hostile review); now the sources converge on equal shares.
                     victim = _heaviest(source)
                     if victim is None or source is None or not sources.try_enter(source):
-                        if not try_reserve(tcp, "max_connections", nursery):
+                        if not try_reserve(tcp, source, "max_connections", nursery):
                             refuse("max_connections")
                             await trio.aclose_forcefully(tcp)
                         continue
@@ -571,8 +650,8 @@ async def serve(
                     continue
             if source is None or not sources.try_enter(source):
                 slots.release()
-                if source is None or not try_reserve(tcp, "max_connections_per_source",
-                                                     nursery):
+                if source is None or not try_reserve(tcp, source,
+                                                     "max_connections_per_source", nursery):
                     refuse("max_connections_per_source")
                     await trio.aclose_forcefully(tcp)
                 continue

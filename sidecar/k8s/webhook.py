@@ -25,7 +25,12 @@ bytes and bounds every wait:
   handshake under a timeout, then up to ``max_requests_per_connection`` keep-alive
   requests, each with a deadline for its head and body, a short idle timeout between
   requests (5 s: the API server opens a new connection, or retries on a closed one, for
-  the next review) and a body cap (3 MiB by default; bigger -> 413). Refused connections
+  the next review) and a body cap (3 MiB by default; bigger -> 413). Bodies being read hold
+  at most ``reading_bytes`` (16 MiB) in all and ``reading_bytes_per_source`` (8 MiB) per
+  source address, counted from their ``Content-Length`` before they are read (chunked: as
+  they arrive); one that does not fit is answered 503 ``busy`` and the connection closed
+  (found by a hostile review: 60 connections of one source, each holding a 3 MiB body all
+  but one byte sent, took 210 MiB of the webhook's 256). Refused connections
   are counted (``WebhookStats``) and shown at ``GET /metrics``.
 * Routes: ``POST /mutate`` (namespaces labelled ``enabled``) and ``POST /mutate-required``
   (``required``) -> AdmissionReview answer; ``GET /healthz`` -> 200;
@@ -60,7 +65,14 @@ from cryptography import x509
 
 from sidecar.config.source import read_whole
 from sidecar.ctlhttp.reply import JSON, Reply
-from sidecar.ctlhttp.server import BodyTooLarge, Handler, Request, ServerLimits, serve
+from sidecar.ctlhttp.server import (
+    BodyOverBudget,
+    BodyTooLarge,
+    Handler,
+    Request,
+    ServerLimits,
+    serve,
+)
 from sidecar.identity.svid import MAX_FILE_BYTES as MAX_PEM_FILE_BYTES
 from sidecar.identity.tls import memory_files, server_only_fresh_sessions
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
@@ -100,6 +112,12 @@ class WebhookLimits:
     # (more than two threads review within one request's deadline), beyond it 503 at once.
     review_bytes: int = MAX_REVIEW_BYTES
     waiting_bytes: int = 4 * MAX_REVIEW_BYTES
+    # Bodies still being read: their declared (or, chunked, received) bytes add up to at most
+    # ``reading_bytes``, and those of one source address to ``reading_bytes_per_source`` (at
+    # least ``max_body``); a body that does not fit is answered 503 before it is read. Found
+    # by a hostile review: only the connection limits bounded them (512 x 3 MiB).
+    reading_bytes: int = 16 * 1024 * 1024
+    reading_bytes_per_source: int = 8 * 1024 * 1024
 
     def server_limits(self) -> ServerLimits:
         """The same bounds for the control-plane server (``sidecar.ctlhttp.server``)."""
@@ -110,7 +128,9 @@ class WebhookLimits:
             max_connections=self.max_connections,
             max_connections_per_source=self.max_connections_per_source,
             max_requests_per_connection=self.max_requests_per_connection,
-            discard_body_bytes=4096, wait_for_slot=True)
+            discard_body_bytes=4096, wait_for_slot=True,
+            body_budget_bytes=self.reading_bytes,
+            body_budget_per_source=self.reading_bytes_per_source)
 
 
 class WebhookStats:
@@ -336,6 +356,10 @@ def webhook_handler(options: InjectOptions, limits: WebhookLimits,
         except BodyTooLarge:
             log("webhook_bad_request", "warning", error="body too large")
             return _json(413, {"error": f"body larger than {limits.max_body} bytes"}, close=True)
+        except BodyOverBudget:  # too many bodies being read: not read, as a review refused
+            stats.reviews.labels("busy").inc()
+            log("webhook_bad_request", "warning", status=503, error="busy reading bodies")
+            return _json(503, {"error": "busy; try again"}, close=True)
         # The path is the namespace's mode: the webhook configuration picks it from the
         # namespace label, which the pod's author does not control. The review and its
         # encoding run in a worker thread (see the module docstring).
