@@ -44,6 +44,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TD = "demo.local"
 
 
+def loopback_alias_works(address: str) -> bool:
+    """Can a socket bind ``address`` (a second loopback address such as 127.0.0.2: tests
+    that need two source addresses skip where it is not usable)?"""
+    try:
+        with socket.socket() as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
 def spiffe(name: str, ns: str = "demo", td: str = TD) -> str:
     return f"spiffe://{td}/ns/{ns}/sa/{name}"
 

@@ -90,8 +90,12 @@ def sealed(tmp_path: Path) -> dict[str, Path]:
     write_data_key(str(tmp_path / "audit.data"))
     d = tmp_path / "sealed"
     now = time.time()
+    # Two hours apart (for --since): a checkpoint after every record, so that no signed
+    # stretch spans more than the writer's time bound (verify --data-key dates encrypted
+    # records since the twenty-fifth session).
     write(d, [now - 7200] * 3 + [now - 60] * 2, signing_key_file=priv,
-          encryption_key_file=str(tmp_path / "audit.data"))
+          encryption_key_file=str(tmp_path / "audit.data"),
+          checkpoint_every_records=1)  # type: ignore[arg-type]
     return {"dir": d, "pub": Path(pub), "data": tmp_path / "audit.data", "tmp": tmp_path}
 
 

@@ -23,7 +23,9 @@ N = 20
 
 
 def record(i: int) -> AuditRecord:
-    return AuditRecord(time=1000.0 + i, request_id=f"secret-request-{i}", peer=FRONTEND,
+    # (a tenth of a second apart: a signing writer's records before its first checkpoint
+    # span no more than its time bound, and verify --data-key now dates encrypted ones)
+    return AuditRecord(time=1000.0 + i / 10, request_id=f"secret-request-{i}", peer=FRONTEND,
                        method="GET", path=f"/orders/{i}", decision="deny" if i % 2 else "allow",
                        rule="reads", status=403 if i % 2 else 200)
 

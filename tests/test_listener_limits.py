@@ -26,6 +26,7 @@ from tests.harness import (
     free_port,
     http,
     https_server_material,
+    loopback_alias_works,
     metric_value,
     mtls_context,
     sidecar_config,
@@ -39,16 +40,7 @@ from tests.harness import (
 NEIGHBOUR = "127.0.0.2"
 
 
-def _loopback_alias_works() -> bool:
-    try:
-        with socket.socket() as s:
-            s.bind((NEIGHBOUR, 0))
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _loopback_alias_works(),
+pytestmark = pytest.mark.skipif(not loopback_alias_works(NEIGHBOUR),
                                 reason="127.0.0.2 is not a usable loopback address here")
 
 

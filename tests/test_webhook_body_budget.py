@@ -29,7 +29,7 @@ import pytest
 
 from sidecar.k8s.admission import MAX_REVIEW_BYTES
 from sidecar.k8s.webhook import WebhookLimits
-from tests.harness import ThrowawayCA
+from tests.harness import ThrowawayCA, loopback_alias_works
 from tests.test_k8s_webhook import pod, review, serving_cert
 
 A = "127.0.0.1"
@@ -44,16 +44,7 @@ RSS_BOUND_MIB = 160  # the webhook's limit is 256 MiB; the review's flood reache
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _loopback_alias_works() -> bool:
-    try:
-        with socket.socket() as s:
-            s.bind((B, 0))
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _loopback_alias_works(),
+pytestmark = pytest.mark.skipif(not loopback_alias_works(B),
                                 reason="127.0.0.2 is not a usable loopback address here")
 
 

@@ -1173,6 +1173,7 @@ class ChainCut:
         self.done = False
 
     def leaves(self, seq: int) -> bool:
+        """Is the frame ``seq`` (the next in file order) out of the chain?"""
         last = self.last
         if last is None:
             return False
@@ -1184,6 +1185,7 @@ class ChainCut:
         return False
 
     def message(self, segment: str) -> str:
+        """What the readers say when ``segment`` is cut here."""
         return (f"{segment}: frames after seq {self.last} are not in the chain (a break a "
                 "later segment's writer declared): not read")
 
