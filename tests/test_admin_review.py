@@ -316,23 +316,19 @@ def test_absolute_form_targets_are_served_as_their_path(sidecar: SidecarProc,
                                                          which: str) -> None:
     port = _port(sidecar, which)
     wrong = []
+
+    def expect(target: str, host: str, status: bytes, label: str | None = None) -> None:
+        got = raw(port, f"GET {target} HTTP/1.1\r\nHost: {host}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+        if not got.startswith(b"HTTP/1.1 " + status + b"\r\n"):
+            wrong.append((label or target, got[:40]))
+
     for form in ABSOLUTE_LOCAL:
-        target = form.format(port=port, path="/healthz")
-        got = raw(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                        "Connection: close\r\n\r\n".encode())
-        if not got.startswith(b"HTTP/1.1 200 OK\r\n"):
-            wrong.append((target, got[:40]))
+        expect(form.format(port=port, path="/healthz"), f"127.0.0.1:{port}", b"200 OK")
     # The query goes with the path; no path at all is "/".
-    got = raw(port, f"GET http://127.0.0.1:{port}?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    "Connection: close\r\n\r\n".encode())
-    if not got.startswith(b"HTTP/1.1 404 Not Found\r\n"):
-        wrong.append(("no path", got[:40]))
+    expect(f"http://127.0.0.1:{port}?x=1", "127.0.0.1", b"404 Not Found", "no path")
     for form in ABSOLUTE_BAD:
-        target = form.format(port=port, path="/healthz")
-        got = raw(port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                        "Connection: close\r\n\r\n".encode())
-        if not got.startswith(b"HTTP/1.1 400 Bad Request\r\n"):
-            wrong.append((target, got[:40]))
+        expect(form.format(port=port, path="/healthz"), "127.0.0.1", b"400 Bad Request")
     assert not wrong, wrong
 
 
