@@ -48,6 +48,12 @@ from sidecar.errors import ConfigError
 
 FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts
 
+# Polls in a row that found the files changed again before they settled, after which the
+# watcher says so (``reload_unsettled``, once per such spell): a file that never holds
+# still -- rewritten by a loop, or a symlink to a file that changes at every read such as
+# ``/proc/self/status`` -- is never applied, and nothing said why before.
+UNSETTLED_POLLS = 5
+
 # Signals whose default action ends the process and that operators and init systems send to a
 # running server, as data (docs/config.md "Signals"): the reload signals wake every watcher
 # now; the ignored ones are only logged.
@@ -152,6 +158,7 @@ class FileWatcher:
         self.last_failed: str | None = None
         self.failed_at = 0.0
         self.settling: str | None = None
+        self.unsettled = 0  # polls in a row whose new content had changed again
         self.retry_failed_after = retry_failed_after
         self.on_restored = on_restored
         self._woken: trio.Event | None = None  # set by wake(); made by run()
@@ -203,6 +210,7 @@ class FileWatcher:
 
     def _settle(self, current: str | None, attempted: bool, result: Any,
                 error: BaseException | None) -> bool:
+        self._note_unsettled(current, attempted)
         if current is None:
             if self.last_failed != "missing":
                 self.last_failed = "missing"
@@ -226,6 +234,18 @@ class FileWatcher:
         self.apply(result)
         logs.log("reloaded", what=self.name)
         return True
+
+    def _note_unsettled(self, current: str | None, attempted: bool) -> None:
+        """Count the polls in a row that found content other than the last that was looked
+        at and not loaded it (it changed again); at ``UNSETTLED_POLLS`` log
+        ``reload_unsettled`` (warning) once, until the files hold still or go back."""
+        if attempted or current is None or current in (self.last, self.last_failed):
+            self.unsettled = 0
+            return
+        self.unsettled += 1
+        if self.unsettled == UNSETTLED_POLLS:
+            logs.log("reload_unsettled", "warning", what=self.name, paths=self.paths,
+                     polls=self.unsettled)
 
     def poll_once(self, now: bool = False) -> bool:
         """Check once, synchronously; return True if new state was applied."""

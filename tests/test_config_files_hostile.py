@@ -293,6 +293,30 @@ def test_a_fifo_swapped_in_for_the_policy_keeps_the_policy_and_the_watcher(tmp_p
     assert http(b.port("admin"), "GET", "/policy").json()["last_reload_error"] is None
 
 
+def test_a_policy_that_never_holds_still_is_named_and_the_policy_in_force_stays(tmp_path, pki,
+                                                                               procs):
+    """The policy path made a symlink to a file that changes at every read
+    (``/proc/self/status``): it never settles, so it is never applied -- and before, nothing
+    said so. Now ``reload_unsettled`` (warning) names the watcher and the path, once; the
+    policy in force stays; a good file put back is taken as usual."""
+    b, policy, before = _watched_sidecar(tmp_path, pki, procs)
+    os.unlink(policy)
+    os.symlink("/proc/self/status", policy)
+    wait_for(lambda: b.log_events("reload_unsettled"), timeout=10)
+    time.sleep(1.0)  # ten more polls: still one line for the spell
+    events = b.log_events("reload_unsettled")
+    assert len(events) == 1, events
+    assert events[0]["what"] == "policy" and events[0]["paths"] == [str(policy)]
+    assert events[0]["level"] == "warning"
+    assert http(b.port("admin"), "GET", "/policy").json()["version"] == before
+    os.unlink(policy)
+    locked = dict(POLICY, services={spiffe("orders"): {"rules": []}})
+    write_policy(policy, locked)
+    wait_for(lambda: http(b.port("admin"), "GET", "/policy").json()["version"] != before,
+             timeout=10)
+    assert len(b.log_events("reload_unsettled")) == 1
+
+
 # Deny rules that denied nothing (each condition could never hold for any request), as data:
 # each is now refused at load, so a reload to it keeps the policy in force and names it.
 DENIES_NOTHING = {

@@ -114,3 +114,72 @@ def test_mark_failed_content_is_retried_after_the_retry_interval(tmp_path):
     w = _watcher(f, t, initial="failed-at-start", retry_failed_after=0.0)
     w.mark_failed()
     assert w.poll_once() and t.applied == ["v1"]
+
+
+def _events(stream) -> list[dict]:
+    import json
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_a_file_that_never_holds_still_is_reported_once_and_taken_when_it_does(tmp_path):
+    """Content that changed again at every poll was never applied and never named (found by
+    a review: a policy symlinked to ``/proc/self/status``). Now ``reload_unsettled`` says so
+    once per spell, at ``UNSETTLED_POLLS`` polls; the content is taken once it holds still."""
+    import io
+
+    from sidecar import logs
+    from sidecar.reload import UNSETTLED_POLLS
+
+    f = tmp_path / "p.yaml"
+    f.write_text("v0")
+    t = Target()
+    w = _watcher(f, t)
+    stream = io.StringIO()
+    logs.configure(stream=stream)
+    try:
+        for i in range(3 * UNSETTLED_POLLS):
+            f.write_text(f"v{i + 1}")
+            assert not w.poll_once()
+        warned = [e for e in _events(stream) if e["event"] == "reload_unsettled"]
+        assert len(warned) == 1, warned
+        assert warned[0]["level"] == "warning" and warned[0]["what"] == "test"
+        assert warned[0]["paths"] == [str(f)] and warned[0]["polls"] == UNSETTLED_POLLS
+        assert t.applied == []
+        assert w.poll_once() and t.applied == [f"v{3 * UNSETTLED_POLLS}"]  # held still
+        # A second spell is reported again; a change that settles in two polls never is.
+        for i in range(UNSETTLED_POLLS):
+            f.write_text(f"w{i}")
+            w.poll_once()
+        f.write_text("x")
+        w.poll_once()
+        assert w.poll_once() and t.applied[-1] == "x"
+        f.write_text("y")
+        assert not w.poll_once()
+        assert w.poll_once()
+        warned = [e for e in _events(stream) if e["event"] == "reload_unsettled"]
+        assert len(warned) == 2
+    finally:
+        logs.reset()
+
+
+def test_unsettled_polls_that_go_back_to_the_content_in_force_end_the_spell(tmp_path):
+    """Changes that come back to what is in force count nothing (no warning): only polls
+    that found new content not yet loaded do."""
+    import io
+
+    from sidecar import logs
+    from sidecar.reload import UNSETTLED_POLLS
+
+    f = tmp_path / "p.yaml"
+    f.write_text("v0")
+    t = Target()
+    w = _watcher(f, t)
+    stream = io.StringIO()
+    logs.configure(stream=stream)
+    try:
+        for i in range(3 * UNSETTLED_POLLS):
+            f.write_text("v0" if i % 2 else f"n{i}")
+            w.poll_once()
+        assert not [e for e in _events(stream) if e["event"] == "reload_unsettled"]
+    finally:
+        logs.reset()
