@@ -20,6 +20,7 @@ from sidecar.http.untrusted import (
     CATALOGUE,
     NOT_IN_PREFIX,
     SIDECAR_SET,
+    WRAPPERS,
     HeaderFilter,
     catalogue_markdown,
     entry_for,
@@ -538,3 +539,100 @@ def test_connection_cannot_remove_what_the_sidecar_sets(mesh: Mesh, mesh_us: Mes
         assert [n for n, _ in got].count(name) == 1, (name, got)
     assert dict(got)["x-forwarded-client-cert"].startswith("By=spiffe://"), got
     assert [v for n, v in got if n == "x-user"] == ["alice"], got  # (the token's claim)
+
+
+# --- the twenty-sixth review: wrappers, and families the catalogue lacked ---------------------
+# A catalogued name behind a wrapper some gateway strips (``WRAPPERS``: CGI's ``HTTP_``,
+# grpc-gateway's ``Grpc-Metadata-``) is that name to whatever reads past the wrapper; before,
+# only ``HTTP_`` was known, and every entry -- the sidecar's own x-forwarded-client-cert and
+# the policy's claim header included -- reached the app as ``Grpc-Metadata-<entry>``.
+
+CLAIM_HEADER = "x-user"  # the mesh's policy sets it from a verified claim
+
+
+def _wrapped(name: str) -> list[str]:
+    """``name`` behind every wrapper, in the wrapper's spellings (as sent: case, ``_``), and
+    behind two wrappers in both orders."""
+    out = []
+    for w in WRAPPERS:
+        for wv in variants(w.rstrip("-")):
+            out += [f"{wv}-{name}", f"{wv}_{name.replace('-', '_')}"]
+    out += [f"{a}{b}{name}" for a in WRAPPERS for b in WRAPPERS]
+    return out
+
+
+WRAPPED_TARGETS = [*NAMES, *sorted(SIDECAR_SET), CLAIM_HEADER]
+
+
+@pytest.mark.parametrize("name", WRAPPED_TARGETS)
+def test_every_entry_behind_every_wrapper_is_removed(name: str) -> None:
+    filters = [HeaderFilter(), HeaderFilter(allow_underscores=True),
+               HeaderFilter(allow_underscores=True, pass_through=["x-forwarded-host"])]
+    for f in filters:
+        f.set_claim_headers([CLAIM_HEADER])
+        for spelling in _wrapped(name):
+            assert f.removes(spelling.lower().encode("latin-1")), spelling
+
+
+def test_wrappers_alone_and_wrapped_ordinary_names_are_kept() -> None:
+    f = HeaderFilter()
+    for w in WRAPPERS:
+        for kept in ("foo", "x-custom-ok", "content-type", "accept"):
+            assert not f.removes(f"{w}{kept}".encode()), (w, kept)
+        assert not f.removes(w.encode())
+    # grpc-gateway's own use of the prefix for ordinary metadata still works
+    assert not f.removes(b"grpc-metadata-x-trace-me")
+
+
+def test_wrappers_are_documented() -> None:
+    text = (ROOT / "docs" / "SECURITY.md").read_text()
+    for w in WRAPPERS:
+        assert f"`{w}`" in text, w
+
+
+REVIEW26_FOUND = [
+    # Next.js internal routing (CVE-2025-29927 and its neighbours)
+    "X-Middleware-Subrequest", "X-Middleware-Invoke", "X-Invoke-Path", "X-Invoke-Query",
+    "X-Invoke-Output", "X-Invoke-Status", "X-Matched-Path", "X-Now-Route-Matches",
+    # tenants of Loki/Mimir/Cortex/Tempo/Pyroscope and Thanos Receive
+    "X-Scope-OrgID", "THANOS-TENANT",
+    # Rack::Sendfile (CVE-2025-61780) and nginx's x-accel family
+    "X-Sendfile-Type", "X-Accel-Mapping", "X-Accel-Redirect",
+    # Apache Camel message headers (CVE-2025-27636)
+    "CamelHttpUri", "CamelHttpPath", "CamelHttpMethod", "CamelExecCommandExecutable",
+    "CAmelExecCommandArgs",
+    # ASP.NET Core's IIS integration; AWS API Gateway's VPC id
+    "MS-ASPNETCORE-CLIENTCERT", "MS-ASPNETCORE-TOKEN", "x-amzn-vpc-id",
+]
+REVIEW26_KEPT = ["x-middle", "x-invoker", "x-scope", "x-accelerate", "camera"]
+
+
+@pytest.mark.parametrize("name", REVIEW26_FOUND)
+def test_headers_the_twenty_sixth_review_found_are_in_the_catalogue(name: str) -> None:
+    assert entry_for(name) is not None, name
+    for f in (HeaderFilter(), HeaderFilter(allow_underscores=True)):
+        for spelling in [*_spellings(name), *_wrapped(name)]:
+            assert f.removes(spelling.lower().encode()), spelling
+    for kept in REVIEW26_KEPT:
+        assert entry_for(kept) is None and not HeaderFilter().removes(kept.encode()), kept
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("which", ["default", "underscores_and_pass_through"])
+def test_wrapped_entries_never_reach_the_app(mesh: Mesh, mesh_us: Mesh, side: str,
+                                             which: str) -> None:
+    """Every entry, every header the sidecar sets and the claim header, behind each wrapper
+    (as grpc-gateway and CGI spell it), and the review's new names in all their spellings:
+    none reaches the app; wrapped ordinary names and the controls do."""
+    m = mesh if which == "default" else mesh_us
+    lines = []
+    for name in WRAPPED_TARGETS:
+        lines += [f"Grpc-Metadata-{name}: {MARK}\r\n".encode(),
+                  f"grpc-metadata-http-{name}: {MARK}\r\n".encode()]
+        if which != "default":  # (names with "_" are dropped whole by default)
+            lines.append(f"HTTP_{name.replace('-', '_').upper()}: {MARK}\r\n".encode())
+    lines += [line for n in REVIEW26_FOUND for line in _forwarded_lines(n)]
+    kept = ["Grpc-Metadata-X-Trace-Me", *REVIEW26_KEPT]
+    lines += [f"{n}: {MARK}\r\n".encode() for n in kept]
+    heads = _send_lines(m, side, lines)
+    assert sorted(_leaks(heads)) == sorted((n.lower(), MARK) for n in kept)

@@ -15,8 +15,9 @@ other character outside letters, digits and ``-`` (``.``, ``~``, ``!``... which 
 allows in a token) are always dropped, as nginx's ``ignore_invalid_headers`` does: lighttpd
 and other CGI/FastCGI gateways map every such character to ``_``, so ``X.Forwarded.For``
 would reach the app as ``HTTP_X_FORWARDED_FOR``. A name that is a catalogue entry (or a
-header the sidecar sets) behind ``HTTP_`` -- ``HTTP_X_FORWARDED_FOR``, ``HTTP_CLIENT_IP``,
-``Http-X-Real-Ip`` -- is removed too: it is the CGI spelling of the entry, and Java's "real
+header the sidecar sets) behind a wrapper (``WRAPPERS``: CGI's ``HTTP_``, grpc-gateway's
+``Grpc-Metadata-``) -- ``HTTP_X_FORWARDED_FOR``, ``Http-X-Real-Ip``, ``Grpc-Metadata-X-User`` --
+is removed too: it is the entry to what reads past the wrapper, and Java's "real
 IP" helpers read ``request.getHeader("HTTP_X_FORWARDED_FOR")`` literally (it reaches the app
 only with ``headers.allow_underscores``; found by a hostile review). So is a ``_`` spelling
 of Content-Length or Content-Type (``Content_Length``): CGI gives those two fields variables
@@ -294,12 +295,50 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "certificate lookup reads it (SSL_CLIENT_CERT above, then CERT_CHAIN_0, "
               "CERT_CHAIN_1, ...): Keycloak would log the caller in by that certificate "
               "(found by a hostile review)", "cert-chain-", prefix=True)
+    + _family(OVERRIDE, "Next.js internal routing headers: x-middleware-subrequest makes "
+              "Next.js skip its middleware, so authorisation done there is bypassed "
+              "(CVE-2025-29927); x-middleware-invoke, x-invoke-path, -query, -output, "
+              "-status, x-matched-path and x-now-route-matches reroute or rewrite the "
+              "request inside the server (found by a hostile review)",
+              "x-middleware- x-invoke-", prefix=True)
+    + _family(OVERRIDE, "more Next.js internal routing headers (above)",
+              "x-matched-path x-now-route-matches")
+    + _family(OVERRIDE, "Rack::Sendfile's front-proxy settings, read from the request: "
+              "X-Sendfile-Type and X-Accel-Mapping make a Rails app answer with an "
+              "X-Accel-Redirect into an internal location (CVE-2025-61780); the whole "
+              "x-accel- family is nginx's, never a client's (found by a hostile review)",
+              "x-sendfile-type x-accel-", prefix=True)
+    + _family(OVERRIDE, "Apache Camel's message headers (CamelHttpUri, CamelHttpPath, "
+              "CamelHttpMethod rewrite where and how a route calls on; CamelExec* run "
+              "commands, CVE-2025-27636): Camel copies request headers into the message, "
+              "and its own filter of these names was bypassed by case (found by a hostile "
+              "review)", "camel", prefix=True)
+    + _family(IDENTITY, "the tenant of multi-tenant backends: Loki, Mimir, Cortex, Tempo and "
+              "Pyroscope take X-Scope-OrgID, Thanos Receive THANOS-TENANT, as the tenant an "
+              "auth proxy in front has set (found by a hostile review)",
+              "x-scope-orgid thanos-tenant")
+    + _family(CLIENT_CERT, "ASP.NET Core's IIS integration: MS-ASPNETCORE-CLIENTCERT is the "
+              "client certificate the IIS module forwards, next to its pairing token and "
+              "the other MS-ASPNETCORE-* values (found by a hostile review)",
+              "ms-aspnetcore-", prefix=True)
+    + _family(IDENTITY, "the VPC an AWS API Gateway private API request came from, next to "
+              "x-amzn-vpce-id above (found by a hostile review)", "x-amzn-vpc-id")
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
     + _family(CGI, "httpoxy: CGI turns Proxy into HTTP_PROXY, which HTTP clients in the app "
               "use as their proxy", "proxy")
 )
+
+# Wrappers: a name prefix some gateway strips before the app (or the service behind it)
+# reads the rest as a header of its own -- CGI's ``HTTP_`` (``HTTP_X_FORWARDED_FOR``, which
+# Java's "real IP" helpers read literally), and grpc-gateway's ``Grpc-Metadata-`` (its
+# default matcher passes ``Grpc-Metadata-X-User`` to the gRPC server as the metadata
+# ``x-user``; found by a hostile review: every entry, the sidecar's own
+# ``x-forwarded-client-cert`` included, reached the app so wrapped). A catalogue entry, a
+# header the sidecar sets or a claim header behind any run of wrappers is removed, whatever
+# ``pass_through`` says (docs/SECURITY.md).
+WRAPPERS: tuple[str, ...] = ("http-", "grpc-metadata-")
 
 # Names a prefix entry covers that are not identity a gateway asserts but what the client
 # itself sends -- credentials the app verifies, its own user agent: forwarded like any other
@@ -326,6 +365,7 @@ _EXACT: frozenset[bytes] = frozenset(fold(e.name) for e in CATALOGUE if not e.pr
 _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix)
 _SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
 _NOT_IN_PREFIX: frozenset[bytes] = frozenset(fold(n) for n in NOT_IN_PREFIX)
+_WRAPPERS: tuple[bytes, ...] = tuple(fold(w) for w in WRAPPERS)
 # The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
 _CGI_META = frozenset({b"content-length", b"content-type"})
 
@@ -422,10 +462,11 @@ class HeaderFilter:
             # the real field: a second length the app frames the body by (found by a hostile
             # review: forwarded next to the Content-Length the sidecar framed the body with).
             return True
-        if n.startswith(b"http-"):  # the CGI spelling of a catalogued name (module docstring)
-            cgi = n[5:]
-            if cgi in _EXACT or cgi in _SIDECAR_SET or cgi in self._claims or (
-                    cgi.startswith(_PREFIXES) and cgi not in _NOT_IN_PREFIX):
+        inner = n
+        while inner.startswith(_WRAPPERS):  # a catalogued name wrapped (``WRAPPERS``)
+            inner = inner[next(len(w) for w in _WRAPPERS if inner.startswith(w)):]
+            if inner in _EXACT or inner in _SIDECAR_SET or inner in self._claims or (
+                    inner.startswith(_PREFIXES) and inner not in _NOT_IN_PREFIX):
                 return True
         if n in self._pass:
             return False
