@@ -183,6 +183,35 @@ def test_outbound_upgraded_stream_ends_when_the_upstream_root_leaves_the_bundle(
         assert read_until_eof(s)
 
 
+def test_connections_in_their_age_grace_are_cut_when_the_root_leaves_the_bundle(env) -> None:
+    """A keep-alive connection and an upgraded stream past ``max_connection_age`` are in
+    their graceful close (30 s here); the caller's root then leaves the bundle: both are cut
+    at once, as younger ones are -- before, a connection retired for its age was passed over
+    by every later check, so its next request was served (200) and its stream echoed for the
+    whole grace (found by a hostile review)."""
+    tmp, pki, app_port, procs = env
+    old_root = DevCA.create(TD)
+    ident = pki.identity("orders")
+    (ident / "ca.crt").write_bytes(pki.ca.bundle_pem + old_root.bundle_pem)
+    srv = server(tmp, "orders", ident, app_port, procs,
+                 limits={"max_connection_age": "2s", "max_connection_age_jitter": 0,
+                         "connection_close_grace": "30s"})
+    port = srv.port("inbound")
+    caller = write_svid(old_root.issue(spiffe("frontend")), old_root, tmp / "old-caller")
+    ctx = mtls_context(caller, pki.bundle)
+    conn = keepalive(port, ctx)
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as stream:
+        upgrade_to_echo(stream)
+        wait_for(lambda: closed(srv, "max_age") >= 2, timeout=30)  # both in their grace
+        started = time.monotonic()
+        replace_file(ident / "ca.crt", pki.ca.bundle_pem)  # the caller's root is retired
+        wait_for(lambda: closed(srv, "peer_untrusted") >= 2, timeout=30)
+        assert_closed_by_server(conn, port)  # no further request served
+        assert read_until_eof(stream, timeout=10)
+        assert time.monotonic() - started < 25  # not at the end of the 30 s grace
+    assert len(audited(tmp, "orders", "peer_untrusted")) >= 2
+
+
 # -- age --------------------------------------------------------------------------------------
 
 def test_max_connection_age_ends_with_connection_close(env) -> None:

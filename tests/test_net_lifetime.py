@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import trio
 
 from sidecar.config.model import Limits
@@ -51,12 +52,17 @@ def test_every_event_retires_the_connections_it_concerns_once() -> None:
             assert lt.sweep(start + 10, 0.0) == 2  # old and app_side reach their age
             assert old.retiring == app_side.retiring == "max_age" and old.serve_more
             assert old.scope.deadline == old.cut_at <= trio.current_time() + 2
-            assert lt.recheck_trust(lambda peer, chain: None) == 0  # each retired once
+            # The ones cut at once are never reported again; old, in its graceful close,
+            # loses its peer's trust and is cut now (app_side has no peer to check).
+            assert lt.recheck_trust(lambda peer, chain: None) == 1
+            assert old.retiring == "peer_untrusted" and not old.serve_more
+            assert lt.recheck_trust(lambda peer, chain: None) == 0  # each cut once
         assert len(lt) == 0
 
     trio.run(main)
     assert sorted(closed) == [("10.0.0.1", "peer_cert_expired"), ("10.0.0.2", "max_age"),
-                              ("10.0.0.3", "max_age"), ("10.0.0.4", "policy_refused")]
+                              ("10.0.0.2", "peer_untrusted"), ("10.0.0.3", "max_age"),
+                              ("10.0.0.4", "policy_refused")]
 
 
 def test_a_bundle_change_moves_each_trusted_connections_end_of_trust() -> None:
@@ -161,3 +167,92 @@ def test_own_chain_expiry_streams_credentials_and_policy_events_retire() -> None
     trio.run(main)
     assert sorted(closed) == [("busy", "policy_refused"), ("cred", "credential_expired"),
                               ("own", "own_cert_expired")]
+
+
+# Every event that ends a connection's trust or authorisation, as data: (the reason it cuts
+# with, how to make it happen to ``conn`` on registry ``lt`` at wall time ``wall``).
+def _peer_expiry(lt, conn, wall):
+    conn.peer_not_after = wall - 1
+    return lt.sweep(trio.current_time(), wall)
+
+
+def _own_expiry(lt, conn, wall):
+    conn.own_not_after = conn.peer_not_after = wall - 1
+    return lt.sweep(trio.current_time(), wall)
+
+
+def _credentials(lt, conn, wall):
+    conn.credentials_end = wall - 1
+    return lt.sweep(trio.current_time(), wall)
+
+
+def _request_head(lt, conn, wall):
+    conn.peer_not_after = wall - 1
+    return int(conn.trust_ended(wall))
+
+
+def _untrusted(lt, conn, wall):
+    return lt.recheck_trust(lambda peer, chain: None)
+
+
+def _stream_refused(lt, conn, wall):
+    conn.recheck = lambda now: False
+    return lt.recheck_policy(wall)
+
+
+def _request_refused(lt, conn, wall):
+    conn.idle, conn.request, conn.allows = None, object(), lambda request, now: False
+    return lt.recheck_policy(wall)
+
+
+def _blocked_peer(lt, conn, wall):
+    from sidecar.alerts import source_key
+    return lt.block("peer", source_key(PEER))
+
+
+def _blocked_address(lt, conn, wall):
+    from sidecar.alerts import source_key
+    return lt.block("address", source_key("10.9.9.9"))
+
+
+TRUST_ENDS = {
+    "peer_cert_expired (sweep)": ("peer_cert_expired", _peer_expiry),
+    "own_cert_expired (sweep)": ("own_cert_expired", _own_expiry),
+    "credential_expired (sweep)": ("credential_expired", _credentials),
+    "peer_cert_expired (next request head)": ("peer_cert_expired", _request_head),
+    "peer_untrusted (bundle change)": ("peer_untrusted", _untrusted),
+    "policy_refused (stream)": ("policy_refused", _stream_refused),
+    "policy_refused (request in flight)": ("policy_refused", _request_refused),
+    "source_blocked (peer)": ("source_blocked", _blocked_peer),
+    "source_blocked (address)": ("source_blocked", _blocked_address),
+}
+
+
+@pytest.mark.parametrize("graceful", sorted(GRACEFUL_REASONS))
+@pytest.mark.parametrize("event", sorted(TRUST_ENDS))
+def test_a_graceful_close_still_ends_at_once_when_trust_ends(graceful: str, event: str) -> None:
+    """A connection in its graceful close (its age, an own-certificate rotation) whose trust
+    or authorisation then ends is cut at once -- no further request, what runs cancelled --
+    and reported again with that reason; before, every later check passed it over for the
+    whole ``connection_close_grace`` (found by a hostile review)."""
+    reason, happen = TRUST_ENDS[event]
+    closed: list[str] = []
+
+    async def main() -> None:
+        lt = Lifetimes(max_age=0, jitter=0, grace=30, on_close=lambda c, r: closed.append(r))
+        chain = PeerChain((b"leaf", b"root"), (b"leaf",))
+        with lt.track("inbound", "inbound", "10.9.9.9", peer=PEER, chain=chain) as conn:
+            idle = conn.idle = trio.CancelScope()
+            assert lt.retire(conn, graceful)
+            now = trio.current_time()
+            assert conn.serve_more and conn.scope.deadline > now + 20
+            assert not lt.retire(conn, "max_age")  # graceful on graceful: nothing new
+            happen(lt, conn, 1_000_000.0)
+            assert conn.retiring == reason and not conn.serve_more
+            assert conn.scope.deadline <= trio.current_time()
+            assert idle.cancel_called or conn.idle is None  # (None: a request in flight)
+            assert not lt.retire(conn, "peer_untrusted")  # cut once
+            happen(lt, conn, 1_000_001.0)
+
+    trio.run(main)
+    assert closed == [graceful, reason]

@@ -165,7 +165,7 @@ class LiveConnection:
         gap between a certificate's not-after time and the sweep that finds it."""
         if wall < self.peer_not_after:
             return False
-        if self.retiring is None and self._lifetimes is not None:
+        if self.retiring not in CUT_AT_ONCE and self._lifetimes is not None:
             self._lifetimes.retire(self, REASON_OWN_CERT_EXPIRED if wall >= self.own_not_after
                                    else REASON_PEER_CERT_EXPIRED)
         return True
@@ -218,8 +218,16 @@ class Lifetimes:
                               self.deadline(), self, own_not_after)
 
     def retire(self, conn: LiveConnection, reason: str) -> bool:
-        """End ``conn`` for ``reason`` (see the table above); False if it already ends."""
-        if conn.retiring is not None:
+        """End ``conn`` for ``reason`` (see the table above); False if it already ends so.
+
+        A connection in its graceful close (``max_age``, ``own_cert_rotated``) whose trust or
+        authorisation then ends is cut at once like any other, and reported again with that
+        reason: before, a connection once retired for its age was passed over by every
+        later check, so for up to ``connection_close_grace`` its peer's next request was
+        served and its streams ran on after the peer's CA was withdrawn, its certificate
+        expired or the policy refused it (found by a hostile review)."""
+        current = conn.retiring
+        if current is not None and (current in CUT_AT_ONCE or reason in GRACEFUL_REASONS):
             return False
         conn.retiring = reason
         now = trio.current_time()
@@ -241,7 +249,7 @@ class Lifetimes:
         credentials of their stream; return how many."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is not None:
+            if conn.retiring in CUT_AT_ONCE:  # (a graceful close can still become one)
                 continue
             if wall >= conn.peer_not_after:
                 n += self.retire(conn, REASON_OWN_CERT_EXPIRED if wall >= conn.own_not_after
@@ -277,7 +285,7 @@ class Lifetimes:
         connection's ``peer_not_after``."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is not None:
+            if conn.retiring in CUT_AT_ONCE:  # (a graceful close can still become one)
                 continue
             if conn.peer is not None and conn.chain is not None:
                 ends = trusted(conn.peer, conn.chain)
@@ -301,7 +309,7 @@ class Lifetimes:
         refuses, and connections serving a request (not idle) it would refuse now."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring is not None:
+            if conn.retiring in CUT_AT_ONCE:  # (a graceful close can still become one)
                 continue
             recheck = conn.recheck
             if recheck is not None:
@@ -331,7 +339,7 @@ class Lifetimes:
 
         n = 0
         for conn in list(self._live):
-            if conn.retiring is not None or conn.direction != "inbound":
+            if conn.retiring in CUT_AT_ONCE or conn.direction != "inbound":
                 continue
             # ``source`` is as the detector keeps it: a long SPIFFE ID as ``sha256:<hex>``
             # (an ID over 128 characters was blocked per request while its running streams
