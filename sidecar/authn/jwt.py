@@ -167,7 +167,7 @@ def check_claim_types(claims: Mapping[str, Any]) -> None:
             raise TokenInvalid(BAD_CLAIM, name)
 
 
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     # check_claim_types has run: the value is absent or a NumericDate in range.
     value = claims.get(name)
     return None if value is None else float(value)
@@ -412,9 +412,7 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
         raise TokenInvalid(BAD_SIGNATURE)
 
     check_audience(claims.get("aud"), provider.audiences)
-    for name in provider.required_claims:
-        if claims.get(name) is None:  # absent or null: null is no value of any claim
-            raise TokenInvalid(MISSING_CLAIM, name)
+    check_required(claims, provider)
     _check_times(claims, provider, now)
     return MappingProxyType(claims)
 
@@ -435,15 +433,30 @@ def check_audience(aud: Any, accepted: tuple[str, ...]) -> None:
 
 def _check_times(claims: Mapping[str, Any], provider: JwtProvider, now: float) -> None:
     skew = provider.clock_skew_seconds
-    exp = _numeric_date(claims, "exp")
-    nbf = _numeric_date(claims, "nbf")
-    iat = _numeric_date(claims, "iat")
+    exp = numeric_date(claims, "exp")
+    nbf = numeric_date(claims, "nbf")
+    iat = numeric_date(claims, "iat")
     if exp is not None and now > exp + skew:
         raise TokenInvalid(EXPIRED)
     if nbf is not None and now + skew < nbf:
         raise TokenInvalid(NOT_YET_VALID)
     if iat is not None and now + skew < iat:
         raise TokenInvalid(NOT_YET_VALID, "issued in the future")
+    check_lifetime(provider, exp, iat, nbf, now)
+
+
+def check_required(claims: Mapping[str, Any], provider: JwtProvider) -> None:
+    """Every ``required_claims`` claim is present and not null (null is no value of any
+    claim): a verified JWT's, and an introspection answer's (``Authenticator``)."""
+    for name in provider.required_claims:
+        if claims.get(name) is None:
+            raise TokenInvalid(MISSING_CLAIM, name)
+
+
+def check_lifetime(provider: JwtProvider, exp: float | None, iat: float | None,
+                   nbf: float | None, now: float) -> None:
+    """With ``max_lifetime``: ``exp`` is there and ``exp - iat`` (or ``- nbf``, or ``- now``)
+    is within it. The claims are NumericDates already checked (``check_claim_types``)."""
     limit = provider.max_lifetime_seconds
     if limit is not None:
         if exp is None:

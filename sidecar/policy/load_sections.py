@@ -249,9 +249,11 @@ def parse_provider(r: Reader, name: str, value: Any, path: P, base_dir: str) -> 
         rc = m["required_claims"]
         if rc == []:
             # The default is [exp]: an empty list let a token without exp live for ever.
-            r.problem(path + ("required_claims",), "an empty list would drop the default "
-                      "[exp] (a token without exp would never expire): name the claims, or "
-                      "leave the key out for [exp]")
+            r.problem(path + ("required_claims",), "an empty list: leave the key out (an "
+                      "introspection provider requires nothing by default)" if intro_raw
+                      is not None else "an empty list would drop the default [exp] (a token "
+                      "without exp would never expire): name the claims, or leave the key "
+                      "out for [exp]")
             ok = False
         elif isinstance(rc, list):
             for i, c in enumerate(rc):

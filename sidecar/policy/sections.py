@@ -60,6 +60,9 @@ class Introspection:
 
 
 DEFAULT_JWKS_REFRESH_SECONDS = 300.0
+# ``JwtProvider.required_claims`` when the policy names none (compared by identity: a list
+# the policy gives is always another tuple).
+DEFAULT_REQUIRED_CLAIMS: tuple[str, ...] = ("exp",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,10 @@ class JwtProvider:
     # failing; then it is dropped (no_keys, fail closed). See docs/authn.md.
     jwks_max_stale_seconds: float = 86400.0
     clock_skew_seconds: float = 30.0
-    required_claims: tuple[str, ...] = ("exp",)
+    # Default: ``exp`` for a JWT provider, nothing for an introspection provider (RFC 7662
+    # 2.2: every member of an answer but ``active`` is optional); a list given applies to
+    # both (``__post_init__``).
+    required_claims: tuple[str, ...] = DEFAULT_REQUIRED_CLAIMS
     max_lifetime_seconds: float | None = None  # exp - iat (or exp - nbf) must not exceed
     locations: tuple[TokenLocation, ...] = DEFAULT_TOKEN_LOCATIONS
     forward_claims: tuple[tuple[str, str], ...] = ()  # (claim, header name) pairs
@@ -90,6 +96,10 @@ class JwtProvider:
     cert_binding: Literal["if_present", "required"] = "if_present"  # RFC 8705 cnf x5t#S256
     forward_query_token: bool = False  # True: a token read from the query reaches the app
     introspection: Introspection | None = None  # opaque tokens (RFC 7662) instead of JWKS
+
+    def __post_init__(self) -> None:
+        if self.introspection is not None and self.required_claims is DEFAULT_REQUIRED_CLAIMS:
+            object.__setattr__(self, "required_claims", ())
 
 
 @dataclass(frozen=True, slots=True)
