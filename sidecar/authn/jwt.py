@@ -168,7 +168,8 @@ def check_claim_types(claims: Mapping[str, Any]) -> None:
 
 
 def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
-    # check_claim_types has run: the value is absent or a NumericDate in range.
+    """Claim ``name`` as a float, or None when absent (``check_claim_types`` has run: the
+    value is absent or a NumericDate in range)."""
     value = claims.get(name)
     return None if value is None else float(value)
 
