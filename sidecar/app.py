@@ -47,7 +47,7 @@ from sidecar.identity.trust import load_bundle
 from sidecar.inbound import InboundProxy, open_app_stream
 from sidecar.keysources import KeySources
 from sidecar.metrics import SidecarMetrics
-from sidecar.net.lifetime import Lifetimes, LiveConnection
+from sidecar.net.lifetime import SWEEP_INTERVAL, Lifetimes, LiveConnection
 from sidecar.net.listen import (
     ConnectionTracker,
     SourceLimiter,
@@ -127,6 +127,7 @@ class Sidecar:
                                           pass_through=cfg.headers.pass_through)
         self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
         self.outbound_proxies: list[OutboundProxy] = []
+        self.pools: list[UpstreamPool] = []  # swept once a second (``_sweep_pools``)
         self._nursery: trio.Nursery | None = None
         if cfg.policy is not None:
             self._setup_policy_consumers()
@@ -473,6 +474,7 @@ class Sidecar:
             app_pool = UpstreamPool(connect_app,
                                     size=limits.pool_size, idle_timeout=limits.pool_idle_timeout,
                                     max_head=limits.max_header_bytes * 2, network=False)
+            self.pools.append(app_pool)
 
             def make_inbound(port: int, tracker: ConnectionTracker) -> InboundProxy:
                 return InboundProxy(port=port, tls=self.tls, gate=self.gate,
@@ -490,6 +492,7 @@ class Sidecar:
                                       telemetry=self.telemetry, limits=limits, tracker=tracker,
                                       header_filter=header_filter, lifetimes=self.lifetimes)
                 self.outbound_proxies.append(proxy)
+                self.pools.append(proxy.pool)
                 return proxy
 
             await nursery.start(self._serve, ob.name, ob.listen, make_outbound, nursery)
@@ -502,6 +505,7 @@ class Sidecar:
             self.key_sources.attach(nursery)
         self._nursery = nursery
         await nursery.start(self.lifetimes.run)
+        nursery.start_soon(self._sweep_pools)
         nursery.start_soon(self._summarise_refusals)
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
@@ -605,6 +609,14 @@ class Sidecar:
         logs.log("certificates_reloaded", spiffe_id=str(snapshot.svid.spiffe_id),
                  not_after=snapshot.svid.not_after)
         self._trust_changed()
+
+    async def _sweep_pools(self) -> None:
+        """Once a second, close pooled upstream connections idle past
+        ``limits.pool_idle_timeout`` or past their trust or age (``UpstreamPool.sweep``)."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            for pool in list(self.pools):
+                await pool.sweep()
 
     def _trust_changed(self) -> None:
         """Bundles (or our own SVID) changed: judge open connections and pooled ones again."""

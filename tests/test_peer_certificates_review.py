@@ -494,3 +494,80 @@ def test_check_reads_every_federated_bundle(tmp_path, pki: Pki, bundle):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     if bundle in BAD_JSON_BUNDLES:
         assert "not valid JSON" in r.stderr, r.stderr
+
+
+class _CountingServer(_TlsServer):
+    """``_TlsServer`` that counts the connections the client (the sidecar) ended."""
+
+    timeout = 60.0
+
+    def __init__(self, d: Path, bundle: Path) -> None:
+        self.ended = 0
+        super().__init__(d, bundle)
+
+    def serve(self, sock: socket.socket) -> None:
+        try:
+            super().serve(sock)
+        except TimeoutError:
+            return
+        except OSError:
+            pass
+        self.ended += 1  # EOF or reset from the sidecar
+
+
+def _two_pooled(port: int) -> None:
+    """Two requests at once through the outbound listener: two upstream connections, both
+    pooled idle once answered (one under the other: only the top one is reused next)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n")
+        for s in socks:
+            assert read_head(s).startswith(b"HTTP/1.1 200"), "not served"
+    finally:
+        for s in socks:
+            s.close()
+
+
+# Why an idle pooled connection must go, with no request to look at it: (limits, the reason
+# counted in sidecar_connections_closed_total or None, seconds until the upstream's leaf
+# expires or None).
+IDLE_POOLED_ENDS = {
+    "peer_cert_expired": ({}, "peer_cert_expired", 4.0),
+    "max_age": ({"max_connection_age": "3s", "max_connection_age_jitter": 0}, "max_age", None),
+    "pool_idle_timeout": ({"pool_idle_timeout": "2s"}, None, None),
+}
+
+
+@pytest.mark.parametrize("why", sorted(IDLE_POOLED_ENDS))
+def test_idle_pooled_connections_are_closed_without_a_request(tmp_path, procs, why):
+    """Found by a hostile review: the pool looked at a connection only when it reused it,
+    and only at the one released last, so the idle ones under it stayed open past their
+    peer's certificate, their age and ``pool_idle_timeout``, uncounted. Now a sweep once a
+    second closes every idle one that must go (and counts the closure)."""
+    limits, reason, expires_in = IDLE_POOLED_ENDS[why]
+    root = _ca("root")
+    issuer, chain = root, []
+    if expires_in:  # (the upstream's chain ends with a short-lived intermediate)
+        issuer = _ca("short-lived intermediate", root, not_after=dt.datetime.now(dt.UTC)
+                     + dt.timedelta(seconds=expires_in))
+        chain = [issuer.cert]
+    up, up_key = _leaf(issuer, spiffe("orders"))
+    upstream = _CountingServer(_write_identity(tmp_path / "up", [up, *chain], up_key,
+                                               root.cert), tmp_path / "up" / "ca.crt")
+    try:
+        me, me_key = _leaf(root, spiffe("frontend"))
+        cfg = sidecar_config(_write_identity(tmp_path / "a", [me], me_key, root.cert),
+                             outbound=[{"name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                                        "upstream": f"127.0.0.1:{upstream.port}",
+                                        "identity": spiffe("orders")}], limits=limits)
+        a = start_sidecar(tmp_path, "frontend", cfg)
+        procs.append(a)
+        _two_pooled(a.port("orders"))
+        assert upstream.handshakes == 2 and upstream.ended == 0
+        wait_for(lambda: upstream.ended == 2, timeout=15)
+        if reason is not None:
+            assert wait_for(lambda: a.metric("sidecar_connections_closed_total",
+                                             direction="outbound", reason=reason) == 2)
+    finally:
+        upstream.close()

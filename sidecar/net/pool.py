@@ -24,7 +24,8 @@ stream for good -- to that connection's peer and its trust). ``retire(ep, now)``
 says a connection must not be used again although it is alive: past its maximum age, made
 with an older own certificate, or admitted under a bundle that has changed since
 (``sidecar.outbound.retire_reason``). It is asked before every reuse and every return to the
-pool, and ``retire_idle`` asks it for every idle connection at once (after a rotation).
+pool, and ``sweep`` asks it for every idle connection at once (once a second, and after a
+rotation or a bundle change), closing those idle past ``idle_timeout`` too.
 
 The usual exchange takes the connection released last and gives it back, neither of which
 waits for anything: ``take`` and ``keep`` do that without a coroutine (two per request
@@ -162,20 +163,39 @@ class UpstreamPool:
         if not self.keep(ep):
             await trio.aclose_forcefully(ep.stream)
 
-    async def retire_idle(self) -> int:
-        """Close the idle connections ``retire`` refuses now; return how many."""
-        if self._retire is None:
+    async def sweep(self) -> int:
+        """Close the idle connections past ``idle_timeout`` and those ``retire`` refuses now
+        (their peer's or the own chain expired, their maximum age, a bundle that no longer
+        verifies the peer); return how many. The sidecar calls it once a second
+        (``SWEEP_INTERVAL``) and after a trust change: ``take`` looks only at the connection
+        released last, so before the twenty-sixth session the ones under it were never
+        looked at -- held open past their peer's certificate and ``max_connection_age``, and
+        never counted (found by a hostile review)."""
+        idle = self._idle
+        if not idle:
             return 0
-        keep: list[tuple[float, Endpoint]] = []
-        gone: list[tuple[float, Endpoint]] = []
         now = self._now()
-        for since, ep in self._idle:
-            (gone if self._retire(ep, now) else keep).append((since, ep))
-        self._idle = keep
-        for _, ep in gone:
-            self.retired += 1
-            await trio.aclose_forcefully(ep.stream)
+        retire, limit = self._retire, self._idle_timeout
+        keep: list[tuple[float, Endpoint]] = []
+        gone: list[Endpoint] = []
+        for since, ep in idle:
+            if now - since >= limit:
+                self.closed_stale += 1
+                gone.append(ep)
+            elif retire is not None and retire(ep, now):
+                self.retired += 1
+                gone.append(ep)
+            else:
+                keep.append((since, ep))
+        if gone:
+            self._idle = keep
+            for ep in gone:
+                await trio.aclose_forcefully(ep.stream)
         return len(gone)
+
+    async def retire_idle(self) -> int:
+        """``sweep`` now (after a rotation or a bundle change)."""
+        return await self.sweep()
 
     async def aclose(self) -> None:
         """Close every idle connection."""
