@@ -200,13 +200,29 @@ class _Splice:
         self.done.truncated_by(index)
         self.scope.cancel()  # type: ignore[union-attr]
 
-    async def pipe(self, i: int) -> None:
+    async def pipe(self, i: int, head: bytes) -> None:
         """Copy from side ``i`` to the other until ``i`` ends: a clean EOF is passed on and
-        the other direction left running; anything else breaks the stream."""
+        the other direction left running; anything else breaks the stream. ``head`` (bytes
+        of side ``i`` read before the stream began: what followed an upgrade's request or
+        101 head) goes first, as read chunks go: watched by the idle limit, each completed
+        send counted as activity (found by a hostile review: sent before the watch began, a
+        reader that never read them held the stream open with no limit at all)."""
         j = 1 - i
         src: Any = self.streams[i]  # (a lean transport has want_write and wait_fd)
         dst = self.streams[j]
         done, clock = self.done, self.clock
+        if head:  # (counted as read chunks are: when taken in)
+            if i:
+                done.received += len(head)
+            else:
+                done.sent += len(head)
+        for start in range(0, len(head), RECV_SIZE):
+            try:
+                await dst.send_all(head[start:start + RECV_SIZE])
+            except _STREAM_ERRORS:
+                self.broke(j)
+                return
+            self.last = clock()
         try_receive = getattr(src, "try_receive", None)
         fd: Any = getattr(src, "wait_fd", None)
         while True:
@@ -291,7 +307,8 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
     carried no byte either way for ``idle`` seconds.
 
     ``a`` is the caller's side ("client"), ``b`` the upstream's; ``a_head``/``b_head`` are
-    bytes already read from each side that belong to the other. A clean end of one side (a
+    bytes already read from each side that belong to the other, sent first by the task of
+    their direction (under the idle limit, as every other byte). A clean end of one side (a
     FIN, a close_notify) is passed on to the other (``send_eof``) and the other direction
     goes on; a truncation (a TLS EOF without close_notify), a reset or any I/O error resets
     both sides (SO_LINGER 0, no close_notify: ``sidecar.net.streams.abort``) and is named in
@@ -303,39 +320,28 @@ async def splice(a: trio.abc.Stream, a_head: bytes, b: trio.abc.Stream, b_head: 
     """
     st = _Splice(a, b)
     done = st.done
-    for index, dst, head in ((1, b, a_head), (0, a, b_head)):
-        if head:
-            try:
-                await dst.send_all(head)
-            except _STREAM_ERRORS:
-                done.truncated_by(index)
-                break
-            if index:
-                done.sent += len(head)
-            else:
-                done.received += len(head)
-    if not done.broken:
-        try:
-            async with trio.open_nursery() as nursery:
-                st.scope = nursery.cancel_scope
-                nursery.start_soon(st.pipe, 0)
-                nursery.start_soon(st.pipe, 1)
-                clock = st.clock
-                while True:
-                    due = st.last + idle
-                    if clock() >= due:
-                        done.idle = True
-                        nursery.cancel_scope.cancel()
-                        break
-                    await trio.sleep_until(due)
-        except BaseException:
-            # Cut by the sidecar (a retirement past its grace, the process stopping; as a
-            # group of Cancelled), or a failure: the stream did not end, so neither side may
-            # read an end of data -- a reset, as for a truncation, tells both that bytes may
-            # have been lost.
-            abort(a)
-            abort(b)
-            raise
+    try:
+        async with trio.open_nursery() as nursery:
+            st.scope = nursery.cancel_scope
+            # (each direction's task sends its side's head first: under the watch below)
+            nursery.start_soon(st.pipe, 0, a_head)
+            nursery.start_soon(st.pipe, 1, b_head)
+            clock = st.clock
+            while True:
+                due = st.last + idle
+                if clock() >= due:
+                    done.idle = True
+                    nursery.cancel_scope.cancel()
+                    break
+                await trio.sleep_until(due)
+    except BaseException:
+        # Cut by the sidecar (a retirement past its grace, the process stopping; as a
+        # group of Cancelled), or a failure: the stream did not end, so neither side may
+        # read an end of data -- a reset, as for a truncation, tells both that bytes may
+        # have been lost.
+        abort(a)
+        abort(b)
+        raise
     if done.broken:
         abort(a)
         abort(b)
