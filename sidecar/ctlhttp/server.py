@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 The admin and health servers and the admission webhook are the same server with different
-routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection:
+routes and bounds (``ServerLimits``). ``serve`` listens (on an IP address as the data path
+does, ``sidecar.net.listen.open_listener``: ``[::]`` is dual stack; ``_open_listeners``), and
+for each connection:
 
 * Connection limits, checked at accept: at most ``max_connections`` at once and at most
   ``max_connections_per_source`` from one source address. A connection beyond the
@@ -26,9 +28,12 @@ routes and bounds (``ServerLimits``). ``serve`` listens, and for each connection
 * Requests: up to ``max_requests_per_connection`` on one connection. The head must arrive
   within ``head_timeout`` (the first) or ``idle_timeout`` (the next ones: the keep-alive
   idle time; a head begun but not finished by then is answered 408 and the connection
-  closed, one not begun is just closed) and be at most ``max_head_bytes`` (while a head is
-  awaited, no read goes past what is left of that limit beside the bytes h11 holds, so that
-  an oversized head is always seen incomplete, and refused, by h11); a body is read only
+  closed, one not begun is just closed) and be at most ``max_head_bytes``, counted as the
+  data path counts it: every byte up to and including the final CRLFCRLF, 431 beyond (while
+  a head is awaited, no read goes past what is left of that limit beside the bytes h11
+  holds, so that an oversized head is seen incomplete, and refused, by h11, or is one byte
+  over once complete and refused by ``next_event``; before the twenty-sixth session a head
+  of the limit plus one byte was served); a body is read only
   when the handler asks (``Request.read_body(limit)``, under ``request_timeout`` from the
   head), and a body the handler did not read is skipped if it is at most
   ``discard_body_bytes``, otherwise the answer closes the connection. Body bytes held while
@@ -62,6 +67,7 @@ a name that resolves to several addresses with port 0 is served on the first onl
 from __future__ import annotations
 
 import errno
+import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -73,7 +79,7 @@ import trio
 from sidecar.ctlhttp.reply import Reply
 from sidecar.errors import reason_phrase
 from sidecar.logs import log
-from sidecar.net.listen import SourceLimiter, source_address
+from sidecar.net.listen import SourceLimiter, open_listener, source_address
 
 LINGER_SECONDS = 1.0
 RESERVE_HEAD_TIMEOUT = 2.0
@@ -231,8 +237,20 @@ class _Connection:
 
     async def next_event(self, deadline: float) -> Any:
         while True:
+            awaiting_head = self.h11.their_state is h11.IDLE
+            held_before = len(self.h11.trailing_data[0]) if awaiting_head else 0
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
+                # A head is counted as the data path counts it (``sidecar.http.wire``): every
+                # byte up to and including the final CRLFCRLF, at most ``max_head_bytes``.
+                # h11 checks only an *incomplete* head (``> max_incomplete_event_size``), so
+                # a head of the limit plus one byte, completed by its last byte, passed (as
+                # did one pipelined whole behind a body); it is counted here, once parsed.
+                if awaiting_head and isinstance(event, h11.Request) and (
+                        held_before - len(self.h11.trailing_data[0])
+                        > self.limits.max_head_bytes):
+                    raise h11.RemoteProtocolError("request head too large",
+                                                  error_status_hint=431)
                 return event
             # While a head is awaited, read no more than what is left of max_head_bytes
             # beside what h11 holds already: h11 only checks the size of an *incomplete*
@@ -372,6 +390,22 @@ def _wants_close(head: h11.Request) -> bool:
     return any(key == b"connection" and b"close" in value.lower() for key, value in head.headers)
 
 
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """The sockets ``serve`` listens on. An IP address is opened as the data path opens its
+    listeners (``sidecar.net.listen.open_listener``), so a wildcard means the same on every
+    listener: ``[::]`` takes IPv4 clients too (dual stack; their source is the IPv4 address,
+    ``source_address``). ``trio.open_tcp_listeners`` sets IPV6_V6ONLY, and a health server
+    on ``[::]`` refused an IPv4 kubelet probe while the inbound listener on ``[::]`` took
+    IPv4 (found by a hostile review). An empty host (every address: the webhook's ``:PORT``)
+    or a name is resolved by ``trio.open_tcp_listeners`` as before: one listener per
+    address (``localhost``: 127.0.0.1 and ::1)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return list(await trio.open_tcp_listeners(port, host=host or None))
+    return [await open_listener(host, port)]
+
+
 @dataclass(frozen=True, slots=True)
 class _Site:
     """What one ``serve`` call does with each connection."""
@@ -492,7 +526,7 @@ async def serve(
     connection starts being served / ends.
     """
     host, port = listen
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    listeners = await _open_listeners(host, port)
     if port == 0 and len(listeners) > 1:
         # A name that resolves to several addresses would get one random port each.
         for extra in listeners[1:]:
