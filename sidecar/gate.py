@@ -334,7 +334,11 @@ class Gate:
             decision = decide_section(section, policy.version, facts, auth, now)
         verdict = Verdict(decision, auth)
         if decision.allowed:
-            if limiter is not None and not decision.dry_run and limiter.limits:
+            # Every request let through is counted, observed (dry-run) or not: before the
+            # twenty-sixth session a dry-run decision skipped the limiter, so a caller
+            # switched its own limit off by sending paths an observed deny rule matches
+            # (found by a hostile review).
+            if limiter is not None and limiter.limits:
                 check = limiter.check(
                     self.own_id, facts.peer, auth.apikey,
                     _subject(auth, decision.provider, policy.extras.jwt_providers), tick)

@@ -303,12 +303,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy = _load(args.file, err)
     if policy is None:
         return EXIT_FOUND
+    if args.port is None:
+        # A port no request has (0) fails every `ports` condition: a deny rule on a port was
+        # shown not holding, and the request allowed, where the sidecar refuses it (found by a
+        # hostile review). An allow rule's is shown failing (explain refuses more, never less).
+        section = policy.section(args.to)
+        named = sorted(rule.name for rule in (section.deny.rules if section else ())
+                       if rule.when.ports is not None)
+        if named:
+            print(f"usage error: deny rule {named[0]!r} of the --to section has a ports "
+                  "condition: give --port (the listening port the request arrives on)",
+                  file=err)
+            return EXIT_USAGE
     providers = [args.provider] if args.provider else list(policy.extras.jwt_providers)
     claims = {p: claims_doc for p in providers} if claims_doc is not None else {}
     token_errors = {p: "invalid" for p in args.token_invalid or ()}
     result = explain(
         policy, args.to, caller=args.caller, method=args.method, target=args.path,
-        host=args.host or "", port=args.port or 0, listener=args.listener or "",
+        host=args.host or "", port=args.port or 0, listener=args.listener,
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
     )
     emit(args, _explain_doc(result, policy), result.render, out)
@@ -432,7 +444,9 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.add_argument("--apikey", help="name of a valid API key presented")
     p.add_argument("--host", help="Host header")
     p.add_argument("--port", type=int, help="local listening port")
-    p.add_argument("--listener", help="listener name")
+    p.add_argument("--listener", default="inbound",
+                   help="listener name (default inbound: rules decide the inbound listener's "
+                        "requests only)")
     p.add_argument("--now", help="decide at this RFC 3339 time (default: now)")
     add_output_flag(p)
     p.set_defaults(func=cmd_explain)

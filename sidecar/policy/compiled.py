@@ -421,6 +421,13 @@ def request_holds(
     return True
 
 
+def has_request_conditions(when: Conditions) -> bool:
+    """Does a rule name something only a request has -- ``methods``, ``paths``, ``hosts``,
+    ``jwt``, ``apikey``? An ALLOW rule that does never matches an opaque (TCP) stream."""
+    return (when.methods is not None or when.paths is not None or when.hosts is not None
+            or when.jwt is not None or when.apikey is not None)
+
+
 def stream_holds(when: Conditions, facts: RequestFacts, trust_domain: str) -> bool:
     """Do a DENY rule's conditions hold for an opaque (TCP) stream? Only those a stream
     has: callers (``from``, ``namespaces``), ``ports`` and ``listeners``. Its request

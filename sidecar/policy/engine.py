@@ -46,6 +46,7 @@ from sidecar.policy.compiled import (
     AuthOutcome,
     Section,
     auth_outcome,
+    has_request_conditions,
     request_holds,
     stream_holds,
 )
@@ -134,6 +135,12 @@ def decide_section(
 
     denied: Rule | None = None
     observed_deny: Rule | None = None
+    # A matching deny rule that dry-runs only by its section's (or the policy's) mode: an
+    # enforced one further on still refuses (``mode: enforce`` in a dry-run section is
+    # enforced, and DENY beats ALLOW whatever the order; found by a hostile review: the first
+    # matching deny decided, dry-run, and an enforced one listed after it was never seen).
+    inherited: Rule | None = None
+    section_dry = section.mode == "dry-run"
     for rule in deny_rules:
         if rule.expired(now):
             continue
@@ -148,9 +155,13 @@ def decide_section(
             continue
         if rule.mode == "dry-run":
             observed_deny = observed_deny or rule
+        elif rule.mode is None and section_dry:
+            inherited = inherited or rule
         else:
             denied = rule
             break
+    if denied is None:
+        denied = inherited
 
     allowed: Rule | None = None
     observed_allow: Rule | None = None
@@ -158,7 +169,11 @@ def decide_section(
     near_403: tuple[Rule, AuthOutcome] | None = None
     if denied is None:
         for rule in allow_rules:
-            if rule.expired(now) or not _request_holds(rule, facts, section, not unindexed):
+            if rule.expired(now) or (opaque and has_request_conditions(rule.when)) \
+                    or not _request_holds(rule, facts, section, not unindexed):
+                # (a stream has no method, path, host or credentials: an ALLOW rule with
+                # such a condition never matches one -- `paths: ["/"]` or `["/**"]` matched
+                # its empty path and let any caller open a stream; found by a hostile review)
                 continue
             outcome = auth_outcome(rule.when, auth)
             if rule.mode == "dry-run":
@@ -168,10 +183,15 @@ def decide_section(
             if outcome.ok:
                 allowed = rule
                 break
+            # (the first near miss of each status; an enforced one -- ``mode: enforce`` in a
+            # dry-run section -- before one that dry-runs by the section's mode)
             if outcome.status == 401:
-                near_401 = near_401 or (rule, outcome)
-            else:
-                near_403 = near_403 or (rule, outcome)
+                if near_401 is None or (section_dry and rule.mode == "enforce"
+                                        and near_401[0].mode != "enforce"):
+                    near_401 = (rule, outcome)
+            elif near_403 is None or (section_dry and rule.mode == "enforce"
+                                      and near_403[0].mode != "enforce"):
+                near_403 = (rule, outcome)
 
     if denied is not None:
         deciding: Rule | None = denied
@@ -185,7 +205,9 @@ def decide_section(
         return Decision("allow", allowed.name, REASON_ALLOWED, version, 0, False, None,
                         _provider(allowed))
     elif near_401 is not None or near_403 is not None:
-        rule, outcome = near_401 or near_403  # type: ignore[misc]
+        enforced = [n for n in (near_401, near_403) if n is not None and n[0].mode == "enforce"]
+        rule, outcome = (enforced[0] if section_dry and enforced
+                         else near_401 or near_403)  # type: ignore[misc]
         deciding = rule
         base = Decision("deny", rule.name, outcome.reason, version, outcome.status,
                         provider=_provider(rule))
