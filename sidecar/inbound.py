@@ -114,6 +114,9 @@ class InboundProxy:
         self.limits = limits
         self.protocol = protocol
         self.tracker = tracker
+        # Connections in their handshake may be closed to make room on a full listener
+        # (``sidecar.net.listen``); each one is ``established()`` once its peer is accepted.
+        tracker.handshakes = True
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         """One accepted connection: TLS handshake (bounded), peer identity check, then TCP
@@ -159,6 +162,7 @@ class InboundProxy:
             self.telemetry.connection_refused("inbound", source, None, "no_client_cert", started)
             await close_quietly(tls_stream)
             return
+        self.tracker.established()  # (never closed to make room from now on)
         self.telemetry.connection_opened("inbound")
         try:
             with self.lifetimes.track("inbound", "inbound", source, peer=peer.spiffe_id,

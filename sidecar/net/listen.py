@@ -11,6 +11,20 @@ close), lets in-flight requests finish, and tells handlers to answer with
 ``Connection: close``. The grace is not zero because "idle" only means no byte has been
 read yet: a client that connected (or reused a keep-alive connection) just before the drain
 may have its request on the wire, and closing at once would leave it without any response.
+
+Connections still in their handshake make room (``PendingConnections``): on a listener
+whose handler authenticates its peers (``ConnectionTracker.handshakes``, set by the inbound
+proxy), a connection is *pending* from its accept until the handler calls
+``tracker.established()`` (the peer's certificate verified and its identity accepted). When
+the listener is full, a newcomer within its per-source share is not refused while a pending
+connection holds a slot: the oldest pending connection of the source holding the most of
+them (the newcomer's own source first among equals) is closed (its handler cancelled,
+counted as refused ``handshake_evicted``) and the newcomer takes its slot. Connections that
+never send a TLS byte, or stop half-way through their ClientHello, from a few sources each
+within its share filled every slot of the inbound listener until ``handshake_timeout`` and
+were reopened at once, and no caller with a valid certificate was served (found by a
+hostile review). An established connection is never closed to make room; a flooding source
+loses its own pending connections before any other source's.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import ipaddress
 import socket
 import traceback
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import trio
@@ -30,17 +45,135 @@ from sidecar.net.streams import IdleBound, close_quietly
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 HANDLER_TASK_NAME = "sidecar.net.listen.connection"
 IDLE_DRAIN_GRACE = 1.0  # seconds an idle connection may still deliver a request once draining
+# ``on_refused`` reason of a connection still in its handshake closed to make room for a
+# newcomer on a full listener (``PendingConnections``).
+REFUSED_HANDSHAKE_EVICTED = "handshake_evicted"
+
+
+class Admission:
+    """One connection of a listener whose handler authenticates its peers, as the listener
+    admitted it: pending (in ``PendingConnections``) until ``ConnectionTracker.established``,
+    and cancelled through ``scope`` if it is closed to make room while still pending."""
+
+    __slots__ = ("source", "scope", "pending", "evicted")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.scope = trio.CancelScope()
+        self.pending = True
+        self.evicted = False  # closed to make room: its slot and share were given back then
+
+
+# The admission of the connection the current task serves (set by ``_run_handler``, once
+# per connection; tasks the handler starts inherit it).
+_ADMISSION: ContextVar[Admission | None] = ContextVar("sidecar_listen_admission", default=None)
+
+
+class PendingConnections:
+    """The connections of one listener still in their handshake, per source, oldest first;
+    finds the oldest one of the source holding the most in O(1) (sources are kept in
+    buckets by how many they hold: ``_by_count``, ``_most``). Pure bookkeeping."""
+
+    def __init__(self) -> None:
+        self._by_source: dict[str, dict[Admission, None]] = {}  # (insertion order: oldest first)
+        self._by_count: dict[int, dict[str, None]] = {}
+        self._most = 0
+        self.count = 0  # pending connections of every source
+
+    def held(self, source: str) -> int:
+        """How many pending connections ``source`` has."""
+        mine = self._by_source.get(source)
+        return len(mine) if mine is not None else 0
+
+    def add(self, entry: Admission) -> None:
+        source = entry.source
+        mine = self._by_source.setdefault(source, {})
+        count = len(mine)
+        if count:
+            self._unbucket(source, count)
+        mine[entry] = None
+        self.count += 1
+        self._by_count.setdefault(count + 1, {})[source] = None
+        if count + 1 > self._most:
+            self._most = count + 1
+
+    def remove(self, entry: Admission) -> None:
+        source = entry.source
+        mine = self._by_source[source]
+        count = len(mine)
+        del mine[entry]
+        self.count -= 1
+        emptied = self._unbucket(source, count)
+        if count > 1:
+            self._by_count.setdefault(count - 1, {})[source] = None
+        else:
+            del self._by_source[source]
+        if emptied and count == self._most:
+            # (the source moved one bucket down, so that bucket is the fullest now)
+            self._most = count - 1
+
+    def oldest_of_most(self, newcomer: str | None) -> Admission | None:
+        """The oldest pending connection of the source holding the most of them (of
+        ``newcomer``'s own source if it is one of those); None if none is pending."""
+        if self._most == 0:
+            return None
+        sources = self._by_count[self._most]
+        source = newcomer if newcomer is not None and newcomer in sources \
+            else next(iter(sources))
+        return next(iter(self._by_source[source]))
+
+    def _unbucket(self, source: str, count: int) -> bool:
+        """Take ``source`` out of bucket ``count``; True if that bucket is now empty."""
+        bucket = self._by_count[count]
+        del bucket[source]
+        if bucket:
+            return False
+        del self._by_count[count]
+        return True
 
 
 class ConnectionTracker:
-    """Counts open connections and knows which ones are idle, for limits and drain."""
+    """Counts open connections and knows which ones are idle, for limits and drain, and
+    (``handshakes``) which ones are still in their handshake, to make room when full."""
 
     def __init__(self) -> None:
         self.open = 0
         self.draining = False
         self.idle: set[IdleBound] = set()  # the idle waits now (register_idle)
+        # True: the listener's handler authenticates its peers and calls ``established()``
+        # for each connection that passed; until then a connection is pending and may be
+        # closed to make room on a full listener (the module docstring). False (a handler
+        # that reports nothing, e.g. an outbound listener's): no connection ever is.
+        self.handshakes = False
+        self.pending = PendingConnections()
+        self.evicted = 0  # pending connections closed to make room so far
         self._all_closed = trio.Event()
         self._all_closed.set()
+
+    def established(self) -> None:
+        """The connection the current task serves passed its handshake and identity check:
+        it is never closed to make room from now on. O(1); nothing outside a connection
+        task of a tracked listener, or when called again."""
+        entry = _ADMISSION.get()
+        if entry is not None and entry.pending:  # (not once evicted: make_room)
+            entry.pending = False
+            self.pending.remove(entry)
+
+    def make_room(self, newcomer: str | None) -> Admission | None:
+        """Close the oldest pending connection of the source holding the most of them (see
+        ``PendingConnections.oldest_of_most``) and return it; None (nothing done) if none
+        is pending. Its slot is free at once (its task ends at its next checkpoint); the
+        caller gives back its per-source share."""
+        victim = self.pending.oldest_of_most(newcomer) if self.handshakes else None
+        if victim is None:
+            return None
+        self.pending.remove(victim)
+        victim.pending = False
+        victim.evicted = True
+        victim.scope.cancel()
+        self.evicted += 1
+        self.leave()
+        return victim
 
     def enter(self) -> None:
         """A connection opened on this listener."""
@@ -171,7 +304,9 @@ async def accept_loop(
     """Accept until ``stop`` is cancelled; spawn ``handler`` per connection in a nursery.
 
     ``on_refused`` gets ``max_connections`` or ``max_connections_per_source`` (or
-    ``accept_resource_exhausted``) for every connection closed without being served.
+    ``accept_resource_exhausted``) for every connection closed without being served, and
+    ``handshake_evicted`` for a connection still in its handshake closed to make room for a
+    newcomer on a full listener (``tracker.handshakes``: the module docstring).
     """
     async with trio.open_nursery() as nursery:
         with stop:
@@ -184,34 +319,74 @@ async def accept_loop(
                         await trio.sleep(0.05)
                         continue
                     raise
-                if tracker.open >= max_connections:
+                full = tracker.open >= max_connections
+                if full and not tracker.handshakes:
                     on_refused("max_connections")
                     await trio.aclose_forcefully(stream)
                     continue
                 source = source_address(stream.socket) if sources is not None else None
+                if full and not _made_room(tracker, sources, source, on_refused):
+                    on_refused("max_connections")
+                    await trio.aclose_forcefully(stream)
+                    continue
                 if sources is not None and (source is None or not sources.try_enter(source)):
                     on_refused("max_connections_per_source")
                     await trio.aclose_forcefully(stream)
                     continue
                 tracker.enter()
+                admission = None
+                if tracker.handshakes:
+                    admission = Admission(source or "")
+                    tracker.pending.add(admission)
                 # A constant name: Trio would otherwise build one string per connection.
                 nursery.start_soon(_run_handler, handler, stream, tracker, sources, source,
-                                   name=HANDLER_TASK_NAME)
+                                   admission, name=HANDLER_TASK_NAME)
         await close_quietly(listener)
+
+
+def _made_room(tracker: ConnectionTracker, sources: SourceLimiter | None, source: str | None,
+               on_refused: Callable[[str], None]) -> bool:
+    """On a full listener: close a pending connection (``ConnectionTracker.make_room``) for
+    a newcomer from ``source`` that its per-source share lets in; False (nothing closed)
+    when there is none or the newcomer would be refused anyway."""
+    if sources is not None:
+        if source is None:
+            return False
+        held = sources.held(source)
+        if sources.per_source > 0 and held >= sources.per_source:
+            return False
+    victim = tracker.make_room(source)
+    if victim is None:
+        return False
+    if sources is not None:
+        sources.leave(victim.source)
+    on_refused(REFUSED_HANDSHAKE_EVICTED)
+    return True
 
 
 async def _run_handler(handler: Callable[[trio.SocketStream], Awaitable[None]],
                        stream: trio.SocketStream, tracker: ConnectionTracker,
-                       sources: SourceLimiter | None = None, source: str | None = None) -> None:
+                       sources: SourceLimiter | None = None, source: str | None = None,
+                       admission: Admission | None = None) -> None:
     try:
-        await handler(stream)
+        if admission is None:
+            await handler(stream)
+        else:
+            _ADMISSION.set(admission)
+            with admission.scope:  # (cancelled when it is closed to make room: make_room)
+                await handler(stream)
     except Exception as exc:  # noqa: BLE001
         # One connection's bug must never take the process (and every other connection)
         # down. The client sees a closed connection; the log gets the details.
         logs.log("internal_error", "error", error=repr(exc),
                  traceback="".join(traceback.format_exception(exc))[-4000:])
     finally:
-        tracker.leave()
-        if sources is not None and source is not None:
-            sources.leave(source)
+        if admission is None or not admission.evicted:
+            # (an evicted one gave its slot and share back when it was closed: make_room)
+            if admission is not None and admission.pending:
+                admission.pending = False
+                tracker.pending.remove(admission)
+            tracker.leave()
+            if sources is not None and source is not None:
+                sources.leave(source)
         await trio.aclose_forcefully(stream)
