@@ -279,6 +279,10 @@ async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> tr
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # Dual stack, whatever the host's net.ipv6.bindv6only says: `[::]` takes IPv4
+            # clients too on every listener (docs/config.md "Listening addresses").
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         await sock.bind((host, port))
         sock.listen(1024)
     except BaseException:
