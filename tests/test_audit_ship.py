@@ -272,6 +272,66 @@ def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, pr
     assert any("/orders/1" in line for line in collector.lines())
 
 
+def test_required_refuses_soon_after_the_collector_stops_reading(tmp_path, pki, app, procs):
+    """``mode: required`` with a collector that stops reading while its connection stays
+    open (rsyslog stopped with SIGSTOP: a hung host): once a send has waited on it longer
+    than ``STALL_REFUSE_SECONDS`` requests get 503, long before the 10 s after which the
+    connection is given up. Before the twenty-sixth session they were answered 200 for those
+    10 s while nothing reached the collector (found by a hostile review). Resumed, the
+    collector gets every record and requests are served again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sidecar.audit import shipper as shipper_module
+
+    collector = Rsyslog(tmp_path / "rsyslog")
+    collector.start()
+    procs.append(collector.proc)
+    policy = write_policy(tmp_path / "mesh.yaml", {
+        "version": 1, "trust_domain": "demo.local", "services": {ORDERS: {"rules": [
+            {"name": "reads", "allow": {"from": [FRONTEND], "paths": ["/orders/**"]}}]}}})
+    cfg = sidecar_config(pki.identity("orders"),
+                         inbound={"listen": f"127.0.0.1:{free_port()}",
+                                  "app": f"127.0.0.1:{app}"},
+                         policy=policy,
+                         audit={"path": str(tmp_path / "audit"), "batch_linger_seconds": 0.02,
+                                "ship": {"address": f"127.0.0.1:{collector.port}",
+                                         "ca_file": str(collector.ca_file),
+                                         "mode": "required"}})
+    b = start_sidecar(tmp_path, "orders", cfg)
+    procs.append(b)
+    ctx = mtls_context(pki.identity("frontend"), pki.bundle)
+    long_path = "/orders/" + "x" * 6000  # large records fill the socket buffers sooner
+
+    def status(_: object = None) -> int | None:
+        try:
+            return http(b.port("inbound"), "GET", long_path, ctx=ctx, timeout=5).status
+        except OSError:
+            return None
+
+    assert wait_for(lambda: status() == 200, timeout=20)
+    assert collector.proc is not None
+    pid = collector.proc.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        first_503 = None
+        with ThreadPoolExecutor(4) as pool:
+            while time.monotonic() - stopped < 9.0:  # bounded: < SEND_TIMEOUT (10 s)
+                if 503 in pool.map(status, range(8)):
+                    first_503 = time.monotonic() - stopped
+                    break
+        assert first_503 is not None, "no 503 within 9 s of the collector stopping"
+        assert shipper_module.STALL_REFUSE_SECONDS < 9.0
+        print(f"first 503 {first_503:.2f} s after the collector stopped")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_for(lambda: status() == 200, timeout=30)  # resumed: served again
+    assert b.metric("sidecar_audit_ship_dropped_total") == 0
+    b.signal(signal.SIGTERM)
+    b.proc.wait(timeout=30)
+    collector.stop()
+
+
 def test_ship_config_problems() -> None:
     from sidecar.config.audit import parse_audit_config
     from sidecar.config.source import parse_yaml

@@ -20,8 +20,9 @@ again, and the connection is closed (then made anew, and the last messages resen
 any break) when one changed or when the collector's certificate expires.
 
 ``mode: fail_open`` keeps serving when shipping fails (drops counted); ``required`` makes
-``accepting()`` false while not connected or the queue is full, and the data path answers
-503, as for an unwritable disk.
+``accepting()`` false while not connected, the queue is full, or a send has waited on the
+collector longer than ``STALL_REFUSE_SECONDS``, and the data path answers 503, as for an
+unwritable disk.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ SEND_BATCH = 256
 CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 10.0
 TRUST_RECHECK_SECONDS = 30.0  # how often a connection's TLS files are looked at again
+# ``required``: a send the collector's side has not taken for this long means records are not
+# getting out; ``accepting()`` is false from then on until it completes (the connection is
+# given up only at ``SEND_TIMEOUT``). Before the twenty-sixth session a collector that
+# stopped reading, its connection held open (a hung host, an L4 proxy without its backend),
+# let requests through for the whole ``SEND_TIMEOUT`` (found by a hostile review: 2,592
+# answered 200 while nothing reached the collector).
+STALL_REFUSE_SECONDS = 1.0
 
 
 class Shipper:
@@ -71,6 +79,7 @@ class Shipper:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self.connected = False
+        self._stalled_since: float | None = None  # trio clock: a send waiting on the socket
         self.closing = False
         self.sent = 0
         self.dropped = 0
@@ -110,9 +119,13 @@ class Shipper:
         self._wake.set()
 
     def accepting(self) -> bool:
-        """``required``: only while connected and the queue has room."""
+        """``required``: only while connected, the queue has room and no send has waited on
+        the collector longer than ``STALL_REFUSE_SECONDS``."""
         if not self.required:
             return True
+        stalled = self._stalled_since
+        if stalled is not None and trio.current_time() - stalled > STALL_REFUSE_SECONDS:
+            return False
         return (self.connected and len(self._queue) < self.cfg.queue_size
                 and self._queued_bytes < self.cfg.queue_bytes)
 
@@ -159,6 +172,7 @@ class Shipper:
                 if failed:
                     self._requeue_recent()
                 self.connected = False
+                self._stalled_since = None
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     try:
                         await stream.aclose()
@@ -202,8 +216,10 @@ class Shipper:
                 wire = b"".join(batch)
                 rest = stream.try_send(wire)
                 if rest:
+                    self._stalled_since = trio.current_time()
                     with trio.fail_after(SEND_TIMEOUT):
                         await stream.send_wire(rest)
+                    self._stalled_since = None
                 # Sent: off the queue (nothing else takes from it; ``offer`` only appends,
                 # so the queue is still what was sent plus what came since), into the
                 # resend window; usually in C, not one Python step per frame.
