@@ -227,7 +227,7 @@ def test_missing_or_null_metadata_and_lists() -> None:
     meta, new = inject_pod_spec(None, spec, NATIVE)  # type: ignore[misc]
     assert meta["annotations"][STATUS_ANNOTATION] == "injected"
     assert new["initContainers"][0]["name"] == SIDECAR_CONTAINER
-    assert len(new["volumes"]) == 4
+    assert len(new["volumes"]) == 5  # (svid, policy, config, audit, no-api-token)
 
 
 def test_existing_default_container_annotation_is_kept() -> None:

@@ -99,6 +99,51 @@ def _server_defaults(doc: dict[str, Any]) -> None:
                 volume[source]["defaultMode"] = 420
 
 
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _service_account_plugin(doc: dict[str, Any]) -> None:
+    """What the ServiceAccount admission plugin does to every container (when the API server
+    re-runs its plugins after the webhook's patch): the token volume, mounted in each
+    container that has no mount at the token path."""
+    doc["spec"].setdefault("volumes", []).append(
+        {"name": "kube-api-access-x1", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}})
+    for where in ("initContainers", "containers"):
+        for c in doc["spec"].get(where) or []:
+            if not any(m.get("mountPath") == SA_TOKEN_DIR for m in c.get("volumeMounts") or []):
+                c.setdefault("volumeMounts", []).append(
+                    {"name": "kube-api-access-x1", "mountPath": SA_TOKEN_DIR, "readOnly": True})
+
+
+def _always_pull(doc: dict[str, Any]) -> None:
+    """AlwaysPullImages: every container's imagePullPolicy set to Always."""
+    for where in ("initContainers", "containers"):
+        for c in doc["spec"].get(where) or []:
+            c["imagePullPolicy"] = "Always"
+
+
+def _limit_ranger(doc: dict[str, Any]) -> None:
+    """LimitRanger: resource defaults of a LimitRange filled in where a container names none."""
+    for where in ("initContainers", "containers"):
+        for c in doc["spec"].get(where) or []:
+            res = c.setdefault("resources", {})
+            res.setdefault("requests", {}).setdefault("ephemeral-storage", "100Mi")
+            res.setdefault("limits", {}).setdefault("ephemeral-storage", "1Gi")
+
+
+def _all_plugins(doc: dict[str, Any]) -> None:
+    _server_defaults(doc)
+    _service_account_plugin(doc)
+    _always_pull(doc)
+    _limit_ranger(doc)
+
+
+def _native_sidecar_first(doc: dict[str, Any]) -> None:
+    doc["spec"]["initContainers"].insert(0, {"name": "early", "image": "x:1",
+                                             "restartPolicy": "Always"})
+
+
 def _mount(volume: str, where: str = "containers", field: str = "volumeMounts"
            ) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
@@ -192,6 +237,31 @@ CASES: list[Case] = [
          "unchanged"),
     Case("our own output without the status annotation", _with(_drop_status, injected_pod),
          "inject"),
+    # What the API server's admission plugins do to every container, ours too, before the
+    # webhook's reinvocation (found by a hostile review: each was an impostor_sidecar).
+    *[Case(f"our own output after the {name} plugin", _with(change, injected_pod),
+           "unchanged", mode)
+      for name, change in (("ServiceAccount", _service_account_plugin),
+                           ("AlwaysPullImages", _always_pull), ("LimitRanger", _limit_ranger),
+                           ("ServiceAccount, AlwaysPullImages and LimitRanger", _all_plugins))
+      for mode in ("enabled", "required")],
+    Case("our sidecar with a resource the injector sets changed",  # (LimitRanger only fills
+         _with(lambda d: _sidecar(d)["resources"]["limits"].update(memory="64Gi"),  # in)
+               injected_pod), "deny:impostor_sidecar"),
+    Case("our sidecar with an extra mount", _with(lambda d: _sidecar(d)["volumeMounts"].append(
+        {"name": "data", "mountPath": "/d"}), injected_pod), "deny:impostor_sidecar"),
+    Case("a native sidecar placed before ours", _with(_native_sidecar_first, injected_pod),
+         "deny:sidecar_order"),
+    Case("a plain init container placed before ours", _with(
+        lambda d: d["spec"]["initContainers"].insert(0, {"name": "setup", "image": "x:1"}),
+        injected_pod), "unchanged"),
+    # Another OS than Linux: the Linux sidecar cannot run there.
+    Case("windows pod, enabled namespace",
+         _with(lambda d: d["spec"].update(os={"name": "windows"})), "unchanged"),
+    Case("windows pod, required namespace",
+         _with(lambda d: d["spec"].update(os={"name": "windows"})), "deny:pod_os", "required"),
+    Case("linux pod named so", _with(lambda d: d["spec"].update(os={"name": "linux"})),
+         "inject", "required"),
     Case("container merely named mesh-sidecar", _with(_impostor), "deny:impostor_sidecar"),
     Case("our sidecar with its command replaced",
          _with(_sidecar_field("command", ["sh", "-c", "cat /var/run/sidecar/svid/tls.key"]),

@@ -57,6 +57,15 @@ POLICY_VOLUME = "mesh-sidecar-policy"
 CONFIG_VOLUME = "mesh-sidecar-config"
 AUDIT_VOLUME = "mesh-sidecar-audit"
 AUDIT_SIGNING_VOLUME = "mesh-sidecar-audit-signing"
+# An empty directory over the service-account token's path in the sidecar container: the
+# sidecar never talks to the Kubernetes API, so it gets no API token (least privilege), and
+# the ServiceAccount admission plugin, which adds the token mount to every container without
+# one at that path, leaves the sidecar as injected. Before the twenty-sixth session the
+# plugin's mount, added when the API server re-ran its plugins after the webhook's patch,
+# made the sidecar look tampered with at the webhook's reinvocation: every injected pod with
+# the default token automount was refused (found by a hostile review).
+NO_API_TOKEN_VOLUME = "mesh-sidecar-no-api-token"
+SERVICE_ACCOUNT_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 SVID_DIR = "/var/run/sidecar/svid"
 POLICY_DIR = "/etc/sidecar/policy"
@@ -269,6 +278,8 @@ def sidecar_container(options: InjectOptions,
             {"name": POLICY_VOLUME, "mountPath": POLICY_DIR, "readOnly": True},
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": AUDIT_VOLUME, "mountPath": AUDIT_DIR},
+            {"name": NO_API_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_TOKEN_DIR,
+             "readOnly": True},
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -307,6 +318,7 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
         policy_volume(options),
         {"name": CONFIG_VOLUME, "configMap": {"name": options.config_configmap}},
         {"name": AUDIT_VOLUME, "emptyDir": {"sizeLimit": options.audit_size_limit}},
+        {"name": NO_API_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "1Ki"}},
     ]
     if options.audit_signing_secret:
         # Only the sidecar container mounts it: the app (a compromised workload) never
@@ -337,6 +349,18 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     if rules.opted_out(meta_in, options):
         rules.check_credentials(pod_spec, options, sidecar_exempt=False)
         return None
+    os_name = (pod_spec.get("os") or {}).get("name") if isinstance(pod_spec.get("os"), dict) \
+        else None
+    if os_name is not None and os_name != "linux":
+        # The sidecar is a Linux container (its securityContext's runAsUser, seccomp and the
+        # rest cannot be set on a Windows pod; the API server refused the injected pod with
+        # a confusing error; found by a hostile review): left alone in ``enabled``
+        # namespaces, denied in ``required`` ones, like ``hostNetwork``.
+        if options.namespace_mode != "required":
+            rules.check_credentials(pod_spec, options, sidecar_exempt=False)
+            return None
+        raise InjectError(f"pods for {str(os_name)[:32]!r} cannot carry the mesh sidecar (a "
+                          "Linux container), and this namespace requires it", rule="pod_os")
     if pod_spec.get("hostNetwork") is True:
         if options.namespace_mode != "required":
             rules.check_credentials(pod_spec, options, sidecar_exempt=False)

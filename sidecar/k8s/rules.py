@@ -87,6 +87,12 @@ POD_RULES: dict[str, str] = {
                           "may only pick a ConfigMap the injector's options allow",
     "host_network": "in a required namespace a pod that cannot carry the sidecar "
                     "(hostNetwork) is denied rather than admitted without it",
+    "pod_os": "in a required namespace a pod for another OS than Linux (spec.os.name: "
+              "windows), which cannot carry the Linux sidecar, is denied rather than admitted "
+              "without it",
+    "sidecar_order": "a native sidecar (an init container with restartPolicy: Always) placed "
+                     "before mesh-sidecar starts first and could take its ports and answer "
+                     "its probes, so the mesh sidecar would never serve",
     "malformed_pod": "a field the injector reads has the wrong JSON type (POD_SHAPE): "
                      "what a reader of the other type would see is not what was checked",
 }
@@ -115,6 +121,7 @@ POD_SHAPE: dict[str, Any] = {
     "metadata": {"labels": {"*": _STRING}, "annotations": {"*": _STRING}},
     "spec": {
         "hostNetwork": _BOOLEAN, "hostPID": _BOOLEAN, "shareProcessNamespace": _BOOLEAN,
+        "os": {"name": _STRING},
         "initContainers": [_CONTAINER], "containers": [_CONTAINER],
         "ephemeralContainers": [_CONTAINER],
         "volumes": [{"name": _STRING, "csi": {"driver": _STRING},
@@ -392,6 +399,43 @@ def _probes_of(container: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     return None
 
 
+# What the API server's own admission plugins may set on any container, the sidecar too, when
+# they run again after the webhook's patch (``reinvocationPolicy``) or before a pod rendered
+# by ``sidecar inject`` reaches the webhook: AlwaysPullImages sets ``imagePullPolicy``, and
+# LimitRanger fills in the resources a LimitRange defaults (``ephemeral-storage``...) where
+# the container names none. Neither changes what the sidecar runs or can read; before the
+# twenty-sixth session either made the injected sidecar an ``impostor_sidecar`` (found by a
+# hostile review). (The ServiceAccount plugin's token mount is kept out by the sidecar's own
+# mount at that path, ``inject.NO_API_TOKEN_VOLUME``.)
+PULL_POLICIES = frozenset({"Always", "IfNotPresent", "Never"})
+
+
+def _as_plugins_leave_it(expected: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
+    """``actual`` with what the admission plugins above may have set taken back to
+    ``expected``'s: a pull policy, and resource requests or limits ``expected`` names none of."""
+    out = dict(actual)
+    if out.get("imagePullPolicy") in PULL_POLICIES and "imagePullPolicy" in expected:
+        out["imagePullPolicy"] = expected["imagePullPolicy"]
+    resources, wanted = out.get("resources"), expected.get("resources")
+    if isinstance(resources, dict) and isinstance(wanted, dict):
+        kept = dict(resources)
+        for kind in ("requests", "limits"):
+            got, named = kept.get(kind), wanted.get(kind)
+            if isinstance(got, dict) and isinstance(named, dict):
+                kept[kind] = {k: v for k, v in got.items() if k in named}
+        out["resources"] = kept
+    return out
+
+
+def _native_sidecar_before(spec: dict[str, Any], index: int) -> str | None:
+    """The name of a native sidecar (an init container with ``restartPolicy: Always``) placed
+    before init container ``index``, if any."""
+    for container in (spec.get("initContainers") or [])[:index]:
+        if isinstance(container, dict) and container.get("restartPolicy") == "Always":
+            return str(container.get("name"))
+    return None
+
+
 def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
     """True when the pod holds exactly this injector's sidecar; False when it holds no part
     of it. Raises ``InjectError`` when it holds something that only looks like it."""
@@ -409,10 +453,21 @@ def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
     # Either placement is this injector's (an injector run with or without --no-native).
     as_placed = replace(options, native=key == "initContainers")
     expected = sidecar_container(as_placed, _probes_of(container))
-    if len(named) > 1 or key == "ephemeralContainers" or not _matches(expected, container):
+    if len(named) > 1 or key == "ephemeralContainers" or not _matches(
+            expected, _as_plugins_leave_it(expected, container)):
         raise _refuse("impostor_sidecar",
                       f"container {SIDECAR_CONTAINER!r} is not the mesh sidecar this injector "
                       "adds; rename the container (the sidecar is added automatically)")
+    if key == "initContainers":
+        index = next(i for i, c in enumerate(spec.get("initContainers") or [])
+                     if c is container)
+        before = _native_sidecar_before(spec, index)
+        if before is not None:
+            # A native sidecar started before the mesh's could take its ports and answer its
+            # probes; the mesh sidecar would never serve (found by a hostile review).
+            raise _refuse("sidecar_order",
+                          f"init container {shown(before)} is a native sidecar placed before "
+                          f"{SIDECAR_CONTAINER!r}; the mesh sidecar must start first")
     want = {v["name"]: v for v in sidecar_volumes(options)}
     for name, volume in want.items():
         if name not in volumes or not _matches(volume, volumes[name]):
