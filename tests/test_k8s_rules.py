@@ -45,10 +45,13 @@ from tests.harness import ROOT, Proc, free_port, http, https_server_material, wa
 
 CERT_SECRET = "mesh-svid"
 SIGNING_SECRET = "mesh-audit-signing"
+DATA_KEY_SECRET = "mesh-audit-data-key"
 ALLOWED_CONFIG = "orders-sidecar"
 FLAGS = ["--cert-secret", CERT_SECRET, "--audit-signing-secret", SIGNING_SECRET,
-         "--allow-config-configmap", ALLOWED_CONFIG]
-OPTIONS = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,))
+         "--audit-data-key-secret", DATA_KEY_SECRET, "--allow-config-configmap", ALLOWED_CONFIG]
+OPTIONS = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET,
+                        audit_data_key_secret=DATA_KEY_SECRET,
+                        allowed_config_configmaps=(ALLOWED_CONFIG,))
 RESERVED = (SVID_VOLUME, POLICY_VOLUME, CONFIG_VOLUME, AUDIT_VOLUME)
 
 
@@ -296,10 +299,18 @@ CASES: list[Case] = [
         {"name": "k", "projected": {"sources": [{"configMap": {"name": "x"}},
                                                 {"secret": {"name": SIGNING_SECRET}}]}})),
         "deny:credential_volume"),
+    Case("audit data key Secret under another name", _with(_volume(
+        {"name": "k", "secret": {"secretName": DATA_KEY_SECRET}})), "deny:credential_volume"),
+    Case("audit data key Secret in a projected volume", _with(_volume(
+        {"name": "k", "projected": {"sources": [{"secret": {"name": DATA_KEY_SECRET}}]}})),
+        "deny:credential_volume"),
+    Case("app mounts the data key volume", _with(_mount("mesh-sidecar-audit-data-key")),
+         "deny:mounts_sidecar_volume"),
     # The credential Secrets through the environment (found by a hostile review: allowed).
     *[Case(f"{what} through {how}", _with(change), "deny:credential_env")
       for what, secret in (("certificate Secret", CERT_SECRET),
-                           ("audit signing Secret", SIGNING_SECRET))
+                           ("audit signing Secret", SIGNING_SECRET),
+                           ("audit data key Secret", DATA_KEY_SECRET))
       for how, change in (
           ("env secretKeyRef", _env({"name": "K", "valueFrom": {"secretKeyRef": {
               "name": secret, "key": "tls.key"}}})),
@@ -379,7 +390,7 @@ def _check_injected(doc: dict[str, Any], case: Case) -> None:
 
 def _options_for(doc: dict[str, Any]) -> InjectOptions:
     name = (doc["metadata"].get("annotations") or {}).get(CONFIG_ANNOTATION)
-    return InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+    return InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, audit_data_key_secret=DATA_KEY_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
                          config_configmap=name or InjectOptions.config_configmap)
 
 
@@ -392,7 +403,7 @@ def test_every_rule_has_a_case() -> None:
 def test_pure(case: Case) -> None:
     doc = case.build()
     before = copy.deepcopy(doc)
-    options = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
+    options = InjectOptions(cert_secret=CERT_SECRET, audit_signing_secret=SIGNING_SECRET, audit_data_key_secret=DATA_KEY_SECRET, allowed_config_configmaps=(ALLOWED_CONFIG,),
                             namespace_mode=case.mode)
     if case.expect.startswith("deny:"):
         with pytest.raises(InjectError) as err:
@@ -801,3 +812,25 @@ def test_no_more_probes_are_rewritten_by_sidecar_inject(name: str) -> None:
     assert proc.returncode == 0, proc.stderr[-400:]
     (out,) = list(yaml.safe_load_all(proc.stdout))
     _check_probe_crowd(doc, out)
+
+
+def test_the_audit_data_key_reaches_the_sidecar_only() -> None:
+    """``--audit-data-key-secret``: the Secret's ``key.data`` is mounted read-only into the
+    sidecar container only, where ``audit.encryption_key_file`` names it (found by a hostile
+    review: there was no way to bring the data key to the sidecar that the app could not
+    read too)."""
+    from sidecar.k8s.inject import AUDIT_DATA_KEY_DIR, AUDIT_DATA_KEY_ITEM
+
+    doc = injected_pod()
+    side = _sidecar(doc)
+    mounts = {m["name"]: m for m in side["volumeMounts"]}
+    mount = mounts["mesh-sidecar-audit-data-key"]
+    assert mount == {"name": "mesh-sidecar-audit-data-key", "mountPath": AUDIT_DATA_KEY_DIR,
+                     "readOnly": True}
+    [volume] = [v for v in doc["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": DATA_KEY_SECRET, "items": [
+        {"key": AUDIT_DATA_KEY_ITEM, "path": AUDIT_DATA_KEY_ITEM}]}
+    for c in doc["spec"]["containers"]:
+        assert all(m["name"] != mount["name"] for m in c.get("volumeMounts") or [])
+    docs = (ROOT / "docs" / "k8s.md").read_text()
+    assert "--audit-data-key-secret" in docs and f"{AUDIT_DATA_KEY_DIR}/{AUDIT_DATA_KEY_ITEM}" in docs

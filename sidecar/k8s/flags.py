@@ -86,6 +86,11 @@ def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Secret with key.pem (sidecar audit keygen): mounted read-only "
                              "into the sidecar container only, at "
                              "/etc/sidecar/audit-signing (audit.signing_key_file)")
+    parser.add_argument("--audit-data-key-secret", default=None, metavar="NAME",
+                        type=object_name,
+                        help="Secret with key.data (sidecar audit keygen --data-key): mounted "
+                             "read-only into the sidecar container only, at "
+                             "/etc/sidecar/audit-data-key (audit.encryption_key_file)")
     parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT", type=_address,
                         help="syslog collector for audit.ship (SIDECAR_AUDIT_COLLECTOR, used "
                              "when the sidecar config's audit.ship has no address)")
@@ -106,6 +111,7 @@ def inject_options_from_args(args: argparse.Namespace) -> InjectOptions:
         policy_extra_configmaps=tuple(args.policy_extra_configmap),
         config_configmap=args.config_configmap,
         audit_signing_secret=getattr(args, "audit_signing_secret", None),
+        audit_data_key_secret=getattr(args, "audit_data_key_secret", None),
         audit_collector=getattr(args, "audit_collector", None),
         allowed_config_configmaps=tuple(args.allowed_config_configmaps),
         namespace_mode=getattr(args, "namespace_mode", "enabled"),

@@ -74,6 +74,14 @@ AUDIT_DIR = "/var/log/sidecar"
 # The audit signing key: off the audit volume, in the sidecar container only (the config's
 # audit.signing_key_file is AUDIT_SIGNING_DIR/key.pem). See docs/audit.md.
 AUDIT_SIGNING_DIR = "/etc/sidecar/audit-signing"
+# The audit data key (AES-256, ``sidecar audit keygen --data-key``), likewise in the sidecar
+# container only (the config's audit.encryption_key_file is AUDIT_DATA_KEY_DIR/key.data).
+# Before the twenty-sixth session the injector had no way to bring it to the sidecar alone:
+# only the config or policy ConfigMaps were left, which the app may mount and anyone with
+# the ``view`` role reads (found by a hostile review).
+AUDIT_DATA_KEY_VOLUME = "mesh-sidecar-audit-data-key"
+AUDIT_DATA_KEY_DIR = "/etc/sidecar/audit-data-key"
+AUDIT_DATA_KEY_ITEM = "key.data"
 AUDIT_COLLECTOR_ENV = "SIDECAR_AUDIT_COLLECTOR"  # audit.ship.address when the config has none
 CONFIG_FILE = "sidecar.yaml"
 
@@ -143,6 +151,7 @@ class InjectOptions:
     memory_limit: str = "256Mi"
     audit_size_limit: str = "256Mi"
     audit_signing_secret: str | None = None  # Secret with key.pem (sidecar audit keygen)
+    audit_data_key_secret: str | None = None  # Secret with key.data (keygen --data-key)
     audit_collector: str | None = None  # HOST:PORT of the syslog collector (audit.ship)
     allowed_config_configmaps: tuple[str, ...] = ()
     namespace_mode: str = "enabled"
@@ -286,6 +295,9 @@ def sidecar_container(options: InjectOptions,
     if options.audit_signing_secret:
         container["volumeMounts"].append(
             {"name": AUDIT_SIGNING_VOLUME, "mountPath": AUDIT_SIGNING_DIR, "readOnly": True})
+    if options.audit_data_key_secret:
+        container["volumeMounts"].append(
+            {"name": AUDIT_DATA_KEY_VOLUME, "mountPath": AUDIT_DATA_KEY_DIR, "readOnly": True})
     if options.native:
         container["restartPolicy"] = "Always"
     return container
@@ -326,6 +338,11 @@ def sidecar_volumes(options: InjectOptions) -> list[dict[str, Any]]:
         volumes.append({"name": AUDIT_SIGNING_VOLUME,
                         "secret": {"secretName": options.audit_signing_secret,
                                    "items": [{"key": "key.pem", "path": "key.pem"}]}})
+    if options.audit_data_key_secret:
+        volumes.append({"name": AUDIT_DATA_KEY_VOLUME,
+                        "secret": {"secretName": options.audit_data_key_secret,
+                                   "items": [{"key": AUDIT_DATA_KEY_ITEM,
+                                              "path": AUDIT_DATA_KEY_ITEM}]}})
     return volumes
 
 

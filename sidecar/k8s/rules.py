@@ -248,8 +248,10 @@ def reserved_volume_names(options: InjectOptions) -> frozenset[str]:
 
 def credential_secrets(options: InjectOptions) -> frozenset[str]:
     """The Secrets only the mesh sidecar may read: the workload certificate's
-    (``cert_secret``) and the audit signing key's (``audit_signing_secret``)."""
-    return frozenset(n for n in (options.cert_secret, options.audit_signing_secret) if n)
+    (``cert_secret``), the audit signing key's (``audit_signing_secret``) and the audit data
+    key's (``audit_data_key_secret``)."""
+    return frozenset(n for n in (options.cert_secret, options.audit_signing_secret,
+                                 options.audit_data_key_secret) if n)
 
 
 def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool:
