@@ -86,6 +86,7 @@ class PendingConnections:
         return len(mine) if mine is not None else 0
 
     def add(self, entry: Admission) -> None:
+        """A connection of ``entry.source`` is pending from now on (the newest of its source)."""
         source = entry.source
         mine = self._by_source.setdefault(source, {})
         count = len(mine)
@@ -98,6 +99,7 @@ class PendingConnections:
             self._most = count + 1
 
     def remove(self, entry: Admission) -> None:
+        """``entry`` is pending no longer (established, closed or evicted)."""
         source = entry.source
         mine = self._by_source[source]
         count = len(mine)
