@@ -378,6 +378,18 @@ def read_head(sock: socket.socket | ssl.SSLSocket, limit: int = 65536) -> bytes:
     return data
 
 
+def read_head_bytewise(sock: socket.socket | ssl.SSLSocket, limit: int = 65536) -> bytes:
+    """Read one HTTP head a byte at a time, so nothing after it is taken (a 101's stream
+    bytes, which may come in the same segment, stay in the socket); bounded by ``limit``."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n") and len(head) < limit:
+        byte = sock.recv(1)
+        if not byte:
+            break
+        head += byte
+    return head
+
+
 def module_fixture(prefix: str, build: Callable[[Path], Any]) -> Any:
     """A module-scoped fixture (named by the name it is assigned to): ``build`` called with a
     fresh temporary directory named after ``prefix``, and its result closed (``close()``)

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -236,8 +237,10 @@ def test_collector_away_and_back(tmp_path, rsyslog, queue_size):
         assert not result["ok"] and "skipped" in result["broken"]
 
 
-def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, procs):
-    collector = Rsyslog(tmp_path / "rsyslog")  # configured, not started yet
+def _required_sidecar(tmp_path: Path, pki: Any, app: int, collector: Rsyslog,
+                      **audit: Any) -> Any:
+    """A sidecar in front of ``app`` whose trail ships to ``collector`` in ``mode: required``
+    (not waited for: with the collector away it never gets ready)."""
     policy = write_policy(tmp_path / "mesh.yaml", {
         "version": 1, "trust_domain": "demo.local", "services": {ORDERS: {"rules": [
             {"name": "reads", "allow": {"from": [FRONTEND], "paths": ["/orders/**"]}}]}}})
@@ -245,11 +248,16 @@ def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, pr
                          inbound={"listen": f"127.0.0.1:{free_port()}",
                                   "app": f"127.0.0.1:{app}"},
                          policy=policy,
-                         audit={"path": str(tmp_path / "audit"),
+                         audit={"path": str(tmp_path / "audit"), **audit,
                                 "ship": {"address": f"127.0.0.1:{collector.port}",
                                          "ca_file": str(collector.ca_file),
                                          "mode": "required"}})
-    b = start_sidecar(tmp_path, "orders", cfg, wait=False)
+    return start_sidecar(tmp_path, "orders", cfg, wait=False)
+
+
+def test_required_refuses_while_records_cannot_be_shipped(tmp_path, pki, app, procs):
+    collector = Rsyslog(tmp_path / "rsyslog")  # configured, not started yet
+    b = _required_sidecar(tmp_path, pki, app, collector)
     procs.append(b)
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
 
@@ -286,18 +294,7 @@ def test_required_refuses_soon_after_the_collector_stops_reading(tmp_path, pki, 
     collector = Rsyslog(tmp_path / "rsyslog")
     collector.start()
     procs.append(collector.proc)
-    policy = write_policy(tmp_path / "mesh.yaml", {
-        "version": 1, "trust_domain": "demo.local", "services": {ORDERS: {"rules": [
-            {"name": "reads", "allow": {"from": [FRONTEND], "paths": ["/orders/**"]}}]}}})
-    cfg = sidecar_config(pki.identity("orders"),
-                         inbound={"listen": f"127.0.0.1:{free_port()}",
-                                  "app": f"127.0.0.1:{app}"},
-                         policy=policy,
-                         audit={"path": str(tmp_path / "audit"), "batch_linger_seconds": 0.02,
-                                "ship": {"address": f"127.0.0.1:{collector.port}",
-                                         "ca_file": str(collector.ca_file),
-                                         "mode": "required"}})
-    b = start_sidecar(tmp_path, "orders", cfg)
+    b = _required_sidecar(tmp_path, pki, app, collector, batch_linger_seconds=0.02)
     procs.append(b)
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     long_path = "/orders/" + "x" * 6000  # large records fill the socket buffers sooner

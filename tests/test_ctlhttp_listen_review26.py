@@ -20,6 +20,8 @@ import functools
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -105,18 +107,22 @@ def _wait_status(family: tuple[int, str], port: int, path: str, want: str,
 # --- the wildcard [::] on the admin and health ports ----------------------------------------
 
 
+def _config(tmp: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """An inbound sidecar's config in front of the test app (started, stopped by ``stack``)."""
+    app, app_port = start_app(tmp)
+    stack.callback(app.stop, timeout=10)
+    return sidecar_config(Pki(tmp / "pki").identity("orders"),
+                          inbound={"listen": f"127.0.0.1:{free_port()}",
+                                   "app": f"127.0.0.1:{app_port}"})
+
+
 @pytest.fixture(scope="module")
 def wildcard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProc]:
     if not _has_ipv6_loopback():
         pytest.skip("no IPv6 loopback (::1)")
     tmp = tmp_path_factory.mktemp("ctlhttp-listen-review26")
-    pki = Pki(tmp / "pki")
     with contextlib.ExitStack() as stack:
-        app, app_port = start_app(tmp)
-        stack.callback(app.stop, timeout=10)
-        cfg = sidecar_config(pki.identity("orders"),
-                             inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app_port}"})
+        cfg = _config(tmp, stack)
         cfg["admin"]["listen"] = f"[::]:{free_port()}"
         cfg["admin"]["health_listen"] = f"[::]:{free_port()}"
         cfg["admin"]["max_connections_per_source"] = SHARE
@@ -253,13 +259,8 @@ def test_an_ipv4_client_of_a_dual_stack_server_is_its_ipv4_source() -> None:
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProc]:
     tmp = tmp_path_factory.mktemp("ctlhttp-head-review26")
-    pki = Pki(tmp / "pki")
     with contextlib.ExitStack() as stack:
-        app, app_port = start_app(tmp)
-        stack.callback(app.stop, timeout=10)
-        cfg = sidecar_config(pki.identity("orders"),
-                             inbound={"listen": f"127.0.0.1:{free_port()}",
-                                      "app": f"127.0.0.1:{app_port}"})
+        cfg = _config(tmp, stack)
         cfg["admin"]["health_listen"] = f"127.0.0.1:{free_port()}"
         proc = start_sidecar(tmp, "loopback", cfg)
         stack.callback(proc.stop, timeout=10)

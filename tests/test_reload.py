@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sidecar.reload import FileWatcher
+import pytest
+
+from sidecar.reload import UNSETTLED_POLLS, FileWatcher
 from tests.harness import KubeletVolume
 
 
@@ -116,70 +119,62 @@ def test_mark_failed_content_is_retried_after_the_retry_interval(tmp_path):
     assert w.poll_once() and t.applied == ["v1"]
 
 
-def _events(stream) -> list[dict]:
+@pytest.fixture
+def unsettled_lines() -> Iterator[Callable[[], list[dict]]]:
+    """The ``reload_unsettled`` log lines written during the test (the sink reset after)."""
+    import io
     import json
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+    from sidecar import logs
+
+    stream = io.StringIO()
+    logs.configure(stream=stream)
+    try:
+        yield lambda: [e for e in (json.loads(line) for line in stream.getvalue().splitlines()
+                                   if line.strip()) if e["event"] == "reload_unsettled"]
+    finally:
+        logs.reset()
 
 
-def test_a_file_that_never_holds_still_is_reported_once_and_taken_when_it_does(tmp_path):
+def test_a_file_that_never_holds_still_is_reported_once_and_taken_when_it_does(
+        tmp_path, unsettled_lines):
     """Content that changed again at every poll was never applied and never named (found by
     a review: a policy symlinked to ``/proc/self/status``). Now ``reload_unsettled`` says so
     once per spell, at ``UNSETTLED_POLLS`` polls; the content is taken once it holds still."""
-    import io
-
-    from sidecar import logs
-    from sidecar.reload import UNSETTLED_POLLS
-
     f = tmp_path / "p.yaml"
     f.write_text("v0")
     t = Target()
     w = _watcher(f, t)
-    stream = io.StringIO()
-    logs.configure(stream=stream)
-    try:
-        for i in range(3 * UNSETTLED_POLLS):
-            f.write_text(f"v{i + 1}")
-            assert not w.poll_once()
-        warned = [e for e in _events(stream) if e["event"] == "reload_unsettled"]
-        assert len(warned) == 1, warned
-        assert warned[0]["level"] == "warning" and warned[0]["what"] == "test"
-        assert warned[0]["paths"] == [str(f)] and warned[0]["polls"] == UNSETTLED_POLLS
-        assert t.applied == []
-        assert w.poll_once() and t.applied == [f"v{3 * UNSETTLED_POLLS}"]  # held still
-        # A second spell is reported again; a change that settles in two polls never is.
-        for i in range(UNSETTLED_POLLS):
-            f.write_text(f"w{i}")
-            w.poll_once()
-        f.write_text("x")
-        w.poll_once()
-        assert w.poll_once() and t.applied[-1] == "x"
-        f.write_text("y")
+    for i in range(3 * UNSETTLED_POLLS):
+        f.write_text(f"v{i + 1}")
         assert not w.poll_once()
-        assert w.poll_once()
-        warned = [e for e in _events(stream) if e["event"] == "reload_unsettled"]
-        assert len(warned) == 2
-    finally:
-        logs.reset()
+    warned = unsettled_lines()
+    assert len(warned) == 1, warned
+    assert warned[0]["level"] == "warning" and warned[0]["what"] == "test"
+    assert warned[0]["paths"] == [str(f)] and warned[0]["polls"] == UNSETTLED_POLLS
+    assert t.applied == []
+    assert w.poll_once() and t.applied == [f"v{3 * UNSETTLED_POLLS}"]  # held still
+    # A second spell is reported again; a change that settles in two polls never is.
+    for i in range(UNSETTLED_POLLS):
+        f.write_text(f"w{i}")
+        w.poll_once()
+    f.write_text("x")
+    w.poll_once()
+    assert w.poll_once() and t.applied[-1] == "x"
+    f.write_text("y")
+    assert not w.poll_once()
+    assert w.poll_once()
+    assert len(unsettled_lines()) == 2
 
 
-def test_unsettled_polls_that_go_back_to_the_content_in_force_end_the_spell(tmp_path):
+def test_unsettled_polls_that_go_back_to_the_content_in_force_end_the_spell(
+        tmp_path, unsettled_lines):
     """Changes that come back to what is in force count nothing (no warning): only polls
     that found new content not yet loaded do."""
-    import io
-
-    from sidecar import logs
-    from sidecar.reload import UNSETTLED_POLLS
-
     f = tmp_path / "p.yaml"
     f.write_text("v0")
-    t = Target()
-    w = _watcher(f, t)
-    stream = io.StringIO()
-    logs.configure(stream=stream)
-    try:
-        for i in range(3 * UNSETTLED_POLLS):
-            f.write_text("v0" if i % 2 else f"n{i}")
-            w.poll_once()
-        assert not [e for e in _events(stream) if e["event"] == "reload_unsettled"]
-    finally:
-        logs.reset()
+    w = _watcher(f, Target())
+    for i in range(3 * UNSETTLED_POLLS):
+        f.write_text("v0" if i % 2 else f"n{i}")
+        w.poll_once()
+    assert not unsettled_lines()

@@ -39,6 +39,7 @@ from tests.harness import (
     module_fixture,
     mtls_context,
     read_head,
+    read_head_bytewise,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -170,12 +171,7 @@ def small_window_socket(port: int) -> socket.socket:
 
 def read_answer_head(sock: socket.socket) -> bytes:
     """The 101 head, read byte by byte (nothing of the stream after it is taken)."""
-    head = b""
-    while not head.endswith(b"\r\n\r\n") and len(head) < 65536:
-        byte = sock.recv(1)
-        if not byte:
-            break
-        head += byte
+    head = read_head_bytewise(sock)
     assert head.startswith(b"HTTP/1.1 101"), head
     return head
 

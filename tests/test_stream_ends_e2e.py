@@ -33,6 +33,7 @@ from tests.harness import (
     free_port,
     module_fixture,
     read_head,
+    read_head_bytewise,
     sidecar_config,
     spiffe,
     start_sidecar,
@@ -171,12 +172,7 @@ class Pair:
         if self.mode == "upgrade":
             sock.sendall(UPGRADE_REQUEST)
             # One byte at a time: the stream's first bytes may come in the head's read.
-            head = b""
-            while not head.endswith(b"\r\n\r\n") and len(head) < 65536:
-                byte = sock.recv(1)
-                if not byte:
-                    break
-                head += byte
+            head = read_head_bytewise(sock)
             assert head.startswith(b"HTTP/1.1 101"), head
         return sock
 
