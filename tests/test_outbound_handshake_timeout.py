@@ -11,55 +11,43 @@ Through a real sidecar, against upstreams that stall at each step of the handsha
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Pki, free_port, http, sidecar_config, spiffe, start_sidecar, wait_for
+from tests.harness import (
+    Pki,
+    ScriptedServer,
+    free_port,
+    http,
+    sidecar_config,
+    spiffe,
+    start_sidecar,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 
-class _Staller:
+class _Staller(ScriptedServer):
     """A TCP server on 127.0.0.1 that accepts and then stalls ``how``: ``silent`` (reads
     nothing), ``reads_hello`` (reads the ClientHello, answers nothing), ``half_hello``
     (answers one byte of a TLS record header, then nothing). Bounded: each connection is
-    held at most 20 s; ``close`` ends it all."""
+    held at most 20 s, or until ``close``."""
+
+    timeout = 20.0
 
     def __init__(self, how: str) -> None:
         self.how = how
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.conns.append(conn)
-            conn.settimeout(20)
-            try:
-                if self.how in ("reads_hello", "half_hello"):
-                    conn.recv(65536)
-                if self.how == "half_hello":
-                    conn.sendall(b"\x16")
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        for c in self.conns:
-            c.close()
+    def serve(self, sock: socket.socket) -> None:
+        if self.how in ("reads_hello", "half_hello"):
+            sock.recv(65536)
+        if self.how == "half_hello":
+            sock.sendall(b"\x16")
+        self.stopped.wait(self.timeout)
 
 
 @pytest.mark.parametrize("how", ["silent", "reads_hello", "half_hello"])
