@@ -760,7 +760,7 @@ def _check_audit_head(run: _Run, g: str, title: str, answer: Callable[[str], tup
                   f"({_duration(max(0.0, now - signed))} ago), key {_printable(cp.kid)[:80]}")
         problem = (keyring.check(cp.seq, cp.prev, cp.kind, cp.body())
                    if keyring is not None else None)
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
         # (a time that is no number or out of range, a field the signature check cannot
         # encode: an answer that is no checkpoint, from whatever serves that port)
         run.add(g, title, "fail", f"/audit/head: {_printable(str(exc))[:MAX_ERROR_CHARS]}",

@@ -35,6 +35,7 @@ from sidecar.output import paint, rfc3339, safe, use_colour
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 POLL_WAIT = 1.0
 HTTP_TIMEOUT = 10.0
+DURATION_SLACK = 0.5  # seconds past --duration a last poll's answer may take
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
@@ -61,7 +62,7 @@ class TapClient:
         self.seq: int | None = None
         self.dropped = 0
 
-    def _get(self, query: str) -> dict[str, Any]:
+    def _get(self, query: str, timeout: float = HTTP_TIMEOUT) -> dict[str, Any]:
         """One ``GET /tap`` through the control-plane client (``sidecar.ctlhttp.client``):
         deadlines, head and body caps, at most 8 1xx answers, a status of 100-599 and no
         control characters in the head; then a JSON object with an integer ``seq``, a list
@@ -74,8 +75,8 @@ class TapClient:
             target = parse_url(f"http://{self.authority}{self.prefix}/tap{query}",
                                schemes=("http",))
             answer = trio.run(functools.partial(
-                request, target, connect_timeout=HTTP_TIMEOUT, read_timeout=HTTP_TIMEOUT,
-                max_body_bytes=MAX_ANSWER_BYTES))
+                request, target, connect_timeout=min(HTTP_TIMEOUT, timeout),
+                read_timeout=min(HTTP_TIMEOUT, timeout), max_body_bytes=MAX_ANSWER_BYTES))
         except ClientError as exc:
             raise TapError(f"cannot reach the admin server at {where}: {exc}") from None
         if answer.status == 404:
@@ -83,7 +84,9 @@ class TapClient:
         if answer.status != 200:
             raise TapError(f"/tap answered {answer.status}")
         try:
-            doc = json.loads(answer.body)
+            # NaN and Infinity are no JSON (RFC 8259), though Python's reader takes them: read
+            # as null, so ``-o json`` never writes them back (found by a hostile review).
+            doc = json.loads(answer.body, parse_constant=lambda _constant: None)
         except (ValueError, RecursionError):
             raise TapError(f"{where} answered /tap with something that is not JSON") from None
         if not _tap_document(doc):
@@ -94,11 +97,13 @@ class TapClient:
         """Begin at the current end of the ring (no backlog: events from now on)."""
         self.seq = int(self._get("")["seq"])
 
-    def poll(self, wait: float = POLL_WAIT) -> list[dict[str, Any]]:
-        """The events since the last poll (waiting up to ``wait`` seconds for one)."""
+    def poll(self, wait: float = POLL_WAIT,
+             timeout: float = HTTP_TIMEOUT) -> list[dict[str, Any]]:
+        """The events since the last poll (waiting up to ``wait`` seconds for one; the whole
+        exchange bounded by ``timeout``)."""
         if self.seq is None:
             self.start()
-        doc = self._get(f"?after={self.seq}&wait={wait}")
+        doc = self._get(f"?after={self.seq}&wait={wait}", timeout)
         self.seq = int(doc["seq"])
         self.dropped += int(doc.get("dropped", 0))
         events: list[dict[str, Any]] = doc.get("events", [])
@@ -174,9 +179,17 @@ def _events(client: TapClient, args: argparse.Namespace, err: TextIO) -> Iterato
     print(f"watching {args.admin} (Ctrl-C to stop)", file=err, flush=True)
     deadline = time.monotonic() + args.duration if args.duration else None
     while deadline is None or time.monotonic() < deadline:
-        wait = POLL_WAIT if deadline is None else max(0.0, min(POLL_WAIT,
-                                                               deadline - time.monotonic()))
-        for event in client.poll(wait):
+        left = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+        wait = min(POLL_WAIT, left)
+        try:
+            # (bounded by what is left of --duration, plus a moment for the answer: a server
+            # holding each poll made `--duration 1` run 9 s; found by a hostile review)
+            events = client.poll(wait, min(HTTP_TIMEOUT, left + DURATION_SLACK))
+        except TapError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # the poll was cut at --duration: done, not a failure
+            raise
+        for event in events:
             if _matches(event, args):
                 yield event
         yield None

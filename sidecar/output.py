@@ -66,12 +66,18 @@ class PortableDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ig
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if type(value) is not str:
+        value = str.__str__(value)  # (libyaml's emitter takes an exact str only)
     if _NOT_PLAIN.match(value):
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
     return dumper.represent_str(value)
 
 
 PortableDumper.add_representer(str, _represent_str)
+# A str subclass (``check``'s ``Lines``, say) is a string too: PyYAML's safe dumpers look the
+# exact type up, so one raised RepresenterError and `sidecar check -o yaml` printed a
+# traceback whenever a check listed its problems (found by a hostile review).
+PortableDumper.add_multi_representer(str, _represent_str)
 
 
 def dump_yaml(doc: Any, *, all_documents: bool = False, **kw: Any) -> str:
@@ -133,12 +139,28 @@ class ScreenDumper(PortableDumper):
 
 
 def _represent_screen_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if type(value) is not str:
+        value = str.__str__(value)  # (libyaml's emitter takes an exact str only)
+    if _has_surrogate(value):
+        # A lone surrogate (a file name that is not UTF-8, read with surrogateescape) cannot
+        # be written by the YAML emitter at all: written as its escape text, ``\udcff``, as
+        # the JSON output shows it (found by a hostile review: a traceback, exit 1).
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     if not value.isprintable():
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
     return _represent_str(dumper, value)
 
 
 ScreenDumper.add_representer(str, _represent_screen_str)
+ScreenDumper.add_multi_representer(str, _represent_screen_str)
+
+
+def _has_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _escaped_json(text: str) -> str:
@@ -179,9 +201,17 @@ def emit(args: argparse.Namespace, doc: Any, table: Callable[[], str],
     stream.flush()
 
 
+MIN_DATE_SECONDS = -62135596800.0  # 0001-01-01T00:00:00Z
+MAX_DATE_SECONDS = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
 def rfc3339(ts: float) -> str:
     """Unix seconds -> ``2026-01-31T12:00:00.123Z`` (UTC, milliseconds), the form every
-    command prints for people and ``--since`` accepts."""
+    command prints for people and ``--since`` accepts. ValueError for a time no date of
+    years 1..9999 holds (NaN, 1e18: a hostile admin answer's checkpoint time raised
+    OSError from the platform's gmtime; found by a hostile review)."""
+    if not MIN_DATE_SECONDS <= ts <= MAX_DATE_SECONDS:  # (False for NaN too)
+        raise ValueError(f"{ts!r} is no time between the years 1 and 9999")
     moment = dt.datetime.fromtimestamp(ts, tz=dt.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
