@@ -531,3 +531,46 @@ def test_export_stops_at_a_break_the_writer_declared(trail: Trail, forged_seq: s
     assert tailed.returncode == 1 and "not in the chain" in tailed.stderr, tailed.stderr
     tail_ids = [json.loads(line)["request_id"] for line in tailed.stdout.splitlines()]
     assert tail_ids == ids
+
+
+OTHER_IDENT = "spiffe://td/ns/demo/sa/payments"
+
+
+def _written_as(directory: Path, key: Path, n: int, identity: str, **cfg: object) -> AuditWriter:
+    config = AuditConfig(path=str(directory), fsync=False, signing_key_file=str(key),
+                         max_segment_bytes=1200, checkpoint_every_records=7,
+                         **cfg)  # type: ignore[arg-type]
+    records = (AuditRecord(time=1000.0 + i, request_id=f"r{i}", decision="allow", rule="r",
+                           status=200) for i in range(n))
+    return write_audit_trail(config, records, identity=identity, batch=5, pause=0.001)
+
+
+@pytest.mark.parametrize("where", ["older than the retained chain", "inside the chain",
+                                   "beyond the head"])
+def test_another_sidecars_anchor_proves_nothing_wherever_its_seq_falls(tmp_path: Path,
+                                                                      where: str) -> None:
+    """One signing key shared by two sidecars (one per namespace, say) signs both trails'
+    checkpoints. Another sidecar's anchor given to ``verify`` is ``anchor_other_identity``
+    wherever its seq falls; before the twenty-sixth session one older than the retained
+    chain passed as honest retention (exit 0; found by a hostile review). With ``--id`` it
+    is ``wrong_identity``, and the trail is not said to name two identities."""
+    priv, pub, _ = write_keypair(str(tmp_path / "shared"))
+    ours, theirs = tmp_path / "orders", tmp_path / "payments"
+    n_theirs = {"older than the retained chain": 20, "inside the chain": 80,
+                "beyond the head": 400}[where]
+    anchor_cp = _written_as(theirs, Path(priv), n_theirs, OTHER_IDENT).last_checkpoint
+    assert anchor_cp is not None
+    _written_as(ours, Path(priv), 200, IDENT, max_segments=3)
+    ring = load_keyring([pub])
+    anchor_file = tmp_path / "anchor.json"
+    anchor_file.write_text(json.dumps({"checkpoint": anchor_cp.to_json()}))
+    anchor = load_anchor(str(anchor_file))
+    result = verify(str(ours), keyring=ring, anchors=[anchor])
+    codes = [f.code for f in result.findings if f.severity == "error"]
+    assert not result.ok and "anchor_other_identity" in codes, result.findings
+    assert result.identities == [IDENT]
+    with_id = verify(str(ours), keyring=ring, anchors=[anchor], identity=IDENT)
+    codes = [f.code for f in with_id.findings]
+    assert not with_id.ok and "wrong_identity" in codes and "several_identities" not in codes
+    own = verify(str(ours), keyring=ring)  # the trail alone is fine
+    assert own.ok, own.findings

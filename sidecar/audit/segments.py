@@ -542,7 +542,9 @@ class _Walk:
     def named(self, seq: int | None, ident: Any, what: str = "frame") -> None:
         """A frame (or an anchor) names the identity ``ident`` (``id``)."""
         r = self.result
-        if isinstance(ident, str) and ident not in r.identities:
+        if what == "frame" and isinstance(ident, str) and ident not in r.identities:
+            # (the trail's own identities only: an anchor naming another is its finding,
+            # never "the trail's frames name 2 identities")
             # A forged trail can name a new identity in every frame: list a few (the
             # membership test stays cheap, the memory bounded), count that there were more.
             if len(r.identities) < MAX_IDENTITIES_LISTED:
@@ -635,6 +637,18 @@ class _Walk:
                   "the newest segment was sealed for rotation but its successor is missing: "
                   "the newest segment(s) were deleted")
         for anchor in (a for same in self.anchors.values() for a in same):
+            named = anchor.fields.get("id")
+            if self.identity is None and r.identities and named not in r.identities:
+                # Another sidecar's checkpoint (a signing key shared by several): it proves
+                # nothing about this trail, wherever its seq falls (before the twenty-sixth
+                # session one older than the retained chain passed as honest retention;
+                # found by a hostile review). With --id, ``wrong_identity`` said so already.
+                shown = named[:2100] if isinstance(named, str) else f"a {type(named).__name__}"
+                r.add("error", "anchor_other_identity", "", anchor.seq,
+                      f"the anchor names {shown}, but the trail names "
+                      f"{', '.join(r.identities)}: it is another sidecar's checkpoint and "
+                      "proves nothing here")
+                continue
             if r.head_seq is not None and anchor.seq > r.head_seq:
                 r.add("error", "anchor_beyond_head", "", anchor.seq,
                       f"anchor at seq {anchor.seq} is past the head (seq {r.head_seq}): "
