@@ -659,3 +659,58 @@ def test_offer_queues_what_fits_in_order_and_counts_the_rest(tmp_path: Path) -> 
     assert shipper.dropped == 2 and shipper.queue_depth == 5
     shipper.offer([b"h"])
     assert shipper.dropped == 3 and shipper.queue_depth == 5
+
+
+PAYMENTS = spiffe("payments")
+
+
+def _ship_trail(tmp_path: Path, name: str, identity: str, priv: str, ship: ShipConfig,
+                n: int) -> None:
+    """``n`` records through a real signing writer of ``identity`` shipping to ``ship``."""
+    config = AuditConfig(path=str(tmp_path / name), fsync=False, signing_key_file=priv,
+                         checkpoint_every_records=7, ship=ship)
+
+    async def body(writer: AuditWriter) -> None:
+        for i in range(n):
+            assert writer.submit(AuditRecord(time=time.time(), request_id=f"{name}-{i}",
+                                             decision="allow", rule="r", status=200))
+            if i % 5 == 4:
+                await trio.sleep(0.01)
+
+    run_writer(config, body, identity=identity)
+
+
+def test_one_collector_file_holds_several_trails_and_collect_keeps_them_apart(
+        tmp_path, rsyslog):
+    """Two sidecars (one signing key, as one per namespace is allowed) ship to one collector
+    file, each numbering its frames from 0. ``collect`` rebuilds each trail in a directory
+    of its own, told apart by their links, and each verifies as its own; before the
+    twenty-sixth session the file was taken for one edited trail ("the message for seq 0
+    does not match its frame", exit 1) and no record could be checked from the collector
+    (found by a hostile review). A frame of one spliced after another's (the same seq, the
+    same predecessor) is still refused."""
+    priv, pub, _ = write_keypair(str(tmp_path / "shared"))
+    _ship_trail(tmp_path, "orders", ORDERS, priv, rsyslog.ship(), 30)
+    _ship_trail(tmp_path, "payments", PAYMENTS, priv, rsyslog.ship(), 20)
+    assert wait_for(lambda: _arrived(rsyslog, "orders-29") and _arrived(rsyslog, "payments-19"),
+                    timeout=20)
+    out = tmp_path / "collected"
+    collected = sidecar_cli("audit", "collect", str(rsyslog.out), "-o", str(out))
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    assert "2 trails" in collected.stdout, collected.stdout
+    seen = {}
+    for trail in ("trail-1", "trail-2"):
+        result = json.loads(sidecar_cli("audit", "verify", str(out / trail), "--pubkey", pub,
+                                         "--json").stdout)
+        assert result["ok"], result
+        [ident] = result["identities"]
+        seen[ident] = result["records"]
+    assert seen == {ORDERS: 30, PAYMENTS: 20}
+    # A message of one trail given another's seq and predecessor: two frames after one frame.
+    lines = rsyslog.lines()
+    forged = [line.replace("orders-3", "orders-X") for line in lines if "orders-3\"" in line]
+    assert forged
+    spliced = tmp_path / "spliced.log"
+    spliced.write_text("\n".join(lines + forged) + "\n")
+    refused = sidecar_cli("audit", "collect", str(spliced), "-o", str(tmp_path / "spliced"))
+    assert refused.returncode == 1 and "two different frames" in refused.stderr, refused.stderr

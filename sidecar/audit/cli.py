@@ -338,14 +338,28 @@ def cmd_collect(args: argparse.Namespace) -> int:
             with fh:
                 collector.add_file(fh)
         collector.check()
-        files = write_segments(collector.frames, args.output)
+        trails = collector.found
+        if len(trails) <= 1:
+            files = write_segments(collector.frames, args.output)
+        else:
+            # Several trails in one collector file (sidecars, or the workers of one, sharing
+            # a collector): one directory each, ``trail-N`` in seq order of its first frame
+            # (before the twenty-sixth session they were taken for one edited trail).
+            files = 0
+            for n, frames in enumerate(trails, 1):
+                where = os.path.join(args.output, f"trail-{n}")
+                files += write_segments(frames, where)
+                print(f"trail-{n}: {len(frames)} frames from seq {min(frames)}"
+                      f"{_trail_identity(frames)}")
     except CollectError as exc:
         print(f"BROKEN: {safe(exc)}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {safe(exc)}", file=sys.stderr)
         return 2
-    print(f"{collector.messages} messages, {len(collector.frames)} frames, {files} segment "
+    n_frames = sum(len(t) for t in collector.found)
+    several = f", {len(collector.found)} trails" if len(collector.found) > 1 else ""
+    print(f"{collector.messages} messages, {n_frames} frames{several}, {files} segment "
           f"files in {args.output}")
     if collector.oversized:
         print(f"note: {collector.oversized} lines longer than "
@@ -354,6 +368,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
         print(f"note: {collector.unchecked} encrypted records' JSON not compared with their "
               "frames (no --data-key opens them)")
     return 0
+
+
+def _trail_identity(frames: dict[int, bytes]) -> str:
+    """`` (SPIFFE_ID)``: the identity the trail's signed frames name (a checkpoint's or seal's
+    ``id``), as a hint for the reader; proven only by ``verify --pubkey --id``."""
+    for seq in sorted(frames, reverse=True):
+        try:
+            _s, _p, kind, body = decode_frame(frames[seq])
+        except FrameError:
+            continue
+        ident = body.get("id") if kind in ("chk", "end") and isinstance(body, dict) else None
+        if isinstance(ident, str):
+            return f" ({safe(ident[:300])}, as its frames say)"
+    return ""
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -454,12 +454,19 @@ class Collector:
     plain SHA-256 (an HMAC needs the key)."""
 
     def __init__(self, decryptor: Any = None) -> None:
+        # One collector file may hold several trails (several sidecars, or the workers of
+        # one, each numbering its frames from 0): frames are kept per (seq, frame) and told
+        # apart by their links (``streams``); ``frames`` is the one stream's (seq -> frame)
+        # when there is one.
         self.frames: dict[int, bytes] = {}
         self.messages = 0
         self.unchecked = 0  # encrypted records whose JSON could not be compared
         self._decryptor = decryptor
-        self._digests: dict[int, str] = {}
-        self._records: dict[int, str] = {}  # seq -> canonical JSON of an ``erc`` message
+        self._digests: dict[bytes, str] = {}  # frame -> the digest its message shipped
+        self._records: dict[bytes, str] = {}  # frame -> canonical JSON of an ``erc`` message
+        self._links: dict[bytes, tuple[int, bytes]] = {}  # frame -> (seq, prev)
+        self._index: dict[tuple[int, str], bytes] | None = None  # (seq, digest) -> frame
+        self.found: list[dict[int, bytes]] = []  # the trails (``check``)
         self.oversized = 0  # lines over MAX_COLLECT_LINE, skipped unread (``add_file``)
 
     def add_file(self, fh: IO[str]) -> None:
@@ -506,10 +513,8 @@ class Collector:
             if problem is not None:
                 raise CollectError(f"the message for seq {seq} does not match its frame "
                                    f"({problem}): the collector's copy was edited")
-            old = self.frames.setdefault(seq, frame)
-            if old != frame:
-                raise CollectError(f"two different frames were shipped with seq {seq}: a "
-                                   "writer reused the seq (cut tail) or a frame was forged")
+            if frame not in self._links:
+                self._links[frame] = (seq, self._prev_of(frame))
 
     def _mismatch(self, obj: dict[str, Any], frame: bytes, before: str) -> str | None:
         from sidecar.audit.chain import FrameError, decode_frame
@@ -526,7 +531,7 @@ class Collector:
         if obj.get("kind") != kind:
             return f"kind {obj.get('kind')!r}, its frame is {kind!r}"
         digest = obj.get("digest")
-        if not isinstance(digest, str) or self._digests.setdefault(seq, digest) != digest:
+        if not isinstance(digest, str) or self._digests.setdefault(frame, digest) != digest:
             return "digest"
         sd = before.rfind("[" + SD_ID + " ")
         if sd >= 0:
@@ -540,7 +545,7 @@ class Collector:
         shipped = _canonical(obj[field])
         if kind == "erc" and "frame" in obj:  # compared in ``check``, once the segment's
             # header names the key (format 2 rebuilds the record in the clear: compared here)
-            if self._records.setdefault(seq, shipped) != shipped:
+            if self._records.setdefault(frame, shipped) != shipped:
                 return field
             return None
         # What the frame says: its body as stored, or (a signed checkpoint, as the writer
@@ -555,28 +560,90 @@ class Collector:
             return field
         return None
 
+    @staticmethod
+    def _prev_of(frame: bytes) -> bytes:
+        from sidecar.audit.chain import decode_frame
+
+        return bytes(decode_frame(frame)[1])  # (decoded in ``_mismatch`` already: it holds)
+
+    def streams(self) -> list[dict[int, bytes]]:
+        """The trails the messages hold, each seq -> frame, told apart by their links: a
+        frame follows the frame of the seq before whose shipped digest is its ``prev``.
+        Pieces that share no seq are one trail, as before (a gap in it stays a gap for
+        ``verify`` to show); pieces that do are kept apart, each its own trail (a piece
+        whose first frame's predecessor was not shipped starts a trail of its own).
+        ``CollectError`` for two different frames after the same frame (a writer that
+        reused a seq after its tail was cut, or a forged frame); several genesis frames
+        (seq 0) are several trails."""
+        after: dict[tuple[int, bytes], list[bytes]] = {}
+        for frame, (seq, prev) in self._links.items():
+            after.setdefault((seq, prev), []).append(frame)
+        for (seq, prev), frames in after.items():
+            if len(frames) > 1 and any(prev):
+                raise CollectError(f"two different frames were shipped with seq {seq}: a "
+                                   "writer reused the seq (cut tail) or a frame was forged")
+        pieces: list[dict[int, bytes]] = []
+        for frame, (seq, prev) in sorted(self._links.items(), key=lambda item: item[1][0]):
+            before = self._by_digest(seq - 1, prev)
+            if before is not None:
+                continue  # not a start: its piece is followed from its first frame
+            piece: dict[int, bytes] = {}
+            current: bytes | None = frame
+            while current is not None:
+                s = self._links[current][0]
+                piece[s] = current
+                link = bytes.fromhex(self._digests[current])
+                nexts = after.get((s + 1, link), [])
+                current = nexts[0] if nexts else None
+            pieces.append(piece)
+        seqs = [seq for piece in pieces for seq in piece]
+        if len(set(seqs)) == len(seqs):  # no seq in two pieces: one trail, gaps and all
+            merged: dict[int, bytes] = {}
+            for piece in pieces:
+                merged.update(piece)
+            return [merged] if merged else []
+        return pieces
+
+    def _by_digest(self, seq: int, digest: bytes) -> bytes | None:
+        """The collected frame of ``seq`` whose shipped digest is ``digest``, if any."""
+        if seq < 0:
+            return None
+        index = self._index
+        if index is None:
+            index = self._index = {(s, self._digests[f]): f for f, (s, _p) in self._links.items()}
+        return index.get((seq, digest.hex()))
+
     def check(self) -> None:
-        """The checks that need the segment headers (in seq order): each digest against
-        its frame where the header says plain SHA-256, each encrypted record's JSON against
-        its decrypted frame where a data key opens it."""
+        """``streams``, then the checks that need the segment headers (each trail in seq
+        order): each digest against its frame where the header says plain SHA-256, each
+        encrypted record's JSON against its decrypted frame where a data key opens it.
+        ``frames`` is then the first trail (the only one, usually)."""
+        self._index = None
+        found = self.streams()
+        self.found = found
+        for frames in found:
+            self._check_stream(frames)
+        self.frames = found[0] if found else {}
+
+    def _check_stream(self, frames: dict[int, bytes]) -> None:
         import hashlib
 
         from sidecar.audit.chain import ALG_SHA256, decode_frame
         from sidecar.audit.crypto import DecryptError
 
         header: dict[str, Any] | None = None
-        for seq in sorted(self.frames):
-            frame = self.frames[seq]
+        for seq in sorted(frames):
+            frame = frames[seq]
             _s, _p, kind, body = decode_frame(frame)  # decoded once already in ``add``
             if kind == "seg":
                 header = body
-            elif seq - 1 not in self.frames:
+            elif seq - 1 not in frames:
                 header = None  # a gap: the header of this frame's segment is not known
             if header is not None and header.get("alg") == ALG_SHA256 and \
-                    hashlib.sha256(frame).hexdigest() != self._digests.get(seq):
+                    hashlib.sha256(frame).hexdigest() != self._digests.get(frame):
                 raise CollectError(f"the message for seq {seq} does not match its frame "
                                    "(digest): the collector's copy was edited")
-            if kind != "erc" or seq not in self._records:
+            if kind != "erc" or frame not in self._records:
                 continue
             try:
                 if self._decryptor is None or header is None:
@@ -585,7 +652,7 @@ class Collector:
             except DecryptError:
                 self.unchecked += 1
                 continue
-            if _canonical(wire) != self._records[seq]:
+            if _canonical(wire) != self._records[frame]:
                 raise CollectError(f"the message for seq {seq} does not match its frame "
                                    "(record): the collector's copy was edited")
 
@@ -608,10 +675,13 @@ def _json_record_frame(obj: dict[str, Any], text: str) -> bytes:
 
 
 def collect_frames(lines: Iterable[str], frames: dict[int, bytes]) -> int:
-    """``Collector.add`` into ``frames``; returns the number of messages read."""
+    """``Collector.add`` and ``streams`` into ``frames`` (the one trail, or the first);
+    returns the number of messages read."""
     collector = Collector()
-    collector.frames = frames
     collector.add(lines)
+    found = collector.streams()
+    if found:
+        frames.update(found[0])
     return collector.messages
 
 
