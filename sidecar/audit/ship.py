@@ -465,7 +465,6 @@ class Collector:
         self._digests: dict[bytes, str] = {}  # frame -> the digest its message shipped
         self._records: dict[bytes, str] = {}  # frame -> canonical JSON of an ``erc`` message
         self._links: dict[bytes, tuple[int, bytes]] = {}  # frame -> (seq, prev)
-        self._index: dict[tuple[int, str], bytes] | None = None  # (seq, digest) -> frame
         self.found: list[dict[int, bytes]] = []  # the trails (``check``)
         self.oversized = 0  # lines over MAX_COLLECT_LINE, skipped unread (``add_file``)
 
@@ -582,10 +581,10 @@ class Collector:
             if len(frames) > 1 and any(prev):
                 raise CollectError(f"two different frames were shipped with seq {seq}: a "
                                    "writer reused the seq (cut tail) or a frame was forged")
+        shipped = {(seq, self._digests[frame]) for frame, (seq, _p) in self._links.items()}
         pieces: list[dict[int, bytes]] = []
         for frame, (seq, prev) in sorted(self._links.items(), key=lambda item: item[1][0]):
-            before = self._by_digest(seq - 1, prev)
-            if before is not None:
+            if (seq - 1, prev.hex()) in shipped:
                 continue  # not a start: its piece is followed from its first frame
             piece: dict[int, bytes] = {}
             current: bytes | None = frame
@@ -604,21 +603,11 @@ class Collector:
             return [merged] if merged else []
         return pieces
 
-    def _by_digest(self, seq: int, digest: bytes) -> bytes | None:
-        """The collected frame of ``seq`` whose shipped digest is ``digest``, if any."""
-        if seq < 0:
-            return None
-        index = self._index
-        if index is None:
-            index = self._index = {(s, self._digests[f]): f for f, (s, _p) in self._links.items()}
-        return index.get((seq, digest.hex()))
-
     def check(self) -> None:
         """``streams``, then the checks that need the segment headers (each trail in seq
         order): each digest against its frame where the header says plain SHA-256, each
         encrypted record's JSON against its decrypted frame where a data key opens it.
         ``frames`` is then the first trail (the only one, usually)."""
-        self._index = None
         found = self.streams()
         self.found = found
         for frames in found:
