@@ -120,5 +120,8 @@ def test_a_refused_certificates_identity_is_recorded_as_a_claim(tmp_path: Path, 
         assert got == want, got
         assert {e.get("claimed_peer"): e["reason"] for e in lines} == want
     else:  # one record of its own, the others summarised under claimed_peers
-        assert set(got) == set(want) and len(refused) == 1, (got, refused)
+        # (``refused_records_per_source`` is a budget per whole second: refusals that
+        # straddle a second's end get one record of their own in each -- seen once in CI)
+        assert set(got) == set(want) and 1 <= len(refused) <= 2, (got, refused)
+        assert len(refused) < len(want) and summaries, (refused, summaries)
     assert all(len(claim) <= MAX_CLAIMED_CHARS for claim in got)
