@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import trio
 import yaml
 
 from sidecar.audit.record import AuditRecord
+from sidecar.audit.segments import list_segments, read_frames
 from sidecar.audit.writer import AuditWriter
 from sidecar.config.audit import AuditConfig
 from sidecar.output import Progress
@@ -270,3 +272,36 @@ def test_keyring_counts_each_distinct_key_once(sealed):
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert r.stderr.startswith("error: ") and "256 distinct public keys" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_verify_names_an_unsigned_segment_header_in_the_tail(tmp_path: Path):
+    """A rotation after the last checkpoint leaves the newest segment's header unsigned:
+    verify's table and JSON say so, not only the (here zero) unsigned records."""
+    from sidecar.audit.signing import write_keypair
+
+    priv, pub, _ = write_keypair(str(tmp_path / "signing"))
+    d = tmp_path / "audit"
+    config = AuditConfig(path=str(d), fsync=False, max_segment_bytes=2000,
+                         signing_key_file=priv)
+
+    async def run() -> None:
+        w = AuditWriter(config, identity="spiffe://td/me")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(w.run)
+            for i in range(60):
+                w.submit(AuditRecord(time=time.time(), request_id=f"r{i}", decision="allow",
+                                     rule="r", path=f"/p/{i}"))
+                await trio.sleep(0.001)
+            await w.aclose()
+
+    trio.run(run)
+    segments = list_segments(str(d))
+    assert len(segments) >= 2
+    with open(segments[-1].path, "rb") as fh:
+        offsets = [o for o, _p in read_frames(fh)]
+    os.truncate(segments[-1].path, offsets[1])  # the newest segment: its header only
+    args = [str(d), "--pubkey", pub]
+    doc = json.loads(sidecar_cli("audit", "verify", *args, "-o", "json").stdout)
+    assert doc["unsigned_tail_records"] == 0 and doc["unsigned_tail_frames"] == 1, doc
+    table = sidecar_cli("audit", "verify", *args)
+    assert "unsigned tail: 0 records and 1 other frame (segment headers)" in table.stdout

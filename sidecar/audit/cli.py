@@ -235,6 +235,7 @@ def verify_result_dict(result: VerifyResult) -> dict[str, Any]:
         "sealed": result.sealed, "checkpoints": result.checkpoints,
         "signed_through": result.signed_through,
         "unsigned_tail_records": result.unsigned_tail_records,
+        "unsigned_tail_frames": result.unsigned_tail_frames,
         "restarts": result.restarts, "anchors_matched": result.anchors_matched,
         "identities": list(result.identities),
         "broken": str(result.broken) if result.broken else None,
@@ -261,8 +262,14 @@ def verify_result_text(result: VerifyResult) -> str:
         lines.append(f"{label}: {', '.join(map(safe, result.identities))}{signed}")
     if result.assurance == "signature":
         through = "nothing" if result.signed_through is None else f"seq {result.signed_through}"
+        others = result.unsigned_tail_frames - result.unsigned_tail_records
+        # The newest segment's header (a rotation after the last checkpoint) is unsigned
+        # too: say so, not only the records.
+        tail = f"{result.unsigned_tail_records} records" + (
+            f" and {others} other frame{'s' if others != 1 else ''} (segment headers)"
+            if others > 0 else "")
         lines.append(f"signed: {result.checkpoints} checkpoints verified, covering {through}; "
-                     f"unsigned tail: {result.unsigned_tail_records} records")
+                     f"unsigned tail: {tail}")
     if result.anchors_matched:
         lines.append(f"anchors: {result.anchors_matched} matched")
     if result.broken is not None:
