@@ -48,6 +48,8 @@ from functools import cache, lru_cache
 from types import MappingProxyType
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
 from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
 from sidecar.errors import Unauthorized
 from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, read_json
@@ -126,6 +128,26 @@ def _signers() -> Mapping[str, Any]:
 
     return MappingProxyType({name: alg for name, alg in get_default_algorithms().items()
                              if name in ALGORITHM_FAMILY})
+
+
+def signature_length(key: Any) -> int:
+    """The exact length in bytes of a signature by ``key`` (0 for a key of no family we
+    verify: then no signature fits). RSA, PKCS#1 v1.5 and PSS alike: the modulus's length
+    (RFC 8017 8.1.2 and 8.2.2, step 1: "If the length of the signature S is not k octets,
+    output 'invalid signature'"); ECDSA: R and S of the curve's size each (RFC 7518 3.4);
+    Ed25519 64, Ed448 114 (RFC 8032). OpenSSL's PSS verification took a signature with its
+    leading zero byte dropped (one token in 256 had a second spelling, each verified and
+    cached anew and handed to the app as a different token; found by a hostile review), so
+    the length is checked here, for every family, before any key sees the signature."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return (key.key_size + 7) // 8
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return 2 * ((key.curve.key_size + 7) // 8)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return 64
+    if isinstance(key, ed448.Ed448PublicKey):
+        return 114
+    return 0
 
 
 class TokenInvalid(Unauthorized):
@@ -409,7 +431,8 @@ def verify_token(token: str, provider: JwtProvider, keys: KeySet, now: float) ->
         raise TokenInvalid(UNKNOWN_KID if len(keys) else NO_KEYS, f"kid {kid!r}")
     signature = _b64decode(signature_b64)
     signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
-    if not signature or not _signers()[alg].verify(signing_input, key.key, signature):
+    if len(signature) != signature_length(key.key) \
+            or not _signers()[alg].verify(signing_input, key.key, signature):
         raise TokenInvalid(BAD_SIGNATURE)
 
     check_audience(claims.get("aud"), provider.audiences)
