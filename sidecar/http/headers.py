@@ -30,8 +30,13 @@ REQUEST_ID = b"x-request-id"
 
 # Never removed because Connection names them: without Host the app (and the peer sidecar)
 # refuses the request, and Content-Length is the framing the body was read with -- a caller
-# listing them would turn its request into a 502 or a differently framed message.
-END_TO_END = frozenset({b"host", b"content-length"})
+# listing them would turn its request into a 502 or a differently framed message. And what
+# the sidecar judges the body by (a method-override field, ``http.body_override``): with
+# ``Connection: content-type`` a text/plain body, judged as no form, reached the app
+# without a type, which Rack reads as a form and ran as the DELETE its ``_method`` named,
+# past a deny rule (found by a hostile review); the encoding likewise names how the body
+# was read. They are the message's own description, never the hop's.
+END_TO_END = frozenset({b"host", b"content-length", b"content-type", b"content-encoding"})
 
 
 def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
