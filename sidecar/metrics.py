@@ -11,7 +11,9 @@ tuple build and one dict lookup.
 Memory is bounded: a metric holds at most ``max_children`` children. A new combination
 beyond that is folded into one child whose label values are all ``"other"``, and the fold
 is counted in ``sidecar_metrics_label_overflow_total{metric}``, so a hostile caller that
-manages to vary a label value cannot grow the registry. Label values are also cut at
+manages to vary a label value cannot grow the registry. A metric may name labels folded
+first (``fold_first``: the status of ``sidecar_requests_total``), which keeps the other
+labels' values in up to as many children again. Label values are also cut at
 ``MAX_LABEL_VALUE_CHARS``.
 
 Gauges can be callbacks evaluated at scrape time (queue depth, JWKS age). A callback
@@ -150,6 +152,7 @@ class Metric(Generic[ChildT]):
         *,
         max_children: int = DEFAULT_MAX_CHILDREN,
         on_overflow: Callable[[str], None] | None = None,
+        fold_first: Sequence[str] = (),
     ) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"invalid metric name {name!r}")
@@ -164,6 +167,8 @@ class Metric(Generic[ChildT]):
         self._on_overflow = on_overflow
         self._children: dict[tuple[str, ...], ChildT] = {}
         self._overflow_key = (OVERFLOW_LABEL_VALUE,) * len(self.labelnames)
+        # Labels folded alone first (``fold_first``), keeping the others: see ``_resolve``.
+        self._fold_first = tuple(i for i, n in enumerate(self.labelnames) if n in fold_first)
         if not self.labelnames:
             self._children[()] = self._new_child()
 
@@ -202,6 +207,20 @@ class Metric(Generic[ChildT]):
             self.overflowed += 1
             if self._on_overflow is not None:
                 self._on_overflow(self.name)
+            if self._fold_first:
+                # Only the labels an outsider varies (a status the app chooses) first: the
+                # others keep their values, so the app filling the metric with statuses
+                # cannot fold a deny decision into the all-"other" series, where alerts on
+                # ``decision="deny"`` no longer see it (found by a hostile review). Those
+                # series are bounded by the other labels' values, and at most as many again.
+                partial = tuple(OVERFLOW_LABEL_VALUE if i in self._fold_first else v
+                                for i, v in enumerate(key))
+                child = self._children.get(partial)
+                if child is not None:
+                    return child
+                if len(self._children) < 2 * self.max_children:
+                    child = self._children[partial] = self._new_child()
+                    return child
             key = self._overflow_key
             child = self._children.get(key)
             if child is not None:
@@ -373,10 +392,12 @@ class Registry:
         self._metrics[metric.name] = metric
         return metric
 
-    def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        """Register and return a counter."""
+    def counter(self, name: str, help: str, labelnames: Sequence[str] = (), *,
+                fold_first: Sequence[str] = ()) -> Counter:
+        """Register and return a counter (``fold_first``: see ``Metric._resolve``)."""
         metric = Counter(
-            name, help, labelnames, max_children=self.max_children, on_overflow=self._note_overflow
+            name, help, labelnames, max_children=self.max_children, on_overflow=self._note_overflow,
+            fold_first=fold_first,
         )
         self._add(metric)
         return metric
@@ -439,6 +460,7 @@ class SidecarMetrics:
             "Requests decided, by direction, decision (allow, deny, dry_run), matched rule "
             "and response status.",
             ("direction", "decision", "rule", "status"),
+            fold_first=("status",),
         )
         self.request_duration_seconds = r.histogram(
             "sidecar_request_duration_seconds",

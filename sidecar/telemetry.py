@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
     from sidecar.gate import Verdict
 
 _SERIES_KEPT = 1024  # requests_total series kept by (direction, decision, rule, status)
+# The statuses ``sidecar_requests_total`` names as they are: the registered ones (IANA's
+# registry, as ``http.HTTPStatus`` lists it). Any other is its class (``"5xx"``): the app
+# (or an upstream) chooses the status, and 400 statuses of its choice filled the metric's
+# 1,000 series, after which every new series -- the first deny -- went to "other" (found
+# by a hostile review; docs/metrics.md).
+REGISTERED_STATUSES = frozenset(s.value for s in HTTPStatus)
+
+
+def status_label(status: int) -> str:
+    """The ``status`` label of ``status``: itself if registered, else its class."""
+    return str(status) if status in REGISTERED_STATUSES else f"{status // 100}xx"
 
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
@@ -250,7 +262,7 @@ class Telemetry:
             series = self._requests.get(key)
             if series is None:
                 series = self.metrics.requests_total.labels(direction, label, decision.rule,
-                                                            str(status))
+                                                            status_label(status))
                 if len(self._requests) >= _SERIES_KEPT:
                     self._requests.clear()
                 self._requests[key] = series
