@@ -119,6 +119,7 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         MAX_FILE_BYTES,
         SvidError,
         _public_der,
+        load_roots,
         validate_svid_leaf,
         verify_chain,
     )
@@ -130,7 +131,9 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         ("cert", "certificate", ident.cert, x509.load_pem_x509_certificates),
         ("key", "private key", ident.key,
          lambda b: serialization.load_pem_private_key(b, password=None)),
-        ("bundle", "trust bundle", ident.bundle, x509.load_pem_x509_certificates),
+        # PEM or a SPIFFE trust bundle (JSON), read as ``sidecar run`` reads it: the
+        # pre-flight refused a JSON bundle that ``run`` starts with (a hostile review).
+        ("bundle", "trust bundle", ident.bundle, lambda b: load_roots(b, ident.bundle)),
     ]
     for key, what, path, parse in loaders:
         title = f"{what} file exists and parses"
@@ -144,8 +147,10 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
         try:
             loaded[key] = parse(data)
         except Exception as exc:  # noqa: BLE001 -- ValueError, TypeError, UnsupportedAlgorithm
-            run.add(g, title, "fail", f"{path}: not a PEM {what}: {exc}",
-                    f"identity.{key} must be a PEM file (an encrypted key is not supported)")
+            kind = "trust bundle" if key == "bundle" else f"PEM {what}"
+            run.add(g, title, "fail", f"{path}: not a {kind}: {exc}",
+                    f"identity.{key} must be a PEM file (an encrypted key is not supported)"
+                    + (", or a SPIFFE trust bundle (JSON)" if key == "bundle" else ""))
             continue
         run.add(g, title, "ok", path)
     titles = ("certificate is a valid X.509-SVID", "private key matches the certificate",
