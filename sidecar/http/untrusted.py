@@ -19,7 +19,9 @@ header the sidecar sets) behind a wrapper (``WRAPPERS``: CGI's ``HTTP_``, grpc-g
 ``Grpc-Metadata-``) -- ``HTTP_X_FORWARDED_FOR``, ``Http-X-Real-Ip``, ``Grpc-Metadata-X-User`` --
 is removed too: it is the entry to what reads past the wrapper, and Java's "real
 IP" helpers read ``request.getHeader("HTTP_X_FORWARDED_FOR")`` literally (it reaches the app
-only with ``headers.allow_underscores``; found by a hostile review). So is a ``_`` spelling
+only with ``headers.allow_underscores``; found by a hostile review). A name with more than
+``MAX_WRAPPERS`` wrappers in a row is removed whatever it wraps (deciding each inner name of a
+longer run was quadratic in the name's length). So is a ``_`` spelling
 of Content-Length or Content-Type (``Content_Length``): CGI gives those two fields variables
 of their own, and a server that reads ``_`` as ``-`` let the copy overwrite the real one.
 
@@ -323,6 +325,58 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "ms-aspnetcore-", prefix=True)
     + _family(IDENTITY, "the VPC an AWS API Gateway private API request came from, next to "
               "x-amzn-vpce-id above (found by a hostile review)", "x-amzn-vpc-id")
+    # The twenty-seventh session's review: framework adapters' internal headers, more edges'
+    # client addresses and the verdicts WAFs and bot managers insert for the app.
+    + _family(OVERRIDE, "Astro's adapter-internal headers: @astrojs/vercel's serverless entry "
+              "ran the path in x-astro-path (CVE-2026-33768, GHSA-mr6q-rp88-fx84: GET "
+              "/public/x with x-astro-path: /admin/delete ran /admin/delete, past a deny rule "
+              "on /admin/**) and reads the request's locals from x-astro-locals, next to "
+              "x-astro-middleware-secret (found by a hostile review)", "x-astro-", prefix=True)
+    + _family(OVERRIDE, "OpenNext (@opennextjs/aws) skips Next.js middleware for a request "
+              "with x-isr, its revalidation marker (the CVE-2025-29927 twin; the advisory's "
+              "fix: strip x-isr from all external requests; found by a hostile review)", "x-isr")
+    + _family(OVERRIDE, "OpenNext's internal headers (x-opennext-initial-url, -resolved-routes, "
+              "-locale, -rewrite-status-code, ...) and the geolocation it hands Next.js "
+              "middleware as request.geo and x-vercel-ip-* (x-open-next-city, -country, "
+              "-region, -latitude, -longitude): middleware geofences by them (found by a "
+              "hostile review)", "x-opennext- x-open-next-", prefix=True)
+    + _family(OVERRIDE, "vinext's (Cloudflare's Vite Next.js) internal headers: "
+              "x-vinext-mw-ctx carried the middleware's result, so a caller's {} skipped "
+              "middleware and a rewrite URL in it made the server an SSRF proxy (vinext "
+              "#1943); x-vinext-internal-authorization, -internal-request-cf, "
+              "-prerender-secret, ... (found by a hostile review)", "x-vinext-", prefix=True)
+    + _family(OVERRIDE, "the rest of Next.js's INTERNAL_HEADERS, which Next.js, OpenNext and "
+              "vinext strip from every incoming request (x-nextjs-data marks a data request, "
+              "x-next-resume-state-length a resumed render; beside x-middleware-*, "
+              "x-matched-path and x-now-route-matches above)",
+              "x-nextjs-data x-next-resume-state-length")
+    + _family(OVERRIDE, "Traefik's ReplacePath and ReplacePathRegex keep the original path in "
+              "X-Replaced-Path: apps route and build links by it (found by a hostile review)",
+              "x-replaced-path")
+    + _family(FORWARDING, "client-address headers of more edges: Tencent EdgeOne's "
+              "EO-Connecting-IP (its default) and EO-Client-IP (its documented custom name), "
+              "Alibaba ESA's ali-real-client-ip, Alibaba CDN's Ali-Cdn-Real-Port, "
+              "CDNetworks' Cdn-Src-Ip (its default): the same class as cf-connecting-ip and "
+              "ali-cdn-real-ip above (found by a hostile review)",
+              "eo-connecting-ip eo-client-ip ali-real-client-ip ali-cdn-real-port cdn-src-ip")
+    + _family(FORWARDING, "what more edges derived from the client's connection: Alibaba ESA's "
+              "ali-ip-country and ali-ip-city and its TLS fingerprints Tls-Ja3, Tls-Ja4 and "
+              "Tls-Hash (bot detection), Transparent Edge's Geo_Country_Code, Alibaba CDN's "
+              "X-Client-Scheme (the client's scheme): apps geofence, detect bots and trust "
+              "HTTPS by them (found by a hostile review)",
+              "ali-ip-country ali-ip-city tls-ja3 tls-ja4 tls-hash geo-country-code "
+              "x-client-scheme")
+    + _family(FORWARDING, "Tencent EdgeOne's bot-management verdict (EO-Bot-Tag: bot type, "
+              "name, botnet id, JA3, the action applied): the origin rate-limits and blocks by "
+              "it (found by a hostile review)", "eo-bot-tag")
+    + _family(FORWARDING, "verdicts WAFs and bot managers insert for the app: AWS WAF's custom "
+              "request headers (always x-amzn-waf-*; AWS tells users to block callers' "
+              "copies), Fastly Next-Gen WAF's (Signal Sciences) X-SigSci-AgentResponse "
+              "(allow or block) and X-SigSci-Tags (its signals), DataDome's X-DataDome-IsBot, "
+              "-BotName, -CaptchaPassed, -RuleType, ... but for X-DataDome-ClientID, the "
+              "client's own session id the DataDome module verifies (NOT_IN_PREFIX): apps let "
+              "through, step up or block by them (found by a hostile review)",
+              "x-amzn-waf- x-sigsci- x-datadome-", prefix=True)
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
@@ -340,10 +394,19 @@ CATALOGUE: tuple[Entry, ...] = tuple(
 # ``pass_through`` says (docs/SECURITY.md).
 WRAPPERS: tuple[str, ...] = ("http-", "grpc-metadata-")
 
+# A name with more than this many wrappers in a row is removed whatever it wraps: no gateway
+# stacks them that deep (CGI over grpc-gateway is two), and deciding every inner name of an
+# unbounded run cost time quadratic in the name's length -- ``Http-Http-...-X`` filling
+# ``limits.max_header_bytes`` stalled the event loop for every connection, 40 ms at 32 KiB and
+# seconds at 256 KiB (found by a hostile review). Removing it keeps the rule that no wrapped
+# catalogue name reaches the app.
+MAX_WRAPPERS = 4
+
 # Names a prefix entry covers that are not identity a gateway asserts but what the client
-# itself sends -- credentials the app verifies, its own user agent: forwarded like any other
-# header.
-NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key", "x-user-agent"})
+# itself sends -- credentials the app verifies, its own user agent, the session id its bot
+# manager's script sends (X-DataDome-ClientID): forwarded like any other header.
+NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key", "x-user-agent",
+                                          "x-datadome-clientid"})
 
 # Set by the sidecar itself from what it verified; never passed through from a caller.
 SIDECAR_SET: frozenset[str] = frozenset({
@@ -366,6 +429,10 @@ _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix
 _SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
 _NOT_IN_PREFIX: frozenset[bytes] = frozenset(fold(n) for n in NOT_IN_PREFIX)
 _WRAPPERS: tuple[bytes, ...] = tuple(fold(w) for w in WRAPPERS)
+# The longest name an exact lookup can match (claim headers are added per filter): a longer
+# suffix behind a wrapper is never sliced off and hashed, so each wrapper costs the same
+# whatever the length of the name.
+_LONGEST_EXACT = max(len(n) for n in (*_EXACT, *_SIDECAR_SET, *_NOT_IN_PREFIX))
 # The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
 _CGI_META = frozenset({b"content-length", b"content-type"})
 
@@ -405,7 +472,8 @@ class HeaderFilter:
     request from any caller, grew a sidecar by 120 MiB (found by a hostile review).
     """
 
-    __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_cache", "_extra")
+    __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_longest",
+                 "_cache", "_extra")
 
     _CACHE_MAX = 4096
     _EXTRA_MAX = 16  # distinct (extra, exact) sets kept; they change with the policy only
@@ -420,6 +488,7 @@ class HeaderFilter:
         self._base = frozenset(fold(n) for n in dropped)
         self._drop = self._base
         self._claims: frozenset[bytes] = frozenset()
+        self._longest = _LONGEST_EXACT
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra: dict[tuple[frozenset[bytes], frozenset[bytes]], _Decisions] = {}
 
@@ -434,6 +503,7 @@ class HeaderFilter:
         if claims == self._claims:
             return
         self._claims = claims
+        self._longest = max((_LONGEST_EXACT, *(len(n) for n in claims)))
         self._drop = self._base | claims
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra = {}
@@ -462,15 +532,35 @@ class HeaderFilter:
             # the real field: a second length the app frames the body by (found by a hostile
             # review: forwarded next to the Content-Length the sidecar framed the body with).
             return True
-        inner = n
-        while inner.startswith(_WRAPPERS):  # a catalogued name wrapped (``WRAPPERS``)
-            inner = inner[next(len(w) for w in _WRAPPERS if inner.startswith(w)):]
-            if inner in _EXACT or inner in _SIDECAR_SET or inner in self._claims or (
-                    inner.startswith(_PREFIXES) and inner not in _NOT_IN_PREFIX):
-                return True
+        if n.startswith(_WRAPPERS) and self._wrapped(n):
+            return True
         if n in self._pass:
             return False
         return n in _EXACT or (n.startswith(_PREFIXES) and n not in _NOT_IN_PREFIX)
+
+    def _wrapped(self, n: bytes) -> bool:
+        """Whether ``n`` (folded) is a catalogue entry, a sidecar-set or a claim header behind
+        one or more wrappers (``WRAPPERS``), or has more than ``MAX_WRAPPERS`` in a row.
+
+        Its work does not grow with the length of ``n`` (before, each wrapper peeled copied
+        and hashed the rest of the name: quadratic in the length, found by a hostile review):
+        at most ``MAX_WRAPPERS`` offsets are looked at, prefixes are matched in place, and only
+        a rest no longer than the longest exact name is sliced off for the set lookups."""
+        off = 0
+        for _ in range(MAX_WRAPPERS):
+            for w in _WRAPPERS:
+                if n.startswith(w, off):
+                    off += len(w)
+                    break
+            else:
+                return False  # the run of wrappers ended: each inner name was kept
+            rest = n[off:] if len(n) - off <= self._longest else None
+            if rest is not None and (rest in _EXACT or rest in _SIDECAR_SET
+                                     or rest in self._claims):
+                return True
+            if n.startswith(_PREFIXES, off) and (rest is None or rest not in _NOT_IN_PREFIX):
+                return True
+        return n.startswith(_WRAPPERS, off)  # one more wrapper: too many in a row
 
     def _decisions(self, extra: frozenset[bytes], exact: frozenset[bytes]) -> _Decisions:
         """The decisions with ``extra`` (compared folded) and ``exact`` names removed too."""
