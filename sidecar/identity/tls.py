@@ -88,10 +88,15 @@ def memory_files(*blobs: bytes) -> Iterator[list[str]]:
 
 def load_svid_into(ctx: ssl.SSLContext, svid: Svid, roots_pem: bytes | None = None) -> None:
     """Install ``svid``'s chain and key in ``ctx``, and ``roots_pem`` (default: the SVID's
-    own bundle) as the only trust."""
+    own bundle) as the only trust. ``b""`` is no root at all: every peer fails its
+    handshake. (It was read as "the default", so after every root of the own bundle was
+    withdrawn the contexts trusted the withdrawn roots again, and peers under them passed
+    the handshake, refused only after it; found by a hostile review.)"""
     with memory_files(svid.chain_pem, svid.key_pem) as (chain_path, key_path):
         ctx.load_cert_chain(chain_path, key_path)
-    ctx.load_verify_locations(cadata=(roots_pem or svid.bundle_pem).decode("ascii"))
+    roots = svid.bundle_pem if roots_pem is None else roots_pem
+    if roots:
+        ctx.load_verify_locations(cadata=roots.decode("ascii"))
 
 
 def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:

@@ -30,12 +30,15 @@ Trust ends when the first certificate of the chain that established it expires, 
 the leaf: ``check_peer`` returns the earliest ``notAfter`` of that chain (leaf,
 intermediates, root), and the connection is closed then (``LiveConnection.peer_not_after``,
 ``UpstreamMeta.peer_not_after``). A peer that presents more than ``MAX_PEER_CHAIN``
-certificates is refused (``chain-too-long``): the chain is kept for the connection's
-lifetime, and extra certificates would make each connection cost what the peer chooses.
+certificates, or more than ``MAX_PEER_CHAIN_BYTES`` of them, is refused (``chain-too-long``):
+the chain is kept for the connection's lifetime, and extra certificates would make each
+connection cost what the peer chooses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -87,6 +90,11 @@ class TrustBundle:
 # The most certificates a peer may present (leaf included): the leaf, up to
 # ``MAX_CHAIN_DEPTH`` intermediates the path builder would follow, and a root.
 MAX_PEER_CHAIN = MAX_CHAIN_DEPTH + 2
+# And at most this many bytes of DER, all the certificates it presented together: the count
+# alone let a peer pad its chain with large certificates OpenSSL does not need (9 of 10 KB:
+# 268 KB held per connection against 40, found by a hostile review). An SVID chain of
+# ten RSA-4096 certificates with long names stays well under it.
+MAX_PEER_CHAIN_BYTES = 32 * 1024
 
 # notAfter of the non-leaf members of verified chains (the trust domains' intermediates and
 # roots, shared DER objects: ``TlsTransport.peer_chain_der``), so a connection does not parse
@@ -219,8 +227,29 @@ def bundle_from_certs(trust_domain: str, path: str,
             # it is refused, as in an intermediate)
             raise SvidError(RULE_SIGNING_CERT_INVALID, f"a root of trust domain {trust_domain}"
                             f": {shape[1].removeprefix('intermediate ')}", file=path)
+        _chain_check_takes_root(trust_domain, path, root)
     return TrustBundle(trust_domain, path, tuple(roots), frozenset(
         c.public_bytes(serialization.Encoding.DER) for c in roots))
+
+
+def _chain_check_takes_root(trust_domain: str, path: str, root: x509.Certificate) -> None:
+    """Raise ``SvidError`` (``signing-cert-invalid``) when the chain check refuses ``root`` as
+    a chain of its own (a GeneralizedTime date before 2050, no version but extensions, an
+    empty subject or issuer...). OpenSSL anchors peers at such a root, and the set lookup of
+    ``check_peer`` accepted them, while the chain check refuses every chain through it
+    (found by a hostile review). Judged at a time within the root's validity: an expired
+    or future root is a matter of time, handled where peers are checked."""
+    now = time.time()
+    try:
+        start = root.not_valid_before_utc.timestamp()
+        end = root.not_valid_after_utc.timestamp()
+        at = now if start <= now < end else start + (end - start) / 2
+        verify_chain(root, [], [root], at)
+    except Exception as exc:  # noqa: BLE001 -- refuse the file, naming the root
+        raise SvidError(RULE_SIGNING_CERT_INVALID,
+                        f"a root of trust domain {trust_domain} "
+                        f"({root.subject.rfc4514_string()[:200]}) is refused by the chain "
+                        f"check: {str(exc)[:300]}", file=path) from exc
 
 
 def load_bundle(trust_domain: str, path: str, *, allow_empty: bool = True) -> TrustBundle:
@@ -271,6 +300,44 @@ def _time_rule(certs: Sequence[x509.Certificate], now: float) -> str | None:
     except Exception:  # noqa: BLE001 -- judged by the caller's own refusal
         return None
     return None
+
+
+# Chains OpenSSL verified that the chain check (cryptography's RFC 5280 profile) took too,
+# by the SHA-256 of their DERs (``chain_check_agrees``); the oldest is forgotten first.
+MAX_AGREED_CHAINS = 1024
+_agreed: dict[bytes, None] = {}
+
+
+def chain_check_agrees(spiffe_id: str, verified: Sequence[bytes], now: float) -> None:
+    """Raise ``SvidError`` (``chain-untrusted``) unless the chain check takes the chain
+    OpenSSL verified (leaf first, its anchor last) as it is.
+
+    The set lookup of ``check_peer`` accepts what OpenSSL anchored at a root of the peer's
+    trust domain. OpenSSL is more lenient than the chain check the same chain meets
+    elsewhere (as the own SVID, and again when ``check_peer`` takes the path builder): a
+    GeneralizedTime date before 2050, a certificate without a version that carries
+    extensions, a CA with an empty subject, an RSA signature without its NULL parameter, a
+    leaf with name constraints. Such a peer was accepted at its handshake and refused
+    where its chain was checked again (a root renewal), and reconnecting let it in again
+    (found by a hostile review). Both checks now run on every chain; a chain that passed
+    is remembered by its digest, so a peer's next connections cost a hash."""
+    digest = hashlib.sha256()
+    for der in verified:
+        digest.update(len(der).to_bytes(4, "big"))
+        digest.update(der)
+    key = digest.digest()
+    if key in _agreed:
+        return
+    try:
+        certs = [x509.load_der_x509_certificate(der) for der in verified]
+        verify_chain(certs[0], certs[1:-1], certs[-1:], now)
+    except Exception as exc:  # noqa: BLE001 -- a peer's chain: refuse, never crash
+        raise SvidError(RULE_CHAIN_UNTRUSTED,
+                        f"{spiffe_id}'s chain, as the handshake verified it, is refused by "
+                        f"the chain check: {str(exc)[:300]}") from exc
+    if len(_agreed) >= MAX_AGREED_CHAINS:
+        del _agreed[next(iter(_agreed))]
+    _agreed[key] = None
 
 
 def trust_domain_of(spiffe_id: str) -> str:
@@ -422,6 +489,11 @@ class TrustStore:
             raise SvidError(RULE_CHAIN_TOO_LONG,
                             f"the peer presented {len(chain.sent)} certificates, more than "
                             f"{MAX_PEER_CHAIN}")
+        size = sum(map(len, chain.sent))
+        if size > MAX_PEER_CHAIN_BYTES:
+            raise SvidError(RULE_CHAIN_TOO_LONG,
+                            f"the peer presented {size} bytes of certificates, more than "
+                            f"{MAX_PEER_CHAIN_BYTES}")
         td = trust_domain_of(spiffe_id)
         bundle = self.bundles.get(td)
         if bundle is None:
@@ -438,6 +510,7 @@ class TrustStore:
                 # OpenSSL checked every member's validity at the handshake; this is a
                 # chain checked again later (a bundle change) after one of them expired.
                 raise SvidError(RULE_EXPIRED, f"a certificate of {spiffe_id}'s chain expired")
+            chain_check_agrees(spiffe_id, chain.verified, now)
             return ends
         if not chain.sent:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH, "the peer's chain is not available")
