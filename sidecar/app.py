@@ -65,6 +65,7 @@ from sidecar.reload import (
     IGNORED_SIGNALS,
     RELOAD_SIGNALS,
     FileWatcher,
+    fingerprint,
     handle_signal,
     ignore_signals_until_handled,
 )
@@ -96,7 +97,14 @@ class Sidecar:
         self.worker_index = worker_index
         self.metrics = SidecarMetrics()
         ident = cfg.identity
+        # The watchers' first fingerprints, taken before the files are read (``_start_prints``).
+        self._start_prints: dict[str, str] = {
+            "certificates": _start_print([ident.cert, ident.key, ident.bundle]),
+            **{f"trust_domain {td}": _start_print([path]) for td, path in ident.trust_domains}}
         self.tls = TlsState.load(ident.cert, ident.key, ident.bundle, ident.trust_domains)
+        # The roots of each trust domain as last loaded (not as narrowed by a withdrawal): put
+        # back when its files are back to the set in force (``_roots_restored``).
+        self._loaded_bundles: dict[str, TrustBundle] = dict(self.tls.trust.bundles)
         self.own_id = self.tls.spiffe_id
         self.metrics.certificate_expiry_timestamp_seconds.set(self.tls.snapshot.svid.trust_ends)
         self.policies = PolicyHolder(cfg.policy)
@@ -180,6 +188,7 @@ class Sidecar:
                 logs.log("no_policy", "warning", message="no policy and no inbound.allow_from: "
                          "every inbound request is denied (fail closed)")
             return
+        self._start_prints["policy"] = _start_print(self._policy_paths())
         try:
             policy = self._load_policy_file()
         except Exception as exc:  # noqa: BLE001 -- whatever the loader raises, start fail closed
@@ -507,12 +516,19 @@ class Sidecar:
         await nursery.start(self.lifetimes.run)
         nursery.start_soon(self._sweep_pools)
         nursery.start_soon(self._summarise_refusals)
+        # Every watcher starts from the fingerprint taken BEFORE its files were loaded at start
+        # (``_start_prints``): taken here, after, a change landing in between (a root removed,
+        # a new policy) counted as in force and was never applied (found by a hostile review).
+        # A watcher's ``on_restored`` puts back roots withdrawn from a trust domain whose
+        # files are back to the set in force (``_roots_restored``).
+        prints = self._start_prints
         cert_watch = FileWatcher(
             "certificates", [ident.cert, ident.key, ident.bundle],
             load=functools.partial(load_rotated_svid, ident.cert, ident.key, ident.bundle,
                                    self.own_id),
             apply=self._apply_svid, on_error=self._own_reload_failed,
-            interval=ident.watch_interval)
+            interval=ident.watch_interval, initial=prints["certificates"],
+            on_restored=self._own_restored)
         await nursery.start(cert_watch.run)
         for td, path in ident.trust_domains:
             # Each federated bundle is watched on its own: a broken partner bundle keeps the
@@ -522,10 +538,11 @@ class Sidecar:
                 load=functools.partial(load_bundle, td, path),
                 apply=self._apply_bundle,
                 on_error=functools.partial(self._bundle_reload_failed, td, path),
-                interval=ident.watch_interval)
+                interval=ident.watch_interval, initial=prints[f"trust_domain {td}"],
+                on_restored=functools.partial(self._roots_restored, td))
             await nursery.start(bundle_watch.run)
         if cfg.policy is not None:
-            initial = None
+            initial = prints["policy"]
             if self.policies.policy is None:
                 initial = "failed-at-start"  # force a load as soon as the file changes or is fixed
             watch = FileWatcher("policy", self._policy_paths(), load=self._load_policy_file,
@@ -533,7 +550,7 @@ class Sidecar:
                                 interval=cfg.policy_watch_interval, initial=initial,
                                 on_restored=self._policy_restored)
             if self.policies.policy is None:
-                watch.mark_failed()
+                watch.mark_failed(prints["policy"])
             await nursery.start(watch.run)
         if self.worker_index == 0 and cfg.admin.listen is not None:
             from sidecar.admin import ADMIN_LIMITS, serve_admin
@@ -592,10 +609,13 @@ class Sidecar:
                                f"{exc.strerror or exc}") from None
 
     def _apply_svid(self, svid: Svid) -> None:
-        self._apply_tls(self.tls.with_svid(svid))
+        snapshot = self.tls.with_svid(svid)
+        self._apply_tls(snapshot)
+        self._loaded_bundles[snapshot.trust.own] = snapshot.trust.bundles[snapshot.trust.own]
 
     def _apply_bundle(self, bundle: TrustBundle) -> None:
         self.tls.swap(self.tls.with_bundle(bundle))
+        self._loaded_bundles[bundle.trust_domain] = bundle
         self.metrics.certificate_reloads_total.labels("ok").inc()
         # (no roots: the trust domain's X.509 trust was withdrawn, it now admits nobody)
         logs.log("trust_bundle_reloaded", "info" if bundle.roots else "warning",
@@ -647,6 +667,37 @@ class Sidecar:
         the file no longer lists, withdrawn at once as for the own bundle."""
         self._tls_reload_failed(exc)
         self._withdraw_unlisted(trust_domain, path)
+
+    def _own_restored(self) -> None:
+        """The own certificate files are back to the set in force (``on_restored``)."""
+        self._roots_restored(self.tls.trust.own)
+
+    def _roots_restored(self, trust_domain: str) -> None:
+        """After a failure, ``trust_domain``'s files are back to the set in force (a wrong
+        bundle reverted, a deleted file put back): nothing is loaded, so the roots a
+        withdrawal took from the set in force (``_withdraw_unlisted``) are put back -- the
+        file lists them again, and the set that lists them loaded. Before, they stayed
+        withdrawn: a wrong bundle reverted to the very file in force left every caller
+        refused until a restart (found by a hostile review). Log ``certificates_restored``
+        (``roots_restored``: how many came back)."""
+        loaded = self._loaded_bundles.get(trust_domain)
+        current = self.tls.trust.bundles.get(trust_domain)
+        if loaded is None or current is None:
+            return
+        back = len(loaded.root_ders - current.root_ders)
+        if back:
+            try:
+                widened = self.tls.with_bundle(loaded)
+            except (SidecarError, ValueError) as exc:  # (another bundle claims its CA now)
+                self._tls_reload_failed(exc)
+                return
+            # (``narrow`` installs a snapshot without counting a reload; the set in force is
+            # the one that loaded. Trusting more ends no connection: nothing to judge again.)
+            self.tls.narrow(widened)
+        self.tls.last_error = None
+        logs.log("certificates_restored", trust_domain=trust_domain,
+                 roots=len(loaded.roots), roots_restored=back,
+                 message="the files are back to the set in force")
 
     def _withdraw_unlisted(self, trust_domain: str, path: str) -> None:
         try:
@@ -758,6 +809,13 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return tie
+
+
+def _start_print(paths: list[str]) -> str:
+    """The fingerprint a watcher of ``paths`` starts from, taken before the files are first
+    read: any change after it, however soon, is a change to load. Files that cannot be read
+    then count as ``"missing"`` (the watcher's word for them: anything readable differs)."""
+    return fingerprint(paths) or "missing"
 
 
 def _broken_files(exc: BaseException) -> list[str]:

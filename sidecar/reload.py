@@ -23,10 +23,14 @@ refused with the error, never silently cut short.
 
 Reload signals: SIGHUP and SIGUSR1 (``RELOAD_SIGNALS``; nginx, HAProxy and ghostunnel reload
 on them) make every watcher of the process look at its files at once (``wake_watchers``)
-instead of at its next poll; content found changed is then taken without waiting one interval
-to settle -- the signal says the files are written -- and is still loaded and validated whole,
-and dropped if it changes while being read. SIGUSR2 (``IGNORED_SIGNALS``) is logged and
-ignored. Without a handler each of them would end the process at once (Python's default), with
+instead of at its next poll; content found changed is then taken once it has held still for
+``SIGNAL_SETTLE`` seconds (or the watcher's interval, if shorter) instead of a whole interval,
+and is still loaded and validated whole, and dropped if it changes while being read. It used
+to be taken at once -- "the signal says the files are written" -- but the signal is one for
+the whole process and says that of one file at most (spiffe-helper's ``renew_signal`` after it
+wrote the SVID): a policy being rewritten in place at that moment was loaded half-written,
+cut before its deny rule (found by a hostile review). SIGUSR2 (``IGNORED_SIGNALS``) is logged
+and ignored. Without a handler each of them would end the process at once (Python's default), with
 no drain and no audit flush.
 """
 
@@ -53,6 +57,12 @@ FINGERPRINT_BYTES = 16 * 1024 * 1024  # per file: more than any loader accepts
 # still -- rewritten by a loop, or a symlink to a file that changes at every read such as
 # ``/proc/self/status`` -- is never applied, and nothing said why before.
 UNSETTLED_POLLS = 5
+
+# After a reload signal, how long changed content must hold still (one re-read this much
+# later, matching) before it is loaded; a watcher polling faster needs its interval only. A
+# writer pausing this long half-way is read as it is, as one pausing a whole interval is
+# without a signal (docs/config.md "Signals": write files atomically).
+SIGNAL_SETTLE = 1.0
 
 # Signals whose default action ends the process and that operators and init systems send to a
 # running server, as data (docs/config.md "Signals"): the reload signals wake every watcher
@@ -158,16 +168,40 @@ class FileWatcher:
         self.last_failed: str | None = None
         self.failed_at = 0.0
         self.settling: str | None = None
+        self.settling_since = 0.0  # when ``settling`` was first seen (monotonic)
         self.unsettled = 0  # polls in a row whose new content had changed again
         self.retry_failed_after = retry_failed_after
         self.on_restored = on_restored
         self._woken: trio.Event | None = None  # set by wake(); made by run()
 
-    def mark_failed(self) -> None:
-        """The content on disk now has failed to load (e.g. at start, outside the watcher):
-        it is tried again when it changes, or after ``retry_failed_after`` as it is."""
-        self.last_failed = fingerprint(self.paths)
+    def mark_failed(self, seen: str | None = None) -> None:
+        """The content on disk has failed to load (e.g. at start, outside the watcher): it is
+        tried again when it changes, or after ``retry_failed_after`` as it is. ``seen``: the
+        fingerprint taken before that load read the files (``fingerprint``, or ``"missing"``);
+        without it the files are fingerprinted now -- after the load, so a change that landed
+        in between would count as the content that failed (found by a hostile review)."""
+        self.last_failed = seen if seen is not None else fingerprint(self.paths)
         self.failed_at = time.monotonic()
+
+    def _settle_from(self, current: str) -> None:
+        """``current`` is new content, not yet looked at: it starts settling now."""
+        if current != self.settling:
+            self.settling = current
+            self.settling_since = time.monotonic()
+
+    def _held_still(self, current: str) -> str | None:
+        """After a reload signal: the fingerprint once ``current`` has held still for
+        ``SIGNAL_SETTLE`` (or one interval, if shorter) since it was first seen -- re-read
+        after a sleep when it is newer than that (this runs in the reload thread)."""
+        self._settle_from(current)
+        wait = self.settling_since + min(SIGNAL_SETTLE, self.interval) - time.monotonic()
+        if wait <= 0:
+            return current
+        time.sleep(wait)
+        again = fingerprint(self.paths)
+        if again is not None and again != current:
+            self._settle_from(again)
+        return again
 
     def _check(self, now: bool = False) -> tuple[str | None, bool, Any, BaseException | None]:
         """Fingerprint and, if changed, load. Touches no shared state (runs in a thread).
@@ -175,18 +209,26 @@ class FileWatcher:
         Returns (fingerprint, attempted, result, error). Content that failed to load is
         tried again every ``retry_failed_after`` seconds even when unchanged: a certificate
         that was "not yet valid" (clock skew) becomes valid without anyone touching it.
-        ``now`` (a reload signal): changed content is loaded without settling first, and
+        ``now`` (a reload signal): changed content is loaded once it has held still for
+        ``SIGNAL_SETTLE`` (or one interval, if shorter) instead of a whole interval, and
         content that failed is tried again at once.
         """
         current = fingerprint(self.paths)
         if current is None or current == self.last:
             return current, False, None, None
-        if not now and current != self.settling and current != self.last_failed:
+        if now and current != self.last_failed:
+            # The signal is the whole process's (spiffe-helper's renew_signal after an SVID
+            # renewal): it says nothing of the other files. A policy being rewritten in place
+            # was loaded half-written, cut before its deny rule (found by a hostile review).
+            held = self._held_still(current)
+            if held != current:
+                return held, False, None, None
+        elif not now and current != self.settling and current != self.last_failed:
             # New content is applied only once it has stayed the same for a whole interval:
             # a file written in place, in pieces, can be valid YAML half-way through (cut at
             # a rule boundary, it could even be more permissive). Atomic swaps (Kubernetes
             # ..data, rename) settle at once and cost one interval of delay.
-            self.settling = current
+            self._settle_from(current)
             return current, False, None, None
         if not now and current == self.last_failed and (
                 time.monotonic() - self.failed_at < self.retry_failed_after):
@@ -204,7 +246,8 @@ class FileWatcher:
             # read may be a write in progress (an editor, `kubectl cp`, a script rewriting the
             # file in place), cut at a point where it still parses -- say before a deny rule.
             # Neither applied nor counted as a failure: the new content settles first.
-            self.settling = after
+            if after is not None:
+                self._settle_from(after)
             return after, False, None, None
         return current, True, result, error
 
