@@ -40,13 +40,21 @@ DENIED = {"/admin/**": "/admin/users", "/orders/*/refund": "/orders/7/refund", "
 # A denied script runs whatever follows it (its PATH_INFO): PHP, ASP.NET pages, handlers
 # and ASMX services, classic ASP, WCF, CGI.
 DENIED_SCRIPTS = ("/legacy/admin.php", "/pages/secret.aspx", "/h/export.ashx",
-                  "/svc/Admin.asmx", "/old/default.asp", "/wcf/ops.svc", "/cgi-bin/reset.cgi")
+                  "/svc/Admin.asmx", "/old/default.asp", "/wcf/ops.svc", "/cgi-bin/reset.cgi",
+                  # (a later review: ELMAH's handler, PHP's other extensions, ColdFusion,
+                  # Perl and FastCGI scripts, ISAPI extensions)
+                  "/elmah.axd", "/legacy/tool.phtml", "/legacy/tool.phar", "/legacy/old.php5",
+                  "/legacy/admin.cfm", "/cgi-bin/report.pl", "/app/dispatch.fcgi",
+                  "/scripts/isapi.dll")
 PATH_INFOS = ("/x", "/x/y", "/", "/admin.json", "/index.php", "/%61")
 
 # Front controllers: the prefix a PHP app drops before it routes.
 SCRIPTS = ("/index.php", "/app.php", "/app_dev.php", "/INDEX.PHP", "/Index.Php",
            "/index%2Ephp", "/ind%65x.php", "/public/index.php", "/a.php/index.php",
-           "/index.php/b.php")
+           "/index.php/b.php",
+           # (a later review: every front controller of FRONT_CONTROLLER_SUFFIXES)
+           "/index.phtml", "/index.phar", "/index.pht", "/index.php7", "/index.cfm",
+           "/INDEX.CFM", "/app.cgi", "/dispatch.fcgi", "/cgi-bin/app.cgi")
 # Windows short (8.3) names IIS serves a long name under (denied route -> spellings).
 LONG_NAMES = {"/administration/**": "/administration/users",
               "/files/report-2024.xlsx": "/files/report-2024.xlsx",
@@ -223,6 +231,12 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
                           ("b", "c.php", "d"), ("d",)]),
     ("/s.asmx/Method", [("s.asmx", "Method"), ("s.asmx",)]),
     ("/s.ASPX/x/y", [("s.ASPX", "x", "y"), ("s.ASPX",)]),
+    ("/elmah.axd/download", [("elmah.axd", "download"), ("elmah.axd",)]),
+    ("/report.pl/x", [("report.pl", "x"), ("report.pl",)]),
+    ("/index.cfm/admin", [("index.cfm", "admin"), ("index.cfm",), ("admin",)]),
+    ("/dispatch.fcgi/admin/x", [("dispatch.fcgi", "admin", "x"), ("dispatch.fcgi",),
+                                ("admin", "x")]),
+    ("/x/.fcgi/admin", [("x", ".fcgi", "admin"), ("x", ".fcgi")]),
     ("/x/y", [("x", "y")]),
 ])
 def test_the_forms_a_deny_rule_matches(path: str, forms: list[tuple[str, ...]]) -> None:

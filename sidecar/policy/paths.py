@@ -364,22 +364,36 @@ FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 # Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through,
 # and one for /admin.php let "/admin.php/x".
 SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
-SCRIPT_SUFFIX = ".php"
-# Other scripts that run with a PATH_INFO (what follows them is not routed: only the path up
-# to them is a form): ASP.NET's pages, handlers and ASMX services (``/svc.asmx/Method`` is
-# how an ASMX method is called), classic ASP, WCF's ``.svc`` and CGI scripts.
-PATH_INFO_SUFFIXES = (".php", ".aspx", ".ashx", ".asmx", ".asp", ".svc", ".cgi")
+# Front controllers, as data: scripts whose frameworks route the path after them. PHP in
+# every extension Debian's and php-fpm's stock configurations run as PHP
+# (``<FilesMatch ".+\.ph(?:ar|p|tml)$">``, and the old ``.php3``..``.php8``, ``.pht``);
+# ColdFusion and Lucee (``*.cfm/*`` is mapped; ColdBox and FW/1 route
+# ``/index.cfm/handler/action``); CGI and FastCGI front controllers (Werkzeug's
+# ``CGIHandler``, Plack, Rails' ``dispatch.fcgi`` route on PATH_INFO). Found by a hostile
+# review: only ``.php`` was one, and ``deny /admin/**`` let ``/index.phtml/admin/x``,
+# ``/index.cfm/admin/x``, ``/app.cgi/admin/x`` and ``/dispatch.fcgi/admin/x`` through.
+FRONT_CONTROLLER_SUFFIXES = (".php", ".phtml", ".phar", ".pht", ".php3", ".php4", ".php5",
+                             ".php7", ".php8", ".cfm", ".cgi", ".fcgi")
+# Every script that runs with a PATH_INFO: the path up to it is a form. The front controllers;
+# ASP.NET's pages, handlers, ASMX services (``/svc.asmx/Method`` is how an ASMX method is
+# called) and ``.axd`` handlers (ELMAH's ``/elmah.axd/download`` is its whole error log: a
+# deny rule for ``/elmah.axd`` let it through, found by the same review); classic ASP; WCF's
+# ``.svc``; Perl CGI scripts (``AddHandler cgi-script .cgi .pl``); IIS ISAPI extensions
+# (``/scripts/x.dll/y``).
+PATH_INFO_SUFFIXES = (*FRONT_CONTROLLER_SUFFIXES, ".aspx", ".ashx", ".asmx", ".axd", ".asp",
+                      ".svc", ".pl", ".dll")
 
 
 def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """The path after, and the path up to, the first and the last front-controller
-    segment (``*.php``), and up to the first and the last other script (see above)."""
+    """The path up to the first and the last script segment (``PATH_INFO_SUFFIXES``), and
+    the path after the first and the last front controller (``FRONT_CONTROLLER_SUFFIXES``;
+    a segment that is its suffix alone, ``/.php``, is no script)."""
     forms: list[tuple[str, ...]] = []
     scripts = [i for i, s in enumerate(segs[:-1]) if s.lower().endswith(PATH_INFO_SUFFIXES)]
     if scripts:
         forms.extend(segs[:i + 1] for i in dict.fromkeys((scripts[0], scripts[-1])))
-    found = [i for i, s in enumerate(segs)
-             if len(s) > len(SCRIPT_SUFFIX) and s[-len(SCRIPT_SUFFIX):].lower() == SCRIPT_SUFFIX]
+    found = [i for i, s in enumerate(segs) if (low := s.lower()).endswith(
+        FRONT_CONTROLLER_SUFFIXES) and low not in FRONT_CONTROLLER_SUFFIXES]
     if found:
         forms.extend(segs[i + 1:] for i in dict.fromkeys((found[0], found[-1])))
     return forms
