@@ -98,6 +98,21 @@ _COLLECTION_TAGS = {yaml.MappingStartEvent: (None, "!", "tag:yaml.org,2002:map")
 _PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 _PLAIN_FLOAT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
 _PLAIN_BOOL = frozenset({"true", "True", "TRUE", "false", "False", "FALSE"})
+# The other way round (found by a hostile review: `claims: {lvl: 1e3}` was the string "1e3",
+# and a deny rule on the claim missed a token's `"lvl": 1000`): plain scalars that YAML 1.1
+# reads as strings but YAML 1.2 (core schema) -- and JSON where it has the form -- as
+# numbers. YAML 1.1 wants a point and a signed exponent (`1e3`, `1E3`, `-1e3`, `1e+3`,
+# `1.0e3`, `6.02e23`, `.5e1`, `1.e3` are strings), no sign before a leading point (`+.5`,
+# `-.5`), no 8 or 9 after a leading zero (`09`, `0089`), and has no `0o` octal (`0o17`).
+# YAML 1.2's number forms are ``_PLAIN_FLOAT`` (its decimal integers included), `0o` octal
+# and `0x` hex; a plain scalar of one of them that YAML 1.1 resolved to a string is refused
+# unless quoted (a string) or tagged, like the ones above. `1.2.3`, `1e`, `deadbeef`,
+# `0x1g` are strings to both and stay strings.
+_YAML12_NUMBER = re.compile(f"{_PLAIN_FLOAT.pattern}|0o[0-7]+|0x[0-9a-fA-F]+")
+_YAML12_NUMBER_START = frozenset("0123456789+-.")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+# The tag ``_Builder.resolve`` gives such a scalar (never a tag a file can write: no scheme).
+_NUMBER_STR_TAG = "sidecar:yaml-1.1-string-yaml-1.2-number"
 _SLOW = object()  # "not a plain string: build it the long way"
 STOPPED_PROBLEM = f"{MAX_PROBLEMS} problems: stopped reading the file here (fix these first)"
 
@@ -175,8 +190,9 @@ class Source:
         self.filename = filename
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
-        # Key paths whose value is an explicit null (NULL_PROBLEM, reported once: the checks
-        # that then see None at that path add nothing).
+        # Key paths whose value is an explicit null (NULL_PROBLEM), or a plain value refused
+        # because YAML reads it otherwise than it looks (``_ambiguous``): reported once, the
+        # checks that then see None at that path add nothing.
         self.nulls: set[Path] = set()
         # Keys of mappings whose values were skipped (``parse_yaml(select=...)``) -> line.
         self.skipped: dict[Path, dict[str, int]] = {}
@@ -219,6 +235,12 @@ class Source:
         self.problem(path, NULL_PROBLEM)
         self.nulls.add(tuple(path))
 
+    def refused(self, path: Path, message: str) -> None:
+        """Record that the value at ``path`` was refused while reading (the builder gives
+        None for it): ``message`` is its one problem, as for a null."""
+        self.problem(path, message)
+        self.nulls.add(tuple(path))
+
     def raise_if_problems(self) -> None:
         """Raise one ``ConfigError`` listing every recorded problem; do nothing if there is none."""
         if self.problems:
@@ -249,6 +271,9 @@ class _Builder:
         tag = self.tags.get(text)
         if tag is None:
             tag = self.resolver(yaml.ScalarNode, text, (True, False))
+            if (tag == _STR_TAG and text[:1] in _YAML12_NUMBER_START
+                    and _YAML12_NUMBER.fullmatch(text)):
+                tag = _NUMBER_STR_TAG  # (refused by ``scalar``: ``_ambiguous``)
             if len(self.tags) >= 4096:
                 self.tags.clear()
             self.tags[text] = tag
@@ -387,7 +412,7 @@ class _Builder:
                 return event.value  # quoted or block scalar: a string
             tag = self.resolve(event.value)
             if (why := _ambiguous(tag, event.value)) is not None:
-                self.src.problem(path, why)
+                self.src.refused(path, why)
                 return None
         if tag == _NULL_TAG:
             self.src.null(path)
@@ -413,7 +438,9 @@ class _Builder:
 
 def _ambiguous(tag: str, text: str) -> str | None:
     """Why a plain scalar that YAML 1.1 resolved to ``tag`` does not mean what it looks like
-    (see ``_PLAIN_INT``), or None."""
+    (see ``_PLAIN_INT`` and ``_YAML12_NUMBER``), or None."""
+    if tag == _NUMBER_STR_TAG:
+        return _string_but_number(text)
     kind = tag.rsplit(":", 1)[-1]
     if (kind == "int" and not _PLAIN_INT.fullmatch(text)) or (
             kind == "float" and not _PLAIN_FLOAT.fullmatch(text)):
@@ -424,6 +451,46 @@ def _ambiguous(tag: str, text: str) -> str | None:
         return (f"{text!r} is read as {str(yaml.safe_load(text)).lower()} (YAML 1.1) but as a "
                 "string by YAML 1.2: write true or false, or quote it if it is a string")
     return None
+
+
+def _string_but_number(text: str) -> str:
+    """The problem of a plain scalar YAML 1.1 reads as a string and YAML 1.2 as a number
+    (``_YAML12_NUMBER``): both readings, and a spelling of the number both read alike."""
+    quoted = repr(text) if len(text) <= 64 else f"{text[:40]!r}... ({len(text):,} characters)"
+    readers = "YAML 1.2 and JSON" if _JSON_NUMBER.fullmatch(text) else "YAML 1.2"
+    number = _yaml12_number(text)
+    if number is None or (isinstance(number, float) and not math.isfinite(number)):
+        return (f"read as the string {quoted} by YAML 1.1 but as a number by {readers}: "
+                "quote it if it is a string (as a number it is out of range)")
+    spelling = _yaml11_spelling(number)
+    how = (f"in decimal digits ({spelling})" if re.fullmatch(r"-?[0-9.]+", spelling)
+           else f"as {spelling} (a point and a signed exponent: a number to YAML 1.1 too)")
+    return (f"read as the string {quoted} by YAML 1.1 but as the number {spelling} by "
+            f"{readers}: write it {how}, or quote it if it is a string")
+
+
+def _yaml12_number(text: str) -> int | float | None:
+    """The number YAML 1.2 reads ``text`` (a ``_YAML12_NUMBER``) as; None when it is longer
+    than ``MAX_NUMBER_TEXT`` (not read)."""
+    if len(text) > MAX_NUMBER_TEXT:
+        return None
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    if re.fullmatch(r"[-+]?[0-9]+", text):
+        return int(text)
+    return float(text)
+
+
+def _yaml11_spelling(number: int | float) -> str:
+    """``number`` (finite) as a plain scalar that YAML 1.1 and 1.2 both read as it: decimal
+    digits for a whole number (below 10**16 for a float), else Python's shortest form with a
+    point in the mantissa (``6.02e+23``, ``1.0e-05``: YAML 1.1 wants both)."""
+    if isinstance(number, int):
+        return str(number)
+    if number.is_integer() and abs(number) < 1e16:
+        return str(int(number))
+    mantissa, e, exponent = repr(number).partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else repr(number)
 
 
 def _number_read(text: str) -> str:

@@ -149,6 +149,9 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
             r.problem(cp, why)
             continue
         if isinstance(spec, scalar):
+            if (why := _registered_claim_problem(claim, "equals", spec)) is not None:
+                r.problem(cp, why)
+                continue
             out.append(ClaimCondition(claim, "equals", (spec,)))
             continue
         if not isinstance(spec, dict) or len(spec) != 1:
@@ -166,6 +169,9 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
                 # "" is in "a  b".split(" "): an empty scope token matched any double space.
                 r.problem(cp + (op,), "contains an empty string: expected a value")
                 continue
+            if (why := _registered_claim_problem(claim, op, operand)) is not None:
+                r.problem(cp + (op,), why)
+                continue
             out.append(ClaimCondition(claim, cast(ClaimOp, op), (operand,)))
         elif op == "one_of":
             if not isinstance(operand, list) or not operand:
@@ -174,6 +180,10 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
             bad = [i for i, v in enumerate(operand) if not isinstance(v, scalar)]
             for i in bad:
                 r.problem(cp + (op, i), "expected a string, number or boolean")
+            for i, v in enumerate(operand):
+                if i not in bad and (why := _registered_claim_problem(claim, op, v)) is not None:
+                    r.problem(cp + (op, i), why)
+                    bad.append(i)
             if not bad:
                 out.append(ClaimCondition(claim, "one_of", tuple(operand)))
         else:
@@ -188,6 +198,63 @@ def _claim_value_problem(value: Any) -> str | None:
     if any(isinstance(v, float) and not math.isfinite(v) for v in values):
         return "a claim value must be a finite number (JSON has no NaN or infinity)"
     return None
+
+
+# What a registered claim is in every token that passes verification (docs/authn.md step 6:
+# ``REGISTERED_CLAIM_TYPES`` refuses a JWT or an introspection answer whose claim is not),
+# for the problem of a test it can never meet. A claim of the table missing here is still
+# checked, and described as "of another type".
+_REGISTERED_CLAIM_KINDS = MappingProxyType({
+    "iss": "a non-empty string", "sub": "a non-empty string", "jti": "a non-empty string",
+    "aud": "a non-empty string or a list of them",
+    "exp": "a NumericDate (a number from 0 to 253402300799)",
+    "nbf": "a NumericDate (a number from 0 to 253402300799)",
+    "iat": "a NumericDate (a number from 0 to 253402300799)",
+})
+
+
+def _registered_claim_problem(claim: str, op: str, value: Any) -> str | None:
+    """Why the test ``claim op value`` on a registered claim (``REGISTERED_CLAIM_TYPES``)
+    can hold for no token that passes verification, or None. Found by a hostile review: a
+    deny rule ``claims: {sub: 1001}`` (a YAML integer; every accepted token's ``sub`` is a
+    string, and claim tests compare types strictly) loaded and denied nothing -- it failed
+    open. The table's own checks decide: ``equals`` and each ``one_of`` member must be a
+    value the claim may have; ``contains`` must be a member of a list the claim may be, or a
+    word (no space) of a string it may be -- so never for the NumericDates."""
+    # (imported here: the table lives with the verifier, which a load without claim tests,
+    # and ``policy check`` of such a policy, need not import)
+    from sidecar.authn.jwt import REGISTERED_CLAIM_TYPES
+
+    valid = REGISTERED_CLAIM_TYPES.get(claim)
+    if valid is None:
+        return None
+    kind = _REGISTERED_CLAIM_KINDS.get(claim, "of another type")
+    if op != "contains":
+        if valid(value):
+            return None
+        return (f"{claim} is {kind} in every token that passes verification (others are "
+                f"refused, bad_claim): it never equals {_described(value)}")
+    if valid([value]) or (isinstance(value, str) and " " not in value and valid(value)):
+        return None
+    if isinstance(value, str) and valid("x"):
+        return (f"{claim} is {kind} in every token that passes verification, and contains "
+                f"tests its words, delimited by single spaces: {_described(value)} is never "
+                "one of them")
+    return (f"{claim} is {kind} in every token that passes verification (others are "
+            f"refused, bad_claim): it never contains {_described(value)}")
+
+
+def _described(value: Any) -> str:
+    """A claim test's value with its type, as a problem names it (``the integer 1001``)."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if value == "":
+        return "the empty string"
+    return f"the string {value!r}"
 
 
 # Conditions memo (one per load): the same condition block -- `deny: {paths: [/admin/**]}` --
