@@ -223,6 +223,7 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
                       signalled: bool,
                       on_dropped: Callable[[str], None] | None = None) -> RefreshState:
     uri = provider.jwks_uri or provider.discovery_url or ""
+    data: bytes | None = None
     try:
         try:
             ssl_context = tls.current()
@@ -246,6 +247,13 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
             uri=uri, error=str(exc) if expected else repr(exc),
             failures=state.consecutive_failures + 1,
             have_keys=authenticator.keys(provider.name) is not None)
+        if data is not None and isinstance(exc, ConfigError):
+            # Refused as a whole, but the keys it no longer lists are withdrawn at once
+            # (``keysources.withdraw_unlisted``; found by a hostile review: a removed key
+            # kept verifying for ``jwks_max_stale`` beside one broken entry).
+            from sidecar.keysources import withdraw_unlisted
+
+            withdraw_unlisted(provider, authenticator, data, {"uri": uri}, on_dropped)
         return on_fetch_failed(state, trio.current_time())
     authenticator.set_keys(provider.name, keys, time.time())
     log("jwks_fetched", "info" if signalled else "debug", provider=provider.name, uri=uri,

@@ -21,6 +21,12 @@ not per request:
   a duplicate ``kid``, are errors: which key would win, or what the member means, is
   otherwise an accident.
 
+A document refused whole still withdraws: ``still_listed`` says which keys of the set in
+force it still lists (same material, kid and pinned alg), and the caller keeps only those --
+trusting less never waits for the rest of the set (a removed key kept verifying beside one
+broken entry, found by two hostile reviews). A document that is no JSON object with a
+``keys`` list withdraws nothing.
+
 The refresh schedule is a value (``RefreshState``) plus pure functions of ``now``; the async
 fetcher (``sidecar.jwks_fetch``) owns one state per provider and only asks it when to fetch. An
 unknown ``kid`` in a token may trigger a refetch, but at most one per
@@ -359,6 +365,150 @@ def parse_jwks(data: bytes, source: str) -> KeySet:
         unnamed=tuple(unnamed),
         skipped=tuple(skipped),
     )
+
+
+
+# ----------------------------------------------------------- keys a refused document still lists
+
+_ANY = object()  # a member of another JSON type than a string: it names nothing (see below)
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """What one entry of a refused JWKS document says about a key: its material
+    (``_material``), and its ``kid`` and pinned ``alg`` (None: absent; ``_ANY``: the member
+    is there but not a string, so it says nothing)."""
+
+    material: tuple[Any, ...]
+    kid: object
+    alg: object
+
+    def names(self, key: PublicJwk, material: tuple[Any, ...]) -> bool:
+        return (material == self.material
+                and (self.kid is _ANY or self.kid == key.kid)
+                and (self.alg is _ANY or self.alg == key.alg))
+
+
+def _material(key: PublicJwk) -> tuple[Any, ...]:
+    """The public key itself: type, curve, numbers (never the encoding: a coordinate sent
+    in 31 bytes instead of 32 is the same point)."""
+    numbers = _public_numbers(key.key)
+    if isinstance(numbers, rsa.RSAPublicNumbers):
+        return ("RSA", None, numbers.n, numbers.e)
+    if isinstance(numbers, ec.EllipticCurvePublicNumbers):
+        return ("EC", key.curve, numbers.x, numbers.y)
+    return (key.family, key.curve, bytes(numbers))
+
+
+def _b64_int(value: Any) -> int | None:
+    raw = _b64(value)
+    return None if raw is None else int.from_bytes(raw, "big")
+
+
+def _b64(value: Any) -> bytes | None:
+    import base64
+    import binascii
+
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return base64.b64decode(value.encode("ascii") + b"=" * (-len(value) % 4),
+                                altchars=b"-_", validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return None
+
+
+def _raw_material(raw: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``_material`` read from the members of an entry that does not load (None: the
+    members do not say which key it is)."""
+    kty, crv = raw.get("kty"), raw.get("crv")
+    if kty == "RSA":
+        n, e = _b64_int(raw.get("n")), _b64_int(raw.get("e"))
+        return None if n is None or e is None else ("RSA", None, n, e)
+    if not isinstance(crv, str):
+        return None
+    if kty == "EC":
+        x, y = _b64_int(raw.get("x")), _b64_int(raw.get("y"))
+        return None if x is None or y is None else ("EC", crv, x, y)
+    if kty == "OKP":
+        x_raw = _b64(raw.get("x"))
+        return None if x_raw is None else ("OKP", crv, x_raw)
+    return None
+
+
+def _listing(raw: Any, index: int) -> _Listing | None:
+    """The key one entry of a refused document names, or None when it names none usable."""
+    problems: list[Problem] = []
+    result = _one_key(raw, index, "", problems)
+    if isinstance(result, PublicJwk):
+        return _Listing(_material(result), result.kid, result.alg)
+    if not problems or not isinstance(raw, dict):
+        # Skipped (use: enc, key_ops without verify, an alg it can never verify, a
+        # contradicting x5c...): loaded whole, the document would not have this key either.
+        return None
+    if raw.get("use", "sig") != "sig":
+        return None
+    if any(name in raw for name in _PRIVATE_MEMBERS):
+        # Its private half published: whoever read the document can sign with the key, so
+        # the entry keeps nothing (the key goes, whatever the private members hold).
+        return None
+    ops = raw.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return None
+    material = _raw_material(raw)
+    if material is None:
+        return None
+
+    def member(name: str) -> object:
+        if name not in raw:
+            return None
+        return raw[name] if isinstance(raw[name], str) else _ANY
+
+    return _Listing(material, member("kid"), member("alg"))
+
+
+def still_listed(data: bytes, in_force: KeySet) -> KeySet | None:
+    """After the JWKS document ``data`` failed to load as a whole (``parse_jwks`` raised):
+    the keys of ``in_force`` it still lists, as a ``KeySet`` (``in_force`` itself when it
+    lists them all); None when it is no JSON object with a ``keys`` list (more likely a
+    wrong or half-written document than the end of every key: it withdraws nothing).
+
+    Withdrawing a key only ever trusts less, so it never waits for the rest of the set (as
+    for trust bundles): an operator or identity provider that removed a key (compromised)
+    and, in the same edit, published one entry that does not load (a typo'd new key, an
+    off-curve point, a duplicate kid) had the whole set refused, and the REMOVED key kept
+    verifying -- until a restart for a ``jwks_file``, for ``jwks_max_stale`` for a fetched
+    set (found by two hostile reviews). Keys the document adds wait for one that loads.
+
+    A key stays when an entry names the same key material (type, curve, public numbers)
+    with the same ``kid`` (absent for a key without one) and the same pinned ``alg``: a
+    kid or alg that changed is another key, and a typo can only drop a key, never keep one
+    it does not spell out. An entry with private members (``d``, ``k``...) keeps nothing:
+    its key's private half is public now. An entry that loads on its own is read as loaded (one that is
+    skipped -- ``use: enc``, an x5c for another key... -- names nothing); one that does not
+    (a broken member next to unchanged ones) is read from its raw members, where a ``kid``
+    or ``alg`` of another JSON type than a string names nothing either way. Only the first
+    ``MAX_KEYS`` entries are read (a longer list is refused too)."""
+    if len(data) > MAX_JWKS_BYTES:
+        return None
+    try:
+        doc = read_json(data)
+    except JsonDocError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        return None
+    listings = [listing for index, raw in enumerate(doc["keys"][:MAX_KEYS])
+                if (listing := _listing(raw, index)) is not None]
+
+    def listed(key: PublicJwk) -> bool:
+        material = _material(key)
+        return any(listing.names(key, material) for listing in listings)
+
+    by_kid = {kid: key for kid, key in in_force.by_kid.items() if listed(key)}
+    unnamed = tuple(key for key in in_force.unnamed if listed(key))
+    if len(by_kid) == len(in_force.by_kid) and len(unnamed) == len(in_force.unnamed):
+        return in_force
+    return KeySet(source=in_force.source, by_kid=MappingProxyType(by_kid), unnamed=unnamed)
 
 
 # ---------------------------------------------------------------------------- refresh schedule
