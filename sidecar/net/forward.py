@@ -678,11 +678,12 @@ async def forward(
                 # request only, as HAProxy and Envoy keep such connections private, and
                 # closed when the client connection ends (``request_loop``).
                 # (A declined upgrade on it too: whatever the app does with that connection
-                # afterwards reaches this client only.)
-                if solo and keep and ep.reader.reusable():
-                    ep.bytes_in = ep.bytes_out = 0
-                    client.private = ep
-                else:
+                # afterwards reaches this client only.) The pool sets it aside (``hold``): idle
+                # there, it is swept as a pooled one is -- closed past its peer's trust, its
+                # age or ``pool_idle_timeout``, and counted (found by a hostile review: kept
+                # on the client endpoint alone, it outlived its peer's certificate or CA
+                # until the client's next request or ``idle_timeout``).
+                if not (solo and keep and pool.hold(ep, client)):
                     await trio.aclose_forcefully(ep.stream)
             elif upgrade:
                 # An upgrade request the upstream declined (any final answer but 101): RFC

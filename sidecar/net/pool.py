@@ -27,6 +27,14 @@ with an older own certificate, or admitted under a bundle that has changed since
 pool, and ``sweep`` asks it for every idle connection at once (once a second, and after a
 rotation or a bundle change), closing those idle past ``idle_timeout`` too.
 
+A connection one client keeps for itself between its requests (connection-oriented
+authentication: ``Endpoint.private``, ``sidecar.net.forward``) is idle as well, though never
+handed to anyone else: ``hold`` sets it aside for that client, ``reclaim`` hands it back
+for the client's next request, and ``sweep`` judges it as any idle connection (idle past
+``idle_timeout``, or refused by ``retire``) and closes it, so the client's next request
+takes a connection from the pool. While a request runs over it, it is in use like any
+connection handed out (``on_acquire``: the request in flight is bound to its trust).
+
 The usual exchange takes the connection released last and gives it back, neither of which
 waits for anything: ``take`` and ``keep`` do that without a coroutine (two per request
 less on each proxy); ``acquire`` and ``release`` are the complete, awaitable forms, and
@@ -48,12 +56,15 @@ from sidecar.net.streams import Endpoint, looks_alive, run_clock
 
 @dataclass
 class PoolStatistics:
-    """Counts of one upstream pool: idle connections now, opened, reused, closed as stale."""
+    """Counts of one upstream pool: idle connections now, opened, reused, closed as stale,
+    and connections set aside for one client each now (``hold``; those whose client let
+    them go are counted until the next ``sweep`` drops them)."""
 
     idle: int
     opened: int
     reused: int
     closed_stale: int
+    private: int = 0
 
 
 class UpstreamPool:
@@ -82,6 +93,11 @@ class UpstreamPool:
         # (inbound), never -- see the module docstring of ``forward``.
         self.reuse_after_body = network
         self._idle: list[tuple[float, Endpoint]] = []
+        # Connections set aside for one client each (``hold``): connection -> (when set
+        # aside, the client endpoint whose ``private`` it is). An entry whose client let it
+        # go (``client.private`` is no longer it: its connection ended and closed it) is
+        # dropped by the next ``sweep``.
+        self._private: dict[Endpoint, tuple[float, Endpoint]] = {}
         self._unusable: list[Endpoint] = []  # set aside by ``take``, closed by ``acquire``
         self.opened = 0
         self.reused = 0
@@ -117,12 +133,35 @@ class UpstreamPool:
         self._unusable.append(ep)
         return None
 
+    def hold(self, ep: Endpoint, client: Endpoint) -> bool:
+        """Set ``ep`` aside as ``client``'s own (``client.private``), for that client's next
+        request only, if its exchange completed cleanly and ``retire`` does not refuse it
+        (as ``keep``); False: the caller closes it. Until ``reclaim`` takes it back it is
+        idle and ``sweep`` judges it with the pooled ones."""
+        if not ep.reader.reusable():
+            return False
+        now = self._now()
+        if self._retire is not None and self._retire(ep, now):
+            self.retired += 1
+            return False
+        ep.bytes_in = ep.bytes_out = 0
+        self._private[ep] = (now, client)
+        client.private = ep
+        return True
+
     def reclaim(self, ep: Endpoint) -> bool:
         """Whether ``ep`` -- a connection a client kept for itself, never pooled
-        (``Endpoint.private``) -- may carry that client's next request: alive, and not one
-        ``retire`` refuses (told to ``on_acquire`` as a reuse). False: the caller closes it."""
+        (``Endpoint.private``, set aside by ``hold``) -- may carry that client's next
+        request: idle less than ``idle_timeout``, alive, and not one ``retire`` refuses
+        (told to ``on_acquire`` as a reuse). False: the caller closes it."""
         now = self._now()
-        if not looks_alive(ep.stream) or (self._retire is not None and self._retire(ep, now)):
+        entry = self._private.pop(ep, None)
+        if (entry is not None and now - entry[0] >= self._idle_timeout) \
+                or not looks_alive(ep.stream):
+            self.closed_stale += 1
+            return False
+        if self._retire is not None and self._retire(ep, now):
+            self.retired += 1
             return False
         self.reused += 1
         if self._on_acquire is not None:
@@ -166,31 +205,52 @@ class UpstreamPool:
     async def sweep(self) -> int:
         """Close the idle connections past ``idle_timeout`` and those ``retire`` refuses now
         (their peer's or the own chain expired, their maximum age, a bundle that no longer
-        verifies the peer); return how many. The sidecar calls it once a second
+        verifies the peer, an own certificate rotated since), pooled or set aside for one
+        client (``hold``); return how many. The sidecar calls it once a second
         (``SWEEP_INTERVAL``) and after a trust change: ``take`` looks only at the connection
         released last, so before the twenty-sixth session the ones under it were never
         looked at -- held open past their peer's certificate and ``max_connection_age``, and
-        never counted (found by a hostile review)."""
-        idle = self._idle
-        if not idle:
+        never counted (found by a hostile review); nor, before the twenty-seventh, the ones
+        a client kept for itself (NTLM, Negotiate), which stayed open to a peer no longer
+        trusted until that client's next request or its ``idle_timeout`` (found by a
+        hostile review)."""
+        idle, private = self._idle, self._private
+        if not idle and not private:
             return 0
         now = self._now()
         retire, limit = self._retire, self._idle_timeout
-        keep: list[tuple[float, Endpoint]] = []
         gone: list[Endpoint] = []
-        for since, ep in idle:
-            if now - since >= limit:
-                self.closed_stale += 1
+        if idle:
+            keep: list[tuple[float, Endpoint]] = []
+            for since, ep in idle:
+                if now - since >= limit:
+                    self.closed_stale += 1
+                    gone.append(ep)
+                elif retire is not None and retire(ep, now):
+                    self.retired += 1
+                    gone.append(ep)
+                else:
+                    keep.append((since, ep))
+            if gone:
+                self._idle = keep
+        if private:
+            for ep, (since, client) in list(private.items()):
+                if client.private is not ep:  # (let go: its client's connection closed it)
+                    del private[ep]
+                    continue
+                if now - since >= limit:
+                    self.closed_stale += 1
+                elif retire is not None and retire(ep, now):
+                    self.retired += 1
+                else:
+                    continue
+                # Taken from its client before any await: its next request takes a
+                # connection from the pool, never this one being closed.
+                del private[ep]
+                client.private = None
                 gone.append(ep)
-            elif retire is not None and retire(ep, now):
-                self.retired += 1
-                gone.append(ep)
-            else:
-                keep.append((since, ep))
-        if gone:
-            self._idle = keep
-            for ep in gone:
-                await trio.aclose_forcefully(ep.stream)
+        for ep in gone:
+            await trio.aclose_forcefully(ep.stream)
         return len(gone)
 
     async def retire_idle(self) -> int:
@@ -198,12 +258,19 @@ class UpstreamPool:
         return await self.sweep()
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (those set aside for a client too)."""
         idle, self._idle = self._idle, []
         unusable, self._unusable = self._unusable, []
-        for ep in unusable + [ep for _, ep in idle]:
+        private, self._private = self._private, {}
+        held = []
+        for ep, (_, client) in private.items():
+            if client.private is ep:
+                client.private = None
+                held.append(ep)
+        for ep in unusable + [ep for _, ep in idle] + held:
             await trio.aclose_forcefully(ep.stream)
 
     def statistics(self) -> PoolStatistics:
         """The pool's counts now."""
-        return PoolStatistics(len(self._idle), self.opened, self.reused, self.closed_stale)
+        return PoolStatistics(len(self._idle), self.opened, self.reused, self.closed_stale,
+                              len(self._private))
