@@ -119,6 +119,22 @@ HTTP2_UPGRADES: dict[str, bytes] = {
 }
 
 
+# Every other upgrade after whose 101 the connection carries HTTP requests: RFC 2817's TLS
+# (CUPS and IPP servers take it), HTTP/1.x, SPDY -- in every case and version, alone, in a
+# list and in a second field (found by a later hostile review: the requests inside an
+# upgraded TLS connection reached the app unjudged).
+HTTP_CARRYING_UPGRADES: dict[str, bytes] = {
+    "tls_1_0": b"Upgrade: TLS/1.0\r\n", "tls_1_2": b"Upgrade: TLS/1.2\r\n",
+    "tls_1_3": b"Upgrade: TLS/1.3\r\n", "tls_bare": b"Upgrade: TLS\r\n",
+    "tls_lower": b"Upgrade: tls/1.2\r\n", "ssl": b"Upgrade: SSL/3.0\r\n",
+    "tls_then_http": b"Upgrade: TLS/1.2, HTTP/1.1\r\n", "http_1_1": b"Upgrade: HTTP/1.1\r\n",
+    "http_1_0": b"Upgrade: HTTP/1.0\r\n", "http_bare": b"Upgrade: HTTP\r\n",
+    "https": b"Upgrade: https/1.1\r\n", "spdy": b"Upgrade: SPDY/3.1\r\n",
+    "spdy_lower": b"Upgrade: spdy/3\r\n", "second_in_list": b"Upgrade: websocket, TLS/1.2\r\n",
+    "second_field": b"Upgrade: websocket\r\nUpgrade: HTTP/1.1\r\n",
+}
+
+
 def _upgrade(connection: bytes, upgrade: bytes = b"Upgrade: echo\r\n") -> bytes:
     return b"GET /open/ws HTTP/1.1\r\n" + H + b"Connection: " + connection + b"\r\n" + upgrade \
         + b"\r\n"
@@ -159,6 +175,17 @@ def test_every_http2_upgrade_is_refused(mesh: Mesh, side: str, case: str) -> Non
     mark = mesh.app.snapshot()
     out = exchange(mesh, side, _upgrade(b"Upgrade, HTTP2-Settings", HTTP2_UPGRADES[case]
                                         + b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+                   + hostile.SMUGGLED)
+    assert statuses(out) == [400], out[:300]
+    hostile.assert_generic_refusal(out)
+    assert mesh.app.targets_since(mark) == []
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", sorted(HTTP_CARRYING_UPGRADES))
+def test_every_http_carrying_upgrade_is_refused(mesh: Mesh, side: str, case: str) -> None:
+    mark = mesh.app.snapshot()
+    out = exchange(mesh, side, _upgrade(b"Upgrade", HTTP_CARRYING_UPGRADES[case])
                    + hostile.SMUGGLED)
     assert statuses(out) == [400], out[:300]
     hostile.assert_generic_refusal(out)

@@ -30,6 +30,9 @@ def test_plain_get():
     ([(b"expect", b"200-ok")], "bad_expect"),
     ([(b"upgrade", b"h2c"), (b"connection", b"Upgrade, HTTP2-Settings")], "h2c_upgrade"),
     ([(b"upgrade", b"websocket, H2C"), (b"connection", b"upgrade")], "h2c_upgrade"),
+    ([(b"upgrade", b"TLS/1.2"), (b"connection", b"Upgrade")], "http_upgrade"),
+    ([(b"upgrade", b"websocket, http/1.1"), (b"connection", b"upgrade")], "http_upgrade"),
+    ([(b"upgrade", b"SPDY/3.1"), (b"connection", b"upgrade")], "http_upgrade"),
 ])
 def test_refused_headers(headers, reason):
     with pytest.raises(BadRequest) as err:

@@ -278,14 +278,17 @@ IN_FLIGHT = {
 }
 
 
+@pytest.mark.parametrize("upgrade", [False, True], ids=["plain", "upgrade"])
 @pytest.mark.parametrize("name", list(IN_FLIGHT))
 def test_a_reload_judges_the_override_of_a_request_in_flight_again(tmp_path, pki, app, procs,
-                                                                    name) -> None:
+                                                                    name, upgrade) -> None:
     """A long upload ``POST /upload?_method=DELETE`` -- or a long download answering a POST
     whose body named DELETE --, allowed when it began, ends when a reload denies DELETE
     (``policy_refused``), as a request in flight the policy no longer allows does
     (docs/policy.md); a reload that still allows DELETE leaves it alone (found by a hostile
-    review: only the request's own POST was judged again)."""
+    review: only the request's own POST was judged again). The same with Upgrade headers
+    the app declines: a later review found such a request judged again without its
+    override (the stream's recheck)."""
     import socket
 
     from tests.harness import mtls_context, read_head, spiffe, wait_for
@@ -311,6 +314,8 @@ def test_a_reload_judges_the_override_of_a_request_in_flight_again(tmp_path, pki
                                                   timeout=10)) as tls:
         kind, target, content_type, body = IN_FLIGHT[name]
         typed = f"Content-Type: {content_type}\r\n" if content_type else ""
+        if upgrade:
+            typed += "Connection: Upgrade\r\nUpgrade: websocket\r\n"
         length = len(body) if body else 1 << 40
         tls.sendall(f"POST {target} HTTP/1.1\r\nHost: orders\r\n{typed}"
                     f"Content-Length: {length}\r\n\r\n".encode() + body)

@@ -175,6 +175,12 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
             # An h2c upgrade would turn the connection into HTTP/2 that the sidecar cannot
             # see: every request after the first would bypass the policy (h2c smuggling).
             raise BadRequest("h2c_upgrade")
+        if any(_carries_http(token) for token in protocols):
+            # The same for every other upgrade whose connection goes on carrying HTTP
+            # requests: RFC 2817's ``TLS/1.x`` (CUPS and IPP servers take it: the requests
+            # inside the TLS reached the app unjudged, found by a hostile review), an
+            # ``HTTP/1.x`` "upgrade", SPDY.
+            raise BadRequest("http_upgrade")
         named = [token for token in protocols if token]
         if not named or any(_PROTOCOL.fullmatch(token) is None for token in named):
             # RFC 9110 7.8: Upgrade = 1#protocol, protocol = name ["/" version], tokens
@@ -314,6 +320,16 @@ def _lists_upgrade(value: bytes) -> bool:
     if lower.find(b"upgrade") < 0:  # (find: see _has_close in sidecar.http.wire)
         return False
     return any(token.strip(b" \t") == b"upgrade" for token in lower.split(b","))
+
+
+# Upgrade protocols (``name`` of ``name[/version]``, lower-cased) after whose 101 the
+# connection carries HTTP requests the sidecar would not see (HTTP/2 is ``_is_http2``'s).
+HTTP_CARRYING_UPGRADES = frozenset({b"tls", b"ssl", b"http", b"https", b"spdy"})
+
+
+def _carries_http(token: bytes) -> bool:
+    """An Upgrade protocol in ``HTTP_CARRYING_UPGRADES`` (any version, any case)."""
+    return token.strip(b" \t").lower().partition(b"/")[0] in HTTP_CARRYING_UPGRADES
 
 
 def _is_http2(token: bytes) -> bool:
