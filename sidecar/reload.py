@@ -272,9 +272,18 @@ class FileWatcher:
             self.failed_at = time.monotonic()
             self.on_error(error)
             return False
+        try:
+            self.apply(result)
+        except Exception:
+            # Loaded but not applied (a bundle whose CA is in another trust domain's): a
+            # failure of this content, not the set in force. Recorded as "in force" before
+            # the apply, it was never tried again once the conflict was gone, and reverting
+            # to it "restored" roots no file listed (found by a hostile review).
+            self.last_failed = current
+            self.failed_at = time.monotonic()
+            raise
         self.last = current
         self.last_failed = None
-        self.apply(result)
         logs.log("reloaded", what=self.name)
         return True
 
