@@ -45,7 +45,8 @@ DENIED_SCRIPTS = ("/legacy/admin.php", "/pages/secret.aspx", "/h/export.ashx",
                   # Perl and FastCGI scripts, ISAPI extensions)
                   "/elmah.axd", "/legacy/tool.phtml", "/legacy/tool.phar", "/legacy/old.php5",
                   "/legacy/admin.cfm", "/cgi-bin/report.pl", "/app/dispatch.fcgi",
-                  "/scripts/isapi.dll")
+                  "/scripts/isapi.dll", "/ws/admin.cfc", "/cgi-bin/tool.py", "/cgi-bin/run.sh",
+                  "/scripts/tool.exe")
 PATH_INFOS = ("/x", "/x/y", "/", "/admin.json", "/index.php", "/%61")
 
 # Front controllers: the prefix a PHP app drops before it routes.
@@ -54,7 +55,7 @@ SCRIPTS = ("/index.php", "/app.php", "/app_dev.php", "/INDEX.PHP", "/Index.Php",
            "/index.php/b.php",
            # (a later review: every front controller of FRONT_CONTROLLER_SUFFIXES)
            "/index.phtml", "/index.phar", "/index.pht", "/index.php7", "/index.cfm",
-           "/INDEX.CFM", "/app.cgi", "/dispatch.fcgi", "/cgi-bin/app.cgi")
+           "/INDEX.CFM", "/index.cfml", "/index.cfc", "/app.cgi", "/dispatch.fcgi", "/cgi-bin/app.cgi")
 # Windows short (8.3) names IIS serves a long name under (denied route -> spellings).
 LONG_NAMES = {"/administration/**": "/administration/users",
               "/files/report-2024.xlsx": "/files/report-2024.xlsx",

@@ -367,21 +367,22 @@ SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
 # Front controllers, as data: scripts whose frameworks route the path after them. PHP in
 # every extension Debian's and php-fpm's stock configurations run as PHP
 # (``<FilesMatch ".+\.ph(?:ar|p|tml)$">``, and the old ``.php3``..``.php8``, ``.pht``);
-# ColdFusion and Lucee (``*.cfm/*`` is mapped; ColdBox and FW/1 route
-# ``/index.cfm/handler/action``); CGI and FastCGI front controllers (Werkzeug's
+# ColdFusion and Lucee (``*.cfm/*``, ``*.cfml/*`` and ``*.cfc/*`` are mapped; ColdBox and
+# FW/1 route ``/index.cfm/handler/action``); CGI and FastCGI front controllers (Werkzeug's
 # ``CGIHandler``, Plack, Rails' ``dispatch.fcgi`` route on PATH_INFO). Found by a hostile
 # review: only ``.php`` was one, and ``deny /admin/**`` let ``/index.phtml/admin/x``,
 # ``/index.cfm/admin/x``, ``/app.cgi/admin/x`` and ``/dispatch.fcgi/admin/x`` through.
 FRONT_CONTROLLER_SUFFIXES = (".php", ".phtml", ".phar", ".pht", ".php3", ".php4", ".php5",
-                             ".php7", ".php8", ".cfm", ".cgi", ".fcgi")
+                             ".php7", ".php8", ".cfm", ".cfml", ".cfc", ".cgi", ".fcgi")
 # Every script that runs with a PATH_INFO: the path up to it is a form. The front controllers;
 # ASP.NET's pages, handlers, ASMX services (``/svc.asmx/Method`` is how an ASMX method is
 # called) and ``.axd`` handlers (ELMAH's ``/elmah.axd/download`` is its whole error log: a
 # deny rule for ``/elmah.axd`` let it through, found by the same review); classic ASP; WCF's
-# ``.svc``; Perl CGI scripts (``AddHandler cgi-script .cgi .pl``); IIS ISAPI extensions
-# (``/scripts/x.dll/y``).
+# ``.svc``; CGI scripts in Perl, Python and shell
+# (``AddHandler cgi-script .cgi .pl .py .sh``) and IIS's CGI executables and ISAPI
+# extensions (``/scripts/x.dll/y``, ``.exe``).
 PATH_INFO_SUFFIXES = (*FRONT_CONTROLLER_SUFFIXES, ".aspx", ".ashx", ".asmx", ".axd", ".asp",
-                      ".svc", ".pl", ".dll")
+                      ".svc", ".pl", ".py", ".sh", ".dll", ".exe")
 
 
 def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
