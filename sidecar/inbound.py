@@ -587,10 +587,12 @@ HANDSHAKE_FAILURES: dict[tuple[str, str], str] = {
     ("SSL", "CERTIFICATE_VERIFY_FAILED"): "peer_cert_untrusted",
     ("SSL", "TLSV1_ALERT_UNKNOWN_CA"): "peer_cert_untrusted",
     ("SSL", "SSLV3_ALERT_CERTIFICATE_EXPIRED"): "peer_cert_expired",
-    # The peer's Certificate message is larger than OpenSSL takes (its 100 KB list): a
-    # chain of ordinary certificates past the count limit reached it first and was
-    # ``handshake_failed``, which the burst detector does not count (a hostile review).
-    ("SSL", "EXCESSIVE_MESSAGE_SIZE"): "peer_untrusted:chain-too-long",
+    # A handshake message larger than OpenSSL takes: a Certificate message past its 100 KB
+    # list (a chain of ordinary certificates past the count limit reaches it first), or an
+    # oversized ClientHello -- OpenSSL's code does not say which, so neither is named a
+    # chain. It was ``handshake_failed``, which the burst detector does not count (a hostile
+    # review); it counts now (``TLS_CREDENTIAL_FAILURES``).
+    ("SSL", "EXCESSIVE_MESSAGE_SIZE"): "message_too_large",
 }
 HANDSHAKE_FAILED = "handshake_failed"
 # CERTIFICATE_VERIFY_FAILED carries X509's verify code: these refine its label.

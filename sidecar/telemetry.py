@@ -50,7 +50,7 @@ def status_label(status: int) -> str:
 # Connection refusals that are a failure of the peer's own credentials (its certificate):
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
-                                     "no_client_cert", "bad_svid",
+                                     "no_client_cert", "bad_svid", "message_too_large",
                                      "peer_untrusted"})  # a chain from another trust domain's root
 
 

@@ -156,7 +156,10 @@ def test_tls12_sessions_are_neither_resumed_nor_kept(target: Target, tmp_path: P
                 answer = b""
                 while chunk := tls.recv(65536):
                     answer += chunk
-                assert answer.startswith(b"HTTP/1.1 200 ")
+                # (refused after the handshake since the twenty-seventh session: 72 KB of
+                # certificates is past the chain's 32 KiB; the handshake, and what OpenSSL
+                # would cache, is the same)
+                assert answer == b""
                 session = tls.session
                 with contextlib.suppress(ssl.SSLError, OSError):
                     tls.unwrap()

@@ -39,6 +39,7 @@ from sidecar.identity.trust import (
     bundle_from_certs,
 )
 from sidecar.inbound import HANDSHAKE_FAILURES
+from sidecar.telemetry import TLS_CREDENTIAL_FAILURES
 from sidecar.tlsstate import load_own_svid, own_bundle
 from tests.harness import (
     TD,
@@ -185,20 +186,22 @@ def _big_ca(i: int, key: rsa.RSAPrivateKey) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def test_a_certificate_message_past_openssls_limit_is_chain_too_long(world: Any) -> None:
-    assert HANDSHAKE_FAILURES[("SSL", "EXCESSIVE_MESSAGE_SIZE")] == \
-        "peer_untrusted:chain-too-long"
+def test_a_certificate_message_past_openssls_limit_is_message_too_large(world: Any) -> None:
+    assert HANDSHAKE_FAILURES[("SSL", "EXCESSIVE_MESSAGE_SIZE")] == "message_too_large"
+    assert "message_too_large" in TLS_CREDENTIAL_FAILURES
     tmp, pki, proc = world
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     base = pki.identity("frontend", dirname="fe-big")
     ident = tmp / "big"
     shutil.copytree(base, ident)
+    # (99 certificates of about 1.2 KB and 1.3 KB of padding each: past OpenSSL's 100 KB)
     (ident / "tls.crt").write_bytes((base / "tls.crt").read_bytes()
-                                    + b"".join(_big_ca(i, key) for i in range(99)))
+                                    + b"".join(_big_ca(i, key) for i in range(60))
+                                    + b"".join(_junk(1_300) for _ in range(39)))
     since = len(proc.log_events("connection_refused"))
     assert _status(proc.port("inbound"), mtls_context(ident, pki.bundle)) != 200
     wait_for(lambda: _refusals(proc, since), timeout=5)
-    assert _refusals(proc, since) == ["peer_untrusted:chain-too-long"]
+    assert _refusals(proc, since) == ["message_too_large"]
     assert proc.metric("sidecar_tls_handshake_failures_total", direction="inbound",
                        reason="handshake_failed") == 0
 
