@@ -378,8 +378,10 @@ def test_cert_inspect_reports_a_pss_leaf_without_a_traceback(tmp_path):
 # intermediate -- mints distinct valid certificates of up to ~100 KB (OpenSSL's bound for a
 # chain) at will: ~90 KB a handshake stayed in every worker until the cache filled, accepted
 # or refused by the trust-domain rule. Each family member is a way to put new bytes there.
+# (Since the twenty-seventh session a chain is at most 32 KiB, ``trust.MAX_PEER_CHAIN_BYTES``:
+# the certificates here are as large as an accepted chain can hold, ~30 KB.)
 
-PAD = 90_000
+PAD = 30_000
 
 
 def _padded(cn: str, issuer: Ca, key: Any, *, ca: bool, uris: tuple[str, ...]
@@ -417,18 +419,18 @@ def _ec_fixed() -> Any:
 
 
 def _big_leaf(n: int, key: Any) -> list[x509.Certificate]:
-    """A partner leaf of ~90 KB: accepted."""
+    """A partner leaf of ~30 KB: accepted."""
     return [_padded(f"w{n}", PARTNER, key, ca=False, uris=(PARTNER_ID,))]
 
 
 def _big_forged_leaf(n: int, key: Any) -> list[x509.Certificate]:
-    """Our identity from the partner's CA, ~90 KB: refused by the trust-domain rule (after
+    """Our identity from the partner's CA, ~30 KB: refused by the trust-domain rule (after
     the leaf rules, and the identity cache, saw it)."""
     return [_padded(f"f{n}", PARTNER, key, ca=False, uris=(PEER,))]
 
 
 def _big_intermediate(n: int, key: Any) -> list[x509.Certificate]:
-    """A small partner leaf under a distinct ~90 KB partner intermediate: accepted."""
+    """A small partner leaf under a distinct ~30 KB partner intermediate: accepted."""
     inter = Ca(key, _padded(f"i{n}", PARTNER, key, ca=True, uris=(f"spiffe://{PTD}",)))
     small, _ = leaf(inter, PARTNER_ID, key=key)
     return [small[0], inter.cert]
@@ -469,9 +471,10 @@ def _rss(pid: int) -> int:
 
 
 def test_distinct_large_certificates_do_not_grow_a_sidecar(tmp_path, app, procs):
-    """Through a real inbound listener: 70 distinct ~90 KB certificates of each family member
-    (210 handshakes; keyed by the DER, and the large intermediates shared, they held ~19 MB)
-    leave the sidecar's memory where it was, within allocator noise."""
+    """Through a real inbound listener: 70 distinct ~30 KB certificates of each family member
+    (210 handshakes; keyed by the DER, and the large intermediates shared, they would hold
+    ~6 MB; ~90 KB ones held ~19 MB before the chain's 32 KiB cap) leave the sidecar's memory
+    where it was, within allocator noise."""
     import socket
 
     own, partner = _bundle_files(tmp_path)
