@@ -261,6 +261,9 @@ class Sidecar:
         def follow(policy: Policy) -> None:
             extras = policy.extras
             self.header_filter.set_claim_headers(policy.claim_headers)
+            self.header_filter.set_token_headers(
+                loc.name for provider in extras.jwt_providers.values()
+                for loc in provider.locations if loc.kind == "header")
             authenticator.update(extras)
             key_sources.sync(extras.jwt_providers)
             limiter.update(extras.rate_limits)

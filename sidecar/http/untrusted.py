@@ -429,10 +429,20 @@ _PREFIXES: tuple[bytes, ...] = tuple(fold(e.name) for e in CATALOGUE if e.prefix
 _SIDECAR_SET: frozenset[bytes] = frozenset(fold(n) for n in SIDECAR_SET)
 _NOT_IN_PREFIX: frozenset[bytes] = frozenset(fold(n) for n in NOT_IN_PREFIX)
 _WRAPPERS: tuple[bytes, ...] = tuple(fold(w) for w in WRAPPERS)
+# Credential headers the app may get as they are (it may verify a token itself), but never
+# behind a wrapper: a caller's ``Grpc-Metadata-Authorization: Bearer forged`` became gRPC
+# ``authorization`` metadata, and ``Http-X-Api-Key`` (``HTTP_X_API_KEY`` with underscores
+# kept) a key the app read, while the sidecar verified only the plain spellings (found by a
+# hostile review: an opaque token and an API key reached the app unchecked, beside a valid
+# one too). With them, every token header a provider of the policy reads
+# (``HeaderFilter.set_token_headers``).
+CREDENTIAL_HEADERS: frozenset[str] = frozenset({"authorization", "proxy-authorization",
+                                               "x-api-key"})
+_CREDENTIALS: frozenset[bytes] = frozenset(fold(n.encode()) for n in CREDENTIAL_HEADERS)
 # The longest name an exact lookup can match (claim headers are added per filter): a longer
 # suffix behind a wrapper is never sliced off and hashed, so each wrapper costs the same
 # whatever the length of the name.
-_LONGEST_EXACT = max(len(n) for n in (*_EXACT, *_SIDECAR_SET, *_NOT_IN_PREFIX))
+_LONGEST_EXACT = max(len(n) for n in (*_EXACT, *_SIDECAR_SET, *_NOT_IN_PREFIX, *_CREDENTIALS))
 # The fields CGI makes meta-variables without ``HTTP_`` (RFC 3875 4.1.2, 4.1.3).
 _CGI_META = frozenset({b"content-length", b"content-type"})
 
@@ -473,7 +483,7 @@ class HeaderFilter:
     """
 
     __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_longest",
-                 "_cache", "_extra")
+                 "_cache", "_extra", "_wrapped_only")
 
     _CACHE_MAX = 4096
     _EXTRA_MAX = 16  # distinct (extra, exact) sets kept; they change with the policy only
@@ -488,6 +498,7 @@ class HeaderFilter:
         self._base = frozenset(fold(n) for n in dropped)
         self._drop = self._base
         self._claims: frozenset[bytes] = frozenset()
+        self._wrapped_only: frozenset[bytes] = _CREDENTIALS
         self._longest = _LONGEST_EXACT
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra: dict[tuple[frozenset[bytes], frozenset[bytes]], _Decisions] = {}
@@ -503,8 +514,23 @@ class HeaderFilter:
         if claims == self._claims:
             return
         self._claims = claims
-        self._longest = max((_LONGEST_EXACT, *(len(n) for n in claims)))
-        self._drop = self._base | claims
+        self._reset()
+
+    def set_token_headers(self, names: Iterable[str]) -> None:
+        """Remove, from here on, every wrapped spelling of the token headers the policy's
+        providers read (``CREDENTIAL_HEADERS``: the plain spelling is the provider's to judge).
+        Called at every policy swap."""
+        wrapped_only = _CREDENTIALS | frozenset(fold(n.encode("latin-1")) for n in names)
+        if wrapped_only == self._wrapped_only:
+            return
+        self._wrapped_only = wrapped_only
+        self._reset()
+
+    def _reset(self) -> None:
+        """After the claim or token headers changed: the bounds and the decisions anew."""
+        self._longest = max((_LONGEST_EXACT, *(len(n) for n in self._claims),
+                             *(len(n) for n in self._wrapped_only)))
+        self._drop = self._base | self._claims
         self._cache = _Decisions(self._decide, self._CACHE_MAX)
         self._extra = {}
 
@@ -556,7 +582,7 @@ class HeaderFilter:
                 return False  # the run of wrappers ended: each inner name was kept
             rest = n[off:] if len(n) - off <= self._longest else None
             if rest is not None and (rest in _EXACT or rest in _SIDECAR_SET
-                                     or rest in self._claims):
+                                     or rest in self._claims or rest in self._wrapped_only):
                 return True
             if n.startswith(_PREFIXES, off) and (rest is None or rest not in _NOT_IN_PREFIX):
                 return True
