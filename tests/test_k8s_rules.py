@@ -377,6 +377,12 @@ CASES: list[Case] = [
     Case("config annotation off the allowlist",
          _with(_meta("annotations", CONFIG_ANNOTATION, "payments-sidecar")),
          "deny:config_not_allowed"),
+    # (session 27: the families are in tests/test_k8s_review28.py)
+    Case("app runs as the sidecar's uid",
+         _with(lambda d: _app(d).update(securityContext={"runAsUser": 65532})),
+         "deny:sidecar_uid"),
+    Case("hostAliases", _with(lambda d: d["spec"].update(
+        hostAliases=[{"ip": "127.0.0.1", "hostnames": ["x"]}])), "deny:name_resolution"),
 ]
 
 

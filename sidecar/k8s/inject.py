@@ -366,13 +366,13 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     if rules.opted_out(meta_in, options):
         rules.check_credentials(pod_spec, options, sidecar_exempt=False)
         return None
-    os_name = (pod_spec.get("os") or {}).get("name") if isinstance(pod_spec.get("os"), dict) \
-        else None
-    if os_name is not None and os_name != "linux":
+    os_name = rules.pod_os(pod_spec)
+    if os_name is not None:
         # The sidecar is a Linux container (its securityContext's runAsUser, seccomp and the
         # rest cannot be set on a Windows pod; the API server refused the injected pod with
         # a confusing error; found by a hostile review): left alone in ``enabled``
-        # namespaces, denied in ``required`` ones, like ``hostNetwork``.
+        # namespaces, denied in ``required`` ones, like ``hostNetwork``. ``spec.os.name``,
+        # a nodeSelector or a required node affinity says so (``rules.pod_os``).
         if options.namespace_mode != "required":
             rules.check_credentials(pod_spec, options, sidecar_exempt=False)
             return None
@@ -393,6 +393,9 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
         meta["annotations"] = {**(meta.get("annotations") or {}),
                                STATUS_ANNOTATION: STATUS_INJECTED}
         return meta, copy.deepcopy(pod_spec)
+    # Where the sidecar goes (first of its list) must be where it starts first: with
+    # --no-native a native sidecar of the pod's would start before it (``sidecar_order``).
+    rules.check_order(pod_spec, "initContainers" if options.native else "containers", 0)
     meta = copy.deepcopy(meta_in)
     spec = copy.deepcopy(pod_spec)
 

@@ -25,6 +25,11 @@ at its word:
   other container may read those Secrets into its environment -- checked for opted-out and
   hostNetwork pods too (``check_credentials``); no shared process namespace (through
   ``/proc/<pid>/root`` another container could read the sidecar's key).
+* **The sidecar's network stays the sidecar's** (found by a hostile review, session 27):
+  nothing starts before it (``sidecar_order``: in either placement), no other container
+  runs as its UID (``sidecar_uid``: it could join its SO_REUSEPORT listeners), and the pod's
+  ``hostAliases`` and ``dnsConfig``, which the kubelet writes into the sidecar's container
+  too, do not pick where its names resolve (``name_resolution``).
 * **A running pod keeps the sidecar it was admitted with** (``check_update``, for pod UPDATE
   and ``pods/ephemeralcontainers``): the old pod is compared with the new one; a changed
   sidecar container or credential volume, or an added or changed container reaching for
@@ -51,6 +56,7 @@ from sidecar.k8s.inject import (
     INJECT_ANNOTATION,
     OPT_OUT_VALUES,
     SIDECAR_CONTAINER,
+    SIDECAR_UID,
     SPIFFE_CSI_DRIVER,
     InjectError,
     InjectOptions,
@@ -87,12 +93,20 @@ POD_RULES: dict[str, str] = {
                           "may only pick a ConfigMap the injector's options allow",
     "host_network": "in a required namespace a pod that cannot carry the sidecar "
                     "(hostNetwork) is denied rather than admitted without it",
-    "pod_os": "in a required namespace a pod for another OS than Linux (spec.os.name: "
-              "windows), which cannot carry the Linux sidecar, is denied rather than admitted "
-              "without it",
+    "pod_os": "in a required namespace a pod for another OS than Linux (spec.os.name, a "
+              "nodeSelector or a required node affinity on kubernetes.io/os: windows), which "
+              "cannot carry the Linux sidecar, is denied rather than admitted without it",
     "sidecar_order": "a native sidecar (an init container with restartPolicy: Always) placed "
-                     "before mesh-sidecar starts first and could take its ports and answer "
-                     "its probes, so the mesh sidecar would never serve",
+                     "before mesh-sidecar, any native sidecar when mesh-sidecar is a regular "
+                     "container, or an app container listed before it, starts first and could "
+                     "take its ports and answer its probes, so the mesh sidecar would never "
+                     "serve",
+    "sidecar_uid": "a container running as the sidecar's UID (its own runAsUser or the "
+                   "pod's) could join the sidecar's SO_REUSEPORT listeners and take a share "
+                   "of the connections meant for it",
+    "name_resolution": "hostAliases, dnsPolicy: None or dnsConfig nameservers or searches "
+                       "reach the sidecar's resolver too: the pod would choose where the "
+                       "audit collector, the JWKS and the upstream names resolve",
     "malformed_pod": "a field the injector reads has the wrong JSON type (POD_SHAPE): "
                      "what a reader of the other type would see is not what was checked",
 }
@@ -114,6 +128,7 @@ _CONTAINER: dict[str, Any] = {
              "valueFrom": {"secretKeyRef": {"name": _STRING}}}],
     "envFrom": [{"secretRef": {"name": _STRING}}],
     "volumeMounts": [_NAMED], "volumeDevices": [_NAMED],
+    "restartPolicy": _STRING, "securityContext": {"runAsUser": _INTEGER},
     **{probe: {"httpGet": _HTTP_GET}
        for probe in ("livenessProbe", "readinessProbe", "startupProbe")},
 }
@@ -122,6 +137,13 @@ POD_SHAPE: dict[str, Any] = {
     "spec": {
         "hostNetwork": _BOOLEAN, "hostPID": _BOOLEAN, "shareProcessNamespace": _BOOLEAN,
         "os": {"name": _STRING},
+        "nodeSelector": {"*": _STRING},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": _STRING, "operator": _STRING, "values": [_STRING]}]}]}}},
+        "securityContext": {"runAsUser": _INTEGER},
+        "hostAliases": [{"ip": _STRING, "hostnames": [_STRING]}],
+        "dnsPolicy": _STRING, "dnsConfig": {"nameservers": [_STRING], "searches": [_STRING]},
         "initContainers": [_CONTAINER], "containers": [_CONTAINER],
         "ephemeralContainers": [_CONTAINER],
         "volumes": [{"name": _STRING, "csi": {"driver": _STRING},
@@ -207,6 +229,52 @@ def mode_for_path(path: str) -> str | None:
 
 def _refuse(rule: str, message: str) -> InjectError:
     return InjectError(message, rule=rule)
+
+
+# The node labels that name a node's OS (the kubelet sets both; the beta one is deprecated).
+OS_NODE_LABELS = ("kubernetes.io/os", "beta.kubernetes.io/os")
+
+
+def _term_may_be_linux(term: Any) -> bool:
+    """Whether a required node-affinity term could match a Linux node: each of its
+    ``matchExpressions`` on an OS label must admit ``linux``."""
+    for expression in (term.get("matchExpressions") or []) if isinstance(term, dict) else []:
+        if not isinstance(expression, dict) or expression.get("key") not in OS_NODE_LABELS:
+            continue
+        values = expression.get("values") or []
+        operator = expression.get("operator")
+        if not ((operator == "In" and "linux" in values)
+                or (operator == "NotIn" and "linux" not in values) or operator == "Exists"):
+            return False
+    return True
+
+
+def pod_os(spec: dict[str, Any]) -> str | None:
+    """The OS other than Linux the pod is for, or None: ``spec.os.name``, or, the way the
+    Kubernetes docs pin a pod to Windows nodes, a ``nodeSelector`` on ``kubernetes.io/os``
+    or a required node affinity none of whose terms admits a Linux node (found by a hostile
+    review: such a pod was injected with the Linux sidecar and never started)."""
+    os_field = spec.get("os")
+    name = os_field.get("name") if isinstance(os_field, dict) else None
+    if name is not None:
+        return None if name == "linux" else str(name)
+    selector = spec.get("nodeSelector")
+    for label in OS_NODE_LABELS:
+        value = selector.get(label) if isinstance(selector, dict) else None
+        if value is not None and value != "linux":
+            return str(value)
+    affinity = spec.get("affinity")
+    node = affinity.get("nodeAffinity") if isinstance(affinity, dict) else None
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution") \
+        if isinstance(node, dict) else None
+    terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
+    if terms and not any(_term_may_be_linux(term) for term in terms):
+        # (POD_SHAPE has made the terms and expressions objects, the values strings.)
+        named = [value for term in terms for expression in term.get("matchExpressions") or []
+                 if expression.get("key") in OS_NODE_LABELS and expression.get("operator") == "In"
+                 for value in expression.get("values") or [] if value != "linux"]
+        return str(named[0]) if named else "not linux"
+    return None
 
 
 def opted_out(meta: dict[str, Any], options: InjectOptions) -> bool:
@@ -354,6 +422,47 @@ def _check_container(key: str, container: dict[str, Any], reserved: frozenset[st
                       "sidecar's process namespace")
 
 
+def _runs_as_sidecar(security_context: Any) -> bool:
+    return isinstance(security_context, dict) and \
+        security_context.get("runAsUser") == SIDECAR_UID
+
+
+def _check_uid(key: str, container: dict[str, Any]) -> None:
+    """``sidecar_uid``: ``container`` (not the sidecar) does not run as the sidecar's UID. With
+    ``workers`` > 1 every sidecar listener is bound with SO_REUSEPORT, and Linux lets any
+    socket of the same UID in the pod's network namespace join the group and take a share of
+    its connections (found by a hostile review; Istio refuses its proxy's UID the same way)."""
+    if _runs_as_sidecar(container.get("securityContext")):
+        raise _refuse("sidecar_uid",
+                      f"{key} {shown(container.get('name'))} runs as uid {SIDECAR_UID}, the mesh "
+                      "sidecar's; it could take the sidecar's listeners; use another runAsUser")
+
+
+def _check_name_resolution(spec: dict[str, Any]) -> None:
+    """``name_resolution``: nothing of the pod's name resolution reaches the sidecar. The
+    kubelet writes ``hostAliases`` into every container's /etc/hosts and ``dnsConfig`` into
+    every container's resolv.conf, the sidecar's too: the pod would choose where the audit
+    collector, the JWKS and OIDC hosts and the upstream names resolve (found by a hostile
+    review). All hostAliases are refused, not only those naming the sidecar's hosts: the
+    injector does not read the sidecar config, which names most of them. ``dnsPolicy: None``
+    (the pod's own resolv.conf; without nameservers, 127.0.0.1, where the app may listen)
+    and ``dnsConfig`` nameservers or search domains (searched before the name itself) are
+    refused under any policy; ``dnsConfig.options`` are not."""
+    if spec.get("hostAliases"):
+        raise _refuse("name_resolution",
+                      "hostAliases would decide where the mesh sidecar's names resolve; use a "
+                      "Service (ExternalName, or one without a selector) instead")
+    if spec.get("dnsPolicy") == "None":
+        raise _refuse("name_resolution",
+                      "dnsPolicy: None would give the mesh sidecar the pod's own resolver")
+    dns = spec.get("dnsConfig")
+    for field in ("nameservers", "searches"):
+        if isinstance(dns, dict) and dns.get(field):
+            raise _refuse("name_resolution",
+                          f"dnsConfig.{field} would decide where the mesh sidecar's names "
+                          "resolve")
+
+
 def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
     """The rules that hold for every pod we inject or verify (``POD_RULES``)."""
     reserved = reserved_volume_names(options)
@@ -362,10 +471,18 @@ def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
             raise _refuse("shared_process_namespace",
                           f"{field}: true would let other containers read the mesh "
                           "sidecar's key; remove it")
+    if _runs_as_sidecar(spec.get("securityContext")):
+        # Every container without its own runAsUser runs as the pod's.
+        raise _refuse("sidecar_uid",
+                      f"securityContext.runAsUser {SIDECAR_UID} is the mesh sidecar's uid; "
+                      "containers running as it could take the sidecar's listeners; use "
+                      "another runAsUser")
+    _check_name_resolution(spec)
     for key, container in _containers(spec):
         if container.get("name") == SIDECAR_CONTAINER:
             continue
         _check_container(key, container, reserved)
+        _check_uid(key, container)
     check_credentials(spec, options)
 
 
@@ -429,13 +546,35 @@ def _as_plugins_leave_it(expected: dict[str, Any], actual: dict[str, Any]) -> di
     return out
 
 
-def _native_sidecar_before(spec: dict[str, Any], index: int) -> str | None:
+def _native_sidecar_before(spec: dict[str, Any], index: int | None) -> str | None:
     """The name of a native sidecar (an init container with ``restartPolicy: Always``) placed
-    before init container ``index``, if any."""
+    before init container ``index`` (``None``: anywhere), if any."""
     for container in (spec.get("initContainers") or [])[:index]:
         if isinstance(container, dict) and container.get("restartPolicy") == "Always":
             return str(container.get("name"))
     return None
+
+
+def check_order(spec: dict[str, Any], key: str, index: int) -> None:
+    """``sidecar_order``: nothing starts before the mesh sidecar, placed at ``index`` of the
+    list ``key``. The kubelet starts every init container, native sidecars included, before
+    any regular container, and regular containers in list order: so a native sidecar placed
+    before mesh-sidecar among init containers, any native sidecar when mesh-sidecar is a
+    regular container (``--no-native``), or a container listed before it, could take the
+    mesh ports and answer its probes (found by a hostile review, for the init containers;
+    the regular placement was not checked at all, at injection or verification)."""
+    before = _native_sidecar_before(spec, index if key == "initContainers" else None)
+    if before is not None:
+        where = "placed before" if key == "initContainers" else "started before"
+        raise _refuse("sidecar_order",
+                      f"init container {shown(before)} is a native sidecar {where} "
+                      f"{SIDECAR_CONTAINER!r}; the mesh sidecar must start first")
+    if key == "containers" and index != 0:
+        first = spec["containers"][0]
+        name = first.get("name") if isinstance(first, dict) else None
+        raise _refuse("sidecar_order",
+                      f"container {shown(name)} is listed before {SIDECAR_CONTAINER!r}; the "
+                      "mesh sidecar must start first")
 
 
 def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
@@ -460,16 +599,8 @@ def verify_injected(spec: dict[str, Any], options: InjectOptions) -> bool:
         raise _refuse("impostor_sidecar",
                       f"container {SIDECAR_CONTAINER!r} is not the mesh sidecar this injector "
                       "adds; rename the container (the sidecar is added automatically)")
-    if key == "initContainers":
-        index = next(i for i, c in enumerate(spec.get("initContainers") or [])
-                     if c is container)
-        before = _native_sidecar_before(spec, index)
-        if before is not None:
-            # A native sidecar started before the mesh's could take its ports and answer its
-            # probes; the mesh sidecar would never serve (found by a hostile review).
-            raise _refuse("sidecar_order",
-                          f"init container {shown(before)} is a native sidecar placed before "
-                          f"{SIDECAR_CONTAINER!r}; the mesh sidecar must start first")
+    # Either placement: whatever starts before the mesh's sidecar could take its ports.
+    check_order(spec, key, next(i for i, c in enumerate(spec.get(key) or []) if c is container))
     want = {v["name"]: v for v in sidecar_volumes(options)}
     for name, volume in want.items():
         if name not in volumes or not _matches(volume, volumes[name]):
@@ -520,8 +651,9 @@ def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOption
     * **Every container added or changed** (an ephemeral container from ``kubectl debug``, an
       app image) is held to the CREATE rules for a container: it mounts no credential volume
       and, in a pod with a sidecar, none of the sidecar's volumes (``_check_container``),
-      reads no credential Secret into its environment (``_check_env``), and does not target
-      the sidecar's process namespace.
+      reads no credential Secret into its environment (``_check_env``), does not target
+      the sidecar's process namespace and, in a pod with a sidecar, does not run as the
+      sidecar's UID (``sidecar_uid``).
 
     A pod without a sidecar (opted out, ``hostNetwork``, created before the namespace was
     labelled) gets the credential checks only, as at CREATE. Anything else (labels,
@@ -554,3 +686,5 @@ def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOption
             continue  # as the CREATE review (or an earlier UPDATE review) saw it
         _check_container(key, container, reserved, carrying - reserved)
         _check_env(key, container, secrets)
+        if injected:
+            _check_uid(key, container)  # an ephemeral container as the sidecar's uid
