@@ -24,6 +24,7 @@ from sidecar.audit.record import (
     request_row,
     request_wire,
 )
+from sidecar.authn.extract import path_for_records
 from sidecar.config.model import Limits
 from sidecar.metrics import CounterChild, SidecarMetrics
 from sidecar.policy.decision import Decision, RequestFacts
@@ -52,6 +53,33 @@ def status_label(status: int) -> str:
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
                                      "no_client_cert", "bad_svid", "message_too_large",
                                      "peer_untrusted"})  # a chain from another trust domain's root
+
+
+def recorded_facts(facts: RequestFacts) -> RequestFacts:
+    """``facts`` as the log line, the tap and the audit record show them: a path segment
+    that holds a token replaced by its SHA-256 (``extract.path_for_records``). A token in a
+    segment (``/dl/<jwt>``) is refused (``unread_location``), or accepted beside the same
+    token in its provider's place, and was written whole to the log line and the audit trail
+    (found by a hostile review, twenty-eighth session: "no log line, metric label or audit
+    field holds a token", docs/authn.md). The facts themselves when the path holds none."""
+    path = facts.path
+    if "." not in path and "%" not in path and "\\" not in path:
+        return facts  # (most paths end here)
+    shown = _shown.get(path)
+    if shown is None:
+        # (a path with a dot costs 2 us to read: paths seen again, /index.html, are looked
+        # up; bounded, cleared when full)
+        shown = path_for_records(path)
+        if len(path) <= _SHOWN_PATH_CHARS:  # (at most 1,024 x 256 characters kept)
+            if len(_shown) >= _SHOWN_KEPT:
+                _shown.clear()
+            _shown[path] = shown
+    return facts if shown == path else facts._replace(path=shown)
+
+
+_SHOWN_KEPT = 1024
+_SHOWN_PATH_CHARS = 256
+_shown: dict[str, str] = {}
 
 
 @dataclass(slots=True)
@@ -170,6 +198,8 @@ class Telemetry:
         ``stream_closed`` audit record under the same request id, with the bytes each way,
         how long it ran and, when it broke off, why."""
         facts, verdict = ctx.facts, ctx.verdict
+        if facts is not None:
+            facts = recorded_facts(facts)  # (its record holds the path)
         duration = time.time() - ctx.started
         direction = facts.direction if facts is not None else ctx.direction
         if error is not None and status in (502, 503, 504):
@@ -249,6 +279,12 @@ class Telemetry:
             return
         request_id, facts, verdict, started = ctx.request_id, ctx.facts, ctx.verdict, ctx.started
         source, peer = ctx.source, ctx.peer
+        if facts is not None:
+            # The facts the tap, the log line and the audit record show: no token in the
+            # path (most paths, with no dot, escape or backslash, need no call).
+            path = facts.path
+            if "." in path or "%" in path or "\\" in path:
+                facts = recorded_facts(facts)
         duration = time.time() - started
         decision = verdict.decision if verdict is not None else None
         direction = facts.direction if facts is not None else ctx.direction

@@ -55,7 +55,6 @@ NOT_ACCESS: dict[str, dict[str, Any]] = {
 ACCESS: dict[str, dict[str, Any]] = {
     "says_nothing": {},
     "bearer": {"token_type": "Bearer"},
-    "dpop": {"token_type": "DPoP"},
     "access_urn": {"token_type": "urn:ietf:params:oauth:token-type:access_token"},
     "hydra_access": {"token_use": "access_token", "token_type": "Bearer"},
     "cognito_access": {"token_use": "access"},

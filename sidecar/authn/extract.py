@@ -32,6 +32,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -727,3 +729,138 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
     if scan is None:
         return []
     return scan.found
+
+
+# --- tokens kept out of the records of a path -----------------------------------------------
+
+# What a path segment that holds a token is recorded as: the SHA-256 (hex) of the segment, as
+# the audit record's ``jti`` is the SHA-256 of a token's id (``audit.record.hash_token_id``):
+# one token's requests can still be told apart and correlated, and nothing of it is kept.
+PATH_TOKEN_FORM = "<token sha256:{}>"
+# Base64 digits as a lenient decoder reads them (``jwt.names_issuer``'s): anything else,
+# padding included, is filler it skips.
+_NOT_LENIENT_DIGIT = re.compile(r"[^A-Za-z0-9_\-+/]++")
+
+
+def _json_has_member(part: str, member: str) -> bool:
+    """Whether ``part``, read as leniently as ``jwt.names_issuer`` reads a payload (base64
+    with or without padding or filler, JSON in UTF-8, -16 or -32, a byte-order mark), is
+    JSON holding an object, at any depth, with a member ``member`` (in any case)."""
+    digits = _NOT_LENIENT_DIGIT.sub("", part)
+    try:
+        data = base64.urlsafe_b64decode(digits + "=" * (-len(digits) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    found = False
+
+    def pairs(members: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal found
+        found = found or any(k.casefold() == member for k, _ in members)
+        return {}
+
+    try:
+        json.loads(data, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        pass
+    return found
+
+
+class _PathPieces:
+    """The pieces of one path read so far (each read once; at most ``MAX_COPY_PIECES`` read
+    whole, as ``_Copies`` reads them)."""
+
+    __slots__ = ("read", "whole")
+
+    def __init__(self) -> None:
+        self.read: dict[str, bool] = {}
+        self.whole = 0
+
+    def is_token(self, piece: str) -> bool:
+        """Whether ``piece`` is a JOSE object: its payload names an issuer (an ``iss``
+        member, whatever its value: a superset of what ``copies`` finds for any section's
+        issuers), or its first part is a JOSE header (an ``alg`` member: a JWE, a JWS of
+        an issuer no section has). Past ``MAX_COPY_PIECES`` pieces read whole, a piece
+        whose payload reads as a JSON object counts unread (over-reading only hides
+        more)."""
+        known = self.read.get(piece)
+        if known is not None:
+            return known
+        head, _, rest = piece.partition(".")
+        payload = _object_payload(piece)
+        header = len(head) >= 12 and _object_payload("." + head)
+        if not payload and not header:
+            named = False
+        elif self.whole >= MAX_COPY_PIECES:
+            named = True
+        else:
+            self.whole += 1
+            named = (payload and _json_has_member(rest.partition(".")[0], "iss")) or (
+                header and _json_has_member(head, "alg"))
+        self.read[piece] = named
+        return named
+
+
+def _holds_token(text: str, pieces: _PathPieces) -> bool:
+    """Whether a path or one of its segments, as sent or as an app may decode it (the forms
+    ``_path_forms`` gives the scan), holds a JOSE object (``_PathPieces.is_token``); one that
+    decodes to too many forms does (fail closed, as the scan counts it)."""
+    for form in _forms(text.encode("latin-1", "replace"), plus=False):
+        if form is _TOO_MANY_FORMS:
+            return True
+        for piece in _copy_pieces(form.translate(_PATH_SEPARATORS)):
+            if pieces.is_token(piece):
+                return True
+    return False
+
+
+# The shortest segment that can hold a token piece: a header digit, a dot and the 12 digits
+# of the shortest payload naming an issuer (decoding only shortens a segment).
+_MIN_TOKEN_SEGMENT = 14
+# At most this many segments of one path are looked at one by one (after the whole path was
+# found to hold a token); from the next one that may hold one the rest of the path is
+# replaced unread (fail closed: the work per record stays a few times the scan's, and the
+# record no longer than the path, whatever the path).
+MAX_PATH_SEGMENTS_READ = 32
+
+
+def _segment_token(segment: str) -> str:
+    return PATH_TOKEN_FORM.format(
+        hashlib.sha256(segment.encode("utf-8", "surrogatepass")).hexdigest())
+
+
+def path_for_records(path: str) -> str:
+    """``path`` as the request log line, the audit record and the tap show it: every segment
+    that holds a token replaced by ``<token sha256:HEX>`` (``PATH_TOKEN_FORM``, the SHA-256
+    of the segment as it was in the path). ``copies`` refuses a token of the section's
+    issuers in a segment (``/dl/<jwt>``, ``unread_location``), and the same token beside the
+    provider's own is accepted; either way the path was written whole, token and signature,
+    to the log line and the audit trail, where the query string never is (found by a
+    hostile review, twenty-eighth session; docs/authn.md "Keeping tokens out of logs"). A
+    superset of the segments ``copies`` reads a token in, for any section's issuers: any
+    JOSE object, in every form the scan reads (percent-encoded dots, backslash escapes, a
+    five-part token, a comma-separated piece). The whole path is looked at first, as the
+    scan looks at it (most paths end there); only then its segments, at most
+    ``MAX_PATH_SEGMENTS_READ`` of them (then the rest of the path is one). The path itself when no segment holds one (the same
+    string: callers test ``is``)."""
+    if "." not in path and "%" not in path and "\\" not in path:
+        return path  # (no dot, nothing decoded: most paths end here)
+    pieces = _PathPieces()
+    if not _holds_token(path, pieces):
+        return path
+    segments = path.split("/")
+    out = list(segments)
+    read = 0
+    for i, segment in enumerate(segments):
+        if len(segment) < _MIN_TOKEN_SEGMENT or (
+                "." not in segment and "%" not in segment and "\\" not in segment):
+            continue
+        if read >= MAX_PATH_SEGMENTS_READ:
+            # Unread, fail closed: the rest of the path as one (a record no longer than
+            # the path's own size, whatever it holds).
+            return "/".join((*out[:i], _segment_token("/".join(segments[i:]))))
+        read += 1
+        if _holds_token(segment, pieces):
+            out[i] = _segment_token(segment)
+    return "/".join(out)

@@ -371,6 +371,28 @@ NOT_ACCESS_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "events")
 # names another kind (``logout+jwt``, ``secevent+jwt``, ``dpop+jwt``,
 # ``token-introspection+jwt``, ``oauth-authz-req+jwt``, ``id_token+jwt``...).
 GENERIC_TYPS = frozenset({"jwt", "jose", "at+jwt"})
+# The token is bound to a key or certificate the caller has not shown: a ``cnf`` the
+# sidecar cannot check (``oauth.check_binding``), or a ``token_type``/``typ`` of ``DPoP``.
+CERT_MISMATCH = "cert_mismatch"
+# RFC 9449: the ``token_type`` an authorisation server gives a token bound to a DPoP key
+# (its introspection answer, 6.2; a JWT's ``token_type`` claim; Keycloak's payload ``typ``),
+# compared lower-case without surrounding whitespace, the RFC 8693 URN prefix dropped.
+DPOP_TOKEN_TYPE = "dpop"
+
+
+def dpop_bound_member(claims: Mapping[str, Any]) -> str | None:
+    """The member (``token_type`` or ``typ``) by which ``claims`` say the token is DPoP-bound
+    (RFC 9449), or None. Such a token is only good with a proof of its key, which the sidecar
+    does not check: presented as a bearer token it is refused (``cert_mismatch``), as a
+    ``cnf.jkt`` binding is (``oauth.check_binding``: ignoring it would silently drop the
+    binding). Before (found by a hostile review, twenty-eighth session) it was accepted when
+    the answer or the claims carried no ``cnf``."""
+    for member in ("token_type", "typ"):
+        value = claims.get(member)
+        if isinstance(value, str) and \
+                value.strip().lower().removeprefix(TOKEN_TYPE_URN) == DPOP_TOKEN_TYPE:
+            return member
+    return None
 
 
 def check_token_kind(header: Mapping[str, Any], claims: Mapping[str, Any],
@@ -378,13 +400,18 @@ def check_token_kind(header: Mapping[str, Any], claims: Mapping[str, Any],
     """Refuse (``bad_typ``) a token that says it is not an access token: a header ``typ``
     naming another kind of JWT (when the provider requires none; ``typ_matches`` checks a
     required one), a ``token_use``, ``token_type`` or payload ``typ`` naming another kind
-    (or not a string), or a claim only ID tokens or Security Event Tokens carry."""
+    (or not a string), or a claim only ID tokens or Security Event Tokens carry. And
+    (``cert_mismatch``) a token whose ``token_type`` or payload ``typ`` says it is bound to
+    a DPoP key (``dpop_bound_member``)."""
     typ = header.get("typ")
     if required_typ is None and typ is not None and _media_type(typ) not in GENERIC_TYPS:
         raise TokenInvalid(BAD_TYP, "typ names another kind of JWT")
     use = claims.get("token_use")
     if use is not None and not (isinstance(use, str) and use.lower() in ACCESS_TOKEN_USES):
         raise TokenInvalid(BAD_TYP, "token_use is not an access token's")
+    dpop = dpop_bound_member(claims)
+    if dpop is not None:
+        raise TokenInvalid(CERT_MISMATCH, f"{dpop} DPoP: bound to a key the sidecar cannot check")
     for member in ("token_type", "typ"):
         value = claims.get(member)
         if value is not None and (not isinstance(value, str) or

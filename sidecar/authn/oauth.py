@@ -47,11 +47,16 @@ from sidecar.authn.jwt import (
     TOKEN_TYPE_URN,
     Claims,
     TokenInvalid,
+    dpop_bound_member,
+)
+from sidecar.authn.jwt import (
+    CERT_MISMATCH as CERT_MISMATCH,  # (kept importable from here: authenticator, tests)
 )
 from sidecar.errors import ConfigError, Problem
 from sidecar.jsondoc import JsonDocError, read_json
 
-CERT_MISMATCH = "cert_mismatch"  # cnf x5t#S256 is not the peer's certificate
+# CERT_MISMATCH (defined in ``jwt``, which refuses DPoP tokens with it): cnf x5t#S256 is
+# not the peer's certificate, or the token is bound to something the sidecar cannot check.
 UNBOUND_TOKEN = "unbound_token"  # the provider requires a bound token; this one has no cnf
 INACTIVE = "inactive"  # introspection says the token is not active
 INTROSPECTION_UNAVAILABLE = "introspection_unavailable"  # no answer (down, slow, refused)
@@ -146,10 +151,16 @@ def check_access_token_answer(claims: Claims) -> None:
     access token: a refresh token (valid for days, meant only for the authorisation server,
     and for a confidential client useless without the client's own credentials) or an ID
     token presented as a bearer token. A member of another JSON type than a string is
-    refused too (it says nothing the sidecar can read as "an access token")."""
+    refused too (it says nothing the sidecar can read as "an access token"). An answer
+    whose ``token_type`` (or ``typ``) is ``DPoP`` (RFC 9449 6.2, any case) is refused as
+    ``cert_mismatch``, as a ``cnf.jkt`` is (``check_binding``): the token is only good with
+    a proof of its key, which the sidecar does not check (``jwt.dpop_bound_member``)."""
     use = claims.get("token_use")
     if use is not None and not (isinstance(use, str) and use.lower() in ACCESS_TOKEN_USES):
         raise TokenInvalid(INACTIVE, "token_use is not an access token's")
+    dpop = dpop_bound_member(claims)
+    if dpop is not None:
+        raise TokenInvalid(CERT_MISMATCH, f"{dpop} DPoP: bound to a key the sidecar cannot check")
     for member in ("token_type", "typ"):
         value = claims.get(member)
         if value is None:

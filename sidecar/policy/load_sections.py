@@ -14,7 +14,7 @@ import re
 from typing import Any, Literal, cast
 
 from sidecar.config.source import Path as P
-from sidecar.config.source import Reader
+from sidecar.config.source import Reader, format_path
 from sidecar.config.values import host_problem, ipv6_problem
 from sidecar.http.headers import HOP_BY_HOP
 from sidecar.http.untrusted import CATALOGUE, OVERRIDE, SIDECAR_SET, fold
@@ -459,12 +459,16 @@ def parse_revocations(r: Reader, value: Any, path: P) -> tuple[Revocation, ...]:
 def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
     """``api_keys`` -> the valid keys. Only the key's SHA-256 is held (64 hex digits,
     lower-cased), never the key itself; a name defined twice in the file is an error and the
-    second entry is dropped."""
+    second entry is dropped. So is a SHA-256 listed twice, under any names: one key under two
+    names got the last one's, so expiring the first entry (how a key is retired) left the
+    key working under the second (found by a hostile review, twenty-eighth session); the
+    problem names both entries."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
         return ()
     out: list[ApiKey] = []
     seen: set[str] = set()
+    digests: dict[str, tuple[str | None, P]] = {}  # SHA-256 -> its first entry (name, path)
     for i, item in enumerate(value):
         ip = path + (i,)
         m = r.mapping(item, ip, frozenset({"name", "sha256", "expires_at"}))
@@ -479,6 +483,19 @@ def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
         if name is not None and name in seen:
             r.problem(ip + ("name",), f"API key {name!r} is defined twice")
             continue
+        if digest is not None:
+            first = digests.get(digest.lower())
+            if first is not None:
+                first_name, first_path = first
+                line = r.src.line(first_path)
+                where = format_path(first_path) + (f", line {line}" if line is not None else "")
+                this = f"API key {name!r}" if name is not None else "this API key"
+                that = f"API key {first_name!r}" if first_name is not None else "the API key"
+                r.problem(ip + ("sha256",),
+                          f"{this} has the same sha256 as {that} ({where}): one key has one "
+                          "name (retire a key by removing or expiring its only entry)")
+                continue
+            digests[digest.lower()] = (name, ip)
         if name is not None and digest is not None:
             seen.add(name)
             out.append(ApiKey(name=name, sha256=digest.lower(), expires_at=expires))
