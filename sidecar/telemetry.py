@@ -60,7 +60,7 @@ def recorded_facts(facts: RequestFacts) -> RequestFacts:
     that holds a token replaced by its SHA-256 (``extract.path_for_records``). A token in a
     segment (``/dl/<jwt>``) is refused (``unread_location``), or accepted beside the same
     token in its provider's place, and was written whole to the log line and the audit trail
-    (found by a hostile review, twenty-eighth session: "no log line, metric label or audit
+    (found by a hostile review, twenty-seventh session: "no log line, metric label or audit
     field holds a token", docs/authn.md). The facts themselves when the path holds none."""
     path = facts.path
     if "." not in path and "%" not in path and "\\" not in path:

@@ -1,4 +1,4 @@
-"""OAuth 2.0 / OIDC, second hostile round (twenty-eighth session): three holes.
+"""OAuth 2.0 / OIDC, second hostile round (twenty-seventh session): three holes.
 
 1. A JWT of the section's issuer in a path segment (``/dl/<jwt>``, ``/files/<jwt>/x.pdf``,
    ``/v1/<jwt with %2E>``) was refused (``unread_location``), but the request log line, the

@@ -837,7 +837,7 @@ def path_for_records(path: str) -> str:
     issuers in a segment (``/dl/<jwt>``, ``unread_location``), and the same token beside the
     provider's own is accepted; either way the path was written whole, token and signature,
     to the log line and the audit trail, where the query string never is (found by a
-    hostile review, twenty-eighth session; docs/authn.md "Keeping tokens out of logs"). A
+    hostile review, twenty-seventh session; docs/authn.md "Keeping tokens out of logs"). A
     superset of the segments ``copies`` reads a token in, for any section's issuers: any
     JOSE object, in every form the scan reads (percent-encoded dots, backslash escapes, a
     five-part token, a comma-separated piece). The whole path is looked at first, as the

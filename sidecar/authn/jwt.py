@@ -385,7 +385,7 @@ def dpop_bound_member(claims: Mapping[str, Any]) -> str | None:
     (RFC 9449), or None. Such a token is only good with a proof of its key, which the sidecar
     does not check: presented as a bearer token it is refused (``cert_mismatch``), as a
     ``cnf.jkt`` binding is (``oauth.check_binding``: ignoring it would silently drop the
-    binding). Before (found by a hostile review, twenty-eighth session) it was accepted when
+    binding). Before (found by a hostile review, twenty-seventh session) it was accepted when
     the answer or the claims carried no ``cnf``."""
     for member in ("token_type", "typ"):
         value = claims.get(member)

@@ -461,7 +461,7 @@ def parse_api_keys(r: Reader, value: Any, path: P) -> tuple[ApiKey, ...]:
     lower-cased), never the key itself; a name defined twice in the file is an error and the
     second entry is dropped. So is a SHA-256 listed twice, under any names: one key under two
     names got the last one's, so expiring the first entry (how a key is retired) left the
-    key working under the second (found by a hostile review, twenty-eighth session); the
+    key working under the second (found by a hostile review, twenty-seventh session); the
     problem names both entries."""
     if not isinstance(value, list):
         r.problem(path, "expected a list")
