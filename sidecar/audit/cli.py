@@ -30,6 +30,7 @@ from sidecar.audit.segments import (
     RecordOpener,
     SegmentDamage,
     SegmentFile,
+    SegmentOrder,
     VerifyResult,
     declared_cuts,
     iter_stored,
@@ -343,7 +344,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 raise ValueError(f"cannot read collector output {path}: "
                                  f"{exc.strerror or exc}") from None
             with fh:
-                collector.add_file(fh)
+                collector.add_file(fh, path)
         collector.check()
         trails = collector.found
         if len(trails) <= 1:
@@ -374,6 +375,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if collector.unchecked:
         print(f"note: {collector.unchecked} encrypted records' JSON not compared with their "
               "frames (no --data-key opens them)")
+    if collector.refused:
+        more = ", ..." if collector.refused > len(collector.refused_at) else ""
+        print(f"warning: {collector.refused} lines that look like audit messages were skipped: "
+              "not messages as the shipper writes them (cut by the collector, or edited; "
+              f"none names the seq of a frame read): {safe(', '.join(collector.refused_at))}"
+              f"{more}", file=sys.stderr)
     return 0
 
 
@@ -454,9 +461,15 @@ class _MalformedReport:
         print(f"error: skipped {safe(what)}", file=sys.stderr, flush=True)
 
     def unreadable(self, segment: str, exc: Exception) -> None:
-        """A segment that is not a regular file, cannot be read or is damaged (tail)."""
+        """A segment that is not a regular file, cannot be read or is damaged (tail); one
+        whose records cannot be decrypted, or are not the ones their digests were made from,
+        is an error (as before it was, for the whole command)."""
         self.count += 1
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        if isinstance(exc, DecryptError):
+            print(f"error: stopped reading an undecryptable segment: {safe(segment)}: "
+                  f"{safe(why)}", file=sys.stderr, flush=True)
+            return
         print(f"warning: stopped reading a damaged or unreadable segment: {safe(segment)}: "
               f"{safe(why)}",
               file=sys.stderr, flush=True)
@@ -512,7 +525,8 @@ class _Follower:
         self.single = not os.path.isdir(path)
         self.current: SegmentFile | None = None
         self.header: dict[str, Any] | None = None
-        self.opener = RecordOpener(decryptor)
+        self.opener = RecordOpener(decryptor, check=True)
+        self.order = SegmentOrder()
         self.offset = 0
 
     def start_at_end(self) -> None:
@@ -524,7 +538,10 @@ class _Follower:
     def _switch(self, seg: SegmentFile) -> None:
         self.current, self.offset = seg, 0
         self.header = segment_header(seg)
-        self.opener = RecordOpener(self.decryptor)
+        # Each encrypted record checked against its digest, the segment's structure as
+        # verify checks it without a key, as ``export`` does (``iter_stored``).
+        self.opener = RecordOpener(self.decryptor, check=True)
+        self.order = SegmentOrder()
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
@@ -562,18 +579,19 @@ class _Follower:
 
     def _read_new(self) -> Iterator[tuple[int, AuditRecord]]:
         assert self.current is not None
-        if self.damaged == self.current:
-            return
+        if self.damaged == self.current or self.order.stopped:
+            return  # (stopped: the backlog found it broken and said so)
         try:
             with open_segment(self.current) as fh:
                 fh.seek(self.offset)
                 for end, payload in _frames_from(fh, None):
-                    self.offset = end
+                    start, self.offset = self.offset, end
                     if self.header is None:
                         self.header = segment_header(self.current)
                     yield from _matching(payload, self.header, self.filters, self.opener,
-                                         self.current.name, self.malformed)
-        except (OSError, SegmentDamage) as exc:
+                                         self.current.name, self.malformed, self.order,
+                                         start)
+        except (OSError, SegmentDamage, DecryptError) as exc:
             self.damaged = self.current
             self.malformed.unreadable(self.current.name, exc)
 
@@ -599,13 +617,19 @@ def _whole_frames_end(seg: SegmentFile) -> int:
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
-              opener: RecordOpener, segment: str, malformed: _MalformedReport
-              ) -> Iterator[tuple[int, AuditRecord]]:
+              opener: RecordOpener, segment: str, malformed: _MalformedReport,
+              order: SegmentOrder, offset: int) -> Iterator[tuple[int, AuditRecord]]:
+    """The matching records ``payload`` makes readable; ``SegmentDamage`` for a frame that
+    breaks the segment's structure (``order``), ``DecryptError`` for encrypted records that
+    cannot be read or are not the ones their digests were made from: the segment is read no
+    further (the caller says so)."""
     try:
         seq, prev, kind, body = decode_frame(payload)
     except (ValueError, ChainError) as exc:
         malformed(f"{segment}: a frame that does not decode: {exc}")  # damage or forgery
+        order.undecoded()
         return
+    order.check(seq, kind, offset)
     for at, rec in opener.records(seq, prev, kind, body, header):
         if isinstance(rec, MalformedRecord):
             malformed(f"{segment}: {rec}")
@@ -630,19 +654,26 @@ def cmd_tail(args: argparse.Namespace) -> int:
         follower.start_at_end()
         end_segment, end_offset = follower.current, follower.offset
         last: deque[tuple[int, AuditRecord]] = deque(maxlen=count or 1)
+        segments = resolve_segments(args.path)
+        cuts = declared_cuts(segments)
+        for seg in segments:
+            if end_segment is not None and seg > end_segment:
+                break
+            if not count and seg != end_segment:
+                continue  # -n 0: only the newest segment, for its structure (below)
+            limit = end_offset if seg == end_segment else None
+            # The newest segment's reader goes on where the backlog stops (a group of
+            # encrypted records is read whole, whichever of the two reads its end), and
+            # so does its structure check (with -n 0 too: a frame appended after its seal
+            # is refused when it is followed).
+            if seg == end_segment:
+                opener, order = follower.opener, follower.order
+            else:
+                opener, order = RecordOpener(decryptor, check=True), SegmentOrder()
+            cut = ChainCut(cuts.get(seg.name))
+            last.extend(_read_segment(seg, filters, limit, opener, malformed,
+                                      whole=seg != end_segment, cut=cut, order=order))
         if count:
-            segments = resolve_segments(args.path)
-            cuts = declared_cuts(segments)
-            for seg in segments:
-                if end_segment is not None and seg > end_segment:
-                    break
-                limit = end_offset if seg == end_segment else None
-                # The newest segment's reader goes on where the backlog stops (a group of
-                # encrypted records is read whole, whichever of the two reads its end).
-                opener = follower.opener if seg == end_segment else RecordOpener(decryptor)
-                cut = ChainCut(cuts.get(seg.name))
-                last.extend(_read_segment(seg, filters, limit, opener, malformed,
-                                          whole=seg != end_segment, cut=cut))
             for seq, rec in last:
                 _print_record(seq, rec, out)
         if not args.follow:
@@ -665,13 +696,20 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
                   opener: RecordOpener, malformed: _MalformedReport, whole: bool = False,
-                  cut: ChainCut | None = None) -> Iterator[tuple[int, AuditRecord]]:
+                  cut: ChainCut | None = None, order: SegmentOrder | None = None
+                  ) -> Iterator[tuple[int, AuditRecord]]:
     """The matching records of ``seg``; with ``cut``, none from the first frame that is
-    not the chain's after a declared break (``ChainCut``: by position) on."""
+    not the chain's after a declared break (``ChainCut``: by position) on; none from a
+    frame that breaks the segment's structure (``order``) or a group of encrypted records
+    that cannot be read or was encrypted again (``RecordOpener``), which are said as a
+    damaged segment is."""
     header = segment_header(seg)
+    order = order if order is not None else SegmentOrder()
     try:
         with open_segment(seg) as fh:
-            for _end, payload in _frames_from(fh, limit, whole):
+            start = fh.tell()
+            for end, payload in _frames_from(fh, limit, whole):
+                offset, start = start, end
                 if cut is not None and cut.last is not None:
                     try:
                         seq = decode_frame(payload)[0]
@@ -680,8 +718,10 @@ def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
                     if cut.leaves(seq):
                         malformed(cut.message(seg.name))
                         return
-                yield from _matching(payload, header, filters, opener, seg.name, malformed)
-    except (OSError, SegmentDamage) as exc:
+                yield from _matching(payload, header, filters, opener, seg.name, malformed,
+                                     order, offset)
+    except (OSError, SegmentDamage, DecryptError) as exc:
+        order.stopped = True  # the newest segment's follower does not read on either
         malformed.unreadable(seg.name, exc)
 
 

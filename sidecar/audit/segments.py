@@ -269,6 +269,14 @@ NOTE_HMAC_ONLY = (
     "holds it too, so anyone who took over the pod can re-chain; use --pubkey for proof "
     "that holds against the pod")
 
+# Format 2 chains the plaintext: without the data key the ciphertext of an encrypted group is
+# checked against nothing (someone holding the data key can encrypt other records under the
+# same digests). Said, as the readers check it (the twenty-seventh session's review).
+NOTE_UNOPENED = (
+    "{} encrypted records (format 2) were not opened: their contents (the ciphertext) were "
+    "not checked against their digests, which the chain and signatures cover; give "
+    "--data-key to check them")
+
 
 class _Walk:
     """Per-frame checks beyond the links: signatures, seals, restarts, anchors, tail."""
@@ -767,6 +775,7 @@ def verify(
     checker = ChainVerifier(key, require_mac=key is not None,
                             unkeyed_hmac=key is None and bool(keyring))
     pending: BrokenPoint | None = None  # a problem waiting for the next header to declare it
+    unopened = 0  # format-2 encrypted records not opened (no data key): ``NOTE_UNOPENED``
     for seg in segments:
         result.segments += 1
         walk.segment = seg.name
@@ -851,6 +860,9 @@ def verify(
                         mismatch = record_mismatch(frame.kind, header)
                         if mismatch is not None:
                             walk.malformed(frame.seq, mismatch)
+                        if header is not None and in_group(frame.kind, frame.body,
+                                                           header.get("v")):
+                            unopened += 1
                     if frame.kind == "seg":
                         header = frame.body
         except SegmentDamage as exc:
@@ -915,6 +927,8 @@ def verify(
         else:
             result.notes.insert(0, f"{missing}; its links were not checked, and what is "
                                    "reported was found without it (signatures, seq, shape)")
+    if unopened:
+        result.notes.append(NOTE_UNOPENED.format(unopened))
     if result.assurance == "none":
         result.notes.insert(0, NOTE_NO_KEY)
     elif result.assurance == "hmac":
@@ -1204,6 +1218,56 @@ class ChainCut:
                 "later segment's writer declared): not read")
 
 
+class SegmentOrder:
+    """The structure of one segment as a reader walks it (``iter_stored``, ``tail``):
+    ``check(seq, kind, offset)``, asked for each frame in file order, raises
+    ``SegmentDamage`` at the first frame that breaks what ``verify`` refuses without any
+    key (``chain.ChainVerifier``): a segment that does not start with its header, a frame
+    after the segment's seal (``end``), a second header in the middle, a seq reused or not
+    one more than the frame before. The readers stop there as at damage: before the
+    twenty-seventh session they showed such frames -- a record appended after the newest
+    seal, a header in the middle (which also made the reader take its claims, no
+    encryption among them, for the rest of the segment), a record copied in twice -- exit
+    0, while verify said BROKEN (found by a hostile review). Once it has raised, every
+    later frame is refused too (``stopped``)."""
+
+    __slots__ = ("last", "sealed", "stopped")
+
+    def __init__(self) -> None:
+        self.last: int | None = None  # seq of the segment's last frame read (None: none yet)
+        self.sealed = False
+        self.stopped = False
+
+    def check(self, seq: int, kind: str, offset: int) -> None:
+        """Accept the next frame of the segment, or ``SegmentDamage`` saying why not."""
+        problem: str | None = None
+        last = self.last
+        if self.stopped:
+            problem = f"seq {seq}: after a frame not read"
+        elif last is None and kind != "seg":
+            problem = f"seq {seq}: the segment does not start with a header frame"
+        elif self.sealed:
+            problem = f"seq {seq}: a frame after the segment's seal"
+        elif last is not None and kind == "seg":
+            problem = f"seq {seq}: a header frame in the middle of the segment"
+        elif last is not None and seq <= last:
+            problem = f"seq {seq} reused after seq {last}"
+        elif last is not None and seq != last + 1:
+            problem = f"seq skipped from {last} to {seq}"
+        if problem is not None:
+            self.stopped = True
+            raise SegmentDamage(f"{problem} (verify: broken; the frames from here are not "
+                                "read)", offset)
+        self.last = seq
+        self.sealed = kind == "end"
+
+    def undecoded(self) -> None:
+        """A frame that does not decode was passed over (``tail`` says so and reads on): it
+        stands for the next seq."""
+        if self.last is not None:
+            self.last += 1
+
+
 def iter_stored(
     path: str, filters: RecordFilter | None = None,
     on_damage: Callable[[str], None] | None = None, decryptor: Decryptor | None = None,
@@ -1218,21 +1282,28 @@ def iter_stored(
     among them, though ``verify --accept-declared-breaks`` had not checked them). A
     malformed record (``MalformedRecord``) is skipped and reported to ``on_malformed``
     (``SEGMENT: seq N: malformed record: field ...``); reading goes on with the next
-    frame."""
+    frame. A segment's structure is checked as ``verify`` checks it without a key
+    (``SegmentOrder``), and each encrypted record of a format-2 group against its digest
+    (``RecordOpener`` with ``check``): a frame that fails is damage."""
     segments = resolve_segments(path)
     cut_after = declared_cuts(segments)
     for seg in segments:
         header: dict[str, Any] | None = None
-        opener = RecordOpener(decryptor)
+        # Each record checked against its ``d`` as ``verify --data-key`` does: GCM alone
+        # let a group edited and encrypted again by the data key's holder read as the
+        # record it was not (a deny shown as an allow, exit 0; found by a hostile review).
+        opener = RecordOpener(decryptor, check=True)
         cut = ChainCut(cut_after.get(seg.name))
+        order = SegmentOrder()
         try:
             with open_segment(seg) as fh:
-                for _offset, payload in read_frames(fh):
+                for offset, payload in read_frames(fh):
                     seq, prev, kind, body = decode_frame(payload)
                     if cut.leaves(seq):
                         if on_damage is not None:
                             on_damage(cut.message(seg.name))
                         break
+                    order.check(seq, kind, offset)
                     if kind == "seg":
                         header = body
                     for at, rec in opener.records(seq, prev, kind, body, header):

@@ -425,6 +425,14 @@ def _canonical(value: Any) -> str:
 # message its base64 plus the JSON of the same record; longer lines cannot be ours and are
 # skipped without being held in memory (counted in ``Collector.oversized``).
 MAX_COLLECT_LINE = 16 * 1024 * 1024
+# Lines refused by ``Collector`` listed by place (the rest counted); a refused line's seqs
+# looked for in its first MAX_SEQ_SCAN characters, at most MAX_SEQS_PER_LINE of them.
+MAX_REFUSED_LISTED = 5
+MAX_SEQ_SCAN = 4096
+MAX_SEQS_PER_LINE = 4
+# A seq a line seems to name: ``seq="N"`` (structured data), ``"seq":N``, ``"seq": "N"``.
+# (An integer: ``1e400`` or ``1.5`` names no seq.)
+_SEQ_NAMED = re.compile(r'seq\W{0,3}?[:=]\s*"?\s*([0-9]{1,20})(?![0-9.eE])')
 
 
 def bounded_lines(fh: IO[str], limit: int = MAX_COLLECT_LINE) -> Iterator[str | None]:
@@ -467,8 +475,18 @@ class Collector:
         self._links: dict[bytes, tuple[int, bytes]] = {}  # frame -> (seq, prev)
         self.found: list[dict[int, bytes]] = []  # the trails (``check``)
         self.oversized = 0  # lines over MAX_COLLECT_LINE, skipped unread (``add_file``)
+        # Lines that look like our messages (``SD_ID``, or ``{"seq":``) but are not ones the
+        # shipper writes, so not read: how many, where the first few are, and the seqs
+        # they seem to name (each with the first line naming it): ``check`` refuses one
+        # naming the seq of a frame read. Before the twenty-seventh session they were
+        # dropped without a word -- a copy of a deny's message made an allow with a member
+        # named twice, a seq as text, no ``prev``, the record twice -- while a SIEM may
+        # show such a line as the record (found by a hostile review).
+        self.refused = 0
+        self.refused_at: list[str] = []
+        self._refused_seqs: dict[int, str] = {}
 
-    def add_file(self, fh: IO[str]) -> None:
+    def add_file(self, fh: IO[str], name: str = "") -> None:
         """``add`` for an open collector file, its lines read at most ``MAX_COLLECT_LINE``
         at a time (a line of junk without an end, written by whoever can reach the
         collector, is skipped rather than held in memory; ``oversized`` counts them)."""
@@ -476,18 +494,24 @@ class Collector:
             for line in bounded_lines(fh):
                 if line is None:
                     self.oversized += 1
+                    yield ""  # (counted: the line numbers stay the file's)
                 else:
                     yield line
 
-        self.add(lines())
+        self.add(lines(), name)
 
-    def add(self, lines: Iterable[str]) -> None:
+    def add(self, lines: Iterable[str], name: str = "") -> None:
         """Read collector output lines (any syslog line format that keeps the message text:
         the JSON object starting at ``{"seq":``); duplicates (at-least-once delivery) are
-        kept once. A line that is cut or not ours is skipped (``verify`` shows the gap)."""
-        for line in lines:
+        kept once. A line that looks like ours but is not a message as the shipper writes
+        it (cut by the collector, or edited) is not read: counted (``refused``; ``name``,
+        the file's, says where), and refused by ``check`` when it names the seq of a frame
+        that was read; a gap is ``verify``'s to show."""
+        for number, line in enumerate(lines, 1):
             start = line.find('{"seq":')
             if start < 0:
+                if SD_ID in line:
+                    self._refuse(line, name, number)
                 continue
             try:
                 # The strict reader (sidecar/jsondoc.py): a message that names a member twice
@@ -496,11 +520,13 @@ class Collector:
                 obj = read_json(line[start:])
                 seq = obj["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                    continue
+                    raise TypeError("seq")
                 json_record = "frame" not in obj and "prev" in obj  # format 2
                 frame = b"" if json_record else base64.b64decode(obj["frame"], validate=True)
             except (ValueError, KeyError, TypeError, RecursionError):
-                continue  # not one of ours, or cut by the collector: verify shows the gap
+                # Not a message as shipped (cut by the collector, or edited): not read.
+                self._refuse(line, name, number)
+                continue
             if json_record:
                 try:
                     frame = _json_record_frame(obj, line[start:])
@@ -514,6 +540,16 @@ class Collector:
                                    f"({problem}): the collector's copy was edited")
             if frame not in self._links:
                 self._links[frame] = (seq, self._prev_of(frame))
+
+    def _refuse(self, line: str, name: str, number: int) -> None:
+        """Count a line that looks like ours but is not read; note the seqs it seems to
+        name (the structured data's ``seq="N"``, the JSON's ``"seq":N`` or ``"seq":"N"``)."""
+        where = f"{name}:{number}" if name else f"line {number}"
+        self.refused += 1
+        if len(self.refused_at) < MAX_REFUSED_LISTED:
+            self.refused_at.append(where)
+        for found in _SEQ_NAMED.findall(line[:MAX_SEQ_SCAN])[:MAX_SEQS_PER_LINE]:
+            self._refused_seqs.setdefault(int(found), where)
 
     def _mismatch(self, obj: dict[str, Any], frame: bytes, before: str) -> str | None:
         from sidecar.audit.chain import FrameError, decode_frame
@@ -613,6 +649,17 @@ class Collector:
         for frames in found:
             self._check_stream(frames)
         self.frames = found[0] if found else {}
+        if self._refused_seqs:
+            named = sorted(seq for seq in self._refused_seqs
+                           if any(seq in frames for frames in found))
+            if named:
+                seq = named[0]
+                more = f" (and {len(named) - 1} more seqs so named)" if len(named) > 1 else ""
+                raise CollectError(
+                    f"{self._refused_seqs[seq]}: a line that seems to be the message for seq "
+                    f"{seq} is not one as the shipper writes it (not read), next to the "
+                    f"message for seq {seq} that was read{more}: a SIEM may show it as that "
+                    "frame; the collector's copy was edited or a message injected")
 
     def _check_stream(self, frames: dict[int, bytes]) -> None:
         import hashlib
