@@ -453,3 +453,24 @@ def test_a_duplicate_hash_stops_the_real_cli(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert f"mesh.yaml:{digests[1]}: api_keys[1].sha256:" in r.stdout + r.stderr
     assert f"'retired' (api_keys[0], line {starts[0]})" in r.stdout + r.stderr
+
+
+# The same across the files of a policy set: the later file's entry is named; an entry
+# repeated identically in two files counts once, as any list entry does.
+SET_CASES = {"two names": ("retired", "admin", True), "same entry": ("admin", "admin", False)}
+
+
+@pytest.mark.parametrize("case", sorted(SET_CASES))
+def test_a_hash_under_two_names_in_two_files_of_a_set(tmp_path: Path, case: str) -> None:
+    first, second, refused = SET_CASES[case]
+    digest = hashlib.sha256(b"one key").hexdigest()
+    (tmp_path / "a.yaml").write_text(
+        f"version: 1\ntrust_domain: demo.local\napi_keys:\n  - {{name: {first}, sha256: {digest}}}\n"
+        "services: {}\n")
+    (tmp_path / "b.yaml").write_text(
+        f"version: 1\ntrust_domain: demo.local\napi_keys:\n  - {{name: {second}, sha256: {digest}}}\n")
+    r = h.sidecar_cli("policy", "check", str(tmp_path))
+    assert (r.returncode != 0) is refused, (r.stdout, r.stderr)
+    if refused:
+        assert "b.yaml:4: api_keys[0].sha256" in r.stdout + r.stderr
+        assert "a.yaml" in r.stdout + r.stderr

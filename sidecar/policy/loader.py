@@ -638,6 +638,7 @@ def _load(files: list[tuple[str, bytes]], only: str | None, label: str | None,
                 _one_provider_per_claim_header(doc, name, provider, claim_headers)
     revocations = _list_parts(docs, "revocations", parse_revocations)
     api_keys = _list_parts(docs, "api_keys", parse_api_keys)
+    _one_name_per_key(docs)
     rate_limits = _list_parts(docs, "rate_limits", parse_rate_limits)
     alerts = _list_parts(docs, "alerts", parse_alerts)
     key_names = {k.name for k in api_keys}
@@ -731,6 +732,25 @@ def _providers(doc: PolicyFile, value: Any) -> dict[str, JwtProvider]:
         # is reported), so rules using it do not add "undefined provider" errors.
         providers[name] = provider if provider is not None else JwtProvider(name, "", (), ())
     return providers
+
+
+def _one_name_per_key(docs: list[PolicyFile]) -> None:
+    """A SHA-256 under two names in two files of a set is a problem of the later file, as
+    within one file (``parse_api_keys``): the last name won (a hostile review)."""
+    first: dict[str, tuple[PolicyFile, object]] = {}
+    for doc in docs:
+        entries = doc.top.get("api_keys")
+        for i, item in enumerate(entries if isinstance(entries, list) else ()):
+            digest = item.get("sha256") if isinstance(item, dict) else None
+            if not isinstance(digest, str):
+                continue
+            name = item.get("name")
+            seen = first.setdefault(digest.lower(), (doc, name))
+            if seen[0] is not doc and seen[1] != name:
+                doc.r.problem(("api_keys", i, "sha256"),
+                              f"API key {name!r} has the same sha256 as API key {seen[1]!r} "
+                              f"in {seen[0].filename}: one key has one name (retire a key by "
+                              "removing or expiring its only entry)")
 
 
 def _list_parts(docs: list[PolicyFile], key: str, parse: Any) -> tuple[Any, ...]:
