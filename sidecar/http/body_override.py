@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import codecs
 import functools
+import itertools
 import json
 import operator
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, count
 from typing import Any, Protocol
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
@@ -134,8 +135,8 @@ def _boundaries(content_type: bytes) -> set[bytes]:
 class BodyOverrides:
     """The override methods a body names, read piece by piece (``feed``), then ``finish``."""
 
-    __slots__ = ("kind", "found", "charset", "_name", "_value", "_in_value", "_wanted",
-                 "_long", "_delimiter", "_tail", "_state", "_head")
+    __slots__ = ("kind", "found", "charset", "visits", "_name", "_value", "_in_value",
+                 "_wanted", "_long", "_delimiter", "_tail", "_state", "_head")
 
     def __init__(self, kind: str, boundary: bytes = b"", charset: str | None = None) -> None:
         self.kind = kind
@@ -144,6 +145,10 @@ class BodyOverrides:
         # "=", each name and value percent-decoded to bytes and decoded from the declared
         # ``charset`` (``form_readings``); a value that is then no method is passed over.
         self.charset = charset
+        # urlencoded: how many times a stretch of the body was read field by field (in
+        # Python): the fields that may name an override and a piece's first and last
+        # fields, never each field of a piece of many (``_pass_piece``)
+        self.visits = 0
         # urlencoded: the current field's name (bounded) and, for an override, its value
         self._name = bytearray()
         self._value = bytearray()
@@ -176,6 +181,12 @@ class BodyOverrides:
     # --- application/x-www-form-urlencoded ----------------------------------------------
 
     def _feed_form(self, data: bytes) -> None:
+        """Read a piece of a form field by field -- a piece of a few fields; the fields
+        of a longer one as ``_pass_piece`` says."""
+        if data.count(b"&") + data.count(b";") >= 8:
+            self._pass_piece(data)
+            return
+        self.visits += 1
         start = 0
         end = len(data)
         while start < end:
@@ -209,6 +220,46 @@ class BodyOverrides:
                 self._end_field()
             start = stop + 1
 
+    def _pass_piece(self, data: bytes) -> None:
+        """Read a piece of many fields: the field going on from the last piece and the one
+        the piece ends in are read field by field (``_feed_form``); the complete fields
+        between are passed over by C scans (``_pass_fields``) but for those whose name
+        could spell an override. (A hostile review: a 4 MiB ``a&a&...`` form took 2.4-3.2 s
+        of CPU read field by field, 7-11 s with ``charset=utf-16``, octet-stream 0.01 s.)"""
+        start, end = 0, len(data)
+        if self._name or self._in_value or self._long is not None:  # (a field goes on)
+            m = _SEPARATOR.search(data)
+            if m is None:
+                self._feed_form(data)
+                return
+            start = m.end()
+            self._feed_form(data[:start])
+        last = max(data.rfind(b"&"), data.rfind(b";")) + 1
+        if last > start:
+            self._pass_fields(data, start, last)
+            start = last
+        if start < end:
+            self._feed_form(data[start:] if start else data)
+
+    def _pass_fields(self, data: bytes, start: int, stop: int) -> None:
+        """Read ``data[start:stop]``, whole fields (it ends with a separator, the state is
+        at a field's start): only fields whose name may spell an override name in this
+        reading, or is longer than ``MAX_NAME_BYTES``, are read (``_form_names``); no other
+        field can change the state or name a method."""
+        spells, names = _form_names(self.charset)
+        if spells[0].search(data, start, stop) is None \
+                and (len(spells) == 1 or spells[1].search(data, start, stop) is None) \
+                and (stop - start <= MAX_NAME_BYTES or not _long_run(data, start, stop)):
+            return  # (nearly every stretch)
+        while True:
+            m = names.search(data, start, stop)
+            if m is None:
+                return
+            end = _SEPARATOR.search(data, m.end(), stop)
+            cut = end.end() if end is not None else stop
+            self._feed_form(data[m.start():cut])
+            start = cut
+
     def _end_field(self) -> None:
         if self._wanted:
             self._add(self._value)
@@ -235,7 +286,9 @@ class BodyOverrides:
                 del self._tail[:cut]
                 if len(head) > MAX_PART_HEAD_BYTES:
                     raise BadRequest("bad_request", "multipart part head")
-                self._wanted = _part_is_override(head)
+                # (a head that cannot spell a name -- no "method", "%", backslash or
+                # encoded word -- is not parsed: the per-part cost of small parts)
+                self._wanted = _may_spell_override(head) and _part_is_override(head)
                 self._value.clear()
                 self._state = "content"
                 continue
@@ -314,6 +367,114 @@ def _next_name_end(data: bytes, start: int) -> int:
     found = [i for i in (data.find(b"=", start), data.find(b"&", start),
                          data.find(b";", start)) if i >= 0]
     return min(found) if found else -1
+
+
+_SEPARATOR = re.compile(rb"[&;]")
+
+
+def _byte_spellings(byte: int) -> list[bytes]:
+    """The ways a form name's raw bytes give ``byte`` once percent-decoded and ``+`` read
+    as a space: itself (a ``+`` is a space), ``+`` for a space, ``%XX`` in either case."""
+    spellings = [re.escape(bytes([byte]))] if byte != 0x2B else []
+    if byte == 0x20:
+        spellings.append(rb"\+")
+    hi, lo = b"%02x" % byte, b"%02X" % byte
+    spellings.append(b"%[" + bytes({hi[0], lo[0]}) + b"][" + bytes({hi[1], lo[1]}) + b"]")
+    return spellings
+
+
+def _letter_units(codec: str | None) -> list[list[bytes]]:
+    """For each letter of ``method`` (which every override parameter's name holds), the
+    byte strings that decode to it in either case in the reading of ``codec`` (None: the
+    plain reading; UTF-16/32: ``_form_names``). No other character folds to one of these letters (no non-ASCII
+    character's lower case is ASCII ``m e t h o d``), so a name without one of these
+    sequences in a row names no override."""
+    letters = "method"
+    if codec is not None and codec not in ("hz", "utf-7") and _single_byte(codec):
+        table = [bytes([b]).decode(codec, "replace").lower() for b in range(256)]
+        return [[bytes([b]) for b in range(256) if table[b] == letter] for letter in letters]
+    # ASCII-compatible readings, and those whose other bytes decode to no ASCII letter
+    # (Shift_JIS-2004's double bytes, punycode's insertions): the letters themselves
+    return [[letter.encode(), letter.upper().encode()] for letter in letters]
+
+
+def _single_byte(codec: str) -> bool:
+    """Whether ``codec`` decodes each byte alone to one character, whatever is around it."""
+    try:
+        singles = [bytes([b]).decode(codec, "replace") for b in range(256)]
+        return all(len(c) == 1 for c in singles) \
+            and bytes(range(256)).decode(codec, "replace") == "".join(singles)
+    except (UnicodeError, LookupError, ValueError, TypeError):
+        return False
+
+
+# What else may spell the letters in a stateful reading: UTF-7's base64 after a "+" (only
+# "%2B" gives one: a "+" is a space first), HZ's "~" escapes ("~\n" is nothing)
+_SHIFTS = {"utf-7": rb"%2[Bb]", "hz": rb"~|%7[Ee]"}
+
+
+@functools.lru_cache(maxsize=64)
+def _form_names(codec: str | None) -> tuple[tuple[re.Pattern[bytes], ...],
+                                            re.Pattern[bytes]]:
+    """(spells, names) for a urlencoded reading in ``codec`` (None: the plain reading):
+    ``spells`` find a spelling of ``method`` (``_letter_units``; its bytes each as sent or
+    percent-encoded, ``_byte_spellings``; or a stateful reading's shift, ``_SHIFTS``)
+    anywhere; ``names`` finds, from a field's start,
+    the next field whose name holds one, or is longer than ``MAX_NAME_BYTES`` (judged by
+    its first bytes: ``_long_name_is_override``). A stretch with neither (``spells``,
+    ``_long_run``: C scans) is passed over whole."""
+    units = []
+    if codec is not None and codec.startswith(("utf-16", "utf-32")):
+        # (a letter is its ASCII byte and 1 or 3 zero bytes, before it or after it: the
+        # letters' bytes with the zeros between them, in either byte order -- starting at
+        # the letter, not at every zero byte: 30 times faster on a UTF-32 body)
+        zeros = rb"(?:\x00|%00)" * (1 if codec.startswith("utf-16") else 3)
+        ascii_units = _letter_units(None)
+        letters = zeros.join(b"(?:" + b"|".join(sorted(
+            {s for unit in spellings for s in _byte_spellings(unit[0])})) + b")"
+            for spellings in ascii_units)
+        return _form_patterns(letters, None)
+    for spellings in _letter_units(codec):
+        # (flat alternatives, each starting with a literal: the C scan for the first
+        # letter's start bytes runs at memchr-like speed, nested groups 4 times slower)
+        alternatives = {b"".join(combo) for unit in spellings
+                        for combo in itertools.product(*map(_byte_spellings, unit))}
+        units.append(b"(?:" + b"|".join(sorted(alternatives)) + b")")
+    return _form_patterns(b"".join(units), _SHIFTS.get(codec or ""))
+
+
+def _form_patterns(letters: bytes, shifts: bytes | None) -> tuple[tuple[re.Pattern[bytes], ...],
+                                                                 re.Pattern[bytes]]:
+    """``_form_names``' patterns of a spelling of ``method`` and a reading's shifts."""
+    spell = letters + b"|" + shifts if shifts else letters
+    long_name = rb"[^&;=]{%d}" % (MAX_NAME_BYTES + 1)
+    names = re.compile(rb"(?<![^&;])(?:[^&;=]*?(?:" + spell + b")|" + long_name + b")")
+    # (each searched alone: an alternation of the two is not scanned for its start bytes)
+    spells = (re.compile(letters), *((re.compile(shifts),) if shifts else ()))
+    return spells, names
+
+
+_FIELD_BYTE_END = re.compile(rb"[&;=]")
+
+
+def _long_run(data: bytes, start: int, stop: int) -> bool:
+    """Whether ``data[start:stop]`` holds more than ``MAX_NAME_BYTES`` bytes in a row
+    without ``&``, ``;`` or ``=`` (a name that long, or a value): such a run holds a
+    multiple of ``MAX_NAME_BYTES``, so only the runs around those are measured."""
+    at = start - start % MAX_NAME_BYTES + MAX_NAME_BYTES
+    while at < stop:
+        if data[at] in b"&;=":
+            at += MAX_NAME_BYTES
+            continue
+        m = _FIELD_BYTE_END.search(data, at, stop)
+        end = m.start() if m is not None else stop
+        back = max(start, end - MAX_NAME_BYTES - 1)  # (no further back: long already)
+        sep = max(data.rfind(b"&", back, at), data.rfind(b";", back, at),
+                  data.rfind(b"=", back, at))
+        if end - (sep + 1 if sep >= 0 else back) > MAX_NAME_BYTES:
+            return True
+        at = end - end % MAX_NAME_BYTES + MAX_NAME_BYTES
+    return False
 
 
 def _is_override(raw: bytes | bytearray) -> bool:
@@ -427,17 +588,28 @@ def body_readers(method: bytes, content_type: bytes | None,
 
 # An inflated form or JSON body may be up to INFLATE_RATIO times what came compressed, past
 # its first INFLATE_FREE bytes (more: 400): the reading's work stays linear in the bytes
-# sent (a deflate bomb inflates a thousandfold)
+# sent (a deflate bomb inflates a thousandfold). And never more than INFLATE_BUDGET in all
+# (more: 400, the same refusal: a body the sidecar must read and cannot read to its end):
+# a hostile review sent 43 KB of gzip inflating 145-fold, under the ratio, to 6 MiB of
+# ``a&a&...`` that cost 5 s of CPU to read. 8 MiB: at the readers' speed now (5-40 ms per
+# inflated MiB, a declared UTF-16 form's five readings included) a request's reading costs
+# a fraction of a second at worst, and a form or JSON document sent compressed is rarely
+# more (a file upload is multipart, not inflated).
 INFLATE_RATIO = 200
 INFLATE_FREE = 1024 * 1024
+INFLATE_BUDGET = 8 * 1024 * 1024
+INFLATE_STEP = 64 * 1024  # inflated bytes read between two yields to the loop
 
 
 class Inflated:
     """Readers given a gzip or deflate (zlib) body inflated, piece by piece, in bounded
     steps; the members of a multi-member gzip body one after another (Node's gunzip reads
     them all). Data that does not inflate ends the reading (the app's inflater fails
-    there too); more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``)
-    is ``BadRequest``."""
+    there too); more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``),
+    or more than ``INFLATE_BUDGET``, is ``BadRequest``. ``steps`` reads a piece
+    ``INFLATE_STEP`` inflated bytes at a time, yielding between them: the data path lets
+    the loop run there (a hostile review: one piece inflated and read in one synchronous
+    call held every other caller of the sidecar for seconds)."""
 
     __slots__ = ("readers", "_z", "_in", "_out", "_broken")
 
@@ -449,17 +621,24 @@ class Inflated:
 
     def feed(self, data: bytes) -> None:
         """Read the next piece of the body."""
+        for _ in self.steps(data):
+            pass
+
+    def steps(self, data: bytes) -> Iterator[None]:
+        """Read the next piece of the body, yielding after each ``INFLATE_STEP`` inflated
+        bytes read."""
         self._in += len(data)
         for _ in range(len(data) + 2):  # (each round consumes input or ends a member)
             if self._broken or not data:
                 return
             z = self._z
             try:
-                out = z.decompress(data, 65536)
+                out = z.decompress(data, INFLATE_STEP)
             except zlib.error:
                 self._broken = True
                 return
             self._give(out)
+            yield
             if z.eof:
                 data = z.unused_data
                 if data:
@@ -471,7 +650,8 @@ class Inflated:
         if not out:
             return
         self._out += len(out)
-        if self._out > INFLATE_FREE and self._out > INFLATE_RATIO * self._in:
+        if self._out > INFLATE_BUDGET or \
+                (self._out > INFLATE_FREE and self._out > INFLATE_RATIO * self._in):
             raise BadRequest("bad_request", "body inflates too far")
         for reader in self.readers:
             reader.feed(out)
@@ -603,7 +783,7 @@ class BodyCheck:
     (``judge``, the listener's: ``sidecar.inbound``). ``reader``: one reader, or several
     (``body_readers``: each reads every piece, their methods are judged together)."""
 
-    __slots__ = ("readers", "judge", "_held", "_quick", "_json")
+    __slots__ = ("readers", "judge", "stepped", "_held", "_quick", "_json")
 
     def __init__(self, reader: Reader | Sequence[Reader],
                  judge: Callable[[tuple[str, ...]], None]) -> None:
@@ -618,6 +798,23 @@ class BodyCheck:
         self._quick = all(_plain_reading(r) for r in self.readers)
         self._json = all(isinstance(r, JsonBody) for r in self.readers)
         self._held: bytes | None = None  # the first piece, while it may be the only one
+        # An inflated reading (``body_readers`` puts it last): the data path feeds it with
+        # ``feed_steps``, letting the loop run between steps (``Inflated.steps``); other
+        # readings read a piece in one call.
+        self.stepped = bool(self.readers) and isinstance(self.readers[-1], Inflated)
+
+    def feed_steps(self, data: bytes) -> Iterator[None]:
+        """``feed`` in bounded steps, yielding between them: after each reading, and
+        within an inflated one after each ``INFLATE_STEP`` inflated bytes."""
+        if self._quick:  # (never with an inflated reading; as ``feed``)
+            self.feed(data)
+            return
+        for reader in self.readers:
+            if isinstance(reader, Inflated):
+                yield from reader.steps(data)
+            else:
+                reader.feed(data)
+                yield
 
     def feed(self, data: bytes) -> None:
         """Read one piece of the body (``BadRequest`` for a malformed override field)."""
@@ -691,15 +888,32 @@ JSON = "json"
 MAX_KEY_BYTES = 256  # a key's raw bytes kept: an override name escaped whole is 132
 _JSON_STRUCTURE = re.compile(rb'["{}\[\]:,]')
 _JSON_STRING_STOP = re.compile(rb'["\\]')
-# A stretch that may hold an override key: "method" in any case, or an escape
-_JSON_CANDIDATE = re.compile(rb"[Mm][Ee][Tt][Hh][Oo][Dd]|\\")
+# A stretch that may hold an override key: "method" in any case, each letter as it is or
+# escaped (``\u006D``: JSON's only escape of a letter). Any other escape spells no letter
+# of it, so a key holding other escapes is skimmed too (a hostile review: 4 MiB of
+# ``{"\u0061":1,...}`` read token by token cost 3.6 s of CPU).
+_JSON_CANDIDATE = re.compile(
+    b"(?:M|m|" + rb"\\u00[46][Dd])" + b"".join(
+        rb"(?:[%s%s]|\\u00[%d%d]%s)" % (c.encode(), c.upper().encode(),
+                                          ord(c.upper()) >> 4, ord(c) >> 4,
+                                          b"[%s%s]" % (b"%x" % (ord(c) & 15), b"%X" % (ord(c) & 15)))
+        for c in "ethod"))
 _JSON_PLAIN_STRINGS = re.compile(rb'"[^"]*"')
+_JSON_STRINGS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+# From outside a string: as far as whole strings go (up to a string not ended)
+_JSON_OUTSIDE = re.compile(rb'(?:[^"]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
 _JSON_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _JSON_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"{}[]")
 _JSON_WEIGHTS = bytes.maketrans(b"{[}]", b"\x02\x02\x00\x00")
 # Byte-order marks and RFC 4627's null patterns of the first bytes (json.detect_encoding)
 _JSON_BOMS = ((b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe\x00\x00", "utf-32-le"),
               (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+
+
+def _outside(seg: bytes, stop: int) -> int:
+    """How far ``seg[:stop]``, from outside a string, goes in whole strings."""
+    m = _JSON_OUTSIDE.match(seg, 0, stop)
+    return m.end() if m is not None else 0
 
 
 def is_json_type(content_type: bytes | None) -> bool:
@@ -788,12 +1002,17 @@ class JsonOverrides:
         would, up to a string it does not end, and not past the top level's end; where
         the reading goes on (``i``: nothing passed)."""
         seg = data[i:stop]
-        if seg.count(b'"') % 2:
+        escaped = b"\\" in seg
+        if escaped:  # (strings with escapes: followed through them by a C match)
+            seg = seg[:_outside(seg, len(seg))]
+        elif seg.count(b'"') % 2:
             seg = seg[:seg.rfind(b'"')]  # (a string that goes on: read token by token)
         if self._skim_segment(seg):
             return i + len(seg)
         cut = max(seg.rfind(b"}"), seg.rfind(b"]"))  # (short of the top level's end)
-        if cut > 0 and seg.count(b'"', 0, cut) % 2 == 0 and self._skim_segment(seg[:cut]):
+        if cut > 0 and (_outside(seg, cut) == cut if escaped
+                        else seg.count(b'"', 0, cut) % 2 == 0) \
+                and self._skim_segment(seg[:cut]):
             return i + cut
         return i
 
@@ -802,7 +1021,8 @@ class JsonOverrides:
         change) when its brackets would close the top level."""
         if not seg:
             return False
-        stripped = _JSON_PLAIN_STRINGS.sub(b"", seg) if b'"' in seg else seg
+        stripped = seg if b'"' not in seg else _JSON_STRINGS.sub(b"", seg) \
+            if b"\\" in seg else _JSON_PLAIN_STRINGS.sub(b"", seg)
         brackets = stripped.translate(None, _JSON_NOT_BRACKETS)
         depth = self._depth
         if brackets:
