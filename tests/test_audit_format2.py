@@ -73,7 +73,9 @@ class Trail:
         return kw
 
 
-def build_trail(root: Path, encrypted: bool) -> Trail:
+def build_trail(root: Path, encrypted: bool, records: Any = None) -> Trail:
+    """A real trail of ``records`` (default: ``record(i)`` for N), signed, encrypted or not,
+    shipped to a real rsyslog; returned once rsyslog has its seal."""
     rsyslog = Rsyslog(root / "rsyslog")
     rsyslog.start()
     try:
@@ -85,8 +87,8 @@ def build_trail(root: Path, encrypted: bool) -> Trail:
         config = AuditConfig(path=str(root / "audit"), fsync=False, signing_key_file=priv,
                              checkpoint_every_records=25, max_segment_bytes=16384,
                              encryption_key_file=data, ship=rsyslog.ship())
-        writer = write_audit_trail(config, (record(i) for i in range(N)), identity=ORDERS,
-                                   batch=20, pause=0.001)
+        writer = write_audit_trail(config, records or (record(i) for i in range(N)),
+                                   identity=ORDERS, batch=20, pause=0.001)
         seal = f'seq="{writer.statistics().next_seq - 1}"'
         assert wait_for(lambda: any(seal in line for line in rsyslog.lines()), timeout=15)
     finally:

@@ -34,13 +34,12 @@ import msgpack
 import pytest
 
 from sidecar.audit.chain import LENGTH
-from sidecar.audit.crypto import Encryptor, load_data_key, load_decryptor, write_data_key
+from sidecar.audit.crypto import Encryptor, load_data_key, load_decryptor
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments, read_frames
-from sidecar.audit.signing import write_keypair
-from sidecar.config.audit import AuditConfig
-from tests.harness import sidecar_cli, wait_for, write_audit_trail
-from tests.test_audit_ship import FRONTEND, ORDERS, Rsyslog
+from tests.harness import sidecar_cli
+from tests.test_audit_format2 import build_trail
+from tests.test_audit_ship import FRONTEND, ORDERS
 
 N = 90
 BYTES_RECORD = 7  # a record JSON cannot hold (a bytes value): a format-1 ``erc`` frame
@@ -76,22 +75,9 @@ class Trail:
 def trail(tmp_path_factory: pytest.TempPathFactory) -> Trail:
     """One real format-2 trail, signed and encrypted, and what rsyslog received of it."""
     root = tmp_path_factory.mktemp("review28")
-    rsyslog = Rsyslog(root / "rsyslog")
-    rsyslog.start()
-    try:
-        priv, pub, _ = write_keypair(str(root / "sig"))
-        data = str(root / "d.data")
-        write_data_key(data)
-        config = AuditConfig(path=str(root / "audit"), fsync=False, signing_key_file=priv,
-                             checkpoint_every_records=25, max_segment_bytes=16384,
-                             encryption_key_file=data, ship=rsyslog.ship())
-        writer = write_audit_trail(config, (record(i) for i in range(N)), identity=ORDERS,
-                                   batch=20, pause=0.001)
-        seal = f'seq="{writer.statistics().next_seq - 1}"'
-        assert wait_for(lambda: any(seal in line for line in rsyslog.lines()), timeout=15)
-    finally:
-        rsyslog.stop()
-    t = Trail(root, root / "audit", pub, data, rsyslog.lines())
+    made = build_trail(root, True, (record(i) for i in range(N)))
+    assert made.data is not None
+    t = Trail(made.root, made.audit, made.pub, made.data, made.lines)
     assert len(list_segments(str(t.audit))) >= 2
     return t
 
