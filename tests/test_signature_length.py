@@ -27,8 +27,8 @@ from sidecar.authn.jwks import parse_jwks
 from sidecar.authn.jwt import TokenInvalid, signature_length, verify_token
 from tests.harness import Pki, start_app
 from tests.test_authn_support import ISSUER, NOW, b64, claims, provider
-from tests.test_jwt_e2e import jwt_rule, policy_doc, provider_doc, start_node
 from tests.test_jwt_e2e import claims as live_claims
+from tests.test_jwt_e2e import jwt_rule, policy_doc, provider_doc, start_node
 
 # alg -> (kid, how its key is made)
 KEYS: dict[str, tuple[str, Callable[[], Any]]] = {
