@@ -1,5 +1,5 @@
-"""The twenty-seventh session's header review: families the catalogue lacked, and the cost of
-a long run of wrappers (sidecar.http.untrusted).
+"""The twenty-seventh and twenty-eighth sessions' header reviews: families the catalogue lacked,
+and the cost of a long run of wrappers (sidecar.http.untrusted).
 
 Framework adapters' internal headers (Astro's x-astro-path, CVE-2026-33768; OpenNext's x-isr;
 vinext's x-vinext-mw-ctx; Traefik's X-Replaced-Path), more edges' client addresses (Tencent
@@ -78,6 +78,21 @@ REVIEW27_FOUND = [
 ]
 # Names next to the new entries that are nobody's verdict: forwarded (the control). DataDome's
 # client id is what the client's own script sends, verified by the DataDome module.
+# The twenty-eighth session's review: grpc-gateway's own namespace (a caller's copy of the key
+# its matcher makes of Authorization), more platforms' user facts, run-as headers of other APIs.
+REVIEW28_FOUND = [
+    "Grpcgateway-Authorization", "Grpcgateway-Cookie", "grpcgateway-x-user",
+    "x-endpoint-api-consumer-type", "x-endpoint-api-consumer-number",
+    "x-endpoint-api-project-id", "x-endpoint-api-userinfo", "x-amzn-ava-user-context",
+    "kubeflow-userid", "kubeflow-groups", "sf-context-current-user",
+    "sf-context-current-user-token", "rstudio-connect-credentials", "shiny-server-credentials",
+    "x-sp-userid", "x-sp-usergroups", "x-token-user-email", "x-token-user-name",
+    "x-token-user-roles", "domino-username", "x-warpgate-username",
+    "x-warpgate-authentication-type",
+    "Sudo", "X-Redmine-Switch-User", "Api-Username", "X-On-Behalf-Of",
+    "opendistro-security-impersonate-as",
+]
+REVIEW28_KEPT = ["sudoers", "x-sp", "kubeflow", "x-token-use", "grpcgateway", "api-user"]
 REVIEW27_KEPT = ["X-DataDome-ClientID", "x-astronaut", "x-isrc", "x-isr-mode", "x-opennexus",
                  "eo-other", "cdn-src", "x-replaced", "x-sigsci", "tls-version", "x-client-sch"]
 
@@ -90,7 +105,7 @@ def _filters() -> list[HeaderFilter]:
     return out
 
 
-@pytest.mark.parametrize("name", REVIEW27_FOUND)
+@pytest.mark.parametrize("name", REVIEW27_FOUND + REVIEW28_FOUND)
 def test_headers_the_twenty_seventh_review_found_are_in_the_catalogue(name: str) -> None:
     assert entry_for(name) is not None and entry_for(name.replace("-", "_")) is not None, name
     for f in _filters():
@@ -98,7 +113,7 @@ def test_headers_the_twenty_seventh_review_found_are_in_the_catalogue(name: str)
             assert f.removes(spelling.lower().encode()), spelling
 
 
-@pytest.mark.parametrize("name", REVIEW27_KEPT)
+@pytest.mark.parametrize("name", REVIEW27_KEPT + REVIEW28_KEPT)
 def test_names_next_to_the_new_entries_are_kept(name: str) -> None:
     assert entry_for(name) is None, name
     for f in _filters():
@@ -109,11 +124,12 @@ def test_names_next_to_the_new_entries_are_kept(name: str) -> None:
 def _review27_lines(wrapped_underscores: bool) -> list[bytes]:
     """Every member in every spelling (case, ``_``, values trimmed, listed, repeated, the name
     percent-encoded) and behind every wrapper in each of its spellings, one or two deep."""
-    lines = [line for n in REVIEW27_FOUND for line in _forwarded_lines(n)]
-    for n in REVIEW27_FOUND:
+    found, kept = REVIEW27_FOUND + REVIEW28_FOUND, REVIEW27_KEPT + REVIEW28_KEPT
+    lines = [line for n in found for line in _forwarded_lines(n)]
+    for n in found:
         lines += [f"{s}: {MARK}\r\n".encode() for s in _wrapped(n)
                   if wrapped_underscores or "_" not in s]
-    return lines + [f"{n}: {MARK}\r\n".encode() for n in REVIEW27_KEPT]
+    return lines + [f"{n}: {MARK}\r\n".encode() for n in kept]
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -123,7 +139,8 @@ def test_twenty_seventh_review_families_never_reach_the_app(mesh: Mesh, mesh_us:
     m = mesh if which == "default" else mesh_us
     # (by default names with "_" are dropped whole: sent, but they say nothing of the entries)
     heads = _send_lines(m, side, _review27_lines(which != "default"))
-    assert sorted(_leaks(heads)) == sorted((n.lower(), MARK) for n in REVIEW27_KEPT)
+    assert sorted(_leaks(heads)) == sorted((n.lower(), MARK)
+                                           for n in REVIEW27_KEPT + REVIEW28_KEPT)
 
 
 # (The review's CVE-2026-33768 request itself: tests/test_header_catalogue.py, REROUTES.)

@@ -195,6 +195,32 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(IDENTITY, "Elasticsearch's run-as header: an app that passes it on to the "
               "cluster with its own credentials would act as whoever the caller names "
               "(found by a hostile review)", "es-security-runas-user")
+    + _family(IDENTITY, "run-as headers of other APIs: GitLab's and Gitea's Sudo, Redmine's "
+              "X-Redmine-Switch-User, Discourse's Api-Username, Zendesk's X-On-Behalf-Of, "
+              "OpenSearch's opendistro_security_impersonate_as -- an app that passes them on "
+              "with its own admin credential would act as whoever the caller names (found by "
+              "a hostile review; put the name in headers.pass_through when the app behind "
+              "the sidecar is itself such an API and its clients send it)",
+              "sudo x-redmine-switch-user api-username x-on-behalf-of "
+              "opendistro-security-impersonate-as")
+    + _family(IDENTITY, "grpc-gateway's own metadata namespace: its default matcher passes "
+              "Authorization and Cookie to the gRPC server as grpcgateway-authorization and "
+              "grpcgateway-cookie, and a caller's Grpc-Metadata-Grpcgateway-Authorization "
+              "becomes the same key -- a second, unverified token beside the verified one "
+              "(found by a hostile review); no client sends these names", "grpcgateway-",
+              prefix=True)
+    + _family(IDENTITY, "the user, groups and caller facts platforms and identity-aware "
+              "proxies assert to the apps they front (found by a hostile review): Google "
+              "Cloud Endpoints' x-endpoint-api-* (the API consumer; its userinfo), AWS "
+              "Verified Access's x-amzn-ava-user-context, Kubeflow's kubeflow-userid and "
+              "-groups, Snowflake Container Services' sf-context-current-user, ShinyProxy's "
+              "x-sp-userid and -usergroups, caddy-security's x-token-user-*, Warpgate's "
+              "x-warpgate-*", "x-endpoint-api- x-amzn-ava- kubeflow- sf-context- x-sp- "
+              "x-token-user- x-warpgate-", prefix=True)
+    + _family(IDENTITY, "the signed-in user as Posit Connect, Shiny Server (py-shiny's "
+              "session.user and .groups) and Domino Data Lab hand it to apps (found by a "
+              "hostile review)", "rstudio-connect-credentials shiny-server-credentials "
+              "domino-username")
     + _family(IDENTITY, "Hasura session variables (x-hasura-role, x-hasura-user-id, ...): "
               "Hasura takes them as the caller's role and identity, and apps behind other "
               "gateways copy the convention", "x-hasura-", prefix=True)
@@ -257,7 +283,7 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(IDENTITY, "cloud identity-aware proxies (Google IAP and Cloud Endpoints, "
               "AWS ALB OIDC, Azure App Service EasyAuth, Cloudflare Access)",
               "x-goog-authenticated-user-email x-goog-authenticated-user-id "
-              "x-goog-iap-jwt-assertion x-apigateway-api-userinfo x-endpoint-api-userinfo "
+              "x-goog-iap-jwt-assertion x-apigateway-api-userinfo "
               "x-amzn-oidc-data x-amzn-oidc-identity x-amzn-oidc-accesstoken "
               "x-ms-client-principal x-ms-client-principal-id x-ms-client-principal-name "
               "x-ms-client-principal-idp cf-access-jwt-assertion "
