@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -16,13 +17,14 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.config.model import load_config
 from sidecar.errors import ConfigError
-from sidecar.identity.bundle import parse_bundle, spiffe_bundle_json
+from sidecar.identity.bundle import MAX_BUNDLE_KEYS, parse_bundle, spiffe_bundle_json
 from sidecar.identity.ca import DevCA
 from sidecar.identity.svid import (
     RULE_BUNDLE_INVALID,
     RULE_TRUST_DOMAIN_MISMATCH,
     RULE_TRUST_DOMAIN_NOT_FEDERATED,
     SvidError,
+    load_roots,
 )
 from sidecar.identity.trust import (
     PeerChain,
@@ -61,6 +63,30 @@ def chain_of(ca: DevCA, spiffe_id: str) -> PeerChain:
 
 
 # -- bundle formats ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["pem", "spiffe_json"])
+def test_a_bundle_holds_at_most_256_roots_in_either_form(form: str, tmp_path) -> None:
+    """Both forms are bounded alike, in the file the sidecar loads (before, only the JSON
+    form was: a 1 MiB PEM file of 1,380 roots stalled every connection at each change while
+    the contexts loaded them)."""
+    roots = [DevCA.create(f"td{i}.example").root for i in range(MAX_BUNDLE_KEYS + 1)]
+
+    def write(certs: list[x509.Certificate]) -> str:
+        path = tmp_path / f"{len(certs)}.{form}"
+        path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+                         if form == "pem" else spiffe_bundle_json(certs))
+        return str(path)
+
+    assert len(parse_bundle(Path(write(roots[:2])).read_bytes())) == 2
+    assert len(load_roots(Path(write(roots[:MAX_BUNDLE_KEYS])).read_bytes(), "b")) == \
+        MAX_BUNDLE_KEYS
+    over = write(roots)
+    with pytest.raises(SvidError, match="more than 256") as err:
+        load_roots(Path(over).read_bytes(), over)
+    assert err.value.rule == RULE_BUNDLE_INVALID and over in str(err.value)
+    with pytest.raises(ValueError, match="more than 256"):
+        parse_bundle(Path(over).read_bytes())
+
 
 def test_spiffe_bundle_format_takes_x509_svid_keys_only(cas) -> None:
     cluster, partner = cas

@@ -55,6 +55,8 @@ def parse_bundle(data: bytes, *, allow_empty: bool = False) -> list[x509.Certifi
         raise ValueError(f"no PEM certificate: {exc}") from exc
     if not certs:
         raise ValueError("the bundle holds no certificate")
+    if len(certs) > MAX_BUNDLE_KEYS:  # (as ``svid.load_roots``, which the sidecar reads with)
+        raise ValueError(f"the bundle holds more than {MAX_BUNDLE_KEYS} certificates")
     return certs
 
 

@@ -638,6 +638,15 @@ def load_roots(data: bytes, shown: str, *, allow_empty: bool = False) -> list[x5
     roots = _load_certs(data, shown)
     if not roots:
         raise SvidError(RULE_BUNDLE_EMPTY, "trust bundle holds no certificate", file=shown)
+    from sidecar.identity.bundle import MAX_BUNDLE_KEYS
+
+    if len(roots) > MAX_BUNDLE_KEYS:
+        # As many as the JSON form may carry (``parse_bundle``): each root is loaded into
+        # the four TLS contexts on the event loop, OpenSSL holding the GIL (about 0.14 ms a
+        # root), so a partner's 1 MiB PEM file of 1,380 roots stalled every connection for
+        # 1.5-2 s at each change (found by a hostile review).
+        raise SvidError(RULE_BUNDLE_INVALID, f"trust bundle holds more than {MAX_BUNDLE_KEYS} "
+                        "certificates", file=shown)
     return roots
 
 
