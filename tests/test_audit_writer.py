@@ -342,6 +342,15 @@ def test_queue_full(tmp_path: Path) -> None:
                    body_open)
     assert w.lost == 1 and w.written == 4
 
+    # The record of a request or stream already served (``admitted``) that finds no room
+    # is lost in fail_closed too -- counted as lost (the metric), not as a refusal.
+    async def body_admitted(w: AuditWriter) -> None:
+        assert all(w.submit(rec(i)) for i in range(4))
+        assert not w.submit(rec(4), admitted=True) and not w.submit(rec(5))
+
+    w = run_writer(AuditConfig(path=str(tmp_path / "c"), queue_size=3), body_admitted)
+    assert w.lost == 1 and w.rejected == 1 and w.written == 4
+
 
 def test_aclose_flushes_everything_queued(tmp_path: Path) -> None:
     n = 5000
