@@ -11,9 +11,14 @@ one ``JsonDocError`` (a ``ValueError``) whose message says what, for the log:
 * bytes that are not UTF-8 (``json.loads(bytes)`` would also take UTF-16 and UTF-32);
 * anything ``json`` refuses, a byte-order mark and integers of more than 4,300 digits
   included;
-* ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON;
+* ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON; and a number no double holds
+  (``1e400`` overflows to infinity, ``1e-400`` underflows to zero): found by a hostile
+  review, a token claim ``1e400`` was read as ``inf`` and forwarded to the app as
+  ``Infinity`` (not JSON), the same header as ``1e999``'s; ``0.0`` and ``1e-400`` another;
 * an object naming a member twice: which copy wins differs between parsers, so a reader in
-  front of us could have seen the other one;
+  front of us could have seen the other one; with ``fold_case`` (JWT headers and payloads),
+  also two names that are one in another case (``role`` and ``ROLE``): Go's encoding/json
+  takes the last such member for a struct field, .NET compares claim types ignoring case;
 * nesting deeper than ``max_depth``: ``json`` itself stops only at the interpreter's
   recursion limit, and every later walk of the value (a deep copy, a patch, a dump) at a
   lower depth, with a ``RecursionError`` where a clean refusal belongs;
@@ -27,6 +32,7 @@ holds a surrogate escape at all. None of this is on the data path.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -49,8 +55,38 @@ def _members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _members_one_case(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``_members``, and no two names that are one under case folding (``str.casefold``:
+    ASCII case, and ``ſ``/``K`` that Go's encoding/json folds to ``s``/``k``)."""
+    out = _members(pairs)
+    if len(out) > 1:
+        seen: dict[str, str] = {}
+        for name in out:
+            other = seen.setdefault(name.casefold(), name)
+            if other is not name:
+                raise JsonDocError(f"members {other[:64]!r} and {name[:64]!r} differ only in "
+                                   "case in one object")
+    return out
+
+
 def _constant(name: str) -> Any:
     raise JsonDocError(f"{name} is not JSON")
+
+
+_NONZERO_DIGIT = re.compile(r"[1-9]")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, refused when no double holds it: one that
+    overflows to an infinity (``1e400``), or a non-zero one that underflows to zero
+    (``1e-400``): each would be another number to every later reader (the forwarded
+    header, the policy's comparison) than the one the issuer wrote."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonDocError(f"number {text[:32]} is out of range")
+    if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
+        raise JsonDocError(f"number {text[:32]} underflows to zero")
+    return value
 
 
 def deeper_than(value: Any, limit: int) -> bool:
@@ -112,8 +148,10 @@ def expanded_larger_than(value: Any, limit: int) -> bool:
     return False
 
 
-def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """The value of one JSON document; ``JsonDocError`` for anything the module refuses."""
+def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH,
+              fold_case: bool = False) -> Any:
+    """The value of one JSON document; ``JsonDocError`` for anything the module refuses.
+    ``fold_case``: no object may name two members that differ only in case (JWTs)."""
     if isinstance(data, bytes | bytearray):
         try:
             text = bytes(data).decode("utf-8")
@@ -122,7 +160,8 @@ def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     else:
         text = data
     try:
-        value = json.loads(text, object_pairs_hook=_members, parse_constant=_constant)
+        value = json.loads(text, object_pairs_hook=_members_one_case if fold_case else _members,
+                           parse_constant=_constant, parse_float=_finite_float)
     except RecursionError:
         raise JsonDocError(f"nested deeper than {max_depth} levels") from None
     except JsonDocError:

@@ -31,6 +31,9 @@ def _nested(depth: int, inner: str = "1") -> str:
 
 # name -> a JSON text (object-shaped where the reader wants an object) that must be refused.
 REFUSED: dict[str, bytes] = {
+    # (no double holds it: read as inf, it reached the app as ``Infinity``; session 28)
+    "a float that overflows": b'{"exp": 1e400}',
+    "a non-zero float that underflows to zero": b'{"exp": 1e-400}',
     "nested past the interpreter's recursion limit": ("[" * 100_000).encode(),
     "nested 10,000 levels, well formed": _nested(10_000).encode(),
     "nested one level past the limit": ('{"keys": ' + _nested(MAX_REVIEW_DEPTH) + "}").encode(),
@@ -59,7 +62,6 @@ ACCEPTED: dict[str, tuple[bytes, Any]] = {
     "an escaped backslash before ud800": (b'{"sub": "\\\\ud800"}', {"sub": "\\ud800"}),
     "nested to the default limit": (_nested(DEFAULT_MAX_DEPTH - 1).encode(),
                                     json.loads(_nested(DEFAULT_MAX_DEPTH - 1))),
-    "a large float": (b'{"exp": 1e400}', {"exp": float("inf")}),
 }
 
 

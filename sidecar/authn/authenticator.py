@@ -193,7 +193,11 @@ def claim_header_value(value: Any) -> bytes | None:
             and value[0] != " " and value[-1] != " " and not _reads_as_json(value):
         text = value
     else:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str)
+        try:  # (allow_nan: a second guard; the token reader refuses such numbers)
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=str,
+                              allow_nan=False)
+        except ValueError:
+            return None
     if len(text) > MAX_CLAIM_HEADER_BYTES:
         return None
     return text.encode("ascii")

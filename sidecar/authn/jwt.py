@@ -8,7 +8,8 @@ signature primitive of one algorithm chosen *here*. The order of checks is delib
 1. size first, before any parsing (a hostile header cannot make us decode megabytes);
 2. shape: exactly three canonical base64url segments (one spelling per token), header and
    payload JSON objects without duplicate members (two ``exp`` members would let two
-   parsers disagree), at most ``MAX_JSON_DEPTH`` levels deep (``sidecar.jsondoc``);
+   parsers disagree), nor two names that differ only in case, nor a number no double
+   holds, at most ``MAX_JSON_DEPTH`` levels deep (``sidecar.jsondoc``);
 3. header: ``crit`` is refused (we implement no extension, RFC 7515 says reject), and so
    are ``b64``, ``zip``, ``enc``, a nested ``cty: JWT`` and a non-string ``typ``/``cty``; ``alg``
    must be in the provider's allowlist, which can only hold public-key algorithms, so
@@ -172,9 +173,14 @@ def _json_object(segment: str, what: str) -> dict[str, Any]:
     # line or a header), and at most MAX_JSON_DEPTH levels. Without that bound ``json``
     # stopped at the interpreter's recursion limit, which depends on how deep the caller's
     # stack is: a signed token nested 900 levels verified on a request and could fail when a
-    # stream's token was judged again from another task.
+    # stream's token was judged again from another task. Two member names of one object that
+    # differ only in case (``role`` and ``ROLE``, ``sub`` and ``SUB``, at any level: nested
+    # claims are read by dotted names too) are refused as exact duplicates are (found by a
+    # hostile review: Go's encoding/json takes the last case-insensitive match, .NET compares
+    # claim types ignoring case, so an app behind could read the other member). A number no
+    # double holds (``1e400``) is refused too (``read_json``).
     try:
-        value = read_json(_b64decode(segment), max_depth=MAX_JSON_DEPTH)
+        value = read_json(_b64decode(segment), max_depth=MAX_JSON_DEPTH, fold_case=True)
     except JsonDocError:
         raise TokenInvalid(MALFORMED, f"{what} is not JSON") from None
     if not isinstance(value, dict):
@@ -356,8 +362,10 @@ def _check_header_members(header: Mapping[str, Any]) -> None:
 # (RFC 9068 2.1, RFC 8725 3.11: explicit typing, so one kind cannot be used as another).
 # ``token_use`` (Cognito: ``access`` / ``id``; Ory Hydra: ``access_token`` / ...), and
 # ``token_type`` and Keycloak's ``typ`` (``Bearer`` / ``ID``, ``Refresh``, ``Offline``,
-# ``Logout``; RFC 8693 URNs), compared lower-case, the URN prefix dropped. Introspection
-# answers are read with the same lists (``oauth.check_access_token_answer``).
+# ``Logout``; RFC 8693 URNs), compared lower-case, the URN prefix dropped, and (the kinds
+# that are refused) without surrounding whitespace (``token_kind``); a ``token_use`` must be
+# exactly an access token's, in any case. Introspection answers are read with the same lists
+# (``oauth.check_access_token_answer``).
 ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
 NOT_ACCESS_TYPES = frozenset({"refresh_token", "refresh", "offline", "id_token", "id",
                               "logout"})
@@ -380,6 +388,15 @@ CERT_MISMATCH = "cert_mismatch"
 DPOP_TOKEN_TYPE = "dpop"
 
 
+def token_kind(value: str) -> str:
+    """A ``token_type`` or payload ``typ`` value as the kind lists hold it: without
+    surrounding whitespace (``str.strip``: Unicode spaces and C0 separators too), lower-case,
+    the RFC 8693 URN prefix dropped. Found by a hostile review: ``"typ": "Refresh "``,
+    ``" ID"``, ``"Offline\t"``, ``"token_type": " id_token"`` passed as access tokens while
+    the DPoP check on the same members stripped (an app that trims reads the kind)."""
+    return value.strip().lower().removeprefix(TOKEN_TYPE_URN)
+
+
 def dpop_bound_member(claims: Mapping[str, Any]) -> str | None:
     """The member (``token_type`` or ``typ``) by which ``claims`` say the token is DPoP-bound
     (RFC 9449), or None. Such a token is only good with a proof of its key, which the sidecar
@@ -389,8 +406,7 @@ def dpop_bound_member(claims: Mapping[str, Any]) -> str | None:
     the answer or the claims carried no ``cnf``."""
     for member in ("token_type", "typ"):
         value = claims.get(member)
-        if isinstance(value, str) and \
-                value.strip().lower().removeprefix(TOKEN_TYPE_URN) == DPOP_TOKEN_TYPE:
+        if isinstance(value, str) and token_kind(value) == DPOP_TOKEN_TYPE:
             return member
     return None
 
@@ -415,7 +431,7 @@ def check_token_kind(header: Mapping[str, Any], claims: Mapping[str, Any],
     for member in ("token_type", "typ"):
         value = claims.get(member)
         if value is not None and (not isinstance(value, str) or
-                                  value.lower().removeprefix(TOKEN_TYPE_URN) in NOT_ACCESS_TYPES):
+                                  token_kind(value) in NOT_ACCESS_TYPES):
             raise TokenInvalid(BAD_TYP, f"{member} is not an access token's")
     for name in NOT_ACCESS_CLAIMS:
         if name in claims:

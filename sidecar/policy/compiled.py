@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from sidecar.http.request import split_host
@@ -260,17 +261,74 @@ def _is_ipv4(host: str) -> bool:
 
 # --- claims ---------------------------------------------------------------------------
 
+# At most this many dots in a claim name (the loader refuses more, naming file, line and key):
+# a name of n dots has 2**n readings (``claim_readings``), each walked in the payload.
+MAX_CLAIM_NAME_DOTS = 8
 
-def claim_value(claims: Mapping[str, Any], name: str) -> Any:
-    """A claim by name; a dotted name walks nested objects if no flat claim has it."""
-    if name in claims:
-        return claims[name]
-    value: Any = claims
-    for part in name.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
+
+@lru_cache(maxsize=1024)
+def _name_keys(name: str) -> tuple[tuple[tuple[int, str, str], ...], ...]:
+    """For each segment position ``i`` of a dotted claim name, the keys a reading may take
+    there: ``(j, ".".join(segments[i:j]), its case fold)`` for every ``j > i``, longest
+    first. Load-time names only (a policy's), so the cache stays small."""
+    segments = name.split(".")
+    n = len(segments)
+    return tuple(
+        tuple((j, key, key.casefold()) for j in range(n, i, -1)
+              for key in (".".join(segments[i:j]),))
+        for i in range(n))
+
+
+def _lookup(node: Mapping[str, Any], key: str, folded: str, wide: bool,
+            folds: dict[int, dict[str, list[str]]]) -> list[Any]:
+    """The members of ``node`` a reading takes for ``key``: the exact member, and with
+    ``wide`` (deny rules) every member whose name is ``key`` in another case (``folds``: each
+    object's names by case fold, built once per check)."""
+    if not wide:
+        return [node[key]] if key in node else []
+    index = folds.get(id(node))
+    if index is None:
+        index = {}
+        for member in node:
+            if isinstance(member, str):
+                index.setdefault(member.casefold(), []).append(member)
+        folds[id(node)] = index
+    return [node[member] for member in index.get(folded, ())]  # (the exact one among them)
+
+
+def claim_readings(claims: Mapping[str, Any], name: str, wide: bool = False) -> list[Any]:
+    """Every value the claim ``name`` can be read as in ``claims``.
+
+    A dotted name is split at its dots into keys in every way that walks the payload's nested
+    objects: ``a.b.c`` is the member ``a.b.c``, ``a`` -> ``b.c``, ``a.b`` -> ``c`` and
+    ``a`` -> ``b`` -> ``c``. Found by a hostile review: the flat member ``realm_access.roles``
+    shadowed the nested Keycloak claim an app reads, and a key holding a dot
+    (``resource_access`` -> ``orders.example`` -> ``roles``) could not be named at all.
+    With ``wide`` (a deny rule), each key is also matched in any case (``Role``, ``ROLE``:
+    .NET compares claim types ignoring case, Go's encoding/json matches struct fields so).
+
+    Bounded: each (object, position) pair is walked once, a name has at most
+    ``MAX_CLAIM_NAME_DOTS`` dots, and a walk stops where no member has the next key.
+    A name without a dot has one reading in an allow rule, read with one lookup (the
+    common case costs what it did; ``claim_holds`` does not even come here for it)."""
+    if not wide and name.find(".") < 0:
+        return [claims[name]] if name in claims else []
+    keys = _name_keys(name)
+    end = len(keys)
+    out: list[Any] = []
+    folds: dict[int, dict[str, list[str]]] = {}
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[Mapping[str, Any], int]] = [(claims, 0)]
+    while stack:
+        node, i = stack.pop()
+        for j, key, folded in keys[i]:
+            for child in _lookup(node, key, folded, wide, folds):
+                if j == end:
+                    out.append(child)
+                elif isinstance(child, Mapping) and (id(child), j) not in seen:
+                    seen.add((id(child), j))
+                    stack.append((child, j))
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -282,11 +340,9 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
-def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any]) -> bool:
-    """Does one claim condition hold for verified ``claims``?"""
-    value = claim_value(claims, cond.claim)
-    if value is _MISSING:
-        return False
+def _reading_holds(cond: ClaimCondition, value: Any) -> bool:
+    """An allow rule's test of one reading: strict (same type; a list never equals a
+    string), and ``contains`` on a string splits it at SP only (RFC 6749 3.3)."""
     if cond.op == "equals":
         return _same(value, cond.values[0])
     if cond.op == "one_of":
@@ -299,6 +355,38 @@ def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any]) -> bool:
         # whitespace (str.split()) would read "orders:read\tadmin" as two scopes.
         return wanted in value.split(" ")
     return False
+
+
+def _reading_denies(cond: ClaimCondition, value: Any) -> bool:
+    """A deny rule's test of one reading: as an allow rule's, and also (found by a hostile
+    review) ``equals``/``one_of`` on a list holding a matching element (``"role": ["user",
+    "banned"]``: Istio and apps match any element), and ``contains`` on a string split at
+    any whitespace (``"orders:read\\tadmin"``, ``"admin\\n"``: Python's ``str.split()``, Go's
+    ``strings.Fields``)."""
+    if _reading_holds(cond, value):
+        return True
+    if cond.op != "contains":
+        return isinstance(value, list) and any(
+            _same(item, v) for item in value for v in cond.values)
+    wanted = cond.values[0]
+    return isinstance(value, str) and isinstance(wanted, str) and wanted in value.split()
+
+
+def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any], deny: bool = False) -> bool:
+    """Does one claim condition hold for verified ``claims``?
+
+    An allow rule's (``deny`` false) holds only when the claim has a reading
+    (``claim_readings``) and every reading meets the test strictly: two readings that
+    disagree do not allow. A deny rule's holds when any reading, names matched in any case,
+    meets the wider test (``_reading_denies``): a deny rule denies under every way an app
+    behind may read the token."""
+    if not deny and cond.claim.find(".") < 0:  # (an allow rule's plain name: one lookup)
+        value = claims.get(cond.claim, _MISSING)
+        return value is not _MISSING and _reading_holds(cond, value)
+    values = claim_readings(claims, cond.claim, deny)
+    if deny:
+        return any(_reading_denies(cond, v) for v in values)
+    return bool(values) and all(_reading_holds(cond, v) for v in values)
 
 
 # --- one rule, condition by condition -------------------------------------------------
@@ -445,11 +533,12 @@ def stream_holds(when: Conditions, facts: RequestFacts, trust_domain: str) -> bo
     return when.peers is None or any(peer_matches(p, facts.peer) for p in when.peers)
 
 
-def auth_outcome(when: Conditions, auth: AuthFacts) -> AuthOutcome:
+def auth_outcome(when: Conditions, auth: AuthFacts, deny: bool = False) -> AuthOutcome:
     """Credential conditions (JWT and claims, API key) of a rule against verified facts.
 
     Order matters for the status: a missing/invalid token is 401 (credentials could fix
-    it); a valid token with the wrong claims is 403.
+    it); a valid token with the wrong claims is 403. ``deny``: the rule is a deny rule, whose
+    claim tests hold under any reading of the claims (``claim_holds``).
     """
     if when.jwt is not None:
         claims = auth.claims.get(when.jwt.provider)
@@ -458,7 +547,7 @@ def auth_outcome(when: Conditions, auth: AuthFacts) -> AuthOutcome:
                 return AuthOutcome(False, REASON_TOKEN_INVALID, 401)
             return AuthOutcome(False, REASON_TOKEN_MISSING, 401)
         for cond in when.jwt.claims:
-            if not claim_holds(cond, claims):
+            if not claim_holds(cond, claims, deny):
                 return AuthOutcome(False, REASON_CLAIMS_MISMATCH, 403)
     if when.apikey is not None:
         if auth.apikey is None:
@@ -468,8 +557,9 @@ def auth_outcome(when: Conditions, auth: AuthFacts) -> AuthOutcome:
     return AUTH_OK
 
 
-def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
-    """Credential conditions one by one, for explain."""
+def auth_trace(when: Conditions, auth: AuthFacts, deny: bool = False) -> list[ConditionResult]:
+    """Credential conditions one by one, for explain (``deny``: as ``auth_outcome``'s, so
+    the trail shows the decision the engine makes)."""
     out: list[ConditionResult] = []
     if when.jwt is not None:
         p = when.jwt.provider
@@ -480,11 +570,13 @@ def auth_trace(when: Conditions, auth: AuthFacts) -> list[ConditionResult]:
         else:
             out.append(ConditionResult("jwt", True, f"provider {p}: valid token"))
             for cond in when.jwt.claims:
-                value = claim_value(claims, cond.claim)
-                shown = "missing" if value is _MISSING else repr(value)
+                values = claim_readings(claims, cond.claim, deny)
+                shown = ("missing" if not values else repr(values[0]) if len(values) == 1
+                         else "readings " + ", ".join(map(repr, values)))
                 out.append(
                     ConditionResult(
-                        "claim", claim_holds(cond, claims), f"{cond.describe()} (token: {shown})"
+                        "claim", claim_holds(cond, claims, deny),
+                        f"{cond.describe()} (token: {shown})"
                     )
                 )
     if when.apikey is not None:

@@ -151,7 +151,7 @@ def decide_section(
             if not stream_holds(rule.when, facts, section.trust_domain):
                 continue
         elif not _request_holds(rule, facts, section, not unindexed) \
-                or not auth_outcome(rule.when, auth).ok:
+                or not auth_outcome(rule.when, auth, deny=True).ok:
             continue
         if rule.mode == "dry-run":
             observed_deny = observed_deny or rule

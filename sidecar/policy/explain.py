@@ -149,7 +149,8 @@ def explain(
         req = request_trace(rule.when, facts, section.trust_domain,
                             fold_case=section.fold_case, effect=rule.effect,
                             formats=section.fold_formats, deny_case=section.deny_case)
-        creds = auth_trace(rule.when, auth) if all(c.held for c in req) else []
+        creds = (auth_trace(rule.when, auth, deny=rule.effect == "deny")
+                 if all(c.held for c in req) else [])
         if rule.expired(now):
             status = "expired"
         elif not all(c.held for c in req):

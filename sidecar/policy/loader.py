@@ -37,7 +37,13 @@ from sidecar.errors import ConfigError, Problem
 from sidecar.http.request import ipv4_problem, split_host
 from sidecar.http.untrusted import fold
 from sidecar.identity.spiffe import segment_problem, spiffe_problem, trust_domain_problem
-from sidecar.policy.compiled import Section, deny_hosts, embedded_ipv4, normalise_host
+from sidecar.policy.compiled import (
+    MAX_CLAIM_NAME_DOTS,
+    Section,
+    deny_hosts,
+    embedded_ipv4,
+    normalise_host,
+)
 from sidecar.policy.load_sections import (
     NAME,
     TOKEN,
@@ -144,6 +150,10 @@ def _claims(r: Reader, value: Any, path: P) -> tuple[ClaimCondition, ...] | None
         cp = path + (claim,)
         if not claim:
             r.problem(cp, "a claim name cannot be empty")
+            continue
+        if claim.count(".") > MAX_CLAIM_NAME_DOTS:
+            # (each way of splitting the name at its dots is a reading: ``claim_readings``)
+            r.problem(cp, f"a claim name has at most {MAX_CLAIM_NAME_DOTS} dots")
             continue
         if (why := _claim_value_problem(spec)) is not None:
             r.problem(cp, why)
