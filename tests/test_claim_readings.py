@@ -68,6 +68,7 @@ DENY_RULES: dict[str, tuple[dict[str, Any], Any, Any]] = {
                "good-client"),
     "azp": ({"azp": {"equals": "evil-client"}}, "evil-client", "good-client"),
     "lvl": ({"lvl": 0}, 0, 1),
+    "uid": ({"uid": 1001}, 1001, 1002),
     "blocked": ({"blocked": True}, True, False),
     "groups": ({"groups": {"contains": "blocked"}}, ["users", "blocked"], ["users"]),
     "sub": ({"sub": "mallory"}, "mallory", "bob"),
@@ -197,11 +198,30 @@ def _deny_members() -> list[tuple[str, str, dict[str, Any], bool]]:
             out.append((rule, f"'<{label}>{word}'", {keys[0]: f"{sep}{word}"}, True))
             out.append((rule, f"'x<{label}>{word}x'", {keys[0]: f"x{sep}{word}x"}, False))
         out.append((rule, "'administrator'", {keys[0]: f"{word}istrator"}, False))
-    # Cross-type members stay strict in a deny rule too (documented typing).
-    out += [("lvl", "'0'", {"lvl": "0"}, False), ("lvl", "false", {"lvl": False}, False),
-            ("lvl", "[false]", {"lvl": [False]}, False), ("lvl", "0.0", {"lvl": 0.0}, True),
-            ("blocked", "1", {"blocked": 1}, False), ("blocked", "[1]", {"blocked": [1]}, False),
-            ("blocked", "'true'", {"blocked": "true"}, False)]
+    # Cross-type members: a deny rule compares across types as loose readers do
+    # (JavaScript's ``==``, PHP's numeric strings): a number and a numeric string, a bool
+    # and 1/0, "true"/"false", "1"/"0" -- in a list too. Found by a hostile review: deny
+    # ``uid: 1001`` let ``"1001"`` through, which an app may look up as the same user.
+    out += [("lvl", "'0'", {"lvl": "0"}, True), ("lvl", "false", {"lvl": False}, True),
+            ("lvl", "[false]", {"lvl": [False]}, True), ("lvl", "0.0", {"lvl": 0.0}, True),
+            ("lvl", "' -0 '", {"lvl": " -0 "}, True), ("lvl", "'0x0'", {"lvl": "0x0"}, True),
+            ("lvl", "''", {"lvl": ""}, False), ("lvl", "'zero'", {"lvl": "zero"}, False),
+            ("lvl", "null", {"lvl": None}, False), ("lvl", "true", {"lvl": True}, False),
+            ("blocked", "1", {"blocked": 1}, True), ("blocked", "[1]", {"blocked": [1]}, True),
+            ("blocked", "'true'", {"blocked": "true"}, True),
+            ("blocked", "'TRUE '", {"blocked": "TRUE "}, True),
+            ("blocked", "'1'", {"blocked": "1"}, True), ("blocked", "1.0", {"blocked": 1.0}, True),
+            ("blocked", "2", {"blocked": 2}, False), ("blocked", "'yes'", {"blocked": "yes"}, False),
+            ("blocked", "'false'", {"blocked": "false"}, False),
+            ("blocked", "0", {"blocked": 0}, False)]
+    for label, value, held in [("'1001'", "1001", True), ("' 1001 '", " 1001 ", True),
+                               ("'1001.0'", "1001.0", True), ("'1.001e3'", "1.001e3", True),
+                               ("'0x3E9'", "0x3E9", True), ("'+1001'", "+1001", True),
+                               ("1001.0", 1001.0, True), ("['x', '1001']", ["x", "1001"], True),
+                               ("'1001x'", "1001x", False), ("'1002'", "1002", False),
+                               ("'01001'", "01001", True), ("'1 001'", "1 001", False),
+                               ("true", True, False), ("'one'", "one", False)]:
+        out.append(("uid", label, {"uid": value}, held))
     # 1. aud: a list holding the value (the token's own audience must stay in it).
     out += [("aud", "[shop-api, billing-api]", {"aud": [AUDIENCE, "billing-api"]}, True),
             ("aud", "[billing-api, shop-api]", {"aud": ["billing-api", AUDIENCE]}, True),

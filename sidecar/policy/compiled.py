@@ -27,6 +27,7 @@ with.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -357,6 +358,46 @@ def _reading_holds(cond: ClaimCondition, value: Any) -> bool:
     return False
 
 
+# A number as loose readers read a string (JavaScript's ``==`` and ``Number()``, PHP 8's
+# numeric strings): decimal or exponent form, or a JavaScript hex integer, whitespace around.
+_NUMERIC_TEXT = re.compile(r"\s*(?:[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|0[xX][0-9a-fA-F]+)\s*")
+_TRUE_TEXT = frozenset({"true", "1"})
+_FALSE_TEXT = frozenset({"false", "0", ""})
+
+
+def _loose_number(value: Any) -> float | None:
+    """``value`` as a number the way loose readers compare it, or None: a number, a bool
+    (``true == 1``), or a numeric string (``"1001" == 1001``, ``" 7 "``, ``"0x3E9"``)."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        return float(value) if not isinstance(value, int) or abs(value) < 1 << 53 else None
+    if isinstance(value, str) and len(value) <= 64 and _NUMERIC_TEXT.fullmatch(value):
+        text = value.strip()
+        try:
+            return float(int(text, 16)) if text[:2] in ("0x", "0X") else float(text)
+        except (ValueError, OverflowError):
+            return None
+    return None
+
+
+def _loosely_same(value: Any, wanted: Any) -> bool:
+    """A deny rule's comparison of a claim with a value across types, as loose readers make
+    it (found by a hostile review: ``uid: 1001`` denied ``1001`` but not ``"1001"``, which an
+    app behind may look up as the same user): a number and a numeric string with the same
+    value, a bool and ``1``/``0``, ``"true"``/``"false"``, ``"1"``/``"0"``."""
+    if isinstance(wanted, bool) or isinstance(value, bool):
+        flag, other = (wanted, value) if isinstance(wanted, bool) else (value, wanted)
+        if isinstance(other, str):
+            return other.strip().lower() in (_TRUE_TEXT if flag else _FALSE_TEXT)
+        return isinstance(other, int | float) and not isinstance(other, bool) \
+            and other == (1 if flag else 0)
+    if isinstance(wanted, int | float) or isinstance(value, int | float):
+        a, b = _loose_number(value), _loose_number(wanted)
+        return a is not None and a == b
+    return False
+
+
 def _reading_denies(cond: ClaimCondition, value: Any) -> bool:
     """A deny rule's test of one reading: as an allow rule's, and also (found by a hostile
     review) ``equals``/``one_of`` on a list holding a matching element (``"role": ["user",
@@ -366,8 +407,9 @@ def _reading_denies(cond: ClaimCondition, value: Any) -> bool:
     if _reading_holds(cond, value):
         return True
     if cond.op != "contains":
-        return isinstance(value, list) and any(
-            _same(item, v) for item in value for v in cond.values)
+        items = value if isinstance(value, list) else (value,)
+        return any(_same(item, v) or _loosely_same(item, v)
+                   for item in items for v in cond.values)
     wanted = cond.values[0]
     return isinstance(value, str) and isinstance(wanted, str) and wanted in value.split()
 
