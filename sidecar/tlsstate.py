@@ -23,9 +23,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.identity.svid import RULE_SPIFFE_ID_CHANGED, Svid, SvidError, load_svid
+from sidecar.identity.svid import (
+    RULE_SPIFFE_ID_CHANGED,
+    RULE_TRUST_DOMAIN_MISMATCH,
+    Svid,
+    SvidError,
+    load_svid,
+)
 from sidecar.identity.tls import client_context, server_context
 from sidecar.identity.trust import (
     PeerChain,
@@ -133,7 +140,7 @@ class TlsState:
         """A snapshot in which one federated trust domain's bundle is replaced."""
         snap = self._snap
         trust = snap.trust.with_bundle(bundle, snap.trust.generation + 1)
-        return _contexts(snap.svid, trust, snap.svid_generation)
+        return _contexts(snap.svid, trust, snap.svid_generation, bundle.trust_domain)
 
     def with_roots_withdrawn(self, trust_domain: str, path: str) -> TlsSnapshot | None:
         """After a bundle file of ``trust_domain`` (the own one's, or a federated one's) failed
@@ -220,7 +227,67 @@ def assemble(svid: Svid, federated: Sequence[TrustBundle], *, svid_generation: i
     return _contexts(svid, trust, svid_generation)
 
 
-def _contexts(svid: Svid, trust: TrustStore, svid_generation: int) -> TlsSnapshot:
+def _key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except Exception:  # noqa: BLE001 -- absent, or an extension cryptography cannot read
+        return None
+
+
+def _public_key(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    except Exception:  # noqa: BLE001 -- a key cryptography cannot read: the certificate itself
+        return cert.public_bytes(serialization.Encoding.DER)
+
+
+def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> None:
+    """Raise ``SvidError`` (``trust-domain-mismatch``, naming the federated bundle) when a
+    certificate of a federated trust domain's bundle could stand, in OpenSSL's issuer lookup,
+    for a CA of another trust domain: the same key as a certificate of another domain's
+    bundle or an intermediate of the own chain, or the same subject (compared as OpenSSL
+    compares names) with the same subject key identifier, or without one on either side.
+
+    The contexts hold every trust domain's roots in one store, and OpenSSL takes a trusted
+    certificate whose name and key identifier match a certificate's issuer as that issuer
+    without trying another when the signature then fails: a partner that published a CA
+    named like the own intermediate, with its key identifier (both public), cut every own
+    trust domain's connection in both directions; a CA certificate for the own
+    intermediate's key signed by the partner's root made the own peers the partner's (and
+    refused, ``signer-trust-domain``); one partner could shadow another's root the same way
+    (found by a hostile review). Intermediates of the own trust domain that this sidecar
+    never sees (another SPIRE server's) cannot be checked here (docs/identity.md).
+    ``changed``: the trust domain whose bundle just changed, judged first (the error names
+    its file when it collides with another partner's)."""
+    from sidecar.identity.trust import _canonical_name
+
+    own_chain = x509.load_pem_x509_certificates(svid.chain_pem)[1:]
+    marks: list[tuple[str, x509.Certificate]] = [(trust.own, c) for c in own_chain]
+    marks += [(td, c) for td, b in trust.bundles.items() for c in b.roots]
+    seen = [(td, _public_key(c), _canonical_name(c.subject), _key_id(c)) for td, c in marks]
+    order = sorted(trust.bundles.items(), key=lambda item: item[0] != changed)
+    for td, bundle in order:
+        if td == trust.own:
+            continue
+        for cert in bundle.roots:
+            key, name, key_id = _public_key(cert), _canonical_name(cert.subject), _key_id(cert)
+            for other_td, other_key, other_name, other_id in seen:
+                if other_td == td:
+                    continue
+                if other_key == key or (name is not None and name == other_name and (
+                        key_id is None or other_id is None or key_id == other_id)):
+                    raise SvidError(
+                        RULE_TRUST_DOMAIN_MISMATCH,
+                        f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
+                        f"domain {td} has the name and key identifier, or the key, of a CA of "
+                        f"trust domain {other_td}: OpenSSL could take it for that CA",
+                        file=bundle.path)
+
+
+def _contexts(svid: Svid, trust: TrustStore, svid_generation: int,
+              changed: str | None = None) -> TlsSnapshot:
+    no_shadowing(svid, trust, changed)
     roots = trust.all_roots_pem
     return TlsSnapshot(svid, server_context(svid, roots_pem=roots),
                        client_context(svid, roots_pem=roots), time.time(),
