@@ -54,6 +54,7 @@ from sidecar.identity.trust import PeerChain
 from sidecar.logs import log
 from sidecar.net.forward import Exchange, forward, splice
 from sidecar.net.lifetime import (
+    CUT_AT_ONCE,
     REASON_CREDENTIAL_EXPIRED,
     REASON_PEER_CERT_EXPIRED,
     Lifetimes,
@@ -400,8 +401,13 @@ class InboundProxy:
                 try:
                     await gate.reintrospect(tokens, headers, query)
                     now = time.time()
-                    if live.reauth is None or live.retiring is not None:
-                        return  # the stream or request ended meanwhile
+                    # Ended meanwhile, or cut. A graceful close (``max_age``) is asked about
+                    # still: it may run for ``connection_close_grace``, and before the
+                    # twenty-eighth session a stream past its age was never asked again, so
+                    # its revoked token's stream ran on to the grace's end (found by a
+                    # hostile review).
+                    if live.reauth is None or live.retiring in CUT_AT_ONCE:
+                        return
                     if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
                         # (not before a second from now: the sweep's pace)
                         live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)

@@ -257,7 +257,10 @@ def test_trust_ends_with_the_first_certificate_of_the_chain_to_expire():
     inter = _ca("inter", root, not_after=soon)
     leaf, _ = _leaf(inter, spiffe("frontend"))
     store = _store(root)
-    verified = PeerChain((_der(leaf), _der(inter.cert), _der(root.cert)), (_der(leaf),))
+    # (the intermediate sent by the peer: a verified chain's intermediates are sent or in
+    # the bundle, ``trust._members_available``)
+    verified = PeerChain((_der(leaf), _der(inter.cert), _der(root.cert)),
+                         (_der(leaf), _der(inter.cert)))
     ends = store.check_peer(spiffe("frontend"), verified, time.time())
     assert ends == soon.replace(microsecond=0).timestamp()
     # The chain the peer sent, verified again (no verified chain, as after a resumption).

@@ -14,11 +14,14 @@ right after the handshake and the SVID leaf rules:
 The TLS contexts still hold the union of all roots (OpenSSL does the signature work and
 refuses strangers before any byte of HTTP). ``check_peer`` then looks at the chain OpenSSL
 verified (``PeerChain.verified``, leaf first, trust anchor last): when the anchor's DER is
-one of the roots of the peer's trust domain, it is accepted, a set lookup. Otherwise the
-chain the peer sent is verified again, with cryptography's path builder, against the roots
-of that trust domain only; this covers a chain that can be built to more than one anchor
-(cross-signed intermediates) where OpenSSL happened to choose another domain's root. A
-trust domain without a bundle (not federated) is refused.
+one of the roots of the peer's trust domain, and each intermediate is one the peer sent or
+one of that bundle (a bundle may list intermediates, which OpenSSL completes a chain
+from), it is accepted, set lookups. Otherwise the chain the peer sent is verified again,
+with cryptography's path builder, against the roots of that trust domain only; this covers
+a chain that can be built to more than one anchor (cross-signed intermediates) where
+OpenSSL happened to choose another domain's root, and a chain checked again after a bundle
+change that removed an intermediate it was completed from. A trust domain without a bundle
+(not federated) is refused.
 
 The sidecar's own trust domain is the one in its own SVID; ``identity.bundle`` is its
 bundle. Other trust domains are trusted only when listed in ``identity.trust_domains``:
@@ -340,6 +343,28 @@ def chain_check_agrees(spiffe_id: str, verified: Sequence[bytes], now: float) ->
     _agreed[key] = None
 
 
+def _members_available(middle: Sequence[bytes], sent: Sequence[bytes],
+                       bundle: frozenset[bytes]) -> bool:
+    """Whether every intermediate of a verified chain (``middle``) is one the peer sent or
+    one of its trust domain's bundle in force: the chain can still be built from what the
+    peer presented and that bundle.
+
+    A bundle may list an intermediate besides its root, and OpenSSL completes a peer's chain
+    from it (a peer that sends its leaf only). With that intermediate removed from the file
+    a new connection is refused, but the set lookup of ``check_peer`` took the chain OpenSSL
+    verified at the handshake because its anchor was still listed: open, in-flight and
+    pooled connections were kept (found by the twenty-eighth session's review). A chain that
+    fails this is judged by the path builder on what the peer sent. At a handshake each
+    member is one of those by construction (the verified chain's certificates are the
+    objects of ``sent`` or of the bundles, shared DER objects, ``peer_chain_der``): an
+    identity comparison, or a set lookup of a hash the shared object keeps, per
+    intermediate."""
+    for der in middle:
+        if der not in sent and der not in bundle:
+            return False
+    return True
+
+
 def trust_domain_of(spiffe_id: str) -> str:
     """The trust domain of an already-validated SPIFFE ID string."""
     return spiffe_id[len(SCHEME_PREFIX):].split("/", 1)[0]
@@ -502,15 +527,17 @@ class TrustStore:
         if not bundle.roots:
             raise SvidError(RULE_TRUST_DOMAIN_NOT_FEDERATED,
                             f"the bundle of trust domain {td} holds no root ({bundle.path})")
-        if chain.verified and chain.verified[-1] in bundle.root_ders:
-            check_signers(spiffe_id, chain.verified[1:-1])
-            self._no_foreign_keys(spiffe_id, td, chain.verified[1:-1])
-            ends = min(_der_not_after(der) for der in chain.verified)
+        verified = chain.verified
+        if verified and verified[-1] in bundle.root_ders \
+                and _members_available(verified[1:-1], chain.sent, bundle.root_ders):
+            check_signers(spiffe_id, verified[1:-1])
+            self._no_foreign_keys(spiffe_id, td, verified[1:-1])
+            ends = min(_der_not_after(der) for der in verified)
             if ends <= now:
                 # OpenSSL checked every member's validity at the handshake; this is a
                 # chain checked again later (a bundle change) after one of them expired.
                 raise SvidError(RULE_EXPIRED, f"a certificate of {spiffe_id}'s chain expired")
-            chain_check_agrees(spiffe_id, chain.verified, now)
+            chain_check_agrees(spiffe_id, verified, now)
             return ends
         if not chain.sent:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH, "the peer's chain is not available")

@@ -246,27 +246,37 @@ class Lifetimes:
     # -- events ----------------------------------------------------------------------------
     def sweep(self, now: float, wall: float) -> int:
         """Retire connections past their age, their peer's or their own certificate or the
-        credentials of their stream; return how many."""
+        credentials of their stream; return how many.
+
+        Every check that ends trust or authorisation (a certificate of either chain, the
+        upstream's of a request in flight, the credentials, the re-introspection) comes
+        before the age and is made for a connection in its graceful close too; the age only
+        for one not retiring yet. Before the twenty-eighth session the upstream's expiry and
+        ``reauth_at`` were looked at only after the age: once a connection was past its age
+        they never were again, so its download ran on after the upstream's certificate
+        expired and its stream after its token was revoked, for ``connection_close_grace``
+        (found by a hostile review)."""
         n = 0
         for conn in list(self._live):
-            if conn.retiring in CUT_AT_ONCE:  # (a graceful close can still become one)
+            retiring = conn.retiring
+            if retiring in CUT_AT_ONCE:  # (a graceful close can still become one)
                 continue
+            up = conn.upstream
             if wall >= conn.peer_not_after:
                 n += self.retire(conn, REASON_OWN_CERT_EXPIRED if wall >= conn.own_not_after
                                  else REASON_PEER_CERT_EXPIRED)
             elif wall >= conn.credentials_end:
                 n += self.retire(conn, REASON_CREDENTIAL_EXPIRED)
-            elif now >= conn.deadline:
-                n += self.retire(conn, REASON_MAX_AGE)
+            elif up is not None and conn.idle is None and wall >= up.peer_not_after:
+                # A request in flight over an upstream connection whose peer's (or the own)
+                # chain expired: cut like an inbound one.
+                n += self.retire(conn, REASON_OWN_CERT_EXPIRED
+                                 if wall >= up.own_not_after else REASON_PEER_CERT_EXPIRED)
             else:
-                up = conn.upstream
-                if up is not None and conn.idle is None and wall >= up.peer_not_after:
-                    # A request in flight over an upstream connection whose peer's (or the
-                    # own) chain expired: cut like an inbound one.
-                    n += self.retire(conn, REASON_OWN_CERT_EXPIRED
-                                     if wall >= up.own_not_after else REASON_PEER_CERT_EXPIRED)
-                elif wall >= conn.reauth_at:
+                if wall >= conn.reauth_at:
                     self._reauthenticate(conn)
+                if retiring is None and now >= conn.deadline:
+                    n += self.retire(conn, REASON_MAX_AGE)
         return n
 
     def _reauthenticate(self, conn: LiveConnection) -> None:
