@@ -42,8 +42,11 @@ FIRST_FILES = [
     # waits            computes
     "test_lifetime_review", "test_yaml_bounds", "test_k8s_cli", "test_cache_memory",
     "test_lifetime_review2", "test_audit_ship_hostile", "test_trust_end_cuts",
+    "test_jwks_withdrawal", "test_trust_review28",
     "test_audit_review22", "test_header_catalogue", "test_audit_trail_review5",
     "test_upstream_upload_answers", "test_check_cli", "test_jwks_withdrawn",
+    "test_private_upstream_trust", "test_audit_review28", "test_reload_review27",
+    "test_claim_readings", "test_connection_lifetime_e2e", "test_token_copies",
     "test_policy_e2e", "test_lifetime_review3", "test_cli_output", "test_tokens_review2",
     "test_dataplane", "test_hostile_upstream", "test_audit_forged_tails", "test_live_cli",
     "test_config_null_values", "test_control_plane_hostile", "test_soak", "test_jwt_e2e",
