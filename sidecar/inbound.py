@@ -207,6 +207,13 @@ class InboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, verdict.status)
             return
+        if not self.telemetry.accepting():
+            # fail_closed and the trail cannot record: refused like an HTTP request (503 in
+            # its record; the connection closed). Before, a TCP stream never asked, was
+            # served and its record dropped unseen when the queue was full (found by a
+            # hostile review).
+            self.telemetry.request(record, 503, error="audit_unavailable")
+            return
         # Judged again from here on, the app's connect included: a reload that refuses the
         # stream while it connects ends it before it starts (found by a hostile review).
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
@@ -229,6 +236,11 @@ class InboundProxy:
             conn.recheck = None
             await close_quietly(app)
             self.telemetry.request(record, 403, error=conn.retiring)
+            return
+        if not self.telemetry.accepting():  # (again: the connect may take connect_timeout)
+            conn.recheck = None
+            await close_quietly(app)
+            self.telemetry.request(record, 503, error="audit_unavailable")
             return
         self.telemetry.stream_opened(record, 200)
         try:

@@ -274,6 +274,12 @@ class OutboundProxy:
         if not verdict.decision.allowed:
             self.telemetry.request(record, 403)
             return
+        if not self.telemetry.accepting():
+            # fail_closed and the trail cannot record: refused like an HTTP request, nothing
+            # dialled (found by a hostile review: a TCP stream never asked, and its record
+            # was dropped unseen when the queue was full).
+            self.telemetry.request(record, 503, error="audit_unavailable")
+            return
         # Judged again from here on, the connect included: a reload that withdraws egress
         # while the upstream's handshake runs ends the stream before it starts (found by a
         # hostile review: it was not judged until the next change, so it ran on).
@@ -298,6 +304,11 @@ class OutboundProxy:
             conn.recheck = None
             await close_quietly(upstream)
             self.telemetry.request(record, 403, error=conn.retiring)
+            return
+        if not self.telemetry.accepting():  # (again: the connect may take connect_timeout)
+            conn.recheck = None
+            await close_quietly(upstream)
+            self.telemetry.request(record, 503, error="audit_unavailable")
             return
         self.telemetry.stream_opened(record, 200)
         try:

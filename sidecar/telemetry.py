@@ -387,4 +387,7 @@ class Telemetry:
                     status=status, bytes_in=bytes_in, bytes_out=bytes_out,
                     duration_ms=duration * 1000.0, extra=extra, source=source or "",
                     peer=peer, direction=direction)
-            self.audit.submit(record, admitted=allowed)
+            # (a refusal because the trail cannot record is queued if there is room, but it
+            # was not served: dropped, it is a refusal, not a lost record)
+            self.audit.submit(record, admitted=allowed,
+                              served=allowed and error != "audit_unavailable")

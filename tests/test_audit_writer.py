@@ -344,12 +344,15 @@ def test_queue_full(tmp_path: Path) -> None:
 
     # The record of a request or stream already served (``admitted``) that finds no room
     # is lost in fail_closed too -- counted as lost (the metric), not as a refusal.
+    # ... but not the record of a request refused because the trail could not record
+    # (``served=False``: admitted to the queue while it has room, a refusal when it has not).
     async def body_admitted(w: AuditWriter) -> None:
         assert all(w.submit(rec(i)) for i in range(4))
         assert not w.submit(rec(4), admitted=True) and not w.submit(rec(5))
+        assert not w.submit(rec(6), admitted=True, served=False)
 
     w = run_writer(AuditConfig(path=str(tmp_path / "c"), queue_size=3), body_admitted)
-    assert w.lost == 1 and w.rejected == 1 and w.written == 4
+    assert w.lost == 1 and w.rejected == 2 and w.written == 4
 
 
 def test_aclose_flushes_everything_queued(tmp_path: Path) -> None:

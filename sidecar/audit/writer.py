@@ -881,7 +881,8 @@ class AuditWriter:
 
     # -- request path (never awaits)
 
-    def submit(self, record: Entry, *, admitted: bool = False) -> bool:
+    def submit(self, record: Entry, *, admitted: bool = False,
+               served: bool | None = None) -> bool:
         """Queue ``record``; False means it will not be written (see ``accepting``).
         ``record`` is an ``AuditRecord`` or the map it stores (``to_wire()``'s, as
         ``record.request_wire`` builds it for the data path: a plain ``dict``), or, for a
@@ -891,9 +892,14 @@ class AuditWriter:
         ``accepting()`` before the writer learned of a failure). It is queued even while
         the writer is failing, as long as the bounded queue has room, and written when the
         disk recovers; refusing it would lose the record of a served request.
+        ``served`` (default: ``admitted``): whether the record is of a request or stream that
+        was served -- one that finds no room is then counted lost (``_count_unrecorded``);
+        the record of a request refused because the trail could not record
+        (``audit_unavailable``) is admitted but not served.
         """
+        lost = admitted if served is None else served
         if self._closing:
-            self._count_unrecorded(admitted)
+            self._count_unrecorded(lost)
             return False
         if not admitted and ((not self.fail_open and not self.healthy)
                              or (self._gate is not None and not self._gate.accepting())):
@@ -901,7 +907,7 @@ class AuditWriter:
             return False
         queue = self._queue
         if len(queue) >= self._limit:
-            self._count_unrecorded(admitted)
+            self._count_unrecorded(lost)
             return False
         queue.append(record)
         wake = self._wake
@@ -928,13 +934,13 @@ class AuditWriter:
             return False  # ship.mode: required, and records cannot be shipped now
         return self.fail_open or (self.healthy and len(self._queue) < self._limit)
 
-    def _count_unrecorded(self, admitted: bool = False) -> None:
+    def _count_unrecorded(self, served: bool = False) -> None:
         """A record that will not be written: lost (counted, alerted) in fail_open, and in
-        fail_closed too when it is ``admitted`` -- its request or stream was served, so it
+        fail_closed too when it is ``served`` -- its request or stream was served, so it
         is a record gone, not a request refused (before, such records were counted only as
         ``rejected``, which no metric shows: a hostile review found TCP streams' records
         dropped unseen while the queue was full)."""
-        if self.fail_open or admitted:
+        if self.fail_open or served:
             self.lost += 1
             if not self._losing:
                 self._losing = True
