@@ -468,6 +468,11 @@ TWO_CHARSETS = [
     b"; charset=utf-16; charset=utf-16be", b"; x=a\"b;charset=utf-8\"; charset=IBM037",
     b"; charset*=utf-8''IBM037", b"; CHARSET*0=IBM037",
     b'; x="charset=utf-8"; charset=IBM037', b'; charset=""',
+    # Undertow's reading: the first "charset" outside quotes after a space, tab or ";"
+    # (a hostile review of this session's fix: read by none of the readings above)
+    b'; x="charset=utf-8;" charset=IBM500', b'; xcharset=utf-8; y=a charset=IBM500',
+    b';x="charset=utf-8;"\tcharset=IBM037', b'; x="charset=UTF-8" charset=UTF-16LE',
+    b"; x='charset=utf-8;' charset=IBM037", b'; y=a"charset=utf-8" charset=cp500',
 ]
 # Readings that agree: one charset (quoted, single-quoted, repeated alike, other quoted
 # parameters around it) -- read.
@@ -587,6 +592,8 @@ THROUGH: list[tuple[str, bytes, int]] = [
     ('application/x-www-form-urlencoded; x="a,charset=utf-8"; charset=IBM037', EBCDIC_FORM, 400),
     ("application/x-www-form-urlencoded; charset=utf-8; charset=IBM037", EBCDIC_FORM, 400),
     ('application/x-www-form-urlencoded; x="charset=IBM037"', EBCDIC_FORM, 403),
+    ('application/x-www-form-urlencoded; x="charset=utf-8;" charset=IBM500', EBCDIC_FORM, 400),
+    ("application/x-www-form-urlencoded; xcharset=utf-8; y=a charset=IBM500", EBCDIC_FORM, 400),
     ("application/json; charset=utf-16; charset=utf-7", b'{"+AF8-method": "DELETE"}', 400),
     ("application/json; charset=utf-7-imap", b'{"&AF8-method": "DELETE"}', 400),
     ("multipart/form-data; boundary='b'", _multipart(b"b"), 400),
