@@ -69,6 +69,8 @@ DENY_RULES: dict[str, tuple[dict[str, Any], Any, Any]] = {
     "azp": ({"azp": {"equals": "evil-client"}}, "evil-client", "good-client"),
     "lvl": ({"lvl": 0}, 0, 1),
     "uid": ({"uid": 1001}, 1001, 1002),
+    "employee": ({"employee_id": "1001"}, "1001", "1002"),
+    "gids": ({"gids": {"contains": 1001}}, [7, 1001], [7, 1002]),
     "blocked": ({"blocked": True}, True, False),
     "groups": ({"groups": {"contains": "blocked"}}, ["users", "blocked"], ["users"]),
     "sub": ({"sub": "mallory"}, "mallory", "bob"),
@@ -205,7 +207,8 @@ def _deny_members() -> list[tuple[str, str, dict[str, Any], bool]]:
     out += [("lvl", "'0'", {"lvl": "0"}, True), ("lvl", "false", {"lvl": False}, True),
             ("lvl", "[false]", {"lvl": [False]}, True), ("lvl", "0.0", {"lvl": 0.0}, True),
             ("lvl", "' -0 '", {"lvl": " -0 "}, True), ("lvl", "'0x0'", {"lvl": "0x0"}, True),
-            ("lvl", "''", {"lvl": ""}, False), ("lvl", "'zero'", {"lvl": "zero"}, False),
+            ("lvl", "''", {"lvl": ""}, True), ("lvl", "' '", {"lvl": " "}, True),
+            ("lvl", "'zero'", {"lvl": "zero"}, False),
             ("lvl", "null", {"lvl": None}, False), ("lvl", "true", {"lvl": True}, False),
             ("blocked", "1", {"blocked": 1}, True), ("blocked", "[1]", {"blocked": [1]}, True),
             ("blocked", "'true'", {"blocked": "true"}, True),
@@ -220,8 +223,25 @@ def _deny_members() -> list[tuple[str, str, dict[str, Any], bool]]:
                                ("1001.0", 1001.0, True), ("['x', '1001']", ["x", "1001"], True),
                                ("'1001x'", "1001x", False), ("'1002'", "1002", False),
                                ("'01001'", "01001", True), ("'1 001'", "1 001", False),
-                               ("true", True, False), ("'one'", "one", False)]:
+                               ("true", True, False), ("'one'", "one", False),
+                               # (a review of the fix: JavaScript's other radixes and its
+                               # U+FEFF white space)
+                               ("'0b1111101001'", "0b1111101001", True),
+                               ("'0o1751'", "0o1751", True), ("'\\ufeff1001'", "\ufeff1001", True),
+                               ("'0b2'", "0b2", False), ("''", "", False)]:
         out.append(("uid", label, {"uid": value}, held))
+    # Two numeric strings of one value (PHP 8 compares them as numbers); a list under
+    # ``contains`` loosely (PHP's in_array).
+    for label, value, held in [("'01001'", "01001", True), ("' 1001'", " 1001", True),
+                               ("'1001.0'", "1001.0", True), ("1001", 1001, True),
+                               ("'1002'", "1002", False), ("'1001x'", "1001x", False),
+                               ("['1001']", ["1001"], True), ("''", "", False)]:
+        out.append(("employee", label, {"employee_id": value}, held))
+    for label, value, held in [("['1001']", ["1001"], True), ("['x', ' 1001 ']", ["x", " 1001 "], True),
+                               ("['0x3E9']", ["0x3E9"], True), ("[true]", [True], False),
+                               ("['1002']", ["1002"], False), ("'1001'", "1001", True),
+                               ("'7 01001'", "7 01001", True), ("'7 1002'", "7 1002", False)]:
+        out.append(("gids", label, {"gids": value}, held))
     # 1. aud: a list holding the value (the token's own audience must stay in it).
     out += [("aud", "[shop-api, billing-api]", {"aud": [AUDIENCE, "billing-api"]}, True),
             ("aud", "[billing-api, shop-api]", {"aud": ["billing-api", AUDIENCE]}, True),

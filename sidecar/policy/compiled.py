@@ -359,41 +359,62 @@ def _reading_holds(cond: ClaimCondition, value: Any) -> bool:
 
 
 # A number as loose readers read a string (JavaScript's ``==`` and ``Number()``, PHP 8's
-# numeric strings): decimal or exponent form, or a JavaScript hex integer, whitespace around.
-_NUMERIC_TEXT = re.compile(r"\s*(?:[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|0[xX][0-9a-fA-F]+)\s*")
+# numeric strings): decimal or exponent form, or a JavaScript hex, binary or octal integer,
+# whitespace around (JavaScript's: Unicode spaces and U+FEFF too).
+_NUMERIC_TEXT = re.compile(
+    r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+")
+_RADIX = {"0x": 16, "0X": 16, "0b": 2, "0B": 2, "0o": 8, "0O": 8}
 _TRUE_TEXT = frozenset({"true", "1"})
 _FALSE_TEXT = frozenset({"false", "0", ""})
 
 
-def _loose_number(value: Any) -> float | None:
+def _loose_text(value: str) -> str:
+    return value.replace("\ufeff", " ").strip()
+
+
+def _loose_number(value: Any, empty_is_zero: bool = True) -> float | None:
     """``value`` as a number the way loose readers compare it, or None: a number, a bool
-    (``true == 1``), or a numeric string (``"1001" == 1001``, ``" 7 "``, ``"0x3E9"``)."""
+    (``true == 1``), or a numeric string (``"1001" == 1001``, ``" 7 "``, ``"0x3E9"``,
+    ``"0b1111101001"``, ``"0o1751"``; with ``empty_is_zero``, ``""`` and white space, which
+    JavaScript's ``==`` reads as 0)."""
     if isinstance(value, bool):
         return 1.0 if value else 0.0
     if isinstance(value, int | float):
         return float(value) if not isinstance(value, int) or abs(value) < 1 << 53 else None
-    if isinstance(value, str) and len(value) <= 64 and _NUMERIC_TEXT.fullmatch(value):
-        text = value.strip()
-        try:
-            return float(int(text, 16)) if text[:2] in ("0x", "0X") else float(text)
-        except (ValueError, OverflowError):
-            return None
-    return None
+    if not isinstance(value, str) or len(value) > 128:
+        return None
+    text = _loose_text(value)
+    if not text:
+        return 0.0 if empty_is_zero else None
+    if not _NUMERIC_TEXT.fullmatch(text):
+        return None
+    try:
+        radix = _RADIX.get(text[:2])
+        return float(int(text[2:], radix)) if radix else float(text)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _loosely_same(value: Any, wanted: Any) -> bool:
     """A deny rule's comparison of a claim with a value across types, as loose readers make
     it (found by a hostile review: ``uid: 1001`` denied ``1001`` but not ``"1001"``, which an
-    app behind may look up as the same user): a number and a numeric string with the same
-    value, a bool and ``1``/``0``, ``"true"``/``"false"``, ``"1"``/``"0"``."""
+    app behind may look up as the same user; a review of that fix found the forms below
+    still missed): a number and a numeric string with the same value (``"0x3E9"``,
+    ``"0b1111101001"``, ``"\ufeff1001"``; ``""`` is 0, as JavaScript's ``==`` reads it), two
+    numeric strings with the same value (``"01001"`` and ``"1001"``: PHP 8 compares them as
+    numbers, as does a database's integer column), a bool and ``1``/``0``,
+    ``"true"``/``"false"``, ``"1"``/``"0"``."""
     if isinstance(wanted, bool) or isinstance(value, bool):
         flag, other = (wanted, value) if isinstance(wanted, bool) else (value, wanted)
         if isinstance(other, str):
-            return other.strip().lower() in (_TRUE_TEXT if flag else _FALSE_TEXT)
+            return _loose_text(other).lower() in (_TRUE_TEXT if flag else _FALSE_TEXT)
         return isinstance(other, int | float) and not isinstance(other, bool) \
             and other == (1 if flag else 0)
     if isinstance(wanted, int | float) or isinstance(value, int | float):
         a, b = _loose_number(value), _loose_number(wanted)
+        return a is not None and a == b
+    if isinstance(wanted, str) and isinstance(value, str):
+        a, b = _loose_number(value, False), _loose_number(wanted, False)
         return a is not None and a == b
     return False
 
@@ -403,15 +424,22 @@ def _reading_denies(cond: ClaimCondition, value: Any) -> bool:
     review) ``equals``/``one_of`` on a list holding a matching element (``"role": ["user",
     "banned"]``: Istio and apps match any element), and ``contains`` on a string split at
     any whitespace (``"orders:read\\tadmin"``, ``"admin\\n"``: Python's ``str.split()``, Go's
-    ``strings.Fields``)."""
+    ``strings.Fields``); every comparison also across types (``_loosely_same``: ``contains``
+    on a list as PHP's loose ``in_array``)."""
     if _reading_holds(cond, value):
         return True
+    items = value if isinstance(value, list) else (value,)
     if cond.op != "contains":
-        items = value if isinstance(value, list) else (value,)
         return any(_same(item, v) or _loosely_same(item, v)
                    for item in items for v in cond.values)
     wanted = cond.values[0]
-    return isinstance(value, str) and isinstance(wanted, str) and wanted in value.split()
+    if isinstance(value, list):
+        return any(_loosely_same(item, wanted) for item in value)
+    if not isinstance(value, str):
+        return False
+    words = value.split()
+    return (isinstance(wanted, str) and wanted in words) or \
+        any(_loosely_same(word, wanted) for word in words)
 
 
 def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any], deny: bool = False) -> bool:
