@@ -59,12 +59,18 @@ from sidecar.policy.paths import (
     allow_view,
     ascii_lower,
     path_segments,
+    rule_forms,
     rule_path_forms,
     rule_segments,
     short_name_matches,
 )
 
 _MISSING = object()
+# The id set of every node that ends no pattern: one shared object. Each node held two
+# sets of its own (216 bytes each, empty or not): with the per-node dict, a section of
+# 1,000 patterns of 4,000 segments took 2.8 GiB to load (found by a hostile review,
+# session 28; the loader now also bounds a section's pattern segments).
+_NO_IDS: frozenset[int] = frozenset()
 
 
 class _Node:
@@ -73,8 +79,8 @@ class _Node:
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
         self.star: _Node | None = None
-        self.rest: Any = set()  # rules whose pattern ends in '**' here; frozenset once built
-        self.here: Any = set()  # rules whose pattern ends exactly here
+        self.rest: Any = _NO_IDS  # rules whose pattern ends in '**' here (a set while built)
+        self.here: Any = _NO_IDS  # rules whose pattern ends exactly here
 
 
 class SegmentTrie:
@@ -88,6 +94,8 @@ class SegmentTrie:
             node = self._root
             for i, seg in enumerate(segments):
                 if seg == "**" and i == len(segments) - 1:
+                    if node.rest is _NO_IDS:
+                        node.rest = set()
                     node.rest.add(ident)
                     break
                 if seg == "*":
@@ -97,6 +105,8 @@ class SegmentTrie:
                 else:
                     node = node.children.setdefault(seg, _Node())
             else:
+                if node.here is _NO_IDS:
+                    node.here = set()
                 node.here.add(ident)
         self._freeze(self._root)
 
@@ -104,8 +114,10 @@ class SegmentTrie:
         stack = [root]
         while stack:
             node = stack.pop()
-            node.rest = frozenset(node.rest)
-            node.here = frozenset(node.here)
+            if node.rest is not _NO_IDS:
+                node.rest = frozenset(node.rest)
+            if node.here is not _NO_IDS:
+                node.here = frozenset(node.here)
             stack.extend(node.children.values())
             if node.star is not None:
                 stack.append(node.star)
@@ -495,7 +507,8 @@ def _paths_hold(patterns: tuple[str, ...], path: str, fold_case: bool, effect: s
         patterns = tuple(ascii_lower(p) for p in patterns)
     forms = rule_path_forms(path, fold_case, effect, formats)
     short = fold_case and effect in NAME_FOLD_EFFECTS
-    pats = [path_pattern_segments(p, fold_case, effect) for p in patterns]
+    # (every form of every pattern, as ``RuleIndex`` indexes them: ``rule_forms``)
+    pats = [segs for p in patterns for segs in rule_forms(p, fold_case, effect)]
     if not any(segments_match(pat, segs, short) for pat in pats for segs in forms):
         return False
     view = allow_view(path, fold_case) if effect not in NAME_FOLD_EFFECTS else None
@@ -698,8 +711,10 @@ class RuleIndex:
                 for pattern in rule.when.paths:
                     if self._lower:
                         pattern = ascii_lower(pattern)
-                    path_entries.append((path_pattern_segments(pattern, fold_case, effect),
-                                         number))
+                    # (a deny pattern of a fold section holding a cookieless value is
+                    # indexed as written and as ASP.NET reads it: ``rule_forms``)
+                    path_entries.extend((segs, number)
+                                        for segs in rule_forms(pattern, fold_case, effect))
         self._peers = SegmentTrie(peer_entries)
         self._any_peer = frozenset(any_peer)
         self._paths = SegmentTrie(path_entries)
@@ -719,7 +734,9 @@ class RuleIndex:
             return []
         if self._lower:
             path = ascii_lower(path)
-        if self._forms and path.find(".") >= 0:  # (deny: a format suffix, a PHP script)
+        if self._forms and (path.find(".") >= 0 or (self._short and path.find("(") >= 0)):
+            # (deny: a format suffix, a PHP script; in a fold section, a cookieless value:
+            # the path as sent and as ASP.NET reads it, ``rule_forms``)
             path_sets = [ids for segs in rule_path_forms(path, self._fold, self._effect,
                                                          self._formats)
                          for ids in self._paths.match(segs, self._short)]

@@ -23,6 +23,7 @@ from sidecar.identity.spiffe import id_segments, namespace_of
 from sidecar.policy.compiled import path_pattern_segments
 from sidecar.policy.loaded import Policy
 from sidecar.policy.model import Conditions, Rule, ServicePolicy
+from sidecar.policy.paths import rule_forms
 
 SENSITIVE_PREFIXES = (
     "admin", "debug", "internal", "actuator", "metrics", "_", "console", "management",
@@ -65,27 +66,43 @@ def _pattern_covers(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
     return len(outer) == len(inner)
 
 
-def _list_covers(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None, peers: bool) -> bool:
+def _list_covers(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None) -> bool:
     if outer is None:
         return True
     if inner is None:
         return False
+    return all(any(_pattern_covers(id_segments(o) or (), id_segments(i) or ()) for o in outer)
+               for i in inner)
 
-    def segs(p: str) -> tuple[str, ...]:
-        if peers:
-            return id_segments(p) or ()
-        return path_pattern_segments(p)
 
-    return all(any(_pattern_covers(segs(o), segs(i)) for o in outer) for i in inner)
+def _paths_cover(outer: tuple[str, ...] | None, inner: tuple[str, ...] | None,
+                 fold: bool, outer_effect: str, inner_effect: str) -> bool:
+    """Do the path patterns ``outer`` match every path ``inner`` matches, each read in the
+    forms the engine indexes it in (``paths.rule_forms``: in a ``path_case: insensitive``
+    section case folded, and a deny pattern holding a cookieless value as written and as
+    ASP.NET reads it)? Every form of every inner pattern must be covered by a form of an
+    outer one. Found by a hostile review (session 28): ``deny /admin/(S(x))`` was reported
+    shadowed by ``deny /admin/*``, which does not match ``/admin``, one of its forms."""
+    if outer is None:
+        return True
+    if inner is None:
+        return False
+    outer_forms = [f for o in outer for f in rule_forms(o, fold, outer_effect)]
+    return all(any(_pattern_covers(o, form) for o in outer_forms)
+               for i in inner for form in rule_forms(i, fold, inner_effect))
 
 
 def _set_covers(outer: frozenset[Any] | None, inner: frozenset[Any] | None) -> bool:
     return outer is None or (inner is not None and inner <= outer)
 
 
-def covers(a: Conditions, b: Conditions) -> bool:
-    """True when every request matching ``b`` certainly matches ``a`` too."""
-    if not _list_covers(a.peers, b.peers, True) or not _list_covers(a.paths, b.paths, False):
+def covers(a: Conditions, b: Conditions, fold: bool = False, a_effect: str = "allow",
+           b_effect: str = "allow") -> bool:
+    """True when every request matching ``b`` certainly matches ``a`` too (``fold``: the
+    section says ``path_case: insensitive``; ``a_effect``/``b_effect``: the rules' effects,
+    which decide the forms their paths are read in)."""
+    if not _list_covers(a.peers, b.peers) or not _paths_cover(a.paths, b.paths, fold,
+                                                              a_effect, b_effect):
         return False
     for name in ("namespaces", "methods", "ports", "listeners", "hosts"):
         if not _set_covers(getattr(a, name), getattr(b, name)):
@@ -317,7 +334,8 @@ def _lint_section(
         for earlier in rules[:later_i]:
             if earlier.effect != later.effect or not _active_enforced(earlier, now):
                 continue
-            if covers(earlier.when, later.when):
+            if covers(earlier.when, later.when, svc.paths_fold_case, earlier.effect,
+                      later.effect):
                 warn(later.line, later.key, "shadowed",
                      f"rule {later.name} is shadowed by earlier rule {earlier.name}, "
                      "which matches every request it matches")
@@ -325,7 +343,7 @@ def _lint_section(
         if later.effect == "allow":
             for deny in rules:
                 if deny.effect == "deny" and _active_enforced(deny, now) and covers(
-                    deny.when, later.when
+                    deny.when, later.when, svc.paths_fold_case, "deny", "allow"
                 ):
                     warn(later.line, later.key, "shadowed-by-deny",
                          f"rule {later.name} never allows anything: deny rule {deny.name} "

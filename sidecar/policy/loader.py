@@ -101,6 +101,79 @@ CONDITION_KEYS = frozenset(
 )
 
 
+# Pattern segments of one section: every `/`-separated segment of a `paths` pattern, of a
+# `from` identity pattern (after `spiffe://`) and of an `egress` entry counts one (a pattern
+# at least one). Each is a node of a segment trie (``compiled.SegmentTrie``) built at every
+# load of the section, at start and at every reload. The 10,000-rule bound did not bound
+# them (found by a hostile review, session 28): 9,999 rules of 42 paths each (420,000
+# patterns, 7.97 MiB, within every other bound) took 8.6 s and 745 MiB to load the own
+# section, and 1,000 patterns of 4,000 segments each 10.8 s and 2.8 GiB. At this bound the
+# worst shapes measured load in about 1 s and 100 MiB (docs/policy.md, services.rules); a
+# section of 10,000 rules with a caller and two paths each (bench/micro_policy.py) holds
+# 80,000.
+MAX_SECTION_PATTERN_SEGMENTS = 100_000
+SECTION_PATTERNS_PROBLEM = (f"more than {MAX_SECTION_PATTERN_SEGMENTS:,} pattern segments "
+                            "(paths, from, egress) in one section")
+
+
+def _past_pattern_bound(raw_rules: list[Any], raw_egress: Any, path: P) -> P | None:
+    """The key of the first pattern that takes a section's pattern segments past
+    ``MAX_SECTION_PATTERN_SEGMENTS``, or None. Counted on the values as read, before any
+    rule is built (cheap: the count of '/' in each string), so what is refused costs no
+    more than what is loaded."""
+    total = 0
+    for i, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict):
+            continue
+        for effect in ("allow", "deny"):
+            cond = raw.get(effect)
+            if not isinstance(cond, dict):
+                continue
+            for key, prefix in (("paths", 0), ("from", 1)):  # (`spiffe://` holds two '/')
+                values = cond.get(key)
+                for j, value in enumerate(values if isinstance(values, list) else ()):
+                    if isinstance(value, str):
+                        total += max(1, value.count("/") - prefix)
+                        if total > MAX_SECTION_PATTERN_SEGMENTS:
+                            return path + ("rules", i, effect, key, j)
+    for j, value in enumerate(raw_egress if isinstance(raw_egress, list) else ()):
+        if isinstance(value, str):
+            total += max(1, value.count("/") - 1)
+            if total > MAX_SECTION_PATTERN_SEGMENTS:
+                return path + ("egress", j)
+    return None
+
+
+# A percent escape of a byte outside ASCII: a pattern holding one (or a raw non-ASCII
+# character) names a path with a non-ASCII character.
+_NON_ASCII_ESCAPE = re.compile(r"%[89A-Fa-f][0-9A-Fa-f]")
+NON_ASCII_PATTERN_PROBLEM = (
+    "this section refuses every path holding a non-ASCII character (400, non_ascii, before "
+    "any rule runs; non_ascii_paths: refuse, the default), so no request can match this "
+    "deny pattern: write the path in ASCII (the characters the app routes), or set "
+    "non_ascii_paths: allow if the app serves non-ASCII paths")
+
+
+def _dead_non_ascii_denies(r: Reader, rules: list[Rule], raw_rules: list[Any],
+                           names: dict[str, int], path: P) -> None:
+    """A deny pattern naming a non-ASCII path, raw (``/\u0430dmin/**``, a Cyrillic 'a') or
+    percent-encoded (``/%D0%B0dmin/**``), in a section that refuses non-ASCII paths: it can
+    never match, so the rule would deny nothing. Refused like the other rules that can never
+    match (``methods: ["*"]``, an unknown listener). A section-level check: the conditions
+    themselves are memoised across sections (``ConditionsMemo``), which may allow such
+    paths. Found by a hostile review (session 28): ``deny /\u0430dmin/**`` loaded, and
+    ``policy check`` and ``lint`` said nothing."""
+    for rule in rules:
+        if rule.effect != "deny" or rule.when.paths is None or not any(
+                not p.isascii() or _NON_ASCII_ESCAPE.search(p) for p in rule.when.paths):
+            continue
+        i = names[rule.name]
+        values = raw_rules[i]["deny"]["paths"]  # (validated: a list of strings)
+        for j, value in enumerate(values):
+            if not value.isascii() or _NON_ASCII_ESCAPE.search(value):
+                r.problem(path + ("rules", i, "deny", "paths", j), NON_ASCII_PATTERN_PROBLEM)
+
+
 # Rules are decided for requests of the inbound listener (the outbound side checks `egress`).
 RULE_LISTENERS = frozenset({"inbound"})
 # The methods the data path serves (sidecar.http.request._METHOD): others never reach a rule.
@@ -450,6 +523,11 @@ def _service(
         r.problem(path + ("rules",), f"more than {MAX_RULES_PER_SECTION:,} rules in one "
                   "section")
         raw_rules = []
+    past = _past_pattern_bound(raw_rules, m.get("egress"), path)
+    if past is not None:
+        # (nothing of the section is built: see MAX_SECTION_PATTERN_SEGMENTS)
+        r.problem(past, SECTION_PATTERNS_PROBLEM)
+        raw_rules = []
     for i, raw in enumerate(raw_rules):
         rule = _rule(r, raw, path + ("rules", i), len(rules), providers, keys, memo)
         if rule is None:
@@ -461,7 +539,7 @@ def _service(
         names[rule.name] = i
         rules.append(rule)
     egress: tuple[EgressEntry, ...] | None = None
-    if "egress" in m:
+    if "egress" in m and past is None:
         ep = path + ("egress",)
         raw_egress = m["egress"]
         if not isinstance(raw_egress, list):
@@ -482,6 +560,8 @@ def _service(
     non_ascii = m.get("non_ascii_paths", "refuse")
     if non_ascii not in ("refuse", "allow"):
         r.problem(path + ("non_ascii_paths",), "expected refuse or allow")
+    elif non_ascii == "refuse":
+        _dead_non_ascii_denies(r, rules, raw_rules, names, path)
     invalid_tokens = m.get("invalid_tokens", "refuse")
     if invalid_tokens not in ("refuse", "per_rule"):
         r.problem(path + ("invalid_tokens",), "expected refuse or per_rule")

@@ -47,7 +47,8 @@ that section cannot also allow non-ASCII paths (the loader refuses the combinati
 percent escapes left in a normalised path are of reserved characters, whose hex digits fold
 the same on both sides. Such a section's deny rules also fold what Windows names treat as one
 file: trailing dots and spaces of a segment and an NTFS stream suffix (``::$DATA``), and
-ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``), and match Windows short
+ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``; a reading added to the path
+as sent, never one that replaces it: ``rule_forms``), and match Windows short
 names (``/ADMINI~1``: ``short_name_matches``); its allow rules do not (that
 fold is lossy, and would widen them: ``rule_segments``). In every section, deny rules also
 match the path after a PHP front controller (``/index.php/admin``: ``rule_path_forms``).
@@ -260,12 +261,18 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
         path = path.translate(_ASCII_LOWER)
     if fold and names and path.find("(") >= 0:
         return _cookieless_segments(path)
+    return _sent_segments(path, fold and names)
+
+
+def _sent_segments(path: str, names: bool) -> tuple[str, ...]:
+    # The path's own segments (one trailing "/" dropped), each a folded Windows name with
+    # ``names``; ``path`` is already case-folded where the section folds.
     if path.endswith("/"):
         path = path[:-1]
     if not path:
         return ()
     segments = tuple(path.split("/")[1:])
-    return tuple(_windows_name(s) for s in segments) if fold and names else segments
+    return tuple(_windows_name(s) for s in segments) if names else segments
 
 
 # ASP.NET (the .NET Framework one IIS hosts) reads cookieless session, anonymous-id and
@@ -274,7 +281,9 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
 # "/ad(S(x))min" ran "/admin". The name fold of a ``path_case: insensitive`` section (the
 # IIS one) removes them too, for deny rules only; what is left is read as ASP.NET would read
 # it: empty and "." segments dropped, ".." a step up. Found by a hostile review: a deny rule
-# for /admin/** let "/(S(x))/admin/users" through.
+# for /admin/** let "/(S(x))/admin/users" through. That reading is one more form a deny rule
+# matches, besides the path as sent (``rule_forms``): a later review found it replacing the
+# path, so that ``deny /admin/*`` let "/admin/(S(x))" through (an Express route's ":id").
 COOKIELESS = re.compile(r"\((?:[a-z]\([^()/]*\))+\)")
 
 
@@ -400,22 +409,43 @@ def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
     return forms
 
 
+def rule_forms(path: str, fold: bool, effect: str) -> tuple[tuple[str, ...], ...]:
+    """The segment tuples a rule of ``effect`` reads ``path`` (a request path or a rule's
+    pattern) as, before the front-controller and format-suffix forms: its ``rule_segments``
+    and, for a deny rule of a ``fold`` section whose path holds a ``(``, also the path as
+    sent (case and each segment's Windows name folded, ``(S(x))`` and ``..(S(x))`` kept as
+    segments). The cookieless reading is a form ADDED to the path as sent, never one that
+    replaces it: ``/admin/(S(x))`` is ``/admin`` to ASP.NET but a segment under ``/admin``
+    to Express (``app.get('/admin/:id')``), so ``deny /admin/*`` must refuse it, and
+    ``/secret/..(S(x))/y`` is ``/y`` to ASP.NET but under ``/secret`` to every other router.
+    Found by a hostile review (session 28): the fold replaced the path, and a
+    ``path_case: insensitive`` section denied LESS than a ``sensitive`` one. A pattern is
+    indexed in every form and a request matched in every form, so a deny rule matches
+    whenever one of each agree: never fewer matches than without the fold."""
+    segs = rule_segments(path, fold, effect)
+    if fold and effect in NAME_FOLD_EFFECTS and path.find("(") >= 0:
+        sent = _sent_segments(path.translate(_ASCII_LOWER), True)
+        if sent != segs:
+            return (sent, segs)
+    return (segs,)
+
+
 def rule_path_forms(path: str, fold: bool, effect: str,
                     formats: bool) -> tuple[tuple[str, ...], ...]:
     """The segment tuples a rule of ``effect`` matches the request ``path`` in: its
-    ``rule_segments``; for a deny rule also the path after a PHP front controller and the
-    path up to a script that takes a PATH_INFO (``SCRIPT_FOLD_EFFECTS``), and in a section
-    that folds format suffixes (``formats``) each with its last segment's suffix dropped
-    (see above)."""
-    segs = rule_segments(path, fold, effect)
+    ``rule_forms``; for a deny rule also, of each, the path after a PHP front controller and
+    the path up to a script that takes a PATH_INFO (``SCRIPT_FOLD_EFFECTS``), and in a
+    section that folds format suffixes (``formats``) each with its last segment's suffix
+    dropped (see above)."""
+    readings = rule_forms(path, fold, effect)
     if effect not in SCRIPT_FOLD_EFFECTS or path.find(".") < 0:
-        return (segs,)
-    bases = [segs, *_script_forms(segs)]
+        return readings
     forms: list[tuple[str, ...]] = []
-    for base in bases:
-        for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
-            if form not in forms:
-                forms.append(form)
+    for segs in readings:
+        for base in (segs, *_script_forms(segs)):
+            for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
+                if form not in forms:
+                    forms.append(form)
     return tuple(forms)
 
 
