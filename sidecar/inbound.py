@@ -332,24 +332,31 @@ class InboundProxy:
                                                  peer_x5t=peer_x5t, memo=memo,
                                                  introspected=answers)
             if verdict.decision.action != "allow":  # (Decision.allowed, without the call)
+                _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_REQUEST)
                 raise verdict.refusal()
             destination = None
             if head.destination:  # (WebDAV COPY / MOVE: the path it writes to is judged too)
-                destination, refused = _destination(gate, event.headers, facts, verdict)
+                destination, refused = _destination(gate, event.headers, facts, verdict, ctx)
                 if refused is not None:
                     ctx.verdict = refused
+                    _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_DESTINATION)
                     raise refused.refusal()
             if query:  # (a method-override parameter: the method the app may run instead)
                 named = method_overrides(query)
+                if named:  # (recorded: policy replay judges them as this does)
+                    _note_overrides(ctx, named)
                 refused = _overridden(gate, facts, verdict, named)
                 if refused is not None:
                     ctx.verdict = refused
+                    _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_QUERY)
                     raise refused.refusal()
                 ctx.overrides = named  # (judged again by a policy change: _still_allows)
             # A POST form's override fields: read as the body goes, judged at its end.
             check = _body_check(gate, facts, verdict, ctx, event.headers) \
                 if head.has_body and event.method == b"POST" else None
             if not self.telemetry.accepting():
+                if check is not None:  # (its body is never read: the record says so)
+                    _note(ctx, "unread", ["body"])
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
             # (strip_credentials is set only with an authenticator)
@@ -486,14 +493,28 @@ DESTINATION = b"destination"
 
 
 def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
-                 verdict: Verdict) -> tuple[bytes, Verdict | None]:
+                 verdict: Verdict, ctx: RequestContext) -> tuple[bytes, Verdict | None]:
     """A WebDAV request's ``Destination`` (RFC 4918 10.3: where a COPY or MOVE writes), as
     the app is to get it -- its normalised path and query -- and the refusal when the
     policy would not let the same caller, with the same credentials and method, at that
     path (and host) itself. Found by a hostile review: ``COPY /public/x`` with
     ``Destination: /admin/config`` wrote where ``GET /admin/config`` is denied. A
     Destination that is no http(s) URI or absolute path, or whose path is ambiguous, is
-    400 (``bad_destination``); check_head has refused a second one."""
+    400 (``bad_destination``); check_head has refused a second one. The path judged goes
+    into the request's record (``ctx.judged``: ``policy replay`` judges it too)."""
+    path, forward, prefix, query = _read_destination(gate, headers, facts)
+    _note(ctx, "destination", path)
+    decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
+    target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
+                                                  else b"")
+    return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
+
+
+def _read_destination(gate: Gate, headers: Headers,
+                      facts: RequestFacts) -> tuple[str, str, bytes, str]:
+    """The request's ``Destination`` read (not judged): its normalised path, its path as
+    forwarded, its ``scheme://authority`` prefix and its query; ``BadRequest``
+    (``bad_destination``) as ``_destination`` says."""
     value = next(v for n, v in headers if n == DESTINATION)
     prefix, host, path, forward, query = read_destination(
         value, allow_non_ascii=gate.allows_non_ascii_paths())
@@ -505,10 +526,70 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
         own = split_host(facts.host)
         if own is None or own[0].rstrip(".") != host.rstrip("."):
             raise BadRequest("bad_destination", "names another host than the Host field")
-    decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
-    target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
-                                                  else b"")
-    return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
+    return path, forward, prefix, query
+
+
+# How far a refused request got (``_unjudged``): refused by its own decision, by its
+# Destination's, or by a method its query named.
+_REFUSED_BY_REQUEST = 0
+_REFUSED_BY_DESTINATION = 1
+_REFUSED_BY_QUERY = 2
+
+
+def _note(ctx: RequestContext, key: str, value: Any) -> None:
+    """Put ``key`` into what the request's record adds (``RequestContext.judged``)."""
+    if ctx.judged is None:
+        ctx.judged = {key: value}
+    else:
+        ctx.judged[key] = value
+
+
+def _note_overrides(ctx: RequestContext, methods: tuple[str, ...]) -> None:
+    """Add the method-override methods the query or body named (before they are judged, so
+    that a refusal's record names the one refused) to the record's ``overrides``."""
+    judged = ctx.judged
+    known = judged.get("overrides") if judged is not None else None
+    if known is None:
+        _note(ctx, "overrides", list(methods))
+    else:
+        known.extend(m for m in methods if m not in known)
+
+
+def _unjudged(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead,
+              facts: RequestFacts, query: str, stage: int) -> None:
+    """For a request refused before its later checks ran (``stage``): what its record must
+    say of them, so that ``policy replay``, when a new policy lets it get further, judges
+    them as the data path would -- its Destination's path and the methods its query names,
+    read (never judged) from the head -- and, in ``unread``, what it cannot know: a
+    Destination or query that would be refused (400), and a POST body whose method-override
+    fields were never read (found by a hostile review: replay took such a request as a plain
+    one). Refusals only: the path of a request served never calls this."""
+    unread: list[str] = []
+    if stage < _REFUSED_BY_DESTINATION and head.destination:
+        try:
+            _note(ctx, "destination", _read_destination(gate, event.headers, facts)[0])
+        except BadRequest:
+            unread.append("destination")
+    if stage < _REFUSED_BY_QUERY and query:
+        try:
+            named = method_overrides(query)
+        except BadRequest:
+            unread.append("query")
+        else:
+            if named:
+                _note_overrides(ctx, named)
+    if head.has_body and event.method == b"POST":
+        types = [value for name, value in event.headers if name == b"content-type"]
+        try:
+            reads = len(types) > 1 or bool(body_readers(
+                b"POST", types[0] if types else None,
+                [value for name, value in event.headers if name == b"content-encoding"]))
+        except BadRequest:
+            reads = True  # (refused 400 when read: not known either)
+        if reads:
+            unread.append("body")
+    if unread:
+        _note(ctx, "unread", unread)
 
 
 def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
@@ -543,6 +624,7 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
         return None
 
     def judge(methods: tuple[str, ...]) -> None:
+        _note_overrides(ctx, methods)  # (recorded: policy replay judges them as this does)
         refused = _overridden(gate, facts, verdict, methods)
         if refused is not None:
             ctx.verdict = refused

@@ -9,11 +9,24 @@ Tokens are never stored, only their issuer and subject: a rule that tests other 
 cannot be re-checked exactly. Such changes are flagged ``uncertain`` instead of guessed. Nor
 is a token that failed verification recorded, except as the outcome of a request refused for
 it before the rules (rule ``invalid token``): such a request presents an invalid token again.
+
+What the listener judged besides the method and the path is in the record's ``extra``
+(``sidecar.inbound``, only when there is any): ``overrides``, the methods its query or POST
+body named as method overrides, and ``destination``, the normalised path of a WebDAV
+``Destination``. They are judged as the data path judges them (and ``policy explain`` the
+query's): the request's own decision, then, if it lets the request in, the Destination's
+path with its method, then each override method on its path; the first refusal is the
+decision. ``unread`` names what a request refused before those checks carried and the
+sidecar never read (``body``: a POST body whose override fields were not read; ``query``,
+``destination``: one that would be refused, 400): a change that lets such a request in is
+``uncertain``. Found by a hostile review: ``POST /orders/1?_method=DELETE``, refused live,
+was replayed as a plain POST. A record written before these fields is judged as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +41,7 @@ from sidecar.audit.segments import (
     resolve_segments,
 )
 from sidecar.errors import ConfigError
+from sidecar.http.request import MAX_METHOD_OVERRIDES
 from sidecar.output import Progress, add_output_flag, emit, safe
 from sidecar.policy.decision import (
     INVALID_TOKEN_RULE,
@@ -50,6 +64,8 @@ class ReplayChange:
     before: str
     after: Decision
     uncertain: bool
+    # Why it is uncertain (``UNCERTAIN_CLAIMS``, ``UNREAD``'s texts); None when it is not.
+    why: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The change as a JSON-ready mapping, one entry of the report's ``changed`` list."""
@@ -59,7 +75,23 @@ class ReplayChange:
             "path": r.path, "before": self.before, "before_rule": r.rule,
             "after": outcome(self.after), "after_rule": self.after.rule,
             "after_reason": self.after.reason, "uncertain": self.uncertain,
+            "uncertain_reason": self.why,
         }
+
+
+UNCERTAIN_CLAIMS = "claims not recorded"
+# ``extra.unread``'s values (``sidecar.inbound._unjudged``): what a request refused before
+# its later checks carried and the sidecar never read, and why a change that lets such a
+# request in is uncertain.
+UNREAD: dict[str, str] = {
+    "body": "refused before its body's method-override fields were read",
+    "query": "its query's method-override parameter was not read (400 if it is no method)",
+    "destination": "its Destination was not read (400 if it cannot be judged)",
+}
+# ``extra.overrides``: at most the query's and the body's distinct methods, each a method
+# the data path serves (``sidecar.http.request._METHOD``).
+MAX_RECORDED_OVERRIDES = 2 * MAX_METHOD_OVERRIDES
+_METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
 
 
 def outcome(decision: Decision) -> str:
@@ -72,15 +104,55 @@ def outcome(decision: Decision) -> str:
 
 def replay_problem(rec: AuditRecord) -> str | None:
     """What makes a (well-formed) record unfit for replay: the ``extra`` fields replay reads
-    (``service``, a string; ``port``, an integer 0..65535) of the wrong type or value."""
-    extra = rec.extra or {}
+    (``service``, a string; ``port``, an integer 0..65535; ``overrides``, a list of at most
+    ``MAX_RECORDED_OVERRIDES`` methods; ``destination``, a path; ``unread``, a list of
+    ``UNREAD``'s names) of the wrong type or value."""
+    extra = rec.extra
+    if not extra:
+        return None
     service, port = extra.get("service"), extra.get("port")
     if service is not None and not isinstance(service, str):
         return f"field 'x.service' is a {type(service).__name__}, not a string"
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 0 <= port <= 65535):
         return f"field 'x.port' {port!r} is not a port number"
+    overrides, destination, unread = (extra.get("overrides"), extra.get("destination"),
+                                      extra.get("unread"))
+    if overrides is not None and (
+            not isinstance(overrides, list) or len(overrides) > MAX_RECORDED_OVERRIDES
+            or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in overrides)):
+        return "field 'x.overrides' is not a list of methods"
+    if destination is not None and (not isinstance(destination, str)
+                                    or not destination.startswith("/")):
+        return "field 'x.destination' is not a path"
+    if unread is not None and (not isinstance(unread, list)
+                               or not all(isinstance(u, str) and u in UNREAD for u in unread)):
+        return f"field 'x.unread' is not a list of {', '.join(UNREAD)}"
     return None
+
+
+def judged(policy: object, service: str, facts: RequestFacts, auth: AuthFacts, now: float,
+           extra: dict[str, object] | None) -> Decision:
+    """The decision of a recorded request as the data path makes it (``sidecar.inbound``):
+    its own; if that lets it in, its Destination's path (``extra.destination``) with its
+    method; then each method its query or body named (``extra.overrides``) on its path --
+    the first refusal is the decision. A record without these fields: its own decision."""
+    new = decide(policy, service, facts, auth, now)  # type: ignore[arg-type]
+    if not extra or not new.allowed:
+        return new
+    destination = extra.get("destination")
+    if isinstance(destination, str):
+        other = decide(policy, service, facts._replace(path=destination), auth,  # type: ignore[arg-type]
+                       now)
+        if not other.allowed:
+            return other
+    for method in extra.get("overrides") or ():  # type: ignore[attr-defined]
+        if method != facts.method:
+            other = decide(policy, service, facts._replace(method=method), auth,  # type: ignore[arg-type]
+                           now)
+            if not other.allowed:
+                return other
+    return new
 
 
 def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
@@ -115,13 +187,18 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
         auth = AuthFacts(claims=claims, apikey=rec.apikey,
                          token_errors={INVALID_TOKEN_RULE: REASON_TOKEN_INVALID}
                          if refused_token else {})
-        new = decide(policy, service, facts, auth, rec.time)  # type: ignore[arg-type]
+        new = judged(policy, service, facts, auth, rec.time, rec.extra)
         before = rec.decision
         after = outcome(new)
         if after != before:
-            uncertain = new.reason == "claims_mismatch" or refused_token or (
-                rec.token_issuer is not None and new.reason.startswith("token"))
-            changes.append(ReplayChange(rec, before, new, uncertain))
+            why = UNCERTAIN_CLAIMS if new.reason == "claims_mismatch" or refused_token or (
+                rec.token_issuer is not None and new.reason.startswith("token")) else None
+            unread = (rec.extra or {}).get("unread")
+            if why is None and unread and new.allowed:
+                # Let in now, it would reach checks it never reached: what they read was
+                # never read (``extra.unread``), so whether they refuse it is not known.
+                why = "; ".join(UNREAD[u] for u in unread)
+            changes.append(ReplayChange(rec, before, new, why is not None, why))
     return count, changes
 
 
@@ -194,7 +271,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                  f"(version {policy.version[:12]}): {len(changes)} would change"]
         for c in changes:
             r = c.record
-            flag = "  (uncertain: claims not recorded)" if c.uncertain else ""
+            flag = f"  (uncertain: {c.why or UNCERTAIN_CLAIMS})" if c.uncertain else ""
             # Every field but the new decision comes from the trail: ``safe``.
             lines.append(f"  {safe(r.request_id or '-'):16} {safe(r.peer or '-')} "
                          f"{safe(r.method)} {safe(r.path)}: {safe(c.before)} [{safe(r.rule)}]"

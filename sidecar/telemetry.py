@@ -77,6 +77,22 @@ def recorded_facts(facts: RequestFacts) -> RequestFacts:
     return facts if shown == path else facts._replace(path=shown)
 
 
+def judged_extra(extra: dict[str, Any] | None, judged: dict[str, Any]) -> dict[str, Any]:
+    """A request's ``extra`` with what its listener judged besides the method and the path
+    (``RequestContext.judged``): a new mapping (``extra`` may be shared, read-only), its
+    lists copied (the record is queued; the request's own may still grow). The
+    Destination's path is shown as the request's is (``path_for_records``: a segment that
+    holds a token is its SHA-256)."""
+    out = dict(extra) if extra else {}
+    for key, value in judged.items():
+        out[key] = list(value) if isinstance(value, list) else value
+    destination = judged.get("destination")
+    if isinstance(destination, str) and ("." in destination or "%" in destination
+                                         or "\\" in destination):
+        out["destination"] = path_for_records(destination)
+    return out
+
+
 _SHOWN_KEPT = 1024
 _SHOWN_PATH_CHARS = 256
 _shown: dict[str, str] = {}
@@ -100,6 +116,12 @@ class RequestContext:
     # Method-override methods (query, form, JSON) the request was allowed to name: judged
     # again with its facts when the policy changes while it is in flight (sidecar.inbound)
     overrides: tuple[str, ...] = ()
+    # What the listener judged (or, refused first, would have judged) besides the method
+    # and the path, for the audit record's ``extra`` (``overrides``, ``destination``,
+    # ``unread``: ``judged_extra``) so that ``policy replay`` decides as the data path did;
+    # None for nearly every request (its record does not grow). Found by a hostile review:
+    # replay re-decided ``POST ?_method=DELETE`` as a plain POST.
+    judged: dict[str, Any] | None = None
 
 
 class Telemetry:
@@ -371,6 +393,8 @@ class Telemetry:
                                                    SharedExtra(target=facts.target))
             if error is not None and allowed:  # (a decision made up here is a deny)
                 extra = {**extra, "error": error} if extra else {"error": error}
+            if ctx.judged is not None:  # (an override, a Destination: rarely)
+                extra = judged_extra(extra, ctx.judged)
             # An allowed request passed ``accepting()`` before it was served: its record must
             # be kept even if the audit disk failed in the meantime (fail_closed, nothing lost).
             record: AuditRecord | dict[str, Any] | tuple[Any, ...]
