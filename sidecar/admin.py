@@ -45,7 +45,7 @@ import trio
 from sidecar import __version__
 from sidecar.admin_pages import AdminStatus, AppProbe, admin_page, health_page
 from sidecar.ctlhttp.client import ClientError, Target, request
-from sidecar.ctlhttp.reply import Reply
+from sidecar.ctlhttp.reply import JSON, Reply
 from sidecar.ctlhttp.server import Handler, Request, ServerLimits, serve
 from sidecar.logs import log
 from sidecar.metrics import SidecarMetrics
@@ -104,7 +104,11 @@ async def tap_reply(tap: Any, query: str) -> Reply:
     a new watcher sees what happens from then on. Otherwise it waits up to ``wait``
     seconds (default 1, at most ``tap.MAX_WAIT``) for at least one event. The data path
     only appends to the tap's bounded ring; a watcher that falls behind is told how many
-    events it missed (``dropped``) instead of slowing anything down.
+    events it missed (``dropped``) instead of slowing anything down. The answer is built
+    by ``Tap.answer``: at most 1,000 events and about 64 KiB of JSON (the watcher pages on
+    with ``after``), a few answers at a time, with checkpoints -- it runs on the data
+    path's event loop (found by a hostile review: answers of ~470 KB built in one step
+    each made a denied request 13 times slower while four clients asked in a loop).
     """
     import math
     from urllib.parse import parse_qs
@@ -131,7 +135,7 @@ async def tap_reply(tap: Any, query: str) -> Reply:
         while tap.seq <= after and trio.current_time() < deadline:
             await trio.sleep(tap.POLL_INTERVAL)
             tap.watch()
-    return Reply.json(200, tap.read(after))
+    return Reply(200, await tap.answer(after), JSON)
 
 
 def _get_only(route: Route, host_check: bool = False) -> Handler:

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 import trio
 
 from sidecar.config.source import read_regular
-from sidecar.ctlhttp.client import ClientError, Target, parse_url, request
+from sidecar.ctlhttp.client import ClientError, Target, parse_url, request, shown_url
 from sidecar.jsondoc import read_json
 from sidecar.output import Lines, add_output_flag, emit, paint, safe, safe_lines, use_colour
 
@@ -368,33 +368,44 @@ def _check_provider(run: _Run, provider: Any, offline: bool) -> None:
         if offline:
             run.skip(g, title, "--offline")
             continue
+        # Shown as scheme and host only: a fetched URL's path or query may hold a token
+        # (found by a hostile review: the whole URL, password and token, was printed).
+        shown = shown_url(url)
         try:
             body = _fetch_https(url, getattr(provider, "jwks_ca", None))
         except Exception as exc:  # noqa: BLE001 -- every failure is one line for the operator
-            run.add(g, title, "fail", f"{url}: {exc}",
+            run.add(g, title, "fail", f"{shown}: {_scrubbed(exc, url)}",
                     "check the URL, DNS and the network path from this host; "
                     f"jwt_providers.{name}.jwks_ca if the server uses a private CA")
             continue
         if key == "jwks_uri":
             try:
-                keys = parse_jwks(body, url)
+                keys = parse_jwks(body, shown)
             except ConfigError as exc:
                 run.add(g, title, "fail", _problems(exc), "the URL must serve a JWKS document")
                 continue
             if keys.withdrawn:
-                run.add(g, title, "fail", f"{url}: no usable signature key",
+                run.add(g, title, "fail", f"{shown}: no usable signature key",
                         "every token of the provider is refused (no_keys)")
             else:
-                run.add(g, title, "ok", f"{url}: {len(keys)} key(s)")
+                run.add(g, title, "ok", f"{shown}: {len(keys)} key(s)")
         elif key == "discovery_url":
             _check_discovery(run, provider, title, url, body)
         else:
             try:
                 read_json(body)
             except ValueError:  # (JsonDocError: not JSON, a member twice, too deep)
-                run.add(g, title, "fail", f"{url}: not JSON", "the URL must serve a JSON document")
+                run.add(g, title, "fail", f"{shown}: not JSON",
+                        "the URL must serve a JSON document")
                 continue
-            run.add(g, title, "ok", url)
+            run.add(g, title, "ok", shown)
+
+
+def _scrubbed(exc: BaseException, url: str) -> str:
+    """``exc``'s message with ``url`` shown as scheme and host only (``shown_url``)."""
+    from sidecar.jwks_fetch import scrubbed
+
+    return scrubbed(str(exc), url)
 
 
 def _check_discovery(run: _Run, provider: Any, title: str, url: str, body: bytes) -> None:
@@ -404,29 +415,32 @@ def _check_discovery(run: _Run, provider: Any, title: str, url: str, body: bytes
 
     hint = ("the metadata must name the provider's issuer exactly and a jwks_uri "
             "(OpenID Connect Discovery 1.0 / RFC 8414)")
+    shown = shown_url(url)  # (both URLs as scheme and host only: see _check_provider)
     try:
         doc = read_json(body)
     except ValueError:
-        run.add("jwks", title, "fail", f"{url}: not JSON", hint)
+        run.add("jwks", title, "fail", f"{shown}: not JSON", hint)
         return
     if not isinstance(doc, dict) or doc.get("issuer") != provider.issuer:
         got = doc.get("issuer") if isinstance(doc, dict) else None
-        run.add("jwks", title, "fail", f"{url}: issuer {got!r}, expected {provider.issuer!r}",
+        run.add("jwks", title, "fail", f"{shown}: issuer {got!r}, expected {provider.issuer!r}",
                 hint)
         return
     jwks_uri = doc.get("jwks_uri")
     if not isinstance(jwks_uri, str):
-        run.add("jwks", title, "fail", f"{url}: no jwks_uri", hint)
+        run.add("jwks", title, "fail", f"{shown}: no jwks_uri", hint)
         return
+    shown_jwks = shown_url(jwks_uri)
     try:
-        keys = parse_jwks(_fetch_https(jwks_uri, getattr(provider, "jwks_ca", None)), jwks_uri)
+        keys = parse_jwks(_fetch_https(jwks_uri, getattr(provider, "jwks_ca", None)),
+                          shown_jwks)
     except ConfigError as exc:
         run.add("jwks", title, "fail", _problems(exc), "the jwks_uri must serve a JWKS document")
         return
     except Exception as exc:  # noqa: BLE001 -- every failure is one line for the operator
-        run.add("jwks", title, "fail", f"{jwks_uri}: {exc}", hint)
+        run.add("jwks", title, "fail", f"{shown_jwks}: {_scrubbed(exc, jwks_uri)}", hint)
         return
-    run.add("jwks", title, "ok", f"{url} -> {jwks_uri}: {len(keys)} key(s)")
+    run.add("jwks", title, "ok", f"{shown} -> {shown_jwks}: {len(keys)} key(s)")
 
 
 def _fetch_https(url: str, ca_file: str | None) -> bytes:

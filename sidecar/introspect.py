@@ -34,7 +34,9 @@ The client authenticates with HTTP Basic (RFC 6749 2.3.1, id and secret form-enc
 the secret read from ``client_secret_file`` at each call (so it can be rotated), or with the
 sidecar's own workload certificate (``mtls: true``, RFC 8705 ``tls_client_auth``). The token
 only ever travels in the request body; log lines name the provider and the failure, never
-the token, the secret or the response.
+the token, the secret or the response -- and the endpoint by its scheme and host only
+(``shown_url``): its path or query may hold a key (found by a hostile review: the whole
+endpoint, password and query token included, went to every ``introspection_failed`` line).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from sidecar.authn.oauth import (
     token_digest,
 )
 from sidecar.config.source import read_regular
-from sidecar.jwks_fetch import JwksFetchError, https_request
+from sidecar.ctlhttp.client import shown_url
+from sidecar.jwks_fetch import JwksFetchError, https_request, scrubbed
 from sidecar.logs import log
 from sidecar.metrics import SidecarMetrics
 from sidecar.net.tlsfiles import FileContext
@@ -209,14 +212,14 @@ class Introspector:
                 spec.endpoint, self._context(spec), method="POST", headers=headers,
                 body=urlencode(form).encode("ascii"), connect_timeout=spec.timeout_seconds,
                 read_timeout=spec.timeout_seconds, max_bytes=MAX_INTROSPECTION_BYTES)
-            claims = introspection_claims(status, body, spec.endpoint)
+            claims = introspection_claims(status, body, shown_url(spec.endpoint))
         except (JwksFetchError, ValueError, OSError, ssl.SSLError) as exc:
             self.failures += 1
             self._down_until[provider.name] = trio.current_time() + FAILURE_BACKOFF_SECONDS
-            # str(exc) names the endpoint and the failure (status, timeout...); it never
-            # holds the request (token, secret) or the response body.
+            # str(exc) names the endpoint (scheme and host) and the failure (status,
+            # timeout...); it never holds the request (token, secret) or the response body.
             log("introspection_failed", "warning", provider=provider.name,
-                endpoint=spec.endpoint, error=str(exc))
+                endpoint=shown_url(spec.endpoint), error=scrubbed(str(exc), spec.endpoint))
             self._count(provider.name, "failed")
             return self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
         finally:

@@ -28,6 +28,14 @@ https only, certificate and host name checked against ``jwks_ca`` (or the system
 TLS >= 1.2, no redirects, no compression, body capped at 1 MiB, every step under a deadline.
 The fetcher's context is made again at a fetch when the ``jwks_ca`` file changed
 (``sidecar.net.tlsfiles``): a bundle rotated in place is used without a policy change.
+
+A fetched URL is never logged or put in an error message whole: its path or query may hold
+a token (``?access_token=``), so the log lines (``jwks_fetch_failed``, ``jwks_fetched``,
+``jwks_key_skipped``, ``jwks_keys_stale``, ``jwks_keys_withdrawn``, ``jwks_keys_unlisted``)
+and the errors (the control-plane client's, a JWKS's or a metadata document's problems) name
+it as ``shown_url`` does: scheme and host only. Found by a hostile review: the whole URL,
+with the password and token the policy put in it, went to every failed fetch's line and to
+``sidecar check``. (A user name or password in the URL is refused at load: ``url_problem``.)
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from sidecar.ctlhttp.client import (
     ClientError,
     parse_url,
     request,
+    shown_url,
 )
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
@@ -106,11 +115,31 @@ async def https_request(uri: str, ssl_context: ssl.SSLContext, *, method: str = 
     connecting and the whole exchange each run under a deadline. ``JwksFetchError`` for
     every failure; the message never holds request headers or body (they may carry secrets).
     """
-    answer = await request(parse_url(uri, schemes=("https",)), method=method,
-                           headers=headers or (), body=body, ssl_context=ssl_context,
-                           connect_timeout=connect_timeout, read_timeout=read_timeout,
-                           max_body_bytes=max_bytes)
+    target = parse_url(uri, schemes=("https",))
+    try:
+        answer = await request(target, method=method, headers=headers or (), body=body,
+                               ssl_context=ssl_context, connect_timeout=connect_timeout,
+                               read_timeout=read_timeout, max_body_bytes=max_bytes)
+    except ClientError as exc:
+        # The client names the request target (path and query) in some messages: shown
+        # here as scheme and host only, as every message of a fetched URL is.
+        raise type(exc)(scrubbed(str(exc), uri)) from exc.__cause__
     return answer.status, answer.body
+
+
+def scrubbed(message: str, uri: str) -> str:
+    """``message`` with ``uri`` -- whole, or its path and query, or as the control-plane
+    client's ``Target.label`` spells it -- shown as ``shown_url`` shows it."""
+    shown = shown_url(uri)
+    try:
+        target = parse_url(uri)
+    except ClientError:
+        return message.replace(uri, shown)
+    for spelled in (uri, target.label):
+        message = message.replace(spelled, shown)
+    if target.target not in ("", "/"):
+        message = message.replace(target.target, "(path and query not shown)")
+    return message
 
 
 def load_jwks_file(path: str) -> KeySet:
@@ -201,7 +230,7 @@ def _drop_stale(provider: JwtProvider, authenticator: Authenticator,
     """``jwks_max_stale`` passed since the last successful fetch: stop using the set."""
     authenticator.set_keys(provider.name, KeySet(source="stale"), time.time())
     log("jwks_keys_stale", "error", provider=provider.name,
-        uri=provider.jwks_uri or provider.discovery_url or "",
+        uri=shown_url(provider.jwks_uri or provider.discovery_url or ""),
         max_stale_seconds=provider.jwks_max_stale_seconds)
     if on_dropped is not None:
         on_dropped("stale")
@@ -235,16 +264,16 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
             meta = await fetch_jwks(provider.discovery_url, ssl_context,
                                     connect_timeout=connect_timeout, read_timeout=read_timeout,
                                     max_bytes=MAX_METADATA_BYTES, accept="application/json")
-            uri = check_metadata(meta, provider.issuer, provider.discovery_url)
+            uri = check_metadata(meta, provider.issuer, shown_url(provider.discovery_url))
         data = await fetch_jwks(uri, ssl_context, connect_timeout=connect_timeout,
                                 read_timeout=read_timeout)
-        keys = parse_jwks(data, uri)
+        keys = parse_jwks(data, shown_url(uri))
     except Exception as exc:  # noqa: BLE001 -- any failure keeps the last good keys
         # JwksFetchError and ConfigError are the expected ones; anything else is a bug
         # somewhere below, and must not kill the task that keeps the other keys fresh.
         expected = isinstance(exc, JwksFetchError | ConfigError)
         log("jwks_fetch_failed", "warning" if expected else "error", provider=provider.name,
-            uri=uri, error=str(exc) if expected else repr(exc),
+            uri=shown_url(uri), error=scrubbed(str(exc) if expected else repr(exc), uri),
             failures=state.consecutive_failures + 1,
             have_keys=authenticator.keys(provider.name) is not None)
         if data is not None and isinstance(exc, ConfigError):
@@ -253,13 +282,15 @@ async def _fetch_once(provider: JwtProvider, authenticator: Authenticator,
             # kept verifying for ``jwks_max_stale`` beside one broken entry).
             from sidecar.keysources import withdraw_unlisted
 
-            withdraw_unlisted(provider, authenticator, data, {"uri": uri}, on_dropped)
+            withdraw_unlisted(provider, authenticator, data, {"uri": shown_url(uri)},
+                              on_dropped)
         return on_fetch_failed(state, trio.current_time())
     authenticator.set_keys(provider.name, keys, time.time())
-    log("jwks_fetched", "info" if signalled else "debug", provider=provider.name, uri=uri,
+    shown = shown_url(uri)
+    log("jwks_fetched", "info" if signalled else "debug", provider=provider.name, uri=shown,
         keys=len(keys), unknown_kid=signalled)
     for note in keys.skipped:
-        log("jwks_key_skipped", "warning", provider=provider.name, uri=uri, detail=note)
+        log("jwks_key_skipped", "warning", provider=provider.name, uri=shown, detail=note)
     if keys.withdrawn:
-        withdrawn(provider, keys, {"uri": uri}, on_dropped)
+        withdrawn(provider, keys, {"uri": shown}, on_dropped)
     return on_fetch_succeeded(state, trio.current_time())

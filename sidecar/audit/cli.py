@@ -566,8 +566,8 @@ class _Follower:
         last whole frame are a frame cut short (a crash, or frames cut by hand), which
         ``export`` reports too; a tail that moved on without a word hid them."""
         assert self.current is not None
-        if self.damaged == self.current:
-            return
+        if self.damaged == self.current or self.order.stopped:
+            return  # (said once already, by the follower or the backlog)
         try:
             size = os.stat(self.current.path, follow_symlinks=self.current.follow).st_size
         except OSError:
@@ -600,15 +600,24 @@ def _whole_frames_end(seg: SegmentFile) -> int:
     """Where the segment's last whole frame ends (its lengths walked, nothing decoded):
     where following it starts. Its size instead started in the middle of a frame the writer
     was writing (the next read took payload bytes for a length), and counted as read a frame
-    cut short by a crash, so a tail that moved on from it had nothing left to report."""
+    cut short by a crash, so a tail that moved on from it had nothing left to report.
+
+    A frame still being written has a plausible length and fewer bytes than it says: it is
+    not read yet. A length of 0 or over ``MAX_FRAME_BYTES`` is never the writer's, however
+    many bytes follow: damage. The end returned is then just past that length, so that the
+    backlog (which reads up to here) reaches it and reports it as ``export`` does, exit 1.
+    Stopping *at* it, the backlog never read it: ``tail`` without ``-f`` said nothing and
+    exited 0 on such damage in the newest segment (found by a hostile review)."""
     try:
         with open_segment(seg) as fh:
             size = os.fstat(fh.fileno()).st_size
             offset = 0
             while offset + 4 <= size:
                 (length,) = LENGTH.unpack(fh.read(4))
-                if length == 0 or length > MAX_FRAME_BYTES or offset + 4 + length > size:
-                    break  # damage is reported when it is read; a frame not yet whole
+                if length == 0 or length > MAX_FRAME_BYTES:
+                    return offset + 4  # damage: the backlog's reader raises SegmentDamage
+                if offset + 4 + length > size:
+                    break  # a frame not yet whole: read when it is
                 offset += 4 + length
                 fh.seek(offset)
             return offset

@@ -365,13 +365,20 @@ def url_problem(url: str) -> str | None:
     (``host_problem``, ``ipv6_problem``: ``https://127.1/``, ``https://0x7f.0.0.1/``,
     ``https://[::ffff:127.0.0.1]/``, a zone id are refused at load, where they used to load
     and fail, or be resolved to another address, at the first fetch; found by a hostile
-    review)."""
-    from sidecar.ctlhttp.client import ClientError, parse_url
+    review). A user name or password in it (``https://user:pass@host/``) is refused too: the
+    client never sends them, and such a URL was logged whole on every failed fetch (found by
+    a hostile review; a URL is now shown as scheme and host only, ``shown_url``)."""
+    from urllib.parse import urlsplit
+
+    from sidecar.ctlhttp.client import ClientError, parse_url, shown_url
 
     try:
         host = parse_url(url).host
     except ClientError as exc:
         return str(exc)
+    if "@" in urlsplit(url).netloc:
+        return (f"a user name or password in a URL is never sent (put no credentials in a "
+                f"URL): {shown_url(url)}")
     return ipv6_problem(host) if ":" in host else host_problem(host)
 
 

@@ -1,0 +1,203 @@
+"""``audit tail`` reports an impossible frame length in any segment, the newest too.
+
+Found by a hostile review (twenty-eighth session): ``tail`` without ``--follow`` said
+nothing and exited 0 when the NEWEST segment held a frame length of 0 or over
+``MAX_FRAME_BYTES`` -- appended after the last frame or written over the first -- while
+``export`` said ``impossible frame length ... (corrupt)`` and exited 1 (and ``verify``
+said BROKEN, ``tail -f`` reported it). Where following starts (``_whole_frames_end``)
+stopped at the bad length, and the backlog reads only up to there. Now such a length is
+damage wherever it is, reported as ``export`` reports it, exit 1; a frame still being
+written (a plausible length, fewer bytes than it says) is still not damage in the newest
+segment, so ``tail -f`` on a live trail goes on as before.
+
+Families as data: every damage shape x the newest or an older segment x ``-n`` values,
+each compared with ``export`` of the same directory; every way a frame can be cut while it
+is written, in the newest segment (not damage).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, RECORD_KINDS, decode_frame
+from sidecar.audit.segments import list_segments, read_frames
+from sidecar.audit.signing import write_keypair
+from tests.harness import ROOT, sidecar_cli_many
+from tests.test_audit_attacks import write
+
+
+@pytest.fixture(scope="module")
+def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tail28")
+    priv, _pub, _ = write_keypair(str(root / "k"))
+    d = root / "audit"
+    write(d, Path(priv), 43)  # a real signing writer: several segments, sealed
+    segments = list_segments(str(d))
+    assert len(segments) >= 3
+    assert len(_offsets(Path(segments[-1].path).read_bytes())) >= 4  # (records in the newest)
+    return d
+
+
+def _offsets(data: bytes) -> list[int]:
+    return [offset for offset, _payload in read_frames(io.BytesIO(data))]
+
+
+def _at(index: int, length: int) -> Callable[[bytes], bytes]:
+    """The length of frame ``index`` (0: the header) written over with ``length``."""
+    def damage(data: bytes) -> bytes:
+        out = bytearray(data)
+        at = _offsets(data)[index]
+        out[at:at + 4] = LENGTH.pack(length)
+        return bytes(out)
+    return damage
+
+
+# Damage shape -> (the bytes of a segment -> damaged bytes, the length the message names).
+DAMAGE: dict[str, tuple[Callable[[bytes], bytes], int]] = {
+    "zero length appended, zeros after": (lambda d: d + b"\0" * 68, 0),
+    "zero length appended, nothing after": (lambda d: d + b"\0" * 4, 0),
+    "all-ones length appended": (lambda d: d + b"\xff" * 4 + b"A" * 64, 0xFFFFFFFF),
+    "one past the maximum appended": (
+        lambda d: d + LENGTH.pack(MAX_FRAME_BYTES + 1) + b"B" * 64, MAX_FRAME_BYTES + 1),
+    "huge length at offset 0": (_at(0, 0xFFFFFFF0), 0xFFFFFFF0),
+    "zero length at offset 0": (_at(0, 0), 0),
+    "huge length mid-segment": (_at(2, 0xFFFFFFF0), 0xFFFFFFF0),
+    "zero length mid-segment": (_at(2, 0), 0),
+}
+POSITIONS = {"newest": -1, "older": 1}
+LINES = {"newest": [0, 5, 100_000], "older": [5, 100_000]}
+
+
+def _runs(*jobs: list[str]) -> list[tuple[int, list[int], str]]:
+    """Each ``sidecar audit JOB`` (one interpreter for them all): exit status, the seqs
+    printed, stderr."""
+    out = []
+    for got in sidecar_cli_many([["audit", *job] for job in jobs]):
+        assert "Traceback" not in got.stderr, got.stderr
+        seqs = [json.loads(line)["seq"] for line in got.stdout.splitlines()]
+        out.append((got.returncode, seqs, got.stderr))
+    return out
+
+
+def _copy(trail: Path, tmp: Path, position: str) -> tuple[Path, Path]:
+    d = tmp / "audit"
+    shutil.copytree(trail, d)
+    return d, Path(list_segments(str(d))[POSITIONS[position]].path)
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+@pytest.mark.parametrize("shape", list(DAMAGE))
+def test_tail_reports_an_impossible_frame_length_as_export_does(
+        trail: Path, tmp_path: Path, shape: str, position: str) -> None:
+    d, seg = _copy(trail, tmp_path, position)
+    damage, length = DAMAGE[shape]
+    seg.write_bytes(damage(seg.read_bytes()))
+    said = f"{seg.name}: impossible frame length {length} (corrupt)"
+    (code, exported, err), *tails = _runs(["export", str(d)], *(
+        ["tail", "-n", str(n), str(d)] for n in LINES[position]))
+    assert code == 1 and said in err, err  # (the reference: export names it, exit 1)
+    for lines, (code, tailed, err) in zip(LINES[position], tails, strict=True):
+        assert code == 1, (lines, code, err)
+        assert said in err and err.count(seg.name) == 1, (lines, err)  # said once
+        # The records tail prints are export's newest ``lines`` (the same are readable).
+        assert tailed == (exported[-lines:] if lines else []), (lines, tailed)
+
+
+def _cut_newest(trail: Path, tmp: Path) -> tuple[Path, Path, bytes, int]:
+    """A copy of ``trail`` whose newest segment ends inside its last record frame (the
+    frames after it dropped, as if the writer were writing it): the directory, the
+    segment, the frame's bytes, and where it starts."""
+    d, seg = _copy(trail, tmp, "newest")
+    data = seg.read_bytes()
+    frames = list(read_frames(io.BytesIO(data)))
+    at, payload = [(o, p) for o, p in frames if decode_frame(p)[2] in RECORD_KINDS][-1]
+    frame = data[at:at + 4 + len(payload)]
+    seg.write_bytes(data[:at])
+    return d, seg, frame, at
+
+
+# Where a frame being written may be cut: how many of its bytes are there.
+CUTS: dict[str, Callable[[int], int]] = {
+    "one byte of its length": lambda n: 1,
+    "three bytes of its length": lambda n: 3,
+    "its length, no payload": lambda n: 4,
+    "half its payload": lambda n: 4 + (n - 4) // 2,
+    "all but its last byte": lambda n: n - 1,
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_a_frame_still_being_written_in_the_newest_segment_is_not_damage(
+        trail: Path, tmp_path: Path, cut: str) -> None:
+    d, seg, frame, _at_offset = _cut_newest(trail, tmp_path)
+    ((_code, whole, _err),) = _runs(["export", str(d)])  # the records before the frame
+    with open(seg, "ab") as fh:
+        fh.write(frame[:CUTS[cut](len(frame))])
+    tails = _runs(*(["tail", "-n", str(n), str(d)] for n in LINES["newest"]))
+    for lines, (code, tailed, err) in zip(LINES["newest"], tails, strict=True):
+        assert code == 0 and err == "", (lines, err)
+        assert tailed == (whole[-lines:] if lines else []), lines
+
+
+def _follow(d: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "audit", "tail", "-n", "0", "-f",
+         "--interval", "0.05", str(d)],
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True).start()
+    return proc, out
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_tail_f_reads_a_frame_finished_after_it_started(
+        trail: Path, tmp_path: Path, cut: str) -> None:
+    """A live trail: ``tail -f`` started while the newest segment ends inside a frame says
+    nothing about it, prints its records once the writer finishes it, and still reports an
+    impossible length written after it (exit 1 at Ctrl-C)."""
+    d, seg, frame, _at_offset = _cut_newest(trail, tmp_path)
+    n = CUTS[cut](len(frame))
+    with open(seg, "ab") as fh:
+        fh.write(frame[:n])
+    proc, out = _follow(d)
+    try:
+        time.sleep(0.5)  # (it has started and polled: the cut frame is not read yet)
+        assert out == [] and proc.poll() is None
+        with open(seg, "ab") as fh:
+            fh.write(frame[n:])
+        assert _wait(lambda: len(out) >= 1), out
+        seqs = [json.loads(line)["seq"] for line in out]
+        assert seqs and seqs[0] == decode_frame(frame[4:])[0]
+        with open(seg, "ab") as fh:
+            fh.write(b"\0" * 8)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 1, err
+    assert f"{seg.name}: impossible frame length 0 (corrupt)" in err, err
+    assert err.count(seg.name) == 1, err
