@@ -47,6 +47,8 @@ FIRST_FILES = [
     "test_upstream_upload_answers", "test_check_cli", "test_jwks_withdrawn",
     "test_private_upstream_trust", "test_audit_review28", "test_reload_review27",
     "test_claim_readings", "test_connection_lifetime_e2e", "test_token_copies",
+    "test_policy_review28", "test_replay_review28", "test_admin_review28",
+    "test_body_charset_review28",
     "test_policy_e2e", "test_lifetime_review3", "test_cli_output", "test_tokens_review2",
     "test_dataplane", "test_hostile_upstream", "test_audit_forged_tails", "test_live_cli",
     "test_config_null_values", "test_control_plane_hostile", "test_soak", "test_jwt_e2e",
