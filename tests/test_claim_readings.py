@@ -70,6 +70,7 @@ DENY_RULES: dict[str, tuple[dict[str, Any], Any, Any]] = {
     "lvl": ({"lvl": 0}, 0, 1),
     "uid": ({"uid": 1001}, 1001, 1002),
     "employee": ({"employee_id": "1001"}, "1001", "1002"),
+    "snowflake": ({"sid": 1234567890123456789}, 1234567890123456789, 1234567890123457789),
     "gids": ({"gids": {"contains": 1001}}, [7, 1001], [7, 1002]),
     "blocked": ({"blocked": True}, True, False),
     "groups": ({"groups": {"contains": "blocked"}}, ["users", "blocked"], ["users"]),
@@ -230,6 +231,14 @@ def _deny_members() -> list[tuple[str, str, dict[str, Any], bool]]:
                                ("'0o1751'", "0o1751", True), ("'\\ufeff1001'", "\ufeff1001", True),
                                ("'0b2'", "0b2", False), ("''", "", False)]:
         out.append(("uid", label, {"uid": value}, held))
+    # Integers past 2**53 (64-bit and snowflake ids; a review of the fix found them missed)
+    big = 1234567890123456789
+    for label, value, held in [("'big'", str(big), True), ("['big']", [str(big)], True),
+                               ("big as a double", float(big), True), ("big", big, True),
+                               ("'big - 1'", str(big - 1), True),  # (one double: JavaScript)
+                               ("'big + 1000'", str(big + 1000), False),
+                               ("' 0x' hex", hex(big), True)]:
+        out.append(("snowflake", label, {"sid": value}, held))
     # Two numeric strings of one value (PHP 8 compares them as numbers); a list under
     # ``contains`` loosely (PHP's in_array).
     for label, value, held in [("'01001'", "01001", True), ("' 1001'", " 1001", True),

@@ -384,27 +384,44 @@ def _loose_text(value: str) -> str:
     return value.replace("\ufeff", " ").strip()
 
 
-def _loose_number(value: Any, empty_is_zero: bool = True) -> float | None:
+def _loose_number(value: Any, empty_is_zero: bool = True) -> int | float | None:
     """``value`` as a number the way loose readers compare it, or None: a number, a bool
     (``true == 1``), or a numeric string (``"1001" == 1001``, ``" 7 "``, ``"0x3E9"``,
     ``"0b1111101001"``, ``"0o1751"``; with ``empty_is_zero``, ``""`` and white space, which
-    JavaScript's ``==`` reads as 0)."""
+    JavaScript's ``==`` reads as 0). An integer stays an exact ``int`` at any size (a 64-bit
+    or snowflake id: a review of the fix found ``"1234567890123456789"`` missed, every
+    integer at or above 2**53 having been left out)."""
     if isinstance(value, bool):
-        return 1.0 if value else 0.0
+        return 1 if value else 0
     if isinstance(value, int | float):
-        return float(value) if not isinstance(value, int) or abs(value) < 1 << 53 else None
+        return value
     if not isinstance(value, str) or len(value) > 128:
         return None
     text = _loose_text(value)
     if not text:
-        return 0.0 if empty_is_zero else None
+        return 0 if empty_is_zero else None
     if not _NUMERIC_TEXT.fullmatch(text):
         return None
     try:
         radix = _RADIX.get(text[:2])
-        return float(int(text[2:], radix)) if radix else float(text)
+        if radix:
+            return int(text[2:], radix)
+        if text.lstrip("+-").isdigit():
+            return int(text)
+        return float(text)
     except (ValueError, OverflowError):
         return None
+
+
+def _same_number(a: int | float, b: int | float) -> bool:
+    """Exactly equal (Python compares an int and a float exactly), or equal as doubles
+    (JavaScript's reading: ``1234567890123456789 == 1234567890123456800``)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except OverflowError:
+        return False
 
 
 def _loosely_same(value: Any, wanted: Any) -> bool:
@@ -424,10 +441,10 @@ def _loosely_same(value: Any, wanted: Any) -> bool:
             and other == (1 if flag else 0)
     if isinstance(wanted, int | float) or isinstance(value, int | float):
         a, b = _loose_number(value), _loose_number(wanted)
-        return a is not None and a == b
-    if isinstance(wanted, str) and isinstance(value, str):
+        return a is not None and b is not None and _same_number(a, b)
+    if isinstance(wanted, str) and isinstance(value, str):  # (PHP 8: as ints, else floats)
         a, b = _loose_number(value, False), _loose_number(wanted, False)
-        return a is not None and a == b
+        return a is not None and b is not None and a == b
     return False
 
 
