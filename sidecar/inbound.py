@@ -21,6 +21,7 @@ import math
 import ssl
 import time
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -338,18 +339,25 @@ class InboundProxy:
             if head.destination:  # (WebDAV COPY / MOVE: the path it writes to is judged too)
                 destination, refused = _destination(gate, event.headers, facts, verdict, ctx)
                 if refused is not None:
-                    ctx.verdict = refused
-                    _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_DESTINATION)
-                    raise refused.refusal()
+                    if refused.decision.action == "allow":  # (an observed deny: recorded)
+                        _observed(ctx, refused)
+                    else:
+                        ctx.verdict = refused
+                        _unjudged(gate, ctx, event, head, facts, query,
+                                  _REFUSED_BY_DESTINATION)
+                        raise refused.refusal()
             if query:  # (a method-override parameter: the method the app may run instead)
                 named = method_overrides(query)
                 if named:  # (recorded: policy replay judges them as this does)
                     _note_overrides(ctx, named)
                 refused = _overridden(gate, facts, verdict, named)
                 if refused is not None:
-                    ctx.verdict = refused
-                    _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_QUERY)
-                    raise refused.refusal()
+                    if refused.decision.action == "allow":  # (an observed deny: recorded)
+                        _observed(ctx, refused)
+                    else:
+                        ctx.verdict = refused
+                        _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_QUERY)
+                        raise refused.refusal()
                 ctx.overrides = named  # (judged again by a policy change: _still_allows)
             # A POST form's override fields: read as the body goes, judged at its end.
             check = _body_check(gate, facts, verdict, ctx, event.headers) \
@@ -501,13 +509,16 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
     ``Destination: /admin/config`` wrote where ``GET /admin/config`` is denied. A
     Destination that is no http(s) URI or absolute path, or whose path is ambiguous, is
     400 (``bad_destination``); check_head has refused a second one. The path judged goes
-    into the request's record (``ctx.judged``: ``policy replay`` judges it too)."""
+    into the request's record (``ctx.judged``: ``policy replay`` judges it too). A deny
+    that dry-run lets through (``_observed``) is returned too, as an allowed verdict: the
+    caller records it, and lets the request through."""
     path, forward, prefix, query = _read_destination(gate, headers, facts)
     _note(ctx, "destination", path)
     decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
     target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
                                                   else b"")
-    return target, None if decision.allowed else Verdict(decision, auth=verdict.auth)
+    return target, Verdict(decision, auth=verdict.auth) \
+        if not decision.allowed or decision.dry_run else None
 
 
 def _read_destination(gate: Gate, headers: Headers,
@@ -600,14 +611,35 @@ def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
     host, run itself; None when it names none or only allowed ones. The request reaches the
     app as sent: an app that honours the override runs a method the policy allows (as the
     headers of that kind are removed, docs/policy.md ``methods``). A value that is no method
-    is 400 (``bad_method``)."""
+    is 400 (``bad_method``). When none refuses but one's deny is let through by dry-run
+    (``_observed``), that decision, as an allowed verdict (the first such method's): the
+    caller records it; a later method that refuses still refuses."""
+    observed = None
     for method in methods:
         if method == facts.method:
             continue
         decision = gate.judge(facts._replace(method=method), verdict.auth, time.time())
         if not decision.allowed:
             return Verdict(decision, auth=verdict.auth)
-    return None
+        if decision.dry_run and observed is None:
+            observed = decision
+    return None if observed is None else Verdict(observed, auth=verdict.auth)
+
+
+def _observed(ctx: RequestContext, found: Verdict) -> None:
+    """A request let in whose Destination or override method a deny rule would refuse but
+    dry-run lets through (a dry-run section, an observed ``mode: dry-run`` deny rule:
+    ``found``, allowed, ``dry_run``, ``would: deny``): its record says so -- its decision
+    becomes ``found``'s (``dry_run``, ``would: deny``, that rule), the request still goes
+    through. A request whose own decision is already a dry-run deny keeps it. Found by a
+    hostile review: ``POST /orders/1?_method=DELETE``, a form's ``_method=DELETE`` and
+    ``COPY`` to a denied Destination were recorded as a plain ``allow`` while ``DELETE
+    /orders/1`` was recorded ``dry-run``: switching the section to enforce refused requests
+    the dry-run trail never flagged. Only requests with an override or a Destination get
+    here; the headers the request goes with stay its own verdict's."""
+    verdict = ctx.verdict
+    if verdict is not None and not verdict.decision.dry_run:
+        ctx.verdict = replace(verdict, decision=found.decision)
 
 
 def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
@@ -627,8 +659,11 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
         _note_overrides(ctx, methods)  # (recorded: policy replay judges them as this does)
         refused = _overridden(gate, facts, verdict, methods)
         if refused is not None:
-            ctx.verdict = refused
-            raise refused.refusal()
+            if refused.decision.action == "allow":  # (an observed deny: recorded)
+                _observed(ctx, refused)
+            else:
+                ctx.verdict = refused
+                raise refused.refusal()
         ctx.overrides += tuple(m for m in methods if m not in ctx.overrides)
 
     return BodyCheck(readers, judge)

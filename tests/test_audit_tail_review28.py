@@ -10,9 +10,19 @@ damage wherever it is, reported as ``export`` reports it, exit 1; a frame still 
 written (a plausible length, fewer bytes than it says) is still not damage in the newest
 segment, so ``tail -f`` on a live trail goes on as before.
 
+The review of that fix found a plausible length (up to 1 MiB) edited to run past the end of
+the newest segment -- at its first record frame, or a middle one -- taken for a frame being
+written: the records after it were hidden, ``tail -n 3`` printed the older segment's last
+ones and exited 0 (export: ``segment ends inside a frame (truncated)``, exit 1). Now a
+frame whose bytes already hold a whole payload (or no payload's start) is damage at once,
+with ``-f`` too; and ``tail`` without ``-f`` waits a moment (``SETTLE_SECONDS``) for a frame
+the newest segment ends inside: finished, it reads on; not, it reports the frame as
+``export`` does, exit 1.
+
 Families as data: every damage shape x the newest or an older segment x ``-n`` values,
-each compared with ``export`` of the same directory; every way a frame can be cut while it
-is written, in the newest segment (not damage).
+each compared with ``export`` of the same directory; every length that runs past the end x
+``-n`` values; every way a frame can be cut while it is written, in the newest segment:
+finished while tail waits (not damage), or never (damage, as export says).
 """
 
 from __future__ import annotations
@@ -137,17 +147,150 @@ CUTS: dict[str, Callable[[int], int]] = {
 }
 
 
+def _tails(d: Path, lines: list[int], *follow: str
+           ) -> list[subprocess.Popen[str]]:
+    """``sidecar audit tail -n N d`` for each N, started at once (each may wait
+    ``SETTLE_SECONDS`` for a frame being written: the waits overlap)."""
+    return [subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "audit", "tail", "-n", str(n), *follow, str(d)],
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in lines]
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[int, list[int], str]:
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    return proc.returncode, [json.loads(line)["seq"] for line in out.splitlines()], err
+
+
 @pytest.mark.parametrize("cut", list(CUTS))
-def test_a_frame_still_being_written_in_the_newest_segment_is_not_damage(
+def test_a_frame_no_writer_finishes_in_the_newest_segment_is_damage(
         trail: Path, tmp_path: Path, cut: str) -> None:
+    """The newest segment ends inside a frame and stays so: after its wait, ``tail``
+    reports it as ``export`` does (its own words: a frame's length cut is "inside a frame
+    length"), the records before it printed, exit 1."""
     d, seg, frame, _at_offset = _cut_newest(trail, tmp_path)
-    ((_code, whole, _err),) = _runs(["export", str(d)])  # the records before the frame
     with open(seg, "ab") as fh:
         fh.write(frame[:CUTS[cut](len(frame))])
-    tails = _runs(*(["tail", "-n", str(n), str(d)] for n in LINES["newest"]))
-    for lines, (code, tailed, err) in zip(LINES["newest"], tails, strict=True):
-        assert code == 0 and err == "", (lines, err)
-        assert tailed == (whole[-lines:] if lines else []), lines
+    ((code, exported, err),) = _runs(["export", str(d)])
+    said = err.strip().splitlines()[-1].split("segment: ", 1)[-1]
+    assert code == 1 and said.startswith(f"{seg.name}: segment ends inside a frame"), err
+    procs = _tails(d, LINES["newest"])
+    for lines, proc in zip(LINES["newest"], procs, strict=True):
+        code, tailed, err = _ended(proc)
+        assert code == 1 and said in err and err.count(seg.name) == 1, (lines, err)
+        assert tailed == (exported[-lines:] if lines else []), (lines, tailed)
+
+
+def _sleeping(proc: subprocess.Popen[str]) -> bool:
+    """Is ``proc`` in a sleep (``tail`` without ``-f`` sleeps only while it waits for a
+    frame being written)? Without /proc: assumed after half a second."""
+    try:
+        with open(f"/proc/{proc.pid}/wchan") as fh:
+            return "nanosleep" in fh.read()
+    except OSError:
+        time.sleep(0.5)
+        return True
+
+
+# What the writer appends while tail waits: the rest of the cut frame, then (or not) the
+# start of the next frame (the segment's seal), which is then the one being written.
+GROWS = {"the frame finished": False, "the frame finished, the next begun": True}
+
+
+@pytest.mark.parametrize("grows", list(GROWS))
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_a_frame_finished_while_tail_waits_is_read(
+        trail: Path, tmp_path: Path, cut: str, grows: str) -> None:
+    """The newest segment ends inside a frame when ``tail`` (no ``-f``) first reads it;
+    the writer finishes it while tail waits: tail reads on, prints the frame's record
+    among the newest, says nothing, exit 0 (a frame begun after it is being written)."""
+    d, seg, frame, at = _cut_newest(trail, tmp_path)
+    after = Path(list_segments(str(trail))[-1].path).read_bytes()[at + len(frame):]
+    n = CUTS[cut](len(frame))
+    with open(seg, "ab") as fh:
+        fh.write(frame[:n])
+    (proc,) = _tails(d, [3])
+    try:
+        assert _wait(lambda: proc.poll() is not None or _sleeping(proc)), "never waited"
+        assert proc.poll() is None, proc.communicate()  # (it waits for the frame)
+        with open(seg, "ab") as fh:
+            fh.write(frame[n:] + (after[:len(after) // 2] if GROWS[grows] else b""))
+        code, tailed, err = _ended(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (code, err) == (0, ""), err
+    assert tailed[-1] == decode_frame(frame[4:])[0] and len(tailed) == 3, tailed
+
+
+def _past(index: int, extra: int) -> Callable[[bytes], bytes]:
+    """The length of frame ``index`` (0: the header, -1: the last) written over so that
+    the frame runs ``extra`` bytes past the end of the segment."""
+    def damage(data: bytes) -> bytes:
+        at = _offsets(data)[index]
+        return _at(index, len(data) - at - 4 + extra)(data)
+    return damage
+
+
+def _middle(data: bytes) -> int:
+    return len(_offsets(data)) // 2
+
+
+# A plausible length (at most 1 MiB) that runs past the end of the segment: the bytes after
+# it are the frame's real payload and whole frames after it, or no payload's start.
+PAST_THE_END: dict[str, Callable[[bytes], bytes]] = {
+    "frame 1, 100 bytes past the end": _past(1, 100),
+    "frame 1, 1 byte past the end": _past(1, 1),
+    "frame 1 says 1 MiB": _at(1, MAX_FRAME_BYTES),
+    "a middle frame, 100 bytes past the end": lambda d: _past(_middle(d), 100)(d),
+    "a middle frame, 1 byte past the end": lambda d: _past(_middle(d), 1)(d),
+    "a middle frame says 1 MiB": lambda d: _at(_middle(d), MAX_FRAME_BYTES)(d),
+    "the last frame, 1 byte past the end": _past(-1, 1),
+    "the last frame says 1 MiB": _at(-1, MAX_FRAME_BYTES),
+    "a length appended before no payload's start": lambda d: d + LENGTH.pack(64) + b"\xc1" * 8,
+}
+SWALLOW_LINES = [0, 3, 100_000]
+
+
+@pytest.mark.parametrize("shape", list(PAST_THE_END))
+def test_a_length_running_past_the_end_of_the_newest_segment_is_damage(
+        trail: Path, tmp_path: Path, shape: str) -> None:
+    """Reported as ``export`` reports it, the records before it printed (export's newest),
+    exit 1 -- at once (no frame being written holds a whole payload), with ``-f`` too."""
+    d, seg = _copy(trail, tmp_path, "newest")
+    seg.write_bytes(PAST_THE_END[shape](seg.read_bytes()))
+    said = f"{seg.name}: segment ends inside a frame (truncated)"
+    (code, exported, err), *tails = _runs(["export", str(d)], *(
+        ["tail", "-n", str(n), str(d)] for n in SWALLOW_LINES))
+    assert code == 1 and said in err, err
+    for lines, (code, tailed, err) in zip(SWALLOW_LINES, tails, strict=True):
+        assert code == 1, (lines, code, err)
+        assert said in err and err.count(seg.name) == 1, (lines, err)
+        assert tailed == (exported[-lines:] if lines else []), (lines, tailed)
+    proc, out, errs = _follow_both(d)  # (-n 0 -f: said at once, then followed no further)
+    try:
+        assert _wait(lambda: any(seg.name in line for line in errs)), errs
+        time.sleep(0.3)  # (a poll or more after it: nothing else is said or printed)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.1)  # (the reader threads take the last lines)
+    err = "".join(errs)
+    assert proc.returncode == 1 and said in err and err.count(seg.name) == 1, err
+    assert out == []
+
+
+def _follow_both(d: Path) -> tuple[subprocess.Popen[str], list[str], list[str]]:
+    """``_follow`` with its stderr read as it comes, too."""
+    proc, out = _follow(d)
+    errs: list[str] = []
+    threading.Thread(target=lambda: errs.extend(proc.stderr or []), daemon=True).start()
+    return proc, out, errs
 
 
 def _follow(d: Path) -> tuple[subprocess.Popen[str], list[str]]:

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
+import msgpack
+
 from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, ChainError, FrameError, decode_frame
 from sidecar.audit.crypto import DecryptError, Decryptor, load_decryptor, write_data_key
 from sidecar.audit.record import FIELD_NAMES, AuditRecord
@@ -51,6 +53,14 @@ from sidecar.output import Progress, add_output_flag, csv_cell, render, rfc3339,
 MIN_POLL = 0.05
 MAX_POLL = 10.0
 MAX_TAIL_LINES = 100_000
+# ``tail`` without ``--follow``: how long it waits for the writer to finish a frame the
+# newest segment ends inside (``_Follower.settle``), and how often it looks. The writer
+# appends each batch of whole frames with one write (``sidecar.audit.writer``), so a frame
+# is cut short only while that write runs -- well under a second; its lingers
+# (``batch_linger_seconds``, 0.25 s by default, at most 1 s) come between writes, never
+# inside one. A frame still cut after this is one no writer is finishing: damage.
+SETTLE_SECONDS = 1.0
+SETTLE_POLL = 0.05
 
 
 def add_audit_parsers(subparsers: Any) -> None:
@@ -505,11 +515,35 @@ def _frames_from(fh: IO[bytes], limit: int | None,
             raise SegmentDamage(f"impossible frame length {length} (corrupt)", offset)
         payload = fh.read(length)
         if len(payload) < length:
-            if whole:
+            if whole or not _may_be_written(payload):
                 raise SegmentDamage("segment ends inside a frame (truncated)", offset)
             return
         offset += 4 + length
         yield offset, payload
+
+
+def _may_be_written(partial: bytes) -> bool:
+    """Could ``partial`` -- the bytes after a frame's length, fewer than it says -- be the
+    start of a payload the writer is still writing? Each payload is exactly one msgpack map
+    of the length before it, and the writer appends whole batches of frames, so only the
+    last frame can be cut, and its bytes are a strict prefix of one msgpack value. Bytes
+    that already hold a whole value (the frame's own payload, and the frames after it,
+    under a length edited to run past the end: found by a hostile review, ``tail`` then
+    hid every record after it and exited 0) or that no msgpack value starts with are no
+    frame being written: damage, as ``export`` reports it. (Parsed in C, only at a frame
+    cut short: at most ``MAX_FRAME_BYTES``.)"""
+    if not partial:
+        return True
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False,
+                                max_buffer_size=MAX_FRAME_BYTES)
+    unpacker.feed(partial)
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return True  # (a strict prefix: the rest may still come)
+    except Exception:  # noqa: BLE001 -- msgpack raises several unrelated types on garbage
+        return False
+    return False  # a whole value, shorter than the length says
 
 
 class _Follower:
@@ -528,12 +562,38 @@ class _Follower:
         self.opener = RecordOpener(decryptor, check=True)
         self.order = SegmentOrder()
         self.offset = 0
+        # ``start_at_end`` found the newest segment ending inside a frame that may still be
+        # being written, at ``offset`` (after ``settle``: one no writer finished).
+        self.cut = False
 
     def start_at_end(self) -> None:
         segments = resolve_segments(self.path)
         if segments:
             self._switch(segments[-1])
-            self.offset = _whole_frames_end(segments[-1])
+            self.offset, self.cut = _whole_frames_end(segments[-1])
+
+    def settle(self) -> bool:
+        """``tail`` without ``--follow``, the newest segment ending inside a frame
+        (``cut``): look again every ``SETTLE_POLL`` for up to ``SETTLE_SECONDS``. Finished
+        meanwhile (the segment's whole frames now end past where it starts), or gone (a
+        writer's failed write truncated back to a frame boundary): read on, ``cut`` False
+        -- a frame begun since is one being written. Still unfinished: True (``cut``
+        stays), and the backlog reads the segment as a whole one, which reports the frame
+        as ``export`` does (``segment ends inside a frame (truncated)``, exit 1). Before,
+        found by a hostile review, a length edited to run past the end hid every record
+        after it while tail said nothing and exited 0 (``_may_be_written`` catches that
+        shape at once; this, whatever the bytes)."""
+        if not self.cut or self.current is None:
+            return False
+        started = self.offset
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(SETTLE_POLL)
+            end, cut = _whole_frames_end(self.current)
+            if end > started or not cut:
+                self.offset, self.cut = end, False
+                return False
+        return True
 
     def _switch(self, seg: SegmentFile) -> None:
         self.current, self.offset = seg, 0
@@ -596,18 +656,23 @@ class _Follower:
             self.malformed.unreadable(self.current.name, exc)
 
 
-def _whole_frames_end(seg: SegmentFile) -> int:
+def _whole_frames_end(seg: SegmentFile) -> tuple[int, bool]:
     """Where the segment's last whole frame ends (its lengths walked, nothing decoded):
-    where following it starts. Its size instead started in the middle of a frame the writer
+    where following it starts; and whether the segment ends inside a frame that may still
+    be being written there. Its size instead started in the middle of a frame the writer
     was writing (the next read took payload bytes for a length), and counted as read a frame
     cut short by a crash, so a tail that moved on from it had nothing left to report.
 
-    A frame still being written has a plausible length and fewer bytes than it says: it is
-    not read yet. A length of 0 or over ``MAX_FRAME_BYTES`` is never the writer's, however
-    many bytes follow: damage. The end returned is then just past that length, so that the
-    backlog (which reads up to here) reaches it and reports it as ``export`` does, exit 1.
-    Stopping *at* it, the backlog never read it: ``tail`` without ``-f`` said nothing and
-    exited 0 on such damage in the newest segment (found by a hostile review)."""
+    A frame still being written has a plausible length and fewer bytes than it says, which
+    are the start of one payload (``_may_be_written``): it is not read yet (``tail``
+    without ``-f`` waits a moment for it: ``_Follower.settle``). A length of 0 or over
+    ``MAX_FRAME_BYTES`` is never the writer's, however many bytes follow, nor one whose
+    bytes already hold a whole payload or no payload's start: damage. The end returned is
+    then just past that length, so that the backlog (which reads up to here) reaches it and
+    reports it as ``export`` does, exit 1. Stopping *at* it, the backlog never read it:
+    ``tail`` without ``-f`` said nothing and exited 0 on such damage in the newest segment
+    (found by a hostile review; a length edited to run past the end, by the review of that
+    fix)."""
     try:
         with open_segment(seg) as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -615,14 +680,16 @@ def _whole_frames_end(seg: SegmentFile) -> int:
             while offset + 4 <= size:
                 (length,) = LENGTH.unpack(fh.read(4))
                 if length == 0 or length > MAX_FRAME_BYTES:
-                    return offset + 4  # damage: the backlog's reader raises SegmentDamage
+                    return offset + 4, False  # damage: the backlog's reader raises
                 if offset + 4 + length > size:
-                    break  # a frame not yet whole: read when it is
+                    if not _may_be_written(fh.read(size - offset - 4)):
+                        return offset + 4, False  # (damage, as above)
+                    return offset, True  # a frame not yet whole: read when it is
                 offset += 4 + length
                 fh.seek(offset)
-            return offset
+            return offset, offset < size
     except OSError:
-        return 0
+        return 0, False
 
 
 def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilter,
@@ -661,6 +728,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
         # Remember where the files end *before* reading, so no record is printed twice
         # or skipped between the backlog and following.
         follower.start_at_end()
+        # Without --follow, a frame the newest segment ends inside is waited for: finished,
+        # it is read; not, it is damage (``unfinished``). With it, it is read when it is.
+        unfinished = not args.follow and follower.settle()
         end_segment, end_offset = follower.current, follower.offset
         last: deque[tuple[int, AuditRecord]] = deque(maxlen=count or 1)
         segments = resolve_segments(args.path)
@@ -670,7 +740,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 break
             if not count and seg != end_segment:
                 continue  # -n 0: only the newest segment, for its structure (below)
-            limit = end_offset if seg == end_segment else None
+            # (a frame no writer finished, ``settle``: read to the end, as a whole segment)
+            newest_whole = seg == end_segment and unfinished
+            limit = end_offset if seg == end_segment and not newest_whole else None
             # The newest segment's reader goes on where the backlog stops (a group of
             # encrypted records is read whole, whichever of the two reads its end), and
             # so does its structure check (with -n 0 too: a frame appended after its seal
@@ -681,7 +753,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 opener, order = RecordOpener(decryptor, check=True), SegmentOrder()
             cut = ChainCut(cuts.get(seg.name))
             last.extend(_read_segment(seg, filters, limit, opener, malformed,
-                                      whole=seg != end_segment, cut=cut, order=order))
+                                      whole=seg != end_segment or newest_whole, cut=cut,
+                                      order=order))
         if count:
             for seq, rec in last:
                 _print_record(seq, rec, out)
