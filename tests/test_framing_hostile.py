@@ -145,12 +145,12 @@ def test_small_chunks_within_allowance_arrive_whole(mesh: Mesh, side: str) -> No
     mark = mesh.app.snapshot()
     out = _send_chunks(mesh, side, 2048, size=1)  # 2 KiB data, ~10 KiB framing: allowed
     assert statuses(out) == [200], out[:300]
-    out = _send_chunks(mesh, side, 64 * 1024, size=8)  # overhead below the data
+    out = _send_chunks(mesh, side, 32 * 1024, size=24)  # overhead a quarter of the data
     assert statuses(out) == [200], out[:300]
     time.sleep(0.05)
     with mesh.app.lock:
         bodies = [h["body"] for h in mesh.app.heads[mark[0]:]]
-    assert bodies == [2048, 8 * 64 * 1024]
+    assert bodies == [2048, 24 * 32 * 1024]
 
 
 # -- the readers directly -----------------------------------------------------------------
