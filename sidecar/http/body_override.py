@@ -42,7 +42,11 @@ a Content-Type is one long name), or, when that is only spaces, which PHP drops,
 ``BadRequest("bad_request")``; an override field's value is kept up to
 ``MAX_VALUE_BYTES`` (a longer one is no method: ``bad_method``). A multipart part's head is kept up to
 ``MAX_PART_HEAD_BYTES`` (longer: ``bad_request``); other parts' content is passed over, with
-only the boundary's length kept between two pieces of the body.
+only the boundary's length kept between two pieces of the body. A reading holding more than
+``MAX_OVERRIDE_COPIES`` copies of the override field (a repeated allowed value included) is
+``BadRequest("bad_method")``; a body whose readings examine more than
+``MAX_OVERRIDE_CANDIDATES`` candidates in Python (``Budget``: names that may spell an
+override, the tokens of an override key's JSON value) is ``BadRequest("bad_request")``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ from sidecar.http.request import MAX_METHOD_OVERRIDES, METHOD_OVERRIDE_PARAMS, m
 MAX_NAME_BYTES = 4096
 MAX_VALUE_BYTES = 256
 MAX_PART_HEAD_BYTES = 16 * 1024
+# Copies of the override field one reading of a body may hold (more: ``bad_method``): every
+# form field or multipart part whose name is an override's, every JSON key that is, and each
+# further element of its array value -- counted whatever their values, so a repeated allowed
+# value counts each time (``MAX_METHOD_OVERRIDES`` counts distinct methods only). Readers
+# take the first copy or the last, so many copies are ambiguous; and each is decoded and
+# judged in Python (hostile review, session 28: 4 MiB of ``_method=GET&...`` cost 167 times
+# an octet-stream body's CPU, ``{"_method":["GET",...]}`` 393 times, 38 KB of gzip inflating
+# to 6 MiB of ``{"_method":"GET",...}`` 5.8 s).
+MAX_OVERRIDE_COPIES = 16
+# Candidates one body may make its readings examine in Python (more: ``bad_request``):
+# form fields and multipart parts whose names may spell an override (``method`` in the
+# reading's letters: ``payment_method``, ``_method_``), JSON strings that are an override
+# name whole (``"_method"``, nested too), and the tokens of a top-level override key's value
+# (``{"_method":[[1,1,...]]}``), summed over the body's readings (``Budget``). The C scans
+# pass over everything else; an ordinary body has a few (the same review: 4 MiB of
+# ``_method_=GET&`` or ``{"a":[{"_method":"GET"},...]}`` cost 50 times the control).
+MAX_OVERRIDE_CANDIDATES = 4096
 
 URLENCODED = "urlencoded"
 MULTIPART = "multipart"
@@ -146,19 +167,51 @@ def _boundaries(content_type: bytes) -> set[bytes]:
     return found
 
 
+class Budget:
+    """One body's count of override candidates examined in Python, shared by its readings
+    (``body_readers``): past ``MAX_OVERRIDE_CANDIDATES``, ``BadRequest("bad_request")``."""
+
+    __slots__ = ("examined",)
+
+    def __init__(self) -> None:
+        self.examined = 0
+
+    def examine(self) -> None:
+        """Count one candidate (a field, part, key or value token read one by one)."""
+        self.examined += 1
+        if self.examined > MAX_OVERRIDE_CANDIDATES:
+            raise BadRequest("bad_request", "too many method-override candidates")
+
+
+def _count_copy(copies: int) -> int:
+    """``copies`` + 1 -- a further copy of the override field in one reading;
+    ``BadRequest("bad_method")`` past ``MAX_OVERRIDE_COPIES``."""
+    if copies >= MAX_OVERRIDE_COPIES:
+        raise BadRequest("bad_method", "too many method-override fields")
+    return copies + 1
+
+
 class BodyOverrides:
-    """The override methods a body names, read piece by piece (``feed``), then ``finish``."""
+    """The override methods a body names, read piece by piece (``feed``), then ``finish``.
+    ``budget``: the body's (``Budget``; its own when not given)."""
 
-    __slots__ = ("kind", "found", "charset", "visits", "_name", "_value", "_in_value",
-                 "_wanted", "_long", "_delimiter", "_tail", "_state", "_head")
+    __slots__ = ("kind", "found", "charset", "visits", "copies", "budget", "_spells", "_name",
+                 "_value", "_in_value", "_wanted", "_long", "_delimiter", "_tail", "_state",
+                 "_head")
 
-    def __init__(self, kind: str, boundary: bytes = b"", charset: str | None = None) -> None:
+    def __init__(self, kind: str, boundary: bytes = b"", charset: str | None = None,
+                 budget: Budget | None = None) -> None:
         self.kind = kind
         self.found: list[str] = []
+        # copies of the override field read (``MAX_OVERRIDE_COPIES``), candidates examined
+        self.copies = 0
+        self.budget = budget if budget is not None else Budget()
         # A urlencoded form's reading as Tomcat's: fields split at the bytes "&", ";" and
         # "=", each name and value percent-decoded to bytes and decoded from the declared
         # ``charset`` (``form_readings``); a value that is then no method is passed over.
         self.charset = charset
+        # urlencoded: what finds a name that may spell an override here (``_form_names``)
+        self._spells = _form_names(charset)[0] if kind == URLENCODED else ()
         # urlencoded: how many times a stretch of the body was read field by field (in
         # Python): the fields that may name an override and a piece's first and last
         # fields, never each field of a piece of many (``_pass_piece``)
@@ -226,10 +279,16 @@ class BodyOverrides:
                     self._long = _long_name_is_override(self._in_charset(self._name))
             if stop < 0:
                 return
+            spells = self._spells
+            if spells[0].search(self._name) is not None \
+                    or (len(spells) > 1 and spells[1].search(self._name) is not None):
+                self.budget.examine()  # (a candidate: ``MAX_OVERRIDE_CANDIDATES``)
             if data[stop] == 0x3D:  # "="
                 self._in_value = True
                 self._wanted = self._long if self._long is not None \
                     else _is_override(self._in_charset(self._name))
+                if self._wanted:
+                    self.copies = _count_copy(self.copies)
             else:
                 self._end_field()
             start = stop + 1
@@ -302,7 +361,13 @@ class BodyOverrides:
                     raise BadRequest("bad_request", "multipart part head")
                 # (a head that cannot spell a name -- no "method", "%", backslash or
                 # encoded word -- is not parsed: the per-part cost of small parts)
-                self._wanted = _may_spell_override(head) and _part_is_override(head)
+                if _may_spell_override(head):
+                    self.budget.examine()
+                    self._wanted = _part_is_override(head)
+                    if self._wanted:
+                        self.copies = _count_copy(self.copies)
+                else:
+                    self._wanted = False
                 self._value.clear()
                 self._state = "content"
                 continue
@@ -586,10 +651,11 @@ def body_readers(method: bytes, content_type: bytes | None,
     (``Inflated``: body-parser inflates before ``express.json()`` and
     ``express.urlencoded()`` parse), and a typed form or JSON body in any other coding
     (``br``, ``zstd``, two codings) is ``BadRequest``: its fields cannot be read here, and
-    a reader may decode it."""
+    a reader may decode it. The readings share one ``Budget`` (``MAX_OVERRIDE_CANDIDATES``)."""
     if method != b"POST":
         return []
-    readers = _plain_readers(method, content_type)
+    budget = Budget()
+    readers = _plain_readers(method, content_type, budget)
     if not readers or not content_encoding or content_type is None:
         return readers  # (a body without a type: Rack reads its bytes; nobody inflates it)
     codings = [c.strip(b" \t").lower() for v in content_encoding for c in v.split(b",")]
@@ -598,7 +664,7 @@ def body_readers(method: bytes, content_type: bytes | None,
         return readers
     if len(codings) == 1 and codings[0] in (b"gzip", b"x-gzip", b"deflate"):
         # (and as sent: Rack reads the bytes, and a stored deflate block holds them raw)
-        return [*readers, Inflated(_plain_readers(method, content_type))]
+        return [*readers, Inflated(_plain_readers(method, content_type, budget))]
     raise BadRequest("bad_request", "form or JSON body in a coding not read")
 
 
@@ -687,24 +753,25 @@ class Inflated:
         return tuple(found)
 
 
-def _plain_readers(method: bytes, content_type: bytes | None) -> list[Reader]:
+def _plain_readers(method: bytes, content_type: bytes | None,
+                   budget: Budget) -> list[Reader]:
     readers: list[Reader] = []
     kind = body_kind(method, content_type)
     if kind is not None:
-        readers.append(BodyOverrides(*kind))
+        readers.append(BodyOverrides(*kind, budget=budget))
         if kind[0] == URLENCODED and content_type is not None:
-            readers.extend(form_readings(content_type))
+            readers.extend(form_readings(content_type, budget))
         elif kind[0] == MULTIPART and _declared_charset(content_type or b"") \
                 not in (None, *_ASCII_CHARSETS):
             # (commons-fileupload decodes part heads in the request's charset; the
             # multipart reader reads their bytes: another charset is not read here)
             raise BadRequest("bad_request", "multipart charset not read")
     if content_type is not None and is_json_type(content_type):
-        readers.append(JsonBody(content_type))
+        readers.append(JsonBody(content_type, budget))
     return readers
 
 
-def form_readings(content_type: bytes) -> list[Reader]:
+def form_readings(content_type: bytes, budget: Budget | None = None) -> list[Reader]:
     """A urlencoded form's further readings when its declared ``charset`` does not read
     ASCII as ASCII (UTF-16, UTF-32, UTF-7, EBCDIC: ``_READ_CHARSETS``): Tomcat splits the
     bytes and decodes each name and value from the charset (``BodyOverrides`` with
@@ -715,8 +782,9 @@ def form_readings(content_type: bytes) -> list[Reader]:
     codec = _declared_charset(content_type)
     if codec is None or codec in _ASCII_CHARSETS:
         return []
-    return [*(BodyOverrides(URLENCODED, charset=c) for c in _byte_orders(codec)),
-            *(Transcoded(BodyOverrides(URLENCODED, charset="utf-8"), c)
+    budget = budget if budget is not None else Budget()
+    return [*(BodyOverrides(URLENCODED, charset=c, budget=budget) for c in _byte_orders(codec)),
+            *(Transcoded(BodyOverrides(URLENCODED, charset="utf-8", budget=budget), c)
               for c in _byte_orders(codec))]
 
 
@@ -1218,13 +1286,17 @@ class JsonOverrides:
     their escapes, brackets counted, only a top-level key's or an override value's raw bytes
     kept (``MAX_KEY_BYTES``, ``MAX_VALUE_BYTES``); nothing else of the body is kept, and
     the syntax is not judged (invalid JSON reaches the app as sent, its override fields
-    judged all the same)."""
+    judged all the same). Each override key, and each further element of its array value,
+    is a copy (``MAX_OVERRIDE_COPIES``); each candidate read token by token, and each token
+    of an override key's value, is examined (``budget``: ``MAX_OVERRIDE_CANDIDATES``)."""
 
-    __slots__ = ("found", "_depth", "_object", "_expect_key", "_key_override",
-                 "_in_array", "_role", "_raw", "_long", "_escaped")
+    __slots__ = ("found", "copies", "budget", "_depth", "_object", "_expect_key",
+                 "_key_override", "_in_array", "_role", "_raw", "_long", "_escaped")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: Budget | None = None) -> None:
         self.found: list[str] = []
+        self.copies = 0
+        self.budget = budget if budget is not None else Budget()
         self._depth = 0
         self._object = False  # the top-level value is an object
         self._expect_key = False  # at the top level, a string now is a key
@@ -1242,6 +1314,8 @@ class JsonOverrides:
         i, n = 0, len(data)
         while i < n:
             if self._role or self._in_array or self._key_override:
+                if self._in_array or self._key_override:
+                    self.budget.examine()  # (an override key's value, token by token)
                 i = self._step(data, i, n)
                 continue
             m = _JSON_CANDIDATE.search(data, i)
@@ -1252,7 +1326,13 @@ class JsonOverrides:
                 continue
             # Token by token over what the skim did not pass: up to the candidate's end and
             # out of any string it is in.
-            limit = m.end() if m is not None and stop == i else stop
+            if m is not None and stop == i:
+                # (a candidate: an override name whole, at any depth; one cut by the piece's
+                # end is read as a string, uncounted -- at most one a piece)
+                self.budget.examine()
+                limit = m.end()
+            else:
+                limit = stop
             while (i < limit or self._role) and i < n:
                 i = self._step(data, i, n)
 
@@ -1365,6 +1445,9 @@ class JsonOverrides:
                 self._expect_key = False  # (a top-level value ended: a "," is due)
             if self._depth > 0:
                 self._depth -= 1
+        elif self._depth == 2 and self._in_array:
+            if c == 0x2C:  # "," -- a further element of an override key's array value
+                self.copies = _count_copy(self.copies)
         elif self._depth == 1 and self._object:
             if c == 0x2C:  # "," -- the next key
                 self._expect_key = True
@@ -1428,6 +1511,8 @@ class JsonOverrides:
         if role == "key":
             self._key_override = isinstance(text, str) and text.isascii() \
                 and text.lower() in METHOD_OVERRIDE_PARAMS
+            if self._key_override:
+                self.copies = _count_copy(self.copies)
         elif isinstance(text, str):
             _add_method(self.found, text)
 
@@ -1442,16 +1527,18 @@ class JsonBody:
     or sniffed (a UTF-16/32 byte-order mark or null bytes among the first four: Python's and
     Jackson's detection) to be in another Unicode encoding, as that text too."""
 
-    __slots__ = ("raw", "alts", "_head", "_sniff")
+    __slots__ = ("raw", "alts", "budget", "_head", "_sniff")
 
-    def __init__(self, content_type: bytes) -> None:
-        self.raw = JsonOverrides()
+    def __init__(self, content_type: bytes, budget: Budget | None = None) -> None:
+        self.budget = budget if budget is not None else Budget()
+        self.raw = JsonOverrides(self.budget)
         self.alts: list[Transcoded] = []
         self._head = bytearray()
         charset = _json_charset(content_type)
         self._sniff = charset is None
         if charset is not None:
-            self.alts = [Transcoded(JsonOverrides(), c) for c in _byte_orders(charset)]
+            self.alts = [Transcoded(JsonOverrides(self.budget), c)
+                         for c in _byte_orders(charset)]
 
     def feed(self, data: bytes) -> None:
         """Read the next piece of the body."""
@@ -1474,7 +1561,7 @@ class JsonBody:
             if codec == "utf-8":
                 codec = None
         if codec is not None:
-            self.alts = [Transcoded(JsonOverrides(), codec)]
+            self.alts = [Transcoded(JsonOverrides(self.budget), codec)]
             self.alts[0].feed(head)
 
     def finish(self) -> tuple[str, ...]:
