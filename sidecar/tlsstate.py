@@ -234,14 +234,6 @@ def _key_id(cert: x509.Certificate) -> bytes | None:
         return None
 
 
-def _public_key(cert: x509.Certificate) -> bytes:
-    try:
-        return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo)
-    except Exception:  # noqa: BLE001 -- a key cryptography cannot read: the certificate itself
-        return cert.public_bytes(serialization.Encoding.DER)
-
-
 def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> None:
     """Raise ``SvidError`` (``trust-domain-mismatch``, naming the federated bundle) when a
     certificate of a federated trust domain's bundle could stand, in OpenSSL's issuer lookup,
@@ -260,18 +252,18 @@ def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> N
     never sees (another SPIRE server's) cannot be checked here (docs/identity.md).
     ``changed``: the trust domain whose bundle just changed, judged first (the error names
     its file when it collides with another partner's)."""
-    from sidecar.identity.trust import _canonical_name
+    from sidecar.identity.trust import _canonical_name, _key_der
 
     own_chain = x509.load_pem_x509_certificates(svid.chain_pem)[1:]
     marks: list[tuple[str, x509.Certificate]] = [(trust.own, c) for c in own_chain]
     marks += [(td, c) for td, b in trust.bundles.items() for c in b.roots]
-    seen = [(td, _public_key(c), _canonical_name(c.subject), _key_id(c)) for td, c in marks]
+    seen = [(td, _key_der(c), _canonical_name(c.subject), _key_id(c)) for td, c in marks]
     order = sorted(trust.bundles.items(), key=lambda item: item[0] != changed)
     for td, bundle in order:
         if td == trust.own:
             continue
         for cert in bundle.roots:
-            key, name, key_id = _public_key(cert), _canonical_name(cert.subject), _key_id(cert)
+            key, name, key_id = _key_der(cert), _canonical_name(cert.subject), _key_id(cert)
             for other_td, other_key, other_name, other_id in seen:
                 if other_td == td:
                     continue

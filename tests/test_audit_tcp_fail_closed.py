@@ -17,10 +17,8 @@ every stream served has its record, nothing was lost, and the refused ones say w
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,22 +33,11 @@ from tests.harness import (
     start_sidecar,
     wait_for,
 )
+from tests.test_audit_e2e import _break_dir, _restore_dir
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 REQUEST = b"GET /tcp HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n"
-
-
-def _break(audit_dir: Path) -> Path:
-    moved = audit_dir.with_name(audit_dir.name + ".moved")
-    os.rename(audit_dir, moved)
-    audit_dir.write_text("not a directory\n")
-    return moved
-
-
-def _restore(audit_dir: Path, moved: Path) -> None:
-    audit_dir.unlink()
-    os.rename(moved, audit_dir)
 
 
 def _stream(open_socket: Any) -> bool:
@@ -98,7 +85,7 @@ def test_tcp_streams_are_refused_while_the_trail_cannot_record(tmp_path, pki, ap
     assert _stream(open_socket)
     served += 1
     wait_for(lambda: judged.metric("sidecar_audit_records_written_total") >= 1)
-    moved = _break(trail)
+    moved = _break_dir(trail)
     # The writer finds the broken disk with its next batch: a stream in the linger after the
     # last good batch is still served (its record kept for later), then every one is refused.
     admin = judged.port("admin")
@@ -112,7 +99,7 @@ def test_tcp_streams_are_refused_while_the_trail_cannot_record(tmp_path, pki, ap
     assert not any(_stream(open_socket) for _ in range(refused))
     if reached is not None:  # (nothing dialled: the upstream sidecar saw no stream)
         assert orders.metric("sidecar_requests_total") == reached
-    _restore(trail, moved)
+    _restore_dir(trail, moved)
     wait_for(lambda: http(admin, "GET", "/readyz").status == 200, timeout=15)
     assert _stream(open_socket)
     served += 1

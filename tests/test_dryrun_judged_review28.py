@@ -24,7 +24,6 @@ under its own policy (no change: replay agrees with the record) and across the p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,13 +175,7 @@ class Trails:
             proc.stop(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def trails(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trails]:
-    built = Trails(tmp_path_factory.mktemp("dryjudged28"))
-    try:
-        yield built
-    finally:
-        built.close()
+trails = H.module_fixture("dryjudged28", Trails)
 
 
 @pytest.mark.parametrize("name", IDS)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,13 +208,7 @@ class Trails:
             proc.stop(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def trails(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trails]:
-    built = Trails(tmp_path_factory.mktemp("replay28"))
-    try:
-        yield built
-    finally:
-        built.close()
+trails = H.module_fixture("replay28", Trails)
 
 
 @pytest.fixture(scope="module")
