@@ -22,6 +22,10 @@ trust lifetime), each as a family, through real sidecars, real certificates and 
   intermediate of the own chain expiring before the leaf was not seen at all (readiness and
   ``sidecar_certificate_expiry_timestamp_seconds`` read the leaf). Such connections now end
   (``own_cert_expired``), readiness says ``certificate_expired``, the metric is the chain's.
+
+The members of every test run at once, each in a thread of its own with its own sidecars
+(``family``, ``_run_family``): the waits for expiries and reloads overlap instead of adding up;
+each parametrized test reports its own member.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ import math
 import secrets
 import socket
 import ssl
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +59,9 @@ from tests.harness import (
     read_head,
     replace_file,
     sidecar_config,
+    sidecar_log_faults,
     spiffe,
+    start_app,
     start_sidecar,
     wait_for,
     write_policy,
@@ -153,6 +162,140 @@ def _echoes(tls: ssl.SSLSocket) -> bool:
         return False
 
 
+# -- the members of the families, run at once -------------------------------------------------
+#
+# Most of these families' time was waiting -- for a certificate, a token, an API key or a rule
+# to reach its end, for a reload -- one member after another. A module fixture (``family``)
+# runs the body of every selected member of the tests it lists (``FAMILY``), as the test ran
+# it (its own directory, PKI, sidecars, connections and assertions), in a thread of its own;
+# each parametrized test then reports its own member's outcome, so ids and failures stay per
+# member. Members set up -- start their sidecars, open what must be in flight before an
+# expiry -- ``SETUP_WIDTH`` at a time, in the order given (the longest waits first); an
+# ``exclusive`` member sets up alone, as when the tests ran one by one: its margin before an
+# expiry was chosen for that on a loaded 2-core machine. (Used by tests/test_lifetime_review2.py
+# and tests/test_trust_end_cuts.py as well, each with a ``family`` of its own.)
+
+SETUP_WIDTH = 2
+FAMILY_TIMEOUT = 420.0  # seconds for a whole family: a bound, far above what a run takes
+
+
+@dataclass
+class _Member:
+    """What a member's body gets in place of the per-test fixtures (``tmp_path``, ``pki``,
+    ``app``, ``procs``), and its outcome."""
+
+    tmp_path: Path
+    pki: Pki
+    app: int
+    procs: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
+    faults: list[str] = field(default_factory=list)
+    gate: threading.Semaphore | None = None
+    held: int = 0  # setup slots of ``gate`` this member holds
+
+    def set_up(self) -> None:
+        """This member's setup is over (what must be in flight is): the next may set up."""
+        held, self.held = self.held, 0
+        for _ in range(held):
+            assert self.gate is not None
+            self.gate.release()
+
+    def sleep_until(self, when: float) -> None:
+        """Sleep until ``time.time()`` reaches ``when``: nothing can end before an expiry,
+        so a wait for it need not poll the sidecar before then."""
+        time.sleep(max(0.0, when - time.time()))
+
+
+class _Family(dict[str, _Member]):
+    """nodeid -> member (a short repr: a failing test's arguments are printed)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} members>"
+
+
+# test name -> (body, plan): the body takes the member's fixtures by name (tmp_path, pki, app,
+# procs, member) and its parameters; the plan, from the parameters, (seconds it waits: the
+# longest set up first, whether it sets up alone).
+_Body = tuple[Callable[..., None], Callable[..., tuple[float, bool]]]
+
+
+def _run_member(member: _Member, body: Callable[..., None], params: dict[str, Any]) -> None:
+    try:
+        body(tmp_path=member.tmp_path, pki=member.pki, app=member.app, procs=member.procs,
+             member=member, **params)
+    except BaseException as exc:  # noqa: BLE001 -- reported by the member's own test
+        member.error = exc
+    finally:
+        member.set_up()
+        for proc in reversed(member.procs):  # (as the ``procs`` fixture)
+            try:
+                proc.stop(timeout=10)
+            except Exception as exc:  # noqa: BLE001 -- reported by the member's own test
+                member.error = member.error or exc
+        for proc in member.procs:  # (as ``no_internal_errors``)
+            if isinstance(proc, SidecarProc):
+                member.faults += [f"{proc.log_path.name}: {line[:2000]}"
+                                  for line in sidecar_log_faults(proc)]
+
+
+def _run_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                bodies: dict[str, _Body]) -> dict[str, _Member]:
+    """Run every selected member of the tests in ``bodies`` (of the requesting module) at
+    once; nodeid -> its member, each finished (its processes stopped)."""
+    plan = []
+    for item in request.session.items:
+        name = getattr(item, "originalname", None)
+        if item.path != request.path or name not in bodies:
+            continue
+        params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
+        body, planned = bodies[name]
+        waits, exclusive = planned(**params)
+        plan.append((waits, item.nodeid, body, params, exclusive))
+    plan.sort(key=lambda p: -p[0])
+    # In this thread before the members': the signing keys (cached per label, made once) and
+    # the modules the bodies import.
+    import jwt  # noqa: F401
+    from cryptography import x509  # noqa: F401
+
+    for label in ("lifetime-ec", "lt2-a", "lt2-b", "lt2-c", "lt2-other"):
+        ec_key(label)
+    tmp = tmp_path_factory.mktemp("family")
+    app_proc, app = start_app(tmp)
+    try:
+        gate = threading.Semaphore(SETUP_WIDTH)
+        members = _Family()
+        threads = []
+        for i, (_, nodeid, body, params, exclusive) in enumerate(plan):
+            d = tmp / f"m{i}"
+            d.mkdir()
+            member = members[nodeid] = _Member(d, Pki(d / "pki"), app, gate=gate)
+            for _ in range(SETUP_WIDTH if exclusive else 1):
+                # (a bound only: a member's setup ends, or fails, well before)
+                member.held += gate.acquire(timeout=FAMILY_TIMEOUT / 2)
+            thread = threading.Thread(target=_run_member, args=(member, body, params),
+                                      name=nodeid, daemon=True)
+            thread.start()
+            threads.append((member, thread))
+        deadline = time.monotonic() + FAMILY_TIMEOUT
+        for member, thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                member.error = TimeoutError(f"still running after {FAMILY_TIMEOUT} s")
+                for proc in reversed(member.procs):
+                    proc.stop(timeout=10)
+        return members
+    finally:
+        app_proc.stop()
+
+
+def _outcome(family: dict[str, _Member], request: pytest.FixtureRequest) -> None:
+    """The requesting test's member: its failure raised, or its sidecars' internal errors."""
+    member = family[request.node.nodeid]
+    if member.error is not None:
+        raise member.error
+    assert not member.faults, "a sidecar logged internal errors:\n" + "\n".join(member.faults)
+
+
 # -- rotations of the own SVID that must not take effect --------------------------------------
 
 def _pem(*certs: Any) -> bytes:
@@ -220,11 +363,14 @@ def _bad_rotations(pki: Pki) -> list[tuple[str, str, dict[str, bytes]]]:
 WITHDRAWS_THE_ROOT = frozenset({"an expired intermediate"})
 
 
-def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, pki, app,
-                                                                       procs):
+def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(family, request):
     """Each bad set is refused with its rule in ``certificate_reload_failed``, the old
     certificate stays in force and the sidecar keeps serving; a rotated certificate naming
     another SPIFFE ID (another workload, another trust domain) used to be taken."""
+    _outcome(family, request)
+
+
+def _bad_rotations_refused(tmp_path, pki, app, procs, member):
     from tests.harness import KubeletVolume
     from tests.test_rotation_e2e import client_ctx, leaf_der, peer_der, reloads, svid_files
 
@@ -236,13 +382,14 @@ def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, 
         [{"name": "callers", "allow": {"from": [spiffe("frontend")]}}])), ident=d.root)
     port = srv.port("inbound")
     ctx = client_ctx(ca.issue(spiffe("frontend")), ca, tmp=tmp_path)
-    for i, (member, rule, files) in enumerate(_bad_rotations(pki), start=1):
+    member.set_up()
+    for i, (case, rule, files) in enumerate(_bad_rotations(pki), start=1):
         d.publish(files)
         wait_for(lambda i=i: reloads(srv, "failed") >= i, timeout=10)
         event = srv.log_events("certificate_reload_failed")[-1]
-        assert f"[rule {rule}]" in event["error"], (member, event)
-        assert peer_der(port, ctx) == leaf_der(old.cert_pem), member
-        if member in WITHDRAWS_THE_ROOT:
+        assert f"[rule {rule}]" in event["error"], (case, event)
+        assert peer_der(port, ctx) == leaf_der(old.cert_pem), case
+        if case in WITHDRAWS_THE_ROOT:
             # Its bundle names the own trust domain and lists another root only: the root
             # in force is withdrawn though the set fails (tests/test_own_roots_withdrawn.py),
             # and the caller it issued refused.
@@ -250,7 +397,7 @@ def test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force(tmp_path, 
             with pytest.raises((OSError, ssl.SSLError, AssertionError)):
                 assert http(port, "GET", "/", ctx=ctx).status == 200
             continue
-        assert http(port, "GET", "/", ctx=ctx).status == 200, member
+        assert http(port, "GET", "/", ctx=ctx).status == 200, case
     assert reloads(srv, "ok") == 0
     fresh = ca.issue(spiffe("orders"))
     d.publish(svid_files(fresh, ca))  # a good set is still picked up
@@ -275,11 +422,14 @@ def _empty_bundle(kind: str) -> bytes:
 
 @pytest.mark.parametrize("kind", ["blank file", "no keys", "jwt-svid keys only",
                                   "another root"])
-def test_a_federated_bundle_emptied_ends_the_partners_connections(tmp_path, pki, app, procs,
-                                                                  kind):
+def test_a_federated_bundle_emptied_ends_the_partners_connections(family, request, kind):
     """The partner's only CA removed from its bundle leaves a bundle without roots: the
     partner's open connection ends and a new one is refused, our own callers are untouched;
     before, an empty bundle was refused as broken and the removed CA stayed trusted."""
+    _outcome(family, request)
+
+
+def _federated_bundle_emptied(tmp_path, pki, app, procs, member, kind):
     partner = DevCA.create(PARTNER_TD)
     bundle = tmp_path / "partner.json"
     bundle.write_bytes(spiffe_bundle_json([partner.root]))
@@ -297,6 +447,7 @@ def test_a_federated_bundle_emptied_ends_the_partners_connections(tmp_path, pki,
     own_ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     held = keepalive(port, partner_ctx)
     ours = keepalive(port, own_ctx)
+    member.set_up()
     replace_file(bundle, _empty_bundle(kind))
     wait_closed(srv, "peer_untrusted")
     assert_closed_by_server(held, port)
@@ -309,7 +460,11 @@ def test_a_federated_bundle_emptied_ends_the_partners_connections(tmp_path, pki,
     assert reloaded and reloaded[-1]["roots"] == (1 if kind == "another root" else 0)
 
 
-def test_check_warns_about_an_empty_federated_bundle(tmp_path, pki):
+def test_check_warns_about_an_empty_federated_bundle(family, request):
+    _outcome(family, request)
+
+
+def _check_warns_about_an_empty_bundle(tmp_path, pki, app, procs, member):
     import yaml
 
     from tests.harness import sidecar_cli
@@ -342,7 +497,12 @@ STREAM_CASES = {
 
 
 @pytest.mark.parametrize("case", list(STREAM_CASES))
-def test_an_upgraded_stream_ends_with_what_authorised_it(tmp_path, pki, app, procs, case):
+def test_an_upgraded_stream_ends_with_what_authorised_it(family, request, case):
+    _outcome(family, request)
+
+
+def _upgraded_stream(tmp_path, pki, app, procs, member, case):
+    ends = 0.0  # when what authorised the victim ends by itself (the cases that expire)
     front = mtls_context(pki.identity("frontend"), pki.bundle)
     control_ctx = front
     jwt_rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
@@ -353,20 +513,23 @@ def test_an_upgraded_stream_ends_with_what_authorised_it(tmp_path, pki, app, pro
     steady_key, steady_entry = _api_key("steady")
     reload: dict[str, Any] | None = None
     if case == "rule_expires_at":
+        ends = time.time() + 8
         doc = _policy_doc([
-            {"name": "glass", "expires_at": _stamp(time.time() + 8),
+            {"name": "glass", "expires_at": _stamp(ends),
              "allow": {"from": [spiffe("frontend")], "paths": ["/ws"]}},
             {"name": "steady", "allow": {"from": [spiffe("billing")], "paths": ["/ws"]}}])
         control_ctx = mtls_context(pki.identity("billing"), pki.bundle)
     elif case.startswith("apikey"):
         if case == "apikey_expires_at":
-            victim_entry["expires_at"] = _stamp(time.time() + 8)
+            ends = time.time() + 8
+            victim_entry["expires_at"] = _stamp(ends)
         doc = _policy_doc([key_rule], api_keys=[victim_entry, steady_entry])
         if case == "apikey_removed":
             reload = _policy_doc([key_rule], api_keys=[steady_entry])
         if case == "apikey_expiry_added":
+            ends = time.time() + 8
             reload = _policy_doc([key_rule], api_keys=[
-                {**victim_entry, "expires_at": _stamp(time.time() + 8)}, steady_entry])
+                {**victim_entry, "expires_at": _stamp(ends)}, steady_entry])
     else:
         doc = _policy_doc([jwt_rule])
         revoke = {"revoked_jti": {"jti": "stolen"}, "revoked_sub": {"sub": "mallory"}}
@@ -381,13 +544,16 @@ def test_an_upgraded_stream_ends_with_what_authorised_it(tmp_path, pki, app, pro
     else:
         short = {"jwt_exp": {"exp": int(time.time()) + 4}, "revoked_jti": {"jti": "stolen"},
                  "revoked_sub": {"sub": "mallory"}}[case]
+        ends = float(short.get("exp", 0))
         victim_h = {"authorization": f"Bearer {_token(**short)}"}
         control_h = {"authorization": f"Bearer {_token()}"}
     victim = _tunnel(port, front, victim_h)
     control = _tunnel(port, control_ctx, control_h)
+    member.set_up()
     try:
         if reload is not None:
             _write(tmp_path, reload)
+        member.sleep_until(ends - 1)
         wait_closed(srv, STREAM_CASES[case])
         assert read_until_eof(victim)
         assert _echoes(control), "a stream whose credentials still hold was ended"
@@ -399,8 +565,13 @@ def test_an_upgraded_stream_ends_with_what_authorised_it(tmp_path, pki, app, pro
         control.close()
 
 
-def test_a_tcp_stream_ends_when_its_break_glass_rule_expires(tmp_path, pki, app, procs):
-    doc = _policy_doc([{"name": "glass", "expires_at": _stamp(time.time() + 8),
+def test_a_tcp_stream_ends_when_its_break_glass_rule_expires(family, request):
+    _outcome(family, request)
+
+
+def _tcp_break_glass(tmp_path, pki, app, procs, member):
+    ends = time.time() + 8
+    doc = _policy_doc([{"name": "glass", "expires_at": _stamp(ends),
                         "allow": {"from": [spiffe("frontend")]}},
                        {"name": "steady", "allow": {"from": [spiffe("billing")]}}])
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc), protocol="tcp")
@@ -424,7 +595,9 @@ def test_a_tcp_stream_ends_when_its_break_glass_rule_expires(tmp_path, pki, app,
         return tls
 
     victim, control = stream("frontend"), stream("billing")
+    member.set_up()
     try:
+        member.sleep_until(ends - 1)
         wait_closed(srv, "policy_refused")
         assert read_until_eof(victim)
         assert answered(control)
@@ -504,19 +677,25 @@ def _expiring_credentials(cred: str, ends: float) -> tuple[dict[str, Any], dict[
 
 @pytest.mark.parametrize("kind", ["download", "upload"])
 @pytest.mark.parametrize("cred", ["jwt_exp", "apikey_expires_at"])
-def test_a_request_in_flight_ends_when_its_credentials_expire(tmp_path, pki, app, procs, kind,
-                                                              cred):
+def test_a_request_in_flight_ends_when_its_credentials_expire(family, request, kind, cred):
     """A long download or upload (server-sent events, a slow upload) ends when the token or
     API key that admitted it expires, as an upgraded stream does (a hostile review: it ran
     until max_connection_age, and only a reload ended it, as ``policy_refused``)."""
+    _outcome(family, request)
+
+
+def _request_in_flight_credentials(tmp_path, pki, app, procs, member, kind, cred):
     # (10 s: the sidecar's start and the request's first MiB must fit before the expiry; 5 s
     # did not on a loaded 2-core machine, where the request was refused 401 at once)
-    doc, headers = _expiring_credentials(cred, time.time() + 10)
+    ends = time.time() + 10
+    doc, headers = _expiring_credentials(cred, ends)
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
     ctx = mtls_context(pki.identity("frontend"), pki.bundle)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
                                                   timeout=10)) as tls:
         _start(tls, kind, headers)
+        member.set_up()
+        member.sleep_until(ends - 2)  # (a token's exp is the whole second before)
         wait_closed(srv, "credential_expired")
         assert _drain(tls), "the request went on after its credentials expired"
     assert closed(srv, "policy_refused") == 0
@@ -526,9 +705,13 @@ def test_a_request_in_flight_ends_when_its_credentials_expire(tmp_path, pki, app
 
 @pytest.mark.parametrize("cred", ["jwt_exp", "apikey_expires_at"])
 def test_a_keep_alive_connection_outlives_the_credentials_of_a_finished_request(
-        tmp_path, pki, app, procs, cred):
+        family, request, cred):
     """Only a request in flight ends with its credentials: an idle keep-alive connection whose
     last request's token expired stays open for the next request (with a new token)."""
+    _outcome(family, request)
+
+
+def _keep_alive_after_credentials(tmp_path, pki, app, procs, member, cred):
     doc, headers = _expiring_credentials(cred, time.time() + 4)
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
     port = srv.port("inbound")
@@ -536,6 +719,7 @@ def test_a_keep_alive_connection_outlives_the_credentials_of_a_finished_request(
     conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
     try:
         assert http(port, "GET", "/orders/1", headers=headers, conn=conn).status == 200
+        member.set_up()
         time.sleep(6.5)  # past the credential's end, the skew and a sweep
         assert closed(srv, "credential_expired") == 0
         # The same connection: its next request is judged, and the expired credential
@@ -548,38 +732,52 @@ def test_a_keep_alive_connection_outlives_the_credentials_of_a_finished_request(
 @pytest.mark.parametrize("kind", ["download", "upload"])
 @pytest.mark.parametrize("how", list(IN_FLIGHT))
 def test_a_request_in_flight_ends_when_its_peer_loses_what_admitted_it(
-        tmp_path, pki, app, procs, kind, how):
+        family, request, kind, how):
+    _outcome(family, request)
+
+
+def _request_in_flight_peer(tmp_path, pki, app, procs, member, kind, how):
+    ends = 0.0  # when what admitted the peer ends by itself (the members that expire)
+
     def rules(*callers: str) -> list[dict[str, Any]]:
         return [{"name": "callers", "allow": {"from": [spiffe(c) for c in callers]}}]
 
     client = pki.identity("frontend")
     if how == "rule_expires_at":
-        doc = _policy_doc([{"name": "glass", "expires_at": _stamp(time.time() + 8),
+        ends = time.time() + 8
+        doc = _policy_doc([{"name": "glass", "expires_at": _stamp(ends),
                             "allow": {"from": [spiffe("frontend")]}}])
     else:
         doc = _policy_doc(rules("frontend"))
     srv = _inbound(tmp_path, pki, app, procs, _write(tmp_path, doc))
     if how == "peer_cert_expires":
         now = time.time()
+        ends = now + 6
         client = write_svid(pki.ca.issue(spiffe("frontend"), ttl_seconds=66,
                                          not_before=now - 60), pki.ca, tmp_path / "short")
     ctx = mtls_context(client, pki.bundle)
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
                                                   timeout=10)) as tls:
         _start(tls, kind)
+        member.set_up()
         if how == "reload":
             _write(tmp_path, _policy_doc(rules("frontend", "billing")))  # still admitted
             wait_for(lambda: _reloads(srv) >= 2)
             _still_going(tls, kind)
             assert closed(srv, "policy_refused") == 0
             _write(tmp_path, _policy_doc(rules("billing")))
+        member.sleep_until(ends - 1)
         wait_closed(srv, IN_FLIGHT[how])
         assert _drain(tls), "the request went on after its peer lost what admitted it"
 
 
 @pytest.mark.parametrize("kind", ["download", "upload"])
 def test_an_outbound_request_in_flight_ends_when_egress_is_withdrawn(
-        tmp_path, pki, app, procs, kind):
+        family, request, kind):
+    _outcome(family, request)
+
+
+def _egress_withdrawn(tmp_path, pki, app, procs, member, kind):
     upstream = start_sidecar(tmp_path, "orders", sidecar_config(
         pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
                                          "app": f"127.0.0.1:{app}",
@@ -594,6 +792,7 @@ def test_an_outbound_request_in_flight_ends_when_egress_is_withdrawn(
     procs.append(out)
     with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
         _start(s, kind)
+        member.set_up()
         _write(tmp_path, _policy_doc([], egress=[spiffe("orders"), spiffe("billing")]))
         wait_for(lambda: _reloads(out) >= 2)
         _still_going(s, kind)
@@ -623,8 +822,11 @@ def _short_lived_identity(tmp: Path, pki: Pki, name: str, chain: str,
 
 
 @pytest.mark.parametrize("chain", ["leaf", "intermediate"])
-def test_inbound_connections_end_when_the_own_certificate_expires(tmp_path, pki, app, procs,
-                                                                   chain):
+def test_inbound_connections_end_when_the_own_certificate_expires(family, request, chain):
+    _outcome(family, request)
+
+
+def _inbound_own_certificate(tmp_path, pki, app, procs, member, chain):
     ident, bundle, ends = _short_lived_identity(tmp_path, pki, "orders", chain, 15)
     if chain == "intermediate":  # the client must trust the root of that chain
         root_pem = (ident / "ca.crt").read_bytes()
@@ -639,6 +841,8 @@ def test_inbound_connections_end_when_the_own_certificate_expires(tmp_path, pki,
     expiry = srv.metric("sidecar_certificate_expiry_timestamp_seconds")
     assert abs(expiry - ends) < 2, (expiry, ends)  # the chain's end, not the leaf's
     conn = keepalive(srv.port("inbound"), mtls_context(client, bundle))
+    member.set_up()
+    member.sleep_until(ends - 1)
     wait_closed(srv, "own_cert_expired")
     assert_closed_by_server(conn, srv.port("inbound"))
     ready = http(srv.port("admin"), "GET", "/readyz")
@@ -659,7 +863,11 @@ class _CountingTlsServer(_TlsServer):
 
 @pytest.mark.parametrize("chain", ["leaf", "intermediate"])
 def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_expires(
-        tmp_path, pki, procs, chain):
+        family, request, chain):
+    _outcome(family, request)
+
+
+def _pooled_upstream_own_certificate(tmp_path, pki, app, procs, member, chain):
     ident, bundle, ends = _short_lived_identity(tmp_path, pki, "frontend", chain, 8)
     if chain == "intermediate":
         (ident / "ca.crt").write_bytes((ident / "ca.crt").read_bytes()
@@ -680,6 +888,7 @@ def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_ex
         assert http(port, "GET", "/x").status == 200
         assert http(port, "GET", "/x").status == 200
         assert upstream.handshakes == 1  # pooled
+        member.set_up()
         wait_for(lambda: time.time() > ends + 1.5, timeout=20)
         dialled = upstream.accepted
         # Not over the pooled connection made with the expired certificate, and no new
@@ -710,3 +919,40 @@ def test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_ex
         assert ready.status == 503 and b"certificate_expired" in ready.body
     finally:
         upstream.close()
+
+
+# -- every test's members, run at once (see ``_run_family``) ----------------------------------
+
+FAMILY: dict[str, _Body] = {
+    # (an exclusive member: less than 10 s from the making of what expires to its use)
+    "test_inbound_connections_end_when_the_own_certificate_expires": (
+        _inbound_own_certificate, lambda chain: (15, False)),
+    "test_a_request_in_flight_ends_when_its_credentials_expire": (
+        _request_in_flight_credentials, lambda kind, cred: (10, False)),
+    "test_pooled_upstream_connections_are_not_reused_after_the_own_certificate_expires": (
+        _pooled_upstream_own_certificate, lambda chain: (9.5, True)),
+    "test_an_upgraded_stream_ends_with_what_authorised_it": (
+        _upgraded_stream, lambda case: (0.0, False) if STREAM_CASES[case] == "policy_refused"
+        and case != "rule_expires_at" else (8, True)),
+    "test_a_tcp_stream_ends_when_its_break_glass_rule_expires": (
+        _tcp_break_glass, lambda: (8, True)),
+    "test_a_request_in_flight_ends_when_its_peer_loses_what_admitted_it": (
+        _request_in_flight_peer, lambda kind, how: (0.0, False) if how == "reload"
+        else (8, True)),
+    "test_a_keep_alive_connection_outlives_the_credentials_of_a_finished_request": (
+        _keep_alive_after_credentials, lambda cred: (6.5, True)),
+    "test_a_rotation_the_sidecar_must_not_take_keeps_the_svid_in_force": (
+        _bad_rotations_refused, lambda: (4.0, False)),
+    "test_a_federated_bundle_emptied_ends_the_partners_connections": (
+        _federated_bundle_emptied, lambda kind: (0.0, False)),
+    "test_check_warns_about_an_empty_federated_bundle": (
+        _check_warns_about_an_empty_bundle, lambda: (0.0, False)),
+    "test_an_outbound_request_in_flight_ends_when_egress_is_withdrawn": (
+        _egress_withdrawn, lambda kind: (0.0, False)),
+}
+
+
+@pytest.fixture(scope="module")
+def family(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, _Member]:
+    return _run_family(request, tmp_path_factory, FAMILY)

@@ -17,6 +17,10 @@ of trust lifetime), each as a family through real sidecars, real certificates an
   a revoked token (``policy_refused``).
 * A request in flight went on after a reload removed or expired its API key or revoked its
   token; it is cut (``policy_refused``).
+
+The members of every test run at once, each in a thread of its own with its own sidecars
+(``family``; ``_run_family`` of tests/test_lifetime_review.py); each parametrized test reports
+its own member.
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ from tests.test_authn_support import AUDIENCE, ISSUER, ec_key, jwk, jwks_bytes
 from tests.test_connection_lifetime_e2e import closed, read_until_eof, wait_closed
 from tests.test_lifetime_review import (
     _api_key,
+    _Body,
     _drain,
     _echoes,
     _inbound,
+    _Member,
+    _outcome,
     _policy_doc,
     _reloads,
+    _run_family,
     _short_lived_identity,
     _stamp,
     _start,
@@ -157,7 +165,18 @@ def _outbound_setup(tmp: Path, pki: Pki, how: str) -> tuple[Path, Path, _Endless
 @pytest.mark.parametrize("kind", ["download", "upload"])
 @pytest.mark.parametrize("how", list(OUTBOUND_TRUST_ENDS))
 def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
-        tmp_path, pki, procs, kind, how):
+        family, request, kind, how):
+    _outcome(family, request)
+
+
+# how the upstream's trust ends -> seconds from the making of the chain that expires to its
+# end (``_outbound_setup``)
+CHAIN_EXPIRES_IN = {"upstream_chain_expires": 8.0, "own_chain_expires": 15.0,
+                    "own_intermediate_expires": 15.0}
+
+
+def _outbound_trust_ends(tmp_path, pki, app, procs, member, kind, how):
+    made = time.time()
     front, _, upstream, bundle_file, keep = _outbound_setup(tmp_path, pki, how)
     try:
         policy = _write(tmp_path, _policy_doc([], egress=[spiffe("orders")]))
@@ -170,6 +189,7 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
         reason = OUTBOUND_TRUST_ENDS[how]
         with socket.create_connection(("127.0.0.1", out.port("orders")), timeout=10) as s:
             _start(s, kind)
+            member.set_up()
             if bundle_file is not None:
                 # The control: a bundle that still holds the upstream's CA (one more root).
                 replace_file(bundle_file, bundle_file.read_bytes()
@@ -182,6 +202,8 @@ def test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends(
             elif how == "egress_withdrawn":
                 _write(tmp_path, _policy_doc([], egress=[spiffe("billing")]))
                 wait_for(lambda: _reloads(out) >= 2)
+            if how in CHAIN_EXPIRES_IN:
+                member.sleep_until(made + CHAIN_EXPIRES_IN[how] - 1)
             wait_closed(out, reason, "outbound")
             assert _drain(s), f"the {kind} went on after its upstream's trust ended ({how})"
         # The record names whose trust ended: the upstream (it named no peer at all).
@@ -204,11 +226,15 @@ CREDENTIAL_RELOADS = ["apikey_removed", "apikey_expired", "revoked_jti", "revoke
 @pytest.mark.parametrize("kind", ["download", "upload"])
 @pytest.mark.parametrize("how", CREDENTIAL_RELOADS)
 def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
-        tmp_path, pki, app, procs, kind, how):
+        family, request, kind, how):
     """A keep-alive connection's request in flight (its credentials checked when it began)
     went on after a reload removed its API key, revoked its token, removed the key its token
     was signed with or changed its provider past it; a reload that keeps them (the control)
     leaves it alone."""
+    _outcome(family, request)
+
+
+def _reload_takes_credentials(tmp_path, pki, app, procs, member, kind, how):
     jwt_rule = {"name": "jwt", "allow": {"from": [spiffe("frontend")],
                                          "jwt": {"provider": "corp"}}}
     key_rule = {"name": "key", "allow": {"from": [spiffe("frontend")], "apikey": True}}
@@ -257,6 +283,7 @@ def test_a_request_in_flight_ends_when_a_reload_takes_its_credentials(
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port("inbound")),
                                                   timeout=10)) as tls:
         _start(tls, kind, headers)
+        member.set_up()
         _write(tmp_path, control)
         wait_for(lambda: _reloads(srv) >= 2)
         _still_going(tls, kind)
@@ -288,8 +315,11 @@ KEY_FILE_CHANGES = {
 
 
 @pytest.mark.parametrize("how", list(KEY_FILE_CHANGES))
-def test_a_stream_ends_when_its_tokens_key_leaves_the_jwks_file(tmp_path, pki, app, procs,
-                                                                how):
+def test_a_stream_ends_when_its_tokens_key_leaves_the_jwks_file(family, request, how):
+    _outcome(family, request)
+
+
+def _key_leaves_the_jwks_file(tmp_path, pki, app, procs, member, how):
     jwks = tmp_path / "policy" / "jwks" / "corp.json"
     jwks.parent.mkdir(parents=True, exist_ok=True)
     jwks.write_bytes(jwks_bytes(jwk(ec_key("lt2-a"), "lt-a"), jwk(ec_key("lt2-b"), "lt-b")))
@@ -300,6 +330,7 @@ def test_a_stream_ends_when_its_tokens_key_leaves_the_jwks_file(tmp_path, pki, a
     front = mtls_context(pki.identity("frontend"), pki.bundle)
     victim = _tunnel(port, front, {"authorization": f"Bearer {_signed('lt2-a', 'lt-a')}"})
     control = _tunnel(port, front, {"authorization": f"Bearer {_signed('lt2-b', 'lt-b')}"})
+    member.set_up()
     try:
         replace_file(jwks, KEY_FILE_CHANGES[how]())
         wait_closed(srv, "policy_refused")
@@ -334,11 +365,15 @@ def _idp_policy(tmp: Path, idp: Any, provider: dict[str, Any], **extra: Any) -> 
 
 
 def test_an_introspected_stream_of_a_provider_without_audiences_outlives_a_reload(
-        tmp_path, pki, app, procs):
+        family, request):
     """A provider without ``audiences`` takes the service's audience (the section's
     ``audience``). Its introspected token was judged again at each reload against no
     audience at all -- bad_audience -- so a reload that changed nothing for it ended the
     stream; now it is judged as when it was accepted, and only a revocation ends it."""
+    _outcome(family, request)
+
+
+def _introspected_without_audiences(tmp_path, pki, app, procs, member):
     idp = _idp(tmp_path, pki)
     try:
         provider = {"issuer": idp.issuer, "clock_skew": "1s", "introspection": {
@@ -368,9 +403,13 @@ def test_an_introspected_stream_of_a_provider_without_audiences_outlives_a_reloa
         idp.stop()
 
 
-def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(tmp_path, pki, app, procs):
+def test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks(family, request):
     """A refetch that only adds a key (a rotation) leaves the stream alone; one that drops
     the key its token was signed with ends it, like a revoked token."""
+    _outcome(family, request)
+
+
+def _key_leaves_the_remote_jwks(tmp_path, pki, app, procs, member):
     idp = _idp(tmp_path, pki)
     try:
         policy = _idp_policy(tmp_path, idp, {
@@ -409,10 +448,14 @@ INTROSPECTED = ["revoked", "server_fails", "server_slow", "answer_exp",
 
 @pytest.mark.parametrize("how", INTROSPECTED)
 def test_a_stream_authorised_by_an_introspected_token_is_asked_about_again(
-        tmp_path, pki, app, procs, how):
+        family, request, how):
     """The stream was never asked about again (credentials_end none): now it ends at the
     answer's exp (plus clock_skew) and is re-introspected when the cached answer runs out
     (cache_ttl), through the cache; inactive or a failed call ends it (fail closed)."""
+    _outcome(family, request)
+
+
+def _introspected_asked_again(tmp_path, pki, app, procs, member, how):
     idp = _idp(tmp_path, pki)
     try:
         def provider(secret: str = "secret") -> dict[str, Any]:
@@ -472,10 +515,14 @@ PROVIDER_CHANGES = {
 
 @pytest.mark.parametrize("how", list(PROVIDER_CHANGES))
 def test_a_stream_ends_when_a_reload_changes_its_provider_past_its_token(
-        tmp_path, pki, app, procs, how):
+        family, request, how):
     """The stream's token is judged again under the provider in force: a reload after which
     it would be refused ends the stream (it went on: only exp and revocations were checked);
     a change it still passes (clock_skew) and an API-key stream are left alone."""
+    _outcome(family, request)
+
+
+def _provider_changed_past_the_token(tmp_path, pki, app, procs, member, how):
     rules = [{"name": "jwt", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
                                        "jwt": {"provider": "corp"}}},
              {"name": "key", "allow": {"from": [spiffe("frontend")], "paths": ["/ws"],
@@ -492,6 +539,7 @@ def test_a_stream_ends_when_a_reload_changes_its_provider_past_its_token(
     front = mtls_context(pki.identity("frontend"), pki.bundle)
     victim = _tunnel(port, front, {"authorization": f"Bearer {_token()}"})
     control = _tunnel(port, front, {"x-api-key": key})
+    member.set_up()
     try:
         _write(tmp_path, doc(clock_skew="2s"))
         wait_for(lambda: _reloads(srv) >= 2)
@@ -504,3 +552,34 @@ def test_a_stream_ends_when_a_reload_changes_its_provider_past_its_token(
     finally:
         victim.close()
         control.close()
+
+
+# -- every test's members, run at once (``_run_family`` of tests/test_lifetime_review.py) -----
+
+FAMILY: dict[str, _Body] = {
+    # (an exclusive member: less than 10 s from the making of what expires to its use)
+    "test_an_outbound_request_in_flight_ends_when_its_upstreams_trust_ends": (
+        _outbound_trust_ends,
+        lambda kind, how: (CHAIN_EXPIRES_IN.get(how, 0.0), CHAIN_EXPIRES_IN.get(how, 10) < 10)),
+    "test_a_stream_ends_when_its_tokens_key_leaves_the_jwks_file": (
+        _key_leaves_the_jwks_file, lambda how: (4.0, False)),
+    "test_a_request_in_flight_ends_when_a_reload_takes_its_credentials": (
+        _reload_takes_credentials, lambda kind, how: (4.0 if how.startswith("kid") else 1.0,
+                                                      False)),
+    "test_a_stream_ends_when_a_reload_changes_its_provider_past_its_token": (
+        _provider_changed_past_the_token, lambda how: (1.0, False)),
+    # With an IdP, introspection timeouts of a second: each alone, from its start to its
+    # end (it never calls ``set_up``), as when the tests ran one by one; last.
+    "test_an_introspected_stream_of_a_provider_without_audiences_outlives_a_reload": (
+        _introspected_without_audiences, lambda: (-1.0, True)),
+    "test_a_stream_ends_when_its_tokens_key_leaves_the_remote_jwks": (
+        _key_leaves_the_remote_jwks, lambda: (-1.0, True)),
+    "test_a_stream_authorised_by_an_introspected_token_is_asked_about_again": (
+        _introspected_asked_again, lambda how: (-1.0, True)),
+}
+
+
+@pytest.fixture(scope="module")
+def family(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, _Member]:
+    return _run_family(request, tmp_path_factory, FAMILY)

@@ -14,7 +14,8 @@ The family, as data: every such reason x (inbound, outbound) x (TCP stream, upgr
 download, upload) -- the three HTTP kinds at once through one sidecar --, with real sidecars, short-lived certificates, bundle and policy rewrites.
 The grace is 30 s; the cut must come within ``CUT_WITHIN`` of the retirement, and the
 ``connection_closed`` record names the reason. Combinations that cannot happen are listed
-with why (``NOT_APPLICABLE``).
+with why (``NOT_APPLICABLE``). The groups run at once, each in a thread of its own with its
+own sidecar (``family``; ``_run_family`` of tests/test_lifetime_review.py).
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ from tests.test_connection_lifetime_e2e import closed
 from tests.test_lifetime_review import (
     BIG,
     _api_key,
+    _Body,
     _drain,
+    _Member,
+    _outcome,
     _policy_doc,
     _read_some,
     _reloads,
+    _run_family,
     _stamp,
     _write,
 )
@@ -271,12 +276,22 @@ class _Stoppable:
         self.upstream.close()
 
 
+# the reasons a certificate or credential brings about by expiring (EXPIRES_IN after it is made)
+EXPIRING = frozenset({"peer_cert_expired", "own_cert_expired", "credential_expired"})
+
+
 @pytest.mark.parametrize(("direction", "reason", "group"), GROUPED)
-def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(tmp_path, pki, app, procs, direction,
-                                                        reason, group):
+def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(family, request, direction, reason,
+                                                        group):
     # Every member of CASES, the kinds of a group at once (a certificate waits EXPIRES_IN to
-    # expire once per group, not once per kind).
+    # expire once per group, not once per kind), and the groups at once (``family``: each
+    # group's sidecar, connections and checks in a thread of its own).
+    _outcome(family, request)
+
+
+def _cut(tmp_path, pki, app, procs, member, direction, reason, group):
     kinds = [k for k in GROUPS[group] if (direction, reason, k) in CASES]
+    made = time.time()  # (what expires is made after this, and ends EXPIRES_IN after it)
     if direction == "inbound":
         proc, opener, headers, trigger = _inbound(tmp_path, pki, app, procs, reason, kinds[0])
     else:
@@ -287,7 +302,10 @@ def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(tmp_path, pki, app, proc
     try:
         for sock, kind in zip(socks, kinds, strict=True):
             _begin(sock, kind, headers)
+        member.set_up()
         trigger()
+        if reason in EXPIRING:
+            member.sleep_until(made + EXPIRES_IN - 1)
         # (an expiry: up to EXPIRES_IN and the once-a-second sweep)
         wait_for(lambda: closed(proc, reason, direction) >= 1, timeout=EXPIRES_IN + 20)
         retired = time.monotonic()
@@ -319,3 +337,16 @@ def test_a_loss_of_trust_cuts_what_is_in_flight_at_once(tmp_path, pki, app, proc
     assert sorted((e["event"], e.get("status")) for e in lines) == sorted(
         ("stream_closed", 200 if k == "tcp" else 0) if k in ("tcp", "upgrade")
         else ("request_refused", 0) for k in kinds), lines
+
+
+FAMILY: dict[str, _Body] = {
+    "test_a_loss_of_trust_cuts_what_is_in_flight_at_once": (
+        _cut, lambda direction, reason, group: (EXPIRES_IN if reason in EXPIRING else 0.0,
+                                                False)),
+}
+
+
+@pytest.fixture(scope="module")
+def family(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, _Member]:
+    return _run_family(request, tmp_path_factory, FAMILY)
