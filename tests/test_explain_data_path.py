@@ -41,9 +41,16 @@ def test_explain_reads_non_ascii_paths_as_the_data_path(
         code, verdict, _ = _explain(policy, "GET", path)
         shown = 200 if code == 0 else int(verdict.split()[2])  # "decision: DENY 403 ..."
         assert (got, shown) == (status, status), (path, got, verdict)
-    # Without the key, both refuse the non-ASCII ones (400 non_ascii).
+    # Without the key, both refuse the non-ASCII ones (400 non_ascii) -- and a deny pattern
+    # naming a non-ASCII path is refused at load there, since no request could match it
+    # (the twenty-eighth session's policy review).
     plain = tmp_path / "plain.yaml"
     plain.write_text(NON_ASCII_POLICY.replace("    non_ascii_paths: allow\n", ""))
+    done = sidecar_cli("policy", "check", str(plain))
+    assert done.returncode != 0 and "no request can match" in done.stdout + done.stderr, \
+        done.stdout + done.stderr
+    plain.write_text(NON_ASCII_POLICY.replace("    non_ascii_paths: allow\n", "")
+                     .replace('"/données/**"', '"/private/**"'))
     assert _explain(plain, "GET", "/caf%C3%A9")[1].startswith("decision: DENY 400")
 
 
