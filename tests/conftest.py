@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from tests.harness import ROOT, STARTED_SIDECARS, Pki, Proc, sidecar_log_faults,
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# Tests stop the CLI (``audit tail -f``, ``demo --serve``...) with its Ctrl-C, SIGINT. A
+# runner started in the background of a shell without job control (``cmd &``, ``nohup``)
+# ignores SIGINT, and an ignored signal stays ignored across exec: every child would ignore
+# its Ctrl-C and each such test run into its timeout (18 of them in one run, three minutes
+# of the suite). Python's own handler is not inherited -- children start with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:
