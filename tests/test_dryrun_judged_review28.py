@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from tests import harness as H
+from tests.test_replay_review28 import FORM, JSON_TYPE, MULTIPART, MULTIPART_BODY
 
 ORDERS = H.spiffe("orders")
 FRONTEND = H.spiffe("frontend")
@@ -64,12 +65,6 @@ POLICIES = {
 }
 DRY = ("dry-section", "observed-rules")
 
-FORM = [("Content-Type", "application/x-www-form-urlencoded")]
-JSON_TYPE = [("Content-Type", "application/json")]
-MULTIPART = [("Content-Type", "multipart/form-data; boundary=XyZ")]
-MULTIPART_BODY = (b"--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n"
-                  b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n"
-                  b"--XyZ--\r\n")
 
 
 @dataclass(frozen=True)
