@@ -261,9 +261,13 @@ class Sidecar:
         def follow(policy: Policy) -> None:
             extras = policy.extras
             self.header_filter.set_claim_headers(policy.claim_headers)
+            # Cookie for a provider reading cookies: a wrapped Cookie (Grpc-Metadata-Cookie)
+            # would reach a gRPC service as its only `cookie`, an unverified session beside
+            # the verified one (found by a hostile review).
             self.header_filter.set_token_headers(
-                loc.name for provider in extras.jwt_providers.values()
-                for loc in provider.locations if loc.kind == "header")
+                loc.name if loc.kind == "header" else "cookie"
+                for provider in extras.jwt_providers.values()
+                for loc in provider.locations if loc.kind in ("header", "cookie"))
             authenticator.update(extras)
             key_sources.sync(extras.jwt_providers)
             limiter.update(extras.rate_limits)

@@ -26,6 +26,7 @@ POLICY = POLICY_START + f"""\
     algorithms: [ES256]
     jwks_file: jwks.json
     from_headers: [x-token]
+    from_cookies: [session]
 services:
   {spiffe("orders")}:
     rules:
@@ -40,6 +41,10 @@ services:
 # Every credential header, and a provider's own token header (``x-token``), behind every
 # wrapper spelling an app or gateway reads past.
 NAMES = ["Authorization", "Proxy-Authorization", "X-Api-Key", "X-Token"]
+# ``Cookie``, because the provider reads a cookie (``from_cookies``): grpc-gateway would pass
+# a caller's Grpc-Metadata-Cookie on as the gRPC service's only ``cookie`` (found by a
+# hostile review; the policy swap names it, ``app.follow``).
+LIVE_NAMES = [*NAMES, "Cookie"]
 WRAPPED = ["Http-{}", "HTTP-{}", "Grpc-Metadata-{}", "grpc-metadata-{}", "Http-Grpc-Metadata-{}",
            "Grpc-Metadata-Http-{}"]
 
@@ -60,9 +65,10 @@ def test_every_wrapped_spelling_is_removed_in_process() -> None:
 
 
 @pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LIVE_NAMES)
 def test_a_wrapped_credential_never_reaches_the_app(mesh: Mesh, side: str, name: str) -> None:
-    value = b"Bearer forged-opaque-token" if "uthorization" in name else b"sk_forged"
+    value = (b"Bearer forged-opaque-token" if "uthorization" in name
+             else b"session=sk_forged" if name == "Cookie" else b"sk_forged")
     for wrapper in WRAPPED:
         header = wrapper.format(name).encode()
         mark = mesh.app.snapshot()
