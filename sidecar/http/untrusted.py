@@ -403,6 +403,53 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "client's own session id the DataDome module verifies (NOT_IN_PREFIX): apps let "
               "through, step up or block by them (found by a hostile review)",
               "x-amzn-waf- x-sigsci- x-datadome-", prefix=True)
+    + _family(IDENTITY, "RSA ClearTrust's signed-in user (ct-remote-user, ctemail): JBoss's "
+              "GenericHeaderAuthenticator and Spring's RequestHeaderAuthenticationFilter log "
+              "users in by them, as by SM_USER above (found by a hostile review)", "ct-remote-user ctemail")
+    + _family(IDENTITY, "Oracle Oblix's user attributes (Oblix-Uid, HTTP_OBLIX_UID to CGI; "
+              "found by a hostile review)", "oblix-", prefix=True)
+    + _family(CLIENT_CERT, "F5's X509::cert_fields header names and Zeus / Stingray / Ivanti "
+              "vTM's SSL headers, written without separators (SSLClientCert, "
+              "SSLClientCertStatus, SSLClientCertHash, -Issuer, -Subject, -SerialNumber, "
+              "SSLClientCipher, SSLSessionID): apps take them as a verified certificate and "
+              "a secure connection (found by a hostile review)", "sslclient", prefix=True)
+    + _family(CLIENT_CERT, "the TLS session id under F5's and vTM's name (found by a hostile "
+              "review)", "sslsessionid")
+    + _family(IDENTITY, "the Windows identity IIS hands the process behind it: "
+              "HttpPlatformHandler's X-IIS-WindowsAuthToken (a token handle middlewares turn "
+              "into DOMAIN\\user), iisnode's x-iisnode-AUTH_USER, -LOGON_USER and other "
+              "server variables (the twin of ms-aspnetcore-winauthtoken; found by a hostile "
+              "review)", "x-iis-windowsauthtoken")
+    + _family(IDENTITY, "iisnode's server variables (x-iisnode-AUTH_USER, -LOGON_USER, ...; "
+              "found by a hostile review)", "x-iisnode-", prefix=True)
+    + _family(IDENTITY, "run-as headers of Microsoft servers: Dataverse / Dynamics 365's "
+              "MSCRMCallerID and CallerObjectId, Azure DevOps Server's X-TFS-Impersonate and "
+              "X-TFS-SubjectDescriptorImpersonate -- an integration that passes them on with "
+              "its own privileged account acts as whoever the caller names (found by a "
+              "hostile review)", "mscrmcallerid callerobjectid x-tfs-impersonate "
+              "x-tfs-subjectdescriptorimpersonate")
+    + _family(FORWARDING, "GlassFish / Payara's and iPlanet's proxy headers "
+              "(auth-pass-through): Proxy-ip becomes the client's address, Proxy-keysize "
+              "and Proxy-secret-keysize make the request secure, Proxy-cipher, "
+              "Proxy-issuer-dn and Proxy-user-dn are the client certificate's, Proxy-jroute "
+              "picks the instance (the next variant of Jetty's Proxy-ssl-id above; found by "
+              "a hostile review)", "proxy-ip proxy-keysize proxy-secret-keysize "
+              "proxy-cipher proxy-issuer-dn proxy-user-dn proxy-jroute")
+    + _family(OVERRIDE, "Cloud Foundry route services' headers: a route service proxies to "
+              "whatever X-CF-Forwarded-Url names, under its own identity (SSRF), and trusts "
+              "X-CF-Proxy-Signature, -Metadata and the app instance headers "
+              "(X-CF-ApplicationID, -InstanceID, -InstanceIndex) as the router's; found by a "
+              "hostile review", "x-cf-forwarded-url x-cf-proxy-signature x-cf-proxy-metadata "
+              "x-cf-applicationid x-cf-instanceid x-cf-instanceindex")
+    + _family(FORWARDING, "AD FS's request context as its Web Application Proxy sets it: "
+              "X-MS-Forwarded-Client-IP (client-access and banned-IP policies allow or deny "
+              "by it), X-MS-Proxy, X-MS-Endpoint-Absolute-Path, X-MS-Client-Application, "
+              "X-MS-Client-User-Agent (found by a hostile review)",
+              "x-ms-forwarded-client-ip x-ms-proxy x-ms-endpoint-absolute-path "
+              "x-ms-client-application x-ms-client-user-agent")
+    + _family(FORWARDING, "Tencent Cloud API Gateway's scheme headers (X-Client-Proto, "
+              "X-Client-Proto-Ver, X-Api-Scheme): the same class as X-Client-Scheme above "
+              "(found by a hostile review)", "x-client-proto x-client-proto-ver x-api-scheme")
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
