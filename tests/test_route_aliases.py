@@ -233,7 +233,7 @@ def test_policy_explain_decides_the_same(env: tuple[OrdersMesh, str], tmp_path: 
     ("/s.asmx/Method", [("s.asmx", "Method"), ("s.asmx",)]),
     ("/s.ASPX/x/y", [("s.ASPX", "x", "y"), ("s.ASPX",)]),
     ("/elmah.axd/download", [("elmah.axd", "download"), ("elmah.axd",)]),
-    ("/report.pl/x", [("report.pl", "x"), ("report.pl",)]),
+    ("/report.pl/x", [("report.pl", "x"), ("report.pl",), ("x",)]),
     ("/index.cfm/admin", [("index.cfm", "admin"), ("index.cfm",), ("admin",)]),
     ("/dispatch.fcgi/admin/x", [("dispatch.fcgi", "admin", "x"), ("dispatch.fcgi",),
                                 ("admin", "x")]),

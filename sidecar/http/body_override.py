@@ -41,7 +41,9 @@ longer one is judged by what was kept (``_long_name_is_override``: any binary bo
 a Content-Type is one long name), or, when that is only spaces, which PHP drops, is
 ``BadRequest("bad_request")``; an override field's value is kept up to
 ``MAX_VALUE_BYTES`` (a longer one is no method: ``bad_method``). A multipart part's head is kept up to
-``MAX_PART_HEAD_BYTES`` (longer: ``bad_request``); other parts' content is passed over, with
+``MAX_PART_HEAD_BYTES`` (longer: ``bad_request``), and one that may name an override holds at most
+``MAX_PART_NAMES`` ``name=`` (more: ``bad_request``: each is read to its line's end,
+``_part_is_override``); other parts' content is passed over, with
 only the boundary's length kept between two pieces of the body. A reading holding more than
 ``MAX_OVERRIDE_COPIES`` copies of the override field (a repeated allowed value included) is
 ``BadRequest("bad_method")``; a body whose readings examine more than
@@ -92,8 +94,6 @@ URLENCODED = "urlencoded"
 MULTIPART = "multipart"
 
 _BOUNDARY = re.compile(rb'[;,\s]\s*boundary\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)', re.IGNORECASE)
-_DISPOSITION_NAME = re.compile(rb'[;\s]name\*?\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\r\n]*)',
-                               re.IGNORECASE)
 
 
 # Multipart types whose fields a reader takes as a form's: PHP reads form-data; Rack reads
@@ -606,29 +606,91 @@ def _encoded_words(raw: bytes) -> bytes:
     return quote(text, safe="", errors="surrogatepass").encode("ascii")
 
 
+# Where a multipart part head names its field, as every reader finds it (hostile review,
+# session 29: Rack::MethodOverride ran a part's DELETE past a rule denying it). Rack 2.2
+# finds ``name=`` with an unanchored, greedy regular expression (``Content-Disposition:[^:]*;
+# \s*name=(VALUE)``: in ``X-Content-Disposition:``, inside another parameter's quoted value
+# -- ``foo="a;name=_method"`` --, on a following line), whose token VALUE stops at a quote,
+# ``/``, ``[``, ``=`` and the like (``name=_method"`` is ``_method``); Rack 2.2 and 3.x name a
+# part without a ``name`` by its ``Content-ID`` (anywhere in the head, its value to the line's
+# end), Rack 3 also one whose Content-Disposition is over 1,536 bytes, and both a part with
+# neither by its ``filename`` or its ``Content-Type`` and ``[]``. So every ``name=`` anywhere
+# in the head (any header, inside quotes, in ``filename=``, across lines, folded or not) is
+# read every way a reader reads its value, and every Content-ID and Content-Type value as a
+# name: over-reading only refuses more (no form part is named so by accident).
+_PART_NAME = re.compile(rb"name\*?[ \t]*=[ \t]*")  # (in the head lower-cased)
+_PART_ID = re.compile(rb"content-id[ \t]*:\s*([^\r\n]*)")
+_PART_TYPE = re.compile(rb"content-type[ \t]*:[ \t]*([^\r\n]*)")
+_FOLDED = re.compile(rb"\r?\n[ \t]+")
+# Rack 2.2's TOKEN (a value not in quotes ends at the first byte not in it)
+_RACK_TOKEN = re.compile(rb'[^\s()<>,;:\\"/\[\]?=]*')
+_ESCAPED_QUOTED = {q: re.compile(rb"((?:[^\\%s]|\\.)*)%s" % (q, q), re.DOTALL)
+                   for q in (b'"', b"'")}
+# ``name=`` occurrences one head may hold when it may spell an override (more: 400
+# ``bad_request``): each is read to its line's end, so the work is bounded by this many
+# times the head (``MAX_PART_HEAD_BYTES``); a form part has one.
+MAX_PART_NAMES = 16
+
+
+def _name_readings(value: bytes) -> set[bytes]:
+    """The names a reader may take from a ``name=`` parameter whose value starts ``value``
+    (to the line's end): up to ``;`` (PHP, Rack 3, RFC 2045 tokens), Rack 2.2's token, and
+    in quotes (``"``, or ``'`` as Jetty 9.4 takes it) as a quoted string (escapes undone or
+    not) and up to the next quote (Rack 2.2: ``"_method\\"``), unterminated to the line's
+    end; each also trimmed, as RFC 2231 (``utf-8''%5Fmethod``) and RFC 2047 encoded words
+    (``=?UTF-8?B?X21ldGhvZA==?=``: commons-fileupload) decode it."""
+    readings = {value.split(b";", 1)[0], value}
+    token = _RACK_TOKEN.match(value)
+    if token is not None:
+        readings.add(token.group())
+    quote_char = value[:1]
+    if quote_char in (b'"', b"'"):
+        inner = value[1:]
+        readings.add(inner.split(quote_char, 1)[0])
+        m = _ESCAPED_QUOTED[quote_char].match(inner)
+        if m is not None:
+            readings.add(m.group(1))
+    for text in list(readings):
+        readings.add(re.sub(rb"\\(.)", rb"\1", text))
+    for text in list(readings):
+        readings.add(text.strip(b" \t\"'"))
+        if b"''" in text:  # RFC 2231 name*=utf-8''%5Fmethod
+            readings.add(text.split(b"''", 1)[1])
+    if b"=?" in value:  # RFC 2047 name="=?UTF-8?B?X21ldGhvZA==?=" (commons-fileupload)
+        readings |= {_encoded_words(r) for r in readings}
+    return readings
+
+
 def _part_is_override(head: bytes) -> bool:
-    """Whether a multipart part's head names a field (``Content-Disposition``'s ``name`` or
-    ``name*``, quoted or not, with or without backslash escapes) that folds to an override
-    parameter's name. Every reading counts: readers differ."""
-    for line in re.split(rb"\r?\n", re.sub(rb"\r?\n[ \t]+", b" ", head)):  # (unfolded)
-        name, _, value = line.partition(b":")
-        if name.strip(b" \t").lower() != b"content-disposition":
-            continue
-        for raw in _DISPOSITION_NAME.findall(b";" + value):
-            text = raw.strip(b" \t")
-            readings = [text]
-            # (single quotes: Jetty 9.4's ``QuotedStringTokenizer`` takes ``'`` for a quote
-            # -- ``name='_method'`` -- hostile review, session 28)
-            if text[:1] in (b'"', b"'") and text.endswith(text[:1]) and len(text) >= 2:
-                inner = text[1:-1]
-                readings += [inner, re.sub(rb"\\(.)", rb"\1", inner)]
-            if b"''" in text:  # RFC 2231 name*=utf-8''%5Fmethod
-                readings.append(text.split(b"''", 1)[1])
-            if b"=?" in text:  # RFC 2047 name="=?UTF-8?B?X21ldGhvZA==?=" (commons-fileupload)
-                readings += [_encoded_words(r) for r in readings]
-            if any(_is_override(r) for r in readings):
+    """Whether a multipart part's head names a field that folds to an override parameter's
+    name in any reader's reading (``_PART_NAME``: every ``name=`` anywhere, read as
+    ``_name_readings``; the ``Content-ID`` and ``Content-Type`` values Rack falls back to),
+    in the head as sent and unfolded. ``BadRequest`` past ``MAX_PART_NAMES``."""
+    texts = [head]
+    if b"\n " in head or b"\n\t" in head:
+        texts.append(_FOLDED.sub(b" ", head))
+    for text in texts:
+        lower = text.lower()  # (found in the lower-cased head, read in the head: ASCII)
+        for seen, m in enumerate(_PART_NAME.finditer(lower), 1):
+            if seen > MAX_PART_NAMES:
+                raise BadRequest("bad_request", "multipart part head")
+            value = text[m.end():_line_end(text, m.end())]
+            if any(_is_override(r) for r in _name_readings(value)):
                 return True
+        for pattern in (_PART_ID, _PART_TYPE) if b"content-" in lower else ():
+            for m in pattern.finditer(lower):  # (Rack: the value to the line's end)
+                value = text[m.start(1):m.end(1)]
+                if pattern is _PART_TYPE:
+                    value = value.strip(b" \t") + b"[]"  # (Rack: "#{content_type}[]")
+                if _is_override(value) or _is_override(value.strip(b" \t")):
+                    return True
     return False
+
+
+def _line_end(text: bytes, start: int) -> int:
+    cr, lf = text.find(b"\r", start), text.find(b"\n", start)
+    ends = [i for i in (cr, lf) if i >= 0]
+    return min(ends) if ends else len(text)
 
 
 class Reader(Protocol):
@@ -649,7 +711,8 @@ def body_readers(method: bytes, content_type: bytes | None,
     POST (no reader overrides another). ``content_encoding``: the request's
     Content-Encoding values; a typed gzip or deflate body is read inflated as well
     (``Inflated``: body-parser inflates before ``express.json()`` and
-    ``express.urlencoded()`` parse), and a typed form or JSON body in any other coding
+    ``express.urlencoded()`` parse; ``deflate`` as zlib and as raw DEFLATE, and one that
+    inflates no way is ``BadRequest``), and a typed form or JSON body in any other coding
     (``br``, ``zstd``, two codings) is ``BadRequest``: its fields cannot be read here, and
     a reader may decode it. The readings share one ``Budget`` (``MAX_OVERRIDE_CANDIDATES``)."""
     if method != b"POST":
@@ -663,8 +726,11 @@ def body_readers(method: bytes, content_type: bytes | None,
     if not codings:
         return readers
     if len(codings) == 1 and codings[0] in (b"gzip", b"x-gzip", b"deflate"):
-        # (and as sent: Rack reads the bytes, and a stored deflate block holds them raw)
-        return [*readers, Inflated(_plain_readers(method, content_type, budget))]
+        # (and as sent: Rack reads the bytes, and a stored deflate block holds them raw;
+        # ``deflate`` inflated as zlib and as raw DEFLATE: ``Inflated``)
+        raw = _plain_readers(method, content_type, budget) if codings[0] == b"deflate" \
+            else None
+        return [*readers, Inflated(_plain_readers(method, content_type, budget), raw)]
     raise BadRequest("bad_request", "form or JSON body in a coding not read")
 
 
@@ -684,22 +750,39 @@ INFLATE_STEP = 64 * 1024  # inflated bytes read between two yields to the loop
 
 
 class Inflated:
-    """Readers given a gzip or deflate (zlib) body inflated, piece by piece, in bounded
-    steps; the members of a multi-member gzip body one after another (Node's gunzip reads
-    them all). Data that does not inflate ends the reading (the app's inflater fails
-    there too); more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``),
+    """Readers given a gzip or deflate body inflated, piece by piece, in bounded steps; the
+    members of a multi-member gzip body one after another (Node's gunzip reads them all).
+    Each reading (``_Inflation``) inflates one way with readers of its own: gzip or zlib, by
+    the header (``readers``), and, for ``deflate``, raw DEFLATE too (``raw_readers``):
+    ASP.NET Core's request decompression reads ``deflate`` as raw DEFLATE, Node's (and
+    body-parser's) as zlib, and one body can be both -- a zlib header is a stored block's
+    first bytes to a raw reader --, so both are read and judged (hostile review, session 29:
+    a raw DEFLATE form failed the zlib inflater at its first byte, was never judged, and ran
+    ``_method=DELETE`` on ASP.NET Core past a rule denying it). A reading that fails before
+    its first member ends is failed; data after a member's end that does not inflate ends
+    the reading. When every reading failed the body is ``BadRequest``: a typed body the
+    docs say is judged is never passed unjudged because the sidecar could not inflate it
+    (the app's inflater fails too, or reads it a way not read here). Each reading is held
+    to the caps: more than ``INFLATE_RATIO`` times the bytes sent (past ``INFLATE_FREE``),
     or more than ``INFLATE_BUDGET``, is ``BadRequest``. ``steps`` reads a piece
     ``INFLATE_STEP`` inflated bytes at a time, yielding between them: the data path lets
     the loop run there (a hostile review: one piece inflated and read in one synchronous
     call held every other caller of the sidecar for seconds)."""
 
-    __slots__ = ("readers", "_z", "_in", "_out", "_broken")
+    __slots__ = ("readers", "_ways", "_in")
 
-    def __init__(self, readers: Sequence[Reader]) -> None:
-        self.readers = tuple(readers)
-        self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)  # (gzip or zlib, by its header)
-        self._in = self._out = 0
-        self._broken = False
+    def __init__(self, readers: Sequence[Reader],
+                 raw_readers: Sequence[Reader] | None = None) -> None:
+        self._ways = [_Inflation(zlib.MAX_WBITS | 32, readers)]  # (gzip or zlib, by header)
+        if raw_readers is not None:
+            self._ways.append(_Inflation(-zlib.MAX_WBITS, raw_readers))  # (raw DEFLATE)
+        self.readers = tuple(r for way in self._ways for r in way.readers)
+        self._in = 0
+
+    @property
+    def _out(self) -> int:
+        """The most inflated bytes one reading gave its readers."""
+        return max(way.out for way in self._ways)
 
     def feed(self, data: bytes) -> None:
         """Read the next piece of the body."""
@@ -708,49 +791,89 @@ class Inflated:
 
     def steps(self, data: bytes) -> Iterator[None]:
         """Read the next piece of the body, yielding after each ``INFLATE_STEP`` inflated
-        bytes read."""
+        bytes read (in each reading)."""
         self._in += len(data)
-        for _ in range(len(data) + 2):  # (each round consumes input or ends a member)
-            if self._broken or not data:
-                return
-            z = self._z
-            try:
-                out = z.decompress(data, INFLATE_STEP)
-            except zlib.error:
-                self._broken = True
-                return
-            self._give(out)
-            yield
-            if z.eof:
-                data = z.unused_data
-                if data:
-                    self._z = zlib.decompressobj(zlib.MAX_WBITS | 32)
-            else:
-                data = z.unconsumed_tail
+        for way in self._ways:
+            yield from way.steps(data, self._in)
+        self._judge_failures()
 
-    def _give(self, out: bytes) -> None:
-        if not out:
-            return
-        self._out += len(out)
-        if self._out > INFLATE_BUDGET or \
-                (self._out > INFLATE_FREE and self._out > INFLATE_RATIO * self._in):
-            raise BadRequest("bad_request", "body inflates too far")
-        for reader in self.readers:
-            reader.feed(out)
+    def _judge_failures(self) -> None:
+        if all(way.failed for way in self._ways):
+            raise BadRequest("bad_request", "coded body does not inflate")
 
     def finish(self) -> tuple[str, ...]:
-        """The methods the inflated body named."""
-        if not self._broken:
-            try:
-                self._give(self._z.flush(65536))
-            except zlib.error:
-                pass
+        """The methods the inflated body named in any reading."""
+        for way in self._ways:
+            way.flush(self._in)
+        self._judge_failures()
         found: list[str] = []
         for reader in self.readers:
             for method in reader.finish():
                 if method not in found:
                     found.append(method)
         return tuple(found)
+
+
+class _Inflation:
+    """One way of inflating a coded body (``wbits``: zlib's) and the readers of what it
+    gives: ``out`` bytes so far; ``failed`` when the inflater failed before its first
+    member ended, ``done`` when it can read no further."""
+
+    __slots__ = ("wbits", "readers", "z", "out", "ended", "failed", "done")
+
+    def __init__(self, wbits: int, readers: Sequence[Reader]) -> None:
+        self.wbits = wbits
+        self.readers = tuple(readers)
+        self.z = zlib.decompressobj(wbits)
+        self.out = 0
+        self.ended = self.failed = self.done = False
+
+    def _fail(self) -> None:
+        self.done = True
+        self.failed = not self.ended  # (after a member's end: the data after it, unread)
+
+    def steps(self, data: bytes, sent: int) -> Iterator[None]:
+        """Inflate ``data`` (``sent``: the body's bytes so far, for the ratio), yielding
+        after each ``INFLATE_STEP`` inflated bytes given to the readers."""
+        for _ in range(len(data) + 2):  # (each round consumes input or ends a member)
+            if self.done or not data:
+                return
+            z = self.z
+            try:
+                out = z.decompress(data, INFLATE_STEP)
+            except zlib.error:
+                self._fail()
+                return
+            self._give(out, sent)
+            yield
+            if z.eof:
+                self.ended = True
+                data = z.unused_data
+                if data:
+                    self.z = zlib.decompressobj(self.wbits)
+            else:
+                data = z.unconsumed_tail
+
+    def flush(self, sent: int) -> None:
+        """The body ended: give the readers what the inflater still holds."""
+        if self.done:
+            return
+        try:
+            out = self.z.flush(65536)
+        except zlib.error:
+            self._fail()
+            return
+        self._give(out, sent)
+
+    def _give(self, out: bytes, sent: int) -> None:
+        if not out:
+            return
+        self.out += len(out)
+        if self.out > INFLATE_BUDGET or \
+                (self.out > INFLATE_FREE and self.out > INFLATE_RATIO * sent):
+            raise BadRequest("bad_request", "body inflates too far")
+        for reader in self.readers:
+            reader.feed(out)
 
 
 def _plain_readers(method: bytes, content_type: bytes | None,

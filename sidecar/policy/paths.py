@@ -51,7 +51,8 @@ ASP.NET's cookieless values (``/(S(x))/admin``: ``COOKIELESS``; a reading added 
 as sent, never one that replaces it: ``rule_forms``), and match Windows short
 names (``/ADMINI~1``: ``short_name_matches``); its allow rules do not (that
 fold is lossy, and would widen them: ``rule_segments``). In every section, deny rules also
-match the path after a PHP front controller (``/index.php/admin``: ``rule_path_forms``).
+match the path after a front controller (``/index.php/admin``,
+``/app.wsgi/admin``: ``SCRIPT_SUFFIXES``, ``rule_path_forms``).
 
 The query string is returned unchanged (it passed the same byte checks) and is never part
 of the matched path.
@@ -373,25 +374,70 @@ FORMAT_FOLD_EFFECTS = frozenset({"deny"})
 # Found by a hostile review: a deny rule for /admin/** let "/index.php/admin/users" through,
 # and one for /admin.php let "/admin.php/x".
 SCRIPT_FOLD_EFFECTS = frozenset({"deny"})
-# Front controllers, as data: scripts whose frameworks route the path after them. PHP in
-# every extension Debian's and php-fpm's stock configurations run as PHP
-# (``<FilesMatch ".+\.ph(?:ar|p|tml)$">``, and the old ``.php3``..``.php8``, ``.pht``);
-# ColdFusion and Lucee (``*.cfm/*``, ``*.cfml/*`` and ``*.cfc/*`` are mapped; ColdBox and
-# FW/1 route ``/index.cfm/handler/action``); CGI and FastCGI front controllers (Werkzeug's
-# ``CGIHandler``, Plack, Rails' ``dispatch.fcgi`` route on PATH_INFO). Found by a hostile
-# review: only ``.php`` was one, and ``deny /admin/**`` let ``/index.phtml/admin/x``,
-# ``/index.cfm/admin/x``, ``/app.cgi/admin/x`` and ``/dispatch.fcgi/admin/x`` through.
-FRONT_CONTROLLER_SUFFIXES = (".php", ".phtml", ".phar", ".pht", ".php3", ".php4", ".php5",
-                             ".php7", ".php8", ".cfm", ".cfml", ".cfc", ".cgi", ".fcgi")
-# Every script that runs with a PATH_INFO: the path up to it is a form. The front controllers;
-# ASP.NET's pages, handlers, ASMX services (``/svc.asmx/Method`` is how an ASMX method is
-# called) and ``.axd`` handlers (ELMAH's ``/elmah.axd/download`` is its whole error log: a
-# deny rule for ``/elmah.axd`` let it through, found by the same review); classic ASP; WCF's
-# ``.svc``; CGI scripts in Perl, Python and shell
-# (``AddHandler cgi-script .cgi .pl .py .sh``) and IIS's CGI executables and ISAPI
-# extensions (``/scripts/x.dll/y``, ``.exe``).
-PATH_INFO_SUFFIXES = (*FRONT_CONTROLLER_SUFFIXES, ".aspx", ".ashx", ".asmx", ".axd", ".asp",
-                      ".svc", ".pl", ".py", ".sh", ".dll", ".exe")
+# Scripts that run with a PATH_INFO, as data: (suffix, whether it is a front controller --
+# its frameworks route the path after it --, where a server runs it so). Every entry's path
+# up to the script is a form (``PATH_INFO_SUFFIXES``: ``deny /cgi-bin/tool.wsgi`` denies
+# ``/cgi-bin/tool.wsgi/x``); a front controller's path after it is one too
+# (``FRONT_CONTROLLER_SUFFIXES``: ``deny /admin/**`` denies ``/app.wsgi/admin/users``).
+# Lossy both ways, so deny rules only: a suffix listed that a given app does not run only
+# makes its deny rules match more. Found by hostile reviews: only ``.php`` was a front
+# controller (``/index.phtml/admin/x``, ``/index.cfm/admin/x``, ``/app.cgi/admin/x``,
+# ``/dispatch.fcgi/admin/x`` passed ``deny /admin/**``; ``/elmah.axd/download`` passed
+# ``deny /elmah.axd``), then (session 29) ``.wsgi`` was in neither list and ``.py`` and
+# ``.pl`` were no front controllers: ``/cgi-bin/app.wsgi/admin/users``, ``/cgi-bin/app.py/
+# admin/users`` and ``/cgi-bin/app.pl/admin/users`` ran the ``/admin/users`` route (mod_wsgi,
+# a wsgiref/Werkzeug CGIHandler, a Perl CGI) past ``deny /admin/**``. Not here: servlet
+# extension mappings (``*.jsp``, ``*.do``, ``*.action``), which match a path's last segment
+# only (``/x.jsp/y`` is no JSP to Tomcat or Jetty), and static files.
+SCRIPT_SUFFIXES: tuple[tuple[str, bool, str], ...] = (
+    # PHP, in every extension Debian's and php-fpm's stock configurations run as PHP
+    # (<FilesMatch ".+\.ph(?:ar|p|tml)$">, the old .php3-.php8 and .pht); Laravel, Symfony
+    # (Request::getPathInfo), CodeIgniter, Slim route the path after the script, passed by
+    # nginx's fastcgi_split_path_info and Apache's AcceptPathInfo
+    (".php", True, "PHP"), (".phtml", True, "PHP"), (".phar", True, "PHP"),
+    (".pht", True, "PHP"), (".php3", True, "PHP"), (".php4", True, "PHP"),
+    (".php5", True, "PHP"), (".php7", True, "PHP"), (".php8", True, "PHP"),
+    # ColdFusion and Lucee map *.cfm/*, *.cfml/*, *.cfc/*; ColdBox and FW/1 route
+    # /index.cfm/handler/action
+    (".cfm", True, "ColdFusion"), (".cfml", True, "ColdFusion"), (".cfc", True, "ColdFusion"),
+    # CGI: Apache's "AddHandler cgi-script .cgi .pl" (mod_cgi and its CGI how-to, Debian's
+    # .py and .sh too), lighttpd's cgi.assign (".pl", ".cgi", ".rb", ".erb", ".py" in its
+    # stock conf.d/cgi.conf), ModPerl::Registry (.pl, .cgi), IIS ActivePerl's PerlIS (.plx),
+    # mod_ruby (.rbx), mod_python's publisher (/x.py/function); the apps behind them route
+    # on PATH_INFO: Werkzeug's and wsgiref's CGIHandler, Plack::Handler::CGI,
+    # CGI::Application::Dispatch, Catalyst's _cgi.pl, Rack::Handler::CGI (Sinatra, Rails)
+    (".cgi", True, "CGI"), (".pl", True, "Perl CGI"), (".plx", True, "PerlIS (IIS)"),
+    (".py", True, "Python CGI, mod_python"), (".rb", True, "Ruby CGI"),
+    (".rbx", True, "mod_ruby"), (".sh", False, "shell CGI"),
+    (".erb", False, "eruby (lighttpd cgi.assign)"), (".rhtml", False, "eruby"),
+    # FastCGI: mod_fcgid's "AddHandler fcgid-script .fcgi", mod_fastcgi's "AddHandler
+    # fastcgi-script fcg fcgi fpl"; Rails' dispatch.fcgi
+    (".fcgi", True, "FastCGI"), (".fcg", True, "FastCGI"), (".fpl", True, "FastCGI Perl"),
+    # mod_wsgi's "AddHandler wsgi-script .wsgi" (its configuration guidelines): Flask and
+    # Django route the PATH_INFO after the script's SCRIPT_NAME
+    (".wsgi", True, "mod_wsgi"),
+    # mod_lua's "AddHandler lua-script .lua" (r.path_info)
+    (".lua", True, "mod_lua"),
+    # IIS's stock handlers: ISAPI-dll and CGI-exe (allowPathInfo="true"; Delphi WebBroker
+    # ISAPI and CGI apps route on PathInfo); WCF's .svc (WebHttp UriTemplates match the
+    # path after it) and the other System.ServiceModel ones (.xamlx, .xoml, .rules);
+    # ASP.NET pages, handlers, ASMX (/svc.asmx/Method calls a method) and .axd handlers
+    # (ELMAH's /elmah.axd/download is its whole error log), .NET Remoting (.rem, .soap),
+    # Web Pages (.cshtml, .vbhtml, .cshtm, .vbhtm: UrlData), .aspq; classic ASP (asp.dll
+    # also runs .cer: the SecurityCertificate handler)
+    (".dll", True, "ISAPI"), (".exe", True, "IIS CGI"), (".svc", True, "WCF"),
+    (".xamlx", False, "WCF"), (".xoml", False, "WCF"), (".rules", False, "WCF"),
+    (".aspx", False, "ASP.NET"), (".ashx", False, "ASP.NET"), (".asmx", False, "ASP.NET"),
+    (".axd", False, "ASP.NET"), (".rem", False, ".NET Remoting"),
+    (".soap", False, ".NET Remoting"), (".cshtml", False, "ASP.NET Web Pages"),
+    (".vbhtml", False, "ASP.NET Web Pages"), (".cshtm", False, "ASP.NET Web Pages"),
+    (".vbhtm", False, "ASP.NET Web Pages"), (".aspq", False, "ASP.NET"),
+    (".asp", False, "classic ASP"), (".cer", False, "classic ASP"),
+)
+# Front controllers: scripts whose frameworks route the path after them.
+FRONT_CONTROLLER_SUFFIXES = tuple(s for s, front, _ in SCRIPT_SUFFIXES if front)
+# Every script that runs with a PATH_INFO: the path up to it is a form.
+PATH_INFO_SUFFIXES = tuple(s for s, _, _ in SCRIPT_SUFFIXES)
 
 
 def _script_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
