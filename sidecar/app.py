@@ -13,8 +13,13 @@ SIGUSR1 make every file watcher look at its files now (``sidecar.reload.handle_s
 first process passes them on to the other workers), SIGUSR2 is logged and ignored: none of them
 ends the process, not even while it starts.
 
-With ``workers: N`` the first process starts N-1 more (``sidecar run --worker-index I``); all
-bind the listening ports with SO_REUSEPORT, each with its own Trio loop. Only worker 0 serves
+With ``workers: N`` the first process binds every listening port once (``bind_shared``: no
+SO_REUSEPORT) and starts N-1 more (``sidecar run --worker-index I``), handing them those
+sockets (``pass_fds``, and ``SIDECAR_LISTEN_FDS``: listener name -> descriptor); each accepts
+on them with its own Trio loop, and the kernel gives each connection to one of them. Until
+the twenty-ninth session every worker bound its own socket with SO_REUSEPORT, and any process
+of the sidecar's uid (a root app container in the pod, after ``setuid``) could join the group
+and take a share of its connections (found by a hostile review). Only worker 0 serves
 the admin and health ports; each worker writes its own audit chain in ``<audit path>/worker-I``.
 The first process stops the others on every way out of ``run``; on Linux each worker also gets
 SIGTERM from the kernel when the first process dies, however it dies (``PR_SET_PDEATHSIG``), so
@@ -25,10 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +60,9 @@ from sidecar.net.listen import (
     ConnectionTracker,
     SourceLimiter,
     accept_loop,
+    adopt_listener,
+    bind_shared,
+    inherited_sockets,
     listener_port,
     open_listener,
 )
@@ -159,6 +170,9 @@ class Sidecar:
         self.draining = False
         self.ports: dict[str, int] = {}
         self.workers: list[subprocess.Popen[bytes]] = []  # the first process's other workers
+        # With ``workers`` > 1: the listening sockets every worker shares, by listener name
+        # (bound by the first process: ``bind_shared``); ``_serve`` accepts on them.
+        self.shared_listeners: dict[str, socket.socket] = {}
         self._load_initial_policy()
 
     # -- policy --------------------------------------------------------------------------
@@ -394,8 +408,13 @@ class Sidecar:
                      make_handler: Callable[[int, ConnectionTracker], InboundProxy | OutboundProxy],
                      nursery: trio.Nursery, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        shared = self.shared_listeners.pop(name, None)
         try:
-            listener = await open_listener(addr[0], addr[1], reuse_port=self.cfg.workers > 1)
+            if shared is not None:
+                _check_shared_address(shared, addr)
+                listener = adopt_listener(shared)
+            else:
+                listener = await open_listener(addr[0], addr[1])
         except OSError as exc:
             raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
                                f"{exc.strerror or exc}") from None
@@ -761,20 +780,29 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
     logs.configure(level=cfg.log_level)
     ignore_signals_until_handled()  # (inherited by the workers until they handle them)
     children: list[subprocess.Popen[bytes]] = []
+    shared: dict[str, socket.socket] = {}
     try:
-        if worker_index is None:
-            worker_index = 0
-            tie = _die_with_parent(os.getpid())
-            for i in range(1, cfg.workers):
-                children.append(subprocess.Popen(
-                    [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
-                     "--worker-index", str(i)], preexec_fn=tie))
         try:
+            if worker_index is None:
+                worker_index = 0
+                if cfg.workers > 1:
+                    shared = _bind_shared_listeners(cfg)
+                    env = {**os.environ, LISTEN_FDS_ENV: json.dumps(
+                        {name: sock.fileno() for name, sock in shared.items()})}
+                    tie = _die_with_parent(os.getpid())
+                    for i in range(1, cfg.workers):
+                        children.append(subprocess.Popen(
+                            [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
+                             "--worker-index", str(i)], preexec_fn=tie, env=env,
+                            pass_fds=[sock.fileno() for sock in shared.values()]))
+            else:
+                shared = _inherited_listeners(cfg)
             sidecar = Sidecar(cfg, worker_index=worker_index)
         except (SidecarError, OSError, ValueError) as exc:  # SvidError: bad certificate files
             print("sidecar: cannot start: " + "\n".join(safe_lines(exc)), file=sys.stderr)
             return 2
         sidecar.workers = children
+        sidecar.shared_listeners = dict(shared)
         failed: list[BaseException] = []
         try:
             trio.run(sidecar.run)
@@ -782,6 +810,8 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
             failed.extend(_leaves(group))
     finally:
         _stop_children(children)
+        for sock in shared.values():
+            sock.close()  # (closed already by its accept loop when it ran: a no-op then)
     if failed:
         print("sidecar: cannot start: " + "\n".join(safe_lines(failed[0])), file=sys.stderr)
         return 2
@@ -789,6 +819,67 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The first process's listening sockets, as a worker inherits them: a JSON object listener
+# name ("inbound", or an outbound's name) -> file descriptor (``_bind_shared_listeners``).
+LISTEN_FDS_ENV = "SIDECAR_LISTEN_FDS"
+
+
+def _listener_addresses(cfg: SidecarConfig) -> list[tuple[str, tuple[str, int]]]:
+    """Every listener the workers share (the inbound and outbound ones), by name."""
+    wanted = [("inbound", cfg.inbound.listen)] if cfg.inbound is not None else []
+    return wanted + [(ob.name, ob.listen) for ob in cfg.outbound]
+
+
+def _bind_shared_listeners(cfg: SidecarConfig) -> dict[str, socket.socket]:
+    """The first process of ``workers: N``: every listener bound once, before any other
+    worker starts (``bind_shared``), so that none is ever bound with SO_REUSEPORT, which any
+    process of the sidecar's uid could join (found by a hostile review). StartupError,
+    naming the address and listener, when one cannot be bound (nothing is left open)."""
+    bound: dict[str, socket.socket] = {}
+    try:
+        for name, addr in _listener_addresses(cfg):
+            try:
+                bound[name] = bind_shared(addr[0], addr[1])
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {format_address(addr)} ({name}): "
+                                   f"{exc.strerror or exc}") from None
+    except BaseException:
+        for sock in bound.values():
+            sock.close()
+        raise
+    return bound
+
+
+def _inherited_listeners(cfg: SidecarConfig) -> dict[str, socket.socket]:
+    """A worker (``--worker-index``): the sockets the first process bound for it
+    (``LISTEN_FDS_ENV``), one for each of its listeners; none when the variable is unset (a
+    worker started by hand binds its own: the first process's ports are taken, so it stops
+    with ``cannot listen``). StartupError when the variable names other listeners than the
+    config's (the config file changed between the two starts) or is not such an object."""
+    text = os.environ.pop(LISTEN_FDS_ENV, None)
+    if text is None:
+        return {}
+    try:
+        sockets = inherited_sockets(text)
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"{LISTEN_FDS_ENV}: {exc}") from None
+    names = [name for name, _ in _listener_addresses(cfg)]
+    if sorted(sockets) != sorted(names):
+        for sock in sockets.values():
+            sock.close()
+        raise StartupError(f"{LISTEN_FDS_ENV} names the listeners {sorted(sockets)}, the "
+                           f"config {sorted(names)}: was the config changed while the workers "
+                           "started?")
+    return sockets
+
+
+def _check_shared_address(sock: socket.socket, addr: tuple[str, int]) -> None:
+    """An inherited socket is bound to the port its listener's config names (any port for
+    port 0); OSError otherwise (the config changed between the first process's start and
+    this worker's)."""
+    port = int(sock.getsockname()[1])
+    if addr[1] not in (0, port):
+        raise OSError(errno.EINVAL, f"the inherited socket listens on port {port}")
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:

@@ -56,9 +56,9 @@ def test_inject_cli_flags(tmp_path: Path) -> None:
     f = tmp_path / "pod.yaml"
     f.write_text(yaml.safe_dump(pod()))
     out = sidecar_cli("inject", "-f", str(f), "--audit-signing-secret", "sig",
-                      "--audit-collector", "siem:6514")
+                      "--audit-collector", "siem.logging.svc.cluster.local:6514")
     assert out.returncode == 0, out.stderr
-    assert "secretName: sig" in out.stdout and "siem:6514" in out.stdout
+    assert "secretName: sig" in out.stdout and "siem.logging.svc.cluster.local:6514" in out.stdout
     bad = sidecar_cli("inject", "-f", str(f), "--audit-collector", "no-port")
     assert bad.returncode == 2 and "--audit-collector" in bad.stderr
 

@@ -381,6 +381,8 @@ CASES: list[Case] = [
     Case("app runs as the sidecar's uid",
          _with(lambda d: _app(d).update(securityContext={"runAsUser": 65532})),
          "deny:sidecar_uid"),
+    Case("privileged app", _with(lambda d: _app(d).update(securityContext={"privileged": True})),
+         "deny:privileged_container"),
     Case("hostAliases", _with(lambda d: d["spec"].update(
         hostAliases=[{"ip": "127.0.0.1", "hostnames": ["x"]}])), "deny:name_resolution"),
 ]
@@ -671,9 +673,8 @@ HOSTILE_HINTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "pod runs as root, privileged-ish context": lambda d: d["spec"].update(securityContext={
         "runAsUser": 0, "runAsNonRoot": False, "fsGroup": 0, "supplementalGroups": [0],
         "seccompProfile": {"type": "Unconfined"}, "sysctls": [{"name": "kernel.x", "value": "1"}]}),
-    "app container privileged with hostPath": lambda d: (
-        _app(d).update(securityContext={"privileged": True},
-                       volumeMounts=[{"name": "host", "mountPath": "/host"}]),
+    "app container with hostPath": lambda d: (
+        _app(d).update(volumeMounts=[{"name": "host", "mountPath": "/host"}]),
         d["spec"].update(volumes=[{"name": "host", "hostPath": {"path": "/"}}])),
 }
 

@@ -25,6 +25,58 @@ def _address(value: str) -> str:
     return value
 
 
+# Dots a relative collector host needs: as many as a Service's full name,
+# NAME.NAMESPACE.svc.cluster.local. A pod's resolver (ndots:5, the search list
+# <namespace>.svc.<domain> svc.<domain> <domain>) tries a name with fewer dots under the
+# search domains first, and a tenant can answer there: "siem.logging" is first asked as
+# siem.logging.<tenant>.svc.cluster.local, which a headless Service "logging" and a pod with
+# hostname "siem" and subdomain "logging" create. A single label is also what the kubelet
+# writes for the pod itself into every container's /etc/hosts ("<podIP> <hostname>").
+COLLECTOR_MIN_DOTS = 4
+
+
+def collector_host_problem(host: str) -> str | None:
+    """Why a pod could make the collector ``host`` (``parse_address``'s host) resolve to an
+    address of its choosing (a tenant's pod or Service), or None: an IP address, a name with
+    a trailing dot (absolute: no search list) of two labels or more, or a relative name with
+    ``COLLECTOR_MIN_DOTS`` dots or more. Found by a hostile review (session 29): with
+    ``--audit-collector siem:6514`` a pod whose hostname was ``siem`` received the audit
+    trail of its own sidecar."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    absolute = host.endswith(".")
+    dots = host.rstrip(".").count(".")
+    if dots == 0:
+        return ("a single label, which any pod can make its own name in its containers' "
+                "/etc/hosts (its hostname) or its namespace's DNS (a Service)")
+    if not absolute and dots < COLLECTOR_MIN_DOTS:
+        return (f"a relative name of {dots + 1} labels, which a pod's resolver first looks "
+                "up under the pod's own namespace, where a tenant can create it")
+    return None
+
+
+def collector_address(value: str) -> str:
+    """The argparse type of ``--audit-collector``: ``HOST:PORT`` whose host no pod can make
+    resolve to itself (``collector_host_problem``): a usage error (exit 2) here, not a
+    webhook that hands every tenant the audit trail."""
+    from sidecar.config.values import parse_address
+
+    _address(value)
+    host = parse_address(value)[0]
+    why = collector_host_problem(host)
+    if why is not None:
+        raise argparse.ArgumentTypeError(
+            f"{_shown(value)}: the host is {why}; name the collector by the full name of its "
+            "Service (NAME.NAMESPACE.svc.cluster.local), a name ending in '.', or an IP "
+            "address")
+    return value
+
+
 # A Secret's or ConfigMap's name: a DNS subdomain (RFC 1123), as the API server requires.
 _OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 MAX_OBJECT_NAME = 253
@@ -91,7 +143,8 @@ def add_injection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Secret with key.data (sidecar audit keygen --data-key): mounted "
                              "read-only into the sidecar container only, at "
                              "/etc/sidecar/audit-data-key (audit.encryption_key_file)")
-    parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT", type=_address,
+    parser.add_argument("--audit-collector", default=None, metavar="HOST:PORT",
+                        type=collector_address,
                         help="syslog collector for audit.ship (SIDECAR_AUDIT_COLLECTOR, used "
                              "when the sidecar config's audit.ship has no address)")
     parser.add_argument("--allow-config-configmap", action="append", default=[], type=object_name,

@@ -17,8 +17,9 @@ to its sidecar, are the admission rules of ``sidecar.k8s.rules`` (read its docst
   (``rules.verify_injected``). This is what makes a second pass (CLI run twice, webhook
   re-invoked by ``reinvocationPolicy``) change nothing.
 
-The inputs are never modified (deep copies), so callers can diff before/after to build
-an RFC 6902 JSON patch (``sidecar.k8s.patch``).
+The inputs are never modified (copies in which nothing is shared, ``unshared``: a YAML alias
+shares one object between places), so callers can diff before/after to build an RFC 6902
+JSON patch (``sidecar.k8s.patch``).
 
 App probes: the kubelet probes the pod IP, but with the mesh in front the app only needs to
 listen on 127.0.0.1 -- so ``httpGet`` probes of app containers are rewritten to the sidecar's
@@ -225,8 +226,12 @@ def _rewrite_app_probes(containers: list[dict[str, Any]],
             rewritten: dict[str, Any] = {"path": health_path, "port": options.health_port,
                                          "scheme": "HTTP"}
             if http_get.get("httpHeaders"):
-                rewritten["httpHeaders"] = http_get["httpHeaders"]
-            probe["httpGet"] = rewritten
+                rewritten["httpHeaders"] = unshared(http_get["httpHeaders"])
+            # A new probe object, never the one read: a YAML alias (``livenessProbe: *p``)
+            # shares one probe between containers, or between a container's probes, and
+            # rewriting it in place pointed every holder at the last path rewritten, and
+            # the next rewrite at the sidecar's own health port (found by a hostile review).
+            container[probe_key] = {**probe, "httpGet": rewritten}
     return originals
 
 
@@ -385,19 +390,19 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
         raise InjectError("hostNetwork pods cannot carry the mesh sidecar, and this namespace "
                           "requires it", rule="host_network")
     options = replace(options, config_configmap=rules.config_configmap(meta_in, options))
-    rules.check_pod(pod_spec, options)
+    rules.check_pod(pod_spec, options, meta_in)
     if rules.verify_injected(pod_spec, options):
         if (meta_in.get("annotations") or {}).get(STATUS_ANNOTATION) == STATUS_INJECTED:
             return None
-        meta = copy.deepcopy(meta_in)
+        meta = unshared(meta_in)
         meta["annotations"] = {**(meta.get("annotations") or {}),
                                STATUS_ANNOTATION: STATUS_INJECTED}
-        return meta, copy.deepcopy(pod_spec)
+        return meta, unshared(pod_spec)
     # Where the sidecar goes (first of its list) must be where it starts first: with
     # --no-native a native sidecar of the pod's would start before it (``sidecar_order``).
     rules.check_order(pod_spec, "initContainers" if options.native else "containers", 0)
-    meta = copy.deepcopy(meta_in)
-    spec = copy.deepcopy(pod_spec)
+    meta = unshared(meta_in)
+    spec = unshared(pod_spec)
 
     containers = [c for c in spec.get("containers") or [] if isinstance(c, dict)]
     app_probes = _rewrite_app_probes(containers, options)
@@ -423,6 +428,20 @@ def inject_pod_spec(pod_meta: dict[str, Any] | None, pod_spec: dict[str, Any],
     return meta, spec
 
 
+def unshared(value: Any) -> Any:
+    """A copy of ``value`` in which no list or mapping is held in two places: every place
+    gets its own copy. ``copy.deepcopy`` keeps what the input shares (a YAML alias: ``&p``
+    ... ``*p``) shared, so a rewrite of one holder changed the others, and the YAML written
+    out carried ``&id001`` anchors (found by a hostile review). Scalars are kept as they
+    are. Bounded by what the callers bound: the depth (``MAX_REVIEW_DEPTH``) and the values
+    once aliases are expanded (``sidecar inject``'s ``MAX_EXPANDED_VALUES``)."""
+    if isinstance(value, dict):
+        return {key: unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [unshared(item) for item in value]
+    return copy.copy(value) if isinstance(value, set | bytearray) else value
+
+
 def _inject_template(doc: dict[str, Any], path: tuple[str, ...],
                      options: InjectOptions) -> tuple[dict[str, Any], bool]:
     """Inject the pod template at ``path`` inside ``doc``; copy-on-write."""
@@ -435,7 +454,7 @@ def _inject_template(doc: dict[str, Any], path: tuple[str, ...],
     result = inject_pod_spec(template.get("metadata"), template["spec"], options)
     if result is None:
         return doc, False
-    out = copy.deepcopy(doc)
+    out = unshared(doc)
     target: Any = out
     for key in path:
         target = target[key]
@@ -446,8 +465,11 @@ def _inject_template(doc: dict[str, Any], path: tuple[str, ...],
 def inject_document(doc: Any, options: InjectOptions) -> tuple[Any, int]:
     """One manifest document -> (document, number of pod templates injected).
 
-    Kinds without a pod template, and documents that are not mappings, pass through as is.
+    Kinds without a pod template, and documents that are not mappings, pass through as is,
+    but for YAML aliases: every document comes back ``unshared``, so that it is written
+    out without anchors (``&id001``) and no rewrite reaches two places.
     """
+    doc = unshared(doc)
     if not isinstance(doc, dict):
         return doc, 0
     kind = doc.get("kind")

@@ -27,9 +27,14 @@ at its word:
   ``/proc/<pid>/root`` another container could read the sidecar's key).
 * **The sidecar's network stays the sidecar's** (found by a hostile review, session 27):
   nothing starts before it (``sidecar_order``: in either placement), no other container
-  runs as its UID (``sidecar_uid``: it could join its SO_REUSEPORT listeners), and the pod's
-  ``hostAliases`` and ``dnsConfig``, which the kubelet writes into the sidecar's container
-  too, do not pick where its names resolve (``name_resolution``).
+  runs as its UID (``sidecar_uid``: defence in depth since the workers share one listening
+  socket, bound without SO_REUSEPORT, which no other socket can join; before the
+  twenty-ninth session a socket of that uid could), and the pod's ``hostAliases``,
+  ``dnsConfig`` and own hostname, which the kubelet writes into the sidecar's container too,
+  do not pick where its names resolve (``name_resolution``). No other container holds a
+  capability over the network namespace it shares with the sidecar, or over the node the
+  sidecar runs on (``privileged_container``: ``REFUSED_CAPABILITIES``, found by a hostile
+  review, session 29: NET_ADMIN redirected the sidecar's own connections).
 * **A running pod keeps the sidecar it was admitted with** (``check_update``, for pod UPDATE
   and ``pods/ephemeralcontainers``): the old pod is compared with the new one; a changed
   sidecar container or credential volume, or an added or changed container reaching for
@@ -102,11 +107,18 @@ POD_RULES: dict[str, str] = {
                      "take its ports and answer its probes, so the mesh sidecar would never "
                      "serve",
     "sidecar_uid": "a container running as the sidecar's UID (its own runAsUser or the "
-                   "pod's) could join the sidecar's SO_REUSEPORT listeners and take a share "
-                   "of the connections meant for it",
+                   "pod's) could join the sidecar's SO_REUSEPORT listeners while the "
+                   "workers bound one each; kept as defence in depth since they share one "
+                   "socket no other can join",
     "name_resolution": "hostAliases, dnsPolicy: None or dnsConfig nameservers or searches "
                        "reach the sidecar's resolver too: the pod would choose where the "
-                       "audit collector, the JWKS and the upstream names resolve",
+                       "audit collector, the JWKS and the upstream names resolve; so does "
+                       "the pod's own hostname, which the kubelet writes into every "
+                       "container's /etc/hosts, when it is the audit collector's host",
+    "privileged_container": "another container that is privileged or adds a capability over "
+                            "the network namespace it shares with the sidecar, or over the "
+                            "node (REFUSED_CAPABILITIES), could redirect, read or forge the "
+                            "sidecar's connections or read its key",
     "malformed_pod": "a field the injector reads has the wrong JSON type (POD_SHAPE): "
                      "what a reader of the other type would see is not what was checked",
 }
@@ -128,13 +140,16 @@ _CONTAINER: dict[str, Any] = {
              "valueFrom": {"secretKeyRef": {"name": _STRING}}}],
     "envFrom": [{"secretRef": {"name": _STRING}}],
     "volumeMounts": [_NAMED], "volumeDevices": [_NAMED],
-    "restartPolicy": _STRING, "securityContext": {"runAsUser": _INTEGER},
+    "restartPolicy": _STRING,
+    "securityContext": {"runAsUser": _INTEGER, "privileged": _BOOLEAN,
+                        "capabilities": {"add": [_STRING]}},
     **{probe: {"httpGet": _HTTP_GET}
        for probe in ("livenessProbe", "readinessProbe", "startupProbe")},
 }
 POD_SHAPE: dict[str, Any] = {
-    "metadata": {"labels": {"*": _STRING}, "annotations": {"*": _STRING}},
+    "metadata": {"name": _STRING, "labels": {"*": _STRING}, "annotations": {"*": _STRING}},
     "spec": {
+        "hostname": _STRING, "subdomain": _STRING,
         "hostNetwork": _BOOLEAN, "hostPID": _BOOLEAN, "shareProcessNamespace": _BOOLEAN,
         "os": {"name": _STRING},
         "nodeSelector": {"*": _STRING},
@@ -422,16 +437,80 @@ def _check_container(key: str, container: dict[str, Any], reserved: frozenset[st
                       "sidecar's process namespace")
 
 
+# Capabilities no other container of a meshed pod may add (``privileged_container``), each
+# with why: the pod's containers share one network namespace with the sidecar, and they all
+# run on one node's kernel and clock. Found by a hostile review (session 29): an app with
+# NET_ADMIN, or ``kubectl debug --profile=netadmin``, was admitted and, with `ip addr add`,
+# landed the sidecar's audit-shipping connection on the app. NET_RAW is in the default set
+# of Docker and containerd (not CRI-O's), so a container that does not drop it holds it;
+# only an explicit ``add`` is refused here (Pod Security ``baseline`` refuses that too),
+# ``restricted`` (``drop: [ALL]``) takes it from the others. Every capability ``baseline``
+# lets a container add (CHOWN, KILL, NET_BIND_SERVICE, SETUID...) is allowed, and so is
+# SYS_PTRACE (``kubectl debug --profile=general``): without a shared process namespace,
+# refused by ``shared_process_namespace``, the sidecar's processes are out of its sight.
+REFUSED_CAPABILITIES: dict[str, str] = {
+    "ALL": "every capability, each of the ones below included",
+    "NET_ADMIN": "addresses, routes and netfilter rules of the network namespace it shares "
+                 "with the sidecar: it could redirect or drop the sidecar's own connections "
+                 "(audit collector, JWKS, upstreams) or send the inbound port to the app, "
+                 "past mTLS",
+    "NET_RAW": "raw and packet sockets in the sidecar's network namespace: it could read and "
+               "forge the packets of the sidecar's connections (its plain hop to the app, "
+               "the collector's)",
+    "SYS_ADMIN": "mounts, namespaces and most network and BPF operations: more than "
+                 "NET_ADMIN",
+    "BPF": "BPF programs, which attach to the pod's sockets and traffic (with NET_ADMIN) or "
+           "read any process's memory, the sidecar's key (with PERFMON)",
+    "PERFMON": "performance monitoring and tracing of the node's processes, the sidecar's "
+               "(with BPF: its memory)",
+    "SYS_MODULE": "kernel modules: the node's kernel, and the sidecar with it",
+    "SYS_TIME": "the node's clock, which the sidecar reads: set back, an expired "
+                "certificate or token would be accepted again",
+}
+
+
+def _capabilities_added(container: dict[str, Any]) -> list[str]:
+    """The capabilities ``container`` adds, as the container runtimes read them: upper case,
+    without a ``CAP_`` prefix (containerd and CRI-O take ``net_admin`` and ``CAP_NET_ADMIN``
+    alike)."""
+    context = container.get("securityContext")
+    capabilities = context.get("capabilities") if isinstance(context, dict) else None
+    added = capabilities.get("add") if isinstance(capabilities, dict) else None
+    return [name.strip().upper().removeprefix("CAP_")
+            for name in added or [] if isinstance(name, str)]
+
+
+def _check_privileges(key: str, container: dict[str, Any]) -> None:
+    """``privileged_container``: ``container`` (not the sidecar) is not privileged and adds
+    none of ``REFUSED_CAPABILITIES`` (see there why each)."""
+    context = container.get("securityContext")
+    if isinstance(context, dict) and context.get("privileged") is True:
+        raise _refuse("privileged_container",
+                      f"{key} {shown(container.get('name'))} is privileged: every capability "
+                      "and the node's devices, over the network namespace it shares with "
+                      "the mesh sidecar; remove privileged: true")
+    for name in _capabilities_added(container):
+        if name in REFUSED_CAPABILITIES:
+            raise _refuse("privileged_container",
+                          f"{key} {shown(container.get('name'))} adds capability "
+                          f"{shown(name)}: {REFUSED_CAPABILITIES[name]}; remove it from "
+                          "securityContext.capabilities.add")
+
+
 def _runs_as_sidecar(security_context: Any) -> bool:
     return isinstance(security_context, dict) and \
         security_context.get("runAsUser") == SIDECAR_UID
 
 
 def _check_uid(key: str, container: dict[str, Any]) -> None:
-    """``sidecar_uid``: ``container`` (not the sidecar) does not run as the sidecar's UID. With
-    ``workers`` > 1 every sidecar listener is bound with SO_REUSEPORT, and Linux lets any
-    socket of the same UID in the pod's network namespace join the group and take a share of
-    its connections (found by a hostile review; Istio refuses its proxy's UID the same way)."""
+    """``sidecar_uid``: ``container`` (not the sidecar) does not run as the sidecar's UID.
+    Until the twenty-ninth session, with ``workers`` > 1, every sidecar listener was bound
+    with SO_REUSEPORT, and Linux let any socket of the same UID in the pod's network
+    namespace join the group and take a share of its connections (found by a hostile
+    review; Istio refuses its proxy's UID the same way). The workers now share one socket
+    bound without it (``sidecar.net.listen.bind_shared``), which closes that for every uid,
+    root's after a ``setuid`` included; this rule stays as defence in depth (a process of
+    the sidecar's uid may still signal the sidecar's processes where it sees them)."""
     if _runs_as_sidecar(container.get("securityContext")):
         raise _refuse("sidecar_uid",
                       f"{key} {shown(container.get('name'))} runs as uid {SIDECAR_UID}, the mesh "
@@ -463,8 +542,52 @@ def _check_name_resolution(spec: dict[str, Any]) -> None:
                           "resolve")
 
 
-def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
-    """The rules that hold for every pod we inject or verify (``POD_RULES``)."""
+def _collector_host(options: InjectOptions) -> str | None:
+    """The audit collector's host name as a resolver matches it (lower case, no trailing
+    dot), or None: no collector, or an IP address."""
+    if not options.audit_collector:
+        return None
+    host = options.audit_collector.rpartition(":")[0].strip("[]").rstrip(".").lower()
+    return None if ":" in host or host.replace(".", "").isdigit() or not host else host
+
+
+def kubelet_host_names(meta: dict[str, Any], spec: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The names the kubelet writes for the pod itself into every container's /etc/hosts
+    (``<podIP> <hostname>``, and with a ``subdomain`` the prefix ``<hostname>.<subdomain>.``
+    of ``<hostname>.<subdomain>.<namespace>.svc.<cluster domain>``), lower case: the
+    hostname is ``spec.hostname``, else the pod's name cut at 63 characters."""
+    hostname = spec.get("hostname") or meta.get("name")
+    if not isinstance(hostname, str) or not hostname:
+        return None, None
+    short = hostname[:63].rstrip("-.").lower()
+    subdomain = spec.get("subdomain")
+    prefix = f"{short}.{subdomain.lower()}." if isinstance(subdomain, str) and subdomain \
+        else None
+    return short, prefix
+
+
+def _check_own_hostname(meta: dict[str, Any], spec: dict[str, Any],
+                        options: InjectOptions) -> None:
+    """``name_resolution``: the pod's own names in /etc/hosts (``kubelet_host_names``) are
+    not the audit collector's host: "<podIP> siem" made the sidecar ship the audit trail to
+    the pod itself (found by a hostile review, session 29, with ``--audit-collector
+    siem:6514``; the flag now refuses such a host, this holds for options built otherwise,
+    and for a collector whose full name is a pod's ``hostname.subdomain`` name)."""
+    collector = _collector_host(options)
+    short, prefix = kubelet_host_names(meta, spec)
+    if collector is None or short is None:
+        return
+    if collector == short or (prefix is not None and collector.startswith(prefix)):
+        raise _refuse("name_resolution",
+                      f"the pod's hostname {shown(short)} is the audit collector's host name, "
+                      "and the kubelet writes it into the mesh sidecar's /etc/hosts; use "
+                      "another hostname")
+
+
+def check_pod(spec: dict[str, Any], options: InjectOptions,
+              meta: dict[str, Any] | None = None) -> None:
+    """The rules that hold for every pod we inject or verify (``POD_RULES``); ``meta`` is
+    the pod's metadata (its name is its hostname when ``spec.hostname`` is unset)."""
     reserved = reserved_volume_names(options)
     for field in ("shareProcessNamespace", "hostPID"):
         if spec.get(field) is True:
@@ -478,11 +601,13 @@ def check_pod(spec: dict[str, Any], options: InjectOptions) -> None:
                       "containers running as it could take the sidecar's listeners; use "
                       "another runAsUser")
     _check_name_resolution(spec)
+    _check_own_hostname(meta or {}, spec, options)
     for key, container in _containers(spec):
         if container.get("name") == SIDECAR_CONTAINER:
             continue
         _check_container(key, container, reserved)
         _check_uid(key, container)
+        _check_privileges(key, container)
     check_credentials(spec, options)
 
 
@@ -653,7 +778,8 @@ def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOption
       and, in a pod with a sidecar, none of the sidecar's volumes (``_check_container``),
       reads no credential Secret into its environment (``_check_env``), does not target
       the sidecar's process namespace and, in a pod with a sidecar, does not run as the
-      sidecar's UID (``sidecar_uid``).
+      sidecar's UID (``sidecar_uid``), is not privileged and adds none of
+      ``REFUSED_CAPABILITIES`` (``privileged_container``).
 
     A pod without a sidecar (opted out, ``hostNetwork``, created before the namespace was
     labelled) gets the credential checks only, as at CREATE. Anything else (labels,
@@ -688,3 +814,5 @@ def check_update(old: dict[str, Any], new: dict[str, Any], options: InjectOption
         _check_env(key, container, secrets)
         if injected:
             _check_uid(key, container)  # an ephemeral container as the sidecar's uid
+            # ... or with NET_ADMIN (``kubectl debug --profile=netadmin``: a hostile review)
+            _check_privileges(key, container)

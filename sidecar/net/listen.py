@@ -44,6 +44,7 @@ from sidecar.net.streams import IdleBound, close_quietly
 
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 HANDLER_TASK_NAME = "sidecar.net.listen.connection"
+LISTEN_BACKLOG = 1024
 IDLE_DRAIN_GRACE = 1.0  # seconds an idle connection may still deliver a request once draining
 # ``on_refused`` reason of a connection still in its handshake closed to make room for a
 # newcomer on a full listener (``PendingConnections``).
@@ -273,24 +274,85 @@ def source_address(sock: Any) -> str | None:
     return str(address)
 
 
-async def open_listener(host: str, port: int, *, reuse_port: bool = False) -> trio.SocketListener:
-    """A TCP listener; SO_REUSEPORT lets several worker processes share the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _listening_options(sock: Any, family: int) -> None:
+    """The options of every TCP listener of the sidecar, set before its bind: SO_REUSEADDR,
+    and on IPv6 dual stack, whatever the host's net.ipv6.bindv6only says (`[::]` takes IPv4
+    clients too on every listener: docs/config.md "Listening addresses"). Never
+    SO_REUSEPORT: Linux lets any socket of the same effective uid join a SO_REUSEPORT group
+    and take a share of its connections (found by a hostile review: a root app container
+    in the pod, setuid to the sidecar's uid, took half of the inbound mTLS connections).
+    Workers share one socket instead (``bind_shared``, ``adopt_listener``)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+async def open_listener(host: str, port: int) -> trio.SocketListener:
+    """A TCP listener of this process alone (no SO_REUSEPORT: ``_listening_options``)."""
+    family = _family(host)
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # Dual stack, whatever the host's net.ipv6.bindv6only says: `[::]` takes IPv4
-            # clients too on every listener (docs/config.md "Listening addresses").
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _listening_options(sock, family)
         await sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
     return trio.SocketListener(sock)
+
+
+def bind_shared(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (a blocking stdlib one) for every worker of ``workers: N``:
+    the first process binds each listener once, before it starts the other workers, and
+    hands them the socket (``adopt_listener``), as nginx and gunicorn do. Its port is held
+    by one socket without SO_REUSEPORT, so no other socket can bind it, whatever its uid."""
+    family = _family(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        _listening_options(sock, family)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def adopt_listener(sock: socket.socket) -> trio.SocketListener:
+    """A Trio listener on ``sock``, a listening TCP socket another process bound
+    (``bind_shared``); several processes accept on it, the kernel hands each connection to
+    one of them. OSError when ``sock`` is not a listening TCP socket."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+            sock.type != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise OSError(errno.EINVAL, "the inherited socket is not a listening TCP socket")
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def inherited_sockets(text: str) -> dict[str, socket.socket]:
+    """The listening sockets a worker got from the first process: ``text`` is the JSON
+    object listener name -> file descriptor (``bind_shared``'s sockets, passed with
+    ``pass_fds``). ValueError when it is not such an object; OSError when a descriptor is
+    not an open socket (nothing is kept open then)."""
+    import json
+
+    mapping = json.loads(text)
+    if not isinstance(mapping, dict) or not all(
+            isinstance(name, str) and type(fd) is int and fd > 2 for name, fd in mapping.items()):
+        raise ValueError("expected a JSON object of listener name -> file descriptor")
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for name, fd in mapping.items():
+            sockets[name] = socket.socket(fileno=fd)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()  # (this worker's copies: the first process keeps its own)
+        raise
+    return sockets
 
 
 def listener_port(listener: trio.SocketListener) -> int:
