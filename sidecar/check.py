@@ -292,7 +292,13 @@ def _check_policy(run: _Run, cfg: Any, spiffe_id: str | None, now: float,
 
     g = "policy"
     if cfg.policy is None:
-        run.skip(g, "policy loads", "no policy configured (inbound uses allow_from)")
+        # (With a policy, ``inbound.allow_from`` is refused while the config loads: it used
+        # to be ignored without a word; a hostile review, session 29.)
+        inbound = cfg.inbound
+        run.skip(g, "policy loads", "no policy configured: " + (
+            "no inbound listener" if inbound is None
+            else "inbound admits the callers of inbound.allow_from" if inbound.allow_from
+            else "inbound denies every request (no caller in inbound.allow_from)"))
         return
     # The policy as the sidecar loads it: its files and/or directories are one policy set.
     paths = list(cfg.policy_paths) or [cfg.policy]

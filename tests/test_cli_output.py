@@ -195,7 +195,8 @@ def test_json_of_check_lint_explain_over_a_split_set(tmp_path: Path):
 
 def test_explain_json_matches_table_and_refuses_non_spiffe_ids():
     base = ("policy", "explain", SHOP, "--to", ORDERS, "--from", FRONT, "--now",
-            "2025-01-01T00:00:00Z", "--path", "/orders/1")
+            "2025-01-01T00:00:00Z", "--path", "/orders/1",
+            "--host", "orders.shop.svc.cluster.local")  # (a section with a `hosts` rule)
     table, doc, _ = both(*base, "--claims", '{"scope": "orders:read"}')
     assert table.returncode == 0 and doc["kind"] == "PolicyExplain" and doc["allowed"] is True
     d = doc["decision"]

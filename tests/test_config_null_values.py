@@ -81,7 +81,7 @@ def maximal_config() -> dict[str, Any]:
                      "watch_interval": "2s",
                      "trust_domains": {"partner.example": {"bundle": "partner.pem"}}},
         "inbound": {"listen": "127.0.0.1:15443", "app": "127.0.0.1:8080", "protocol": "http",
-                    "allow_from": [spiffe("frontend")], "app_source_address": "127.0.0.6"},
+                    "app_source_address": "127.0.0.6"},
         "outbound": [{"name": "pay", "listen": "127.0.0.1:15001",
                       "upstream": "127.0.0.1:16443", "identity": spiffe("payments"),
                       "protocol": "http"}],
@@ -107,10 +107,14 @@ def maximal_config() -> dict[str, Any]:
 
 
 def maximal_configs() -> list[dict[str, Any]]:
-    """The maximal config, and it with ``policy`` as a list (the other shape of the key)."""
+    """The maximal config, it with ``policy`` as a list (the other shape of the key), and it
+    without a policy but with ``inbound.allow_from`` (refused beside a policy)."""
     listed = maximal_config()
     listed["policy"] = ["mesh.yaml", "ns"]
-    return [maximal_config(), listed]
+    unpoliced = maximal_config()
+    del unpoliced["policy"]
+    unpoliced["inbound"]["allow_from"] = [spiffe("frontend")]
+    return [maximal_config(), listed, unpoliced]
 
 
 def maximal_policy() -> dict[str, Any]:
@@ -338,10 +342,10 @@ def _schema_keys(doc: Any, load: Any, name: str) -> dict[str, tuple[set[str], se
 def test_the_maximal_documents_hold_every_key():
     """The family above covers every key because the maximal documents hold every key the
     loaders know, at every mapping (asked of the loaders, not listed here)."""
-    positions = {}
-    for doc in maximal_configs():
-        positions.update({f"config {k}": v for k, v in
-                          _schema_keys(doc, _load_config, "c.yaml").items()})
+    positions: dict[str, tuple[set[str], set[str]]] = {}
+    for doc in maximal_configs():  # (the keys the documents hold together)
+        for k, (known, held) in _schema_keys(doc, _load_config, "c.yaml").items():
+            positions.setdefault(f"config {k}", (known, set()))[1].update(held)
     positions.update({f"policy {k}": v for k, v in
                       _schema_keys(maximal_policy(), _load_policy, "p.yaml").items()})
     # The mappings whose keys the loaders check (and whose values are open: services,

@@ -73,7 +73,8 @@ def _assert_names_shown(text: str, where: str, names: list[str]) -> None:
 
 
 @pytest.mark.parametrize("command", [("policy", "check"), ("policy", "lint"),
-                                     ("policy", "explain", "--to", SERVICE, "--path", "/")])
+                                     ("policy", "explain", "--to", SERVICE, "--from",
+                                      "spiffe://demo.local/ns/shop/sa/frontend", "--path", "/")])
 def test_policy_commands_escape_the_names_of_a_policy_sets_files(tmp_path: Path,
                                                                   command: tuple[str, ...]) -> None:
     directory = _hostile_directory(tmp_path)

@@ -50,7 +50,8 @@ def test_lint_exit_codes() -> None:
 
 
 def test_explain_allowed_denied_and_usage() -> None:
-    base = ("explain", SHOP, "--to", ORDERS, "--from", FRONT, "--now", "2025-01-01T00:00:00Z")
+    base = ("explain", SHOP, "--to", ORDERS, "--from", FRONT, "--now", "2025-01-01T00:00:00Z",
+            "--host", "orders.shop.svc.cluster.local")  # (a section with a `hosts` rule)
     code, out, _ = run(*base, "--path", "/orders/1", "--claims", '{"scope": "orders:read"}')
     assert code == 0 and "decision: ALLOW" in out
     code, out, _ = run(*base, "--path", "/orders/1")

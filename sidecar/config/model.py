@@ -81,13 +81,13 @@ class Limits:
 @dataclass(frozen=True)
 class InboundConfig:
     """``inbound``: the mTLS listener callers reach and the local app it forwards to.
-    ``allow_from`` (SPIFFE IDs) is the fallback access list, consulted only when no policy file
-    is configured; with a policy it is ignored."""
+    ``allow_from`` (SPIFFE IDs) is the access list of a sidecar without a policy; a config
+    that gives both is refused (``ALLOW_FROM_WITH_POLICY``)."""
 
     listen: tuple[str, int]
     app: tuple[str, int]
     protocol: Protocol = "http"
-    allow_from: tuple[str, ...] | None = None  # used only when no policy file is configured
+    allow_from: tuple[str, ...] | None = None  # only without a policy (refused with one)
     # ``app_source_address``: the address the connections to the app come from (bound before
     # connecting), so that the app can tell the mesh's callers from its own pod's local
     # clients; None lets the kernel choose (``any``). See ``app_source``.
@@ -251,10 +251,11 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
     )
 
     inbound = None
+    inbound_raw: dict[str, Any] | None = None
     if top.get("inbound") is not None:
         p: Path = ("inbound",)
-        m = r.fields(top["inbound"], p, {"listen", "app", "protocol", "allow_from",
-                                         "app_source_address"})
+        m = inbound_raw = r.fields(top["inbound"], p, {"listen", "app", "protocol", "allow_from",
+                                                       "app_source_address"})
         allow_from = None
         if "allow_from" in m:
             af = m["allow_from"]
@@ -340,6 +341,8 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         elif (f := r.file(pv, pp)) is not None:
             policy_paths = [f]
         policy = ", ".join(policy_paths) or None
+        if inbound_raw is not None and "allow_from" in inbound_raw:
+            src.problem(("inbound", "allow_from"), ALLOW_FROM_WITH_POLICY)
 
     audit = None
     if top.get("audit") is not None:
@@ -446,6 +449,15 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         raw=top,
     )
 
+
+# ``inbound.allow_from`` beside ``policy``: the policy alone decides who gets in, so the list
+# would be ignored -- and was, without a word, while its author took it for the caller
+# allow-list (ghostunnel's ``--allow-uri``, its model, is always enforced): a caller outside it
+# was served whenever a rule let it in (found by a hostile review, session 29). Refused at load
+# (``check``, ``run --check``, the start and a reload), at the key's line.
+ALLOW_FROM_WITH_POLICY = (
+    "ignored when a policy is set (the policy alone decides who gets in): move these callers "
+    "into the policy -- a `from` condition on its allow rules -- and remove allow_from")
 
 # An outbound listener's name: a metric label, a log and audit field (like a policy rule's).
 LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

@@ -252,6 +252,7 @@ def _explain_doc(result: Any, policy: Policy) -> dict[str, Any]:
         "files": list(policy.files),
         "section_file": (section.file or policy.filename) if section is not None else None,
         "to": result.identity,
+        "protocol": "http",  # (``--tcp``: "tcp", ``_explain_stream``)
         "target": result.raw_target,
         "path": result.path,
         "query": result.query,
@@ -282,6 +283,63 @@ def _spiffe_arg(flag: str, value: str | None, err: TextIO) -> bool:
         return False
 
 
+# What a TCP stream lacks, as the flags that would give it (``--tcp`` refuses each): a stream
+# has no method, target, Host or credentials (docs/policy.md "TCP listeners").
+REQUEST_ONLY_FLAGS = (("--method", "method"), ("--path", "path"), ("--host", "host"),
+                      ("--claims", "claims"), ("--provider", "provider"),
+                      ("--token-invalid", "token_invalid"), ("--apikey", "apikey"))
+
+
+def _explain_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags of ``explain`` before the policy is read, if anything.
+
+    Every request the mTLS listener decides has a caller, and every HTTP request a target:
+    ``--from`` was optional, and a request without a caller -- which the data path never
+    decides -- was explained instead (found by a hostile review, session 29: a deny rule on
+    ``from`` shown failing, the request allowed)."""
+    if args.caller is None:
+        return ("--from is required: the caller's SPIFFE ID (every request the inbound "
+                "listener decides comes with one, from the caller's certificate)")
+    if getattr(args, "tcp", False):
+        given = [flag for flag, dest in REQUEST_ONLY_FLAGS
+                 if getattr(args, dest, None) is not None]
+        if given:
+            return (f"{given[0]} does not apply with --tcp: a stream has no method, target, "
+                    "Host or credentials")
+    elif args.path is None:
+        return "--path is required: the raw request target (or --tcp for a stream)"
+    elif args.host is not None and not args.host:
+        return "--host is empty: a request without a Host is refused with 400 before any rule"
+    return None
+
+
+def _explain_needs(section: Any, tcp: bool, args: argparse.Namespace) -> str | None:
+    """A flag the request needs to be decided as the data path decides it, if missing.
+
+    ``--port`` when a deny rule has a ``ports`` condition: a port no request has (0) fails
+    every one, and the deny rule was shown not holding where the sidecar refuses the request
+    (found by a hostile review, session 26; an allow rule's is shown failing, and explain
+    refuses more, never less). ``--host`` when any rule has a ``hosts`` condition: without
+    it the request was decided with Host "", which the data path never decides (a request
+    without a Host is refused with 400 before any rule), so a deny rule on ``hosts`` was
+    shown failing and the request ALLOWED where the sidecar refuses it with 403 (found by a
+    hostile review, session 29). Without such a rule the Host cannot change the decision
+    (only ``hosts`` reads it); a stream has none."""
+    rules = tuple(section.rules) if section is not None else ()
+    if args.port is None:
+        named = sorted(r.name for r in rules if r.effect == "deny" and r.when.ports is not None)
+        if named:
+            return (f"deny rule {named[0]!r} of the --to section has a ports condition: give "
+                    "--port (the listening port the request arrives on)")
+    if not tcp and args.host is None:
+        named = sorted(r.name for r in rules if r.when.hosts is not None)
+        if named:
+            return (f"rule {named[0]!r} of the --to section has a hosts condition: give "
+                    "--host (the request's Host; a request without one is refused with 400 "
+                    "before any rule)")
+    return None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the decision and its trail; exit 0 when allowed, 1 when denied."""
     out, err = _streams(args)
@@ -289,6 +347,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if now is None:
         return EXIT_USAGE
     if not (_spiffe_arg("--to", args.to, err) and _spiffe_arg("--from", args.caller, err)):
+        return EXIT_USAGE
+    tcp = bool(getattr(args, "tcp", False))
+    if (usage := _explain_usage(args)) is not None:
+        print(f"usage error: {usage}", file=err)
         return EXIT_USAGE
     claims_doc: Any = None
     if args.claims is not None:
@@ -303,28 +365,101 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy = _load(args.file, err)
     if policy is None:
         return EXIT_FOUND
-    if args.port is None:
-        # A port no request has (0) fails every `ports` condition: a deny rule on a port was
-        # shown not holding, and the request allowed, where the sidecar refuses it (found by a
-        # hostile review). An allow rule's is shown failing (explain refuses more, never less).
-        section = policy.section(args.to)
-        named = sorted(rule.name for rule in (section.deny.rules if section else ())
-                       if rule.when.ports is not None)
-        if named:
-            print(f"usage error: deny rule {named[0]!r} of the --to section has a ports "
-                  "condition: give --port (the listening port the request arrives on)",
-                  file=err)
-            return EXIT_USAGE
+    if (usage := _explain_needs(policy.section(args.to), tcp, args)) is not None:
+        print(f"usage error: {usage}", file=err)
+        return EXIT_USAGE
+    if tcp:
+        doc, text = _explain_stream(policy, args, now)
+        emit(args, doc, lambda: text, out)
+        return EXIT_OK if doc["allowed"] else EXIT_FOUND
     providers = [args.provider] if args.provider else list(policy.extras.jwt_providers)
     claims = {p: claims_doc for p in providers} if claims_doc is not None else {}
     token_errors = {p: "invalid" for p in args.token_invalid or ()}
     result = explain(
-        policy, args.to, caller=args.caller, method=args.method, target=args.path,
+        policy, args.to, caller=args.caller, method=args.method or "GET", target=args.path,
         host=args.host or "", port=args.port or 0, listener=args.listener,
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
     )
     emit(args, _explain_doc(result, policy), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
+
+
+# The conditions an opaque stream has (``compiled.stream_holds``); the others are request
+# and credential conditions: left out of a deny rule, never met by an allow rule.
+STREAM_CONDITIONS = frozenset({"from", "namespaces", "ports", "listeners"})
+REQUEST_CONDITIONS = ("methods", "paths", "hosts", "jwt", "apikey")  # (``Conditions`` fields)
+
+
+def _stream_trail(section: Any, facts: Any, now: float) -> list[dict[str, Any]]:
+    """Every rule of ``section`` as a stream meets it: the conditions a stream has, checked;
+    the others left out of a deny rule (it denies more) and never met for an allow rule."""
+    from sidecar.policy.compiled import ConditionResult, request_trace, stream_holds
+
+    rules: list[dict[str, Any]] = []
+    for rule in section.rules:
+        deny = rule.effect == "deny"
+        conds = [c for c in request_trace(rule.when, facts, section.trust_domain)
+                 if c.name in STREAM_CONDITIONS]
+        conds += [ConditionResult(name, deny, "left out: the stream could carry any request"
+                                  if deny else "a stream has none: never met")
+                  for name in REQUEST_CONDITIONS if getattr(rule.when, name) is not None]
+        held = (stream_holds(rule.when, facts, section.trust_domain) if deny
+                else all(c.held for c in conds))
+        status = "expired" if rule.expired(now) else "matched" if held else "not matched"
+        dry = rule.mode == "dry-run" or (rule.mode is None and section.mode == "dry-run")
+        rules.append({"name": rule.name, "effect": rule.effect, "line": rule.line,
+                      "status": status, "dry_run": dry,
+                      "conditions": [{"name": c.name, "held": c.held, "detail": c.detail}
+                                     for c in conds]})
+    return rules
+
+
+def _explain_stream(policy: Policy, args: argparse.Namespace,
+                    now: float) -> tuple[dict[str, Any], str]:
+    """``explain --tcp``: the decision for a stream on a ``protocol: tcp`` listener, made as
+    the data path makes it (``decide`` with no method, path, Host or credentials:
+    ``inbound._tcp``), and each rule's trail with only the conditions a stream has.
+
+    Before session 29 explain decided HTTP requests only, while a stream is decided
+    otherwise (a deny rule on ``paths`` refuses every stream, an allow rule on ``paths`` none;
+    a hostile review)."""
+    from sidecar.policy.decision import NO_AUTH, RequestFacts
+    from sidecar.policy.engine import decide
+
+    facts = RequestFacts("inbound", args.caller, "127.0.0.1", "", "", "", args.port or 0,
+                         args.listener)
+    d = decide(policy, args.to, facts, NO_AUTH, now)
+    section = policy.section(args.to)
+    defined = policy.services.get(args.to)
+    rules = _stream_trail(section, facts, now) if section is not None else []
+    doc: dict[str, Any] = {
+        "kind": "PolicyExplain", "policy": policy.filename, "files": list(policy.files),
+        "section_file": (defined.file or policy.filename) if defined is not None else None,
+        "to": args.to, "protocol": "tcp", "target": None, "path": None, "query": "",
+        "normalisation": "", "refused_before_policy": None,
+        "section_found": section is not None, "allowed": d.allowed,
+        "decision": {"action": d.action, "status": d.status or None, "rule": d.rule,
+                     "reason": d.reason, "version": d.version, "dry_run": d.dry_run,
+                     "would": d.would},
+        "rules": rules,
+    }
+    lines = [f"to:     {safe(args.to)}",
+             "stream: tcp (no method, path, Host or credentials: decided once, when it opens)"]
+    if section is None:
+        lines.append("section: none for this identity -> every stream is denied")
+    for r in rules:
+        mark = {"matched": "+", "expired": "~"}.get(r["status"], "-")
+        at = f" (line {r['line']})" if r["line"] else ""
+        dry = " [dry-run]" if r["dry_run"] else ""
+        lines.append(f"  {mark} {r['effect']} {safe(r['name'])}{at}{dry}: {r['status']}")
+        lines += [f"      {'ok  ' if c['held'] else 'FAIL'} {c['name']}: {safe(c['detail'])}"
+                  for c in r["conditions"]]
+    verdict = f"decision: {d.action.upper()}" + (f" {d.status}" if d.status else "")
+    verdict += f"  rule={safe(d.rule)!r} reason={d.reason} version={d.version[:12]}"
+    if d.dry_run:
+        verdict += f"  (dry-run: would {d.would})"
+    lines.append(verdict)
+    return doc, "\n".join(lines)
 
 
 CONFIGMAP_LIMIT = 1024 * 1024  # Kubernetes refuses a ConfigMap over 1 MiB
@@ -357,14 +492,66 @@ def split_policy(doc: dict[str, Any], raw: bytes) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _rebase_provider_files(mesh: dict[str, Any], old: str, new: str) -> None:
-    """Relative ``jwks_file``/``jwks_ca`` paths are relative to the policy file: keep them
-    pointing at the same files from the new directory."""
-    for spec in (mesh.get("jwt_providers") or {}).values():
-        for key in ("jwks_file", "jwks_ca"):
-            if isinstance(spec, dict) and isinstance(spec.get(key), str) and not (
-                    os.path.isabs(spec[key])):
-                spec[key] = os.path.relpath(os.path.join(old, spec[key]), new)
+# Every file path a provider names, as data: (top-level key, path inside the entry). A
+# relative one is relative to the directory of the file that states it
+# (``load_sections.parse_provider``), so ``split`` rewrites each for the new directory and
+# its load-back compares each resolved (``tests/test_policy_cli_review29.py`` derives the
+# list from the loader: the values that change when the same text is read from elsewhere).
+NAMED_FILE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("jwt_providers", ("jwks_file",)), ("jwt_providers", ("jwks_ca",)),
+    ("jwt_providers", ("introspection", "ca")),
+    ("jwt_providers", ("introspection", "client_secret_file")),
+)
+
+
+def _rebase_named_files(mesh: dict[str, Any], old: str, new: str) -> None:
+    """Every relative file path of a named entry (``NAMED_FILE_KEYS``: a provider's
+    ``jwks_file``, ``jwks_ca``, ``introspection.ca`` and ``introspection.client_secret_file``)
+    is relative to the policy file: keep it pointing at the same file from the new directory.
+    (Before session 29 only ``jwks_file``/``jwks_ca`` were rewritten, and the set written
+    named ``DIR/ca.pem`` for the introspection endpoint's CA; a hostile review.)"""
+    for top, inner in NAMED_FILE_KEYS:
+        for spec in (mesh.get(top) or {}).values():
+            for part in inner[:-1]:
+                spec = spec.get(part) if isinstance(spec, dict) else None
+            value = spec.get(inner[-1]) if isinstance(spec, dict) else None
+            if isinstance(spec, dict) and isinstance(value, str) and not os.path.isabs(value):
+                spec[inner[-1]] = os.path.relpath(os.path.join(old, value), new)
+
+
+def _split_differences(before: Policy, after: Policy) -> list[str]:
+    """What the set written by ``split`` reads otherwise than the source: the counts, every
+    mesh-wide part (revocations, API keys, rate limits, alerts) and every JWT provider as
+    loaded -- its file paths resolved: the same text names other files from another
+    directory (session 29: only the counts were compared, and ``ok`` was said of a set that
+    named other introspection files)."""
+    import dataclasses
+
+    out = [f"{f.name}: not the same" for f in dataclasses.fields(before.extras)
+           if f.name != "jwt_providers"
+           and getattr(before.extras, f.name) != getattr(after.extras, f.name)]
+    if len(after.services) != len(before.services):
+        out.append(f"{len(after.services)} section(s), not {len(before.services)}")
+    if after.rule_count() != before.rule_count():
+        out.append(f"{after.rule_count()} rule(s), not {before.rule_count()}")
+    was, now = before.extras.jwt_providers, after.extras.jwt_providers
+    for name in sorted(set(was) | set(now)):
+        a, b = was.get(name), now.get(name)
+        if a == b:
+            continue
+        files = [f"{'.'.join(inner)} {_file_value(b, inner)} (source: {_file_value(a, inner)})"
+                 for top, inner in NAMED_FILE_KEYS if top == "jwt_providers"
+                 and _file_value(a, inner) != _file_value(b, inner)]
+        out.append(f"jwt_providers.{name}: " + ("; ".join(files) if files
+                                                else "not the same provider"))
+    return out
+
+
+def _file_value(entry: Any, inner: tuple[str, ...]) -> Any:
+    """The value at ``inner`` of a loaded entry (attributes), None where there is none."""
+    for part in inner:
+        entry = getattr(entry, part, None)
+    return entry
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -384,8 +571,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     raw = read_capped(args.file)
     doc, _ = parse_yaml(raw, args.file)
     files = split_policy(doc, raw)
-    _rebase_provider_files(files[MESH_FILE], os.path.dirname(os.path.abspath(args.file)),
-                           os.path.abspath(args.out))
+    _rebase_named_files(files[MESH_FILE], os.path.dirname(os.path.abspath(args.file)),
+                        os.path.abspath(args.out))
     os.makedirs(args.out, exist_ok=True)
     sizes: dict[str, int] = {}
     for name, part in files.items():
@@ -395,10 +582,12 @@ def cmd_split(args: argparse.Namespace) -> int:
             fh.write(text)
         sizes[name] = len(text.encode())
     again = _load([args.out], err)
-    if again is None or len(again.services) != len(policy.services) or (
-            again.rule_count() != policy.rule_count()):
-        print(f"error: the files written to {args.out} do not load back as the same policy",
-              file=err)
+    differences = ["it does not load"] if again is None else _split_differences(policy, again)
+    if again is None or differences:
+        for what in differences:
+            print(f"error: {safe(args.out)}: {safe(what)}", file=err)
+        print(f"error: the files written to {safe(args.out)} do not load back as the same "
+              "policy", file=err)
         return EXIT_FOUND
     big = sorted(n for n, size in sizes.items() if size > CONFIGMAP_LIMIT)
     print(f"ok: {args.file} -> {args.out}: {len(files)} file(s), {len(policy.services)} "
@@ -434,16 +623,22 @@ def add_policy_parsers(subparsers: Any) -> None:
     p = subparsers.add_parser("explain", help="show the decision for one request and why")
     p.add_argument("file", nargs="+", help=files_help)
     p.add_argument("--to", required=True, help="SPIFFE ID of the called workload (section)")
-    p.add_argument("--from", dest="caller", help="SPIFFE ID of the caller")
-    p.add_argument("--method", default="GET", help="HTTP method (default GET)")
-    p.add_argument("--path", required=True, help="raw request target, e.g. /orders/1?x=y")
+    p.add_argument("--from", dest="caller", help="SPIFFE ID of the caller (required)")
+    p.add_argument("--method", help="HTTP method (default GET)")
+    p.add_argument("--path", help="raw request target, e.g. /orders/1?x=y (required, "
+                                  "unless --tcp)")
     p.add_argument("--claims", help="JSON object: verified token claims")
     p.add_argument("--provider", help="the --claims belong to this provider only")
     p.add_argument("--token-invalid", action="append", metavar="PROVIDER",
                    help="simulate an invalid token for PROVIDER (repeatable)")
     p.add_argument("--apikey", help="name of a valid API key presented")
-    p.add_argument("--host", help="Host header")
-    p.add_argument("--port", type=int, help="local listening port")
+    p.add_argument("--host", help="Host header (required when a rule of the --to section "
+                                  "has a hosts condition)")
+    p.add_argument("--port", type=int, help="local listening port (required when a deny rule "
+                                            "of the --to section has a ports condition)")
+    p.add_argument("--tcp", action="store_true",
+                   help="decide a stream on a protocol: tcp listener (no method, path, Host "
+                        "or credentials) instead of an HTTP request")
     p.add_argument("--listener", default="inbound",
                    help="listener name (default inbound: rules decide the inbound listener's "
                         "requests only)")
