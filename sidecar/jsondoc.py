@@ -9,12 +9,14 @@ AdmissionReviews (the API server, or anything that reaches the webhook port).
 one ``JsonDocError`` (a ``ValueError``) whose message says what, for the log:
 
 * bytes that are not UTF-8 (``json.loads(bytes)`` would also take UTF-16 and UTF-32);
-* anything ``json`` refuses, a byte-order mark and integers of more than 4,300 digits
-  included;
+* anything ``json`` refuses, a byte-order mark included;
 * ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON; and a number no double holds
   (``1e400`` overflows to infinity, ``1e-400`` underflows to zero): found by a hostile
   review, a token claim ``1e400`` was read as ``inf`` and forwarded to the app as
-  ``Infinity`` (not JSON), the same header as ``1e999``'s; ``0.0`` and ``1e-400`` another;
+  ``Infinity`` (not JSON), the same header as ``1e999``'s; ``0.0`` and ``1e-400`` another.
+  In every spelling: an integer past the double range (``1`` and 400 zeros, 309 nines) is
+  refused as ``1e400`` is (found by the next review: only the exponent spelling was, and
+  ``10**400`` was forwarded as 401 digits that ``JSON.parse`` reads as ``Infinity``);
 * an object naming a member twice: which copy wins differs between parsers, so a reader in
   front of us could have seen the other one; with ``fold_case`` (JWT headers and payloads),
   also two names that are one in another case (``role`` and ``ROLE``): Go's encoding/json
@@ -25,8 +27,9 @@ one ``JsonDocError`` (a ``ValueError``) whose message says what, for the log:
 * a lone surrogate (``"\\ud800"``): no Unicode text, it cannot be written to a log line, a
   header or the audit trail as UTF-8.
 
-Costs: one parse, one walk of the containers for the depth, and a dump only when the text
-holds a surrogate escape at all. None of this is on the data path.
+Costs: one parse (a call per number, for its range), one walk of the containers for the
+depth, and a dump only when the text holds a surrogate escape at all. None of this is on the
+data path.
 """
 
 from __future__ import annotations
@@ -86,6 +89,28 @@ def _finite_float(text: str) -> float:
         raise JsonDocError(f"number {text[:32]} is out of range")
     if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
         raise JsonDocError(f"number {text[:32]} underflows to zero")
+    return value
+
+
+# The most characters of an integer a double holds: ``sys.float_info.max`` has 309 digits
+# (a sign and leading zeros aside, which JSON does not allow): a longer one is refused
+# without converting it (``int`` refuses more than 4,300 digits anyway).
+_MAX_INT_CHARS = 310
+
+
+def _finite_int(text: str) -> int:
+    """A JSON integer, refused when no double holds it: one that overflows to an infinity
+    when read as a double (``float(int)`` raises exactly when ``float(text)`` is infinite:
+    both round to nearest), as ``_finite_float`` refuses ``1e400``. ``JSON.parse`` reads
+    every number as a double: ``10**400`` is ``Infinity`` there, the same value as
+    ``10**401`` and as the ``1e400`` the reader refuses."""
+    if len(text) > _MAX_INT_CHARS:
+        raise JsonDocError(f"number {text[:32]}... ({len(text)} characters) is out of range")
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise JsonDocError(f"number {text[:32]}... is out of range") from None
     return value
 
 
@@ -161,7 +186,8 @@ def read_json(data: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH,
         text = data
     try:
         value = json.loads(text, object_pairs_hook=_members_one_case if fold_case else _members,
-                           parse_constant=_constant, parse_float=_finite_float)
+                           parse_constant=_constant, parse_float=_finite_float,
+                           parse_int=_finite_int)
     except RecursionError:
         raise JsonDocError(f"nested deeper than {max_depth} levels") from None
     except JsonDocError:

@@ -33,13 +33,19 @@ import base64
 import binascii
 import functools
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 from urllib.parse import unquote, unquote_plus
 
-from sidecar.authn.jwt import MALFORMED, MULTIPLE_TOKENS, TokenInvalid, names_issuer
+from sidecar.authn.jwt import (
+    MALFORMED,
+    MULTIPLE_TOKENS,
+    TokenInvalid,
+    lenient_part,
+    names_issuer,
+    payload_names,
+)
 from sidecar.http.untrusted import fold
 from sidecar.policy.sections import JwtProvider, TokenLocation
 
@@ -426,10 +432,17 @@ def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -
 # Or (``_filled_pieces``) a part between two dots that may be a payload with filler in it:
 # its first digit one a JSON object's first byte may begin (``{``, or what
 # ``_BEFORE_OBJECT`` lets come before it), then at least 11 more characters. One search.
-# (It begins with the dot, the digit before it a look-behind: a pattern beginning with a
-# character class is tried at every byte, twice as slow on a browser's User-Agent.)
-_MAY_BE_COPY = re.compile(rb"\.(?:(?<=[A-Za-z0-9_\-+/=]\.)[A-Za-z0-9_\-+/=]{16}"
-                          rb"|[^A-Za-z0-9_\-+/=.]*+[eICDA7uv/_][^.]{11,}+\.)")
+# (It begins with the dot: a pattern beginning with a character class is tried at every
+# byte, twice as slow on a browser's User-Agent.) Whatever comes before the dot, nothing
+# included: npm jwt-decode reads ``token.split(".")[1]`` whatever the header is, so
+# ``.<payload>.<sig>``, ``.<payload>`` and ``<header>~.<payload>`` are copies (found by a
+# hostile review, session 29: the digit before the dot was required, and a forged copy
+# without one reached the app). A filled part may be the last (no signature after it): then
+# it holds filler (without, a last part such as ``seg1.example-file`` is no candidate, nor
+# read whole: 16 such segments used up what a request reads, ``MAX_COPY_PIECES``).
+_MAY_BE_COPY = re.compile(rb"\.(?:[A-Za-z0-9_\-+/=]{16}"
+                          rb"|[^A-Za-z0-9_\-+/=.]*+[eICDA7uv/_](?:[^.]{11,}+\."
+                          rb"|[A-Za-z0-9_\-+/=]*+[^A-Za-z0-9_\-+/=.][^.]*+\Z))")
 # Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
 # parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
 _COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
@@ -438,18 +451,21 @@ _COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
 def _copy_pieces(text: str) -> list[str]:
     """The JWT-shaped pieces of ``text``: each run of ``_COPY_RUN`` with a dot, from the
     start of its first part. That part holds no ``+`` (a space in a query) and no ``=`` but
-    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``. And the pieces whose
-    payload has filler in it (``_filled_pieces``)."""
+    its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``; it may be empty (the
+    run begins with its dot: ``.<payload>.<sig>``, or the header ended in a character that
+    is no base64 digit, ``<header>~.<payload>``): what is read is the part after the first
+    dot, as npm jwt-decode reads it whatever precedes it (found by a hostile review, session
+    29: such a run was dropped). And the pieces whose payload has filler in it
+    (``_filled_pieces``)."""
     pieces = []
     for run in _COPY_RUN.findall(text):
         dot = run.find(".")
-        if dot <= 0:
+        if dot < 0:
             continue
         head = run[:dot]
         start = max(head.rfind("+"), head.rstrip("=").rfind("=")) + 1
-        if start < dot:
-            pieces.append(run[start:])
-    if text.count(".") >= 2:
+        pieces.append(run[start:])
+    if "." in text:
         pieces += _filled_pieces(text)
     return pieces
 
@@ -464,14 +480,15 @@ _MIN_PAYLOAD_DIGITS = 12
 
 def _filled_pieces(text: str) -> list[str]:
     """Pieces for the JWTs of ``text`` whose payload has filler in it (``h.eyJp!!!!c3Mi.s``,
-    ``h.eyJp    c3Mi.s``): each part between two dots that holds filler and at least
+    ``h.eyJp    c3Mi.s``): each part after a dot that holds filler and at least
     ``_MIN_PAYLOAD_DIGITS`` digits, as ``.<its digits>.`` (the payload is what is read;
     found by a hostile review: such a token reached the app unread, and a lenient reader
-    decodes it to the forged claims). The piece is no token's string, so beside the
-    provider's own token it is a second one."""
+    decodes it to the forged claims); the last part too (``h.eyJp    c3Mi``: no signature,
+    session 29). The piece is no token's string, so beside the provider's own token it is
+    a second one."""
     parts = text.split(".")
     pieces = []
-    for part in parts[1:-1]:
+    for part in parts[1:]:
         if len(part) > _MIN_PAYLOAD_DIGITS and _NOT_DIGIT.search(part) is not None:
             digits = _NOT_DIGIT.sub("", part)
             if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
@@ -496,16 +513,14 @@ _BEFORE_OBJECT = b" \t\r\n\x00\xef\xbb\xbf\xfe\xff"
 
 
 def _object_payload(piece: str) -> bool:
-    """Whether the second part of ``piece`` decodes, leniently, to a JSON object's start
-    (cheap: what fails here is no token to any reader)."""
+    """Whether the second part of ``piece`` decodes, leniently (``jwt.lenient_part``, as
+    ``names_issuer`` reads it), to a JSON object's start (cheap: what fails here is no
+    token to any reader)."""
     part = piece.split(".", 2)[1]
     if len(part) < 12:  # {"iss":"x"} is 15 digits
         return False
-    try:
-        data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        return False
-    return data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
+    data = lenient_part(part)
+    return data is not None and data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
 
 
 class _Copies:
@@ -737,34 +752,20 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
 # the audit record's ``jti`` is the SHA-256 of a token's id (``audit.record.hash_token_id``):
 # one token's requests can still be told apart and correlated, and nothing of it is kept.
 PATH_TOKEN_FORM = "<token sha256:{}>"
-# Base64 digits as a lenient decoder reads them (``jwt.names_issuer``'s): anything else,
-# padding included, is filler it skips.
-_NOT_LENIENT_DIGIT = re.compile(r"[^A-Za-z0-9_\-+/]++")
+
+
+def _any_value(value: object) -> bool:
+    return True
 
 
 def _json_has_member(part: str, member: str) -> bool:
-    """Whether ``part``, read as leniently as ``jwt.names_issuer`` reads a payload (base64
-    with or without padding or filler, JSON in UTF-8, -16 or -32, a byte-order mark), is
-    JSON holding an object, at any depth, with a member ``member`` (in any case)."""
-    digits = _NOT_LENIENT_DIGIT.sub("", part)
-    try:
-        data = base64.urlsafe_b64decode(digits + "=" * (-len(digits) % 4))
-    except (binascii.Error, ValueError):
-        return False
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    found = False
-
-    def pairs(members: list[tuple[str, object]]) -> dict[str, object]:
-        nonlocal found
-        found = found or any(k.casefold() == member for k, _ in members)
-        return {}
-
-    try:
-        json.loads(data, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        pass
-    return found
+    """Whether ``part``, read as leniently as ``jwt.names_issuer`` reads a payload
+    (``jwt.payload_names``: base64 with or without padding or filler; JSON in UTF-8, -16 or
+    -32, with bytes that are no UTF-8, numbers of any size, nested any depth), is JSON
+    holding an object, at any depth, with a member ``member`` (in any case). (Before the
+    twenty-ninth session a payload ``json`` could not read named nothing here either: the
+    path ``copies`` refused was written to the records whole.)"""
+    return payload_names(part, member, _any_value)
 
 
 class _PathPieces:

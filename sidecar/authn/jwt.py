@@ -44,7 +44,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache, lru_cache
 from types import MappingProxyType
 from typing import Any
@@ -276,44 +276,181 @@ def _names(value: Any, wanted: str) -> bool:
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9_\-+/]++")
 
 
+def lenient_part(part: str) -> bytes | None:
+    """A JWT part decoded as leniently as a reader that decodes it unverified may: base64 or
+    base64url, with or without padding, any other character skipped as filler (it does not
+    count towards the padding: ``eyJp!!!c3M...`` decodes as ``eyJpc3M...`` does), a last
+    digit that completes no byte dropped (Node's ``Buffer.from``), a UTF-8 byte-order mark
+    dropped. None when nothing decodes."""
+    digits = _NOT_BASE64.sub("", part)
+    if len(digits) % 4 == 1:
+        digits = digits[:-1]
+    try:
+        data = base64.urlsafe_b64decode(digits + "=" * (-len(digits) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
+def payload_names(part: str, member: str, wanted: Callable[[Any], bool]) -> bool:
+    """Whether the JWT part ``part``, read WITHOUT verifying anything and as leniently as an
+    app may (``lenient_part``, then JSON), holds an object, at any depth, with a member
+    ``member`` (lower-case; its name in any case: ``str.casefold``) whose value ``wanted``
+    accepts. Over-reading only refuses more: every reading counts.
+
+    The readings: the bytes as ``json`` takes them (UTF-8, -16 or -32); when that fails, or
+    the bytes are not ASCII, the text with each bad byte replaced (Node's
+    ``Buffer.toString``, Go's encoding/json: U+FFFD) and as Latin-1 (``JSON.parse(atob(p))``).
+    Numbers are never converted (an integer of 5,000 digits is no error: ``JSON.parse`` reads
+    ``Infinity``). A text ``json`` cannot read whole (nested past the interpreter's recursion
+    limit, which ``JSON.parse`` and Go read; or broken after the member) is scanned for the
+    member (``_scanned_members``). Found by a hostile review (session 29): each of a Latin-1
+    byte, a 5,000-digit integer and 3,000-deep nesting made ``json.loads`` give up before it
+    had seen the top-level ``iss``, and a forged token of the issuer reached the app as a
+    token of nobody's. Linear in the part's size (a few passes)."""
+    data = lenient_part(part)
+    if data is None:
+        return False
+    found = False
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or any(k.casefold() == member and wanted(v) for k, v in members)
+        return {}
+
+    try:
+        json.loads(data, object_pairs_hook=pairs, parse_int=len, parse_float=len,
+                   parse_constant=len)
+        if found or data.isascii():
+            return found  # (read whole: every reading is this one)
+        encodings: tuple[str, ...] = ("latin-1",)  # (the other one of non-ASCII UTF-8)
+    except (ValueError, RecursionError):
+        if found:
+            return True
+        encodings = (json.detect_encoding(data), "utf-8", "latin-1")
+    texts: list[str] = []
+    for encoding in encodings:
+        text = data.decode(encoding, "replace")
+        if text in texts:
+            continue
+        texts.append(text)
+        try:
+            json.loads(text, object_pairs_hook=pairs, parse_int=len, parse_float=len,
+                       parse_constant=len)
+        except (ValueError, RecursionError):
+            if found or _scanned_members(text, member, wanted):
+                return True
+            continue
+        if found:
+            return True
+    return False
+
+
+# Characters whose case folding (``str.casefold``) is ASCII letters, other than the letters
+# themselves in either case (every one: tests/test_token_copies_review29.py computes them
+# over all code points): a member name spelled with them folds to the same name.
+_FOLDED_TO: Mapping[str, str] = MappingProxyType({
+    "ss": "\u00df\u1e9e", "s": "\u017f", "k": "\u212a", "ff": "\ufb00", "fi": "\ufb01",
+    "fl": "\ufb02", "ffi": "\ufb03", "ffl": "\ufb04", "st": "\ufb05\ufb06"})
+
+
+def _spellings(name: str) -> str:
+    """A pattern for the body of every JSON string that reads as a name folding to ``name``
+    (lower-case ASCII): each character as itself in either case, as a character that folds
+    to it (``_FOLDED_TO``: ``ſ``, ``ß``...), or as a ``\\u`` escape of one (compiled
+    ignoring case). A superset: a match is checked by folding it."""
+    if not name:
+        return ""
+    alternatives = []
+    for size in range(1, min(3, len(name)) + 1):
+        chars = set(_FOLDED_TO.get(name[:size], ""))
+        if size == 1:
+            chars |= {name[0], name[0].upper()}
+        if chars:
+            spelled = "|".join(f"{re.escape(c)}|\\\\u{ord(c):04x}" for c in sorted(chars))
+            alternatives.append(f"(?:{spelled}){_spellings(name[size:])}")
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+@lru_cache(maxsize=8)
+def _member_pattern(member: str) -> re.Pattern[str]:
+    # (the name, then the colon: the value starts at the match's end)
+    return re.compile(f'"({_spellings(member)})"\\s*+:\\s*+', re.IGNORECASE)
+
+
+_JSON_STRING = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"', re.DOTALL)
+# A list's items up to its first ``]`` outside a string (a nested list ends it early: its
+# items after that are not read, and nothing of the list is read twice).
+_LIST_ITEMS = re.compile(r'\[((?:"[^"\\]*+(?:\\.[^"\\]*+)*+"|[^"\]])*+)', re.DOTALL)
+_ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|(.))", re.DOTALL)
+_SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _escaped(m: re.Match[str]) -> str:
+    code = m.group(1)
+    return chr(int(code, 16)) if code is not None else _SHORT_ESCAPES.get(m.group(2),
+                                                                          m.group(2))
+
+
+def _unescaped(body: str) -> str:
+    """A JSON string's body as a lenient reader reads it (an unknown escape is the
+    character; an escaped surrogate pair is one character, a lone one stays)."""
+    if "\\" not in body:
+        return body
+    text = _ESCAPE.sub(_escaped, body)
+    try:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    except UnicodeDecodeError:
+        return text
+
+
+def _scanned_members(text: str, member: str, wanted: Callable[[Any], bool]) -> bool:
+    """``payload_names`` for a text ``json`` cannot read whole: each ``"<member>": ``
+    (``_member_pattern``, its name folded as the parser's names are) and its value: a
+    string, or the strings of a list (``_LIST_ITEMS``); any other value is read as None.
+    One pass over the text (the search goes on after a list's items: a member inside the
+    list was read with it)."""
+    search = _member_pattern(member).search
+    pos = 0
+    while (m := search(text, pos)) is not None:
+        pos = m.end()
+        if _unescaped(m.group(1)).casefold() != member:
+            continue
+        value: Any = None
+        if text.startswith('"', pos):
+            string = _JSON_STRING.match(text, pos)
+            value = None if string is None else _unescaped(string.group(1))
+        elif text.startswith("[", pos):
+            items = _LIST_ITEMS.match(text, pos)
+            assert items is not None  # (it matches any "[")
+            pos = items.end()
+            value = [_unescaped(body) for body in _JSON_STRING.findall(items.group(1))]
+        if wanted(value):
+            return True
+    return False
+
+
 def names_issuer(token: str, issuer: str, max_chars: int | None = MAX_UNVERIFIED_TOKEN) -> bool:
     """Does ``token``'s payload, read WITHOUT verifying anything, name ``issuer`` as an
     ``iss``? A token that names a provider's issuer is that provider's to judge, whatever
     else is wrong with it (``alg: none``, an ID token's ``typ``, ``crit``, a claim of the
-    wrong type, a header that is not JSON): an app that decodes the payload unverified
-    reads that issuer's claims. Read as leniently as such an app may (base64 with or without
-    padding or stray characters; JSON in UTF-8, -16 or -32; any ``iss`` member, a repeated
-    one included, its name in any case; the issuer in any case, with or without a trailing
-    ``/`` or surrounding whitespace, in NFKC-equivalent characters, or in a list), since
-    over-reading only refuses more. Never decide to accept on it. ``max_chars``: longer
-    tokens name nothing (None: no bound; the caller bounds what it reads)."""
+    wrong type, a header that is not JSON or missing): an app that decodes the payload
+    unverified reads that issuer's claims. Read as leniently as such an app may
+    (``payload_names``: base64 with or without padding or stray characters; JSON in UTF-8,
+    -16 or -32, with bytes that are no UTF-8, numbers of any size, nested any depth; any
+    ``iss`` member, a repeated one included, its name in any case; the issuer in any case,
+    with or without a trailing ``/`` or surrounding whitespace, in NFKC-equivalent
+    characters, or in a list), since over-reading only refuses more. Never decide to accept
+    on it. The payload is the part after the first dot, whatever precedes it (npm
+    jwt-decode reads ``token.split(".")[1]``). ``max_chars``: longer tokens name nothing
+    (None: no bound; the caller bounds what it reads)."""
     if max_chars is not None and len(token) > max_chars:
         return False
-    parts = token.split(".")
+    parts = token.split(".", 2)
     if len(parts) < 2:
         return False
-    # Filler (any character but base64 digits: a lenient decoder skips it) does not count
-    # towards the padding: ``eyJp!!!c3M...`` decodes as ``eyJpc3M...`` does.
-    payload = _NOT_BASE64.sub("", parts[1])
-    try:
-        data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    except (binascii.Error, ValueError):
-        return False
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    named = False
     wanted = _wanted_issuer(issuer)
-
-    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal named
-        named = named or any(k.casefold() == "iss" and _names(v, wanted) for k, v in members)
-        return {}
-
-    try:
-        json.loads(data, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        pass
-    return named
+    return payload_names(parts[1], "iss", lambda value: _names(value, wanted))
 
 
 def _media_type(value: str) -> str:
