@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -658,21 +659,196 @@ def _public_der(key: object) -> bytes:
     return out
 
 
-def verify_chain(
-    leaf: x509.Certificate,
-    intermediates: list[x509.Certificate],
-    roots: list[x509.Certificate],
-    now: float,
-) -> list[x509.Certificate]:
-    """Check that ``leaf`` chains to one of ``roots`` at time ``now``; raise SvidError.
-    Return the chain built: the leaf first, the root last.
+# --- trust anchors and issuers as the handshake's OpenSSL judges them -------------------------
+#
+# The handshake's contexts leave X509_V_FLAG_PARTIAL_CHAIN off: OpenSSL anchors a chain only at
+# a *self-signed* certificate of the bundle, and takes a candidate issuer only when the
+# child's authority key identifier agrees with it. cryptography's path builder anchors at ANY
+# certificate of its store and ignores the AKI, so with a bundle listing an intermediate
+# besides its root the chain check anchored there: after a bundle change an open connection
+# was kept that a new handshake refused (the root withdrawn, or re-issued with another key
+# identifier), its trust end lost the root's notAfter, and so did the own ``trust_ends``
+# (found by the twenty-ninth session's review). ``verify_chain`` now builds the chain as
+# OpenSSL does (``_Chains``) and has cryptography verify that chain, anchored at its
+# self-signed end.
 
-    Uses cryptography's RFC 5280 path builder. The leaf's extensions are not judged by its
-    Web PKI profile (the SVID rules above are ours); issuers must be proper CAs.
-    """
-    policy = (
+# The ASN.1 string types whose values OpenSSL compares in canonical form (``ASN1_MASK_CANON``
+# in crypto/x509/x_name.c); a value of another type is compared as it is, type included.
+_CANON_TYPES = frozenset({12, 19, 20, 22, 26, 28, 30})
+_ASCII_SPACE = " \t\n\v\f\r"
+
+
+def _canonical_value(value: str) -> str:
+    """``asn1_string_canon``: leading and trailing ASCII white space dropped, each inner run
+    of it one space, ASCII letters in lower case; other characters as they are."""
+    value = value.strip(_ASCII_SPACE)
+    out: list[str] = []
+    spaced = False
+    for ch in value:
+        if ch in _ASCII_SPACE:
+            if not spaced:
+                out.append(" ")
+            spaced = True
+            continue
+        spaced = False
+        out.append(ch.lower() if ch.isascii() else ch)
+    return "".join(out)
+
+
+_NameKey = tuple[tuple[tuple[str, object], ...], ...]
+
+
+def _openssl_name_key(name: x509.Name) -> _NameKey | None:
+    """``name`` as ``X509_NAME_cmp`` compares it (its canonical encoding): per RDN the set of
+    its attributes, string values in canonical form whatever their string type. Exact where
+    ``trust._canonical_name`` errs on matching more: here a match makes a certificate an
+    anchor or an issuer. None when a value cannot be read (it then matches nothing)."""
+    try:
+        rdns = []
+        for rdn in name.rdns:
+            entries: list[tuple[str, object]] = []
+            for attr in rdn:
+                kind = getattr(getattr(attr, "_type", None), "value", None)
+                if isinstance(attr.value, str) and kind in _CANON_TYPES:
+                    entries.append((attr.oid.dotted_string, _canonical_value(attr.value)))
+                else:
+                    entries.append((attr.oid.dotted_string, (kind, attr.value)))
+            rdns.append(tuple(sorted(entries, key=repr)))
+        return tuple(rdns)
+    except Exception:  # noqa: BLE001 -- a name cryptography reads only in part
+        return None
+
+
+def _akid_problem(cert: x509.Certificate, issuer: x509.Certificate) -> str | None:
+    """``X509_check_akid``: why ``cert``'s authority key identifier rules ``issuer`` out (its
+    key identifier is not the issuer's subject key identifier, its serial is not the issuer's
+    serial, its directory name is not the issuer's issuer), or None."""
+    try:
+        akid = _extension(cert.extensions, x509.AuthorityKeyIdentifier)
+        if akid is None:
+            return None
+        value = akid.value
+        skid = _extension(issuer.extensions, x509.SubjectKeyIdentifier)
+        if value.key_identifier is not None and skid is not None \
+                and value.key_identifier != skid.value.digest:
+            return "its authority key identifier is not the issuer's subject key identifier"
+        if value.authority_cert_serial_number is not None \
+                and value.authority_cert_serial_number != issuer.serial_number:
+            return "its authority key identifier names another serial number"
+        dirs = [g.value for g in value.authority_cert_issuer or ()
+                if isinstance(g, x509.DirectoryName)]
+        if dirs and _openssl_name_key(dirs[0]) != _openssl_name_key(issuer.issuer):
+            return "its authority key identifier names another issuer"
+    except Exception as exc:  # noqa: BLE001 -- unreadable extensions: no issuer at all
+        return f"unreadable key identifiers: {str(exc)[:200]}"
+    return None
+
+
+# The signature algorithms of each key type (``check_sig_alg_match``: a self-signed
+# certificate is signed with an algorithm of its own key's type).
+def _oids(prefix: str) -> frozenset[x509.ObjectIdentifier]:
+    return frozenset(v for k, v in vars(x509.SignatureAlgorithmOID).items()
+                     if k.startswith(prefix))
+
+
+_RSA_SIGNATURES = _oids("RSA_WITH_") | {x509.SignatureAlgorithmOID.RSASSA_PSS}
+_EC_SIGNATURES = _oids("ECDSA_WITH_")
+_DSA_SIGNATURES = _oids("DSA_WITH_")
+
+
+def _judge_self_signed(cert: x509.Certificate) -> bool:
+    """Whether OpenSSL takes ``cert`` as self-signed, the only kind of trust anchor it has
+    without X509_V_FLAG_PARTIAL_CHAIN (``EXFLAG_SS``): subject and issuer the same name as
+    ``X509_NAME_cmp`` compares them, its own authority key identifier (if any) agreeing with
+    it, signed with an algorithm of its key's type. Its signature is not verified: OpenSSL
+    does not verify an anchor's own (X509_V_FLAG_CHECK_SS_SIGNATURE off), and a root signed
+    with parameters cryptography cannot read loads (``signature-weak``'s note)."""
+    try:
+        return _openssl_name_key(cert.subject) is not None \
+            and _openssl_name_key(cert.subject) == _openssl_name_key(cert.issuer) \
+            and _akid_problem(cert, cert) is None and _signed_with_key_type(cert, cert)
+    except Exception:  # noqa: BLE001 -- a key or algorithm cryptography cannot read
+        return False
+
+
+# The characters of a DNS name in a commonName (``cn2dnsid`` in crypto/x509/v3_ncons.c).
+_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def _cn_dns_id(value: str) -> str | None:
+    """``cn2dnsid``: the DNS name a commonName value stands for (two labels at least, letters,
+    digits, ``_``, inner ``-`` and ``.``), or None; ValueError on an embedded NUL."""
+    value = value.rstrip("\0")
+    if "\0" in value:
+        raise ValueError("a commonName with an embedded NUL")
+    dns = False
+    last = len(value) - 1
+    for i, ch in enumerate(value):
+        if ch in _DNS_CHARS:
+            continue
+        if 0 < i < last:
+            if ch == "-":
+                continue
+            if ch == "." and value[i + 1] != "." and value[i - 1] != "-" \
+                    and value[i + 1] != "-":
+                dns = True
+                continue
+        return None
+    return value if dns else None
+
+
+def _dns_within(dns: str, base: str) -> bool:
+    """``nc_dns``: ``dns`` is ``base`` or a name under it (ASCII case ignored)."""
+    if not base:
+        return True
+    if len(dns) < len(base):
+        return False
+    if len(dns) > len(base) and base[0] != "." and dns[len(dns) - len(base) - 1] != ".":
+        return False
+    return dns[len(dns) - len(base):].encode().lower() == base.encode().lower()
+
+
+def _cn_constraint_problem(chain: Sequence[x509.Certificate]) -> str | None:
+    """Why OpenSSL refuses the leaf's commonName under the chain's DNS name constraints
+    (``NAME_CONSTRAINTS_check_CN``: a leaf without a DNS SAN whose commonName looks like a
+    host name is held to them), or None. cryptography's path builder applies name
+    constraints to subjectAltNames only, so such a peer passed the chain check where it was
+    verified again and failed a new handshake (found by the twenty-ninth session's review)."""
+    constraints = []
+    for ca in chain[1:]:
+        found = _extension(ca.extensions, x509.NameConstraints)
+        if found is not None:
+            constraints.append(found.value)
+    if not constraints:
+        return None
+    leaf = chain[0]
+    san = _extension(leaf.extensions, x509.SubjectAlternativeName)
+    if san is not None and san.value.get_values_for_type(x509.DNSName):
+        return None
+    for attr in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
+        if not isinstance(attr.value, str):
+            continue
+        try:
+            dns = _cn_dns_id(attr.value)
+        except ValueError as exc:
+            return str(exc)
+        if dns is None:
+            continue
+        for nc in constraints:
+            permitted = [g.value for g in nc.permitted_subtrees or ()
+                         if isinstance(g, x509.DNSName)]
+            if permitted and not any(_dns_within(dns, base) for base in permitted):
+                return f"commonName {dns[:200]!r} is outside the CA's permitted DNS names"
+            if any(_dns_within(dns, g.value) for g in nc.excluded_subtrees or ()
+                   if isinstance(g, x509.DNSName)):
+                return f"commonName {dns[:200]!r} is within the CA's excluded DNS names"
+    return None
+
+
+def _path_builder(anchor: x509.Certificate, now: float) -> verification.PolicyBuilder:
+    return (
         verification.PolicyBuilder()
-        .store(verification.Store(roots))
+        .store(verification.Store([anchor]))
         .time(dt.datetime.fromtimestamp(now, tz=dt.UTC))
         .max_chain_depth(MAX_CHAIN_DEPTH)
         .extension_policies(
@@ -680,12 +856,231 @@ def verify_chain(
             ee_policy=verification.ExtensionPolicy.permit_all(),
         )
     )
+
+
+def _name_key_of(cert: x509.Certificate, which: str) -> _NameKey | None:
     try:
-        return list(policy.build_client_verifier().verify(leaf, intermediates).chain)
+        return _openssl_name_key(getattr(cert, which))
+    except Exception:  # noqa: BLE001 -- a name cryptography cannot parse: it matches nothing
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What the handshake's chain building asks of a certificate (``_facts``)."""
+
+    subject: _NameKey | None
+    issuer: _NameKey | None
+    self_signed: bool
+    not_before: float
+    not_after: float
+
+
+# ``_Facts`` of the certificates chains are built from, by the SHA-256 of their DER: every
+# chain check of a trust domain asks them of the same few bundle certificates. Bounded:
+# emptied when full.
+_FACTS_MAX = 512
+_facts_cache: dict[bytes, _Facts] = {}
+
+
+def _facts(cert: x509.Certificate) -> _Facts:
+    key = der_key(cert.public_bytes(serialization.Encoding.DER))
+    got = _facts_cache.get(key)
+    if got is None:
+        try:
+            start, end = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        except Exception:  # noqa: BLE001 -- dates cryptography cannot read: never valid
+            start, end = 0.0, 0.0
+        got = _Facts(_name_key_of(cert, "subject"), _name_key_of(cert, "issuer"),
+                     _judge_self_signed(cert), start, end)
+        if len(_facts_cache) >= _FACTS_MAX:
+            _facts_cache.clear()
+        _facts_cache[key] = got
+    return got
+
+
+def _may_issue(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """The rest of ``ossl_x509_likely_issued`` once the names match: the certificate's
+    authority key identifier does not rule the issuer out, and it is signed with an
+    algorithm of the issuer's key type. (No signature is verified here, as in OpenSSL's
+    chain building: a wrong pick fails later.)"""
+    try:
+        return _akid_problem(cert, issuer) is None and _signed_with_key_type(cert, issuer)
+    except Exception:  # noqa: BLE001 -- a key or algorithm cryptography cannot read
+        return False
+
+
+def _signed_with_key_type(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    key = issuer.public_key()
+    oid = cert.signature_algorithm_oid
+    if isinstance(key, rsa.RSAPublicKey):
+        return oid in _RSA_SIGNATURES
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return oid in _EC_SIGNATURES
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return oid == x509.SignatureAlgorithmOID.ED25519
+    if isinstance(key, ed448.Ed448PublicKey):
+        return oid == x509.SignatureAlgorithmOID.ED448
+    from cryptography.hazmat.primitives.asymmetric import dsa
+
+    return isinstance(key, dsa.DSAPublicKey) and oid in _DSA_SIGNATURES
+
+
+# The most chains ``_Chains.paths`` offers (several certificates of a bundle that may each
+# be the issuer, in an order OpenSSL does not define).
+_MAX_PATHS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _BundleIndex:
+    """A bundle's certificates (held: their ids stay theirs), by subject, with their
+    ``_Facts`` by id."""
+
+    ids: dict[int, x509.Certificate]
+    by_subject: dict[_NameKey, list[x509.Certificate]]
+    facts: dict[int, _Facts]
+
+
+# The last bundles chains were built from, by the ids of their certificates: the bundle of a
+# trust domain is the same objects at every check (``TrustBundle.roots``), so its index is
+# made once, not at each connection checked again after a bundle change.
+_INDEX_MAX = 16
+_indexes: OrderedDict[tuple[int, ...], _BundleIndex] = OrderedDict()
+
+
+def _bundle_index(bundle: Sequence[x509.Certificate]) -> _BundleIndex:
+    key = tuple(map(id, bundle))
+    got = _indexes.get(key)
+    if got is not None and all(got.ids.get(id(c)) is c for c in bundle):
+        _indexes.move_to_end(key)
+        return got
+    facts = {id(c): _facts(c) for c in bundle}
+    by_subject: dict[_NameKey, list[x509.Certificate]] = {}
+    for cert in bundle:
+        subject = facts[id(cert)].subject
+        if subject is not None:
+            by_subject.setdefault(subject, []).append(cert)
+    got = _indexes[key] = _BundleIndex({id(c): c for c in bundle}, by_subject, facts)
+    while len(_indexes) > _INDEX_MAX:
+        _indexes.popitem(last=False)
+    return got
+
+
+class _Chains:
+    """The chains the handshake's OpenSSL may build for a leaf from what the peer sent and a
+    bundle (``build_chain``, trusted first, no partial chains): each step takes an issuer from
+    the bundle when one may issue the top certificate -- and from then on looks in the bundle
+    only -- and else the first the peer sent that may; it ends at a self-signed certificate
+    of the bundle (a self-signed one the peer sent must be one of the bundle's, byte for
+    byte). Where several bundle certificates may be the issuer each is tried (OpenSSL's order
+    among same-named certificates is not defined). Signatures and extensions are the
+    caller's to verify. Each certificate's ``_Facts`` are looked up once per call, and the
+    bundle is indexed by subject: a step costs a lookup, not a pass over the bundle."""
+
+    def __init__(self, sent: Sequence[x509.Certificate], bundle: Sequence[x509.Certificate],
+                 now: float) -> None:
+        self.now = now
+        self.sent = list(sent)
+        self.index = _bundle_index(bundle)
+        self.by_subject = self.index.by_subject
+        self.memo: dict[int, _Facts] = {}
+
+    def facts(self, cert: x509.Certificate) -> _Facts:
+        got = self.index.facts.get(id(cert))
+        if got is None or self.index.ids.get(id(cert)) is not cert:
+            got = self.memo.get(id(cert))
+            if got is None:
+                got = self.memo[id(cert)] = _facts(cert)
+        return got
+
+    def issuers(self, cert: x509.Certificate, candidates: Sequence[x509.Certificate]
+                ) -> list[x509.Certificate]:
+        """Those of ``candidates`` OpenSSL may take as ``cert``'s issuer
+        (``get0_best_issuer_sk``): the ones valid now, or else the one that expires last."""
+        wanted = self.facts(cert).issuer
+        able = [c for c in candidates if wanted is not None
+                and self.facts(c).subject == wanted and _may_issue(cert, c)]
+        valid = [c for c in able
+                 if self.facts(c).not_before <= self.now <= self.facts(c).not_after]
+        if valid or not able:
+            return valid
+        return [max(able, key=lambda c: self.facts(c).not_after)]
+
+    def paths(self, leaf: x509.Certificate) -> Iterator[list[x509.Certificate]]:
+        return itertools.islice(self._extend([leaf], self.sent, False), _MAX_PATHS)
+
+    def _extend(self, chain: list[x509.Certificate], untrusted: list[x509.Certificate],
+                bundle_only: bool) -> Iterator[list[x509.Certificate]]:
+        top = chain[-1]
+        if len(chain) > MAX_CHAIN_DEPTH + 1:
+            return
+        top_ss = self.facts(top).self_signed
+        wanted = self.facts(top).issuer
+        options = self.issuers(top, self.by_subject.get(wanted, []) if wanted else [])
+        if options:
+            if top_ss:  # (a self-signed certificate: only itself, listed, anchors it)
+                if top in options:
+                    yield chain
+                return
+            for issuer in options:
+                if self.facts(issuer).self_signed:
+                    yield [*chain, issuer]
+                elif issuer not in chain:
+                    yield from self._extend([*chain, issuer], untrusted, True)
+            return
+        if bundle_only or top_ss:
+            return
+        found = next((c for c in self.issuers(top, untrusted) if c not in chain), None)
+        if found is not None:
+            yield from self._extend([*chain, found], [c for c in untrusted if c is not found],
+                                    False)
+
+
+def chain_check_alone(cert: x509.Certificate, now: float) -> None:
+    """Raise ``SvidError`` unless the chain check (cryptography's verifier, the policy of
+    ``verify_chain``) takes ``cert`` as a chain of its own, its own anchor: what a bundle
+    certificate must pass to load (``trust._chain_check_takes_root``), whether it is a root
+    or an intermediate the bundle lists."""
+    try:
+        _path_builder(cert, now).build_client_verifier().verify(cert, [])
     except Exception as exc:  # noqa: BLE001 -- VerificationError, or what a hostile chain raises
-        raise SvidError(
-            RULE_CHAIN_UNTRUSTED, f"certificate does not chain to a bundle root: {exc}"
-        ) from exc
+        raise SvidError(RULE_CHAIN_UNTRUSTED,
+                        f"certificate does not chain to a bundle root: {exc}") from exc
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    roots: list[x509.Certificate],
+    now: float,
+) -> list[x509.Certificate]:
+    """Check that ``leaf`` chains to a self-signed certificate of ``roots`` (a bundle) at time
+    ``now`` as the handshake's OpenSSL chains it; raise SvidError. Return the chain: the
+    leaf first, the self-signed anchor last.
+
+    The chain is the one OpenSSL builds (``_Chains``): only the bundle's
+    self-signed certificates anchor it, its others complete it (and once one has, the
+    chain goes on through the bundle only), an issuer the child's authority key identifier
+    rules out is none, a bundle without a self-signed certificate verifies nothing.
+    cryptography's RFC 5280 verifier then checks that chain (signatures, validity, CA
+    constraints): the leaf's extensions are not judged by its Web PKI profile (the SVID
+    rules above are ours); issuers must be proper CAs. Last, a leaf's host-like commonName
+    meets the chain's DNS name constraints, as in OpenSSL.
+    """
+    error: str = "no chain to a self-signed certificate of the bundle"
+    for path in _Chains(intermediates, roots, now).paths(leaf):
+        try:
+            built = list(_path_builder(path[-1], now).build_client_verifier()
+                         .verify(leaf, path[1:-1]).chain)
+            problem = _cn_constraint_problem(built)
+        except Exception as exc:  # noqa: BLE001 -- VerificationError, or what a hostile chain raises
+            error = str(exc)
+            continue
+        if problem is not None:
+            error = problem
+            continue
+        return built
+    raise SvidError(RULE_CHAIN_UNTRUSTED, f"certificate does not chain to a bundle root: {error}")
 
 
 def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Svid:

@@ -66,6 +66,7 @@ from sidecar.identity.svid import (
     SvidError,
     _read,
     _signing_rules,
+    chain_check_alone,
     check_signers,
     crypto_problem,
     der_key,
@@ -241,13 +242,21 @@ def _chain_check_takes_root(trust_domain: str, path: str, root: x509.Certificate
     empty subject or issuer...). OpenSSL anchors peers at such a root, and the set lookup of
     ``check_peer`` accepted them, while the chain check refuses every chain through it
     (found by a hostile review). Judged at a time within the root's validity: an expired
-    or future root is a matter of time, handled where peers are checked."""
+    or future root is a matter of time, handled where peers are checked.
+
+    An intermediate the bundle lists (not self-signed) is judged the same way, alone
+    (``chain_check_alone``): ``verify_chain`` no longer takes it as an anchor, only as a
+    link of a chain to a self-signed root (the twenty-ninth session's review). Its chain to
+    a root of the bundle is not required here: one that has none anchors nothing and
+    completes no chain, in the handshake as in the chain check, and refusing it would
+    refuse the narrowed bundle of a withdrawal (``TlsState.with_roots_withdrawn`` builds it
+    here), keeping the very root the file withdrew while its intermediate stays listed."""
     now = time.time()
     try:
         start = root.not_valid_before_utc.timestamp()
         end = root.not_valid_after_utc.timestamp()
         at = now if start <= now < end else start + (end - start) / 2
-        verify_chain(root, [], [root], at)
+        chain_check_alone(root, at)
     except Exception as exc:  # noqa: BLE001 -- refuse the file, naming the root
         raise SvidError(RULE_SIGNING_CERT_INVALID,
                         f"a root of trust domain {trust_domain} "
