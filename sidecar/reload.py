@@ -120,7 +120,10 @@ def _hash_directory(h: Any, path: str, budget: _Budget) -> None:
     """Names and contents of the files the policy loader reads from directory ``path``
     (``policy_file_names``: its visible *.yaml / *.yml entries, through a Kubernetes
     ``..data`` link when there is one), in name order; a directory the loader refuses
-    counts as its error."""
+    counts as its error -- among them one whose visible entries are not the ``..data``
+    version's links (a visible file replaced by an edited copy, a file dropped beside the
+    links, a policy suffix in another case): hashing only ``..data`` took such an edit for no
+    change at all, never loaded nor reported (found by a hostile review, session 29)."""
     from sidecar.policy.policyset import policy_file_names
 
     try:

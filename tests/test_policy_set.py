@@ -316,8 +316,13 @@ def test_a_half_updated_configmap_directory_reads_one_whole_version(tmp_path: Pa
     new_c = f"version: 1\nservices:\n  {C}:" + NS_B.split(f"  {C}:")[1]
     volume.stage(_yaml(mesh=MESH, a=NS_A, b=moved_b, c=new_c), stamp="v2")
     assert load_policy_set([str(d)]).version == v1.version
-    # 2. ..data swapped, the visible c.yaml link not created yet: the whole new version.
+    # 2. ..data swapped, the visible c.yaml link not created yet: refused, naming c.yaml (a
+    # policy file of ..data the directory does not show; session 29), until kubelet links it.
     volume.swap("v2")
+    with pytest.raises(ConfigError) as info:
+        load_policy_set([str(d)])
+    assert "c.yaml" in str(info.value)
+    volume.link("c.yaml")
     v2 = load_policy_set([str(d)])
     assert v2.services[C].file == str(d / "c.yaml") and set(v2.services) == {A, B, C}
     # 3. a visible link left dangling (a file removed by the update) changes nothing.

@@ -27,6 +27,7 @@ from sidecar.policy.explain import explain
 from sidecar.policy.lint import LintWarning, lint
 from sidecar.policy.loaded import Policy
 from sidecar.policy.loader import load_policy_set, policy_label
+from sidecar.policy.policyset import NAMED_FILE_KEYS
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -492,16 +493,10 @@ def split_policy(doc: dict[str, Any], raw: bytes) -> dict[str, dict[str, Any]]:
     return out
 
 
-# Every file path a provider names, as data: (top-level key, path inside the entry). A
-# relative one is relative to the directory of the file that states it
-# (``load_sections.parse_provider``), so ``split`` rewrites each for the new directory and
-# its load-back compares each resolved (``tests/test_policy_cli_review29.py`` derives the
-# list from the loader: the values that change when the same text is read from elsewhere).
-NAMED_FILE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("jwt_providers", ("jwks_file",)), ("jwt_providers", ("jwks_ca",)),
-    ("jwt_providers", ("introspection", "ca")),
-    ("jwt_providers", ("introspection", "client_secret_file")),
-)
+# Every file path a provider names (``policyset.NAMED_FILE_KEYS``, one list with the set's
+# merge): a relative one is relative to the directory of the file that states it, so
+# ``split`` rewrites each for the new directory and its load-back compares each resolved
+# (``tests/test_policy_cli_review29.py`` derives the list from the loader).
 
 
 def _rebase_named_files(mesh: dict[str, Any], old: str, new: str) -> None:

@@ -179,6 +179,64 @@ def _active_enforced(rule: Rule, now: float) -> bool:
     return rule.mode != "dry-run" and rule.expires_at is None and not rule.expired(now)
 
 
+# How a rule takes part in decisions (``engine.decide_section``), weakest first: OBSERVED
+# (``mode: dry-run`` on the rule: only reported), INHERITED (no mode of its own in a
+# dry-run section or policy: decides, and the outcome dry-runs), ENFORCED (``mode:
+# enforce``, or no mode in an enforcing section). A matching ENFORCED deny beats an
+# INHERITED one listed before it, and an ENFORCED allow's near miss (401/403) beats an
+# INHERITED one's.
+OBSERVED, INHERITED, ENFORCED = 1, 2, 3
+
+
+def _standing(rule: Rule, section_mode: str) -> int:
+    """OBSERVED, INHERITED or ENFORCED, for a rule of a section in ``section_mode``."""
+    if rule.mode == "dry-run":
+        return OBSERVED
+    if rule.mode is None and section_mode == "dry-run":
+        return INHERITED
+    return ENFORCED
+
+
+def _never_decides(earlier: Rule, later: Rule, section_mode: str) -> bool:
+    """Given that ``earlier`` (same effect, listed before, never expiring) matches every
+    request ``later`` matches, is it certain that ``later`` decides nothing? Found by a
+    hostile review (session 29): lint looked at the earlier rule's own mode only, so an
+    enforced rule after one that dry-runs by its section's or the policy's mode was
+    "shadowed" -- removing it, as the warning says, turned a 403/401 into 200."""
+    mine, theirs = _standing(later, section_mode), _standing(earlier, section_mode)
+    if later.effect == "deny":
+        # The first matching ENFORCED deny decides, else the first INHERITED one; an
+        # OBSERVED one only shows when nothing denies.
+        return theirs >= mine
+    if theirs == OBSERVED:
+        return mine == OBSERVED  # the first matching observed allow is the one reported
+    if mine == OBSERVED:
+        return True  # a regular allow that matches decides before the observed one counts
+    e, c = earlier.when, later.when
+    if e.jwt is None and e.apikey is None:
+        return True  # allows every request the later one matches, before it
+    # Both may miss on credentials: the earlier one's near miss must be the one kept. An
+    # ENFORCED near miss is kept over an INHERITED one, and a 401 over a 403: the later rule
+    # misses with 401 while the earlier misses with 403 only when the later asks for a token
+    # the earlier does not and the earlier names API keys (a wrong key, no token).
+    return theirs >= mine and not (c.jwt is not None and e.jwt is None
+                                   and isinstance(e.apikey, frozenset))
+
+
+def _first_to_name(rules: tuple[Rule, ...], index: int) -> str | None:
+    """The provider rule ``rules[index]`` names if no earlier rule of the section names it:
+    naming it is what makes the section verify its tokens (and, with ``invalid_tokens:
+    refuse``, refuse a forged or expired one on every route, rule ``invalid token``) and
+    puts it in the section's provider order (``compiled.compile_section``). Such a rule
+    decides even when another covers its requests: without it a forged token reached the app
+    (found by a hostile review, session 29)."""
+    jwt = rules[index].when.jwt
+    if jwt is None or any(r.when.jwt is not None and r.when.jwt.provider == jwt.provider
+                          for r in rules[:index]):
+        return None
+    return jwt.provider
+
+
 def lint(policy: Policy, now: float) -> list[LintWarning]:
     """Every warning for ``policy`` at time ``now``, in file order."""
     out: list[LintWarning] = []
@@ -231,6 +289,15 @@ def lint(policy: Policy, now: float) -> list[LintWarning]:
         if name not in used_providers:
             warn(None, f"jwt_providers.{name}", "unused-provider",
                  f"provider {name} is not used by any rule")
+    for limit in policy.extras.rate_limits:
+        # A `services` entry is an identity reference like `from` and `egress`: one naming no
+        # section (a typo) made the limit apply to nothing, with check and lint silent
+        # (found by a hostile review, session 29). A warning, not an error, as for those: a
+        # pod of a policy set may read only some files, and the section be in another.
+        where[0] = policy.defined_in.get(f"rate_limits.{limit.name}", policy.filename)
+        for service in limit.services:
+            check_identity(service, None, f"rate_limits.{limit.name}.services",
+                           f"rate limit {limit.name}: service")
     _lint_set(policy, out)
     out.sort(key=lambda w: (w.file, w.line or 0, w.key, w.code))
     return out
@@ -330,9 +397,12 @@ def _lint_section(
                          f"rule {rule.name} lets any caller reach {reached}, which may "
                          "include sensitive paths (/admin, /debug, /internal, ...)")
 
+    section_mode = svc.mode or policy.mode
     for later_i, later in enumerate(rules):
-        for earlier in rules[:later_i]:
-            if earlier.effect != later.effect or not _active_enforced(earlier, now):
+        gate = _first_to_name(rules, later_i)
+        for earlier in rules[:later_i] if gate is None else ():
+            if earlier.effect != later.effect or earlier.expires_at is not None \
+                    or not _never_decides(earlier, later, section_mode):
                 continue
             if covers(earlier.when, later.when, svc.paths_fold_case, earlier.effect,
                       later.effect):
@@ -345,9 +415,16 @@ def _lint_section(
                 if deny.effect == "deny" and _active_enforced(deny, now) and covers(
                     deny.when, later.when, svc.paths_fold_case, "deny", "allow"
                 ):
+                    only = gate is not None and not any(
+                        r.when.jwt is not None and r.when.jwt.provider == gate
+                        for r in rules if r is not later)
+                    kept = (f" (but it is the only rule naming provider {gate}, which makes "
+                            f"the section verify {gate} tokens and, with invalid_tokens: "
+                            "refuse, refuse invalid ones: keep that if you remove it)"
+                            ) if only else ""
                     warn(later.line, later.key, "shadowed-by-deny",
                          f"rule {later.name} never allows anything: deny rule {deny.name} "
-                         "matches every request it matches")
+                         f"matches every request it matches{kept}")
                     break
 
     allows = [r for r in rules if r.effect == "allow" and r.mode != "dry-run"]

@@ -166,6 +166,8 @@ def merge_files(docs: list[PolicyFile]) -> tuple[dict[str, Any], dict[str, tuple
                         if first is not doc and merged[tag] != item:
                             doc.r.problem(path, f"{key} entry {name!r} is defined differently "
                                           f"in {first.where(fpath)}")
+                        elif first is not doc:
+                            _same_files(key, name, item, doc, path, first, fpath)
                         continue  # a name twice in one file: the section's parser says so
                     merged[tag], origin[tag] = item, (doc, path)
             elif kind == "owned":
@@ -199,6 +201,51 @@ def merge_files(docs: list[PolicyFile]) -> tuple[dict[str, Any], dict[str, tuple
                 skipped += len(doc.skipped_hashes) + sum(
                     1 for n in doc.skipped or () if owners[n][0] is doc)
     return merged, origin, skipped
+
+
+# The file paths of "named" entries, as data: (top-level key, path inside the entry). A
+# relative one is relative to the directory of the file that states it
+# (``load_sections.parse_provider``), so the same text in two files of different directories
+# names two files (``_same_files``).
+NAMED_FILE_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("jwt_providers", ("jwks_file",)), ("jwt_providers", ("jwks_ca",)),
+    ("jwt_providers", ("introspection", "ca")),
+    ("jwt_providers", ("introspection", "client_secret_file")),
+)
+
+
+def _file_value(item: Any, inner: tuple[str, ...]) -> Any:
+    """The value at ``inner`` in a raw entry, or None where a level is not a mapping."""
+    for part in inner:
+        if not isinstance(item, dict):
+            return None
+        item = item.get(part)
+    return item
+
+
+def _resolved(doc: PolicyFile, value: str) -> str:
+    """``value`` as the loader reads it in ``doc`` (``Reader.file`` against its directory)."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(doc.filename)), value))
+
+
+def _same_files(key: str, name: str, item: Any, doc: PolicyFile, path: P, first: PolicyFile,
+                fpath: P) -> None:
+    """An entry repeated word for word in another file must also name the same files: a
+    relative ``jwks_file`` (``jwks_ca``, ``introspection.ca``/``client_secret_file``)
+    resolves against each file's own directory, and the set was built from the first file's
+    only -- a token of the key set beside the first file was let in by the section whose
+    file names another (found by a hostile review, session 29). A conflict, naming both
+    files and both resolved paths."""
+    for top, inner in NAMED_FILE_KEYS:
+        value = _file_value(item, inner)
+        if top != key or not isinstance(value, str) or "\0" in value:
+            continue
+        here, there = _resolved(doc, value), _resolved(first, value)
+        if here != there:
+            doc.r.problem(path + inner, f"{key} entry {name!r} is defined differently in "
+                          f"{first.where(fpath)}: {'.'.join(inner)} {value} is {here} here "
+                          f"but {there} there (a relative path is relative to its file's "
+                          "directory); give one file the entry, or the same absolute path")
 
 
 class NeedNames(Exception):
@@ -271,8 +318,11 @@ def policy_file_names(path: str) -> tuple[str | None, list[str]]:
     The one list both the loader (``_read_directory``) and the reload fingerprint
     (``sidecar.reload``) use: they disagreed (the fingerprint hashed the first 2,000 entries of
     any kind, hidden and non-policy files included, so a change in a busy directory was never
-    applied; found by a hostile review). No policy file, an unreadable directory and more than
-    ``MAX_POLICY_FILES`` policy files are a ``ConfigError``, never a list cut short.
+    applied; found by a hostile review). No policy file, an unreadable directory, more than
+    ``MAX_POLICY_FILES`` policy files, a policy suffix in another case
+    (``_suffix_problems``) and, with a ``..data`` link, visible files that are not its links
+    (``_data_link_problems``) are a ``ConfigError`` naming the file, never a list cut short
+    or a file skipped.
     """
     link = os.path.join(path, "..data")
     target = os.path.realpath(link) if os.path.islink(link) else None
@@ -281,12 +331,11 @@ def policy_file_names(path: str) -> tuple[str | None, list[str]]:
     # "cannot read file" error that keeps the policy in force. (It was skipped: a limits or
     # revocations file whose symlink went dangling dropped its rules on the next reload,
     # with no error; found by a hostile review.)
-    try:
-        names = sorted(n for n in os.listdir(target or path)
-                       if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
-    except OSError as exc:
-        raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
-                          ) from None
+    names = _policy_names(path, target or path)  # (read through ..data: one whole version)
+    if target is not None:
+        problems = _data_link_problems(path, target, _policy_names(path, path), names)
+        if problems:
+            raise ConfigError(problems)
     if not names:
         raise ConfigError([Problem(path, None, "", "no policy files (*.yaml, *.yml) in the "
                                    "directory")])
@@ -294,6 +343,75 @@ def policy_file_names(path: str) -> tuple[str | None, list[str]]:
         raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
                                    "files")])
     return target, names
+
+
+def _suffix_problems(path: str, entries: list[str]) -> list[Problem]:
+    """Entries of directory ``path`` whose suffix is a policy suffix in another case
+    (``limits.YAML``, ``ns-a.Yml``): YAML tooling, kubectl and editors take them for YAML and
+    a ConfigMap key keeps its case, but they are not read -- refused, naming the file, as a
+    dangling policy file is (they were skipped without a word, their rate limits dropped;
+    found by a hostile review, session 29)."""
+    return [Problem(os.path.join(path, n), None, "",
+                    "not read as a policy file: its suffix is not lower-case .yaml or .yml; "
+                    "rename it (a policy file) or move it out of the directory")
+            for n in entries
+            if not n.startswith(".") and not n.endswith(POLICY_SUFFIXES)
+            and n.lower().endswith(POLICY_SUFFIXES)]
+
+
+def _policy_names(path: str, listed: str) -> list[str]:
+    """The visible *.yaml / *.yml entries of directory ``listed`` (``path`` or its ``..data``
+    target), in name order; a suffix in another case is an error (``_suffix_problems``)."""
+    try:
+        entries = os.listdir(listed)
+    except OSError as exc:
+        raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
+                          ) from None
+    problems = _suffix_problems(path, entries)
+    if problems:
+        raise ConfigError(problems)
+    return sorted(n for n in entries if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
+
+
+def _data_link_problems(path: str, target: str, visible: list[str],
+                        linked: list[str]) -> list[Problem]:
+    """A directory with a ``..data`` link is read through it, so each visible policy file must
+    be the link into it (``NAME -> ..data/NAME``, resolving to the same file). Anything else
+    is an edit the ``..data`` version does not hold -- a visible file replaced by a regular
+    file (``sed -i``, an editor's rename over it on a copied or hostPath ConfigMap layout), a
+    link elsewhere, or a file dropped beside ``..data`` -- and it was ignored without a word:
+    the stale ``..data`` copy stayed in force and ``policy check`` showed it (found by a
+    hostile review, session 29). So is a policy file of ``..data`` that the directory does not
+    show (its link removed: the file would still be read). Refused, naming the file: the
+    policy in force stays, and the files are read again at the next poll (kubelet links a new
+    name right after its swap of ``..data``, so an update is refused in that gap only by a
+    poll landing there). A visible link to ``..data/NAME`` that the swap left dangling (a
+    file the update removes, unlinked right after) reads nothing and is passed over."""
+    problems: list[Problem] = []
+    for name in sorted(set(visible) - set(linked)):
+        shown_path = os.path.join(path, name)
+        if os.path.islink(shown_path) and os.readlink(shown_path) == os.path.join("..data",
+                                                                                  name):
+            continue  # kubelet's own link to a file its update removed, not yet unlinked
+        problems.append(Problem(shown_path, None, "",
+                                "not in the directory's ..data version, through which a "
+                                "Kubernetes-mounted directory is read: a file put beside its "
+                                "links is not part of the policy; add it to the ConfigMap "
+                                "(or remove ..data to read the directory as it is)"))
+    for name in sorted(set(linked) - set(visible)):
+        problems.append(Problem(os.path.join(path, name), None, "",
+                                f"missing: ..data holds {name} but the directory shows no "
+                                f"such file (the directory is read through ..data)"))
+    for name in sorted(set(visible) & set(linked)):
+        shown_path = os.path.join(path, name)
+        if (not os.path.islink(shown_path)
+                or os.path.realpath(shown_path) != os.path.realpath(os.path.join(target, name))):
+            problems.append(Problem(shown_path, None, "",
+                                    f"not the link ..data/{name}: the directory is read "
+                                    f"through its ..data link, so this file is not what would "
+                                    f"be read; edit the ConfigMap (or remove ..data to read "
+                                    f"the directory as it is)"))
+    return problems
 
 
 def _read_directory(path: str, budget: _Budget) -> list[tuple[str, bytes]]:
