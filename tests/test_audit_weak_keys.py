@@ -17,7 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sidecar.audit.signing import key_id, load_keyring, weak_public_key
+from sidecar.audit.signing import key_id, load_keyring
+from sidecar.edwards import weak_public_key
 from tests.harness import sidecar_cli
 from tests.test_audit_attacks import Trail, flip_denies, rechain, trail  # noqa: F401 (fixture)
 

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sidecar.config.source import read_regular
+from sidecar.edwards import weak_public_key
 
 DOMAIN = "sidecar-audit-checkpoint/1"
 SIGNATURE_BYTES = 64
@@ -134,44 +135,6 @@ def signer_from_pem(data: bytes, path: str, ident: str) -> Signer:
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"signing key file {path} is not an Ed25519 key")
     return Signer(key, ident)
-
-
-# Ed25519's field and curve (RFC 8032 5.1): what ``weak_public_key`` needs to decode a point.
-_P = 2**255 - 19
-_D = (-121665 * pow(121666, _P - 2, _P)) % _P
-
-
-def weak_public_key(raw: bytes) -> str | None:
-    """Why the 32-byte Ed25519 public key ``raw`` must not verify anything, or None.
-
-    OpenSSL (and so ``cryptography``) accepts any encoding of a point as a public key, but a
-    point of small order (the identity, an all-zero "placeholder" key, the six others of
-    order 2, 4 and 8) verifies signatures anyone makes: under the identity, R = identity and
-    S = 0 verify every message (found by a hostile review: such a key in the keyring let a
-    re-chained trail verify). So are refused, as libsodium refuses them: a y coordinate not
-    reduced modulo p (a second spelling of a point) and a point of small order ([8]P is the
-    identity)."""
-    if len(raw) != 32:
-        return "not 32 bytes"
-    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
-    if y >= _P:
-        return "not a canonical encoding"
-    # x^2 = (y^2 - 1) / (d y^2 + 1); its sign does not matter here ([8](-P) = -[8]P).
-    yy = y * y % _P
-    x2 = (yy - 1) * pow(_D * yy + 1, _P - 2, _P) % _P
-    x = pow(x2, (_P + 3) // 8, _P)
-    if x * x % _P != x2:
-        x = x * pow(2, (_P - 1) // 4, _P) % _P
-    if x * x % _P != x2:
-        return "not a point of the curve"
-    for _ in range(3):  # [8]P by three doublings (the twisted Edwards law, a = -1)
-        xy = x * y % _P
-        t = _D * xy * xy % _P
-        x, y = (2 * xy * pow(1 + t, _P - 2, _P) % _P,
-                (y * y + x * x) * pow(1 - t, _P - 2, _P) % _P)
-    if x == 0 and y == 1:
-        return "a point of small order, under which anyone can sign"
-    return None
 
 
 def load_keyring(paths: list[str]) -> Keyring:
