@@ -213,7 +213,7 @@ HEADERS: dict[str, tuple[dict[str, Any], str]] = {
     "restart_unsigned": ({"prev_sealed": True, "restart": {"time": 2e9, "after_seq": 29,
                                                            "prev_sealed": True}},
                          "restart_not_signed"),
-    "version_3": ({"v": 3, "prev_sealed": True}, "format version 3"),
+    "version_4": ({"v": 4, "prev_sealed": True}, "format version 4"),
     "version_0": ({"v": 0, "prev_sealed": True}, "format version 0"),
     "version_text": ({"v": "1", "prev_sealed": True}, "format version '1'"),
     "version_float": ({"v": 1.0, "prev_sealed": True}, "format version 1.0"),

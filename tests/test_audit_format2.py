@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from sidecar.audit.chain import (
-    FORMAT_JSON,
+    FORMAT_LINKED,
     GROUP_RECORDS,
     LENGTH,
     decode_frame,
@@ -138,7 +138,7 @@ def test_the_trail_is_format_2_and_reads_back_exactly(trail: Trail) -> None:
             kind = next(k for k in ("seg", "rec", "erc", "chk", "end") if k in raw)
             kinds.append(kind)
             if kind == "seg":
-                assert raw["seg"]["v"] == FORMAT_JSON
+                assert raw["seg"]["v"] == FORMAT_LINKED
             elif kind == "rec":
                 # A JSON text, but record 5 (a bytes value) is a msgpack map.
                 assert isinstance(raw["rec"], str) != (raw["rec"].get("id") == "r5"
@@ -457,7 +457,7 @@ def test_a_trail_that_changes_format_at_a_restart_verifies_whole(tmp_path: Path)
         rsyslog.stop()
     versions = [msgpack.unpackb(ps[0], raw=False)["seg"]["v"]
                 for _p, ps in frames_of(tmp_path / "audit")]
-    assert versions == [1, 2, 1, 2]
+    assert versions == [1, 3, 1, 3]
     result = verify(str(tmp_path / "audit"), keyring=load_keyring([pub]),
                     decryptor=load_decryptor([data]), identity=ORDERS)
     assert result.ok and result.records == 60 and result.restarts == 3, result

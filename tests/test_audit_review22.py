@@ -294,7 +294,7 @@ def test_a_genuine_hmac_trail_without_its_key_still_cannot_be_checked(
         finally:
             rsyslog.stop()
         header = msgpack.unpackb(payloads(list_segments(str(d))[0].path)[0])
-        assert header["seg"]["v"] == 2 and "enc" in header["seg"]
+        assert header["seg"]["v"] == 3 and "enc" in header["seg"]
     else:
         write(d, Path(priv), 20, **extra)
     code, out, err = cli("verify", str(d), "--pubkey", pub, *data_args)

@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from sidecar.audit.chain import LENGTH
+from sidecar.audit.chain import LENGTH, sealed_link
 from sidecar.audit.crypto import Encryptor, load_data_key, load_decryptor
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import list_segments, read_frames
@@ -233,6 +233,13 @@ def _forged_rec(seq: int, prev: bytes, rid: str) -> bytes:
 
 
 def _link(p: bytes) -> bytes:
+    """The link digest of frame ``p`` as the writer makes it: an encrypted record of a group
+    links by ``sealed_link`` over its ``d`` (format 3, what a shipping writer writes since
+    the twenty-ninth session), any other frame by the SHA-256 of its bytes."""
+    frame = unpack(p)
+    erc = frame.get("erc")
+    if isinstance(erc, dict) and "d" in erc:
+        return sealed_link(frame["seq"], frame["prev"], erc["d"], None)
     return hashlib.sha256(p).digest()
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.audit.chain import FORMAT_JSON, parse_record_json
+from sidecar.audit.chain import FORMAT_LINKED, parse_record_json
 from sidecar.audit.record import (
     MAX_EXTRA_KEYS,
     NO_AUTH,
@@ -188,7 +188,7 @@ def test_a_shipping_writer_stores_rows_as_json_and_the_collector_gets_them_back(
         for payload in payloads:
             raw = msgpack.unpackb(payload, raw=False)
             if "seg" in raw:
-                assert raw["seg"]["v"] == FORMAT_JSON
+                assert raw["seg"]["v"] == FORMAT_LINKED
             if "rec" in raw:
                 kinds.append(type(raw["rec"]))
     assert kinds.count(str) == len(entries) - 1 and kinds.count(dict) == 1

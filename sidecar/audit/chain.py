@@ -37,11 +37,32 @@ stored is over that *plaintext* frame, also when it is encrypted: an encrypted r
 ``erc`` frame ``{"d": digest}`` -- ``d`` the plaintext frame's link digest, which the next
 frame's ``prev`` holds -- and the last frame of its group (``GROUP_RECORDS`` records, one
 AES-GCM call, ``crypto.Encryptor.group_bodies``) also carries the group's ciphertext. So the
-collector's copy, rebuilt in the clear, is the same chain as the disk's, and the public key
-alone checks completeness and order of either; the ciphertext itself is checked by the data
-key (the GCM tag, and each record against its ``d``: ``segments.RecordOpener``). A record
-JSON cannot hold as it is (bytes, a non-finite number, too deep, a lone surrogate) is
-stored as format 1 stores it, in the same segment.
+collector's copy, rebuilt in the clear, is the same chain as the disk's; the public key
+alone checks completeness and order of either only in format 3 (below); the ciphertext
+itself is checked by the data key (the GCM tag, and each record against its ``d``:
+``segments.RecordOpener``). A record JSON cannot hold as it is (bytes, a non-finite number,
+too deep, a lone surrogate) is stored as format 1 stores it, in the same segment.
+
+Format 3
+--------
+Format 2 had a hole (found by a hostile review, the twenty-ninth): the link of an ``erc``
+frame of a group was the ``d`` it carries, and nothing the public key can check ties ``d``
+to that frame's own ``prev`` (``d`` covers it, but only the data key opens the plaintext).
+So the frame BEFORE any such frame -- a signed checkpoint, a rotation header, a record --
+could be replaced by anything, the ``erc`` frame's ``prev`` set to the forgery's digest,
+and every later link and signature held. A writer storing records as JSON now writes
+format 3 (header ``v: 3``): the same frames, but the link of an ``erc`` frame of a group
+is ``sealed_link(seq, prev, d)``: the segment's digest (SHA-256, or its HMAC) over
+``"sidecar-audit-erc/3" || seq (8 bytes, big-endian) || prev || d``, ``d`` the one it
+carries (still the link digest of its plaintext frame, which the data key checks). A
+``rec`` frame in a segment whose header declares encryption (``enc``) -- the collector's
+copy, rebuilt in the clear from the syslog messages -- links by ``sealed_link`` over the
+digest of its own bytes (the ``d`` of the disk's frame), so both copies are the same
+chain. Every link of a format-3 chain is thus computed from the frame's own seq and
+``prev``: a frame replaced anywhere changes every later link up to the next signature. A
+clear JSON record of an unencrypted segment links by the digest of its bytes, as before.
+Readers take formats 1, 2 and 3; for format 2 they count the group frames whose link was
+taken on trust (``ChainVerifier.unproven``): only the data key proves those.
 
 This module is pure: bytes in, values out. ``segments.py`` reads files, ``writer.py``
 writes them.
@@ -66,9 +87,13 @@ GENESIS = bytes(32)
 LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 20  # a length above this is corruption, not a frame
 FORMAT_VERSION = 1
-# Format 2: records stored as their JSON text ("Format 2" above). Readers take both.
+# Format 2: records stored as their JSON text ("Format 2" above); format 3 (what a writer
+# storing JSON writes now): the same, an encrypted record's link bound to its seq and prev
+# ("Format 3" above). Readers take all three.
 FORMAT_JSON = 2
-FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_JSON)
+FORMAT_LINKED = 3
+JSON_FORMATS = (FORMAT_JSON, FORMAT_LINKED)
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_JSON, FORMAT_LINKED)
 # How deep a record's JSON may nest (the record, ``x``, and MAX_VALUE_DEPTH levels of its
 # values fit many times over); the writer stores a deeper record as msgpack.
 MAX_RECORD_JSON_DEPTH = 64
@@ -101,6 +126,28 @@ def _hmac_keyed(key: bytes) -> Callable[[], hmac.HMAC]:
     return hmac.new(key, digestmod=hashlib.sha256).copy
 
 
+# Format 3: the link of a record stored as JSON in an encrypted segment (``sealed_link``):
+# a tag no frame's msgpack starts with (a frame is a fixmap, 0x83), the seq, prev and d.
+_SEALED_TAG = b"sidecar-audit-erc/3"
+_SEALED = struct.Struct(">19sQ32s32s")
+
+
+def sealed_link(seq: int, prev: bytes, d: bytes, key: bytes | None) -> bytes:
+    """Format 3: the link digest of a record frame stored as JSON in an encrypted segment
+    (``d``: the link digest of its plaintext frame): computed from the frame's seq and prev
+    with what anyone holds, so a forged frame before it, or the frame's ``prev`` set to
+    one, breaks the chain (format 2 took ``d`` as the link: "Format 3" above)."""
+    return link_digest(_SEALED.pack(_SEALED_TAG, seq, prev, d), key)
+
+
+def sealed_segment(header: dict[str, Any]) -> bool:
+    """Whether a clear ``rec`` frame in the segment of ``header`` (a header body) links by
+    ``sealed_link`` over the digest of its bytes: format 3 with encryption (``enc``), where
+    such a frame is the collector's copy of an ``erc`` frame (which links so in every
+    format-3 segment)."""
+    return header.get("v") == FORMAT_LINKED and "enc" in header
+
+
 def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
     """The plaintext frame of a record stored as JSON (``{"seq", "prev", "rec": TEXT}``,
     TEXT a msgpack string): what is stored, or, for an encrypted record, what its link
@@ -109,9 +156,10 @@ def json_record_frame(seq: int, prev: bytes, text: bytes) -> bytes:
 
 
 def in_group(kind: str, body: dict[str, Any], version: Any) -> bool:
-    """Whether a frame is an encrypted record of a format-2 group: its link digest is the
-    ``d`` it carries (the chain goes on from the plaintext), not the digest of its bytes."""
-    return kind == "erc" and version == FORMAT_JSON and "d" in body
+    """Whether a frame is an encrypted record of a group (format 2 or 3): it carries ``d``,
+    the link digest of its plaintext frame, and the group's last frame the ciphertext. Its
+    link is ``d`` itself in format 2, ``sealed_link`` over it in format 3."""
+    return kind == "erc" and version in JSON_FORMATS and "d" in body
 
 
 def _frame_head(seq: int, prev: bytes) -> bytes:
@@ -271,7 +319,8 @@ class ChainHead:
         self.prev = prev
         self.key = key
         self._packer = msgpack.Packer(use_bin_type=True)
-        # Format 2 (``FORMAT_JSON``): records are stored as their JSON text (``json_records``).
+        # Format 2 or 3 (``JSON_FORMATS``): records are stored as their JSON text
+        # (``json_records``); format 3 links encrypted ones by ``sealed_link``.
         self.version = FORMAT_VERSION
         # When a list: every frame made is noted as (seq, kind, payload, digest, detail)
         # (detail: the record's wire dict, or the body; for a record stored as JSON, the
@@ -366,15 +415,19 @@ class ChainHead:
         With ``encryptor`` the records are stored as ``erc`` frames in groups of up to
         ``GROUP_RECORDS`` records (``GROUP_BYTES`` of JSON), one AES-GCM call per group
         (``crypto.Encryptor.group_bodies``): every frame holds ``d``, the link digest of its
-        plaintext frame; the group's last frame also holds the ciphertext of them all."""
+        plaintext frame; the group's last frame also holds the ciphertext of them all. The
+        chain goes on from ``sealed_link(seq, prev, d)`` (format 3; one more digest of 91
+        bytes per record), or from ``d`` itself in format 2 (kept for tests of readers)."""
         key = self.key
         seq, prev = self.next_seq, self.prev
         journal = self.journal
         out = bytearray()
-        # (seq, prev, text, digest, the frame's bytes up to its kind)
-        group: list[tuple[int, bytes, bytes, bytes, bytes]] = []
+        # (seq, prev, text, d, the frame's bytes up to its kind, link)
+        group: list[tuple[int, bytes, bytes, bytes, bytes, bytes]] = []
         size = 0
         sha256 = hashlib.sha256
+        sealed = encryptor is not None and self.version == FORMAT_LINKED
+        sealed_pack = _SEALED.pack
         head16, head32, rec16 = _HEAD16.pack, _HEAD32.pack, _REC16.pack
         for i, text in enumerate(texts):
             if text is None:
@@ -408,8 +461,15 @@ class ChainHead:
                 if group and (len(group) >= GROUP_RECORDS or size + len(text) > GROUP_BYTES):
                     out += self._group(group, encryptor)
                     group, size = [], 0
-                group.append((seq, prev, text, digest, head))
+                link = digest
+                if sealed:
+                    # Format 3: the link binds the frame's seq and prev, which ``d`` alone
+                    # proves only to the data key (``sealed_link``, inlined).
+                    data = sealed_pack(_SEALED_TAG, seq, prev, digest)
+                    link = sha256(data).digest() if key is None else link_digest(data, key)
+                group.append((seq, prev, text, digest, head, link))
                 size += len(text) + 1
+                digest = link
             prev = digest
             seq += 1
         if group:
@@ -417,21 +477,22 @@ class ChainHead:
         self.next_seq, self.prev = seq, prev
         return out
 
-    def _group(self, group: list[tuple[int, bytes, bytes, bytes, bytes]],
+    def _group(self, group: list[tuple[int, bytes, bytes, bytes, bytes, bytes]],
                encryptor: Any) -> bytearray:
-        """The ``erc`` frames of one encrypted group (``json_records``)."""
+        """The ``erc`` frames of one encrypted group (``json_records``); each journalled
+        with its link (what its syslog message's digest is, and the next frame's prev)."""
         bodies = encryptor.group_bodies(group[0][0], [g[2] for g in group],
                                         [g[3] for g in group])
         journal = self.journal
         out = bytearray()
-        for (seq, prev, text, digest, head), body in zip(group, bodies, strict=True):
+        for (seq, prev, text, _d, head, link), body in zip(group, bodies, strict=True):
             payload = b"".join((head, _KEY_ERC, body))
             if len(payload) > MAX_FRAME_BYTES:
                 raise ValueError("audit frame too large")
             out += LENGTH.pack(len(payload))
             out += payload
             if journal is not None:
-                journal.append((seq, "erc", payload, digest, (prev, text)))
+                journal.append((seq, "erc", payload, link, (prev, text)))
         return out
 
 
@@ -473,6 +534,13 @@ class ChainVerifier:
         self.first: Frame | None = None
         self._segment_key: bytes | None = None
         self._version = FORMAT_VERSION
+        # Format 3 with encryption: a clear record frame links by ``sealed_link`` too.
+        self._sealed_records = False
+        # Format-2 group frames whose link was taken from the ``d`` they carry: the frame
+        # before each is bound only by what the data key checks (``RecordOpener``), not by
+        # the public key ("Format 3" above). How many, and the first seq, for the caller.
+        self.unproven = 0
+        self.unproven_first: int | None = None
         self._expect_header = True
         self._sealed = False
 
@@ -502,9 +570,10 @@ class ChainVerifier:
             version = body.get("v")
             if version not in FORMAT_VERSIONS or type(version) is not int:
                 raise ChainError(f"segment header has format version {shown(version)}; this "
-                                 f"verifier reads versions {FORMAT_VERSION} and "
-                                 f"{FORMAT_JSON} only", seq)
+                                 "verifier reads versions "
+                                 f"{', '.join(map(str, FORMAT_VERSIONS))} only", seq)
             self._version = version
+            self._sealed_records = sealed_segment(body)
             alg = body.get("alg")
             if alg == ALG_HMAC:
                 if self.key is None:
@@ -541,12 +610,26 @@ class ChainVerifier:
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
                     " removed or inserted", seq)
         if in_group(kind, body, self._version):
-            # A JSON record stored encrypted: the chain goes on from the link digest of its
-            # plaintext frame, which the frame carries (checked against the plaintext by
-            # whoever holds the data key: ``segments.RecordOpener``).
+            # A JSON record stored encrypted: ``d``, the link digest of its plaintext frame,
+            # is carried (checked against the plaintext by whoever holds the data key:
+            # ``segments.RecordOpener``). Format 3 links by ``sealed_link`` over it, which
+            # binds this frame's seq and prev; format 2 took ``d`` itself, binding nothing
+            # here: counted (``unproven``).
             digest = body["d"]
             if not isinstance(digest, bytes) or len(digest) != 32:
                 raise ChainError("encrypted record has no valid digest", seq)
+            if self._version == FORMAT_LINKED:
+                digest = sealed_link(seq, prev, digest, self._segment_key)
+            else:
+                self.unproven += 1
+                if self.unproven_first is None:
+                    self.unproven_first = seq
+        elif kind == "rec" and self._sealed_records:
+            # Format 3, a clear record in an encrypted segment: the collector's copy,
+            # rebuilt from the syslog messages (this frame is the plaintext frame whose
+            # digest the disk's ``erc`` frame carries as ``d``): the same link as there.
+            digest = sealed_link(seq, prev, link_digest(payload, self._segment_key),
+                                 self._segment_key)
         else:
             digest = link_digest(payload, self._segment_key)
         frame = Frame(seq, prev, kind, body, digest)

@@ -33,6 +33,8 @@ from sidecar.audit.segments import (
     SegmentDamage,
     SegmentFile,
     SegmentOrder,
+    TrailOrder,
+    UnlinkedFrame,
     VerifyResult,
     declared_cuts,
     iter_stored,
@@ -429,8 +431,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = sys.stdout
     progress = Progress("exporting")
     try:
+        # A segment that does not continue the one before (one missing): said, exit 1, read
+        # on; HMAC links not checked: a note (``TrailOrder``).
         stored = iter_stored(args.path, filters, on_damage=damaged.append, decryptor=decryptor,
-                             on_malformed=malformed)
+                             on_malformed=malformed, on_gap=malformed.gap,
+                             on_note=malformed.note)
         if args.format == "csv":
             writer = csv.writer(out)
             writer.writerow(("seq", *FIELD_NAMES))
@@ -469,6 +474,17 @@ class _MalformedReport:
     def __call__(self, what: str) -> None:
         self.count += 1
         print(f"error: skipped {safe(what)}", file=sys.stderr, flush=True)
+
+    def gap(self, what: str) -> None:
+        """A segment that does not continue the one before it (``TrailOrder``): an error,
+        read on."""
+        self.count += 1
+        print(f"error: {safe(what)}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def note(what: str) -> None:
+        """Something the reader could not check (HMAC links without the key)."""
+        print(f"note: {safe(what)}", file=sys.stderr, flush=True)
 
     def unreadable(self, segment: str, exc: Exception) -> None:
         """A segment that is not a regular file, cannot be read or is damaged (tail); one
@@ -560,7 +576,10 @@ class _Follower:
         self.current: SegmentFile | None = None
         self.header: dict[str, Any] | None = None
         self.opener = RecordOpener(decryptor, check=True)
-        self.order = SegmentOrder()
+        # The chain across segments (seq and links), shared with the backlog's reading of
+        # the older segments (``cmd_tail``).
+        self.trail = TrailOrder(malformed.gap, malformed.note)
+        self.order = self.trail.segment()
         self.offset = 0
         # ``start_at_end`` found the newest segment ending inside a frame that may still be
         # being written, at ``offset`` (after ``settle``: one no writer finished).
@@ -601,17 +620,19 @@ class _Follower:
         # Each encrypted record checked against its digest, the segment's structure as
         # verify checks it without a key, as ``export`` does (``iter_stored``).
         self.opener = RecordOpener(self.decryptor, check=True)
-        self.order = SegmentOrder()
+        self.order = self.trail.segment(seg.name)
 
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
             if self.current is not None:
                 yield from self._read_new()
             if self.single:
+                yield from self.trail.release()  # (following: the newest shown as it comes)
                 return
             newer = [s for s in resolve_segments(self.path)
                      if self.current is None or s > self.current]
             if not newer:
+                yield from self.trail.release()
                 return
             if self.current is not None:
                 # A writer creates the next segment only after its last write to this one:
@@ -653,6 +674,7 @@ class _Follower:
                                          start)
         except (OSError, SegmentDamage, DecryptError) as exc:
             self.damaged = self.current
+            self.order.stop()
             self.malformed.unreadable(self.current.name, exc)
 
 
@@ -705,12 +727,18 @@ def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilt
         malformed(f"{segment}: a frame that does not decode: {exc}")  # damage or forgery
         order.undecoded()
         return
-    order.check(seq, kind, offset)
+    try:
+        order.check(seq, kind, offset, prev, body, payload)
+    except UnlinkedFrame:
+        order.trail.held.clear()  # the frame before was edited: its records not shown
+        raise
+    # A frame's records are given once the next frame links to it (``TrailOrder``).
+    yield from order.trail.release()
     for at, rec in opener.records(seq, prev, kind, body, header):
         if isinstance(rec, MalformedRecord):
             malformed(f"{segment}: {rec}")
         elif filters.matches(rec):
-            yield at, rec
+            order.trail.held.append((at, rec))
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -750,11 +778,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
             if seg == end_segment:
                 opener, order = follower.opener, follower.order
             else:
-                opener, order = RecordOpener(decryptor, check=True), SegmentOrder()
+                # (the chain across segments: ``follower.trail``, which goes on following)
+                opener = RecordOpener(decryptor, check=True)
+                order = follower.trail.segment(seg.name)
             cut = ChainCut(cuts.get(seg.name))
             last.extend(_read_segment(seg, filters, limit, opener, malformed,
                                       whole=seg != end_segment or newest_whole, cut=cut,
                                       order=order))
+        last.extend(follower.trail.release())  # the newest frame's (nothing follows yet)
         if count:
             for seq, rec in last:
                 _print_record(seq, rec, out)
@@ -803,7 +834,7 @@ def _read_segment(seg: SegmentFile, filters: RecordFilter, limit: int | None,
                 yield from _matching(payload, header, filters, opener, seg.name, malformed,
                                      order, offset)
     except (OSError, SegmentDamage, DecryptError) as exc:
-        order.stopped = True  # the newest segment's follower does not read on either
+        order.stop()  # the newest segment's follower does not read on either
         malformed.unreadable(seg.name, exc)
 
 

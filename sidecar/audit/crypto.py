@@ -24,9 +24,11 @@ one AES-256-GCM call per group of up to ``chain.GROUP_RECORDS`` records (a call 
 cost more than the encryption itself), the ciphertext in the group's last frame, every
 frame of the group holding ``d``, the link digest of its record's plaintext frame; the
 chain goes on from ``d``. ``aad = "sidecar-audit-grp/2" || first seq || count || every d``.
-There the chain covers the plaintext, not the ciphertext: the public signing key proves
-completeness and order, and the data key (the tag; each record against its ``d``) what
-the ciphertext holds.
+There the chain covers the plaintext, not the ciphertext: in format 3 (what a writer
+writes now: each such frame links by ``chain.sealed_link`` over its seq, prev and ``d``)
+the public signing key proves completeness and order, and the data key (the tag; each
+record against its ``d``) what the ciphertext holds. In format 2 the link was ``d``
+itself, which binds the frame's ``prev`` only for the data key (found by a hostile review).
 
 A data key file holds the 32-byte key in base64 (one line; ``sidecar audit keygen
 --data-key``). The key id is 16 hex digits of SHA-256 over a fixed label and the key.

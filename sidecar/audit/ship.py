@@ -17,7 +17,11 @@ files from what the collector wrote and ``verify`` can check the chain and signa
 there, independent of the pod. A record stored as JSON (format 2, ``chain.py``; what a
 shipping writer stores) is shipped with its frame's ``prev`` instead of ``frame``, its JSON
 last and exactly as stored: ``collect`` makes the frame again from them
-(``_json_record_frame``), in the clear also for an encrypted trail.
+(``_json_record_frame``), in the clear also for an encrypted trail. There the message's
+digest is the record's link: in format 3 (``chain.sealed_link``) a digest over its seq,
+``prev`` and the digest of that plaintext frame, which ``collect`` computes again
+(``Collector.check``) and ``verify`` does too (the rebuilt ``rec`` frame in a segment whose
+header declares encryption links as its ``erc`` frame on disk does).
 
 ``Shipper`` (``sidecar.audit.shipper``) is the Trio side that sends the messages: its
 bounded queue, the TLS connection to the collector, reconnects and resends. This module
@@ -664,21 +668,27 @@ class Collector:
     def _check_stream(self, frames: dict[int, bytes]) -> None:
         import hashlib
 
-        from sidecar.audit.chain import ALG_SHA256, decode_frame
+        from sidecar.audit.chain import ALG_SHA256, decode_frame, sealed_link, sealed_segment
         from sidecar.audit.crypto import DecryptError
 
         header: dict[str, Any] | None = None
         for seq in sorted(frames):
             frame = frames[seq]
-            _s, _p, kind, body = decode_frame(frame)  # decoded once already in ``add``
+            _s, prev, kind, body = decode_frame(frame)  # decoded once already in ``add``
             if kind == "seg":
                 header = body
             elif seq - 1 not in frames:
                 header = None  # a gap: the header of this frame's segment is not known
-            if header is not None and header.get("alg") == ALG_SHA256 and \
-                    hashlib.sha256(frame).hexdigest() != self._digests.get(frame):
-                raise CollectError(f"the message for seq {seq} does not match its frame "
-                                   "(digest): the collector's copy was edited")
+            if header is not None and header.get("alg") == ALG_SHA256:
+                digest = hashlib.sha256(frame).digest()
+                if kind == "rec" and sealed_segment(header):
+                    # Format 3, an encrypted record rebuilt in the clear: its link binds its
+                    # seq and prev to the digest of this plaintext frame (the ``d`` its frame
+                    # on disk carries), as ``verify`` computes it.
+                    digest = sealed_link(seq, prev, digest, None)
+                if digest.hex() != self._digests.get(frame):
+                    raise CollectError(f"the message for seq {seq} does not match its frame "
+                                       "(digest): the collector's copy was edited")
             if kind != "erc" or frame not in self._records:
                 continue
             try:

@@ -66,7 +66,7 @@ from typing import Any
 
 import trio
 
-from sidecar.audit.chain import FORMAT_JSON, ChainHead, decode_frame
+from sidecar.audit.chain import FORMAT_LINKED, JSON_FORMATS, ChainHead, decode_frame
 from sidecar.audit.crypto import DATA_KEY_FILE_BYTES, Encryptor, data_key_from_text
 from sidecar.audit.record import AuditRecord, Row, row_wire
 from sidecar.audit.segments import find_resume_point, list_segments, segment_name
@@ -282,9 +282,11 @@ class _SegmentSink:
             rp = find_resume_point(self.directory, self.key)
             head = ChainHead(rp.next_seq, rp.prev, self.key)
             if self.ship_host is not None:
-                # Shipped: records are stored as the JSON their messages carry (format 2).
+                # Shipped: records are stored as the JSON their messages carry, format 3
+                # (format 2 left the frame before an encrypted record bound only by the
+                # data key: chain.py, "Format 3"; found by a hostile review).
                 head.journal = []
-                head.version = FORMAT_JSON
+                head.version = FORMAT_LINKED
             info: dict[str, Any] = {"prev_segment": rp.last_segment,
                                     "prev_sealed": rp.sealed if rp.last_segment else None}
             if rp.damage is not None:
@@ -532,7 +534,7 @@ class _SegmentSink:
         assert self.head is not None
         state = self.head.state
         try:
-            if self.head.version == FORMAT_JSON:
+            if self.head.version in JSON_FORMATS:
                 # The JSON the syslog messages carry is what is stored: encoded once.
                 texts = [row_text(r) if r.__class__ is tuple
                          else record_text(r if r.__class__ is dict
@@ -856,7 +858,7 @@ class AuditWriter:
                                            f"cannot load TLS files: {exc}")]) from None
             self._sink.ship_host = hostname()
             self._sink.ship_app = ship.app_name
-        # A shipping writer stores records as JSON (format 2): the data path then submits
+        # A shipping writer stores records as JSON (format 3): the data path then submits
         # its usual records as rows (``record.request_row``), whose JSON is filled without
         # a map; a writer storing msgpack (format 1) packs maps, which rows would only delay.
         self.takes_rows = self.shipper is not None
