@@ -14,7 +14,7 @@ A header that is present without the provider's prefix (``Authorization: Basic .
 this provider's token; the header itself still counts towards "present twice".
 
 RFC 6750 places no provider of a section reads (``Guards``): the ``access_token`` query
-parameter (in every spelling ``param_name`` folds) and ``Authorization`` under a scheme that
+parameter (in every spelling ``param_names`` reads) and ``Authorization`` under a scheme that
 carries a token (``TOKEN_SCHEMES``, or any scheme -- or none -- whose credential has the
 shape of a JWT). A token there is not accepted (no provider was configured to read it), but
 it counts: alone it is refused (``unread_location``), next to a provider's own token it is a
@@ -46,6 +46,7 @@ from sidecar.authn.jwt import (
     names_issuer,
     payload_names,
 )
+from sidecar.http.request import METHOD_OVERRIDE_PARAMS
 from sidecar.http.untrusted import fold
 from sidecar.policy.sections import JwtProvider, TokenLocation
 
@@ -130,19 +131,161 @@ def _from_header(loc: TokenLocation, headers: Headers) -> list[str]:
     return [value]
 
 
-# Query parameters and cookies are looked for by their names as the most folding of the
-# common readers read them (``?access.token=EVIL`` is ``$_GET['access_token']``): the name
-# decoded (``+`` is a space) and cut at its first NUL (PHP reads names as C strings:
-# ``access_token%00junk`` is ``access_token``), leading spaces dropped, a name with
-# ``[...]`` is the part before the bracket (an array), ``.``, space and an unmatched ``[``
-# read as ``_`` (PHP, for parameters and cookies alike), and letters compared without case
-# (ASP.NET's ``Request.QueryString`` and ``Request.Cookies``). ``;`` separates parameters
-# as ``&`` does (the HTML 4 recommendation; Python's ``cgi`` and some servers followed it).
-# So a parameter or cookie whose name folds to a token location's is that location: found
-# (a second copy is ``multiple_tokens``) and removed.
+# Query parameters, form fields and cookies are looked for by their names as every common
+# reader reads them: a name is a token location's, or a method-override parameter's, when
+# ANY reading of it (``NAME_READINGS``) gives that name. Each reading takes the name decoded
+# (``+`` is a space) and gives the top-level key the reader stores its value under; letters
+# are then compared without case (ASP.NET's ``Request.QueryString``, ``Request.Form`` and
+# ``Request.Cookies``). ``;`` separates parameters as ``&`` does (the HTML 4
+# recommendation; Python's ``cgi``, Rack and some servers followed it). So a parameter or
+# cookie whose name reads as a token location's is that location: found (a second copy is
+# ``multiple_tokens``) and removed. Until the twenty-ninth session only PHP's reading was
+# taken; a hostile review found qs (Express, Koa) and Rack 2.2 (Rails, Sinatra) read
+# ``[_method]``, ``._method``, ``]_method`` as ``_method``: DELETE ran past a rule denying it.
 _QUERY_SEPARATORS = re.compile(r"[&;]")
 _QUERY_SPLIT = re.compile(r"([&;])")
 _PHP_FOLD = str.maketrans({".": "_", " ": "_", "[": "_"})
+
+# Where a reader reads names: the query, a form body (urlencoded or a multipart part's
+# name), cookies.
+QUERY = "query"
+FORM = "form"
+COOKIE_PLACE = "cookie"
+
+
+class NameReading(NamedTuple):
+    """How one reader reads a parameter's (decoded) name: the top-level key its value is
+    stored under (``read``: linear in the name, C scans), and where that reader reads names
+    by default (``places``)."""
+
+    reader: str
+    read: Callable[[str], str]
+    places: frozenset[str]
+
+
+def _plain_reading(name: str) -> str:
+    """The name as it is: Node's ``querystring`` (Express ``extended: false``, Koa's
+    ``ctx.query``), Go, Java's ``getParameter`` (Spring's ``HiddenHttpMethodFilter``),
+    Python's readers, ASP.NET, every cookie reader but PHP's; Rack 3 for a name without a
+    ``[`` past its first character."""
+    return name
+
+
+def _php_reading(name: str) -> str:
+    """PHP (``$_GET``, ``$_POST``, ``$_COOKIE``; Laravel, Symfony): cut at the first NUL
+    (names are C strings: ``_method%00junk`` is ``_method``), leading spaces dropped, a name
+    with ``[...]`` past its first character is the part before the bracket (an array),
+    ``.``, space and an unmatched ``[`` read as ``_``."""
+    name = name.partition("\x00")[0].lstrip(" ")
+    bracket = name.find("[")
+    if bracket > 0 and name.find("]", bracket) > 0:
+        name = name[:bracket]
+    return name.translate(_PHP_FOLD)
+
+
+_BRACKET = re.compile(r"[\[\]]")
+
+
+def _rack2_reading(name: str) -> str:
+    r"""Rack 1.x-2.2 (``Rack::Request#GET``/``#POST``, multipart part names too: Rails up to
+    7.0, Sinatra 2, ``Rack::MethodOverride``; ``normalize_params``'s
+    ``\A[\[\]]*([^\[\]]+)\]*``): every leading ``[`` and ``]`` dropped, the
+    run up to the next bracket, trailing ``]`` dropped (``]_method``, ``[_method``,
+    ``_method]``, ``[[_method]]`` and ``[]_method`` are ``_method``); a key followed by a
+    lone ``[`` is the whole name (``_method[``). Leading spaces dropped: Rack splits at
+    ``&`` and the spaces after it (``/[&;] */``)."""
+    name = name.lstrip(" ")
+    rest = name.lstrip("[]")
+    key = _BRACKET.split(rest, 1)[0]
+    return name if rest[len(key):].lstrip("]") == "[" else key
+
+
+def _rack3_reading(name: str) -> str:
+    """Rack 3 (Rails 7.1+, Sinatra 4): the part before the first ``[`` past the first
+    character, closed or not (``_method[x`` is ``_method``); a lone final ``[`` is part of
+    the name (``_method[``); a leading ``[`` is part of it (``[_method]``)."""
+    bracket = name.find("[", 1)
+    if bracket < 0 or bracket == len(name) - 1:
+        return name
+    return name[:bracket]
+
+
+_QS_GROUP = re.compile(r"\[([^\[\]]*)\]")
+# Brackets looked at to find the end of a leading nested group (``[a[b]]``): past this many
+# the name reads as itself. Either way its key holds a bracket, which no override name and
+# no ordinary location name has; the bound keeps the reading a C scan and a few steps.
+MAX_QS_BRACKETS = 64
+
+
+def _qs_reading(name: str) -> str:
+    """qs 6.x (Express 4 ``req.query`` and ``express.urlencoded({extended: true})``,
+    ``body-parser``; NestJS, Sails): the part before the first ``[`` (``_method[x`` is
+    ``_method``, closed or not); a name that starts with ``[`` is the content of its first
+    balanced group (``[_method]``, ``[_method]]``, ``[_method][]`` are ``_method``; what
+    follows the group is dropped); unterminated (``[_method``), the name. (qs splits a part
+    at its first ``]=`` when it has one: ``_method[=]=DELETE`` is key ``_method[=]``; the
+    name read here, up to the first ``=``, is ``_method[``, the same key, and its value,
+    holding ``]=``, is no method.)"""
+    first = name.find("[")
+    if first != 0:
+        return name if first < 0 else name[:first]
+    m = _QS_GROUP.match(name)
+    if m is not None:
+        return m.group(1)
+    level = 0
+    for steps, bracket in enumerate(_BRACKET.finditer(name)):
+        if steps >= MAX_QS_BRACKETS:
+            break
+        level += 1 if bracket.group() == "[" else -1
+        if not level:
+            return name[1:bracket.start()]
+    return name
+
+
+# A dot qs with ``allowDots`` turns into a bracket: at depth 0, followed by neither ``.``
+# nor ``[`` (``topLevelDotsToBrackets``); the run it opens ends at the next ``.`` or ``[``.
+_QS_DOT = re.compile(r"\.[^.\[]")
+_QS_RUN_END = re.compile(r"[.\[]")
+
+
+def _qs_dots_reading(name: str) -> str:
+    """qs with ``allowDots`` (co-body, so koa-bodyparser's forms; any app that sets it):
+    ``a.b`` is ``a[b]`` before qs reads it, so ``._method`` is ``_method`` and
+    ``_method.x`` is ``_method``."""
+    first = name.find("[")
+    dot = _QS_DOT.search(name, 0, first if first >= 0 else len(name))
+    if dot is None:
+        return _qs_reading(name)
+    if dot.start():
+        return name[:dot.start()]
+    end = _QS_RUN_END.search(name, 1)
+    return name[1:end.start() if end is not None else len(name)].partition("]")[0]
+
+
+_EVERYWHERE = frozenset({QUERY, FORM, COOKIE_PLACE})
+_QUERY_AND_FORM = frozenset({QUERY, FORM})
+# The readings, each with the reader it stands for and where that reader reads names. A
+# method-override name is judged in every reading whatever its place (``param_name``: an
+# app may configure any of these readers for its query or its body; over-reading only
+# refuses more). A provider's own place (``param_names``) is read by the readings of its
+# place only: ``token.type`` read with ``allowDots`` is ``token``, which no query or cookie
+# reader does by default, and it would be taken (and, with forward_token off, removed) as
+# the token.
+NAME_READINGS: tuple[NameReading, ...] = (
+    NameReading("plain (Node querystring, Go, Java, Python, ASP.NET, cookies)",
+                _plain_reading, _EVERYWHERE),
+    NameReading("PHP", _php_reading, _EVERYWHERE),
+    NameReading("Rack 2 (Rails <= 7.0, Sinatra 2)", _rack2_reading, _QUERY_AND_FORM),
+    NameReading("Rack 3 (Rails >= 7.1, Sinatra 4)", _rack3_reading, _QUERY_AND_FORM),
+    NameReading("qs (Express)", _qs_reading, _QUERY_AND_FORM),
+    NameReading("qs allowDots (co-body, koa-bodyparser)", _qs_dots_reading,
+                frozenset({FORM})),
+)
+_READS_BY_PLACE = {place: tuple(r.read for r in NAME_READINGS if place in r.places)
+                   for place in _EVERYWHERE}
+_OTHER_READS = tuple(r.read for r in NAME_READINGS if r.read is not _php_reading)
+# (every override name is this long at most: a longer key is no override name)
+_LONGEST_OVERRIDE = max(map(len, METHOD_OVERRIDE_PARAMS))
 
 
 # The longest raw name whose folded form is kept (the names repeat on every request); a
@@ -153,28 +296,61 @@ KEPT_PARAM_BYTES = 128
 
 
 def param_name(raw: str) -> str:
-    """A query parameter's or cookie's (still encoded) name as compared with a token
-    location's (folded the same way)."""
+    """A query parameter's or form field's (still encoded) name as a method-override reader
+    may read it: the override parameter's name (``METHOD_OVERRIDE_PARAMS``) when any
+    reading (``NAME_READINGS``, whatever its place) gives one, else PHP's reading;
+    lower-cased. (``name in METHOD_OVERRIDE_PARAMS`` then holds for every spelling any
+    reader runs as an override.)"""
     return _kept_param_name(raw) if len(raw) <= KEPT_PARAM_BYTES else _param_name(raw)
 
 
 def _param_name(raw: str) -> str:
-    name = unquote_plus(raw).partition("\x00")[0].lstrip(" ")
-    bracket = name.find("[")
-    if bracket > 0 and name.find("]", bracket) > 0:
-        name = name[:bracket]
-    return name.translate(_PHP_FOLD).lower()
+    name = unquote_plus(raw)
+    php = _php_reading(name).lower()
+    if php not in METHOD_OVERRIDE_PARAMS:
+        for read in _OTHER_READS:
+            key = read(name)
+            if len(key) <= _LONGEST_OVERRIDE and key.lower() in METHOD_OVERRIDE_PARAMS:
+                return key.lower()
+    return php
 
 
 _kept_param_name = functools.lru_cache(maxsize=1024)(_param_name)
 
 
-def _query_pairs(query: str) -> list[tuple[str, str]]:
+def param_names(raw: str, place: str) -> frozenset[str]:
+    """Every name a reader of ``place`` (``QUERY`` or ``COOKIE_PLACE``) may read a
+    parameter's or cookie's (still encoded) name as (``NAME_READINGS``), lower-cased."""
+    if len(raw) <= KEPT_PARAM_BYTES:
+        return _kept_param_names(raw, place)
+    return _param_names(raw, place)
+
+
+def _param_names(raw: str, place: str) -> frozenset[str]:
+    name = unquote_plus(raw)
+    return frozenset([read(name).lower() for read in _READS_BY_PLACE[place]])
+
+
+_kept_param_names = functools.lru_cache(maxsize=1024)(_param_names)
+
+
+@functools.lru_cache(maxsize=256)
+def location_names(name: str) -> frozenset[str]:
+    """A query or cookie location's configured name as a request's names are compared with
+    it (``param_names``): as written (an app asks its reader for that key) and as PHP reads
+    it (a PHP app can only ask for ``access_token`` when ``access.token`` is configured),
+    lower-cased. Not as the other readers cut a name: ``a[b]`` configured is not ``a``
+    (another parameter) to a reader that nests."""
+    decoded = unquote_plus(name)
+    return frozenset({decoded.lower(), _php_reading(decoded).lower()})
+
+
+def _query_pairs(query: str) -> list[tuple[frozenset[str], str]]:
     pairs = []
     for part in _QUERY_SEPARATORS.split(query):
         if part:
             name, _, value = part.partition("=")
-            pairs.append((param_name(name), unquote_plus(value)))
+            pairs.append((param_names(name, QUERY), unquote_plus(value)))
     return pairs
 
 
@@ -196,10 +372,10 @@ _INNER_COOKIE = re.compile(r'(?<![\s,])[\s,][\s,]*+([^\s,;="]++)\s*+=\s*+("[^"]*
 _QUOTED_OR_WORD = re.compile(r'"[^"]*"|[^\s,"]+|.', re.DOTALL)
 
 
-def _inner_cookies(piece: str) -> list[tuple[str, str]]:
-    """The (name, value) pairs set off by whitespace or ``,`` inside one ``;``-separated
-    piece of a Cookie header (not the piece's own first pair), names as ``param_name``
-    folds them, values without their quotes."""
+def _inner_cookies(piece: str) -> list[tuple[frozenset[str], str]]:
+    """The (names, value) pairs set off by whitespace or ``,`` inside one ``;``-separated
+    piece of a Cookie header (not the piece's own first pair), names as cookie readers read
+    them (``param_names``), values without their quotes."""
     if not any(c in piece for c in " \t,\x0b\x0c"):
         return []
     out = []
@@ -210,11 +386,11 @@ def _inner_cookies(piece: str) -> list[tuple[str, str]]:
         value = piece[match.start(2):match.end(2)]
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
-        out.append((param_name(piece[match.start(1):match.end(1)]), value))
+        out.append((param_names(piece[match.start(1):match.end(1)], COOKIE_PLACE), value))
     return out
 
 
-def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
+def _cookie_pairs(headers: Headers) -> list[tuple[frozenset[str], str]]:
     pairs = []
     for n, v in headers:
         if n == COOKIE:
@@ -225,15 +401,14 @@ def _cookie_pairs(headers: Headers) -> list[tuple[str, str]]:
                     value = value.strip(OWS)
                     if len(value) >= 2 and value[0] == value[-1] == '"':
                         value = value[1:-1]
-                    pairs.append((param_name(name.strip(OWS)), value))
+                    pairs.append((param_names(name.strip(OWS), COOKIE_PLACE), value))
                 pairs.extend(_inner_cookies(piece))
     return pairs
 
 
-def _from_pairs(loc: TokenLocation, pairs: list[tuple[str, str]],
-                name: str | None = None) -> list[str]:
-    wanted = loc.name if name is None else name
-    values = [v for n, v in pairs if n == wanted]
+def _from_pairs(loc: TokenLocation, pairs: list[tuple[frozenset[str], str]]) -> list[str]:
+    wanted = location_names(loc.name)
+    values = [v for names, v in pairs if not wanted.isdisjoint(names)]
     if len(values) > 1:
         raise TokenInvalid(MULTIPLE_TOKENS, f"{loc.kind} {loc.name} repeated")
     if values and not values[0]:
@@ -252,19 +427,19 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
         values = _from_header(locations[0], headers)
         return _found((values[0], locations)) if values else None
     found: list[tuple[TokenLocation, str]] = []
-    cookies: list[tuple[str, str]] | None = None
-    queries: list[tuple[str, str]] | None = None
+    cookies: list[tuple[frozenset[str], str]] | None = None
+    queries: list[tuple[frozenset[str], str]] | None = None
     for loc in provider.locations:
         if loc.kind == "header":
             values = _from_header(loc, headers)
         elif loc.kind == "query":
             if queries is None:
                 queries = _query_pairs(query) if query else []
-            values = _from_pairs(loc, queries, param_name(loc.name))
+            values = _from_pairs(loc, queries)
         else:
             if cookies is None:
                 cookies = _cookie_pairs(headers)
-            values = _from_pairs(loc, cookies, param_name(loc.name))
+            values = _from_pairs(loc, cookies)
         for value in values:
             found.append((loc, value))
     if not found:
@@ -288,8 +463,10 @@ def remove_token(headers: Headers, query: str,
     # token header is removed in every spelling an app may read as the same header
     # (``X_Auth_Token`` is ``HTTP_X_AUTH_TOKEN`` to CGI, WSGI and PHP, like ``X-Auth-Token``).
     drop_headers = {fold(loc.name) for loc in locations if loc.kind == "header"}
-    drop_params = {param_name(loc.name) for loc in locations if loc.kind == "query"}
-    drop_cookies = {param_name(loc.name) for loc in locations if loc.kind == "cookie"}
+    drop_params = frozenset().union(*(location_names(loc.name) for loc in locations
+                                      if loc.kind == "query"))
+    drop_cookies = frozenset().union(*(location_names(loc.name) for loc in locations
+                                       if loc.kind == "cookie"))
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers:
         lname = name.lower()
@@ -298,20 +475,22 @@ def remove_token(headers: Headers, query: str,
         if lname == COOKIE and drop_cookies:
             kept = [p.strip() for p in value.decode("latin-1").split(";")
                     if p.strip()
-                    and param_name(p.strip().partition("=")[0].strip(OWS)) not in drop_cookies
-                    and not any(n in drop_cookies for n, _ in _inner_cookies(p.strip(OWS)))]
+                    and drop_cookies.isdisjoint(param_names(
+                        p.strip().partition("=")[0].strip(OWS), COOKIE_PLACE))
+                    and all(drop_cookies.isdisjoint(n) for n, _ in _inner_cookies(p.strip(OWS)))]
             if not kept:
                 continue
             value = "; ".join(kept).encode("latin-1")
         out.append((name, value))
     if drop_params and query:
-        # Every parameter whose name folds to a token parameter's goes (``param_name``); the
+        # Every parameter whose name reads as a token parameter's goes (``param_names``); the
         # others stay as they were, each after the separator that was before it.
         pieces = _QUERY_SPLIT.split(query)  # parameter, separator, parameter, ...
         params: list[str] = []
         for i in range(0, len(pieces), 2):
             part = pieces[i]
-            if not part or param_name(part.partition("=")[0]) in drop_params:
+            if not part or not drop_params.isdisjoint(param_names(part.partition("=")[0],
+                                                                  QUERY)):
                 continue
             if params:
                 params.append(pieces[i - 1])
@@ -322,7 +501,7 @@ def remove_token(headers: Headers, query: str,
 
 # --- RFC 6750 places no provider reads -------------------------------------------------------
 
-# The query parameter RFC 6750 2.3 names (compared as ``param_name`` folds names).
+# The query parameter RFC 6750 2.3 names (compared as ``param_names`` reads names).
 RFC6750_PARAM = "access_token"
 # Authorization schemes that carry an access token: RFC 6750 ``Bearer``, RFC 9449 ``DPoP``,
 # and the ``JWT`` and ``Token`` schemes frameworks use (lower-case). A credential with the
@@ -367,12 +546,12 @@ def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
             issuers.add(provider.issuer)
         for loc in provider.locations:
             if loc.kind == "query":
-                params.add(param_name(loc.name))
+                params |= location_names(loc.name)
             elif loc.kind == "cookie":
-                cookies.add(param_name(loc.name))
+                cookies |= location_names(loc.name)
             else:
                 headers.add(header_name(loc.name))
-            if loc.kind == "query" and param_name(loc.name) == RFC6750_PARAM:
+            if loc.kind == "query" and RFC6750_PARAM in location_names(loc.name):
                 query = False
             elif loc.kind == "header" and header_name(loc.name) == AUTHORIZATION:
                 scheme = loc.prefix.strip(OWS).lower()
@@ -417,7 +596,7 @@ def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -
                                         or _JWT_SHAPE.fullmatch(credential) is not None):
                 found.append(credential)
     if guards.query and query and query_may_hold(query):
-        found.extend(v for n, v in _query_pairs(query) if n == RFC6750_PARAM and v)
+        found.extend(v for n, v in _query_pairs(query) if RFC6750_PARAM in n and v)
     if guards.issuers:
         found.extend(copies(guards, headers, query, path))
     return found
@@ -717,8 +896,8 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
             continue  # (no JWT, and none an app decodes: most values end here)
         elif n == COOKIE:
             forms = _forms(v, plus=False)
-            own = {value for name, value in _cookie_pairs([(n, v)])
-                   if name in guards.read_cookies} if forms else frozenset()
+            own = {value for names, value in _cookie_pairs([(n, v)])
+                   if not guards.read_cookies.isdisjoint(names)} if forms else frozenset()
         elif n not in read:
             forms = _forms(v, plus=False)
             own = frozenset()
@@ -733,8 +912,8 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
         if forms:
             if scan is None:
                 scan = _Copies(guards.issuers)
-            scan.scan(forms, {value for name, value in _query_pairs(query)
-                              if name in guards.read_params})
+            scan.scan(forms, {value for names, value in _query_pairs(query)
+                              if not guards.read_params.isdisjoint(names)})
     if path:
         forms = _path_forms(path)
         if forms:
