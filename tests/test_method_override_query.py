@@ -46,7 +46,8 @@ services:
 # ignore case; the override headers' names as parameters).
 NAMES = ["_method", "%5Fmethod", "%5fmethod", ".method", "+_method", "[method", "_method[]",
          "_method%5B%5D", "_method%00junk", "_METHOD", "_Method", "x-http-method-override",
-         "X-HTTP-Method-Override", "x-http-method", "x-method-override"]
+         "X-HTTP-Method-Override", "x-http-method", "x-method-override", "x-tunneled-method",
+         "X-Tunneled-Method"]
 # Spellings of DELETE every override reader upper-cases to it.
 VALUES = ["DELETE", "delete", "Delete", "%44ELETE", "%64elete"]
 # Queries around the parameter: alone, after others, behind ``;``, repeated with an allowed

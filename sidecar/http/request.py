@@ -264,8 +264,12 @@ def read_destination(value: bytes, *, allow_non_ascii: bool = False
 # (``getParameter``: the query too) and Express ``method-override('_method')``'s; the
 # override headers' names are read from the query by the configurable ones. Found by a
 # hostile review: ``POST /orders/7?_method=DELETE`` was judged as a POST and run as DELETE.
+# ``x-tunneled-method`` is Perl's: Plack::Middleware::MethodOverride's and Catalyst's
+# REST-for-browsers parameter (query or form; noticed while fixing the twenty-ninth
+# session's review).
 METHOD_OVERRIDE_PARAMS = frozenset({
     "_method", "x-http-method-override", "x-http-method", "x-method-override",
+    "x-tunneled-method",
 })
 
 
