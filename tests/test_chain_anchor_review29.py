@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar.identity import svid
 from sidecar.identity.bundle import spiffe_bundle_json
 from sidecar.identity.svid import SvidError, load_svid, verify_chain
 from sidecar.identity.tls import client_context
@@ -504,6 +505,151 @@ def test_a_leaf_common_name_under_dns_name_constraints_as_the_handshake(
     sent = [cert] if where == "root" else [cert, cas[where].cert]
     bundle = [cas["root"].cert] if where == "root" else [cas["plain"].cert]
     _agree(files, sent, key, bundle, premise)
+
+
+# Same-named CAs (found by the hostile review of the fix above): two self-signed roots with
+# one subject and their own keys, the certificate below carrying no authority key identifier
+# (or the roots no subject key identifier): OpenSSL takes the first of them in its store --
+# the bundle's order -- that may issue it and is valid now (else the one that expires last),
+# and does not try the other when the signature fails. verify_chain tried each, so with the
+# bundle [other root, signing root] it accepted what every handshake refuses, and took a
+# trust end from a chain OpenSSL never builds. The family, as data: the other root's key
+# (another; the signer's own, a renewal) x its validity (valid, expired, not yet valid) x
+# the key identifiers (the child's AKI, the roots' SKIDs, each present or not) x the order of
+# the same-named certificates in the bundle x how the leaf reaches the roots (directly; via
+# an intermediate it sends; via one the bundle lists; via one of two same-named
+# intermediates the bundle lists, each under its own root).
+SAME_OTHER = ["other-key", "same-key"]
+SAME_TIME = ["valid", "expired", "future"]
+SAME_IDS = {"aki+skid": (True, True), "skid-only": (False, True), "aki-only": (True, False),
+            "neither": (False, False)}
+SAME_ORDER = ["other-first", "signer-first"]
+SAME_PATH = ["direct", "sent-I", "bundle-I", "twin-I"]
+SAME_CASES = [(o, t, i, r, p) for o in SAME_OTHER for t in SAME_TIME for i in SAME_IDS
+              for r in SAME_ORDER for p in SAME_PATH]
+# The review's shapes (OpenSSL's verdict, checked first).
+SAME_PREMISES = {("other-key", "valid", "skid-only", "other-first", "direct"): False,
+                 ("other-key", "valid", "skid-only", "signer-first", "direct"): True,
+                 ("other-key", "valid", "aki-only", "other-first", "direct"): False,
+                 ("other-key", "valid", "aki+skid", "other-first", "direct"): True,
+                 ("other-key", "expired", "neither", "other-first", "direct"): True,
+                 ("same-key", "valid", "neither", "other-first", "direct"): True}
+
+
+def _same_name_ca(cn: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey,
+                  signer: ec.EllipticCurvePrivateKey, *, start: float, end: float, ski: bool,
+                  aki: bool) -> x509.Certificate:
+    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(_utc(start)).not_valid_after(_utc(end))
+         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+         .add_extension(KU_CA, critical=True)
+         .add_extension(x509.SubjectAlternativeName(
+             [x509.UniformResourceIdentifier(f"spiffe://{TD}")]), critical=False))
+    if ski:
+        b = b.add_extension(_ski(key), critical=False)
+    if aki:
+        b = b.add_extension(_aki(signer), critical=False)
+    return b.sign(signer, hashes.SHA256())
+
+
+@functools.cache
+def _same_name_pki(other: str, when: str, ids: str, path: str
+                   ) -> tuple[list[x509.Certificate], Any, list[x509.Certificate],
+                              list[dict[str, x509.Certificate]]]:
+    """(what the peer sends, its key, the bundle's other certificates, its same-named
+    pairs -- {"signer": .., "other": ..}, roots first) of one member, in either order."""
+    now = time.time()
+    child_aki, root_ski = SAME_IDS[ids]
+    signer_key = ec.generate_private_key(ec.SECP256R1())
+    other_key = signer_key if other == "same-key" else ec.generate_private_key(ec.SECP256R1())
+    span = {"valid": (now - 3600, now + 4 * DAY), "expired": (now - 9 * DAY, now - DAY),
+            "future": (now + DAY, now + 9 * DAY)}[when]
+    roots = {"signer": _same_name_ca("same-name root", _name("same-name root"), signer_key,
+                                     signer_key, start=now - 3600, end=now + 2 * DAY,
+                                     ski=root_ski, aki=False),
+             "other": _same_name_ca("same-name root", _name("same-name root"), other_key,
+                                    other_key, start=span[0], end=span[1], ski=root_ski,
+                                    aki=False)}
+    if path == "direct":
+        cert, key = leaf(Ca(roots["signer"], signer_key), PEER, ends=now + 10 * DAY,
+                         aki="auto" if child_aki else None)
+        return [cert], key, [], [roots]
+    # An intermediate under the signing root (its AKI as the member says); for "twin-I" a
+    # second one of the same name under the other root, with its own key.
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _same_name_ca("same-name intermediate", _name("same-name root"), inter_key,
+                          signer_key, start=now - 3600, end=now + 3 * DAY, ski=True,
+                          aki=child_aki)
+    if path == "twin-I":
+        twin = _same_name_ca("same-name intermediate", _name("same-name root"),
+                             ec.generate_private_key(ec.SECP256R1()), other_key,
+                             start=now - 3600, end=now + 3 * DAY, ski=True, aki=child_aki)
+        cert, key = leaf(Ca(inter, inter_key), PEER, ends=now + 10 * DAY, aki=None)
+        return [cert], key, [], [roots, {"signer": inter, "other": twin}]
+    cert, key = leaf(Ca(inter, inter_key), PEER, ends=now + 10 * DAY,
+                     aki="auto" if child_aki else None)
+    if path == "sent-I":
+        return [cert, inter], key, [], [roots]
+    return [cert], key, [inter], [roots]
+
+
+def _same_name_member(other: str, when: str, ids: str, order: str, path: str
+                      ) -> tuple[list[x509.Certificate], Any, list[x509.Certificate]]:
+    """(what the peer sends, its key, the bundle) of one member: the same certificates in
+    either order."""
+    sent, key, rest, pairs = _same_name_pki(other, when, ids, path)
+    kinds = ("other", "signer") if order == "other-first" else ("signer", "other")
+    bundle = [pair[k] for pair in pairs for k in kinds]
+    return sent, key, bundle[:2] + rest + bundle[2:]
+
+
+@pytest.mark.parametrize(("other", "when", "ids", "order", "path"), SAME_CASES,
+                         ids=["-".join(c) for c in SAME_CASES])
+def test_same_named_cas_as_the_handshake(files: _Files, other: str, when: str, ids: str,
+                                         order: str, path: str) -> None:
+    """Of two same-named CAs that may issue a certificate, the chain check takes the one
+    OpenSSL takes -- the first valid one the bundle lists -- and only it: the verdict and
+    the trust end are those of the handshake's chain in every order."""
+    sent, key, bundle = _same_name_member(other, when, ids, order, path)
+    _agree(files, sent, key, bundle, SAME_PREMISES.get((other, when, ids, order, path)))
+
+
+def test_the_same_name_family_is_not_vacuous(files: _Files) -> None:
+    """The order decides: for each way to the roots, some member the handshake accepts in
+    one order and refuses in the other."""
+    for path in SAME_PATH:
+        flips = 0
+        for other, when, ids in itertools.product(SAME_OTHER, SAME_TIME, SAME_IDS):
+            verdicts = set()
+            for order in SAME_ORDER:
+                sent, key, bundle = _same_name_member(other, when, ids, order, path)
+                verdicts.add(openssl_chain(files, sent, key, bundle) is not None)
+            flips += verdicts == {True, False}
+        assert flips >= 1, path
+
+
+@pytest.mark.parametrize("path", SAME_PATH)
+def test_same_named_cas_where_the_store_order_is_unknown_fail_closed(
+        files: _Files, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a C library whose sort does not keep the bundle's order (not glibc), which
+    same-named CA OpenSSL takes is unknown: the chain check accepts only a chain that every
+    pick verifies, so it accepts a member only when the handshake accepts it in both
+    orders (and then it does), its trust end the earliest of them."""
+    monkeypatch.setattr(svid, "STORE_KEEPS_BUNDLE_ORDER", False)
+    for other, when, ids in itertools.product(SAME_OTHER, SAME_TIME, SAME_IDS):
+        handshakes = {}
+        for order in SAME_ORDER:
+            sent, key, bundle = _same_name_member(other, when, ids, order, path)
+            handshakes[order] = openssl_chain(files, sent, key, bundle)
+        both = all(c is not None for c in handshakes.values())
+        for order in SAME_ORDER:
+            sent, key, bundle = _same_name_member(other, when, ids, order, path)
+            mine = ours(sent, bundle)
+            assert (mine is not None) == both, (other, when, ids, order)
+            if mine is not None:
+                assert ends_of(mine) == min(ends_of(c) for c in handshakes.values()
+                                            if c is not None)
 
 
 # --- (2) through real sidecars: the review's scenarios ----------------------------------------

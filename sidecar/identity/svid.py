@@ -926,8 +926,25 @@ def _signed_with_key_type(cert: x509.Certificate, issuer: x509.Certificate) -> b
     return isinstance(key, dsa.DSAPublicKey) and oid in _DSA_SIGNATURES
 
 
-# The most chains ``_Chains.paths`` offers (several certificates of a bundle that may each
-# be the issuer, in an order OpenSSL does not define).
+# Which of several same-named bundle certificates OpenSSL takes as an issuer
+# (``X509_STORE_CTX_get1_issuer``): the first, in its store's order, that may issue the
+# certificate (``check_issued``) and is valid now, else the one of them that expires last. The
+# store is kept sorted by subject name with the C library's ``qsort``; glibc's is a stable
+# merge sort, so same-named certificates stay in the order the bundle lists them (duplicates
+# dropped) and the pick is known. Another C library (musl's smoothsort) leaves that order
+# unknown: then every certificate OpenSSL may take is tried, and a chain is accepted only
+# when each of them verifies (``verify_chain``), its trust ending with the earliest.
+def _store_keeps_bundle_order() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
+STORE_KEEPS_BUNDLE_ORDER = _store_keeps_bundle_order()
+
+# The most chains ``_Chains.paths`` offers where the store's order is unknown (several
+# certificates of a bundle that may each be the issuer); more is refused.
 _MAX_PATHS = 16
 
 
@@ -967,15 +984,19 @@ def _bundle_index(bundle: Sequence[x509.Certificate]) -> _BundleIndex:
 
 
 class _Chains:
-    """The chains the handshake's OpenSSL may build for a leaf from what the peer sent and a
+    """The chain the handshake's OpenSSL builds for a leaf from what the peer sent and a
     bundle (``build_chain``, trusted first, no partial chains): each step takes an issuer from
     the bundle when one may issue the top certificate -- and from then on looks in the bundle
     only -- and else the first the peer sent that may; it ends at a self-signed certificate
     of the bundle (a self-signed one the peer sent must be one of the bundle's, byte for
-    byte). Where several bundle certificates may be the issuer each is tried (OpenSSL's order
-    among same-named certificates is not defined). Signatures and extensions are the
-    caller's to verify. Each certificate's ``_Facts`` are looked up once per call, and the
-    bundle is indexed by subject: a step costs a lookup, not a pass over the bundle."""
+    byte). Of several bundle certificates that may be the issuer OpenSSL takes one and does
+    not go back when its signature fails (``STORE_KEEPS_BUNDLE_ORDER``): under two roots
+    of one name, a leaf without an authority key identifier (or roots without subject key
+    identifiers) signed by the second was refused by every handshake and accepted here,
+    where each was tried (found by a hostile review). Signatures and extensions are the
+    caller's to verify. Each
+    certificate's ``_Facts`` are looked up once per call, and the bundle is indexed by
+    subject: a step costs a lookup, not a pass over the bundle."""
 
     def __init__(self, sent: Sequence[x509.Certificate], bundle: Sequence[x509.Certificate],
                  now: float) -> None:
@@ -993,47 +1014,58 @@ class _Chains:
                 got = self.memo[id(cert)] = _facts(cert)
         return got
 
-    def issuers(self, cert: x509.Certificate, candidates: Sequence[x509.Certificate]
-                ) -> list[x509.Certificate]:
-        """Those of ``candidates`` OpenSSL may take as ``cert``'s issuer
-        (``get0_best_issuer_sk``): the ones valid now, or else the one that expires last."""
+    def issuers(self, cert: x509.Certificate, candidates: Sequence[x509.Certificate], *,
+                every: bool = False) -> list[x509.Certificate]:
+        """The issuer OpenSSL takes for ``cert`` of ``candidates``, in their order
+        (``X509_STORE_CTX_get1_issuer``, ``find_issuer``): the first that may issue it and
+        is valid now, else the one of those that may that expires last (the first of
+        equals); none when none may. ``every``: each that is valid now (the order unknown)."""
         wanted = self.facts(cert).issuer
         able = [c for c in candidates if wanted is not None
                 and self.facts(c).subject == wanted and _may_issue(cert, c)]
         valid = [c for c in able
                  if self.facts(c).not_before <= self.now <= self.facts(c).not_after]
-        if valid or not able:
-            return valid
+        if valid:
+            return valid if every else valid[:1]
+        if not able:
+            return []
         return [max(able, key=lambda c: self.facts(c).not_after)]
 
-    def paths(self, leaf: x509.Certificate) -> Iterator[list[x509.Certificate]]:
-        return itertools.islice(self._extend([leaf], self.sent, False), _MAX_PATHS)
+    def paths(self, leaf: x509.Certificate) -> Iterator[list[x509.Certificate] | None]:
+        """The chains OpenSSL may build: one where the store keeps the bundle's order; None
+        for a way in which it builds none."""
+        return self._extend([leaf], self.sent, False)
 
     def _extend(self, chain: list[x509.Certificate], untrusted: list[x509.Certificate],
-                bundle_only: bool) -> Iterator[list[x509.Certificate]]:
+                bundle_only: bool) -> Iterator[list[x509.Certificate] | None]:
         top = chain[-1]
         if len(chain) > MAX_CHAIN_DEPTH + 1:
+            yield None
             return
         top_ss = self.facts(top).self_signed
         wanted = self.facts(top).issuer
-        options = self.issuers(top, self.by_subject.get(wanted, []) if wanted else [])
-        if options:
+        options = self.issuers(top, self.by_subject.get(wanted, []) if wanted else [],
+                               every=not STORE_KEEPS_BUNDLE_ORDER)
+        for issuer in options:
             if top_ss:  # (a self-signed certificate: only itself, listed, anchors it)
-                if top in options:
-                    yield chain
-                return
-            for issuer in options:
-                if self.facts(issuer).self_signed:
-                    yield [*chain, issuer]
-                elif issuer not in chain:
-                    yield from self._extend([*chain, issuer], untrusted, True)
+                yield chain if issuer == top else None
+            elif self.facts(issuer).self_signed:
+                yield [*chain, issuer]
+            elif issuer in chain:  # (a loop through the bundle: OpenSSL fails at its depth)
+                yield None
+            else:
+                yield from self._extend([*chain, issuer], untrusted, True)
+        if options:
             return
         if bundle_only or top_ss:
+            yield None
             return
-        found = next((c for c in self.issuers(top, untrusted) if c not in chain), None)
-        if found is not None:
-            yield from self._extend([*chain, found], [c for c in untrusted if c is not found],
-                                    False)
+        found = self.issuers(top, [c for c in untrusted if c not in chain])
+        if not found:
+            yield None
+            return
+        yield from self._extend([*chain, found[0]],
+                                [c for c in untrusted if c is not found[0]], False)
 
 
 def chain_check_alone(cert: x509.Certificate, now: float) -> None:
@@ -1061,26 +1093,37 @@ def verify_chain(
     The chain is the one OpenSSL builds (``_Chains``): only the bundle's
     self-signed certificates anchor it, its others complete it (and once one has, the
     chain goes on through the bundle only), an issuer the child's authority key identifier
-    rules out is none, a bundle without a self-signed certificate verifies nothing.
+    rules out is none, a bundle without a self-signed certificate verifies nothing, and of
+    several same-named bundle certificates that may issue a certificate the one OpenSSL
+    takes is the only one tried (where its order is unknown, each must verify).
     cryptography's RFC 5280 verifier then checks that chain (signatures, validity, CA
     constraints): the leaf's extensions are not judged by its Web PKI profile (the SVID
     rules above are ours); issuers must be proper CAs. Last, a leaf's host-like commonName
     meets the chain's DNS name constraints, as in OpenSSL.
     """
-    error: str = "no chain to a self-signed certificate of the bundle"
-    for path in _Chains(intermediates, roots, now).paths(leaf):
+    paths = list(itertools.islice(_Chains(intermediates, roots, now).paths(leaf),
+                                  _MAX_PATHS + 1))
+    if len(paths) > _MAX_PATHS:
+        raise SvidError(RULE_CHAIN_UNTRUSTED, "certificate does not chain to a bundle root: "
+                        f"more than {_MAX_PATHS} chains the handshake may build")
+    chains: list[list[x509.Certificate]] = []
+    for path in paths:
+        if path is None:
+            raise SvidError(RULE_CHAIN_UNTRUSTED, "certificate does not chain to a bundle "
+                            "root: no chain to a self-signed certificate of the bundle")
         try:
             built = list(_path_builder(path[-1], now).build_client_verifier()
                          .verify(leaf, path[1:-1]).chain)
             problem = _cn_constraint_problem(built)
         except Exception as exc:  # noqa: BLE001 -- VerificationError, or what a hostile chain raises
-            error = str(exc)
-            continue
+            problem = str(exc)
         if problem is not None:
-            error = problem
-            continue
-        return built
-    raise SvidError(RULE_CHAIN_UNTRUSTED, f"certificate does not chain to a bundle root: {error}")
+            raise SvidError(RULE_CHAIN_UNTRUSTED,
+                            f"certificate does not chain to a bundle root: {problem}")
+        chains.append(built)
+    if not chains:
+        raise SvidError(RULE_CHAIN_UNTRUSTED, "certificate does not chain to a bundle root")
+    return min(chains, key=lambda c: min(x.not_valid_after_utc for x in c))
 
 
 def load_svid(cert_path: str, key_path: str, bundle_path: str, now: float) -> Svid:
