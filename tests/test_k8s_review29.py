@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.client as httpclient
 import json
 import ssl
 import subprocess
@@ -49,7 +48,8 @@ from sidecar.k8s.inject import (
 )
 from sidecar.k8s.patch import apply_patch
 from sidecar.k8s.rules import POD_RULES, REFUSED_CAPABILITIES
-from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
+from tests.harness import ROOT, Proc, free_port, https_server_material, wait_port
+from tests.test_k8s_review28 import _post
 
 COLLECTOR = "siem.logging.svc.cluster.local"
 # A legal collector name that is also a pod's full name in /etc/hosts: hostname "siem",
@@ -178,19 +178,6 @@ def _review(uid: str, doc: dict[str, Any], operation: str = "CREATE",
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
 
 
-def _post(webhook: tuple[int, ssl.SSLContext, Proc], review: dict[str, Any],
-          path: str) -> dict[str, Any]:
-    port, ctx, _ = webhook
-    conn = httpclient.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
-    try:
-        reply = http(port, "POST", path, body=json.dumps(review).encode(),
-                     headers={"content-type": "application/json"}, conn=conn)
-    finally:
-        conn.close()
-    assert reply.status == 200, reply.body
-    response: dict[str, Any] = reply.json()["response"]
-    assert response["uid"] == review["request"]["uid"]
-    return response
 
 
 def _injected(doc: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:

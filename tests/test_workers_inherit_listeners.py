@@ -44,6 +44,7 @@ from tests.harness import (
     start_sidecar,
     wait_for,
 )
+from tests.test_workers import _children
 
 OUTBOUND = "self-call"
 LISTENERS = ("inbound", OUTBOUND)
@@ -58,19 +59,6 @@ JOINS: dict[str, tuple[tuple[int, int], ...]] = {
 REQUESTS = 40  # per listener, each on a new connection
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
 
 
 @pytest.fixture(scope="module")
