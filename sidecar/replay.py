@@ -21,15 +21,32 @@ sidecar never read (``body``: a POST body whose override fields were not read; `
 ``destination``: one that would be refused, 400): a change that lets such a request in is
 ``uncertain``. Found by a hostile review: ``POST /orders/1?_method=DELETE``, refused live,
 was replayed as a plain POST. A record written before these fields is judged as before.
+
+What a record does not hold is not guessed (found by the twenty-ninth session's hostile
+review). A token's claims but ``iss`` and ``sub``: each rule of the new section that could
+match the request by its other conditions and tests a claim the record does not settle is
+tried both ways (``_claim_trials``); a stream record or an older one without its port: each
+port the section's rules name, and one they do not. A record whose outcomes differ between
+the tries is listed as ``uncertain``, with the rules and tests (or ports) it hangs on -- also
+when the outcome computed with what the record holds is the recorded one: "no change" is
+never said of a decision that hangs on what the trail does not record. (Under the very
+policy that decided the record, ``policy_version``, the recorded outcome is one of those
+tried, and it stands: that policy had the whole token and the port.) Records of a ``protocol: tcp``
+listener (no method, path or host; ``_is_stream``) are re-decided as the listener decides a
+stream (``decide`` with no method and no credentials: ``from``, ``namespaces``, ``ports`` and
+``listeners`` only); before, every one was skipped, and a policy refusing the caller's
+streams replayed as "0 would change".
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from sidecar.audit.crypto import load_decryptor
 from sidecar.audit.record import AuditRecord
@@ -43,8 +60,11 @@ from sidecar.audit.segments import (
 from sidecar.errors import ConfigError
 from sidecar.http.request import MAX_METHOD_OVERRIDES
 from sidecar.output import Progress, add_output_flag, emit, safe
+from sidecar.policy.compiled import Section, claim_holds, compile_section, request_holds
 from sidecar.policy.decision import (
     INVALID_TOKEN_RULE,
+    NO_AUTH,
+    REASON_CLAIMS_MISMATCH,
     REASON_TOKEN_INVALID,
     AuthFacts,
     Decision,
@@ -52,6 +72,7 @@ from sidecar.policy.decision import (
 )
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_set, policy_label
+from sidecar.policy.model import Rule
 
 
 @dataclass(frozen=True)
@@ -165,15 +186,140 @@ def judged(policy: object, service: str, facts: RequestFacts, auth: AuthFacts, n
     return observed if observed is not None and not new.dry_run else new
 
 
+UNCERTAIN_PORT = "port not recorded"
+# Per record at most 2**MAX_CLAIM_TRIALS variants of the section (rules whose claim tests the
+# record does not settle) and MAX_PORT_TRIALS ports are tried; beyond, it is uncertain.
+MAX_CLAIM_TRIALS = 6
+MAX_PORT_TRIALS = 32
+# A port no rule names (the loader takes 1..65535): the ports a rule does not name, as one.
+_UNNAMED_PORT = 0
+# Variant sections compiled (``_held``), kept across records: a trail repeats its routes.
+MAX_TRIAL_SECTIONS = 256
+
+
+def _is_stream(rec: AuditRecord) -> bool:
+    """A stream of a ``protocol: tcp`` listener (``sidecar.inbound``'s ``_tcp``): no method,
+    path or host, and decided by the policy (a rule is named; a request refused before any
+    rule -- malformed, timed out -- names none, and every HTTP request has a method)."""
+    return not rec.method and not rec.path and not rec.host and bool(rec.rule)
+
+
+def _known_claims(rec: AuditRecord) -> dict[str, Any]:
+    """What the record holds of its token's claims: ``iss``, and ``sub`` when it was a
+    string (``sidecar.audit.record._claims_fields``; a None is no reading of anything)."""
+    known: dict[str, Any] = {"iss": rec.token_issuer}
+    if rec.token_subject is not None:
+        known["sub"] = rec.token_subject
+    return known
+
+
+def _settled(rule: Rule, known: Mapping[str, Any]) -> bool | None:
+    """Whether ``rule``'s claim tests hold for a token of which only ``known`` is recorded:
+    True, False, or None when a test the record does not settle decides. An allow rule's
+    test of a plain name the record holds reads exactly that member; any other reads members
+    the record does not hold. A deny rule's holds when any reading does (names in any case,
+    ``claim_holds``): holding on ``known`` it holds on the whole token, failing it may not."""
+    assert rule.when.jwt is not None
+    deny = rule.effect == "deny"
+    open_test = False
+    for cond in rule.when.jwt.claims:
+        held = claim_holds(cond, known, deny)
+        if deny:
+            open_test = open_test or not held
+        elif "." in cond.claim or cond.claim not in known:
+            open_test = True
+        elif not held:
+            return False  # (the tests are ANDed: one failing settles the rule)
+    return None if open_test else True
+
+
+def _shape(section: Section | None) -> tuple[list[int], tuple[Rule, ...]]:
+    """What replay reads of a section once, not per record: the ports its rules name, and
+    its rules with claim tests."""
+    if section is None:
+        return [], ()
+    ports = sorted({p for r in section.rules if r.when.ports is not None for p in r.when.ports})
+    return ports, tuple(r for r in section.rules
+                        if r.when.jwt is not None and r.when.jwt.claims)
+
+
+def _open_rules(section: Section, claim_rules: tuple[Rule, ...], facts: list[RequestFacts],
+                auth: AuthFacts, now: float, known: Mapping[str, Any]) -> list[Rule]:
+    """The rules of ``section`` whose claim tests the record does not settle (``_settled``)
+    and that could match it by everything else: not expired, a token of their provider
+    verified, their request conditions holding for one of ``facts`` (the request, its
+    Destination's path, its override methods, at each port tried)."""
+    out = []
+    for rule in claim_rules:  # (``_shape``: the section's rules with claim tests)
+        jwt = rule.when.jwt
+        if jwt is None or jwt.provider not in auth.claims \
+                or rule.expired(now) or _settled(rule, known) is not None:
+            continue
+        if any(request_holds(rule.when, f, section.trust_domain, True, section.fold_case,
+                             rule.effect, section.fold_formats, section.deny_case)
+               for f in facts):
+            out.append(rule)
+    return out
+
+
+def _token_rules(section: Section, facts: list[RequestFacts], now: float) -> list[Rule]:
+    """The rules of ``section`` naming a JWT provider that could match one of ``facts`` by
+    their request conditions (for a token whose provider the record does not name)."""
+    return [r for r in section.rules if r.when.jwt is not None and not r.expired(now)
+            and any(request_holds(r.when, f, section.trust_domain, True, section.fold_case,
+                                  r.effect, section.fold_formats, section.deny_case)
+                    for f in facts)]
+
+
+def _held(section: Section, held: frozenset[str]) -> Section:
+    """``section`` with the claim tests of the rules named in ``held`` passed: their jwt
+    condition asks only for a token of their provider (the record has one)."""
+    rules = tuple(
+        replace(r, when=replace(r.when, jwt=replace(r.when.jwt, claims=())))
+        if r.name in held and r.when.jwt is not None else r
+        for r in section.rules)
+    return compile_section(section.identity, section.trust_domain, section.mode, rules,
+                           section.egress, section.fold_case, section.refuse_invalid_tokens,
+                           section.fold_formats, section.deny_case)
+
+
+class _Trial:
+    """The new policy with one section tried another way (``_held``): what ``decide`` reads
+    of a policy, its ``section`` and ``version``."""
+
+    def __init__(self, policy: Any, identity: str, section: Section) -> None:
+        self._policy, self._identity, self._section = policy, identity, section
+        self.version: str = policy.version
+
+    def section(self, identity: str) -> Section | None:
+        return self._section if identity == self._identity else self._policy.section(identity)
+
+
+def _describe(rule: Rule) -> str:
+    assert rule.when.jwt is not None
+    tests = " and ".join(c.describe() for c in rule.when.jwt.claims)
+    return f"rule {rule.name!r} tests {rule.when.jwt.provider}: {tests}"
+
+
 def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
            ) -> tuple[int, list[ReplayChange]]:
-    """Re-decide every inbound request record; return (records replayed, changes). Records
-    with a ``replay_problem`` are skipped (``cmd_replay`` names them)."""
+    """Re-decide every inbound request record (and stream record of a ``protocol: tcp``
+    listener, ``_is_stream``); return (records replayed, changes). Records with a
+    ``replay_problem`` are skipped (``cmd_replay`` names them). What a record does not hold
+    (claims but ``iss`` and ``sub``; an older record's port) is tried every way that can
+    matter (module docstring): a decision that hangs on it is never "no change"."""
     changes: list[ReplayChange] = []
     count = 0
     providers = getattr(getattr(policy, "extras", None), "jwt_providers", {}) or {}
+    trials: dict[tuple[str, frozenset[str]], Section] = {}
+    shapes: dict[str, tuple[list[int], tuple[Rule, ...]]] = {}
     for rec in records:
-        if rec.event != "request" or rec.direction != "inbound" or not rec.method:
+        if rec.event != "request" or rec.direction != "inbound":
+            continue
+        # (a stream record has no method: all of them were skipped before -- a policy
+        # refusing the caller's streams replayed as "0 would change"; hostile review)
+        stream = not rec.method and _is_stream(rec)
+        if not rec.method and not stream:
             continue
         if replay_problem(rec) is not None:
             continue
@@ -181,34 +327,118 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
         if not service:
             continue
         count += 1
+        extra = rec.extra or {}
+        recorded_port = extra.get("port")
         facts = RequestFacts(direction="inbound", peer=rec.peer, source=rec.source.rsplit(":", 1)[0]
                              if rec.source.count(":") == 1 else rec.source,
                              method=rec.method, path=rec.path, host=rec.host,
-                             port=int((rec.extra or {}).get("port", 0) or 0), listener="inbound")
-        claims = {}
-        if rec.token_issuer:
-            for name, prov in providers.items():
-                if prov.issuer == rec.token_issuer:
-                    claims[name] = {"iss": rec.token_issuer, "sub": rec.token_subject}
-        # A request refused (or, in dry-run, recorded) for a token no provider accepted
-        # (``invalid_tokens: refuse``) presented one: it is presented again. Which provider
-        # refused it is not recorded (an entry under the rule's name, which names none).
-        refused_token = rec.rule == INVALID_TOKEN_RULE and rec.reason == REASON_TOKEN_INVALID
-        auth = AuthFacts(claims=claims, apikey=rec.apikey,
-                         token_errors={INVALID_TOKEN_RULE: REASON_TOKEN_INVALID}
-                         if refused_token else {})
-        new = judged(policy, service, facts, auth, rec.time, rec.extra)
+                             port=int(recorded_port or 0), listener="inbound")
+        section = getattr(policy, "section", lambda _: None)(service)
+        shape = shapes.get(service)
+        if shape is None:
+            shape = shapes[service] = _shape(section)
+        # The ports to try: the recorded one; without one (a record from before ``x.port``),
+        # each port the section's rules name and one they do not.
+        named, claim_rules = shape
+        ports = ([facts.port] if recorded_port is not None or not named
+                 else [*named, _UNNAMED_PORT][:MAX_PORT_TRIALS])
+        too_many: list[str] = []
+        if recorded_port is None and len(named) + 1 > MAX_PORT_TRIALS:
+            too_many.append(f"{UNCERTAIN_PORT}: rules name {len(named)} ports")
+        tried = [facts._replace(port=p) for p in ports]
+        refused_token = False
+        auth = NO_AUTH  # a stream: no credentials (``Gate.inbound(tcp=True)``)
+        open_rules: list[Rule] = []
+        if not stream:
+            known = _known_claims(rec)
+            claims = {}
+            if rec.token_issuer:
+                for name, prov in providers.items():
+                    if prov.issuer == rec.token_issuer:
+                        claims[name] = known
+            # A request refused (or, in dry-run, recorded) for a token no provider accepted
+            # (``invalid_tokens: refuse``) presented one: it is presented again. Which provider
+            # refused it is not recorded (an entry under the rule's name, which names none).
+            refused_token = rec.rule == INVALID_TOKEN_RULE and rec.reason == REASON_TOKEN_INVALID
+            auth = AuthFacts(claims=claims, apikey=rec.apikey,
+                             token_errors={INVALID_TOKEN_RULE: REASON_TOKEN_INVALID}
+                             if refused_token else {})
+            if section is not None:
+                judged_facts = [*tried]
+                destination = extra.get("destination")
+                for f in tried:
+                    if isinstance(destination, str):
+                        judged_facts.append(f._replace(path=destination))
+                    judged_facts.extend(f._replace(method=m)
+                                        for m in extra.get("overrides") or ())
+                # Rules testing claims the record does not hold (all but ``iss``, ``sub``),
+                # tried passing and failing: before, replay decided with the two claims, a
+                # relaxed or a new claim test came out as before, "no change" (hostile
+                # review: a recorded claims_mismatch now let in, a 200 now denied on ``role``).
+                open_rules = _open_rules(section, claim_rules, judged_facts, auth, rec.time,
+                                         known)
+                if not claims and not refused_token and (
+                        rec.token_issuer or rec.token_subject or rec.token_id_hash
+                        or rec.reason == REASON_CLAIMS_MISMATCH):
+                    # A token was verified, of no provider the new policy has by that issuer
+                    # (or none recorded: an introspected one without ``iss``).
+                    unplaced = _token_rules(section, judged_facts, rec.time)
+                    if unplaced:
+                        too_many.append(f"{UNCERTAIN_CLAIMS}: the token's provider is not "
+                                        f"recorded; rules {', '.join(repr(r.name) for r in unplaced)}"
+                                        " name providers")
+                if len(open_rules) > MAX_CLAIM_TRIALS:
+                    too_many.append(f"{UNCERTAIN_CLAIMS}: {len(open_rules)} rules test claims "
+                                    "the trail does not hold")
+                    open_rules = []
+        held_sets = [frozenset(r.name for r, on in zip(open_rules, bits, strict=True) if on)
+                     for bits in itertools.product((False, True), repeat=len(open_rules))]
+        # (held_sets[0] is the empty set: the record's own claims, as decided before)
+        results: list[list[Decision]] = []  # [port][held set]
+        for f in tried:
+            row = []
+            for held in held_sets:
+                pol: object = policy
+                if held:
+                    assert section is not None
+                    variant = trials.get((service, held))
+                    if variant is None:
+                        if len(trials) >= MAX_TRIAL_SECTIONS:
+                            trials.clear()
+                        variant = trials[(service, held)] = _held(section, held)
+                    pol = _Trial(policy, service, variant)
+                row.append(decide(pol, service, f, auth, rec.time)  # type: ignore[arg-type]
+                           if stream else judged(pol, service, f, auth, rec.time, rec.extra))
+            results.append(row)
         before = rec.decision
-        after = outcome(new)
-        if after != before:
-            why = UNCERTAIN_CLAIMS if new.reason == "claims_mismatch" or refused_token or (
+        decisions = [d for row in results for d in row]
+        differ = [d for d in decisions if outcome(d) != before]
+        if rec.policy_version == getattr(policy, "version", None) \
+                and len(differ) < len(decisions):
+            # The very policy that decided it (its version), on the facts it had: the
+            # claims and port the record does not hold gave the recorded outcome, one of
+            # those tried. (A trail replayed under its own policy changes nothing.)
+            continue
+        whys: list[str] = list(too_many)
+        if any(len({outcome(d) for d in row}) > 1 for row in results):
+            whys.append(f"{UNCERTAIN_CLAIMS}: " + "; ".join(_describe(r) for r in open_rules))
+        if any(len({outcome(row[i]) for row in results}) > 1 for i in range(len(held_sets))):
+            whys.append(f"{UNCERTAIN_PORT}: rules name ports {named}")
+        if not differ and not whys:
+            continue
+        new = differ[0] if differ else decisions[0]
+        why = "; ".join(whys) if whys else None
+        if why is None and len(differ) == len(decisions):
+            # (a claims_mismatch here is settled by what the record holds: the rules whose
+            # tests it does not settle were tried both ways, and every try agreed)
+            why = UNCERTAIN_CLAIMS if refused_token or (
                 rec.token_issuer is not None and new.reason.startswith("token")) else None
-            unread = (rec.extra or {}).get("unread")
+            unread = extra.get("unread")
             if why is None and unread and new.allowed:
                 # Let in now, it would reach checks it never reached: what they read was
                 # never read (``extra.unread``), so whether they refuse it is not known.
                 why = "; ".join(UNREAD[u] for u in unread)
-            changes.append(ReplayChange(rec, before, new, why is not None, why))
+        changes.append(ReplayChange(rec, before, new, why is not None, why))
     return count, changes
 
 
