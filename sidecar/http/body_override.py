@@ -42,8 +42,10 @@ a Content-Type is one long name), or, when that is only spaces, which PHP drops,
 ``BadRequest("bad_request")``; an override field's value is kept up to
 ``MAX_VALUE_BYTES`` (a longer one is no method: ``bad_method``). A multipart part's head is kept up to
 ``MAX_PART_HEAD_BYTES`` (longer: ``bad_request``), and one that may name an override holds at most
-``MAX_PART_NAMES`` ``name=`` (more: ``bad_request``: each is read to its line's end,
-``_part_is_override``); other parts' content is passed over, with
+``MAX_PART_NAMES`` ``name=`` (more: ``bad_request``), each value read to
+``MAX_PART_NAME_BYTES`` (a longer one by its prefix; one whose prefix is only what readers
+drop at a name's start is ``bad_request``), and each value past ``_FREE_PART_VALUES`` in a
+head is a candidate (``_part_is_override``); other parts' content is passed over, with
 only the boundary's length kept between two pieces of the body. A reading holding more than
 ``MAX_OVERRIDE_COPIES`` copies of the override field (a repeated allowed value included) is
 ``BadRequest("bad_method")``; a body whose readings examine more than
@@ -363,7 +365,7 @@ class BodyOverrides:
                 # encoded word -- is not parsed: the per-part cost of small parts)
                 if _may_spell_override(head):
                     self.budget.examine()
-                    self._wanted = _part_is_override(head)
+                    self._wanted = _part_is_override(head, self.budget)
                     if self._wanted:
                         self.copies = _count_copy(self.copies)
                 else:
@@ -587,13 +589,26 @@ def _long_name_is_override(prefix: bytes | bytearray) -> bool:
     return param_name(text + "]") in METHOD_OVERRIDE_PARAMS  # (a "[" counts as closed)
 
 
+# An RFC 2047 encoded word's start (``email.header``'s ``ecre`` without its end): a value
+# without one is not decoded (its one reading is the value itself). Linear: each try ends at
+# the next "?", and every start holds one.
+_ENCODED_WORD = re.compile(rb"=\?[^?]*\?[QqBb]\?")
+# (what ``_encoded_words`` leaves as it is: printable ASCII but "%" and "+", which
+# ``param_name`` would decode; so a decoded name is percent-encoded only where it must be,
+# and ``_may_name`` passes over one that cannot spell an override in C)
+_ENCODED_WORDS_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%+")
+
+
 def _encoded_words(raw: bytes) -> bytes:
     """``raw`` with its RFC 2047 encoded words (``=?charset?B|Q?...?=``) decoded, as
     commons-fileupload's (and Tomcat's) ``ParameterParser`` decodes a parameter value that
-    starts with one; percent-encoded where that is not ASCII (compared as other names)."""
+    starts with one; percent-encoded where that is not printable ASCII, and ``%`` and ``+``
+    (compared as other names); ``raw`` when it holds none."""
     import email.errors
     import email.header
 
+    if _ENCODED_WORD.search(raw) is None:
+        return raw
     try:
         parts = email.header.decode_header(raw.decode("latin-1"))
         text = "".join(p if isinstance(p, str) else _decode(p, c or "latin-1")
@@ -603,7 +618,7 @@ def _encoded_words(raw: bytes) -> bytes:
         # (a word whose base64 does not decode, HeaderParseError: an internal error until
         # tests/test_method_override_quick.py's mutations found it; no reader takes it)
         return raw
-    return quote(text, safe="", errors="surrogatepass").encode("ascii")
+    return quote(text, safe=_ENCODED_WORDS_SAFE, errors="surrogatepass").encode("ascii")
 
 
 # Where a multipart part head names its field, as every reader finds it (hostile review,
@@ -622,75 +637,209 @@ _PART_NAME = re.compile(rb"name\*?[ \t]*=[ \t]*")  # (in the head lower-cased)
 _PART_ID = re.compile(rb"content-id[ \t]*:\s*([^\r\n]*)")
 _PART_TYPE = re.compile(rb"content-type[ \t]*:[ \t]*([^\r\n]*)")
 _FOLDED = re.compile(rb"\r?\n[ \t]+")
+_LINE_END = re.compile(rb"[\r\n]")
 # Rack 2.2's TOKEN (a value not in quotes ends at the first byte not in it)
 _RACK_TOKEN = re.compile(rb'[^\s()<>,;:\\"/\[\]?=]*')
+_ESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+_ESCAPED = operator.methodcaller("group", 1)
 _ESCAPED_QUOTED = {q: re.compile(rb"((?:[^\\%s]|\\.)*)%s" % (q, q), re.DOTALL)
                    for q in (b'"', b"'")}
 # ``name=`` occurrences one head may hold when it may spell an override (more: 400
-# ``bad_request``): each is read to its line's end, so the work is bounded by this many
-# times the head (``MAX_PART_HEAD_BYTES``); a form part has one.
+# ``bad_request``); a form part has one or two (``name``, ``filename``).
 MAX_PART_NAMES = 16
+# Bytes of a part-name value read (a ``name=`` parameter's to its line's end, a Content-ID's,
+# a Content-Type's): an override name is shorter however it is spelt -- percent-encoded,
+# backslash-escaped, in an RFC 2047 word, both (``x-http-method-override`` so is ~210) --,
+# so a longer value is judged by this prefix (``_long_part_name_is_override``). (Hostile
+# review of this session's fix: each of 16 ``name=`` read to the end of a 16 KiB line, each
+# reading through RFC 2047 decoding and ``param_name``, cost 72 ms of CPU a head, 15 times
+# the head's cost before; 1 MiB of such heads held the loop 4.7 s, 16 KB of gzip 8.7 s.)
+MAX_PART_NAME_BYTES = 256
+# The decoded characters a long value's prefix must hold past the ones readers drop at a
+# name's start (spaces: PHP, Rack; brackets: Rack 2.2; a dot: qs ``allowDots``; quotes and
+# backslashes: the readings here) to show which name it is: more than twice the longest
+# override name (fewer: the name may go on past the prefix, ``bad_request``).
+_DECIDING_CHARS = 64
+_DROPPED_AT_START = " \t\"'[].\\+"
+_DROPPED_AT_START_BYTES = _DROPPED_AT_START.encode("ascii")
+# Part-name values one head may have read without charging the body's ``Budget`` (its own
+# candidate covers them): a form part's ``name``, ``filename`` and Content-Type.
+# Each further one is a candidate (``MAX_OVERRIDE_CANDIDATES``), so a body's heads cost at
+# most that many values read, however many ``name=`` each crams into a few bytes.
+_FREE_PART_VALUES = 3
 
 
-def _name_readings(value: bytes) -> set[bytes]:
+def _name_readings(value: bytes, cut: bool = False) -> tuple[set[bytes], set[bytes]]:
     """The names a reader may take from a ``name=`` parameter whose value starts ``value``
-    (to the line's end): up to ``;`` (PHP, Rack 3, RFC 2045 tokens), Rack 2.2's token, and
-    in quotes (``"``, or ``'`` as Jetty 9.4 takes it) as a quoted string (escapes undone or
-    not) and up to the next quote (Rack 2.2: ``"_method\\"``), unterminated to the line's
-    end; each also trimmed, as RFC 2231 (``utf-8''%5Fmethod``) and RFC 2047 encoded words
-    (``=?UTF-8?B?X21ldGhvZA==?=``: commons-fileupload) decode it."""
-    readings = {value.split(b";", 1)[0], value}
+    (to the line's end, or its first ``MAX_PART_NAME_BYTES`` when ``cut``): up to ``;``
+    (PHP, Rack 3, RFC 2045 tokens), Rack 2.2's token, and in quotes (``"``, or ``'`` as
+    Jetty 9.4 takes it) as a quoted string (escapes undone or not) and up to the next quote
+    (Rack 2.2: ``"_method\\"``), unterminated to the line's end; each also trimmed, as
+    RFC 2231 (``utf-8''%5Fmethod``) and RFC 2047 encoded words
+    (``=?UTF-8?B?X21ldGhvZA==?=``: commons-fileupload) decode it. (whole, prefixes): the
+    readings that end within ``value``, and, when it was cut, those that run on past it,
+    of which only the prefix is known (judged by ``_long_part_name_is_override``; an
+    encoded word the cut splits is closed where it was cut)."""
+    whole: set[bytes] = set()
+    prefixes: set[bytes] = set()
+
+    def add(reading: bytes, ends: bool) -> None:
+        (whole if ends or not cut else prefixes).add(reading)
+
+    add(value, False)
+    first, semicolon, _ = value.partition(b";")
+    add(first, bool(semicolon))
     token = _RACK_TOKEN.match(value)
     if token is not None:
-        readings.add(token.group())
+        add(token.group(), token.end() < len(value))
     quote_char = value[:1]
     if quote_char in (b'"', b"'"):
         inner = value[1:]
-        readings.add(inner.split(quote_char, 1)[0])
+        upto, closed, _ = inner.partition(quote_char)
+        add(upto, bool(closed))
         m = _ESCAPED_QUOTED[quote_char].match(inner)
         if m is not None:
-            readings.add(m.group(1))
-    for text in list(readings):
-        readings.add(re.sub(rb"\\(.)", rb"\1", text))
-    for text in list(readings):
-        readings.add(text.strip(b" \t\"'"))
-        if b"''" in text:  # RFC 2231 name*=utf-8''%5Fmethod
-            readings.add(text.split(b"''", 1)[1])
+            add(m.group(1), True)
+        elif cut:
+            prefixes.add(inner)  # (its closing quote may come past the cut)
+    for readings in (whole, prefixes):
+        for text in list(readings):
+            if b"\\" in text:  # (a C call a match: a template cost 40 us a prefix)
+                readings.add(_ESCAPE.sub(_ESCAPED, text))
+        for text in list(readings):
+            readings.add(text.strip(b" \t\"'"))
+            # RFC 2231 name*=utf-8''%5Fmethod (a prefix: ``_value_is_override`` reads on
+            # from its first "''", which may come past the cut, as a value of its own)
+            if b"''" in text and readings is whole:
+                readings.add(text.split(b"''", 1)[1])
     if b"=?" in value:  # RFC 2047 name="=?UTF-8?B?X21ldGhvZA==?=" (commons-fileupload)
-        readings |= {_encoded_words(r) for r in readings}
-    return readings
+        whole |= {_encoded_words(r) for r in whole}
+        # (a word cut short closed there -- base64 cut a byte earlier too, to whole groups)
+        prefixes |= {_encoded_words(r[:len(r) - back] + b"?=") for r in prefixes
+                     if b"=?" in r for back in (0, 1)}
+    return whole, prefixes
 
 
-def _part_is_override(head: bytes) -> bool:
-    """Whether a multipart part's head names a field that folds to an override parameter's
-    name in any reader's reading (``_PART_NAME``: every ``name=`` anywhere, read as
-    ``_name_readings``; the ``Content-ID`` and ``Content-Type`` values Rack falls back to),
-    in the head as sent and unfolded. ``BadRequest`` past ``MAX_PART_NAMES``."""
-    texts = [head]
-    if b"\n " in head or b"\n\t" in head:
-        texts.append(_FOLDED.sub(b" ", head))
-    for text in texts:
-        lower = text.lower()  # (found in the lower-cased head, read in the head: ASCII)
-        for seen, m in enumerate(_PART_NAME.finditer(lower), 1):
-            if seen > MAX_PART_NAMES:
-                raise BadRequest("bad_request", "multipart part head")
-            value = text[m.end():_line_end(text, m.end())]
-            if any(_is_override(r) for r in _name_readings(value)):
-                return True
-        for pattern in (_PART_ID, _PART_TYPE) if b"content-" in lower else ():
-            for m in pattern.finditer(lower):  # (Rack: the value to the line's end)
-                value = text[m.start(1):m.end(1)]
-                if pattern is _PART_TYPE:
-                    value = value.strip(b" \t") + b"[]"  # (Rack: "#{content_type}[]")
-                if _is_override(value) or _is_override(value.strip(b" \t")):
-                    return True
+def _long_part_name_is_override(prefix: bytes) -> bool:
+    """Whether a part-name reading longer than what was read (``prefix``: its first bytes)
+    folds to an override parameter's name: as ``_long_name_is_override`` judges a long form
+    field name (a ``[`` taken as closed later); a prefix that, decoded, holds fewer than
+    ``_DECIDING_CHARS`` characters past those readers drop at a name's start does not decide
+    it (``BadRequest("bad_request")``: ``name="`` and a run of spaces or brackets, then
+    ``_method``; no form names a part so)."""
+    if not _decides(prefix):
+        raise BadRequest("bad_request", "multipart part name")
+    return _may_name(prefix) \
+        and param_name(prefix.decode("latin-1") + "]") in METHOD_OVERRIDE_PARAMS
+
+
+def _decides(prefix: bytes) -> bool:
+    """Whether ``prefix``, percent-decoded, holds ``_DECIDING_CHARS`` characters past those
+    readers drop at a name's start -- counted in C but where it is mostly percent escapes:
+    what is left past the dropped bytes and "+" is a character a byte, or one of three."""
+    rest = prefix.lstrip(_DROPPED_AT_START_BYTES)
+    if rest[:1] == b"%" or (b"%" in rest and len(rest) < 3 * _DECIDING_CHARS):
+        return len(unquote_plus(rest.decode("latin-1"), encoding="latin-1")
+                   .lstrip(_DROPPED_AT_START)) >= _DECIDING_CHARS
+    return len(rest) >= _DECIDING_CHARS
+
+
+def _may_name(reading: bytes) -> bool:
+    """Whether a reading may fold to an override name at all: every override name holds
+    ``method``, and ``param_name`` percent-decodes once, so its letters, each as it is or
+    percent-encoded in either case (``_form_names``' plain spelling); the C scan before the
+    Python reading."""
+    return _form_names(None)[0][0].search(reading) is not None
+
+
+def _value_is_override(text: bytes, start: int, end: int, is_name: bool,
+                       rfc2231: bool = True, pairs: list[int] | None = None) -> bool:
+    """Whether the part-name value ``text[start:end]`` (to its line's end) names an
+    override: a ``name=`` value in each of its readings (``_name_readings``), a Content-ID's
+    or Content-Type's as it is (``is_name`` False). Only its first ``MAX_PART_NAME_BYTES``
+    are read; a longer value by its prefix (``_long_part_name_is_override``) -- and, for a
+    ``name=`` value, what follows its first ``''``, as RFC 2231 reads it (``pairs``: where
+    the last search for one started and what it found, -1 for none: found once a line)."""
+    cut = end - start > MAX_PART_NAME_BYTES
+    value = text[start:start + MAX_PART_NAME_BYTES] if cut else text[start:end]
+    if not is_name:
+        whole, prefixes = ({value, value.strip(b" \t")}, set()) if not cut \
+            else (set(), {value.lstrip(b" \t")})
+    elif _may_matter(value, cut):
+        whole, prefixes = _name_readings(value, cut)
+    else:
+        whole = prefixes = set()
+    if any(_may_name(r) and _is_override(r) for r in whole) \
+            or any(_long_part_name_is_override(r) for r in prefixes):
+        return True
+    if is_name and cut and rfc2231:  # (RFC 2231: a charset and language of any length)
+        if pairs is not None and pairs[0] <= start and (pairs[1] < 0 or pairs[1] >= start):
+            at = pairs[1]
+        else:
+            at = text.find(b"''", start, end)
+            if pairs is not None:
+                pairs[:] = [start, at]
+        if at >= 0:
+            return _value_is_override(text, at + 2, end, True, rfc2231=False)
     return False
 
 
-def _line_end(text: bytes, start: int) -> int:
-    cr, lf = text.find(b"\r", start), text.find(b"\n", start)
-    ends = [i for i in (cr, lf) if i >= 0]
-    return min(ends) if ends else len(text)
+def _may_matter(value: bytes, cut: bool) -> bool:
+    """Whether a ``name=`` value's readings (``_name_readings``) need reading: one may
+    spell an override (``_may_name`` with every backslash dropped, which every reading's
+    letters are a part of, or an RFC 2047 word to decode), or, when ``cut``, one may not
+    show which name it is (``_long_part_name_is_override``: no reading holds fewer
+    readable characters than the value without its backslashes). C scans: the review's
+    heads need no reading at all."""
+    plain = value.replace(b"\\", b"") if b"\\" in value else value
+    if _may_name(plain) or (b"=?" in plain and _ENCODED_WORD.search(plain) is not None):
+        return True
+    return cut and not _decides(plain)
+
+
+def _part_is_override(head: bytes, budget: Budget | None = None) -> bool:
+    """Whether a multipart part's head names a field that folds to an override parameter's
+    name in any reader's reading (``_PART_NAME``: every ``name=`` anywhere, read as
+    ``_name_readings``; the ``Content-ID`` and ``Content-Type`` values Rack falls back to),
+    in the head as sent and unfolded. ``BadRequest`` past ``MAX_PART_NAMES``. Each value is
+    read to ``MAX_PART_NAME_BYTES`` (``_value_is_override``); past ``_FREE_PART_VALUES`` in
+    one head, each is a candidate of ``budget`` (the body's)."""
+    texts = [head]
+    if b"\n " in head or b"\n\t" in head:
+        texts.append(_FOLDED.sub(b" ", head))
+    values = 0
+
+    def examine() -> None:
+        nonlocal values
+        values += 1
+        if values > _FREE_PART_VALUES and budget is not None:
+            budget.examine()
+
+    for text in texts:
+        lower = text.lower()  # (found in the lower-cased head, read in the head: ASCII)
+        line_end = -1  # (of the line the last value was on: found once a line)
+        pairs = [0, -1]
+        for seen, m in enumerate(_PART_NAME.finditer(lower), 1):
+            if seen > MAX_PART_NAMES:
+                raise BadRequest("bad_request", "multipart part head")
+            examine()
+            if m.end() > line_end:
+                found = _LINE_END.search(text, m.end())
+                line_end = found.start() if found is not None else len(text)
+                pairs = [line_end + 1, -1]
+            if _value_is_override(text, m.end(), line_end, True, pairs=pairs):
+                return True
+        for pattern in (_PART_ID, _PART_TYPE) if b"content-" in lower else ():
+            for m in pattern.finditer(lower):  # (Rack: the value to the line's end)
+                examine()
+                start, end = m.span(1)
+                if pattern is _PART_TYPE and end - start <= MAX_PART_NAME_BYTES:
+                    value = text[start:end].strip(b" \t") + b"[]"  # (Rack: "#{type}[]")
+                    if _value_is_override(value, 0, len(value), False):
+                        return True
+                elif _value_is_override(text, start, end, False):
+                    return True
+    return False
 
 
 class Reader(Protocol):
