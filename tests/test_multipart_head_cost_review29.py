@@ -161,8 +161,10 @@ def test_a_heads_cost_is_near_a_control_of_its_size(mesh: Mesh, shape: str,
                                       .replace(b"%", b"")) or coding or b"method" in head
     for side in SIDES[:1] if coding else SIDES:
         cost = _cost(mesh, side, _post(sent, coding, f"/orders/{shape}"), shape, True)
+        # (the control keeps the head's encoded words, each past a head's first a candidate
+        # of the budget since the limits review: such a control is refused too)
         base = _cost(mesh, side, _post(control_sent, coding, f"/orders/{shape}-control"),
-                     shape)
+                     shape, b"=?" in head)
         assert cost <= RATIO * base, (shape, coding, side, cost / 1e6, base / 1e6)
 
 

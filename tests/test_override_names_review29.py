@@ -201,9 +201,6 @@ def test_the_readings_cost_what_a_plain_name_does() -> None:
         assert cost(name) < 25 * control + 0.005, name[:12]
 
 
-@pytest.mark.xfail(strict=True, reason="needs sidecar/http/body_override.py: a long name's "
-                   "kept prefix of only spaces and brackets does not decide it (Rack 2 drops "
-                   "leading brackets: [*5000 + _method runs DELETE); see the session 29 report")
 def test_a_long_run_of_leading_brackets_is_judged() -> None:
     for name in (b"[" * 5000 + b"_method", b"%5B" * 2000 + b"_method", b"]" * 4090 + b"_method"):
         reader = BodyOverrides("urlencoded")
