@@ -702,50 +702,106 @@ def _object_payload(piece: str) -> bool:
     return data is not None and data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
 
 
-class _Copies:
-    """The pieces of one request read so far (each piece is read once)."""
+# The copy scan's budget for one request (``copies``): the work it may do, counted in bytes
+# passed over as they are passed over -- each form of a value searched and scanned (the value
+# as sent, each decoded form), each decoding's input (and ``SCAN_ESCAPE_COST`` more for each
+# escape it decodes: a call back into Python), each piece decoded (``_object_payload``) or read
+# whole (``names_issuer``; ``SCAN_PIECE_COST`` more each). Each value looked at adds
+# ``SCAN_BYTES_PER_BYTE`` times its own size to what is left, which starts at
+# ``SCAN_BYTES_FREE``. Past it the request counts as holding a copy (fail closed, as a value
+# with too many forms does: ``_TOO_MANY_FORMS``) and nothing more of it is looked at. Found by
+# a hostile review (session 29): the forms limit was per value and nothing bounded the bytes,
+# so one 30 KB header whose value decoded to 15 forms, each full of pieces, cost 100 ms of the
+# event loop (a plain head of that size 1.3 ms), a 1 MB head 1.9 s; two connections sending it
+# held every other caller's requests for hundreds of milliseconds. A head an app sends --
+# values with a few escapes, a token or two -- uses a small part of it.
+SCAN_BYTES_PER_BYTE = 4
+SCAN_BYTES_FREE = 64 * 1024
+SCAN_ESCAPE_COST = 8
+SCAN_PIECE_COST = 64
+# At most this many decoded forms of one request (``_MAX_FORMS`` of one value): each costs a
+# pass; the limit per value alone let every value of a head have 15 (the same review).
+MAX_REQUEST_FORMS = 64
 
-    __slots__ = ("issuers", "read", "found", "whole")
+
+class _ScanBudget:
+    """What the copy scan of one request may still do (see ``SCAN_BYTES_PER_BYTE``):
+    ``left``, in bytes (below zero: spent, for good), and ``forms``, decoded forms."""
+
+    __slots__ = ("left", "forms")
+
+    def __init__(self) -> None:
+        self.left = SCAN_BYTES_FREE
+        self.forms = MAX_REQUEST_FORMS
+
+    def allow(self, size: int) -> None:
+        """A value of ``size`` bytes is looked at: what is left grows with it (not once
+        spent)."""
+        if self.left >= 0:
+            self.left += SCAN_BYTES_PER_BYTE * size
+
+    def spend(self, cost: int) -> None:
+        """Count ``cost`` bytes of work about to be done; ``_TooManyForms`` past the
+        budget."""
+        self.left -= cost
+        if self.left < 0:
+            raise _TooManyForms
+
+
+class _Copies:
+    """The pieces of one request read so far (each piece is read once), and what the scan
+    may still do (``budget``)."""
+
+    __slots__ = ("issuers", "read", "found", "whole", "budget")
 
     def __init__(self, issuers: frozenset[str]) -> None:
         self.issuers = issuers
         self.read: dict[str, bool] = {}
         self.found: list[str] = []
-        self.whole = 0  # pieces read whole
+        self.whole = 0  # pieces read whole (-1: nothing more is looked at)
+        self.budget = _ScanBudget()
 
     def scan(self, forms: tuple[str, ...], own: set[str] | frozenset[str]) -> None:
         """Add the JWT-shaped pieces of ``forms`` (not in ``own``) whose payload, read
         unverified, names one of the issuers as ``iss`` (``jwt.names_issuer``, at any
         length: a head is bounded by ``limits.max_header_bytes``, up to 8 MiB, and a piece
         longer than names_issuer's own bound reached the app unread -- found by the review
-        of this fix)."""
+        of this fix). Past the budget (``_ScanBudget``) or a value's forms (``_forms``),
+        ``_TOO_MANY_FORMS`` counts as a copy and nothing more is looked at."""
         read = self.read
         if self.whole < 0:
             return
-        for text in forms:
-            if text is _TOO_MANY_FORMS:
-                self.found.append(text)  # (fail closed: never a provider's own token)
-                continue
-            for piece in _copy_pieces(text):
-                if piece in own:
-                    continue
-                named = read.get(piece)
-                if named is None:
-                    if not _object_payload(piece):
-                        named = False
-                    elif self.whole >= MAX_COPY_PIECES:
-                        # Too many to read: this one counts (over-reading only refuses
-                        # more), and nothing after it is looked at.
-                        self.found.append(piece)
-                        self.whole = -1
-                        return
-                    else:
-                        self.whole += 1
-                        named = any(names_issuer(piece, issuer, None)
-                                    for issuer in self.issuers)
-                    read[piece] = named
-                    if named:
-                        self.found.append(piece)
+        budget = self.budget
+        try:
+            for text in forms:
+                if text is _TOO_MANY_FORMS:
+                    raise _TooManyForms
+                for piece in _copy_pieces(text):
+                    if piece in own:
+                        continue
+                    named = read.get(piece)
+                    if named is None:
+                        budget.spend(SCAN_PIECE_COST + len(piece))
+                        if not _object_payload(piece):
+                            named = False
+                        elif self.whole >= MAX_COPY_PIECES:
+                            # Too many to read: this one counts (over-reading only refuses
+                            # more), and nothing after it is looked at.
+                            self.found.append(piece)
+                            self.whole = -1
+                            return
+                        else:
+                            budget.spend(SCAN_PIECE_COST + len(piece))
+                            self.whole += 1
+                            named = any(names_issuer(piece, issuer, None)
+                                        for issuer in self.issuers)
+                        read[piece] = named
+                        if named:
+                            self.found.append(piece)
+        except _TooManyForms:
+            self.found.append(_TOO_MANY_FORMS)  # (fail closed: never a provider's own token)
+            self.whole = -1
+            budget.left = -1
 
 
 def _json_escape(m: re.Match[str]) -> str:
@@ -787,36 +843,55 @@ _DECODING_DEPTH = 2
 # At most this many distinct forms of one value (only a value holding ``%``, ``+`` or a
 # backslash has more than one, and one an app sends has a few); a value with more is
 # counted as holding a copy (``_TooManyForms``: fail closed, and each form costs a pass
-# over the value).
+# over the value). At most ``MAX_REQUEST_FORMS`` of one request, and no more work than its
+# budget (``_ScanBudget``).
 _MAX_FORMS = 16
 
 
 class _TooManyForms(Exception):
-    """A value decodes to more than ``_MAX_FORMS`` distinct forms."""
+    """A value decodes to more than ``_MAX_FORMS`` distinct forms, or the request's scan is
+    past its budget (``_ScanBudget``)."""
 
 
-# ``_forms``'s one form of a value that decodes to too many: the scan counts it as a copy.
-# (No character ``_PATH_SEPARATORS`` changes, no base64 digit.)
+# ``_forms``'s one form of a value that decodes to too many, or of a request whose scan is
+# past its budget: the scan counts it as a copy. (No character ``_PATH_SEPARATORS``
+# changes, no base64 digit.)
 _TOO_MANY_FORMS = "\x00(too many decoded forms)\x00"
 
 
-def _forms(raw: bytes, *, plus: bool) -> tuple[str, ...]:
+def _forms(raw: bytes, *, plus: bool, budget: _ScanBudget | None = None) -> tuple[str, ...]:
     """A value as sent and as an app may decode it (``_DECODINGS``: percent-decoded, ``+``
     a space in a query, backslash escapes), when it may hold a copy (``_MAY_BE_COPY``);
-    else nothing."""
+    else nothing. The work is counted in ``budget``, the request's (else one of its own,
+    for this value alone); past it, or past the forms of one value, ``_TOO_MANY_FORMS``."""
+    if budget is None:
+        budget = _ScanBudget()
     if b"%" not in raw and b"\\" not in raw and not (plus and b"+" in raw):
         # (no dot, no copy: most values -- accept, ids, types -- end at this C scan; the
         # pattern search costs a step per byte)
-        if b"." not in raw or _MAY_BE_COPY.search(raw) is None:
+        if b"." not in raw:
+            return ()
+        budget.allow(len(raw))
+        budget.left -= len(raw)
+        if budget.left < 0:
+            return (_TOO_MANY_FORMS,)
+        if _MAY_BE_COPY.search(raw) is None:
             return ()
         return (raw.decode("latin-1"),)
+    budget.allow(len(raw))
     try:
-        return _decoded_forms(raw.decode("latin-1"), plus)
+        return _decoded_forms(raw.decode("latin-1"), plus, budget)
     except _TooManyForms:
         return (_TOO_MANY_FORMS,)
 
 
-def _decoded_forms(text: str, plus: bool) -> tuple[str, ...]:
+def _decoded_forms(text: str, plus: bool,
+                   budget: _ScanBudget | None = None) -> tuple[str, ...]:
+    if budget is None:
+        budget = _ScanBudget()
+        budget.allow(len(text))
+    spend = budget.spend
+    spend(len(text))  # (the value as sent, searched and scanned)
     forms = [text]
     seen = {text}
     layer = [text]
@@ -826,10 +901,16 @@ def _decoded_forms(text: str, plus: bool) -> tuple[str, ...]:
             for name, starts, decode in _DECODINGS:
                 if starts not in form or (name == "plus" and not plus):
                     continue
+                # (a pass over the form, and a call back for each escape; ``+`` is a C
+                # replace, then each ``%`` an escape)
+                spend(len(form) + SCAN_ESCAPE_COST * form.count("%" if name == "plus"
+                                                                 else starts))
                 out = decode(form)
                 if out not in seen:
-                    if len(forms) >= _MAX_FORMS:
+                    budget.forms -= 1
+                    if len(forms) >= _MAX_FORMS or budget.forms < 0:
                         raise _TooManyForms
+                    spend(len(out))  # (searched, then scanned)
                     seen.add(out)
                     forms.append(out)
                     decoded.append(out)
@@ -853,15 +934,15 @@ def _basic_credentials(value: bytes) -> bytes:
         return b""
 
 
-def _path_forms(path: str) -> tuple[str, ...]:
+def _path_forms(path: str, budget: _ScanBudget | None = None) -> tuple[str, ...]:
     """``_forms`` of a request path, each segment and each of its parameters a value of
     its own: ``/``, ``;`` and ``,`` end a piece, so ``/v1.2/<jwt>`` gives ``<jwt>``, not
     a piece from ``1.2`` on. (Before the twenty-fourth session the path was not looked at:
     ``/dl/<jwt>``, a download or reset link, reached an app that reads its token there.)"""
     if "." not in path and "%" not in path:
         return ()  # (no dot, none decoded: most paths end here)
-    forms = _forms(path.encode("latin-1", "replace"), plus=False)
-    return tuple(f.translate(_PATH_SEPARATORS) for f in forms)
+    forms = _forms(path.encode("latin-1", "replace"), plus=False, budget=budget)
+    return tuple(f if f is _TOO_MANY_FORMS else f.translate(_PATH_SEPARATORS) for f in forms)
 
 
 # Path segment and parameter separators: each ends a piece (a space is no base64 digit, so
@@ -883,46 +964,61 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
     per header (a dot, a percent sign) and one search per header with a dot. ``path``
     (the request's path, as the policy matched it) counts as a place no provider reads, each
     segment and parameter of it a value (``_path_forms``)."""
-    scan: _Copies | None = None
+    key = tuple(headers)
+    last = _LAST_SCAN[0]
+    if (last is not None and last[0] is guards and last[2] == query and last[3] == path
+            and last[1] == key):
+        return list(last[4])
+    scan = _Copies(guards.issuers)
+    budget = scan.budget
     read = guards.read_headers
     for n, v in headers:
         if n == AUTHORIZATION:
             # Basic credentials whose user or password is a token (registries, GitLab,
             # Artifactory take one there): the guard reads the other schemes.
             basic = _basic_credentials(v)
-            forms = _forms(basic, plus=False) if basic else ()
+            forms = _forms(basic, plus=False, budget=budget) if basic else ()
             own: set[str] | frozenset[str] = frozenset()
         elif b"." not in v and b"%" not in v and b"\\" not in v:
             continue  # (no JWT, and none an app decodes: most values end here)
         elif n == COOKIE:
-            forms = _forms(v, plus=False)
+            forms = _forms(v, plus=False, budget=budget)
+            # (the providers' own cookies: none to look for when no provider reads one, or
+            # when the value is counted as a copy unread)
             own = {value for names, value in _cookie_pairs([(n, v)])
-                   if not guards.read_cookies.isdisjoint(names)} if forms else frozenset()
+                   if not guards.read_cookies.isdisjoint(names)} if (
+                forms and guards.read_cookies and forms[0] is not _TOO_MANY_FORMS
+            ) else frozenset()
         elif n not in read:
-            forms = _forms(v, plus=False)
+            forms = _forms(v, plus=False, budget=budget)
             own = frozenset()
         else:
             continue
         if forms:
-            if scan is None:
-                scan = _Copies(guards.issuers)
             scan.scan(forms, own)
-    if query:
-        forms = _forms(query.encode("latin-1", "replace"), plus=True)
+            if scan.whole < 0:
+                break  # (fail closed: nothing more is looked at)
+    if query and scan.whole >= 0:
+        forms = _forms(query.encode("latin-1", "replace"), plus=True, budget=budget)
         if forms:
-            if scan is None:
-                scan = _Copies(guards.issuers)
             scan.scan(forms, {value for names, value in _query_pairs(query)
-                              if not guards.read_params.isdisjoint(names)})
-    if path:
-        forms = _path_forms(path)
+                              if not guards.read_params.isdisjoint(names)} if (
+                guards.read_params and forms[0] is not _TOO_MANY_FORMS) else frozenset())
+    if path and scan.whole >= 0:
+        forms = _path_forms(path, budget)
         if forms:
-            if scan is None:
-                scan = _Copies(guards.issuers)
             scan.scan(forms, frozenset())
-    if scan is None:
-        return []
+    _LAST_SCAN[0] = (guards, key, query, path, tuple(scan.found))
     return scan.found
+
+
+# The last request's scan (``copies``): its arguments and what it found. ``authenticate``
+# asks for a request's copies twice when the connection's memo does not answer it (the memo's
+# check, then ``guard_tokens``) -- a request refused for a copy always -- and the second scan
+# spent the budget (``_ScanBudget``) again. ``copies`` is a function of its arguments: the
+# same arguments (the headers as they were then), the same answer.
+_LAST_SCAN: list[tuple[Guards, tuple[tuple[bytes, bytes], ...], str, str,
+                       tuple[str, ...]] | None] = [None]
 
 
 # --- tokens kept out of the records of a path -----------------------------------------------
