@@ -23,7 +23,13 @@ and take a share of its connections (found by a hostile review). Only worker 0 s
 the admin and health ports; each worker writes its own audit chain in ``<audit path>/worker-I``.
 The first process stops the others on every way out of ``run``; on Linux each worker also gets
 SIGTERM from the kernel when the first process dies, however it dies (``PR_SET_PDEATHSIG``), so
-it drains and exits instead of serving on, unsupervised, as an orphan.
+it drains and exits instead of serving on, unsupervised, as an orphan. The other direction: the
+first process looks at its workers once a second (``_supervise_workers``); one that exited, for
+any reason, is reaped, logged (``worker_exited``), counted, and started again with the same
+sockets after a backoff (1 s, doubling to 30 s while it keeps dying soon after its start), and
+``/readyz`` says ``workers_not_running`` until it runs again. Until the twenty-ninth session a
+killed worker was left a zombie and the pod served on at a fraction of its capacity, ready, with
+no sign (found by a hostile review). While the sidecar drains no worker is started.
 """
 
 from __future__ import annotations
@@ -170,6 +176,16 @@ class Sidecar:
         self.draining = False
         self.ports: dict[str, int] = {}
         self.workers: list[subprocess.Popen[bytes]] = []  # the first process's other workers
+        # The first process: starts worker I (1..N-1) again, with the sockets and environment
+        # of the first start (``run``); None in the workers, and with ``workers: 1``.
+        self.spawn_worker: WorkerSpawner | None = None
+        # A worker: the pipe end on which it tells the first process it listens (``run``).
+        self.listening_fd: int | None = None
+        self._worker_exits = self.metrics.registry.counter(
+            "sidecar_worker_exits_total",
+            "Workers (workers > 1) that exited without being stopped by the first process, by "
+            "worker index; each is started again after a backoff, unless the sidecar drains.",
+            ("worker",))
         # With ``workers`` > 1: the listening sockets every worker shares, by listener name
         # (bound by the first process: ``bind_shared``); ``_serve`` accepts on them.
         self.shared_listeners: dict[str, socket.socket] = {}
@@ -384,7 +400,20 @@ class Sidecar:
             reasons.append("jwks_first_fetch_pending")
         if self.audit is not None and not self.audit.accepting():
             reasons.append("audit_not_writable")
+        if self.running_workers() < self.cfg.workers:
+            reasons.append("workers_not_running")
         return not reasons, reasons
+
+    def running_workers(self) -> int:
+        """The processes of this sidecar that run and listen, this one included (its
+        children: those of the first process; ``poll`` reaps one that exited). A worker that
+        starts counts once it says it listens (``WorkerSpawner.listening``): one that dies at
+        every start never counts, so readiness does not flap while it is tried again."""
+        if self.spawn_worker is None:  # (``workers: 1``, or a worker: worker 0 answers /readyz)
+            return self.cfg.workers
+        spawner = self.spawn_worker
+        return 1 + sum(1 for child in self.workers
+                       if child.poll() is None and spawner.listening(child))
 
     def audit_head(self) -> dict[str, Any] | None:
         """The newest signed audit checkpoint (``/audit/head``), None when there is none."""
@@ -461,6 +490,7 @@ class Sidecar:
                          ports=self.ports, policy_version=getattr(self.policies.policy,
                                                                   "version", None))
                 task_status.started()
+                self._say_listening()
                 async for signum in signals:
                     if handle_signal(signum):
                         self._pass_on(signum)
@@ -476,6 +506,16 @@ class Sidecar:
                     scope.shield = True
                     await self.audit.aclose()
             root.cancel_scope.cancel()
+
+    def _say_listening(self) -> None:
+        """A worker: one byte to the first process (``WorkerSpawner.listening``) once it
+        listens; a first process that is gone (EPIPE) is no error of this worker's."""
+        fd, self.listening_fd = self.listening_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, b"1")
+        os.close(fd)
 
     def _pass_on(self, signum: int) -> None:
         """A reload signal to the first process reaches the other workers too."""
@@ -539,6 +579,8 @@ class Sidecar:
             await nursery.start(self.alert_poster.run)
             self.key_sources.attach(nursery)
         self._nursery = nursery
+        if self.worker_index == 0 and self.spawn_worker is not None:
+            nursery.start_soon(self._supervise_workers, self.spawn_worker)
         await nursery.start(self.lifetimes.run)
         nursery.start_soon(self._sweep_pools)
         nursery.start_soon(self._summarise_refusals)
@@ -609,6 +651,53 @@ class Sidecar:
                                   on_probe=self._count_probe),
                 cfg.admin.health_listen, self, app_probes_from_env())
             self.ports["health"] = port
+
+    async def _supervise_workers(self, spawn: WorkerSpawner) -> None:
+        """The first process, once a second: a worker that exited (killed, crashed, OOM,
+        stopped by hand) is reaped, logged and counted, and started again with the first
+        start's sockets and environment -- after ``WORKER_BACKOFF_FIRST`` seconds, doubling up
+        to ``WORKER_BACKOFF_MAX`` for each exit that follows its start by less than
+        ``WORKER_BACKOFF_MAX`` (a worker that dies at start must not spin). While the
+        sidecar drains an exit is still logged, but no worker starts: the drain ends with
+        every worker stopped (``_stop_children``)."""
+        started = {slot: time.monotonic() for slot in range(len(self.workers))}
+        backoff = {slot: 0.0 for slot in range(len(self.workers))}
+        due: dict[int, float] = {}  # slot -> when its worker starts again
+        while True:
+            now = time.monotonic()
+            for slot, child in enumerate(self.workers):
+                if slot in due or child.poll() is None:
+                    continue
+                code = child.returncode
+                lived = now - started[slot]
+                if lived >= WORKER_BACKOFF_MAX:
+                    backoff[slot] = 0.0
+                backoff[slot] = min(WORKER_BACKOFF_MAX,
+                                    max(WORKER_BACKOFF_FIRST, backoff[slot] * 2))
+                due[slot] = now + backoff[slot]
+                self._worker_exits.labels(str(slot + 1)).inc()
+                logs.log("worker_exited", "error", worker=slot + 1, pid=child.pid,
+                         exit_code=code if code >= 0 else None,
+                         signal=_signal_name(-code) if code < 0 else None,
+                         ran_seconds=round(lived, 1),
+                         restart_in_seconds=None if self.draining else backoff[slot])
+            for slot, when in sorted(due.items()):
+                if when > now or self.draining:
+                    continue
+                try:
+                    child = spawn(slot + 1)
+                except OSError as exc:  # (no fork, pipe: out of memory, pids; try again later)
+                    backoff[slot] = min(WORKER_BACKOFF_MAX, backoff[slot] * 2)
+                    due[slot] = now + backoff[slot]
+                    logs.log("worker_restart_failed", "error", worker=slot + 1, error=str(exc),
+                             restart_in_seconds=backoff[slot])
+                    continue
+                del due[slot]
+                started[slot] = time.monotonic()
+                spawn.forget(self.workers[slot])
+                self.workers[slot] = child  # (in place: ``run``'s list, stopped at the end)
+                logs.log("worker_restarted", "warning", worker=slot + 1, pid=child.pid)
+            await trio.sleep(WORKER_POLL_INTERVAL)
 
     async def _summarise_refusals(self) -> None:
         """Every ``limits.refused_summary_interval``: the summaries of the refused
@@ -781,6 +870,8 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
     ignore_signals_until_handled()  # (inherited by the workers until they handle them)
     children: list[subprocess.Popen[bytes]] = []
     shared: dict[str, socket.socket] = {}
+    spawn: WorkerSpawner | None = None
+    listening_fd: int | None = None
     try:
         try:
             if worker_index is None:
@@ -789,19 +880,19 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
                     shared = _bind_shared_listeners(cfg)
                     env = {**os.environ, LISTEN_FDS_ENV: json.dumps(
                         {name: sock.fileno() for name, sock in shared.items()})}
-                    tie = _die_with_parent(os.getpid())
+                    spawn = WorkerSpawner(cfg, env, [sock.fileno() for sock in shared.values()])
                     for i in range(1, cfg.workers):
-                        children.append(subprocess.Popen(
-                            [sys.executable, "-m", "sidecar", "run", "-c", cfg.source,
-                             "--worker-index", str(i)], preexec_fn=tie, env=env,
-                            pass_fds=[sock.fileno() for sock in shared.values()]))
+                        children.append(spawn(i))
             else:
                 shared = _inherited_listeners(cfg)
+                listening_fd = _listening_fd()
             sidecar = Sidecar(cfg, worker_index=worker_index)
         except (SidecarError, OSError, ValueError) as exc:  # SvidError: bad certificate files
             print("sidecar: cannot start: " + "\n".join(safe_lines(exc)), file=sys.stderr)
             return 2
         sidecar.workers = children
+        sidecar.spawn_worker = spawn
+        sidecar.listening_fd = listening_fd
         sidecar.shared_listeners = dict(shared)
         failed: list[BaseException] = []
         try:
@@ -810,6 +901,8 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
             failed.extend(_leaves(group))
     finally:
         _stop_children(children)
+        if spawn is not None:
+            spawn.close()
         for sock in shared.values():
             sock.close()  # (closed already by its accept loop when it ran: a no-op then)
     if failed:
@@ -819,9 +912,16 @@ def run(cfg: SidecarConfig, *, worker_index: int | None = None) -> int:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The first process's look at its workers (``Sidecar._supervise_workers``): how often, and the
+# wait before a worker that exited starts again (doubled for each quick exit, up to the max).
+WORKER_POLL_INTERVAL = 1.0
+WORKER_BACKOFF_FIRST = 1.0
+WORKER_BACKOFF_MAX = 30.0
 # The first process's listening sockets, as a worker inherits them: a JSON object listener
 # name ("inbound", or an outbound's name) -> file descriptor (``_bind_shared_listeners``).
 LISTEN_FDS_ENV = "SIDECAR_LISTEN_FDS"
+# A worker's write end of the pipe on which it tells the first process it listens.
+LISTENING_FD_ENV = "SIDECAR_WORKER_LISTENING_FD"
 
 
 def _listener_addresses(cfg: SidecarConfig) -> list[tuple[str, tuple[str, int]]]:
@@ -880,6 +980,103 @@ def _check_shared_address(sock: socket.socket, addr: tuple[str, int]) -> None:
     port = int(sock.getsockname()[1])
     if addr[1] not in (0, port):
         raise OSError(errno.EINVAL, f"the inherited socket listens on port {port}")
+
+
+class WorkerSpawner:
+    """Starts worker I with the shared sockets ``fds`` and ``env``: at the first start and again
+    from ``Sidecar._supervise_workers``. The fds stay open in the first process while it
+    serves (its own accept loops use them), so a restart hands on the very same sockets.
+
+    A restart forks under Trio, whose handlers now hold the reload and ignored signals: the
+    child puts back SIG_IGN for them before exec, as ``ignore_signals_until_handled`` left them
+    for the first start, so that a SIGHUP passed on while it starts does not end it. Each
+    worker gets the write end of a pipe (``LISTENING_FD_ENV``) and writes one byte on it once
+    it listens (``Sidecar._say_listening``): ``listening`` tells a started worker from one
+    that still starts, or died starting."""
+
+    def __init__(self, cfg: SidecarConfig, env: dict[str, str], fds: list[int]) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.fds = fds
+        self._tie = _die_with_parent(os.getpid())
+        self._pipes: dict[int, int] = {}  # pid -> read end, until the worker said it listens
+        self._listening: set[int] = set()  # pids
+
+    def _prepare(self) -> None:
+        for signum in (*RELOAD_SIGNALS, *IGNORED_SIGNALS):
+            signal.signal(signum, signal.SIG_IGN)
+        if self._tie is not None:
+            self._tie()
+
+    def __call__(self, index: int) -> subprocess.Popen[bytes]:
+        read_end, write_end = os.pipe()
+        try:
+            os.set_blocking(read_end, False)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "sidecar", "run", "-c", self.cfg.source,
+                 "--worker-index", str(index)], preexec_fn=self._prepare,
+                env={**self.env, LISTENING_FD_ENV: str(write_end)},
+                pass_fds=[*self.fds, write_end])
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._pipes[child.pid] = read_end
+        return child
+
+    def listening(self, child: subprocess.Popen[bytes]) -> bool:
+        """Whether ``child`` said it listens (a byte on its pipe; the end of the pipe without
+        one: it exited while it started)."""
+        if child.pid in self._listening:
+            return True
+        fd = self._pipes.get(child.pid)
+        if fd is None:
+            return False
+        try:
+            said = os.read(fd, 1)
+        except BlockingIOError:
+            return False
+        except OSError:
+            said = b""
+        os.close(fd)
+        del self._pipes[child.pid]
+        if said:
+            self._listening.add(child.pid)
+        return bool(said)
+
+    def forget(self, child: subprocess.Popen[bytes]) -> None:
+        """``child`` exited and was replaced: its pipe and pid are no longer of use."""
+        self._listening.discard(child.pid)
+        fd = self._pipes.pop(child.pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._pipes.values():
+            os.close(fd)
+        self._pipes.clear()
+
+
+def _listening_fd() -> int | None:
+    """A worker: the pipe end on which it says it listens (``LISTENING_FD_ENV``), None when
+    the variable is unset or not a descriptor number (a worker started by hand)."""
+    text = os.environ.pop(LISTENING_FD_ENV, None)
+    if text is None or not text.isdigit():
+        return None
+    fd = int(text)
+    try:
+        os.set_inheritable(fd, False)
+    except OSError:
+        return None
+    return fd
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
