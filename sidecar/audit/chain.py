@@ -238,6 +238,13 @@ class MissingKey(ChainError):
     ``--hmac-key-file``): nothing can be said about it, which is not the same as broken."""
 
 
+class FalseHmacClaim(ChainError):
+    """A frame of a segment whose header claims HMAC links to the frame before it by plain
+    SHA-256, which no HMAC chain does (an HMAC digest equal to the SHA-256 of the same
+    bytes is a collision): the header was edited to claim HMAC, so that what needs no key
+    went unchecked. Provable without the key: tampering, never "cannot run"."""
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame and its link digest."""
@@ -511,6 +518,17 @@ _HEAD32 = struct.Struct(">5sBI7s32s")
 _REC16 = struct.Struct(">4sBH")
 
 
+def _as_sha256_header(seq: int, prev: bytes, body: dict[str, Any]) -> bytes | None:
+    """The SHA-256 link of the header frame ``seq`` with its ``alg`` set to SHA-256, packed as
+    the writer packs it (``ChainHead.frame``: the map in its order); None if it cannot be."""
+    try:
+        payload = msgpack.packb({"seq": seq, "prev": prev, "seg": {**body, "alg": ALG_SHA256}},
+                                use_bin_type=True)
+    except Exception:  # noqa: BLE001 -- msgpack raises several types on odd values
+        return None
+    return hashlib.sha256(payload).digest()
+
+
 class ChainVerifier:
     """Verifier side: feed frames in stored order, get ``Frame`` values or ``ChainError``.
 
@@ -543,6 +561,7 @@ class ChainVerifier:
         self.unproven_first: int | None = None
         self._expect_header = True
         self._sealed = False
+        self._flipped: bytes | None = None
 
     def start_segment(self) -> None:
         """The next frame is the first frame of a new segment file."""
@@ -609,6 +628,23 @@ class ChainVerifier:
                 raise ChainError(
                     f"frame {seq} does not chain to frame {self.last.seq}: a frame was edited,"
                     " removed or inserted", seq)
+            if self.unlinked and prev in (self.last.digest, self._flipped):
+                # Read without the HMAC key, ``last.digest`` is the plain SHA-256 link (the
+                # HMAC one needs the key): a prev equal to it is a SHA-256 chain under a
+                # header that claims HMAC (every header flipped and a deny edited: verify
+                # --pubkey said "cannot run", exit 2, and the readers showed the forgery,
+                # exit 0; found by a hostile review, the twenty-ninth).
+                raise FalseHmacClaim(
+                    f"frame {seq} links to frame {self.last.seq} by plain SHA-256, which no "
+                    "HMAC chain does: the segment header claims HMAC (hmac-sha256) but its "
+                    "links are SHA-256 -- a header edited to claim HMAC", seq)
+        # The SHA-256 link of this header as it was before its ``alg`` was edited to HMAC
+        # (the frame after it links to that, not to the edited bytes): the next frame's
+        # prev equal to it is ``FalseHmacClaim`` too. Without it a record right after the
+        # edited header, itself edited in place, escaped the check above (its successor's
+        # prev is the digest of its original bytes).
+        self._flipped = _as_sha256_header(seq, prev, body) \
+            if self.unlinked and kind == "seg" else None
         if in_group(kind, body, self._version):
             # A JSON record stored encrypted: ``d``, the link digest of its plaintext frame,
             # is carried (checked against the plaintext by whoever holds the data key:

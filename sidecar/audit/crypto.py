@@ -168,6 +168,17 @@ class DecryptError(ValueError):
     """A record cannot be decrypted (no key for its id, wrong key, altered ciphertext)."""
 
 
+class MissingDataKey(DecryptError):
+    """The data key a segment header names (``enc.kid``) is not among the keys given: the
+    check cannot run without it (``verify``: exit 2, as a missing HMAC key), which is not
+    the same as a record that does not decrypt (the twenty-ninth session's review: an honest
+    trail checked with the key of another key id was BROKEN, exit 1)."""
+
+    def __init__(self, message: str, kid: Any) -> None:
+        super().__init__(message)
+        self.kid = kid
+
+
 class Decryptor:
     """Reader side: the data keys held, by key id (several, for rotated keys)."""
 
@@ -182,8 +193,11 @@ class Decryptor:
         kid = enc.get("kid") if isinstance(enc, dict) else None
         aead = self._aeads.get(kid) if isinstance(kid, str) else None
         if aead is None:
-            raise DecryptError(f"record {seq} is encrypted with data key {shown(kid)}, which is "
-                               "not among the keys given (--data-key)")
+            if not isinstance(kid, str):  # (no key id a writer writes: a malformed header)
+                raise DecryptError(f"record {seq} is encrypted with data key {shown(kid)}, "
+                                   "which is not among the keys given (--data-key)")
+            raise MissingDataKey(f"record {seq} is encrypted with data key {shown(kid)}, which "
+                                 "is not among the keys given (--data-key)", kid)
         return aead
 
     def record(self, seq: int, body: dict[str, Any], header: dict[str, Any] | None) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from sidecar.audit.chain import (
     RECORD_KINDS,
     ChainError,
     ChainVerifier,
+    FalseHmacClaim,
     Frame,
     FrameError,
     MissingKey,
@@ -53,7 +54,7 @@ from sidecar.audit.chain import (
     parse_record_json,
     shown,
 )
-from sidecar.audit.crypto import DecryptError, Decryptor
+from sidecar.audit.crypto import DecryptError, Decryptor, MissingDataKey
 from sidecar.audit.record import MAX_TIME, AuditRecord, RecordError, check_wire
 from sidecar.audit.signing import Checkpoint, Keyring
 
@@ -888,13 +889,17 @@ def verify(
         if identity is not None and anchor.fields.get("id") != identity:
             walk.named(anchor.seq, anchor.fields.get("id"), "anchor")
     walk.whole_trail = os.path.isdir(path)
-    # With --pubkey and no HMAC key, an HMAC trail is still checked for what needs no HMAC
-    # key (seq, shape, signatures, anchors, identities, bounds): a failure there is BROKEN
-    # (a forger's trail claiming HMAC was exit 2, "cannot run"); otherwise exit 2 as before.
-    checker = ChainVerifier(key, require_mac=key is not None,
-                            unkeyed_hmac=key is None and bool(keyring))
+    # Without the HMAC key, an HMAC trail is still checked for what needs no HMAC key (seq,
+    # shape, signatures, anchors, identities, bounds, and links that are plain SHA-256 under
+    # its claim: ``FalseHmacClaim``): a failure there is BROKEN (a forger's trail claiming
+    # HMAC was exit 2, "cannot run"); otherwise exit 2 as before. Without --pubkey too,
+    # since the twenty-ninth session's review (every header flipped to HMAC: exit 2).
+    checker = ChainVerifier(key, require_mac=key is not None, unkeyed_hmac=key is None)
     pending: BrokenPoint | None = None  # a problem waiting for the next header to declare it
     unopened = 0  # format-2 encrypted records not opened (no data key): ``NOTE_UNOPENED``
+    # (key id, segment, seq) of the first record whose data key was not given: exit 2 unless
+    # something else is wrong (the twenty-ninth session's review: it was BROKEN, exit 1).
+    missing_data: tuple[str, str, int] | None = None
     for seg in segments:
         result.segments += 1
         walk.segment = seg.name
@@ -904,6 +909,7 @@ def verify(
         header: dict[str, Any] | None = None
         fatal = False  # a forged signature, a wrong anchor, a record that does not decrypt
         opener = RecordOpener(decryptor, key, check=True)
+        keyless = False  # the data key this segment names was not given (``MissingDataKey``)
         try:
             with open_segment(seg) as fh:
                 for offset, payload in read_frames(fh):
@@ -923,6 +929,8 @@ def verify(
                                        "HMAC-authenticated: no single key verifies this "
                                        "trail")
                             fatal = True
+                        elif isinstance(exc, FalseHmacClaim):
+                            fatal = True  # (proven without the key: never a declared break)
                         elif first:
                             message += _missing_predecessor(payload, names)
                         problem = BrokenPoint(seg.name, exc.seq, offset, message)
@@ -957,12 +965,20 @@ def verify(
                     result.frames += 1
                     if frame.kind in RECORD_KINDS:
                         result.records += 1
-                    if frame.kind == "rec" or decryptor is not None:
+                    if frame.kind == "rec" or (decryptor is not None and not keyless):
                         try:
                             opened = opener.take(frame.seq, frame.prev, frame.kind, frame.body,
                                                  header)
                         except MalformedRecord as exc:
                             walk.malformed(frame.seq, exc.reason)
+                            opened = []
+                        except MissingDataKey as exc:
+                            # Not among the keys given: this segment's records are walked as
+                            # without a data key; exit 2 unless something else is found.
+                            if missing_data is None:
+                                missing_data = (exc.kid, seg.name, frame.seq)
+                            keyless = True
+                            walk.sealed_times = True
                             opened = []
                         except DecryptError as exc:
                             problem = BrokenPoint(seg.name, frame.seq, offset, str(exc))
@@ -1052,6 +1068,16 @@ def verify(
         result.ok = False
         needs = NEEDS_DATA_KEY.format(checker.unproven, checker.unproven_first)
         if result.broken is None and not result.errors:
+            result.missing_key = needs
+        else:
+            result.notes.insert(0, needs)
+    if missing_data is not None:
+        kid, where, first_seq = missing_data
+        result.ok = False
+        needs = (f"{where}: records from seq {first_seq} are encrypted with data key "
+                 f"{shown(kid)}, which is not among the keys given: give the data key for "
+                 f"key id {shown(kid)} (--data-key) to check them")
+        if result.broken is None and not result.errors and result.missing_key is None:
             result.missing_key = needs
         else:
             result.notes.insert(0, needs)
@@ -1375,9 +1401,24 @@ class TrailOrder:
     ``held``: what the last frame read made readable, given out (``release``) once the next
     frame links to it -- a record in a frame edited in place is never shown -- or at the
     end of the trail (``release`` too), where nothing follows to check it (its signature
-    is ``verify --pubkey``'s business)."""
+    is ``verify --pubkey``'s business). After a segment that stopped at damage, the next
+    header's link is checked all the same when its seq continues the last frame read (a
+    writer's restart after a crash declares the break there and links to that frame);
+    when no link can be checked -- a header further on (a segment missing, frames not read),
+    or none before it -- the held records are dropped and ``on_gap`` says so. Before the
+    twenty-ninth session's review of its fixes they were given out unchecked: the record of
+    the last good frame before a torn one, edited in place, was shown by export and tail
+    with the same words and exit code as the honest crash trail.
 
-    __slots__ = ("last", "chain", "short", "held", "noted", "on_gap", "on_note")
+    One digest algorithm per trail: a header that says HMAC after SHA-256 ones (or the
+    reverse) is refused as an unlinked frame, as verify calls it BROKEN (no single key
+    verifies both). Before, the readers took the switch for a writer given an HMAC key at
+    a restart and stopped checking links: a header edited to claim HMAC let a record
+    edited in place through, exit 0, with a note (the same review). Under an HMAC claim a
+    frame whose ``prev`` is the plain SHA-256 link of the frame before is refused too
+    (``chain.FalseHmacClaim``)."""
+
+    __slots__ = ("last", "chain", "short", "held", "noted", "on_gap", "on_note", "alg")
 
     def __init__(self, on_gap: Callable[[str], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> None:
@@ -1391,6 +1432,9 @@ class TrailOrder:
         self.noted = False  # an HMAC segment's unchecked links were said
         self.on_gap = on_gap
         self.on_note = on_note
+        # The digest algorithm of the first header read: every later header must say the
+        # same (``SegmentOrder._link``), across damage and gaps too.
+        self.alg: Any = None
 
     def segment(self, name: str = "") -> SegmentOrder:
         """The order of the next segment (file ``name``), continuing this trail."""
@@ -1432,6 +1476,10 @@ class SegmentOrder:
         problem: str | None = None
         unlinked = False  # (the problem is a link: ``UnlinkedFrame``)
         last, trail = self.last, self.trail
+        # A header whose link to the last frame read is checked (``_link``): else what that
+        # frame made readable is dropped below.
+        linked = last is None and payload is not None and prev is not None \
+            and self._follows(seq)
         if self.stopped:
             problem = f"seq {seq}: after a frame not read"
         elif last is None and kind != "seg":
@@ -1448,21 +1496,39 @@ class SegmentOrder:
             problem = (f"seq {seq} reused after seq {trail.last}, the last frame read of the "
                        "segment before: an old segment copied in, or a segment twice")
         elif payload is not None and prev is not None:
-            problem, unlinked = self._link(seq, kind, prev, payload)
+            problem, unlinked = self._link(seq, kind, prev, body, payload)
         if problem is not None:
             self.stop()
             raise (UnlinkedFrame if unlinked else SegmentDamage)(
                 f"{problem} (verify: broken; the frames from here are not read)", offset)
-        if last is None and trail.last is not None and seq != trail.last + 1 \
-                and not trail.short and trail.on_gap is not None:
-            trail.on_gap(f"{self.name}: seq skipped from {trail.last} to {seq} at the header: a segment "
-                         "before this one is missing, or frames were cut from the end of the "
-                         "one before (verify: broken; read on from this header)")
+        if last is None and trail.last is not None and not linked:
+            # Nothing checks the link of the last frame read: what it made readable is not
+            # shown (the twenty-ninth session's review: given out unchecked before).
+            dropped = f"; the records of seq {trail.last} are not shown: nothing checks " \
+                      "their link" if trail.held else ""
+            trail.held.clear()
+            if trail.on_gap is not None and not trail.short:
+                trail.on_gap(f"{self.name}: seq skipped from {trail.last} to {seq} at the header: a "
+                             "segment before this one is missing, or frames were cut from the "
+                             "end of the one before (verify: broken; read on from this "
+                             f"header){dropped}")
+            elif trail.on_gap is not None and dropped:
+                trail.on_gap(f"{self.name}: seq {seq} at the header does not continue seq "
+                             f"{trail.last}, the last frame read before the damage{dropped} "
+                             "(verify: broken; read on from this header)")
         self.last = trail.last = seq
         trail.short = False
         self.sealed = kind == "end"
 
-    def _link(self, seq: int, kind: str, prev: bytes, payload: bytes) -> tuple[str | None, bool]:
+    def _follows(self, seq: int) -> bool:
+        """Does a header ``seq`` continue the trail's chain: the last frame read is the
+        chain's last (its link known) and the seq is one more."""
+        chain, last = self.trail.chain, self.trail.last
+        return chain is not None and chain.last is not None and last is not None \
+            and chain.last.seq == last and seq == last + 1
+
+    def _link(self, seq: int, kind: str, prev: bytes, body: dict[str, Any] | None,
+              payload: bytes) -> tuple[str | None, bool]:
         """Check the frame's ``prev`` against the link digest of the frame before it, when
         known, and take the frame into the trail's ``ChainVerifier`` (which computes its
         link as ``verify`` does, whatever the format): what is wrong (None: nothing), and
@@ -1470,9 +1536,20 @@ class SegmentOrder:
         trail = self.trail
         chain = trail.chain
         if kind == "seg":
-            if chain is None or trail.short or trail.last is None or seq != trail.last + 1:
-                # (the first frame read, after damage or a gap, said: not known)
+            alg = body.get("alg") if body is not None else None
+            if trail.alg is None:
+                trail.alg = alg
+            elif alg != trail.alg:
+                # (the review: an edited header turned the readers' link checks off)
+                return (f"the segment header says alg {shown(alg)} after segments of alg "
+                        f"{shown(trail.alg)}: no single key verifies a trail that switches "
+                        "between SHA-256 and HMAC (a header edited to claim HMAC, or a "
+                        "writer given or denied an HMAC key on an existing trail)"), True
+            if not self._follows(seq):
+                # (the first frame read, after a gap, or after damage that the header does
+                # not continue: not known; ``check`` drops what was held)
                 chain = trail.chain = _reader_chain()
+            assert chain is not None
             chain.start_segment()
         elif chain is None:
             return None, False  # (after a frame that did not decode, until the next header)
@@ -1483,16 +1560,9 @@ class SegmentOrder:
         try:
             chain.accept(payload)
         except ChainError as exc:
-            if kind != "seg" or chain.last is None:
-                return str(exc), False
-            # A header switching between SHA-256 and HMAC (a writer given or denied an HMAC
-            # key at a restart): links across it need the key; go on from it.
-            chain = trail.chain = _reader_chain()
-            chain.start_segment()
-            try:
-                chain.accept(payload)
-            except ChainError as again:
-                return str(again), False
+            # A header the chain refuses (across segments: a switch between SHA-256 and
+            # HMAC), or a SHA-256 link under an HMAC claim: the frame before is not shown.
+            return str(exc), kind == "seg" or isinstance(exc, FalseHmacClaim)
         if chain.unlinked and not trail.noted and trail.on_note is not None:
             trail.noted = True
             trail.on_note("the segments are HMAC-authenticated: their links were not checked "
@@ -1614,11 +1684,23 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
     the sidecar die at start, every start, because the next seq does not fit in a frame
     (found by a hostile review, the twenty-ninth); the writer goes on after the last frame
     before it and declares the break.
+
+    A threshold alone is no rule for where to resume: a header planted just below it made
+    the writer resume there and write frames past it, which its next start refused, going
+    back to the planted frame and forking the chain again, every start (found by the review
+    of that fix: each run's records cut out). So a resume point at ``HIGH_SEQ`` or more --
+    a seq no writer reaches from seq 0 -- is taken only when its segments continue, one
+    from the one before it, down to a segment whose header is below ``HIGH_SEQ``: the
+    writer's own segments after such a point always do, a planted segment never does (its
+    header jumps); it is damage, and the search goes on before it.
     """
     segments = list_segments(directory)
     damage: str | None = None
     damaged: str | None = None
-    for seg in reversed(segments):
+    index = len(segments)
+    while index > 0:
+        index -= 1
+        seg = segments[index]
         checker = ChainVerifier(key)
         checker.start_segment()
         problem: str | None = None
@@ -1632,7 +1714,10 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
                     except ChainError as exc:
                         problem = f"{exc} at offset {offset}"
                         break
-                    if frame.seq >= MAX_RESUME_SEQ:
+                    if frame.seq + 1 >= MAX_RESUME_SEQ:
+                        # (+ 1: a frame at MAX_RESUME_SEQ - 1 made the writer write seq
+                        # MAX_RESUME_SEQ, which its next start refused as damage and forked
+                        # from the planted frame again, every start; the review of the fix)
                         problem = (f"seq {frame.seq} at offset {offset}: beyond any seq a "
                                    f"writer reaches (a writer continues below {MAX_RESUME_SEQ})")
                         break
@@ -1643,6 +1728,14 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
             problem = f"{exc} at offset {exc.offset}"
         except OSError as exc:
             problem = f"cannot read: {exc.strerror or exc}"
+        if last is not None and last.seq + 1 >= HIGH_SEQ:
+            jump = _high_jump(segments, index)
+            if jump is not None:
+                at, why = jump
+                if damage is None:
+                    damage, damaged = why, segments[at].name
+                index = at  # (the segments from the jump on are not the chain's)
+                continue
         if problem is not None and damage is None:
             damage, damaged = problem, seg.name
         if last is not None:
@@ -1655,6 +1748,46 @@ def find_resume_point(directory: str, key: bytes | None) -> ResumePoint:
     return ResumePoint(0, GENESIS, None, False, None, None)
 
 
+def _high_jump(segments: list[SegmentFile], index: int) -> tuple[int, str] | None:
+    """``find_resume_point``: None when the segments up to ``index`` continue one from the
+    one before back to a header below ``HIGH_SEQ``; else the index of the segment whose
+    header does not continue the one before it (or has none before it), and why."""
+    at = index
+    while True:
+        found = _header_frame(segments[at])
+        if found is None:
+            return at, "segment has no readable header"
+        seq = found[0]
+        if seq < HIGH_SEQ:
+            return None
+        before = _last_seq(segments[at - 1]) if at > 0 else None
+        if before is None or before + 1 != seq:
+            return at, (f"header at seq {seq} does not continue the segment before it (its "
+                        f"last frame: seq {before}): a segment planted at a seq no writer "
+                        f"reaches (a writer starts below {HIGH_SEQ})")
+        at -= 1
+
+
+def _last_seq(seg: SegmentFile) -> int | None:
+    """The seq of a segment's last whole frame (None: no readable frame)."""
+    last: bytes | None = None
+    try:
+        with open_segment(seg) as fh:
+            for _offset, payload in read_frames(fh):
+                last = payload
+    except (OSError, SegmentDamage):
+        pass
+    if last is None:
+        return None
+    try:
+        return decode_frame(last)[0]
+    except FrameError:
+        return None
+
+
+# A seq no writer reaches from seq 0 (a seq per frame): a resume point at or above it is
+# taken only when its segments continue back to a header below it (``_high_jump``).
+HIGH_SEQ = 2**62
 # A starting writer never continues from a seq at or above this (``find_resume_point``):
 # msgpack packs at most 2**64-1, and a writer writes one seq per frame, so this bound is
 # never reached honestly and leaves room for any number of frames after it.
