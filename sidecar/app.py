@@ -1053,6 +1053,7 @@ class WorkerSpawner:
             os.close(fd)
 
     def close(self) -> None:
+        """Close the read ends of the workers' "listening" pipes (the first process ends)."""
         for fd in self._pipes.values():
             os.close(fd)
         self._pipes.clear()
