@@ -79,7 +79,6 @@ from tests.harness import (
     http,
     mtls_context,
     read_head,
-    read_head_bytewise,
     replace_file,
     sidecar_config,
     spiffe,
@@ -88,6 +87,7 @@ from tests.harness import (
     wait_for,
     wait_ready,
 )
+from tests.test_trust_review28 import _get
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -661,27 +661,6 @@ PARTNER = "partner.test"
 # and one whose file is left alone (the control: cut at its root's expiry all the same)
 REISSUE_DOMAINS = {"pem": "pem.partner.test", "json": "json.partner.test",
                    "unchanged": "ctl.partner.test"}
-
-
-def _get(sock: socket.socket) -> int | None:
-    """One keep-alive request on ``sock``: its status, None when the connection ended."""
-    try:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
-        head = read_head_bytewise(sock)
-        if not head:
-            return None
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        while length > 0:
-            data = sock.recv(min(length, 1 << 16))
-            if not data:
-                return None
-            length -= len(data)
-        return int(head.split(b" ", 2)[1])
-    except (OSError, ValueError):
-        return None
 
 
 class _KeepAliveUpstream(ScriptedServer):
