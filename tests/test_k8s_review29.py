@@ -49,7 +49,7 @@ from sidecar.k8s.inject import (
 from sidecar.k8s.patch import apply_patch
 from sidecar.k8s.rules import POD_RULES, REFUSED_CAPABILITIES
 from tests.harness import ROOT, Proc, free_port, https_server_material, wait_port
-from tests.test_k8s_review28 import _post
+from tests.test_k8s_review28 import _post, _review
 
 COLLECTOR = "siem.logging.svc.cluster.local"
 # A legal collector name that is also a pod's full name in /etc/hosts: hostname "siem",
@@ -164,18 +164,6 @@ def webhooks(tmp_path_factory: pytest.TempPathFactory
     finally:
         for _, _, proc in running.values():
             proc.stop(timeout=10)
-
-
-def _review(uid: str, doc: dict[str, Any], operation: str = "CREATE",
-            old: dict[str, Any] | None = None, sub: str | None = None) -> dict[str, Any]:
-    request: dict[str, Any] = {"uid": uid, "operation": operation,
-                               "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                               "namespace": "shop", "object": doc}
-    if old is not None:
-        request["oldObject"] = old
-    if sub is not None:
-        request["subResource"] = sub
-    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
 
 
 
