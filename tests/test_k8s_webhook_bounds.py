@@ -25,16 +25,27 @@ def big_review(uid: str, volumes: int) -> bytes:
 def test_a_review_waits_for_a_worker_no_longer_than_its_deadline(tmp_path: Path) -> None:
     """Three reviews of ~0.5 s each on two workers with a 0.3 s request deadline: the third
     waits past its deadline and gets a 503 at once (before, it was answered whenever its
-    turn came: work for a caller long gone). A small review afterwards is answered."""
+    turn came: work for a caller long gone). A small review afterwards is answered.
+
+    The same deadline bounds reading the ~1 MB body: on a loaded machine a body can miss it,
+    and the webhook then closes that connection without an answer (a client too slow to send
+    its body gets none). Such a run shows nothing about the wait and is tried again, at most
+    three times; a run where every body arrived must show the 503."""
     body = big_review("slow", 30_000)
+    conclusive: list[list[tuple[int, float]]] = []
 
     async def scenario(port: int, ca: ThrowawayCA, data: KubeletVolume, _: object) -> None:
         statuses: list[tuple[int, float]] = []
+        unread: list[float] = []
 
         async def one() -> None:
             client = await Client.connect(port, ca)
             start = time.monotonic()
-            reply = await client.request("POST", "/mutate", body)
+            try:
+                reply = await client.request("POST", "/mutate", body)
+            except trio.BrokenResourceError:  # closed unanswered: the body came too late
+                unread.append(time.monotonic() - start)
+                return
             statuses.append((reply.status, time.monotonic() - start))
             if reply.status == 503:
                 assert reply.json() == {"error": "busy; try again"}
@@ -43,6 +54,9 @@ def test_a_review_waits_for_a_worker_no_longer_than_its_deadline(tmp_path: Path)
         async with trio.open_nursery() as nursery:
             for _ in range(REVIEW_THREADS + 1):
                 nursery.start_soon(one)
+        if unread:
+            return
+        conclusive.append(statuses)
         codes = sorted(s for s, _ in statuses)
         assert codes.count(503) >= 1, statuses
         # "At once": before the reviews that had a worker are answered (no fixed bound: on a
@@ -57,7 +71,11 @@ def test_a_review_waits_for_a_worker_no_longer_than_its_deadline(tmp_path: Path)
         assert 'sidecar_webhook_reviews_total{result="busy"}' in metrics
         await client.aclose()
 
-    run_webhook(tmp_path, scenario, limits=WebhookLimits(request_timeout=0.3))
+    for attempt in range(3):
+        run_webhook(tmp_path / str(attempt), scenario, limits=WebhookLimits(request_timeout=0.3))
+        if conclusive:
+            break
+    assert conclusive, "no run in three had every body read within the deadline"
 
 
 def test_bodies_waiting_for_a_review_are_bounded(tmp_path: Path) -> None:
