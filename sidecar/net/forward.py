@@ -85,7 +85,7 @@ from sidecar.net.streams import (
     truncated,
     wait_readable,
 )
-from sidecar.net.transport import RECV_SIZE, TlsTransport
+from sidecar.net.transport import BURST_UNDER, RECV_SIZE, TlsTransport
 
 
 @dataclass(slots=True)
@@ -224,6 +224,7 @@ class _Splice:
                 return
             self.last = clock()
         try_receive = getattr(src, "try_receive", None)
+        burst = getattr(src, "receive_burst", None)
         fd: Any = getattr(src, "wait_fd", None)
         while True:
             try:
@@ -231,6 +232,11 @@ class _Splice:
                     # The lean transports' read (``receive_some``) written out, to say
                     # when a read found nothing waiting (``_eof``).
                     data = try_receive()
+                    if data and burst is not None and len(data) < BURST_UNDER:
+                        # Bytes that were waiting already, in a short TLS record: more
+                        # records may be behind it, joined into one send onward
+                        # (``TlsTransport.receive_burst``).
+                        data = burst(data)
                     while data is None:
                         if self.quiet[i] is not None:
                             self._wake(i)

@@ -54,6 +54,7 @@ import trio
 
 from sidecar.errors import BadRequest, HeadersTooLarge, RequestRefused
 from sidecar.http.wire import NEED_DATA, EventReader, ParseError
+from sidecar.net.transport import BURST_UNDER
 
 READ_SIZE = 65536
 FAST_OPS_PER_CHECKPOINT = 8
@@ -241,7 +242,7 @@ class Endpoint:
 
     __slots__ = ("stream", "reader", "bytes_in", "bytes_out", "side", "out", "out_len", "fast",
                  "misses", "_try_receive", "_try_send", "_receive_wait", "wait_fd", "_pending",
-                 "sent_head", "wait", "_watch", "clock", "private")
+                 "sent_head", "wait", "_watch", "clock", "private", "_burst")
 
     def __init__(self, stream: trio.abc.Stream, reader: EventReader,
                  side: str = "upstream") -> None:
@@ -268,6 +269,9 @@ class Endpoint:
         self.wait_fd: Any = getattr(stream, "wait_fd", None) if self._receive_wait else None
         # Decrypted bytes OpenSSL holds (TLS): a read must take them before it may wait.
         self._pending: Callable[[], int] | None = getattr(stream, "pending", None)
+        # TLS: a short read mid-message is joined with the records behind it (``next_event``).
+        self._burst: Callable[[bytes | bytearray], bytes | bytearray] | None = getattr(
+            stream, "receive_burst", None)
         self.sent_head = False  # a response head went out for the current request
         self.clock = run_clock()  # read only when a deadline is needed (see next_event)
         # A client's upstream connection that carried connection-oriented authentication
@@ -297,7 +301,15 @@ class Endpoint:
                 deadline = self.clock() + timeout
             if flush_first is not None and flush_first.out:
                 await flush_first.flush(deadline)
-            reader.feed(await self.receive(deadline))
+            data = await self.receive(deadline)
+            # A message split across reads (rare: a head and its body usually come in one
+            # record) goes on in short reads: joined with the TLS records already behind
+            # them, so a body sent in 1-byte records is one event (and one send onward) per
+            # burst, not per byte (``TlsTransport.receive_burst``).
+            burst = self._burst
+            if burst is not None and 0 < len(data) < BURST_UNDER:
+                data = burst(data)
+            reader.feed(data)
 
     def event_now(self) -> object:
         """The reader's next event from the bytes already received, or ``NEED_DATA`` (then
