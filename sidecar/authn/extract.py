@@ -345,13 +345,84 @@ def location_names(name: str) -> frozenset[str]:
     return frozenset({decoded.lower(), _php_reading(decoded).lower()})
 
 
-def _query_pairs(query: str) -> list[tuple[frozenset[str], str]]:
+def _query_pairs(query: str, wanted: frozenset[str] | None = None
+                 ) -> list[tuple[frozenset[str], str]]:
+    """The query's (names as read, decoded value) pairs, in order; with ``wanted`` (names
+    as ``location_names`` gives them) only the pairs whose name may read as one of them
+    (``_wanted_parts``), the others never read. ``TooManyNames`` past
+    ``MAX_NAME_CANDIDATES`` such pairs."""
+    parts = _QUERY_SEPARATORS.split(query) if wanted is None else _wanted_parts(query, wanted)
     pairs = []
-    for part in _QUERY_SEPARATORS.split(query):
+    for part in parts:
         if part:
             name, _, value = part.partition("=")
             pairs.append((param_names(name, QUERY), unquote_plus(value)))
     return pairs
+
+
+# A query parameter's name can read as a wanted name (``param_names``) only when its
+# decoded, lower-cased form holds the wanted name's longest run between the characters the
+# readings fold (``_``, ``.``, space, ``[``): each reading keeps a run of the name, PHP's
+# folds those to ``_``, and lower-casing makes an ASCII letter only of an ASCII letter or of
+# the Kelvin sign (``k``). That run is found in the raw query by one regular expression that
+# reads each of its characters in either case, percent-encoded or not, and only the pairs
+# whose name holds a match are read: reading a new name costs some 10 us (its decoding and
+# six readings), and a 32 KiB query of 3,000 distinct names held the event loop 30 ms per
+# request when every pair was read (noticed in the twenty-ninth session's reviews). More
+# than MAX_NAME_CANDIDATES such pairs in one query: ``TooManyNames`` (refused: no ordinary
+# query names one location sixty-four times over).
+MAX_NAME_CANDIDATES = 64
+_FOLDED_BY_READINGS = re.compile(r"[_. \[]")
+
+
+class TooManyNames(Exception):
+    """More than ``MAX_NAME_CANDIDATES`` query parameters whose names may read as a token
+    location's."""
+
+
+def _encoded(c: str) -> str:
+    """A pattern for ``c`` as a raw query may spell it: itself (either case under
+    IGNORECASE) or percent-encoded (UTF-8; the Kelvin sign for ``k``)."""
+    forms = [re.escape(c)]
+    for ch in {c.lower(), c.upper()} | ({"\u212a"} if c == "k" else set()):
+        forms.append("".join(f"%{b:02x}" for b in ch.encode("utf-8")))
+    return "(?:" + "|".join(forms) + ")"
+
+
+@functools.lru_cache(maxsize=256)
+def _wanted_pattern(wanted: frozenset[str]) -> re.Pattern[str] | None:
+    """The pattern of ``_wanted_parts`` for ``wanted``; None when some name has no run to
+    look for (then every pair is read)."""
+    alternatives = []
+    for name in sorted(wanted):
+        core = max(_FOLDED_BY_READINGS.split(name), key=len)
+        if not core or not core.isascii() or any(c in core for c in "&;=%+"):
+            return None
+        alternatives.append("".join(_encoded(c) for c in core))
+    return re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
+
+
+def _wanted_parts(query: str, wanted: frozenset[str]) -> list[str]:
+    """The ``&``/``;``-separated parts of ``query`` whose name (before the first ``=``) may
+    read as one of ``wanted`` (the comment above), in order."""
+    pattern = _wanted_pattern(wanted)
+    if pattern is None:
+        return _QUERY_SEPARATORS.split(query)
+    parts: list[str] = []
+    end = -1  # (where the part last taken ends: later matches in it are skipped)
+    for match in pattern.finditer(query):
+        at = match.start()
+        if at < end:
+            continue
+        start = max(query.rfind("&", 0, at), query.rfind(";", 0, at)) + 1
+        if "=" in query[start:at]:
+            continue  # (in a value)
+        found = _QUERY_SEPARATORS.search(query, at)
+        end = found.start() if found is not None else len(query)
+        parts.append(query[start:end])
+        if len(parts) > MAX_NAME_CANDIDATES:
+            raise TooManyNames()
+    return parts
 
 
 # A cookie inside another cookie's ``;``-separated piece: ``a=x session=EVIL``. Python's
@@ -434,7 +505,13 @@ def extract_tokens(provider: JwtProvider, headers: Headers, query: str) -> Found
             values = _from_header(loc, headers)
         elif loc.kind == "query":
             if queries is None:
-                queries = _query_pairs(query) if query else []
+                wanted = frozenset().union(*(location_names(q.name) for q in locations
+                                             if q.kind == "query"))
+                try:
+                    queries = _query_pairs(query, wanted) if query else []
+                except TooManyNames:
+                    raise TokenInvalid(MULTIPLE_TOKENS, "too many parameters named like "
+                                                        f"{loc.name}") from None
             values = _from_pairs(loc, queries)
         else:
             if cookies is None:
@@ -503,6 +580,11 @@ def remove_token(headers: Headers, query: str,
 
 # The query parameter RFC 6750 2.3 names (compared as ``param_names`` reads names).
 RFC6750_PARAM = "access_token"
+_RFC6750_NAMES = frozenset({RFC6750_PARAM})
+# What ``guard_tokens`` finds in a query with more than MAX_NAME_CANDIDATES parameters whose
+# names may read as ``access_token``: a token no provider reads (the request is refused,
+# ``unread_location`` or ``multiple_tokens``) that equals no real one.
+TOO_MANY_NAMES = "\x00too-many-access_token-names"
 # Authorization schemes that carry an access token: RFC 6750 ``Bearer``, RFC 9449 ``DPoP``,
 # and the ``JWT`` and ``Token`` schemes frameworks use (lower-case). A credential with the
 # shape of a JWT counts under any other scheme too, and with no scheme at all.
@@ -564,6 +646,17 @@ def guards_for(providers: Iterable[JwtProvider]) -> Guards | None:
                   frozenset(headers), frozenset(params), frozenset(cookies))
 
 
+def _own_query_values(query: str, read: frozenset[str]) -> frozenset[str]:
+    """The values of the query parameters a provider reads (``read``), which the copy
+    scan does not count as copies; none past ``MAX_NAME_CANDIDATES`` candidates (every
+    value is then scanned: a provider's own token found as a copy refuses the request)."""
+    try:
+        return frozenset(value for names, value in _query_pairs(query, read)
+                         if not read.isdisjoint(names))
+    except TooManyNames:
+        return frozenset()
+
+
 def query_may_hold(query: str) -> bool:
     """Whether ``query`` may hold a parameter whose name folds to ``access_token`` (False:
     it cannot; without ``%`` a name can only fold to it when it spells ``access``)."""
@@ -596,7 +689,11 @@ def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -
                                         or _JWT_SHAPE.fullmatch(credential) is not None):
                 found.append(credential)
     if guards.query and query and query_may_hold(query):
-        found.extend(v for n, v in _query_pairs(query) if RFC6750_PARAM in n and v)
+        try:
+            found.extend(v for n, v in _query_pairs(query, _RFC6750_NAMES)
+                         if RFC6750_PARAM in n and v)
+        except TooManyNames:
+            found.append(TOO_MANY_NAMES)
     if guards.issuers:
         found.extend(copies(guards, headers, query, path))
     return found
@@ -1001,8 +1098,7 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
     if query and scan.whole >= 0:
         forms = _forms(query.encode("latin-1", "replace"), plus=True, budget=budget)
         if forms:
-            scan.scan(forms, {value for names, value in _query_pairs(query)
-                              if not guards.read_params.isdisjoint(names)} if (
+            scan.scan(forms, _own_query_values(query, guards.read_params) if (
                 guards.read_params and forms[0] is not _TOO_MANY_FORMS) else frozenset())
     if path and scan.whole >= 0:
         forms = _path_forms(path, budget)
