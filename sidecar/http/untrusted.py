@@ -450,6 +450,63 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(FORWARDING, "Tencent Cloud API Gateway's scheme headers (X-Client-Proto, "
               "X-Client-Proto-Ver, X-Api-Scheme): the same class as X-Client-Scheme above "
               "(found by a hostile review)", "x-client-proto x-client-proto-ver x-api-scheme")
+    + _family(IDENTITY, "OpenStack keystonemiddleware's system scope and service-token domain "
+              "(OpenStack-System-Scope: all is a token scoped to the whole deployment, which "
+              "system_scope:all policies treat as its administrator; X-Service-Domain-Id, "
+              "-Name): the rest of the family (X-Roles, X-Service-User-*) is above (found by "
+              "a hostile review)", "openstack-system-scope x-service-domain-id "
+              "x-service-domain-name")
+    + _family(IDENTITY, "users that platforms assert to the app behind them: Azure SignalR's "
+              "upstream X-ASRS-User-Id, -User-Claims, -Connection-Id (its signature covers the "
+              "connection id only), Open WebUI's forwarded X-OpenWebUI-User-Id, -Email, -Role, "
+              "Streamlit Cloud's X-Streamlit-User and -User-Email (found by a hostile review)",
+              "x-asrs- x-openwebui- x-streamlit-user", prefix=True)
+    + _family(IDENTITY, "the same, one name each: Azure Web PubSub's ce-userId (a CloudEvents "
+              "attribute whose signature covers the connection id only; the other ce- "
+              "attributes are not identity and pass), Mattermost's Mattermost-User-Id "
+              "(plugins authorise by it), Amazon Bedrock AgentCore's WorkloadAccessToken and "
+              "X-Amzn-Bedrock-AgentCore-Runtime-User-Id, Grafana's data-proxy X-Grafana-User "
+              "(found by a hostile review)", "ce-userid mattermost-user-id workloadaccesstoken "
+              "x-amzn-bedrock-agentcore-runtime-user-id x-grafana-user")
+    + _family(IDENTITY, "run-as and act-as headers of widely used APIs: an app that passes the "
+              "caller's headers on with its own privileged credential acts as whoever the "
+              "caller names -- Stripe-Account and Stripe-Context (Connect), Box's As-User, "
+              "Dropbox-API-Select-User and -Select-Admin, PayPal-Auth-Assertion (an unsigned "
+              "JWT naming the merchant), PingIDM's X-OpenIDM-RunAs, Appwrite's "
+              "X-Appwrite-Impersonate-User-Id, Apache Drill's User-Name (impersonation with "
+              "its own authentication off), Trino's and Presto's X-Trino-User, "
+              "X-Trino-Original-User and X-Presto-User (the user over plain HTTP). When the "
+              "app is that API itself (Trino behind the sidecar), list the name in "
+              "headers.pass_through (found by a hostile review)",
+              "stripe-account stripe-context as-user dropbox-api-select-user "
+              "dropbox-api-select-admin paypal-auth-assertion x-openidm-runas "
+              "x-appwrite-impersonate-user-id user-name x-trino-user x-trino-original-user "
+              "x-presto-user")
+    + _family(IDENTITY, "Search Guard's impersonation and tenant headers (sg_impersonate_as "
+              "read literally, the sibling of opendistro_security_impersonate_as above; "
+              "sg_tenant; underscores fold to dashes; found by a hostile review)",
+              "sg-impersonate-as sg-tenant")
+    + _family(IDENTITY, "tenant selection: VictoriaMetrics, VictoriaLogs and VictoriaTraces "
+              "take the tenant from AccountID and ProjectID (generic names, but their docs "
+              "leave mapping users to tenants to the authorisation layer in front: here the "
+              "sidecar), OpenSearch / Search Guard Dashboards' securitytenant and sgtenant, "
+              "Grafana's X-Grafana-Org-Id -- the class of X-Scope-OrgID above (found by a "
+              "hostile review)", "accountid projectid securitytenant sgtenant x-grafana-org-id")
+    + _family(IDENTITY, "the signed-in user as NGINX Plus's OpenID Connect reference "
+              "configuration passes it (proxy_set_header username $jwt_claim_sub), copied "
+              "widely (found by a hostile review)", "username")
+    + _family(IDENTITY, "mobile operators' header enrichment: the subscriber's phone number "
+              "as gateways insert it (X-MSISDN, MSISDN, X-Up-Calling-Line-Id, X-Nokia-MSISDN, "
+              "X-Up-Subno, X-H3G-MSISDN); apps log in and bill by it (found by a hostile "
+              "review)", "x-msisdn msisdn x-up-calling-line-id x-nokia-msisdn x-up-subno "
+              "x-h3g-msisdn")
+    + _family(FORWARDING, "Https: on, which CGI and PHP turn into HTTP_HTTPS, the variable "
+              "apps read as a TLS connection (the class of Front-End-Https above); "
+              "appengine-user-ip, a client-address header elysia-ip reads (found by a hostile "
+              "review)", "https appengine-user-ip")
+    + _family(OVERRIDE, "Dapr's dapr-app-id: the Dapr sidecar routes the request to the app it "
+              "names (the class of l5d-dst-override above; found by a hostile review)",
+              "dapr-app-id")
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
