@@ -27,7 +27,6 @@ import json
 import socket
 import ssl
 import termios
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,13 @@ from tests.harness import (
     Pki,
     ScriptedServer,
     free_port,
+    module_fixture,
     mtls_context,
     sidecar_config,
     spiffe,
     start_app,
     start_sidecar,
+    wait_for,
     write_policy,
 )
 from tests.test_net_transport import contexts  # noqa: F401 -- (the fixture)
@@ -133,11 +134,9 @@ def test_short_records_are_read_in_bursts_and_what_ends_them_is_kept(
         await arrived(server.socket)
         got, reads = bytearray(), 0
         while len(got) < len(DATA):
-            piece = server.try_receive()
-            assert piece, (size, ending, reads, len(got))
-            if len(piece) < BURST_UNDER:
-                piece = server.receive_burst(piece)
-            got += piece
+            first = server.try_receive()
+            assert first, (size, ending, reads, len(got))
+            got += server.receive_burst(first) if len(first) < BURST_UNDER else first
             reads += 1
         assert bytes(got) == DATA
         assert reads <= most_reads(size, len(DATA)), (size, reads)
@@ -308,32 +307,69 @@ def answer_complete(got: bytes) -> bool:
 
 
 def inbound(tmp: Path, pki: Pki, app_port: int, protocol: str = "http") -> Any:
-    policy = write_policy(tmp / "policy.yaml", {"version": 1, "trust_domain": TD, "services": {
-        spiffe("orders"): {"rules": [{"name": "callers",
-                                      "allow": {"from": [spiffe("frontend")]}}]}}})
-    return start_sidecar(tmp, "orders", sidecar_config(
+    policy = write_policy(tmp / f"policy-{protocol}.yaml", {
+        "version": 1, "trust_domain": TD, "services": {spiffe("orders"): {"rules": [
+            {"name": "callers", "allow": {"from": [spiffe("frontend")]}}]}}})
+    return start_sidecar(tmp, f"orders-{protocol}", sidecar_config(
         pki.identity("orders"),
         inbound={"listen": f"127.0.0.1:{free_port()}", "app": f"127.0.0.1:{app_port}",
                  "protocol": protocol}, policy=policy))
 
 
-def caller(proc: Any, pki: Pki) -> ShortRecords:
-    sock = socket.create_connection(("127.0.0.1", proc.port("inbound")), timeout=BOUND)
-    return ShortRecords(sock, mtls_context(pki.identity("frontend"), pki.bundle), False)
+class StreamApp(ScriptedServer):
+    """Behind a ``protocol: tcp`` listener: reads each connection to its end and notes what
+    and how (``ends``, in order)."""
+
+    timeout = BOUND
+
+    def __init__(self) -> None:
+        self.ends: list[tuple[bytes, str]] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        self.ends.append(read_to_end(conn))
+
+
+class Inbound:
+    """One ``orders`` sidecar per protocol for the module: HTTP to the test app, TCP to a
+    ``StreamApp``; every process stopped by its pid at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.pki = Pki(tmp / "pki")
+        self.procs: list[Any] = []
+        self.stream_app = StreamApp()
+        try:
+            app, port = start_app(tmp)
+            self.procs.append(app)
+            self.http = inbound(tmp, self.pki, port)
+            self.procs.append(self.http)
+            self.tcp = inbound(tmp, self.pki, self.stream_app.port, protocol="tcp")
+            self.procs.append(self.tcp)
+        except BaseException:
+            self.close()
+            raise
+
+    def caller(self, proc: Any) -> ShortRecords:
+        sock = socket.create_connection(("127.0.0.1", proc.port("inbound")), timeout=BOUND)
+        return ShortRecords(sock, mtls_context(self.pki.identity("frontend"), self.pki.bundle),
+                            False)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout=10)
+        self.stream_app.close()
+
+
+sidecars = module_fixture("short-records", Inbound)
 
 
 @pytest.mark.parametrize("size", RECORD_SIZES)
 @pytest.mark.parametrize("framing", ["content-length", "chunked", "head-only"])
 def test_a_request_in_short_records_reaches_the_app_whole(
-        tmp_path: Path, procs: list[Any], size: int, framing: str) -> None:
+        sidecars: Inbound, size: int, framing: str) -> None:
     """A real inbound sidecar and app: the request's head and body arrive in ``size``-byte
     records; the app reads the body byte for byte (its length and SHA-256), the caller gets
     the answer, and a second request on the same connection is served too."""
-    pki = Pki(tmp_path / "pki")
-    app, port = start_app(tmp_path)
-    procs.append(app)
-    proc = inbound(tmp_path, pki, port)
-    procs.append(proc)
     if framing == "chunked":
         body = b"".join(b"%x\r\n%s\r\n" % (len(DATA[i:i + 700]), DATA[i:i + 700])
                         for i in range(0, len(DATA), 700)) + b"0\r\n\r\n"
@@ -344,7 +380,7 @@ def test_a_request_in_short_records_reaches_the_app_whole(
                    % len(DATA) + DATA)
     else:
         request = b"GET /look?q=" + b"a" * 2000 + b" HTTP/1.1\r\nHost: orders\r\n\r\n"
-    conn = caller(proc, pki)
+    conn = sidecars.caller(sidecars.http)
     try:
         for _ in range(2):
             conn.send(request, size)
@@ -360,60 +396,34 @@ def test_a_request_in_short_records_reaches_the_app_whole(
         conn.sock.close()
 
 
-class StreamApp(ScriptedServer):
-    """Behind a ``protocol: tcp`` listener: reads to the end and notes what and how."""
-
-    timeout = BOUND
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[bytes, str]] = []
-        self.done = threading.Event()
-        super().__init__()
-
-    def serve(self, conn: socket.socket) -> None:
-        self.ends.append(read_to_end(conn))
-        self.done.set()
-
-
 @pytest.mark.parametrize("size", RECORD_SIZES)
 @pytest.mark.parametrize("ending", ["close_notify", "ragged_eof"])
 def test_a_tcp_stream_in_short_records_reaches_the_app_whole_and_ends_as_it_ended(
-        tmp_path: Path, procs: list[Any], size: int, ending: str) -> None:
+        sidecars: Inbound, size: int, ending: str) -> None:
     """``protocol: tcp``: 4 KiB in ``size``-byte records, then a close_notify (the app reads
     every byte and a FIN) or a TCP EOF without one (a truncation: the app gets a reset,
     never a clean end after a burst)."""
-    pki = Pki(tmp_path / "pki")
-    app = StreamApp()
-    try:
-        proc = inbound(tmp_path, pki, app.port, protocol="tcp")
-        procs.append(proc)
-        conn = caller(proc, pki)
-        conn.send(DATA, size)
-        if ending == "close_notify":
-            conn.close_notify()
-        conn.sock.shutdown(socket.SHUT_WR)
-        assert app.done.wait(BOUND)
-        data, how = app.ends[0]
-        if ending == "close_notify":
-            assert (data, how) == (DATA, "eof")
-        else:
-            assert how == "reset" and DATA.startswith(data), (len(data), how)
-        conn.sock.close()
-    finally:
-        app.close()
+    seen = len(sidecars.stream_app.ends)
+    conn = sidecars.caller(sidecars.tcp)
+    conn.send(DATA, size)
+    if ending == "close_notify":
+        conn.close_notify()
+    conn.sock.shutdown(socket.SHUT_WR)
+    wait_for(lambda: len(sidecars.stream_app.ends) > seen, timeout=BOUND)
+    data, how = sidecars.stream_app.ends[seen]
+    if ending == "close_notify":
+        assert (data, how) == (DATA, "eof")
+    else:
+        assert how == "reset" and DATA.startswith(data), (len(data), how)
+    conn.sock.close()
 
 
 @pytest.mark.parametrize("size", RECORD_SIZES)
 def test_an_upgraded_stream_in_short_records_is_echoed_whole(
-        tmp_path: Path, procs: list[Any], size: int) -> None:
+        sidecars: Inbound, size: int) -> None:
     """An upgraded (101) connection to the app's echo: what goes in ``size``-byte records
     comes back byte for byte."""
-    pki = Pki(tmp_path / "pki")
-    app, port = start_app(tmp_path)
-    procs.append(app)
-    proc = inbound(tmp_path, pki, port)
-    procs.append(proc)
-    conn = caller(proc, pki)
+    conn = sidecars.caller(sidecars.http)
     try:
         conn.send(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\n"
                   b"Connection: upgrade\r\n\r\n", size)
