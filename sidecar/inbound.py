@@ -65,7 +65,7 @@ from sidecar.net.listen import ConnectionTracker, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
-from sidecar.net.transport import SocketTransport, TlsTransport
+from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport
 from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_both
 from sidecar.telemetry import RequestContext, Telemetry
@@ -730,6 +730,9 @@ HANDSHAKE_FAILURES: dict[tuple[str, str], str] = {
     ("SSL", "EXCESSIVE_MESSAGE_SIZE"): "message_too_large",
 }
 HANDSHAKE_FAILED = "handshake_failed"
+# More waits for the peer's handshake bytes than a handshake takes (``MAX_HANDSHAKE_READS``):
+# a ClientHello dribbled in tiny records to make each its own pass through the sidecar.
+HANDSHAKE_FRAGMENTED = "handshake_fragmented"
 # CERTIFICATE_VERIFY_FAILED carries X509's verify code: these refine its label.
 HANDSHAKE_VERIFY_CODES: dict[int, str] = {
     10: "peer_cert_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
@@ -739,6 +742,8 @@ HANDSHAKE_VERIFY_CODES: dict[int, str] = {
 def handshake_reason(exc: BaseException) -> str:
     """The label of a failed inbound handshake (``HANDSHAKE_FAILURES``); ``exc`` is the
     ``ssl.SSLError`` or the transport's error raised from it."""
+    if isinstance(exc, HandshakeFragmented):
+        return HANDSHAKE_FRAGMENTED
     cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
     if not isinstance(cause, ssl.SSLError):
         return HANDSHAKE_FAILED

@@ -52,6 +52,7 @@ def status_label(status: int) -> str:
 # not timeouts, not plain-TCP probes or protocol mismatches, which health checks cause.
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
                                      "no_client_cert", "bad_svid", "message_too_large",
+                                     "handshake_fragmented",  # (no honest client dribbles)
                                      "peer_untrusted"})  # a chain from another trust domain's root
 
 

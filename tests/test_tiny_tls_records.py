@@ -21,12 +21,14 @@ short records -- each checked byte for byte.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import hashlib
 import json
 import socket
 import ssl
 import termios
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,18 @@ import trio.testing
 
 from sidecar.http.wire import END, MessageReader, Request
 from sidecar.net.forward import splice
-from sidecar.net.streams import Endpoint
+from sidecar.net.streams import (
+    MISSES_BEFORE_WAITING,
+    Endpoint,
+    PeerClosed,
+    looks_alive,
+    readable_now,
+)
 from sidecar.net.transport import (
     BURST_BYTES,
     BURST_RECORDS,
     BURST_UNDER,
+    MAX_HANDSHAKE_READS,
     SocketTransport,
     TlsTransport,
 )
@@ -140,7 +149,19 @@ def test_short_records_are_read_in_bursts_and_what_ends_them_is_kept(
             reads += 1
         assert bytes(got) == DATA
         assert reads <= most_reads(size, len(DATA)), (size, reads)
-        # What ended the burst is read next, as it would have been without it.
+        # What ended the burst is read next, as it would have been without it -- also by
+        # the checks that look at the socket (the peer's TCP connection is still open after
+        # its close_notify or broken record: the socket will not be readable again).
+        if ending != "nothing":
+            assert server.pending() and not looks_alive(server) and readable_now(server)
+            ep = Endpoint(server, MessageReader(requests=True), side="client")
+            ep.misses = MISSES_BEFORE_WAITING  # (its reads wait first)
+            with trio.fail_after(5):
+                try:
+                    end = await ep.receive(trio.current_time() + 5)
+                except PeerClosed:
+                    end = None
+            assert end == (None if ending == "broken_record" else b"")
         if ending == "nothing":
             assert server.try_receive() is None
         elif ending == "broken_record":
@@ -488,3 +509,151 @@ def test_an_answer_in_short_records_reaches_the_caller_whole(
         assert got.partition(b"\r\n\r\n")[2] == DATA
     finally:
         peer.close()
+
+
+class ClosingPeer(ScriptedServer):
+    """An upstream peer that answers one request per connection -- its head in one record,
+    its body in short records, no ``Connection: close`` -- then sends its close_notify and
+    keeps the TCP connection open for ours (a two-way TLS shutdown, as OpenSSL's
+    ``SSL_shutdown`` does): the close_notify arrives in the same burst as the body's end."""
+
+    timeout = BOUND
+
+    def __init__(self, ctx: ssl.SSLContext, size: int) -> None:
+        self.tls_ctx, self.size = ctx, size
+        self.served = 0
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        peer = ShortRecords(conn, self.tls_ctx, True)
+        head = peer.read_until(lambda got: b"\r\n\r\n" in got)
+        if b"\r\n\r\n" not in head:
+            return
+        self.served += 1
+        peer.tls.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(DATA))
+        for start in range(0, len(DATA), self.size):
+            peer.tls.write(DATA[start:start + self.size])
+        peer.close_notify()  # (all of it on the wire at once, the close_notify last)
+        peer.read_until(lambda got: False)  # (until the sidecar closes)
+
+
+@pytest.mark.parametrize("size", RECORD_SIZES)
+def test_a_pooled_connection_whose_answer_ended_with_a_close_notify_is_not_reused(
+        tmp_path: Path, procs: list[Any], size: int) -> None:
+    """The outbound pool: an answer whose body ends in short records followed by the peer's
+    close_notify (its TCP connection left open). The burst that reads the body's end takes
+    the close_notify off the socket; the pool must still see the connection as ended and
+    send the next request on a new one (found by a hostile review: it was reused, and the
+    next request got a 502)."""
+    pki = Pki(tmp_path / "pki")
+    orders = pki.identity("orders")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(orders / "tls.crt"), str(orders / "tls.key"))
+    ctx.load_verify_locations(str(pki.bundle))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["http/1.1"])
+    peer = ClosingPeer(ctx, size)
+    try:
+        proc = start_sidecar(tmp_path, "frontend", sidecar_config(
+            pki.identity("frontend"), outbound=[{
+                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                "upstream": f"127.0.0.1:{peer.port}", "identity": spiffe("orders")}]))
+        procs.append(proc)
+        with socket.create_connection(("127.0.0.1", proc.port("orders")),
+                                      timeout=BOUND) as sock:
+            for path in ("/first", "/second", "/third"):
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: orders\r\nContent-Length: 1\r\n\r\nx"
+                             % path.encode())
+                got = b""
+                while not answer_complete(got):
+                    chunk = sock.recv(65536)
+                    assert chunk, (path, got[:200])
+                    got += chunk
+                assert got.startswith(b"HTTP/1.1 200 "), (path, got[:200])
+                assert got.partition(b"\r\n\r\n")[2] == DATA
+        assert peer.served == 3
+    finally:
+        peer.close()
+
+
+# -- the handshake in tiny records ------------------------------------------------------------
+
+
+def client_hello_records(ctx: ssl.SSLContext, pad: int) -> tuple[ShortRecords, list[bytes]]:
+    """A real ClientHello (its connection, to go on with it: ``sock`` still to be set),
+    with an unknown extension of ``pad`` zero bytes (RFC 8446 4.2: a server ignores it),
+    cut into 1-byte handshake records (TLS allows a handshake message across records)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=None)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    record = outgoing.read()
+    body = record[5:5 + int.from_bytes(record[3:5], "big")][4:]
+    at = 34  # (version, random)
+    at += 1 + body[at]  # session id
+    at += 2 + int.from_bytes(body[at:at + 2], "big")  # cipher suites
+    at += 1 + body[at]  # compression methods
+    extensions = body[at + 2:at + 2 + int.from_bytes(body[at:at + 2], "big")]
+    if pad:
+        extensions += (0x7A7A).to_bytes(2, "big") + pad.to_bytes(2, "big") + b"\0" * pad
+    body = body[:at] + len(extensions).to_bytes(2, "big") + extensions
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    conn = ShortRecords.__new__(ShortRecords)
+    conn.incoming, conn.outgoing, conn.tls = incoming, outgoing, tls
+    return conn, [b"\x16\x03\x01\x00\x01" + message[k:k + 1] for k in range(len(message))]
+
+
+def test_a_handshake_dribbled_in_tiny_records_is_cut_and_counted(sidecars: Inbound) -> None:
+    """No certificate shown: a ClientHello with a 2 KB extension in 1-byte records, one per
+    send, 1 ms apart -- each record its own wake-up of the handshake. Cut past
+    ``MAX_HANDSHAKE_READS`` (it cost 0.9 s of CPU per connection over 4 s with a 20 KB
+    extension), before the whole hello is sent, counted as ``handshake_fragmented``."""
+    proc = sidecars.http
+    before = proc.metric("sidecar_tls_handshake_failures_total", reason="handshake_fragmented")
+    _, records = client_hello_records(
+        mtls_context(sidecars.pki.identity("frontend"), sidecars.pki.bundle), 2000)
+    assert len(records) > 20 * MAX_HANDSHAKE_READS
+    sent = 0
+    with socket.create_connection(("127.0.0.1", proc.port("inbound")), timeout=BOUND) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for record in records:
+                sock.send(record)
+                sent += 1
+                time.sleep(0.001)
+        except OSError:
+            pass  # (reset: the sidecar closed it with bytes unread)
+        else:
+            sock.settimeout(BOUND)
+            with contextlib.suppress(OSError):
+                assert sock.recv(5) == b""  # (closed, no ServerHello)
+    wait_for(lambda: proc.metric("sidecar_tls_handshake_failures_total",
+                                 reason="handshake_fragmented") > before, timeout=BOUND)
+
+
+def test_a_handshake_in_tiny_records_sent_at_once_completes(sidecars: Inbound) -> None:
+    """A ClientHello (as the client made it: the handshake's transcript covers it) in 1-byte
+    records, all on the wire at once: OpenSSL takes them in a few reads, the handshake
+    completes and the request is served."""
+    ctx = mtls_context(sidecars.pki.identity("frontend"), sidecars.pki.bundle)
+    conn, records = client_hello_records(ctx, 0)
+    assert len(records) > MAX_HANDSHAKE_READS
+    with socket.create_connection(("127.0.0.1", sidecars.http.port("inbound")),
+                                  timeout=BOUND) as sock:
+        conn.sock = sock
+        sock.sendall(b"".join(records))  # (the hello, by hand; the rest through ``conn``)
+        while True:
+            try:
+                conn.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, "closed in the handshake"
+                conn.incoming.write(data)
+        conn._flush()
+        conn.send(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n", 16384)
+        answer = conn.read_until(answer_complete)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]

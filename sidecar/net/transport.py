@@ -171,6 +171,19 @@ class SocketTransport(trio.abc.HalfCloseableStream):
 _RESET = struct.pack("ii", 1, 0)
 
 
+# Waits for more of the peer's bytes one handshake may take. A handshake takes a few (the
+# ClientHello, then the client's certificate and Finished; a long chain over a slow link a
+# dozen or two), and each wake-up is a pass of OpenSSL's state machine and of Trio, about
+# 45 us. A peer without any certificate sent a ClientHello with a 20 KB extension in 1-byte
+# records, one per send, within the handshake timeout: each record one wake-up, 0.9 s of CPU
+# for one connection against 4 ms for a whole mTLS request (found by a hostile review).
+MAX_HANDSHAKE_READS = 64
+
+
+class HandshakeFragmented(trio.BrokenResourceError):
+    """The peer's handshake came in more pieces than ``MAX_HANDSHAKE_READS`` waits."""
+
+
 class TlsTransport(trio.abc.Stream):
     """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``.
 
@@ -180,7 +193,7 @@ class TlsTransport(trio.abc.Stream):
     """
 
     __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write", "ragged_eof",
-                 "_broken")
+                 "_broken", "_end_held")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -219,17 +232,26 @@ class TlsTransport(trio.abc.Stream):
         self.ragged_eof = False  # the peer's TCP EOF came without a TLS close_notify
         # A fatal error a burst read met (``receive_burst``), for the next read to raise.
         self._broken: Exception | None = None
+        # A burst stopped at something other than "nothing waiting" (an end, an error, a
+        # read that must write): taken off the socket into OpenSSL, so the socket may never
+        # be readable again; ``pending`` says so until a read reports it.
+        self._end_held = False
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
         """The TLS handshake, waiting on the socket as OpenSSL asks; failures raise
-        ``trio.BrokenResourceError`` from the ``ssl.SSLError``."""
+        ``trio.BrokenResourceError`` from the ``ssl.SSLError``, and ``HandshakeFragmented``
+        past ``MAX_HANDSHAKE_READS`` waits for more of the peer's bytes."""
         s, fd = self._ssl, self._fd
+        reads = 0
         while True:
             try:
                 s.do_handshake()
                 return
             except ssl.SSLWantReadError:
+                reads += 1
+                if reads > MAX_HANDSHAKE_READS:
+                    raise HandshakeFragmented() from None
                 await trio.lowlevel.wait_readable(fd)
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(fd)
@@ -295,8 +317,9 @@ class TlsTransport(trio.abc.Stream):
         return self._fd
 
     def pending(self) -> int:
-        """Decrypted bytes OpenSSL holds that were not read yet."""
-        return self._ssl.pending()
+        """Decrypted bytes OpenSSL holds that were not read yet; 1 while a burst holds what
+        ended it (``receive_burst``): a read must come before any wait on the socket."""
+        return self._ssl.pending() or self._end_held
 
     # -- I/O ------------------------------------------------------------------------------
     def try_receive(self) -> bytes | None:
@@ -337,20 +360,35 @@ class TlsTransport(trio.abc.Stream):
         leaves it to the next ``try_receive``, which meets the same condition again: OpenSSL
         repeats nothing-waiting, an EOF, a close_notify and a read that must write on every
         later read; a fatal error (a broken record, an alert, a reset) it reports once, and
-        later reads as an EOF, so it is kept (``_broken``) and raised by the next read."""
+        later reads as an EOF, so it is kept (``_broken``) and raised by the next read.
+
+        Anything but nothing-waiting was taken off the socket into OpenSSL: a peer that sends
+        its close_notify and keeps the TCP connection open (a two-way shutdown) leaves the
+        socket never readable again. So ``pending`` is non-zero from then on, and every
+        check that would look at the socket -- a pooled connection's liveness, a read that
+        waits first -- reads instead (found by a hostile review of this burst: a pooled
+        connection whose answer ended in short records and a close_notify took the next
+        request, and a close-delimited answer ended that way waited out its timeout)."""
         read = self._ssl.read
         parts: list[bytes | bytearray] = [data]
         size = len(data)
         for _ in range(BURST_RECORDS):
             try:
                 more = read(RECV_SIZE)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError,
-                    ssl.SSLZeroReturnError):
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                self.want_write = True  # (a KeyUpdate answer to send first: the next wait)
+                break
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                self._end_held = True
                 break
             except (ssl.SSLError, OSError, ValueError) as exc:
                 self._broken = exc
+                self._end_held = True
                 break
             if not more:
+                self._end_held = True
                 break
             parts.append(more)
             size += len(more)
