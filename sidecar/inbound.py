@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from sidecar.authn.apikeys import API_KEY_HEADER
+from sidecar.authn.extract import path_for_records
 from sidecar.authn.oauth import Answers, x5t_from_hex
 from sidecar.config.model import DEFAULT_APP_SOURCE_V4, Limits
 from sidecar.errors import BadRequest, Forbidden, Unavailable
@@ -66,8 +67,8 @@ from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
 from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport
-from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
-from sidecar.policy.paths import normalise_request_both
+from sidecar.policy.decision import REASON_DENIED_BY_RULE, AuthFacts, RequestFacts, new_facts
+from sidecar.policy.paths import normalise_request_both, query_routes, space_trimmed
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
@@ -346,6 +347,18 @@ class InboundProxy:
                         _unjudged(gate, ctx, event, head, facts, query,
                                   _REFUSED_BY_DESTINATION)
                         raise refused.refusal()
+            # The paths the app may route this request as besides its own (a query route,
+            # CodeIgniter's trimmed path): judged as a second path, as a Destination is.
+            # A constant check for an ordinary request (``_second_paths``).
+            if query or space_trimmed(path) is not None:
+                refused = _second_paths(gate, facts, verdict, ctx, query)
+                if refused is not None:
+                    if refused.decision.action == "allow":  # (an observed deny: recorded)
+                        _observed(ctx, refused)
+                    else:
+                        ctx.verdict = refused
+                        _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_ROUTE)
+                        raise refused.refusal()
             if query:  # (a method-override parameter: the method the app may run instead)
                 named = method_overrides(query)
                 if named:  # (recorded: policy replay judges them as this does)
@@ -364,7 +377,7 @@ class InboundProxy:
                 if head.has_body and event.method == b"POST" else None
             if not self.telemetry.accepting():
                 if check is not None:  # (its body is never read: the record says so)
-                    _note(ctx, "unread", ["body"])
+                    _note_unread(ctx, ["body"])
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
             # (strip_credentials is set only with an authenticator)
@@ -540,11 +553,77 @@ def _read_destination(gate: Gate, headers: Headers,
     return path, forward, prefix, query
 
 
+def _second_paths(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
+                  query: str) -> Verdict | None:
+    """The refusal when a path the app may route the request as, besides its own, is one
+    the policy would not let the same caller, with the same credentials, method and Host,
+    at: a route its query gives on ``/`` or a front controller (``paths.query_routes``:
+    ``/?/admin/users`` is admin/users to CodeIgniter; judged by every rule or, for a
+    parameter that is ordinary on a home page such as ``q``, by deny rules only), and the
+    path and each route with spaces and ``+`` trimmed from their ends
+    (``paths.space_trimmed``: ``/+admin/users`` is admin/users to CodeIgniter 4; deny rules
+    only). Found by a hostile review (session 29). A raw route that would be refused as a
+    path is 400 (``bad_query_route``). The routes go into the request's record
+    (``routes``: ``policy replay`` judges them, and the trimmed paths, too). A deny that
+    dry-run lets through is returned as an allowed verdict, as ``_destination`` does."""
+    routes = query_routes(facts.path, query, allow_non_ascii=gate.allows_non_ascii_paths())
+    if routes:
+        _note_routes(ctx, routes)
+    readings = [(route, every) for route, every in routes]
+    for judged in (facts.path, *(route for route, _ in routes)):
+        trimmed = space_trimmed(judged)
+        if trimmed is not None:
+            readings.append((trimmed, False))
+    if not readings:
+        return None
+    observed = None
+    now = time.time()
+    for other, every in readings:
+        decision = gate.judge(facts._replace(path=other), verdict.auth, now)
+        if not every and decision.reason != REASON_DENIED_BY_RULE:
+            continue  # (deny rules only: no allow rule need match it)
+        if not decision.allowed:
+            return Verdict(decision, auth=verdict.auth)
+        if decision.dry_run and observed is None:
+            observed = decision
+    return None if observed is None else Verdict(observed, auth=verdict.auth)
+
+
+# ``extra.routes``' second item: whether every rule judged the route or deny rules only.
+ROUTE_RULES = {True: "all", False: "deny"}
+
+
+def _note_routes(ctx: RequestContext, routes: list[tuple[str, bool]]) -> None:
+    """Record the routes every rule judges (``extra.routes``: CodeIgniter's ``/`` query,
+    WordPress's ``rest_route``, which name routes). The deny-only ones (``q``, ``r``, ``p``,
+    ``route``) are ordinary search and id parameters on a home page, and the trail never
+    held query strings: what a patient or client searched for has no place in it. They
+    are not recorded; ``extra.unread`` says ``search_routes`` (policy replay calls a change
+    that may concern them uncertain)."""
+    recorded = [[path_for_records(r), ROUTE_RULES[True]] for r, every in routes if every]
+    if recorded:
+        _note(ctx, "routes", recorded)
+    if len(recorded) < len(routes):
+        _note_unread(ctx, ["search_routes"])
+
+
+def _note_unread(ctx: RequestContext, names: list[str]) -> None:
+    """Add ``names`` (``sidecar.replay.UNREAD``'s) to the record's ``unread``."""
+    judged = ctx.judged
+    unread = judged.get("unread") if judged is not None else None
+    if unread is None:
+        _note(ctx, "unread", list(names))
+    else:
+        unread.extend(n for n in names if n not in unread)
+
+
 # How far a refused request got (``_unjudged``): refused by its own decision, by its
-# Destination's, or by a method its query named.
+# Destination's, by a path its query or its trimmed path gives, or by a method its query
+# named.
 _REFUSED_BY_REQUEST = 0
 _REFUSED_BY_DESTINATION = 1
-_REFUSED_BY_QUERY = 2
+_REFUSED_BY_ROUTE = 2
+_REFUSED_BY_QUERY = 3
 
 
 def _note(ctx: RequestContext, key: str, value: Any) -> None:
@@ -581,6 +660,15 @@ def _unjudged(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead
             _note(ctx, "destination", _read_destination(gate, event.headers, facts)[0])
         except BadRequest:
             unread.append("destination")
+    if stage < _REFUSED_BY_ROUTE and query:
+        try:
+            routes = query_routes(facts.path, query,
+                                  allow_non_ascii=gate.allows_non_ascii_paths())
+        except BadRequest:
+            unread.append("routes")
+        else:
+            if routes:
+                _note_routes(ctx, routes)
     if stage < _REFUSED_BY_QUERY and query:
         try:
             named = method_overrides(query)
@@ -600,7 +688,7 @@ def _unjudged(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead
         if reads:
             unread.append("body")
     if unread:
-        _note(ctx, "unread", unread)
+        _note_unread(ctx, unread)
 
 
 def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,

@@ -54,14 +54,27 @@ fold is lossy, and would widen them: ``rule_segments``). In every section, deny 
 match the path after a front controller (``/index.php/admin``,
 ``/app.wsgi/admin``: ``SCRIPT_SUFFIXES``, ``rule_path_forms``).
 
+Deny rules read more than the path's own segments where real routers do (session 29's
+review): each non-ASCII character a case mapping or NFKC turns into ASCII as that ASCII
+(``ascii_reading``: ``/%E2%84%AAeys`` is ``/keys`` to JS ``toLowerCase``), a data route as
+its page (``/_next/data/<id>/admin.json``, ``/admin/__data.json``: ``_data_route_forms``) and,
+after a front controller, the path with spaces and ``+`` trimmed from its ends
+(CodeIgniter 4: ``_trimmed_segments``).
+
 The query string is returned unchanged (it passed the same byte checks) and is never part
-of the matched path.
+of the matched path. Where an app routes on it instead of the path -- ``/?/admin/users`` on
+``/`` or a front controller (``QUERY_ROUTES``) -- the data path judges the route it gives as
+a second path (``query_routes``, ``sidecar.inbound``), and the path with its ends trimmed
+(``space_trimmed``) likewise.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import unicodedata
+from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
 
 from sidecar.errors import BadRequest
 
@@ -256,10 +269,16 @@ def path_segments(path: str, fold: bool = False, names: bool = True) -> tuple[st
     ``fold``: ASCII letters lower-cased (a ``path_case: insensitive`` section) and, unless
     ``names`` is false, Windows names folded too: a segment's trailing dots and spaces
     (``%20``) and NTFS stream suffix (from its first ``:``) dropped -- the lossy fold, for
-    deny rules only (``rule_segments``).
+    deny rules only (``rule_segments``). With ``names`` and without ``fold`` (a deny rule's
+    reading in a section that may allow non-ASCII paths), also each non-ASCII character that a case mapping or NFKC turns into ASCII
+    read as that ASCII (``ascii_reading``: the KELVIN SIGN is ``k``).
     """
     if fold:
         path = path.translate(_ASCII_LOWER)
+    if names and not fold and path.find("%") >= 0:
+        # (deny: non-ASCII letters read as ASCII, ``ascii_reading``; a ``fold`` section
+        # holds no non-ASCII path: the loader refuses it with ``non_ascii_paths: allow``)
+        path = ascii_reading(path)
     if fold and names and path.find("(") >= 0:
         return _cookieless_segments(path)
     return _sent_segments(path, fold and names)
@@ -338,6 +357,81 @@ def ascii_lower(text: str) -> str:
     """``text`` with ASCII letters lower-cased, nothing else (``str.lower`` folds the Kelvin
     sign and others, which routers do not agree on)."""
     return text.translate(_ASCII_LOWER)
+
+
+# Non-ASCII letters an app reads as ASCII ones. A section that allows non-ASCII paths
+# (``non_ascii_paths: allow``) and does not say ``path_case`` folds ASCII case for deny rules,
+# but case-insensitive routers fold more than ASCII: Fastify/find-my-way ``caseSensitive:
+# false`` and every JS router lower-case with ``toLowerCase`` (U+212A KELVIN SIGN is ``k``),
+# Java's ``equalsIgnoreCase`` compares upper and lower case (U+017F LONG S is ``s``, U+0131
+# DOTLESS I is ``i``), PHP's ``mb_strtolower`` and .NET's ``ToLowerInvariant`` map the
+# Kelvin sign and the Angstrom sign, and an app that folds to NFKC reads the fullwidth
+# ``ＡＤＭＩＮ`` as ``ADMIN``. Found by a hostile review (session 29): ``/%E2%84%AAeys/export``
+# ran ``/keys/export`` on Fastify past ``deny /keys/**``. The section is not refused at load
+# (``non_ascii_paths: allow`` is for apps with non-ASCII routes, which are not wrong to
+# exist): a deny rule reads each non-ASCII character whose NFKC form, lower or upper case or
+# case fold (``ASCII_READINGS``, tried in that order) is ASCII as that ASCII,
+# in the case of the path (``_ascii_of``), with its characters written as a path writes them
+# (``_RAW_IN_PATH``, else escaped: NO-BREAK SPACE is ``%20``), never a ``/`` (``℀``, NFKC ``a/c``, is left alone: a reading keeps the
+# path's segments, so it only ever matches more). Patterns are read alike (``rule_forms``),
+# so ``deny /keys/**`` denies ``/ＫＥＹＳ/x`` and ``/ſecret`` is ``/secret``. Deny rules only
+# (lossy: an allow rule matches as sent), and for any path holding a percent escape of a
+# non-ASCII UTF-8 sequence (``_NON_ASCII_ESCAPES``); the per-character answer is computed when
+# first met and kept (``_ascii_of``).
+ASCII_READINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    ("NFKC (Python unicodedata; an app that normalises paths)",
+     lambda c: unicodedata.normalize("NFKC", c)),
+    ("lower case (JS toLowerCase, mb_strtolower, ToLowerInvariant)", str.lower),
+    ("upper case (Java equalsIgnoreCase, ToUpperInvariant)", str.upper),
+    ("case fold (Unicode full case folding)", str.casefold),
+)
+# One escaped UTF-8 sequence of a non-ASCII character, in either case of hex (a section that
+# folds case for deny rules lower-cases the path's escapes with its letters).
+_NON_ASCII_ESCAPES = re.compile(
+    r"%[c-fC-F][0-9a-fA-F](?:%[89abAB][0-9a-fA-F]){1,3}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _ascii_of(seq: str) -> str:
+    """The ASCII reading of one escaped UTF-8 sequence ``seq`` (``ASCII_READINGS``), in the
+    hex case of ``seq``'s escapes, or ``seq`` itself."""
+    try:
+        char = unquote_to_bytes(seq).decode("utf-8")
+    except UnicodeDecodeError:
+        return seq
+    for _name, mapping in ASCII_READINGS:
+        mapped = mapping(char)
+        if mapped and mapped.isascii() and mapped.find("/") < 0:
+            break
+    else:
+        return seq
+    # A path whose escapes are in lower-case hex had its ASCII case folded (a normalised
+    # path writes upper-case hex; ``ascii_lower`` of a deny rule that folds case lowers
+    # them): its reading is lower-cased too. Otherwise the mapping's case is kept (a
+    # ``path_case: sensitive`` section: fullwidth ``Ａ`` is ``A``).
+    lower_hex = seq[1] in "cdef"
+    if lower_hex:
+        mapped = mapped.translate(_ASCII_LOWER_STR)
+    out = []
+    for ch in mapped:
+        if ord(ch) in _RAW_IN_PATH:
+            out.append(ch)
+        else:
+            escape = f"%{ord(ch):02X}"
+            out.append(escape.lower() if lower_hex else escape)
+    return "".join(out)
+
+
+_ASCII_LOWER_STR = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def ascii_reading(path: str) -> str:
+    """``path`` (normalised: non-ASCII characters are escaped) with each non-ASCII character
+    that reads as ASCII (``ASCII_READINGS``) written as that ASCII (lower-cased in a path
+    whose case is folded)."""
+    if _NON_ASCII_ESCAPES.search(path) is None:
+        return path
+    return _NON_ASCII_ESCAPES.sub(lambda m: _ascii_of(m.group(0)), path)
 
 
 def rule_segments(path: str, fold: bool, effect: str) -> tuple[str, ...]:
@@ -488,11 +582,99 @@ def rule_path_forms(path: str, fold: bool, effect: str,
         return readings
     forms: list[tuple[str, ...]] = []
     for segs in readings:
-        for base in (segs, *_script_forms(segs)):
-            for form in _suffix_forms(base, formats and effect in FORMAT_FOLD_EFFECTS):
-                if form not in forms:
-                    forms.append(form)
+        for base in (segs, *_script_forms(segs), *_data_route_forms(segs)):
+            trimmed = _trimmed_segments(base)
+            for each in (base,) if trimmed is None else (base, trimmed):
+                for form in _suffix_forms(each, formats and effect in FORMAT_FOLD_EFFECTS):
+                    if form not in forms:
+                        forms.append(form)
     return tuple(forms)
+
+
+# Framework data routes: a URL that runs a page's server-side code and returns its data, at
+# another path than the page's. Lossy (a path of that shape in another app is its own
+# route), so deny rules only (``SCRIPT_FOLD_EFFECTS``): a deny rule for a page also matches
+# its data route. Found by a hostile review (session 29): ``deny /admin/**`` let
+# ``/_next/data/<buildId>/admin/users.json`` run /admin/users' getServerSideProps (Next.js),
+# and ``deny /admin`` let ``/admin/__data.json`` run /admin's ``load`` (SvelteKit).
+# Next.js pages router (``/_next/data/<buildId>/<page>.json``; the build id is in every
+# page's HTML): the page is the path after the build id without ``.json``; ``index`` is its
+# directory (``index.json`` is ``/``); with i18n the first segment may be a locale
+# (``/_next/data/<id>/fr/admin/users.json`` is ``/fr/admin/users`` and ``/admin/users``).
+NEXT_DATA = ("_next", "data")
+NEXT_DATA_SUFFIX = ".json"
+# SvelteKit (``DATA_SUFFIX``, ``HTML_DATA_SUFFIX`` in its runtime): a last segment
+# ``__data.json`` is its parent page's data (also ``?x-sveltekit-invalidated=...``), and a
+# last segment ``x.html__data.json`` is ``x.html``'s.
+SVELTEKIT_DATA = "__data.json"
+SVELTEKIT_HTML_DATA = ".html__data.json"
+
+
+def _data_route_forms(segs: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The page paths a data route (``NEXT_DATA``, ``SVELTEKIT_DATA``) runs; none for
+    any other path."""
+    if not segs:
+        return []
+    last = segs[-1]
+    if last.endswith(SVELTEKIT_DATA):
+        if last == SVELTEKIT_DATA:
+            return [segs[:-1]]
+        if last.endswith(SVELTEKIT_HTML_DATA) and len(last) > len(SVELTEKIT_HTML_DATA):
+            return [segs[:-1] + (last[:-len(SVELTEKIT_DATA)],)]
+        return []
+    if len(segs) < 4 or segs[0].lower() != NEXT_DATA[0] or segs[1].lower() != NEXT_DATA[1] \
+            or not last.lower().endswith(NEXT_DATA_SUFFIX) or len(last) == len(NEXT_DATA_SUFFIX):
+        return []
+    page = segs[3:-1] + (last[:-len(NEXT_DATA_SUFFIX)],)
+    pages = [page]
+    if len(page) > 1:  # (i18n: a locale first)
+        pages.append(page[1:])
+    forms: list[tuple[str, ...]] = []
+    for each in pages:
+        forms.append(each)
+        if each[-1] == "index":  # (``index.json``: the directory's page)
+            forms.append(each[:-1])
+    return forms
+
+
+# CodeIgniter 4 decodes its route path with ``+`` as a space (``urldecode``) and trims spaces
+# and slashes from both of its ends (``Router::checkRoutes``: ``trim($uri, '/ ')``), so
+# ``/%20admin/users``, ``/+admin/users`` and ``/+/admin/users`` run ``admin/users``, and
+# ``/reports/export+`` and ``/reports/export/+`` run ``reports/export``. Refusing segments
+# that begin or end with a space or ``+`` would refuse ordinary URLs (``/tags/c++``,
+# ``/+user``), so deny rules match the path with those ends trimmed too: a reading added to
+# the path as sent (``deny /reports/export/*`` still matches ``/reports/export/+``), deny
+# rules only. Found by a hostile review (session 29). For a path after a front controller
+# (``/index.php/+admin``) it is a form (``rule_path_forms``); for the path itself, which
+# holds no ``.`` (the rule index reads such a path in one form), the data path judges the
+# trimmed path as a second path by deny rules (``space_trimmed``, ``sidecar.inbound``).
+_CI_TRIMMED = re.compile(r"^(?:/|\+|%20)+|(?:/|\+|%20)+$")
+
+
+def _trimmed_segments(segs: tuple[str, ...]) -> tuple[str, ...] | None:
+    if not segs or not (segs[0][:1] in ("+", "%") or segs[-1].endswith(("+", "%20"))):
+        return None
+    joined = "/".join(segs)
+    trimmed = _CI_TRIMMED.sub("", joined)
+    if trimmed == joined:
+        return None
+    return tuple(trimmed.split("/")) if trimmed else ()
+
+
+def space_trimmed(path: str) -> str | None:
+    """``path`` (a normalised request path) as CodeIgniter 4 routes it (``_CI_TRIMMED``:
+    ``+`` and ``%20`` as spaces, spaces and slashes trimmed from both ends) when that is
+    another path, else None. A constant check for nearly every path: only one that starts
+    with ``/+`` or ``/%`` or ends with ``+`` or ``%20`` (before one trailing ``/``) is read."""
+    end = len(path) - 1 if path.endswith("/") else len(path)
+    if not (path[1:2] in ("+", "%") or path[end - 1:end] == "+"
+            or path.endswith("%20", 0, end)):
+        return None
+    inner = path[1:end]
+    trimmed = _CI_TRIMMED.sub("", inner)
+    if trimmed == inner:
+        return None
+    return "/" + trimmed
 
 
 def _suffix_forms(segs: tuple[str, ...], formats: bool) -> tuple[tuple[str, ...], ...]:
@@ -604,3 +786,97 @@ def normalise_path_pattern(pattern: str) -> str:
     except BadRequest as exc:
         raise ValueError(f"not a valid normalised path ({exc.reason})") from None
     return path
+
+
+# Front controllers that route on the query. When the path is ``/`` or ends at a front
+# controller (``/index.php``, any ``FRONT_CONTROLLER_SUFFIXES`` segment; one trailing ``/``
+# too: CodeIgniter reads ``/index.php/`` as the script), these apps take the route path from
+# the query, and run it whatever the path said. Found by a hostile review (session 29):
+# ``/?/admin/users``, ``/index.php?/admin/users``, ``/?/admin/../admin/users`` and
+# ``/index.php/?/admin/users`` ran CodeIgniter 4's admin/users route past ``deny /admin/**``
+# and past an allow-only policy allowing ``/``. The path of the query is not a form of the
+# request's path (the rule index reads a path, not a query): the data path judges it as a
+# second path, as it judges a WebDAV Destination (``sidecar.inbound``, recorded for replay
+# as ``routes``). As data: (parameter -- ``/``: a query that starts with ``/`` --, how its
+# value is read, whether allow rules judge it too, where it comes from).
+#   ``raw``: the query up to a second ``?`` is a URI path, normalised as a request's is and
+#   refused as it would be (400 ``bad_query_route``: dot segments, encoded slashes...);
+#   ``decoded``: a parameter's value as PHP's ``$_GET`` has it (percent-decoded, ``+`` a
+#   space; its name as PHP reads one: leading spaces dropped, ``.``, `` `` and ``[`` as
+#   ``_``; every occurrence), split at ``/`` with empty segments dropped (each app trims
+#   slashes), each segment literal (these apps match it as a string: ``..`` is no step up
+#   to them, so it is no refusal either), written in the normal form (``_RAW_IN_PATH``).
+# Allow rules judge a route (the request is allowed only if both paths are) where the
+# parameter is no ordinary one on ``/``: a query that starts with ``/`` and WordPress's
+# ``rest_route``. ``q`` (search), ``r`` (referrals), ``p`` (WordPress's post id) and
+# ``route`` are ordinary parameters of a home page: an allow-only policy allowing ``/`` must
+# still let ``/?q=shoes`` in, so only deny rules judge them (a deny rule for ``/admin/**``
+# refuses ``/?q=admin/people``).
+QUERY_ROUTES: tuple[tuple[str, str, bool, str], ...] = (
+    ("/", "raw", True, "CodeIgniter 4 SiteURIFactory::parseRequestURI, CodeIgniter 3 "
+                       "URI::_parse_request_uri (the query when the path is empty or the "
+                       "script)"),
+    ("rest_route", "decoded", True, "WordPress rest_api_loaded (/?rest_route=/wp/v2/users "
+                                    "is /wp-json/wp/v2/users)"),
+    ("q", "decoded", False, "Drupal 7 request_path (?q=admin/people, clean URLs off)"),
+    ("r", "decoded", False, "Yii 2 UrlManager::parseRequest, routeParam (enablePrettyUrl off)"),
+    ("p", "decoded", False, "Craft CMS pathParam (index.php?p=admin/settings)"),
+    ("route", "decoded", False, "OpenCart (index.php?route=account/login)"),
+)
+QUERY_ROUTE_NAMES = frozenset(name for name, _, _, _ in QUERY_ROUTES if name != "/")
+_QUERY_ROUTE_ALLOW = {name: allow for name, _, allow, _ in QUERY_ROUTES}
+# At most this many routes are judged for one request; a query naming more on a path that
+# routes on it is refused (400 ``bad_query_route``): each is a decision.
+MAX_QUERY_ROUTES = 8
+_PHP_NAME = str.maketrans({" ": "_", ".": "_", "[": "_"})
+
+
+def routes_on_query(path: str) -> bool:
+    """Whether ``path`` (normalised) is one an app of ``QUERY_ROUTES`` routes on the query
+    at: ``/`` or a path that ends at a front controller."""
+    if path == "/":
+        return True
+    if path.find(".") < 0:
+        return False
+    last = path[:-1] if path.endswith("/") else path
+    name = last[last.rfind("/") + 1:].lower()
+    return name.endswith(FRONT_CONTROLLER_SUFFIXES) and name not in FRONT_CONTROLLER_SUFFIXES
+
+
+def query_routes(path: str, query: str, *, allow_non_ascii: bool = False
+                 ) -> list[tuple[str, bool]]:
+    """The route paths the query gives (``QUERY_ROUTES``) when ``path`` routes on it, each
+    with whether allow rules judge it too; ``[]`` for nearly every request (no query, or a
+    path that does not route on it: a constant check). ``BadRequest``
+    (``bad_query_route``) for a raw route that would be refused as a path, or past
+    ``MAX_QUERY_ROUTES``."""
+    if not query or not routes_on_query(path):
+        return []
+    routes: list[tuple[str, bool]] = []
+    if query.startswith("/"):
+        raw = query.split("?", 1)[0]
+        try:
+            route, _forward, _query = normalise_both(raw.encode("ascii"),
+                                                     allow_non_ascii=allow_non_ascii)
+        except BadRequest as exc:
+            raise BadRequest("bad_query_route", exc.reason) from None
+        routes.append((route, _QUERY_ROUTE_ALLOW["/"]))
+    for pair in query.split("&"):
+        raw_name, eq, raw_value = pair.partition("=")
+        if not eq:
+            continue
+        name = unquote_to_bytes(raw_name.replace("+", " ")).decode("latin-1")
+        name = name.lstrip(" ").translate(_PHP_NAME)
+        if name not in QUERY_ROUTE_NAMES:
+            continue
+        value = unquote_to_bytes(raw_value.replace("+", " "))
+        segments = [_path_text(s) for s in value.split(b"/") if s]
+        routes.append(("/" + "/".join(segments), _QUERY_ROUTE_ALLOW[name]))
+        if len(routes) > MAX_QUERY_ROUTES:
+            raise BadRequest("bad_query_route", f"more than {MAX_QUERY_ROUTES} routes")
+    return routes
+
+
+def _path_text(segment: bytes) -> str:
+    # A decoded segment in the normal form of a path (one spelling per decoded path).
+    return "".join(chr(b) if b in _RAW_IN_PATH else f"%{b:02X}" for b in segment)
