@@ -109,23 +109,38 @@ def test_names_that_cannot_read_as_a_wanted_one_are_never_read() -> None:
 
 
 def test_past_the_cap_of_candidates_the_query_is_refused() -> None:
-    """``MAX_NAME_CANDIDATES`` names holding ``access`` are read; one more is refused: the
-    guard finds a token no provider reads (the request is refused) and a provider reading
-    the query finds ``multiple_tokens``; the copy scan leaves no value alone."""
-    def names(n: int) -> str:
-        return "&".join(f"access{i}=1" for i in range(n))
+    """``MAX_NAME_CANDIDATES`` distinct names holding ``access`` and then ``token`` are read;
+    one more is refused: the guard finds a token no provider reads (the request is refused)
+    and a provider reading the query finds ``multiple_tokens``; the copy scan leaves no
+    value alone. Names that hold only part of the wanted name, and a name repeated, are no
+    candidates to count."""
+    def names(n: int, name: str = "access_token{i}") -> str:
+        return "&".join(f"{name.format(i=i)}=1" for i in range(n))
 
     wanted = WANTED["access_token"]
     assert _query_pairs(names(MAX_NAME_CANDIDATES), wanted) != []
     with pytest.raises(TooManyNames):
         _query_pairs(names(MAX_NAME_CANDIDATES + 1), wanted)
+    for ordinary in ("accessories", "accessories[{i}]", "access{i}", "token{i}",
+                     "x_access_token", "%61ccess_token"):  # (the last two: one name, repeated)
+        _query_pairs(names(4 * MAX_NAME_CANDIDATES, ordinary), wanted)
     guards = extract.Guards(query=True, authorization=False, read_schemes=frozenset())
     assert extract.guard_tokens(guards, [], names(MAX_NAME_CANDIDATES)) == []
     assert extract.guard_tokens(guards, [], names(MAX_NAME_CANDIDATES + 1)) == [TOO_MANY_NAMES]
     read = location_names("access")
-    assert extract._own_query_values("access=T&" + names(3), read) == {"T"}
-    assert extract._own_query_values("access=T&" + names(MAX_NAME_CANDIDATES + 1),
-                                     read) == frozenset()
+    assert extract._own_query_values("access=T&" + names(3, "access{i}"), read) == {"T"}
+    assert extract._own_query_values(
+        "access=T&" + names(MAX_NAME_CANDIDATES + 1, "access{i}"), read) == frozenset()
+
+
+def test_a_value_full_of_the_wanted_name_is_looked_at_once() -> None:
+    """A value holding the wanted name's run thousands of times, then the name itself: the
+    name is found. (Each part is looked back into once, not once per match -- a review found
+    the search quadratic -- which is by construction: ``_wanted_parts`` skips to the end of
+    a part once it looked at it; not timed here.)"""
+    query = "x=" + "access" * 5000 + "&access_token=T"
+    assert _query_pairs(query, WANTED["access_token"]) == [
+        (extract.param_names("access_token", extract.QUERY), "T")]
 
 
 # -- through a real sidecar -------------------------------------------------------------------
@@ -145,11 +160,14 @@ def _token() -> str:
                  "iat": now - 5, "exp": now + 600}, ec_key("copies"), kid="k1")
 
 
-@pytest.mark.parametrize("count, status", [(3, 200), (MAX_NAME_CANDIDATES, 200),
-                                           (MAX_NAME_CANDIDATES + 1, 401)])
+@pytest.mark.parametrize("name, count, status", [
+    ("access_token{i}", 3, 200), ("access_token{i}", MAX_NAME_CANDIDATES, 200),
+    ("access_token{i}", MAX_NAME_CANDIDATES + 1, 401),
+    # Ordinary queries the first cap refused (a review): never counted.
+    ("accessories", 300, 200), ("accessories[{i}]", 300, 200), ("device_tokens", 300, 200)])
 def test_a_sidecar_serves_a_query_up_to_the_cap_and_refuses_past_it(
-        env: OrdersMesh, count: int, status: int) -> None:
-    query = "&".join(f"access{i}=1" for i in range(count))
+        env: OrdersMesh, name: str, count: int, status: int) -> None:
+    query = "&".join(f"{name.format(i=i)}=1" for i in range(count))
     got = env.get(f"/orders/x?{query}", {"authorization": f"Bearer {_token()}"})
     assert got.status == status, got.body[:200]
 

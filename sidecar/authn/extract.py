@@ -366,12 +366,16 @@ def _query_pairs(query: str, wanted: frozenset[str] | None = None
 # folds those to ``_``, and lower-casing makes an ASCII letter only of an ASCII letter or of
 # the Kelvin sign (``k``). That run is found in the raw query by one regular expression that
 # reads each of its characters in either case, percent-encoded or not, and only the pairs
-# whose name holds a match are read: reading a new name costs some 10 us (its decoding and
-# six readings), and a 32 KiB query of 3,000 distinct names held the event loop 30 ms per
-# request when every pair was read (noticed in the twenty-ninth session's reviews). More
-# than MAX_NAME_CANDIDATES such pairs in one query: ``TooManyNames`` (refused: no ordinary
-# query names one location sixty-four times over).
-MAX_NAME_CANDIDATES = 64
+# whose name, decoded and lower-cased, holds every run of the wanted name in order are read:
+# reading a new name costs some 10 us (its decoding and six readings), and a 32 KiB query of
+# 3,000 distinct names held the event loop 30 ms per request when every pair was read
+# (noticed in the twenty-ninth session's reviews). More than MAX_NAME_CANDIDATES distinct
+# such names in one query: ``TooManyNames`` (refused). The cap counts names, not pairs (a
+# repeated name is read once), and only names holding the whole wanted name's runs
+# (``accessories`` is none for ``access_token``): a review of the first cap, 64 pairs
+# holding ``access``, found ordinary queries refused (65 ``accessories=`` or
+# ``device_tokens=`` values, also on routes needing no token).
+MAX_NAME_CANDIDATES = 256
 _FOLDED_BY_READINGS = re.compile(r"[_. \[]")
 
 
@@ -404,25 +408,54 @@ def _wanted_pattern(wanted: frozenset[str]) -> re.Pattern[str] | None:
 
 def _wanted_parts(query: str, wanted: frozenset[str]) -> list[str]:
     """The ``&``/``;``-separated parts of ``query`` whose name (before the first ``=``) may
-    read as one of ``wanted`` (the comment above), in order."""
+    read as one of ``wanted`` (the comment above), in order. ``TooManyNames`` past
+    ``MAX_NAME_CANDIDATES`` distinct such names."""
     pattern = _wanted_pattern(wanted)
     if pattern is None:
         return _QUERY_SEPARATORS.split(query)
+    runs = _wanted_runs(wanted)
     parts: list[str] = []
-    end = -1  # (where the part last taken ends: later matches in it are skipped)
+    names: set[str] = set()
+    end = -1  # (where the part last looked at ends: later matches in it are skipped)
     for match in pattern.finditer(query):
         at = match.start()
         if at < end:
             continue
+        found = _QUERY_SEPARATORS.search(query, at)
+        end = found.start() if found is not None else len(query)
         start = max(query.rfind("&", 0, at), query.rfind(";", 0, at)) + 1
         if "=" in query[start:at]:
             continue  # (in a value)
-        found = _QUERY_SEPARATORS.search(query, at)
-        end = found.start() if found is not None else len(query)
-        parts.append(query[start:end])
-        if len(parts) > MAX_NAME_CANDIDATES:
-            raise TooManyNames()
+        part = query[start:end]
+        name = part.partition("=")[0]
+        folded = (unquote_plus(name) if "%" in name or "+" in name else name).lower()
+        if not any(_in_order(folded, r) for r in runs):
+            continue  # (``accessories``: holds ``access``, not ``token`` after it)
+        parts.append(part)
+        if name not in names:
+            names.add(name)
+            if len(names) > MAX_NAME_CANDIDATES:
+                raise TooManyNames()
     return parts
+
+
+@functools.lru_cache(maxsize=256)
+def _wanted_runs(wanted: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+    """Each wanted name's runs between the characters the readings fold, in order: a name
+    that reads as it holds them all, in that order, once decoded and lower-cased."""
+    return tuple(tuple(r for r in _FOLDED_BY_READINGS.split(name) if r)
+                 for name in sorted(wanted))
+
+
+def _in_order(text: str, runs: tuple[str, ...]) -> bool:
+    """Whether ``text`` holds each of ``runs``, one after the other."""
+    at = 0
+    for run in runs:
+        at = text.find(run, at)
+        if at < 0:
+            return False
+        at += len(run)
+    return True
 
 
 # A cookie inside another cookie's ``;``-separated piece: ``a=x session=EVIL``. Python's
