@@ -491,7 +491,10 @@ CATALOGUE: tuple[Entry, ...] = tuple(
               "leave mapping users to tenants to the authorisation layer in front: here the "
               "sidecar), OpenSearch / Search Guard Dashboards' securitytenant and sgtenant, "
               "Grafana's X-Grafana-Org-Id -- the class of X-Scope-OrgID above (found by a "
-              "hostile review)", "accountid projectid securitytenant sgtenant x-grafana-org-id")
+              "hostile review). When that backend is the app, its own clients send them "
+              "(OpenSearch Dashboards, Grafana API clients, log shippers): list them in "
+              "headers.pass_through there, or the default tenant or organisation is used",
+              "accountid projectid securitytenant sgtenant x-grafana-org-id")
     + _family(IDENTITY, "the signed-in user as NGINX Plus's OpenID Connect reference "
               "configuration passes it (proxy_set_header username $jwt_claim_sub), copied "
               "widely (found by a hostile review)", "username")
