@@ -657,3 +657,55 @@ def test_a_handshake_in_tiny_records_sent_at_once_completes(sidecars: Inbound) -
         conn.send(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n", 16384)
         answer = conn.read_until(answer_complete)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_the_webhook_cuts_a_dribbled_handshake_and_serves_a_fragmented_one(
+        tmp_path: Path) -> None:
+    """The admission webhook's TLS listener (``sidecar.ctlhttp.server``, a ``trio.SSLStream``)
+    keeps the same bound: a ClientHello with a 2 KB extension in 1-byte records, one per send,
+    is cut before it is all sent; the same client's own hello in 1-byte records sent at once
+    completes and ``/healthz`` answers (found by a review of the data path's bound: the
+    webhook spent 1.5 s of CPU on one such connection)."""
+    from tests.test_k8s_webhook import run_webhook
+
+    async def scenario(port: int, ca: Any, data: Any, _: Any) -> None:
+        def dribble() -> int:
+            _, records = client_hello_records(ca.client_context(), 2000)
+            sent = 0
+            with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    for record in records:
+                        sock.send(record)
+                        sent += 1
+                        time.sleep(0.001)
+                    sock.settimeout(BOUND)
+                    assert sock.recv(5) == b""  # (closed, no ServerHello)
+                except OSError:
+                    pass  # (reset: closed with bytes unread)
+            return sent
+
+        def at_once() -> bytes:
+            conn, records = client_hello_records(ca.client_context(), 0)
+            with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
+                conn.sock = sock
+                sock.sendall(b"".join(records))
+                while True:
+                    try:
+                        conn.tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        data = sock.recv(65536)
+                        assert data, "closed in the handshake"
+                        conn.incoming.write(data)
+                conn._flush()
+                conn.send(b"GET /healthz HTTP/1.1\r\nHost: injector\r\n\r\n", 16384)
+                return conn.read_until(lambda got: b"ok" in got)
+
+        sent = await trio.to_thread.run_sync(dribble)
+        _, records = client_hello_records(ca.client_context(), 2000)
+        assert sent < len(records)
+        answer = await trio.to_thread.run_sync(at_once)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+    run_webhook(tmp_path, scenario)

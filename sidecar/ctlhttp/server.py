@@ -80,6 +80,7 @@ from sidecar.ctlhttp.reply import Reply
 from sidecar.errors import reason_phrase
 from sidecar.logs import log
 from sidecar.net.listen import SourceLimiter, open_listener, source_address
+from sidecar.net.transport import MAX_HANDSHAKE_READS
 
 LINGER_SECONDS = 1.0
 RESERVE_HEAD_TIMEOUT = 2.0
@@ -480,15 +481,50 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str) -> 
         conn.h11.start_next_cycle()
 
 
+class _HandshakeReads(trio.abc.Stream):
+    """The TCP stream under a TLS server's ``trio.SSLStream``, counting the reads the
+    handshake makes: past ``MAX_HANDSHAKE_READS`` (the data path's bound,
+    ``sidecar.net.transport``) a read fails, and the handshake with it. A hostile review
+    sent the webhook a ClientHello with a 20 KB extension in 1-byte records, one per send,
+    within the handshake timeout: 1.5 s of CPU for one connection with no certificate."""
+
+    def __init__(self, tcp: trio.SocketStream) -> None:
+        self.tcp = tcp
+        self.reads = 0
+        self.handshaking = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The TCP stream's next bytes; fails past the handshake's bound of reads."""
+        if self.handshaking:
+            self.reads += 1
+            if self.reads > MAX_HANDSHAKE_READS:
+                raise trio.BrokenResourceError("handshake_fragmented")
+        return await self.tcp.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """As the TCP stream's."""
+        await self.tcp.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the TCP stream's."""
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """As the TCP stream's."""
+        await self.tcp.aclose()
+
+
 async def _serve_connection(tcp: trio.SocketStream, site: _Site,
                             tls: Callable[[], ssl.SSLContext] | None, source: str) -> None:
     stream: trio.abc.Stream = tcp
     try:
         if tls is not None:
-            tls_stream = trio.SSLStream(tcp, tls(), server_side=True)
+            counted = _HandshakeReads(tcp)
+            tls_stream = trio.SSLStream(counted, tls(), server_side=True)
             stream = tls_stream
             with trio.move_on_after(site.limits.handshake_timeout) as scope:
                 await tls_stream.do_handshake()
+            counted.handshaking = False
             if scope.cancelled_caught:
                 return
         await _serve_requests(stream, site, source)
