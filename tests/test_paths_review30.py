@@ -70,6 +70,9 @@ QUERY_ROUTED = {  # 1. (denied: the route is /admin/..., /wp/v2/users...)
     "/?q=admin/people": 403, "/?q=admin%2Fpeople": 403, "/index.php?q=admin": 403,
     "/?x=1&q=%2Fadmin%2F": 403, "/?q=x&q=admin": 403, "/?q=%E2%84%AAeys/x": 403,
     "/?r=admin/users": 403, "/?p=admin/settings": 403, "/index.php?route=admin/x": 403,
+    # names as PHP reads them: a C string, leading spaces dropped (a review of the fix)
+    "/?q%00=admin/people": 403, "/?q%00junk=admin": 403, "/?+q=admin": 403,
+    "/?%20rest_route=/wp/v2/users": 403,
 }
 QUERY_CONTROLS = {  # ordinary queries: a search on /, a route elsewhere, other parameters
     "/?q=shoes": 200, "/?q=hello+world": 200, "/?q=c%23": 200, "/?q=a%3Bb": 200,

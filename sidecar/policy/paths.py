@@ -866,7 +866,8 @@ def query_routes(path: str, query: str, *, allow_non_ascii: bool = False
         if not eq:
             continue
         name = unquote_to_bytes(raw_name.replace("+", " ")).decode("latin-1")
-        name = name.lstrip(" ").translate(_PHP_NAME)
+        # As PHP reads a name: a C string (``q%00junk`` is ``q``), leading spaces dropped.
+        name = name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME)
         if name not in QUERY_ROUTE_NAMES:
             continue
         value = unquote_to_bytes(raw_value.replace("+", " "))
