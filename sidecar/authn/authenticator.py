@@ -103,6 +103,7 @@ from sidecar.authn.oauth import (
 )
 from sidecar.authn.revocation import RevocationList
 from sidecar.http.untrusted import fold
+from sidecar.policy.compiled import claim_readings
 from sidecar.policy.decision import (
     NO_AUTH,
     REASON_APIKEY_MISSING,
@@ -813,7 +814,12 @@ class Authenticator:
     def forward_headers(self, auth: AuthFacts) -> list[tuple[bytes, bytes]]:
         """Headers for the app from verified claims (each provider's ``forward_claims``).
 
-        Claims that are absent, or too long to forward, produce no header.
+        Claims that are absent, or too long to forward, produce no header. A dotted claim
+        name is read as claim rules read it (``claim_readings``: the flat member and every
+        walk through nested objects); when the readings disagree, nothing is forwarded.
+        Found by a hostile review: ``forward_claims: {realm_access.roles: x-roles}`` forwarded
+        nothing for Keycloak's nested claim, and a flat member ``realm_access.roles`` beside
+        it -- which a Keycloak adapter never reads -- was forwarded instead.
         """
         out: list[tuple[bytes, bytes]] = []
         for name, claims in auth.claims.items():
@@ -821,10 +827,18 @@ class Authenticator:
             if provider is None:
                 continue
             for claim, header in provider.forward_claims:
-                if claim in claims:
-                    value = claim_header_value(claims[claim])
-                    if value is not None:
-                        out.append((header.lower().encode("latin-1"), value))
+                if claim.find(".") < 0:
+                    if claim not in claims:
+                        continue
+                    found = claims[claim]
+                else:
+                    readings = claim_readings(claims, claim)
+                    if not readings or any(r != readings[0] for r in readings[1:]):
+                        continue  # (absent, or two readings an app may take differently)
+                    found = readings[0]
+                value = claim_header_value(found)
+                if value is not None:
+                    out.append((header.lower().encode("latin-1"), value))
         return out
 
     def strip_credentials(self, headers: Headers,
