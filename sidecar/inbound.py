@@ -340,37 +340,24 @@ class InboundProxy:
             if head.destination:  # (WebDAV COPY / MOVE: the path it writes to is judged too)
                 destination, refused = _destination(gate, event.headers, facts, verdict, ctx)
                 if refused is not None:
-                    if refused.decision.action == "allow":  # (an observed deny: recorded)
-                        _observed(ctx, refused)
-                    else:
-                        ctx.verdict = refused
-                        _unjudged(gate, ctx, event, head, facts, query,
-                                  _REFUSED_BY_DESTINATION)
-                        raise refused.refusal()
+                    _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
+                                       _REFUSED_BY_DESTINATION)
             # The paths the app may route this request as besides its own (a query route,
             # CodeIgniter's trimmed path): judged as a second path, as a Destination is.
             # A constant check for an ordinary request (``_second_paths``).
             if query or space_trimmed(path) is not None:
                 refused = _second_paths(gate, facts, verdict, ctx, query)
                 if refused is not None:
-                    if refused.decision.action == "allow":  # (an observed deny: recorded)
-                        _observed(ctx, refused)
-                    else:
-                        ctx.verdict = refused
-                        _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_ROUTE)
-                        raise refused.refusal()
+                    _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
+                                       _REFUSED_BY_ROUTE)
             if query:  # (a method-override parameter: the method the app may run instead)
                 named = method_overrides(query)
                 if named:  # (recorded: policy replay judges them as this does)
                     _note_overrides(ctx, named)
                 refused = _overridden(gate, facts, verdict, named)
                 if refused is not None:
-                    if refused.decision.action == "allow":  # (an observed deny: recorded)
-                        _observed(ctx, refused)
-                    else:
-                        ctx.verdict = refused
-                        _unjudged(gate, ctx, event, head, facts, query, _REFUSED_BY_QUERY)
-                        raise refused.refusal()
+                    _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
+                                       _REFUSED_BY_QUERY)
                 ctx.overrides = named  # (judged again by a policy change: _still_allows)
             # A POST form's override fields: read as the body goes, judged at its end.
             check = _body_check(gate, facts, verdict, ctx, event.headers) \
@@ -643,6 +630,20 @@ def _note_overrides(ctx: RequestContext, methods: tuple[str, ...]) -> None:
         _note(ctx, "overrides", list(methods))
     else:
         known.extend(m for m in methods if m not in known)
+
+
+def _refuse_or_observe(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead,
+                       facts: RequestFacts, query: str, refused: Verdict, stage: int) -> None:
+    """A second judgement's verdict (a Destination's, a query route's, an override's):
+    a deny that dry-run lets through is recorded as observed; a refusal becomes the
+    request's verdict, its record says what the later checks would have read
+    (``_unjudged`` at ``stage``), and it is raised."""
+    if refused.decision.action == "allow":  # (an observed deny: recorded)
+        _observed(ctx, refused)
+        return
+    ctx.verdict = refused
+    _unjudged(gate, ctx, event, head, facts, query, stage)
+    raise refused.refusal()
 
 
 def _unjudged(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead,

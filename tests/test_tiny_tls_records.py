@@ -21,7 +21,6 @@ short records -- each checked byte for byte.
 from __future__ import annotations
 
 import array
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -606,6 +605,39 @@ def client_hello_records(ctx: ssl.SSLContext, pad: int) -> tuple[ShortRecords, l
     return conn, [b"\x16\x03\x01\x00\x01" + message[k:k + 1] for k in range(len(message))]
 
 
+def finish_handshake(conn: ShortRecords, sock: socket.socket, records: list[bytes]) -> None:
+    """Send ``records`` (a hello by hand) on ``sock`` at once, then go on with ``conn``'s
+    handshake to its end."""
+    conn.sock = sock
+    sock.sendall(b"".join(records))
+    while True:
+        try:
+            conn.tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            data = sock.recv(65536)
+            assert data, "closed in the handshake"
+            conn.incoming.write(data)
+    conn._flush()
+
+
+def dribble(port: int, records: list[bytes]) -> int:
+    """Send ``records`` one per send, 1 ms apart, until the server closes; how many went."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for record in records:
+                sock.send(record)
+                sent += 1
+                time.sleep(0.001)
+            sock.settimeout(BOUND)
+            assert sock.recv(5) == b""  # (closed, no ServerHello)
+        except OSError:
+            pass  # (reset: the server closed it with bytes unread)
+    return sent
+
+
 def test_a_handshake_dribbled_in_tiny_records_is_cut_and_counted(sidecars: Inbound) -> None:
     """No certificate shown: a ClientHello with a 2 KB extension in 1-byte records, one per
     send, 1 ms apart -- each record its own wake-up of the handshake. Cut past
@@ -616,20 +648,7 @@ def test_a_handshake_dribbled_in_tiny_records_is_cut_and_counted(sidecars: Inbou
     _, records = client_hello_records(
         mtls_context(sidecars.pki.identity("frontend"), sidecars.pki.bundle), 2000)
     assert len(records) > 20 * MAX_HANDSHAKE_READS
-    sent = 0
-    with socket.create_connection(("127.0.0.1", proc.port("inbound")), timeout=BOUND) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            for record in records:
-                sock.send(record)
-                sent += 1
-                time.sleep(0.001)
-        except OSError:
-            pass  # (reset: the sidecar closed it with bytes unread)
-        else:
-            sock.settimeout(BOUND)
-            with contextlib.suppress(OSError):
-                assert sock.recv(5) == b""  # (closed, no ServerHello)
+    assert dribble(proc.port("inbound"), records) < len(records)
     wait_for(lambda: proc.metric("sidecar_tls_handshake_failures_total",
                                  reason="handshake_fragmented") > before, timeout=BOUND)
 
@@ -643,17 +662,7 @@ def test_a_handshake_in_tiny_records_sent_at_once_completes(sidecars: Inbound) -
     assert len(records) > MAX_HANDSHAKE_READS
     with socket.create_connection(("127.0.0.1", sidecars.http.port("inbound")),
                                   timeout=BOUND) as sock:
-        conn.sock = sock
-        sock.sendall(b"".join(records))  # (the hello, by hand; the rest through ``conn``)
-        while True:
-            try:
-                conn.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                data = sock.recv(65536)
-                assert data, "closed in the handshake"
-                conn.incoming.write(data)
-        conn._flush()
+        finish_handshake(conn, sock, records)
         conn.send(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n", 16384)
         answer = conn.read_until(answer_complete)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
@@ -669,41 +678,15 @@ def test_the_webhook_cuts_a_dribbled_handshake_and_serves_a_fragmented_one(
     from tests.test_k8s_webhook import run_webhook
 
     async def scenario(port: int, ca: Any, data: Any, _: Any) -> None:
-        def dribble() -> int:
-            _, records = client_hello_records(ca.client_context(), 2000)
-            sent = 0
-            with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    for record in records:
-                        sock.send(record)
-                        sent += 1
-                        time.sleep(0.001)
-                    sock.settimeout(BOUND)
-                    assert sock.recv(5) == b""  # (closed, no ServerHello)
-                except OSError:
-                    pass  # (reset: closed with bytes unread)
-            return sent
-
         def at_once() -> bytes:
             conn, records = client_hello_records(ca.client_context(), 0)
             with socket.create_connection(("127.0.0.1", port), timeout=BOUND) as sock:
-                conn.sock = sock
-                sock.sendall(b"".join(records))
-                while True:
-                    try:
-                        conn.tls.do_handshake()
-                        break
-                    except ssl.SSLWantReadError:
-                        data = sock.recv(65536)
-                        assert data, "closed in the handshake"
-                        conn.incoming.write(data)
-                conn._flush()
+                finish_handshake(conn, sock, records)
                 conn.send(b"GET /healthz HTTP/1.1\r\nHost: injector\r\n\r\n", 16384)
                 return conn.read_until(lambda got: b"ok" in got)
 
-        sent = await trio.to_thread.run_sync(dribble)
         _, records = client_hello_records(ca.client_context(), 2000)
+        sent = await trio.to_thread.run_sync(dribble, port, records)
         assert sent < len(records)
         answer = await trio.to_thread.run_sync(at_once)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
