@@ -20,7 +20,7 @@ import errno
 import math
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -345,8 +345,10 @@ class InboundProxy:
             # The paths the app may route this request as besides its own (a query route,
             # CodeIgniter's trimmed path): judged as a second path, as a Destination is.
             # A constant check for an ordinary request (``_second_paths``).
+            second: Sequence[tuple[str, bool]] = ()
             if query or space_trimmed(path) is not None:
-                refused = _second_paths(gate, facts, verdict, ctx, query)
+                second = _second_readings(gate, facts, ctx, query)
+                refused = _second_paths(gate, facts, verdict, second) if second else None
                 if refused is not None:
                     _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
                                        _REFUSED_BY_ROUTE)
@@ -354,13 +356,13 @@ class InboundProxy:
                 named = method_overrides(query)
                 if named:  # (recorded: policy replay judges them as this does)
                     _note_overrides(ctx, named)
-                refused = _overridden(gate, facts, verdict, named)
+                refused = _overridden(gate, facts, verdict, named, second)
                 if refused is not None:
                     _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
                                        _REFUSED_BY_QUERY)
                 ctx.overrides = named  # (judged again by a policy change: _still_allows)
             # A POST form's override fields: read as the body goes, judged at its end.
-            check = _body_check(gate, facts, verdict, ctx, event.headers) \
+            check = _body_check(gate, facts, verdict, ctx, event.headers, second) \
                 if head.has_body and event.method == b"POST" else None
             if not self.telemetry.accepting():
                 if check is not None:  # (its body is never read: the record says so)
@@ -540,29 +542,34 @@ def _read_destination(gate: Gate, headers: Headers,
     return path, forward, prefix, query
 
 
-def _second_paths(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
-                  query: str) -> Verdict | None:
-    """The refusal when a path the app may route the request as, besides its own, is one
-    the policy would not let the same caller, with the same credentials, method and Host,
-    at: a route its query gives on ``/`` or a front controller (``paths.query_routes``:
-    ``/?/admin/users`` is admin/users to CodeIgniter; judged by every rule or, for a
-    parameter that is ordinary on a home page such as ``q``, by deny rules only), and the
-    path and each route with spaces and ``+`` trimmed from their ends
-    (``paths.space_trimmed``: ``/+admin/users`` is admin/users to CodeIgniter 4; deny rules
-    only). Found by a hostile review (session 29). A raw route that would be refused as a
-    path is 400 (``bad_query_route``). The routes go into the request's record
-    (``routes``: ``policy replay`` judges them, and the trimmed paths, too). A deny that
-    dry-run lets through is returned as an allowed verdict, as ``_destination`` does."""
+def _second_readings(gate: Gate, facts: RequestFacts, ctx: RequestContext,
+                     query: str) -> list[tuple[str, bool]]:
+    """The paths the app may route the request as besides its own, each with whether every
+    rule judges it (else deny rules only): a route its query gives on ``/`` or a front
+    controller (``paths.query_routes``: ``/?/admin/users`` is admin/users to CodeIgniter;
+    judged by every rule or, for a parameter that is ordinary on a home page such as ``q``,
+    by deny rules only), and the path and each route with spaces and ``+`` trimmed from
+    their ends (``paths.space_trimmed``: ``/+admin/users`` is admin/users to CodeIgniter 4;
+    deny rules only). Found by a hostile review (session 29). A raw route that would be
+    refused as a path is 400 (``bad_query_route``). The routes go into the request's record
+    (``_note_routes``; ``policy replay`` judges them, and the trimmed paths, too)."""
     routes = query_routes(facts.path, query, allow_non_ascii=gate.allows_non_ascii_paths())
     if routes:
         _note_routes(ctx, routes)
-    readings = [(route, every) for route, every in routes]
+    readings = list(routes)
     for judged in (facts.path, *(route for route, _ in routes)):
         trimmed = space_trimmed(judged)
         if trimmed is not None:
             readings.append((trimmed, False))
-    if not readings:
-        return None
+    return readings
+
+
+def _second_paths(gate: Gate, facts: RequestFacts, verdict: Verdict,
+                  readings: Sequence[tuple[str, bool]]) -> Verdict | None:
+    """The refusal when one of ``readings`` (``_second_readings``) is a path the policy
+    would not let the same caller, with the same credentials, method and Host, at. A deny
+    that dry-run lets through is returned as an allowed verdict, as ``_destination``
+    does."""
     observed = None
     now = time.time()
     for other, every in readings:
@@ -587,7 +594,10 @@ def _note_routes(ctx: RequestContext, routes: list[tuple[str, bool]]) -> None:
     held query strings: what a patient or client searched for has no place in it. They
     are not recorded; ``extra.unread`` says ``search_routes`` (policy replay calls a change
     that may concern them uncertain)."""
-    recorded = [[path_for_records(r), ROUTE_RULES[True]] for r, every in routes if every]
+    every_rule = {r for r, every in routes if every}
+    # (a ``rest_route``'s own reading without ``/wp-json`` names a route too: recorded)
+    recorded = [[path_for_records(r), ROUTE_RULES[every]] for r, every in routes
+                if every or "/wp-json" + r in every_rule]
     if recorded:
         _note(ctx, "routes", recorded)
     if len(recorded) < len(routes):
@@ -693,7 +703,8 @@ def _unjudged(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead
 
 
 def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
-                methods: tuple[str, ...]) -> Verdict | None:
+                methods: tuple[str, ...],
+                second: Sequence[tuple[str, bool]] = ()) -> Verdict | None:
     """The refusal when the query (``method_overrides``: ``?_method=DELETE``) or a POST
     form's body (``_body_check``) names a method the app may run instead of the request's
     own that the policy would not let the same caller, with the same credentials, path and
@@ -702,16 +713,28 @@ def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
     headers of that kind are removed, docs/policy.md ``methods``). A value that is no method
     is 400 (``bad_method``). When none refuses but one's deny is let through by dry-run
     (``_observed``), that decision, as an allowed verdict (the first such method's): the
-    caller records it; a later method that refuses still refuses."""
+    caller records it; a later method that refuses still refuses.
+
+    Each method is judged on the request's path and on each of its second paths
+    (``second``: ``_second_readings``), as the app runs it on whichever it routes: found by
+    a hostile review, ``POST /?/orders/7`` with ``_method=DELETE`` ran DELETE on
+    CodeIgniter past a rule denying it on ``/orders/**``, each judged apart."""
     observed = None
     for method in methods:
         if method == facts.method:
             continue
-        decision = gate.judge(facts._replace(method=method), verdict.auth, time.time())
+        judged = facts._replace(method=method)
+        decision = gate.judge(judged, verdict.auth, time.time())
         if not decision.allowed:
             return Verdict(decision, auth=verdict.auth)
         if decision.dry_run and observed is None:
             observed = decision
+        if second:
+            refused = _second_paths(gate, judged, verdict, second)
+            if refused is not None:
+                if refused.decision.action != "allow":
+                    return refused
+                observed = observed or refused.decision
     return None if observed is None else Verdict(observed, auth=verdict.auth)
 
 
@@ -732,7 +755,8 @@ def _observed(ctx: RequestContext, found: Verdict) -> None:
 
 
 def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestContext,
-                headers: Headers) -> BodyCheck | None:
+                headers: Headers, second: Sequence[tuple[str, bool]] = ()
+                ) -> BodyCheck | None:
     """The check of a POST body's method-override fields (``sidecar.http.body_override``),
     or None for a body no override reader reads as a form or as JSON (``body_readers``).
     Two Content-Type fields are 400: readers take either one."""
@@ -746,7 +770,7 @@ def _body_check(gate: Gate, facts: RequestFacts, verdict: Verdict, ctx: RequestC
 
     def judge(methods: tuple[str, ...]) -> None:
         _note_overrides(ctx, methods)  # (recorded: policy replay judges them as this does)
-        refused = _overridden(gate, facts, verdict, methods)
+        refused = _overridden(gate, facts, verdict, methods, second)
         if refused is not None:
             if refused.decision.action == "allow":  # (an observed deny: recorded)
                 _observed(ctx, refused)

@@ -44,6 +44,9 @@ DENY_RULES: list[dict[str, object]] = [
     {"name": "no-keys", "deny": {"paths": ["/keys/**"]}},
     {"name": "no-wp-users", "deny": {"paths": ["/wp/v2/users/**"]}},
     {"name": "no-dashboard", "deny": {"paths": ["/dashboard"]}},
+    {"name": "no-delete", "deny": {"methods": ["DELETE"], "paths": ["/orders/**"]}},
+    {"name": "writes", "allow": {"from": [FRONTEND], "methods": ["POST", "DELETE"],
+                                 "paths": ["/**"]}},
 ]
 READS: dict[str, object] = {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}}
 
@@ -103,6 +106,7 @@ UNICODE = {  # 5. KELVIN SIGN, LONG S, DOTLESS I, fullwidth letters, NBSP
     "/%E2%84%AAeys/export": 403, "/%E2%84%AAEYS/EXPORT": 403, "/key%C5%BF/x": 403,
     "/adm%C4%B1n/users": 403, "/%EF%BD%8Beys/x": 403, "/%EF%BC%A1DMIN/x": 403,
     "/%EF%BD%84ashboard": 403, "/reports/e%E2%82%93port": 403,
+    "/adm%C4%B0n/users": 403,  # (U+0130, Java's simple mapping: a review of the fix)
 }
 UNICODE_CONTROLS = {"/caf%C3%A9": 200, "/%E2%84%AB": 200, "/k%C3%A9ys/x": 200,
                     "/%E2%84%80/admin": 200, "/a%C2%A0b": 200}
@@ -138,12 +142,43 @@ def test_every_member_through_the_sidecar(denying: OrdersMesh, family: str) -> N
     assert _statuses(denying, controls) == controls
 
 
+# A method override judged on every path the app may route the request as (a review of the
+# fix: ``POST /?/orders/7`` with ``_method=DELETE`` ran DELETE on CodeIgniter past a rule
+# denying DELETE on /orders/**, the route and the method each judged apart).
+OVERRIDES_ON_ROUTES = {  # (target, form body or None for a GET) -> status
+    ("/orders/7", "_method=DELETE"): 403, ("/?/orders/7", "_method=DELETE"): 403,
+    ("/index.php?/orders/7", "_method=DELETE"): 403, ("/+orders/7", "_method=DELETE"): 403,
+    ("/%20orders/7", "_method=DELETE"): 403, ("/?rest_route=/orders/7", "_method=DELETE"): 403,
+    ("/+orders/7?_method=DELETE", None): 403, ("/?rest_route=/orders/7&_method=DELETE", None): 403,
+    ("/?/orders/7&_method=DELETE", None): 403,
+    # controls: no override, or one the policy allows
+    ("/?/orders/7", "x=1"): 200, ("/+orders/7", "x=1"): 200,
+    ("/+orders/7?_method=GET", None): 200,
+}
+
+
+def test_an_override_is_judged_on_every_path_the_app_may_route(denying: OrdersMesh) -> None:
+    def status(case: tuple[str, str | None]) -> int:
+        target, body = case
+        if body is None:
+            return denying.get(target).status
+        return h.http(denying.sidecar.port("inbound"), "POST", target, body=body.encode(),
+                      headers={"content-type": "application/x-www-form-urlencoded"},
+                      ctx=denying.ctx).status
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(OVERRIDES_ON_ROUTES, pool.map(status, OVERRIDES_ON_ROUTES), strict=True))
+    assert got == OVERRIDES_ON_ROUTES
+
+
 def test_an_allowlist_judges_the_routes_it_must(allowlist: OrdersMesh) -> None:
     """``/`` and ``rest_route`` routes must be allowed as well; ``q``, ``r``, ``p`` and
     ``route`` are ordinary on a home page and judged by deny rules only."""
     cases = {"/?/admin/users": 403, "/index.php?/admin/users": 403,
              "/?rest_route=/wp/v2/users": 403, "/?/admin/../admin/users": 400,
-             "/?/public/x": 200, "/?rest_route=/public": 200, "/": 200, "/?x=1": 200,
+             "/?/public/x": 200, "/?rest_route=/public": 403, "/": 200, "/?x=1": 200,
+             # (``rest_route`` is served as /wp-json + the route, on every path)
+             "/public/x?rest_route=/wp/v2/users": 403,
              "/?q=shoes": 200, "/?q=admin/people": 200, "/?r=admin": 200, "/?p=7": 200,
              "/_next/static/chunks/a.js": 200, "/public/a+b": 200}
     assert _statuses(allowlist, cases) == cases
@@ -159,11 +194,27 @@ def test_the_query_route_table() -> None:
     for name, how, every, source in paths.QUERY_ROUTES:
         assert how == ("raw" if name == "/" else "decoded") and source, name
         assert every is (name in ("/", "rest_route")), name
+        want = [("/wp-json/admin/users", True), ("/admin/users", False)] \
+            if name == "rest_route" else [("/admin/users", every)]
         for at in ("/", "/index.php", "/index.php/", "/a/app.PHP", "/x.cgi"):
             query = "/admin/users" if name == "/" else f"{name}=admin/users"
-            assert paths.query_routes(at, query) == [("/admin/users", every)], (name, at)
+            assert paths.query_routes(at, query) == want, (name, at)
         for at in ("/search", "/index", "/.php", "/index.php/x", "/a/"):
-            assert paths.query_routes(at, "/admin" if name == "/" else f"{name}=admin") == []
+            got = paths.query_routes(at, "/admin" if name == "/" else f"{name}=admin")
+            # (WordPress reads ``rest_route`` on every path)
+            assert got == ([("/wp-json/admin", True), ("/admin", False)]
+                           if name == "rest_route" else []), (name, at)
+
+
+def test_rest_route_as_wordpress_reads_it() -> None:
+    """A review of the fix: WordPress serves ``rest_route`` as ``/wp-json`` + the route, on
+    every path, with trailing ``/`` and ``\\`` dropped and one final newline ignored."""
+    want = [("/wp-json/wp/v2/users", True), ("/wp/v2/users", False)]
+    for at, query in [("/", "rest_route=/wp/v2/users"), ("/hello-world/", "rest_route=/wp/v2/users"),
+                      ("/", "rest_route=/wp/v2/users%5C"), ("/", "rest_route=/wp/v2/users%0A"),
+                      ("/x", "rest_route=/wp/v2/users/"), ("/x", "rest%5Froute=/wp/v2/users"),
+                      ("/x", "a=1&rest.route=/wp/v2/users")]:
+        assert paths.query_routes(at, query) == want, (at, query)
 
 
 @pytest.mark.parametrize("query,reason", [
@@ -234,7 +285,8 @@ def test_replay_judges_the_routes_and_the_trimmed_path(tmp_path: Path) -> None:
     records = h.audit_export(audit)
     routes = [(r.get("extra") or {}).get("routes") for r in records if r["path"] == "/"]
     assert sorted(map(str, routes)) == sorted(map(str, [
-        [["/admin/users", "all"]], None, [["/wp/v2/users", "all"]], None]))
+        [["/admin/users", "all"]], None,
+        [["/wp-json/wp/v2/users", "all"], ["/wp/v2/users", "deny"]], None]))
     # A search-like route (``?q=``) is not recorded: what a caller searched for has no
     # place in the trail; the record says so.
     unread = [(r.get("extra") or {}).get("unread") for r in records if r["path"] == "/"]

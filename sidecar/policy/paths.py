@@ -378,12 +378,18 @@ def ascii_lower(text: str) -> str:
 # (lossy: an allow rule matches as sent), and for any path holding a percent escape of a
 # non-ASCII UTF-8 sequence (``_NON_ASCII_ESCAPES``); the per-character answer is computed when
 # first met and kept (``_ascii_of``).
+_SIMPLE_LOWER = {"\u0130": "i"}
 ASCII_READINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("NFKC (Python unicodedata; an app that normalises paths)",
      lambda c: unicodedata.normalize("NFKC", c)),
     ("lower case (JS toLowerCase, mb_strtolower, ToLowerInvariant)", str.lower),
     ("upper case (Java equalsIgnoreCase, ToUpperInvariant)", str.upper),
     ("case fold (Unicode full case folding)", str.casefold),
+    # Simple (one-to-one) case mappings where the full one differs: Java's
+    # ``Character.toLowerCase`` (so ``equalsIgnoreCase``) maps U+0130 ``İ`` to ``i``, where
+    # Python's full mapping gives ``i`` and a combining dot (found by a review of this
+    # table; compared over every code point, the only one).
+    ("simple lower case (Java Character.toLowerCase)", lambda c: _SIMPLE_LOWER.get(c, "")),
 )
 # One escaped UTF-8 sequence of a non-ASCII character, in either case of hex (a section that
 # folds case for deny rules lower-cases the path's escapes with its letters).
@@ -831,6 +837,9 @@ MAX_QUERY_ROUTES = 8
 _PHP_NAME = str.maketrans({" ": "_", ".": "_", "[": "_"})
 
 
+WP_REST_ROUTE = "rest_route"
+
+
 def routes_on_query(path: str) -> bool:
     """Whether ``path`` (normalised) is one an app of ``QUERY_ROUTES`` routes on the query
     at: ``/`` or a path that ends at a front controller."""
@@ -850,10 +859,16 @@ def query_routes(path: str, query: str, *, allow_non_ascii: bool = False
     path that does not route on it: a constant check). ``BadRequest``
     (``bad_query_route``) for a raw route that would be refused as a path, or past
     ``MAX_QUERY_ROUTES``."""
-    if not query or not routes_on_query(path):
+    if not query:
+        return []
+    front = routes_on_query(path)
+    # WordPress reads ``rest_route`` on every path (``WP::parse_request`` takes its public
+    # query vars whatever the path): looked for everywhere, the others only on ``/`` or a
+    # front controller (a name spelled with ``%`` may be it too).
+    if not front and "rest" not in query.lower() and "%" not in query:
         return []
     routes: list[tuple[str, bool]] = []
-    if query.startswith("/"):
+    if front and query.startswith("/"):
         raw = query.split("?", 1)[0]
         try:
             route, _forward, _query = normalise_both(raw.encode("ascii"),
@@ -868,11 +883,22 @@ def query_routes(path: str, query: str, *, allow_non_ascii: bool = False
         name = unquote_to_bytes(raw_name.replace("+", " ")).decode("latin-1")
         # As PHP reads a name: a C string (``q%00junk`` is ``q``), leading spaces dropped.
         name = name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME)
-        if name not in QUERY_ROUTE_NAMES:
+        if name not in QUERY_ROUTE_NAMES or (not front and name != WP_REST_ROUTE):
             continue
         value = unquote_to_bytes(raw_value.replace("+", " "))
-        segments = [_path_text(s) for s in value.split(b"/") if s]
-        routes.append(("/" + "/".join(segments), _QUERY_ROUTE_ALLOW[name]))
+        if name == WP_REST_ROUTE:
+            # WordPress: ``untrailingslashit`` drops trailing ``/`` and ``\``, and a route's
+            # pattern (``@^/wp/v2/users$@i``) matches before one final newline; served as
+            # ``/wp-json`` + the route, the URL its documentation gives (a deny rule written
+            # on the route alone is kept too: deny rules only).
+            value = value.rstrip(b"/\\")
+            value = value[:-1] if value.endswith(b"\n") else value
+            segments = [_path_text(s) for s in value.split(b"/") if s]
+            routes.append(("/wp-json/" + "/".join(segments), True))
+            routes.append(("/" + "/".join(segments), False))
+        else:
+            segments = [_path_text(s) for s in value.split(b"/") if s]
+            routes.append(("/" + "/".join(segments), _QUERY_ROUTE_ALLOW[name]))
         if len(routes) > MAX_QUERY_ROUTES:
             raise BadRequest("bad_query_route", f"more than {MAX_QUERY_ROUTES} routes")
     return routes
