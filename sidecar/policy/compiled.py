@@ -30,7 +30,7 @@ import ipaddress
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -346,6 +346,42 @@ def claim_readings(claims: Mapping[str, Any], name: str, wide: bool = False) -> 
     return out
 
 
+# Names apps read as the same claim: a deny rule on any name of a group also tests the others
+# (each a reading, names in any case, as ``claim_readings`` reads them with ``wide``). Found by
+# a hostile review (session 30): deny ``scope: {contains: orders:delete}`` let
+# ``"scp": "orders:delete"`` through. Only names a widely used framework reads as THE claim the
+# group names, never look-alikes (``groups`` is not ``roles``: no framework cited reads one for
+# the other). Allow rules never use them: they read the name they say.
+CLAIM_ALIASES: dict[str, frozenset[str]] = {
+    "scopes: Spring Security JwtGrantedAuthoritiesConverter (\"scope\", else \"scp\"); "
+    "Microsoft.Identity.Web RequiredScope / ClaimConstants (\"scp\", else "
+    "ClaimConstants.Scope, the URI); Okta and Entra ID issue \"scp\"": frozenset({
+        "scope", "scp", "http://schemas.microsoft.com/identity/claims/scope"}),
+    "roles: Microsoft.Identity.Web ClaimConstants.Roles (\"roles\", else ClaimConstants.Role, "
+    "the URI); System.IdentityModel.Tokens.Jwt DefaultInboundClaimTypeMap (\"role\" and "
+    "\"roles\" -> ClaimTypes.Role, the URI)": frozenset({
+        "roles", "role", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"}),
+    "email: System.IdentityModel.Tokens.Jwt DefaultInboundClaimTypeMap (\"email\" -> "
+    "ClaimTypes.Email, the URI)": frozenset({
+        "email", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/emailaddress"}),
+    "subject: System.IdentityModel.Tokens.Jwt DefaultInboundClaimTypeMap (\"sub\" -> "
+    "ClaimTypes.NameIdentifier, the URI)": frozenset({
+        "sub", "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier"}),
+}
+_ALIASES_OF: dict[str, tuple[str, ...]] = {
+    name.casefold(): tuple(sorted(group - {name}))
+    for group in CLAIM_ALIASES.values() for name in group}
+
+
+def deny_readings(claims: Mapping[str, Any], name: str) -> list[Any]:
+    """A deny rule's readings of the claim ``name``: ``claim_readings`` with ``wide``, of the
+    name and of each of its aliases (``CLAIM_ALIASES``; a dotted path has none)."""
+    out = claim_readings(claims, name, True)
+    for alias in _ALIASES_OF.get(name.casefold(), ()):
+        out += claim_readings(claims, alias, True)
+    return out
+
+
 def _same(a: Any, b: Any) -> bool:
     # Python says True == 1; a policy that says `admin: true` must not accept `admin: 1`.
     if isinstance(a, bool) or isinstance(b, bool):
@@ -454,6 +490,37 @@ SET_SEPARATORS = (",", ";")
 _NUMERIC_TEXT = re.compile(
     r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+")
 _RADIX = {"0x": 16, "0X": 16, "0b": 2, "0B": 2, "0o": 8, "0O": 8}
+
+
+# Strings a deny rule's string values are also compared under: reading -> how it reads a
+# string. Found by a hostile review (session 30): deny ``preferred_username: mallory`` let
+# "MALLORY", "mallory ", "mallóry" and fullwidth "ｍａｌｌｏｒｙ" through, and ``email one_of
+# [evil@attacker.example]`` "Evil@Attacker.Example", where the app behind compares them in a
+# case- and accent-insensitive collation. Both sides are read (the test's values once, in
+# ``_wanted``); a member meets the test when its reading equals a value's under the same
+# reading. Allow rules compare exactly (``_same``).
+def _folded(text: str) -> str:
+    """NFKC, case folded, stripped: "MALLORY", "Mallory ", fullwidth "ｍａｌｌｏｒｙ" are
+    "mallory"."""
+    return _loose_text(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text)
+                                             .casefold()))
+
+
+def _unaccented(text: str) -> str:
+    """``_folded``, then NFKD without its combining marks: "mallóry", "MALLÓRY" are
+    "mallory"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", _folded(text))
+                   if not unicodedata.combining(c))
+
+
+STRING_READINGS: dict[str, Callable[[str], str]] = {
+    "case and width (NFKC, casefold, surrounding white space stripped): MySQL's default "
+    "utf8mb4_0900_ai_ci, SQL Server's default CI collations with PAD SPACE, sqlite COLLATE "
+    "NOCASE, .NET StringComparison.OrdinalIgnoreCase, email domains (RFC 5321 2.4)": _folded,
+    "accents too (NFKD without combining marks, after the above): MySQL utf8mb4_0900_ai_ci "
+    "and SQL Server _AI collations, PostgreSQL unaccent, Elasticsearch asciifolding":
+        _unaccented,
+}
 
 
 def _loose_text(value: str) -> str:
@@ -602,7 +669,8 @@ class _Wanted:
     claim's readings are compared with -- the test's numbers and numeric strings, 0 for a
     blank string (JavaScript's ``0 == ""``); ``for_texts``, a non-blank string's -- the
     numbers and numeric strings (PHP 8 compares two numeric strings as numbers);
-    ``for_blank``, a blank string's -- the numbers only."""
+    ``for_blank``, a blank string's -- the numbers only; ``readings``, the strings under each
+    of ``STRING_READINGS``."""
 
     strings: frozenset[str]
     flags: frozenset[bool]
@@ -610,6 +678,9 @@ class _Wanted:
     for_numbers: _Numbers
     for_texts: _Numbers
     for_blank: _Numbers
+    # The test's strings under each of ``STRING_READINGS`` (in its order); empty without
+    # strings.
+    readings: tuple[frozenset[str], ...] = ()
 
 
 @lru_cache(maxsize=4096)
@@ -632,7 +703,9 @@ def _wanted_of(typed: tuple[tuple[type, Any], ...]) -> _Wanted:
             for_flags.add(False)
     return _Wanted(frozenset(strings), frozenset(flags), frozenset(for_flags),
                    _Numbers.of([*numbers, *numeric, *([0] if blank else [])]),
-                   _Numbers.of([*numbers, *numeric]), _Numbers.of(numbers))
+                   _Numbers.of([*numbers, *numeric]), _Numbers.of(numbers),
+                   tuple(frozenset(map(read, strings)) for read in STRING_READINGS.values())
+                   if strings else ())
 
 
 def _wanted(values: tuple[Any, ...]) -> _Wanted:
@@ -644,9 +717,13 @@ def _wanted(values: tuple[Any, ...]) -> _Wanted:
 def _member_denies(member: Any, wanted: _Wanted) -> bool:
     """Does one member of a claim (the value, a list's element, an object's key, a word)
     meet a deny test's values under any reading (``BOOL_WORDS``, truthiness,
-    ``NUMBER_READERS``)?"""
-    if isinstance(member, str) and member in wanted.strings:
-        return True
+    ``NUMBER_READERS``, ``STRING_READINGS``)?"""
+    if isinstance(member, str):
+        if member in wanted.strings:
+            return True
+        for read, values in zip(STRING_READINGS.values(), wanted.readings, strict=False):
+            if read(member) in values:
+                return True
     if isinstance(member, bool):
         return member in wanted.for_flags
     if wanted.flags and not wanted.flags.isdisjoint(_flags(member)):
@@ -714,15 +791,16 @@ def claim_holds(cond: ClaimCondition, claims: Mapping[str, Any], deny: bool = Fa
     An allow rule's (``deny`` false) holds only when the claim has a reading
     (``claim_readings``) and every reading meets the test strictly: two readings that
     disagree do not allow. A deny rule's holds when any reading, names matched in any case,
-    meets the wider test (``_reading_denies``): a deny rule denies under every way an app
-    behind may read the token (the readings are data: ``BOOL_WORDS``, ``NUMBER_READERS``,
-    ``SET_SEPARATORS``, and truthiness)."""
+    meets the wider test (``_reading_denies``), and the claim's aliases (``CLAIM_ALIASES``)
+    are read too (``deny_readings``): a deny rule denies under every way an app behind may
+    read the token (the readings are data: ``BOOL_WORDS``, ``NUMBER_READERS``,
+    ``SET_SEPARATORS``, ``STRING_READINGS``, ``CLAIM_ALIASES``, and truthiness)."""
     if not deny and cond.claim.find(".") < 0:  # (an allow rule's plain name: one lookup)
         value = claims.get(cond.claim, _MISSING)
         return value is not _MISSING and _reading_holds(cond, value)
-    values = claim_readings(claims, cond.claim, deny)
     if deny:
-        return any(_reading_denies(cond, v) for v in values)
+        return any(_reading_denies(cond, v) for v in deny_readings(claims, cond.claim))
+    values = claim_readings(claims, cond.claim)
     return bool(values) and all(_reading_holds(cond, v) for v in values)
 
 
@@ -908,7 +986,8 @@ def auth_trace(when: Conditions, auth: AuthFacts, deny: bool = False) -> list[Co
         else:
             out.append(ConditionResult("jwt", True, f"provider {p}: valid token"))
             for cond in when.jwt.claims:
-                values = claim_readings(claims, cond.claim, deny)
+                values = (deny_readings(claims, cond.claim) if deny
+                          else claim_readings(claims, cond.claim))
                 shown = ("missing" if not values else repr(values[0]) if len(values) == 1
                          else "readings " + ", ".join(map(repr, values)))
                 out.append(
