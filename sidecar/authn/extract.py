@@ -24,7 +24,10 @@ query tokens got a credential the sidecar never checked. So does a copy (``copie
 of one of the section's issuers (its payload, read unverified, names one) in any other
 header, cookie or query parameter no provider reads (``X-Auth-Token``, a ``jwt`` cookie,
 ``?token=``; found by a later hostile review), and a segment of the request's path
-(``/dl/<jwt>``; since the twenty-fourth session).
+(``/dl/<jwt>``; since the twenty-fourth session). A value encoded whole as base64 or
+base64url (behind a prefix of ``BASE64_PREFIXES`` or none) is read decoded, and cookies
+chunked as ``<name>.0``, ``<name>.1``... are read joined (session 30: a forged token in
+@supabase/ssr's ``base64-`` session cookie reached the app).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote, unquote_plus, unquote_to_bytes
 
 from sidecar.authn.jwt import (
     MALFORMED,
@@ -1075,6 +1078,204 @@ def _path_forms(path: str, budget: _ScanBudget | None = None) -> tuple[str, ...]
     return tuple(f if f is _TOO_MANY_FORMS else f.translate(_PATH_SEPARATORS) for f in forms)
 
 
+# --- values wrapped whole in base64 ---------------------------------------------------------
+
+# Known prefixes before a value encoded whole as base64 or base64url, each with where it is
+# written and read (docs/authn.md, "Tokens in places no provider reads"). What follows one is
+# decoded from its first character; any other run of base64 digits is decoded too, at each of
+# the four alignments (so a prefix made of base64 digits, known or not, is skipped: the table
+# names the wrappings on record). Found by a hostile review (session 30): a forged JWT inside
+# ``sb-<ref>-auth-token=base64-<base64url(session JSON)>`` (the session cookie @supabase/ssr
+# writes, whose ``auth.getSession()`` reads ``access_token`` from it unverified) and inside
+# ``Sec-WebSocket-Protocol: base64url.bearer.authorization.k8s.io.<base64url(jwt)>``
+# reached the app: the JWT was never visible as a JWT.
+BASE64_PREFIXES: tuple[tuple[bytes, str], ...] = (
+    (b"base64-", "@supabase/ssr session cookie (cookieEncoding base64url, >= 0.4): "
+                 "sb-<ref>-auth-token=base64-<base64url(session JSON)>"),
+    (b"base64url.bearer.authorization.k8s.io.",
+     "k8s.io/apiserver WebSocket bearer subprotocol (Sec-WebSocket-Protocol)"),
+)
+# A run of base64 or base64url digits long enough to hold, encoded, a JWT piece naming an
+# issuer (a dot and a 12-digit payload, 13 bytes, are 18 digits): looked at for a wrapped
+# value. The fixed-length search is the cheap test every header value passes through.
+_MIN_WRAPPED_RUN = 18
+# (A match starts only at the first digit of a run, the lookbehind: tried from every digit
+# of a shorter run, each attempt reading the rest of it, the search was quadratic in it.)
+_WRAPPED_RUN = re.compile(rb"(?<![A-Za-z0-9_\-+/])[A-Za-z0-9_\-+/]{%d,}+"
+                          % _MIN_WRAPPED_RUN)
+# (what follows a prefix, whatever comes before it)
+_DIGITS = re.compile(rb"[A-Za-z0-9_\-+/]++")
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+
+
+# A decoded run is text when at most this many of its bytes, plus one per
+# ``_TEXT_BAD_PER`` bytes, are no UTF-8: what an unknown prefix of base64 digits decodes to
+# (a few bytes, before the text) is allowed; random or encrypted bytes, and a run decoded
+# at the wrong alignment, have about one bad byte in two.
+_TEXT_BAD_FREE = 8
+_TEXT_BAD_PER = 32
+
+
+def _base64_text(digits: bytes) -> bytes | None:
+    """``digits`` (either alphabet, no padding needed) decoded, when the result is text
+    (UTF-8 but for a few bytes) that may hold a copy (a dot, a percent sign or a
+    backslash); else None (binary is no text)."""
+    if len(digits) % 4 == 1:
+        digits = digits[:-1]
+    try:
+        data = binascii.a2b_base64(digits.translate(_TO_STANDARD_ALPHABET)
+                                   + b"=" * (-len(digits) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if b"." not in data and b"%" not in data and b"\\" not in data:
+        return None
+    bad = data.decode("utf-8", "replace").count("\ufffd")
+    return data if bad <= _TEXT_BAD_FREE + len(data) // _TEXT_BAD_PER else None
+
+
+# A long run is decoded whole only at the alignments where a sample of it, past what an
+# unknown prefix may take (``_SAMPLE_SKIP`` digits), decodes to text (at most
+# ``_SAMPLE_BAD`` bytes no UTF-8: a character cut at either end): one decoding of a base64
+# text, none of a binary value, instead of four.
+_SAMPLE_SKIP = 16
+_SAMPLE_DIGITS = 64
+_SAMPLE_BAD = 4
+_ALIGNMENTS = range(4)
+_FIRST_DIGIT = range(1)
+
+
+def _text_alignments(digits: bytes) -> Iterable[int]:
+    """The alignments (0-3) at which ``digits`` may decode to text. A run too short for a
+    sample is decoded from its first digit only (one decoding a run: a head of many short
+    runs cost four each; a prefix it may have is one of ``BASE64_PREFIXES``)."""
+    if len(digits) < _SAMPLE_SKIP + _SAMPLE_DIGITS + 4:
+        return _FIRST_DIGIT
+    out = []
+    for offset in _ALIGNMENTS:
+        start = _SAMPLE_SKIP + offset
+        try:
+            sample = binascii.a2b_base64(
+                digits[start:start + _SAMPLE_DIGITS].translate(_TO_STANDARD_ALPHABET))
+        except (binascii.Error, ValueError):
+            continue
+        if sample.decode("utf-8", "replace").count("\ufffd") <= _SAMPLE_BAD:
+            out.append(offset)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def wrapped_run_floor(issuers: frozenset[str]) -> int:
+    """The fewest base64 digits a run must have to hold, encoded whole, a JWT piece whose
+    payload names one of ``issuers``: a dot and the payload's digits, the payload at least
+    ``{"iss":""}`` around the shortest issuer less a trailing ``/`` (every other reading a
+    lenient app may take of an issuer -- escapes, NFKC forms, a list -- is longer). Runs
+    shorter than it are not decoded (most cookies and ids of an ordinary head are: decoding
+    each cost an ordinary browser head about 17 us); what follows a known prefix is."""
+    shortest = min((len(i.rstrip("/")) for i in issuers), default=0)
+    payload = -(-4 * (shortest + len('{"iss":""}')) // 3)
+    return max(_MIN_WRAPPED_RUN, -(-4 * (1 + payload) // 3) - 2)
+
+
+# Every prefix of ``BASE64_PREFIXES`` begins with this word (any case).
+_PREFIX_WORD = re.compile(rb"(?i)base64")
+
+
+@functools.lru_cache(maxsize=64)
+def _long_run(floor: int) -> re.Pattern[bytes]:
+    """A search for a run of at least ``floor`` base64 digits (from a run's first digit)."""
+    return re.compile(rb"(?<![A-Za-z0-9_\-+/])[A-Za-z0-9_\-+/]{%d}" % floor)
+
+
+def _unwrapped_forms(raw: bytes, budget: _ScanBudget,
+                     floor: int = _MIN_WRAPPED_RUN) -> tuple[str, ...]:
+    """The forms (``_forms``) of the text ``raw`` holds encoded whole as base64 or
+    base64url: what follows a known prefix (``BASE64_PREFIXES``), and each run of at least
+    ``_MIN_WRAPPED_RUN`` digits at each of the four alignments (also percent-decoded when
+    ``raw`` holds ``%``: padding and ``+/`` are often escaped in a cookie), padded or not.
+    Only text is kept (``_base64_text``); it is then scanned like any other value (JSON and
+    escapes in it included). A run next to a dot is left to the scan as sent (a JWT's
+    part, or what follows a prefix, which the table names). Each text found costs
+    ``SCAN_PIECE_COST`` of ``budget``, the request's, and is then scanned within it as any
+    value is (``_forms``: it adds the text's own allowance); past it ``_TOO_MANY_FORMS``.
+    ``raw`` adds none: a value that holds no text (``a`` * 200,000) gives no allowance to
+    the rest of the request (its own work is a search, and four samples decoded a run).
+    Each run is decoded whole at most at the alignments its sample reads as text."""
+    if len(raw) < _MIN_WRAPPED_RUN or (_long_run(floor).search(raw) is None
+                                       and _PREFIX_WORD.search(raw) is None):
+        return ()  # (most values end at these two searches)
+    sources = [raw]
+    if b"%" in raw:
+        sources.append(unquote_to_bytes(raw))
+    texts: list[bytes] = []
+    try:
+        for source in sources:
+            lower = source.lower()
+            for prefix, _where in BASE64_PREFIXES:
+                at = lower.find(prefix)
+                while at >= 0:
+                    run = _DIGITS.match(source, at + len(prefix))
+                    text = _base64_text(run.group()) if run is not None else None
+                    if text is not None:
+                        budget.spend(SCAN_PIECE_COST)
+                        texts.append(text)
+                    at = lower.find(prefix, at + len(prefix))
+            for run in _WRAPPED_RUN.finditer(source):
+                start, end = run.span()
+                if end - start < floor:
+                    continue  # (too short to hold a copy naming an issuer)
+                if source[start - 1:start] == b"." or source[end:end + 1] == b".":
+                    continue  # (a JWT's part: read as sent)
+                digits = run.group()
+                for offset in _text_alignments(digits):
+                    text = _base64_text(digits[offset:])
+                    if text is not None:
+                        budget.spend(SCAN_PIECE_COST)
+                        texts.append(text)
+    except _TooManyForms:
+        return (_TOO_MANY_FORMS,)
+    forms: list[str] = []
+    for text in dict.fromkeys(texts):
+        for form in _forms(text, plus=False, budget=budget):
+            if form is _TOO_MANY_FORMS:
+                return (_TOO_MANY_FORMS,)
+            forms.append(form)
+    return tuple(forms)
+
+
+# A cookie named ``<name>.<digits>``: a chunk of the value of ``<name>`` (@supabase/ssr's
+# ``combineChunks`` joins ``<name>.0``, ``<name>.1``, ... in index order; other cookie
+# chunkers do the same), so a token cut across chunks is whole only joined. At most
+# ``MAX_CHUNK_DIGITS`` digits of index.
+MAX_CHUNK_DIGITS = 4
+_CHUNK_NAME = re.compile(rf"(.+)\.(\d{{1,{MAX_CHUNK_DIGITS}}})")
+_MAY_BE_CHUNK = re.compile(rb"\.\d{1,%d}[ \t]*=" % MAX_CHUNK_DIGITS)
+
+
+def _chunk_joins(headers: Headers) -> list[bytes]:
+    """The values of the chunked cookies of ``headers`` (every Cookie header, names as sent
+    without surrounding whitespace), each name's ``<name>.<n>`` values joined in index
+    order (in request order for an index sent twice); only names with two chunks or more
+    (one chunk is scanned as it is). Each cookie is in one join at most: the joins are no
+    longer than the Cookie headers."""
+    groups: dict[str, list[tuple[int, int, str]]] = {}
+    order = 0
+    for n, v in headers:
+        if n != COOKIE or _MAY_BE_CHUNK.search(v) is None:
+            continue
+        for part in v.decode("latin-1").split(";"):
+            name, sep, value = part.strip(OWS).partition("=")
+            chunk = _CHUNK_NAME.fullmatch(name.strip(OWS)) if sep else None
+            if chunk is None:
+                continue
+            value = value.strip(OWS)
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            order += 1
+            groups.setdefault(chunk.group(1), []).append((int(chunk.group(2)), order, value))
+    return ["".join(value for _i, _o, value in sorted(chunks)).encode("latin-1")
+            for chunks in groups.values() if len(chunks) > 1]
+
+
 # Path segment and parameter separators: each ends a piece (a space is no base64 digit, so
 # ``_COPY_RUN`` ends there). The path is the policy's, already decoded; an encoded ``/`` or
 # a double encoding is refused (400) before any token is looked at.
@@ -1102,6 +1303,7 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
     scan = _Copies(guards.issuers)
     budget = scan.budget
     read = guards.read_headers
+    floor = wrapped_run_floor(guards.issuers)
     for n, v in headers:
         if n == AUTHORIZATION:
             # Basic credentials whose user or password is a token (registries, GitLab,
@@ -1109,27 +1311,43 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
             basic = _basic_credentials(v)
             forms = _forms(basic, plus=False, budget=budget) if basic else ()
             own: set[str] | frozenset[str] = frozenset()
-        elif b"." not in v and b"%" not in v and b"\\" not in v:
-            continue  # (no JWT, and none an app decodes: most values end here)
-        elif n == COOKIE:
-            forms = _forms(v, plus=False, budget=budget)
+        elif n == COOKIE or n not in read:
+            # (no dot, nothing an app decodes: no JWT as sent; most values end here)
+            plain = b"." in v or b"%" in v or b"\\" in v
+            # A value wrapped whole in base64 (``_unwrapped_forms``; session 30 review).
+            wrapped = _unwrapped_forms(v, budget, floor)
+            if not plain and not wrapped:
+                continue
+            forms = _forms(v, plus=False, budget=budget) if plain else ()
+            if wrapped:
+                forms += wrapped
             # (the providers' own cookies: none to look for when no provider reads one, or
             # when the value is counted as a copy unread)
             own = {value for names, value in _cookie_pairs([(n, v)])
                    if not guards.read_cookies.isdisjoint(names)} if (
-                forms and guards.read_cookies and forms[0] is not _TOO_MANY_FORMS
+                n == COOKIE and forms and guards.read_cookies
+                and forms[0] is not _TOO_MANY_FORMS
             ) else frozenset()
-        elif n not in read:
-            forms = _forms(v, plus=False, budget=budget)
-            own = frozenset()
         else:
             continue
         if forms:
             scan.scan(forms, own)
             if scan.whole < 0:
                 break  # (fail closed: nothing more is looked at)
+    if scan.whole >= 0:
+        # Cookies chunked as ``<name>.0``, ``<name>.1``...: each name's chunks joined in
+        # index order, scanned as one value (``_chunk_joins``; session 30 review).
+        for joined in _chunk_joins(headers):
+            forms = _forms(joined, plus=False, budget=budget)
+            forms += _unwrapped_forms(joined, budget, floor)
+            if forms:
+                scan.scan(forms, frozenset())
+                if scan.whole < 0:
+                    break
     if query and scan.whole >= 0:
-        forms = _forms(query.encode("latin-1", "replace"), plus=True, budget=budget)
+        raw_query = query.encode("latin-1", "replace")
+        forms = _forms(raw_query, plus=True, budget=budget)
+        forms += _unwrapped_forms(raw_query, budget, floor)
         if forms:
             scan.scan(forms, _own_query_values(query, guards.read_params) if (
                 guards.read_params and forms[0] is not _TOO_MANY_FORMS) else frozenset())
