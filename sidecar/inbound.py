@@ -606,12 +606,17 @@ def _note_routes(ctx: RequestContext, routes: list[tuple[str, bool]]) -> None:
 
 def _note_unread(ctx: RequestContext, names: list[str]) -> None:
     """Add ``names`` (``sidecar.replay.UNREAD``'s) to the record's ``unread``."""
+    _note_more(ctx, "unread", names)
+
+
+def _note_more(ctx: RequestContext, key: str, items: Sequence[str]) -> None:
+    """Add ``items`` not there yet to the record's list ``key``."""
     judged = ctx.judged
-    unread = judged.get("unread") if judged is not None else None
-    if unread is None:
-        _note(ctx, "unread", list(names))
+    known = judged.get(key) if judged is not None else None
+    if known is None:
+        _note(ctx, key, list(items))
     else:
-        unread.extend(n for n in names if n not in unread)
+        known.extend(i for i in items if i not in known)
 
 
 # How far a refused request got (``_unjudged``): refused by its own decision, by its
@@ -634,12 +639,7 @@ def _note(ctx: RequestContext, key: str, value: Any) -> None:
 def _note_overrides(ctx: RequestContext, methods: tuple[str, ...]) -> None:
     """Add the method-override methods the query or body named (before they are judged, so
     that a refusal's record names the one refused) to the record's ``overrides``."""
-    judged = ctx.judged
-    known = judged.get("overrides") if judged is not None else None
-    if known is None:
-        _note(ctx, "overrides", list(methods))
-    else:
-        known.extend(m for m in methods if m not in known)
+    _note_more(ctx, "overrides", methods)
 
 
 def _refuse_or_observe(gate: Gate, ctx: RequestContext, event: Request, head: RequestHead,

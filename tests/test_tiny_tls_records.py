@@ -457,6 +457,29 @@ def test_an_upgraded_stream_in_short_records_is_echoed_whole(
         conn.sock.close()
 
 
+def peer_context(pki: Pki) -> ssl.SSLContext:
+    """A server context with the ``orders`` SVID of ``pki``, requiring a client certificate
+    of the mesh: a peer sidecar's stand-in."""
+    orders = pki.identity("orders")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(orders / "tls.crt"), str(orders / "tls.key"))
+    ctx.load_verify_locations(str(pki.bundle))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def outbound_to(tmp: Path, pki: Pki, peer: ScriptedServer, procs: list[Any]) -> Any:
+    """A ``frontend`` sidecar whose outbound listener ``orders`` goes to ``peer``: started,
+    ready, and appended to ``procs``."""
+    proc = start_sidecar(tmp, "frontend", sidecar_config(
+        pki.identity("frontend"), outbound=[{
+            "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+            "upstream": f"127.0.0.1:{peer.port}", "identity": spiffe("orders")}]))
+    procs.append(proc)
+    return proc
+
+
 class ShortRecordPeer(ScriptedServer):
     """A peer sidecar's stand-in with a valid SVID of the mesh (``orders``) that answers in
     records of ``size`` bytes."""
@@ -483,19 +506,9 @@ def test_an_answer_in_short_records_reaches_the_caller_whole(
     """The outbound side: the upstream peer writes its answer's head and body in
     ``size``-byte records; the local caller gets them byte for byte."""
     pki = Pki(tmp_path / "pki")
-    orders = pki.identity("orders")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(orders / "tls.crt"), str(orders / "tls.key"))
-    ctx.load_verify_locations(str(pki.bundle))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["http/1.1"])
-    peer = ShortRecordPeer(ctx, size, DATA)
+    peer = ShortRecordPeer(peer_context(pki), size, DATA)
     try:
-        proc = start_sidecar(tmp_path, "frontend", sidecar_config(
-            pki.identity("frontend"), outbound=[{
-                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-                "upstream": f"127.0.0.1:{peer.port}", "identity": spiffe("orders")}]))
-        procs.append(proc)
+        proc = outbound_to(tmp_path, pki, peer, procs)
         with socket.create_connection(("127.0.0.1", proc.port("orders")),
                                       timeout=BOUND) as sock:
             sock.sendall(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n")
@@ -546,19 +559,9 @@ def test_a_pooled_connection_whose_answer_ended_with_a_close_notify_is_not_reuse
     send the next request on a new one (found by a hostile review: it was reused, and the
     next request got a 502)."""
     pki = Pki(tmp_path / "pki")
-    orders = pki.identity("orders")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(orders / "tls.crt"), str(orders / "tls.key"))
-    ctx.load_verify_locations(str(pki.bundle))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["http/1.1"])
-    peer = ClosingPeer(ctx, size)
+    peer = ClosingPeer(peer_context(pki), size)
     try:
-        proc = start_sidecar(tmp_path, "frontend", sidecar_config(
-            pki.identity("frontend"), outbound=[{
-                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
-                "upstream": f"127.0.0.1:{peer.port}", "identity": spiffe("orders")}]))
-        procs.append(proc)
+        proc = outbound_to(tmp_path, pki, peer, procs)
         with socket.create_connection(("127.0.0.1", proc.port("orders")),
                                       timeout=BOUND) as sock:
             for path in ("/first", "/second", "/third"):
