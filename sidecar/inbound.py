@@ -188,17 +188,14 @@ class InboundProxy:
     def _still_allows(self, ctx: RequestContext, now: float) -> bool:
         """Would the policy in force still allow the request in flight (``ctx``, allowed
         when it began)? Its credentials were checked then; only the rules judge again --
-        also the methods its query or body named as overrides (``ctx.overrides``: found by
-        a hostile review, a reload denying DELETE left ``POST ?_method=DELETE`` running)."""
+        also everything else it was judged on (``_judged_again``)."""
         verdict = ctx.verdict
         facts = ctx.facts
         if facts is None or verdict is None:
             return True
         if not self.gate.still_allows(facts, verdict.auth, now, credentials=False):
             return False
-        return all(self.gate.still_allows(facts._replace(method=m), verdict.auth, now,
-                                          credentials=False)
-                   for m in ctx.overrides if m != facts.method)
+        return _judged_again(self.gate, ctx, facts, verdict, now)
 
     async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
@@ -348,6 +345,7 @@ class InboundProxy:
             second: Sequence[tuple[str, bool]] = ()
             if query or space_trimmed(path) is not None:
                 second = _second_readings(gate, facts, ctx, query)
+                ctx.second = tuple(second)  # (judged again by a policy change)
                 refused = _second_paths(gate, facts, verdict, second) if second else None
                 if refused is not None:
                     _refuse_or_observe(gate, ctx, event, head, facts, query, refused,
@@ -469,13 +467,12 @@ class InboundProxy:
                     conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
                 if not gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
                     return False
-                # The methods its query or body named as overrides too, as for a request
-                # (``_still_allows``): an app that declines the upgrade runs the request as
+                # The rest of what it was judged on too, as for a request
+                # (``_judged_again``): an app that declines the upgrade runs the request as
                 # one (found by a hostile review: a reload denying DELETE left
                 # ``GET ?_method=DELETE`` with Upgrade headers running).
-                return all(gate.still_allows(facts._replace(method=m), auth, now,
-                                             credentials=False)
-                           for m in ctx.overrides if m != facts.method)
+                verdict = ctx.verdict
+                return verdict is None or _judged_again(gate, ctx, facts, verdict, now)
 
             conn.recheck = recheck
             conn.credentials_end = gate.credentials_end(auth, key)
@@ -516,6 +513,7 @@ def _destination(gate: Gate, headers: Headers, facts: RequestFacts,
     caller records it, and lets the request through."""
     path, forward, prefix, query = _read_destination(gate, headers, facts)
     _note(ctx, "destination", path)
+    ctx.destination = path  # (judged again by a policy change: _judged_again)
     decision = gate.judge(facts._replace(path=path), verdict.auth, time.time())
     target = prefix + forward.encode("ascii") + (b"?" + query.encode("ascii") if query
                                                   else b"")
@@ -581,6 +579,40 @@ def _second_paths(gate: Gate, facts: RequestFacts, verdict: Verdict,
         if decision.dry_run and observed is None:
             observed = decision
     return None if observed is None else Verdict(observed, auth=verdict.auth)
+
+
+def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict: Verdict,
+                  now: float) -> bool:
+    """Whether the policy in force still allows what a request in flight (or a stream) was
+    judged on besides its own method and path, as it was judged when it began
+    (``decided``): its Destination with its own method, each method its query or body named
+    as an override (``ctx.overrides``) on its path, and its second readings
+    (``ctx.second``: query routes, trimmed paths) with its own method and each override.
+    Found by a hostile review: a reload denying DELETE left ``POST ?_method=DELETE``
+    running; a later one, that a reload denying ``/admin/**`` left ``POST /?/admin/users``
+    (CodeIgniter's route), ``POST /+admin/users`` and a ``COPY`` to ``/admin/config``
+    running -- only the path and the overrides were judged again."""
+    auth = verdict.auth
+    if ctx.destination is not None and not gate.judge(
+            facts._replace(path=ctx.destination), auth, now).allowed:
+        return False
+    second = ctx.second
+    if second and _refuses(_second_paths(gate, facts, verdict, second)):
+        return False
+    for method in ctx.overrides:
+        if method == facts.method:
+            continue
+        judged = facts._replace(method=method)
+        if not gate.judge(judged, auth, now).allowed:
+            return False
+        if second and _refuses(_second_paths(gate, judged, verdict, second)):
+            return False
+    return True
+
+
+def _refuses(found: Verdict | None) -> bool:
+    """Whether ``found`` (``_second_paths``) refuses (a dry-run deny lets through)."""
+    return found is not None and not found.decision.allowed
 
 
 # ``extra.routes``' second item: whether every rule judged the route or deny rules only.

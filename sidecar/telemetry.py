@@ -117,6 +117,12 @@ class RequestContext:
     # Method-override methods (query, form, JSON) the request was allowed to name: judged
     # again with its facts when the policy changes while it is in flight (sidecar.inbound)
     overrides: tuple[str, ...] = ()
+    # The other paths the request was judged at (sidecar.inbound): its WebDAV Destination's
+    # (with its own method) and its second readings -- query routes, trimmed paths, each
+    # with whether every rule judged it (with its own method and each override). Judged
+    # again by a policy change while it is in flight, as ``overrides`` are.
+    destination: str | None = None
+    second: tuple[tuple[str, bool], ...] = ()
     # What the listener judged (or, refused first, would have judged) besides the method
     # and the path, for the audit record's ``extra`` (``overrides``, ``destination``,
     # ``unread``: ``judged_extra``) so that ``policy replay`` decides as the data path did;

@@ -1,7 +1,7 @@
 """A small real HTTP app for integration tests: ``python tests/apps/upstream.py PORT``.
 
 Endpoints: any GET -> JSON of the request (method, path, headers); GET /big?n=BYTES streams
-n bytes; POST/PUT -> JSON with the body's length and sha256 (read in chunks, flat memory;
+n bytes; POST/PUT/COPY/MOVE -> JSON with the body's length and sha256 (read in chunks, flat memory;
 chunked bodies too; POST /big?n=BYTES streams n bytes once the body is read); GET /slow?s=SECONDS; GET /crash closes the connection mid-response;
 GET /ws with Upgrade: echo -> 101 and then echoes bytes. Counts connections in /stats.
 """
@@ -125,6 +125,8 @@ class Handler(BaseHTTPRequestHandler):
                     "headers": [[k.lower(), v] for k, v in self.headers.items()]})
 
     do_PUT = do_POST  # noqa: N815
+    do_COPY = do_POST  # noqa: N815 -- WebDAV (a Destination judged in flight)
+    do_MOVE = do_POST  # noqa: N815
 
 
 class Server(ThreadingHTTPServer):
