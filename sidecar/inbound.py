@@ -40,7 +40,7 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.request import RequestHead, method_overrides, read_destination, split_host
+from sidecar.http.request import RequestHead, destination_of, method_overrides
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
@@ -67,8 +67,15 @@ from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
 from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport
-from sidecar.policy.decision import REASON_DENIED_BY_RULE, AuthFacts, RequestFacts, new_facts
+from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_both, query_routes, space_trimmed
+from sidecar.policy.second import (
+    Judge,
+    judge_overrides,
+    judge_readings,
+    judge_rest,
+    second_readings,
+)
 from sidecar.telemetry import RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
@@ -525,18 +532,10 @@ def _read_destination(gate: Gate, headers: Headers,
                       facts: RequestFacts) -> tuple[str, str, bytes, str]:
     """The request's ``Destination`` read (not judged): its normalised path, its path as
     forwarded, its ``scheme://authority`` prefix and its query; ``BadRequest``
-    (``bad_destination``) as ``_destination`` says."""
+    (``bad_destination``) as ``_destination`` says (``request.destination_of``)."""
     value = next(v for n, v in headers if n == DESTINATION)
-    prefix, host, path, forward, query = read_destination(
-        value, allow_non_ascii=gate.allows_non_ascii_paths())
-    if host is not None:
-        # The app applies the Destination to its own server: a URI naming another host than
-        # the request's Host is refused, never judged under the other host's rules and
-        # written here (found by a review of this check: a deny rule with `hosts` let
-        # `Destination: http://elsewhere/admin` through).
-        own = split_host(facts.host)
-        if own is None or own[0].rstrip(".") != host.rstrip("."):
-            raise BadRequest("bad_destination", "names another host than the Host field")
+    prefix, path, forward, query = destination_of(
+        value, facts.host, allow_non_ascii=gate.allows_non_ascii_paths())
     return path, forward, prefix, query
 
 
@@ -554,65 +553,41 @@ def _second_readings(gate: Gate, facts: RequestFacts, ctx: RequestContext,
     routes = query_routes(facts.path, query, allow_non_ascii=gate.allows_non_ascii_paths())
     if routes:
         _note_routes(ctx, routes)
-    readings = list(routes)
-    for judged in (facts.path, *(route for route, _ in routes)):
-        trimmed = space_trimmed(judged)
-        if trimmed is not None:
-            readings.append((trimmed, False))
-    return readings
+    return second_readings(facts.path, routes)
 
 
 def _second_paths(gate: Gate, facts: RequestFacts, verdict: Verdict,
                   readings: Sequence[tuple[str, bool]]) -> Verdict | None:
     """The refusal when one of ``readings`` (``_second_readings``) is a path the policy
-    would not let the same caller, with the same credentials, method and Host, at. A deny
-    that dry-run lets through is returned as an allowed verdict, as ``_destination``
-    does."""
-    observed = None
-    now = time.time()
-    for other, every in readings:
-        decision = gate.judge(facts._replace(path=other), verdict.auth, now)
-        if not every and decision.reason != REASON_DENIED_BY_RULE:
-            continue  # (deny rules only: no allow rule need match it)
-        if not decision.allowed:
-            return Verdict(decision, auth=verdict.auth)
-        if decision.dry_run and observed is None:
-            observed = decision
-    return None if observed is None else Verdict(observed, auth=verdict.auth)
+    would not let the same caller, with the same credentials, method and Host, at
+    (``second.judge_readings``). A deny that dry-run lets through is returned as an allowed
+    verdict, as ``_destination`` does."""
+    found = judge_readings(_judge(gate, verdict), facts, readings)
+    return None if found is None else Verdict(found, auth=verdict.auth)
+
+
+def _judge(gate: Gate, verdict: Verdict, now: float | None = None) -> Judge:
+    """The policy in force's decision for facts, with ``verdict``'s credentials, at ``now``
+    (default: the time of the call)."""
+    auth = verdict.auth
+    at = time.time() if now is None else now
+    return lambda facts: gate.judge(facts, auth, at)
 
 
 def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict: Verdict,
                   now: float) -> bool:
     """Whether the policy in force still allows what a request in flight (or a stream) was
     judged on besides its own method and path, as it was judged when it began
-    (``decided``): its Destination with its own method, each method its query or body named
-    as an override (``ctx.overrides``) on its path, and its second readings
-    (``ctx.second``: query routes, trimmed paths) with its own method and each override.
-    Found by a hostile review: a reload denying DELETE left ``POST ?_method=DELETE``
-    running; a later one, that a reload denying ``/admin/**`` left ``POST /?/admin/users``
-    (CodeIgniter's route), ``POST /+admin/users`` and a ``COPY`` to ``/admin/config``
-    running -- only the path and the overrides were judged again."""
-    auth = verdict.auth
-    if ctx.destination is not None and not gate.judge(
-            facts._replace(path=ctx.destination), auth, now).allowed:
-        return False
-    second = ctx.second
-    if second and _refuses(_second_paths(gate, facts, verdict, second)):
-        return False
-    for method in ctx.overrides:
-        if method == facts.method:
-            continue
-        judged = facts._replace(method=method)
-        if not gate.judge(judged, auth, now).allowed:
-            return False
-        if second and _refuses(_second_paths(gate, judged, verdict, second)):
-            return False
-    return True
-
-
-def _refuses(found: Verdict | None) -> bool:
-    """Whether ``found`` (``_second_paths``) refuses (a dry-run deny lets through)."""
-    return found is not None and not found.decision.allowed
+    (``second.judge_rest``): its Destination with its own method, its second readings
+    (``ctx.second``: query routes, trimmed paths) and each method its query or body named as
+    an override (``ctx.overrides``) on its path and on each reading. Found by a hostile
+    review: a reload denying DELETE left ``POST ?_method=DELETE`` running; a later one, that
+    a reload denying ``/admin/**`` left ``POST /?/admin/users`` (CodeIgniter's route),
+    ``POST /+admin/users`` and a ``COPY`` to ``/admin/config`` running -- only the path and
+    the overrides were judged again."""
+    found = judge_rest(_judge(gate, verdict, now), facts, destination=ctx.destination,
+                       readings=ctx.second, overrides=ctx.overrides)
+    return found is None or found.allowed
 
 
 # ``extra.routes``' second item: whether every rule judged the route or deny rules only.
@@ -751,23 +726,8 @@ def _overridden(gate: Gate, facts: RequestFacts, verdict: Verdict,
     (``second``: ``_second_readings``), as the app runs it on whichever it routes: found by
     a hostile review, ``POST /?/orders/7`` with ``_method=DELETE`` ran DELETE on
     CodeIgniter past a rule denying it on ``/orders/**``, each judged apart."""
-    observed = None
-    for method in methods:
-        if method == facts.method:
-            continue
-        judged = facts._replace(method=method)
-        decision = gate.judge(judged, verdict.auth, time.time())
-        if not decision.allowed:
-            return Verdict(decision, auth=verdict.auth)
-        if decision.dry_run and observed is None:
-            observed = decision
-        if second:
-            refused = _second_paths(gate, judged, verdict, second)
-            if refused is not None:
-                if refused.decision.action != "allow":
-                    return refused
-                observed = observed or refused.decision
-    return None if observed is None else Verdict(observed, auth=verdict.auth)
+    found = judge_overrides(_judge(gate, verdict), facts, methods, second)
+    return None if found is None else Verdict(found, auth=verdict.auth)
 
 
 def _observed(ctx: RequestContext, found: Verdict) -> None:

@@ -68,7 +68,6 @@ from sidecar.policy.decision import (
     INVALID_TOKEN_RULE,
     NO_AUTH,
     REASON_CLAIMS_MISMATCH,
-    REASON_DENIED_BY_RULE,
     REASON_TOKEN_INVALID,
     AuthFacts,
     Decision,
@@ -78,6 +77,7 @@ from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_set, policy_label
 from sidecar.policy.model import Rule
 from sidecar.policy.paths import space_trimmed
+from sidecar.policy.second import judge_rest, second_readings
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,10 @@ def judged(policy: object, service: str, facts: RequestFacts, auth: AuthFacts, n
            extra: dict[str, object] | None) -> Decision:
     """The decision of a recorded request as the data path makes it (``sidecar.inbound``):
     its own; if that lets it in, its Destination's path (``extra.destination``) with its
-    method; then each method its query or body named (``extra.overrides``) on its path --
-    the first refusal is the decision. None refusing, the first of them whose deny dry-run
+    method, its second paths (``second_paths``), then each method its query or body named
+    (``extra.overrides``) on its path and each second path (``second.judge_rest``, the data
+    path's own order; before the thirty-first session replay judged overrides on the path
+    alone) -- the first refusal is the decision. None refusing, the first of them whose deny dry-run
     lets through (``dry-run``) is the decision when the request's own is not already one,
     as the data path records it (``sidecar.inbound._observed``; found by a hostile review:
     replay said "allow" for ``POST ?_method=DELETE`` under a dry-run section denying DELETE,
@@ -181,47 +183,22 @@ def judged(policy: object, service: str, facts: RequestFacts, auth: AuthFacts, n
     if not new.allowed or (not extra and space_trimmed(facts.path) is None):
         return new
     extra = extra or {}
-    observed = None
     destination = extra.get("destination")
-    if isinstance(destination, str):
-        other = decide(policy, service, facts._replace(path=destination), auth,  # type: ignore[arg-type]
-                       now)
-        if not other.allowed:
-            return other
-        if other.dry_run:
-            observed = other
-    for path, every in second_paths(facts.path, extra):
-        other = decide(policy, service, facts._replace(path=path), auth, now)  # type: ignore[arg-type]
-        if not every and other.reason != REASON_DENIED_BY_RULE:
-            continue
-        if not other.allowed:
-            return other
-        if other.dry_run and observed is None:
-            observed = other
-    for method in extra.get("overrides") or ():  # type: ignore[attr-defined]
-        if method != facts.method:
-            other = decide(policy, service, facts._replace(method=method), auth,  # type: ignore[arg-type]
-                           now)
-            if not other.allowed:
-                return other
-            if other.dry_run and observed is None:
-                observed = other
-    return observed if observed is not None and not new.dry_run else new
+    found = judge_rest(lambda f: decide(policy, service, f, auth, now),  # type: ignore[arg-type]
+                       facts, destination=destination if isinstance(destination, str) else None,
+                       readings=second_paths(facts.path, extra),
+                       overrides=tuple(extra.get("overrides") or ()))  # type: ignore[arg-type]
+    return new if found is None or (found.allowed and new.dry_run) else found
 
 
 def second_paths(path: str, extra: Mapping[str, object]) -> list[tuple[str, bool]]:
     """The paths the data path judges a request as besides its own
-    (``sidecar.inbound._second_paths``), each with whether every rule judges it (else deny
+    (``second.second_readings``, as ``sidecar.inbound`` reads them), each with whether every rule judges it (else deny
     rules only): its query's routes (``extra.routes``) and the path and each route with
     spaces and ``+`` trimmed from their ends (``paths.space_trimmed``, computed here)."""
     routes = [(r[0], r[1] == "all") for r in extra.get("routes") or ()  # type: ignore[attr-defined]
               if isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)]
-    out = list(routes)
-    for judged in (path, *(r for r, _ in routes)):
-        trimmed = space_trimmed(judged)
-        if trimmed is not None:
-            out.append((trimmed, False))
-    return out
+    return second_readings(path, routes)
 
 
 UNCERTAIN_PORT = "port not recorded"

@@ -45,7 +45,7 @@ DENY_RULES: list[dict[str, object]] = [
     {"name": "no-wp-users", "deny": {"paths": ["/wp/v2/users/**"]}},
     {"name": "no-dashboard", "deny": {"paths": ["/dashboard"]}},
     {"name": "no-delete", "deny": {"methods": ["DELETE"], "paths": ["/orders/**"]}},
-    {"name": "writes", "allow": {"from": [FRONTEND], "methods": ["POST", "DELETE"],
+    {"name": "writes", "allow": {"from": [FRONTEND], "methods": ["POST", "DELETE", "COPY"],
                                  "paths": ["/**"]}},
 ]
 READS: dict[str, object] = {"name": "reads", "allow": {"from": [FRONTEND], "methods": ["GET"], "paths": ["/**"]}}
@@ -267,6 +267,104 @@ def test_policy_explain_denies_the_forms(tmp_path: Path) -> None:
     got = {t: json.loads(r.stdout)["decision"]["action"]
            for t, r in zip((*formed, *controls), results, strict=True)}
     assert got == {**dict.fromkeys(formed, "deny"), **dict.fromkeys(controls, "allow")}
+
+
+# -- policy explain judges what the data path judges (a hostile review, thirty-first
+# session: explain judged none of the second paths, so ``--path '/?/admin/users'`` was
+# ALLOW where the sidecar answers 403; it took no Destination; a non-UTF-8 ``--path``
+# crashed it). Every member of every family above, and the allowlist's cases, in process
+# against the tables the sidecar tests above hold the data path to.
+ALLOWLIST_CASES = {"/?/admin/users": 403, "/index.php?/admin/users": 403,
+                   "/?rest_route=/wp/v2/users": 403, "/?/admin/../admin/users": 400,
+                   "/?/public/x": 200, "/?rest_route=/public": 403, "/": 200, "/?x=1": 200,
+                   "/public/x?rest_route=/wp/v2/users": 403, "/?q=shoes": 200,
+                   "/?q=admin/people": 200, "/?r=admin": 200, "/?p=7": 200}
+# (Destination value, Host) -> status for ``COPY /orders/1`` through the deny policy
+DESTINATIONS = {("/admin/config", "orders"): 403, ("/orders/2", "orders"): 200,
+                ("http://orders/admin/x", "orders"): 403, ("http://orders/orders/2", "orders"): 200,
+                ("http://elsewhere/orders/2", "orders"): 400, ("/+admin/x", "orders"): 200,
+                ("/a/../admin", "orders"): 400, ("/%E2%84%AAeys/x", "orders"): 403}
+
+
+def _explained(policy_doc: dict[str, object], target: str, method: str = "GET",
+               destination: str | None = None, host: str = "orders") -> int:
+    from sidecar.policy.explain import explain
+    from sidecar.policy.loader import load_policy
+
+    policy = load_policy(yaml.safe_dump(policy_doc), "p.yaml")
+    result = explain(policy, ORDERS, caller=FRONTEND, method=method, target=target, host=host,
+                     now=1.8e9, destination=destination)
+    if result.decision is None:
+        return 400
+    return 200 if result.allowed else result.decision.status
+
+
+def test_policy_explain_agrees_with_the_data_path_on_every_member() -> None:
+    for members, controls in FAMILIES.values():
+        cases = {**members, **controls}
+        assert {t: _explained(DENY_POLICY, t) for t in cases} == cases
+    assert {t: _explained(ALLOW_ONLY, t) for t in ALLOWLIST_CASES} == ALLOWLIST_CASES
+    queried = {t: want for (t, body), want in OVERRIDES_ON_ROUTES.items() if body is None}
+    assert {t: _explained(DENY_POLICY, t, "POST") for t in queried} == queried
+
+
+def test_a_destination_through_the_sidecar_and_explain(denying: OrdersMesh) -> None:
+    def live(case: tuple[str, str]) -> int:
+        return h.http(denying.sidecar.port("inbound"), "COPY", "/orders/1", body=b"x",
+                      headers={"destination": case[0], "host": case[1]},
+                      ctx=denying.ctx).status
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(DESTINATIONS, pool.map(live, DESTINATIONS), strict=True))
+    assert got == DESTINATIONS
+    assert {c: _explained(DENY_POLICY, "/orders/1", "COPY", c[0], c[1])
+            for c in DESTINATIONS} == DESTINATIONS
+
+
+def test_policy_explain_cli_shows_the_second_paths(tmp_path: Path) -> None:
+    file = tmp_path / "p.yaml"
+    file.write_text(yaml.safe_dump(DENY_POLICY))
+    base = ["policy", "explain", str(file), "--to", ORDERS, "--from", FRONTEND]
+    routed, copied, not_utf8, port, tcp = h.sidecar_cli_many([
+        [*base, "--method", "POST", "--path", "/?/orders/7&_method=DELETE", "-o", "json"],
+        [*base, "--method", "COPY", "--path", "/orders/1", "--destination", "/admin/x"],
+        [*base, "--path", "/caf\udce9"],  # (replaced below: argv bytes, no UTF-8)
+        [*base, "--path", "/", "--port", "70000"],
+        [*base, "--tcp", "--destination", "/x"],
+    ])
+    doc = json.loads(routed.stdout)
+    assert routed.returncode == 1 and doc["decision"]["rule"] == "no-delete", routed.stdout
+    # (CodeIgniter's route is the raw query up to a ``?``: ``&_method=DELETE`` included)
+    assert doc["second_paths"] == [{"path": "/orders/7&_method=DELETE", "rules": "all"}]
+    assert doc["overrides"] == ["DELETE"] and doc["destination"] is None
+    assert copied.returncode == 1 and "destination: /admin/x" in copied.stdout
+    assert "rule='no-admin'" in copied.stdout, copied.stdout
+    assert port.returncode == 2 and "--port 70000" in port.stderr, port.stderr
+    assert tcp.returncode == 2 and "--destination" in tcp.stderr, tcp.stderr
+    del not_utf8
+    import subprocess
+    import sys
+
+    raw = subprocess.run([sys.executable, "-m", "sidecar", *base, "--path", b"/caf\xe9"],
+                         capture_output=True, timeout=60, cwd=h.ROOT)
+    assert raw.returncode == 1 and b"Traceback" not in raw.stderr, raw.stderr
+    assert b"DENY 400" in raw.stdout, raw.stdout
+
+
+def test_replay_judges_an_override_on_a_route() -> None:
+    """Replay judges a recorded override on each recorded route, as the data path does
+    (before the thirty-first session: on the path alone)."""
+    from sidecar.policy.decision import AuthFacts, RequestFacts
+    from sidecar.policy.loader import load_policy
+    from sidecar.replay import judged
+
+    policy = load_policy(yaml.safe_dump(DENY_POLICY), "p.yaml")
+    facts = RequestFacts("inbound", FRONTEND, "127.0.0.1", "POST", "/", "orders", 0, "inbound")
+    for extra, want in (({"routes": [["/orders/7", "all"]], "overrides": ["DELETE"]}, "no-delete"),
+                        ({"routes": [["/orders/7", "all"]], "overrides": ["GET"]}, "writes"),
+                        ({"overrides": ["DELETE"]}, "writes")):
+        got = judged(policy, ORDERS, facts, AuthFacts(), 1.8e9, extra)
+        assert got.rule == want, (extra, got)
 
 
 # -- replay judges what the data path judged --------------------------------------------

@@ -259,6 +259,10 @@ def _explain_doc(result: Any, policy: Policy) -> dict[str, Any]:
         "query": result.query,
         "normalisation": result.normalisation,
         "refused_before_policy": result.refused_reason,
+        "destination": result.destination,
+        "second_paths": [{"path": other, "rules": "all" if every else "deny"}
+                         for other, every in result.second],
+        "overrides": list(result.overrides),
         "section_found": result.section_found,
         "allowed": result.allowed,
         "decision": None if d is None else {
@@ -288,7 +292,8 @@ def _spiffe_arg(flag: str, value: str | None, err: TextIO) -> bool:
 # has no method, target, Host or credentials (docs/policy.md "TCP listeners").
 REQUEST_ONLY_FLAGS = (("--method", "method"), ("--path", "path"), ("--host", "host"),
                       ("--claims", "claims"), ("--provider", "provider"),
-                      ("--token-invalid", "token_invalid"), ("--apikey", "apikey"))
+                      ("--token-invalid", "token_invalid"), ("--apikey", "apikey"),
+                      ("--destination", "destination"))
 
 
 def _explain_usage(args: argparse.Namespace) -> str | None:
@@ -301,6 +306,8 @@ def _explain_usage(args: argparse.Namespace) -> str | None:
     if args.caller is None:
         return ("--from is required: the caller's SPIFFE ID (every request the inbound "
                 "listener decides comes with one, from the caller's certificate)")
+    if args.port is not None and not 0 < args.port < 65536:
+        return f"--port {args.port} is no TCP port (1-65535)"
     if getattr(args, "tcp", False):
         given = [flag for flag, dest in REQUEST_ONLY_FLAGS
                  if getattr(args, dest, None) is not None]
@@ -380,6 +387,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         policy, args.to, caller=args.caller, method=args.method or "GET", target=args.path,
         host=args.host or "", port=args.port or 0, listener=args.listener,
         claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
+        destination=args.destination,
     )
     emit(args, _explain_doc(result, policy), result.render, out)
     return EXIT_OK if result.allowed else EXIT_FOUND
@@ -437,7 +445,8 @@ def _explain_stream(policy: Policy, args: argparse.Namespace,
         "kind": "PolicyExplain", "policy": policy.filename, "files": list(policy.files),
         "section_file": (defined.file or policy.filename) if defined is not None else None,
         "to": args.to, "protocol": "tcp", "target": None, "path": None, "query": "",
-        "normalisation": "", "refused_before_policy": None,
+        "normalisation": "", "refused_before_policy": None, "destination": None,
+        "second_paths": [], "overrides": [],
         "section_found": section is not None, "allowed": d.allowed,
         "decision": {"action": d.action, "status": d.status or None, "rule": d.rule,
                      "reason": d.reason, "version": d.version, "dry_run": d.dry_run,
@@ -622,6 +631,8 @@ def add_policy_parsers(subparsers: Any) -> None:
     p.add_argument("--method", help="HTTP method (default GET)")
     p.add_argument("--path", help="raw request target, e.g. /orders/1?x=y (required, "
                                   "unless --tcp)")
+    p.add_argument("--destination", help="a WebDAV Destination value (COPY, MOVE: the path "
+                                         "written to, judged too)")
     p.add_argument("--claims", help="JSON object: verified token claims")
     p.add_argument("--provider", help="the --claims belong to this provider only")
     p.add_argument("--token-invalid", action="append", metavar="PROVIDER",

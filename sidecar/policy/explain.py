@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import BadRequest
-from sidecar.http.request import head_refusal, method_overrides
+from sidecar.http.request import destination_of, head_refusal, method_overrides
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
 from sidecar.policy.loaded import Policy
-from sidecar.policy.paths import normalise_request_both
+from sidecar.policy.paths import normalise_request_both, query_routes
+from sidecar.policy.second import judge_rest, second_readings
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,10 @@ class Explanation:
     section_found: bool = True
     # Methods a method-override query parameter names (``?_method=DELETE``), judged too.
     overrides: tuple[str, ...] = ()
+    # The other paths judged (``second.second_readings``: query routes, trimmed paths),
+    # each with whether every rule judges it; and the ``--destination`` path.
+    second: tuple[tuple[str, bool], ...] = ()
+    destination: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -65,6 +70,11 @@ class Explanation:
         lines.append(f"path:   {self.path}  ({self.normalisation})")
         if self.query:
             lines.append(f"query:  {self.query}  (never matched)")
+        if self.destination is not None:
+            lines.append(f"destination: {self.destination}  (where it writes: judged too)")
+        for other, every in self.second:
+            lines.append(f"also:   {other}  (the app may route it so: judged by "
+                         f"{'every rule' if every else 'deny rules'})")
         if self.overrides:
             lines.append(f"method override: {', '.join(self.overrides)}  (the app may run "
                          "it: judged too, the first denial is the decision)")
@@ -107,6 +117,7 @@ def explain(
     apikey: str | None = None,
     now: float,
     source: str = "127.0.0.1",
+    destination: str | None = None,
 ) -> Explanation:
     """Explain the decision for one request to ``identity``.
 
@@ -115,15 +126,29 @@ def explain(
     The target is normalised by the data path's function with the section's options
     (``non_ascii_paths``, read as ``Gate`` reads it); before the nineteenth session explain
     refused every non-ASCII path, and offered a ``merge_slashes`` the data path never does.
+
+    Besides its own decision, what the data path judges (``second.judge_rest``, in its
+    order): the WebDAV ``destination`` (a ``Destination`` value), the routes the query gives
+    and the trimmed paths (``second.second_readings``), and the override methods the query
+    names on each. ``target`` and ``destination`` are read as the bytes a client sends (an
+    argument that is no UTF-8 keeps its bytes, ``surrogateescape``), so a byte the data path
+    refuses is refused here (400), never a crash (found by a hostile review, as was explain
+    judging none of the second paths).
     """
     svc = policy.services.get(identity)
+    non_ascii = svc is not None and svc.non_ascii_paths
     try:
         path, _forward, query = normalise_request_both(
-            target.encode("utf-8"), allow_non_ascii=svc is not None and svc.non_ascii_paths)
+            target.encode("utf-8", "surrogateescape"), allow_non_ascii=non_ascii)
         # The method and Host as the data path reads them (check_head), so that what it
         # refuses with 400 is never explained as allowed or denied: a lower-case method,
         # CONNECT, a Host such as 127.1 or "a b" (found by a hostile review).
         head_refusal(method, host)
+        written = None if destination is None else destination_of(
+            destination.encode("utf-8", "surrogateescape"), host,
+            allow_non_ascii=non_ascii)[1]
+        readings = second_readings(path, query_routes(path, query,
+                                                      allow_non_ascii=non_ascii))
         overrides = method_overrides(query)  # (a value that is no method: 400, bad_method)
     except BadRequest as exc:
         return Explanation(identity, target, None, "", "", None, exc.reason)
@@ -133,17 +158,15 @@ def explain(
     auth = AuthFacts(claims=dict(claims or {}), token_errors=dict(token_errors or {}),
                      apikey=apikey)
     decision = decide(policy, identity, facts, auth, now)
-    if decision.allowed:  # the data path judges the methods the query names too
-        for other in overrides:
-            if other != method:
-                judged = decide(policy, identity, facts._replace(method=other), auth, now)
-                if not judged.allowed:
-                    decision = judged
-                    break
+    if decision.allowed:  # the data path judges the rest too, and records a dry-run deny
+        found = judge_rest(lambda f: decide(policy, identity, f, auth, now), facts,
+                           destination=written, readings=readings, overrides=overrides)
+        if found is not None and not (found.allowed and decision.dry_run):
+            decision = found
     section = policy.section(identity)
     if section is None:
         return Explanation(identity, target, path, query, note, decision, None, (), False,
-                           overrides)
+                           overrides, tuple(readings), written)
     trail: list[RuleTrail] = []
     for rule in section.rules:
         req = request_trace(rule.when, facts, section.trust_domain,
@@ -163,4 +186,4 @@ def explain(
         trail.append(RuleTrail(rule.name, rule.effect, rule.line, status, dry,
                                tuple(req) + tuple(creds)))
     return Explanation(identity, target, path, query, note, decision, None, tuple(trail),
-                       overrides=overrides)
+                       overrides=overrides, second=tuple(readings), destination=written)
