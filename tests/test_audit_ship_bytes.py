@@ -64,12 +64,12 @@ def test_the_resend_window_is_bounded_in_bytes_and_frames(tmp_path: Path) -> Non
     for _ in range(40):  # 40 MiB sent in batches of one frame
         s._remember([frame], len(frame))
     assert s._recent_bytes <= shipper_module.RESEND_BYTES
-    assert sum(len(f) for batch, _ in s._recent for f in batch) == s._recent_bytes
+    assert sum(len(f) for batch, _, _ in s._recent for f in batch) == s._recent_bytes
     small = [b"s"] * 1000
     for _ in range(10):  # 10,000 frames in batches of 1,000
         s._remember(list(small), len(small))
     assert s._recent_frames <= shipper_module.RESEND_FRAMES
-    assert sum(len(batch) for batch, _ in s._recent) == s._recent_frames
+    assert sum(len(batch) for batch, _, _ in s._recent) == s._recent_frames
 
 
 def test_frames_sent_again_after_a_break_fit_the_queues_bytes(tmp_path: Path) -> None:
