@@ -220,6 +220,16 @@ class InboundProxy:
             # hostile review).
             self.telemetry.request(record, 503, error="audit_unavailable")
             return
+        # The stream's start is its one admitted request: not after the trust the connection
+        # was admitted on ended (a certificate of the peer's chain or of the own one the
+        # handshake presented expired), asked here as the HTTP loop asks before each request,
+        # and again once the app is connected. Before the thirty-first session a stream
+        # opened after the own certificate expired reached the app until the once-a-second
+        # sweep found it (a client that does not check the server's certificate got a
+        # stream on every reconnect; found by a hostile review).
+        if conn.trust_ended(time.time()):
+            self.telemetry.request(record, 403, error=conn.retiring)
+            return
         # Judged again from here on, the app's connect included: a reload that refuses the
         # stream while it connects ends it before it starts (found by a hostile review).
         conn.recheck = lambda now: self.gate.still_allows(facts, None, now)
@@ -238,10 +248,11 @@ class InboundProxy:
                 conn.recheck = None
                 self.telemetry.request(record, 403, error=conn.retiring)
             raise
-        if conn.retiring is not None and not conn.serve_more:
+        if conn.trust_ended(time.time()) or (conn.retiring is not None
+                                             and not conn.serve_more):
             conn.recheck = None
-            await close_quietly(app)
             self.telemetry.request(record, 403, error=conn.retiring)
+            await close_quietly(app)
             return
         if not self.telemetry.accepting():  # (again: the connect may take connect_timeout)
             conn.recheck = None

@@ -14,7 +14,9 @@ Lifetime: each pooled upstream connection carries ``UpstreamMeta``; the pool ask
 older own SVID, whose peer certificate expired or whose chain no longer verifies after a
 bundle change is closed instead of used (a few comparisons per request; the chain is checked
 again only once per bundle change). The app's connections to the listener, and TCP streams,
-are registered with ``Lifetimes`` like inbound ones.
+are registered with ``Lifetimes`` like inbound ones; a connection in use is bound to the
+app-side connection its request or stream serves (``_acquired``), whose sweep then ends it
+at its peer's expiry and at its age (``Lifetimes.sweep``).
 """
 
 from __future__ import annotations
@@ -199,7 +201,11 @@ class OutboundProxy:
         connection carries it over that upstream connection (one attribute store), so the
         upstream's trust ending -- its chain or the own one expiring, a bundle change that
         no longer verifies it -- cuts the request in flight (``Lifetimes.sweep``,
-        ``recheck_trust``). An upgrade request binds its stream to it for good."""
+        ``recheck_trust``), and its age (``meta.deadline``) retires the app-side connection
+        gracefully (``max_age``: the pool ages only idle connections; since the
+        thirty-first session). An upgrade request binds its stream to it for good. A
+        connection a client keeps for itself (NTLM, Negotiate) is bound the same way each
+        time ``reclaim`` hands it back."""
         conn = _serving.get()
         if conn is not None:
             meta: UpstreamMeta = ep.stream.meta  # type: ignore[attr-defined]

@@ -235,19 +235,47 @@ class DevCA:
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> DevCA:
-        """Load a root CA written by ``save`` (``ca.crt`` + ``ca.key``)."""
+        """Load a root CA written by ``save`` (``ca.crt`` + ``ca.key``).
+
+        ``OSError`` when a file cannot be read; ``ValueError`` naming the file for anything
+        wrong with what it holds. cryptography reports what it cannot read with several
+        exception types besides ``ValueError`` (an extension present twice:
+        ``DuplicateExtension``; an encrypted key: ``TypeError``; a key of an unknown
+        algorithm: ``UnsupportedAlgorithm``): each is one ``ValueError`` here, and every
+        field ``issue`` reads of the CA (its subject, its extensions) is read now, so a CA
+        that loads issues (before the thirty-first session such a ``ca.crt`` or ``ca.key``
+        ended ``cert issue --ca`` in a traceback; found by a hostile review)."""
         d = Path(directory)
+        cert_path, key_path = d / CA_CERT_FILE, d / CA_KEY_FILE
         # Regular files of at most 1 MiB: a FIFO or /dev/zero named by --ca is refused.
-        cert = x509.load_pem_x509_certificate(read_whole(str(d / CA_CERT_FILE), CA_FILE_BYTES))
-        key = serialization.load_pem_private_key(read_whole(str(d / CA_KEY_FILE), CA_FILE_BYTES),
-                                                 password=None)
+        cert_data = read_whole(str(cert_path), CA_FILE_BYTES)
+        key_data = read_whole(str(key_path), CA_FILE_BYTES)
+        try:
+            cert = x509.load_pem_x509_certificate(cert_data)
+        except Exception as exc:  # noqa: BLE001 -- any failure to read the file
+            raise ValueError(f"{cert_path}: not a PEM certificate ({_why(exc)})") from exc
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except Exception as exc:  # noqa: BLE001 -- encrypted (TypeError), malformed...
+            raise ValueError(f"{key_path}: not an unencrypted PEM private key ({_why(exc)})"
+                             ) from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise ValueError(f"{d / CA_KEY_FILE}: unsupported key type")
-        uris = _uri_sans(cert)
+            raise ValueError(f"{key_path}: unsupported key type")
+        try:
+            uris = _uri_sans(cert)
+            cert.subject.rfc4514_string()  # (``issue`` names it as the issuer)
+            public = cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        except Exception as exc:  # noqa: BLE001 -- a field cryptography cannot read
+            raise ValueError(f"{cert_path}: unreadable certificate ({_why(exc)})") from exc
         if len(uris) != 1:
             raise ValueError(
-                f"{d / CA_CERT_FILE}: expected one spiffe:// URI SAN naming the trust domain"
+                f"{cert_path}: expected one spiffe:// URI SAN naming the trust domain"
             )
+        if public != key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            # (what it issued would not verify against the bundle it writes)
+            raise ValueError(f"{key_path}: not the key of {cert_path}")
         td = parse_spiffe_id(uris[0]).trust_domain
         return cls(trust_domain=td, cert=cert, key=key, root=cert)
 
@@ -369,11 +397,18 @@ def _ca_builder(
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:
+    """The URI SANs of ``cert`` (none without a subjectAltName); the exceptions
+    cryptography raises for extensions it cannot read (``DuplicateExtension``,
+    ``UnsupportedGeneralNameType``, ``ValueError``) are left to the caller."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def write_svid(issued: IssuedCert, ca: DevCA, out_dir: str | os.PathLike[str]) -> Path:

@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,7 +45,8 @@ def parse_ttl(text: str) -> int:
 
 
 def _fail(message: str, err: TextIO | None = None) -> int:
-    print(f"error: {message}", file=err or sys.stderr)
+    # (``safe``: a message may quote what a file holds, a CA's SAN or a parse error's text)
+    print(f"error: {safe(message)}", file=err or sys.stderr)
     return 1
 
 
@@ -112,57 +113,120 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, str]]:
-    """The fields ``cert inspect`` prints, as (label, value) rows."""
-    not_before = cert.not_valid_before_utc
-    not_after = cert.not_valid_after_utc
-    if now < not_before.timestamp():
-        state = "NOT YET VALID"
-    elif now > not_after.timestamp():
-        state = "EXPIRED"
-    else:
-        left = dt.timedelta(seconds=int(not_after.timestamp() - now))
-        state = f"valid ({left} left)"
+def _ca_flag(cert: x509.Certificate) -> str:
+    """``yes`` / ``no`` (no basicConstraints: ``no``); raises when the extensions cannot be
+    read (``_field`` shows that)."""
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return "no"
+    return "yes" if bc.value.ca else "no"
+
+
+UNREADABLE = "(unreadable: "
+
+
+def _unreadable(exc: Exception) -> str:
+    return f"{UNREADABLE}{type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _field(read: Callable[[], str]) -> str:
+    """One value ``cert inspect`` prints, read from the certificate by ``read``, or
+    ``(unreadable: TYPE: message)`` when reading it raised anything at all.
+
+    cryptography parses most of a certificate only when a field is first read, and reports
+    what it cannot decode with several exception types (``ValueError`` for a subject or
+    issuer UTF8String that is not UTF-8, ``UnsupportedAlgorithm`` for a public key of an
+    unknown algorithm or with explicit EC parameters, ``DuplicateExtension``...). OpenSSL
+    accepts such certificates, so a peer can present one and a reviewer inspects it: every
+    field goes through here, so one unreadable field is shown as such and the rest of the
+    certificate (and of the file) is still printed (before the thirty-first session a
+    subject, an issuer or a key of that kind, in the first certificate of the file or a
+    later one, ended the command in a traceback; found by a hostile review)."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 -- any failure to read a certificate from a file
+        return _unreadable(exc)
+
+
+def _validity(cert: x509.Certificate, now: float) -> str:
+    not_before = cert.not_valid_before_utc.timestamp()
+    not_after = cert.not_valid_after_utc.timestamp()
+    if now < not_before:
+        return "NOT YET VALID"
+    if now > not_after:
+        return "EXPIRED"
+    return f"valid ({dt.timedelta(seconds=int(not_after - now))} left)"
+
+
+def _sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """(URI SANs, DNS SANs); none without a subjectAltName; raises when it cannot be read."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        dns = san.get_values_for_type(x509.DNSName)
-    except Exception:  # noqa: BLE001 -- absent or unreadable: the SVID row below says which
-        uris, dns = [], []
+    except x509.ExtensionNotFound:
+        return [], []
+    return (list(san.get_values_for_type(x509.UniformResourceIdentifier)),
+            list(san.get_values_for_type(x509.DNSName)))
+
+
+def _svid_check(cert: x509.Certificate, uris: list[str]) -> str:
     # A signing certificate names only the trust domain; a CA flag on anything that names
     # a workload is a broken SVID, and the rule check below says so.
     if _is_ca(cert) and all(u.rstrip("/").count("/") <= 2 for u in uris):
-        svid = "not applicable (CA certificate)"
-    else:
-        try:
-            validate_svid_leaf(cert)
-            svid = "ok"
-        except SvidError as exc:
-            svid = f"FAIL {exc.rule}: {exc.message}"
-    der = cert.public_bytes(serialization.Encoding.DER)
+        return "not applicable (CA certificate)"
+    try:
+        validate_svid_leaf(cert)
+    except SvidError as exc:
+        return f"FAIL {exc.rule}: {exc.message}"
+    except Exception as exc:  # noqa: BLE001 -- a check that could not be made fails
+        return f"FAIL {_unreadable(exc)}"
+    return "ok"
+
+
+def describe_certificate(cert: x509.Certificate, now: float) -> list[tuple[str, str]]:
+    """The fields ``cert inspect`` prints, as (label, value) rows; a value cryptography
+    cannot read is ``(unreadable: ...)`` (``_field``), an SVID check it stops is a failure
+    (``FAIL (unreadable: ...)``)."""
+    try:
+        uris, dns = _sans(cert)
+        sans = ", ".join(uris) if uris else "(none)"
+    except Exception as exc:  # noqa: BLE001 -- unreadable: the SVID row says which rule too
+        uris, dns, sans = [], [], _unreadable(exc)
     rows = [
-        ("subject", cert.subject.rfc4514_string() or "(empty)"),
-        ("SPIFFE ID", ", ".join(uris) if uris else "(none)"),
+        ("subject", _field(lambda: cert.subject.rfc4514_string() or "(empty)")),
+        ("SPIFFE ID", sans),
     ]
     if dns:
         rows.append(("DNS names", ", ".join(dns)))
     rows += [
-        ("issuer", cert.issuer.rfc4514_string() or "(empty)"),
-        ("serial", format(cert.serial_number, "x")),
-        ("not before", not_before.isoformat()),
-        ("not after", not_after.isoformat()),
-        ("validity", state),
-        ("key type", _key_description(cert)),
-        ("CA", "yes" if _is_ca(cert) else "no"),
-        ("SHA-256", hashlib.sha256(der).hexdigest()),
-        ("SVID check", svid),
+        ("issuer", _field(lambda: cert.issuer.rfc4514_string() or "(empty)")),
+        ("serial", _field(lambda: format(cert.serial_number, "x"))),
+        ("not before", _field(lambda: cert.not_valid_before_utc.isoformat())),
+        ("not after", _field(lambda: cert.not_valid_after_utc.isoformat())),
+        ("validity", _field(lambda: _validity(cert, now))),
+        ("key type", _field(lambda: _key_description(cert))),
+        ("CA", _field(lambda: _ca_flag(cert))),
+        ("SHA-256", _field(lambda: hashlib.sha256(
+            cert.public_bytes(serialization.Encoding.DER)).hexdigest())),
+        ("SVID check", _svid_check(cert, uris)),
     ]
     return rows
 
 
+def describe_other(cert: x509.Certificate) -> dict[str, str]:
+    """What ``cert inspect`` prints of a certificate after the first (each value through
+    ``_field``)."""
+    return {"subject": _field(lambda: cert.subject.rfc4514_string()),
+            "issuer": _field(lambda: cert.issuer.rfc4514_string()),
+            "not_after": _field(lambda: cert.not_valid_after_utc.isoformat())}
+
+
 def certificate_document(path: str, cert: x509.Certificate, rows: list[tuple[str, str]],
                          others: list[dict[str, str]]) -> dict[str, Any]:
-    """What ``cert inspect -o json`` prints (stable; docs/operations.md)."""
+    """What ``cert inspect -o json`` prints (stable; docs/operations.md). The keys and their
+    types do not change with an unreadable value: a string field holds its
+    ``(unreadable: ...)`` text, ``spiffe_ids`` / ``dns_names`` are empty, ``ca`` is false,
+    ``validity`` is ``unreadable``."""
     fields = dict(rows)
     uris = fields["SPIFFE ID"]
     svid = fields["SVID check"]
@@ -171,14 +235,16 @@ def certificate_document(path: str, cert: x509.Certificate, rows: list[tuple[str
         "kind": "Certificate",
         "file": path,
         "subject": fields["subject"],
-        "spiffe_ids": [] if uris == "(none)" else uris.split(", "),
+        "spiffe_ids": [] if uris == "(none)" or uris.startswith(UNREADABLE)
+        else uris.split(", "),
         "dns_names": fields["DNS names"].split(", ") if "DNS names" in fields else [],
         "issuer": fields["issuer"],
         "serial": fields["serial"],
         "not_before": fields["not before"],
         "not_after": fields["not after"],
         "validity": ("not_yet_valid" if validity.startswith("NOT YET")
-                     else "expired" if validity == "EXPIRED" else "valid"),
+                     else "expired" if validity == "EXPIRED"
+                     else "unreadable" if validity.startswith(UNREADABLE) else "valid"),
         "key_type": fields["key type"],
         "ca": fields["CA"] == "yes",
         "sha256": fields["SHA-256"],
@@ -201,19 +267,18 @@ def cmd_cert_inspect(args: argparse.Namespace, out: TextIO | None = None) -> int
         certs = x509.load_pem_x509_certificates(data)
     except OSError as exc:
         return _fail(f"{args.file}: {exc.strerror or exc}")
-    except ValueError as exc:
-        return _fail(f"{args.file}: no PEM certificate found ({exc})")
+    except Exception as exc:  # noqa: BLE001 -- ValueError, or anything else the parse raises
+        return _fail(f"{args.file}: no PEM certificate found ({str(exc)[:200]})")
     now = dt.datetime.now(dt.UTC).timestamp()
     rows = describe_certificate(certs[0], now)
-    others = [{"subject": c.subject.rfc4514_string(), "issuer": c.issuer.rfc4514_string(),
-               "not_after": c.not_valid_after_utc.isoformat()} for c in certs[1:]]
+    others = [describe_other(c) for c in certs[1:]]
 
     def table() -> str:
-        # Subject, issuer, SAN and the SVID check's message come from the file: ``safe``.
+        # Every value comes from the file (or from an error reading it): ``safe``.
         width = max(len(label) for label, _ in rows)
         lines = [f"{label + ':':<{width + 1}} {safe(value)}" for label, value in rows]
         lines += [f"certificate {i}: {safe(c['subject'])} (issuer {safe(c['issuer'])}, not "
-                  f"after {c['not_after']})" for i, c in enumerate(others, start=2)]
+                  f"after {safe(c['not_after'])})" for i, c in enumerate(others, start=2)]
         return "\n".join(lines)
 
     emit(args, certificate_document(args.file, certs[0], rows, others), table, stream)

@@ -10,7 +10,9 @@ of open connections that lets later events end them:
 =====================  ===========================================================  ==========
 reason                 event                                                        how
 =====================  ===========================================================  ==========
-``max_age``            older than ``limits.max_connection_age`` (minus jitter)       graceful
+``max_age``            older than ``limits.max_connection_age`` (minus jitter);      graceful
+                       outbound: also the pooled upstream connection a request or
+                       stream in flight runs over
 ``own_cert_rotated``   a pooled upstream connection made with an older own SVID    graceful
 ``peer_cert_expired``  a certificate of the peer's chain expired (outbound: of the   immediate
                        upstream's a request in flight runs over)
@@ -53,7 +55,16 @@ Every closure is reported once through ``on_close`` (metric
 ``sidecar_connections_closed_total``, an audit record and a log line).
 
 Pooled upstream connections (outbound, sidecar to sidecar) are not tasks: the pool asks
-``UpstreamMeta.retire_reason`` before reusing or returning one (``sidecar.outbound``).
+``UpstreamMeta.retire_reason`` before reusing or returning one, and its sweep judges the
+idle ones (``sidecar.outbound``). One in use is bound to the app-side connection whose
+request or stream runs over it (``LiveConnection.upstream``), and this sweep judges it
+there: its chain's expiry (cut at once) and its age (graceful: the app-side connection is
+retired ``max_age``, so its answer says ``Connection: close`` and what still runs after
+``connection_close_grace`` is cut, the upstream connection with it). Before the
+thirty-first session the age of an upstream connection in use was never looked at: an
+upgraded stream or a long download that took it just before its age kept the mTLS
+connection up until the app-side connection's own age, about twice ``max_connection_age``
+(found by a hostile review).
 """
 
 from __future__ import annotations
@@ -109,10 +120,11 @@ class LiveConnection:
     whether the current policy would still allow it (set once per connection).
     ``upstream`` (outbound) is the admission of the pooled upstream connection the request
     in flight is carried over (``UpstreamMeta``: ``peer``, ``chain``, ``peer_not_after``,
-    ``own_not_after``; one attribute store when the pool hands it out): while a request is
-    in flight its trust is the connection's too. ``reauth`` (an upgraded stream authorised
-    by an introspected token) asks the authorisation server again from ``reauth_at`` (Unix
-    time) on, in a task of its own, and retires the stream when the answer no longer holds.
+    ``own_not_after``, ``deadline``; one attribute store when the pool hands it out): while
+    a request is in flight its trust and its age are the connection's too. ``reauth`` (an
+    upgraded stream authorised by an introspected token) asks the authorisation server again
+    from ``reauth_at`` (Unix time) on, in a task of its own, and retires the stream when the
+    answer no longer holds.
     """
 
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
@@ -245,7 +257,8 @@ class Lifetimes:
 
     # -- events ----------------------------------------------------------------------------
     def sweep(self, now: float, wall: float) -> int:
-        """Retire connections past their age, their peer's or their own certificate or the
+        """Retire connections past their age (or the age of the upstream connection their
+        request or stream in flight runs over), their peer's or their own certificate or the
         credentials of their stream; return how many.
 
         Every check that ends trust or authorisation (a certificate of either chain, the
@@ -275,7 +288,10 @@ class Lifetimes:
             else:
                 if wall >= conn.reauth_at:
                     self._reauthenticate(conn)
-                if retiring is None and now >= conn.deadline:
+                if retiring is None and (now >= conn.deadline or (
+                        up is not None and conn.idle is None and now >= up.deadline)):
+                    # (its own age, or that of the upstream connection its request or
+                    # stream in flight runs over, which the pool ages only while idle)
                     n += self.retire(conn, REASON_MAX_AGE)
         return n
 

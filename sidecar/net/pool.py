@@ -25,7 +25,10 @@ says a connection must not be used again although it is alive: past its maximum 
 with an older own certificate, or admitted under a bundle that has changed since
 (``sidecar.outbound.retire_reason``). It is asked before every reuse and every return to the
 pool, and ``sweep`` asks it for every idle connection at once (once a second, and after a
-rotation or a bundle change), closing those idle past ``idle_timeout`` too.
+rotation or a bundle change), closing those idle past ``idle_timeout`` too. A connection in
+use is not the pool's to judge: ``on_acquire`` binds it to the request that took it, and
+that request's connection is retired when the upstream connection passes its age or its
+trust ends (``sidecar.net.lifetime``, ``Lifetimes.sweep``).
 
 A connection one client keeps for itself between its requests (connection-oriented
 authentication: ``Endpoint.private``, ``sidecar.net.forward``) is idle as well, though never
