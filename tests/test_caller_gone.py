@@ -194,6 +194,46 @@ def _gone_records(proc: h.SidecarProc) -> list[dict[str, Any]]:
             if r.get("error") == "client_gone_before_answer"]
 
 
+@pytest.mark.parametrize(("side", "how"), CASES)
+def test_callers_gone_while_the_answer_stalls_free_their_places(pair: Pair, side: str,
+                                                               how: str) -> None:
+    """The answer's head and part of its body came, then the upstream stalled (a stream, a
+    report flushed early): a caller that goes then ends the exchange too (a hostile review,
+    thirty-first session: it held its place until ``body_timeout``)."""
+    limit = PER_SOURCE if side == "outbound" else 2 * PER_SOURCE
+    # (the last case's callers gone from the inbound sidecar too: it sees its caller, the
+    # outbound sidecar, go a check after the outbound did; one pooled connection may stay)
+    assert h.wait_for(lambda: pair.inbound.metric("sidecar_connections_open",
+                                                  direction="inbound") <= 1, timeout=15)
+    kept = []
+    for i in range(limit + 1):
+        try:
+            sock = pair.connect(side)
+            sock.sendall(f"GET /stall?s={SLOW}&{how}={i} HTTP/1.1\r\nHost: orders\r\n\r\n"
+                         .encode())
+            sock.settimeout(5)
+            got = b""
+            while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < 10:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                got += data
+            if not got.startswith(b"HTTP/1.1 200 "):
+                break  # (refused: the limit is full)
+        except OSError:
+            break
+        kept.append(sock)
+    assert len(kept) >= limit - 1, len(kept)
+    for sock in kept:
+        GOES[how](sock)
+    try:
+        took = _served(pair, side, time.monotonic() + 4 * CALLER_CHECK_SECONDS + 4)
+        assert took < SLOW / 2
+    finally:
+        for sock in kept:
+            socket.socket.close(sock)
+
+
 @pytest.mark.parametrize("side", ["outbound", "inbound"])
 def test_a_caller_that_stays_gets_its_slow_answer(pair: Pair, side: str) -> None:
     """The control: a wait longer than the check interval, the caller still there."""

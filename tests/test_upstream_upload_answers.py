@@ -96,7 +96,8 @@ class UploadApp(ScriptedUpstream):
     """``/unread/...``: 200 at once, the body not read, parsing on from where it stopped (the
     body). ``/info/<status>/<delay ms>/...``: that 1xx head after the delay, then the whole
     body read and ``got N`` answered. ``/flood/...``: 11 ``103`` heads, then the body read.
-    ``/admin``: ``ADMIN`` a moment later. Anything else: the body read, ``ok``."""
+    ``/admin``: ``ADMIN`` a moment later. ``/switch/...``: a 101 to the upgrade asked for,
+    then the body read. Anything else: the body read, ``ok``."""
 
     timeout = 10.0
 
@@ -122,6 +123,9 @@ class UploadApp(ScriptedUpstream):
                 sock.sendall(MALFORMED[sorted(MALFORMED)[int(bits[2])]])
                 if len(bits) > 3:
                     continue  # (the sidecar refuses the answer and closes)
+            if path.startswith("/switch/"):  # a 101 to the upgrade it asked for, body unread
+                sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: websocket\r\n\r\n")
             if path.startswith(("/info/", "/flood/")):
                 bits = path.split("/")
                 if bits[1] == "flood":
@@ -358,6 +362,32 @@ def test_a_101_or_a_1xx_flood_while_the_body_is_sent_is_a_502(rig: Rig, side: st
     got = _head_then_body(rig, side, head, [framed])
     finals = [a for a in got if int(a[0][9:12]) >= 200]
     assert finals and finals[0][0].startswith(b"HTTP/1.1 502 "), got
+    rig.assert_serving(side)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("size", [5000, 4 << 20])
+def test_a_101_to_an_upgrade_with_a_body_before_its_end_is_a_502(rig: Rig, side: str,
+                                                                  framing: str, size: int) -> None:
+    """An upgrade request with a body whose 101 comes while the body is still sent (a
+    hostile review, thirty-first session: it was spliced, the body's queued bytes dropped
+    and its end never judged); in parts, and as a large body the send blocks on."""
+    head, framed = _request(f"/switch/{framing}/{size}", framing, b"u" * size)
+    head = head.replace(b"Host: orders\r\n",
+                        b"Host: orders\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n")
+    sock = rig.connect(side, 10)
+    try:
+        sock.sendall(head + framed[:1000])
+        time.sleep(0.3)
+        try:
+            sock.sendall(framed[1000:])
+        except (OSError, ssl.SSLError):
+            pass  # (refused meanwhile: the rest is not taken)
+        answer = _Conn(sock).until(b"\r\n\r\n")
+    finally:
+        sock.close()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 502 "), answer
     rig.assert_serving(side)
 
 

@@ -378,6 +378,28 @@ EARLY_LINGER_BYTES = 64 * 1024 * 1024
 CALLER_CHECK_SECONDS = 1.0
 
 
+async def _answer_event(client: Endpoint, ep: Endpoint, timeout: float) -> object:
+    """The upstream's next answer event (``ep.next_event``: what ``client`` has queued sent
+    first, ``timeout`` the longest stall), its wait cut every ``CALLER_CHECK_SECONDS`` to see
+    whether the caller is still there (``_caller_gone``): one that closed its connection
+    while the answer's body stalled ends the exchange, as while its head is waited for
+    (found by a hostile review, thirty-first session: an upstream that sent a head and part
+    of a body, then stalled -- a stream, a report flushed early -- held a gone caller's
+    connection slot until ``body_timeout``)."""
+    deadline = ep.clock() + timeout
+    if client.out:
+        await client.flush(deadline)
+    while True:
+        step = min(deadline, ep.clock() + CALLER_CHECK_SECONDS)
+        try:
+            return await ep.next_event(step)
+        except Timeout:
+            if step >= deadline:
+                raise
+            if _caller_gone(client):
+                raise PeerClosed("client_gone_mid_answer", "client") from None
+
+
 def _caller_gone(client: Endpoint) -> bool:
     """The caller closed its connection (a FIN or a reset), checked without waiting and
     without taking a byte. On Linux a poll for ``POLLRDHUP``: a FIN is seen though bytes
@@ -633,8 +655,7 @@ async def forward(
                 while True:
                     event = ep.event_now()  # (a small body and its end came with the head)
                     if event is NEED_DATA:
-                        event = await ep.next_event(None, flush_first=client,
-                                                    timeout=limits.body_timeout)
+                        event = await _answer_event(client, ep, limits.body_timeout)
                     if type(event) is bytes:
                         ex.response_bytes += len(event)
                         for part in answer.frame(event):
@@ -768,12 +789,17 @@ def _interim_only(client: Endpoint, ep: Endpoint, upload: _Upload) -> bool:
     """The upstream spoke while the body was being sent (``Endpoint.spoke``): parse what
     came. 1xx heads (but 101) are relayed (``_relay_informational``; queued, the caller
     sends them) and the body goes on: True, also while a head is still incomplete. A final
-    head, a 101, the close: False (the body ends), the event kept in ``upload.pending``."""
+    head, the close: False (the body ends), the event kept in ``upload.pending``. A 101 is
+    never a valid answer while a body is sent: ``ProtocolViolation`` (before the thirty-first
+    session one to a request that asked to upgrade was spliced, the body's queued bytes
+    dropped and its end never judged; found by a hostile review)."""
     while True:
         event = ep.event_now()
         if event is NEED_DATA:
             return True
-        if type(event) is Response and event.status < 200 and event.status != 101:
+        if type(event) is Response and event.status == 101:
+            raise ProtocolViolation("switched_before_body_end")
+        if type(event) is Response and event.status < 200:
             if len(event.headers) > upload.max_fields:
                 raise ProtocolViolation("too_many_headers")
             upload.informational += 1

@@ -2,7 +2,8 @@
 
 Endpoints: any GET -> JSON of the request (method, path, headers); GET /big?n=BYTES streams
 n bytes; POST/PUT/COPY/MOVE -> JSON with the body's length and sha256 (read in chunks, flat memory;
-chunked bodies too; POST /big?n=BYTES streams n bytes once the body is read); GET /slow?s=SECONDS; GET /crash closes the connection mid-response;
+chunked bodies too; POST /big?n=BYTES streams n bytes once the body is read); GET /slow?s=SECONDS; GET /stall?s=SECONDS (head and 10 of 100 bytes, then the rest
+after SECONDS); GET /crash closes the connection mid-response;
 GET /ws with Upgrade: echo -> 101 and then echoes bytes. Counts connections in /stats.
 """
 
@@ -63,6 +64,18 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if url.path == "/slow":
             time.sleep(float(q.get("s", ["1"])[0]))
+        if url.path == "/stall":  # the head and part of the body, then a stall, then the rest
+            self.send_response(200)
+            self.send_header("content-length", "100")
+            self.end_headers()
+            self.wfile.write(b"s" * 10)
+            self.wfile.flush()
+            time.sleep(float(q.get("s", ["1"])[0]))
+            try:
+                self.wfile.write(b"s" * 90)
+            except OSError:
+                pass
+            return None
         if url.path == "/crash":
             self.send_response(200)
             self.send_header("content-length", "100000")
