@@ -15,8 +15,6 @@ server on 127.0.0.1 behaving so; the exit case with no collector listening at al
 from __future__ import annotations
 
 import socket
-import ssl
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,55 +28,37 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 ORDERS, FRONTEND = h.spiffe("orders"), h.spiffe("frontend")
 
 
-class HostileCollector:
+class HostileCollector(h.ScriptedServer):
     """A TLS server on 127.0.0.1 that, after each handshake, closes unread (``close``) or
     sends junk until the peer stops taking it (``send``). Counts connections and, per
     connection, the bytes it got to send."""
 
+    timeout = 2.0
+
     def __init__(self, root: Path, mode: str) -> None:
-        self.ca_file, self._ctx = h.https_server_material(root)
+        self.ca_file, ctx = h.https_server_material(root)
         self.mode = mode
         self.connections = 0
         self.sent: list[int] = []
-        self._srv = socket.create_server(("127.0.0.1", 0))
-        self._srv.settimeout(0.2)
-        self.port = self._srv.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(ctx)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._srv.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            try:
-                conn.settimeout(2)
-                tls = self._ctx.wrap_socket(conn, server_side=True)
-                if self.mode == "send":
-                    self._flood(tls)
-                tls.close()
-            except (OSError, ssl.SSLError):
-                conn.close()
+    def admit(self, conn: socket.socket) -> bool:
+        self.connections += 1
+        return True
 
-    def _flood(self, tls: ssl.SSLSocket) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        if self.mode != "send":
+            return  # (closed unread)
         junk = b"x" * 16384
         sent = 0
         deadline = time.monotonic() + 4  # (bounded: a sidecar reading it all would take more)
         try:
-            while time.monotonic() < deadline and not self._stop.is_set():
-                tls.sendall(junk)
+            while time.monotonic() < deadline and not self.stopped.is_set():
+                sock.sendall(junk)
                 sent += len(junk)
-        except (OSError, ssl.SSLError):
+        except OSError:  # (ssl.SSLError is one)
             pass
         self.sent.append(sent)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._srv.close()
 
 
 def _sidecar(tmp: Path, app: int, address: str, ca_file: Path, mode: str,
