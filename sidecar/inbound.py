@@ -139,6 +139,14 @@ class InboundProxy:
         if source is None:
             return
         started = time.time()
+        if self._blocked(None, source):
+            # An address an alert rule blocks (``by: address``) is refused at accept, before
+            # any TLS byte: the block otherwise showed only as a 403 on a request, which the
+            # callers whose failed handshakes set it never send -- each new connection still
+            # cost a whole handshake (1.7 ms of CPU here; 1,217 in 4 s from one blocked
+            # client, found by a hostile review, thirty-first session).
+            self.telemetry.connection_blocked("inbound", source, started)
+            return
         snap = self.tls.snapshot  # (the context and the own chain the handshake uses)
         ctx = snap.server_tcp if self.protocol == "tcp" else snap.server
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
@@ -172,6 +180,12 @@ class InboundProxy:
             self.telemetry.connection_refused("inbound", source, None, "no_client_cert", started)
             await close_quietly(tls_stream)
             return
+        if self._blocked(peer.spiffe_id, source):
+            # (a peer an alert rule blocks, ``by: peer``: closed once it is known, before a
+            # request is read -- it held its connections open, only its requests refused)
+            self.telemetry.connection_blocked("inbound", source, started)
+            await close_quietly(tls_stream)
+            return
         self.tracker.established()  # (never closed to make room from now on)
         self.telemetry.connection_opened("inbound")
         try:
@@ -191,6 +205,15 @@ class InboundProxy:
         finally:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
+
+    def _blocked(self, peer: str | None, source: str) -> bool:
+        """Whether an alert rule blocks this connection's address (or, given, its peer) now
+        (``BurstDetector.blocked`` on the gate's clock: a dictionary test when nothing is
+        blocked)."""
+        gate = self.gate
+        detector = gate.detector
+        return detector is not None and detector.blocked(
+            peer, source, time.time() if gate.clock is None else gate.clock())
 
     def _still_allows(self, ctx: RequestContext, now: float) -> bool:
         """Would the policy in force still allow the request in flight (``ctx``, allowed

@@ -27,7 +27,7 @@ from sidecar.audit.record import (
 from sidecar.authn.extract import path_for_records
 from sidecar.config.model import Limits
 from sidecar.metrics import CounterChild, SidecarMetrics
-from sidecar.policy.decision import Decision, RequestFacts
+from sidecar.policy.decision import REASON_BLOCKED, Decision, RequestFacts
 from sidecar.refusals import RefusalThinner, claimed_peer
 from sidecar.tap import Tap
 
@@ -201,6 +201,21 @@ class Telemetry:
         if hook is not None and direction == "inbound" and reason.split(":")[0] in \
                 TLS_CREDENTIAL_FAILURES:
             hook(source)
+        self._refused(direction, source, peer, reason, started)
+
+    def connection_blocked(self, direction: str, source: str, started: float) -> None:
+        """A connection refused because an alert rule blocks its address (at accept, before
+        any TLS byte) or its verified peer (right after the handshake): counted in
+        ``sidecar_source_blocked_total`` (no handshake failure: it never fed the detector),
+        logged and recorded as a refused connection (``source_blocked``), thinned per
+        source like every refusal."""
+        self.metrics.source_blocked_total.inc()
+        self._refused(direction, source, None, REASON_BLOCKED, started)
+
+    def _refused(self, direction: str, source: str, peer: str | None, reason: str,
+                 started: float) -> None:
+        """A refused connection's log line and audit record, up to its source's rate
+        (``refusals``); beyond, counted in the next summary."""
         if not self.refusals.admit(direction, source, reason, time.time(), peer):
             # Beyond its source's rate: counted in the next summary (``flush_refusals``).
             self.metrics.refusals_summarised_total.labels(direction).inc()
@@ -334,7 +349,7 @@ class Telemetry:
             series.inc()
             if decision.reason == "rate_limited":
                 self.metrics.rate_limited_total.labels(decision.rule).inc()
-            elif decision.reason == "source_blocked":
+            elif decision.reason == REASON_BLOCKED:
                 self.metrics.source_blocked_total.inc()
         elif error is not None:
             self.metrics.requests_refused_total.labels(direction, error).inc()
