@@ -491,3 +491,44 @@ def test_stdin_is_held_to_8_mib(extra: int) -> None:
         assert proc.returncode == 2 and "cannot read -: larger than 8388608 bytes" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr[-400:]
+
+
+# YAML numbers too long to read (a hostile review, thirty-first session: each a traceback, or
+# minutes of CPU for sexagesimal ones): every numeric form, plain and tagged, in a field that
+# is read and in one that is not; refused with exit 2 and the line, as the config loader
+# does. Numbers at the bound and every form under it are still injected.
+def _pod_with_number(number: str, where: str = "terminationGracePeriodSeconds") -> str:
+    return ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n"
+            f"  {where}: {number}\n  containers: [{{name: app, image: i}}]\n")
+
+
+LONG_NUMBERS = {
+    "decimal": "9" * 4301, "negative": "-" + "9" * 4301, "hex": "0x" + "f" * 4000,
+    "octal": "0" + "7" * 5000, "binary": "0b" + "1" * 20000,
+    "float": "1." + "5" * 200, "sexagesimal int": "1" + ":30" * 50_000,
+    "sexagesimal float": "1" + ":30" * 2000 + ".5", "tagged int": '!!int "' + "9" * 4301 + '"',
+    "tagged sexagesimal": '!!int "1' + ":30" * 2000 + '"',
+    "tagged in a string field": '!!int "' + "9" * 500 + '"',
+}
+SHORT_NUMBERS = {"at the bound": "9" * 100, "hex": "0x" + "f" * 98, "octal": "0o17",
+                 "sexagesimal": "1:30", "float": "1.5e3", "underscores": "1_000"}
+
+
+@pytest.fixture(scope="module")
+def long_numbers() -> dict[str, subprocess.CompletedProcess[str]]:
+    texts = {f"{name} in {where}": _pod_with_number(n, where) for name, n in LONG_NUMBERS.items()
+             for where in ("terminationGracePeriodSeconds", "x-unread")}
+    texts.update({f"control {name}": _pod_with_number(n) for name, n in SHORT_NUMBERS.items()})
+    return inject_many(texts, bound=30)
+
+
+def test_a_number_too_long_to_read_exits_2_with_its_line(long_numbers) -> None:
+    for name, proc in long_numbers.items():
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-400:])
+        if name.startswith("control"):
+            assert proc.returncode == 0, (name, proc.stderr[-400:])
+        else:
+            assert proc.returncode == 2 and proc.stdout == "", (name, proc.stderr[-400:])
+            assert ":5: a number of more than 100 characters" in proc.stderr, name
+    same_in_a_process(_pod_with_number(LONG_NUMBERS["sexagesimal int"]),
+                      long_numbers["sexagesimal int in terminationGracePeriodSeconds"])

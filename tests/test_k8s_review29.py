@@ -47,6 +47,7 @@ from sidecar.k8s.inject import (
     inject_pod_spec,
 )
 from sidecar.k8s.patch import apply_patch
+from sidecar.k8s.rules import ALLOWED_CAPABILITIES as RULES_ALLOWED
 from sidecar.k8s.rules import POD_RULES, REFUSED_CAPABILITIES
 from tests.harness import ROOT, Proc, free_port, https_server_material, wait_port
 from tests.test_k8s_review28 import _post, _review
@@ -132,6 +133,41 @@ def rendered(**spec: Any) -> dict[str, Any]:
     assert result is not None
     doc["metadata"], doc["spec"] = result
     return doc
+
+
+# Every other capability Linux names (capabilities(7)) and one it does not: refused too, as
+# Pod Security baseline refuses them (a hostile review, thirty-first session: only the
+# eight above were; DAC_READ_SEARCH opens any file of the node by handle).
+NODE_CAPABILITIES = ("DAC_READ_SEARCH", "LINUX_IMMUTABLE", "NET_BROADCAST", "IPC_LOCK",
+                     "IPC_OWNER", "SYS_RAWIO", "SYS_PACCT", "SYS_BOOT", "SYS_NICE",
+                     "SYS_RESOURCE", "SYS_TTY_CONFIG", "LEASE", "AUDIT_CONTROL", "MAC_OVERRIDE",
+                     "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+                     "CHECKPOINT_RESTORE", "SOMETHING_NEW")
+
+
+def test_every_capability_outside_baseline_is_refused(
+        webhooks: dict[str, tuple[int, ssl.SSLContext, Proc]]) -> None:
+    assert set(RULES_ALLOWED) == set(ALLOWED_CAPABILITIES)
+    assert not set(NODE_CAPABILITIES) & (set(REFUSED_CAPABILITIES) | set(ALLOWED_CAPABILITIES))
+    for cap in NODE_CAPABILITIES:
+        for spelling in SPELLINGS:  # (in process: every spelling x every kind)
+            for kind in KINDS:
+                doc = pod_with(_context_adding(cap, spelling), kind)
+                with pytest.raises(InjectError) as err:
+                    inject_pod_spec(doc["metadata"], doc["spec"], _options())
+                assert err.value.rule == "privileged_container", (cap, spelling, kind)
+        # (a real webhook: CREATE, and a debug container added by UPDATE)
+        doc = pod_with(_context_adding(cap), "containers")
+        _denied(_post(webhooks["deployed"], _review(f"n-{cap}", doc), "/mutate"),
+                "privileged_container")
+        old, new, sub = _update(_context_adding(cap, "CAP_ prefix"), "ephemeralContainers")
+        _denied(_post(webhooks["deployed"], _review(f"m-{cap}", new, "UPDATE", old, sub),
+                      "/mutate"), "privileged_container")
+    run = subprocess.run(
+        [sys.executable, "-m", "sidecar", "inject", "-f", "-"], cwd=str(ROOT), timeout=60,
+        input=yaml.safe_dump(pod_with(_context_adding("DAC_READ_SEARCH"), "containers")),
+        capture_output=True, text=True)
+    assert run.returncode == 1 and "privileged_container" in run.stderr, run.stderr
 
 
 def test_the_family_is_listed_and_wide() -> None:

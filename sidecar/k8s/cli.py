@@ -18,7 +18,13 @@ from typing import Any, TextIO
 
 import yaml
 
-from sidecar.config.source import MAX_DOCUMENT_BYTES, read_whole, refuse_hidden_characters
+from sidecar.config.source import (
+    _NUMBER_TAGS,
+    MAX_DOCUMENT_BYTES,
+    MAX_NUMBER_TEXT,
+    read_whole,
+    refuse_hidden_characters,
+)
 from sidecar.errors import ConfigError
 from sidecar.jsondoc import deeper_than, expanded_larger_than
 from sidecar.k8s.admission import MAX_REVIEW_DEPTH
@@ -42,6 +48,14 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 class _MergesTooLarge(yaml.YAMLError):
     """More than ``MAX_EXPANDED_VALUES`` values: merge keys (``<<``) that copy that many
     pairs, or that many values written out."""
+
+
+class _NumberTooLong(yaml.YAMLError):
+    """A number scalar longer than ``MAX_NUMBER_TEXT`` (``mark``: where it is)."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__()
+        self.mark = mark
 
 
 class _TooDeep(yaml.YAMLError):
@@ -144,7 +158,16 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
             if self.values_left < 0:
                 raise _MergesTooLarge()
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
+            # A number, plain or tagged (``!!int "..."``), is read only up to
+            # ``MAX_NUMBER_TEXT`` characters, as the config and policy loader reads them:
+            # PyYAML builds ``1:30:30:...`` in quadratic time (600 KB: 20 s), longer decimal
+            # numbers crash the output, and ``1:30:...:30.5`` overflows (found by a hostile
+            # review, thirty-first session: each a traceback or minutes of CPU).
+            if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS \
+                    and len(node.value) > MAX_NUMBER_TEXT:
+                raise _NumberTooLong(node.start_mark)
+            return node
         self.depth += 1
         if self.depth > MAX_REVIEW_DEPTH:
             raise _TooDeep()
@@ -240,6 +263,14 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
     except _MergesTooLarge:
         print(_too_many_values(args.file), file=stderr)
         return 2
+    except _NumberTooLong as exc:
+        print(f"sidecar inject: {safe(args.file)}:{exc.mark.line + 1}: a number of more than "
+              f"{MAX_NUMBER_TEXT} characters", file=stderr)
+        return 2
+    except (ValueError, OverflowError) as exc:  # (a value PyYAML cannot build)
+        print(f"sidecar inject: {safe(args.file)} holds a value that cannot be read: "
+              f"{safe(exc)}", file=stderr)
+        return 2
     except _TooDeep:
         docs = [None]  # refused just below
     except yaml.YAMLError as exc:
@@ -275,7 +306,12 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
             return 1
         out.append(new_doc)
         injected += count
-    rendered = dump_yaml(out, all_documents=True)
+    try:
+        rendered = dump_yaml(out, all_documents=True)
+    except (ValueError, OverflowError) as exc:  # (a value that loaded but cannot be written)
+        print(f"sidecar inject: {safe(args.file)} holds a value that cannot be written: "
+              f"{safe(exc)}", file=stderr)
+        return 2
     if args.output == "-":
         stdout.write(rendered)
     else:
