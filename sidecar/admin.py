@@ -6,11 +6,16 @@ Both servers are the control-plane server (``sidecar.ctlhttp.server``) with the 
 ``sidecar.admin_pages`` (pure). Its bounds hold here: one task per connection, at most
 ``max_connections`` at once and at most ``max_connections_per_source`` from one source
 address (extra connections are closed straight away, and counted through ``on_refused``),
-the stream closed in ``finally``. Every wait is bounded: the request head must arrive within
-``head_timeout`` (which is also the keep-alive idle timeout) and be at most
-``max_head_bytes``; an answer must be written within ``write_timeout``; a connection serves
-at most ``max_requests_per_connection`` requests. Request bodies are never read: a request
-that has one is answered and the connection closed, so no body can hold a task.
+the stream closed in ``finally``. When every connection is taken, a newcomer takes the slot
+of the oldest connection of another address still waiting for a request head (since the
+thirty-first session: one local process held a silent connection from each of 64 loopback
+addresses and every other local client got 429), else of the heaviest source group (all
+loopback addresses one, an IPv6 address its /64: ``source_group``) or address. Every wait
+is bounded: the request head must arrive within ``head_timeout`` (which is also the
+keep-alive idle timeout) and be at most ``max_head_bytes``; an answer must be written
+within ``write_timeout``; a connection serves at most ``max_requests_per_connection``
+requests. Request bodies are never read: a request that has one is answered and the
+connection closed, so no body can hold a task.
 
 The health server faces the pod network, so it is stricter (``HEALTH_LIMITS``): one request
 per connection (``Connection: close``, no keep-alive), 2 s for the head. A kubelet opens a
@@ -21,9 +26,11 @@ source: the node's address) is still answered.
 Only GET and HEAD exist here; anything else is 405. On a loopback address the admin server
 answers only a local Host (``host_is_local``; else 421): a browser page re-pointed at
 127.0.0.1 by DNS rebinding sends its own name. Both servers keep a reserve of connections
-beyond their limits for /healthz and /readyz (``PROBE_RESERVE``): every local client of a
-loopback port is one source. Errors carry the generic bodies of ``sidecar.errors``; details
-go to the log.
+beyond their limits for /healthz and /readyz (``PROBE_RESERVE``): the local clients of a
+loopback port usually share one address, 127.0.0.1 (not all: any process may connect from
+any address of 127.0.0.0/8, each its own share, which is why waiting connections make room
+on a full server). Errors carry the generic bodies of ``sidecar.errors``; details go to the
+log.
 
 What waits lives here: /tap on the admin port (a bounded long poll on the tap's ring) and
 the application probes on the health port, which GET the app on 127.0.0.1 with the
@@ -57,8 +64,8 @@ PROBE_MAX_HEAD_BYTES = 16 * 1024
 # The admin port's bounds are the server's defaults; the health port faces the pod network,
 # so no keep-alive and a short head timeout.
 # Both keep a reserve of PROBE_RESERVE connections beyond their limits for /healthz and
-# /readyz only (``ServerLimits.probe_paths``): on a loopback port every local client is one
-# source, and a scraper holding that source's share locked the probes out.
+# /readyz only (``ServerLimits.probe_paths``): on a loopback port the local clients usually
+# share 127.0.0.1, and a scraper holding that address's share locked the probes out.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 PROBE_RESERVE = 8
 ADMIN_LIMITS = ServerLimits(probe_paths=PROBE_PATHS, probe_reserve=PROBE_RESERVE)

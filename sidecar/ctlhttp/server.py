@@ -12,16 +12,32 @@ for each connection:
   per-source share is closed unserved at once (it costs the neighbour nothing to retry, and
   the other sources, the kubelet or the API server, keep theirs). At ``max_connections``
   either (``wait_for_slot``: the webhook, which must not drop the API server) accepting
-  pauses, so extra clients wait in the kernel backlog instead of growing our memory; or a
-  newcomer whose source holds fewer connections than the heaviest source takes that
-  source's oldest connection, which is closed (``_heaviest``; several neighbours within
-  their shares filled every slot, and the kubelet was refused), and any other newcomer is
-  closed unserved. Each refusal is reported through ``on_refused(reason)``. With a
-  ``probe_reserve``, a connection these limits would refuse is served from the reserve
-  instead, for ``probe_paths`` only (one request, ``RESERVE_HEAD_TIMEOUT``, 429 for any
-  other path; when full, a newcomer takes the reserve's oldest connection); it counts as
-  refused unless it asked for a probe path. All local clients of a loopback port are one
-  source, and one scraper's share left the probes unanswered.
+  pauses, so extra clients wait in the kernel backlog instead of growing our memory; or the
+  newcomer (within its share) takes the slot of the oldest connection of another address
+  that has not completed a request head -- silent since it opened, half-way through a head,
+  or idle between keep-alive requests; its cancel scope is cancelled (``_Slot``,
+  ``_idle_victim``) -- as the inbound listener's ``handshake_evicted`` does for handshakes.
+  Before the thirty-first session only the heaviest source lost a connection: one local
+  process holding one silent connection from each of 64 loopback addresses (Linux lets any
+  process use any address of 127.0.0.0/8) took every slot, no source was over another, and
+  every other local client was refused (found by a hostile review). A connection whose head
+  is complete -- being answered, a ``/tap`` long poll -- is never taken by that rule, nor
+  one of the newcomer's own address (its share is its own: a newcomer over it is refused as
+  before, and may be served by the probe reserve below). When there is no such connection,
+  a newcomer whose *source group* (``source_group``: every loopback address is one, an
+  IPv6 address its /64, any other address itself) holds at least two fewer connections
+  than the heaviest group takes the oldest connection of the address holding the most in
+  that group, and failing that the same rule by address (``_heaviest``; several neighbours
+  within their shares filled every slot, and the kubelet was refused; the groups since the
+  thirty-first session: busy connections from many loopback addresses, one each, kept a
+  newcomer from another host out of a non-loopback port); any other newcomer is closed
+  unserved. Each refusal, and each connection closed to make room, is reported through
+  ``on_refused(reason)``. With a ``probe_reserve``, a connection these limits would refuse
+  is served from the reserve instead, for ``probe_paths`` only (one request,
+  ``RESERVE_HEAD_TIMEOUT``, 429 for any other path; when full, a newcomer takes the
+  reserve's oldest connection); it counts as refused unless it asked for a probe path. The
+  local clients of a loopback port usually share one address (127.0.0.1), and one
+  scraper's share left the probes unanswered.
 * TLS (``tls`` given): the context is read at accept time, so a certificate swapped by a
   reload serves new handshakes while open connections keep theirs; the handshake runs under
   ``handshake_timeout``.
@@ -69,7 +85,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -155,6 +171,83 @@ class _BodyBudget:
             self._by_source[source] = mine
         else:
             self._by_source.pop(source, None)
+
+
+def source_group(address: str) -> str:
+    """The group a source address is counted in when the server is full and one source must
+    give up a connection to another (``serve``): every loopback address (all of
+    127.0.0.0/8, ``::1``, and their IPv4-mapped forms) is ``loopback`` -- one process may
+    connect from any of them (Linux routes the whole /8 to ``lo``) --, a global, unique-local
+    or site IPv6 address is its /64 (``2001:db8:1:2::/64``: one host or pod is given a whole
+    prefix as easily as one address), a link-local IPv6 address stays itself (every host on
+    the link shares fe80::/64), and any other address, or a text that is no address, is
+    itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv4Address) or ip.is_link_local or ip.is_unspecified:
+        return str(ip)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+class _Slot:
+    """One connection being served in one of ``serve``'s slots (not the probe reserve), as
+    the accept loop sees it: its source address and group, the scope that closes it, and
+    whether it is waiting for a request head (from its accept -- the TLS handshake
+    included -- until a head is complete, and again between keep-alive requests; a head
+    half sent counts as waiting). Only such a connection is taken for a newcomer by the
+    oldest-waiting rule (``serve``)."""
+
+    __slots__ = ("address", "group", "scope", "awaiting_head")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.group = source_group(address)
+        self.scope = trio.CancelScope()
+        self.awaiting_head = True
+
+
+def victim_slot(served: Sequence[_Slot], newcomer: str) -> _Slot | None:
+    """Of ``served`` (oldest first), the connection a newcomer from address ``newcomer``
+    takes the slot of on a full server: the oldest one still waiting for a request head,
+    from another address (whatever its group; a newcomer's own address's connections are
+    its own: a client that fills the server with them gains nothing by closing one); else
+    one of the heaviest group, else of the heaviest address, when it holds at least two
+    more than the newcomer's (``heaviest_slot``; the module docstring). None: no one is
+    over its share."""
+    for slot in served:
+        if slot.awaiting_head and slot.address != newcomer and not slot.scope.cancel_called:
+            return slot
+    return (heaviest_slot(served, source_group(newcomer), lambda slot: slot.group)
+            or heaviest_slot(served, newcomer, lambda slot: slot.address))
+
+
+def heaviest_slot(served: Iterable[_Slot], newcomer: str,
+                  key: Callable[[_Slot], str]) -> _Slot | None:
+    """Of ``served`` (oldest first), the connection to close, not yet closed, in the source
+    (``key``: a connection's group or its address) holding the most, if that source holds at
+    least two more than the newcomer's source ``newcomer`` will once it is let in (else None:
+    no one is over its share): the oldest connection of the address holding the most in that
+    source (within a group, the address that filled it loses first, not another client of
+    the same /64, such as the kubelet beside the pods of its node)."""
+    live: dict[str, list[_Slot]] = {}
+    for slot in served:
+        if not slot.scope.cancel_called:
+            live.setdefault(key(slot), []).append(slot)
+    if not live:
+        return None
+    heaviest = max(live, key=lambda src: len(live[src]))
+    if len(live[heaviest]) < len(live.get(newcomer, ())) + 2:
+        return None
+    by_address: dict[str, list[_Slot]] = {}
+    for slot in live[heaviest]:
+        by_address.setdefault(slot.address, []).append(slot)
+    return max(by_address.values(), key=len)[0]
 
 
 class _Closed(Exception):
@@ -420,14 +513,28 @@ class _Site:
     budget: _BodyBudget  # body bytes being read, shared by every connection of the server
 
 
-async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str) -> None:
+async def _next_head(conn: _Connection, deadline: float, slot: _Slot | None) -> Any:
+    """The next event while a request head is awaited; ``slot`` (if any) says so meanwhile:
+    the connection may be taken for a newcomer until the head is complete (``serve``), never
+    while it is answered or answers a malformed head."""
+    if slot is None:
+        return await conn.next_event(deadline)
+    slot.awaiting_head = True
+    try:
+        return await conn.next_event(deadline)
+    finally:
+        slot.awaiting_head = False
+
+
+async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str,
+                          slot: _Slot | None = None) -> None:
     limits = site.limits
     conn = _Connection(stream, limits, site.budget, source)
     idle = limits.idle_timeout if limits.idle_timeout is not None else limits.head_timeout
     for served in range(limits.max_requests_per_connection):
         wait = limits.head_timeout if served == 0 else idle
         try:
-            head = await conn.next_event(trio.current_time() + wait)
+            head = await _next_head(conn, trio.current_time() + wait, slot)
         except _TooSlow:
             # Part of a head arrived, the rest not in time (slowloris): 408 and close, as
             # the data path answers. An idle keep-alive connection (no byte of a next head)
@@ -515,7 +622,8 @@ class _HandshakeReads(trio.abc.Stream):
 
 
 async def _serve_connection(tcp: trio.SocketStream, site: _Site,
-                            tls: Callable[[], ssl.SSLContext] | None, source: str) -> None:
+                            tls: Callable[[], ssl.SSLContext] | None, source: str,
+                            slot: _Slot | None = None) -> None:
     stream: trio.abc.Stream = tcp
     try:
         if tls is not None:
@@ -527,7 +635,7 @@ async def _serve_connection(tcp: trio.SocketStream, site: _Site,
             counted.handshaking = False
             if scope.cancelled_caught:
                 return
-        await _serve_requests(stream, site, source)
+        await _serve_requests(stream, site, source, slot)
     except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
         pass  # nothing more we can tell this client
     finally:
@@ -558,7 +666,8 @@ async def serve(
     ``tls``: returns the server context for a new connection (None: plain TCP).
     ``base_headers``: sent on every answer. ``bad_request(status)``: the answer to a
     malformed request. ``on_refused(reason)``: a connection closed unserved by a limit
-    (``max_connections``, ``max_connections_per_source``). ``on_connection(+1 / -1)``: a
+    (``max_connections``, ``max_connections_per_source``), or closed to make room for a
+    newcomer on a full server (``max_connections``). ``on_connection(+1 / -1)``: a
     connection starts being served / ends.
     """
     host, port = listen
@@ -572,21 +681,9 @@ async def serve(
                  _BodyBudget(limits.body_budget_bytes, limits.body_budget_per_source))
     slots = trio.Semaphore(max(1, limits.max_connections))
     sources = SourceLimiter(limits.max_connections_per_source)
-    # The cancel scopes of the connections being served, per source, oldest first.
-    served: dict[str, list[trio.CancelScope]] = {}
-
-    def _heaviest(newcomer: str | None) -> trio.CancelScope | None:
-        """The oldest connection, not yet closed, of the source holding the most, if that
-        source holds at least two more than ``newcomer`` will once it is let in (else None:
-        no one is over its share)."""
-        live = {src: [sc for sc in scopes if not sc.cancel_called]
-                for src, scopes in served.items()}
-        live = {src: scopes for src, scopes in live.items() if scopes}
-        if not live:
-            return None
-        heaviest = max(live, key=lambda src: len(live[src]))
-        mine = sources.held(newcomer) if newcomer is not None else 0
-        return live[heaviest][0] if len(live[heaviest]) >= mine + 2 else None
+    # The connections being served in the slots, oldest first (at most max_connections,
+    # plus those closed to make room and not yet gone).
+    served: list[_Slot] = []
 
     async def run_after_slot(tcp: trio.SocketStream, source: str) -> None:
         """Serve a newcomer once the connection closed for it has let its slot go (within
@@ -607,11 +704,12 @@ async def serve(
             on_refused(reason)
 
     # The probe reserve: connections the limits would refuse, served for ``probe_paths``
-    # only. Every client of a loopback admin port is one source (127.0.0.1), so one local
-    # scraper holding its share locked out the liveness and readiness probes; the reserve
-    # answers those, and only those, while the shares are taken. Its connections serve one
-    # request with a short head timeout; when it is full a newcomer takes its oldest
-    # connection (a probe is answered at once, so only a silent one is old).
+    # only. The local clients of a loopback admin port usually share one address
+    # (127.0.0.1), so one local scraper holding its share locked out the liveness and
+    # readiness probes; the reserve answers those, and only those, while the shares are
+    # taken. Its connections serve one request with a short head timeout; when it is full
+    # a newcomer takes its oldest connection (a probe is answered at once, so only a
+    # silent one is old).
     reserved: list[trio.CancelScope] = []
 
     def reserve_handler(probed: list[bool]) -> Handler:
@@ -660,21 +758,18 @@ async def serve(
     async def run(tcp: trio.SocketStream, source: str) -> None:
         if on_connection is not None:
             on_connection(1)
-        scope = trio.CancelScope()
-        mine = served.setdefault(source, [])
-        mine.append(scope)
+        slot = _Slot(source)
+        served.append(slot)
         try:
-            with scope:
-                await _serve_connection(tcp, site, tls, source)
-            if scope.cancelled_caught:
-                await trio.aclose_forcefully(tcp)  # closed to make room for another source
+            with slot.scope:
+                await _serve_connection(tcp, site, tls, source, slot)
+            if slot.scope.cancelled_caught:
+                await trio.aclose_forcefully(tcp)  # closed to make room for a newcomer
         except Exception as exc:  # noqa: BLE001 -- one bad connection never stops the server
             log(error_event, "error", server=name, error=repr(exc))
             await trio.aclose_forcefully(tcp)
         finally:
-            mine.remove(scope)
-            if not mine and served.get(source) is mine:
-                del served[source]
+            served.remove(slot)
             if on_connection is not None:
                 on_connection(-1)
             sources.leave(source)
@@ -703,19 +798,23 @@ async def serve(
                 try:
                     slots.acquire_nowait()
                 except trio.WouldBlock:
-                    # Full: a source holding fewer connections than the heaviest one takes
-                    # the heaviest one's oldest (closed at once) rather than be refused. A
-                    # few neighbours, each within its per-source share, filled every slot
-                    # of the health port and the kubelet's probes were refused (found by a
-                    # hostile review); now the sources converge on equal shares.
-                    victim = _heaviest(source)
+                    # Full: the newcomer takes the slot of the oldest connection of another
+                    # address still waiting for a request head (closed at once): one local
+                    # process held a silent connection from each of 64 loopback addresses
+                    # and every other local client was refused (thirty-first session's
+                    # review). Else a source holding fewer connections than the heaviest
+                    # group or address takes one of its connections: a few neighbours, each
+                    # within its per-source share, filled every slot of the health port
+                    # and the kubelet's probes were refused (found by a hostile review);
+                    # now the sources converge on equal shares.
+                    victim = victim_slot(served, source) if source is not None else None
                     if victim is None or source is None or not sources.try_enter(source):
                         if not try_reserve(tcp, source, "max_connections", nursery):
                             refuse("max_connections")
                             await trio.aclose_forcefully(tcp)
                         continue
                     refuse("max_connections")  # (the one closed to make room)
-                    victim.cancel()
+                    victim.scope.cancel()
                     nursery.start_soon(run_after_slot, tcp, source)
                     continue
             if source is None or not sources.try_enter(source):
