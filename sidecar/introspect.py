@@ -68,6 +68,10 @@ from sidecar.net.tlsfiles import FileContext
 from sidecar.policy.sections import Introspection, JwtProvider
 
 FAILURE_BACKOFF_SECONDS = 1.0
+# Statuses that say the server (or our client's standing with it) is in trouble, not the
+# token: with any 5xx they start the provider-wide backoff; any other failed answer fails
+# only the token it was about (``_call``).
+SERVER_TROUBLE = frozenset({401, 403, 407, 408, 429})
 # How often a request waits for another request's call of the same token before it gives
 # up (each wait is bounded by that call's own timeouts): then "unavailable", fail closed.
 _MAX_WAITS = 3
@@ -199,6 +203,7 @@ class Introspector:
                 limit="provider" if shared or share is None else "caller")
             self._count(provider.name, "busy")
             return self._unavailable(provider.name, digest, FAILURE_BACKOFF_SECONDS)
+        down = True  # (until the server answered: then its status says)
         try:
             self.calls += 1
             form = {"token": token, "token_type_hint": "access_token"}
@@ -212,10 +217,19 @@ class Introspector:
                 spec.endpoint, self._context(spec), method="POST", headers=headers,
                 body=urlencode(form).encode("ascii"), connect_timeout=spec.timeout_seconds,
                 read_timeout=spec.timeout_seconds, max_bytes=MAX_INTROSPECTION_BYTES)
+            down = status in SERVER_TROUBLE or status >= 500
             claims = introspection_claims(status, body, shown_url(spec.endpoint))
         except (JwksFetchError, ValueError, OSError, ssl.SSLError) as exc:
             self.failures += 1
-            self._down_until[provider.name] = trio.current_time() + FAILURE_BACKOFF_SECONDS
+            # The server unreachable, slow, or in trouble (5xx, our client refused, rate
+            # limited): every caller's new tokens wait out the backoff, no call made. An
+            # answer about this token (another 4xx, a body that is no answer) fails this
+            # token alone: before the thirty-first session it set the provider-wide backoff
+            # too, so one caller's token -- one the server answers 400, or one whose answer
+            # holds what the strict reader refuses -- refused every other caller's new
+            # tokens for a second, again and again (found by a hostile review).
+            if down:
+                self._down_until[provider.name] = trio.current_time() + FAILURE_BACKOFF_SECONDS
             # str(exc) names the endpoint (scheme and host) and the failure (status,
             # timeout...); it never holds the request (token, secret) or the response body.
             log("introspection_failed", "warning", provider=provider.name,
