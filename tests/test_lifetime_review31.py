@@ -37,6 +37,7 @@ from tests.harness import (
     spiffe,
     start_sidecar,
     wait_for,
+    write_policy,
 )
 from tests.test_lifetime_review import _short_lived_identity
 
@@ -276,3 +277,112 @@ def test_a_pooled_upstream_connection_in_use_is_retired_at_its_age(
             s.close()
         for u in ups.values():
             u.close()
+
+
+# --- the upstream connection of a finished exchange no longer judges the app's connection ---
+
+class DelayRelay:
+    """A TCP relay on 127.0.0.1 to ``target``; every connection after the first waits
+    ``delay`` s before it is relayed (a slow path to the peer)."""
+
+    def __init__(self, target: int, delay: float) -> None:
+        self.target, self.delay, self.count = target, delay, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.count += 1
+            threading.Thread(target=self._relay, args=(conn, self.count > 1),
+                             daemon=True).start()
+
+    def _relay(self, conn: socket.socket, slow: bool) -> None:
+        if slow:
+            time.sleep(self.delay)
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+        except OSError:
+            conn.close()
+            return
+        up.settimeout(30)
+        conn.settimeout(30)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        back = threading.Thread(target=pipe, args=(up, conn), daemon=True)
+        back.start()
+        pipe(conn, up)
+        back.join(30)
+        conn.close()
+        up.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def _get_whole(sock: socket.socket, path: str) -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n".encode())
+    head = read_head(sock)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    body = head.partition(b"\r\n\r\n")[2]
+    while len(body) < length and (data := sock.recv(65536)):
+        body += data
+    return head
+
+
+def test_a_finished_exchanges_upstream_connection_no_longer_ages_the_apps(
+        tmp_path: Path, pki: Pki, app: int, procs: list[Any]) -> None:
+    """A young app-side connection whose previous request ran over a pooled upstream
+    connection that has since passed its age, and whose next request waits for a new one
+    (a slow path to the peer): the request is answered, not cut for the old connection's age
+    (a review of this session's fix: the binding outlived the exchange)."""
+    age = 4.0
+    policy = write_policy(tmp_path / "mesh.yaml", {
+        "version": 1, "trust_domain": "demo.local", "services": {
+            spiffe("orders"): {"rules": [{"name": "open", "allow": {
+                "from": [spiffe("frontend")]}}]},
+            spiffe("frontend"): {"egress": [spiffe("orders")]}}})
+    inbound = start_sidecar(tmp_path, "orders", sidecar_config(
+        pki.identity("orders"), inbound={"listen": f"127.0.0.1:{free_port()}",
+                                         "app": f"127.0.0.1:{app}"}, policy=policy))
+    procs.append(inbound)
+    relay = DelayRelay(inbound.port("inbound"), 2.5)
+    try:
+        out = start_sidecar(tmp_path, "frontend", sidecar_config(
+            pki.identity("frontend"), outbound=[{
+                "name": "orders", "listen": f"127.0.0.1:{free_port()}",
+                "upstream": f"127.0.0.1:{relay.port}", "identity": spiffe("orders")}],
+            policy=policy, limits={"max_connection_age": f"{int(age)}s",
+                                   "max_connection_age_jitter": "0s",
+                                   "connection_close_grace": "1s"}))
+        procs.append(out)
+        port = out.port("orders")
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
+            assert _get_whole(first, "/orders/1").startswith(b"HTTP/1.1 200")  # U1 made
+        wait_for(lambda: time.monotonic() > started + age - 1.0, timeout=age + 5)
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as young:
+            assert _get_whole(young, "/orders/2").startswith(b"HTTP/1.1 200")  # over U1
+            wait_for(lambda: time.monotonic() > started + age + 1.5, timeout=10)
+            # (U1 is past its age: this request waits 2.5 s for a new upstream connection)
+            assert _get_whole(young, "/orders/3").startswith(b"HTTP/1.1 200")
+        assert relay.count == 2, relay.count  # (the premise: a second upstream connection)
+    finally:
+        relay.close()

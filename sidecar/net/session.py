@@ -200,11 +200,19 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     if conn.reauth is not None:  # (an introspected token's: ``reauth``)
                         conn.reauth = None
                         conn.reauth_at = math.inf
+                    # (the upstream connection this exchange ran over is the pool's again:
+                    # its age or trust no longer judges this connection -- found by a
+                    # review of the thirty-first session's fixes: a young connection whose
+                    # next request waited for a new upstream connection was retired for
+                    # the previous one's age)
+                    conn.upstream = None
                 telemetry.request(ctx, ex.status, ex.request_bytes, ex.response_bytes,
                                   error=ex.error)
                 if ex.upgraded:
                     return
             except RequestRefused as exc:
+                if conn is not None:
+                    conn.upstream = None  # (as after an exchange: the pool's again)
                 telemetry.request(ctx, exc.status, error=exc.reason)
                 await send_refusal(client, exc, ctx.request_id, ctx.verdict, head=_is_head(event))
                 return
