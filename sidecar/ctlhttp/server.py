@@ -175,9 +175,10 @@ class _BodyBudget:
 
 def source_group(address: str) -> str:
     """The group a source address is counted in when the server is full and one source must
-    give up a connection to another (``serve``): every loopback address (all of
-    127.0.0.0/8, ``::1``, and their IPv4-mapped forms) is ``loopback`` -- one process may
-    connect from any of them (Linux routes the whole /8 to ``lo``) --, a global, unique-local
+    give up a connection to another (``serve``): ``127.0.0.1`` and ``::1`` are
+    ``localhost``, every other loopback address (the rest of 127.0.0.0/8, and their
+    IPv4-mapped forms) is ``loopback`` -- one process may connect from any of them (Linux
+    routes the whole /8 to ``lo``) --, a global, unique-local
     or site IPv6 address is its /64 (``2001:db8:1:2::/64``: one host or pod is given a whole
     prefix as easily as one address), a link-local IPv6 address stays itself (every host on
     the link shares fe80::/64), and any other address, or a text that is no address, is
@@ -189,7 +190,12 @@ def source_group(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.is_loopback:
-        return "loopback"
+        # (127.0.0.1 and ::1, where every local client connects from unless it binds
+        # another address on purpose, are a group of their own: a process that holds the
+        # server from many other loopback addresses -- busy, long polls or unread answers --
+        # is then the heaviest group, and 127.0.0.1 takes a slot from it; found by a review
+        # of the thirty-first session's fix, which grouped all of 127/8 with 127.0.0.1)
+        return "localhost" if int(ip) in (0x7F000001, 1) else "loopback"
     if isinstance(ip, ipaddress.IPv4Address) or ip.is_link_local or ip.is_unspecified:
         return str(ip)
     return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
