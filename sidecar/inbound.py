@@ -180,12 +180,6 @@ class InboundProxy:
             self.telemetry.connection_refused("inbound", source, None, "no_client_cert", started)
             await close_quietly(tls_stream)
             return
-        if self._blocked(peer.spiffe_id, source):
-            # (a peer an alert rule blocks, ``by: peer``: closed once it is known, before a
-            # request is read -- it held its connections open, only its requests refused)
-            self.telemetry.connection_blocked("inbound", source, started)
-            await close_quietly(tls_stream)
-            return
         self.tracker.established()  # (never closed to make room from now on)
         self.telemetry.connection_opened("inbound")
         try:
@@ -209,7 +203,8 @@ class InboundProxy:
     def _blocked(self, peer: str | None, source: str) -> bool:
         """Whether an alert rule blocks this connection's address (or, given, its peer) now
         (``BurstDetector.blocked`` on the gate's clock: a dictionary test when nothing is
-        blocked)."""
+        blocked). A blocked peer's requests are refused 403 by the gate (a peer has paid
+        for its handshake; its open connections are cut by the block itself)."""
         gate = self.gate
         detector = gate.detector
         return detector is not None and detector.blocked(

@@ -931,8 +931,9 @@ def test_users_bad_tokens_never_block_the_frontend_relaying_them(tmp_path: Path,
     # The frontend's own failures (paths no rule allows its identity) do count against it.
     for i in range(5):
         assert node.get(f"/admin/{i}", sign(claims())).status == 403
-    r = node.get("/orders/ok", sign(claims(sub="carol")))
-    assert r.status == 403  # source_blocked
+    # (source_blocked: refused at accept since the thirty-first session, no longer a 403)
+    with pytest.raises((ssl.SSLError, OSError)):
+        node.get("/orders/ok", sign(claims(sub="carol")))
     events = node.sidecar.log_events("alert_raised")
     assert {e["alert"] for e in events if e["by"] in ("peer", "address")} == {
         "address-scanning", "peer-scanning"}
@@ -965,6 +966,8 @@ def test_peer_certificate_failures_count_for_address_rules(tmp_path: Path, pki: 
     wait_for(lambda: node.sidecar.log_events("alert_raised"), timeout=10)
     [alert] = node.sidecar.log_events("alert_raised")
     assert alert["alert"] == "address-scanning" and alert["source"] == "127.0.0.1"
-    r = node.get("/x")
-    assert r.status == 403  # the address is blocked now, valid certificate or not
+    # The address is blocked now, valid certificate or not: refused at accept, before any
+    # TLS byte (a 403 before the thirty-first session).
+    with pytest.raises((ssl.SSLError, OSError)):
+        node.get("/x")
     assert node.metric("sidecar_source_blocked_total") >= 1
