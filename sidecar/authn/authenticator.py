@@ -49,6 +49,8 @@ from sidecar.authn.cache import (
 )
 from sidecar.authn.extract import (
     AUTHORIZATION,
+    SCAN_BYTES_FREE,
+    SCAN_BYTES_PER_BYTE,
     Guards,
     copies,
     extract_tokens,
@@ -76,12 +78,14 @@ from sidecar.authn.jwt import (
     UNKNOWN_PROVIDER,
     UNREAD_LOCATION,
     Claims,
+    ReadTooCostly,
     TokenInvalid,
+    WorkLimit,
     check_audience,
     check_claim_types,
     check_lifetime,
     check_required,
-    names_issuer,
+    issuers_named,
     numeric_date,
     parse_unverified_header,
     unverified_subject,
@@ -484,6 +488,9 @@ class Authenticator:
         # requests have neither.)
         refused: list[tuple[str | None, bool]] | None = None
         unjudged: list[str] | None = None
+        # Which issuers each refused token names (``_issuers_named``: read once for every
+        # provider that refuses it). (Made when first needed.)
+        named: dict[str, frozenset[str]] | None = None
         guards = self._guards_for(providers)
         # Tokens in RFC 6750 places no provider here reads (extract.Guards): never accepted,
         # but a provider that finds none of its own is refused (unread_location), one that
@@ -544,9 +551,15 @@ class Authenticator:
                 if provider is not None:  # (else no location was read: unknown_provider)
                     if refused is None:
                         refused = []
-                    refused.append((token, exc.reason in _OWN_TOKEN_FAILED or (
-                        token is not None and provider.introspection is None
-                        and names_issuer(token, provider.issuer))))
+                    own = exc.reason in _OWN_TOKEN_FAILED
+                    if not own and token is not None and provider.introspection is None:
+                        if named is None:
+                            named = {}
+                        issuers = named.get(token)
+                        if issuers is None:
+                            issuers = named[token] = self._issuers_named(token, providers)
+                        own = provider.issuer in issuers
+                    refused.append((token, own))
                 if token is not None and provider is not None:
                     sub = unverified_subject(token, provider.max_token_bytes)
                     if sub is not None:
@@ -567,6 +580,22 @@ class Authenticator:
         return new_auth_facts((claims, errors, apikey, subjects,
                                None if key is None else (*key, apikey), tuple(held),
                                unaccepted))
+
+    def _issuers_named(self, token: str, providers: Iterable[str]) -> frozenset[str]:
+        """Which of the issuers of ``providers``' JWT providers (not introspected) ``token``'s
+        payload names (``jwt.issuers_named``): read once for them all -- before the
+        thirty-first session once per provider that refused it -- and doing at most the
+        work the copy scan may do for a value of its size (``SCAN_BYTES_FREE`` plus
+        ``SCAN_BYTES_PER_BYTE`` a character); past that it counts as naming each of them
+        (fail closed: the token stays refused, whoever else reads it)."""
+        issuers = frozenset(p.issuer for n in providers
+                            if (p := self._providers.get(n)) is not None
+                            and p.introspection is None)
+        limit = WorkLimit(SCAN_BYTES_FREE + SCAN_BYTES_PER_BYTE * len(token))
+        try:
+            return issuers_named(token, issuers, spend=limit.spend)
+        except ReadTooCostly:
+            return issuers
 
     def _guards_for(self, providers: Iterable[str]) -> Guards | None:
         """The RFC 6750 places none of ``providers`` reads (``extract.guards_for``)."""

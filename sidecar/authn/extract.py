@@ -42,11 +42,12 @@ from typing import NamedTuple
 from urllib.parse import unquote, unquote_plus, unquote_to_bytes
 
 from sidecar.authn.jwt import (
+    BEFORE_OBJECT,
     MALFORMED,
     MULTIPLE_TOKENS,
     TokenInvalid,
+    issuers_named,
     lenient_part,
-    names_issuer,
     payload_names,
 )
 from sidecar.http.request import METHOD_OVERRIDE_PARAMS
@@ -820,8 +821,9 @@ _OBJECT_FIRST_DIGITS = frozenset("eICDA7uv/_")
 # JWTs.
 MAX_COPY_PIECES = 16
 # What may come before a JSON object's "{" in a payload a lenient reader accepts:
-# whitespace, byte-order marks and the NULs of UTF-16 and UTF-32.
-_BEFORE_OBJECT = b" \t\r\n\x00\xef\xbb\xbf\xfe\xff"
+# whitespace, byte-order marks and the NULs of UTF-16 and UTF-32 (``jwt.payload_names``
+# reads nothing else either).
+_BEFORE_OBJECT = BEFORE_OBJECT
 
 
 def _object_payload(piece: str) -> bool:
@@ -839,7 +841,9 @@ def _object_payload(piece: str) -> bool:
 # passed over as they are passed over -- each form of a value searched and scanned (the value
 # as sent, each decoded form), each decoding's input (and ``SCAN_ESCAPE_COST`` more for each
 # escape it decodes: a call back into Python), each piece decoded (``_object_payload``) or read
-# whole (``names_issuer``; ``SCAN_PIECE_COST`` more each). Each value looked at adds
+# whole (``issuers_named``; ``SCAN_PIECE_COST`` more each, and what reading it costs:
+# ``jwt.READ_PARSE_COST`` a character for each parse, more for each member and each value
+# judged -- the payload read once for all the section's issuers). Each value looked at adds
 # ``SCAN_BYTES_PER_BYTE`` times its own size to what is left, which starts at
 # ``SCAN_BYTES_FREE``. Past it the request counts as holding a copy (fail closed, as a value
 # with too many forms does: ``_TOO_MANY_FORMS``) and nothing more of it is looked at. Found by
@@ -847,7 +851,11 @@ def _object_payload(piece: str) -> bool:
 # so one 30 KB header whose value decoded to 15 forms, each full of pieces, cost 100 ms of the
 # event loop (a plain head of that size 1.3 ms), a 1 MB head 1.9 s; two connections sending it
 # held every other caller's requests for hundreds of milliseconds. A head an app sends --
-# values with a few escapes, a token or two -- uses a small part of it.
+# values with a few escapes, a token or two -- uses a small part of it. (Before the
+# thirty-first session a payload's reading was counted by its bytes, and read once per issuer:
+# a 30 KB header of ``{"iss":["x"]}`` objects ending in a bad byte cost 30 ms, 106 ms with
+# three issuers, and was let through; now such a request uses up its budget and is refused
+# as holding a copy.)
 SCAN_BYTES_PER_BYTE = 4
 SCAN_BYTES_FREE = 64 * 1024
 SCAN_ESCAPE_COST = 8
@@ -896,7 +904,7 @@ class _Copies:
 
     def scan(self, forms: tuple[str, ...], own: set[str] | frozenset[str]) -> None:
         """Add the JWT-shaped pieces of ``forms`` (not in ``own``) whose payload, read
-        unverified, names one of the issuers as ``iss`` (``jwt.names_issuer``, at any
+        unverified, names one of the issuers as ``iss`` (``jwt.issuers_named``, at any
         length: a head is bounded by ``limits.max_header_bytes``, up to 8 MiB, and a piece
         longer than names_issuer's own bound reached the app unread -- found by the review
         of this fix). Past the budget (``_ScanBudget``) or a value's forms (``_forms``),
@@ -926,8 +934,9 @@ class _Copies:
                         else:
                             budget.spend(SCAN_PIECE_COST + len(piece))
                             self.whole += 1
-                            named = any(names_issuer(piece, issuer, None)
-                                        for issuer in self.issuers)
+                            # (read once for every issuer, its cost counted as it is done)
+                            named = bool(issuers_named(piece, self.issuers, None,
+                                                       budget.spend, first=True))
                         read[piece] = named
                         if named:
                             self.found.append(piece)
@@ -1380,32 +1389,38 @@ def _any_value(value: object) -> bool:
     return True
 
 
-def _json_has_member(part: str, member: str) -> bool:
+def _json_has_member(part: str, member: str,
+                     spend: Callable[[int], object] | None = None) -> bool:
     """Whether ``part``, read as leniently as ``jwt.names_issuer`` reads a payload
     (``jwt.payload_names``: base64 with or without padding or filler; JSON in UTF-8, -16 or
     -32, with bytes that are no UTF-8, numbers of any size, nested any depth), is JSON
     holding an object, at any depth, with a member ``member`` (in any case). (Before the
     twenty-ninth session a payload ``json`` could not read named nothing here either: the
-    path ``copies`` refused was written to the records whole.)"""
-    return payload_names(part, member, _any_value)
+    path ``copies`` refused was written to the records whole.) ``spend``:
+    ``jwt.payload_names``'."""
+    return payload_names(part, member, _any_value, spend)
 
 
 class _PathPieces:
     """The pieces of one path read so far (each read once; at most ``MAX_COPY_PIECES`` read
-    whole, as ``_Copies`` reads them)."""
+    whole, as ``_Copies`` reads them), and what reading them may still cost (``budget``,
+    as the scan's: ``_ScanBudget``, for the path's size)."""
 
-    __slots__ = ("read", "whole")
+    __slots__ = ("read", "whole", "budget")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 0) -> None:
         self.read: dict[str, bool] = {}
         self.whole = 0
+        self.budget = _ScanBudget()
+        self.budget.allow(size)
 
     def is_token(self, piece: str) -> bool:
         """Whether ``piece`` is a JOSE object: its payload names an issuer (an ``iss``
         member, whatever its value: a superset of what ``copies`` finds for any section's
         issuers), or its first part is a JOSE header (an ``alg`` member: a JWE, a JWS of
-        an issuer no section has). Past ``MAX_COPY_PIECES`` pieces read whole, a piece
-        whose payload reads as a JSON object counts unread (over-reading only hides
+        an issuer no section has). Past ``MAX_COPY_PIECES`` pieces read whole, or past
+        the budget (``budget``: reading a payload costs what ``copies`` counts for it), a
+        piece whose payload reads as a JSON object counts unread (over-reading only hides
         more)."""
         known = self.read.get(piece)
         if known is not None:
@@ -1415,12 +1430,17 @@ class _PathPieces:
         header = len(head) >= 12 and _object_payload("." + head)
         if not payload and not header:
             named = False
-        elif self.whole >= MAX_COPY_PIECES:
+        elif self.whole >= MAX_COPY_PIECES or self.budget.left < 0:
             named = True
         else:
             self.whole += 1
-            named = (payload and _json_has_member(rest.partition(".")[0], "iss")) or (
-                header and _json_has_member(head, "alg"))
+            spend = self.budget.spend
+            try:
+                spend(SCAN_PIECE_COST + len(piece))
+                named = (payload and _json_has_member(rest.partition(".")[0], "iss", spend)
+                         ) or (header and _json_has_member(head, "alg", spend))
+            except _TooManyForms:
+                named = True  # (past the budget: counted unread)
         self.read[piece] = named
         return named
 
@@ -1469,7 +1489,7 @@ def path_for_records(path: str) -> str:
     string: callers test ``is``)."""
     if "." not in path and "%" not in path and "\\" not in path:
         return path  # (no dot, nothing decoded: most paths end here)
-    pieces = _PathPieces()
+    pieces = _PathPieces(len(path))
     if not _holds_token(path, pieces):
         return path
     segments = path.split("/")
