@@ -36,11 +36,12 @@ from tests.harness import (
     http,
     loopback_alias_works,
     metric_value,
-    read_head,
     sidecar_config,
     start_app,
     start_sidecar,
 )
+from tests.test_admin_review import _port, _read_answer
+from tests.test_listener_unauth_budget import closed_by_server
 
 ADMIN_SLOTS = 64  # sidecar.ctlhttp.server.ServerLimits.max_connections (the admin port)
 HEALTH_SLOTS = 256  # sidecar.admin.HEALTH_LIMITS.max_connections
@@ -71,36 +72,6 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProc]:
         proc = start_sidecar(tmp, "sources", cfg)
         stack.callback(proc.stop, timeout=10)
         yield proc
-
-
-def _port(proc: SidecarProc, which: str) -> int:
-    key = "listen" if which == "admin" else "health_listen"
-    return int(proc.cfg["admin"][key].rsplit(":", 1)[1])
-
-
-def _read_answer(sock: socket.socket) -> bytes:
-    """One whole answer with a Content-Length body (bounded by read_head and the length)."""
-    data = read_head(sock)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                   if line.lower().startswith(b"content-length:")), 0)
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-def _closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """Whether the server closed ``sock`` (EOF or reset) within ``timeout``."""
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(65536) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
 
 
 # How each held connection waits for its (next) request head: the bytes sent, and whether
@@ -163,7 +134,7 @@ def test_waiting_connections_from_many_loopback_addresses_make_room(
         before = _refused_full(sidecar, which)
         with _hold(port, _aliases(slots, "127.0.1.1"), first, answered) as held:
             got = http(port, "GET", path, timeout=5)
-            oldest_closed = _closed_by_server(held[0])
+            oldest_closed = closed_by_server(held[0])
         after = _refused_full(sidecar, which)
         if got.status != served or not oldest_closed or after < before + 1:
             failures.append((which, holder, got.status, oldest_closed, after - before))

@@ -281,59 +281,42 @@ def test_a_pooled_upstream_connection_in_use_is_retired_at_its_age(
 
 # --- the upstream connection of a finished exchange no longer judges the app's connection ---
 
-class DelayRelay:
+class DelayRelay(ScriptedServer):
     """A TCP relay on 127.0.0.1 to ``target``; every connection after the first waits
     ``delay`` s before it is relayed (a slow path to the peer)."""
 
+    timeout = 30.0
+
     def __init__(self, target: int, delay: float) -> None:
         self.target, self.delay, self.count = target, delay, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.slow: set[int] = set()  # (the file numbers of the connections to hold)
+        super().__init__()
 
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.count += 1
-            threading.Thread(target=self._relay, args=(conn, self.count > 1),
-                             daemon=True).start()
+    def admit(self, conn: socket.socket) -> bool:
+        self.count += 1
+        if self.count > 1:
+            self.slow.add(conn.fileno())
+        return True
 
-    def _relay(self, conn: socket.socket, slow: bool) -> None:
-        if slow:
+    def serve(self, sock: socket.socket) -> None:
+        if sock.fileno() in self.slow:
+            self.slow.discard(sock.fileno())
             time.sleep(self.delay)
-        try:
-            up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-        except OSError:
-            conn.close()
-            return
-        up.settimeout(30)
-        conn.settimeout(30)
+        with socket.create_connection(("127.0.0.1", self.target), timeout=5) as up:
+            up.settimeout(30)
 
-        def pipe(a: socket.socket, b: socket.socket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            def pipe(a: socket.socket, b: socket.socket) -> None:
+                try:
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                    b.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
 
-        back = threading.Thread(target=pipe, args=(up, conn), daemon=True)
-        back.start()
-        pipe(conn, up)
-        back.join(30)
-        conn.close()
-        up.close()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
+            back = threading.Thread(target=pipe, args=(up, sock), daemon=True)
+            back.start()
+            pipe(sock, up)
+            back.join(30)
 
 
 def _get_whole(sock: socket.socket, path: str) -> bytes:
