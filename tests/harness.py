@@ -670,7 +670,7 @@ def start_inbound(tmp: Path, pki: Pki, app: int, procs: list[Any], *,
     return proc
 
 
-def wait_ready(proc: SidecarProc, timeout: float = 20.0) -> None:
+def wait_ready(proc: SidecarProc, timeout: float = 40.0) -> None:
     port = proc.port("admin")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
