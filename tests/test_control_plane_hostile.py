@@ -265,26 +265,28 @@ def test_the_log_names_the_failure_never_the_answer(env: Env) -> None:
 
 # Active answers whose time claims say the token is not valid yet (found by a hostile review:
 # only exp was checked, so "active" with nbf or iat an hour ahead was believed). Name ->
-# the answer's extra members and whether the request passes.
-def _times(**members: int) -> dict[str, int]:
+# the answer's extra members as offsets from the time the test runs (not the time the module
+# is imported: a CI run of 20 minutes once reached "ten minutes ahead" after it had passed,
+# and the member was believed), and whether the request passes.
+def _times(offsets: dict[str, int]) -> dict[str, int]:
     now = int(time.time())
-    return {name: now + offset for name, offset in members.items()}
+    return {name: now + offset for name, offset in offsets.items()}
 
 
 NOT_YET: dict[str, tuple[dict[str, int], bool]] = {
-    "nbf an hour ahead": (_times(nbf=3600), False),
-    "iat an hour ahead": (_times(iat=3600), False),
-    "nbf and iat ahead": (_times(nbf=600, iat=600), False),
-    "nbf past": (_times(nbf=-60), True),  # controls
-    "iat now": (_times(iat=0), True),
+    "nbf an hour ahead": ({"nbf": 3600}, False),
+    "iat an hour ahead": ({"iat": 3600}, False),
+    "nbf and iat ahead": ({"nbf": 600, "iat": 600}, False),
+    "nbf past": ({"nbf": -60}, True),  # controls
+    "iat now": ({"iat": 0}, True),
 }
 
 
 @pytest.mark.parametrize("name", NOT_YET)
 def test_introspection_answer_not_valid_yet_is_refused(env: Env, name: str) -> None:
-    members, passes = NOT_YET[name]
+    offsets, passes = NOT_YET[name]
     env.server.answers["/introspect"] = _answer(
-        json.dumps({**json.loads(ACTIVE), **members}).encode())
+        json.dumps({**json.loads(ACTIVE), **_times(offsets)}).encode())
     opaque = f"opaque-time-{name.replace(' ', '-')}-{time.monotonic_ns()}"
     before = env.sidecar.metric("sidecar_jwt_failures_total", provider="opaque",
                                 reason="not_yet_valid")
