@@ -66,7 +66,7 @@ from sidecar.net.listen import ConnectionTracker, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
-from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport
+from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport, ack_now
 from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_both, query_routes, space_trimmed
 from sidecar.policy.second import (
@@ -153,6 +153,7 @@ class InboundProxy:
             try:
                 tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
                 await tls_stream.do_handshake()
+                ack_now(tcp.socket)  # (a Nagle client's first request is not held 40 ms)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
                                                   handshake_reason(exc), started)

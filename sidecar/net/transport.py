@@ -69,6 +69,26 @@ def _stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
     return sock._sock  # type: ignore[attr-defined,no-any-return]
 
 
+# Linux's TCP_QUICKACK (12), where the platform has it.
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def ack_now(sock: trio.socket.SocketType) -> None:
+    """Acknowledge at once what the peer sent (Linux ``TCP_QUICKACK``; nothing elsewhere).
+
+    Called when a server handshake ends. With no session tickets (``identity/tls.py``) the
+    server writes nothing after the client's last flight, so the kernel delays its ACK (40 ms
+    on Linux), and a client with Nagle's algorithm on (no ``TCP_NODELAY``: many TLS clients
+    and libraries) holds its first request until that ACK: 40 ms on every new connection's
+    first request. A server that sends tickets has the ACK ride on them.
+    """
+    if _QUICKACK is not None:
+        try:
+            _stdlib_socket(sock).setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass  # (a connection already gone: its first read says so)
+
+
 async def _send_all(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     total = len(view)
