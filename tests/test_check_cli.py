@@ -52,6 +52,8 @@ class JwksServer:
 
     def __init__(self, ctx: ssl.SSLContext, body: bytes) -> None:
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True  # (head and body are two writes)
+
             def do_GET(self) -> None:  # noqa: N802
                 self.send_response(200)
                 self.send_header("content-type", "application/json")

@@ -702,6 +702,7 @@ class JwksServer:
         server_self = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True  # (head and body are two writes)
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args: object) -> None:

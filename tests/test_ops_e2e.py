@@ -224,6 +224,8 @@ def test_rate_limit_burst_exactly_at_below_above_and_refill(tmp_path, pki, app, 
 
 
 class _Hook(BaseHTTPRequestHandler):
+    disable_nagle_algorithm = True  # (head and body are two writes)
+
     received: list[tuple[str, dict]] = []
 
     def log_message(self, *args: object) -> None:
