@@ -56,7 +56,7 @@ from sidecar.config.model import SidecarConfig
 from sidecar.config.values import format_address
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.gate import Gate, PolicyHolder
-from sidecar.http.untrusted import HeaderFilter
+from sidecar.http.untrusted import RUN_AS_PARAMETERS, HeaderFilter
 from sidecar.identity.trust import load_bundle
 from sidecar.inbound import InboundProxy, open_app_stream
 from sidecar.keysources import KeySources
@@ -148,8 +148,11 @@ class Sidecar:
         self.tap = self.telemetry.tap  # served on the admin port as /tap
         limits = cfg.limits
         # One filter for both listeners; the policy's claim headers join it at every swap.
-        self.header_filter = HeaderFilter(allow_underscores=cfg.headers.allow_underscores,
-                                          pass_through=cfg.headers.pass_through)
+        self.header_filter = HeaderFilter(
+            allow_underscores=cfg.headers.allow_underscores,
+            pass_through=cfg.headers.pass_through,
+            run_as=[n for n in RUN_AS_PARAMETERS
+                    if n not in cfg.headers.pass_through_parameters])
         self.lifetimes = Lifetimes.for_limits(limits, self._connection_retired)
         self.outbound_proxies: list[OutboundProxy] = []
         self.pools: list[UpstreamPool] = []  # swept once a second (``_sweep_pools``)

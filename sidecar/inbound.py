@@ -40,7 +40,7 @@ from sidecar.http.headers import (
     connection_tokens,
     xfcc_value,
 )
-from sidecar.http.request import RequestHead, destination_of, method_overrides
+from sidecar.http.request import RequestHead, destination_of, method_overrides, refuse_run_as
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import (
@@ -331,6 +331,8 @@ class InboundProxy:
             else:
                 path, forward, query = normalise_request_both(head.target,
                                                               allow_non_ascii=non_ascii)
+                if query:  # (a run-as parameter: 400 before anything else reads it)
+                    refuse_run_as(query, header_filter.run_as)
                 facts = new_facts(("inbound", peer_id, source, head.method, path, head.host,
                                    port, "inbound", None))
                 # The app gets the target the policy matched, as the client spelled its

@@ -34,7 +34,7 @@ from sidecar.config.model import Limits, OutboundConfig
 from sidecar.errors import BadGateway, RequestRefused, Unavailable
 from sidecar.gate import Gate, Verdict
 from sidecar.http.headers import NO_NAMES, connection_tokens
-from sidecar.http.request import RequestHead
+from sidecar.http.request import RequestHead, refuse_run_as
 from sidecar.http.untrusted import HeaderFilter
 from sidecar.http.wire import Headers, MessageReader, Request
 from sidecar.identity.svid import SvidError, peer_identity_from_der
@@ -364,7 +364,10 @@ class OutboundProxy:
                     and seen[1].host == head.host:
                 ctx.facts = seen[1]
             else:
-                path = head.target.split(b"?", 1)[0].decode("ascii", "replace")
+                raw_path, _, raw_query = head.target.partition(b"?")
+                if raw_query:  # (a run-as parameter: 400, as inbound)
+                    refuse_run_as(raw_query.decode("ascii", "replace"), header_filter.run_as)
+                path = raw_path.decode("ascii", "replace")
                 ctx.facts = facts = new_facts(("outbound", own_id, source, head.method, path,
                                                head.host, port, listener, identity))
                 seen = (head.target, facts)

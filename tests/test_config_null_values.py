@@ -102,7 +102,8 @@ def maximal_config() -> dict[str, Any]:
         "limits": limits,
         "workers": 1,
         "log": {"level": "info"},
-        "headers": {"allow_underscores": False, "pass_through": ["x-forwarded-host"]},
+        "headers": {"allow_underscores": False, "pass_through": ["x-forwarded-host"],
+                    "pass_through_parameters": ["sudo", "doas"]},
     }
 
 

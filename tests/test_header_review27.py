@@ -125,6 +125,16 @@ REVIEW30_FOUND = [
     "X-MSISDN", "MSISDN", "X-Up-Calling-Line-Id", "X-Nokia-MSISDN", "X-Up-Subno",
     "X-H3G-MSISDN", "Https", "dapr-app-id", "appengine-user-ip",
 ]
+# Found by the thirty-second session's review (probe-headers32): trusted-proxy user and host
+# headers of products that read them by default.
+REVIEW32_FOUND = [
+    "X-Alfresco-Remote-User", "X-RStudio-Username", "Auth-User", "Auth-Mail",
+    "X-ProxiedEntitiesChain", "X-ProxiedIssuersChain", "X-ProxiedEntityGroups",
+    "X-ProxyScheme", "X-ProxyHost", "X-ProxyPort", "X-ProxyContextPath", "DISGUISED-HOST",
+    "X-Replit-User-Id", "X-Replit-User-Name", "X-Replit-User-Roles", "X-Replit-User-Teams",
+]
+REVIEW32_KEPT = ["auth", "x-alfresco", "x-rstudio-session", "x-proxied",
+                 "x-replit", "disguised", "authorization-hint", "x-proxyless"]
 REVIEW30_KEPT = ["ce-type", "ce-source", "ce-id", "x-asr", "mattermost-channel-id",
                  "stripe-version", "x-trino-source", "x-grafana-device-id", "usernames",
                  "msisdn-hint", "dapr-app-port"]
@@ -144,7 +154,7 @@ def _filters() -> list[HeaderFilter]:
 
 
 @pytest.mark.parametrize("name", REVIEW27_FOUND + REVIEW28_FOUND + REVIEW29_FOUND
-                         + REVIEW30_FOUND)
+                         + REVIEW30_FOUND + REVIEW32_FOUND)
 def test_headers_the_twenty_seventh_review_found_are_in_the_catalogue(name: str) -> None:
     assert entry_for(name) is not None and entry_for(name.replace("-", "_")) is not None, name
     for f in _filters():
@@ -152,7 +162,8 @@ def test_headers_the_twenty_seventh_review_found_are_in_the_catalogue(name: str)
             assert f.removes(spelling.lower().encode()), spelling
 
 
-@pytest.mark.parametrize("name", REVIEW27_KEPT + REVIEW28_KEPT + REVIEW29_KEPT + REVIEW30_KEPT)
+@pytest.mark.parametrize("name", REVIEW27_KEPT + REVIEW28_KEPT + REVIEW29_KEPT + REVIEW30_KEPT
+                         + REVIEW32_KEPT)
 def test_names_next_to_the_new_entries_are_kept(name: str) -> None:
     assert entry_for(name) is None, name
     for f in _filters():
@@ -163,8 +174,8 @@ def test_names_next_to_the_new_entries_are_kept(name: str) -> None:
 def _review27_lines(wrapped_underscores: bool) -> list[bytes]:
     """Every member in every spelling (case, ``_``, values trimmed, listed, repeated, the name
     percent-encoded) and behind every wrapper in each of its spellings, one or two deep."""
-    found = REVIEW27_FOUND + REVIEW28_FOUND + REVIEW29_FOUND + REVIEW30_FOUND
-    kept = REVIEW27_KEPT + REVIEW28_KEPT + REVIEW29_KEPT + REVIEW30_KEPT
+    found = REVIEW27_FOUND + REVIEW28_FOUND + REVIEW29_FOUND + REVIEW30_FOUND + REVIEW32_FOUND
+    kept = REVIEW27_KEPT + REVIEW28_KEPT + REVIEW29_KEPT + REVIEW30_KEPT + REVIEW32_KEPT
     lines = [line for n in found for line in _forwarded_lines(n)]
     for n in found:
         lines += [f"{s}: {MARK}\r\n".encode() for s in _wrapped(n)
@@ -184,7 +195,7 @@ def test_twenty_seventh_review_families_never_reach_the_app(mesh: Mesh, mesh_us:
         heads += _send_lines(m, side, lines[i:i + 1200])
     assert sorted(_leaks(heads)) == sorted((n.lower(), MARK)
                                            for n in REVIEW27_KEPT + REVIEW28_KEPT
-                                           + REVIEW29_KEPT + REVIEW30_KEPT)
+                                           + REVIEW29_KEPT + REVIEW30_KEPT + REVIEW32_KEPT)
 
 
 # (The review's CVE-2026-33768 request itself: tests/test_header_catalogue.py, REROUTES.)

@@ -160,6 +160,9 @@ class HeaderConfig:
 
     allow_underscores: bool = False  # keep header names containing "_" (nginx drops them)
     pass_through: tuple[str, ...] = ()  # catalogue names forwarded anyway
+    # Run-as query parameters forwarded anyway (sidecar.http.untrusted.RUN_AS_PARAMETERS:
+    # the others are refused, 400 run_as_parameter).
+    pass_through_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -422,7 +425,8 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
         from sidecar.http.untrusted import pass_through_problem
 
         p = ("headers",)
-        m = r.fields(top["headers"], p, {"allow_underscores", "pass_through"})
+        m = r.fields(top["headers"], p, {"allow_underscores", "pass_through",
+                                          "pass_through_parameters"})
         allow_us = m.get("allow_underscores", False)
         if not isinstance(allow_us, bool):
             src.problem(p + ("allow_underscores",), "expected true or false")
@@ -439,7 +443,24 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                     src.problem(p + ("pass_through", i), err)
                 else:
                     passed.append(name.lower())
-        headers = HeaderConfig(allow_underscores=allow_us, pass_through=tuple(passed))
+        forwarded: list[str] = []
+        listed = m.get("pass_through_parameters", [])
+        if not isinstance(listed, list):
+            src.problem(p + ("pass_through_parameters",),
+                        "expected a list of run-as query parameter names")
+        else:
+            from sidecar.http.untrusted import RUN_AS_PARAMETERS
+
+            for i, name in enumerate(listed):
+                if not isinstance(name, str) or name.lower() not in RUN_AS_PARAMETERS:
+                    src.problem(p + ("pass_through_parameters", i),
+                                f"expected one of {', '.join(RUN_AS_PARAMETERS)} (the run-as "
+                                "query parameters the sidecar refuses; others are forwarded "
+                                "already)")
+                else:
+                    forwarded.append(name.lower())
+        headers = HeaderConfig(allow_underscores=allow_us, pass_through=tuple(passed),
+                               pass_through_parameters=tuple(forwarded))
 
     src.raise_if_problems()
     return SidecarConfig(

@@ -294,6 +294,24 @@ METHOD_OVERRIDE_PARAMS = frozenset({
 MAX_METHOD_OVERRIDES = 8  # distinct methods one query may name (more: 400 bad_method)
 
 
+def refuse_run_as(query: str, names: frozenset[str]) -> None:
+    """``BadRequest("run_as_parameter")`` when a parameter of ``query`` is read as one of
+    ``names`` (``HeaderFilter.run_as``, lower-cased) by any common reader
+    (``sidecar.authn.extract.param_names``: decoded, PHP's and Rack's readings, any case).
+    A few C scans for a query that cannot spell one: no ``%`` and no name in its letters."""
+    if not names or not query:
+        return
+    lower = query.lower()
+    if "%" not in query and not any(n in lower for n in names):
+        return
+    from sidecar.authn.extract import QUERY, param_names
+
+    for part in re.split(r"[&;]", query):
+        name = part.partition("=")[0]
+        if name and not names.isdisjoint(param_names(name, QUERY)):
+            raise BadRequest("run_as_parameter", "run-as query parameter")
+
+
 def method_overrides(query: str) -> tuple[str, ...]:
     """The methods a request's query asks the app to run instead of its own (upper-cased as
     every override reader does; each once, in order), or ``()``. A non-empty value that is

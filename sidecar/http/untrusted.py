@@ -510,6 +510,24 @@ CATALOGUE: tuple[Entry, ...] = tuple(
     + _family(OVERRIDE, "Dapr's dapr-app-id: the Dapr sidecar routes the request to the app it "
               "names (the class of l5d-dst-override above; found by a hostile review)",
               "dapr-app-id")
+    # The thirty-second session's review: trusted-proxy user and host headers of products
+    # that read them by default.
+    + _family(IDENTITY, "the signed-in user as products behind an authenticating proxy read "
+              "it by default: Alfresco's X-Alfresco-Remote-User (external.authentication."
+              "proxyHeader), Posit Workbench's X-RStudio-Username, LemonLDAP::NG's exported "
+              "Auth-User and Auth-Mail (found by a hostile review)",
+              "x-alfresco-remote-user x-rstudio-username auth-user auth-mail")
+    + _family(IDENTITY, "Apache NiFi's, NiFi Registry's and DataWave's proxied-entity chain "
+              "(X-ProxiedEntitiesChain, X-ProxiedEntityGroups, X-ProxiedIssuersChain): the "
+              "request runs as the end user it names; Replit Auth's X-Replit-User-Id, -Name, "
+              "-Roles, -Teams (found by a hostile review)",
+              "x-proxiedentit x-proxiedissuer x-replit-user-", prefix=True)
+    + _family(FORWARDING, "NiFi's forwarding headers, written without separators "
+              "(X-ProxyScheme, X-ProxyHost, X-ProxyPort, X-ProxyContextPath: the scheme, host "
+              "and path it builds URLs and redirects from), and Azure App Service's "
+              "DISGUISED-HOST, which Kudu turns into the request's https URL (found by a "
+              "hostile review)",
+              "x-proxyscheme x-proxyhost x-proxyport x-proxycontextpath disguised-host")
     + _family("sidecar-set", "set by the sidecar itself on every request to the app (with "
               "x-forwarded-client-cert and x-forwarded-proto, covered above); the caller's "
               "copy would be a second, unverified value", "x-request-id")
@@ -540,6 +558,20 @@ MAX_WRAPPERS = 4
 # manager's script sends (X-DataDome-ClientID): forwarded like any other header.
 NOT_IN_PREFIX: frozenset[str] = frozenset({"x-auth-token", "x-auth-key", "x-user-agent",
                                           "x-datadome-clientid"})
+
+# Run-as query parameters (but those in ``headers.pass_through_parameters``): a request whose
+# query holds one, under any name a common reader reads as it (``param_names``: percent-
+# encoded, PHP's and Rack's spellings, any case), is refused 400 (``run_as_parameter``) on
+# both listeners. They are the query twins of the run-as headers above: GitLab's and Gitea's
+# API read ``sudo`` from the query as from the Sudo header; Hadoop's WebHDFS, HttpFS, Knox,
+# YARN, Oozie, Livy and Solr read ``doas`` (any case) for their proxy users, and WebHDFS and
+# YARN with simple authentication take ``user.name`` as the caller; Rundeck runs a job
+# ``asUser``. An app that passes the caller's query on with its own privileged credential
+# would act as whoever the caller names (found by a hostile review, thirty-second session:
+# ``?sudo=root`` reached the app while the Sudo header was removed). Where the app behind
+# the sidecar is itself such an API and its clients send the parameter, the operator lists
+# its name in ``headers.pass_through_parameters``.
+RUN_AS_PARAMETERS: tuple[str, ...] = ("sudo", "doas", "user.name", "asuser")
 
 # Set by the sidecar itself from what it verified; never passed through from a caller.
 SIDECAR_SET: frozenset[str] = frozenset({
@@ -616,14 +648,18 @@ class HeaderFilter:
     """
 
     __slots__ = ("_allow_underscores", "_pass", "_base", "_drop", "_claims", "_longest",
-                 "_cache", "_extra", "_wrapped_only")
+                 "_cache", "_extra", "_wrapped_only", "run_as")
 
     _CACHE_MAX = 4096
     _EXTRA_MAX = 16  # distinct (extra, exact) sets kept; they change with the policy only
 
     def __init__(self, *, allow_underscores: bool = False,
-                 pass_through: Iterable[str] = (), drop: Iterable[bytes] = ()) -> None:
+                 pass_through: Iterable[str] = (), drop: Iterable[bytes] = (),
+                 run_as: Iterable[str] = RUN_AS_PARAMETERS) -> None:
         self._allow_underscores = allow_underscores
+        # The run-as query parameters refused (``RUN_AS_PARAMETERS`` but those in
+        # ``headers.pass_through_parameters``), lower-cased.
+        self.run_as: frozenset[str] = frozenset(n.lower() for n in run_as)
         self._pass = frozenset(fold(n) for n in pass_through)
         from sidecar.http.headers import HOP_BY_HOP
 
