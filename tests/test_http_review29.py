@@ -69,8 +69,9 @@ def _passes(mesh: Mesh, side: str, request: bytes, body: bytes) -> None:
     mark = mesh.app.snapshot()
     out = exchange(mesh, side, request, timeout=10)
     assert statuses(out) == [200], (request[:300], out[:300])
-    with mesh.app.lock:
-        assert [r["body"] for r in mesh.app.heads[mark[0]:]] == [len(body)]
+    with mesh.app.lock:  # (complete requests only: the head of a refused one sent before
+        # may reach the app thread after the mark, under load -- never its body's end)
+        assert [r["body"] for r in mesh.app.heads[mark[0]:] if "trailers" in r] == [len(body)]
 
 
 # --- A. multipart part names ----------------------------------------------------------
