@@ -214,6 +214,37 @@ def test_a_body_the_app_does_not_read_is_never_run_as_a_request(noread: Mesh, si
     assert runs[0][2] == "close", runs  # (the app was told: nothing after this request)
 
 
+UPGRADES = ["websocket", "foo", "websocket, foo", "foo/1"]
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("method", [b"GET", b"OPTIONS", b"POST"])
+def test_an_upgrade_request_with_a_body_is_refused(noread: Mesh, side: str,
+                                                   method: bytes) -> None:
+    """``Connection: upgrade, close`` is keep-alive to servers that compare the whole value
+    with "close" (Python's http.server, Werkzeug): an upgrade request with a body is 400
+    (``upgrade_with_body``), whatever the protocol, the framing or the caller's own
+    Connection value (found by the review of this session's fix)."""
+    app: NoReadApp = noread.app  # type: ignore[assignment]
+    mark = app.snapshot()[0]
+    for proto in UPGRADES:
+        for connection in (b"upgrade", b"close, upgrade", b"Upgrade, keep-alive"):
+            for framing in ("length", "chunked"):
+                request = _request(method, b"/public", framing, b"1.1").replace(
+                    H, H + b"Connection: " + connection + b"\r\nUpgrade: " + proto.encode()
+                    + b"\r\n", 1)
+                out = exchange(noread, side, request, timeout=6.0)
+                assert statuses(out) == [400], (proto, connection, framing, out[:200])
+    # The control: the same upgrades without a body reach the app (which declines them)
+    for proto in UPGRADES:
+        out = exchange(noread, side, b"GET /public HTTP/1.1\r\n" + H
+                       + b"Connection: upgrade\r\nUpgrade: " + proto.encode() + b"\r\n\r\n")
+        assert statuses(out)[:1] == [200], (proto, out[:200])
+    with app.lock:
+        runs = app.runs[mark:]
+    assert [p for _, p, _ in runs] == ["/public"] * len(UPGRADES), runs
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_the_denied_request_alone_is_denied(noread: Mesh, side: str) -> None:
     """The control: the request hidden in the body is one the policy refuses."""

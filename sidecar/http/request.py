@@ -193,6 +193,13 @@ def check_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
             # with the other hop-by-hop fields.
             conn_upgrade = False
     has_body = chunked or bool(content_length)
+    if has_body and upgrade is not None and conn_upgrade:
+        # An upgrade request with a body (RFC 9110 allows it; no WebSocket handshake has
+        # one): the app's connection must end after it, and ``Connection: upgrade, close``
+        # is read as keep-alive by servers that compare the whole value with "close"
+        # (Python's http.server, Werkzeug), which then ran the unread body as their next
+        # request, past the policy (found by a hostile review, thirty-second session).
+        raise BadRequest("upgrade_with_body")
     # RFC 9110 10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored (found
     # by a hostile review: the sidecar sent "100 Continue" to an HTTP/1.0 client, which
     # reads it as the final answer). Expect is never forwarded: answered here, or dropped.

@@ -492,10 +492,9 @@ async def forward(
         # judged and the header filter never saw, run as coming from the mesh (found by a
         # hostile review, thirty-second session: ``GET /public`` with a body holding ``GET
         # /admin/...`` ran both on Python's http.server; closing after the answer was too
-        # late). An HTTP/1.0 caller's body is forwarded so too.
-        if head.upgrade is not None:
-            headers.append((b"upgrade", head.upgrade))
-        headers.append((b"connection", b"upgrade, close" if upgrade else b"close"))
+        # late). An HTTP/1.0 caller's body is forwarded so too. (An upgrade request with a
+        # body never comes here: 400 ``upgrade_with_body``, sidecar.http.request.)
+        headers.append((b"connection", b"close"))
     elif head.upgrade is not None:
         headers.append((b"upgrade", head.upgrade))
         headers.append((b"connection", b"upgrade"))
