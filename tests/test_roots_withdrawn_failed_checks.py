@@ -38,6 +38,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.test_certs_review3 import _undecodable_root
+from tests.test_rsa_key_cost_review32 import key_with_exponent
 from tests.test_trust_domains_e2e import RogueUpstream
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -79,6 +80,10 @@ ADDED: dict[str, Callable[[str, DevCA], x509.Certificate]] = {
     # key-weak at load
     "root_with_a_weak_key": lambda td, other: _self_signed(
         rsa.generate_private_key(public_exponent=65537, key_size=1024), td, "weak root"),
+    # key-weak at load: an exponent that makes each check costly (a hostile review, 32nd
+    # session; tests/test_rsa_key_cost_review32.py)
+    "root_with_a_costly_exponent": lambda td, other: _self_signed(
+        key_with_exponent(2**2045 + 1), td, "costly root"),
     # pem-invalid at load
     "root_with_an_undecodable_name": lambda td, other: _undecodable_root("subject", td),
     # trust-domain-mismatch when the trust store is built (one CA, one trust domain)

@@ -161,6 +161,15 @@ def _extension(extensions: x509.Extensions, kind: type[_E]) -> x509.Extension[_E
 # RSA below 2048 bits, DSA, other curves (P-192, P-224, secp256k1, explicit parameters) --
 # and SHA-1 / MD5 signatures are refused whatever the system OpenSSL's security level says.
 MIN_RSA_BITS = 2048
+# An RSA key's cost: past 16384 bits OpenSSL, Go and Java refuse RSA verification; an exponent
+# below 65537 is weak (FIPS 186-5), and a large one makes every check with the key a long
+# exponentiation (a 3,070-bit exponent: 3-10 ms a check instead of 0.03, so a partner's bundle
+# of 256 such roots stalled the event loop 2.2-2.5 s at each change and every refused
+# handshake naming one cost 13.8 ms: found by a hostile review, thirty-second session). Go
+# refuses exponents past 2**31 - 1, so SPIRE, istiod and ghostunnel never make one.
+MAX_RSA_BITS = 16384
+MIN_RSA_EXPONENT = 65537
+MAX_RSA_EXPONENT = 2**32 - 1
 _CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 _WEAK_HASHES = (hashes.SHA1, hashes.MD5)
 
@@ -179,6 +188,12 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             return RULE_KEY_WEAK, f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
+        if key.key_size > MAX_RSA_BITS:
+            return RULE_KEY_WEAK, f"RSA key of {key.key_size} bits (at most {MAX_RSA_BITS})"
+        e = key.public_numbers().e
+        if not MIN_RSA_EXPONENT <= e <= MAX_RSA_EXPONENT or e % 2 == 0:
+            return RULE_KEY_WEAK, (f"RSA public exponent of {e.bit_length()} bits (an odd "
+                                   f"number from {MIN_RSA_EXPONENT} to 2**32 - 1)")
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _CURVES:
             return RULE_KEY_WEAK, f"EC key on curve {key.curve.name} (P-256, P-384, P-521 only)"
