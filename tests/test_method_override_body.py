@@ -178,16 +178,13 @@ UPGRADE_BODIES = [(b"title=x&_method=DELETE", CONTENT_TYPES["form"]),
 @pytest.mark.parametrize("side", SIDES)
 @pytest.mark.parametrize("upgrade", list(UPGRADES))
 def test_an_upgrade_requests_body_is_judged_too(mesh: Mesh, side: str, upgrade: str) -> None:
-    for body, content_type in UPGRADE_BODIES:
+    """Since the thirty-second session an upgrade request with any body is 400
+    (``upgrade_with_body``, tests/test_run_as_parameters.py) before its body is read: the
+    override in it never reaches the app, and neither does an allowed one."""
+    for body, content_type in [*UPGRADE_BODIES, (b"_method=PUT", CONTENT_TYPES["form"])]:
         for chunked in (False, True):
             _refused(mesh, side, _post(body, content_type, chunked=chunked,
-                                       extra=UPGRADES[upgrade]))
-    # The control: an allowed override in an upgrade request's body reaches the app whole.
-    mark = mesh.app.snapshot()
-    out = exchange(mesh, side, _post(b"_method=PUT", CONTENT_TYPES["form"],
-                                     extra=UPGRADES[upgrade]))
-    assert statuses(out) == [200], out[:300]
-    assert mesh.app.snapshot()[1] == mark[1] + 1
+                                       extra=UPGRADES[upgrade]), 400)
 
 
 @pytest.mark.parametrize("side", SIDES)
