@@ -20,7 +20,8 @@ import pytest
 from sidecar.http.body_override import BodyOverrides, body_kind
 from tests.harness import module_fixture
 from tests.test_hostile_http import SIDES, H, Mesh, assert_generic_refusal, exchange, statuses
-from tests.test_method_override_query import NAMES, POLICY
+from tests.test_method_override_query import NAMES as QUERY_NAMES
+from tests.test_method_override_query import POLICY
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -87,6 +88,10 @@ def _post(body: bytes, content_type: str | None, *, chunked: bool = False,
             + b"0\r\n\r\n"
     return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
 
+
+# The query's names but those with a leading "?" (read so in a query only: Node's
+# URLSearchParams after a second "?" in the URL; not covered in a body, docs/SECURITY.md).
+NAMES = [n for n in QUERY_NAMES if not n.startswith("?")]
 
 def test_the_reader_finds_every_member_in_any_pieces() -> None:
     for name in NAMES:
