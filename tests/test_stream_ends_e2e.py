@@ -292,38 +292,51 @@ def test_a_stream_end_reaches_the_other_side_as_it_was(pair: Pair, who: str, how
     pair.app.plans.append(plan)
     client = pair.connect()
     try:
-        if who == "client_app" and how == "fin":
-            client.sendall(b"REQUEST")
-            client.shutdown(socket.SHUT_WR)
-            assert read_to_end(client) == (b"ANSWER", "eof")
-            assert served.wait(BOUND)
-            assert server["got"] == (b"REQUEST", "eof")
-        elif who == "server_app" and how == "fin":
-            assert read_to_end(client) == (b"BANNER", "eof")
-            client.sendall(b"REQUEST")
-            client.shutdown(socket.SHUT_WR)
-            assert served.wait(BOUND)
-            assert server["got"] == (b"REQUEST", "eof")
-            assert read_to_end(client) == (b"", "eof")
-        elif who == "server_app":  # rst
-            assert read_exactly(client, 7) == b"PARTIAL"
-            client.sendall(b"REQUEST")
-            assert read_to_end(client) == (b"", "reset")
-        else:
-            assert read_exactly(client, 7) == b"PARTIAL"
-            if who == "client_app":
-                client.sendall(b"REQUEST")
-                assert requested.wait(BOUND)
-                reset(client)
-            else:
-                pair.relay.cut(how)
-                assert read_to_end(client) == (b"", "reset")
-            assert served.wait(BOUND)
-            got, end = server["got"]
-            assert end == "reset", server["got"]
+        _ends_as_planned(pair, who, how, client, server, served, requested)
+    except AssertionError as exc:
+        # What each sidecar recorded of the stream, for a failure seen only under load (a
+        # CI run saw the app's side reset once in the server_app-fin case).
+        time.sleep(0.5)
+        raise AssertionError((str(exc), pair.refusals(pair.outbound)[before[0]:],
+                              pair.refusals(pair.inbound)[before[1]:])) from exc
     finally:
         client.close()
     _records(pair, before, (out_record, in_record))
+
+
+def _ends_as_planned(pair: Pair, who: str, how: str, client: socket.socket,
+                     server: dict[str, Any], served: threading.Event,
+                     requested: threading.Event) -> None:
+    """The stream ended by ``who`` as ``how``: what the client app and the server app see."""
+    if who == "client_app" and how == "fin":
+        client.sendall(b"REQUEST")
+        client.shutdown(socket.SHUT_WR)
+        assert read_to_end(client) == (b"ANSWER", "eof")
+        assert served.wait(BOUND)
+        assert server["got"] == (b"REQUEST", "eof")
+    elif who == "server_app" and how == "fin":
+        assert read_to_end(client) == (b"BANNER", "eof")
+        client.sendall(b"REQUEST")
+        client.shutdown(socket.SHUT_WR)
+        assert served.wait(BOUND)
+        assert server["got"] == (b"REQUEST", "eof")
+        assert read_to_end(client) == (b"", "eof")
+    elif who == "server_app":  # rst
+        assert read_exactly(client, 7) == b"PARTIAL"
+        client.sendall(b"REQUEST")
+        assert read_to_end(client) == (b"", "reset")
+    else:
+        assert read_exactly(client, 7) == b"PARTIAL"
+        if who == "client_app":
+            client.sendall(b"REQUEST")
+            assert requested.wait(BOUND)
+            reset(client)
+        else:
+            pair.relay.cut(how)
+            assert read_to_end(client) == (b"", "reset")
+        assert served.wait(BOUND)
+        got, end = server["got"]
+        assert end == "reset", server["got"]
 
 
 # -- idleness ---------------------------------------------------------------------------------

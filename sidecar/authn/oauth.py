@@ -124,11 +124,15 @@ def check_metadata(data: bytes, issuer: str, source: str) -> str:
 
 def introspection_claims(status: int, data: bytes, source: str) -> Claims | None:
     """Claims of an active token, None for an inactive one; ``ValueError`` for a response
-    that is neither (an error status, not JSON, ``active`` not a boolean)."""
+    that is neither (an error status, not JSON, ``active`` not a boolean). The answer is read
+    as a token's payload is (``jwt``): no object may name two members that differ only in
+    case (``roles``/``ROLES``, ``sub``/``\u017fub``: Go's encoding/json and .NET read them as
+    one), since its claims meet the same rules, ``forward_claims`` and revocations (found by
+    a hostile review: the answer's reader took them)."""
     if status != 200:
         raise ValueError(f"{source}: HTTP status {status}")
     try:
-        doc = read_json(data)
+        doc = read_json(data, fold_case=True)
     except JsonDocError as exc:
         raise ValueError(f"{source}: response is not JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
