@@ -73,6 +73,11 @@ from sidecar.policy.decision import (
 from sidecar.policy.engine import decide, decide_egress, decide_section
 from sidecar.policy.paths import path_segments
 
+# A stream's or request in flight's credentials as it presented them, to be read again after
+# a policy change (``Gate.auth_now``): its head's fields, its query, and the RFC 8705
+# thumbprint of the connection's client certificate.
+Reread = tuple[Sequence[tuple[bytes, bytes]], str, "str | None"]
+
 if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import at run time)
     from sidecar.alerts import Alert, BurstDetector
     from sidecar.authn.authenticator import Authenticator
@@ -381,7 +386,8 @@ class Gate:
 
     def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float, *,
                      api_key: bytes | None = None, credentials: bool = True,
-                     tokens: Mapping[str, str] | None = None) -> bool:
+                     tokens: Mapping[str, str] | None = None,
+                     reread: Reread | None = None) -> bool:
         """Would the current policy (and alert blocks) still let this stream in?
 
         For a TCP or upgraded stream decided earlier, checked again after a policy change
@@ -393,6 +399,8 @@ class Gate:
         request in flight, whose credentials were checked when it began) the rules judge,
         and its credentials must still be kept (``Authenticator.credentials_kept``: their
         providers still there, no token revoked, the API key's entry still there).
+        ``reread``: the request's headers, query and the connection's certificate
+        thumbprint, read again under the policy in force (``auth_now``) for the rules.
         """
         detector = self.detector
         if detector is not None and detector.blocked(
@@ -406,7 +414,42 @@ class Gate:
                     return False
             elif not authn.credentials_kept(auth, now, self._service_audience()):
                 return False
-        return self.judge(facts, auth, now).allowed
+        return self.judge(facts, self.auth_now(auth, reread, facts.path, now), now).allowed
+
+    def auth_now(self, auth: AuthFacts | None, reread: Reread | None, path: str,
+                 now: float) -> AuthFacts | None:
+        """The credentials of a stream or request in flight as the policy in force reads
+        them: its request's headers and query (``reread``, with the connection's certificate
+        thumbprint) authenticated again for the own section's providers and API keys, as a
+        new request with them would be (``Authenticator.reauthenticate``: nothing counted,
+        no call made). Before the thirty-third session a policy change judged them with the
+        credentials read when they began: a reload that named a provider for the first
+        time and denied a claim of its tokens, refused invalid tokens or revoked a subject
+        left a stream (or a long download) authorised before it running (found by a
+        hostile review). A token of an introspected provider that has no cached answer now
+        keeps the claims it was accepted with (it is asked about again: ``reintrospect``).
+        Without ``reread`` or an authenticator: ``auth``."""
+        authn = self.authenticator
+        policy = self.policies.policy
+        if reread is None or authn is None or policy is None:
+            return auth
+        if self._cached_policy is not policy:
+            self._reset_caches(policy)
+        section = self._section
+        if section is None:
+            return auth
+        if not (section.providers or section.needs_apikey):
+            return NO_AUTH
+        headers, query, peer_x5t = reread
+        fresh = authn.reauthenticate(section.providers, headers, query, now,
+                                     peer_x5t=peer_x5t, audience=self._audience, path=path)
+        if auth is not None and auth.claims:
+            unasked = {name: claims for name, claims in auth.claims.items()
+                       if name in authn.introspection_providers and name not in fresh.claims
+                       and name not in fresh.token_errors}
+            if unasked:
+                fresh = fresh._replace(claims={**fresh.claims, **unasked})
+        return fresh
 
     def judge(self, facts: RequestFacts, auth: AuthFacts | None, now: float) -> Decision:
         """What the policy in force decides for ``facts`` with ``auth``. Pure: no rate-limit

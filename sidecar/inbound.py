@@ -219,7 +219,8 @@ class InboundProxy:
         facts = ctx.facts
         if facts is None or verdict is None:
             return True
-        if not self.gate.still_allows(facts, verdict.auth, now, credentials=False):
+        if not self.gate.still_allows(facts, verdict.auth, now, credentials=False,
+                                      reread=ctx.reread):
             return False
         return _judged_again(self.gate, ctx, facts, verdict, now)
 
@@ -406,6 +407,8 @@ class InboundProxy:
                     _note_unread(ctx, ["body"])
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
+            if gate.authenticator is not None:  # (its credentials read again then: auth_now)
+                ctx.reread = (event.headers, query, peer_x5t)
             # (strip_credentials is set only with an authenticator)
             strip = gate.authenticator if verdict.strip_credentials else None
             # One pass: the catalogue, the claim headers the sidecar sets, Connection-listed
@@ -474,7 +477,8 @@ class InboundProxy:
                     # hostile review).
                     if live.reauth is None or live.retiring in CUT_AT_ONCE:
                         return
-                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
+                    if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens,
+                                         reread=(headers, query, peer_x5t)):
                         # (not before a second from now: the sweep's pace)
                         live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
                         return
@@ -504,7 +508,8 @@ class InboundProxy:
                     # (a reload that changed the provider dropped its cached answers: ask
                     # again at the next sweep, not when the old answer would have run out)
                     conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
-                if not gate.still_allows(facts, auth, now, api_key=key, tokens=tokens):
+                if not gate.still_allows(facts, auth, now, api_key=key, tokens=tokens,
+                                         reread=ctx.reread):
                     return False
                 # The rest of what it was judged on too, as for a request
                 # (``_judged_again``): an app that declines the upgrade runs the request as
@@ -616,9 +621,12 @@ def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict:
     review: a reload denying DELETE left ``POST ?_method=DELETE`` running; a later one, that
     a reload denying ``/admin/**`` left ``POST /?/admin/users`` (CodeIgniter's route),
     ``POST /+admin/users`` and a ``COPY`` to ``/admin/config`` running -- only the path and
-    the overrides were judged again."""
-    found = judge_rest(_judge(gate, verdict, now), facts, destination=ctx.destination,
-                       readings=ctx.second, overrides=ctx.overrides)
+    the overrides were judged again. Its credentials as the policy in force reads them
+    (``Gate.auth_now``)."""
+    auth = gate.auth_now(verdict.auth, ctx.reread, facts.path, now)
+    found = judge_rest(lambda facts: gate.judge(facts, auth, now), facts,
+                       destination=ctx.destination, readings=ctx.second,
+                       overrides=ctx.overrides)
     return found is None or found.allowed
 
 

@@ -129,6 +129,9 @@ class RequestContext:
     # None for nearly every request (its record does not grow). Found by a hostile review:
     # replay re-decided ``POST ?_method=DELETE`` as a plain POST.
     judged: dict[str, Any] | None = None
+    # The request's headers, query and the connection's certificate thumbprint, when the
+    # sidecar reads credentials: what a policy change reads them from again (``Gate.auth_now``).
+    reread: Any = None
 
 
 class Telemetry:

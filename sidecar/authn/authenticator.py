@@ -431,6 +431,17 @@ class Authenticator:
         return self._authenticate(providers, headers, query, now, peer_x5t, audience, None,
                                   None, path)
 
+    def reauthenticate(self, providers: Iterable[str], headers: Headers, query: str,
+                       now: float, *, peer_x5t: str | None = None, audience: str | None = None,
+                       path: str = "") -> AuthFacts:
+        """``authenticate`` for a stream or a request in flight judged again after a policy
+        or key set change (``Gate.auth_now``): its request's credentials read as a new
+        request's would be, under the providers, keys and revocations in force. Pure: no
+        failure counted, no key set fetch signalled, no introspection call (an introspected
+        token without a cached answer is neither accepted nor refused: not asked about)."""
+        return self._authenticate(providers, headers, query, now, peer_x5t, audience, None,
+                                  None, path, quiet=True)
+
     def _authenticate_into(self, memo: CredentialMemo, providers: Iterable[str],
                            headers: Headers, query: str, now: float, peer_x5t: str | None,
                            audience: str | None, path: str = "") -> AuthFacts:
@@ -472,9 +483,11 @@ class Authenticator:
     def _authenticate(self, providers: Iterable[str], headers: Headers, query: str,
                       now: float, peer_x5t: str | None, audience: str | None,
                       tokens: list[CachedToken] | None,
-                      answers: Answers | None = None, path: str = "") -> AuthFacts:
+                      answers: Answers | None = None, path: str = "",
+                      quiet: bool = False) -> AuthFacts:
         """``authenticate``'s whole path; the cache entries of verified tokens go to
-        ``tokens`` when given."""
+        ``tokens`` when given. ``quiet`` (``reauthenticate``): no failure counted, no key
+        set fetch signalled for an unknown ``kid``."""
         claims: dict[str, Claims] = {}
         errors: dict[str, str] = {}
         subjects: dict[str, str] = {}
@@ -529,7 +542,7 @@ class Authenticator:
                     held.append((name, found.token))
                     key = None  # the server's answer for one token can change: never kept
                 elif found is not None:
-                    entry = self._verify(provider, found.token, now)
+                    entry = self._verify(provider, found.token, now, signal=not quiet)
                     if tokens is not None:
                         tokens.append(entry)
                     verified = entry.claims
@@ -545,7 +558,8 @@ class Authenticator:
                             key.append((name, found.token))
             except TokenInvalid as exc:
                 errors[name] = exc.reason
-                self.failures[exc.reason] += 1
+                if not quiet:
+                    self.failures[exc.reason] += 1
                 if key is not None:
                     key.append((name, None, exc.reason))
                 if provider is not None:  # (else no location was read: unknown_provider)
