@@ -759,9 +759,15 @@ _MAY_BE_COPY = re.compile(rb"\.(?:[A-Za-z0-9_\-+/=]{16}"
 # Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
 # parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
 _COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
+# The runs of ``_COPY_RUN`` that hold a dot, found by one search (group 1: the run's first
+# part): a run without one costs a step a byte in C, not a string and a loop turn in
+# Python (a 30 KB value of ``a a a ...`` with one candidate in it gave 15,000 runs to
+# look at one by one; thirty-third session). Tried only at a run's first character (the
+# lookbehind), so linear.
+_DOTTED_RUN = re.compile(r"(?<![A-Za-z0-9_\-+/=.])([A-Za-z0-9_\-+/=]*+)\.[A-Za-z0-9_\-+/=.]*+")
 
 
-def _copy_pieces(text: str) -> list[str]:
+def _copy_pieces(text: str, spend: Callable[[int], object] | None = None) -> list[str]:
     """The JWT-shaped pieces of ``text``: each run of ``_COPY_RUN`` with a dot, from the
     start of its first part. That part holds no ``+`` (a space in a query) and no ``=`` but
     its padding, so ``token=<jwt>`` and ``a+<jwt>`` give ``<jwt>``; it may be empty (the
@@ -769,17 +775,19 @@ def _copy_pieces(text: str) -> list[str]:
     is no base64 digit, ``<header>~.<payload>``): what is read is the part after the first
     dot, as npm jwt-decode reads it whatever precedes it (found by a hostile review, session
     29: such a run was dropped). And the pieces whose payload has filler in it
-    (``_filled_pieces``)."""
+    (``_filled_pieces``). ``spend``: the scan budget's (``_ScanBudget.spend``), charged
+    ``SCAN_RUN_COST`` for each run with a dot and what ``_filled_pieces`` costs, as it is
+    done (it raises past the budget)."""
     pieces = []
-    for run in _COPY_RUN.findall(text):
-        dot = run.find(".")
-        if dot < 0:
-            continue
-        head = run[:dot]
+    for m in _DOTTED_RUN.finditer(text):
+        if spend is not None:
+            spend(SCAN_RUN_COST)
+        run = m.group()
+        head = m.group(1)
         start = max(head.rfind("+"), head.rstrip("=").rfind("=")) + 1
         pieces.append(run[start:])
-    if "." in text:
-        pieces += _filled_pieces(text)
+    if pieces:
+        pieces += _filled_pieces(text, spend)
     return pieces
 
 
@@ -789,23 +797,33 @@ def _copy_pieces(text: str) -> list[str]:
 _NOT_DIGIT = re.compile(r"[^A-Za-z0-9_\-+/=]++")
 # A payload naming an issuer is at least 12 digits (``{"iss":"x"}``), filler aside.
 _MIN_PAYLOAD_DIGITS = 12
+# A part after a dot (up to the next dot or the end) longer than ``_MIN_PAYLOAD_DIGITS``
+# that holds filler. (Before the thirty-third session each part was searched one by one in
+# Python: a 30 KB value of dotted words cost 1.5 ms, where a plain one costs 0.25 ms.)
+# Tried only after a dot (the lookbehind), so linear.
+_FILLED_PART = re.compile(rf"(?<=\.)(?=[^.]{{{_MIN_PAYLOAD_DIGITS + 1}}})"
+                          r"[A-Za-z0-9_\-+/=]*+[^A-Za-z0-9_\-+/=.][^.]*+")
 
 
-def _filled_pieces(text: str) -> list[str]:
+def _filled_pieces(text: str, spend: Callable[[int], object] | None = None) -> list[str]:
     """Pieces for the JWTs of ``text`` whose payload has filler in it (``h.eyJp!!!!c3Mi.s``,
     ``h.eyJp    c3Mi.s``): each part after a dot that holds filler and at least
     ``_MIN_PAYLOAD_DIGITS`` digits, as ``.<its digits>.`` (the payload is what is read;
     found by a hostile review: such a token reached the app unread, and a lenient reader
     decodes it to the forged claims); the last part too (``h.eyJp    c3Mi``: no signature,
     session 29). The piece is no token's string, so beside the provider's own token it is
-    a second one."""
-    parts = text.split(".")
+    a second one. The parts are found by one search (``_FILLED_PART``: a part of base64
+    digits only costs a step a byte in C); ``spend``: as ``_copy_pieces``',
+    ``SCAN_FILLER_COST`` for each part with filler in it (its size: a C pass, as the
+    value's own)."""
     pieces = []
-    for part in parts[1:]:
-        if len(part) > _MIN_PAYLOAD_DIGITS and _NOT_DIGIT.search(part) is not None:
-            digits = _NOT_DIGIT.sub("", part)
-            if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
-                pieces.append(f".{digits}.")
+    for m in _FILLED_PART.finditer(text):
+        part = m.group()
+        if spend is not None:
+            spend(SCAN_FILLER_COST)
+        digits = _NOT_DIGIT.sub("", part)
+        if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
+            pieces.append(f".{digits}.")
     return pieces
 
 
@@ -826,13 +844,16 @@ MAX_COPY_PIECES = 16
 _BEFORE_OBJECT = BEFORE_OBJECT
 
 
-def _object_payload(piece: str) -> bool:
+def _object_payload(piece: str, spend: Callable[[int], object] | None = None) -> bool:
     """Whether the second part of ``piece`` decodes, leniently (``jwt.lenient_part``, as
-    ``names_issuer`` reads it), to a JSON object's start (cheap: what fails here is no
-    token to any reader)."""
+    ``names_issuer`` reads it), to a JSON object's start (what fails here is no token to
+    any reader). ``spend``: the scan budget's, charged ``SCAN_DECODE_COST`` before the part
+    is decoded (its size the caller counts)."""
     part = piece.split(".", 2)[1]
     if len(part) < 12:  # {"iss":"x"} is 15 digits
         return False
+    if spend is not None:
+        spend(SCAN_DECODE_COST)
     data = lenient_part(part)
     return data is not None and data.lstrip(_BEFORE_OBJECT)[:1] == b"{"
 
@@ -860,6 +881,26 @@ SCAN_BYTES_PER_BYTE = 4
 SCAN_BYTES_FREE = 64 * 1024
 SCAN_ESCAPE_COST = 8
 SCAN_PIECE_COST = 64
+# What the pieces themselves cost, measured in the same unit (a ``json`` character is
+# ``jwt.READ_PARSE_COST``, two: each piece's work timed over 2,000 pieces interleaved with a
+# ``json.loads``, the fastest of 60 rounds of each, on the project's 2-core VM; the constants
+# are a quarter or so above it): each run with a dot ``_copy_pieces`` gives (a match, its
+# slices, its lookup in ``read``: 260), each part after a dot with filler in it read as its
+# digits (``_filled_pieces``: 250), each distinct payload decoded (``_object_payload``:
+# ``jwt.lenient_part``'s encode, translate, base64 and the checks, 410-430; its size is
+# counted with the piece's), each cookie of a ``Cookie`` header split for chunks
+# (``_chunk_joins``: 110, a chunk 320). Before the thirty-third session a distinct piece
+# was charged ``SCAN_PIECE_COST`` plus its size, about 80, and the runs, the filled parts
+# and the chunks nothing: a 30 KB header of 2,000 distinct pieces such as
+# ``.xxxxxxxxxxxAAB`` (one 21-digit part made it a candidate, a first digit ``x`` no filled
+# piece) cost 10 ms of the event loop where a plain head of that size costs 1.6 ms, and was
+# let through (a 1 MB head about 360 ms); now such a head uses up its budget after a few
+# hundred pieces and is refused as holding a copy.
+SCAN_RUN_COST = 320
+SCAN_FILLER_COST = 320
+SCAN_DECODE_COST = 512
+SCAN_COOKIE_COST = 128
+SCAN_CHUNK_COST = 384
 # At most this many decoded forms of one request (``_MAX_FORMS`` of one value): each costs a
 # pass; the limit per value alone let every value of a head have 15 (the same review).
 MAX_REQUEST_FORMS = 64
@@ -917,13 +958,13 @@ class _Copies:
             for text in forms:
                 if text is _TOO_MANY_FORMS:
                     raise _TooManyForms
-                for piece in _copy_pieces(text):
+                for piece in _copy_pieces(text, budget.spend):
                     if piece in own:
                         continue
                     named = read.get(piece)
                     if named is None:
                         budget.spend(SCAN_PIECE_COST + len(piece))
-                        if not _object_payload(piece):
+                        if not _object_payload(piece, budget.spend):
                             named = False
                         elif self.whole >= MAX_COPY_PIECES:
                             # Too many to read: this one counts (over-reading only refuses
@@ -1260,22 +1301,31 @@ _CHUNK_NAME = re.compile(rf"(.+)\.(\d{{1,{MAX_CHUNK_DIGITS}}})")
 _MAY_BE_CHUNK = re.compile(rb"\.\d{1,%d}[ \t]*=" % MAX_CHUNK_DIGITS)
 
 
-def _chunk_joins(headers: Headers) -> list[bytes]:
+def _chunk_joins(headers: Headers, budget: _ScanBudget | None = None) -> list[bytes]:
     """The values of the chunked cookies of ``headers`` (every Cookie header, names as sent
     without surrounding whitespace), each name's ``<name>.<n>`` values joined in index
     order (in request order for an index sent twice); only names with two chunks or more
     (one chunk is scanned as it is). Each cookie is in one join at most: the joins are no
-    longer than the Cookie headers."""
+    longer than the Cookie headers. ``budget``: the request's (``_ScanBudget``): each
+    header split adds its allowance, as a value looked at does, and is charged
+    ``SCAN_COOKIE_COST`` for each of its cookies and ``SCAN_CHUNK_COST`` plus its size for
+    each chunk (``_TooManyForms`` past it)."""
     groups: dict[str, list[tuple[int, int, str]]] = {}
     order = 0
     for n, v in headers:
         if n != COOKIE or _MAY_BE_CHUNK.search(v) is None:
             continue
-        for part in v.decode("latin-1").split(";"):
+        parts = v.decode("latin-1").split(";")
+        if budget is not None:
+            budget.allow(len(v))
+            budget.spend(SCAN_COOKIE_COST * len(parts))
+        for part in parts:
             name, sep, value = part.strip(OWS).partition("=")
             chunk = _CHUNK_NAME.fullmatch(name.strip(OWS)) if sep else None
             if chunk is None:
                 continue
+            if budget is not None:
+                budget.spend(SCAN_CHUNK_COST + len(part))
             value = value.strip(OWS)
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
@@ -1345,8 +1395,14 @@ def copies(guards: Guards, headers: Headers, query: str, path: str = "") -> list
                 break  # (fail closed: nothing more is looked at)
     if scan.whole >= 0:
         # Cookies chunked as ``<name>.0``, ``<name>.1``...: each name's chunks joined in
-        # index order, scanned as one value (``_chunk_joins``; session 30 review).
-        for joined in _chunk_joins(headers):
+        # index order, scanned as one value (``_chunk_joins``; session 30 review), the
+        # splitting counted in the budget (past it: a copy; thirty-third session).
+        try:
+            joins = _chunk_joins(headers, budget)
+        except _TooManyForms:
+            joins = []
+            scan.scan((_TOO_MANY_FORMS,), frozenset())
+        for joined in joins:
             forms = _forms(joined, plus=False, budget=budget)
             forms += _unwrapped_forms(joined, budget, floor)
             if forms:
@@ -1426,8 +1482,14 @@ class _PathPieces:
         if known is not None:
             return known
         head, _, rest = piece.partition(".")
-        payload = _object_payload(piece)
-        header = len(head) >= 12 and _object_payload("." + head)
+        try:
+            # (each decoding counted, as the scan counts it; past the budget the piece
+            # counts unread)
+            spend = self.budget.spend
+            payload = _object_payload(piece, spend)
+            header = len(head) >= 12 and _object_payload("." + head, spend)
+        except _TooManyForms:
+            payload = header = True
         if not payload and not header:
             named = False
         elif self.whole >= MAX_COPY_PIECES or self.budget.left < 0:
@@ -1452,7 +1514,11 @@ def _holds_token(text: str, pieces: _PathPieces) -> bool:
     for form in _forms(text.encode("latin-1", "replace"), plus=False):
         if form is _TOO_MANY_FORMS:
             return True
-        for piece in _copy_pieces(form.translate(_PATH_SEPARATORS)):
+        try:
+            found = _copy_pieces(form.translate(_PATH_SEPARATORS), pieces.budget.spend)
+        except _TooManyForms:
+            return True  # (past the budget: fail closed, hidden)
+        for piece in found:
             if pieces.is_token(piece):
                 return True
     return False
