@@ -60,8 +60,9 @@ from sidecar.audit.segments import (
     path_problem,
     resolve_segments,
 )
+from sidecar.authn.extract import MAX_PATH_SEGMENTS_READ, PATH_TOKEN_FORM
 from sidecar.errors import ConfigError
-from sidecar.http.request import MAX_METHOD_OVERRIDES
+from sidecar.http.request import MAX_HOST_CHARS, MAX_METHOD_OVERRIDES
 from sidecar.output import Progress, add_output_flag, emit, safe
 from sidecar.policy.compiled import Section, claim_holds, compile_section, request_holds
 from sidecar.policy.decision import (
@@ -76,7 +77,7 @@ from sidecar.policy.decision import (
 from sidecar.policy.engine import decide
 from sidecar.policy.loader import load_policy_set, policy_label
 from sidecar.policy.model import Rule
-from sidecar.policy.paths import space_trimmed
+from sidecar.policy.paths import MAX_QUERY_ROUTES, MAX_TARGET_BYTES, space_trimmed
 from sidecar.policy.second import judge_rest, second_readings
 
 
@@ -121,6 +122,23 @@ UNREAD: dict[str, str] = {
 # the data path serves (``sidecar.http.request._METHOD``).
 MAX_RECORDED_OVERRIDES = 2 * MAX_METHOD_OVERRIDES
 _METHOD = re.compile(r"[A-Z][A-Z-]{0,31}")
+# What the data path can record, and so what replay reads (``replay_problem``; found by the
+# thirty-third session's hostile review: one 50 KB record of 3,000 routes and 16 overrides
+# cost minutes of CPU, each route judged for each override, claim trial and port). A path
+# (the request's, a route's, a Destination's) is normalised from a target of at most
+# ``MAX_TARGET_BYTES`` (each byte at most a three-character escape; a ``rest_route`` gains
+# ``/wp-json``), and ``path_for_records`` writes at most ``MAX_PATH_SEGMENTS_READ`` segments
+# and the rest as a token's digest form.
+MAX_RECORDED_PATH_CHARS = (3 * MAX_TARGET_BYTES + len("/wp-json/")
+                           + (MAX_PATH_SEGMENTS_READ + 1) * len(PATH_TOKEN_FORM.format("0" * 64)))
+# The routes the data path judges (``paths.query_routes``: more is 400), of which it records
+# those every rule judged.
+MAX_RECORDED_ROUTES = MAX_QUERY_ROUTES
+# A Host the data path judged (``request.split_host``: a name, one more for a final dot, and
+# a port; an IPv6 literal is shorter).
+MAX_RECORDED_HOST_CHARS = MAX_HOST_CHARS + 1 + len(":65535")
+# A SPIFFE ID (``x.service``) is at most 2048 bytes (SPIFFE-ID spec, "Maximum length").
+MAX_RECORDED_SERVICE_CHARS = 2048
 
 
 def outcome(decision: Decision) -> str:
@@ -133,34 +151,54 @@ def outcome(decision: Decision) -> str:
 
 def replay_problem(rec: AuditRecord) -> str | None:
     """What makes a (well-formed) record unfit for replay: the ``extra`` fields replay reads
-    (``service``, a string; ``port``, an integer 0..65535; ``overrides``, a list of at most
-    ``MAX_RECORDED_OVERRIDES`` methods; ``destination``, a path; ``routes``, a list of
-    [path, ``all`` or ``deny``]; ``unread``, a list of ``UNREAD``'s names) of the wrong
-    type or value."""
+    (``service``, a SPIFFE ID's string; ``port``, an integer 0..65535; ``overrides``, a list
+    of at most ``MAX_RECORDED_OVERRIDES`` methods; ``destination``, a path;
+    ``routes``, a list of at most ``MAX_RECORDED_ROUTES`` [path, ``all`` or ``deny``];
+    ``unread``, a list of ``UNREAD``'s names) of the wrong type or value, or more than the
+    data path records (a path longer than ``MAX_RECORDED_PATH_CHARS``, the request's own
+    included; a Host longer than a judged one; the request's method is counted in the
+    work instead, ``_work``). Before the thirty-third session
+    only their shape was checked: one record of 3,000 routes cost minutes (hostile review)."""
+    if rec.event == "request" and rec.direction == "inbound":
+        # (what ``replay`` judges of the record itself: its path and host)
+        if len(rec.path) > MAX_RECORDED_PATH_CHARS:
+            return f"field 'path' is longer than {MAX_RECORDED_PATH_CHARS} characters"
+        if len(rec.host) > MAX_RECORDED_HOST_CHARS:
+            return f"field 'host' is longer than {MAX_RECORDED_HOST_CHARS} characters"
     extra = rec.extra
     if not extra:
         return None
     service, port = extra.get("service"), extra.get("port")
     if service is not None and not isinstance(service, str):
         return f"field 'x.service' is a {type(service).__name__}, not a string"
+    if service is not None and len(service) > MAX_RECORDED_SERVICE_CHARS:
+        return f"field 'x.service' is longer than {MAX_RECORDED_SERVICE_CHARS} characters"
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 0 <= port <= 65535):
         return f"field 'x.port' {port!r} is not a port number"
     overrides, destination, unread = (extra.get("overrides"), extra.get("destination"),
                                       extra.get("unread"))
+    if isinstance(overrides, list) and len(overrides) > MAX_RECORDED_OVERRIDES:
+        return f"field 'x.overrides' holds more than {MAX_RECORDED_OVERRIDES} methods"
     if overrides is not None and (
-            not isinstance(overrides, list) or len(overrides) > MAX_RECORDED_OVERRIDES
+            not isinstance(overrides, list)
             or not all(isinstance(m, str) and _METHOD.fullmatch(m) for m in overrides)):
         return "field 'x.overrides' is not a list of methods"
     if destination is not None and (not isinstance(destination, str)
                                     or not destination.startswith("/")):
         return "field 'x.destination' is not a path"
+    if isinstance(destination, str) and len(destination) > MAX_RECORDED_PATH_CHARS:
+        return f"field 'x.destination' is longer than {MAX_RECORDED_PATH_CHARS} characters"
     routes = extra.get("routes")
+    if isinstance(routes, list) and len(routes) > MAX_RECORDED_ROUTES:
+        return f"field 'x.routes' holds more than {MAX_RECORDED_ROUTES} routes"
     if routes is not None and (not isinstance(routes, list) or not all(
             isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
             and r[0].startswith("/") and r[1] in ("all", "deny") for r in routes)):
         return "field 'x.routes' is not a list of [path, \"all\" or \"deny\"]"
-    if unread is not None and (not isinstance(unread, list)
+    if routes is not None and any(len(r[0]) > MAX_RECORDED_PATH_CHARS for r in routes):
+        return f"field 'x.routes' holds a path longer than {MAX_RECORDED_PATH_CHARS} characters"
+    if unread is not None and (not isinstance(unread, list) or len(unread) > len(UNREAD)
                                or not all(isinstance(u, str) and u in UNREAD for u in unread)):
         return f"field 'x.unread' is not a list of {', '.join(UNREAD)}"
     return None
@@ -210,6 +248,33 @@ MAX_PORT_TRIALS = 32
 _UNNAMED_PORT = 0
 # Variant sections compiled (``_held``), kept across records: a trail repeats its routes.
 MAX_TRIAL_SECTIONS = 256
+# At most this much work per record, counted in characters judged (``_work``: each
+# decision of each port tried and claim trial costs ``DECISION_WORK`` and the length of its
+# path, method and host; a decision's cost grows with them): past it the port trials, then
+# the claim trials are left out and the record is uncertain (``TOO_MANY_TRIALS``). A record of the
+# data path's bounds judges at most 291 paths (a Destination, 8 routes, 9 trimmed paths, 16
+# overrides on the path and each reading): with short paths (as requests are) and all 2**6
+# claim trials, within the cap; one such request alone with paths of the longest kind too. A
+# backstop (found by the thirty-third session's hostile review, as the bounds of
+# ``replay_problem``): at most about a second per record.
+MAX_WORK_PER_RECORD = 10_000_000
+DECISION_WORK = 400
+TOO_MANY_TRIALS = "too many trials"
+
+
+def _work(facts: RequestFacts, extra: Mapping[str, object], stream: bool) -> int:
+    """The work of ``judged`` for one recorded request at most (``MAX_WORK_PER_RECORD``'s
+    units): ``DECISION_WORK`` and the length of the path, method and host judged for each
+    decision ``second.judge_rest`` makes -- its own, its Destination's, each second path's,
+    and each override method's on its path and on each second path; one for a stream."""
+    base = DECISION_WORK + len(facts.method) + len(facts.host)
+    own = base + len(facts.path)
+    if stream:
+        return own
+    readings = sum(base + len(p) for p, _ in second_paths(facts.path, extra))
+    overrides, destination = extra.get("overrides") or (), extra.get("destination")
+    return (own + readings + len(overrides) * (own + readings)  # type: ignore[arg-type]
+            + (base + len(destination) if isinstance(destination, str) else 0))
 
 
 def _is_stream(rec: AuditRecord) -> bool:
@@ -361,6 +426,13 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
         if recorded_port is None and len(named) + 1 > MAX_PORT_TRIALS:
             too_many.append(f"{UNCERTAIN_PORT}: rules name {len(named)} ports")
         tried = [facts._replace(port=p) for p in ports]
+        # A backstop on the work per record (``MAX_WORK_PER_RECORD``): past it, the port
+        # trials and then the claim trials are left out, and the record is uncertain.
+        each = _work(facts, extra, stream)
+        if len(tried) > 1 and len(tried) * each > MAX_WORK_PER_RECORD:
+            too_many.append(f"{UNCERTAIN_PORT}: {TOO_MANY_TRIALS} (rules name "
+                            f"{len(named)} ports)")
+            tried = tried[:1]
         refused_token = False
         auth = NO_AUTH  # a stream: no credentials (``Gate.inbound(tcp=True)``)
         open_rules: list[Rule] = []
@@ -408,6 +480,10 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
                     too_many.append(f"{UNCERTAIN_CLAIMS}: {len(open_rules)} rules test claims "
                                     "the trail does not hold")
                     open_rules = []
+        if open_rules and len(tried) * (2 ** len(open_rules)) * each > MAX_WORK_PER_RECORD:
+            too_many.append(f"{UNCERTAIN_CLAIMS}: {TOO_MANY_TRIALS} ({len(open_rules)} rules "
+                            "test claims the trail does not hold)")
+            open_rules = []
         held_sets = [frozenset(r.name for r, on in zip(open_rules, bits, strict=True) if on)
                      for bits in itertools.product((False, True), repeat=len(open_rules))]
         # (held_sets[0] is the empty set: the record's own claims, as decided before)

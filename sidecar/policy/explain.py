@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import BadRequest
-from sidecar.http.request import destination_of, head_refusal, method_overrides
+from sidecar.http.request import destination_of, head_refusal, method_overrides, refuse_run_as
+from sidecar.http.untrusted import RUN_AS_PARAMETERS
 from sidecar.policy.compiled import ConditionResult, auth_trace, request_trace
 from sidecar.policy.decision import INVALID_TOKEN_RULE, AuthFacts, Decision, RequestFacts
 from sidecar.policy.engine import decide
@@ -65,7 +66,7 @@ class Explanation:
         lines = [f"to:     {self.identity}", f"target: {self.raw_target}"]
         if self.refused_reason is not None:
             lines.append(f"path:   refused before policy: {self.refused_reason}")
-            lines.append("decision: DENY 400 (ambiguous request target; no rule runs)")
+            lines.append("decision: DENY 400 (refused before any rule runs)")
             return "\n".join(lines)
         lines.append(f"path:   {self.path}  ({self.normalisation})")
         if self.query:
@@ -118,6 +119,7 @@ def explain(
     now: float,
     source: str = "127.0.0.1",
     destination: str | None = None,
+    run_as: frozenset[str] = frozenset(RUN_AS_PARAMETERS),
 ) -> Explanation:
     """Explain the decision for one request to ``identity``.
 
@@ -134,6 +136,12 @@ def explain(
     argument that is no UTF-8 keeps its bytes, ``surrogateescape``), so a byte the data path
     refuses is refused here (400), never a crash (found by a hostile review, as was explain
     judging none of the second paths).
+
+    A query naming a run-as parameter (``run_as``, lower-cased: by default every one of
+    ``RUN_AS_PARAMETERS``, as a sidecar without ``headers.pass_through_parameters`` refuses
+    them) is refused (400 ``run_as_parameter``) as the data path refuses it
+    (``request.refuse_run_as``, in ``sidecar.inbound``): before the thirty-third session
+    explain showed ``/orders?doas=root`` allowed (found by a hostile review).
     """
     svc = policy.services.get(identity)
     non_ascii = svc is not None and svc.non_ascii_paths
@@ -144,6 +152,8 @@ def explain(
         # refuses with 400 is never explained as allowed or denied: a lower-case method,
         # CONNECT, a Host such as 127.1 or "a b" (found by a hostile review).
         head_refusal(method, host)
+        if query:  # (a run-as parameter: 400 before anything else reads the query)
+            refuse_run_as(query, run_as)
         written = None if destination is None else destination_of(
             destination.encode("utf-8", "surrogateescape"), host,
             allow_non_ascii=non_ascii)[1]
