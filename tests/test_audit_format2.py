@@ -344,11 +344,16 @@ def test_forged_json_in_a_record_is_a_broken_frame(clear: Trail, tmp_path: Path,
     for args in (["verify", str(d)], ["export", str(d)]):
         got = sidecar_cli("audit", *args)
         assert "Traceback" not in got.stderr and got.returncode in (1, 2), (args, got)
-    # tail, a live view, names a frame it cannot decode and reads on.
+    # tail, a live view, names a frame it cannot decode and stops there, as export does:
+    # nothing after it checks its link, nor the link of the record before it (before the
+    # thirty-third session tail read on unchecked; found by a hostile review).
     got = sidecar_cli("audit", "tail", str(d), "-n", str(N))
     assert "Traceback" not in got.stderr and got.returncode == 1, got
     assert "a frame that does not decode: record" in got.stderr, got.stderr
-    assert len(got.stdout.splitlines()) == N - 1
+    exported = sidecar_cli("audit", "export", str(d), "--format", "jsonl")
+    shown = [json.loads(x)["request_id"] for x in got.stdout.splitlines()]
+    assert shown == [json.loads(x)["request_id"] for x in exported.stdout.splitlines()]
+    assert len(shown) < N - 1
 
 
 def test_tail_reads_a_group_whole_wherever_its_window_starts(trail: Trail) -> None:

@@ -43,6 +43,7 @@ from sidecar.audit.segments import (
     path_problem,
     resolve_segments,
     segment_header,
+    segment_header_frame,
     verify,
 )
 from sidecar.audit.ship import MAX_COLLECT_LINE, CollectError, Collector, write_segments
@@ -63,6 +64,15 @@ MAX_TAIL_LINES = 100_000
 # inside one. A frame still cut after this is one no writer is finishing: damage.
 SETTLE_SECONDS = 1.0
 SETTLE_POLL = 0.05
+# ``tail --follow``: how many of the segments it moved on from it keeps watching for growth
+# (``_Follower.left``; one ``stat`` each per poll). A segment no longer listed (retention
+# deleted it) stops being watched.
+WATCHED_LEFT = 256
+
+
+class _Fork(Exception):
+    """``tail --follow`` found two segments continuing the trail: it cannot tell which is
+    the writer's, and stops (exit 1)."""
 
 
 def add_audit_parsers(subparsers: Any) -> None:
@@ -393,7 +403,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
               "not messages as the shipper writes them (cut by the collector, or edited; "
               f"none names the seq of a frame read): {safe(', '.join(collector.refused_at))}"
               f"{more}", file=sys.stderr)
+    incomplete = collector.incomplete
+    if incomplete:
+        shown = ", ".join(incomplete[:MAX_INCOMPLETE_LISTED])
+        more = ", ..." if len(incomplete) > MAX_INCOMPLETE_LISTED else ""
+        print(f"warning: {len(incomplete)} messages sent in parts (audit.ship."
+              f"max_message_bytes) were not read, some of their parts missing: {shown}{more} "
+              "(verify shows the gap)", file=sys.stderr)
     return 0
+
+
+MAX_INCOMPLETE_LISTED = 5  # messages with parts missing named by ``collect``
 
 
 def _trail_identity(frames: dict[int, bytes]) -> str:
@@ -563,7 +583,9 @@ def _may_be_written(partial: bytes) -> bool:
 
 
 class _Follower:
-    """Reads frames appended to the newest segment; moves on when a newer one appears."""
+    """Reads frames appended to the newest segment; moves on when a newer one appears; stops
+    (``_Fork``) when the trail forks: a segment before it grows, two segments continue the
+    same seq, or a new segment sorts before it."""
 
     def __init__(self, path: str, filters: RecordFilter, decryptor: Decryptor | None,
                  malformed: _MalformedReport) -> None:
@@ -584,12 +606,28 @@ class _Follower:
         # ``start_at_end`` found the newest segment ending inside a frame that may still be
         # being written, at ``offset`` (after ``settle``: one no writer finished).
         self.cut = False
+        # The header seq of ``current`` (None: none read), and the segments moved on from,
+        # each with its size when left (``_check_left``).
+        self.start: int | None = None
+        self.left: deque[tuple[SegmentFile, int]] = deque(maxlen=WATCHED_LEFT)
+        self.known: set[str] | None = None  # the segment names listed last
 
     def start_at_end(self) -> None:
         segments = resolve_segments(self.path)
+        self.known = {s.name for s in segments}
         if segments:
+            # The older segments are watched too: a segment planted as the newest before
+            # tail started, continuing the writer's, is followed while the writer goes on.
+            for seg in segments[:-1][-WATCHED_LEFT:]:
+                self._watch(seg)
             self._switch(segments[-1])
             self.offset, self.cut = _whole_frames_end(segments[-1])
+
+    def _watch(self, seg: SegmentFile) -> None:
+        try:
+            self.left.append((seg, os.stat(seg.path, follow_symlinks=seg.follow).st_size))
+        except OSError:
+            pass  # (gone: nothing to watch)
 
     def settle(self) -> bool:
         """``tail`` without ``--follow``, the newest segment ending inside a frame
@@ -615,22 +653,76 @@ class _Follower:
         return True
 
     def _switch(self, seg: SegmentFile) -> None:
-        self.current, self.offset = seg, 0
-        self.header = segment_header(seg)
+        found = segment_header_frame(seg)
+        start = found[0] if found is not None else None
+        left = self.current
+        if left is not None:
+            self._forks_at(left, seg, start)
+            self._watch(left)
+        self.current, self.offset, self.start = seg, 0, start
+        self.header = found[1] if found is not None else None
         # Each encrypted record checked against its digest, the segment's structure as
         # verify checks it without a key, as ``export`` does (``iter_stored``).
         self.opener = RecordOpener(self.decryptor, check=True)
         self.order = self.trail.segment(seg.name)
 
+    def _forks_at(self, left: SegmentFile, seg: SegmentFile, start: int | None) -> None:
+        """Moving from ``left`` to ``seg``, whose header has seq ``start``: a header at or
+        after ``left``'s own and at or before the last frame read continues a seq that
+        ``left`` (or a segment it continued) continues already -- two segments continue
+        the same seq, a fork. (One whose header is older than ``left``'s is an old segment
+        copied in: ``SegmentOrder`` refuses it as damage.)"""
+        last = self.trail.last
+        if start is None or self.start is None or last is None:
+            return
+        if self.start <= start <= last:
+            raise _Fork(f"{seg.name} starts at seq {start}, which {left.name} continues "
+                        "too: two segments continue the same seq")
+
+    def _check_left(self) -> None:
+        """A segment before the one followed (moved on from, or older at the start) that
+        grew since: the writer is still writing there, and the segment followed continues
+        the trail beside it (planted under a newer name: its header links to the writer's
+        last frame by SHA-256, which needs no key). A writer rotates, or restarts, only
+        after its last write to a segment. Before the thirty-third session tail never looked
+        at a segment it had left: it showed the planted one and hid the writer's records,
+        without a word (found by a hostile review)."""
+        for seg, size in list(self.left):
+            try:
+                now = os.stat(seg.path, follow_symlinks=seg.follow).st_size
+            except OSError:
+                self.left.remove((seg, size))  # (deleted: retention)
+                continue
+            if now > size:
+                here = self.current.name if self.current is not None else "a newer segment"
+                raise _Fork(f"{seg.name} grew while tail followed {here}: two "
+                            "segments continue the trail")
+
+    def _appeared(self, listed: list[SegmentFile]) -> None:
+        """A segment that appeared since the last listing and sorts before the one
+        followed is one tail would never read: the writer's next segment, while tail follows
+        a segment planted under a larger seq (file names are not covered by any digest)."""
+        names = {s.name for s in listed}
+        current, known = self.current, self.known
+        self.known = names
+        if current is None or known is None or self.single:
+            return
+        for seg in listed:
+            if seg < current and seg.name not in known:
+                raise _Fork(f"{seg.name} appeared before {current.name}, the segment "
+                            "followed: two segments continue the trail")
+
     def poll(self) -> Iterator[tuple[int, AuditRecord]]:
         while True:
+            self._check_left()
             if self.current is not None:
                 yield from self._read_new()
             if self.single:
                 yield from self.trail.release()  # (following: the newest shown as it comes)
                 return
-            newer = [s for s in resolve_segments(self.path)
-                     if self.current is None or s > self.current]
+            listed = resolve_segments(self.path)
+            self._appeared(listed)
+            newer = [s for s in listed if self.current is None or s > self.current]
             if not newer:
                 yield from self.trail.release()
                 return
@@ -724,9 +816,11 @@ def _matching(payload: bytes, header: dict[str, Any] | None, filters: RecordFilt
     try:
         seq, prev, kind, body = decode_frame(payload)
     except (ValueError, ChainError) as exc:
-        malformed(f"{segment}: a frame that does not decode: {exc}")  # damage or forgery
-        order.undecoded()
-        return
+        # Damage or forgery, as ``export`` takes it: nothing after it in the segment is
+        # read (no link can be checked past it) nor what the frame before made readable.
+        dropped = order.undecoded()
+        raise SegmentDamage(f"a frame that does not decode: {exc} (verify: broken; the "
+                            f"frames from here are not read){dropped}", offset) from None
     try:
         order.check(seq, kind, offset, prev, body, payload)
     except UnlinkedFrame:
@@ -797,6 +891,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
             time.sleep(interval)
     except KeyboardInterrupt:
         return 1 if malformed.count else 0
+    except _Fork as exc:
+        print(f"error: the trail forks: {safe(exc)} (a segment planted under a newer name, "
+              "or two writers on one directory; verify: broken); tail cannot tell which is "
+              "the writer's and stops", file=sys.stderr, flush=True)
+        return 1
     except DecryptError as exc:
         print(f"error: {safe(exc)}", file=sys.stderr)
         return 1

@@ -1301,6 +1301,11 @@ def segment_header(seg: SegmentFile) -> dict[str, Any] | None:
     return found[1] if found is not None else None
 
 
+def segment_header_frame(seg: SegmentFile) -> tuple[int, dict[str, Any]] | None:
+    """The seq and body of a segment file's header frame (None if it has none)."""
+    return _header_frame(seg)
+
+
 def _header_frame(seg: SegmentFile) -> tuple[int, dict[str, Any]] | None:
     """The seq and body of a segment file's header frame (None if it has none)."""
     try:
@@ -1552,7 +1557,9 @@ class SegmentOrder:
             assert chain is not None
             chain.start_segment()
         elif chain is None:
-            return None, False  # (after a frame that did not decode, until the next header)
+            # (not reached: ``check`` refuses a segment that does not start with a header,
+            # and a frame that does not decode stops the segment; no link, not shown)
+            return f"frame {seq}: no link known to check it against", True
         last = chain.last
         if last is not None and not chain.unlinked and prev != last.digest:
             return (f"frame {seq} does not chain to frame {last.seq}: a frame was edited, "
@@ -1575,13 +1582,20 @@ class SegmentOrder:
         self.stopped = True
         self.trail.short = True
 
-    def undecoded(self) -> None:
-        """A frame that does not decode was passed over (``tail`` says so and reads on): it
-        stands for the next seq; its digest is not known."""
-        if self.last is not None:
-            self.last += 1
-            self.trail.last = self.last
-            self.trail.chain = None
+    def undecoded(self, seq_hint: str = "") -> str:
+        """A frame that does not decode: damage, as ``iter_stored`` (export) takes it. The
+        segment is read no further (``stop``), and what the frame before it made readable
+        is not shown: that frame's link is checked by the next frame's ``prev``, which
+        cannot be read (an edited record followed by a frame made not to decode was shown
+        otherwise). Returns what to add to the message ('' when nothing was held). Before
+        the thirty-third session ``tail`` passed over such a frame and read on with no link
+        checked until the next header, so a record edited in place after it was shown
+        (found by a hostile review)."""
+        dropped = "" if not self.trail.held or self.last is None else \
+            f"; the records of seq {self.last} are not shown: nothing checks their link"
+        self.trail.held.clear()
+        self.stop()
+        return dropped
 
 
 def iter_stored(
@@ -1640,9 +1654,11 @@ def iter_stored(
                             trail.held.append(StoredRecord(at, seg.name, rec))
             opener.finish()
         except (SegmentDamage, FrameError, TypeError, DecryptError) as exc:
+            # A frame that does not decode: the frame before it is covered by no link.
+            dropped = order.undecoded() if isinstance(exc, FrameError) else ""
             order.stop()
             if on_damage is not None:
-                on_damage(f"{seg.name}: {exc}")
+                on_damage(f"{seg.name}: {exc}{dropped}")
         except OSError as exc:  # not a regular file, unreadable
             order.stop()
             if on_damage is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -400,6 +401,49 @@ def frame_messages(prefix: bytes, frames: Iterable[tuple[int, str, bytes, bytes,
     return out
 
 
+# A message longer than ``audit.ship.max_message_bytes`` (``split_messages``) goes as parts,
+# each a message of its own: MSGID ``audit-part``, the whole message's seq, digest and kind
+# in the structured data with the part's number and how many there are, and the JSON
+# ``{"part":I,"parts":N,"seq":S,"digest":"HEX","data":"B64"}``, ``data`` a slice of the whole
+# octets of the message (its header too) in base64. ``collect`` joins the parts of a message
+# and reads it as if it had come whole (``Collector.add``).
+_PART = (b'%b [' + SD_ID.encode() + b' seq="%d" digest="%b" kind="%b" part="%d" parts="%d"] '
+         b'{"part":%d,"parts":%d,"seq":%d,"digest":"%b","data":"%b"}')
+_PART_MSGID = b"audit-part"
+_WHOLE = re.compile(rb'(\d+) (<\d+>1 \S+ \S+ \S+ \S+ )\S+ \[' + re.escape(SD_ID.encode())
+                    + rb' seq="(\d+)" digest="([0-9a-f]*)" kind="(\w+)"\] ')
+# The most parts ``collect`` joins for one message: a frame is at most 1 MiB (chain.py), its
+# message the frame's base64 and the record's JSON, in parts of 2,048 bytes at the least.
+MAX_MESSAGE_PARTS = 8192
+# The bytes of parts ``collect`` holds while their messages are not whole yet, in all.
+MAX_PENDING_PART_BYTES = 64 * 1024 * 1024
+
+
+def split_messages(messages: list[bytes], limit: int) -> list[bytes]:
+    """``messages`` (octet-counted, as ``frame_messages`` makes them) with each whose syslog
+    message is longer than ``limit`` bytes replaced by its parts (``_PART``), in order, each
+    at most ``limit`` bytes (pure)."""
+    out: list[bytes] = []
+    for message in messages:
+        m = _WHOLE.match(message)
+        if m is None or int(m.group(1)) <= limit:
+            out.append(message)
+            continue
+        head = m.group(2) + _PART_MSGID
+        seq, digest, kind = int(m.group(3)), m.group(4), m.group(5)
+        whole = message[len(m.group(1)) + 1:]
+        biggest = len(_PART % (head, seq, digest, kind, MAX_MESSAGE_PARTS, MAX_MESSAGE_PARTS,
+                               MAX_MESSAGE_PARTS, MAX_MESSAGE_PARTS, seq, digest, b""))
+        room = (limit - biggest) // 4 * 3  # (raw octets per part, base64 taking 4 for 3)
+        count = -(-len(whole) // room)
+        for i in range(count):
+            data = binascii.b2a_base64(whole[i * room:(i + 1) * room], newline=False)
+            msg = _PART % (head, seq, digest, kind, i + 1, count, i + 1, count, seq, digest,
+                           data)
+            out.append(b"%d %b" % (len(msg), msg))
+    return out
+
+
 def hostname() -> str:
     """RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255 characters."""
     name = socket.gethostname() or "-"
@@ -489,6 +533,11 @@ class Collector:
         self.refused = 0
         self.refused_at: list[str] = []
         self._refused_seqs: dict[int, str] = {}
+        # The parts of messages sent in parts, by (seq, digest, parts), until each is whole
+        # (``_part``), and their bytes.
+        self._parts: dict[tuple[int, str, int], dict[int, bytes]] = {}
+        self._part_bytes = 0
+        self._joined: dict[tuple[int, str, int], list[bytes]] = {}  # parts' SHA-256, by part
 
     def add_file(self, fh: IO[str], name: str = "") -> None:
         """``add`` for an open collector file, its lines read at most ``MAX_COLLECT_LINE``
@@ -514,9 +563,16 @@ class Collector:
         for number, line in enumerate(lines, 1):
             start = line.find('{"seq":')
             if start < 0:
-                if SD_ID in line:
+                if '{"part":' in line:
+                    whole = self._part(line, name, number)
+                    if whole is None:
+                        continue
+                    line, start = whole, whole.find('{"seq":')
+                elif SD_ID in line:
                     self._refuse(line, name, number)
-                continue
+                    continue
+                else:
+                    continue
             try:
                 # The strict reader (sidecar/jsondoc.py): a message that names a member twice
                 # is not one the writer sent -- a SIEM keeping the first "record" would show
@@ -544,6 +600,62 @@ class Collector:
                                    f"({problem}): the collector's copy was edited")
             if frame not in self._links:
                 self._links[frame] = (seq, self._prev_of(frame))
+
+    def _part(self, line: str, name: str, number: int) -> str | None:
+        """A part of a message sent in parts (``split_messages``): kept until its message's
+        parts are all there, then that message whole (None until then). A part not as the
+        shipper writes it, one that says otherwise than another part of its message, or
+        past ``MAX_PENDING_PART_BYTES`` of parts held is refused as an edited line is; a
+        message some of whose parts never came is not read (``incomplete``: a gap that
+        ``verify`` shows)."""
+        start = line.find('{"part":')
+        try:
+            obj = read_json(line[start:])
+            part, parts, seq, digest = obj["part"], obj["parts"], obj["seq"], obj["digest"]
+            if not all(isinstance(v, int) and not isinstance(v, bool)
+                       for v in (part, parts, seq)) or not isinstance(digest, str) \
+                    or not 2 <= parts <= MAX_MESSAGE_PARTS or not 1 <= part <= parts \
+                    or seq < 0 or len(obj) != 5:
+                raise ValueError("not a part")
+            data = base64.b64decode(obj["data"], validate=True)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            self._refuse(line, name, number)
+            return None
+        key = (seq, digest, parts)
+        joined = self._joined.get(key)
+        if joined is not None:  # (a part again, after its message was read: the same?)
+            if joined[part - 1] != hashlib.sha256(data).digest():
+                self._refuse(line, name, number)
+            return None
+        held = self._parts.setdefault(key, {})
+        if part in held:
+            if held[part] != data:
+                self._refuse(line, name, number)
+            return None
+        if self._part_bytes + len(data) > MAX_PENDING_PART_BYTES:
+            self._refuse(line, name, number)
+            return None
+        held[part] = data
+        self._part_bytes += len(data)
+        if len(held) < parts:
+            return None
+        del self._parts[key]
+        self._part_bytes -= sum(map(len, held.values()))
+        pieces = [held[i] for i in range(1, parts + 1)]
+        # (remembered by digest: a part delivered again later is compared, not read again)
+        self._joined[key] = [hashlib.sha256(piece).digest() for piece in pieces]
+        whole = b"".join(pieces)
+        try:
+            return whole.decode("ascii")
+        except UnicodeDecodeError:
+            self._refuse(line, name, number)
+            return None
+
+    @property
+    def incomplete(self) -> list[str]:
+        """The messages sent in parts of which some never came (``seq N: K of M parts``)."""
+        return [f"seq {seq}: {len(held)} of {parts} parts"
+                for (seq, _digest, parts), held in sorted(self._parts.items())]
 
     def _refuse(self, line: str, name: str, number: int) -> None:
         """Count a line that looks like ours but is not read; note the seqs it seems to

@@ -77,6 +77,7 @@ from sidecar.audit.ship import (
     message_prefix,
     record_text,
     row_text,
+    split_messages,
 )
 from sidecar.audit.shipper import Shipper
 from sidecar.audit.signing import (
@@ -86,7 +87,7 @@ from sidecar.audit.signing import (
     read_small_file,
     signer_from_pem,
 )
-from sidecar.config.audit import AuditConfig, load_hmac_key
+from sidecar.config.audit import DEFAULT_MAX_MESSAGE_BYTES, AuditConfig, load_hmac_key
 from sidecar.config.values import parse_address
 from sidecar.errors import ConfigError, Problem
 from sidecar.logs import log
@@ -258,6 +259,7 @@ class _SegmentSink:
         self.last_checkpoint: Checkpoint | None = None
         self.ship_host: str | None = None  # set when shipping: frames become messages
         self.ship_app = "sidecar"
+        self.ship_max_message = DEFAULT_MAX_MESSAGE_BYTES  # ``audit.ship.max_message_bytes``
         self.max_bytes = config.max_segment_bytes
         self.max_segments = config.max_segments
         self.fsync = config.fsync
@@ -451,7 +453,11 @@ class _SegmentSink:
         """The messages of waiting frames ``start`` to ``stop`` (taken off by
         ``messages_taken``): a batch's are made in chunks on the event loop."""
         assert self.head is not None and self.head.journal is not None
-        return frame_messages(prefix, self.head.journal[start:stop], _message_detail)
+        out = frame_messages(prefix, self.head.journal[start:stop], _message_detail)
+        # (one C pass over the lengths: a message over the collector's size goes in parts)
+        if out and max(map(len, out)) > self.ship_max_message:
+            out = split_messages(out, self.ship_max_message)
+        return out
 
     def messages_taken(self, count: int) -> None:
         assert self.head is not None and self.head.journal is not None
@@ -858,6 +864,7 @@ class AuditWriter:
                                            f"cannot load TLS files: {exc}")]) from None
             self._sink.ship_host = hostname()
             self._sink.ship_app = ship.app_name
+            self._sink.ship_max_message = ship.max_message_bytes
         # A shipping writer stores records as JSON (format 3): the data path then submits
         # its usual records as rows (``record.request_row``), whose JSON is filled without
         # a map; a writer storing msgpack (format 1) packs maps, which rows would only delay.

@@ -29,6 +29,17 @@ MAX_QUEUE_SIZE = 1_000_000
 DEFAULT_SHIP_QUEUE_BYTES = 64 * 1024 * 1024
 MIN_SHIP_QUEUE_BYTES = 64 * 1024
 MAX_SHIP_QUEUE_BYTES = 16 * 1024 * 1024 * 1024
+# ``ship.max_message_bytes``: the longest syslog message sent whole; a longer one (a record
+# of a long path, a checkpoint of a long SPIFFE ID) goes in parts that ``sidecar audit
+# collect`` joins (``ship.split_messages``). Collectors cut longer messages: rsyslog's
+# default ``maxMessageSize`` is 8 KiB, which let messages of at most 8,096 bytes through whole
+# (measured with rsyslog 8.2302), RFC 5425 4.3.1 asks receivers for 2,048 octets and
+# recommends 8,192 (found by a hostile review: a record of a 7.6 KB path reached rsyslog
+# cut, was counted as sent, and the collector's copy read as tampered with). The default
+# keeps well under every such limit; a record's message is about 700 bytes.
+DEFAULT_MAX_MESSAGE_BYTES = 4096
+MIN_MAX_MESSAGE_BYTES = 2048
+MAX_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_BATCH_SIZE = 65_536
 MIN_HMAC_KEY_BYTES = 16
 MAX_HMAC_KEY_FILE_BYTES = 64 * 1024
@@ -40,8 +51,7 @@ _KNOWN = frozenset({
 })
 _SHIP_KNOWN = frozenset({
     "address", "ca_file", "server_name", "cert_file", "key_file", "queue_size", "queue_bytes",
-    "mode",
-    "app_name",
+    "mode", "app_name", "max_message_bytes",
 })
 DEFAULT_CHECKPOINT_RECORDS = 1000
 DEFAULT_CHECKPOINT_SECONDS = 1.0
@@ -65,6 +75,7 @@ class ShipConfig:
     queue_bytes: int = DEFAULT_SHIP_QUEUE_BYTES
     mode: ShipMode = "fail_open"
     app_name: str = "sidecar"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,7 @@ def _parse_ship(r: Reader, raw: Any, path: Path) -> ShipConfig | None:
         if v is not None:
             kw["queue_size"] = v
     _size(raw, "queue_bytes", path, src, kw, MIN_SHIP_QUEUE_BYTES, MAX_SHIP_QUEUE_BYTES)
+    _size(raw, "max_message_bytes", path, src, kw, MIN_MAX_MESSAGE_BYTES, MAX_MAX_MESSAGE_BYTES)
     if raw.get("mode") is not None:
         if raw["mode"] not in ("fail_open", "required"):
             src.problem(path + ("mode",), "must be one of: fail_open, required")
