@@ -777,8 +777,11 @@ def _copy_pieces(text: str, spend: Callable[[int], object] | None = None) -> lis
     29: such a run was dropped). And the pieces whose payload has filler in it
     (``_filled_pieces``). ``spend``: the scan budget's (``_ScanBudget.spend``), charged
     ``SCAN_RUN_COST`` for each run with a dot and what ``_filled_pieces`` costs, as it is
-    done (it raises past the budget)."""
+    done (it raises past the budget), beyond ``SCAN_RUN_ALLOWANCE`` a character of ``text``
+    which this form's runs and filled parts may use first."""
     pieces = []
+    if spend is not None:
+        spend = _with_allowance(spend, SCAN_RUN_ALLOWANCE * len(text))
     for m in _DOTTED_RUN.finditer(text):
         if spend is not None:
             spend(SCAN_RUN_COST)
@@ -789,6 +792,20 @@ def _copy_pieces(text: str, spend: Callable[[int], object] | None = None) -> lis
     if pieces:
         pieces += _filled_pieces(text, spend)
     return pieces
+
+
+def _with_allowance(spend: Callable[[int], object], allowance: int) -> Callable[[int], object]:
+    """``spend``, but the first ``allowance`` units of cost are this form's own: charged to
+    the request's budget only past them (never a credit to it)."""
+    left = [allowance]
+
+    def charge(cost: int) -> object:
+        if left[0] >= cost:
+            left[0] -= cost
+            return None
+        return spend(cost)
+
+    return charge
 
 
 # Base64 and base64url digits and padding; anything else in a payload is filler that a
@@ -897,6 +914,13 @@ SCAN_PIECE_COST = 64
 # let through (a 1 MB head about 360 ms); now such a head uses up its budget after a few
 # hundred pieces and is refused as holding a copy.
 SCAN_RUN_COST = 320
+# What the runs and filled parts of one decoded form may cost, a character of it, before they
+# are charged to the request's budget: ordinary values hold a dotted run every 30-60
+# characters (analytics cookies ``GA1.2.123.456``, consent strings, versions, host names), 5-11
+# units a character, while the pieces that cost (``a.b a.b ...``) hold one every 4, 80. Without
+# it a 7 KB Cookie header of 120 ordinary cookies spent the budget on its runs alone and was
+# refused as holding a copy (found by the hostile review of the thirty-third session's fix).
+SCAN_RUN_ALLOWANCE = 8
 SCAN_FILLER_COST = 320
 SCAN_DECODE_COST = 512
 SCAN_COOKIE_COST = 128
