@@ -76,7 +76,9 @@ from sidecar.policy.paths import path_segments
 # A stream's or request in flight's credentials as it presented them, to be read again after
 # a policy change (``Gate.auth_now``): its head's fields, its query, and the RFC 8705
 # thumbprint of the connection's client certificate.
-Reread = tuple[Sequence[tuple[bytes, bytes]], str, "str | None"]
+# The fourth item: the providers that were introspected when it began (their answers then
+# may stand until asked again; a provider introspected only since has none).
+Reread = tuple[Sequence[tuple[bytes, bytes]], str, "str | None", frozenset[str]]
 
 if TYPE_CHECKING:  # the gate's collaborators, for their types only (no import at run time)
     from sidecar.alerts import Alert, BurstDetector
@@ -426,8 +428,12 @@ class Gate:
         credentials read when they began: a reload that named a provider for the first
         time and denied a claim of its tokens, refused invalid tokens or revoked a subject
         left a stream (or a long download) authorised before it running (found by a
-        hostile review). A token of an introspected provider that has no cached answer now
-        keeps the claims it was accepted with (it is asked about again: ``reintrospect``).
+        hostile review). A token of a provider that was introspected when it began and has
+        no cached answer now keeps the claims it was accepted with (it is asked about again:
+        ``reintrospect``); one of a provider introspected only since (a reload that made a
+        JWT provider introspected) has none: the stream was never asked about, so it is
+        judged without them (found by the review of that fix: such a stream ran on, never
+        asked, while the same request was refused as inactive).
         Without ``reread`` or an authenticator: ``auth``."""
         authn = self.authenticator
         policy = self.policies.policy
@@ -440,13 +446,13 @@ class Gate:
             return auth
         if not (section.providers or section.needs_apikey):
             return NO_AUTH
-        headers, query, peer_x5t = reread
+        headers, query, peer_x5t, introspected = reread
         fresh = authn.reauthenticate(section.providers, headers, query, now,
                                      peer_x5t=peer_x5t, audience=self._audience, path=path)
         if auth is not None and auth.claims:
             unasked = {name: claims for name, claims in auth.claims.items()
-                       if name in authn.introspection_providers and name not in fresh.claims
-                       and name not in fresh.token_errors}
+                       if name in authn.introspection_providers and name in introspected
+                       and name not in fresh.claims and name not in fresh.token_errors}
             if unasked:
                 fresh = fresh._replace(claims={**fresh.claims, **unasked})
         return fresh

@@ -408,7 +408,8 @@ class InboundProxy:
                 raise Unavailable("audit_unavailable")
             conn.request = ctx  # (a policy change judges it again: Lifetimes.recheck_policy)
             if gate.authenticator is not None:  # (its credentials read again then: auth_now)
-                ctx.reread = (event.headers, query, peer_x5t)
+                ctx.reread = (event.headers, query, peer_x5t,
+                              gate.authenticator.introspection_providers)
             # (strip_credentials is set only with an authenticator)
             strip = gate.authenticator if verdict.strip_credentials else None
             # One pass: the catalogue, the claim headers the sidecar sets, Connection-listed
@@ -477,8 +478,10 @@ class InboundProxy:
                     # hostile review).
                     if live.reauth is None or live.retiring in CUT_AT_ONCE:
                         return
+                    asked = (gate.authenticator.introspection_providers
+                             if gate.authenticator is not None else frozenset())
                     if gate.still_allows(facts, auth, now, api_key=key, tokens=tokens,
-                                         reread=(headers, query, peer_x5t)):
+                                         reread=(headers, query, peer_x5t, asked)):
                         # (not before a second from now: the sweep's pace)
                         live.reauth_at = max(gate.reintrospect_at(tokens, now), now + 1.0)
                         return

@@ -27,6 +27,7 @@ import pytest
 
 from tests.harness import (
     TD,
+    IntrospectionServer,
     Pki,
     free_port,
     http,
@@ -46,6 +47,8 @@ pytestmark = pytest.mark.usefixtures("no_internal_errors")
 PARTNER = "https://partner.example.com/"
 ALLOW = {"name": "fe", "allow": {"from": [spiffe("frontend")]}}
 READS = {"name": "corp-reads", "allow": {"paths": ["/reports/**"], "jwt": {"provider": "corp"}}}
+CORP_ONLY = {"name": "corp-only", "allow": {"from": [spiffe("frontend")],
+                                            "jwt": {"provider": "corp"}}}
 
 
 def _deny_sub(provider: str, sub: str = "mallory") -> dict[str, Any]:
@@ -66,6 +69,8 @@ CASES: dict[str, tuple[str, tuple[Any, ...], tuple[Any, ...], int]] = {
     "a second provider added, a deny on its token's subject": (
         "alice+partner", ([ALLOW, READS], ("corp",)),
         ([ALLOW, READS, _deny_sub("partner")], ("corp", "partner"), None), 403),
+    "the provider made introspected, the token inactive there": (
+        "mallory", ([CORP_ONLY], ("corp",)), ([CORP_ONLY], ("corp@as",), None), 401),
     "the provider named before, a deny added": (
         "mallory", ([ALLOW, READS], ("corp",)), ([ALLOW, READS, _deny_sub("corp")], ("corp",),
                                                  None), 403),
@@ -88,8 +93,8 @@ class Env:
     def write(self, rules: list[Any], providers: tuple[str, ...],
               revocations: list[Any] | None = None) -> None:
         doc: dict[str, Any] = {"version": 1, "trust_domain": TD}
-        if providers:
-            doc["jwt_providers"] = {n: self.providers[n] for n in providers}
+        if providers:  # ("corp@as": the provider corp, introspected)
+            doc["jwt_providers"] = {n.partition("@")[0]: self.providers[n] for n in providers}
         if revocations:
             doc["revocations"] = revocations
         doc["services"] = {spiffe("orders"): {"rules": rules}}
@@ -113,10 +118,19 @@ class Env:
         return self.ctx.wrap_socket(raw)
 
 
+class Inactive(IntrospectionServer):
+    """An authorisation server that says every token is inactive (revoked)."""
+
+    def document(self, token: str) -> dict[str, Any]:
+        return {"active": False}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("reload-rereads")
     procs: list[Any] = []
+    server = Inactive(tmp / "as")
+    (tmp / "secret").write_text("s3cret\n")
     try:
         app, app_port = start_app(tmp)
         procs.append(app)
@@ -142,6 +156,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                      "jwks_file": str(tmp / "corp.json")},
             "partner": {"issuer": PARTNER, "audiences": [AUDIENCE], "algorithms": ["ES256"],
                         "jwks_file": str(tmp / "corp.json"), "from_headers": ["x-partner-token"]},
+            # Reloaded so, the provider corp asks an authorisation server (which says no)
+            # where it verified JWTs: a stream it let in was never asked about.
+            "corp@as": {"issuer": ISSUER, "audiences": [AUDIENCE], "introspection": {
+                "endpoint": f"https://127.0.0.1:{server.port}/introspect",
+                "ca": str(server.ca_file), "client_id": "orders",
+                "client_secret_file": str(tmp / "secret"), "timeout": "5s"}},
         }
         e = Env(None, mtls_context(pki.identity("frontend"), pki.bundle), tmp / "policy.yaml",
                 providers, tokens)
@@ -155,6 +175,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     finally:
         for proc in reversed(procs):
             proc.stop(timeout=10)
+        server.close()
 
 
 def _echoes(tls: Any, data: bytes) -> bool:
