@@ -139,7 +139,20 @@ EDITS: dict[str, Any] = {
     "a member more": lambda lines: [_edit(lines[0], '{"part":1', '{"x":1,"part":1')] + lines[1:],
     "not base64": lambda lines: [_edit(lines[0], '"data":"', '"data":"!')] + lines[1:],
     "seq as text": lambda lines: [_edit(lines[0], '"seq":3', '"seq":"3"')] + lines[1:],
+    # every part relabelled alike, structured data and JSON: another seq, kind and digest
+    # (found by the review of this code: joined and read, the SIEM showing another frame)
+    "relabelled": lambda lines: [
+        line.replace('seq="3"', 'seq="9999"').replace('"seq":3,', '"seq":9999,')
+        .replace('kind="rec"', 'kind="chk"').replace(_digest_of(line), "0" * 64)
+        for line in lines],
+    "structured data only": lambda lines: [_edit(lines[0], 'seq="3"', 'seq="4"')] + lines[1:],
+    "digest not hex": lambda lines: [line.replace(_digest_of(line), "Z" * 64)
+                                     for line in lines],
 }
+
+
+def _digest_of(line: str) -> str:
+    return line.split('digest="', 1)[1][:64]
 
 
 @pytest.mark.parametrize("name", list(EDITS))
@@ -245,3 +258,22 @@ def test_collect_names_the_messages_whose_parts_are_missing(tmp_path: Path) -> N
     assert got.returncode == 0 and "Traceback" not in got.stderr, got
     assert "2 messages" in got.stdout, got.stdout
     assert "1 messages sent in parts" in got.stderr and "seq 3: " in got.stderr, got.stderr
+
+
+def test_the_parts_held_are_bounded_with_what_holding_them_costs(monkeypatch) -> None:
+    """Parts of messages never whole are held up to ``MAX_PENDING_PART_BYTES``, each counted
+    with ``PART_OVERHEAD`` (the review of this code held 160 MiB of 4 MiB digests and empty
+    parts counted as nothing); past it they are refused, and a digest that is not 64 hex
+    characters is refused outright."""
+    from sidecar.audit import ship
+
+    monkeypatch.setattr(ship, "MAX_PENDING_PART_BYTES", 1024 * 1024)
+    line = ('audit-part\t[sidecar@32473 seq="{n}" digest="{d}" kind="rec" part="1" '
+            'parts="2"]\t{{"part":1,"parts":2,"seq":{n},"digest":"{d}","data":""}}\n')
+    c = Collector()
+    c.add([line.format(n=n, d="ab" * 32) for n in range(5000)])
+    held = 1024 * 1024 // ship.PART_OVERHEAD
+    assert len(c.incomplete) == held and c.refused == 5000 - held
+    c = Collector()
+    c.add([line.format(n=1, d="ab" * 2_000_000)])
+    assert c.refused == 1 and not c.incomplete

@@ -415,8 +415,14 @@ _WHOLE = re.compile(rb'(\d+) (<\d+>1 \S+ \S+ \S+ \S+ )\S+ \[' + re.escape(SD_ID.
 # The most parts ``collect`` joins for one message: a frame is at most 1 MiB (chain.py), its
 # message the frame's base64 and the record's JSON, in parts of 2,048 bytes at the least.
 MAX_MESSAGE_PARTS = 8192
-# The bytes of parts ``collect`` holds while their messages are not whole yet, in all.
+# The bytes of parts ``collect`` holds while their messages are not whole yet, in all, each
+# part counted with ``PART_OVERHEAD`` for what keeping it costs besides its data.
 MAX_PENDING_PART_BYTES = 64 * 1024 * 1024
+PART_OVERHEAD = 512
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
+# The whole message a message's parts join into: its structured data's seq, digest and kind.
+_WHOLE_TEXT = re.compile(r'<\d+>1 \S+ \S+ \S+ \S+ \S+ \[' + re.escape(SD_ID)
+                         + r' seq="(\d+)" digest="([0-9a-f]{64})" kind="(\w+)"\] ')
 
 
 def split_messages(messages: list[bytes], limit: int) -> list[bytes]:
@@ -535,9 +541,9 @@ class Collector:
         self._refused_seqs: dict[int, str] = {}
         # The parts of messages sent in parts, by (seq, digest, parts), until each is whole
         # (``_part``), and their bytes.
-        self._parts: dict[tuple[int, str, int], dict[int, bytes]] = {}
+        self._parts: dict[tuple[int, str, int, str | None], dict[int, bytes]] = {}
         self._part_bytes = 0
-        self._joined: dict[tuple[int, str, int], list[bytes]] = {}  # parts' SHA-256, by part
+        self._joined: dict[tuple[int, str, int, str | None], list[bytes]] = {}  # SHA-256s
 
     def add_file(self, fh: IO[str], name: str = "") -> None:
         """``add`` for an open collector file, its lines read at most ``MAX_COLLECT_LINE``
@@ -615,13 +621,25 @@ class Collector:
             if not all(isinstance(v, int) and not isinstance(v, bool)
                        for v in (part, parts, seq)) or not isinstance(digest, str) \
                     or not 2 <= parts <= MAX_MESSAGE_PARTS or not 1 <= part <= parts \
-                    or seq < 0 or len(obj) != 5:
+                    or seq < 0 or len(obj) != 5 or _DIGEST_HEX.fullmatch(digest) is None:
                 raise ValueError("not a part")
+            # The structured data a SIEM shows says what the JSON says (found by the review
+            # of this code: parts relabelled as another seq and kind were joined and read).
+            # (a collector that keeps no structured data: the JSON alone, as for whole lines)
+            at = line.rfind("[" + SD_ID + " ", 0, start)
+            sd = dict(_SD_PARAM.findall(line[at:line.find("]", at) + 1])) if at >= 0 else {}
+            for label, value in (("seq", str(seq)), ("digest", digest), ("part", str(part)),
+                                 ("parts", str(parts))):
+                if label in sd and sd[label] != value:
+                    raise ValueError("structured data")
+            kind = sd.get("kind")
+            if kind is not None and kind not in MSGIDS:
+                raise ValueError("structured data")
             data = base64.b64decode(obj["data"], validate=True)
         except (ValueError, KeyError, TypeError, RecursionError):
             self._refuse(line, name, number)
             return None
-        key = (seq, digest, parts)
+        key = (seq, digest, parts, kind)
         joined = self._joined.get(key)
         if joined is not None:  # (a part again, after its message was read: the same?)
             if joined[part - 1] != hashlib.sha256(data).digest():
@@ -632,30 +650,38 @@ class Collector:
             if held[part] != data:
                 self._refuse(line, name, number)
             return None
-        if self._part_bytes + len(data) > MAX_PENDING_PART_BYTES:
+        # (each part held counts its bytes and what keeping it costs besides)
+        if self._part_bytes + len(data) + PART_OVERHEAD > MAX_PENDING_PART_BYTES:
+            if not held:
+                del self._parts[key]
             self._refuse(line, name, number)
             return None
         held[part] = data
-        self._part_bytes += len(data)
+        self._part_bytes += len(data) + PART_OVERHEAD
         if len(held) < parts:
             return None
         del self._parts[key]
-        self._part_bytes -= sum(map(len, held.values()))
+        self._part_bytes -= sum(map(len, held.values())) + PART_OVERHEAD * len(held)
         pieces = [held[i] for i in range(1, parts + 1)]
         # (remembered by digest: a part delivered again later is compared, not read again)
         self._joined[key] = [hashlib.sha256(piece).digest() for piece in pieces]
-        whole = b"".join(pieces)
         try:
-            return whole.decode("ascii")
+            whole = b"".join(pieces).decode("ascii")
         except UnicodeDecodeError:
-            self._refuse(line, name, number)
-            return None
+            whole = ""
+        m = _WHOLE_TEXT.match(whole)
+        if m is None or (int(m.group(1)), m.group(2)) != (seq, digest) \
+                or kind not in (None, m.group(3)):
+            raise CollectError(f"the parts of the message for seq {seq} do not join into a "
+                               f"message for seq {seq} of kind {kind!r} with their digest: the "
+                               "collector's copy was edited")
+        return whole
 
     @property
     def incomplete(self) -> list[str]:
         """The messages sent in parts of which some never came (``seq N: K of M parts``)."""
         return [f"seq {seq}: {len(held)} of {parts} parts"
-                for (seq, _digest, parts), held in sorted(self._parts.items())]
+                for (seq, _digest, parts, _kind), held in sorted(self._parts.items())]
 
     def _refuse(self, line: str, name: str, number: int) -> None:
         """Count a line that looks like ours but is not read; note the seqs it seems to
