@@ -96,7 +96,7 @@ def maximal_config() -> dict[str, Any]:
                            "server_name": "siem", "cert_file": "ship/c.pem",
                            "key_file": "ship/k.pem", "queue_size": 100, "queue_bytes": "1MiB",
                            "mode": "required",
-                           "app_name": "sidecar"}},
+                           "app_name": "sidecar", "max_message_bytes": "4KiB"}},
         "admin": {"listen": "127.0.0.1:15000", "health_listen": "127.0.0.1:15021",
                   "max_connections_per_source": 32},
         "limits": limits,
