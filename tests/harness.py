@@ -504,8 +504,16 @@ class Proc:
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT), env=full_env)
+        self.proc: Any = None
+        if args[:3] == [sys.executable, "-m", "sidecar"] and full_env["PYTHONUNBUFFERED"]:
+            # (forked from a warm interpreter: tests/forkserver.py; None: exec'd)
+            from tests import forkserver
+
+            self.proc = forkserver.start(args[3:], env=full_env, cwd=str(ROOT),
+                                         stdout=self._log.fileno(), stderr=self._log.fileno())
+        if self.proc is None:
+            self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                         cwd=str(ROOT), env=full_env)
 
     @property
     def pid(self) -> int:
@@ -738,7 +746,15 @@ def run_senders(target: Callable[..., None], argses: Iterable[tuple[Any, ...]],
 
 
 def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m sidecar ARGS`` to completion; output captured as text."""
+    """Run ``python -m sidecar ARGS`` to completion; output captured as text. The process is
+    forked from a warm interpreter (``tests/forkserver.py``: the same argv, streams, exit
+    status, environment and working directory, without paying for the imports again), or
+    exec'd where that cannot be (``SIDECAR_TEST_EXEC=1``: always)."""
+    from tests import forkserver
+
+    done = forkserver.run([str(a) for a in args], timeout=timeout, cwd=str(ROOT))
+    if done is not None:
+        return done
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=str(ROOT))
 
