@@ -745,18 +745,21 @@ def run_senders(target: Callable[..., None], argses: Iterable[tuple[Any, ...]],
     assert not failures, failures[:5]
 
 
-def sidecar_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m sidecar ARGS`` to completion; output captured as text. The process is
+def sidecar_cli(*args: str, timeout: float = 60.0,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
+    """Run ``python -m sidecar ARGS`` to completion (``input``: its standard input, text;
+    else none); output captured as text. The process is
     forked from a warm interpreter (``tests/forkserver.py``: the same argv, streams, exit
     status, environment and working directory, without paying for the imports again), or
     exec'd where that cannot be (``SIDECAR_TEST_EXEC=1``: always)."""
     from tests import forkserver
 
-    done = forkserver.run([str(a) for a in args], timeout=timeout, cwd=str(ROOT))
+    done = forkserver.run([str(a) for a in args], timeout=timeout, cwd=str(ROOT),
+                          input_text=input)
     if done is not None:
         return done
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=str(ROOT))
+                          text=True, timeout=timeout, cwd=str(ROOT), input=input)
 
 
 # The driver of ``sidecar_cli_many``: each job's argv through ``sidecar.cli.main`` in this one

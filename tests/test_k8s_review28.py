@@ -21,7 +21,6 @@ import copy
 import http.client as httpclient
 import json
 import ssl
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +37,14 @@ from sidecar.k8s.inject import (
 )
 from sidecar.k8s.patch import apply_patch
 from sidecar.k8s.rules import POD_RULES, verify_injected
-from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
+from tests.harness import (
+    Proc,
+    free_port,
+    http,
+    https_server_material,
+    sidecar_cli,
+    wait_port,
+)
 
 COLLECTOR = "siem.logging.svc.cluster.local"
 FLAGS = ["--audit-collector", f"{COLLECTOR}:6514"]
@@ -288,10 +294,8 @@ def _check_injected(doc: dict[str, Any], case: Case) -> None:
 def test_sidecar_inject_cli(case: Case, mode: str) -> None:
     doc = case.build()
     flags = [] if case.native else ["--no-native"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--namespace-mode", mode,
-         *flags, *FLAGS], input=yaml.safe_dump(doc), capture_output=True, text=True,
-        timeout=60, cwd=str(ROOT), check=False)
+    proc = sidecar_cli("inject", "-f", "-", "--namespace-mode", mode,
+         *flags, *FLAGS, input=yaml.safe_dump(doc), timeout=60)
     expect = case.expect(mode)
     if expect.startswith("deny:"):
         assert proc.returncode == 1, proc.stderr
@@ -436,9 +440,7 @@ MALFORMED = [
 def test_the_fields_read_are_type_checked(label: str, change: Callable[[dict[str, Any]], None],
                                           mode: str) -> None:
     doc = _with(change)()
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--namespace-mode", mode,
-         *FLAGS], input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
-        cwd=str(ROOT), check=False)
+    proc = sidecar_cli("inject", "-f", "-", "--namespace-mode", mode,
+         *FLAGS, input=yaml.safe_dump(doc), timeout=60)
     assert proc.returncode == 1, (label, proc.stderr)
     assert "admission rule malformed_pod:" in proc.stderr, (label, proc.stderr)

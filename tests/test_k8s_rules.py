@@ -15,7 +15,6 @@ import copy
 import http.client as httpclient
 import json
 import ssl
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +40,15 @@ from sidecar.k8s.inject import (
 )
 from sidecar.k8s.patch import apply_patch
 from sidecar.k8s.rules import POD_RULES, POD_SHAPE, SERVER_DEFAULTS, verify_injected
-from tests.harness import ROOT, Proc, free_port, http, https_server_material, wait_port
+from tests.harness import (
+    ROOT,
+    Proc,
+    free_port,
+    http,
+    https_server_material,
+    sidecar_cli,
+    wait_port,
+)
 
 CERT_SECRET = "mesh-svid"
 SIGNING_SECRET = "mesh-audit-signing"
@@ -489,10 +496,8 @@ def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext, Proc],
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_sidecar_inject_cli(case: Case) -> None:
     doc = case.build()
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--namespace-mode", case.mode,
-         *FLAGS], input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
-        cwd=str(ROOT), check=False)
+    proc = sidecar_cli("inject", "-f", "-", "--namespace-mode", case.mode,
+         *FLAGS, input=yaml.safe_dump(doc), timeout=60)
     if case.expect.startswith("deny:"):
         assert proc.returncode == 1, proc.stderr
         assert f"admission rule {case.expect.split(':', 1)[1]}:" in proc.stderr
@@ -589,10 +594,7 @@ def test_the_malformed_family_covers_every_field() -> None:
 def test_null_array_items_through_sidecar_inject(name: str, path: tuple[Any, ...]) -> None:
     """A real ``sidecar inject`` process: exit 1 naming malformed_pod, never a traceback."""
     doc = _malformed_pod(path, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sidecar", "inject", "-f", "-", *FLAGS],
-        input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60,
-        cwd=str(ROOT), check=False)
+    proc = sidecar_cli("inject", "-f", "-", *FLAGS, input=yaml.safe_dump(doc), timeout=60)
     assert proc.returncode == 1, (name, proc.stderr[-500:])
     assert "admission rule malformed_pod:" in proc.stderr and "must not be null" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -813,9 +815,7 @@ def test_no_more_probes_are_rewritten_than_the_sidecar_takes(
                                   "unrelayable probes among them"])
 def test_no_more_probes_are_rewritten_by_sidecar_inject(name: str) -> None:
     doc = PROBE_CROWDS[name]()
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-", *FLAGS],
-                          input=yaml.safe_dump(doc), capture_output=True, text=True,
-                          timeout=60, cwd=str(ROOT), check=False)
+    proc = sidecar_cli("inject", "-f", "-", *FLAGS, input=yaml.safe_dump(doc), timeout=60)
     assert proc.returncode == 0, proc.stderr[-400:]
     (out,) = list(yaml.safe_load_all(proc.stdout))
     _check_probe_crowd(doc, out)
