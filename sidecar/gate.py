@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 from sidecar.authn.memo import CredentialMemo
 from sidecar.errors import RequestRefused
@@ -403,7 +404,13 @@ class Gate:
         providers still there, no token revoked, the API key's entry still there).
         ``reread``: the request's headers, query and the connection's certificate
         thumbprint, read again under the policy in force (``auth_now``) for the rules.
+        A path whose decoded bytes are not ASCII is refused once the own service's
+        ``non_ascii_paths`` no longer allows it, as a new request's is (400 ``non_ascii``;
+        before the thirty-third session a reload that set it back ran such streams on).
         """
+        if "%" in facts.path and not self.allows_non_ascii_paths() \
+                and not unquote_to_bytes(facts.path).isascii():
+            return False
         detector = self.detector
         if detector is not None and detector.blocked(
                 facts.peer, facts.source, now if self.clock is None else self.clock()):

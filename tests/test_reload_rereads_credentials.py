@@ -250,3 +250,31 @@ def test_a_reload_judges_a_downloads_credentials_again(env: Env, name: str) -> N
         assert (len(body) >= 100) == (status == 200), (name, len(body))
     finally:
         tls.close()
+
+
+@pytest.mark.parametrize("kind", ["stream", "download"])
+def test_a_reload_refusing_non_ascii_paths_ends_what_runs_on_one(env: Env, kind: str) -> None:
+    """``non_ascii_paths`` set back to ``refuse`` by a reload: a stream or a download on a
+    path that decodes to non-ASCII ends, as the same request now gets 400 ``non_ascii`` (it
+    ran on before the thirty-third session; found by a hostile review's note)."""
+    def write(setting: str) -> None:
+        seen = env.sidecar.metric("sidecar_policy_reloads_total", result="ok")
+        write_policy(env.policy, {"version": 1, "trust_domain": TD, "services": {
+            spiffe("orders"): {"non_ascii_paths": setting, "rules": [ALLOW]}}})
+        wait_for(lambda: env.sidecar.metric("sidecar_policy_reloads_total", result="ok")
+                 > seen, timeout=30)
+
+    write("allow")
+    path = "/caf%C3%A9/ws" if kind == "stream" else "/caf%C3%A9/stall?s=4"
+    tls = env.connect()
+    try:
+        extra = "Upgrade: echo\r\nConnection: upgrade\r\n" if kind == "stream" else ""
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: orders\r\n{extra}\r\n".encode())
+        head = read_head(tls)
+        assert head.startswith(b"HTTP/1.1 101" if kind == "stream" else b"HTTP/1.1 200"), head
+        write("refuse")
+        assert http(env.sidecar.port("inbound"), "GET", path, ctx=env.ctx).status == 400
+        assert _ended(tls), f"the {kind} ran on after the reload"
+    finally:
+        tls.close()
+        env.reload([ALLOW], ())

@@ -68,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if url.path == "/slow":
             time.sleep(float(q.get("s", ["1"])[0]))
-        if url.path == "/stall":  # the head and part of the body, then a stall, then the rest
+        if url.path.rsplit("/", 1)[-1] == "stall":  # (also /any/prefix/stall) head, part, stall
             self.send_response(200)
             self.send_header("content-length", "100")
             self.end_headers()
@@ -89,7 +89,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return None
-        if url.path == "/ws" and self.headers.get("upgrade", "").lower() == "echo":
+        if url.path.rsplit("/", 1)[-1] == "ws" and \
+                self.headers.get("upgrade", "").lower() == "echo":
             self.send_response(101)
             self.send_header("upgrade", "echo")
             self.send_header("connection", "upgrade")
