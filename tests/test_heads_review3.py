@@ -230,8 +230,21 @@ def _override_names() -> list[str]:
                    if e.family == OVERRIDE} | {"destination"})
 
 
+# Facts of the connection and of the body an app reads (found by the thirty-third session's
+# token review: a claim loaded under ``content-type`` or ``x-forwarded-for``): every exact
+# name of the catalogue's forwarding and client-certificate families, a name under each
+# client-certificate prefix, the ``x-forwarded-*`` connection facts, the representation.
+def _fact_names() -> list[str]:
+    from sidecar.http.untrusted import CATALOGUE, CLIENT_CERT, FORWARDING
+    from sidecar.policy.load_sections import _CONNECTION_FACTS, _REPRESENTATION
+
+    return sorted({e.name + ("x" if e.prefix else "") for e in CATALOGUE
+                   if e.family == CLIENT_CERT or (e.family == FORWARDING and not e.prefix)}
+                  | _CONNECTION_FACTS | _REPRESENTATION)
+
+
 BAD_CLAIM_HEADERS: dict[str, str] = {
-    f"{n}:{s}": s for n in _SIDECAR_OWN + _FRAMING_AND_HOP + _override_names()
+    f"{n}:{s}": s for n in _SIDECAR_OWN + _FRAMING_AND_HOP + _override_names() + _fact_names()
     for s in _spellings(n)}
 # The CGI spelling some apps read literally (``getHeader("HTTP_X_REQUEST_ID")``).
 BAD_CLAIM_HEADERS.update({
@@ -242,7 +255,8 @@ BAD_CLAIM_HEADERS.update({
 BAD_CLAIM_HEADERS["final_newline"] = "x-user\n"
 BAD_CLAIM_HEADERS["final_newline_own"] = "x-request-id\n"
 GOOD_CLAIM_HEADERS = ["x-role", "X-Role", "x_role", "x-forwarded-user", "x-auth-request-email",
-                      "user", "x-request-id2", "x-forwarded-proto-claim"]
+                      "user", "x-request-id2", "x-forwarded-proto-claim", "x-forwarded-email",
+                      "x-forwarded-groups", "x-remote-user", "x-content-owner"]
 
 
 def _claims_policy(tmp_path: Path, role: str, partner: str = "x-partner-user") -> Path:

@@ -17,7 +17,14 @@ from sidecar.config.source import Path as P
 from sidecar.config.source import Reader, format_path
 from sidecar.config.values import host_problem, ipv6_problem
 from sidecar.http.headers import HOP_BY_HOP
-from sidecar.http.untrusted import CATALOGUE, OVERRIDE, SIDECAR_SET, fold
+from sidecar.http.untrusted import (
+    CATALOGUE,
+    CLIENT_CERT,
+    FORWARDING,
+    OVERRIDE,
+    SIDECAR_SET,
+    fold,
+)
 from sidecar.identity.spiffe import spiffe_problem
 from sidecar.policy.sections import (
     DEFAULT_JWKS_REFRESH_SECONDS,
@@ -61,16 +68,35 @@ FORBIDDEN_FORWARD_HEADERS = frozenset(
 # claim forwarded under one of them would make the app run what the token holder put in the
 # claim, unjudged (found by a hostile review: ``policy check`` accepted
 # ``forward_claims: {sub: x-http-method-override}``).
+# Since the thirty-third session also the names an app reads as facts of the connection
+# rather than of the user -- the catalogue's forwarding family (the client's address, host,
+# scheme: ``x-forwarded-for``, ``forwarded``, ``x-real-ip``...) and client-certificate
+# family -- and the representation and range of the body and answer (``content-type``,
+# ``content-encoding``: the sidecar judged the body, its form and JSON overrides, by the
+# caller's; a claim under one of them would have the app parse it otherwise), which a hostile
+# review found loading: a token holder's claim would have become the client's address.
+# The forwarding family's prefix entries (``x-forwarded``, ``cf-``, ``x-original-``...) also
+# cover identity headers a claim is meant for (``x-forwarded-user``, oauth2-proxy's): of
+# them only the connection facts are named.
+_REPRESENTATION = frozenset({"content-type", "content-encoding", "content-range",
+                             "content-language", "content-location", "content-disposition",
+                             "range", "if-range", "accept-encoding"})
+_CONNECTION_FACTS = frozenset(f"x-forwarded-{fact}" for fact in (
+    "for", "host", "port", "prefix", "server", "scheme", "ssl", "uri", "path", "proto",
+    "protocol", "client-cert", "tlsclientcert", "tlsclientcertinfo"))
 _OVERRIDE_EXACT = frozenset(fold(e.name).decode("latin-1") for e in CATALOGUE
-                            if e.family == OVERRIDE and not e.prefix) | {"destination"}
+                            if e.family in (OVERRIDE, FORWARDING, CLIENT_CERT)
+                            and not e.prefix) \
+    | {"destination"} | _REPRESENTATION | _CONNECTION_FACTS
 _OVERRIDE_PREFIXES = tuple(fold(e.name).decode("latin-1") for e in CATALOGUE
-                           if e.family == OVERRIDE and e.prefix)
+                           if e.family in (OVERRIDE, CLIENT_CERT) and e.prefix)
 
 
 def forbidden_claim_header(header: str) -> bool:
     """Whether a claim may not be forwarded under ``header`` (any case, ``_`` for ``-``, and
     in its CGI spelling ``HTTP_...``, which some apps read literally): one the sidecar sets
-    or reads, a framing, credential or hop-by-hop header, or a request-override one."""
+    or reads, a framing, credential or hop-by-hop header, a request-override, forwarding or
+    client-certificate one, or one of the body's representation or range."""
     folded = fold(header).decode("latin-1")
     for name in (folded, folded[5:] if folded.startswith("http-") else None):
         if name is None:
