@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -37,6 +35,7 @@ from sidecar.authn import extract
 from tests import harness as h
 from tests.orders_mesh import OrdersMesh, orders_mesh
 from tests.test_authn_support import ec_key, mint
+from tests.test_copy_scan_cost_review31 import _calls
 from tests.test_token_copies import FILES, ISS, _policy
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
@@ -119,24 +118,6 @@ PLAIN: dict[Callable[[str], Request], Callable[[int], str]] = {
 GUARDS = extract.Guards(query=True, authorization=True, read_schemes=frozenset({"bearer"}),
                         issuers=frozenset({ISS}),
                         read_headers=frozenset({b"authorization", b"cookie"}))
-
-
-def _calls(run: Callable[[], Any]) -> tuple[int, Any]:
-    """The Python calls ``run`` makes (functions, and C functions called from Python), and
-    its result."""
-    count = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal count
-        if event == "call" or event == "c_call":
-            count += 1
-
-    sys.setprofile(profile)
-    try:
-        result = run()
-    finally:
-        sys.setprofile(None)
-    return count, result
 
 
 def _scan(request: Request) -> tuple[int, list[str]]:
