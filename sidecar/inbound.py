@@ -23,6 +23,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import trio
 
@@ -625,7 +626,14 @@ def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict:
     a reload denying ``/admin/**`` left ``POST /?/admin/users`` (CodeIgniter's route),
     ``POST /+admin/users`` and a ``COPY`` to ``/admin/config`` running -- only the path and
     the overrides were judged again. Its credentials as the policy in force reads them
-    (``Gate.auth_now``)."""
+    (``Gate.auth_now``). A reading or Destination that decodes to non-ASCII ends it once
+    ``non_ascii_paths`` no longer allows that, as its own path does (``Gate.still_allows``;
+    found by the review of that fix: ``/?/caf%C3%A9/ws`` ran on, 400 for a new request)."""
+    if (ctx.second or ctx.destination) and not gate.allows_non_ascii_paths():
+        for other in (*(reading for reading, _every in ctx.second), ctx.destination or ""):
+            if not other.isascii() or ("%" in other
+                                       and not unquote_to_bytes(other).isascii()):
+                return False
     auth = gate.auth_now(verdict.auth, ctx.reread, facts.path, now)
     found = judge_rest(lambda facts: gate.judge(facts, auth, now), facts,
                        destination=ctx.destination, readings=ctx.second,

@@ -231,16 +231,23 @@ def _override_names() -> list[str]:
 
 
 # Facts of the connection and of the body an app reads (found by the thirty-third session's
-# token review: a claim loaded under ``content-type`` or ``x-forwarded-for``): every exact
-# name of the catalogue's forwarding and client-certificate families, a name under each
-# client-certificate prefix, the ``x-forwarded-*`` connection facts, the representation.
+# token review: a claim loaded under ``content-type`` or ``x-forwarded-for``; the review of
+# that fix: ``x-forwarded-tls-client-cert``, ``x-forwarded-method``,
+# ``cloudfront-viewer-address`` and the like still loaded): every name of the catalogue's
+# forwarding and client-certificate families (a name under each prefix), Envoy's, the names
+# that review tried, and the representation of the body.
 def _fact_names() -> list[str]:
     from sidecar.http.untrusted import CATALOGUE, CLIENT_CERT, FORWARDING
-    from sidecar.policy.load_sections import _CONNECTION_FACTS, _REPRESENTATION
+    from sidecar.policy.load_sections import _REPRESENTATION
 
-    return sorted({e.name + ("x" if e.prefix else "") for e in CATALOGUE
-                   if e.family == CLIENT_CERT or (e.family == FORWARDING and not e.prefix)}
-                  | _CONNECTION_FACTS | _REPRESENTATION)
+    return sorted({e.name + ("x-y" if e.prefix else "") for e in CATALOGUE
+                   if e.family in (CLIENT_CERT, FORWARDING)} | _REPRESENTATION | {
+        "x-forwarded-tls-client-cert", "x-forwarded-tls-client-cert-info",
+        "x-forwarded-ssl-client-cert", "x-forwarded-method", "x-forwarded-url",
+        "x-forwarded-client-ip", "x-forwarded-ip", "x-forwarded-https", "x-forwarded-by",
+        "cloudfront-viewer-address", "fly-forwarded-proto", "fly-forwarded-port",
+        "fly-forwarded-ssl", "x-original-proto", "x-original-for",
+        "x-envoy-external-address", "x-envoy-internal"})
 
 
 BAD_CLAIM_HEADERS: dict[str, str] = {
@@ -255,8 +262,9 @@ BAD_CLAIM_HEADERS.update({
 BAD_CLAIM_HEADERS["final_newline"] = "x-user\n"
 BAD_CLAIM_HEADERS["final_newline_own"] = "x-request-id\n"
 GOOD_CLAIM_HEADERS = ["x-role", "X-Role", "x_role", "x-forwarded-user", "x-auth-request-email",
-                      "user", "x-request-id2", "x-forwarded-proto-claim", "x-forwarded-email",
-                      "x-forwarded-groups", "x-remote-user", "x-content-owner"]
+                      "user", "x-request-id2", "x-role-claim", "x-forwarded-email",
+                      "x-forwarded-groups", "x-forwarded-preferred-username", "x-remote-user",
+                      "x-content-owner", "cf-access-authenticated-user-email"]
 
 
 def _claims_policy(tmp_path: Path, role: str, partner: str = "x-partner-user") -> Path:

@@ -252,11 +252,18 @@ def test_a_reload_judges_a_downloads_credentials_again(env: Env, name: str) -> N
         tls.close()
 
 
-@pytest.mark.parametrize("kind", ["stream", "download"])
+# (kind, target): a stream or download whose path, or query route, decodes to non-ASCII
+NON_ASCII = {"stream": "/caf%C3%A9/ws", "download": "/caf%C3%A9/stall?s=4",
+             "stream on a query route": "/?/caf%C3%A9/ws",
+             "stream on a front controller's route": "/index.php?/caf%C3%A9/ws"}
+
+
+@pytest.mark.parametrize("kind", list(NON_ASCII))
 def test_a_reload_refusing_non_ascii_paths_ends_what_runs_on_one(env: Env, kind: str) -> None:
     """``non_ascii_paths`` set back to ``refuse`` by a reload: a stream or a download on a
-    path that decodes to non-ASCII ends, as the same request now gets 400 ``non_ascii`` (it
-    ran on before the thirty-third session; found by a hostile review's note)."""
+    path or query route that decodes to non-ASCII ends, as the same request now gets 400
+    (it ran on before the thirty-third session; the path found by a hostile review's note,
+    the routes by the review of that fix)."""
     def write(setting: str) -> None:
         seen = env.sidecar.metric("sidecar_policy_reloads_total", result="ok")
         write_policy(env.policy, {"version": 1, "trust_domain": TD, "services": {
@@ -265,13 +272,14 @@ def test_a_reload_refusing_non_ascii_paths_ends_what_runs_on_one(env: Env, kind:
                  > seen, timeout=30)
 
     write("allow")
-    path = "/caf%C3%A9/ws" if kind == "stream" else "/caf%C3%A9/stall?s=4"
+    path = NON_ASCII[kind]
+    stream = kind.startswith("stream")
     tls = env.connect()
     try:
-        extra = "Upgrade: echo\r\nConnection: upgrade\r\n" if kind == "stream" else ""
+        extra = "Upgrade: echo\r\nConnection: upgrade\r\n" if stream else ""
         tls.sendall(f"GET {path} HTTP/1.1\r\nHost: orders\r\n{extra}\r\n".encode())
         head = read_head(tls)
-        assert head.startswith(b"HTTP/1.1 101" if kind == "stream" else b"HTTP/1.1 200"), head
+        assert head.startswith(b"HTTP/1.1 101" if stream else b"HTTP/1.1 200"), head
         write("refuse")
         assert http(env.sidecar.port("inbound"), "GET", path, ctx=env.ctx).status == 400
         assert _ended(tls), f"the {kind} ran on after the reload"

@@ -21,6 +21,7 @@ from sidecar.http.untrusted import (
     CATALOGUE,
     CLIENT_CERT,
     FORWARDING,
+    IDENTITY,
     OVERRIDE,
     SIDECAR_SET,
     fold,
@@ -75,21 +76,27 @@ FORBIDDEN_FORWARD_HEADERS = frozenset(
 # ``content-encoding``: the sidecar judged the body, its form and JSON overrides, by the
 # caller's; a claim under one of them would have the app parse it otherwise), which a hostile
 # review found loading: a token holder's claim would have become the client's address.
-# The forwarding family's prefix entries (``x-forwarded``, ``cf-``, ``x-original-``...) also
-# cover identity headers a claim is meant for (``x-forwarded-user``, oauth2-proxy's): of
-# them only the connection facts are named.
+# The forwarding family's and the client-certificate family's prefix entries
+# (``x-forwarded``, ``fly-forwarded-``, ``cloudfront-``, ``x-original-``, ``cf-``,
+# ``ssl-client-``...) and Envoy's ``x-envoy-`` are refused whole -- the review of the first
+# list found ``x-forwarded-tls-client-cert``, ``x-forwarded-method`` and
+# ``cloudfront-viewer-address`` still loading --, but for the user-identity names a claim is
+# meant for under ``x-forwarded-`` (oauth2-proxy's and Traefik's ``x-forwarded-user``,
+# ``-email``, ``-groups``...) and the catalogue's exact identity names.
 _REPRESENTATION = frozenset({"content-type", "content-encoding", "content-range",
                              "content-language", "content-location", "content-disposition",
                              "range", "if-range", "accept-encoding"})
-_CONNECTION_FACTS = frozenset(f"x-forwarded-{fact}" for fact in (
-    "for", "host", "port", "prefix", "server", "scheme", "ssl", "uri", "path", "proto",
-    "protocol", "client-cert", "tlsclientcert", "tlsclientcertinfo"))
+CLAIM_IDENTITY_NAMES = frozenset(f"x-forwarded-{what}" for what in (
+    "user", "email", "groups", "preferred-username", "access-token", "name", "roles",
+    "subject", "uid", "login", "tenant")) | frozenset(
+    fold(e.name).decode("latin-1") for e in CATALOGUE if e.family == IDENTITY and not e.prefix)
 _OVERRIDE_EXACT = frozenset(fold(e.name).decode("latin-1") for e in CATALOGUE
                             if e.family in (OVERRIDE, FORWARDING, CLIENT_CERT)
-                            and not e.prefix) \
-    | {"destination"} | _REPRESENTATION | _CONNECTION_FACTS
+                            and not e.prefix) | {"destination"} | _REPRESENTATION
 _OVERRIDE_PREFIXES = tuple(fold(e.name).decode("latin-1") for e in CATALOGUE
-                           if e.family in (OVERRIDE, CLIENT_CERT) and e.prefix)
+                           if e.family == OVERRIDE and e.prefix)
+_FACT_PREFIXES = tuple(fold(e.name).decode("latin-1") for e in CATALOGUE
+                       if e.family in (FORWARDING, CLIENT_CERT) and e.prefix) + ("x-envoy-",)
 
 
 def forbidden_claim_header(header: str) -> bool:
@@ -103,6 +110,8 @@ def forbidden_claim_header(header: str) -> bool:
             continue
         if name in FORBIDDEN_FORWARD_HEADERS or name in _OVERRIDE_EXACT \
                 or name.startswith(_OVERRIDE_PREFIXES):
+            return True
+        if name.startswith(_FACT_PREFIXES) and name not in CLAIM_IDENTITY_NAMES:
             return True
     return False
 

@@ -89,7 +89,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return None
-        if url.path.rsplit("/", 1)[-1] == "ws" and \
+        # (/ws, /any/prefix/ws, and a query route ending in /ws: /?/x/ws, /index.php?/x/ws)
+        if self.path.rsplit("/", 1)[-1] == "ws" and \
                 self.headers.get("upgrade", "").lower() == "echo":
             self.send_response(101)
             self.send_header("upgrade", "echo")
