@@ -166,6 +166,13 @@ def _unfolded_names(c: Conditions) -> list[tuple[str, str]]:
     return out
 
 
+# A Kubernetes namespace name (an RFC 1123 label), as the ``ns`` segment of the SPIFFE IDs
+# SPIRE's Kubernetes workload registrar and cert-manager's CSI driver issue: ``namespaces:
+# [Demo]`` loads, and matches no Kubernetes workload (noticed by the policy review of the
+# thirty-third session).
+_K8S_NAMESPACE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
 def _in_namespaces(pattern: str, namespaces: frozenset[str], trust_domain: str) -> bool:
     """Can an identity ``pattern`` matches have one of ``namespaces``?  Only the shape
     ``spiffe://<trust_domain>/ns/X/sa/Y`` has a namespace (``identity.spiffe.namespace_of``)."""
@@ -383,6 +390,12 @@ def _lint_section(
             if not any(_in_namespaces(p, c.namespaces, policy.trust_domain) for p in c.peers):
                 warn(rule.line, rule.key, "never-matches",
                      f"rule {rule.name}: no 'from' identity lies in its 'namespaces'")
+        for namespace in sorted(c.namespaces or ()):
+            if _K8S_NAMESPACE.fullmatch(namespace) is None:
+                warn(rule.line, rule.key, "namespace-not-kubernetes",
+                     f"rule {rule.name}: namespace {namespace!r} is no Kubernetes namespace "
+                     "name (lower-case letters, digits and '-', at most 63): the SVIDs of "
+                     "Kubernetes workloads never name it, so for them the rule never matches")
         if isinstance(c.apikey, frozenset):
             exp = [key_expiry.get(n) for n in c.apikey]
             if all(e is not None and e <= now for e in exp):
