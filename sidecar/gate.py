@@ -390,7 +390,7 @@ class Gate:
     def still_allows(self, facts: RequestFacts, auth: AuthFacts | None, now: float, *,
                      api_key: bytes | None = None, credentials: bool = True,
                      tokens: Mapping[str, str] | None = None,
-                     reread: Reread | None = None) -> bool:
+                     reread: Reread | None = None, judged: AuthFacts | None = None) -> bool:
         """Would the current policy (and alert blocks) still let this stream in?
 
         For a TCP or upgraded stream decided earlier, checked again after a policy change
@@ -403,7 +403,8 @@ class Gate:
         and its credentials must still be kept (``Authenticator.credentials_kept``: their
         providers still there, no token revoked, the API key's entry still there).
         ``reread``: the request's headers, query and the connection's certificate
-        thumbprint, read again under the policy in force (``auth_now``) for the rules.
+        thumbprint, read again under the policy in force (``auth_now``) for the rules;
+        ``judged``: what ``auth_now`` gave, when the caller has it already.
         A path whose decoded bytes are not ASCII is refused once the own service's
         ``non_ascii_paths`` no longer allows it, as a new request's is (400 ``non_ascii``;
         before the thirty-third session a reload that set it back ran such streams on).
@@ -423,7 +424,9 @@ class Gate:
                     return False
             elif not authn.credentials_kept(auth, now, self._service_audience()):
                 return False
-        return self.judge(facts, self.auth_now(auth, reread, facts.path, now), now).allowed
+        if judged is None:
+            judged = self.auth_now(auth, reread, facts.path, now)
+        return self.judge(facts, judged, now).allowed
 
     def auth_now(self, auth: AuthFacts | None, reread: Reread | None, path: str,
                  now: float) -> AuthFacts | None:

@@ -220,10 +220,11 @@ class InboundProxy:
         facts = ctx.facts
         if facts is None or verdict is None:
             return True
-        if not self.gate.still_allows(facts, verdict.auth, now, credentials=False,
-                                      reread=ctx.reread):
+        gate = self.gate
+        auth = gate.auth_now(verdict.auth, ctx.reread, facts.path, now)  # (read once)
+        if not gate.still_allows(facts, verdict.auth, now, credentials=False, judged=auth):
             return False
-        return _judged_again(self.gate, ctx, facts, verdict, now)
+        return _judged_again(gate, ctx, facts, auth, now)
 
     async def _tcp(self, tls_stream: TlsTransport, peer: PeerIdentity, source: str, started: float,
                    conn: LiveConnection) -> None:
@@ -512,15 +513,15 @@ class InboundProxy:
                     # (a reload that changed the provider dropped its cached answers: ask
                     # again at the next sweep, not when the old answer would have run out)
                     conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
+                current = gate.auth_now(auth, ctx.reread, facts.path, now)  # (read once)
                 if not gate.still_allows(facts, auth, now, api_key=key, tokens=tokens,
-                                         reread=ctx.reread):
+                                         judged=current):
                     return False
                 # The rest of what it was judged on too, as for a request
                 # (``_judged_again``): an app that declines the upgrade runs the request as
                 # one (found by a hostile review: a reload denying DELETE left
                 # ``GET ?_method=DELETE`` with Upgrade headers running).
-                verdict = ctx.verdict
-                return verdict is None or _judged_again(gate, ctx, facts, verdict, now)
+                return ctx.verdict is None or _judged_again(gate, ctx, facts, current, now)
 
             conn.recheck = recheck
             conn.credentials_end = gate.credentials_end(auth, key)
@@ -615,8 +616,8 @@ def _judge(gate: Gate, verdict: Verdict, now: float | None = None) -> Judge:
     return lambda facts: gate.judge(facts, auth, at)
 
 
-def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict: Verdict,
-                  now: float) -> bool:
+def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts,
+                  auth: AuthFacts | None, now: float) -> bool:
     """Whether the policy in force still allows what a request in flight (or a stream) was
     judged on besides its own method and path, as it was judged when it began
     (``second.judge_rest``): its Destination with its own method, its second readings
@@ -625,8 +626,8 @@ def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict:
     review: a reload denying DELETE left ``POST ?_method=DELETE`` running; a later one, that
     a reload denying ``/admin/**`` left ``POST /?/admin/users`` (CodeIgniter's route),
     ``POST /+admin/users`` and a ``COPY`` to ``/admin/config`` running -- only the path and
-    the overrides were judged again. Its credentials as the policy in force reads them
-    (``Gate.auth_now``). A reading or Destination that decodes to non-ASCII ends it once
+    the overrides were judged again. ``auth``: its credentials as the policy in force
+    reads them (``Gate.auth_now``). A reading or Destination that decodes to non-ASCII ends it once
     ``non_ascii_paths`` no longer allows that, as its own path does (``Gate.still_allows``;
     found by the review of that fix: ``/?/caf%C3%A9/ws`` ran on, 400 for a new request)."""
     if (ctx.second or ctx.destination) and not gate.allows_non_ascii_paths():
@@ -634,7 +635,6 @@ def _judged_again(gate: Gate, ctx: RequestContext, facts: RequestFacts, verdict:
             if not other.isascii() or ("%" in other
                                        and not unquote_to_bytes(other).isascii()):
                 return False
-    auth = gate.auth_now(verdict.auth, ctx.reread, facts.path, now)
     found = judge_rest(lambda facts: gate.judge(facts, auth, now), facts,
                        destination=ctx.destination, readings=ctx.second,
                        overrides=ctx.overrides)
