@@ -207,3 +207,58 @@ def test_liveness_check_of_an_idle_tls_connection(contexts):
         await server.aclose()
 
     trio.run(main)
+
+
+# -- a close_notify reads nothing ------------------------------------------------------------
+# The peer's data already on the socket when our close_notify goes: the state a half-closed
+# stream's other direction is in when the peer answers that close_notify faster than the
+# stdlib's two-call ``shutdown`` gets to its second call (a CI run under load lost the
+# request of tests/test_stream_ends_e2e.py's server_app-fin case that way). Every way of
+# sending our close_notify, on both ends of the connection; what the peer sent after it is
+# read whole, then the peer's own close_notify as the end.
+NOTIFIERS = ["close_notify", "send_eof", "aclose_then_peer_reads"]
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+@pytest.mark.parametrize("how", NOTIFIERS)
+def test_a_close_notify_never_reads_the_peers_waiting_data(contexts, side, how):
+    async def main():
+        server, client = await _pair(contexts)
+        me, peer = (server, client) if side == "server" else (client, server)
+        await peer.send_all(b"REQUEST")  # on the wire before our close_notify goes
+        await peer.send_eof()
+        await trio.sleep(0.05)  # (a socketpair delivers at once; this only makes it sure)
+        if how == "close_notify":
+            assert me.close_notify() is True
+        elif how == "send_eof":
+            await me.send_eof()
+        else:
+            await me.aclose()
+            assert await peer.receive_some() == b""  # our close_notify, then the FIN
+            assert not peer.ragged_eof
+            await peer.aclose()
+            return
+        assert await _read_exactly(me, 7) == b"REQUEST"
+        assert await me.receive_some() == b""  # the peer's close_notify
+        assert not me.ragged_eof
+        assert await peer.receive_some() == b""  # ours reached it as an end
+        assert not peer.ragged_eof
+        assert me.close_notify() is True  # (once is all: no second SSL_shutdown, no read)
+        await me.aclose()
+        await peer.aclose()
+
+    trio.run(main)
+
+
+def test_the_direct_close_notify_is_available_here(contexts):
+    # Where the layout check fails the two-call fallback (with its window) is used; on the
+    # CPython versions this project supports it must not.
+    import socket as stdlib_socket
+
+    from sidecar.net.transport import ssl_pointer
+
+    a, b = stdlib_socket.socketpair()
+    with a, b:
+        conn = contexts[1]._wrap_socket(a, False, None)
+        assert ssl_pointer(conn)
+        assert ssl_pointer(object()) is None

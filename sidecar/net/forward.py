@@ -287,12 +287,13 @@ class _Splice:
             quiet.set()
 
     async def _eof(self, j: int) -> None:
-        """Pass a clean end on to side ``j``: a FIN, or a TLS close_notify. OpenSSL's
-        shutdown reads once after it sends close_notify, and application data found then
-        breaks the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY; found while writing
-        this: the other side's bytes already on the wire were lost). So the close_notify
-        goes when nothing of ``j``'s waits to be read: at once, or when the task reading
-        ``j`` next finds nothing (``quiet``), or once it read ``j``'s end."""
+        """Pass a clean end on to side ``j``: a FIN, or a TLS close_notify. The close_notify
+        is one ``SSL_shutdown``, which reads nothing (``TlsTransport.close_notify``); where
+        that cannot be had, the stdlib's shutdown reads once after it sends, and application
+        data found then breaks the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY: the other
+        side's bytes already on the wire were lost). For that fallback the close_notify goes
+        when nothing of ``j``'s waits to be read: at once, or when the task reading ``j``
+        next finds nothing (``quiet``), or once it read ``j``'s end."""
         dst = self.streams[j]
         if not isinstance(dst, TlsTransport):
             await dst.send_eof()  # type: ignore[attr-defined]

@@ -23,10 +23,11 @@ the cause chained); a TCP EOF, with or without a TLS close_notify, reads as ``b"
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
 import struct
-from typing import Literal, cast, overload
+from typing import Any, Literal, cast, overload
 
 import trio
 
@@ -191,6 +192,90 @@ class SocketTransport(trio.abc.HalfCloseableStream):
 _RESET = struct.pack("ii", 1, 0)
 
 
+# -- a close_notify that reads nothing ----------------------------------------------------
+# Python's only way to send a close_notify is the C object's ``shutdown`` (``unwrap``), which
+# calls OpenSSL's ``SSL_shutdown`` twice: the first sends the alert, the second reads the
+# socket for the peer's. Application data found by that read is a fatal error
+# (APPLICATION_DATA_AFTER_CLOSE_NOTIFY): the connection breaks and the data is lost. A
+# half-closed stream's other direction goes on, so the peer's bytes may arrive at any moment
+# -- between the two calls too, when the process is descheduled right after the first one's
+# write (the data of a request sent in answer to that very close_notify; found under CI
+# load: one stream in a dozen lost its request). So the close_notify is sent by one
+# ``SSL_shutdown`` called directly, through the ``SSL *`` that CPython's ``PySSLSocket``
+# holds right after the object header and a weak reference (``Modules/_ssl.c``, unchanged
+# since Python 3.0; keyloggers and SABnzbd's decoder read it the same way). The pointer is
+# used only when the word after it is the object's context and OpenSSL says that ``SSL``
+# belongs to that context's ``SSL_CTX``; otherwise the two-call ``shutdown`` is the fallback
+# and ``sidecar.net.forward.splice`` still sends a close_notify only while nothing of the
+# peer's waits (which narrows the window to those microseconds but cannot close it).
+_SSL_SENT_SHUTDOWN = 1  # SSL_get_shutdown's flag: our close_notify went (or is queued)
+_SSL_ERROR_WANT_WRITE = 3
+
+
+@functools.cache
+def _libssl_shutdown() -> Any:
+    """libssl with the functions ``_shutdown_once`` calls, or None where it cannot be had."""
+    try:
+        import _ssl
+        import ctypes
+
+        lib = ctypes.CDLL(_ssl.__file__)
+        for name, args, result in (
+                ("SSL_shutdown", [ctypes.c_void_p], ctypes.c_int),
+                ("SSL_get_error", [ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+                ("SSL_get_shutdown", [ctypes.c_void_p], ctypes.c_int),
+                ("SSL_get_SSL_CTX", [ctypes.c_void_p], ctypes.c_void_p),
+                ("ERR_clear_error", [], None)):
+            function = getattr(lib, name)
+            function.argtypes = args
+            function.restype = result
+        return lib
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def ssl_pointer(conn: object) -> int | None:
+    """The ``SSL *`` of OpenSSL's connection object ``conn`` (the C ``_ssl._SSLSocket``, or
+    the stdlib wrapper around one), or None unless the layout is proven (see above)."""
+    import ctypes
+
+    obj = getattr(conn, "_sslobj", conn)
+    lib = _libssl_shutdown()
+    if obj is None or lib is None:
+        return None
+    base, word = object.__basicsize__, ctypes.sizeof(ctypes.c_void_p)
+    context = getattr(obj, "context", None)
+    if context is None or type(obj).__basicsize__ < base + 3 * word:
+        return None
+    if ctypes.c_void_p.from_address(id(obj) + base + 2 * word).value != id(context):
+        return None
+    pointer = ctypes.c_void_p.from_address(id(obj) + base + word).value
+    ctx_pointer = ctypes.c_void_p.from_address(id(context) + base).value
+    if not pointer or not ctx_pointer or lib.SSL_get_SSL_CTX(pointer) != ctx_pointer:
+        return None
+    return pointer
+
+
+def _shutdown_once(conn: object) -> bool | None:
+    """Send our close_notify with one ``SSL_shutdown``, never reading: True once it went (or
+    had gone), False when the socket took nothing more (call again once writable), None
+    where this cannot be done (the caller falls back to ``shutdown``). Raises ``ssl.SSLError``
+    for anything else (a reset, a connection OpenSSL has given up on)."""
+    pointer = ssl_pointer(conn)
+    if pointer is None:
+        return None
+    lib = _libssl_shutdown()
+    lib.ERR_clear_error()  # (``SSL_get_error`` reads the thread's queue: start it empty)
+    result = lib.SSL_shutdown(pointer)
+    if result >= 0:
+        return True
+    error = lib.SSL_get_error(pointer, result)
+    lib.ERR_clear_error()  # (and leave nothing in it for the ``ssl`` module's next call)
+    if error == _SSL_ERROR_WANT_WRITE:
+        return False
+    raise ssl.SSLError(error, "close_notify not sent")
+
+
 # Waits for more of the peer's bytes one handshake may take. A handshake takes a few (the
 # ClientHello, then the client's certificate and Finished; a long chain over a slow link a
 # dozen or two), and each wake-up is a pass of OpenSSL's state machine and of Trio, about
@@ -213,7 +298,7 @@ class TlsTransport(trio.abc.Stream):
     """
 
     __slots__ = ("socket", "_ssl", "_fd", "_send_lock", "_closed", "want_write", "ragged_eof",
-                 "_broken", "_end_held")
+                 "_broken", "_end_held", "_notified")
 
     def __init__(self, sock: trio.socket.SocketType, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -256,6 +341,7 @@ class TlsTransport(trio.abc.Stream):
         # read that must write): taken off the socket into OpenSSL, so the socket may never
         # be readable again; ``pending`` says so until a read reports it.
         self._end_held = False
+        self._notified = False  # our close_notify went (``_ssl_shutdown``)
 
     # -- handshake and peer ---------------------------------------------------------------
     async def do_handshake(self) -> None:
@@ -501,36 +587,42 @@ class TlsTransport(trio.abc.Stream):
     def close_notify(self) -> bool:
         """Send close_notify now, without waiting (a half-close: reading goes on): False
         when the socket takes nothing more yet (call again once it is writable). Unlike
-        ``send_eof`` a failure raises ``trio.BrokenResourceError``: OpenSSL's shutdown reads
-        once after it sends, and application data it finds then breaks the connection
-        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) -- so call it when nothing of the peer's waits
-        to be read (``sidecar.net.forward.splice``)."""
+        ``send_eof`` a failure raises ``trio.BrokenResourceError``. Reads nothing (see
+        ``_shutdown_once``): the peer's bytes that come after it are read as before."""
         if self._closed:
             raise trio.ClosedResourceError
         try:
-            self._ssl_shutdown()
-        except ssl.SSLWantReadError:
-            return True  # (sent; the peer's close_notify has not come: what we want)
-        except ssl.SSLWantWriteError:
-            return False
+            return self._ssl_shutdown()
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        return True
 
     def _shutdown(self) -> None:
-        # Non-blocking SSL_shutdown sends close_notify, then reports that the peer's has not
-        # arrived (SSLWantRead): that is all we want. A full socket buffer means no notify.
+        # Sends close_notify if the socket takes it; a full socket buffer means no notify.
         try:
             self._ssl_shutdown()
         except (ssl.SSLError, OSError, ValueError):
             pass
 
-    def _ssl_shutdown(self) -> None:
-        conn = self._ssl
-        if isinstance(conn, ssl.SSLSocket):
-            conn.unwrap()
-        else:
-            conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # the C object's: unwrap
+    def _ssl_shutdown(self) -> bool:
+        """Our close_notify, once per connection: True once it went, False while the socket
+        takes nothing more."""
+        if self._notified:
+            return True  # (a second SSL_shutdown would read: see ``_shutdown_once``)
+        sent = _shutdown_once(self._ssl)
+        if sent is None:  # (no direct call here: the C object's two-call shutdown)
+            conn = self._ssl
+            try:
+                if isinstance(conn, ssl.SSLSocket):
+                    conn.unwrap()
+                else:
+                    conn.shutdown()  # type: ignore[call-arg,unused-ignore]  # unwrap's
+                sent = True
+            except ssl.SSLWantReadError:
+                sent = True  # (sent; the peer's close_notify has not come: what we want)
+            except ssl.SSLWantWriteError:
+                sent = False
+        self._notified = sent
+        return sent
 
     def abort(self) -> None:
         """Close at once with a TCP reset and no close_notify: the peer sees an error, not an
