@@ -141,7 +141,7 @@ def test_cnf_binding_the_token_to_more_than_the_certificate_is_refused(member, r
 CLAIM_VALUES: list[Any] = [
     "true", True, "false", False, "null", None, "1", 1, "1.5", 1.5, "-0", " 1", "1e3",
     '"zo\\u00eb"', "zoë", '["admin"]', ["admin"], '{"a":1}', {"a": 1}, "admin", "",
-    "a b", '"', "[", "{}", {}, [], "[]", "0x10", "NaN", "Infinity",
+    "a b", '"', "[", "{}", {}, [], "[]", "0x10", "NaN", "Infinity", "a,b", '"a,b"', "a;b",
 ]
 
 

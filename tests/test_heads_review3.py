@@ -388,6 +388,12 @@ def test_cgi_spellings_never_reach_the_app(mesh_us: Mesh, side: str) -> None:
 # ``sub`` values whose raw header form an HTTP parser reads as another one (it strips the
 # whitespace around a value); "alice" is the control. (An empty `sub` is no valid token.)
 SPACED_CLAIMS = [" alice", "alice ", "  alice  ", " ", "   ", " 1", "1 ", "alice"]
+# ... and values an app reading the header as a list (RFC 9110 5.6.1: split at commas, or at
+# semicolons for parameters and cookie-style readers) reads as another user's first (a
+# hostile review, thirty-fourth session: ``alice,mallory`` reached Spring's List<String> as
+# ``alice``).
+LISTED_CLAIMS = ["alice,mallory", "alice, mallory", "alice ,mallory", ",alice", "alice,",
+                 "alice;mallory", "alice; role=admin", "a,b;c", ",", ";"]
 
 
 def _read_back(value: str) -> Any:
@@ -397,8 +403,14 @@ def _read_back(value: str) -> Any:
         return value
 
 
+def _first_listed(value: str) -> str:
+    """What a list reader takes first from a header value (split at "," then ";")."""
+    return value.split(",")[0].split(";")[0].strip()
+
+
 @pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("sub", SPACED_CLAIMS, ids=[repr(s) for s in SPACED_CLAIMS])
+@pytest.mark.parametrize("sub", SPACED_CLAIMS + LISTED_CLAIMS,
+                         ids=[repr(s) for s in SPACED_CLAIMS + LISTED_CLAIMS])
 def test_a_claim_reaches_the_app_as_itself(mesh: Mesh, side: str, sub: str) -> None:
     mark = mesh.app.snapshot()
     out = exchange(mesh, side, b"GET /open/c HTTP/1.1\r\n" + H + b"Authorization: Bearer "
@@ -409,6 +421,8 @@ def test_a_claim_reaches_the_app_as_itself(mesh: Mesh, side: str, sub: str) -> N
     assert len(values) == 1, heads
     assert _read_back(values[0]) == sub, values  # (as the app's parser gave it)
     assert (values[0] == "alice") is (sub == "alice")
+    first = _first_listed(values[0])  # (a quoted first piece is no user's name)
+    assert first == sub or first.startswith('"'), values
 
 
 # --- 7. "_" spellings of Content-Length and Content-Type, with allow_underscores ------------

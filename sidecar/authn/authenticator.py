@@ -193,9 +193,16 @@ def claim_header_value(value: Any) -> bytes | None:
     A string that starts or ends with a space, or is empty, is sent as JSON too: every HTTP
     parser strips the whitespace around a field value, so `` alice`` and ``alice `` sent as
     they are reached the app as ``alice`` -- another user's value (found by a hostile review)
-    -- and an empty value is dropped by some gateways, as if the claim were absent."""
+    -- and an empty value is dropped by some gateways, as if the claim were absent.
+
+    So is a string holding a list separator (``,``, or ``;`` of parameters and cookie-style
+    readers): an app or framework that reads the header as a list (RFC 9110 5.6.1: Spring's
+    ``List<String>`` headers, ASP.NET's ``GetCommaSeparatedValues``, the "first value"
+    helpers written for X-Forwarded-For) read ``alice,mallory`` as ``alice`` first -- another
+    user's value (found by a hostile review); ``"alice,mallory"`` splits into no user's name."""
     if isinstance(value, str) and value.isascii() and value.isprintable() and value \
-            and value[0] != " " and value[-1] != " " and not _reads_as_json(value):
+            and value[0] != " " and value[-1] != " " and "," not in value \
+            and ";" not in value and not _reads_as_json(value):
         text = value
     else:
         try:  # (allow_nan: a second guard; the token reader refuses such numbers)
