@@ -20,7 +20,7 @@ import errno
 import math
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -446,15 +446,35 @@ class InboundProxy:
                 # sets this back to inf when the exchange ends.
                 key = api_key_of(event.headers) if auth.apikey else None
                 conn.credentials_end = gate.credentials_end(auth, key)
+                tokens: dict[str, str] = {}
                 if auth.claims and gate.introspector is not None:
                     # ... and an introspected token is asked about again when its cached
                     # answer runs out, as a stream's (found by a hostile review: revoked at
                     # the authorisation server, the request ran on to its end).
-                    watch(facts, auth, key, gate.stream_tokens(auth, event.headers, query),
-                          event.headers, query)
+                    tokens = gate.stream_tokens(auth, event.headers, query)
+                    watch(facts, auth, key, tokens, event.headers, query)
+                # ... both as the policy in force says when it changes (``renewer``).
+                conn.renew = renewer(auth, key, tokens)
             return forward(client, event, headers, pool, limits, head,
                            close=tracker.draining or conn.retiring is not None,
                            body_check=check)
+
+        def renewer(auth: AuthFacts | None, key: bytes | None,
+                    tokens: dict[str, str]) -> Callable[[float], None]:
+            """What a policy change does first to a stream or request in flight authorised
+            with ``auth``: the end of its credentials as the policy in force gives it (a
+            reload may give the API key an earlier ``expires_at`` or the provider a shorter
+            ``clock_skew``), and, for an introspected token, the next question no later than
+            its answer's new ``cache_ttl`` (a reload that changed the provider dropped its
+            cached answers: asked at the next sweep, not when the old answer would have run
+            out)."""
+
+            def renew(now: float) -> None:
+                conn.credentials_end = gate.credentials_end(auth, key)
+                if conn.reauth is not None:
+                    conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
+
+            return renew
 
         def watch(facts: RequestFacts, auth: AuthFacts | None, key: bytes | None,
                   tokens: dict[str, str], headers: Headers, query: str) -> None:
@@ -507,12 +527,10 @@ class InboundProxy:
             key = api_key_of(event.headers) if auth is not None and auth.apikey else None
             tokens = gate.stream_tokens(auth, event.headers, query)
 
+            renew = renewer(auth, key, tokens)
+
             def recheck(now: float) -> bool:
-                conn.credentials_end = gate.credentials_end(auth, key)
-                if conn.reauth is not None:
-                    # (a reload that changed the provider dropped its cached answers: ask
-                    # again at the next sweep, not when the old answer would have run out)
-                    conn.reauth_at = min(conn.reauth_at, gate.reintrospect_at(tokens, now))
+                renew(now)
                 current = gate.auth_now(auth, ctx.reread, facts.path, now)  # (read once)
                 if not gate.still_allows(facts, auth, now, api_key=key, tokens=tokens,
                                          judged=current):

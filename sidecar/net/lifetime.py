@@ -124,13 +124,15 @@ class LiveConnection:
     a request is in flight its trust and its age are the connection's too. ``reauth`` (an
     upgraded stream authorised by an introspected token) asks the authorisation server again
     from ``reauth_at`` (Unix time) on, in a task of its own, and retires the stream when the
-    answer no longer holds.
+    answer no longer holds. ``renew(now)``, set while a request authorised with credentials
+    is in flight, sets ``credentials_end`` and lowers ``reauth_at`` as the policy in force
+    says, before a policy change judges that request (a stream's ``recheck`` does the same).
     """
 
     __slots__ = ("direction", "listener", "source", "peer", "chain", "peer_not_after",
                  "own_not_after", "credentials_end", "deadline", "opened", "scope", "idle",
                  "recheck", "request", "allows", "upstream", "reauth", "reauth_at",
-                 "retiring", "cut_at", "_lifetimes")
+                 "renew", "retiring", "cut_at", "_lifetimes")
 
     def __init__(self, direction: str, listener: str, source: str, peer: str | None,
                  chain: PeerChain | None, peer_not_after: float, deadline: float,
@@ -149,6 +151,7 @@ class LiveConnection:
         self.upstream: Any = None
         self.reauth: Callable[[LiveConnection], Awaitable[None]] | None = None
         self.reauth_at = math.inf
+        self.renew: Callable[[float], None] | None = None
         self.deadline = deadline  # trio clock
         self.opened = time.time()
         self.scope = trio.CancelScope()
@@ -341,11 +344,23 @@ class Lifetimes:
             if recheck is not None:
                 if not recheck(now):
                     n += self.retire(conn, REASON_POLICY_REFUSED)
-            elif conn.idle is None and conn.request is not None and conn.allows is not None \
-                    and not conn.allows(conn.request, now):
-                # (the credentials of the request in flight ran out: that, not the rules)
-                n += self.retire(conn, REASON_CREDENTIAL_EXPIRED
-                                 if now >= conn.credentials_end else REASON_POLICY_REFUSED)
+            elif conn.idle is None and conn.request is not None and conn.allows is not None:
+                ran_out = now >= conn.credentials_end  # (by themselves: not the change)
+                renew = conn.renew
+                if renew is not None:
+                    # The end of its credentials and the next question about an introspected
+                    # token as the policy in force gives them (found by a hostile review: a
+                    # reload giving the API key an expires_at seconds ahead, shortening the
+                    # provider's clock_skew or cache_ttl, left a long download running on to
+                    # the old end while the same credentials were refused, and an upgraded
+                    # stream with them cut).
+                    renew(now)
+                if ran_out:
+                    n += self.retire(conn, REASON_CREDENTIAL_EXPIRED)
+                elif now >= conn.credentials_end or not conn.allows(conn.request, now):
+                    # (a reload that expired its API key's entry: the change ended it, as
+                    # it ends a stream)
+                    n += self.retire(conn, REASON_POLICY_REFUSED)
         return n
 
     def policy_changed(self, now: float) -> int:

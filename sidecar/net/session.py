@@ -197,6 +197,7 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                     raise
                 if conn is not None:
                     conn.credentials_end = math.inf  # (set for a request with credentials)
+                    conn.renew = None
                     if conn.reauth is not None:  # (an introspected token's: ``reauth``)
                         conn.reauth = None
                         conn.reauth_at = math.inf
