@@ -910,6 +910,10 @@ HANDSHAKE_FRAGMENTED = "handshake_fragmented"
 # CERTIFICATE_VERIFY_FAILED carries X509's verify code: these refine its label.
 HANDSHAKE_VERIFY_CODES: dict[int, str] = {
     10: "peer_cert_expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+    # X509_V_ERR_CERT_CHAIN_TOO_LONG: more intermediates than the contexts let OpenSSL
+    # follow (``sidecar.identity.tls.bound_peer_chain``), refused before any signature is
+    # checked; the trust rule's own label for a chain past its bound.
+    22: f"peer_untrusted:{RULE_CHAIN_TOO_LONG}",
 }
 
 

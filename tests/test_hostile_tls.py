@@ -144,7 +144,7 @@ def test_tls12_sessions_are_neither_resumed_nor_kept(target: Target, tmp_path: P
     # in its chain grew the sidecar by about 0.2 MB a handshake, refused or not (a hostile
     # review: 45 -> 203 MB in 750 handshakes). The cache is off (identity/tls.py).
     ctx = target.client_context(maximum=ssl.TLSVersion.TLSv1_2)
-    ctx.load_cert_chain(str(_padded_chain(target, tmp_path, 8, 9000)),
+    ctx.load_cert_chain(str(_padded_chain(target, tmp_path, 4, 8500)),
                         str(target.client_dir / "tls.key"))
     before = _rss_bytes(target.proc.pid)
     session = None

@@ -45,7 +45,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sidecar.identity.svid import Svid
+from sidecar.identity.svid import MAX_CHAIN_DEPTH, Svid
+from sidecar.identity.trust import MAX_PEER_CHAIN_BYTES
 
 # @SECLEVEL=2 whatever the system's OpenSSL configuration says: keys of at least 112 bits of
 # security (RSA >= 2048, no P-192) and no SHA-1 in the peer's chain or handshake signatures.
@@ -105,6 +106,7 @@ def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.verify_mode = ssl.CERT_REQUIRED
+    bound_peer_chain(ctx)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
 
@@ -112,7 +114,18 @@ def _harden(ctx: ssl.SSLContext, alpn: Sequence[str]) -> None:
 # OpenSSL's SSL_CTX_ctrl commands and session cache modes (ssl.h).
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_CTRL_SET_MAX_CERT_LIST = 51
+_SSL_CTRL_GET_MAX_CERT_LIST = 50
 _SSL_SESS_CACHE_OFF = 0
+# What OpenSSL itself verifies of a chain a peer sends, during the handshake: at most
+# ``MAX_CHAIN_DEPTH`` intermediates (its default is 100), and a Certificate message of at
+# most ``MAX_PEER_CHAIN_BYTES`` of DER and the message's own framing (its default is 100 KB).
+# The handshake verifies every signature of the chain on the event loop, before the trust
+# rules that refuse long chains and weak keys run: a peer holding a CA key under a partner's
+# root sent 60 RSA-3072 intermediates with 3,070-bit public exponents (a legal RSA key for
+# OpenSSL) and held the loop 0.35 s a handshake (found by a hostile review, thirty-fourth
+# session). A longer chain now fails while it is built, before any signature is checked.
+_CERT_LIST_FRAMING = 8 * 1024
 
 
 @functools.cache
@@ -128,26 +141,55 @@ def _libssl() -> Any:
         lib.SSL_CTX_ctrl.restype = ctypes.c_long
         lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
         lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.SSL_CTX_set_verify_depth.restype = None
+        lib.SSL_CTX_get_verify_depth.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_get_verify_depth.restype = ctypes.c_int
         return lib
     except (ImportError, OSError, AttributeError):
         return None
 
 
-def no_session_cache(ctx: ssl.SSLContext) -> bool:
-    """Turn OpenSSL's server session-ID cache off for ``ctx``; False when it cannot be.
+def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The ``SSL_CTX *`` of ``ctx``, or None where it cannot be had.
 
     CPython's ``SSLContext`` object starts with the ``SSL_CTX`` pointer right after the
     object header (``PySSLContext`` in Modules/_ssl.c, unchanged since Python 3.0). The
     pointer is used only when ``SSL_CTX_get_options`` through it reads exactly the options
-    ``ctx.options`` reports, and the mode is read back after it is set."""
+    ``ctx.options`` reports."""
     lib = _libssl()
     if lib is None:
-        return False
+        return None
     import ctypes
 
     pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not pointer or lib.SSL_CTX_get_options(pointer) != int(ctx.options):
+        return None
+    return int(pointer)
+
+
+def bound_peer_chain(ctx: ssl.SSLContext) -> bool:
+    """Bound what OpenSSL verifies of a peer's chain in the handshake (see
+    ``_CERT_LIST_FRAMING``); False when it cannot be (the trust rules after the handshake
+    still refuse such chains, after OpenSSL's work). Both are read back after they are set."""
+    pointer = _ctx_pointer(ctx)
+    if pointer is None:
         return False
+    lib = _libssl()
+    limit = MAX_PEER_CHAIN_BYTES + _CERT_LIST_FRAMING
+    lib.SSL_CTX_set_verify_depth(pointer, MAX_CHAIN_DEPTH)
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_MAX_CERT_LIST, limit, None)
+    return bool(lib.SSL_CTX_get_verify_depth(pointer) == MAX_CHAIN_DEPTH
+                and lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_MAX_CERT_LIST, 0, None) == limit)
+
+
+def no_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Turn OpenSSL's server session-ID cache off for ``ctx``; False when it cannot be (the
+    pointer: ``_ctx_pointer``; the mode is read back after it is set)."""
+    pointer = _ctx_pointer(ctx)
+    if pointer is None:
+        return False
+    lib = _libssl()
     lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
     return bool(lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)
                 == _SSL_SESS_CACHE_OFF)
