@@ -22,7 +22,9 @@ ports are bound and released at once, the audit directory gets a probe file that
 and the audit head: the newest signed checkpoint, whose signature ``--pubkey`` verifies;
 ``/config`` tells whether one is expected (audit signing on) so that its absence is a
 warning, not a skip. Audit key files are read as the sidecar reads them (Ed25519 signing key,
-AES data key), so a key the sidecar would refuse at start fails here. ``sidecar run
+AES data key), so a key the sidecar would refuse at start fails here; so are the identity
+files (``load_svid``'s reads and ``check_signers``, ``TrustStore.build``, ``no_shadowing``, and
+last ``TlsState.load`` itself: a set ``sidecar run`` refuses fails with its rule). ``sidecar run
 --check`` runs the offline file checks (no ports, no network), so a config whose certificate
 files are missing is refused there too.
 
@@ -116,9 +118,10 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     from cryptography.hazmat.primitives import serialization
 
     from sidecar.identity.svid import (
-        MAX_FILE_BYTES,
         SvidError,
         _public_der,
+        _read,
+        check_signers,
         load_roots,
         validate_svid_leaf,
         verify_chain,
@@ -138,11 +141,15 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     for key, what, path, parse in loaders:
         title = f"{what} file exists and parses"
         try:
-            data = read_regular(path, MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            run.add(g, title, "fail", f"{path}: {exc.strerror or exc}",
-                    f"identity.{key} in {cfg.source} must name a readable PEM file "
-                    "(sidecar cert issue writes tls.crt, tls.key, ca.crt)")
+            # As ``load_svid`` reads it (``_read``): a regular file of at most
+            # MAX_FILE_BYTES. The pre-flight read one byte more and parsed what it got, so
+            # a certificate padded past 1 MiB passed and ``run`` refused it (a hostile
+            # review, session 34).
+            data = _read(path, path)
+        except SvidError as exc:
+            run.add(g, title, "fail", f"{path}: {exc.message} [rule {exc.rule}]",
+                    f"identity.{key} in {cfg.source} must name a readable PEM file of at "
+                    "most 1 MiB (sidecar cert issue writes tls.crt, tls.key, ca.crt)")
             continue
         try:
             loaded[key] = parse(data)
@@ -158,6 +165,7 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     if "cert" not in loaded:
         for t in titles:
             run.skip(g, t, "certificate not readable")
+        _check_loads_as_run(run, cfg)
         return None
     chain = loaded["cert"]
     leaf = chain[0]
@@ -192,14 +200,20 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     elif "bundle" in loaded:
         try:
             built = verify_chain(leaf, chain[1:], loaded["bundle"], now)
+            # The chain's intermediates judged as ``load_svid`` judges them (the same call):
+            # the pre-flight verified the chain only, and passed an own intermediate that
+            # names a partner's trust domain, carries a workload ID or lacks an EKU that
+            # ``sidecar run`` refuses (a hostile review, session 34).
+            if spiffe_id is not None:
+                check_signers(spiffe_id, [c.public_bytes(serialization.Encoding.DER)
+                                          for c in built[1:-1]])
             run.add(g, titles[2], "ok", f"{len(loaded['bundle'])} root(s)")
             # The chain is valid only as long as its first certificate to expire (an
             # intermediate or the root may expire before the leaf): Svid.trust_ends.
             chain_ends = min(c.not_valid_after_utc.timestamp() for c in built)
         except SvidError as exc:
-            run.add(g, titles[2], "fail", exc.message,
-                    f"identity.bundle ({ident.bundle}) must hold the CA that issued the "
-                    "certificate (during a CA rotation: both CAs)")
+            run.add(g, titles[2], "fail", f"{exc.message} [rule {exc.rule}]",
+                    _chain_hint(exc.rule, ident.bundle, spiffe_id))
     else:
         run.skip(g, titles[2], "trust bundle not readable")
     lifetime = max(not_after - not_before, 1.0)
@@ -217,7 +231,59 @@ def _check_identity(run: _Run, cfg: Any, now: float, min_validity: float) -> str
     else:
         run.add(g, titles[3], "ok", f"{_duration(left)} left")
     _check_trust_domains(run, cfg, spiffe_id, loaded.get("bundle"))
+    _check_loads_as_run(run, cfg)
     return spiffe_id
+
+
+# Rules of the signing-certificate checks (``check_signers``) an own intermediate may break.
+_SIGNER_RULES = frozenset({"signing-cert-invalid", "key-weak", "signature-weak",
+                           "serial-invalid", "extensions-invalid"})
+
+
+def _chain_hint(rule: str, bundle: str, spiffe_id: str | None) -> str:
+    """What to do when the certificate's chain fails ``verify_chain`` / ``check_signers``."""
+    if rule == "signer-trust-domain":
+        from sidecar.identity.trust import trust_domain_of
+
+        td = trust_domain_of(spiffe_id) if spiffe_id else "the own trust domain"
+        return (f"an intermediate in identity.cert names another trust domain than {td}: a "
+                "CA that declares itself another domain's authority does not vouch for this "
+                f"one; issue the certificate under a CA of {td} (its SPIFFE ID "
+                f"spiffe://{td}, or none) (docs/identity.md, \"X.509-SVID rules\")")
+    if rule in _SIGNER_RULES:
+        return ("every intermediate in identity.cert must be a signing certificate: "
+                "basicConstraints CA=true (critical), keyUsage keyCertSign, no "
+                "extendedKeyUsage or one with both serverAuth and clientAuth, a SPIFFE ID "
+                "naming the trust domain only (no path), a strong key and signature; "
+                "re-issue it (docs/identity.md, \"X.509-SVID rules\")")
+    return (f"identity.bundle ({bundle}) must hold the CA that issued the certificate "
+            "(during a CA rotation: both CAs)")
+
+
+def _check_loads_as_run(run: _Run, cfg: Any) -> None:
+    """The identity files loaded by the very call ``sidecar run`` makes at start
+    (``TlsState.load``: the SVID, the own and federated bundles, the trust store, the
+    shadowing check and the TLS contexts). The checks above say what is wrong and what to
+    do; this one makes sure nothing ``run`` refuses passes the pre-flight (a hostile review,
+    session 34, found two checks the pre-flight skipped). Skipped when one of them failed."""
+    from sidecar.tlsstate import TlsState
+
+    g = "identity"
+    title = "sidecar run loads the identity files"
+    if any(r.group == g and r.status == "fail" for r in run.results):
+        run.skip(g, title, "an identity check above failed")
+        return
+    ident = cfg.identity
+    try:
+        state = TlsState.load(ident.cert, ident.key, ident.bundle, ident.trust_domains)
+    except Exception as exc:  # noqa: BLE001 -- SvidError, OSError (ssl.SSLError), ValueError...
+        rule = getattr(exc, "rule", None)
+        run.add(g, title, "fail", str(exc) if rule else f"{type(exc).__name__}: {exc}",
+                "`sidecar run` refuses these files" + (
+                    f" (rule {rule}, docs/identity.md lists the rules)" if rule else "")
+                + ": fix the file the detail names")
+        return
+    run.add(g, title, "ok", f"{len(state.trust.bundles)} trust domain(s)")
 
 
 def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
@@ -273,12 +339,44 @@ def _check_trust_domains(run: _Run, cfg: Any, spiffe_id: str | None,
         # bundles, or a bundle certificate issued under another domain's root, is refused.
         title = "each CA vouches for one trust domain only"
         try:
-            TrustStore.build(own, federated)
+            trust = TrustStore.build(own, federated)
             run.add(g, title, "ok", f"{1 + len(federated)} trust domains")
         except SvidError as exc:
             run.add(g, title, "fail", str(exc),
                     "keep each trust domain's roots in its own bundle only "
                     "(docs/identity.md, \"One CA, one trust domain\")")
+            return
+        _check_no_shadowing(run, cfg, trust)
+
+
+def _check_no_shadowing(run: _Run, cfg: Any, trust: Any) -> None:
+    """``no_shadowing``, as ``sidecar run`` applies it to the trust store and the own chain:
+    no federated CA that OpenSSL's issuer lookup could take for another trust domain's CA
+    (the own intermediate, the own root, another partner's root). The pre-flight built the
+    trust store without it and passed such a bundle (a hostile review, session 34)."""
+    from sidecar.identity.svid import SvidError
+    from sidecar.tlsstate import load_own_svid, no_shadowing
+
+    g = "identity"
+    title = "no federated CA could be taken for another trust domain's CA"
+    ident = cfg.identity
+    try:
+        svid = load_own_svid(ident.cert, ident.key, ident.bundle)
+    except (SvidError, OSError, ValueError) as exc:
+        # (reported by the checks above, or by "sidecar run loads the identity files")
+        run.skip(g, title, f"the own certificate does not load: {getattr(exc, 'rule', exc)}")
+        return
+    try:
+        no_shadowing(svid, trust)
+    except SvidError as exc:
+        run.add(g, title, "fail", str(exc),
+                "OpenSSL takes a trusted CA whose key, or name and key identifier, match a "
+                "certificate's issuer as that issuer: remove that CA from the file named, or "
+                "the trust domain from identity.trust_domains, until its owner publishes it "
+                "with a key and key identifier of its own (docs/identity.md, \"No partner CA "
+                "stands for another trust domain's\")")
+        return
+    run.add(g, title, "ok")
 
 
 # --- policy and JWKS --------------------------------------------------------------------------
