@@ -227,13 +227,6 @@ def assemble(svid: Svid, federated: Sequence[TrustBundle], *, svid_generation: i
     return _contexts(svid, trust, svid_generation)
 
 
-def _key_id(cert: x509.Certificate) -> bytes | None:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except Exception:  # noqa: BLE001 -- absent, or an extension cryptography cannot read
-        return None
-
-
 def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> None:
     """Raise ``SvidError`` (``trust-domain-mismatch``, naming the federated bundle) when a
     certificate of a federated trust domain's bundle could stand, in OpenSSL's issuer lookup,
@@ -252,29 +245,45 @@ def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> N
     never sees (another SPIRE server's) cannot be checked here (docs/identity.md).
     ``changed``: the trust domain whose bundle just changed, judged first (the error names
     its file when it collides with another partner's)."""
-    from sidecar.identity.trust import _canonical_name, _key_der
+    from sidecar.identity.trust import (
+        _canonical_name,
+        _key_der,
+        _shadows,
+        key_id,
+        seen_intermediates,
+    )
 
     own_chain = x509.load_pem_x509_certificates(svid.chain_pem)[1:]
     marks: list[tuple[str, x509.Certificate]] = [(trust.own, c) for c in own_chain]
     marks += [(td, c) for td, b in trust.bundles.items() for c in b.roots]
-    seen = [(td, _key_der(c), _canonical_name(c.subject), _key_id(c)) for td, c in marks]
+    seen = [(td, _key_der(c), _canonical_name(c.subject), key_id(c)) for td, c in marks]
+    # (intermediates of other domains seen in verified chains: ``trust._seen_cas``)
+    learned = seen_intermediates()
     order = sorted(trust.bundles.items(), key=lambda item: item[0] != changed)
     for td, bundle in order:
         if td == trust.own:
             continue
         for cert in bundle.roots:
-            key, name, key_id = _key_der(cert), _canonical_name(cert.subject), _key_id(cert)
+            key, name, kid = _key_der(cert), _canonical_name(cert.subject), key_id(cert)
             for other_td, other_key, other_name, other_id in seen:
                 if other_td == td:
                     continue
                 if other_key == key or (name is not None and name == other_name and (
-                        key_id is None or other_id is None or key_id == other_id)):
+                        kid is None or other_id is None or kid == other_id)):
                     raise SvidError(
                         RULE_TRUST_DOMAIN_MISMATCH,
                         f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
                         f"domain {td} has the name and key identifier, or the key, of a CA of "
                         f"trust domain {other_td}: OpenSSL could take it for that CA",
                         file=bundle.path)
+            for other_td, mark in learned:
+                if other_td != td and _shadows((name, kid, key), mark):
+                    raise SvidError(
+                        RULE_TRUST_DOMAIN_MISMATCH,
+                        f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
+                        f"domain {td} has the name and key identifier, or the key, of an "
+                        f"intermediate CA that issues trust domain {other_td}'s identities: "
+                        "OpenSSL could take it for that CA", file=bundle.path)
 
 
 def _contexts(svid: Svid, trust: TrustStore, svid_generation: int,

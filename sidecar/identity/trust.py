@@ -426,6 +426,52 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def key_id(cert: x509.Certificate) -> bytes | None:
+    """The subject key identifier of ``cert``; None without one (or one cryptography cannot
+    read)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except Exception:  # noqa: BLE001 -- absent, or an extension cryptography cannot read
+        return None
+
+
+# What a CA is to OpenSSL's issuer lookup: its subject as OpenSSL compares names, its
+# subject key identifier, its key (``_key_der``).
+CaMark = tuple[tuple[tuple[tuple[str, str], ...], ...] | None, bytes | None, bytes]
+
+# The intermediates of chains that verified, by trust domain (``check_peer``): the
+# ``sidecar.tlsstate.no_shadowing`` check compares a changed bundle with them too. All trust
+# domains' roots are in one OpenSSL store, and OpenSSL takes a trusted certificate whose name
+# (and key identifier) match a certificate's issuer for that issuer without trying another
+# when the signature then fails: a partner's bundle holding a CA named like another partner's
+# issuing intermediate (its name and key identifier are in every leaf it issues) cut that
+# partner's workloads off, both ways (found by a hostile review, thirty-fourth session). The
+# sidecar knows another domain's intermediates only from the chains its peers present, so
+# only those it has seen are checked. At most ``_SEEN_CA_MAX`` a trust domain (the oldest
+# goes first: a domain can push out only its own), each DER parsed once (``_seen_ders``).
+_SEEN_CA_MAX = 64
+_seen_cas: dict[str, dict[bytes, CaMark]] = {}
+_seen_ders: dict[bytes, bool] = {}
+_SEEN_DERS_MAX = 1024
+
+
+def seen_intermediates() -> list[tuple[str, CaMark]]:
+    """(trust domain, mark) of every intermediate remembered from verified chains."""
+    return [(td, mark) for td, marks in _seen_cas.items() for mark in marks.values()]
+
+
+def _shadows(cert_mark: CaMark, other: CaMark) -> bool:
+    """Could the CA marked ``cert_mark`` stand for ``other`` in OpenSSL's issuer lookup: the
+    same key, or the same name with the same key identifier or none on ``cert_mark``'s side.
+    (A remembered intermediate without a key identifier does not make every certificate of
+    its name suspect: a partner could otherwise mint one named like another partner's next
+    root and have that root's bundle refused.)"""
+    name, kid, key = cert_mark
+    other_name, other_kid, other_key = other
+    return key == other_key or (name is not None and name == other_name
+                                and (kid is None or kid == other_kid))
+
+
 def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
     """Raise ``SvidError`` (``trust-domain-mismatch``) when one CA vouches for two trust
     domains: the same key in the bundles of two of them (one partner CA pasted into the own
@@ -547,6 +593,7 @@ class TrustStore:
                 # chain checked again later (a bundle change) after one of them expired.
                 raise SvidError(RULE_EXPIRED, f"a certificate of {spiffe_id}'s chain expired")
             chain_check_agrees(spiffe_id, verified, now)
+            self._remember(td, verified[1:-1])
             return ends
         if not chain.sent:
             raise SvidError(RULE_TRUST_DOMAIN_MISMATCH, "the peer's chain is not available")
@@ -570,7 +617,35 @@ class TrustStore:
         signers = [c.public_bytes(serialization.Encoding.DER) for c in built[1:-1]]
         check_signers(spiffe_id, signers)
         self._no_foreign_keys(spiffe_id, td, signers)
+        self._remember(td, signers)
         return min(c.not_valid_after_utc.timestamp() for c in built)
+
+    def _remember(self, td: str, intermediates: Sequence[bytes]) -> None:
+        """Keep the marks of the intermediates of a chain that vouched for a peer of ``td``
+        (see ``_seen_cas``). One that could itself stand for a CA of another domain's bundle
+        is not kept: a partner could otherwise present an intermediate named like another
+        partner's root and have that partner's next bundle change refused."""
+        for der in intermediates:
+            digest = der_key(der)
+            if digest in _seen_ders:
+                continue
+            if len(_seen_ders) >= _SEEN_DERS_MAX:
+                _seen_ders.clear()
+            _seen_ders[digest] = True
+            try:
+                cert = x509.load_der_x509_certificate(der)
+                mark: CaMark = (_canonical_name(cert.subject), key_id(cert), _key_der(cert))
+            except Exception:  # noqa: BLE001 -- a peer's certificate: kept nothing, never a crash
+                continue
+            if any(_shadows(mark, (_canonical_name(root.subject), key_id(root),
+                                   _key_der(root)))
+                   for other, bundle in self.bundles.items() if other != td
+                   for root in bundle.roots):
+                continue
+            marks = _seen_cas.setdefault(td, {})
+            if len(marks) >= _SEEN_CA_MAX:
+                marks.pop(next(iter(marks)))
+            marks[digest] = mark
 
     def _no_foreign_keys(self, spiffe_id: str, td: str, intermediates: Sequence[bytes]) -> None:
         """Raise ``SvidError`` (``signer-trust-domain``) when an intermediate of the chain that
