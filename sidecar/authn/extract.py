@@ -38,8 +38,9 @@ import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import NamedTuple
-from urllib.parse import unquote, unquote_plus, unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 from sidecar.authn.jwt import (
     BEFORE_OBJECT,
@@ -877,26 +878,53 @@ def _object_payload(piece: str, spend: Callable[[int], object] | None = None) ->
 
 # The copy scan's budget for one request (``copies``): the work it may do, counted in bytes
 # passed over as they are passed over -- each form of a value searched and scanned (the value
-# as sent, each decoded form), each decoding's input (and ``SCAN_ESCAPE_COST`` more for each
-# escape it decodes: a call back into Python), each piece decoded (``_object_payload``) or read
-# whole (``issuers_named``; ``SCAN_PIECE_COST`` more each, and what reading it costs:
-# ``jwt.READ_PARSE_COST`` a character for each parse, more for each member and each value
-# judged -- the payload read once for all the section's issuers). Each value looked at adds
-# ``SCAN_BYTES_PER_BYTE`` times its own size to what is left, which starts at
-# ``SCAN_BYTES_FREE``. Past it the request counts as holding a copy (fail closed, as a value
-# with too many forms does: ``_TOO_MANY_FORMS``) and nothing more of it is looked at. Found by
-# a hostile review (session 29): the forms limit was per value and nothing bounded the bytes,
-# so one 30 KB header whose value decoded to 15 forms, each full of pieces, cost 100 ms of the
-# event loop (a plain head of that size 1.3 ms), a 1 MB head 1.9 s; two connections sending it
-# held every other caller's requests for hundreds of milliseconds. A head an app sends --
-# values with a few escapes, a token or two -- uses a small part of it. (Before the
-# thirty-first session a payload's reading was counted by its bytes, and read once per issuer:
-# a 30 KB header of ``{"iss":["x"]}`` objects ending in a bad byte cost 30 ms, 106 ms with
-# three issuers, and was let through; now such a request uses up its budget and is refused
-# as holding a copy.)
+# as sent, each decoded form), each decoding's input (and what each escape it decodes costs,
+# ``SCAN_ESCAPE_COSTS``, past ``SCAN_ESCAPE_ALLOWANCE``), each piece decoded
+# (``_object_payload``) or read whole (``issuers_named``; ``SCAN_PIECE_COST`` more each, and
+# what reading it costs: ``jwt.READ_PARSE_COST`` a character for each parse, more for each
+# member and each value judged -- the payload read once for all the section's issuers). Each
+# value looked at adds ``SCAN_BYTES_PER_BYTE`` times its own size to what is left, which
+# starts at ``SCAN_BYTES_FREE``. Past it the request counts as holding a copy (fail closed, as
+# a value with too many forms does: ``_TOO_MANY_FORMS``) and nothing more of it is looked at.
+# Found by a hostile review (session 29): the forms limit was per value and nothing bounded
+# the bytes, so one 30 KB header whose value decoded to 15 forms, each full of pieces, cost
+# 100 ms of the event loop (a plain head of that size 1.3 ms), a 1 MB head 1.9 s; two
+# connections sending it held every other caller's requests for hundreds of milliseconds. A
+# head an app sends -- values with a few escapes, a token or two -- uses a small part of it.
+# (Before the thirty-first session a payload's reading was counted by its bytes, and read once
+# per issuer: a 30 KB header of ``{"iss":["x"]}`` objects ending in a bad byte cost 30 ms, 106
+# ms with three issuers, and was let through; now such a request uses up its budget and is
+# refused as holding a copy.)
 SCAN_BYTES_PER_BYTE = 4
 SCAN_BYTES_FREE = 64 * 1024
-SCAN_ESCAPE_COST = 8
+# What each escape a decoding decodes costs (``_decoded_forms``), measured as the pieces below
+# were (2,000 escapes against a form without them, fastest of 60 rounds, a ``json.loads``
+# character two units; the constants a quarter or so above): ``percent`` and ``plus`` in C
+# (``_unquote_latin1``: a split and a table) 32, an invalid ``%zz`` 3; the backslash
+# decodings split the form as quoted pairs once (``quoted-pair``'s own result; 17-21 an
+# escape), then ``json``, ``octal`` and ``hex`` each decode their own escapes the cheaper
+# way: from the pairs (``_own_escapes``: 4-11 an escape, in C, and each code start --
+# ``\u``, ``\0``-``\3``, ``\x`` -- 130-165 in Python: ``SCAN_ESCAPE_SORT_COST``,
+# ``SCAN_CODE_COST``) or with their own pattern (``_coded``: 50-65 an escape, whatever it
+# is). Before the thirty-fourth session each escape was charged 8 (``SCAN_ESCAPE_COST``)
+# while ``unquote`` looped in Python (41-63), ``quoted-pair`` expanded its template in Python
+# (129) and ``json``, ``octal`` and ``hex`` called back into Python for every match (95),
+# each on the whole form: a 30 KB header of ``\"`` or ``\n`` cost 7.8 ms through the sidecar
+# (a plain head of that size 1.2 ms), 64 KB of ``\056`` 11.9 ms (plain 1.9), before it was
+# refused (found by the thirty-third session's helper, fixed by the thirty-fourth's: now
+# 4.7 ms and 6.9 ms at most, 3.9x and 4.4x).
+SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "quoted-pair": 26, "json": 80, "octal": 80,
+                     "hex": 80}
+SCAN_ESCAPE_SORT_COST = 14
+SCAN_CODE_COST = 200
+# What the escapes of one form may cost, a character of it, before they are charged to the
+# request's budget (shared by its decodings, as ``SCAN_RUN_ALLOWANCE`` is by its runs):
+# ordinary values were measured at 5-13 units a character (a URL-encoded JSON cookie, one
+# escape in three characters, 6-9; an encoded redirect URL 5-11; a JSON string in a header
+# holding ``\"``, ``\/``, ``\n`` and ``\u00eb``, 7-13); without it eight 470-byte JSON string
+# headers (3.8 KB) came near their budget. Each form has its own: a 64 KB head of ``%252e``
+# (two percent forms) is let through after 5-6 ms of the scan.
+SCAN_ESCAPE_ALLOWANCE = 12
 SCAN_PIECE_COST = 64
 # What the pieces themselves cost, measured in the same unit (a ``json`` character is
 # ``jwt.READ_PARSE_COST``, two: each piece's work timed over 2,000 pieces interleaved with a
@@ -1011,26 +1039,97 @@ class _Copies:
             budget.left = -1
 
 
-def _json_escape(m: re.Match[str]) -> str:
-    code, char = m.group(1), m.group(2)
-    if code is not None:
-        return chr(int(code, 16))
-    return _JSON_SHORT.get(char, char)
-
-
-def _octal_escape(m: re.Match[str]) -> str:
-    return chr(int(m.group(1), 8)) if m.group(1) is not None else m.group(2)
-
-
-def _hex_escape(m: re.Match[str]) -> str:
-    return chr(int(m.group(1), 16)) if m.group(1) is not None else m.group(2)
-
-
-_JSON_SHORT = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_JSON_ESCAPES = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|(.))", re.DOTALL)
 _QUOTED_PAIRS = re.compile(r"\\(.)", re.DOTALL)
+# Each backslash decoding's escapes, a code (group 1) or any other character (group 2)
+# (``_coded``), and JSON's one-letter escapes (``None``: a code's, read by ``_coded``).
+_JSON_ESCAPES = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|(.))", re.DOTALL)
 _OCTAL_ESCAPES = re.compile(r"\\(?:([0-3][0-7]{2})|(.))", re.DOTALL)
 _HEX_ESCAPES = re.compile(r"\\(?:x([0-9A-Fa-f]{2})|(.))", re.DOTALL)
+_JSON_SHORT: dict[str | None, str] = {None: "", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                                     "t": "\t"}
+# A backslash decoding's own escapes, those it reads otherwise than a quoted pair (``\X`` as
+# ``X``): the escapes that start a code (``\u``; ``\0``-``\3``; ``\x``), then the digits of
+# the code (the text after the escape, before the next backslash), and its base.
+# ``_own_escapes`` decodes every other escape as a quoted pair, in C (all four decodings find
+# the same escapes, each at a backslash: the digits a code takes are none), and each code
+# start in Python (80-100 units); JSON's one-letter escapes in C, through a table.
+_CODES: dict[str, tuple[str, re.Pattern[str], re.Pattern[str], int]] = {
+    "json": ("u", re.compile("u"), re.compile(r"[0-9A-Fa-f]{4}"), 16),
+    "octal": ("0123", re.compile("[0-3]"), re.compile(r"[0-7]{2}"), 8),
+    "hex": ("x", re.compile("x"), re.compile(r"[0-9A-Fa-f]{2}"), 16),
+}
+
+
+def _code_starts(name: str, escapes: str) -> int:
+    """How many of ``escapes`` (each escape's ``X``, in order) start a code of ``name``'s."""
+    return sum(map(escapes.count, _CODES[name][0]))
+
+
+def _own_escapes(name: str, pairs: list[str], escapes: str) -> str:
+    r"""What ``name``'s decoder gives for a form, from the form split as quoted pairs
+    (``_QUOTED_PAIRS.split``: each escape's ``X`` at the odd places, the text up to the next
+    backslash after it) and those ``X`` (``escapes``): each ``X`` as itself (JSON's letters as
+    what they stand for), but where it starts a code (``_CODES``) whose digits follow, the
+    character of the code."""
+    _starts, first, digits, base = _CODES[name]
+    out = pairs.copy()
+    if name == "json":
+        marks = out[1::2]
+        out[1::2] = map(_JSON_SHORT.get, marks, marks)
+    for m in first.finditer(escapes):
+        after = 2 * m.start() + 2
+        code = digits.match(out[after])
+        if code is not None:
+            number = code.group() if name != "octal" else m.group() + code.group()
+            out[after - 1] = chr(int(number, base))
+            out[after] = out[after][code.end():]
+    return "".join(out)
+
+
+_PERCENT_ESCAPE = re.compile(r"(%[0-9A-Fa-f]{2})")
+_PERCENT_CHARS = {f"%{a}{b}": chr(int(a + b, 16))
+                  for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
+
+
+def _unquote_latin1(text: str) -> str:
+    """``urllib.parse.unquote(text, "latin-1")``, in C: each ``%XX`` is the character
+    ``XX`` (``unquote`` loops in Python per escape, 40-60 units each)."""
+    if "%" not in text:
+        return text
+    parts = _PERCENT_ESCAPE.split(text)
+    parts[1::2] = map(_PERCENT_CHARS.__getitem__, parts[1::2])
+    return "".join(parts)
+
+
+def _quoted_pairs(text: str) -> str:
+    r"""Each ``\X`` as ``X`` (RFC 9110 quoted-pair), in C: the split keeps each ``X``.
+    (``re.sub`` with the template ``\1`` expanded it in Python per escape, 130 units.)"""
+    return "".join(_QUOTED_PAIRS.split(text))
+
+
+# (``_coded``'s tables: what an escape that is no code, its code ``None``, gives, and reads as)
+_NO_CODE: dict[str | None, str] = {None: ""}
+_NO_DIGITS: dict[str | None, str] = {None: "0"}
+
+
+def _coded(pattern: re.Pattern[str], base: int, short: dict[str | None, str],
+           text: str) -> str:
+    r"""``text`` with each match of ``pattern`` (a backslash, then either a code in
+    ``base``, group 1, or any character, group 2) as the character of that code, or as
+    ``short``'s for the character, else the character itself -- what ``re.sub`` with a call
+    back per match gave, in C: the split gives the groups, ``map`` reads them with C
+    functions (``int``, ``chr``, ``dict.get``). 55-65 units an escape, whatever it is (the
+    call back cost 95); ``_own_escapes`` is cheaper for a form with few codes."""
+    if "\\" not in text:
+        return text
+    parts = pattern.split(text)
+    codes = parts[1::3]
+    chars = map(chr, map(int, map(_NO_DIGITS.get, codes, codes), repeat(base)))
+    parts[1::3] = map(_NO_CODE.get, codes, chars)
+    others = parts[2::3]
+    parts[2::3] = map(short.get, others, others)
+    return "".join(parts)
+
 
 # How an app may decode a value before it reads a token in it, each a form of its own (they
 # disagree: ``\056`` is ``.`` to http.cookies and ``056`` to a quoted-string reader): the
@@ -1038,12 +1137,12 @@ _HEX_ESCAPES = re.compile(r"\\(?:x([0-9A-Fa-f]{2})|(.))", re.DOTALL)
 # query. Applied up to ``_DECODING_DEPTH`` times in any order (a JSON value in a cookie,
 # percent-encoded twice). docs/authn.md, "Tokens in places no provider reads".
 _DECODINGS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
-    ("percent", "%", lambda t: unquote(t, "latin-1")),
-    ("plus", "+", lambda t: unquote_plus(t, "latin-1")),
-    ("json", "\\", lambda t: _JSON_ESCAPES.sub(_json_escape, t)),  # \uXXXX, \/, \n...
-    ("quoted-pair", "\\", lambda t: _QUOTED_PAIRS.sub(r"\1", t)),  # RFC 9110 5.6.4
-    ("octal", "\\", lambda t: _OCTAL_ESCAPES.sub(_octal_escape, t)),  # http.cookies \ooo
-    ("hex", "\\", lambda t: _HEX_ESCAPES.sub(_hex_escape, t)),  # C, JS, Python \xHH
+    ("percent", "%", _unquote_latin1),
+    ("plus", "+", lambda t: _unquote_latin1(t.replace("+", " "))),
+    ("json", "\\", lambda t: _coded(_JSON_ESCAPES, 16, _JSON_SHORT, t)),  # \uXXXX, \/, \n...
+    ("quoted-pair", "\\", _quoted_pairs),  # RFC 9110 5.6.4
+    ("octal", "\\", lambda t: _coded(_OCTAL_ESCAPES, 8, _NO_CODE, t)),  # http.cookies \ooo
+    ("hex", "\\", lambda t: _coded(_HEX_ESCAPES, 16, _NO_CODE, t)),  # C, JS, Python \xHH
 )
 DECODING_NAMES = tuple(name for name, _c, _d in _DECODINGS)
 _DECODING_DEPTH = 2
@@ -1105,14 +1204,45 @@ def _decoded_forms(text: str, plus: bool,
     for _ in range(_DECODING_DEPTH):
         decoded = []
         for form in layer:
+            # (the escapes' own allowance, this form's, shared by its decodings:
+            # ``SCAN_ESCAPE_ALLOWANCE``)
+            free = SCAN_ESCAPE_ALLOWANCE * len(form)
+            pairs: list[str] | None = None  # (the form split as quoted pairs)
+            escapes = ""  # (each escape's ``X``, in order: ``_own_escapes``)
             for name, starts, decode in _DECODINGS:
                 if starts not in form or (name == "plus" and not plus):
                     continue
-                # (a pass over the form, and a call back for each escape; ``+`` is a C
-                # replace, then each ``%`` an escape)
-                spend(len(form) + SCAN_ESCAPE_COST * form.count("%" if name == "plus"
-                                                                 else starts))
-                out = decode(form)
+                # (a pass over the form, and each escape at what it costs: ``+`` is a C
+                # replace, then each ``%`` an escape; the backslash decodings split the
+                # form as quoted pairs once, then each decodes its own escapes the cheaper
+                # way: ``_own_escapes`` or ``decode``, ``_coded``)
+                cost = 0
+                if starts != "\\":
+                    cost = SCAN_ESCAPE_COSTS[name] * form.count("%" if name == "plus"
+                                                                else starts)
+                elif pairs is None:
+                    cost = SCAN_ESCAPE_COSTS["quoted-pair"] * form.count(starts)
+                used = min(free, cost)
+                free -= used
+                spend(len(form) + cost - used)
+                if starts != "\\":
+                    out = decode(form)
+                else:
+                    if pairs is None:
+                        pairs = _QUOTED_PAIRS.split(form)
+                        escapes = "".join(pairs[1::2])
+                    if name == "quoted-pair":
+                        out = "".join(pairs)
+                    else:
+                        by_codes = (SCAN_ESCAPE_SORT_COST * len(escapes)
+                                    + SCAN_CODE_COST * _code_starts(name, escapes))
+                        by_pattern = SCAN_ESCAPE_COSTS[name] * len(escapes)
+                        cost = min(by_codes, by_pattern)
+                        used = min(free, cost)
+                        free -= used
+                        spend(cost - used)
+                        out = (_own_escapes(name, pairs, escapes) if by_codes <= by_pattern
+                               else decode(form))
                 if out not in seen:
                     budget.forms -= 1
                     if len(forms) >= _MAX_FORMS or budget.forms < 0:
