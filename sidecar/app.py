@@ -87,7 +87,7 @@ from sidecar.reload import (
     ignore_signals_until_handled,
 )
 from sidecar.telemetry import Telemetry
-from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid
+from sidecar.tlsstate import TlsSnapshot, TlsState, load_rotated_svid, seen_shadows
 
 if TYPE_CHECKING:  # imported where used (optional parts), named here for their types
     from sidecar.alert_poster import AlertPoster
@@ -738,6 +738,11 @@ class Sidecar:
         # (no roots: the trust domain's X.509 trust was withdrawn, it now admits nobody)
         logs.log("trust_bundle_reloaded", "info" if bundle.roots else "warning",
                  trust_domain=bundle.trust_domain, roots=len(bundle.roots))
+        for ca, other in seen_shadows(bundle):
+            # (a partner's CA named like another domain's intermediate: that domain's peers
+            # it issued fail their handshakes while the bundle holds it; docs/identity.md)
+            logs.log("trust_bundle_shadows_intermediate", "warning",
+                     trust_domain=bundle.trust_domain, ca=ca, shadowed_trust_domain=other)
         self._trust_changed()
 
     def _apply_tls(self, snapshot: TlsSnapshot) -> None:

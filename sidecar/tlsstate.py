@@ -245,20 +245,12 @@ def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> N
     never sees (another SPIRE server's) cannot be checked here (docs/identity.md).
     ``changed``: the trust domain whose bundle just changed, judged first (the error names
     its file when it collides with another partner's)."""
-    from sidecar.identity.trust import (
-        _canonical_name,
-        _key_der,
-        _shadows,
-        key_id,
-        seen_intermediates,
-    )
+    from sidecar.identity.trust import _canonical_name, _key_der, key_id
 
     own_chain = x509.load_pem_x509_certificates(svid.chain_pem)[1:]
     marks: list[tuple[str, x509.Certificate]] = [(trust.own, c) for c in own_chain]
     marks += [(td, c) for td, b in trust.bundles.items() for c in b.roots]
     seen = [(td, _key_der(c), _canonical_name(c.subject), key_id(c)) for td, c in marks]
-    # (intermediates of other domains seen in verified chains: ``trust._seen_cas``)
-    learned = seen_intermediates()
     order = sorted(trust.bundles.items(), key=lambda item: item[0] != changed)
     for td, bundle in order:
         if td == trust.own:
@@ -276,14 +268,28 @@ def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> N
                         f"domain {td} has the name and key identifier, or the key, of a CA of "
                         f"trust domain {other_td}: OpenSSL could take it for that CA",
                         file=bundle.path)
-            for other_td, mark in learned:
-                if other_td != td and _shadows((name, kid, key), mark):
-                    raise SvidError(
-                        RULE_TRUST_DOMAIN_MISMATCH,
-                        f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
-                        f"domain {td} has the name and key identifier, or the key, of an "
-                        f"intermediate CA that issues trust domain {other_td}'s identities: "
-                        "OpenSSL could take it for that CA", file=bundle.path)
+
+
+
+def seen_shadows(bundle: TrustBundle) -> list[tuple[str, str]]:
+    """The CAs of ``bundle`` (a federated trust domain's, just loaded) that could stand, in
+    OpenSSL's issuer lookup, for an intermediate of another trust domain seen in a verified
+    chain (``sidecar.identity.trust._seen_cas``): (the CA's subject, that trust domain). Each
+    is a warning, not a refusal (see there): peers of that domain issued by that
+    intermediate fail their handshakes while the bundle holds it."""
+    from sidecar.identity.trust import could_stand_for, mark_of, seen_intermediates
+
+    found: list[tuple[str, str]] = []
+    learned = [(td, mark) for td, mark in seen_intermediates() if td != bundle.trust_domain]
+    if not learned:
+        return found
+    for cert in bundle.roots:
+        mark = mark_of(cert)
+        for other_td, other in learned:
+            if could_stand_for(mark, other):
+                found.append((cert.subject.rfc4514_string()[:200], other_td))
+                break
+    return found
 
 
 def _contexts(svid: Svid, trust: TrustStore, svid_generation: int,

@@ -1,23 +1,23 @@
-"""A partner's bundle cannot stand in for another partner's intermediate seen in a verified
-chain (a hostile review of identity, thirty-fourth session).
+"""A partner's bundle CA that could stand for another partner's intermediate is named in a
+warning (a hostile review of identity, thirty-fourth session, and the review of its first fix).
 
 All trust domains' roots are in one OpenSSL store, and OpenSSL takes a trusted certificate
 whose name and key identifier match a certificate's issuer for that issuer without trying
 another when the signature then fails (tests/test_bundle_shadowing.py: the own intermediate
-and every bundle root were guarded). A partner's issuing intermediate is in no bundle: its
-name and key identifier are in every leaf it issues, so partner A published a CA named like
-partner B's intermediate, its bundle loaded, and every handshake with B's workloads failed,
-inbound (``peer_cert_untrusted``) and outbound (502). Now the intermediates of chains that
-verified are remembered by trust domain, and ``tlsstate.no_shadowing`` refuses a bundle
-change with a CA that could stand for one of another domain's (its last good roots stay).
-One that could itself stand for a bundle CA of another domain is not remembered: a partner
-presenting an intermediate named like another partner's root must not get that partner's
-next bundle change refused.
+and every bundle root are guarded, the bundle refused). A partner's issuing intermediate is
+in no bundle: its name and key identifier are in every leaf it issues, so partner A published
+a CA named like partner B's intermediate, its bundle loaded, and every handshake with B's
+workloads failed, inbound and outbound, with nothing saying why. The first fix refused such a
+change; its review found that a refusal let partner A's workload, presenting an intermediate
+named like B's next root (or like B's root without a key identifier), get B's root rotation
+and the sidecar's own certificate rotation refused. So the intermediates of chains that
+verified are remembered by trust domain and a bundle change that could shadow one of another
+domain's is named (``trust_bundle_shadows_intermediate``), never refused on that ground.
 
 The family: each shadow shape (tests/test_bundle_shadowing.py's, and a CA under the
-partner's own root) of another partner's intermediate seen, refused in process; the
-poisoning control; and through a running sidecar, inbound and outbound, B served before and
-after A's bundle change, which is refused.
+partner's own root) of another partner's intermediate seen, named in process; the controls
+(nothing seen, nothing shadowed: no warning); the poisoning family (B's root rotation and the
+own rotation still load); and through a running sidecar, the warning for A's change.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from sidecar.identity.bundle import spiffe_bundle_json
 from sidecar.identity.ca import DevCA, write_svid
 from sidecar.identity.svid import RULE_TRUST_DOMAIN_MISMATCH, SvidError
 from sidecar.identity.trust import PeerChain, bundle_from_certs
-from sidecar.tlsstate import TlsState, build_snapshot
+from sidecar.tlsstate import TlsState, build_snapshot, seen_shadows
 from tests.harness import (
     free_port,
     http,
@@ -102,60 +102,76 @@ def domains(tmp_path: Path) -> Domains:
 
 
 @pytest.mark.parametrize("shape", FAMILY)
-def test_a_partner_ca_standing_for_another_partners_intermediate_is_refused(
+def test_a_partner_ca_standing_for_another_partners_intermediate_is_named(
         domains: Domains, shape: str) -> None:
     state = domains.state()
     domains.b_peer_seen(state)
     extra = FAMILY[shape](domains.b_inter.cert, domains.a)
-    with pytest.raises(SvidError) as err:
-        state.with_bundle(bundle_from_certs(PA, f"{PA}.json", [domains.a.cert, extra]))
-    assert err.value.rule == RULE_TRUST_DOMAIN_MISMATCH and err.value.file == f"{PA}.json"
-    assert PB in err.value.message
+    bundle = bundle_from_certs(PA, f"{PA}.json", [domains.a.cert, extra])
+    state.swap(state.with_bundle(bundle))  # (loads: a warning, not a refusal)
+    assert [td for _, td in seen_shadows(bundle)] == [PB]
 
 
-def test_a_partner_change_that_shadows_nothing_still_loads(domains: Domains) -> None:
+def test_a_partner_change_that_shadows_nothing_is_not_named(domains: Domains) -> None:
     state = domains.state()
     domains.b_peer_seen(state)
     second = DevCA.create(PA)  # (a second root for A: a rotation)
-    state.swap(state.with_bundle(bundle_from_certs(PA, f"{PA}.json",
-                                                   [domains.a.cert, second.cert])))
+    bundle = bundle_from_certs(PA, f"{PA}.json", [domains.a.cert, second.cert])
+    state.swap(state.with_bundle(bundle))
+    assert seen_shadows(bundle) == []
     assert len(state.trust.bundles[PA].roots) == 2
 
 
-def test_an_intermediate_named_like_another_partners_root_is_not_remembered(
-        domains: Domains) -> None:
-    # Partner A's peer presents a chain through an intermediate of A's named like B's root,
-    # with its key identifier: remembering it would refuse B's next bundle change.
-    state = domains.state()
-    key = ec.generate_private_key(ec.SECP256R1())
-    posing = _ca_builder(domains.b.cert.subject, domains.a.cert.subject, key.public_key(),
-                         f"spiffe://{PA}", _key_id(domains.b.cert)).sign(
-        domains.a.key, hashes.SHA256())
-    now = dt_now = time.time()
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
+def _posing(domains: Domains, target: x509.Certificate, with_key_id: bool,
+            ) -> tuple[x509.Certificate, x509.Certificate]:
+    """An intermediate of partner A's own tree named like ``target`` (with its key
+    identifier, or none), and a leaf of A's it issued."""
     import datetime as dt
 
+    key = ec.generate_private_key(ec.SECP256R1())
+    posing = _ca_builder(target.subject, domains.a.cert.subject, key.public_key(),
+                         f"spiffe://{PA}", _key_id(target) if with_key_id else None).sign(
+        domains.a.key, hashes.SHA256())
+    now = dt.datetime.now(dt.UTC)
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([]))
-            .issuer_name(posing.subject).public_key(leaf_key.public_key())
+            .issuer_name(posing.subject).public_key(ec.generate_private_key(
+                ec.SECP256R1()).public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(dt.datetime.fromtimestamp(now - 3600, dt.UTC))
-            .not_valid_after(dt.datetime.fromtimestamp(dt_now + 3600, dt.UTC))
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
             .add_extension(x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(sid(PA, "frontend"))]), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
                                          False, False), critical=True)
             .sign(key, hashes.SHA256()))
+    return posing, leaf
+
+
+@pytest.mark.parametrize("with_key_id", [True, False], ids=["key id", "no key id"])
+@pytest.mark.parametrize("target", ["B's root", "B's next root"])
+def test_what_a_partner_presents_never_blocks_a_rotation(domains: Domains, target: str,
+                                                         with_key_id: bool) -> None:
+    # Partner A's peer presents a chain through an intermediate of A's named like B's root
+    # or B's next root (published before use): B's root rotation and the own certificate's
+    # rotation must still load (the review of the first fix: both were refused).
+    state = domains.state()
+    new_b = DevCA.create(PB)
+    named = domains.b.cert if target == "B's root" else new_b.cert
+    posing, leaf = _posing(domains, named, with_key_id)
     chain = PeerChain((_der(leaf), _der(posing), _der(domains.a.cert)),
                       (_der(leaf), _der(posing)))
-    try:
-        state.trust.check_peer(sid(PA, "frontend"), chain, time.time())
-    except SvidError:
-        pass  # (refused or not, it must not be remembered)
-    new_b = DevCA.create(PB)
+    state.trust.check_peer(sid(PA, "frontend"), chain, time.time())
     state.swap(state.with_bundle(bundle_from_certs(PB, f"{PB}.json",
                                                    [domains.b.cert, new_b.cert])))
     assert len(state.trust.bundles[PB].roots) == 2
+    d = write_svid(domains.own.issue(sid(CLUSTER, "backend")), domains.own,
+                   domains.tmp / "rotated")
+    from sidecar.tlsstate import load_rotated_svid
+
+    state.swap(state.with_svid(load_rotated_svid(str(d / "tls.crt"), str(d / "tls.key"),
+                                                 str(d / "ca.crt"),
+                                                 str(state.snapshot.svid.spiffe_id))))
 
 
 # --- through a running sidecar -------------------------------------------------------------
@@ -206,14 +222,13 @@ def test_a_partner_cannot_cut_another_partner_off(tmp_path: Path) -> None:
                     http(proc.port("b"), "GET", "/").status)
 
         assert statuses() == (200, 200)  # (B's intermediate seen, both ways)
-        failed = len(proc.log_events("certificate_reload_failed"))
+        seen = len(proc.log_events("trust_bundle_shadows_intermediate"))
         replace_file(a_json, spiffe_bundle_json(
             [d.a.cert, FAMILY["same name and key id"](d.b_inter.cert, d.a)]))
-        got = wait_for(lambda: proc.log_events("certificate_reload_failed")[failed:],
+        got = wait_for(lambda: proc.log_events("trust_bundle_shadows_intermediate")[seen:],
                        timeout=15)
-        assert RULE_TRUST_DOMAIN_MISMATCH in str(got), got
-        assert statuses() == (200, 200)
-        assert [e for e in proc.log_events("connection_refused")] == []
+        assert [(e["trust_domain"], e["shadowed_trust_domain"]) for e in got] == [(PA, PB)]
+        assert proc.log_events("certificate_reload_failed") == []
     finally:
         for p in reversed(procs):
             (p.stop if hasattr(p, "stop") else p.close)()

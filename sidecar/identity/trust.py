@@ -439,16 +439,19 @@ def key_id(cert: x509.Certificate) -> bytes | None:
 # subject key identifier, its key (``_key_der``).
 CaMark = tuple[tuple[tuple[tuple[str, str], ...], ...] | None, bytes | None, bytes]
 
-# The intermediates of chains that verified, by trust domain (``check_peer``): the
-# ``sidecar.tlsstate.no_shadowing`` check compares a changed bundle with them too. All trust
-# domains' roots are in one OpenSSL store, and OpenSSL takes a trusted certificate whose name
-# (and key identifier) match a certificate's issuer for that issuer without trying another
-# when the signature then fails: a partner's bundle holding a CA named like another partner's
-# issuing intermediate (its name and key identifier are in every leaf it issues) cut that
-# partner's workloads off, both ways (found by a hostile review, thirty-fourth session). The
-# sidecar knows another domain's intermediates only from the chains its peers present, so
-# only those it has seen are checked. At most ``_SEEN_CA_MAX`` a trust domain (the oldest
-# goes first: a domain can push out only its own), each DER parsed once (``_seen_ders``).
+# The intermediates of chains that verified, by trust domain (``check_peer``), for
+# ``sidecar.tlsstate.seen_shadows``. All trust domains' roots are in one OpenSSL store, and
+# OpenSSL takes a trusted certificate whose name (and key identifier) match a certificate's
+# issuer for that issuer without trying another when the signature then fails: a partner's
+# bundle holding a CA named like another partner's issuing intermediate (its name and key
+# identifier are in every leaf it issues) cut that partner's workloads off, both ways (found
+# by a hostile review, thirty-fourth session). A bundle change whose CA could stand for a
+# remembered intermediate of another domain is named in a warning, not refused: which side is
+# at fault cannot be told (a partner can present an intermediate named like another's next
+# root as well), and a refusal let one partner's workload block another partner's root
+# rotation and the sidecar's own certificate rotation (found by the review of that refusal).
+# At most ``_SEEN_CA_MAX`` a trust domain (the oldest goes first: a domain can push out only
+# its own), each DER parsed once (``_seen_ders``); per worker process.
 _SEEN_CA_MAX = 64
 _seen_cas: dict[str, dict[bytes, CaMark]] = {}
 _seen_ders: dict[bytes, bool] = {}
@@ -460,16 +463,18 @@ def seen_intermediates() -> list[tuple[str, CaMark]]:
     return [(td, mark) for td, marks in _seen_cas.items() for mark in marks.values()]
 
 
-def _shadows(cert_mark: CaMark, other: CaMark) -> bool:
+def could_stand_for(cert_mark: CaMark, other: CaMark) -> bool:
     """Could the CA marked ``cert_mark`` stand for ``other`` in OpenSSL's issuer lookup: the
-    same key, or the same name with the same key identifier or none on ``cert_mark``'s side.
-    (A remembered intermediate without a key identifier does not make every certificate of
-    its name suspect: a partner could otherwise mint one named like another partner's next
-    root and have that root's bundle refused.)"""
+    same key, or the same name with the same key identifier or none on either side."""
     name, kid, key = cert_mark
     other_name, other_kid, other_key = other
     return key == other_key or (name is not None and name == other_name
-                                and (kid is None or kid == other_kid))
+                                and (kid is None or other_kid is None or kid == other_kid))
+
+
+def mark_of(cert: x509.Certificate) -> CaMark:
+    """``cert`` as OpenSSL's issuer lookup sees it (``CaMark``)."""
+    return _canonical_name(cert.subject), key_id(cert), _key_der(cert)
 
 
 def _one_domain_per_ca(bundles: Mapping[str, TrustBundle]) -> None:
@@ -622,9 +627,7 @@ class TrustStore:
 
     def _remember(self, td: str, intermediates: Sequence[bytes]) -> None:
         """Keep the marks of the intermediates of a chain that vouched for a peer of ``td``
-        (see ``_seen_cas``). One that could itself stand for a CA of another domain's bundle
-        is not kept: a partner could otherwise present an intermediate named like another
-        partner's root and have that partner's next bundle change refused."""
+        (see ``_seen_cas``)."""
         for der in intermediates:
             digest = der_key(der)
             if digest in _seen_ders:
@@ -633,20 +636,13 @@ class TrustStore:
                 _seen_ders.clear()
             _seen_ders[digest] = True
             try:
-                cert = x509.load_der_x509_certificate(der)
-                mark: CaMark = (_canonical_name(cert.subject), key_id(cert), _key_der(cert))
+                mark = mark_of(x509.load_der_x509_certificate(der))
             except Exception:  # noqa: BLE001 -- a peer's certificate: kept nothing, never a crash
-                continue
-            if any(_shadows(mark, (_canonical_name(root.subject), key_id(root),
-                                   _key_der(root)))
-                   for other, bundle in self.bundles.items() if other != td
-                   for root in bundle.roots):
                 continue
             marks = _seen_cas.setdefault(td, {})
             if len(marks) >= _SEEN_CA_MAX:
                 marks.pop(next(iter(marks)))
             marks[digest] = mark
-
     def _no_foreign_keys(self, spiffe_id: str, td: str, intermediates: Sequence[bytes]) -> None:
         """Raise ``SvidError`` (``signer-trust-domain``) when an intermediate of the chain that
         vouched for ``spiffe_id`` has the key of a root of another trust domain's bundle: that
