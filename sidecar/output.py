@@ -60,6 +60,77 @@ _NOT_PLAIN = re.compile(r"""(?:
 )\Z""", re.VERBOSE | re.DOTALL)
 
 
+# go-yaml v2 (``sigs.k8s.io/yaml``'s fork, what kubectl reads manifests with): how it resolves
+# a plain scalar (``resolve.go``). Its first character picks the kind of scalar it may be;
+# a few spellings are looked up; numbers are read with Go's ``strconv`` after every ``_`` is
+# removed; a timestamp stays the string it is (decoded into ``interface{}``); anything else
+# is a string. ``go_yaml_scalar`` mirrors it, checked against the real kubectl
+# (tests/test_k8s_review34.py).
+GO_YAML_WORDS: dict[str, Any] = {
+    **dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"),
+                    True),
+    **dict.fromkeys(("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off",
+                     "OFF"), False),
+    **dict.fromkeys(("", "~", "null", "Null", "NULL"), None),
+    **dict.fromkeys((".nan", ".NaN", ".NAN"), float("nan")),
+    **dict.fromkeys((".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"), float("inf")),
+    **dict.fromkeys(("-.inf", "-.Inf", "-.INF"), float("-inf")),
+}
+_GO_HINTS = frozenset("+-0123456789.yYnNtTfFoO~")
+# strconv.ParseInt(s, 0, 64): a sign, then a base prefix (any case) or a leading 0 (octal).
+GO_INT = re.compile(r"([-+]?)(0[bB][01]+|0[oO][0-7]+|0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+GO_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z")
+_GO_DOT_FLOAT = re.compile(r"\.[0-9]+(?:[eE][-+]?[0-9]+)?\Z")
+_BASES = {"b": 2, "o": 8, "x": 16}
+
+
+def _go_int(plain: str) -> int | None:
+    """``strconv.ParseInt(plain, 0, 64)``, else ``ParseUint`` (no sign): None when neither
+    reads it (bad syntax or out of range)."""
+    match = GO_INT.match(plain)
+    if not match:
+        return None
+    sign, body = match.groups()
+    if len(body) > 1 and body[1] in "bBoOxX":
+        base, digits = _BASES[body[1].lower()], body[2:]
+    else:
+        base, digits = (8 if body[0] == "0" else 10), body
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > 64:  # (no base needs more digits for 2**64; keeps int() cheap)
+        return None
+    value = int(digits, base) * (-1 if sign == "-" else 1)
+    if -(2**63) <= value < 2**63 or (not sign and value < 2**64):
+        return value
+    return None
+
+
+def go_yaml_scalar(text: str) -> Any:
+    """The value go-yaml v2 (kubectl) reads for the plain (unquoted, untagged) scalar
+    ``text``: None, a bool, an int, a float, or ``text`` itself. Where Python and Go differ,
+    Go's reading: ``y``/``n`` are booleans, ``0X1F``, ``0o17`` and ``1_0`` numbers (every
+    ``_`` removed first), ``08`` the float 8, a number Go cannot hold (``1e400``,
+    ``0xFFFFFFFFFFFFFFFFFF``) a string, and so are ``2024-01-01T00:00:00Z`` and ``1:20``."""
+    if text in GO_YAML_WORDS:
+        return GO_YAML_WORDS[text]
+    first = text[:1]
+    if first not in _GO_HINTS or first.isalpha() or first == "~":
+        return text
+    if first == ".":
+        if _GO_DOT_FLOAT.match(text):
+            value = float(text)
+            return value if value not in (float("inf"), float("-inf")) else text
+        return text
+    plain = text.replace("_", "")
+    number = _go_int(plain)
+    if number is not None:
+        return number
+    if GO_FLOAT.match(plain):
+        value = float(plain)
+        if value not in (float("inf"), float("-inf")):
+            return value
+    return text
+
+
 class PortableDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
     """PyYAML's safe dumper (libyaml's emitter where there is one), quoting every string another YAML reader could take for a
     boolean, null, number or date (``_NOT_PLAIN``)."""
@@ -68,7 +139,9 @@ class PortableDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ig
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     if type(value) is not str:
         value = str.__str__(value)  # (libyaml's emitter takes an exact str only)
-    if _NOT_PLAIN.match(value):
+    if _NOT_PLAIN.match(value) or not isinstance(go_yaml_scalar(value), str):
+        # (the second: every spelling go-yaml reads as another type, ``0X1F``, ``-_1``,
+        # ``1e1_0`` included, which the pattern missed; a review of the thirty-fourth session)
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
     return dumper.represent_str(value)
 

@@ -402,7 +402,8 @@ SIZE_BOMBS: dict[str, str] = {
 }
 # A mapping of nearly a million keys (keys are no values): taken.
 KEYS = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"
-        + ", ".join(f"{i:x}: v" for i in range(300_000)) + "}\n")
+        + ", ".join(f"k{i:x}: v" for i in range(300_000)) + "}\n")  # (string keys:
+# a number key is refused, as kubectl would stringify it -- tests/test_k8s_review34.py)
 LONG_SCALAR = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {x: '"
                + "a" * (8 * 2**20 - 100) + "'}\n")
 

@@ -227,6 +227,11 @@ class Case:
 
 CASES: list[Case] = [
     Case("plain pod", plain_pod, "inject"),
+    # A per-container AppArmor or seccomp annotation naming the injected sidecar would pick
+    # its profile (tests/test_k8s_review34.py has the family).
+    Case("AppArmor annotation for the sidecar", _with(_meta(
+        "annotations", "container.apparmor.security.beta.kubernetes.io/mesh-sidecar",
+        "unconfined")), "deny:sidecar_profile_annotation"),
     Case("plain pod, required namespace", plain_pod, "inject", "required"),
     # Whether to inject: decided by the namespace, never by an annotation.
     Case("status annotation without a sidecar",

@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.identity.bundle import spiffe_bundle_json
 from sidecar.identity.ca import DevCA, write_svid
-from sidecar.identity.svid import RULE_TRUST_DOMAIN_MISMATCH, SvidError
 from sidecar.identity.trust import PeerChain, bundle_from_certs
 from sidecar.tlsstate import TlsState, build_snapshot, seen_shadows
 from tests.harness import (

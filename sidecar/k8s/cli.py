@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 from typing import Any, TextIO
 
@@ -35,7 +36,7 @@ from sidecar.k8s.flags import (
 )
 from sidecar.k8s.inject import InjectError, inject_document
 from sidecar.k8s.rules import NAMESPACE_MODES
-from sidecar.output import dump_yaml, safe
+from sidecar.output import GO_FLOAT, GO_INT, dump_yaml, go_yaml_scalar, safe
 
 # Values (lists, mappings, scalars) in all the documents of one ``inject`` input, each YAML
 # alias counted where it is used: several times what a real manifest holds (etcd keeps no
@@ -60,6 +61,53 @@ class _NumberTooLong(yaml.YAMLError):
 
 class _TooDeep(yaml.YAMLError):
     """Nested deeper than ``MAX_REVIEW_DEPTH`` levels."""
+
+
+class _NotAsKubectlReadsIt(yaml.YAMLError):
+    """A node kubectl would read as something other than what the rules would check: an
+    explicit tag that is not a plain JSON type, or a mapping key that is not a string."""
+
+    def __init__(self, mark: Any, document: int, path: str, rule: str, why: str) -> None:
+        super().__init__(why)
+        self.mark, self.document, self.path, self.why = mark, document, path, why
+        self.rule = rule  # ``manifest_tag`` or ``manifest_key`` (docs/k8s.md)
+
+
+_YAML = "tag:yaml.org,2002:"
+_STR, _INT, _FLOAT, _BOOL, _NULL = (_YAML + t for t in ("str", "int", "float", "bool", "null"))
+# The explicit tags a manifest may carry, by node kind: the JSON types, which kubectl and
+# this loader read alike (a scalar's text must then be one go-yaml reads as that type).
+# Everything else is refused: ``!!binary`` (a key tagged so was bytes here, a string to
+# kubectl), ``!!set``, ``!!omap``, ``!!pairs``, ``!!timestamp``, ``!!merge``, ``!!python/...``,
+# any local tag (``!foo``, the non-specific ``!``) and any tag a ``%TAG`` directive rewrites.
+_ALLOWED_TAGS: dict[type, frozenset[str]] = {
+    yaml.ScalarEvent: frozenset((_STR, _INT, _FLOAT, _BOOL, _NULL)),
+    yaml.SequenceStartEvent: frozenset((_YAML + "seq",)),
+    yaml.MappingStartEvent: frozenset((_YAML + "map",)),
+}
+_TAG_OF_TYPE: dict[type, str] = {str: _STR, int: _INT, float: _FLOAT, bool: _BOOL,
+                                 type(None): _NULL}
+
+
+def _tag_fits(tag: str, value: Any) -> bool:
+    """Whether go-yaml reads the value ``value`` (``go_yaml_scalar``) under the explicit
+    ``tag`` as that type (``!!float`` takes an integer, as go-yaml converts it)."""
+    if tag == _STR:
+        return True
+    if tag == _FLOAT:
+        return type(value) in (int, float)
+    return _TAG_OF_TYPE[type(value)] == tag
+
+
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?\Z")
+
+
+def _numeric(text: str) -> bool:
+    """Whether ``text`` is written as a number go-yaml would read, or as a YAML 1.1
+    sexagesimal one (``1:30:30``, a string to kubectl): its syntax alone. Such a scalar of
+    more than ``MAX_NUMBER_TEXT`` characters is refused as it always was."""
+    plain = text.replace("_", "")
+    return bool(GO_INT.match(plain) or GO_FLOAT.match(plain) or _SEXAGESIMAL.match(text))
 
 
 def _merged(node: yaml.MappingNode) -> list[yaml.MappingNode]:
@@ -151,12 +199,71 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
         yaml.composer.Composer.__init__(self)
         self.values_left = MAX_EXPANDED_VALUES
         self.depth = 0
+        self.document = 0
+        self.path: list[str] = []
+        self.key_paths: dict[int, str] = {}  # id(mapping) -> its path, if a key is no string
+
+    def compose_document(self) -> Any:
+        self.document += 1
+        return super().compose_document()
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        """A plain scalar's type as kubectl reads it (``go_yaml_scalar``), not as YAML 1.1
+        does: no timestamps, no sexagesimal ``1:20``, ``y``/``n`` booleans, ``0o17`` a
+        number (found by a hostile review, thirty-fourth session: ``2024-01-01T00:00:00Z``
+        was written back as ``2024-01-01 00:00:00+00:00``, ``1:20`` as 80)."""
+        if kind is yaml.ScalarNode and implicit[0]:
+            if value == "<<":
+                return _MERGE_TAG
+            if len(value) > MAX_NUMBER_TEXT:  # (refused below if a number; never parsed)
+                return _INT if _numeric(value) else _STR
+            return _TAG_OF_TYPE[type(go_yaml_scalar(value))]
+        return super().resolve(kind, value, implicit)
+
+    def _refuse(self, mark: Any, rule: str, why: str) -> _NotAsKubectlReadsIt:
+        path = "".join(self.path).lstrip(".") or "(the document)"
+        return _NotAsKubectlReadsIt(mark, self.document, path, rule, why)
+
+    def _check_tag(self) -> None:
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag is None or isinstance(event, yaml.AliasEvent):
+            return
+        shown = repr(safe(tag.replace(_YAML, "!!", 1))[:64])
+        if tag not in _ALLOWED_TAGS.get(type(event), frozenset()):
+            raise self._refuse(event.start_mark, "manifest_tag", f"the tag {shown} is refused: kubectl reads "
+                               "such a value otherwise than the admission rules would; write "
+                               "plain values (strings, numbers, booleans, null, lists, maps)")
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) <= MAX_NUMBER_TEXT \
+                and not _tag_fits(tag, go_yaml_scalar(event.value)):
+            raise self._refuse(event.start_mark, "manifest_tag", f"the value tagged {shown} is not one "
+                               "kubectl reads as that type")
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if not (isinstance(parent, yaml.MappingNode) and index is None):  # a key is no value
+        is_key = isinstance(parent, yaml.MappingNode) and index is None
+        if not is_key:  # a key is no value
             self.values_left -= 1  # an alias too: at least one value where it is used
             if self.values_left < 0:
                 raise _MergesTooLarge()
+        self._check_tag()
+        if isinstance(index, int):
+            self.path.append(f"[{index}]")
+        elif isinstance(index, yaml.ScalarNode):
+            self.path.append(("." if self.path else "") + safe(index.value)[:64])
+        else:
+            self.path.append("")
+        try:
+            node = self._compose_bounded(parent, index)
+        finally:
+            self.path.pop()
+        if is_key and not (isinstance(node, yaml.ScalarNode)
+                           and node.tag in (_STR, _MERGE_TAG)) \
+                and id(parent) not in self.key_paths:
+            # (refused when built, ``construct_mapping``: composing alone must not fail)
+            self.key_paths[id(parent)] = "".join(self.path).lstrip(".") or "(the document)"
+        return node
+
+    def _compose_bounded(self, parent: Any, index: Any) -> Any:
         if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
             node = super().compose_node(parent, index)
             # A number, plain or tagged (``!!int "..."``), is read only up to
@@ -180,6 +287,63 @@ class _ManifestLoader(yaml.composer.Composer, _FAST_LOADER):  # type: ignore[mis
         if merges_larger_than(node, MAX_EXPANDED_VALUES):
             raise _MergesTooLarge()
         return super().construct_document(node)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A mapping whose keys are all strings: kubectl turns ``1``, ``true``, ``y`` into the
+        strings ``"1"``, ``"true"``, ``"true"`` (and two of them, or ``1`` and ``"1"``, into
+        one key, which wins by chance) and refuses ``null``; here they would be other keys
+        than the ones the rules look up (``manifest_key``, found by a hostile review, thirty-
+        fourth session: a key tagged ``!!binary`` was bytes here, a string to kubectl)."""
+        if isinstance(node, yaml.MappingNode) and id(node) in self.key_paths:
+            for key_node, _ in node.value:
+                if not (isinstance(key_node, yaml.ScalarNode)
+                        and key_node.tag in (_STR, _MERGE_TAG)):
+                    what = (repr(safe(key_node.value)[:64])
+                            if isinstance(key_node, yaml.ScalarNode) else "a list or mapping")
+                    raise _NotAsKubectlReadsIt(
+                        key_node.start_mark, self.document, self.key_paths[id(node)],
+                        "manifest_key", f"a mapping key that is not a string ({what} reads "
+                        f"as {key_node.tag.replace(_YAML, '!!', 1)}); quote it")
+        return super().construct_mapping(node, deep)
+
+    def flatten_mapping(self, node: Any) -> None:
+        """Merge keys (``<<``) as go-yaml applies them: in the order written, a later key
+        (merged or not) replacing an earlier one, the mappings of a merged list last to
+        first. PyYAML let a mapping's own keys win wherever they stood, so ``{hostPID:
+        false, <<: {hostPID: true}}`` was false here and true to kubectl (found with the
+        review of the thirty-fourth session)."""
+        flattening: set[int] = self.__dict__.setdefault("_flattening", set())
+        flattening.add(id(node))
+        out: list[tuple[Any, Any]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                out.append((key_node, value_node))
+                continue
+            subs = [value_node]
+            if isinstance(value_node, yaml.SequenceNode):
+                subs = list(reversed(value_node.value))
+            for sub in subs:
+                if not isinstance(sub, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        "expected a mapping or list of mappings for merging", sub.start_mark)
+                if id(sub) in flattening:
+                    continue  # merged into itself (kubectl refuses it): nothing more to copy
+                self.flatten_mapping(sub)
+                out.extend(sub.value)
+        node.value = out
+        flattening.discard(id(node))
+
+
+def _construct_go(loader: Any, node: yaml.ScalarNode) -> Any:
+    """A null, boolean or number scalar, read as go-yaml reads its text (``!!float`` makes an
+    integer a float, as go-yaml does)."""
+    value = go_yaml_scalar(loader.construct_scalar(node))
+    return float(value) if node.tag == _FLOAT and type(value) is int else value
+
+
+for _tag in (_INT, _FLOAT, _BOOL, _NULL):
+    _ManifestLoader.add_constructor(_tag, _construct_go)
 
 
 _NODE_EVENTS = (yaml.ScalarEvent, yaml.AliasEvent, yaml.SequenceStartEvent,
@@ -273,6 +437,10 @@ def cmd_inject(args: argparse.Namespace, stdin: TextIO | None = None,
         return 2
     except _TooDeep:
         docs = [None]  # refused just below
+    except _NotAsKubectlReadsIt as exc:
+        print(f"sidecar inject: {safe(args.file)}:{exc.mark.line + 1}: document "
+              f"{exc.document}, at {exc.path}: {exc.rule}: {exc.why}", file=stderr)
+        return 2
     except yaml.YAMLError as exc:
         if "maximum nesting depth" in str(exc):  # libyaml's own bound (1,000), met first
             docs = [None]  # on a line of brackets: its scanner reads them ahead of us

@@ -119,6 +119,9 @@ POD_RULES: dict[str, str] = {
                             "the network namespace it shares with the sidecar, or over the "
                             "node (REFUSED_CAPABILITIES), could redirect, read or forge the "
                             "sidecar's connections or read its key",
+    "sidecar_profile_annotation": "a per-container AppArmor or seccomp annotation naming a "
+                                  "container the injector adds would pick the security "
+                                  "profile of the container that holds the key",
     "malformed_pod": "a field the injector reads has the wrong JSON type (POD_SHAPE): "
                      "what a reader of the other type would see is not what was checked",
 }
@@ -601,11 +604,40 @@ def _check_own_hostname(meta: dict[str, Any], spec: dict[str, Any],
                       "another hostname")
 
 
+# The containers the injector adds to a pod (the native or regular sidecar; it adds no other
+# init container), and the annotation families that set one container's security profile
+# by its name: the kubelet reads ``container.apparmor.security.beta.kubernetes.io/<name>``
+# for a container whose securityContext names no appArmorProfile (the sidecar names none,
+# see docs/k8s.md), and the API server copies both families into the container's fields on
+# create.
+INJECTED_CONTAINERS: tuple[str, ...] = (SIDECAR_CONTAINER,)
+PROFILE_ANNOTATION_PREFIXES: tuple[str, ...] = (
+    "container.apparmor.security.beta.kubernetes.io/",
+    "container.seccomp.security.alpha.kubernetes.io/",
+)
+_PROFILE_ANNOTATIONS = frozenset(prefix + name for prefix in PROFILE_ANNOTATION_PREFIXES
+                                 for name in INJECTED_CONTAINERS)
+
+
+def check_profile_annotations(meta: dict[str, Any]) -> None:
+    """Refuse an annotation that picks the AppArmor or seccomp profile of a container the
+    injector adds (``sidecar_profile_annotation``): found by a hostile review in the
+    thirty-fourth session, a pod annotated ``...apparmor.../mesh-sidecar: unconfined`` was
+    injected and kept it, so the tenant chose the profile of the container holding the key.
+    Keys are compared case-blind (the API server takes them lower-case only)."""
+    for key in (meta.get("annotations") or {}):
+        if isinstance(key, str) and key.strip().lower() in _PROFILE_ANNOTATIONS:
+            raise _refuse("sidecar_profile_annotation",
+                          f"annotation {shown(key)} would choose the security profile of "
+                          "the mesh sidecar; remove it")
+
+
 def check_pod(spec: dict[str, Any], options: InjectOptions,
               meta: dict[str, Any] | None = None) -> None:
     """The rules that hold for every pod we inject or verify (``POD_RULES``); ``meta`` is
     the pod's metadata (its name is its hostname when ``spec.hostname`` is unset)."""
     reserved = reserved_volume_names(options)
+    check_profile_annotations(meta or {})
     for field in ("shareProcessNamespace", "hostPID"):
         if spec.get(field) is True:
             raise _refuse("shared_process_namespace",
