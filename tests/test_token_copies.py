@@ -385,6 +385,12 @@ def _escaped(form: str) -> Callable[[str], str]:
     return lambda t: "".join(form.format(ord(c)) for c in t)
 
 
+def _alternating(*forms: str) -> Callable[[str], str]:
+    """Each character escaped by the next of ``forms`` in turn: one string to Python's
+    ``unicode_escape``, YAML double-quoted strings and JavaScript literals (``literal``)."""
+    return lambda t: "".join(forms[i % len(forms)].format(ord(c)) for i, c in enumerate(t))
+
+
 SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("json-u-dots", lambda t: t.replace(".", "\\u002e")),
     ("json-u-all", _escaped("\\u{:04x}")),
@@ -395,6 +401,16 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("octal-all", _escaped("\\{:03o}")),
     ("hex-dots", lambda t: t.replace(".", "\\x2e")),
     ("hex-all", _escaped("\\x{:02x}")),
+    # Escape kinds mixed in one string, and the kinds no one-kind decoding reads (found by a
+    # hostile review, thirty-fourth session: each reached the app).
+    ("literal-hex-json", _alternating("\\x{:02x}", "\\u{:04x}")),
+    ("literal-octal-hex", _alternating("\\{:03o}", "\\x{:02x}")),
+    ("literal-octal-json", _alternating("\\{:03o}", "\\u{:04x}")),
+    ("literal-big-u", _escaped("\\U{:08x}")),
+    ("literal-short-octal", _escaped("\\{:o}")),
+    ("literal-js-braces", _escaped("\\u{{{:x}}}")),
+    ("literal-two-at-the-start", lambda t: f"\\x{ord(t[0]):02x}\\u{ord(t[1]):04x}"
+     + t[2:]),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
     ("percent-then-json-dots", lambda t: t.replace(".", "%5Cu002e")),
     ("json-then-percent-dots", lambda t: t.replace(".", "\\u00252E")),
@@ -487,7 +503,8 @@ def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) 
 
 
 def test_the_decodings_are_the_documented_family() -> None:
-    assert extract.DECODING_NAMES == ("percent", "plus", "json", "quoted-pair", "octal", "hex")
+    assert extract.DECODING_NAMES == ("percent", "plus", "json", "quoted-pair", "octal", "hex",
+                                      "literal")
     doc = (h.ROOT / "docs" / "authn.md").read_text()
     for name in extract.DECODING_NAMES:
         assert f"`{name}`" in doc, name
