@@ -116,7 +116,7 @@ GUARDS = extract.Guards(query=True, authorization=True, read_schemes=frozenset({
 # quoted pairs instead (``_own_escapes``), an escape (``PAIR_WEIGHT``) and a code start, in
 # Python (``CODE_WEIGHT``). (Before the fix: 41-63, 129, and 95 with a call back.)
 WEIGHTS = {"percent": 33, "plus": 33, "quoted-pair": 21, "json": 66, "octal": 66, "hex": 66,
-           "literal": 12}
+           "literal": 12, "yaml": 14}
 PAIR_WEIGHT = 11
 CODE_WEIGHT = 170
 CODE_STARTS = {"json": "u", "octal": "0123", "hex": "x"}

@@ -24,6 +24,7 @@ import base64
 import http.client as httpclient
 import json
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -409,6 +410,21 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("literal-big-u", _escaped("\\U{:08x}")),
     ("literal-short-octal", _escaped("\\{:o}")),
     ("literal-js-braces", _escaped("\\u{{{:x}}}")),
+    # ... and what the review of that decoding got through: Python's named characters,
+    # JavaScript's unknown escapes (``\J`` is ``J``) mixed with codes, and control characters
+    # (``\a``) or YAML's own escapes (``\_``, no-break space) as filler inside the payload,
+    # which a lenient base64 reader skips.
+    ("literal-named-dots", lambda t: t.replace(".", "\\N{FULL STOP}")),
+    ("literal-named-hex", lambda t: "".join(
+        f"\\x{ord(c):02x}" if i % 2 else "\\N{" + unicodedata.name(c) + "}"
+        for i, c in enumerate(t))),
+    ("literal-js-unknown", lambda t: "".join(
+        (f"\\x{ord(c):02x}", f"\\u{ord(c):04x}",
+         "\\" + c if c.isalpha() and c not in "abfnrtvxuUN" else c)[i % 3]
+        for i, c in enumerate(t))),
+    ("literal-bell-filler", lambda t: _filled(t, "\\a")),
+    ("yaml-nbsp-filler", lambda t: "".join(f"\\U{ord(c):08x}" for c in _filled(t, "\x00"))
+     .replace("\\U00000000", "\\_")),
     ("literal-two-at-the-start", lambda t: f"\\x{ord(t[0]):02x}\\u{ord(t[1]):04x}"
      + t[2:]),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
@@ -483,6 +499,13 @@ def test_a_filled_token_in_the_providers_own_place_is_the_providers_to_refuse(
     assert not wrong, wrong
 
 
+# Members whose every character is escaped in two kinds and an unknown escape: reading them
+# costs json's and hex's decodings each about 50 units a character, past the scan's budget
+# for a value of that size (``extract.SCAN_BYTES_PER_BYTE``), so some places end the scan
+# with the request counted as holding a copy (refused) before the token is read back.
+PAST_THE_BUDGET = frozenset({"literal-js-unknown"})
+
+
 @pytest.mark.parametrize("spelling", [name for name, _ in SPELLINGS])
 def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) -> None:
     """The decodings the scan applies give a piece naming the issuer for every member (so a
@@ -496,6 +519,8 @@ def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) 
             {"bearer"}), issuers=frozenset({ISS}),
             read_headers=frozenset({b"authorization", b"cookie"}))
         found = extract.copies(guards, [(name.encode(), value.encode())], "")
+        if spelling in PAST_THE_BUDGET and found == [extract._TOO_MANY_FORMS]:
+            continue  # (refused as holding a copy all the same: fail closed)
         assert found and all(names_issuer(f, ISS) for f in found), (place[0], found)
     if spelling.startswith("filler") and "\\" not in spell(token):
         # Read whole as sent, too: the filler is skipped, whatever its length.
@@ -504,7 +529,7 @@ def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) 
 
 def test_the_decodings_are_the_documented_family() -> None:
     assert extract.DECODING_NAMES == ("percent", "plus", "json", "quoted-pair", "octal", "hex",
-                                      "literal")
+                                      "literal", "yaml")
     doc = (h.ROOT / "docs" / "authn.md").read_text()
     for name in extract.DECODING_NAMES:
         assert f"`{name}`" in doc, name

@@ -916,7 +916,7 @@ SCAN_BYTES_FREE = 64 * 1024
 # refused (found by the thirty-third session's helper, fixed by the thirty-fourth's: now
 # 4.7 ms and 6.9 ms at most, 3.9x and 4.4x).
 SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "quoted-pair": 26, "json": 80, "octal": 80,
-                     "hex": 80, "literal": 16}  # (``literal``: the codec, 12)
+                     "hex": 80, "literal": 16, "yaml": 20}  # (the codec 12; yaml a split more)
 SCAN_ESCAPE_SORT_COST = 14
 SCAN_CODE_COST = 200
 # What the escapes of one form may cost, a character of it, before they are charged to the
@@ -1142,11 +1142,23 @@ def _coded(pattern: re.Pattern[str], base: int, short: dict[str | None, str],
 # token reached the app (found by a hostile review, thirty-fourth session).
 _JS_BRACES = re.compile(r"\\u\{([0-9A-Fa-f]{1,6})\}")
 _BIG_U = "\\U{:0>8}"
-# Escapes (each ``\X``'s ``X``) that make ``literal`` read a form otherwise than the three
-# above: ``\U``, an octal digit (a short code), or ``\u`` and ``\x`` together; ``\u{`` is
-# looked for in the form. Ordinary values (a JSON string: ``\"``, ``\/``, ``\n``,
-# ``\u00eb``) have none, and pay nothing for it.
-_LITERAL_TRIGGER = re.compile(r"[0-7U]")
+# Escapes (each ``\X``'s ``X``) that make ``literal`` read a form: any ``X`` that ``json``
+# does not read (``\"``, ``\\``, ``\/``, ``\b``, ``\f``, ``\n``, ``\r``, ``\t``, ``\u``);
+# ``\u{`` is looked for in the form. Ordinary values (a JSON string: ``\"``, ``\/``,
+# ``\n``, ``\u00eb``) have none, and pay nothing for it. (Only ``\U``, octal digits and
+# ``\u`` with ``\x`` made it read a form at first: ``\N{FULL STOP}``, and ``\a`` or ``\v``
+# -- control characters a lenient base64 reader skips, filler inside a payload -- got a
+# forged token through; found by the review of this decoding.)
+_LITERAL_TRIGGER = re.compile(r'[^"\\/bfnrtu]')
+# YAML double-quoted strings' escapes that Python's codec does not know (it keeps them as
+# ``\X``, which a quoted-pair reader reads as the letter ``X``, a base64 digit): ``\_``
+# (no-break space), ``\e`` (escape), ``\N`` (next line; ``\N{...}`` is Python's name),
+# ``\L``, ``\P`` (line and paragraph separators), ``\ `` (a space). To a YAML reader they
+# are characters a lenient base64 reader skips: filler inside a forged token's payload
+# (found by the same review).
+_YAML_ONLY = {"_": "\xa0", "e": "\x1b", "N": "\x85", "L": "\u2028", "P": "\u2029",
+              " ": " "}
+_YAML_ONLY_NO_NAMES = {k: v for k, v in _YAML_ONLY.items() if k != "N"}
 
 
 def _literal(text: str) -> str:
@@ -1166,11 +1178,32 @@ def _literal(text: str) -> str:
                              "ignore")
 
 
+def _yaml(text: str) -> str:
+    r"""``text`` as a YAML double-quoted string's reader decodes it: its own escapes
+    (``_YAML_ONLY``) as their characters, then the rest as ``literal`` does (each pair split
+    apart, in C: every other escape put back as it was; a value naming characters, ``\N{``,
+    keeps its ``\N``). A form of its own: to JavaScript ``\e`` is ``e``, to YAML an escape
+    character."""
+    pairs = _QUOTED_PAIRS.split(text)
+    marks = pairs[1::2]
+    table = _YAML_ONLY_NO_NAMES if "\\N{" in text else _YAML_ONLY
+    pairs[1::2] = map(table.get, marks, map("\\".__add__, marks))
+    return _literal("".join(pairs))
+
+
+_YAML_TRIGGER = re.compile(r"[_eNLP ]")
+_LITERAL_READERS = frozenset({"literal", "yaml"})
+
+
+def _reads_as_yaml(escapes: str) -> bool:
+    """Does a form whose escapes are ``escapes`` hold one of YAML's own?"""
+    return _YAML_TRIGGER.search(escapes) is not None
+
+
 def _reads_as_literal(form: str, escapes: str) -> bool:
     """Would ``literal`` read ``form`` (whose escapes are ``escapes``) otherwise than
     ``json``, ``octal`` and ``hex`` each do (``_LITERAL_TRIGGER``)?"""
-    return (_LITERAL_TRIGGER.search(escapes) is not None
-            or ("u" in escapes and "x" in escapes) or "\\u{" in form)
+    return _LITERAL_TRIGGER.search(escapes) is not None or "\\u{" in form
 
 
 # How an app may decode a value before it reads a token in it, each a form of its own (they
@@ -1186,6 +1219,7 @@ _DECODINGS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     ("octal", "\\", lambda t: _coded(_OCTAL_ESCAPES, 8, _NO_CODE, t)),  # http.cookies \ooo
     ("hex", "\\", lambda t: _coded(_HEX_ESCAPES, 16, _NO_CODE, t)),  # C, JS, Python \xHH
     ("literal", "\\", _literal),  # every kind of string-literal escape in one string
+    ("yaml", "\\", _yaml),  # and YAML's own escapes (\_ \e \N \L \P)
 )
 DECODING_NAMES = tuple(name for name, _c, _d in _DECODINGS)
 _DECODING_DEPTH = 2
@@ -1243,10 +1277,10 @@ def _decoded_forms(text: str, plus: bool,
     spend(len(text))  # (the value as sent, searched and scanned)
     forms = [text]
     seen = {text}
-    layer = [text]
+    layer = [(text, "")]  # (each form, and the decoding that gave it)
     for _ in range(_DECODING_DEPTH):
         decoded = []
-        for form in layer:
+        for form, given_by in layer:
             # (the escapes' own allowance, this form's, shared by its decodings:
             # ``SCAN_ESCAPE_ALLOWANCE``)
             free = SCAN_ESCAPE_ALLOWANCE * len(form)
@@ -1254,6 +1288,12 @@ def _decoded_forms(text: str, plus: bool,
             escapes = ""  # (each escape's ``X``, in order: ``_own_escapes``)
             for name, starts, decode in _DECODINGS:
                 if starts not in form or (name == "plus" and not plus):
+                    continue
+                if given_by in _LITERAL_READERS and starts == "\\" and name != "quoted-pair":
+                    # (a string literal's reading keeps the escapes it does not know for a
+                    # reader of quoted pairs, as JavaScript reads ``\J``; read as a literal
+                    # once more, such a form -- nearly the value itself -- cost the whole
+                    # family again)
                     continue
                 # (a pass over the form, and each escape at what it costs: ``+`` is a C
                 # replace, then each ``%`` an escape; the backslash decodings split the
@@ -1276,9 +1316,10 @@ def _decoded_forms(text: str, plus: bool,
                         escapes = "".join(pairs[1::2])
                     if name == "quoted-pair":
                         out = "".join(pairs)
-                    elif name == "literal":
-                        if not _reads_as_literal(form, escapes):
-                            continue  # (what the three above read: nothing more to pay)
+                    elif name in ("literal", "yaml"):
+                        if not (_reads_as_literal(form, escapes) if name == "literal"
+                                else _reads_as_yaml(escapes)):
+                            continue  # (what the others read: nothing more to pay)
                         cost = SCAN_ESCAPE_COSTS[name] * len(escapes)
                         used = min(free, cost)
                         free -= used
@@ -1301,7 +1342,7 @@ def _decoded_forms(text: str, plus: bool,
                     spend(len(out))  # (searched, then scanned)
                     seen.add(out)
                     forms.append(out)
-                    decoded.append(out)
+                    decoded.append((out, name))
         layer = decoded
     search = _MAY_BE_COPY.search
     return tuple(f for f in forms if search(f.encode("latin-1", "replace")) is not None)
