@@ -425,6 +425,15 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("literal-bell-filler", lambda t: _filled(t, "\\a")),
     ("yaml-nbsp-filler", lambda t: "".join(f"\\U{ord(c):08x}" for c in _filled(t, "\x00"))
      .replace("\\U00000000", "\\_")),
+    # ... and read twice (a review of the rule that read a literal's form on only as quoted
+    # pairs): filler only a literal or YAML reader skips, dots that need a second reading.
+    ("literal-then-json", lambda t: _filled(t, "\\a").replace(".", "\\\\u002e")),
+    ("literal-then-literal", lambda t: _filled(t, "\\a").replace(".", "\\\\x2e")),
+    ("literal-then-octal", lambda t: _filled(t, "\\a").replace(".", "\\\\056")),
+    ("literal-named-backslash", lambda t: _filled(t, "\\a").replace(
+        ".", "\\N{REVERSE SOLIDUS}u002e")),
+    ("yaml-then-json", lambda t: _filled(t, "\\_").replace(".", "\\\\u002e")),
+    ("yaml-then-literal", lambda t: _filled(t, "\\_").replace(".", "\\\\x2e")),
     ("literal-two-at-the-start", lambda t: f"\\x{ord(t[0]):02x}\\u{ord(t[1]):04x}"
      + t[2:]),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),

@@ -1193,6 +1193,9 @@ def _yaml(text: str) -> str:
 
 _YAML_TRIGGER = re.compile(r"[_eNLP ]")
 _LITERAL_READERS = frozenset({"literal", "yaml"})
+# An escape that starts a code (``\u``, ``\U``, ``\x``, ``\N``, an octal digit): what a second
+# string reading of a literal's form would decode (``_decoded_forms``).
+_CODES_LEFT = re.compile(r"\\[uUxN0-7]")
 
 
 def _reads_as_yaml(escapes: str) -> bool:
@@ -1223,6 +1226,10 @@ _DECODINGS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
 )
 DECODING_NAMES = tuple(name for name, _c, _d in _DECODINGS)
 _DECODING_DEPTH = 2
+# In a query, where every app reads the value percent-decoded first, one layer more: a string
+# literal read twice (``unicode_escape``, then ``json.loads``) behind the URL's own encoding
+# is three readings (found by a review: such a forged token in a query reached the app).
+_QUERY_DECODING_DEPTH = 3
 # At most this many distinct forms of one value (only a value holding ``%``, ``+`` or a
 # backslash has more than one, and one an app sends has a few); a value with more is
 # counted as holding a copy (``_TooManyForms``: fail closed, and each form costs a pass
@@ -1278,7 +1285,7 @@ def _decoded_forms(text: str, plus: bool,
     forms = [text]
     seen = {text}
     layer = [(text, "")]  # (each form, and the decoding that gave it)
-    for _ in range(_DECODING_DEPTH):
+    for _ in range(_QUERY_DECODING_DEPTH if plus else _DECODING_DEPTH):
         decoded = []
         for form, given_by in layer:
             # (the escapes' own allowance, this form's, shared by its decodings:
@@ -1286,14 +1293,18 @@ def _decoded_forms(text: str, plus: bool,
             free = SCAN_ESCAPE_ALLOWANCE * len(form)
             pairs: list[str] | None = None  # (the form split as quoted pairs)
             escapes = ""  # (each escape's ``X``, in order: ``_own_escapes``)
+            codes_left = given_by in _LITERAL_READERS and _CODES_LEFT.search(form) is not None
             for name, starts, decode in _DECODINGS:
                 if starts not in form or (name == "plus" and not plus):
                     continue
-                if given_by in _LITERAL_READERS and starts == "\\" and name != "quoted-pair":
+                if given_by in _LITERAL_READERS and starts == "\\" and name != "quoted-pair" \
+                        and not codes_left:
                     # (a string literal's reading keeps the escapes it does not know for a
                     # reader of quoted pairs, as JavaScript reads ``\J``; read as a literal
                     # once more, such a form -- nearly the value itself -- cost the whole
-                    # family again)
+                    # family again. One that still holds a code -- ``\\u002e`` read once --
+                    # is read by all of them: an app decoding twice, ``unicode_escape`` then
+                    # ``json.loads``, read a forged token the scan missed; found by a review)
                     continue
                 # (a pass over the form, and each escape at what it costs: ``+`` is a C
                 # replace, then each ``%`` an escape; the backslash decodings split the
