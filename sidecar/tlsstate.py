@@ -245,30 +245,26 @@ def no_shadowing(svid: Svid, trust: TrustStore, changed: str | None = None) -> N
     never sees (another SPIRE server's) cannot be checked here (docs/identity.md).
     ``changed``: the trust domain whose bundle just changed, judged first (the error names
     its file when it collides with another partner's)."""
-    from sidecar.identity.trust import _canonical_name, _key_der, key_id
+    from sidecar.identity.trust import could_stand_for, mark_of
 
     own_chain = x509.load_pem_x509_certificates(svid.chain_pem)[1:]
     marks: list[tuple[str, x509.Certificate]] = [(trust.own, c) for c in own_chain]
     marks += [(td, c) for td, b in trust.bundles.items() for c in b.roots]
-    seen = [(td, _key_der(c), _canonical_name(c.subject), key_id(c)) for td, c in marks]
+    seen = [(td, mark_of(c)) for td, c in marks]
     order = sorted(trust.bundles.items(), key=lambda item: item[0] != changed)
     for td, bundle in order:
         if td == trust.own:
             continue
         for cert in bundle.roots:
-            key, name, kid = _key_der(cert), _canonical_name(cert.subject), key_id(cert)
-            for other_td, other_key, other_name, other_id in seen:
-                if other_td == td:
-                    continue
-                if other_key == key or (name is not None and name == other_name and (
-                        kid is None or other_id is None or kid == other_id)):
+            mark = mark_of(cert)
+            for other_td, other in seen:
+                if other_td != td and could_stand_for(mark, other):
                     raise SvidError(
                         RULE_TRUST_DOMAIN_MISMATCH,
                         f"the CA {cert.subject.rfc4514_string()[:200]} in the bundle of trust "
                         f"domain {td} has the name and key identifier, or the key, of a CA of "
                         f"trust domain {other_td}: OpenSSL could take it for that CA",
                         file=bundle.path)
-
 
 
 def seen_shadows(bundle: TrustBundle) -> list[tuple[str, str]]:

@@ -131,7 +131,8 @@ _CERT_LIST_FRAMING = 8 * 1024
 @functools.cache
 def _libssl() -> Any:
     """The libssl the ``ssl`` module runs on (``_ssl`` links it, or holds it statically),
-    with the two functions ``no_session_cache`` calls; None when it cannot be had."""
+    with the functions this module and ``sidecar.net.transport`` call; None when it cannot
+    be had."""
     try:
         import ctypes
 
@@ -145,6 +146,15 @@ def _libssl() -> Any:
         lib.SSL_CTX_set_verify_depth.restype = None
         lib.SSL_CTX_get_verify_depth.argtypes = [ctypes.c_void_p]
         lib.SSL_CTX_get_verify_depth.restype = ctypes.c_int
+        # (``sidecar.net.transport._shutdown_once``: a close_notify that reads nothing)
+        for name, args, result in (
+                ("SSL_shutdown", [ctypes.c_void_p], ctypes.c_int),
+                ("SSL_get_error", [ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+                ("SSL_get_SSL_CTX", [ctypes.c_void_p], ctypes.c_void_p),
+                ("ERR_clear_error", [], None)):
+            function = getattr(lib, name)
+            function.argtypes = args
+            function.restype = result
         return lib
     except (ImportError, OSError, AttributeError):
         return None

@@ -23,13 +23,14 @@ the cause chained); a TCP EOF, with or without a TLS close_notify, reads as ``b"
 
 from __future__ import annotations
 
-import functools
 import socket
 import ssl
 import struct
-from typing import Any, Literal, cast, overload
+from typing import Literal, cast, overload
 
 import trio
+
+from sidecar.identity.tls import _libssl
 
 RECV_SIZE = 65536
 # A TLS read returns one record's bytes. A read shorter than BURST_UNDER is joined with the
@@ -208,30 +209,7 @@ _RESET = struct.pack("ii", 1, 0)
 # belongs to that context's ``SSL_CTX``; otherwise the two-call ``shutdown`` is the fallback
 # and ``sidecar.net.forward.splice`` still sends a close_notify only while nothing of the
 # peer's waits (which narrows the window to those microseconds but cannot close it).
-_SSL_SENT_SHUTDOWN = 1  # SSL_get_shutdown's flag: our close_notify went (or is queued)
 _SSL_ERROR_WANT_WRITE = 3
-
-
-@functools.cache
-def _libssl_shutdown() -> Any:
-    """libssl with the functions ``_shutdown_once`` calls, or None where it cannot be had."""
-    try:
-        import _ssl
-        import ctypes
-
-        lib = ctypes.CDLL(_ssl.__file__)
-        for name, args, result in (
-                ("SSL_shutdown", [ctypes.c_void_p], ctypes.c_int),
-                ("SSL_get_error", [ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
-                ("SSL_get_shutdown", [ctypes.c_void_p], ctypes.c_int),
-                ("SSL_get_SSL_CTX", [ctypes.c_void_p], ctypes.c_void_p),
-                ("ERR_clear_error", [], None)):
-            function = getattr(lib, name)
-            function.argtypes = args
-            function.restype = result
-        return lib
-    except (ImportError, OSError, AttributeError):
-        return None
 
 
 def ssl_pointer(conn: object) -> int | None:
@@ -240,7 +218,7 @@ def ssl_pointer(conn: object) -> int | None:
     import ctypes
 
     obj = getattr(conn, "_sslobj", conn)
-    lib = _libssl_shutdown()
+    lib = _libssl()
     if obj is None or lib is None:
         return None
     base, word = object.__basicsize__, ctypes.sizeof(ctypes.c_void_p)
@@ -264,7 +242,7 @@ def _shutdown_once(conn: object) -> bool | None:
     pointer = ssl_pointer(conn)
     if pointer is None:
         return None
-    lib = _libssl_shutdown()
+    lib = _libssl()
     lib.ERR_clear_error()  # (``SSL_get_error`` reads the thread's queue: start it empty)
     result = lib.SSL_shutdown(pointer)
     if result >= 0:
