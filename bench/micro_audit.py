@@ -130,7 +130,8 @@ def _data_path_maker(facts: Any, decision: Any) -> Any:
         record: object = None
         takes_rows = False  # the map (``request_wire``), as a writer without shipping takes
 
-        def submit(self, record: object, *, admitted: bool = False) -> bool:
+        def submit(self, record: object, *, admitted: bool = False,
+                   served: bool | None = None) -> bool:
             self.record = record
             return True
 

@@ -307,3 +307,20 @@ def test_a_bench_script_stops_what_it_started_on_sigterm() -> None:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=10)
+
+
+def test_micro_audit_data_path_record_builds_the_stored_map() -> None:
+    """``micro_audit.py --data-path-record`` builds its records through ``Telemetry.request``;
+    its stand-in writer must take what the telemetry passes (a keyword the real writer gained
+    once broke the flag, unnoticed until a session ran it)."""
+    from bench import micro_audit
+    from sidecar.policy.decision import REASON_ALLOWED, Decision, RequestFacts
+
+    facts = RequestFacts(direction="inbound", peer="spiffe://cluster.local/ns/shop/sa/frontend",
+                         source="10.1.2.3:43210", method="GET", path="/orders/12345",
+                         host="orders.shop.svc.cluster.local", port=15443)
+    make = micro_audit._data_path_maker(facts, Decision("allow", "r", REASON_ALLOWED, "v1"))
+    record = make(7)
+    assert isinstance(record, dict) and record["id"] == "req-000000000007"
+    assert record["sub"] == "user-1234" and record["d"] == "allow"
+    make.without_audit(8)
