@@ -49,6 +49,8 @@ ESCAPES = {
     "percent %2e": "%2e", "percent %zz (invalid)": "%zz", "percent %252e (depth 2)": "%252e",
     "percent %5c (to a backslash)": "%5cx2e", "percent %5cu (to \\u)": "%5cu002e",
     "plus, %2b": "+%2b",
+    "unescape %u002e": "%u002e", "unescape mixed": "%u002e%2e", "unescape %u0025 (to %)":
+    "%u00252e", "unescape %u005c (to a backslash)": "%u005cu002e",
     "json \\u002e": "\\u002e", "json \\u005c (depth 2)": "\\u005cu002e", "json \\n": "\\n",
     "json \\/": "\\/", "json \\u0025 (to a percent)": "\\u00252e",
     "quoted-pair \\\"": '\\"', "backslash pairs": "\\\\", "pairs and codes": "\\\\\\u002e",
@@ -115,7 +117,8 @@ GUARDS = extract.Guards(query=True, authorization=True, read_schemes=frozenset({
 # split and maps for an escape they are given; and when a backslash decoding reads the
 # quoted pairs instead (``_own_escapes``), an escape (``PAIR_WEIGHT``) and a code start, in
 # Python (``CODE_WEIGHT``). (Before the fix: 41-63, 129, and 95 with a call back.)
-WEIGHTS = {"percent": 33, "plus": 33, "quoted-pair": 21, "json": 66, "octal": 66, "hex": 66,
+# ``unescape`` (thirty-fifth session): its split and maps, 89 (``%uXXXX`` and ``%XX`` alike).
+WEIGHTS = {"percent": 33, "plus": 33, "unescape": 89, "quoted-pair": 21, "json": 66, "octal": 66, "hex": 66,
            "literal": 12, "yaml": 14}
 PAIR_WEIGHT = 11
 CODE_WEIGHT = 170

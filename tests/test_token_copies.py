@@ -436,6 +436,15 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("yaml-then-literal", lambda t: _filled(t, "\\_").replace(".", "\\\\x2e")),
     ("literal-two-at-the-start", lambda t: f"\\x{ord(t[0]):02x}\\u{ord(t[1]):04x}"
      + t[2:]),
+    # JavaScript's legacy unescape() (and IIS): %uXXXX, alone, every character, mixed with
+    # %XX, upper-case U, and behind a second percent encoding (left open by the thirty-fourth
+    # session's review, closed by the thirty-fifth).
+    ("unescape-dots", lambda t: t.replace(".", "%u002e")),
+    ("unescape-all", _escaped("%u{:04x}")),
+    ("unescape-mixed", _alternating("%u{:04X}", "%{:02x}")),
+    ("unescape-big-u-dots", lambda t: t.replace(".", "%U002E")),
+    ("unescape-twice-dots", lambda t: t.replace(".", "%25u002e")),
+    ("unescape-then-json-dots", lambda t: t.replace(".", "%u005cu002e")),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
     ("percent-then-json-dots", lambda t: t.replace(".", "%5Cu002e")),
     ("json-then-percent-dots", lambda t: t.replace(".", "\\u00252E")),
@@ -537,7 +546,7 @@ def test_each_spelling_is_read_back_to_a_token_naming_the_issuer(spelling: str) 
 
 
 def test_the_decodings_are_the_documented_family() -> None:
-    assert extract.DECODING_NAMES == ("percent", "plus", "json", "quoted-pair", "octal", "hex",
+    assert extract.DECODING_NAMES == ("percent", "plus", "unescape", "json", "quoted-pair", "octal", "hex",
                                       "literal", "yaml")
     doc = (h.ROOT / "docs" / "authn.md").read_text()
     for name in extract.DECODING_NAMES:

@@ -915,8 +915,9 @@ SCAN_BYTES_FREE = 64 * 1024
 # (a plain head of that size 1.2 ms), 64 KB of ``\056`` 11.9 ms (plain 1.9), before it was
 # refused (found by the thirty-third session's helper, fixed by the thirty-fourth's: now
 # 4.7 ms and 6.9 ms at most, 3.9x and 4.4x).
-SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "quoted-pair": 26, "json": 80, "octal": 80,
-                     "hex": 80, "literal": 16, "yaml": 20}  # (the codec 12; yaml a split more)
+SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "unescape": 110, "quoted-pair": 26, "json": 80,
+                     "octal": 80, "hex": 80, "literal": 16,
+                     "yaml": 20}  # (the codec 12; yaml a split more; unescape 89, a split and maps)
 SCAN_ESCAPE_SORT_COST = 14
 SCAN_CODE_COST = 200
 # What the escapes of one form may cost, a character of it, before they are charged to the
@@ -1133,6 +1134,26 @@ def _coded(pattern: re.Pattern[str], base: int, short: dict[str | None, str],
     return "".join(parts)
 
 
+# JavaScript's legacy ``unescape()`` (and IIS, classic ASP and old PHP helpers ported from
+# it): ``%uXXXX`` is the character XXXX, beside ``%XX``. Neither ``percent`` nor a backslash
+# decoding reads it; a forged token written with it reached an app that unescapes (left
+# open by the thirty-fourth session, closed by the thirty-fifth). ``U`` too: IIS took both.
+_PERCENT_U = re.compile(r"%[uU][0-9A-Fa-f]{4}")
+_UNESCAPE = re.compile(r"%(?:[uU]([0-9A-Fa-f]{4})|([0-9A-Fa-f]{2}))")
+
+
+def _unescape(text: str) -> str:
+    """``text`` as ``unescape()`` reads it, in C: each ``%uXXXX`` the character XXXX, each
+    ``%XX`` the character XX (the split gives each escape's code in one group, ``None`` in
+    the other; ``map`` reads them with C functions, as ``_coded`` does)."""
+    parts = _UNESCAPE.split(text)
+    for group in (1, 2):
+        codes = parts[group::3]
+        chars = map(chr, map(int, map(_NO_DIGITS.get, codes, codes), repeat(16)))
+        parts[group::3] = map(_NO_CODE.get, codes, chars)
+    return "".join(parts)
+
+
 # A string literal's escapes, every kind in one string (Python's ``unicode_escape`` and
 # ``ast.literal_eval``, YAML double-quoted strings, JavaScript and JSON5 literals): ``\xHH``,
 # ``\u{H...}``, ``\uXXXX``, ``\UXXXXXXXX``, one to three octal digits, the one-letter escapes,
@@ -1217,6 +1238,7 @@ def _reads_as_literal(form: str, escapes: str) -> bool:
 _DECODINGS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
     ("percent", "%", _unquote_latin1),
     ("plus", "+", lambda t: _unquote_latin1(t.replace("+", " "))),
+    ("unescape", "%", _unescape),  # %uXXXX (JavaScript's unescape(), IIS), and %XX
     ("json", "\\", lambda t: _coded(_JSON_ESCAPES, 16, _JSON_SHORT, t)),  # \uXXXX, \/, \n...
     ("quoted-pair", "\\", _quoted_pairs),  # RFC 9110 5.6.4
     ("octal", "\\", lambda t: _coded(_OCTAL_ESCAPES, 8, _NO_CODE, t)),  # http.cookies \ooo
@@ -1297,6 +1319,8 @@ def _decoded_forms(text: str, plus: bool,
             for name, starts, decode in _DECODINGS:
                 if starts not in form or (name == "plus" and not plus):
                     continue
+                if name == "unescape" and _PERCENT_U.search(form) is None:
+                    continue  # (what percent reads: nothing more to pay)
                 if given_by in _LITERAL_READERS and starts == "\\" and name != "quoted-pair" \
                         and not codes_left:
                     # (a string literal's reading keeps the escapes it does not know for a
