@@ -883,7 +883,7 @@ class Authenticator:
                     found = claims[claim]
                 else:
                     readings = claim_readings(claims, claim)
-                    if not readings or any(r != readings[0] for r in readings[1:]):
+                    if not readings or (len(readings) > 1 and not _same_json(readings)):
                         continue  # (absent, or two readings an app may take differently)
                     found = readings[0]
                 value = claim_header_value(found)
@@ -927,3 +927,14 @@ class Authenticator:
                 for name in self._providers
             },
         }
+
+
+def _same_json(readings: Sequence[Any]) -> bool:
+    """Do all ``readings`` of a claim hold the same JSON value, type for type? Python's
+    ``==`` takes ``true`` for ``1``, ``1`` for ``1.0`` and ``[1]`` for ``[true]``, which an
+    app reading the other member does not (found by a hostile review, thirty-fifth session:
+    ``{"perm": {"admin": true}, "perm.admin": 1}`` forwarded one of them). Compared as their
+    canonical JSON text (a verified claim is JSON: its keys are strings)."""
+    first = json.dumps(readings[0], sort_keys=True, separators=(",", ":"))
+    return all(json.dumps(r, sort_keys=True, separators=(",", ":")) == first
+               for r in readings[1:])

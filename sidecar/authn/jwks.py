@@ -56,7 +56,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from sidecar.edwards import weak_public_key
+from sidecar.edwards import weak_edwards_key
 from sidecar.errors import ConfigError, Problem
 from sidecar.jsondoc import JsonDocError, read_json
 
@@ -270,14 +270,14 @@ def _one_key(raw: Any, index: int, source: str, problems: list[Problem]) -> Publ
             return f"{label}: curve {curve!r} is not supported"
     elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         curve = str(raw.get("crv"))
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            # A point of small order (the identity, an all-zero placeholder) or a second
-            # spelling of one: anyone can sign under it (found by a hostile review: such a
-            # key let a forged admin token in). OpenSSL refuses Ed448's itself.
-            weak = weak_public_key(key.public_bytes_raw())
-            if weak is not None:
-                problems.append(Problem(source, None, where, f"invalid OKP key: {weak}"))
-                return "invalid"
+        # A point of small order (the identity, an all-zero placeholder) or a second
+        # spelling of one: anyone can sign under it (found by a hostile review: such a key
+        # let a forged admin token in). Ed448's too: OpenSSL loads them, and a signature of
+        # zeros verified under the all-zero Ed448 key (found by the thirty-fifth session's).
+        weak = weak_edwards_key(key)
+        if weak is not None:
+            problems.append(Problem(source, None, where, f"invalid OKP key: {weak}"))
+            return "invalid"
     else:  # a private key slipped through from_jwk: never use it
         problems.append(Problem(source, None, where, "not a public key"))
         return "not public"

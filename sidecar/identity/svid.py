@@ -45,6 +45,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from sidecar.config.source import read_regular
+from sidecar.edwards import weak_edwards_key
 from sidecar.errors import SidecarError
 from sidecar.identity.spiffe import SCHEME_PREFIX, SpiffeId, parse_spiffe_id
 
@@ -197,7 +198,15 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in _CURVES:
             return RULE_KEY_WEAK, f"EC key on curve {key.curve.name} (P-256, P-384, P-521 only)"
-    elif not isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+    elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        # A point of small order, or a second spelling of one: anyone signs under it -- a
+        # root with such a key vouches for any certificate (``sidecar.edwards``; found by
+        # the thirty-fifth session's review of the same keys in a JWKS).
+        weak = weak_edwards_key(key)
+        if weak is not None:
+            kind = "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
+            return RULE_KEY_WEAK, f"{kind} key: {weak}"
+    else:
         return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
     if isinstance(sig_hash, _WEAK_HASHES):
         return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
