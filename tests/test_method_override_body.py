@@ -15,9 +15,12 @@ an allowed override, other fields and other content types reach the app whole.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from sidecar.http.body_override import BodyOverrides, body_kind
+from sidecar.errors import BadRequest
+from sidecar.http.body_override import BodyOverrides, body_kind, body_readers
 from tests.harness import module_fixture
 from tests.test_hostile_http import SIDES, H, Mesh, assert_generic_refusal, exchange, statuses
 from tests.test_method_override_query import NAMES as QUERY_NAMES
@@ -284,3 +287,62 @@ def test_allowed_overrides_and_other_bodies_reach_the_app_whole(mesh: Mesh,
             with mesh.app.lock:
                 got = mesh.app.heads[mark[0]:]
             assert [h["body"] for h in got] == [len(body)], (body[:100], content_type)
+
+
+# Bytes around or inside a media type that some readers trim and the sidecar does not: obs-text
+# (a no-break space, 0x85: Express 5.1 with type-is 2.0.1 trims them, and ran a form's
+# ``_method=DELETE`` the sidecar passed unread -- found by a hostile review, thirty-fifth
+# session), Unicode spaces in UTF-8 (Go's ``mime.ParseMediaType`` trims them), format
+# characters (a zero-width space, a byte order mark). Any such media type is refused (400).
+SPACE_LIKE: dict[str, bytes] = {
+    "nbsp 0xa0": b"\xa0", "nel 0x85": b"\x85", "utf-8 nbsp": b"\xc2\xa0",
+    "utf-8 nel": b"\xc2\x85", "ideographic space": b"\xe3\x80\x80", "en quad": b"\xe2\x80\x80",
+    "narrow nbsp": b"\xe2\x80\xaf", "zero-width space": b"\xe2\x80\x8b",
+    "byte order mark": b"\xef\xbb\xbf", "latin-1 byte 0xff": b"\xff",
+}
+SPACE_PLACES = {
+    "after": b"{t}{s}", "before": b"{s}{t}", "before the parameters": b"{t}{s}; charset=utf-8",
+    "inside": b"application/x-www-form{s}-urlencoded",
+}
+# (media type, the parameters after it)
+SPACE_TYPES = {"form": (b"application/x-www-form-urlencoded", b""),
+               "multipart": (b"multipart/form-data", b"; boundary=" + BOUNDARY.encode())}
+
+
+def _typed(place: bytes, space: bytes, kind: tuple[bytes, bytes]) -> bytes:
+    return place.replace(b"{t}", kind[0]).replace(b"{s}", space) + kind[1]
+
+
+def _post_bytes(body: bytes, content_type: bytes) -> bytes:
+    return (b"POST /orders/7 HTTP/1.1\r\n" + H + b"Content-Type: " + content_type
+            + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("space", list(SPACE_LIKE))
+def test_a_media_type_holding_a_byte_some_reader_trims_is_refused(space: str) -> None:
+    for place, kind in itertools.product(SPACE_PLACES.values(), SPACE_TYPES.values()):
+        content_type = _typed(place, SPACE_LIKE[space], kind)
+        with pytest.raises(BadRequest):
+            body_readers(b"POST", content_type)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_a_form_behind_such_a_media_type_never_reaches_the_app(mesh: Mesh, side: str) -> None:
+    """Every member x place, as a form and as multipart, through the listener: 400, nothing
+    reaches the app (before, a 200: the app ran the DELETE)."""
+    bodies = {"form": b"title=x&_method=DELETE",
+              "multipart": MULTIPART["quoted"]}
+    for space, (place_label, place), (kind_label, kind) in itertools.product(
+            SPACE_LIKE.values(), SPACE_PLACES.items(), SPACE_TYPES.items()):
+        if place_label == "inside" and kind_label == "multipart":
+            continue
+        _refused(mesh, side, _post_bytes(bodies[kind_label], _typed(place, space, kind)), 400)
+
+
+def test_media_types_of_tokens_are_read_as_before() -> None:
+    assert body_kind(b"POST", b"application/x-www-form-urlencoded \t; charset=utf-8") == (
+        "urlencoded", b"")
+    assert body_kind(b"POST", b"  Application/X-WWW-Form-URLEncoded") == ("urlencoded", b"")
+    for other in (b"text/plain", b"*/*", b"application/vnd.api+json; charset=utf-8",
+                  b"application/octet-stream; name=\"a\xa0b\""):  # (a parameter is not read)
+        assert body_kind(b"POST", other) is None

@@ -108,14 +108,23 @@ def body_kind(method: bytes, content_type: bytes | None) -> tuple[str, bytes] | 
     a form's method override, or None. ``content_type``: the request's one Content-Type
     value (None: absent). The media type ends at ``;``, ``,`` (Rack and commons-fileupload
     split at both) or whitespace (PHP: ``multipart/form-data boundary=x`` is a form to
-    it); an empty value is an absent one (Rack). A multipart
+    it); an empty value is an absent one (Rack). A media type that is not ``type "/"
+    subtype`` of RFC 9110 tokens is ``BadRequest``: a reader that trims other bytes than SP
+    and HTAB around it (Express 5.1's ``type-is`` 2.0.1 a no-break space, Go's
+    ``mime.ParseMediaType`` Unicode spaces) may read a form in it. A multipart
     type without one boundary every reader agrees on is ``BadRequest``: no reader can split
     it, or two readers could split it differently (``_boundaries``)."""
     if method != b"POST":
         return None
     if content_type is None or not content_type.strip(b" \t"):
         return URLENCODED, b""
-    media = _MEDIA_TYPE_END.split(content_type.strip(b" \t"), 1)[0].lower()
+    media = _MEDIA_TYPE_END.split(content_type.strip(b" \t"), 1)[0]
+    if _MEDIA_TYPE.fullmatch(media) is None:
+        # (not ``type "/" subtype`` of tokens: a reader that trims more than SP and HTAB --
+        # a no-break space, 0x85, a Unicode space in UTF-8 -- reads a form the sidecar
+        # would pass unread; found by a hostile review, thirty-fifth session)
+        raise BadRequest("bad_request", "media type is not type/subtype")
+    media = media.lower()
     if media == b"application/x-www-form-urlencoded":
         return URLENCODED, b""
     if media not in MULTIPART_TYPES:
@@ -130,6 +139,8 @@ def body_kind(method: bytes, content_type: bytes | None) -> tuple[str, bytes] | 
 
 
 _MEDIA_END = re.compile(rb"[;,]")
+# A media type as RFC 9110 8.3.1 spells it: ``token "/" token``.
+_MEDIA_TYPE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+/[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _MEDIA_TYPE_END = re.compile(rb"[;, \t]")  # (PHP ends the media type at a space too)
 _RACK_BOUNDARY = re.compile(rb'\Amultipart/.*boundary="?([^";,]+)"?', re.IGNORECASE)
 
