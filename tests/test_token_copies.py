@@ -445,6 +445,15 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("unescape-big-u-dots", lambda t: t.replace(".", "%U002E")),
     ("unescape-twice-dots", lambda t: t.replace(".", "%25u002e")),
     ("unescape-then-json-dots", lambda t: t.replace(".", "%u005cu002e")),
+    # ``+`` inserted in the payload: a space to PHP's $_COOKIE, .NET's UrlDecode and Java's
+    # URLDecoder on a path segment, which a lenient base64 reader skips (found by the review
+    # of ``unescape``, thirty-fifth session: it reached the app from a cookie, a header and
+    # the path).
+    ("plus-as-filler", lambda t: _filled(t, "+")),
+    ("plus-as-filler-two", lambda t: _filled(t, "++")),
+    ("plus-as-filler-four", lambda t: _filled(t, "++++")),
+    ("plus-as-filler-every-character", lambda t: _filled(t, "+", every=True)),
+    ("plus-as-filler-unescaped-dots", lambda t: _filled(t, "++").replace(".", "%u002e")),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
     ("percent-then-json-dots", lambda t: t.replace(".", "%5Cu002e")),
     ("json-then-percent-dots", lambda t: t.replace(".", "\\u00252E")),

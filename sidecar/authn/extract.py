@@ -915,9 +915,9 @@ SCAN_BYTES_FREE = 64 * 1024
 # (a plain head of that size 1.2 ms), 64 KB of ``\056`` 11.9 ms (plain 1.9), before it was
 # refused (found by the thirty-third session's helper, fixed by the thirty-fourth's: now
 # 4.7 ms and 6.9 ms at most, 3.9x and 4.4x).
-SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "unescape": 110, "quoted-pair": 26, "json": 80,
+SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "unescape": 60, "quoted-pair": 26, "json": 80,
                      "octal": 80, "hex": 80, "literal": 16,
-                     "yaml": 20}  # (the codec 12; yaml a split more; unescape 89, a split and maps)
+                     "yaml": 20}  # (the codec 12; yaml a split more; unescape a %u 49)
 SCAN_ESCAPE_SORT_COST = 14
 SCAN_CODE_COST = 200
 # What the escapes of one form may cost, a character of it, before they are charged to the
@@ -1138,20 +1138,21 @@ def _coded(pattern: re.Pattern[str], base: int, short: dict[str | None, str],
 # it): ``%uXXXX`` is the character XXXX, beside ``%XX``. Neither ``percent`` nor a backslash
 # decoding reads it; a forged token written with it reached an app that unescapes (left
 # open by the thirty-fourth session, closed by the thirty-fifth). ``U`` too: IIS took both.
-_PERCENT_U = re.compile(r"%[uU][0-9A-Fa-f]{4}")
-_UNESCAPE = re.compile(r"%(?:[uU]([0-9A-Fa-f]{4})|([0-9A-Fa-f]{2}))")
+_PERCENT_U = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
 
 
 def _unescape(text: str) -> str:
-    """``text`` as ``unescape()`` reads it, in C: each ``%uXXXX`` the character XXXX, each
-    ``%XX`` the character XX (the split gives each escape's code in one group, ``None`` in
-    the other; ``map`` reads them with C functions, as ``_coded`` does)."""
-    parts = _UNESCAPE.split(text)
-    for group in (1, 2):
-        codes = parts[group::3]
-        chars = map(chr, map(int, map(_NO_DIGITS.get, codes, codes), repeat(16)))
-        parts[group::3] = map(_NO_CODE.get, codes, chars)
-    return "".join(parts)
+    """``text`` as ``unescape()`` reads it, in C: each ``%uXXXX`` the character XXXX, then
+    each ``%XX`` (``_unquote_latin1``; a ``%XX`` that a ``%u0025`` spelt is read too -- a
+    second reading, which only refuses more)."""
+    parts = _PERCENT_U.split(text)
+    parts[1::2] = map(chr, map(int, parts[1::2], repeat(16)))
+    return _unquote_latin1("".join(parts))
+
+
+def _percent_u_count(text: str) -> int:
+    """How many ``%u`` or ``%U`` the text holds (each a possible ``%uXXXX``), in C."""
+    return text.count("%u") + text.count("%U")
 
 
 # A string literal's escapes, every kind in one string (Python's ``unicode_escape`` and
@@ -1278,7 +1279,7 @@ def _forms(raw: bytes, *, plus: bool, budget: _ScanBudget | None = None) -> tupl
     for this value alone); past it, or past the forms of one value, ``_TOO_MANY_FORMS``."""
     if budget is None:
         budget = _ScanBudget()
-    if b"%" not in raw and b"\\" not in raw and not (plus and b"+" in raw):
+    if b"%" not in raw and b"\\" not in raw and not (b"+" in raw and (plus or b"." in raw)):
         # (no dot, no copy: most values -- accept, ids, types -- end at this C scan; the
         # pattern search costs a step per byte)
         if b"." not in raw:
@@ -1306,10 +1307,10 @@ def _decoded_forms(text: str, plus: bool,
     spend(len(text))  # (the value as sent, searched and scanned)
     forms = [text]
     seen = {text}
-    layer = [(text, "")]  # (each form, and the decoding that gave it)
+    layer = [(text, "", text)]  # (each form, the decoding that gave it, and the form it read)
     for _ in range(_QUERY_DECODING_DEPTH if plus else _DECODING_DEPTH):
         decoded = []
-        for form, given_by in layer:
+        for form, given_by, read in layer:
             # (the escapes' own allowance, this form's, shared by its decodings:
             # ``SCAN_ESCAPE_ALLOWANCE``)
             free = SCAN_ESCAPE_ALLOWANCE * len(form)
@@ -1317,10 +1318,22 @@ def _decoded_forms(text: str, plus: bool,
             escapes = ""  # (each escape's ``X``, in order: ``_own_escapes``)
             codes_left = given_by in _LITERAL_READERS and _CODES_LEFT.search(form) is not None
             for name, starts, decode in _DECODINGS:
-                if starts not in form or (name == "plus" and not plus):
+                if starts not in form or (name == "plus" and not plus and "." not in form):
+                    # (``+`` as a space outside the query too, for a value holding a dot:
+                    # PHP's ``$_COOKIE``, .NET's ``UrlDecode`` and Java's ``URLDecoder`` on
+                    # a path segment read it so, and a lenient base64 reader skips the
+                    # space -- ``+`` filler in a forged token's payload reached the app;
+                    # found by the thirty-fifth session's review of ``unescape``)
                     continue
-                if name == "unescape" and _PERCENT_U.search(form) is None:
-                    continue  # (what percent reads: nothing more to pay)
+                if name == "unescape":
+                    count = _percent_u_count(form)
+                    if not count or (given_by in ("percent", "plus")
+                                     and count <= _percent_u_count(read)):
+                        # (no ``%u``; or the ``%u`` a percent reading left are the value's
+                        # own, which ``unescape`` of that value reads: read again, the
+                        # form cost a legitimate ``escape()`` cookie its budget -- found by
+                        # the same review)
+                        continue
                 if given_by in _LITERAL_READERS and starts == "\\" and name != "quoted-pair" \
                         and not codes_left:
                     # (a string literal's reading keeps the escapes it does not know for a
@@ -1335,7 +1348,10 @@ def _decoded_forms(text: str, plus: bool,
                 # form as quoted pairs once, then each decodes its own escapes the cheaper
                 # way: ``_own_escapes`` or ``decode``, ``_coded``)
                 cost = 0
-                if starts != "\\":
+                if name == "unescape":  # (each %u, and each other % at percent's cost)
+                    cost = SCAN_ESCAPE_COSTS[name] * count \
+                        + SCAN_ESCAPE_COSTS["percent"] * (form.count("%") - count)
+                elif starts != "\\":
                     cost = SCAN_ESCAPE_COSTS[name] * form.count("%" if name == "plus"
                                                                 else starts)
                 elif pairs is None:
@@ -1377,7 +1393,7 @@ def _decoded_forms(text: str, plus: bool,
                     spend(len(out))  # (searched, then scanned)
                     seen.add(out)
                     forms.append(out)
-                    decoded.append((out, name))
+                    decoded.append((out, name, form))
         layer = decoded
     search = _MAY_BE_COPY.search
     return tuple(f for f in forms if search(f.encode("latin-1", "replace")) is not None)
