@@ -39,6 +39,14 @@ listener (no method, path or host; ``_is_stream``) are re-decided as the listene
 stream (``decide`` with no method and no credentials: ``from``, ``namespaces``, ``ports`` and
 ``listeners`` only); before, every one was skipped, and a policy refusing the caller's
 streams replayed as "0 would change".
+
+A request that presented an API key the recording sidecar did not recognise (unknown,
+expired, or defined only for another section: that sidecar never loaded it) was decided as
+if it had none; its record says only ``extra.apikey_unknown: true`` (never the key). Where
+a rule of the new section that tests API keys could match it by its other conditions, the
+record is listed as ``uncertain`` (``UNCERTAIN_APIKEY``): the new policy may name that key
+(found by the thirty-fifth session's hostile review: such a request was replayed as
+"no change" where the new policy let it in).
 """
 
 from __future__ import annotations
@@ -107,6 +115,9 @@ class ReplayChange:
 
 
 UNCERTAIN_CLAIMS = "claims not recorded"
+# A request that presented an API key the recording sidecar did not recognise
+# (``extra.apikey_unknown``), replayed where a rule of the new section tests API keys.
+UNCERTAIN_APIKEY = "an unrecognised API key was presented (not recorded)"
 # ``extra.unread``'s values (``sidecar.inbound._unjudged``): what a request refused before
 # its later checks carried and the sidecar never read, and why a change that lets such a
 # request in is uncertain.
@@ -154,7 +165,7 @@ def replay_problem(rec: AuditRecord) -> str | None:
     (``service``, a SPIFFE ID's string; ``port``, an integer 0..65535; ``overrides``, a list
     of at most ``MAX_RECORDED_OVERRIDES`` methods; ``destination``, a path;
     ``routes``, a list of at most ``MAX_RECORDED_ROUTES`` [path, ``all`` or ``deny``];
-    ``unread``, a list of ``UNREAD``'s names) of the wrong type or value, or more than the
+    ``unread``, a list of ``UNREAD``'s names; ``apikey_unknown``, true) of the wrong type or value, or more than the
     data path records (a path longer than ``MAX_RECORDED_PATH_CHARS``, the request's own
     included; a Host longer than a judged one; the request's method is counted in the
     work instead, ``_work``). Before the thirty-third session
@@ -198,6 +209,9 @@ def replay_problem(rec: AuditRecord) -> str | None:
         return "field 'x.routes' is not a list of [path, \"all\" or \"deny\"]"
     if routes is not None and any(len(r[0]) > MAX_RECORDED_PATH_CHARS for r in routes):
         return f"field 'x.routes' holds a path longer than {MAX_RECORDED_PATH_CHARS} characters"
+    marker = extra.get("apikey_unknown")
+    if marker is not None and marker is not True:
+        return "field 'x.apikey_unknown' is not true"
     if unread is not None and (not isinstance(unread, list) or len(unread) > len(UNREAD)
                                or not all(isinstance(u, str) and u in UNREAD for u in unread)):
         return f"field 'x.unread' is not a list of {', '.join(UNREAD)}"
@@ -351,6 +365,16 @@ def _token_rules(section: Section, facts: list[RequestFacts], now: float) -> lis
                     for f in facts)]
 
 
+def _key_rules(section: Section, facts: list[RequestFacts], now: float) -> list[Rule]:
+    """The rules of ``section`` testing an API key that could match one of ``facts`` by
+    their request conditions (for a request that presented a key the recording sidecar did
+    not recognise, ``extra.apikey_unknown``: which key it was is not recorded)."""
+    return [r for r in section.rules if r.when.apikey is not None and not r.expired(now)
+            and any(request_holds(r.when, f, section.trust_domain, True, section.fold_case,
+                                  r.effect, section.fold_formats, section.deny_case)
+                    for f in facts)]
+
+
 def _held(section: Section, held: frozenset[str]) -> Section:
     """``section`` with the claim tests of the rules named in ``held`` passed: their jwt
     condition asks only for a token of their provider (the record has one)."""
@@ -476,6 +500,17 @@ def replay(policy: object, records: Iterator[AuditRecord], identity: str | None
                         too_many.append(f"{UNCERTAIN_CLAIMS}: the token's provider is not "
                                         f"recorded; rules {', '.join(repr(r.name) for r in unplaced)}"
                                         " name providers")
+                if extra.get("apikey_unknown") is True and rec.apikey is None:
+                    # An API key was presented that the recording sidecar did not recognise
+                    # (defined for another section, or nowhere, or expired): decided as
+                    # absent then; a rule of the new policy testing keys may recognise it.
+                    # Which key it was is not recorded (found by a hostile review: a new
+                    # policy naming it let the request in, replayed as "no change").
+                    keyed = _key_rules(section, judged_facts, rec.time)
+                    if keyed:
+                        too_many.append(f"{UNCERTAIN_APIKEY}: rules "
+                                        f"{', '.join(repr(r.name) for r in keyed)} test "
+                                        "API keys")
                 if len(open_rules) > MAX_CLAIM_TRIALS:
                     too_many.append(f"{UNCERTAIN_CLAIMS}: {len(open_rules)} rules test claims "
                                     "the trail does not hold")

@@ -356,6 +356,21 @@ def _token_fields(auth: AuthFacts | None,
     return (*_claims_fields(claims), auth.apikey)
 
 
+# ``extra``'s marker of a request that presented an ``x-api-key`` the sidecar did not
+# recognise (``AuthFacts.apikey_unknown``): decided as if it had none, and recorded so,
+# but ``policy replay`` must know a key was sent (a new policy naming it may let the
+# request in). Never the key nor anything derived from it.
+EXTRA_APIKEY_UNKNOWN = "apikey_unknown"
+
+
+def _key_unknown_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``extra`` (may be shared, read-only: copied) with ``apikey_unknown: true``. Only for
+    a request that carried a key: the others never get here."""
+    out = dict(list(extra.items())[:MAX_EXTRA_KEYS - 1]) if extra else {}
+    out[EXTRA_APIKEY_UNKNOWN] = True
+    return out
+
+
 def record_from(
     decision: Decision,
     facts: RequestFacts | None,
@@ -394,6 +409,8 @@ def record_from(
                                 bytes_out, duration_ms, extra)
     else:
         iss, sub, jti, apikey = _token_fields(auth, decision.provider)
+        if auth is not None and auth.apikey_unknown:
+            extra = _key_unknown_extra(None if extra is _FROM_DECISION else extra)
         event = EVENT_RATE_LIMITED if decision.reason == REASON_RATE_LIMITED else EVENT_REQUEST
         record = AuditRecord(
             time, event, request_id, token_issuer=iss, token_subject=sub, token_id_hash=jti,
@@ -419,6 +436,8 @@ def request_record(
     reason = decision.reason
     if auth is not None:
         iss, sub, jti, apikey = _token_fields(auth, decision.provider)
+        if auth.apikey_unknown:
+            extra = _key_unknown_extra(extra)
     else:
         iss = sub = jti = apikey = None
     return AuditRecord(
@@ -447,6 +466,8 @@ def request_wire(
     peer = facts.peer
     if auth is not None and auth is not NO_AUTH:
         iss, sub, jti, apikey = _token_fields(auth, decision.provider)
+        if auth.apikey_unknown:  # (a key was presented: NO_AUTH never has one)
+            extra = _key_unknown_extra(extra)
     else:  # no credentials (NO_AUTH: every request without a token or API key)
         iss = sub = jti = apikey = None
     event = EVENT_RATE_LIMITED if reason == REASON_RATE_LIMITED else EVENT_REQUEST
@@ -535,6 +556,8 @@ def request_row(
     if extra is not None and len(extra) > MAX_EXTRA_KEYS:
         extra = dict(list(extra.items())[:MAX_EXTRA_KEYS])
     if auth is not None and auth is not NO_AUTH:
+        if auth.apikey_unknown:  # (a key was presented: NO_AUTH never has one)
+            extra = _key_unknown_extra(extra)
         iss, sub, jti, apikey = _token_fields(auth, decision.provider)
         if apikey is None and iss is not None and sub is not None and jti is not None:
             if extra is None:

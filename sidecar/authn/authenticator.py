@@ -128,6 +128,9 @@ DECISION_KEY_MAX_TOKEN = 4096
 # In AuthFacts.key after the providers' entries when a token no provider accepted was
 # presented (never a provider's entry: those start with the provider's name).
 _UNACCEPTED = (None, "unaccepted")
+# What ``_check_apikey`` returns for an ``x-api-key`` no loaded key is (never a key's name:
+# names are ``[A-Za-z0-9._-]``; compared by identity).
+KEY_UNRECOGNISED = "\x00unrecognised"
 # Refusals that say the token is the refusing provider's own (its issuer matched, or its
 # authorisation server answered) and failed: such a token is refused even where an
 # introspected provider that was not asked about reads the same place. Other refusals
@@ -586,7 +589,12 @@ class Authenticator:
                     if sub is not None:
                         subjects[name] = sub
         apikey = self._check_apikey(headers, now)
-        if not claims and not errors and apikey is None:
+        # (``_check_apikey``: None when no key was presented, ``KEY_UNRECOGNISED`` when one
+        # was that no loaded key is -- decided as absent, recorded as presented)
+        unknown = apikey is KEY_UNRECOGNISED
+        if unknown:
+            apikey = None
+        elif not claims and not errors and apikey is None:
             return NO_AUTH
         unaccepted = False
         if refused is not None:  # (only when some provider refused a token)
@@ -600,7 +608,7 @@ class Authenticator:
                 key.append(_UNACCEPTED)
         return new_auth_facts((claims, errors, apikey, subjects,
                                None if key is None else (*key, apikey), tuple(held),
-                               unaccepted))
+                               unaccepted, unknown))
 
     def _issuers_named(self, token: str, providers: Iterable[str]) -> frozenset[str]:
         """Which of the issuers of ``providers``' JWT providers (not introspected) ``token``'s
@@ -731,6 +739,9 @@ class Authenticator:
             listener()
 
     def _check_apikey(self, headers: Headers, now: float) -> str | None:
+        """The name of the loaded key the request's ``x-api-key`` is; None when it has no
+        such header; ``KEY_UNRECOGNISED`` when it presented one that no loaded key is (or
+        two): decided as absent, but recorded (``AuthFacts.apikey_unknown``)."""
         raw = None
         repeated = False
         for n, v in headers:  # (a plain loop: most requests carry no key)
@@ -746,8 +757,8 @@ class Authenticator:
             name = self._apikeys.check(presented_key(raw), now)
         if name is None:
             self.apikeys_refused += 1
-        else:
-            self.apikeys_accepted += 1
+            return KEY_UNRECOGNISED
+        self.apikeys_accepted += 1
         return name
 
     # -- streams (upgraded connections), judged again after they began ----------------------

@@ -25,7 +25,7 @@ from sidecar.identity.spiffe import parse_spiffe_id
 from sidecar.output import add_output_flag, dump_yaml, emit, safe
 from sidecar.policy.explain import explain
 from sidecar.policy.lint import LintWarning, lint
-from sidecar.policy.loaded import Policy
+from sidecar.policy.loaded import Policy, narrow_extras
 from sidecar.policy.loader import load_policy_set, policy_label
 from sidecar.policy.policyset import NAMED_FILE_KEYS
 
@@ -380,17 +380,85 @@ def cmd_explain(args: argparse.Namespace) -> int:
         doc, text = _explain_stream(policy, args, now)
         emit(args, doc, lambda: text, out)
         return EXIT_OK if doc["allowed"] else EXIT_FOUND
-    providers = [args.provider] if args.provider else list(policy.extras.jwt_providers)
+    # What the --to section's sidecar loads (``narrow_extras``, as the loader narrows a
+    # running sidecar's policy): only the providers and API keys its own rules name.
+    view = narrow_extras(policy.extras, policy.services.get(args.to))
+    problem, notes, apikey = _credential_flags(policy, view, args, now)
+    if problem is not None:
+        print(f"usage error: {problem}", file=err)
+        return EXIT_USAGE
+    providers = [args.provider] if args.provider else list(view.jwt_providers)
     claims = {p: claims_doc for p in providers} if claims_doc is not None else {}
     token_errors = {p: "invalid" for p in args.token_invalid or ()}
     result = explain(
         policy, args.to, caller=args.caller, method=args.method or "GET", target=args.path,
         host=args.host or "", port=args.port or 0, listener=args.listener,
-        claims=claims, token_errors=token_errors, apikey=args.apikey, now=now,
+        claims=claims, token_errors=token_errors, apikey=apikey, now=now,
         destination=args.destination,
     )
-    emit(args, _explain_doc(result, policy), result.render, out)
+    doc = _explain_doc(result, policy)
+    doc["notes"] = notes
+    emit(args, doc, lambda: "\n".join([*(f"note:   {safe(n)}" for n in notes),
+                                        result.render()]), out)
     return EXIT_OK if result.allowed else EXIT_FOUND
+
+
+def _credential_flags(policy: Policy, view: Any, args: argparse.Namespace, now: float
+                      ) -> tuple[str | None, list[str], str | None]:
+    """The credentials of ``explain`` as the --to section's sidecar reads them: (a usage
+    error, notes for the output, the API key name to decide with).
+
+    That sidecar loads only the JWT providers and API keys its own rules name
+    (``narrow_extras``). Before the thirty-fifth session explain took any name -- another
+    section's provider or key, or one defined nowhere -- and decided as if the sidecar had
+    verified it: ALLOW, or 403, where the sidecar answers 401 (found by a hostile review).
+    Now:
+
+    - ``--provider`` / ``--token-invalid`` naming a provider the section's sidecar does not
+      load is a usage error: what it does with such a token depends on where the token is
+      and what it names (a provider of the section reading that place refuses it, an invalid
+      token; one in a place none reads is not seen), which the flags do not say.
+    - ``--apikey`` naming a key of the policy that sidecar does not load is decided exactly
+      as the data path decides it: an ``x-api-key`` no loaded key is counts as none
+      (``Authenticator._check_apikey``), and a note says so; so is an expired key of the
+      section's (``ApiKeyTable.check``). A name no ``api_keys`` entry
+      of the policy has is a usage error (a typo, like an unknown ``--to``).
+    """
+    section = args.to
+    where = (f"section {section}" if section in policy.services
+             else f"{section} (no section in this policy: that sidecar denies everything)")
+    loaded = ", ".join(sorted(safe(n) for n in view.jwt_providers)) or "none"
+    for flag, names in (("--provider", [args.provider] if args.provider else []),
+                        ("--token-invalid", list(args.token_invalid or ()))):
+        for name in names:
+            if name in view.jwt_providers:
+                continue
+            if name in policy.extras.jwt_providers:
+                return (f"{flag} {safe(name)}: provider {safe(name)} is not named by any rule "
+                        f"of {safe(where)}: that sidecar does not load it, so it never "
+                        "verifies a token of it (a provider of the section reading the "
+                        "token's place refuses it as invalid, one in a place none reads is "
+                        "not seen); give --token-invalid with a provider the section names, "
+                        f"or leave the token out (loaded there: {loaded})", [], None)
+            return (f"{flag} {safe(name)}: no provider {safe(name)} is defined in the policy "
+                    f"(loaded by {safe(where)}: {loaded})", [], None)
+    name = args.apikey
+    if name is None:
+        return None, [], None
+    keys = ", ".join(sorted({safe(k.name) for k in view.api_keys})) or "none"
+    entries = [k for k in view.api_keys if k.name == name]
+    if entries:
+        if any(k.expires_at is None or now < k.expires_at for k in entries):
+            return None, [], name
+        return None, [f"API key {name} has expired (expires_at): the sidecar does not "
+                      "recognise it, and a key it does not recognise counts as no key -- "
+                      "decided without one, as the sidecar decides it"], None
+    if not any(k.name == name for k in policy.extras.api_keys):
+        return (f"--apikey {safe(name)}: no API key {safe(name)} is defined in the policy "
+                f"(loaded by {safe(where)}: {keys})", [], None)
+    return None, [f"API key {name} is not named by any rule of {where}: that sidecar does "
+                  "not load it, and a key it does not recognise counts as no key -- "
+                  "decided without one, as the sidecar decides it"], None
 
 
 # The conditions an opaque stream has (``compiled.stream_holds``); the others are request

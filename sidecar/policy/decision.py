@@ -103,6 +103,13 @@ class AuthFacts(NamedTuple):
     # asked about is neither. None (an AuthFacts built by hand: ``policy explain``,
     # ``replay``, tests): any ``token_errors`` entry counts as such a token.
     unaccepted: bool | None = None
+    # Set by the authenticator: an ``x-api-key`` was presented that no key this sidecar
+    # loaded recognised (unknown, expired, defined only for another section, or two keys in
+    # one request). Never read by a decision (such a key counts as absent, ``apikey`` is
+    # None); the audit record says so (``extra.apikey_unknown``) so that ``policy replay``
+    # does not call "no change" a request a new policy naming that key would let in. Not
+    # part of equality either.
+    apikey_unknown: bool = False
 
     @property
     def invalid_token(self) -> bool:
@@ -137,8 +144,8 @@ def decided_claims(auth: AuthFacts, provider: str | None) -> Mapping[str, Any] |
     for first in claims.values():
         return first
     return None
-# An AuthFacts from its seven fields in order (claims, token_errors, apikey,
-# unverified_subjects, key, held, unaccepted), without the named tuple's Python-level
+# An AuthFacts from its eight fields in order (claims, token_errors, apikey,
+# unverified_subjects, key, held, unaccepted, apikey_unknown), without the named tuple's Python-level
 # ``__new__``.
 new_auth_facts: Callable[[tuple[Any, ...]], AuthFacts] = functools.partial(
     tuple.__new__, AuthFacts)

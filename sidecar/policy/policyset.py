@@ -288,6 +288,8 @@ def read_policy_set(paths: Sequence[str]) -> list[tuple[str, bytes]]:
         if os.path.isdir(path):
             out.extend(_read_directory(path, budget))
         else:
+            if (problem := _name_problem(path)) is not None:
+                raise ConfigError([problem])
             out.append((path, budget.take(path, read_capped(path))))
         if len(out) > MAX_POLICY_FILES:
             raise ConfigError([Problem(path, None, "", f"more than {MAX_POLICY_FILES} policy "
@@ -361,16 +363,41 @@ def _suffix_problems(path: str, entries: list[str]) -> list[Problem]:
 
 def _policy_names(path: str, listed: str) -> list[str]:
     """The visible *.yaml / *.yml entries of directory ``listed`` (``path`` or its ``..data``
-    target), in name order; a suffix in another case is an error (``_suffix_problems``)."""
+    target), in name order; a suffix in another case (``_suffix_problems``) or a name that is
+    not UTF-8 (``_name_problem``) is an error."""
     try:
         entries = os.listdir(listed)
     except OSError as exc:
         raise ConfigError([Problem(path, None, "", f"cannot read directory: {exc.strerror}")]
                           ) from None
     problems = _suffix_problems(path, entries)
+    names = sorted(n for n in entries if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
+    problems += [p for n in names if (p := _name_problem(os.path.join(path, n))) is not None]
     if problems:
         raise ConfigError(problems)
-    return sorted(n for n in entries if not n.startswith(".") and n.endswith(POLICY_SUFFIXES))
+    return names
+
+
+def _raw_shown(path: str) -> str:
+    """``path`` as text, a byte that is not UTF-8 (``os`` gives it as a lone surrogate)
+    written as its escape, ``\\xff``: the name as ``ls`` and the shell show it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _name_problem(path: str) -> Problem | None:
+    """A policy file whose name is not UTF-8 (``b'\\xffns.yaml'``, legal on Linux): refused,
+    naming it with the byte escaped. Its name goes into the set's version (``set_version``,
+    the same on every sidecar) and into messages, status and JSON, none of which can hold it;
+    before the thirty-fifth session it ended every load in the ``unexpected
+    UnicodeEncodeError ... please report this as a bug`` path (found by a hostile review)."""
+    name = os.path.basename(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return Problem(_raw_shown(path), None, "",
+                       "not loaded: the file name is not valid UTF-8 (the byte shown escaped); "
+                       "rename the file (a policy file's name must be UTF-8 text)")
+    return None
 
 
 def _data_link_problems(path: str, target: str, visible: list[str],
