@@ -715,3 +715,27 @@ def test_a_refused_url_is_shown_without_its_path_query_or_password(url: str) -> 
     for message in messages:
         assert "SECRET" not in message, message
     assert any(m for m in messages)
+
+
+# Requests the server refuses itself, before any handler: a HEAD's 400 has no body (h11
+# refuses to send one for a HEAD, and before the thirty-fifth session's review the refusal
+# was then never sent at all: the connection just closed).
+REFUSED_BEFORE_THE_HANDLER = {
+    "bad version": b"{m} /h HTTP/1.2\r\nhost: x\r\n\r\n",
+    "absolute form with userinfo": b"{m} http://u@x/h HTTP/1.1\r\nhost: x\r\n\r\n",
+    "framed both ways": b"{m} /h HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_BEFORE_THE_HANDLER))
+@pytest.mark.parametrize("method", [b"HEAD", b"GET"])
+def test_a_request_refused_before_the_handler_gets_its_400(name: str, method: bytes) -> None:
+    async def check(nursery: trio.Nursery) -> None:
+        port, _ = await start(nursery, bad_request=lambda status: Reply(status, b"custom\n"))
+        got = await exchange(port, REFUSED_BEFORE_THE_HANDLER[name].replace(b"{m}", method))
+        assert got.startswith(b"HTTP/1.1 400 "), (name, got[:60])
+        assert b"connection: close" in got and b"content-length: 7\r\n" in got
+        assert got.endswith(b"\r\n\r\n" if method == b"HEAD" else b"custom\n"), got[-20:]
+
+    with_serve(check)

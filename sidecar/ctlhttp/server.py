@@ -560,13 +560,17 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str,
             # (h11 reads "HTTP/2.0", "HTTP/0.9", "HTTP/1.2"... as 1.1; the data path refuses
             # them as bad_http_version, and so does this server.)
             # h11 lets chunked win; the data path refuses the ambiguity, and so does this
-            # server: 400, closed, the handler never sees the request.
-            if await conn.send(site.bad_request(400), False, True, site.base_headers):
+            # server: 400, closed, the handler never sees the request. (A HEAD's answer has
+            # no body: h11 refuses to send one, and a HEAD refused here got no answer at
+            # all before the thirty-fifth session's review.)
+            if await conn.send(site.bad_request(400), head.method == b"HEAD", True,
+                               site.base_headers):
                 await conn.linger()
             return
         form = origin_form(head.target.decode("latin-1"))
         if form is None:
-            if await conn.send(site.bad_request(400), False, True, site.base_headers):
+            if await conn.send(site.bad_request(400), head.method == b"HEAD", True,
+                               site.base_headers):
                 await conn.linger()
             return
         request = Request(conn, head, trio.current_time() + limits.request_timeout, *form)
