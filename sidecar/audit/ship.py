@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from sidecar.audit.chain import (
+    MAX_FRAME_BYTES,
     MAX_RECORD_JSON_DEPTH,
     FrameError,
     json_record_frame,
@@ -466,27 +467,82 @@ class CollectError(ValueError):
     """Two different frames were shipped with one seq (a forgery or a writer reusing seqs)."""
 
 
-_SD_PARAM = re.compile(r'(\w+)="([^"]*)"')
-
-
 def _canonical(value: Any) -> str:
     """A JSON value as the shipper writes it (compact, ASCII, bytes in base64), read back
     and written again: equal exactly when the values are (403 is not 403.0 nor true)."""
     return _encode(json.loads(_encode(value)))
 
 
-# The longest collector line ``collect`` reads: a frame is at most 1 MiB (chain.py), its
-# message its base64 plus the JSON of the same record; longer lines cannot be ours and are
-# skipped without being held in memory (counted in ``Collector.oversized``).
-MAX_COLLECT_LINE = 16 * 1024 * 1024
-# Lines refused by ``Collector`` listed by place (the rest counted); a refused line's seqs
-# looked for in its first MAX_SEQ_SCAN characters, at most MAX_SEQS_PER_LINE of them.
+# The longest message the shipper writes: the JSON of a frame's body (at most 6 characters a
+# byte: a control character in a string is ``\u00XX``; a record stored as JSON is its frame),
+# the frame in base64, and the header (a 255-character host, the structured data). A message
+# longer than ``audit.ship.max_message_bytes`` goes in parts no longer than that, so never
+# longer than itself. A collector line is that and the collector's own fields; ``collect``
+# reads none longer (rounded up to a MiB: 8 MiB), skipping them unheld (``oversized``).
+# Before the thirty-fifth session it was 16 MiB, and a line just under it of
+# ``{"seq":1,"a":[{},{},...]}`` made collect hold 1 GB (found by a hostile review).
+_MIB = 1024 * 1024
+MAX_MESSAGE_TEXT = 6 * MAX_FRAME_BYTES + 4 * -(-MAX_FRAME_BYTES // 3) + 4096
+MAX_COLLECT_LINE = -(-(MAX_MESSAGE_TEXT + 64 * 1024) // _MIB) * _MIB
+# What JSON a message can hold, counted before it is parsed (``_too_much_json``): every value
+# of its frame's body -- a container, a member's key, each element and member value -- is at
+# least a byte, and so is each character of a string. A ``{`` or ``[`` is a container or such
+# a character, a ``:`` a key or one, and a ``,`` stands before a value or is one: so the
+# containers and keys, and the commas and keys, are each at most the frame's bytes (a record
+# stored as JSON is its frame). ``MAX_FRAME_BYTES`` of either, with a margin for the
+# message's own members and a checkpoint's JSON; a part's JSON has 10. (Parsed, each
+# container costs about 200 bytes: 1 GB for a 16 MiB line of ``[{},{},...]``.)
+MAX_MESSAGE_JSON_ITEMS = MAX_FRAME_BYTES + 4096
+MAX_PART_JSON_ITEMS = 16
+# Lines refused by ``Collector`` listed by place (the rest counted). Every seq a refused
+# line seems to name is noted, the whole line scanned (``_SEQ_NAMED`` is linear), at most
+# MAX_REFUSED_SEQS distinct ones in all: past that ``check`` cannot tell which frames they
+# name and refuses the copy. Before the thirty-fifth session only the first four in a line's
+# first 4,096 characters were, and decoys or padding before the real seq got a forged line
+# past (found by a hostile review).
 MAX_REFUSED_LISTED = 5
-MAX_SEQ_SCAN = 4096
-MAX_SEQS_PER_LINE = 4
-# A seq a line seems to name: ``seq="N"`` (structured data), ``"seq":N``, ``"seq": "N"``.
-# (An integer: ``1e400`` or ``1.5`` names no seq.)
-_SEQ_NAMED = re.compile(r'seq\W{0,3}?[:=]\s*"?\s*([0-9]{1,20})(?![0-9.eE])')
+MAX_REFUSED_SEQS = 1 << 20
+# A seq a line seems to name: ``seq="N"`` (structured data), ``"seq":N``, ``"seq": "N"``
+# (JSON's blanks around the colon and quote, any number). (An integer: ``1e400`` or ``1.5``
+# names no seq.) Possessive blanks, so no backtracking: the thirty-fifth session's review
+# found ``\s*"?\s*`` quadratic in a run of blanks (0.25 s of CPU per 4 KiB line).
+_SEQ_NAMED = re.compile(r'seq\W{0,3}?\s*+[:=]\s*+"?+\s*+([0-9]{1,20})(?![0-9.eE])')
+# A ``sidecar@32473`` element in a line (RFC 5424 6.3.2: an SD-ID appears at most once).
+# (what follows the SD-ID cannot be part of an SD-NAME: a blank, ``]``, ``=``, ``"``)
+_SD_ELEMENT = re.compile(r"\[" + re.escape(SD_ID) + r'(?=[\s\]="]|$)')
+_SD_PARAM_ESCAPED = re.compile(r' ([^\s="\]]+)="((?:[^"\\]|\\.)*+)"')
+_SD_UNESCAPE = re.compile(r"\\([\\\]\"])")
+
+
+def _too_much_json(text: str, limit: int) -> bool:
+    """Whether ``text`` has more ``{``, ``[`` and ``:``, or more ``,`` and ``:``, than
+    ``limit``: more JSON than a message of ours holds (four C counts; nothing parsed)."""
+    keys = text.count(":")
+    return text.count("{") + text.count("[") + keys > limit or \
+        text.count(",") + keys > limit
+
+
+def _sd_params(line: str, end: int) -> dict[str, str]:
+    """The params of the ``sidecar@32473`` element in ``line[:end]`` ({} without one);
+    ``ValueError`` when there are two elements, or a param named twice in it (an SD-ID and
+    a param appear once, RFC 5424 6.3.2 and 6.3.3): a SIEM could show either copy."""
+    found = list(_SD_ELEMENT.finditer(line, 0, end))
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise ValueError(f"structured data: {SD_ID} {len(found)} times")
+    # Its params up to the ``]`` that ends it (a ``\]`` or ``\"`` in a value, RFC 5424
+    # 6.3.3, does not: a SIEM reads past it, and so does this).
+    pairs, pos = [], found[0].end()
+    while (m := _SD_PARAM_ESCAPED.match(line, pos, end)) is not None:
+        pairs.append((m.group(1), _SD_UNESCAPE.sub(r"\1", m.group(2))))
+        pos = m.end()
+    if not line.startswith("]", pos) and not line.startswith(" ]", pos):
+        raise ValueError(f"structured data: {SD_ID} not as the shipper writes it")
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        raise ValueError("structured data: a param twice")
+    return params
 
 
 def bounded_lines(fh: IO[str], limit: int = MAX_COLLECT_LINE) -> Iterator[str | None]:
@@ -539,6 +595,7 @@ class Collector:
         self.refused = 0
         self.refused_at: list[str] = []
         self._refused_seqs: dict[int, str] = {}
+        self._refused_past = ""  # where a seq past MAX_REFUSED_SEQS was first named
         # The parts of messages sent in parts, by (seq, digest, parts), until each is whole
         # (``_part``), and their bytes.
         self._parts: dict[tuple[int, str, int, str | None], dict[int, bytes]] = {}
@@ -580,9 +637,13 @@ class Collector:
                 else:
                     continue
             try:
-                # The strict reader (sidecar/jsondoc.py): a message that names a member twice
-                # is not one the writer sent -- a SIEM keeping the first "record" would show
-                # one thing and this check the last (found by a hostile review).
+                # More JSON than a message of ours holds is refused unparsed (a line of
+                # ``[{},{},...]`` cost 200 bytes a container parsed). The strict reader
+                # (sidecar/jsondoc.py): a message that names a member twice is not one the
+                # writer sent -- a SIEM keeping the first "record" would show one thing and
+                # this check the last (found by a hostile review).
+                if _too_much_json(line[start:], MAX_MESSAGE_JSON_ITEMS):
+                    raise ValueError("more JSON than a message holds")
                 obj = read_json(line[start:])
                 seq = obj["seq"]
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -616,6 +677,8 @@ class Collector:
         ``verify`` shows)."""
         start = line.find('{"part":')
         try:
+            if _too_much_json(line[start:], MAX_PART_JSON_ITEMS):
+                raise ValueError("not a part")
             obj = read_json(line[start:])
             part, parts, seq, digest = obj["part"], obj["parts"], obj["seq"], obj["digest"]
             if not all(isinstance(v, int) and not isinstance(v, bool)
@@ -625,9 +688,9 @@ class Collector:
                 raise ValueError("not a part")
             # The structured data a SIEM shows says what the JSON says (found by the review
             # of this code: parts relabelled as another seq and kind were joined and read).
-            # (a collector that keeps no structured data: the JSON alone, as for whole lines)
-            at = line.rfind("[" + SD_ID + " ", 0, start)
-            sd = dict(_SD_PARAM.findall(line[at:line.find("]", at) + 1])) if at >= 0 else {}
+            # (a collector that keeps no structured data: the JSON alone, as for whole lines;
+            # two elements, or a param twice: refused, since the thirty-fifth session)
+            sd = _sd_params(line, start)
             for label, value in (("seq", str(seq)), ("digest", digest), ("part", str(part)),
                                  ("parts", str(parts))):
                 if label in sd and sd[label] != value:
@@ -690,8 +753,14 @@ class Collector:
         self.refused += 1
         if len(self.refused_at) < MAX_REFUSED_LISTED:
             self.refused_at.append(where)
-        for found in _SEQ_NAMED.findall(line[:MAX_SEQ_SCAN])[:MAX_SEQS_PER_LINE]:
-            self._refused_seqs.setdefault(int(found), where)
+        seqs = self._refused_seqs
+        for found in _SEQ_NAMED.finditer(line):
+            seq = int(found.group(1))
+            if seq not in seqs:
+                if len(seqs) >= MAX_REFUSED_SEQS:
+                    self._refused_past = self._refused_past or where
+                    continue
+                seqs[seq] = where
 
     def _mismatch(self, obj: dict[str, Any], frame: bytes, before: str) -> str | None:
         from sidecar.audit.chain import FrameError, decode_frame
@@ -710,12 +779,17 @@ class Collector:
         digest = obj.get("digest")
         if not isinstance(digest, str) or self._digests.setdefault(frame, digest) != digest:
             return "digest"
-        sd = before.rfind("[" + SD_ID + " ")
-        if sd >= 0:
-            params = dict(_SD_PARAM.findall(before[sd:before.find("]", sd) + 1 or None]))
-            for name, value in (("seq", str(seq)), ("digest", digest), ("kind", kind)):
-                if name in params and params[name] != value:
-                    return f"structured data {name}={params[name]!r}"
+        # The line's one ``sidecar@32473`` element: a second one (or a param twice) is an
+        # edit, whatever the last says (before the thirty-fifth session only the last
+        # element and the last copy of a param were compared: a genuine allow's line with
+        # seq 2's element put before its own was read, found by a hostile review).
+        try:
+            params = _sd_params(before, len(before))
+        except ValueError as exc:
+            return str(exc)
+        for name, value in (("seq", str(seq)), ("digest", digest), ("kind", kind)):
+            if name in params and params[name] != value:
+                return f"structured data {name}={params[name]!r}"
         field = _FIELD[kind].decode()
         if field not in obj:
             return f"no {field}"
@@ -791,6 +865,12 @@ class Collector:
         for frames in found:
             self._check_stream(frames)
         self.frames = found[0] if found else {}
+        if self._refused_past:
+            raise CollectError(
+                f"{self._refused_past}: lines that look like audit messages but are not ones as "
+                f"the shipper writes them (not read) name more than {MAX_REFUSED_SEQS} seqs: "
+                "which frames they name cannot be told; the collector's copy was edited or "
+                "messages injected")
         if self._refused_seqs:
             named = sorted(seq for seq in self._refused_seqs
                            if any(seq in frames for frames in found))
