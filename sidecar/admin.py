@@ -218,9 +218,12 @@ async def serve_admin(
 def _probe_context() -> ssl.SSLContext:
     # Like the kubelet's own HTTPS probes: no certificate check. The connection stays on
     # the pod's loopback and carries no credentials.
+    from sidecar.identity.tls import limit_key_exchange
+
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    limit_key_exchange(context)  # (no finite-field groups: sidecar/identity/tls.py)
     return context
 
 

@@ -128,7 +128,7 @@ class AlertPoster:
             host = target.host
             context = None
             if target.scheme == "https":
-                context = self.ssl_context or ssl.create_default_context()
+                context = self.ssl_context or _default_context()
             with trio.fail_after(self.timeout):
                 answer = await request(
                     target, method="POST", body=body,
@@ -171,3 +171,14 @@ class AlertPoster:
             "dropped": self.dropped,
             "queued": self.queue_depth(),
         }
+
+
+def _default_context() -> ssl.SSLContext:
+    """The system's trust for an ``https`` webhook, offering no finite-field groups
+    (``sidecar.identity.tls.limit_key_exchange``: a webhook that asked for ffdhe8192 cost
+    170 ms of the event loop a post)."""
+    from sidecar.identity.tls import limit_key_exchange
+
+    context = ssl.create_default_context()
+    limit_key_exchange(context)
+    return context

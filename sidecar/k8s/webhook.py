@@ -74,7 +74,7 @@ from sidecar.ctlhttp.server import (
     serve,
 )
 from sidecar.identity.svid import MAX_FILE_BYTES as MAX_PEM_FILE_BYTES
-from sidecar.identity.tls import memory_files, server_only_fresh_sessions
+from sidecar.identity.tls import limit_key_exchange, memory_files, server_only_fresh_sessions
 from sidecar.k8s.admission import MAX_REVIEW_BYTES, AdmissionAnswer, review_pod
 from sidecar.k8s.flags import add_webhook_arguments, inject_options_from_args
 from sidecar.k8s.inject import InjectOptions
@@ -218,6 +218,7 @@ def _server_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
     server_only_fresh_sessions(ctx)  # no session cache to fill (sidecar/identity/tls.py)
+    limit_key_exchange(ctx)  # no finite-field groups (sidecar/identity/tls.py)
     with memory_files(cert_pem, key_pem) as (cert_path, key_path):
         ctx.load_cert_chain(cert_path, key_path)  # the bytes read (OpenSSL opens no file)
     return ctx

@@ -27,7 +27,7 @@ import hashlib
 import ssl
 
 from sidecar.config.source import read_regular
-from sidecar.identity.tls import memory_files
+from sidecar.identity.tls import limit_key_exchange, memory_files
 
 # A CA bundle, certificate chain or key file larger than this is refused (a bundle of a few
 # hundred roots is well under it).
@@ -91,6 +91,7 @@ class FileContext:
         else:
             ctx = ssl.create_default_context()
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        limit_key_exchange(ctx)  # no finite-field groups (sidecar/identity/tls.py)
         if self._cert:
             with memory_files(rest[0], rest[1]) as (chain_path, key_path):
                 ctx.load_cert_chain(chain_path, key_path)
