@@ -721,6 +721,14 @@ def test_a_refused_url_is_shown_without_its_path_query_or_password(url: str) -> 
 # refuses to send one for a HEAD, and before the thirty-fifth session's review the refusal
 # was then never sent at all: the connection just closed).
 REFUSED_BEFORE_THE_HANDLER = {
+    # (h11 refuses these while it parses the head, and then does not know the method: the
+    # HEAD's refusal had its body after its head; found by the review of the first fix)
+    "bad header name": b"{m} /h HTTP/1.1\r\nhost: x\r\nbad name: 1\r\n\r\n",
+    "bad content-length": b"{m} /h HTTP/1.1\r\nhost: x\r\ncontent-length: x\r\n\r\n",
+    "two content-lengths": b"{m} /h HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n"
+                           b"content-length: 2\r\n\r\n",
+    "transfer-encoding gzip": b"{m} /h HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n",
+    "no host": b"{m} /h HTTP/1.1\r\n\r\n",
     "bad version": b"{m} /h HTTP/1.2\r\nhost: x\r\n\r\n",
     "absolute form with userinfo": b"{m} http://u@x/h HTTP/1.1\r\nhost: x\r\n\r\n",
     "framed both ways": b"{m} /h HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n"
@@ -734,7 +742,7 @@ def test_a_request_refused_before_the_handler_gets_its_400(name: str, method: by
     async def check(nursery: trio.Nursery) -> None:
         port, _ = await start(nursery, bad_request=lambda status: Reply(status, b"custom\n"))
         got = await exchange(port, REFUSED_BEFORE_THE_HANDLER[name].replace(b"{m}", method))
-        assert got.startswith(b"HTTP/1.1 400 "), (name, got[:60])
+        assert got.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 501 ")), (name, got[:60])
         assert b"connection: close" in got and b"content-length: 7\r\n" in got
         assert got.endswith(b"\r\n\r\n" if method == b"HEAD" else b"custom\n"), got[-20:]
 
