@@ -454,6 +454,13 @@ SPELLINGS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("plus-as-filler-four", lambda t: _filled(t, "++++")),
     ("plus-as-filler-every-character", lambda t: _filled(t, "+", every=True)),
     ("plus-as-filler-unescaped-dots", lambda t: _filled(t, "++").replace(".", "%u002e")),
+    # ... with dots that take two decodings (the review of the first fix: read as a decoded
+    # form, the ``+`` never met a dot).
+    ("plus-as-filler-percent-twice-dots", lambda t: _filled(t, "++").replace(".", "%252e")),
+    ("plus-as-filler-percent-json-dots", lambda t: _filled(t, "++").replace(".", "%5Cu002e")),
+    ("plus-as-filler-percent-octal-dots", lambda t: _filled(t, "++").replace(".", "%5C056")),
+    ("plus-as-filler-json-percent-dots", lambda t: _filled(t, "++").replace(".", "\\u00252e")),
+    ("plus-and-bang-filler", lambda t: _filled(t, "+!+")),
     ("percent-twice-dots", lambda t: t.replace(".", "%252E")),
     ("percent-then-json-dots", lambda t: t.replace(".", "%5Cu002e")),
     ("json-then-percent-dots", lambda t: t.replace(".", "\\u00252E")),

@@ -822,7 +822,15 @@ _MIN_PAYLOAD_DIGITS = 12
 # Python: a 30 KB value of dotted words cost 1.5 ms, where a plain one costs 0.25 ms.)
 # Tried only after a dot (the lookbehind), so linear.
 _FILLED_PART = re.compile(rf"(?<=\.)(?=[^.]{{{_MIN_PAYLOAD_DIGITS + 1}}})"
-                          r"[A-Za-z0-9_\-+/=]*+[^A-Za-z0-9_\-+/=.][^.]*+")
+                          r"[A-Za-z0-9_\-/=]*+[^A-Za-z0-9_\-/=.][^.]*+")
+# ``+`` is a digit of standard base64 and filler to a reader that first turns it into a space
+# (PHP's ``$_COOKIE``, .NET's ``HttpUtility.UrlDecode``, Java's ``URLDecoder`` on a path
+# segment: outside the query too); a part holding one is read both ways. A forged token
+# with ``+`` inserted in its payload reached the app from a cookie, a header and the path
+# (found by the review of the thirty-fifth session's ``unescape`` decoding; reading such
+# values with ``+`` as a space, as a decoded form, missed dots needing two decodings and
+# cost ordinary heads -- ``vnd...+json`` types, signed cookies -- their budget).
+_NOT_DIGIT_OR_PLUS = re.compile(r"[^A-Za-z0-9_\-/=]++")
 
 
 def _filled_pieces(text: str, spend: Callable[[int], object] | None = None) -> list[str]:
@@ -841,9 +849,14 @@ def _filled_pieces(text: str, spend: Callable[[int], object] | None = None) -> l
         part = m.group()
         if spend is not None:
             spend(SCAN_FILLER_COST)
-        digits = _NOT_DIGIT.sub("", part)
-        if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
-            pieces.append(f".{digits}.")
+        as_digit = _NOT_DIGIT.sub("", part)
+        # (``+`` a digit -- unless that is the part as sent, which the run's own piece
+        # reads -- then ``+`` filler: ``_NOT_DIGIT_OR_PLUS``)
+        for digits in ((as_digit,) if "+" not in part else
+                       (_NOT_DIGIT_OR_PLUS.sub("", part),) if as_digit == part else
+                       (as_digit, _NOT_DIGIT_OR_PLUS.sub("", part))):
+            if len(digits) >= _MIN_PAYLOAD_DIGITS and digits[0] in _OBJECT_FIRST_DIGITS:
+                pieces.append(f".{digits}.")
     return pieces
 
 
@@ -918,6 +931,7 @@ SCAN_BYTES_FREE = 64 * 1024
 SCAN_ESCAPE_COSTS = {"percent": 40, "plus": 40, "unescape": 60, "quoted-pair": 26, "json": 80,
                      "octal": 80, "hex": 80, "literal": 16,
                      "yaml": 20}  # (the codec 12; yaml a split more; unescape a %u 49)
+SCAN_INVALID_PERCENT_COST = 4  # (a ``%`` no two hex digits follow: measured 3)
 SCAN_ESCAPE_SORT_COST = 14
 SCAN_CODE_COST = 200
 # What the escapes of one form may cost, a character of it, before they are charged to the
@@ -1150,11 +1164,6 @@ def _unescape(text: str) -> str:
     return _unquote_latin1("".join(parts))
 
 
-def _percent_u_count(text: str) -> int:
-    """How many ``%u`` or ``%U`` the text holds (each a possible ``%uXXXX``), in C."""
-    return text.count("%u") + text.count("%U")
-
-
 # A string literal's escapes, every kind in one string (Python's ``unicode_escape`` and
 # ``ast.literal_eval``, YAML double-quoted strings, JavaScript and JSON5 literals): ``\xHH``,
 # ``\u{H...}``, ``\uXXXX``, ``\UXXXXXXXX``, one to three octal digits, the one-letter escapes,
@@ -1279,7 +1288,7 @@ def _forms(raw: bytes, *, plus: bool, budget: _ScanBudget | None = None) -> tupl
     for this value alone); past it, or past the forms of one value, ``_TOO_MANY_FORMS``."""
     if budget is None:
         budget = _ScanBudget()
-    if b"%" not in raw and b"\\" not in raw and not (b"+" in raw and (plus or b"." in raw)):
+    if b"%" not in raw and b"\\" not in raw and not (plus and b"+" in raw):
         # (no dot, no copy: most values -- accept, ids, types -- end at this C scan; the
         # pattern search costs a step per byte)
         if b"." not in raw:
@@ -1318,17 +1327,12 @@ def _decoded_forms(text: str, plus: bool,
             escapes = ""  # (each escape's ``X``, in order: ``_own_escapes``)
             codes_left = given_by in _LITERAL_READERS and _CODES_LEFT.search(form) is not None
             for name, starts, decode in _DECODINGS:
-                if starts not in form or (name == "plus" and not plus and "." not in form):
-                    # (``+`` as a space outside the query too, for a value holding a dot:
-                    # PHP's ``$_COOKIE``, .NET's ``UrlDecode`` and Java's ``URLDecoder`` on
-                    # a path segment read it so, and a lenient base64 reader skips the
-                    # space -- ``+`` filler in a forged token's payload reached the app;
-                    # found by the thirty-fifth session's review of ``unescape``)
-                    continue
+                if starts not in form or (name == "plus" and not plus):
+                    continue  # (outside the query, ``+`` may be filler: ``_filled_pieces``)
                 if name == "unescape":
-                    count = _percent_u_count(form)
+                    count = form.count("%u") + form.count("%U")  # (each a possible %uXXXX)
                     if not count or (given_by in ("percent", "plus")
-                                     and count <= _percent_u_count(read)):
+                                     and count <= read.count("%u") + read.count("%U")):
                         # (no ``%u``; or the ``%u`` a percent reading left are the value's
                         # own, which ``unescape`` of that value reads: read again, the
                         # form cost a legitimate ``escape()`` cookie its budget -- found by
@@ -1352,8 +1356,13 @@ def _decoded_forms(text: str, plus: bool,
                     cost = SCAN_ESCAPE_COSTS[name] * count \
                         + SCAN_ESCAPE_COSTS["percent"] * (form.count("%") - count)
                 elif starts != "\\":
-                    cost = SCAN_ESCAPE_COSTS[name] * form.count("%" if name == "plus"
-                                                                else starts)
+                    # (a ``%u`` is no ``%XX``: percent's split passes it at the cost of an
+                    # invalid escape, ``SCAN_INVALID_PERCENT_COST``; charged as a valid one,
+                    # cookies written by ``escape()`` used up their budget)
+                    cost = form.count("%")
+                    spelled_u = form.count("%u") + form.count("%U") if cost else 0
+                    cost = SCAN_ESCAPE_COSTS[name] * (cost - spelled_u) \
+                        + SCAN_INVALID_PERCENT_COST * spelled_u
                 elif pairs is None:
                     cost = SCAN_ESCAPE_COSTS["quoted-pair"] * form.count(starts)
                 used = min(free, cost)
