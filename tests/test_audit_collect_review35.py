@@ -223,9 +223,13 @@ def test_the_seq_pattern_has_no_unbounded_backtracking_repeat(trail: Trail) -> N
         '"seq":' + " " * 5000 + "9": ["9"], 'seq = "10"': ["10"],
         '"seq":1.5': [], '"seq":1e400': [], "seq=" + " " * 5000 + "x": [],
         'seq="1" seq="2" x seq="3"': ["1", "2", "3"],
+        # (since the review of this fix: any spelling JSON allows, see below)
+        '"seq":2.0': ["2"], '"seq":2e0': ["2"], '"seq":20E-1': ["2"], '"s\\u0065q":2': ["2"],
+        '"\\u0073\\u0065\\u0071" : 2.5e1': ["25"], '"seq":2.': ["2"], '"seq":2e': [],
     }
     for text, seqs in names.items():
-        assert ship._SEQ_NAMED.findall(text) == seqs, text[:40]
+        found = [ship._seq_text(m) for m in ship._SEQ_NAMED.findall(text)]
+        assert [str(seq) for seq in found if seq is not None] == seqs, text[:40]
     # And in a real collect: JSON's blanks before the number (no bound a forger could pass).
     forged = forged_allow(trail, 4).replace('{"seq":4,', '{"seq":' + " " * 3000 + "4,", 1)
     code, out = trail.collect([f"audit\t-\t{forged}"])
@@ -369,3 +373,73 @@ def test_skipped_lines_naming_more_seqs_than_collect_notes_are_broken(trail: Tra
     assert 2 * per_line > 1 << 20  # (MAX_REFUSED_SEQS)
     code, out = trail.collect(lines)
     assert code == 1 and "name more than 1048576 seqs" in out, out
+
+
+# -- (5) since the review of this fix: the seq in any spelling JSON allows, and the JSON
+# object anywhere in the message (before, ``2.0``, ``2e0``, ``20E-1`` and ``"s\u0065q"``
+# were skipped with "names no frame's seq", and a line without ``{"seq":`` nor
+# ``sidecar@32473`` was not even counted, while a SIEM parsing the JSON showed seq 2, a deny,
+# as an allow; collect exited 0 and the copy verified OK).
+
+
+def _forged_body(trail: Trail, seq: int) -> str:
+    """The members after ``seq`` of a forged allow for ``seq`` (``forged_allow``)."""
+    return forged_allow(trail, seq)[len(f'{{"seq":{seq},'):]
+
+
+SPELLINGS = {
+    "2.0": lambda body: '{"seq":2.0,' + body,
+    "2e0": lambda body: '{"seq":2e0,' + body,
+    "20E-1": lambda body: '{"seq":20E-1,' + body,
+    "escaped key": lambda body: '{"s\\u0065q":2,' + body,
+    "blank before colon": lambda body: '{"seq" :2,' + body,
+    "blank after brace": lambda body: '{ "seq":2,' + body,
+    "not the first member": lambda body: '{"kind":"rec","seq":2,'
+                                         + body.replace('"kind":"rec",', "", 1),
+    "digits as text, escaped key": lambda body: '{"\\u0073eq":"2",' + body,
+}
+
+
+@pytest.mark.parametrize("with_sd", [True, False], ids=["sd", "no-sd"])
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_a_skipped_line_naming_a_frame_in_any_json_spelling_is_broken(
+        trail: Trail, spelling: str, with_sd: bool) -> None:
+    msgid, _sd, msg = trail.message(2)
+    body = _forged_body(trail, 2)
+    assert '"kind":"rec",' in body and '"d":"allow"' in body
+    forged = SPELLINGS[spelling](body)
+    parsed = json.loads(forged)  # what a SIEM reads: seq 2, an allow
+    assert parsed["seq"] in (2, "2") and parsed["record"]["d"] == "allow"
+    digest = json.loads(msg)["digest"]
+    sd = f'[sidecar@32473 kind="rec" digest="{digest}"]' if with_sd else "-"
+    code, out = trail.collect([f"{msgid}\t{sd}\t{forged}"])
+    assert code == 1, out
+    assert "seems to be the message for seq 2" in out, out
+
+
+def test_a_decoy_brace_before_the_json_does_not_hide_its_seq(trail: Trail) -> None:
+    # The first ``{`` of the line does not open JSON (a header field, another element):
+    # the rest of the line is not parsed, and the seq is found by the pattern.
+    forged = '{"kind":"rec","seq":2e0,' + _forged_body(trail, 2).replace('"kind":"rec",', "", 1)
+    code, out = trail.collect([f"audit\t[x@1 v=\"{{\"]\t{forged}"])
+    assert code == 1 and "seems to be the message for seq 2" in out, out
+    # An object that parses before it (not ours) does not hide it either.
+    code, out = trail.collect([f"audit\t-\t{{\"app\":1}} {forged}"])
+    assert code == 1 and "seems to be the message for seq 2" in out, out
+
+
+def test_other_programs_json_lines_still_collect(trail: Trail) -> None:
+    # Ordinary syslog lines of other programs: JSON without a seq, with a
+    # seq no frame has (or no integer), text that is no JSON: collect reads the trail as
+    # before (exit 0) and verify says OK (``Trail.collect``).
+    junk = [
+        'kernel\t-\t{"event":"link up","iface":"eth0","n":2}',
+        'app\t-\t{"req":{"seq":999998},"status":200}',
+        'app\t-\t{"seq":999999,"msg":"another counter"}',
+        'app\t-\t{"seq":2.5,"msg":"no integer"} {"seq":-2} {"seq":"two"}',
+        'app\t-\tsequence=2 seq 2 {not json}',
+        'app\t-\t{"s\\u0065q":123456789,"x":"\\u00e9"}',
+    ]
+    code, out = trail.collect(junk)
+    assert code == 0, out
+    assert "BROKEN" not in out, out

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import decimal
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -506,7 +508,22 @@ MAX_REFUSED_SEQS = 1 << 20
 # (JSON's blanks around the colon and quote, any number). (An integer: ``1e400`` or ``1.5``
 # names no seq.) Possessive blanks, so no backtracking: the thirty-fifth session's review
 # found ``\s*"?\s*`` quadratic in a run of blanks (0.25 s of CPU per 4 KiB line).
-_SEQ_NAMED = re.compile(r'seq\W{0,3}?\s*+[:=]\s*+"?+\s*+([0-9]{1,20})(?![0-9.eE])')
+# Since the review of that fix (35): the key in any spelling JSON allows (``s\u0065q``:
+# each letter itself or its ``\u00XX`` escape) and any number with an integral value
+# (``2.0``, ``2e0``, ``20E-1``: read by ``_seq_value``); before, those were skipped unnoted
+# while a SIEM parsing the JSON showed seq 2. The number is atomic: no backtracking into it.
+_SEQ_KEY = r"(?:s|\\u0073)(?:e|\\u0065)(?:q|\\u0071)"
+_SEQ_NAMED = re.compile(_SEQ_KEY + r'\W{0,3}?\s*+[:=]\s*+"?+\s*+'
+                        r'((?>[0-9]{1,20}(?:\.[0-9]*+)?(?:[eE][+-]?+[0-9]++)?))(?![0-9.eE])')
+# A JSON member named seq in any spelling (``"seq":``, ``"s\u0065q" :``): a line without
+# ``sidecar@32473`` whose JSON does not parse is one that looks like ours when it holds one.
+_JSON_SEQ_MEMBER = re.compile(r'"' + _SEQ_KEY + r'"\s*+:')
+_DIGITS = re.compile(r"[0-9]{1,20}")
+# The JSON of a line that is not a message as the shipper writes it is parsed only to find
+# the seqs it names: each object's members kept as pairs (a member named twice is noted
+# twice, as a SIEM may show either), any number read, an integer past 20 digits as None.
+_SEQ_SCAN = json.JSONDecoder(object_pairs_hook=lambda pairs: pairs,
+                             parse_int=lambda text: int(text) if len(text) <= 20 else None)
 # A ``sidecar@32473`` element in a line (RFC 5424 6.3.2: an SD-ID appears at most once).
 # (what follows the SD-ID cannot be part of an SD-NAME: a blank, ``]``, ``=``, ``"``)
 _SD_ELEMENT = re.compile(r"\[" + re.escape(SD_ID) + r'(?=[\s\]="]|$)')
@@ -520,6 +537,58 @@ def _too_much_json(text: str, limit: int) -> bool:
     keys = text.count(":")
     return text.count("{") + text.count("[") + keys > limit or \
         text.count(",") + keys > limit
+
+
+def _seq_value(value: Any) -> int | None:
+    """The seq a JSON value names: a number with an integral value, at least 0 (``2``,
+    ``2.0``, ``2e0``, ``20E-1``), or a string of ASCII digits; None for anything else."""
+    if value.__class__ is int:
+        return value if value >= 0 else None
+    if value.__class__ is float:
+        return int(value) if value.is_integer() and 0 <= value < 2.0 ** 64 else None
+    if value.__class__ is str and _DIGITS.fullmatch(value):
+        return int(value)
+    return None
+
+
+def _seq_text(text: str) -> int | None:
+    """``_seq_value`` of a number as ``_SEQ_NAMED`` found it (digits, a fraction, an
+    exponent), read exactly: ``20E-1`` is 2, ``2.5`` and ``1e400`` no seq."""
+    if text.isdigit():
+        return int(text)
+    try:
+        number = decimal.Decimal(text)
+        if number != number.to_integral_value() or not 0 <= number < 2 ** 64:
+            return None
+        return int(number)
+    except (decimal.DecimalException, ValueError, OverflowError):
+        return None
+
+
+def _json_seqs(line: str) -> tuple[bool, list[int]]:
+    """The seqs the JSON objects in ``line`` name, read by parsing: from the line's first
+    ``{``, each object in turn (after one that parses, the next ``{`` after it), every
+    top-level member whose decoded key is ``seq`` (``_seq_value``). ``(parsed, seqs)``:
+    ``parsed`` is False when the JSON there does not parse (nor is tried: more JSON than a
+    message holds, ``_too_much_json``), and the scan stops at the first that does not, so
+    the line is parsed at most once end to end (linear; the memory as for a message)."""
+    first = line.find("{")
+    if first < 0:
+        return True, []
+    if _too_much_json(line[first:], MAX_MESSAGE_JSON_ITEMS):
+        return False, []
+    seqs: list[int] = []
+    at = first
+    while at >= 0:
+        try:
+            members, end = _SEQ_SCAN.raw_decode(line, at)
+        except (ValueError, RecursionError):
+            return False, seqs
+        for key, value in members:
+            if key == "seq" and (seq := _seq_value(value)) is not None:
+                seqs.append(seq)
+        at = line.find("{", end)
+    return True, seqs
 
 
 def _sd_params(line: str, end: int) -> dict[str, str]:
@@ -585,7 +654,8 @@ class Collector:
         self._links: dict[bytes, tuple[int, bytes]] = {}  # frame -> (seq, prev)
         self.found: list[dict[int, bytes]] = []  # the trails (``check``)
         self.oversized = 0  # lines over MAX_COLLECT_LINE, skipped unread (``add_file``)
-        # Lines that look like our messages (``SD_ID``, or ``{"seq":``) but are not ones the
+        # Lines that look like our messages (``SD_ID``, ``{"seq":``, or JSON with a member
+        # named seq in any spelling: ``_json_seqs``, ``_JSON_SEQ_MEMBER``) but are not ones the
         # shipper writes, so not read: how many, where the first few are, and the seqs
         # they seem to name (each with the first line naming it): ``check`` refuses one
         # naming the seq of a frame read. Before the twenty-seventh session they were
@@ -634,7 +704,16 @@ class Collector:
                 elif SD_ID in line:
                     self._refuse(line, name, number)
                     continue
+                elif "{" not in line or ('"seq"' not in line and "\\u" not in line):
+                    continue  # no JSON member named seq (nor an escape that may spell one)
                 else:
+                    # A JSON object with a member named seq in any spelling (``{ "seq":``,
+                    # ``{"kind":..,"seq":``, ``"s\u0065q"``): it looks like ours, and is
+                    # not one (since the review of the thirty-fifth session's fix; before,
+                    # only ``{"seq":`` was looked for, and such a line was skipped unnoted).
+                    parsed, seqs = _json_seqs(line)
+                    if seqs or (not parsed and _JSON_SEQ_MEMBER.search(line)):
+                        self._refuse(line, name, number, seqs)
                     continue
             try:
                 # More JSON than a message of ours holds is refused unparsed (a line of
@@ -652,6 +731,7 @@ class Collector:
                 frame = b"" if json_record else base64.b64decode(obj["frame"], validate=True)
             except (ValueError, KeyError, TypeError, RecursionError):
                 # Not a message as shipped (cut by the collector, or edited): not read.
+                obj = None  # (freed before ``_refuse`` parses the line again for its seqs)
                 self._refuse(line, name, number)
                 continue
             if json_record:
@@ -746,16 +826,24 @@ class Collector:
         return [f"seq {seq}: {len(held)} of {parts} parts"
                 for (seq, _digest, parts, _kind), held in sorted(self._parts.items())]
 
-    def _refuse(self, line: str, name: str, number: int) -> None:
-        """Count a line that looks like ours but is not read; note the seqs it seems to
-        name (the structured data's ``seq="N"``, the JSON's ``"seq":N`` or ``"seq":"N"``)."""
+    def _refuse(self, line: str, name: str, number: int,
+                parsed: list[int] | None = None) -> None:
+        """Count a line that looks like ours but is not read; note the seqs it names: those
+        its JSON names, parsed (``_json_seqs``; ``parsed``, when the caller did already),
+        and those ``_SEQ_NAMED`` finds in the whole line, whether its JSON parses or not
+        (the structured data's ``seq="N"``, the JSON's ``"seq":N`` or ``"seq":"N"``, the key
+        in any spelling, the number in any with an integral value)."""
         where = f"{name}:{number}" if name else f"line {number}"
         self.refused += 1
         if len(self.refused_at) < MAX_REFUSED_LISTED:
             self.refused_at.append(where)
         seqs = self._refused_seqs
-        for found in _SEQ_NAMED.finditer(line):
-            seq = int(found.group(1))
+        if parsed is None:
+            parsed = _json_seqs(line)[1]
+        named = (_seq_text(found.group(1)) for found in _SEQ_NAMED.finditer(line))
+        for seq in itertools.chain(parsed, named):
+            if seq is None:
+                continue
             if seq not in seqs:
                 if len(seqs) >= MAX_REFUSED_SEQS:
                     self._refused_past = self._refused_past or where
