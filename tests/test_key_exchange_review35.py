@@ -221,3 +221,73 @@ def test_an_ffdhe_only_upstream_is_never_negotiated_with(tmp_path: Path) -> None
             stop.set()
             listener.close()
             thread.join(5)
+
+
+# --- TLS 1.2: no finite-field suite either ---------------------------------------------------
+# In a DHE suite the server sends its own group, which OpenSSL's client checks for neither
+# size nor primality: an odd random 10,000-bit modulus cost a client 1.1 s a handshake, and
+# the stdlib's default suites (the control plane's clients start from them) offer DHE
+# (found by the review of the groups fix).
+
+
+def _rsa_server_files(directory: Path) -> tuple[str, str, str]:
+    """A self-signed RSA certificate (DHE suites are RSA-signed), its key, and DH parameters
+    of a random odd 2048-bit modulus (what a hostile server may send; none is checked)."""
+    import base64
+    import datetime
+    import secrets
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=2)).sign(key, hashes.SHA256()))
+    (directory / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+    def der_int(n: int) -> bytes:
+        raw = n.to_bytes((n.bit_length() + 8) // 8, "big")
+        return b"\x02" + der_len(len(raw)) + raw
+
+    def der_len(n: int) -> bytes:
+        if n < 128:
+            return bytes([n])
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return bytes([0x80 | len(raw)]) + raw
+
+    body = der_int(secrets.randbits(2048) | (1 << 2047) | 1) + der_int(2)
+    der = b"\x30" + der_len(len(body)) + body
+    (directory / "dh.pem").write_bytes(b"-----BEGIN DH PARAMETERS-----\n"
+                                       + base64.encodebytes(der)
+                                       + b"-----END DH PARAMETERS-----\n")
+    return str(directory / "c.pem"), str(directory / "k.pem"), str(directory / "dh.pem")
+
+
+@pytest.mark.parametrize("index", [1, 3, 4, 5])  # (the client contexts)
+def test_no_client_context_offers_a_finite_field_suite(pki: h.Pki, tmp_path: Path,
+                                                       index: int) -> None:
+    label, make, _server = _contexts(pki)[index]
+    ours = make()
+    assert not [s["name"] for s in ours.get_ciphers() if s["kea"] == "kx-dhe"], label
+    cert, key, dh = _rsa_server_files(tmp_path)
+    for suites, want in (("DHE-RSA-AES128-GCM-SHA256", False), ("ECDHE-RSA-AES128-GCM-SHA256",
+                                                                 True)):
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.maximum_version = ssl.TLSVersion.TLSv1_2
+        server.set_ciphers(suites)
+        server.load_cert_chain(cert, key)
+        server.load_dh_params(dh)
+        client = make()
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE  # (the key exchange is under test)
+        client.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert _handshake(client, server) is want, (label, suites)

@@ -205,8 +205,17 @@ def bound_peer_chain(ctx: ssl.SSLContext) -> bool:
 
 def limit_key_exchange(ctx: ssl.SSLContext) -> str:
     """Offer and accept only the groups of ``KEY_EXCHANGE_GROUPS`` (the first list OpenSSL
-    takes); the list set, or, where the ``SSL_CTX`` cannot be had, P-256 alone (the stdlib's
-    ``set_ecdh_curve``, which on OpenSSL 3 sets the one group)."""
+    takes), and no TLS 1.2 suite with a finite-field key exchange (DHE: the server sends its
+    own group, which OpenSSL's client does not check for size or primality -- an odd random
+    10,000-bit modulus cost a client 1.1 s a handshake; the stdlib's default suites offer
+    DHE; found by the review of the groups fix); the groups set, or, where the ``SSL_CTX``
+    cannot be had, P-256 alone (the stdlib's ``set_ecdh_curve``, which on OpenSSL 3 sets the
+    one group)."""
+    suites = ctx.get_ciphers()
+    if any(suite["kea"] == "kx-dhe" for suite in suites):
+        ctx.set_ciphers(f"@SECLEVEL={ctx.security_level}:" + ":".join(
+            suite["name"] for suite in suites
+            if suite["kea"] != "kx-dhe" and suite["protocol"] != "TLSv1.3"))
     pointer = _ctx_pointer(ctx)
     if pointer is not None:
         lib = _libssl()
