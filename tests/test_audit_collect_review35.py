@@ -397,6 +397,10 @@ SPELLINGS = {
     "not the first member": lambda body: '{"kind":"rec","seq":2,'
                                          + body.replace('"kind":"rec",', "", 1),
     "digits as text, escaped key": lambda body: '{"\\u0073eq":"2",' + body,
+    # (the review of this fix: read as a double, or with its digits escaped)
+    "2.0000000000000001": lambda body: '{"seq":2.0000000000000001,' + body,
+    "1.9999999999999999": lambda body: '{"seq":1.9999999999999999,' + body,
+    "escaped digit": lambda body: '{"seq":"\\u0032",' + body,
 }
 
 
@@ -417,10 +421,14 @@ def test_a_skipped_line_naming_a_frame_in_any_json_spelling_is_broken(
     assert "seems to be the message for seq 2" in out, out
 
 
-def test_a_decoy_brace_before_the_json_does_not_hide_its_seq(trail: Trail) -> None:
+@pytest.mark.parametrize("value", ["2e0", "2.0000000000000001", "1.9999999999999999",
+                                   '"\\u0032"', '"2"'])
+def test_a_decoy_brace_before_the_json_does_not_hide_its_seq(trail: Trail, value: str) -> None:
     # The first ``{`` of the line does not open JSON (a header field, another element):
-    # the rest of the line is not parsed, and the seq is found by the pattern.
-    forged = '{"kind":"rec","seq":2e0,' + _forged_body(trail, 2).replace('"kind":"rec",', "", 1)
+    # the rest of the line is not parsed, and the seq is found by the pattern, read as a
+    # JSON parser reads it (a double; digits escaped in a string).
+    forged = ('{"kind":"rec","seq":' + value + ","
+              + _forged_body(trail, 2).replace('"kind":"rec",', "", 1))
     code, out = trail.collect([f"audit\t[x@1 v=\"{{\"]\t{forged}"])
     assert code == 1 and "seems to be the message for seq 2" in out, out
     # An object that parses before it (not ours) does not hide it either.

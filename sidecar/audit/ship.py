@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import decimal
 import hashlib
 import itertools
 import json
@@ -513,8 +512,14 @@ MAX_REFUSED_SEQS = 1 << 20
 # (``2.0``, ``2e0``, ``20E-1``: read by ``_seq_value``); before, those were skipped unnoted
 # while a SIEM parsing the JSON showed seq 2. The number is atomic: no backtracking into it.
 _SEQ_KEY = r"(?:s|\\u0073)(?:e|\\u0065)(?:q|\\u0071)"
+# The number as a JSON parser reads it (a double: ``2.0000000000000001`` is 2, ``-0`` is 0),
+# its digits plain or written ``\u003N`` inside a string (``"\u0032"``) -- both got a forged
+# line past when the value was read exactly or its escapes not at all (found by the review of
+# the thirty-fifth session's second fix).
 _SEQ_NAMED = re.compile(_SEQ_KEY + r'\W{0,3}?\s*+[:=]\s*+"?+\s*+'
-                        r'((?>[0-9]{1,20}(?:\.[0-9]*+)?(?:[eE][+-]?+[0-9]++)?))(?![0-9.eE])')
+                        r'((?>-?+(?:[0-9]|\\u003[0-9]){1,20}(?:\.[0-9]*+)?'
+                        r'(?:[eE][+-]?+[0-9]++)?))(?![0-9.eE])')
+_ESCAPED_DIGIT = re.compile(r"\\u003([0-9])")
 # A JSON member named seq in any spelling (``"seq":``, ``"s\u0065q" :``): a line without
 # ``sidecar@32473`` whose JSON does not parse is one that looks like ours when it holds one.
 _JSON_SEQ_MEMBER = re.compile(r'"' + _SEQ_KEY + r'"\s*+:')
@@ -552,17 +557,20 @@ def _seq_value(value: Any) -> int | None:
 
 
 def _seq_text(text: str) -> int | None:
-    """``_seq_value`` of a number as ``_SEQ_NAMED`` found it (digits, a fraction, an
-    exponent), read exactly: ``20E-1`` is 2, ``2.5`` and ``1e400`` no seq."""
+    """``_seq_value`` of a number as ``_SEQ_NAMED`` found it (digits plain or escaped, a
+    sign, a fraction, an exponent), read as a JSON parser reads it, a double: ``20E-1`` and
+    ``2.0000000000000001`` are 2, ``-0`` is 0, ``2.5`` and ``1e400`` no seq."""
+    if "\\" in text:
+        text = _ESCAPED_DIGIT.sub(r"\1", text)
     if text.isdigit():
         return int(text)
     try:
-        number = decimal.Decimal(text)
-        if number != number.to_integral_value() or not 0 <= number < 2 ** 64:
-            return None
-        return int(number)
-    except (decimal.DecimalException, ValueError, OverflowError):
+        number = float(text)
+    except ValueError:
         return None
+    if not number.is_integer() or not 0 <= number < 2.0 ** 64:
+        return None
+    return int(number)
 
 
 def _json_seqs(line: str) -> tuple[bool, list[int]]:
