@@ -63,7 +63,7 @@ from sidecar.net.lifetime import (
     Lifetimes,
     LiveConnection,
 )
-from sidecar.net.listen import ConnectionTracker, source_address
+from sidecar.net.listen import ConnectionTracker, HandshakeRate, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
@@ -128,6 +128,14 @@ class InboundProxy:
         # Connections in their handshake may be closed to make room on a full listener
         # (``sidecar.net.listen``); each one is ``established()`` once its peer is accepted.
         tracker.handshakes = True
+        # Each new connection costs a server handshake: at most
+        # ``limits.handshakes_per_source_per_second`` of them per source, checked at accept
+        # before any TLS byte (``sidecar.net.listen.HandshakeRate``); 0: no rate.
+        if limits.handshakes_per_source_per_second > 0:
+            rate = HandshakeRate(limits.handshakes_per_source_per_second,
+                                 limits.handshake_burst_per_source)
+            rate.on_refused = self._rate_refused
+            tracker.handshake_rate = rate
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         """One accepted connection: TLS handshake (bounded), peer identity check, then TCP
@@ -151,13 +159,15 @@ class InboundProxy:
         snap = self.tls.snapshot  # (the context and the own chain the handshake uses)
         ctx = snap.server_tcp if self.protocol == "tcp" else snap.server
         with trio.move_on_after(self.limits.handshake_timeout) as scope:
+            made: TlsTransport | None = None  # (for the failure's label)
             try:
-                tls_stream = TlsTransport(tcp.socket, ctx, server_side=True)
+                tls_stream = made = TlsTransport(tcp.socket, ctx, server_side=True)
                 await tls_stream.do_handshake()
                 ack_now(tcp.socket)  # (a Nagle client's first request is not held 40 ms)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
-                                                  handshake_reason(exc), started)
+                                                  failed_handshake_reason(exc, made),
+                                                  started)
                 return
         if scope.cancelled_caught:
             self.telemetry.connection_refused("inbound", source, None, "handshake_timeout",
@@ -201,6 +211,12 @@ class InboundProxy:
         finally:
             self.telemetry.connection_closed("inbound")
             await close_quietly(tls_stream)
+
+    def _rate_refused(self, source: str) -> None:
+        """A connection from ``source`` closed at accept past its handshake rate
+        (``HandshakeRate``): its log line and audit record, thinned (the metric is the
+        listener's ``sidecar_connections_refused_total``)."""
+        self.telemetry.connection_rate_limited("inbound", source, time.time())
 
     def _blocked(self, peer: str | None, source: str) -> bool:
         """Whether an alert rule blocks this connection's address (or, given, its peer) now
@@ -904,6 +920,15 @@ HANDSHAKE_FAILURES: dict[tuple[str, str], str] = {
     ("SSL", "EXCESSIVE_MESSAGE_SIZE"): "message_too_large",
 }
 HANDSHAKE_FAILED = "handshake_failed"
+# A handshake the peer abandoned (a reset, a FIN, an alert of its own) AFTER the sidecar had
+# answered its ClientHello: the server's flight -- its key share, and the signature -- was
+# made (``failed_handshake_reason``). Its own label, and it feeds the burst detector
+# (telemetry.py, TLS_CREDENTIAL_FAILURES): a ClientHello captured once and replayed, the
+# replayer leaving after the server's flight, cost the sidecar ~0.8 ms of CPU each and
+# nothing on its side, and was ``handshake_failed``/``peer_closed``, which no ``by: address``
+# rule counted (found by a hostile review, thirty-fifth session).
+HANDSHAKE_ABANDONED = "handshake_abandoned"
+_ABANDONABLE = frozenset({HANDSHAKE_FAILED, "peer_closed"})
 # More waits for the peer's handshake bytes than a handshake takes (``MAX_HANDSHAKE_READS``):
 # a ClientHello dribbled in tiny records to make each its own pass through the sidecar.
 HANDSHAKE_FRAGMENTED = "handshake_fragmented"
@@ -915,6 +940,29 @@ HANDSHAKE_VERIFY_CODES: dict[int, str] = {
     # checked; the trust rule's own label for a chain past its bound.
     22: f"peer_untrusted:{RULE_CHAIN_TOO_LONG}",
 }
+
+
+def failed_handshake_reason(exc: BaseException, tls: TlsTransport | None) -> str:
+    """The label of a failed inbound handshake on ``tls`` (None: it was never made):
+    ``handshake_reason``'s, except that a reset or close of the peer's (``handshake_failed``,
+    ``peer_closed``) after the sidecar chose the cipher suite for its ClientHello -- so made
+    its flight, key share and signature -- is ``HANDSHAKE_ABANDONED``. A connection closed
+    before any byte, mid-ClientHello, or refused at its hello (not TLS, no shared cipher)
+    cost no crypto and keeps its label; a completed handshake never gets here."""
+    reason = handshake_reason(exc)
+    if reason in _ABANDONABLE and tls is not None and _answered_hello(tls):
+        return HANDSHAKE_ABANDONED
+    return reason
+
+
+def _answered_hello(tls: TlsTransport) -> bool:
+    """Whether the server side of ``tls`` got as far as choosing a cipher suite for the
+    peer's ClientHello: OpenSSL's ``SSL_get_current_cipher`` is set then, in the same call
+    that builds and signs the server's flight."""
+    try:
+        return tls._ssl.cipher() is not None  # (the connection object: ``TlsTransport``)
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def handshake_reason(exc: BaseException) -> str:

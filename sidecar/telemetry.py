@@ -27,6 +27,7 @@ from sidecar.audit.record import (
 from sidecar.authn.extract import path_for_records
 from sidecar.config.model import Limits
 from sidecar.metrics import CounterChild, SidecarMetrics
+from sidecar.net.listen import REFUSED_HANDSHAKE_RATE
 from sidecar.policy.decision import REASON_BLOCKED, Decision, RequestFacts
 from sidecar.refusals import RefusalThinner, claimed_peer
 from sidecar.tap import Tap
@@ -53,7 +54,10 @@ def status_label(status: int) -> str:
 TLS_CREDENTIAL_FAILURES = frozenset({"peer_cert_expired", "peer_cert_untrusted",
                                      "no_client_cert", "bad_svid", "message_too_large",
                                      "handshake_fragmented",  # (no honest client dribbles)
-                                     "peer_untrusted"})  # a chain from another trust domain's root
+                                     "peer_untrusted",  # a chain from another trust domain's root
+                                     # left after the sidecar's flight (its key share and
+                                     # signature made): sidecar.inbound.HANDSHAKE_ABANDONED
+                                     "handshake_abandoned"})
 
 
 def recorded_facts(facts: RequestFacts) -> RequestFacts:
@@ -214,6 +218,15 @@ class Telemetry:
         source like every refusal."""
         self.metrics.source_blocked_total.inc()
         self._refused(direction, source, None, REASON_BLOCKED, started)
+
+    def connection_rate_limited(self, direction: str, source: str, started: float) -> None:
+        """A connection closed at accept, before any TLS byte, because its source opened
+        new connections past ``limits.handshakes_per_source_per_second``
+        (``sidecar.net.listen.HandshakeRate``; the listener counts it in
+        ``sidecar_connections_refused_total{reason="handshake_rate"}``): logged and recorded
+        as a refused connection (``handshake_rate``), thinned per source like every refusal.
+        Not a handshake failure: it never feeds the burst detector."""
+        self._refused(direction, source, None, REFUSED_HANDSHAKE_RATE, started)
 
     def _refused(self, direction: str, source: str, peer: str | None, reason: str,
                  started: float) -> None:

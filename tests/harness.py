@@ -646,8 +646,12 @@ def sidecar_config(pki_dir: Path, *, inbound: dict | None = None,
         cfg["policy"] = {"path": policy, "watch_interval": "200ms"}
     if audit is not None:
         cfg["audit"] = audit
-    if limits is not None:
-        cfg["limits"] = limits
+    # Every test client connects from 127.0.0.1 and many open a connection a request, as no
+    # peer sidecar does (it pools): the per-source handshake rate (default 100 a second,
+    # burst 200; tests/test_handshake_rate_review35.py tests it) is raised unless a test sets
+    # it.
+    cfg["limits"] = {"handshakes_per_source_per_second": 100_000,
+                     "handshake_burst_per_source": 100_000, **(limits or {})}
     cfg.update(extra)
     return cfg
 

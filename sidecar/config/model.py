@@ -67,6 +67,12 @@ class Limits:
     refused_records_per_source: int = 10
     refused_records_per_second: int = 100
     refused_summary_interval: float = 10.0
+    # New inbound connections (each a TLS handshake, ~0.8 ms of the sidecar's CPU) per source
+    # address (an IPv6 /64) a second, as a token bucket of handshake_burst_per_source: the
+    # excess is closed at accept, before any TLS byte (sidecar.net.listen.HandshakeRate;
+    # refused ``handshake_rate``). 0 = no rate. Per worker process.
+    handshakes_per_source_per_second: float = 100.0
+    handshake_burst_per_source: int = 200
 
     @property
     def connection_age_jitter(self) -> float:
@@ -198,7 +204,10 @@ _LIMIT_DURATIONS = {
 _LIMIT_SIZES = {"max_header_bytes", "max_body_bytes"}
 MIN_HEADER_BYTES, MAX_HEADER_BYTES = 1024, 8 * 1024 * 1024
 _LIMIT_COUNTS = {"max_headers", "max_connections", "max_connections_per_source", "pool_size",
-                 "refused_records_per_source", "refused_records_per_second"}
+                 "refused_records_per_source", "refused_records_per_second",
+                 "handshake_burst_per_source"}
+_LIMIT_RATES = {"handshakes_per_source_per_second"}  # per second; 0 = off
+MAX_LIMIT_RATE = 1_000_000
 
 
 MAX_TRUST_DOMAINS = 64
@@ -376,7 +385,7 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
 
     limits_kw: dict[str, Any] = {}
     if "limits" in top:
-        known = _LIMIT_DURATIONS | _LIMIT_SIZES | _LIMIT_COUNTS
+        known = _LIMIT_DURATIONS | _LIMIT_SIZES | _LIMIT_COUNTS | _LIMIT_RATES
         m = r.fields(top["limits"], ("limits",), known)
         for key, value in m.items():
             p = ("limits", key)
@@ -398,9 +407,14 @@ def build_config(raw: Any, src: Source) -> SidecarConfig:
                     v = None
             elif key in _LIMIT_COUNTS:
                 v = r.positive_int(value, p)
-                if v is not None and key.startswith("refused_records") and v > 1_000_000:
+                if v is not None and (key.startswith("refused_records")
+                                      or key == "handshake_burst_per_source") \
+                        and v > 1_000_000:
                     src.problem(p, "at most 1000000")
                     v = None
+            elif key in _LIMIT_RATES:
+                v = r.number(value, p, 0, MAX_LIMIT_RATE,
+                             f"expected a number from 0 (no limit) to {MAX_LIMIT_RATE}")
             else:
                 continue
             if v is not None:
