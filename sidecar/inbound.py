@@ -67,7 +67,13 @@ from sidecar.net.listen import ConnectionTracker, HandshakeRate, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
-from sidecar.net.transport import HandshakeFragmented, SocketTransport, TlsTransport, ack_now
+from sidecar.net.transport import (
+    HandshakeFragmented,
+    PeerLeftBeforeAnswer,
+    SocketTransport,
+    TlsTransport,
+    ack_now,
+)
 from sidecar.policy.decision import AuthFacts, RequestFacts, new_facts
 from sidecar.policy.paths import normalise_request_both, query_routes, space_trimmed
 from sidecar.policy.second import (
@@ -77,7 +83,7 @@ from sidecar.policy.second import (
     judge_rest,
     second_readings,
 )
-from sidecar.telemetry import RequestContext, Telemetry
+from sidecar.telemetry import TLS_CREDENTIAL_FAILURES, RequestContext, Telemetry
 from sidecar.tlsstate import TlsState
 
 
@@ -162,7 +168,7 @@ class InboundProxy:
             made: TlsTransport | None = None  # (for the failure's label)
             try:
                 tls_stream = made = TlsTransport(tcp.socket, ctx, server_side=True)
-                await tls_stream.do_handshake()
+                await tls_stream.do_handshake(skip_if_gone=True)
                 ack_now(tcp.socket)  # (a Nagle client's first request is not held 40 ms)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
@@ -928,7 +934,11 @@ HANDSHAKE_FAILED = "handshake_failed"
 # nothing on its side, and was ``handshake_failed``/``peer_closed``, which no ``by: address``
 # rule counted (found by a hostile review, thirty-fifth session).
 HANDSHAKE_ABANDONED = "handshake_abandoned"
-_ABANDONABLE = frozenset({HANDSHAKE_FAILED, "peer_closed"})
+# (a peer that left before the sidecar answered is ``peer_closed`` and was not answered:
+# ``TlsTransport.do_handshake(skip_if_gone=True)``. After the answer, any failure but a
+# credential's -- a reset, a FIN, any alert of the client's, plaintext, a record of another
+# version -- is an abandoned handshake: a plaintext ``protocol_version`` alert after the
+# server's flight was ``protocol_version`` and never counted; found by the review of the fix)
 # More waits for the peer's handshake bytes than a handshake takes (``MAX_HANDSHAKE_READS``):
 # a ClientHello dribbled in tiny records to make each its own pass through the sidecar.
 HANDSHAKE_FRAGMENTED = "handshake_fragmented"
@@ -949,8 +959,10 @@ def failed_handshake_reason(exc: BaseException, tls: TlsTransport | None) -> str
     its flight, key share and signature -- is ``HANDSHAKE_ABANDONED``. A connection closed
     before any byte, mid-ClientHello, or refused at its hello (not TLS, no shared cipher)
     cost no crypto and keeps its label; a completed handshake never gets here."""
+    if isinstance(exc, PeerLeftBeforeAnswer):
+        return "peer_closed"
     reason = handshake_reason(exc)
-    if reason in _ABANDONABLE and tls is not None and _answered_hello(tls):
+    if reason not in TLS_CREDENTIAL_FAILURES and tls is not None and _answered_hello(tls):
         return HANDSHAKE_ABANDONED
     return reason
 

@@ -41,6 +41,11 @@ from tests.test_lifetime_review import _policy_doc, _write
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
 ALERT = b"\x15\x03\x03\x00\x02\x02\x28"  # a fatal handshake_failure alert, plaintext
+# What else a client may send as it leaves after the server's flight (each was its own label
+# -- protocol_version, not_tls -- and never counted: the review of the fix).
+LEAVING = {"alert": ALERT, "protocol_version alert": b"\x15\x03\x03\x00\x02\x02\x46",
+           "plaintext": b"GET / HTTP/1.1\r\n\r\n",
+           "record of another version": b"\x17\x02\x00\x00\x05hello"}
 
 
 def client_hello() -> bytes:
@@ -82,9 +87,9 @@ def abandon(port: int, source: str, how: str, hello: bytes) -> bool:
         answered = _recv_record(s)[:1] == b"\x16"
         if how == "rst":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        elif how == "alert":
+        elif how in LEAVING:
             with contextlib.suppress(OSError):
-                s.sendall(ALERT)
+                s.sendall(LEAVING[how])
     return answered
 
 
@@ -138,11 +143,14 @@ def _served(port: int, ctx: ssl.SSLContext, source: str) -> bool:
 
 # -- 1. abandoned handshakes count for `by: address` rules -----------------------------------
 
-@pytest.mark.parametrize("how", ["rst", "fin", "alert"])
+HOW = ["rst", "fin", *LEAVING]
+
+
+@pytest.mark.parametrize("how", HOW)
 def test_abandoned_after_server_flight_blocks_the_address(tmp_path: Path, pki: h.Pki,
                                                           how: str) -> None:
     hello = client_hello()
-    source = {"rst": "127.0.0.30", "fin": "127.0.0.31", "alert": "127.0.0.32"}[how]
+    source = f"127.0.0.{30 + HOW.index(how)}"
     with _sidecar(tmp_path, pki, alerts=True) as proc:
         port = proc.port("inbound")
         for _ in range(3):  # the rule's threshold
@@ -155,7 +163,7 @@ def test_abandoned_after_server_flight_blocks_the_address(tmp_path: Path, pki: h
                    if e.get("source") == source]
         assert [e["reason"] for e in refused][:3] == ["handshake_abandoned"] * 3
         # another address is still answered
-        assert _server_hello(port, "127.0.0.33")
+        assert _server_hello(port, "127.0.0.39")
 
 
 def test_honest_clients_and_cheap_failures_are_never_blocked(tmp_path: Path,
@@ -270,14 +278,22 @@ def test_bucket_refills_at_the_rate_and_caps_at_the_burst() -> None:
     assert rate.refused == 3
 
 
-def test_ipv6_sources_are_their_64() -> None:
+def test_ipv6_sources_are_their_addresses() -> None:
+    """Eight peers of one IPv6 /64 (the pods of a node) opening their pools at once are each
+    their own source (a per-/64 bucket refused 302 of 512: the review of this limit)."""
+    rate = HandshakeRate(100, 200)
+    admitted = sum(rate.admit(f"2001:db8:1:2::{pod}", 0.0)
+                   for pod in range(1, 9) for _ in range(64))
+    assert admitted == 512
     rate = HandshakeRate(1, 2)
-    assert rate.admit("2001:db8:1:2::1", 0.0)
-    assert rate.admit("2001:db8:1:2:ffff::9", 0.0)
-    assert not rate.admit("2001:db8:1:2:abcd::1", 0.0)  # same /64: same bucket
-    assert rate.admit("2001:db8:1:3::1", 0.0)  # the next /64
-    assert rate_source("2001:db8:1:2::1") == "2001:db8:1:2::/64"
-    assert rate_source("fe80::1") == "fe80::1"  # link-local: every host shares the /64
+    assert rate.admit("2001:db8:1:2::1", 0.0) and rate.admit("2001:db8:1:2::1", 0.0)
+    assert not rate.admit("2001:db8:1:2::1", 0.0)
+    assert not rate.admit("::ffff:2001:db8:1:2::1".replace("::ffff:", ""), 0.0)
+    # (an address, never its /64: the pods of an IPv6 node or cluster share one)
+    assert rate_source("2001:db8:1:2::1") == "2001:db8:1:2::1"
+    assert rate_source("2001:db8:1:2::2") != rate_source("2001:db8:1:2::1")
+    assert rate_source("fe80::1%eth0") == "fe80::1"
+    assert rate_source("::ffff:10.1.2.3") == "10.1.2.3"
     assert rate_source("::1") == "::1"
     assert rate_source("10.1.2.3") == "10.1.2.3"
 
@@ -318,3 +334,44 @@ def test_config_keys() -> None:
                 {"handshake_burst_per_source": 10_000_000}):
         with pytest.raises(ConfigError):
             _config(bad)
+
+
+
+def test_an_honest_client_that_gave_up_during_a_stall_is_neither_answered_nor_blocked(
+        tmp_path: Path, pki: h.Pki) -> None:
+    """The sidecar stopped (SIGSTOP: a throttled pod, a pause): an honest client with a valid
+    certificate sends its hello, gives up at its own timeout and closes; the sidecar reads the
+    hello and the close together when it runs again. It answers nothing (no key share, no
+    signature), labels it ``peer_closed``, and never blocks the client (found by the review
+    of the fix: such clients were ``handshake_abandoned``, and a peer sidecar whose dials
+    timed out during a 1.5 s stall got its address blocked for the block's 5 minutes)."""
+    import signal
+
+    source = "127.0.0.50"
+    ctx = h.mtls_context(pki.identity("frontend"), pki.bundle)
+    with _sidecar(tmp_path, pki, alerts=True) as proc:
+        port = proc.port("inbound")
+        assert _served(port, ctx, source)
+        proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            for how in ("fin", "rst", "fin", "rst"):
+                raw = socket.create_connection(("127.0.0.1", port), timeout=0.3,
+                                               source_address=(source, 0))
+                if how == "rst":
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   b"\x01\0\0\0\0\0\0\0")
+                try:
+                    tls = ctx.wrap_socket(raw)  # (times out: the sidecar is stopped)
+                    tls.close()
+                except OSError:
+                    raw.close()
+        finally:
+            proc.proc.send_signal(signal.SIGCONT)
+        # (the closed ones are ``peer_closed``; a reset one may never reach the sidecar)
+        assert _wait_refusals(proc, "peer_closed", 2) >= 2
+        labels = [e.get("reason") for e in proc.log_events("connection_refused")
+                  if e.get("source") == source]
+        assert labels and set(labels) <= {"peer_closed"}, labels
+        assert _wait_refusals(proc, "handshake_abandoned", 1) == 0
+        assert _served(port, ctx, source)
+        assert proc.metric("sidecar_source_blocked_total") == 0

@@ -23,6 +23,7 @@ the cause chained); a TCP EOF, with or without a TLS close_notify, reads as ``b"
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
@@ -267,6 +268,27 @@ class HandshakeFragmented(trio.BrokenResourceError):
     """The peer's handshake came in more pieces than ``MAX_HANDSHAKE_READS`` waits."""
 
 
+class PeerLeftBeforeAnswer(trio.BrokenResourceError):
+    """The peer closed or reset its connection before the sidecar answered its ClientHello
+    (``TlsTransport.do_handshake(skip_if_gone=True)``); nothing was computed for it."""
+
+
+def peer_left(fd: socket.socket) -> bool:
+    """Whether the peer of ``fd`` has closed its side (a FIN: ``POLLRDHUP``) or reset the
+    connection (``POLLHUP``/``POLLERR``), whatever bytes it sent before are still waiting;
+    False where the platform cannot tell (no ``POLLRDHUP``). One ``poll`` system call."""
+    rdhup = getattr(select, "POLLRDHUP", 0)
+    if not rdhup:
+        return False
+    poller = select.poll()
+    poller.register(fd, rdhup)
+    try:
+        return any(events & (rdhup | select.POLLHUP | select.POLLERR)
+                   for _fd, events in poller.poll(0))
+    except OSError:
+        return False
+
+
 class TlsTransport(trio.abc.Stream):
     """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``.
 
@@ -322,14 +344,22 @@ class TlsTransport(trio.abc.Stream):
         self._notified = False  # our close_notify went (``_ssl_shutdown``)
 
     # -- handshake and peer ---------------------------------------------------------------
-    async def do_handshake(self) -> None:
+    async def do_handshake(self, *, skip_if_gone: bool = False) -> None:
         """The TLS handshake, waiting on the socket as OpenSSL asks; failures raise
         ``trio.BrokenResourceError`` from the ``ssl.SSLError``, and ``HandshakeFragmented``
-        past ``MAX_HANDSHAKE_READS`` waits for more of the peer's bytes."""
+        past ``MAX_HANDSHAKE_READS`` waits for more of the peer's bytes. ``skip_if_gone``
+        (the inbound listener): while the peer's ClientHello is not answered, a peer that
+        already closed or reset its connection (``peer_left``) gets no answer -- no key share,
+        no signature -- and ``PeerLeftBeforeAnswer`` is raised: an honest client that gave
+        up while the sidecar was stalled, its hello and its close read together, was
+        answered, then counted as having abandoned the handshake (found by a hostile review,
+        thirty-fifth session)."""
         s, fd = self._ssl, self._fd
         reads = 0
         while True:
             try:
+                if skip_if_gone and s.cipher() is None and peer_left(fd):
+                    raise PeerLeftBeforeAnswer()
                 s.do_handshake()
                 return
             except ssl.SSLWantReadError:
