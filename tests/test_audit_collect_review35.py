@@ -422,7 +422,11 @@ def test_a_skipped_line_naming_a_frame_in_any_json_spelling_is_broken(
 
 
 @pytest.mark.parametrize("value", ["2e0", "2.0000000000000001", "1.9999999999999999",
-                                   '"\\u0032"', '"2"'])
+                                   '"\\u0032"', '"2"',
+                                   # (more than 20 digits: the review of the third fix)
+                                   "2000000000000000000000e-21",
+                                   "200000000000000000000.0e-20",
+                                   '"0000000000000000000002"'])
 def test_a_decoy_brace_before_the_json_does_not_hide_its_seq(trail: Trail, value: str) -> None:
     # The first ``{`` of the line does not open JSON (a header field, another element):
     # the rest of the line is not parsed, and the seq is found by the pattern, read as a

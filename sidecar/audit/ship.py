@@ -517,13 +517,24 @@ _SEQ_KEY = r"(?:s|\\u0073)(?:e|\\u0065)(?:q|\\u0071)"
 # line past when the value was read exactly or its escapes not at all (found by the review of
 # the thirty-fifth session's second fix).
 _SEQ_NAMED = re.compile(_SEQ_KEY + r'\W{0,3}?\s*+[:=]\s*+"?+\s*+'
-                        r'((?>-?+(?:[0-9]|\\u003[0-9]){1,20}(?:\.[0-9]*+)?'
+                        r'((?>-?+(?:[0-9]|\\u003[0-9])++(?:\.[0-9]*+)?'
                         r'(?:[eE][+-]?+[0-9]++)?))(?![0-9.eE])')
 _ESCAPED_DIGIT = re.compile(r"\\u003([0-9])")
 # A JSON member named seq in any spelling (``"seq":``, ``"s\u0065q" :``): a line without
 # ``sidecar@32473`` whose JSON does not parse is one that looks like ours when it holds one.
 _JSON_SEQ_MEMBER = re.compile(r'"' + _SEQ_KEY + r'"\s*+:')
-_DIGITS = re.compile(r"[0-9]{1,20}")
+# (any number of digits: ``"0000000000000000000002"`` is 2, and so is
+# ``2000000000000000000000e-21``; a run capped at 20 digits missed both -- found by the
+# review of the thirty-fifth session's third fix)
+_DIGITS = re.compile(r"[0-9]++")
+_MAX_SEQ_DIGITS = 20  # (a seq is below 2**64; more significant digits name none)
+
+
+def _digits_seq(digits: str) -> int | None:
+    """The seq a run of ASCII digits names (leading zeros dropped), or None past 20 digits
+    (no seq is that large; and ``int`` of thousands of digits refuses)."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= _MAX_SEQ_DIGITS else None
 # The JSON of a line that is not a message as the shipper writes it is parsed only to find
 # the seqs it names: each object's members kept as pairs (a member named twice is noted
 # twice, as a SIEM may show either), any number read, an integer past 20 digits as None.
@@ -552,7 +563,7 @@ def _seq_value(value: Any) -> int | None:
     if value.__class__ is float:
         return int(value) if value.is_integer() and 0 <= value < 2.0 ** 64 else None
     if value.__class__ is str and _DIGITS.fullmatch(value):
-        return int(value)
+        return _digits_seq(value)
     return None
 
 
@@ -563,7 +574,7 @@ def _seq_text(text: str) -> int | None:
     if "\\" in text:
         text = _ESCAPED_DIGIT.sub(r"\1", text)
     if text.isdigit():
-        return int(text)
+        return _digits_seq(text)
     try:
         number = float(text)
     except ValueError:
