@@ -962,7 +962,8 @@ def failed_handshake_reason(exc: BaseException, tls: TlsTransport | None) -> str
     if isinstance(exc, PeerLeftBeforeAnswer):
         return "peer_closed"
     reason = handshake_reason(exc)
-    if reason not in TLS_CREDENTIAL_FAILURES and tls is not None and _answered_hello(tls):
+    if reason.partition(":")[0] not in TLS_CREDENTIAL_FAILURES and tls is not None \
+            and _answered_hello(tls):
         return HANDSHAKE_ABANDONED
     return reason
 

@@ -68,7 +68,7 @@ class Limits:
     refused_records_per_second: int = 100
     refused_summary_interval: float = 10.0
     # New inbound connections (each a TLS handshake, ~0.8 ms of the sidecar's CPU) per source
-    # address (an IPv6 /64) a second, as a token bucket of handshake_burst_per_source: the
+    # address a second, as a token bucket of handshake_burst_per_source: the
     # excess is closed at accept, before any TLS byte (sidecar.net.listen.HandshakeRate;
     # refused ``handshake_rate``). 0 = no rate. Per worker process.
     handshakes_per_source_per_second: float = 100.0
