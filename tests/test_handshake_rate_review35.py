@@ -364,3 +364,34 @@ def test_an_honest_client_that_gave_up_during_a_stall_is_neither_answered_nor_bl
         assert _wait_refusals(proc, "handshake_abandoned", 1) == 0
         assert _served(port, ctx, source)
         assert proc.metric("sidecar_source_blocked_total") == 0
+
+
+@pytest.mark.parametrize("how", ["silent until the timeout", "closed to make room"])
+def test_an_answered_hello_held_silent_counts_as_abandoned(tmp_path: Path, pki: h.Pki,
+                                                           how: str) -> None:
+    """A replayed hello, answered (the sidecar's crypto done), then held silent: until
+    ``handshake_timeout`` (it was ``handshake_timeout``, never counted), or until a newcomer
+    of the same source closes it to make room on a full listener (it was only the
+    ``handshake_evicted`` metric, no source): ``handshake_abandoned`` both ways, and the
+    address is blocked (found by the review of the fix; without a block, a source cycled
+    answered hellos at the accept rate)."""
+    hello = client_hello()
+    source = "127.0.0.60" if how.startswith("silent") else "127.0.0.61"
+    limits = {"handshake_timeout": "1s"} if how.startswith("silent") else \
+        {"max_connections": 4}
+    held: list[socket.socket] = []
+    with _sidecar(tmp_path, pki, alerts=True, limits=limits) as proc:
+        port = proc.port("inbound")
+        try:
+            for _ in range(3 if how.startswith("silent") else 7):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                             source_address=(source, 0))
+                s.sendall(hello)
+                assert _recv_record(s)[:1] == b"\x16"  # (answered: the crypto was done)
+                held.append(s)
+            assert _wait_refusals(proc, "handshake_abandoned", 3) >= 3
+            assert not _server_hello(port, source)  # blocked at accept
+            assert proc.metric("sidecar_source_blocked_total") >= 1
+        finally:
+            for s in held:
+                s.close()
