@@ -63,7 +63,7 @@ from sidecar.net.lifetime import (
     Lifetimes,
     LiveConnection,
 )
-from sidecar.net.listen import ConnectionTracker, HandshakeRate, evicted_here, source_address
+from sidecar.net.listen import ConnectionTracker, HandshakeRate, source_address
 from sidecar.net.pool import UpstreamPool
 from sidecar.net.session import new_request_id, request_loop
 from sidecar.net.streams import Endpoint, cancelled, close_quietly
@@ -165,26 +165,20 @@ class InboundProxy:
         snap = self.tls.snapshot  # (the context and the own chain the handshake uses)
         ctx = snap.server_tcp if self.protocol == "tcp" else snap.server
         made: TlsTransport | None = None  # (for the failure's label)
-        try:
-            with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                try:
-                    tls_stream = made = TlsTransport(tcp.socket, ctx, server_side=True)
-                    await tls_stream.do_handshake(skip_if_gone=True)
-                    ack_now(tcp.socket)  # (a Nagle client's first request is not held 40 ms)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self.telemetry.connection_refused("inbound", source, None,
-                                                      failed_handshake_reason(exc, made),
-                                                      started)
-                    return
-        except trio.Cancelled:
-            # Closed to make room on a full listener after the sidecar answered its hello
-            # (``handshake_evicted``): an abandoned handshake of its source's, as one that
-            # times out after the answer is (found by the review of the fix: a source
-            # cycling answered hellos through a full listener was never recorded).
-            if made is not None and evicted_here() and _answered_hello(made):
+        # (A connection closed to make room on a full listener, ``handshake_evicted``, is
+        # the sidecar's choice, not the client's: it is never counted for its source, even
+        # after its hello was answered -- counted, an honest peer's own burst of handshakes
+        # on a busy listener got its address blocked; found by the review of that change.)
+        with trio.move_on_after(self.limits.handshake_timeout) as scope:
+            try:
+                tls_stream = made = TlsTransport(tcp.socket, ctx, server_side=True)
+                await tls_stream.do_handshake(skip_if_gone=True)
+                ack_now(tcp.socket)  # (a Nagle client's first request is not held 40 ms)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self.telemetry.connection_refused("inbound", source, None,
-                                                  HANDSHAKE_ABANDONED, started)
-            raise
+                                                  failed_handshake_reason(exc, made),
+                                                  started)
+                return
         if scope.cancelled_caught:
             # (silent after the sidecar's answer, until the timeout: abandoned too)
             self.telemetry.connection_refused(

@@ -88,13 +88,6 @@ class Admission:
 _ADMISSION: ContextVar[Admission | None] = ContextVar("sidecar_listen_admission", default=None)
 
 
-def evicted_here() -> bool:
-    """Whether the connection the current task serves was closed to make room
-    (``ConnectionTracker.make_room``): its task is being cancelled for that."""
-    admission = _ADMISSION.get()
-    return admission is not None and admission.evicted
-
-
 class PendingConnections:
     """The connections of one listener still in their handshake, per source, oldest first;
     finds the oldest one of the source holding the most in O(1) (sources are kept in
