@@ -853,9 +853,9 @@ def audit_export(path: str | Path, *filters: str) -> list[dict[str, Any]]:
 
 
 def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = "",
-                      batch: int = 1, pause: float = 0.0) -> Any:
+                      batch: int = 1, pause: float = 0.0, deadline: float = 20.0) -> Any:
     """Write ``records`` through a real ``AuditWriter`` for ``config`` (started in a nursery,
-    closed cleanly, all bounded by 20 s) and return the writer. After every ``batch`` records
+    closed cleanly, all bounded by ``deadline`` seconds) and return the writer. After every ``batch`` records
     the writer gets a turn: with ``pause`` > 0 until it has written them (polled every
     ``pause``), so they land in batches of exactly that size and the segment layout does not
     depend on timing (the writer then does not linger after a batch,
@@ -873,7 +873,7 @@ def write_audit_trail(config: Any, records: Iterable[Any], *, identity: str = ""
     writer = AuditWriter(config, identity=identity)
 
     async def main() -> None:
-        with trio.fail_after(20):
+        with trio.fail_after(deadline):
             async with trio.open_nursery() as nursery:
                 await nursery.start(writer.run)
                 for n, rec in enumerate(records, 1):

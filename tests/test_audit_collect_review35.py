@@ -315,9 +315,9 @@ def test_the_largest_honest_messages_are_still_read_and_a_bomb_is_not(tmp_path: 
                             status=200, rule="r", extra={"b": b"\x00", "s": "\x01" * 1_040_000}),
                 AuditRecord(time=1_700_000_002.0, request_id="b", decision="deny",
                             status=403, rule="r")]
-        w = write_audit_trail(cfg, recs, identity=ORDERS, batch=1, pause=0.001)
+        w = write_audit_trail(cfg, recs, identity=ORDERS, batch=1, pause=0.001, deadline=120)
         seal = f'seq="{w.statistics().next_seq - 1}"'
-        assert wait_for(lambda: any(seal in x for x in rs.lines()), timeout=30)
+        assert wait_for(lambda: any(seal in x for x in rs.lines()), timeout=90)
     finally:
         rs.stop()
     whole = rs.lines()
@@ -332,9 +332,10 @@ def test_the_largest_honest_messages_are_still_read_and_a_bomb_is_not(tmp_path: 
                            checkpoint_every_records=25, ship=rs2.ship())
         recs2 = [AuditRecord(time=1_700_000_000.0, request_id="m", decision="allow",
                              status=200, rule="r", extra={"b": b"\x00", "l": [{}] * 1_040_000})]
-        w2 = write_audit_trail(cfg2, recs2, identity=ORDERS, batch=1, pause=0.001)
+        w2 = write_audit_trail(cfg2, recs2, identity=ORDERS, batch=1, pause=0.001,
+                                deadline=120)
         seal2 = f'seq="{w2.statistics().next_seq - 1}"'
-        assert wait_for(lambda: any(seal2 in x for x in rs2.lines()), timeout=30)
+        assert wait_for(lambda: any(seal2 in x for x in rs2.lines()), timeout=90)
     finally:
         rs2.stop()
     parts = rs2.lines()
