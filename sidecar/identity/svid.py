@@ -177,15 +177,35 @@ _WEAK_HASHES = (hashes.SHA1, hashes.MD5)
 
 def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
     """(rule, message) when ``cert``'s key or signature is weaker than the floor above,
-    or its serial number is not positive (RFC 5280 4.1.2.2); else None."""
+    or its serial number is not positive (RFC 5280 4.1.2.2); else None. The key is judged
+    first: a bundle's root is refused for its key alone (``bundle_from_certs``), and a root
+    whose serial number was 0 skipped that judgement -- a partner's root with a 3,070-bit
+    RSA exponent or on secp256k1 loaded (found by the thirty-sixth session's review)."""
     try:
         serial = cert.serial_number
         key = cert.public_key()
         sig_hash = cert.signature_hash_algorithm
     except Exception as exc:  # noqa: BLE001 -- explicit EC parameters, unknown algorithms
         return RULE_KEY_WEAK, f"unusable key or signature algorithm: {str(exc)[:200]}"
+    problem = _key_problem(key)
+    if problem is not None:
+        return problem
     if serial <= 0:
         return RULE_SERIAL_INVALID, f"serial number {serial} is not positive"
+    if isinstance(sig_hash, _WEAK_HASHES):
+        return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
+    try:
+        return _unverifiable_signature(cert)
+    except Exception as exc:  # noqa: BLE001 -- parameters cryptography cannot read
+        # RSA-PSS whose MGF1 hash cryptography does not know (SHA-512/224, SHA-512/256):
+        # OpenSSL verifies it, reading the parameters raised, and a peer presenting it was an
+        # internal error with no record (found by a hostile review).
+        return RULE_SIGNATURE_WEAK, (f"signature parameters that cannot be read: "
+                                     f"{str(exc)[:200]}")
+
+
+def _key_problem(key: object) -> tuple[str, str] | None:
+    """(``key-weak``, message) when the public ``key`` is below the floor above."""
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             return RULE_KEY_WEAK, f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS})"
@@ -208,16 +228,7 @@ def crypto_problem(cert: x509.Certificate) -> tuple[str, str] | None:
             return RULE_KEY_WEAK, f"{kind} key: {weak}"
     else:
         return RULE_KEY_WEAK, f"{type(key).__name__.lstrip('_')} keys are not accepted"
-    if isinstance(sig_hash, _WEAK_HASHES):
-        return RULE_SIGNATURE_WEAK, f"signed with {sig_hash.name}"
-    try:
-        return _unverifiable_signature(cert)
-    except Exception as exc:  # noqa: BLE001 -- parameters cryptography cannot read
-        # RSA-PSS whose MGF1 hash cryptography does not know (SHA-512/224, SHA-512/256):
-        # OpenSSL verifies it, reading the parameters raised, and a peer presenting it was an
-        # internal error with no record (found by a hostile review).
-        return RULE_SIGNATURE_WEAK, (f"signature parameters that cannot be read: "
-                                     f"{str(exc)[:200]}")
+    return None
 
 
 # The signatures the chain check verifies (cryptography's x509.verification, web PKI
