@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +73,11 @@ def child(job, fds):
     sys.argv = [os.path.join(os.path.dirname(sidecar.cli.__file__), "__main__.py"), *job["argv"]]
     code = 0
     try:
-        runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
+        if job.get("code") is not None:  # ``python -c CODE ARGV``
+            sys.argv = ["-c", *job["argv"]]
+            exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         if exc.code is None:
             code = 0
@@ -230,19 +233,21 @@ class _Zygote:
                     proc._end(msg["status"])
 
     def start(self, argv: list[str], env: dict[str, str], cwd: str,
-              fds: tuple[int, int, int]) -> ForkedProcess | None:
+              fds: tuple[int, int, int], code: str | None = None) -> ForkedProcess | None:
         with self.lock:
             if self.proc.poll() is not None:
                 return None
             self.next_id += 1
             job = self.next_id
             proc = ForkedProcess(self, job)
-            proc.args = [sys.executable, "-m", "sidecar", *argv]
+            proc.args = ([sys.executable, "-c", code, *argv] if code is not None
+                         else [sys.executable, "-m", "sidecar", *argv])
             started = threading.Event()
             self.waiting[job] = proc
             self.started[job] = started
             socket.send_fds(self.chan, [json.dumps({"id": job, "argv": argv, "env": env,
-                                                    "cwd": cwd}).encode()], list(fds))
+                                                    "cwd": cwd, "code": code}).encode()],
+                            list(fds))
         if not started.wait(60) or proc.pid == 0:
             raise RuntimeError("the fork server did not start the process")
         return proc
@@ -275,11 +280,13 @@ def _server(kind: str) -> _Zygote | None:
 
 
 def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-          stdin: int | None = None, stdout: int, stderr: int) -> ForkedProcess | None:
-    """Fork ``python -m sidecar ARGV`` with these descriptors (``stdin`` None: /dev/null),
-    environment (default: this process's) and working directory (default: the project's);
-    None when it must be exec'd instead (see the module docstring)."""
-    server = _server("run" if argv[:1] == ["run"] else "cli")
+          stdin: int | None = None, stdout: int, stderr: int,
+          code: str | None = None) -> ForkedProcess | None:
+    """Fork ``python -m sidecar ARGV`` (with ``code``: ``python -c CODE ARGV``, in the
+    zygote that has imported the CLI's modules) with these descriptors (``stdin`` None:
+    /dev/null), environment (default: this process's) and working directory (default: the
+    project's); None when it must be exec'd instead (see the module docstring)."""
+    server = _server("run" if argv[:1] == ["run"] and code is None else "cli")
     if server is None:
         return None
     env = dict(os.environ if env is None else env)
@@ -291,17 +298,18 @@ def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None
         stdin = null
     try:
         return server.start([str(a) for a in argv], env, cwd or str(ROOT),
-                            (stdin, stdout, stderr))
+                            (stdin, stdout, stderr), code)
     finally:
         if null is not None:
             os.close(null)
 
 
 def run(argv: list[str], *, timeout: float, cwd: str | None = None,
-        input_text: str | None = None) -> subprocess.CompletedProcess[str] | None:
-    """``subprocess.run([python, -m, sidecar, *argv], capture_output=True, text=True)`` by a
-    fork (None: exec it instead). Output is read as ``text=True`` reads it (the locale's
-    encoding, universal newlines)."""
+        input_text: str | None = None,
+        code: str | None = None) -> subprocess.CompletedProcess[str] | None:
+    """``subprocess.run([python, -m, sidecar, *argv], capture_output=True, text=True)`` (with
+    ``code``: ``[python, -c, code, *argv]``) by a fork (None: exec it instead). Output is
+    read as ``text=True`` reads it (the locale's encoding, universal newlines)."""
     import io
     import tempfile
 
@@ -311,11 +319,11 @@ def run(argv: list[str], *, timeout: float, cwd: str | None = None,
             inp.write(input_text.encode())
             inp.seek(0)
         proc = start(argv, cwd=cwd, stdin=inp.fileno() if input_text is not None else None,
-                     stdout=out.fileno(), stderr=err.fileno())
+                     stdout=out.fileno(), stderr=err.fileno(), code=code)
         if proc is None:
             return None
         try:
-            code = proc.wait(timeout)
+            status = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
@@ -324,5 +332,4 @@ def run(argv: list[str], *, timeout: float, cwd: str | None = None,
         for f in (out, err):
             f.seek(0)
             texts.append(io.TextIOWrapper(f, newline=None).read())
-        args: Any = [sys.executable, "-m", "sidecar", *argv]
-        return subprocess.CompletedProcess(args, code, texts[0], texts[1])
+        return subprocess.CompletedProcess(proc.args, status, texts[0], texts[1])
