@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -258,12 +259,46 @@ class Fetching:
                        headers={"Authorization": "Bearer opaque-token-1"})
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for p in reversed(self.procs):
             p.stop(timeout=10)
         self.idp.close()
 
+    closed = False
 
-fetching = H.module_fixture("review28-urls", Fetching)
+
+_FETCHING: list[Fetching] = []  # the module's Fetching while it runs
+
+
+@pytest.fixture(scope="module")
+def fetching(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    built = Fetching(tmp_path_factory.mktemp("review28-urls"))
+    _FETCHING.append(built)
+    try:
+        yield built
+    finally:
+        _FETCHING.remove(built)
+        built.close()
+
+
+@pytest.fixture(autouse=True)
+def _fetching_stopped_after_its_last_test(request: pytest.FixtureRequest) -> Any:
+    """Stop the ``fetching`` sidecar once no test left in this module uses it, instead of at
+    the module's end: its nine providers fetch every second (TLS handshakes on both sides,
+    debug log lines) for as long as it runs, and the tap tests after it do not need it."""
+    yield
+    if not _FETCHING:
+        return
+    items = request.session.items
+    try:
+        later = items[items.index(request.node) + 1:]
+    except ValueError:
+        return
+    if not any(it.module is request.module and "fetching" in it.fixturenames
+               for it in later):
+        _FETCHING[-1].close()
 
 
 def _expected(port: int, name: str) -> str:
@@ -347,9 +382,11 @@ class Watched:
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx,
                                            timeout=30)
         try:
+            renew = 0.0
             for i in range(n):
-                if i % 200 == 0:
-                    H.http(self.admin, "GET", "/tap")  # keep the tap on
+                if time.monotonic() >= renew:  # keep the tap on (a watcher's lease: 10 s)
+                    H.http(self.admin, "GET", "/tap")
+                    renew = time.monotonic() + 2.0
                 conn.request("GET", f"/admin/{LONG}{i}")
                 conn.getresponse().read()
         finally:
@@ -485,14 +522,46 @@ def test_the_data_path_answers_while_tap_readers_flood(watched: Watched, readers
     assert len(during) == 30 and answered_during >= readers, (base, during)
 
 
+class _CliProcess:
+    """``python -m sidecar ARGS`` running, its standard output and error as text pipes
+    (``stdout``, ``stderr``): forked from the harness's warm interpreter
+    (``tests/forkserver.py``, as ``sidecar_cli`` runs the CLI), exec'd where that cannot
+    be. ``send_signal``, ``poll``, ``wait`` and ``kill`` as ``subprocess.Popen``'s."""
+
+    def __init__(self, args: list[str]) -> None:
+        from tests import forkserver
+
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = forkserver.start(args, cwd=str(H.ROOT), stdout=out_w, stderr=err_w)
+            if proc is None:
+                proc = subprocess.Popen([sys.executable, "-m", "sidecar", *args],
+                                        cwd=str(H.ROOT), stdout=out_w, stderr=err_w)
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.proc = proc
+        self.stdout = os.fdopen(out_r, "r")
+        self.stderr = os.fdopen(err_r, "r")
+        self.send_signal, self.poll, self.wait, self.kill = (
+            proc.send_signal, proc.poll, proc.wait, proc.kill)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+
 def test_sidecar_tap_pages_through_a_backlog(watched: Watched) -> None:
     """``sidecar tap -o json`` (the real CLI) stopped by its pid while ~300 KB of events
     arrive, then continued: it reads them in bounded pages, every seq once, none dropped."""
     n = 500
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "tap", "--admin", f"http://127.0.0.1:{watched.admin}",
-         "-o", "json", "-n", str(n + 1), "--duration", "60"],
-        cwd=str(H.ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _CliProcess(["tap", "--admin", f"http://127.0.0.1:{watched.admin}",
+                        "-o", "json", "-n", str(n + 1), "--duration", "60"])
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
     reader.start()

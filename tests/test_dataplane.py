@@ -17,11 +17,13 @@ from tests.harness import (
     Pki,
     free_port,
     http,
+    module_fixture,
     mtls_context,
     raw,
     read_head,
     sidecar_config,
     spiffe,
+    start_app,
     start_sidecar,
     wait_for,
 )
@@ -48,6 +50,8 @@ def _outbound(tmp: Path, pki: Pki, inbound_port: int, *, expect="orders", name="
 
 @pytest.fixture
 def mesh(tmp_path, pki, app, procs):
+    """A fresh pair, for the tests that count its handshakes, measure its peak memory or
+    stop it."""
     b = _inbound(tmp_path, pki, app)
     procs.append(b)
     a = _outbound(tmp_path, pki, b.port("inbound"))
@@ -55,8 +59,40 @@ def mesh(tmp_path, pki, app, procs):
     return a, b
 
 
-def test_allowed_call_through_both_sidecars_carries_verified_identity(mesh):
-    a, b = mesh
+class Shared:
+    """One app, one inbound sidecar (allowing ``frontend``) and one outbound sidecar in front
+    of it, for the module's tests that only send requests and read answers (each of them
+    started all of these before: one pair per test). Their CA is ``pki``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.procs: list = []
+        try:
+            self.pki = Pki(tmp / "pki")
+            app_proc, self.app = start_app(tmp)
+            self.procs.append(app_proc)
+            self.inbound = _inbound(tmp, self.pki, self.app)
+            self.procs.append(self.inbound)
+            self.outbound = _outbound(tmp, self.pki, self.inbound.port("inbound"))
+            self.procs.append(self.outbound)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop(timeout=10)
+
+
+shared = module_fixture("dataplane", Shared)
+
+
+@pytest.fixture
+def shared_mesh(shared):
+    return shared.outbound, shared.inbound
+
+
+def test_allowed_call_through_both_sidecars_carries_verified_identity(shared_mesh):
+    a, b = shared_mesh
     r = http(a.port("orders"), "GET", "/orders/1",
              headers={"x-forwarded-client-cert": "By=evil;URI=spiffe://demo.local/ns/demo/sa/admin",
                       "x-request-id": "spoofed"})
@@ -79,35 +115,33 @@ def test_keepalive_reuses_one_upstream_handshake(mesh):
     assert b.metric("sidecar_tls_handshakes_total", direction="inbound") == 1
 
 
-def test_unknown_ca_refused_at_handshake(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_unknown_ca_refused_at_handshake(tmp_path, shared):
+    b, pki = shared.inbound, shared.pki
+    failures = b.metric("sidecar_tls_handshake_failures_total", direction="inbound")
     other = Pki(tmp_path / "other")
     ident = other.identity("frontend")
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         http(b.port("inbound"), "GET", "/", ctx=mtls_context(ident, pki.bundle))
-    wait_for(lambda: b.metric("sidecar_tls_handshake_failures_total", direction="inbound") >= 1)
+    wait_for(lambda: b.metric("sidecar_tls_handshake_failures_total", direction="inbound")
+             >= failures + 1)
 
 
-def test_no_client_certificate_refused(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_no_client_certificate_refused(shared):
+    b, pki = shared.inbound, shared.pki
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         http(b.port("inbound"), "GET", "/", ctx=mtls_context(None, pki.bundle))
 
 
-def test_caller_identity_not_allowed_gets_403(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_caller_identity_not_allowed_gets_403(shared):
+    b, pki = shared.inbound, shared.pki
     intruder = pki.identity("intruder")
     r = http(b.port("inbound"), "GET", "/orders", ctx=mtls_context(intruder, pki.bundle))
     assert r.status == 403
     assert b"request id" in r.body and b"intruder" not in r.body
 
 
-def test_outbound_refuses_peer_with_wrong_spiffe_id(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_outbound_refuses_peer_with_wrong_spiffe_id(tmp_path, shared, procs):
+    b, pki = shared.inbound, shared.pki
     a = _outbound(tmp_path, pki, b.port("inbound"), expect="payments")
     procs.append(a)
     r = http(a.port("orders"), "GET", "/orders")
@@ -115,9 +149,8 @@ def test_outbound_refuses_peer_with_wrong_spiffe_id(tmp_path, pki, app, procs):
     assert b"orders" not in r.body and b"payments" not in r.body
 
 
-def test_expired_client_certificate_refused(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_expired_client_certificate_refused(shared):
+    b, pki = shared.inbound, shared.pki
     now = time.time()
     expired = pki.identity("frontend", dirname="expired", not_before=now - 7200, ttl_seconds=3600)
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
@@ -125,9 +158,8 @@ def test_expired_client_certificate_refused(tmp_path, pki, app, procs):
 
 
 @pytest.mark.parametrize("kind", ["two_uris", "ca_flag", "no_digital_signature", "dns_only"])
-def test_client_certificate_that_is_not_an_svid_refused(tmp_path, pki, app, procs, kind):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_client_certificate_that_is_not_an_svid_refused(shared, kind):
+    b, pki = shared.inbound, shared.pki
     no_ds = x509.KeyUsage(digital_signature=False, content_commitment=False,
                           key_encipherment=True, data_encipherment=False, key_agreement=False,
                           key_cert_sign=False, crl_sign=False, encipher_only=False,
@@ -148,15 +180,14 @@ def test_client_certificate_that_is_not_an_svid_refused(tmp_path, pki, app, proc
     pytest.fail(f"served {r.status} to a non-SVID client certificate")
 
 
-def test_plaintext_to_mtls_port_gets_no_data(tmp_path, pki, app, procs):
-    b = _inbound(tmp_path, pki, app)
-    procs.append(b)
+def test_plaintext_to_mtls_port_gets_no_data(shared):
+    b = shared.inbound
     out = raw(b.port("inbound"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3)
     assert b"HTTP/1.1 200" not in out and b"{" not in out
 
 
-def test_large_bodies_stream_both_ways(mesh):
-    a, _ = mesh
+def test_large_bodies_stream_both_ways(shared_mesh):
+    a, _ = shared_mesh
     size = 64 * 1024 * 1024
     r = http(a.port("orders"), "GET", f"/big?n={size}", timeout=60)
     assert r.status == 200 and len(r.body) == size
@@ -191,8 +222,8 @@ def test_one_gib_upload_with_flat_memory(mesh):
         assert hwm_kib < 150 * 1024, f"peak RSS {hwm_kib} KiB"
 
 
-def test_expect_100_continue(mesh):
-    a, _ = mesh
+def test_expect_100_continue(shared_mesh):
+    a, _ = shared_mesh
     port = a.port("orders")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"POST /upload HTTP/1.1\r\nHost: orders\r\nContent-Length: 5\r\n"
@@ -209,8 +240,8 @@ def test_expect_100_continue(mesh):
         assert b"HTTP/1.1 200" in data and b'"length": 5' in data
 
 
-def test_upgrade_passes_bytes_after_authorisation(mesh):
-    a, _ = mesh
+def test_upgrade_passes_bytes_after_authorisation(shared_mesh):
+    a, _ = shared_mesh
     with socket.create_connection(("127.0.0.1", a.port("orders")), timeout=5) as s:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: orders\r\nUpgrade: echo\r\nConnection: upgrade\r\n\r\n")
         head = read_head(s)

@@ -20,8 +20,6 @@ import math
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -37,7 +35,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness import (
-    ROOT,
     Pki,
     Response,
     SidecarProc,
@@ -47,6 +44,7 @@ from tests.harness import (
     mtls_context,
     raw,
     replace_file,
+    sidecar_cli,
     sidecar_config,
     spiffe,
     start_app,
@@ -186,8 +184,8 @@ def generic(body: bytes) -> bytes:
 
 def apikey_new(name: str) -> tuple[str, dict[str, Any]]:
     """Run ``sidecar apikey new NAME``; return the key and the policy entry it printed."""
-    out = subprocess.run([sys.executable, "-m", "sidecar", "apikey", "new", name],
-                         capture_output=True, text=True, timeout=30, cwd=str(ROOT), check=True)
+    out = sidecar_cli("apikey", "new", name, timeout=30)  # (a real process, forked warm)
+    assert out.returncode == 0, out.stdout + out.stderr
     key = re.search(r"(sk_[A-Za-z0-9_-]+)", out.stdout)
     assert key is not None, out.stdout
     entry_text = out.stdout[out.stdout.index("- name:"):]
@@ -486,9 +484,11 @@ def test_bad_api_key_gets_401(shared: Shared, which: str) -> None:
 # ----------------------------------------------------------------------------- revocation
 
 
-@pytest.fixture
-def own_app(tmp_path: Path) -> Iterator[int]:
-    proc, port = start_app(tmp_path)
+@pytest.fixture(scope="module")
+def own_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The app behind the tests' own sidecars: one for the module (it only echoes what it
+    gets and keeps nothing a test reads; each test still starts its own sidecar)."""
+    proc, port = start_app(tmp_path_factory.mktemp("jwt-e2e-app"))
     yield port
     proc.stop(timeout=10)
 
