@@ -23,6 +23,7 @@ from tests.harness import (
     http,
     mtls_context,
     raw,
+    sidecar_cli_many,
     spiffe,
     start_inbound,
     write_policy,
@@ -311,18 +312,44 @@ HOSTILE_TAP = {
 }
 
 
+# The member also run in its own ``python -m sidecar`` (the rest in one process, below):
+# the deepest answer, where a process's own stack and recursion limit are what count.
+IN_A_PROCESS = "nested 100,000 levels"
+
+
+@pytest.fixture(scope="module")
+def no_tap_answers():
+    """Every (command, answer) of the family through ``sidecar tap``/``top`` in ONE process
+    (``sidecar_cli_many``: an interpreter start per member was most of this file's CPU),
+    each against its own hostile server, alive for the run; the process boundary is kept by
+    ``IN_A_PROCESS`` for both commands, and by the tests against a real sidecar above."""
+    servers = {name: _RawAdmin(reply) for name, reply in HOSTILE_TAP.items()}
+    try:
+        members = [(command, name) for command in ("tap", "top") for name in sorted(HOSTILE_TAP)]
+        results = sidecar_cli_many(
+            [[command, "--admin", f"http://127.0.0.1:{servers[name].port}", "--duration", "1"]
+             for command, name in members], timeout=30 * len(members), bound=30)
+        yield dict(zip(members, results, strict=True)), servers
+    finally:
+        for server in servers.values():
+            server.close()
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE_TAP))
 @pytest.mark.parametrize("command", ["tap", "top"])
-def test_tap_and_top_refuse_an_answer_that_is_no_tap(name: str, command: str) -> None:
-    server = _RawAdmin(HOSTILE_TAP[name])
-    try:
-        r = subprocess.run([sys.executable, "-m", "sidecar", command, "--admin",
-                            f"http://127.0.0.1:{server.port}", "--duration", "1"],
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=30)
-    finally:
-        server.close()
-    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr and f"sidecar {command}: " in r.stderr, r.stderr[-2000:]
+def test_tap_and_top_refuse_an_answer_that_is_no_tap(no_tap_answers, name: str,
+                                                     command: str) -> None:
+    answers, servers = no_tap_answers
+    got = [answers[command, name]]
+    if name == IN_A_PROCESS:
+        got.append(subprocess.run(
+            [sys.executable, "-m", "sidecar", command, "--admin",
+             f"http://127.0.0.1:{servers[name].port}", "--duration", "1"],
+            cwd=str(ROOT), capture_output=True, text=True, timeout=30))
+    for r in got:
+        assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and f"sidecar {command}: " in r.stderr, \
+            r.stderr[-2000:]
 
 
 def test_tap_prints_hostile_event_fields_escaped() -> None:
