@@ -46,13 +46,13 @@ from sidecar.audit.segments import (
     read_frames,
     segment_name,
 )
-from tests.harness import sidecar_cli_many
 from tests.test_audit_erc_links_review29 import RealTrail, _build
 from tests.test_audit_ship import ORDERS
 from tests.test_audit_walk_review29 import (
     DAMAGE,
     Keys,
     allow_none,
+    cli_many,
     pack,
     payloads,
     run,
@@ -130,7 +130,7 @@ def segment_with_records(d: Path, where: str) -> str:
 
 
 def readers(d: Path, tmp: Path, data: list[str]) -> dict[str, tuple[int, str, str]]:
-    """export, tail and policy replay over ``d`` (one interpreter)."""
+    """export, tail and policy replay over ``d`` (``walk.cli_many``: in this process)."""
     jobs = {
         "export": ["audit", "export", str(d), *data],
         "tail": ["audit", "tail", str(d), "-n", "1000", *data],
@@ -138,7 +138,7 @@ def readers(d: Path, tmp: Path, data: list[str]) -> dict[str, tuple[int, str, st
                           "--identity", ORDERS, *data],
     }
     out = {}
-    for name, r in zip(jobs, sidecar_cli_many(jobs.values(), timeout=180), strict=True):
+    for name, r in zip(jobs, cli_many(jobs.values()), strict=True):
         assert "Traceback" not in r.stderr, r.stderr
         out[name] = (r.returncode, r.stdout, r.stderr)
     return out
@@ -377,7 +377,7 @@ def test_planted_header_near_the_bound_never_forks(keys: Keys, tmp_path: Path, p
             assert rp.next_seq < 1000 and rp.damaged_segment == path.name, rp
         else:
             assert rp.damage is None and rp.next_seq > seq, rp
-    [r] = sidecar_cli_many([["audit", "export", str(audit)]])
+    [r] = cli_many([["audit", "export", str(audit)]])
     ids = {rec["request_id"] for rec in shown(r.stdout)}
     want = {f"rq{i:05d}" for start, n in runs[(1 if alone else 0):] for i in range(start, start + n)}
     assert want <= ids, (sorted(want - ids), r.stderr)

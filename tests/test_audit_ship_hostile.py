@@ -29,8 +29,9 @@ from sidecar.audit.crypto import write_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.signing import write_keypair
 from sidecar.config.audit import AuditConfig
-from tests.harness import sidecar_cli, sidecar_cli_many, wait_for
+from tests.harness import sidecar_cli, wait_for
 from tests.test_audit_ship import ORDERS, Rsyslog
+from tests.test_audit_walk_review29 import cli_many
 from tests.test_audit_writer import run_writer
 
 
@@ -41,19 +42,26 @@ class Stream:
         self.json = json_records  # format 2: records shipped as their stored JSON
         self.runs = 0
 
-    def collect(self, lines: list[str], *, data_key: bool = True
+    def collect(self, lines: list[str], *, data_key: bool = True, process: bool = False
                 ) -> tuple[int, str, dict | None]:
-        """(collect's exit code, its output, verify's JSON when collect succeeded)."""
+        """(collect's exit code, its output, verify's JSON when collect succeeded). The
+        commands run in this process (``cli_many``: each family here checks what collect and
+        verify say, over many edits); ``process``: each ``python -m sidecar`` in a process of
+        its own (the process boundary, ``test_an_edited_message_in_its_own_process_...``)."""
         self.runs += 1
         src = self.root / f"in-{self.runs}.log"
         src.write_text("".join(line + "\n" for line in lines))
         out = self.root / f"out-{self.runs}"
         keys = ["--data-key", self.data] if self.data and data_key else []
-        got = sidecar_cli("audit", "collect", str(src), "-o", str(out), *keys)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return sidecar_cli(*args) if process else cli_many([args])[0]
+
+        got = cli("audit", "collect", str(src), "-o", str(out), *keys)
         assert "Traceback" not in got.stderr, got.stderr
         if got.returncode != 0:
             return got.returncode, got.stdout + got.stderr, None
-        checked = sidecar_cli("audit", "verify", str(out), "--pubkey", self.pub, *keys, "--json")
+        checked = cli("audit", "verify", str(out), "--pubkey", self.pub, *keys, "--json")
         assert "Traceback" not in checked.stderr, checked.stderr
         return 0, got.stdout, json.loads(checked.stdout)
 
@@ -183,8 +191,9 @@ def _edited(stream: Stream, what: str, kind: str, edit: Callable[[str], str]) ->
 
 @pytest.fixture(scope="module")
 def edited_collects(stream: Stream) -> dict[str, subprocess.CompletedProcess[str]]:
-    """``collect`` of every member of ``EDITS`` on this stream, in one process
-    (``sidecar_cli_many``; ``Stream.collect`` runs the command in a process of its own)."""
+    """``collect`` of every member of ``EDITS`` on this stream, in this process
+    (``cli_many``, as ``sidecar_cli_many`` runs them; ``Stream.collect`` runs the command in
+    a process of its own)."""
     jobs = []
     for what, kind, edit in EDITS:
         src = stream.root / f"edited-{len(jobs)}.log"
@@ -192,7 +201,7 @@ def edited_collects(stream: Stream) -> dict[str, subprocess.CompletedProcess[str
         keys = ["--data-key", stream.data] if stream.data else []
         jobs.append(["audit", "collect", str(src), "-o",
                      str(stream.root / f"edited-out-{len(jobs)}"), *keys])
-    results = sidecar_cli_many(jobs, timeout=300)
+    results = cli_many(jobs, timeout=300)
     return {what: r for (what, _k, _e), r in zip(EDITS, results, strict=True)}
 
 
@@ -208,7 +217,7 @@ def test_an_edited_message_in_its_own_process_says_what_the_batch_said(
         stream: Stream, edited_collects: dict[str, Any]) -> None:
     """The process boundary: one member through ``python -m sidecar audit collect``."""
     what, kind, edit = EDITS[0]
-    code, out, _ = stream.collect(_edited(stream, what, kind, edit))
+    code, out, _ = stream.collect(_edited(stream, what, kind, edit), process=True)
     assert code == edited_collects[what].returncode == 1 and "does not match its frame" in out
 
 
@@ -278,6 +287,10 @@ def test_dropped_duplicated_reordered_cut_and_junk_lines(stream: Stream) -> None
     assert code == 1 and "does not decode" in out, out
 
 
+PEAK = 256 * 1024  # KiB: the most collect may hold reading the copy with the huge line
+HUGE = 320 * 1024 * 1024  # bytes: the huge line, more than PEAK by a margin
+
+
 @pytest.mark.parametrize("where", ["middle", "end"])
 def test_a_line_of_junk_too_long_to_be_ours_is_skipped_unread(stream: Stream, tmp_path: Path,
                                                                where: str) -> None:
@@ -286,15 +299,18 @@ def test_a_line_of_junk_too_long_to_be_ours_is_skipped_unread(stream: Stream, tm
     # over 8 MiB (a message of ours is at most a 1 MiB frame in base64 plus its JSON; 16 MiB
     # before the thirty-fifth session's review) is
     # read past in pieces, counted, and the rest of the copy still rebuilds and verifies.
+    # The line here is HUGE, over the peak the test allows collect (its bytes alone, held,
+    # break the bound) yet no larger: every byte of it is read, about 2.5 CPU-seconds a GiB.
     import os
     import subprocess
     import sys
 
+    assert HUGE > PEAK * 1024 + 32 * 1024 * 1024  # (held whole, it breaks the bound)
     half = len(stream.lines) // 2 if where == "middle" else len(stream.lines)
     src = tmp_path / "huge.log"
     with open(src, "wb") as fh:
         fh.write("".join(line + "\n" for line in stream.lines[:half]).encode())
-        fh.seek(512 * 1024 * 1024, os.SEEK_CUR)  # a hole: NULs on read, no disk used
+        fh.seek(HUGE, os.SEEK_CUR)  # a hole: NULs on read, no disk used
         fh.write(b"\n" + "".join(line + "\n" for line in stream.lines[half:]).encode())
     keys = ["--data-key", stream.data] if stream.data else []
     probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
@@ -306,7 +322,7 @@ def test_a_line_of_junk_too_long_to_be_ours_is_skipped_unread(stream: Stream, tm
                          capture_output=True, text=True, timeout=150)
     code, maxrss_kib, out = got.stdout.split("\n", 2)
     assert code == "0" and "1 lines longer than 8 MiB skipped" in out, got.stdout
-    assert int(maxrss_kib) < 256 * 1024, f"collect held {int(maxrss_kib) // 1024} MiB"
+    assert int(maxrss_kib) < PEAK, f"collect held {int(maxrss_kib) // 1024} MiB"
     checked = sidecar_cli("audit", "verify", str(tmp_path / "out"), "--pubkey", stream.pub,
                           *keys, "--json")
     assert json.loads(checked.stdout)["ok"], checked.stdout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -37,14 +38,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.audit.chain import LENGTH, MAX_FRAME_BYTES, RECORD_KINDS, decode_frame
 from sidecar.audit.segments import list_segments, read_frames
 from sidecar.audit.signing import write_keypair
-from tests.harness import ROOT, sidecar_cli_many
+from tests import forkserver
+from tests.harness import ROOT
 from tests.test_audit_attacks import write
+from tests.test_audit_walk_review29 import cli_many
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +94,10 @@ LINES = {"newest": [0, 5, 100_000], "older": [5, 100_000]}
 
 
 def _runs(*jobs: list[str]) -> list[tuple[int, list[int], str]]:
-    """Each ``sidecar audit JOB`` (one interpreter for them all): exit status, the seqs
-    printed, stderr."""
+    """Each ``sidecar audit JOB`` (``cli_many``: in this process, as ``sidecar_cli_many``
+    runs them): exit status, the seqs printed, stderr."""
     out = []
-    for got in sidecar_cli_many([["audit", *job] for job in jobs]):
+    for got in cli_many([["audit", *job] for job in jobs]):
         assert "Traceback" not in got.stderr, got.stderr
         seqs = [json.loads(line)["seq"] for line in got.stdout.splitlines()]
         out.append((got.returncode, seqs, got.stderr))
@@ -147,17 +151,73 @@ CUTS: dict[str, Callable[[int], int]] = {
 }
 
 
-def _tails(d: Path, lines: list[int], *follow: str
-           ) -> list[subprocess.Popen[str]]:
+class _Forked:
+    """The part of ``subprocess.Popen(..., stdout=PIPE, stderr=PIPE, text=True)`` these tests
+    use, for ``python -m sidecar ARGV`` forked from the warm interpreter
+    (``tests/forkserver.py``: a process of its own, its pid, signals, exit status and
+    streams, without an interpreter's start, about a quarter of a CPU-second, per process).
+    ``tail -f`` and Ctrl-C in a process exec'd as before: ``test_tail_f_reads_...``."""
+
+    def __init__(self, proc: forkserver.ForkedProcess, out: int, err: int) -> None:
+        self._proc, self.pid = proc, proc.pid
+        self.stdout, self.stderr = open(out), open(err)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._proc.wait(timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        got: dict[str, str] = {}
+        readers = [threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()),
+                                    daemon=True)
+                   for k, f in (("out", self.stdout), ("err", self.stderr))]
+        for t in readers:
+            t.start()
+        self.wait(timeout)
+        for t in readers:
+            t.join(timeout)
+        self.stdout.close()
+        self.stderr.close()
+        return got["out"], got["err"]
+
+
+def _start(argv: list[str]) -> Any:
+    """``python -m sidecar ARGV`` with its stdout and stderr piped (text): forked
+    (``_Forked``), or exec'd where the fork server cannot (``SIDECAR_TEST_EXEC=1``)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = forkserver.start(argv, stdout=out_w, stderr=err_w)
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    if proc is not None:
+        return _Forked(proc, out_r, err_r)
+    os.close(out_r)
+    os.close(err_r)
+    return subprocess.Popen([sys.executable, "-m", "sidecar", *argv], cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _tails(d: Path, lines: list[int], *follow: str) -> list[Any]:
     """``sidecar audit tail -n N d`` for each N, started at once (each may wait
     ``SETTLE_SECONDS`` for a frame being written: the waits overlap)."""
-    return [subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "audit", "tail", "-n", str(n), *follow, str(d)],
-        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for n in lines]
+    return [_start(["audit", "tail", "-n", str(n), *follow, str(d)]) for n in lines]
 
 
-def _ended(proc: subprocess.Popen[str]) -> tuple[int, list[int], str]:
+def _ended(proc: Any) -> tuple[int, list[int], str]:
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     return proc.returncode, [json.loads(line)["seq"] for line in out.splitlines()], err
@@ -285,18 +345,20 @@ def test_a_length_running_past_the_end_of_the_newest_segment_is_damage(
     assert out == []
 
 
-def _follow_both(d: Path) -> tuple[subprocess.Popen[str], list[str], list[str]]:
-    """``_follow`` with its stderr read as it comes, too."""
-    proc, out = _follow(d)
+def _follow_both(d: Path) -> tuple[Any, list[str], list[str]]:
+    """``_follow`` with its stderr read as it comes, too (forked: ``_start``)."""
+    proc, out = _follow(d, forked=True)
     errs: list[str] = []
     threading.Thread(target=lambda: errs.extend(proc.stderr or []), daemon=True).start()
     return proc, out, errs
 
 
-def _follow(d: Path, lines: int = 0) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "audit", "tail", "-n", str(lines), "-f",
-         "--interval", "0.05", str(d)],
+def _follow(d: Path, lines: int = 0, *, forked: bool = False) -> tuple[Any, list[str]]:
+    """``tail -n LINES -f`` of ``d`` in a process exec'd (``forked``: ``_start``), its
+    stdout read as it comes."""
+    argv = ["audit", "tail", "-n", str(lines), "-f", "--interval", "0.05", str(d)]
+    proc = _start(argv) if forked else subprocess.Popen(
+        [sys.executable, "-m", "sidecar", *argv],
         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: list[str] = []
     threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True).start()
