@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import request_target, sidecar_cli_many
+from tests.harness import request_target, sidecar_cli, sidecar_cli_many
 from tests.test_live_cli import _answer, _RawAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,13 +120,17 @@ def _parsed(r: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return {c["title"].split(" (", 1)[0]: c for c in doc.get("checks", [])}
 
 
-def _check(scripts: dict[str, Script], *extra: str) -> tuple[subprocess.CompletedProcess[str],
-                                                           dict[str, Any]]:
+def _check(scripts: dict[str, Script], *extra: str, exec_: bool = False
+           ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``sidecar check --admin`` of a scripted admin in a process of its own: forked from the
+    harness's warm interpreter (``sidecar_cli``: the same argv, streams and exit status), or,
+    ``exec_``, ``python -m sidecar`` exec'd."""
     server = ScriptedAdmin(scripts)
+    args = ["check", "--admin", server.url, "-o", "json", *extra]
     try:
-        r = subprocess.run([sys.executable, "-m", "sidecar", "check", "--admin", server.url,
-                            "-o", "json", *extra],
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-m", "sidecar", *args], cwd=str(ROOT),
+                           capture_output=True, text=True, timeout=60) if exec_ else \
+            sidecar_cli(*args, timeout=60)
     finally:
         server.close()
     return r, _parsed(r)
@@ -148,8 +152,9 @@ def _checks_in_one_process(cases: dict[Any, dict[str, Script]]
 
 
 def test_a_well_behaved_scripted_admin_passes() -> None:
-    # The control: the scripted server's good answers pass every live check.
-    r, checks = _check({})
+    # The control: the scripted server's good answers pass every live check (exec'd, as a
+    # user runs it; the other tests fork it).
+    r, checks = _check({}, exec_=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [c["status"] for c in checks.values()] == ["ok", "ok", "ok", "ok", "skip"]
 
@@ -265,8 +270,7 @@ def test_a_hostile_document_is_a_printable_one_line_check(name: str) -> None:
 
 def test_admin_urls_the_client_cannot_use_are_usage_errors() -> None:
     for url in ("http://", "http://exa mple:1", "http://127.0.0.1:99999", "ftp://127.0.0.1:1"):
-        r = subprocess.run([sys.executable, "-m", "sidecar", "check", "--admin", url],
-                           cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+        r = sidecar_cli("check", "--admin", url, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (url, r.stderr[-2000:])
         assert "http://HOST:PORT" in r.stderr
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,6 +268,21 @@ GOOD_CLAIM_HEADERS = ["x-role", "X-Role", "x_role", "x-forwarded-user", "x-auth-
                       "x-content-owner", "cf-access-authenticated-user-email"]
 
 
+@pytest.fixture(scope="module")
+def _claims_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Iterator[Path]]:
+    root = tmp_path_factory.mktemp("heads3-claims")
+    yield (root / str(n) for n in itertools.count())
+
+
+@pytest.fixture
+def claims_dir(_claims_root: Iterator[Path]) -> Path:
+    """A fresh directory for one test's policy (``tmp_path``'s numbered directories cost a
+    scan of all before each: over a thousand members here)."""
+    path = next(_claims_root)
+    path.mkdir()
+    return path
+
+
 def _claims_policy(tmp_path: Path, role: str, partner: str = "x-partner-user") -> Path:
     (tmp_path / "jwks.json").write_text('{"keys": []}')
     path = tmp_path / "policy.yaml"
@@ -276,9 +292,9 @@ def _claims_policy(tmp_path: Path, role: str, partner: str = "x-partner-user") -
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CLAIM_HEADERS))
-def test_a_claim_is_never_forwarded_as_a_header_the_sidecar_owns(tmp_path: Path,
+def test_a_claim_is_never_forwarded_as_a_header_the_sidecar_owns(claims_dir: Path,
                                                                 case: str) -> None:
-    path = _claims_policy(tmp_path, BAD_CLAIM_HEADERS[case])
+    path = _claims_policy(claims_dir, BAD_CLAIM_HEADERS[case])
     with pytest.raises(ConfigError) as info:
         load_policy_file(str(path))
     text = str(info.value)
@@ -286,10 +302,10 @@ def test_a_claim_is_never_forwarded_as_a_header_the_sidecar_owns(tmp_path: Path,
 
 
 @pytest.mark.parametrize("header", GOOD_CLAIM_HEADERS)
-def test_claim_header_names_that_stay_allowed(tmp_path: Path, header: str) -> None:
+def test_claim_header_names_that_stay_allowed(claims_dir: Path, header: str) -> None:
     if header.lower() == "x-user":
         header = "x-role"  # (corp forwards sub as x-user already)
-    policy = load_policy_file(str(_claims_policy(tmp_path, header)))
+    policy = load_policy_file(str(_claims_policy(claims_dir, header)))
     assert policy.extras.jwt_providers["corp"].forward_claims == (
         ("sub", "x-user"), ("role", header.lower()))
 
@@ -300,9 +316,9 @@ def test_claim_header_names_that_stay_allowed(tmp_path: Path, header: str) -> No
     ("x_role", "x-role", "partner.forward_claims.sub"),
     ("X_User", "x-partner-user", "corp.forward_claims.role"),  # (one provider, two claims)
     ("x_user", "x-partner-user", "corp.forward_claims.role")])
-def test_one_header_in_two_spellings_is_one_header(tmp_path: Path, role: str, partner: str,
+def test_one_header_in_two_spellings_is_one_header(claims_dir: Path, role: str, partner: str,
                                                    clash: str) -> None:
-    path = _claims_policy(tmp_path, role, partner)
+    path = _claims_policy(claims_dir, role, partner)
     with pytest.raises(ConfigError) as info:
         load_policy_file(str(path))
     text = str(info.value)

@@ -109,29 +109,35 @@ def _post(body: bytes, coding: str, target: str) -> bytes:
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-def _cpu(pid: int) -> int:
-    """The process's CPU time so far in ns (every thread's, from the scheduler)."""
-    total = 0
+def _cpu(pid: int) -> dict[str, int]:
+    """Each thread's CPU time so far in ns (from the scheduler), by thread id."""
+    times = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            total += int((task / "schedstat").read_text().split()[0])
+            times[task.name] = int((task / "schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             pass
-    return total
+    return times
 
 
-def _cost(mesh: Mesh, side: str, request: bytes, target: str, refusable: bool = False) -> int:
-    """The sidecar's CPU (ns) for one request (the least of two tries); it reaches the app
-    (200) -- or, ``refusable``, is 400 past the body's budget of candidates."""
+def _cost(mesh: Mesh, side: str, request: bytes, target: str, refusable: bool = False,
+          tries: int = 1) -> int:
+    """The sidecar's CPU (ns) for one request (the least of ``tries``); it reaches the app
+    (200) -- or, ``refusable``, is 400 past the body's budget of candidates. A reading over
+    which a thread of the sidecar ended is no reading (its time went with it): sent again."""
     proc = mesh.inbound if side == "inbound" else mesh.outbound
     best = None
-    for _ in range(2):
-        mark = mesh.app.snapshot()
-        before = _cpu(proc.pid)
-        out = exchange(mesh, side, request, timeout=60)
-        spent = _cpu(proc.pid) - before
-        assert statuses(out) in ([200], [400] if refusable else [200]), (target, out[:300])
-        assert mesh.app.snapshot()[1] == mark[1] + (statuses(out) == [200]), target
+    for _ in range(tries):
+        for _ in range(5):
+            mark = mesh.app.snapshot()
+            before = _cpu(proc.pid)
+            out = exchange(mesh, side, request, timeout=60)
+            after = _cpu(proc.pid)
+            assert statuses(out) in ([200], [400] if refusable else [200]), (target, out[:300])
+            assert mesh.app.snapshot()[1] == mark[1] + (statuses(out) == [200]), target
+            if before.keys() <= after.keys():
+                break
+        spent = sum(ns - before.get(task, 0) for task, ns in after.items())
         best = spent if best is None else min(best, spent)
     assert best is not None
     return best
@@ -160,11 +166,21 @@ def test_a_heads_cost_is_near_a_control_of_its_size(mesh: Mesh, shape: str,
     assert not bo._may_spell_override(control_sent.replace(b"\\", b"").replace(b"=?", b"")
                                       .replace(b"%", b"")) or coding or b"method" in head
     for side in SIDES[:1] if coding else SIDES:
-        cost = _cost(mesh, side, _post(sent, coding, f"/orders/{shape}"), shape, True)
-        # (the control keeps the head's encoded words, each past a head's first a candidate
-        # of the budget since the limits review: such a control is refused too)
-        base = _cost(mesh, side, _post(control_sent, coding, f"/orders/{shape}-control"),
-                     shape, b"=?" in head)
+        def costs(tries: int, side: str = side) -> tuple[int, int]:
+            cost = _cost(mesh, side, _post(sent, coding, f"/orders/{shape}"), shape, True,
+                         tries)
+            # (the control keeps the head's encoded words, each past a head's first a
+            # candidate of the budget since the limits review: such a control is refused too)
+            base = _cost(mesh, side, _post(control_sent, coding, f"/orders/{shape}-control"),
+                         shape, b"=?" in head, tries)
+            return cost, base
+
+        cost, base = costs(1)
+        if cost > RATIO * base:
+            # (a busy machine slows one run: judged by the least of two more tries each --
+            # a head that costs what the review's did fails every try)
+            more_cost, more_base = costs(2)
+            cost, base = min(cost, more_cost), min(base, more_base)
         assert cost <= RATIO * base, (shape, coding, side, cost / 1e6, base / 1e6)
 
 

@@ -466,8 +466,9 @@ def _costly(kind: str, n: int) -> str:
 def test_the_lenient_reading_is_linear(kind: str) -> None:
     """Bounded by a ratio against the same reading of a sixteenth of the size, in the same
     run (generous: linear is about 16x, quadratic 256x). The two are timed in turns, the
-    best of three each (a busy machine slows one run, not every one), the smaller counted as
-    10 ms at least (timer and cache noise dominate below)."""
+    best of up to three each (a busy machine slows one run, not every one: a turn more only
+    while the ratio is not met), the smaller counted as 10 ms at least (timer and cache
+    noise dominate below)."""
     tokens = {n: f"h.{_costly(kind, n)}.s" for n in (4_000, 64_000)}
     best = dict.fromkeys(tokens, float("inf"))
     for _ in range(3):
@@ -475,6 +476,8 @@ def test_the_lenient_reading_is_linear(kind: str) -> None:
             started = time.perf_counter()
             assert not names_issuer(token, ISS, None)
             best[n] = min(best[n], time.perf_counter() - started)
+        if best[64_000] < 64 * max(best[4_000], 0.010):
+            break
     small, large = best[4_000], best[64_000]
     assert large < 64 * max(small, 0.010), (kind, small, large)
 
