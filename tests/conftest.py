@@ -68,33 +68,41 @@ def _rewrite_test_modules_once(config: pytest.Config) -> None:
 # (``--no-loadscope-reorder`` in pyproject's addopts keeps that order; each worker gets two
 # files at the start, then one whenever it runs low), so the files that take longest go
 # first and the run does not end with one worker alone on a long file while the others
-# idle. Most of those files wait (certificates expiring, timeouts, slow peers) rather than
+# idle. Many of those files wait (certificates expiring, timeouts, slow peers) rather than
 # compute: they alternate with files that compute, so that the two cores are not left idle
-# while four workers all wait. From one full run (``pytest --junitxml=FILE`` for the seconds
-# per file, and the CPU the tests and their processes used); a file not listed goes after
-# them, the files with the most tests first. A stale list only makes the schedule worse,
-# never a test wrong.
+# while four workers all wait. From one full run (the seconds per file from
+# ``--durations=0``, the CPU of each file's tests and their processes sampled from /proc;
+# thirty-sixth session, every file of 10 s or more); a file not listed goes after them, the
+# files with the most tests first. A stale list only makes the schedule worse, never a test
+# wrong.
 FIRST_FILES = [
-    # waits            computes
-    "test_lifetime_review", "test_yaml_bounds", "test_k8s_cli", "test_cache_memory",
-    "test_lifetime_review2", "test_audit_ship_hostile", "test_trust_end_cuts",
-    "test_jwks_withdrawal", "test_trust_review28",
-    "test_audit_review22", "test_header_catalogue", "test_audit_trail_review5",
-    "test_upstream_upload_answers", "test_check_cli", "test_jwks_withdrawn",
-    "test_private_upstream_trust", "test_audit_review28", "test_reload_review27",
-    "test_claim_readings", "test_connection_lifetime_e2e", "test_token_copies",
-    "test_policy_review28", "test_replay_review28", "test_admin_review28",
-    "test_body_charset_review28",
-    "test_policy_e2e", "test_lifetime_review3", "test_cli_output", "test_tokens_review2",
-    "test_dataplane", "test_hostile_upstream", "test_audit_forged_tails", "test_live_cli",
-    "test_config_null_values", "test_control_plane_hostile", "test_soak", "test_jwt_e2e",
-    "test_k8s_rules", "test_check_admin_hostile", "test_audit_hostile_readers",
-    "test_hostile_http", "test_certs_review3", "test_faults", "test_seconds_options",
-    "test_peer_certificates_review", "test_policy_nonfinite", "test_method_override_json",
-    "test_audit_hostile_trails", "test_audit_ship", "test_name_caches",
-    "test_stream_ends_e2e", "test_limits_review", "test_caller_gone",
-    "test_hostile_http_review", "test_route_aliases", "test_method_override_query",
-    "test_rotation_e2e", "test_audit_e2e", "test_connection_auth_private",
+    # alternately one that waits and one that computes, each list longest first
+    "test_run_as_parameters", "test_yaml_bounds", "test_upstream_upload_answers",
+    "test_cache_memory", "test_jwks_withdrawn", "test_chunk_cost", "test_worker_supervision",
+    "test_k8s_cli", "test_lifetime_review3", "test_audit_walk_review29",
+    "test_check_admin_hostile", "test_jwks_withdrawal", "test_lifetime_review2", "test_live_cli",
+    "test_chain_anchor_review29", "test_policy_review29", "test_hostile_http",
+    "test_audit_ship_hostile", "test_jwt_e2e", "test_audit_readers_review29b", "test_caller_gone",
+    "test_check_cli", "test_policy_e2e", "test_body_override_cost", "test_control_plane_hostile",
+    "test_audit_tail_review28", "test_audit_ship", "test_config_null_values",
+    "test_peer_certificates_review", "test_audit_collect_review35", "test_lifetime_review31",
+    "test_wire", "test_tokens_review2", "test_soak", "test_faults", "test_dataplane",
+    "test_private_upstream_trust", "test_multipart_head_cost_review29", "test_stream_ends_e2e",
+    "test_token_copies", "test_inflight_credentials_review34", "test_http_review29",
+    "test_trust_review28", "test_token_copies_review29", "test_reload_review27",
+    "test_certs_review3", "test_hostile_upstream", "test_lifetime_review", "test_bench_paired",
+    "test_body_charset_review28", "test_reload_rereads_credentials", "test_header_catalogue",
+    "test_listener_unauth_budget", "test_admin_review28", "test_yaml_alias_family",
+    "test_copy_scan_escapes_review34", "test_connection_lifetime_e2e", "test_name_caches",
+    "test_handshake_rate_review35", "test_method_override_json", "test_trust_end_cuts",
+    "test_limits_review", "test_yaml_hidden_characters", "test_bench_smoke", "test_rotation_e2e",
+    "test_k8s_review29", "test_dns_resolver", "test_replay_review29", "test_oauth_e2e",
+    "test_copy_scan_budget_review29", "test_admin_review", "test_claim_readings",
+    "test_webhook_body_budget", "test_k8s_rules", "test_roots_withdrawn_failed_checks",
+    "test_audit_review22", "test_admin", "test_claim_readings_review29", "test_listener_limits",
+    "test_hostile_http_review", "test_signature_length", "test_claim_condition_types",
+    "test_reload_signals", "test_cli_review26", "test_route_aliases", "test_method_override_body",
+    "test_policy_cli_review29", "test_certs_review2",
 ]
 _FIRST = {stem: i for i, stem in enumerate(FIRST_FILES)}
 
