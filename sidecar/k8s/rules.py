@@ -20,8 +20,10 @@ at its word:
   itself ``mesh-sidecar``, or a volume that takes one of the sidecar's names, is denied. A
   status annotation on a pod without the sidecar is overwritten when the sidecar is injected.
 * **The sidecar's files stay the sidecar's** (``POD_RULES``): no other container may mount
-  its volumes; no pod volume may carry the sidecar's credentials under another name (the
-  SPIFFE CSI driver, the ``--cert-secret`` and ``--audit-signing-secret`` Secrets) and no
+  its volumes (nor read them through an env file); no pod volume may carry the sidecar's
+  credentials under another name (the SPIFFE CSI driver, the ``--cert-secret``,
+  ``--audit-signing-secret`` and ``--audit-data-key-secret`` Secrets, named in any of
+  ``VOLUME_SECRET_REFERENCES`` or, failing closed, any member named like a Secret's) and no
   other container may read those Secrets into its environment -- checked for opted-out and
   hostNetwork pods too (``check_credentials``); no shared process namespace (through
   ``/proc/<pid>/root`` another container could read the sidecar's key).
@@ -126,6 +128,61 @@ POD_RULES: dict[str, str] = {
                      "what a reader of the other type would see is not what was checked",
 }
 
+# Every place a pod volume names a Secret (Kubernetes core/v1 ``VolumeSource``, 1.35): the
+# kubelet (or the volume's driver) fetches that Secret for the pod. ``secret`` and
+# ``projected`` hand its keys to the containers as files; ``csi.nodePublishSecretRef`` and
+# ``flexVolume.secretRef`` hand every key to the volume's driver, which may be the pod's to
+# pick (a CSI driver that writes them into the volume); the others use it as the mount's
+# credentials for a server the pod names (cephfs, rbd, iscsi CHAP, azureFile, scaleIO,
+# storageos, cinder). ``[]`` is an array's every item. Before the thirty-sixth session only
+# the first two were checked (found by a hostile review). No other source can name a
+# Secret: ``ephemeral.volumeClaimTemplate`` is a claim whose ``dataSource``/``dataSourceRef``
+# may name a claim only in the core group (never a Secret); ``persistentVolumeClaim`` names
+# a claim whose volume (and its CSI ``*SecretRef``) is cluster-scoped, the administrator's,
+# out of a pod's reach; ``image`` is pulled with ``imagePullSecrets``, mounted nowhere.
+# Failing closed, any other member of a volume whose name contains ``secret`` and whose
+# value names a credential Secret is denied too (``_secret_named_anywhere``). docs/k8s.md
+# reproduces this list.
+VOLUME_SECRET_REFERENCES: tuple[str, ...] = (
+    "secret.secretName",
+    "projected.sources[].secret.name",
+    "csi.nodePublishSecretRef.name",
+    "flexVolume.secretRef.name",
+    "cephfs.secretRef.name",
+    "rbd.secretRef.name",
+    "iscsi.secretRef.name",
+    "azureFile.secretName",
+    "scaleIO.secretRef.name",
+    "storageos.secretRef.name",
+    "cinder.secretRef.name",
+)
+
+
+def _reference_steps(reference: str) -> tuple[tuple[str, bool], ...]:
+    """``"a.b[].c"`` -> ``(("a", False), ("b", True), ("c", False))``: (member, is an array)."""
+    return tuple((step.removesuffix("[]"), step.endswith("[]")) for step in reference.split("."))
+
+
+_REFERENCE_STEPS = tuple((ref, _reference_steps(ref)) for ref in VOLUME_SECRET_REFERENCES)
+
+
+def _references_shape() -> dict[str, Any]:
+    """The volume members ``VOLUME_SECRET_REFERENCES`` reads, as ``POD_SHAPE`` types them:
+    each Secret's name a string (a list or an object is ``malformed_pod``, never a name
+    that failed to compare)."""
+    shape: dict[str, Any] = {"name": _STRING, "csi": {"driver": _STRING}}
+    for _, steps in _REFERENCE_STEPS:
+        node = shape
+        for index, (member, many) in enumerate(steps):
+            if index == len(steps) - 1:
+                node[member] = _STRING
+            elif many:
+                node = node.setdefault(member, [{}])[0]
+            else:
+                node = node.setdefault(member, {})
+    return shape
+
+
 # What the injector reads of a pod, with the JSON type each field must have when present
 # (a null member counts as absent, as the API server's decoder reads it; a null array item
 # is malformed). A dict is an object whose
@@ -137,10 +194,11 @@ _HTTP_GET: dict[str, Any] = {"port": _PORT, "host": _STRING, "path": _STRING,
                              "scheme": _STRING, "httpHeaders": [{"name": _STRING,
                                                                  "value": _STRING}]}
 _CONTAINER: dict[str, Any] = {
-    "name": _STRING, "targetContainerName": _STRING,
+    "name": _STRING, "targetContainerName": _STRING, "imagePullPolicy": _STRING,
     "ports": [{"name": _STRING, "containerPort": _INTEGER}],
     "env": [{"name": _STRING, "value": _STRING,
-             "valueFrom": {"secretKeyRef": {"name": _STRING}}}],
+             "valueFrom": {"secretKeyRef": {"name": _STRING},
+                           "fileKeyRef": {"volumeName": _STRING}}}],
     "envFrom": [{"secretRef": {"name": _STRING}}],
     "volumeMounts": [_NAMED], "volumeDevices": [_NAMED],
     "restartPolicy": _STRING,
@@ -164,9 +222,7 @@ POD_SHAPE: dict[str, Any] = {
         "dnsPolicy": _STRING, "dnsConfig": {"nameservers": [_STRING], "searches": [_STRING]},
         "initContainers": [_CONTAINER], "containers": [_CONTAINER],
         "ephemeralContainers": [_CONTAINER],
-        "volumes": [{"name": _STRING, "csi": {"driver": _STRING},
-                     "secret": {"secretName": _STRING},
-                     "projected": {"sources": [{"secret": _NAMED}]}}],
+        "volumes": [_references_shape()],
     },
 }
 
@@ -340,22 +396,98 @@ def credential_secrets(options: InjectOptions) -> frozenset[str]:
                                  options.audit_data_key_secret) if n)
 
 
-def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool:
+def _names_at(value: Any, steps: tuple[tuple[str, bool], ...]) -> list[Any]:
+    """The values at ``steps`` (``_reference_steps``) under ``value``: none where a member is
+    missing or not of its shape."""
+    found = [value]
+    for member, many in steps:
+        inner = [item.get(member) for item in found if isinstance(item, dict)]
+        found = [x for item in inner if isinstance(item, list) for x in item] if many \
+            else [item for item in inner if item is not None]
+        if not found:
+            break
+    return found
+
+
+# The references by the volume source they start with: a volume is looked up under the
+# sources it holds (one or two members), not under every reference.
+_REFERENCES_BY_SOURCE: dict[str, list[tuple[str, tuple[tuple[str, bool], ...]]]] = {}
+for _reference, _steps in _REFERENCE_STEPS:
+    _REFERENCES_BY_SOURCE.setdefault(_steps[0][0], []).append((_reference, _steps))
+del _reference, _steps
+
+
+def _secret_named_anywhere(volume: dict[str, Any], secrets: frozenset[str]) -> str | None:
+    """Failing closed (a volume source newer than ``VOLUME_SECRET_REFERENCES``, or a driver
+    attribute): where a member of ``volume`` whose name contains ``secret``, any case
+    (``fooSecretRef``, ``secretName``, ``csi.storage.k8s.io/node-publish-secret-name``...),
+    has a value -- a string, the ``name`` of an object, or the items of an array -- that is
+    one of ``secrets``, or None. Only strings are looked up. Iterative (the depth is the
+    caller's bound), linear in the volume; the path is only spelled out for a volume that
+    is refused (``_path_to``)."""
+    stack: list[tuple[Any, bool]] = [(volume, False)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, naming = pop()
+        if isinstance(value, dict):
+            for member, inner in value.items():
+                named = naming and member == "name" or (
+                    isinstance(member, str) and "secret" in member.lower())
+                if isinstance(inner, str):
+                    if named and inner in secrets:
+                        return _path_to(volume, member, inner)
+                elif isinstance(inner, dict | list):
+                    push((inner, named))
+        elif naming:  # an array under such a member: each item names a Secret
+            for item in value:
+                if isinstance(item, str):
+                    if item in secrets:
+                        return _path_to(volume, None, item)
+                elif isinstance(item, dict | list):
+                    push((item, True))
+        else:
+            stack.extend((item, False) for item in value if isinstance(item, dict | list))
+    return None
+
+
+def _path_to(volume: dict[str, Any], member: Any, name: str) -> str:
+    """The first path in ``volume`` whose value is ``name`` (under ``member`` when given), as
+    a refusal spells it: ``futureVolume.auth.secretRef.name 'the-secret'``."""
+    stack: list[tuple[Any, str]] = [(volume, "")]
+    while stack:
+        value, where = stack.pop()
+        items = value.items() if isinstance(value, dict) else (
+            (f"[{index}]", item) for index, item in enumerate(value))
+        for key, inner in items:
+            here = where + (key if isinstance(value, list) else f".{_field(key)}")
+            if inner == name and (member is None or key == member):
+                return f"{here.lstrip('.')} {shown(name)}"
+            if isinstance(inner, dict | list):
+                stack.append((inner, here))
+    return shown(name)
+
+
+def credential_source(volume: dict[str, Any], options: InjectOptions) -> str | None:
+    """How ``volume`` carries the credentials, or None: the SPIFFE CSI driver, or the member
+    (``VOLUME_SECRET_REFERENCES``, else ``_secret_named_anywhere``) that names a credential
+    Secret. Every value compared is a string (``POD_SHAPE`` types the listed ones; the rest
+    are compared only when they are): a list or object never reaches a set lookup."""
     csi = volume.get("csi")
     if isinstance(csi, dict) and csi.get("driver") == SPIFFE_CSI_DRIVER:
-        return True
+        return f"csi.driver {SPIFFE_CSI_DRIVER}"
     secrets = credential_secrets(options)
     if not secrets:
-        return False
-    secret = volume.get("secret")
-    if isinstance(secret, dict) and secret.get("secretName") in secrets:
-        return True
-    projected = volume.get("projected")
-    for source in (projected or {}).get("sources") or [] if isinstance(projected, dict) else []:
-        inner = source.get("secret") if isinstance(source, dict) else None
-        if isinstance(inner, dict) and inner.get("name") in secrets:
-            return True
-    return False
+        return None
+    for source in volume:
+        for reference, steps in _REFERENCES_BY_SOURCE.get(source, ()):
+            for name in _names_at(volume, steps):
+                if isinstance(name, str) and name in secrets:
+                    return f"{reference} {shown(name)}"
+    return _secret_named_anywhere(volume, secrets)
+
+
+def _carries_credentials(volume: dict[str, Any], options: InjectOptions) -> bool:
+    return credential_source(volume, options) is not None
 
 
 def _env_secret(container: dict[str, Any], secrets: frozenset[str]) -> str | None:
@@ -389,10 +521,11 @@ def check_credentials(spec: dict[str, Any], options: InjectOptions, *,
     # mesh-sidecar-svid, or a container named mesh-sidecar, carried them past it).
     reserved = reserved_volume_names(options) if sidecar_exempt else frozenset()
     for volume in _volumes(spec):
-        if volume.get("name") not in reserved and _carries_credentials(volume, options):
+        source = None if volume.get("name") in reserved else credential_source(volume, options)
+        if source is not None:
             raise _refuse("credential_volume",
                           f"volume {shown(volume.get('name'))} carries the workload's mesh "
-                          "certificate and key or the audit signing key; only the mesh "
+                          f"certificate and key or an audit key ({source}); only the mesh "
                           "sidecar may hold them")
     secrets = credential_secrets(options)
     if not secrets:
@@ -414,25 +547,43 @@ def _check_env(key: str, container: dict[str, Any], secrets: frozenset[str]) -> 
                       "key, which only the mesh sidecar may hold")
 
 
+def _volumes_reached(container: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(how, volume name) for every volume ``container`` reaches: ``volumeMounts``,
+    ``volumeDevices`` and ``env[].valueFrom.fileKeyRef.volumeName``."""
+    for field, how in (("volumeMounts", "mounts"), ("volumeDevices", "mounts")):
+        for mount in container.get(field) or []:
+            if isinstance(mount, dict):
+                yield how, mount.get("name")
+    for item in container.get("env") or []:
+        source = item.get("valueFrom") if isinstance(item, dict) else None
+        ref = source.get("fileKeyRef") if isinstance(source, dict) else None
+        if isinstance(ref, dict):
+            yield "reads (env fileKeyRef)", ref.get("volumeName")
+
+
 def _check_container(key: str, container: dict[str, Any], reserved: frozenset[str],
                      carrying: frozenset[str] = frozenset()) -> None:
     """What a container other than the sidecar may not do with the sidecar's volumes and
     process: mount one of the ``reserved`` (the sidecar's) volumes (``mounts_sidecar_volume``)
     or a volume of the pod that carries the credentials under another name, ``carrying``
     (``credential_volume``; at CREATE such a volume is refused itself), or, as an ephemeral
-    container, target the sidecar's process namespace (``shared_process_namespace``)."""
-    for field in ("volumeMounts", "volumeDevices"):
-        for mount in container.get(field) or []:
-            name = mount.get("name") if isinstance(mount, dict) else None
-            if name in reserved:
-                raise _refuse("mounts_sidecar_volume",
-                              f"{key} {shown(container.get('name'))} mounts {shown(name)}, a volume "
-                              "of the mesh sidecar; only the sidecar may mount it")
-            if name in carrying:
-                raise _refuse("credential_volume",
-                              f"{key} {shown(container.get('name'))} mounts {shown(name)}, a volume "
-                              "that carries the workload's mesh certificate and key or the "
-                              "audit signing key; only the mesh sidecar may hold them")
+    container, target the sidecar's process namespace (``shared_process_namespace``).
+    A volume an ``env[].valueFrom.fileKeyRef`` reads (Kubernetes EnvFiles, beta in 1.35:
+    the kubelet reads a file of that volume into the variable, for a container that does
+    not mount it) counts as mounted (found by a hostile review, thirty-sixth session: an
+    app read the sidecar's audit volume so)."""
+    for how, name in _volumes_reached(container):
+        if not isinstance(name, str):
+            continue  # (POD_SHAPE has made every name a string)
+        if name in reserved:
+            raise _refuse("mounts_sidecar_volume",
+                          f"{key} {shown(container.get('name'))} {how} {shown(name)}, a volume "
+                          "of the mesh sidecar; only the sidecar may mount it")
+        if name in carrying:
+            raise _refuse("credential_volume",
+                          f"{key} {shown(container.get('name'))} {how} {shown(name)}, a volume "
+                          "that carries the workload's mesh certificate and key or an "
+                          "audit key; only the mesh sidecar may hold them")
     if key == "ephemeralContainers" and container.get("targetContainerName") == \
             SIDECAR_CONTAINER:
         raise _refuse("shared_process_namespace",
@@ -707,7 +858,10 @@ def _as_plugins_leave_it(expected: dict[str, Any], actual: dict[str, Any]) -> di
     """``actual`` with what the admission plugins above may have set taken back to
     ``expected``'s: a pull policy, and resource requests or limits ``expected`` names none of."""
     out = dict(actual)
-    if out.get("imagePullPolicy") in PULL_POLICIES and "imagePullPolicy" in expected:
+    policy = out.get("imagePullPolicy")
+    # (a string: POD_SHAPE types it; a list or object in a frozenset lookup was a TypeError,
+    # a 500 from the webhook and a traceback from ``sidecar inject``: a hostile review)
+    if isinstance(policy, str) and policy in PULL_POLICIES and "imagePullPolicy" in expected:
         out["imagePullPolicy"] = expected["imagePullPolicy"]
     resources, wanted = out.get("resources"), expected.get("resources")
     if isinstance(resources, dict) and isinstance(wanted, dict):
