@@ -184,15 +184,19 @@ def test_keep_alive_and_request_cap() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             conn = h11.Connection(h11.CLIENT)
-            for _ in range(3):
+            for n in range(3):
                 await stream.send_all(
                     conn.send(h11.Request(method="GET", target="/healthz",
                                           headers=[("host", "127.0.0.1")]))
                     + (conn.send(h11.EndOfMessage()) or b"")
                 )
-                code, _, body = await read_response(stream, conn)
+                code, got, body = await read_response(stream, conn)
                 assert (code, body) == (200, b"ok\n")
-                conn.start_next_cycle()
+                # The last answer the cap allows says that the connection ends with it (a
+                # client that sent another request on it got a reset before).
+                assert (got.get("connection") == "close") is (n == 2), (n, got)
+                if n < 2:
+                    conn.start_next_cycle()
             # The server closes after the cap: the next read sees EOF.
             assert await stream.receive_some(10) == b""
 

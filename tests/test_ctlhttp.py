@@ -516,7 +516,11 @@ def test_server_bounds_requests_per_connection_and_idle_time() -> None:
     async def check(nursery: trio.Nursery) -> None:
         port, _ = await start(nursery, ServerLimits(max_requests_per_connection=2,
                                                     head_timeout=5, idle_timeout=0.2))
-        assert (await exchange(port, GET * 3)).count(b"HTTP/1.1 200") == 2
+        got = await exchange(port, GET * 3)
+        assert got.count(b"HTTP/1.1 200") == 2
+        # Only the last answer the cap allows says Connection: close.
+        assert got.lower().count(b"connection: close") == 1
+        assert got.lower().rindex(b"connection: close") > got.rindex(b"HTTP/1.1 200")
         # One answer, then the idle timeout closes the connection (exchange returns).
         assert (await exchange(port, GET)).count(b"HTTP/1.1 200") == 1
         silent, _ = await start(nursery, ServerLimits(head_timeout=0.2))

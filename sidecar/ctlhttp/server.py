@@ -609,7 +609,11 @@ async def _serve_requests(stream: trio.abc.Stream, site: _Site, source: str,
             log(site.error_event, "error", server=site.name, path=request.path, error=repr(exc))
             reply = Reply.error(500)
         complete = await conn.finish_body(request.deadline, wait=not reply.close)
-        close = reply.close or not complete or not limits.keep_alive or _wants_close(head)
+        # (the last answer the connection may carry says so: it was closed after it without
+        # a word, and a client that sent the next request got a reset -- the webhook's
+        # 1,000th review on one connection; found in the thirty-sixth session)
+        close = (reply.close or not complete or not limits.keep_alive or _wants_close(head)
+                 or served == limits.max_requests_per_connection - 1)
         sent = await conn.send(reply, request.method == "HEAD", close, site.base_headers)
         if sent and not complete:
             await conn.linger()
