@@ -83,6 +83,15 @@ FILL_BUDGET = 8 * MIB
 # its helpers), reads its document from stdin and fills a new cache of ``max_bytes`` with
 # four budgets of entries, each read anew from the document (objects of its own); prints
 # (how much RSS grew, entries kept).
+def own_rss() -> int:
+    """This process's resident set size in bytes (tests/test_alerts.py and
+    tests/test_ratelimit.py import it for their own fills)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 FILL_CHILD = """
 import gc, json, sys
 from pathlib import Path
