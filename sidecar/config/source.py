@@ -114,6 +114,11 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?
 # The tag ``_Builder.resolve`` gives such a scalar (never a tag a file can write: no scheme).
 _NUMBER_STR_TAG = "sidecar:yaml-1.1-string-yaml-1.2-number"
 _SLOW = object()  # "not a plain string: build it the long way"
+_INT_TAG = "tag:yaml.org,2002:int"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+# The plain booleans ``_PLAIN_BOOL`` as SafeConstructor builds them (``quick``).
+_BOOL_VALUES = {"true": True, "True": True, "TRUE": True,
+                "false": False, "False": False, "FALSE": False}
 STOPPED_PROBLEM = f"{MAX_PROBLEMS} problems: stopped reading the file here (fix these first)"
 
 # Characters refused anywhere in a file -- comments, keys, plain and quoted values alike (a
@@ -247,6 +252,14 @@ class Source:
             raise ConfigError(self.problems)
 
 
+# ``_Builder``'s caches of short plain scalars (``_SHORT`` characters at most), shared by
+# every file read: text -> implicit tag, and text -> what ``quick`` builds. Each holds at
+# most 4096 texts (then it is emptied), so at most about 2 MB stay between reads.
+_SHORT = 128
+_TAGS: dict[str, str] = {}
+_PLAIN: dict[str, Any] = {}
+
+
 class _Builder:
     """Builds plain values straight from parser events (see the module docstring).
 
@@ -263,29 +276,53 @@ class _Builder:
         self.select = select
         self.caps = caps
         self.left, self.values_problem = max_values
-        # Plain scalars repeat (methods, paths, names): their implicit tag depends only on
-        # the text, so it is resolved once per distinct text (bounded).
+        # Plain scalars repeat (methods, paths, names; within a file and from file to file):
+        # their implicit tag depends only on the text (and the loader class, one per
+        # process), so it is resolved once per distinct text (bounded): short texts in
+        # ``_TAGS``, the others in this builder's own cache, gone with it.
         self.tags: dict[str, str] = {}
 
     def resolve(self, text: str) -> str:
-        tag = self.tags.get(text)
+        tags = _TAGS if len(text) <= _SHORT else self.tags
+        tag = tags.get(text)
         if tag is None:
             tag = self.resolver(yaml.ScalarNode, text, (True, False))
             if (tag == _STR_TAG and text[:1] in _YAML12_NUMBER_START
                     and _YAML12_NUMBER.fullmatch(text)):
                 tag = _NUMBER_STR_TAG  # (refused by ``scalar``: ``_ambiguous``)
-            if len(self.tags) >= 4096:
-                self.tags.clear()
-            self.tags[text] = tag
+            if len(tags) >= 4096:
+                tags.clear()
+            tags[text] = tag
         return tag
 
     def quick(self, event: Any) -> Any:
-        """A scalar that is a plain string, without a call to the constructors; else _SLOW."""
+        """A scalar that is a plain string, a plain decimal integer of at most
+        ``MAX_NUMBER_TEXT`` characters or a plain ``true``/``false`` (``_PLAIN_BOOL``),
+        without a call to the constructors; else _SLOW. Each value is the one ``scalar``
+        builds for it (``int(text)`` is SafeConstructor's reading of ``_PLAIN_INT``), with
+        no problem to report (no anchor, no tag, not ``_ambiguous``, not too long)."""
         if event.tag is None and event.anchor is None:
+            text = event.value
             if not event.implicit[0]:
-                return event.value  # quoted or block scalar: a string
-            if self.resolve(event.value) == _STR_TAG:
-                return event.value
+                return text  # quoted or block scalar: a string
+            short = len(text) <= _SHORT
+            value = _PLAIN.get(text, _PLAIN) if short else _PLAIN  # (_PLAIN: not known)
+            if value is _PLAIN:
+                tag = self.resolve(text)
+                if tag == _STR_TAG:
+                    value = text
+                elif (tag == _INT_TAG and len(text) <= MAX_NUMBER_TEXT
+                      and _PLAIN_INT.fullmatch(text)):
+                    value = int(text)
+                elif tag == _BOOL_TAG and text in _BOOL_VALUES:
+                    value = _BOOL_VALUES[text]
+                else:
+                    value = _SLOW
+                if short:
+                    if len(_PLAIN) >= 4096:
+                        _PLAIN.clear()
+                    _PLAIN[text] = value
+            return value
         return _SLOW
 
     def cap(self, path: Path) -> tuple[int, str] | None:
