@@ -7,6 +7,7 @@ with a hint, and make the exit code 1 (or only warn, for the checks that warn).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -79,6 +80,13 @@ class JwksServer:
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A healthy config: SVID, policy with a JWKS file and a JWKS URL, audit dir, free ports."""
+    with healthy_setup(tmp_path) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def healthy_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """``setup``'s healthy config in ``tmp_path`` (its JWKS server stopped on exit)."""
     pki = Pki(tmp_path / "pki")
     ident = pki.identity("orders")
     key = ec_key("check-1")
@@ -108,8 +116,8 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
         server.close()
 
 
-def check(state: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any], str]:
-    """Run `sidecar check -c` with -o json and as a table; return code, JSON doc, table."""
+def _check_jobs(state: dict[str, Any], *extra: str) -> list[list[str]]:
+    """Write the state's policy and config; the two ``sidecar check`` jobs of ``check``."""
     tmp: Path = state["tmp"]
     write_policy(tmp / "mesh.yaml", state["policy"])
     path = tmp / "sidecar.yaml"
@@ -117,12 +125,19 @@ def check(state: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any], str]
         path.write_text(state["raw_config"])
     else:
         path.write_text(yaml.safe_dump(state["cfg"]))
-    # Both in one process (the process boundary: test_healthy_setup_... runs them apart).
-    as_json, table = sidecar_cli_many([["check", "-c", str(path), "-o", "json", *extra],
-                                       ["check", "-c", str(path), *extra]])
+    return [["check", "-c", str(path), "-o", "json", *extra], ["check", "-c", str(path), *extra]]
+
+
+def _checked(as_json: Any, table: Any) -> tuple[int, dict[str, Any], str]:
     assert as_json.returncode == table.returncode, table.stdout + table.stderr
     assert "Traceback" not in as_json.stderr + table.stderr
     return table.returncode, json.loads(as_json.stdout), table.stdout
+
+
+def check(state: dict[str, Any], *extra: str) -> tuple[int, dict[str, Any], str]:
+    """Run `sidecar check -c` with -o json and as a table; return code, JSON doc, table."""
+    # Both in one process (the process boundary: test_healthy_setup_... runs them apart).
+    return _checked(*sidecar_cli_many(_check_jobs(state, *extra)))
 
 
 def statuses(doc: dict[str, Any]) -> dict[str, str]:
@@ -309,11 +324,36 @@ FAMILY: list[tuple[Callable[[dict[str, Any]], None], str, str]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+def family_checks(tmp_path_factory) -> Iterator[dict[str, tuple[Any, Any]]]:
+    """Each member's mutation of its own healthy setup (as ``setup`` makes it), all checked
+    by ``check``'s two commands in ONE process (``sidecar_cli_many``; the process boundary
+    is checked by test_healthy_setup_...): member name -> the two commands' results."""
+    # Every setup's JWKS server listens, and the port of _port_taken is held, before each
+    # setup's listen ports are picked (none of them can then be one of those): a port picked
+    # free stays free while the batch runs, as it does in a test of its own.
+    with contextlib.ExitStack() as stack:
+        states = {mutate: stack.enter_context(healthy_setup(
+            tmp_path_factory.mktemp(mutate.__name__.strip("_")))) for mutate, _t, _s in FAMILY}
+        _port_taken(states[_port_taken])  # (held until the end: the state is kept)
+        for mutate, state in states.items():
+            state["cfg"]["inbound"]["listen"] = f"127.0.0.1:{free_port()}"
+            if mutate is not _port_taken:
+                state["cfg"]["admin"]["listen"] = f"127.0.0.1:{free_port()}"
+        jobs: list[list[str]] = []
+        for mutate, state in states.items():
+            if mutate is not _port_taken:
+                mutate(state)
+            jobs += _check_jobs(state)
+        results = sidecar_cli_many(jobs, timeout=600)
+        yield {mutate.__name__: (results[2 * i], results[2 * i + 1])
+               for i, mutate in enumerate(states)}
+
+
 @pytest.mark.parametrize(("mutate", "title", "status"), FAMILY,
                          ids=[f[0].__name__.strip("_") for f in FAMILY])
-def test_each_check_fails_on_its_own(setup, mutate, title, status):
-    mutate(setup)
-    code, doc, table = check(setup)
+def test_each_check_fails_on_its_own(family_checks, mutate, title, status):
+    code, doc, table = _checked(*family_checks[mutate.__name__])
     got = statuses(doc)
     hit = [t for t in got if title in t]
     assert hit and got[hit[0]] == status, got

@@ -258,13 +258,29 @@ def _check_family(docs: list[Any], load: Any, name: str) -> list[str]:
     for doc in docs:
         for path in key_paths(doc):
             key = format_path(path)
+            # The document is dumped once per path (``spelled`` with the sentinel itself),
+            # and loaded without the key at most once (``left_out``): every spelling of the
+            # path is that text with the sentinel replaced.
+            marked, line = spelled(doc, path, SENTINEL)
+            without_key: list[tuple[bool, Any]] = []
+
+            def left_out(doc: Any = doc, path: tuple = path,
+                         memo: list = without_key) -> tuple[bool, Any]:
+                """(loads, what it loads to or None): the doc without the key at ``path``."""
+                if not memo:
+                    try:
+                        memo.append((True, load(_dump(_replaced(doc, path, _DELETE)), name)))
+                    except ConfigError:
+                        memo.append((False, None))
+                return memo[0]
+
             for label, spelling in SPELLINGS.items():
-                text, line = spelled(doc, path, spelling)
+                text = marked.replace(SENTINEL, spelling)
                 try:
                     got = load(text, name)
                 except ConfigError as exc:
                     if _refusal(exc.problems, name, path, line, label in NULLS) is None and (
-                            label in NULLS or _loads(load, _replaced(doc, path, _DELETE), name)):
+                            label in NULLS or left_out()[0]):
                         # (An empty collection refused elsewhere -- `api_keys: []` and a
                         # rule naming a key -- is refused as leaving the key out is.)
                         failures.append(f"{key} = {label}: refused, but not at {name}:{line}: "
@@ -276,21 +292,10 @@ def _check_family(docs: list[Any], load: Any, name: str) -> list[str]:
                 if label in NULLS:
                     failures.append(f"{key} = {label}: accepted")
                     continue
-                try:
-                    without = load(_dump(_replaced(doc, path, _DELETE)), name)
-                except ConfigError:
-                    without = None
+                without = left_out()[1]
                 if got != without and key not in EXPLICIT:
                     failures.append(f"{key} = {label}: accepted, and not as if left out")
     return failures
-
-
-def _loads(load: Any, doc: Any, name: str) -> bool:
-    try:
-        load(_dump(doc), name)
-    except ConfigError:
-        return False
-    return True
 
 
 def test_every_config_key_refuses_a_null_and_an_empty_collection_means_the_default():

@@ -165,9 +165,26 @@ class DataRig:
 data_rig = h.module_fixture("review29-data", DataRig)
 
 
+@pytest.fixture(scope="module")
+def data_dir_cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list[Any]]]:
+    """Each edit made to a kubelet-laid-out directory of its own (as ``DataRig`` lays its
+    own out), and ``policy check`` and ``policy lint`` of every such directory in ONE
+    process (``sidecar_cli_many``): edit -> (the file name the error must hold, the two
+    results)."""
+    jobs, names = [], {}
+    for edit, make in DATA_DIR_EDITS.items():
+        d = tmp_path_factory.mktemp("review29-cli") / "policy.d"
+        _kubelet_dir(d)
+        names[edit] = make(d)
+        jobs += [["policy", cmd, str(d)] for cmd in ("check", "lint")]
+    results = h.sidecar_cli_many(jobs, timeout=300)
+    return {edit: (name, results[2 * i:2 * i + 2]) for i, (edit, name) in
+            enumerate(names.items())}
+
+
 @pytest.mark.parametrize("edit", list(DATA_DIR_EDITS), ids=list(DATA_DIR_EDITS))
 def test_a_data_linked_directory_refuses_what_its_version_does_not_hold(
-        data_rig: DataRig, edit: str) -> None:
+        data_rig: DataRig, data_dir_cli: dict[str, tuple[str, list[Any]]], edit: str) -> None:
     rig = data_rig
     before = rig.status()
     assert before["last_reload_error"] is None and rig.get("/admin/x") == 200
@@ -181,8 +198,11 @@ def test_a_data_linked_directory_refuses_what_its_version_does_not_hold(
         assert status["version"] == before["version"] and rig.get("/admin/x") == 200
         logged = rig.sidecar.log_events("policy_reload_failed")
         assert logged and name in json.dumps(logged[-1])
-        # The CLI on the same directory: an error naming the file, never the stale version.
-        for r in h.sidecar_cli_many([["policy", cmd, str(rig.dir)] for cmd in ("check", "lint")]):
+        # The CLI on the same layout with the same edit (``data_dir_cli``): an error naming
+        # the file, never the stale version.
+        cli_name, results = data_dir_cli[edit]
+        assert cli_name == name
+        for r in results:
             assert r.returncode == 1 and name in r.stdout + r.stderr, (r.args, r.stdout, r.stderr)
     finally:
         # Back to a whole kubelet layout (a new version): it applies.
@@ -262,14 +282,32 @@ def _provider_dirs(root: Path, key: str, layout: str) -> list[str]:
     return [h.write_policy(a / "mesh.yaml", mesh), h.write_policy(b / "ns-demo.yaml", ns)]
 
 
+PROVIDER_LAYOUTS = ("two dirs", "same dir", "absolute")
+
+
+@pytest.fixture(scope="module")
+def provider_checks(tmp_path_factory: pytest.TempPathFactory
+                    ) -> dict[str, tuple[dict[str, list[str]], dict[str, Any]]]:
+    """``policy check -o json`` of every key's files in every layout, in ONE process
+    (``sidecar_cli_many``): key -> (layout -> files, layout -> result)."""
+    files = {key: {layout: _provider_dirs(tmp_path_factory.mktemp("review29-providers")
+                                          / layout.replace(" ", "-"), key, layout)
+                   for layout in PROVIDER_LAYOUTS} for key in PROVIDER_FILES}
+    jobs = [(key, layout) for key in PROVIDER_FILES for layout in PROVIDER_LAYOUTS]
+    results = h.sidecar_cli_many([["policy", "check", *files[key][lay], "-o", "json"]
+                                  for key, lay in jobs], timeout=300)
+    out: dict[str, tuple[dict[str, list[str]], dict[str, Any]]] = {
+        key: (files[key], {}) for key in PROVIDER_FILES}
+    for (key, layout), r in zip(jobs, results, strict=True):
+        out[key][1][layout] = r
+    return out
+
+
 @pytest.mark.parametrize("key", list(PROVIDER_FILES))
 def test_a_provider_repeated_in_another_directory_must_name_the_same_files(
-        tmp_path: Path, key: str) -> None:
-    layouts = ("two dirs", "same dir", "absolute")
-    files = {layout: _provider_dirs(tmp_path / layout.replace(" ", "-"), key, layout)
-             for layout in layouts}
-    results = dict(zip(layouts, h.sidecar_cli_many(
-        [["policy", "check", *files[lay], "-o", "json"] for lay in layouts]), strict=True))
+        provider_checks: dict[str, tuple[dict[str, list[str]], dict[str, Any]]],
+        key: str) -> None:
+    files, results = provider_checks[key]
     r = results["two dirs"]
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
@@ -440,6 +478,14 @@ def _decisions(policy: Policy, identity: str) -> list[tuple[Any, ...]]:
     return out
 
 
+def _write_big_policy(path: Path, doc: dict[str, Any]) -> str:
+    """``h.write_policy`` (the same text: ``safe_dump``'s, unsorted) through libyaml's
+    emitter, 4x faster for the family's policies of 800 sections."""
+    h.replace_file(path, yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+                                   sort_keys=False))
+    return str(path)
+
+
 class LintRig:
     """Per policy mode: the family's policy with and without each section's later rule, and
     what ``policy lint -o json`` says about the first (one CLI process for all three)."""
@@ -452,10 +498,10 @@ class LintRig:
         paths = {}
         for mode in MODES:
             tag = mode or "unset"
-            paths[mode] = h.write_policy(tmp / f"with-{tag}.yaml", _doc(mode, True))
+            paths[mode] = _write_big_policy(tmp / f"with-{tag}.yaml", _doc(mode, True))
             self.with_later[mode] = load_policy_set([paths[mode]])
             self.without[mode] = load_policy_set(
-                [h.write_policy(tmp / f"without-{tag}.yaml", _doc(mode, False))])
+                [_write_big_policy(tmp / f"without-{tag}.yaml", _doc(mode, False))])
         results = h.sidecar_cli_many(
             [["policy", "lint", paths[m], "-o", "json", "--now", "2027-01-15T00:00:00Z"]
              for m in MODES])
