@@ -24,11 +24,19 @@ attacked on disk as the review did, and checked through the real CLI (``audit ve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,7 @@ from sidecar.audit.crypto import write_data_key
 from sidecar.audit.record import AuditRecord
 from sidecar.audit.segments import find_resume_point, list_segments, read_frames, segment_name
 from sidecar.audit.signing import write_keypair
-from tests.harness import sidecar_cli, sidecar_cli_many, write_audit_trail
+from tests.harness import sidecar_cli, write_audit_trail
 from tests.test_audit_ship import FRONTEND, ORDERS
 
 EVERY = 10  # checkpoint_every_records of every trail here
@@ -126,14 +134,80 @@ def pack(frame: dict[str, Any]) -> bytes:
     return msgpack.packb(frame, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+# The warning filters a fresh interpreter starts with (``python -m sidecar`` without -W).
+_FRESH_FILTERS: list[tuple[Any, type[Warning], str | None]] = [
+    ("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+    ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+    ("ignore", ResourceWarning, None)]
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+class _Busy(BaseException):
+    """A job still busy after its time (no ``except Exception`` in the command takes it)."""
+
+
 def cli_many(jobs: Any, *, timeout: float = 180.0) -> list[subprocess.CompletedProcess[str]]:
-    """Each job's ``sidecar ARGS`` through ``tests.harness.sidecar_cli_many`` (all in one
-    process forked from the warm interpreter): the families here check the commands'
-    messages and exit status over many inputs, not the process boundary (that is
-    ``sidecar_cli`` in the honest-trail controls below, and the suite's CLI tests).
-    ``timeout`` bounds each job."""
-    jobs = [[str(a) for a in job] for job in jobs]
-    return sidecar_cli_many(jobs, timeout=timeout * max(1, len(jobs)), bound=timeout)
+    """Each job's ``sidecar ARGS`` as ``tests.harness.sidecar_cli_many`` runs it --
+    ``sidecar.cli.main(ARGS)``, stdout and stderr captured apart, the exit status as ``python
+    -m sidecar`` gives it (``SystemExit`` read as the interpreter reads it; an escaped
+    exception printed as a traceback on stderr, status 1), warnings printed on stderr as a
+    fresh interpreter prints them -- but in this process: the families here check the
+    commands' messages and exit status over many inputs, not the process boundary, and an
+    interpreter started per test (about a quarter of a CPU-second) was most of their cost.
+    (The process boundary of these commands: ``sidecar_cli`` in the honest-trail controls
+    below, and the suite's CLI tests.) ``timeout`` bounds each job (an alarm, in the main
+    thread): one still busy then fails the test, naming it."""
+    if os.environ.get("SIDECAR_TEST_EXEC") == "1":  # (every command in a process of its own)
+        return [sidecar_cli(*job, timeout=timeout) for job in jobs]
+    from sidecar.cli import main
+
+    results = []
+    for job in jobs:
+        argv = [str(a) for a in job]
+        out, err = io.StringIO(), io.StringIO()
+        code: int | str | None
+        saved_stdin = sys.stdin
+        sys.stdin = io.StringIO("")
+        alarm = threading.current_thread() is threading.main_thread()
+        if alarm:
+            def busy(_sig: int, _frame: Any) -> None:
+                raise _Busy
+            previous = signal.signal(signal.SIGALRM, busy)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                    warnings.catch_warnings():
+                warnings.resetwarnings()
+                for action, category, module in reversed(_FRESH_FILTERS):
+                    warnings.filterwarnings(action, category=category, module=module or "")
+                warnings.showwarning = _show_warning
+                try:
+                    code = main(argv)
+                except SystemExit as exc:
+                    code = exc.code
+                except _Busy:
+                    raise AssertionError(f"sidecar {' '.join(argv)}: still busy after "
+                                         f"{timeout} s") from None
+                except BaseException:  # noqa: BLE001 (as the interpreter reports it)
+                    traceback.print_exc()
+                    code = 1
+        finally:
+            sys.stdin = saved_stdin
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            err.write(f"{code}\n")
+            code = 1
+        results.append(subprocess.CompletedProcess(["sidecar", *argv], code, out.getvalue(),
+                                                   err.getvalue()))
+    return results
 
 
 def run(*jobs: list[str]) -> list[tuple[int, dict[str, Any] | str, str]]:
