@@ -527,7 +527,11 @@ class InboundProxy:
                     # twenty-eighth session a stream past its age was never asked again, so
                     # its revoked token's stream ran on to the grace's end (found by a
                     # hostile review).
-                    if live.reauth is None or live.retiring in CUT_AT_ONCE:
+                    # Only while this task's own request or stream is the one in force: a
+                    # late answer about a finished request's token neither retires the
+                    # connection's next request nor moves its schedule (found by a hostile
+                    # review, thirty-seventh session).
+                    if live.reauth is not reauth or live.retiring in CUT_AT_ONCE:
                         return
                     asked = (gate.authenticator.introspection_providers
                              if gate.authenticator is not None else frozenset())
@@ -538,7 +542,7 @@ class InboundProxy:
                         return
                 except Exception as exc:  # noqa: BLE001 -- fail closed, never a crash
                     log("stream_reauth_failed", "error", error=repr(exc))
-                if live.reauth is not None:
+                if live.reauth is reauth:  # (not a later request's: see above)
                     self.lifetimes.retire(live, REASON_CREDENTIAL_EXPIRED)
 
             conn.reauth_at = max(at, now + 1.0)

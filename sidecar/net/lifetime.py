@@ -116,7 +116,8 @@ class LiveConnection:
     key that stream was authorised with expires. ``own_not_after`` is when the own chain the
     connection was made with expires; ``peer_not_after`` is the earlier of it and the peer's
     (one comparison in the sweep finds both). ``request`` is the exchange being served (the
-    listener's ``RequestContext``, set when it is allowed) and ``allows(request, now)``
+    listener's ``RequestContext``, set when it is allowed, None again once it ends: the
+    request loop clears it) and ``allows(request, now)``
     whether the current policy would still allow it (set once per connection).
     ``upstream`` (outbound) is the admission of the pooled upstream connection the request
     in flight is carried over (``UpstreamMeta``: ``peer``, ``chain``, ``peer_not_after``,

@@ -196,6 +196,12 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
                         abort(client.stream)
                     raise
                 if conn is not None:
+                    # (the exchange is over: a policy change no longer judges it -- found
+                    # by a hostile review, thirty-seventh session: a reload, a JWKS key's
+                    # removal or a decision waiting for introspection judged the previous,
+                    # finished request while the next head was arriving, and cut the
+                    # connection ``policy_refused``)
+                    conn.request = None
                     conn.credentials_end = math.inf  # (set for a request with credentials)
                     conn.renew = None
                     if conn.reauth is not None:  # (an introspected token's: ``reauth``)
@@ -214,16 +220,21 @@ async def request_loop(client: Endpoint, *, tracker: ConnectionTracker, limits: 
             except RequestRefused as exc:
                 if conn is not None:
                     conn.upstream = None  # (as after an exchange: the pool's again)
+                    conn.request = None  # (ended: not judged again while refused)
                 telemetry.request(ctx, exc.status, error=exc.reason)
                 await send_refusal(client, exc, ctx.request_id, ctx.verdict, head=_is_head(event))
                 return
             except UpstreamFailed as exc:
+                if conn is not None:
+                    conn.request = None  # (ended: not judged again while refused)
                 telemetry.request(ctx, exc.refusal.status, exc.exchange.request_bytes,
                                   error=exc.refusal.reason, detail=exc.refusal.detail)
                 await send_refusal(client, exc.refusal, ctx.request_id, None,
                                    head=_is_head(event))
                 return
             except (PeerClosed, Timeout) as exc:
+                if conn is not None:
+                    conn.request = None  # (ended: not judged again while the loop ends)
                 if ctx.facts is not None:  # forwarded, then broken off: still one record
                     status, error = broken_exchange(exc)
                     sent, received = (exc.sent, exc.received) if isinstance(exc, PeerClosed) \
