@@ -79,7 +79,7 @@ FIRST_FILES = [
     # alternately one that waits and one that computes, each list longest first
     "test_run_as_parameters", "test_yaml_bounds", "test_upstream_upload_answers",
     "test_cache_memory", "test_jwks_withdrawn", "test_chunk_cost", "test_worker_supervision",
-    "test_k8s_cli", "test_lifetime_review3", "test_audit_walk_review29",
+    "test_k8s_cli", "test_lifetime_review37", "test_lifetime_review3", "test_audit_walk_review29",
     "test_check_admin_hostile", "test_jwks_withdrawal", "test_lifetime_review2", "test_live_cli",
     "test_chain_anchor_review29", "test_policy_review29", "test_hostile_http",
     "test_audit_ship_hostile", "test_jwt_e2e", "test_audit_readers_review29b", "test_caller_gone",

@@ -44,7 +44,16 @@ import sidecar.cli, sidecar.app
 if sys.argv[2] == "cli":
     import sidecar.check, sidecar.audit.cli, sidecar.policy.cli, sidecar.k8s.cli
     import sidecar.replay, sidecar.tap, sidecar.live
-import runpy, atexit, traceback, threading
+else:  # what ``sidecar run`` imports only once it runs
+    import h11, sidecar.admin, sidecar.ctlhttp.client, sidecar.ctlhttp.server
+    import sidecar.identity.bundle, sidecar.audit.writer, sidecar.alert_poster
+    import cryptography.hazmat.backends.openssl.backend
+import runpy, atexit, traceback, threading, gc
+# What the zygote holds now lives as long as each child: out of the collector's view, so
+# that a child's collections -- ``sidecar run`` makes a full one when it starts listening --
+# do not walk it (and do not write to its pages, which the fork shares).
+gc.collect()
+gc.freeze()
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
