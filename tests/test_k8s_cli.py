@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from sidecar.k8s.cli import (
     merges_larger_than,
 )
 from sidecar.k8s.inject import POLICY_VOLUME, SIDECAR_CONTAINER, STATUS_ANNOTATION
-from tests.harness import sidecar_cli_many
+from tests.harness import sidecar_cli, sidecar_cli_many
 
 DEPLOYMENT = """\
 apiVersion: apps/v1
@@ -77,12 +79,11 @@ def inject_many(texts: dict[str, str], bound: float) -> dict[str, subprocess.Com
 
 def same_in_a_process(text: str, batch: subprocess.CompletedProcess[str],
                       bound: float = 30) -> None:
-    """``python -m sidecar inject -f -`` of ``text``: the exit status and output the
-    in-process run gave."""
+    """``python -m sidecar inject -f -`` of ``text`` in a process of its own (forked from the
+    warm interpreter: ``sidecar_cli``; a real exec and pipe: ``test_stdin_is_held_to_8_mib``):
+    the exit status and output the in-process run gave."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "sidecar", "inject", "-f", "-"],
-                              input=text, capture_output=True, text=True, timeout=bound,
-                              check=False)
+        proc = sidecar_cli("inject", "-f", "-", input=text, timeout=bound)
     except subprocess.TimeoutExpired:
         pytest.fail(f"sidecar inject still busy after {bound} s")
     assert (proc.returncode, proc.stdout, proc.stderr) == \
@@ -367,6 +368,10 @@ spec:
                     {"image": "j", "imagePullPolicy": "Always", "name": "b"}]
 
 
+# SafeLoader's resolver and composer on libyaml's parser, as ``sidecar inject`` composes
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @pytest.mark.parametrize("copies", [999, 1000, 1001])
 def test_the_merge_bound_is_the_expanded_values_bound(copies: int) -> None:
     """Just under, at and just over the bound (1,000 keys copied ``copies`` times), and the
@@ -376,7 +381,7 @@ def test_the_merge_bound_is_the_expanded_values_bound(copies: int) -> None:
               + "c: {<<: *b}\n")  # b copies 1000 x copies; c copies b's (again as many)
     nodes = []
     for text, copied in ((flat, 1000 * copies), (nested, 2 * 1000 * copies)):
-        nodes.append(yaml.compose(text, Loader=yaml.SafeLoader))
+        nodes.append(yaml.compose(text, Loader=_COMPOSER))
         assert merges_larger_than(nodes[-1], copied) is False
         assert merges_larger_than(nodes[-1], copied - 1) is True
     # (the flat text's node again: composing it a second time, with ``yaml.Loader``'s same
@@ -390,25 +395,39 @@ def _filled(head: str, item: str, tail: str, size: int = 8 * 2**20 - 4096) -> st
     return head + ", ".join([item] * ((size - len(head)) // (len(item) + 2))) + tail
 
 
-SIZE_BOMBS: dict[str, str] = {
+# (built when first used, then kept: not at collection, which every test worker pays)
+_SIZE_BOMB_MAKERS: dict[str, Callable[[], str]] = {
     # 159 s and 2.8 GB before the loader stopped at the bound (pure-Python composer).
-    "a flow list of scalars": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
-                                      "x: [", "a", "]\n"),
-    "a flow list of lists": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
-                                    "x: [", "[[a]]", "]\n"),
-    "env entries of a container": _filled(
+    "a flow list of scalars": lambda: _filled(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\nx: [", "a", "]\n"),
+    "a flow list of lists": lambda: _filled(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\nx: [", "[[a]]", "]\n"),
+    "env entries of a container": lambda: _filled(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n containers:\n"
         " - {name: app, image: i, env: [", "{name: A}", "]}\n"),
-    "many documents": "".join(["---\n{a: [b]}\n"] * (8 * 2**20 // 14)),
-    "aliases of one scalar": _filled("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"
-                                     "b: &a x\nx: [", "*a", "]\n"),
+    "many documents": lambda: "".join(["---\n{a: [b]}\n"] * (8 * 2**20 // 14)),
+    "aliases of one scalar": lambda: _filled(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\nb: &a x\nx: [", "*a", "]\n"),
 }
-# A mapping of nearly a million keys (keys are no values): taken.
-KEYS = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"
-        + ", ".join(f"k{i:x}: v" for i in range(300_000)) + "}\n")  # (string keys:
-# a number key is refused, as kubectl would stringify it -- tests/test_k8s_review34.py)
-LONG_SCALAR = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {x: '"
-               + "a" * (8 * 2**20 - 100) + "'}\n")
+
+
+@functools.cache
+def size_bomb(name: str) -> str:
+    return _SIZE_BOMB_MAKERS[name]()
+
+
+@functools.cache
+def keys_text() -> str:
+    """A mapping of 300,000 keys (keys are no values): taken."""
+    return ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {"
+            + ", ".join(f"k{i:x}: v" for i in range(300_000)) + "}\n")  # (string keys:
+    # a number key is refused, as kubectl would stringify it -- tests/test_k8s_review34.py)
+
+
+@functools.cache
+def long_scalar() -> str:
+    return ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {x: '"
+            + "a" * (8 * 2**20 - 100) + "'}\n")
 
 
 def _inject(text: str, bound: float = 30) -> subprocess.CompletedProcess[str]:
@@ -461,12 +480,13 @@ def size_bombs() -> dict[str, subprocess.CompletedProcess[str]]:
     No member is run again in its own process: each costs seconds of parsing, and the exit
     path (status 2, the message, no traceback) is the alias and merge bombs', which are
     (``test_a_yaml_*_bomb_in_a_process``); 8 MiB on a real stdin: ``test_stdin_is_held_to_8_mib``."""
-    return inject_many({**SIZE_BOMBS, "keys": KEYS, "long scalar": LONG_SCALAR}, bound=150)
+    return inject_many({**{name: size_bomb(name) for name in _SIZE_BOMB_MAKERS},
+                        "keys": keys_text(), "long scalar": long_scalar()}, bound=150)
 
 
-@pytest.mark.parametrize("name", sorted(SIZE_BOMBS))
+@pytest.mark.parametrize("name", sorted(_SIZE_BOMB_MAKERS))
 def test_8_mib_of_values_are_refused_at_the_bound(size_bombs, name: str) -> None:
-    text = SIZE_BOMBS[name]
+    text = size_bomb(name)
     assert len(text) <= 8 * 2**20
     proc = size_bombs[name]
     assert proc.seconds < 60, name  # type: ignore[attr-defined]
@@ -477,7 +497,7 @@ def test_8_mib_of_values_are_refused_at_the_bound(size_bombs, name: str) -> None
 
 @pytest.mark.parametrize("name", ["keys", "long scalar"])
 def test_many_keys_and_a_long_scalar_are_taken(size_bombs, name: str) -> None:
-    text = KEYS if name == "keys" else LONG_SCALAR
+    text = keys_text() if name == "keys" else long_scalar()
     assert len(text.encode()) <= 8 * 2**20
     proc = size_bombs[name]
     # (a bound against a blow-up, not a speed test: 74 s once on this 2-core VM with four

@@ -49,7 +49,15 @@ from sidecar.k8s.inject import (
 from sidecar.k8s.patch import apply_patch
 from sidecar.k8s.rules import ALLOWED_CAPABILITIES as RULES_ALLOWED
 from sidecar.k8s.rules import POD_RULES, REFUSED_CAPABILITIES
-from tests.harness import ROOT, Proc, free_port, https_server_material, wait_port
+from tests.harness import (
+    ROOT,
+    Proc,
+    free_port,
+    https_server_material,
+    sidecar_cli,
+    sidecar_cli_many,
+    wait_port,
+)
 from tests.test_k8s_review28 import _post, _review
 
 COLLECTOR = "siem.logging.svc.cluster.local"
@@ -304,16 +312,15 @@ def test_update_of_a_pod_without_the_sidecar_is_not_held_to_it(
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_sidecar_inject_refuses_each_capability(tmp_path: Path, mode: str) -> None:
-    """The CLI holds the same rule: each refused capability in its own run (in parallel)."""
-    runs = {}
-    for cap in sorted(REFUSED_CAPABILITIES):
-        runs[cap] = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--namespace-mode", mode],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=str(ROOT))
-    for cap, proc in runs.items():
-        out, err = proc.communicate(yaml.safe_dump(pod_with(_context_adding(cap), "containers")),
-                                    timeout=60)
+    """The CLI holds the same rule: each refused capability in its own run (all in one
+    process, ``sidecar_cli_many``; the exit through a real ``python -m sidecar inject``:
+    ``test_every_capability_outside_baseline_is_refused``)."""
+    caps = sorted(REFUSED_CAPABILITIES)
+    runs = sidecar_cli_many(
+        [["inject", "-f", "-", "--namespace-mode", mode]] * len(caps), timeout=60,
+        stdins=[yaml.safe_dump(pod_with(_context_adding(cap), "containers")) for cap in caps])
+    for cap, proc in zip(caps, runs, strict=True):
+        err, out = proc.stderr, proc.stdout
         assert proc.returncode == 1, (cap, err)
         assert "admission rule privileged_container:" in err and out == "", (cap, err)
         assert repr(cap) in err, err
@@ -329,43 +336,42 @@ SAFE = (COLLECTOR, f"{COLLECTOR}.", "siem.logging.", "siem.logging.svc.corp.exam
         "10.96.0.50", "[fd00::50]")
 
 
-def _run_all(argvs: dict[str, list[str]], stdin: str = "") -> dict[str, tuple[int, str]]:
-    """Run every command at once; (exit code, stderr) each."""
-    procs = {key: subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
-             for key, argv in argvs.items()}
-    out = {}
-    for key, proc in procs.items():
-        try:
-            _, err = proc.communicate(stdin, timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        out[key] = (proc.returncode, err)
-    return out
-
-
 def test_every_hijackable_collector_host_is_a_usage_error(tmp_path: Path) -> None:
+    """Every host through ``sidecar inject`` and ``sidecar webhook`` (all in one process,
+    ``sidecar_cli_many``: a webhook that took the flag would serve, and the run's time bound
+    fail naming it), and one of each also in a process of its own."""
     https_server_material(tmp_path / "tls")  # (a webhook that took the flag would serve)
+
+    def webhook(host: str) -> list[str]:
+        return ["webhook", "--listen", f"127.0.0.1:{free_port()}",
+                "--cert", str(tmp_path / "tls" / "server.crt"), "--key",
+                str(tmp_path / "tls" / "server.key"), "--audit-collector", f"{host}:6514"]
+
     argvs: dict[str, list[str]] = {}
     for host in HIJACKABLE:
-        flag = ["--audit-collector", f"{host}:6514"]
-        argvs[f"inject {host}"] = [sys.executable, "-m", "sidecar", "inject", "-f", "-", *flag]
-        argvs[f"webhook {host}"] = [
-            sys.executable, "-m", "sidecar", "webhook", "--listen", f"127.0.0.1:{free_port()}",
-            "--cert", str(tmp_path / "tls" / "server.crt"), "--key",
-            str(tmp_path / "tls" / "server.key"), *flag]
-    for key, (code, err) in _run_all(argvs, yaml.safe_dump(plain_pod())).items():
+        argvs[f"inject {host}"] = ["inject", "-f", "-", "--audit-collector", f"{host}:6514"]
+        argvs[f"webhook {host}"] = webhook(host)
+    stdin = yaml.safe_dump(plain_pod())
+    results = dict(zip(argvs, sidecar_cli_many(argvs.values(), timeout=60,
+                                               stdins=[stdin] * len(argvs)), strict=True))
+    results["process: inject"] = sidecar_cli("inject", "-f", "-", "--audit-collector",
+                                             "siem:6514", input=stdin, timeout=30)
+    results["process: webhook"] = sidecar_cli(*webhook("siem.logging"), input="", timeout=30)
+    for key, proc in results.items():
+        code, err = proc.returncode, proc.stderr
         assert code == 2, (key, err)
         assert "--audit-collector" in err and "full name of its Service" in err, (key, err)
         assert "Traceback" not in err, err
 
 
 def test_safe_collector_hosts_are_taken() -> None:
-    argvs = {host: [sys.executable, "-m", "sidecar", "inject", "-f", "-", "--audit-collector",
-                    f"{host}:6514"] for host in SAFE}
-    for host, (code, err) in _run_all(argvs, yaml.safe_dump(plain_pod())).items():
-        assert code == 0, (host, err)
+    """(all in one process: the exit of a real ``sidecar inject`` run is
+    ``test_every_hijackable_collector_host_is_a_usage_error``'s and the alias run's)"""
+    argvs = {host: ["inject", "-f", "-", "--audit-collector", f"{host}:6514"] for host in SAFE}
+    runs = sidecar_cli_many(argvs.values(), timeout=60,
+                            stdins=[yaml.safe_dump(plain_pod())] * len(argvs))
+    for host, proc in zip(argvs, runs, strict=True):
+        assert proc.returncode == 0, (host, proc.stderr)
 
 
 # A pod's own names in /etc/hosts: "<podIP> <hostname>" and, with a subdomain,

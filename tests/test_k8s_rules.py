@@ -15,6 +15,7 @@ import copy
 import http.client as httpclient
 import json
 import ssl
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from tests.harness import (
     http,
     https_server_material,
     sidecar_cli,
+    sidecar_cli_many,
     wait_port,
 )
 
@@ -498,11 +500,27 @@ def test_admission_review_over_tls(webhook: tuple[int, ssl.SSLContext, Proc],
 # --- through a real `sidecar inject` process ---------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def inject_runs() -> list[subprocess.CompletedProcess[str]]:
+    """Every case through ``sidecar inject`` (all in one process, ``sidecar_cli_many``; the
+    exit of a real ``python -m sidecar inject``, denied and injected:
+    ``test_sidecar_inject_cli_in_a_process``)."""
+    return sidecar_cli_many(
+        [["inject", "-f", "-", "--namespace-mode", case.mode, *FLAGS] for case in CASES],
+        stdins=[yaml.safe_dump(case.build()) for case in CASES], timeout=300, bound=60)
+
+
+def _run_of(case: Case, runs: list[subprocess.CompletedProcess[str]]
+            ) -> subprocess.CompletedProcess[str]:
+    (run,) = [run for c, run in zip(CASES, runs, strict=True) if c is case]
+    return run
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_sidecar_inject_cli(case: Case) -> None:
+def test_sidecar_inject_cli(inject_runs: list[subprocess.CompletedProcess[str]],
+                            case: Case) -> None:
     doc = case.build()
-    proc = sidecar_cli("inject", "-f", "-", "--namespace-mode", case.mode,
-         *FLAGS, input=yaml.safe_dump(doc), timeout=60)
+    proc = _run_of(case, inject_runs)
     if case.expect.startswith("deny:"):
         assert proc.returncode == 1, proc.stderr
         assert f"admission rule {case.expect.split(':', 1)[1]}:" in proc.stderr
@@ -514,6 +532,20 @@ def test_sidecar_inject_cli(case: Case) -> None:
         assert out == doc
     else:
         _check_injected(out, case)
+
+
+@pytest.mark.parametrize("name", ["plain pod", "AppArmor annotation for the sidecar"])
+def test_sidecar_inject_cli_in_a_process(inject_runs: list[subprocess.CompletedProcess[str]],
+                                         name: str) -> None:
+    """A real ``python -m sidecar inject`` process: the exit status and output the batch
+    gave (one injected, one denied)."""
+    case = next(c for c in CASES if c.name == name)
+    proc = sidecar_cli("inject", "-f", "-", "--namespace-mode", case.mode,
+                       *FLAGS, input=yaml.safe_dump(case.build()), timeout=60)
+    batch = _run_of(case, inject_runs)
+    assert (proc.returncode, proc.stdout, proc.stderr) == \
+        (batch.returncode, batch.stdout, batch.stderr)
+    assert proc.returncode == (1 if case.expect.startswith("deny:") else 0), proc.stderr
 
 
 def test_cases_are_documented() -> None:
@@ -594,12 +626,29 @@ def test_the_malformed_family_covers_every_field() -> None:
     assert len(nulls) > 25
 
 
+@pytest.fixture(scope="module")
+def null_item_runs() -> list[subprocess.CompletedProcess[str]]:
+    """Every null item through ``sidecar inject`` (all in one process; the first also in a
+    real process of its own, ``test_null_array_items_through_sidecar_inject``)."""
+    return sidecar_cli_many([["inject", "-f", "-", *FLAGS]] * len(NULL_ITEMS), timeout=300,
+                            bound=60, stdins=[yaml.safe_dump(_malformed_pod(path, None))
+                                              for _, path, _ in NULL_ITEMS])
+
+
 @pytest.mark.parametrize("name,path", [(n, p) for n, p, _ in NULL_ITEMS],
                          ids=[n for n, _, _ in NULL_ITEMS])
-def test_null_array_items_through_sidecar_inject(name: str, path: tuple[Any, ...]) -> None:
-    """A real ``sidecar inject`` process: exit 1 naming malformed_pod, never a traceback."""
-    doc = _malformed_pod(path, None)
-    proc = sidecar_cli("inject", "-f", "-", *FLAGS, input=yaml.safe_dump(doc), timeout=60)
+def test_null_array_items_through_sidecar_inject(
+        null_item_runs: list[subprocess.CompletedProcess[str]], name: str,
+        path: tuple[Any, ...]) -> None:
+    """``sidecar inject``: exit 1 naming malformed_pod, never a traceback (the first member
+    also through a real ``python -m sidecar inject`` process, with the same result)."""
+    index = [n for n, _, _ in NULL_ITEMS].index(name)
+    proc = null_item_runs[index]
+    if index == 0:
+        real = sidecar_cli("inject", "-f", "-", *FLAGS,
+                           input=yaml.safe_dump(_malformed_pod(path, None)), timeout=60)
+        assert (real.returncode, real.stdout, real.stderr) == \
+            (proc.returncode, proc.stdout, proc.stderr)
     assert proc.returncode == 1, (name, proc.stderr[-500:])
     assert "admission rule malformed_pod:" in proc.stderr and "must not be null" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
