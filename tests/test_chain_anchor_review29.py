@@ -68,7 +68,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sidecar.identity import svid
 from sidecar.identity.bundle import spiffe_bundle_json
 from sidecar.identity.svid import SvidError, load_svid, verify_chain
-from sidecar.identity.tls import client_context
+from sidecar.identity.tls import client_context, memory_files
 from sidecar.identity.trust import PeerChain, TrustStore, bundle_from_certs
 from tests.harness import (
     TD,
@@ -305,14 +305,37 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> _Files:
     return _Files(tmp_path_factory.mktemp("chains"))
 
 
+# The handshakes made (what was sent, its key, the bundle -> what OpenSSL verified): the same
+# one is asked about by a member's own test and again by its family's checks (not vacuous,
+# the store order), and its verdict depends on those inputs only; made once a module run.
+_HANDSHAKES: dict[tuple[bytes, bytes, bytes], tuple[x509.Certificate, ...] | None] = {}
+# the sidecar's client contexts, one per bundle (as the sidecar makes one per bundle in force
+# and dials with it again and again; each handshake verifies the chain anew)
+_CLIENTS: dict[tuple[str, bytes], ssl.SSLContext] = {}
+
+
 def openssl_chain(files: _Files, sent: list[x509.Certificate], key: Any,
                   bundle: list[x509.Certificate]) -> list[x509.Certificate] | None:
     """The chain the sidecar's own client context (``tls.client_context``: the handshake's
     OpenSSL, its flags) verifies when a server presents ``sent``, with ``bundle`` as its
     roots; None when it refuses it. An in-memory handshake."""
-    client = client_context(_own_svid(str(files.root)), alpn=(), roots_pem=pem(*bundle))
+    made = (pem(*sent), key_pem(key), pem(*bundle))
+    if made not in _HANDSHAKES:
+        chain = _handshake(files, *made)
+        _HANDSHAKES[made] = None if chain is None else tuple(chain)
+    verified = _HANDSHAKES[made]
+    return None if verified is None else list(verified)
+
+
+def _handshake(files: _Files, sent_pem: bytes, key: bytes,
+               roots: bytes) -> list[x509.Certificate] | None:
+    client = _CLIENTS.get((str(files.root), roots))
+    if client is None:
+        client = _CLIENTS[str(files.root), roots] = client_context(
+            _own_svid(str(files.root)), alpn=(), roots_pem=roots)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(files.write(pem(*sent)), files.write(key_pem(key)))
+    with memory_files(sent_pem, key) as (chain_path, key_path):
+        server.load_cert_chain(chain_path, key_path)
     bios = [ssl.MemoryBIO() for _ in range(4)]
     c = client.wrap_bio(bios[0], bios[1])
     s = server.wrap_bio(bios[2], bios[3], server_side=True)
