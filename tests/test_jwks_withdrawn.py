@@ -111,6 +111,13 @@ class Env:
         return self.mesh.sidecar.metric("sidecar_jwks_keys_dropped_total", provider=provider,
                                         cause=cause)
 
+    def loaded_since(self, provider: str, since: float) -> bool:
+        """Whether ``provider``'s key set was loaded after ``since`` (``time.time()``), read
+        from ``sidecar_jwks_age_seconds`` on the admin port: a cheap signal to wait on before
+        the status is asked (each ask is a TLS handshake and a request)."""
+        return self.mesh.sidecar.metric("sidecar_jwks_age_seconds",
+                                        provider=provider) < time.time() - since
+
     def fetches(self, provider: str, result: str) -> float:
         return self.mesh.sidecar.metric("sidecar_jwks_fetches_total", provider=provider,
                                         result=result)
@@ -163,12 +170,17 @@ def test_a_withdrawal_is_applied(env: Env, provider: str, name: str) -> None:
     assert h.wait_for(lambda: env.status(provider) == 200, timeout=15)
     before = env.dropped(provider, "withdrawn")
     env.publish(provider, WITHDRAWALS[name]())
+    # (waited for on the admin port first, five times a second: asking the status every
+    # 50 ms for the seconds a file's watcher takes cost a handshake each)
+    assert h.wait_for(lambda: env.dropped(provider, "withdrawn") > before, timeout=15,
+                      interval=0.2), name
     assert h.wait_for(lambda: env.status(provider) == 401, timeout=15), name
-    assert h.wait_for(lambda: env.dropped(provider, "withdrawn") > before, timeout=5)
     events = env.mesh.sidecar.log_events("jwks_keys_withdrawn")
     assert any(e.get("provider") == provider for e in events)
     # The provider publishes its key again: used again.
+    published = time.time()
     env.publish(provider, {"keys": [_k1()]})
+    assert h.wait_for(lambda: env.loaded_since(provider, published), timeout=15, interval=0.2)
     assert h.wait_for(lambda: env.status(provider) == 200, timeout=15)
 
 
@@ -179,7 +191,8 @@ def test_a_broken_document_keeps_the_last_good_set(env: Env, name: str) -> None:
     failed = env.fetches("remote", "failed")
     env.publish("remote", BROKEN[name]())
     # Two refused fetches later the key is still in use (bounded by the wait's timeout).
-    assert h.wait_for(lambda: env.fetches("remote", "failed") >= failed + 2, timeout=20)
+    assert h.wait_for(lambda: env.fetches("remote", "failed") >= failed + 2, timeout=20,
+                      interval=0.2)
     assert env.status("remote") == 200, name
     env.publish("remote", {"keys": [_k1()]})
 
@@ -189,12 +202,17 @@ def test_a_set_older_than_jwks_max_stale_is_dropped(env: Env) -> None:
     before = env.dropped("stale", "stale")
     with env.server.lock:
         env.server.status["/stale"] = 503  # the endpoint fails (or is blocked) from now on
+    # (the drop waited for on the admin port first: a status asked every 50 ms is a
+    # handshake each; the count is checked exactly once the status says the set is gone)
+    h.wait_for(lambda: env.dropped("stale", "stale") > before, timeout=20, interval=0.2)
     assert h.wait_for(lambda: env.status("stale") == 401, timeout=20)
     assert env.dropped("stale", "stale") == before + 1
     assert any(e.get("provider") == "stale"
                for e in env.mesh.sidecar.log_events("jwks_keys_stale"))
+    restored = time.time()
     with env.server.lock:
         del env.server.status["/stale"]
+    assert h.wait_for(lambda: env.loaded_since("stale", restored), timeout=20, interval=0.2)
     assert h.wait_for(lambda: env.status("stale") == 200, timeout=20)
 
 
@@ -254,6 +272,8 @@ def test_a_reload_during_an_outage_keeps_counting_from_the_last_fetch(tmp_path: 
             h.write_policy(mesh.policy_dir / "mesh.yaml", policy("3s", "2s"))
             assert h.wait_for(lambda: len(mesh.sidecar.log_events("policy_loaded")) >= 2,
                               timeout=15)
+            h.wait_for(lambda: env.dropped("stale", "stale") >= 1, timeout=20,  # (cheap)
+                       interval=0.2)
             assert h.wait_for(lambda: env.status("stale") == 401, timeout=20)
             assert env.dropped("stale", "stale") == 1
     finally:
