@@ -203,6 +203,19 @@ def bound_peer_chain(ctx: ssl.SSLContext) -> bool:
                 and lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_MAX_CERT_LIST, 0, None) == limit)
 
 
+def strict_eof(ctx: ssl.SSLContext) -> None:
+    """A peer's TCP close without TLS's close_notify is reported as the truncation it may be,
+    never as a clean end: ``OP_IGNORE_UNEXPECTED_EOF`` off. CPython 3.10 and the 3.11
+    releases before the fix of gh-95494 (Debian 12's system 3.11.2 among them) set it on
+    every new context with OpenSSL 3, so a close-delimited body cut by anyone on the path
+    read as complete and a ragged stream end as a clean one (found when the suite first ran
+    on Debian's 3.11.2, thirty-seventh session). With it off those releases raise
+    ``ssl.SSLError`` with reason ``UNEXPECTED_EOF_WHILE_READING`` where later ones raise
+    ``ssl.SSLEOFError`` (``sidecar.net.transport.eof_without_close_notify`` reads both).
+    Every context the sidecar makes passes here (``limit_key_exchange`` calls it)."""
+    ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+
+
 def limit_key_exchange(ctx: ssl.SSLContext) -> str:
     """Offer and accept only the groups of ``KEY_EXCHANGE_GROUPS`` (the first list OpenSSL
     takes), and no TLS 1.2 suite with a finite-field key exchange (DHE: the server sends its
@@ -210,7 +223,8 @@ def limit_key_exchange(ctx: ssl.SSLContext) -> str:
     10,000-bit modulus cost a client 1.1 s a handshake; the stdlib's default suites offer
     DHE; found by the review of the groups fix); the groups set, or, where the ``SSL_CTX``
     cannot be had, P-256 alone (the stdlib's ``set_ecdh_curve``, which on OpenSSL 3 sets the
-    one group)."""
+    one group). Also ``strict_eof``: every context goes through here."""
+    strict_eof(ctx)
     suites = ctx.get_ciphers()
     if any(suite["kea"] == "kx-dhe" for suite in suites):
         ctx.set_ciphers(f"@SECLEVEL={ctx.security_level}:" + ":".join(

@@ -289,6 +289,16 @@ def peer_left(fd: socket.socket) -> bool:
         return False
 
 
+def eof_without_close_notify(exc: BaseException) -> bool:
+    """Whether a TLS read's error is the peer's TCP EOF without close_notify: ``SSLEOFError``,
+    or, on CPython releases before gh-95494's fix (3.11.2 among them), the ``SSLError`` that
+    OpenSSL 3 raises for it once ``OP_IGNORE_UNEXPECTED_EOF`` is off
+    (``sidecar.identity.tls.strict_eof``)."""
+    return isinstance(exc, ssl.SSLEOFError) or (
+        isinstance(exc, ssl.SSLError) and getattr(exc, "library", None) == "SSL"
+        and getattr(exc, "reason", None) == "UNEXPECTED_EOF_WHILE_READING")
+
+
 class TlsTransport(trio.abc.Stream):
     """TLS over a Trio socket, for a context built by ``sidecar.identity.tls``.
 
@@ -449,7 +459,13 @@ class TlsTransport(trio.abc.Stream):
         except ssl.SSLWantWriteError:
             self.want_write = True  # a read had to write (TLS 1.3 KeyUpdate answer)
             return None
-        except ssl.SSLEOFError:
+        except ssl.SSLZeroReturnError:
+            # The peer's close_notify after ours (``close_notify``: a half-closed splice);
+            # before ours the read itself returns b"".
+            return b""
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            if not eof_without_close_notify(exc):
+                raise trio.BrokenResourceError(str(exc)) from exc
             broken = self._broken
             if broken is not None:  # (what OpenSSL says after a fatal error a burst met)
                 raise trio.BrokenResourceError(str(broken)) from broken
@@ -457,12 +473,6 @@ class TlsTransport(trio.abc.Stream):
             # it cannot end a close-delimited body (``sidecar.net.streams.truncated``).
             self.ragged_eof = True
             return b""
-        except ssl.SSLZeroReturnError:
-            # The peer's close_notify after ours (``close_notify``: a half-closed splice);
-            # before ours the read itself returns b"".
-            return b""
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
 
     def receive_burst(self, data: bytes | bytearray) -> bytes | bytearray:
         """``data`` (a short read) joined with the records already waiting on the socket
@@ -494,11 +504,12 @@ class TlsTransport(trio.abc.Stream):
             except ssl.SSLWantWriteError:
                 self.want_write = True  # (a KeyUpdate answer to send first: the next wait)
                 break
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            except ssl.SSLZeroReturnError:
                 self._end_held = True
                 break
             except (ssl.SSLError, OSError, ValueError) as exc:
-                self._broken = exc
+                if not eof_without_close_notify(exc):
+                    self._broken = exc
                 self._end_held = True
                 break
             if not more:
