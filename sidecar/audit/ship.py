@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
+from sidecar import atomic_re
 from sidecar.audit.chain import (
     MAX_FRAME_BYTES,
     MAX_RECORD_JSON_DEPTH,
@@ -516,17 +517,17 @@ _SEQ_KEY = r"(?:s|\\u0073)(?:e|\\u0065)(?:q|\\u0071)"
 # its digits plain or written ``\u003N`` inside a string (``"\u0032"``) -- both got a forged
 # line past when the value was read exactly or its escapes not at all (found by the review of
 # the thirty-fifth session's second fix).
-_SEQ_NAMED = re.compile(_SEQ_KEY + r'\W{0,3}?\s*+[:=]\s*+"?+\s*+'
+_SEQ_NAMED = atomic_re.compile(_SEQ_KEY + r'\W{0,3}?\s*+[:=]\s*+"?+\s*+'
                         r'((?>-?+(?:[0-9]|\\u003[0-9])++(?:\.[0-9]*+)?'
                         r'(?:[eE][+-]?+[0-9]++)?))(?![0-9.eE])')
 _ESCAPED_DIGIT = re.compile(r"\\u003([0-9])")
 # A JSON member named seq in any spelling (``"seq":``, ``"s\u0065q" :``): a line without
 # ``sidecar@32473`` whose JSON does not parse is one that looks like ours when it holds one.
-_JSON_SEQ_MEMBER = re.compile(r'"' + _SEQ_KEY + r'"\s*+:')
+_JSON_SEQ_MEMBER = atomic_re.compile(r'"' + _SEQ_KEY + r'"\s*+:')
 # (any number of digits: ``"0000000000000000000002"`` is 2, and so is
 # ``2000000000000000000000e-21``; a run capped at 20 digits missed both -- found by the
 # review of the thirty-fifth session's third fix)
-_DIGITS = re.compile(r"[0-9]++")
+_DIGITS = atomic_re.compile(r"[0-9]++")
 _MAX_SEQ_DIGITS = 20  # (a seq is below 2**64; more significant digits name none)
 
 
@@ -543,7 +544,7 @@ _SEQ_SCAN = json.JSONDecoder(object_pairs_hook=lambda pairs: pairs,
 # A ``sidecar@32473`` element in a line (RFC 5424 6.3.2: an SD-ID appears at most once).
 # (what follows the SD-ID cannot be part of an SD-NAME: a blank, ``]``, ``=``, ``"``)
 _SD_ELEMENT = re.compile(r"\[" + re.escape(SD_ID) + r'(?=[\s\]="]|$)')
-_SD_PARAM_ESCAPED = re.compile(r' ([^\s="\]]+)="((?:[^"\\]|\\.)*+)"')
+_SD_PARAM_ESCAPED = atomic_re.compile(r' ([^\s="\]]+)="((?:[^"\\]|\\.)*+)"')
 _SD_UNESCAPE = re.compile(r"\\([\\\]\"])")
 
 

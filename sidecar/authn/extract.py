@@ -44,6 +44,7 @@ from itertools import repeat
 from typing import NamedTuple
 from urllib.parse import unquote_plus, unquote_to_bytes
 
+from sidecar import atomic_re
 from sidecar.authn.jwt import (
     BEFORE_OBJECT,
     MALFORMED,
@@ -479,7 +480,7 @@ def _in_order(text: str, runs: tuple[str, ...]) -> bool:
 # every whitespace character of a run, each attempt reading the rest of it: a cookie piece
 # of 32,000 spaces between two cookies cost 31 s of the event loop, one request stalling
 # every connection of the sidecar (found by a hostile review).
-_INNER_COOKIE = re.compile(r'(?<![\s,])[\s,][\s,]*+([^\s,;="]++)\s*+=\s*+("[^"]*"|[^\s,;]*+)')
+_INNER_COOKIE = atomic_re.compile(r'(?<![\s,])[\s,][\s,]*+([^\s,;="]++)\s*+=\s*+("[^"]*"|[^\s,;]*+)')
 _QUOTED_OR_WORD = re.compile(r'"[^"]*"|[^\s,"]+|.', re.DOTALL)
 
 
@@ -756,18 +757,18 @@ def guard_tokens(guards: Guards, headers: Headers, query: str, path: str = "") -
 # without one reached the app). A filled part may be the last (no signature after it): then
 # it holds filler (without, a last part such as ``seg1.example-file`` is no candidate, nor
 # read whole: 16 such segments used up what a request reads, ``MAX_COPY_PIECES``).
-_MAY_BE_COPY = re.compile(rb"\.(?:[A-Za-z0-9_\-+/=]{16}"
+_MAY_BE_COPY = atomic_re.compile(rb"\.(?:[A-Za-z0-9_\-+/=]{16}"
                           rb"|[^A-Za-z0-9_\-+/=.]*+[eICDA7uv/_](?:[^.]{11,}+\."
                           rb"|[A-Za-z0-9_\-+/=]*+[^A-Za-z0-9_\-+/=.][^.]*+\Z))")
 # Runs of base64 and base64url digits, padding and dots; each is one candidate (a JWT's
 # parts as a lenient decoder reads them, padded or not). One pass, nothing given back.
-_COPY_RUN = re.compile(r"[A-Za-z0-9_\-+/=.]++")
+_COPY_RUN = atomic_re.compile(r"[A-Za-z0-9_\-+/=.]++")
 # The runs of ``_COPY_RUN`` that hold a dot, found by one search (group 1: the run's first
 # part): a run without one costs a step a byte in C, not a string and a loop turn in
 # Python (a 30 KB value of ``a a a ...`` with one candidate in it gave 15,000 runs to
 # look at one by one; thirty-third session). Tried only at a run's first character (the
 # lookbehind), so linear.
-_DOTTED_RUN = re.compile(r"(?<![A-Za-z0-9_\-+/=.])([A-Za-z0-9_\-+/=]*+)\.[A-Za-z0-9_\-+/=.]*+")
+_DOTTED_RUN = atomic_re.compile(r"(?<![A-Za-z0-9_\-+/=.])([A-Za-z0-9_\-+/=]*+)\.[A-Za-z0-9_\-+/=.]*+")
 
 
 def _copy_pieces(text: str, spend: Callable[[int], object] | None = None) -> list[str]:
@@ -814,14 +815,14 @@ def _with_allowance(spend: Callable[[int], object], allowance: int) -> Callable[
 # Base64 and base64url digits and padding; anything else in a payload is filler that a
 # lenient decoder skips (Python's base64 without ``validate``, Java's MIME decoder: any
 # other character; ``atob`` and Node: whitespace).
-_NOT_DIGIT = re.compile(r"[^A-Za-z0-9_\-+/=]++")
+_NOT_DIGIT = atomic_re.compile(r"[^A-Za-z0-9_\-+/=]++")
 # A payload naming an issuer is at least 12 digits (``{"iss":"x"}``), filler aside.
 _MIN_PAYLOAD_DIGITS = 12
 # A part after a dot (up to the next dot or the end) longer than ``_MIN_PAYLOAD_DIGITS``
 # that holds filler. (Before the thirty-third session each part was searched one by one in
 # Python: a 30 KB value of dotted words cost 1.5 ms, where a plain one costs 0.25 ms.)
 # Tried only after a dot (the lookbehind), so linear.
-_FILLED_PART = re.compile(rf"(?<=\.)(?=[^.]{{{_MIN_PAYLOAD_DIGITS + 1}}})"
+_FILLED_PART = atomic_re.compile(rf"(?<=\.)(?=[^.]{{{_MIN_PAYLOAD_DIGITS + 1}}})"
                           r"[A-Za-z0-9_\-/=]*+[^A-Za-z0-9_\-/=.][^.]*+")
 # ``+`` is a digit of standard base64 and filler to a reader that first turns it into a space
 # (PHP's ``$_COOKIE``, .NET's ``HttpUtility.UrlDecode``, Java's ``URLDecoder`` on a path
@@ -830,7 +831,7 @@ _FILLED_PART = re.compile(rf"(?<=\.)(?=[^.]{{{_MIN_PAYLOAD_DIGITS + 1}}})"
 # (found by the review of the thirty-fifth session's ``unescape`` decoding; reading such
 # values with ``+`` as a space, as a decoded form, missed dots needing two decodings and
 # cost ordinary heads -- ``vnd...+json`` types, signed cookies -- their budget).
-_NOT_DIGIT_OR_PLUS = re.compile(r"[^A-Za-z0-9_\-/=]++")
+_NOT_DIGIT_OR_PLUS = atomic_re.compile(r"[^A-Za-z0-9_\-/=]++")
 
 
 def _filled_pieces(text: str, spend: Callable[[int], object] | None = None) -> list[str]:
@@ -1457,10 +1458,10 @@ BASE64_PREFIXES: tuple[tuple[bytes, str], ...] = (
 _MIN_WRAPPED_RUN = 18
 # (A match starts only at the first digit of a run, the lookbehind: tried from every digit
 # of a shorter run, each attempt reading the rest of it, the search was quadratic in it.)
-_WRAPPED_RUN = re.compile(rb"(?<![A-Za-z0-9_\-+/])[A-Za-z0-9_\-+/]{%d,}+"
+_WRAPPED_RUN = atomic_re.compile(rb"(?<![A-Za-z0-9_\-+/])[A-Za-z0-9_\-+/]{%d,}+"
                           % _MIN_WRAPPED_RUN)
 # (what follows a prefix, whatever comes before it)
-_DIGITS = re.compile(rb"[A-Za-z0-9_\-+/]++")
+_DIGITS = atomic_re.compile(rb"[A-Za-z0-9_\-+/]++")
 _TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from sidecar import atomic_re
 from sidecar.authn.jwks import ALGORITHM_FAMILY, KeySet
 from sidecar.errors import Unauthorized
 from sidecar.jsondoc import DEFAULT_MAX_DEPTH, JsonDocError, read_json
@@ -266,7 +267,7 @@ def _issuer_form(value: str) -> str:
 _wanted_issuer = lru_cache(maxsize=256)(_issuer_form)  # (providers' issuers only)
 
 
-_NOT_BASE64 = re.compile(r"[^A-Za-z0-9_\-+/]++")
+_NOT_BASE64 = atomic_re.compile(r"[^A-Za-z0-9_\-+/]++")
 # (the same characters as bytes, for ``bytes.translate``: a C pass, where ``_NOT_BASE64.sub``
 # took 30 ns a character)
 _NOT_BASE64_BYTES = bytes(b for b in range(256) if _NOT_BASE64.match(chr(b)))
@@ -461,13 +462,13 @@ def _spellings(name: str) -> str:
 @lru_cache(maxsize=8)
 def _member_pattern(member: str) -> re.Pattern[str]:
     # (the name, then the colon: the value starts at the match's end)
-    return re.compile(f'"({_spellings(member)})"\\s*+:\\s*+', re.IGNORECASE)
+    return atomic_re.compile(f'"({_spellings(member)})"\\s*+:\\s*+', re.IGNORECASE)
 
 
-_JSON_STRING = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"', re.DOTALL)
+_JSON_STRING = atomic_re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"', re.DOTALL)
 # A list's items up to its first ``]`` outside a string (a nested list ends it early: its
 # items after that are not read, and nothing of the list is read twice).
-_LIST_ITEMS = re.compile(r'\[((?:"[^"\\]*+(?:\\.[^"\\]*+)*+"|[^"\]])*+)', re.DOTALL)
+_LIST_ITEMS = atomic_re.compile(r'\[((?:"[^"\\]*+(?:\\.[^"\\]*+)*+"|[^"\]])*+)', re.DOTALL)
 _ESCAPE = re.compile(r"\\(?:u([0-9A-Fa-f]{4})|(.))", re.DOTALL)
 _SHORT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 

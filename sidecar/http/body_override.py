@@ -67,6 +67,7 @@ from itertools import accumulate, count
 from typing import Any, Protocol
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
+from sidecar import atomic_re
 from sidecar.authn.extract import param_name
 from sidecar.errors import BadRequest
 from sidecar.http.request import MAX_METHOD_OVERRIDES, METHOD_OVERRIDE_PARAMS, method_value
@@ -1525,10 +1526,10 @@ def _json_char(c: str) -> bytes:
 _JSON_CANDIDATE = re.compile(b'"(?:' + b"|".join(
     b"".join(_json_char(c) for c in name) for name in sorted(METHOD_OVERRIDE_PARAMS)) + b')"')
 _JSON_PLAIN_STRINGS = re.compile(rb'"[^"]*"')
-_JSON_STRINGS = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_JSON_STRINGS = atomic_re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 # From outside a string: as far as whole strings go (up to a string not ended)
-_JSON_OUTSIDE = re.compile(rb'(?:[^"]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
-_JSON_STRING_REST = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_JSON_OUTSIDE = atomic_re.compile(rb'(?:[^"]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
+_JSON_STRING_REST = atomic_re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _JSON_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"{}[]")
 _JSON_WEIGHTS = bytes.maketrans(b"{[}]", b"\x02\x02\x00\x00")
 # Byte-order marks and RFC 4627's null patterns of the first bytes (json.detect_encoding)

@@ -56,6 +56,8 @@ from __future__ import annotations
 import re
 from typing import Any, Final, NoReturn, Protocol
 
+from sidecar import atomic_re
+
 
 class _Sentinel:
     __slots__ = ("name",)
@@ -184,7 +186,7 @@ _EXT_DONE = (_TOKENS + rb"(?:" + _OWS + rb"=" + _OWS + rb"(?:" + _TOKENS + rb"|"
              + _QUOTED_START + rb'"))?')
 _EXT_PART = (rb";" + _OWS + rb"(?:" + _TOKENS + _OWS + rb"(?:=" + _OWS + rb"(?:" + _TOKENS
              + rb"|" + _QUOTED_START + rb"\\?)?)?)?")
-_CHUNK_LINE_PREFIX = re.compile(
+_CHUNK_LINE_PREFIX = atomic_re.compile(
     rb"[0-9A-Fa-f]{0,15}"
     rb"|[0-9A-Fa-f]{1,15}" + _OWS  # (no extension: whitespace before the CRLF only)
     + rb"|[0-9A-Fa-f]{1,15}" + _EXT_PART  # (the first extension: right after the size)
