@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from tests.harness import (
     write_policy,
 )
 from tests.harness import read_head_bytewise as read_head
+from tests.test_lifetime_review import _read_some
 
 pytestmark = pytest.mark.usefixtures("no_internal_errors")
 
@@ -165,14 +167,6 @@ def _exchange(sock: socket.socket, path: str, headers: dict[str, str] | None = N
     _read_some(sock, length)
 
 
-def _read_some(sock: socket.socket, n: int) -> None:
-    got = 0
-    while got < n:
-        data = sock.recv(min(1 << 20, n - got))
-        assert data, "the connection ended"
-        got += len(data)
-
-
 def _upload(sock: socket.socket, path: str, headers: dict[str, str] | None = None) -> None:
     """An upload in flight (its body never ends): the control a change must cut."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -181,14 +175,17 @@ def _upload(sock: socket.socket, path: str, headers: dict[str, str] | None = Non
     sock.sendall(b"x" * (1 << 20))
 
 
-def _cut(sock: socket.socket) -> bool:
-    """Whether the server ended the connection (read to its end or reset)."""
+def _cut(sock: socket.socket, within: float = 30.0) -> bool:
+    """Whether the server ended the connection (read to its end or reset) within ``within``
+    seconds of sending on it."""
     sock.settimeout(10)
+    deadline = time.monotonic() + within
     try:
-        while True:
+        while time.monotonic() < deadline:
             sock.sendall(b"x" * 4096)
     except (OSError, ssl.SSLError):
         return True
+    return False
 
 
 def _half_sent_next(sock: socket.socket, path: str) -> None:
