@@ -16,6 +16,7 @@ non-JSON. For each member, through a real ``sidecar run`` process:
 from __future__ import annotations
 
 import contextlib
+import http.client as http_client
 import json
 import re
 import socket
@@ -146,8 +147,13 @@ class Env:
     ctx: ssl.SSLContext
 
     def get(self, path: str, token: str) -> int:
-        return http(self.sidecar.port("inbound"), "GET", path,
-                    headers={"authorization": f"Bearer {token}"}, ctx=self.ctx).status
+        """The status; 0 when the connection was cut (a key set change cuts a request in
+        flight whose token it no longer verifies, by design: a poll may be that request)."""
+        try:
+            return http(self.sidecar.port("inbound"), "GET", path,
+                        headers={"authorization": f"Bearer {token}"}, ctx=self.ctx).status
+        except (ConnectionError, http_client.RemoteDisconnected, ssl.SSLError):
+            return 0
 
 
 def _token() -> str:

@@ -155,9 +155,11 @@ class Demo:
                                   "--client-ca", str(self.root / "ca" / "ca.crt")])
         _wait_port(p["idp"], proc)
         deadline = time.monotonic() + 20
-        while not (idp_dir / "ready").exists() and time.monotonic() < deadline:
+        ready = idp_dir / "ready"
+        while not (ready.exists() and ready.read_text().strip()) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.issuer = (idp_dir / "ready").read_text().strip()
+        self.issuer = ready.read_text().strip()
         policy = yaml.safe_load((self.root / "policy.yaml").read_text())
         policy["jwt_providers"] = {"local-idp": {
             "issuer": self.issuer, "discovery": True, "jwks_ca": str(idp_dir / "ca.pem"),

@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     httpd, state = serve(directory, args.port, clients=clients,
                          mtls_clients=set(args.mtls_client), client_ca=args.client_ca,
                          audience=args.audience, issuer=args.issuer)
-    (directory / "ready").write_text(state.issuer + "\n")
+    # In one step (a rename): the demo reads it as soon as it exists, and a half-written
+    # file once gave it an empty issuer (a policy that did not load, on a loaded machine).
+    (directory / "ready.tmp").write_text(state.issuer + "\n")
+    (directory / "ready.tmp").replace(directory / "ready")
     import signal
 
     stop = threading.Event()
