@@ -87,7 +87,9 @@ ALLOWED = {
     # sidecar demo: files in its own mkdtemp directory, and its package data
     ("sidecar/demo/__init__.py",
      'policy = resources.files("sidecar.demo").joinpath("policy.yaml").read_text()'),
-    ("sidecar/demo/__init__.py", 'self.issuer = (idp_dir / "ready").read_text().strip()'),
+    ("sidecar/demo/__init__.py", 'self.issuer = ready.read_text().strip()'),
+    ("sidecar/demo/__init__.py",
+     'while not (ready.exists() and ready.read_text().strip()) \\'),
     ("sidecar/demo/__init__.py",
      'policy = yaml.safe_load((self.root / "policy.yaml").read_text())'),
     ("sidecar/demo/__init__.py",
